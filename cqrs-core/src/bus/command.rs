@@ -1,0 +1,386 @@
+//! The command bus.
+
+use super::{Registries, into_result, layer_service};
+use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
+use crate::{
+    BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
+    EventEnvelope, MessageKind, MessageType, Metadata, Reply,
+};
+use async_trait::async_trait;
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
+
+pub(crate) trait ErasedCommandHandler: Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+    fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: CommandContext) -> ErasedFuture;
+}
+
+struct TypedCommandHandler<C: Command> {
+    handler: Arc<dyn CommandHandler<C>>,
+}
+
+impl<C: Command> ErasedCommandHandler for TypedCommandHandler<C> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn call_erased(&self, payload: Box<dyn Any + Send>, mut ctx: CommandContext) -> ErasedFuture {
+        let handler = self.handler.clone();
+        Box::pin(async move {
+            let command = payload
+                .downcast::<C>()
+                .map_err(|_| payload_mismatch(MessageKind::Command, C::NAME))?;
+            let output = guarded(
+                MessageKind::Command,
+                C::NAME,
+                handler.handle(*command, &mut ctx),
+            )
+            .await?;
+            let (events, extensions) = ctx.into_parts();
+            Ok(Reply {
+                output: Some(Box::new(output)),
+                events,
+                extensions,
+                handlers: 1,
+            })
+        })
+    }
+}
+
+/// A layer replaced the payload with another type: a bug in that layer.
+pub(crate) fn payload_mismatch(kind: MessageKind, name: &'static str) -> DispatchError {
+    DispatchError::Middleware(
+        format!("a layer changed the payload of {kind} `{name}` to another type").into(),
+    )
+}
+
+/// Where a command's recorded events go after its handler succeeds.
+///
+/// The [`EventBus`](crate::EventBus) is one (in-process delivery); an outbox that writes events
+/// in the command's transaction is usually a layer instead, which takes the events out of the
+/// [`Reply`].
+#[async_trait]
+pub trait EventSink: Send + Sync + 'static {
+    /// Accepts the events one successful command recorded, in order. An error fails the
+    /// dispatch, although the handler's own effects may already have happened.
+    async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError>;
+}
+
+/// Command handlers collected before a bus is built (by a plugin, for instance).
+#[derive(Default)]
+pub struct CommandHandlers {
+    entries: Vec<(MessageType, Arc<dyn ErasedCommandHandler>)>,
+}
+
+impl CommandHandlers {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the handler of command `C`.
+    pub fn add<C: Command, H: CommandHandler<C>>(&mut self, handler: H) -> &mut Self {
+        self.add_arc::<C>(Arc::new(handler))
+    }
+
+    /// Adds a shared handler of command `C`.
+    pub fn add_arc<C: Command>(&mut self, handler: Arc<dyn CommandHandler<C>>) -> &mut Self {
+        self.entries.push((
+            MessageType::command::<C>(),
+            Arc::new(TypedCommandHandler { handler }),
+        ));
+        self
+    }
+
+    /// How many handlers are collected.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is collected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl fmt::Debug for CommandHandlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(t, _)| t.name()))
+            .finish()
+    }
+}
+
+/// Builds a [`CommandBus`]: handlers, tower layers, an event sink. See [`CommandBus`].
+pub struct CommandBusBuilder<L = Identity> {
+    handlers: CommandHandlers,
+    layers: ServiceBuilder<L>,
+    layered: bool,
+    sink: Option<Arc<dyn EventSink>>,
+}
+
+impl<L> fmt::Debug for CommandBusBuilder<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandBusBuilder")
+            .field("handlers", &self.handlers)
+            .field("layered", &self.layered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L> CommandBusBuilder<L> {
+    /// Registers the handler of command `C`. A second handler for `C` makes `build` fail.
+    pub fn handler<C: Command, H: CommandHandler<C>>(mut self, handler: H) -> Self {
+        self.handlers.add::<C, H>(handler);
+        self
+    }
+
+    /// Registers handlers collected elsewhere (by plugins).
+    pub fn handlers(mut self, mut handlers: CommandHandlers) -> Self {
+        self.handlers.entries.append(&mut handlers.entries);
+        self
+    }
+
+    /// Wraps every dispatch in a tower layer. The first layer added is the outermost, as with
+    /// [`tower::ServiceBuilder`].
+    pub fn layer<T>(self, layer: T) -> CommandBusBuilder<Stack<T, L>> {
+        CommandBusBuilder {
+            handlers: self.handlers,
+            layers: self.layers.layer(layer),
+            layered: true,
+            sink: self.sink,
+        }
+    }
+
+    /// Where recorded events go after a handler succeeds. Without a sink, recorded events are
+    /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`].
+    pub fn event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Freezes the bus. Fails, listing every problem, when a command type has two handlers or
+    /// two command types share one wire name.
+    pub fn build(self) -> Result<CommandBus, BuildError>
+    where
+        L: Layer<Dispatcher>,
+        L::Service: Service<Dispatch, Response = Reply> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Dispatch>>::Future: Send + 'static,
+        <L::Service as Service<Dispatch>>::Error: Into<BoxError>,
+    {
+        let mut problems = Vec::new();
+        let mut registries = Registries::default();
+        let mut names: HashMap<&'static str, TypeId> = HashMap::new();
+        for (ty, handler) in self.handlers.entries {
+            if registries.commands.contains_key(&ty.type_id()) {
+                problems.push(format!(
+                    "command `{}` has more than one handler; a command has exactly one",
+                    ty.name()
+                ));
+                continue;
+            }
+            if let Some(other) = names.insert(ty.name(), ty.type_id())
+                && other != ty.type_id()
+            {
+                problems.push(format!(
+                    "two command types share the wire name `{}`; give each a unique NAME",
+                    ty.name()
+                ));
+            }
+            registries.commands.insert(ty.type_id(), handler);
+        }
+        into_result(problems)?;
+        let registries = Arc::new(registries);
+        let service = layer_service(self.layers, self.layered, &registries);
+        Ok(CommandBus {
+            inner: Arc::new(Inner {
+                registries,
+                service,
+                sink: self.sink,
+                names,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    registries: Arc<Registries>,
+    service: Option<Arc<dyn ErasedService>>,
+    sink: Option<Arc<dyn EventSink>>,
+    names: HashMap<&'static str, TypeId>,
+}
+
+/// Sends each command to its one handler, through the bus's middleware.
+///
+/// Built once, then frozen: dispatch reads an immutable map and takes no lock. Cloning is cheap
+/// (one reference count).
+///
+/// ```
+/// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
+/// use cqrs_core::CommandBus;
+///
+/// # tokio_test_block_on(async {
+/// let bus = CommandBus::builder().handler(OpenTicketHandler).build()?;
+/// let id = bus.dispatch(OpenTicket { title: "Printer on fire".into() }).await?;
+/// assert_eq!(id, "t1");
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct CommandBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for CommandBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandBus")
+            .field("commands", &self.inner.names.keys().collect::<Vec<_>>())
+            .field("layered", &self.inner.service.is_some())
+            .finish()
+    }
+}
+
+/// A command's output and the events it recorded.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Executed<O> {
+    /// The handler's output.
+    pub output: O,
+    /// The events the handler recorded, in order (unless a layer took them).
+    pub events: Vec<EventEnvelope>,
+}
+
+impl CommandBus {
+    /// Starts building a bus.
+    pub fn builder() -> CommandBusBuilder {
+        CommandBusBuilder {
+            handlers: CommandHandlers::new(),
+            layers: ServiceBuilder::new(),
+            layered: false,
+            sink: None,
+        }
+    }
+
+    /// Dispatches a command with fresh metadata (a new correlation id).
+    pub async fn dispatch<C: Command>(&self, command: C) -> Result<C::Output, DispatchError> {
+        self.dispatch_with(command, Metadata::new()).await
+    }
+
+    /// Dispatches a command with the given metadata. Recorded events go to the event sink.
+    pub async fn dispatch_with<C: Command>(
+        &self,
+        command: C,
+        metadata: Metadata,
+    ) -> Result<C::Output, DispatchError> {
+        let executed = self.execute(command, metadata).await?;
+        if !executed.events.is_empty()
+            && let Some(sink) = &self.inner.sink
+        {
+            sink.accept(executed.events).await?;
+        }
+        Ok(executed.output)
+    }
+
+    /// Runs a command and returns its output with the events it recorded, without handing them
+    /// to the event sink: for callers that store or publish events themselves.
+    pub async fn execute<C: Command>(
+        &self,
+        command: C,
+        metadata: Metadata,
+    ) -> Result<Executed<C::Output>, DispatchError> {
+        match &self.inner.service {
+            None => self.execute_direct(command, metadata).await,
+            Some(service) => {
+                let dispatch = Dispatch::message(
+                    MessageKind::Command,
+                    C::NAME,
+                    TypeId::of::<C>(),
+                    metadata,
+                    Box::new(command),
+                );
+                let mut reply = service.call(dispatch).await?;
+                let output = reply
+                    .output
+                    .take()
+                    .and_then(|o| o.downcast::<C::Output>().ok())
+                    .ok_or_else(|| {
+                        DispatchError::Middleware(
+                            format!("a layer replaced the output of command `{}`", C::NAME).into(),
+                        )
+                    })?;
+                Ok(Executed {
+                    output: *output,
+                    events: reply.events,
+                })
+            }
+        }
+    }
+
+    async fn execute_direct<C: Command>(
+        &self,
+        command: C,
+        metadata: Metadata,
+    ) -> Result<Executed<C::Output>, DispatchError> {
+        let handler = self
+            .inner
+            .registries
+            .commands
+            .get(&TypeId::of::<C>())
+            .and_then(|h| h.as_any().downcast_ref::<TypedCommandHandler<C>>())
+            .ok_or(DispatchError::NoHandler {
+                kind: MessageKind::Command,
+                name: C::NAME,
+            })?;
+        let mut ctx = CommandContext::new(metadata);
+        let output = guarded(
+            MessageKind::Command,
+            C::NAME,
+            handler.handler.handle(command, &mut ctx),
+        )
+        .await?;
+        Ok(Executed {
+            output,
+            events: ctx.take_recorded(),
+        })
+    }
+
+    /// Whether a handler for `C` is registered.
+    pub fn handles<C: Command>(&self) -> bool {
+        self.inner
+            .registries
+            .commands
+            .contains_key(&TypeId::of::<C>())
+    }
+
+    /// Checks at start-up that every listed command has a handler, naming each one that has
+    /// none.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::OpenTicket;
+    /// use cqrs_core::{CommandBus, MessageType};
+    ///
+    /// let bus = CommandBus::builder().build().unwrap();
+    /// let err = bus.check([MessageType::command::<OpenTicket>()]).unwrap_err();
+    /// assert!(err.to_string().contains("tickets.open_ticket"));
+    /// ```
+    pub fn check(&self, required: impl IntoIterator<Item = MessageType>) -> Result<(), BuildError> {
+        let problems = required
+            .into_iter()
+            .filter(|t| !self.inner.registries.commands.contains_key(&t.type_id()))
+            .map(|t| format!("no handler is registered for command `{}`", t.name()))
+            .collect();
+        into_result(problems)
+    }
+
+    /// The wire names of every command this bus handles.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.inner.names.keys().copied()
+    }
+}

@@ -1,0 +1,337 @@
+//! The event bus.
+
+use super::command::EventSink;
+use super::{Registries, layer_service};
+use crate::dispatch::{Dispatcher, ErasedService, guarded};
+use crate::{
+    BoxError, BuildError, Dispatch, DispatchError, Event, EventContext, EventEnvelope,
+    EventHandler, HandlerError, HandlerFailure, MessageKind, MessageType, Metadata, PublishError,
+    Reply,
+};
+use async_trait::async_trait;
+use futures_util::future::{BoxFuture, join_all};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
+
+pub(crate) trait ErasedEventHandler: Send + Sync {
+    fn name(&self) -> &Arc<str>;
+    fn handle<'a>(&'a self, envelope: &'a EventEnvelope)
+    -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+struct TypedEventHandler<E: Event> {
+    handler: Arc<dyn EventHandler<E>>,
+    name: Arc<str>,
+}
+
+impl<E: Event> ErasedEventHandler for TypedEventHandler<E> {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn handle<'a>(
+        &'a self,
+        envelope: &'a EventEnvelope,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match envelope.downcast_ref::<E>() {
+            Some(event) => self.handler.handle(event, EventContext::new(envelope)),
+            None => Box::pin(std::future::ready(Err(HandlerError::internal(format!(
+                "event `{}` does not carry the payload type its handler expects",
+                E::NAME
+            ))))),
+        }
+    }
+}
+
+/// Runs every handler of one event concurrently, each guarded against panics. Returns how many
+/// ran, or every failure.
+pub(crate) async fn run_event_handlers(
+    handlers: &[Arc<dyn ErasedEventHandler>],
+    envelope: &EventEnvelope,
+) -> Result<usize, DispatchError> {
+    let name = envelope.name();
+    let failures: Vec<HandlerFailure> = match handlers {
+        [] => return Ok(0),
+        [one] => match guarded(MessageKind::Event, name, one.handle(envelope)).await {
+            Ok(()) => return Ok(1),
+            Err(error) => vec![HandlerFailure {
+                handler: one.name().clone(),
+                error,
+            }],
+        },
+        many => join_all(
+            many.iter()
+                .map(|h| guarded(MessageKind::Event, name, h.handle(envelope))),
+        )
+        .await
+        .into_iter()
+        .zip(many)
+        .filter_map(|(result, h)| {
+            result.err().map(|error| HandlerFailure {
+                handler: h.name().clone(),
+                error,
+            })
+        })
+        .collect(),
+    };
+    if failures.is_empty() {
+        Ok(handlers.len())
+    } else {
+        Err(DispatchError::Publish(PublishError {
+            event: name,
+            handlers: handlers.len(),
+            failures,
+        }))
+    }
+}
+
+/// Event handlers collected before a bus is built (by a plugin, for instance).
+#[derive(Default)]
+pub struct EventHandlers {
+    entries: Vec<(MessageType, Arc<dyn ErasedEventHandler>)>,
+}
+
+impl EventHandlers {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a handler of event `E`.
+    pub fn add<E: Event, H: EventHandler<E>>(&mut self, handler: H) -> &mut Self {
+        self.add_arc::<E>(Arc::new(handler))
+    }
+
+    /// Adds a shared handler of event `E`.
+    pub fn add_arc<E: Event>(&mut self, handler: Arc<dyn EventHandler<E>>) -> &mut Self {
+        let name: Arc<str> = Arc::from(handler.name());
+        self.entries.push((
+            MessageType::event::<E>(),
+            Arc::new(TypedEventHandler { handler, name }),
+        ));
+        self
+    }
+
+    /// How many handlers are collected.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is collected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl fmt::Debug for EventHandlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(t, h)| (t.name(), h.name())))
+            .finish()
+    }
+}
+
+/// Builds an [`EventBus`].
+pub struct EventBusBuilder<L = Identity> {
+    handlers: EventHandlers,
+    layers: ServiceBuilder<L>,
+    layered: bool,
+}
+
+impl<L> fmt::Debug for EventBusBuilder<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBusBuilder")
+            .field("handlers", &self.handlers)
+            .field("layered", &self.layered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L> EventBusBuilder<L> {
+    /// Registers a handler of event `E`. Any number of handlers may handle one event type.
+    pub fn handler<E: Event, H: EventHandler<E>>(mut self, handler: H) -> Self {
+        self.handlers.add::<E, H>(handler);
+        self
+    }
+
+    /// Registers handlers collected elsewhere (by plugins).
+    pub fn handlers(mut self, mut handlers: EventHandlers) -> Self {
+        self.handlers.entries.append(&mut handlers.entries);
+        self
+    }
+
+    /// Wraps every publish in a tower layer; the first added is the outermost.
+    pub fn layer<T>(self, layer: T) -> EventBusBuilder<Stack<T, L>> {
+        EventBusBuilder {
+            handlers: self.handlers,
+            layers: self.layers.layer(layer),
+            layered: true,
+        }
+    }
+
+    /// Freezes the bus. Fails when two handlers of one event type share a name (their stored
+    /// progress would collide) or two event types share one wire name.
+    pub fn build(self) -> Result<EventBus, BuildError>
+    where
+        L: Layer<Dispatcher>,
+        L::Service: Service<Dispatch, Response = Reply> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Dispatch>>::Future: Send + 'static,
+        <L::Service as Service<Dispatch>>::Error: Into<BoxError>,
+    {
+        let mut problems = Vec::new();
+        let mut registries = Registries::default();
+        let mut names: HashMap<&'static str, MessageType> = HashMap::new();
+        for (ty, handler) in self.handlers.entries {
+            if let Some(other) = names.insert(ty.name(), ty)
+                && other.type_id() != ty.type_id()
+            {
+                problems.push(format!(
+                    "two event types share the wire name `{}`; give each a unique NAME",
+                    ty.name()
+                ));
+            }
+            let list = registries.events.entry(ty.type_id()).or_default();
+            if list.iter().any(|h| h.name() == handler.name()) {
+                problems.push(format!(
+                    "event `{}` has two handlers named `{}`; give each a unique name()",
+                    ty.name(),
+                    handler.name()
+                ));
+            }
+            list.push(handler);
+        }
+        super::into_result(problems)?;
+        let registries = Arc::new(registries);
+        let service = layer_service(self.layers, self.layered, &registries);
+        Ok(EventBus {
+            inner: Arc::new(Inner {
+                registries,
+                service,
+                names,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    registries: Arc<Registries>,
+    service: Option<Arc<dyn ErasedService>>,
+    names: HashMap<&'static str, MessageType>,
+}
+
+/// Delivers each event to every handler of its type, in process. Frozen once built; cloning is
+/// cheap.
+///
+/// Handlers of one event run concurrently; a failing or panicking handler does not stop the
+/// others, and [`publish`](EventBus::publish) reports every failure.
+///
+/// ```
+/// # use cqrs_core::doc::{TicketOpened, CountOpened};
+/// use cqrs_core::{EventBus, Metadata};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let counter = CountOpened::default();
+/// let bus = EventBus::builder().handler(counter.clone()).build()?;
+/// let published = bus.publish_event(TicketOpened { ticket_id: "t1".into() }, Metadata::new()).await?;
+/// assert_eq!(published.handlers, 1);
+/// assert_eq!(counter.count(), 1);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBus")
+            .field("events", &self.inner.names.keys().collect::<Vec<_>>())
+            .field("layered", &self.inner.service.is_some())
+            .finish()
+    }
+}
+
+/// The outcome of a successful publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Published {
+    /// How many handlers ran (and succeeded).
+    pub handlers: usize,
+}
+
+impl EventBus {
+    /// Starts building a bus.
+    pub fn builder() -> EventBusBuilder {
+        EventBusBuilder {
+            handlers: EventHandlers::new(),
+            layers: ServiceBuilder::new(),
+            layered: false,
+        }
+    }
+
+    /// Delivers an event to every handler of its type and waits for them. An event nobody
+    /// handles is fine (`handlers: 0`). Fails with [`DispatchError::Publish`], naming each
+    /// failed handler, when any of them failed; the others have run.
+    pub async fn publish(&self, envelope: EventEnvelope) -> Result<Published, DispatchError> {
+        match &self.inner.service {
+            None => {
+                let handlers = self
+                    .inner
+                    .registries
+                    .events
+                    .get(&envelope.payload_type_id())
+                    .map_or(&[][..], Vec::as_slice);
+                let handlers = run_event_handlers(handlers, &envelope).await?;
+                Ok(Published { handlers })
+            }
+            Some(service) => {
+                let reply = service.call(Dispatch::for_event(envelope)).await?;
+                Ok(Published {
+                    handlers: reply.handlers,
+                })
+            }
+        }
+    }
+
+    /// Wraps an event with the given metadata and publishes it.
+    pub async fn publish_event<E: Event>(
+        &self,
+        event: E,
+        metadata: Metadata,
+    ) -> Result<Published, DispatchError> {
+        self.publish(EventEnvelope::new(event, metadata)).await
+    }
+
+    /// How many handlers event `E` has.
+    pub fn handler_count<E: Event>(&self) -> usize {
+        self.inner
+            .registries
+            .events
+            .get(&std::any::TypeId::of::<E>())
+            .map_or(0, Vec::len)
+    }
+
+    /// The wire names of every event type with a handler.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.inner.names.keys().copied()
+    }
+}
+
+/// Publishing a command's recorded events in process. A failed handler is logged, not returned:
+/// the command has already taken effect, and failing its dispatch would invite a retry that
+/// repeats it.
+#[async_trait]
+impl EventSink for EventBus {
+    async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
+        for envelope in events {
+            if let Err(error) = self.publish(envelope).await {
+                tracing::error!(%error, "an event handler failed after the command succeeded");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,292 @@
+//! The query bus.
+
+use super::command::payload_mismatch;
+use super::{Registries, into_result, layer_service};
+use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
+use crate::{
+    BoxError, BuildError, Dispatch, DispatchError, MessageKind, MessageType, Metadata, Query,
+    QueryContext, QueryHandler, Reply,
+};
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
+
+pub(crate) trait ErasedQueryHandler: Send + Sync {
+    fn as_any(&self) -> &dyn Any;
+    fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: QueryContext) -> ErasedFuture;
+}
+
+struct TypedQueryHandler<Q: Query> {
+    handler: Arc<dyn QueryHandler<Q>>,
+}
+
+impl<Q: Query> ErasedQueryHandler for TypedQueryHandler<Q> {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: QueryContext) -> ErasedFuture {
+        let handler = self.handler.clone();
+        Box::pin(async move {
+            let query = payload
+                .downcast::<Q>()
+                .map_err(|_| payload_mismatch(MessageKind::Query, Q::NAME))?;
+            let output = guarded(MessageKind::Query, Q::NAME, handler.handle(*query, &ctx)).await?;
+            Ok(Reply {
+                output: Some(Box::new(output)),
+                events: Vec::new(),
+                extensions: crate::Extensions::new(),
+                handlers: 1,
+            })
+        })
+    }
+}
+
+/// Query handlers collected before a bus is built (by a plugin, for instance).
+#[derive(Default)]
+pub struct QueryHandlers {
+    entries: Vec<(MessageType, Arc<dyn ErasedQueryHandler>)>,
+}
+
+impl QueryHandlers {
+    /// An empty collection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the handler of query `Q`.
+    pub fn add<Q: Query, H: QueryHandler<Q>>(&mut self, handler: H) -> &mut Self {
+        self.add_arc::<Q>(Arc::new(handler))
+    }
+
+    /// Adds a shared handler of query `Q`.
+    pub fn add_arc<Q: Query>(&mut self, handler: Arc<dyn QueryHandler<Q>>) -> &mut Self {
+        self.entries.push((
+            MessageType::query::<Q>(),
+            Arc::new(TypedQueryHandler { handler }),
+        ));
+        self
+    }
+
+    /// How many handlers are collected.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is collected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl fmt::Debug for QueryHandlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(t, _)| t.name()))
+            .finish()
+    }
+}
+
+/// Builds a [`QueryBus`].
+pub struct QueryBusBuilder<L = Identity> {
+    handlers: QueryHandlers,
+    layers: ServiceBuilder<L>,
+    layered: bool,
+}
+
+impl<L> fmt::Debug for QueryBusBuilder<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueryBusBuilder")
+            .field("handlers", &self.handlers)
+            .field("layered", &self.layered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L> QueryBusBuilder<L> {
+    /// Registers the handler of query `Q`. A second handler for `Q` makes `build` fail.
+    pub fn handler<Q: Query, H: QueryHandler<Q>>(mut self, handler: H) -> Self {
+        self.handlers.add::<Q, H>(handler);
+        self
+    }
+
+    /// Registers handlers collected elsewhere (by plugins).
+    pub fn handlers(mut self, mut handlers: QueryHandlers) -> Self {
+        self.handlers.entries.append(&mut handlers.entries);
+        self
+    }
+
+    /// Wraps every dispatch in a tower layer; the first added is the outermost.
+    pub fn layer<T>(self, layer: T) -> QueryBusBuilder<Stack<T, L>> {
+        QueryBusBuilder {
+            handlers: self.handlers,
+            layers: self.layers.layer(layer),
+            layered: true,
+        }
+    }
+
+    /// Freezes the bus. Fails, listing every problem, when a query type has two handlers or two
+    /// query types share one wire name.
+    pub fn build(self) -> Result<QueryBus, BuildError>
+    where
+        L: Layer<Dispatcher>,
+        L::Service: Service<Dispatch, Response = Reply> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Dispatch>>::Future: Send + 'static,
+        <L::Service as Service<Dispatch>>::Error: Into<BoxError>,
+    {
+        let mut problems = Vec::new();
+        let mut registries = Registries::default();
+        let mut names: HashMap<&'static str, TypeId> = HashMap::new();
+        for (ty, handler) in self.handlers.entries {
+            if registries.queries.contains_key(&ty.type_id()) {
+                problems.push(format!(
+                    "query `{}` has more than one handler; a query has exactly one",
+                    ty.name()
+                ));
+                continue;
+            }
+            if let Some(other) = names.insert(ty.name(), ty.type_id())
+                && other != ty.type_id()
+            {
+                problems.push(format!(
+                    "two query types share the wire name `{}`; give each a unique NAME",
+                    ty.name()
+                ));
+            }
+            registries.queries.insert(ty.type_id(), handler);
+        }
+        into_result(problems)?;
+        let registries = Arc::new(registries);
+        let service = layer_service(self.layers, self.layered, &registries);
+        Ok(QueryBus {
+            inner: Arc::new(Inner {
+                registries,
+                service,
+                names,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    registries: Arc<Registries>,
+    service: Option<Arc<dyn ErasedService>>,
+    names: HashMap<&'static str, TypeId>,
+}
+
+/// Sends each query to its one handler, through the bus's middleware. Frozen once built;
+/// cloning is cheap.
+///
+/// ```
+/// # use cqrs_core::doc::{CountTickets, CountTicketsHandler};
+/// use cqrs_core::QueryBus;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let bus = QueryBus::builder().handler(CountTicketsHandler).build()?;
+/// assert_eq!(bus.dispatch(CountTickets).await?, 42);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct QueryBus {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for QueryBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueryBus")
+            .field("queries", &self.inner.names.keys().collect::<Vec<_>>())
+            .field("layered", &self.inner.service.is_some())
+            .finish()
+    }
+}
+
+impl QueryBus {
+    /// Starts building a bus.
+    pub fn builder() -> QueryBusBuilder {
+        QueryBusBuilder {
+            handlers: QueryHandlers::new(),
+            layers: ServiceBuilder::new(),
+            layered: false,
+        }
+    }
+
+    /// Dispatches a query with fresh metadata.
+    pub async fn dispatch<Q: Query>(&self, query: Q) -> Result<Q::Output, DispatchError> {
+        self.dispatch_with(query, Metadata::new()).await
+    }
+
+    /// Dispatches a query with the given metadata.
+    pub async fn dispatch_with<Q: Query>(
+        &self,
+        query: Q,
+        metadata: Metadata,
+    ) -> Result<Q::Output, DispatchError> {
+        match &self.inner.service {
+            None => {
+                let handler = self
+                    .inner
+                    .registries
+                    .queries
+                    .get(&TypeId::of::<Q>())
+                    .and_then(|h| h.as_any().downcast_ref::<TypedQueryHandler<Q>>())
+                    .ok_or(DispatchError::NoHandler {
+                        kind: MessageKind::Query,
+                        name: Q::NAME,
+                    })?;
+                let ctx = QueryContext::new(metadata);
+                guarded(
+                    MessageKind::Query,
+                    Q::NAME,
+                    handler.handler.handle(query, &ctx),
+                )
+                .await
+            }
+            Some(service) => {
+                let dispatch = Dispatch::message(
+                    MessageKind::Query,
+                    Q::NAME,
+                    TypeId::of::<Q>(),
+                    metadata,
+                    Box::new(query),
+                );
+                let reply = service.call(dispatch).await?;
+                reply
+                    .output
+                    .and_then(|o| o.downcast::<Q::Output>().ok())
+                    .map(|o| *o)
+                    .ok_or_else(|| {
+                        DispatchError::Middleware(
+                            format!("a layer replaced the output of query `{}`", Q::NAME).into(),
+                        )
+                    })
+            }
+        }
+    }
+
+    /// Whether a handler for `Q` is registered.
+    pub fn handles<Q: Query>(&self) -> bool {
+        self.inner
+            .registries
+            .queries
+            .contains_key(&TypeId::of::<Q>())
+    }
+
+    /// Checks at start-up that every listed query has a handler, naming each one that has none.
+    pub fn check(&self, required: impl IntoIterator<Item = MessageType>) -> Result<(), BuildError> {
+        let problems = required
+            .into_iter()
+            .filter(|t| !self.inner.registries.queries.contains_key(&t.type_id()))
+            .map(|t| format!("no handler is registered for query `{}`", t.name()))
+            .collect();
+        into_result(problems)
+    }
+
+    /// The wire names of every query this bus handles.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.inner.names.keys().copied()
+    }
+}

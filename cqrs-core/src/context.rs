@@ -1,0 +1,149 @@
+//! What a handler receives beside its message.
+
+use crate::{Event, EventEnvelope, Extensions, Metadata};
+use std::sync::Arc;
+
+/// The context of one command: its metadata, the events the handler records, and extensions
+/// that middleware put there (a database transaction, for instance).
+#[derive(Debug)]
+pub struct CommandContext {
+    metadata: Metadata,
+    events: Vec<EventEnvelope>,
+    extensions: Extensions,
+}
+
+impl CommandContext {
+    /// A context for a command with this metadata.
+    pub fn new(metadata: Metadata) -> Self {
+        Self::with_extensions(metadata, Extensions::new())
+    }
+
+    /// A context with extensions already set (used by middleware).
+    pub fn with_extensions(metadata: Metadata, extensions: Extensions) -> Self {
+        Self {
+            metadata,
+            events: Vec::new(),
+            extensions,
+        }
+    }
+
+    /// The command's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Records an event caused by this command. It inherits the command's correlation id and
+    /// principal and takes the command's id as causation id. Recorded events are handed on only
+    /// if the handler succeeds.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::TicketOpened;
+    /// use cqrs_core::{CommandContext, Metadata};
+    ///
+    /// let command = Metadata::new();
+    /// let mut ctx = CommandContext::new(command.clone());
+    /// ctx.record(TicketOpened { ticket_id: "t1".into() });
+    /// let recorded = &ctx.recorded()[0];
+    /// assert_eq!(recorded.metadata.correlation_id, command.correlation_id);
+    /// assert_eq!(recorded.metadata.causation_id, Some(command.message_id));
+    /// ```
+    pub fn record<E: Event>(&mut self, event: E) -> &EventEnvelope {
+        let envelope = EventEnvelope::new(event, self.metadata.caused());
+        self.push(envelope)
+    }
+
+    /// Records an event with a partition key (normally the aggregate id).
+    pub fn record_keyed<E: Event>(&mut self, key: impl Into<Arc<str>>, event: E) -> &EventEnvelope {
+        let envelope = EventEnvelope::new(event, self.metadata.caused()).with_partition_key(key);
+        self.push(envelope)
+    }
+
+    fn push(&mut self, envelope: EventEnvelope) -> &EventEnvelope {
+        self.events.push(envelope);
+        self.events.last().expect("just pushed")
+    }
+
+    /// The events recorded so far.
+    pub fn recorded(&self) -> &[EventEnvelope] {
+        &self.events
+    }
+
+    /// Takes the recorded events out.
+    pub fn take_recorded(&mut self) -> Vec<EventEnvelope> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Values middleware put here.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// Values middleware put here, mutably (a handler borrows a transaction this way).
+    pub fn extensions_mut(&mut self) -> &mut Extensions {
+        &mut self.extensions
+    }
+
+    pub(crate) fn into_parts(self) -> (Vec<EventEnvelope>, Extensions) {
+        (self.events, self.extensions)
+    }
+}
+
+/// The context of one query.
+#[derive(Debug)]
+pub struct QueryContext {
+    metadata: Metadata,
+    extensions: Extensions,
+}
+
+impl QueryContext {
+    /// A context for a query with this metadata.
+    pub fn new(metadata: Metadata) -> Self {
+        Self::with_extensions(metadata, Extensions::new())
+    }
+
+    /// A context with extensions already set.
+    pub fn with_extensions(metadata: Metadata, extensions: Extensions) -> Self {
+        Self {
+            metadata,
+            extensions,
+        }
+    }
+
+    /// The query's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Values middleware put here.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+}
+
+/// The context of one event delivery to one handler. Cheap to copy.
+#[derive(Clone, Copy, Debug)]
+pub struct EventContext<'a> {
+    envelope: &'a EventEnvelope,
+}
+
+impl<'a> EventContext<'a> {
+    /// The context of delivering this envelope.
+    pub fn new(envelope: &'a EventEnvelope) -> Self {
+        Self { envelope }
+    }
+
+    /// The event's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.envelope.metadata
+    }
+
+    /// The whole envelope (partition key, name, version).
+    pub fn envelope(&self) -> &EventEnvelope {
+        self.envelope
+    }
+
+    /// Metadata for a message this event causes (a command an event handler sends).
+    pub fn caused(&self) -> Metadata {
+        self.envelope.metadata.caused()
+    }
+}

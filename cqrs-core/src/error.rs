@@ -1,0 +1,296 @@
+//! Errors: what a handler reports, what a bus reports, and the kind that classifies both.
+
+use crate::MessageKind;
+use std::borrow::Cow;
+use std::time::Duration;
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The class of an error, so a gateway maps errors to responses in one place.
+///
+/// The comment on each variant says how a caller should usually handle it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The input is malformed or breaks a rule. Do not retry unchanged; usually a 400 or 422.
+    Invalid,
+    /// The caller is not authenticated. Usually a 401.
+    Unauthorized,
+    /// The caller is authenticated but not allowed. Usually a 403.
+    Forbidden,
+    /// The target does not exist (or is not visible to the caller). Usually a 404.
+    NotFound,
+    /// The state changed under the caller (a stale expected version, a taken name). Reload and
+    /// retry, or report; usually a 409.
+    Conflict,
+    /// Too many requests. Retry later; usually a 429 with `Retry-After`.
+    RateLimited,
+    /// The work ran past its time budget. It may or may not have taken effect; usually a 503.
+    Timeout,
+    /// A backend is unavailable. Retryable; usually a 503 with `Retry-After`.
+    Unavailable,
+    /// A bug or an unexpected failure. Usually a 500, logged with its source.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Timeout | ErrorKind::Unavailable | ErrorKind::RateLimited
+        )
+    }
+
+    /// A snake_case name for logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// The error a handler returns: a kind, a stable snake_case `code` for clients, a message for
+/// humans, optional structured details and an optional source.
+///
+/// ```
+/// use cqrs_core::{ErrorKind, HandlerError};
+///
+/// let err = HandlerError::conflict("ticket_closed", "the ticket is closed");
+/// assert_eq!(err.kind(), ErrorKind::Conflict);
+/// assert_eq!(err.code(), "ticket_closed");
+/// assert_eq!(err.to_string(), "the ticket is closed");
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    kind: ErrorKind,
+    code: Cow<'static, str>,
+    message: Cow<'static, str>,
+    details: Option<serde_json::Value>,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl HandlerError {
+    /// An error of any kind.
+    pub fn new(
+        kind: ErrorKind,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            kind,
+            code: code.into(),
+            message: message.into(),
+            details: None,
+            source: None,
+        }
+    }
+
+    /// Invalid input ([`ErrorKind::Invalid`]).
+    pub fn invalid(
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self::new(ErrorKind::Invalid, code, message)
+    }
+
+    /// Not allowed ([`ErrorKind::Forbidden`]).
+    pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::Forbidden, "forbidden", message)
+    }
+
+    /// Not authenticated ([`ErrorKind::Unauthorized`]).
+    pub fn unauthorized(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::Unauthorized, "unauthorized", message)
+    }
+
+    /// Not found ([`ErrorKind::NotFound`]).
+    pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::NotFound, "not_found", message)
+    }
+
+    /// A conflict with the current state ([`ErrorKind::Conflict`]).
+    pub fn conflict(
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self::new(ErrorKind::Conflict, code, message)
+    }
+
+    /// A backend is down ([`ErrorKind::Unavailable`]); keeps the backend's error as source.
+    pub fn unavailable(message: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
+        Self::new(ErrorKind::Unavailable, "unavailable", message).with_source(source)
+    }
+
+    /// An unexpected failure ([`ErrorKind::Internal`]); keeps the cause as source.
+    pub fn internal(source: impl Into<BoxError>) -> Self {
+        let source = source.into();
+        Self::new(ErrorKind::Internal, "internal", source.to_string()).with_source(source)
+    }
+
+    /// Attaches structured details for the client.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The error's class.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The stable snake_case code for clients.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// The message for humans.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The structured details, if any.
+    pub fn details(&self) -> Option<&serde_json::Value> {
+        self.details.as_ref()
+    }
+}
+
+/// Why a dispatch through a bus failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// No handler is registered for the message. A server bug: register the handler, or check
+    /// the bus at start-up with [`CommandBus::check`](crate::CommandBus::check).
+    #[error(
+        "no {kind} handler is registered for `{name}`; register one on the bus builder or through a plugin"
+    )]
+    NoHandler {
+        /// Which bus.
+        kind: MessageKind,
+        /// The message's wire name.
+        name: &'static str,
+    },
+    /// The handler returned an error; its kind says how to handle it.
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+    /// The handler panicked. The bus is unaffected; this one message failed. A bug to fix.
+    #[error("the handler for {kind} `{name}` panicked: {message}")]
+    Panicked {
+        /// Which bus.
+        kind: MessageKind,
+        /// The message's wire name.
+        name: &'static str,
+        /// The panic message, when it was a string.
+        message: String,
+    },
+    /// The dispatch ran past its time budget (see [`TimeoutLayer`](crate::middleware::TimeoutLayer)).
+    /// The handler was dropped at an `.await`; it may have taken effect.
+    #[error("{kind} `{name}` timed out after {after:?}")]
+    Timeout {
+        /// Which bus.
+        kind: MessageKind,
+        /// The message's wire name.
+        name: &'static str,
+        /// The budget that ran out.
+        after: Duration,
+    },
+    /// A middleware layer refused or failed the dispatch. Its error is the source.
+    #[error("middleware failed the dispatch: {0}")]
+    Middleware(#[source] BoxError),
+    /// An event was published and some of its handlers failed.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl DispatchError {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DispatchError::NoHandler { .. } | DispatchError::Panicked { .. } => ErrorKind::Internal,
+            DispatchError::Handler(e) => e.kind(),
+            DispatchError::Timeout { .. } => ErrorKind::Timeout,
+            DispatchError::Middleware(e) => e
+                .downcast_ref::<HandlerError>()
+                .map_or(ErrorKind::Internal, HandlerError::kind),
+            DispatchError::Publish(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// The handler's error, when the handler (or a layer, with a [`HandlerError`]) refused.
+    pub fn handler_error(&self) -> Option<&HandlerError> {
+        match self {
+            DispatchError::Handler(e) => Some(e),
+            DispatchError::Middleware(e) => e.downcast_ref::<HandlerError>(),
+            _ => None,
+        }
+    }
+
+    /// Turns the error a tower layer produced back into a `DispatchError`: our own errors pass
+    /// through, tower's `Elapsed` cannot be told apart from other layer errors without its
+    /// feature, so everything else becomes [`DispatchError::Middleware`].
+    pub(crate) fn from_layer(error: BoxError) -> Self {
+        match error.downcast::<DispatchError>() {
+            Ok(own) => *own,
+            Err(other) => match other.downcast::<HandlerError>() {
+                Ok(handler) => DispatchError::Handler(*handler),
+                Err(other) => DispatchError::Middleware(other),
+            },
+        }
+    }
+}
+
+/// Some handlers of a published event failed; the others ran.
+#[derive(Debug, thiserror::Error)]
+#[error("{} of {handlers} handlers of event `{event}` failed: {}", failures.len(), first_failure(failures))]
+#[non_exhaustive]
+pub struct PublishError {
+    /// The event's wire name.
+    pub event: &'static str,
+    /// How many handlers ran.
+    pub handlers: usize,
+    /// Each failed handler's name and error.
+    pub failures: Vec<HandlerFailure>,
+}
+
+fn first_failure(failures: &[HandlerFailure]) -> String {
+    failures
+        .first()
+        .map(|f| format!("{}: {}", f.handler, f.error))
+        .unwrap_or_default()
+}
+
+/// One event handler that failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct HandlerFailure {
+    /// The handler's name ([`EventHandler::name`](crate::EventHandler::name)).
+    pub handler: std::sync::Arc<str>,
+    /// Its error (a handler error, or a panic).
+    pub error: DispatchError,
+}
+
+/// Why a bus could not be built, or a start-up check failed. Lists every problem at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.join("; "))]
+#[non_exhaustive]
+pub struct BuildError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}

@@ -1,0 +1,105 @@
+//! Typed command, query and event buses with tower middleware, and plugins found at link time.
+//!
+//! A request that changes state is a [`Command`], handled by exactly one [`CommandHandler`]; a
+//! request that reads state is a [`Query`], handled by exactly one [`QueryHandler`]; something
+//! that happened is an [`Event`], handled by every [`EventHandler`] of its type. Each kind goes
+//! through its own bus: [`CommandBus`], [`QueryBus`], [`EventBus`].
+//!
+//! ```
+//! use async_trait::async_trait;
+//! use cqrs_core::{Command, CommandBus, CommandContext, CommandHandler, HandlerError, Message};
+//!
+//! struct Greet {
+//!     name: String,
+//! }
+//!
+//! impl Message for Greet {
+//!     const NAME: &'static str = "hello.greet";
+//! }
+//!
+//! impl Command for Greet {
+//!     type Output = String;
+//! }
+//!
+//! struct GreetHandler;
+//!
+//! #[async_trait]
+//! impl CommandHandler<Greet> for GreetHandler {
+//!     async fn handle(&self, cmd: Greet, _ctx: &mut CommandContext) -> Result<String, HandlerError> {
+//!         Ok(format!("hello, {}", cmd.name))
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let bus = CommandBus::builder().handler(GreetHandler).build()?;
+//! assert_eq!(bus.dispatch(Greet { name: "Ada".into() }).await?, "hello, Ada");
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # What lives here, and who depends on it
+//!
+//! The core holds the message traits, the buses, their [middleware], message [`Metadata`], the
+//! [plugin] mechanism, and (in later modules) the ports that storage and transport adapters
+//! implement. Adapters (`cqrs-postgres`, `cqrs-redis`, `cqrs-realtime`) depend on the core; the
+//! core depends on none of them, nor on any web framework.
+//!
+//! # Buses are frozen
+//!
+//! A bus is built once and then only read: a dispatch looks its handler up in an immutable map
+//! and takes no lock. Without middleware a dispatch allocates nothing but the handler's boxed
+//! future. With middleware, every dispatch goes through one type-erased tower
+//! [`Service`](tower::Service) over [`Dispatch`]; see [`middleware`].
+//!
+//! A handler that panics does not take the bus down: the panic becomes
+//! [`DispatchError::Panicked`] for that one message.
+//!
+//! # Feature flags
+//!
+//! | flag | what it adds |
+//! |------|--------------|
+//! | `testing` | test helpers for code built on the core |
+
+#![deny(missing_docs)]
+
+mod bus;
+mod context;
+mod dispatch;
+mod envelope;
+mod error;
+mod extensions;
+mod handler;
+mod message;
+mod metadata;
+pub mod middleware;
+mod panic;
+pub mod plugin;
+
+pub use bus::command::Executed;
+pub use bus::{
+    CommandBus, CommandBusBuilder, CommandHandlers, EventBus, EventBusBuilder, EventHandlers,
+    EventSink, Published, QueryBus, QueryBusBuilder, QueryHandlers,
+};
+pub use context::{CommandContext, EventContext, QueryContext};
+pub use dispatch::{Dispatch, Dispatcher, Reply};
+pub use envelope::{AnyEvent, EventEnvelope};
+pub use error::{
+    BoxError, BuildError, DispatchError, ErrorKind, HandlerError, HandlerFailure, PublishError,
+};
+pub use extensions::Extensions;
+pub use handler::{CommandHandler, EventHandler, QueryHandler};
+pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
+pub use metadata::{Metadata, Principal};
+pub use plugin::{MissingResource, Plugin, PluginError, PluginRegistrar, Plugins};
+
+/// Re-exported for handler implementations: `#[cqrs_core::async_trait]`.
+pub use async_trait::async_trait;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::plugin::PluginRegistration;
+    pub use inventory;
+}
+
+#[doc(hidden)]
+pub mod doc;

@@ -1,0 +1,152 @@
+//! What travels with every message: ids, time, the acting principal, trace context.
+
+use chrono::{DateTime, Utc};
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// The metadata of one message.
+///
+/// * `message_id`: a UUID v7 (time-ordered), unique per message.
+/// * `correlation_id`: shared by everything that one original request caused.
+/// * `causation_id`: the id of the message that directly caused this one, if any.
+/// * `timestamp`: when the message was created.
+/// * `principal`: who is acting; opaque to the core (see [`Principal`]).
+/// * `trace_context`: propagation headers such as `traceparent`, carried across processes.
+///
+/// ```
+/// use cqrs_core::Metadata;
+///
+/// let request = Metadata::new();
+/// let caused = request.caused();
+/// assert_eq!(caused.correlation_id, request.correlation_id);
+/// assert_eq!(caused.causation_id, Some(request.message_id));
+/// assert_ne!(caused.message_id, request.message_id);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Metadata {
+    /// This message's id (UUID v7).
+    pub message_id: Uuid,
+    /// The id shared by every message of one original request.
+    pub correlation_id: Uuid,
+    /// The id of the message that caused this one.
+    pub causation_id: Option<Uuid>,
+    /// When the message was created.
+    pub timestamp: DateTime<Utc>,
+    /// Who is acting, if anyone.
+    pub principal: Option<Principal>,
+    /// Trace propagation fields (for example `traceparent`).
+    pub trace_context: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Fresh metadata for a message that starts a new flow: a new id, which is also the
+    /// correlation id, no causation, the current time.
+    pub fn new() -> Self {
+        let id = Uuid::now_v7();
+        Self {
+            message_id: id,
+            correlation_id: id,
+            causation_id: None,
+            timestamp: Utc::now(),
+            principal: None,
+            trace_context: BTreeMap::new(),
+        }
+    }
+
+    /// Metadata for a message caused by this one: a new id, the same correlation id, principal
+    /// and trace context, and this message's id as causation id.
+    pub fn caused(&self) -> Self {
+        Self {
+            message_id: Uuid::now_v7(),
+            correlation_id: self.correlation_id,
+            causation_id: Some(self.message_id),
+            timestamp: Utc::now(),
+            principal: self.principal.clone(),
+            trace_context: self.trace_context.clone(),
+        }
+    }
+
+    /// Sets the acting principal.
+    pub fn with_principal(mut self, principal: Principal) -> Self {
+        self.principal = Some(principal);
+        self
+    }
+
+    /// Sets the correlation id (for example from an incoming `X-Request-Id`).
+    pub fn with_correlation_id(mut self, correlation_id: Uuid) -> Self {
+        self.correlation_id = correlation_id;
+        self
+    }
+
+    /// Sets the message id.
+    pub fn with_message_id(mut self, message_id: Uuid) -> Self {
+        self.message_id = message_id;
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(mut self, causation_id: Option<Uuid>) -> Self {
+        self.causation_id = causation_id;
+        self
+    }
+
+    /// Sets the timestamp (tests, replays).
+    pub fn with_timestamp(mut self, timestamp: DateTime<Utc>) -> Self {
+        self.timestamp = timestamp;
+        self
+    }
+
+    /// Adds one trace-context field.
+    pub fn with_trace_field(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.trace_context.insert(key.into(), value.into());
+        self
+    }
+
+    /// The principal downcast to the server's own type, if it is one.
+    pub fn principal_as<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.principal.as_ref().and_then(|p| p.downcast_ref::<T>())
+    }
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Who is acting: a value of the server's own type, which the core carries without looking at.
+///
+/// ```
+/// use cqrs_core::Principal;
+///
+/// #[derive(Debug, PartialEq)]
+/// struct User { id: u64 }
+///
+/// let principal = Principal::new(User { id: 7 });
+/// assert_eq!(principal.downcast_ref::<User>(), Some(&User { id: 7 }));
+/// assert!(principal.downcast_ref::<String>().is_none());
+/// ```
+#[derive(Clone)]
+pub struct Principal(Arc<dyn Any + Send + Sync>);
+
+impl Principal {
+    /// Wraps a value.
+    pub fn new<T: Any + Send + Sync>(value: T) -> Self {
+        Self(Arc::new(value))
+    }
+
+    /// The value, if it is a `T`.
+    pub fn downcast_ref<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref::<T>()
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Principal(..)")
+    }
+}

@@ -1,0 +1,109 @@
+//! A time budget per dispatch.
+
+use crate::{BoxError, Dispatch, DispatchError, MessageKind, Reply};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+/// Fails a dispatch that runs longer than its budget with [`DispatchError::Timeout`]; the
+/// handler's future is dropped at its next `.await`.
+///
+/// ```
+/// use cqrs_core::{CommandBus, middleware::TimeoutLayer};
+/// use std::time::Duration;
+///
+/// let bus = CommandBus::builder().layer(TimeoutLayer::new(Duration::from_secs(5))).build().unwrap();
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer {
+    budget: Duration,
+}
+
+impl TimeoutLayer {
+    /// A layer that allows each dispatch `budget`.
+    pub fn new(budget: Duration) -> Self {
+        Self { budget }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            budget: self.budget,
+        }
+    }
+}
+
+/// The service made by [`TimeoutLayer`].
+#[derive(Clone, Debug)]
+pub struct Timeout<S> {
+    inner: S,
+    budget: Duration,
+}
+
+impl<S> Service<Dispatch> for Timeout<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Reply;
+    type Error = DispatchError;
+    type Future = TimeoutFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| DispatchError::from_layer(e.into()))
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let kind = dispatch.kind();
+        let name = dispatch.name();
+        TimeoutFuture {
+            inner: tokio::time::timeout(self.budget, self.inner.call(dispatch)),
+            kind,
+            name,
+            budget: self.budget,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`Timeout`] dispatch.
+    #[derive(Debug)]
+    pub struct TimeoutFuture<F> {
+        #[pin]
+        inner: tokio::time::Timeout<F>,
+        kind: MessageKind,
+        name: &'static str,
+        budget: Duration,
+    }
+}
+
+impl<F, E> Future for TimeoutFuture<F>
+where
+    F: Future<Output = Result<Reply, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Reply, DispatchError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(result)) => {
+                Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())))
+            }
+            Poll::Ready(Err(_elapsed)) => Poll::Ready(Err(DispatchError::Timeout {
+                kind: *this.kind,
+                name: this.name,
+                after: *this.budget,
+            })),
+        }
+    }
+}

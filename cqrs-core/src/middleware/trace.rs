@@ -1,0 +1,71 @@
+//! A span per dispatch.
+
+use crate::{Dispatch, Reply};
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
+
+/// Wraps each dispatch in an `INFO` span named `dispatch` with the fields `kind`, `message`
+/// (the wire name), `message_id`, `correlation_id` and `causation_id`, and logs failures at
+/// `DEBUG` inside it. The ids are formatted only if a subscriber records the span.
+///
+/// ```
+/// use cqrs_core::{CommandBus, middleware::TracingLayer};
+///
+/// let bus = CommandBus::builder().layer(TracingLayer::new()).build().unwrap();
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TracingLayer {
+    _private: (),
+}
+
+impl TracingLayer {
+    /// A tracing layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for TracingLayer {
+    type Service = Trace<S>;
+
+    fn layer(&self, inner: S) -> Trace<S> {
+        Trace { inner }
+    }
+}
+
+/// The service made by [`TracingLayer`].
+#[derive(Clone, Debug)]
+pub struct Trace<S> {
+    inner: S,
+}
+
+impl<S> Service<Dispatch> for Trace<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+{
+    type Response = Reply;
+    type Error = S::Error;
+    type Future = Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let metadata = dispatch.metadata();
+        let span = tracing::info_span!(
+            "dispatch",
+            kind = dispatch.kind().as_str(),
+            message = dispatch.name(),
+            message_id = %metadata.message_id,
+            correlation_id = %metadata.correlation_id,
+            causation_id = tracing::field::Empty,
+        );
+        if let Some(causation) = metadata.causation_id {
+            span.record("causation_id", tracing::field::display(causation));
+        }
+        self.inner.call(dispatch).instrument(span)
+    }
+}

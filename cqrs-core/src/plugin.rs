@@ -1,0 +1,522 @@
+//! Plugins: crates that join a server by being linked into it.
+//!
+//! A plugin implements [`Plugin`] and registers itself with [`register_plugin!`](crate::register_plugin).
+//! The server calls [`Plugins::collect`], which finds every registered plugin in the binary
+//! (through [`inventory`]), orders them so that dependencies come first, and
+//! [`Plugins::install`]s them into a [`PluginRegistrar`]: each plugin adds its bus handlers and
+//! whatever else the server asks plugins for (HTTP routes, OpenAPI fragments, migrations) as
+//! [contributions](PluginRegistrar::contribute) of the server's own types.
+//!
+//! **The linker drops crates that nothing names.** A plugin crate that is only listed in
+//! `Cargo.toml` is not linked, and its registration never runs. Name it once in the binary's
+//! crate root (and in each test, bench or example crate that needs it):
+//!
+//! ```ignore
+//! use helpdesk_tickets as _;
+//! ```
+//!
+//! [`Plugins::expect`] turns a forgotten line into a start-up error that says so.
+
+use crate::{BoxError, CommandHandlers, EventHandlers, MessageType, QueryHandlers};
+use std::any::{Any, TypeId, type_name};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+/// A unit of functionality that registers handlers and contributions with a server.
+///
+/// ```
+/// use cqrs_core::{BoxError, Plugin, PluginRegistrar, register_plugin};
+/// # use cqrs_core::doc::OpenTicketHandler;
+///
+/// struct TicketsPlugin;
+///
+/// impl Plugin for TicketsPlugin {
+///     fn name(&self) -> &'static str { "tickets" }
+///     fn version(&self) -> &'static str { env!("CARGO_PKG_VERSION") }
+///     fn depends_on(&self) -> &'static [&'static str] { &[] }
+///
+///     fn register(&self, registrar: &mut PluginRegistrar) -> Result<(), BoxError> {
+///         registrar.commands().add(OpenTicketHandler);
+///         Ok(())
+///     }
+/// }
+///
+/// register_plugin!(TicketsPlugin);
+/// ```
+pub trait Plugin: Send + Sync + 'static {
+    /// A unique name, such as `"tickets"`.
+    fn name(&self) -> &'static str;
+
+    /// The plugin's version, usually `env!("CARGO_PKG_VERSION")`.
+    fn version(&self) -> &'static str;
+
+    /// Names of plugins that must be installed before this one.
+    fn depends_on(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Adds handlers and contributions. Called once, after every dependency's `register`.
+    fn register(&self, registrar: &mut PluginRegistrar) -> Result<(), BoxError>;
+}
+
+/// One plugin in the binary's inventory. Made by [`register_plugin!`](crate::register_plugin);
+/// not used directly.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct PluginRegistration {
+    make: fn() -> Box<dyn Plugin>,
+}
+
+impl PluginRegistration {
+    #[doc(hidden)]
+    pub const fn new(make: fn() -> Box<dyn Plugin>) -> Self {
+        Self { make }
+    }
+}
+
+inventory::collect!(PluginRegistration);
+
+/// Registers a plugin so that [`Plugins::collect`] finds it in any binary that links this crate.
+///
+/// The argument is an expression that builds the plugin; it is evaluated when plugins are
+/// collected, not at load time.
+///
+/// ```
+/// # use cqrs_core::{BoxError, Plugin, PluginRegistrar};
+/// struct Audit;
+/// # impl Plugin for Audit {
+/// #     fn name(&self) -> &'static str { "audit" }
+/// #     fn version(&self) -> &'static str { "1.0.0" }
+/// #     fn register(&self, _: &mut PluginRegistrar) -> Result<(), BoxError> { Ok(()) }
+/// # }
+/// cqrs_core::register_plugin!(Audit);
+/// ```
+#[macro_export]
+macro_rules! register_plugin {
+    ($plugin:expr) => {
+        $crate::__private::inventory::submit! {
+            $crate::__private::PluginRegistration::new(|| ::std::boxed::Box::new($plugin))
+        }
+    };
+}
+
+/// Why plugins could not be collected or installed. Each message names the plugins involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    /// Two plugins share a name. Rename one, or link only one of them.
+    #[error(
+        "two plugins are named `{name}` (versions {first} and {second}); plugin names must be unique"
+    )]
+    Duplicate {
+        /// The shared name.
+        name: String,
+        /// The first one's version.
+        first: String,
+        /// The second one's version.
+        second: String,
+    },
+    /// A plugin depends on one that is not linked.
+    #[error(
+        "plugin `{plugin}` depends on `{dependency}`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line"
+    )]
+    MissingDependency {
+        /// The dependent plugin.
+        plugin: String,
+        /// The missing plugin.
+        dependency: String,
+    },
+    /// Plugins depend on each other in a cycle.
+    #[error("plugins depend on each other in a cycle: {}", plugins.join(" -> "))]
+    Cycle {
+        /// The plugins in the cycle.
+        plugins: Vec<String>,
+    },
+    /// A plugin the server expects is not linked.
+    #[error("expected plugin(s) {} are not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (found: {})", missing.join(", "), found.join(", "))]
+    NotLinked {
+        /// The expected plugins that are missing.
+        missing: Vec<String>,
+        /// The plugins that were found.
+        found: Vec<String>,
+    },
+    /// A plugin's `register` failed.
+    #[error("plugin `{plugin}` failed to register: {source}")]
+    Register {
+        /// The plugin.
+        plugin: String,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+    /// A plugin asked for a resource the server did not provide.
+    #[error(
+        "plugin `{plugin}` needs a `{resource}`, which the server did not provide; call PluginRegistrar::provide before installing plugins"
+    )]
+    MissingResource {
+        /// The plugin.
+        plugin: String,
+        /// The resource's type name.
+        resource: &'static str,
+    },
+}
+
+/// The plugins linked into this binary, in installation order: each after its dependencies,
+/// and otherwise by name.
+pub struct Plugins {
+    ordered: Vec<Box<dyn Plugin>>,
+}
+
+impl fmt::Debug for Plugins {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.ordered.iter().map(|p| (p.name(), p.version())))
+            .finish()
+    }
+}
+
+impl Plugins {
+    /// Every plugin registered with [`register_plugin!`](crate::register_plugin) in the crates
+    /// linked into this binary, ordered.
+    pub fn collect() -> Result<Self, PluginError> {
+        Self::from_plugins(
+            inventory::iter::<PluginRegistration>
+                .into_iter()
+                .map(|r| (r.make)())
+                .collect(),
+        )
+    }
+
+    /// Orders an explicit list of plugins (tests, or servers that do not use inventory).
+    pub fn from_plugins(plugins: Vec<Box<dyn Plugin>>) -> Result<Self, PluginError> {
+        let mut by_name: BTreeMap<&'static str, Box<dyn Plugin>> = BTreeMap::new();
+        for plugin in plugins {
+            if let Some(first) = by_name.get(plugin.name()) {
+                return Err(PluginError::Duplicate {
+                    name: plugin.name().to_owned(),
+                    first: first.version().to_owned(),
+                    second: plugin.version().to_owned(),
+                });
+            }
+            by_name.insert(plugin.name(), plugin);
+        }
+        for plugin in by_name.values() {
+            if let Some(missing) = plugin
+                .depends_on()
+                .iter()
+                .find(|d| !by_name.contains_key(*d))
+            {
+                return Err(PluginError::MissingDependency {
+                    plugin: plugin.name().to_owned(),
+                    dependency: (*missing).to_owned(),
+                });
+            }
+        }
+        // Kahn's algorithm; the ready set is ordered by name, so the order is deterministic.
+        let mut waiting_on: BTreeMap<&'static str, BTreeSet<&'static str>> = by_name
+            .values()
+            .map(|p| (p.name(), p.depends_on().iter().copied().collect()))
+            .collect();
+        let mut ready: BTreeSet<&'static str> = waiting_on
+            .iter()
+            .filter(|(_, deps)| deps.is_empty())
+            .map(|(name, _)| *name)
+            .collect();
+        let mut ordered = Vec::with_capacity(by_name.len());
+        while let Some(name) = ready.pop_first() {
+            waiting_on.remove(name);
+            for (other, deps) in waiting_on.iter_mut() {
+                if deps.remove(name) && deps.is_empty() {
+                    ready.insert(other);
+                }
+            }
+            if let Some(plugin) = by_name.remove(name) {
+                ordered.push(plugin);
+            }
+        }
+        if !waiting_on.is_empty() {
+            return Err(PluginError::Cycle {
+                plugins: find_cycle(&waiting_on),
+            });
+        }
+        Ok(Self { ordered })
+    }
+
+    /// Fails, naming them, when any of the expected plugins is not linked.
+    ///
+    /// ```
+    /// use cqrs_core::Plugins;
+    ///
+    /// let err = Plugins::from_plugins(vec![]).unwrap().expect(&["tickets"]).unwrap_err();
+    /// assert!(err.to_string().contains("`use <crate> as _;`"));
+    /// ```
+    pub fn expect(self, names: &[&str]) -> Result<Self, PluginError> {
+        let missing: Vec<String> = names
+            .iter()
+            .filter(|n| !self.ordered.iter().any(|p| p.name() == **n))
+            .map(|n| (*n).to_owned())
+            .collect();
+        if missing.is_empty() {
+            Ok(self)
+        } else {
+            Err(PluginError::NotLinked {
+                missing,
+                found: self.names().map(str::to_owned).collect(),
+            })
+        }
+    }
+
+    /// The plugins' names, in installation order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.ordered.iter().map(|p| p.name())
+    }
+
+    /// The plugins, in installation order.
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Plugin> + '_ {
+        self.ordered.iter().map(|p| p.as_ref())
+    }
+
+    /// How many plugins there are.
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+
+    /// Calls every plugin's `register`, in order.
+    pub fn install(&self, registrar: &mut PluginRegistrar) -> Result<(), PluginError> {
+        for plugin in &self.ordered {
+            registrar.current = plugin.name();
+            let result = plugin.register(registrar);
+            registrar.current = "";
+            result.map_err(|source| match source.downcast::<MissingResource>() {
+                Ok(missing) => PluginError::MissingResource {
+                    plugin: plugin.name().to_owned(),
+                    resource: missing.resource,
+                },
+                Err(source) => PluginError::Register {
+                    plugin: plugin.name().to_owned(),
+                    source,
+                },
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn find_cycle(waiting_on: &BTreeMap<&'static str, BTreeSet<&'static str>>) -> Vec<String> {
+    // Every plugin left waits on another one left, so walking first dependencies must revisit.
+    let Some(mut at) = waiting_on.keys().next().copied() else {
+        return Vec::new();
+    };
+    let mut path: Vec<&'static str> = Vec::new();
+    while !path.contains(&at) {
+        path.push(at);
+        match waiting_on.get(at).and_then(|deps| deps.iter().next()) {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    let start = path.iter().position(|p| *p == at).unwrap_or(0);
+    let mut cycle: Vec<String> = path[start..].iter().map(|s| (*s).to_owned()).collect();
+    cycle.push(at.to_owned());
+    cycle
+}
+
+/// What plugins register into: bus handlers, contributions of the server's own types, and
+/// resources the server provides to plugins (a database pool, a configuration).
+///
+/// ```
+/// use cqrs_core::PluginRegistrar;
+///
+/// /// A server's own contribution type: plugins hand it HTTP paths.
+/// struct Route(&'static str);
+///
+/// let mut registrar = PluginRegistrar::new();
+/// registrar.provide(String::from("postgres://..."));
+/// registrar.contribute(Route("/tickets"));
+/// let routes: Vec<Route> = registrar.take_contributions();
+/// assert_eq!(routes[0].0, "/tickets");
+/// ```
+#[derive(Default)]
+pub struct PluginRegistrar {
+    commands: CommandHandlers,
+    queries: QueryHandlers,
+    events: EventHandlers,
+    contributions: HashMap<TypeId, Box<dyn Any + Send>>,
+    resources: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    required: Vec<MessageType>,
+    current: &'static str,
+}
+
+/// A plugin asked for a resource the server did not [`provide`](PluginRegistrar::provide).
+#[derive(Debug, thiserror::Error)]
+#[error("the server did not provide a `{resource}`")]
+pub struct MissingResource {
+    /// The resource's type name.
+    pub resource: &'static str,
+}
+
+impl fmt::Debug for PluginRegistrar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginRegistrar")
+            .field("commands", &self.commands)
+            .field("queries", &self.queries)
+            .field("events", &self.events)
+            .field("contributions", &self.contributions.len())
+            .field("resources", &self.resources.len())
+            .finish()
+    }
+}
+
+/// A contribution and the plugin that made it.
+#[derive(Debug)]
+struct Contributed<T> {
+    items: Vec<(&'static str, T)>,
+}
+
+impl PluginRegistrar {
+    /// An empty registrar.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes a value available to plugins through [`resource`](Self::resource).
+    pub fn provide<T: Clone + Send + Sync + 'static>(&mut self, resource: T) -> &mut Self {
+        self.resources.insert(TypeId::of::<T>(), Box::new(resource));
+        self
+    }
+
+    /// A resource the server provided, or an error that names the missing type. Use `?`: the
+    /// installation then fails with [`PluginError::MissingResource`].
+    ///
+    /// ```
+    /// use cqrs_core::PluginRegistrar;
+    ///
+    /// let mut registrar = PluginRegistrar::new();
+    /// registrar.provide(42_u32);
+    /// assert_eq!(registrar.resource::<u32>().unwrap(), 42);
+    /// assert!(registrar.resource::<String>().unwrap_err().to_string().contains("String"));
+    /// ```
+    pub fn resource<T: Clone + Send + Sync + 'static>(&self) -> Result<T, MissingResource> {
+        self.try_resource::<T>().ok_or(MissingResource {
+            resource: type_name::<T>(),
+        })
+    }
+
+    /// A resource the server may or may not provide.
+    pub fn try_resource<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.resources
+            .get(&TypeId::of::<T>())
+            .and_then(|r| r.downcast_ref::<T>())
+            .cloned()
+    }
+
+    /// The command handlers registered so far; add to them.
+    pub fn commands(&mut self) -> &mut CommandHandlers {
+        &mut self.commands
+    }
+
+    /// The query handlers registered so far; add to them.
+    pub fn queries(&mut self) -> &mut QueryHandlers {
+        &mut self.queries
+    }
+
+    /// The event handlers registered so far; add to them.
+    pub fn events(&mut self) -> &mut EventHandlers {
+        &mut self.events
+    }
+
+    /// Declares that this plugin sends a message that some plugin must handle; checked by
+    /// [`check_required`](Self::check_required) against the built buses.
+    pub fn require(&mut self, message: MessageType) -> &mut Self {
+        self.required.push(message);
+        self
+    }
+
+    /// Every message some plugin declared it sends.
+    pub fn required(&self) -> &[MessageType] {
+        &self.required
+    }
+
+    /// Adds a value of a type the server defines (HTTP routes, OpenAPI fragments, migrations).
+    pub fn contribute<T: Send + 'static>(&mut self, value: T) -> &mut Self {
+        let current = self.current;
+        if let Some(contributed) = self
+            .contributions
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Box::new(Contributed::<T> { items: Vec::new() }))
+            .downcast_mut::<Contributed<T>>()
+        {
+            contributed.items.push((current, value));
+        }
+        self
+    }
+
+    /// Takes every contribution of type `T`, in plugin order.
+    pub fn take_contributions<T: Send + 'static>(&mut self) -> Vec<T> {
+        self.take_contributions_by_plugin::<T>()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// Takes every contribution of type `T` with the name of the plugin that made it.
+    pub fn take_contributions_by_plugin<T: Send + 'static>(&mut self) -> Vec<(&'static str, T)> {
+        self.contributions
+            .remove(&TypeId::of::<T>())
+            .and_then(|b| b.downcast::<Contributed<T>>().ok())
+            .map(|c| c.items)
+            .unwrap_or_default()
+    }
+
+    /// Takes the command handlers out, to build a [`CommandBus`](crate::CommandBus).
+    pub fn take_commands(&mut self) -> CommandHandlers {
+        std::mem::take(&mut self.commands)
+    }
+
+    /// Takes the query handlers out, to build a [`QueryBus`](crate::QueryBus).
+    pub fn take_queries(&mut self) -> QueryHandlers {
+        std::mem::take(&mut self.queries)
+    }
+
+    /// Takes the event handlers out, to build an [`EventBus`](crate::EventBus).
+    pub fn take_events(&mut self) -> EventHandlers {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Checks that every required command and query has a handler on the built buses.
+    pub fn check_required(
+        &self,
+        commands: &crate::CommandBus,
+        queries: &crate::QueryBus,
+    ) -> Result<(), crate::BuildError> {
+        let mut problems = Vec::new();
+        for bus_check in [
+            commands.check(
+                self.required
+                    .iter()
+                    .copied()
+                    .filter(|m| m.kind() == crate::MessageKind::Command),
+            ),
+            queries.check(
+                self.required
+                    .iter()
+                    .copied()
+                    .filter(|m| m.kind() == crate::MessageKind::Query),
+            ),
+        ] {
+            if let Err(e) = bus_check {
+                problems.extend(e.problems);
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::BuildError { problems })
+        }
+    }
+}
