@@ -1,0 +1,180 @@
+//! Messages and handlers shared by the tests.
+
+use async_trait::async_trait;
+use cqrs_core::{
+    Command, CommandContext, CommandHandler, Event, EventContext, EventHandler, HandlerError,
+    Message, Query, QueryContext, QueryHandler,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Adds two numbers; records `Added` when `record` is set; panics when `panic` is set.
+#[derive(Debug, Default)]
+pub struct Add {
+    pub a: u64,
+    pub b: u64,
+    pub record: bool,
+    pub panic: bool,
+    pub fail: bool,
+}
+
+impl Message for Add {
+    const NAME: &'static str = "test.add";
+}
+
+impl Command for Add {
+    type Output = u64;
+}
+
+pub struct AddHandler;
+
+#[async_trait]
+impl CommandHandler<Add> for AddHandler {
+    async fn handle(&self, cmd: Add, ctx: &mut CommandContext) -> Result<u64, HandlerError> {
+        let sum = cmd.a + cmd.b;
+        if cmd.record {
+            ctx.record_keyed("sums", Added { sum });
+            ctx.record_keyed("sums", Added { sum: sum + 1 });
+        }
+        if cmd.panic {
+            panic!("the add handler was told to panic");
+        }
+        if cmd.fail {
+            return Err(HandlerError::invalid("told_to_fail", "the add handler was told to fail"));
+        }
+        Ok(sum)
+    }
+}
+
+pub struct OtherAddHandler;
+
+#[async_trait]
+impl CommandHandler<Add> for OtherAddHandler {
+    async fn handle(&self, cmd: Add, _ctx: &mut CommandContext) -> Result<u64, HandlerError> {
+        Ok(cmd.a * cmd.b)
+    }
+}
+
+/// Never handled anywhere.
+pub struct Orphan;
+
+impl Message for Orphan {
+    const NAME: &'static str = "test.orphan";
+}
+
+impl Command for Orphan {
+    type Output = ();
+}
+
+impl Query for Orphan {
+    type Output = ();
+}
+
+/// Waits forever.
+pub struct Hang;
+
+impl Message for Hang {
+    const NAME: &'static str = "test.hang";
+}
+
+impl Command for Hang {
+    type Output = ();
+}
+
+pub struct HangHandler;
+
+#[async_trait]
+impl CommandHandler<Hang> for HangHandler {
+    async fn handle(&self, _cmd: Hang, _ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// Doubles a number.
+pub struct Double(pub u64);
+
+impl Message for Double {
+    const NAME: &'static str = "test.double";
+}
+
+impl Query for Double {
+    type Output = u64;
+}
+
+pub struct DoubleHandler;
+
+#[async_trait]
+impl QueryHandler<Double> for DoubleHandler {
+    async fn handle(&self, q: Double, _ctx: &QueryContext) -> Result<u64, HandlerError> {
+        if q.0 == 13 {
+            panic!("thirteen is unlucky");
+        }
+        Ok(q.0 * 2)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Added {
+    pub sum: u64,
+}
+
+impl Message for Added {
+    const NAME: &'static str = "test.added";
+}
+
+impl Event for Added {}
+
+/// Counts the events it sees; fails or panics on the sums it is told to.
+#[derive(Clone, Default)]
+pub struct Counter {
+    pub name: &'static str,
+    pub seen: Arc<AtomicUsize>,
+    pub fail_on: Option<u64>,
+    pub panic_on: Option<u64>,
+}
+
+impl Counter {
+    pub fn named(name: &'static str) -> Self {
+        Self {
+            name,
+            ..Self::default()
+        }
+    }
+
+    pub fn seen(&self) -> usize {
+        self.seen.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl EventHandler<Added> for Counter {
+    async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        if self.fail_on == Some(event.sum) {
+            return Err(HandlerError::invalid("bad_sum", format!("{} refuses {}", self.name, event.sum)));
+        }
+        if self.panic_on == Some(event.sum) {
+            panic!("{} panics on {}", self.name, event.sum);
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+/// Runs a test body on a current-thread runtime with a deadline, so a hang fails the test.
+pub fn run<F: std::future::Future>(body: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), body)
+                .await
+                .expect("the test finished within 10 s")
+        })
+}

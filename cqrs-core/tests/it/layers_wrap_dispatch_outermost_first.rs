@@ -1,0 +1,104 @@
+use crate::fixtures::*;
+use cqrs_core::{BoxError, CommandBus, Dispatch, ErrorKind, HandlerError, Reply};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// Records its name on the way in and out.
+#[derive(Clone)]
+struct Mark<S> {
+    inner: S,
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+    refuse: bool,
+}
+
+#[derive(Clone)]
+struct MarkLayer {
+    name: &'static str,
+    log: Arc<Mutex<Vec<String>>>,
+    refuse: bool,
+}
+
+impl<S> Layer<S> for MarkLayer {
+    type Service = Mark<S>;
+    fn layer(&self, inner: S) -> Mark<S> {
+        Mark { inner, name: self.name, log: self.log.clone(), refuse: self.refuse }
+    }
+}
+
+impl<S> Service<Dispatch> for Mark<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        self.log.lock().unwrap().push(format!("{} in {}", self.name, dispatch.name()));
+        if self.refuse {
+            return Box::pin(std::future::ready(Err(HandlerError::forbidden("refused by a layer").into())));
+        }
+        let fut = self.inner.call(dispatch);
+        let (log, name) = (self.log.clone(), self.name);
+        Box::pin(async move {
+            let out = fut.await.map_err(Into::into);
+            log.lock().unwrap().push(format!("{name} out"));
+            out
+        })
+    }
+}
+
+fn layer(name: &'static str, log: &Arc<Mutex<Vec<String>>>, refuse: bool) -> MarkLayer {
+    MarkLayer { name, log: log.clone(), refuse }
+}
+
+#[test]
+fn the_first_layer_added_is_the_outermost() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let bus = CommandBus::builder()
+        .layer(layer("outer", &log, false))
+        .layer(layer("inner", &log, false))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    assert_eq!(run(bus.dispatch(Add { a: 2, b: 3, ..Add::default() })).unwrap(), 5);
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["outer in test.add", "inner in test.add", "inner out", "outer out"]
+    );
+}
+
+#[test]
+fn a_layer_can_refuse_with_a_handler_error_that_keeps_its_kind() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let bus = CommandBus::builder()
+        .layer(layer("guard", &log, true))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let err = run(bus.dispatch(Add::default())).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Forbidden);
+    assert_eq!(err.handler_error().unwrap().message(), "refused by a layer");
+}
+
+#[test]
+fn a_layered_bus_returns_recorded_events() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let bus = CommandBus::builder()
+        .layer(layer("l", &log, false))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let executed = run(bus.execute(Add { record: true, ..Add::default() }, cqrs_core::Metadata::new())).unwrap();
+    assert_eq!(executed.events.len(), 2);
+}

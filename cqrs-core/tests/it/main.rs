@@ -1,0 +1,15 @@
+//! cqrs-core's behaviour tests, one module per behaviour, in one test binary.
+
+#![allow(unreachable_pub)] // test helpers are shared between modules of this binary
+
+mod fixtures;
+
+mod a_command_has_exactly_one_handler;
+mod a_panicking_handler_fails_only_its_own_message;
+mod an_unhandled_message_is_a_typed_error_naming_it;
+mod event_handlers_all_run_and_failures_are_reported;
+mod layers_wrap_dispatch_outermost_first;
+mod plugins_install_dependencies_first;
+mod recorded_events_inherit_ids_and_reach_the_sink_only_on_success;
+mod the_timeout_layer_fails_a_slow_dispatch;
+mod the_tracing_layer_opens_a_span_per_dispatch;

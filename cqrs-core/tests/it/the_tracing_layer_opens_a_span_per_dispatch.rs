@@ -1,0 +1,76 @@
+use crate::fixtures::*;
+use cqrs_core::middleware::TracingLayer;
+use cqrs_core::{CommandBus, Metadata};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata as TracingMetadata, Subscriber};
+
+type Spans = Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>;
+
+/// A subscriber that remembers each span's name and fields.
+struct Recorder {
+    spans: Spans,
+    next: AtomicU64,
+}
+
+struct Fields<'a>(&'a mut BTreeMap<String, String>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+}
+
+impl Subscriber for Recorder {
+    fn enabled(&self, _: &TracingMetadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+        let mut fields = BTreeMap::new();
+        attrs.record(&mut Fields(&mut fields));
+        let mut spans = self.spans.lock().unwrap();
+        spans.push((attrs.metadata().name().to_owned(), fields));
+        let _ = self.next.fetch_add(1, Ordering::SeqCst);
+        Id::from_u64(spans.len() as u64)
+    }
+    fn record(&self, span: &Id, values: &Record<'_>) {
+        let mut spans = self.spans.lock().unwrap();
+        let index = span.into_u64() as usize - 1;
+        values.record(&mut Fields(&mut spans[index].1));
+    }
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, _: &Event<'_>) {}
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+#[test]
+fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
+    let spans: Spans = Arc::default();
+    let recorder = Recorder { spans: spans.clone(), next: AtomicU64::new(1) };
+    let bus = CommandBus::builder()
+        .layer(TracingLayer::new())
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let parent = Metadata::new();
+    let metadata = parent.caused();
+    tracing::subscriber::with_default(recorder, || {
+        run(bus.dispatch_with(Add { a: 1, b: 1, ..Add::default() }, metadata.clone())).unwrap();
+    });
+    let spans = spans.lock().unwrap();
+    let dispatch: Vec<_> = spans.iter().filter(|(name, _)| name == "dispatch").collect();
+    assert_eq!(dispatch.len(), 1, "{spans:?}");
+    let fields = &dispatch[0].1;
+    assert_eq!(fields["kind"], "command");
+    assert_eq!(fields["message"], "test.add");
+    assert_eq!(fields["message_id"], metadata.message_id.to_string());
+    assert_eq!(fields["correlation_id"], parent.correlation_id.to_string());
+    assert_eq!(fields["causation_id"], parent.message_id.to_string());
+}

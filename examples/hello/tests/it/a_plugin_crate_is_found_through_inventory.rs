@@ -1,0 +1,44 @@
+use cqrs_core::{ErrorKind, PluginRegistrar, Plugins};
+use hello_api::{Greet, Route};
+use hello_greeter::GreetingCount;
+
+fn run<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), f).await.unwrap() })
+}
+
+#[test]
+fn the_greeter_plugin_is_collected_from_its_own_crate() {
+    let plugins = Plugins::collect().unwrap();
+    assert_eq!(plugins.names().collect::<Vec<_>>(), ["greeter"]);
+}
+
+#[test]
+fn the_plugin_handles_commands_reacts_to_events_and_contributes_a_server_type() {
+    let count = GreetingCount::default();
+    let mut registrar = PluginRegistrar::new();
+    registrar.provide(count.clone());
+    let app = hello::start(registrar).unwrap();
+    assert_eq!(
+        app.routes,
+        [("greeter", Route { path: "/greet", description: "greets someone by name" })]
+    );
+    run(async {
+        assert_eq!(app.commands.dispatch(Greet { name: " Ada ".into() }).await.unwrap(), "Hello, Ada!");
+        let err = app.commands.dispatch(Greet { name: "  ".into() }).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+    });
+    assert_eq!(count.get(), 1, "the event handler saw the one successful greeting");
+}
+
+#[test]
+fn a_plugin_that_is_not_linked_is_named_at_start_up() {
+    let err = Plugins::collect().unwrap().expect(&["greeter", "farewell"]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "expected plugin(s) farewell are not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (found: greeter)"
+    );
+}
