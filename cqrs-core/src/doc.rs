@@ -95,3 +95,47 @@ impl EventHandler<TicketOpened> for CountOpened {
         "count_opened"
     }
 }
+
+crate::event_set! {
+    pub enum TicketEvents {
+        Opened(TicketOpened),
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Ticket {
+    pub open: bool,
+}
+
+#[derive(Debug)]
+pub enum TicketCommand {
+    Open,
+}
+
+impl crate::Aggregate for Ticket {
+    const TYPE: &'static str = "ticket";
+    type Event = TicketEvents;
+    type Command = TicketCommand;
+    type Error = HandlerError;
+
+    fn apply(&mut self, event: &TicketEvents) {
+        match event {
+            TicketEvents::Opened(_) => self.open = true,
+        }
+    }
+
+    fn decide(&self, command: TicketCommand) -> Result<Vec<TicketEvents>, HandlerError> {
+        match command {
+            TicketCommand::Open if self.open => Err(HandlerError::conflict(
+                "already_open",
+                "the ticket is already open",
+            )),
+            TicketCommand::Open => Ok(vec![
+                TicketOpened {
+                    ticket_id: "t1".into(),
+                }
+                .into(),
+            ]),
+        }
+    }
+}

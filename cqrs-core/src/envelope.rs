@@ -1,6 +1,6 @@
 //! An event with its metadata, type-erased so one bus and one transport carry every event type.
 
-use crate::{Event, Metadata};
+use crate::{Event, Metadata, Position};
 use std::any::{Any, TypeId};
 use std::fmt;
 use std::sync::Arc;
@@ -52,7 +52,16 @@ pub struct EventEnvelope {
     /// The event's metadata.
     pub metadata: Metadata,
     partition_key: Option<Arc<str>>,
+    stored: Option<Stored>,
     event: Arc<dyn AnyEvent>,
+}
+
+/// Where a store keeps an event.
+#[derive(Clone, Debug)]
+struct Stored {
+    stream_id: Arc<str>,
+    stream_version: u64,
+    position: Option<Position>,
 }
 
 impl EventEnvelope {
@@ -61,6 +70,7 @@ impl EventEnvelope {
         Self {
             metadata,
             partition_key: None,
+            stored: None,
             event: Arc::new(event),
         }
     }
@@ -70,6 +80,7 @@ impl EventEnvelope {
         Self {
             metadata,
             partition_key: None,
+            stored: None,
             event,
         }
     }
@@ -79,6 +90,37 @@ impl EventEnvelope {
     pub fn with_partition_key(mut self, key: impl Into<Arc<str>>) -> Self {
         self.partition_key = Some(key.into());
         self
+    }
+
+    /// Notes where a store keeps this event: its stream, its version in the stream, and its
+    /// global position when the store has one.
+    pub fn with_stored(
+        mut self,
+        stream_id: impl Into<Arc<str>>,
+        stream_version: u64,
+        position: Option<Position>,
+    ) -> Self {
+        self.stored = Some(Stored {
+            stream_id: stream_id.into(),
+            stream_version,
+            position,
+        });
+        self
+    }
+
+    /// The stream that stores this event, if it came from a store.
+    pub fn stream_id(&self) -> Option<&str> {
+        self.stored.as_ref().map(|s| &*s.stream_id)
+    }
+
+    /// The event's version within its stream, if it came from a store.
+    pub fn stream_version(&self) -> Option<u64> {
+        self.stored.as_ref().map(|s| s.stream_version)
+    }
+
+    /// The event's global position, if it came from a store that has one.
+    pub fn position(&self) -> Option<Position> {
+        self.stored.as_ref().and_then(|s| s.position)
     }
 
     /// The partition key, if any.
@@ -123,6 +165,7 @@ impl fmt::Debug for EventEnvelope {
             .field("name", &self.name())
             .field("version", &self.version())
             .field("partition_key", &self.partition_key)
+            .field("stored", &self.stored)
             .field("metadata", &self.metadata)
             .finish()
     }

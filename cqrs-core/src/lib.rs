@@ -62,24 +62,32 @@
 
 #![deny(missing_docs)]
 
+mod aggregate;
 mod bus;
+pub mod clock;
+mod codec;
 mod context;
 mod dispatch;
 mod envelope;
 mod error;
 mod extensions;
 mod handler;
+pub mod memory;
 mod message;
 mod metadata;
 pub mod middleware;
 mod panic;
 pub mod plugin;
+pub mod ports;
+mod record;
 
+pub use aggregate::{Aggregate, AggregateError, AggregateRepository, EventSet, Loaded};
 pub use bus::command::Executed;
 pub use bus::{
     CommandBus, CommandBusBuilder, CommandHandlers, EventBus, EventBusBuilder, EventHandlers,
     EventSink, Published, QueryBus, QueryBusBuilder, QueryHandlers,
 };
+pub use codec::{DecodeError, EventTypes, UnknownEventPolicy};
 pub use context::{CommandContext, EventContext, QueryContext};
 pub use dispatch::{Dispatch, Dispatcher, Reply};
 pub use envelope::{AnyEvent, EventEnvelope};
@@ -91,6 +99,8 @@ pub use handler::{CommandHandler, EventHandler, QueryHandler};
 pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
 pub use metadata::{Metadata, Principal};
 pub use plugin::{MissingResource, Plugin, PluginError, PluginRegistrar, Plugins};
+pub use ports::ExpectedVersion;
+pub use record::{EventRecord, InvalidPosition, Position, RecordMetadata};
 
 /// Re-exported for handler implementations: `#[cqrs_core::async_trait]`.
 pub use async_trait::async_trait;

@@ -13,7 +13,8 @@ use uuid::Uuid;
 /// * `correlation_id`: shared by everything that one original request caused.
 /// * `causation_id`: the id of the message that directly caused this one, if any.
 /// * `timestamp`: when the message was created.
-/// * `principal`: who is acting; opaque to the core (see [`Principal`]).
+/// * `principal`: who is acting; opaque to the core (see [`Principal`]); in process only.
+/// * `actor`: the acting principal's stable id, stored and sent with the message.
 /// * `trace_context`: propagation headers such as `traceparent`, carried across processes.
 ///
 /// ```
@@ -36,8 +37,11 @@ pub struct Metadata {
     pub causation_id: Option<Uuid>,
     /// When the message was created.
     pub timestamp: DateTime<Utc>,
-    /// Who is acting, if anyone.
+    /// Who is acting, if anyone. Stays in process: it is not stored or sent.
     pub principal: Option<Principal>,
+    /// A stable id of who is acting (a user id), stored and sent with the message, unlike
+    /// `principal`.
+    pub actor: Option<String>,
     /// Trace propagation fields (for example `traceparent`).
     pub trace_context: BTreeMap<String, String>,
 }
@@ -53,6 +57,7 @@ impl Metadata {
             causation_id: None,
             timestamp: Utc::now(),
             principal: None,
+            actor: None,
             trace_context: BTreeMap::new(),
         }
     }
@@ -66,6 +71,7 @@ impl Metadata {
             causation_id: Some(self.message_id),
             timestamp: Utc::now(),
             principal: self.principal.clone(),
+            actor: self.actor.clone(),
             trace_context: self.trace_context.clone(),
         }
     }
@@ -73,6 +79,12 @@ impl Metadata {
     /// Sets the acting principal.
     pub fn with_principal(mut self, principal: Principal) -> Self {
         self.principal = Some(principal);
+        self
+    }
+
+    /// Sets the actor id that is stored and sent with the message.
+    pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
         self
     }
 

@@ -9,7 +9,11 @@ fn a_second_handler_for_one_command_fails_the_build() {
         .build()
         .unwrap_err();
     assert_eq!(err.problems.len(), 1, "{err}");
-    assert!(err.to_string().contains("command `test.add` has more than one handler"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("command `test.add` has more than one handler"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -60,5 +64,8 @@ fn two_command_types_with_one_wire_name_fail_the_build() {
         .handler(ImpostorHandler)
         .build()
         .unwrap_err();
-    assert!(err.to_string().contains("share the wire name `test.add`"), "{err}");
+    assert!(
+        err.to_string().contains("share the wire name `test.add`"),
+        "{err}"
+    );
 }

@@ -6,10 +6,20 @@ use cqrs_core::{CommandBus, DispatchError, QueryBus};
 fn a_panicking_command_handler_becomes_an_error_and_the_bus_keeps_working() {
     for bus in [
         CommandBus::builder().handler(AddHandler).build().unwrap(),
-        CommandBus::builder().layer(TracingLayer::new()).handler(AddHandler).build().unwrap(),
+        CommandBus::builder()
+            .layer(TracingLayer::new())
+            .handler(AddHandler)
+            .build()
+            .unwrap(),
     ] {
         run(async {
-            let err = bus.dispatch(Add { panic: true, ..Add::default() }).await.unwrap_err();
+            let err = bus
+                .dispatch(Add {
+                    panic: true,
+                    ..Add::default()
+                })
+                .await
+                .unwrap_err();
             match &err {
                 DispatchError::Panicked { name, message, .. } => {
                     assert_eq!(*name, "test.add");
@@ -17,7 +27,16 @@ fn a_panicking_command_handler_becomes_an_error_and_the_bus_keeps_working() {
                 }
                 other => panic!("expected Panicked, got {other:?}"),
             }
-            assert_eq!(bus.dispatch(Add { a: 1, b: 2, ..Add::default() }).await.unwrap(), 3);
+            assert_eq!(
+                bus.dispatch(Add {
+                    a: 1,
+                    b: 2,
+                    ..Add::default()
+                })
+                .await
+                .unwrap(),
+                3
+            );
         });
     }
 }
@@ -27,7 +46,16 @@ fn a_panicking_query_handler_becomes_an_error() {
     let bus = QueryBus::builder().handler(DoubleHandler).build().unwrap();
     run(async {
         let err = bus.dispatch(Double(13)).await.unwrap_err();
-        assert!(matches!(err, DispatchError::Panicked { name: "test.double", .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                DispatchError::Panicked {
+                    name: "test.double",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert_eq!(bus.dispatch(Double(2)).await.unwrap(), 4);
     });
 }
@@ -44,7 +72,15 @@ fn a_panicking_handler_on_a_multi_threaded_runtime_does_not_abort_the_task() {
         let tasks: Vec<_> = (0..8)
             .map(|i| {
                 let bus = bus.clone();
-                tokio::spawn(async move { bus.dispatch(Add { a: i, b: 0, panic: i % 2 == 0, ..Add::default() }).await })
+                tokio::spawn(async move {
+                    bus.dispatch(Add {
+                        a: i,
+                        b: 0,
+                        panic: i % 2 == 0,
+                        ..Add::default()
+                    })
+                    .await
+                })
             })
             .collect();
         let mut panicked = 0;

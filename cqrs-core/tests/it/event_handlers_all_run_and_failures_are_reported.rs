@@ -20,7 +20,10 @@ fn every_handler_runs_even_when_one_fails_and_one_panics() {
         .build()
         .unwrap();
     run(async {
-        let err = bus.publish_event(Added { sum: 7 }, Metadata::new()).await.unwrap_err();
+        let err = bus
+            .publish_event(Added { sum: 7 }, Metadata::new())
+            .await
+            .unwrap_err();
         let DispatchError::Publish(publish) = err else {
             panic!("expected a publish error");
         };
@@ -29,9 +32,17 @@ fn every_handler_runs_even_when_one_fails_and_one_panics() {
         let mut failed: Vec<&str> = publish.failures.iter().map(|f| &*f.handler).collect();
         failed.sort();
         assert_eq!(failed, ["failing", "panicking"]);
-        assert!(publish.failures.iter().any(|f| matches!(f.error, DispatchError::Panicked { .. })));
+        assert!(
+            publish
+                .failures
+                .iter()
+                .any(|f| matches!(f.error, DispatchError::Panicked { .. }))
+        );
 
-        let published = bus.publish_event(Added { sum: 1 }, Metadata::new()).await.unwrap();
+        let published = bus
+            .publish_event(Added { sum: 1 }, Metadata::new())
+            .await
+            .unwrap();
         assert_eq!(published.handlers, 3);
     });
     assert_eq!((ok.seen(), failing.seen(), panicking.seen()), (2, 2, 2));
@@ -41,7 +52,10 @@ fn every_handler_runs_even_when_one_fails_and_one_panics() {
 fn an_event_without_handlers_is_published_to_none() {
     for bus in [
         EventBus::builder().build().unwrap(),
-        EventBus::builder().layer(TracingLayer::new()).build().unwrap(),
+        EventBus::builder()
+            .layer(TracingLayer::new())
+            .build()
+            .unwrap(),
     ] {
         let published = run(bus.publish_event(Added { sum: 1 }, Metadata::new())).unwrap();
         assert_eq!(published.handlers, 0);
@@ -71,5 +85,8 @@ fn two_handlers_with_one_name_fail_the_build() {
         .handler(Counter::named("same"))
         .build()
         .unwrap_err();
-    assert!(err.to_string().contains("two handlers named `same`"), "{err}");
+    assert!(
+        err.to_string().contains("two handlers named `same`"),
+        "{err}"
+    );
 }

@@ -41,7 +41,10 @@ impl CommandHandler<Add> for AddHandler {
             panic!("the add handler was told to panic");
         }
         if cmd.fail {
-            return Err(HandlerError::invalid("told_to_fail", "the add handler was told to fail"));
+            return Err(HandlerError::invalid(
+                "told_to_fail",
+                "the add handler was told to fail",
+            ));
         }
         Ok(sum)
     }
@@ -153,7 +156,10 @@ impl EventHandler<Added> for Counter {
     async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
         self.seen.fetch_add(1, Ordering::SeqCst);
         if self.fail_on == Some(event.sum) {
-            return Err(HandlerError::invalid("bad_sum", format!("{} refuses {}", self.name, event.sum)));
+            return Err(HandlerError::invalid(
+                "bad_sum",
+                format!("{} refuses {}", self.name, event.sum),
+            ));
         }
         if self.panic_on == Some(event.sum) {
             panic!("{} panics on {}", self.name, event.sum);

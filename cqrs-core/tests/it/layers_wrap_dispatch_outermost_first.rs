@@ -25,7 +25,12 @@ struct MarkLayer {
 impl<S> Layer<S> for MarkLayer {
     type Service = Mark<S>;
     fn layer(&self, inner: S) -> Mark<S> {
-        Mark { inner, name: self.name, log: self.log.clone(), refuse: self.refuse }
+        Mark {
+            inner,
+            name: self.name,
+            log: self.log.clone(),
+            refuse: self.refuse,
+        }
     }
 }
 
@@ -44,9 +49,15 @@ where
     }
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
-        self.log.lock().unwrap().push(format!("{} in {}", self.name, dispatch.name()));
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{} in {}", self.name, dispatch.name()));
         if self.refuse {
-            return Box::pin(std::future::ready(Err(HandlerError::forbidden("refused by a layer").into())));
+            return Box::pin(std::future::ready(Err(HandlerError::forbidden(
+                "refused by a layer",
+            )
+            .into())));
         }
         let fut = self.inner.call(dispatch);
         let (log, name) = (self.log.clone(), self.name);
@@ -59,7 +70,11 @@ where
 }
 
 fn layer(name: &'static str, log: &Arc<Mutex<Vec<String>>>, refuse: bool) -> MarkLayer {
-    MarkLayer { name, log: log.clone(), refuse }
+    MarkLayer {
+        name,
+        log: log.clone(),
+        refuse,
+    }
 }
 
 #[test]
@@ -71,10 +86,23 @@ fn the_first_layer_added_is_the_outermost() {
         .handler(AddHandler)
         .build()
         .unwrap();
-    assert_eq!(run(bus.dispatch(Add { a: 2, b: 3, ..Add::default() })).unwrap(), 5);
+    assert_eq!(
+        run(bus.dispatch(Add {
+            a: 2,
+            b: 3,
+            ..Add::default()
+        }))
+        .unwrap(),
+        5
+    );
     assert_eq!(
         *log.lock().unwrap(),
-        ["outer in test.add", "inner in test.add", "inner out", "outer out"]
+        [
+            "outer in test.add",
+            "inner in test.add",
+            "inner out",
+            "outer out"
+        ]
     );
 }
 
@@ -99,6 +127,13 @@ fn a_layered_bus_returns_recorded_events() {
         .handler(AddHandler)
         .build()
         .unwrap();
-    let executed = run(bus.execute(Add { record: true, ..Add::default() }, cqrs_core::Metadata::new())).unwrap();
+    let executed = run(bus.execute(
+        Add {
+            record: true,
+            ..Add::default()
+        },
+        cqrs_core::Metadata::new(),
+    ))
+    .unwrap();
     assert_eq!(executed.events.len(), 2);
 }

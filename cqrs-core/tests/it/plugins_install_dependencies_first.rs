@@ -1,5 +1,7 @@
 use crate::fixtures::*;
-use cqrs_core::{BoxError, CommandBus, MessageType, Plugin, PluginError, PluginRegistrar, Plugins, QueryBus};
+use cqrs_core::{
+    BoxError, CommandBus, MessageType, Plugin, PluginError, PluginRegistrar, Plugins, QueryBus,
+};
 
 struct P {
     name: &'static str,
@@ -32,7 +34,9 @@ impl Plugin for P {
 }
 
 fn plugins(list: &[(&'static str, &'static [&'static str])]) -> Vec<Box<dyn Plugin>> {
-    list.iter().map(|(name, deps)| Box::new(P { name, deps }) as Box<dyn Plugin>).collect()
+    list.iter()
+        .map(|(name, deps)| Box::new(P { name, deps }) as Box<dyn Plugin>)
+        .collect()
 }
 
 #[test]
@@ -52,7 +56,10 @@ fn dependencies_come_first_then_names_in_order() {
 #[test]
 fn a_duplicate_name_is_an_error() {
     let err = Plugins::from_plugins(plugins(&[("auth", &[]), ("auth", &[])])).unwrap_err();
-    assert!(matches!(err, PluginError::Duplicate { ref name, .. } if name == "auth"), "{err}");
+    assert!(
+        matches!(err, PluginError::Duplicate { ref name, .. } if name == "auth"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -66,8 +73,17 @@ fn a_missing_dependency_is_an_error_naming_both() {
 
 #[test]
 fn a_cycle_is_an_error_naming_it() {
-    let err = Plugins::from_plugins(plugins(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"]), ("d", &[])])).unwrap_err();
-    assert_eq!(err.to_string(), "plugins depend on each other in a cycle: a -> b -> c -> a");
+    let err = Plugins::from_plugins(plugins(&[
+        ("a", &["b"]),
+        ("b", &["c"]),
+        ("c", &["a"]),
+        ("d", &[]),
+    ]))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugins depend on each other in a cycle: a -> b -> c -> a"
+    );
 }
 
 #[test]
@@ -77,11 +93,31 @@ fn installing_collects_handlers_and_contributions_in_order() {
     ordered.install(&mut registrar).unwrap();
     registrar.require(MessageType::command::<Add>());
     let routes = registrar.take_contributions_by_plugin::<String>();
-    assert_eq!(routes, [("base", "route of base".to_owned()), ("adder", "route of adder".to_owned())]);
-    let commands = CommandBus::builder().handlers(registrar.take_commands()).build().unwrap();
-    let queries = QueryBus::builder().handlers(registrar.take_queries()).build().unwrap();
+    assert_eq!(
+        routes,
+        [
+            ("base", "route of base".to_owned()),
+            ("adder", "route of adder".to_owned())
+        ]
+    );
+    let commands = CommandBus::builder()
+        .handlers(registrar.take_commands())
+        .build()
+        .unwrap();
+    let queries = QueryBus::builder()
+        .handlers(registrar.take_queries())
+        .build()
+        .unwrap();
     registrar.check_required(&commands, &queries).unwrap();
-    assert_eq!(run(commands.dispatch(Add { a: 1, b: 2, ..Add::default() })).unwrap(), 3);
+    assert_eq!(
+        run(commands.dispatch(Add {
+            a: 1,
+            b: 2,
+            ..Add::default()
+        }))
+        .unwrap(),
+        3
+    );
 
     registrar.require(MessageType::command::<Orphan>());
     let err = registrar.check_required(&commands, &queries).unwrap_err();
@@ -92,12 +128,21 @@ fn installing_collects_handlers_and_contributions_in_order() {
 fn a_missing_resource_and_a_failing_plugin_are_named() {
     let ordered = Plugins::from_plugins(plugins(&[("needs-db", &[])])).unwrap();
     let err = ordered.install(&mut PluginRegistrar::new()).unwrap_err();
-    assert!(matches!(err, PluginError::MissingResource { ref plugin, resource } if plugin == "needs-db" && resource.contains("str")), "{err}");
+    assert!(
+        matches!(err, PluginError::MissingResource { ref plugin, resource } if plugin == "needs-db" && resource.contains("str")),
+        "{err}"
+    );
 
     let mut registrar = PluginRegistrar::new();
     registrar.provide::<std::sync::Arc<str>>("postgres://".into());
     ordered.install(&mut registrar).unwrap();
 
-    let err = Plugins::from_plugins(plugins(&[("broken", &[])])).unwrap().install(&mut PluginRegistrar::new()).unwrap_err();
-    assert_eq!(err.to_string(), "plugin `broken` failed to register: the broken plugin cannot register");
+    let err = Plugins::from_plugins(plugins(&[("broken", &[])]))
+        .unwrap()
+        .install(&mut PluginRegistrar::new())
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `broken` failed to register: the broken plugin cannot register"
+    );
 }

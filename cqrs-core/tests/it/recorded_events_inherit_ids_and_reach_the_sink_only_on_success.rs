@@ -6,7 +6,16 @@ use std::sync::Arc;
 fn recorded_events_carry_the_command_correlation_and_causation() {
     let bus = CommandBus::builder().handler(AddHandler).build().unwrap();
     let command = Metadata::new();
-    let executed = run(bus.execute(Add { a: 1, b: 1, record: true, ..Add::default() }, command.clone())).unwrap();
+    let executed = run(bus.execute(
+        Add {
+            a: 1,
+            b: 1,
+            record: true,
+            ..Add::default()
+        },
+        command.clone(),
+    ))
+    .unwrap();
     assert_eq!(executed.output, 2);
     assert_eq!(executed.events.len(), 2);
     for event in &executed.events {
@@ -15,7 +24,11 @@ fn recorded_events_carry_the_command_correlation_and_causation() {
         assert_ne!(event.metadata.message_id, command.message_id);
         assert_eq!(event.partition_key(), Some("sums"));
     }
-    let sums: Vec<u64> = executed.events.iter().map(|e| e.downcast_ref::<Added>().unwrap().sum).collect();
+    let sums: Vec<u64> = executed
+        .events
+        .iter()
+        .map(|e| e.downcast_ref::<Added>().unwrap().sum)
+        .collect();
     assert_eq!(sums, [2, 3], "recorded order is kept");
     assert!(executed.events[0].metadata.message_id < executed.events[1].metadata.message_id);
 }
@@ -23,17 +36,37 @@ fn recorded_events_carry_the_command_correlation_and_causation() {
 #[test]
 fn the_event_sink_gets_events_of_successful_commands_only() {
     let counter = Counter::named("counter");
-    let events = EventBus::builder().handler(counter.clone()).build().unwrap();
+    let events = EventBus::builder()
+        .handler(counter.clone())
+        .build()
+        .unwrap();
     let bus = CommandBus::builder()
         .handler(AddHandler)
         .event_sink(Arc::new(events))
         .build()
         .unwrap();
     run(async {
-        bus.dispatch(Add { record: true, fail: true, ..Add::default() }).await.unwrap_err();
-        bus.dispatch(Add { record: true, panic: true, ..Add::default() }).await.unwrap_err();
+        bus.dispatch(Add {
+            record: true,
+            fail: true,
+            ..Add::default()
+        })
+        .await
+        .unwrap_err();
+        bus.dispatch(Add {
+            record: true,
+            panic: true,
+            ..Add::default()
+        })
+        .await
+        .unwrap_err();
         assert_eq!(counter.seen(), 0, "failed commands publish nothing");
-        bus.dispatch(Add { record: true, ..Add::default() }).await.unwrap();
+        bus.dispatch(Add {
+            record: true,
+            ..Add::default()
+        })
+        .await
+        .unwrap();
         assert_eq!(counter.seen(), 2);
     });
 }

@@ -15,11 +15,26 @@ fn a_handler_that_never_finishes_times_out_with_a_typed_error() {
         let err = bus.dispatch(Hang).await.unwrap_err();
         match err {
             DispatchError::Timeout { kind, name, after } => {
-                assert_eq!((kind, name, after), (MessageKind::Command, "test.hang", Duration::from_millis(20)));
+                assert_eq!(
+                    (kind, name, after),
+                    (MessageKind::Command, "test.hang", Duration::from_millis(20))
+                );
             }
             other => panic!("expected a timeout, got {other:?}"),
         }
-        assert_eq!(bus.dispatch(Hang).await.unwrap_err().kind(), ErrorKind::Timeout);
-        assert_eq!(bus.dispatch(Add { a: 1, b: 1, ..Add::default() }).await.unwrap(), 2);
+        assert_eq!(
+            bus.dispatch(Hang).await.unwrap_err().kind(),
+            ErrorKind::Timeout
+        );
+        assert_eq!(
+            bus.dispatch(Add {
+                a: 1,
+                b: 1,
+                ..Add::default()
+            })
+            .await
+            .unwrap(),
+            2
+        );
     });
 }

@@ -53,7 +53,10 @@ impl Subscriber for Recorder {
 #[test]
 fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     let spans: Spans = Arc::default();
-    let recorder = Recorder { spans: spans.clone(), next: AtomicU64::new(1) };
+    let recorder = Recorder {
+        spans: spans.clone(),
+        next: AtomicU64::new(1),
+    };
     let bus = CommandBus::builder()
         .layer(TracingLayer::new())
         .handler(AddHandler)
@@ -62,10 +65,21 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     let parent = Metadata::new();
     let metadata = parent.caused();
     tracing::subscriber::with_default(recorder, || {
-        run(bus.dispatch_with(Add { a: 1, b: 1, ..Add::default() }, metadata.clone())).unwrap();
+        run(bus.dispatch_with(
+            Add {
+                a: 1,
+                b: 1,
+                ..Add::default()
+            },
+            metadata.clone(),
+        ))
+        .unwrap();
     });
     let spans = spans.lock().unwrap();
-    let dispatch: Vec<_> = spans.iter().filter(|(name, _)| name == "dispatch").collect();
+    let dispatch: Vec<_> = spans
+        .iter()
+        .filter(|(name, _)| name == "dispatch")
+        .collect();
     assert_eq!(dispatch.len(), 1, "{spans:?}");
     let fields = &dispatch[0].1;
     assert_eq!(fields["kind"], "command");

@@ -1,0 +1,354 @@
+//! Aggregates: state rebuilt from a stream's events, which decides on commands.
+
+use crate::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
+use crate::{DecodeError, EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+/// The events of one aggregate: an enum with one variant per event type, each wrapping an
+/// [`Event`](crate::Event) struct. Declare it with [`event_set!`](crate::event_set).
+pub trait EventSet: Sized + Send + Sync + 'static {
+    /// The member whose payload this envelope carries, if any.
+    fn from_envelope(envelope: &EventEnvelope) -> Option<Self>;
+    /// Wraps the member in an envelope with this metadata.
+    fn into_envelope(self, metadata: Metadata) -> EventEnvelope;
+    /// Registers every member type for decoding.
+    fn register(types: &mut EventTypes);
+}
+
+/// Declares an enum of event types that implements [`EventSet`], `From` each member, and
+/// `Clone` / `Debug`.
+///
+/// ```
+/// use cqrs_core::{event_set, Event, Message};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// pub struct Opened { pub title: String }
+/// impl Message for Opened { const NAME: &'static str = "Opened"; }
+/// impl Event for Opened {}
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// pub struct Closed;
+/// impl Message for Closed { const NAME: &'static str = "Closed"; }
+/// impl Event for Closed {}
+///
+/// event_set! {
+///     /// Everything that happens to a ticket.
+///     pub enum TicketEvent {
+///         Opened(Opened),
+///         Closed(Closed),
+///     }
+/// }
+///
+/// let e: TicketEvent = Closed.into();
+/// assert!(matches!(e, TicketEvent::Closed(_)));
+/// ```
+#[macro_export]
+macro_rules! event_set {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident($ty:ty)),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant($ty),)+
+        }
+
+        impl $crate::EventSet for $name {
+            fn from_envelope(envelope: &$crate::EventEnvelope) -> ::std::option::Option<Self> {
+                $(
+                    if let ::std::option::Option::Some(e) = envelope.downcast_ref::<$ty>() {
+                        return ::std::option::Option::Some($name::$variant(::std::clone::Clone::clone(e)));
+                    }
+                )+
+                ::std::option::Option::None
+            }
+
+            fn into_envelope(self, metadata: $crate::Metadata) -> $crate::EventEnvelope {
+                match self {
+                    $($name::$variant(e) => $crate::EventEnvelope::new(e, metadata),)+
+                }
+            }
+
+            fn register(types: &mut $crate::EventTypes) {
+                $(types.register::<$ty>();)+
+            }
+        }
+
+        $(
+            impl ::std::convert::From<$ty> for $name {
+                fn from(e: $ty) -> Self {
+                    $name::$variant(e)
+                }
+            }
+        )+
+    };
+}
+
+/// State rebuilt from a stream's events, which decides what a command does.
+///
+/// ```
+/// # use cqrs_core::doc::{TicketOpened};
+/// use cqrs_core::{Aggregate, HandlerError, event_set};
+///
+/// event_set! { pub enum Events { Opened(TicketOpened) } }
+///
+/// #[derive(Default)]
+/// struct Ticket { open: bool }
+///
+/// enum TicketCommand { Open { id: String } }
+///
+/// impl Aggregate for Ticket {
+///     const TYPE: &'static str = "ticket";
+///     type Event = Events;
+///     type Command = TicketCommand;
+///     type Error = HandlerError;
+///
+///     fn apply(&mut self, event: &Events) {
+///         match event { Events::Opened(_) => self.open = true }
+///     }
+///
+///     fn decide(&self, command: TicketCommand) -> Result<Vec<Events>, HandlerError> {
+///         match command {
+///             TicketCommand::Open { .. } if self.open => Err(HandlerError::conflict("already_open", "the ticket is open")),
+///             TicketCommand::Open { id } => Ok(vec![TicketOpened { ticket_id: id }.into()]),
+///         }
+///     }
+/// }
+/// ```
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// The aggregate type; streams are named `{TYPE}-{id}`.
+    const TYPE: &'static str;
+    /// Its events.
+    type Event: EventSet;
+    /// What it decides on.
+    type Command: Send;
+    /// Why it refuses a command.
+    type Error: Send;
+
+    /// Applies one event to the state. Must not fail: the event happened.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides what a command does: the events to record, or a refusal.
+    fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+}
+
+/// An aggregate's state and the stream version it includes.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    /// The id.
+    pub id: String,
+    /// The state.
+    pub state: A,
+    /// The stream version (0 when the stream does not exist).
+    pub version: u64,
+}
+
+/// Why executing a command on an aggregate failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregateError<E> {
+    /// The aggregate refused the command.
+    #[error("the command was refused")]
+    Rejected(E),
+    /// The stream changed since it was loaded, or the caller's expected version is stale.
+    /// Retry (load and decide again) or report a conflict; the repository never retries by
+    /// itself.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// An event could not be serialized.
+    #[error("could not serialize an event: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
+    fn from(error: AggregateError<E>) -> Self {
+        match error {
+            AggregateError::Rejected(e) => e.into(),
+            AggregateError::Store(e) => e.into(),
+            AggregateError::Decode(e) => HandlerError::internal(e),
+            AggregateError::Encode(e) => HandlerError::internal(e),
+        }
+    }
+}
+
+struct SnapshotConfig<A> {
+    store: Arc<dyn SnapshotStore>,
+    every: u64,
+    encode: fn(&A) -> Result<serde_json::Value, serde_json::Error>,
+    decode: fn(serde_json::Value) -> Result<A, serde_json::Error>,
+}
+
+/// Loads aggregates from an [`EventStore`], runs commands on them, and appends the events with
+/// the loaded version as the expected one.
+///
+/// ```
+/// # use cqrs_core::doc::{Ticket, TicketCommand};
+/// use cqrs_core::{AggregateRepository, Metadata, memory::InMemoryEventStore};
+/// use std::sync::Arc;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
+/// let events = repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await?;
+/// assert_eq!(events[0].stream_version, Some(1));
+/// assert_eq!(repo.load("t1").await?.version, 1);
+/// // Opening again is refused by the aggregate.
+/// assert!(repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await.is_err());
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct AggregateRepository<A: Aggregate> {
+    store: Arc<dyn EventStore>,
+    types: Arc<EventTypes>,
+    snapshots: Option<SnapshotConfig<A>>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AggregateRepository")
+            .field("aggregate", &A::TYPE)
+            .field("snapshots", &self.snapshots.as_ref().map(|s| s.every))
+            .finish()
+    }
+}
+
+impl<A: Aggregate> AggregateRepository<A> {
+    /// A repository over `store` that decodes the aggregate's own event types.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        let mut types = EventTypes::new();
+        A::Event::register(&mut types);
+        Self::with_types(store, Arc::new(types))
+    }
+
+    /// A repository that decodes with `types` (to share upcasters and the unknown-event policy).
+    pub fn with_types(store: Arc<dyn EventStore>, types: Arc<EventTypes>) -> Self {
+        Self {
+            store,
+            types,
+            snapshots: None,
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// Saves a snapshot every `every` versions and loads from the latest one.
+    pub fn with_snapshots(mut self, store: Arc<dyn SnapshotStore>, every: u64) -> Self
+    where
+        A: Serialize + DeserializeOwned,
+    {
+        self.snapshots = Some(SnapshotConfig {
+            store,
+            every: every.max(1),
+            encode: |a| serde_json::to_value(a),
+            decode: serde_json::from_value::<A>,
+        });
+        self
+    }
+
+    /// The stream id of aggregate `id`: `{TYPE}-{id}`.
+    pub fn stream_id(id: &str) -> String {
+        format!("{}-{id}", A::TYPE)
+    }
+
+    /// Rebuilds the aggregate from its snapshot (if any) and events.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        let stream = Self::stream_id(id);
+        let (mut state, mut version) = (A::default(), 0);
+        if let Some(snapshots) = &self.snapshots
+            && let Some(snapshot) = snapshots.store.load(&stream).await?
+        {
+            match (snapshots.decode)(snapshot.state) {
+                Ok(s) => (state, version) = (s, snapshot.version),
+                // A snapshot of an older shape is not an error: replay the whole stream.
+                Err(e) => {
+                    tracing::warn!(stream = %stream, error = %e, "ignoring a snapshot that no longer decodes")
+                }
+            }
+        }
+        for record in self.store.load(&stream, version).await? {
+            version = record.stream_version.unwrap_or(version + 1);
+            if let Some(envelope) = self.types.decode(&record)?
+                && let Some(event) = A::Event::from_envelope(&envelope)
+            {
+                state.apply(&event);
+            }
+        }
+        Ok(Loaded {
+            id: id.to_owned(),
+            state,
+            version,
+        })
+    }
+
+    /// Loads the aggregate, lets it decide on `command`, and appends the events at the loaded
+    /// version. With `expected_version`, a stream at another version is a
+    /// [`StoreError::Conflict`] before anything is decided. Returns the stored records.
+    ///
+    /// The events' metadata is caused by `metadata`; their partition key is the aggregate id.
+    pub async fn execute(
+        &self,
+        id: &str,
+        expected_version: Option<u64>,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Vec<EventRecord>, AggregateError<A::Error>> {
+        let Loaded {
+            mut state, version, ..
+        } = self.load(id).await?;
+        let stream = Self::stream_id(id);
+        if let Some(expected) = expected_version
+            && expected != version
+        {
+            return Err(StoreError::Conflict {
+                stream,
+                expected: ExpectedVersion::Exactly(expected),
+                actual: version,
+            }
+            .into());
+        }
+        let events = state.decide(command).map_err(AggregateError::Rejected)?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        for event in &events {
+            state.apply(event);
+        }
+        let records = events
+            .into_iter()
+            .map(|e| {
+                let envelope = e.into_envelope(metadata.caused()).with_partition_key(id);
+                EventRecord::from_envelope(&envelope).map_err(AggregateError::Encode)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = self
+            .store
+            .append(&stream, ExpectedVersion::Exactly(version), records)
+            .await?;
+        if let Some(snapshots) = &self.snapshots {
+            let new_version = version + stored.len() as u64;
+            if new_version / snapshots.every > version / snapshots.every {
+                match (snapshots.encode)(&state) {
+                    Ok(json) => {
+                        if let Err(e) = snapshots
+                            .store
+                            .save(&stream, Snapshot::new(new_version, json))
+                            .await
+                        {
+                            // The events are stored; a missing snapshot only costs a longer load.
+                            tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %stream, error = %e, "could not encode a snapshot")
+                    }
+                }
+            }
+        }
+        Ok(stored)
+    }
+}

@@ -1,0 +1,179 @@
+//! The in-memory event store and snapshot store.
+
+use crate::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
+use crate::{EventRecord, Position};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+#[derive(Default)]
+struct State {
+    /// Every event in global order; position = index + 1.
+    all: Vec<EventRecord>,
+    /// Per stream, the indexes into `all`.
+    streams: HashMap<String, Vec<usize>>,
+}
+
+/// An event store in process memory: for tests, examples, and single-process servers that
+/// need no durability. Appends are serialized by one lock, so positions follow commit order.
+///
+/// ```
+/// use cqrs_core::{ExpectedVersion, Position, memory::InMemoryEventStore, ports::EventStore};
+/// # use cqrs_core::{EventRecord, RecordMetadata, Metadata};
+/// # fn record() -> EventRecord {
+/// #     EventRecord::new(uuid::Uuid::now_v7(), "Noted", 1, serde_json::json!({}), RecordMetadata::from_metadata(&Metadata::new()))
+/// # }
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = InMemoryEventStore::new();
+/// store.append("note-1", ExpectedVersion::NO_STREAM, vec![record(), record()]).await?;
+/// assert_eq!(store.load("note-1", 0).await?.len(), 2);
+/// assert_eq!(store.read_all(Position::START, 10).await?[1].position, Some(Position::new(2)));
+/// # Ok::<_, cqrs_core::ports::StoreError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone, Default)]
+pub struct InMemoryEventStore {
+    state: Arc<Mutex<State>>,
+    appended: Arc<Notify>,
+}
+
+impl std::fmt::Debug for InMemoryEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let len = self.state.lock().map(|s| s.all.len()).unwrap_or(0);
+        f.debug_struct("InMemoryEventStore")
+            .field("events", &len)
+            .finish()
+    }
+}
+
+impl InMemoryEventStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits until something is appended (readers of the global order use it instead of
+    /// polling).
+    pub async fn appended(&self) {
+        self.appended.notified().await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A std mutex: no operation awaits while holding it, and a panic cannot leave the
+        // vectors half-written (pushes happen after every check), so poison is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let stored = {
+            let mut state = self.lock();
+            let current = state.streams.get(stream_id).map_or(0, Vec::len) as u64;
+            if let ExpectedVersion::Exactly(v) = expected
+                && v != current
+            {
+                return Err(StoreError::Conflict {
+                    stream: stream_id.to_owned(),
+                    expected,
+                    actual: current,
+                });
+            }
+            let mut stored = Vec::with_capacity(events.len());
+            for (i, event) in events.into_iter().enumerate() {
+                let index = state.all.len();
+                let record = event
+                    .with_stream(stream_id, current + 1 + i as u64)
+                    .with_position(Position::new(index as u64 + 1));
+                state.all.push(record.clone());
+                state
+                    .streams
+                    .entry(stream_id.to_owned())
+                    .or_default()
+                    .push(index);
+                stored.push(record);
+            }
+            stored
+        };
+        self.appended.notify_waiters();
+        Ok(stored)
+    }
+
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .streams
+            .get(stream_id)
+            .map(|indexes| {
+                indexes
+                    .iter()
+                    .skip(after_version as usize)
+                    .map(|i| state.all[*i].clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .all
+            .iter()
+            .skip(after.get() as usize)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().streams.get(stream_id).map_or(0, Vec::len) as u64)
+    }
+}
+
+/// A snapshot store in process memory.
+#[derive(Clone, Debug, Default)]
+pub struct InMemorySnapshotStore {
+    snapshots: Arc<Mutex<HashMap<String, Snapshot>>>,
+}
+
+impl InMemorySnapshotStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for InMemorySnapshotStore {
+    async fn load(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        let snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(snapshots.get(stream_id).cloned())
+    }
+
+    async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError> {
+        let mut snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        match snapshots.get(stream_id) {
+            Some(existing) if existing.version >= snapshot.version => {}
+            _ => {
+                snapshots.insert(stream_id.to_owned(), snapshot);
+            }
+        }
+        Ok(())
+    }
+}

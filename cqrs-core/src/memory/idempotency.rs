@@ -1,0 +1,178 @@
+//! The in-memory idempotency store.
+
+use crate::clock::{Clock, SystemClock};
+use crate::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+enum Entry {
+    /// Claimed; the watch fires when the claim completes or is dropped.
+    InProgress {
+        fingerprint: String,
+        done: watch::Receiver<bool>,
+    },
+    Done {
+        fingerprint: String,
+        response: StoredResponse,
+        expires_at: DateTime<Utc>,
+    },
+}
+
+type Key = (String, String);
+
+/// An idempotency store in process memory, with an injectable clock for expiry.
+#[derive(Clone)]
+pub struct InMemoryIdempotencyStore {
+    entries: Arc<Mutex<HashMap<Key, Entry>>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for InMemoryIdempotencyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryIdempotencyStore")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for InMemoryIdempotencyStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryIdempotencyStore {
+    /// An empty store on the system clock.
+    pub fn new() -> Self {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// An empty store on the given clock (tests use a [`ManualClock`](crate::clock::ManualClock)).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            entries: Arc::default(),
+            clock,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        // A std mutex: nothing awaits while it is held.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Guard {
+    store: InMemoryIdempotencyStore,
+    key: Option<Key>,
+    ttl: Duration,
+    done: watch::Sender<bool>,
+}
+
+#[async_trait]
+impl IdempotencyGuard for Guard {
+    async fn complete(mut self: Box<Self>, response: StoredResponse) -> Result<(), StoreError> {
+        if let Some(key) = self.key.take() {
+            let expires_at = self.store.clock.now()
+                + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::MAX);
+            let mut entries = self.store.lock();
+            let fingerprint = match entries.remove(&key) {
+                Some(Entry::InProgress { fingerprint, .. })
+                | Some(Entry::Done { fingerprint, .. }) => fingerprint,
+                None => String::new(),
+            };
+            entries.insert(
+                key,
+                Entry::Done {
+                    fingerprint,
+                    response,
+                    expires_at,
+                },
+            );
+        }
+        let _ = self.done.send(true);
+        Ok(())
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // Not completed: release the key so a retry may run the work.
+        if let Some(key) = self.key.take() {
+            self.store.lock().remove(&key);
+        }
+        let _ = self.done.send(true);
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for InMemoryIdempotencyStore {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
+        let id: Key = (scope.to_owned(), key.to_owned());
+        let mismatch = || StoreError::FingerprintMismatch {
+            scope: scope.to_owned(),
+            key: key.to_owned(),
+        };
+        loop {
+            let mut wait = {
+                let now = self.clock.now();
+                let mut entries = self.lock();
+                match entries.get(&id) {
+                    Some(Entry::Done {
+                        fingerprint: stored,
+                        response,
+                        expires_at,
+                    }) if *expires_at > now => {
+                        if stored != fingerprint {
+                            return Err(mismatch());
+                        }
+                        return Ok(Claim::Replay(response.clone()));
+                    }
+                    Some(Entry::InProgress {
+                        fingerprint: stored,
+                        done,
+                    }) => {
+                        if stored != fingerprint {
+                            return Err(mismatch());
+                        }
+                        done.clone()
+                    }
+                    _ => {
+                        let (done_tx, done_rx) = watch::channel(false);
+                        entries.insert(
+                            id.clone(),
+                            Entry::InProgress {
+                                fingerprint: fingerprint.to_owned(),
+                                done: done_rx,
+                            },
+                        );
+                        return Ok(Claim::New(Box::new(Guard {
+                            store: self.clone(),
+                            key: Some(id),
+                            ttl,
+                            done: done_tx,
+                        })));
+                    }
+                }
+            };
+            // Wait for the first claim to finish, then look again.
+            let _ = wait.wait_for(|done| *done).await;
+        }
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = self.clock.now();
+        let mut entries = self.lock();
+        let before = entries.len();
+        entries.retain(|_, e| !matches!(e, Entry::Done { expires_at, .. } if *expires_at <= now));
+        Ok((before - entries.len()) as u64)
+    }
+}

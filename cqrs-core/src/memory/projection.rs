@@ -1,0 +1,142 @@
+//! The in-memory projection store: inbox and checkpoints.
+
+use crate::Position;
+use crate::ports::{ProjectionStore, StoreError};
+use async_trait::async_trait;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+#[derive(Default)]
+struct Committed {
+    processed: HashMap<String, HashSet<Uuid>>,
+    checkpoints: HashMap<String, Position>,
+}
+
+/// Inbox entries and checkpoints in process memory.
+///
+/// A unit of work holds the consumer's lock and stages its writes; `commit` applies them at
+/// once. The projection's own in-memory state should be changed only after `apply` succeeds
+/// for the whole batch, or be rebuilt on failure: memory has no rollback.
+#[derive(Clone, Default)]
+pub struct InMemoryProjectionStore {
+    committed: Arc<Mutex<Committed>>,
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl std::fmt::Debug for InMemoryProjectionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryProjectionStore")
+            .finish_non_exhaustive()
+    }
+}
+
+impl InMemoryProjectionStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn committed(&self) -> std::sync::MutexGuard<'_, Committed> {
+        // A std mutex: nothing awaits while it is held.
+        self.committed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A unit of work of the [`InMemoryProjectionStore`].
+pub struct InMemoryUnit {
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+    reset: HashSet<String>,
+    processed: HashMap<String, HashSet<Uuid>>,
+    checkpoints: HashMap<String, Position>,
+}
+
+impl std::fmt::Debug for InMemoryUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryUnit").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for InMemoryProjectionStore {
+    type Unit = InMemoryUnit;
+
+    async fn begin(&self, consumer: &str) -> Result<InMemoryUnit, StoreError> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(consumer.to_owned()).or_default().clone()
+        };
+        Ok(InMemoryUnit {
+            _lock: lock.lock_owned().await,
+            reset: HashSet::new(),
+            processed: HashMap::new(),
+            checkpoints: HashMap::new(),
+        })
+    }
+
+    async fn mark_processed(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let seen_before = !unit.reset.contains(consumer)
+            && self
+                .committed()
+                .processed
+                .get(consumer)
+                .is_some_and(|s| s.contains(&id));
+        if seen_before {
+            return Ok(false);
+        }
+        Ok(unit
+            .processed
+            .entry(consumer.to_owned())
+            .or_default()
+            .insert(id))
+    }
+
+    async fn checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        if let Some(p) = unit.checkpoints.get(consumer) {
+            return Ok(Some(*p));
+        }
+        if unit.reset.contains(consumer) {
+            return Ok(None);
+        }
+        Ok(self.committed().checkpoints.get(consumer).copied())
+    }
+
+    async fn save_checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        unit.checkpoints.insert(consumer.to_owned(), position);
+        Ok(())
+    }
+
+    async fn reset(&self, unit: &mut InMemoryUnit, consumer: &str) -> Result<(), StoreError> {
+        unit.reset.insert(consumer.to_owned());
+        unit.processed.remove(consumer);
+        unit.checkpoints.remove(consumer);
+        Ok(())
+    }
+
+    async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        let mut committed = self.committed();
+        for consumer in &unit.reset {
+            committed.processed.remove(consumer);
+            committed.checkpoints.remove(consumer);
+        }
+        for (consumer, ids) in unit.processed {
+            committed.processed.entry(consumer).or_default().extend(ids);
+        }
+        committed.checkpoints.extend(unit.checkpoints);
+        Ok(())
+    }
+}

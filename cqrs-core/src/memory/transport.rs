@@ -1,0 +1,298 @@
+//! The in-memory event transport.
+
+use crate::EventRecord;
+use crate::ports::{
+    Consumer, ConsumerOptions, Delivery, DeliveryId, EventTransport, TransportCapabilities,
+    TransportError,
+};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+struct InFlight {
+    consumer: String,
+    attempt: u32,
+    due: Instant,
+}
+
+#[derive(Default)]
+struct Group {
+    /// Indexes into the topic's log never delivered to this group, in order.
+    waiting: VecDeque<usize>,
+    /// Delivered, not acknowledged, by index.
+    in_flight: BTreeMap<usize, InFlight>,
+    dead: Vec<(EventRecord, u32)>,
+}
+
+#[derive(Default)]
+struct Topic {
+    log: Vec<EventRecord>,
+    groups: HashMap<String, Group>,
+}
+
+#[derive(Default)]
+struct State {
+    topics: HashMap<String, Topic>,
+}
+
+/// An event transport in process memory, with consumer groups, per-key order and redelivery:
+/// for tests, examples and single-process servers. Nothing survives the process.
+///
+/// Per-key order is strict: while a message of a key is in flight in a group, later messages
+/// of that key wait, so a nacked message is redelivered before its successors.
+#[derive(Clone, Default)]
+pub struct InMemoryTransport {
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for InMemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryTransport").finish_non_exhaustive()
+    }
+}
+
+impl InMemoryTransport {
+    /// An empty transport.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A std mutex: nothing awaits while it is held.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Messages of `topic` that group `group` gave up on after `max_deliveries`, with their
+    /// delivery counts.
+    pub fn dead_letters(&self, topic: &str, group: &str) -> Vec<(EventRecord, u32)> {
+        self.lock()
+            .topics
+            .get(topic)
+            .and_then(|t| t.groups.get(group))
+            .map(|g| g.dead.clone())
+            .unwrap_or_default()
+    }
+
+    /// Messages of `topic` that group `group` has not acknowledged yet (waiting or in flight).
+    pub fn backlog(&self, topic: &str, group: &str) -> usize {
+        let state = self.lock();
+        match state.topics.get(topic) {
+            Some(t) => match t.groups.get(group) {
+                Some(g) => g.waiting.len() + g.in_flight.len(),
+                None => t.log.len(),
+            },
+            None => 0,
+        }
+    }
+}
+
+#[async_trait]
+impl EventTransport for InMemoryTransport {
+    fn capabilities(&self) -> TransportCapabilities {
+        TransportCapabilities::new(false, true, true, false, true)
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        {
+            let mut state = self.lock();
+            let topic = state.topics.entry(topic.to_owned()).or_default();
+            for event in events {
+                let index = topic.log.len();
+                topic.log.push(event.clone());
+                for group in topic.groups.values_mut() {
+                    group.waiting.push_back(index);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        {
+            let mut state = self.lock();
+            let t = state.topics.entry(topic.to_owned()).or_default();
+            let len = t.log.len();
+            // A new group starts at the beginning of the topic.
+            t.groups.entry(group.to_owned()).or_insert_with(|| Group {
+                waiting: (0..len).collect(),
+                ..Group::default()
+            });
+        }
+        Ok(Box::new(InMemoryConsumer {
+            transport: self.clone(),
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            options,
+        }))
+    }
+}
+
+struct InMemoryConsumer {
+    transport: InMemoryTransport,
+    topic: String,
+    group: String,
+    options: ConsumerOptions,
+}
+
+impl InMemoryConsumer {
+    /// Takes what is ready; returns it, or when the next redelivery falls due.
+    fn take(&self, max: usize) -> (Vec<Delivery>, Option<Instant>) {
+        let now = Instant::now();
+        let mut state = self.transport.lock();
+        let Some(topic) = state.topics.get_mut(&self.topic) else {
+            return (Vec::new(), None);
+        };
+        let Some(group) = topic.groups.get_mut(&self.group) else {
+            return (Vec::new(), None);
+        };
+        let key_of = |i: usize| topic.log[i].partition_key.clone();
+        let mut out = Vec::new();
+        let mut next_due: Option<Instant> = None;
+
+        // Dead-letter what has been delivered too often.
+        let exhausted: Vec<usize> = group
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.due <= now && f.attempt >= self.options.max_deliveries)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in exhausted {
+            if let Some(f) = group.in_flight.remove(&i) {
+                group.dead.push((topic.log[i].clone(), f.attempt));
+            }
+        }
+
+        // Keys with a message in flight, and the first in-flight index of each key.
+        let mut first_of_key: HashMap<Option<String>, usize> = HashMap::new();
+        for i in group.in_flight.keys() {
+            first_of_key.entry(key_of(*i)).or_insert(*i);
+        }
+        // Redeliveries that are due, oldest first; only the first in flight of its key.
+        let due: Vec<usize> = group
+            .in_flight
+            .iter()
+            .filter(|(i, f)| {
+                let key = key_of(**i);
+                f.due <= now && (key.is_none() || first_of_key.get(&key) == Some(*i))
+            })
+            .map(|(i, _)| *i)
+            .take(max)
+            .collect();
+        for i in due {
+            if let Some(f) = group.in_flight.get_mut(&i) {
+                f.attempt += 1;
+                f.consumer.clone_from(&self.options.consumer_name);
+                f.due = now + self.options.redelivery_delay;
+                out.push(Delivery::new(
+                    DeliveryId(i.to_string()),
+                    topic.log[i].clone(),
+                    f.attempt,
+                ));
+            }
+        }
+        // New messages whose key has nothing in flight.
+        let mut busy: HashSet<String> = first_of_key.into_keys().flatten().collect();
+        let mut kept = VecDeque::with_capacity(group.waiting.len());
+        while let Some(i) = group.waiting.pop_front() {
+            let key = key_of(i);
+            let blocked = key.as_ref().is_some_and(|k| busy.contains(k));
+            if out.len() >= max || blocked {
+                kept.push_back(i);
+                continue;
+            }
+            if let Some(k) = key {
+                busy.insert(k);
+            }
+            group.in_flight.insert(
+                i,
+                InFlight {
+                    consumer: self.options.consumer_name.clone(),
+                    attempt: 1,
+                    due: now + self.options.redelivery_delay,
+                },
+            );
+            out.push(Delivery::new(
+                DeliveryId(i.to_string()),
+                topic.log[i].clone(),
+                1,
+            ));
+        }
+        group.waiting = kept;
+        for f in group.in_flight.values() {
+            next_due = Some(next_due.map_or(f.due, |d| d.min(f.due)));
+        }
+        (out, next_due)
+    }
+}
+
+#[async_trait]
+impl Consumer for InMemoryConsumer {
+    async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        let deadline = Instant::now() + self.options.block;
+        loop {
+            // Register interest before looking, so a publish in between is not missed.
+            let changed = self.transport.changed.clone();
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (batch, next_due) = self.take(max.max(1));
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let wake = next_due.map_or(deadline, |d| d.min(deadline)).max(now);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        {
+            let mut state = self.transport.lock();
+            if let Some(group) = state
+                .topics
+                .get_mut(&self.topic)
+                .and_then(|t| t.groups.get_mut(&self.group))
+            {
+                for id in ids {
+                    if let Ok(i) = id.0.parse::<usize>() {
+                        group.in_flight.remove(&i);
+                    }
+                }
+            }
+        }
+        self.transport.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
+        let mut state = self.transport.lock();
+        if let Some(f) = state
+            .topics
+            .get_mut(&self.topic)
+            .and_then(|t| t.groups.get_mut(&self.group))
+            .and_then(|g| {
+                id.0.parse::<usize>()
+                    .ok()
+                    .and_then(|i| g.in_flight.get_mut(&i))
+            })
+        {
+            f.due = Instant::now() + self.options.redelivery_delay;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,137 @@
+//! The errors ports report.
+
+use crate::{BoxError, ErrorKind, HandlerError};
+
+/// What an event store, snapshot store, idempotency store, inbox or checkpoint store reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The stream is not at the expected version: someone else appended first. Reload and
+    /// decide again, or report a conflict (409).
+    #[error("version conflict on stream {stream}: expected {expected}, found {actual}")]
+    Conflict {
+        /// The stream.
+        stream: String,
+        /// What the caller expected.
+        expected: crate::ExpectedVersion,
+        /// The stream's actual version.
+        actual: u64,
+    },
+    /// An idempotency key was reused with a different request. Tell the client (422).
+    #[error("idempotency key `{key}` in scope `{scope}` was already used for a different request")]
+    FingerprintMismatch {
+        /// The key's scope.
+        scope: String,
+        /// The key.
+        key: String,
+    },
+    /// The backend cannot be reached or refused the operation for now. Retryable; usually 503.
+    #[error("{backend} is unavailable: {source}")]
+    Unavailable {
+        /// Which backend (`postgres`, `redis`, ...).
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+    /// The operation ran past its time budget. Retryable.
+    #[error("{backend} did not answer in time: {source}")]
+    Timeout {
+        /// Which backend.
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+    /// Stored data could not be encoded or decoded.
+    #[error("could not encode or decode stored data: {0}")]
+    Codec(#[source] BoxError),
+    /// Anything else the backend reported; a bug or a misconfiguration.
+    #[error("{backend} failed: {source}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Conflict { .. } => ErrorKind::Conflict,
+            StoreError::FingerprintMismatch { .. } => ErrorKind::Invalid,
+            StoreError::Unavailable { .. } => ErrorKind::Unavailable,
+            StoreError::Timeout { .. } => ErrorKind::Timeout,
+            StoreError::Codec(_) | StoreError::Backend { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(error: StoreError) -> Self {
+        let code = match &error {
+            StoreError::Conflict { .. } => "version_conflict",
+            StoreError::FingerprintMismatch { .. } => "idempotency_key_reused",
+            StoreError::Unavailable { .. } => "unavailable",
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Codec(_) | StoreError::Backend { .. } => "internal",
+        };
+        HandlerError::new(error.kind(), code, error.to_string()).with_source(error)
+    }
+}
+
+/// What an event transport or a pub/sub reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The broker cannot be reached. Retryable; the outbox relay retries with backoff.
+    #[error("{backend} is unavailable: {source}")]
+    Unavailable {
+        /// Which backend.
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+    /// The broker did not answer in time. Retryable.
+    #[error("{backend} did not answer in time")]
+    Timeout {
+        /// Which backend.
+        backend: &'static str,
+    },
+    /// A message could not be encoded or decoded.
+    #[error("could not encode or decode a message: {0}")]
+    Codec(#[source] BoxError),
+    /// The consumer or subscription was closed (shutdown).
+    #[error("the transport is closed")]
+    Closed,
+    /// Anything else the broker reported.
+    #[error("{backend} failed: {source}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl TransportError {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            TransportError::Unavailable { .. } | TransportError::Closed => ErrorKind::Unavailable,
+            TransportError::Timeout { .. } => ErrorKind::Timeout,
+            TransportError::Codec(_) | TransportError::Backend { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<TransportError> for HandlerError {
+    fn from(error: TransportError) -> Self {
+        HandlerError::new(error.kind(), error.kind().as_str(), error.to_string()).with_source(error)
+    }
+}

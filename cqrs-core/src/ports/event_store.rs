@@ -1,0 +1,100 @@
+//! The event store port.
+
+use super::StoreError;
+use crate::{EventRecord, Position};
+use async_trait::async_trait;
+use std::fmt;
+
+/// What a writer expects a stream's version to be before its append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExpectedVersion {
+    /// Append whatever the version is.
+    Any,
+    /// The stream must be at exactly this version; `Exactly(0)` means it must not exist yet.
+    Exactly(u64),
+}
+
+impl ExpectedVersion {
+    /// The stream must not exist yet.
+    pub const NO_STREAM: ExpectedVersion = ExpectedVersion::Exactly(0);
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::Exactly(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// An append-only store of event streams with one global order.
+///
+/// The contract (checked by [`testing::event_store`](crate::testing::event_store)):
+///
+/// * **Atomic appends.** `append` writes all of its events or none. The events get versions
+///   `current + 1 ..= current + n` in the given order.
+/// * **Optimistic concurrency.** With `ExpectedVersion::Exactly(v)`, the append fails with
+///   [`StoreError::Conflict`] unless the stream is at `v`; of many concurrent appends at one
+///   version exactly one wins. This is enforced by the store (a unique constraint, a lock),
+///   never by reading first and writing after.
+/// * **Load.** `load(stream, after)` returns the stream's events with a version greater than
+///   `after`, in version order.
+/// * **Global order.** `read_all(after, limit)` returns events with a position greater than
+///   `after`, in position order, at most `limit`. A reader never skips an event that commits
+///   late: once `read_all` has returned position `p`, no event with a position at or below `p`
+///   can appear later.
+/// * Returned records carry `stream_id`, `stream_version` and `position`.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream_id` if the stream is at `expected`. Returns the stored
+    /// records (with versions and positions).
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// The events of `stream_id` with a version greater than `after_version`, in order.
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// Events of every stream with a position greater than `after`, in global order, at most
+    /// `limit` of them.
+    async fn read_all(&self, after: Position, limit: usize)
+    -> Result<Vec<EventRecord>, StoreError>;
+
+    /// The stream's current version (0 when it does not exist).
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError>;
+}
+
+/// A snapshot of an aggregate's state at a stream version.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// The stream version the state includes.
+    pub version: u64,
+    /// The serialized state.
+    pub state: serde_json::Value,
+}
+
+impl Snapshot {
+    /// A snapshot of `state` at `version`.
+    pub fn new(version: u64, state: serde_json::Value) -> Self {
+        Self { version, state }
+    }
+}
+
+/// Optional storage of aggregate snapshots, so loading a long stream reads only its tail.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync + 'static {
+    /// The latest snapshot of a stream.
+    async fn load(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError>;
+    /// Stores a snapshot, replacing an older one. A snapshot older than the stored one is
+    /// ignored.
+    async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError>;
+}

@@ -1,0 +1,81 @@
+//! The idempotency port: a request repeated with the same key gets the first response again.
+
+use super::StoreError;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// The response stored for an idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StoredResponse {
+    /// The HTTP status (or any code the caller uses).
+    pub status: u16,
+    /// The response body.
+    pub body: serde_json::Value,
+}
+
+impl StoredResponse {
+    /// A response.
+    pub fn new(status: u16, body: serde_json::Value) -> Self {
+        Self { status, body }
+    }
+}
+
+/// The outcome of claiming a key.
+pub enum Claim {
+    /// The key is new: do the work, then [`complete`](IdempotencyGuard::complete) the guard.
+    /// Until then, a concurrent request with the same key waits.
+    New(Box<dyn IdempotencyGuard>),
+    /// The key was used before for the same request: send this response again.
+    Replay(StoredResponse),
+}
+
+impl fmt::Debug for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Claim::New(_) => f.write_str("Claim::New(..)"),
+            Claim::Replay(r) => f.debug_tuple("Claim::Replay").field(r).finish(),
+        }
+    }
+}
+
+/// Holds a claimed key while the work runs.
+///
+/// Dropping the guard without completing it releases the key (the work failed, and a retry may
+/// run it). Adapters that keep the record in the command's own transaction complete it in that
+/// transaction, so the response and the command's effects commit together.
+#[async_trait]
+pub trait IdempotencyGuard: Send {
+    /// Stores the response; later requests with the key replay it.
+    async fn complete(self: Box<Self>, response: StoredResponse) -> Result<(), StoreError>;
+}
+
+/// Maps `(scope, key)` to a request fingerprint and the stored response, for `ttl`.
+///
+/// The contract (checked by [`testing::idempotency`](crate::testing::idempotency)):
+///
+/// * The first `claim` of a key returns [`Claim::New`]; after the guard completes, a claim with
+///   the same fingerprint returns [`Claim::Replay`] with the stored response.
+/// * A claim with the same key and a different fingerprint fails with
+///   [`StoreError::FingerprintMismatch`].
+/// * A claim while another claim of the key is in progress waits for it, then replays its
+///   response (or, if the first was dropped, becomes the new claim). The work runs once.
+/// * Scopes are independent (the same key in two scopes is two keys).
+/// * A key expires `ttl` after completion; an expired key is new again. Expired keys are
+///   purged.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `key` in `scope` for a request with this fingerprint.
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError>;
+
+    /// Removes expired keys; returns how many.
+    async fn purge_expired(&self) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,60 @@
+//! Ports for consumers with exactly-once effects: the inbox, checkpoints, and the transaction
+//! that holds them together with a projection's own writes.
+
+use super::StoreError;
+use crate::Position;
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// Storage for projections and other consumers: a unit of work that holds the consumer's own
+/// effects together with its inbox entries (message ids it has processed) and its checkpoint
+/// (the last position it has applied), so a redelivered event takes effect once.
+///
+/// The contract (checked by [`testing::projection_store`](crate::testing::projection_store)):
+///
+/// * Nothing written through a unit of work is visible until `commit`, and dropping an
+///   uncommitted unit of work discards it.
+/// * `mark_processed(consumer, id)` returns `true` the first time for a pair, `false` after that
+///   pair was committed.
+/// * `checkpoint` returns the last committed `save_checkpoint` of the consumer.
+/// * `begin(consumer)` holds the consumer's lock until the unit ends: two units of one
+///   consumer never overlap (a rebuild pauses the live projection this way).
+/// * `reset(consumer)` removes its inbox entries and checkpoint, in the unit.
+#[async_trait]
+pub trait ProjectionStore: Send + Sync + 'static {
+    /// The unit of work. Adapters expose their transaction through it (a Postgres projection
+    /// writes its read model in the same transaction).
+    type Unit: Send;
+
+    /// Starts a unit of work for `consumer`, holding its lock.
+    async fn begin(&self, consumer: &str) -> Result<Self::Unit, StoreError>;
+
+    /// Records that `consumer` processed message `id`. `true` if it had not before.
+    async fn mark_processed(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError>;
+
+    /// The consumer's checkpoint, as committed.
+    async fn checkpoint(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+    ) -> Result<Option<Position>, StoreError>;
+
+    /// Sets the consumer's checkpoint.
+    async fn save_checkpoint(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+        position: Position,
+    ) -> Result<(), StoreError>;
+
+    /// Forgets the consumer's inbox and checkpoint (before a rebuild).
+    async fn reset(&self, unit: &mut Self::Unit, consumer: &str) -> Result<(), StoreError>;
+
+    /// Makes the unit's writes durable and visible, and releases the lock.
+    async fn commit(&self, unit: Self::Unit) -> Result<(), StoreError>;
+}

@@ -1,0 +1,263 @@
+//! The pub/sub port: at-most-once fan-out to every live subscriber, and the local fan-out that
+//! keeps one upstream subscription per channel per process.
+
+use super::TransportError;
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
+use tokio::sync::{OnceCell, broadcast, mpsc};
+
+/// One message on a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PubSubMessage {
+    /// The channel it was published on.
+    pub channel: Arc<str>,
+    /// The payload (JSON text, for the realtime hub).
+    pub payload: Arc<str>,
+}
+
+/// Fan-out to every current subscriber of a channel, across processes. At-most-once: a
+/// subscriber that is not connected, or too slow, misses messages. Durable delivery is the
+/// [`EventTransport`](super::EventTransport)'s job.
+///
+/// The contract (checked by [`testing::pubsub`](crate::testing::pubsub)):
+///
+/// * `subscribe` returns once the subscription is live: every message published after it
+///   returns reaches the subscriber (while it keeps up).
+/// * Every subscriber of a channel gets each message; subscribers of other channels do not.
+/// * One process holds at most one upstream subscription per channel, however many local
+///   subscribers it has ([`Fanout`] does this for adapters).
+/// * Messages from one publisher on one channel arrive in publish order.
+#[async_trait]
+pub trait PubSub: Send + Sync + 'static {
+    /// Publishes a message to everyone subscribed to `channel` now.
+    async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError>;
+
+    /// Subscribes to `channel`; returns once the subscription is live.
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, TransportError>;
+}
+
+/// A live subscription to one channel. Dropping it unsubscribes.
+pub struct Subscription {
+    channel: Arc<str>,
+    receiver: broadcast::Receiver<PubSubMessage>,
+    missed: u64,
+    _guard: Arc<SubscriberGuard>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("channel", &self.channel)
+            .field("missed", &self.missed)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The next message, or `None` once the pub/sub has shut down. Messages this subscriber was
+    /// too slow to take are skipped and counted in [`missed`](Self::missed).
+    pub async fn recv(&mut self) -> Option<PubSubMessage> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(message) => return Some(message),
+                Err(broadcast::error::RecvError::Lagged(n)) => self.missed += n,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// How many messages this subscriber missed because it fell behind.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+}
+
+struct ChannelState {
+    sender: broadcast::Sender<PubSubMessage>,
+    live: Arc<OnceCell<()>>,
+    subscribers: usize,
+}
+
+struct FanoutInner {
+    channels: Mutex<HashMap<Arc<str>, Arc<Mutex<ChannelState>>>>,
+    idle: mpsc::UnboundedSender<Arc<str>>,
+    capacity: usize,
+}
+
+/// Removes one local subscriber when the last clone of a [`Subscription`]'s guard drops.
+struct SubscriberGuard {
+    channel: Arc<str>,
+    fanout: Weak<FanoutInner>,
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        let Some(fanout) = self.fanout.upgrade() else {
+            return;
+        };
+        // A std mutex: nothing awaits while it is held.
+        let mut channels = fanout.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let now_idle = channels.get(&self.channel).is_some_and(|state| {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            state.subscribers -= 1;
+            state.subscribers == 0
+        });
+        if now_idle {
+            channels.remove(&self.channel);
+            let _ = fanout.idle.send(self.channel.clone());
+        }
+    }
+}
+
+/// Local fan-out for pub/sub adapters: one upstream subscription per channel per process,
+/// shared by every local subscriber.
+///
+/// An adapter calls [`subscribe`](Fanout::subscribe) with a future that subscribes upstream;
+/// only the first local subscriber of a channel runs it, and every subscriber waits until it
+/// succeeded. The adapter hands each upstream message to [`deliver`](Fanout::deliver), and
+/// unsubscribes upstream from the channels that [`Fanout::new`]'s receiver yields once their
+/// last local subscriber is gone (check [`is_subscribed`](Fanout::is_subscribed) first: a new
+/// subscriber may have come in the meantime).
+///
+/// ```
+/// use cqrs_core::ports::Fanout;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let (fanout, mut idle) = Fanout::new(64);
+/// let mut a = fanout.subscribe("news", async { Ok(()) }).await?;
+/// let mut b = fanout.subscribe("news", async { unreachable!("subscribed upstream once") }).await?;
+/// fanout.deliver("news", "hello".into());
+/// assert_eq!(&*a.recv().await.unwrap().payload, "hello");
+/// assert_eq!(&*b.recv().await.unwrap().payload, "hello");
+/// drop((a, b));
+/// assert_eq!(&*idle.recv().await.unwrap(), "news");
+/// # Ok::<_, cqrs_core::ports::TransportError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Fanout {
+    inner: Arc<FanoutInner>,
+}
+
+impl fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let channels = self.inner.channels.lock().map(|c| c.len()).unwrap_or(0);
+        f.debug_struct("Fanout")
+            .field("channels", &channels)
+            .finish()
+    }
+}
+
+impl Fanout {
+    /// A fan-out whose subscribers each buffer up to `capacity` messages, and the receiver of
+    /// channels that lost their last local subscriber.
+    pub fn new(capacity: usize) -> (Self, mpsc::UnboundedReceiver<Arc<str>>) {
+        let (idle, idle_rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                inner: Arc::new(FanoutInner {
+                    channels: Mutex::new(HashMap::new()),
+                    idle,
+                    capacity: capacity.max(1),
+                }),
+            },
+            idle_rx,
+        )
+    }
+
+    /// Adds a local subscriber to `channel`. The first subscriber of a channel runs `upstream`
+    /// (the others wait for it); when it fails, the next subscriber tries again.
+    pub async fn subscribe<F>(
+        &self,
+        channel: &str,
+        upstream: F,
+    ) -> Result<Subscription, TransportError>
+    where
+        F: Future<Output = Result<(), TransportError>>,
+    {
+        let channel: Arc<str> = Arc::from(channel);
+        let (live, receiver) = {
+            // A std mutex: nothing awaits while it is held.
+            let mut channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let state = channels.entry(channel.clone()).or_insert_with(|| {
+                Arc::new(Mutex::new(ChannelState {
+                    sender: broadcast::channel(self.inner.capacity).0,
+                    live: Arc::new(OnceCell::new()),
+                    subscribers: 0,
+                }))
+            });
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            state.subscribers += 1;
+            (state.live.clone(), state.sender.subscribe())
+        };
+        let guard = Arc::new(SubscriberGuard {
+            channel: channel.clone(),
+            fanout: Arc::downgrade(&self.inner),
+        });
+        // The receiver exists before the upstream subscription is live, so nothing published
+        // after this returns can be missed. Only the first subscriber runs `upstream`; the
+        // others wait for it here.
+        live.get_or_try_init(|| upstream).await?;
+        Ok(Subscription {
+            channel,
+            receiver,
+            missed: 0,
+            _guard: guard,
+        })
+    }
+
+    /// Hands a message that arrived from upstream to every local subscriber of `channel`.
+    /// Returns how many received it.
+    pub fn deliver(&self, channel: &str, payload: Arc<str>) -> usize {
+        let state = {
+            let channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            channels.get(channel).cloned()
+        };
+        let Some(state) = state else {
+            return 0;
+        };
+        let s = state.lock().unwrap_or_else(|p| p.into_inner());
+        s.sender
+            .send(PubSubMessage {
+                channel: Arc::from(channel),
+                payload,
+            })
+            .unwrap_or(0)
+    }
+
+    /// Whether `channel` has local subscribers.
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        let channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        channels.contains_key(channel)
+    }
+
+    /// The channels with local subscribers (an adapter resubscribes to them after a reconnect).
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        let channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        channels.keys().cloned().collect()
+    }
+}

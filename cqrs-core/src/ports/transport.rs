@@ -1,0 +1,180 @@
+//! The durable event transport port.
+
+use super::TransportError;
+use crate::EventRecord;
+use async_trait::async_trait;
+use std::fmt;
+use std::time::Duration;
+
+/// What a transport guarantees; conformance scenarios skip or relax by these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TransportCapabilities {
+    /// Messages survive a restart of the process (and of the broker, within its durability).
+    pub persistent: bool,
+    /// Consumers in one named group split the messages between them.
+    pub consumer_groups: bool,
+    /// Messages with one partition key are delivered in publish order to a consumer.
+    pub ordered_per_key: bool,
+    /// Each message is delivered once; `false` means at-least-once (consumers dedupe by id).
+    pub exactly_once: bool,
+    /// A nacked or unacknowledged message comes back after the consumer's redelivery delay.
+    pub redelivery_delay: bool,
+}
+
+impl TransportCapabilities {
+    /// Every capability.
+    pub const ALL: TransportCapabilities = TransportCapabilities {
+        persistent: true,
+        consumer_groups: true,
+        ordered_per_key: true,
+        exactly_once: true,
+        redelivery_delay: true,
+    };
+
+    /// Everything but exactly-once and persistence: an at-least-once broker kept in memory.
+    pub const fn new(
+        persistent: bool,
+        consumer_groups: bool,
+        ordered_per_key: bool,
+        exactly_once: bool,
+        redelivery_delay: bool,
+    ) -> Self {
+        Self {
+            persistent,
+            consumer_groups,
+            ordered_per_key,
+            exactly_once,
+            redelivery_delay,
+        }
+    }
+}
+
+/// How a consumer reads. Every interval is configurable, so tests use short ones.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConsumerOptions {
+    /// This consumer's name in its group; unique per process (defaults to a random one).
+    pub consumer_name: String,
+    /// How long one `fetch` waits for messages before returning none. Default 1 s.
+    pub block: Duration,
+    /// How long a nacked message, or one delivered but not acknowledged (its consumer crashed),
+    /// waits before it is delivered again. Default 30 s.
+    pub redelivery_delay: Duration,
+    /// Deliveries after which a message is dead-lettered instead of retried, where the
+    /// transport supports it. Default 10.
+    pub max_deliveries: u32,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        Self {
+            consumer_name: format!("consumer-{}", uuid::Uuid::now_v7().simple()),
+            block: Duration::from_secs(1),
+            redelivery_delay: Duration::from_secs(30),
+            max_deliveries: 10,
+        }
+    }
+}
+
+impl ConsumerOptions {
+    /// Sets the consumer name.
+    pub fn consumer_name(mut self, name: impl Into<String>) -> Self {
+        self.consumer_name = name.into();
+        self
+    }
+
+    /// Sets how long a fetch waits.
+    pub fn block(mut self, block: Duration) -> Self {
+        self.block = block;
+        self
+    }
+
+    /// Sets the redelivery delay.
+    pub fn redelivery_delay(mut self, delay: Duration) -> Self {
+        self.redelivery_delay = delay;
+        self
+    }
+
+    /// Sets the maximum number of deliveries.
+    pub fn max_deliveries(mut self, max: u32) -> Self {
+        self.max_deliveries = max;
+        self
+    }
+}
+
+/// A transport's handle on one delivered message, for `ack` and `nack`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DeliveryId(pub String);
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One message handed to a consumer.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The handle to acknowledge it with.
+    pub id: DeliveryId,
+    /// The event.
+    pub record: EventRecord,
+    /// How many times it has been delivered, this time included (1 the first time).
+    pub attempt: u32,
+}
+
+impl Delivery {
+    /// A delivery (adapters build these).
+    pub fn new(id: DeliveryId, record: EventRecord, attempt: u32) -> Self {
+        Self {
+            id,
+            record,
+            attempt,
+        }
+    }
+}
+
+/// A durable, at-least-once transport of events between processes, with consumer groups.
+///
+/// The contract (checked by [`testing::transport`](crate::testing::transport)):
+///
+/// * `publish` sends a batch to a topic; when it returns `Ok`, every message is stored.
+/// * Each consumer group sees every message published to its topic, including messages
+///   published before the group existed. Consumers in one group split the messages.
+/// * A message is delivered again, after the redelivery delay, until it is acknowledged: when
+///   nacked, and when its consumer never acknowledges it (a crash).
+/// * Where `ordered_per_key`, messages with one partition key reach the group's consumers in
+///   publish order (a message is not handed out while an earlier one of its key is in flight).
+/// * Consumers dedupe by `record.event_id`: a message may arrive more than once.
+#[async_trait]
+pub trait EventTransport: Send + Sync + 'static {
+    /// What this transport guarantees.
+    fn capabilities(&self) -> TransportCapabilities;
+
+    /// Publishes a batch to a topic, in order.
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError>;
+
+    /// Joins consumer group `group` of `topic`, creating the group when it does not exist.
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError>;
+}
+
+/// One member of a consumer group.
+#[async_trait]
+pub trait Consumer: Send + 'static {
+    /// Up to `max` messages: redeliveries that are due first, then new ones. Waits up to the
+    /// consumer's `block` interval when none is ready, then returns an empty batch.
+    async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
+
+    /// Acknowledges handled messages: they are not delivered again.
+    async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError>;
+
+    /// Hands a message back: it is delivered again after the redelivery delay.
+    async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError>;
+}

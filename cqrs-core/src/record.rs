@@ -1,0 +1,230 @@
+//! The serialized form of an event: what stores keep and transports carry.
+
+use crate::{EventEnvelope, Metadata};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// A place in an event store's global order. Positions only grow: an event appended later in
+/// the order has a greater position. Clients see it as an opaque, ordered string.
+///
+/// ```
+/// use cqrs_core::Position;
+///
+/// let p: Position = "42".parse().unwrap();
+/// assert!(p > Position::START);
+/// assert_eq!(p.to_string(), "42");
+/// assert!("forty-two".parse::<Position>().is_err());
+/// ```
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Position(u64);
+
+impl Position {
+    /// Before the first event: reading after it reads everything.
+    pub const START: Position = Position(0);
+
+    /// A position from its number (adapters use this).
+    pub const fn new(value: u64) -> Self {
+        Self(value)
+    }
+
+    /// The number behind the position.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A string that is not a [`Position`].
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a position: expected the decimal number of a position this server issued")]
+pub struct InvalidPosition(String);
+
+impl FromStr for Position {
+    type Err = InvalidPosition;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<u64>()
+            .map(Position)
+            .map_err(|_| InvalidPosition(s.chars().take(64).collect()))
+    }
+}
+
+/// The metadata that is stored and sent with an event. The in-process
+/// [`principal`](Metadata::principal) is not part of it; [`actor`](Metadata::actor) is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RecordMetadata {
+    /// The id shared by every message of one original request.
+    pub correlation_id: Uuid,
+    /// The id of the message that caused this event.
+    pub causation_id: Option<Uuid>,
+    /// When the event happened.
+    pub occurred_at: DateTime<Utc>,
+    /// Who caused it, by stable id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// Trace propagation fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trace_context: BTreeMap<String, String>,
+}
+
+/// One event in serialized form.
+///
+/// `stream_id`, `stream_version` and `position` are set once an event store has the event;
+/// an event published without a store has none of them.
+///
+/// ```
+/// # use cqrs_core::doc::TicketOpened;
+/// use cqrs_core::{EventEnvelope, EventRecord, Metadata};
+///
+/// let envelope = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new().with_actor("u1"))
+///     .with_partition_key("t1");
+/// let record = EventRecord::from_envelope(&envelope).unwrap();
+/// assert_eq!(record.event_type, "TicketOpened");
+/// assert_eq!(record.payload["ticket_id"], "t1");
+/// assert_eq!(record.partition_key.as_deref(), Some("t1"));
+/// assert_eq!(record.metadata.actor.as_deref(), Some("u1"));
+/// assert_eq!(record.to_metadata().message_id, envelope.metadata.message_id);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EventRecord {
+    /// The event's id (its message id).
+    pub event_id: Uuid,
+    /// The event's wire name.
+    pub event_type: String,
+    /// The payload's schema version.
+    pub schema_version: u32,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// Stored metadata.
+    pub metadata: RecordMetadata,
+    /// Events with one key keep their order in transports; normally the aggregate id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+    /// The stream the event belongs to, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_id: Option<String>,
+    /// The event's version within its stream (1 for the first), once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_version: Option<u64>,
+    /// The event's place in the store's global order, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
+}
+
+impl EventRecord {
+    /// Serializes an envelope's event and metadata.
+    pub fn from_envelope(envelope: &EventEnvelope) -> Result<Self, serde_json::Error> {
+        let m = &envelope.metadata;
+        Ok(Self {
+            event_id: m.message_id,
+            event_type: envelope.name().to_owned(),
+            schema_version: envelope.version(),
+            payload: envelope.payload_json()?,
+            metadata: RecordMetadata {
+                correlation_id: m.correlation_id,
+                causation_id: m.causation_id,
+                occurred_at: m.timestamp,
+                actor: m.actor.clone(),
+                trace_context: m.trace_context.clone(),
+            },
+            partition_key: envelope.partition_key().map(str::to_owned),
+            stream_id: envelope.stream_id().map(str::to_owned),
+            stream_version: envelope.stream_version(),
+            position: envelope.position(),
+        })
+    }
+
+    /// A record built field by field (adapters reading rows use this).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        event_id: Uuid,
+        event_type: impl Into<String>,
+        schema_version: u32,
+        payload: serde_json::Value,
+        metadata: RecordMetadata,
+    ) -> Self {
+        Self {
+            event_id,
+            event_type: event_type.into(),
+            schema_version,
+            payload,
+            metadata,
+            partition_key: None,
+            stream_id: None,
+            stream_version: None,
+            position: None,
+        }
+    }
+
+    /// Sets the partition key.
+    pub fn with_partition_key(mut self, key: Option<String>) -> Self {
+        self.partition_key = key;
+        self
+    }
+
+    /// Sets where the store keeps it.
+    pub fn with_stream(mut self, stream_id: impl Into<String>, version: u64) -> Self {
+        self.stream_id = Some(stream_id.into());
+        self.stream_version = Some(version);
+        self
+    }
+
+    /// Sets its global position.
+    pub fn with_position(mut self, position: Position) -> Self {
+        self.position = Some(position);
+        self
+    }
+
+    /// The in-process metadata this record carries (no principal).
+    pub fn to_metadata(&self) -> Metadata {
+        let mut metadata = Metadata::new()
+            .with_message_id(self.event_id)
+            .with_correlation_id(self.metadata.correlation_id)
+            .with_causation_id(self.metadata.causation_id)
+            .with_timestamp(self.metadata.occurred_at);
+        metadata.actor = self.metadata.actor.clone();
+        metadata.trace_context = self.metadata.trace_context.clone();
+        metadata
+    }
+}
+
+impl RecordMetadata {
+    /// Metadata for a record, from the in-process metadata.
+    pub fn from_metadata(metadata: &Metadata) -> Self {
+        Self {
+            correlation_id: metadata.correlation_id,
+            causation_id: metadata.causation_id,
+            occurred_at: metadata.timestamp,
+            actor: metadata.actor.clone(),
+            trace_context: metadata.trace_context.clone(),
+        }
+    }
+}
+
+/// Event type names come from storage and may be anything: metric labels take only names that
+/// look like wire names and are short, so a bad record cannot blow up label cardinality.
+pub(crate) fn bounded_label(name: &str) -> String {
+    if name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        name.to_owned()
+    } else {
+        "invalid".to_owned()
+    }
+}
