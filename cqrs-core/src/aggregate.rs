@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 /// The events of one aggregate: an enum with one variant per event type, each wrapping an
 /// [`Event`](crate::Event) struct. Declare it with [`event_set!`](crate::event_set).
-pub trait EventSet: Sized + Send + Sync + 'static {
+pub trait EventSet: Sized + Clone + Send + Sync + 'static {
     /// The member whose payload this envelope carries, if any.
     fn from_envelope(envelope: &EventEnvelope) -> Option<Self>;
     /// Wraps the member in an envelope with this metadata.

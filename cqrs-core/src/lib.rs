@@ -58,7 +58,7 @@
 //!
 //! | flag | what it adds |
 //! |------|--------------|
-//! | `testing` | test helpers for code built on the core |
+//! | `testing` | the conformance suites for every port, given/when/then for aggregates, and test helpers ([`testing`]) |
 
 #![deny(missing_docs)]
 
@@ -80,6 +80,8 @@ mod panic;
 pub mod plugin;
 pub mod ports;
 mod record;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use aggregate::{Aggregate, AggregateError, AggregateRepository, EventSet, Loaded};
 pub use bus::command::Executed;

@@ -11,5 +11,6 @@ mod event_handlers_all_run_and_failures_are_reported;
 mod layers_wrap_dispatch_outermost_first;
 mod plugins_install_dependencies_first;
 mod recorded_events_inherit_ids_and_reach_the_sink_only_on_success;
+mod the_in_memory_adapters_pass_every_conformance_suite;
 mod the_timeout_layer_fails_a_slow_dispatch;
 mod the_tracing_layer_opens_a_span_per_dispatch;

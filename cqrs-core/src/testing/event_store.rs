@@ -1,0 +1,420 @@
+//! The event store conformance suite. See [`EventStore`] for the contract.
+//!
+//! Run it with [`event_store_conformance!`](crate::event_store_conformance).
+
+use super::Harness;
+use crate::ports::{EventStore, ExpectedVersion, StoreError};
+use crate::{EventRecord, Metadata, Position, RecordMetadata};
+use async_trait::async_trait;
+use serde_json::json;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// An append whose transaction stays open until [`commit`](HeldAppend::commit).
+#[async_trait]
+pub trait HeldAppend: Send {
+    /// Commits the held append.
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// What an event store adapter provides to its conformance suite.
+#[async_trait]
+pub trait EventStoreHarness: Harness {
+    /// The store under test, empty of this test's streams.
+    fn store(&self) -> Arc<dyn EventStore>;
+
+    /// Starts appending `events` to `stream_id` in a transaction that stays open until the
+    /// returned handle commits it, with the events' positions already taken. `None` when the
+    /// adapter has no such thing (the late-commit scenario is then skipped).
+    async fn begin_held_append(
+        &self,
+        stream_id: &str,
+        events: Vec<EventRecord>,
+    ) -> Option<Box<dyn HeldAppend>> {
+        let _ = (stream_id, events);
+        None
+    }
+}
+
+/// Expands to one `#[tokio::test]` per event store scenario, each with a fresh harness from
+/// `$make(test_id).await`.
+#[macro_export]
+macro_rules! event_store_conformance {
+    ($make:path) => {
+        $crate::__conformance!(
+            $make,
+            event_store,
+            [
+                append_then_load_returns_events_in_order_with_versions,
+                a_stale_expected_version_is_a_conflict,
+                a_conflicting_batch_writes_nothing,
+                concurrent_appends_at_one_version_exactly_one_wins,
+                expected_any_appends_at_whatever_version,
+                load_after_a_version_returns_the_tail,
+                read_all_returns_every_stream_in_one_global_order,
+                records_keep_their_payload_and_metadata,
+                a_reader_never_skips_an_event_that_commits_late,
+            ]
+        );
+    };
+}
+
+/// A record of type `Noted` with `{"n": n}`.
+pub fn record(n: u64) -> EventRecord {
+    let metadata = Metadata::new();
+    EventRecord::new(
+        metadata.message_id,
+        "Noted",
+        1,
+        json!({ "n": n }),
+        RecordMetadata::from_metadata(&metadata),
+    )
+}
+
+fn numbers(records: &[EventRecord]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|r| r.payload["n"].as_u64().unwrap_or(u64::MAX))
+        .collect()
+}
+
+/// Appended events load back in order with versions 1..=n, stream ids and positions.
+pub async fn append_then_load_returns_events_in_order_with_versions<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-a", h.test_id());
+    let stored = store
+        .append(
+            &stream,
+            ExpectedVersion::NO_STREAM,
+            vec![record(1), record(2)],
+        )
+        .await
+        .expect("first append");
+    assert_eq!(
+        stored.iter().map(|r| r.stream_version).collect::<Vec<_>>(),
+        [Some(1), Some(2)]
+    );
+    store
+        .append(&stream, ExpectedVersion::Exactly(2), vec![record(3)])
+        .await
+        .expect("second append at version 2");
+    let loaded = store.load(&stream, 0).await.expect("load");
+    assert_eq!(numbers(&loaded), [1, 2, 3]);
+    assert_eq!(
+        loaded.iter().map(|r| r.stream_version).collect::<Vec<_>>(),
+        [Some(1), Some(2), Some(3)]
+    );
+    assert!(
+        loaded
+            .iter()
+            .all(|r| r.stream_id.as_deref() == Some(stream.as_str()))
+    );
+    let positions: Vec<Position> = loaded
+        .iter()
+        .map(|r| r.position.expect("a position"))
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions grow: {positions:?}"
+    );
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 3);
+    assert_eq!(
+        store
+            .stream_version(&format!("{stream}-missing"))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(
+        store
+            .load(&format!("{stream}-missing"), 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// An append at a version the stream is not at fails with a typed conflict naming both.
+pub async fn a_stale_expected_version_is_a_conflict<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-b", h.test_id());
+    store
+        .append(&stream, ExpectedVersion::NO_STREAM, vec![record(1)])
+        .await
+        .unwrap();
+    for expected in [
+        ExpectedVersion::NO_STREAM,
+        ExpectedVersion::Exactly(2),
+        ExpectedVersion::Exactly(7),
+    ] {
+        match store.append(&stream, expected, vec![record(9)]).await {
+            Err(StoreError::Conflict {
+                stream: s,
+                expected: e,
+                actual,
+            }) => {
+                assert_eq!((s.as_str(), e, actual), (stream.as_str(), expected, 1));
+            }
+            other => panic!("expected a conflict at {expected}, got {other:?}"),
+        }
+    }
+    let missing = format!("{stream}-missing");
+    assert!(matches!(
+        store
+            .append(&missing, ExpectedVersion::Exactly(1), vec![record(1)])
+            .await,
+        Err(StoreError::Conflict { actual: 0, .. })
+    ));
+    assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
+}
+
+/// A batch rejected for its version leaves no trace: not one of its events is stored.
+pub async fn a_conflicting_batch_writes_nothing<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-c", h.test_id());
+    store
+        .append(&stream, ExpectedVersion::NO_STREAM, vec![record(1)])
+        .await
+        .unwrap();
+    let _ = store
+        .append(
+            &stream,
+            ExpectedVersion::NO_STREAM,
+            vec![record(2), record(3), record(4)],
+        )
+        .await
+        .expect_err("a stale batch");
+    assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 1);
+}
+
+/// 50 tasks append at one expected version: exactly one wins, the rest get conflicts.
+pub async fn concurrent_appends_at_one_version_exactly_one_wins<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-d", h.test_id());
+    store
+        .append(&stream, ExpectedVersion::NO_STREAM, vec![record(0)])
+        .await
+        .unwrap();
+    let tasks: Vec<_> = (1..=50)
+        .map(|n| {
+            let store = store.clone();
+            let stream = stream.clone();
+            tokio::spawn(async move {
+                store
+                    .append(
+                        &stream,
+                        ExpectedVersion::Exactly(1),
+                        vec![record(n), record(n + 100)],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let (mut won, mut conflicts) = (Vec::new(), 0);
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.expect("the task ran") {
+            Ok(_) => won.push(i as u64 + 1),
+            Err(StoreError::Conflict { .. }) => conflicts += 1,
+            Err(other) => panic!("task {} failed with {other}", i + 1),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one append wins; winners: {won:?}");
+    assert_eq!(conflicts, 49);
+    assert_eq!(
+        numbers(&store.load(&stream, 0).await.unwrap()),
+        [0, won[0], won[0] + 100]
+    );
+}
+
+/// `ExpectedVersion::Any` appends whatever the version.
+pub async fn expected_any_appends_at_whatever_version<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-e", h.test_id());
+    store
+        .append(&stream, ExpectedVersion::Any, vec![record(1)])
+        .await
+        .unwrap();
+    let stored = store
+        .append(&stream, ExpectedVersion::Any, vec![record(2)])
+        .await
+        .unwrap();
+    assert_eq!(stored[0].stream_version, Some(2));
+}
+
+/// `load(stream, v)` returns only versions after `v`.
+pub async fn load_after_a_version_returns_the_tail<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-f", h.test_id());
+    store
+        .append(
+            &stream,
+            ExpectedVersion::NO_STREAM,
+            (1..=5).map(record).collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(numbers(&store.load(&stream, 3).await.unwrap()), [4, 5]);
+    assert!(store.load(&stream, 5).await.unwrap().is_empty());
+}
+
+/// Read-all from a position returns later events of every stream in position order, within
+/// the limit, and paging through it visits each event once.
+pub async fn read_all_returns_every_stream_in_one_global_order<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let (a, b) = (format!("{}-g1", h.test_id()), format!("{}-g2", h.test_id()));
+    // Other tests share the store: start from the current end.
+    let start = last_position(store.as_ref()).await;
+    store
+        .append(&a, ExpectedVersion::NO_STREAM, vec![record(1)])
+        .await
+        .unwrap();
+    store
+        .append(&b, ExpectedVersion::NO_STREAM, vec![record(2), record(3)])
+        .await
+        .unwrap();
+    store
+        .append(&a, ExpectedVersion::Exactly(1), vec![record(4)])
+        .await
+        .unwrap();
+
+    let mut seen = Vec::new();
+    let mut after = start;
+    loop {
+        let page = store.read_all(after, 2).await.unwrap();
+        assert!(page.len() <= 2, "the limit holds");
+        let Some(last) = page.last() else { break };
+        after = last.position.expect("a position");
+        seen.extend(page);
+    }
+    let ours: Vec<&EventRecord> = seen
+        .iter()
+        .filter(|r| r.stream_id.as_deref().is_some_and(|s| s == a || s == b))
+        .collect();
+    assert_eq!(
+        ours.iter()
+            .map(|r| r.payload["n"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    let positions: Vec<Position> = seen.iter().map(|r| r.position.unwrap()).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing: {positions:?}"
+    );
+    let ids: HashSet<_> = seen.iter().map(|r| r.event_id).collect();
+    assert_eq!(ids.len(), seen.len(), "no event twice");
+}
+
+/// The payload, event type, schema version, partition key and metadata round-trip.
+pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-h", h.test_id());
+    let metadata = Metadata::new()
+        .caused()
+        .with_actor("user-7")
+        .with_trace_field("traceparent", "00-abc-def-01");
+    let original = EventRecord::new(
+        metadata.message_id,
+        "Detailed",
+        3,
+        json!({"text": "ünïcødé \"quoted\" <b>", "list": [1, 2], "nested": {"a": null}}),
+        RecordMetadata::from_metadata(&metadata),
+    )
+    .with_partition_key(Some("key-1".into()));
+    store
+        .append(&stream, ExpectedVersion::NO_STREAM, vec![original.clone()])
+        .await
+        .unwrap();
+    let loaded = store.load(&stream, 0).await.unwrap().remove(0);
+    assert_eq!(loaded.event_id, original.event_id);
+    assert_eq!(loaded.event_type, "Detailed");
+    assert_eq!(loaded.schema_version, 3);
+    assert_eq!(loaded.payload, original.payload);
+    assert_eq!(loaded.partition_key.as_deref(), Some("key-1"));
+    assert_eq!(
+        loaded.metadata.correlation_id,
+        original.metadata.correlation_id
+    );
+    assert_eq!(loaded.metadata.causation_id, original.metadata.causation_id);
+    assert_eq!(loaded.metadata.actor.as_deref(), Some("user-7"));
+    assert_eq!(
+        loaded.metadata.trace_context,
+        original.metadata.trace_context
+    );
+    let drift = (loaded.metadata.occurred_at - original.metadata.occurred_at).num_microseconds();
+    assert!(
+        drift.is_some_and(|d| d.abs() < 1_000),
+        "timestamp kept to the millisecond"
+    );
+}
+
+/// The late-commit trap, made deterministic: writer A takes its positions and stays open, B
+/// commits after it; a reader sees B only after A commits, never skipping A.
+pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let (a, b) = (
+        format!("{}-late-a", h.test_id()),
+        format!("{}-late-b", h.test_id()),
+    );
+    let start = last_position(store.as_ref()).await;
+    let Some(held) = h.begin_held_append(&a, vec![record(1)]).await else {
+        eprintln!("skipped: this adapter cannot hold an append open");
+        return;
+    };
+    store
+        .append(&b, ExpectedVersion::NO_STREAM, vec![record(2)])
+        .await
+        .unwrap();
+    // A is still open: the reader must not see it, and may hold B back until A commits.
+    let first_read = read_ours(store.as_ref(), start, &[&a, &b]).await;
+    assert!(
+        first_read
+            .iter()
+            .all(|r| r.stream_id.as_deref() != Some(a.as_str())),
+        "an uncommitted event was read"
+    );
+    let checkpoint = first_read.last().and_then(|r| r.position).unwrap_or(start);
+    held.commit().await.expect("commit the held append");
+    let second_read = read_ours(store.as_ref(), checkpoint, &[&a, &b]).await;
+    let mut all: Vec<&str> = first_read
+        .iter()
+        .chain(second_read.iter())
+        .filter_map(|r| r.stream_id.as_deref())
+        .collect();
+    all.sort();
+    assert_eq!(
+        all,
+        [a.as_str(), b.as_str()],
+        "a reader that continued from its checkpoint {checkpoint} saw both events exactly once \
+         (first read: {:?}, second read: {:?})",
+        numbers(&first_read),
+        numbers(&second_read)
+    );
+}
+
+async fn read_ours(store: &dyn EventStore, after: Position, streams: &[&str]) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    let mut after = after;
+    loop {
+        let page = store.read_all(after, 100).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.position.unwrap();
+        out.extend(
+            page.into_iter()
+                .filter(|r| r.stream_id.as_deref().is_some_and(|s| streams.contains(&s))),
+        );
+    }
+    out
+}
+
+async fn last_position(store: &dyn EventStore) -> Position {
+    let mut after = Position::START;
+    loop {
+        let page = store.read_all(after, 1000).await.unwrap();
+        match page.last() {
+            Some(last) => after = last.position.unwrap(),
+            None => return after,
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Given / when / then for aggregates.
+
+use crate::{Aggregate, EventRecord, EventSet, Metadata};
+use std::fmt::Debug;
+
+/// Tests an aggregate's decisions without a store: given past events, when a command, then
+/// these events or this error.
+///
+/// ```
+/// # use cqrs_core::doc::{Ticket, TicketCommand, TicketOpened};
+/// use cqrs_core::testing::AggregateTest;
+///
+/// AggregateTest::<Ticket>::given_no_events()
+///     .when(TicketCommand::Open)
+///     .then_expect_events([TicketOpened { ticket_id: "t1".into() }]);
+///
+/// let err = AggregateTest::<Ticket>::given([TicketOpened { ticket_id: "t1".into() }])
+///     .when(TicketCommand::Open)
+///     .then_expect_error();
+/// assert_eq!(err.code(), "already_open");
+/// ```
+#[derive(Debug)]
+pub struct AggregateTest<A: Aggregate> {
+    state: A,
+}
+
+impl<A: Aggregate> AggregateTest<A> {
+    /// An aggregate that has seen nothing.
+    pub fn given_no_events() -> Self {
+        Self {
+            state: A::default(),
+        }
+    }
+
+    /// An aggregate that has seen these events, in order.
+    pub fn given<E: Into<A::Event>>(events: impl IntoIterator<Item = E>) -> Self {
+        let mut state = A::default();
+        for event in events {
+            state.apply(&event.into());
+        }
+        Self { state }
+    }
+
+    /// Decides on `command`.
+    pub fn when(self, command: A::Command) -> Then<A> {
+        Then {
+            result: self.state.decide(command),
+        }
+    }
+}
+
+/// The outcome of [`AggregateTest::when`].
+#[derive(Debug)]
+pub struct Then<A: Aggregate> {
+    result: Result<Vec<A::Event>, A::Error>,
+}
+
+fn comparable<S: EventSet>(events: Vec<S>) -> Vec<(String, serde_json::Value)> {
+    events
+        .into_iter()
+        .map(|e| {
+            let record = EventRecord::from_envelope(&e.into_envelope(Metadata::new()))
+                .expect("events serialize");
+            (record.event_type, record.payload)
+        })
+        .collect()
+}
+
+impl<A: Aggregate> Then<A>
+where
+    A::Error: Debug,
+{
+    /// Asserts that the command produced exactly these events (compared by type and serialized
+    /// payload), and returns them.
+    #[track_caller]
+    pub fn then_expect_events<E: Into<A::Event>>(
+        self,
+        expected: impl IntoIterator<Item = E>,
+    ) -> Vec<A::Event> {
+        let events = match self.result {
+            Ok(events) => events,
+            Err(e) => panic!("expected events, the aggregate refused: {e:?}"),
+        };
+        let expected: Vec<A::Event> = expected.into_iter().map(Into::into).collect();
+        let got = comparable(events.clone());
+        assert_eq!(got, comparable(expected), "the events differ");
+        events
+    }
+
+    /// Asserts that the command was refused, and returns the error.
+    #[track_caller]
+    pub fn then_expect_error(self) -> A::Error {
+        match self.result {
+            Err(e) => e,
+            Ok(events) => panic!(
+                "expected a refusal, the aggregate decided {} event(s): {:?}",
+                events.len(),
+                comparable(events)
+            ),
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Small helpers every test needs.
+
+use std::future::Future;
+use std::time::Duration;
+
+/// A unique id for one test: `{name}_{12 hex digits}`, lower-case, safe in Postgres schema
+/// names, Redis keys and channel names.
+///
+/// ```
+/// let a = cqrs_core::testing::test_id("append");
+/// let b = cqrs_core::testing::test_id("append");
+/// assert!(a.starts_with("append_"));
+/// assert_ne!(a, b);
+/// ```
+pub fn test_id(name: &str) -> String {
+    let uuid = uuid::Uuid::now_v7().simple().to_string();
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    // The random tail of a v7 UUID, so ids made in the same millisecond differ.
+    format!("{name}_{}", &uuid[uuid.len() - 12..])
+}
+
+/// Runs `future`, failing the test if it takes longer than `limit`: a hang fails instead of
+/// stalling CI.
+pub async fn with_timeout<F: Future>(limit: Duration, future: F) -> F::Output {
+    match tokio::time::timeout(limit, future).await {
+        Ok(out) => out,
+        Err(_) => panic!("the test did not finish within {limit:?}"),
+    }
+}
+
+/// Polls `condition` every 10 ms until it returns `Some`, or panics after `deadline` with
+/// `what` in the message. For conditions that become true eventually; never sleep and hope.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether tests that need `service` (reached at `url`) should run. Returns `false`, after
+/// printing why, when the service is unreachable and `CQRS_REQUIRE_SERVICES` is not `1`;
+/// panics when it is `1` (CI), so a missing service fails the run instead of skipping it.
+pub fn require_services(service: &str, url: &str, reachable: bool) -> bool {
+    if reachable {
+        return true;
+    }
+    if std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1") {
+        panic!(
+            "{service} at {url} is unreachable and CQRS_REQUIRE_SERVICES=1: start it (scripts/test.sh does)"
+        );
+    }
+    eprintln!(
+        "skipping: {service} at {url} is unreachable (set CQRS_REQUIRE_SERVICES=1 to fail instead)"
+    );
+    false
+}

@@ -1,0 +1,180 @@
+//! The idempotency store conformance suite. See [`IdempotencyStore`] for the contract.
+//!
+//! Run it with [`idempotency_conformance!`](crate::idempotency_conformance).
+
+use super::Harness;
+use crate::clock::ManualClock;
+use crate::ports::{Claim, IdempotencyStore, StoreError, StoredResponse};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// What an idempotency store adapter provides to its conformance suite.
+pub trait IdempotencyHarness: Harness {
+    /// The store under test.
+    fn store(&self) -> Arc<dyn IdempotencyStore>;
+
+    /// The manual clock the store reads, when it takes one (the expiry scenario is skipped
+    /// otherwise).
+    fn clock(&self) -> Option<ManualClock> {
+        None
+    }
+}
+
+/// Expands to one `#[tokio::test]` per idempotency scenario.
+#[macro_export]
+macro_rules! idempotency_conformance {
+    ($make:path) => {
+        $crate::__conformance!(
+            $make,
+            idempotency,
+            [
+                a_completed_key_replays_its_response,
+                a_key_reused_with_another_request_is_rejected,
+                concurrent_claims_of_one_key_run_the_work_once,
+                a_dropped_claim_releases_the_key,
+                scopes_are_independent,
+                keys_expire_after_their_ttl,
+            ]
+        );
+    };
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn new(claim: Claim) -> Box<dyn crate::ports::IdempotencyGuard> {
+    match claim {
+        Claim::New(guard) => guard,
+        Claim::Replay(r) => panic!("expected a new claim, got a replay of {r:?}"),
+    }
+}
+
+fn replay(claim: Claim) -> StoredResponse {
+    match claim {
+        Claim::Replay(r) => r,
+        Claim::New(_) => panic!("expected a replay, got a new claim"),
+    }
+}
+
+/// The first claim is new; after it completes, a claim with the same fingerprint replays.
+pub async fn a_completed_key_replays_its_response<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id();
+    let guard = new(store.claim(scope, "k1", "fp", DAY).await.unwrap());
+    let response = StoredResponse::new(201, json!({"id": "t1", "text": "ünïcødé"}));
+    guard.complete(response.clone()).await.unwrap();
+    assert_eq!(
+        replay(store.claim(scope, "k1", "fp", DAY).await.unwrap()),
+        response
+    );
+    assert_eq!(
+        replay(store.claim(scope, "k1", "fp", DAY).await.unwrap()),
+        response
+    );
+}
+
+/// The same key with a different fingerprint is a typed error, before and after completion.
+pub async fn a_key_reused_with_another_request_is_rejected<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id();
+    let guard = new(store.claim(scope, "k", "fp-1", DAY).await.unwrap());
+    assert!(matches!(
+        store.claim(scope, "k", "fp-2", DAY).await,
+        Err(StoreError::FingerprintMismatch { .. })
+    ));
+    guard
+        .complete(StoredResponse::new(200, json!({})))
+        .await
+        .unwrap();
+    match store.claim(scope, "k", "fp-2", DAY).await {
+        Err(StoreError::FingerprintMismatch { scope: s, key }) => {
+            assert_eq!((s.as_str(), key.as_str()), (scope, "k"))
+        }
+        other => panic!("expected a fingerprint mismatch, got {other:?}"),
+    }
+}
+
+/// Ten concurrent requests with one key: the work runs once, and every other request gets
+/// its response.
+pub async fn concurrent_claims_of_one_key_run_the_work_once<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id().to_owned();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (store, scope, runs) = (store.clone(), scope.clone(), runs.clone());
+            tokio::spawn(async move {
+                match store.claim(&scope, "once", "fp", DAY).await.unwrap() {
+                    Claim::New(guard) => {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        // Give the others time to arrive and wait.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let response = StoredResponse::new(201, json!({"made": true}));
+                        guard.complete(response.clone()).await.unwrap();
+                        response
+                    }
+                    Claim::Replay(r) => r,
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap(),
+            StoredResponse::new(201, json!({"made": true}))
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran once");
+}
+
+/// A claim dropped without completing (the work failed) frees the key for a retry.
+pub async fn a_dropped_claim_releases_the_key<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id();
+    let guard = new(store.claim(scope, "k", "fp", DAY).await.unwrap());
+    drop(guard);
+    let retry = new(store.claim(scope, "k", "fp", DAY).await.unwrap());
+    retry
+        .complete(StoredResponse::new(200, json!(1)))
+        .await
+        .unwrap();
+}
+
+/// One key in two scopes is two keys.
+pub async fn scopes_are_independent<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let (a, b) = (format!("{}-a", h.test_id()), format!("{}-b", h.test_id()));
+    new(store.claim(&a, "k", "fp-a", DAY).await.unwrap())
+        .complete(StoredResponse::new(200, json!("a")))
+        .await
+        .unwrap();
+    let guard = new(store.claim(&b, "k", "fp-b", DAY).await.unwrap());
+    guard
+        .complete(StoredResponse::new(200, json!("b")))
+        .await
+        .unwrap();
+    assert_eq!(
+        replay(store.claim(&a, "k", "fp-a", DAY).await.unwrap()).body,
+        json!("a")
+    );
+}
+
+/// A key is replayed until its TTL passes, then is new again, and purging removes it.
+pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
+    let Some(clock) = h.clock() else {
+        eprintln!("skipped: the store takes no manual clock");
+        return;
+    };
+    let store = h.store();
+    let scope = h.test_id();
+    new(store.claim(scope, "k", "fp", DAY).await.unwrap())
+        .complete(StoredResponse::new(200, json!(1)))
+        .await
+        .unwrap();
+    clock.advance(DAY - Duration::from_secs(60));
+    replay(store.claim(scope, "k", "fp", DAY).await.unwrap());
+    clock.advance(Duration::from_secs(120));
+    assert!(store.purge_expired().await.unwrap() >= 1);
+    new(store.claim(scope, "k", "other-fp", DAY).await.unwrap());
+}

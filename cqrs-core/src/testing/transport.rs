@@ -1,0 +1,336 @@
+//! The event transport conformance suite. See [`EventTransport`] for the contract.
+//!
+//! Run it with [`transport_conformance!`](crate::transport_conformance).
+
+use super::Harness;
+use crate::EventRecord;
+use crate::ports::{Consumer, ConsumerOptions, Delivery, EventTransport};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// What a transport adapter provides to its conformance suite.
+pub trait TransportHarness: Harness {
+    /// The transport under test.
+    fn transport(&self) -> Arc<dyn EventTransport>;
+
+    /// Consumer options with short intervals: `block` and `redelivery_delay` of a few hundred
+    /// milliseconds at most. The suite sets the consumer name.
+    fn options(&self) -> ConsumerOptions {
+        ConsumerOptions::default()
+            .block(Duration::from_millis(100))
+            .redelivery_delay(Duration::from_millis(300))
+    }
+}
+
+/// Expands to one `#[tokio::test]` per transport scenario.
+#[macro_export]
+macro_rules! transport_conformance {
+    ($make:path) => {
+        $crate::__conformance!(
+            $make,
+            transport,
+            [
+                published_events_reach_a_consumer_in_order,
+                a_group_created_later_sees_earlier_events,
+                every_group_sees_every_event,
+                two_consumers_in_one_group_split_the_events,
+                a_nacked_event_comes_back_after_the_delay,
+                an_unacknowledged_event_is_redelivered_to_another_consumer,
+                events_of_one_key_keep_their_order_across_two_consumers,
+                an_acknowledged_event_is_not_delivered_again,
+            ]
+        );
+    };
+}
+
+fn event(key: &str, n: u64) -> EventRecord {
+    crate::testing::event_store::record(n).with_partition_key(Some(key.to_owned()))
+}
+
+fn n_of(d: &Delivery) -> u64 {
+    d.record.payload["n"].as_u64().unwrap_or(u64::MAX)
+}
+
+async fn consumer<H: TransportHarness>(
+    h: &H,
+    topic: &str,
+    group: &str,
+    name: &str,
+) -> Box<dyn Consumer> {
+    h.transport()
+        .consumer(
+            topic,
+            group,
+            h.options().consumer_name(format!("{}-{name}", h.test_id())),
+        )
+        .await
+        .expect("join the group")
+}
+
+/// Fetches and acknowledges until `count` distinct events arrived or `deadline` passes.
+async fn drain(c: &mut dyn Consumer, count: usize, deadline: Duration) -> Vec<Delivery> {
+    let until = tokio::time::Instant::now() + deadline;
+    let mut got = Vec::new();
+    let mut seen = HashSet::new();
+    while seen.len() < count && tokio::time::Instant::now() < until {
+        let batch = c.fetch(10).await.expect("fetch");
+        let ids: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+        c.ack(&ids).await.expect("ack");
+        for d in batch {
+            seen.insert(d.record.event_id);
+            got.push(d);
+        }
+    }
+    got
+}
+
+/// Fetches until one delivery arrives, or panics after 10 s naming `what`.
+async fn fetch_one(c: &mut dyn Consumer, what: &str) -> Delivery {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(d) = c.fetch(1).await.expect("fetch").pop() {
+            return d;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+    }
+}
+
+fn missing_and_twice(expected: &[EventRecord], got: &[Delivery]) -> (Vec<Uuid>, Vec<Uuid>) {
+    let mut counts: HashMap<Uuid, usize> = HashMap::new();
+    for d in got {
+        *counts.entry(d.record.event_id).or_default() += 1;
+    }
+    let missing = expected
+        .iter()
+        .map(|e| e.event_id)
+        .filter(|id| !counts.contains_key(id))
+        .collect();
+    let twice = counts
+        .into_iter()
+        .filter(|(_, c)| *c > 1)
+        .map(|(id, _)| id)
+        .collect();
+    (missing, twice)
+}
+
+/// A consumer receives published events, in publish order, with their content.
+pub async fn published_events_reach_a_consumer_in_order<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t1", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c1").await;
+    let events: Vec<_> = (1..=5).map(|n| event("k", n)).collect();
+    h.transport()
+        .publish(&topic, &events)
+        .await
+        .expect("publish");
+    let got = drain(c.as_mut(), 5, Duration::from_secs(10)).await;
+    let (missing, twice) = missing_and_twice(&events, &got);
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "missing {missing:?}, twice {twice:?}"
+    );
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert_eq!(got[0].record, events[0], "the record arrives unchanged");
+    assert_eq!(got[0].attempt, 1);
+}
+
+/// A group that joins after events were published still gets them.
+pub async fn a_group_created_later_sees_earlier_events<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t2", h.test_id());
+    let events: Vec<_> = (1..=3).map(|n| event("k", n)).collect();
+    h.transport().publish(&topic, &events).await.unwrap();
+    let mut c = consumer(h, &topic, "late", "c1").await;
+    let got = drain(c.as_mut(), 3, Duration::from_secs(10)).await;
+    let (missing, _) = missing_and_twice(&events, &got);
+    assert!(missing.is_empty(), "the late group missed {missing:?}");
+}
+
+/// Two groups each get every event.
+pub async fn every_group_sees_every_event<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t3", h.test_id());
+    let mut a = consumer(h, &topic, "ga", "a").await;
+    let mut b = consumer(h, &topic, "gb", "b").await;
+    let events: Vec<_> = (1..=4).map(|n| event(&format!("k{n}"), n)).collect();
+    h.transport().publish(&topic, &events).await.unwrap();
+    for (name, c) in [("ga", &mut a), ("gb", &mut b)] {
+        let got = drain(c.as_mut(), 4, Duration::from_secs(10)).await;
+        let (missing, _) = missing_and_twice(&events, &got);
+        assert!(missing.is_empty(), "group {name} missed {missing:?}");
+    }
+}
+
+/// Two consumers in one group split the events: together they handle each exactly once (when
+/// nothing fails), and both get some.
+pub async fn two_consumers_in_one_group_split_the_events<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t4", h.test_id());
+    let mut a = consumer(h, &topic, "g", "a").await;
+    let mut b = consumer(h, &topic, "g", "b").await;
+    let events: Vec<_> = (1..=40).map(|n| event(&format!("k{n}"), n)).collect();
+    h.transport().publish(&topic, &events).await.unwrap();
+    let mut got_a = Vec::new();
+    let mut got_b = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while got_a.len() + got_b.len() < 40 && tokio::time::Instant::now() < until {
+        // Take small batches in turn, so both consumers get a share.
+        for (c, got) in [(&mut a, &mut got_a), (&mut b, &mut got_b)] {
+            let batch = c.fetch(3).await.unwrap();
+            c.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+                .await
+                .unwrap();
+            got.extend(batch);
+        }
+    }
+    let all: Vec<Delivery> = got_a.iter().chain(got_b.iter()).cloned().collect();
+    let (missing, twice) = missing_and_twice(&events, &all);
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "missing {missing:?}, twice {twice:?}"
+    );
+    if h.transport().capabilities().consumer_groups {
+        assert!(
+            !got_a.is_empty() && !got_b.is_empty(),
+            "both consumers got work: a {}, b {}",
+            got_a.len(),
+            got_b.len()
+        );
+    }
+}
+
+/// A nacked event is delivered again, after the redelivery delay, with a higher attempt.
+pub async fn a_nacked_event_comes_back_after_the_delay<H: TransportHarness>(h: &H) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t5", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let first = fetch_one(c.as_mut(), "the first delivery").await;
+    c.nack(&first.id).await.unwrap();
+    let again = fetch_one(c.as_mut(), "the redelivery").await;
+    assert_eq!(again.record.event_id, e.event_id);
+    assert!(again.attempt >= 2, "attempt {} after a nack", again.attempt);
+    c.ack(std::slice::from_ref(&again.id)).await.unwrap();
+}
+
+/// An event a consumer took but never acknowledged (it crashed) reaches another consumer of
+/// the group after the redelivery delay.
+pub async fn an_unacknowledged_event_is_redelivered_to_another_consumer<H: TransportHarness>(
+    h: &H,
+) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t6", h.test_id());
+    let mut crashed = consumer(h, &topic, "g", "crashed").await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let taken = fetch_one(crashed.as_mut(), "the crashed consumer's delivery").await;
+    assert_eq!(taken.record.event_id, e.event_id);
+    drop(crashed);
+    let mut survivor = consumer(h, &topic, "g", "survivor").await;
+    let reclaimed = fetch_one(survivor.as_mut(), "the reclaimed event").await;
+    assert_eq!(reclaimed.record.event_id, e.event_id);
+    survivor
+        .ack(std::slice::from_ref(&reclaimed.id))
+        .await
+        .unwrap();
+}
+
+/// Two consumers handle a group's events concurrently; each key's events take effect in
+/// publish order, though a consumer fails now and then.
+pub async fn events_of_one_key_keep_their_order_across_two_consumers<H: TransportHarness>(h: &H) {
+    if !h.transport().capabilities().ordered_per_key {
+        eprintln!("skipped: not ordered per key");
+        return;
+    }
+    let topic = format!("{}-t7", h.test_id());
+    let keys = ["a", "b", "c"];
+    let events: Vec<_> = (1..=30).map(|n| event(keys[n as usize % 3], n)).collect();
+    h.transport().publish(&topic, &events).await.unwrap();
+    let applied: Arc<tokio::sync::Mutex<BTreeMap<String, Vec<u64>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for name in ["a", "b"] {
+        let mut c = consumer(h, &topic, "g", name).await;
+        let applied = applied.clone();
+        tasks.push(tokio::spawn(async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(20);
+            let mut fail_next = true;
+            while tokio::time::Instant::now() < until {
+                if applied.lock().await.values().map(Vec::len).sum::<usize>() >= 30 {
+                    break;
+                }
+                for d in c.fetch(4).await.unwrap() {
+                    let key = d.record.partition_key.clone().unwrap_or_default();
+                    // Fail every other first attempt, to force redeliveries.
+                    if d.attempt == 1 && fail_next {
+                        fail_next = false;
+                        c.nack(&d.id).await.unwrap();
+                        continue;
+                    }
+                    fail_next = true;
+                    let mut applied = applied.lock().await;
+                    let list = applied.entry(key).or_default();
+                    let n = d.record.payload["n"].as_u64().unwrap();
+                    if !list.contains(&n) {
+                        list.push(n);
+                    }
+                    drop(applied);
+                    c.ack(std::slice::from_ref(&d.id)).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let applied = applied.lock().await;
+    for key in keys {
+        let expected: Vec<u64> = events
+            .iter()
+            .filter(|e| e.partition_key.as_deref() == Some(key))
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            applied.get(key).cloned().unwrap_or_default(),
+            expected,
+            "order of key {key}"
+        );
+    }
+}
+
+/// Once acknowledged, an event is not delivered again, even after the redelivery delay.
+pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t8", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let got = drain(c.as_mut(), 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1);
+    // Wait past the redelivery delay, then look again.
+    let delay = h.options().redelivery_delay;
+    let until = tokio::time::Instant::now() + delay * 2 + Duration::from_millis(200);
+    while tokio::time::Instant::now() < until {
+        let again = c.fetch(10).await.unwrap();
+        assert!(
+            again.is_empty(),
+            "delivered again after ack: {:?}",
+            again.iter().map(|d| d.record.event_id).collect::<Vec<_>>()
+        );
+    }
+}

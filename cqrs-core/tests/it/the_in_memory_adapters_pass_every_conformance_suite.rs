@@ -1,0 +1,140 @@
+//! Every in-memory adapter runs its port's conformance suite.
+
+use cqrs_core::clock::ManualClock;
+use cqrs_core::memory::{
+    InMemoryEventStore, InMemoryIdempotencyStore, InMemoryProjectionStore, InMemoryPubSub,
+    InMemoryTransport,
+};
+use cqrs_core::ports::{EventStore, EventTransport, IdempotencyStore, PubSub};
+use cqrs_core::testing::Harness;
+use cqrs_core::testing::event_store::EventStoreHarness;
+use cqrs_core::testing::idempotency::IdempotencyHarness;
+use cqrs_core::testing::projection_store::ProjectionStoreHarness;
+use cqrs_core::testing::pubsub::PubSubHarness;
+use cqrs_core::testing::transport::TransportHarness;
+use std::sync::Arc;
+
+pub struct Memory<T> {
+    id: String,
+    adapter: T,
+    clock: ManualClock,
+}
+
+impl<T: Send + Sync + 'static> Harness for Memory<T> {
+    fn test_id(&self) -> &str {
+        &self.id
+    }
+}
+
+mod event_store {
+    use super::*;
+
+    impl EventStoreHarness for Memory<InMemoryEventStore> {
+        fn store(&self) -> Arc<dyn EventStore> {
+            Arc::new(self.adapter.clone())
+        }
+    }
+
+    async fn harness(id: String) -> Memory<InMemoryEventStore> {
+        Memory {
+            id,
+            adapter: InMemoryEventStore::new(),
+            clock: ManualClock::new(),
+        }
+    }
+
+    cqrs_core::event_store_conformance!(harness);
+}
+
+mod transport {
+    use super::*;
+
+    impl TransportHarness for Memory<InMemoryTransport> {
+        fn transport(&self) -> Arc<dyn EventTransport> {
+            Arc::new(self.adapter.clone())
+        }
+    }
+
+    async fn harness(id: String) -> Memory<InMemoryTransport> {
+        Memory {
+            id,
+            adapter: InMemoryTransport::new(),
+            clock: ManualClock::new(),
+        }
+    }
+
+    cqrs_core::transport_conformance!(harness);
+}
+
+mod pubsub {
+    use super::*;
+
+    impl PubSubHarness for Memory<InMemoryPubSub> {
+        fn pubsub(&self) -> Arc<dyn PubSub> {
+            Arc::new(self.adapter.clone())
+        }
+
+        fn upstream_subscriptions(&self, _channel: &str) -> Option<usize> {
+            // Each test has its own pub/sub, and the shared-subscription scenario subscribes
+            // to one channel only.
+            Some(self.adapter.upstream_subscriptions() as usize)
+        }
+    }
+
+    async fn harness(id: String) -> Memory<InMemoryPubSub> {
+        Memory {
+            id,
+            adapter: InMemoryPubSub::new(),
+            clock: ManualClock::new(),
+        }
+    }
+
+    cqrs_core::pubsub_conformance!(harness);
+}
+
+mod idempotency {
+    use super::*;
+
+    impl IdempotencyHarness for Memory<InMemoryIdempotencyStore> {
+        fn store(&self) -> Arc<dyn IdempotencyStore> {
+            Arc::new(self.adapter.clone())
+        }
+
+        fn clock(&self) -> Option<ManualClock> {
+            Some(self.clock.clone())
+        }
+    }
+
+    async fn harness(id: String) -> Memory<InMemoryIdempotencyStore> {
+        let clock = ManualClock::new();
+        Memory {
+            id,
+            adapter: InMemoryIdempotencyStore::with_clock(Arc::new(clock.clone())),
+            clock,
+        }
+    }
+
+    cqrs_core::idempotency_conformance!(harness);
+}
+
+mod projection_store {
+    use super::*;
+
+    impl ProjectionStoreHarness for Memory<InMemoryProjectionStore> {
+        type Store = InMemoryProjectionStore;
+
+        fn store(&self) -> Arc<InMemoryProjectionStore> {
+            Arc::new(self.adapter.clone())
+        }
+    }
+
+    async fn harness(id: String) -> Memory<InMemoryProjectionStore> {
+        Memory {
+            id,
+            adapter: InMemoryProjectionStore::new(),
+            clock: ManualClock::new(),
+        }
+    }
+
+    cqrs_core::projection_store_conformance!(harness);
+}
