@@ -80,6 +80,7 @@ mod panic;
 pub mod plugin;
 pub mod ports;
 mod record;
+pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 

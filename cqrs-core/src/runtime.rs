@@ -1,0 +1,389 @@
+//! A small runtime for a server's background workers (outbox relays, consumers, projections,
+//! realtime hubs): starts them, restarts a failed one with backoff, reports health for a
+//! readiness endpoint, and stops them gracefully.
+
+use crate::BoxError;
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How a worker or a backend is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Health {
+    /// Not ready yet.
+    Starting,
+    /// Working.
+    Healthy,
+    /// Working with reduced guarantees (a non-critical backend is down); still ready.
+    Degraded(String),
+    /// Not working.
+    Unhealthy(String),
+    /// Stopped (after shutdown).
+    Stopped,
+}
+
+impl Health {
+    /// A short name: `starting`, `healthy`, `degraded`, `unhealthy`, `stopped`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Degraded(_) => "degraded",
+            Health::Unhealthy(_) => "unhealthy",
+            Health::Stopped => "stopped",
+        }
+    }
+
+    /// The reason, for degraded and unhealthy.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Health::Degraded(r) | Health::Unhealthy(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn is_ok(&self) -> bool {
+        matches!(self, Health::Healthy | Health::Degraded(_))
+    }
+}
+
+/// Tells workers to stop. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+impl Shutdown {
+    /// A signal and its trigger, for code that runs workers itself (tests).
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { tx: Arc::new(tx) }, Shutdown { rx })
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_requested(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Completes when shutdown is requested. Use it in `tokio::select!` around the wait for
+    /// new work, never around in-flight work, so a worker finishes and acknowledges what it
+    /// has.
+    pub async fn requested(&self) {
+        let mut rx = self.rx.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Triggers a [`Shutdown`].
+#[derive(Clone, Debug)]
+pub struct ShutdownTrigger {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownTrigger {
+    /// Requests shutdown.
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+type HealthMap = Arc<Mutex<BTreeMap<String, (Health, bool)>>>;
+
+/// Where a worker reports its health.
+#[derive(Clone)]
+pub struct HealthReporter {
+    name: String,
+    map: HealthMap,
+}
+
+impl fmt::Debug for HealthReporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HealthReporter")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl HealthReporter {
+    /// A reporter not attached to a runtime (tests).
+    pub fn detached(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            map: HealthMap::default(),
+        }
+    }
+
+    /// Sets this worker's health.
+    pub fn set(&self, health: Health) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = map.get_mut(&self.name) {
+            entry.0 = health;
+        } else {
+            map.insert(self.name.clone(), (health, true));
+        }
+    }
+
+    /// The health last set.
+    pub fn get(&self) -> Health {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&self.name)
+            .map_or(Health::Starting, |e| e.0.clone())
+    }
+}
+
+/// What a worker gets when it runs.
+#[derive(Clone, Debug)]
+pub struct WorkerContext {
+    /// Requested when the runtime stops.
+    pub shutdown: Shutdown,
+    /// Where to report health.
+    pub health: HealthReporter,
+}
+
+/// A background task of a server.
+///
+/// `run` loops until `ctx.shutdown` is requested, then finishes the work it has in flight
+/// (acknowledging it) and returns `Ok`. An `Err` is logged, and the runtime runs the worker
+/// again after a backoff.
+#[async_trait]
+pub trait Worker: Send + 'static {
+    /// A stable name, for logs and health.
+    fn name(&self) -> &str;
+
+    /// Runs until shutdown.
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError>;
+}
+
+/// A backend whose health the runtime reports: the database, the broker.
+#[async_trait]
+pub trait HealthCheck: Send + Sync + 'static {
+    /// Checks the backend now.
+    async fn check(&self) -> Health;
+}
+
+/// The health of everything a runtime runs and checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// Whether the server can do its work: every critical check and every worker is healthy
+    /// or degraded.
+    pub ready: bool,
+    /// Each worker and check, by name, with whether it is critical.
+    pub components: BTreeMap<String, (Health, bool)>,
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder {
+    workers: Vec<Box<dyn Worker>>,
+    checks: Vec<(String, Arc<dyn HealthCheck>, bool)>,
+    min_backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field(
+                "workers",
+                &self
+                    .workers
+                    .iter()
+                    .map(|w| w.name().to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeBuilder {
+    /// Adds a worker.
+    pub fn worker(mut self, worker: impl Worker) -> Self {
+        self.workers.push(Box::new(worker));
+        self
+    }
+
+    /// Adds a backend check. A critical one makes the server unready when it fails (the
+    /// database); a non-critical one only shows as degraded (a broker the outbox can wait
+    /// for).
+    pub fn check(mut self, name: &str, check: Arc<dyn HealthCheck>, critical: bool) -> Self {
+        self.checks.push((name.to_owned(), check, critical));
+        self
+    }
+
+    /// The backoff before a failed worker runs again: doubles from `min` up to `max`.
+    /// Defaults: 100 ms to 30 s.
+    pub fn restart_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max.max(min);
+        self
+    }
+
+    /// Starts every worker on the current tokio runtime.
+    pub fn start(self) -> Runtime {
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthMap::default();
+        let mut tasks = JoinSet::new();
+        for mut worker in self.workers {
+            let name = worker.name().to_owned();
+            let reporter = HealthReporter {
+                name: name.clone(),
+                map: health.clone(),
+            };
+            reporter.set(Health::Starting);
+            let ctx = WorkerContext {
+                shutdown: shutdown.clone(),
+                health: reporter.clone(),
+            };
+            let (min, max) = (self.min_backoff, self.max_backoff);
+            tasks.spawn(async move {
+                let mut backoff = min;
+                loop {
+                    let result = crate::panic::CatchUnwind::new(worker.run(ctx.clone())).await;
+                    if ctx.shutdown.is_requested() {
+                        reporter.set(Health::Stopped);
+                        return;
+                    }
+                    let reason = match result {
+                        Ok(Ok(())) => "returned before shutdown".to_owned(),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(panic) => format!("panicked: {panic}"),
+                    };
+                    tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
+                    reporter.set(Health::Unhealthy(reason));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = ctx.shutdown.requested() => {
+                            reporter.set(Health::Stopped);
+                            return;
+                        }
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+            });
+        }
+        Runtime {
+            trigger,
+            shutdown,
+            health,
+            checks: Arc::new(self.checks),
+            tasks: tokio::sync::Mutex::new(tasks),
+        }
+    }
+}
+
+/// Running workers and checks. See [`RuntimeBuilder`].
+///
+/// ```
+/// use async_trait::async_trait;
+/// use cqrs_core::BoxError;
+/// use cqrs_core::runtime::{Health, Runtime, Worker, WorkerContext};
+/// use std::time::Duration;
+///
+/// struct Ticker;
+///
+/// #[async_trait]
+/// impl Worker for Ticker {
+///     fn name(&self) -> &str { "ticker" }
+///     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+///         ctx.health.set(Health::Healthy);
+///         ctx.shutdown.requested().await;
+///         Ok(())
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let runtime = Runtime::builder().worker(Ticker).start();
+/// # while !runtime.health().await.ready { tokio::task::yield_now().await; }
+/// assert!(runtime.health().await.ready);
+/// runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+/// # });
+/// ```
+pub struct Runtime {
+    trigger: ShutdownTrigger,
+    shutdown: Shutdown,
+    health: HealthMap,
+    checks: Arc<Vec<(String, Arc<dyn HealthCheck>, bool)>>,
+    tasks: tokio::sync::Mutex<JoinSet<()>>,
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+/// Some workers did not stop within the grace period and were aborted.
+#[derive(Debug, thiserror::Error)]
+#[error("{} worker(s) did not stop within {grace:?} and were aborted: {}", workers.len(), workers.join(", "))]
+#[non_exhaustive]
+pub struct ShutdownError {
+    /// The grace period.
+    pub grace: Duration,
+    /// The workers that were still running.
+    pub workers: Vec<String>,
+}
+
+impl Runtime {
+    /// Starts building a runtime.
+    pub fn builder() -> RuntimeBuilder {
+        RuntimeBuilder {
+            workers: Vec::new(),
+            checks: Vec::new(),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+
+    /// The shutdown signal the workers get (an HTTP server can stop on it too).
+    pub fn shutdown_signal(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// Every worker's health and every check's result, now.
+    pub async fn health(&self) -> HealthReport {
+        let mut components = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (name, check, critical) in self.checks.iter() {
+            components.insert(name.clone(), (check.check().await, *critical));
+        }
+        let ready = !self.shutdown.is_requested()
+            && components
+                .values()
+                .all(|(health, critical)| health.is_ok() || !critical);
+        HealthReport { ready, components }
+    }
+
+    /// Asks every worker to stop, waits up to `grace` for them to finish their in-flight work,
+    /// then aborts the rest.
+    pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
+        self.trigger.trigger();
+        let mut tasks = self.tasks.lock().await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while !tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    tasks.abort_all();
+                    let workers: Vec<String> = self
+                        .health
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .filter(|(_, (h, _))| *h != Health::Stopped)
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    return Err(ShutdownError { grace, workers });
+                }
+            }
+        }
+        Ok(())
+    }
+}
