@@ -79,6 +79,7 @@ pub mod middleware;
 mod panic;
 pub mod plugin;
 pub mod ports;
+pub mod projection;
 mod record;
 pub mod runtime;
 #[cfg(feature = "testing")]

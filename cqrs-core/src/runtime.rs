@@ -94,6 +94,9 @@ impl ShutdownTrigger {
 
 type HealthMap = Arc<Mutex<BTreeMap<String, (Health, bool)>>>;
 
+/// A named backend check and whether it is critical.
+type Check = (String, Arc<dyn HealthCheck>, bool);
+
 /// Where a worker reports its health.
 #[derive(Clone)]
 pub struct HealthReporter {
@@ -180,7 +183,7 @@ pub struct HealthReport {
 /// Builds a [`Runtime`].
 pub struct RuntimeBuilder {
     workers: Vec<Box<dyn Worker>>,
-    checks: Vec<(String, Arc<dyn HealthCheck>, bool)>,
+    checks: Vec<Check>,
     min_backoff: Duration,
     max_backoff: Duration,
 }
@@ -307,7 +310,7 @@ pub struct Runtime {
     trigger: ShutdownTrigger,
     shutdown: Shutdown,
     health: HealthMap,
-    checks: Arc<Vec<(String, Arc<dyn HealthCheck>, bool)>>,
+    checks: Arc<Vec<Check>>,
     tasks: tokio::sync::Mutex<JoinSet<()>>,
 }
 

@@ -16,8 +16,7 @@ struct Committed {
 /// Inbox entries and checkpoints in process memory.
 ///
 /// A unit of work holds the consumer's lock and stages its writes; `commit` applies them at
-/// once. The projection's own in-memory state should be changed only after `apply` succeeds
-/// for the whole batch, or be rebuilt on failure: memory has no rollback.
+/// once, with the effects the projection staged through [`InMemoryUnit::on_commit`].
 #[derive(Clone, Default)]
 pub struct InMemoryProjectionStore {
     committed: Arc<Mutex<Committed>>,
@@ -43,12 +42,26 @@ impl InMemoryProjectionStore {
     }
 }
 
+type Effect = Box<dyn FnOnce() + Send>;
+
 /// A unit of work of the [`InMemoryProjectionStore`].
+///
+/// Memory has no rollback, so a projection stages its effects with
+/// [`on_commit`](InMemoryUnit::on_commit): they run when the unit commits, together with its
+/// inbox entries and checkpoint, and are dropped with an uncommitted unit.
 pub struct InMemoryUnit {
     _lock: tokio::sync::OwnedMutexGuard<()>,
     reset: HashSet<String>,
     processed: HashMap<String, HashSet<Uuid>>,
     checkpoints: HashMap<String, Position>,
+    effects: Vec<Effect>,
+}
+
+impl InMemoryUnit {
+    /// Runs `effect` when this unit commits, in the order staged; never if it does not.
+    pub fn on_commit(&mut self, effect: impl FnOnce() + Send + 'static) {
+        self.effects.push(Box::new(effect));
+    }
 }
 
 impl std::fmt::Debug for InMemoryUnit {
@@ -71,6 +84,7 @@ impl ProjectionStore for InMemoryProjectionStore {
             reset: HashSet::new(),
             processed: HashMap::new(),
             checkpoints: HashMap::new(),
+            effects: Vec::new(),
         })
     }
 
@@ -137,6 +151,10 @@ impl ProjectionStore for InMemoryProjectionStore {
             committed.processed.entry(consumer).or_default().extend(ids);
         }
         committed.checkpoints.extend(unit.checkpoints);
+        drop(committed);
+        for effect in unit.effects {
+            effect();
+        }
         Ok(())
     }
 }

@@ -167,7 +167,7 @@ pub trait EventTransport: Send + Sync + 'static {
 
 /// One member of a consumer group.
 #[async_trait]
-pub trait Consumer: Send + 'static {
+pub trait Consumer: Send + Sync + 'static {
     /// Up to `max` messages: redeliveries that are due first, then new ones. Waits up to the
     /// consumer's `block` interval when none is ready, then returns an empty batch.
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;

@@ -1,0 +1,522 @@
+//! Projections: read models fed from the event store's global order or a durable transport,
+//! with their checkpoint and inbox committed together with their effects.
+
+use crate::ports::{
+    Consumer, ConsumerOptions, DeliveryId, EventStore, EventTransport, ProjectionStore, StoreError,
+    TransportError,
+};
+use crate::runtime::{Health, Worker, WorkerContext};
+use crate::{
+    BoxError, DecodeError, EventBus, EventEnvelope, EventRecord, EventTypes, HandlerError, Position,
+};
+use async_trait::async_trait;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A read model kept up to date from events.
+///
+/// `apply` writes through the unit of work of the [`ProjectionStore`], so the projection's
+/// effects, its inbox entries and its checkpoint commit together: a redelivered event takes
+/// effect once.
+#[async_trait]
+pub trait Projection<S: ProjectionStore>: Send + Sync + 'static {
+    /// A stable name: the key of its checkpoint and inbox.
+    fn name(&self) -> &str;
+
+    /// Applies one event. Events the projection does not care about are simply ignored.
+    async fn apply(&self, unit: &mut S::Unit, event: &EventEnvelope) -> Result<(), HandlerError>;
+
+    /// Clears the read model, before a rebuild from zero.
+    async fn reset(&self, unit: &mut S::Unit) -> Result<(), HandlerError>;
+}
+
+/// Why a projection batch failed. The batch is rolled back; the runner retries it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// The projection store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// An event could not be decoded (and the unknown-event policy says fail).
+    #[error("event {event_id} could not be decoded: {source}")]
+    Decode {
+        /// The event.
+        event_id: uuid::Uuid,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// The projection refused an event.
+    #[error("projection `{projection}` failed on event {event_id} ({event_type}): {source}")]
+    Apply {
+        /// The projection.
+        projection: String,
+        /// The event.
+        event_id: uuid::Uuid,
+        /// Its type.
+        event_type: String,
+        /// The projection's error.
+        #[source]
+        source: HandlerError,
+    },
+    /// A rebuild needs the event store, and the runner was built without one.
+    #[error(
+        "projection `{0}` has no event store to rebuild from; build the runner with `from_store` or `with_event_store`"
+    )]
+    NoEventStore(String),
+}
+
+enum Source {
+    Store,
+    Transport {
+        transport: Arc<dyn EventTransport>,
+        topic: String,
+        group: String,
+        options: ConsumerOptions,
+        consumer: Option<Box<dyn Consumer>>,
+    },
+}
+
+/// Feeds a [`Projection`] from the event store's global order, or from a durable transport's
+/// consumer group, and can rebuild it from zero.
+///
+/// Each batch runs in one unit of work: for each event, `mark_processed` (skip it if it was
+/// processed before), `apply`, then the checkpoint (the last position) and `commit`; transport
+/// deliveries are acknowledged after the commit. A failed batch is rolled back (and nacked) and
+/// retried. A [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live
+/// runner pauses until it is done.
+///
+/// ```
+/// # use cqrs_core::doc::{TicketOpened};
+/// use async_trait::async_trait;
+/// use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
+/// use cqrs_core::projection::{Projection, ProjectionRunner};
+/// use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata};
+/// use cqrs_core::ports::EventStore;
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+///
+/// /// Counts opened tickets. Memory has no rollback: effects are staged in the unit and run
+/// /// when it commits.
+/// #[derive(Default)]
+/// struct Opened(Arc<AtomicU64>);
+///
+/// #[async_trait]
+/// impl Projection<InMemoryProjectionStore> for Opened {
+///     fn name(&self) -> &str { "opened" }
+///     async fn apply(&self, unit: &mut InMemoryUnit, event: &EventEnvelope) -> Result<(), HandlerError> {
+///         if event.downcast_ref::<TicketOpened>().is_some() {
+///             let count = self.0.clone();
+///             unit.on_commit(move || { count.fetch_add(1, Ordering::SeqCst); });
+///         }
+///         Ok(())
+///     }
+///     async fn reset(&self, unit: &mut InMemoryUnit) -> Result<(), HandlerError> {
+///         let count = self.0.clone();
+///         unit.on_commit(move || count.store(0, Ordering::SeqCst));
+///         Ok(())
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let events = Arc::new(InMemoryEventStore::new());
+/// let opened = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new());
+/// events.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![EventRecord::from_envelope(&opened)?]).await?;
+///
+/// let mut types = EventTypes::new();
+/// types.register::<TicketOpened>();
+/// let projection = Arc::new(Opened::default());
+/// let mut runner = ProjectionRunner::from_store(
+///     Arc::new(InMemoryProjectionStore::new()), projection.clone(), events, Arc::new(types));
+/// assert_eq!(runner.run_once().await?, 1);
+/// assert_eq!(runner.run_once().await?, 0, "caught up");
+/// assert_eq!(runner.rebuild().await?, 1);
+/// assert_eq!(projection.0.load(Ordering::SeqCst), 1);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
+    store: Arc<S>,
+    projection: Arc<P>,
+    events: Option<Arc<dyn EventStore>>,
+    types: Arc<EventTypes>,
+    source: Source,
+    batch: usize,
+    idle: Duration,
+    name: String,
+}
+
+impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("projection", &self.name)
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
+    /// Feeds the projection from the event store's global order.
+    pub fn from_store(
+        store: Arc<S>,
+        projection: Arc<P>,
+        events: Arc<dyn EventStore>,
+        types: Arc<EventTypes>,
+    ) -> Self {
+        let name = projection.name().to_owned();
+        Self {
+            store,
+            projection,
+            events: Some(events),
+            types,
+            source: Source::Store,
+            batch: 100,
+            idle: Duration::from_millis(200),
+            name,
+        }
+    }
+
+    /// Feeds the projection from consumer group `group` of `topic`.
+    pub fn from_transport(
+        store: Arc<S>,
+        projection: Arc<P>,
+        transport: Arc<dyn EventTransport>,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+        types: Arc<EventTypes>,
+    ) -> Self {
+        let name = projection.name().to_owned();
+        Self {
+            store,
+            projection,
+            events: None,
+            types,
+            source: Source::Transport {
+                transport,
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+                options,
+                consumer: None,
+            },
+            batch: 100,
+            idle: Duration::from_millis(200),
+            name,
+        }
+    }
+
+    /// The event store to rebuild from (for a runner fed by a transport).
+    pub fn with_event_store(mut self, events: Arc<dyn EventStore>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Events per batch (default 100).
+    pub fn batch_size(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// How long the worker waits after an empty batch from the store (default 200 ms). A
+    /// transport-fed runner waits in the consumer's `block` instead.
+    pub fn idle_interval(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    async fn apply_records(
+        &self,
+        unit: &mut S::Unit,
+        records: &[EventRecord],
+    ) -> Result<usize, ProjectionError> {
+        let mut applied = 0;
+        for record in records {
+            if !self
+                .store
+                .mark_processed(unit, &self.name, record.event_id)
+                .await?
+            {
+                continue;
+            }
+            let envelope = self
+                .types
+                .decode(record)
+                .map_err(|source| ProjectionError::Decode {
+                    event_id: record.event_id,
+                    source,
+                })?;
+            if let Some(envelope) = envelope {
+                self.projection
+                    .apply(unit, &envelope)
+                    .await
+                    .map_err(|source| ProjectionError::Apply {
+                        projection: self.name.clone(),
+                        event_id: record.event_id,
+                        event_type: record.event_type.clone(),
+                        source,
+                    })?;
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Applies one batch. Returns how many events took effect (0 when caught up, or when
+    /// every event was a duplicate).
+    pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
+        match &self.source {
+            Source::Store => self.run_once_from_store().await,
+            Source::Transport { .. } => self.run_once_from_transport().await,
+        }
+    }
+
+    async fn run_once_from_store(&self) -> Result<usize, ProjectionError> {
+        let events = self
+            .events
+            .as_ref()
+            .ok_or_else(|| ProjectionError::NoEventStore(self.name.clone()))?;
+        let mut unit = self.store.begin(&self.name).await?;
+        let after = self
+            .store
+            .checkpoint(&mut unit, &self.name)
+            .await?
+            .unwrap_or(Position::START);
+        let records = events.read_all(after, self.batch).await?;
+        let Some(last) = records.last().and_then(|r| r.position) else {
+            return Ok(0);
+        };
+        let applied = self.apply_records(&mut unit, &records).await?;
+        self.store
+            .save_checkpoint(&mut unit, &self.name, last)
+            .await?;
+        self.store.commit(unit).await?;
+        Ok(applied)
+    }
+
+    async fn run_once_from_transport(&mut self) -> Result<usize, ProjectionError> {
+        let Source::Transport {
+            transport,
+            topic,
+            group,
+            options,
+            consumer,
+        } = &mut self.source
+        else {
+            return Ok(0);
+        };
+        if consumer.is_none() {
+            *consumer = Some(transport.consumer(topic, group, options.clone()).await?);
+        }
+        let Some(consumer) = consumer.as_mut() else {
+            return Ok(0);
+        };
+        let deliveries = consumer.fetch(self.batch).await?;
+        if deliveries.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
+        let records: Vec<EventRecord> = deliveries.into_iter().map(|d| d.record).collect();
+        let result = async {
+            let mut unit = self.store.begin(&self.name).await?;
+            let applied = self.apply_records(&mut unit, &records).await?;
+            if let Some(last) = records.iter().filter_map(|r| r.position).max() {
+                let current = self.store.checkpoint(&mut unit, &self.name).await?;
+                if current.is_none_or(|c| c < last) {
+                    self.store
+                        .save_checkpoint(&mut unit, &self.name, last)
+                        .await?;
+                }
+            }
+            self.store.commit(unit).await?;
+            Ok::<_, ProjectionError>(applied)
+        }
+        .await;
+        let Source::Transport {
+            consumer: Some(consumer),
+            ..
+        } = &mut self.source
+        else {
+            return result;
+        };
+        match result {
+            Ok(applied) => {
+                consumer.ack(&ids).await?;
+                Ok(applied)
+            }
+            Err(e) => {
+                for id in &ids {
+                    // The batch is rolled back; hand every message back for a retry.
+                    let _ = consumer.nack(id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Clears the read model, its inbox and its checkpoint, and replays every event of the
+    /// store, in one unit of work that holds the projection's lock (the live runner waits).
+    /// Returns how many events took effect.
+    pub async fn rebuild(&self) -> Result<usize, ProjectionError> {
+        let events = self
+            .events
+            .as_ref()
+            .ok_or_else(|| ProjectionError::NoEventStore(self.name.clone()))?;
+        let mut unit = self.store.begin(&self.name).await?;
+        self.store.reset(&mut unit, &self.name).await?;
+        self.projection
+            .reset(&mut unit)
+            .await
+            .map_err(|source| ProjectionError::Apply {
+                projection: self.name.clone(),
+                event_id: uuid::Uuid::nil(),
+                event_type: "(reset)".to_owned(),
+                source,
+            })?;
+        let mut after = Position::START;
+        let mut applied = 0;
+        loop {
+            let records = events.read_all(after, self.batch).await?;
+            let Some(last) = records.last().and_then(|r| r.position) else {
+                break;
+            };
+            applied += self.apply_records(&mut unit, &records).await?;
+            after = last;
+        }
+        if after > Position::START {
+            self.store
+                .save_checkpoint(&mut unit, &self.name, after)
+                .await?;
+        }
+        self.store.commit(unit).await?;
+        Ok(applied)
+    }
+}
+
+#[async_trait]
+impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let mut failures = 0u32;
+        while !ctx.shutdown.is_requested() {
+            match self.run_once().await {
+                Ok(applied) => {
+                    failures = 0;
+                    ctx.health.set(Health::Healthy);
+                    if applied == 0 && matches!(self.source, Source::Store) {
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.idle) => {}
+                            _ = ctx.shutdown.requested() => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
+                    ctx.health.set(Health::Degraded(e.to_string()));
+                    let backoff = self.idle * 2u32.saturating_pow(failures.min(6));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = ctx.shutdown.requested() => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Delivers events from a durable transport to an in-process [`EventBus`], at least once:
+/// a delivery is acknowledged after every handler succeeded and handed back (nacked) when one
+/// failed, so handlers must tolerate a repeat (dedupe by event id, or use a [`Projection`]).
+pub struct EventBusConsumer {
+    name: String,
+    bus: EventBus,
+    types: Arc<EventTypes>,
+    transport: Arc<dyn EventTransport>,
+    topic: String,
+    group: String,
+    options: ConsumerOptions,
+    batch: usize,
+}
+
+impl fmt::Debug for EventBusConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBusConsumer")
+            .field("name", &self.name)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBusConsumer {
+    /// Consumes `topic` in group `group` into `bus`.
+    pub fn new(
+        bus: EventBus,
+        types: Arc<EventTypes>,
+        transport: Arc<dyn EventTransport>,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Self {
+        Self {
+            name: format!("event-bus:{topic}:{group}"),
+            bus,
+            types,
+            transport,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            options,
+            batch: 32,
+        }
+    }
+}
+
+#[async_trait]
+impl Worker for EventBusConsumer {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let mut consumer = self
+            .transport
+            .consumer(&self.topic, &self.group, self.options.clone())
+            .await?;
+        ctx.health.set(Health::Healthy);
+        while !ctx.shutdown.is_requested() {
+            let deliveries = tokio::select! {
+                d = consumer.fetch(self.batch) => d?,
+                _ = ctx.shutdown.requested() => break,
+            };
+            // In-flight deliveries are finished and acknowledged even when shutdown comes.
+            for delivery in deliveries {
+                let outcome = match self.types.decode(&delivery.record) {
+                    Ok(Some(envelope)) => self
+                        .bus
+                        .publish(envelope)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match outcome {
+                    Ok(()) => consumer.ack(std::slice::from_ref(&delivery.id)).await?,
+                    Err(error) => {
+                        tracing::warn!(event_id = %delivery.record.event_id, attempt = delivery.attempt, %error, "event handling failed; it will be redelivered");
+                        consumer.nack(&delivery.id).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+use crate::fixtures::*;
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{ConsumerOptions, EventTransport};
+use cqrs_core::projection::EventBusConsumer;
+use cqrs_core::runtime::Runtime;
+use cqrs_core::testing::eventually;
+use cqrs_core::{EventBus, EventEnvelope, EventRecord, EventTypes, Metadata};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[test]
+fn a_failing_handler_gets_the_event_again_and_the_others_keep_theirs() {
+    run(async {
+        let counter = Counter::named("counter");
+        let flaky = Counter {
+            fail_on: Some(2),
+            ..Counter::named("flaky")
+        };
+        let bus = EventBus::builder()
+            .handler(counter.clone())
+            .handler(flaky.clone())
+            .build()
+            .unwrap();
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        let transport = Arc::new(InMemoryTransport::new());
+        let records: Vec<EventRecord> = [1, 2]
+            .into_iter()
+            .map(|sum| {
+                EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new()))
+                    .unwrap()
+            })
+            .collect();
+        transport.publish("adds", &records).await.unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(20))
+            .redelivery_delay(Duration::from_millis(20))
+            .max_deliveries(3);
+        let runtime = Runtime::builder()
+            .worker(EventBusConsumer::new(
+                bus,
+                Arc::new(types),
+                transport.clone(),
+                "adds",
+                "bus",
+                options,
+            ))
+            .start();
+        // Event 2 fails every time in `flaky`: it is delivered up to 3 times, then dead-lettered.
+        eventually(
+            Duration::from_secs(5),
+            "event 2 is dead-lettered",
+            || async { (!transport.dead_letters("adds", "bus").is_empty()).then_some(()) },
+        )
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(flaky.seen(), 1 + 3);
+        assert_eq!(
+            counter.seen(),
+            1 + 3,
+            "the other handler saw the redeliveries too: handlers must tolerate repeats"
+        );
+        let dead = transport.dead_letters("adds", "bus");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0.payload["sum"], 2);
+        assert_eq!(dead[0].1, 3);
+    });
+}

@@ -1,0 +1,230 @@
+use crate::fixtures::*;
+use async_trait::async_trait;
+use cqrs_core::memory::{
+    InMemoryEventStore, InMemoryProjectionStore, InMemoryTransport, InMemoryUnit,
+};
+use cqrs_core::ports::{ConsumerOptions, EventStore, EventTransport};
+use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner};
+use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Sums `Added` events, staging its effects in the unit; fails on a sum it is told to, once.
+#[derive(Default)]
+struct Sum {
+    total: Arc<Mutex<u64>>,
+    seen: Arc<Mutex<Vec<u64>>>,
+    fail_once_on: Mutex<Option<u64>>,
+}
+
+#[async_trait]
+impl Projection<InMemoryProjectionStore> for Sum {
+    fn name(&self) -> &str {
+        "sum"
+    }
+
+    async fn apply(
+        &self,
+        unit: &mut InMemoryUnit,
+        event: &EventEnvelope,
+    ) -> Result<(), HandlerError> {
+        let Some(added) = event.downcast_ref::<Added>() else {
+            return Ok(());
+        };
+        let mut fail = self.fail_once_on.lock().unwrap();
+        if *fail == Some(added.sum) {
+            *fail = None;
+            return Err(HandlerError::invalid("told_to_fail", "failing once"));
+        }
+        let (total, seen, sum) = (self.total.clone(), self.seen.clone(), added.sum);
+        unit.on_commit(move || {
+            *total.lock().unwrap() += sum;
+            seen.lock().unwrap().push(sum);
+        });
+        Ok(())
+    }
+
+    async fn reset(&self, unit: &mut InMemoryUnit) -> Result<(), HandlerError> {
+        let (total, seen) = (self.total.clone(), self.seen.clone());
+        unit.on_commit(move || {
+            *total.lock().unwrap() = 0;
+            seen.lock().unwrap().clear();
+        });
+        Ok(())
+    }
+}
+
+fn types() -> Arc<EventTypes> {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    Arc::new(types)
+}
+
+fn record(sum: u64) -> EventRecord {
+    EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
+}
+
+#[test]
+fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2)],
+            )
+            .await
+            .unwrap();
+        let mut runner =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types())
+                .batch_size(1);
+        assert_eq!(runner.run_once().await.unwrap(), 1);
+        assert_eq!(runner.run_once().await.unwrap(), 1);
+        assert_eq!(runner.run_once().await.unwrap(), 0);
+        events
+            .append("s-1", ExpectedVersion::Exactly(2), vec![record(4)])
+            .await
+            .unwrap();
+        assert_eq!(runner.run_once().await.unwrap(), 1);
+        assert_eq!(*sum.total.lock().unwrap(), 7);
+
+        // A second runner on the same store continues from the checkpoint.
+        let mut second =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+        assert_eq!(second.run_once().await.unwrap(), 0);
+
+        assert_eq!(runner.rebuild().await.unwrap(), 3);
+        assert_eq!(
+            *sum.total.lock().unwrap(),
+            7,
+            "rebuilt from zero to the same total"
+        );
+        assert_eq!(
+            runner.run_once().await.unwrap(),
+            0,
+            "the rebuild left the checkpoint at the end"
+        );
+    });
+}
+
+#[test]
+fn a_failed_batch_is_rolled_back_and_retried() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        *sum.fail_once_on.lock().unwrap() = Some(5);
+        events
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![record(5)])
+            .await
+            .unwrap();
+        let mut runner = ProjectionRunner::from_store(store, sum.clone(), events, types());
+        let err = runner.run_once().await.unwrap_err();
+        assert!(matches!(err, ProjectionError::Apply { .. }), "{err}");
+        assert!(
+            err.to_string().contains("projection `sum` failed on event"),
+            "{err}"
+        );
+        assert_eq!(
+            runner.run_once().await.unwrap(),
+            1,
+            "the event is retried after the rollback"
+        );
+        assert_eq!(*sum.seen.lock().unwrap(), [5]);
+    });
+}
+
+#[test]
+fn a_transport_fed_projection_counts_a_redelivered_event_once() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        let once = record(3);
+        // The same event published twice, as a relay that died mid-batch would.
+        transport
+            .publish("sums", &[once.clone(), record(10), once])
+            .await
+            .unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(50))
+            .redelivery_delay(Duration::from_millis(50));
+        let mut runner = ProjectionRunner::from_transport(
+            store,
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            options,
+            types(),
+        );
+        *sum.fail_once_on.lock().unwrap() = Some(10);
+        let mut applied = 0;
+        let mut failures = 0;
+        for _ in 0..50 {
+            match runner.run_once().await {
+                Ok(n) => applied += n,
+                Err(_) => failures += 1,
+            }
+            if transport.backlog("sums", "sum") == 0 {
+                break;
+            }
+        }
+        assert_eq!(failures, 1, "the failing batch was retried");
+        assert_eq!(applied, 2);
+        let mut seen = sum.seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen, [3, 10], "each event took effect once");
+        assert_eq!(
+            transport.backlog("sums", "sum"),
+            0,
+            "everything was acknowledged"
+        );
+    });
+}
+
+#[test]
+fn a_rebuild_pauses_the_live_runner() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        events
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        // Hold the projection's lock as a rebuild does, and check the live runner waits.
+        let unit = cqrs_core::ports::ProjectionStore::begin(store.as_ref(), "sum")
+            .await
+            .unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let live = {
+            let (store, sum, events, done) =
+                (store.clone(), sum.clone(), events.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut runner = ProjectionRunner::from_store(
+                    store,
+                    sum,
+                    events as Arc<dyn EventStore>,
+                    types(),
+                );
+                let n = runner.run_once().await.unwrap();
+                done.store(true, Ordering::SeqCst);
+                n
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "the live runner ran during the rebuild"
+        );
+        cqrs_core::ports::ProjectionStore::commit(store.as_ref(), unit)
+            .await
+            .unwrap();
+        assert_eq!(live.await.unwrap(), 1);
+    });
+}

@@ -1,0 +1,134 @@
+use crate::fixtures::*;
+use async_trait::async_trait;
+use cqrs_core::BoxError;
+use cqrs_core::runtime::{Health, HealthCheck, Runtime, Worker, WorkerContext};
+use cqrs_core::testing::eventually;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// Fails its first `fail` runs, then works until shutdown and finishes "in-flight" work.
+struct Flaky {
+    runs: Arc<AtomicUsize>,
+    fail: usize,
+    finished_in_flight: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Worker for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if run == 1 && self.fail > 0 {
+            return Err("the first run fails".into());
+        }
+        if run <= self.fail {
+            panic!("run {run} panics");
+        }
+        ctx.health.set(Health::Healthy);
+        ctx.shutdown.requested().await;
+        // Work that was in flight when shutdown came.
+        tokio::task::yield_now().await;
+        self.finished_in_flight.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Stuck;
+
+#[async_trait]
+impl Worker for Stuck {
+    fn name(&self) -> &str {
+        "stuck"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        ctx.health.set(Health::Healthy);
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+struct Fixed(Health);
+
+#[async_trait]
+impl HealthCheck for Fixed {
+    async fn check(&self) -> Health {
+        self.0.clone()
+    }
+}
+
+#[test]
+fn a_failing_or_panicking_worker_is_restarted_and_stops_gracefully() {
+    run(async {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicBool::new(false));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .worker(Flaky {
+                runs: runs.clone(),
+                fail: 2,
+                finished_in_flight: finished.clone(),
+            })
+            .start();
+        eventually(
+            Duration::from_secs(5),
+            "the worker is healthy after two restarts",
+            || async { runtime.health().await.ready.then_some(()) },
+        )
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "in-flight work finished before shutdown returned"
+        );
+        let report = runtime.health().await;
+        assert!(!report.ready, "a stopped runtime is not ready");
+        assert_eq!(report.components["flaky"].0, Health::Stopped);
+    });
+}
+
+#[test]
+fn a_worker_that_ignores_shutdown_is_aborted_and_named() {
+    run(async {
+        let runtime = Runtime::builder().worker(Stuck).start();
+        let err = runtime
+            .shutdown(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.workers, ["stuck"]);
+    });
+}
+
+#[test]
+fn only_critical_checks_make_the_server_unready() {
+    run(async {
+        let degraded = Runtime::builder()
+            .check("postgres", Arc::new(Fixed(Health::Healthy)), true)
+            .check(
+                "redis",
+                Arc::new(Fixed(Health::Unhealthy("connection refused".into()))),
+                false,
+            )
+            .start();
+        let report = degraded.health().await;
+        assert!(report.ready);
+        assert_eq!(
+            report.components["redis"].0.reason(),
+            Some("connection refused")
+        );
+
+        let down = Runtime::builder()
+            .check(
+                "postgres",
+                Arc::new(Fixed(Health::Unhealthy("refused".into()))),
+                true,
+            )
+            .start();
+        assert!(!down.health().await.ready);
+    });
+}
