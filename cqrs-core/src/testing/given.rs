@@ -100,3 +100,109 @@ where
         }
     }
 }
+
+/// Tests a command handler without a bus: when this command (with this metadata), then these
+/// recorded events, or this error.
+///
+/// ```
+/// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler, TicketOpened};
+/// use cqrs_core::testing::CommandTest;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let output = CommandTest::new(OpenTicketHandler)
+///     .when(OpenTicket { title: "Printer on fire".into() })
+///     .await
+///     .then_expect_events([TicketOpened { ticket_id: "t1".into() }]);
+/// assert_eq!(output, "t1");
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct CommandTest<H> {
+    handler: H,
+    metadata: Metadata,
+}
+
+impl<H> CommandTest<H> {
+    /// A test of `handler`, with fresh metadata.
+    pub fn new(handler: H) -> Self {
+        Self {
+            handler,
+            metadata: Metadata::new(),
+        }
+    }
+
+    /// Runs the command with this metadata (a principal, an actor).
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Runs the handler on `command`.
+    pub async fn when<C>(self, command: C) -> CommandOutcome<C::Output>
+    where
+        C: crate::Command,
+        H: crate::CommandHandler<C>,
+    {
+        let mut ctx = crate::CommandContext::new(self.metadata);
+        let result = self.handler.handle(command, &mut ctx).await;
+        CommandOutcome {
+            result,
+            events: ctx.take_recorded(),
+        }
+    }
+}
+
+/// The outcome of [`CommandTest::when`].
+#[derive(Debug)]
+pub struct CommandOutcome<O> {
+    result: Result<O, crate::HandlerError>,
+    events: Vec<crate::EventEnvelope>,
+}
+
+impl<O: Debug> CommandOutcome<O> {
+    /// Asserts the handler succeeded and recorded exactly these events (compared by type and
+    /// serialized payload); returns its output.
+    #[track_caller]
+    pub fn then_expect_events<E: crate::Event>(self, expected: impl IntoIterator<Item = E>) -> O {
+        let output = match self.result {
+            Ok(o) => o,
+            Err(e) => panic!("expected success, the handler failed: {e:?}"),
+        };
+        let got: Vec<(String, serde_json::Value)> = self
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.name().to_owned(),
+                    e.payload_json().expect("events serialize"),
+                )
+            })
+            .collect();
+        let expected: Vec<(String, serde_json::Value)> = expected
+            .into_iter()
+            .map(|e| {
+                (
+                    E::NAME.to_owned(),
+                    serde_json::to_value(e).expect("events serialize"),
+                )
+            })
+            .collect();
+        assert_eq!(got, expected, "the recorded events differ");
+        output
+    }
+
+    /// Asserts the handler failed; returns the error. Whatever it recorded is discarded, as
+    /// the bus would.
+    #[track_caller]
+    pub fn then_expect_error(self) -> crate::HandlerError {
+        match self.result {
+            Err(e) => e,
+            Ok(o) => panic!("expected an error, the handler returned {o:?}"),
+        }
+    }
+
+    /// The recorded events, for assertions of your own.
+    pub fn events(&self) -> &[crate::EventEnvelope] {
+        &self.events
+    }
+}

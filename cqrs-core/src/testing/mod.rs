@@ -35,7 +35,7 @@ pub mod transport;
 
 mod given;
 
-pub use given::{AggregateTest, Then};
+pub use given::{AggregateTest, CommandOutcome, CommandTest, Then};
 pub use helpers::{eventually, require_services, test_id, with_timeout};
 
 use async_trait::async_trait;

@@ -6,10 +6,12 @@ mod fixtures;
 
 mod a_command_has_exactly_one_handler;
 mod a_panicking_handler_fails_only_its_own_message;
+mod aggregates_decide_on_their_history;
 mod an_unhandled_message_is_a_typed_error_naming_it;
 mod event_handlers_all_run_and_failures_are_reported;
 mod events_from_a_transport_reach_the_event_bus;
 mod layers_wrap_dispatch_outermost_first;
+mod old_and_unknown_events_follow_the_stated_policy;
 mod plugins_install_dependencies_first;
 mod projections_take_effect_once_and_rebuild_from_zero;
 mod recorded_events_inherit_ids_and_reach_the_sink_only_on_success;

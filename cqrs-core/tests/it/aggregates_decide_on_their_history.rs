@@ -1,0 +1,138 @@
+use crate::fixtures::*;
+use cqrs_core::memory::{InMemoryEventStore, InMemorySnapshotStore};
+use cqrs_core::ports::{EventStore, SnapshotStore, StoreError};
+use cqrs_core::{
+    Aggregate, AggregateError, AggregateRepository, HandlerError, Metadata, event_set,
+};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+event_set! {
+    pub enum CounterEvent {
+        Added(Added),
+    }
+}
+
+/// A running total that refuses to go past 100.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Total {
+    total: u64,
+    applied: u64,
+}
+
+impl Aggregate for Total {
+    const TYPE: &'static str = "total";
+    type Event = CounterEvent;
+    type Command = u64;
+    type Error = HandlerError;
+
+    fn apply(&mut self, event: &CounterEvent) {
+        let CounterEvent::Added(added) = event;
+        self.total += added.sum;
+        self.applied += 1;
+    }
+
+    fn decide(&self, add: u64) -> Result<Vec<CounterEvent>, HandlerError> {
+        if self.total + add > 100 {
+            return Err(HandlerError::conflict(
+                "too_much",
+                "the total would pass 100",
+            ));
+        }
+        Ok(vec![Added { sum: add }.into()])
+    }
+}
+
+#[test]
+fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let metadata = Metadata::new().with_actor("u1");
+        for add in [10, 20, 30] {
+            repo.execute("a", None, add, &metadata).await.unwrap();
+        }
+        let loaded = repo.load("a").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (60, 3));
+        let refused = repo.execute("a", None, 50, &metadata).await.unwrap_err();
+        let AggregateError::Rejected(e) = refused else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(e.code(), "too_much");
+
+        let stale = repo.execute("a", Some(2), 1, &metadata).await.unwrap_err();
+        assert!(matches!(
+            stale,
+            AggregateError::Store(StoreError::Conflict { actual: 3, .. })
+        ));
+        let as_handler_error: HandlerError = stale.into();
+        assert_eq!(as_handler_error.code(), "version_conflict");
+
+        let stored = store.load("total-a", 0).await.unwrap();
+        assert_eq!(stored.len(), 3);
+        assert_eq!(stored[0].metadata.actor.as_deref(), Some("u1"));
+        assert_eq!(stored[0].metadata.causation_id, Some(metadata.message_id));
+        assert_eq!(stored[0].partition_key.as_deref(), Some("a"));
+    });
+}
+
+#[test]
+fn snapshots_are_saved_every_n_versions_and_loading_reads_only_the_tail() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let repo =
+            AggregateRepository::<Total>::new(store.clone()).with_snapshots(snapshots.clone(), 2);
+        for _ in 0..5 {
+            repo.execute("b", None, 1, &Metadata::new()).await.unwrap();
+        }
+        let snapshot = snapshots
+            .load("total-b")
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(snapshot.version, 4);
+        let loaded = repo.load("b").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (5, 5));
+        assert_eq!(
+            loaded.state.applied, 5,
+            "4 from the snapshot, 1 from the tail"
+        );
+
+        // A snapshot that no longer decodes is ignored: the stream is replayed.
+        snapshots
+            .save(
+                "total-b",
+                cqrs_core::ports::Snapshot::new(5, serde_json::json!("garbage")),
+            )
+            .await
+            .unwrap();
+        let loaded = repo.load("b").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (5, 5));
+    });
+}
+
+#[test]
+fn concurrent_executions_at_one_version_leave_one_winner() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let repo = Arc::new(AggregateRepository::<Total>::new(store.clone()));
+        repo.execute("c", None, 1, &Metadata::new()).await.unwrap();
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let repo = repo.clone();
+                tokio::spawn(async move { repo.execute("c", Some(1), 1, &Metadata::new()).await })
+            })
+            .collect();
+        let mut wins = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => wins += 1,
+                Err(AggregateError::Store(StoreError::Conflict { .. })) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(wins, 1);
+        assert_eq!(store.stream_version("total-c").await.unwrap(), 2);
+    });
+}
