@@ -81,6 +81,7 @@ pub mod plugin;
 pub mod ports;
 pub mod projection;
 mod record;
+pub mod relay;
 pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
