@@ -131,6 +131,14 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// Applies one event to the state. Must not fail: the event happened.
     fn apply(&mut self, event: &Self::Event);
 
+    /// Applies one event, knowing its envelope: when it happened, who caused it, its stream
+    /// version. Defaults to [`apply`](Aggregate::apply); override it when the state keeps
+    /// timestamps or actors.
+    fn apply_with(&mut self, event: &Self::Event, envelope: &EventEnvelope) {
+        let _ = envelope;
+        self.apply(event);
+    }
+
     /// Decides what a command does: the events to record, or a refusal.
     fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
 }
@@ -194,8 +202,9 @@ struct SnapshotConfig<A> {
 ///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
-/// let events = repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await?;
-/// assert_eq!(events[0].stream_version, Some(1));
+/// let committed = repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await?;
+/// assert_eq!(committed.records[0].stream_version, Some(1));
+/// assert!(committed.state.open);
 /// assert_eq!(repo.load("t1").await?.version, 1);
 /// // Opening again is refused by the aggregate.
 /// assert!(repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await.is_err());
@@ -275,7 +284,7 @@ impl<A: Aggregate> AggregateRepository<A> {
             if let Some(envelope) = self.types.decode(&record)?
                 && let Some(event) = A::Event::from_envelope(&envelope)
             {
-                state.apply(&event);
+                state.apply_with(&event, &envelope);
             }
         }
         Ok(Loaded {
@@ -287,7 +296,8 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Loads the aggregate, lets it decide on `command`, and appends the events at the loaded
     /// version. With `expected_version`, a stream at another version is a
-    /// [`StoreError::Conflict`] before anything is decided. Returns the stored records.
+    /// [`StoreError::Conflict`] before anything is decided. Returns the new state and the
+    /// stored records.
     ///
     /// The events' metadata is caused by `metadata`; their partition key is the aggregate id.
     pub async fn execute(
@@ -296,7 +306,7 @@ impl<A: Aggregate> AggregateRepository<A> {
         expected_version: Option<u64>,
         command: A::Command,
         metadata: &Metadata,
-    ) -> Result<Vec<EventRecord>, AggregateError<A::Error>> {
+    ) -> Result<Committed<A>, AggregateError<A::Error>> {
         let Loaded {
             mut state, version, ..
         } = self.load(id).await?;
@@ -313,18 +323,22 @@ impl<A: Aggregate> AggregateRepository<A> {
         }
         let events = state.decide(command).map_err(AggregateError::Rejected)?;
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Committed {
+                state,
+                version,
+                records: Vec::new(),
+            });
         }
-        for event in &events {
-            state.apply(event);
+        let mut records = Vec::with_capacity(events.len());
+        for (i, event) in events.into_iter().enumerate() {
+            let envelope = event
+                .clone()
+                .into_envelope(metadata.caused())
+                .with_partition_key(id)
+                .with_stored(stream.as_str(), version + 1 + i as u64, None);
+            state.apply_with(&event, &envelope);
+            records.push(EventRecord::from_envelope(&envelope).map_err(AggregateError::Encode)?);
         }
-        let records = events
-            .into_iter()
-            .map(|e| {
-                let envelope = e.into_envelope(metadata.caused()).with_partition_key(id);
-                EventRecord::from_envelope(&envelope).map_err(AggregateError::Encode)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let stored = self
             .store
             .append(&stream, ExpectedVersion::Exactly(version), records)
@@ -349,6 +363,23 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
             }
         }
-        Ok(stored)
+        Ok(Committed {
+            state,
+            version: version + stored.len() as u64,
+            records: stored,
+        })
     }
+}
+
+/// The outcome of [`AggregateRepository::execute`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Committed<A> {
+    /// The state after the new events.
+    pub state: A,
+    /// The stream version after them.
+    pub version: u64,
+    /// The stored records (with versions and positions); empty when the aggregate decided
+    /// nothing.
+    pub records: Vec<EventRecord>,
 }

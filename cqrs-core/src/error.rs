@@ -145,6 +145,12 @@ impl HandlerError {
         self
     }
 
+    /// Replaces the code (keeping the kind and message).
+    pub fn with_code(mut self, code: impl Into<Cow<'static, str>>) -> Self {
+        self.code = code.into();
+        self
+    }
+
     /// Attaches the underlying error.
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());

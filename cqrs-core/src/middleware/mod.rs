@@ -5,6 +5,7 @@
 //!
 //! * [`TracingLayer`]: a span per dispatch with the message's kind, name and ids.
 //! * [`TimeoutLayer`]: a time budget per dispatch.
+//! * [`MetricsLayer`]: dispatch counts by outcome and latency histograms, through `metrics`.
 //!
 //! # Writing your own: an authorization check
 //!
@@ -69,8 +70,10 @@
 //! # }).unwrap();
 //! ```
 
+mod metrics;
 mod timeout;
 mod trace;
 
+pub use metrics::{Metrics, MetricsFuture, MetricsLayer};
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 pub use trace::{Trace, TracingLayer};
