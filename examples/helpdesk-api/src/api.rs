@@ -1,0 +1,178 @@
+//! Routes and their OpenAPI operations, declared together so the document cannot drift from
+//! the router.
+
+use axum::Router;
+use axum::routing::MethodRouter;
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// One documented operation.
+#[derive(Clone, Debug)]
+pub struct Operation {
+    method: &'static str,
+    doc: Map<String, Value>,
+}
+
+impl Operation {
+    /// An operation of `method` (lower-case: `get`, `post`, ...) with a summary.
+    pub fn new(method: &'static str, summary: &str) -> Self {
+        let mut doc = Map::new();
+        doc.insert("summary".into(), json!(summary));
+        doc.insert("responses".into(), json!({}));
+        Self { method, doc }
+    }
+
+    /// Groups it under a tag.
+    pub fn tag(mut self, tag: &str) -> Self {
+        self.doc.insert("tags".into(), json!([tag]));
+        self
+    }
+
+    /// Requires a bearer token.
+    pub fn bearer(mut self) -> Self {
+        self.doc
+            .insert("security".into(), json!([{ "bearer": [] }]));
+        self.response(401, "missing or invalid token", None)
+    }
+
+    /// The JSON request body's schema.
+    pub fn body(mut self, schema: Value) -> Self {
+        self.doc.insert(
+            "requestBody".into(),
+            json!({ "required": true, "content": { "application/json": { "schema": schema } } }),
+        );
+        self
+    }
+
+    /// A parameter (`in`: `path`, `query` or `header`).
+    pub fn param(
+        mut self,
+        name: &str,
+        location: &str,
+        required: bool,
+        schema: Value,
+        description: &str,
+    ) -> Self {
+        let params = self.doc.entry("parameters").or_insert_with(|| json!([]));
+        if let Some(list) = params.as_array_mut() {
+            list.push(json!({
+                "name": name, "in": location, "required": required,
+                "schema": schema, "description": description,
+            }));
+        }
+        self
+    }
+
+    /// A response; `schema` is for a JSON body (errors use the shared `Error` schema).
+    pub fn response(mut self, status: u16, description: &str, schema: Option<Value>) -> Self {
+        let schema = schema
+            .or_else(|| (status >= 400).then(|| json!({ "$ref": "#/components/schemas/Error" })));
+        let mut response = json!({ "description": description });
+        if let Some(schema) = schema {
+            response["content"] = json!({ "application/json": { "schema": schema } });
+        }
+        if let Some(responses) = self.doc.get_mut("responses").and_then(Value::as_object_mut) {
+            responses.insert(status.to_string(), response);
+        }
+        self
+    }
+}
+
+/// Routes a plugin contributes, each with its OpenAPI operation.
+///
+/// ```
+/// use axum::routing::get;
+/// use helpdesk_api::{HttpApi, Operation};
+///
+/// let api = HttpApi::new().route(
+///     "/ping",
+///     get(|| async { "pong" }),
+///     [Operation::new("get", "Answers pong")],
+/// );
+/// let (_router, paths) = api.into_parts();
+/// assert!(paths["/ping"]["get"]["summary"] == "Answers pong");
+/// ```
+#[derive(Default)]
+pub struct HttpApi {
+    routes: BTreeMap<String, MethodRouter>,
+    paths: BTreeMap<String, Map<String, Value>>,
+    schemas: Map<String, Value>,
+}
+
+impl fmt::Debug for HttpApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpApi")
+            .field("paths", &self.paths.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl HttpApi {
+    /// No routes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `handler` (one or more methods) at `path`, documented by `operations` (one per
+    /// method).
+    pub fn route(
+        mut self,
+        path: &str,
+        handler: MethodRouter,
+        operations: impl IntoIterator<Item = Operation>,
+    ) -> Self {
+        let merged = match self.routes.remove(path) {
+            Some(existing) => existing.merge(handler),
+            None => handler,
+        };
+        self.routes.insert(path.to_owned(), merged);
+        let entry = self.paths.entry(path.to_owned()).or_default();
+        for op in operations {
+            entry.insert(op.method.to_owned(), Value::Object(op.doc));
+        }
+        self
+    }
+
+    /// Adds a named schema to `components.schemas`.
+    pub fn schema(mut self, name: &str, schema: Value) -> Self {
+        self.schemas.insert(name.to_owned(), schema);
+        self
+    }
+
+    /// Adds another plugin's or module's routes.
+    pub fn merge(mut self, other: HttpApi) -> Self {
+        for (path, handler) in other.routes {
+            let merged = match self.routes.remove(&path) {
+                Some(existing) => existing.merge(handler),
+                None => handler,
+            };
+            self.routes.insert(path, merged);
+        }
+        for (path, ops) in other.paths {
+            self.paths.entry(path).or_default().extend(ops);
+        }
+        self.schemas.extend(other.schemas);
+        self
+    }
+
+    /// The router and the OpenAPI `paths` object.
+    pub fn into_parts(self) -> (Router, Map<String, Value>) {
+        let (router, paths, _) = self.into_all();
+        (router, paths)
+    }
+
+    /// The router, the OpenAPI `paths` object and the named schemas.
+    pub fn into_all(self) -> (Router, Map<String, Value>, Map<String, Value>) {
+        let mut router = Router::new();
+        for (path, handler) in self.routes {
+            router = router.route(&path, handler);
+        }
+        let paths = self
+            .paths
+            .into_iter()
+            .map(|(k, v)| (k, Value::Object(v)))
+            .collect();
+        (router, paths, self.schemas)
+    }
+}

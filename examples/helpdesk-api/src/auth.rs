@@ -1,0 +1,72 @@
+//! Who is calling.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A user's role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Sees and acts on every ticket.
+    Agent,
+    /// Sees the tickets they reported.
+    Customer,
+}
+
+impl Role {
+    /// `agent` or `customer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Customer => "customer",
+        }
+    }
+}
+
+/// An authenticated user: the principal of every request after authentication.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// The user's id.
+    pub id: Uuid,
+    /// The role.
+    pub role: Role,
+}
+
+impl User {
+    /// Whether the user is an agent.
+    pub fn is_agent(&self) -> bool {
+        self.role == Role::Agent
+    }
+}
+
+/// Why a token was refused. Every variant is a 401; the message says which.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No credentials.
+    #[error("missing bearer token: send `Authorization: Bearer <token>`")]
+    Missing,
+    /// Not a bearer token, or not a token at all.
+    #[error("malformed authorization: expected `Authorization: Bearer <token>`")]
+    Malformed,
+    /// The token is invalid: bad signature, wrong algorithm, or expired.
+    #[error("invalid or expired token")]
+    Invalid,
+}
+
+/// Verifies bearer tokens. The auth plugin provides one as a resource; the gateway uses it for
+/// every authenticated route and the WebSocket handshake.
+#[async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    /// The user a token belongs to.
+    async fn verify(&self, token: &str) -> Result<User, AuthError>;
+}
+
+/// Looks users up by id, for plugins that need another user's role (the tickets plugin checks
+/// that an assignee is an agent). The auth plugin provides one as a resource.
+#[async_trait]
+pub trait UserDirectory: Send + Sync + 'static {
+    /// The role of user `id`, or `None` when there is no such user.
+    async fn role_of(&self, id: Uuid) -> Result<Option<Role>, cqrs_core::ports::StoreError>;
+}

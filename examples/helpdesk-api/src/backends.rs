@@ -1,0 +1,128 @@
+//! What the gateway gives plugins: backends, settings, and the buses once built.
+
+use crate::ApiError;
+use cqrs_core::clock::Clock;
+use cqrs_core::ports::{EventStore, EventTransport, IdempotencyStore, PubSub};
+use cqrs_core::{CommandBus, EventBus, QueryBus};
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Which backends the server runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Everything in process memory: no setup, nothing survives a restart, one instance.
+    Memory,
+}
+
+/// The backends, provided to plugins as a resource.
+#[derive(Clone)]
+pub struct Backends {
+    /// Which mode.
+    pub mode: Mode,
+    /// The event store (the source of truth for tickets).
+    pub events: Arc<dyn EventStore>,
+    /// The idempotency store.
+    pub idempotency: Arc<dyn IdempotencyStore>,
+    /// The durable event transport events are relayed to.
+    pub transport: Arc<dyn EventTransport>,
+    /// The pub/sub for realtime fan-out.
+    pub pubsub: Arc<dyn PubSub>,
+    /// The clock (tests inject a manual one).
+    pub clock: Arc<dyn Clock>,
+    /// The transport topic the relay publishes every event to.
+    pub topic: String,
+}
+
+impl fmt::Debug for Backends {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backends")
+            .field("mode", &self.mode)
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings plugins read, provided as a resource.
+#[derive(Clone)]
+pub struct Settings {
+    /// The HS256 secret (at least 32 bytes).
+    pub jwt_secret: Arc<[u8]>,
+    /// How long a token lives.
+    pub token_ttl: Duration,
+    /// Emails (lower-case) that register as agents.
+    pub agent_emails: Arc<HashSet<String>>,
+    /// Failed logins per email and client address before 429.
+    pub login_attempts: u32,
+    /// The window for counting failed logins.
+    pub login_window: Duration,
+    /// How long idempotency keys live.
+    pub idempotency_ttl: Duration,
+    /// How often consumers poll and wait (short in tests).
+    pub poll_interval: Duration,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("jwt_secret", &"<redacted>")
+            .field("token_ttl", &self.token_ttl)
+            .field("agent_emails", &self.agent_emails.len())
+            .field("login_attempts", &self.login_attempts)
+            .field("login_window", &self.login_window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The three buses.
+#[derive(Clone, Debug)]
+pub struct Buses {
+    /// Commands.
+    pub commands: CommandBus,
+    /// Queries.
+    pub queries: QueryBus,
+    /// Events (in process).
+    pub events: EventBus,
+}
+
+/// The buses, filled in by the gateway after every plugin registered its handlers. Route
+/// handlers read it per request; it is set once before the server accepts requests.
+#[derive(Clone, Debug, Default)]
+pub struct BusHandle(Arc<OnceLock<Buses>>);
+
+impl BusHandle {
+    /// An empty handle.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the buses; a second call is ignored.
+    pub fn set(&self, buses: Buses) {
+        let _ = self.0.set(buses);
+    }
+
+    /// The buses, or a 503 before they are set.
+    pub fn get(&self) -> Result<&Buses, ApiError> {
+        self.0.get().ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "starting",
+                "the server is still starting",
+            )
+        })
+    }
+}
+
+/// A background worker a plugin contributes (a consumer, a projection); the gateway runs it in
+/// its [`Runtime`](cqrs_core::runtime::Runtime).
+pub struct BackgroundWorker(pub Box<dyn cqrs_core::runtime::Worker>);
+
+impl fmt::Debug for BackgroundWorker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("BackgroundWorker")
+            .field(&self.0.name())
+            .finish()
+    }
+}

@@ -1,0 +1,173 @@
+//! Extractors that answer in the JSON error contract instead of axum's plain-text rejections.
+
+use crate::{ApiError, AuthError, Authenticator, User};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::de::DeserializeOwned;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// A JSON body. Answers 415 for another content type, 400 `malformed_json` for broken JSON,
+/// 422 `invalid_body` for JSON of the wrong shape (with serde's message), 413 for a body over
+/// the limit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+fn is_json(parts: &axum::http::HeaderMap) -> bool {
+    parts
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e {
+            BytesRejection::FailedToBufferBody(inner)
+                if inner.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the body is larger than the 64 KiB limit",
+                )
+            }
+            other => ApiError::bad_request(
+                "unreadable_body",
+                format!("the body could not be read: {}", other.body_text()),
+            ),
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses JSON with the contract's error codes.
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::unprocessable(
+            "invalid_body",
+            format!("the body does not match the expected shape: {e}"),
+        ),
+        _ => ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}")),
+    })
+}
+
+/// Path parameters; a malformed one is 400 `invalid_path`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_path",
+                    format!("invalid path parameter: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// Query parameters; invalid ones are 400 `invalid_query`.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| ApiQuery(v))
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("invalid query parameter: {}", e.body_text()),
+                )
+            })
+    }
+}
+
+/// The authenticated caller, from `Authorization: Bearer <token>`. Any missing, malformed,
+/// empty or invalid credential is 401 `unauthorized`. The gateway puts the
+/// [`Authenticator`] in the request extensions.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub User);
+
+/// Reads the bearer token of `Authorization`, if any.
+pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token)
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let authenticator = parts
+            .extensions
+            .get::<Arc<dyn Authenticator>>()
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "starting",
+                    "authentication is not set up yet",
+                )
+            })?;
+        let token =
+            bearer_token(&parts.headers).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        authenticator
+            .verify(token)
+            .await
+            .map(Authenticated)
+            .map_err(|e| ApiError::unauthorized(e.to_string()))
+    }
+}
+
+/// The client's address (for login throttling): the peer address of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddr(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(addr)| addr.ip()),
+        ))
+    }
+}

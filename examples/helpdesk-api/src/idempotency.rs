@@ -1,0 +1,92 @@
+//! The `Idempotency-Key` header on POST routes.
+
+use crate::{ApiError, User};
+use axum::Json;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cqrs_core::ports::{Claim, IdempotencyStore, StoredResponse};
+use serde::Serialize;
+use std::future::Future;
+use std::time::Duration;
+
+/// The header.
+pub const HEADER: &str = "idempotency-key";
+
+/// Runs `work` at most once per `(user, Idempotency-Key)`: a replay with the same key and the
+/// same request returns the stored status and body; the same key with a different request is
+/// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first. Without the
+/// header, `work` just runs. Failed work (an error status) is not stored, so the client may
+/// retry it.
+pub async fn once<T, F, Fut>(
+    store: &dyn IdempotencyStore,
+    headers: &HeaderMap,
+    user: &User,
+    fingerprint: impl AsRef<[u8]>,
+    ttl: Duration,
+    work: F,
+) -> Result<Response, ApiError>
+where
+    T: Serialize,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(StatusCode, T), ApiError>>,
+{
+    let Some(key) = headers.get(HEADER) else {
+        let (status, body) = work().await?;
+        return Ok((status, Json(body)).into_response());
+    };
+    let key = key
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    let scope = format!("user:{}", user.id);
+    let fingerprint = hex_digest(fingerprint.as_ref());
+    match store.claim(&scope, key, &fingerprint, ttl).await {
+        Ok(Claim::Replay(stored)) => Ok(replay(stored)),
+        Ok(Claim::New(guard)) => {
+            let (status, body) = work().await?;
+            let body = serde_json::to_value(body).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
+            guard
+                .complete(StoredResponse::new(status.as_u16(), body.clone()))
+                .await?;
+            Ok((status, Json(body)).into_response())
+        }
+        Err(cqrs_core::ports::StoreError::FingerprintMismatch { .. }) => {
+            Err(ApiError::unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different request",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn replay(stored: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut response = (status, Json(stored.body)).into_response();
+    response.headers_mut().insert(
+        "idempotency-replayed",
+        axum::http::HeaderValue::from_static("true"),
+    );
+    response
+}
+
+/// A stable, non-cryptographic digest of the request (FNV-1a, 128 bits). It tells apart two
+/// different requests under one key; it does not need to resist a forger, who could only
+/// collide with their own earlier request.
+fn hex_digest(bytes: &[u8]) -> String {
+    let mut a: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut b: u64 = 0x8422_2325_cbf2_9ce4;
+    for byte in bytes {
+        a = (a ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3);
+        b = (b ^ u64::from(*byte).rotate_left(3)).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{a:016x}{b:016x}:{}", bytes.len())
+}

@@ -1,0 +1,21 @@
+//! The contract between the helpdesk gateway and its plugins.
+//!
+//! The gateway (`helpdesk`) never names a plugin: plugins register through `inventory`
+//! (`cqrs_core::register_plugin!`) and hand the gateway [`HttpApi`] contributions (routes with
+//! their OpenAPI operations). The gateway provides them [`Backends`] and a [`BusHandle`] as
+//! resources before installing them. Everything here is shared by both sides: the JSON error
+//! contract ([`ApiError`]), extractors that keep it ([`ApiJson`], [`ApiPath`], [`ApiQuery`]),
+//! the authenticated [`User`], and the [`Authenticator`] the auth plugin provides.
+
+mod api;
+mod auth;
+mod backends;
+mod error;
+mod extract;
+pub mod idempotency;
+
+pub use api::{HttpApi, Operation};
+pub use auth::{AuthError, Authenticator, Role, User, UserDirectory};
+pub use backends::{Backends, BackgroundWorker, BusHandle, Buses, Mode, Settings};
+pub use error::{ApiError, ErrorBody};
+pub use extract::{ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, bearer_token};

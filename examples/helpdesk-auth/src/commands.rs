@@ -1,0 +1,285 @@
+//! The auth plugin's messages and handlers.
+
+use crate::throttle::LoginThrottle;
+use crate::tokens::JwtTokens;
+use crate::users::{CreateUserError, UserRecord, UserStore};
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use async_trait::async_trait;
+use cqrs_core::clock::Clock;
+use cqrs_core::{
+    Command, CommandContext, CommandHandler, ErrorKind, HandlerError, Message, Query, QueryContext,
+    QueryHandler,
+};
+use helpdesk_api::{Role, User};
+use serde_json::json;
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// Registers a user.
+#[derive(Debug)]
+pub struct RegisterUser {
+    /// As sent; trimmed and lower-cased by the handler.
+    pub email: String,
+    /// 8 to 128 characters.
+    pub password: String,
+    /// Optional, at most 100 characters after trimming.
+    pub display_name: Option<String>,
+}
+
+impl Message for RegisterUser {
+    const NAME: &'static str = "auth.register_user";
+}
+
+impl Command for RegisterUser {
+    type Output = UserRecord;
+}
+
+/// Logs in: checks the password and issues a token.
+#[derive(Debug)]
+pub struct LogIn {
+    /// As sent.
+    pub email: String,
+    /// As sent.
+    pub password: String,
+    /// The client's address, for throttling.
+    pub client: Option<IpAddr>,
+}
+
+impl Message for LogIn {
+    const NAME: &'static str = "auth.log_in";
+}
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    /// The bearer token.
+    pub token: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+    /// Who logged in.
+    pub user: User,
+}
+
+impl Command for LogIn {
+    type Output = LoggedIn;
+}
+
+/// Reads a user by id.
+#[derive(Debug)]
+pub struct GetUser(pub Uuid);
+
+impl Message for GetUser {
+    const NAME: &'static str = "auth.get_user";
+}
+
+impl Query for GetUser {
+    type Output = Option<UserRecord>;
+}
+
+/// Trims and lower-cases an email, or says why it is not one.
+pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
+    let email = raw.trim().to_lowercase();
+    if email.is_empty() {
+        return Err("the email is empty");
+    }
+    if email.len() > 254 {
+        return Err("the email is longer than 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err("the email has no @");
+    };
+    let looks_right = !local.is_empty()
+        && local.len() <= 64
+        && !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|label| !label.is_empty())
+        && !email.chars().any(|c| {
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(
+                    c,
+                    '<' | '>' | '(' | ')' | ',' | ';' | ':' | '\\' | '"' | '[' | ']'
+                )
+        });
+    if looks_right {
+        Ok(email)
+    } else {
+        Err("the email does not look like an address")
+    }
+}
+
+fn invalid(field: &str, problem: &str) -> HandlerError {
+    HandlerError::invalid("validation_failed", format!("{field}: {problem}"))
+        .with_details(json!({ "field": field, "problem": problem }))
+}
+
+fn internal(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::internal(e.to_string())
+}
+
+/// Hashes on a blocking thread: argon2 takes tens of milliseconds on purpose.
+async fn hash_password(password: String) -> Result<String, HandlerError> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|h| h.to_string())
+            .map_err(internal)
+    })
+    .await
+    .map_err(internal)?
+}
+
+async fn verify_password(password: String, hash: String) -> Result<bool, HandlerError> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .verify_password(password.as_bytes(), hash.as_str())
+            .is_ok()
+    })
+    .await
+    .map_err(internal)
+}
+
+/// Handles [`RegisterUser`].
+pub(crate) struct RegisterHandler {
+    pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) agents: Arc<HashSet<String>>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+#[async_trait]
+impl CommandHandler<RegisterUser> for RegisterHandler {
+    async fn handle(
+        &self,
+        cmd: RegisterUser,
+        _ctx: &mut CommandContext,
+    ) -> Result<UserRecord, HandlerError> {
+        let email = normalize_email(&cmd.email).map_err(|p| invalid("email", p))?;
+        let chars = cmd.password.chars().count();
+        if !(8..=128).contains(&chars) {
+            return Err(invalid(
+                "password",
+                "the password must be 8 to 128 characters",
+            ));
+        }
+        let display_name = cmd
+            .display_name
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty());
+        if display_name
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > 100)
+        {
+            return Err(invalid(
+                "display_name",
+                "the display name must be at most 100 characters",
+            ));
+        }
+        // Cheap check first, so a taken email does not cost a hash; the store decides for real.
+        if self.users.by_email(&email).await?.is_some() {
+            return Err(email_taken());
+        }
+        let role = if self.agents.contains(&email) {
+            Role::Agent
+        } else {
+            Role::Customer
+        };
+        let user = UserRecord {
+            id: Uuid::now_v7(),
+            email,
+            role,
+            display_name,
+            password_hash: hash_password(cmd.password).await?,
+            created_at: self.clock.now(),
+        };
+        match self.users.create(user.clone()).await {
+            Ok(()) => Ok(user),
+            Err(CreateUserError::EmailTaken) => Err(email_taken()),
+            Err(CreateUserError::Store(e)) => Err(e.into()),
+        }
+    }
+}
+
+fn email_taken() -> HandlerError {
+    HandlerError::conflict("email_taken", "an account with this email already exists")
+}
+
+/// Handles [`LogIn`].
+pub(crate) struct LogInHandler {
+    pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) throttle: Arc<dyn LoginThrottle>,
+    pub(crate) tokens: JwtTokens,
+    /// Verified against when the email is unknown, so both failures take as long.
+    pub(crate) dummy_hash: Arc<String>,
+}
+
+#[async_trait]
+impl CommandHandler<LogIn> for LogInHandler {
+    async fn handle(
+        &self,
+        cmd: LogIn,
+        _ctx: &mut CommandContext,
+    ) -> Result<LoggedIn, HandlerError> {
+        let email = cmd.email.trim().to_lowercase();
+        let key = format!(
+            "{email}|{}",
+            cmd.client
+                .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+        );
+        if let Some(seconds) = self.throttle.blocked_for(&key).await? {
+            return Err(HandlerError::new(
+                ErrorKind::RateLimited,
+                "too_many_attempts",
+                "too many failed logins; try again later",
+            )
+            .with_details(json!({ "retry_after": seconds })));
+        }
+        let user = self.users.by_email(&email).await?;
+        let hash = user
+            .as_ref()
+            .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
+        let ok = verify_password(cmd.password, hash).await? && user.is_some();
+        let Some(user) = user.filter(|_| ok) else {
+            self.throttle.record_failure(&key).await?;
+            return Err(
+                HandlerError::unauthorized("the email or the password is wrong")
+                    .with_code("invalid_credentials"),
+            );
+        };
+        let principal = User {
+            id: user.id,
+            role: user.role,
+        };
+        let token = self.tokens.issue(&principal).map_err(internal)?;
+        Ok(LoggedIn {
+            token,
+            expires_in: self.tokens.ttl_seconds(),
+            user: principal,
+        })
+    }
+}
+
+/// Handles [`GetUser`].
+pub(crate) struct GetUserHandler {
+    pub(crate) users: Arc<dyn UserStore>,
+}
+
+#[async_trait]
+impl QueryHandler<GetUser> for GetUserHandler {
+    async fn handle(
+        &self,
+        q: GetUser,
+        _ctx: &QueryContext,
+    ) -> Result<Option<UserRecord>, HandlerError> {
+        Ok(self.users.by_id(q.0).await?)
+    }
+}
+
+/// A hash of a random password, made once at start-up.
+pub(crate) fn dummy_hash() -> Result<String, HandlerError> {
+    Argon2::default()
+        .hash_password(Uuid::new_v4().to_string().as_bytes())
+        .map(|h| h.to_string())
+        .map_err(internal)
+}

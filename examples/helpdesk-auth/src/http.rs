@@ -1,0 +1,196 @@
+//! The auth plugin's routes.
+
+use crate::commands::{GetUser, LogIn, RegisterUser};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use cqrs_core::Metadata;
+use helpdesk_api::{ApiError, ApiJson, Authenticated, BusHandle, ClientAddr, HttpApi, Operation};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+#[derive(Debug, Deserialize)]
+struct RegisterBody {
+    email: String,
+    password: String,
+    #[serde(default)]
+    display_name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Registered {
+    user_id: Uuid,
+    email: String,
+    role: &'static str,
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginBody {
+    email: String,
+    password: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Token {
+    token: String,
+    token_type: &'static str,
+    expires_in: u64,
+    user_id: Uuid,
+    role: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct Me {
+    user_id: Uuid,
+    email: String,
+    role: &'static str,
+    display_name: Option<String>,
+}
+
+async fn register(
+    State(buses): State<BusHandle>,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    let user = buses
+        .get()?
+        .commands
+        .dispatch(RegisterUser {
+            email: body.email,
+            password: body.password,
+            display_name: body.display_name,
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            user_id: user.id,
+            email: user.email,
+            role: user.role.as_str(),
+        }),
+    ))
+}
+
+async fn login(
+    State(buses): State<BusHandle>,
+    ClientAddr(client): ClientAddr,
+    ApiJson(body): ApiJson<LoginBody>,
+) -> Result<Json<Token>, ApiError> {
+    let result = buses
+        .get()?
+        .commands
+        .dispatch(LogIn {
+            email: body.email,
+            password: body.password,
+            client,
+        })
+        .await;
+    let logged_in = result.map_err(|e| {
+        let retry_after = e
+            .handler_error()
+            .and_then(|h| h.details())
+            .and_then(|d| d["retry_after"].as_u64());
+        let error = ApiError::from(e);
+        match retry_after {
+            Some(seconds) => error.with_retry_after(seconds),
+            None => error,
+        }
+    })?;
+    Ok(Json(Token {
+        token: logged_in.token,
+        token_type: "Bearer",
+        expires_in: logged_in.expires_in,
+        user_id: logged_in.user.id,
+        role: logged_in.user.role.as_str(),
+    }))
+}
+
+async fn me(
+    State(buses): State<BusHandle>,
+    Authenticated(user): Authenticated,
+) -> Result<Json<Me>, ApiError> {
+    let metadata = Metadata::new().with_actor(user.id.to_string());
+    let record = buses
+        .get()?
+        .queries
+        .dispatch_with(GetUser(user.id), metadata)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
+    Ok(Json(Me {
+        user_id: record.id,
+        email: record.email,
+        role: record.role.as_str(),
+        display_name: record.display_name,
+    }))
+}
+
+fn schema_user() -> Value {
+    json!({
+        "type": "object",
+        "required": ["user_id", "email", "role"],
+        "properties": {
+            "user_id": { "type": "string", "format": "uuid" },
+            "email": { "type": "string", "format": "email" },
+            "role": { "type": "string", "enum": ["agent", "customer"] },
+            "display_name": { "type": ["string", "null"] }
+        }
+    })
+}
+
+/// The routes, with their documentation.
+pub(crate) fn api(buses: BusHandle) -> HttpApi {
+    HttpApi::new()
+        .route(
+            "/auth/register",
+            post(register).with_state(buses.clone()),
+            [Operation::new("post", "Register a user")
+                .tag("auth")
+                .body(json!({
+                    "type": "object",
+                    "required": ["email", "password"],
+                    "properties": {
+                        "email": { "type": "string", "maxLength": 254 },
+                        "password": { "type": "string", "minLength": 8, "maxLength": 128 },
+                        "display_name": { "type": "string", "maxLength": 100 }
+                    }
+                }))
+                .response(201, "registered", Some(schema_user()))
+                .response(400, "malformed JSON", None)
+                .response(409, "the email is taken (`email_taken`)", None)
+                .response(415, "not JSON", None)
+                .response(422, "invalid email, password or display name", None)],
+        )
+        .route(
+            "/auth/login",
+            post(login).with_state(buses.clone()),
+            [Operation::new("post", "Log in and get a bearer token")
+                .tag("auth")
+                .body(json!({
+                    "type": "object",
+                    "required": ["email", "password"],
+                    "properties": { "email": { "type": "string" }, "password": { "type": "string" } }
+                }))
+                .response(200, "a token", Some(json!({
+                    "type": "object",
+                    "required": ["token", "token_type", "expires_in", "user_id", "role"],
+                    "properties": {
+                        "token": { "type": "string" },
+                        "token_type": { "type": "string", "enum": ["Bearer"] },
+                        "expires_in": { "type": "integer" },
+                        "user_id": { "type": "string", "format": "uuid" },
+                        "role": { "type": "string", "enum": ["agent", "customer"] }
+                    }
+                })))
+                .response(401, "wrong email or password (`invalid_credentials`)", None)
+                .response(429, "too many failed attempts (`too_many_attempts`), with Retry-After", None)],
+        )
+        .route(
+            "/auth/me",
+            get(me).with_state(buses),
+            [Operation::new("get", "The current user")
+                .tag("auth")
+                .bearer()
+                .response(200, "the user", Some(schema_user()))],
+        )
+}

@@ -1,0 +1,78 @@
+//! Where users live.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_core::ports::StoreError;
+use helpdesk_api::Role;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
+
+/// A stored user.
+#[derive(Clone, Debug)]
+pub struct UserRecord {
+    /// The id.
+    pub id: Uuid,
+    /// Trimmed, lower-case.
+    pub email: String,
+    /// The role.
+    pub role: Role,
+    /// The display name, as sent (trimmed).
+    pub display_name: Option<String>,
+    /// The argon2id PHC string.
+    pub password_hash: String,
+    /// When the user registered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Why a user could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateUserError {
+    /// The email is registered already.
+    #[error("the email is already registered")]
+    EmailTaken,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Users by id and by email (unique, compared lower-case).
+#[async_trait]
+pub trait UserStore: Send + Sync + 'static {
+    /// Adds a user; a taken email is [`CreateUserError::EmailTaken`].
+    async fn create(&self, user: UserRecord) -> Result<(), CreateUserError>;
+    /// The user with this (lower-case) email.
+    async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError>;
+    /// The user with this id.
+    async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError>;
+}
+
+/// Users in process memory.
+#[derive(Clone, Debug, Default)]
+pub struct InMemoryUserStore {
+    users: Arc<Mutex<(HashMap<Uuid, UserRecord>, HashMap<String, Uuid>)>>,
+}
+
+#[async_trait]
+impl UserStore for InMemoryUserStore {
+    async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
+        let mut guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_id, by_email) = &mut *guard;
+        if by_email.contains_key(&user.email) {
+            return Err(CreateUserError::EmailTaken);
+        }
+        by_email.insert(user.email.clone(), user.id);
+        by_id.insert(user.id, user);
+        Ok(())
+    }
+
+    async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+        let guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(guard.1.get(email).and_then(|id| guard.0.get(id)).cloned())
+    }
+
+    async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        let guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(guard.0.get(&id).cloned())
+    }
+}

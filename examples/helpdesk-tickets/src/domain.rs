@@ -1,0 +1,316 @@
+//! The ticket aggregate, its events, and the view it folds into.
+
+use chrono::{DateTime, Utc};
+use cqrs_core::{Aggregate, Event, HandlerError, Message, event_set};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A ticket's priority.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Low.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// High.
+    High,
+    /// Urgent.
+    Urgent,
+}
+
+/// A ticket's status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Not assigned yet.
+    #[default]
+    Open,
+    /// An agent has it.
+    Assigned,
+    /// Done; no more changes.
+    Closed,
+}
+
+/// A ticket was opened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TicketOpened {
+    /// The ticket.
+    pub ticket_id: Uuid,
+    /// Who reported it (every ticket event carries it, so realtime can authorize from the
+    /// event alone).
+    pub reporter_id: Uuid,
+    /// The title, trimmed.
+    pub title: String,
+    /// The description, as sent.
+    pub description: String,
+    /// The priority.
+    pub priority: Priority,
+}
+
+/// A ticket was assigned to an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TicketAssigned {
+    /// The ticket.
+    pub ticket_id: Uuid,
+    /// Its reporter.
+    pub reporter_id: Uuid,
+    /// The agent.
+    pub assignee_id: Uuid,
+}
+
+/// Someone commented on a ticket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TicketCommented {
+    /// The ticket.
+    pub ticket_id: Uuid,
+    /// Its reporter.
+    pub reporter_id: Uuid,
+    /// The comment's id.
+    pub comment_id: Uuid,
+    /// Who wrote it.
+    pub author_id: Uuid,
+    /// The text, as sent.
+    pub body: String,
+}
+
+/// A ticket was closed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TicketClosed {
+    /// The ticket.
+    pub ticket_id: Uuid,
+    /// Its reporter.
+    pub reporter_id: Uuid,
+    /// Why, if given.
+    pub resolution: Option<String>,
+}
+
+macro_rules! ticket_event {
+    ($ty:ident) => {
+        impl Message for $ty {
+            const NAME: &'static str = stringify!($ty);
+        }
+        impl Event for $ty {}
+    };
+}
+
+ticket_event!(TicketOpened);
+ticket_event!(TicketAssigned);
+ticket_event!(TicketCommented);
+ticket_event!(TicketClosed);
+
+event_set! {
+    /// Everything that happens to a ticket.
+    pub enum TicketEvent {
+        /// Opened.
+        Opened(TicketOpened),
+        /// Assigned.
+        Assigned(TicketAssigned),
+        /// Commented.
+        Commented(TicketCommented),
+        /// Closed.
+        Closed(TicketClosed),
+    }
+}
+
+/// A comment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Comment {
+    /// Its id.
+    pub id: Uuid,
+    /// Who wrote it.
+    pub author_id: Uuid,
+    /// The text.
+    pub body: String,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A ticket as clients see it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// Its id.
+    pub id: Uuid,
+    /// The title.
+    pub title: String,
+    /// The description.
+    pub description: String,
+    /// The priority.
+    pub priority: Priority,
+    /// The status.
+    pub status: Status,
+    /// Who reported it.
+    pub reporter_id: Uuid,
+    /// The assigned agent.
+    pub assignee_id: Option<Uuid>,
+    /// Changes so far; 1 once opened.
+    pub version: u64,
+    /// When it was opened.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// Its comments, oldest first.
+    pub comments: Vec<Comment>,
+}
+
+/// What the aggregate decides on.
+#[derive(Debug)]
+pub enum TicketCommand {
+    /// Open a new ticket.
+    Open {
+        /// The new id.
+        id: Uuid,
+        /// The reporter.
+        reporter_id: Uuid,
+        /// Trimmed title.
+        title: String,
+        /// Description.
+        description: String,
+        /// Priority.
+        priority: Priority,
+    },
+    /// Assign to an agent (already checked to be one).
+    Assign {
+        /// The agent.
+        assignee_id: Uuid,
+    },
+    /// Comment.
+    Comment {
+        /// The new comment's id.
+        comment_id: Uuid,
+        /// Its author.
+        author_id: Uuid,
+        /// Its text.
+        body: String,
+    },
+    /// Close.
+    Close {
+        /// Why.
+        resolution: Option<String>,
+    },
+}
+
+/// The ticket's state: the view itself.
+#[derive(Debug, Default)]
+pub struct TicketState {
+    /// The view.
+    pub ticket: Ticket,
+    /// Whether it exists.
+    pub exists: bool,
+}
+
+impl TicketState {
+    fn apply_at(&mut self, event: &TicketEvent, at: DateTime<Utc>) {
+        let t = &mut self.ticket;
+        match event {
+            TicketEvent::Opened(e) => {
+                self.exists = true;
+                *t = Ticket {
+                    id: e.ticket_id,
+                    title: e.title.clone(),
+                    description: e.description.clone(),
+                    priority: e.priority,
+                    status: Status::Open,
+                    reporter_id: e.reporter_id,
+                    assignee_id: None,
+                    version: 0,
+                    created_at: at,
+                    updated_at: at,
+                    comments: Vec::new(),
+                };
+            }
+            TicketEvent::Assigned(e) => {
+                t.assignee_id = Some(e.assignee_id);
+                t.status = Status::Assigned;
+            }
+            TicketEvent::Commented(e) => t.comments.push(Comment {
+                id: e.comment_id,
+                author_id: e.author_id,
+                body: e.body.clone(),
+                created_at: at,
+            }),
+            TicketEvent::Closed(_) => t.status = Status::Closed,
+        }
+        t.version += 1;
+        t.updated_at = at;
+    }
+}
+
+fn closed() -> HandlerError {
+    HandlerError::conflict("ticket_closed", "the ticket is closed")
+}
+
+impl Aggregate for TicketState {
+    const TYPE: &'static str = "ticket";
+    type Event = TicketEvent;
+    type Command = TicketCommand;
+    type Error = HandlerError;
+
+    fn apply(&mut self, event: &TicketEvent) {
+        self.apply_at(event, Utc::now());
+    }
+
+    fn apply_with(&mut self, event: &TicketEvent, envelope: &cqrs_core::EventEnvelope) {
+        // Times come from the events' metadata, so every reload shows the same times.
+        self.apply_at(event, envelope.metadata.timestamp);
+    }
+
+    fn decide(&self, command: TicketCommand) -> Result<Vec<TicketEvent>, HandlerError> {
+        let t = &self.ticket;
+        match command {
+            TicketCommand::Open { .. } if self.exists => Err(HandlerError::conflict(
+                "ticket_exists",
+                "the ticket exists already",
+            )),
+            TicketCommand::Open {
+                id,
+                reporter_id,
+                title,
+                description,
+                priority,
+            } => Ok(vec![
+                TicketOpened {
+                    ticket_id: id,
+                    reporter_id,
+                    title,
+                    description,
+                    priority,
+                }
+                .into(),
+            ]),
+            _ if !self.exists => Err(HandlerError::not_found("no such ticket")),
+            _ if t.status == Status::Closed => Err(closed()),
+            TicketCommand::Assign { assignee_id } => Ok(vec![
+                TicketAssigned {
+                    ticket_id: t.id,
+                    reporter_id: t.reporter_id,
+                    assignee_id,
+                }
+                .into(),
+            ]),
+            TicketCommand::Comment {
+                comment_id,
+                author_id,
+                body,
+            } => Ok(vec![
+                TicketCommented {
+                    ticket_id: t.id,
+                    reporter_id: t.reporter_id,
+                    comment_id,
+                    author_id,
+                    body,
+                }
+                .into(),
+            ]),
+            TicketCommand::Close { resolution } => Ok(vec![
+                TicketClosed {
+                    ticket_id: t.id,
+                    reporter_id: t.reporter_id,
+                    resolution,
+                }
+                .into(),
+            ]),
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! The tickets plugin's commands, queries and their handlers.
+
+use crate::domain::{Priority, Status, Ticket, TicketCommand, TicketState};
+use crate::index::{Cursors, ListFilter, TicketIndex};
+use crate::stats::{Stats, StatsReader};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_core::ports::{EventStore, StoreError};
+use cqrs_core::{
+    AggregateError, AggregateRepository, Command, CommandContext, CommandHandler, EventTypes,
+    HandlerError, Message, Metadata, Query, QueryContext, QueryHandler,
+};
+use helpdesk_api::{Role, User, UserDirectory};
+use serde::Serialize;
+use serde_json::json;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// How often a change without `expected_version` is retried when another writer got in first.
+const RETRIES: usize = 5;
+
+/// A change to one ticket.
+#[derive(Debug)]
+pub enum Change {
+    /// Assign to an agent.
+    Assign {
+        /// The agent.
+        assignee_id: Uuid,
+    },
+    /// Comment.
+    Comment {
+        /// The text (1 to 10,000 characters).
+        body: String,
+    },
+    /// Close.
+    Close {
+        /// Why.
+        resolution: Option<String>,
+    },
+}
+
+/// Opens a ticket.
+#[derive(Debug)]
+pub struct OpenTicket {
+    /// The reporter.
+    pub user: User,
+    /// The title, as sent (trimmed here).
+    pub title: String,
+    /// The description.
+    pub description: Option<String>,
+    /// The priority.
+    pub priority: Option<Priority>,
+}
+
+impl Message for OpenTicket {
+    const NAME: &'static str = "tickets.open";
+}
+
+impl Command for OpenTicket {
+    type Output = Ticket;
+}
+
+/// Changes a ticket.
+#[derive(Debug)]
+pub struct ChangeTicket {
+    /// Who.
+    pub user: User,
+    /// Which ticket.
+    pub id: Uuid,
+    /// The version the client saw; another is a conflict.
+    pub expected_version: Option<u64>,
+    /// What.
+    pub change: Change,
+}
+
+impl Message for ChangeTicket {
+    const NAME: &'static str = "tickets.change";
+}
+
+impl Command for ChangeTicket {
+    type Output = Ticket;
+}
+
+/// Reads one ticket with its comments.
+#[derive(Debug)]
+pub struct GetTicket {
+    /// Who asks.
+    pub user: User,
+    /// Which.
+    pub id: Uuid,
+}
+
+impl Message for GetTicket {
+    const NAME: &'static str = "tickets.get";
+}
+
+impl Query for GetTicket {
+    type Output = Ticket;
+}
+
+/// Lists tickets.
+#[derive(Debug)]
+pub struct ListTickets {
+    /// Who asks.
+    pub user: User,
+    /// Filters (the reporter filter is forced for customers).
+    pub filter: ListFilter,
+    /// 1 to 100.
+    pub limit: usize,
+    /// Where the last page ended.
+    pub cursor: Option<String>,
+}
+
+/// A page of tickets.
+#[derive(Debug, Serialize)]
+pub struct Page {
+    /// The tickets, newest first, without comments.
+    pub items: Vec<serde_json::Value>,
+    /// The next page's cursor.
+    pub next_cursor: Option<String>,
+}
+
+impl Message for ListTickets {
+    const NAME: &'static str = "tickets.list";
+}
+
+impl Query for ListTickets {
+    type Output = Page;
+}
+
+/// A ticket's events, oldest first.
+#[derive(Debug)]
+pub struct TicketHistory {
+    /// Who asks.
+    pub user: User,
+    /// Which.
+    pub id: Uuid,
+}
+
+/// One event of a ticket's history.
+#[derive(Debug, Serialize)]
+pub struct HistoryItem {
+    /// The event's id.
+    pub event_id: Uuid,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The ticket's version after it.
+    pub version: u64,
+    /// When.
+    pub occurred_at: DateTime<Utc>,
+    /// Who.
+    pub actor_id: Option<String>,
+    /// The payload.
+    pub data: serde_json::Value,
+}
+
+impl Message for TicketHistory {
+    const NAME: &'static str = "tickets.history";
+}
+
+impl Query for TicketHistory {
+    type Output = Vec<HistoryItem>;
+}
+
+/// The counts over all tickets.
+#[derive(Debug)]
+pub struct GetStats {
+    /// Who asks (agents only).
+    pub user: User,
+}
+
+impl Message for GetStats {
+    const NAME: &'static str = "tickets.stats";
+}
+
+impl Query for GetStats {
+    type Output = Stats;
+}
+
+fn invalid(field: &str, problem: &str) -> HandlerError {
+    HandlerError::invalid("validation_failed", format!("{field}: {problem}"))
+        .with_details(json!({ "field": field, "problem": problem }))
+}
+
+fn not_found() -> HandlerError {
+    HandlerError::not_found("no such ticket")
+}
+
+fn visible(user: &User, ticket: &Ticket) -> bool {
+    user.is_agent() || ticket.reporter_id == user.id
+}
+
+fn metadata(user: &User) -> Metadata {
+    Metadata::new().with_actor(user.id.to_string())
+}
+
+fn from_aggregate(e: AggregateError<HandlerError>) -> HandlerError {
+    e.into()
+}
+
+/// Shared by the handlers.
+#[derive(Clone)]
+pub(crate) struct Tickets {
+    pub(crate) repo: Arc<AggregateRepository<TicketState>>,
+    pub(crate) events: Arc<dyn EventStore>,
+    pub(crate) index: Arc<dyn TicketIndex>,
+    pub(crate) directory: Arc<dyn UserDirectory>,
+    pub(crate) stats: Arc<dyn StatsReader>,
+    pub(crate) cursors: Cursors,
+}
+
+impl Tickets {
+    async fn load_visible(&self, user: &User, id: Uuid) -> Result<TicketState, HandlerError> {
+        let loaded = self
+            .repo
+            .load(&id.to_string())
+            .await
+            .map_err(from_aggregate)?;
+        if !loaded.state.exists || !visible(user, &loaded.state.ticket) {
+            return Err(not_found());
+        }
+        Ok(loaded.state)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<OpenTicket> for Tickets {
+    async fn handle(
+        &self,
+        cmd: OpenTicket,
+        _ctx: &mut CommandContext,
+    ) -> Result<Ticket, HandlerError> {
+        let title = cmd.title.trim().to_owned();
+        let len = title.chars().count();
+        if !(1..=200).contains(&len) {
+            return Err(invalid(
+                "title",
+                "the title must be 1 to 200 characters after trimming",
+            ));
+        }
+        let description = cmd.description.unwrap_or_default();
+        if description.chars().count() > 10_000 {
+            return Err(invalid(
+                "description",
+                "the description must be at most 10000 characters",
+            ));
+        }
+        let id = Uuid::now_v7();
+        let committed = self
+            .repo
+            .execute(
+                &id.to_string(),
+                Some(0),
+                TicketCommand::Open {
+                    id,
+                    reporter_id: cmd.user.id,
+                    title,
+                    description,
+                    priority: cmd.priority.unwrap_or_default(),
+                },
+                &metadata(&cmd.user),
+            )
+            .await
+            .map_err(from_aggregate)?;
+        self.index.upsert(&committed.state.ticket).await?;
+        Ok(committed.state.ticket)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<ChangeTicket> for Tickets {
+    async fn handle(
+        &self,
+        cmd: ChangeTicket,
+        _ctx: &mut CommandContext,
+    ) -> Result<Ticket, HandlerError> {
+        let user = &cmd.user;
+        // Checks that need no ticket come first.
+        match &cmd.change {
+            Change::Assign { .. } if !user.is_agent() => {
+                return Err(HandlerError::forbidden("only agents assign tickets"));
+            }
+            Change::Assign { assignee_id } => {
+                if self.directory.role_of(*assignee_id).await? != Some(Role::Agent) {
+                    return Err(invalid("assignee_id", "the assignee must be an agent"));
+                }
+            }
+            Change::Comment { body } => {
+                if body.trim().is_empty() || body.chars().count() > 10_000 {
+                    return Err(invalid("body", "the comment must be 1 to 10000 characters"));
+                }
+            }
+            Change::Close { resolution } => {
+                if resolution
+                    .as_ref()
+                    .is_some_and(|r| r.chars().count() > 10_000)
+                {
+                    return Err(invalid(
+                        "resolution",
+                        "the resolution must be at most 10000 characters",
+                    ));
+                }
+            }
+        }
+        let id = cmd.id.to_string();
+        let comment_id = Uuid::now_v7();
+        for attempt in 1..=RETRIES {
+            let state = self.load_visible(user, cmd.id).await?;
+            let expected = cmd.expected_version.unwrap_or(state.ticket.version);
+            let command = match &cmd.change {
+                Change::Assign { assignee_id } => TicketCommand::Assign {
+                    assignee_id: *assignee_id,
+                },
+                Change::Comment { body } => TicketCommand::Comment {
+                    comment_id,
+                    author_id: user.id,
+                    body: body.clone(),
+                },
+                Change::Close { resolution } => TicketCommand::Close {
+                    resolution: resolution.clone(),
+                },
+            };
+            match self
+                .repo
+                .execute(&id, Some(expected), command, &metadata(user))
+                .await
+            {
+                Ok(committed) => {
+                    self.index.upsert(&committed.state.ticket).await?;
+                    return Ok(committed.state.ticket);
+                }
+                // Someone else changed the ticket between our load and our append: decide
+                // again on the new state, unless the client pinned a version.
+                Err(AggregateError::Store(StoreError::Conflict { .. }))
+                    if cmd.expected_version.is_none() && attempt < RETRIES => {}
+                Err(AggregateError::Store(StoreError::Conflict { actual, .. })) => {
+                    return Err(HandlerError::conflict(
+                        "version_conflict",
+                        format!("the ticket is at version {actual}, not the expected {expected}"),
+                    )
+                    .with_details(json!({ "current_version": actual })));
+                }
+                Err(e) => return Err(from_aggregate(e)),
+            }
+        }
+        Err(HandlerError::conflict(
+            "version_conflict",
+            "the ticket kept changing; try again",
+        ))
+    }
+}
+
+#[async_trait]
+impl QueryHandler<GetTicket> for Tickets {
+    async fn handle(&self, q: GetTicket, _ctx: &QueryContext) -> Result<Ticket, HandlerError> {
+        Ok(self.load_visible(&q.user, q.id).await?.ticket)
+    }
+}
+
+/// A ticket without comments, as lists show it.
+pub(crate) fn summary_json(ticket: &Ticket) -> serde_json::Value {
+    let mut value = serde_json::to_value(ticket).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        map.remove("comments");
+    }
+    value
+}
+
+#[async_trait]
+impl QueryHandler<ListTickets> for Tickets {
+    async fn handle(&self, q: ListTickets, _ctx: &QueryContext) -> Result<Page, HandlerError> {
+        let after = match &q.cursor {
+            Some(c) => Some(self.cursors.decode(c).ok_or_else(|| {
+                HandlerError::invalid("invalid_cursor", "the cursor is not one this server issued")
+            })?),
+            None => None,
+        };
+        let mut filter = q.filter;
+        if q.user.role == Role::Customer {
+            filter.reporter_id = Some(q.user.id);
+        }
+        // One more than asked, to know whether there is a next page.
+        let mut items = self.index.list(&filter, after, q.limit + 1).await?;
+        let next_cursor = if items.len() > q.limit {
+            items.truncate(q.limit);
+            items
+                .last()
+                .map(|t| self.cursors.encode((t.created_at, t.id)))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: items.iter().map(summary_json).collect(),
+            next_cursor,
+        })
+    }
+}
+
+#[async_trait]
+impl QueryHandler<TicketHistory> for Tickets {
+    async fn handle(
+        &self,
+        q: TicketHistory,
+        _ctx: &QueryContext,
+    ) -> Result<Vec<HistoryItem>, HandlerError> {
+        self.load_visible(&q.user, q.id).await?;
+        let stream = AggregateRepository::<TicketState>::stream_id(&q.id.to_string());
+        let records = self.events.load(&stream, 0).await?;
+        Ok(records
+            .into_iter()
+            .map(|r| HistoryItem {
+                event_id: r.event_id,
+                version: r.stream_version.unwrap_or_default(),
+                occurred_at: r.metadata.occurred_at,
+                actor_id: r.metadata.actor.clone(),
+                data: r.payload,
+                event_type: r.event_type,
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl QueryHandler<GetStats> for Tickets {
+    async fn handle(&self, q: GetStats, _ctx: &QueryContext) -> Result<Stats, HandlerError> {
+        if !q.user.is_agent() {
+            return Err(HandlerError::forbidden("only agents see the stats"));
+        }
+        self.stats.stats().await
+    }
+}
+
+/// The event types the plugin's consumers decode.
+pub fn event_types() -> EventTypes {
+    let mut types = EventTypes::new();
+    <crate::domain::TicketEvent as cqrs_core::EventSet>::register(&mut types);
+    types
+}
+
+/// Status values, for validating query strings.
+pub(crate) fn parse_status(s: &str) -> Option<Status> {
+    serde_json::from_value(json!(s)).ok()
+}
+
+/// Priority values, for validating query strings.
+pub(crate) fn parse_priority(s: &str) -> Option<Priority> {
+    serde_json::from_value(json!(s)).ok()
+}

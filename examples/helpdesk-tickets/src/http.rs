@@ -1,0 +1,511 @@
+//! The tickets plugin's routes.
+
+use crate::domain::{Priority, Ticket};
+use crate::handlers::{
+    Change, ChangeTicket, GetStats, GetTicket, ListTickets, OpenTicket, TicketHistory,
+    parse_priority, parse_status,
+};
+use crate::index::ListFilter;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use cqrs_core::Metadata;
+use cqrs_core::ports::IdempotencyStore;
+use helpdesk_api::{
+    ApiError, ApiJson, ApiPath, ApiQuery, Authenticated, BusHandle, HttpApi, Operation, User,
+    idempotency,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Clone)]
+pub(crate) struct Http {
+    pub(crate) buses: BusHandle,
+    pub(crate) idempotency: Arc<dyn IdempotencyStore>,
+    pub(crate) ttl: Duration,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct OpenBody {
+    title: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    priority: Option<Priority>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct AssignBody {
+    assignee_id: Uuid,
+    #[serde(default)]
+    expected_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct CommentBody {
+    body: String,
+    #[serde(default)]
+    expected_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct CloseBody {
+    #[serde(default)]
+    resolution: Option<String>,
+    #[serde(default)]
+    expected_version: Option<u64>,
+}
+
+fn actor(user: &User) -> Metadata {
+    Metadata::new().with_actor(user.id.to_string())
+}
+
+fn fingerprint(path: &str, body: &impl Serialize) -> Vec<u8> {
+    let mut bytes = path.as_bytes().to_vec();
+    bytes.push(0);
+    bytes.extend(serde_json::to_vec(body).unwrap_or_default());
+    bytes
+}
+
+async fn open(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<OpenBody>,
+) -> Result<Response, ApiError> {
+    let print = fingerprint("POST /tickets", &body);
+    idempotency::once(
+        http.idempotency.as_ref(),
+        &headers,
+        &user,
+        print,
+        http.ttl,
+        || async {
+            let ticket = http
+                .buses
+                .get()?
+                .commands
+                .dispatch_with(
+                    OpenTicket {
+                        user: user.clone(),
+                        title: body.title,
+                        description: body.description,
+                        priority: body.priority,
+                    },
+                    actor(&user),
+                )
+                .await?;
+            Ok((StatusCode::CREATED, ticket))
+        },
+    )
+    .await
+}
+
+async fn change(
+    http: Http,
+    user: User,
+    headers: HeaderMap,
+    id: Uuid,
+    route: &str,
+    print: Vec<u8>,
+    status: StatusCode,
+    expected_version: Option<u64>,
+    change: Change,
+) -> Result<Response, ApiError> {
+    let _ = route;
+    idempotency::once(
+        http.idempotency.as_ref(),
+        &headers,
+        &user,
+        print,
+        http.ttl,
+        || async {
+            let ticket: Ticket = http
+                .buses
+                .get()?
+                .commands
+                .dispatch_with(
+                    ChangeTicket {
+                        user: user.clone(),
+                        id,
+                        expected_version,
+                        change,
+                    },
+                    actor(&user),
+                )
+                .await?;
+            Ok((status, ticket))
+        },
+    )
+    .await
+}
+
+async fn assign(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<AssignBody>,
+) -> Result<Response, ApiError> {
+    let print = fingerprint(&format!("POST /tickets/{id}/assign"), &body);
+    change(
+        http,
+        user,
+        headers,
+        id,
+        "assign",
+        print,
+        StatusCode::OK,
+        body.expected_version,
+        Change::Assign {
+            assignee_id: body.assignee_id,
+        },
+    )
+    .await
+}
+
+async fn comment(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<CommentBody>,
+) -> Result<Response, ApiError> {
+    let print = fingerprint(&format!("POST /tickets/{id}/comments"), &body);
+    change(
+        http,
+        user,
+        headers,
+        id,
+        "comments",
+        print,
+        StatusCode::CREATED,
+        body.expected_version,
+        Change::Comment { body: body.body },
+    )
+    .await
+}
+
+async fn close(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<CloseBody>,
+) -> Result<Response, ApiError> {
+    let print = fingerprint(&format!("POST /tickets/{id}/close"), &body);
+    change(
+        http,
+        user,
+        headers,
+        id,
+        "close",
+        print,
+        StatusCode::OK,
+        body.expected_version,
+        Change::Close {
+            resolution: body.resolution,
+        },
+    )
+    .await
+}
+
+async fn get_one(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Ticket>, ApiError> {
+    let metadata = actor(&user);
+    Ok(Json(
+        http.buses
+            .get()?
+            .queries
+            .dispatch_with(GetTicket { user, id }, metadata)
+            .await?,
+    ))
+}
+
+async fn history(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    let metadata = actor(&user);
+    let items = http
+        .buses
+        .get()?
+        .queries
+        .dispatch_with(TicketHistory { user, id }, metadata)
+        .await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn stats(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    let metadata = actor(&user);
+    let stats = http
+        .buses
+        .get()?
+        .queries
+        .dispatch_with(GetStats { user }, metadata)
+        .await?;
+    Ok(Json(json!(stats)))
+}
+
+fn bad_query(name: &str, problem: &str) -> ApiError {
+    ApiError::bad_request("invalid_query", format!("{name}: {problem}"))
+        .with_details(json!({ "parameter": name }))
+}
+
+async fn list(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    ApiQuery(params): ApiQuery<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let param = |name: &str| {
+        params
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    let limit = match param("limit") {
+        None => 20,
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => return Err(bad_query("limit", "must be a whole number from 1 to 100")),
+        },
+    };
+    let filter = ListFilter {
+        reporter_id: None,
+        status: match param("status") {
+            None => None,
+            Some(s) => Some(
+                parse_status(s)
+                    .ok_or_else(|| bad_query("status", "must be open, assigned or closed"))?,
+            ),
+        },
+        priority: match param("priority") {
+            None => None,
+            Some(p) => Some(
+                parse_priority(p)
+                    .ok_or_else(|| bad_query("priority", "must be low, normal, high or urgent"))?,
+            ),
+        },
+        assignee_id: match param("assignee_id") {
+            None => None,
+            Some(a) => Some(
+                a.parse::<Uuid>()
+                    .map_err(|_| bad_query("assignee_id", "must be a UUID"))?,
+            ),
+        },
+    };
+    let cursor = param("cursor").map(str::to_owned);
+    let metadata = actor(&user);
+    let page = http
+        .buses
+        .get()?
+        .queries
+        .dispatch_with(
+            ListTickets {
+                user,
+                filter,
+                limit,
+                cursor,
+            },
+            metadata,
+        )
+        .await
+        .map_err(|e| match e.handler_error() {
+            Some(h) if h.code() == "invalid_cursor" => {
+                bad_query("cursor", "is not a cursor this server issued")
+            }
+            _ => ApiError::from(e),
+        })?;
+    Ok(Json(json!(page)))
+}
+
+fn ticket_schema() -> Value {
+    json!({ "$ref": "#/components/schemas/Ticket" })
+}
+
+fn id_param(op: Operation) -> Operation {
+    op.param(
+        "id",
+        "path",
+        true,
+        json!({ "type": "string", "format": "uuid" }),
+        "the ticket's id",
+    )
+    .response(400, "a malformed id or body", None)
+    .response(404, "no such ticket, or not visible to the caller", None)
+}
+
+fn idempotent(op: Operation) -> Operation {
+    op.param(
+        "Idempotency-Key",
+        "header",
+        false,
+        json!({ "type": "string", "minLength": 1, "maxLength": 255 }),
+        "replays return the first response; the same key with another body is 422 `idempotency_key_reused`",
+    )
+}
+
+fn expected_version() -> Value {
+    json!({ "type": "integer", "minimum": 0, "description": "the version the client saw; another is 409 `version_conflict`" })
+}
+
+pub(crate) fn api(http: Http) -> HttpApi {
+    let ticket_without_comments = json!({
+        "type": "object",
+        "required": ["id", "title", "description", "priority", "status", "reporter_id", "assignee_id", "version", "created_at", "updated_at"],
+        "properties": {
+            "id": { "type": "string", "format": "uuid" },
+            "title": { "type": "string" },
+            "description": { "type": "string" },
+            "priority": { "type": "string", "enum": ["low", "normal", "high", "urgent"] },
+            "status": { "type": "string", "enum": ["open", "assigned", "closed"] },
+            "reporter_id": { "type": "string", "format": "uuid" },
+            "assignee_id": { "type": ["string", "null"], "format": "uuid" },
+            "version": { "type": "integer" },
+            "created_at": { "type": "string", "format": "date-time" },
+            "updated_at": { "type": "string", "format": "date-time" }
+        }
+    });
+    let mut ticket = ticket_without_comments.clone();
+    ticket["properties"]["comments"] = json!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["id", "author_id", "body", "created_at"],
+            "properties": {
+                "id": { "type": "string", "format": "uuid" },
+                "author_id": { "type": "string", "format": "uuid" },
+                "body": { "type": "string" },
+                "created_at": { "type": "string", "format": "date-time" }
+            }
+        }
+    });
+    let conflict = |op: Operation| {
+        op.response(
+            409,
+            "`ticket_closed`, or `version_conflict` for a stale expected_version",
+            None,
+        )
+    };
+    HttpApi::new()
+        .schema("Ticket", ticket)
+        .schema("TicketSummary", ticket_without_comments)
+        .route(
+            "/tickets",
+            post(open).get(list).with_state(http.clone()),
+            [
+                idempotent(Operation::new("post", "Open a ticket").tag("tickets").bearer())
+                    .body(json!({
+                        "type": "object",
+                        "required": ["title"],
+                        "properties": {
+                            "title": { "type": "string", "minLength": 1, "maxLength": 200 },
+                            "description": { "type": "string", "maxLength": 10000 },
+                            "priority": { "type": "string", "enum": ["low", "normal", "high", "urgent"] }
+                        }
+                    }))
+                    .response(201, "the new ticket", Some(ticket_schema()))
+                    .response(422, "invalid title, description or priority", None),
+                Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
+                    .param("status", "query", false, json!({ "type": "string", "enum": ["open", "assigned", "closed"] }), "filter")
+                    .param("priority", "query", false, json!({ "type": "string", "enum": ["low", "normal", "high", "urgent"] }), "filter")
+                    .param("assignee_id", "query", false, json!({ "type": "string", "format": "uuid" }), "filter")
+                    .param("limit", "query", false, json!({ "type": "integer", "minimum": 1, "maximum": 100, "default": 20 }), "page size")
+                    .param("cursor", "query", false, json!({ "type": "string" }), "next_cursor of the previous page")
+                    .response(200, "a page", Some(json!({
+                        "type": "object",
+                        "required": ["items", "next_cursor"],
+                        "properties": {
+                            "items": { "type": "array", "items": { "$ref": "#/components/schemas/TicketSummary" } },
+                            "next_cursor": { "type": ["string", "null"] }
+                        }
+                    })))
+                    .response(400, "an invalid query parameter", None),
+            ],
+        )
+        .route(
+            "/tickets/stats",
+            get(stats).with_state(http.clone()),
+            [Operation::new("get", "Counts of open, assigned and closed tickets (eventually consistent)").tag("tickets").bearer()
+                .response(200, "the counts", Some(json!({
+                    "type": "object",
+                    "required": ["open", "assigned", "closed"],
+                    "properties": { "open": { "type": "integer" }, "assigned": { "type": "integer" }, "closed": { "type": "integer" } }
+                })))
+                .response(403, "not an agent", None)],
+        )
+        .route(
+            "/tickets/{id}",
+            get(get_one).with_state(http.clone()),
+            [id_param(Operation::new("get", "A ticket with its comments").tag("tickets").bearer())
+                .response(200, "the ticket", Some(ticket_schema()))],
+        )
+        .route(
+            "/tickets/{id}/history",
+            get(history).with_state(http.clone()),
+            [id_param(Operation::new("get", "A ticket's events, oldest first").tag("tickets").bearer())
+                .response(200, "the events", Some(json!({
+                    "type": "object",
+                    "properties": { "items": { "type": "array", "items": {
+                        "type": "object",
+                        "required": ["event_id", "type", "version", "occurred_at", "actor_id", "data"],
+                        "properties": {
+                            "event_id": { "type": "string", "format": "uuid" },
+                            "type": { "type": "string", "enum": ["TicketOpened", "TicketAssigned", "TicketCommented", "TicketClosed"] },
+                            "version": { "type": "integer" },
+                            "occurred_at": { "type": "string", "format": "date-time" },
+                            "actor_id": { "type": ["string", "null"] },
+                            "data": { "type": "object" }
+                        }
+                    } } }
+                })))],
+        )
+        .route(
+            "/tickets/{id}/assign",
+            post(assign).with_state(http.clone()),
+            [conflict(idempotent(id_param(Operation::new("post", "Assign a ticket to an agent (agents only)").tag("tickets").bearer())))
+                .body(json!({
+                    "type": "object",
+                    "required": ["assignee_id"],
+                    "properties": { "assignee_id": { "type": "string", "format": "uuid" }, "expected_version": expected_version() }
+                }))
+                .response(200, "the ticket", Some(ticket_schema()))
+                .response(403, "not an agent", None)
+                .response(422, "the assignee is not an agent", None)],
+        )
+        .route(
+            "/tickets/{id}/comments",
+            post(comment).with_state(http.clone()),
+            [conflict(idempotent(id_param(Operation::new("post", "Comment on a ticket").tag("tickets").bearer())))
+                .body(json!({
+                    "type": "object",
+                    "required": ["body"],
+                    "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000 }, "expected_version": expected_version() }
+                }))
+                .response(201, "the ticket with its comments", Some(ticket_schema()))
+                .response(422, "an empty or too long body", None)],
+        )
+        .route(
+            "/tickets/{id}/close",
+            post(close).with_state(http),
+            [conflict(idempotent(id_param(Operation::new("post", "Close a ticket").tag("tickets").bearer())))
+                .body(json!({
+                    "type": "object",
+                    "properties": { "resolution": { "type": "string", "maxLength": 10000 }, "expected_version": expected_version() }
+                }))
+                .response(200, "the ticket", Some(ticket_schema()))],
+        )
+}

@@ -1,0 +1,105 @@
+//! The helpdesk's tickets plugin.
+//!
+//! Tickets are event-sourced: each is a stream `ticket-{id}` of `TicketOpened`,
+//! `TicketAssigned`, `TicketCommented` and `TicketClosed` events, and its view is rebuilt from
+//! them. A list index is kept by the command handlers; the stats are a projection that consumes
+//! the durable event transport exactly once.
+//!
+//! A server links it with `use helpdesk_tickets as _;`; it registers through `inventory`, after
+//! the auth plugin it depends on.
+
+mod domain;
+mod handlers;
+mod http;
+mod index;
+mod stats;
+
+pub use domain::{
+    Comment, Priority, Status, Ticket, TicketAssigned, TicketClosed, TicketCommand,
+    TicketCommented, TicketEvent, TicketOpened, TicketState,
+};
+pub use handlers::{
+    Change, ChangeTicket, GetStats, GetTicket, HistoryItem, ListTickets, OpenTicket, Page,
+    TicketHistory, event_types,
+};
+pub use index::{Cursors, InMemoryTicketIndex, ListFilter, SortKey, TicketIndex};
+pub use stats::{InMemoryStats, Stats, StatsReader};
+
+use cqrs_core::memory::InMemoryProjectionStore;
+use cqrs_core::ports::ConsumerOptions;
+use cqrs_core::projection::ProjectionRunner;
+use cqrs_core::{AggregateRepository, BoxError, Plugin, PluginRegistrar, register_plugin};
+use helpdesk_api::{Backends, BackgroundWorker, BusHandle, HttpApi, Settings, UserDirectory};
+use std::sync::Arc;
+
+/// The tickets plugin.
+#[derive(Debug)]
+pub struct TicketsPlugin;
+
+impl Plugin for TicketsPlugin {
+    fn name(&self) -> &'static str {
+        "tickets"
+    }
+
+    fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn depends_on(&self) -> &'static [&'static str] {
+        &["auth"]
+    }
+
+    fn register(&self, registrar: &mut PluginRegistrar) -> Result<(), BoxError> {
+        let backends: Backends = registrar.resource()?;
+        let settings: Settings = registrar.resource()?;
+        let buses: BusHandle = registrar.resource()?;
+        let directory: Arc<dyn UserDirectory> = registrar.resource()?;
+
+        let index: Arc<dyn TicketIndex> = registrar
+            .try_resource::<Arc<dyn TicketIndex>>()
+            .unwrap_or_else(|| Arc::new(InMemoryTicketIndex::default()));
+        let types = Arc::new(event_types());
+        let stats = InMemoryStats::default();
+        let runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            Arc::new(stats.clone()),
+            backends.transport.clone(),
+            &backends.topic,
+            "tickets.stats",
+            ConsumerOptions::default()
+                .block(settings.poll_interval)
+                .redelivery_delay(settings.poll_interval * 10),
+            types.clone(),
+        )
+        .with_event_store(backends.events.clone())
+        .idle_interval(settings.poll_interval);
+        registrar.contribute(BackgroundWorker(Box::new(runner)));
+
+        let tickets = handlers::Tickets {
+            repo: Arc::new(AggregateRepository::with_types(
+                backends.events.clone(),
+                types,
+            )),
+            events: backends.events.clone(),
+            index,
+            directory,
+            stats: Arc::new(stats),
+            cursors: Cursors::new(&settings.jwt_secret),
+        };
+        registrar.commands().add::<OpenTicket, _>(tickets.clone());
+        registrar.commands().add::<ChangeTicket, _>(tickets.clone());
+        registrar.queries().add::<GetTicket, _>(tickets.clone());
+        registrar.queries().add::<ListTickets, _>(tickets.clone());
+        registrar.queries().add::<TicketHistory, _>(tickets.clone());
+        registrar.queries().add::<GetStats, _>(tickets);
+
+        registrar.contribute::<HttpApi>(http::api(http::Http {
+            buses,
+            idempotency: backends.idempotency.clone(),
+            ttl: settings.idempotency_ttl,
+        }));
+        Ok(())
+    }
+}
+
+register_plugin!(TicketsPlugin);

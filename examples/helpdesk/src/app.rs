@@ -1,0 +1,290 @@
+//! Building the application: backends, plugins, buses, workers, router.
+
+use crate::Config;
+use crate::http;
+use anyhow::{Context, anyhow};
+use axum::Router;
+use cqrs_core::clock::{Clock, SystemClock};
+use cqrs_core::memory::{
+    InMemoryEventStore, InMemoryIdempotencyStore, InMemoryProjectionStore, InMemoryPubSub,
+    InMemoryTransport,
+};
+use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
+use cqrs_core::relay::StoreRelay;
+use cqrs_core::runtime::{Health, HealthCheck, Runtime};
+use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
+use helpdesk_api::{
+    Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Mode, Settings,
+};
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The plugins this server must have. A missing `use <crate> as _;` line fails start-up with a
+/// message naming the plugin.
+pub const EXPECTED_PLUGINS: &[&str] = &["auth", "tickets"];
+
+/// The transport topic every event is relayed to.
+pub const EVENTS_TOPIC: &str = "helpdesk.events";
+
+/// What tests may replace.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// The clock (token expiry, login throttling, idempotency expiry).
+    pub clock: Option<Arc<dyn Clock>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("clock", &self.clock.is_some())
+            .finish()
+    }
+}
+
+/// The built application, not yet serving.
+pub struct App {
+    /// The HTTP router, with every layer.
+    pub router: Router,
+    /// The background workers.
+    pub runtime: Arc<Runtime>,
+    /// The plugins, in installation order.
+    pub plugins: Vec<&'static str>,
+    /// The buses.
+    pub buses: Buses,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("plugins", &self.plugins)
+            .finish_non_exhaustive()
+    }
+}
+
+struct MemoryCheck;
+
+#[async_trait::async_trait]
+impl HealthCheck for MemoryCheck {
+    async fn check(&self) -> Health {
+        Health::Healthy
+    }
+}
+
+fn random_secret() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Builds the application from a configuration. Must run inside a tokio runtime: it starts the
+/// background workers.
+pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
+    config.validate().map_err(|problems| {
+        anyhow!(
+            "the configuration is invalid:\n  - {}",
+            problems.join("\n  - ")
+        )
+    })?;
+    let clock = hooks.clock.unwrap_or_else(|| Arc::new(SystemClock));
+    let secret = match &config.jwt_secret {
+        Some(s) => s.clone(),
+        None => {
+            tracing::warn!(
+                "HELPDESK_JWT_SECRET is not set: using a random secret; tokens will not survive a restart"
+            );
+            random_secret()
+        }
+    };
+
+    let backends = Backends {
+        mode: Mode::Memory,
+        events: Arc::new(InMemoryEventStore::new()),
+        idempotency: Arc::new(InMemoryIdempotencyStore::with_clock(clock.clone())),
+        transport: Arc::new(InMemoryTransport::new()),
+        pubsub: Arc::new(InMemoryPubSub::new()),
+        clock: clock.clone(),
+        topic: EVENTS_TOPIC.to_owned(),
+    };
+    let poll = Duration::from_millis(config.poll_ms.max(1));
+    let settings = Settings {
+        jwt_secret: Arc::from(secret.as_bytes()),
+        token_ttl: Duration::from_secs(config.token_ttl_seconds),
+        agent_emails: Arc::new(
+            config
+                .agent_emails
+                .iter()
+                .map(|e| e.trim().to_lowercase())
+                .filter(|e| !e.is_empty())
+                .collect::<HashSet<_>>(),
+        ),
+        login_attempts: config.login_attempts,
+        login_window: Duration::from_secs(config.login_window_seconds),
+        idempotency_ttl: Duration::from_secs(24 * 3600),
+        poll_interval: poll,
+    };
+    let bus_handle = BusHandle::new();
+
+    let mut registrar = PluginRegistrar::new();
+    registrar.provide(backends.clone());
+    registrar.provide(settings);
+    registrar.provide(bus_handle.clone());
+    let plugins = Plugins::collect()?.expect(EXPECTED_PLUGINS)?;
+    plugins.install(&mut registrar)?;
+
+    let budget = config.request_timeout();
+    let commands = CommandBus::builder()
+        .layer(TracingLayer::new())
+        .layer(MetricsLayer::new())
+        .layer(TimeoutLayer::new(budget))
+        .handlers(registrar.take_commands())
+        .build()?;
+    let queries = QueryBus::builder()
+        .layer(TracingLayer::new())
+        .layer(MetricsLayer::new())
+        .layer(TimeoutLayer::new(budget))
+        .handlers(registrar.take_queries())
+        .build()?;
+    let events = EventBus::builder()
+        .layer(TracingLayer::new())
+        .layer(MetricsLayer::new())
+        .handlers(registrar.take_events())
+        .build()?;
+    registrar.check_required(&commands, &queries)?;
+    let buses = Buses {
+        commands,
+        queries,
+        events,
+    };
+    bus_handle.set(buses.clone());
+
+    let authenticator: Arc<dyn Authenticator> = registrar
+        .resource()
+        .context("no plugin provides an Authenticator (the auth plugin does)")?;
+
+    let mut runtime = Runtime::builder()
+        .check("memory", Arc::new(MemoryCheck), true)
+        .worker(
+            StoreRelay::new(
+                "relay",
+                backends.events.clone(),
+                Arc::new(InMemoryProjectionStore::new()),
+                backends.transport.clone(),
+                EVENTS_TOPIC,
+            )
+            .intervals(poll / 2, Duration::from_secs(5)),
+        );
+    for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
+        runtime = runtime.worker(BoxedWorker(worker));
+    }
+    let runtime = Arc::new(runtime.start());
+
+    let mut api = HttpApi::new();
+    for contributed in registrar.take_contributions::<HttpApi>() {
+        api = api.merge(contributed);
+    }
+    let (plugin_router, paths, schemas) = api.into_all();
+    let openapi = openapi_document(paths, schemas);
+    let router = http::router(http::State {
+        plugin_router,
+        openapi: Arc::new(openapi),
+        runtime: runtime.clone(),
+        authenticator,
+        request_timeout: budget,
+    });
+    Ok(App {
+        router,
+        runtime,
+        plugins: plugins.names().collect(),
+        buses,
+    })
+}
+
+/// Runs a boxed worker (contributions arrive boxed).
+struct BoxedWorker(Box<dyn cqrs_core::runtime::Worker>);
+
+#[async_trait::async_trait]
+impl cqrs_core::runtime::Worker for BoxedWorker {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    async fn run(
+        &mut self,
+        ctx: cqrs_core::runtime::WorkerContext,
+    ) -> Result<(), cqrs_core::BoxError> {
+        self.0.run(ctx).await
+    }
+}
+
+fn openapi_document(
+    paths: serde_json::Map<String, Value>,
+    schemas: serde_json::Map<String, Value>,
+) -> Value {
+    let mut schemas = schemas;
+    schemas.insert(
+        "Error".into(),
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": { "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": { "type": "string" },
+                    "message": { "type": "string" },
+                    "details": {}
+                }
+            } }
+        }),
+    );
+    let mut paths = paths;
+    for (path, summary, extra) in [
+        (
+            "/health",
+            "Liveness",
+            json!({ "200": { "description": "alive" } }),
+        ),
+        (
+            "/ready",
+            "Readiness, with each backend's status",
+            json!({ "200": { "description": "ready" }, "503": { "description": "not ready" } }),
+        ),
+        (
+            "/metrics",
+            "Prometheus metrics",
+            json!({ "200": { "description": "Prometheus text format" } }),
+        ),
+        (
+            "/openapi.json",
+            "This document",
+            json!({ "200": { "description": "OpenAPI 3" } }),
+        ),
+        (
+            "/ws",
+            "WebSocket for realtime ticket events (token in Authorization or ?token=)",
+            json!({ "101": { "description": "switching protocols" }, "401": { "description": "missing or invalid token" } }),
+        ),
+    ] {
+        paths.insert(
+            path.into(),
+            json!({ "get": { "summary": summary, "tags": ["operations"], "responses": extra } }),
+        );
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Helpdesk",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The helpdesk example of the cqrs framework: auth and tickets plugins behind one gateway."
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } }
+        }
+    })
+}

@@ -1,0 +1,133 @@
+//! Configuration: flags, each with its environment variable.
+
+use clap::{Parser, ValueEnum};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The helpdesk server: an HTTP + WebSocket gateway over the auth and tickets plugins.
+///
+/// With no DATABASE_URL it runs on in-memory backends: nothing to set up, nothing survives a
+/// restart, one instance only.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "helpdesk", version, about, long_about = None)]
+pub struct Config {
+    /// The address to listen on.
+    #[arg(long, env = "HELPDESK_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Postgres for state, events, outbox and idempotency (for example
+    /// postgres://postgres@127.0.0.1:5432/helpdesk). Without it, everything is in memory.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Redis for durable event delivery (Streams) and realtime fan-out (pub/sub). Needs
+    /// DATABASE_URL.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// The HS256 secret that signs bearer tokens: at least 32 bytes. Without it the in-memory
+    /// mode makes a random one (tokens then die with the process).
+    #[arg(long, env = "HELPDESK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Comma-separated emails that register as agents; everyone else is a customer.
+    #[arg(
+        long,
+        env = "HELPDESK_AGENT_EMAILS",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub agent_emails: Vec<String>,
+
+    /// How long a token lives, in seconds.
+    #[arg(long, env = "HELPDESK_TOKEN_TTL", default_value_t = 3600)]
+    pub token_ttl_seconds: u64,
+
+    /// Log format.
+    #[arg(long, env = "HELPDESK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// The time budget of one request, in milliseconds; past it the answer is 503.
+    #[arg(long, env = "HELPDESK_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// How long shutdown waits for in-flight requests and workers, in milliseconds.
+    #[arg(long, env = "HELPDESK_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Failed logins per email and client address before 429.
+    #[arg(long, env = "HELPDESK_LOGIN_ATTEMPTS", default_value_t = 10)]
+    pub login_attempts: u32,
+
+    /// The window for counting failed logins, in seconds.
+    #[arg(long, env = "HELPDESK_LOGIN_WINDOW", default_value_t = 900)]
+    pub login_window_seconds: u64,
+
+    /// How often background consumers poll, in milliseconds.
+    #[arg(long, env = "HELPDESK_POLL_MS", default_value_t = 100)]
+    pub poll_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::parse_from(["helpdesk"])
+    }
+}
+
+impl Config {
+    /// Checks the configuration, listing every problem at once.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Some(secret) = &self.jwt_secret
+            && secret.len() < 32
+        {
+            problems.push(format!(
+                "HELPDESK_JWT_SECRET is {} bytes; it must be at least 32 (try `openssl rand -hex 32`)",
+                secret.len()
+            ));
+        }
+        if self.redis_url.is_some() && self.database_url.is_none() {
+            problems.push("REDIS_URL is set without DATABASE_URL: durable events need durable state; set DATABASE_URL too, or unset REDIS_URL".into());
+        }
+        if self.database_url.is_some() && self.jwt_secret.is_none() {
+            problems.push("DATABASE_URL is set without HELPDESK_JWT_SECRET: every instance needs the same secret; set one of at least 32 bytes".into());
+        }
+        if self.database_url.is_some() {
+            problems.push("DATABASE_URL is set, but this build runs the in-memory mode only: the Postgres + Redis mode is not implemented yet; unset DATABASE_URL".into());
+        }
+        if self.token_ttl_seconds == 0 {
+            problems.push("HELPDESK_TOKEN_TTL must be at least 1 second".into());
+        }
+        if self.request_timeout_ms == 0 {
+            problems.push("HELPDESK_REQUEST_TIMEOUT_MS must be at least 1".into());
+        }
+        if self.login_attempts == 0 {
+            problems.push("HELPDESK_LOGIN_ATTEMPTS must be at least 1".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The request time budget.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}

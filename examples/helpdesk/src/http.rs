@@ -1,0 +1,209 @@
+//! The gateway's router: plugin routes, operations routes, JSON fallbacks and the layers.
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use cqrs_core::runtime::Runtime;
+use helpdesk_api::{ApiError, Authenticator};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tower::ServiceBuilder;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+/// The largest request body.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What the gateway's own routes need.
+#[derive(Clone)]
+pub(crate) struct State {
+    pub(crate) plugin_router: Router,
+    pub(crate) openapi: Arc<Value>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) authenticator: Arc<dyn Authenticator>,
+    pub(crate) request_timeout: Duration,
+}
+
+/// The process-wide Prometheus recorder: `metrics` has one global recorder, so every app built
+/// in one process (tests build many) shares it.
+pub(crate) fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "a metrics recorder was already installed; /metrics shows only this recorder's data"
+            );
+        }
+        handle
+    })
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+pub(crate) fn router(state: State) -> Router {
+    let _ = prometheus();
+    let ops = Router::new()
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(|| async { prometheus().render() }))
+        .route("/openapi.json", get(openapi))
+        .route("/", get(index));
+    state
+        .plugin_router
+        .clone()
+        .merge(ops)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(middleware::from_fn(record_metrics))
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new([
+                    header::AUTHORIZATION,
+                    header::COOKIE,
+                ]))
+                .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
+                .layer(TraceLayer::new_for_http())
+                .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
+                .layer(middleware::from_fn(json_errors))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    state.request_timeout,
+                ))
+                .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
+                .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+                .layer(Extension(state.authenticator.clone()))
+                .layer(Extension(state.clone())),
+        )
+}
+
+async fn ready(Extension(state): Extension<State>) -> Response {
+    let report = state.runtime.health().await;
+    let components: serde_json::Map<String, Value> = report
+        .components
+        .iter()
+        .map(|(name, (health, critical))| {
+            (
+                name.clone(),
+                json!({ "status": health.as_str(), "critical": critical, "reason": health.reason() }),
+            )
+        })
+        .collect();
+    let status = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if report.ready { "ready" } else { "unavailable" },
+        "components": components,
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn openapi(Extension(state): Extension<State>) -> Json<Value> {
+    Json(state.openapi.as_ref().clone())
+}
+
+async fn index() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}
+
+/// Counts requests by route template (never the raw path, so ids do not become labels).
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+/// Gives every error response the JSON body of the contract, whoever made it (axum's
+/// rejections, tower-http's 413, hyper), and turns a time-out into 503.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "the body is larger than the 64 KiB limit",
+        ),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
+            ("timeout", "the request ran past its time budget")
+        }
+        StatusCode::NOT_FOUND => ("not_found", "no such route"),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            ("method_not_allowed", "this route does not take that method")
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "send JSON with `Content-Type: application/json`",
+        ),
+        StatusCode::BAD_REQUEST => ("bad_request", "the request is malformed"),
+        s if s.is_client_error() => ("bad_request", "the request was refused"),
+        _ => ("internal", "the server failed; the error is logged"),
+    };
+    let status = if status == StatusCode::REQUEST_TIMEOUT {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        status
+    };
+    let mut error = ApiError::new(status, code, message);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        error = error.with_retry_after(1);
+    }
+    let (mut parts, _) = response.into_parts();
+    let mut fresh = error.into_response();
+    // Keep headers such as `Allow` and the request id; replace the body and its type.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in fresh.headers() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    parts.status = fresh.status();
+    let body = std::mem::replace(fresh.body_mut(), Body::empty());
+    let _: Option<HeaderValue> = None;
+    Response::from_parts(parts, body)
+}

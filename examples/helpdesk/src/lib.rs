@@ -1,0 +1,20 @@
+//! The helpdesk example server, as a library so its tests drive the same start-up as the
+//! binary.
+//!
+//! The gateway knows no plugin by name in its code paths: the auth and tickets plugins are
+//! linked by the two `use ... as _;` lines below and found through `inventory`; they contribute
+//! their handlers, routes, OpenAPI operations and background workers.
+
+// The linker drops crates nothing names: these lines link the plugins in.
+use helpdesk_auth as _;
+use helpdesk_tickets as _;
+
+mod app;
+mod config;
+mod http;
+mod server;
+
+pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, build};
+pub use config::{Config, LogFormat};
+pub use http::BODY_LIMIT;
+pub use server::Server;
