@@ -1,7 +1,6 @@
 //! The type-erased request and response that tower middleware sees, and the innermost service.
 
 use crate::bus::{Registries, run_event_handlers};
-use crate::panic::CatchUnwind;
 use crate::{
     BoxError, CommandContext, DispatchError, EventEnvelope, Extensions, MessageKind, Metadata,
     QueryContext,
@@ -264,22 +263,45 @@ where
 }
 
 /// Runs a handler future, turning a panic into [`DispatchError::Panicked`].
-pub(crate) async fn guarded<T, F>(
-    kind: MessageKind,
-    name: &'static str,
-    fut: F,
-) -> Result<T, DispatchError>
+pub(crate) fn guarded<T, F>(kind: MessageKind, name: &'static str, fut: F) -> Guarded<F>
 where
     F: Future<Output = Result<T, crate::HandlerError>>,
 {
-    match CatchUnwind::new(fut).await {
-        Ok(Ok(out)) => Ok(out),
-        Ok(Err(e)) => Err(DispatchError::Handler(e)),
-        Err(message) => Err(DispatchError::Panicked {
-            kind,
-            name,
-            message,
-        }),
+    Guarded {
+        inner: fut,
+        kind,
+        name,
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub(crate) struct Guarded<F> {
+        #[pin]
+        inner: F,
+        kind: MessageKind,
+        name: &'static str,
+    }
+}
+
+impl<T, F> Future for Guarded<F>
+where
+    F: Future<Output = Result<T, crate::HandlerError>>,
+{
+    type Output = Result<T, DispatchError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(out))) => Poll::Ready(Ok(out)),
+            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(DispatchError::Handler(e))),
+            Err(payload) => Poll::Ready(Err(DispatchError::Panicked {
+                kind: *this.kind,
+                name: this.name,
+                message: crate::panic::panic_message(payload.as_ref()),
+            })),
+        }
     }
 }
 

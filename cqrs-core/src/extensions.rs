@@ -19,7 +19,9 @@ use std::fmt;
 /// ```
 #[derive(Default)]
 pub struct Extensions {
-    map: Option<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    // Boxed so empty extensions are one pointer wide: they are moved through every layer.
+    #[allow(clippy::box_collection)]
+    map: Option<Box<HashMap<TypeId, Box<dyn Any + Send + Sync>>>>,
 }
 
 impl Extensions {

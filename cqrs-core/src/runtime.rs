@@ -127,7 +127,7 @@ impl HealthReporter {
         if let Some(entry) = map.get_mut(&self.name) {
             entry.0 = health;
         } else {
-            map.insert(self.name.clone(), (health, true));
+            map.insert(self.name.clone(), (health, false));
         }
     }
 
@@ -173,8 +173,9 @@ pub trait HealthCheck: Send + Sync + 'static {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HealthReport {
-    /// Whether the server can do its work: every critical check and every worker is healthy
-    /// or degraded.
+    /// Whether the server can do its work: every critical component (the backend checks
+    /// marked critical) is healthy or degraded. Workers are reported, and do not gate
+    /// readiness: a lagging consumer does not stop the server from taking commands.
     pub ready: bool,
     /// Each worker and check, by name, with whether it is critical.
     pub components: BTreeMap<String, (Health, bool)>,

@@ -7,9 +7,11 @@ use crate::{
     EventEnvelope, MessageKind, MessageType, Metadata, Reply,
 };
 use async_trait::async_trait;
+use futures_util::future::Either;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
@@ -274,7 +276,50 @@ impl CommandBus {
     }
 
     /// Dispatches a command with the given metadata. Recorded events go to the event sink.
-    pub async fn dispatch_with<C: Command>(
+    pub fn dispatch_with<C: Command>(
+        &self,
+        command: C,
+        metadata: Metadata,
+    ) -> impl Future<Output = Result<C::Output, DispatchError>> + Send + '_ {
+        // Two separate futures, so the unlayered one stays small: an `async fn` holding both
+        // paths would carry the layered path's state on every dispatch.
+        match &self.inner.service {
+            None => Either::Left(self.dispatch_direct(command, metadata)),
+            Some(_) => Either::Right(self.dispatch_layered(command, metadata)),
+        }
+    }
+
+    async fn dispatch_direct<C: Command>(
+        &self,
+        command: C,
+        metadata: Metadata,
+    ) -> Result<C::Output, DispatchError> {
+        let handler = self
+            .inner
+            .registries
+            .commands
+            .get(&TypeId::of::<C>())
+            .and_then(|h| h.as_any().downcast_ref::<TypedCommandHandler<C>>())
+            .ok_or_else(|| DispatchError::NoHandler {
+                kind: MessageKind::Command,
+                name: C::NAME,
+            })?;
+        let mut ctx = CommandContext::new(metadata);
+        let output = guarded(
+            MessageKind::Command,
+            C::NAME,
+            handler.handler.handle(command, &mut ctx),
+        )
+        .await?;
+        if !ctx.recorded().is_empty()
+            && let Some(sink) = &self.inner.sink
+        {
+            sink.accept(ctx.take_recorded()).await?;
+        }
+        Ok(output)
+    }
+
+    async fn dispatch_layered<C: Command>(
         &self,
         command: C,
         metadata: Metadata,
@@ -334,7 +379,7 @@ impl CommandBus {
             .commands
             .get(&TypeId::of::<C>())
             .and_then(|h| h.as_any().downcast_ref::<TypedCommandHandler<C>>())
-            .ok_or(DispatchError::NoHandler {
+            .ok_or_else(|| DispatchError::NoHandler {
                 kind: MessageKind::Command,
                 name: C::NAME,
             })?;

@@ -7,9 +7,11 @@ use crate::{
     BoxError, BuildError, Dispatch, DispatchError, MessageKind, MessageType, Metadata, Query,
     QueryContext, QueryHandler, Reply,
 };
+use futures_util::future::Either;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
@@ -220,51 +222,64 @@ impl QueryBus {
     }
 
     /// Dispatches a query with the given metadata.
-    pub async fn dispatch_with<Q: Query>(
+    pub fn dispatch_with<Q: Query>(
+        &self,
+        query: Q,
+        metadata: Metadata,
+    ) -> impl Future<Output = Result<Q::Output, DispatchError>> + Send + '_ {
+        // Two separate futures, so the unlayered one stays small.
+        match &self.inner.service {
+            None => Either::Left(self.dispatch_direct(query, metadata)),
+            Some(service) => Either::Right(Self::dispatch_layered(service, query, metadata)),
+        }
+    }
+
+    async fn dispatch_direct<Q: Query>(
         &self,
         query: Q,
         metadata: Metadata,
     ) -> Result<Q::Output, DispatchError> {
-        match &self.inner.service {
-            None => {
-                let handler = self
-                    .inner
-                    .registries
-                    .queries
-                    .get(&TypeId::of::<Q>())
-                    .and_then(|h| h.as_any().downcast_ref::<TypedQueryHandler<Q>>())
-                    .ok_or(DispatchError::NoHandler {
-                        kind: MessageKind::Query,
-                        name: Q::NAME,
-                    })?;
-                let ctx = QueryContext::new(metadata);
-                guarded(
-                    MessageKind::Query,
-                    Q::NAME,
-                    handler.handler.handle(query, &ctx),
+        let handler = self
+            .inner
+            .registries
+            .queries
+            .get(&TypeId::of::<Q>())
+            .and_then(|h| h.as_any().downcast_ref::<TypedQueryHandler<Q>>())
+            .ok_or_else(|| DispatchError::NoHandler {
+                kind: MessageKind::Query,
+                name: Q::NAME,
+            })?;
+        let ctx = QueryContext::new(metadata);
+        guarded(
+            MessageKind::Query,
+            Q::NAME,
+            handler.handler.handle(query, &ctx),
+        )
+        .await
+    }
+
+    async fn dispatch_layered<Q: Query>(
+        service: &Arc<dyn ErasedService>,
+        query: Q,
+        metadata: Metadata,
+    ) -> Result<Q::Output, DispatchError> {
+        let dispatch = Dispatch::message(
+            MessageKind::Query,
+            Q::NAME,
+            TypeId::of::<Q>(),
+            metadata,
+            Box::new(query),
+        );
+        let reply = service.call(dispatch).await?;
+        reply
+            .output
+            .and_then(|o| o.downcast::<Q::Output>().ok())
+            .map(|o| *o)
+            .ok_or_else(|| {
+                DispatchError::Middleware(
+                    format!("a layer replaced the output of query `{}`", Q::NAME).into(),
                 )
-                .await
-            }
-            Some(service) => {
-                let dispatch = Dispatch::message(
-                    MessageKind::Query,
-                    Q::NAME,
-                    TypeId::of::<Q>(),
-                    metadata,
-                    Box::new(query),
-                );
-                let reply = service.call(dispatch).await?;
-                reply
-                    .output
-                    .and_then(|o| o.downcast::<Q::Output>().ok())
-                    .map(|o| *o)
-                    .ok_or_else(|| {
-                        DispatchError::Middleware(
-                            format!("a layer replaced the output of query `{}`", Q::NAME).into(),
-                        )
-                    })
-            }
-        }
+            })
     }
 
     /// Whether a handler for `Q` is registered.

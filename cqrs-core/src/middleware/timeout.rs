@@ -10,6 +10,9 @@ use tower::{Layer, Service};
 /// Fails a dispatch that runs longer than its budget with [`DispatchError::Timeout`]; the
 /// handler's future is dropped at its next `.await`.
 ///
+/// The budget starts when the dispatch first waits: a handler that finishes without waiting
+/// never touches the timer, which keeps the common, fast path free of clock reads.
+///
 /// ```
 /// use cqrs_core::{CommandBus, middleware::TimeoutLayer};
 /// use std::time::Duration;
@@ -65,7 +68,8 @@ where
         let kind = dispatch.kind();
         let name = dispatch.name();
         TimeoutFuture {
-            inner: tokio::time::timeout(self.budget, self.inner.call(dispatch)),
+            inner: self.inner.call(dispatch),
+            sleep: None,
             kind,
             name,
             budget: self.budget,
@@ -78,7 +82,8 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub struct TimeoutFuture<F> {
         #[pin]
-        inner: tokio::time::Timeout<F>,
+        inner: F,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         kind: MessageKind,
         name: &'static str,
         budget: Duration,
@@ -94,15 +99,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match this.inner.poll(cx) {
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())));
+        }
+        let budget = *this.budget;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(budget)));
+        match sleep.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(result)) => {
-                Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())))
-            }
-            Poll::Ready(Err(_elapsed)) => Poll::Ready(Err(DispatchError::Timeout {
+            Poll::Ready(()) => Poll::Ready(Err(DispatchError::Timeout {
                 kind: *this.kind,
                 name: this.name,
-                after: *this.budget,
+                after: budget,
             })),
         }
     }

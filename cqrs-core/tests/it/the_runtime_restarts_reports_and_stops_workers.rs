@@ -77,7 +77,9 @@ fn a_failing_or_panicking_worker_is_restarted_and_stops_gracefully() {
         eventually(
             Duration::from_secs(5),
             "the worker is healthy after two restarts",
-            || async { runtime.health().await.ready.then_some(()) },
+            || async {
+                (runtime.health().await.components["flaky"].0 == Health::Healthy).then_some(())
+            },
         )
         .await;
         assert_eq!(runs.load(Ordering::SeqCst), 3);

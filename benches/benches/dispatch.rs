@@ -1,0 +1,229 @@
+//! What a message costs on its way through a bus, next to the cheapest ways of reaching the same
+//! handler logic without one. One criterion group per comparison, so each group's report shows
+//! the ratios; `docs/benchmarks.md` has the results and the command that made them.
+//!
+//! Every case runs on one current-thread tokio runtime, with metadata built once and cloned per
+//! iteration (in the baselines too, so each case does the same work around the handler).
+
+use cqrs_benches::baseline::{
+    LocalCommandHandler, LocalEventHandler, LocalQueryHandler, call_when_ready, command_service,
+    query_service, spawn_command_task, spawn_query_task,
+};
+use cqrs_benches::buses::{Stack, command_bus, event_bus, event_handlers, query_bus};
+use cqrs_benches::fixtures::{Increment, IncrementHandler, Incremented, Lookup, LookupHandler};
+use cqrs_core::{CommandContext, EventContext, EventEnvelope, Metadata, QueryContext};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+use tokio::runtime::Runtime;
+
+/// The runtime every case runs on: one thread, with the timer the timeout layer needs.
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a current-thread runtime")
+}
+
+fn command_dispatch(c: &mut Criterion) {
+    let rt = runtime();
+    let metadata = Metadata::new();
+    let bare = command_bus(&Stack::Bare).expect("the bare bus builds");
+    let layered = command_bus(&Stack::three_layers()).expect("the layered bus builds");
+    let boxed: Box<dyn LocalCommandHandler> = Box::new(IncrementHandler);
+    let task = spawn_command_task(rt.handle());
+
+    // Every path must reach the handler and give its answer, or the numbers mean nothing.
+    rt.block_on(async {
+        let cmd = Increment { value: 41 };
+        let md = || metadata.clone();
+        assert_eq!(bare.dispatch_with(cmd, md()).await.ok(), Some(42));
+        assert_eq!(layered.dispatch_with(cmd, md()).await.ok(), Some(42));
+        let mut ctx = CommandContext::new(md());
+        assert_eq!(boxed.handle(cmd, &mut ctx).await.ok(), Some(42));
+        let answer = call_when_ready(&mut command_service(), (cmd, md())).await;
+        assert_eq!(answer.ok(), Some(42));
+        assert_eq!(task.call((cmd, md())).await.and_then(Result::ok), Some(42));
+    });
+
+    let mut group = c.benchmark_group("command_dispatch");
+    group.bench_function("direct_await", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut ctx = CommandContext::new(metadata.clone());
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            IncrementHandler.run(cmd, &mut ctx).await
+        });
+    });
+    group.bench_function("boxed_async_trait", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut ctx = CommandContext::new(metadata.clone());
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            boxed.handle(cmd, &mut ctx).await
+        });
+    });
+    group.bench_function("tower_box_service", |b| {
+        // A `BoxService` is called through `&mut`, so each sample owns one, built (and its one
+        // allocation made) before the clock starts.
+        b.to_async(&rt).iter_custom(|iters| {
+            let mut service = command_service();
+            let metadata = &metadata;
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let cmd = Increment {
+                        value: black_box(7),
+                    };
+                    let _ = black_box(call_when_ready(&mut service, (cmd, metadata.clone())).await);
+                }
+                start.elapsed()
+            }
+        });
+    });
+    group.bench_function("mpsc_oneshot_task", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            task.call((cmd, metadata.clone())).await
+        });
+    });
+    group.bench_function("bus_bare", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            bare.dispatch_with(cmd, metadata.clone()).await
+        });
+    });
+    group.bench_function("bus_three_layers", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            layered.dispatch_with(cmd, metadata.clone()).await
+        });
+    });
+    group.finish();
+}
+
+fn query_dispatch(c: &mut Criterion) {
+    let rt = runtime();
+    let metadata = Metadata::new();
+    let bare = query_bus(&Stack::Bare).expect("the bare bus builds");
+    let layered = query_bus(&Stack::three_layers()).expect("the layered bus builds");
+    let boxed: Box<dyn LocalQueryHandler> = Box::new(LookupHandler);
+    let task = spawn_query_task(rt.handle());
+
+    rt.block_on(async {
+        let query = Lookup { key: 2 };
+        let md = || metadata.clone();
+        assert_eq!(bare.dispatch_with(query, md()).await.ok(), Some(62));
+        assert_eq!(layered.dispatch_with(query, md()).await.ok(), Some(62));
+        let ctx = QueryContext::new(md());
+        assert_eq!(boxed.handle(query, &ctx).await.ok(), Some(62));
+        let answer = call_when_ready(&mut query_service(), (query, md())).await;
+        assert_eq!(answer.ok(), Some(62));
+        assert_eq!(
+            task.call((query, md())).await.and_then(Result::ok),
+            Some(62)
+        );
+    });
+
+    let mut group = c.benchmark_group("query_dispatch");
+    group.bench_function("direct_await", |b| {
+        b.to_async(&rt).iter(|| async {
+            let ctx = QueryContext::new(metadata.clone());
+            LookupHandler.run(Lookup { key: black_box(7) }, &ctx).await
+        });
+    });
+    group.bench_function("boxed_async_trait", |b| {
+        b.to_async(&rt).iter(|| async {
+            let ctx = QueryContext::new(metadata.clone());
+            boxed.handle(Lookup { key: black_box(7) }, &ctx).await
+        });
+    });
+    group.bench_function("tower_box_service", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let mut service = query_service();
+            let metadata = &metadata;
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let query = Lookup { key: black_box(7) };
+                    let _ =
+                        black_box(call_when_ready(&mut service, (query, metadata.clone())).await);
+                }
+                start.elapsed()
+            }
+        });
+    });
+    group.bench_function("mpsc_oneshot_task", |b| {
+        b.to_async(&rt).iter(|| async {
+            let query = Lookup { key: black_box(7) };
+            task.call((query, metadata.clone())).await
+        });
+    });
+    group.bench_function("bus_bare", |b| {
+        b.to_async(&rt).iter(|| async {
+            let query = Lookup { key: black_box(7) };
+            bare.dispatch_with(query, metadata.clone()).await
+        });
+    });
+    group.bench_function("bus_three_layers", |b| {
+        b.to_async(&rt).iter(|| async {
+            let query = Lookup { key: black_box(7) };
+            layered.dispatch_with(query, metadata.clone()).await
+        });
+    });
+    group.finish();
+}
+
+fn event_publish(c: &mut Criterion) {
+    let rt = runtime();
+    // Built once: publishing clones it (metadata and one reference count), as a caller that
+    // publishes a stored or received envelope does.
+    let envelope = EventEnvelope::new(Incremented { value: 1 }, Metadata::new());
+    let mut group = c.benchmark_group("event_publish");
+    for count in [1, 8] {
+        let total = Arc::new(AtomicU64::new(0));
+        let bus = event_bus(count, &total).expect("the event bus builds");
+        let boxed: Vec<Box<dyn LocalEventHandler>> = event_handlers(count, &total)
+            .into_iter()
+            .map(|h| Box::new(h) as Box<dyn LocalEventHandler>)
+            .collect();
+        let published = rt.block_on(bus.publish(envelope.clone()));
+        assert_eq!(published.map(|p| p.handlers).ok(), Some(count));
+
+        group.bench_with_input(BenchmarkId::new("bus", count), &count, |b, _| {
+            b.to_async(&rt).iter(|| bus.publish(envelope.clone()));
+        });
+        // The floor: the same handlers awaited one after another through `Box<dyn ..>`, which
+        // is what the bus does for one handler (it runs several concurrently).
+        group.bench_with_input(
+            BenchmarkId::new("boxed_async_trait_loop", count),
+            &count,
+            |b, _| {
+                b.to_async(&rt).iter(|| async {
+                    let envelope = envelope.clone();
+                    let Some(event) = envelope.downcast_ref::<Incremented>() else {
+                        unreachable!("the envelope was built from an `Incremented`");
+                    };
+                    for handler in &boxed {
+                        handler.handle(event, EventContext::new(&envelope)).await?;
+                    }
+                    Ok::<_, cqrs_core::HandlerError>(boxed.len())
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, command_dispatch, query_dispatch, event_publish);
+criterion_main!(benches);

@@ -1,0 +1,77 @@
+//! The buses under measurement, built the same way for the benchmarks and the allocation checks.
+
+use crate::fixtures::{IncrementHandler, Incremented, LookupHandler, SumIncrements};
+use crate::metrics::{DispatchCounters, MetricsLayer};
+use cqrs_core::middleware::{TimeoutLayer, TracingLayer};
+use cqrs_core::{BuildError, CommandBus, EventBus, QueryBus};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// The budget of the [`TimeoutLayer`] in the three-layer stack: far above any dispatch here, so
+/// it never fires and only its bookkeeping is measured.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which middleware a bus has.
+#[derive(Clone, Debug)]
+pub enum Stack {
+    /// None: the bus takes its direct path.
+    Bare,
+    /// [`TracingLayer`] (outermost), [`MetricsLayer`] counting into these counters, then
+    /// [`TimeoutLayer`] with [`TIMEOUT`], so the counters see timeouts as failures.
+    ///
+    /// No tracing subscriber is installed by the benchmarks, so the span is disabled: this is
+    /// the cost of the layer when tracing is off, not of recording spans.
+    ThreeLayers(Arc<DispatchCounters>),
+}
+
+impl Stack {
+    /// The three-layer stack with fresh counters.
+    pub fn three_layers() -> Self {
+        Stack::ThreeLayers(Arc::new(DispatchCounters::new()))
+    }
+}
+
+/// A command bus with [`IncrementHandler`] behind `stack`.
+pub fn command_bus(stack: &Stack) -> Result<CommandBus, BuildError> {
+    let builder = CommandBus::builder().handler(IncrementHandler);
+    match stack {
+        Stack::Bare => builder.build(),
+        Stack::ThreeLayers(counters) => builder
+            .layer(TracingLayer::new())
+            .layer(MetricsLayer::new(counters.clone()))
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .build(),
+    }
+}
+
+/// A query bus with [`LookupHandler`] behind `stack`.
+pub fn query_bus(stack: &Stack) -> Result<QueryBus, BuildError> {
+    let builder = QueryBus::builder().handler(LookupHandler);
+    match stack {
+        Stack::Bare => builder.build(),
+        Stack::ThreeLayers(counters) => builder
+            .layer(TracingLayer::new())
+            .layer(MetricsLayer::new(counters.clone()))
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .build(),
+    }
+}
+
+/// `count` handlers of [`Incremented`], named `sum_0`, `sum_1`, ..., all adding to `total`.
+pub fn event_handlers(count: usize, total: &Arc<AtomicU64>) -> Vec<SumIncrements> {
+    (0..count)
+        .map(|i| SumIncrements::new(format!("sum_{i}"), total.clone()))
+        .collect()
+}
+
+/// An event bus without middleware whose [`Incremented`] has `count` handlers, all adding to
+/// `total`.
+pub fn event_bus(count: usize, total: &Arc<AtomicU64>) -> Result<EventBus, BuildError> {
+    event_handlers(count, total)
+        .into_iter()
+        .fold(EventBus::builder(), |builder, handler| {
+            builder.handler::<Incremented, _>(handler)
+        })
+        .build()
+}

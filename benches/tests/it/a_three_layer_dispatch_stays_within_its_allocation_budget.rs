@@ -1,0 +1,57 @@
+//! With the tracing, metrics and timeout layers (no tracing subscriber), a dispatch allocates no
+//! more than it did when this budget was measured. The count is printed (`--nocapture`) for
+//! docs/benchmarks.md; if it drops, lower the budget.
+
+use crate::counting_allocator::{RUNS, WARM_UP, allocations_of, runtime};
+use cqrs_benches::buses::{Stack, command_bus, query_bus};
+use cqrs_benches::fixtures::{Increment, Lookup};
+use cqrs_core::Metadata;
+
+/// Measured allocations of one layered dispatch: the layered service's boxed future, the boxed
+/// payload, the dispatcher's boxed future, the handler's boxed `async_trait` future and the
+/// boxed output. Tracing (disabled), the metrics layer and the timeout layer add none.
+const BUDGET: u64 = 5;
+
+#[test]
+fn for_a_command() {
+    let rt = runtime();
+    let bus = command_bus(&Stack::three_layers()).expect("the bus builds");
+    let metadata = Metadata::new();
+    let mut counted = Vec::new();
+    for value in 0..WARM_UP + RUNS {
+        let (output, allocations) = allocations_of(
+            &rt,
+            bus.dispatch_with(Increment { value }, metadata.clone()),
+        );
+        assert_eq!(output.expect("the dispatch succeeds"), value + 1);
+        if value >= WARM_UP {
+            counted.push(allocations);
+        }
+    }
+    println!("three-layer command dispatch: allocations per dispatch {counted:?}");
+    assert!(
+        counted.iter().all(|&n| n <= BUDGET),
+        "a three-layer command dispatch allocated more than {BUDGET} times: {counted:?}"
+    );
+}
+
+#[test]
+fn for_a_query() {
+    let rt = runtime();
+    let bus = query_bus(&Stack::three_layers()).expect("the bus builds");
+    let metadata = Metadata::new();
+    let mut counted = Vec::new();
+    for key in 0..WARM_UP + RUNS {
+        let (output, allocations) =
+            allocations_of(&rt, bus.dispatch_with(Lookup { key }, metadata.clone()));
+        assert_eq!(output.expect("the dispatch succeeds"), key * 31);
+        if key >= WARM_UP {
+            counted.push(allocations);
+        }
+    }
+    println!("three-layer query dispatch: allocations per dispatch {counted:?}");
+    assert!(
+        counted.iter().all(|&n| n <= BUDGET),
+        "a three-layer query dispatch allocated more than {BUDGET} times: {counted:?}"
+    );
+}

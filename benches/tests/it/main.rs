@@ -1,0 +1,12 @@
+//! Allocation checks of the dispatch paths the benchmarks measure, one module per claim, in one
+//! test binary. Counting works per thread, so the tests may run in parallel.
+
+#![allow(unreachable_pub)] // helpers are shared between modules of this binary
+
+mod counting_allocator;
+
+mod a_bare_command_dispatch_allocates_once;
+mod a_bare_query_dispatch_allocates_once;
+mod a_three_layer_dispatch_stays_within_its_allocation_budget;
+mod publishing_an_event_stays_within_its_allocation_budget;
+mod the_metrics_layer_counts_each_outcome;
