@@ -47,10 +47,13 @@ pub trait UserStore: Send + Sync + 'static {
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError>;
 }
 
+/// Users by id, and ids by email.
+type Users = (HashMap<Uuid, UserRecord>, HashMap<String, Uuid>);
+
 /// Users in process memory.
 #[derive(Clone, Debug, Default)]
 pub struct InMemoryUserStore {
-    users: Arc<Mutex<(HashMap<Uuid, UserRecord>, HashMap<String, Uuid>)>>,
+    users: Arc<Mutex<Users>>,
 }
 
 #[async_trait]

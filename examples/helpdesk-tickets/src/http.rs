@@ -107,23 +107,32 @@ async fn open(
     .await
 }
 
-async fn change(
-    http: Http,
+/// One change to a ticket, as a route received it.
+struct ChangeRequest {
     user: User,
     headers: HeaderMap,
     id: Uuid,
-    route: &str,
-    print: Vec<u8>,
+    fingerprint: Vec<u8>,
     status: StatusCode,
     expected_version: Option<u64>,
     change: Change,
-) -> Result<Response, ApiError> {
-    let _ = route;
+}
+
+async fn change(http: Http, request: ChangeRequest) -> Result<Response, ApiError> {
+    let ChangeRequest {
+        user,
+        headers,
+        id,
+        fingerprint,
+        status,
+        expected_version,
+        change,
+    } = request;
     idempotency::once(
         http.idempotency.as_ref(),
         &headers,
         &user,
-        print,
+        fingerprint,
         http.ttl,
         || async {
             let ticket: Ticket = http
@@ -156,15 +165,16 @@ async fn assign(
     let print = fingerprint(&format!("POST /tickets/{id}/assign"), &body);
     change(
         http,
-        user,
-        headers,
-        id,
-        "assign",
-        print,
-        StatusCode::OK,
-        body.expected_version,
-        Change::Assign {
-            assignee_id: body.assignee_id,
+        ChangeRequest {
+            user,
+            headers,
+            id,
+            fingerprint: print,
+            status: StatusCode::OK,
+            expected_version: body.expected_version,
+            change: Change::Assign {
+                assignee_id: body.assignee_id,
+            },
         },
     )
     .await
@@ -180,14 +190,15 @@ async fn comment(
     let print = fingerprint(&format!("POST /tickets/{id}/comments"), &body);
     change(
         http,
-        user,
-        headers,
-        id,
-        "comments",
-        print,
-        StatusCode::CREATED,
-        body.expected_version,
-        Change::Comment { body: body.body },
+        ChangeRequest {
+            user,
+            headers,
+            id,
+            fingerprint: print,
+            status: StatusCode::CREATED,
+            expected_version: body.expected_version,
+            change: Change::Comment { body: body.body },
+        },
     )
     .await
 }
@@ -202,15 +213,16 @@ async fn close(
     let print = fingerprint(&format!("POST /tickets/{id}/close"), &body);
     change(
         http,
-        user,
-        headers,
-        id,
-        "close",
-        print,
-        StatusCode::OK,
-        body.expected_version,
-        Change::Close {
-            resolution: body.resolution,
+        ChangeRequest {
+            user,
+            headers,
+            id,
+            fingerprint: print,
+            status: StatusCode::OK,
+            expected_version: body.expected_version,
+            change: Change::Close {
+                resolution: body.resolution,
+            },
         },
     )
     .await

@@ -1,0 +1,217 @@
+use crate::support::*;
+use reqwest::{Method, StatusCode};
+
+async fn raw(
+    s: &TestServer,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Response {
+    let mut r = s.http.request(method, s.url(path)).body(body);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if let Some(ct) = content_type {
+        r = r.header("content-type", ct);
+    }
+    Response::from(r.send().await.unwrap()).await
+}
+
+/// Sends a 70 KiB body the way careful clients do (curl among them), with
+/// `Expect: 100-continue`, and returns the status and body of the answer: the server refuses
+/// from the `Content-Length` alone, before the body is sent.
+async fn oversize(s: &TestServer, token: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = s.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /tickets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        70 * 1024
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_and_body_errors_use_the_json_contract() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let t = Some(token.as_str());
+        raw(&s, Method::GET, "/no/such/route", t, None, vec![])
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        let wrong_method = raw(&s, Method::DELETE, "/tickets", t, None, vec![]).await;
+        wrong_method.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+        assert!(wrong_method.headers.get("allow").is_some());
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            t,
+            Some("text/plain"),
+            b"{\"title\":\"x\"}".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            t,
+            None,
+            b"{\"title\":\"x\"}".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            t,
+            Some("application/json"),
+            b"{\"title\":".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "malformed_json");
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            t,
+            Some("application/json"),
+            b"".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "malformed_json");
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            t,
+            Some("application/json; charset=utf-8"),
+            b"{\"title\": null}".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            t,
+            Some("application/json"),
+            vec![0xff, 0xfe, 0x00],
+        )
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "malformed_json");
+        let (status, body) = oversize(&s, &token).await;
+        assert_eq!(status, 413, "{body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "payload_too_large");
+        // Unauthenticated requests are 401 before anything else.
+        raw(
+            &s,
+            Method::POST,
+            "/tickets",
+            None,
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A bounded, seeded run of garbage: odd paths, methods, content types and bodies. Whatever the
+/// input, the answer is a JSON error or a success, never a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_never_yields_a_server_error() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let id = s.ticket(&token, "target").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let paths = [
+            "/tickets".to_owned(),
+            format!("/tickets/{id}"),
+            format!("/tickets/{id}/comments"),
+            format!("/tickets/{id}/assign"),
+            format!("/tickets/{id}/close"),
+            format!("/tickets/{id}/history"),
+            "/tickets/%00".to_owned(),
+            "/tickets/..%2F..%2Fetc".to_owned(),
+            "/auth/login".to_owned(),
+            "/auth/register".to_owned(),
+            "/tickets?limit=%FF".to_owned(),
+            "/tickets?cursor=%00%00".to_owned(),
+            "/tickets/stats".to_owned(),
+            format!("/tickets/{id}x"),
+            "/auth/me".to_owned(),
+        ];
+        let bodies: Vec<Vec<u8>> = vec![
+            b"null".to_vec(),
+            b"[]".to_vec(),
+            b"\"str\"".to_vec(),
+            b"{\"title\": {}}".to_vec(),
+            b"{\"body\": 1e999}".to_vec(),
+            b"{\"assignee_id\": \"nope\"}".to_vec(),
+            b"{\"expected_version\": -1, \"body\": \"x\"}".to_vec(),
+            b"{\"expected_version\": 1.5, \"body\": \"x\"}".to_vec(),
+            b"{\"email\": [], \"password\": {}}".to_vec(),
+            "{\"title\": \"\u{0}\u{202e}\"}".as_bytes().to_vec(),
+            vec![b'{'; 5000],
+            b"{\"a\":".repeat(300),
+        ];
+        let methods = [Method::GET, Method::POST, Method::PUT, Method::PATCH];
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        for _ in 0..200 {
+            let path = &paths[next(paths.len())];
+            let method = methods[next(methods.len())].clone();
+            let body = bodies[next(bodies.len())].clone();
+            let with_token = next(4) != 0;
+            let r = raw(
+                &s,
+                method.clone(),
+                path,
+                with_token.then_some(token.as_str()),
+                Some("application/json"),
+                body.clone(),
+            )
+            .await;
+            assert!(
+                !r.status.is_server_error(),
+                "{method} {path} with {:?} gave {r:?}",
+                String::from_utf8_lossy(&body[..body.len().min(60)])
+            );
+            if !r.status.is_success() {
+                assert!(
+                    r.body["error"]["code"].is_string(),
+                    "{method} {path}: {r:?}"
+                );
+            }
+        }
+        s.stop().await;
+    })
+    .await;
+}

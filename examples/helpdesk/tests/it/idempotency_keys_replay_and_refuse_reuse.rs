@@ -1,0 +1,135 @@
+use crate::support::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+async fn post_with_key(
+    s: &TestServer,
+    path: &str,
+    token: &str,
+    key: &str,
+    body: Value,
+) -> Response {
+    let r = s
+        .http
+        .post(s.url(path))
+        .bearer_auth(token)
+        .header("idempotency-key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    Response::from(r).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_returns_the_same_response_without_a_second_effect() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let first = post_with_key(&s, "/tickets", &token, "k-1", json!({ "title": "once" })).await;
+        assert_eq!(first.status, StatusCode::CREATED);
+        let again = post_with_key(&s, "/tickets", &token, "k-1", json!({ "title": "once" })).await;
+        assert_eq!(
+            (again.status, &again.body),
+            (StatusCode::CREATED, &first.body)
+        );
+        let list = s.get("/tickets", &token).await;
+        assert_eq!(
+            list.body["items"].as_array().unwrap().len(),
+            1,
+            "one ticket only"
+        );
+
+        let id = first.body["id"].as_str().unwrap();
+        let c1 = post_with_key(
+            &s,
+            &format!("/tickets/{id}/comments"),
+            &token,
+            "k-2",
+            json!({ "body": "hello" }),
+        )
+        .await;
+        let c2 = post_with_key(
+            &s,
+            &format!("/tickets/{id}/comments"),
+            &token,
+            "k-2",
+            json!({ "body": "hello" }),
+        )
+        .await;
+        assert_eq!((c2.status, &c2.body), (StatusCode::CREATED, &c1.body));
+        assert_eq!(
+            s.get(&format!("/tickets/{id}"), &token).await.body["version"],
+            2
+        );
+
+        let reused = post_with_key(
+            &s,
+            "/tickets",
+            &token,
+            "k-1",
+            json!({ "title": "different" }),
+        )
+        .await;
+        reused.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+
+        // Keys belong to their user: another user's same key is another key.
+        let (other, _) = s.customer().await;
+        let theirs = post_with_key(&s, "/tickets", &other, "k-1", json!({ "title": "once" })).await;
+        assert_eq!(theirs.status, StatusCode::CREATED);
+        assert_ne!(theirs.body["id"], first.body["id"]);
+
+        // A failed request is not stored: fixing it under the same key works.
+        let bad = post_with_key(&s, "/tickets", &token, "k-3", json!({ "title": "" })).await;
+        bad.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let long_key = "k".repeat(256);
+        post_with_key(&s, "/tickets", &token, &long_key, json!({ "title": "x" }))
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+
+        // Keys live at least 24 hours.
+        s.clock.advance(std::time::Duration::from_secs(23 * 3600));
+        // The token has expired by now; the same user logs in again.
+        let user_id = first.body["reporter_id"].as_str().unwrap().to_owned();
+        let token = s.token_of(&user_id).await;
+        let late = post_with_key(&s, "/tickets", &token, "k-1", json!({ "title": "once" })).await;
+        assert_eq!(late.body, first.body);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_run_the_work_once_and_share_its_response() {
+    within(async {
+        let s = Arc::new(TestServer::start().await);
+        let (token, _) = s.customer().await;
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, token) = (s.clone(), token.clone());
+                tokio::spawn(async move {
+                    post_with_key(&s, "/tickets", &token, "same", json!({ "title": "dup" })).await
+                })
+            })
+            .collect();
+        let mut bodies = Vec::new();
+        for t in tasks {
+            let r = t.await.unwrap();
+            assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+            bodies.push(r.body);
+        }
+        assert!(
+            bodies.windows(2).all(|w| w[0] == w[1]),
+            "every duplicate got the first response"
+        );
+        assert_eq!(
+            s.get("/tickets", &token).await.body["items"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    })
+    .await;
+}

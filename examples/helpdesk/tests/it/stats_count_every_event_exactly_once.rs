@@ -1,0 +1,64 @@
+use crate::support::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_catch_up_and_count_each_ticket_in_its_current_status() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        s.get("/tickets/stats", &customer)
+            .await
+            .assert_error(StatusCode::FORBIDDEN, "forbidden");
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            ids.push(
+                s.ticket(&customer, &format!("s{i}")).await["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        for id in &ids[..3] {
+            s.post(
+                &format!("/tickets/{id}/assign"),
+                &agent,
+                json!({ "assignee_id": agent_id }),
+            )
+            .await;
+        }
+        s.post(&format!("/tickets/{}/close", ids[0]), &agent, json!({}))
+            .await;
+        s.post(&format!("/tickets/{}/close", ids[4]), &agent, json!({}))
+            .await;
+        // Comments and a reassignment do not change the counts.
+        s.post(
+            &format!("/tickets/{}/comments", ids[1]),
+            &customer,
+            json!({ "body": "?" }),
+        )
+        .await;
+        s.post(
+            &format!("/tickets/{}/assign", ids[1]),
+            &agent,
+            json!({ "assignee_id": agent_id }),
+        )
+        .await;
+
+        let expected = json!({ "open": 1, "assigned": 2, "closed": 2 });
+        let stats = cqrs_core::testing::eventually(
+            Duration::from_secs(5),
+            "the stats catch up",
+            || async {
+                let r = s.get("/tickets/stats", &agent).await;
+                (r.body == expected).then_some(r.body)
+            },
+        )
+        .await;
+        assert_eq!(stats, expected);
+        s.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,336 @@
+use crate::support::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ticket_has_the_defaults_and_reads_back_with_comments() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, user_id) = s.customer().await;
+        let r = s
+            .post(
+                "/tickets",
+                &token,
+                json!({ "title": "  Printer <on> \"fire\"  ", "description": "  as sent  " }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let t = &r.body;
+        assert_eq!(t["title"], "Printer <on> \"fire\"", "trimmed, not escaped");
+        assert_eq!(t["description"], "  as sent  ");
+        assert_eq!(t["priority"], "normal");
+        assert_eq!(t["status"], "open");
+        assert_eq!(t["version"], 1);
+        assert_eq!(t["reporter_id"], user_id);
+        assert!(t["assignee_id"].is_null());
+        assert_eq!(t["comments"], json!([]));
+        for field in ["created_at", "updated_at"] {
+            let at = t[field].as_str().unwrap();
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(at).is_ok() && at.ends_with('Z'),
+                "{field}: {at}"
+            );
+        }
+        let id = t["id"].as_str().unwrap();
+        let read = s.get(&format!("/tickets/{id}"), &token).await;
+        assert_eq!(read.status, StatusCode::OK);
+        assert_eq!(&read.body, t);
+
+        let urgent = s
+            .post(
+                "/tickets",
+                &token,
+                json!({ "title": "x", "priority": "urgent" }),
+            )
+            .await;
+        assert_eq!(urgent.body["priority"], "urgent");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_tickets_are_refused() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        for body in [
+            json!({ "title": "" }),
+            json!({ "title": "   " }),
+            json!({ "title": "t".repeat(201) }),
+            json!({ "title": "ok", "description": "d".repeat(10_001) }),
+        ] {
+            s.post("/tickets", &token, body)
+                .await
+                .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        }
+        for body in [
+            json!({ "title": "ok", "priority": "whenever" }),
+            json!({ "title": 7 }),
+            json!({}),
+            json!([1, 2]),
+        ] {
+            s.post("/tickets", &token, body)
+                .await
+                .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+        }
+        let r = s
+            .post(
+                "/tickets",
+                &token,
+                json!({ "title": "t".repeat(200), "description": "d".repeat(10_000) }),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "the limits themselves are accepted"
+        );
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_see_only_their_own_tickets_and_agents_see_all() {
+    within(async {
+        let s = TestServer::start().await;
+        let (alice, _) = s.customer().await;
+        let (bob, _) = s.customer().await;
+        let (agent, _) = s.agent().await;
+        let ticket = s.ticket(&alice, "alice's").await;
+        let id = ticket["id"].as_str().unwrap();
+        s.get(&format!("/tickets/{id}"), &bob)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        s.get(&format!("/tickets/{id}/history"), &bob)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        s.post(
+            &format!("/tickets/{id}/comments"),
+            &bob,
+            json!({ "body": "hi" }),
+        )
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+        s.post(&format!("/tickets/{id}/close"), &bob, json!({}))
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        assert_eq!(
+            s.get(&format!("/tickets/{id}"), &agent).await.status,
+            StatusCode::OK
+        );
+        let missing = uuid::Uuid::now_v7();
+        s.get(&format!("/tickets/{missing}"), &agent)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        let malformed = s.get("/tickets/not-a-uuid", &agent).await;
+        assert!(
+            matches!(
+                malformed.status,
+                StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND
+            ),
+            "{malformed:?}"
+        );
+        assert!(malformed.body["error"]["code"].is_string());
+
+        let bobs = s.get("/tickets", &bob).await;
+        assert_eq!(bobs.body["items"], json!([]));
+        let all = s.get("/tickets", &agent).await;
+        assert!(
+            all.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["id"] == id)
+        );
+        s.stop().await;
+    })
+    .await;
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let mut created = Vec::new();
+        for i in 0..7 {
+            let priority = if i % 2 == 0 { "high" } else { "low" };
+            let r = s
+                .post(
+                    "/tickets",
+                    &token,
+                    json!({ "title": format!("t{i}"), "priority": priority }),
+                )
+                .await;
+            created.push(r.body["id"].as_str().unwrap().to_owned());
+        }
+        s.post(
+            &format!("/tickets/{}/assign", created[0]),
+            &agent,
+            json!({ "assignee_id": agent_id }),
+        )
+        .await;
+        created.reverse();
+
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/tickets?limit=3&cursor={c}"),
+                None => "/tickets?limit=3".to_owned(),
+            };
+            let page = s.get(&path, &token).await;
+            assert_eq!(page.status, StatusCode::OK, "{page:?}");
+            assert!(page.body["items"].as_array().unwrap().len() <= 3);
+            assert!(
+                page.body["items"][0].get("comments").is_none(),
+                "list items have no comments"
+            );
+            seen.extend(ids(&page.body));
+            match page.body["next_cursor"].as_str() {
+                Some(c) => {
+                    assert!(
+                        c.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                        "URL-safe: {c}"
+                    );
+                    cursor = Some(c.to_owned());
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, created, "every ticket once, newest first");
+
+        let high = s.get("/tickets?priority=high", &token).await;
+        assert_eq!(ids(&high.body).len(), 4);
+        let assigned = s
+            .get(
+                &format!("/tickets?status=assigned&assignee_id={agent_id}"),
+                &agent,
+            )
+            .await;
+        assert_eq!(ids(&assigned.body), [created[6].clone()]);
+        let open = s.get("/tickets?status=open", &token).await;
+        assert_eq!(ids(&open.body).len(), 6);
+
+        for bad in [
+            "limit=0",
+            "limit=101",
+            "limit=ten",
+            "limit=-1",
+            "limit=1.5",
+            "status=pending",
+            "priority=meh",
+            "assignee_id=42",
+            "cursor=abc",
+            "cursor=00000000000000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            s.get(&format!("/tickets?{bad}"), &token)
+                .await
+                .assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+        }
+        // A cursor from another server (another secret) is refused too.
+        let other = TestServer::start_with(|c| {
+            c.jwt_secret = Some("another-secret-that-is-32-bytes-long!!".into())
+        })
+        .await;
+        let (other_token, _) = other.customer().await;
+        for i in 0..3 {
+            other.ticket(&other_token, &format!("o{i}")).await;
+        }
+        let foreign = other.get("/tickets?limit=1", &other_token).await.body["next_cursor"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        s.get(&format!("/tickets?cursor={foreign}"), &token)
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+        other.stop().await;
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_lists_every_event_oldest_first() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, user_id) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let id = s.ticket(&token, "history").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        s.post(
+            &format!("/tickets/{id}/assign"),
+            &agent,
+            json!({ "assignee_id": agent_id }),
+        )
+        .await;
+        s.post(
+            &format!("/tickets/{id}/comments"),
+            &token,
+            json!({ "body": "any news?" }),
+        )
+        .await;
+        s.post(
+            &format!("/tickets/{id}/close"),
+            &agent,
+            json!({ "resolution": "fixed" }),
+        )
+        .await;
+        let h = s.get(&format!("/tickets/{id}/history"), &token).await;
+        assert_eq!(h.status, StatusCode::OK);
+        let items = h.body["items"].as_array().unwrap();
+        let types: Vec<&str> = items.iter().map(|i| i["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "TicketOpened",
+                "TicketAssigned",
+                "TicketCommented",
+                "TicketClosed"
+            ]
+        );
+        let versions: Vec<u64> = items
+            .iter()
+            .map(|i| i["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(versions, [1, 2, 3, 4]);
+        let actors: Vec<&str> = items
+            .iter()
+            .map(|i| i["actor_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            actors,
+            [
+                user_id.as_str(),
+                agent_id.as_str(),
+                user_id.as_str(),
+                agent_id.as_str()
+            ]
+        );
+        assert_eq!(items[2]["data"]["body"], "any news?");
+        assert_eq!(items[3]["data"]["resolution"], "fixed");
+        for item in items {
+            assert!(uuid::Uuid::parse_str(item["event_id"].as_str().unwrap()).is_ok());
+            assert!(
+                chrono::DateTime::parse_from_rfc3339(item["occurred_at"].as_str().unwrap()).is_ok()
+            );
+        }
+        s.stop().await;
+    })
+    .await;
+}
