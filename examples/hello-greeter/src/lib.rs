@@ -27,7 +27,9 @@ impl Plugin for GreeterPlugin {
     }
 
     fn register(&self, registrar: &mut PluginRegistrar) -> Result<(), BoxError> {
-        let greetings = registrar.try_resource::<GreetingCount>().unwrap_or_default();
+        let greetings = registrar
+            .try_resource::<GreetingCount>()
+            .unwrap_or_default();
         registrar.commands().add(GreetHandler);
         registrar.events().add(CountGreetings(greetings));
         registrar.contribute(Route {
@@ -63,7 +65,12 @@ impl CommandHandler<Greet> for GreetHandler {
                 "say who to greet: the name is empty",
             ));
         }
-        ctx.record_keyed(name, Greeted { name: name.to_owned() });
+        ctx.record_keyed(
+            name,
+            Greeted {
+                name: name.to_owned(),
+            },
+        );
         Ok(format!("Hello, {name}!"))
     }
 }

@@ -7,7 +7,11 @@ fn run<F: std::future::Future>(f: F) -> F::Output {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), f).await.unwrap() })
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), f)
+                .await
+                .unwrap()
+        })
 }
 
 #[test]
@@ -24,19 +28,44 @@ fn the_plugin_handles_commands_reacts_to_events_and_contributes_a_server_type() 
     let app = hello::start(registrar).unwrap();
     assert_eq!(
         app.routes,
-        [("greeter", Route { path: "/greet", description: "greets someone by name" })]
+        [(
+            "greeter",
+            Route {
+                path: "/greet",
+                description: "greets someone by name"
+            }
+        )]
     );
     run(async {
-        assert_eq!(app.commands.dispatch(Greet { name: " Ada ".into() }).await.unwrap(), "Hello, Ada!");
-        let err = app.commands.dispatch(Greet { name: "  ".into() }).await.unwrap_err();
+        assert_eq!(
+            app.commands
+                .dispatch(Greet {
+                    name: " Ada ".into()
+                })
+                .await
+                .unwrap(),
+            "Hello, Ada!"
+        );
+        let err = app
+            .commands
+            .dispatch(Greet { name: "  ".into() })
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid);
     });
-    assert_eq!(count.get(), 1, "the event handler saw the one successful greeting");
+    assert_eq!(
+        count.get(),
+        1,
+        "the event handler saw the one successful greeting"
+    );
 }
 
 #[test]
 fn a_plugin_that_is_not_linked_is_named_at_start_up() {
-    let err = Plugins::collect().unwrap().expect(&["greeter", "farewell"]).unwrap_err();
+    let err = Plugins::collect()
+        .unwrap()
+        .expect(&["greeter", "farewell"])
+        .unwrap_err();
     assert_eq!(
         err.to_string(),
         "expected plugin(s) farewell are not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (found: greeter)"
