@@ -4,7 +4,7 @@ use super::{Registries, into_result, layer_service};
 use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
-    EventEnvelope, MessageKind, MessageType, Metadata, Reply,
+    EventEnvelope, Extensions, MessageKind, MessageType, Metadata, Reply,
 };
 use async_trait::async_trait;
 use futures_util::future::Either;
@@ -340,16 +340,30 @@ impl CommandBus {
         command: C,
         metadata: Metadata,
     ) -> Result<Executed<C::Output>, DispatchError> {
+        self.execute_with_extensions(command, metadata, Extensions::new())
+            .await
+    }
+
+    /// Like [`execute`](Self::execute), with extensions already in the dispatch and in the
+    /// handler's context: a caller hands layers and the handler a value (a unit of work it
+    /// opened, a tenant) without a task-local.
+    pub async fn execute_with_extensions<C: Command>(
+        &self,
+        command: C,
+        metadata: Metadata,
+        extensions: Extensions,
+    ) -> Result<Executed<C::Output>, DispatchError> {
         match &self.inner.service {
-            None => self.execute_direct(command, metadata).await,
+            None => self.execute_direct(command, metadata, extensions).await,
             Some(service) => {
-                let dispatch = Dispatch::message(
+                let mut dispatch = Dispatch::message(
                     MessageKind::Command,
                     C::NAME,
                     TypeId::of::<C>(),
                     metadata,
                     Box::new(command),
                 );
+                *dispatch.extensions_mut() = extensions;
                 let mut reply = service.call(dispatch).await?;
                 let output = reply
                     .output
@@ -372,6 +386,7 @@ impl CommandBus {
         &self,
         command: C,
         metadata: Metadata,
+        extensions: Extensions,
     ) -> Result<Executed<C::Output>, DispatchError> {
         let handler = self
             .inner
@@ -383,7 +398,7 @@ impl CommandBus {
                 kind: MessageKind::Command,
                 name: C::NAME,
             })?;
-        let mut ctx = CommandContext::new(metadata);
+        let mut ctx = CommandContext::with_extensions(metadata, extensions);
         let output = guarded(
             MessageKind::Command,
             C::NAME,

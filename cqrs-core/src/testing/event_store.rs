@@ -23,9 +23,12 @@ pub trait EventStoreHarness: Harness {
     /// The store under test, empty of this test's streams.
     fn store(&self) -> Arc<dyn EventStore>;
 
-    /// Starts appending `events` to `stream_id` in a transaction that stays open until the
-    /// returned handle commits it, with the events' positions already taken. `None` when the
-    /// adapter has no such thing (the late-commit scenario is then skipped).
+    /// Starts appending `events` to `stream_id` as a writer whose transaction begins now and
+    /// stays open until the returned handle commits it, so it commits after a writer that
+    /// began later. (A store that draws positions at append time lets the late writer commit
+    /// first; a store that serializes appends makes it wait, or draws positions at commit:
+    /// either way the reader must not skip the held writer's events.) `None` when the adapter
+    /// has no transactions (the late-commit scenario is then skipped).
     async fn begin_held_append(
         &self,
         stream_id: &str,
@@ -349,8 +352,9 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
     );
 }
 
-/// The late-commit trap, made deterministic: writer A takes its positions and stays open, B
-/// commits after it; a reader sees B only after A commits, never skipping A.
+/// The late-commit trap, made deterministic: writer A begins and stays open, B appends after
+/// it; a reader never sees A before A commits, and a reader that continues from its checkpoint
+/// after A commits sees both exactly once.
 pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarness>(h: &H) {
     let store = h.store();
     let (a, b) = (
@@ -362,10 +366,17 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
         eprintln!("skipped: this adapter cannot hold an append open");
         return;
     };
-    store
-        .append(&b, ExpectedVersion::NO_STREAM, vec![record(2)])
-        .await
-        .unwrap();
+    // B may have to wait for A (a store that serializes appends): append it in the background,
+    // and give it every chance to commit ahead of A.
+    let b_append = {
+        let (store, b) = (store.clone(), b.clone());
+        tokio::spawn(async move {
+            store
+                .append(&b, ExpectedVersion::NO_STREAM, vec![record(2)])
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     // A is still open: the reader must not see it, and may hold B back until A commits.
     let first_read = read_ours(store.as_ref(), start, &[&a, &b]).await;
     assert!(
@@ -376,6 +387,7 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
     );
     let checkpoint = first_read.last().and_then(|r| r.position).unwrap_or(start);
     held.commit().await.expect("commit the held append");
+    b_append.await.expect("B's task ran").expect("B's append");
     let second_read = read_ours(store.as_ref(), checkpoint, &[&a, &b]).await;
     let mut all: Vec<&str> = first_read
         .iter()

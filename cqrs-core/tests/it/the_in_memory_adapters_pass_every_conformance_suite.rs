@@ -35,12 +35,12 @@ mod event_store {
         }
     }
 
-    async fn harness(id: String) -> Memory<InMemoryEventStore> {
-        Memory {
+    async fn harness(id: String) -> Option<Memory<InMemoryEventStore>> {
+        Some(Memory {
             id,
             adapter: InMemoryEventStore::new(),
             clock: ManualClock::new(),
-        }
+        })
     }
 
     cqrs_core::event_store_conformance!(harness);
@@ -55,12 +55,12 @@ mod transport {
         }
     }
 
-    async fn harness(id: String) -> Memory<InMemoryTransport> {
-        Memory {
+    async fn harness(id: String) -> Option<Memory<InMemoryTransport>> {
+        Some(Memory {
             id,
             adapter: InMemoryTransport::new(),
             clock: ManualClock::new(),
-        }
+        })
     }
 
     cqrs_core::transport_conformance!(harness);
@@ -81,12 +81,12 @@ mod pubsub {
         }
     }
 
-    async fn harness(id: String) -> Memory<InMemoryPubSub> {
-        Memory {
+    async fn harness(id: String) -> Option<Memory<InMemoryPubSub>> {
+        Some(Memory {
             id,
             adapter: InMemoryPubSub::new(),
             clock: ManualClock::new(),
-        }
+        })
     }
 
     cqrs_core::pubsub_conformance!(harness);
@@ -105,13 +105,13 @@ mod idempotency {
         }
     }
 
-    async fn harness(id: String) -> Memory<InMemoryIdempotencyStore> {
+    async fn harness(id: String) -> Option<Memory<InMemoryIdempotencyStore>> {
         let clock = ManualClock::new();
-        Memory {
+        Some(Memory {
             id,
             adapter: InMemoryIdempotencyStore::with_clock(Arc::new(clock.clone())),
             clock,
-        }
+        })
     }
 
     cqrs_core::idempotency_conformance!(harness);
@@ -128,12 +128,12 @@ mod projection_store {
         }
     }
 
-    async fn harness(id: String) -> Memory<InMemoryProjectionStore> {
-        Memory {
+    async fn harness(id: String) -> Option<Memory<InMemoryProjectionStore>> {
+        Some(Memory {
             id,
             adapter: InMemoryProjectionStore::new(),
             clock: ManualClock::new(),
-        }
+        })
     }
 
     cqrs_core::projection_store_conformance!(harness);

@@ -1,0 +1,186 @@
+//! The handle every adapter shares: a pool and a schema.
+
+use crate::error::{PgError, store_error};
+use crate::sql::Sql;
+use crate::{PgCommandLayer, PgEventStore, PgIdempotencyStore, PgProjectionStore, PgSnapshotStore};
+use async_trait::async_trait;
+use cqrs_core::clock::{Clock, SystemClock};
+use cqrs_core::runtime::{Health, HealthCheck};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::PgPool;
+use sqlx::{AssertSqlSafe, SqlSafeStr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The migrations, in order: `(version, description, SQL with placeholders)`.
+const MIGRATIONS: [(i64, &str, &str); 4] = [
+    (
+        1,
+        "event store",
+        include_str!("../migrations/0001_event_store.sql"),
+    ),
+    (
+        2,
+        "outbox relay",
+        include_str!("../migrations/0002_outbox_relay.sql"),
+    ),
+    (
+        3,
+        "idempotency",
+        include_str!("../migrations/0003_idempotency.sql"),
+    ),
+    (
+        4,
+        "inbox and checkpoints",
+        include_str!("../migrations/0004_inbox_checkpoints.sql"),
+    ),
+];
+
+/// A connection pool and the schema that holds this crate's tables: the handle every adapter
+/// is made from. Cheap to clone.
+///
+/// ```no_run
+/// use cqrs_postgres::PgOptions;
+///
+/// # async fn run() -> Result<(), cqrs_postgres::PgError> {
+/// let db = PgOptions::from_env().schema("cqrs").connect().await?;
+/// db.migrate().await?;
+/// let events = db.event_store();
+/// let idempotency = db.idempotency_store();
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PgDatabase {
+    pub(crate) pool: PgPool,
+    pub(crate) sql: Arc<Sql>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for PgDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgDatabase")
+            .field("schema", &self.sql.schema)
+            .field("connections", &self.pool.size())
+            .finish()
+    }
+}
+
+impl PgDatabase {
+    pub(crate) fn new(pool: PgPool, schema: &str) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(Sql::new(schema)),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A handle over a pool you made yourself. Fails when the schema name is invalid.
+    pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, PgError> {
+        crate::sql::valid_schema(schema).map_err(|p| PgError::InvalidOptions(vec![p]))?;
+        Ok(Self::new(pool, schema))
+    }
+
+    /// Uses `clock` for idempotency expiry (tests pass a
+    /// [`ManualClock`](cqrs_core::clock::ManualClock)). Default: the system clock.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The pool, for the application's own queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema that holds this crate's tables.
+    pub fn schema(&self) -> &str {
+        &self.sql.schema
+    }
+
+    /// The LISTEN/NOTIFY channel that every append notifies at commit: `{schema}_events`.
+    pub fn channel(&self) -> &str {
+        &self.sql.channel
+    }
+
+    /// Creates the schema if needed and applies the migrations it lacks. Safe to call from
+    /// every instance at start-up: concurrent calls wait for each other (sqlx holds an
+    /// advisory lock while migrating), and applied migrations are skipped. The migration
+    /// history is the table `_sqlx_migrations` in the schema.
+    pub async fn migrate(&self) -> Result<(), PgError> {
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|(version, description, text)| {
+                Migration::new(
+                    *version,
+                    (*description).into(),
+                    MigrationType::Simple,
+                    AssertSqlSafe(self.sql.render(text)).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(migrations);
+        migrator.create_schema(format!("\"{}\"", self.sql.schema));
+        migrator.dangerous_set_table_name(format!("\"{}\"._sqlx_migrations", self.sql.schema));
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|source| PgError::Migrate {
+                schema: self.sql.schema.clone(),
+                source,
+            })
+    }
+
+    /// Drops the schema and everything in it. For tests and tear-down scripts only: the
+    /// events are gone.
+    pub async fn drop_schema(&self) -> Result<(), PgError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.sql.schema
+        )))
+        .execute(&self.pool)
+        .await
+        .map_err(store_error)?;
+        Ok(())
+    }
+
+    /// The event store.
+    pub fn event_store(&self) -> PgEventStore {
+        PgEventStore::new(self.clone())
+    }
+
+    /// The snapshot store.
+    pub fn snapshot_store(&self) -> PgSnapshotStore {
+        PgSnapshotStore::new(self.clone())
+    }
+
+    /// The idempotency store, on this handle's clock.
+    pub fn idempotency_store(&self) -> PgIdempotencyStore {
+        PgIdempotencyStore::new(self.clone())
+    }
+
+    /// The projection store (inbox and checkpoints).
+    pub fn projection_store(&self) -> PgProjectionStore {
+        PgProjectionStore::new(self.clone())
+    }
+
+    /// The tower layer that runs each command in one transaction.
+    pub fn command_layer(&self) -> PgCommandLayer {
+        PgCommandLayer::new(self.clone())
+    }
+}
+
+/// `SELECT 1` within 2 seconds: healthy, or unhealthy with the reason. Register it as a
+/// critical check of the runtime.
+#[async_trait]
+impl HealthCheck for PgDatabase {
+    async fn check(&self) -> Health {
+        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
+        match tokio::time::timeout(Duration::from_secs(2), ping).await {
+            Ok(Ok(_)) => Health::Healthy,
+            Ok(Err(e)) => Health::Unhealthy(format!("postgres: {}", store_error(e))),
+            Err(_) => Health::Unhealthy("postgres did not answer within 2 s".to_owned()),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The event store.
+
+use crate::PgDatabase;
+use crate::error::{BACKEND, is_unique_violation, store_error};
+use crate::row::{self, Columns, to_i64, to_u64};
+use crate::sql::Sql;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
+use cqrs_core::{EventRecord, Position};
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Row};
+
+/// An event store in Postgres: one `events` table, one global order.
+///
+/// * **Append** is one statement (one round trip): the `append_events` function takes the
+///   schema's append lock, checks the expected version, and inserts the batch with
+///   consecutive versions. All or nothing.
+/// * **Optimistic concurrency**: the expected version is checked under the append lock, and
+///   a unique constraint on `(stream_id, stream_version)` backs it; of 50 concurrent appends
+///   at one version, one wins and 49 get [`StoreError::Conflict`] with the actual version.
+/// * **Global order**: positions come from an identity column and are drawn while holding a
+///   transaction-scoped advisory lock (`pg_advisory_xact_lock`) that is released at commit,
+///   so they are drawn in commit order and a reader of `read_all` never skips an event that
+///   commits late. The cost: appends to one schema are serialized from their `append_events`
+///   statement to their commit. A plain `append` is its own transaction, so it holds the lock
+///   for one statement; a command's unit of work appends in its last statement before
+///   `COMMIT`; [`append_in`](Self::append_in) holds it until *your* commit. See
+///   `docs/postgres.md`.
+///
+/// ```no_run
+/// use cqrs_core::ports::EventStore;
+/// use cqrs_core::{EventRecord, ExpectedVersion, Metadata, Position, RecordMetadata};
+///
+/// # async fn run(db: cqrs_postgres::PgDatabase) -> Result<(), Box<dyn std::error::Error>> {
+/// let store = db.event_store();
+/// let metadata = Metadata::new();
+/// let event = EventRecord::new(
+///     metadata.message_id,
+///     "TicketOpened",
+///     1,
+///     serde_json::json!({ "ticket_id": "t1" }),
+///     RecordMetadata::from_metadata(&metadata),
+/// );
+/// let stored = store.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![event]).await?;
+/// assert_eq!(stored[0].stream_version, Some(1));
+/// let everything = store.read_all(Position::START, 100).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgEventStore {
+    db: PgDatabase,
+}
+
+impl PgEventStore {
+    /// The event store of `db`'s schema.
+    pub fn new(db: PgDatabase) -> Self {
+        Self { db }
+    }
+
+    /// The database handle.
+    pub fn database(&self) -> &PgDatabase {
+        &self.db
+    }
+
+    /// Appends inside a transaction you hold (`&mut *tx`). The append lock is then held until
+    /// that transaction ends, so append last and commit soon. Conflicts are reported without
+    /// aborting the transaction.
+    pub async fn append_in(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        append_on(
+            conn,
+            &self.db.pool,
+            &self.db.sql,
+            stream_id,
+            expected,
+            events,
+            None,
+        )
+        .await
+    }
+}
+
+/// An idempotency response stored by the same statement as a command's events.
+pub(crate) struct Completion<'a> {
+    pub(crate) scope: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) status: i32,
+    pub(crate) body: &'a serde_json::Value,
+    pub(crate) expires_at: DateTime<Utc>,
+}
+
+/// Appends on `conn` (a transaction, or a plain connection: then the statement is its own
+/// transaction). `pool` is only used to read the actual version after a lost race that the
+/// unique constraint caught, because `conn`'s transaction is aborted by then.
+pub(crate) async fn append_on(
+    conn: &mut PgConnection,
+    pool: &PgPool,
+    sql: &Sql,
+    stream_id: &str,
+    expected: ExpectedVersion,
+    events: Vec<EventRecord>,
+    completion: Option<&Completion<'_>>,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let expected_param = match expected {
+        ExpectedVersion::Any => None,
+        ExpectedVersion::Exactly(v) => Some(to_i64(v)),
+    };
+    let result = {
+        let columns = Columns::new(&events)?;
+        let statement = match completion {
+            Some(_) => sql.append_completing.clone(),
+            None => sql.append.clone(),
+        };
+        let mut query = sqlx::query(AssertSqlSafe(statement))
+            .bind(stream_id)
+            .bind(expected_param)
+            .bind(&columns.event_ids)
+            .bind(&columns.event_types)
+            .bind(&columns.schema_versions)
+            .bind(&columns.payloads)
+            .bind(&columns.metadata)
+            .bind(&columns.partition_keys);
+        if let Some(c) = completion {
+            query = query
+                .bind(c.status)
+                .bind(Json(c.body))
+                .bind(c.expires_at)
+                .bind(c.scope)
+                .bind(c.key);
+        }
+        query.fetch_one(&mut *conn).await
+    };
+    let row = match result {
+        Ok(row) => row,
+        Err(e) if is_unique_violation(&e, "events_stream_version_key") => {
+            // Only reachable when the transaction is not READ COMMITTED (its snapshot missed
+            // a concurrent append) or someone inserted without append_events.
+            let actual = read_version(pool, sql, stream_id).await?;
+            return Err(StoreError::Conflict {
+                stream: stream_id.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        Err(e) if is_unique_violation(&e, "events_event_id_key") => {
+            return Err(StoreError::Backend {
+                backend: BACKEND,
+                source: format!("an event of this batch for stream {stream_id} is already stored (same event id): {e}").into(),
+            });
+        }
+        Err(e) => return Err(store_error(e)),
+    };
+    let actual: i64 = row.try_get(0).map_err(store_error)?;
+    let positions: Option<Vec<i64>> = row.try_get(1).map_err(store_error)?;
+    let actual = to_u64(actual);
+    let Some(positions) = positions else {
+        return Err(StoreError::Conflict {
+            stream: stream_id.to_owned(),
+            expected,
+            actual,
+        });
+    };
+    if let ExpectedVersion::Exactly(v) = expected
+        && events.is_empty()
+        && v != actual
+    {
+        return Err(StoreError::Conflict {
+            stream: stream_id.to_owned(),
+            expected,
+            actual,
+        });
+    }
+    if positions.len() != events.len() {
+        return Err(StoreError::Backend {
+            backend: BACKEND,
+            source: format!(
+                "append_events stored {} events of {}; the schema's functions are not this crate's",
+                positions.len(),
+                events.len()
+            )
+            .into(),
+        });
+    }
+    Ok(events
+        .into_iter()
+        .zip(positions)
+        .enumerate()
+        .map(|(i, (event, position))| {
+            event
+                .with_stream(stream_id, actual + 1 + i as u64)
+                .with_position(Position::new(to_u64(position)))
+        })
+        .collect())
+}
+
+async fn read_version(pool: &PgPool, sql: &Sql, stream_id: &str) -> Result<u64, StoreError> {
+    let version: i64 = sqlx::query_scalar(AssertSqlSafe(sql.stream_version.clone()))
+        .bind(stream_id)
+        .fetch_one(pool)
+        .await
+        .map_err(store_error)?;
+    Ok(to_u64(version))
+}
+
+#[async_trait]
+impl EventStore for PgEventStore {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let mut conn = self.db.pool.acquire().await.map_err(store_error)?;
+        append_on(
+            &mut conn,
+            &self.db.pool,
+            &self.db.sql,
+            stream_id,
+            expected,
+            events,
+            None,
+        )
+        .await
+    }
+
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(self.db.sql.load.clone()))
+            .bind(stream_id)
+            .bind(to_i64(after_version))
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(row::event).collect()
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(AssertSqlSafe(self.db.sql.read_all.clone()))
+            .bind(to_i64(after.get()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(row::event).collect()
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        read_version(&self.db.pool, &self.db.sql, stream_id).await
+    }
+}

@@ -1,0 +1,217 @@
+//! The idempotency store.
+
+use crate::PgDatabase;
+use crate::error::{BACKEND, store_error};
+use crate::sql::Sql;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
+use sqlx::postgres::{PgConnection, Postgres};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Row, Transaction};
+use std::time::Duration;
+
+/// Idempotency keys in Postgres, held by the transaction that does the work.
+///
+/// A claim runs `idempotency_claim` in a transaction. A new key's row is inserted by that
+/// transaction and committed with the response (and, through
+/// [`PgCommandExecutor`](crate::PgCommandExecutor), with the command's own writes and
+/// events); there is never a committed "in progress" row, so a crash strands nothing. While
+/// the work runs, a concurrent claim with the same fingerprint waits on the claim's
+/// transaction-scoped lock and then replays the stored response, or claims the key itself if
+/// the first transaction rolled back (the guard was dropped). A concurrent claim with another
+/// fingerprint fails at once with [`StoreError::FingerprintMismatch`]: the claimers'
+/// fingerprints are visible to each other as advisory locks (see
+/// `migrations/0003_idempotency.sql`).
+///
+/// Expiry is `ttl` after completion, measured on the handle's clock
+/// ([`PgDatabase::with_clock`]); [`purge_expired`](IdempotencyStore::purge_expired)
+/// deletes expired keys.
+///
+/// A waiting claim holds a pool connection while it waits: size the pool for the duplicates
+/// you expect at once.
+///
+/// ```no_run
+/// use cqrs_core::ports::{Claim, IdempotencyStore, StoredResponse};
+/// use std::time::Duration;
+///
+/// # async fn run(db: cqrs_postgres::PgDatabase) -> Result<(), cqrs_core::ports::StoreError> {
+/// let store = db.idempotency_store();
+/// let day = Duration::from_secs(24 * 3600);
+/// match store.claim("tickets", "key-1", "sha256-of-the-request", day).await? {
+///     Claim::New(guard) => {
+///         // ... do the work ...
+///         guard.complete(StoredResponse::new(201, serde_json::json!({ "id": "t1" }))).await?;
+///     }
+///     Claim::Replay(response) => println!("again: {response:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgIdempotencyStore {
+    db: PgDatabase,
+}
+
+impl PgIdempotencyStore {
+    /// The idempotency store of `db`'s schema, on `db`'s clock.
+    pub fn new(db: PgDatabase) -> Self {
+        Self { db }
+    }
+}
+
+/// What claiming a key in a transaction found.
+pub(crate) enum Outcome {
+    New,
+    Replay(StoredResponse),
+    Mismatch,
+}
+
+pub(crate) fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add_signed(ttl))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// Claims a key in the transaction on `conn`. With [`Outcome::New`], the transaction holds
+/// the key until it ends.
+pub(crate) async fn claim_on(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+    now: DateTime<Utc>,
+    ttl: Duration,
+) -> Result<Outcome, StoreError> {
+    let (key_lock, fingerprint_lock) = sql.idempotency_locks(scope, key, fingerprint);
+    let row = sqlx::query(AssertSqlSafe(sql.idempotency_claim.clone()))
+        .bind(scope)
+        .bind(key)
+        .bind(fingerprint)
+        .bind(now)
+        .bind(expiry(now, ttl))
+        .bind(key_lock)
+        .bind(fingerprint_lock)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(store_error)?;
+    let outcome: String = row.try_get(0).map_err(store_error)?;
+    match outcome.as_str() {
+        "new" => Ok(Outcome::New),
+        "mismatch" => Ok(Outcome::Mismatch),
+        "replay" => {
+            let status: Option<i32> = row.try_get(1).map_err(store_error)?;
+            let body: Option<serde_json::Value> = row.try_get(2).map_err(store_error)?;
+            let status = status.and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
+            Ok(Outcome::Replay(StoredResponse::new(
+                status,
+                body.unwrap_or(serde_json::Value::Null),
+            )))
+        }
+        other => Err(StoreError::Backend {
+            backend: BACKEND,
+            source: format!(
+                "idempotency_claim answered `{other}`; the schema's functions are not this crate's"
+            )
+            .into(),
+        }),
+    }
+}
+
+/// Stores the response of a claimed key in the claiming transaction.
+pub(crate) async fn complete_on(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    scope: &str,
+    key: &str,
+    response: &StoredResponse,
+    expires_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(AssertSqlSafe(sql.idempotency_complete.clone()))
+        .bind(i32::from(response.status))
+        .bind(Json(&response.body))
+        .bind(expires_at)
+        .bind(scope)
+        .bind(key)
+        .execute(&mut *conn)
+        .await
+        .map_err(store_error)?;
+    Ok(())
+}
+
+/// Ends a transaction that only read: a failed rollback means the connection is gone, and
+/// the server rolls back by itself, so the error is only logged.
+pub(crate) async fn end_read_only(tx: Transaction<'static, Postgres>) {
+    if let Err(e) = tx.rollback().await {
+        tracing::debug!(error = %e, "rollback after an idempotency replay failed");
+    }
+}
+
+struct PgIdempotencyGuard {
+    tx: Transaction<'static, Postgres>,
+    db: PgDatabase,
+    scope: String,
+    key: String,
+    ttl: Duration,
+}
+
+#[async_trait]
+impl IdempotencyGuard for PgIdempotencyGuard {
+    async fn complete(self: Box<Self>, response: StoredResponse) -> Result<(), StoreError> {
+        let PgIdempotencyGuard {
+            mut tx,
+            db,
+            scope,
+            key,
+            ttl,
+        } = *self;
+        let expires_at = expiry(db.clock.now(), ttl);
+        complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
+        tx.commit().await.map_err(store_error)
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PgIdempotencyStore {
+    async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
+        let mut tx = self.db.pool.begin().await.map_err(store_error)?;
+        let now = self.db.clock.now();
+        match claim_on(&mut tx, &self.db.sql, scope, key, fingerprint, now, ttl).await? {
+            Outcome::New => Ok(Claim::New(Box::new(PgIdempotencyGuard {
+                tx,
+                db: self.db.clone(),
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                ttl,
+            }))),
+            Outcome::Replay(response) => {
+                end_read_only(tx).await;
+                Ok(Claim::Replay(response))
+            }
+            Outcome::Mismatch => {
+                end_read_only(tx).await;
+                Err(StoreError::FingerprintMismatch {
+                    scope: scope.to_owned(),
+                    key: key.to_owned(),
+                })
+            }
+        }
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.db.sql.idempotency_purge.clone()))
+            .bind(self.db.clock.now())
+            .execute(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected())
+    }
+}

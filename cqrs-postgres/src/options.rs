@@ -1,0 +1,233 @@
+//! Connection options: a URL, a schema, and pool bounds.
+
+use crate::error::PgError;
+use crate::{PgDatabase, sql};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The URL used when none is given: a local server with trust authentication.
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// How to reach Postgres and where this crate's tables live. Build it, then
+/// [`connect`](PgOptions::connect).
+///
+/// The defaults suit a small machine (2 cores, one or a few server instances sharing one
+/// database): at most 10 connections per instance, none kept open when idle.
+///
+/// ```
+/// use cqrs_postgres::PgOptions;
+/// use std::time::Duration;
+///
+/// let options = PgOptions::new("postgres://app@db.internal:5432/app")
+///     .schema("cqrs")
+///     .max_connections(8)
+///     .acquire_timeout(Duration::from_secs(2));
+/// assert!(options.validate().is_ok());
+///
+/// let err = PgOptions::new("mysql://nope").schema("Bad-Name").max_connections(0).validate();
+/// // Every problem at once.
+/// assert!(matches!(err, Err(cqrs_postgres::PgError::InvalidOptions(problems)) if problems.len() == 3));
+/// ```
+#[derive(Clone)]
+pub struct PgOptions {
+    url: String,
+    schema: String,
+    max_connections: u32,
+    min_connections: u32,
+    acquire_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    max_lifetime: Option<Duration>,
+    statement_timeout: Option<Duration>,
+    application_name: String,
+    test_before_acquire: bool,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: leave it out.
+        f.debug_struct("PgOptions")
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgOptions {
+    /// Options for the server at `url` (`postgres://user:password@host:port/database`), with
+    /// every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "cqrs".to_owned(),
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(60)),
+            max_lifetime: Some(Duration::from_secs(30 * 60)),
+            statement_timeout: None,
+            application_name: "cqrs".to_owned(),
+            test_before_acquire: false,
+        }
+    }
+
+    /// Options from the `DATABASE_URL` environment variable, or [`DEFAULT_URL`].
+    pub fn from_env() -> Self {
+        Self::new(std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned()))
+    }
+
+    /// The Postgres schema that holds this crate's tables. Default `cqrs`. Lower-case ASCII
+    /// letters, digits and `_`, at most 56 bytes. Instances that share a schema share one
+    /// event store; tests use one schema each.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The most connections the pool opens. Default 10. Each command holds one for its
+    /// transaction, each waiting idempotent duplicate one, each relay one per batch.
+    pub fn max_connections(mut self, max: u32) -> Self {
+        self.max_connections = max;
+        self
+    }
+
+    /// Connections kept open when idle. Default 0.
+    pub fn min_connections(mut self, min: u32) -> Self {
+        self.min_connections = min;
+        self
+    }
+
+    /// How long taking a connection from the pool may wait before the operation fails as
+    /// unavailable. Default 5 s.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// How long an idle connection stays open. Default 60 s; `None` keeps it.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a connection lives before it is replaced. Default 30 min.
+    pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
+        self.max_lifetime = lifetime;
+        self
+    }
+
+    /// The server-side `statement_timeout` of every connection; a statement that runs longer
+    /// fails as a timeout. Default none.
+    pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// The `application_name` the server shows in `pg_stat_activity`. Default `cqrs`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// Whether the pool pings a connection before handing it out. Default `false`: it saves a
+    /// round trip per command, and a connection that died while idle fails its first
+    /// statement as [`Unavailable`](cqrs_core::ports::StoreError::Unavailable), which callers
+    /// retry. Turn it on where the network drops idle connections silently.
+    pub fn test_before_acquire(mut self, test: bool) -> Self {
+        self.test_before_acquire = test;
+        self
+    }
+
+    /// The schema these options name.
+    pub fn schema_name(&self) -> &str {
+        &self.schema
+    }
+
+    /// Checks the options, listing every problem.
+    pub fn validate(&self) -> Result<(), PgError> {
+        self.checked().map(|_| ())
+    }
+
+    fn checked(&self) -> Result<PgConnectOptions, PgError> {
+        let mut problems = Vec::new();
+        let scheme_ok = ["postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.url.starts_with(scheme));
+        let connect = match PgConnectOptions::from_str(&self.url) {
+            Ok(_) if !scheme_ok => {
+                problems.push(
+                    "the database URL must start with `postgres://` or `postgresql://`".to_owned(),
+                );
+                None
+            }
+            Ok(o) => Some(o),
+            Err(e) => {
+                // sqlx's message does not repeat the URL, which may hold a password.
+                problems.push(format!("the database URL is not a postgres URL: {e}"));
+                None
+            }
+        };
+        if let Err(problem) = sql::valid_schema(&self.schema) {
+            problems.push(problem);
+        }
+        if self.max_connections == 0 {
+            problems.push("max_connections must be at least 1".to_owned());
+        }
+        if self.min_connections > self.max_connections {
+            problems.push(format!(
+                "min_connections ({}) is more than max_connections ({})",
+                self.min_connections, self.max_connections
+            ));
+        }
+        if self.acquire_timeout.is_zero() {
+            problems.push("acquire_timeout must be more than zero".to_owned());
+        }
+        match connect {
+            Some(connect) if problems.is_empty() => {
+                let mut connect = connect.application_name(&self.application_name);
+                if let Some(timeout) = self.statement_timeout {
+                    connect = connect
+                        .options([("statement_timeout", timeout.as_millis().max(1).to_string())]);
+                }
+                Ok(connect)
+            }
+            _ => Err(PgError::InvalidOptions(problems)),
+        }
+    }
+
+    fn pool_options(&self) -> PgPoolOptions {
+        PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .min_connections(self.min_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .idle_timeout(self.idle_timeout)
+            .max_lifetime(self.max_lifetime)
+            .test_before_acquire(self.test_before_acquire)
+    }
+
+    /// Opens the pool and checks that the server answers. Does not migrate: call
+    /// [`PgDatabase::migrate`] once at start-up.
+    ///
+    /// Fails with [`PgError::InvalidOptions`], or with an unavailable
+    /// [`StoreError`](cqrs_core::ports::StoreError) when the server cannot be reached in
+    /// `acquire_timeout`.
+    pub async fn connect(self) -> Result<PgDatabase, PgError> {
+        let connect = self.checked()?;
+        let pool = self
+            .pool_options()
+            .connect_with(connect)
+            .await
+            .map_err(crate::error::store_error)?;
+        Ok(PgDatabase::new(pool, &self.schema))
+    }
+
+    /// Makes the pool without connecting: the first operation connects.
+    pub fn connect_lazy(self) -> Result<PgDatabase, PgError> {
+        let connect = self.checked()?;
+        let pool = self.pool_options().connect_lazy_with(connect);
+        Ok(PgDatabase::new(pool, &self.schema))
+    }
+}

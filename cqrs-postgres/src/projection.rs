@@ -1,0 +1,150 @@
+//! Inbox and checkpoints: the projection store.
+
+use crate::PgDatabase;
+use crate::error::store_error;
+use crate::row::{to_i64, to_u64};
+use async_trait::async_trait;
+use cqrs_core::Position;
+use cqrs_core::ports::{ProjectionStore, StoreError};
+use sqlx::postgres::{PgConnection, Postgres};
+use sqlx::{AssertSqlSafe, Transaction};
+use uuid::Uuid;
+
+/// Inbox entries and checkpoints in Postgres, in the consumer's own transaction.
+///
+/// A unit of work ([`PgProjectionUnit`]) is a transaction that holds the consumer's advisory
+/// lock (`pg_advisory_xact_lock`) from `begin` until it commits or is dropped: two units of one
+/// consumer never overlap, across every instance sharing the schema, so a rebuild pauses the
+/// live projection. The projection writes its read model through
+/// [`PgProjectionUnit::connection`], in the same transaction as the inbox entries and the
+/// checkpoint: a redelivered event takes effect once.
+///
+/// ```no_run
+/// use cqrs_core::ports::ProjectionStore;
+///
+/// # async fn run(db: cqrs_postgres::PgDatabase, event_id: uuid::Uuid) -> Result<(), cqrs_core::ports::StoreError> {
+/// let store = db.projection_store();
+/// let mut unit = store.begin("open-tickets").await?;
+/// if store.mark_processed(&mut unit, "open-tickets", event_id).await? {
+///     sqlx::query("UPDATE open_tickets SET count = count + 1")
+///         .execute(unit.connection())
+///         .await
+///         .map_err(|e| cqrs_core::ports::StoreError::Backend { backend: "postgres", source: e.into() })?;
+/// }
+/// store.commit(unit).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgProjectionStore {
+    db: PgDatabase,
+}
+
+impl PgProjectionStore {
+    /// The projection store of `db`'s schema.
+    pub fn new(db: PgDatabase) -> Self {
+        Self { db }
+    }
+}
+
+/// A unit of work of the [`PgProjectionStore`]: a transaction holding the consumer's lock.
+/// Dropping it rolls back and releases the lock.
+pub struct PgProjectionUnit {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl std::fmt::Debug for PgProjectionUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgProjectionUnit").finish_non_exhaustive()
+    }
+}
+
+impl PgProjectionUnit {
+    /// The transaction's connection, for the projection's own reads and writes.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// The transaction itself.
+    pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
+        &mut self.tx
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for PgProjectionStore {
+    type Unit = PgProjectionUnit;
+
+    /// One round trip: `BEGIN` and the lock go as one simple query.
+    async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
+        // The key is a number computed here, not text from the caller: safe to inline.
+        let begin = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            self.db.sql.consumer_lock(consumer)
+        );
+        let tx = self
+            .db
+            .pool
+            .begin_with(AssertSqlSafe(begin))
+            .await
+            .map_err(store_error)?;
+        Ok(PgProjectionUnit { tx })
+    }
+
+    async fn mark_processed(
+        &self,
+        unit: &mut PgProjectionUnit,
+        consumer: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.db.sql.inbox_insert.clone()))
+            .bind(consumer)
+            .bind(id)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn checkpoint(
+        &self,
+        unit: &mut PgProjectionUnit,
+        consumer: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        let position: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.db.sql.checkpoint_load.clone()))
+                .bind(consumer)
+                .fetch_optional(&mut *unit.tx)
+                .await
+                .map_err(store_error)?;
+        Ok(position.map(|p| Position::new(to_u64(p))))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        unit: &mut PgProjectionUnit,
+        consumer: &str,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(self.db.sql.checkpoint_save.clone()))
+            .bind(consumer)
+            .bind(to_i64(position.get()))
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn reset(&self, unit: &mut PgProjectionUnit, consumer: &str) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(self.db.sql.consumer_reset.clone()))
+            .bind(consumer)
+            .execute(&mut *unit.tx)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn commit(&self, unit: PgProjectionUnit) -> Result<(), StoreError> {
+        unit.tx.commit().await.map_err(store_error)
+    }
+}

@@ -1,0 +1,511 @@
+//! The outbox relay: ships committed events to an event transport.
+
+use crate::PgDatabase;
+use crate::error::store_error;
+use crate::row::{self, to_i64, to_u64};
+use async_trait::async_trait;
+use cqrs_core::ports::{EventTransport, StoreError, TransportError};
+use cqrs_core::runtime::{Health, Worker, WorkerContext};
+use cqrs_core::{BoxError, ErrorKind, EventRecord, Position};
+use sqlx::postgres::{PgConnection, PgListener};
+use sqlx::{AssertSqlSafe, Row};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
+
+/// Ships committed events from the event store (the outbox) to an [`EventTransport`], in
+/// global order, and keeps its place in the table `relay_checkpoints`.
+///
+/// Each batch is one transaction: lock this relay's checkpoint row and read up to
+/// `batch_size` events after it (one statement), publish them, advance the checkpoint,
+/// commit. Hence:
+///
+/// * **Order.** Events are published in global order, which includes each stream's order;
+///   events without a partition key get their stream id as key, so an ordered transport keeps
+///   each stream in order.
+/// * **Nothing lost, nothing skipped.** The checkpoint moves only after the transport took the
+///   batch, and the global order never lets an event commit behind a position already read.
+/// * **Several instances.** The checkpoint row is locked `FOR UPDATE SKIP LOCKED` for the
+///   length of a batch, so one relay of a name ships at a time and the others stand by; if
+///   the active one dies, its transaction rolls back and another takes over at the next poll.
+///   Nothing is shipped twice in the normal case.
+/// * **At least once.** A relay that dies after publishing and before committing leaves the
+///   checkpoint where it was: the next relay ships that batch again. Consumers dedupe by event
+///   id (the inbox of [`PgProjectionStore`](crate::PgProjectionStore) does).
+/// * **Retries.** A failed batch is retried with exponential backoff from `min` to `max`;
+///   after `max_attempts` failures in a row, `run` returns the error and the runtime restarts
+///   the relay with its own backoff. Health is degraded while retrying.
+/// * **Wake-ups.** Every append notifies the schema's channel at commit; the relay listens on
+///   it (one pooled connection) and also polls every `poll_interval`, so a lost notification
+///   only delays.
+///
+/// Metrics (`metrics` facade, label `relay`): `cqrs_outbox_published_total`,
+/// `cqrs_outbox_publish_failures_total`, and every `metrics_interval` the gauges
+/// `cqrs_outbox_unpublished` and `cqrs_outbox_oldest_unpublished_seconds`
+/// (see [`backlog`](Self::backlog)).
+///
+/// ```no_run
+/// use cqrs_core::memory::InMemoryTransport;
+/// use cqrs_core::runtime::Runtime;
+/// use cqrs_postgres::PgOutboxRelay;
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// # async fn run(db: cqrs_postgres::PgDatabase) {
+/// let relay = PgOutboxRelay::new(db, Arc::new(InMemoryTransport::new()))
+///     .topic("helpdesk.events")
+///     .poll_interval(Duration::from_secs(1));
+/// let runtime = Runtime::builder().worker(relay).start();
+/// # }
+/// ```
+pub struct PgOutboxRelay {
+    db: PgDatabase,
+    transport: Arc<dyn EventTransport>,
+    relay: String,
+    worker_name: String,
+    topic_for: Arc<TopicFor>,
+    batch_size: usize,
+    poll_interval: Duration,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    max_attempts: u32,
+    publish_timeout: Duration,
+    metrics_interval: Duration,
+    start_from: Position,
+    listen: bool,
+}
+
+impl std::fmt::Debug for PgOutboxRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOutboxRelay")
+            .field("schema", &self.db.schema())
+            .field("relay", &self.relay)
+            .field("batch_size", &self.batch_size)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one batch did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RelayBatch {
+    /// This relay shipped this many events (0: nothing was waiting).
+    Shipped(usize),
+    /// Another relay of the same name holds the checkpoint: this one stands by.
+    Standby,
+}
+
+/// How far a relay is behind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Backlog {
+    /// Committed events not shipped yet.
+    pub unpublished: u64,
+    /// How long the oldest of them has been stored; `None` when there is none.
+    pub oldest_age: Option<Duration>,
+}
+
+/// Why a relay batch failed. Nothing was lost: the batch is retried.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// Reading events or advancing the checkpoint failed.
+    #[error("outbox relay `{relay}` could not read or advance: {source}")]
+    Store {
+        /// The relay's name.
+        relay: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The transport refused the batch.
+    #[error("outbox relay `{relay}` could not publish to `{topic}`: {source}")]
+    Transport {
+        /// The relay's name.
+        relay: String,
+        /// The topic.
+        topic: String,
+        /// The transport's error.
+        #[source]
+        source: TransportError,
+    },
+    /// The transport did not answer within the publish timeout.
+    #[error("outbox relay `{relay}`: publishing to `{topic}` took longer than {after:?}")]
+    PublishTimeout {
+        /// The relay's name.
+        relay: String,
+        /// The topic.
+        topic: String,
+        /// The timeout.
+        after: Duration,
+    },
+}
+
+impl RelayError {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RelayError::Store { source, .. } => source.kind(),
+            RelayError::Transport { source, .. } => source.kind(),
+            RelayError::PublishTimeout { .. } => ErrorKind::Timeout,
+        }
+    }
+}
+
+impl PgOutboxRelay {
+    /// A relay named `default` that ships every event of `db`'s schema to `transport`, on the
+    /// topic `events`.
+    pub fn new(db: PgDatabase, transport: Arc<dyn EventTransport>) -> Self {
+        Self {
+            db,
+            transport,
+            relay: "default".to_owned(),
+            worker_name: "outbox-relay-default".to_owned(),
+            topic_for: Arc::new(|_| "events".to_owned()),
+            batch_size: 100,
+            poll_interval: Duration::from_secs(1),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            max_attempts: 10,
+            publish_timeout: Duration::from_secs(30),
+            metrics_interval: Duration::from_secs(10),
+            start_from: Position::START,
+            listen: true,
+        }
+    }
+
+    /// The relay's name: relays of one name share one checkpoint and one of them is active;
+    /// relays of different names (to different transports) are independent. Default
+    /// `default`.
+    pub fn relay_name(mut self, name: impl Into<String>) -> Self {
+        self.relay = name.into();
+        self.worker_name = format!("outbox-relay-{}", self.relay);
+        self
+    }
+
+    /// Publishes every event on this topic. Default `events`.
+    pub fn topic(self, topic: impl Into<String>) -> Self {
+        let topic = topic.into();
+        self.topic_for(move |_| topic.clone())
+    }
+
+    /// Chooses each event's topic (by event type, by stream prefix, ...). Events of one
+    /// stream should share a topic, or their order holds only per topic.
+    pub fn topic_for(mut self, f: impl Fn(&EventRecord) -> String + Send + Sync + 'static) -> Self {
+        self.topic_for = Arc::new(f);
+        self
+    }
+
+    /// The most events per batch (and per transaction). Default 100.
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.batch_size = size.max(1);
+        self
+    }
+
+    /// How often an idle relay looks for events without a notification, and how often a
+    /// standby relay checks whether the active one is gone. Default 1 s.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The backoff between retries of a failed batch: doubles from `min` to `max`. Default
+    /// 100 ms to 10 s.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max.max(min);
+        self
+    }
+
+    /// Failures in a row after which `run` returns the error (the runtime restarts the
+    /// relay). Default 10.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How long one publish may take before the batch counts as failed. Default 30 s.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
+    /// How often the backlog gauges are refreshed (a `count(*)` over the backlog). Default
+    /// 10 s.
+    pub fn metrics_interval(mut self, interval: Duration) -> Self {
+        self.metrics_interval = interval;
+        self
+    }
+
+    /// Where a relay name that has no checkpoint yet starts. Default the beginning: every
+    /// stored event is shipped.
+    pub fn start_from(mut self, position: Position) -> Self {
+        self.start_from = position;
+        self
+    }
+
+    /// Whether to LISTEN for append notifications (else only poll). Default `true`.
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    fn store_error(&self, source: StoreError) -> RelayError {
+        RelayError::Store {
+            relay: self.relay.clone(),
+            source,
+        }
+    }
+
+    /// Creates this relay's checkpoint row if it has none. `run` does it; call it before
+    /// [`relay_once`](Self::relay_once) when driving the relay yourself.
+    pub async fn ensure_checkpoint(&self) -> Result<(), RelayError> {
+        sqlx::query(AssertSqlSafe(self.db.sql.relay_ensure.clone()))
+            .bind(&self.relay)
+            .bind(to_i64(self.start_from.get()))
+            .execute(&self.db.pool)
+            .await
+            .map_err(|e| self.store_error(store_error(e)))?;
+        Ok(())
+    }
+
+    /// The position up to which this relay has shipped.
+    pub async fn checkpoint(&self) -> Result<Position, StoreError> {
+        let position: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.db.sql.relay_checkpoint.clone()))
+                .bind(&self.relay)
+                .fetch_optional(&self.db.pool)
+                .await
+                .map_err(store_error)?;
+        Ok(Position::new(position.map_or(0, to_u64)))
+    }
+
+    /// How far this relay is behind: one query, a count over the backlog.
+    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.db.sql.relay_backlog.clone()))
+            .bind(&self.relay)
+            .fetch_one(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        let count: i64 = row.try_get(0).map_err(store_error)?;
+        let age: Option<f64> = row.try_get(1).map_err(store_error)?;
+        Ok(Backlog {
+            unpublished: to_u64(count),
+            oldest_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
+    }
+
+    async fn report_backlog(&self) {
+        match self.backlog().await {
+            Ok(backlog) => {
+                metrics::gauge!("cqrs_outbox_unpublished", "relay" => self.relay.clone())
+                    .set(backlog.unpublished as f64);
+                metrics::gauge!("cqrs_outbox_oldest_unpublished_seconds", "relay" => self.relay.clone())
+                    .set(backlog.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+            }
+            Err(e) => {
+                tracing::debug!(relay = %self.relay, error = %e, "could not measure the outbox backlog")
+            }
+        }
+    }
+
+    /// Ships one batch, if this relay is the active one. The building block of `run`.
+    pub async fn relay_once(&self) -> Result<RelayBatch, RelayError> {
+        let mut tx = self
+            .db
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.store_error(store_error(e)))?;
+        let outcome = self.ship(&mut tx).await;
+        if let Ok(Some(shipped)) = outcome
+            && shipped > 0
+        {
+            tx.commit()
+                .await
+                .map_err(|e| self.store_error(store_error(e)))?;
+            metrics::counter!("cqrs_outbox_published_total", "relay" => self.relay.clone())
+                .increment(shipped as u64);
+            return Ok(RelayBatch::Shipped(shipped));
+        }
+        // Release the checkpoint row now rather than when the pool gets the connection back,
+        // so a retry (or another relay) does not find it locked.
+        if let Err(e) = tx.rollback().await {
+            tracing::debug!(relay = %self.relay, error = %e, "rollback failed; the server rolls back");
+        }
+        match outcome {
+            Ok(None) => Ok(RelayBatch::Standby),
+            Ok(Some(_)) => Ok(RelayBatch::Shipped(0)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads and publishes one batch in `tx` and moves the checkpoint (uncommitted). `None`:
+    /// another relay holds the checkpoint. `Some(0)`: nothing to ship (nothing to commit).
+    async fn ship(&self, tx: &mut PgConnection) -> Result<Option<usize>, RelayError> {
+        let rows = sqlx::query(AssertSqlSafe(self.db.sql.relay_lock_and_read.clone()))
+            .bind(&self.relay)
+            .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| self.store_error(store_error(e)))?;
+        if rows.is_empty() {
+            // Another relay holds the row (or it does not exist yet).
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let position: Option<i64> = r
+                .try_get("position")
+                .map_err(|e| self.store_error(store_error(e)))?;
+            if position.is_some() {
+                let mut event = row::event(r).map_err(|e| self.store_error(e))?;
+                if event.partition_key.is_none() {
+                    event.partition_key = event.stream_id.clone();
+                }
+                events.push(event);
+            }
+        }
+        let Some(last) = events.last().and_then(|e| e.position) else {
+            return Ok(Some(0));
+        };
+        // Runs of one topic, in order.
+        let mut start = 0;
+        while start < events.len() {
+            let topic = (self.topic_for)(&events[start]);
+            let mut end = start + 1;
+            while end < events.len() && (self.topic_for)(&events[end]) == topic {
+                end += 1;
+            }
+            let publish = self.transport.publish(&topic, &events[start..end]);
+            match tokio::time::timeout(self.publish_timeout, publish).await {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    return Err(RelayError::Transport {
+                        relay: self.relay.clone(),
+                        topic,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(RelayError::PublishTimeout {
+                        relay: self.relay.clone(),
+                        topic,
+                        after: self.publish_timeout,
+                    });
+                }
+            }
+            start = end;
+        }
+        sqlx::query(AssertSqlSafe(self.db.sql.relay_advance.clone()))
+            .bind(&self.relay)
+            .bind(to_i64(last.get()))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.store_error(store_error(e)))?;
+        Ok(Some(events.len()))
+    }
+
+    async fn listener(&self) -> Option<PgListener> {
+        if !self.listen {
+            return None;
+        }
+        let connect = async {
+            let mut listener = PgListener::connect_with(&self.db.pool).await?;
+            listener.listen(self.db.channel()).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match connect.await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(relay = %self.relay, error = %e, "could not LISTEN; polling only");
+                None
+            }
+        }
+    }
+
+    /// Waits for a notification, the poll interval, or shutdown.
+    async fn idle(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
+        if listener.is_none() {
+            *listener = self.listener().await;
+        }
+        match listener {
+            Some(l) => {
+                tokio::select! {
+                    _ = ctx.shutdown.requested() => {}
+                    received = tokio::time::timeout(self.poll_interval, l.recv()) => {
+                        match received {
+                            // One batch serves every notification that came with it.
+                            Ok(Ok(_)) => while l.next_buffered().is_some() {},
+                            Ok(Err(e)) => {
+                                tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
+                                *listener = None;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = ctx.shutdown.requested() => {}
+                    _ = tokio::time::sleep(self.poll_interval) => {}
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Worker for PgOutboxRelay {
+    fn name(&self) -> &str {
+        &self.worker_name
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        self.ensure_checkpoint().await?;
+        let mut listener = self.listener().await;
+        let mut failures = 0u32;
+        let mut backoff = self.min_backoff;
+        let mut next_metrics = Instant::now();
+        while !ctx.shutdown.is_requested() {
+            if Instant::now() >= next_metrics {
+                self.report_backlog().await;
+                next_metrics = Instant::now() + self.metrics_interval;
+            }
+            match self.relay_once().await {
+                Ok(batch) => {
+                    failures = 0;
+                    backoff = self.min_backoff;
+                    ctx.health.set(Health::Healthy);
+                    if batch == RelayBatch::Shipped(self.batch_size) {
+                        // More may be waiting: no pause.
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::counter!("cqrs_outbox_publish_failures_total", "relay" => self.relay.clone())
+                        .increment(1);
+                    if failures >= self.max_attempts {
+                        ctx.health.set(Health::Unhealthy(e.to_string()));
+                        return Err(e.into());
+                    }
+                    tracing::warn!(relay = %self.relay, error = %e, attempt = failures, ?backoff, "outbox batch failed; retrying");
+                    ctx.health.set(Health::Degraded(e.to_string()));
+                    tokio::select! {
+                        _ = ctx.shutdown.requested() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max_backoff);
+                    continue;
+                }
+            }
+            self.idle(&mut listener, &ctx).await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,65 @@
+//! The snapshot store.
+
+use crate::PgDatabase;
+use crate::error::store_error;
+use crate::row::{to_i64, to_u64};
+use async_trait::async_trait;
+use cqrs_core::ports::{Snapshot, SnapshotStore, StoreError};
+use sqlx::{AssertSqlSafe, Row};
+
+/// Aggregate snapshots in Postgres: one row per stream, replaced only by a newer version.
+///
+/// Pass it to [`AggregateRepository::with_snapshots`](cqrs_core::AggregateRepository::with_snapshots)
+/// so loading a long stream reads only its tail.
+///
+/// ```no_run
+/// use cqrs_core::ports::{Snapshot, SnapshotStore};
+///
+/// # async fn run(db: cqrs_postgres::PgDatabase) -> Result<(), cqrs_core::ports::StoreError> {
+/// let snapshots = db.snapshot_store();
+/// snapshots.save("ticket-t1", Snapshot::new(100, serde_json::json!({ "open": true }))).await?;
+/// // An older snapshot does not replace a newer one.
+/// snapshots.save("ticket-t1", Snapshot::new(50, serde_json::json!({ "open": false }))).await?;
+/// assert_eq!(snapshots.load("ticket-t1").await?.map(|s| s.version), Some(100));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgSnapshotStore {
+    db: PgDatabase,
+}
+
+impl PgSnapshotStore {
+    /// The snapshot store of `db`'s schema.
+    pub fn new(db: PgDatabase) -> Self {
+        Self { db }
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for PgSnapshotStore {
+    async fn load(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.db.sql.snapshot_load.clone()))
+            .bind(stream_id)
+            .fetch_optional(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        row.map(|row| {
+            let version: i64 = row.try_get(0).map_err(store_error)?;
+            let state: serde_json::Value = row.try_get(1).map_err(store_error)?;
+            Ok(Snapshot::new(to_u64(version), state))
+        })
+        .transpose()
+    }
+
+    async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(self.db.sql.snapshot_save.clone()))
+            .bind(stream_id)
+            .bind(to_i64(snapshot.version))
+            .bind(&snapshot.state)
+            .execute(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+}

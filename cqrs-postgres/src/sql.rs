@@ -1,0 +1,217 @@
+//! Every statement this crate runs, rendered once per schema.
+//!
+//! The schema is part of each statement's text (Postgres cannot bind identifiers), so the
+//! statements are built when a [`PgDatabase`](crate::PgDatabase) is made, from a schema name
+//! that [`valid_schema`] checked, and shared behind `Arc<str>`: running one costs a reference
+//! count, and sqlx's per-connection statement cache hits on the same text every time.
+
+use crate::lock;
+use std::sync::Arc;
+
+/// The longest schema name: the relays' channel is `{schema}_events`, and Postgres
+/// identifiers and channel names hold 63 bytes.
+pub(crate) const MAX_SCHEMA_LEN: usize = 56;
+
+/// Why a schema name is refused, if it is.
+pub(crate) fn valid_schema(schema: &str) -> Result<(), String> {
+    let mut chars = schema.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || schema.len() > MAX_SCHEMA_LEN || schema.starts_with("pg_") {
+        return Err(format!(
+            "schema `{}` is not a valid name: use 1 to {MAX_SCHEMA_LEN} lower-case ASCII letters, \
+             digits and `_`, starting with a letter or `_`, and not starting with `pg_`",
+            schema.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+/// The columns of an event row, in the order [`crate::row`] reads them.
+const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, \
+                             schema_version, payload, metadata, partition_key";
+
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) schema: String,
+    pub(crate) channel: String,
+    pub(crate) append_lock: i64,
+
+    pub(crate) append: Arc<str>,
+    pub(crate) append_completing: Arc<str>,
+    pub(crate) load: Arc<str>,
+    pub(crate) read_all: Arc<str>,
+    pub(crate) stream_version: Arc<str>,
+
+    pub(crate) snapshot_load: Arc<str>,
+    pub(crate) snapshot_save: Arc<str>,
+
+    pub(crate) idempotency_claim: Arc<str>,
+    pub(crate) idempotency_complete: Arc<str>,
+    pub(crate) idempotency_purge: Arc<str>,
+
+    pub(crate) inbox_insert: Arc<str>,
+    pub(crate) checkpoint_load: Arc<str>,
+    pub(crate) checkpoint_save: Arc<str>,
+    pub(crate) consumer_reset: Arc<str>,
+
+    pub(crate) relay_ensure: Arc<str>,
+    pub(crate) relay_lock_and_read: Arc<str>,
+    pub(crate) relay_advance: Arc<str>,
+    pub(crate) relay_backlog: Arc<str>,
+    pub(crate) relay_checkpoint: Arc<str>,
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &str) -> Self {
+        let s = format!("\"{schema}\"");
+        let append_call = format!(
+            "SELECT actual_version, positions FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8)"
+        );
+        let f = |text: String| -> Arc<str> { Arc::from(text) };
+        Self {
+            schema: schema.to_owned(),
+            channel: format!("{schema}_events"),
+            append_lock: lock::key(&[schema, "append"]),
+
+            append: f(append_call.clone()),
+            // A data-modifying CTE runs to completion whether or not the query reads it: the
+            // idempotency response is stored in the same statement (and round trip) as the
+            // events.
+            append_completing: f(format!(
+                "WITH completed AS (UPDATE {s}.idempotency SET status = $9, body = $10, \
+                 expires_at = $11 WHERE scope = $12 AND key = $13) {append_call}"
+            )),
+            load: f(format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
+                 ORDER BY stream_version"
+            )),
+            read_all: f(format!(
+                "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE position > $1 ORDER BY position LIMIT $2"
+            )),
+            stream_version: f(format!(
+                "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE stream_id = $1"
+            )),
+
+            snapshot_load: f(format!(
+                "SELECT version, state FROM {s}.snapshots WHERE stream_id = $1"
+            )),
+            snapshot_save: f(format!(
+                "INSERT INTO {s}.snapshots AS t (stream_id, version, state) VALUES ($1, $2, $3) \
+                 ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, \
+                 state = EXCLUDED.state, updated_at = now() WHERE t.version < EXCLUDED.version"
+            )),
+
+            idempotency_claim: f(format!(
+                "SELECT outcome, status, body FROM {s}.idempotency_claim($1, $2, $3, $4, $5, $6, $7)"
+            )),
+            idempotency_complete: f(format!(
+                "UPDATE {s}.idempotency SET status = $1, body = $2, expires_at = $3 \
+                 WHERE scope = $4 AND key = $5"
+            )),
+            idempotency_purge: f(format!(
+                "DELETE FROM {s}.idempotency WHERE expires_at <= $1 AND status IS NOT NULL"
+            )),
+
+            inbox_insert: f(format!(
+                "INSERT INTO {s}.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+            )),
+            checkpoint_load: f(format!(
+                "SELECT position FROM {s}.checkpoints WHERE consumer = $1"
+            )),
+            checkpoint_save: f(format!(
+                "INSERT INTO {s}.checkpoints (consumer, position) VALUES ($1, $2) \
+                 ON CONFLICT (consumer) DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
+            )),
+            consumer_reset: f(format!(
+                "WITH forgotten AS (DELETE FROM {s}.inbox WHERE consumer = $1) \
+                 DELETE FROM {s}.checkpoints WHERE consumer = $1"
+            )),
+
+            relay_ensure: f(format!(
+                "INSERT INTO {s}.relay_checkpoints (relay, position) VALUES ($1, $2) \
+                 ON CONFLICT (relay) DO NOTHING"
+            )),
+            // One round trip: lock this relay's checkpoint row (or learn that another relay
+            // holds it: no row) and read the batch after it.
+            relay_lock_and_read: f(format!(
+                "WITH cp AS (SELECT position FROM {s}.relay_checkpoints WHERE relay = $1 \
+                 FOR UPDATE SKIP LOCKED) \
+                 SELECT cp.position AS checkpoint, e.* FROM cp LEFT JOIN LATERAL \
+                 (SELECT {EVENT_COLUMNS} FROM {s}.events WHERE position > cp.position \
+                 ORDER BY position LIMIT $2) e ON true ORDER BY e.position"
+            )),
+            relay_advance: f(format!(
+                "UPDATE {s}.relay_checkpoints SET position = $2, updated_at = now() WHERE relay = $1"
+            )),
+            relay_backlog: f(format!(
+                "SELECT count(e.position), extract(epoch FROM now() - min(e.recorded_at))::float8 \
+                 FROM {s}.events e WHERE e.position > \
+                 coalesce((SELECT position FROM {s}.relay_checkpoints WHERE relay = $1), 0)"
+            )),
+            relay_checkpoint: f(format!(
+                "SELECT position FROM {s}.relay_checkpoints WHERE relay = $1"
+            )),
+        }
+    }
+
+    /// A migration file with this schema's names and keys filled in.
+    pub(crate) fn render(&self, migration: &str) -> String {
+        migration
+            .replace("__SCHEMA__", &self.schema)
+            .replace("__APPEND_LOCK__", &self.append_lock.to_string())
+            .replace("__CHANNEL__", &self.channel)
+    }
+
+    /// The advisory lock key of a projection consumer.
+    pub(crate) fn consumer_lock(&self, consumer: &str) -> i64 {
+        lock::key(&[&self.schema, "consumer", consumer])
+    }
+
+    /// The advisory lock keys of an idempotency key, and of it with a fingerprint.
+    pub(crate) fn idempotency_locks(
+        &self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> (i64, i64) {
+        (
+            lock::key(&[&self.schema, "idempotency", scope, key]),
+            lock::key(&[&self.schema, "idempotency", scope, key, fingerprint]),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_checked() {
+        assert!(valid_schema("cqrs").is_ok());
+        assert!(valid_schema("_t1_abc").is_ok());
+        for bad in [
+            "",
+            "Cqrs",
+            "1abc",
+            "a-b",
+            "a\"b",
+            "pg_catalog",
+            &"a".repeat(57),
+        ] {
+            assert!(valid_schema(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn migrations_are_rendered_for_the_schema() {
+        let sql = Sql::new("tenant_a");
+        let rendered = sql.render("CREATE TABLE \"__SCHEMA__\".x; SELECT pg_advisory_xact_lock(__APPEND_LOCK__); NOTIFY __CHANNEL__");
+        assert!(rendered.contains("\"tenant_a\".x"));
+        assert!(rendered.contains(&sql.append_lock.to_string()));
+        assert!(rendered.contains("tenant_a_events"));
+        assert!(!rendered.contains("__"));
+    }
+}

@@ -1,0 +1,314 @@
+//! The transaction of one command, as its handler sees it.
+
+use crate::PgDatabase;
+use crate::error::store_error;
+use crate::event_store::{Completion, append_on};
+use crate::idempotency::{self, Outcome, claim_on, complete_on};
+use cqrs_core::ports::{ExpectedVersion, StoreError, StoredResponse};
+use cqrs_core::{CommandContext, ErrorKind, EventRecord, HandlerError};
+use sqlx::Transaction;
+use sqlx::postgres::{PgConnection, Postgres};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// One command's transaction, put in the handler's context by
+/// [`PgCommandLayer`](crate::PgCommandLayer).
+///
+/// Everything the handler writes through [`connection`](Self::connection) commits together
+/// with the events it appends ([`append`](Self::append)) or records (`ctx.record(..)`), and
+/// with the idempotency record when the command runs through
+/// [`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor::execute_idempotent).
+/// If the handler fails or panics, the transaction rolls back: no rows, no events.
+///
+/// Events reach the event store at commit: the unit of work keeps them until then and
+/// appends them in the last statement before `COMMIT`. That is when they get their positions,
+/// under the schema's append lock, so the lock is held for one statement and the commit, not
+/// for the whole command, and positions follow commit order (see
+/// [`PgEventStore`](crate::PgEventStore)). A version conflict found then fails the command
+/// with [`StoreError::Conflict`] and rolls everything back.
+///
+/// The transaction begins lazily, at the first [`connection`](Self::connection): a handler
+/// that only records events costs one round trip in all.
+///
+/// ```no_run
+/// use cqrs_core::{async_trait, CommandContext, CommandHandler, HandlerError};
+/// use cqrs_postgres::PgUnitOfWork;
+/// # use cqrs_core::doc::{OpenTicket, TicketOpened};
+///
+/// struct OpenTicketHandler;
+///
+/// #[async_trait]
+/// impl CommandHandler<OpenTicket> for OpenTicketHandler {
+///     async fn handle(&self, cmd: OpenTicket, ctx: &mut CommandContext) -> Result<String, HandlerError> {
+///         let uow = PgUnitOfWork::from_context(ctx)?;
+///         sqlx::query("INSERT INTO tickets (id, title) VALUES ($1, $2)")
+///             .bind("t1")
+///             .bind(&cmd.title)
+///             .execute(uow.connection().await?)
+///             .await
+///             .map_err(HandlerError::internal)?;
+///         // Appended to the event store in the same transaction, at commit.
+///         ctx.record_keyed("t1", TicketOpened { ticket_id: "t1".into() });
+///         Ok("t1".into())
+///     }
+/// }
+/// ```
+pub struct PgUnitOfWork {
+    db: PgDatabase,
+    // A std Mutex only to make the value `Sync` (the context's extensions require it); it is
+    // never locked: every access goes through `&mut self` and `Mutex::get_mut`.
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    tx: Option<Transaction<'static, Postgres>>,
+    /// Ids of the events in `pending`: an event appended and also recorded is stored once.
+    staged: HashSet<Uuid>,
+    claim: Option<ClaimedKey>,
+    response: Option<StoredResponse>,
+    /// Appends to run at commit, in order.
+    pending: Vec<Pending>,
+}
+
+struct Pending {
+    stream: String,
+    expected: ExpectedVersion,
+    events: Vec<EventRecord>,
+}
+
+struct ClaimedKey {
+    scope: String,
+    key: String,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for PgUnitOfWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgUnitOfWork")
+            .field("schema", &self.db.schema())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgUnitOfWork {
+    /// A unit of work on `db`, for code that runs outside the command bus (the layer makes
+    /// one per command). Nothing happens until it is used; [`commit`](Self::commit) it, or
+    /// drop it to roll back.
+    pub fn new(db: PgDatabase) -> Self {
+        Self {
+            db,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The unit of work in a handler's context; an internal error naming the fix when the bus
+    /// has no [`PgCommandLayer`](crate::PgCommandLayer).
+    pub fn from_context(ctx: &mut CommandContext) -> Result<&mut PgUnitOfWork, HandlerError> {
+        ctx.extensions_mut()
+            .get_mut::<PgUnitOfWork>()
+            .ok_or_else(|| {
+                HandlerError::new(
+                    ErrorKind::Internal,
+                    "no_unit_of_work",
+                    "the command has no Postgres unit of work: build the command bus with \
+                 `.layer(db.command_layer())`",
+                )
+            })
+    }
+
+    /// The database this unit of work writes to.
+    pub fn database(&self) -> &PgDatabase {
+        &self.db
+    }
+
+    fn state(&mut self) -> &mut State {
+        self.state.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The transaction's connection, for the handler's own SQL. Begins the transaction on
+    /// first use (one round trip).
+    pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
+        let pool = self.db.pool.clone();
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if state.tx.is_none() {
+            state.tx = Some(pool.begin().await.map_err(store_error)?);
+        }
+        match state.tx.as_mut() {
+            Some(tx) => Ok(&mut **tx),
+            None => Err(StoreError::Backend {
+                backend: crate::error::BACKEND,
+                source: "the unit of work lost its transaction".into(),
+            }),
+        }
+    }
+
+    /// Appends `events` to `stream_id` at commit, if the stream is then at `expected`: for
+    /// event-sourced handlers. Costs no round trip now. Events appended here and also recorded
+    /// on the context are stored once.
+    pub fn append(&mut self, stream_id: &str, expected: ExpectedVersion, events: Vec<EventRecord>) {
+        let state = self.state();
+        state.staged.extend(events.iter().map(|e| e.event_id));
+        state.pending.push(Pending {
+            stream: stream_id.to_owned(),
+            expected,
+            events,
+        });
+    }
+
+    /// Claims an idempotency key in this transaction (begins it).
+    pub(crate) async fn claim(
+        &mut self,
+        scope: &str,
+        key: &str,
+        fingerprint: &str,
+        ttl: Duration,
+    ) -> Result<Outcome, StoreError> {
+        let (sql, now) = (self.db.sql.clone(), self.db.clock.now());
+        let conn = self.connection().await?;
+        let outcome = claim_on(conn, &sql, scope, key, fingerprint, now, ttl).await?;
+        if let Outcome::New = outcome {
+            self.state().claim = Some(ClaimedKey {
+                scope: scope.to_owned(),
+                key: key.to_owned(),
+                ttl,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// The response to store for the claimed key at commit.
+    pub(crate) fn set_response(&mut self, response: StoredResponse) {
+        self.state().response = Some(response);
+    }
+
+    /// Stages recorded events for commit, at any version, skipping those already staged.
+    pub(crate) fn stage_recorded(&mut self, events: Vec<EventRecord>, stream_for: &StreamFor) {
+        let state = self.state();
+        for event in events {
+            if !state.staged.insert(event.event_id) {
+                continue;
+            }
+            let stream = stream_for(&event);
+            match state.pending.last_mut() {
+                // Versions continue after the previous batch of the stream.
+                Some(last) if last.stream == stream => last.events.push(event),
+                _ => state.pending.push(Pending {
+                    stream,
+                    expected: ExpectedVersion::Any,
+                    events: vec![event],
+                }),
+            }
+        }
+    }
+
+    /// Rolls back now. Dropping the unit of work rolls back too, a moment later.
+    pub async fn rollback(mut self) {
+        if let Some(tx) = self.state().tx.take() {
+            idempotency::end_read_only(tx).await;
+        }
+    }
+
+    /// Appends the staged events, stores the idempotency response, and commits.
+    ///
+    /// Round trips: none when nothing was written; one when the only writes are events of one
+    /// stream (a single statement, its own transaction); otherwise one per stream's batch (the
+    /// first also stores the idempotency response) and `COMMIT`.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        let (pool, sql, clock) = (
+            self.db.pool.clone(),
+            self.db.sql.clone(),
+            self.db.clock.clone(),
+        );
+        let State {
+            tx,
+            claim,
+            response,
+            pending,
+            ..
+        } = std::mem::take(self.state());
+        let mut completion = match (&claim, &response) {
+            (Some(c), Some(r)) => Some(Completion {
+                scope: &c.scope,
+                key: &c.key,
+                status: i32::from(r.status),
+                body: &r.body,
+                expires_at: idempotency::expiry(clock.now(), c.ttl),
+            }),
+            _ => None,
+        };
+        let mut tx = match tx {
+            Some(tx) => tx,
+            None if pending.is_empty() => return Ok(()),
+            None if pending.len() == 1 && completion.is_none() => {
+                // One statement is its own transaction: no BEGIN, no COMMIT.
+                let mut conn = pool.acquire().await.map_err(store_error)?;
+                for p in pending {
+                    append_on(
+                        &mut conn, &pool, &sql, &p.stream, p.expected, p.events, None,
+                    )
+                    .await?;
+                }
+                return Ok(());
+            }
+            None => pool.begin().await.map_err(store_error)?,
+        };
+        for p in pending {
+            // A conflict returns early: the transaction is dropped and rolls back.
+            append_on(
+                &mut tx,
+                &pool,
+                &sql,
+                &p.stream,
+                p.expected,
+                p.events,
+                completion.take().as_ref(),
+            )
+            .await?;
+        }
+        if let Some(c) = completion {
+            let response =
+                StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
+            complete_on(&mut tx, &sql, c.scope, c.key, &response, c.expires_at).await?;
+        }
+        tx.commit().await.map_err(store_error)
+    }
+}
+
+/// Names the stream a recorded event is appended to.
+pub(crate) type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
+
+/// Lets [`PgCommandExecutor`](crate::PgCommandExecutor) and the layer hand a unit of work to
+/// each other: the bus offers no way to seed a dispatch's extensions, so it travels in a
+/// task-local slot for the length of one `execute` call.
+pub(crate) mod handoff {
+    use super::PgUnitOfWork;
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    pub(crate) struct Slot {
+        pub(crate) given: Option<PgUnitOfWork>,
+        pub(crate) returned: Option<PgUnitOfWork>,
+    }
+
+    tokio::task_local! {
+        pub(crate) static SLOT: RefCell<Slot>;
+    }
+
+    /// The unit of work the executor put in the slot, if this runs inside one.
+    pub(crate) fn take_given() -> Option<PgUnitOfWork> {
+        SLOT.try_with(|slot| slot.borrow_mut().given.take())
+            .ok()
+            .flatten()
+    }
+
+    /// Gives the unit of work back to the executor; `false` (and the unit of work rolled
+    /// back) when this runs outside an executor's slot.
+    pub(crate) fn give_back(uow: PgUnitOfWork) -> bool {
+        let mut uow = Some(uow);
+        let _ = SLOT.try_with(|slot| slot.borrow_mut().returned = uow.take());
+        uow.is_none()
+    }
+}

@@ -1,0 +1,147 @@
+//! What a command's transaction holds: the handler's rows, the events it appends at an
+//! expected version and those it records, written once each and committed together; a
+//! version conflict found at commit rolls all of it back.
+
+use crate::support::tickets::{self, TicketOpened};
+use crate::support::{pg_test, record};
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::{
+    Command, CommandBus, CommandContext, CommandHandler, ErrorKind, EventRecord, HandlerError,
+    Message, Query, QueryBus, QueryContext, QueryHandler, async_trait,
+};
+use cqrs_postgres::PgUnitOfWork;
+use sqlx::AssertSqlSafe;
+
+/// Writes a ticket row, appends `Noted` to `ticket-{id}` at `expected`, and records the same
+/// event again plus an unkeyed one.
+#[derive(Debug)]
+struct Rename {
+    id: String,
+    expected: u64,
+}
+
+impl Message for Rename {
+    const NAME: &'static str = "test.rename";
+}
+
+impl Command for Rename {
+    type Output = ();
+}
+
+struct RenameHandler;
+
+#[async_trait]
+impl CommandHandler<Rename> for RenameHandler {
+    async fn handle(&self, cmd: Rename, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        let uow = PgUnitOfWork::from_context(ctx)?;
+        let insert = format!(
+            "INSERT INTO \"{}\".tickets (id, title) VALUES ($1, 'renamed')",
+            uow.database().schema()
+        );
+        sqlx::query(AssertSqlSafe(insert))
+            .bind(&cmd.id)
+            .execute(uow.connection().await?)
+            .await
+            .map_err(HandlerError::internal)?;
+        ctx.record(TicketOpened {
+            id: cmd.id.clone(),
+            title: "unkeyed".into(),
+        });
+        let keyed = ctx
+            .record_keyed(
+                cmd.id.clone(),
+                TicketOpened {
+                    id: cmd.id.clone(),
+                    title: "keyed".into(),
+                },
+            )
+            .clone();
+        // The keyed event also goes to the aggregate's stream at an expected version; recorded
+        // too, it is stored once.
+        let uow = PgUnitOfWork::from_context(ctx)?;
+        uow.append(
+            &format!("ticket-{}", cmd.id),
+            ExpectedVersion::Exactly(cmd.expected),
+            vec![EventRecord::from_envelope(&keyed).map_err(HandlerError::internal)?],
+        );
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Ping;
+
+impl Message for Ping {
+    const NAME: &'static str = "test.ping";
+}
+
+impl Query for Ping {
+    type Output = bool;
+}
+
+struct PingHandler;
+
+#[async_trait]
+impl QueryHandler<Ping> for PingHandler {
+    async fn handle(&self, _q: Ping, ctx: &QueryContext) -> Result<bool, HandlerError> {
+        Ok(ctx.extensions().get::<PgUnitOfWork>().is_none())
+    }
+}
+
+pg_test! {
+    async fn appended_and_recorded_events_commit_once_with_the_rows(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(RenameHandler)
+            .build()
+            .unwrap();
+        bus.dispatch(Rename { id: "t1".into(), expected: 0 }).await.unwrap();
+
+        let store = db.event_store();
+        let aggregate = store.load("ticket-t1", 0).await.unwrap();
+        assert_eq!(aggregate.len(), 1, "the appended event, once");
+        assert_eq!(aggregate[0].payload["title"], "keyed");
+        let unkeyed = store.load("TicketOpened", 0).await.unwrap();
+        assert_eq!(unkeyed.len(), 1, "an unkeyed recorded event goes to its type's stream");
+        assert_eq!(crate::support::event_count(&db).await, 2);
+        assert_eq!(tickets::count(&db).await, 1);
+
+        // Stale: the conflict at commit rolls back the row and every event.
+        let err = bus.dispatch(Rename { id: "t2".into(), expected: 5 }).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+        assert_eq!(tickets::count(&db).await, 1);
+        assert_eq!(crate::support::event_count(&db).await, 2);
+        assert_eq!(store.stream_version("ticket-t2").await.unwrap(), 0);
+    }
+}
+
+pg_test! {
+    async fn recorded_events_go_to_the_stream_the_layer_names(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let bus = CommandBus::builder()
+            .layer(db.command_layer().stream_for(|r| format!("custom-{}", r.event_type)))
+            .handler(tickets::OpenTicketHandler::default())
+            .build()
+            .unwrap();
+        bus.dispatch(tickets::OpenTicket::new("t1", tickets::Then::Succeed)).await.unwrap();
+        bus.dispatch(tickets::OpenTicket::new("t2", tickets::Then::Succeed)).await.unwrap();
+        let stream = db.event_store().load("custom-TicketOpened", 0).await.unwrap();
+        assert_eq!(
+            stream.iter().map(|r| r.stream_version).collect::<Vec<_>>(),
+            [Some(1), Some(2)]
+        );
+    }
+}
+
+pg_test! {
+    async fn queries_pass_through_and_a_bus_without_the_layer_is_explained(db: PgDatabase) {
+        let queries = QueryBus::builder().handler(PingHandler).build().unwrap();
+        assert!(queries.dispatch(Ping).await.unwrap(), "queries get no unit of work");
+
+        let bare = CommandBus::builder().handler(RenameHandler).build().unwrap();
+        let err = bare.dispatch(Rename { id: "t1".into(), expected: 0 }).await.unwrap_err();
+        assert_eq!(err.handler_error().map(|e| e.code()), Some("no_unit_of_work"));
+        let _ = db.event_store().append("x", ExpectedVersion::Any, vec![record(1)]).await.unwrap();
+    }
+}

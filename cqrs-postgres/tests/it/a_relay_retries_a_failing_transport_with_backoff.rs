@@ -1,0 +1,63 @@
+//! A relay retries a failing transport with backoff, degraded meanwhile, and ships everything
+//! once it recovers; when it keeps failing, the relay gives up after its attempts (the runtime
+//! restarts it) and nothing is lost.
+
+use crate::support::{pg_test, record};
+use crate::transport::{ControlledTransport, receive};
+use cqrs_core::Position;
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
+use cqrs_core::testing::eventually;
+use cqrs_postgres::PgOutboxRelay;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+pg_test! {
+    async fn a_transport_that_recovers_gets_every_event_once(db: PgDatabase) {
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, (1..=5).map(record).collect())
+            .await
+            .unwrap();
+        let transport = ControlledTransport::failing_first(3);
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .backoff(Duration::from_millis(10), Duration::from_millis(40))
+            .poll_interval(Duration::from_millis(50));
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+
+        let delivered = receive(&transport.inner, "events", "readers", 5).await;
+        assert_eq!(delivered.len(), 5);
+        assert_eq!(transport.failures.load(Ordering::SeqCst), 3);
+        eventually(Duration::from_secs(5), "healthy again", || async {
+            (health.get() == Health::Healthy).then_some(())
+        })
+        .await;
+        trigger.trigger();
+        worker.await.unwrap().expect("a clean stop");
+        assert_eq!(transport.inner.backlog("events", "readers"), 0, "shipped once");
+    }
+}
+
+pg_test! {
+    async fn a_transport_that_stays_down_exhausts_the_attempts_and_loses_nothing(db: PgDatabase) {
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, (1..=5).map(record).collect())
+            .await
+            .unwrap();
+        let transport = ControlledTransport::failing_first(usize::MAX);
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .backoff(Duration::from_millis(5), Duration::from_millis(20))
+            .max_attempts(3);
+        let (_trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let err = relay.run(ctx).await.expect_err("the relay gives up");
+        assert!(err.to_string().contains("the broker is down"), "{err}");
+        assert_eq!(transport.failures.load(Ordering::SeqCst), 3);
+        assert!(matches!(health.get(), Health::Unhealthy(_)));
+        assert_eq!(relay.checkpoint().await.unwrap(), Position::START);
+        assert_eq!(relay.backlog().await.unwrap().unpublished, 5);
+    }
+}

@@ -1,0 +1,77 @@
+//! The global-order mechanism itself: a writer that has drawn its positions and stays open
+//! holds the append lock, so a later writer waits for its commit instead of committing a
+//! higher position first, and a reader that continues from its checkpoint sees both.
+//! (The core's late-commit scenario holds a command's unit of work, whose events are appended
+//! at commit; this holds an `append_in` inside an open transaction.)
+
+use crate::support::{pg_test, record};
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::{EventRecord, Position};
+use std::time::Duration;
+
+async fn read_from(store: &dyn EventStore, mut after: Position) -> Vec<EventRecord> {
+    let mut out = Vec::new();
+    loop {
+        let page = store.read_all(after, 100).await.unwrap();
+        let Some(last) = page.last().and_then(|r| r.position) else {
+            return out;
+        };
+        after = last;
+        out.extend(page);
+    }
+}
+
+pg_test! {
+    async fn a_writer_holding_its_positions_open_makes_later_writers_wait(db: PgDatabase) {
+        let store = db.event_store();
+        let mut held = db.pool().begin().await.unwrap();
+        let a = store
+            .append_in(&mut held, "a", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        let a_position = a[0].position.unwrap();
+
+        let later = {
+            let store = db.event_store();
+            tokio::spawn(async move {
+                store.append("b", ExpectedVersion::NO_STREAM, vec![record(2)]).await
+            })
+        };
+        // Give the later writer every chance to commit past the open one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!later.is_finished(), "the later append waits for the open one");
+        let first_read = read_from(&store, Position::START).await;
+        assert!(first_read.is_empty(), "nothing is readable yet: {first_read:?}");
+
+        held.commit().await.unwrap();
+        let b = later.await.unwrap().unwrap();
+        assert!(b[0].position.unwrap() > a_position, "positions follow commit order");
+        let all = read_from(&store, Position::START).await;
+        assert_eq!(
+            all.iter().map(|r| r.stream_id.as_deref().unwrap()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+    }
+}
+
+pg_test! {
+    async fn a_conflict_inside_a_transaction_leaves_it_usable(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let mut tx = db.pool().begin().await.unwrap();
+        let conflict = store
+            .append_in(&mut tx, "s", ExpectedVersion::NO_STREAM, vec![record(2)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(conflict, cqrs_core::ports::StoreError::Conflict { actual: 1, .. }),
+            "{conflict}"
+        );
+        store
+            .append_in(&mut tx, "s", ExpectedVersion::Exactly(1), vec![record(2)])
+            .await
+            .expect("the transaction is not aborted");
+        tx.commit().await.unwrap();
+        assert_eq!(store.stream_version("s").await.unwrap(), 2);
+    }
+}

@@ -1,0 +1,130 @@
+//! Idempotent commands through `PgCommandExecutor`: the key is held by the command's own
+//! transaction, so a replay returns the stored response, a reused key with another request is
+//! refused, concurrent duplicates run the work once, and a failed command frees the key.
+
+use crate::support::pg_test;
+use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then};
+use cqrs_core::ports::StoredResponse;
+use cqrs_core::{CommandBus, ErrorKind, Metadata};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn respond(id: &String) -> StoredResponse {
+    StoredResponse::new(201, serde_json::json!({ "id": id }))
+}
+
+fn executor(db: &PgDatabase, handler: OpenTicketHandler) -> PgCommandExecutor {
+    let bus = CommandBus::builder()
+        .layer(db.command_layer())
+        .handler(handler)
+        .build()
+        .unwrap();
+    PgCommandExecutor::new(bus, db.clone())
+}
+
+pg_test! {
+    async fn a_repeated_request_replays_and_another_request_with_the_key_is_refused(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let handler = OpenTicketHandler::default();
+        let executor = executor(&db, handler.clone());
+        let key = IdempotencyKey::new("POST /tickets", "k1", "fp-1", DAY);
+
+        let first = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap();
+        let Idempotent::Executed { output, response, .. } = first else {
+            panic!("the first request runs");
+        };
+        assert_eq!(output, "t1");
+        assert_eq!(response, respond(&"t1".to_owned()));
+
+        let again = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap();
+        assert!(matches!(again, Idempotent::Replayed(ref r) if *r == response), "{again:?}");
+
+        let other = IdempotencyKey::new("POST /tickets", "k1", "fp-2", DAY);
+        let refused = executor
+            .execute_idempotent(&other, OpenTicket::new("t9", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
+        assert_eq!(refused.handler_error().map(|e| e.code()), Some("idempotency_key_reused"));
+
+        assert_eq!(handler.runs.load(Ordering::SeqCst), 1, "the work ran once");
+        assert_eq!(tickets::count(&db).await, 1);
+    }
+}
+
+pg_test! {
+    async fn concurrent_duplicates_wait_for_the_first_and_replay_its_response(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let handler = OpenTicketHandler::default();
+        let executor = Arc::new(executor(&db, handler.clone()));
+        let key = IdempotencyKey::new("POST /tickets", "same", "fp", DAY);
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let (executor, key) = (executor.clone(), key.clone());
+                tokio::spawn(async move {
+                    executor
+                        .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+                        .await
+                        .map(|done| done.response().clone())
+                })
+            })
+            .collect();
+        for task in tasks {
+            let response = task.await.unwrap().expect("every duplicate gets the response");
+            assert_eq!(response, respond(&"t1".to_owned()));
+        }
+        assert_eq!(handler.runs.load(Ordering::SeqCst), 1, "the work ran once");
+        assert_eq!(tickets::count(&db).await, 1);
+    }
+}
+
+pg_test! {
+    async fn a_failed_command_releases_its_key_and_writes_nothing(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let handler = OpenTicketHandler::default();
+        let executor = executor(&db, handler.clone());
+        let key = IdempotencyKey::new("POST /tickets", "k", "fp", DAY);
+
+        for then in [Then::Fail, Then::Panic] {
+            let err = executor
+                .execute_idempotent(&key, OpenTicket::new("t1", then), Metadata::new(), respond)
+                .await
+                .unwrap_err();
+            assert_ne!(err.kind(), ErrorKind::Conflict, "{err}");
+        }
+        assert_eq!(tickets::count(&db).await, 0);
+        assert_eq!(crate::support::event_count(&db).await, 0);
+
+        let retried = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap();
+        assert!(matches!(retried, Idempotent::Executed { .. }), "the key was free again");
+        assert_eq!(handler.runs.load(Ordering::SeqCst), 3);
+        assert_eq!(tickets::count(&db).await, 1);
+        assert_eq!(crate::support::event_count(&db).await, 1);
+    }
+}
+
+pg_test! {
+    async fn an_executor_over_a_bus_without_the_layer_says_so(db: PgDatabase) {
+        let bus = CommandBus::builder().handler(OpenTicketHandler::default()).build().unwrap();
+        let executor = PgCommandExecutor::new(bus, db.clone());
+        let key = IdempotencyKey::new("s", "k", "fp", DAY);
+        let err = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("command_layer"), "{err}");
+    }
+}

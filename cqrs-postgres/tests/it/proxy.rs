@@ -1,0 +1,103 @@
+//! A TCP proxy in front of Postgres that counts round trips: every `Sync` (the end of an
+//! extended-protocol exchange) and every simple `Query` the client sends is one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
+    round_trips: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    /// Forwards connections on a free local port to `upstream`.
+    pub(crate) async fn start(upstream: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let round_trips = Arc::new(AtomicUsize::new(0));
+        let counter = round_trips.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                tokio::spawn(pipe(client, server, counter.clone()));
+            }
+        });
+        Proxy { addr, round_trips }
+    }
+
+    pub(crate) fn round_trips(&self) -> usize {
+        self.round_trips.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no message has arrived for 50 ms (the pool pings a connection it gets
+    /// back, after the command returned), so the next count starts clean.
+    pub(crate) async fn settle(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = self.round_trips();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.round_trips() == before {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the connection never went quiet"
+            );
+        }
+    }
+}
+
+async fn pipe(mut client: TcpStream, mut server: TcpStream, counter: Arc<AtomicUsize>) {
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut server_rx, mut server_tx) = server.split();
+    let upstream = async {
+        // Untyped messages (an SSL request, the startup message) until the startup is sent,
+        // then `type byte, i32 length including itself, body`.
+        let mut started = false;
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = client_rx.read(&mut chunk).await?;
+            if n == 0 {
+                return server_tx.shutdown().await;
+            }
+            buffer.extend_from_slice(&chunk[..n]);
+            loop {
+                let header = if started { 5 } else { 4 };
+                if buffer.len() < header {
+                    break;
+                }
+                let len_at = if started { 1 } else { 0 };
+                let len = i32::from_be_bytes([
+                    buffer[len_at],
+                    buffer[len_at + 1],
+                    buffer[len_at + 2],
+                    buffer[len_at + 3],
+                ]) as usize;
+                let total = len + len_at;
+                if buffer.len() < total {
+                    break;
+                }
+                if started {
+                    if matches!(buffer[0], b'S' | b'Q') {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                } else {
+                    // 80877103 is the SSL request; anything else is the startup message.
+                    let code = i32::from_be_bytes([buffer[4], buffer[5], buffer[6], buffer[7]]);
+                    started = code != 80_877_103;
+                }
+                let message: Vec<u8> = buffer.drain(..total).collect();
+                server_tx.write_all(&message).await?;
+            }
+        }
+    };
+    let downstream = tokio::io::copy(&mut server_rx, &mut client_tx);
+    let _ = tokio::join!(upstream, downstream);
+}

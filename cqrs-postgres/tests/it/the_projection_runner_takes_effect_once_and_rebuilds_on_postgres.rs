@@ -1,0 +1,124 @@
+//! The core's projection runner on the Postgres stores: the read model is written in the
+//! unit's transaction with the inbox and the checkpoint, a failed batch leaves nothing, and a
+//! rebuild from zero holds the projection's lock so the live runner waits.
+
+use crate::support::pg_test;
+use crate::support::tickets::TicketOpened;
+use cqrs_core::ports::{EventStore, ExpectedVersion, ProjectionStore};
+use cqrs_core::projection::{Projection, ProjectionRunner};
+use cqrs_core::{EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata, async_trait};
+use cqrs_postgres::{PgDatabase, PgProjectionStore, PgProjectionUnit};
+use sqlx::AssertSqlSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Counts opened tickets in `{schema}.opened`; fails on a ticket titled `poison` while
+/// `poisoned` is set.
+struct OpenedCount {
+    schema: String,
+    poisoned: AtomicBool,
+}
+
+#[async_trait]
+impl Projection<PgProjectionStore> for OpenedCount {
+    fn name(&self) -> &str {
+        "opened-count"
+    }
+
+    async fn apply(
+        &self,
+        unit: &mut PgProjectionUnit,
+        event: &EventEnvelope,
+    ) -> Result<(), HandlerError> {
+        let Some(opened) = event.downcast_ref::<TicketOpened>() else {
+            return Ok(());
+        };
+        let update = format!("UPDATE \"{}\".opened SET n = n + 1", self.schema);
+        sqlx::query(AssertSqlSafe(update))
+            .execute(unit.connection())
+            .await
+            .map_err(HandlerError::internal)?;
+        if opened.title == "poison" && self.poisoned.load(Ordering::SeqCst) {
+            return Err(HandlerError::internal("poisoned"));
+        }
+        Ok(())
+    }
+
+    async fn reset(&self, unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
+        let reset = format!("UPDATE \"{}\".opened SET n = 0", self.schema);
+        sqlx::query(AssertSqlSafe(reset))
+            .execute(unit.connection())
+            .await
+            .map_err(HandlerError::internal)?;
+        Ok(())
+    }
+}
+
+async fn count(db: &PgDatabase) -> i64 {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT n FROM \"{}\".opened",
+        db.schema()
+    )))
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
+async fn open(db: &PgDatabase, id: &str, title: &str) {
+    let envelope = EventEnvelope::new(
+        TicketOpened {
+            id: id.into(),
+            title: title.into(),
+        },
+        Metadata::new(),
+    );
+    db.event_store()
+        .append(
+            id,
+            ExpectedVersion::NO_STREAM,
+            vec![EventRecord::from_envelope(&envelope).unwrap()],
+        )
+        .await
+        .unwrap();
+}
+
+pg_test! {
+    async fn a_projection_applies_each_event_once_and_rebuilds_while_the_live_runner_waits(db: PgDatabase) {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE \"{0}\".opened (n bigint NOT NULL); INSERT INTO \"{0}\".opened VALUES (0)",
+            db.schema()
+        )))
+        .execute(db.pool())
+        .await
+        .expect("create the read model");
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        let types = Arc::new(types);
+        let projection = Arc::new(OpenedCount { schema: db.schema().to_owned(), poisoned: AtomicBool::new(true) });
+        let store = Arc::new(db.projection_store());
+        let mut live = ProjectionRunner::from_store(store.clone(), projection.clone(), Arc::new(db.event_store()), types.clone());
+
+        open(&db, "t1", "fine").await;
+        open(&db, "t2", "poison").await;
+        assert!(live.run_once().await.is_err(), "the poisoned batch fails");
+        assert_eq!(count(&db).await, 0, "and leaves nothing: t1's update rolled back with it");
+
+        projection.poisoned.store(false, Ordering::SeqCst);
+        assert_eq!(live.run_once().await.unwrap(), 2);
+        assert_eq!(live.run_once().await.unwrap(), 0, "caught up");
+        assert_eq!(count(&db).await, 2);
+
+        // A rebuild while someone holds the projection's unit waits for it, and the live
+        // runner waits for the rebuild.
+        let held = store.begin("opened-count").await.unwrap();
+        let rebuilder = ProjectionRunner::from_store(store.clone(), projection.clone(), Arc::new(db.event_store()), types.clone());
+        let rebuild = tokio::spawn(async move { rebuilder.rebuild().await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!rebuild.is_finished(), "the rebuild waits for the lock");
+        store.commit(held).await.unwrap();
+        assert_eq!(rebuild.await.unwrap().unwrap(), 2);
+        assert_eq!(count(&db).await, 2, "rebuilt from zero, not doubled");
+        assert_eq!(live.run_once().await.unwrap(), 0, "the live runner continues after the rebuild");
+    }
+}

@@ -1,0 +1,48 @@
+//! Appends wake the relay through LISTEN/NOTIFY (its poll interval is an hour), and the
+//! backlog says how many events wait and for how long.
+
+use crate::support::{pg_test, record};
+use crate::transport::receive;
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
+use cqrs_core::testing::eventually;
+use cqrs_postgres::PgOutboxRelay;
+use std::sync::Arc;
+use std::time::Duration;
+
+pg_test! {
+    async fn an_append_wakes_an_idle_relay_and_the_backlog_drains(db: PgDatabase) {
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = || PgOutboxRelay::new(db.clone(), transport.clone()).poll_interval(Duration::from_secs(3600));
+        let observer = relay();
+        observer.ensure_checkpoint().await.unwrap();
+        let store = db.event_store();
+        store.append("early", ExpectedVersion::NO_STREAM, (1..=3).map(record).collect()).await.unwrap();
+        let backlog = observer.backlog().await.unwrap();
+        assert_eq!(backlog.unpublished, 3);
+        assert!(backlog.oldest_age.is_some());
+
+        let mut worker = relay();
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let running = tokio::spawn(async move { worker.run(ctx).await });
+
+        // The first batch ships the backlog; then the relay idles for an hour unless woken.
+        receive(transport.as_ref(), "events", "readers", 3).await;
+        eventually(Duration::from_secs(5), "the relay is healthy and idle", || async {
+            (health.get() == Health::Healthy && observer.backlog().await.unwrap().unpublished == 0)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(observer.backlog().await.unwrap().oldest_age, None);
+
+        store.append("late", ExpectedVersion::NO_STREAM, vec![record(4)]).await.unwrap();
+        let woken = receive(transport.as_ref(), "events", "readers", 1).await;
+        assert_eq!(woken[0].stream_id.as_deref(), Some("late"));
+
+        trigger.trigger();
+        running.await.unwrap().expect("a clean stop");
+    }
+}

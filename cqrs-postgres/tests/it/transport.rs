@@ -1,0 +1,120 @@
+//! An in-memory transport that fails, or takes a batch and never answers, on request; and a
+//! reader of everything published to a topic.
+
+use async_trait::async_trait;
+use cqrs_core::EventRecord;
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, EventTransport, TransportCapabilities, TransportError,
+};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+pub(crate) struct ControlledTransport {
+    pub(crate) inner: InMemoryTransport,
+    /// Publishes that fail before any succeeds.
+    pub(crate) fail_first: AtomicUsize,
+    /// The publish call (1-based) that stores its batch and then never returns; 0 for none.
+    pub(crate) hang_on_call: AtomicUsize,
+    pub(crate) calls: AtomicUsize,
+    pub(crate) failures: AtomicUsize,
+    /// Every event the broker took, in publish order.
+    pub(crate) published: Mutex<Vec<EventRecord>>,
+}
+
+impl ControlledTransport {
+    pub(crate) fn failing_first(n: usize) -> Arc<Self> {
+        let t = Self::default();
+        t.fail_first.store(n, Ordering::SeqCst);
+        Arc::new(t)
+    }
+
+    /// Every event the broker took, in publish order.
+    pub(crate) fn published(&self) -> Vec<EventRecord> {
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn hanging_on_call(n: usize) -> Arc<Self> {
+        let t = Self::default();
+        t.hang_on_call.store(n, Ordering::SeqCst);
+        Arc::new(t)
+    }
+}
+
+#[async_trait]
+impl EventTransport for ControlledTransport {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(TransportError::Unavailable {
+                backend: "test",
+                source: "the broker is down".into(),
+            });
+        }
+        self.inner.publish(topic, events).await?;
+        self.published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(events);
+        if self.hang_on_call.load(Ordering::SeqCst) == call {
+            // The broker has the batch; the relay never hears back.
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// Reads (and acknowledges) messages of `topic` as group `group` until `count` arrived, in
+/// delivery order; fails after 20 s naming how many came.
+pub(crate) async fn receive(
+    transport: &dyn EventTransport,
+    topic: &str,
+    group: &str,
+    count: usize,
+) -> Vec<EventRecord> {
+    let mut consumer = transport
+        .consumer(
+            topic,
+            group,
+            ConsumerOptions::default().block(Duration::from_millis(50)),
+        )
+        .await
+        .expect("join the group");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut received = Vec::new();
+    while received.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {count} messages arrived",
+            received.len()
+        );
+        let batch = consumer.fetch(100).await.expect("fetch");
+        let ids: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+        consumer.ack(&ids).await.expect("ack");
+        received.extend(batch.into_iter().map(|d| d.record));
+    }
+    received
+}
