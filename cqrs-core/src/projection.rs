@@ -348,9 +348,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Ok(applied)
             }
             Err(e) => {
+                let reason = e.to_string();
                 for id in &ids {
                     // The batch is rolled back; hand every message back for a retry.
-                    let _ = consumer.nack(id).await;
+                    let _ = consumer.nack_with_reason(id, &reason).await;
                 }
                 Err(e)
             }
@@ -403,6 +404,20 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let result = self.run_until_shutdown(&ctx).await;
+        if let Source::Transport {
+            consumer: Some(consumer),
+            ..
+        } = &mut self.source
+        {
+            let _ = consumer.close().await;
+        }
+        result
+    }
+}
+
+impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
+    async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
         while !ctx.shutdown.is_requested() {
             match self.run_once().await {
@@ -512,11 +527,12 @@ impl Worker for EventBusConsumer {
                     Ok(()) => consumer.ack(std::slice::from_ref(&delivery.id)).await?,
                     Err(error) => {
                         tracing::warn!(event_id = %delivery.record.event_id, attempt = delivery.attempt, %error, "event handling failed; it will be redelivered");
-                        consumer.nack(&delivery.id).await?;
+                        consumer.nack_with_reason(&delivery.id, &error).await?;
                     }
                 }
             }
         }
+        consumer.close().await?;
         Ok(())
     }
 }

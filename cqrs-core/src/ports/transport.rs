@@ -177,4 +177,21 @@ pub trait Consumer: Send + Sync + 'static {
 
     /// Hands a message back: it is delivered again after the redelivery delay.
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError>;
+
+    /// Hands a message back with why it failed, so a transport that dead-letters messages can
+    /// keep the reason. Defaults to [`nack`](Consumer::nack).
+    async fn nack_with_reason(
+        &mut self,
+        id: &DeliveryId,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let _ = reason;
+        self.nack(id).await
+    }
+
+    /// Leaves the group cleanly at shutdown: releases what this consumer holds without having
+    /// handled it, so others take it at once. Defaults to doing nothing.
+    async fn close(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
 }

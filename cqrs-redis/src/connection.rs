@@ -1,0 +1,160 @@
+//! Building fred clients with a reconnect policy and a command timeout, and the start-up
+//! version check.
+
+use crate::error::{ConnectError, transport_error};
+use crate::options::ConnectionOptions;
+use cqrs_core::ports::TransportError;
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::ClientLike;
+use fred::prelude::{Builder, ReconnectPolicy};
+use fred::types::config::Config;
+use fred::types::{ClusterHash, CustomCommand, Value};
+use std::time::Duration;
+
+/// The oldest server whose commands every script and call here needs (`XAUTOCLAIM` is 6.2,
+/// `XINFO GROUPS` lag and entries-read are 7.0).
+pub(crate) const REQUIRED_VERSION: (u32, u32) = (7, 0);
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// A builder for clients that reconnect without end and time commands out.
+pub(crate) fn builder(
+    options: &ConnectionOptions,
+    broadcast_capacity: usize,
+) -> Result<Builder, ConnectError> {
+    let config = Config::from_url(&options.url).map_err(|e| ConnectError::Invalid {
+        problems: vec![format!("url `{}` is not a redis url: {e}", options.url)],
+    })?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_config(|config| {
+            // The first connection's failure is reported by `connect`, not retried.
+            config.fail_fast = true;
+        })
+        .with_connection_config(|config| {
+            config.connection_timeout = options.connect_timeout;
+            config.internal_command_timeout = options.command_timeout;
+            // `CLIENT SETNAME` with fred's client id, so `CLIENT LIST` shows whose each
+            // connection is (and `client_ids` finds them).
+            config.auto_client_setname = true;
+        })
+        .with_performance_config(|config| {
+            // fred's default of 0 queues commands for as long as a reconnect takes.
+            config.default_command_timeout = options.command_timeout;
+            config.broadcast_channel_capacity = broadcast_capacity;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            millis(options.reconnect_min_delay),
+            millis(options.reconnect_max_delay),
+            2,
+        ));
+    Ok(builder)
+}
+
+/// A connected client.
+pub(crate) async fn client(options: &ConnectionOptions) -> Result<Client, ConnectError> {
+    let client = builder(options, 32)?.build().map_err(transport_error)?;
+    client.init().await.map_err(transport_error)?;
+    Ok(client)
+}
+
+/// A connected subscriber client, whose message channel buffers `capacity` messages.
+pub(crate) async fn subscriber(
+    options: &ConnectionOptions,
+    capacity: usize,
+) -> Result<SubscriberClient, ConnectError> {
+    let client = builder(options, capacity.max(32))?
+        .build_subscriber_client()
+        .map_err(transport_error)?;
+    client.init().await.map_err(transport_error)?;
+    Ok(client)
+}
+
+/// Fails unless the server is Redis 7.0 or later.
+pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
+    let info: String = client
+        .custom(
+            CustomCommand::new("INFO", ClusterHash::Random, false),
+            vec!["server"],
+        )
+        .await
+        .map_err(transport_error)?;
+    let found = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    if version_at_least(&found, REQUIRED_VERSION) {
+        Ok(())
+    } else {
+        Err(ConnectError::UnsupportedServer {
+            found,
+            required: "7.0",
+        })
+    }
+}
+
+fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
+    }
+}
+
+/// The server-side ids (`CLIENT ID`) of the connections of `clients`, found by their names in
+/// `CLIENT LIST` (asked on `admin`, so it works while a client waits in a blocking read or is
+/// subscribed).
+pub(crate) async fn client_ids(
+    admin: &Client,
+    clients: &[&str],
+) -> Result<Vec<i64>, TransportError> {
+    let list: String = admin
+        .custom(
+            CustomCommand::new("CLIENT", ClusterHash::Random, false),
+            vec![Value::from("LIST")],
+        )
+        .await
+        .map_err(transport_error)?;
+    Ok(list
+        .lines()
+        .filter_map(|line| {
+            let mut id = None;
+            let mut name = None;
+            for part in line.split(' ') {
+                if let Some(v) = part.strip_prefix("id=") {
+                    id = v.parse::<i64>().ok();
+                } else if let Some(v) = part.strip_prefix("name=") {
+                    name = Some(v);
+                }
+            }
+            id.filter(|_| name.is_some_and(|n| clients.contains(&n)))
+        })
+        .collect())
+}
+
+/// Closes a client in the background, where a runtime is running (drop cannot await).
+pub(crate) fn quit_later<C: ClientLike + 'static>(client: C) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = client.quit().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_before_7_0_are_refused() {
+        assert!(version_at_least("7.0.15", REQUIRED_VERSION));
+        assert!(version_at_least("7.2.4", REQUIRED_VERSION));
+        assert!(version_at_least("8.0.0", REQUIRED_VERSION));
+        assert!(!version_at_least("6.2.14", REQUIRED_VERSION));
+        assert!(!version_at_least("unknown", REQUIRED_VERSION));
+    }
+}

@@ -1,0 +1,155 @@
+//! Dead letters: entries a group gave up on, listed and replayed.
+
+use crate::entry::{self, Fields};
+use crate::error::transport_error;
+use crate::transport::RedisStreamTransport;
+use cqrs_core::EventRecord;
+use cqrs_core::ports::TransportError;
+use fred::interfaces::{ClientLike, StreamsInterface};
+use fred::types::Value;
+
+/// An entry a consumer group gave up on: delivered more than `max_deliveries` times, or not
+/// decodable. It stays in the topic's dead-letter stream (`{prefix}:{topic}:dead`) until
+/// replayed or discarded.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its id in the dead-letter stream; replay and discard take it.
+    pub id: String,
+    /// The id the entry had in the topic's stream.
+    pub entry_id: String,
+    /// The group that gave up on it.
+    pub group: String,
+    /// The consumer that dead-lettered it.
+    pub consumer: String,
+    /// How many times it was handed out to a consumer before the group gave up on it.
+    pub deliveries: u32,
+    /// Why: the last error a nack reported for it, "undecodable entry: ...", or "delivered N
+    /// times without an acknowledgement".
+    pub error: String,
+    /// The event, when its record decodes.
+    pub record: Option<EventRecord>,
+    /// The entry's fields as they were in the topic's stream (values as lossy UTF-8).
+    pub fields: Vec<(String, String)>,
+}
+
+impl DeadLetter {
+    fn from_entry(id: String, fields: Fields) -> Self {
+        let text = |name: &str| entry::field(&fields, name).unwrap_or_default().to_owned();
+        let original: Fields = fields
+            .iter()
+            .filter(|(name, _)| !name.starts_with("dead."))
+            .cloned()
+            .collect();
+        Self {
+            entry_id: text("dead.entry"),
+            group: text("dead.group"),
+            consumer: text("dead.consumer"),
+            deliveries: text("dead.deliveries").parse().unwrap_or(0),
+            error: text("dead.error"),
+            record: entry::decode(&original).ok(),
+            fields: original
+                .into_iter()
+                .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+                .collect(),
+            id,
+        }
+    }
+}
+
+/// A dead letter published again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Replayed {
+    /// The dead letter's id (it is gone from the dead-letter stream now).
+    pub dead_letter_id: String,
+    /// The new entry's id in the topic's stream.
+    pub entry_id: String,
+}
+
+impl RedisStreamTransport {
+    /// Up to `count` dead letters of `topic`, oldest first, after dead letter `after` (from the
+    /// start when `None`): page with the last id of the previous page.
+    pub async fn dead_letters(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>, TransportError> {
+        let keys = self.shared.keys(topic)?;
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let reply: Value = self
+            .shared
+            .client
+            .with_options(&self.shared.patient())
+            .xrange(keys.dead.as_str(), start, "+", Some(count as u64))
+            .await
+            .map_err(transport_error)?;
+        Ok(entry::entries(reply)
+            .into_iter()
+            .map(|(id, fields)| DeadLetter::from_entry(id, fields))
+            .collect())
+    }
+
+    /// Publishes dead letters again, each to the group that gave up on it only (the other
+    /// groups skip the entry), and removes them from the dead-letter stream, atomically per
+    /// dead letter. A replayed entry is in no order lane: it is handed out as soon as it is
+    /// read, not after the events of its key published since. Ids not found are left out of
+    /// the answer.
+    ///
+    /// An undecodable entry is replayed as it was (a consumer that now understands it can take
+    /// it); it is dead-lettered again otherwise.
+    pub async fn replay_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[String],
+    ) -> Result<Vec<Replayed>, TransportError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.shared.keys(topic)?;
+        let reply = self
+            .shared
+            .scripts
+            .replay
+            .run(
+                &self.shared.client,
+                &self.shared.fail_fast(),
+                &[keys.stream.as_str(), keys.dead.as_str()],
+                ids.iter().map(|id| Value::from(id.as_str())).collect(),
+            )
+            .await
+            .map_err(transport_error)?;
+        let mut out = Vec::new();
+        let mut items = entry::array(reply).into_iter();
+        while let (Some(dead), Some(entry)) = (items.next(), items.next()) {
+            if let (Some(dead_letter_id), Some(entry_id)) =
+                (dead.into_string(), entry.into_string())
+            {
+                out.push(Replayed {
+                    dead_letter_id,
+                    entry_id,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes dead letters for good. Returns how many existed.
+    pub async fn discard_dead_letters(
+        &self,
+        topic: &str,
+        ids: &[String],
+    ) -> Result<u64, TransportError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let keys = self.shared.keys(topic)?;
+        self.shared
+            .client
+            .with_options(&self.shared.patient())
+            .xdel(keys.dead.as_str(), ids.to_vec())
+            .await
+            .map_err(transport_error)
+    }
+}

@@ -1,0 +1,91 @@
+//! Stream entries: their fields, how an [`EventRecord`] is written into them and read back.
+//!
+//! An entry's fields: `id` (the event id), `type` (its wire name), `v` (its schema version),
+//! `key` (its partition key, when it has one), `lane` and `prev` (its order lane and the
+//! previous entry of that lane, when ordered), `group` (a replay meant for one group only),
+//! `replayed` (the dead letter it was replayed from), and `record`: the whole serialized
+//! [`EventRecord`] as JSON (payload, metadata with correlation id, causation id and trace
+//! context, stream id, version and position). `record` is what consumers decode; the other
+//! fields let scripts route and gate entries, and let people read a stream with `redis-cli`.
+
+use cqrs_core::EventRecord;
+use fred::types::Value;
+
+/// An entry's fields in stream order, values as bytes.
+pub(crate) type Fields = Vec<(String, Vec<u8>)>;
+
+/// The items of an array reply; none for `nil` (fred's `into_array` makes `[nil]` of it).
+pub(crate) fn array(value: Value) -> Vec<Value> {
+    if value.is_null() {
+        Vec::new()
+    } else {
+        value.into_array()
+    }
+}
+
+/// The fields of an entry from a flat `[name, value, ...]` reply.
+pub(crate) fn fields(value: Value) -> Fields {
+    let mut out = Vec::new();
+    let mut items = array(value).into_iter();
+    while let (Some(name), Some(value)) = (items.next(), items.next()) {
+        let name = name
+            .as_str_lossy()
+            .map(|s| s.into_owned())
+            .unwrap_or_default();
+        let value = value.as_bytes().map(<[u8]>::to_vec).unwrap_or_default();
+        out.push((name, value));
+    }
+    out
+}
+
+/// The value of field `name`, as text.
+pub(crate) fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// Reads the record back, or says why it cannot.
+pub(crate) fn decode(fields: &Fields) -> Result<EventRecord, String> {
+    let Some((_, record)) = fields.iter().find(|(n, _)| n == "record") else {
+        return Err("undecodable entry: it has no `record` field".to_owned());
+    };
+    serde_json::from_slice(record).map_err(|e| format!("undecodable entry: {e}"))
+}
+
+/// `(id, fields)` pairs from a `[[id, [name, value, ...]], ...]` reply (XRANGE, XREADGROUP).
+pub(crate) fn entries(value: Value) -> Vec<(String, Fields)> {
+    array(value)
+        .into_iter()
+        .filter_map(|entry| {
+            let mut parts = array(entry).into_iter();
+            let id = parts.next()?.into_string()?;
+            Some((id, fields(parts.next().unwrap_or(Value::Null))))
+        })
+        .collect()
+}
+
+/// Looks up a field of a flat `[name, value, ...]` reply (XINFO in RESP2).
+pub(crate) fn info_field<'a>(items: &'a [Value], name: &str) -> Option<&'a Value> {
+    items
+        .chunks(2)
+        .find(|pair| pair[0].as_str().is_some_and(|n| n == name))
+        .and_then(|pair| pair.get(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_broken_record_is_undecodable() {
+        let broken: Fields = vec![("record".into(), b"{not json".to_vec())];
+        assert!(
+            decode(&broken)
+                .unwrap_err()
+                .starts_with("undecodable entry")
+        );
+        assert!(decode(&Vec::new()).is_err());
+    }
+}

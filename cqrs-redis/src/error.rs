@@ -1,0 +1,117 @@
+//! Errors: what `connect` reports, and how fred's errors map to the core's [`TransportError`].
+
+use cqrs_core::ErrorKind;
+use cqrs_core::ports::TransportError;
+use fred::error::{Error as FredError, ErrorKind as FredKind};
+
+pub(crate) const BACKEND: &str = "redis";
+
+/// What [`RedisStreamOptions::connect`](crate::RedisStreamOptions::connect) and
+/// [`RedisPubSubOptions::connect`](crate::RedisPubSubOptions::connect) report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The options are not valid; every problem is listed. Fix the configuration.
+    #[error("invalid redis options: {}", problems.join("; "))]
+    Invalid {
+        /// Each problem, in words.
+        problems: Vec<String>,
+    },
+    /// The server is older than Redis 7.0, whose stream commands the transport needs. Upgrade
+    /// the server.
+    #[error("redis {found} is too old: the transport needs redis {required} or later")]
+    UnsupportedServer {
+        /// The version the server reported.
+        found: String,
+        /// The oldest version that works.
+        required: &'static str,
+    },
+    /// The server could not be reached or refused a setup command. Retryable when its
+    /// [`kind`](TransportError::kind) is `Unavailable` or `Timeout`.
+    #[error(transparent)]
+    Redis(#[from] TransportError),
+}
+
+impl ConnectError {
+    /// The class of this error: `Invalid` for bad options and old servers, else the class of the
+    /// Redis error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ConnectError::Invalid { .. } | ConnectError::UnsupportedServer { .. } => {
+                ErrorKind::Invalid
+            }
+            ConnectError::Redis(e) => e.kind(),
+        }
+    }
+}
+
+/// Maps a fred error: connection trouble is retryable (`Unavailable`, `Timeout`), a server
+/// that is loading, failing over or out of memory too; anything else is a backend failure.
+pub(crate) fn transport_error(error: FredError) -> TransportError {
+    let details = error.details();
+    let transient_reply = [
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "OOM",
+    ]
+    .iter()
+    .any(|prefix| details.starts_with(prefix));
+    match error.kind() {
+        FredKind::Timeout => TransportError::Timeout { backend: BACKEND },
+        FredKind::IO
+        | FredKind::Canceled
+        | FredKind::Routing
+        | FredKind::Cluster
+        | FredKind::Backpressure => TransportError::Unavailable {
+            backend: BACKEND,
+            source: Box::new(error),
+        },
+        _ if transient_reply => TransportError::Unavailable {
+            backend: BACKEND,
+            source: Box::new(error),
+        },
+        _ => TransportError::Backend {
+            backend: BACKEND,
+            source: Box::new(error),
+        },
+    }
+}
+
+/// Like [`transport_error`], but a timeout while `client` is not connected is reported as
+/// `Unavailable`: fred may hold a command it accepted just before it noticed the connection
+/// was gone until the command times out, and the caller should hear that Redis is away.
+pub(crate) fn client_error<C: fred::interfaces::ClientLike>(
+    client: &C,
+    error: FredError,
+) -> TransportError {
+    if *error.kind() == FredKind::Timeout && !client.is_connected() {
+        return TransportError::Unavailable {
+            backend: BACKEND,
+            source: Box::new(error),
+        };
+    }
+    transport_error(error)
+}
+
+/// A backend error with a message of ours.
+pub(crate) fn backend(message: impl Into<String>) -> TransportError {
+    TransportError::Backend {
+        backend: BACKEND,
+        source: message.into().into(),
+    }
+}
+
+pub(crate) fn is_noscript(error: &FredError) -> bool {
+    error.details().starts_with("NOSCRIPT")
+}
+
+pub(crate) fn is_nogroup(error: &FredError) -> bool {
+    error.details().contains("NOGROUP")
+}
+
+pub(crate) fn is_busygroup(error: &FredError) -> bool {
+    error.details().starts_with("BUSYGROUP")
+}

@@ -1,0 +1,63 @@
+//! The key layout. Every key of a topic carries the topic as its hash tag (`{topic}`), so they
+//! all live in one slot of a Redis Cluster and the scripts may touch them together.
+
+use crate::error::backend;
+use cqrs_core::ports::TransportError;
+
+/// The keys of one topic.
+#[derive(Clone, Debug)]
+pub(crate) struct TopicKeys {
+    base: String,
+    /// The stream of entries: `{prefix}:{topic}:stream`.
+    pub(crate) stream: String,
+    /// Each lane's last entry id, written by publishers: `{prefix}:{topic}:lanes`.
+    pub(crate) lanes: String,
+    /// Dead-lettered entries of every group: `{prefix}:{topic}:dead`.
+    pub(crate) dead: String,
+}
+
+impl TopicKeys {
+    pub(crate) fn new(prefix: &str, topic: &str) -> Result<Self, TransportError> {
+        if topic.is_empty() {
+            return Err(backend("a topic name must not be empty"));
+        }
+        let base = format!("{prefix}:{{{topic}}}");
+        Ok(Self {
+            stream: format!("{base}:stream"),
+            lanes: format!("{base}:lanes"),
+            dead: format!("{base}:dead"),
+            base,
+        })
+    }
+
+    /// Each lane's last entry id this group acknowledged: `{prefix}:{topic}:applied:{group}`.
+    pub(crate) fn applied(&self, group: &str) -> String {
+        format!("{}:applied:{group}", self.base)
+    }
+
+    /// The last error reported by a nack, per entry: `{prefix}:{topic}:errors:{group}`.
+    pub(crate) fn errors(&self, group: &str) -> String {
+        format!("{}:errors:{group}", self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_topic_hashes_to_one_slot() {
+        let keys = TopicKeys::new("app", "orders").unwrap();
+        assert_eq!(keys.stream, "app:{orders}:stream");
+        let slot = fred::util::redis_keyslot(keys.stream.as_bytes());
+        for key in [
+            keys.lanes.clone(),
+            keys.dead.clone(),
+            keys.applied("g"),
+            keys.errors("g"),
+        ] {
+            assert_eq!(fred::util::redis_keyslot(key.as_bytes()), slot, "{key}");
+        }
+        assert!(TopicKeys::new("app", "").is_err());
+    }
+}

@@ -1,0 +1,190 @@
+//! Trimming, pruning idle consumers, and a worker that does both on a schedule and records
+//! the stats as metrics.
+
+use crate::error::transport_error;
+use crate::transport::RedisStreamTransport;
+use async_trait::async_trait;
+use cqrs_core::BoxError;
+use cqrs_core::ports::TransportError;
+use cqrs_core::runtime::{Health, Worker, WorkerContext};
+use fred::types::Value;
+use std::time::Duration;
+
+/// What a [`trim`](RedisStreamTransport::trim) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TrimReport {
+    /// Entries removed.
+    pub removed: u64,
+    /// The bound: the oldest entry some group still needs. `None` when the stream has no group
+    /// or no group has read anything (nothing may go).
+    pub bound: Option<String>,
+}
+
+impl RedisStreamTransport {
+    /// Trims `topic`'s stream by `MINID` below the oldest entry that some group still needs:
+    /// the oldest pending one, or the first not delivered yet, whichever comes first, over
+    /// every group. Reading the groups and trimming is one script, so no group moves in
+    /// between. Never a blind `MAXLEN`: an entry that some group has not acknowledged stays.
+    ///
+    /// Bounded by the groups that exist: a group created later starts at the oldest entry
+    /// left. A stream without groups is not trimmed.
+    pub async fn trim(&self, topic: &str) -> Result<TrimReport, TransportError> {
+        let keys = self.shared.keys(topic)?;
+        let mode = if self.shared.options.trim_approximate {
+            "~"
+        } else {
+            "="
+        };
+        let reply = self
+            .shared
+            .scripts
+            .trim
+            .run(
+                &self.shared.client,
+                &self.shared.patient(),
+                &[keys.stream.as_str()],
+                vec![Value::from(mode)],
+            )
+            .await
+            .map_err(transport_error)?;
+        let mut parts = crate::entry::array(reply).into_iter();
+        let removed = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let bound = parts
+            .next()
+            .and_then(Value::into_string)
+            .filter(|b| !b.is_empty());
+        Ok(TrimReport { removed, bound })
+    }
+
+    /// Deletes the consumers of `group` that hold no pending entry and have been idle for at
+    /// least `idle` (each restart of a process leaves its old consumer name behind). A consumer
+    /// with pending entries is never deleted. Returns the names deleted.
+    pub async fn prune_consumers(
+        &self,
+        topic: &str,
+        group: &str,
+        idle: Duration,
+    ) -> Result<Vec<String>, TransportError> {
+        let keys = self.shared.keys(topic)?;
+        let reply = self
+            .shared
+            .scripts
+            .prune
+            .run(
+                &self.shared.client,
+                &self.shared.patient(),
+                &[keys.stream.as_str()],
+                vec![
+                    Value::from(group),
+                    Value::from(i64::try_from(idle.as_millis()).unwrap_or(i64::MAX)),
+                ],
+            )
+            .await
+            .map_err(transport_error)?;
+        Ok(crate::entry::array(reply)
+            .into_iter()
+            .filter_map(Value::into_string)
+            .collect())
+    }
+}
+
+/// A [`Worker`] that keeps topics tidy: every interval it trims each topic
+/// ([`trim`](RedisStreamTransport::trim)), prunes consumers idle for a day
+/// ([`prune_consumers`](RedisStreamTransport::prune_consumers)), and records gauges:
+/// `cqrs_redis_stream_length` and `cqrs_redis_dead_letters` by `topic`,
+/// `cqrs_redis_group_pending` and `cqrs_redis_group_lag` by `topic` and `group`.
+///
+/// ```no_run
+/// use cqrs_redis::{RedisStreamOptions, StreamMaintenance};
+/// use std::time::Duration;
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let transport = RedisStreamOptions::new("redis://127.0.0.1:6379").connect().await?;
+/// let maintenance = StreamMaintenance::new(transport, ["tickets", "users"])
+///     .interval(Duration::from_secs(60));
+/// // Hand it to the runtime: `RuntimeBuilder::worker(maintenance)`.
+/// # let _ = maintenance; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct StreamMaintenance {
+    transport: RedisStreamTransport,
+    topics: Vec<String>,
+    interval: Duration,
+    consumer_idle: Duration,
+}
+
+impl StreamMaintenance {
+    /// Maintenance of `topics`, every 60 s, pruning consumers idle for 24 h.
+    pub fn new(
+        transport: RedisStreamTransport,
+        topics: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        Self {
+            transport,
+            topics: topics.into_iter().map(Into::into).collect(),
+            interval: Duration::from_secs(60),
+            consumer_idle: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    /// How often it runs. Default 60 s.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// How long a consumer without pending entries must have been idle to be deleted.
+    /// Default 24 h.
+    pub fn consumer_idle(mut self, idle: Duration) -> Self {
+        self.consumer_idle = idle;
+        self
+    }
+
+    /// One round over every topic.
+    pub async fn run_once(&self) -> Result<(), TransportError> {
+        for topic in &self.topics {
+            let report = self.transport.trim(topic).await?;
+            if report.removed > 0 {
+                tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
+            }
+            let stats = self.transport.topic_stats(topic).await?;
+            metrics::gauge!("cqrs_redis_stream_length", "topic" => topic.clone())
+                .set(stats.length as f64);
+            metrics::gauge!("cqrs_redis_dead_letters", "topic" => topic.clone())
+                .set(stats.dead_letters as f64);
+            for group in &stats.groups {
+                let labels = [("topic", topic.clone()), ("group", group.name.clone())];
+                metrics::gauge!("cqrs_redis_group_pending", &labels).set(group.pending as f64);
+                if let Some(lag) = group.lag {
+                    metrics::gauge!("cqrs_redis_group_lag", &labels).set(lag as f64);
+                }
+                self.transport
+                    .prune_consumers(topic, &group.name, self.consumer_idle)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Worker for StreamMaintenance {
+    fn name(&self) -> &str {
+        "redis-stream-maintenance"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        loop {
+            match self.run_once().await {
+                Ok(()) => ctx.health.set(Health::Healthy),
+                // Redis away: say so and try again next round; the runtime need not restart us.
+                Err(e) => ctx.health.set(Health::Degraded(e.to_string())),
+            }
+            tokio::select! {
+                _ = ctx.shutdown.requested() => return Ok(()),
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+}

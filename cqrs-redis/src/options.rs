@@ -1,0 +1,359 @@
+//! Options: the connection, the stream transport and the pub/sub, each with documented
+//! defaults, validated all at once by `connect`.
+
+use crate::error::ConnectError;
+use std::time::Duration;
+
+/// The default server: a local Redis.
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+
+/// How the adapters connect to Redis and behave while it is unreachable.
+///
+/// ```
+/// use cqrs_redis::ConnectionOptions;
+/// use std::time::Duration;
+///
+/// let connection = ConnectionOptions::new("redis://127.0.0.1:6379/2")
+///     .command_timeout(Duration::from_secs(1))
+///     .reconnect_delays(Duration::from_millis(50), Duration::from_secs(2));
+/// assert_eq!(connection.url(), "redis://127.0.0.1:6379/2");
+/// ```
+#[derive(Clone, Debug)]
+pub struct ConnectionOptions {
+    pub(crate) url: String,
+    pub(crate) command_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) reconnect_min_delay: Duration,
+    pub(crate) reconnect_max_delay: Duration,
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        Self::new(DEFAULT_URL)
+    }
+}
+
+impl ConnectionOptions {
+    /// Options for the server at `url`: `redis://[user:password@]host[:port][/db]`, or
+    /// `redis-cluster://host:port?node=host:port` for a cluster (fred's URL forms). Defaults:
+    /// 2 s command timeout, 5 s connect timeout, reconnecting without end with delays growing
+    /// from 100 ms to 5 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            command_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_min_delay: Duration::from_millis(100),
+            reconnect_max_delay: Duration::from_secs(5),
+        }
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// How long a command may take before it fails with `TransportError::Timeout`. Default 2 s.
+    ///
+    /// fred's own default is no timeout, so that commands sent while it reconnects wait in a
+    /// queue; with a timeout a caller learns within this time that Redis is away. A blocking
+    /// read gets its block interval on top.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// How long opening a connection may take. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The delays between reconnection attempts: exponential from `min` to `max`, without a
+    /// limit on attempts, so consumers and subscriptions resume by themselves whenever Redis
+    /// is back. Default 100 ms to 5 s.
+    pub fn reconnect_delays(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min_delay = min;
+        self.reconnect_max_delay = max;
+        self
+    }
+
+    pub(crate) fn problems(&self, problems: &mut Vec<String>) {
+        if let Err(e) = fred::types::config::Config::from_url(&self.url) {
+            problems.push(format!("url `{}` is not a redis url: {e}", self.url));
+        }
+        if self.command_timeout.is_zero() {
+            problems.push("command timeout must be above zero".into());
+        }
+        if self.connect_timeout.is_zero() {
+            problems.push("connect timeout must be above zero".into());
+        }
+        if self.reconnect_min_delay.is_zero() || self.reconnect_min_delay > self.reconnect_max_delay
+        {
+            problems.push(format!(
+                "reconnect delays must satisfy 0 < min <= max, got {:?} and {:?}",
+                self.reconnect_min_delay, self.reconnect_max_delay
+            ));
+        }
+    }
+}
+
+/// How a topic keeps events with one partition key in order.
+///
+/// Events are chained in *lanes*: each entry records the previous entry of its lane, and a
+/// consumer group hands an entry out only once it acknowledged that predecessor. Events without
+/// a partition key are in no lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyOrdering {
+    /// No order: every entry can be handed out at once. `ordered_per_key` is `false`.
+    Unordered,
+    /// One lane per partition key: the most parallelism, and Redis keeps the last entry id of
+    /// every key ever published (and, per group, of every key it handled) without expiry.
+    Exact,
+    /// `n` lanes per topic; a key's lane is the FNV-1a hash of the key modulo `n`. Keys that
+    /// share a lane also wait for each other, and the state Redis keeps is bounded by `n`.
+    /// Every publisher of a topic must use the same `n`.
+    Lanes(u32),
+}
+
+impl KeyOrdering {
+    /// The lane of a partition key, or `None` when the event is in no lane.
+    pub(crate) fn lane(&self, key: Option<&str>) -> Option<String> {
+        let key = key?;
+        match *self {
+            KeyOrdering::Unordered => None,
+            KeyOrdering::Exact => Some(format!("k:{key}")),
+            KeyOrdering::Lanes(n) => Some(format!("{}/{n}", fnv1a(key.as_bytes()) % u64::from(n))),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: stable across processes, versions and languages.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// Options of a [`RedisStreamTransport`](crate::RedisStreamTransport).
+///
+/// ```no_run
+/// use cqrs_redis::{KeyOrdering, RedisStreamOptions};
+///
+/// # async fn run() -> Result<(), cqrs_redis::ConnectError> {
+/// let transport = RedisStreamOptions::new("redis://127.0.0.1:6379")
+///     .key_prefix("helpdesk")
+///     .key_ordering(KeyOrdering::Lanes(4096))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RedisStreamOptions {
+    pub(crate) connection: ConnectionOptions,
+    pub(crate) key_prefix: String,
+    pub(crate) key_ordering: KeyOrdering,
+    pub(crate) max_held: usize,
+    pub(crate) gate_poll: Duration,
+    pub(crate) trim_approximate: bool,
+}
+
+impl RedisStreamOptions {
+    /// Options for the server at `url` (see [`ConnectionOptions::new`]), with the defaults: key
+    /// prefix `cqrs`, [`KeyOrdering::Lanes(1024)`](KeyOrdering::Lanes), 256 held entries per
+    /// consumer, a 50 ms gate poll, approximate trimming.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self::with_connection(ConnectionOptions::new(url))
+    }
+
+    /// Options with the given connection options and the other defaults of [`new`](Self::new).
+    pub fn with_connection(connection: ConnectionOptions) -> Self {
+        Self {
+            connection,
+            key_prefix: "cqrs".into(),
+            key_ordering: KeyOrdering::Lanes(1024),
+            max_held: 256,
+            gate_poll: Duration::from_millis(50),
+            trim_approximate: true,
+        }
+    }
+
+    /// Replaces the connection options.
+    pub fn connection(mut self, connection: ConnectionOptions) -> Self {
+        self.connection = connection;
+        self
+    }
+
+    /// The first part of every key: `{prefix}:{{{topic}}}:stream` and so on. Default `cqrs`.
+    /// It must not contain `{` or `}`, which would move the cluster hash tag.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// How events with one partition key keep their order. Default
+    /// [`KeyOrdering::Lanes(1024)`](KeyOrdering::Lanes).
+    pub fn key_ordering(mut self, ordering: KeyOrdering) -> Self {
+        self.key_ordering = ordering;
+        self
+    }
+
+    /// How many read entries a consumer may hold back while they wait for their predecessor in
+    /// the lane (they stay pending to it). When that many are held it reads nothing new until
+    /// some are handed out. Default 256.
+    pub fn max_held(mut self, max: usize) -> Self {
+        self.max_held = max;
+        self
+    }
+
+    /// How often a consumer that holds entries back looks whether their predecessors were
+    /// acknowledged (by it or by another consumer of its group). Default 50 ms.
+    pub fn gate_poll(mut self, interval: Duration) -> Self {
+        self.gate_poll = interval;
+        self
+    }
+
+    /// Whether [`trim`](crate::RedisStreamTransport::trim) uses `MINID ~` (cheaper: Redis
+    /// removes whole nodes only, so a few entries below the bound may stay) or exact `MINID =`.
+    /// Default `true`. Either way no entry at or above the bound is removed.
+    pub fn trim_approximate(mut self, approximate: bool) -> Self {
+        self.trim_approximate = approximate;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConnectError> {
+        let mut problems = Vec::new();
+        self.connection.problems(&mut problems);
+        prefix_problems("key prefix", &self.key_prefix, &mut problems);
+        if self.key_ordering == KeyOrdering::Lanes(0) {
+            problems.push("key ordering needs at least one lane".into());
+        }
+        if self.max_held == 0 {
+            problems.push("max held must be at least 1".into());
+        }
+        if self.gate_poll.is_zero() {
+            problems.push("gate poll must be above zero".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConnectError::Invalid { problems })
+        }
+    }
+}
+
+/// Options of a [`RedisPubSub`](crate::RedisPubSub).
+///
+/// ```no_run
+/// use cqrs_redis::RedisPubSubOptions;
+///
+/// # async fn run() -> Result<(), cqrs_redis::ConnectError> {
+/// let pubsub = RedisPubSubOptions::new("redis://127.0.0.1:6379")
+///     .channel_prefix("helpdesk")
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct RedisPubSubOptions {
+    pub(crate) connection: ConnectionOptions,
+    pub(crate) channel_prefix: String,
+    pub(crate) capacity: usize,
+}
+
+impl RedisPubSubOptions {
+    /// Options for the server at `url` (see [`ConnectionOptions::new`]), with the defaults:
+    /// channel prefix `cqrs`, 1024 buffered messages per subscriber.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self::with_connection(ConnectionOptions::new(url))
+    }
+
+    /// Options with the given connection options and the other defaults of [`new`](Self::new).
+    pub fn with_connection(connection: ConnectionOptions) -> Self {
+        Self {
+            connection,
+            channel_prefix: "cqrs".into(),
+            capacity: 1024,
+        }
+    }
+
+    /// Replaces the connection options.
+    pub fn connection(mut self, connection: ConnectionOptions) -> Self {
+        self.connection = connection;
+        self
+    }
+
+    /// The first part of every channel name: `{prefix}:{channel}`. Default `cqrs`. Pub/sub
+    /// ignores the database number, so this prefix is what separates applications (and tests)
+    /// sharing one server.
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.channel_prefix = prefix.into();
+        self
+    }
+
+    /// How many messages each local subscriber buffers; a subscriber further behind misses
+    /// messages (counted in `Subscription::missed`). Default 1024.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConnectError> {
+        let mut problems = Vec::new();
+        self.connection.problems(&mut problems);
+        prefix_problems("channel prefix", &self.channel_prefix, &mut problems);
+        if self.capacity == 0 {
+            problems.push("capacity must be at least 1".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConnectError::Invalid { problems })
+        }
+    }
+}
+
+fn prefix_problems(what: &str, prefix: &str, problems: &mut Vec<String>) {
+    if prefix.is_empty() {
+        problems.push(format!("{what} must not be empty"));
+    }
+    if prefix.contains(['{', '}']) {
+        problems.push(format!(
+            "{what} `{prefix}` must not contain `{{` or `}}` (they would move the hash tag)"
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let options = RedisStreamOptions::new("http://nope")
+            .key_prefix("a{b")
+            .max_held(0)
+            .connection(ConnectionOptions::new("not a url").command_timeout(Duration::ZERO));
+        let Err(ConnectError::Invalid { problems }) = options.validate() else {
+            panic!("invalid options pass");
+        };
+        assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    #[test]
+    fn lanes_are_stable_and_bounded() {
+        let lanes = KeyOrdering::Lanes(8);
+        assert_eq!(lanes.lane(Some("ticket-1")), lanes.lane(Some("ticket-1")));
+        assert_eq!(lanes.lane(None), None);
+        assert!(lanes.lane(Some("x")).is_some_and(|l| l.ends_with("/8")));
+        // FNV-1a of the empty input is the offset basis.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(KeyOrdering::Unordered.lane(Some("k")), None);
+        assert_eq!(KeyOrdering::Exact.lane(Some("k")).as_deref(), Some("k:k"));
+    }
+}

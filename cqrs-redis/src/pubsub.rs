@@ -1,0 +1,297 @@
+//! [`RedisPubSub`]: the core's pub/sub port on Redis pub/sub.
+
+use crate::connection::{self, quit_later};
+use crate::error::{ConnectError, client_error, transport_error};
+use crate::options::RedisPubSubOptions;
+use async_trait::async_trait;
+use cqrs_core::ports::{Fanout, PubSub, Subscription, TransportError};
+use cqrs_core::runtime::{Health, HealthCheck};
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::prelude::Options;
+use fred::types::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+/// Fan-out to every live subscriber of a channel, across processes, on Redis pub/sub.
+///
+/// * One Redis subscription per channel per process, on one subscriber connection (fred's
+///   subscriber client), however many local subscribers: [`Fanout`] shares it and unsubscribes
+///   once the last local subscriber is gone.
+/// * [`subscribe`](PubSub::subscribe) returns once Redis confirmed the subscription, so every
+///   message published after it returns reaches the subscriber.
+/// * After a reconnect every channel with local subscribers is subscribed again by itself.
+/// * Channel names are `{prefix}:{channel}`: pub/sub ignores the database number, so the
+///   prefix is what keeps applications and tests apart on one server.
+///
+/// # Why at-most-once is right here
+///
+/// Pub/sub carries realtime pushes (a ticket changed: refresh the view), not facts the system
+/// relies on. A message nobody is subscribed to, or that arrives while the connection is down,
+/// is gone; a subscriber too slow for its buffer misses messages and counts them in
+/// [`Subscription::missed`]. Making this durable would mean a buffer per client that may never
+/// come back. Instead the durable record is elsewhere (the event store and the
+/// [`RedisStreamTransport`](crate::RedisStreamTransport)), and a client closes a gap by
+/// resuming: it reconnects with the last position it saw and the realtime hub replays what it
+/// missed from the store, then switches to live pushes.
+#[derive(Clone)]
+pub struct RedisPubSub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    publisher: Client,
+    subscriber: SubscriberClient,
+    fanout: Fanout,
+    prefix: String,
+    options: RedisPubSubOptions,
+    /// Serializes SUBSCRIBE and UNSUBSCRIBE, so an unsubscribe of an idle channel cannot pass
+    /// a new subscriber's subscribe to the same channel.
+    upstream: Arc<tokio::sync::Mutex<()>>,
+    /// How many upstream subscriptions each channel has (0 or 1).
+    subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        quit_later(self.publisher.clone());
+        quit_later(self.subscriber.clone());
+    }
+}
+
+impl fmt::Debug for RedisPubSub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPubSub")
+            .field("url", &self.inner.options.connection.url)
+            .field("channel_prefix", &self.inner.prefix)
+            .field("fanout", &self.inner.fanout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPubSubOptions {
+    /// Validates the options (reporting every problem at once), connects a publishing and a
+    /// subscribing client, and checks that the server is Redis 7.0 or later.
+    pub async fn connect(self) -> Result<RedisPubSub, ConnectError> {
+        self.validate()?;
+        let publisher = connection::client(&self.connection).await?;
+        if let Err(e) = connection::check_version(&publisher).await {
+            quit_later(publisher);
+            return Err(e);
+        }
+        let subscriber = match connection::subscriber(&self.connection, self.capacity).await {
+            Ok(subscriber) => subscriber,
+            Err(e) => {
+                quit_later(publisher);
+                return Err(e);
+            }
+        };
+        let (fanout, mut idle) = Fanout::new(self.capacity);
+        let prefix = format!("{}:", self.channel_prefix);
+        let upstream = Arc::new(tokio::sync::Mutex::new(()));
+        let subscribed: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let mut tasks = Vec::new();
+
+        // Upstream messages to local subscribers.
+        let mut messages = subscriber.message_rx();
+        let (deliver_to, strip) = (fanout.clone(), prefix.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(message) => {
+                        let Some(channel) = message.channel.strip_prefix(strip.as_str()) else {
+                            continue;
+                        };
+                        if let Some(payload) = message.value.as_str() {
+                            deliver_to.deliver(channel, Arc::from(&*payload));
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "redis pub/sub messages dropped: the fan-out fell behind"
+                        );
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }));
+
+        // Unsubscribe upstream from channels without local subscribers.
+        let (client, watch, lock, counts, full) = (
+            subscriber.clone(),
+            fanout.clone(),
+            upstream.clone(),
+            subscribed.clone(),
+            prefix.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while let Some(channel) = idle.recv().await {
+                let _guard = lock.lock().await;
+                if watch.is_subscribed(&channel) {
+                    continue;
+                }
+                let name = format!("{full}{channel}");
+                // Forgotten either way: a failed unsubscribe means the connection is down, and
+                // the resubscription after the reconnect covers only channels with subscribers.
+                counts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                if let Err(e) = client.unsubscribe(name.as_str()).await {
+                    tracing::debug!(channel = %name, error = %e, "unsubscribe failed");
+                }
+            }
+        }));
+
+        // Subscribe again after a reconnect: a new connection has no subscriptions.
+        let mut reconnects = subscriber.reconnect_rx();
+        let (client, watch, lock, full) = (
+            subscriber.clone(),
+            fanout.clone(),
+            upstream.clone(),
+            prefix.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match reconnects.recv().await {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+                let _guard = lock.lock().await;
+                let channels: Vec<String> = watch
+                    .channels()
+                    .iter()
+                    .map(|c| format!("{full}{c}"))
+                    .collect();
+                if channels.is_empty() {
+                    continue;
+                }
+                match client.subscribe(channels).await {
+                    Ok(()) => tracing::debug!("redis pub/sub resubscribed after a reconnect"),
+                    // The next reconnect tries again.
+                    Err(e) => tracing::warn!(error = %e, "redis pub/sub could not resubscribe"),
+                }
+            }
+        }));
+
+        Ok(RedisPubSub {
+            inner: Arc::new(Inner {
+                publisher,
+                subscriber,
+                fanout,
+                prefix,
+                options: self,
+                upstream,
+                subscribed,
+                tasks,
+            }),
+        })
+    }
+}
+
+impl RedisPubSub {
+    /// The options this pub/sub was made with.
+    pub fn options(&self) -> &RedisPubSubOptions {
+        &self.inner.options
+    }
+
+    /// How many upstream (Redis) subscriptions this instance holds for `channel`: 1 while it
+    /// has local subscribers, else 0.
+    pub fn upstream_subscriptions(&self, channel: &str) -> usize {
+        let name = format!("{}{channel}", self.inner.prefix);
+        self.inner
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The server-side ids (`CLIENT ID`) of the publishing and the subscribing connection, as
+    /// `CLIENT LIST` shows them (each connection is named after its fred client).
+    pub async fn client_ids(&self) -> Result<Vec<i64>, TransportError> {
+        connection::client_ids(
+            &self.inner.publisher,
+            &[self.inner.publisher.id(), self.inner.subscriber.id()],
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl PubSub for RedisPubSub {
+    /// Publishes to `{prefix}:{channel}`; fails fast with `Unavailable` while Redis is away.
+    async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError> {
+        let options = Options {
+            fail_fast: true,
+            timeout: Some(self.inner.options.connection.command_timeout),
+            ..Options::default()
+        };
+        let name = format!("{}{channel}", self.inner.prefix);
+        let _receivers: i64 = self
+            .inner
+            .publisher
+            .with_options(&options)
+            .publish(name, payload.as_ref())
+            .await
+            .map_err(|e| client_error(&self.inner.publisher, e))?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, TransportError> {
+        let inner = &self.inner;
+        let name = format!("{}{channel}", inner.prefix);
+        inner
+            .fanout
+            // Boxed: fred's futures are large (clippy::large_futures).
+            .subscribe(
+                channel,
+                Box::pin(async {
+                    let _guard = inner.upstream.lock().await;
+                    inner
+                        .subscriber
+                        .subscribe(name.as_str())
+                        .await
+                        .map_err(transport_error)?;
+                    // fred answers SUBSCRIBE once it is written, not once Redis confirmed it. Redis
+                    // runs a connection's commands in order, so the PING's reply is the
+                    // confirmation.
+                    inner
+                        .subscriber
+                        .ping::<Value>(None)
+                        .await
+                        .map_err(transport_error)?;
+                    *inner
+                        .subscribed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(name.clone())
+                        .or_default() += 1;
+                    Ok(())
+                }),
+            )
+            .await
+    }
+}
+
+#[async_trait]
+impl HealthCheck for RedisPubSub {
+    /// Healthy while both connections are up. Pub/sub is at-most-once, so a runtime usually
+    /// registers this check as not critical.
+    async fn check(&self) -> Health {
+        if self.inner.publisher.is_connected() && self.inner.subscriber.is_connected() {
+            Health::Healthy
+        } else {
+            Health::Unhealthy("redis pub/sub is reconnecting".into())
+        }
+    }
+}

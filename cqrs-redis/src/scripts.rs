@@ -1,0 +1,421 @@
+//! The Lua scripts behind the transport, and how they are run.
+//!
+//! Every step that reads state and then writes on it runs as one script, so concurrent
+//! consumers never see it half done: the per-lane order gate, dead-lettering (copy, `XACK` and
+//! advancing the lane in one go), trimming (the bound and the `XTRIM` together). Every key a
+//! script touches shares the topic's hash tag, so the scripts also run on Redis Cluster.
+
+use crate::error::is_noscript;
+use fred::clients::Client;
+use fred::interfaces::{ClientLike, LuaInterface};
+use fred::prelude::Options;
+use fred::types::{ClusterHash, CustomCommand, Value};
+
+/// Helpers shared by the scripts: stream id comparison and field lookup.
+const PRELUDE: &str = r#"
+local function parse_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return tonumber(ms), tonumber(seq)
+end
+-- a < b, for stream ids
+local function idlt(a, b)
+  local am, as = parse_id(a)
+  local bm, bs = parse_id(b)
+  if not am or not bm then return false end
+  if am ~= bm then return am < bm end
+  return as < bs
+end
+local function field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+-- Advances a group's lane to `id` unless it is already there or past it.
+local function bump(applied_key, lane, id)
+  local cur = redis.call('HGET', applied_key, lane)
+  if not cur or idlt(cur, id) then redis.call('HSET', applied_key, lane, id) end
+end
+-- Copies an entry to the dead-letter stream, acknowledges it and advances its lane.
+local function deadletter(keys, group, me, id, fields, count, reason)
+  local f = {'dead.entry', id, 'dead.group', group, 'dead.consumer', me,
+             'dead.deliveries', tostring(count), 'dead.error', reason}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 5) ~= 'dead.' then
+      f[#f + 1] = fields[i]
+      f[#f + 1] = fields[i + 1]
+    end
+  end
+  redis.call('XADD', keys.dead, '*', unpack(f))
+  redis.call('XACK', keys.stream, group, id)
+  redis.call('HDEL', keys.errors, id)
+  local lane = field(fields, 'lane')
+  if lane then bump(keys.applied, lane, id) end
+end
+-- Resets the idle time of entries this consumer keeps, so no one reclaims them.
+local function refresh(stream, group, me, ids)
+  for i = 1, #ids, 100 do
+    local args = {stream, group, me, 0}
+    for j = i, math.min(i + 99, #ids) do args[#args + 1] = ids[j] end
+    args[#args + 1] = 'JUSTID'
+    redis.call('XCLAIM', unpack(args))
+  end
+end
+"#;
+
+/// KEYS: stream, lanes. ARGV: per event `lane, id, type, version, key, record` (`lane` and
+/// `key` empty when the event has none). Returns the new entry ids.
+const PUBLISH: &str = r#"
+local out = {}
+for b = 1, #ARGV, 6 do
+  local lane, key = ARGV[b], ARGV[b + 4]
+  local f = {'id', ARGV[b + 1], 'type', ARGV[b + 2], 'v', ARGV[b + 3]}
+  if key ~= '' then
+    f[#f + 1] = 'key'
+    f[#f + 1] = key
+  end
+  if lane ~= '' then
+    f[#f + 1] = 'lane'
+    f[#f + 1] = lane
+    f[#f + 1] = 'prev'
+    f[#f + 1] = redis.call('HGET', KEYS[2], lane) or ''
+  end
+  f[#f + 1] = 'record'
+  f[#f + 1] = ARGV[b + 5]
+  local id = redis.call('XADD', KEYS[1], '*', unpack(f))
+  if lane ~= '' then redis.call('HSET', KEYS[2], lane, id) end
+  out[#out + 1] = id
+end
+return out
+"#;
+
+/// One fetch step. KEYS: stream, applied, dead, errors. ARGV: group, consumer, min idle (ms),
+/// claim count, claim cursor, read count, max deliveries, ready limit, then the ids this
+/// consumer holds or just read.
+///
+/// Reclaims idle entries (`XAUTOCLAIM`), reads new ones (`XREADGROUP >`), then passes every
+/// candidate through the gate in stream order: an entry of a lane is ready once its
+/// predecessor in the lane was acknowledged by this group (or is no longer in the stream).
+/// Returns `{next cursor, {id, deliveries, fields, ...} ready, {id, ...} held, dead count}`.
+const STEP: &str = r#"
+local keys = {stream = KEYS[1], applied = KEYS[2], dead = KEYS[3], errors = KEYS[4]}
+local group, me = ARGV[1], ARGV[2]
+local min_idle, claim_count, cursor = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local read_count, max_del, limit = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local cands, seen = {}, {}
+local function add(id, fields, count, fresh)
+  if not seen[id] then
+    seen[id] = true
+    cands[#cands + 1] = {id = id, fields = fields, count = count, fresh = fresh}
+  end
+end
+
+local next_cursor = cursor
+if claim_count > 0 then
+  local r = redis.call('XAUTOCLAIM', keys.stream, group, me, min_idle, cursor, 'COUNT', claim_count)
+  next_cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    if type(e) == 'table' and e[1] then add(e[1], e[2], nil, true) end
+  end
+end
+for i = 9, #ARGV do
+  local id = ARGV[i]
+  if not seen[id] then
+    local e = redis.call('XRANGE', keys.stream, id, id)
+    if e[1] then
+      add(id, e[1][2], nil, false)
+    else
+      -- Deleted from the stream: nothing left to deliver.
+      redis.call('XACK', keys.stream, group, id)
+    end
+  end
+end
+if read_count > 0 then
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', read_count, 'STREAMS', keys.stream, '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do add(e[1], e[2], 1, true) end
+  end
+end
+table.sort(cands, function(a, b) return idlt(a.id, b.id) end)
+
+local ready, held, stale_refresh, dead = {}, {}, {}, 0
+for _, c in ipairs(cands) do
+  local count = c.count
+  if not count then
+    local p = redis.call('XPENDING', keys.stream, group, c.id, c.id, 1)
+    if p[1] and p[1][2] == me then count = tonumber(p[1][4]) end
+  end
+  if count then
+    local target = field(c.fields, 'group')
+    if target and target ~= group then
+      -- A replay meant for another group.
+      redis.call('XACK', keys.stream, group, c.id)
+    else
+      local lane = field(c.fields, 'lane')
+      local state = 'ready'
+      if lane then
+        local cur = redis.call('HGET', keys.applied, lane)
+        local prev = field(c.fields, 'prev') or ''
+        if cur and not idlt(cur, c.id) then
+          state = 'done'
+        elseif prev ~= '' and parse_id(prev) and not (cur and not idlt(cur, prev)) then
+          if redis.call('XRANGE', keys.stream, prev, prev)[1] then state = 'wait' end
+        end
+      end
+      if state == 'done' then
+        redis.call('XACK', keys.stream, group, c.id)
+        redis.call('HDEL', keys.errors, c.id)
+      elseif state == 'ready' and count > max_del then
+        local reason = redis.call('HGET', keys.errors, c.id)
+          or ('delivered ' .. count .. ' times without an acknowledgement')
+        -- Recorded as the times it was handed out: this reclaim only found it over the limit.
+        deadletter(keys, group, me, c.id, c.fields, count - 1, reason)
+        dead = dead + 1
+      elseif state == 'ready' and #ready < limit * 3 then
+        ready[#ready + 1] = c.id
+        ready[#ready + 1] = count
+        ready[#ready + 1] = c.fields
+        if not c.fresh then stale_refresh[#stale_refresh + 1] = c.id end
+      else
+        held[#held + 1] = c.id
+        if not c.fresh then stale_refresh[#stale_refresh + 1] = c.id end
+      end
+    end
+  end
+end
+refresh(keys.stream, group, me, stale_refresh)
+return {next_cursor, ready, held, dead}
+"#;
+
+/// KEYS: stream, applied, errors. ARGV: group, then pairs `id, lane` (`lane` empty for none,
+/// `?` when unknown). Acknowledges and advances each lane. Returns how many were pending.
+const ACK: &str = r#"
+local n = 0
+local group = ARGV[1]
+for i = 2, #ARGV, 2 do
+  local id, lane = ARGV[i], ARGV[i + 1]
+  n = n + redis.call('XACK', KEYS[1], group, id)
+  if lane == '?' then
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    lane = (e[1] and field(e[1][2], 'lane')) or ''
+  end
+  if lane ~= '' then bump(KEYS[2], lane, id) end
+  redis.call('HDEL', KEYS[3], id)
+end
+return n
+"#;
+
+/// KEYS: stream, errors. ARGV: group, consumer, id, error (may be empty). Restarts the
+/// entry's idle clock if this consumer still owns it, so it comes back after the redelivery
+/// delay, and records the error for the dead-letter stream.
+const NACK: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if p[1] and p[1][2] == ARGV[2] then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
+  return 1
+end
+return 0
+"#;
+
+/// KEYS: stream, applied, dead, errors. ARGV: group, consumer, then pairs `id, reason`.
+/// Dead-letters entries the consumer could not decode. Returns how many.
+const DEAD_LETTER: &str = r#"
+local keys = {stream = KEYS[1], applied = KEYS[2], dead = KEYS[3], errors = KEYS[4]}
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id, reason = ARGV[i], ARGV[i + 1]
+  local e = redis.call('XRANGE', keys.stream, id, id)
+  local p = redis.call('XPENDING', keys.stream, ARGV[1], id, id, 1)
+  if e[1] and p[1] then
+    deadletter(keys, ARGV[1], ARGV[2], id, e[1][2], tonumber(p[1][4]), reason)
+    n = n + 1
+  else
+    redis.call('XACK', keys.stream, ARGV[1], id)
+  end
+end
+return n
+"#;
+
+/// KEYS: stream. ARGV: group, consumer, idle (ms), ids. Marks entries this consumer held but
+/// never handed out as idle, so another consumer reclaims them at once.
+const RELEASE: &str = r#"
+local n = 0
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// KEYS: stream. ARGV: `~` or `=`. Trims by `MINID` below the oldest entry that some group
+/// still needs (pending, or not delivered yet). Returns `{removed, bound}`; bound is empty when
+/// nothing could be trimmed.
+const TRIM: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return {0, ''} end
+local bound = nil
+for _, g in ipairs(groups) do
+  local name, last, pending = field(g, 'name'), field(g, 'last-delivered-id'), tonumber(field(g, 'pending'))
+  local need = last
+  if pending > 0 then
+    local s = redis.call('XPENDING', KEYS[1], name)
+    if s[2] and idlt(s[2], need) then need = s[2] end
+  end
+  if not bound or idlt(need, bound) then bound = need end
+end
+if not bound or bound == '0-0' then return {0, ''} end
+local removed = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1], bound)
+return {removed, bound}
+"#;
+
+/// KEYS: stream, dead. ARGV: dead-letter ids. Publishes each dead letter's entry again, for its
+/// group only and outside any lane, and deletes the dead letter. Returns `{dead id, new id, ...}`
+/// for those found.
+const REPLAY: &str = r#"
+local out = {}
+for i = 1, #ARGV do
+  local e = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
+  if e[1] then
+    local fields = e[1][2]
+    local f = {}
+    for j = 1, #fields, 2 do
+      local name = fields[j]
+      if string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev' and name ~= 'group'
+         and name ~= 'replayed' then
+        f[#f + 1] = name
+        f[#f + 1] = fields[j + 1]
+      end
+    end
+    f[#f + 1] = 'group'
+    f[#f + 1] = field(fields, 'dead.group') or ''
+    f[#f + 1] = 'replayed'
+    f[#f + 1] = ARGV[i]
+    local id = redis.call('XADD', KEYS[1], '*', unpack(f))
+    redis.call('XDEL', KEYS[2], ARGV[i])
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = id
+  end
+end
+return out
+"#;
+
+/// KEYS: stream. ARGV: group, minimum idle (ms). Deletes the group's consumers that hold no
+/// pending entry and were idle that long. Returns their names.
+const PRUNE: &str = r#"
+local out = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local name, pending, idle = field(c, 'name'), tonumber(field(c, 'pending')), tonumber(field(c, 'idle'))
+  if pending == 0 and idle >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    out[#out + 1] = name
+  end
+end
+return out
+"#;
+
+/// A Lua script, run by `EVALSHA` with a fall back to `EVAL` (after a server restart, on a
+/// cluster node that has not seen it).
+#[derive(Debug)]
+pub(crate) struct Script {
+    source: String,
+    sha: String,
+}
+
+impl Script {
+    fn new(body: &str) -> Self {
+        Self {
+            source: format!("{PRELUDE}\n{body}"),
+            sha: String::new(),
+        }
+    }
+
+    async fn load(&mut self, client: &Client) -> Result<(), fred::error::Error> {
+        self.sha = client.script_load(self.source.as_str()).await?;
+        Ok(())
+    }
+
+    /// Runs the script on the node that owns `keys[0]`'s slot.
+    pub(crate) async fn run(
+        &self,
+        client: &Client,
+        options: &Options,
+        keys: &[&str],
+        args: Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
+        let slot = keys
+            .first()
+            .map(|k| fred::util::redis_keyslot(k.as_bytes()))
+            .unwrap_or(0);
+        let mut tail: Vec<Value> = Vec::with_capacity(keys.len() + args.len() + 1);
+        tail.push(Value::from(keys.len() as i64));
+        tail.extend(keys.iter().map(|k| Value::from(*k)));
+        tail.extend(args);
+        let client = client.with_options(options);
+        let mut with_sha = Vec::with_capacity(tail.len() + 1);
+        with_sha.push(Value::from(self.sha.as_str()));
+        with_sha.extend(tail.iter().cloned());
+        let evalsha = CustomCommand::new("EVALSHA", ClusterHash::Custom(slot), false);
+        match client.custom::<Value, Value>(evalsha, with_sha).await {
+            Err(e) if is_noscript(&e) => {
+                let mut with_source = Vec::with_capacity(tail.len() + 1);
+                with_source.push(Value::from(self.source.as_str()));
+                with_source.extend(tail);
+                let eval = CustomCommand::new("EVAL", ClusterHash::Custom(slot), false);
+                client.custom::<Value, Value>(eval, with_source).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// Every script the transport runs.
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) publish: Script,
+    pub(crate) step: Script,
+    pub(crate) ack: Script,
+    pub(crate) nack: Script,
+    pub(crate) dead_letter: Script,
+    pub(crate) release: Script,
+    pub(crate) trim: Script,
+    pub(crate) replay: Script,
+    pub(crate) prune: Script,
+}
+
+impl Scripts {
+    /// Loads every script (their SHA1 digests come from the server).
+    pub(crate) async fn load(client: &Client) -> Result<Self, fred::error::Error> {
+        let mut scripts = Self {
+            publish: Script::new(PUBLISH),
+            step: Script::new(STEP),
+            ack: Script::new(ACK),
+            nack: Script::new(NACK),
+            dead_letter: Script::new(DEAD_LETTER),
+            release: Script::new(RELEASE),
+            trim: Script::new(TRIM),
+            replay: Script::new(REPLAY),
+            prune: Script::new(PRUNE),
+        };
+        for script in [
+            &mut scripts.publish,
+            &mut scripts.step,
+            &mut scripts.ack,
+            &mut scripts.nack,
+            &mut scripts.dead_letter,
+            &mut scripts.release,
+            &mut scripts.trim,
+            &mut scripts.replay,
+            &mut scripts.prune,
+        ] {
+            script.load(client).await?;
+        }
+        Ok(scripts)
+    }
+}

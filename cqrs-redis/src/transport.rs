@@ -1,0 +1,311 @@
+//! [`RedisStreamTransport`]: the core's event transport on Redis Streams.
+
+use crate::connection::{self, quit_later};
+use crate::consumer::RedisConsumer;
+use crate::error::{ConnectError, backend, client_error, is_busygroup, transport_error};
+use crate::keys::TopicKeys;
+use crate::options::{KeyOrdering, RedisStreamOptions};
+use crate::scripts::Scripts;
+use async_trait::async_trait;
+use cqrs_core::EventRecord;
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, EventTransport, TransportCapabilities, TransportError,
+};
+use cqrs_core::runtime::{Health, HealthCheck};
+use fred::clients::Client;
+use fred::interfaces::{ClientLike, StreamsInterface};
+use fred::prelude::Options;
+use fred::types::Value;
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// How many events one publish script carries; larger batches are split into several scripts
+/// sent back to back on the connection (one round trip).
+const PUBLISH_CHUNK: usize = 256;
+
+/// What every handle on one transport shares.
+pub(crate) struct Shared {
+    /// For everything but blocking reads: publishes, scripts, acks, admin.
+    pub(crate) client: Client,
+    pub(crate) scripts: Scripts,
+    pub(crate) options: RedisStreamOptions,
+    /// `(stream key, group, consumer name)` of the live consumers of this process.
+    pub(crate) names: Mutex<HashSet<(String, String, String)>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        quit_later(self.client.clone());
+    }
+}
+
+impl Shared {
+    pub(crate) fn keys(&self, topic: &str) -> Result<TopicKeys, TransportError> {
+        TopicKeys::new(&self.options.key_prefix, topic)
+    }
+
+    /// Options for commands that must fail fast while Redis is unreachable.
+    pub(crate) fn fail_fast(&self) -> Options {
+        Options {
+            fail_fast: true,
+            timeout: Some(self.options.connection.command_timeout),
+            ..Options::default()
+        }
+    }
+
+    /// Options for every other command: wait for a reconnect, up to the command timeout.
+    pub(crate) fn patient(&self) -> Options {
+        Options {
+            timeout: Some(self.options.connection.command_timeout),
+            ..Options::default()
+        }
+    }
+
+    /// Creates `group` at the start of the stream (`0`, so entries published before the group
+    /// existed are delivered too), and the stream with it; an existing group is left alone.
+    pub(crate) async fn create_group(
+        &self,
+        keys: &TopicKeys,
+        group: &str,
+    ) -> Result<(), TransportError> {
+        match self
+            .client
+            .with_options(&self.patient())
+            .xgroup_create::<Value, _, _, _>(keys.stream.as_str(), group, "0", true)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_busygroup(&e) => Ok(()),
+            Err(e) => Err(transport_error(e)),
+        }
+    }
+}
+
+/// A durable, at-least-once [`EventTransport`] on Redis Streams with consumer groups.
+///
+/// * **Publish**: one stream per topic; a batch is one Lua script (split in chunks of 256
+///   events sent back to back, still one round trip) that appends each event and chains it
+///   into its order lane. It fails fast with [`TransportError::Unavailable`] while Redis is
+///   unreachable: the outbox relay retries.
+/// * **Consume**: [`consumer`](EventTransport::consumer) joins a consumer group, created on
+///   demand at `0`. See [`RedisConsumer`] for reading, the order gate, redelivery and
+///   dead-lettering.
+/// * **Operate**: [`topic_stats`](Self::topic_stats) (lag, pending),
+///   [`dead_letters`](Self::dead_letters) and [`replay_dead_letters`](Self::replay_dead_letters),
+///   [`trim`](Self::trim), [`prune_consumers`](Self::prune_consumers); or run a
+///   [`StreamMaintenance`](crate::StreamMaintenance) worker.
+///
+/// Cloning is cheap; clones share one connection (fred multiplexes it) and each consumer
+/// opens one more for its blocking reads. `docs/redis.md` states the guarantees and the key
+/// layout.
+#[derive(Clone)]
+pub struct RedisStreamTransport {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for RedisStreamTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStreamTransport")
+            .field("url", &self.shared.options.connection.url)
+            .field("key_prefix", &self.shared.options.key_prefix)
+            .field("key_ordering", &self.shared.options.key_ordering)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStreamOptions {
+    /// Validates the options (reporting every problem at once), connects, checks that the
+    /// server is Redis 7.0 or later, and loads the scripts.
+    pub async fn connect(self) -> Result<RedisStreamTransport, ConnectError> {
+        self.validate()?;
+        let client = connection::client(&self.connection).await?;
+        let ready = async {
+            connection::check_version(&client).await?;
+            Scripts::load(&client)
+                .await
+                .map_err(|e| ConnectError::Redis(transport_error(e)))
+        }
+        .await;
+        let scripts = match ready {
+            Ok(scripts) => scripts,
+            Err(e) => {
+                quit_later(client);
+                return Err(e);
+            }
+        };
+        Ok(RedisStreamTransport {
+            shared: Arc::new(Shared {
+                client,
+                scripts,
+                options: self,
+                names: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+}
+
+impl RedisStreamTransport {
+    /// The options this transport was made with.
+    pub fn options(&self) -> &RedisStreamOptions {
+        &self.shared.options
+    }
+
+    /// The key of `topic`'s stream (`{prefix}:{topic}:stream`), for operators and tools.
+    pub fn stream_key(&self, topic: &str) -> Result<String, TransportError> {
+        Ok(self.shared.keys(topic)?.stream)
+    }
+
+    /// The key of `topic`'s dead-letter stream (`{prefix}:{topic}:dead`).
+    pub fn dead_letter_key(&self, topic: &str) -> Result<String, TransportError> {
+        Ok(self.shared.keys(topic)?.dead)
+    }
+
+    /// Joins consumer group `group` of `topic` like [`EventTransport::consumer`], returning the
+    /// concrete consumer with its extra operations (nack with an error, close).
+    ///
+    /// The consumer name must be unique in its group; the default of [`ConsumerOptions`] is a
+    /// random one. A name already used by a live consumer of this process is refused.
+    pub async fn redis_consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<RedisConsumer, TransportError> {
+        let keys = self.shared.keys(topic)?;
+        self.shared.create_group(&keys, group).await?;
+        let name = (
+            keys.stream.clone(),
+            group.to_owned(),
+            options.consumer_name.clone(),
+        );
+        {
+            // A std mutex: nothing awaits while it is held.
+            let mut names = self.shared.names.lock().unwrap_or_else(|p| p.into_inner());
+            if !names.insert(name) {
+                return Err(backend(format!(
+                    "consumer name `{}` is already in use in group `{group}` of topic `{topic}` \
+                     in this process",
+                    options.consumer_name
+                )));
+            }
+        }
+        let reader = match connection::client(&self.shared.options.connection).await {
+            Ok(reader) => reader,
+            Err(e) => {
+                self.forget_name(&keys.stream, group, &options.consumer_name);
+                return Err(match e {
+                    ConnectError::Redis(e) => e,
+                    other => backend(other.to_string()),
+                });
+            }
+        };
+        Ok(RedisConsumer::new(
+            self.shared.clone(),
+            reader,
+            keys,
+            topic,
+            group,
+            options,
+        ))
+    }
+
+    pub(crate) fn forget_name(&self, stream: &str, group: &str, name: &str) {
+        forget_name(&self.shared, stream, group, name);
+    }
+
+    /// The server-side ids (`CLIENT ID`) of this transport's shared connection. Operators use
+    /// them to find the transport in `CLIENT LIST`; tests kill them to simulate a network
+    /// failure.
+    pub async fn client_ids(&self) -> Result<Vec<i64>, TransportError> {
+        connection::client_ids(&self.shared.client, &[self.shared.client.id()]).await
+    }
+
+    fn encode(&self, event: &EventRecord, args: &mut Vec<Value>) -> Result<(), TransportError> {
+        let record = serde_json::to_string(event).map_err(|e| TransportError::Codec(e.into()))?;
+        let key = event.partition_key.as_deref();
+        let lane = self
+            .shared
+            .options
+            .key_ordering
+            .lane(key)
+            .unwrap_or_default();
+        args.extend([
+            Value::from(lane),
+            Value::from(event.event_id.to_string()),
+            Value::from(event.event_type.as_str()),
+            Value::from(i64::from(event.schema_version)),
+            Value::from(key.unwrap_or_default()),
+            Value::from(record),
+        ]);
+        Ok(())
+    }
+}
+
+pub(crate) fn forget_name(shared: &Shared, stream: &str, group: &str, name: &str) {
+    let mut names = shared.names.lock().unwrap_or_else(|p| p.into_inner());
+    names.remove(&(stream.to_owned(), group.to_owned(), name.to_owned()));
+}
+
+#[async_trait]
+impl EventTransport for RedisStreamTransport {
+    fn capabilities(&self) -> TransportCapabilities {
+        let ordered = self.shared.options.key_ordering != KeyOrdering::Unordered;
+        TransportCapabilities::new(true, true, ordered, false, true)
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let keys = self.shared.keys(topic)?;
+        let mut chunks = Vec::with_capacity(events.len().div_ceil(PUBLISH_CHUNK));
+        for chunk in events.chunks(PUBLISH_CHUNK) {
+            let mut args = Vec::with_capacity(chunk.len() * 6);
+            for event in chunk {
+                self.encode(event, &mut args)?;
+            }
+            chunks.push(args);
+        }
+        let options = self.shared.fail_fast();
+        let key_list = [keys.stream.as_str(), keys.lanes.as_str()];
+        // Futures run in order when joined, so the chunks are written to the connection in
+        // order and Redis runs them in order.
+        let sends = chunks.into_iter().map(|args| {
+            self.shared
+                .scripts
+                .publish
+                .run(&self.shared.client, &options, &key_list, args)
+        });
+        futures_util::future::try_join_all(sends)
+            .await
+            .map_err(|e| client_error(&self.shared.client, e))?;
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        Ok(Box::new(self.redis_consumer(topic, group, options).await?))
+    }
+}
+
+#[async_trait]
+impl HealthCheck for RedisStreamTransport {
+    /// `PING` within the command timeout: healthy, or unhealthy with the reason.
+    async fn check(&self) -> Health {
+        match self
+            .shared
+            .client
+            .with_options(&self.shared.fail_fast())
+            .ping::<String>(None)
+            .await
+        {
+            Ok(_) => Health::Healthy,
+            Err(e) => Health::Unhealthy(format!("redis: {e}")),
+        }
+    }
+}

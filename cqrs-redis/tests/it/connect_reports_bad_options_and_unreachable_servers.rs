@@ -1,0 +1,74 @@
+//! `connect` reports every problem of the options at once, an unreachable server as a
+//! retryable error, and refuses a consumer name already in use in the process.
+
+use crate::support::{Env, consumer_options, unreachable, within};
+use cqrs_core::ErrorKind;
+use cqrs_core::ports::EventTransport;
+use cqrs_redis::{ConnectError, ConnectionOptions, RedisStreamOptions};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reports_bad_options_and_unreachable_servers() {
+    within(
+        30,
+        Box::pin(async {
+            let invalid = RedisStreamOptions::new("nope://")
+                .key_prefix("")
+                .max_held(0)
+                .connect()
+                .await
+                .expect_err("invalid options");
+            let ConnectError::Invalid { problems } = &invalid else {
+                panic!("{invalid:?}");
+            };
+            assert_eq!(problems.len(), 3, "{problems:?}");
+            assert_eq!(invalid.kind(), ErrorKind::Invalid);
+
+            // Port 1 on loopback: nothing listens there.
+            let down = RedisStreamOptions::with_connection(
+                ConnectionOptions::new("redis://127.0.0.1:1")
+                    .connect_timeout(Duration::from_secs(2)),
+            )
+            .connect()
+            .await
+            .expect_err("nothing listens on port 1");
+            assert!(unreachable(&down), "{down:?}");
+            assert!(matches!(
+                down.kind(),
+                ErrorKind::Unavailable | ErrorKind::Timeout
+            ));
+        }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_name_in_use_in_the_process_is_refused() {
+    let Some(env) = Env::new("names").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("t");
+            let name = format!("{}-same", env.id);
+            let first = env
+                .transport
+                .consumer(&topic, "g", consumer_options(&name))
+                .await
+                .unwrap();
+            let second = env
+                .transport
+                .consumer(&topic, "g", consumer_options(&name))
+                .await;
+            assert!(second.is_err(), "two live consumers with one name");
+            drop(first);
+            env.transport
+                .consumer(&topic, "g", consumer_options(&name))
+                .await
+                .expect("the name is free again");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}

@@ -1,0 +1,19 @@
+//! Behaviour tests of cqrs-redis against a real Redis (`REDIS_URL`, default
+//! `redis://127.0.0.1:6379`). Each test works under its own key or channel prefix, named by its
+//! test id, and deletes its keys when it passes. Without Redis they skip, unless
+//! `CQRS_REQUIRE_SERVICES=1`.
+
+mod support;
+
+mod a_consume_loop_recovers_when_its_connections_are_killed;
+mod a_crashed_consumers_entries_are_reclaimed_by_another;
+mod connect_reports_bad_options_and_unreachable_servers;
+mod group_stats_report_lag_and_pending;
+mod per_key_order_holds_with_two_consumers;
+mod poison_and_undecodable_entries_are_dead_lettered_and_replay_works;
+mod publish_fails_fast_while_redis_is_down_and_consumers_resume;
+mod pubsub_resubscribes_after_its_connection_is_killed;
+mod the_pubsub_passes_the_conformance_suite;
+mod the_stream_transport_passes_the_conformance_suite;
+mod trimming_keeps_unacknowledged_entries;
+mod two_consumers_split_a_stream_with_nothing_handled_twice;

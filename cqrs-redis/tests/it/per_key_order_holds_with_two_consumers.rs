@@ -1,0 +1,133 @@
+//! Two consumers of one group handle 120 events of 4 keys concurrently, failing now and then:
+//! each key's events take effect in publish order, and two events of one key are never in
+//! flight at the same time, with exact per-key lanes and with few shared lanes.
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::EventTransport;
+use cqrs_redis::KeyOrdering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_with_two_consumers_and_exact_lanes() {
+    order_holds(KeyOrdering::Exact, "order_exact").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_with_two_consumers_and_shared_lanes() {
+    order_holds(KeyOrdering::Lanes(2), "order_lanes").await;
+}
+
+#[derive(Default)]
+struct Seen {
+    applied: BTreeMap<String, Vec<u64>>,
+    in_flight: HashMap<String, usize>,
+    overlaps: Vec<String>,
+}
+
+async fn order_holds(ordering: KeyOrdering, name: &str) {
+    let Some(env) = Env::with(name, |o| o.key_ordering(ordering)).await else {
+        return;
+    };
+    within(
+        90,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let keys = ["a", "b", "c", "d"];
+            let events: Vec<_> = (1..=120)
+                .map(|n| event(Some(keys[(n as usize * 7 / 3) % 4]), n))
+                .collect();
+            let seen: Arc<Mutex<Seen>> = Arc::default();
+            let mut tasks = Vec::new();
+            for consumer_name in ["a", "b"] {
+                let mut consumer = env
+                    .transport
+                    .consumer(
+                        &topic,
+                        "g",
+                        consumer_options(&format!("{}-{consumer_name}", env.id))
+                            .redelivery_delay(Duration::from_millis(500)),
+                    )
+                    .await
+                    .unwrap();
+                let seen = seen.clone();
+                tasks.push(tokio::spawn(async move {
+                    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+                    let mut turn = 0u64;
+                    while tokio::time::Instant::now() < until {
+                        if seen
+                            .lock()
+                            .unwrap()
+                            .applied
+                            .values()
+                            .map(Vec::len)
+                            .sum::<usize>()
+                            >= 120
+                        {
+                            break;
+                        }
+                        let batch = consumer.fetch(8).await.unwrap();
+                        {
+                            let mut seen = seen.lock().unwrap();
+                            for d in &batch {
+                                let key = d.record.partition_key.clone().unwrap();
+                                let count = seen.in_flight.entry(key.clone()).or_default();
+                                *count += 1;
+                                if *count > 1 {
+                                    seen.overlaps.push(format!("{key} at n = {}", n_of(d)));
+                                }
+                            }
+                        }
+                        for d in batch {
+                            turn += 1;
+                            // Let the other consumer run in between.
+                            tokio::task::yield_now().await;
+                            let key = d.record.partition_key.clone().unwrap();
+                            let fail = d.attempt == 1 && turn.is_multiple_of(4);
+                            {
+                                let mut seen = seen.lock().unwrap();
+                                *seen.in_flight.get_mut(&key).unwrap() -= 1;
+                                if !fail {
+                                    let list = seen.applied.entry(key).or_default();
+                                    if !list.contains(&n_of(&d)) {
+                                        list.push(n_of(&d));
+                                    }
+                                }
+                            }
+                            if fail {
+                                consumer.nack(&d.id).await.unwrap();
+                            } else {
+                                consumer.ack(std::slice::from_ref(&d.id)).await.unwrap();
+                            }
+                        }
+                    }
+                }));
+            }
+            env.transport.publish(&topic, &events).await.unwrap();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            let seen = seen.lock().unwrap();
+            assert!(
+                seen.overlaps.is_empty(),
+                "one key in flight twice: {:?}",
+                seen.overlaps
+            );
+            for key in keys {
+                let expected: Vec<u64> = events
+                    .iter()
+                    .filter(|e| e.partition_key.as_deref() == Some(key))
+                    .map(|e| e.payload["n"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(
+                    seen.applied.get(key).cloned().unwrap_or_default(),
+                    expected,
+                    "order of key {key}"
+                );
+            }
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}

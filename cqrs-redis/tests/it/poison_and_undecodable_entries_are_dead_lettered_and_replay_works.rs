@@ -1,0 +1,175 @@
+//! An entry whose handler always fails is dead-lettered after `max_deliveries` with the error
+//! and the count, and the next event of its key is handled after it; an entry that does not
+//! decode is dead-lettered without reaching the handler. Replaying the poison entry once the
+//! handler is fixed delivers it again to its group only.
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::{Consumer, EventTransport};
+use cqrs_redis::RedisConsumer;
+use fred::types::Value;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
+    let Some(env) = Env::new("dead").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("payments");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let options = |name: &str| {
+                consumer_options(&format!("{}-{name}", env.id))
+                    .redelivery_delay(Duration::from_millis(200))
+                    .max_deliveries(2)
+            };
+            let mut consumer = env
+                .transport
+                .redis_consumer(&topic, "billing", options("billing"))
+                .await
+                .unwrap();
+            let mut audit = env
+                .transport
+                .redis_consumer(&topic, "audit", options("audit"))
+                .await
+                .unwrap();
+
+            // n = 1 is the poison; n = 2 shares its key and must wait for it.
+            let events = [
+                event(Some("p"), 1),
+                event(Some("p"), 2),
+                event(Some("q"), 3),
+            ];
+            env.transport.publish(&topic, &events[..2]).await.unwrap();
+            env.command(
+                "XADD",
+                vec![
+                    stream.as_str().into(),
+                    "*".into(),
+                    "id".into(),
+                    "not-a-uuid".into(),
+                    "record".into(),
+                    "{broken".into(),
+                ],
+            )
+            .await;
+            env.transport.publish(&topic, &events[2..]).await.unwrap();
+
+            let mut handled = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(20);
+            while handled.len() < 2 && tokio::time::Instant::now() < until {
+                for d in consumer.fetch(10).await.unwrap() {
+                    if n_of(&d) == 1 {
+                        consumer
+                            .nack_with_error(&d.id, "card declined: handler exploded")
+                            .await
+                            .unwrap();
+                    } else {
+                        handled.push(n_of(&d));
+                        consumer.ack(&[d.id]).await.unwrap();
+                    }
+                }
+            }
+            handled.sort_unstable();
+            assert_eq!(
+                handled,
+                [2, 3],
+                "everything but the poison and the broken entry"
+            );
+
+            let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert_eq!(dead.len(), 2, "{dead:#?}");
+            let broken = dead
+                .iter()
+                .find(|d| d.record.is_none())
+                .expect("the broken entry");
+            assert!(
+                broken.error.starts_with("undecodable entry"),
+                "{}",
+                broken.error
+            );
+            assert_eq!(broken.group, "billing");
+            assert!(broken.fields.contains(&("record".into(), "{broken".into())));
+            let poison = dead
+                .iter()
+                .find(|d| d.record.is_some())
+                .expect("the poison");
+            assert_eq!(poison.record.as_ref().unwrap().event_id, events[0].event_id);
+            assert_eq!(poison.error, "card declined: handler exploded");
+            assert_eq!(poison.deliveries, 2, "handed out max_deliveries times");
+            assert_eq!(poison.group, "billing");
+            let stats = env.transport.topic_stats(&topic).await.unwrap();
+            assert_eq!(stats.dead_letters, 2);
+
+            // The audit group handles everything decodable; the broken entry is dead-lettered for
+            // it too.
+            let audited = drain(&mut audit, 3).await;
+            assert_eq!(audited.len(), 3);
+
+            // The handler is fixed: replay the poison.
+            let replayed = env
+                .transport
+                .replay_dead_letters(&topic, std::slice::from_ref(&poison.id))
+                .await
+                .unwrap();
+            assert_eq!(replayed.len(), 1);
+            assert_eq!(replayed[0].dead_letter_id, poison.id);
+            let again = drain(&mut consumer, 1).await;
+            assert_eq!(again, [1], "the replayed poison reaches its group");
+            let remaining = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert!(
+                remaining.iter().all(|d| d.id != poison.id),
+                "replayed dead letters are removed"
+            );
+
+            // The audit group skips a replay meant for billing.
+            assert!(
+                drain(&mut audit, 1).await.is_empty(),
+                "audit got the replay"
+            );
+            let audit_pending = env
+                .command("XPENDING", vec![stream.as_str().into(), "audit".into()])
+                .await
+                .into_array();
+            assert_eq!(audit_pending.first().and_then(Value::as_u64), Some(0));
+            let stats = env.transport.topic_stats(&topic).await.unwrap();
+            let audit_stats = stats.groups.iter().find(|g| g.name == "audit").unwrap();
+            assert_eq!(
+                audit_stats.lag,
+                Some(0),
+                "audit read the replay and skipped it"
+            );
+
+            // Discarding removes dead letters for good.
+            let ids: Vec<_> = remaining.iter().map(|d| d.id.clone()).collect();
+            let discarded = env
+                .transport
+                .discard_dead_letters(&topic, &ids)
+                .await
+                .unwrap();
+            assert_eq!(discarded, ids.len() as u64);
+            let left = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert!(left.is_empty(), "{left:?}");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// Fetches and acknowledges until `count` deliveries or a second without any; returns the `n`s.
+async fn drain(consumer: &mut RedisConsumer, count: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    let mut idle_until = tokio::time::Instant::now() + Duration::from_secs(1);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < count && tokio::time::Instant::now() < until.min(idle_until) {
+        let batch = consumer.fetch(10).await.unwrap();
+        if !batch.is_empty() {
+            idle_until = tokio::time::Instant::now() + Duration::from_secs(1);
+        }
+        got.extend(batch.iter().map(n_of));
+        let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
+        consumer.ack(&ids).await.unwrap();
+    }
+    got
+}

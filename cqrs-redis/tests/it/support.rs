@@ -1,0 +1,206 @@
+//! What the tests share: the server, isolated key prefixes, short intervals, cleanup.
+
+use cqrs_core::EventRecord;
+use cqrs_core::ports::{ConsumerOptions, Delivery, TransportError};
+use cqrs_core::testing::{require_services, test_id, with_timeout};
+use cqrs_redis::{ConnectError, ConnectionOptions, RedisStreamOptions, RedisStreamTransport};
+use fred::clients::Client;
+use fred::interfaces::ClientLike;
+use fred::prelude::{Builder, Config};
+use fred::types::{ClusterHash, CustomCommand, Value};
+use std::future::Future;
+use std::time::Duration;
+
+pub(crate) fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| cqrs_redis::DEFAULT_URL.to_owned())
+}
+
+/// Connection options with a short command timeout and quick reconnects.
+pub(crate) fn connection() -> ConnectionOptions {
+    ConnectionOptions::new(redis_url())
+        .command_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+        .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+/// Stream options isolated under `cqrs-test:{id}`, with a short gate poll.
+pub(crate) fn stream_options(id: &str) -> RedisStreamOptions {
+    RedisStreamOptions::with_connection(connection())
+        .key_prefix(key_prefix(id))
+        .gate_poll(Duration::from_millis(10))
+}
+
+pub(crate) fn key_prefix(id: &str) -> String {
+    format!("cqrs-test:{id}")
+}
+
+/// Consumer options with short intervals.
+pub(crate) fn consumer_options(name: &str) -> ConsumerOptions {
+    ConsumerOptions::default()
+        .consumer_name(name)
+        .block(Duration::from_millis(100))
+        .redelivery_delay(Duration::from_millis(300))
+}
+
+/// Whether Redis answers; `None` means skip (prints why), and fails the test when
+/// `CQRS_REQUIRE_SERVICES=1`.
+pub(crate) async fn reachable() -> bool {
+    let url = redis_url();
+    let ok = match connect_admin().await {
+        Ok(client) => {
+            let _ = client.quit().await;
+            true
+        }
+        Err(_) => false,
+    };
+    require_services("redis", &url, ok)
+}
+
+/// A plain fred client for checks and cleanup.
+pub(crate) async fn connect_admin() -> Result<Client, fred::error::Error> {
+    let mut builder = Builder::from_config(Config::from_url(&redis_url())?);
+    builder.with_connection_config(|c| c.connection_timeout = Duration::from_secs(2));
+    builder.with_performance_config(|c| c.default_command_timeout = Duration::from_secs(5));
+    let client = builder.build()?;
+    client.init().await?;
+    Ok(client)
+}
+
+/// One test's world: its id, a transport under its own key prefix, an admin client.
+pub(crate) struct Env {
+    pub(crate) id: String,
+    pub(crate) transport: RedisStreamTransport,
+    pub(crate) admin: Client,
+}
+
+impl Env {
+    /// `None` when Redis is unreachable and not required (the test skips).
+    pub(crate) async fn new(name: &str) -> Option<Env> {
+        Self::with(name, |o| o).await
+    }
+
+    pub(crate) async fn with(
+        name: &str,
+        options: impl FnOnce(RedisStreamOptions) -> RedisStreamOptions,
+    ) -> Option<Env> {
+        if !reachable().await {
+            return None;
+        }
+        let id = test_id(name);
+        let transport = options(stream_options(&id))
+            .connect()
+            .await
+            .expect("connect the transport");
+        let admin = connect_admin().await.expect("connect the admin client");
+        Some(Env {
+            id,
+            transport,
+            admin,
+        })
+    }
+
+    pub(crate) fn topic(&self, name: &str) -> String {
+        format!("{}-{name}", self.id)
+    }
+
+    /// Sends a raw command on the admin client.
+    pub(crate) async fn command(&self, name: &str, args: Vec<Value>) -> Value {
+        raw(&self.admin, name, args).await
+    }
+
+    /// Deletes every key under this test's prefix.
+    pub(crate) async fn cleanup(self) {
+        delete_prefix(&self.admin, &key_prefix(&self.id)).await;
+        let _ = self.admin.quit().await;
+    }
+}
+
+pub(crate) async fn raw(client: &Client, name: &str, args: Vec<Value>) -> Value {
+    client
+        .custom(
+            CustomCommand::new(name.to_owned(), ClusterHash::FirstKey, false),
+            args,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name} failed: {e}"))
+}
+
+/// Deletes the keys `{prefix}:*` (SCAN, not KEYS: other tests share the server).
+pub(crate) async fn delete_prefix(client: &Client, prefix: &str) {
+    let pattern = format!("{prefix}:*");
+    let mut cursor = "0".to_owned();
+    loop {
+        let reply = raw(
+            client,
+            "SCAN",
+            vec![
+                cursor.as_str().into(),
+                "MATCH".into(),
+                pattern.as_str().into(),
+                "COUNT".into(),
+                1000.into(),
+            ],
+        )
+        .await;
+        let mut parts = reply.into_array().into_iter();
+        cursor = parts
+            .next()
+            .and_then(|v| v.into_string())
+            .unwrap_or_else(|| "0".to_owned());
+        let keys: Vec<Value> = parts.next().map(|v| v.into_array()).unwrap_or_default();
+        if !keys.is_empty() {
+            raw(client, "DEL", keys).await;
+        }
+        if cursor == "0" {
+            break;
+        }
+    }
+}
+
+/// An event with a partition key and a number in its payload.
+pub(crate) fn event(key: Option<&str>, n: u64) -> EventRecord {
+    cqrs_core::testing::event_store::record(n).with_partition_key(key.map(str::to_owned))
+}
+
+pub(crate) fn n_of(d: &Delivery) -> u64 {
+    d.record.payload["n"].as_u64().unwrap_or(u64::MAX)
+}
+
+/// Retries `publish` until it succeeds (it fails fast while Redis reconnects), for up to 20 s.
+pub(crate) async fn publish_until_ok<F, Fut>(mut publish: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), TransportError>>,
+{
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match publish().await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() < until => {
+                assert!(
+                    matches!(
+                        e,
+                        TransportError::Unavailable { .. } | TransportError::Timeout { .. }
+                    ),
+                    "only retryable errors while reconnecting, got {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("publish kept failing for 20 s: {e}"),
+        }
+    }
+}
+
+/// Runs a test body with a deadline, so a hang fails instead of stalling CI.
+pub(crate) async fn within<F: Future>(seconds: u64, body: F) -> F::Output {
+    with_timeout(Duration::from_secs(seconds), body).await
+}
+
+/// Whether an error from `connect` means the server is unreachable.
+#[allow(dead_code)]
+pub(crate) fn unreachable(e: &ConnectError) -> bool {
+    matches!(
+        e,
+        ConnectError::Redis(TransportError::Unavailable { .. } | TransportError::Timeout { .. })
+    )
+}

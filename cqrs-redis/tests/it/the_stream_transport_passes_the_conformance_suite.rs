@@ -1,0 +1,46 @@
+//! The core's event transport conformance suite, against Redis: each scenario under its own key
+//! prefix, with short intervals.
+
+use crate::support::{connect_admin, delete_prefix, key_prefix, reachable, stream_options};
+use cqrs_core::ports::EventTransport;
+use cqrs_core::testing::Harness;
+use cqrs_core::testing::transport::TransportHarness;
+use cqrs_redis::RedisStreamTransport;
+use std::sync::Arc;
+
+pub(crate) struct RedisTransportHarness {
+    id: String,
+    transport: RedisStreamTransport,
+}
+
+#[cqrs_core::async_trait]
+impl Harness for RedisTransportHarness {
+    fn test_id(&self) -> &str {
+        &self.id
+    }
+
+    async fn teardown(self) {
+        let admin = connect_admin().await.expect("connect for cleanup");
+        delete_prefix(&admin, &key_prefix(&self.id)).await;
+    }
+}
+
+impl TransportHarness for RedisTransportHarness {
+    fn transport(&self) -> Arc<dyn EventTransport> {
+        Arc::new(self.transport.clone())
+    }
+}
+
+/// `None` (the scenario is skipped) when Redis is unreachable and not required.
+async fn harness(id: String) -> Option<RedisTransportHarness> {
+    if !reachable().await {
+        return None;
+    }
+    let transport = stream_options(&id)
+        .connect()
+        .await
+        .expect("connect the transport");
+    Some(RedisTransportHarness { id, transport })
+}
+
+cqrs_core::transport_conformance!(harness);

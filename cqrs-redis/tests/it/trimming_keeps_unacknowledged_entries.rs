@@ -1,0 +1,93 @@
+//! Trimming removes only entries every group acknowledged: pending entries (and everything
+//! after them) stay and are still delivered, a group that has read nothing blocks trimming,
+//! and a group created after a trim does not wait for a trimmed predecessor of its lane.
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::{Consumer, EventTransport};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_keeps_unacknowledged_entries() {
+    let Some(env) = Env::with("trim", |o| o.trim_approximate(false)).await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("audit");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let name = |n: &str| consumer_options(&format!("{}-{n}", env.id));
+            let mut slow = env
+                .transport
+                .consumer(&topic, "slow", name("slow"))
+                .await
+                .unwrap();
+            let mut fast = env
+                .transport
+                .consumer(&topic, "fast", name("fast"))
+                .await
+                .unwrap();
+            let events: Vec<_> = (1..=10).map(|n| event(Some("k"), n)).collect();
+            env.transport.publish(&topic, &events).await.unwrap();
+
+            // A group that has read nothing yet needs every entry.
+            let report = env.transport.trim(&topic).await.unwrap();
+            assert_eq!((report.removed, report.bound), (0, None));
+
+            // `fast` handles everything; `slow` acknowledges 1..=6 and holds 7 pending.
+            assert_eq!(
+                take(fast.as_mut(), 10, true).await,
+                (1..=10).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                take(slow.as_mut(), 6, true).await,
+                (1..=6).collect::<Vec<_>>()
+            );
+            assert_eq!(take(slow.as_mut(), 1, false).await, [7]);
+
+            let report = env.transport.trim(&topic).await.unwrap();
+            assert_eq!(report.removed, 6, "only what both groups acknowledged");
+            let len = env.command("XLEN", vec![stream.as_str().into()]).await;
+            assert_eq!(len.as_u64(), Some(4));
+
+            // The pending entry comes back after the redelivery delay, and the rest follows.
+            let rest = take(slow.as_mut(), 4, true).await;
+            assert_eq!(rest, [7, 8, 9, 10]);
+
+            // Everything acknowledged: all but the last delivered entry may go.
+            let report = env.transport.trim(&topic).await.unwrap();
+            assert_eq!(report.removed, 3);
+
+            // A group created now starts at entry 10, whose predecessor in the lane was trimmed:
+            // it must not wait for it.
+            let mut late = env
+                .transport
+                .consumer(&topic, "late", name("late"))
+                .await
+                .unwrap();
+            assert_eq!(take(late.as_mut(), 1, true).await, [10]);
+
+            let groups = env
+                .command("XINFO", vec!["GROUPS".into(), stream.as_str().into()])
+                .await;
+            assert_eq!(groups.into_array().len(), 3);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// Fetches until `count` deliveries arrived (10 s at most), acknowledging them when `ack`.
+async fn take(consumer: &mut dyn Consumer, count: usize, ack: bool) -> Vec<u64> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < count && tokio::time::Instant::now() < until {
+        let batch = consumer.fetch(count - got.len()).await.unwrap();
+        got.extend(batch.iter().map(n_of));
+        if ack {
+            let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
+            consumer.ack(&ids).await.unwrap();
+        }
+    }
+    got
+}
