@@ -48,7 +48,7 @@ pub trait Query: Message {
 ///
 /// Events are serializable because they are stored and shipped between processes. `VERSION` is the
 /// schema version of the payload: raise it when the shape changes and register an upcaster for the
-/// old versions (see [`Upcasters`](crate::Upcasters)).
+/// old versions (see [`EventTypes::upcaster`](crate::EventTypes::upcaster)).
 ///
 /// ```
 /// use cqrs_core::{Event, Message};
