@@ -294,19 +294,18 @@ impl<A: Aggregate> AggregateRepository<A> {
         })
     }
 
-    /// Loads the aggregate, lets it decide on `command`, and appends the events at the loaded
-    /// version. With `expected_version`, a stream at another version is a
-    /// [`StoreError::Conflict`] before anything is decided. Returns the new state and the
-    /// stored records.
-    ///
-    /// The events' metadata is caused by `metadata`; their partition key is the aggregate id.
-    pub async fn execute(
+    /// Loads the aggregate and lets it decide on `command`, without storing anything: returns
+    /// the new state and the records to append at `ExpectedVersion::Exactly(version)`, for a
+    /// caller that appends them in a unit of work of its own (a database transaction that also
+    /// holds its read models). With `expected_version`, a stream at another version is a
+    /// [`StoreError::Conflict`] before anything is decided.
+    pub async fn decide(
         &self,
         id: &str,
         expected_version: Option<u64>,
         command: A::Command,
         metadata: &Metadata,
-    ) -> Result<Committed<A>, AggregateError<A::Error>> {
+    ) -> Result<Decided<A>, AggregateError<A::Error>> {
         let Loaded {
             mut state, version, ..
         } = self.load(id).await?;
@@ -322,13 +321,6 @@ impl<A: Aggregate> AggregateRepository<A> {
             .into());
         }
         let events = state.decide(command).map_err(AggregateError::Rejected)?;
-        if events.is_empty() {
-            return Ok(Committed {
-                state,
-                version,
-                records: Vec::new(),
-            });
-        }
         let mut records = Vec::with_capacity(events.len());
         for (i, event) in events.into_iter().enumerate() {
             let envelope = event
@@ -339,6 +331,41 @@ impl<A: Aggregate> AggregateRepository<A> {
             state.apply_with(&event, &envelope);
             records.push(EventRecord::from_envelope(&envelope).map_err(AggregateError::Encode)?);
         }
+        Ok(Decided {
+            state,
+            version,
+            stream_id: stream,
+            records,
+        })
+    }
+
+    /// Loads the aggregate, lets it decide on `command`, and appends the events at the loaded
+    /// version. With `expected_version`, a stream at another version is a
+    /// [`StoreError::Conflict`] before anything is decided. Returns the new state and the
+    /// stored records.
+    ///
+    /// The events' metadata is caused by `metadata`; their partition key is the aggregate id.
+    pub async fn execute(
+        &self,
+        id: &str,
+        expected_version: Option<u64>,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Committed<A>, AggregateError<A::Error>> {
+        let Decided {
+            state,
+            version,
+            records,
+            ..
+        } = self.decide(id, expected_version, command, metadata).await?;
+        if records.is_empty() {
+            return Ok(Committed {
+                state,
+                version,
+                records,
+            });
+        }
+        let stream = Self::stream_id(id);
         let stored = self
             .store
             .append(&stream, ExpectedVersion::Exactly(version), records)
@@ -369,6 +396,20 @@ impl<A: Aggregate> AggregateRepository<A> {
             records: stored,
         })
     }
+}
+
+/// The outcome of [`AggregateRepository::decide`]: nothing is stored yet.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Decided<A> {
+    /// The state after the new events.
+    pub state: A,
+    /// The stream version the decision was made at: append at exactly this version.
+    pub version: u64,
+    /// The stream to append to.
+    pub stream_id: String,
+    /// The records to append (empty when the aggregate decided nothing).
+    pub records: Vec<EventRecord>,
 }
 
 /// The outcome of [`AggregateRepository::execute`].

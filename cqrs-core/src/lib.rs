@@ -86,7 +86,9 @@ pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use aggregate::{Aggregate, AggregateError, AggregateRepository, Committed, EventSet, Loaded};
+pub use aggregate::{
+    Aggregate, AggregateError, AggregateRepository, Committed, Decided, EventSet, Loaded,
+};
 pub use bus::command::Executed;
 pub use bus::{
     CommandBus, CommandBusBuilder, CommandHandlers, EventBus, EventBusBuilder, EventHandlers,
