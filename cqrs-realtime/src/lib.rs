@@ -1,1 +1,126 @@
-//! x
+//! A WebSocket hub for cqrs-core: pushes what happened to the clients that may see it,
+//! authorized, bounded, across instances, resumable from the durable log.
+//!
+//! A server plugs in three things and mounts one route:
+//!
+//! * an [`Authenticator`]: bearer token → principal, at the handshake (refusal: 401);
+//! * an [`Authorizer`]: may this principal subscribe to this topic, and see this event;
+//! * an [`EventRouting`]: which [`Topic`]s an [`EventRecord`](cqrs_core::EventRecord) goes to,
+//!   on which coarse pub/sub channel, as which JSON `event` object, with which routing fields.
+//!
+//! Events reach the hub through the core's [`PubSub`](cqrs_core::ports::PubSub) port: a
+//! [`Publisher`] (or a [`PublishWorker`] fed by the durable transport) publishes each event
+//! once per channel, and every hub subscribed to that channel, in any process, pushes it.
+//!
+//! ```
+//! use axum::Router;
+//! use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
+//! use cqrs_core::ports::EventStore;
+//! use cqrs_core::{EventRecord, ExpectedVersion};
+//! use cqrs_realtime::{AllowAll, AuthenticateFn, EventRouting, Hub, Routed, Topic, Unauthenticated};
+//! use std::sync::Arc;
+//! # use cqrs_realtime::doc::ticket_record;
+//!
+//! /// Topics `tickets` and `ticket:<id>`, both carried on one channel, `tickets`.
+//! struct Tickets;
+//!
+//! impl EventRouting for Tickets {
+//!     fn channel(&self, topic: &Topic) -> Option<String> {
+//!         matches!((topic.family(), topic.key()), ("tickets", None) | ("ticket", Some(_)))
+//!             .then(|| "tickets".to_owned())
+//!     }
+//!
+//!     fn route(&self, record: &EventRecord) -> Option<Routed> {
+//!         let id = record.payload["ticket_id"].as_str()?;
+//!         Some(
+//!             Routed::new(serde_json::json!({ "type": record.event_type, "ticket_id": id }))
+//!                 .topic(Topic::parse("tickets").ok()?)
+//!                 .topic(Topic::with_key("ticket", id).ok()?)
+//!                 .routing("reporter_id", record.payload["reporter_id"].clone()),
+//!         )
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let store = Arc::new(InMemoryEventStore::new());
+//! let hub = Hub::builder(AuthenticateFn::new(|token: String| async move {
+//!         // Check a JWT here; the principal can be any type.
+//!         token.strip_prefix("user-").map(str::to_owned).ok_or(Unauthenticated::new("invalid token"))
+//!     }))
+//!     .authorizer(AllowAll)
+//!     .routing(Tickets)
+//!     .pubsub(Arc::new(InMemoryPubSub::new()))
+//!     .event_store(store.clone())
+//!     .build()?;
+//!
+//! // Mount it: clients connect to ws://host/ws?token=... or send `Authorization: Bearer ...`.
+//! let app: Router = Router::new().route("/ws", hub.route());
+//!
+//! // After a command stored its events, publish them (or run a `PublishWorker`).
+//! let stored = store.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![ticket_record("t1", "u1")]).await?;
+//! hub.publisher().publish_all(&stored).await?;
+//! # let _ = app;
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+//!
+//! # The protocol
+//!
+//! JSON text frames. From the client: `subscribe` `{topic, since?}`, `unsubscribe` `{topic}`,
+//! `ping`. From the server: `subscribed`, `unsubscribed`, `pong`, `event`
+//! `{topic, event, position}` and `error` `{code, message}` ([`ClientFrame`],
+//! [`ServerFrame`], [`ErrorCode`]). `subscribed` is sent once the subscription is live; a
+//! connection gets one `event` frame per matching subscription. `docs/realtime.md` has every
+//! frame, the limits and their defaults ([`HubOptions`]), and the guarantees:
+//!
+//! * live push is at-most-once (the pub/sub is); events of one aggregate arrive in the order
+//!   they were published;
+//! * a client that resumes with `since` gets, from the event store, every event after that
+//!   position it may see, then the live ones, with no gap and no duplicate at the seam.
+//!
+//! # Limits
+//!
+//! Each connection has a bounded send queue; a client that does not drain it is closed with
+//! 1008. Buffers and frame sizes are set on the upgrade (4 KiB read buffer, 4 KiB messages),
+//! subscriptions per connection are capped, idle connections are pinged and closed, and
+//! [`Hub::shutdown`] (or the runtime's [`Shutdown`](cqrs_core::runtime::Shutdown)) closes
+//! everything with 1001.
+//!
+//! # Metrics
+//!
+//! Through the `metrics` facade (install the recorder before building the hub), named in
+//! [`metrics::names`]: open connections, subscriptions, messages sent, slow-client closes,
+//! refused handshakes, missed upstream messages, replayed events. [`Hub::stats`] reads the
+//! same counters directly.
+
+#![deny(missing_docs)]
+
+mod auth;
+mod connection;
+mod connections;
+mod hub;
+pub mod metrics;
+mod options;
+mod protocol;
+mod publisher;
+mod queue;
+mod registry;
+mod replay;
+mod routing;
+mod signal;
+mod topic;
+mod upstream;
+mod worker;
+
+pub use auth::{AllowAll, AuthenticateFn, Authenticator, Authorizer, Refusal, Unauthenticated};
+pub use hub::{BuildError, Hub, HubBuilder};
+pub use metrics::HubStats;
+pub use options::{DEFAULT_CHANNEL_PREFIX, HubOptions};
+pub use protocol::{ClientFrame, ErrorCode, FrameError, ServerFrame, close_code};
+pub use publisher::{PublishError, Publisher};
+pub use routing::{EventRouting, PushedEvent, Routed};
+pub use topic::{InvalidTopic, MAX_TOPIC_LEN, Topic};
+pub use worker::PublishWorker;
+
+#[doc(hidden)]
+pub mod doc;

@@ -126,3 +126,19 @@ impl fmt::Debug for BackgroundWorker {
             .finish()
     }
 }
+
+/// What a plugin offers the realtime hub: how its events map to topics and frames, and who may
+/// see them. The gateway builds one hub from it and mounts it at `/ws`.
+#[derive(Clone)]
+pub struct RealtimeFeed {
+    /// Topics, channels and the pushed `event` object of each event.
+    pub routing: Arc<dyn cqrs_realtime::EventRouting>,
+    /// Who may subscribe to what, and see which event.
+    pub authorizer: Arc<dyn cqrs_realtime::Authorizer<crate::User>>,
+}
+
+impl fmt::Debug for RealtimeFeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RealtimeFeed").finish_non_exhaustive()
+    }
+}

@@ -16,6 +16,6 @@ pub mod idempotency;
 
 pub use api::{HttpApi, Operation};
 pub use auth::{AuthError, Authenticator, Role, User, UserDirectory};
-pub use backends::{Backends, BackgroundWorker, BusHandle, Buses, Mode, Settings};
+pub use backends::{Backends, BackgroundWorker, BusHandle, Buses, Mode, RealtimeFeed, Settings};
 pub use error::{ApiError, ErrorBody};
 pub use extract::{ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, bearer_token};

@@ -12,6 +12,7 @@ mod domain;
 mod handlers;
 mod http;
 mod index;
+mod realtime;
 mod stats;
 
 pub use domain::{
@@ -29,7 +30,9 @@ use cqrs_core::memory::InMemoryProjectionStore;
 use cqrs_core::ports::ConsumerOptions;
 use cqrs_core::projection::ProjectionRunner;
 use cqrs_core::{AggregateRepository, BoxError, Plugin, PluginRegistrar, register_plugin};
-use helpdesk_api::{Backends, BackgroundWorker, BusHandle, HttpApi, Settings, UserDirectory};
+use helpdesk_api::{
+    Backends, BackgroundWorker, BusHandle, HttpApi, RealtimeFeed, Settings, UserDirectory,
+};
 use std::sync::Arc;
 
 /// The tickets plugin.
@@ -93,6 +96,12 @@ impl Plugin for TicketsPlugin {
         registrar.queries().add::<TicketHistory, _>(tickets.clone());
         registrar.queries().add::<GetStats, _>(tickets);
 
+        registrar.contribute(RealtimeFeed {
+            routing: Arc::new(realtime::TicketRouting),
+            authorizer: Arc::new(realtime::TicketRules {
+                buses: buses.clone(),
+            }),
+        });
         registrar.contribute::<HttpApi>(http::api(http::Http {
             buses,
             idempotency: backends.idempotency.clone(),

@@ -10,11 +10,14 @@ use cqrs_core::memory::{
     InMemoryTransport,
 };
 use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
+use cqrs_core::ports::ConsumerOptions;
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Runtime};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
+use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
 use helpdesk_api::{
-    Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Mode, Settings,
+    Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Mode, RealtimeFeed,
+    Settings, User,
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -53,6 +56,8 @@ pub struct App {
     pub plugins: Vec<&'static str>,
     /// The buses.
     pub buses: Buses,
+    /// The WebSocket hub at `/ws`.
+    pub hub: Hub<User>,
 }
 
 impl std::fmt::Debug for App {
@@ -83,6 +88,8 @@ fn random_secret() -> String {
 /// Builds the application from a configuration. Must run inside a tokio runtime: it starts the
 /// background workers.
 pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
+    // The metrics recorder first, so every component's metrics land in it.
+    let _ = http::prometheus();
     config.validate().map_err(|problems| {
         anyhow!(
             "the configuration is invalid:\n  - {}",
@@ -180,6 +187,35 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
         runtime = runtime.worker(BoxedWorker(worker));
     }
+
+    // Realtime: the feed a plugin offers, pushed by a hub that reads the durable log for resume.
+    let mut feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();
+    if feeds.len() > 1 {
+        let names: Vec<&str> = feeds.iter().map(|(p, _)| *p).collect();
+        anyhow::bail!(
+            "plugins {} each offer a realtime feed; the hub takes one",
+            names.join(", ")
+        );
+    }
+    let feed = feeds
+        .pop()
+        .map(|(_, f)| f)
+        .context("no plugin offers a realtime feed (the tickets plugin does)")?;
+    let hub = Hub::builder(HubAuthenticator(authenticator.clone()))
+        .authorizer(HubRules(feed.authorizer.clone()))
+        .routing_arc(feed.routing.clone())
+        .pubsub(backends.pubsub.clone())
+        .event_store(backends.events.clone())
+        .build()?;
+    runtime = runtime.worker(PublishWorker::new(
+        Publisher::new(backends.pubsub.clone(), feed.routing.clone()),
+        backends.transport.clone(),
+        EVENTS_TOPIC,
+        "realtime",
+        ConsumerOptions::default()
+            .block(poll)
+            .redelivery_delay(poll * 10),
+    ));
     let runtime = Arc::new(runtime.start());
 
     let mut api = HttpApi::new();
@@ -189,7 +225,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let (plugin_router, paths, schemas) = api.into_all();
     let openapi = openapi_document(paths, schemas);
     let router = http::router(http::State {
-        plugin_router,
+        plugin_router: plugin_router.route("/ws", hub.route()),
         openapi: Arc::new(openapi),
         runtime: runtime.clone(),
         authenticator,
@@ -200,7 +236,37 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         runtime,
         plugins: plugins.names().collect(),
         buses,
+        hub,
     })
+}
+
+/// The hub checks tokens with the auth plugin's authenticator.
+struct HubAuthenticator(Arc<dyn Authenticator>);
+
+#[async_trait::async_trait]
+impl cqrs_realtime::Authenticator for HubAuthenticator {
+    type Principal = User;
+
+    async fn authenticate(&self, token: &str) -> Result<User, Unauthenticated> {
+        self.0
+            .verify(token)
+            .await
+            .map_err(|e| Unauthenticated::new(e.to_string()))
+    }
+}
+
+/// The hub asks the feed's rules.
+struct HubRules(Arc<dyn cqrs_realtime::Authorizer<User>>);
+
+#[async_trait::async_trait]
+impl cqrs_realtime::Authorizer<User> for HubRules {
+    async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+        self.0.authorize_subscribe(user, topic).await
+    }
+
+    fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
+        self.0.may_see(user, topic, event)
+    }
 }
 
 /// Runs a boxed worker (contributions arrive boxed).

@@ -29,10 +29,13 @@ impl Server {
         let addr = listener.local_addr()?;
         let (stop, mut stopped) = watch::channel(false);
         let runtime = app.runtime.clone();
+        let hub = app.hub.clone();
         let grace = config.shutdown_grace();
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
+                // WebSockets are not in-flight requests: close them now, with 1001.
+                hub.shutdown();
             };
             let serve = axum::serve(
                 listener,

@@ -15,3 +15,4 @@ mod stats_count_every_event_exactly_once;
 mod the_plugins_are_found_through_inventory;
 mod tickets_are_created_read_and_listed_per_the_contract;
 mod tokens_are_verified_strictly;
+mod websocket_clients_get_the_ticket_events_they_may_see;

@@ -1,0 +1,218 @@
+//! The hooks a server plugs in: who is connecting, and what they may receive.
+
+use crate::{ErrorCode, PushedEvent, Topic};
+use async_trait::async_trait;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+
+/// Checks the bearer token of a handshake and says who the client is.
+///
+/// The hub takes the token from `Authorization: Bearer <token>` or, for browsers (which cannot
+/// set headers on a WebSocket), from the `token` query parameter. A handshake without a token,
+/// or whose token this hook refuses, gets HTTP 401 with a JSON error body and no upgrade.
+///
+/// ```
+/// use cqrs_realtime::{Authenticator, Unauthenticated};
+///
+/// struct StaticTokens;
+///
+/// #[async_trait::async_trait]
+/// impl Authenticator for StaticTokens {
+///     type Principal = String;
+///
+///     async fn authenticate(&self, token: &str) -> Result<String, Unauthenticated> {
+///         match token {
+///             "secret-ada" => Ok("ada".into()),
+///             _ => Err(Unauthenticated::new("invalid token")),
+///         }
+///     }
+/// }
+/// # let _ = StaticTokens;
+/// ```
+#[async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    /// Who a connection belongs to: kept for the connection's lifetime and handed to the
+    /// [`Authorizer`].
+    type Principal: Send + Sync + 'static;
+
+    /// The principal the token stands for, or why it is refused.
+    async fn authenticate(&self, token: &str) -> Result<Self::Principal, Unauthenticated>;
+}
+
+/// A refused handshake: the client gets 401 with this message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Unauthenticated {
+    message: String,
+}
+
+impl Unauthenticated {
+    /// A refusal with a message for the client (say what is wrong, never why a token is
+    /// close to valid).
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// An [`Authenticator`] from an async function of the token.
+///
+/// ```
+/// use cqrs_realtime::{AuthenticateFn, Unauthenticated};
+///
+/// let authenticator = AuthenticateFn::new(|token: String| async move {
+///     token.strip_prefix("user-").map(str::to_owned).ok_or_else(|| Unauthenticated::new("invalid token"))
+/// });
+/// # let _ = authenticator;
+/// ```
+pub struct AuthenticateFn<F, P> {
+    f: F,
+    _principal: PhantomData<fn() -> P>,
+}
+
+impl<F, P> fmt::Debug for AuthenticateFn<F, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthenticateFn").finish_non_exhaustive()
+    }
+}
+
+impl<F, Fut, P> AuthenticateFn<F, P>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<P, Unauthenticated>> + Send + 'static,
+    P: Send + Sync + 'static,
+{
+    /// Wraps `f`.
+    pub fn new(f: F) -> Self {
+        Self {
+            f,
+            _principal: PhantomData,
+        }
+    }
+}
+
+#[async_trait]
+impl<F, Fut, P> Authenticator for AuthenticateFn<F, P>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<P, Unauthenticated>> + Send + 'static,
+    P: Send + Sync + 'static,
+{
+    type Principal = P;
+
+    async fn authenticate(&self, token: &str) -> Result<P, Unauthenticated> {
+        (self.f)(token.to_owned()).await
+    }
+}
+
+/// Decides what a principal may receive.
+///
+/// Two questions, asked at different rates:
+///
+/// * [`authorize_subscribe`](Self::authorize_subscribe), once per `subscribe` frame. It is
+///   async: it may look something up (does this user report this ticket?).
+/// * [`may_see`](Self::may_see), once per event per matching subscription: with 10,000
+///   subscribers, 10,000 times per event. It is a plain function on purpose: decide from the
+///   principal and the event's own routing fields ([`PushedEvent::routing`]), never from a
+///   lookup.
+///
+/// ```
+/// use cqrs_realtime::{Authorizer, PushedEvent, Refusal, Topic};
+///
+/// struct User { id: String, agent: bool }
+///
+/// struct TicketRules;
+///
+/// #[async_trait::async_trait]
+/// impl Authorizer<User> for TicketRules {
+///     async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+///         match topic.family() {
+///             "tickets" => Ok(()),
+///             _ if user.agent => Ok(()),
+///             _ => Err(Refusal::forbidden("only agents may follow a single ticket here")),
+///         }
+///     }
+///
+///     fn may_see(&self, user: &User, _topic: &Topic, event: &PushedEvent) -> bool {
+///         user.agent || event.routing_str("reporter_id") == Some(user.id.as_str())
+///     }
+/// }
+/// # let _ = TicketRules;
+/// ```
+#[async_trait]
+pub trait Authorizer<P>: Send + Sync + 'static {
+    /// Whether `principal` may subscribe to `topic`. A refusal is sent to the client as an
+    /// `error` frame (code `forbidden` unless the refusal says otherwise); the connection
+    /// stays open.
+    async fn authorize_subscribe(&self, principal: &P, topic: &Topic) -> Result<(), Refusal>;
+
+    /// Whether `principal`, subscribed to `topic`, receives `event`. Must not block.
+    fn may_see(&self, principal: &P, topic: &Topic, event: &PushedEvent) -> bool;
+}
+
+/// Lets every principal subscribe to every topic and see every event: for public feeds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowAll;
+
+#[async_trait]
+impl<P: Send + Sync + 'static> Authorizer<P> for AllowAll {
+    async fn authorize_subscribe(&self, _: &P, _: &Topic) -> Result<(), Refusal> {
+        Ok(())
+    }
+
+    fn may_see(&self, _: &P, _: &Topic, _: &PushedEvent) -> bool {
+        true
+    }
+}
+
+/// A refused subscription.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    /// The principal may not subscribe (code `forbidden`).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::Forbidden,
+            message: message.into(),
+        }
+    }
+
+    /// The topic does not exist (code `unknown_topic`), for servers that would rather not say
+    /// whether a thing exists than say it is forbidden.
+    pub fn unknown_topic(message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::UnknownTopic,
+            message: message.into(),
+        }
+    }
+
+    /// The check could not be made now (code `unavailable`): the client may try again.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// The error code sent to the client.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The message sent to the client.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}

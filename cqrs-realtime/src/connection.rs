@@ -1,0 +1,363 @@
+//! One WebSocket connection: a reader that handles client frames (this task) and a writer
+//! that drains the send queue to the socket (a task of its own, so a slow subscribe or replay
+//! never stalls the delivery of events on other subscriptions).
+
+use crate::hub::{ConnectionSlot, HubInner};
+use crate::queue::{Outgoing, SendQueue};
+use crate::registry::{Conn, Slot};
+use crate::signal::Ending;
+use crate::{ClientFrame, ErrorCode, ServerFrame, Topic};
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use cqrs_core::Position;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::tungstenite;
+
+/// Frames the writer takes from the queue per flush.
+const WRITE_BATCH: u64 = 64;
+
+pub(crate) async fn run<P: Send + Sync + 'static>(
+    hub: Arc<HubInner<P>>,
+    principal: P,
+    socket: WebSocket,
+    slot: ConnectionSlot<P>,
+) {
+    let (sink, mut stream) = socket.split();
+    let conn = Arc::new(Conn {
+        id: hub.next_id(),
+        principal,
+        queue: Arc::new(SendQueue::new(hub.options.send_queue)),
+        close: Default::default(),
+        metrics: hub.metrics.clone(),
+    });
+    hub.connections
+        .insert(conn.id, conn.close.clone(), conn.queue.clone());
+    // Checked after registering: a shutdown either saw this connection, or is seen here.
+    if hub.is_stopping() {
+        conn.close.close(Ending::SHUTDOWN);
+    }
+    let mut writer = tokio::spawn(write_loop(hub.clone(), conn.clone(), sink));
+    let mut session = Session {
+        hub,
+        conn,
+        subscriptions: HashMap::new(),
+    };
+
+    let (ending, drain) = session.read_loop(&mut stream).await;
+    session.conn.close.close(ending);
+    let ending = session.conn.close.get().unwrap_or(ending);
+    session.unsubscribe_all().await;
+
+    // Wait (bounded) for the writer's close frame and the client's reply, so the server is
+    // the one to close the TCP connection, as RFC 6455 asks.
+    let deadline = Instant::now() + session.hub.options.close_timeout;
+    if drain && ending != Ending::Peer {
+        let _ = timeout_at(deadline, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    if timeout_at(deadline, &mut writer).await.is_err() {
+        writer.abort();
+    }
+    session.hub.connections.remove(session.conn.id);
+    drop(slot);
+}
+
+/// The reader's side of a connection.
+struct Session<P> {
+    hub: Arc<HubInner<P>>,
+    conn: Arc<Conn<P>>,
+    /// This connection's subscriptions, with the channel each holds a reference on.
+    subscriptions: HashMap<Topic, (Arc<Slot<P>>, String)>,
+}
+
+impl<P: Send + Sync + 'static> Session<P> {
+    /// Reads client frames until the connection ends. Returns how, and whether the stream
+    /// can still be read (to wait for the client's close reply).
+    async fn read_loop(&mut self, stream: &mut SplitStream<WebSocket>) -> (Ending, bool) {
+        let idle = self.hub.options.idle_timeout;
+        loop {
+            let next = tokio::select! {
+                biased;
+                ending = self.conn.close.reader_closed() => return (ending, true),
+                next = timeout(idle, stream.next()) => next,
+            };
+            let message = match next {
+                Err(_) => {
+                    if self.conn.close.close(Ending::IDLE) {
+                        self.hub.metrics.idle_close();
+                    }
+                    return (Ending::IDLE, true);
+                }
+                Ok(None) => return (Ending::Peer, false),
+                Ok(Some(Err(error))) => return (ending_for(error), false),
+                Ok(Some(Ok(message))) => message,
+            };
+            match message {
+                Message::Text(text) => {
+                    // Boxed: the subscribe path is large and rare; the idle connection's
+                    // future stays small.
+                    Box::pin(self.on_text(text.as_str())).await;
+                }
+                Message::Binary(_) => self.send_error(
+                    ErrorCode::BinaryFrame,
+                    "binary frames are not supported: send JSON text frames",
+                    None,
+                ),
+                // Any frame counts as activity; tungstenite answers pings itself.
+                Message::Ping(_) | Message::Pong(_) => {}
+                Message::Close(_) => return (Ending::Peer, false),
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) {
+        match ClientFrame::parse(text) {
+            Ok(ClientFrame::Subscribe { topic, since }) => self.subscribe(topic, since).await,
+            Ok(ClientFrame::Unsubscribe { topic }) => self.unsubscribe(topic).await,
+            Ok(ClientFrame::Ping) => self.send(&ServerFrame::Pong),
+            Err(error) => self.send_error(error.code(), &error.to_string(), None),
+        }
+    }
+
+    fn send(&self, frame: &ServerFrame) {
+        self.conn.push(Utf8Bytes::from(frame.to_json()));
+    }
+
+    fn send_error(&self, code: ErrorCode, message: &str, topic: Option<&str>) {
+        self.send(&ServerFrame::error(code, message, topic));
+    }
+
+    async fn subscribe(&mut self, name: String, since: Option<String>) {
+        let topic = match Topic::parse(&name) {
+            Ok(topic) => topic,
+            Err(error) => {
+                return self.send_error(ErrorCode::InvalidTopic, &error.to_string(), Some(&name));
+            }
+        };
+        if self.subscriptions.contains_key(&topic) {
+            return self.send_error(
+                ErrorCode::AlreadySubscribed,
+                "already subscribed to this topic",
+                Some(&name),
+            );
+        }
+        let max = self.hub.options.max_subscriptions;
+        if self.subscriptions.len() >= max {
+            return self.send_error(
+                ErrorCode::TooManySubscriptions,
+                &format!("a connection may hold at most {max} subscriptions"),
+                Some(&name),
+            );
+        }
+        let Some(channel) = self.hub.routing.channel(&topic) else {
+            return self.send_error(
+                ErrorCode::UnknownTopic,
+                "this server has no such topic",
+                Some(&name),
+            );
+        };
+        let since = match since {
+            None => None,
+            Some(_) if self.hub.store.is_none() => {
+                return self.send_error(
+                    ErrorCode::ResumeUnavailable,
+                    "this server keeps no event log to resume from: subscribe without `since`",
+                    Some(&name),
+                );
+            }
+            Some(since) => match since.parse::<Position>() {
+                Ok(position) => Some(position),
+                Err(error) => {
+                    return self.send_error(
+                        ErrorCode::InvalidPosition,
+                        &error.to_string(),
+                        Some(&name),
+                    );
+                }
+            },
+        };
+        let budget = self.hub.options.operation_timeout;
+        let authorized = timeout(
+            budget,
+            self.hub
+                .registry
+                .authorizer
+                .authorize_subscribe(&self.conn.principal, &topic),
+        )
+        .await;
+        match authorized {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => {
+                return self.send_error(refusal.code(), refusal.message(), Some(&name));
+            }
+            Err(_) => {
+                return self.send_error(
+                    ErrorCode::Unavailable,
+                    "authorization did not answer in time",
+                    Some(&name),
+                );
+            }
+        }
+        match timeout(budget, self.hub.upstreams.acquire(&channel)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%channel, %error, "realtime upstream subscribe failed");
+                return self.send_error(
+                    ErrorCode::Unavailable,
+                    "the event feed is unavailable; try again",
+                    Some(&name),
+                );
+            }
+            Err(_) => {
+                return self.send_error(
+                    ErrorCode::Unavailable,
+                    "the event feed did not answer in time; try again",
+                    Some(&name),
+                );
+            }
+        }
+        // Live upstream from here on: every event published after `subscribed` reaches the
+        // registry, and the registry has this subscription before `subscribed` is queued.
+        let slot = Arc::new(Slot::new(
+            self.conn.clone(),
+            since.is_some(),
+            self.hub.options.replay_buffer,
+        ));
+        let subscribed = Utf8Bytes::from(
+            ServerFrame::Subscribed {
+                topic: name.clone(),
+            }
+            .to_json(),
+        );
+        // Counted first, so a client that read `subscribed` sees it in the stats.
+        self.hub.metrics.subscribed();
+        self.hub
+            .registry
+            .insert(&topic, slot.clone(), || self.conn.push(subscribed));
+        self.subscriptions
+            .insert(topic.clone(), (slot.clone(), channel));
+        if let Some(since) = since {
+            crate::replay::replay(&self.hub, &self.conn, &slot, &topic, since).await;
+        }
+    }
+
+    async fn unsubscribe(&mut self, name: String) {
+        let Some((topic, (_, channel))) = Topic::parse(&name)
+            .ok()
+            .and_then(|topic| self.subscriptions.remove_entry(&topic))
+        else {
+            return self.send_error(
+                ErrorCode::NotSubscribed,
+                "not subscribed to this topic",
+                Some(&name),
+            );
+        };
+        // Queued under the registry lock: no event of this topic follows `unsubscribed`.
+        let unsubscribed = Utf8Bytes::from(ServerFrame::Unsubscribed { topic: name }.to_json());
+        self.hub.metrics.unsubscribed();
+        self.hub
+            .registry
+            .remove(&topic, self.conn.id, || self.conn.push(unsubscribed));
+        self.hub.upstreams.release(&channel).await;
+    }
+
+    async fn unsubscribe_all(&mut self) {
+        for (topic, (_, channel)) in std::mem::take(&mut self.subscriptions) {
+            self.hub.registry.remove(&topic, self.conn.id, || {});
+            self.hub.metrics.unsubscribed();
+            self.hub.upstreams.release(&channel).await;
+        }
+    }
+}
+
+/// How a read error ends the connection.
+fn ending_for(error: axum::Error) -> Ending {
+    let Ok(error) = error.into_inner().downcast::<tungstenite::Error>() else {
+        return Ending::Peer;
+    };
+    match *error {
+        tungstenite::Error::Capacity(_) => Ending::TOO_BIG,
+        tungstenite::Error::Utf8(_) => Ending::INVALID_UTF8,
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => Ending::Peer,
+        tungstenite::Error::Protocol(_) => Ending::PROTOCOL,
+        _ => Ending::Peer,
+    }
+}
+
+/// Drains the send queue to the socket, then sends the close frame.
+async fn write_loop<P: Send + Sync + 'static>(
+    hub: Arc<HubInner<P>>,
+    conn: Arc<Conn<P>>,
+    mut sink: SplitSink<WebSocket, Message>,
+) {
+    // One future for the whole loop, polled on every frame: with 10,000 connections an event
+    // costs 10,000 of these polls.
+    let closing = conn.close.writer_closed();
+    tokio::pin!(closing);
+    let ending = loop {
+        let first = tokio::select! {
+            biased;
+            ending = &mut closing => break ending,
+            next = conn.queue.pop() => next,
+        };
+        let write = async {
+            let mut next = Some(first);
+            let mut frames = 0;
+            while let Some(outgoing) = next.take() {
+                match outgoing {
+                    Outgoing::Frame(frame) => {
+                        sink.feed(Message::Text(frame)).await?;
+                        frames += 1;
+                    }
+                    Outgoing::Ping => sink.feed(Message::Ping(Bytes::new())).await?,
+                }
+                if frames < WRITE_BATCH {
+                    next = conn.queue.try_pop();
+                }
+            }
+            sink.flush().await?;
+            Ok::<u64, axum::Error>(frames)
+        };
+        // A write blocked on a client that does not read must not keep the connection from
+        // closing once its queue overflows.
+        let written = tokio::select! {
+            biased;
+            ending = &mut closing => break ending,
+            written = write => written,
+        };
+        match written {
+            Ok(frames) => hub.metrics.sent(frames),
+            Err(error) => {
+                tracing::debug!(connection = conn.id, %error, "WebSocket write failed");
+                conn.close.close(Ending::Peer);
+                break Ending::Peer;
+            }
+        }
+    };
+    let grace = hub.options.close_timeout;
+    match ending {
+        Ending::Close { code, reason } => {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = timeout(grace, sink.send(Message::Close(Some(frame)))).await;
+        }
+        // Flushes the reply to the client's close, if there was one.
+        Ending::Peer => {
+            let _ = timeout(grace, sink.close()).await;
+        }
+    }
+}

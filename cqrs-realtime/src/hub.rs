@@ -1,0 +1,470 @@
+//! The hub: the handshake, and what every connection shares.
+
+use crate::connection;
+use crate::connections::Connections;
+use crate::metrics::{HubStats, Metrics};
+use crate::registry::Registry;
+use crate::signal::Ending;
+use crate::upstream::Upstreams;
+use crate::{Authenticator, Authorizer, EventRouting, HubOptions, Publisher};
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use cqrs_core::ports::{EventStore, PubSub};
+use cqrs_core::runtime::{Shutdown, ShutdownTrigger};
+use serde::Deserialize;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::Notify;
+
+/// A WebSocket hub: mount [`route`](Hub::route) in an axum router, and events published
+/// through the [`Publisher`] (in this process or another) reach the clients subscribed to
+/// their topics.
+///
+/// `P` is the principal the [`Authenticator`] makes of a token. Cloning is cheap: clones share
+/// one hub.
+///
+/// ```
+/// # use cqrs_realtime::doc::{TicketRouting, TicketRules, tokens};
+/// use axum::Router;
+/// use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
+/// use cqrs_realtime::{Hub, HubOptions};
+/// use std::sync::{Arc, OnceLock};
+///
+/// let hub = Hub::builder(tokens())
+///     .authorizer(TicketRules)
+///     .routing(TicketRouting)
+///     .pubsub(Arc::new(InMemoryPubSub::new()))
+///     .event_store(Arc::new(InMemoryEventStore::new()))
+///     .options(HubOptions::new().max_subscriptions(8))
+///     .build()?;
+/// let app: Router = Router::new().route("/ws", hub.route());
+/// # let _ = app;
+/// # Ok::<_, cqrs_realtime::BuildError>(())
+/// ```
+pub struct Hub<P> {
+    inner: Arc<HubInner<P>>,
+}
+
+impl<P> Clone for Hub<P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P> fmt::Debug for Hub<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("options", &self.inner.options)
+            .field("stats", &self.inner.metrics.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every connection of a hub shares.
+pub(crate) struct HubInner<P> {
+    pub(crate) options: HubOptions,
+    pub(crate) authenticator: Arc<dyn Authenticator<Principal = P>>,
+    pub(crate) routing: Arc<dyn EventRouting>,
+    pub(crate) pubsub: Arc<dyn PubSub>,
+    pub(crate) store: Option<Arc<dyn EventStore>>,
+    pub(crate) registry: Arc<Registry<P>>,
+    pub(crate) upstreams: Upstreams<P>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) connections: Arc<Connections>,
+    stop: ShutdownTrigger,
+    stopped: Shutdown,
+    external: Option<Shutdown>,
+    /// Set by the first handshake, which starts the hub's background tasks (building a hub
+    /// needs no runtime).
+    started: OnceLock<()>,
+    next_id: AtomicU64,
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl<P> HubInner<P> {
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopped.is_requested() || self.external.as_ref().is_some_and(|s| s.is_requested())
+    }
+
+    /// Refuses new handshakes and closes every connection with 1001.
+    pub(crate) fn shut_down(&self) {
+        self.stop.trigger();
+        self.connections.close_all(Ending::SHUTDOWN);
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection from its accepted handshake until its task ends (or the upgrade
+/// fails, which drops the callback holding it).
+pub(crate) struct ConnectionSlot<P> {
+    hub: Arc<HubInner<P>>,
+}
+
+impl<P> Drop for ConnectionSlot<P> {
+    fn drop(&mut self) {
+        self.hub.metrics.connection_closed();
+        if self.hub.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.hub.all_closed.notify_waiters();
+        }
+    }
+}
+
+impl<P: Send + Sync + 'static> HubInner<P> {
+    /// Starts the keepalive pings and the watch on the external shutdown signal, once.
+    fn start(self: &Arc<Self>) {
+        if self.started.set(()).is_err() {
+            return;
+        }
+        let stopped = self.stopped.clone();
+        tokio::spawn(crate::connections::keepalive(
+            Arc::downgrade(&self.connections),
+            self.options.ping_interval,
+            move || stopped.is_requested(),
+        ));
+        if let Some(external) = self.external.clone() {
+            let hub = Arc::downgrade(self);
+            tokio::spawn(async move {
+                external.requested().await;
+                if let Some(hub) = hub.upgrade() {
+                    hub.shut_down();
+                }
+            });
+        }
+    }
+}
+
+impl<P: Send + Sync + 'static> Hub<P> {
+    /// Starts building a hub whose handshakes `authenticator` checks.
+    pub fn builder<A>(authenticator: A) -> HubBuilder<P>
+    where
+        A: Authenticator<Principal = P>,
+    {
+        HubBuilder {
+            authenticator: Arc::new(authenticator),
+            authorizer: None,
+            routing: None,
+            pubsub: None,
+            store: None,
+            options: HubOptions::default(),
+            shutdown: None,
+        }
+    }
+
+    /// The route to mount, at any path: `Router::new().route("/ws", hub.route())`. Answers
+    /// `GET` (other methods get the router's 405).
+    pub fn route<S>(&self) -> MethodRouter<S>
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        let hub = self.clone();
+        axum::routing::get(
+            move |upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+                  headers: HeaderMap,
+                  uri: Uri| {
+                let hub = hub.clone();
+                async move { hub.handle(upgrade, &headers, &uri).await }
+            },
+        )
+    }
+
+    /// The handshake, for a server that writes its own handler: authenticates the bearer
+    /// token (`Authorization` header, else the `token` query parameter) and upgrades.
+    ///
+    /// Refusals have a JSON body `{"error": {"code", "message"}}`: 401 `unauthorized` (no,
+    /// malformed or refused token, before anything else is looked at), 400/426 from axum's
+    /// upgrade checks as `websocket_upgrade_required` (not a WebSocket handshake), 503
+    /// `too_many_connections` and 503 `shutting_down`.
+    pub async fn handle(
+        &self,
+        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> Response {
+        let inner = &self.inner;
+        inner.start();
+        if inner.is_stopping() {
+            inner.metrics.refused("shutting_down");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            );
+        }
+        let token = match bearer_token(headers, uri) {
+            Ok(token) => token,
+            Err(message) => {
+                inner.metrics.refused("unauthorized");
+                return unauthorized(message);
+            }
+        };
+        let principal = match inner.authenticator.authenticate(&token).await {
+            Ok(principal) => principal,
+            Err(refusal) => {
+                inner.metrics.refused("unauthorized");
+                return unauthorized(refusal.message());
+            }
+        };
+        let upgrade = match upgrade {
+            Ok(upgrade) => upgrade,
+            Err(rejection) => {
+                inner.metrics.refused("not_websocket");
+                return error_response(
+                    rejection.status(),
+                    "websocket_upgrade_required",
+                    &rejection.body_text(),
+                );
+            }
+        };
+        let max = inner.options.max_connections;
+        if inner
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .is_err()
+        {
+            inner.metrics.refused("too_many_connections");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "the server holds as many WebSocket connections as it may; try again later",
+            );
+        }
+        inner.metrics.connection_opened();
+        let slot = ConnectionSlot { hub: inner.clone() };
+        let hub = inner.clone();
+        let o = &inner.options;
+        upgrade
+            .read_buffer_size(o.read_buffer_size)
+            .write_buffer_size(o.write_buffer_size)
+            .max_write_buffer_size(o.max_write_buffer_size)
+            .max_message_size(o.max_message_size)
+            .max_frame_size(o.max_frame_size)
+            .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
+            .on_upgrade(move |socket| connection::run(hub, principal, socket, slot))
+    }
+
+    /// A publisher on this hub's pub/sub, routing and channel prefix.
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.inner.pubsub.clone(), self.inner.routing.clone())
+            .channel_prefix(&self.inner.options.channel_prefix)
+    }
+
+    /// Counters since the hub was built.
+    pub fn stats(&self) -> HubStats {
+        self.inner.metrics.snapshot()
+    }
+
+    /// How many pub/sub channels the hub is subscribed to now.
+    pub async fn upstream_channels(&self) -> usize {
+        self.inner.upstreams.len().await
+    }
+
+    /// Closes every connection with code 1001 and refuses new handshakes with 503. The
+    /// [`Shutdown`] given to [`HubBuilder::shutdown_on`] does the same.
+    pub fn shutdown(&self) {
+        self.inner.shut_down();
+    }
+
+    /// Completes once no connection is open (immediately when none is). After
+    /// [`shutdown`](Self::shutdown), wait on this (with a deadline) so clients get their
+    /// close frames before the process exits.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.inner.all_closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Builds a [`Hub`]; see [`Hub::builder`].
+pub struct HubBuilder<P> {
+    authenticator: Arc<dyn Authenticator<Principal = P>>,
+    authorizer: Option<Arc<dyn Authorizer<P>>>,
+    routing: Option<Arc<dyn EventRouting>>,
+    pubsub: Option<Arc<dyn PubSub>>,
+    store: Option<Arc<dyn EventStore>>,
+    options: HubOptions,
+    shutdown: Option<Shutdown>,
+}
+
+impl<P> fmt::Debug for HubBuilder<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubBuilder")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The hub could not be built; every problem is listed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid realtime hub configuration: {}", problems.join("; "))]
+#[non_exhaustive]
+pub struct BuildError {
+    /// What is wrong, one item a problem.
+    pub problems: Vec<String>,
+}
+
+impl<P: Send + Sync + 'static> HubBuilder<P> {
+    /// Who may subscribe to what and see which event. Required; [`AllowAll`](crate::AllowAll)
+    /// for public feeds.
+    pub fn authorizer(mut self, authorizer: impl Authorizer<P>) -> Self {
+        self.authorizer = Some(Arc::new(authorizer));
+        self
+    }
+
+    /// The topics served and how events map to them. Required.
+    pub fn routing(mut self, routing: impl EventRouting) -> Self {
+        self.routing = Some(Arc::new(routing));
+        self
+    }
+
+    /// The routing, shared with a [`Publisher`] built elsewhere.
+    pub fn routing_arc(mut self, routing: Arc<dyn EventRouting>) -> Self {
+        self.routing = Some(routing);
+        self
+    }
+
+    /// Where events arrive from. Required: an
+    /// [`InMemoryPubSub`](cqrs_core::memory::InMemoryPubSub) for one process, a Redis one
+    /// across instances.
+    pub fn pubsub(mut self, pubsub: Arc<dyn PubSub>) -> Self {
+        self.pubsub = Some(pubsub);
+        self
+    }
+
+    /// The durable log that `since` replays from. Optional: without it, `since` gets
+    /// `resume_unavailable`.
+    pub fn event_store(mut self, store: Arc<dyn EventStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Limits, buffers and intervals; [`HubOptions::default`] when not set.
+    pub fn options(mut self, options: HubOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Shuts the hub down (as [`Hub::shutdown`]) when `shutdown` is requested: pass the
+    /// runtime's [`shutdown_signal`](cqrs_core::runtime::Runtime::shutdown_signal).
+    pub fn shutdown_on(mut self, shutdown: Shutdown) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// The hub, or every problem with its configuration.
+    pub fn build(self) -> Result<Hub<P>, BuildError> {
+        let mut problems = self.options.problems();
+        if self.authorizer.is_none() {
+            problems.push("an authorizer is required (AllowAll for public feeds)".to_owned());
+        }
+        if self.routing.is_none() {
+            problems.push("an event routing is required".to_owned());
+        }
+        if self.pubsub.is_none() {
+            problems.push("a pub/sub is required".to_owned());
+        }
+        let (Some(authorizer), Some(routing), Some(pubsub), true) = (
+            self.authorizer,
+            self.routing,
+            self.pubsub,
+            problems.is_empty(),
+        ) else {
+            return Err(BuildError { problems });
+        };
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::new(authorizer));
+        let upstreams = Upstreams::new(
+            pubsub.clone(),
+            self.options.channel_prefix.clone(),
+            registry.clone(),
+            metrics.clone(),
+        );
+        let (stop, stopped) = Shutdown::new();
+        Ok(Hub {
+            inner: Arc::new(HubInner {
+                options: self.options,
+                authenticator: self.authenticator,
+                routing,
+                pubsub,
+                store: self.store,
+                registry,
+                upstreams,
+                metrics,
+                connections: Arc::new(Connections::default()),
+                stop,
+                stopped,
+                external: self.shutdown,
+                started: OnceLock::new(),
+                next_id: AtomicU64::new(1),
+                open: AtomicUsize::new(0),
+                all_closed: Notify::new(),
+            }),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenParam {
+    token: Option<String>,
+}
+
+/// The bearer token of a handshake: the `Authorization` header when present (a malformed one
+/// is refused, not skipped), else the `token` query parameter.
+fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, &'static str> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| "the Authorization header is not valid text")?;
+        let (scheme, token) = value
+            .trim()
+            .split_once(' ')
+            .ok_or("the Authorization header must be `Bearer <token>`")?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err("the Authorization header must be `Bearer <token>`");
+        }
+        let token = token.trim();
+        if token.is_empty() {
+            return Err("the bearer token is empty");
+        }
+        return Ok(token.to_owned());
+    }
+    let from_query = axum::extract::Query::<TokenParam>::try_from_uri(uri)
+        .ok()
+        .and_then(|q| q.0.token);
+    match from_query {
+        Some(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
+        Some(_) => Err("the token query parameter is empty"),
+        None => Err(
+            "a bearer token is required: send `Authorization: Bearer <token>` or `?token=<token>`",
+        ),
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, axum::Json(body)).into_response()
+}

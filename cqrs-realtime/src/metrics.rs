@@ -1,0 +1,157 @@
+//! The hub's metrics: `metrics` facade handles and counters for [`HubStats`].
+
+use metrics::{Counter, Gauge};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Metric names, as the `metrics` facade reports them.
+pub mod names {
+    /// Gauge: open WebSocket connections.
+    pub const CONNECTIONS: &str = "realtime_connections";
+    /// Gauge: live subscriptions over every connection.
+    pub const SUBSCRIPTIONS: &str = "realtime_subscriptions";
+    /// Counter: frames written to clients (events, replies and errors).
+    pub const MESSAGES_SENT: &str = "realtime_messages_sent_total";
+    /// Counter: connections closed with 1008 because their send queue was full.
+    pub const SLOW_CLIENT_CLOSES: &str = "realtime_slow_client_closes_total";
+    /// Counter: connections closed with 1000 because nothing arrived within the idle timeout.
+    pub const IDLE_CLOSES: &str = "realtime_idle_closes_total";
+    /// Counter: handshakes refused, labelled `reason` = `unauthorized`, `not_websocket`,
+    /// `too_many_connections` or `shutting_down`.
+    pub const HANDSHAKES_REFUSED: &str = "realtime_handshakes_refused_total";
+    /// Counter: channel messages the hub missed because it fell behind the pub/sub.
+    pub const UPSTREAM_MISSED: &str = "realtime_upstream_missed_total";
+    /// Counter: events sent by replays (resumed subscriptions).
+    pub const REPLAYED_EVENTS: &str = "realtime_replayed_events_total";
+}
+
+/// A snapshot of a hub's counters since it was built: for tests, health pages and logs. The
+/// same figures go to the `metrics` facade (see [`names`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubStats {
+    /// Open connections.
+    pub connections: u64,
+    /// Live subscriptions.
+    pub subscriptions: u64,
+    /// Frames written to clients.
+    pub messages_sent: u64,
+    /// Connections closed for being too slow.
+    pub slow_client_closes: u64,
+    /// Connections closed for being idle.
+    pub idle_closes: u64,
+    /// Handshakes refused.
+    pub handshakes_refused: u64,
+    /// Channel messages missed upstream.
+    pub upstream_missed: u64,
+    /// Events sent by replays.
+    pub replayed_events: u64,
+}
+
+/// Handles resolved once, when the hub is built: the hot paths (a frame written, an event
+/// fanned out) then touch an atomic, not the recorder's registry. Install the recorder
+/// before building the hub.
+pub(crate) struct Metrics {
+    connections: Gauge,
+    subscriptions: Gauge,
+    messages_sent: Counter,
+    slow_closes: Counter,
+    idle_closes: Counter,
+    upstream_missed: Counter,
+    replayed: Counter,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    connections: AtomicU64,
+    subscriptions: AtomicU64,
+    messages_sent: AtomicU64,
+    slow_closes: AtomicU64,
+    idle_closes: AtomicU64,
+    refused: AtomicU64,
+    upstream_missed: AtomicU64,
+    replayed: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        Self {
+            connections: metrics::gauge!(names::CONNECTIONS),
+            subscriptions: metrics::gauge!(names::SUBSCRIPTIONS),
+            messages_sent: metrics::counter!(names::MESSAGES_SENT),
+            slow_closes: metrics::counter!(names::SLOW_CLIENT_CLOSES),
+            idle_closes: metrics::counter!(names::IDLE_CLOSES),
+            upstream_missed: metrics::counter!(names::UPSTREAM_MISSED),
+            replayed: metrics::counter!(names::REPLAYED_EVENTS),
+            stats: Stats::default(),
+        }
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.increment(1.0);
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.decrement(1.0);
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn subscribed(&self) {
+        self.subscriptions.increment(1.0);
+        self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn unsubscribed(&self) {
+        self.subscriptions.decrement(1.0);
+        self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sent(&self, frames: u64) {
+        self.messages_sent.increment(frames);
+        self.stats
+            .messages_sent
+            .fetch_add(frames, Ordering::Relaxed);
+    }
+
+    pub(crate) fn slow_close(&self) {
+        self.slow_closes.increment(1);
+        self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn idle_close(&self) {
+        self.idle_closes.increment(1);
+        self.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self, reason: &'static str) {
+        metrics::counter!(names::HANDSHAKES_REFUSED, "reason" => reason).increment(1);
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn upstream_missed(&self, messages: u64) {
+        self.upstream_missed.increment(messages);
+        self.stats
+            .upstream_missed
+            .fetch_add(messages, Ordering::Relaxed);
+    }
+
+    pub(crate) fn replayed(&self, events: u64) {
+        self.replayed.increment(events);
+        self.stats.replayed.fetch_add(events, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> HubStats {
+        let s = &self.stats;
+        HubStats {
+            connections: s.connections.load(Ordering::Relaxed),
+            subscriptions: s.subscriptions.load(Ordering::Relaxed),
+            messages_sent: s.messages_sent.load(Ordering::Relaxed),
+            slow_client_closes: s.slow_closes.load(Ordering::Relaxed),
+            idle_closes: s.idle_closes.load(Ordering::Relaxed),
+            handshakes_refused: s.refused.load(Ordering::Relaxed),
+            upstream_missed: s.upstream_missed.load(Ordering::Relaxed),
+            replayed_events: s.replayed.load(Ordering::Relaxed),
+        }
+    }
+}

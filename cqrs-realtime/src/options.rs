@@ -1,0 +1,231 @@
+//! Limits and intervals of a hub.
+
+use std::time::Duration;
+
+/// The channel prefix both the hub and the [`Publisher`](crate::Publisher) use by default.
+pub const DEFAULT_CHANNEL_PREFIX: &str = "realtime:";
+
+/// A hub's limits, buffers and intervals. Every setter documents its default; the defaults
+/// suit a server holding ~10,000 mostly idle connections whose clients send a few small
+/// frames.
+///
+/// ```
+/// use cqrs_realtime::HubOptions;
+/// use std::time::Duration;
+///
+/// let options = HubOptions::new()
+///     .send_queue(64)
+///     .max_subscriptions(16)
+///     .ping_interval(Duration::from_secs(20))
+///     .idle_timeout(Duration::from_secs(45));
+/// assert_eq!(options.get_send_queue(), 64);
+/// ```
+#[derive(Clone, Debug)]
+pub struct HubOptions {
+    pub(crate) send_queue: usize,
+    pub(crate) read_buffer_size: usize,
+    pub(crate) write_buffer_size: usize,
+    pub(crate) max_write_buffer_size: usize,
+    pub(crate) max_message_size: usize,
+    pub(crate) max_frame_size: usize,
+    pub(crate) max_subscriptions: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) operation_timeout: Duration,
+    pub(crate) replay_batch: usize,
+    pub(crate) replay_limit: usize,
+    pub(crate) replay_buffer: usize,
+    pub(crate) channel_prefix: String,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            send_queue: 128,
+            read_buffer_size: 4 * 1024,
+            write_buffer_size: 0,
+            max_write_buffer_size: 256 * 1024,
+            max_message_size: 4 * 1024,
+            max_frame_size: 4 * 1024,
+            max_subscriptions: 32,
+            max_connections: 20_000,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            close_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(10),
+            replay_batch: 256,
+            replay_limit: 10_000,
+            replay_buffer: 1024,
+            channel_prefix: DEFAULT_CHANNEL_PREFIX.to_owned(),
+        }
+    }
+}
+
+impl HubOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Frames waiting to be written to one connection. A connection whose queue is full when
+    /// an event arrives is too slow: it is closed with code 1008. Default 128.
+    pub fn send_queue(mut self, frames: usize) -> Self {
+        self.send_queue = frames;
+        self
+    }
+
+    /// The read buffer of each connection, allocated up front (tungstenite's default is
+    /// 128 KiB). Default 4 KiB.
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.read_buffer_size = bytes;
+        self
+    }
+
+    /// How many bytes of outgoing frames are gathered before a write to the socket; 0 writes
+    /// each frame at once (the buffer then never holds more than the frame being written).
+    /// Default 0.
+    pub fn write_buffer_size(mut self, bytes: usize) -> Self {
+        self.write_buffer_size = bytes;
+        self
+    }
+
+    /// The most bytes the write buffer may hold; must exceed `write_buffer_size` by the
+    /// largest event frame. Default 256 KiB.
+    pub fn max_write_buffer_size(mut self, bytes: usize) -> Self {
+        self.max_write_buffer_size = bytes;
+        self
+    }
+
+    /// The largest client message; a larger one closes the connection with code 1009.
+    /// Default 4 KiB (client frames are small).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// The largest client frame (a message may span frames). Default 4 KiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// Subscriptions one connection may hold. Default 32.
+    pub fn max_subscriptions(mut self, subscriptions: usize) -> Self {
+        self.max_subscriptions = subscriptions;
+        self
+    }
+
+    /// Connections the hub holds at once; further handshakes get 503. Default 20,000.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// How often the hub sends a WebSocket ping to each connection. Default 30 s.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// A connection from which nothing (no frame, no pong) arrived for this long is closed
+    /// with code 1000. Must be longer than the ping interval. Default 75 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a closing connection may take to send its close frame and receive the
+    /// client's, before the socket is dropped. Default 5 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// The time budget of one backend call made for a client frame: the authorizer's
+    /// `authorize_subscribe`, the upstream subscription, one event store read of a replay.
+    /// Default 10 s.
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Events a replay reads from the store at a time. Default 256.
+    pub fn replay_batch(mut self, events: usize) -> Self {
+        self.replay_batch = events;
+        self
+    }
+
+    /// The most stored events one replay reads (of every topic: the store's global order).
+    /// A longer gap gets `resume_failed`, and the client reloads its state another way.
+    /// Default 10,000.
+    pub fn replay_limit(mut self, events: usize) -> Self {
+        self.replay_limit = events;
+        self
+    }
+
+    /// Live events held for one subscription while its replay runs. When more arrive, the
+    /// replay reads them back from the store instead. Default 1024.
+    pub fn replay_buffer(mut self, events: usize) -> Self {
+        self.replay_buffer = events;
+        self
+    }
+
+    /// Prepended to every pub/sub channel name, so several applications (or tests) can share
+    /// one broker. The publisher must use the same prefix. Default `realtime:`.
+    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.channel_prefix = prefix.into();
+        self
+    }
+
+    /// The send queue length.
+    pub fn get_send_queue(&self) -> usize {
+        self.send_queue
+    }
+
+    /// The channel prefix.
+    pub fn get_channel_prefix(&self) -> &str {
+        &self.channel_prefix
+    }
+
+    /// Every problem with these options.
+    pub(crate) fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut at_least = |name: &str, value: usize, min: usize| {
+            if value < min {
+                problems.push(format!("{name} must be at least {min}, got {value}"));
+            }
+        };
+        at_least("send_queue", self.send_queue, 1);
+        at_least("read_buffer_size", self.read_buffer_size, 256);
+        at_least("max_message_size", self.max_message_size, 256);
+        at_least("max_frame_size", self.max_frame_size, 256);
+        at_least("max_subscriptions", self.max_subscriptions, 1);
+        at_least("max_connections", self.max_connections, 1);
+        at_least("replay_batch", self.replay_batch, 1);
+        at_least("replay_buffer", self.replay_buffer, 1);
+        if self.max_write_buffer_size <= self.write_buffer_size {
+            problems.push(format!(
+                "max_write_buffer_size ({}) must be greater than write_buffer_size ({})",
+                self.max_write_buffer_size, self.write_buffer_size
+            ));
+        }
+        if self.ping_interval.is_zero() {
+            problems.push("ping_interval must not be zero".to_owned());
+        }
+        if self.idle_timeout <= self.ping_interval {
+            problems.push(format!(
+                "idle_timeout ({:?}) must be longer than ping_interval ({:?})",
+                self.idle_timeout, self.ping_interval
+            ));
+        }
+        if self.close_timeout.is_zero() {
+            problems.push("close_timeout must not be zero".to_owned());
+        }
+        if self.operation_timeout.is_zero() {
+            problems.push("operation_timeout must not be zero".to_owned());
+        }
+        problems
+    }
+}

@@ -1,0 +1,232 @@
+//! The wire protocol: JSON text frames from the client and from the server, error codes and
+//! close codes. `docs/realtime.md` describes every frame with an example.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A frame a client sends.
+///
+/// ```
+/// use cqrs_realtime::ClientFrame;
+///
+/// let frame = ClientFrame::parse(r#"{"type": "subscribe", "topic": "tickets", "since": "41"}"#)?;
+/// assert_eq!(frame, ClientFrame::Subscribe { topic: "tickets".into(), since: Some("41".into()) });
+/// assert_eq!(ClientFrame::parse(r#"{"type": "ping"}"#)?, ClientFrame::Ping);
+/// assert_eq!(
+///     serde_json::to_string(&ClientFrame::Unsubscribe { topic: "tickets".into() }).unwrap(),
+///     r#"{"type":"unsubscribe","topic":"tickets"}"#,
+/// );
+/// # Ok::<_, cqrs_realtime::FrameError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// Subscribe to a topic; with `since`, first replay the events after that position.
+    Subscribe {
+        /// The topic.
+        topic: String,
+        /// The `position` of the last event the client has; the hub replays what came after.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
+    },
+    /// Stop receiving a topic.
+    Unsubscribe {
+        /// The topic.
+        topic: String,
+    },
+    /// Ask for a `pong` (an application-level liveness check).
+    Ping,
+}
+
+/// Why a client's text frame is not a [`ClientFrame`]. The hub answers it with an `error`
+/// frame and keeps the connection open.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FrameError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl FrameError {
+    /// [`ErrorCode::MalformedFrame`] or [`ErrorCode::UnknownType`].
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+}
+
+impl ClientFrame {
+    /// The client frame in a text message.
+    pub fn parse(text: &str) -> Result<Self, FrameError> {
+        let malformed = |message: String| FrameError {
+            code: ErrorCode::MalformedFrame,
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| malformed(format!("the frame is not valid JSON: {e}")))?;
+        let Some(kind) = value.get("type") else {
+            return Err(malformed(
+                "the frame is not a JSON object with a string `type`".into(),
+            ));
+        };
+        let Some(kind) = kind.as_str().map(str::to_owned) else {
+            return Err(malformed("`type` must be a string".into()));
+        };
+        if !matches!(kind.as_str(), "subscribe" | "unsubscribe" | "ping") {
+            return Err(FrameError {
+                code: ErrorCode::UnknownType,
+                message: format!(
+                    "unknown frame type `{}`: expected subscribe, unsubscribe or ping",
+                    kind.chars().take(64).collect::<String>()
+                ),
+            });
+        }
+        serde_json::from_value(value).map_err(|e| malformed(format!("invalid `{kind}` frame: {e}")))
+    }
+}
+
+/// A frame the server sends.
+///
+/// `Event` frames are built once per topic and shared by every connection, so the hub writes
+/// them itself; this type gives clients (and tests) a way to read them.
+///
+/// ```
+/// use cqrs_realtime::ServerFrame;
+///
+/// let frame: ServerFrame = serde_json::from_str(
+///     r#"{"type": "event", "topic": "tickets", "event": {"type": "TicketOpened"}, "position": "7"}"#,
+/// ).unwrap();
+/// let ServerFrame::Event { topic, position, .. } = frame else { panic!() };
+/// assert_eq!((topic.as_str(), position.as_deref()), ("tickets", Some("7")));
+/// assert_eq!(serde_json::to_string(&ServerFrame::Pong).unwrap(), r#"{"type":"pong"}"#);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The subscription is live: every event published on the topic from now on is delivered.
+    Subscribed {
+        /// The topic.
+        topic: String,
+    },
+    /// The subscription is gone.
+    Unsubscribed {
+        /// The topic.
+        topic: String,
+    },
+    /// The answer to a `ping`.
+    Pong,
+    /// An event on a subscribed topic; one frame per matching subscription.
+    Event {
+        /// The subscription it is for.
+        topic: String,
+        /// The event object, shaped by the server ([`Routed::new`](crate::Routed::new)).
+        event: serde_json::Value,
+        /// The event's place in the durable log: pass it back as `since` to resume. Absent for
+        /// events published without a store.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<String>,
+    },
+    /// A client frame was refused or could not be handled. The connection stays open.
+    Error {
+        /// One of [`ErrorCode`]'s names (a client should tolerate codes it does not know).
+        code: String,
+        /// For humans.
+        message: String,
+        /// The topic the error is about, when there is one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
+    },
+}
+
+impl ServerFrame {
+    /// An `error` frame.
+    pub fn error(code: ErrorCode, message: impl Into<String>, topic: Option<&str>) -> Self {
+        ServerFrame::Error {
+            code: code.as_str().to_owned(),
+            message: message.into(),
+            topic: topic.map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail: every key is a string.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The `code` of an `error` frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// Not JSON, not an object with a string `type`, or a known type with missing or
+    /// mistyped fields.
+    MalformedFrame,
+    /// A `type` the hub does not know.
+    UnknownType,
+    /// A binary frame: the protocol is JSON text.
+    BinaryFrame,
+    /// The topic name is not well-formed ([`Topic`](crate::Topic)).
+    InvalidTopic,
+    /// A well-formed topic this server does not serve.
+    UnknownTopic,
+    /// The principal may not subscribe to this topic.
+    Forbidden,
+    /// The connection already has this subscription.
+    AlreadySubscribed,
+    /// `unsubscribe` for a topic the connection is not subscribed to.
+    NotSubscribed,
+    /// The connection has as many subscriptions as it may have.
+    TooManySubscriptions,
+    /// `since` was given, but the hub has no event store to replay from.
+    ResumeUnavailable,
+    /// `since` is not a position this server issued.
+    InvalidPosition,
+    /// The replay could not close the gap (the store failed, or the gap is longer than the
+    /// replay limit). The subscription is live, but events between `since` and now may be
+    /// missing: reload the state another way.
+    ResumeFailed,
+    /// A backend (the pub/sub, the authorizer's) failed or timed out; try again.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The snake_case name sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BinaryFrame => "binary_frame",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::UnknownTopic => "unknown_topic",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::ResumeUnavailable => "resume_unavailable",
+            ErrorCode::InvalidPosition => "invalid_position",
+            ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The WebSocket close codes the hub sends.
+pub mod close_code {
+    /// 1000: the connection was idle for longer than the idle timeout.
+    pub const NORMAL: u16 = 1000;
+    /// 1001: the server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// 1002: the client broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1007: a text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// 1008: the client was too slow to take its events (its send queue filled up).
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// 1009: a client frame or message was larger than the configured limit.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+}

@@ -1,0 +1,149 @@
+//! The publishing side: events in, channel messages out.
+
+use crate::options::DEFAULT_CHANNEL_PREFIX;
+use crate::{EventRouting, PushedEvent, Topic};
+use async_trait::async_trait;
+use cqrs_core::ports::{PubSub, TransportError};
+use cqrs_core::{DispatchError, EventEnvelope, EventRecord, EventSink};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// Publishes events to the hubs of every instance, through the pub/sub port.
+///
+/// Each event is routed ([`EventRouting::route`]) and published once per channel its topics
+/// live on (usually one), as one message carrying its topics, position, routing fields and
+/// `event` object. Every hub subscribed to that channel, in this process or another, pushes
+/// it to its matching subscriptions.
+///
+/// Publishing is at-most-once, like the pub/sub: a hub that is not subscribed misses the
+/// event, and a client closes the gap by resuming from the durable log. To keep events of one
+/// aggregate in order, publish them in order (from one task, awaiting each publish); a
+/// [`PublishWorker`](crate::PublishWorker) fed by an ordered transport does.
+///
+/// A `Publisher` is also an [`EventSink`]: give it to a command bus and the events of every
+/// successful command are pushed (failures are logged, never fail the command).
+///
+/// ```
+/// # use cqrs_realtime::doc::{TicketRouting, ticket_record};
+/// use cqrs_core::memory::InMemoryPubSub;
+/// use cqrs_realtime::Publisher;
+/// use std::sync::Arc;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let publisher = Publisher::new(Arc::new(InMemoryPubSub::new()), Arc::new(TicketRouting));
+/// let sent = publisher.publish(&ticket_record("t1", "u1")).await?;
+/// assert_eq!(sent, 1); // one message, on channel `realtime:tickets`
+/// # Ok::<_, cqrs_realtime::PublishError>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct Publisher {
+    pubsub: Arc<dyn PubSub>,
+    routing: Arc<dyn EventRouting>,
+    prefix: Arc<str>,
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an event was not published.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The event's `event` object could not be serialized (a bug in the routing).
+    #[error("could not encode the event for the realtime channel: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The pub/sub failed. Live clients miss the event; resuming clients will get it from the
+    /// store.
+    #[error("could not publish to realtime channel {channel}: {source}")]
+    PubSub {
+        /// The full channel name.
+        channel: String,
+        /// The pub/sub's error.
+        #[source]
+        source: TransportError,
+    },
+}
+
+impl Publisher {
+    /// A publisher on `pubsub`, routing with `routing`, on channels prefixed with
+    /// [`DEFAULT_CHANNEL_PREFIX`].
+    pub fn new(pubsub: Arc<dyn PubSub>, routing: Arc<dyn EventRouting>) -> Self {
+        Self {
+            pubsub,
+            routing,
+            prefix: Arc::from(DEFAULT_CHANNEL_PREFIX),
+        }
+    }
+
+    /// Sets the channel prefix; it must match the hubs' (see
+    /// [`HubOptions::channel_prefix`](crate::HubOptions::channel_prefix)).
+    pub fn channel_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = Arc::from(prefix);
+        self
+    }
+
+    /// Publishes one event. Returns how many channel messages were sent: 0 when the routing
+    /// does not push the event.
+    pub async fn publish(&self, record: &EventRecord) -> Result<usize, PublishError> {
+        let Some(routed) = self.routing.route(record) else {
+            return Ok(0);
+        };
+        let event = PushedEvent::new(routed, record.position).map_err(PublishError::Encode)?;
+        // Group the event's topics by channel: one message per channel, naming only the topics
+        // that channel carries.
+        let mut channels: BTreeMap<String, Vec<&Topic>> = BTreeMap::new();
+        for topic in event.topics() {
+            match self.routing.channel(topic) {
+                Some(channel) => channels.entry(channel).or_default().push(topic),
+                None => tracing::debug!(%topic, "routed topic has no channel; not published"),
+            }
+        }
+        let mut sent = 0;
+        for (channel, topics) in channels {
+            let payload = event.encode(&topics).map_err(PublishError::Encode)?;
+            let channel = format!("{}{channel}", self.prefix);
+            self.pubsub
+                .publish(&channel, Arc::from(payload))
+                .await
+                .map_err(|source| PublishError::PubSub { channel, source })?;
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    /// Publishes events in order, stopping at the first failure.
+    pub async fn publish_all(&self, records: &[EventRecord]) -> Result<usize, PublishError> {
+        let mut sent = 0;
+        for record in records {
+            sent += self.publish(record).await?;
+        }
+        Ok(sent)
+    }
+}
+
+#[async_trait]
+impl EventSink for Publisher {
+    async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
+        for envelope in events {
+            let record = match EventRecord::from_envelope(&envelope) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(event = envelope.name(), %error, "could not serialize an event for realtime push");
+                    continue;
+                }
+            };
+            // Live push is at-most-once: a failure must not fail a command that succeeded.
+            if let Err(error) = self.publish(&record).await {
+                tracing::warn!(event_id = %record.event_id, %error, "realtime push failed");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,199 @@
+//! Who is subscribed to what, and the fan-out of one event to every matching subscription.
+
+use crate::metrics::Metrics;
+use crate::queue::{Outgoing, SendQueue};
+use crate::signal::{CloseSignal, Ending};
+use crate::{Authorizer, PushedEvent, Topic};
+use axum::extract::ws::Utf8Bytes;
+use cqrs_core::Position;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// What the dispatcher and a connection's reader share about one connection.
+pub(crate) struct Conn<P> {
+    pub(crate) id: u64,
+    pub(crate) principal: P,
+    /// The bounded send queue; the connection's writer drains it.
+    pub(crate) queue: Arc<SendQueue>,
+    pub(crate) close: Arc<CloseSignal>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl<P> Conn<P> {
+    /// Queues a frame without waiting. A full queue means the client does not keep up: the
+    /// connection is closed with 1008 rather than slowing the hub or growing memory.
+    pub(crate) fn push(&self, frame: Utf8Bytes) {
+        if self.queue.try_push(Outgoing::Frame(frame)).is_err() {
+            self.close_slow();
+        }
+    }
+
+    pub(crate) fn close_slow(&self) {
+        if self.close.close(Ending::SLOW) {
+            self.metrics.slow_close();
+            tracing::debug!(connection = self.id, "closing a slow client");
+        }
+    }
+}
+
+/// One subscription of one connection.
+pub(crate) struct Slot<P> {
+    pub(crate) conn: Arc<Conn<P>>,
+    /// While a replay runs, live events are held in `buffer` instead of queued.
+    replaying: AtomicBool,
+    buffer: Mutex<ReplayBuffer>,
+    /// Live events at or below this position were covered by the replay: dropped.
+    replayed_up_to: AtomicU64,
+    capacity: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct ReplayBuffer {
+    pub(crate) frames: Vec<(Option<Position>, Utf8Bytes)>,
+    /// Live events were dropped because the buffer was full; the replay reads them back from
+    /// the store.
+    pub(crate) overflowed: bool,
+}
+
+impl<P> Slot<P> {
+    pub(crate) fn new(conn: Arc<Conn<P>>, replaying: bool, capacity: usize) -> Self {
+        Self {
+            conn,
+            replaying: AtomicBool::new(replaying),
+            buffer: Mutex::new(ReplayBuffer::default()),
+            replayed_up_to: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
+    /// A live event for this subscription.
+    fn deliver(&self, position: Option<Position>, frame: &Utf8Bytes) {
+        if let Some(p) = position
+            && p.get() <= self.replayed_up_to.load(Ordering::Acquire)
+        {
+            return;
+        }
+        if self.replaying.load(Ordering::Acquire) {
+            let mut buffer = self.lock();
+            // Checked again under the lock: the replay ends by clearing the flag under it.
+            if self.replaying.load(Ordering::Acquire) {
+                if buffer.frames.len() < self.capacity {
+                    buffer.frames.push((position, frame.clone()));
+                } else {
+                    buffer.overflowed = true;
+                }
+                return;
+            }
+        }
+        self.conn.push(frame.clone());
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, ReplayBuffer> {
+        // A std mutex: nothing awaits while it is held.
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the replay: from now on live events are queued directly, except those at or
+    /// below `up_to`. Call with the buffer lock held and the buffer empty.
+    pub(crate) fn go_live(&self, _held: &mut ReplayBuffer, up_to: Position) {
+        self.replayed_up_to.store(up_to.get(), Ordering::Release);
+        self.replaying.store(false, Ordering::Release);
+    }
+}
+
+/// The subscriptions to one topic, by connection id.
+type Slots<P> = HashMap<u64, Arc<Slot<P>>>;
+
+/// Every subscription of a hub, by topic.
+pub(crate) struct Registry<P> {
+    topics: RwLock<HashMap<Topic, Slots<P>>>,
+    pub(crate) authorizer: Arc<dyn Authorizer<P>>,
+}
+
+impl<P: Send + Sync + 'static> Registry<P> {
+    pub(crate) fn new(authorizer: Arc<dyn Authorizer<P>>) -> Self {
+        Self {
+            topics: RwLock::new(HashMap::new()),
+            authorizer,
+        }
+    }
+
+    /// Adds a subscription, and runs `then` before any event can reach it: the `subscribed`
+    /// frame queued there comes before the subscription's first event.
+    pub(crate) fn insert(&self, topic: &Topic, slot: Arc<Slot<P>>, then: impl FnOnce()) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        topics
+            .entry(topic.clone())
+            .or_default()
+            .insert(slot.conn.id, slot);
+        then();
+    }
+
+    /// Removes a subscription, and runs `then` before any later event is dispatched.
+    pub(crate) fn remove(&self, topic: &Topic, connection: u64, then: impl FnOnce()) {
+        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slots) = topics.get_mut(topic) {
+            slots.remove(&connection);
+            if slots.is_empty() {
+                topics.remove(topic);
+            }
+        }
+        then();
+    }
+
+    /// Pushes a live event to every subscription of its topics whose principal may see it.
+    /// The frame is encoded once per topic and shared by every connection.
+    pub(crate) fn dispatch(&self, event: &PushedEvent) {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        for topic in event.topics() {
+            let Some(slots) = topics.get(topic) else {
+                continue;
+            };
+            let mut frame: Option<Utf8Bytes> = None;
+            for slot in slots.values() {
+                if !self.may_see(&slot.conn.principal, topic, event) {
+                    continue;
+                }
+                let frame = frame.get_or_insert_with(|| event_frame(topic, event));
+                slot.deliver(event.position(), frame);
+            }
+        }
+    }
+
+    /// The authorizer's answer; a panicking authorizer hides the event instead of taking the
+    /// channel's dispatcher down.
+    pub(crate) fn may_see(&self, principal: &P, topic: &Topic, event: &PushedEvent) -> bool {
+        catch_unwind(AssertUnwindSafe(|| {
+            self.authorizer.may_see(principal, topic, event)
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!(%topic, "the realtime authorizer panicked in may_see; event hidden");
+            false
+        })
+    }
+}
+
+/// The `event` frame of `event` on `topic`.
+pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent) -> Utf8Bytes {
+    #[derive(Serialize)]
+    struct EventFrame<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        topic: &'a str,
+        event: &'a RawValue,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        position: Option<String>,
+    }
+    let frame = EventFrame {
+        kind: "event",
+        topic: topic.as_str(),
+        event: event.event_raw(),
+        position: event.position().map(|p| p.to_string()),
+    };
+    // A struct of strings and already-valid JSON: serializing cannot fail.
+    Utf8Bytes::from(serde_json::to_string(&frame).unwrap_or_default())
+}

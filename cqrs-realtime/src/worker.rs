@@ -1,0 +1,123 @@
+//! A worker that feeds the publisher from the durable event transport.
+
+use crate::Publisher;
+use async_trait::async_trait;
+use cqrs_core::BoxError;
+use cqrs_core::ports::{ConsumerOptions, EventTransport};
+use cqrs_core::runtime::{Health, Worker, WorkerContext};
+use std::fmt;
+use std::sync::Arc;
+
+/// Consumes a topic of the durable [`EventTransport`] in a consumer group and publishes every
+/// event to the realtime channels, acknowledging it once published.
+///
+/// Run one group for the whole deployment (every instance in the same group), so each event is
+/// published once and reaches every instance's hub through the pub/sub. With a transport
+/// that is `ordered_per_key`, the events of one aggregate are published in order.
+///
+/// ```
+/// # use cqrs_realtime::doc::TicketRouting;
+/// use cqrs_core::memory::{InMemoryPubSub, InMemoryTransport};
+/// use cqrs_core::ports::ConsumerOptions;
+/// use cqrs_core::runtime::Runtime;
+/// use cqrs_realtime::{PublishWorker, Publisher};
+/// use std::sync::Arc;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let publisher = Publisher::new(Arc::new(InMemoryPubSub::new()), Arc::new(TicketRouting));
+/// let worker = PublishWorker::new(
+///     publisher,
+///     Arc::new(InMemoryTransport::new()),
+///     "events",
+///     "realtime",
+///     ConsumerOptions::default(),
+/// );
+/// let runtime = Runtime::builder().worker(worker).start();
+/// runtime.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
+/// # });
+/// ```
+pub struct PublishWorker {
+    name: String,
+    publisher: Publisher,
+    transport: Arc<dyn EventTransport>,
+    topic: String,
+    group: String,
+    options: ConsumerOptions,
+    batch: usize,
+}
+
+impl fmt::Debug for PublishWorker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishWorker")
+            .field("name", &self.name)
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PublishWorker {
+    /// Publishes what `transport` carries on `topic`, consuming in group `group`.
+    pub fn new(
+        publisher: Publisher,
+        transport: Arc<dyn EventTransport>,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Self {
+        Self {
+            name: format!("realtime-publisher:{topic}:{group}"),
+            publisher,
+            transport,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            options,
+            batch: 64,
+        }
+    }
+
+    /// Deliveries fetched at a time. Default 64.
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+}
+
+#[async_trait]
+impl Worker for PublishWorker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let mut consumer = self
+            .transport
+            .consumer(&self.topic, &self.group, self.options.clone())
+            .await?;
+        ctx.health.set(Health::Healthy);
+        while !ctx.shutdown.is_requested() {
+            let deliveries = tokio::select! {
+                d = consumer.fetch(self.batch) => d?,
+                _ = ctx.shutdown.requested() => break,
+            };
+            for delivery in deliveries {
+                match self.publisher.publish(&delivery.record).await {
+                    Ok(_) => consumer.ack(std::slice::from_ref(&delivery.id)).await?,
+                    Err(crate::PublishError::Encode(error)) => {
+                        // Retrying cannot help an event the routing cannot encode.
+                        tracing::error!(event_id = %delivery.record.event_id, %error, "event cannot be pushed; skipped");
+                        consumer.ack(std::slice::from_ref(&delivery.id)).await?;
+                    }
+                    Err(error) => {
+                        tracing::warn!(event_id = %delivery.record.event_id, %error, "realtime publish failed; it will be retried");
+                        ctx.health.set(Health::Degraded(error.to_string()));
+                        consumer.nack(&delivery.id).await?;
+                        continue;
+                    }
+                }
+                ctx.health.set(Health::Healthy);
+            }
+        }
+        Ok(())
+    }
+}

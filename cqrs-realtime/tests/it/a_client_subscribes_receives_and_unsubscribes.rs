@@ -1,0 +1,115 @@
+use crate::support::{TEST_LIMIT, TestHub};
+use cqrs_core::testing::with_timeout;
+use cqrs_realtime::{HubOptions, ServerFrame};
+use serde_json::json;
+
+/// `subscribed`, then the events published on the topic (with their position), `pong` for
+/// `ping`, and nothing more after `unsubscribed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_receive_ping_unsubscribe() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        let mut client = t.connect("user-u1").await;
+        client.subscribe("tickets").await;
+
+        let stored = t.publish("t1", "u1", 1).await;
+        let event = client.event().await;
+        assert_eq!((event.topic.as_str(), event.seq), ("tickets", 1));
+        assert_eq!(event.position, stored.position.map(|p| p.to_string()));
+        assert_eq!(event.event["type"], "TicketChanged");
+        assert_eq!(event.event["event_id"], json!(stored.event_id));
+
+        client.ping_pong().await;
+
+        client
+            .send(json!({"type": "unsubscribe", "topic": "tickets"}))
+            .await;
+        assert_eq!(
+            client.frame().await,
+            ServerFrame::Unsubscribed {
+                topic: "tickets".into()
+            }
+        );
+        // An event after `unsubscribed` is not delivered: the next frame is the pong.
+        t.publish("t1", "u1", 2).await;
+        client.ping_pong().await;
+
+        let stats = t.hub.stats();
+        assert_eq!((stats.connections, stats.subscriptions), (1, 0));
+        // Counted once written, which may be just after the client read them.
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(10),
+            "5 frames counted as sent",
+            || async { (t.hub.stats().messages_sent >= 5).then_some(()) },
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A connection subscribed to `tickets` and `ticket:t1` gets one frame per subscription, and
+/// both topics share one upstream subscription to the coarse channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_frame_per_matching_subscription_on_one_channel() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = std::sync::Arc::new(cqrs_core::memory::InMemoryPubSub::new());
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| b).await;
+        t.store("t1", "u1", 0).await; // makes u1 the reporter of t1
+        let mut client = t.connect("user-u1").await;
+        client.subscribe("tickets").await;
+        client.subscribe("ticket:t1").await;
+        let mut other = t.connect("agent-a1").await;
+        other.subscribe("ticket:t9").await;
+
+        t.publish("t1", "u1", 1).await;
+        let mut topics = vec![client.event().await.topic, client.event().await.topic];
+        topics.sort();
+        assert_eq!(topics, ["ticket:t1", "tickets"]);
+
+        assert_eq!(t.hub.upstream_channels().await, 1);
+        assert_eq!(pubsub.upstream_subscriptions(), 1);
+        assert_eq!(t.hub.stats().subscriptions, 3);
+    })
+    .await;
+}
+
+/// Events of one ticket reach the client in the order they were published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_one_aggregate_arrive_in_publish_order() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().send_queue(512)).await;
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("ticket:t1").await;
+        for seq in 1..=200 {
+            t.publish("t1", "u1", seq).await;
+        }
+        for seq in 1..=200 {
+            assert_eq!(client.event().await.seq, seq);
+        }
+    })
+    .await;
+}
+
+/// Closing the last subscription of a channel drops the upstream subscription; a new one
+/// subscribes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_subscription_follows_the_subscriptions() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("tickets").await;
+        assert_eq!(t.hub.upstream_channels().await, 1);
+        drop(client);
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(10),
+            "the upstream subscription is dropped",
+            || async { (t.hub.upstream_channels().await == 0).then_some(()) },
+        )
+        .await;
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("tickets").await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(client.event().await.seq, 1);
+    })
+    .await;
+}

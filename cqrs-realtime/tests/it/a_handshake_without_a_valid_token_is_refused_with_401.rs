@@ -1,0 +1,139 @@
+use crate::support::{TEST_LIMIT, TestHub};
+use cqrs_core::testing::with_timeout;
+use cqrs_realtime::HubOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, http};
+
+/// The handshake's answer: its status and JSON body, or 101.
+async fn handshake(
+    t: &TestHub,
+    query: &str,
+    authorization: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut request = format!("ws://{}/ws{query}", t.addr)
+        .into_client_request()
+        .unwrap();
+    if let Some(value) = authorization {
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => (response.status().as_u16(), serde_json::Value::Null),
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            let json = serde_json::from_slice(&body)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
+            (response.status().as_u16(), json)
+        }
+        Err(other) => panic!("handshake failed: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_malformed_and_invalid_tokens_get_401_with_a_json_error() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        for (query, header) in [
+            ("", None),
+            ("?token=", None),
+            ("?token=nobody", None),
+            ("", Some("Bearer nobody")),
+            ("", Some("Bearer ")),
+            ("", Some("Basic dXNlcjpwYXNz")),
+            ("", Some("user-u1")),
+            // A bad header is not rescued by a good query token.
+            ("?token=user-u1", Some("Bearer nobody")),
+        ] {
+            let (status, body) = handshake(&t, query, header).await;
+            assert_eq!(status, 401, "query {query:?}, header {header:?}");
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
+        }
+        assert_eq!(t.hub.stats().connections, 0);
+        assert_eq!(t.hub.stats().handshakes_refused, 8);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_token_in_the_header_or_the_query_upgrades() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        assert_eq!(handshake(&t, "?token=user-u1", None).await.0, 101);
+        assert_eq!(handshake(&t, "", Some("Bearer user-u1")).await.0, 101);
+        assert_eq!(handshake(&t, "", Some("bearer agent-a1")).await.0, 101);
+    })
+    .await;
+}
+
+/// Plain HTTP: a refusal is `application/json`, and a request with a good token that is not a
+/// WebSocket handshake gets a JSON 4xx, never a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_json_over_plain_http() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        let get = |path: &str| {
+            let addr = t.addr;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.write_all(request.as_bytes()).await.unwrap();
+                let mut response = String::new();
+                stream.read_to_string(&mut response).await.unwrap();
+                response
+            }
+        };
+        let response = get("/ws").await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("content-type: application/json")
+        );
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer")
+        );
+        assert!(response.contains(r#""code":"unauthorized""#), "{response}");
+
+        let response = get("/ws?token=user-u1").await;
+        let status: u16 = response[9..12].parse().unwrap();
+        assert!((400..500).contains(&status), "{response}");
+        assert!(
+            response.contains(r#""code":"websocket_upgrade_required""#),
+            "{response}"
+        );
+    })
+    .await;
+}
+
+/// Handshakes beyond `max_connections` get 503 `too_many_connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_beyond_the_connection_limit_get_503() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().max_connections(2)).await;
+        let _a = t.connect("user-u1").await;
+        let mut b = t.connect("user-u2").await;
+        let (status, body) = handshake(&t, "?token=user-u3", None).await;
+        assert_eq!(status, 503);
+        assert_eq!(body["error"]["code"], "too_many_connections");
+        // A closed connection frees its place.
+        b.ws.close(None).await.unwrap();
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(10),
+            "the closed connection is released",
+            || async { (t.hub.stats().connections == 1).then_some(()) },
+        )
+        .await;
+        assert_eq!(handshake(&t, "?token=user-u3", None).await.0, 101);
+    })
+    .await;
+}

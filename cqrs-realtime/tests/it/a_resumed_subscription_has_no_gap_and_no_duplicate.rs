@@ -1,0 +1,276 @@
+use crate::support::{Client, TEST_LIMIT, TestHub, TicketRouting, record};
+use async_trait::async_trait;
+use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
+use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
+use cqrs_core::testing::with_timeout;
+use cqrs_core::{EventRecord, Position};
+use cqrs_realtime::{HubOptions, Publisher, ServerFrame};
+use futures_util::future::BoxFuture;
+use serde_json::json;
+use std::sync::Arc;
+
+/// A client reconnects with `since` = the position of the last event it got: it receives the
+/// events stored in between (published while it was away, or never pushed at all) that it may
+/// see, then live events, each exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_across_a_disconnect() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().replay_batch(2)).await;
+        let mut client = t.connect("user-u1").await;
+        client.subscribe("tickets").await;
+        for seq in 1..=3 {
+            t.publish("t1", "u1", seq).await;
+        }
+        let mut last = None;
+        for seq in 1..=3 {
+            let event = client.event().await;
+            assert_eq!(event.seq, seq);
+            last = event.position;
+        }
+        client.ws.close(None).await.unwrap();
+        drop(client);
+
+        // While it is away: published, another user's, and stored but never pushed.
+        t.publish("t1", "u1", 4).await;
+        t.publish("t2", "u2", 100).await;
+        t.publish("t1", "u1", 5).await;
+        t.store("t1", "u1", 6).await;
+
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": last}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        for seq in 4..=6 {
+            let event = client.event().await;
+            assert_eq!((event.ticket.as_str(), event.seq), ("t1", seq));
+        }
+        t.publish("t1", "u1", 7).await;
+        assert_eq!(client.event().await.seq, 7);
+        client.ping_pong().await;
+        assert_eq!(t.hub.stats().replayed_events, 3);
+    })
+    .await;
+}
+
+/// Resuming while events keep being stored and published, each published a little after it
+/// was stored (as an outbox relay does): the replay, the live events held during it (the hold
+/// buffer is tiny, so it overflows and the replay reads them back) and the live stream after
+/// it join with no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_while_events_are_published() {
+    with_timeout(TEST_LIMIT, async {
+        let t = Arc::new(
+            TestHub::start(
+                HubOptions::new()
+                    .replay_batch(7)
+                    .replay_buffer(5)
+                    .replay_limit(100_000)
+                    .send_queue(64),
+            )
+            .await,
+        );
+        let mut since = None;
+        for seq in 1..=1000 {
+            let stored = t.store("t1", "u1", seq).await;
+            if seq == 10 {
+                since = stored.position;
+            }
+        }
+        let last = 1400;
+        let publisher = {
+            let t = t.clone();
+            tokio::spawn(async move {
+                const LAG: usize = 5;
+                let mut unpublished = std::collections::VecDeque::new();
+                for seq in 1001..=last {
+                    unpublished.push_back(t.store("t1", "u1", seq).await);
+                    unpublished.push_back(t.store("t2", "u2", seq).await);
+                    while unpublished.len() > 2 * LAG {
+                        let record = unpublished.pop_front().unwrap();
+                        t.hub.publisher().publish(&record).await.unwrap();
+                    }
+                    if seq % 10 == 0 {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                for record in unpublished {
+                    t.hub.publisher().publish(&record).await.unwrap();
+                }
+            })
+        };
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": since.unwrap().to_string()}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        let mut got = Vec::new();
+        while got.last() != Some(&last) {
+            let event = client.event().await;
+            assert_eq!(event.ticket, "t1");
+            got.push(event.seq);
+        }
+        publisher.await.unwrap();
+        client.ping_pong().await;
+        let expected: Vec<u64> = (11..=last).collect();
+        if got != expected {
+            let missing: Vec<_> = expected.iter().filter(|s| !got.contains(s)).collect();
+            let mut seen = std::collections::HashSet::new();
+            let twice: Vec<_> = got.iter().filter(|s| !seen.insert(**s)).collect();
+            panic!("missing {missing:?}, twice {twice:?}");
+        }
+    })
+    .await;
+}
+
+/// Without an event store, `since` gets `resume_unavailable`; the connection stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_without_an_event_store_is_an_error() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start_with(
+            Arc::new(InMemoryPubSub::new()),
+            HubOptions::new(),
+            false,
+            |b| b,
+        )
+        .await;
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "1"}))
+            .await;
+        match client.frame().await {
+            ServerFrame::Error { code, message, .. } => {
+                assert_eq!(code, "resume_unavailable");
+                assert!(message.contains("since"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        client.subscribe("tickets").await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(client.event().await.seq, 1);
+    })
+    .await;
+}
+
+/// A gap longer than the replay limit gets `resume_failed`; the subscription is live anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_longer_than_the_replay_limit_is_reported() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().replay_batch(4).replay_limit(8)).await;
+        for seq in 1..=20 {
+            t.store("t1", "u1", seq).await;
+        }
+        let mut client = t.connect("agent-a1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        for seq in 1..=8 {
+            assert_eq!(client.event().await.seq, seq);
+        }
+        assert_eq!(client.error_code().await, "resume_failed");
+        t.publish("t1", "u1", 21).await;
+        assert_eq!(client.event().await.seq, 21);
+    })
+    .await;
+}
+
+/// An event store that runs a hook once, when a replay's read has caught up but before the
+/// read returns: what happens in that window is what the replay must not lose.
+struct HookStore {
+    inner: Arc<InMemoryEventStore>,
+    hook: tokio::sync::Mutex<Option<BoxFuture<'static, ()>>>,
+}
+
+#[async_trait]
+impl EventStore for HookStore {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+
+    async fn load(&self, stream_id: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.load(stream_id, after).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let batch = self.inner.read_all(after, limit).await?;
+        if batch.len() < limit {
+            let hook = self.hook.lock().await.take();
+            if let Some(hook) = hook {
+                hook.await;
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// More live events arrive during a replay than its hold buffer takes (5 here, 10 events):
+/// the replay reads the dropped ones back from the store, so nothing is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_that_overflow_the_hold_buffer_are_read_back() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let store = Arc::new(InMemoryEventStore::new());
+        let hooked = Arc::new(HookStore {
+            inner: store.clone(),
+            hook: tokio::sync::Mutex::new(None),
+        });
+        let t = TestHub::start_full(
+            pubsub.clone(),
+            HubOptions::new().replay_buffer(5).replay_batch(100),
+            store.clone(),
+            Some(hooked.clone()),
+            |b| b,
+        )
+        .await;
+        let mut since = None;
+        for seq in 1..=20 {
+            let stored = t.store("t1", "u1", seq).await;
+            if seq == 5 {
+                since = stored.position;
+            }
+        }
+        // A live subscriber: once it has an event, the dispatch that held it for the replay
+        // is done too.
+        let mut watcher: Client = t.connect("agent-a1").await;
+        watcher.subscribe("tickets").await;
+        let publisher = Publisher::new(pubsub.clone(), Arc::new(TicketRouting));
+        *hooked.hook.lock().await = Some(Box::pin(async move {
+            for seq in 21..=30 {
+                let stored = store
+                    .append("ticket-t1", ExpectedVersion::Any, vec![record("t1", "u1", seq)])
+                    .await
+                    .unwrap();
+                publisher.publish_all(&stored).await.unwrap();
+            }
+            for seq in 21..=30 {
+                assert_eq!(watcher.event().await.seq, seq);
+            }
+        }));
+
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": since.unwrap().to_string()}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        for seq in 6..=30 {
+            assert_eq!(client.event().await.seq, seq);
+        }
+        t.publish("t1", "u1", 31).await;
+        assert_eq!(client.event().await.seq, 31);
+    })
+    .await;
+}

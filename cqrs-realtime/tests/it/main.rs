@@ -1,0 +1,14 @@
+//! Behaviour tests of the realtime hub: real WebSocket clients against hubs on loopback ports.
+
+mod support;
+
+mod a_client_subscribes_receives_and_unsubscribes;
+mod a_handshake_without_a_valid_token_is_refused_with_401;
+mod a_publish_worker_pushes_what_the_transport_carries;
+mod a_resumed_subscription_has_no_gap_and_no_duplicate;
+mod a_slow_client_is_closed_with_1008_while_a_fast_one_keeps_receiving;
+mod bad_frames_get_error_frames_and_oversize_ones_close_with_1009;
+mod idle_connections_are_pinged_and_closed;
+mod shutdown_closes_every_connection_with_1001;
+mod subscriptions_and_events_are_authorized;
+mod two_hubs_joined_by_redis_deliver_across_instances;

@@ -1,0 +1,61 @@
+use crate::support::{TEST_LIMIT, TestHub};
+use cqrs_core::memory::InMemoryPubSub;
+use cqrs_core::runtime::Shutdown;
+use cqrs_core::testing::with_timeout;
+use cqrs_realtime::{HubOptions, close_code};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite;
+
+/// The runtime's shutdown signal closes every connection (subscribed or not) with 1001,
+/// `closed()` completes, and later handshakes get 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_signal_closes_connections_with_1001_and_refuses_new_ones() {
+    with_timeout(TEST_LIMIT, async {
+        let (trigger, signal) = Shutdown::new();
+        let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), HubOptions::new(), |b| {
+            b.shutdown_on(signal)
+        })
+        .await;
+        let mut subscribed = t.connect("user-u1").await;
+        subscribed.subscribe("tickets").await;
+        let mut idle = t.connect("user-u2").await;
+        idle.ping_pong().await;
+
+        trigger.trigger();
+        assert_eq!(subscribed.closed_with(10).await, close_code::GOING_AWAY);
+        assert_eq!(idle.closed_with(10).await, close_code::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("every connection closed");
+        assert_eq!(t.hub.stats().connections, 0);
+        assert_eq!(t.hub.stats().subscriptions, 0);
+
+        match tokio_tungstenite::connect_async(t.url("user-u1")).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                let body: serde_json::Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "shutting_down");
+            }
+            other => panic!("expected 503, got {:?}", other.map(|_| ())),
+        }
+    })
+    .await;
+}
+
+/// `Hub::shutdown` does the same without a runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_shutdown_closes_connections_with_1001() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        let mut client = t.connect("user-u1").await;
+        client.subscribe("tickets").await;
+        t.hub.shutdown();
+        assert_eq!(client.closed_with(10).await, close_code::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("every connection closed");
+    })
+    .await;
+}

@@ -1,0 +1,101 @@
+//! How ticket events reach WebSocket clients: topics `tickets` (every ticket the user may see)
+//! and `ticket:<id>` (one ticket), both carried on one coarse pub/sub channel, `tickets`.
+
+use crate::handlers::GetTicket;
+use async_trait::async_trait;
+use cqrs_core::{EventRecord, Metadata};
+use cqrs_realtime::{Authorizer, EventRouting, PushedEvent, Refusal, Routed, Topic};
+use helpdesk_api::{BusHandle, User};
+use serde_json::json;
+use uuid::Uuid;
+
+/// The one pub/sub channel every ticket event travels on.
+const CHANNEL: &str = "tickets";
+
+/// Maps ticket events to topics and to the `event` object clients receive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TicketRouting;
+
+impl EventRouting for TicketRouting {
+    fn channel(&self, topic: &Topic) -> Option<String> {
+        match (topic.family(), topic.key()) {
+            ("tickets", None) => Some(CHANNEL.to_owned()),
+            ("ticket", Some(id)) if Uuid::parse_str(id).is_ok() => Some(CHANNEL.to_owned()),
+            _ => None,
+        }
+    }
+
+    fn route(&self, record: &EventRecord) -> Option<Routed> {
+        let ticket_id = record.payload.get("ticket_id")?.as_str()?;
+        let reporter_id = record.payload.get("reporter_id")?.as_str()?;
+        let event = json!({
+            "event_id": record.event_id,
+            "type": record.event_type,
+            "ticket_id": ticket_id,
+            "version": record.stream_version,
+            "occurred_at": record.metadata.occurred_at,
+            "actor_id": record.metadata.actor,
+            "data": record.payload,
+        });
+        Some(
+            Routed::new(event)
+                .topic(Topic::parse("tickets").ok()?)
+                .topic(Topic::with_key("ticket", ticket_id).ok()?)
+                .routing("reporter_id", reporter_id),
+        )
+    }
+}
+
+/// Customers see their own tickets' events; agents see every event. Subscribing to one ticket
+/// needs permission to see that ticket (looked up once, at subscribe); each event is then
+/// checked from its own `reporter_id`, never with a lookup.
+#[derive(Debug, Clone)]
+pub(crate) struct TicketRules {
+    pub(crate) buses: BusHandle,
+}
+
+#[async_trait]
+impl Authorizer<User> for TicketRules {
+    async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+        match (topic.family(), topic.key()) {
+            ("tickets", None) => Ok(()),
+            ("ticket", Some(id)) => {
+                let id = Uuid::parse_str(id)
+                    .map_err(|_| Refusal::unknown_topic("a ticket topic is `ticket:<uuid>`"))?;
+                if user.is_agent() {
+                    return Ok(());
+                }
+                let buses = self
+                    .buses
+                    .get()
+                    .map_err(|e| Refusal::unavailable(e.message))?;
+                let query = GetTicket {
+                    user: user.clone(),
+                    id,
+                };
+                match buses
+                    .queries
+                    .dispatch_with(query, Metadata::new().with_actor(user.id.to_string()))
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == cqrs_core::ErrorKind::NotFound => {
+                        Err(Refusal::forbidden("you may not follow this ticket"))
+                    }
+                    Err(e) => Err(Refusal::unavailable(e.to_string())),
+                }
+            }
+            _ => Err(Refusal::unknown_topic(
+                "topics are `tickets` and `ticket:<id>`",
+            )),
+        }
+    }
+
+    fn may_see(&self, user: &User, _topic: &Topic, event: &PushedEvent) -> bool {
+        if user.is_agent() {
+            return true;
+        }
+        let mut id = Uuid::encode_buffer();
+        event.routing_str("reporter_id") == Some(user.id.as_hyphenated().encode_lower(&mut id))
+    }
+}

@@ -1,0 +1,388 @@
+use crate::support::*;
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(s: &TestServer, token: &str) -> Ws {
+    let url = format!("{}/ws", s.base.replace("http://", "ws://"));
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the handshake succeeds")
+        .0
+}
+
+async fn send(ws: &mut Ws, frame: Value) {
+    ws.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// The next JSON text frame (skipping pings), within 5 s.
+async fn next(ws: &mut Ws) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("a frame within 5 s")
+            .expect("the socket is open")
+            .unwrap();
+        match msg {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Nothing arrives for a little while (used after the events that should arrive did).
+async fn quiet(ws: &mut Ws) {
+    if let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(300), ws.next()).await
+    {
+        panic!("unexpected frame {t}");
+    }
+}
+
+async fn subscribe(ws: &mut Ws, topic: &str) {
+    send(ws, json!({ "type": "subscribe", "topic": topic })).await;
+    assert_eq!(
+        next(ws).await,
+        json!({ "type": "subscribed", "topic": topic })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_needs_a_valid_token_in_the_header_or_the_query() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let url = s.url("/ws");
+        for (what, request) in [
+            ("no token", s.http.get(&url)),
+            ("a bad token", s.http.get(&url).bearer_auth("garbage")),
+            (
+                "a bad query token",
+                s.http.get(format!("{url}?token=garbage")),
+            ),
+        ] {
+            let r = Response::from(
+                request
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-version", "13")
+                    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {r:?}");
+            assert_eq!(r.body["error"]["code"], "unauthorized");
+        }
+        let ws_url = format!("{}?token={token}", url.replace("http://", "ws://"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
+            .await
+            .expect("a query token works");
+        send(&mut ws, json!({ "type": "ping" })).await;
+        assert_eq!(next(&mut ws).await, json!({ "type": "pong" }));
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_receive_their_own_ticket_events_and_agents_receive_all() {
+    within(async {
+        let s = TestServer::start().await;
+        let (alice, alice_id) = s.customer().await;
+        let (bob, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let mut alice_ws = connect(&s, &alice).await;
+        let mut agent_ws = connect(&s, &agent).await;
+        subscribe(&mut alice_ws, "tickets").await;
+        subscribe(&mut agent_ws, "tickets").await;
+
+        let started = std::time::Instant::now();
+        let ticket = s.ticket(&alice, "live").await;
+        let id = ticket["id"].as_str().unwrap().to_owned();
+        s.ticket(&bob, "bob's own").await;
+        s.post(
+            &format!("/tickets/{id}/assign"),
+            &agent,
+            json!({ "assignee_id": agent_id }),
+        )
+        .await;
+
+        let first = next(&mut alice_ws).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "delivered within a second"
+        );
+        assert_eq!(first["type"], "event");
+        assert_eq!(first["topic"], "tickets");
+        let event = &first["event"];
+        assert_eq!(event["type"], "TicketOpened");
+        assert_eq!(event["ticket_id"], id);
+        assert_eq!(event["version"], 1);
+        assert_eq!(event["actor_id"], alice_id);
+        assert_eq!(event["data"]["title"], "live");
+        assert!(uuid::Uuid::parse_str(event["event_id"].as_str().unwrap()).is_ok());
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(event["occurred_at"].as_str().unwrap()).is_ok()
+        );
+        let second = next(&mut alice_ws).await;
+        assert_eq!(
+            (
+                second["event"]["type"].as_str(),
+                second["event"]["version"].as_u64()
+            ),
+            (Some("TicketAssigned"), Some(2))
+        );
+        quiet(&mut alice_ws).await; // bob's ticket is not alice's business
+
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(
+                next(&mut agent_ws).await["event"]["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        seen.sort();
+        assert_eq!(seen, ["TicketAssigned", "TicketOpened", "TicketOpened"]);
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_ticket_topic_is_authorized_and_events_arrive_in_version_order() {
+    within(async {
+        let s = TestServer::start().await;
+        let (alice, _) = s.customer().await;
+        let (bob, _) = s.customer().await;
+        let id = s.ticket(&alice, "watched").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let topic = format!("ticket:{id}");
+
+        let mut bob_ws = connect(&s, &bob).await;
+        send(&mut bob_ws, json!({ "type": "subscribe", "topic": topic })).await;
+        let refused = next(&mut bob_ws).await;
+        assert_eq!(
+            (refused["type"].as_str(), refused["code"].as_str()),
+            (Some("error"), Some("forbidden"))
+        );
+        send(&mut bob_ws, json!({ "type": "ping" })).await;
+        assert_eq!(
+            next(&mut bob_ws).await["type"],
+            "pong",
+            "the connection stays open"
+        );
+
+        let mut ws = connect(&s, &alice).await;
+        // The ticket's `TicketOpened` may still be on its way and arrive after a subscription
+        // is live: frames of version 1 are skipped below.
+        send(&mut ws, json!({ "type": "subscribe", "topic": topic })).await;
+        send(&mut ws, json!({ "type": "subscribe", "topic": "tickets" })).await;
+        let mut confirmed = 0;
+        while confirmed < 2 {
+            let f = next(&mut ws).await;
+            match f["type"].as_str() {
+                Some("subscribed") => confirmed += 1,
+                Some("event") => assert_eq!(f["event"]["version"], 1, "{f}"),
+                _ => panic!("unexpected {f}"),
+            }
+        }
+        for i in 0..5 {
+            s.post(
+                &format!("/tickets/{id}/comments"),
+                &alice,
+                json!({ "body": format!("c{i}") }),
+            )
+            .await;
+        }
+        // One frame per matching subscription: two per event.
+        let mut by_topic: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        while by_topic.values().map(Vec::len).sum::<usize>() < 10 {
+            let f = next(&mut ws).await;
+            let version = f["event"]["version"].as_u64().unwrap();
+            if version > 1 {
+                by_topic
+                    .entry(f["topic"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(version);
+            }
+        }
+        assert_eq!(by_topic[&topic], [2, 3, 4, 5, 6], "version order");
+        assert_eq!(by_topic["tickets"], [2, 3, 4, 5, 6]);
+
+        send(&mut ws, json!({ "type": "unsubscribe", "topic": topic })).await;
+        assert_eq!(
+            next(&mut ws).await,
+            json!({ "type": "unsubscribed", "topic": topic })
+        );
+        s.post(&format!("/tickets/{id}/close"), &alice, json!({}))
+            .await;
+        let only = next(&mut ws).await;
+        assert_eq!(
+            (only["topic"].as_str(), only["event"]["type"].as_str()),
+            (Some("tickets"), Some("TicketClosed"))
+        );
+        quiet(&mut ws).await;
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unknown_frames_get_error_frames_and_the_connection_stays_open() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let mut ws = connect(&s, &token).await;
+        for frame in [
+            "not json".to_owned(),
+            json!({ "type": "dance" }).to_string(),
+            json!({ "type": "subscribe" }).to_string(),
+            json!({ "type": "subscribe", "topic": "weather" }).to_string(),
+            json!({ "type": "subscribe", "topic": "ticket:not-a-uuid" }).to_string(),
+            json!([1, 2, 3]).to_string(),
+        ] {
+            ws.send(Message::text(frame.clone())).await.unwrap();
+            let answer = next(&mut ws).await;
+            assert_eq!(answer["type"], "error", "{frame}: {answer}");
+            assert!(
+                answer["code"].is_string() && answer["message"].is_string(),
+                "{answer}"
+            );
+        }
+        ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+        assert_eq!(next(&mut ws).await["type"], "error");
+        send(&mut ws, json!({ "type": "ping" })).await;
+        assert_eq!(next(&mut ws).await["type"], "pong");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resumes_from_its_last_position_misses_nothing_and_gets_nothing_twice() {
+    within(async {
+        let s = TestServer::start().await;
+        let (alice, _) = s.customer().await;
+        let mut ws = connect(&s, &alice).await;
+        subscribe(&mut ws, "tickets").await;
+        let id = s.ticket(&alice, "resume").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(next(&mut ws).await["event"]["version"], 1);
+        s.post(
+            &format!("/tickets/{id}/comments"),
+            &alice,
+            json!({ "body": "one" }),
+        )
+        .await;
+        let seen = next(&mut ws).await;
+        assert_eq!(seen["event"]["version"], 2);
+        let position = seen["position"]
+            .as_str()
+            .expect("events carry their position")
+            .to_owned();
+        drop(ws);
+
+        // Missed while disconnected.
+        for body in ["two", "three"] {
+            s.post(
+                &format!("/tickets/{id}/comments"),
+                &alice,
+                json!({ "body": body }),
+            )
+            .await;
+        }
+        let mut ws = connect(&s, &alice).await;
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "topic": "tickets", "since": position }),
+        )
+        .await;
+        let mut versions = Vec::new();
+        let mut subscribed = false;
+        while versions.len() < 3 {
+            let f = next(&mut ws).await;
+            match f["type"].as_str() {
+                Some("subscribed") => subscribed = true,
+                Some("event") => {
+                    versions.push(f["event"]["version"].as_u64().unwrap());
+                    if versions.len() == 2 {
+                        // Live again: this one arrives after the replay, exactly once.
+                        s.post(&format!("/tickets/{id}/close"), &alice, json!({}))
+                            .await;
+                    }
+                }
+                other => panic!("unexpected {other:?}: {f}"),
+            }
+        }
+        assert!(subscribed);
+        assert_eq!(versions, [3, 4, 5], "no gap, no duplicate at the seam");
+        quiet(&mut ws).await;
+
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "topic": "ticket:x", "since": "not-a-position" }),
+        )
+        .await;
+        assert_eq!(next(&mut ws).await["type"], "error");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_the_server_down_closes_websockets_with_1001() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let mut ws = connect(&s, &token).await;
+        subscribe(&mut ws, "tickets").await;
+        let metrics = s
+            .http
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("realtime_connections"),
+            "open WebSockets are a metric"
+        );
+        let stopping = tokio::spawn(s.stop());
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("a close within 5 s")
+            {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+        stopping.await.unwrap();
+    })
+    .await;
+}
