@@ -250,6 +250,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     source,
                 })?;
             if let Some(envelope) = envelope {
+                metrics::counter!(
+                    "cqrs_events_handled_total",
+                    "consumer" => self.name.clone(),
+                    "event_type" => envelope.name()
+                )
+                .increment(1);
                 self.projection
                     .apply(unit, &envelope)
                     .await

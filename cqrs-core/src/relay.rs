@@ -105,8 +105,14 @@ impl<S: ProjectionStore> StoreRelay<S> {
             .save_checkpoint(&mut unit, &self.name, last)
             .await?;
         self.checkpoints.commit(unit).await?;
-        metrics::counter!("cqrs_relay_published_total", "relay" => self.name.clone())
-            .increment(records.len() as u64);
+        for record in &records {
+            metrics::counter!(
+                "cqrs_events_published_total",
+                "relay" => self.name.clone(),
+                "event_type" => crate::record::bounded_label(&record.event_type)
+            )
+            .increment(1);
+        }
         Ok(records.len())
     }
 

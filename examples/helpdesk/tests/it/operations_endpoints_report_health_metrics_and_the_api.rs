@@ -42,6 +42,27 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
         );
         assert!(metrics.contains("message=\"tickets.open\""));
         assert!(metrics.contains("cqrs_dispatch_duration_seconds"));
+        // Events published (by the relay) and handled (by the stats projection), by type.
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(5),
+            "event metrics",
+            || async {
+                let text = s
+                    .http
+                    .get(s.url("/metrics"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                (text.contains("cqrs_events_published_total")
+                    && text.contains("event_type=\"TicketOpened\"")
+                    && text.contains("cqrs_events_handled_total"))
+                .then_some(())
+            },
+        )
+        .await;
 
         let api = s.send(Method::GET, "/openapi.json", None, None).await;
         assert_eq!(api.status, StatusCode::OK);
