@@ -327,6 +327,12 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
         self
     }
 
+    /// The authorizer, shared with other code (a plugin that contributes it, for instance).
+    pub fn authorizer_arc(mut self, authorizer: Arc<dyn Authorizer<P>>) -> Self {
+        self.authorizer = Some(authorizer);
+        self
+    }
+
     /// The topics served and how events map to them. Required.
     pub fn routing(mut self, routing: impl EventRouting) -> Self {
         self.routing = Some(Arc::new(routing));
