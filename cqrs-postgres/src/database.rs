@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The migrations, in order: `(version, description, SQL with placeholders)`.
-const MIGRATIONS: [(i64, &str, &str); 4] = [
+const MIGRATIONS: [(i64, &str, &str); 5] = [
     (
         1,
         "event store",
@@ -33,6 +33,11 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
         4,
         "inbox and checkpoints",
         include_str!("../migrations/0004_inbox_checkpoints.sql"),
+    ),
+    (
+        5,
+        "append one event",
+        include_str!("../migrations/0005_append_event.sql"),
     ),
 ];
 

@@ -14,16 +14,16 @@ use sqlx::{AssertSqlSafe, Row};
 
 /// An event store in Postgres: one `events` table, one global order.
 ///
-/// * **Append** is one statement (one round trip): the `append_events` function takes the
-///   schema's append lock, checks the expected version, and inserts the batch with
-///   consecutive versions. All or nothing.
+/// * **Append** is one statement (one round trip): the `append_events` function (or
+///   `append_event`, for a single event) takes the schema's append lock, checks the expected
+///   version, and inserts the batch with consecutive versions. All or nothing.
 /// * **Optimistic concurrency**: the expected version is checked under the append lock, and
 ///   a unique constraint on `(stream_id, stream_version)` backs it; of 50 concurrent appends
 ///   at one version, one wins and 49 get [`StoreError::Conflict`] with the actual version.
 /// * **Global order**: positions come from an identity column and are drawn while holding a
 ///   transaction-scoped advisory lock (`pg_advisory_xact_lock`) that is released at commit,
 ///   so they are drawn in commit order and a reader of `read_all` never skips an event that
-///   commits late. The cost: appends to one schema are serialized from their `append_events`
+///   commits late. The cost: appends to one schema are serialized from their append
 ///   statement to their commit. A plain `append` is its own transaction, so it holds the lock
 ///   for one statement; a command's unit of work appends in its last statement before
 ///   `COMMIT`; [`append_in`](Self::append_in) holds it until *your* commit. See
@@ -113,36 +113,53 @@ pub(crate) async fn append_on(
         ExpectedVersion::Any => None,
         ExpectedVersion::Exactly(v) => Some(to_i64(v)),
     };
-    let result = {
-        let columns = Columns::new(&events)?;
-        let statement = match completion {
-            Some(_) => sql.append_completing.clone(),
-            None => sql.append.clone(),
-        };
-        let mut query = sqlx::query(AssertSqlSafe(statement))
-            .bind(stream_id)
-            .bind(expected_param)
-            .bind(&columns.event_ids)
-            .bind(&columns.event_types)
-            .bind(&columns.schema_versions)
-            .bind(&columns.payloads)
-            .bind(&columns.metadata)
-            .bind(&columns.partition_keys);
-        if let Some(c) = completion {
-            query = query
-                .bind(c.status)
-                .bind(Json(c.body))
-                .bind(c.expires_at)
-                .bind(c.scope)
-                .bind(c.key);
-        }
-        query.fetch_one(&mut *conn).await
+    // One event (what a command records more often than not) goes through `append_event`,
+    // which takes scalars: unnesting one-element arrays and aggregating the positions back
+    // cost almost as much as everything else the function does (docs/benchmarks.md).
+    let single = events.len() == 1;
+    let statement = match (single, completion.is_some()) {
+        (true, false) => sql.append_one.clone(),
+        (true, true) => sql.append_one_completing.clone(),
+        (false, false) => sql.append.clone(),
+        (false, true) => sql.append_completing.clone(),
     };
+    // sqlx encodes each value as it is bound: the borrows end here.
+    let mut query = sqlx::query(AssertSqlSafe(statement))
+        .bind(stream_id)
+        .bind(expected_param);
+    query = match events.as_slice() {
+        [event] => query
+            .bind(event.event_id)
+            .bind(&event.event_type)
+            .bind(row::schema_version(event)?)
+            .bind(Json(&event.payload))
+            .bind(Json(&event.metadata))
+            .bind(event.partition_key.as_deref()),
+        _ => {
+            let columns = Columns::new(&events)?;
+            query
+                .bind(&columns.event_ids)
+                .bind(&columns.event_types)
+                .bind(&columns.schema_versions)
+                .bind(&columns.payloads)
+                .bind(&columns.metadata)
+                .bind(&columns.partition_keys)
+        }
+    };
+    if let Some(c) = completion {
+        query = query
+            .bind(c.status)
+            .bind(Json(c.body))
+            .bind(c.expires_at)
+            .bind(c.scope)
+            .bind(c.key);
+    }
+    let result = query.fetch_one(&mut *conn).await;
     let row = match result {
         Ok(row) => row,
         Err(e) if is_unique_violation(&e, "events_stream_version_key") => {
             // Only reachable when the transaction is not READ COMMITTED (its snapshot missed
-            // a concurrent append) or someone inserted without append_events.
+            // a concurrent append) or someone inserted without the append functions.
             let actual = read_version(pool, sql, stream_id).await?;
             return Err(StoreError::Conflict {
                 stream: stream_id.to_owned(),
@@ -159,7 +176,12 @@ pub(crate) async fn append_on(
         Err(e) => return Err(store_error(e)),
     };
     let actual: i64 = row.try_get(0).map_err(store_error)?;
-    let positions: Option<Vec<i64>> = row.try_get(1).map_err(store_error)?;
+    let positions: Option<Vec<i64>> = if single {
+        let position: Option<i64> = row.try_get(1).map_err(store_error)?;
+        position.map(|p| vec![p])
+    } else {
+        row.try_get(1).map_err(store_error)?
+    };
     let actual = to_u64(actual);
     let Some(positions) = positions else {
         return Err(StoreError::Conflict {

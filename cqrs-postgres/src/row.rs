@@ -32,20 +32,23 @@ impl<'a> Columns<'a> {
         for r in records {
             columns.event_ids.push(r.event_id);
             columns.event_types.push(&r.event_type);
-            columns
-                .schema_versions
-                .push(i32::try_from(r.schema_version).map_err(|_| {
-                    codec(format!(
-                        "event {} has schema version {}, more than a Postgres integer holds",
-                        r.event_id, r.schema_version
-                    ))
-                })?);
+            columns.schema_versions.push(schema_version(r)?);
             columns.payloads.push(Json(&r.payload));
             columns.metadata.push(Json(&r.metadata));
             columns.partition_keys.push(r.partition_key.as_deref());
         }
         Ok(columns)
     }
+}
+
+/// An event's schema version as a Postgres integer.
+pub(crate) fn schema_version(record: &EventRecord) -> Result<i32, StoreError> {
+    i32::try_from(record.schema_version).map_err(|_| {
+        codec(format!(
+            "event {} has schema version {}, more than a Postgres integer holds",
+            record.event_id, record.schema_version
+        ))
+    })
 }
 
 /// A stored event from a row of `EVENT_COLUMNS`.

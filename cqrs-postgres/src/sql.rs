@@ -41,6 +41,8 @@ pub(crate) struct Sql {
 
     pub(crate) append: Arc<str>,
     pub(crate) append_completing: Arc<str>,
+    pub(crate) append_one: Arc<str>,
+    pub(crate) append_one_completing: Arc<str>,
     pub(crate) load: Arc<str>,
     pub(crate) read_all: Arc<str>,
     pub(crate) stream_version: Arc<str>,
@@ -70,20 +72,28 @@ impl Sql {
         let append_call = format!(
             "SELECT actual_version, positions FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8)"
         );
+        let append_one_call = format!(
+            "SELECT actual_version, event_position FROM {s}.append_event($1, $2, $3, $4, $5, $6, $7, $8)"
+        );
+        // A data-modifying CTE runs to completion whether or not the query reads it: the
+        // idempotency response is stored in the same statement (and round trip) as the
+        // events.
+        let completing = |call: &str| {
+            format!(
+                "WITH completed AS (UPDATE {s}.idempotency SET status = $9, body = $10, \
+                 expires_at = $11 WHERE scope = $12 AND key = $13) {call}"
+            )
+        };
         let f = |text: String| -> Arc<str> { Arc::from(text) };
         Self {
             schema: schema.to_owned(),
             channel: format!("{schema}_events"),
             append_lock: lock::key(&[schema, "append"]),
 
-            append: f(append_call.clone()),
-            // A data-modifying CTE runs to completion whether or not the query reads it: the
-            // idempotency response is stored in the same statement (and round trip) as the
-            // events.
-            append_completing: f(format!(
-                "WITH completed AS (UPDATE {s}.idempotency SET status = $9, body = $10, \
-                 expires_at = $11 WHERE scope = $12 AND key = $13) {append_call}"
-            )),
+            append_completing: f(completing(&append_call)),
+            append: f(append_call),
+            append_one_completing: f(completing(&append_one_call)),
+            append_one: f(append_one_call),
             load: f(format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
                  ORDER BY stream_version"

@@ -9,7 +9,7 @@ use cqrs_core::{CommandContext, ErrorKind, EventRecord, HandlerError};
 use sqlx::Transaction;
 use sqlx::postgres::{PgConnection, Postgres};
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -60,6 +60,10 @@ pub struct PgUnitOfWork {
     // A std Mutex only to make the value `Sync` (the context's extensions require it); it is
     // never locked: every access goes through `&mut self` and `Mutex::get_mut`.
     state: Mutex<State>,
+    /// Set by the [`PgCommandLayer`](crate::PgCommandLayer) that will commit it (or hand it
+    /// back to its executor). A unit of work a caller put in a dispatch that no layer runs
+    /// would never commit, so a handler must not find it.
+    layered: bool,
 }
 
 #[derive(Default)]
@@ -101,7 +105,14 @@ impl PgUnitOfWork {
         Self {
             db,
             state: Mutex::new(State::default()),
+            layered: false,
         }
+    }
+
+    /// Marks this unit of work as run by a layer, which commits it or hands it back.
+    pub(crate) fn layered(mut self) -> Self {
+        self.layered = true;
+        self
     }
 
     /// The unit of work in a handler's context; an internal error naming the fix when the bus
@@ -109,6 +120,7 @@ impl PgUnitOfWork {
     pub fn from_context(ctx: &mut CommandContext) -> Result<&mut PgUnitOfWork, HandlerError> {
         ctx.extensions_mut()
             .get_mut::<PgUnitOfWork>()
+            .filter(|uow| uow.layered)
             .ok_or_else(|| {
                 HandlerError::new(
                     ErrorKind::Internal,
@@ -237,7 +249,19 @@ impl PgUnitOfWork {
                 body: &r.body,
                 expires_at: idempotency::expiry(clock.now(), c.ttl),
             }),
-            _ => None,
+            // Committing a claim without its response would commit an "in progress" row
+            // (status NULL), which nothing ever completes: roll back instead (`tx` drops).
+            (Some(c), None) => {
+                return Err(StoreError::Backend {
+                    backend: crate::error::BACKEND,
+                    source: format!(
+                        "refusing to commit idempotency key {}/{} without its response",
+                        c.scope, c.key
+                    )
+                    .into(),
+                });
+            }
+            (None, _) => None,
         };
         let mut tx = match tx {
             Some(tx) => tx,
@@ -280,35 +304,25 @@ impl PgUnitOfWork {
 /// Names the stream a recorded event is appended to.
 pub(crate) type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 
-/// Lets [`PgCommandExecutor`](crate::PgCommandExecutor) and the layer hand a unit of work to
-/// each other: the bus offers no way to seed a dispatch's extensions, so it travels in a
-/// task-local slot for the length of one `execute` call.
-pub(crate) mod handoff {
-    use super::PgUnitOfWork;
-    use std::cell::RefCell;
+/// Put beside a claimed unit of work in a dispatch's extensions by
+/// [`PgCommandExecutor`](crate::PgCommandExecutor) (through
+/// [`CommandBus::execute_with_extensions`](cqrs_core::CommandBus::execute_with_extensions)):
+/// the layer returns the unit of work through it instead of committing, and the executor
+/// commits after it has staged the idempotency response.
+///
+/// The reply's extensions do not come back from the bus, hence a shared slot. Layers clone it
+/// rather than take it, so every [`PgCommandLayer`](crate::PgCommandLayer) on the path hands
+/// back and none commits the claim early.
+#[derive(Clone, Default)]
+pub(crate) struct HandBack(Arc<Mutex<Option<PgUnitOfWork>>>);
 
-    #[derive(Default)]
-    pub(crate) struct Slot {
-        pub(crate) given: Option<PgUnitOfWork>,
-        pub(crate) returned: Option<PgUnitOfWork>,
+impl HandBack {
+    // A std Mutex: it is locked only to move a value in or out, never across an await.
+    pub(crate) fn put(&self, uow: PgUnitOfWork) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(uow);
     }
 
-    tokio::task_local! {
-        pub(crate) static SLOT: RefCell<Slot>;
-    }
-
-    /// The unit of work the executor put in the slot, if this runs inside one.
-    pub(crate) fn take_given() -> Option<PgUnitOfWork> {
-        SLOT.try_with(|slot| slot.borrow_mut().given.take())
-            .ok()
-            .flatten()
-    }
-
-    /// Gives the unit of work back to the executor; `false` (and the unit of work rolled
-    /// back) when this runs outside an executor's slot.
-    pub(crate) fn give_back(uow: PgUnitOfWork) -> bool {
-        let mut uow = Some(uow);
-        let _ = SLOT.try_with(|slot| slot.borrow_mut().returned = uow.take());
-        uow.is_none()
+    pub(crate) fn take(&self) -> Option<PgUnitOfWork> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }

@@ -3,10 +3,11 @@
 use super::store_failure;
 use crate::PgDatabase;
 use crate::idempotency::Outcome;
-use crate::unit_of_work::{PgUnitOfWork, handoff};
+use crate::unit_of_work::{HandBack, PgUnitOfWork};
 use cqrs_core::ports::{StoreError, StoredResponse};
-use cqrs_core::{Command, CommandBus, DispatchError, EventEnvelope, HandlerError, Metadata};
-use std::cell::RefCell;
+use cqrs_core::{
+    Command, CommandBus, DispatchError, EventEnvelope, Extensions, HandlerError, Metadata,
+};
 use std::time::Duration;
 
 /// An idempotency key, as a request carries it (an `Idempotency-Key` header, for instance).
@@ -155,27 +156,21 @@ impl PgCommandExecutor {
                 }));
             }
         }
-        let slot = RefCell::new(handoff::Slot {
-            given: Some(uow),
-            returned: None,
-        });
-        let (result, slot) = handoff::SLOT
-            .scope(slot, async {
-                let result = self.bus.execute(command, metadata).await;
-                let slot = handoff::SLOT.with(|s| std::mem::take(&mut *s.borrow_mut()));
-                (result, slot)
-            })
-            .await;
-        // On an error the unit of work is already gone (rolled back); anything left in the
-        // slot is dropped here, which rolls it back too.
-        let executed = result?;
-        let Some(mut uow) = slot.returned else {
-            let problem = if slot.given.is_some() {
-                "the command bus has no PgCommandLayer: build it with `.layer(db.command_layer())`"
-            } else {
-                "the PgCommandLayer did not hand the unit of work back"
-            };
-            return Err(DispatchError::Handler(HandlerError::internal(problem)));
+        // The unit of work rides in the dispatch; the layer runs the command in it and hands
+        // it back instead of committing. On a handler error or panic it is dropped with the
+        // handler's context, and the transaction, claim included, rolls back.
+        let hand_back = HandBack::default();
+        let mut extensions = Extensions::new();
+        extensions.insert(uow);
+        extensions.insert(hand_back.clone());
+        let executed = self
+            .bus
+            .execute_with_extensions(command, metadata, extensions)
+            .await?;
+        let Some(mut uow) = hand_back.take() else {
+            return Err(DispatchError::Handler(HandlerError::internal(
+                "the command bus has no PgCommandLayer: build it with `.layer(db.command_layer())`",
+            )));
         };
         let response = respond(&executed.output);
         uow.set_response(response.clone());

@@ -2,7 +2,7 @@
 
 use super::{dispatch_error, store_failure};
 use crate::PgDatabase;
-use crate::unit_of_work::{PgUnitOfWork, StreamFor, handoff};
+use crate::unit_of_work::{HandBack, PgUnitOfWork, StreamFor};
 use cqrs_core::{BoxError, Dispatch, DispatchError, EventRecord, HandlerError, MessageKind, Reply};
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
@@ -19,6 +19,11 @@ use tower::{Layer, Service};
 /// in the same transaction (the outbox: a [`PgOutboxRelay`](crate::PgOutboxRelay) ships them
 /// after commit), and commits. When the handler fails or panics, the transaction rolls back:
 /// no rows, no events, nothing published. Queries and events pass through untouched.
+///
+/// A dispatch that already carries a [`PgUnitOfWork`] (put there with
+/// [`CommandBus::execute_with_extensions`](cqrs_core::CommandBus::execute_with_extensions))
+/// runs in it instead of a new one, and the layer commits it the same way: a caller can read
+/// or write in the transaction before the command runs.
 ///
 /// Recorded events are appended at [`ExpectedVersion::Any`](cqrs_core::ExpectedVersion) to
 /// the stream [`stream_for`](Self::stream_for) names: by default their partition key (set by
@@ -156,10 +161,14 @@ where
             let future = self.inner.call(dispatch);
             return Box::pin(async move { future.await.map_err(|e| dispatch_error(e.into())) });
         }
-        let given = handoff::take_given();
-        let handed_over = given.is_some();
-        let uow = given.unwrap_or_else(|| PgUnitOfWork::new(self.config.db.clone()));
-        dispatch.extensions_mut().insert(uow);
+        // A unit of work already in the dispatch was opened by the caller
+        // (`CommandBus::execute_with_extensions`): the command runs in it.
+        let uow = dispatch
+            .extensions_mut()
+            .remove::<PgUnitOfWork>()
+            .unwrap_or_else(|| PgUnitOfWork::new(self.config.db.clone()));
+        dispatch.extensions_mut().insert(uow.layered());
+        let hand_back = dispatch.extensions().get::<HandBack>().cloned();
         // On a handler error or panic the context, and the unit of work with it, is dropped
         // inside the inner future: the transaction rolls back there.
         let future = self.inner.call(dispatch);
@@ -185,15 +194,10 @@ where
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?;
             uow.stage_recorded(records, config.stream_for.as_ref());
-            if handed_over {
-                // The executor commits, after it has stored the idempotency response.
-                if !handoff::give_back(uow) {
-                    return Err(DispatchError::Handler(HandlerError::internal(
-                        "the command's unit of work could not be handed back to its executor",
-                    )));
-                }
-            } else {
-                uow.commit().await.map_err(store_failure)?;
+            match hand_back {
+                // The executor commits, after it has staged the idempotency response.
+                Some(hand_back) => hand_back.put(uow),
+                None => uow.commit().await.map_err(store_failure)?,
             }
             Ok(reply)
         })

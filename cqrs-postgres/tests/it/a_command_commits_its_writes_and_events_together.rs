@@ -1,13 +1,14 @@
 //! What a command's transaction holds: the handler's rows, the events it appends at an
 //! expected version and those it records, written once each and committed together; a
-//! version conflict found at commit rolls all of it back.
+//! version conflict found at commit rolls all of it back. A unit of work the caller opened
+//! holds the command too.
 
 use crate::support::tickets::{self, TicketOpened};
 use crate::support::{pg_test, record};
 use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::{
-    Command, CommandBus, CommandContext, CommandHandler, ErrorKind, EventRecord, HandlerError,
-    Message, Query, QueryBus, QueryContext, QueryHandler, async_trait,
+    Command, CommandBus, CommandContext, CommandHandler, ErrorKind, EventRecord, Extensions,
+    HandlerError, Message, Metadata, Query, QueryBus, QueryContext, QueryHandler, async_trait,
 };
 use cqrs_postgres::PgUnitOfWork;
 use sqlx::AssertSqlSafe;
@@ -143,5 +144,69 @@ pg_test! {
         let err = bare.dispatch(Rename { id: "t1".into(), expected: 0 }).await.unwrap_err();
         assert_eq!(err.handler_error().map(|e| e.code()), Some("no_unit_of_work"));
         let _ = db.event_store().append("x", ExpectedVersion::Any, vec![record(1)]).await.unwrap();
+    }
+}
+
+pg_test! {
+    /// A unit of work the caller opened and put in the dispatch holds the caller's write and
+    /// the command's, and commits both; a bus without the layer refuses it to the handler.
+    async fn a_command_runs_in_the_unit_of_work_its_caller_opened(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(tickets::OpenTicketHandler::default())
+            .build()
+            .unwrap();
+        let mut uow = PgUnitOfWork::new(db.clone());
+        let insert = format!(
+            "INSERT INTO \"{}\".tickets (id, title) VALUES ('t0', 'by the caller')",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(insert))
+            .execute(uow.connection().await.unwrap())
+            .await
+            .unwrap();
+        let mut extensions = Extensions::new();
+        extensions.insert(uow);
+        bus.execute_with_extensions(
+            tickets::OpenTicket::new("t1", tickets::Then::Succeed),
+            Metadata::new(),
+            extensions,
+        )
+        .await
+        .unwrap();
+        assert_eq!(tickets::count(&db).await, 2);
+        assert_eq!(crate::support::event_count(&db).await, 1);
+
+        // The same with a failing handler: the caller's write rolls back too.
+        let mut uow = PgUnitOfWork::new(db.clone());
+        let insert = format!(
+            "INSERT INTO \"{}\".tickets (id, title) VALUES ('t2', 'by the caller')",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(insert))
+            .execute(uow.connection().await.unwrap())
+            .await
+            .unwrap();
+        let mut extensions = Extensions::new();
+        extensions.insert(uow);
+        bus.execute_with_extensions(
+            tickets::OpenTicket::new("t3", tickets::Then::Fail),
+            Metadata::new(),
+            extensions,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(tickets::count(&db).await, 2);
+        assert_eq!(crate::support::event_count(&db).await, 1);
+
+        let bare = CommandBus::builder().handler(RenameHandler).build().unwrap();
+        let mut extensions = Extensions::new();
+        extensions.insert(PgUnitOfWork::new(db.clone()));
+        let err = bare
+            .execute_with_extensions(Rename { id: "t4".into(), expected: 0 }, Metadata::new(), extensions)
+            .await
+            .unwrap_err();
+        assert_eq!(err.handler_error().map(|e| e.code()), Some("no_unit_of_work"));
     }
 }

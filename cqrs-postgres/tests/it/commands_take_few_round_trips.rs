@@ -116,8 +116,13 @@ async fn each_command_costs_the_documented_round_trips() {
                 )
                 .await
                 .unwrap();
+            // One event and a batch take different statements.
             store
                 .append("warm", ExpectedVersion::Any, vec![record(0)])
+                .await
+                .unwrap();
+            store
+                .append("warm", ExpectedVersion::Any, vec![record(0), record(1)])
                 .await
                 .unwrap();
 

@@ -1,8 +1,8 @@
 //! Every port this crate implements runs its conformance suite from `cqrs_core::testing`, each
-//! scenario in a schema of its own (dropped after a pass).
-//!
-//! The scenario lists repeat those of the core's `*_conformance!` macros, because those macros
-//! cannot skip a scenario when Postgres is unreachable; keep them in step with the core.
+//! scenario in a schema of its own (dropped after a pass). The scenario lists are the core's:
+//! its macros expand to one test per scenario, and a harness of `None` (Postgres unreachable,
+//! see `support::postgres_available`) skips the scenario, or fails it under
+//! `CQRS_REQUIRE_SERVICES=1`.
 
 use async_trait::async_trait;
 use cqrs_core::EventRecord;
@@ -32,32 +32,13 @@ impl Harness for PgHarness {
     }
 }
 
+/// A fresh, migrated schema named after the test id, on a manual clock; `None` when Postgres is
+/// unreachable (the core's macros then skip the scenario).
 async fn harness(id: String) -> Option<PgHarness> {
     let db = crate::support::schema(&id).await?;
     let clock = ManualClock::new();
     let db = db.with_clock(Arc::new(clock.clone()));
     Some(PgHarness { id, db, clock })
-}
-
-/// One `#[tokio::test]` per scenario, as the core's macros expand, plus a skip when Postgres is
-/// unreachable.
-macro_rules! conformance {
-    ($port:ident, [$($scenario:ident),+ $(,)?]) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $scenario() {
-                let Some(harness) = super::harness(cqrs_core::testing::test_id(stringify!($scenario))).await else {
-                    return;
-                };
-                cqrs_core::testing::with_timeout(
-                    std::time::Duration::from_secs(60),
-                    cqrs_core::testing::$port::$scenario(&harness),
-                )
-                .await;
-                Harness::teardown(harness).await;
-            }
-        )+
-    };
 }
 
 /// A command between its handler and its commit: its transaction is open (with a write of
@@ -115,51 +96,13 @@ impl ProjectionStoreHarness for PgHarness {
 }
 
 mod event_store {
-    use super::*;
-
-    conformance!(
-        event_store,
-        [
-            append_then_load_returns_events_in_order_with_versions,
-            a_stale_expected_version_is_a_conflict,
-            a_conflicting_batch_writes_nothing,
-            concurrent_appends_at_one_version_exactly_one_wins,
-            expected_any_appends_at_whatever_version,
-            load_after_a_version_returns_the_tail,
-            read_all_returns_every_stream_in_one_global_order,
-            records_keep_their_payload_and_metadata,
-            a_reader_never_skips_an_event_that_commits_late,
-        ]
-    );
+    cqrs_core::event_store_conformance!(super::harness);
 }
 
 mod idempotency {
-    use super::*;
-
-    conformance!(
-        idempotency,
-        [
-            a_completed_key_replays_its_response,
-            a_key_reused_with_another_request_is_rejected,
-            concurrent_claims_of_one_key_run_the_work_once,
-            a_dropped_claim_releases_the_key,
-            scopes_are_independent,
-            keys_expire_after_their_ttl,
-        ]
-    );
+    cqrs_core::idempotency_conformance!(super::harness);
 }
 
 mod projection_store {
-    use super::*;
-
-    conformance!(
-        projection_store,
-        [
-            a_message_is_processed_once_per_consumer,
-            an_uncommitted_unit_leaves_no_trace,
-            a_checkpoint_reads_back_what_was_committed,
-            units_of_one_consumer_never_overlap,
-            a_reset_forgets_the_inbox_and_the_checkpoint,
-        ]
-    );
+    cqrs_core::projection_store_conformance!(super::harness);
 }
