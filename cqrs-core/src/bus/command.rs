@@ -1,6 +1,6 @@
 //! The command bus.
 
-use super::{Registries, into_result, layer_service};
+use super::{Registries, check_registered, layer_service, register_single};
 use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
@@ -174,28 +174,11 @@ impl<L> CommandBusBuilder<L> {
         <L::Service as Service<Dispatch>>::Future: Send + 'static,
         <L::Service as Service<Dispatch>>::Error: Into<BoxError>,
     {
-        let mut problems = Vec::new();
-        let mut registries = Registries::default();
-        let mut names: HashMap<&'static str, TypeId> = HashMap::new();
-        for (ty, handler) in self.handlers.entries {
-            if registries.commands.contains_key(&ty.type_id()) {
-                problems.push(format!(
-                    "command `{}` has more than one handler; a command has exactly one",
-                    ty.name()
-                ));
-                continue;
-            }
-            if let Some(other) = names.insert(ty.name(), ty.type_id())
-                && other != ty.type_id()
-            {
-                problems.push(format!(
-                    "two command types share the wire name `{}`; give each a unique NAME",
-                    ty.name()
-                ));
-            }
-            registries.commands.insert(ty.type_id(), handler);
-        }
-        into_result(problems)?;
+        let (handlers, names) = register_single(self.handlers.entries)?;
+        let registries = Registries {
+            commands: handlers,
+            ..Registries::default()
+        };
         let registries = Arc::new(registries);
         let service = layer_service(self.layers, self.layered, &registries);
         Ok(CommandBus {
@@ -431,12 +414,7 @@ impl CommandBus {
     /// assert!(err.to_string().contains("tickets.open_ticket"));
     /// ```
     pub fn check(&self, required: impl IntoIterator<Item = MessageType>) -> Result<(), BuildError> {
-        let problems = required
-            .into_iter()
-            .filter(|t| !self.inner.registries.commands.contains_key(&t.type_id()))
-            .map(|t| format!("no handler is registered for command `{}`", t.name()))
-            .collect();
-        into_result(problems)
+        check_registered(&self.inner.registries.commands, required)
     }
 
     /// The wire names of every command this bus handles.

@@ -14,7 +14,9 @@ pub(crate) use registry::Registries;
 
 use crate::BuildError;
 use crate::dispatch::{Dispatcher, ErasedService, Layered};
-use crate::{BoxError, Dispatch, Reply};
+use crate::{BoxError, Dispatch, MessageType, Reply};
+use std::any::TypeId;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -36,6 +38,50 @@ where
     }
     let service = layers.service(Dispatcher::new(registries.clone()));
     Some(Arc::new(Layered(service)))
+}
+
+/// Puts each handler under its message type: one handler per type, one type per wire name.
+/// Returns the map and the wire names, or every problem found.
+fn register_single<H>(
+    entries: Vec<(MessageType, H)>,
+) -> Result<(registry::TypeMap<H>, HashMap<&'static str, TypeId>), BuildError> {
+    let mut problems = Vec::new();
+    let mut map = registry::TypeMap::default();
+    let mut names: HashMap<&'static str, TypeId> = HashMap::new();
+    for (ty, handler) in entries {
+        let kind = ty.kind();
+        if map.contains_key(&ty.type_id()) {
+            problems.push(format!(
+                "{kind} `{}` has more than one handler; a {kind} has exactly one",
+                ty.name()
+            ));
+            continue;
+        }
+        if let Some(other) = names.insert(ty.name(), ty.type_id())
+            && other != ty.type_id()
+        {
+            problems.push(format!(
+                "two {kind} types share the wire name `{}`; give each a unique NAME",
+                ty.name()
+            ));
+        }
+        map.insert(ty.type_id(), handler);
+    }
+    into_result(problems)?;
+    Ok((map, names))
+}
+
+/// Names every required message of `kind` that `registered` lacks.
+fn check_registered<H>(
+    registered: &registry::TypeMap<H>,
+    required: impl IntoIterator<Item = MessageType>,
+) -> Result<(), BuildError> {
+    let problems = required
+        .into_iter()
+        .filter(|t| !registered.contains_key(&t.type_id()))
+        .map(|t| format!("no handler is registered for {} `{}`", t.kind(), t.name()))
+        .collect();
+    into_result(problems)
 }
 
 fn into_result(problems: Vec<String>) -> Result<(), BuildError> {

@@ -1,7 +1,7 @@
 //! The query bus.
 
 use super::command::payload_mismatch;
-use super::{Registries, into_result, layer_service};
+use super::{Registries, check_registered, layer_service, register_single};
 use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, MessageKind, MessageType, Metadata, Query,
@@ -139,28 +139,11 @@ impl<L> QueryBusBuilder<L> {
         <L::Service as Service<Dispatch>>::Future: Send + 'static,
         <L::Service as Service<Dispatch>>::Error: Into<BoxError>,
     {
-        let mut problems = Vec::new();
-        let mut registries = Registries::default();
-        let mut names: HashMap<&'static str, TypeId> = HashMap::new();
-        for (ty, handler) in self.handlers.entries {
-            if registries.queries.contains_key(&ty.type_id()) {
-                problems.push(format!(
-                    "query `{}` has more than one handler; a query has exactly one",
-                    ty.name()
-                ));
-                continue;
-            }
-            if let Some(other) = names.insert(ty.name(), ty.type_id())
-                && other != ty.type_id()
-            {
-                problems.push(format!(
-                    "two query types share the wire name `{}`; give each a unique NAME",
-                    ty.name()
-                ));
-            }
-            registries.queries.insert(ty.type_id(), handler);
-        }
-        into_result(problems)?;
+        let (handlers, names) = register_single(self.handlers.entries)?;
+        let registries = Registries {
+            queries: handlers,
+            ..Registries::default()
+        };
         let registries = Arc::new(registries);
         let service = layer_service(self.layers, self.layered, &registries);
         Ok(QueryBus {
@@ -292,12 +275,7 @@ impl QueryBus {
 
     /// Checks at start-up that every listed query has a handler, naming each one that has none.
     pub fn check(&self, required: impl IntoIterator<Item = MessageType>) -> Result<(), BuildError> {
-        let problems = required
-            .into_iter()
-            .filter(|t| !self.inner.registries.queries.contains_key(&t.type_id()))
-            .map(|t| format!("no handler is registered for query `{}`", t.name()))
-            .collect();
-        into_result(problems)
+        check_registered(&self.inner.registries.queries, required)
     }
 
     /// The wire names of every query this bus handles.
