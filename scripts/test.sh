@@ -88,3 +88,6 @@ log "DATABASE_URL=$DATABASE_URL REDIS_URL=$REDIS_URL CQRS_REQUIRE_SERVICES=1"
 cargo test --workspace "$@"
 # Benches compile and run once each in test mode; timings are never asserted.
 cargo test --workspace --benches "$@"
+# The helpdesk's HTTP and WebSocket contract once more, on Postgres + Redis (each test server in
+# its own schema and Redis prefix).
+HELPDESK_TEST_BACKEND=postgres cargo test -p helpdesk --test it "$@"

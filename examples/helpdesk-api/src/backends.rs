@@ -4,6 +4,7 @@ use crate::ApiError;
 use cqrs_core::clock::Clock;
 use cqrs_core::ports::{EventStore, EventTransport, IdempotencyStore, PubSub};
 use cqrs_core::{CommandBus, EventBus, QueryBus};
+use cqrs_postgres::PgDatabase;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -15,6 +16,10 @@ use std::time::Duration;
 pub enum Mode {
     /// Everything in process memory: no setup, nothing survives a restart, one instance.
     Memory,
+    /// Postgres holds state, events (the outbox), idempotency keys, inboxes and checkpoints;
+    /// events travel on Redis Streams and realtime fans out over Redis pub/sub when Redis is
+    /// configured, else in process (one instance).
+    Postgres,
 }
 
 /// The backends, provided to plugins as a resource.
@@ -34,6 +39,9 @@ pub struct Backends {
     pub clock: Arc<dyn Clock>,
     /// The transport topic the relay publishes every event to.
     pub topic: String,
+    /// The database in [`Mode::Postgres`]: plugins keep their tables in its schema and write
+    /// them in the command's transaction (`cqrs_postgres::PgUnitOfWork`).
+    pub postgres: Option<PgDatabase>,
 }
 
 impl fmt::Debug for Backends {
@@ -141,4 +149,16 @@ impl fmt::Debug for RealtimeFeed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RealtimeFeed").finish_non_exhaustive()
     }
+}
+
+/// Idempotent DDL a plugin contributes in [`Mode::Postgres`] (`CREATE TABLE IF NOT EXISTS ...`
+/// in the database's schema). The gateway runs every contribution at start, in plugin order,
+/// after the framework's own migrations, one transaction each under an advisory lock, so
+/// instances starting together do not race.
+#[derive(Clone, Debug)]
+pub struct Migration {
+    /// A name for logs and errors (`"auth.users"`).
+    pub name: &'static str,
+    /// The SQL: one or more statements, safe to run again.
+    pub sql: String,
 }

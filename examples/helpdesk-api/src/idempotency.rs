@@ -5,6 +5,8 @@ use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cqrs_core::ports::{Claim, IdempotencyStore, StoredResponse};
+use cqrs_core::{Command, Metadata};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor};
 use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
@@ -30,20 +32,10 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<(StatusCode, T), ApiError>>,
 {
-    let Some(key) = headers.get(HEADER) else {
+    let Some(key) = parse_key(headers)? else {
         let (status, body) = work().await?;
         return Ok((status, Json(body)).into_response());
     };
-    let key = key
-        .to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1 to 255 visible ASCII characters",
-            )
-        })?;
     let scope = format!("user:{}", user.id);
     let fingerprint = hex_digest(fingerprint.as_ref());
     match store.claim(&scope, key, &fingerprint, ttl).await {
@@ -58,14 +50,84 @@ where
                 .await?;
             Ok((status, Json(body)).into_response())
         }
-        Err(cqrs_core::ports::StoreError::FingerprintMismatch { .. }) => {
-            Err(ApiError::unprocessable(
-                "idempotency_key_reused",
-                "this Idempotency-Key was already used for a different request",
-            ))
-        }
+        Err(cqrs_core::ports::StoreError::FingerprintMismatch { .. }) => Err(reused()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// [`once`] for Postgres mode: the command runs through `executor`, and the response is
+/// stored by the command's own transaction, so the state change, its events and the
+/// idempotency record commit together (or not at all), before the response is sent. The HTTP
+/// behaviour is [`once`]'s: a replay returns the stored status and body, the same key with
+/// another request is 422 `idempotency_key_reused`, a concurrent duplicate waits for the first
+/// and replays its response, failed work is not stored.
+#[allow(clippy::too_many_arguments)]
+pub async fn once_in_command<C>(
+    executor: &PgCommandExecutor,
+    headers: &HeaderMap,
+    user: &User,
+    fingerprint: impl AsRef<[u8]>,
+    ttl: Duration,
+    status: StatusCode,
+    command: C,
+    metadata: Metadata,
+) -> Result<Response, ApiError>
+where
+    C: Command,
+    C::Output: Serialize,
+{
+    let Some(key) = parse_key(headers)? else {
+        let output = executor.bus().dispatch_with(command, metadata).await?;
+        return Ok((status, Json(output)).into_response());
+    };
+    let key = IdempotencyKey::new(
+        format!("user:{}", user.id),
+        key,
+        hex_digest(fingerprint.as_ref()),
+        ttl,
+    );
+    let done = executor
+        .execute_idempotent(&key, command, metadata, |output| {
+            StoredResponse::new(
+                status.as_u16(),
+                serde_json::to_value(output).unwrap_or_default(),
+            )
+        })
+        .await
+        .map_err(|e| match e.handler_error() {
+            Some(h) if h.code() == "idempotency_key_reused" => reused(),
+            _ => ApiError::from(e),
+        })?;
+    Ok(match done {
+        Idempotent::Replayed(stored) => replay(stored),
+        other => {
+            let stored = other.response();
+            (status, Json(stored.body.clone())).into_response()
+        }
+    })
+}
+
+fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(key) = headers.get(HEADER) else {
+        return Ok(None);
+    };
+    key.to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })
+}
+
+fn reused() -> ApiError {
+    ApiError::unprocessable(
+        "idempotency_key_reused",
+        "this Idempotency-Key was already used for a different request",
+    )
 }
 
 fn replay(stored: StoredResponse) -> Response {

@@ -13,9 +13,12 @@ mod backends;
 mod error;
 mod extract;
 pub mod idempotency;
+pub mod postgres;
 
 pub use api::{HttpApi, Operation};
 pub use auth::{AuthError, Authenticator, Role, User, UserDirectory};
-pub use backends::{Backends, BackgroundWorker, BusHandle, Buses, Mode, RealtimeFeed, Settings};
+pub use backends::{
+    Backends, BackgroundWorker, BusHandle, Buses, Migration, Mode, RealtimeFeed, Settings,
+};
 pub use error::{ApiError, ErrorBody};
 pub use extract::{ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, bearer_token};

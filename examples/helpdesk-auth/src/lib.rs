@@ -9,11 +9,13 @@
 
 mod commands;
 mod http;
+mod postgres;
 mod throttle;
 mod tokens;
 mod users;
 
 pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, normalize_email};
+pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{InMemoryLoginThrottle, LoginThrottle};
 pub use tokens::JwtTokens;
 pub use users::{CreateUserError, InMemoryUserStore, UserRecord, UserStore};
@@ -42,18 +44,34 @@ impl Plugin for AuthPlugin {
         let backends: Backends = registrar.resource()?;
         let settings: Settings = registrar.resource()?;
         let buses: BusHandle = registrar.resource()?;
-        let users: Arc<dyn UserStore> = registrar
-            .try_resource::<Arc<dyn UserStore>>()
-            .unwrap_or_else(|| Arc::new(InMemoryUserStore::default()));
-        let throttle: Arc<dyn LoginThrottle> = registrar
-            .try_resource::<Arc<dyn LoginThrottle>>()
-            .unwrap_or_else(|| {
-                Arc::new(InMemoryLoginThrottle::new(
-                    backends.clock.clone(),
-                    settings.login_attempts,
-                    settings.login_window,
-                ))
-            });
+        if let Some(db) = &backends.postgres {
+            registrar.contribute(postgres::migration(db.schema()));
+        }
+        let users: Arc<dyn UserStore> = match (
+            registrar.try_resource::<Arc<dyn UserStore>>(),
+            &backends.postgres,
+        ) {
+            (Some(users), _) => users,
+            (None, Some(db)) => Arc::new(PgUserStore::new(db.clone())),
+            (None, None) => Arc::new(InMemoryUserStore::default()),
+        };
+        let throttle: Arc<dyn LoginThrottle> = match (
+            registrar.try_resource::<Arc<dyn LoginThrottle>>(),
+            &backends.postgres,
+        ) {
+            (Some(throttle), _) => throttle,
+            (None, Some(db)) => Arc::new(PgLoginThrottle::new(
+                db.clone(),
+                backends.clock.clone(),
+                settings.login_attempts,
+                settings.login_window,
+            )),
+            (None, None) => Arc::new(InMemoryLoginThrottle::new(
+                backends.clock.clone(),
+                settings.login_attempts,
+                settings.login_window,
+            )),
+        };
         let tokens = JwtTokens::new(
             &settings.jwt_secret,
             settings.token_ttl,

@@ -2,14 +2,16 @@
 
 use crate::domain::{Priority, Status, Ticket, TicketCommand, TicketState};
 use crate::index::{Cursors, ListFilter, TicketIndex};
+use crate::postgres::PgTicketIndex;
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cqrs_core::ports::{EventStore, StoreError};
+use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{
     AggregateError, AggregateRepository, Command, CommandContext, CommandHandler, EventTypes,
     HandlerError, Message, Metadata, Query, QueryContext, QueryHandler,
 };
+use cqrs_postgres::PgUnitOfWork;
 use helpdesk_api::{Role, User, UserDirectory};
 use serde::Serialize;
 use serde_json::json;
@@ -20,7 +22,7 @@ use uuid::Uuid;
 const RETRIES: usize = 5;
 
 /// A change to one ticket.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Change {
     /// Assign to an agent.
     Assign {
@@ -205,12 +207,55 @@ pub(crate) struct Tickets {
     pub(crate) repo: Arc<AggregateRepository<TicketState>>,
     pub(crate) events: Arc<dyn EventStore>,
     pub(crate) index: Arc<dyn TicketIndex>,
+    /// In Postgres mode: the index written in the command's transaction.
+    pub(crate) pg_index: Option<PgTicketIndex>,
     pub(crate) directory: Arc<dyn UserDirectory>,
     pub(crate) stats: Arc<dyn StatsReader>,
     pub(crate) cursors: Cursors,
 }
 
 impl Tickets {
+    /// Decides `command` on ticket `id` at `expected` and makes it durable. In memory mode the
+    /// repository appends and the index follows. In Postgres mode the events are staged on the
+    /// command's unit of work and the index row is written in its transaction: state, events
+    /// (the outbox) and index commit together when the command layer commits, and a writer
+    /// that got in first is a version conflict at that commit.
+    async fn persist(
+        &self,
+        ctx: &mut CommandContext,
+        id: &str,
+        expected: u64,
+        command: TicketCommand,
+        metadata: &Metadata,
+    ) -> Result<Ticket, AggregateError<HandlerError>> {
+        let Some(pg) = &self.pg_index else {
+            let committed = self
+                .repo
+                .execute(id, Some(expected), command, metadata)
+                .await?;
+            self.index
+                .upsert(&committed.state.ticket)
+                .await
+                .map_err(AggregateError::Store)?;
+            return Ok(committed.state.ticket);
+        };
+        let decided = self
+            .repo
+            .decide(id, Some(expected), command, metadata)
+            .await?;
+        let uow = PgUnitOfWork::from_context(ctx).map_err(AggregateError::Rejected)?;
+        let conn = uow.connection().await.map_err(AggregateError::Store)?;
+        pg.upsert_in(conn, &decided.state.ticket)
+            .await
+            .map_err(AggregateError::Store)?;
+        uow.append(
+            &decided.stream_id,
+            ExpectedVersion::Exactly(decided.version),
+            decided.records,
+        );
+        Ok(decided.state.ticket)
+    }
+
     async fn load_visible(&self, user: &User, id: Uuid) -> Result<TicketState, HandlerError> {
         let loaded = self
             .repo
@@ -229,7 +274,7 @@ impl CommandHandler<OpenTicket> for Tickets {
     async fn handle(
         &self,
         cmd: OpenTicket,
-        _ctx: &mut CommandContext,
+        ctx: &mut CommandContext,
     ) -> Result<Ticket, HandlerError> {
         let title = cmd.title.trim().to_owned();
         let len = title.chars().count();
@@ -247,24 +292,21 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         let id = Uuid::now_v7();
-        let committed = self
-            .repo
-            .execute(
-                &id.to_string(),
-                Some(0),
-                TicketCommand::Open {
-                    id,
-                    reporter_id: cmd.user.id,
-                    title,
-                    description,
-                    priority: cmd.priority.unwrap_or_default(),
-                },
-                &metadata(&cmd.user),
-            )
-            .await
-            .map_err(from_aggregate)?;
-        self.index.upsert(&committed.state.ticket).await?;
-        Ok(committed.state.ticket)
+        self.persist(
+            ctx,
+            &id.to_string(),
+            0,
+            TicketCommand::Open {
+                id,
+                reporter_id: cmd.user.id,
+                title,
+                description,
+                priority: cmd.priority.unwrap_or_default(),
+            },
+            &metadata(&cmd.user),
+        )
+        .await
+        .map_err(from_aggregate)
     }
 }
 
@@ -273,7 +315,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
     async fn handle(
         &self,
         cmd: ChangeTicket,
-        _ctx: &mut CommandContext,
+        ctx: &mut CommandContext,
     ) -> Result<Ticket, HandlerError> {
         let user = &cmd.user;
         // Checks that need no ticket come first.
@@ -322,14 +364,10 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 },
             };
             match self
-                .repo
-                .execute(&id, Some(expected), command, &metadata(user))
+                .persist(ctx, &id, expected, command, &metadata(user))
                 .await
             {
-                Ok(committed) => {
-                    self.index.upsert(&committed.state.ticket).await?;
-                    return Ok(committed.state.ticket);
-                }
+                Ok(ticket) => return Ok(ticket),
                 // Someone else changed the ticket between our load and our append: decide
                 // again on the new state, unless the client pinned a version.
                 Err(AggregateError::Store(StoreError::Conflict { .. }))

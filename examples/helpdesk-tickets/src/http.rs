@@ -11,8 +11,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
-use cqrs_core::Metadata;
 use cqrs_core::ports::IdempotencyStore;
+use cqrs_core::{Command, Metadata};
+use cqrs_postgres::{PgCommandExecutor, PgDatabase};
 use helpdesk_api::{
     ApiError, ApiJson, ApiPath, ApiQuery, Authenticated, BusHandle, HttpApi, Operation, User,
     idempotency,
@@ -29,6 +30,71 @@ pub(crate) struct Http {
     pub(crate) buses: BusHandle,
     pub(crate) idempotency: Arc<dyn IdempotencyStore>,
     pub(crate) ttl: Duration,
+    /// In Postgres mode, where idempotency records commit with the command.
+    pub(crate) postgres: Option<PgDatabase>,
+}
+
+/// How often a change without `expected_version` is tried when other writers keep committing
+/// first (found at commit, in Postgres mode). Each round has a winner, so this bounds how many
+/// concurrent writers of one ticket all land.
+const COMMIT_ATTEMPTS: u32 = 20;
+
+/// Runs the command made by `make` at most once per `Idempotency-Key`. In Postgres mode the
+/// idempotency record commits in the command's transaction; a version conflict found at that
+/// commit is retried (the command decides again on the new state) when `retry` says the
+/// client did not pin a version, and is 409 `version_conflict` otherwise.
+async fn run<C, F>(
+    http: &Http,
+    headers: &HeaderMap,
+    user: &User,
+    fingerprint: Vec<u8>,
+    status: StatusCode,
+    retry: bool,
+    make: F,
+) -> Result<Response, ApiError>
+where
+    C: Command<Output = Ticket>,
+    F: Fn() -> C,
+{
+    let buses = http.buses.get()?;
+    let Some(db) = &http.postgres else {
+        return idempotency::once(
+            http.idempotency.as_ref(),
+            headers,
+            user,
+            fingerprint,
+            http.ttl,
+            || async {
+                let ticket = buses.commands.dispatch_with(make(), actor(user)).await?;
+                Ok((status, ticket))
+            },
+        )
+        .await;
+    };
+    let executor = PgCommandExecutor::new(buses.commands.clone(), db.clone());
+    let mut attempt = 1;
+    loop {
+        let result = idempotency::once_in_command(
+            &executor,
+            headers,
+            user,
+            &fingerprint,
+            http.ttl,
+            status,
+            make(),
+            actor(user),
+        )
+        .await;
+        match result {
+            Err(e) if retry && e.code == "version_conflict" && attempt < COMMIT_ATTEMPTS => {
+                // A short, jittered pause, so the losers of one round do not all collide again.
+                let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
+                tokio::time::sleep(Duration::from_millis(jitter + u64::from(attempt))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -80,28 +146,18 @@ async fn open(
     ApiJson(body): ApiJson<OpenBody>,
 ) -> Result<Response, ApiError> {
     let print = fingerprint("POST /tickets", &body);
-    idempotency::once(
-        http.idempotency.as_ref(),
+    run(
+        &http,
         &headers,
         &user,
         print,
-        http.ttl,
-        || async {
-            let ticket = http
-                .buses
-                .get()?
-                .commands
-                .dispatch_with(
-                    OpenTicket {
-                        user: user.clone(),
-                        title: body.title,
-                        description: body.description,
-                        priority: body.priority,
-                    },
-                    actor(&user),
-                )
-                .await?;
-            Ok((StatusCode::CREATED, ticket))
+        StatusCode::CREATED,
+        false,
+        || OpenTicket {
+            user: user.clone(),
+            title: body.title.clone(),
+            description: body.description.clone(),
+            priority: body.priority,
         },
     )
     .await
@@ -128,28 +184,18 @@ async fn change(http: Http, request: ChangeRequest) -> Result<Response, ApiError
         expected_version,
         change,
     } = request;
-    idempotency::once(
-        http.idempotency.as_ref(),
+    run(
+        &http,
         &headers,
         &user,
         fingerprint,
-        http.ttl,
-        || async {
-            let ticket: Ticket = http
-                .buses
-                .get()?
-                .commands
-                .dispatch_with(
-                    ChangeTicket {
-                        user: user.clone(),
-                        id,
-                        expected_version,
-                        change,
-                    },
-                    actor(&user),
-                )
-                .await?;
-            Ok((status, ticket))
+        status,
+        expected_version.is_none(),
+        || ChangeTicket {
+            user: user.clone(),
+            id,
+            expected_version,
+            change: change.clone(),
         },
     )
     .await

@@ -5,6 +5,10 @@
 //! them. A list index is kept by the command handlers; the stats are a projection that consumes
 //! the durable event transport exactly once.
 //!
+//! In Postgres mode (`Backends::postgres`) the handlers stage their events on the command's
+//! `PgUnitOfWork` and write the list row ([`PgTicketIndex`]) in its transaction, and the stats
+//! ([`PgStats`]) are tables written in the projection's transaction with its inbox.
+//!
 //! A server links it with `use helpdesk_tickets as _;`; it registers through `inventory`, after
 //! the auth plugin it depends on.
 
@@ -12,6 +16,7 @@ mod domain;
 mod handlers;
 mod http;
 mod index;
+mod postgres;
 mod realtime;
 mod stats;
 
@@ -24,6 +29,7 @@ pub use handlers::{
     TicketHistory, event_types,
 };
 pub use index::{Cursors, InMemoryTicketIndex, ListFilter, SortKey, TicketIndex};
+pub use postgres::{PgStats, PgTicketIndex};
 pub use stats::{InMemoryStats, Stats, StatsReader};
 
 use cqrs_core::memory::InMemoryProjectionStore;
@@ -58,25 +64,52 @@ impl Plugin for TicketsPlugin {
         let buses: BusHandle = registrar.resource()?;
         let directory: Arc<dyn UserDirectory> = registrar.resource()?;
 
-        let index: Arc<dyn TicketIndex> = registrar
-            .try_resource::<Arc<dyn TicketIndex>>()
-            .unwrap_or_else(|| Arc::new(InMemoryTicketIndex::default()));
         let types = Arc::new(event_types());
-        let stats = InMemoryStats::default();
-        let runner = ProjectionRunner::from_transport(
-            Arc::new(InMemoryProjectionStore::new()),
-            Arc::new(stats.clone()),
-            backends.transport.clone(),
-            &backends.topic,
-            "tickets.stats",
-            ConsumerOptions::default()
-                .block(settings.poll_interval)
-                .redelivery_delay(settings.poll_interval * 10),
-            types.clone(),
-        )
-        .with_event_store(backends.events.clone())
-        .idle_interval(settings.poll_interval);
-        registrar.contribute(BackgroundWorker(Box::new(runner)));
+        let options = ConsumerOptions::default()
+            .block(settings.poll_interval)
+            .redelivery_delay(settings.poll_interval * 10);
+        let (index, pg_index, stats): (Arc<dyn TicketIndex>, _, Arc<dyn StatsReader>) =
+            match &backends.postgres {
+                Some(db) => {
+                    registrar.contribute(postgres::migration(db.schema()));
+                    let index = PgTicketIndex::new(db.clone());
+                    let stats = PgStats::new(db.clone());
+                    // Inbox, checkpoint and counts in one transaction per batch, and the
+                    // projection's lock in Postgres: exactly once across instances.
+                    let runner = ProjectionRunner::from_transport(
+                        Arc::new(db.projection_store()),
+                        Arc::new(stats.clone()),
+                        backends.transport.clone(),
+                        &backends.topic,
+                        "tickets.stats",
+                        options,
+                        types.clone(),
+                    )
+                    .with_event_store(backends.events.clone())
+                    .idle_interval(settings.poll_interval);
+                    registrar.contribute(BackgroundWorker(Box::new(runner)));
+                    (Arc::new(index.clone()), Some(index), Arc::new(stats))
+                }
+                None => {
+                    let index: Arc<dyn TicketIndex> = registrar
+                        .try_resource::<Arc<dyn TicketIndex>>()
+                        .unwrap_or_else(|| Arc::new(InMemoryTicketIndex::default()));
+                    let stats = InMemoryStats::default();
+                    let runner = ProjectionRunner::from_transport(
+                        Arc::new(InMemoryProjectionStore::new()),
+                        Arc::new(stats.clone()),
+                        backends.transport.clone(),
+                        &backends.topic,
+                        "tickets.stats",
+                        options,
+                        types.clone(),
+                    )
+                    .with_event_store(backends.events.clone())
+                    .idle_interval(settings.poll_interval);
+                    registrar.contribute(BackgroundWorker(Box::new(runner)));
+                    (index, None, Arc::new(stats))
+                }
+            };
 
         let tickets = handlers::Tickets {
             repo: Arc::new(AggregateRepository::with_types(
@@ -85,8 +118,9 @@ impl Plugin for TicketsPlugin {
             )),
             events: backends.events.clone(),
             index,
+            pg_index,
             directory,
-            stats: Arc::new(stats),
+            stats,
             cursors: Cursors::new(&settings.jwt_secret),
         };
         registrar.commands().add::<OpenTicket, _>(tickets.clone());
@@ -105,6 +139,7 @@ impl Plugin for TicketsPlugin {
         registrar.contribute::<HttpApi>(http::api(http::Http {
             buses,
             idempotency: backends.idempotency.clone(),
+            postgres: backends.postgres.clone(),
             ttl: settings.idempotency_ttl,
         }));
         Ok(())

@@ -10,14 +10,16 @@ use cqrs_core::memory::{
     InMemoryTransport,
 };
 use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
-use cqrs_core::ports::ConsumerOptions;
+use cqrs_core::ports::{ConsumerOptions, EventTransport, PubSub};
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Runtime};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
+use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
+use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions};
 use helpdesk_api::{
-    Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Mode, RealtimeFeed,
-    Settings, User,
+    Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
+    RealtimeFeed, Settings, User,
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -36,12 +38,16 @@ pub const EVENTS_TOPIC: &str = "helpdesk.events";
 pub struct Hooks {
     /// The clock (token expiry, login throttling, idempotency expiry).
     pub clock: Option<Arc<dyn Clock>>,
+    /// Starts without the outbox relay: events this instance commits are shipped only by
+    /// another instance's relay (tests prove that nothing committed is lost that way).
+    pub without_relay: bool,
 }
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("clock", &self.clock.is_some())
+            .field("without_relay", &self.without_relay)
             .finish()
     }
 }
@@ -107,16 +113,15 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         }
     };
 
-    let backends = Backends {
-        mode: Mode::Memory,
-        events: Arc::new(InMemoryEventStore::new()),
-        idempotency: Arc::new(InMemoryIdempotencyStore::with_clock(clock.clone())),
-        transport: Arc::new(InMemoryTransport::new()),
-        pubsub: Arc::new(InMemoryPubSub::new()),
-        clock: clock.clone(),
-        topic: EVENTS_TOPIC.to_owned(),
-    };
     let poll = Duration::from_millis(config.poll_ms.max(1));
+    let Started {
+        backends,
+        checks,
+        relay,
+    } = match &config.database_url {
+        None => memory_backends(clock.clone(), poll),
+        Some(url) => postgres_backends(config, url, clock.clone(), poll).await?,
+    };
     let settings = Settings {
         jwt_secret: Arc::from(secret.as_bytes()),
         token_ttl: Duration::from_secs(config.token_ttl_seconds),
@@ -141,12 +146,21 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     registrar.provide(bus_handle.clone());
     let plugins = Plugins::collect()?.expect(EXPECTED_PLUGINS)?;
     plugins.install(&mut registrar)?;
+    let migrations = registrar.take_contributions_by_plugin::<Migration>();
+    if let Some(db) = &backends.postgres {
+        run_migrations(db, &migrations).await?;
+    }
 
     let budget = config.request_timeout();
+    // In Postgres mode the innermost layer runs each command in one transaction: the
+    // handler's writes and its events (the outbox) commit together.
     let commands = CommandBus::builder()
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
         .layer(TimeoutLayer::new(budget))
+        .layer(tower::util::option_layer(
+            backends.postgres.as_ref().map(PgDatabase::command_layer),
+        ))
         .handlers(registrar.take_commands())
         .build()?;
     let queries = QueryBus::builder()
@@ -172,18 +186,13 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .resource()
         .context("no plugin provides an Authenticator (the auth plugin does)")?;
 
-    let mut runtime = Runtime::builder()
-        .check("memory", Arc::new(MemoryCheck), true)
-        .worker(
-            StoreRelay::new(
-                "relay",
-                backends.events.clone(),
-                Arc::new(InMemoryProjectionStore::new()),
-                backends.transport.clone(),
-                EVENTS_TOPIC,
-            )
-            .intervals(poll / 2, Duration::from_secs(5)),
-        );
+    let mut runtime = Runtime::builder();
+    if !hooks.without_relay {
+        runtime = runtime.worker(BoxedWorker(relay));
+    }
+    for (name, check, critical) in checks {
+        runtime = runtime.check(name, check, critical);
+    }
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
         runtime = runtime.worker(BoxedWorker(worker));
     }
@@ -238,6 +247,137 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         buses,
         hub,
     })
+}
+
+/// What a mode starts with: its backends, its health checks, and the worker shipping committed
+/// events to the transport.
+struct Started {
+    backends: Backends,
+    checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)>,
+    relay: Box<dyn cqrs_core::runtime::Worker>,
+}
+
+fn memory_backends(clock: Arc<dyn Clock>, poll: Duration) -> Started {
+    let backends = Backends {
+        mode: Mode::Memory,
+        events: Arc::new(InMemoryEventStore::new()),
+        idempotency: Arc::new(InMemoryIdempotencyStore::with_clock(clock.clone())),
+        transport: Arc::new(InMemoryTransport::new()),
+        pubsub: Arc::new(InMemoryPubSub::new()),
+        clock,
+        topic: EVENTS_TOPIC.to_owned(),
+        postgres: None,
+    };
+    let relay = StoreRelay::new(
+        "relay",
+        backends.events.clone(),
+        Arc::new(InMemoryProjectionStore::new()),
+        backends.transport.clone(),
+        EVENTS_TOPIC,
+    )
+    .intervals(poll / 2, Duration::from_secs(5));
+    Started {
+        backends,
+        checks: vec![("memory", Arc::new(MemoryCheck), true)],
+        relay: Box::new(relay),
+    }
+}
+
+/// Postgres for state, events, outbox and idempotency; Redis (when configured) for the event
+/// transport and realtime fan-out, else the in-process ones (one instance only).
+async fn postgres_backends(
+    config: &Config,
+    url: &str,
+    clock: Arc<dyn Clock>,
+    poll: Duration,
+) -> anyhow::Result<Started> {
+    let db = PgOptions::new(url)
+        .schema(config.database_schema.clone())
+        .application_name("helpdesk")
+        .connect()
+        .await
+        .context("cannot connect to Postgres (DATABASE_URL)")?
+        .with_clock(clock.clone());
+    db.migrate()
+        .await
+        .context("cannot run the framework's migrations")?;
+    let mut checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)> =
+        vec![("postgres", Arc::new(db.clone()), true)];
+    let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
+        Some(redis) => {
+            let transport = RedisStreamOptions::new(redis.clone())
+                .key_prefix(config.redis_prefix.clone())
+                .connect()
+                .await
+                .context("cannot connect to Redis (REDIS_URL) for the event transport")?;
+            let pubsub = RedisPubSubOptions::new(redis.clone())
+                .channel_prefix(config.redis_prefix.clone())
+                .connect()
+                .await
+                .context("cannot connect to Redis (REDIS_URL) for pub/sub")?;
+            // Not critical: commands still commit into the outbox while Redis is away.
+            checks.push(("redis", Arc::new(transport.clone()), false));
+            checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
+            (Arc::new(transport), Arc::new(pubsub))
+        }
+        None => (
+            Arc::new(InMemoryTransport::new()),
+            Arc::new(InMemoryPubSub::new()),
+        ),
+    };
+    let relay = PgOutboxRelay::new(
+        db.clone(),
+        Arc::new(crate::metered::MeteredTransport::new(
+            transport.clone(),
+            "relay",
+        )),
+    )
+    .topic(EVENTS_TOPIC)
+    .poll_interval(poll.max(Duration::from_millis(50)));
+    let backends = Backends {
+        mode: Mode::Postgres,
+        events: Arc::new(db.event_store()),
+        idempotency: Arc::new(db.idempotency_store()),
+        transport,
+        pubsub,
+        clock,
+        topic: EVENTS_TOPIC.to_owned(),
+        postgres: Some(db),
+    };
+    Ok(Started {
+        backends,
+        checks,
+        relay: Box::new(relay),
+    })
+}
+
+/// Runs the plugins' DDL in order, each in a transaction holding an advisory lock, so that
+/// instances starting at once do not race on `CREATE TABLE IF NOT EXISTS`.
+async fn run_migrations(
+    db: &PgDatabase,
+    migrations: &[(&'static str, Migration)],
+) -> anyhow::Result<()> {
+    use cqrs_postgres::sqlx;
+    for (plugin, migration) in migrations {
+        let mut tx = db
+            .pool()
+            .begin()
+            .await
+            .context("cannot begin a migration")?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("helpdesk-migrations:{}", db.schema()))
+            .execute(&mut *tx)
+            .await
+            .context("cannot take the migration lock")?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(migration.sql.clone()))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| {
+                format!("the {plugin} plugin's migration {} failed", migration.name)
+            })?;
+        tx.commit().await.context("cannot commit a migration")?;
+    }
+    Ok(())
 }
 
 /// The hub checks tokens with the auth plugin's authenticator.

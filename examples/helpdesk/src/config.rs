@@ -17,7 +17,8 @@ pub enum LogFormat {
 /// The helpdesk server: an HTTP + WebSocket gateway over the auth and tickets plugins.
 ///
 /// With no DATABASE_URL it runs on in-memory backends: nothing to set up, nothing survives a
-/// restart, one instance only.
+/// restart, one instance only. With DATABASE_URL and REDIS_URL, any number of instances share
+/// one Postgres schema and one Redis prefix.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "helpdesk", version, about, long_about = None)]
 pub struct Config {
@@ -27,13 +28,23 @@ pub struct Config {
 
     /// Postgres for state, events, outbox and idempotency (for example
     /// postgres://postgres@127.0.0.1:5432/helpdesk). Without it, everything is in memory.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Redis for durable event delivery (Streams) and realtime fan-out (pub/sub). Needs
     /// DATABASE_URL.
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// The Postgres schema holding every table (the framework's and the plugins'). Instances
+    /// serving one helpdesk share it; another schema is another, independent helpdesk.
+    #[arg(long, env = "HELPDESK_DATABASE_SCHEMA", default_value = "helpdesk")]
+    pub database_schema: String,
+
+    /// The prefix of every Redis key and pub/sub channel. Instances serving one helpdesk share
+    /// it.
+    #[arg(long, env = "HELPDESK_REDIS_PREFIX", default_value = "helpdesk")]
+    pub redis_prefix: String,
 
     /// The HS256 secret that signs bearer tokens: at least 32 bytes. Without it the in-memory
     /// mode makes a random one (tokens then die with the process).
@@ -78,6 +89,15 @@ pub struct Config {
     pub poll_ms: u64,
 }
 
+fn valid_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit()
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self::parse_from(["helpdesk"])
@@ -102,8 +122,23 @@ impl Config {
         if self.database_url.is_some() && self.jwt_secret.is_none() {
             problems.push("DATABASE_URL is set without HELPDESK_JWT_SECRET: every instance needs the same secret; set one of at least 32 bytes".into());
         }
-        if self.database_url.is_some() {
-            problems.push("DATABASE_URL is set, but this build runs the in-memory mode only: the Postgres + Redis mode is not implemented yet; unset DATABASE_URL".into());
+        if !valid_name(&self.database_schema, 56) {
+            problems.push(format!(
+                "HELPDESK_DATABASE_SCHEMA {:?} must be 1 to 56 lower-case ASCII letters, digits or `_`, starting with a letter or `_`",
+                self.database_schema
+            ));
+        }
+        if self.redis_prefix.is_empty()
+            || self.redis_prefix.len() > 100
+            || !self
+                .redis_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+        {
+            problems.push(format!(
+                "HELPDESK_REDIS_PREFIX {:?} must be 1 to 100 ASCII letters, digits, `_`, `-`, `.` or `:`",
+                self.redis_prefix
+            ));
         }
         if self.token_ttl_seconds == 0 {
             problems.push("HELPDESK_TOKEN_TTL must be at least 1 second".into());

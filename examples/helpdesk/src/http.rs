@@ -110,8 +110,20 @@ async fn ready(Extension(state): Extension<State>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Ready, but a non-critical part (Redis, a worker retrying) is down: commands still commit
+    // (into the outbox), events wait. Reported so operators see it; still 200.
+    let degraded = report.components.values().any(|(health, _)| {
+        matches!(
+            health,
+            cqrs_core::runtime::Health::Degraded(_) | cqrs_core::runtime::Health::Unhealthy(_)
+        )
+    });
     let body = json!({
-        "status": if report.ready { "ready" } else { "unavailable" },
+        "status": match (report.ready, degraded) {
+            (false, _) => "unavailable",
+            (true, true) => "degraded",
+            (true, false) => "ready",
+        },
         "components": components,
     });
     (status, Json(body)).into_response()

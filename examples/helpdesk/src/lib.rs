@@ -12,6 +12,7 @@ use helpdesk_tickets as _;
 mod app;
 mod config;
 mod http;
+mod metered;
 mod server;
 
 pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, build};

@@ -1,4 +1,5 @@
-//! `cargo run --release -p helpdesk`: the helpdesk server on 127.0.0.1:8080, in memory.
+//! `cargo run --release -p helpdesk`: the helpdesk server on 127.0.0.1:8080, in memory, or on
+//! Postgres (and Redis) when `DATABASE_URL` (and `REDIS_URL`) are set.
 
 use clap::Parser;
 use helpdesk::{Config, Hooks, LogFormat, Server};

@@ -130,6 +130,7 @@ async fn concurrent_duplicates_run_the_work_once_and_share_its_response() {
                 .len(),
             1
         );
+        Arc::into_inner(s).unwrap().stop().await;
     })
     .await;
 }

@@ -38,6 +38,7 @@ async fn twenty_writers_at_one_expected_version_one_wins() {
         let t = s.get(&format!("/tickets/{id}"), &customer).await;
         assert_eq!(t.body["version"], 2);
         assert_eq!(t.body["comments"].as_array().unwrap().len(), 1);
+        Arc::into_inner(s).unwrap().stop().await;
     })
     .await;
 }
@@ -69,6 +70,7 @@ async fn writers_without_an_expected_version_all_land() {
         }
         let t = s.get(&format!("/tickets/{id}"), &customer).await;
         assert_eq!(t.body["version"], 6);
+        Arc::into_inner(s).unwrap().stop().await;
     })
     .await;
 }

@@ -12,10 +12,181 @@ pub const PASSWORD: &str = "correct horse battery";
 
 pub struct TestServer {
     pub server: Option<Server>,
+    /// The Postgres schema and Redis prefix of this server, in Postgres mode.
+    pub backend: Backend,
     pub base: String,
     pub clock: ManualClock,
     pub http: reqwest::Client,
     pub emails: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// Which backends a test server runs on: `HELPDESK_TEST_BACKEND=postgres` runs every test on
+/// Postgres (`DATABASE_URL`) and Redis (`REDIS_URL`), each server in its own schema and with
+/// its own Redis prefix, unless a test shares them on purpose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Postgres {
+        database_url: String,
+        redis_url: String,
+        /// The schema, also the Redis prefix.
+        namespace: String,
+        /// Whether stopping this server drops the schema (the last of a shared set does).
+        owner: bool,
+    },
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+impl Backend {
+    /// The backend the environment asks for, with a fresh namespace.
+    pub async fn from_env() -> Self {
+        if std::env::var("HELPDESK_TEST_BACKEND").as_deref() != Ok("postgres") {
+            return Backend::Memory;
+        }
+        match Self::postgres().await {
+            Some(backend) => backend,
+            None => {
+                eprintln!(
+                    "HELPDESK_TEST_BACKEND=postgres, but the services are down: running in memory"
+                );
+                Backend::Memory
+            }
+        }
+    }
+
+    /// Postgres + Redis with a fresh namespace, or `None` when the services are down (a
+    /// failure under `CQRS_REQUIRE_SERVICES=1`).
+    pub async fn postgres() -> Option<Self> {
+        let database_url =
+            std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.into());
+        let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.into());
+        let pg = reachable(&database_url, 5432).await;
+        let redis = reachable(&redis_url, 6379).await;
+        if !cqrs_core::testing::require_services("postgres", &database_url, pg)
+            || !cqrs_core::testing::require_services("redis", &redis_url, redis)
+        {
+            return None;
+        }
+        Some(Backend::Postgres {
+            database_url,
+            redis_url,
+            namespace: cqrs_core::testing::test_id("helpdesk"),
+            owner: true,
+        })
+    }
+
+    /// The same namespace, for a second instance that does not drop it.
+    pub fn shared(&self) -> Self {
+        match self {
+            Backend::Memory => Backend::Memory,
+            Backend::Postgres {
+                database_url,
+                redis_url,
+                namespace,
+                ..
+            } => Backend::Postgres {
+                database_url: database_url.clone(),
+                redis_url: redis_url.clone(),
+                namespace: namespace.clone(),
+                owner: false,
+            },
+        }
+    }
+
+    /// The health component that decides readiness.
+    pub fn critical_component(&self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+            Backend::Postgres { .. } => "postgres",
+        }
+    }
+
+    fn configure(&self, config: &mut Config) {
+        // `Config::default()` reads the environment, which may name services: memory mode
+        // must not pick them up.
+        config.database_url = None;
+        config.redis_url = None;
+        if let Backend::Postgres {
+            database_url,
+            redis_url,
+            namespace,
+            ..
+        } = self
+        {
+            config.database_url = Some(database_url.clone());
+            config.redis_url = Some(redis_url.clone());
+            config.database_schema = namespace.clone();
+            config.redis_prefix = namespace.clone();
+        }
+    }
+
+    /// Drops the schema and the Redis keys of an owning Postgres backend.
+    pub async fn clean_up(&self) {
+        let Backend::Postgres {
+            database_url,
+            redis_url,
+            namespace,
+            owner: true,
+        } = self
+        else {
+            return;
+        };
+        if let Ok(db) = cqrs_postgres::PgOptions::new(database_url.clone())
+            .schema(namespace.clone())
+            .connect()
+            .await
+        {
+            let _ = db.drop_schema().await;
+        }
+        delete_redis_keys(redis_url, &format!("{namespace}:*")).await;
+    }
+}
+
+/// Deletes the keys matching `pattern`, speaking RESP directly (the tests have no Redis
+/// client, and this is the only command they need).
+async fn delete_redis_keys(url: &str, pattern: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let script =
+        "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
+    let args = ["EVAL", script, "0", pattern];
+    let mut command = format!("*{}\r\n", args.len());
+    for arg in args {
+        command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    let Some(addr) = host_port(url, 6379) else {
+        return;
+    };
+    let work = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(command.as_bytes()).await.ok()?;
+        let mut reply = [0u8; 64];
+        stream.read(&mut reply).await.ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), work).await;
+}
+
+fn host_port(url: &str, default_port: u16) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host_port = rest.split(['/', '?']).next()?;
+    let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
+    Some(if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    })
+}
+
+/// Whether something listens at the URL's host and port.
+async fn reachable(url: &str, default_port: u16) -> bool {
+    let Some(addr) = host_port(url, default_port) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -35,6 +206,24 @@ impl TestServer {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on(Backend::from_env().await, configure).await
+    }
+
+    /// A server on `backend` (two servers on one Postgres backend share its schema and prefix).
+    pub async fn start_on(backend: Backend, configure: impl FnOnce(&mut Config)) -> Self {
+        Self::launch(backend, false, configure).await
+    }
+
+    /// A server on `backend` whose outbox relay does not run.
+    pub async fn start_without_relay(backend: Backend) -> Self {
+        Self::launch(backend, true, |_| {}).await
+    }
+
+    async fn launch(
+        backend: Backend,
+        without_relay: bool,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config {
             bind: "127.0.0.1:0".parse().unwrap(),
             jwt_secret: Some("a-test-secret-that-is-at-least-32-bytes-long".into()),
@@ -43,12 +232,14 @@ impl TestServer {
             shutdown_grace_ms: 2_000,
             ..Config::default()
         };
+        backend.configure(&mut config);
         configure(&mut config);
         let clock = ManualClock::new();
         let server = Server::start(
             config,
             Hooks {
                 clock: Some(Arc::new(clock.clone())),
+                without_relay,
             },
         )
         .await
@@ -56,6 +247,7 @@ impl TestServer {
         let base = format!("http://{}", server.addr());
         Self {
             server: Some(server),
+            backend,
             base,
             clock,
             http: reqwest::Client::builder()
@@ -188,6 +380,30 @@ impl TestServer {
     pub async fn stop(mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown().await.expect("a clean shutdown");
+        }
+        let backend = std::mem::replace(&mut self.backend, Backend::Memory);
+        backend.clean_up().await;
+    }
+}
+
+impl Drop for TestServer {
+    /// A server the test did not stop still gets its schema and keys dropped, from a thread
+    /// with its own runtime (this may run inside the test's runtime).
+    fn drop(&mut self) {
+        if matches!(self.backend, Backend::Postgres { owner: true, .. }) {
+            let backend = std::mem::replace(&mut self.backend, Backend::Memory);
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(async {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(10), backend.clean_up()).await;
+                    });
+                }
+            })
+            .join();
         }
     }
 }

@@ -8,7 +8,13 @@ async fn the_auth_and_tickets_plugins_are_linked_and_ordered_by_dependency() {
         // `use helpdesk_auth as _; use helpdesk_tickets as _;` lines.
         let plugins = Plugins::collect().unwrap();
         assert_eq!(plugins.names().collect::<Vec<_>>(), ["auth", "tickets"]);
-        let app = helpdesk::build(&helpdesk::Config::default(), helpdesk::Hooks::default())
+        // In memory, whatever the environment names.
+        let config = helpdesk::Config {
+            database_url: None,
+            redis_url: None,
+            ..helpdesk::Config::default()
+        };
+        let app = helpdesk::build(&config, helpdesk::Hooks::default())
             .await
             .unwrap();
         assert_eq!(app.plugins, ["auth", "tickets"]);
@@ -37,6 +43,7 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
     let config = helpdesk::Config {
         jwt_secret: Some("short".into()),
         redis_url: Some("redis://127.0.0.1:6379".into()),
+        database_url: None,
         ..helpdesk::Config::default()
     };
     let err = helpdesk::build(&config, helpdesk::Hooks::default())

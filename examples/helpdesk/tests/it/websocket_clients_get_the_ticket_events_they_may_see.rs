@@ -7,10 +7,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-type Ws =
+pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(s: &TestServer, token: &str) -> Ws {
+pub async fn connect(s: &TestServer, token: &str) -> Ws {
     let url = format!("{}/ws", s.base.replace("http://", "ws://"));
     let mut request = url.into_client_request().unwrap();
     request
@@ -22,12 +22,12 @@ async fn connect(s: &TestServer, token: &str) -> Ws {
         .0
 }
 
-async fn send(ws: &mut Ws, frame: Value) {
+pub async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::text(frame.to_string())).await.unwrap();
 }
 
 /// The next JSON text frame (skipping pings), within 5 s.
-async fn next(ws: &mut Ws) -> Value {
+pub async fn next(ws: &mut Ws) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -52,7 +52,7 @@ async fn quiet(ws: &mut Ws) {
     }
 }
 
-async fn subscribe(ws: &mut Ws, topic: &str) {
+pub async fn subscribe(ws: &mut Ws, topic: &str) {
     send(ws, json!({ "type": "subscribe", "topic": topic })).await;
     assert_eq!(
         next(ws).await,

@@ -1,0 +1,219 @@
+//! Users and login throttling in Postgres, for the Postgres mode.
+
+use crate::throttle::LoginThrottle;
+use crate::users::{CreateUserError, UserRecord, UserStore};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_core::clock::Clock;
+use cqrs_core::ports::StoreError;
+use cqrs_postgres::PgDatabase;
+use cqrs_postgres::sqlx::{self, AssertSqlSafe, Row};
+use helpdesk_api::postgres::store_error;
+use helpdesk_api::{Migration, Role};
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The auth plugin's tables in `schema`: users (email unique) and failed logins.
+pub(crate) fn migration(schema: &str) -> Migration {
+    Migration {
+        name: "auth.users",
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.users (
+                id uuid PRIMARY KEY,
+                email text NOT NULL UNIQUE,
+                role text NOT NULL,
+                display_name text,
+                password_hash text NOT NULL,
+                created_at timestamptz NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS {schema}.login_failures (
+                key text NOT NULL,
+                at timestamptz NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS login_failures_key_at ON {schema}.login_failures (key, at);"
+        ),
+    }
+}
+
+enum Key {
+    Email(String),
+    Id(Uuid),
+}
+
+/// Users in the `users` table; the email's uniqueness is the table's constraint.
+#[derive(Clone, Debug)]
+pub struct PgUserStore {
+    db: PgDatabase,
+    select: Arc<str>,
+    insert: Arc<str>,
+}
+
+impl PgUserStore {
+    /// The users of `db`'s schema.
+    pub fn new(db: PgDatabase) -> Self {
+        let schema = db.schema().to_owned();
+        Self {
+            db,
+            select: format!(
+                "SELECT id, email, role, display_name, password_hash, created_at FROM {schema}.users"
+            )
+            .into(),
+            insert: format!(
+                "INSERT INTO {schema}.users (id, email, role, display_name, password_hash, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)"
+            )
+            .into(),
+        }
+    }
+
+    async fn one(&self, key: Key) -> Result<Option<UserRecord>, StoreError> {
+        let query = match key {
+            Key::Email(email) => {
+                sqlx::query(AssertSqlSafe(format!("{} WHERE email = $1", self.select))).bind(email)
+            }
+            Key::Id(id) => {
+                sqlx::query(AssertSqlSafe(format!("{} WHERE id = $1", self.select))).bind(id)
+            }
+        };
+        let row = query
+            .fetch_optional(self.db.pool())
+            .await
+            .map_err(store_error)?;
+        row.map(|row| {
+            let role: String = row.try_get("role").map_err(store_error)?;
+            Ok(UserRecord {
+                id: row.try_get("id").map_err(store_error)?,
+                email: row.try_get("email").map_err(store_error)?,
+                role: if role == "agent" {
+                    Role::Agent
+                } else {
+                    Role::Customer
+                },
+                display_name: row.try_get("display_name").map_err(store_error)?,
+                password_hash: row.try_get("password_hash").map_err(store_error)?,
+                created_at: row.try_get("created_at").map_err(store_error)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
+impl UserStore for PgUserStore {
+    async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
+        let role = match user.role {
+            Role::Agent => "agent",
+            _ => "customer",
+        };
+        let done = sqlx::query(AssertSqlSafe(self.insert.to_string()))
+            .bind(user.id)
+            .bind(user.email.to_lowercase())
+            .bind(role)
+            .bind(&user.display_name)
+            .bind(&user.password_hash)
+            .bind(user.created_at)
+            .execute(self.db.pool())
+            .await;
+        match done {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation()) =>
+            {
+                Err(CreateUserError::EmailTaken)
+            }
+            Err(e) => Err(store_error(e).into()),
+        }
+    }
+
+    async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+        let email = email.to_lowercase();
+        self.one(Key::Email(email)).await
+    }
+
+    async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+        self.one(Key::Id(id)).await
+    }
+}
+
+/// Failed logins in the `login_failures` table, so every instance counts them together.
+#[derive(Clone)]
+pub struct PgLoginThrottle {
+    db: PgDatabase,
+    clock: Arc<dyn Clock>,
+    limit: u32,
+    window: Duration,
+    schema: Arc<str>,
+}
+
+impl std::fmt::Debug for PgLoginThrottle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgLoginThrottle")
+            .field("limit", &self.limit)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgLoginThrottle {
+    /// Blocks a key after `limit` failures within `window`, on `clock`.
+    pub fn new(db: PgDatabase, clock: Arc<dyn Clock>, limit: u32, window: Duration) -> Self {
+        let schema = db.schema().into();
+        Self {
+            db,
+            clock,
+            limit,
+            window,
+            schema,
+        }
+    }
+
+    fn since(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now - chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX / 2)
+    }
+}
+
+#[async_trait]
+impl LoginThrottle for PgLoginThrottle {
+    async fn blocked_for(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let now = self.clock.now();
+        let since = self.since(now);
+        let sql = format!(
+            "SELECT count(*), min(at) FROM {}.login_failures WHERE key = $1 AND at > $2",
+            self.schema
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .bind(since)
+            .fetch_one(self.db.pool())
+            .await
+            .map_err(store_error)?;
+        let count: i64 = row.try_get(0).map_err(store_error)?;
+        let oldest: Option<DateTime<Utc>> = row.try_get(1).map_err(store_error)?;
+        if count < i64::from(self.limit) {
+            return Ok(None);
+        }
+        // Blocked until the oldest failure in the window leaves it.
+        let until = oldest.map_or(now, |t| t + (now - since));
+        Ok(Some((until - now).num_seconds().max(1) as u64))
+    }
+
+    async fn record_failure(&self, key: &str) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        // Forget this key's failures that left the window, so a key under attack stays small.
+        let sql = format!(
+            "WITH gone AS (DELETE FROM {schema}.login_failures WHERE key = $1 AND at <= $3)
+             INSERT INTO {schema}.login_failures (key, at) VALUES ($1, $2)",
+            schema = self.schema
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .bind(now)
+            .bind(self.since(now))
+            .execute(self.db.pool())
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! The list index and the stats read model in Postgres, for the Postgres mode.
+
+use crate::domain::{Status, Ticket, TicketEvent};
+use crate::index::{ListFilter, SortKey, TicketIndex};
+use crate::stats::{Stats, StatsReader};
+use async_trait::async_trait;
+use cqrs_core::ports::StoreError;
+use cqrs_core::projection::Projection;
+use cqrs_core::{EventEnvelope, EventSet, HandlerError};
+use cqrs_postgres::sqlx::postgres::PgConnection;
+use cqrs_postgres::sqlx::{self, AssertSqlSafe, QueryBuilder, Row};
+use cqrs_postgres::{PgDatabase, PgProjectionStore, PgProjectionUnit};
+use helpdesk_api::Migration;
+use helpdesk_api::postgres::store_error;
+use std::sync::Arc;
+
+/// The tickets plugin's tables in `schema`: the list index and the stats read model.
+pub(crate) fn migration(schema: &str) -> Migration {
+    Migration {
+        name: "tickets.index_and_stats",
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.ticket_index (
+                id uuid PRIMARY KEY,
+                created_at timestamptz NOT NULL,
+                reporter_id uuid NOT NULL,
+                status text NOT NULL,
+                priority text NOT NULL,
+                assignee_id uuid,
+                version bigint NOT NULL,
+                summary jsonb NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS ticket_index_newest ON {schema}.ticket_index (created_at DESC, id DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_reporter ON {schema}.ticket_index (reporter_id, created_at DESC, id DESC);
+            CREATE TABLE IF NOT EXISTS {schema}.ticket_stats (
+                ticket_id uuid PRIMARY KEY,
+                status text NOT NULL,
+                version bigint NOT NULL
+            );"
+        ),
+    }
+}
+
+fn text<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// The ticket list in the `ticket_index` table, newest first by `(created_at, id)`. The
+/// command handlers write it in the command's transaction ([`upsert_in`](Self::upsert_in)), so
+/// the list and the event store never disagree.
+#[derive(Clone, Debug)]
+pub struct PgTicketIndex {
+    db: PgDatabase,
+    upsert: Arc<str>,
+}
+
+impl PgTicketIndex {
+    /// The index in `db`'s schema.
+    pub fn new(db: PgDatabase) -> Self {
+        let schema = db.schema();
+        let upsert = format!(
+            "INSERT INTO {schema}.ticket_index
+                 (id, created_at, reporter_id, status, priority, assignee_id, version, summary)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET
+                 status = EXCLUDED.status, priority = EXCLUDED.priority,
+                 assignee_id = EXCLUDED.assignee_id, version = EXCLUDED.version,
+                 summary = EXCLUDED.summary
+             WHERE {schema}.ticket_index.version < EXCLUDED.version"
+        )
+        .into();
+        Self { db, upsert }
+    }
+
+    /// Adds or replaces a ticket on `conn` (a command's transaction). An older version never
+    /// replaces a newer one.
+    pub async fn upsert_in(
+        &self,
+        conn: &mut PgConnection,
+        ticket: &Ticket,
+    ) -> Result<(), StoreError> {
+        let mut summary = ticket.clone();
+        summary.comments.clear();
+        let summary = serde_json::to_value(&summary).map_err(|e| StoreError::Codec(e.into()))?;
+        sqlx::query(AssertSqlSafe(self.upsert.to_string()))
+            .bind(ticket.id)
+            .bind(ticket.created_at)
+            .bind(ticket.reporter_id)
+            .bind(text(&ticket.status))
+            .bind(text(&ticket.priority))
+            .bind(ticket.assignee_id)
+            .bind(i64::try_from(ticket.version).unwrap_or(i64::MAX))
+            .bind(summary)
+            .execute(conn)
+            .await
+            .map_err(store_error)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TicketIndex for PgTicketIndex {
+    async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError> {
+        let mut conn = self.db.pool().acquire().await.map_err(store_error)?;
+        self.upsert_in(&mut conn, ticket).await
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        after: Option<SortKey>,
+        limit: usize,
+    ) -> Result<Vec<Ticket>, StoreError> {
+        let mut q = QueryBuilder::new(format!(
+            "SELECT summary FROM {}.ticket_index WHERE true",
+            self.db.schema()
+        ));
+        if let Some(reporter) = filter.reporter_id {
+            q.push(" AND reporter_id = ").push_bind(reporter);
+        }
+        if let Some(status) = filter.status {
+            q.push(" AND status = ").push_bind(text(&status));
+        }
+        if let Some(priority) = filter.priority {
+            q.push(" AND priority = ").push_bind(text(&priority));
+        }
+        if let Some(assignee) = filter.assignee_id {
+            q.push(" AND assignee_id = ").push_bind(assignee);
+        }
+        if let Some((at, id)) = after {
+            q.push(" AND (created_at, id) < (")
+                .push_bind(at)
+                .push(", ")
+                .push_bind(id)
+                .push(")");
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = q
+            .build()
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(store_error)?;
+        rows.into_iter()
+            .map(|row| {
+                let summary: serde_json::Value = row.try_get(0).map_err(store_error)?;
+                serde_json::from_value(summary).map_err(|e| StoreError::Codec(e.into()))
+            })
+            .collect()
+    }
+}
+
+/// The stats read model in the `ticket_stats` table (each ticket's status and the version it
+/// was set at), written in the projection unit's transaction with the inbox entry: each event
+/// takes effect once, across redeliveries and instances.
+#[derive(Clone, Debug)]
+pub struct PgStats {
+    db: PgDatabase,
+}
+
+impl PgStats {
+    /// The stats in `db`'s schema.
+    pub fn new(db: PgDatabase) -> Self {
+        Self { db }
+    }
+}
+
+#[async_trait]
+impl Projection<PgProjectionStore> for PgStats {
+    fn name(&self) -> &str {
+        "tickets.stats"
+    }
+
+    async fn apply(
+        &self,
+        unit: &mut PgProjectionUnit,
+        envelope: &EventEnvelope,
+    ) -> Result<(), HandlerError> {
+        let Some(event) = TicketEvent::from_envelope(envelope) else {
+            return Ok(());
+        };
+        let (id, status) = match &event {
+            TicketEvent::Opened(e) => (e.ticket_id, Status::Open),
+            TicketEvent::Assigned(e) => (e.ticket_id, Status::Assigned),
+            TicketEvent::Closed(e) => (e.ticket_id, Status::Closed),
+            TicketEvent::Commented(_) => return Ok(()),
+        };
+        let version = envelope
+            .stream_version()
+            .map_or(i64::MAX, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        // A version guard on top of the transport's per-ticket order: an older event never
+        // overwrites a newer status.
+        let sql = format!(
+            "INSERT INTO {schema}.ticket_stats (ticket_id, status, version) VALUES ($1, $2, $3)
+             ON CONFLICT (ticket_id) DO UPDATE SET status = EXCLUDED.status, version = EXCLUDED.version
+             WHERE {schema}.ticket_stats.version < EXCLUDED.version",
+            schema = self.db.schema()
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .bind(text(&status))
+            .bind(version)
+            .execute(unit.connection())
+            .await
+            .map_err(|e| HandlerError::from(store_error(e)))?;
+        Ok(())
+    }
+
+    async fn reset(&self, unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {}.ticket_stats",
+            self.db.schema()
+        )))
+        .execute(unit.connection())
+        .await
+        .map_err(|e| HandlerError::from(store_error(e)))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StatsReader for PgStats {
+    async fn stats(&self) -> Result<Stats, HandlerError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT status, count(*) FROM {}.ticket_stats GROUP BY status",
+            self.db.schema()
+        )))
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(|e| HandlerError::from(store_error(e)))?;
+        let mut stats = Stats::default();
+        for row in rows {
+            let status: String = row
+                .try_get(0)
+                .map_err(|e| HandlerError::from(store_error(e)))?;
+            let count: i64 = row
+                .try_get(1)
+                .map_err(|e| HandlerError::from(store_error(e)))?;
+            let count = u64::try_from(count).unwrap_or_default();
+            match status.as_str() {
+                "open" => stats.open = count,
+                "assigned" => stats.assigned = count,
+                "closed" => stats.closed = count,
+                _ => {}
+            }
+        }
+        Ok(stats)
+    }
+}

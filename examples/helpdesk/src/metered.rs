@@ -1,0 +1,65 @@
+//! Counting what the Postgres outbox relay ships, by event type.
+//!
+//! `PgOutboxRelay` counts batches (`cqrs_outbox_published_total`, label `relay`) but not event
+//! types, while the in-memory relay counts `cqrs_events_published_total` by `event_type`. The
+//! relay's transport is wrapped so that both modes export the same series.
+
+use cqrs_core::EventRecord;
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, EventTransport, TransportCapabilities, TransportError,
+};
+use std::sync::Arc;
+
+/// A transport that counts each event it publishes successfully.
+pub(crate) struct MeteredTransport {
+    inner: Arc<dyn EventTransport>,
+    relay: &'static str,
+}
+
+impl MeteredTransport {
+    pub(crate) fn new(inner: Arc<dyn EventTransport>, relay: &'static str) -> Self {
+        Self { inner, relay }
+    }
+}
+
+/// Event types come from storage: only short wire-like names become label values.
+fn bounded_label(name: &str) -> String {
+    if name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        name.to_owned()
+    } else {
+        "invalid".to_owned()
+    }
+}
+
+#[async_trait::async_trait]
+impl EventTransport for MeteredTransport {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        self.inner.publish(topic, events).await?;
+        for event in events {
+            metrics::counter!(
+                "cqrs_events_published_total",
+                "relay" => self.relay,
+                "event_type" => bounded_label(&event.event_type)
+            )
+            .increment(1);
+        }
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}

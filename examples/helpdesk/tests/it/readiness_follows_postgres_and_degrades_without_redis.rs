@@ -1,0 +1,288 @@
+//! In Postgres + Redis mode, `/ready` follows Postgres (503 while it is down) while Redis going
+//! away only degrades the server: `/ready` stays 200 with `"status": "degraded"`, commands
+//! commit into the outbox, and once Redis is back the relay ships them. Each test runs on a
+//! server of its own, which it stops.
+
+use crate::support::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throw-away Redis on `port`, killed on drop.
+struct OwnRedis(Child);
+
+impl OwnRedis {
+    async fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (it is installed with Redis)");
+        cqrs_core::testing::eventually(Duration::from_secs(10), "redis listens", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        Self(child)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_degraded_not_unavailable_and_nothing_committed_meanwhile_is_lost() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("redis-server is not installed: skipping");
+            return;
+        }
+        let port = free_port();
+        let redis = OwnRedis::start(port).await;
+        let s = TestServer::start_on(backend, |c| {
+            c.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+        })
+        .await;
+        let (agent, _) = s.agent().await;
+        let ready = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+
+        drop(redis);
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "/ready reports degraded",
+            || async {
+                let r = s.send(Method::GET, "/ready", None, None).await;
+                assert_eq!(r.status, StatusCode::OK, "{r:?}");
+                (r.body["status"] == "degraded"
+                    && r.body["components"]["redis"]["status"] == "unhealthy"
+                    && r.body["components"]["postgres"]["status"] == "healthy")
+                    .then_some(())
+            },
+        )
+        .await;
+        // Commands still commit, into the outbox.
+        let ticket = s.ticket(&agent, "while redis is away").await;
+        assert_eq!(ticket["version"], 1);
+
+        // Redis comes back (empty: it kept nothing): the relay ships from its checkpoint and the
+        // stats count the ticket.
+        let _redis = OwnRedis::start(port).await;
+        cqrs_core::testing::eventually(
+            Duration::from_secs(30),
+            "the ticket reaches the stats after Redis returns",
+            || async {
+                let r = s.get("/tickets/stats", &agent).await;
+                (r.body == json!({ "open": 1, "assigned": 0, "closed": 0 })).then_some(())
+            },
+        )
+        .await;
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_alone_runs_one_instance_with_in_process_events() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let s = TestServer::start_on(backend, |c| c.redis_url = None).await;
+        let ready = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+        assert_eq!(ready.body["status"], "ready", "{ready:?}");
+        assert_eq!(ready.body["components"]["postgres"]["status"], "healthy");
+        assert!(ready.body["components"].get("redis").is_none(), "{ready:?}");
+        let (agent, _) = s.agent().await;
+        s.ticket(&agent, "no redis").await;
+        cqrs_core::testing::eventually(Duration::from_secs(5), "the stats count it", || async {
+            let r = s.get("/tickets/stats", &agent).await;
+            (r.body == json!({ "open": 1, "assigned": 0, "closed": 0 })).then_some(())
+        })
+        .await;
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A throw-away Postgres cluster on `port` with its socket in its own directory, stopped and
+/// removed on drop. `initdb` and `pg_ctl` refuse to run as root: they run as `postgres` then.
+struct OwnPostgres {
+    dir: std::path::PathBuf,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn run(&self, program: &str, args: &str) -> bool {
+        let command = format!("{}/{program} {args}", self.bin.display());
+        let as_root = std::env::var("USER").as_deref() == Ok("root")
+            || Command::new("id")
+                .arg("-u")
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"0"));
+        let mut cmd = if as_root {
+            let mut c = Command::new("su");
+            c.args(["postgres", "-c", &command]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &command]);
+            c
+        };
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// `None` when the server binaries are not installed.
+    fn init() -> Option<Self> {
+        let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .collect();
+        versions.sort();
+        let bin = versions.pop()?;
+        let dir = std::env::temp_dir().join(cqrs_core::testing::test_id("helpdesk_pg"));
+        std::fs::create_dir_all(&dir).ok()?;
+        let _ = Command::new("chown")
+            .args(["postgres", &dir.display().to_string()])
+            .status();
+        let pg = Self {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        let data = pg.dir.join("data");
+        pg.run(
+            "initdb",
+            &format!("-D {} --auth=trust -U postgres", data.display()),
+        )
+        .then_some(pg)
+    }
+
+    fn start(&self) {
+        let data = self.dir.join("data");
+        assert!(
+            self.run(
+                "pg_ctl",
+                &format!(
+                    "-D {} -l {}/log -w -o '-p {} -k {} -c listen_addresses=127.0.0.1' start",
+                    data.display(),
+                    self.dir.display(),
+                    self.port,
+                    self.dir.display()
+                ),
+            ),
+            "the own Postgres starts"
+        );
+    }
+
+    fn stop(&self) {
+        let data = self.dir.join("data");
+        self.run(
+            "pg_ctl",
+            &format!("-D {} -m immediate -w stop", data.display()),
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_makes_the_server_unready_until_it_returns() {
+    within(async {
+        // The shared services provide Redis and the namespace; Postgres is this test's own.
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let Some(pg) = OwnPostgres::init() else {
+            eprintln!("the Postgres server binaries are not installed: skipping");
+            return;
+        };
+        pg.start();
+        let url = pg.url();
+        let s = TestServer::start_on(backend, |c| c.database_url = Some(url)).await;
+        let (agent, _) = s.agent().await;
+        let ready = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+
+        pg.stop();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "/ready is 503 while Postgres is down",
+            || async {
+                let r = s.send(Method::GET, "/ready", None, None).await;
+                (r.status == StatusCode::SERVICE_UNAVAILABLE
+                    && r.body["components"]["postgres"]["status"] == "unhealthy")
+                    .then_some(())
+            },
+        )
+        .await;
+        let refused = s
+            .post("/tickets", &agent, json!({ "title": "no database" }))
+            .await;
+        refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+
+        pg.start();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(15),
+            "/ready is 200 once Postgres is back",
+            || async {
+                let r = s.send(Method::GET, "/ready", None, None).await;
+                (r.status == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+        let ticket = cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "commands succeed again",
+            || async {
+                let r = s
+                    .post("/tickets", &agent, json!({ "title": "database back" }))
+                    .await;
+                (r.status == StatusCode::CREATED).then_some(r.body)
+            },
+        )
+        .await;
+        assert_eq!(ticket["version"], 1);
+        s.stop().await;
+    })
+    .await;
+}
