@@ -1,6 +1,7 @@
 //! Serving: bind, serve with graceful shutdown, stop the workers.
 
 use crate::{Config, Hooks, build};
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -27,25 +28,46 @@ impl Server {
                 )
             })?;
         let addr = listener.local_addr()?;
-        let (stop, mut stopped) = watch::channel(false);
+        // Small frames (WebSocket events, JSON answers) go out at once instead of waiting for
+        // Nagle's algorithm.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let (stop, stopped) = watch::channel(false);
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
         let grace = config.shutdown_grace();
         let task = tokio::spawn(async move {
+            let mut stop_seen = stopped.clone();
+            let mut stopped = stopped;
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
                 // WebSockets are not in-flight requests: close them now, with 1001.
                 hub.shutdown();
             };
-            let serve = axum::serve(
-                listener,
-                app.router
-                    .into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(shutdown);
-            // In-flight requests get the grace period; then the workers stop.
-            let served = serve.into_future();
-            served.await?;
+            let mut serve = tokio::spawn(
+                axum::serve(
+                    listener,
+                    app.router
+                        .into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown)
+                .into_future(),
+            );
+            tokio::select! {
+                // Serving ended on its own: an error.
+                served = &mut serve => served??,
+                _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
+                    // In-flight requests get the grace period, then are cut off.
+                    match tokio::time::timeout(grace, &mut serve).await {
+                        Ok(served) => served??,
+                        Err(_) => {
+                            tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
+                            serve.abort();
+                        }
+                    }
+                }
+            }
             stop_runtime(runtime, grace).await;
             Ok(())
         });
