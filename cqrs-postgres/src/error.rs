@@ -47,9 +47,22 @@ impl PgError {
     }
 }
 
-/// Maps a sqlx error to the core's kinds. Unique violations are not special here: callers
-/// that expect one (a version conflict) check [`is_unique_violation`] first.
-pub(crate) fn store_error(error: sqlx::Error) -> StoreError {
+/// Maps a sqlx error to the core's [`StoreError`], as this crate does for its own queries:
+/// a lost connection, an exhausted pool, a server shutting down, a serialization failure or a
+/// deadlock are `Unavailable` (retryable); `statement_timeout` and `lock_timeout` are
+/// `Timeout`; a row that does not decode is `Codec`; anything else `Backend`. For applications
+/// that run their own SQL in a [`PgUnitOfWork`](crate::PgUnitOfWork).
+///
+/// Unique violations are not special here: callers that expect one (a taken name, a version
+/// conflict) check for SQLSTATE 23505 first.
+///
+/// ```
+/// use cqrs_core::ErrorKind;
+///
+/// let err = cqrs_postgres::store_error(sqlx::Error::PoolTimedOut);
+/// assert_eq!(err.kind(), ErrorKind::Unavailable);
+/// ```
+pub fn store_error(error: sqlx::Error) -> StoreError {
     match classify(&error) {
         Class::Unavailable => StoreError::Unavailable {
             backend: BACKEND,

@@ -94,7 +94,7 @@ mod unit_of_work;
 
 pub use command::{IdempotencyKey, Idempotent, PgCommand, PgCommandExecutor, PgCommandLayer};
 pub use database::PgDatabase;
-pub use error::PgError;
+pub use error::{PgError, store_error};
 pub use event_store::PgEventStore;
 pub use idempotency::PgIdempotencyStore;
 pub use options::{DEFAULT_URL, PgOptions};
