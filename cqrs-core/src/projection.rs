@@ -2,8 +2,8 @@
 //! with their checkpoint and inbox committed together with their effects.
 
 use crate::ports::{
-    Consumer, ConsumerOptions, DeliveryId, EventStore, EventTransport, ProjectionStore, StoreError,
-    TransportError,
+    Consumer, ConsumerOptions, Delivery, DeliveryId, EventStore, EventTransport, ProjectionStore,
+    StoreError, TransportError,
 };
 use crate::runtime::{Health, Worker, WorkerContext};
 use crate::{
@@ -453,6 +453,58 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 }
 
+/// What a delivery handler decided about one delivery.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Handled {
+    /// Done (or not worth retrying): acknowledge it.
+    Done,
+    /// Failed for now: hand it back with the reason, to be delivered again.
+    Retry(String),
+}
+
+/// The loop of a consuming worker: fetch up to `batch` deliveries, hand each to `handle`,
+/// acknowledge or hand back what it decided, until shutdown is requested; then close the
+/// consumer. Deliveries already fetched are finished and acknowledged even when shutdown comes.
+/// A retried delivery is logged and marks the worker degraded until the next success.
+pub async fn consume_until_shutdown<F, Fut>(
+    consumer: &mut dyn Consumer,
+    ctx: &WorkerContext,
+    batch: usize,
+    mut handle: F,
+) -> Result<(), TransportError>
+where
+    F: FnMut(Delivery) -> Fut + Send,
+    Fut: std::future::Future<Output = Handled> + Send,
+{
+    ctx.health.set(Health::Healthy);
+    while !ctx.shutdown.is_requested() {
+        let deliveries = tokio::select! {
+            d = consumer.fetch(batch) => d?,
+            _ = ctx.shutdown.requested() => break,
+        };
+        for delivery in deliveries {
+            let (id, event_id, attempt) = (
+                delivery.id.clone(),
+                delivery.record.event_id,
+                delivery.attempt,
+            );
+            match handle(delivery).await {
+                Handled::Done => {
+                    consumer.ack(std::slice::from_ref(&id)).await?;
+                    ctx.health.set(Health::Healthy);
+                }
+                Handled::Retry(reason) => {
+                    tracing::warn!(%event_id, attempt, error = %reason, "handling failed; it will be redelivered");
+                    ctx.health.set(Health::Degraded(reason.clone()));
+                    consumer.nack_with_reason(&id, &reason).await?;
+                }
+            }
+        }
+    }
+    consumer.close().await
+}
+
 /// Delivers events from a durable transport to an in-process [`EventBus`], at least once:
 /// a delivery is acknowledged after every handler succeeded and handed back (nacked) when one
 /// failed, so handlers must tolerate a repeat (dedupe by event id, or use a [`Projection`]).
@@ -511,34 +563,18 @@ impl Worker for EventBusConsumer {
             .transport
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
-        ctx.health.set(Health::Healthy);
-        while !ctx.shutdown.is_requested() {
-            let deliveries = tokio::select! {
-                d = consumer.fetch(self.batch) => d?,
-                _ = ctx.shutdown.requested() => break,
-            };
-            // In-flight deliveries are finished and acknowledged even when shutdown comes.
-            for delivery in deliveries {
-                let outcome = match self.types.decode(&delivery.record) {
-                    Ok(Some(envelope)) => self
-                        .bus
-                        .publish(envelope)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                };
-                match outcome {
-                    Ok(()) => consumer.ack(std::slice::from_ref(&delivery.id)).await?,
-                    Err(error) => {
-                        tracing::warn!(event_id = %delivery.record.event_id, attempt = delivery.attempt, %error, "event handling failed; it will be redelivered");
-                        consumer.nack_with_reason(&delivery.id, &error).await?;
-                    }
-                }
+        let (bus, types) = (&self.bus, &self.types);
+        consume_until_shutdown(consumer.as_mut(), &ctx, self.batch, |delivery| async move {
+            match types.decode(&delivery.record) {
+                Ok(Some(envelope)) => match bus.publish(envelope).await {
+                    Ok(_) => Handled::Done,
+                    Err(e) => Handled::Retry(e.to_string()),
+                },
+                Ok(None) => Handled::Done,
+                Err(e) => Handled::Retry(e.to_string()),
             }
-        }
-        consumer.close().await?;
+        })
+        .await?;
         Ok(())
     }
 }

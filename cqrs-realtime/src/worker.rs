@@ -4,7 +4,8 @@ use crate::Publisher;
 use async_trait::async_trait;
 use cqrs_core::BoxError;
 use cqrs_core::ports::{ConsumerOptions, EventTransport};
-use cqrs_core::runtime::{Health, Worker, WorkerContext};
+use cqrs_core::projection::{Handled, consume_until_shutdown};
+use cqrs_core::runtime::{Worker, WorkerContext};
 use std::fmt;
 use std::sync::Arc;
 
@@ -94,30 +95,19 @@ impl Worker for PublishWorker {
             .transport
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
-        ctx.health.set(Health::Healthy);
-        while !ctx.shutdown.is_requested() {
-            let deliveries = tokio::select! {
-                d = consumer.fetch(self.batch) => d?,
-                _ = ctx.shutdown.requested() => break,
-            };
-            for delivery in deliveries {
-                match self.publisher.publish(&delivery.record).await {
-                    Ok(_) => consumer.ack(std::slice::from_ref(&delivery.id)).await?,
-                    Err(crate::PublishError::Encode(error)) => {
-                        // Retrying cannot help an event the routing cannot encode.
-                        tracing::error!(event_id = %delivery.record.event_id, %error, "event cannot be pushed; skipped");
-                        consumer.ack(std::slice::from_ref(&delivery.id)).await?;
-                    }
-                    Err(error) => {
-                        tracing::warn!(event_id = %delivery.record.event_id, %error, "realtime publish failed; it will be retried");
-                        ctx.health.set(Health::Degraded(error.to_string()));
-                        consumer.nack(&delivery.id).await?;
-                        continue;
-                    }
+        let publisher = &self.publisher;
+        consume_until_shutdown(consumer.as_mut(), &ctx, self.batch, |delivery| async move {
+            match publisher.publish(&delivery.record).await {
+                Ok(_) => Handled::Done,
+                Err(crate::PublishError::Encode(error)) => {
+                    // Retrying cannot help an event the routing cannot encode.
+                    tracing::error!(event_id = %delivery.record.event_id, %error, "event cannot be pushed; skipped");
+                    Handled::Done
                 }
-                ctx.health.set(Health::Healthy);
+                Err(error) => Handled::Retry(error.to_string()),
             }
-        }
+        })
+        .await?;
         Ok(())
     }
 }
