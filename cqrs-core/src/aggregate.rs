@@ -306,10 +306,25 @@ impl<A: Aggregate> AggregateRepository<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Decided<A>, AggregateError<A::Error>> {
+        let loaded = self.load(id).await?;
+        Self::decide_on(loaded, expected_version, command, metadata)
+    }
+
+    /// Lets an already loaded aggregate decide on `command` (a caller that loaded it to check
+    /// something first does not load it twice). No I/O: returns what [`decide`](Self::decide)
+    /// returns. A new aggregate is `Loaded { id, state: A::default(), version: 0 }`.
+    pub fn decide_on(
+        loaded: Loaded<A>,
+        expected_version: Option<u64>,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Decided<A>, AggregateError<A::Error>> {
         let Loaded {
-            mut state, version, ..
-        } = self.load(id).await?;
-        let stream = Self::stream_id(id);
+            id,
+            mut state,
+            version,
+        } = loaded;
+        let stream = Self::stream_id(&id);
         if let Some(expected) = expected_version
             && expected != version
         {
@@ -326,7 +341,7 @@ impl<A: Aggregate> AggregateRepository<A> {
             let envelope = event
                 .clone()
                 .into_envelope(metadata.caused())
-                .with_partition_key(id)
+                .with_partition_key(id.as_str())
                 .with_stored(stream.as_str(), version + 1 + i as u64, None);
             state.apply_with(&event, &envelope);
             records.push(EventRecord::from_envelope(&envelope).map_err(AggregateError::Encode)?);
@@ -352,12 +367,22 @@ impl<A: Aggregate> AggregateRepository<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Committed<A>, AggregateError<A::Error>> {
+        let decided = self.decide(id, expected_version, command, metadata).await?;
+        self.append_decided(decided).await
+    }
+
+    /// Appends what [`decide`](Self::decide) or [`decide_on`](Self::decide_on) returned, at the
+    /// version it was decided at, and saves a snapshot when one is due.
+    pub async fn append_decided(
+        &self,
+        decided: Decided<A>,
+    ) -> Result<Committed<A>, AggregateError<A::Error>> {
         let Decided {
             state,
             version,
             records,
-            ..
-        } = self.decide(id, expected_version, command, metadata).await?;
+            stream_id: stream,
+        } = decided;
         if records.is_empty() {
             return Ok(Committed {
                 state,
@@ -365,7 +390,6 @@ impl<A: Aggregate> AggregateRepository<A> {
                 records,
             });
         }
-        let stream = Self::stream_id(id);
         let stored = self
             .store
             .append(&stream, ExpectedVersion::Exactly(version), records)

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{
     AggregateError, AggregateRepository, Command, CommandContext, CommandHandler, EventTypes,
-    HandlerError, Message, Metadata, Query, QueryContext, QueryHandler,
+    HandlerError, Loaded, Message, Metadata, Query, QueryContext, QueryHandler,
 };
 use cqrs_postgres::PgUnitOfWork;
 use helpdesk_api::{Role, User, UserDirectory};
@@ -223,26 +223,20 @@ impl Tickets {
     async fn persist(
         &self,
         ctx: &mut CommandContext,
-        id: &str,
+        loaded: Loaded<TicketState>,
         expected: u64,
         command: TicketCommand,
         metadata: &Metadata,
     ) -> Result<Ticket, AggregateError<HandlerError>> {
+        let decided = AggregateRepository::decide_on(loaded, Some(expected), command, metadata)?;
         let Some(pg) = &self.pg_index else {
-            let committed = self
-                .repo
-                .execute(id, Some(expected), command, metadata)
-                .await?;
+            let committed = self.repo.append_decided(decided).await?;
             self.index
                 .upsert(&committed.state.ticket)
                 .await
                 .map_err(AggregateError::Store)?;
             return Ok(committed.state.ticket);
         };
-        let decided = self
-            .repo
-            .decide(id, Some(expected), command, metadata)
-            .await?;
         let uow = PgUnitOfWork::from_context(ctx).map_err(AggregateError::Rejected)?;
         let conn = uow.connection().await.map_err(AggregateError::Store)?;
         pg.upsert_in(conn, &decided.state.ticket)
@@ -256,7 +250,11 @@ impl Tickets {
         Ok(decided.state.ticket)
     }
 
-    async fn load_visible(&self, user: &User, id: Uuid) -> Result<TicketState, HandlerError> {
+    async fn load_visible(
+        &self,
+        user: &User,
+        id: Uuid,
+    ) -> Result<Loaded<TicketState>, HandlerError> {
         let loaded = self
             .repo
             .load(&id.to_string())
@@ -265,7 +263,7 @@ impl Tickets {
         if !loaded.state.exists || !visible(user, &loaded.state.ticket) {
             return Err(not_found());
         }
-        Ok(loaded.state)
+        Ok(loaded)
     }
 }
 
@@ -292,9 +290,15 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         let id = Uuid::now_v7();
+        // A new ticket: nothing to load.
+        let new = Loaded {
+            id: id.to_string(),
+            state: TicketState::default(),
+            version: 0,
+        };
         self.persist(
             ctx,
-            &id.to_string(),
+            new,
             0,
             TicketCommand::Open {
                 id,
@@ -345,11 +349,10 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 }
             }
         }
-        let id = cmd.id.to_string();
         let comment_id = Uuid::now_v7();
         for attempt in 1..=RETRIES {
-            let state = self.load_visible(user, cmd.id).await?;
-            let expected = cmd.expected_version.unwrap_or(state.ticket.version);
+            let loaded = self.load_visible(user, cmd.id).await?;
+            let expected = cmd.expected_version.unwrap_or(loaded.version);
             let command = match &cmd.change {
                 Change::Assign { assignee_id } => TicketCommand::Assign {
                     assignee_id: *assignee_id,
@@ -364,7 +367,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 },
             };
             match self
-                .persist(ctx, &id, expected, command, &metadata(user))
+                .persist(ctx, loaded, expected, command, &metadata(user))
                 .await
             {
                 Ok(ticket) => return Ok(ticket),
@@ -392,7 +395,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
 #[async_trait]
 impl QueryHandler<GetTicket> for Tickets {
     async fn handle(&self, q: GetTicket, _ctx: &QueryContext) -> Result<Ticket, HandlerError> {
-        Ok(self.load_visible(&q.user, q.id).await?.ticket)
+        Ok(self.load_visible(&q.user, q.id).await?.state.ticket)
     }
 }
 
