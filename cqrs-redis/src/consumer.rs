@@ -19,12 +19,16 @@ use tokio::time::Instant;
 
 /// One member of a consumer group of a [`RedisStreamTransport`](crate::RedisStreamTransport).
 ///
-/// Each [`fetch`](Consumer::fetch) is one script on the shared connection that
+/// Each [`fetch`](Consumer::fetch) step, on the shared connection,
 ///
-/// 1. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
+/// 1. reads new entries with a plain `XREADGROUP >` (their fields never go through Lua), as
+///    many as the batch has room for beside the entries it holds back;
+///
+/// then, in one script (skipped when nothing is held, no reclaim is due and no entry read is
+/// in a lane or meant for one group),
+///
+/// 2. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
 ///    left pending by a consumer that crashed;
-/// 2. reads new entries (`XREADGROUP >`), unless the consumer already holds
-///    [`max_held`](crate::RedisStreamOptions::max_held) entries back;
 /// 3. passes each candidate through the **order gate**: an entry in a lane (see
 ///    [`KeyOrdering`](crate::KeyOrdering)) is handed out only once this group acknowledged
 ///    the previous entry of its lane, whichever consumer handled it; until then the consumer
@@ -37,7 +41,8 @@ use tokio::time::Instant;
 /// a shared one), up to the consumer's `block` interval. Entries whose `record` does not decode
 /// are dead-lettered too, never handed out and never a crash.
 ///
-/// [`ack`](Consumer::ack) is `XACK` plus advancing the entry's lane, in one script.
+/// [`ack`](Consumer::ack) is one `XACK` of all the ids plus advancing their lanes, in one
+/// script.
 /// [`nack`](Consumer::nack) restarts the entry's idle clock, so it is reclaimed after the
 /// redelivery delay, by this consumer or another.
 ///
@@ -54,6 +59,8 @@ pub struct RedisConsumer {
     options: ConsumerOptions,
     /// Entries read and not handed out yet (waiting for their turn, or over the batch size).
     held: Vec<String>,
+    /// The fields of held entries, kept here so the gate script never reads them again.
+    known: HashMap<String, Fields>,
     /// Entries handed out and not acknowledged, with their lane (empty for none).
     in_flight: HashMap<String, String>,
     /// Where the next `XAUTOCLAIM` continues.
@@ -99,6 +106,7 @@ impl RedisConsumer {
             group: group.to_owned(),
             options,
             held: Vec::new(),
+            known: HashMap::new(),
             in_flight: HashMap::new(),
             cursor: "0-0".to_owned(),
             next_claim: Instant::now(),
@@ -171,6 +179,7 @@ impl RedisConsumer {
     /// the same in the background.
     pub async fn close(mut self) -> Result<(), TransportError> {
         let held = std::mem::take(&mut self.held);
+        self.known.clear();
         self.release(held).await
     }
 
@@ -192,6 +201,7 @@ impl RedisConsumer {
             Err(e) if is_nogroup(&e) => {
                 self.shared.create_group(&self.keys, &self.group).await?;
                 self.held.clear();
+                self.known.clear();
                 self.try_step(max).await.map_err(transport_error)
             }
             other => other.map_err(transport_error),
@@ -201,18 +211,84 @@ impl RedisConsumer {
     async fn try_step(&mut self, max: usize) -> Result<Ready, fred::error::Error> {
         let now = Instant::now();
         let claim = self.cursor != "0-0" || now >= self.next_claim;
-        let room = self.shared.options.max_held.saturating_sub(self.held.len());
+        // Read only what the batch has room for beside the entries already held: the held set
+        // then stays about one batch (each step re-examines all of it). When none of them is
+        // ready, `fetch` waits for new entries up to `max_held`, so blocked entries do not
+        // stop the consumer from reading on.
+        let room = self
+            .shared
+            .options
+            .max_held
+            .saturating_sub(self.held.len())
+            .min(max.saturating_sub(self.held.len()));
+        // A plain `XREADGROUP` from the client: the entries' fields never go through Lua.
+        let fresh = if room > 0 {
+            let reply = self
+                .shared
+                .client
+                .with_options(&self.shared.patient())
+                .xreadgroup::<Value, _, _, _, _>(
+                    self.group.as_str(),
+                    self.options.consumer_name.as_str(),
+                    Some(room as u64),
+                    None,
+                    false,
+                    self.keys.stream.as_str(),
+                    ">",
+                )
+                .await?;
+            read_entries(reply)
+        } else {
+            Vec::new()
+        };
+        if !claim && self.held.is_empty() {
+            if fresh.is_empty() {
+                return Ok(Vec::new());
+            }
+            // Nothing to reclaim, nothing held, and no new entry in a lane or meant for one
+            // group only: the gate would hand every one out as it is (delivered once).
+            let plain = self.options.max_deliveries >= 1
+                && fresh.iter().all(|(_, f)| {
+                    entry::field(f, "lane").is_none() && entry::field(f, "group").is_none()
+                });
+            if plain {
+                return Ok(fresh.into_iter().map(|(id, f)| (id, 1, f)).collect());
+            }
+        }
         let mut args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
             Value::from(millis(self.options.redelivery_delay)),
             Value::from(if claim { max as i64 } else { 0 }),
             Value::from(self.cursor.as_str()),
-            Value::from(room.min(max) as i64),
             Value::from(i64::from(self.options.max_deliveries)),
             Value::from(max as i64),
         ];
-        args.extend(self.held.iter().map(|id| Value::from(id.as_str())));
+        let candidate = |args: &mut Vec<Value>, id: &str, kind: &str, fields: Option<&Fields>| {
+            let text = |name: &str| fields.and_then(|f| entry::field(f, name)).unwrap_or("");
+            args.push(Value::from(id));
+            args.push(Value::from(kind));
+            args.push(Value::from(text("lane")));
+            args.push(Value::from(text("prev")));
+            args.push(Value::from(text("group")));
+        };
+        for id in &self.held {
+            let fields = self.known.get(id);
+            candidate(
+                &mut args,
+                id,
+                if fields.is_some() { "h" } else { "u" },
+                fields,
+            );
+        }
+        for (id, fields) in &fresh {
+            candidate(&mut args, id, "f", Some(fields));
+        }
+        // Should the script fail, the new entries are held, and gated at the next step.
+        for (id, fields) in fresh {
+            self.held.push(id.clone());
+            self.known.insert(id, fields);
+        }
         let reply = self
             .shared
             .scripts
@@ -240,7 +316,6 @@ impl RedisConsumer {
                 self.next_claim = now + self.claim_interval;
             }
         }
-        self.held = held.into_iter().filter_map(Value::into_string).collect();
         if dead > 0 {
             tracing::warn!(
                 topic = %self.topic,
@@ -250,6 +325,16 @@ impl RedisConsumer {
                 self.options.max_deliveries
             );
         }
+        let mut known = std::mem::take(&mut self.known);
+        self.held.clear();
+        let mut items = held.into_iter();
+        while let (Some(id), Some(fields)) = (items.next(), items.next()) {
+            let Some(id) = id.into_string() else { continue };
+            if fields.is_array() {
+                known.insert(id.clone(), entry::fields(fields));
+            }
+            self.held.push(id);
+        }
         let mut out = Vec::with_capacity(ready.len() / 3);
         let mut items = ready.into_iter();
         while let (Some(id), Some(count), Some(fields)) = (items.next(), items.next(), items.next())
@@ -258,7 +343,23 @@ impl RedisConsumer {
             let count = count
                 .as_u64()
                 .map_or(1, |c| u32::try_from(c).unwrap_or(u32::MAX));
-            out.push((id, count, entry::fields(fields)));
+            let fields = if fields.is_array() {
+                Some(entry::fields(fields))
+            } else {
+                known.remove(&id)
+            };
+            match fields {
+                Some(fields) => out.push((id, count, fields)),
+                // Not expected: the script returns the fields the client does not have. Held,
+                // the next step reads them.
+                None => self.held.push(id),
+            }
+        }
+        // Keep the fields of the held entries only.
+        for id in &self.held {
+            if let Some(fields) = known.remove(id) {
+                self.known.insert(id.clone(), fields);
+            }
         }
         Ok(out)
     }
@@ -325,15 +426,23 @@ impl RedisConsumer {
             }
             Err(e) => return Err(transport_error(e)),
         };
-        for stream in entry::array(reply) {
-            let mut parts = entry::array(stream).into_iter();
-            let _key = parts.next();
-            for (id, _) in entry::entries(parts.next().unwrap_or(Value::Null)) {
-                self.held.push(id);
-            }
+        for (id, fields) in read_entries(reply) {
+            self.held.push(id.clone());
+            self.known.insert(id, fields);
         }
         Ok(())
     }
+}
+
+/// The entries of an `XREADGROUP` reply on one stream.
+fn read_entries(reply: Value) -> Vec<(String, Fields)> {
+    let mut out = Vec::new();
+    for stream in entry::array(reply) {
+        let mut parts = entry::array(stream).into_iter();
+        let _key = parts.next();
+        out.extend(entry::entries(parts.next().unwrap_or(Value::Null)));
+    }
+    out
 }
 
 fn millis(d: Duration) -> i64 {

@@ -90,55 +90,99 @@ end
 return out
 "#;
 
-/// One fetch step. KEYS: stream, applied, dead, errors. ARGV: group, consumer, min idle (ms),
-/// claim count, claim cursor, read count, max deliveries, ready limit, then the ids this
-/// consumer holds or just read.
+/// One gate step. KEYS: stream, applied, dead, errors. ARGV: group, consumer, min idle (ms),
+/// claim count, claim cursor, max deliveries, ready limit, then per candidate the client read
+/// (held, or just read) `id, kind, lane, prev, target`: kind `f` for an entry read by this
+/// consumer just before the step (pending to it, delivered once), `h` for one it holds (its
+/// owner and delivery count are looked up), `u` for one whose fields the client does not have
+/// (read here, its lane, prev and target ignored); `lane`, `prev` and `target` (the `group`
+/// field of a replay) empty for none.
 ///
-/// Reclaims idle entries (`XAUTOCLAIM`), reads new ones (`XREADGROUP >`), then passes every
-/// candidate through the gate in stream order: an entry of a lane is ready once its
-/// predecessor in the lane was acknowledged by this group (or is no longer in the stream).
-/// Returns `{next cursor, {id, deliveries, fields, ...} ready, {id, ...} held, dead count}`.
+/// Entry fields stay out of Lua (the client read them with a plain `XREADGROUP`), except for
+/// entries reclaimed here (`XAUTOCLAIM`) or of kind `u`. Every candidate passes the gate in
+/// stream order: an entry of a lane is ready once its predecessor in the lane was acknowledged
+/// by this group (or is no longer in the stream).
+/// Returns `{next cursor, {id, deliveries, fields or '', ...} ready, {id, fields or '', ...}
+/// held, dead count}`: fields only for the entries the script read itself.
 const STEP: &str = r#"
 local keys = {stream = KEYS[1], applied = KEYS[2], dead = KEYS[3], errors = KEYS[4]}
 local group, me = ARGV[1], ARGV[2]
 local min_idle, claim_count, cursor = ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local read_count, max_del, limit = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local max_del, limit = tonumber(ARGV[6]), tonumber(ARGV[7])
 
-local cands, seen = {}, {}
-local function add(id, fields, count, fresh)
-  if not seen[id] then
-    seen[id] = true
-    cands[#cands + 1] = {id = id, fields = fields, count = count, fresh = fresh}
+-- Candidates, with their ids parsed once into numbers for sorting; `sorted` stays true while
+-- they arrive in stream order (held entries then newer ones), and the sort is skipped then.
+local cands, seen, sorted = {}, {}, true
+local function add(c)
+  if not seen[c.id] then
+    seen[c.id] = true
+    local ms, seq = parse_id(c.id)
+    c.ms, c.seq = ms or 0, seq or 0
+    local last = cands[#cands]
+    if last and (c.ms < last.ms or (c.ms == last.ms and c.seq < last.seq)) then sorted = false end
+    cands[#cands + 1] = c
   end
 end
+local function from_fields(id, fields, count, fresh)
+  return {id = id, fields = fields, count = count, fresh = fresh,
+          lane = field(fields, 'lane'), prev = field(fields, 'prev') or '',
+          target = field(fields, 'group')}
+end
+local function opt(s) if s == '' then return nil end return s end
 
 local next_cursor = cursor
 if claim_count > 0 then
   local r = redis.call('XAUTOCLAIM', keys.stream, group, me, min_idle, cursor, 'COUNT', claim_count)
   next_cursor = r[1]
   for _, e in ipairs(r[2]) do
-    if type(e) == 'table' and e[1] then add(e[1], e[2], nil, true) end
+    if type(e) == 'table' and e[1] then add(from_fields(e[1], e[2], nil, true)) end
   end
 end
-for i = 9, #ARGV do
-  local id = ARGV[i]
+for i = 8, #ARGV, 5 do
+  local id, kind = ARGV[i], ARGV[i + 1]
   if not seen[id] then
-    local e = redis.call('XRANGE', keys.stream, id, id)
-    if e[1] then
-      add(id, e[1][2], nil, false)
+    if kind == 'u' then
+      local e = redis.call('XRANGE', keys.stream, id, id)
+      if e[1] then
+        add(from_fields(id, e[1][2], nil, false))
+      else
+        -- Deleted from the stream: nothing left to deliver.
+        redis.call('XACK', keys.stream, group, id)
+      end
     else
-      -- Deleted from the stream: nothing left to deliver.
-      redis.call('XACK', keys.stream, group, id)
+      local fresh = kind == 'f'
+      add({id = id, count = fresh and 1 or nil, fresh = fresh, lane = opt(ARGV[i + 2]),
+           prev = ARGV[i + 3], target = opt(ARGV[i + 4])})
     end
   end
 end
-if read_count > 0 then
-  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', read_count, 'STREAMS', keys.stream, '>')
-  if r then
-    for _, e in ipairs(r[1][2]) do add(e[1], e[2], 1, true) end
+if not sorted then
+  table.sort(cands, function(a, b)
+    if a.ms ~= b.ms then return a.ms < b.ms end
+    return a.seq < b.seq
+  end)
+end
+
+-- The group's applied id of every candidate's lane, read at once; dead-lettering below
+-- advances a lane and updates it.
+local applied = {}
+do
+  local lanes, want = {}, {}
+  for _, c in ipairs(cands) do
+    if c.lane and not want[c.lane] then
+      want[c.lane] = true
+      lanes[#lanes + 1] = c.lane
+    end
+  end
+  for i = 1, #lanes, 1000 do
+    local chunk = {}
+    for j = i, math.min(i + 999, #lanes) do chunk[#chunk + 1] = lanes[j] end
+    local cur = redis.call('HMGET', keys.applied, unpack(chunk))
+    for j, lane in ipairs(chunk) do
+      if cur[j] then applied[lane] = cur[j] end
+    end
   end
 end
-table.sort(cands, function(a, b) return idlt(a.id, b.id) end)
 
 local ready, held, stale_refresh, dead = {}, {}, {}, 0
 for _, c in ipairs(cands) do
@@ -148,20 +192,24 @@ for _, c in ipairs(cands) do
     if p[1] and p[1][2] == me then count = tonumber(p[1][4]) end
   end
   if count then
-    local target = field(c.fields, 'group')
-    if target and target ~= group then
+    if c.target and c.target ~= group then
       -- A replay meant for another group.
       redis.call('XACK', keys.stream, group, c.id)
     else
-      local lane = field(c.fields, 'lane')
+      local lane = c.lane
       local state = 'ready'
       if lane then
-        local cur = redis.call('HGET', keys.applied, lane)
-        local prev = field(c.fields, 'prev') or ''
+        local cur = applied[lane]
+        local prev = c.prev or ''
         if cur and not idlt(cur, c.id) then
           state = 'done'
         elseif prev ~= '' and parse_id(prev) and not (cur and not idlt(cur, prev)) then
-          if redis.call('XRANGE', keys.stream, prev, prev)[1] then state = 'wait' end
+          -- The predecessor is unacknowledged: wait while it is pending in the group (cheaper
+          -- to ask than reading the entry) or still in the stream.
+          if redis.call('XPENDING', keys.stream, group, prev, prev, 1)[1]
+             or redis.call('XRANGE', keys.stream, prev, prev)[1] then
+            state = 'wait'
+          end
         end
       end
       if state == 'done' then
@@ -170,16 +218,27 @@ for _, c in ipairs(cands) do
       elseif state == 'ready' and count > max_del then
         local reason = redis.call('HGET', keys.errors, c.id)
           or ('delivered ' .. count .. ' times without an acknowledgement')
-        -- Recorded as the times it was handed out: this reclaim only found it over the limit.
-        deadletter(keys, group, me, c.id, c.fields, count - 1, reason)
-        dead = dead + 1
+        local fields = c.fields
+        if not fields then
+          local e = redis.call('XRANGE', keys.stream, c.id, c.id)
+          fields = e[1] and e[1][2]
+        end
+        if fields then
+          -- Recorded as the times it was handed out: this reclaim only found it over the limit.
+          deadletter(keys, group, me, c.id, fields, count - 1, reason)
+          dead = dead + 1
+          if lane and (not applied[lane] or idlt(applied[lane], c.id)) then applied[lane] = c.id end
+        else
+          redis.call('XACK', keys.stream, group, c.id)
+        end
       elseif state == 'ready' and #ready < limit * 3 then
         ready[#ready + 1] = c.id
         ready[#ready + 1] = count
-        ready[#ready + 1] = c.fields
+        ready[#ready + 1] = c.fields or ''
         if not c.fresh then stale_refresh[#stale_refresh + 1] = c.id end
       else
         held[#held + 1] = c.id
+        held[#held + 1] = c.fields or ''
         if not c.fresh then stale_refresh[#stale_refresh + 1] = c.id end
       end
     end
@@ -191,19 +250,39 @@ return {next_cursor, ready, held, dead}
 
 /// KEYS: stream, applied, errors. ARGV: group, then pairs `id, lane` (`lane` empty for none,
 /// `?` when unknown). Acknowledges and advances each lane. Returns how many were pending.
+///
+/// One `XACK` and one `HDEL` for all the ids, and each lane advanced once, to its highest id
+/// (one `HMGET` and one `HSET` for all lanes).
 const ACK: &str = r#"
-local n = 0
 local group = ARGV[1]
+local ids, top = {}, {}
 for i = 2, #ARGV, 2 do
   local id, lane = ARGV[i], ARGV[i + 1]
-  n = n + redis.call('XACK', KEYS[1], group, id)
+  ids[#ids + 1] = id
   if lane == '?' then
     local e = redis.call('XRANGE', KEYS[1], id, id)
     lane = (e[1] and field(e[1][2], 'lane')) or ''
   end
-  if lane ~= '' then bump(KEYS[2], lane, id) end
-  redis.call('HDEL', KEYS[3], id)
+  if lane ~= '' and (not top[lane] or idlt(top[lane], id)) then top[lane] = id end
 end
+if #ids == 0 then return 0 end
+local n = redis.call('XACK', KEYS[1], group, unpack(ids))
+local lanes = {}
+for lane in pairs(top) do lanes[#lanes + 1] = lane end
+for i = 1, #lanes, 1000 do
+  local chunk = {}
+  for j = i, math.min(i + 999, #lanes) do chunk[#chunk + 1] = lanes[j] end
+  local cur = redis.call('HMGET', KEYS[2], unpack(chunk))
+  local set = {}
+  for j, lane in ipairs(chunk) do
+    if not cur[j] or idlt(cur[j], top[lane]) then
+      set[#set + 1] = lane
+      set[#set + 1] = top[lane]
+    end
+  end
+  if #set > 0 then redis.call('HSET', KEYS[2], unpack(set)) end
+end
+redis.call('HDEL', KEYS[3], unpack(ids))
 return n
 "#;
 
