@@ -279,19 +279,49 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
             }
         }
-        for record in self.store.load(&stream, version).await? {
-            version = record.stream_version.unwrap_or(version + 1);
+        let records = self.store.load(&stream, version).await?;
+        self.apply_records(
+            Loaded {
+                id: id.to_owned(),
+                state,
+                version,
+            },
+            records,
+        )
+    }
+
+    /// Rebuilds aggregate `id` from its stream's records, read elsewhere: by a caller that
+    /// reads them inside its own unit of work (a database transaction), so a command holds one
+    /// connection, not two. `records` must be the whole stream, in version order.
+    pub fn rebuild(
+        &self,
+        id: &str,
+        records: Vec<EventRecord>,
+    ) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        self.apply_records(
+            Loaded {
+                id: id.to_owned(),
+                state: A::default(),
+                version: 0,
+            },
+            records,
+        )
+    }
+
+    fn apply_records(
+        &self,
+        mut loaded: Loaded<A>,
+        records: Vec<EventRecord>,
+    ) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        for record in records {
+            loaded.version = record.stream_version.unwrap_or(loaded.version + 1);
             if let Some(envelope) = self.types.decode(&record)?
                 && let Some(event) = A::Event::from_envelope(&envelope)
             {
-                state.apply_with(&event, &envelope);
+                loaded.state.apply_with(&event, &envelope);
             }
         }
-        Ok(Loaded {
-            id: id.to_owned(),
-            state,
-            version,
-        })
+        Ok(loaded)
     }
 
     /// Loads the aggregate and lets it decide on `command`, without storing anything: returns

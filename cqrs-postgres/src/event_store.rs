@@ -65,6 +65,23 @@ impl PgEventStore {
         &self.db
     }
 
+    /// Loads a stream's events after `after_version` on a connection you hold (a unit of
+    /// work's transaction), so a command that reads and writes uses one connection.
+    pub async fn load_in(
+        &self,
+        conn: &mut PgConnection,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(self.db.sql.load.clone()))
+            .bind(stream_id)
+            .bind(to_i64(after_version))
+            .fetch_all(conn)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(row::event).collect()
+    }
+
     /// Appends inside a transaction you hold (`&mut *tx`). The append lock is then held until
     /// that transaction ends, so append last and commit soon. Conflicts are reported without
     /// aborting the transaction.
@@ -258,13 +275,8 @@ impl EventStore for PgEventStore {
         stream_id: &str,
         after_version: u64,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let rows = sqlx::query(AssertSqlSafe(self.db.sql.load.clone()))
-            .bind(stream_id)
-            .bind(to_i64(after_version))
-            .fetch_all(&self.db.pool)
-            .await
-            .map_err(store_error)?;
-        rows.iter().map(row::event).collect()
+        let mut conn = self.db.pool.acquire().await.map_err(store_error)?;
+        self.load_in(&mut conn, stream_id, after_version).await
     }
 
     async fn read_all(

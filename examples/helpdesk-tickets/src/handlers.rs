@@ -11,7 +11,7 @@ use cqrs_core::{
     AggregateError, AggregateRepository, Command, CommandContext, CommandHandler, EventTypes,
     HandlerError, Loaded, Message, Metadata, Query, QueryContext, QueryHandler,
 };
-use cqrs_postgres::PgUnitOfWork;
+use cqrs_postgres::{PgEventStore, PgUnitOfWork};
 use helpdesk_api::{Role, User, UserDirectory};
 use serde::Serialize;
 use serde_json::json;
@@ -209,6 +209,9 @@ pub(crate) struct Tickets {
     pub(crate) index: Arc<dyn TicketIndex>,
     /// In Postgres mode: the index written in the command's transaction.
     pub(crate) pg_index: Option<PgTicketIndex>,
+    /// In Postgres mode: the store a change reads its ticket from, inside the command's
+    /// transaction, so a command holds one pooled connection, not two.
+    pub(crate) pg_events: Option<PgEventStore>,
     pub(crate) directory: Arc<dyn UserDirectory>,
     pub(crate) stats: Arc<dyn StatsReader>,
     pub(crate) cursors: Cursors,
@@ -248,6 +251,27 @@ impl Tickets {
             decided.records,
         );
         Ok(decided.state.ticket)
+    }
+
+    /// Loads a ticket for a change: in Postgres mode through the command's unit of work.
+    async fn load_for_change(
+        &self,
+        ctx: &mut CommandContext,
+        user: &User,
+        id: Uuid,
+    ) -> Result<Loaded<TicketState>, HandlerError> {
+        let Some(store) = &self.pg_events else {
+            return self.load_visible(user, id).await;
+        };
+        let uow = PgUnitOfWork::from_context(ctx)?;
+        let id = id.to_string();
+        let stream = AggregateRepository::<TicketState>::stream_id(&id);
+        let records = store.load_in(uow.connection().await?, &stream, 0).await?;
+        let loaded = self.repo.rebuild(&id, records).map_err(from_aggregate)?;
+        if !loaded.state.exists || !visible(user, &loaded.state.ticket) {
+            return Err(not_found());
+        }
+        Ok(loaded)
     }
 
     async fn load_visible(
@@ -351,7 +375,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
         }
         let comment_id = Uuid::now_v7();
         for attempt in 1..=RETRIES {
-            let loaded = self.load_visible(user, cmd.id).await?;
+            let loaded = self.load_for_change(ctx, user, cmd.id).await?;
             let expected = cmd.expected_version.unwrap_or(loaded.version);
             let command = match &cmd.change {
                 Change::Assign { assignee_id } => TicketCommand::Assign {

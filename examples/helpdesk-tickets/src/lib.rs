@@ -118,6 +118,7 @@ impl Plugin for TicketsPlugin {
             )),
             events: backends.events.clone(),
             index,
+            pg_events: backends.postgres.as_ref().map(|db| db.event_store()),
             pg_index,
             directory,
             stats,
