@@ -163,112 +163,73 @@ async fn open(
     .await
 }
 
-/// One change to a ticket, as a route received it.
-struct ChangeRequest {
-    user: User,
-    headers: HeaderMap,
-    id: Uuid,
-    fingerprint: Vec<u8>,
-    status: StatusCode,
-    expected_version: Option<u64>,
-    change: Change,
+/// The body of a route that changes one ticket: which action it is, the status a success
+/// answers, and the change it asks for.
+trait ChangeBody: Serialize + serde::de::DeserializeOwned + Send + 'static {
+    /// The path segment after `/tickets/{id}/`.
+    const ACTION: &'static str;
+    /// The status of a success.
+    const STATUS: StatusCode;
+    /// The client's expected version and the change.
+    fn into_change(self) -> (Option<u64>, Change);
 }
 
-async fn change(http: Http, request: ChangeRequest) -> Result<Response, ApiError> {
-    let ChangeRequest {
-        user,
-        headers,
-        id,
-        fingerprint,
-        status,
-        expected_version,
-        change,
-    } = request;
+impl ChangeBody for AssignBody {
+    const ACTION: &'static str = "assign";
+    const STATUS: StatusCode = StatusCode::OK;
+    fn into_change(self) -> (Option<u64>, Change) {
+        (
+            self.expected_version,
+            Change::Assign {
+                assignee_id: self.assignee_id,
+            },
+        )
+    }
+}
+
+impl ChangeBody for CommentBody {
+    const ACTION: &'static str = "comments";
+    const STATUS: StatusCode = StatusCode::CREATED;
+    fn into_change(self) -> (Option<u64>, Change) {
+        (self.expected_version, Change::Comment { body: self.body })
+    }
+}
+
+impl ChangeBody for CloseBody {
+    const ACTION: &'static str = "close";
+    const STATUS: StatusCode = StatusCode::OK;
+    fn into_change(self) -> (Option<u64>, Change) {
+        (
+            self.expected_version,
+            Change::Close {
+                resolution: self.resolution,
+            },
+        )
+    }
+}
+
+/// `POST /tickets/{id}/assign`, `/comments` and `/close`.
+async fn change<B: ChangeBody>(
+    State(http): State<Http>,
+    Authenticated(user): Authenticated,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(body): ApiJson<B>,
+) -> Result<Response, ApiError> {
+    let print = fingerprint(&format!("POST /tickets/{id}/{}", B::ACTION), &body);
+    let (expected_version, change) = body.into_change();
     run(
         &http,
         &headers,
         &user,
-        fingerprint,
-        status,
+        print,
+        B::STATUS,
         expected_version.is_none(),
         || ChangeTicket {
             user: user.clone(),
             id,
             expected_version,
             change: change.clone(),
-        },
-    )
-    .await
-}
-
-async fn assign(
-    State(http): State<Http>,
-    Authenticated(user): Authenticated,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<Uuid>,
-    ApiJson(body): ApiJson<AssignBody>,
-) -> Result<Response, ApiError> {
-    let print = fingerprint(&format!("POST /tickets/{id}/assign"), &body);
-    change(
-        http,
-        ChangeRequest {
-            user,
-            headers,
-            id,
-            fingerprint: print,
-            status: StatusCode::OK,
-            expected_version: body.expected_version,
-            change: Change::Assign {
-                assignee_id: body.assignee_id,
-            },
-        },
-    )
-    .await
-}
-
-async fn comment(
-    State(http): State<Http>,
-    Authenticated(user): Authenticated,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<Uuid>,
-    ApiJson(body): ApiJson<CommentBody>,
-) -> Result<Response, ApiError> {
-    let print = fingerprint(&format!("POST /tickets/{id}/comments"), &body);
-    change(
-        http,
-        ChangeRequest {
-            user,
-            headers,
-            id,
-            fingerprint: print,
-            status: StatusCode::CREATED,
-            expected_version: body.expected_version,
-            change: Change::Comment { body: body.body },
-        },
-    )
-    .await
-}
-
-async fn close(
-    State(http): State<Http>,
-    Authenticated(user): Authenticated,
-    headers: HeaderMap,
-    ApiPath(id): ApiPath<Uuid>,
-    ApiJson(body): ApiJson<CloseBody>,
-) -> Result<Response, ApiError> {
-    let print = fingerprint(&format!("POST /tickets/{id}/close"), &body);
-    change(
-        http,
-        ChangeRequest {
-            user,
-            headers,
-            id,
-            fingerprint: print,
-            status: StatusCode::OK,
-            expected_version: body.expected_version,
-            change: Change::Close {
-                resolution: body.resolution,
-            },
         },
     )
     .await
@@ -533,7 +494,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
         )
         .route(
             "/tickets/{id}/assign",
-            post(assign).with_state(http.clone()),
+            post(change::<AssignBody>).with_state(http.clone()),
             [conflict(idempotent(id_param(Operation::new("post", "Assign a ticket to an agent (agents only)").tag("tickets").bearer())))
                 .body(json!({
                     "type": "object",
@@ -546,7 +507,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
         )
         .route(
             "/tickets/{id}/comments",
-            post(comment).with_state(http.clone()),
+            post(change::<CommentBody>).with_state(http.clone()),
             [conflict(idempotent(id_param(Operation::new("post", "Comment on a ticket").tag("tickets").bearer())))
                 .body(json!({
                     "type": "object",
@@ -558,7 +519,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
         )
         .route(
             "/tickets/{id}/close",
-            post(close).with_state(http),
+            post(change::<CloseBody>).with_state(http),
             [conflict(idempotent(id_param(Operation::new("post", "Close a ticket").tag("tickets").bearer())))
                 .body(json!({
                     "type": "object",

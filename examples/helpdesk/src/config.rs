@@ -98,6 +98,8 @@ fn valid_name(name: &str, max: usize) -> bool {
         && !name.as_bytes()[0].is_ascii_digit()
 }
 
+/// The defaults the binary would run with here: like `helpdesk` with no flags, so the
+/// environment (`DATABASE_URL`, `HELPDESK_*`) is read. Set fields explicitly to ignore it.
 impl Default for Config {
     fn default() -> Self {
         Self::parse_from(["helpdesk"])
