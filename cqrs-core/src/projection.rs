@@ -10,9 +10,11 @@ use crate::{
     BoxError, DecodeError, EventBus, EventEnvelope, EventRecord, EventTypes, HandlerError, Position,
 };
 use async_trait::async_trait;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// A read model kept up to date from events.
 ///
@@ -463,51 +465,188 @@ pub enum Handled {
     Retry(String),
 }
 
+/// How [`consume_until_shutdown`] fetches and handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsumeLoop {
+    /// Deliveries fetched at a time. Default 64.
+    pub batch: usize,
+    /// Chains (deliveries of one [`order_key`](Delivery::order_key)) handled at once; within
+    /// a chain, one delivery after another. Default 8.
+    pub concurrency: usize,
+}
+
+impl Default for ConsumeLoop {
+    fn default() -> Self {
+        Self {
+            batch: 64,
+            concurrency: 8,
+        }
+    }
+}
+
+impl ConsumeLoop {
+    /// Sets how many deliveries are fetched at a time (at least 1).
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// Sets how many chains are handled at once (at least 1; 1 handles a batch one delivery
+    /// at a time).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+}
+
+/// What became of one delivery of a batch.
+enum Outcome {
+    Done,
+    Retry(String),
+    /// Not handled: an earlier delivery of its chain (this event id) failed.
+    Skipped(Uuid),
+}
+
 /// The loop of a consuming worker: fetch up to `batch` deliveries, hand each to `handle`,
 /// acknowledge or hand back what it decided, until shutdown is requested; then close the
-/// consumer. Deliveries already fetched are finished and acknowledged even when shutdown comes.
-/// A retried delivery is logged and marks the worker degraded until the next success.
+/// consumer.
+///
+/// Deliveries of one [`order_key`](Delivery::order_key) form a chain, handled one after
+/// another in batch order; up to `concurrency` chains run at once, so events of different keys
+/// are handled in parallel and events of one key in order. When a delivery fails
+/// ([`Handled::Retry`]), the rest of its chain is handed back unhandled
+/// ([`Consumer::defer`]), to come back after it.
+/// The handled deliveries of a batch are acknowledged together once every chain finished.
+/// Deliveries already fetched are finished and acknowledged even when shutdown comes. A
+/// retried delivery is logged and marks the worker degraded until the next batch that
+/// succeeds.
 pub async fn consume_until_shutdown<F, Fut>(
     consumer: &mut dyn Consumer,
     ctx: &WorkerContext,
-    batch: usize,
-    mut handle: F,
+    options: ConsumeLoop,
+    handle: F,
 ) -> Result<(), TransportError>
 where
-    F: FnMut(Delivery) -> Fut + Send,
+    F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
 {
     ctx.health.set(Health::Healthy);
     while !ctx.shutdown.is_requested() {
         let deliveries = tokio::select! {
-            d = consumer.fetch(batch) => d?,
+            d = consumer.fetch(options.batch.max(1)) => d?,
             _ = ctx.shutdown.requested() => break,
         };
-        for delivery in deliveries {
-            let (id, event_id, attempt) = (
-                delivery.id.clone(),
-                delivery.record.event_id,
-                delivery.attempt,
-            );
-            match handle(delivery).await {
-                Handled::Done => {
-                    consumer.ack(std::slice::from_ref(&id)).await?;
-                    ctx.health.set(Health::Healthy);
-                }
-                Handled::Retry(reason) => {
+        if deliveries.is_empty() {
+            continue;
+        }
+        let outcomes = handle_batch(deliveries, options.concurrency, &handle).await;
+        let mut done = Vec::with_capacity(outcomes.len());
+        let (mut failed, mut skipped) = (Vec::new(), Vec::new());
+        for (id, event_id, attempt, outcome) in outcomes {
+            match outcome {
+                Outcome::Done => done.push(id),
+                Outcome::Retry(reason) => {
                     tracing::warn!(%event_id, attempt, error = %reason, "handling failed; it will be redelivered");
-                    ctx.health.set(Health::Degraded(reason.clone()));
-                    consumer.nack_with_reason(&id, &reason).await?;
+                    failed.push((id, reason));
+                }
+                Outcome::Skipped(first) => {
+                    tracing::debug!(%event_id, failed = %first, "not handled: an earlier event of its key failed");
+                    skipped.push(id);
                 }
             }
+        }
+        if !done.is_empty() {
+            consumer.ack(&done).await?;
+        }
+        for (id, reason) in &failed {
+            consumer.nack_with_reason(id, reason).await?;
+        }
+        if !skipped.is_empty() {
+            consumer.defer(&skipped).await?;
+        }
+        match failed.first() {
+            Some((_, reason)) => ctx.health.set(Health::Degraded(reason.clone())),
+            None => ctx.health.set(Health::Healthy),
         }
     }
     consumer.close().await
 }
 
+/// Handles one batch: its chains concurrently, each chain in order. Returns every delivery's
+/// outcome.
+async fn handle_batch<F, Fut>(
+    deliveries: Vec<Delivery>,
+    concurrency: usize,
+    handle: &F,
+) -> Vec<(DeliveryId, Uuid, u32, Outcome)>
+where
+    F: Fn(Delivery) -> Fut + Sync,
+    Fut: std::future::Future<Output = Handled> + Send,
+{
+    use futures_util::StreamExt;
+    let count = deliveries.len();
+    let mut chains: Vec<Vec<Delivery>> = Vec::new();
+    let mut chain_of: HashMap<String, usize> = HashMap::new();
+    for delivery in deliveries {
+        match delivery.order_key.as_ref() {
+            Some(key) => match chain_of.get(key) {
+                Some(&i) => chains[i].push(delivery),
+                None => {
+                    chain_of.insert(key.clone(), chains.len());
+                    chains.push(vec![delivery]);
+                }
+            },
+            None => chains.push(vec![delivery]),
+        }
+    }
+    let mut outcomes = Vec::with_capacity(count);
+    let mut runs = futures_util::stream::iter(chains)
+        .map(|chain| run_chain(chain, handle))
+        .buffer_unordered(concurrency.max(1));
+    while let Some(chain) = runs.next().await {
+        outcomes.extend(chain);
+    }
+    outcomes
+}
+
+async fn run_chain<F, Fut>(
+    chain: Vec<Delivery>,
+    handle: &F,
+) -> Vec<(DeliveryId, Uuid, u32, Outcome)>
+where
+    F: Fn(Delivery) -> Fut + Sync,
+    Fut: std::future::Future<Output = Handled> + Send,
+{
+    let mut out = Vec::with_capacity(chain.len());
+    let mut failed = None;
+    for delivery in chain {
+        let (id, event_id, attempt) = (
+            delivery.id.clone(),
+            delivery.record.event_id,
+            delivery.attempt,
+        );
+        let outcome = match failed {
+            Some(first) => Outcome::Skipped(first),
+            None => match handle(delivery).await {
+                Handled::Done => Outcome::Done,
+                Handled::Retry(reason) => {
+                    failed = Some(event_id);
+                    Outcome::Retry(reason)
+                }
+            },
+        };
+        out.push((id, event_id, attempt, outcome));
+    }
+    out
+}
+
 /// Delivers events from a durable transport to an in-process [`EventBus`], at least once:
 /// a delivery is acknowledged after every handler succeeded and handed back (nacked) when one
 /// failed, so handlers must tolerate a repeat (dedupe by event id, or use a [`Projection`]).
+///
+/// Events of different keys are published to the bus concurrently (see [`ConsumeLoop`]:
+/// 8 at a time by default), events of one key in order.
 pub struct EventBusConsumer {
     name: String,
     bus: EventBus,
@@ -516,7 +655,7 @@ pub struct EventBusConsumer {
     topic: String,
     group: String,
     options: ConsumerOptions,
-    batch: usize,
+    consume: ConsumeLoop,
 }
 
 impl fmt::Debug for EventBusConsumer {
@@ -547,8 +686,14 @@ impl EventBusConsumer {
             topic: topic.to_owned(),
             group: group.to_owned(),
             options,
-            batch: 32,
+            consume: ConsumeLoop::default(),
         }
+    }
+
+    /// How deliveries are fetched and handled: batch size and concurrency.
+    pub fn consume_loop(mut self, consume: ConsumeLoop) -> Self {
+        self.consume = consume;
+        self
     }
 }
 
@@ -564,16 +709,21 @@ impl Worker for EventBusConsumer {
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
         let (bus, types) = (&self.bus, &self.types);
-        consume_until_shutdown(consumer.as_mut(), &ctx, self.batch, |delivery| async move {
-            match types.decode(&delivery.record) {
-                Ok(Some(envelope)) => match bus.publish(envelope).await {
-                    Ok(_) => Handled::Done,
+        consume_until_shutdown(
+            consumer.as_mut(),
+            &ctx,
+            self.consume,
+            |delivery| async move {
+                match types.decode(&delivery.record) {
+                    Ok(Some(envelope)) => match bus.publish(envelope).await {
+                        Ok(_) => Handled::Done,
+                        Err(e) => Handled::Retry(e.to_string()),
+                    },
+                    Ok(None) => Handled::Done,
                     Err(e) => Handled::Retry(e.to_string()),
-                },
-                Ok(None) => Handled::Done,
-                Err(e) => Handled::Retry(e.to_string()),
-            }
-        })
+                }
+            },
+        )
         .await?;
         Ok(())
     }

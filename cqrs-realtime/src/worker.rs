@@ -4,7 +4,7 @@ use crate::Publisher;
 use async_trait::async_trait;
 use cqrs_core::BoxError;
 use cqrs_core::ports::{ConsumerOptions, EventTransport};
-use cqrs_core::projection::{Handled, consume_until_shutdown};
+use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
 use cqrs_core::runtime::{Worker, WorkerContext};
 use std::fmt;
 use std::sync::Arc;
@@ -44,7 +44,7 @@ pub struct PublishWorker {
     topic: String,
     group: String,
     options: ConsumerOptions,
-    batch: usize,
+    consume: ConsumeLoop,
 }
 
 impl fmt::Debug for PublishWorker {
@@ -73,13 +73,20 @@ impl PublishWorker {
             topic: topic.to_owned(),
             group: group.to_owned(),
             options,
-            batch: 64,
+            consume: ConsumeLoop::default(),
         }
     }
 
     /// Deliveries fetched at a time. Default 64.
     pub fn batch(mut self, batch: usize) -> Self {
-        self.batch = batch.max(1);
+        self.consume = self.consume.batch(batch);
+        self
+    }
+
+    /// Events published at once: events of different keys in parallel, of one key in order.
+    /// Default 8.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.consume = self.consume.concurrency(concurrency);
         self
     }
 }
@@ -96,7 +103,7 @@ impl Worker for PublishWorker {
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
         let publisher = &self.publisher;
-        consume_until_shutdown(consumer.as_mut(), &ctx, self.batch, |delivery| async move {
+        consume_until_shutdown(consumer.as_mut(), &ctx, self.consume, |delivery| async move {
             match publisher.publish(&delivery.record).await {
                 Ok(_) => Handled::Done,
                 Err(crate::PublishError::Encode(error)) => {

@@ -23,16 +23,20 @@ use tokio::time::Instant;
 ///
 /// 1. reads new entries with a plain `XREADGROUP >` (their fields never go through Lua), as
 ///    many as the batch has room for beside the entries it holds back;
+/// 2. passes each candidate (held entries, then new ones) through the **order gate**: an
+///    entry in a lane (see [`KeyOrdering`](crate::KeyOrdering)) is handed out only once its
+///    predecessor in the lane is no longer pending in the group (acknowledged or
+///    dead-lettered, by whichever consumer), or right after it in the same batch (a chain,
+///    which the caller handles in order, see [`Consumer::fetch`]). Until then the consumer
+///    holds it (pending to it, its idle time reset so no one reclaims it).
 ///
-/// then, in one script (skipped when nothing is held, no reclaim is due and no entry read is
-/// in a lane or meant for one group),
+/// The consumer decides the gate itself, with no round trip, when it can: entries delivered
+/// once, to it, whose predecessor is none, or one it acknowledged itself, or one handed out in
+/// the same batch. Otherwise one script does the gate in Redis, and also, every quarter of the
+/// redelivery delay (at most every second),
 ///
-/// 2. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
+/// 3. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
 ///    left pending by a consumer that crashed;
-/// 3. passes each candidate through the **order gate**: an entry in a lane (see
-///    [`KeyOrdering`](crate::KeyOrdering)) is handed out only once this group acknowledged
-///    the previous entry of its lane, whichever consumer handled it; until then the consumer
-///    holds it (pending to it, its idle time reset at every fetch so no one reclaims it);
 /// 4. dead-letters entries delivered more than `max_deliveries` times, with the last error a
 ///    nack reported and the delivery count, and acknowledges them.
 ///
@@ -41,10 +45,11 @@ use tokio::time::Instant;
 /// a shared one), up to the consumer's `block` interval. Entries whose `record` does not decode
 /// are dead-lettered too, never handed out and never a crash.
 ///
-/// [`ack`](Consumer::ack) is one `XACK` of all the ids plus advancing their lanes, in one
-/// script.
-/// [`nack`](Consumer::nack) restarts the entry's idle clock, so it is reclaimed after the
-/// redelivery delay, by this consumer or another.
+/// [`ack`](Consumer::ack) is one `XACK` (with the recorded errors of redelivered entries
+/// removed in the same script). [`nack`](Consumer::nack) restarts the entry's idle clock, so it
+/// is reclaimed after the redelivery delay, by this consumer or another.
+/// [`defer`](Consumer::defer) does the same and takes back the delivery count this handing
+/// out added.
 ///
 /// Errors are retryable (`Unavailable`, `Timeout`) while Redis is away: the consumer stays
 /// usable and its connections reconnect by themselves, so call `fetch` again (with a backoff).
@@ -52,7 +57,6 @@ pub struct RedisConsumer {
     shared: Arc<Shared>,
     reader: Client,
     keys: TopicKeys,
-    applied: String,
     errors: String,
     topic: String,
     group: String,
@@ -60,9 +64,16 @@ pub struct RedisConsumer {
     /// Entries read and not handed out yet (waiting for their turn, or over the batch size).
     held: Vec<String>,
     /// The fields of held entries, kept here so the gate script never reads them again.
-    known: HashMap<String, Fields>,
-    /// Entries handed out and not acknowledged, with their lane (empty for none).
-    in_flight: HashMap<String, String>,
+    known: HashMap<String, Known>,
+    /// Every held entry has been idle at most since then (read, or refreshed by the gate
+    /// script): the local gate hands held entries out only while that is recent.
+    held_since: Instant,
+    /// Entries handed out and not acknowledged, with their lane (empty for none) and
+    /// delivery count.
+    in_flight: HashMap<String, (String, u32)>,
+    /// Per lane, the highest entry this consumer acknowledged: an entry whose `prev` is that
+    /// one may be handed out without asking Redis (see [`RedisConsumer::gate_locally`]).
+    acked: HashMap<String, String>,
     /// Where the next `XAUTOCLAIM` continues.
     cursor: String,
     next_claim: Instant,
@@ -84,6 +95,26 @@ impl fmt::Debug for RedisConsumer {
 /// Entries one step found ready: id, delivery count, fields.
 type Ready = Vec<(String, u32, Fields)>;
 
+/// A held entry's fields, and whether it was read by this consumer's `XREADGROUP` (delivered
+/// once, to this consumer) rather than reclaimed or read by the gate script.
+struct Known {
+    fields: Fields,
+    read_here: bool,
+}
+
+impl Known {
+    fn read_here(fields: Fields) -> Self {
+        Self {
+            fields,
+            read_here: true,
+        }
+    }
+}
+
+/// Lanes remembered in [`RedisConsumer::acked`] before it starts over (with
+/// `KeyOrdering::Exact` there is one per key).
+const MAX_ACKED_LANES: usize = 65_536;
+
 impl RedisConsumer {
     pub(crate) fn new(
         shared: Arc<Shared>,
@@ -97,7 +128,6 @@ impl RedisConsumer {
         let claim_interval =
             (options.redelivery_delay / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
         Self {
-            applied: keys.applied(group),
             errors: keys.errors(group),
             shared,
             reader,
@@ -107,9 +137,13 @@ impl RedisConsumer {
             options,
             held: Vec::new(),
             known: HashMap::new(),
+            held_since: Instant::now(),
             in_flight: HashMap::new(),
+            acked: HashMap::new(),
             cursor: "0-0".to_owned(),
-            next_claim: Instant::now(),
+            // Entries idle for the redelivery delay are not found any sooner by claiming at
+            // once; the first fetch of a new consumer stays one round trip.
+            next_claim: Instant::now() + claim_interval,
             claim_interval,
         }
     }
@@ -222,7 +256,7 @@ impl RedisConsumer {
             .saturating_sub(self.held.len())
             .min(max.saturating_sub(self.held.len()));
         // A plain `XREADGROUP` from the client: the entries' fields never go through Lua.
-        let fresh = if room > 0 {
+        let mut fresh = if room > 0 {
             let reply = self
                 .shared
                 .client
@@ -241,18 +275,16 @@ impl RedisConsumer {
         } else {
             Vec::new()
         };
-        if !claim && self.held.is_empty() {
-            if fresh.is_empty() {
+        if self.held.is_empty() {
+            self.held_since = now;
+        }
+        if !claim {
+            if self.held.is_empty() && fresh.is_empty() {
                 return Ok(Vec::new());
             }
-            // Nothing to reclaim, nothing held, and no new entry in a lane or meant for one
-            // group only: the gate would hand every one out as it is (delivered once).
-            let plain = self.options.max_deliveries >= 1
-                && fresh.iter().all(|(_, f)| {
-                    entry::field(f, "lane").is_none() && entry::field(f, "group").is_none()
-                });
-            if plain {
-                return Ok(fresh.into_iter().map(|(id, f)| (id, 1, f)).collect());
+            match self.gate_locally(fresh, max, now) {
+                Ok(ready) => return Ok(ready),
+                Err(undecided) => fresh = undecided,
             }
         }
         let mut args = vec![
@@ -273,7 +305,7 @@ impl RedisConsumer {
             args.push(Value::from(text("group")));
         };
         for id in &self.held {
-            let fields = self.known.get(id);
+            let fields = self.known.get(id).map(|k| &k.fields);
             candidate(
                 &mut args,
                 id,
@@ -287,7 +319,7 @@ impl RedisConsumer {
         // Should the script fail, the new entries are held, and gated at the next step.
         for (id, fields) in fresh {
             self.held.push(id.clone());
-            self.known.insert(id, fields);
+            self.known.insert(id, Known::read_here(fields));
         }
         let reply = self
             .shared
@@ -298,7 +330,6 @@ impl RedisConsumer {
                 &self.shared.patient(),
                 &[
                     self.keys.stream.as_str(),
-                    self.applied.as_str(),
                     self.keys.dead.as_str(),
                     self.errors.as_str(),
                 ],
@@ -325,13 +356,21 @@ impl RedisConsumer {
                 self.options.max_deliveries
             );
         }
+        // Every entry still held was read or refreshed by this step.
+        self.held_since = now;
         let mut known = std::mem::take(&mut self.known);
         self.held.clear();
         let mut items = held.into_iter();
         while let (Some(id), Some(fields)) = (items.next(), items.next()) {
             let Some(id) = id.into_string() else { continue };
             if fields.is_array() {
-                known.insert(id.clone(), entry::fields(fields));
+                known.insert(
+                    id.clone(),
+                    Known {
+                        fields: entry::fields(fields),
+                        read_here: false,
+                    },
+                );
             }
             self.held.push(id);
         }
@@ -346,7 +385,7 @@ impl RedisConsumer {
             let fields = if fields.is_array() {
                 Some(entry::fields(fields))
             } else {
-                known.remove(&id)
+                known.remove(&id).map(|k| k.fields)
             };
             match fields {
                 Some(fields) => out.push((id, count, fields)),
@@ -359,6 +398,109 @@ impl RedisConsumer {
         for id in &self.held {
             if let Some(fields) = known.remove(id) {
                 self.known.insert(id.clone(), fields);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
+    fn remember_acked(&mut self, lane: String, id: &str) {
+        if self.acked.len() >= MAX_ACKED_LANES && !self.acked.contains_key(&lane) {
+            self.acked.clear();
+        }
+        let newer = self
+            .acked
+            .get(&lane)
+            .is_none_or(|top| entry_id(top) < entry_id(id));
+        if newer {
+            self.acked.insert(lane, id.to_owned());
+        }
+    }
+
+    /// The order gate without a round trip, when this consumer knows enough to decide every
+    /// candidate (the entries it holds, then `fresh`) itself; `None` sends them all to the gate
+    /// script instead.
+    ///
+    /// It knows a candidate is ready when it was delivered once, to this consumer (read by its
+    /// `XREADGROUP`, not reclaimed), is meant for every group, and either is in no lane, or is
+    /// the first entry of its lane, or follows an entry this consumer acknowledged itself, or
+    /// follows an entry handed out earlier in this batch (a chain, in order). That is what the
+    /// script would decide: the group acknowledged the predecessor, and nobody else handled
+    /// the entry. A candidate that follows one held back here is held back too. Held entries
+    /// are decided here only while they are recent (their idle time well under the
+    /// redelivery delay, so no one else reclaims them and the handler has nearly the whole
+    /// delay); after that the script, which also resets their idle time.
+    fn gate_locally(
+        &mut self,
+        fresh: Vec<(String, Fields)>,
+        max: usize,
+        now: Instant,
+    ) -> Result<Ready, Vec<(String, Fields)>> {
+        if self.options.max_deliveries < 1
+            || (!self.held.is_empty()
+                && now.duration_since(self.held_since) >= self.options.redelivery_delay / 8)
+        {
+            return Err(fresh);
+        }
+        // Per candidate: handed out now (true) or held back (false).
+        let mut decided: HashMap<&str, bool> =
+            HashMap::with_capacity(self.held.len() + fresh.len());
+        let mut handed = 0;
+        let held = self.held.iter().map(|id| {
+            let known = self.known.get(id).filter(|k| k.read_here);
+            (id.as_str(), known.map(|k| &k.fields))
+        });
+        for (id, fields) in held.chain(fresh.iter().map(|(id, f)| (id.as_str(), Some(f)))) {
+            let Some(fields) = fields else {
+                return Err(fresh);
+            };
+            if entry::field(fields, "group").is_some() {
+                return Err(fresh);
+            }
+            let ready = match entry::field(fields, "lane") {
+                None => true,
+                Some(lane) => {
+                    let prev = entry::field(fields, "prev").unwrap_or("");
+                    if prev.is_empty() || self.acked.get(lane).is_some_and(|a| a == prev) {
+                        true
+                    } else if let Some(&before) = decided.get(prev) {
+                        // A chain: ready when its predecessor is handed out in this batch.
+                        before
+                    } else {
+                        return Err(fresh);
+                    }
+                }
+            };
+            let ready = ready && handed < max;
+            handed += usize::from(ready);
+            decided.insert(id, ready);
+        }
+        // The decisions in candidate order: held entries, then fresh ones.
+        let ready: Vec<bool> = self
+            .held
+            .iter()
+            .map(String::as_str)
+            .chain(fresh.iter().map(|(id, _)| id.as_str()))
+            .map(|id| decided.get(id).copied().unwrap_or(false))
+            .collect();
+        let mut ready = ready.into_iter();
+        let mut out = Vec::with_capacity(handed);
+        for id in std::mem::take(&mut self.held) {
+            let known = ready
+                .next()
+                .unwrap_or(false)
+                .then(|| self.known.remove(&id));
+            match known.flatten() {
+                Some(known) => out.push((id, 1, known.fields)),
+                None => self.held.push(id),
+            }
+        }
+        for (id, fields) in fresh {
+            if ready.next().unwrap_or(false) {
+                out.push((id, 1, fields));
+            } else {
+                self.held.push(id.clone());
+                self.known.insert(id, Known::read_here(fields));
             }
         }
         Ok(out)
@@ -383,7 +525,6 @@ impl RedisConsumer {
                 &self.shared.patient(),
                 &[
                     self.keys.stream.as_str(),
-                    self.applied.as_str(),
                     self.keys.dead.as_str(),
                     self.errors.as_str(),
                 ],
@@ -405,6 +546,7 @@ impl RedisConsumer {
             timeout: Some(wait + self.shared.options.connection.command_timeout),
             ..Options::default()
         };
+        let started = Instant::now();
         let read = self
             .reader
             .with_options(&options)
@@ -426,9 +568,14 @@ impl RedisConsumer {
             }
             Err(e) => return Err(transport_error(e)),
         };
-        for (id, fields) in read_entries(reply) {
+        let entries = read_entries(reply);
+        if self.held.is_empty() && !entries.is_empty() {
+            // Delivered by this read: idle since it started, at most.
+            self.held_since = started;
+        }
+        for (id, fields) in entries {
             self.held.push(id.clone());
-            self.known.insert(id, fields);
+            self.known.insert(id, Known::read_here(fields));
         }
         Ok(())
     }
@@ -443,6 +590,13 @@ fn read_entries(reply: Value) -> Vec<(String, Fields)> {
         out.extend(entry::entries(parts.next().unwrap_or(Value::Null)));
     }
     out
+}
+
+/// A stream entry id as `(milliseconds, sequence)`, for comparing; `(0, 0)` when malformed.
+fn entry_id(id: &str) -> (u64, u64) {
+    id.split_once('-')
+        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
+        .unwrap_or((0, 0))
 }
 
 fn millis(d: Duration) -> i64 {
@@ -513,9 +667,13 @@ impl Consumer for RedisConsumer {
             for (id, attempt, fields) in ready {
                 match entry::decode(&fields) {
                     Ok(record) => {
-                        let lane = entry::field(&fields, "lane").unwrap_or_default().to_owned();
-                        self.in_flight.insert(id.clone(), lane);
-                        deliveries.push(Delivery::new(DeliveryId(id), record, attempt));
+                        let lane = entry::field(&fields, "lane").map(str::to_owned);
+                        self.in_flight
+                            .insert(id.clone(), (lane.clone().unwrap_or_default(), attempt));
+                        // The lane orders the chain: keys sharing one wait for each other.
+                        deliveries.push(
+                            Delivery::new(DeliveryId(id), record, attempt).with_order_key(lane),
+                        );
                     }
                     Err(reason) => undecodable.push((id, reason)),
                 }
@@ -558,34 +716,41 @@ impl Consumer for RedisConsumer {
             return Ok(());
         }
         for chunk in ids.chunks(512) {
-            let mut args = Vec::with_capacity(chunk.len() * 2 + 1);
-            args.push(Value::from(self.group.as_str()));
-            for id in chunk {
-                let lane = self
-                    .in_flight
-                    .get(&id.0)
-                    .cloned()
-                    .unwrap_or_else(|| "?".to_owned());
-                args.push(Value::from(id.0.as_str()));
-                args.push(Value::from(lane));
+            // Only an entry delivered before (nacked then) can have an error recorded: when
+            // every one is on its first delivery, a plain `XACK` does.
+            let first_deliveries = chunk
+                .iter()
+                .all(|id| self.in_flight.get(&id.0).is_some_and(|(_, n)| *n == 1));
+            if first_deliveries {
+                let ids: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+                self.shared
+                    .client
+                    .with_options(&self.shared.patient())
+                    .xack::<i64, _, _, _>(self.keys.stream.as_str(), self.group.as_str(), ids)
+                    .await
+                    .map_err(transport_error)?;
+            } else {
+                let mut args = Vec::with_capacity(chunk.len() + 1);
+                args.push(Value::from(self.group.as_str()));
+                args.extend(chunk.iter().map(|id| Value::from(id.0.as_str())));
+                self.shared
+                    .scripts
+                    .ack
+                    .run(
+                        &self.shared.client,
+                        &self.shared.patient(),
+                        &[self.keys.stream.as_str(), self.errors.as_str()],
+                        args,
+                    )
+                    .await
+                    .map_err(transport_error)?;
             }
-            self.shared
-                .scripts
-                .ack
-                .run(
-                    &self.shared.client,
-                    &self.shared.patient(),
-                    &[
-                        self.keys.stream.as_str(),
-                        self.applied.as_str(),
-                        self.errors.as_str(),
-                    ],
-                    args,
-                )
-                .await
-                .map_err(transport_error)?;
             for id in chunk {
-                self.in_flight.remove(&id.0);
+                if let Some((lane, _)) = self.in_flight.remove(&id.0)
+                    && !lane.is_empty()
+                {
+                    self.remember_acked(lane, &id.0);
+                }
             }
         }
         Ok(())
@@ -593,6 +758,30 @@ impl Consumer for RedisConsumer {
 
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
         self.nack_with_error(id, "").await
+    }
+
+    async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        for chunk in ids.chunks(512) {
+            let mut args = Vec::with_capacity(chunk.len() + 2);
+            args.push(Value::from(self.group.as_str()));
+            args.push(Value::from(self.options.consumer_name.as_str()));
+            for id in chunk {
+                self.in_flight.remove(&id.0);
+                args.push(Value::from(id.0.as_str()));
+            }
+            self.shared
+                .scripts
+                .defer
+                .run(
+                    &self.shared.client,
+                    &self.shared.patient(),
+                    &[self.keys.stream.as_str()],
+                    args,
+                )
+                .await
+                .map_err(transport_error)?;
+        }
+        Ok(())
     }
 
     async fn nack_with_reason(

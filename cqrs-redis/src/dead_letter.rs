@@ -38,7 +38,7 @@ impl DeadLetter {
         let text = |name: &str| entry::field(&fields, name).unwrap_or_default().to_owned();
         let original: Fields = fields
             .iter()
-            .filter(|(name, _)| !name.starts_with("dead."))
+            .filter(|(name, _)| !name.starts_with(b"dead."))
             .cloned()
             .collect();
         Self {
@@ -50,7 +50,10 @@ impl DeadLetter {
             record: entry::decode(&original).ok(),
             fields: original
                 .into_iter()
-                .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+                .map(|(name, value)| {
+                    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    (text(&name), text(&value))
+                })
                 .collect(),
             id,
         }

@@ -9,10 +9,24 @@
 //! fields let scripts route and gate entries, and let people read a stream with `redis-cli`.
 
 use cqrs_core::EventRecord;
+use fred::bytes::Bytes;
 use fred::types::Value;
 
-/// An entry's fields in stream order, values as bytes.
-pub(crate) type Fields = Vec<(String, Vec<u8>)>;
+/// An entry's fields in stream order, names and values as the reply's bytes (shared, not
+/// copied).
+pub(crate) type Fields = Vec<(Bytes, Bytes)>;
+
+/// A bulk string's bytes without copying them.
+fn into_bytes(value: Value) -> Bytes {
+    match value {
+        Value::Bytes(b) => b,
+        Value::String(s) => s.into_inner(),
+        other => other
+            .as_bytes()
+            .map(Bytes::copy_from_slice)
+            .unwrap_or_default(),
+    }
+}
 
 /// The items of an array reply; none for `nil` (fred's `into_array` makes `[nil]` of it).
 pub(crate) fn array(value: Value) -> Vec<Value> {
@@ -28,12 +42,7 @@ pub(crate) fn fields(value: Value) -> Fields {
     let mut out = Vec::new();
     let mut items = array(value).into_iter();
     while let (Some(name), Some(value)) = (items.next(), items.next()) {
-        let name = name
-            .as_str_lossy()
-            .map(|s| s.into_owned())
-            .unwrap_or_default();
-        let value = value.as_bytes().map(<[u8]>::to_vec).unwrap_or_default();
-        out.push((name, value));
+        out.push((into_bytes(name), into_bytes(value)));
     }
     out
 }
@@ -42,13 +51,13 @@ pub(crate) fn fields(value: Value) -> Fields {
 pub(crate) fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
     fields
         .iter()
-        .find(|(n, _)| n == name)
+        .find(|(n, _)| n.as_ref() == name.as_bytes())
         .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
 /// Reads the record back, or says why it cannot.
 pub(crate) fn decode(fields: &Fields) -> Result<EventRecord, String> {
-    let Some((_, record)) = fields.iter().find(|(n, _)| n == "record") else {
+    let Some((_, record)) = fields.iter().find(|(n, _)| n.as_ref() == b"record") else {
         return Err("undecodable entry: it has no `record` field".to_owned());
     };
     serde_json::from_slice(record).map_err(|e| format!("undecodable entry: {e}"))
@@ -80,7 +89,10 @@ mod tests {
 
     #[test]
     fn a_missing_or_broken_record_is_undecodable() {
-        let broken: Fields = vec![("record".into(), b"{not json".to_vec())];
+        let broken: Fields = vec![(
+            Bytes::from_static(b"record"),
+            Bytes::from_static(b"{not json"),
+        )];
         assert!(
             decode(&broken)
                 .unwrap_err()

@@ -30,11 +30,6 @@ impl TopicKeys {
         })
     }
 
-    /// Each lane's last entry id this group acknowledged: `{prefix}:{topic}:applied:{group}`.
-    pub(crate) fn applied(&self, group: &str) -> String {
-        format!("{}:applied:{group}", self.base)
-    }
-
     /// The last error reported by a nack, per entry: `{prefix}:{topic}:errors:{group}`.
     pub(crate) fn errors(&self, group: &str) -> String {
         format!("{}:errors:{group}", self.base)
@@ -50,12 +45,7 @@ mod tests {
         let keys = TopicKeys::new("app", "orders").unwrap();
         assert_eq!(keys.stream, "app:{orders}:stream");
         let slot = fred::util::redis_keyslot(keys.stream.as_bytes());
-        for key in [
-            keys.lanes.clone(),
-            keys.dead.clone(),
-            keys.applied("g"),
-            keys.errors("g"),
-        ] {
+        for key in [keys.lanes.clone(), keys.dead.clone(), keys.errors("g")] {
             assert_eq!(fred::util::redis_keyslot(key.as_bytes()), slot, "{key}");
         }
         assert!(TopicKeys::new("app", "").is_err());

@@ -20,6 +20,13 @@ local function parse_id(id)
 end
 -- a < b, for stream ids
 local function idlt(a, b)
+  -- Ids of one length with the dash at one place (every id `XADD *` makes in this era)
+  -- compare as strings; no pattern matching on this path, which the gate and ack scripts
+  -- take for every lane.
+  if #a == #b then
+    local da = string.find(a, '-', 1, true)
+    if da and da == string.find(b, '-', 1, true) then return a < b end
+  end
   local am, as = parse_id(a)
   local bm, bs = parse_id(b)
   if not am or not bm then return false end
@@ -32,12 +39,7 @@ local function field(fields, name)
   end
   return nil
 end
--- Advances a group's lane to `id` unless it is already there or past it.
-local function bump(applied_key, lane, id)
-  local cur = redis.call('HGET', applied_key, lane)
-  if not cur or idlt(cur, id) then redis.call('HSET', applied_key, lane, id) end
-end
--- Copies an entry to the dead-letter stream, acknowledges it and advances its lane.
+-- Copies an entry to the dead-letter stream and acknowledges it (its lane moves on).
 local function deadletter(keys, group, me, id, fields, count, reason)
   local f = {'dead.entry', id, 'dead.group', group, 'dead.consumer', me,
              'dead.deliveries', tostring(count), 'dead.error', reason}
@@ -50,8 +52,6 @@ local function deadletter(keys, group, me, id, fields, count, reason)
   redis.call('XADD', keys.dead, '*', unpack(f))
   redis.call('XACK', keys.stream, group, id)
   redis.call('HDEL', keys.errors, id)
-  local lane = field(fields, 'lane')
-  if lane then bump(keys.applied, lane, id) end
 end
 -- Resets the idle time of entries this consumer keeps, so no one reclaims them.
 local function refresh(stream, group, me, ids)
@@ -90,7 +90,7 @@ end
 return out
 "#;
 
-/// One gate step. KEYS: stream, applied, dead, errors. ARGV: group, consumer, min idle (ms),
+/// One gate step. KEYS: stream, dead, errors. ARGV: group, consumer, min idle (ms),
 /// claim count, claim cursor, max deliveries, ready limit, then per candidate the client read
 /// (held, or just read) `id, kind, lane, prev, target`: kind `f` for an entry read by this
 /// consumer just before the step (pending to it, delivered once), `h` for one it holds (its
@@ -100,12 +100,13 @@ return out
 ///
 /// Entry fields stay out of Lua (the client read them with a plain `XREADGROUP`), except for
 /// entries reclaimed here (`XAUTOCLAIM`) or of kind `u`. Every candidate passes the gate in
-/// stream order: an entry of a lane is ready once its predecessor in the lane was acknowledged
-/// by this group (or is no longer in the stream).
+/// stream order: an entry of a lane is ready once its predecessor in the lane is no longer
+/// pending in this group (acknowledged, dead-lettered, or trimmed: the group read it before
+/// this entry), or was handed out by this step before it (a chain in one batch).
 /// Returns `{next cursor, {id, deliveries, fields or '', ...} ready, {id, fields or '', ...}
 /// held, dead count}`: fields only for the entries the script read itself.
 const STEP: &str = r#"
-local keys = {stream = KEYS[1], applied = KEYS[2], dead = KEYS[3], errors = KEYS[4]}
+local keys = {stream = KEYS[1], dead = KEYS[2], errors = KEYS[3]}
 local group, me = ARGV[1], ARGV[2]
 local min_idle, claim_count, cursor = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local max_del, limit = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -163,27 +164,9 @@ if not sorted then
   end)
 end
 
--- The group's applied id of every candidate's lane, read at once; dead-lettering below
--- advances a lane and updates it.
-local applied = {}
-do
-  local lanes, want = {}, {}
-  for _, c in ipairs(cands) do
-    if c.lane and not want[c.lane] then
-      want[c.lane] = true
-      lanes[#lanes + 1] = c.lane
-    end
-  end
-  for i = 1, #lanes, 1000 do
-    local chunk = {}
-    for j = i, math.min(i + 999, #lanes) do chunk[#chunk + 1] = lanes[j] end
-    local cur = redis.call('HMGET', keys.applied, unpack(chunk))
-    for j, lane in ipairs(chunk) do
-      if cur[j] then applied[lane] = cur[j] end
-    end
-  end
-end
-
+-- Entries handed out by this step: the next entry of a lane may follow its predecessor in one
+-- batch (a chain, which the consumer handles in order).
+local handed = {}
 local ready, held, stale_refresh, dead = {}, {}, {}, 0
 for _, c in ipairs(cands) do
   local count = c.count
@@ -196,26 +179,15 @@ for _, c in ipairs(cands) do
       -- A replay meant for another group.
       redis.call('XACK', keys.stream, group, c.id)
     else
-      local lane = c.lane
+      local prev = c.lane and c.prev or ''
       local state = 'ready'
-      if lane then
-        local cur = applied[lane]
-        local prev = c.prev or ''
-        if cur and not idlt(cur, c.id) then
-          state = 'done'
-        elseif prev ~= '' and parse_id(prev) and not (cur and not idlt(cur, prev)) then
-          -- The predecessor is unacknowledged: wait while it is pending in the group (cheaper
-          -- to ask than reading the entry) or still in the stream.
-          if redis.call('XPENDING', keys.stream, group, prev, prev, 1)[1]
-             or redis.call('XRANGE', keys.stream, prev, prev)[1] then
-            state = 'wait'
-          end
-        end
+      -- The predecessor was delivered to the group before this entry (groups read in stream
+      -- order), so it is done with exactly when it is no longer pending: wait while it is.
+      if prev ~= '' and not handed[prev]
+         and redis.call('XPENDING', keys.stream, group, prev, prev, 1)[1] then
+        state = 'wait'
       end
-      if state == 'done' then
-        redis.call('XACK', keys.stream, group, c.id)
-        redis.call('HDEL', keys.errors, c.id)
-      elseif state == 'ready' and count > max_del then
+      if state == 'ready' and count > max_del then
         local reason = redis.call('HGET', keys.errors, c.id)
           or ('delivered ' .. count .. ' times without an acknowledgement')
         local fields = c.fields
@@ -227,11 +199,11 @@ for _, c in ipairs(cands) do
           -- Recorded as the times it was handed out: this reclaim only found it over the limit.
           deadletter(keys, group, me, c.id, fields, count - 1, reason)
           dead = dead + 1
-          if lane and (not applied[lane] or idlt(applied[lane], c.id)) then applied[lane] = c.id end
         else
           redis.call('XACK', keys.stream, group, c.id)
         end
       elseif state == 'ready' and #ready < limit * 3 then
+        handed[c.id] = true
         ready[#ready + 1] = c.id
         ready[#ready + 1] = count
         ready[#ready + 1] = c.fields or ''
@@ -248,42 +220,14 @@ refresh(keys.stream, group, me, stale_refresh)
 return {next_cursor, ready, held, dead}
 "#;
 
-/// KEYS: stream, applied, errors. ARGV: group, then pairs `id, lane` (`lane` empty for none,
-/// `?` when unknown). Acknowledges and advances each lane. Returns how many were pending.
-///
-/// One `XACK` and one `HDEL` for all the ids, and each lane advanced once, to its highest id
-/// (one `HMGET` and one `HSET` for all lanes).
+/// KEYS: stream, errors. ARGV: group, ids. Acknowledges the ids and forgets the errors
+/// recorded for them. Returns how many were pending.
 const ACK: &str = r#"
-local group = ARGV[1]
-local ids, top = {}, {}
-for i = 2, #ARGV, 2 do
-  local id, lane = ARGV[i], ARGV[i + 1]
-  ids[#ids + 1] = id
-  if lane == '?' then
-    local e = redis.call('XRANGE', KEYS[1], id, id)
-    lane = (e[1] and field(e[1][2], 'lane')) or ''
-  end
-  if lane ~= '' and (not top[lane] or idlt(top[lane], id)) then top[lane] = id end
-end
-if #ids == 0 then return 0 end
-local n = redis.call('XACK', KEYS[1], group, unpack(ids))
-local lanes = {}
-for lane in pairs(top) do lanes[#lanes + 1] = lane end
-for i = 1, #lanes, 1000 do
-  local chunk = {}
-  for j = i, math.min(i + 999, #lanes) do chunk[#chunk + 1] = lanes[j] end
-  local cur = redis.call('HMGET', KEYS[2], unpack(chunk))
-  local set = {}
-  for j, lane in ipairs(chunk) do
-    if not cur[j] or idlt(cur[j], top[lane]) then
-      set[#set + 1] = lane
-      set[#set + 1] = top[lane]
-    end
-  end
-  if #set > 0 then redis.call('HSET', KEYS[2], unpack(set)) end
-end
-redis.call('HDEL', KEYS[3], unpack(ids))
-return n
+if #ARGV < 2 then return 0 end
+local ids = {unpack(ARGV, 2)}
+local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+redis.call('HDEL', KEYS[2], unpack(ids))
+return acked
 "#;
 
 /// KEYS: stream, errors. ARGV: group, consumer, id, error (may be empty). Restarts the
@@ -299,10 +243,27 @@ end
 return 0
 "#;
 
-/// KEYS: stream, applied, dead, errors. ARGV: group, consumer, then pairs `id, reason`.
+/// KEYS: stream. ARGV: group, consumer, ids. Hands back entries this consumer did not handle
+/// (an earlier entry of their chain failed): their idle clock restarts, as with a nack, and
+/// their delivery count goes back by one (`RETRYCOUNT`; `JUSTID` does not count the claim), so
+/// this handing out was no attempt. Returns how many it still owned.
+const DEFER: &str = r#"
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    local count = math.max(tonumber(p[1][4]) - 1, 0)
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', count, 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// KEYS: stream, dead, errors. ARGV: group, consumer, then pairs `id, reason`.
 /// Dead-letters entries the consumer could not decode. Returns how many.
 const DEAD_LETTER: &str = r#"
-local keys = {stream = KEYS[1], applied = KEYS[2], dead = KEYS[3], errors = KEYS[4]}
+local keys = {stream = KEYS[1], dead = KEYS[2], errors = KEYS[3]}
 local n = 0
 for i = 3, #ARGV, 2 do
   local id, reason = ARGV[i], ARGV[i + 1]
@@ -461,6 +422,7 @@ pub(crate) struct Scripts {
     pub(crate) step: Script,
     pub(crate) ack: Script,
     pub(crate) nack: Script,
+    pub(crate) defer: Script,
     pub(crate) dead_letter: Script,
     pub(crate) release: Script,
     pub(crate) trim: Script,
@@ -476,6 +438,7 @@ impl Scripts {
             step: Script::new(STEP),
             ack: Script::new(ACK),
             nack: Script::new(NACK),
+            defer: Script::new(DEFER),
             dead_letter: Script::new(DEAD_LETTER),
             release: Script::new(RELEASE),
             trim: Script::new(TRIM),
@@ -487,6 +450,7 @@ impl Scripts {
             &mut scripts.step,
             &mut scripts.ack,
             &mut scripts.nack,
+            &mut scripts.defer,
             &mut scripts.dead_letter,
             &mut scripts.release,
             &mut scripts.trim,

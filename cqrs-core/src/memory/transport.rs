@@ -295,4 +295,27 @@ impl Consumer for InMemoryConsumer {
         }
         Ok(())
     }
+
+    async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let mut state = self.transport.lock();
+        let Some(group) = state
+            .topics
+            .get_mut(&self.topic)
+            .and_then(|t| t.groups.get_mut(&self.group))
+        else {
+            return Ok(());
+        };
+        for id in ids {
+            if let Some(f) =
+                id.0.parse::<usize>()
+                    .ok()
+                    .and_then(|i| group.in_flight.get_mut(&i))
+            {
+                f.due = Instant::now() + self.options.redelivery_delay;
+                // Not handled: this handing out was no attempt.
+                f.attempt = f.attempt.saturating_sub(1);
+            }
+        }
+        Ok(())
+    }
 }

@@ -123,16 +123,31 @@ pub struct Delivery {
     pub record: EventRecord,
     /// How many times it has been delivered, this time included (1 the first time).
     pub attempt: u32,
+    /// The chain this delivery belongs to, where the transport orders per key: deliveries of
+    /// one batch that share an order key must be handled one after another, in batch order,
+    /// and once one of them fails, the rest of them are handed back unhandled (see
+    /// [`Consumer::fetch`]). Deliveries with different order keys, or none, may be handled
+    /// concurrently. [`Delivery::new`] takes the record's partition key; a transport that
+    /// orders by something coarser (a lane several keys share) sets that instead.
+    pub order_key: Option<String>,
 }
 
 impl Delivery {
-    /// A delivery (adapters build these).
+    /// A delivery (adapters build these), ordered by the record's partition key.
     pub fn new(id: DeliveryId, record: EventRecord, attempt: u32) -> Self {
         Self {
             id,
+            order_key: record.partition_key.clone(),
             record,
             attempt,
         }
+    }
+
+    /// Sets the order key: `None` for a delivery that may be handled concurrently with any
+    /// other of its batch.
+    pub fn with_order_key(mut self, order_key: Option<String>) -> Self {
+        self.order_key = order_key;
+        self
     }
 }
 
@@ -146,7 +161,9 @@ impl Delivery {
 /// * A message is delivered again, after the redelivery delay, until it is acknowledged: when
 ///   nacked, and when its consumer never acknowledges it (a crash).
 /// * Where `ordered_per_key`, messages with one partition key reach the group's consumers in
-///   publish order (a message is not handed out while an earlier one of its key is in flight).
+///   publish order: a message is not handed out while an earlier one of its key is in flight,
+///   except in the same batch, after it and with the same [`Delivery::order_key`] (see
+///   [`Consumer::fetch`]).
 /// * Consumers dedupe by `record.event_id`: a message may arrive more than once.
 #[async_trait]
 pub trait EventTransport: Send + Sync + 'static {
@@ -170,6 +187,15 @@ pub trait EventTransport: Send + Sync + 'static {
 pub trait Consumer: Send + Sync + 'static {
     /// Up to `max` messages: redeliveries that are due first, then new ones. Waits up to the
     /// consumer's `block` interval when none is ready, then returns an empty batch.
+    ///
+    /// A batch may hold several messages of one key, in publish order and with one
+    /// [`order_key`](Delivery::order_key): a *chain*. The caller handles a chain one message
+    /// after another, in batch order, and when one fails it hands it back
+    /// ([`nack`](Consumer::nack)) and every later message of its chain too, without handling
+    /// them ([`defer`](Consumer::defer)); acknowledging a later one while an earlier one is
+    /// unhandled breaks the key's order.
+    /// [`consume_until_shutdown`](crate::projection::consume_until_shutdown) does this, with
+    /// different chains handled concurrently.
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError>;
 
     /// Acknowledges handled messages: they are not delivered again.
@@ -187,6 +213,18 @@ pub trait Consumer: Send + Sync + 'static {
     ) -> Result<(), TransportError> {
         let _ = reason;
         self.nack(id).await
+    }
+
+    /// Hands back deliveries that were not handled because an earlier delivery of their chain
+    /// failed (see [`fetch`](Consumer::fetch)). Like [`nack`](Consumer::nack), except that,
+    /// where the transport can, this handing out does not count as an attempt: a poison event
+    /// does not use up the `max_deliveries` of the events queued behind it. Defaults to `nack`
+    /// of each.
+    async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        for id in ids {
+            self.nack(id).await?;
+        }
+        Ok(())
     }
 
     /// Leaves the group cleanly at shutdown: releases what this consumer holds without having

@@ -1,0 +1,190 @@
+//! `consume_until_shutdown` against a consumer that hands out scripted batches: the loop's own
+//! rules (chains, concurrency, what it acknowledges and hands back), apart from any transport.
+
+use crate::fixtures::run;
+use async_trait::async_trait;
+use cqrs_core::ports::{Consumer, Delivery, DeliveryId, TransportError};
+use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
+use cqrs_core::runtime::{HealthReporter, Shutdown, ShutdownTrigger, WorkerContext};
+use cqrs_core::testing::event_store::record;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Hands out its batches one per fetch, then requests shutdown. Records acks, nacks and
+/// defers.
+struct Scripted {
+    batches: VecDeque<Vec<Delivery>>,
+    stop: ShutdownTrigger,
+    acked: Arc<Mutex<Vec<String>>>,
+    nacked: Arc<Mutex<Vec<(String, String)>>>,
+    deferred: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl Consumer for Scripted {
+    async fn fetch(&mut self, _max: usize) -> Result<Vec<Delivery>, TransportError> {
+        match self.batches.pop_front() {
+            Some(batch) => Ok(batch),
+            None => {
+                self.stop.trigger();
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let mut acked = self.acked.lock().unwrap();
+        acked.extend(ids.iter().map(|id| id.0.clone()));
+        Ok(())
+    }
+
+    async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
+        self.nack_with_reason(id, "").await
+    }
+
+    async fn nack_with_reason(
+        &mut self,
+        id: &DeliveryId,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let mut nacked = self.nacked.lock().unwrap();
+        nacked.push((id.0.clone(), reason.to_owned()));
+        Ok(())
+    }
+
+    async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let mut deferred = self.deferred.lock().unwrap();
+        deferred.extend(ids.iter().map(|id| id.0.clone()));
+        Ok(())
+    }
+}
+
+/// A delivery named `name` (its id), in chain `key`.
+fn delivery(name: &str, key: Option<&str>) -> Delivery {
+    Delivery::new(DeliveryId(name.to_owned()), record(0), 1).with_order_key(key.map(str::to_owned))
+}
+
+type Log = (
+    Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Vec<(String, String)>>>,
+    Arc<Mutex<Vec<String>>>,
+);
+
+fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
+    let (stop, shutdown) = Shutdown::new();
+    let log: Log = Default::default();
+    let consumer = Scripted {
+        batches: batches.into(),
+        stop,
+        acked: log.0.clone(),
+        nacked: log.1.clone(),
+        deferred: log.2.clone(),
+    };
+    let ctx = WorkerContext {
+        shutdown,
+        health: HealthReporter::detached("scripted"),
+    };
+    (consumer, ctx, log)
+}
+
+#[test]
+fn a_failure_hands_back_the_rest_of_its_chain_unhandled_and_other_chains_go_on() {
+    run(async {
+        let batch = vec![
+            delivery("a1", Some("a")),
+            delivery("b1", Some("b")),
+            delivery("a2", Some("a")),
+            delivery("a3", Some("a")),
+            delivery("n1", None),
+            delivery("b2", Some("b")),
+        ];
+        let (mut consumer, ctx, (acked, nacked, deferred)) = scripted(vec![batch]);
+        let handled = Mutex::new(Vec::new());
+        consume_until_shutdown(
+            &mut consumer,
+            &ctx,
+            ConsumeLoop::default().concurrency(4),
+            |d| {
+                let handled = &handled;
+                async move {
+                    // Let the other chains run in between.
+                    tokio::task::yield_now().await;
+                    handled.lock().unwrap().push(d.id.0.clone());
+                    if d.id.0 == "a2" {
+                        Handled::Retry("a2 broke".into())
+                    } else {
+                        Handled::Done
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+
+        let handled = handled.into_inner().unwrap();
+        let position = |name: &str| handled.iter().position(|h| h == name);
+        assert_eq!(
+            position("a3"),
+            None,
+            "a3 comes after the failed a2: not handled"
+        );
+        assert!(position("a1") < position("a2"), "a1 before a2: {handled:?}");
+        assert!(position("b1") < position("b2"), "b1 before b2: {handled:?}");
+        assert!(position("n1").is_some());
+
+        let mut acked = acked.lock().unwrap().clone();
+        acked.sort();
+        assert_eq!(acked, ["a1", "b1", "b2", "n1"]);
+        let nacked = nacked.lock().unwrap().clone();
+        assert_eq!(nacked, [("a2".to_owned(), "a2 broke".to_owned())]);
+        assert_eq!(
+            *deferred.lock().unwrap(),
+            ["a3"],
+            "handed back unhandled, not as a failure"
+        );
+        assert!(
+            ctx.health.get().reason().is_some(),
+            "a failure degrades the worker"
+        );
+    });
+}
+
+#[test]
+fn at_most_concurrency_chains_run_at_once() {
+    for concurrency in [1, 3] {
+        run(async {
+            let batch: Vec<_> = (0..8)
+                .map(|n| delivery(&format!("d{n}"), Some(&format!("k{n}"))))
+                .collect();
+            let (mut consumer, ctx, (acked, _, _)) = scripted(vec![batch]);
+            let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            consume_until_shutdown(
+                &mut consumer,
+                &ctx,
+                ConsumeLoop::default().concurrency(concurrency),
+                |_| {
+                    let (running, most) = (&running, &most);
+                    async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        for _ in 0..3 {
+                            tokio::task::yield_now().await;
+                        }
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        Handled::Done
+                    }
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                most.load(Ordering::SeqCst),
+                concurrency,
+                "chains in flight at once with concurrency {concurrency}"
+            );
+            assert_eq!(acked.lock().unwrap().len(), 8);
+            assert_eq!(ctx.health.get().reason(), None);
+        });
+    }
+}
