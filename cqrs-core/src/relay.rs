@@ -28,7 +28,8 @@ pub enum RelayError {
 /// checkpoint, publish them in order, then commit the new checkpoint. A relay that dies after
 /// publishing and before committing publishes the batch again: delivery is at-least-once and
 /// consumers dedupe by event id. Order holds per stream (the global order includes each
-/// stream's order). When the transport is down, the batch fails and the worker retries with
+/// stream's order); an event without a partition key is published with its stream id as the
+/// key, so an ordered transport keeps each aggregate's events in order. When the transport is down, the batch fails and the worker retries with
 /// exponential backoff; nothing is lost, since the checkpoint did not move.
 ///
 /// Servers whose events live in an event store without a separate outbox use this; an adapter
@@ -96,10 +97,17 @@ impl<S: ProjectionStore> StoreRelay<S> {
             .checkpoint(&mut unit, &self.name)
             .await?
             .unwrap_or(Position::START);
-        let records = self.events.read_all(after, self.batch).await?;
+        let mut records = self.events.read_all(after, self.batch).await?;
         let Some(last) = records.last().and_then(|r| r.position) else {
             return Ok(0);
         };
+        for record in &mut records {
+            // An aggregate's events keep their order on an ordered transport, and consumers
+            // handle them one after another, even when the handler recorded no key.
+            if record.partition_key.is_none() {
+                record.partition_key.clone_from(&record.stream_id);
+            }
+        }
         self.transport.publish(&self.topic, &records).await?;
         self.checkpoints
             .save_checkpoint(&mut unit, &self.name, last)

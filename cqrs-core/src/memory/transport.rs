@@ -199,18 +199,22 @@ impl InMemoryConsumer {
                 ));
             }
         }
-        // New messages whose key has nothing in flight.
-        let mut busy: HashSet<String> = first_of_key.into_keys().flatten().collect();
+        // New messages whose key has nothing in flight from an earlier batch. Successive
+        // messages of one key may go out together, in order: a chain (see `Consumer::fetch`).
+        let busy: HashSet<String> = first_of_key.into_keys().flatten().collect();
         let mut kept = VecDeque::with_capacity(group.waiting.len());
+        let mut held_back: HashSet<String> = HashSet::new();
         while let Some(i) = group.waiting.pop_front() {
             let key = key_of(i);
-            let blocked = key.as_ref().is_some_and(|k| busy.contains(k));
+            let blocked = key
+                .as_ref()
+                .is_some_and(|k| busy.contains(k) || held_back.contains(k));
             if out.len() >= max || blocked {
+                if let Some(k) = key {
+                    held_back.insert(k);
+                }
                 kept.push_back(i);
                 continue;
-            }
-            if let Some(k) = key {
-                busy.insert(k);
             }
             group.in_flight.insert(
                 i,
