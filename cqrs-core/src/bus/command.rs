@@ -16,8 +16,9 @@ use std::sync::Arc;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
-pub(crate) trait ErasedCommandHandler: Send + Sync {
-    fn as_any(&self) -> &dyn Any;
+/// `Any` as a supertrait: the bare path upcasts to `&dyn Any` (no call) and checks the type
+/// with one.
+pub(crate) trait ErasedCommandHandler: Any + Send + Sync {
     fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: CommandContext) -> ErasedFuture;
 }
 
@@ -26,10 +27,6 @@ struct TypedCommandHandler<C: Command> {
 }
 
 impl<C: Command> ErasedCommandHandler for TypedCommandHandler<C> {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
     fn call_erased(&self, payload: Box<dyn Any + Send>, mut ctx: CommandContext) -> ErasedFuture {
         let handler = self.handler.clone();
         Box::pin(async move {
@@ -282,7 +279,7 @@ impl CommandBus {
             .registries
             .commands
             .get(&TypeId::of::<C>())
-            .and_then(|h| h.as_any().downcast_ref::<TypedCommandHandler<C>>())
+            .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedCommandHandler<C>>())
             .ok_or_else(|| DispatchError::NoHandler {
                 kind: MessageKind::Command,
                 name: C::NAME,
@@ -376,7 +373,7 @@ impl CommandBus {
             .registries
             .commands
             .get(&TypeId::of::<C>())
-            .and_then(|h| h.as_any().downcast_ref::<TypedCommandHandler<C>>())
+            .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedCommandHandler<C>>())
             .ok_or_else(|| DispatchError::NoHandler {
                 kind: MessageKind::Command,
                 name: C::NAME,

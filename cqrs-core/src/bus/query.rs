@@ -16,8 +16,9 @@ use std::sync::Arc;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
-pub(crate) trait ErasedQueryHandler: Send + Sync {
-    fn as_any(&self) -> &dyn Any;
+/// `Any` as a supertrait: the bare path upcasts to `&dyn Any` (no call) and checks the type
+/// with one.
+pub(crate) trait ErasedQueryHandler: Any + Send + Sync {
     fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: QueryContext) -> ErasedFuture;
 }
 
@@ -26,10 +27,6 @@ struct TypedQueryHandler<Q: Query> {
 }
 
 impl<Q: Query> ErasedQueryHandler for TypedQueryHandler<Q> {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
     fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: QueryContext) -> ErasedFuture {
         let handler = self.handler.clone();
         Box::pin(async move {
@@ -227,7 +224,7 @@ impl QueryBus {
             .registries
             .queries
             .get(&TypeId::of::<Q>())
-            .and_then(|h| h.as_any().downcast_ref::<TypedQueryHandler<Q>>())
+            .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedQueryHandler<Q>>())
             .ok_or_else(|| DispatchError::NoHandler {
                 kind: MessageKind::Query,
                 name: Q::NAME,
