@@ -2,6 +2,7 @@
 
 use crate::MessageKind;
 use std::borrow::Cow;
+use std::fmt;
 use std::time::Duration;
 
 /// A boxed error, as tower uses.
@@ -70,15 +71,46 @@ impl ErrorKind {
 /// assert_eq!(err.code(), "ticket_closed");
 /// assert_eq!(err.to_string(), "the ticket is closed");
 /// ```
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
 pub struct HandlerError {
+    // One pointer: a `Result<T, HandlerError>` stays small, and the success path of every
+    // dispatch moves a few bytes instead of the error's hundred.
+    inner: Box<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     kind: ErrorKind,
     code: Cow<'static, str>,
     message: Cow<'static, str>,
     details: Option<serde_json::Value>,
-    #[source]
     source: Option<BoxError>,
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl std::error::Error for HandlerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError")
+            .field("kind", &self.inner.kind)
+            .field("code", &self.inner.code)
+            .field("message", &self.inner.message)
+            .field("details", &self.inner.details)
+            .field("source", &self.inner.source)
+            .finish()
+    }
 }
 
 impl HandlerError {
@@ -89,11 +121,13 @@ impl HandlerError {
         message: impl Into<Cow<'static, str>>,
     ) -> Self {
         Self {
-            kind,
-            code: code.into(),
-            message: message.into(),
-            details: None,
-            source: None,
+            inner: Box::new(Inner {
+                kind,
+                code: code.into(),
+                message: message.into(),
+                details: None,
+                source: None,
+            }),
         }
     }
 
@@ -141,40 +175,40 @@ impl HandlerError {
 
     /// Attaches structured details for the client.
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
-        self.details = Some(details);
+        self.inner.details = Some(details);
         self
     }
 
     /// Replaces the code (keeping the kind and message).
     pub fn with_code(mut self, code: impl Into<Cow<'static, str>>) -> Self {
-        self.code = code.into();
+        self.inner.code = code.into();
         self
     }
 
     /// Attaches the underlying error.
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
+        self.inner.source = Some(source.into());
         self
     }
 
     /// The error's class.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.inner.kind
     }
 
     /// The stable snake_case code for clients.
     pub fn code(&self) -> &str {
-        &self.code
+        &self.inner.code
     }
 
     /// The message for humans.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.inner.message
     }
 
     /// The structured details, if any.
     pub fn details(&self) -> Option<&serde_json::Value> {
-        self.details.as_ref()
+        self.inner.details.as_ref()
     }
 }
 

@@ -1,6 +1,7 @@
 //! A span per dispatch.
 
 use crate::{Dispatch, Reply};
+use futures_util::future::Either;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -8,7 +9,9 @@ use tracing::instrument::Instrumented;
 
 /// Wraps each dispatch in an `INFO` span named `dispatch` with the fields `kind`, `message`
 /// (the wire name), `message_id`, `correlation_id` and `causation_id`, and logs failures at
-/// `DEBUG` inside it. The ids are formatted only if a subscriber records the span.
+/// `DEBUG` inside it. The ids are formatted only if a subscriber records the span, and a span
+/// no subscriber is interested in is not entered at all (with `tracing`'s `log` feature, which
+/// axum turns on, entering and leaving even a disabled span costs a `log` check each time).
 ///
 /// ```
 /// use cqrs_core::{CommandBus, middleware::TracingLayer};
@@ -47,7 +50,7 @@ where
 {
     type Response = Reply;
     type Error = S::Error;
-    type Future = Instrumented<S::Future>;
+    type Future = Either<S::Future, Instrumented<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -63,9 +66,12 @@ where
             correlation_id = %metadata.correlation_id,
             causation_id = tracing::field::Empty,
         );
+        if span.is_disabled() {
+            return Either::Left(self.inner.call(dispatch));
+        }
         if let Some(causation) = metadata.causation_id {
             span.record("causation_id", tracing::field::display(causation));
         }
-        self.inner.call(dispatch).instrument(span)
+        Either::Right(self.inner.call(dispatch).instrument(span))
     }
 }
