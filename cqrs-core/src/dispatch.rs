@@ -1,10 +1,7 @@
 //! The type-erased request and response that tower middleware sees, and the innermost service.
 
 use crate::bus::{Registries, run_event_handlers};
-use crate::{
-    BoxError, CommandContext, DispatchError, EventEnvelope, Extensions, MessageKind, Metadata,
-    QueryContext,
-};
+use crate::{BoxError, DispatchError, EventEnvelope, Extensions, MessageKind, Metadata};
 use futures_util::future::BoxFuture;
 use std::any::{Any, TypeId};
 use std::fmt;
@@ -31,7 +28,7 @@ pub struct Dispatch {
 enum Body {
     Message {
         metadata: Metadata,
-        payload: Box<dyn Any + Send>,
+        call: Pin<Box<dyn Call>>,
     },
     Event(EventEnvelope),
 }
@@ -42,14 +39,14 @@ impl Dispatch {
         name: &'static str,
         type_id: TypeId,
         metadata: Metadata,
-        payload: Box<dyn Any + Send>,
+        call: Pin<Box<dyn Call>>,
     ) -> Self {
         Self {
             kind,
             name,
             type_id,
             extensions: Extensions::new(),
-            body: Body::Message { metadata, payload },
+            body: Body::Message { metadata, call },
         }
     }
 
@@ -121,13 +118,23 @@ impl fmt::Debug for Dispatch {
 /// What a dispatch produced: the handler's output (commands and queries), the events a command
 /// recorded, and the number of event handlers that ran.
 pub struct Reply {
-    pub(crate) output: Option<Box<dyn Any + Send>>,
+    /// The finished call, which holds the handler's output (commands and queries).
+    pub(crate) call: Option<Pin<Box<dyn Call>>>,
     pub(crate) events: Vec<EventEnvelope>,
     pub(crate) extensions: Extensions,
     pub(crate) handlers: usize,
 }
 
 impl Reply {
+    /// Moves the handler's output out, when it is an `O`.
+    pub(crate) fn take_output<O: Send + 'static>(&mut self) -> Option<O> {
+        let mut slot: Option<O> = None;
+        if let Some(call) = self.call.as_mut() {
+            call.as_mut().take_output(&mut slot);
+        }
+        slot
+    }
+
     /// The events the command recorded. A layer that stores them (an outbox) may take them.
     pub fn events(&self) -> &[EventEnvelope] {
         &self.events
@@ -179,7 +186,7 @@ impl fmt::Debug for Dispatcher {
 impl Service<Dispatch> for Dispatcher {
     type Response = Reply;
     type Error = DispatchError;
-    type Future = BoxFuture<'static, Result<Reply, DispatchError>>;
+    type Future = DispatcherFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -187,49 +194,188 @@ impl Service<Dispatch> for Dispatcher {
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
         let Dispatch {
-            kind,
-            name,
             type_id,
             extensions,
             body,
+            ..
         } = dispatch;
         match body {
-            Body::Message { metadata, payload } => match kind {
-                MessageKind::Command => match self.registries.commands.get(&type_id) {
-                    Some(handler) => handler.call_erased(
-                        payload,
-                        CommandContext::with_extensions(metadata, extensions),
-                    ),
-                    None => Box::pin(std::future::ready(Err(DispatchError::NoHandler {
-                        kind,
-                        name,
-                    }))),
-                },
-                _ => match self.registries.queries.get(&type_id) {
-                    Some(handler) => handler
-                        .call_erased(payload, QueryContext::with_extensions(metadata, extensions)),
-                    None => Box::pin(std::future::ready(Err(DispatchError::NoHandler {
-                        kind,
-                        name,
-                    }))),
-                },
-            },
+            Body::Message { metadata, mut call } => {
+                call.as_mut().start(&self.registries, metadata, extensions);
+                DispatcherFuture(Running::Message(Some(call)))
+            }
             Body::Event(envelope) => {
                 let registries = self.registries.clone();
-                Box::pin(async move {
+                DispatcherFuture(Running::Event(Box::pin(async move {
                     let handlers = registries
                         .events
                         .get(&type_id)
                         .map_or(&[][..], Vec::as_slice);
                     let count = run_event_handlers(handlers, &envelope).await?;
                     Ok(Reply {
-                        output: None,
+                        call: None,
                         events: Vec::new(),
                         extensions,
                         handlers: count,
                     })
-                })
+                })))
             }
+        }
+    }
+}
+
+/// The future of the innermost service, [`Dispatcher`]: the handler's run.
+pub struct DispatcherFuture(Running);
+
+enum Running {
+    /// A command or query: the boxed call, handed back in the [`Reply`] once done.
+    Message(Option<Pin<Box<dyn Call>>>),
+    Event(BoxFuture<'static, Result<Reply, DispatchError>>),
+}
+
+impl fmt::Debug for DispatcherFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DispatcherFuture")
+    }
+}
+
+impl Future for DispatcherFuture {
+    type Output = Result<Reply, DispatchError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Running::Message(slot) => {
+                let Some(call) = slot.as_mut() else {
+                    return Poll::Ready(Err(DispatchError::Middleware(
+                        "a dispatch was polled after it completed".into(),
+                    )));
+                };
+                match call.as_mut().poll_run(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok((events, extensions))) => Poll::Ready(Ok(Reply {
+                        call: slot.take(),
+                        events,
+                        extensions,
+                        handlers: 1,
+                    })),
+                    Poll::Ready(Err(e)) => {
+                        *slot = None;
+                        Poll::Ready(Err(e))
+                    }
+                }
+            }
+            Running::Event(run) => run.as_mut().poll(cx),
+        }
+    }
+}
+
+/// One command or query on its way through the layers, type-erased: the message until the
+/// [`Dispatcher`] starts it with the context the layers prepared, then the handler's run, then
+/// the output. One box holds all three, so a layered dispatch allocates it instead of a boxed
+/// payload, a boxed dispatcher future and a boxed output.
+pub(crate) trait Call: Send {
+    /// Looks the handler up and starts it (or records why it cannot run).
+    fn start(
+        self: Pin<&mut Self>,
+        registries: &Registries,
+        metadata: Metadata,
+        extensions: Extensions,
+    );
+
+    /// Runs the handler: its recorded events and the context's extensions once done; the
+    /// output stays inside for [`Call::take_output`].
+    fn poll_run(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(Vec<EventEnvelope>, Extensions), DispatchError>>;
+
+    /// Moves the output into `slot` when `slot` is an `Option` of the output type.
+    fn take_output(self: Pin<&mut Self>, slot: &mut dyn Any);
+}
+
+/// What a started call produces: the output, the recorded events, the extensions.
+pub(crate) type CallResult<O> = Result<(O, Vec<EventEnvelope>, Extensions), DispatchError>;
+
+pin_project_lite::pin_project! {
+    #[project = TypedCallProj]
+    enum TypedCall<O, Mk, F> {
+        Waiting { make: Option<Mk> },
+        Running { #[pin] run: F },
+        Done { output: Option<O> },
+        Failed { error: Option<DispatchError> },
+    }
+}
+
+/// Boxes a call: `make` finds the handler in the registries and returns its run.
+pub(crate) fn typed_call<O, Mk, F>(make: Mk) -> Pin<Box<dyn Call>>
+where
+    O: Send + 'static,
+    Mk: FnOnce(&Registries, Metadata, Extensions) -> Result<F, DispatchError> + Send + 'static,
+    F: Future<Output = CallResult<O>> + Send + 'static,
+{
+    Box::pin(TypedCall::<O, Mk, F>::Waiting { make: Some(make) })
+}
+
+impl<O, Mk, F> Call for TypedCall<O, Mk, F>
+where
+    O: Send + 'static,
+    Mk: FnOnce(&Registries, Metadata, Extensions) -> Result<F, DispatchError> + Send,
+    F: Future<Output = CallResult<O>> + Send,
+{
+    fn start(
+        mut self: Pin<&mut Self>,
+        registries: &Registries,
+        metadata: Metadata,
+        extensions: Extensions,
+    ) {
+        let make = match self.as_mut().project() {
+            TypedCallProj::Waiting { make } => make.take(),
+            _ => None,
+        };
+        let Some(make) = make else { return };
+        match make(registries, metadata, extensions) {
+            Ok(run) => self.set(TypedCall::Running { run }),
+            Err(error) => self.set(TypedCall::Failed { error: Some(error) }),
+        }
+    }
+
+    fn poll_run(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(Vec<EventEnvelope>, Extensions), DispatchError>> {
+        let result = match self.as_mut().project() {
+            TypedCallProj::Running { run } => match run.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => result,
+            },
+            TypedCallProj::Failed { error } => Err(error.take().unwrap_or_else(|| {
+                DispatchError::Middleware("a dispatch was polled after it completed".into())
+            })),
+            TypedCallProj::Waiting { .. } | TypedCallProj::Done { .. } => {
+                Err(DispatchError::Middleware(
+                    "a dispatch was polled before it started or after it completed".into(),
+                ))
+            }
+        };
+        Poll::Ready(match result {
+            Ok((output, events, extensions)) => {
+                self.set(TypedCall::Done {
+                    output: Some(output),
+                });
+                Ok((events, extensions))
+            }
+            Err(e) => {
+                self.set(TypedCall::Done { output: None });
+                Err(e)
+            }
+        })
+    }
+
+    fn take_output(self: Pin<&mut Self>, slot: &mut dyn Any) {
+        if let (TypedCallProj::Done { output }, Some(slot)) =
+            (self.project(), slot.downcast_mut::<Option<O>>())
+        {
+            *slot = output.take();
         }
     }
 }
@@ -304,5 +450,3 @@ where
         }
     }
 }
-
-pub(crate) type ErasedFuture = Pin<Box<dyn Future<Output = Result<Reply, DispatchError>> + Send>>;

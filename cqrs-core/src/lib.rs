@@ -96,7 +96,7 @@ pub use bus::{
 };
 pub use codec::{DecodeError, EventTypes, UnknownEventPolicy};
 pub use context::{CommandContext, EventContext, QueryContext};
-pub use dispatch::{Dispatch, Dispatcher, Reply};
+pub use dispatch::{Dispatch, Dispatcher, DispatcherFuture, Reply};
 pub use envelope::{AnyEvent, EventEnvelope};
 pub use error::{
     BoxError, BuildError, DispatchError, ErrorKind, HandlerError, HandlerFailure, PublishError,

@@ -1,7 +1,7 @@
 //! The command bus.
 
 use super::{Registries, check_registered, layer_service, register_single};
-use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
+use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, typed_call};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
     EventEnvelope, Extensions, MessageKind, MessageType, Metadata, Reply,
@@ -12,48 +12,54 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
-/// `Any` as a supertrait: the bare path upcasts to `&dyn Any` (no call) and checks the type
-/// with one.
-pub(crate) trait ErasedCommandHandler: Any + Send + Sync {
-    fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: CommandContext) -> ErasedFuture;
-}
+/// A registered handler, type-erased. `Any` as a supertrait: a dispatch upcasts to `&dyn Any`
+/// (no call) and checks the type with one.
+pub(crate) trait ErasedCommandHandler: Any + Send + Sync {}
 
 struct TypedCommandHandler<C: Command> {
     handler: Arc<dyn CommandHandler<C>>,
 }
 
-impl<C: Command> ErasedCommandHandler for TypedCommandHandler<C> {
-    fn call_erased(&self, payload: Box<dyn Any + Send>, mut ctx: CommandContext) -> ErasedFuture {
-        let handler = self.handler.clone();
-        Box::pin(async move {
-            let command = payload
-                .downcast::<C>()
-                .map_err(|_| payload_mismatch(MessageKind::Command, C::NAME))?;
-            let output = guarded(
-                MessageKind::Command,
-                C::NAME,
-                handler.handle(*command, &mut ctx),
-            )
-            .await?;
-            let (events, extensions) = ctx.into_parts();
-            Ok(Reply {
-                output: Some(Box::new(output)),
-                events,
-                extensions,
-                handlers: 1,
-            })
+impl<C: Command> ErasedCommandHandler for TypedCommandHandler<C> {}
+
+/// The handler of `C`, or the error naming `C`.
+fn handler_of<C: Command>(
+    registries: &Registries,
+) -> Result<&Arc<dyn CommandHandler<C>>, DispatchError> {
+    registries
+        .commands
+        .get(&TypeId::of::<C>())
+        .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedCommandHandler<C>>())
+        .map(|typed| &typed.handler)
+        .ok_or(DispatchError::NoHandler {
+            kind: MessageKind::Command,
+            name: C::NAME,
         })
-    }
 }
 
-/// A layer replaced the payload with another type: a bug in that layer.
-pub(crate) fn payload_mismatch(kind: MessageKind, name: &'static str) -> DispatchError {
-    DispatchError::Middleware(
-        format!("a layer changed the payload of {kind} `{name}` to another type").into(),
+/// A command on its way through the layers: the dispatcher starts it with the context the
+/// layers prepared.
+fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
+    typed_call(
+        move |registries: &Registries, metadata: Metadata, extensions: Extensions| {
+            let handler = handler_of::<C>(registries)?.clone();
+            Ok(async move {
+                let mut ctx = CommandContext::with_extensions(metadata, extensions);
+                let output = guarded(
+                    MessageKind::Command,
+                    C::NAME,
+                    handler.handle(command, &mut ctx),
+                )
+                .await?;
+                let (events, extensions) = ctx.into_parts();
+                Ok((output, events, extensions))
+            })
+        },
     )
 }
 
@@ -274,21 +280,12 @@ impl CommandBus {
         command: C,
         metadata: Metadata,
     ) -> Result<C::Output, DispatchError> {
-        let handler = self
-            .inner
-            .registries
-            .commands
-            .get(&TypeId::of::<C>())
-            .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedCommandHandler<C>>())
-            .ok_or_else(|| DispatchError::NoHandler {
-                kind: MessageKind::Command,
-                name: C::NAME,
-            })?;
+        let handler = handler_of::<C>(&self.inner.registries)?;
         let mut ctx = CommandContext::new(metadata);
         let output = guarded(
             MessageKind::Command,
             C::NAME,
-            handler.handler.handle(command, &mut ctx),
+            handler.handle(command, &mut ctx),
         )
         .await?;
         if !ctx.recorded().is_empty()
@@ -341,21 +338,17 @@ impl CommandBus {
                     C::NAME,
                     TypeId::of::<C>(),
                     metadata,
-                    Box::new(command),
+                    command_call(command),
                 );
                 *dispatch.extensions_mut() = extensions;
                 let mut reply = service.call(dispatch).await?;
-                let output = reply
-                    .output
-                    .take()
-                    .and_then(|o| o.downcast::<C::Output>().ok())
-                    .ok_or_else(|| {
-                        DispatchError::Middleware(
-                            format!("a layer replaced the output of command `{}`", C::NAME).into(),
-                        )
-                    })?;
+                let output = reply.take_output::<C::Output>().ok_or_else(|| {
+                    DispatchError::Middleware(
+                        format!("a layer replaced the reply of command `{}`", C::NAME).into(),
+                    )
+                })?;
                 Ok(Executed {
-                    output: *output,
+                    output,
                     events: reply.events,
                 })
             }
@@ -368,21 +361,12 @@ impl CommandBus {
         metadata: Metadata,
         extensions: Extensions,
     ) -> Result<Executed<C::Output>, DispatchError> {
-        let handler = self
-            .inner
-            .registries
-            .commands
-            .get(&TypeId::of::<C>())
-            .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedCommandHandler<C>>())
-            .ok_or_else(|| DispatchError::NoHandler {
-                kind: MessageKind::Command,
-                name: C::NAME,
-            })?;
+        let handler = handler_of::<C>(&self.inner.registries)?;
         let mut ctx = CommandContext::with_extensions(metadata, extensions);
         let output = guarded(
             MessageKind::Command,
             C::NAME,
-            handler.handler.handle(command, &mut ctx),
+            handler.handle(command, &mut ctx),
         )
         .await?;
         Ok(Executed {

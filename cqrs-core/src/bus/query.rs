@@ -1,47 +1,60 @@
 //! The query bus.
 
-use super::command::payload_mismatch;
 use super::{Registries, check_registered, layer_service, register_single};
-use crate::dispatch::{Dispatcher, ErasedFuture, ErasedService, guarded};
+use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, typed_call};
 use crate::{
-    BoxError, BuildError, Dispatch, DispatchError, MessageKind, MessageType, Metadata, Query,
-    QueryContext, QueryHandler, Reply,
+    BoxError, BuildError, Dispatch, DispatchError, Extensions, MessageKind, MessageType, Metadata,
+    Query, QueryContext, QueryHandler, Reply,
 };
 use futures_util::future::Either;
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
-/// `Any` as a supertrait: the bare path upcasts to `&dyn Any` (no call) and checks the type
-/// with one.
-pub(crate) trait ErasedQueryHandler: Any + Send + Sync {
-    fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: QueryContext) -> ErasedFuture;
-}
+/// A registered handler, type-erased. `Any` as a supertrait: a dispatch upcasts to `&dyn Any`
+/// (no call) and checks the type with one.
+pub(crate) trait ErasedQueryHandler: Any + Send + Sync {}
 
 struct TypedQueryHandler<Q: Query> {
     handler: Arc<dyn QueryHandler<Q>>,
 }
 
-impl<Q: Query> ErasedQueryHandler for TypedQueryHandler<Q> {
-    fn call_erased(&self, payload: Box<dyn Any + Send>, ctx: QueryContext) -> ErasedFuture {
-        let handler = self.handler.clone();
-        Box::pin(async move {
-            let query = payload
-                .downcast::<Q>()
-                .map_err(|_| payload_mismatch(MessageKind::Query, Q::NAME))?;
-            let output = guarded(MessageKind::Query, Q::NAME, handler.handle(*query, &ctx)).await?;
-            Ok(Reply {
-                output: Some(Box::new(output)),
-                events: Vec::new(),
-                extensions: crate::Extensions::new(),
-                handlers: 1,
-            })
+impl<Q: Query> ErasedQueryHandler for TypedQueryHandler<Q> {}
+
+/// The handler of `Q`, or the error naming `Q`.
+fn handler_of<Q: Query>(
+    registries: &Registries,
+) -> Result<&Arc<dyn QueryHandler<Q>>, DispatchError> {
+    registries
+        .queries
+        .get(&TypeId::of::<Q>())
+        .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedQueryHandler<Q>>())
+        .map(|typed| &typed.handler)
+        .ok_or(DispatchError::NoHandler {
+            kind: MessageKind::Query,
+            name: Q::NAME,
         })
-    }
+}
+
+/// A query on its way through the layers: the dispatcher starts it with the context the
+/// layers prepared.
+fn query_call<Q: Query>(query: Q) -> Pin<Box<dyn Call>> {
+    typed_call(
+        move |registries: &Registries, metadata: Metadata, extensions: Extensions| {
+            let handler = handler_of::<Q>(registries)?.clone();
+            Ok(async move {
+                let ctx = QueryContext::with_extensions(metadata, extensions);
+                let output =
+                    guarded(MessageKind::Query, Q::NAME, handler.handle(query, &ctx)).await?;
+                Ok((output, Vec::new(), Extensions::new()))
+            })
+        },
+    )
 }
 
 /// Query handlers collected before a bus is built (by a plugin, for instance).
@@ -219,23 +232,9 @@ impl QueryBus {
         query: Q,
         metadata: Metadata,
     ) -> Result<Q::Output, DispatchError> {
-        let handler = self
-            .inner
-            .registries
-            .queries
-            .get(&TypeId::of::<Q>())
-            .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedQueryHandler<Q>>())
-            .ok_or_else(|| DispatchError::NoHandler {
-                kind: MessageKind::Query,
-                name: Q::NAME,
-            })?;
+        let handler = handler_of::<Q>(&self.inner.registries)?;
         let ctx = QueryContext::new(metadata);
-        guarded(
-            MessageKind::Query,
-            Q::NAME,
-            handler.handler.handle(query, &ctx),
-        )
-        .await
+        guarded(MessageKind::Query, Q::NAME, handler.handle(query, &ctx)).await
     }
 
     async fn dispatch_layered<Q: Query>(
@@ -248,18 +247,14 @@ impl QueryBus {
             Q::NAME,
             TypeId::of::<Q>(),
             metadata,
-            Box::new(query),
+            query_call(query),
         );
-        let reply = service.call(dispatch).await?;
-        reply
-            .output
-            .and_then(|o| o.downcast::<Q::Output>().ok())
-            .map(|o| *o)
-            .ok_or_else(|| {
-                DispatchError::Middleware(
-                    format!("a layer replaced the output of query `{}`", Q::NAME).into(),
-                )
-            })
+        let mut reply = service.call(dispatch).await?;
+        reply.take_output::<Q::Output>().ok_or_else(|| {
+            DispatchError::Middleware(
+                format!("a layer replaced the reply of query `{}`", Q::NAME).into(),
+            )
+        })
     }
 
     /// Whether a handler for `Q` is registered.
