@@ -259,6 +259,36 @@ impl EventTransport for RedisStreamTransport {
             return Ok(());
         }
         let keys = self.shared.keys(topic)?;
+        if let [event] = events
+            && self
+                .shared
+                .options
+                .key_ordering
+                .lane(event.partition_key.as_deref())
+                .is_none()
+        {
+            // One event in no lane: nothing to chain, so a plain `XADD` does (a script call
+            // costs Redis several times an `XADD`). The fields are the publish script's.
+            let record =
+                serde_json::to_string(event).map_err(|e| TransportError::Codec(e.into()))?;
+            let mut fields: Vec<(&str, Value)> = vec![
+                ("id", Value::from(event.event_id.to_string())),
+                ("type", Value::from(event.event_type.as_str())),
+                ("v", Value::from(i64::from(event.schema_version))),
+            ];
+            if let Some(key) = event.partition_key.as_deref() {
+                fields.push(("key", Value::from(key)));
+            }
+            fields.push(("record", Value::from(record)));
+            let _: Value = self
+                .shared
+                .client
+                .with_options(&self.shared.fail_fast())
+                .xadd(keys.stream.as_str(), false, None::<()>, "*", fields)
+                .await
+                .map_err(|e| client_error(&self.shared.client, e))?;
+            return Ok(());
+        }
         let mut chunks = Vec::with_capacity(events.len().div_ceil(PUBLISH_CHUNK));
         for chunk in events.chunks(PUBLISH_CHUNK) {
             let mut args = Vec::with_capacity(chunk.len() * 6);

@@ -1,0 +1,71 @@
+//! One event in no lane is appended with a plain `XADD`, a batch by the publish script: the
+//! entries carry the same fields either way and reach a consumer alike.
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::EventTransport;
+use fred::types::Value;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_event_outside_any_lane_is_stored_like_a_batch() {
+    let Some(env) = Env::new("single").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("audit");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            // Alone, then in a batch of two: no partition key, so no lane.
+            env.transport
+                .publish(&topic, &[event(None, 1)])
+                .await
+                .unwrap();
+            env.transport
+                .publish(&topic, &[event(None, 2), event(None, 3)])
+                .await
+                .unwrap();
+
+            let entries = env
+                .command(
+                    "XRANGE",
+                    vec![stream.as_str().into(), "-".into(), "+".into()],
+                )
+                .await
+                .into_array();
+            assert_eq!(entries.len(), 3);
+            let names: Vec<Vec<String>> = entries
+                .into_iter()
+                .map(|entry| {
+                    let mut parts = entry.into_array().into_iter();
+                    let _id = parts.next();
+                    let fields = parts.next().unwrap_or(Value::Null).into_array();
+                    fields
+                        .into_iter()
+                        .step_by(2)
+                        .filter_map(|name| name.into_string())
+                        .collect()
+                })
+                .collect();
+            assert_eq!(names[0], ["id", "type", "v", "record"]);
+            assert_eq!(names[0], names[1], "a single event's fields are a batch's");
+
+            let mut consumer = env
+                .transport
+                .consumer(&topic, "g", consumer_options(&format!("{}-c", env.id)))
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.len() < 3 && tokio::time::Instant::now() < until {
+                let batch = consumer.fetch(10).await.unwrap();
+                let ids: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+                consumer.ack(&ids).await.unwrap();
+                got.extend(batch.iter().map(|d| (n_of(d), d.order_key.clone())));
+            }
+            assert_eq!(got, [(1, None), (2, None), (3, None)]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
