@@ -4,6 +4,7 @@ use crate::connection::{self, quit_later};
 use crate::entry::{self, Fields};
 use crate::error::{is_nogroup, transport_error};
 use crate::keys::TopicKeys;
+use crate::scripts::Script;
 use crate::transport::{Shared, forget_name};
 use async_trait::async_trait;
 use cqrs_core::ports::{Consumer, ConsumerOptions, Delivery, DeliveryId, TransportError};
@@ -193,17 +194,12 @@ impl RedisConsumer {
             Value::from(id.0.as_str()),
             Value::from(error),
         ];
-        self.shared
-            .scripts
-            .nack
-            .run(
-                &self.shared.client,
-                &self.shared.patient(),
-                &[self.keys.stream.as_str(), self.errors.as_str()],
-                args,
-            )
-            .await
-            .map_err(transport_error)?;
+        self.run_script(
+            &self.shared.scripts.nack,
+            &[self.keys.stream.as_str(), self.errors.as_str()],
+            args,
+        )
+        .await?;
         Ok(())
     }
 
@@ -403,6 +399,20 @@ impl RedisConsumer {
         Ok(out)
     }
 
+    /// Runs one of the transport's scripts on the shared connection (waiting for a reconnect,
+    /// up to the command timeout).
+    async fn run_script(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: Vec<Value>,
+    ) -> Result<Value, TransportError> {
+        script
+            .run(&self.shared.client, &self.shared.patient(), keys, args)
+            .await
+            .map_err(transport_error)
+    }
+
     /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
     fn remember_acked(&mut self, lane: String, id: &str) {
         if self.acked.len() >= MAX_ACKED_LANES && !self.acked.contains_key(&lane) {
@@ -517,21 +527,16 @@ impl RedisConsumer {
             args.push(Value::from(id.as_str()));
             args.push(Value::from(reason.as_str()));
         }
-        self.shared
-            .scripts
-            .dead_letter
-            .run(
-                &self.shared.client,
-                &self.shared.patient(),
-                &[
-                    self.keys.stream.as_str(),
-                    self.keys.dead.as_str(),
-                    self.errors.as_str(),
-                ],
-                args,
-            )
-            .await
-            .map_err(transport_error)?;
+        self.run_script(
+            &self.shared.scripts.dead_letter,
+            &[
+                self.keys.stream.as_str(),
+                self.keys.dead.as_str(),
+                self.errors.as_str(),
+            ],
+            args,
+        )
+        .await?;
         Ok(())
     }
 
@@ -733,17 +738,12 @@ impl Consumer for RedisConsumer {
                 let mut args = Vec::with_capacity(chunk.len() + 1);
                 args.push(Value::from(self.group.as_str()));
                 args.extend(chunk.iter().map(|id| Value::from(id.0.as_str())));
-                self.shared
-                    .scripts
-                    .ack
-                    .run(
-                        &self.shared.client,
-                        &self.shared.patient(),
-                        &[self.keys.stream.as_str(), self.errors.as_str()],
-                        args,
-                    )
-                    .await
-                    .map_err(transport_error)?;
+                self.run_script(
+                    &self.shared.scripts.ack,
+                    &[self.keys.stream.as_str(), self.errors.as_str()],
+                    args,
+                )
+                .await?;
             }
             for id in chunk {
                 if let Some((lane, _)) = self.in_flight.remove(&id.0)
@@ -769,17 +769,12 @@ impl Consumer for RedisConsumer {
                 self.in_flight.remove(&id.0);
                 args.push(Value::from(id.0.as_str()));
             }
-            self.shared
-                .scripts
-                .defer
-                .run(
-                    &self.shared.client,
-                    &self.shared.patient(),
-                    &[self.keys.stream.as_str()],
-                    args,
-                )
-                .await
-                .map_err(transport_error)?;
+            self.run_script(
+                &self.shared.scripts.defer,
+                &[self.keys.stream.as_str()],
+                args,
+            )
+            .await?;
         }
         Ok(())
     }

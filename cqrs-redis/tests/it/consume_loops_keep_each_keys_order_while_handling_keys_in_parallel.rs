@@ -2,7 +2,7 @@
 //! keys at once, and fail every first attempt of some events: every event takes effect exactly
 //! once in the end, each key's events in publish order, and keys really ran in parallel.
 
-use crate::support::{Env, consumer_options, event, within};
+use crate::support::{Env, assert_each_key_in_order, consumer_options, event, within};
 use cqrs_core::ports::EventTransport;
 use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
 use cqrs_core::runtime::{HealthReporter, Shutdown, WorkerContext};
@@ -134,18 +134,7 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
                 "two events of one key at once: {:?}",
                 seen.overlaps
             );
-            for key in KEYS {
-                let expected: Vec<u64> = events
-                    .iter()
-                    .filter(|e| e.partition_key.as_deref() == Some(key))
-                    .map(|e| e.payload["n"].as_u64().unwrap())
-                    .collect();
-                assert_eq!(
-                    seen.applied.get(key).cloned().unwrap_or_default(),
-                    expected,
-                    "key {key} took effect once per event, in publish order"
-                );
-            }
+            assert_each_key_in_order(&events, &seen.applied);
             assert!(
                 most_in_parallel.load(Ordering::SeqCst) > 1,
                 "keys were handled in parallel"

@@ -3,7 +3,7 @@
 //! time are all in one batch of one consumer (a chain, handled in order), with exact per-key
 //! lanes and with few shared lanes.
 
-use crate::support::{Env, consumer_options, event, n_of, within};
+use crate::support::{Env, assert_each_key_in_order, consumer_options, event, n_of, within};
 use cqrs_core::ports::EventTransport;
 use cqrs_redis::KeyOrdering;
 use std::collections::{BTreeMap, HashMap};
@@ -128,18 +128,7 @@ async fn order_holds(ordering: KeyOrdering, name: &str) {
                 "one key in flight in two batches at once: {:?}",
                 seen.overlaps
             );
-            for key in keys {
-                let expected: Vec<u64> = events
-                    .iter()
-                    .filter(|e| e.partition_key.as_deref() == Some(key))
-                    .map(|e| e.payload["n"].as_u64().unwrap())
-                    .collect();
-                assert_eq!(
-                    seen.applied.get(key).cloned().unwrap_or_default(),
-                    expected,
-                    "order of key {key}"
-                );
-            }
+            assert_each_key_in_order(&events, &seen.applied);
         }),
     )
     .await;

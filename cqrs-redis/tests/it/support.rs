@@ -204,3 +204,26 @@ pub(crate) fn unreachable(e: &ConnectError) -> bool {
         ConnectError::Redis(TransportError::Unavailable { .. } | TransportError::Timeout { .. })
     )
 }
+
+/// Asserts that each key's events took effect once each, in publish order: `applied` holds,
+/// per partition key, the numbers of the events as they took effect.
+pub(crate) fn assert_each_key_in_order(
+    events: &[EventRecord],
+    applied: &std::collections::BTreeMap<String, Vec<u64>>,
+) {
+    let mut expected: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for e in events {
+        let key = e.partition_key.clone().unwrap_or_default();
+        expected
+            .entry(key)
+            .or_default()
+            .push(e.payload["n"].as_u64().unwrap_or(u64::MAX));
+    }
+    for (key, expected) in &expected {
+        assert_eq!(
+            applied.get(key).cloned().unwrap_or_default(),
+            *expected,
+            "key {key}: each event once, in publish order"
+        );
+    }
+}
