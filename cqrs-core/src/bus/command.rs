@@ -1,7 +1,7 @@
 //! The command bus.
 
 use super::{Registries, check_registered, layer_service, register_single};
-use crate::dispatch::{Call, CallResult, Dispatcher, ErasedService, guarded, typed_call};
+use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, typed_call};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
     EventEnvelope, Extensions, MessageKind, MessageType, Metadata, Reply,
@@ -48,28 +48,21 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
     typed_call(
         move |registries: &Registries, metadata: Metadata, extensions: Extensions| {
             let handler = handler_of::<C>(registries)?.clone();
-            Ok(async move { run_command(&*handler, command, metadata, extensions).await })
+            // The same steps as `execute_direct`, written out: an `async fn` shared by both
+            // adds a future level that costs the layered path ~100 instructions a dispatch.
+            Ok(async move {
+                let mut ctx = CommandContext::with_extensions(metadata, extensions);
+                let output = guarded(
+                    MessageKind::Command,
+                    C::NAME,
+                    handler.handle(command, &mut ctx),
+                )
+                .await?;
+                let (events, extensions) = ctx.into_parts();
+                Ok((output, events, extensions))
+            })
         },
     )
-}
-
-/// Runs the handler with a fresh context, guarded against panics: its output, the events it
-/// recorded and the context's extensions.
-async fn run_command<C: Command>(
-    handler: &dyn CommandHandler<C>,
-    command: C,
-    metadata: Metadata,
-    extensions: Extensions,
-) -> CallResult<C::Output> {
-    let mut ctx = CommandContext::with_extensions(metadata, extensions);
-    let output = guarded(
-        MessageKind::Command,
-        C::NAME,
-        handler.handle(command, &mut ctx),
-    )
-    .await?;
-    let (events, extensions) = ctx.into_parts();
-    Ok((output, events, extensions))
 }
 
 /// Where a command's recorded events go after its handler succeeds.
@@ -371,8 +364,17 @@ impl CommandBus {
         extensions: Extensions,
     ) -> Result<Executed<C::Output>, DispatchError> {
         let handler = handler_of::<C>(&self.inner.registries)?;
-        let (output, events, _) = run_command(&**handler, command, metadata, extensions).await?;
-        Ok(Executed { output, events })
+        let mut ctx = CommandContext::with_extensions(metadata, extensions);
+        let output = guarded(
+            MessageKind::Command,
+            C::NAME,
+            handler.handle(command, &mut ctx),
+        )
+        .await?;
+        Ok(Executed {
+            output,
+            events: ctx.take_recorded(),
+        })
     }
 
     /// Whether a handler for `C` is registered.
