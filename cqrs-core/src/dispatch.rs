@@ -396,15 +396,29 @@ where
 {
     fn call(&self, dispatch: Dispatch) -> BoxFuture<'static, Result<Reply, DispatchError>> {
         let mut service = self.0.clone();
-        Box::pin(async move {
-            poll_fn(|cx| service.poll_ready(cx))
-                .await
-                .map_err(|e| DispatchError::from_layer(e.into()))?;
-            service
-                .call(dispatch)
-                .await
-                .map_err(|e| DispatchError::from_layer(e.into()))
-        })
+        // Most stacks are ready at once: then only the stack's future is boxed, not the
+        // service and the dispatch beside it. A stack that is not ready (a concurrency limit)
+        // is asked again with the caller's waker below, so no wake-up is lost.
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+        match service.poll_ready(&mut noop) {
+            Poll::Ready(Ok(())) => {
+                let fut = service.call(dispatch);
+                Box::pin(async move { fut.await.map_err(|e| DispatchError::from_layer(e.into())) })
+            }
+            Poll::Ready(Err(e)) => {
+                let error = DispatchError::from_layer(e.into());
+                Box::pin(std::future::ready(Err(error)))
+            }
+            Poll::Pending => Box::pin(async move {
+                poll_fn(|cx| service.poll_ready(cx))
+                    .await
+                    .map_err(|e| DispatchError::from_layer(e.into()))?;
+                service
+                    .call(dispatch)
+                    .await
+                    .map_err(|e| DispatchError::from_layer(e.into()))
+            }),
+        }
     }
 }
 

@@ -137,3 +137,84 @@ fn a_layered_bus_returns_recorded_events() {
     .unwrap();
     assert_eq!(executed.events.len(), 2);
 }
+
+/// Not ready until opened; registers the waker of every `poll_ready` that finds it closed.
+#[derive(Clone)]
+struct Gate<S> {
+    inner: S,
+    state: Arc<Mutex<GateState>>,
+}
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    waiting: Option<std::task::Waker>,
+}
+
+impl<S> Service<Dispatch> for Gate<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+{
+    type Response = Reply;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let mut state = self.state.lock().unwrap();
+        if !state.open {
+            state.waiting = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        drop(state);
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> S::Future {
+        self.inner.call(dispatch)
+    }
+}
+
+#[test]
+fn a_layer_that_is_not_ready_holds_the_dispatch_until_it_is() {
+    run(async {
+        let state = Arc::new(Mutex::new(GateState::default()));
+        let gate = state.clone();
+        let bus = CommandBus::builder()
+            .layer(tower::layer::layer_fn(move |inner| Gate {
+                inner,
+                state: gate.clone(),
+            }))
+            .handler(AddHandler)
+            .build()
+            .unwrap();
+        let dispatch = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.dispatch(Add::default()).await }
+        });
+        // Wait until the dispatch is parked on the gate with a real waker, then open it.
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(5),
+            "the dispatch waits at the gate",
+            || {
+                let state = state.clone();
+                async move { state.lock().unwrap().waiting.is_some().then_some(()) }
+            },
+        )
+        .await;
+        assert!(
+            !dispatch.is_finished(),
+            "the dispatch waits while the gate is closed"
+        );
+        let waker = {
+            let mut state = state.lock().unwrap();
+            state.open = true;
+            state.waiting.take()
+        };
+        waker.expect("a registered waker").wake();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), dispatch)
+            .await
+            .expect("the dispatch goes on once the gate opens")
+            .unwrap();
+        assert!(result.is_ok(), "{result:?}");
+    });
+}
