@@ -28,6 +28,7 @@ struct TypedCommandHandler<C: Command> {
 impl<C: Command> ErasedCommandHandler for TypedCommandHandler<C> {}
 
 /// The handler of `C`, or the error naming `C`.
+#[inline]
 fn handler_of<C: Command>(
     registries: &Registries,
 ) -> Result<&Arc<dyn CommandHandler<C>>, DispatchError> {
@@ -36,7 +37,7 @@ fn handler_of<C: Command>(
         .get(&TypeId::of::<C>())
         .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedCommandHandler<C>>())
         .map(|typed| &typed.handler)
-        .ok_or(DispatchError::NoHandler {
+        .ok_or_else(|| DispatchError::NoHandler {
             kind: MessageKind::Command,
             name: C::NAME,
         })

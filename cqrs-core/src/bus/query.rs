@@ -27,6 +27,7 @@ struct TypedQueryHandler<Q: Query> {
 impl<Q: Query> ErasedQueryHandler for TypedQueryHandler<Q> {}
 
 /// The handler of `Q`, or the error naming `Q`.
+#[inline]
 fn handler_of<Q: Query>(
     registries: &Registries,
 ) -> Result<&Arc<dyn QueryHandler<Q>>, DispatchError> {
@@ -35,7 +36,7 @@ fn handler_of<Q: Query>(
         .get(&TypeId::of::<Q>())
         .and_then(|h| (&**h as &dyn Any).downcast_ref::<TypedQueryHandler<Q>>())
         .map(|typed| &typed.handler)
-        .ok_or(DispatchError::NoHandler {
+        .ok_or_else(|| DispatchError::NoHandler {
             kind: MessageKind::Query,
             name: Q::NAME,
         })
