@@ -449,6 +449,7 @@ where
 {
     type Output = Result<T, DispatchError>;
 
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let inner = this.inner;
