@@ -3,7 +3,7 @@
 use crate::bus::{Registries, run_event_handlers};
 use crate::{BoxError, DispatchError, EventEnvelope, Extensions, MessageKind, Metadata};
 use futures_util::future::BoxFuture;
-use std::any::{Any, TypeId};
+use std::any::Any;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -20,7 +20,6 @@ use tower::Service;
 pub struct Dispatch {
     kind: MessageKind,
     name: &'static str,
-    type_id: TypeId,
     extensions: Extensions,
     body: Body,
 }
@@ -37,14 +36,12 @@ impl Dispatch {
     pub(crate) fn message(
         kind: MessageKind,
         name: &'static str,
-        type_id: TypeId,
         metadata: Metadata,
         call: Pin<Box<dyn Call>>,
     ) -> Self {
         Self {
             kind,
             name,
-            type_id,
             extensions: Extensions::new(),
             body: Body::Message { metadata, call },
         }
@@ -54,7 +51,6 @@ impl Dispatch {
         Self {
             kind: MessageKind::Event,
             name: envelope.name(),
-            type_id: envelope.payload_type_id(),
             extensions: Extensions::new(),
             body: Body::Event(envelope),
         }
@@ -194,10 +190,7 @@ impl Service<Dispatch> for Dispatcher {
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
         let Dispatch {
-            type_id,
-            extensions,
-            body,
-            ..
+            extensions, body, ..
         } = dispatch;
         match body {
             Body::Message { metadata, mut call } => {
@@ -209,7 +202,7 @@ impl Service<Dispatch> for Dispatcher {
                 DispatcherFuture(Running::Event(Box::pin(async move {
                     let handlers = registries
                         .events
-                        .get(&type_id)
+                        .get(&envelope.payload_type_id())
                         .map_or(&[][..], Vec::as_slice);
                     let count = run_event_handlers(handlers, &envelope).await?;
                     Ok(Reply {

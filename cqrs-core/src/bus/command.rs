@@ -339,7 +339,6 @@ impl CommandBus {
                 let mut dispatch = Dispatch::message(
                     MessageKind::Command,
                     C::NAME,
-                    TypeId::of::<C>(),
                     metadata,
                     command_call(command),
                 );

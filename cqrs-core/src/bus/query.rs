@@ -243,13 +243,7 @@ impl QueryBus {
         query: Q,
         metadata: Metadata,
     ) -> Result<Q::Output, DispatchError> {
-        let dispatch = Dispatch::message(
-            MessageKind::Query,
-            Q::NAME,
-            TypeId::of::<Q>(),
-            metadata,
-            query_call(query),
-        );
+        let dispatch = Dispatch::message(MessageKind::Query, Q::NAME, metadata, query_call(query));
         let mut reply = service.call(dispatch).await?;
         reply.take_output::<Q::Output>().ok_or_else(|| {
             DispatchError::Middleware(
