@@ -452,9 +452,10 @@ impl RedisConsumer {
         {
             return Err(fresh);
         }
-        // Per candidate: handed out now (true) or held back (false).
-        let mut decided: HashMap<&str, bool> =
-            HashMap::with_capacity(self.held.len() + fresh.len());
+        // Per candidate, in order (held entries, then fresh ones): handed out now (true) or
+        // held back (false); by id too, for the chains.
+        let mut decisions = Vec::with_capacity(self.held.len() + fresh.len());
+        let mut decided: HashMap<&str, bool> = HashMap::with_capacity(decisions.capacity());
         let mut handed = 0;
         let held = self.held.iter().map(|id| {
             let known = self.known.get(id).filter(|k| k.read_here);
@@ -484,16 +485,9 @@ impl RedisConsumer {
             let ready = ready && handed < max;
             handed += usize::from(ready);
             decided.insert(id, ready);
+            decisions.push(ready);
         }
-        // The decisions in candidate order: held entries, then fresh ones.
-        let ready: Vec<bool> = self
-            .held
-            .iter()
-            .map(String::as_str)
-            .chain(fresh.iter().map(|(id, _)| id.as_str()))
-            .map(|id| decided.get(id).copied().unwrap_or(false))
-            .collect();
-        let mut ready = ready.into_iter();
+        let mut ready = decisions.into_iter();
         let mut out = Vec::with_capacity(handed);
         for id in std::mem::take(&mut self.held) {
             let known = ready
