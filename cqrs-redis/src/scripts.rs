@@ -66,7 +66,22 @@ end
 
 /// KEYS: stream, lanes. ARGV: per event `lane, id, type, version, key, record` (`lane` and
 /// `key` empty when the event has none). Returns the new entry ids.
+///
+/// The lanes of the whole batch are read with one `HMGET` and written back with one `HSET`
+/// (each lane's last entry), not once per event: with 100 events, 2 calls instead of 200.
 const PUBLISH: &str = r#"
+local last, lanes = {}, {}
+for b = 1, #ARGV, 6 do
+  local lane = ARGV[b]
+  if lane ~= '' and last[lane] == nil then
+    last[lane] = false
+    lanes[#lanes + 1] = lane
+  end
+end
+if #lanes > 0 then
+  local cur = redis.call('HMGET', KEYS[2], unpack(lanes))
+  for i, lane in ipairs(lanes) do last[lane] = cur[i] or '' end
+end
 local out = {}
 for b = 1, #ARGV, 6 do
   local lane, key = ARGV[b], ARGV[b + 4]
@@ -79,13 +94,21 @@ for b = 1, #ARGV, 6 do
     f[#f + 1] = 'lane'
     f[#f + 1] = lane
     f[#f + 1] = 'prev'
-    f[#f + 1] = redis.call('HGET', KEYS[2], lane) or ''
+    f[#f + 1] = last[lane]
   end
   f[#f + 1] = 'record'
   f[#f + 1] = ARGV[b + 5]
   local id = redis.call('XADD', KEYS[1], '*', unpack(f))
-  if lane ~= '' then redis.call('HSET', KEYS[2], lane, id) end
+  if lane ~= '' then last[lane] = id end
   out[#out + 1] = id
+end
+if #lanes > 0 then
+  local set = {}
+  for _, lane in ipairs(lanes) do
+    set[#set + 1] = lane
+    set[#set + 1] = last[lane]
+  end
+  redis.call('HSET', KEYS[2], unpack(set))
 end
 return out
 "#;
