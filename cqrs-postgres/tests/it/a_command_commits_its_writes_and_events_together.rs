@@ -5,12 +5,13 @@
 
 use crate::support::tickets::{self, TicketOpened};
 use crate::support::{pg_test, record};
+use cqrs_core::DispatchError;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::{
     Command, CommandBus, CommandContext, CommandHandler, ErrorKind, EventRecord, Extensions,
     HandlerError, Message, Metadata, Query, QueryBus, QueryContext, QueryHandler, async_trait,
 };
-use cqrs_postgres::PgUnitOfWork;
+use cqrs_postgres::{PgDatabase, PgUnitOfWork};
 use sqlx::AssertSqlSafe;
 
 /// Writes a ticket row, appends `Noted` to `ticket-{id}` at `expected`, and records the same
@@ -157,46 +158,16 @@ pg_test! {
             .handler(tickets::OpenTicketHandler::default())
             .build()
             .unwrap();
-        let mut uow = PgUnitOfWork::new(db.clone());
-        let insert = format!(
-            "INSERT INTO \"{}\".tickets (id, title) VALUES ('t0', 'by the caller')",
-            db.schema()
-        );
-        sqlx::query(AssertSqlSafe(insert))
-            .execute(uow.connection().await.unwrap())
+        open_after_callers_write(&bus, &db, "t0", "t1", tickets::Then::Succeed)
             .await
             .unwrap();
-        let mut extensions = Extensions::new();
-        extensions.insert(uow);
-        bus.execute_with_extensions(
-            tickets::OpenTicket::new("t1", tickets::Then::Succeed),
-            Metadata::new(),
-            extensions,
-        )
-        .await
-        .unwrap();
         assert_eq!(tickets::count(&db).await, 2);
         assert_eq!(crate::support::event_count(&db).await, 1);
 
         // The same with a failing handler: the caller's write rolls back too.
-        let mut uow = PgUnitOfWork::new(db.clone());
-        let insert = format!(
-            "INSERT INTO \"{}\".tickets (id, title) VALUES ('t2', 'by the caller')",
-            db.schema()
-        );
-        sqlx::query(AssertSqlSafe(insert))
-            .execute(uow.connection().await.unwrap())
+        open_after_callers_write(&bus, &db, "t2", "t3", tickets::Then::Fail)
             .await
-            .unwrap();
-        let mut extensions = Extensions::new();
-        extensions.insert(uow);
-        bus.execute_with_extensions(
-            tickets::OpenTicket::new("t3", tickets::Then::Fail),
-            Metadata::new(),
-            extensions,
-        )
-        .await
-        .unwrap_err();
+            .unwrap_err();
         assert_eq!(tickets::count(&db).await, 2);
         assert_eq!(crate::support::event_count(&db).await, 1);
 
@@ -209,4 +180,33 @@ pg_test! {
             .unwrap_err();
         assert_eq!(err.handler_error().map(|e| e.code()), Some("no_unit_of_work"));
     }
+}
+
+/// Opens a unit of work, writes ticket `written` in it as the caller would, then opens ticket
+/// `opened` through `bus` in that same unit of work.
+async fn open_after_callers_write(
+    bus: &CommandBus,
+    db: &PgDatabase,
+    written: &str,
+    opened: &str,
+    then: tickets::Then,
+) -> Result<(), DispatchError> {
+    let mut uow = PgUnitOfWork::new(db.clone());
+    let insert = format!(
+        "INSERT INTO \"{}\".tickets (id, title) VALUES ('{written}', 'by the caller')",
+        db.schema()
+    );
+    sqlx::query(AssertSqlSafe(insert))
+        .execute(uow.connection().await.unwrap())
+        .await
+        .unwrap();
+    let mut extensions = Extensions::new();
+    extensions.insert(uow);
+    bus.execute_with_extensions(
+        tickets::OpenTicket::new(opened, then),
+        Metadata::new(),
+        extensions,
+    )
+    .await
+    .map(|_| ())
 }

@@ -33,9 +33,11 @@ pub use postgres::{PgStats, PgTicketIndex};
 pub use stats::{InMemoryStats, Stats, StatsReader};
 
 use cqrs_core::memory::InMemoryProjectionStore;
-use cqrs_core::ports::ConsumerOptions;
-use cqrs_core::projection::ProjectionRunner;
-use cqrs_core::{AggregateRepository, BoxError, Plugin, PluginRegistrar, register_plugin};
+use cqrs_core::ports::{ConsumerOptions, ProjectionStore};
+use cqrs_core::projection::{Projection, ProjectionRunner};
+use cqrs_core::{
+    AggregateRepository, BoxError, EventTypes, Plugin, PluginRegistrar, register_plugin,
+};
 use helpdesk_api::{
     Backends, BackgroundWorker, BusHandle, HttpApi, RealtimeFeed, Settings, UserDirectory,
 };
@@ -76,18 +78,14 @@ impl Plugin for TicketsPlugin {
                     let stats = PgStats::new(db.clone());
                     // Inbox, checkpoint and counts in one transaction per batch, and the
                     // projection's lock in Postgres: exactly once across instances.
-                    let runner = ProjectionRunner::from_transport(
-                        Arc::new(db.projection_store()),
-                        Arc::new(stats.clone()),
-                        backends.transport.clone(),
-                        &backends.topic,
-                        "tickets.stats",
+                    registrar.contribute(stats_worker(
+                        db.projection_store(),
+                        stats.clone(),
+                        &backends,
+                        &settings,
                         options,
                         types.clone(),
-                    )
-                    .with_event_store(backends.events.clone())
-                    .idle_interval(settings.poll_interval);
-                    registrar.contribute(BackgroundWorker(Box::new(runner)));
+                    ));
                     (Arc::new(index.clone()), Some(index), Arc::new(stats))
                 }
                 None => {
@@ -95,18 +93,14 @@ impl Plugin for TicketsPlugin {
                         .try_resource::<Arc<dyn TicketIndex>>()
                         .unwrap_or_else(|| Arc::new(InMemoryTicketIndex::default()));
                     let stats = InMemoryStats::default();
-                    let runner = ProjectionRunner::from_transport(
-                        Arc::new(InMemoryProjectionStore::new()),
-                        Arc::new(stats.clone()),
-                        backends.transport.clone(),
-                        &backends.topic,
-                        "tickets.stats",
+                    registrar.contribute(stats_worker(
+                        InMemoryProjectionStore::new(),
+                        stats.clone(),
+                        &backends,
+                        &settings,
                         options,
                         types.clone(),
-                    )
-                    .with_event_store(backends.events.clone())
-                    .idle_interval(settings.poll_interval);
-                    registrar.contribute(BackgroundWorker(Box::new(runner)));
+                    ));
                     (index, None, Arc::new(stats))
                 }
             };
@@ -145,6 +139,29 @@ impl Plugin for TicketsPlugin {
         }));
         Ok(())
     }
+}
+
+/// The stats projection's worker: fed by the topic, rebuilt from the event store.
+fn stats_worker<S: ProjectionStore, P: Projection<S>>(
+    store: S,
+    stats: P,
+    backends: &Backends,
+    settings: &Settings,
+    options: ConsumerOptions,
+    types: Arc<EventTypes>,
+) -> BackgroundWorker {
+    let runner = ProjectionRunner::from_transport(
+        Arc::new(store),
+        Arc::new(stats),
+        backends.transport.clone(),
+        &backends.topic,
+        "tickets.stats",
+        options,
+        types,
+    )
+    .with_event_store(backends.events.clone())
+    .idle_interval(settings.poll_interval);
+    BackgroundWorker(Box::new(runner))
 }
 
 register_plugin!(TicketsPlugin);
