@@ -72,11 +72,6 @@ impl<P> Slot<P> {
 
     /// A live event for this subscription.
     fn deliver(&self, position: Option<Position>, frame: &Utf8Bytes) {
-        if let Some(p) = position
-            && p.get() <= self.replayed_up_to.load(Ordering::Acquire)
-        {
-            return;
-        }
         if self.replaying.load(Ordering::Acquire) {
             let mut buffer = self.lock();
             // Checked again under the lock: the replay ends by clearing the flag under it.
@@ -88,6 +83,14 @@ impl<P> Slot<P> {
                 }
                 return;
             }
+        }
+        // Read only once the replay is seen to be over: `go_live` stores the bound before it
+        // clears the flag. Read before the flag, a stale 0 let an event the replay had sent
+        // through a second time.
+        if let Some(p) = position
+            && p.get() <= self.replayed_up_to.load(Ordering::Acquire)
+        {
+            return;
         }
         self.conn.push(frame.clone());
     }
