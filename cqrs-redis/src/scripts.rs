@@ -113,6 +113,17 @@ end
 return out
 "#;
 
+/// The publish of one event in a lane: [`PUBLISH`] without its loops and tables. KEYS:
+/// stream, lanes. ARGV: `lane, id, type, version, key, record` (an event in a lane has a key).
+/// Returns the new entry id.
+const PUBLISH_ONE: &str = r#"
+local prev = redis.call('HGET', KEYS[2], ARGV[1]) or ''
+local id = redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'type', ARGV[3], 'v', ARGV[4],
+  'key', ARGV[5], 'lane', ARGV[1], 'prev', prev, 'record', ARGV[6])
+redis.call('HSET', KEYS[2], ARGV[1], id)
+return id
+"#;
+
 /// One gate step. KEYS: stream, dead, errors. ARGV: group, consumer, min idle (ms),
 /// claim count, claim cursor, max deliveries, ready limit, then per candidate the client read
 /// (held, or just read) `id, kind, lane, prev, target`: kind `f` for an entry read by this
@@ -451,6 +462,7 @@ impl Script {
 #[derive(Debug)]
 pub(crate) struct Scripts {
     pub(crate) publish: Script,
+    pub(crate) publish_one: Script,
     pub(crate) step: Script,
     pub(crate) ack: Script,
     pub(crate) nack: Script,
@@ -467,6 +479,7 @@ impl Scripts {
     pub(crate) async fn load(client: &Client) -> Result<Self, fred::error::Error> {
         let mut scripts = Self {
             publish: Script::bare(PUBLISH),
+            publish_one: Script::bare(PUBLISH_ONE),
             step: Script::new(STEP),
             ack: Script::new(ACK),
             nack: Script::new(NACK),
@@ -479,6 +492,7 @@ impl Scripts {
         };
         for script in [
             &mut scripts.publish,
+            &mut scripts.publish_one,
             &mut scripts.step,
             &mut scripts.ack,
             &mut scripts.nack,

@@ -86,7 +86,8 @@ impl Shared {
 ///
 /// * **Publish**: one stream per topic; a batch is one Lua script (split in chunks of 256
 ///   events sent back to back, still one round trip) that appends each event and chains it
-///   into its order lane. It fails fast with [`TransportError::Unavailable`] while Redis is
+///   into its order lane (one event: a smaller script, or a plain `XADD` when it is in no
+///   lane). It fails fast with [`TransportError::Unavailable`] while Redis is
 ///   unreachable: the outbox relay retries.
 /// * **Consume**: [`consumer`](EventTransport::consumer) joins a consumer group, created on
 ///   demand at `0`. See [`RedisConsumer`] for reading, the order gate, redelivery and
@@ -289,6 +290,21 @@ impl EventTransport for RedisStreamTransport {
                 .map_err(|e| client_error(&self.shared.client, e))?;
             return Ok(());
         }
+        let options = self.shared.fail_fast();
+        let key_list = [keys.stream.as_str(), keys.lanes.as_str()];
+        if let [event] = events {
+            // One event in a lane: the batch script's loops and tables cost more than the
+            // event's own work.
+            let mut args = Vec::with_capacity(6);
+            self.encode(event, &mut args)?;
+            self.shared
+                .scripts
+                .publish_one
+                .run(&self.shared.client, &options, &key_list, args)
+                .await
+                .map_err(|e| client_error(&self.shared.client, e))?;
+            return Ok(());
+        }
         let mut chunks = Vec::with_capacity(events.len().div_ceil(PUBLISH_CHUNK));
         for chunk in events.chunks(PUBLISH_CHUNK) {
             let mut args = Vec::with_capacity(chunk.len() * 6);
@@ -297,8 +313,6 @@ impl EventTransport for RedisStreamTransport {
             }
             chunks.push(args);
         }
-        let options = self.shared.fail_fast();
-        let key_list = [keys.stream.as_str(), keys.lanes.as_str()];
         // Futures run in order when joined, so the chunks are written to the connection in
         // order and Redis runs them in order.
         let sends = chunks.into_iter().map(|args| {

@@ -7,6 +7,7 @@ mod support;
 
 mod a_consume_loop_recovers_when_its_connections_are_killed;
 mod a_crashed_consumers_entries_are_reclaimed_by_another;
+mod a_single_event_in_a_lane_is_chained_like_a_batch;
 mod a_single_event_outside_any_lane_is_stored_like_a_batch;
 mod connect_reports_bad_options_and_unreachable_servers;
 mod consume_loops_keep_each_keys_order_while_handling_keys_in_parallel;
