@@ -45,7 +45,7 @@ use tokio::sync::Notify;
 /// # Ok::<_, cqrs_realtime::BuildError>(())
 /// ```
 pub struct Hub<P> {
-    inner: Arc<HubInner<P>>,
+    pub(crate) inner: Arc<HubInner<P>>,
 }
 
 impl<P> Clone for Hub<P> {
