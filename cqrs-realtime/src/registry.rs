@@ -54,9 +54,10 @@ pub(crate) struct Slot<P> {
 #[derive(Default)]
 pub(crate) struct ReplayBuffer {
     pub(crate) frames: Vec<(Option<Position>, Utf8Bytes)>,
-    /// Live events were dropped because the buffer was full; the replay reads them back from
-    /// the store.
-    pub(crate) overflowed: bool,
+    /// The highest position of a live event dropped because the buffer was full: the replay
+    /// reads on until its cursor passes it. (A dropped event without a position is not in
+    /// the log and cannot be read back.)
+    pub(crate) dropped: Option<Position>,
 }
 
 impl<P> Slot<P> {
@@ -78,8 +79,8 @@ impl<P> Slot<P> {
             if self.replaying.load(Ordering::Acquire) {
                 if buffer.frames.len() < self.capacity {
                     buffer.frames.push((position, frame.clone()));
-                } else {
-                    buffer.overflowed = true;
+                } else if position > buffer.dropped {
+                    buffer.dropped = position;
                 }
                 return;
             }

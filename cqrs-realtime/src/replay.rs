@@ -9,13 +9,14 @@
 
 use crate::hub::HubInner;
 use crate::queue::Outgoing;
-use crate::registry::{Conn, Slot, event_frame};
+use crate::registry::{Conn, ReplayBuffer, Slot, event_frame};
 use crate::{ErrorCode, PushedEvent, ServerFrame, Topic};
 use axum::extract::ws::Utf8Bytes;
 use cqrs_core::ports::EventStore;
 use cqrs_core::{EventRecord, Position};
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::timeout;
 
 pub(crate) async fn replay<P: Send + Sync + 'static>(
@@ -34,7 +35,7 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         conn,
         slot,
         topic,
-        sender: ReplaySender::new(conn),
+        sender: ReplaySender::new(conn, hub.options.idle_timeout),
         cursor: since,
         read: 0,
         sent: 0,
@@ -101,6 +102,11 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     async fn read_up(&mut self) -> Result<(), End> {
         let options = &self.hub.options;
         loop {
+            // Reads that match nothing on this topic send nothing, so the sender would not
+            // notice the client has gone.
+            if self.conn.close.get().is_some() {
+                return Err(End::Closed);
+            }
             let batch = match timeout(
                 options.operation_timeout,
                 self.store.read_all(self.cursor, options.replay_batch),
@@ -135,16 +141,16 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 }
             }
             if caught_up {
-                // Live events dropped from a full buffer are in the store: read on for them.
-                let overflowed = {
+                // Live events dropped from a full buffer were stored before they were
+                // published: read on until the cursor passes the last of them. Each further
+                // read returns at least that one, so this ends (or hits the limit).
+                let behind = {
                     let mut buffer = self.slot.lock();
                     let cursor = self.cursor;
                     buffer.frames.retain(|(p, _)| p.is_none_or(|p| p > cursor));
-                    std::mem::take(&mut buffer.overflowed)
+                    self.dropped_above_cursor(&mut buffer)
                 };
-                // An empty read after an overflow means every dropped event was at or below
-                // the cursor (covered) or had no position (not in the log: nothing to recover).
-                if !overflowed || batch.is_empty() {
+                if !behind {
                     return Ok(());
                 }
             }
@@ -155,6 +161,12 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 )));
             }
         }
+    }
+
+    /// Whether live events above the cursor were dropped from the full buffer since the
+    /// last look (then the store must be read again); resets the mark.
+    fn dropped_above_cursor(&self, buffer: &mut ReplayBuffer) -> bool {
+        buffer.dropped.take().is_some_and(|p| p > self.cursor)
     }
 
     /// The seam. Held events are sent in batches without the lock (sending may wait for the
@@ -169,7 +181,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
         loop {
             let (held, overflowed) = {
                 let mut buffer = self.slot.lock();
-                let overflowed = read_back && std::mem::take(&mut buffer.overflowed);
+                let overflowed = read_back && self.dropped_above_cursor(&mut buffer);
                 if buffer.frames.is_empty() && !overflowed {
                     self.slot.go_live(&mut buffer, self.cursor);
                     return Flush::Live;
@@ -221,15 +233,25 @@ fn replay_frame<P: Send + Sync + 'static>(
 /// Sends replayed frames with backpressure, taking at most a quarter of the send queue at a
 /// time and only when half of it is free: live events on the connection's other
 /// subscriptions keep room, so a long replay does not get the client closed as slow.
+///
+/// A client that takes nothing for `stall_limit` (the idle timeout) while the replay waits
+/// is closed as slow: the replay runs in the connection's reader task, so the idle timeout
+/// that guards reads does not run meanwhile, and without this a client that stopped reading
+/// would hold its connection until shutdown.
 struct ReplaySender<'a, P> {
     conn: &'a Conn<P>,
     /// Frames this replay may still queue before waiting for room again.
     budget: usize,
+    stall_limit: Duration,
 }
 
 impl<'a, P> ReplaySender<'a, P> {
-    fn new(conn: &'a Conn<P>) -> Self {
-        Self { conn, budget: 0 }
+    fn new(conn: &'a Conn<P>, stall_limit: Duration) -> Self {
+        Self {
+            conn,
+            budget: 0,
+            stall_limit,
+        }
     }
 
     /// Queues a frame; `false` when the connection is closing.
@@ -253,7 +275,12 @@ impl<'a, P> ReplaySender<'a, P> {
             tokio::select! {
                 biased;
                 _ = self.conn.close.reader_closed() => return false,
-                _ = queue.room_for((queue.capacity() / 2).max(1)) => {}
+                room = timeout(self.stall_limit, queue.room_for((queue.capacity() / 2).max(1))) => {
+                    if room.is_err() {
+                        self.conn.close_slow();
+                        return false;
+                    }
+                }
             }
             self.budget = (queue.capacity() / 4).max(1);
         }
@@ -264,11 +291,12 @@ impl<'a, P> ReplaySender<'a, P> {
 mod tests {
     use super::*;
     use crate::queue::SendQueue;
+    use crate::signal::Ending;
     use crate::{AllowAll, AuthenticateFn, EventRouting, Hub, HubOptions, Routed, Unauthenticated};
     use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
     use cqrs_core::ports::{ExpectedVersion, StoreError};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::Duration;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use tokio::task::JoinHandle;
     use tokio::time::Instant;
 
     /// Every event on topic `t`.
@@ -284,15 +312,17 @@ mod tests {
         }
     }
 
-    /// The in-memory store, showing reads only the events up to `visible`: what a read
-    /// returned before later events were stored.
-    struct Visible {
+    /// The in-memory store, whose reads return only the events up to `visible`, and nothing
+    /// at all for the next `blind` reads: what a read returns when it ran before later
+    /// events were stored.
+    struct Staged {
         inner: InMemoryEventStore,
         visible: AtomicU64,
+        blind: AtomicUsize,
     }
 
     #[async_trait::async_trait]
-    impl EventStore for Visible {
+    impl EventStore for Staged {
         async fn append(
             &self,
             stream_id: &str,
@@ -311,6 +341,12 @@ mod tests {
             after: Position,
             limit: usize,
         ) -> Result<Vec<EventRecord>, StoreError> {
+            let blind = self
+                .blind
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if blind.is_ok() {
+                return Ok(Vec::new());
+            }
             let visible = self.visible.load(Ordering::SeqCst);
             let mut batch = self.inner.read_all(after, limit).await?;
             batch.retain(|r| r.position.is_some_and(|p| p.get() <= visible));
@@ -319,6 +355,124 @@ mod tests {
 
         async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
             self.inner.stream_version(stream_id).await
+        }
+    }
+
+    /// A hub, and one connection subscribed to `t` in replay mode, whose send queue nothing
+    /// drains unless the test does.
+    struct Fixture {
+        inner: Arc<HubInner<()>>,
+        store: Arc<Staged>,
+        conn: Arc<Conn<()>>,
+        slot: Arc<Slot<()>>,
+        topic: Topic,
+    }
+
+    impl Fixture {
+        fn new(options: HubOptions, send_queue: usize, hold: usize) -> Self {
+            let store = Arc::new(Staged {
+                inner: InMemoryEventStore::new(),
+                visible: AtomicU64::new(u64::MAX),
+                blind: AtomicUsize::new(0),
+            });
+            let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
+                Err::<(), _>(Unauthenticated::new("not used"))
+            }))
+            .authorizer(AllowAll)
+            .routing(OneTopic)
+            .pubsub(Arc::new(InMemoryPubSub::new()))
+            .event_store(store.clone())
+            .options(options)
+            .build()
+            .unwrap();
+            let inner = hub.inner.clone();
+            let conn = Arc::new(Conn {
+                id: 1,
+                principal: (),
+                queue: Arc::new(SendQueue::new(send_queue)),
+                close: Default::default(),
+                metrics: inner.metrics.clone(),
+            });
+            let slot = Arc::new(Slot::new(conn.clone(), true, hold));
+            let topic = Topic::parse("t").unwrap();
+            inner.registry.insert(&topic, slot.clone(), || {});
+            Self {
+                inner,
+                store,
+                conn,
+                slot,
+                topic,
+            }
+        }
+
+        /// Stores event `n` (payload `{"n": n}`) in a stream of its own.
+        async fn store(&self, n: u64) -> EventRecord {
+            let record = cqrs_core::testing::event_store::record(n);
+            let stored = self
+                .store
+                .append(&format!("s-{n}"), ExpectedVersion::Any, vec![record])
+                .await
+                .unwrap();
+            stored.into_iter().next().unwrap()
+        }
+
+        /// Publishes a stored event live, as the upstream dispatcher does.
+        fn publish(&self, record: &EventRecord) {
+            let routed = OneTopic.route(record).unwrap();
+            self.inner
+                .registry
+                .dispatch(&PushedEvent::new(routed, record.position).unwrap());
+        }
+
+        fn replay(&self, since: u64) -> JoinHandle<()> {
+            let (inner, conn, slot, topic) = (
+                self.inner.clone(),
+                self.conn.clone(),
+                self.slot.clone(),
+                self.topic.clone(),
+            );
+            tokio::spawn(async move {
+                replay(&inner, &conn, &slot, &topic, Position::new(since)).await;
+            })
+        }
+
+        /// Drains the send queue until the replay ends, then returns each frame's `n`.
+        async fn drain(&self, replay: JoinHandle<()>) -> Vec<u64> {
+            let mut got = Vec::new();
+            let mut replay = std::pin::pin!(replay);
+            loop {
+                tokio::select! {
+                    item = self.conn.queue.pop() => got.push(item),
+                    done = &mut replay => {
+                        done.unwrap();
+                        break;
+                    }
+                }
+            }
+            while let Some(item) = self.conn.queue.try_pop() {
+                got.push(item);
+            }
+            got.into_iter()
+                .map(|item| match item {
+                    Outgoing::Frame(frame) => {
+                        let frame: serde_json::Value =
+                            serde_json::from_str(frame.as_str()).unwrap();
+                        frame["event"]["n"].as_u64().unwrap()
+                    }
+                    Outgoing::Ping => panic!("a ping"),
+                })
+                .collect()
+        }
+
+        /// After the replay: live, a later event is queued directly, once.
+        async fn assert_live(&self) {
+            let later = self.store(1000).await;
+            self.publish(&later);
+            assert!(matches!(
+                self.conn.queue.try_pop(),
+                Some(Outgoing::Frame(_))
+            ));
+            assert!(self.conn.queue.try_pop().is_none());
         }
     }
 
@@ -335,106 +489,74 @@ mod tests {
     /// back from the store, and every event arrives once, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_overflow_during_the_seam_is_read_back() {
-        let store = Arc::new(Visible {
-            inner: InMemoryEventStore::new(),
-            visible: AtomicU64::new(3),
-        });
-        let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
-            Err::<(), _>(Unauthenticated::new("not used"))
-        }))
-        .authorizer(AllowAll)
-        .routing(OneTopic)
-        .pubsub(Arc::new(InMemoryPubSub::new()))
-        .event_store(store.clone())
-        .options(HubOptions::new().replay_buffer(2).replay_batch(100))
-        .build()
-        .unwrap();
-        let inner = hub.inner.clone();
-        let topic = Topic::parse("t").unwrap();
-        let conn = Arc::new(Conn {
-            id: 1,
-            principal: (),
-            // Four frames: the replay waits for two free slots once it has used its share.
-            queue: Arc::new(SendQueue::new(4)),
-            close: Default::default(),
-            metrics: inner.metrics.clone(),
-        });
-        let slot = Arc::new(Slot::new(conn.clone(), true, 2));
-        inner.registry.insert(&topic, slot.clone(), || {});
-        let store_event = |n: u64| {
-            let store = store.clone();
-            async move {
-                let record = cqrs_core::testing::event_store::record(n);
-                let stored = store
-                    .append(&format!("s-{n}"), ExpectedVersion::Any, vec![record])
-                    .await
-                    .unwrap();
-                stored.into_iter().next().unwrap()
-            }
-        };
-        let publish = |record: &EventRecord| {
-            let routed = OneTopic.route(record).unwrap();
-            inner
-                .registry
-                .dispatch(&PushedEvent::new(routed, record.position).unwrap());
-        };
-
+        // Four frames: the replay waits for two free slots once it has used its share.
+        let f = Fixture::new(HubOptions::new().replay_batch(100), 4, 2);
         // 1-3 are read; 4 and 5 are stored after the read and published: held.
+        f.store.visible.store(3, Ordering::SeqCst);
         let mut stored = Vec::new();
         for n in 1..=5 {
-            stored.push(store_event(n).await);
+            stored.push(f.store(n).await);
         }
-        publish(&stored[3]);
-        publish(&stored[4]);
-        let replay = tokio::spawn({
-            let (inner, conn, slot, topic) =
-                (inner.clone(), conn.clone(), slot.clone(), topic.clone());
-            async move { replay(&inner, &conn, &slot, &topic, Position::new(0)).await }
-        });
+        f.publish(&stored[3]);
+        f.publish(&stored[4]);
+        let replay = f.replay(0);
         // The seam took 4 and 5 and waits for room: 1-3 fill the queue, nothing drains it.
         until("the seam to take the held events", || {
-            slot.lock().frames.is_empty()
+            f.slot.lock().frames.is_empty()
         })
         .await;
         // 6-8 arrive meanwhile: the buffer takes two and drops 8.
-        store.visible.store(u64::MAX, Ordering::SeqCst);
+        f.store.visible.store(u64::MAX, Ordering::SeqCst);
         for n in 6..=8 {
-            stored.push(store_event(n).await);
+            stored.push(f.store(n).await);
         }
         for record in &stored[5..] {
-            publish(record);
+            f.publish(record);
         }
-        assert!(slot.lock().overflowed);
+        assert_eq!(f.slot.lock().dropped, stored[7].position);
+        assert_eq!(f.drain(replay).await, [1, 2, 3, 4, 5, 6, 7, 8]);
+        f.assert_live().await;
+    }
 
-        let mut got = Vec::new();
-        let mut replay = std::pin::pin!(replay);
-        loop {
-            tokio::select! {
-                item = conn.queue.pop() => got.push(item),
-                done = &mut replay => {
-                    done.unwrap();
-                    break;
-                }
-            }
+    /// A resume from the head of the log: the first read ran before three events were
+    /// stored, and they overflow the hold buffer. The read came back empty, yet the dropped
+    /// event is read back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overflow_during_an_empty_read_is_read_back() {
+        let f = Fixture::new(HubOptions::new().replay_batch(100), 16, 2);
+        f.store.blind.store(1, Ordering::SeqCst);
+        let mut stored = Vec::new();
+        for n in 1..=3 {
+            stored.push(f.store(n).await);
         }
-        while let Some(item) = conn.queue.try_pop() {
-            got.push(item);
+        for record in &stored {
+            f.publish(record);
         }
-        let seen: Vec<u64> = got
-            .into_iter()
-            .map(|item| match item {
-                Outgoing::Frame(frame) => {
-                    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                    frame["event"]["n"].as_u64().unwrap()
-                }
-                Outgoing::Ping => panic!("a ping"),
-            })
-            .collect();
-        assert_eq!(seen, [1, 2, 3, 4, 5, 6, 7, 8]);
-        // Live from here on: a later event is queued directly, once.
-        let ninth = store_event(9).await;
-        publish(&ninth);
-        assert!(matches!(conn.queue.try_pop(), Some(Outgoing::Frame(_))));
-        assert!(conn.queue.try_pop().is_none());
+        assert_eq!(f.slot.lock().dropped, stored[2].position);
+        let replay = f.replay(0);
+        assert_eq!(f.drain(replay).await, [1, 2, 3]);
+        f.assert_live().await;
+    }
+
+    /// A client that takes nothing while its replay waits for room is closed as slow after
+    /// the idle timeout, instead of holding its connection (and the replay) until shutdown.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_to_a_client_that_stopped_reading_closes_it_as_slow() {
+        let f = Fixture::new(
+            HubOptions::new()
+                .ping_interval(Duration::from_millis(50))
+                .idle_timeout(Duration::from_millis(200)),
+            4,
+            2,
+        );
+        for n in 1..=10 {
+            f.store(n).await;
+        }
+        tokio::time::timeout(Duration::from_secs(10), f.replay(0))
+            .await
+            .expect("the replay gives up on the stalled client")
+            .unwrap();
+        assert_eq!(f.conn.close.get(), Some(Ending::SLOW));
+        assert!(f.slot.lock().frames.is_empty());
     }
 }

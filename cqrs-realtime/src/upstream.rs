@@ -7,6 +7,7 @@ use crate::registry::Registry;
 use cqrs_core::ports::{PubSub, Subscription, TransportError};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
@@ -15,6 +16,11 @@ struct Upstream {
     refs: usize,
     /// Receives the channel and dispatches; aborting it drops the pub/sub subscription.
     task: JoinHandle<()>,
+    /// Set when the last reference goes. An abort takes effect only when the task next
+    /// yields, and a receiver with messages queued does not yield for a while: without the
+    /// flag, the old task could dispatch an event that a new subscription of the same
+    /// channel dispatches too.
+    stopped: Arc<AtomicBool>,
 }
 
 pub(crate) struct Upstreams<P> {
@@ -55,14 +61,23 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         let full = format!("{}{channel}", self.prefix);
         let subscription = self.pubsub.subscribe(&full).await?;
         tracing::debug!(channel = %full, "realtime hub subscribed upstream");
+        let stopped = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(pump(
             subscription,
             self.pubsub.clone(),
             full,
             self.registry.clone(),
             self.metrics.clone(),
+            stopped.clone(),
         ));
-        channels.insert(channel.to_owned(), Upstream { refs: 1, task });
+        channels.insert(
+            channel.to_owned(),
+            Upstream {
+                refs: 1,
+                task,
+                stopped,
+            },
+        );
         Ok(())
     }
 
@@ -74,6 +89,7 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             if upstream.refs == 0
                 && let Some(upstream) = channels.remove(channel)
             {
+                upstream.stopped.store(true, Ordering::SeqCst);
                 upstream.task.abort();
             }
         }
@@ -93,10 +109,17 @@ async fn pump<P: Send + Sync + 'static>(
     channel: String,
     registry: Arc<Registry<P>>,
     metrics: Arc<Metrics>,
+    stopped: Arc<AtomicBool>,
 ) {
     let mut missed = 0;
     loop {
-        let Some(message) = subscription.recv().await else {
+        let message = subscription.recv().await;
+        // A message published after the channel was released (and maybe subscribed again)
+        // is the new subscription's to dispatch.
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(message) = message else {
             tracing::warn!(%channel, "realtime upstream subscription ended; subscribing again");
             subscription = resubscribe(&*pubsub, &channel).await;
             missed = 0;
@@ -128,5 +151,57 @@ async fn resubscribe(pubsub: &dyn PubSub, channel: &str) -> Subscription {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Conn, Slot};
+    use crate::{AllowAll, Routed, Topic};
+    use cqrs_core::memory::InMemoryPubSub;
+
+    /// A released channel's task dispatches nothing more, even with messages still queued in
+    /// its receiver.
+    #[tokio::test]
+    async fn a_released_pump_dispatches_nothing_more() {
+        let pubsub: Arc<dyn PubSub> = Arc::new(InMemoryPubSub::new());
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::<()>::new(Arc::new(AllowAll)));
+        let topic = Topic::parse("t").unwrap();
+        let conn = Arc::new(Conn {
+            id: 1,
+            principal: (),
+            queue: Arc::new(crate::queue::SendQueue::new(16)),
+            close: Default::default(),
+            metrics: metrics.clone(),
+        });
+        registry.insert(&topic, Arc::new(Slot::new(conn.clone(), false, 4)), || {});
+        let subscription = pubsub.subscribe("c").await.unwrap();
+        let event = PushedEvent::new(
+            Routed::new(serde_json::json!({})).topic(topic.clone()),
+            None,
+        )
+        .unwrap();
+        let payload: Arc<str> = Arc::from(event.encode(&[&topic]).unwrap());
+        for _ in 0..3 {
+            pubsub.publish("c", payload.clone()).await.unwrap();
+        }
+
+        let stopped = Arc::new(AtomicBool::new(true));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pump(
+                subscription,
+                pubsub.clone(),
+                "c".to_owned(),
+                registry.clone(),
+                metrics.clone(),
+                stopped,
+            ),
+        )
+        .await
+        .expect("a stopped pump returns");
+        assert!(conn.queue.try_pop().is_none(), "nothing was dispatched");
     }
 }
