@@ -208,9 +208,7 @@ impl RedisConsumer {
     /// and not acknowledged come back after the redelivery delay. Dropping the consumer does
     /// the same in the background.
     pub async fn close(mut self) -> Result<(), TransportError> {
-        let held = std::mem::take(&mut self.held);
-        self.known.clear();
-        self.release(held).await
+        Consumer::close(&mut self).await
     }
 
     async fn release(&self, held: Vec<String>) -> Result<(), TransportError> {
@@ -658,7 +656,8 @@ impl Drop for RedisConsumer {
 impl Consumer for RedisConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
         let max = max.max(1);
-        let deadline = Instant::now() + self.options.block;
+        // `checked_add`: a `block` of `Duration::MAX` means "as long as it takes".
+        let deadline = Instant::now().checked_add(self.options.block);
         loop {
             let ready = self.step(max).await?;
             let mut deliveries = Vec::with_capacity(ready.len());
@@ -689,10 +688,11 @@ impl Consumer for RedisConsumer {
                 continue;
             }
             let now = Instant::now();
-            if now >= deadline {
-                return Ok(Vec::new());
-            }
-            let mut wait = deadline - now;
+            let mut wait = match deadline {
+                Some(deadline) if now >= deadline => return Ok(Vec::new()),
+                Some(deadline) => deadline - now,
+                None => Duration::MAX,
+            };
             if self.next_claim > now {
                 wait = wait.min(self.next_claim - now);
             } else {
@@ -752,6 +752,14 @@ impl Consumer for RedisConsumer {
 
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
         self.nack_with_error(id, "").await
+    }
+
+    /// Releases the entries held back at once, like [`RedisConsumer::close`]; the consumer
+    /// stays usable (a later fetch reads on).
+    async fn close(&mut self) -> Result<(), TransportError> {
+        let held = std::mem::take(&mut self.held);
+        self.known.clear();
+        self.release(held).await
     }
 
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {

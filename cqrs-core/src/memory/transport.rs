@@ -241,7 +241,8 @@ impl InMemoryConsumer {
 #[async_trait]
 impl Consumer for InMemoryConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
-        let deadline = Instant::now() + self.options.block;
+        // `None`: a `block` too long for the clock (`Duration::MAX`) waits as long as it takes.
+        let deadline = Instant::now().checked_add(self.options.block);
         loop {
             // Register interest before looking, so a publish in between is not missed.
             let changed = self.transport.changed.clone();
@@ -253,13 +254,21 @@ impl Consumer for InMemoryConsumer {
                 return Ok(batch);
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|deadline| now >= deadline) {
                 return Ok(Vec::new());
             }
-            let wake = next_due.map_or(deadline, |d| d.min(deadline)).max(now);
+            let wake = match (next_due, deadline) {
+                (Some(due), Some(deadline)) => Some(due.min(deadline)),
+                (due, deadline) => due.or(deadline),
+            };
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(wake) => {}
+                _ = async {
+                    match wake {
+                        Some(wake) => tokio::time::sleep_until(wake.max(now)).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
         }
     }

@@ -84,7 +84,8 @@ impl ConsumerOptions {
         self
     }
 
-    /// Sets how long a fetch waits.
+    /// Sets how long a fetch waits for events before it returns an empty batch;
+    /// `Duration::MAX` waits as long as it takes.
     pub fn block(mut self, block: Duration) -> Self {
         self.block = block;
         self

@@ -41,6 +41,7 @@ macro_rules! transport_conformance {
                 events_of_one_key_keep_their_order_across_two_consumers,
                 a_keys_events_in_one_batch_come_in_order_with_one_order_key,
                 an_acknowledged_event_is_not_delivered_again,
+                a_fetch_may_block_without_limit,
             ]
         );
     };
@@ -398,4 +399,37 @@ pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h
             again.iter().map(|d| d.record.event_id).collect::<Vec<_>>()
         );
     }
+}
+
+/// `block(Duration::MAX)` means "wait as long as it takes": a fetch waiting that way returns
+/// once an event is published (it must not overflow the clock computing its deadline).
+pub async fn a_fetch_may_block_without_limit<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t9", h.test_id());
+    let mut c = h
+        .transport()
+        .consumer(
+            &topic,
+            "g",
+            h.options()
+                .consumer_name(format!("{}-c", h.test_id()))
+                .block(Duration::MAX),
+        )
+        .await
+        .expect("join the group");
+    let transport = h.transport();
+    let publish_topic = topic.clone();
+    // Published while the fetch waits (or before it starts: the fetch returns either way).
+    let publisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        transport
+            .publish(&publish_topic, &[event("k", 1)])
+            .await
+            .expect("publish");
+    });
+    let got = tokio::time::timeout(Duration::from_secs(10), c.fetch(10))
+        .await
+        .expect("the fetch returns once an event is published")
+        .expect("fetch");
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [1]);
+    publisher.await.expect("the publisher task");
 }

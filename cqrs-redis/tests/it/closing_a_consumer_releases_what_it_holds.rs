@@ -1,0 +1,62 @@
+//! A consumer closed through the port (`Consumer::close`, as `consume_until_shutdown` does at
+//! shutdown) releases the entries it holds back at once: another consumer takes them well
+//! before the redelivery delay.
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::EventTransport;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_consumer_releases_what_it_holds() {
+    let Some(env) = Env::new("close").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let delay = Duration::from_secs(8);
+            let options = |name: &str| {
+                consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
+            };
+            let mut a = env
+                .transport
+                .consumer(&topic, "g", options("a"))
+                .await
+                .unwrap();
+            env.transport
+                .publish(&topic, &[event(Some("k"), 1)])
+                .await
+                .unwrap();
+            let first = a.fetch(1).await.unwrap();
+            assert_eq!(first.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            // Read while its predecessor is pending: held back, not handed out.
+            env.transport
+                .publish(&topic, &[event(Some("k"), 2)])
+                .await
+                .unwrap();
+            assert!(a.fetch(1).await.unwrap().is_empty());
+            a.ack(&[first[0].id.clone()]).await.unwrap();
+            a.close().await.unwrap();
+
+            let mut b = env
+                .transport
+                .consumer(&topic, "g", options("b"))
+                .await
+                .unwrap();
+            let started = tokio::time::Instant::now();
+            let mut got = Vec::new();
+            while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
+                got = b.fetch(10).await.unwrap();
+            }
+            assert_eq!(
+                got.iter().map(n_of).collect::<Vec<_>>(),
+                [2],
+                "taken over within 5 s (the redelivery delay is {delay:?})"
+            );
+            drop(a);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
