@@ -517,7 +517,10 @@ enum Outcome {
 /// are handled in parallel and events of one key in order. When a delivery fails
 /// ([`Handled::Retry`]), the rest of its chain is handed back unhandled
 /// ([`Consumer::defer`]), to come back after it.
-/// The handled deliveries of a batch are acknowledged together once every chain finished.
+/// The handled deliveries of a batch are acknowledged together once every chain finished;
+/// meanwhile the loop calls [`Consumer::keep_alive`] every
+/// [`keep_alive_interval`](Consumer::keep_alive_interval), so a batch that takes longer than
+/// the redelivery delay is not handed out again elsewhere.
 /// Deliveries already fetched are finished and acknowledged even when shutdown comes. A
 /// retried delivery is logged and marks the worker degraded until the next batch that
 /// succeeds.
@@ -540,7 +543,31 @@ where
         if deliveries.is_empty() {
             continue;
         }
-        let outcomes = handle_batch(deliveries, options.concurrency, &handle).await;
+        let outcomes = match consumer.keep_alive_interval() {
+            None => handle_batch(deliveries, options.concurrency, &handle).await,
+            Some(every) => {
+                // The batch is acknowledged when it is all done, so it may take longer than
+                // the redelivery delay in total: keep its deliveries from being handed out
+                // again meanwhile.
+                let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
+                let batch = handle_batch(deliveries, options.concurrency, &handle);
+                tokio::pin!(batch);
+                let every = every.max(Duration::from_millis(1));
+                let mut ticks =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        outcomes = &mut batch => break outcomes,
+                        _ = ticks.tick() => {
+                            if let Err(error) = consumer.keep_alive(&ids).await {
+                                tracing::warn!(%error, "could not keep a long batch's deliveries; they may be redelivered");
+                            }
+                        }
+                    }
+                }
+            }
+        };
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped) = (Vec::new(), Vec::new());
         for (id, event_id, attempt, outcome) in outcomes {

@@ -600,6 +600,8 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Releases entries this consumer held but never handed out: idle for the redelivery delay,
+/// so another consumer reclaims them at once.
 async fn release(
     shared: &Shared,
     stream: &str,
@@ -607,21 +609,41 @@ async fn release(
     options: &ConsumerOptions,
     held: Vec<String>,
 ) -> Result<(), TransportError> {
-    if held.is_empty() {
-        return Ok(());
+    set_idle(
+        shared,
+        stream,
+        group,
+        options,
+        options.redelivery_delay,
+        held,
+    )
+    .await
+}
+
+/// Sets the idle time of the entries among `ids` still pending to this consumer.
+async fn set_idle(
+    shared: &Shared,
+    stream: &str,
+    group: &str,
+    options: &ConsumerOptions,
+    idle: Duration,
+    ids: Vec<String>,
+) -> Result<(), TransportError> {
+    for chunk in ids.chunks(512) {
+        let mut args = Vec::with_capacity(chunk.len() + 3);
+        args.extend([
+            Value::from(group),
+            Value::from(options.consumer_name.as_str()),
+            Value::from(millis(idle)),
+        ]);
+        args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
+        shared
+            .scripts
+            .set_idle
+            .run(&shared.client, &shared.patient(), &[stream], args)
+            .await
+            .map_err(transport_error)?;
     }
-    let mut args = vec![
-        Value::from(group),
-        Value::from(options.consumer_name.as_str()),
-        Value::from(millis(options.redelivery_delay)),
-    ];
-    args.extend(held.into_iter().map(Value::from));
-    shared
-        .scripts
-        .release
-        .run(&shared.client, &shared.patient(), &[stream], args)
-        .await
-        .map_err(transport_error)?;
     Ok(())
 }
 
@@ -752,6 +774,26 @@ impl Consumer for RedisConsumer {
 
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
         self.nack_with_error(id, "").await
+    }
+
+    /// Restarts the idle clock of these deliveries while they are pending to this consumer
+    /// (`XCLAIM … IDLE 0 JUSTID`, which leaves the delivery count alone), so no other
+    /// consumer reclaims them.
+    async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let ids = ids.iter().map(|id| id.0.clone()).collect();
+        set_idle(
+            &self.shared,
+            &self.keys.stream,
+            &self.group,
+            &self.options,
+            Duration::ZERO,
+            ids,
+        )
+        .await
+    }
+
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        Some(self.options.redelivery_delay / 3)
     }
 
     /// Releases the entries held back at once, like [`RedisConsumer::close`]; the consumer

@@ -313,9 +313,11 @@ end
 return n
 "#;
 
-/// KEYS: stream. ARGV: group, consumer, idle (ms), ids. Marks entries this consumer held but
-/// never handed out as idle, so another consumer reclaims them at once.
-const RELEASE: &str = r#"
+/// KEYS: stream. ARGV: group, consumer, idle (ms), ids. Sets the idle time of the entries
+/// still pending to this consumer (others' are left alone; the delivery count is unchanged):
+/// the redelivery delay, to release entries it held but never handed out, so another
+/// consumer reclaims them at once; 0, to keep entries it is still handling.
+const SET_IDLE: &str = r#"
 local n = 0
 for i = 4, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
@@ -468,7 +470,7 @@ pub(crate) struct Scripts {
     pub(crate) nack: Script,
     pub(crate) defer: Script,
     pub(crate) dead_letter: Script,
-    pub(crate) release: Script,
+    pub(crate) set_idle: Script,
     pub(crate) trim: Script,
     pub(crate) replay: Script,
     pub(crate) prune: Script,
@@ -485,7 +487,7 @@ impl Scripts {
             nack: Script::new(NACK),
             defer: Script::new(DEFER),
             dead_letter: Script::new(DEAD_LETTER),
-            release: Script::new(RELEASE),
+            set_idle: Script::new(SET_IDLE),
             trim: Script::new(TRIM),
             replay: Script::new(REPLAY),
             prune: Script::new(PRUNE),
@@ -498,7 +500,7 @@ impl Scripts {
             &mut scripts.nack,
             &mut scripts.defer,
             &mut scripts.dead_letter,
-            &mut scripts.release,
+            &mut scripts.set_idle,
             &mut scripts.trim,
             &mut scripts.replay,
             &mut scripts.prune,

@@ -8,6 +8,7 @@ use crate::ports::{
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -330,5 +331,32 @@ impl Consumer for InMemoryConsumer {
             }
         }
         Ok(())
+    }
+
+    async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let mut state = self.transport.lock();
+        let Some(group) = state
+            .topics
+            .get_mut(&self.topic)
+            .and_then(|t| t.groups.get_mut(&self.group))
+        else {
+            return Ok(());
+        };
+        let due = Instant::now() + self.options.redelivery_delay;
+        for id in ids {
+            if let Some(f) =
+                id.0.parse::<usize>()
+                    .ok()
+                    .and_then(|i| group.in_flight.get_mut(&i))
+                && f.consumer == self.options.consumer_name
+            {
+                f.due = due;
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        Some(self.options.redelivery_delay / 3)
     }
 }

@@ -228,6 +228,25 @@ pub trait Consumer: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Says that these deliveries, handed out to this consumer, are still being handled:
+    /// their redelivery delay starts again, so a batch that takes longer than the delay in
+    /// total is not handed out again elsewhere meanwhile. A delivery this consumer no longer
+    /// owns (another consumer took it over, or it was acknowledged) is left alone. Defaults to
+    /// doing nothing, for transports that do not redeliver by time.
+    ///
+    /// [`consume_until_shutdown`](crate::projection::consume_until_shutdown) calls it every
+    /// [`keep_alive_interval`](Consumer::keep_alive_interval) while a batch runs.
+    async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let _ = ids;
+        Ok(())
+    }
+
+    /// How often a caller handling a batch should call [`keep_alive`](Consumer::keep_alive):
+    /// a fraction of the redelivery delay. `None` (the default) when it need not.
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        None
+    }
+
     /// Leaves the group cleanly at shutdown: releases what this consumer holds without having
     /// handled it, so others take it at once. Defaults to doing nothing.
     async fn close(&mut self) -> Result<(), TransportError> {

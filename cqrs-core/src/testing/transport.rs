@@ -42,6 +42,7 @@ macro_rules! transport_conformance {
                 a_keys_events_in_one_batch_come_in_order_with_one_order_key,
                 an_acknowledged_event_is_not_delivered_again,
                 a_fetch_may_block_without_limit,
+                a_delivery_kept_alive_is_not_handed_out_again,
             ]
         );
     };
@@ -432,4 +433,50 @@ pub async fn a_fetch_may_block_without_limit<H: TransportHarness>(h: &H) {
         .expect("fetch");
     assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [1]);
     publisher.await.expect("the publisher task");
+}
+
+/// A delivery its consumer keeps alive ([`Consumer::keep_alive`]) is not handed out to
+/// another consumer, however long past the redelivery delay; once acknowledged, it is gone.
+pub async fn a_delivery_kept_alive_is_not_handed_out_again<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t10", h.test_id());
+    // A delay ten times the keep-alive cadence below, so a slow machine does not matter.
+    let delay = Duration::from_secs(1);
+    let transport = h.transport();
+    let options = |name: &str| {
+        h.options()
+            .redelivery_delay(delay)
+            .consumer_name(format!("{}-{name}", h.test_id()))
+    };
+    let mut c1 = transport
+        .consumer(&topic, "g", options("c1"))
+        .await
+        .expect("join the group");
+    let mut c2 = transport
+        .consumer(&topic, "g", options("c2"))
+        .await
+        .expect("join the group");
+    h.transport()
+        .publish(&topic, &[event("k", 1)])
+        .await
+        .unwrap();
+    let d = fetch_one(c1.as_mut(), "the event").await;
+    let until = tokio::time::Instant::now() + delay * 3;
+    while tokio::time::Instant::now() < until {
+        c1.keep_alive(std::slice::from_ref(&d.id)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let again = c2.fetch(10).await.unwrap();
+        assert!(
+            again.is_empty(),
+            "handed out again while kept alive: {:?}",
+            again.iter().map(n_of).collect::<Vec<_>>()
+        );
+    }
+    c1.ack(std::slice::from_ref(&d.id)).await.unwrap();
+    let until = tokio::time::Instant::now() + delay + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        assert!(
+            c2.fetch(10).await.unwrap().is_empty(),
+            "delivered after ack"
+        );
+    }
 }

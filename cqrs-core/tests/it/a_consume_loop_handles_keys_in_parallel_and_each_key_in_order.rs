@@ -10,6 +10,7 @@ use cqrs_core::testing::event_store::record;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Hands out its batches one per fetch, then requests shutdown. Records acks, nacks and
 /// defers.
@@ -19,6 +20,9 @@ struct Scripted {
     acked: Arc<Mutex<Vec<String>>>,
     nacked: Arc<Mutex<Vec<(String, String)>>>,
     deferred: Arc<Mutex<Vec<String>>>,
+    /// `keep_alive_interval`, and the ids of each `keep_alive` call.
+    keep_every: Option<Duration>,
+    kept: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
 #[async_trait]
@@ -58,6 +62,16 @@ impl Consumer for Scripted {
         deferred.extend(ids.iter().map(|id| id.0.clone()));
         Ok(())
     }
+
+    async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        let mut kept = self.kept.lock().unwrap();
+        kept.push(ids.iter().map(|id| id.0.clone()).collect());
+        Ok(())
+    }
+
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        self.keep_every
+    }
 }
 
 /// A delivery named `name` (its id), in chain `key`.
@@ -80,6 +94,8 @@ fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
         acked: log.0.clone(),
         nacked: log.1.clone(),
         deferred: log.2.clone(),
+        keep_every: None,
+        kept: Arc::default(),
     };
     let ctx = WorkerContext {
         shutdown,
@@ -187,4 +203,40 @@ fn at_most_concurrency_chains_run_at_once() {
             assert_eq!(ctx.health.get().reason(), None);
         });
     }
+}
+
+/// While a batch runs longer than the consumer's keep-alive interval, the loop keeps every
+/// delivery of the batch alive, so the transport does not hand them out again.
+#[test]
+fn a_long_batch_is_kept_alive_until_it_is_acknowledged() {
+    run(async {
+        let batch = vec![delivery("a1", Some("a")), delivery("b1", Some("b"))];
+        let (mut consumer, ctx, (acked, _, _)) = scripted(vec![batch]);
+        consumer.keep_every = Some(Duration::from_millis(5));
+        let kept = consumer.kept.clone();
+        consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |d| {
+            let kept = kept.clone();
+            async move {
+                // Done only once the loop kept the batch alive twice.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while kept.lock().unwrap().len() < 2 {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "{} was never kept alive",
+                        d.id.0
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Handled::Done
+            }
+        })
+        .await
+        .unwrap();
+        let kept = consumer.kept.lock().unwrap().clone();
+        assert!(kept.len() >= 2);
+        assert!(kept.iter().all(|ids| ids == &["a1", "b1"]), "{kept:?}");
+        let mut acked = acked.lock().unwrap().clone();
+        acked.sort();
+        assert_eq!(acked, ["a1", "b1"]);
+    });
 }
