@@ -426,14 +426,8 @@ impl Script {
         Ok(())
     }
 
-    /// Runs the script on the node that owns `keys[0]`'s slot.
-    pub(crate) async fn run(
-        &self,
-        client: &Client,
-        options: &Options,
-        keys: &[&str],
-        args: Vec<Value>,
-    ) -> Result<Value, fred::error::Error> {
+    /// `numkeys, keys.., args..`, and the slot of `keys[0]`.
+    fn tail(keys: &[&str], args: Vec<Value>) -> (Vec<Value>, u16) {
         let slot = keys
             .first()
             .map(|k| fred::util::redis_keyslot(k.as_bytes()))
@@ -442,6 +436,40 @@ impl Script {
         tail.push(Value::from(keys.len() as i64));
         tail.extend(keys.iter().map(|k| Value::from(*k)));
         tail.extend(args);
+        (tail, slot)
+    }
+
+    /// Runs the script with `EVAL` (its source), never `EVALSHA`: for calls that must run in
+    /// the order they are sent. An `EVALSHA` answered `NOSCRIPT` (after a failover or a
+    /// `SCRIPT FLUSH`) is sent again as `EVAL` after its reply, so a call sent behind it could
+    /// run first.
+    pub(crate) async fn run_in_order(
+        &self,
+        client: &Client,
+        options: &Options,
+        keys: &[&str],
+        args: Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
+        let (tail, slot) = Self::tail(keys, args);
+        let mut with_source = Vec::with_capacity(tail.len() + 1);
+        with_source.push(Value::from(self.source.as_str()));
+        with_source.extend(tail);
+        let eval = CustomCommand::new("EVAL", ClusterHash::Custom(slot), false);
+        client
+            .with_options(options)
+            .custom::<Value, Value>(eval, with_source)
+            .await
+    }
+
+    /// Runs the script on the node that owns `keys[0]`'s slot.
+    pub(crate) async fn run(
+        &self,
+        client: &Client,
+        options: &Options,
+        keys: &[&str],
+        args: Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
+        let (tail, slot) = Self::tail(keys, args);
         let client = client.with_options(options);
         let mut with_sha = Vec::with_capacity(tail.len() + 1);
         with_sha.push(Value::from(self.sha.as_str()));

@@ -314,12 +314,20 @@ impl EventTransport for RedisStreamTransport {
             chunks.push(args);
         }
         // Futures run in order when joined, so the chunks are written to the connection in
-        // order and Redis runs them in order.
+        // order and Redis runs them in order. Several chunks go as `EVAL`: an `EVALSHA` that
+        // met `NOSCRIPT` would be sent again behind the later chunks.
+        let in_order = chunks.len() > 1;
+        let script = &self.shared.scripts.publish;
+        let client = &self.shared.client;
         let sends = chunks.into_iter().map(|args| {
-            self.shared
-                .scripts
-                .publish
-                .run(&self.shared.client, &options, &key_list, args)
+            let (options, key_list) = (&options, &key_list);
+            async move {
+                if in_order {
+                    script.run_in_order(client, options, key_list, args).await
+                } else {
+                    script.run(client, options, key_list, args).await
+                }
+            }
         });
         futures_util::future::try_join_all(sends)
             .await
