@@ -778,9 +778,14 @@ impl Consumer for RedisConsumer {
 
     /// Restarts the idle clock of these deliveries while they are pending to this consumer
     /// (`XCLAIM … IDLE 0 JUSTID`, which leaves the delivery count alone), so no other
-    /// consumer reclaims them.
+    /// consumer reclaims them; and of the entries it holds back, which each fetch refreshes
+    /// otherwise, so a long batch does not get them reclaimed either.
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let ids = ids.iter().map(|id| id.0.clone()).collect();
+        let ids = ids
+            .iter()
+            .map(|id| id.0.clone())
+            .chain(self.held.iter().cloned())
+            .collect();
         set_idle(
             &self.shared,
             &self.keys.stream,

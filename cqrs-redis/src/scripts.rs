@@ -170,7 +170,11 @@ if claim_count > 0 then
   local r = redis.call('XAUTOCLAIM', keys.stream, group, me, min_idle, cursor, 'COUNT', claim_count)
   next_cursor = r[1]
   for _, e in ipairs(r[2]) do
-    if type(e) == 'table' and e[1] then add(from_fields(e[1], e[2], nil, true)) end
+    if type(e) == 'table' and e[1] then
+      local c = from_fields(e[1], e[2], nil, true)
+      c.claimed = true
+      add(c)
+    end
   end
 end
 for i = 8, #ARGV, 5 do
@@ -245,7 +249,14 @@ for _, c in ipairs(cands) do
       else
         held[#held + 1] = c.id
         held[#held + 1] = c.fields or ''
-        if not c.fresh then stale_refresh[#stale_refresh + 1] = c.id end
+        if c.claimed then
+          -- Reclaimed only to be held back: not handed out, so the claim takes back the
+          -- delivery it counted (repeated takeovers of a held entry would otherwise use up
+          -- its deliveries before it was ever handled).
+          redis.call('XCLAIM', keys.stream, group, me, 0, c.id, 'RETRYCOUNT', math.max(count - 1, 0), 'JUSTID')
+        elseif not c.fresh then
+          stale_refresh[#stale_refresh + 1] = c.id
+        end
       end
     end
   end

@@ -1,0 +1,171 @@
+//! An entry held back behind its lane predecessor, and taken over by one consumer after
+//! another (each reclaim is a delivery to Redis), was never handed out: when its predecessor
+//! is done, it is handed out, not dead-lettered for deliveries it never had. (The read that
+//! first held it counts as one delivery: it comes out as attempt 1 or 2.)
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::{Consumer, EventTransport};
+use fred::types::Value;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_held_back_do_not_use_up_their_deliveries() {
+    let Some(env) = Env::new("held-count").await else {
+        return;
+    };
+    within(
+        90,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            // One long delay for all, so no one reclaims the first event from `first`;
+            // a closing holder releases the second at once all the same.
+            let options = |name: String| {
+                consumer_options(&format!("{}-{name}", env.id))
+                    .redelivery_delay(Duration::from_secs(60))
+                    .max_deliveries(2)
+            };
+            // The first event is handed to `first`, which keeps it pending a long while.
+            let mut first = env
+                .transport
+                .consumer(&topic, "g", options("first".into()))
+                .await
+                .unwrap();
+            env.transport
+                .publish(&topic, &[event(Some("k"), 1)])
+                .await
+                .unwrap();
+            let one = first.fetch(1).await.unwrap();
+            assert_eq!(one.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            env.transport
+                .publish(&topic, &[event(Some("k"), 2)])
+                .await
+                .unwrap();
+
+            // Four consumers in turn take the second event over and hold it back.
+            for turn in 0..4 {
+                let name = format!("{}-holder{turn}", env.id);
+                let mut holder = env
+                    .transport
+                    .consumer(&topic, "g", options(format!("holder{turn}")))
+                    .await
+                    .unwrap();
+                let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    assert!(holder.fetch(10).await.unwrap().is_empty(), "held back");
+                    if owner_of_second(&env, &stream).await.as_deref() == Some(name.as_str()) {
+                        break;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < until,
+                        "holder {turn} never took it over"
+                    );
+                }
+                // Gone without handing it out: the next one reclaims it.
+                Consumer::close(holder.as_mut()).await.unwrap();
+            }
+
+            first.ack(&[one[0].id.clone()]).await.unwrap();
+            let mut last = env
+                .transport
+                .consumer(&topic, "g", options("last".into()))
+                .await
+                .unwrap();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut got = Vec::new();
+            while got.is_empty() && tokio::time::Instant::now() < until {
+                got = last.fetch(10).await.unwrap();
+            }
+            assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [2], "handed out");
+            assert!(got[0].attempt <= 2, "attempt {}", got[0].attempt);
+            let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// `keep_alive`, which `consume_until_shutdown` calls while a batch runs, also keeps the
+/// entries the consumer holds back: no other consumer takes them over meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_keeps_the_entries_held_back_too() {
+    let Some(env) = Env::new("held-alive").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let delay = Duration::from_secs(1);
+            let options = |name: &str| {
+                consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
+            };
+            let mut c1 = env
+                .transport
+                .consumer(&topic, "g", options("c1"))
+                .await
+                .unwrap();
+            let mut c2 = env
+                .transport
+                .consumer(&topic, "g", options("c2"))
+                .await
+                .unwrap();
+            env.transport
+                .publish(&topic, &[event(Some("k"), 1)])
+                .await
+                .unwrap();
+            let one = c1.fetch(1).await.unwrap();
+            assert_eq!(one.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            env.transport
+                .publish(&topic, &[event(Some("k"), 2)])
+                .await
+                .unwrap();
+            // Read by c1 and held back behind the first, which c1 is still handling.
+            assert!(c1.fetch(10).await.unwrap().is_empty());
+            let c1_name = format!("{}-c1", env.id);
+            assert_eq!(
+                owner_of_second(&env, &stream).await.as_deref(),
+                Some(c1_name.as_str())
+            );
+            // c1 handles the first for three delays, keeping it alive; c2 keeps fetching.
+            let until = tokio::time::Instant::now() + delay * 3;
+            while tokio::time::Instant::now() < until {
+                c1.keep_alive(std::slice::from_ref(&one[0].id))
+                    .await
+                    .unwrap();
+                assert!(c2.fetch(10).await.unwrap().is_empty());
+            }
+            assert_eq!(
+                owner_of_second(&env, &stream).await.as_deref(),
+                Some(c1_name.as_str()),
+                "the held entry was taken over"
+            );
+            c1.ack(&[one[0].id.clone()]).await.unwrap();
+            let two = c1.fetch(10).await.unwrap();
+            assert_eq!(two.iter().map(n_of).collect::<Vec<_>>(), [2]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// The consumer the second entry of the stream is pending to.
+async fn owner_of_second(env: &Env, stream: &str) -> Option<String> {
+    let pending = env
+        .command(
+            "XPENDING",
+            vec![
+                stream.into(),
+                "g".into(),
+                "-".into(),
+                "+".into(),
+                Value::from(10),
+            ],
+        )
+        .await
+        .into_array();
+    let second = pending.into_iter().nth(1)?.into_array();
+    second.into_iter().nth(1)?.into_string()
+}
