@@ -462,14 +462,21 @@ impl Script {
         args: Vec<Value>,
     ) -> Result<Value, fred::error::Error> {
         let (tail, slot) = Self::tail(keys, args);
+        self.eval(&client.with_options(options), slot, tail).await
+    }
+
+    /// `EVAL` with the source, which also caches the script on the server.
+    async fn eval(
+        &self,
+        client: &impl ClientLike,
+        slot: u16,
+        tail: Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
         let mut with_source = Vec::with_capacity(tail.len() + 1);
         with_source.push(Value::from(self.source.as_str()));
         with_source.extend(tail);
         let eval = CustomCommand::new("EVAL", ClusterHash::Custom(slot), false);
-        client
-            .with_options(options)
-            .custom::<Value, Value>(eval, with_source)
-            .await
+        client.custom::<Value, Value>(eval, with_source).await
     }
 
     /// Runs the script on the node that owns `keys[0]`'s slot.
@@ -487,13 +494,7 @@ impl Script {
         with_sha.extend(tail.iter().cloned());
         let evalsha = CustomCommand::new("EVALSHA", ClusterHash::Custom(slot), false);
         match client.custom::<Value, Value>(evalsha, with_sha).await {
-            Err(e) if is_noscript(&e) => {
-                let mut with_source = Vec::with_capacity(tail.len() + 1);
-                with_source.push(Value::from(self.source.as_str()));
-                with_source.extend(tail);
-                let eval = CustomCommand::new("EVAL", ClusterHash::Custom(slot), false);
-                client.custom::<Value, Value>(eval, with_source).await
-            }
+            Err(e) if is_noscript(&e) => self.eval(&client, slot, tail).await,
             other => other,
         }
     }

@@ -239,6 +239,29 @@ impl InMemoryConsumer {
     }
 }
 
+impl InMemoryConsumer {
+    /// Runs `change` on each of `ids` in flight in this consumer's group.
+    fn in_flight(&self, ids: &[DeliveryId], mut change: impl FnMut(&mut InFlight)) {
+        let mut state = self.transport.lock();
+        let Some(group) = state
+            .topics
+            .get_mut(&self.topic)
+            .and_then(|t| t.groups.get_mut(&self.group))
+        else {
+            return;
+        };
+        for id in ids {
+            if let Some(f) =
+                id.0.parse::<usize>()
+                    .ok()
+                    .and_then(|i| group.in_flight.get_mut(&i))
+            {
+                change(f);
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Consumer for InMemoryConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
@@ -294,65 +317,29 @@ impl Consumer for InMemoryConsumer {
     }
 
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
-        let mut state = self.transport.lock();
-        if let Some(f) = state
-            .topics
-            .get_mut(&self.topic)
-            .and_then(|t| t.groups.get_mut(&self.group))
-            .and_then(|g| {
-                id.0.parse::<usize>()
-                    .ok()
-                    .and_then(|i| g.in_flight.get_mut(&i))
-            })
-        {
-            f.due = Instant::now() + self.options.redelivery_delay;
-        }
+        let due = Instant::now() + self.options.redelivery_delay;
+        self.in_flight(std::slice::from_ref(id), |f| f.due = due);
         Ok(())
     }
 
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let mut state = self.transport.lock();
-        let Some(group) = state
-            .topics
-            .get_mut(&self.topic)
-            .and_then(|t| t.groups.get_mut(&self.group))
-        else {
-            return Ok(());
-        };
-        for id in ids {
-            if let Some(f) =
-                id.0.parse::<usize>()
-                    .ok()
-                    .and_then(|i| group.in_flight.get_mut(&i))
-            {
-                f.due = Instant::now() + self.options.redelivery_delay;
-                // Not handled: this handing out was no attempt.
-                f.attempt = f.attempt.saturating_sub(1);
-            }
-        }
+        let due = Instant::now() + self.options.redelivery_delay;
+        self.in_flight(ids, |f| {
+            f.due = due;
+            // Not handled: this handing out was no attempt.
+            f.attempt = f.attempt.saturating_sub(1);
+        });
         Ok(())
     }
 
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let mut state = self.transport.lock();
-        let Some(group) = state
-            .topics
-            .get_mut(&self.topic)
-            .and_then(|t| t.groups.get_mut(&self.group))
-        else {
-            return Ok(());
-        };
         let due = Instant::now() + self.options.redelivery_delay;
-        for id in ids {
-            if let Some(f) =
-                id.0.parse::<usize>()
-                    .ok()
-                    .and_then(|i| group.in_flight.get_mut(&i))
-                && f.consumer == self.options.consumer_name
-            {
+        let me = self.options.consumer_name.clone();
+        self.in_flight(ids, |f| {
+            if f.consumer == me {
                 f.due = due;
             }
-        }
+        });
         Ok(())
     }
 

@@ -2,8 +2,7 @@
 //! shutdown) releases the entries it holds back at once: another consumer takes them well
 //! before the redelivery delay.
 
-use crate::support::{Env, consumer_options, event, n_of, within};
-use cqrs_core::ports::EventTransport;
+use crate::support::{Env, n_of, within};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,34 +15,14 @@ async fn closing_a_consumer_releases_what_it_holds() {
         Box::pin(async {
             let topic = env.topic("tickets");
             let delay = Duration::from_secs(8);
-            let options = |name: &str| {
-                consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
-            };
-            let mut a = env
-                .transport
-                .consumer(&topic, "g", options("a"))
-                .await
-                .unwrap();
-            env.transport
-                .publish(&topic, &[event(Some("k"), 1)])
-                .await
-                .unwrap();
-            let first = a.fetch(1).await.unwrap();
-            assert_eq!(first.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            let mut a = env.join(&topic, "a", |o| o.redelivery_delay(delay)).await;
+            let first = env.one_pending_and_its_successor(&topic, a.as_mut()).await;
             // Read while its predecessor is pending: held back, not handed out.
-            env.transport
-                .publish(&topic, &[event(Some("k"), 2)])
-                .await
-                .unwrap();
             assert!(a.fetch(1).await.unwrap().is_empty());
-            a.ack(&[first[0].id.clone()]).await.unwrap();
+            a.ack(std::slice::from_ref(&first.id)).await.unwrap();
             a.close().await.unwrap();
 
-            let mut b = env
-                .transport
-                .consumer(&topic, "g", options("b"))
-                .await
-                .unwrap();
+            let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
             let started = tokio::time::Instant::now();
             let mut got = Vec::new();
             while got.is_empty() && started.elapsed() < Duration::from_secs(5) {

@@ -3,8 +3,8 @@
 //! is done, it is handed out, not dead-lettered for deliveries it never had. (The read that
 //! first held it counts as one delivery: it comes out as attempt 1 or 2.)
 
-use crate::support::{Env, consumer_options, event, n_of, within};
-use cqrs_core::ports::{Consumer, EventTransport};
+use crate::support::{Env, n_of, within};
+use cqrs_core::ports::{Consumer, ConsumerOptions};
 use fred::types::Value;
 use std::time::Duration;
 
@@ -20,36 +20,20 @@ async fn entries_held_back_do_not_use_up_their_deliveries() {
             let stream = env.transport.stream_key(&topic).unwrap();
             // One long delay for all, so no one reclaims the first event from `first`;
             // a closing holder releases the second at once all the same.
-            let options = |name: String| {
-                consumer_options(&format!("{}-{name}", env.id))
-                    .redelivery_delay(Duration::from_secs(60))
+            let options = |o: ConsumerOptions| {
+                o.redelivery_delay(Duration::from_secs(60))
                     .max_deliveries(2)
             };
             // The first event is handed to `first`, which keeps it pending a long while.
-            let mut first = env
-                .transport
-                .consumer(&topic, "g", options("first".into()))
-                .await
-                .unwrap();
-            env.transport
-                .publish(&topic, &[event(Some("k"), 1)])
-                .await
-                .unwrap();
-            let one = first.fetch(1).await.unwrap();
-            assert_eq!(one.iter().map(n_of).collect::<Vec<_>>(), [1]);
-            env.transport
-                .publish(&topic, &[event(Some("k"), 2)])
-                .await
-                .unwrap();
+            let mut first = env.join(&topic, "first", options).await;
+            let one = env
+                .one_pending_and_its_successor(&topic, first.as_mut())
+                .await;
 
             // Four consumers in turn take the second event over and hold it back.
             for turn in 0..4 {
                 let name = format!("{}-holder{turn}", env.id);
-                let mut holder = env
-                    .transport
-                    .consumer(&topic, "g", options(format!("holder{turn}")))
-                    .await
-                    .unwrap();
+                let mut holder = env.join(&topic, &format!("holder{turn}"), options).await;
                 let until = tokio::time::Instant::now() + Duration::from_secs(10);
                 loop {
                     assert!(holder.fetch(10).await.unwrap().is_empty(), "held back");
@@ -65,12 +49,8 @@ async fn entries_held_back_do_not_use_up_their_deliveries() {
                 Consumer::close(holder.as_mut()).await.unwrap();
             }
 
-            first.ack(&[one[0].id.clone()]).await.unwrap();
-            let mut last = env
-                .transport
-                .consumer(&topic, "g", options("last".into()))
-                .await
-                .unwrap();
+            first.ack(std::slice::from_ref(&one.id)).await.unwrap();
+            let mut last = env.join(&topic, "last", options).await;
             let until = tokio::time::Instant::now() + Duration::from_secs(10);
             let mut got = Vec::new();
             while got.is_empty() && tokio::time::Instant::now() < until {
@@ -99,29 +79,9 @@ async fn keep_alive_keeps_the_entries_held_back_too() {
             let topic = env.topic("tickets");
             let stream = env.transport.stream_key(&topic).unwrap();
             let delay = Duration::from_secs(1);
-            let options = |name: &str| {
-                consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
-            };
-            let mut c1 = env
-                .transport
-                .consumer(&topic, "g", options("c1"))
-                .await
-                .unwrap();
-            let mut c2 = env
-                .transport
-                .consumer(&topic, "g", options("c2"))
-                .await
-                .unwrap();
-            env.transport
-                .publish(&topic, &[event(Some("k"), 1)])
-                .await
-                .unwrap();
-            let one = c1.fetch(1).await.unwrap();
-            assert_eq!(one.iter().map(n_of).collect::<Vec<_>>(), [1]);
-            env.transport
-                .publish(&topic, &[event(Some("k"), 2)])
-                .await
-                .unwrap();
+            let mut c1 = env.join(&topic, "c1", |o| o.redelivery_delay(delay)).await;
+            let mut c2 = env.join(&topic, "c2", |o| o.redelivery_delay(delay)).await;
+            let one = env.one_pending_and_its_successor(&topic, c1.as_mut()).await;
             // Read by c1 and held back behind the first, which c1 is still handling.
             assert!(c1.fetch(10).await.unwrap().is_empty());
             let c1_name = format!("{}-c1", env.id);
@@ -132,9 +92,7 @@ async fn keep_alive_keeps_the_entries_held_back_too() {
             // c1 handles the first for three delays, keeping it alive; c2 keeps fetching.
             let until = tokio::time::Instant::now() + delay * 3;
             while tokio::time::Instant::now() < until {
-                c1.keep_alive(std::slice::from_ref(&one[0].id))
-                    .await
-                    .unwrap();
+                c1.keep_alive(std::slice::from_ref(&one.id)).await.unwrap();
                 assert!(c2.fetch(10).await.unwrap().is_empty());
             }
             assert_eq!(
@@ -142,7 +100,7 @@ async fn keep_alive_keeps_the_entries_held_back_too() {
                 Some(c1_name.as_str()),
                 "the held entry was taken over"
             );
-            c1.ack(&[one[0].id.clone()]).await.unwrap();
+            c1.ack(std::slice::from_ref(&one.id)).await.unwrap();
             let two = c1.fetch(10).await.unwrap();
             assert_eq!(two.iter().map(n_of).collect::<Vec<_>>(), [2]);
         }),

@@ -1,7 +1,7 @@
 //! What the tests share: the server, isolated key prefixes, short intervals, cleanup.
 
 use cqrs_core::EventRecord;
-use cqrs_core::ports::{ConsumerOptions, Delivery, TransportError};
+use cqrs_core::ports::{Consumer, ConsumerOptions, Delivery, EventTransport, TransportError};
 use cqrs_core::testing::{require_services, test_id, with_timeout};
 use cqrs_redis::{ConnectError, ConnectionOptions, RedisStreamOptions, RedisStreamTransport};
 use fred::clients::Client;
@@ -97,6 +97,43 @@ impl Env {
             transport,
             admin,
         })
+    }
+
+    /// Joins group `g` of `topic` as consumer `{id}-{name}`, with the test's consumer options
+    /// changed by `configure`.
+    pub(crate) async fn join(
+        &self,
+        topic: &str,
+        name: &str,
+        configure: impl FnOnce(ConsumerOptions) -> ConsumerOptions,
+    ) -> Box<dyn Consumer> {
+        let options = configure(consumer_options(&format!("{}-{name}", self.id)));
+        self.transport
+            .consumer(topic, "g", options)
+            .await
+            .expect("join the group")
+    }
+
+    /// Publishes event `n` with partition key `key`.
+    pub(crate) async fn publish_one(&self, topic: &str, key: &str, n: u64) {
+        self.transport
+            .publish(topic, &[event(Some(key), n)])
+            .await
+            .expect("publish");
+    }
+
+    /// Publishes event 1 of key `k` and hands it to `consumer`, which leaves it pending; then
+    /// publishes event 2 of `k`, which a fetch now holds back behind it. Returns event 1.
+    pub(crate) async fn one_pending_and_its_successor(
+        &self,
+        topic: &str,
+        consumer: &mut dyn Consumer,
+    ) -> Delivery {
+        self.publish_one(topic, "k", 1).await;
+        let first = consumer.fetch(1).await.expect("fetch");
+        assert_eq!(first.iter().map(n_of).collect::<Vec<_>>(), [1]);
+        self.publish_one(topic, "k", 2).await;
+        first.into_iter().next().expect("one delivery")
     }
 
     pub(crate) fn topic(&self, name: &str) -> String {
