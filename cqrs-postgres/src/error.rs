@@ -38,7 +38,8 @@ impl PgError {
                 sqlx::migrate::MigrateError::Execute(e) => match classify(e) {
                     Class::Unavailable => ErrorKind::Unavailable,
                     Class::Timeout => ErrorKind::Timeout,
-                    Class::Codec | Class::Backend => ErrorKind::Internal,
+                    // A migration is our own SQL: a value it cannot store is a bug too.
+                    Class::Codec | Class::Rejected | Class::Backend => ErrorKind::Internal,
                 },
                 _ => ErrorKind::Internal,
             },
@@ -50,7 +51,8 @@ impl PgError {
 /// Maps a sqlx error to the core's [`StoreError`], as this crate does for its own queries:
 /// a lost connection, an exhausted pool, a server shutting down, a serialization failure or a
 /// deadlock are `Unavailable` (retryable); `statement_timeout` and `lock_timeout` are
-/// `Timeout`; a row that does not decode is `Codec`; anything else `Backend`. For applications
+/// `Timeout`; a row that does not decode is `Codec`; a value the server cannot hold (U+0000
+/// in text or jsonb) is `Rejected`; anything else `Backend`. For applications
 /// that run their own SQL in a [`PgUnitOfWork`](crate::PgUnitOfWork).
 ///
 /// Unique violations are not special here: callers that expect one (a taken name, a version
@@ -73,6 +75,10 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
             source: Box::new(error),
         },
         Class::Codec => StoreError::Codec(Box::new(error)),
+        Class::Rejected => StoreError::Rejected {
+            backend: BACKEND,
+            source: Box::new(error),
+        },
         Class::Backend => StoreError::Backend {
             backend: BACKEND,
             source: Box::new(error),
@@ -94,6 +100,8 @@ fn classify(error: &sqlx::Error) -> Class {
             // statement_timeout, lock_timeout, an administrator's cancel.
             Some("57014") | Some("55P03") => Class::Timeout,
             Some(code) if retryable_sqlstate(code) => Class::Unavailable,
+            // Text the server cannot hold: U+0000 in `text` (22021) or `jsonb` (22P05).
+            Some("22021") | Some("22P05") => Class::Rejected,
             _ => Class::Backend,
         },
         E::ColumnDecode { .. } | E::Decode(_) | E::Encode(_) => Class::Codec,
@@ -105,6 +113,7 @@ enum Class {
     Unavailable,
     Timeout,
     Codec,
+    Rejected,
     Backend,
 }
 

@@ -75,17 +75,20 @@ impl PgProjectionUnit {
 impl ProjectionStore for PgProjectionStore {
     type Unit = PgProjectionUnit;
 
-    /// One round trip: `BEGIN` and the lock go as one simple query.
+    /// `BEGIN`, then the consumer's lock as a statement of the open transaction: if the lock
+    /// wait fails (a statement or lock timeout, a cancel) or the caller drops this future
+    /// while it waits, sqlx rolls the transaction back before the connection goes back to
+    /// the pool. (Sent as one `BEGIN; SELECT pg_advisory_xact_lock(..)` query, a failure
+    /// there left the pooled connection inside an aborted or open transaction.)
     async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
+        let mut tx = self.db.pool.begin().await.map_err(store_error)?;
         // The key is a number computed here, not text from the caller: safe to inline.
-        let begin = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({})",
+        let lock = format!(
+            "SELECT pg_advisory_xact_lock({})",
             self.db.sql.consumer_lock(consumer)
         );
-        let tx = self
-            .db
-            .pool
-            .begin_with(AssertSqlSafe(begin))
+        sqlx::query(AssertSqlSafe(lock))
+            .execute(&mut *tx)
             .await
             .map_err(store_error)?;
         Ok(PgProjectionUnit { tx })

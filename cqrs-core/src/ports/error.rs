@@ -46,6 +46,17 @@ pub enum StoreError {
     /// Stored data could not be encoded or decoded.
     #[error("could not encode or decode stored data: {0}")]
     Codec(#[source] BoxError),
+    /// The backend cannot store a value the caller gave, such as text holding U+0000 in
+    /// Postgres. The caller's data is at fault, not the server: validate it earlier (422).
+    // The source stays out of the message: clients see it, and it may quote server internals.
+    #[error("{backend} cannot store a value it was given (such as text holding U+0000)")]
+    Rejected {
+        /// Which backend.
+        backend: &'static str,
+        /// Its error.
+        #[source]
+        source: BoxError,
+    },
     /// Anything else the backend reported; a bug or a misconfiguration.
     #[error("{backend} failed: {source}")]
     Backend {
@@ -62,7 +73,9 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::Conflict { .. } => ErrorKind::Conflict,
-            StoreError::FingerprintMismatch { .. } => ErrorKind::Invalid,
+            StoreError::FingerprintMismatch { .. } | StoreError::Rejected { .. } => {
+                ErrorKind::Invalid
+            }
             StoreError::Unavailable { .. } => ErrorKind::Unavailable,
             StoreError::Timeout { .. } => ErrorKind::Timeout,
             StoreError::Codec(_) | StoreError::Backend { .. } => ErrorKind::Internal,
@@ -75,6 +88,7 @@ impl From<StoreError> for HandlerError {
         let code = match &error {
             StoreError::Conflict { .. } => "version_conflict",
             StoreError::FingerprintMismatch { .. } => "idempotency_key_reused",
+            StoreError::Rejected { .. } => "unstorable_value",
             StoreError::Unavailable { .. } => "unavailable",
             StoreError::Timeout { .. } => "timeout",
             StoreError::Codec(_) | StoreError::Backend { .. } => "internal",

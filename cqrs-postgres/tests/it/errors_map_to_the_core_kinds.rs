@@ -69,3 +69,24 @@ fn invalid_options_list_every_problem() {
     assert_eq!(problems.len(), 3, "{problems:?}");
     assert!(!format!("{:?}", PgOptions::new("postgres://u:secret@h/db")).contains("secret"));
 }
+
+crate::support::pg_test! {
+    /// A value Postgres cannot hold (U+0000 in a jsonb payload, or in a text stream id) is
+    /// the caller's fault: `Invalid`, not an internal error, and nothing is stored.
+    async fn a_value_postgres_cannot_store_is_rejected_as_invalid(db: PgDatabase) {
+        let store = db.event_store();
+        let mut record = crate::support::record(1);
+        record.payload = serde_json::json!({ "title": "a\u{0}b" });
+        let err = store
+            .append("s", ExpectedVersion::Any, vec![record])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        let err = store
+            .append("s\u{0}", ExpectedVersion::Any, vec![crate::support::record(2)])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(store.read_all(Position::START, 10).await.unwrap().is_empty());
+    }
+}

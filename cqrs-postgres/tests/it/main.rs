@@ -7,6 +7,7 @@ mod support;
 
 mod a_command_commits_its_writes_and_events_together;
 mod a_failing_or_panicking_handler_leaves_no_rows_and_no_outbox_entries;
+mod a_projection_unit_that_cannot_get_its_lock_leaves_the_pool_clean;
 mod a_relay_dropped_mid_batch_loses_nothing_and_a_second_relay_finishes;
 mod a_relay_retries_a_failing_transport_with_backoff;
 mod appends_take_positions_in_commit_order;
