@@ -14,6 +14,7 @@ mod error;
 mod extract;
 pub mod idempotency;
 pub mod postgres;
+mod validation;
 
 pub use api::{HttpApi, Operation};
 pub use auth::{AuthError, Authenticator, Role, User, UserDirectory};
@@ -22,3 +23,4 @@ pub use backends::{
 };
 pub use error::{ApiError, ErrorBody};
 pub use extract::{ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, bearer_token};
+pub use validation::{invalid_field, reject_nul};

@@ -110,10 +110,7 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     }
 }
 
-fn invalid(field: &str, problem: &str) -> HandlerError {
-    HandlerError::invalid("validation_failed", format!("{field}: {problem}"))
-        .with_details(json!({ "field": field, "problem": problem }))
-}
+use helpdesk_api::{invalid_field as invalid, reject_nul};
 
 fn internal(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::internal(e.to_string())
@@ -176,6 +173,9 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
                 "the display name must be at most 100 characters",
             ));
         }
+        if let Some(name) = &display_name {
+            reject_nul("display_name", name)?;
+        }
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
             return Err(email_taken());
@@ -221,13 +221,21 @@ impl CommandHandler<LogIn> for LogInHandler {
         cmd: LogIn,
         _ctx: &mut CommandContext,
     ) -> Result<LoggedIn, HandlerError> {
-        let email = cmd.email.trim().to_lowercase();
+        let invalid_credentials = || {
+            HandlerError::unauthorized("the email or the password is wrong")
+                .with_code("invalid_credentials")
+        };
+        // No account has an email that does not pass the registration's checks; such input
+        // (a NUL, say) is not looked up or stored at all.
+        let Ok(email) = normalize_email(&cmd.email) else {
+            return Err(invalid_credentials());
+        };
         let key = format!(
             "{email}|{}",
             cmd.client
                 .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
         );
-        if let Some(seconds) = self.throttle.blocked_for(&key).await? {
+        if let Some(seconds) = self.throttle.attempt(&key).await? {
             return Err(HandlerError::new(
                 ErrorKind::RateLimited,
                 "too_many_attempts",
@@ -240,13 +248,11 @@ impl CommandHandler<LogIn> for LogInHandler {
             .as_ref()
             .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
         let ok = verify_password(cmd.password, hash).await? && user.is_some();
+        // A failure stays counted.
         let Some(user) = user.filter(|_| ok) else {
-            self.throttle.record_failure(&key).await?;
-            return Err(
-                HandlerError::unauthorized("the email or the password is wrong")
-                    .with_code("invalid_credentials"),
-            );
+            return Err(invalid_credentials());
         };
+        self.throttle.succeeded(&key).await?;
         let principal = User {
             id: user.id,
             role: user.role,

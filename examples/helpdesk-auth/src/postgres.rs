@@ -137,7 +137,7 @@ impl UserStore for PgUserStore {
     }
 }
 
-/// Failed logins in the `login_failures` table, so every instance counts them together.
+/// Login attempts in the `login_failures` table, so every instance counts them together.
 #[derive(Clone)]
 pub struct PgLoginThrottle {
     db: PgDatabase,
@@ -176,41 +176,68 @@ impl PgLoginThrottle {
 
 #[async_trait]
 impl LoginThrottle for PgLoginThrottle {
-    async fn blocked_for(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
         let since = self.since(now);
+        let mut tx = self.db.pool().begin().await.map_err(store_error)?;
+        // One key's attempts are counted one at a time, across instances. The two-key lock
+        // space does not overlap the `bigint` one cqrs-postgres uses.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('helpdesk.login'), hashtext($1))")
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        // Forget this key's attempts that left the window, so a key under attack stays small.
         let sql = format!(
-            "SELECT count(*), min(at) FROM {}.login_failures WHERE key = $1 AND at > $2",
+            "DELETE FROM {}.login_failures WHERE key = $1 AND at <= $2",
+            self.schema
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
+            .bind(since)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        let sql = format!(
+            "SELECT count(*), min(at) FROM {}.login_failures WHERE key = $1",
             self.schema
         );
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(key)
-            .bind(since)
-            .fetch_one(self.db.pool())
+            .fetch_one(&mut *tx)
             .await
             .map_err(store_error)?;
         let count: i64 = row.try_get(0).map_err(store_error)?;
         let oldest: Option<DateTime<Utc>> = row.try_get(1).map_err(store_error)?;
-        if count < i64::from(self.limit) {
-            return Ok(None);
+        if count >= i64::from(self.limit) {
+            tx.commit().await.map_err(store_error)?;
+            // Blocked until the oldest attempt in the window leaves it.
+            let until = oldest.map_or(now, |t| t + (now - since));
+            return Ok(Some((until - now).num_seconds().max(1) as u64));
         }
-        // Blocked until the oldest failure in the window leaves it.
-        let until = oldest.map_or(now, |t| t + (now - since));
-        Ok(Some((until - now).num_seconds().max(1) as u64))
-    }
-
-    async fn record_failure(&self, key: &str) -> Result<(), StoreError> {
-        let now = self.clock.now();
-        // Forget this key's failures that left the window, so a key under attack stays small.
         let sql = format!(
-            "WITH gone AS (DELETE FROM {schema}.login_failures WHERE key = $1 AND at <= $3)
-             INSERT INTO {schema}.login_failures (key, at) VALUES ($1, $2)",
-            schema = self.schema
+            "INSERT INTO {}.login_failures (key, at) VALUES ($1, $2)",
+            self.schema
         );
         sqlx::query(AssertSqlSafe(sql))
             .bind(key)
             .bind(now)
-            .bind(self.since(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(None)
+    }
+
+    async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+        let sql = format!(
+            "DELETE FROM {schema}.login_failures WHERE ctid = (
+                 SELECT ctid FROM {schema}.login_failures WHERE key = $1
+                 ORDER BY at DESC LIMIT 1)",
+            schema = self.schema
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(key)
             .execute(self.db.pool())
             .await
             .map_err(store_error)?;

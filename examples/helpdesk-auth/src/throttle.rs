@@ -9,18 +9,32 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Counts failed logins in a sliding window.
+///
+/// Every attempt is counted before the password is checked, in the same step as the check
+/// of the limit, and taken back when it succeeds: concurrent attempts cannot all pass the
+/// check before any of them is counted (a burst of guesses would otherwise get past it).
 #[async_trait]
 pub trait LoginThrottle: Send + Sync + 'static {
-    /// If this (email, client) pair is blocked, the seconds until it may try again.
-    async fn blocked_for(&self, key: &str) -> Result<Option<u64>, StoreError>;
-    /// Records a failed attempt.
-    async fn record_failure(&self, key: &str) -> Result<(), StoreError>;
+    /// Counts an attempt for this (email, client) key, unless the key is blocked: then
+    /// returns the seconds until it may try again, and counts nothing.
+    async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError>;
+    /// An attempt counted for this key succeeded: it is not a failure.
+    async fn succeeded(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// How many attempts between two sweeps of keys whose attempts all left the window.
+const SWEEP_EVERY: u64 = 1024;
+
+#[derive(Default)]
+struct Attempts {
+    by_key: HashMap<String, VecDeque<DateTime<Utc>>>,
+    since_sweep: u64,
 }
 
 /// A throttle in process memory, on an injectable clock.
 #[derive(Clone)]
 pub struct InMemoryLoginThrottle {
-    failures: Arc<Mutex<HashMap<String, VecDeque<DateTime<Utc>>>>>,
+    attempts: Arc<Mutex<Attempts>>,
     clock: Arc<dyn Clock>,
     limit: u32,
     window: Duration,
@@ -39,7 +53,7 @@ impl InMemoryLoginThrottle {
     /// Blocks a key after `limit` failures within `window`.
     pub fn new(clock: Arc<dyn Clock>, limit: u32, window: Duration) -> Self {
         Self {
-            failures: Arc::default(),
+            attempts: Arc::default(),
             clock,
             limit,
             window,
@@ -53,32 +67,78 @@ impl InMemoryLoginThrottle {
 
 #[async_trait]
 impl LoginThrottle for InMemoryLoginThrottle {
-    async fn blocked_for(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = failures.get_mut(key) else {
-            return Ok(None);
-        };
-        while list.front().is_some_and(|t| *t + self.window() <= now) {
+        let window = self.window();
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        attempts.since_sweep += 1;
+        if attempts.since_sweep >= SWEEP_EVERY {
+            // Keys of many different emails would otherwise stay forever.
+            attempts.since_sweep = 0;
+            attempts
+                .by_key
+                .retain(|_, list| list.back().is_some_and(|t| *t + window > now));
+        }
+        let list = attempts.by_key.entry(key.to_owned()).or_default();
+        while list.front().is_some_and(|t| *t + window <= now) {
             list.pop_front();
         }
-        if list.len() < self.limit as usize {
-            return Ok(None);
+        if list.len() >= self.limit as usize {
+            // Blocked until the oldest attempt in the window leaves it.
+            let until = list.front().map_or(now, |t| *t + window);
+            return Ok(Some((until - now).num_seconds().max(1) as u64));
         }
-        // Blocked until the oldest failure in the window leaves it.
-        let until = list.front().map_or(now, |t| *t + self.window());
-        Ok(Some((until - now).num_seconds().max(1) as u64))
+        list.push_back(now);
+        Ok(None)
     }
 
-    async fn record_failure(&self, key: &str) -> Result<(), StoreError> {
-        let now = self.clock.now();
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let list = failures.entry(key.to_owned()).or_default();
-        list.push_back(now);
-        // Keep memory bounded for a key under attack.
-        while list.len() > self.limit as usize * 2 {
-            list.pop_front();
+    async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+        let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = attempts.by_key.get_mut(key) {
+            list.pop_back();
+            if list.is_empty() {
+                attempts.by_key.remove(key);
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::clock::ManualClock;
+
+    #[tokio::test]
+    async fn the_limit_counts_attempts_and_successes_are_taken_back() {
+        let clock = ManualClock::new();
+        let throttle =
+            InMemoryLoginThrottle::new(Arc::new(clock.clone()), 3, Duration::from_secs(60));
+        for _ in 0..3 {
+            assert_eq!(throttle.attempt("k").await.unwrap(), None);
+        }
+        assert!(throttle.attempt("k").await.unwrap().is_some(), "blocked");
+        throttle.succeeded("k").await.unwrap();
+        assert_eq!(throttle.attempt("k").await.unwrap(), None, "one taken back");
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(
+            throttle.attempt("k").await.unwrap(),
+            None,
+            "the window passed"
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_whose_attempts_left_the_window_are_forgotten() {
+        let clock = ManualClock::new();
+        let throttle =
+            InMemoryLoginThrottle::new(Arc::new(clock.clone()), 3, Duration::from_secs(60));
+        for n in 0..SWEEP_EVERY - 1 {
+            throttle.attempt(&format!("k{n}")).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(61));
+        throttle.attempt("last").await.unwrap();
+        let keys = throttle.attempts.lock().unwrap().by_key.len();
+        assert_eq!(keys, 1, "only the key tried within the window is kept");
     }
 }

@@ -180,10 +180,7 @@ impl Query for GetStats {
     type Output = Stats;
 }
 
-fn invalid(field: &str, problem: &str) -> HandlerError {
-    HandlerError::invalid("validation_failed", format!("{field}: {problem}"))
-        .with_details(json!({ "field": field, "problem": problem }))
-}
+use helpdesk_api::{invalid_field as invalid, reject_nul};
 
 fn not_found() -> HandlerError {
     HandlerError::not_found("no such ticket")
@@ -306,6 +303,7 @@ impl CommandHandler<OpenTicket> for Tickets {
                 "the title must be 1 to 200 characters after trimming",
             ));
         }
+        reject_nul("title", &title)?;
         let description = cmd.description.unwrap_or_default();
         if description.chars().count() > 10_000 {
             return Err(invalid(
@@ -313,6 +311,7 @@ impl CommandHandler<OpenTicket> for Tickets {
                 "the description must be at most 10000 characters",
             ));
         }
+        reject_nul("description", &description)?;
         let id = Uuid::now_v7();
         // A new ticket: nothing to load.
         let new = Loaded {
@@ -360,6 +359,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 if body.trim().is_empty() || body.chars().count() > 10_000 {
                     return Err(invalid("body", "the comment must be 1 to 10000 characters"));
                 }
+                reject_nul("body", body)?;
             }
             Change::Close { resolution } => {
                 if resolution
@@ -370,6 +370,9 @@ impl CommandHandler<ChangeTicket> for Tickets {
                         "resolution",
                         "the resolution must be at most 10000 characters",
                     ));
+                }
+                if let Some(resolution) = resolution {
+                    reject_nul("resolution", resolution)?;
                 }
             }
         }

@@ -58,12 +58,19 @@ pub struct InMemoryTicketIndex {
 #[async_trait]
 impl TicketIndex for InMemoryTicketIndex {
     async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError> {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (ticket.created_at, ticket.id);
+        // Two changes of one ticket may reach the index in either order: keep the newer, as
+        // the Postgres index does (`WHERE version < EXCLUDED.version`).
+        if tickets
+            .get(&key)
+            .is_some_and(|t| t.version >= ticket.version)
+        {
+            return Ok(());
+        }
         let mut summary = ticket.clone();
         summary.comments.clear();
-        self.tickets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((ticket.created_at, ticket.id), summary);
+        tickets.insert(key, summary);
         Ok(())
     }
 
@@ -158,5 +165,32 @@ impl Cursors {
         let at = DateTime::<Utc>::from_timestamp_micros(micros)?;
         let id = Uuid::from_slice(&payload[8..]).ok()?;
         Some((at, id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An older version arriving after a newer one does not replace it.
+    #[tokio::test]
+    async fn the_in_memory_index_keeps_the_newest_version() {
+        let index = InMemoryTicketIndex::default();
+        let assigned = Ticket {
+            id: Uuid::now_v7(),
+            version: 2,
+            title: "assigned".into(),
+            ..Ticket::default()
+        };
+        let closed = Ticket {
+            version: 3,
+            title: "closed".into(),
+            ..assigned.clone()
+        };
+        index.upsert(&closed).await.unwrap();
+        index.upsert(&assigned).await.unwrap();
+        let listed = index.list(&ListFilter::default(), None, 10).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].version, listed[0].title.as_str()), (3, "closed"));
     }
 }

@@ -1,5 +1,6 @@
 use crate::support::*;
 use reqwest::{Method, StatusCode};
+use serde_json::json;
 
 async fn raw(
     s: &TestServer,
@@ -211,6 +212,76 @@ async fn garbage_never_yields_a_server_error() {
                 );
             }
         }
+        s.stop().await;
+    })
+    .await;
+}
+
+/// JSON may carry U+0000 (`"\u0000"`), which Postgres text cannot store: every text field
+/// refuses it with 422 naming the field, and a login with it is just wrong credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_refused_not_stored() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let (agent, _) = s.agent().await;
+        let id = s.ticket(&token, "target").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let nul = "a\u{0}b";
+        let refused = [
+            (
+                "/tickets".to_owned(),
+                &token,
+                json!({ "title": nul }),
+                "title",
+            ),
+            (
+                "/tickets".to_owned(),
+                &token,
+                json!({ "title": "t", "description": nul }),
+                "description",
+            ),
+            (
+                format!("/tickets/{id}/comments"),
+                &token,
+                json!({ "body": nul }),
+                "body",
+            ),
+            (
+                format!("/tickets/{id}/close"),
+                &agent,
+                json!({ "resolution": nul }),
+                "resolution",
+            ),
+        ];
+        for (path, token, body, field) in refused {
+            let r = s.post(&path, token, body).await;
+            r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+            assert_eq!(r.body["error"]["details"]["field"], field, "{r:?}");
+        }
+        let r = s
+            .send(
+                Method::POST,
+                "/auth/register",
+                None,
+                Some(json!({ "email": email("nul"), "password": PASSWORD, "display_name": nul })),
+            )
+            .await;
+        r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        assert_eq!(r.body["error"]["details"]["field"], "display_name");
+        s.send(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({ "email": nul, "password": "x" })),
+        )
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "invalid_credentials");
+        // Nothing was changed.
+        let ticket = s.get(&format!("/tickets/{id}"), &token).await;
+        assert_eq!(ticket.body["version"], 1, "{ticket:?}");
         s.stop().await;
     })
     .await;

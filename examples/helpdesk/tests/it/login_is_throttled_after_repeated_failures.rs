@@ -51,3 +51,51 @@ async fn ten_failures_block_the_pair_even_with_the_right_password_until_the_wind
     })
     .await;
 }
+
+/// Attempts are counted as they start, not when their password check fails: a burst of
+/// guesses sent at once gets no more than the limit checked, the rest get 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_concurrent_guesses_gets_no_more_than_the_limit_checked() {
+    within(async {
+        let s = TestServer::start().await;
+        let address = email("burst");
+        s.user(&address).await;
+        let guesses = (0..30).map(|i| {
+            let body = json!({ "email": address.clone(), "password": format!("guess {i}") });
+            let s = &s;
+            async move { s.send(Method::POST, "/auth/login", None, Some(body)).await }
+        });
+        let answers = futures_util::future::join_all(guesses).await;
+        let checked = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::UNAUTHORIZED)
+            .count();
+        let refused = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+            .count();
+        assert_eq!(checked + refused, 30, "only 401 and 429");
+        assert_eq!(checked, 10, "as many guesses checked as the limit");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A successful login does not count as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn successful_logins_do_not_count_against_the_limit() {
+    within(async {
+        let s = TestServer::start().await;
+        let address = email("regular");
+        s.user(&address).await;
+        let body = json!({ "email": address.clone(), "password": PASSWORD });
+        for _ in 0..15 {
+            let r = s
+                .send(Method::POST, "/auth/login", None, Some(body.clone()))
+                .await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        s.stop().await;
+    })
+    .await;
+}
