@@ -5,20 +5,31 @@
 //! 64-bit (the `bigint` advisory lock space): a collision between two live keys only makes
 //! two unrelated holders wait for each other, and at 64 bits that is vanishingly rare.
 
+/// The byte between two parts.
+const SEPARATOR: u8 = 0x1f;
+/// Put before a part's own `SEPARATOR` and `ESCAPE` bytes, so no part can pass for two.
+const ESCAPE: u8 = 0x1b;
+
 /// FNV-1a over the parts, separated by a unit separator so `("ab", "c")` and `("a", "bc")`
-/// differ.
+/// differ. A separator or escape byte inside a part is escaped, so `("k\x1ff")` and
+/// `("k", "f")` differ too; parts without those bytes hash as they always did.
 pub(crate) fn key(parts: &[&str]) -> i64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = OFFSET;
+    let mut feed = |byte: u8| {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    };
     for (i, part) in parts.iter().enumerate() {
         if i > 0 {
-            hash ^= 0x1f;
-            hash = hash.wrapping_mul(PRIME);
+            feed(SEPARATOR);
         }
-        for byte in part.as_bytes() {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(PRIME);
+        for &byte in part.as_bytes() {
+            if byte == SEPARATOR || byte == ESCAPE {
+                feed(ESCAPE);
+            }
+            feed(byte);
         }
     }
     // The bits as a bigint: Postgres has no unsigned integers.
@@ -36,5 +47,17 @@ mod tests {
         assert_eq!(key(&["a"]), 0xaf63_dc4c_8601_ec8c_u64 as i64);
         assert_ne!(key(&["ab", "c"]), key(&["a", "bc"]));
         assert_ne!(key(&["cqrs", "append"]), key(&["cqrs2", "append"]));
+        assert_eq!(
+            key(&["ab", "c"]),
+            0xfd86_a083_ef3e_ee44_u64 as i64,
+            "keys without separator bytes are as before"
+        );
+    }
+
+    #[test]
+    fn a_part_holding_the_separator_does_not_pass_for_two() {
+        assert_ne!(key(&["k\x1ff"]), key(&["k", "f"]));
+        assert_ne!(key(&["a\x1f", "b"]), key(&["a", "\x1fb"]));
+        assert_ne!(key(&["a\x1b", "b"]), key(&["a", "\x1bb"]));
     }
 }

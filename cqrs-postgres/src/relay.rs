@@ -470,11 +470,12 @@ impl Worker for PgOutboxRelay {
         let mut listener = self.listener().await;
         let mut failures = 0u32;
         let mut backoff = self.min_backoff;
-        let mut next_metrics = Instant::now();
+        // `None` once the interval is too long for the clock (`Duration::MAX`): never again.
+        let mut next_metrics = Some(Instant::now());
         while !ctx.shutdown.is_requested() {
-            if Instant::now() >= next_metrics {
+            if next_metrics.is_some_and(|at| Instant::now() >= at) {
                 self.report_backlog().await;
-                next_metrics = Instant::now() + self.metrics_interval;
+                next_metrics = Instant::now().checked_add(self.metrics_interval);
             }
             match self.relay_once().await {
                 Ok(batch) => {
@@ -500,7 +501,7 @@ impl Worker for PgOutboxRelay {
                         _ = ctx.shutdown.requested() => {}
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(self.max_backoff);
+                    backoff = backoff.saturating_mul(2).min(self.max_backoff);
                     continue;
                 }
             }

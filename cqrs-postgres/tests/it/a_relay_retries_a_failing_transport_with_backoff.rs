@@ -61,3 +61,26 @@ pg_test! {
         assert_eq!(relay.backlog().await.unwrap().unpublished, 5);
     }
 }
+
+pg_test! {
+    /// Intervals too long for the clock (`Duration::MAX`, to mean "never" or "no limit") do
+    /// not overflow it: the relay backs off, recovers and ships.
+    async fn intervals_of_duration_max_do_not_overflow(db: PgDatabase) {
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, (1..=3).map(record).collect())
+            .await
+            .unwrap();
+        let transport = ControlledTransport::failing_first(2);
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .backoff(Duration::from_millis(10), Duration::MAX)
+            .metrics_interval(Duration::MAX)
+            .poll_interval(Duration::from_millis(50));
+        let (trigger, shutdown) = Shutdown::new();
+        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+        let delivered = receive(&transport.inner, "events", "readers", 3).await;
+        assert_eq!(delivered.len(), 3);
+        trigger.trigger();
+        worker.await.expect("no panic").expect("a clean stop");
+    }
+}
