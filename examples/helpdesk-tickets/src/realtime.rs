@@ -20,7 +20,7 @@ impl EventRouting for TicketRouting {
     fn channel(&self, topic: &Topic) -> Option<String> {
         match (topic.family(), topic.key()) {
             ("tickets", None) => Some(CHANNEL.to_owned()),
-            ("ticket", Some(id)) if Uuid::parse_str(id).is_ok() => Some(CHANNEL.to_owned()),
+            ("ticket", Some(id)) if ticket_id(id).is_some() => Some(CHANNEL.to_owned()),
             _ => None,
         }
     }
@@ -46,6 +46,15 @@ impl EventRouting for TicketRouting {
     }
 }
 
+/// The ticket id of a `ticket:<id>` topic, only in the form events are published under (the
+/// lower-case, hyphenated form the API returns): topics match exactly, so `ticket:<ID>` in
+/// upper case would be accepted and never receive anything.
+fn ticket_id(key: &str) -> Option<Uuid> {
+    let id = Uuid::parse_str(key).ok()?;
+    let mut canonical = Uuid::encode_buffer();
+    (id.as_hyphenated().encode_lower(&mut canonical) == key).then_some(id)
+}
+
 /// Customers see their own tickets' events; agents see every event. Subscribing to one ticket
 /// needs permission to see that ticket (looked up once, at subscribe); each event is then
 /// checked from its own `reporter_id`, never with a lookup.
@@ -60,8 +69,12 @@ impl Authorizer<User> for TicketRules {
         match (topic.family(), topic.key()) {
             ("tickets", None) => Ok(()),
             ("ticket", Some(id)) => {
-                let id = Uuid::parse_str(id)
-                    .map_err(|_| Refusal::unknown_topic("a ticket topic is `ticket:<uuid>`"))?;
+                let id = ticket_id(id).ok_or_else(|| {
+                    Refusal::unknown_topic(
+                        "a ticket topic is `ticket:<id>`, the id as the API returns it \
+                         (a lower-case, hyphenated UUID)",
+                    )
+                })?;
                 if user.is_agent() {
                     return Ok(());
                 }

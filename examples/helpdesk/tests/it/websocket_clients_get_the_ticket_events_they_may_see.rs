@@ -258,6 +258,11 @@ async fn malformed_and_unknown_frames_get_error_frames_and_the_connection_stays_
             json!({ "type": "subscribe" }).to_string(),
             json!({ "type": "subscribe", "topic": "weather" }).to_string(),
             json!({ "type": "subscribe", "topic": "ticket:not-a-uuid" }).to_string(),
+            // Events are published under the lower-case id only.
+            json!({ "type": "subscribe", "topic": "ticket:0190A0B0-0000-7000-8000-000000000000" })
+                .to_string(),
+            json!({ "type": "subscribe", "topic": "ticket:0190a0b000007000800000000000000" })
+                .to_string(),
             json!([1, 2, 3]).to_string(),
         ] {
             ws.send(Message::text(frame.clone())).await.unwrap();
@@ -272,6 +277,28 @@ async fn malformed_and_unknown_frames_get_error_frames_and_the_connection_stays_
         assert_eq!(next(&mut ws).await["type"], "error");
         send(&mut ws, json!({ "type": "ping" })).await;
         assert_eq!(next(&mut ws).await["type"], "pong");
+
+        // An agent may follow any ticket, but only under the id as the API spells it: an
+        // upper-case id would be a live subscription that never receives an event.
+        let (agent, _) = s.agent().await;
+        let id = s.ticket(&token, "spelled").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut agent_ws = connect(&s, &agent).await;
+        let shouting = format!("ticket:{}", id.to_uppercase());
+        send(
+            &mut agent_ws,
+            json!({ "type": "subscribe", "topic": shouting }),
+        )
+        .await;
+        let answer = next(&mut agent_ws).await;
+        assert_eq!(
+            (answer["type"].as_str(), answer["code"].as_str()),
+            (Some("error"), Some("unknown_topic")),
+            "{answer}"
+        );
+        subscribe(&mut agent_ws, &format!("ticket:{id}")).await;
         s.stop().await;
     })
     .await;
