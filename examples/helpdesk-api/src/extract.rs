@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Req
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// A JSON body. Answers 415 for another content type, 400 `malformed_json` for broken JSON,
@@ -155,19 +155,81 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
     }
 }
 
-/// The client's address (for login throttling): the peer address of the connection.
+/// The reverse proxies whose `X-Forwarded-For` the gateway believes, by exact address. The
+/// gateway puts it in the request extensions (`HELPDESK_TRUSTED_PROXIES`); without it, every
+/// request's [`ClientAddr`] is its peer address, and the header, which any client can send,
+/// is ignored.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Arc<[IpAddr]>);
+
+impl TrustedProxies {
+    /// Trusts these addresses.
+    pub fn new(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        Self(addresses.into_iter().collect())
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip)
+    }
+}
+
+/// The client's address (for login throttling): the peer address of the connection, or,
+/// when the peer is a [`TrustedProxies`] entry, the right-most address in `X-Forwarded-For`
+/// that is not (each proxy appends the address it got the request from, so what a client
+/// writes there itself stands further left and is not believed).
+///
+/// ```
+/// use axum::extract::{ConnectInfo, FromRequestParts};
+/// use helpdesk_api::{ClientAddr, TrustedProxies};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let request = axum::http::Request::builder()
+///     .header("x-forwarded-for", "198.51.100.9, 203.0.113.7")
+///     .extension(ConnectInfo("127.0.0.1:5000".parse::<std::net::SocketAddr>().unwrap()))
+///     .extension(TrustedProxies::new(["127.0.0.1".parse().unwrap()]))
+///     .body(())
+///     .unwrap();
+/// let (mut parts, ()) = request.into_parts();
+/// let ClientAddr(client) = ClientAddr::from_request_parts(&mut parts, &()).await.unwrap();
+/// assert_eq!(client, Some("203.0.113.7".parse().unwrap()));
+/// # });
+/// ```
 #[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub Option<std::net::IpAddr>);
+pub struct ClientAddr(pub Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(ClientAddr(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(addr)| addr.ip()),
-        ))
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip());
+        let Some(proxies) = parts.extensions.get::<TrustedProxies>() else {
+            return Ok(ClientAddr(peer));
+        };
+        let Some(peer) = peer.filter(|ip| proxies.trusts(*ip)) else {
+            return Ok(ClientAddr(peer));
+        };
+        let hops: Vec<&str> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            // An address we cannot read: nothing to its left can be believed either.
+            let Ok(ip) = hop.parse::<IpAddr>() else {
+                break;
+            };
+            client = ip;
+            if !proxies.trusts(ip) {
+                break;
+            }
+        }
+        Ok(ClientAddr(Some(client)))
     }
 }

@@ -22,5 +22,7 @@ pub use backends::{
     Backends, BackgroundWorker, BusHandle, Buses, Migration, Mode, RealtimeFeed, Settings,
 };
 pub use error::{ApiError, ErrorBody};
-pub use extract::{ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, bearer_token};
+pub use extract::{
+    ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, TrustedProxies, bearer_token,
+};
 pub use validation::{invalid_field, reject_nul};

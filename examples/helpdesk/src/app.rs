@@ -19,7 +19,7 @@ use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, 
 use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions};
 use helpdesk_api::{
     Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
-    RealtimeFeed, Settings, User,
+    RealtimeFeed, Settings, TrustedProxies, User,
 };
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -239,6 +239,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         runtime: runtime.clone(),
         authenticator,
         request_timeout: budget,
+        trusted_proxies: TrustedProxies::new(config.trusted_proxies.iter().copied()),
     });
     Ok(App {
         router,

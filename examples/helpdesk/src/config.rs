@@ -84,6 +84,13 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_LOGIN_WINDOW", default_value_t = 900)]
     pub login_window_seconds: u64,
 
+    /// Comma-separated addresses of reverse proxies in front of the server (for example
+    /// 127.0.0.1 for an nginx on the same host). For requests from them, the client address
+    /// (login throttling) is taken from X-Forwarded-For; from anyone else that header is
+    /// ignored.
+    #[arg(long, env = "HELPDESK_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
     /// How often background consumers poll, in milliseconds.
     #[arg(long, env = "HELPDESK_POLL_MS", default_value_t = 100)]
     pub poll_ms: u64,

@@ -8,7 +8,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use cqrs_core::runtime::Runtime;
-use helpdesk_api::{ApiError, Authenticator};
+use helpdesk_api::{ApiError, Authenticator, TrustedProxies};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use std::sync::{Arc, OnceLock};
@@ -31,6 +31,7 @@ pub(crate) struct State {
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) authenticator: Arc<dyn Authenticator>,
     pub(crate) request_timeout: Duration,
+    pub(crate) trusted_proxies: TrustedProxies,
 }
 
 /// The process-wide Prometheus recorder: `metrics` has one global recorder, so every app built
@@ -89,6 +90,7 @@ pub(crate) fn router(state: State) -> Router {
                 .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
                 .layer(Extension(state.authenticator.clone()))
+                .layer(Extension(state.trusted_proxies.clone()))
                 .layer(Extension(state.clone())),
         )
 }

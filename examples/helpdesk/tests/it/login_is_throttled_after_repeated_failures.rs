@@ -99,3 +99,71 @@ async fn successful_logins_do_not_count_against_the_limit() {
     })
     .await;
 }
+
+/// Ten failed logins from one client, as the proxy in front reports it.
+async fn fail_ten_times_from(s: &TestServer, address: &str, forwarded_for: &str) {
+    for _ in 0..10 {
+        let r = login_via_proxy(s, address, "wrong password", forwarded_for).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+}
+
+async fn login_via_proxy(
+    s: &TestServer,
+    address: &str,
+    password: &str,
+    forwarded_for: &str,
+) -> reqwest::Response {
+    s.http
+        .post(s.url("/auth/login"))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&json!({ "email": address, "password": password }))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Behind a trusted proxy the throttle counts per client as the proxy reports it: one client's
+/// failures do not block another's logins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_clients_are_told_apart_by_x_forwarded_for() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let address = email("proxied");
+        s.user(&address).await;
+        // What the client wrote itself stands left of what the proxy appended: not believed.
+        fail_ten_times_from(&s, &address, "192.0.2.1, 203.0.113.7").await;
+        let blocked = login_via_proxy(&s, &address, PASSWORD, "192.0.2.2, 203.0.113.7").await;
+        assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
+        let other = login_via_proxy(&s, &address, PASSWORD, "203.0.113.8").await;
+        assert_eq!(
+            other.status(),
+            StatusCode::OK,
+            "another client is not blocked"
+        );
+        s.stop().await;
+    })
+    .await;
+}
+
+/// Without trusted proxies, `X-Forwarded-For` is whatever the client says: ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
+    within(async {
+        let s = TestServer::start().await;
+        let address = email("spoofer");
+        s.user(&address).await;
+        fail_ten_times_from(&s, &address, "203.0.113.7").await;
+        let r = login_via_proxy(&s, &address, PASSWORD, "203.0.113.8").await;
+        assert_eq!(
+            r.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "a new header is no way out"
+        );
+        s.stop().await;
+    })
+    .await;
+}
