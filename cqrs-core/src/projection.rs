@@ -5,7 +5,7 @@ use crate::ports::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventStore, EventTransport, ProjectionStore,
     StoreError, TransportError,
 };
-use crate::runtime::{Health, Worker, WorkerContext};
+use crate::runtime::{Health, Shutdown, Worker, WorkerContext};
 use crate::{
     BoxError, DecodeError, EventBus, EventEnvelope, EventRecord, EventTypes, HandlerError, Position,
 };
@@ -150,6 +150,8 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     batch: usize,
     idle: Duration,
     name: String,
+    /// Set while running as a worker: a fetch waiting for events gives up when it fires.
+    stop: Option<Shutdown>,
 }
 
 impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P> {
@@ -179,6 +181,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             batch: 100,
             idle: Duration::from_millis(200),
             name,
+            stop: None,
         }
     }
 
@@ -208,6 +211,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             batch: 100,
             idle: Duration::from_millis(200),
             name,
+            stop: None,
         }
     }
 
@@ -322,11 +326,19 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let Some(consumer) = consumer.as_mut() else {
             return Ok(0);
         };
-        let deliveries = consumer.fetch(self.batch).await?;
+        // A fetch may wait long (its `block`, up to forever): shutdown does not wait for it.
+        let deliveries = match &self.stop {
+            Some(stop) => tokio::select! {
+                deliveries = consumer.fetch(self.batch) => deliveries?,
+                _ = stop.requested() => return Ok(0),
+            },
+            None => consumer.fetch(self.batch).await?,
+        };
         if deliveries.is_empty() {
             return Ok(0);
         }
         let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
+        let event_ids: Vec<Uuid> = deliveries.iter().map(|d| d.record.event_id).collect();
         let records: Vec<EventRecord> = deliveries.into_iter().map(|d| d.record).collect();
         let result = async {
             let mut unit = self.store.begin(&self.name).await?;
@@ -356,11 +368,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Ok(applied)
             }
             Err(e) => {
+                // The batch is rolled back. The event that failed is handed back as an attempt;
+                // the others were not at fault and are handed back without one, so a poison
+                // event does not use up (and dead-letter) the deliveries of its batch mates.
+                let culprit = match &e {
+                    ProjectionError::Decode { event_id, .. }
+                    | ProjectionError::Apply { event_id, .. } => Some(*event_id),
+                    _ => None,
+                };
                 let reason = e.to_string();
-                for id in &ids {
-                    // The batch is rolled back; hand every message back for a retry.
-                    let _ = consumer.nack_with_reason(id, &reason).await;
+                let mut innocent = Vec::new();
+                for (id, event_id) in ids.iter().zip(&event_ids) {
+                    if culprit.is_none_or(|c| c == *event_id) {
+                        let _ = consumer.nack_with_reason(id, &reason).await;
+                    } else {
+                        innocent.push(id.clone());
+                    }
                 }
+                let _ = consumer.defer(&innocent).await;
                 Err(e)
             }
         }
@@ -412,7 +437,9 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        self.stop = Some(ctx.shutdown.clone());
         let result = self.run_until_shutdown(&ctx).await;
+        self.stop = None;
         if let Source::Transport {
             consumer: Some(consumer),
             ..
@@ -443,7 +470,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     failures += 1;
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     ctx.health.set(Health::Degraded(e.to_string()));
-                    let backoff = self.idle * 2u32.saturating_pow(failures.min(6));
+                    let backoff = self
+                        .idle
+                        .saturating_mul(2u32.saturating_pow(failures.min(6)))
+                        .max(Duration::from_millis(1));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = ctx.shutdown.requested() => {}

@@ -167,7 +167,11 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
                     tracing::warn!(relay = %self.name, error = %e, ?backoff, "relay batch failed; retrying");
                     ctx.health.set(Health::Degraded(e.to_string()));
                     let wait = backoff;
-                    backoff = (backoff * 2).min(self.max_backoff);
+                    // At least 1 ms: a zero start would never slow down.
+                    backoff = backoff
+                        .saturating_mul(2)
+                        .max(Duration::from_millis(1))
+                        .min(self.max_backoff);
                     wait
                 }
             };

@@ -266,7 +266,8 @@ impl RuntimeBuilder {
                             return;
                         }
                     }
-                    backoff = (backoff * 2).min(max);
+                    // At least 1 ms: a zero start would never slow down.
+                    backoff = backoff.saturating_mul(2).max(Duration::from_millis(1)).min(max);
                 }
             });
         }
@@ -370,9 +371,15 @@ impl Runtime {
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         let mut tasks = self.tasks.lock().await;
-        let deadline = tokio::time::Instant::now() + grace;
+        // `None`: a grace too long for the clock (`Duration::MAX`) waits as long as it takes.
+        let deadline = tokio::time::Instant::now().checked_add(grace);
         while !tasks.is_empty() {
-            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            let next = tasks.join_next();
+            let joined = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, next).await,
+                None => Ok(next.await),
+            };
+            match joined {
                 Ok(_) => {}
                 Err(_) => {
                     tasks.abort_all();

@@ -75,8 +75,12 @@ struct Guard {
 impl IdempotencyGuard for Guard {
     async fn complete(mut self: Box<Self>, response: StoredResponse) -> Result<(), StoreError> {
         if let Some(key) = self.key.take() {
-            let expires_at = self.store.clock.now()
-                + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::MAX);
+            // A ttl too long for the calendar (`Duration::MAX` as "keep forever") saturates.
+            let now = self.store.clock.now();
+            let expires_at = chrono::Duration::from_std(self.ttl)
+                .ok()
+                .and_then(|ttl| now.checked_add_signed(ttl))
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
             let mut entries = self.store.lock();
             let fingerprint = match entries.remove(&key) {
                 Some(Entry::InProgress { fingerprint, .. })

@@ -192,7 +192,7 @@ impl InMemoryConsumer {
             if let Some(f) = group.in_flight.get_mut(&i) {
                 f.attempt += 1;
                 f.consumer.clone_from(&self.options.consumer_name);
-                f.due = now + self.options.redelivery_delay;
+                f.due = due_after(now, self.options.redelivery_delay);
                 out.push(Delivery::new(
                     DeliveryId(i.to_string()),
                     topic.log[i].clone(),
@@ -222,7 +222,7 @@ impl InMemoryConsumer {
                 InFlight {
                     consumer: self.options.consumer_name.clone(),
                     attempt: 1,
-                    due: now + self.options.redelivery_delay,
+                    due: due_after(now, self.options.redelivery_delay),
                 },
             );
             out.push(Delivery::new(
@@ -237,6 +237,13 @@ impl InMemoryConsumer {
         }
         (out, next_due)
     }
+}
+
+/// `now + delay`, or about a century ahead when that does not fit the clock
+/// (`Duration::MAX` as "never").
+fn due_after(now: Instant, delay: Duration) -> Instant {
+    now.checked_add(delay)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 impl InMemoryConsumer {
@@ -317,13 +324,13 @@ impl Consumer for InMemoryConsumer {
     }
 
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
-        let due = Instant::now() + self.options.redelivery_delay;
+        let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(std::slice::from_ref(id), |f| f.due = due);
         Ok(())
     }
 
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let due = Instant::now() + self.options.redelivery_delay;
+        let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(ids, |f| {
             f.due = due;
             // Not handled: this handing out was no attempt.
@@ -333,7 +340,7 @@ impl Consumer for InMemoryConsumer {
     }
 
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let due = Instant::now() + self.options.redelivery_delay;
+        let due = due_after(Instant::now(), self.options.redelivery_delay);
         let me = self.options.consumer_name.clone();
         self.in_flight(ids, |f| {
             if f.consumer == me {

@@ -36,6 +36,7 @@ macro_rules! idempotency_conformance {
                 a_dropped_claim_releases_the_key,
                 scopes_are_independent,
                 keys_expire_after_their_ttl,
+                a_ttl_of_duration_max_keeps_the_response,
             ]
         );
     };
@@ -177,4 +178,26 @@ pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
     clock.advance(Duration::from_secs(120));
     assert!(store.purge_expired().await.unwrap() >= 1);
     new(store.claim(scope, "k", "other-fp", DAY).await.unwrap());
+}
+
+/// A ttl too long for any calendar (`Duration::MAX`, "keep it") is no error and no panic: the
+/// response is kept and replays.
+pub async fn a_ttl_of_duration_max_keeps_the_response<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id();
+    let guard = new(store
+        .claim(scope, "forever", "fp", Duration::MAX)
+        .await
+        .unwrap());
+    let response = StoredResponse::new(200, json!({"kept": true}));
+    guard.complete(response.clone()).await.unwrap();
+    assert_eq!(
+        replay(
+            store
+                .claim(scope, "forever", "fp", Duration::MAX)
+                .await
+                .unwrap()
+        ),
+        response
+    );
 }

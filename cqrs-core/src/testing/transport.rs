@@ -43,6 +43,7 @@ macro_rules! transport_conformance {
                 an_acknowledged_event_is_not_delivered_again,
                 a_fetch_may_block_without_limit,
                 a_delivery_kept_alive_is_not_handed_out_again,
+                a_redelivery_delay_of_duration_max_never_redelivers,
             ]
         );
     };
@@ -479,4 +480,45 @@ pub async fn a_delivery_kept_alive_is_not_handed_out_again<H: TransportHarness>(
             "delivered after ack"
         );
     }
+}
+
+/// `redelivery_delay(Duration::MAX)` ("never redeliver by time") is no panic: a consumer
+/// fetches, hands back, keeps alive and defers with it, and nothing comes back meanwhile.
+pub async fn a_redelivery_delay_of_duration_max_never_redelivers<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t11", h.test_id());
+    let mut c = h
+        .transport()
+        .consumer(
+            &topic,
+            "g",
+            h.options()
+                .consumer_name(format!("{}-c", h.test_id()))
+                .redelivery_delay(Duration::MAX),
+        )
+        .await
+        .expect("join the group");
+    h.transport()
+        .publish(&topic, &[event("k", 1), event("k", 2)])
+        .await
+        .unwrap();
+    let got = drain_unacked(c.as_mut(), 2).await;
+    let ids: Vec<_> = got.iter().map(|d| d.id.clone()).collect();
+    c.keep_alive(&ids).await.unwrap();
+    c.nack(&ids[0]).await.unwrap();
+    c.defer(&ids[1..]).await.unwrap();
+    assert!(c.fetch(10).await.unwrap().is_empty(), "nothing is due");
+    if let Some(every) = c.keep_alive_interval() {
+        assert!(every > Duration::ZERO);
+    }
+}
+
+/// Fetches until `count` deliveries arrived (without acknowledging them), for up to 10 s.
+async fn drain_unacked(c: &mut dyn Consumer, count: usize) -> Vec<Delivery> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < count && tokio::time::Instant::now() < until {
+        got.extend(c.fetch(count - got.len()).await.expect("fetch"));
+    }
+    assert_eq!(got.len(), count, "deliveries");
+    got
 }

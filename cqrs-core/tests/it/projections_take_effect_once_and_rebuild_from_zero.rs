@@ -16,6 +16,8 @@ struct Sum {
     total: Arc<Mutex<u64>>,
     seen: Arc<Mutex<Vec<u64>>>,
     fail_once_on: Mutex<Option<u64>>,
+    /// A sum it fails on every time.
+    poison: Option<u64>,
 }
 
 #[async_trait]
@@ -32,6 +34,9 @@ impl Projection<InMemoryProjectionStore> for Sum {
         let Some(added) = event.downcast_ref::<Added>() else {
             return Ok(());
         };
+        if self.poison == Some(added.sum) {
+            return Err(HandlerError::invalid("poison", "this event always fails"));
+        }
         let mut fail = self.fail_once_on.lock().unwrap();
         if *fail == Some(added.sum) {
             *fail = None;
@@ -226,5 +231,82 @@ fn a_rebuild_pauses_the_live_runner() {
             .await
             .unwrap();
         assert_eq!(live.await.unwrap(), 1);
+    });
+}
+
+/// A poison event fails every batch it is in; the events it shares batches with are handed
+/// back without using up their deliveries, so once the poison is dead-lettered they take
+/// effect, instead of being dead-lettered with it.
+#[test]
+fn a_poison_event_does_not_take_its_batch_mates_down() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            poison: Some(13),
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[record(13), record(5)])
+            .await
+            .unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(20))
+            .redelivery_delay(Duration::from_millis(10))
+            .max_deliveries(3);
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            options,
+            types(),
+        );
+        for _ in 0..200 {
+            let _ = runner.run_once().await;
+            if transport.backlog("sums", "sum") == 0 {
+                break;
+            }
+        }
+        assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
+        let dead: Vec<u64> = transport
+            .dead_letters("sums", "sum")
+            .iter()
+            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
+            .collect();
+        assert_eq!(dead, [13], "only the poison is dead-lettered");
+    });
+}
+
+/// A transport-fed runner whose fetch waits without limit still stops at shutdown, within the
+/// grace period.
+#[test]
+fn a_transport_fed_runner_stops_while_its_fetch_waits() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        transport.publish("sums", &[record(2)]).await.unwrap();
+        let runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            ConsumerOptions::default().block(Duration::MAX),
+            types(),
+        );
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(Duration::from_secs(5), "the event applied", || async {
+            (transport.backlog("sums", "sum") == 0 && *sum.seen.lock().unwrap() == [2])
+                .then_some(())
+        })
+        .await;
+        // Waiting in a fetch that never returns by itself.
+        runtime
+            .shutdown(Duration::from_secs(5))
+            .await
+            .expect("stopped within the grace period");
     });
 }

@@ -134,3 +134,21 @@ fn only_critical_checks_make_the_server_unready() {
         assert!(!down.health().await.ready);
     });
 }
+
+/// A grace of `Duration::MAX` ("as long as it takes") waits for the workers instead of
+/// overflowing the clock.
+#[test]
+fn a_grace_of_duration_max_waits_for_the_workers() {
+    run(async {
+        let finished = Arc::new(AtomicBool::new(false));
+        let runtime = Runtime::builder()
+            .worker(Flaky {
+                runs: Arc::default(),
+                fail: 0,
+                finished_in_flight: finished.clone(),
+            })
+            .start();
+        runtime.shutdown(Duration::MAX).await.unwrap();
+        assert!(finished.load(Ordering::SeqCst));
+    });
+}
