@@ -93,7 +93,19 @@ impl From<StoreError> for HandlerError {
             StoreError::Timeout { .. } => "timeout",
             StoreError::Codec(_) | StoreError::Backend { .. } => "internal",
         };
-        HandlerError::new(error.kind(), code, error.to_string()).with_source(error)
+        let details = match &error {
+            // What a client needs to decide again, whichever layer met the conflict.
+            StoreError::Conflict { actual, .. } => {
+                Some(serde_json::json!({ "current_version": actual }))
+            }
+            _ => None,
+        };
+        let handler_error = HandlerError::new(error.kind(), code, error.to_string());
+        let handler_error = match details {
+            Some(details) => handler_error.with_details(details),
+            None => handler_error,
+        };
+        handler_error.with_source(error)
     }
 }
 
@@ -147,5 +159,26 @@ impl TransportError {
 impl From<TransportError> for HandlerError {
     fn from(error: TransportError) -> Self {
         HandlerError::new(error.kind(), error.kind().as_str(), error.to_string()).with_source(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conflict_tells_the_current_version() {
+        let error = HandlerError::from(StoreError::Conflict {
+            stream: "s".into(),
+            expected: crate::ExpectedVersion::Exactly(1),
+            actual: 3,
+        });
+        assert_eq!(error.code(), "version_conflict");
+        assert_eq!(
+            error.details(),
+            Some(&serde_json::json!({ "current_version": 3 }))
+        );
+        let error = HandlerError::from(StoreError::Codec("bad".into()));
+        assert_eq!(error.details(), None);
     }
 }

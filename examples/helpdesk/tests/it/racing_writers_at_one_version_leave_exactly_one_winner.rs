@@ -30,7 +30,13 @@ async fn twenty_writers_at_one_expected_version_one_wins() {
             let r = t.await.unwrap();
             match r.status {
                 StatusCode::CREATED => won += 1,
-                StatusCode::CONFLICT => r.assert_error(StatusCode::CONFLICT, "version_conflict"),
+                StatusCode::CONFLICT => {
+                    r.assert_error(StatusCode::CONFLICT, "version_conflict");
+                    // Whether the conflict was met before or at the append, the client learns
+                    // the version to decide again on.
+                    let current = r.body["error"]["details"]["current_version"].as_u64();
+                    assert!(current.is_some_and(|v| v >= 2), "{r:?}");
+                }
                 other => panic!("unexpected {other}: {r:?}"),
             }
         }
