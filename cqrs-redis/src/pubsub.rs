@@ -270,12 +270,12 @@ impl PubSub for RedisPubSub {
                         .ping::<Value>(None)
                         .await
                         .map_err(transport_error)?;
-                    *inner
+                    // One Redis subscription per channel, however often it was asked for.
+                    inner
                         .subscribed
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .entry(name.clone())
-                        .or_default() += 1;
+                        .insert(name.clone(), 1);
                     Ok(())
                 }),
             )

@@ -163,9 +163,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
 pub struct TrustedProxies(Arc<[IpAddr]>);
 
 impl TrustedProxies {
-    /// Trusts these addresses.
+    /// Trusts these addresses (IPv4-mapped IPv6 ones as their IPv4 form).
     pub fn new(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
-        Self(addresses.into_iter().collect())
+        Self(addresses.into_iter().map(|ip| ip.to_canonical()).collect())
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -192,6 +192,17 @@ impl TrustedProxies {
 /// let (mut parts, ()) = request.into_parts();
 /// let ClientAddr(client) = ClientAddr::from_request_parts(&mut parts, &()).await.unwrap();
 /// assert_eq!(client, Some("203.0.113.7".parse().unwrap()));
+///
+/// // A server bound to `[::]` sees the same proxy as an IPv4-mapped address: still trusted.
+/// let request = axum::http::Request::builder()
+///     .header("x-forwarded-for", "203.0.113.9")
+///     .extension(ConnectInfo("[::ffff:127.0.0.1]:5000".parse::<std::net::SocketAddr>().unwrap()))
+///     .extension(TrustedProxies::new(["127.0.0.1".parse().unwrap()]))
+///     .body(())
+///     .unwrap();
+/// let (mut parts, ()) = request.into_parts();
+/// let ClientAddr(client) = ClientAddr::from_request_parts(&mut parts, &()).await.unwrap();
+/// assert_eq!(client, Some("203.0.113.9".parse().unwrap()));
 /// # });
 /// ```
 #[derive(Debug, Clone, Copy)]
@@ -201,10 +212,11 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // Canonical: a server bound to `[::]` sees IPv4 peers as `::ffff:a.b.c.d`.
         let peer = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip());
+            .map(|ConnectInfo(addr)| addr.ip().to_canonical());
         let Some(proxies) = parts.extensions.get::<TrustedProxies>() else {
             return Ok(ClientAddr(peer));
         };
@@ -222,7 +234,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
         let mut client = peer;
         for hop in hops.iter().rev() {
             // An address we cannot read: nothing to its left can be believed either.
-            let Ok(ip) = hop.parse::<IpAddr>() else {
+            let Ok(ip) = hop.parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
                 break;
             };
             client = ip;

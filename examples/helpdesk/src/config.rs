@@ -149,8 +149,21 @@ impl Config {
                 self.redis_prefix
             ));
         }
-        if self.token_ttl_seconds == 0 {
-            problems.push("HELPDESK_TOKEN_TTL must be at least 1 second".into());
+        // Upper bounds too: past them, token expiry and throttle windows overflow the
+        // calendar (tokens born expired, a panic on the second login).
+        const YEAR: u64 = 365 * 24 * 3600;
+        if !(1..=10 * YEAR).contains(&self.token_ttl_seconds) {
+            problems.push(format!(
+                "HELPDESK_TOKEN_TTL must be 1 second to 10 years ({}); it is {}",
+                10 * YEAR,
+                self.token_ttl_seconds
+            ));
+        }
+        if !(1..=YEAR).contains(&self.login_window_seconds) {
+            problems.push(format!(
+                "HELPDESK_LOGIN_WINDOW must be 1 second to a year ({YEAR}); it is {}",
+                self.login_window_seconds
+            ));
         }
         if self.request_timeout_ms == 0 {
             problems.push("HELPDESK_REQUEST_TIMEOUT_MS must be at least 1".into());

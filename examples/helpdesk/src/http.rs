@@ -72,7 +72,6 @@ pub(crate) fn router(state: State) -> Router {
                 "this route does not take that method",
             )
         })
-        .layer(middleware::from_fn(record_metrics))
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([
@@ -93,6 +92,8 @@ pub(crate) fn router(state: State) -> Router {
                 .layer(Extension(state.trusted_proxies.clone()))
                 .layer(Extension(state.clone())),
         )
+        // Outermost: it sees every answer, the timeout's 503 and the body limit's 413 too.
+        .layer(middleware::from_fn(record_metrics))
 }
 
 async fn ready(Extension(state): Extension<State>) -> Response {

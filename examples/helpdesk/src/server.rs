@@ -36,6 +36,7 @@ impl Server {
         let (stop, stopped) = watch::channel(false);
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
+        let closing = app.hub.clone();
         let grace = config.shutdown_grace();
         let task = tokio::spawn(async move {
             let mut stop_seen = stopped.clone();
@@ -67,6 +68,10 @@ impl Server {
                         }
                     }
                 }
+            }
+            // The WebSockets' close frames (1001) go out before the process may exit.
+            if tokio::time::timeout(grace, closing.closed()).await.is_err() {
+                tracing::warn!(?grace, "WebSocket connections did not close in time");
             }
             stop_runtime(runtime, grace).await;
             Ok(())

@@ -24,6 +24,16 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             .unwrap()
             .to_owned();
         s.get(&format!("/tickets/{id}"), &token).await;
+        // Refused by the body limit before any handler: counted all the same.
+        let oversize = s
+            .http
+            .post(s.url("/auth/register"))
+            .header("content-type", "application/json")
+            .body(vec![b' '; 70 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(oversize.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let metrics = s
             .http
             .get(s.url("/metrics"))
@@ -39,6 +49,12 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             "route templates, not raw paths"
         );
         assert!(!metrics.contains(&id), "no ids in labels");
+        assert!(
+            metrics.lines().any(|l| l.starts_with("http_requests_total")
+                && l.contains("route=\"/auth/register\"")
+                && l.contains("status=\"413\"")),
+            "answers of the outer layers are counted: {metrics}"
+        );
         assert!(
             metrics.contains("cqrs_dispatch_total"),
             "command and query dispatches are counted"

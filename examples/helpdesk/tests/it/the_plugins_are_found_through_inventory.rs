@@ -44,6 +44,8 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
         jwt_secret: Some("short".into()),
         redis_url: Some("redis://127.0.0.1:6379".into()),
         database_url: None,
+        token_ttl_seconds: u64::MAX,
+        login_window_seconds: u64::MAX,
         ..helpdesk::Config::default()
     };
     let err = helpdesk::build(&config, helpdesk::Hooks::default())
@@ -56,6 +58,15 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
     );
     assert!(
         err.contains("REDIS_URL is set without DATABASE_URL"),
+        "{err}"
+    );
+    // Past these, token expiry and the throttle's window overflow the calendar.
+    assert!(
+        err.contains("HELPDESK_TOKEN_TTL must be 1 second to 10 years"),
+        "{err}"
+    );
+    assert!(
+        err.contains("HELPDESK_LOGIN_WINDOW must be 1 second to a year"),
         "{err}"
     );
 }
