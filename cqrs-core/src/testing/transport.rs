@@ -63,12 +63,20 @@ async fn consumer<H: TransportHarness>(
     group: &str,
     name: &str,
 ) -> Box<dyn Consumer> {
+    consumer_with(h, topic, group, name, |o| o).await
+}
+
+/// Like [`consumer`], with the harness's options changed by `configure`.
+async fn consumer_with<H: TransportHarness>(
+    h: &H,
+    topic: &str,
+    group: &str,
+    name: &str,
+    configure: impl FnOnce(ConsumerOptions) -> ConsumerOptions,
+) -> Box<dyn Consumer> {
+    let options = configure(h.options().consumer_name(format!("{}-{name}", h.test_id())));
     h.transport()
-        .consumer(
-            topic,
-            group,
-            h.options().consumer_name(format!("{}-{name}", h.test_id())),
-        )
+        .consumer(topic, group, options)
         .await
         .expect("join the group")
 }
@@ -407,17 +415,7 @@ pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h
 /// once an event is published (it must not overflow the clock computing its deadline).
 pub async fn a_fetch_may_block_without_limit<H: TransportHarness>(h: &H) {
     let topic = format!("{}-t9", h.test_id());
-    let mut c = h
-        .transport()
-        .consumer(
-            &topic,
-            "g",
-            h.options()
-                .consumer_name(format!("{}-c", h.test_id()))
-                .block(Duration::MAX),
-        )
-        .await
-        .expect("join the group");
+    let mut c = consumer_with(h, &topic, "g", "c", |o| o.block(Duration::MAX)).await;
     let transport = h.transport();
     let publish_topic = topic.clone();
     // Published while the fetch waits (or before it starts: the fetch returns either way).
@@ -442,20 +440,8 @@ pub async fn a_delivery_kept_alive_is_not_handed_out_again<H: TransportHarness>(
     let topic = format!("{}-t10", h.test_id());
     // A delay ten times the keep-alive cadence below, so a slow machine does not matter.
     let delay = Duration::from_secs(1);
-    let transport = h.transport();
-    let options = |name: &str| {
-        h.options()
-            .redelivery_delay(delay)
-            .consumer_name(format!("{}-{name}", h.test_id()))
-    };
-    let mut c1 = transport
-        .consumer(&topic, "g", options("c1"))
-        .await
-        .expect("join the group");
-    let mut c2 = transport
-        .consumer(&topic, "g", options("c2"))
-        .await
-        .expect("join the group");
+    let mut c1 = consumer_with(h, &topic, "g", "c1", |o| o.redelivery_delay(delay)).await;
+    let mut c2 = consumer_with(h, &topic, "g", "c2", |o| o.redelivery_delay(delay)).await;
     h.transport()
         .publish(&topic, &[event("k", 1)])
         .await
@@ -486,17 +472,7 @@ pub async fn a_delivery_kept_alive_is_not_handed_out_again<H: TransportHarness>(
 /// fetches, hands back, keeps alive and defers with it, and nothing comes back meanwhile.
 pub async fn a_redelivery_delay_of_duration_max_never_redelivers<H: TransportHarness>(h: &H) {
     let topic = format!("{}-t11", h.test_id());
-    let mut c = h
-        .transport()
-        .consumer(
-            &topic,
-            "g",
-            h.options()
-                .consumer_name(format!("{}-c", h.test_id()))
-                .redelivery_delay(Duration::MAX),
-        )
-        .await
-        .expect("join the group");
+    let mut c = consumer_with(h, &topic, "g", "c", |o| o.redelivery_delay(Duration::MAX)).await;
     h.transport()
         .publish(&topic, &[event("k", 1), event("k", 2)])
         .await

@@ -66,6 +66,24 @@ fn types() -> Arc<EventTypes> {
     Arc::new(types)
 }
 
+/// A runner of `sum` fed by topic `sums` of `transport`, in group `sum`.
+fn sums_runner(
+    store: Arc<InMemoryProjectionStore>,
+    sum: &Arc<Sum>,
+    transport: &Arc<InMemoryTransport>,
+    options: ConsumerOptions,
+) -> ProjectionRunner<InMemoryProjectionStore, Sum> {
+    ProjectionRunner::from_transport(
+        store,
+        sum.clone(),
+        transport.clone(),
+        "sums",
+        "sum",
+        options,
+        types(),
+    )
+}
+
 fn record(sum: u64) -> EventRecord {
     EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
 }
@@ -158,15 +176,7 @@ fn a_transport_fed_projection_counts_a_redelivered_event_once() {
         let options = ConsumerOptions::default()
             .block(Duration::from_millis(50))
             .redelivery_delay(Duration::from_millis(50));
-        let mut runner = ProjectionRunner::from_transport(
-            store,
-            sum.clone(),
-            transport.clone(),
-            "sums",
-            "sum",
-            options,
-            types(),
-        );
+        let mut runner = sums_runner(store, &sum, &transport, options);
         *sum.fail_once_on.lock().unwrap() = Some(10);
         let mut applied = 0;
         let mut failures = 0;
@@ -253,14 +263,11 @@ fn a_poison_event_does_not_take_its_batch_mates_down() {
             .block(Duration::from_millis(20))
             .redelivery_delay(Duration::from_millis(10))
             .max_deliveries(3);
-        let mut runner = ProjectionRunner::from_transport(
+        let mut runner = sums_runner(
             Arc::new(InMemoryProjectionStore::new()),
-            sum.clone(),
-            transport.clone(),
-            "sums",
-            "sum",
+            &sum,
+            &transport,
             options,
-            types(),
         );
         for _ in 0..200 {
             let _ = runner.run_once().await;
@@ -286,14 +293,11 @@ fn a_transport_fed_runner_stops_while_its_fetch_waits() {
         let transport = Arc::new(InMemoryTransport::new());
         let sum = Arc::new(Sum::default());
         transport.publish("sums", &[record(2)]).await.unwrap();
-        let runner = ProjectionRunner::from_transport(
+        let runner = sums_runner(
             Arc::new(InMemoryProjectionStore::new()),
-            sum.clone(),
-            transport.clone(),
-            "sums",
-            "sum",
+            &sum,
+            &transport,
             ConsumerOptions::default().block(Duration::MAX),
-            types(),
         );
         let runtime = cqrs_core::runtime::Runtime::builder()
             .worker(runner)
