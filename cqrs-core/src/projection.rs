@@ -573,14 +573,16 @@ where
         if deliveries.is_empty() {
             continue;
         }
+        // Each delivery's id, cloned once: for keeping the batch alive, then for the answers
+        // (outcomes name their delivery by index).
+        let mut ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
+        let batch = handle_batch(deliveries, options.concurrency, &handle);
         let outcomes = match consumer.keep_alive_interval() {
-            None => handle_batch(deliveries, options.concurrency, &handle).await,
+            None => batch.await,
             Some(every) => {
                 // The batch is acknowledged when it is all done, so it may take longer than
                 // the redelivery delay in total: keep its deliveries from being handed out
                 // again meanwhile.
-                let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
-                let batch = handle_batch(deliveries, options.concurrency, &handle);
                 tokio::pin!(batch);
                 let every = every.max(Duration::from_millis(1));
                 let mut ticks =
@@ -600,7 +602,8 @@ where
         };
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped) = (Vec::new(), Vec::new());
-        for (id, event_id, attempt, outcome) in outcomes {
+        for (index, event_id, attempt, outcome) in outcomes {
+            let id = std::mem::replace(&mut ids[index], DeliveryId(String::new()));
             match outcome {
                 Outcome::Done => done.push(id),
                 Outcome::Retry(reason) => {
@@ -631,30 +634,30 @@ where
 }
 
 /// Handles one batch: its chains concurrently, each chain in order. Returns every delivery's
-/// outcome.
+/// outcome, by its index in `deliveries`.
 async fn handle_batch<F, Fut>(
     deliveries: Vec<Delivery>,
     concurrency: usize,
     handle: &F,
-) -> Vec<(DeliveryId, Uuid, u32, Outcome)>
+) -> Vec<(usize, Uuid, u32, Outcome)>
 where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
 {
     use futures_util::StreamExt;
     let count = deliveries.len();
-    let mut chains: Vec<Vec<Delivery>> = Vec::new();
+    let mut chains: Vec<Vec<(usize, Delivery)>> = Vec::new();
     let mut chain_of: HashMap<String, usize> = HashMap::new();
-    for delivery in deliveries {
+    for (index, delivery) in deliveries.into_iter().enumerate() {
         match delivery.order_key.as_ref() {
             Some(key) => match chain_of.get(key) {
-                Some(&i) => chains[i].push(delivery),
+                Some(&i) => chains[i].push((index, delivery)),
                 None => {
                     chain_of.insert(key.clone(), chains.len());
-                    chains.push(vec![delivery]);
+                    chains.push(vec![(index, delivery)]);
                 }
             },
-            None => chains.push(vec![delivery]),
+            None => chains.push(vec![(index, delivery)]),
         }
     }
     let mut outcomes = Vec::with_capacity(count);
@@ -668,21 +671,17 @@ where
 }
 
 async fn run_chain<F, Fut>(
-    chain: Vec<Delivery>,
+    chain: Vec<(usize, Delivery)>,
     handle: &F,
-) -> Vec<(DeliveryId, Uuid, u32, Outcome)>
+) -> Vec<(usize, Uuid, u32, Outcome)>
 where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
 {
     let mut out = Vec::with_capacity(chain.len());
     let mut failed = None;
-    for delivery in chain {
-        let (id, event_id, attempt) = (
-            delivery.id.clone(),
-            delivery.record.event_id,
-            delivery.attempt,
-        );
+    for (index, delivery) in chain {
+        let (event_id, attempt) = (delivery.record.event_id, delivery.attempt);
         let outcome = match failed {
             Some(first) => Outcome::Skipped(first),
             None => match handle(delivery).await {
@@ -693,7 +692,7 @@ where
                 }
             },
         };
-        out.push((id, event_id, attempt, outcome));
+        out.push((index, event_id, attempt, outcome));
     }
     out
 }

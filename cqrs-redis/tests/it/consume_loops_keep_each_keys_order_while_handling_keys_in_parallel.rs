@@ -2,7 +2,7 @@
 //! keys at once, and fail every first attempt of some events: every event takes effect exactly
 //! once in the end, each key's events in publish order, and keys really ran in parallel.
 
-use crate::support::{Env, assert_each_key_in_order, consumer_options, event, within};
+use crate::support::{Env, assert_each_key_in_order, event, within};
 use cqrs_core::ports::EventTransport;
 use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
 use cqrs_core::runtime::{HealthReporter, Shutdown, WorkerContext};
@@ -45,15 +45,10 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
             let mut workers = Vec::new();
             for name in ["w1", "w2"] {
                 let mut consumer = env
-                    .transport
-                    .consumer(
-                        &topic,
-                        "g",
-                        consumer_options(&format!("{}-{name}", env.id))
-                            .redelivery_delay(Duration::from_millis(200)),
-                    )
-                    .await
-                    .unwrap();
+                    .join(&topic, name, |o| {
+                        o.redelivery_delay(Duration::from_millis(200))
+                    })
+                    .await;
                 let ctx = WorkerContext {
                     shutdown: shutdown.clone(),
                     health: HealthReporter::detached(name),

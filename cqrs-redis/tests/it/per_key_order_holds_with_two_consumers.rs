@@ -3,7 +3,7 @@
 //! time are all in one batch of one consumer (a chain, handled in order), with exact per-key
 //! lanes and with few shared lanes.
 
-use crate::support::{Env, assert_each_key_in_order, consumer_options, event, n_of, within};
+use crate::support::{Env, assert_each_key_in_order, event, n_of, within};
 use cqrs_core::ports::EventTransport;
 use cqrs_redis::KeyOrdering;
 use std::collections::{BTreeMap, HashMap};
@@ -44,15 +44,10 @@ async fn order_holds(ordering: KeyOrdering, name: &str) {
             let mut tasks = Vec::new();
             for consumer_name in ["a", "b"] {
                 let mut consumer = env
-                    .transport
-                    .consumer(
-                        &topic,
-                        "g",
-                        consumer_options(&format!("{}-{consumer_name}", env.id))
-                            .redelivery_delay(Duration::from_millis(500)),
-                    )
-                    .await
-                    .unwrap();
+                    .join(&topic, consumer_name, |o| {
+                        o.redelivery_delay(Duration::from_millis(500))
+                    })
+                    .await;
                 let seen = seen.clone();
                 tasks.push(tokio::spawn(async move {
                     let until = tokio::time::Instant::now() + Duration::from_secs(60);

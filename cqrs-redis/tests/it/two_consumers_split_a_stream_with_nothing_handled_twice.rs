@@ -1,7 +1,7 @@
 //! Two consumers of one group, fetching concurrently, split 200 events (keyed and unkeyed):
 //! every event is handled exactly once when nothing fails, and both consumers get work.
 
-use crate::support::{Env, consumer_options, event, within};
+use crate::support::{Env, event, within};
 use cqrs_core::ports::EventTransport;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,15 +27,8 @@ async fn two_consumers_split_a_stream_with_nothing_handled_twice() {
             let mut tasks = Vec::new();
             for name in ["a", "b"] {
                 let mut consumer = env
-                    .transport
-                    .consumer(
-                        &topic,
-                        "g",
-                        consumer_options(&format!("{}-{name}", env.id))
-                            .redelivery_delay(Duration::from_secs(5)),
-                    )
-                    .await
-                    .expect("join");
+                    .join(&topic, name, |o| o.redelivery_delay(Duration::from_secs(5)))
+                    .await;
                 let handled = handled.clone();
                 tasks.push(tokio::spawn(async move {
                     let until = tokio::time::Instant::now() + Duration::from_secs(30);
