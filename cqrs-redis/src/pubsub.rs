@@ -13,6 +13,7 @@ use fred::types::Value;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 
@@ -151,7 +152,9 @@ impl RedisPubSubOptions {
             }
         }));
 
-        // Subscribe again after a reconnect: a new connection has no subscriptions.
+        // Subscribe again after a reconnect: a new connection has no subscriptions. A refused
+        // resubscription (the connection is still up: no reconnect will come to retry it) is
+        // tried again, channel by channel, with growing delays.
         let mut reconnects = subscriber.reconnect_rx();
         let (client, watch, lock, full) = (
             subscriber.clone(),
@@ -159,25 +162,69 @@ impl RedisPubSubOptions {
             upstream.clone(),
             prefix.clone(),
         );
+        let (min_delay, max_delay) = (
+            self.connection.reconnect_min_delay,
+            self.connection.reconnect_max_delay,
+        );
         tasks.push(tokio::spawn(async move {
+            // The channels still to subscribe after a refusal, and how many attempts failed.
+            let mut retry: Option<(Vec<Arc<str>>, u32)> = None;
             loop {
-                match reconnects.recv().await {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {}
-                    Err(RecvError::Closed) => return,
-                }
+                let reconnected = match &retry {
+                    None => match reconnects.recv().await {
+                        Ok(_) | Err(RecvError::Lagged(_)) => true,
+                        Err(RecvError::Closed) => return,
+                    },
+                    Some((_, failures)) => tokio::select! {
+                        event = reconnects.recv() => match event {
+                            Ok(_) | Err(RecvError::Lagged(_)) => true,
+                            Err(RecvError::Closed) => return,
+                        },
+                        () = tokio::time::sleep(retry_delay(min_delay, max_delay, *failures)) => false,
+                    },
+                };
                 let _guard = lock.lock().await;
-                let channels: Vec<String> = watch
-                    .channels()
-                    .iter()
-                    .map(|c| format!("{full}{c}"))
-                    .collect();
+                let live = watch.channels();
+                let (channels, failures) = match retry.take() {
+                    // A retry covers what failed and still has local subscribers.
+                    Some((failed, failures)) if !reconnected => (
+                        failed
+                            .into_iter()
+                            .filter(|c| live.contains(c))
+                            .collect::<Vec<_>>(),
+                        failures,
+                    ),
+                    _ => (live, 0),
+                };
                 if channels.is_empty() {
                     continue;
                 }
-                match client.subscribe(channels).await {
-                    Ok(()) => tracing::debug!("redis pub/sub resubscribed after a reconnect"),
-                    // The next reconnect tries again.
-                    Err(e) => tracing::warn!(error = %e, "redis pub/sub could not resubscribe"),
+                let failed = if reconnected {
+                    // All at once on a new connection; one by one if that is refused, so one
+                    // refused channel does not hold back the others.
+                    match confirmed_subscribe(&client, names(&full, &channels)).await {
+                        Ok(()) => Vec::new(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "redis pub/sub could not resubscribe after a reconnect; trying again");
+                            channels
+                        }
+                    }
+                } else {
+                    let mut failed = Vec::new();
+                    for channel in channels {
+                        if let Err(e) =
+                            confirmed_subscribe(&client, vec![format!("{full}{channel}")]).await
+                        {
+                            tracing::warn!(channel = %channel, error = %e, attempt = failures + 1, "redis pub/sub could not resubscribe; trying again");
+                            failed.push(channel);
+                        }
+                    }
+                    failed
+                };
+                if failed.is_empty() {
+                    tracing::debug!("redis pub/sub resubscribed");
+                } else {
+                    retry = Some((failed, failures.saturating_add(1)));
                 }
             }
         }));
@@ -257,17 +304,7 @@ impl PubSub for RedisPubSub {
                 channel,
                 Box::pin(async {
                     let _guard = inner.upstream.lock().await;
-                    inner
-                        .subscriber
-                        .subscribe(name.as_str())
-                        .await
-                        .map_err(transport_error)?;
-                    // fred answers SUBSCRIBE once it is written, not once Redis confirmed it. Redis
-                    // runs a connection's commands in order, so the PING's reply is the
-                    // confirmation.
-                    inner
-                        .subscriber
-                        .ping::<Value>(None)
+                    confirmed_subscribe(&inner.subscriber, vec![name.clone()])
                         .await
                         .map_err(transport_error)?;
                     // One Redis subscription per channel, however often it was asked for.
@@ -281,6 +318,28 @@ impl PubSub for RedisPubSub {
             )
             .await
     }
+}
+
+/// Subscribes and waits for Redis to confirm. fred answers SUBSCRIBE once it is written; Redis
+/// runs a connection's commands in order, so the PING's reply is the confirmation, and a refusal
+/// (`NOPERM`), which has no command of its own to answer in fred, comes back as the PING's reply.
+async fn confirmed_subscribe(
+    client: &SubscriberClient,
+    names: Vec<String>,
+) -> Result<(), fred::error::Error> {
+    client.subscribe(names).await?;
+    client.ping::<Value>(None).await?;
+    Ok(())
+}
+
+fn names(prefix: &str, channels: &[Arc<str>]) -> Vec<String> {
+    channels.iter().map(|c| format!("{prefix}{c}")).collect()
+}
+
+/// The delay before retry `failures + 1`: `min` doubled per failure, at most `max`.
+fn retry_delay(min: Duration, max: Duration, failures: u32) -> Duration {
+    min.saturating_mul(2u32.saturating_pow(failures.saturating_sub(1)))
+        .min(max)
 }
 
 #[async_trait]

@@ -7,6 +7,7 @@ mod support;
 
 mod a_consume_loop_recovers_when_its_connections_are_killed;
 mod a_crashed_consumers_entries_are_reclaimed_by_another;
+mod a_resubscribe_refused_while_connected_is_retried;
 mod a_single_event_in_a_lane_is_chained_like_a_batch;
 mod a_single_event_outside_any_lane_is_stored_like_a_batch;
 mod closing_a_consumer_releases_what_it_holds;

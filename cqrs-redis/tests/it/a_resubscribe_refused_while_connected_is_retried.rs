@@ -1,0 +1,130 @@
+//! A resubscription that Redis refuses on a live connection is tried again, not left for a
+//! reconnect that may never come. The test's own ACL user loses the right to its channels,
+//! which makes Redis drop its subscribed connection; fred reconnects, the resubscription is
+//! refused (`NOPERM`, seen in `ACL LOG`), the right comes back, and the channel is subscribed
+//! again without another reconnect.
+
+use crate::support::{connect_admin, raw, reachable, redis_url, within};
+use cqrs_core::ports::PubSub;
+use cqrs_core::testing::{eventually, test_id};
+use cqrs_redis::{ConnectionOptions, RedisPubSubOptions};
+use fred::clients::Client;
+use fred::types::Value;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubscribe_refused_while_connected_is_retried() {
+    if !reachable().await {
+        return;
+    }
+    let base = redis_url();
+    let Some(host) = base.strip_prefix("redis://").filter(|h| !h.contains('@')) else {
+        eprintln!("skipped: REDIS_URL {base} has credentials or is not redis://");
+        return;
+    };
+    let id = test_id("resubscribe-refused");
+    let user = format!("cqrs-test-{id}");
+    let channels = format!("&cqrs-test:{id}:*");
+    let admin = connect_admin().await.unwrap();
+    let acl = |args: &[&str]| {
+        let admin = admin.clone();
+        let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();
+        async move { raw(&admin, "ACL", args).await }
+    };
+    acl(&[
+        "SETUSER",
+        &user,
+        "on",
+        "nopass",
+        "+@all",
+        "~*",
+        "resetchannels",
+        &channels,
+    ])
+    .await;
+
+    within(
+        60,
+        Box::pin(async {
+            let connection = ConnectionOptions::new(format!("redis://{user}:x@{host}"))
+                .command_timeout(Duration::from_secs(2))
+                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200));
+            let pubsub = RedisPubSubOptions::with_connection(connection)
+                .channel_prefix(format!("cqrs-test:{id}"))
+                .connect()
+                .await
+                .expect("connect as the test's user");
+            let channel = "news";
+            let full = format!("cqrs-test:{id}:{channel}");
+            let mut sub = pubsub.subscribe(channel).await.unwrap();
+            assert_eq!(numsub(&admin, &full).await, Some(1));
+
+            // Redis 7 closes a subscribed connection whose user loses the channel; kill it
+            // as well, in case this server does not.
+            acl(&["SETUSER", &user, "resetchannels"]).await;
+            let _ = raw(
+                &admin,
+                "CLIENT",
+                vec!["KILL".into(), "USER".into(), user.as_str().into()],
+            )
+            .await;
+            eventually(
+                Duration::from_secs(10),
+                "a resubscription refused for the channel",
+                || {
+                    let (admin, user) = (admin.clone(), user.clone());
+                    async move { refused_channel(&admin, &user).await.then_some(()) }
+                },
+            )
+            .await;
+            assert_eq!(numsub(&admin, &full).await, Some(0));
+
+            acl(&["SETUSER", &user, &channels]).await;
+            eventually(
+                Duration::from_secs(10),
+                "the channel subscribed again once allowed",
+                || {
+                    let (admin, full) = (admin.clone(), full.clone());
+                    async move { (numsub(&admin, &full).await == Some(1)).then_some(()) }
+                },
+            )
+            .await;
+            eventually(
+                Duration::from_secs(10),
+                "a publish after the resubscription",
+                || {
+                    let pubsub = pubsub.clone();
+                    async move { pubsub.publish(channel, "after".into()).await.ok() }
+                },
+            )
+            .await;
+            let message = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+                .await
+                .expect("a message after the resubscription")
+                .expect("open");
+            assert_eq!(&*message.payload, "after");
+        }),
+    )
+    .await;
+    acl(&["DELUSER", &user]).await;
+}
+
+async fn numsub(admin: &Client, full: &str) -> Option<u64> {
+    let reply = raw(admin, "PUBSUB", vec!["NUMSUB".into(), full.into()]).await;
+    reply.into_array().get(1).and_then(Value::as_u64)
+}
+
+/// Whether `ACL LOG` holds a refused channel access by `user`.
+async fn refused_channel(admin: &Client, user: &str) -> bool {
+    let log = raw(admin, "ACL", vec!["LOG".into()]).await;
+    log.into_array().into_iter().any(|entry| {
+        let fields = entry.into_array();
+        let field = |name: &str| {
+            fields
+                .chunks(2)
+                .find(|kv| kv[0].as_str().as_deref() == Some(name))
+                .and_then(|kv| kv[1].as_string())
+        };
+        field("reason").as_deref() == Some("channel") && field("username").as_deref() == Some(user)
+    })
+}
