@@ -115,6 +115,11 @@ impl PgUnitOfWork {
         self
     }
 
+    /// Whether a layer runs this unit of work.
+    pub(crate) fn is_layered(&self) -> bool {
+        self.layered
+    }
+
     /// The unit of work in a handler's context; an internal error naming the fix when the bus
     /// has no [`PgCommandLayer`](crate::PgCommandLayer).
     pub fn from_context(ctx: &mut CommandContext) -> Result<&mut PgUnitOfWork, HandlerError> {

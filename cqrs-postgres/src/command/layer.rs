@@ -25,6 +25,10 @@ use tower::{Layer, Service};
 /// runs in it instead of a new one, and the layer commits it the same way: a caller can read
 /// or write in the transaction before the command runs.
 ///
+/// A second `PgCommandLayer` on the same path (a plugin's beside the server's) joins the
+/// first one's unit of work, which commits once; one for another schema fails the command with
+/// a [`DispatchError::Middleware`] naming both, before the handler runs.
+///
 /// Recorded events are appended at [`ExpectedVersion::Any`](cqrs_core::ExpectedVersion) to
 /// the stream [`stream_for`](Self::stream_for) names: by default their partition key (set by
 /// `ctx.record_keyed`), else their event type.
@@ -158,6 +162,25 @@ where
 
     fn call(&mut self, mut dispatch: Dispatch) -> Self::Future {
         if dispatch.kind() != MessageKind::Command {
+            let future = self.inner.call(dispatch);
+            return Box::pin(async move { future.await.map_err(|e| dispatch_error(e.into())) });
+        }
+        // A second layer on the path (the server's and a plugin's, say) joins the unit of work
+        // of the first, which commits it: committing here would leave the outer one nothing.
+        if let Some(outer) = dispatch
+            .extensions()
+            .get::<PgUnitOfWork>()
+            .filter(|uow| uow.is_layered())
+        {
+            if outer.database().schema() != self.config.db.schema() {
+                let message = format!(
+                    "two PgCommandLayers on one bus, for schemas `{}` and `{}`: a command runs in \
+                     one transaction, so keep one layer",
+                    outer.database().schema(),
+                    self.config.db.schema()
+                );
+                return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
+            }
             let future = self.inner.call(dispatch);
             return Box::pin(async move { future.await.map_err(|e| dispatch_error(e.into())) });
         }

@@ -119,6 +119,46 @@ pg_test! {
 }
 
 pg_test! {
+    /// Two layers on one bus (a plugin's beside the server's) run the command in one
+    /// transaction; two for different schemas refuse it, and nothing is written.
+    async fn a_second_command_layer_joins_the_first(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let handler = tickets::OpenTicketHandler::default();
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .layer(db.command_layer())
+            .handler(handler.clone())
+            .build()
+            .unwrap();
+        let id = bus.dispatch(tickets::OpenTicket::new("t1", tickets::Then::Succeed)).await.unwrap();
+        assert_eq!(id, "t1");
+        assert_eq!(tickets::count(&db).await, 1);
+        assert_eq!(crate::support::event_count(&db).await, 1, "the event is stored once");
+        bus.dispatch(tickets::OpenTicket::new("t2", tickets::Then::Fail)).await.unwrap_err();
+        assert_eq!(tickets::count(&db).await, 1, "a failure rolls back through both");
+
+        let other_id = cqrs_core::testing::test_id("second_layer_other");
+        let Some(other) = crate::support::schema(&other_id).await else {
+            return;
+        };
+        let mixed = CommandBus::builder()
+            .layer(db.command_layer())
+            .layer(other.command_layer())
+            .handler(handler.clone())
+            .build()
+            .unwrap();
+        let runs = handler.runs.load(std::sync::atomic::Ordering::SeqCst);
+        let err = mixed.dispatch(tickets::OpenTicket::new("t3", tickets::Then::Succeed)).await.unwrap_err();
+        assert!(matches!(err, DispatchError::Middleware(_)), "{err:?}");
+        assert!(err.to_string().contains(other.schema()), "{err}");
+        assert_eq!(handler.runs.load(std::sync::atomic::Ordering::SeqCst), runs, "the handler did not run");
+        assert_eq!(tickets::count(&db).await, 1);
+        assert_eq!(crate::support::event_count(&db).await, 1);
+        other.drop_schema().await.unwrap();
+    }
+}
+
+pg_test! {
     async fn recorded_events_go_to_the_stream_the_layer_names(db: PgDatabase) {
         tickets::create_table(&db).await;
         let bus = CommandBus::builder()
