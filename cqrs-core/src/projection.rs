@@ -7,7 +7,8 @@ use crate::ports::{
 };
 use crate::runtime::{Health, Shutdown, Worker, WorkerContext};
 use crate::{
-    BoxError, DecodeError, EventBus, EventEnvelope, EventRecord, EventTypes, HandlerError, Position,
+    BoxError, DecodeError, DispatchError, ErrorKind, EventBus, EventEnvelope, EventRecord,
+    EventTypes, HandlerError, Position,
 };
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -239,42 +240,15 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         unit: &mut S::Unit,
         records: &[EventRecord],
     ) -> Result<usize, ProjectionError> {
-        let mut applied = 0;
-        for record in records {
-            if !self
-                .store
-                .mark_processed(unit, &self.name, record.event_id)
-                .await?
-            {
-                continue;
-            }
-            let envelope = self
-                .types
-                .decode(record)
-                .map_err(|source| ProjectionError::Decode {
-                    event_id: record.event_id,
-                    source,
-                })?;
-            if let Some(envelope) = envelope {
-                metrics::counter!(
-                    "cqrs_events_handled_total",
-                    "consumer" => self.name.clone(),
-                    "event_type" => envelope.name()
-                )
-                .increment(1);
-                self.projection
-                    .apply(unit, &envelope)
-                    .await
-                    .map_err(|source| ProjectionError::Apply {
-                        projection: self.name.clone(),
-                        event_id: record.event_id,
-                        event_type: record.event_type.clone(),
-                        source,
-                    })?;
-                applied += 1;
-            }
-        }
-        Ok(applied)
+        apply_records(
+            &*self.store,
+            &*self.projection,
+            &self.types,
+            &self.name,
+            unit,
+            records,
+        )
+        .await
     }
 
     /// Applies one batch. Returns how many events took effect (0 when caught up, or when
@@ -310,13 +284,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 
     async fn run_once_from_transport(&mut self) -> Result<usize, ProjectionError> {
+        // Field by field: the consumer is borrowed mutably while the batch is applied.
+        let Self {
+            store,
+            projection,
+            types,
+            source,
+            batch,
+            name,
+            stop,
+            ..
+        } = self;
         let Source::Transport {
             transport,
             topic,
             group,
             options,
             consumer,
-        } = &mut self.source
+        } = source
         else {
             return Ok(0);
         };
@@ -327,12 +312,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             return Ok(0);
         };
         // A fetch may wait long (its `block`, up to forever): shutdown does not wait for it.
-        let deliveries = match &self.stop {
+        let deliveries = match stop {
             Some(stop) => tokio::select! {
-                deliveries = consumer.fetch(self.batch) => deliveries?,
+                deliveries = consumer.fetch(*batch) => deliveries?,
                 _ = stop.requested() => return Ok(0),
             },
-            None => consumer.fetch(self.batch).await?,
+            None => consumer.fetch(*batch).await?,
         };
         if deliveries.is_empty() {
             return Ok(0);
@@ -340,46 +325,36 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
         let event_ids: Vec<Uuid> = deliveries.iter().map(|d| d.record.event_id).collect();
         let records: Vec<EventRecord> = deliveries.into_iter().map(|d| d.record).collect();
-        let result = async {
-            let mut unit = self.store.begin(&self.name).await?;
-            let applied = self.apply_records(&mut unit, &records).await?;
+        let work = async {
+            let (store, name) = (&**store, name.as_str());
+            let mut unit = store.begin(name).await?;
+            let applied =
+                apply_records(store, &**projection, types, name, &mut unit, &records).await?;
             if let Some(last) = records.iter().filter_map(|r| r.position).max() {
-                let current = self.store.checkpoint(&mut unit, &self.name).await?;
+                let current = store.checkpoint(&mut unit, name).await?;
                 if current.is_none_or(|c| c < last) {
-                    self.store
-                        .save_checkpoint(&mut unit, &self.name, last)
-                        .await?;
+                    store.save_checkpoint(&mut unit, name, last).await?;
                 }
             }
-            self.store.commit(unit).await?;
+            store.commit(unit).await?;
             Ok::<_, ProjectionError>(applied)
-        }
-        .await;
-        let Source::Transport {
-            consumer: Some(consumer),
-            ..
-        } = &mut self.source
-        else {
-            return result;
         };
-        match result {
+        let consumer = consumer.as_mut();
+        match keep_alive_while(consumer, &ids, work).await {
             Ok(applied) => {
                 consumer.ack(&ids).await?;
                 Ok(applied)
             }
             Err(e) => {
-                // The batch is rolled back. The event that failed is handed back as an attempt;
-                // the others were not at fault and are handed back without one, so a poison
-                // event does not use up (and dead-letter) the deliveries of its batch mates.
-                let culprit = match &e {
-                    ProjectionError::Decode { event_id, .. }
-                    | ProjectionError::Apply { event_id, .. } => Some(*event_id),
-                    _ => None,
-                };
+                // The batch is rolled back. Only an event at fault is handed back as an
+                // attempt, so a poison event does not use up (and dead-letter) the deliveries
+                // of its batch mates, and a store that is down or busy (a rebuild holding the
+                // lock) dead-letters nothing.
                 let reason = e.to_string();
                 let mut innocent = Vec::new();
+                let culprit = at_fault(&e);
                 for (id, event_id) in ids.iter().zip(&event_ids) {
-                    if culprit.is_none_or(|c| c == *event_id) {
+                    if culprit == Some(*event_id) {
                         let _ = consumer.nack_with_reason(id, &reason).await;
                     } else {
                         innocent.push(id.clone());
@@ -485,14 +460,114 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 }
 
+/// Applies records in `unit`: each one not yet processed is decoded and handed to the
+/// projection. Returns how many took effect.
+async fn apply_records<S: ProjectionStore, P: Projection<S>>(
+    store: &S,
+    projection: &P,
+    types: &EventTypes,
+    name: &str,
+    unit: &mut S::Unit,
+    records: &[EventRecord],
+) -> Result<usize, ProjectionError> {
+    let mut applied = 0;
+    for record in records {
+        if !store.mark_processed(unit, name, record.event_id).await? {
+            continue;
+        }
+        let envelope = types
+            .decode(record)
+            .map_err(|source| ProjectionError::Decode {
+                event_id: record.event_id,
+                source,
+            })?;
+        if let Some(envelope) = envelope {
+            metrics::counter!(
+                "cqrs_events_handled_total",
+                "consumer" => name.to_owned(),
+                "event_type" => envelope.name()
+            )
+            .increment(1);
+            projection
+                .apply(unit, &envelope)
+                .await
+                .map_err(|source| ProjectionError::Apply {
+                    projection: name.to_owned(),
+                    event_id: record.event_id,
+                    event_type: record.event_type.clone(),
+                    source,
+                })?;
+            applied += 1;
+        }
+    }
+    Ok(applied)
+}
+
+/// Whether a failure of this kind says "not now" rather than anything about the event: a
+/// backend away or refusing for now. A `Timeout` is not among them: an event that is too slow
+/// to handle every time must end in the dead letters, not loop.
+fn waits(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Unavailable | ErrorKind::RateLimited)
+}
+
+/// The event a failed batch is blamed on, if any: one the projection refused or that cannot
+/// be decoded. Not an event of a type this build does not know (under
+/// `UnknownEventPolicy::Fail` it waits for a build that knows it), nor one whose failure
+/// [`waits`], nor any for a store or transport failure.
+fn at_fault(error: &ProjectionError) -> Option<Uuid> {
+    match error {
+        ProjectionError::Decode {
+            source: DecodeError::UnknownType { .. },
+            ..
+        } => None,
+        ProjectionError::Decode { event_id, .. } => Some(*event_id),
+        ProjectionError::Apply { source, .. } if waits(source.kind()) => None,
+        ProjectionError::Apply { event_id, .. } => Some(*event_id),
+        _ => None,
+    }
+}
+
+/// Runs `work` while calling [`Consumer::keep_alive`] for `ids` every
+/// [`keep_alive_interval`](Consumer::keep_alive_interval), so deliveries whose handling takes
+/// longer than the redelivery delay are not handed out again elsewhere meanwhile.
+async fn keep_alive_while<T>(
+    consumer: &mut dyn Consumer,
+    ids: &[DeliveryId],
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(every) = consumer.keep_alive_interval() else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let every = every.max(Duration::from_millis(1));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticks.tick() => {
+                if let Err(error) = consumer.keep_alive(ids).await {
+                    tracing::warn!(%error, "could not keep a long batch's deliveries; they may be redelivered");
+                }
+            }
+        }
+    }
+}
+
 /// What a delivery handler decided about one delivery.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Handled {
     /// Done (or not worth retrying): acknowledge it.
     Done,
-    /// Failed for now: hand it back with the reason, to be delivered again.
+    /// Failed for now: hand it back with the reason, to be delivered again. Counts as an
+    /// attempt: past `max_deliveries` the delivery is dead-lettered.
     Retry(String),
+    /// Not handled, through no fault of its own (a backend that is away, an event type this
+    /// build does not know yet): hand it back without counting an attempt
+    /// ([`Consumer::defer`]), so waiting does not dead-letter it. It comes back after the
+    /// redelivery delay, like a retry, and the rest of its chain waits for it.
+    Later(String),
 }
 
 /// How [`consume_until_shutdown`] fetches and handles.
@@ -534,6 +609,7 @@ impl ConsumeLoop {
 enum Outcome {
     Done,
     Retry(String),
+    Later(String),
     /// Not handled: an earlier delivery of its chain (this event id) failed.
     Skipped(Uuid),
 }
@@ -577,31 +653,11 @@ where
         // (outcomes name their delivery by index).
         let mut ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
         let batch = handle_batch(deliveries, options.concurrency, &handle);
-        let outcomes = match consumer.keep_alive_interval() {
-            None => batch.await,
-            Some(every) => {
-                // The batch is acknowledged when it is all done, so it may take longer than
-                // the redelivery delay in total: keep its deliveries from being handed out
-                // again meanwhile.
-                tokio::pin!(batch);
-                let every = every.max(Duration::from_millis(1));
-                let mut ticks =
-                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        outcomes = &mut batch => break outcomes,
-                        _ = ticks.tick() => {
-                            if let Err(error) = consumer.keep_alive(&ids).await {
-                                tracing::warn!(%error, "could not keep a long batch's deliveries; they may be redelivered");
-                            }
-                        }
-                    }
-                }
-            }
-        };
+        // The batch is acknowledged when it is all done, so it may take longer than the
+        // redelivery delay in total.
+        let outcomes = keep_alive_while(consumer, &ids, batch).await;
         let mut done = Vec::with_capacity(outcomes.len());
-        let (mut failed, mut skipped) = (Vec::new(), Vec::new());
+        let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
         for (index, event_id, attempt, outcome) in outcomes {
             let id = std::mem::replace(&mut ids[index], DeliveryId(String::new()));
             match outcome {
@@ -609,6 +665,11 @@ where
                 Outcome::Retry(reason) => {
                     tracing::warn!(%event_id, attempt, error = %reason, "handling failed; it will be redelivered");
                     failed.push((id, reason));
+                }
+                Outcome::Later(reason) => {
+                    tracing::warn!(%event_id, error = %reason, "not handled for now; it will be redelivered without counting an attempt");
+                    waiting = Some(reason);
+                    skipped.push(id);
                 }
                 Outcome::Skipped(first) => {
                     tracing::debug!(%event_id, failed = %first, "not handled: an earlier event of its key failed");
@@ -625,8 +686,12 @@ where
         if !skipped.is_empty() {
             consumer.defer(&skipped).await?;
         }
-        match failed.first() {
-            Some((_, reason)) => ctx.health.set(Health::Degraded(reason.clone())),
+        match failed
+            .first()
+            .map(|(_, reason)| reason)
+            .or(waiting.as_ref())
+        {
+            Some(reason) => ctx.health.set(Health::Degraded(reason.clone())),
             None => ctx.health.set(Health::Healthy),
         }
     }
@@ -689,6 +754,10 @@ where
                 Handled::Retry(reason) => {
                     failed = Some(event_id);
                     Outcome::Retry(reason)
+                }
+                Handled::Later(reason) => {
+                    failed = Some(event_id);
+                    Outcome::Later(reason)
                 }
             },
         };
@@ -773,9 +842,19 @@ impl Worker for EventBusConsumer {
                 match types.decode(&delivery.record) {
                     Ok(Some(envelope)) => match bus.publish(envelope).await {
                         Ok(_) => Handled::Done,
+                        // Every handler that failed can succeed later (a backend away):
+                        // waiting for it is no attempt.
+                        Err(DispatchError::Publish(e))
+                            if !e.failures.is_empty()
+                                && e.failures.iter().all(|f| waits(f.error.kind())) =>
+                        {
+                            Handled::Later(e.to_string())
+                        }
                         Err(e) => Handled::Retry(e.to_string()),
                     },
                     Ok(None) => Handled::Done,
+                    // `UnknownEventPolicy::Fail`: wait for a build that knows the type.
+                    Err(e @ DecodeError::UnknownType { .. }) => Handled::Later(e.to_string()),
                     Err(e) => Handled::Retry(e.to_string()),
                 }
             },

@@ -4,8 +4,12 @@ use cqrs_core::ports::{ConsumerOptions, EventTransport};
 use cqrs_core::projection::EventBusConsumer;
 use cqrs_core::runtime::Runtime;
 use cqrs_core::testing::eventually;
-use cqrs_core::{EventBus, EventEnvelope, EventRecord, EventTypes, Metadata};
+use cqrs_core::{
+    EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, EventTypes, HandlerError,
+    Metadata,
+};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[test]
@@ -64,5 +68,76 @@ fn a_failing_handler_gets_the_event_again_and_the_others_keep_theirs() {
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].0.payload["sum"], 2);
         assert_eq!(dead[0].1, 3);
+    });
+}
+
+/// Fails with `Unavailable` while `down` is set: a handler whose backend is away.
+#[derive(Clone, Default)]
+struct Away {
+    down: Arc<AtomicBool>,
+    seen: Arc<AtomicUsize>,
+}
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for Away {
+    async fn handle(&self, _event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(HandlerError::unavailable(
+                "backend_away",
+                "the handler's backend is away",
+            ));
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "away"
+    }
+}
+
+/// A handler whose backend is away gets the event again and again without using up its
+/// deliveries: once the backend is back, the event is handled, not dead-lettered.
+#[test]
+fn an_unavailable_handler_waits_without_using_up_deliveries() {
+    run(async {
+        let away = Away::default();
+        away.down.store(true, Ordering::SeqCst);
+        let bus = EventBus::builder().handler(away.clone()).build().unwrap();
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        let transport = Arc::new(InMemoryTransport::new());
+        let record =
+            EventRecord::from_envelope(&EventEnvelope::new(Added { sum: 1 }, Metadata::new()))
+                .unwrap();
+        transport.publish("adds", &[record]).await.unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(20))
+            .redelivery_delay(Duration::from_millis(10))
+            .max_deliveries(3);
+        let runtime = Runtime::builder()
+            .worker(EventBusConsumer::new(
+                bus,
+                Arc::new(types),
+                transport.clone(),
+                "adds",
+                "bus",
+                options,
+            ))
+            .start();
+        eventually(
+            Duration::from_secs(5),
+            "twice max_deliveries tries",
+            || async { (away.seen.load(Ordering::SeqCst) >= 6).then_some(()) },
+        )
+        .await;
+        assert!(transport.dead_letters("adds", "bus").is_empty());
+        away.down.store(false, Ordering::SeqCst);
+        eventually(Duration::from_secs(5), "handled once back", || async {
+            (transport.backlog("adds", "bus") == 0).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert!(transport.dead_letters("adds", "bus").is_empty());
     });
 }

@@ -3,12 +3,14 @@ use async_trait::async_trait;
 use cqrs_core::memory::{
     InMemoryEventStore, InMemoryProjectionStore, InMemoryTransport, InMemoryUnit,
 };
-use cqrs_core::ports::{ConsumerOptions, EventStore, EventTransport};
+use cqrs_core::ports::{ConsumerOptions, EventStore, EventTransport, ProjectionStore, StoreError};
 use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner};
 use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata};
-use std::sync::atomic::{AtomicBool, Ordering};
+use cqrs_core::{Position, UnknownEventPolicy};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use uuid::Uuid;
 
 /// Sums `Added` events, staging its effects in the unit; fails on a sum it is told to, once.
 #[derive(Default)]
@@ -18,10 +20,12 @@ struct Sum {
     fail_once_on: Mutex<Option<u64>>,
     /// A sum it fails on every time.
     poison: Option<u64>,
+    /// While set, every event fails with a retryable `Unavailable`.
+    unavailable: AtomicBool,
 }
 
 #[async_trait]
-impl Projection<InMemoryProjectionStore> for Sum {
+impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
     fn name(&self) -> &str {
         "sum"
     }
@@ -36,6 +40,12 @@ impl Projection<InMemoryProjectionStore> for Sum {
         };
         if self.poison == Some(added.sum) {
             return Err(HandlerError::invalid("poison", "this event always fails"));
+        }
+        if self.unavailable.load(Ordering::SeqCst) {
+            return Err(HandlerError::unavailable(
+                "read model away",
+                "the read model's server is down",
+            ));
         }
         let mut fail = self.fail_once_on.lock().unwrap();
         if *fail == Some(added.sum) {
@@ -312,5 +322,227 @@ fn a_transport_fed_runner_stops_while_its_fetch_waits() {
             .shutdown(Duration::from_secs(5))
             .await
             .expect("stopped within the grace period");
+    });
+}
+
+/// The in-memory projection store, whose `begin` fails with `Unavailable` while `down` is set:
+/// a database that is away.
+#[derive(Default)]
+struct Flaky {
+    inner: InMemoryProjectionStore,
+    down: AtomicBool,
+    /// Units of work asked for (begun or not).
+    begins: AtomicUsize,
+}
+
+#[async_trait]
+impl ProjectionStore for Flaky {
+    type Unit = InMemoryUnit;
+
+    async fn begin(&self, consumer: &str) -> Result<InMemoryUnit, StoreError> {
+        self.begins.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                backend: "test",
+                source: "the database is away".into(),
+            });
+        }
+        self.inner.begin(consumer).await
+    }
+
+    async fn mark_processed(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        self.inner.mark_processed(unit, consumer, id).await
+    }
+
+    async fn checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        self.inner.checkpoint(unit, consumer).await
+    }
+
+    async fn save_checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(unit, consumer, position).await
+    }
+
+    async fn reset(&self, unit: &mut InMemoryUnit, consumer: &str) -> Result<(), StoreError> {
+        self.inner.reset(unit, consumer).await
+    }
+
+    async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        self.inner.commit(unit).await
+    }
+}
+
+/// Options under which three counted attempts dead-letter an event.
+fn three_attempts() -> ConsumerOptions {
+    ConsumerOptions::default()
+        .block(Duration::from_millis(20))
+        .redelivery_delay(Duration::from_millis(10))
+        .max_deliveries(3)
+}
+
+/// Runs `runner` `times` times, each after the redelivery delay, ignoring its errors.
+async fn run_repeatedly<S: ProjectionStore<Unit = InMemoryUnit>>(
+    runner: &mut ProjectionRunner<S, Sum>,
+    times: usize,
+) {
+    for _ in 0..times {
+        let _ = runner.run_once().await;
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+}
+
+/// Failures that are nobody's event (the projection store away, the read model answering
+/// `Unavailable`) hand the batch back without counting attempts: once the failure passes, the
+/// events take effect instead of having been dead-lettered meanwhile.
+#[test]
+fn a_store_or_read_model_outage_dead_letters_nothing() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let store = Arc::new(Flaky::default());
+        let sum = Arc::new(Sum::default());
+        transport
+            .publish("sums", &[record(1), record(2)])
+            .await
+            .unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            store.clone(),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
+
+        store.down.store(true, Ordering::SeqCst);
+        run_repeatedly(&mut runner, 6).await;
+        store.down.store(false, Ordering::SeqCst);
+        sum.unavailable.store(true, Ordering::SeqCst);
+        run_repeatedly(&mut runner, 6).await;
+        sum.unavailable.store(false, Ordering::SeqCst);
+        assert!(
+            transport.dead_letters("sums", "sum").is_empty(),
+            "dead-lettered during an outage: {:?}",
+            transport.dead_letters("sums", "sum")
+        );
+
+        for _ in 0..200 {
+            let _ = runner.run_once().await;
+            if transport.backlog("sums", "sum") == 0 {
+                break;
+            }
+        }
+        assert_eq!(*sum.total.lock().unwrap(), 3, "both took effect once back");
+    });
+}
+
+/// Under `UnknownEventPolicy::Fail`, an event of a type this build does not know waits for a
+/// build that knows it: it is not dead-lettered, however often it comes back.
+#[test]
+fn an_unknown_event_under_fail_waits_for_a_build_that_knows_it() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        let mut unknown = record(1);
+        unknown.event_type = "future.event".into();
+        transport.publish("sums", &[unknown]).await.unwrap();
+        let mut strict = EventTypes::new();
+        strict.register::<Added>();
+        strict.unknown_events(UnknownEventPolicy::Fail);
+        let mut runner = ProjectionRunner::from_transport(
+            store.clone(),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            Arc::new(strict),
+        );
+        run_repeatedly(&mut runner, 8).await;
+        let err = runner.run_once().await;
+        assert!(
+            transport.dead_letters("sums", "sum").is_empty(),
+            "dead-lettered: {:?}",
+            transport.dead_letters("sums", "sum")
+        );
+        assert_eq!(
+            transport.backlog("sums", "sum"),
+            1,
+            "still waiting: {err:?}"
+        );
+    });
+}
+
+/// A batch that takes longer than the redelivery delay is kept alive: another instance of the
+/// projection does not get it meanwhile.
+#[test]
+fn a_long_batch_is_not_handed_to_another_instance() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let store = Arc::new(Flaky::default());
+        let sum = Arc::new(Sum::default());
+        transport.publish("sums", &[record(4)]).await.unwrap();
+        let options = |name: &str| {
+            ConsumerOptions::default()
+                .consumer_name(name)
+                .block(Duration::from_millis(20))
+                .redelivery_delay(Duration::from_millis(60))
+        };
+        // The projection's lock is held, so the first runner's batch waits in `begin`, past
+        // several redelivery delays.
+        let lock = store.inner.begin("sum").await.unwrap();
+        let first = {
+            let (store, sum, transport, options) = (
+                store.clone(),
+                sum.clone(),
+                transport.clone(),
+                options("first"),
+            );
+            tokio::spawn(async move {
+                let mut runner = ProjectionRunner::from_transport(
+                    store,
+                    sum,
+                    transport,
+                    "sums",
+                    "sum",
+                    options,
+                    types(),
+                );
+                runner.run_once().await
+            })
+        };
+        cqrs_core::testing::eventually(
+            Duration::from_secs(5),
+            "the first runner fetched",
+            || async { (store.begins.load(Ordering::SeqCst) > 0).then_some(()) },
+        )
+        .await;
+        let mut second = transport
+            .consumer("sums", "sum", options("second"))
+            .await
+            .unwrap();
+        let mut waited = Duration::ZERO;
+        while waited < Duration::from_millis(300) {
+            let fetched = second.fetch(10).await.unwrap();
+            assert!(fetched.is_empty(), "handed out again while kept alive");
+            waited += Duration::from_millis(20);
+        }
+        store.inner.commit(lock).await.unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(*sum.total.lock().unwrap(), 4);
     });
 }
