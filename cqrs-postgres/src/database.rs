@@ -128,13 +128,17 @@ impl PgDatabase {
         let mut migrator = Migrator::with_migrations(migrations);
         migrator.create_schema(format!("\"{}\"", self.sql.schema));
         migrator.dangerous_set_table_name(format!("\"{}\"._sqlx_migrations", self.sql.schema));
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|source| PgError::Migrate {
-                schema: self.sql.schema.clone(),
-                source,
-            })
+        let failed = |source| PgError::Migrate {
+            schema: self.sql.schema.clone(),
+            source,
+        };
+        // sqlx holds a session-level advisory lock while it migrates and returns early on an
+        // error (or is cancelled) without releasing it; a pooled connection would keep it and
+        // leave every other instance's `migrate` waiting. A connection that is closed after
+        // the run takes the lock with it.
+        let mut conn = self.pool.acquire().await.map_err(store_error)?;
+        conn.close_on_drop();
+        migrator.run(&mut *conn).await.map_err(failed)
     }
 
     /// Drops the schema and everything in it. For tests and tear-down scripts only: the

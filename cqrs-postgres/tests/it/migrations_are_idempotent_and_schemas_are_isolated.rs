@@ -54,3 +54,46 @@ async fn concurrent_migrations_apply_once_and_schemas_do_not_mix() {
     })
     .await;
 }
+
+/// A migration that fails (a table in its way) gives the migration lock back: another
+/// instance migrating another schema of the same database is not left waiting, and neither is
+/// a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migration_does_not_keep_the_migration_lock() {
+    if !postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let broken_id = cqrs_core::testing::test_id("migrate_broken");
+        let broken = options(&broken_id)
+            .max_connections(2)
+            .connect()
+            .await
+            .unwrap();
+        for statement in [
+            format!("CREATE SCHEMA \"{broken_id}\""),
+            format!("CREATE TABLE \"{broken_id}\".events (in_the_way int)"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(broken.pool())
+                .await
+                .unwrap();
+        }
+        let err = broken.migrate().await.unwrap_err();
+        assert!(err.to_string().contains(&broken_id), "{err}");
+
+        let other_id = cqrs_core::testing::test_id("migrate_after_broken");
+        let other = options(&other_id).connect().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(15), other.migrate())
+            .await
+            .expect("another instance's migration was left waiting for the lock")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(15), broken.migrate())
+            .await
+            .expect("a retry was left waiting")
+            .unwrap_err();
+        other.drop_schema().await.unwrap();
+        broken.drop_schema().await.unwrap();
+    })
+    .await;
+}
