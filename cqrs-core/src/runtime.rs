@@ -219,7 +219,9 @@ impl RuntimeBuilder {
         self
     }
 
-    /// The backoff before a failed worker runs again: doubles from `min` up to `max`.
+    /// The backoff before a failed worker runs again: doubles from `min` up to `max` while the
+    /// worker keeps failing, and starts from `min` again after a run that lasted at least
+    /// `max`.
     /// Defaults: 100 ms to 30 s.
     pub fn restart_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
@@ -247,6 +249,7 @@ impl RuntimeBuilder {
             tasks.spawn(async move {
                 let mut backoff = min;
                 loop {
+                    let started = tokio::time::Instant::now();
                     let result = crate::panic::CatchUnwind::new(worker.run(ctx.clone())).await;
                     if ctx.shutdown.is_requested() {
                         reporter.set(Health::Stopped);
@@ -257,6 +260,11 @@ impl RuntimeBuilder {
                         Ok(Err(e)) => e.to_string(),
                         Err(panic) => format!("panicked: {panic}"),
                     };
+                    // A run that lasted longer than the longest backoff was a recovery: the
+                    // next failure is a new incident, not the next of a streak.
+                    if started.elapsed() >= max {
+                        backoff = min;
+                    }
                     tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
                     reporter.set(Health::Unhealthy(reason));
                     tokio::select! {

@@ -152,3 +152,67 @@ fn a_grace_of_duration_max_waits_for_the_workers() {
         assert!(finished.load(Ordering::SeqCst));
     });
 }
+
+/// Fails at once on runs 1–4 and 6, fails after running a while on run 5, then runs until
+/// shutdown; records when each run started.
+struct Relapsing {
+    starts: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+}
+
+#[async_trait]
+impl Worker for Relapsing {
+    fn name(&self) -> &str {
+        "relapsing"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let run = {
+            let mut starts = self.starts.lock().unwrap();
+            starts.push(tokio::time::Instant::now());
+            starts.len()
+        };
+        match run {
+            5 => tokio::time::sleep(Duration::from_secs(2)).await,
+            7.. => {
+                ctx.shutdown.requested().await;
+                return Ok(());
+            }
+            _ => {}
+        }
+        Err(format!("run {run} failed").into())
+    }
+}
+
+/// The restart backoff grows while a worker keeps failing, and starts again from the minimum
+/// after a run that lasted: a failure days after the last one is not met with the maximum.
+#[test]
+fn the_restart_backoff_starts_over_after_a_run_that_lasted() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(async {
+            let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let runtime = Runtime::builder()
+                .restart_backoff(Duration::from_millis(100), Duration::from_millis(800))
+                .worker(Relapsing {
+                    starts: starts.clone(),
+                })
+                .start();
+            eventually(Duration::from_secs(30), "seven runs", || async {
+                (starts.lock().unwrap().len() >= 7).then_some(())
+            })
+            .await;
+            let starts = starts.lock().unwrap().clone();
+            let gaps: Vec<u128> = starts
+                .windows(2)
+                .map(|w| (w[1] - w[0]).as_millis())
+                .collect();
+            assert_eq!(&gaps[..4], [100, 200, 400, 800], "growing while failing");
+            let after_long_run = (starts[5] - (starts[4] + Duration::from_secs(2))).as_millis();
+            assert_eq!(after_long_run, 100, "started over after the 2 s run");
+            assert_eq!(gaps[5], 200, "and grows again from there");
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        });
+}
