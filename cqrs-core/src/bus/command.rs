@@ -198,6 +198,33 @@ impl<L> CommandBusBuilder<L> {
     }
 }
 
+/// A command through the layers. Its own future, so a layered dispatch does not carry the
+/// direct path's state (and `dispatch_with`'s `Either` stays the size of the larger path).
+async fn execute_layered<C: Command>(
+    service: &Arc<dyn ErasedService>,
+    command: C,
+    metadata: Metadata,
+    extensions: Extensions,
+) -> Result<Executed<C::Output>, DispatchError> {
+    let mut dispatch = Dispatch::message(
+        MessageKind::Command,
+        C::NAME,
+        metadata,
+        command_call(command),
+    );
+    *dispatch.extensions_mut() = extensions;
+    let mut reply = service.call(dispatch).await?;
+    let output = reply.take_output::<C::Output>().ok_or_else(|| {
+        DispatchError::Middleware(
+            format!("a layer replaced the reply of command `{}`", C::NAME).into(),
+        )
+    })?;
+    Ok(Executed {
+        output,
+        events: reply.events,
+    })
+}
+
 struct Inner {
     registries: Arc<Registries>,
     service: Option<Arc<dyn ErasedService>>,
@@ -274,7 +301,7 @@ impl CommandBus {
         // paths would carry the layered path's state on every dispatch.
         match &self.inner.service {
             None => Either::Left(self.dispatch_direct(command, metadata)),
-            Some(_) => Either::Right(self.dispatch_layered(command, metadata)),
+            Some(service) => Either::Right(self.dispatch_layered(service, command, metadata)),
         }
     }
 
@@ -301,10 +328,11 @@ impl CommandBus {
 
     async fn dispatch_layered<C: Command>(
         &self,
+        service: &Arc<dyn ErasedService>,
         command: C,
         metadata: Metadata,
     ) -> Result<C::Output, DispatchError> {
-        let executed = self.execute(command, metadata).await?;
+        let executed = execute_layered(service, command, metadata, Extensions::new()).await?;
         if !executed.events.is_empty()
             && let Some(sink) = &self.inner.sink
         {
@@ -335,25 +363,7 @@ impl CommandBus {
     ) -> Result<Executed<C::Output>, DispatchError> {
         match &self.inner.service {
             None => self.execute_direct(command, metadata, extensions).await,
-            Some(service) => {
-                let mut dispatch = Dispatch::message(
-                    MessageKind::Command,
-                    C::NAME,
-                    metadata,
-                    command_call(command),
-                );
-                *dispatch.extensions_mut() = extensions;
-                let mut reply = service.call(dispatch).await?;
-                let output = reply.take_output::<C::Output>().ok_or_else(|| {
-                    DispatchError::Middleware(
-                        format!("a layer replaced the reply of command `{}`", C::NAME).into(),
-                    )
-                })?;
-                Ok(Executed {
-                    output,
-                    events: reply.events,
-                })
-            }
+            Some(service) => execute_layered(service, command, metadata, extensions).await,
         }
     }
 
