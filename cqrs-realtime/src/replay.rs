@@ -124,6 +124,9 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     ));
                 }
             };
+            if batch.is_empty() && self.read == 0 && self.cursor > Position::START {
+                self.check_within_log().await?;
+            }
             let caught_up = batch.len() < options.replay_batch;
             for record in &batch {
                 self.read += 1;
@@ -160,6 +163,38 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     options.replay_limit
                 )));
             }
+        }
+    }
+
+    /// Nothing follows `since` in the log: fine if `since` is its last event, but a position
+    /// past its end (an in-memory log that restarted, a position from another deployment)
+    /// would hold back every live event until the log reached it. Such a position is refused:
+    /// the subscription goes live from the log's end, and the client is told to reload.
+    async fn check_within_log(&mut self) -> Result<(), End> {
+        let since = self.cursor;
+        let before = Position::new(since.get() - 1);
+        match timeout(
+            self.hub.options.operation_timeout,
+            self.store.read_all(before, 1),
+        )
+        .await
+        {
+            Ok(Ok(batch)) if batch.is_empty() => {
+                self.cursor = Position::START;
+                Err(End::Failed(format!(
+                    "position {since} is past the end of the event log (it was reset, or the position \
+                     is from another server): reload the state over HTTP; live events follow"
+                )))
+            }
+            // The event at `since` (or one after it, just appended) is there.
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(error)) => {
+                tracing::warn!(topic = %self.topic, %error, "replay read failed");
+                Err(End::Failed("the event log is unavailable".to_owned()))
+            }
+            Err(_) => Err(End::Failed(
+                "the event log did not answer in time".to_owned(),
+            )),
         }
     }
 

@@ -175,6 +175,44 @@ async fn a_gap_longer_than_the_replay_limit_is_reported() {
     .await;
 }
 
+/// A `since` past the end of the log (an in-memory log that restarted, a position from another
+/// deployment) is reported, and live events flow at once: they are not held back until the log
+/// reaches that position. Resuming from the last event of the log is no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_past_the_end_of_the_log_is_reported_and_live_events_flow() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        t.publish("t1", "u1", 1).await;
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "1000000"}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        let code = client.error_code().await;
+        assert_eq!(code, "resume_failed");
+        t.publish("t1", "u1", 2).await;
+        assert_eq!(client.event().await.seq, 2, "live events are not held back");
+
+        // From the log's last event: nothing to replay, nothing to report.
+        let last = client_last_position(&t).await;
+        let mut resumed = t.connect("user-u1").await;
+        resumed
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": last.to_string()}))
+            .await;
+        resumed.expect_subscribed("tickets").await;
+        t.publish("t1", "u1", 3).await;
+        assert_eq!(resumed.event().await.seq, 3);
+        resumed.ping_pong().await;
+    })
+    .await;
+}
+
+/// The position of the last event in the hub's store.
+async fn client_last_position(t: &TestHub) -> Position {
+    let all = t.store.read_all(Position::START, 1000).await.unwrap();
+    all.last().and_then(|r| r.position).expect("a stored event")
+}
+
 /// An event store that runs a hook once, when a replay's read has caught up but before the
 /// read returns: what happens in that window is what the replay must not lose.
 struct HookStore {
