@@ -1,7 +1,7 @@
 //! The tickets plugin's commands, queries and their handlers.
 
 use crate::domain::{Priority, Status, Ticket, TicketCommand, TicketState};
-use crate::index::{Cursors, ListFilter, TicketIndex};
+use crate::index::{Cursors, ListFilter, TicketIndex, sort_key};
 use crate::postgres::PgTicketIndex;
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
@@ -452,9 +452,7 @@ impl QueryHandler<ListTickets> for Tickets {
         let mut items = self.index.list(&filter, after, q.limit + 1).await?;
         let next_cursor = if items.len() > q.limit {
             items.truncate(q.limit);
-            items
-                .last()
-                .map(|t| self.cursors.encode((t.created_at, t.id)))
+            items.last().map(|t| self.cursors.encode(sort_key(t)))
         } else {
             None
         };

@@ -1,7 +1,7 @@
 //! The list index and the stats read model in Postgres, for the Postgres mode.
 
 use crate::domain::{Status, Ticket, TicketEvent};
-use crate::index::{ListFilter, SortKey, TicketIndex};
+use crate::index::{ListFilter, SortKey, TicketIndex, sort_key};
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
 use cqrs_core::ports::StoreError;
@@ -86,7 +86,7 @@ impl PgTicketIndex {
         let summary = serde_json::to_value(&summary).map_err(|e| StoreError::Codec(e.into()))?;
         sqlx::query(AssertSqlSafe(self.upsert.to_string()))
             .bind(ticket.id)
-            .bind(ticket.created_at)
+            .bind(sort_key(ticket).0)
             .bind(ticket.reporter_id)
             .bind(text(&ticket.status))
             .bind(text(&ticket.priority))
