@@ -31,7 +31,8 @@ pub(crate) fn migration(schema: &str) -> Migration {
                 key text NOT NULL,
                 at timestamptz NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS login_failures_key_at ON {schema}.login_failures (key, at);"
+            CREATE INDEX IF NOT EXISTS login_failures_key_at ON {schema}.login_failures (key, at);
+            CREATE INDEX IF NOT EXISTS login_failures_at ON {schema}.login_failures (at);"
         ),
     }
 }
@@ -169,6 +170,27 @@ impl PgLoginThrottle {
         }
     }
 
+    /// Deletes a few attempts of any key that left the window: keys of many different emails
+    /// would otherwise stay forever. Each attempt adds one row and sweeps up to `SWEEP` (by the
+    /// `at` index), so the table stays about as large as the attempts in the window.
+    async fn sweep(&self, since: DateTime<Utc>) {
+        const SWEEP: i64 = 64;
+        let sql = format!(
+            "DELETE FROM {s}.login_failures WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM {s}.login_failures WHERE at <= $1 LIMIT $2))",
+            s = self.schema
+        );
+        let swept = sqlx::query(AssertSqlSafe(sql))
+            .bind(since)
+            .bind(SWEEP)
+            .execute(self.db.pool())
+            .await;
+        // Only housekeeping: the next attempt sweeps again.
+        if let Err(error) = swept {
+            tracing::debug!(%error, "could not sweep expired login failures");
+        }
+    }
+
     fn since(&self, now: DateTime<Utc>) -> DateTime<Utc> {
         now - chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX / 2)
     }
@@ -226,6 +248,7 @@ impl LoginThrottle for PgLoginThrottle {
             .await
             .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
+        self.sweep(since).await;
         Ok(None)
     }
 
@@ -242,5 +265,54 @@ impl LoginThrottle for PgLoginThrottle {
             .await
             .map_err(store_error)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::clock::ManualClock;
+    use cqrs_postgres::PgOptions;
+
+    /// Attempts of keys nobody tries again are swept once they left the window.
+    #[tokio::test]
+    async fn expired_attempts_of_other_keys_are_swept() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = cqrs_core::testing::test_id("auth_sweep");
+        let db = PgOptions::new(url.clone())
+            .schema(&schema)
+            .max_connections(2)
+            .connect()
+            .await;
+        let Some(db) = cqrs_core::testing::require_services("postgres", &url, db.is_ok())
+            .then(|| db.ok())
+            .flatten()
+        else {
+            return;
+        };
+        db.migrate().await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(migration(db.schema()).sql))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let clock = Arc::new(ManualClock::new());
+        let window = Duration::from_secs(60);
+        let throttle = PgLoginThrottle::new(db.clone(), clock.clone(), 10, window);
+        for n in 0..100 {
+            assert_eq!(throttle.attempt(&format!("a{n}@x|ip")).await.unwrap(), None);
+        }
+        clock.advance(window + Duration::from_secs(1));
+        throttle.attempt("someone-else@x|ip").await.unwrap();
+        throttle.attempt("someone-else@x|ip").await.unwrap();
+        let rows: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.login_failures",
+            db.schema()
+        )))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows, 2, "only the attempts still in the window are left");
+        db.drop_schema().await.unwrap();
     }
 }
