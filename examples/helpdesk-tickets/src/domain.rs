@@ -237,6 +237,21 @@ impl TicketState {
     }
 }
 
+/// The most comments one ticket holds. A ticket is read, folded and sent whole, so what a
+/// client can add to it must be bounded.
+pub(crate) const MAX_COMMENTS: usize = 500;
+
+/// The most comment text (UTF-8 bytes) one ticket holds, for the same reason.
+pub(crate) const MAX_COMMENT_BYTES: usize = 1024 * 1024;
+
+fn comment_bytes(ticket: &Ticket) -> usize {
+    ticket.comments.iter().map(|c| c.body.len()).sum()
+}
+
+fn ticket_full(message: String) -> HandlerError {
+    HandlerError::conflict("ticket_full", message)
+}
+
 fn closed() -> HandlerError {
     HandlerError::conflict("ticket_closed", "the ticket is closed")
 }
@@ -289,6 +304,17 @@ impl Aggregate for TicketState {
                 }
                 .into(),
             ]),
+            TicketCommand::Comment { .. } if t.comments.len() >= MAX_COMMENTS => Err(ticket_full(
+                format!("a ticket holds at most {MAX_COMMENTS} comments: open a new ticket"),
+            )),
+            TicketCommand::Comment { ref body, .. }
+                if comment_bytes(t).saturating_add(body.len()) > MAX_COMMENT_BYTES =>
+            {
+                Err(ticket_full(format!(
+                    "a ticket holds at most {} KiB of comments: open a new ticket",
+                    MAX_COMMENT_BYTES / 1024
+                )))
+            }
             TicketCommand::Comment {
                 comment_id,
                 author_id,
@@ -312,5 +338,62 @@ impl Aggregate for TicketState {
                 .into(),
             ]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_ticket() -> TicketState {
+        let mut state = TicketState::default();
+        let id = Uuid::now_v7();
+        let opened = state
+            .decide(TicketCommand::Open {
+                id,
+                reporter_id: Uuid::now_v7(),
+                title: "t".into(),
+                description: "d".into(),
+                priority: Priority::default(),
+            })
+            .unwrap();
+        for event in &opened {
+            state.apply(event);
+        }
+        state
+    }
+
+    fn comment(state: &mut TicketState, body: &str) -> Result<(), HandlerError> {
+        let events = state.decide(TicketCommand::Comment {
+            comment_id: Uuid::now_v7(),
+            author_id: Uuid::now_v7(),
+            body: body.into(),
+        })?;
+        for event in &events {
+            state.apply(event);
+        }
+        Ok(())
+    }
+
+    /// A client cannot grow a ticket without bound: past the comment count or size, a comment
+    /// is refused with `ticket_full`.
+    #[test]
+    fn a_ticket_refuses_comments_past_its_limits() {
+        let mut state = open_ticket();
+        for _ in 0..MAX_COMMENTS {
+            comment(&mut state, "short").unwrap();
+        }
+        let err = comment(&mut state, "one more").unwrap_err();
+        assert_eq!(err.code(), "ticket_full");
+
+        let mut state = open_ticket();
+        let big = "x".repeat(40_000);
+        let fit = MAX_COMMENT_BYTES / big.len();
+        for _ in 0..fit {
+            comment(&mut state, &big).unwrap();
+        }
+        let err = comment(&mut state, &big).unwrap_err();
+        assert_eq!(err.code(), "ticket_full");
+        comment(&mut state, "x").expect("a short one still fits");
     }
 }

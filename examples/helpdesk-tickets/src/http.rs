@@ -415,7 +415,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
     let conflict = |op: Operation| {
         op.response(
             409,
-            "`ticket_closed`, or `version_conflict` for a stale expected_version",
+            "`ticket_closed`, `ticket_full` (a comment past 500 comments or 1 MiB of them), or `version_conflict` for a stale expected_version",
             None,
         )
     };
