@@ -38,6 +38,15 @@ pub trait Authenticator: Send + Sync + 'static {
 
     /// The principal the token stands for, or why it is refused.
     async fn authenticate(&self, token: &str) -> Result<Self::Principal, Unauthenticated>;
+
+    /// Who the principal is, as a stable key (a user id): the hub holds at most
+    /// [`max_connections_per_principal`](crate::HubOptions::max_connections_per_principal)
+    /// connections per key, so one client cannot take every connection the hub may hold.
+    /// `None`, the default, leaves the principal's connections uncounted.
+    fn connection_key(&self, principal: &Self::Principal) -> Option<String> {
+        let _ = principal;
+        None
+    }
 }
 
 /// A refused handshake: the client gets 401 with this message.

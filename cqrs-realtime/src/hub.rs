@@ -84,6 +84,8 @@ pub(crate) struct HubInner<P> {
     started: OnceLock<()>,
     next_id: AtomicU64,
     open: AtomicUsize,
+    /// Open connections per principal key (`Authenticator::connection_key`).
+    per_principal: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     all_closed: Notify,
 }
 
@@ -107,10 +109,30 @@ impl<P> HubInner<P> {
 /// fails, which drops the callback holding it).
 pub(crate) struct ConnectionSlot<P> {
     hub: Arc<HubInner<P>>,
+    /// The principal's key, counted in `per_principal`.
+    key: Option<String>,
+    /// Whether the connection holds a place in the hub (`open`).
+    placed: bool,
 }
 
 impl<P> Drop for ConnectionSlot<P> {
     fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut counts = self
+                .hub
+                .per_principal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = counts.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
+        if !self.placed {
+            return;
+        }
         self.hub.metrics.connection_closed();
         if self.hub.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.hub.all_closed.notify_waiters();
@@ -224,6 +246,35 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 );
             }
         };
+        // Counted before the hub-wide limit, so a principal past its own limit does not take a
+        // place in the hub's.
+        let key = inner.authenticator.connection_key(&principal);
+        if let Some(key) = &key {
+            let per_principal = inner.options.max_connections_per_principal;
+            let mut counts = inner
+                .per_principal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let open = counts.entry(key.clone()).or_insert(0);
+            if *open >= per_principal {
+                drop(counts);
+                inner.metrics.refused("too_many_connections_for_principal");
+                return error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    &format!(
+                        "this user holds {per_principal} WebSocket connections, as many as one may; close one first"
+                    ),
+                );
+            }
+            *open += 1;
+        }
+        // From here the slot owns the principal's count (and, once taken, the hub's place).
+        let mut slot = ConnectionSlot {
+            hub: inner.clone(),
+            key,
+            placed: false,
+        };
         let max = inner.options.max_connections;
         if inner
             .open
@@ -232,6 +283,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             })
             .is_err()
         {
+            drop(slot);
             inner.metrics.refused("too_many_connections");
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -239,8 +291,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 "the server holds as many WebSocket connections as it may; try again later",
             );
         }
+        slot.placed = true;
         inner.metrics.connection_opened();
-        let slot = ConnectionSlot { hub: inner.clone() };
         let hub = inner.clone();
         let o = &inner.options;
         upgrade
@@ -419,6 +471,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 started: OnceLock::new(),
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
+                per_principal: std::sync::Mutex::default(),
                 all_closed: Notify::new(),
             }),
         })

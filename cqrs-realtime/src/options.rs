@@ -30,6 +30,7 @@ pub struct HubOptions {
     pub(crate) max_frame_size: usize,
     pub(crate) max_subscriptions: usize,
     pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_principal: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) close_timeout: Duration,
@@ -51,6 +52,7 @@ impl Default for HubOptions {
             max_frame_size: 4 * 1024,
             max_subscriptions: 32,
             max_connections: 20_000,
+            max_connections_per_principal: 16,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             close_timeout: Duration::from_secs(5),
@@ -120,6 +122,14 @@ impl HubOptions {
     /// Connections the hub holds at once; further handshakes get 503. Default 20,000.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
+        self
+    }
+
+    /// Connections one principal holds at once, for principals the
+    /// [`Authenticator::connection_key`](crate::Authenticator::connection_key) names; further
+    /// handshakes of that principal get 429. Default 16 (tabs and devices of one user).
+    pub fn max_connections_per_principal(mut self, connections: usize) -> Self {
+        self.max_connections_per_principal = connections;
         self
     }
 
@@ -203,6 +213,11 @@ impl HubOptions {
         at_least("max_frame_size", self.max_frame_size, 256);
         at_least("max_subscriptions", self.max_subscriptions, 1);
         at_least("max_connections", self.max_connections, 1);
+        at_least(
+            "max_connections_per_principal",
+            self.max_connections_per_principal,
+            1,
+        );
         at_least("replay_batch", self.replay_batch, 1);
         at_least("replay_buffer", self.replay_buffer, 1);
         if self.max_write_buffer_size <= self.write_buffer_size {

@@ -115,6 +115,37 @@ async fn refusals_are_json_over_plain_http() {
     .await;
 }
 
+/// One user cannot take the hub's connections: past `max_connections_per_principal`, its
+/// handshakes get 429 while other users still connect, and a closed connection gives its
+/// place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_holds_at_most_its_share_of_connections() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(
+            HubOptions::new()
+                .max_connections(3)
+                .max_connections_per_principal(2),
+        )
+        .await;
+        let _a = t.connect("user-u1").await;
+        let mut b = t.connect("user-u1").await;
+        let (status, body) = handshake(&t, "?token=user-u1", None).await;
+        assert_eq!(status, 429);
+        assert_eq!(body["error"]["code"], "too_many_connections");
+        // The refused one took no place in the hub: another user gets the last one.
+        let _c = t.connect("user-u2").await;
+        b.ws.close(None).await.unwrap();
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(10),
+            "the closed connection is released",
+            || async { (t.hub.stats().connections == 2).then_some(()) },
+        )
+        .await;
+        assert_eq!(handshake(&t, "?token=user-u1", None).await.0, 101);
+    })
+    .await;
+}
+
 /// Handshakes beyond `max_connections` get 503 `too_many_connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_beyond_the_connection_limit_get_503() {

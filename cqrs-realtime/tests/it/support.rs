@@ -6,8 +6,8 @@ use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
 use cqrs_core::ports::{EventStore, PubSub};
 use cqrs_core::{EventRecord, ExpectedVersion, Metadata, RecordMetadata};
 use cqrs_realtime::{
-    AuthenticateFn, Authenticator, Authorizer, EventRouting, Hub, HubBuilder, HubOptions,
-    PushedEvent, Refusal, Routed, ServerFrame, Topic, Unauthenticated,
+    Authenticator, Authorizer, EventRouting, Hub, HubBuilder, HubOptions, PushedEvent, Refusal,
+    Routed, ServerFrame, Topic, Unauthenticated,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -32,9 +32,19 @@ pub(crate) struct User {
     pub(crate) agent: bool,
 }
 
-/// Tokens `agent-<id>` and `user-<id>`; anything else is refused.
+/// Tokens `agent-<id>` and `user-<id>`; anything else is refused. Connections are counted per
+/// id.
 pub(crate) fn authenticator() -> impl Authenticator<Principal = User> {
-    AuthenticateFn::new(|token: String| async move {
+    TestTokens
+}
+
+pub(crate) struct TestTokens;
+
+#[async_trait]
+impl Authenticator for TestTokens {
+    type Principal = User;
+
+    async fn authenticate(&self, token: &str) -> Result<User, Unauthenticated> {
         if let Some(id) = token.strip_prefix("agent-") {
             Ok(User {
                 id: id.to_owned(),
@@ -48,7 +58,11 @@ pub(crate) fn authenticator() -> impl Authenticator<Principal = User> {
         } else {
             Err(Unauthenticated::new("invalid token"))
         }
-    })
+    }
+
+    fn connection_key(&self, user: &User) -> Option<String> {
+        Some(user.id.clone())
+    }
 }
 
 /// `tickets` and `ticket:<id>` on channel `tickets`, like the helpdesk.

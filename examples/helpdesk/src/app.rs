@@ -394,6 +394,11 @@ impl cqrs_realtime::Authenticator for HubAuthenticator {
             .await
             .map_err(|e| Unauthenticated::new(e.to_string()))
     }
+
+    /// One user's connections are counted together (`max_connections_per_principal`).
+    fn connection_key(&self, user: &User) -> Option<String> {
+        Some(user.id.to_string())
+    }
 }
 
 /// The hub asks the feed's rules.
