@@ -118,6 +118,10 @@ impl QueryContext {
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
     }
+
+    pub(crate) fn into_extensions(self) -> Extensions {
+        self.extensions
+    }
 }
 
 /// The context of one event delivery to one handler. Cheap to copy.

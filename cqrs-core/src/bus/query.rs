@@ -52,7 +52,8 @@ fn query_call<Q: Query>(query: Q) -> Pin<Box<dyn Call>> {
                 let ctx = QueryContext::with_extensions(metadata, extensions);
                 let output =
                     guarded(MessageKind::Query, Q::NAME, handler.handle(query, &ctx)).await?;
-                Ok((output, Vec::new(), Extensions::new()))
+                // The layers get their values back in the reply (a transaction to end).
+                Ok((output, Vec::new(), ctx.into_extensions()))
             })
         },
     )

@@ -8,8 +8,10 @@ use tracing::Instrument;
 use tracing::instrument::Instrumented;
 
 /// Wraps each dispatch in an `INFO` span named `dispatch` with the fields `kind`, `message`
-/// (the wire name), `message_id`, `correlation_id` and `causation_id`, and logs failures at
-/// `DEBUG` inside it. The ids are formatted only if a subscriber records the span, and a span
+/// (the wire name), `message_id`, `correlation_id` and `causation_id`. It logs no events of its
+/// own: whatever the handler and the inner layers log falls inside the span, and a failure is
+/// the caller's to log (its `DispatchError` says what failed). The ids are formatted only if a
+/// subscriber records the span, and a span
 /// no subscriber is interested in is not entered at all (with `tracing`'s `log` feature, which
 /// axum turns on, entering and leaving even a disabled span costs a `log` check each time).
 ///

@@ -218,3 +218,75 @@ fn a_layer_that_is_not_ready_holds_the_dispatch_until_it_is() {
         assert!(result.is_ok(), "{result:?}");
     });
 }
+
+/// A value a layer lends the handler through the dispatch's extensions.
+#[derive(Clone, Debug, PartialEq)]
+struct Lent(u32);
+
+/// Puts [`Lent`] in each dispatch and records whether the reply hands it back.
+#[derive(Clone)]
+struct Lend<S> {
+    inner: S,
+    back: Arc<Mutex<Vec<bool>>>,
+}
+
+impl<S> Service<Dispatch> for Lend<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut dispatch: Dispatch) -> Self::Future {
+        dispatch.extensions_mut().insert(Lent(7));
+        let fut = self.inner.call(dispatch);
+        let back = self.back.clone();
+        Box::pin(async move {
+            let mut reply = fut.await.map_err(Into::into)?;
+            let returned = reply.extensions_mut().remove::<Lent>() == Some(Lent(7));
+            back.lock().unwrap().push(returned);
+            Ok(reply)
+        })
+    }
+}
+
+/// What a layer lends through the extensions comes back to it in the reply, for queries as
+/// for commands (a layer that opened a transaction ends it there).
+#[test]
+fn a_layer_gets_back_what_it_lent_the_handler() {
+    run(async {
+        let back = Arc::new(Mutex::new(Vec::new()));
+        let lend = {
+            let back = back.clone();
+            tower::layer::layer_fn(move |inner| Lend {
+                inner,
+                back: back.clone(),
+            })
+        };
+        let commands = CommandBus::builder()
+            .layer(lend.clone())
+            .handler(AddHandler)
+            .build()
+            .unwrap();
+        let add = Add {
+            a: 1,
+            b: 2,
+            ..Add::default()
+        };
+        assert_eq!(commands.dispatch(add).await.unwrap(), 3);
+        let queries = cqrs_core::QueryBus::builder()
+            .layer(lend)
+            .handler(DoubleHandler)
+            .build()
+            .unwrap();
+        assert_eq!(queries.dispatch(Double(2)).await.unwrap(), 4);
+        assert_eq!(*back.lock().unwrap(), [true, true], "command, then query");
+    });
+}
