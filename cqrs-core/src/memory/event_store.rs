@@ -3,9 +3,10 @@
 use crate::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
 use crate::{EventRecord, Position};
 use async_trait::async_trait;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 #[derive(Default)]
 struct State {
@@ -13,6 +14,8 @@ struct State {
     all: Vec<EventRecord>,
     /// Per stream, the indexes into `all`.
     streams: HashMap<String, Vec<usize>>,
+    /// Every stored event id: an id is stored once, as a unique constraint does in Postgres.
+    ids: HashSet<Uuid>,
 }
 
 /// An event store in process memory: for tests, examples, and single-process servers that
@@ -87,6 +90,21 @@ impl EventStore for InMemoryEventStore {
                     actual: current,
                 });
             }
+            let mut batch = HashSet::with_capacity(events.len());
+            if let Some(duplicate) = events
+                .iter()
+                .find(|e| state.ids.contains(&e.event_id) || !batch.insert(e.event_id))
+            {
+                return Err(StoreError::Backend {
+                    backend: "memory",
+                    source: format!(
+                        "event {} of this batch for stream {stream_id} is already stored (or twice in the batch): an event id is stored once",
+                        duplicate.event_id
+                    )
+                    .into(),
+                });
+            }
+            state.ids.extend(batch);
             let mut stored = Vec::with_capacity(events.len());
             for (i, event) in events.into_iter().enumerate() {
                 let index = state.all.len();

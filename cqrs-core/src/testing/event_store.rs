@@ -51,6 +51,7 @@ macro_rules! event_store_conformance {
                 append_then_load_returns_events_in_order_with_versions,
                 a_stale_expected_version_is_a_conflict,
                 a_conflicting_batch_writes_nothing,
+                an_event_id_is_stored_once,
                 concurrent_appends_at_one_version_exactly_one_wins,
                 expected_any_appends_at_whatever_version,
                 load_after_a_version_returns_the_tail,
@@ -189,6 +190,34 @@ pub async fn a_conflicting_batch_writes_nothing<H: EventStoreHarness>(h: &H) {
         .expect_err("a stale batch");
     assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
     assert_eq!(store.stream_version(&stream).await.unwrap(), 1);
+}
+
+/// An event id is stored once: appending a record again (a retry after an unclear failure,
+/// the same record to a second stream) fails and stores nothing, and so does a batch holding
+/// one id twice. Consumers dedupe by event id, so a second copy would never take effect.
+pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let (first, second) = (format!("{}-a", h.test_id()), format!("{}-b", h.test_id()));
+    let again = record(1);
+    store
+        .append(&first, ExpectedVersion::NO_STREAM, vec![again.clone()])
+        .await
+        .unwrap();
+    store
+        .append(&first, ExpectedVersion::Any, vec![record(2), again.clone()])
+        .await
+        .expect_err("an event id already stored, in the same stream");
+    store
+        .append(&second, ExpectedVersion::NO_STREAM, vec![again])
+        .await
+        .expect_err("an event id already stored, in another stream");
+    let twice = record(3);
+    store
+        .append(&second, ExpectedVersion::Any, vec![twice.clone(), twice])
+        .await
+        .expect_err("one id twice in a batch");
+    assert_eq!(numbers(&store.load(&first, 0).await.unwrap()), [1]);
+    assert_eq!(store.stream_version(&second).await.unwrap(), 0);
 }
 
 /// 50 tasks append at one expected version: exactly one wins, the rest get conflicts.
