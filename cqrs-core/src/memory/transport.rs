@@ -232,8 +232,21 @@ impl InMemoryConsumer {
             ));
         }
         group.waiting = kept;
-        for f in group.in_flight.values() {
-            next_due = Some(next_due.map_or(f.due, |d| d.min(f.due)));
+        // The next redelivery that can happen: only the first in flight of a key is handed
+        // out again, so a later one's due time (past, after a `defer`) is no reason to wake.
+        let mut first_of_key: HashMap<Option<String>, usize> = HashMap::new();
+        for i in group.in_flight.keys() {
+            first_of_key.entry(key_of(*i)).or_insert(*i);
+        }
+        for &i in first_of_key.values() {
+            if let Some(f) = group.in_flight.get(&i) {
+                next_due = Some(next_due.map_or(f.due, |d| d.min(f.due)));
+            }
+        }
+        for (i, f) in &group.in_flight {
+            if topic.log[*i].partition_key.is_none() {
+                next_due = Some(next_due.map_or(f.due, |d| d.min(f.due)));
+            }
         }
         (out, next_due)
     }
