@@ -32,11 +32,20 @@ impl<A: Aggregate> AggregateTest<A> {
         }
     }
 
-    /// An aggregate that has seen these events, in order.
+    /// An aggregate that has seen these events, in order, each in an envelope with fresh
+    /// metadata: replayed through [`Aggregate::apply_with`], as the repository replays them.
     pub fn given<E: Into<A::Event>>(events: impl IntoIterator<Item = E>) -> Self {
+        Self::given_with(events.into_iter().map(|e| (e, Metadata::new())))
+    }
+
+    /// Like [`given`](Self::given), with the metadata each event carries (who acted, when):
+    /// for aggregates whose [`apply_with`](Aggregate::apply_with) keeps it.
+    pub fn given_with<E: Into<A::Event>>(events: impl IntoIterator<Item = (E, Metadata)>) -> Self {
         let mut state = A::default();
-        for event in events {
-            state.apply(&event.into());
+        for (event, metadata) in events {
+            let event = event.into();
+            let envelope = event.clone().into_envelope(metadata);
+            state.apply_with(&event, &envelope);
         }
         Self { state }
     }

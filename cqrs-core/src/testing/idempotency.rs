@@ -169,15 +169,19 @@ pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
     };
     let store = h.store();
     let scope = h.test_id();
-    new(store.claim(scope, "k", "fp", DAY).await.unwrap())
-        .complete(StoredResponse::new(200, json!(1)))
-        .await
-        .unwrap();
+    for key in ["k", "purged"] {
+        new(store.claim(scope, key, "fp", DAY).await.unwrap())
+            .complete(StoredResponse::new(200, json!(1)))
+            .await
+            .unwrap();
+    }
     clock.advance(DAY - Duration::from_secs(60));
     replay(store.claim(scope, "k", "fp", DAY).await.unwrap());
     clock.advance(Duration::from_secs(120));
-    assert!(store.purge_expired().await.unwrap() >= 1);
+    // Expired is new again, whether a purge ran or not.
     new(store.claim(scope, "k", "other-fp", DAY).await.unwrap());
+    assert!(store.purge_expired().await.unwrap() >= 1);
+    new(store.claim(scope, "purged", "other-fp", DAY).await.unwrap());
 }
 
 /// A ttl too long for any calendar (`Duration::MAX`, "keep it") is no error and no panic: the

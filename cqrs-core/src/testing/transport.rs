@@ -226,10 +226,18 @@ pub async fn a_nacked_event_comes_back_after_the_delay<H: TransportHarness>(h: &
         .await
         .unwrap();
     let first = fetch_one(c.as_mut(), "the first delivery").await;
+    let nacked = std::time::Instant::now();
     c.nack(&first.id).await.unwrap();
     let again = fetch_one(c.as_mut(), "the redelivery").await;
+    let waited = nacked.elapsed();
     assert_eq!(again.record.event_id, e.event_id);
     assert!(again.attempt >= 2, "attempt {} after a nack", again.attempt);
+    // Not before the delay (less a little: a server's clock in whole milliseconds).
+    let delay = h.options().redelivery_delay;
+    assert!(
+        waited + Duration::from_millis(10) >= delay,
+        "redelivered after {waited:?}, before the redelivery delay of {delay:?}"
+    );
     c.ack(std::slice::from_ref(&again.id)).await.unwrap();
 }
 

@@ -136,3 +136,45 @@ fn concurrent_executions_at_one_version_leave_one_winner() {
         assert_eq!(store.stream_version("total-c").await.unwrap(), 2);
     });
 }
+
+/// Keeps who added last, which only the envelope tells (`apply_with`), and lets only them add
+/// again.
+#[derive(Debug, Default)]
+pub struct LastAdder {
+    last: Option<String>,
+}
+
+impl Aggregate for LastAdder {
+    const TYPE: &'static str = "last_adder";
+    type Event = CounterEvent;
+    type Command = &'static str;
+    type Error = HandlerError;
+
+    fn apply(&mut self, _event: &CounterEvent) {}
+
+    fn apply_with(&mut self, _event: &CounterEvent, envelope: &cqrs_core::EventEnvelope) {
+        self.last = envelope.metadata.actor.clone();
+    }
+
+    fn decide(&self, who: &'static str) -> Result<Vec<CounterEvent>, HandlerError> {
+        match &self.last {
+            Some(last) if last != who => Err(HandlerError::forbidden("not the last adder")),
+            _ => Ok(vec![Added { sum: 1 }.into()]),
+        }
+    }
+}
+
+/// The test kit replays given events as the repository does, through `apply_with`, with the
+/// metadata they were given.
+#[test]
+fn the_test_kit_replays_events_with_their_metadata() {
+    use cqrs_core::testing::AggregateTest;
+    let by_ada = || (Added { sum: 1 }, Metadata::new().with_actor("ada"));
+    AggregateTest::<LastAdder>::given_with([by_ada()])
+        .when("ada")
+        .then_expect_events([Added { sum: 1 }]);
+    let err = AggregateTest::<LastAdder>::given_with([by_ada()])
+        .when("bob")
+        .then_expect_error();
+    assert_eq!(err.code(), "forbidden");
+}
