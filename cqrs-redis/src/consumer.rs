@@ -11,7 +11,7 @@ use cqrs_core::ports::{Consumer, ConsumerOptions, Delivery, DeliveryId, Transpor
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::prelude::Options;
-use fred::types::Value;
+use fred::types::{ClusterHash, CustomCommand, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -220,6 +220,55 @@ impl RedisConsumer {
             held,
         )
         .await
+    }
+
+    /// Ends a blocking read this consumer's connection may still be waiting in (its `fetch`
+    /// was dropped). Best effort: a read that is not blocked, or a lookup that fails, leaves
+    /// nothing to do that the release of stranded entries does not cover once it returns.
+    async fn unblock_reader(&self) {
+        let Ok(ids) = connection::client_ids(&self.shared.client, &[self.reader.id()]).await else {
+            return;
+        };
+        for id in ids {
+            let unblocked: Result<Value, _> = self
+                .shared
+                .client
+                .with_options(&self.shared.patient())
+                .custom(
+                    CustomCommand::new("CLIENT", ClusterHash::Random, false),
+                    vec![Value::from("UNBLOCK"), Value::from(id)],
+                )
+                .await;
+            if let Err(error) = unblocked {
+                tracing::debug!(%error, "could not unblock the consumer's read");
+            }
+        }
+    }
+
+    /// Entries pending to this consumer that it neither holds nor handed out (up to 1,000).
+    async fn stranded(&self) -> Result<Vec<String>, TransportError> {
+        let reply: Value = self
+            .shared
+            .client
+            .with_options(&self.shared.patient())
+            .custom(
+                CustomCommand::new("XPENDING", ClusterHash::FirstKey, false),
+                vec![
+                    Value::from(self.keys.stream.as_str()),
+                    Value::from(self.group.as_str()),
+                    Value::from("-"),
+                    Value::from("+"),
+                    Value::from(1000),
+                    Value::from(self.options.consumer_name.as_str()),
+                ],
+            )
+            .await
+            .map_err(transport_error)?;
+        Ok(entry::array(reply)
+            .into_iter()
+            .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
+            .filter(|id| !self.in_flight.contains_key(id))
+            .collect())
     }
 
     /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
@@ -804,9 +853,14 @@ impl Consumer for RedisConsumer {
     /// Releases the entries held back at once, like [`RedisConsumer::close`]; the consumer
     /// stays usable (a later fetch reads on).
     async fn close(&mut self) -> Result<(), TransportError> {
-        let held = std::mem::take(&mut self.held);
+        let mut release = std::mem::take(&mut self.held);
         self.known.clear();
-        self.release(held).await
+        // A `fetch` dropped in its blocking read (a shutdown) leaves the read blocked; what
+        // it is served, or was served with the reply unread, is pending to this consumer but
+        // in no list. Unblock it, then release those too.
+        self.unblock_reader().await;
+        release.extend(self.stranded().await?);
+        self.release(release).await
     }
 
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {

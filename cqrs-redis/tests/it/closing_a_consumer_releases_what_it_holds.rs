@@ -39,3 +39,46 @@ async fn closing_a_consumer_releases_what_it_holds() {
     .await;
     env.cleanup().await;
 }
+
+/// A `fetch` dropped while its read blocks (a shutdown) leaves the read waiting on the
+/// server: an entry published then is delivered to it, pending to the consumer but handed to
+/// no one. Closing the consumer releases it too, so another takes it at once instead of after
+/// the redelivery delay (and its key's later entries do not wait that long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_releases_what_a_dropped_blocking_read_was_served() {
+    let Some(env) = Env::new("close-blocked").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let delay = Duration::from_secs(30);
+            let mut a = env
+                .join(&topic, "a", |o| {
+                    o.redelivery_delay(delay).block(Duration::from_secs(10))
+                })
+                .await;
+            // Waiting in its blocking read when the fetch is dropped.
+            let dropped = tokio::time::timeout(Duration::from_millis(500), a.fetch(10)).await;
+            assert!(dropped.is_err(), "nothing to fetch yet");
+            env.publish_one(&topic, "k", 1).await;
+            a.close().await.unwrap();
+
+            let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
+            let started = tokio::time::Instant::now();
+            let mut got = Vec::new();
+            while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
+                got = b.fetch(10).await.unwrap();
+            }
+            assert_eq!(
+                got.iter().map(n_of).collect::<Vec<_>>(),
+                [1],
+                "taken over within 5 s (the redelivery delay is {delay:?})"
+            );
+            drop(a);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
