@@ -9,7 +9,7 @@ use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
-use fred::types::Value;
+use fred::types::{ClusterHash, CustomCommand, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -154,10 +154,13 @@ impl RedisPubSubOptions {
 
         // Subscribe again after a reconnect: a new connection has no subscriptions. A refused
         // resubscription (the connection is still up: no reconnect will come to retry it) is
-        // tried again, channel by channel, with growing delays.
+        // tried again with growing delays. fred completes SUBSCRIBE unanswered, and a refusal
+        // that arrives before the confirming PING is queued is lost, so success is checked
+        // with Redis's own count of the connection's subscriptions (`CLIENT LIST`, `sub=`).
         let mut reconnects = subscriber.reconnect_rx();
-        let (client, watch, lock, full) = (
+        let (client, checker, watch, lock, full) = (
             subscriber.clone(),
+            publisher.clone(),
             fanout.clone(),
             upstream.clone(),
             prefix.clone(),
@@ -167,64 +170,49 @@ impl RedisPubSubOptions {
             self.connection.reconnect_max_delay,
         );
         tasks.push(tokio::spawn(async move {
-            // The channels still to subscribe after a refusal, and how many attempts failed.
-            let mut retry: Option<(Vec<Arc<str>>, u32)> = None;
+            // Failed attempts since the last success; a retry is due while it is above 0.
+            let mut failures = 0u32;
             loop {
-                let reconnected = match &retry {
-                    None => match reconnects.recv().await {
-                        Ok(_) | Err(RecvError::Lagged(_)) => true,
+                if failures == 0 {
+                    match reconnects.recv().await {
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => return,
-                    },
-                    Some((_, failures)) => tokio::select! {
+                    }
+                } else {
+                    tokio::select! {
                         event = reconnects.recv() => match event {
-                            Ok(_) | Err(RecvError::Lagged(_)) => true,
+                            Ok(_) | Err(RecvError::Lagged(_)) => failures = 0,
                             Err(RecvError::Closed) => return,
                         },
-                        () = tokio::time::sleep(retry_delay(min_delay, max_delay, *failures)) => false,
-                    },
-                };
+                        () = tokio::time::sleep(retry_delay(min_delay, max_delay, failures)) => {}
+                    }
+                }
                 let _guard = lock.lock().await;
-                let live = watch.channels();
-                let (channels, failures) = match retry.take() {
-                    // A retry covers what failed and still has local subscribers.
-                    Some((failed, failures)) if !reconnected => (
-                        failed
-                            .into_iter()
-                            .filter(|c| live.contains(c))
-                            .collect::<Vec<_>>(),
-                        failures,
-                    ),
-                    _ => (live, 0),
-                };
+                let channels = watch.channels();
                 if channels.is_empty() {
+                    failures = 0;
                     continue;
                 }
-                let failed = if reconnected {
-                    // All at once on a new connection; one by one if that is refused, so one
-                    // refused channel does not hold back the others.
-                    match confirmed_subscribe(&client, names(&full, &channels)).await {
-                        Ok(()) => Vec::new(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "redis pub/sub could not resubscribe after a reconnect; trying again");
-                            channels
-                        }
-                    }
-                } else {
-                    let mut failed = Vec::new();
-                    for channel in channels {
-                        if let Err(e) =
-                            confirmed_subscribe(&client, vec![format!("{full}{channel}")]).await
-                        {
-                            tracing::warn!(channel = %channel, error = %e, attempt = failures + 1, "redis pub/sub could not resubscribe; trying again");
-                            failed.push(channel);
-                        }
-                    }
-                    failed
+                // Every channel, also on a retry: subscribing again to a live one is harmless.
+                let outcome = match confirmed_subscribe(&client, names(&full, &channels)).await {
+                    Ok(()) => match subscription_count(&checker, &client).await {
+                        Some(n) if n < channels.len() => Err(format!(
+                            "Redis holds {n} of the {} subscriptions (refused: an ACL?)",
+                            channels.len()
+                        )),
+                        _ => Ok(()),
+                    },
+                    Err(e) => Err(e.to_string()),
                 };
-                if failed.is_empty() {
-                    tracing::debug!("redis pub/sub resubscribed");
-                } else {
-                    retry = Some((failed, failures.saturating_add(1)));
+                match outcome {
+                    Ok(()) => {
+                        failures = 0;
+                        tracing::debug!(channels = channels.len(), "redis pub/sub resubscribed");
+                    }
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(%error, attempt = failures, "redis pub/sub could not resubscribe; trying again");
+                    }
                 }
             }
         }));
@@ -330,6 +318,26 @@ async fn confirmed_subscribe(
     client.subscribe(names).await?;
     client.ping::<Value>(None).await?;
     Ok(())
+}
+
+/// How many channels the subscriber's connection is subscribed to, as Redis counts them
+/// (`CLIENT LIST`, `sub=`); `None` when it cannot tell (the connection is not listed, or the
+/// user may not run `CLIENT LIST`).
+async fn subscription_count(admin: &Client, subscriber: &SubscriberClient) -> Option<usize> {
+    let list: String = admin
+        .custom(
+            CustomCommand::new("CLIENT", ClusterHash::Random, false),
+            vec![Value::from("LIST")],
+        )
+        .await
+        .ok()?;
+    let name = format!("name={}", subscriber.id());
+    list.lines()
+        .find(|line| line.split(' ').any(|part| part == name))?
+        .split(' ')
+        .find_map(|part| part.strip_prefix("sub="))?
+        .parse()
+        .ok()
 }
 
 fn names(prefix: &str, channels: &[Arc<str>]) -> Vec<String> {

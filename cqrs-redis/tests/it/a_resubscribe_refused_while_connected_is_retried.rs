@@ -2,7 +2,8 @@
 //! reconnect that may never come. The test's own ACL user loses the right to its channels,
 //! which makes Redis drop its subscribed connection; fred reconnects, the resubscription is
 //! refused (`NOPERM`, seen in `ACL LOG`), the right comes back, and the channel is subscribed
-//! again without another reconnect.
+//! again without another reconnect. (The refusal is seen in Redis's count of the connection's
+//! subscriptions: fred may drop the `NOPERM` reply.)
 
 use crate::support::{connect_admin, raw, reachable, redis_url, within};
 use cqrs_core::ports::PubSub;
@@ -31,6 +32,15 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
         let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();
         async move { raw(&admin, "ACL", args).await }
     };
+    // Users a failed run of this test left behind (it deletes its own at its end).
+    for user in raw(&admin, "ACL", vec!["USERS".into()]).await.into_array() {
+        if let Some(name) = user
+            .as_string()
+            .filter(|n| n.starts_with("cqrs-test-resubscribe_refused_"))
+        {
+            acl(&["DELUSER", &name]).await;
+        }
+    }
     acl(&[
         "SETUSER",
         &user,
