@@ -41,10 +41,12 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         conn.close.close(Ending::SHUTDOWN);
     }
     let mut writer = tokio::spawn(write_loop(hub.clone(), conn.clone(), sink));
+    let resumes = ResumeBudget::new(hub.options.resumes_per_minute);
     let mut session = Session {
         hub,
         conn,
         subscriptions: HashMap::new(),
+        resumes,
     };
 
     let (ending, drain) = session.read_loop(&mut stream).await;
@@ -78,6 +80,40 @@ struct Session<P> {
     conn: Arc<Conn<P>>,
     /// This connection's subscriptions, with the channel each holds a reference on.
     subscriptions: HashMap<Topic, (Arc<Slot<P>>, String)>,
+    /// Resumes (`since`) this connection may still start now, refilled over time.
+    resumes: ResumeBudget,
+}
+
+/// A token bucket of `per_minute` resumes: full at first, one back every `60 s / per_minute`.
+struct ResumeBudget {
+    per_minute: u32,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl ResumeBudget {
+    fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            tokens: f64::from(per_minute),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one resume if there is one.
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let per_second = f64::from(self.per_minute) / 60.0;
+        let refill = (now - self.at).as_secs_f64() * per_second;
+        self.tokens = (self.tokens + refill).min(f64::from(self.per_minute));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl<P: Send + Sync + 'static> Session<P> {
@@ -176,6 +212,16 @@ impl<P: Send + Sync + 'static> Session<P> {
                 );
             }
             Some(since) => match since.parse::<Position>() {
+                Ok(_) if !self.resumes.take() => {
+                    let per_minute = self.hub.options.resumes_per_minute;
+                    return self.send_error(
+                        ErrorCode::TooManyResumes,
+                        &format!(
+                            "at most {per_minute} subscriptions with `since` a minute: subscribe without `since` and reload the state over HTTP, or wait"
+                        ),
+                        Some(&name),
+                    );
+                }
                 Ok(position) => Some(position),
                 Err(error) => {
                     return self.send_error(

@@ -37,6 +37,7 @@ pub struct HubOptions {
     pub(crate) operation_timeout: Duration,
     pub(crate) replay_batch: usize,
     pub(crate) replay_limit: usize,
+    pub(crate) resumes_per_minute: u32,
     pub(crate) replay_buffer: usize,
     pub(crate) channel_prefix: String,
 }
@@ -59,6 +60,7 @@ impl Default for HubOptions {
             operation_timeout: Duration::from_secs(10),
             replay_batch: 256,
             replay_limit: 10_000,
+            resumes_per_minute: 10,
             replay_buffer: 1024,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_owned(),
         }
@@ -175,6 +177,15 @@ impl HubOptions {
         self
     }
 
+    /// How many subscriptions with `since` one connection may start per minute (a burst of
+    /// that many, then one every `60 s / n`): each replay reads up to `replay_limit` stored
+    /// events, so a client looping over `subscribe` / `unsubscribe` must not make the hub read
+    /// the log without end. Past it, `since` gets `too_many_resumes`. Default 10.
+    pub fn resumes_per_minute(mut self, resumes: u32) -> Self {
+        self.resumes_per_minute = resumes;
+        self
+    }
+
     /// Live events held for one subscription while its replay runs. When more arrive, the
     /// replay reads them back from the store instead. Default 1024.
     pub fn replay_buffer(mut self, events: usize) -> Self {
@@ -219,6 +230,7 @@ impl HubOptions {
             1,
         );
         at_least("replay_batch", self.replay_batch, 1);
+        at_least("resumes_per_minute", self.resumes_per_minute as usize, 1);
         at_least("replay_buffer", self.replay_buffer, 1);
         if self.max_write_buffer_size <= self.write_buffer_size {
             problems.push(format!(

@@ -184,6 +184,10 @@ pub enum ErrorCode {
     /// replay limit). The subscription is live, but events between `since` and now may be
     /// missing: reload the state another way.
     ResumeFailed,
+    /// The connection started more subscriptions with `since` than
+    /// [`resumes_per_minute`](crate::HubOptions::resumes_per_minute) allows: subscribe without
+    /// `since` (and reload the state another way), or wait.
+    TooManyResumes,
     /// A backend (the pub/sub, the authorizer's) failed or timed out; try again.
     Unavailable,
 }
@@ -204,6 +208,7 @@ impl ErrorCode {
             ErrorCode::ResumeUnavailable => "resume_unavailable",
             ErrorCode::InvalidPosition => "invalid_position",
             ErrorCode::ResumeFailed => "resume_failed",
+            ErrorCode::TooManyResumes => "too_many_resumes",
             ErrorCode::Unavailable => "unavailable",
         }
     }

@@ -207,6 +207,47 @@ async fn a_since_past_the_end_of_the_log_is_reported_and_live_events_flow() {
     .await;
 }
 
+/// A client looping over `subscribe` with `since` and `unsubscribe` cannot make the hub read
+/// the log without end: past `resumes_per_minute`, `since` gets `too_many_resumes`, and a
+/// subscription without it still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_are_limited_per_connection() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().resumes_per_minute(2)).await;
+        t.publish("t1", "u1", 1).await;
+        let mut client = t.connect("user-u1").await;
+        for _ in 0..2 {
+            client
+                .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+                .await;
+            client.expect_subscribed("tickets").await;
+            assert_eq!(client.event().await.seq, 1, "replayed");
+            client
+                .send(json!({"type": "unsubscribe", "topic": "tickets"}))
+                .await;
+            assert!(matches!(
+                client.frame().await,
+                ServerFrame::Unsubscribed { .. }
+            ));
+        }
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        assert_eq!(client.error_code().await, "too_many_resumes");
+        client.subscribe("tickets").await;
+        t.publish("t1", "u1", 2).await;
+        assert_eq!(client.event().await.seq, 2);
+        // Another connection has a budget of its own.
+        let mut other = t.connect("user-u1").await;
+        other
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        other.expect_subscribed("tickets").await;
+        assert_eq!(other.event().await.seq, 1);
+    })
+    .await;
+}
+
 /// The position of the last event in the hub's store.
 async fn client_last_position(t: &TestHub) -> Position {
     let all = t.store.read_all(Position::START, 1000).await.unwrap();
