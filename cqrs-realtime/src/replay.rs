@@ -107,23 +107,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             if self.conn.close.get().is_some() {
                 return Err(End::Closed);
             }
-            let batch = match timeout(
-                options.operation_timeout,
-                self.store.read_all(self.cursor, options.replay_batch),
-            )
-            .await
-            {
-                Ok(Ok(batch)) => batch,
-                Ok(Err(error)) => {
-                    tracing::warn!(topic = %self.topic, %error, "replay read failed");
-                    return Err(End::Failed("the event log is unavailable".to_owned()));
-                }
-                Err(_) => {
-                    return Err(End::Failed(
-                        "the event log did not answer in time".to_owned(),
-                    ));
-                }
-            };
+            let batch = self.read(self.cursor, options.replay_batch).await?;
             if batch.is_empty() && self.read == 0 && self.cursor > Position::START {
                 self.check_within_log().await?;
             }
@@ -172,22 +156,30 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     /// the subscription goes live from the log's end, and the client is told to reload.
     async fn check_within_log(&mut self) -> Result<(), End> {
         let since = self.cursor;
-        let before = Position::new(since.get() - 1);
+        // The event at `since` (or one after it, just appended) is there, or not.
+        if !self
+            .read(Position::new(since.get() - 1), 1)
+            .await?
+            .is_empty()
+        {
+            return Ok(());
+        }
+        self.cursor = Position::START;
+        Err(End::Failed(format!(
+            "position {since} is past the end of the event log (it was reset, or the position \
+             is from another server): reload the state over HTTP; live events follow"
+        )))
+    }
+
+    /// One read of the log, within the operation timeout; a failure ends the replay.
+    async fn read(&self, after: Position, limit: usize) -> Result<Vec<EventRecord>, End> {
         match timeout(
             self.hub.options.operation_timeout,
-            self.store.read_all(before, 1),
+            self.store.read_all(after, limit),
         )
         .await
         {
-            Ok(Ok(batch)) if batch.is_empty() => {
-                self.cursor = Position::START;
-                Err(End::Failed(format!(
-                    "position {since} is past the end of the event log (it was reset, or the position \
-                     is from another server): reload the state over HTTP; live events follow"
-                )))
-            }
-            // The event at `since` (or one after it, just appended) is there.
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(batch)) => Ok(batch),
             Ok(Err(error)) => {
                 tracing::warn!(topic = %self.topic, %error, "replay read failed");
                 Err(End::Failed("the event log is unavailable".to_owned()))

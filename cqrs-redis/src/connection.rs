@@ -112,6 +112,20 @@ pub(crate) async fn client_ids(
     admin: &Client,
     clients: &[&str],
 ) -> Result<Vec<i64>, TransportError> {
+    Ok(client_field(admin, clients, "id")
+        .await?
+        .iter()
+        .filter_map(|id| id.parse().ok())
+        .collect())
+}
+
+/// One field (`id`, `sub`, ...) of each connection of `clients`, found by their names in
+/// `CLIENT LIST` asked on `admin`.
+pub(crate) async fn client_field(
+    admin: &Client,
+    clients: &[&str],
+    field: &str,
+) -> Result<Vec<String>, TransportError> {
     let list: String = admin
         .custom(
             CustomCommand::new("CLIENT", ClusterHash::Random, false),
@@ -119,19 +133,22 @@ pub(crate) async fn client_ids(
         )
         .await
         .map_err(transport_error)?;
+    let prefix = format!("{field}=");
     Ok(list
         .lines()
         .filter_map(|line| {
-            let mut id = None;
+            let mut value = None;
             let mut name = None;
             for part in line.split(' ') {
-                if let Some(v) = part.strip_prefix("id=") {
-                    id = v.parse::<i64>().ok();
+                if let Some(v) = part.strip_prefix(prefix.as_str()) {
+                    value = Some(v);
                 } else if let Some(v) = part.strip_prefix("name=") {
                     name = Some(v);
                 }
             }
-            id.filter(|_| name.is_some_and(|n| clients.contains(&n)))
+            value
+                .filter(|_| name.is_some_and(|n| clients.contains(&n)))
+                .map(str::to_owned)
         })
         .collect())
 }

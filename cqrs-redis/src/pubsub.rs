@@ -9,7 +9,7 @@ use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
-use fred::types::{ClusterHash, CustomCommand, Value};
+use fred::types::Value;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -324,18 +324,10 @@ async fn confirmed_subscribe(
 /// (`CLIENT LIST`, `sub=`); `None` when it cannot tell (the connection is not listed, or the
 /// user may not run `CLIENT LIST`).
 async fn subscription_count(admin: &Client, subscriber: &SubscriberClient) -> Option<usize> {
-    let list: String = admin
-        .custom(
-            CustomCommand::new("CLIENT", ClusterHash::Random, false),
-            vec![Value::from("LIST")],
-        )
+    connection::client_field(admin, &[subscriber.id()], "sub")
         .await
-        .ok()?;
-    let name = format!("name={}", subscriber.id());
-    list.lines()
-        .find(|line| line.split(' ').any(|part| part == name))?
-        .split(' ')
-        .find_map(|part| part.strip_prefix("sub="))?
+        .ok()?
+        .first()?
         .parse()
         .ok()
 }

@@ -238,13 +238,9 @@ impl InMemoryConsumer {
         for i in group.in_flight.keys() {
             first_of_key.entry(key_of(*i)).or_insert(*i);
         }
-        for &i in first_of_key.values() {
-            if let Some(f) = group.in_flight.get(&i) {
-                next_due = Some(next_due.map_or(f.due, |d| d.min(f.due)));
-            }
-        }
         for (i, f) in &group.in_flight {
-            if topic.log[*i].partition_key.is_none() {
+            let key = key_of(*i);
+            if key.is_none() || first_of_key.get(&key) == Some(i) {
                 next_due = Some(next_due.map_or(f.due, |d| d.min(f.due)));
             }
         }

@@ -25,31 +25,12 @@ fn a_failing_handler_gets_the_event_again_and_the_others_keep_theirs() {
             .handler(flaky.clone())
             .build()
             .unwrap();
-        let mut types = EventTypes::new();
-        types.register::<Added>();
         let transport = Arc::new(InMemoryTransport::new());
-        let records: Vec<EventRecord> = [1, 2]
-            .into_iter()
-            .map(|sum| {
-                EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new()))
-                    .unwrap()
-            })
-            .collect();
-        transport.publish("adds", &records).await.unwrap();
-        let options = ConsumerOptions::default()
-            .block(Duration::from_millis(20))
-            .redelivery_delay(Duration::from_millis(20))
-            .max_deliveries(3);
-        let runtime = Runtime::builder()
-            .worker(EventBusConsumer::new(
-                bus,
-                Arc::new(types),
-                transport.clone(),
-                "adds",
-                "bus",
-                options,
-            ))
-            .start();
+        transport
+            .publish("adds", &[added(1), added(2)])
+            .await
+            .unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(20));
         // Event 2 fails every time in `flaky`: it is delivered up to 3 times, then dead-lettered.
         eventually(
             Duration::from_secs(5),
@@ -104,27 +85,9 @@ fn an_unavailable_handler_waits_without_using_up_deliveries() {
         let away = Away::default();
         away.down.store(true, Ordering::SeqCst);
         let bus = EventBus::builder().handler(away.clone()).build().unwrap();
-        let mut types = EventTypes::new();
-        types.register::<Added>();
         let transport = Arc::new(InMemoryTransport::new());
-        let record =
-            EventRecord::from_envelope(&EventEnvelope::new(Added { sum: 1 }, Metadata::new()))
-                .unwrap();
-        transport.publish("adds", &[record]).await.unwrap();
-        let options = ConsumerOptions::default()
-            .block(Duration::from_millis(20))
-            .redelivery_delay(Duration::from_millis(10))
-            .max_deliveries(3);
-        let runtime = Runtime::builder()
-            .worker(EventBusConsumer::new(
-                bus,
-                Arc::new(types),
-                transport.clone(),
-                "adds",
-                "bus",
-                options,
-            ))
-            .start();
+        transport.publish("adds", &[added(1)]).await.unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(10));
         eventually(
             Duration::from_secs(5),
             "twice max_deliveries tries",
@@ -140,4 +103,34 @@ fn an_unavailable_handler_waits_without_using_up_deliveries() {
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
         assert!(transport.dead_letters("adds", "bus").is_empty());
     });
+}
+
+/// An `Added` event as the transport carries it.
+fn added(sum: u64) -> EventRecord {
+    EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
+}
+
+/// Starts a runtime whose one worker delivers topic `adds` (group `bus`) to `bus`, with the
+/// given redelivery delay and 3 deliveries before dead-lettering.
+fn consume_adds(
+    bus: EventBus,
+    transport: &Arc<InMemoryTransport>,
+    redelivery: Duration,
+) -> Runtime {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    let options = ConsumerOptions::default()
+        .block(Duration::from_millis(20))
+        .redelivery_delay(redelivery)
+        .max_deliveries(3);
+    Runtime::builder()
+        .worker(EventBusConsumer::new(
+            bus,
+            Arc::new(types),
+            transport.clone(),
+            "adds",
+            "bus",
+            options,
+        ))
+        .start()
 }

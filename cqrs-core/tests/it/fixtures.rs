@@ -184,3 +184,34 @@ pub fn run<F: std::future::Future>(body: F) -> F::Output {
                 .expect("the test finished within 10 s")
         })
 }
+
+/// Runs a test body on a current-thread runtime whose clock is paused (time moves only while
+/// the runtime is idle), in a thread of its own with a wall-clock deadline: a body that keeps
+/// the runtime busy, and so never lets time move, fails instead of hanging.
+pub fn run_paused<F, Fut>(body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (done, finished) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime")
+            .block_on(body());
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(()) => {}
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+            "not finished within 20 s of wall-clock time: something kept the paused runtime busy"
+        ),
+    }
+}

@@ -77,12 +77,12 @@ fn types() -> Arc<EventTypes> {
 }
 
 /// A runner of `sum` fed by topic `sums` of `transport`, in group `sum`.
-fn sums_runner(
-    store: Arc<InMemoryProjectionStore>,
+fn sums_runner<S: ProjectionStore<Unit = InMemoryUnit>>(
+    store: Arc<S>,
     sum: &Arc<Sum>,
     transport: &Arc<InMemoryTransport>,
     options: ConsumerOptions,
-) -> ProjectionRunner<InMemoryProjectionStore, Sum> {
+) -> ProjectionRunner<S, Sum> {
     ProjectionRunner::from_transport(
         store,
         sum.clone(),
@@ -269,22 +269,13 @@ fn a_poison_event_does_not_take_its_batch_mates_down() {
             .publish("sums", &[record(13), record(5)])
             .await
             .unwrap();
-        let options = ConsumerOptions::default()
-            .block(Duration::from_millis(20))
-            .redelivery_delay(Duration::from_millis(10))
-            .max_deliveries(3);
         let mut runner = sums_runner(
             Arc::new(InMemoryProjectionStore::new()),
             &sum,
             &transport,
-            options,
+            three_attempts(),
         );
-        for _ in 0..200 {
-            let _ = runner.run_once().await;
-            if transport.backlog("sums", "sum") == 0 {
-                break;
-            }
-        }
+        run_until_drained(&mut runner, &transport).await;
         assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
         let dead: Vec<u64> = transport
             .dead_letters("sums", "sum")
@@ -393,6 +384,20 @@ fn three_attempts() -> ConsumerOptions {
         .max_deliveries(3)
 }
 
+/// Runs `runner` until the group has acknowledged everything (at most 200 batches), ignoring
+/// its errors.
+async fn run_until_drained<S: ProjectionStore<Unit = InMemoryUnit>>(
+    runner: &mut ProjectionRunner<S, Sum>,
+    transport: &InMemoryTransport,
+) {
+    for _ in 0..200 {
+        let _ = runner.run_once().await;
+        if transport.backlog("sums", "sum") == 0 {
+            break;
+        }
+    }
+}
+
 /// Runs `runner` `times` times, each after the redelivery delay, ignoring its errors.
 async fn run_repeatedly<S: ProjectionStore<Unit = InMemoryUnit>>(
     runner: &mut ProjectionRunner<S, Sum>,
@@ -417,15 +422,7 @@ fn a_store_or_read_model_outage_dead_letters_nothing() {
             .publish("sums", &[record(1), record(2)])
             .await
             .unwrap();
-        let mut runner = ProjectionRunner::from_transport(
-            store.clone(),
-            sum.clone(),
-            transport.clone(),
-            "sums",
-            "sum",
-            three_attempts(),
-            types(),
-        );
+        let mut runner = sums_runner(store.clone(), &sum, &transport, three_attempts());
 
         store.down.store(true, Ordering::SeqCst);
         run_repeatedly(&mut runner, 6).await;
@@ -439,12 +436,7 @@ fn a_store_or_read_model_outage_dead_letters_nothing() {
             transport.dead_letters("sums", "sum")
         );
 
-        for _ in 0..200 {
-            let _ = runner.run_once().await;
-            if transport.backlog("sums", "sum") == 0 {
-                break;
-            }
-        }
+        run_until_drained(&mut runner, &transport).await;
         assert_eq!(*sum.total.lock().unwrap(), 3, "both took effect once back");
     });
 }
@@ -513,16 +505,9 @@ fn a_long_batch_is_not_handed_to_another_instance() {
                 options("first"),
             );
             tokio::spawn(async move {
-                let mut runner = ProjectionRunner::from_transport(
-                    store,
-                    sum,
-                    transport,
-                    "sums",
-                    "sum",
-                    options,
-                    types(),
-                );
-                runner.run_once().await
+                sums_runner(store, &sum, &transport, options)
+                    .run_once()
+                    .await
             })
         };
         cqrs_core::testing::eventually(

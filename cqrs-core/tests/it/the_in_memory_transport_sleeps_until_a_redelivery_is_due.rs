@@ -2,6 +2,7 @@
 //! queued behind its key's nacked one is due first but cannot go out before it; it must not
 //! make the consumer spin.
 
+use crate::fixtures::run_paused;
 use cqrs_core::EventRecord;
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{ConsumerOptions, EventTransport};
@@ -15,45 +16,32 @@ fn keyed(n: u64) -> EventRecord {
 #[test]
 fn a_deferred_delivery_behind_its_key_does_not_make_fetch_spin() {
     // On a paused clock, time moves only while the runtime is idle: a fetch that spins on a
-    // timer already due never lets it move, and never returns. A wall-clock deadline (another
-    // thread) turns that into a failure.
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap()
-            .block_on(async {
-                let transport = InMemoryTransport::new();
-                transport.publish("t", &[keyed(1), keyed(2)]).await.unwrap();
-                let options = ConsumerOptions::default()
-                    .block(Duration::from_secs(5))
-                    .redelivery_delay(Duration::from_millis(100));
-                let mut consumer = transport.consumer("t", "g", options).await.unwrap();
-                let batch = consumer.fetch(10).await.unwrap();
-                assert_eq!(batch.len(), 2, "a chain of one key");
-                // As a projection runner does when the first one fails.
-                consumer.nack(&batch[0].id).await.unwrap();
-                consumer.defer(&[batch[1].id.clone()]).await.unwrap();
-                let again = consumer.fetch(10).await.unwrap();
-                assert_eq!(
-                    again.len(),
-                    1,
-                    "only the first of the key is handed out again"
-                );
-                assert_eq!(again[0].attempt, 2);
-                // The deferred one is past due but waits behind it; nothing else can go out
-                // before the first is due again.
-                let started = tokio::time::Instant::now();
-                let third = consumer.fetch(10).await.unwrap();
-                assert_eq!(third.len(), 1);
-                assert_eq!(third[0].attempt, 3);
-                assert!(started.elapsed() >= Duration::from_millis(100));
-            });
-        done.send(()).unwrap();
+    // timer already due never lets it move, never returns, and `run_paused` fails.
+    run_paused(|| async {
+        let transport = InMemoryTransport::new();
+        transport.publish("t", &[keyed(1), keyed(2)]).await.unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_secs(5))
+            .redelivery_delay(Duration::from_millis(100));
+        let mut consumer = transport.consumer("t", "g", options).await.unwrap();
+        let batch = consumer.fetch(10).await.unwrap();
+        assert_eq!(batch.len(), 2, "a chain of one key");
+        // As a projection runner does when the first one fails.
+        consumer.nack(&batch[0].id).await.unwrap();
+        consumer.defer(&[batch[1].id.clone()]).await.unwrap();
+        let again = consumer.fetch(10).await.unwrap();
+        assert_eq!(
+            again.len(),
+            1,
+            "only the first of the key is handed out again"
+        );
+        assert_eq!(again[0].attempt, 2);
+        // The deferred one is past due but waits behind it; nothing else can go out
+        // before the first is due again.
+        let started = tokio::time::Instant::now();
+        let third = consumer.fetch(10).await.unwrap();
+        assert_eq!(third.len(), 1);
+        assert_eq!(third[0].attempt, 3);
+        assert!(started.elapsed() >= Duration::from_millis(100));
     });
-    finished
-        .recv_timeout(Duration::from_secs(20))
-        .expect("fetch returned (it spun on a timer that was already due)");
 }

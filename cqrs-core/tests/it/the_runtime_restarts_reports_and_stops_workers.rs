@@ -187,32 +187,27 @@ impl Worker for Relapsing {
 /// after a run that lasted: a failure days after the last one is not met with the maximum.
 #[test]
 fn the_restart_backoff_starts_over_after_a_run_that_lasted() {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(async {
-            let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
-            let runtime = Runtime::builder()
-                .restart_backoff(Duration::from_millis(100), Duration::from_millis(800))
-                .worker(Relapsing {
-                    starts: starts.clone(),
-                })
-                .start();
-            eventually(Duration::from_secs(30), "seven runs", || async {
-                (starts.lock().unwrap().len() >= 7).then_some(())
+    run_paused(|| async {
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_millis(100), Duration::from_millis(800))
+            .worker(Relapsing {
+                starts: starts.clone(),
             })
-            .await;
-            let starts = starts.lock().unwrap().clone();
-            let gaps: Vec<u128> = starts
-                .windows(2)
-                .map(|w| (w[1] - w[0]).as_millis())
-                .collect();
-            assert_eq!(&gaps[..4], [100, 200, 400, 800], "growing while failing");
-            let after_long_run = (starts[5] - (starts[4] + Duration::from_secs(2))).as_millis();
-            assert_eq!(after_long_run, 100, "started over after the 2 s run");
-            assert_eq!(gaps[5], 200, "and grows again from there");
-            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
-        });
+            .start();
+        eventually(Duration::from_secs(30), "seven runs", || async {
+            (starts.lock().unwrap().len() >= 7).then_some(())
+        })
+        .await;
+        let starts = starts.lock().unwrap().clone();
+        let gaps: Vec<u128> = starts
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis())
+            .collect();
+        assert_eq!(&gaps[..4], [100, 200, 400, 800], "growing while failing");
+        let after_long_run = (starts[5] - (starts[4] + Duration::from_secs(2))).as_millis();
+        assert_eq!(after_long_run, 100, "started over after the 2 s run");
+        assert_eq!(gaps[5], 200, "and grows again from there");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
 }

@@ -162,8 +162,7 @@ where
 
     fn call(&mut self, mut dispatch: Dispatch) -> Self::Future {
         if dispatch.kind() != MessageKind::Command {
-            let future = self.inner.call(dispatch);
-            return Box::pin(async move { future.await.map_err(|e| dispatch_error(e.into())) });
+            return pass_through(&mut self.inner, dispatch);
         }
         // A second layer on the path (the server's and a plugin's, say) joins the unit of work
         // of the first, which commits it: committing here would leave the outer one nothing.
@@ -181,8 +180,7 @@ where
                 );
                 return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
             }
-            let future = self.inner.call(dispatch);
-            return Box::pin(async move { future.await.map_err(|e| dispatch_error(e.into())) });
+            return pass_through(&mut self.inner, dispatch);
         }
         // A unit of work already in the dispatch was opened by the caller
         // (`CommandBus::execute_with_extensions`): the command runs in it.
@@ -225,4 +223,18 @@ where
             Ok(reply)
         })
     }
+}
+
+/// Calls the inner service with `dispatch` untouched, only converting its error.
+fn pass_through<S>(
+    inner: &mut S,
+    dispatch: Dispatch,
+) -> BoxFuture<'static, Result<Reply, DispatchError>>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    let future = inner.call(dispatch);
+    Box::pin(async move { future.await.map_err(|e| dispatch_error(e.into())) })
 }

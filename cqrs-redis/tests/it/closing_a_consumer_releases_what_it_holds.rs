@@ -22,14 +22,8 @@ async fn closing_a_consumer_releases_what_it_holds() {
             a.ack(std::slice::from_ref(&first.id)).await.unwrap();
             a.close().await.unwrap();
 
-            let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
-            let started = tokio::time::Instant::now();
-            let mut got = Vec::new();
-            while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
-                got = b.fetch(10).await.unwrap();
-            }
             assert_eq!(
-                got.iter().map(n_of).collect::<Vec<_>>(),
+                taken_over(&env, &topic, delay).await,
                 [2],
                 "taken over within 5 s (the redelivery delay is {delay:?})"
             );
@@ -65,14 +59,8 @@ async fn closing_releases_what_a_dropped_blocking_read_was_served() {
             env.publish_one(&topic, "k", 1).await;
             a.close().await.unwrap();
 
-            let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
-            let started = tokio::time::Instant::now();
-            let mut got = Vec::new();
-            while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
-                got = b.fetch(10).await.unwrap();
-            }
             assert_eq!(
-                got.iter().map(n_of).collect::<Vec<_>>(),
+                taken_over(&env, &topic, delay).await,
                 [1],
                 "taken over within 5 s (the redelivery delay is {delay:?})"
             );
@@ -81,4 +69,15 @@ async fn closing_releases_what_a_dropped_blocking_read_was_served() {
     )
     .await;
     env.cleanup().await;
+}
+
+/// What a new consumer `b` of the group gets within 5 s (its event numbers).
+async fn taken_over(env: &Env, topic: &str, delay: Duration) -> Vec<u64> {
+    let mut b = env.join(topic, "b", |o| o.redelivery_delay(delay)).await;
+    let started = tokio::time::Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
+        got = b.fetch(10).await.unwrap();
+    }
+    got.iter().map(n_of).collect()
 }
