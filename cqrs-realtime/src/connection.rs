@@ -11,8 +11,9 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cqrs_core::Position;
 use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite;
@@ -49,7 +50,17 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         resumes,
     };
 
-    let (ending, drain) = session.read_loop(&mut stream).await;
+    // A hook (routing, authorizer) that panics on what a client sent must not leave the
+    // connection half alive: its subscriptions registered and its writer detached, but out of
+    // the connection limits. Close it with 1011 and clean up as for any other ending.
+    let read = AssertUnwindSafe(session.read_loop(&mut stream)).catch_unwind();
+    let (ending, drain) = read.await.unwrap_or_else(|_| {
+        tracing::error!(
+            connection = session.conn.id,
+            "a realtime hook panicked on a client frame; connection closed with 1011"
+        );
+        (Ending::INTERNAL, true)
+    });
     session.conn.close.close(ending);
     let ending = session.conn.close.get().unwrap_or(ending);
     session.unsubscribe_all().await;
@@ -100,19 +111,21 @@ impl ResumeBudget {
         }
     }
 
-    /// Takes one resume if there is one.
-    fn take(&mut self) -> bool {
+    /// Whether a resume may start now.
+    fn available(&mut self) -> bool {
         let now = tokio::time::Instant::now();
         let per_second = f64::from(self.per_minute) / 60.0;
         let refill = (now - self.at).as_secs_f64() * per_second;
         self.tokens = (self.tokens + refill).min(f64::from(self.per_minute));
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.tokens >= 1.0
+    }
+
+    /// Uses one resume, once the subscription it is for is registered: a `since` that is
+    /// refused (forbidden, or unavailable and meant to be retried) costs nothing. Only this
+    /// connection's reader takes, and tokens only grow between `available` and here.
+    fn take(&mut self) {
+        self.tokens = (self.tokens - 1.0).max(0.0);
     }
 }
 
@@ -212,7 +225,7 @@ impl<P: Send + Sync + 'static> Session<P> {
                 );
             }
             Some(since) => match since.parse::<Position>() {
-                Ok(_) if !self.resumes.take() => {
+                Ok(_) if !self.resumes.available() => {
                     let per_minute = self.hub.options.resumes_per_minute;
                     return self.send_error(
                         ErrorCode::TooManyResumes,
@@ -271,6 +284,9 @@ impl<P: Send + Sync + 'static> Session<P> {
                     Some(&name),
                 );
             }
+        }
+        if since.is_some() {
+            self.resumes.take();
         }
         // Live upstream from here on: every event published after `subscribed` reaches the
         // registry, and the registry has this subscription before `subscribed` is queued.

@@ -201,10 +201,11 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// The handshake, for a server that writes its own handler: authenticates the bearer
     /// token (`Authorization` header, else the `token` query parameter) and upgrades.
     ///
-    /// Refusals have a JSON body `{"error": {"code", "message"}}`: 401 `unauthorized` (no,
-    /// malformed or refused token, before anything else is looked at), 400/426 from axum's
-    /// upgrade checks as `websocket_upgrade_required` (not a WebSocket handshake), 503
-    /// `too_many_connections` and 503 `shutting_down`.
+    /// Refusals have a JSON body `{"error": {"code", "message"}}`: 503 `shutting_down` once
+    /// the hub is stopping, then 401 `unauthorized` (no, malformed or refused token, before
+    /// the request is looked at as a handshake), 400/426 from axum's upgrade checks as
+    /// `websocket_upgrade_required` (not a WebSocket handshake), 503 `too_many_connections`
+    /// (hub-wide, or for this principal).
     pub async fn handle(
         &self,
         upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,

@@ -16,7 +16,7 @@ pub mod names {
     /// Counter: connections closed with 1000 because nothing arrived within the idle timeout.
     pub const IDLE_CLOSES: &str = "realtime_idle_closes_total";
     /// Counter: handshakes refused, labelled `reason` = `unauthorized`, `not_websocket`,
-    /// `too_many_connections` or `shutting_down`.
+    /// `too_many_connections`, `too_many_connections_for_principal` or `shutting_down`.
     pub const HANDSHAKES_REFUSED: &str = "realtime_handshakes_refused_total";
     /// Counter: channel messages the hub missed because it fell behind the pub/sub.
     pub const UPSTREAM_MISSED: &str = "realtime_upstream_missed_total";

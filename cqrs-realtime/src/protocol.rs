@@ -234,4 +234,6 @@ pub mod close_code {
     pub const POLICY_VIOLATION: u16 = 1008;
     /// 1009: a client frame or message was larger than the configured limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// 1011: the server failed while handling the client's frame (a hook panicked).
+    pub const INTERNAL_ERROR: u16 = 1011;
 }

@@ -91,7 +91,21 @@ impl Publisher {
 
     /// Publishes one event. Returns how many channel messages were sent: 0 when the routing
     /// does not push the event.
+    ///
+    /// An event on several channels is offered to each of them even when one fails; the first
+    /// failure is returned (and the others logged).
     pub async fn publish(&self, record: &EventRecord) -> Result<usize, PublishError> {
+        self.publish_skipping(record, &mut Vec::new()).await
+    }
+
+    /// [`publish`](Self::publish), except to the channels in `published`; adds each channel it
+    /// publishes to. A retry of a partly failed publish passes the channels the first try
+    /// reached, so their subscribers do not get the event twice.
+    pub(crate) async fn publish_skipping(
+        &self,
+        record: &EventRecord,
+        published: &mut Vec<String>,
+    ) -> Result<usize, PublishError> {
         let Some(routed) = self.routing.route(record) else {
             return Ok(0);
         };
@@ -101,21 +115,38 @@ impl Publisher {
         let mut channels: BTreeMap<String, Vec<&Topic>> = BTreeMap::new();
         for topic in event.topics() {
             match self.routing.channel(topic) {
-                Some(channel) => channels.entry(channel).or_default().push(topic),
+                Some(channel) => channels
+                    .entry(format!("{}{channel}", self.prefix))
+                    .or_default()
+                    .push(topic),
                 None => tracing::debug!(%topic, "routed topic has no channel; not published"),
             }
         }
-        let mut sent = 0;
+        channels.retain(|channel, _| !published.contains(channel));
+        // Everything is encoded before anything is sent: an encoding bug fails the event as a
+        // whole, never after some channels already have it.
+        let mut messages = Vec::with_capacity(channels.len());
         for (channel, topics) in channels {
             let payload = event.encode(&topics).map_err(PublishError::Encode)?;
-            let channel = format!("{}{channel}", self.prefix);
-            self.pubsub
-                .publish(&channel, Arc::from(payload))
-                .await
-                .map_err(|source| PublishError::PubSub { channel, source })?;
-            sent += 1;
+            messages.push((channel, Arc::<str>::from(payload)));
         }
-        Ok(sent)
+        let mut sent = 0;
+        let mut failure = None;
+        for (channel, payload) in messages {
+            match self.pubsub.publish(&channel, payload).await {
+                Ok(()) => {
+                    sent += 1;
+                    published.push(channel);
+                }
+                Err(source) if failure.is_none() => {
+                    failure = Some(PublishError::PubSub { channel, source });
+                }
+                Err(source) => {
+                    tracing::warn!(%channel, error = %source, "realtime publish failed");
+                }
+            }
+        }
+        failure.map_or(Ok(sent), Err)
     }
 
     /// Publishes events in order, stopping at the first failure.

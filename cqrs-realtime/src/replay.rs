@@ -44,12 +44,12 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
     let failure = loop {
         match replay.read_up().await {
             Ok(()) => {}
-            Err(End::Closed) => return,
+            Err(End::Closed) => return hub.metrics.replayed(replay.sent),
             Err(End::Failed(message)) => break Some(message),
         }
         match replay.flush(true).await {
             Flush::Live => break None,
-            Flush::Closed => return,
+            Flush::Closed => return hub.metrics.replayed(replay.sent),
             // Live events were dropped while held ones were flushed: read them back.
             Flush::ReadBack => {}
         }

@@ -35,6 +35,10 @@ impl Ending {
         code: close_code::INVALID_PAYLOAD,
         reason: "text frame is not valid UTF-8",
     };
+    pub(crate) const INTERNAL: Ending = Ending::Close {
+        code: close_code::INTERNAL_ERROR,
+        reason: "internal error",
+    };
     pub(crate) const PROTOCOL: Ending = Ending::Close {
         code: close_code::PROTOCOL_ERROR,
         reason: "WebSocket protocol error",

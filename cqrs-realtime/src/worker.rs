@@ -6,8 +6,10 @@ use cqrs_core::BoxError;
 use cqrs_core::ports::{ConsumerOptions, EventTransport};
 use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
 use cqrs_core::runtime::{Worker, WorkerContext};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use uuid::Uuid;
 
 /// Consumes a topic of the durable [`EventTransport`] in a consumer group and publishes every
 /// event to the realtime channels, acknowledging it once published.
@@ -103,18 +105,65 @@ impl Worker for PublishWorker {
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
         let publisher = &self.publisher;
-        consume_until_shutdown(consumer.as_mut(), &ctx, self.consume, |delivery| async move {
-            match publisher.publish(&delivery.record).await {
-                Ok(_) => Handled::Done,
-                Err(crate::PublishError::Encode(error)) => {
-                    // Retrying cannot help an event the routing cannot encode.
-                    tracing::error!(event_id = %delivery.record.event_id, %error, "event cannot be pushed; skipped");
-                    Handled::Done
+        // The channels each partly published event already reached: its retry skips them, so
+        // live push stays at-most-once per channel.
+        let partly = &PartlyPublished::default();
+        consume_until_shutdown(
+            consumer.as_mut(),
+            &ctx,
+            self.consume,
+            |delivery| async move {
+                let event_id = delivery.record.event_id;
+                let mut published = partly.take(event_id);
+                match publisher
+                    .publish_skipping(&delivery.record, &mut published)
+                    .await
+                {
+                    Ok(_) => Handled::Done,
+                    Err(crate::PublishError::Encode(error)) => {
+                        // Retrying cannot help an event the routing cannot encode.
+                        tracing::error!(%event_id, %error, "event cannot be pushed; skipped");
+                        Handled::Done
+                    }
+                    Err(error) => {
+                        partly.keep(event_id, published);
+                        Handled::Retry(error.to_string())
+                    }
                 }
-                Err(error) => Handled::Retry(error.to_string()),
-            }
-        })
+            },
+        )
         .await?;
         Ok(())
+    }
+}
+
+/// Events whose publish reached some of their channels and failed on others, with the channels
+/// reached. Bounded: past [`PARTLY_PUBLISHED_LIMIT`] events (retries that never succeed, or
+/// went to another instance) it starts over, and such a retry may reach a channel twice.
+#[derive(Default)]
+struct PartlyPublished(Mutex<HashMap<Uuid, Vec<String>>>);
+
+const PARTLY_PUBLISHED_LIMIT: usize = 4096;
+
+impl PartlyPublished {
+    fn take(&self, event_id: Uuid) -> Vec<String> {
+        self.lock().remove(&event_id).unwrap_or_default()
+    }
+
+    fn keep(&self, event_id: Uuid, published: Vec<String>) {
+        if published.is_empty() {
+            return;
+        }
+        let mut partly = self.lock();
+        if partly.len() >= PARTLY_PUBLISHED_LIMIT {
+            partly.clear();
+        }
+        partly.insert(event_id, published);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Vec<String>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

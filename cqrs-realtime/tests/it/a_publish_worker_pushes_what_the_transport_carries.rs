@@ -1,10 +1,13 @@
-use crate::support::{TEST_LIMIT, TestHub, record};
-use cqrs_core::memory::InMemoryTransport;
-use cqrs_core::ports::{ConsumerOptions, EventTransport};
+use crate::support::{TEST_LIMIT, TestHub, TicketRouting, record};
+use async_trait::async_trait;
+use cqrs_core::EventRecord;
+use cqrs_core::memory::{InMemoryPubSub, InMemoryTransport};
+use cqrs_core::ports::{ConsumerOptions, EventTransport, PubSub, Subscription, TransportError};
 use cqrs_core::runtime::Runtime;
 use cqrs_core::testing::with_timeout;
-use cqrs_realtime::{HubOptions, PublishWorker};
+use cqrs_realtime::{EventRouting, HubOptions, PublishWorker, Routed, Topic};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Events put on the durable transport reach subscribed clients through the worker, in order.
@@ -29,6 +32,99 @@ async fn events_on_the_transport_reach_subscribers() {
         for seq in 1..=5 {
             assert_eq!(client.event().await.seq, seq);
         }
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// The ticket routing with `ticket:<id>` on a channel of its own, so an event goes out on two
+/// channels.
+struct TwoChannels;
+
+impl EventRouting for TwoChannels {
+    fn channel(&self, topic: &Topic) -> Option<String> {
+        match topic.family() {
+            "ticket" => Some("one-ticket".into()),
+            _ => TicketRouting.channel(topic),
+        }
+    }
+
+    fn route(&self, record: &EventRecord) -> Option<Routed> {
+        TicketRouting.route(record)
+    }
+}
+
+/// An in-memory pub/sub whose first publish to `fail_on` fails.
+struct FailsOnce {
+    inner: InMemoryPubSub,
+    fail_on: &'static str,
+    failed: AtomicBool,
+}
+
+#[async_trait]
+impl PubSub for FailsOnce {
+    async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError> {
+        if channel == self.fail_on && !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(TransportError::Timeout { backend: "test" });
+        }
+        self.inner.publish(channel, payload).await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, TransportError> {
+        self.inner.subscribe(channel).await
+    }
+}
+
+/// A publish that reaches one of an event's two channels and fails on the other is retried on
+/// the failed one only: the client on the first channel gets the event once, the client on
+/// the second gets it after the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_failed_publish_is_retried_only_where_it_failed() {
+    with_timeout(TEST_LIMIT, async {
+        // Channels go out in name order: `realtime:one-ticket` first, then the failing one.
+        let pubsub = Arc::new(FailsOnce {
+            inner: InMemoryPubSub::new(),
+            fail_on: "realtime:tickets",
+            failed: AtomicBool::new(false),
+        });
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| {
+            b.routing(TwoChannels)
+        })
+        .await;
+        let transport = Arc::new(InMemoryTransport::new());
+        let runtime = Runtime::builder()
+            .worker(PublishWorker::new(
+                t.hub.publisher(),
+                transport.clone(),
+                "events",
+                "realtime",
+                ConsumerOptions::default()
+                    .block(Duration::from_millis(50))
+                    .redelivery_delay(Duration::from_millis(10)),
+            ))
+            .start();
+        let mut on_ticket = t.connect("agent-a1").await;
+        on_ticket.subscribe("ticket:t1").await;
+        let mut on_all = t.connect("agent-a2").await;
+        on_all.subscribe("tickets").await;
+
+        // One key, so the worker publishes 2 only once 1 is done, retry included.
+        let records: Vec<_> = (1..=2)
+            .map(|seq| {
+                let mut record = record("t1", "u1", seq);
+                record.partition_key = Some("t1".into());
+                record
+            })
+            .collect();
+        transport.publish("events", &records).await.unwrap();
+        assert_eq!(on_all.event().await.seq, 1, "delivered after the retry");
+        assert_eq!(on_all.event().await.seq, 2);
+        assert!(pubsub.failed.load(Ordering::SeqCst), "the failure happened");
+        // Exactly once each on the channel that did not fail (it carries them in order, so a
+        // second copy of 1 would come before 2).
+        assert_eq!(on_ticket.event().await.seq, 1);
+        assert_eq!(on_ticket.event().await.seq, 2);
+        on_ticket.ping_pong().await;
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     })
     .await;

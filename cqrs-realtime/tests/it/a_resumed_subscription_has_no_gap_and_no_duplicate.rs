@@ -353,3 +353,27 @@ async fn live_events_that_overflow_the_hold_buffer_are_read_back() {
     })
     .await;
 }
+
+/// Only a resume that starts counts against the budget: a `since` refused as `forbidden` (or
+/// as `unavailable`, which says to retry) leaves it as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resume_does_not_use_up_the_budget() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().resumes_per_minute(1)).await;
+        t.store("t2", "u2", 1).await;
+        t.publish("t1", "u1", 2).await;
+        let mut client = t.connect("user-u1").await;
+        for _ in 0..3 {
+            client
+                .send(json!({"type": "subscribe", "topic": "ticket:t2", "since": "0"}))
+                .await;
+            assert_eq!(client.error_code().await, "forbidden");
+        }
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        assert_eq!(client.event().await.seq, 2, "replayed");
+    })
+    .await;
+}

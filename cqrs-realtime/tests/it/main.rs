@@ -4,6 +4,7 @@ mod support;
 
 mod a_client_subscribes_receives_and_unsubscribes;
 mod a_handshake_without_a_valid_token_is_refused_with_401;
+mod a_hook_that_panics_closes_only_its_connection;
 mod a_publish_worker_pushes_what_the_transport_carries;
 mod a_resumed_subscription_has_no_gap_and_no_duplicate;
 mod a_slow_client_is_closed_with_1008_while_a_fast_one_keeps_receiving;

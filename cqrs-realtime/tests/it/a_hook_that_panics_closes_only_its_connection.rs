@@ -1,0 +1,86 @@
+use crate::support::{TEST_LIMIT, TestHub, TicketRouting, TicketRules, User};
+use async_trait::async_trait;
+use cqrs_core::EventRecord;
+use cqrs_core::memory::InMemoryPubSub;
+use cqrs_core::testing::{eventually, with_timeout};
+use cqrs_realtime::{
+    Authorizer, EventRouting, HubOptions, PushedEvent, Refusal, Routed, Topic, close_code,
+};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The test routing, except that it panics on topic family `boom`: a bug in user code that a
+/// client's choice of topic reaches.
+struct PanicsOnBoom;
+
+impl EventRouting for PanicsOnBoom {
+    fn channel(&self, topic: &Topic) -> Option<String> {
+        assert_ne!(topic.family(), "boom", "routing bug");
+        TicketRouting.channel(topic)
+    }
+
+    fn route(&self, record: &EventRecord) -> Option<Routed> {
+        TicketRouting.route(record)
+    }
+}
+
+/// The test rules, except that subscribing to `ticket:kaboom` panics.
+struct PanicsOnKaboom(TicketRules);
+
+#[async_trait]
+impl Authorizer<User> for PanicsOnKaboom {
+    async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+        assert_ne!(topic.key(), Some("kaboom"), "authorizer bug");
+        self.0.authorize_subscribe(user, topic).await
+    }
+
+    fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
+        self.0.may_see(user, topic, event)
+    }
+}
+
+/// A panic while handling a client's frame closes that connection with 1011 and releases
+/// everything it held (its subscriptions, the upstream channel, its place in the connection
+/// limits); the hub and its other clients carry on.
+async fn a_panic_on(topic: &str) {
+    let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), HubOptions::new(), |b| {
+        b.routing(PanicsOnBoom)
+            .authorizer(PanicsOnKaboom(TicketRules::default()))
+    })
+    .await;
+    let mut client = t.connect("agent-a1").await;
+    client.subscribe("tickets").await;
+    assert_eq!(t.hub.stats().subscriptions, 1);
+    client
+        .send(json!({"type": "subscribe", "topic": topic}))
+        .await;
+    assert_eq!(client.closed_with(4).await, close_code::INTERNAL_ERROR);
+    eventually(
+        Duration::from_secs(10),
+        "the panicked connection released what it held",
+        || async {
+            let stats = t.hub.stats();
+            (stats.subscriptions == 0
+                && stats.connections == 0
+                && t.hub.upstream_channels().await == 0)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let mut other = t.connect("agent-a2").await;
+    other.subscribe("tickets").await;
+    t.publish("t1", "u1", 1).await;
+    assert_eq!(other.event().await.seq, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_that_panics_on_a_topic() {
+    with_timeout(TEST_LIMIT, a_panic_on("boom")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorizer_that_panics_on_a_subscribe() {
+    with_timeout(TEST_LIMIT, a_panic_on("ticket:kaboom")).await;
+}
