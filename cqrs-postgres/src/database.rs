@@ -81,6 +81,10 @@ impl PgDatabase {
     }
 
     /// A handle over a pool you made yourself. Fails when the schema name is invalid.
+    ///
+    /// The pool's sessions must default to READ COMMITTED (the server's own default; set
+    /// `default_transaction_isolation` in its connect options if the database or role says
+    /// otherwise): [`migrate`](Self::migrate) refuses a pool that does not.
     pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, PgError> {
         crate::sql::valid_schema(schema).map_err(|p| PgError::InvalidOptions(vec![p]))?;
         Ok(Self::new(pool, schema))
@@ -138,6 +142,21 @@ impl PgDatabase {
         // the run takes the lock with it.
         let mut conn = self.pool.acquire().await.map_err(store_error)?;
         conn.close_on_drop();
+        // Statements outside an explicit transaction (a single append, a read) take the
+        // session's default level; a pool made elsewhere must make it READ COMMITTED, as one
+        // made by `PgOptions` does. Checked here, the one call every server makes at start.
+        let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(store_error)?;
+        if isolation != "read committed" {
+            return Err(PgError::InvalidOptions(vec![format!(
+                "the pool's sessions run at `{isolation}`, but this crate needs `read committed` \
+                 (a reader could skip events, and appends at `Any` could conflict): set \
+                 `default_transaction_isolation` to `read committed` in the pool's connect \
+                 options (`PgConnectOptions::options`), or build the pool with `PgOptions`"
+            )]));
+        }
         migrator.run(&mut *conn).await.map_err(failed)
     }
 

@@ -182,7 +182,12 @@ impl IdempotencyStore for PgIdempotencyStore {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
-        let mut tx = self.db.pool.begin().await.map_err(store_error)?;
+        let mut tx = self
+            .db
+            .pool
+            .begin_with(crate::sql::BEGIN)
+            .await
+            .map_err(store_error)?;
         let now = self.db.clock.now();
         match claim_on(&mut tx, &self.db.sql, scope, key, fingerprint, now, ttl).await? {
             Outcome::New => Ok(Claim::New(Box::new(PgIdempotencyGuard {

@@ -39,6 +39,7 @@ pub struct PgOptions {
     idle_timeout: Option<Duration>,
     max_lifetime: Option<Duration>,
     statement_timeout: Option<Duration>,
+    idle_in_transaction_timeout: Option<Duration>,
     application_name: String,
     test_before_acquire: bool,
 }
@@ -52,6 +53,10 @@ impl std::fmt::Debug for PgOptions {
             .field("min_connections", &self.min_connections)
             .field("acquire_timeout", &self.acquire_timeout)
             .field("statement_timeout", &self.statement_timeout)
+            .field(
+                "idle_in_transaction_timeout",
+                &self.idle_in_transaction_timeout,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +74,7 @@ impl PgOptions {
             idle_timeout: Some(Duration::from_secs(60)),
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             statement_timeout: None,
+            idle_in_transaction_timeout: Some(Duration::from_secs(60)),
             application_name: "cqrs".to_owned(),
             test_before_acquire: false,
         }
@@ -123,6 +129,22 @@ impl PgOptions {
     /// fails as a timeout. Default none.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
+        self
+    }
+
+    /// The server-side `idle_in_transaction_session_timeout` of every connection: a session
+    /// that sits in an open transaction without sending anything for longer is ended by the
+    /// server, and its locks released. Default 60 s, well above what a command or a relay
+    /// batch holds its transaction idle (the relay's `publish_timeout` is 30 s by default);
+    /// `None` leaves the server's setting.
+    ///
+    /// It matters when an instance dies, or its network is cut, between an append and its
+    /// commit: the append's lock would otherwise stop every append in the schema until TCP
+    /// notices the dead peer. The server's TCP keepalives are also set (probes after 30 s
+    /// idle, every 10 s, 3 of them), so a session whose client vanished mid-statement ends
+    /// within about a minute.
+    pub fn idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_in_transaction_timeout = timeout;
         self
     }
 
@@ -187,12 +209,24 @@ impl PgOptions {
         }
         match connect {
             Some(connect) if problems.is_empty() => {
-                let mut connect = connect.application_name(&self.application_name);
+                // The store's guarantees rest on READ COMMITTED (see `PgDatabase::migrate`):
+                // set it for the session, whatever the database's or role's default.
+                let mut settings = vec![
+                    ("default_transaction_isolation", "read committed".to_owned()),
+                    ("tcp_keepalives_idle", "30".to_owned()),
+                    ("tcp_keepalives_interval", "10".to_owned()),
+                    ("tcp_keepalives_count", "3".to_owned()),
+                ];
+                let millis = |timeout: Duration| timeout.as_millis().max(1).to_string();
                 if let Some(timeout) = self.statement_timeout {
-                    connect = connect
-                        .options([("statement_timeout", timeout.as_millis().max(1).to_string())]);
+                    settings.push(("statement_timeout", millis(timeout)));
                 }
-                Ok(connect)
+                if let Some(timeout) = self.idle_in_transaction_timeout {
+                    settings.push(("idle_in_transaction_session_timeout", millis(timeout)));
+                }
+                Ok(connect
+                    .application_name(&self.application_name)
+                    .options(settings))
             }
             _ => Err(PgError::InvalidOptions(problems)),
         }

@@ -317,7 +317,7 @@ impl PgOutboxRelay {
         let mut tx = self
             .db
             .pool
-            .begin()
+            .begin_with(crate::sql::BEGIN)
             .await
             .map_err(|e| self.store_error(store_error(e)))?;
         let outcome = self.ship(&mut tx).await;

@@ -12,6 +12,10 @@ use std::sync::Arc;
 /// identifiers and channel names hold 63 bytes.
 pub(crate) const MAX_SCHEMA_LEN: usize = 56;
 
+/// How this crate begins every transaction: its statements rely on each seeing what committed
+/// before it (a fresh snapshot after the append lock), whatever the session's default.
+pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 /// Why a schema name is refused, if it is.
 pub(crate) fn valid_schema(schema: &str) -> Result<(), String> {
     let mut chars = schema.chars();

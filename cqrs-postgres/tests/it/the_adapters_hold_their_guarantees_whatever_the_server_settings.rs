@@ -1,0 +1,110 @@
+//! Server settings the adapters do not leave to chance. The event store's guarantees (an
+//! `Any` append never conflicts; a reader never skips an event that commits late) rest on READ
+//! COMMITTED: each statement, and each statement in the append functions after their lock,
+//! sees what committed before it, so a database or role whose `default_transaction_isolation`
+//! is stricter must not change that. And a session left idle in a transaction must not hold
+//! the append lock until TCP notices.
+
+use crate::support::{database_url, pg_test, record};
+use cqrs_core::ExpectedVersion;
+use cqrs_core::ports::EventStore;
+use cqrs_postgres::sqlx::postgres::PgPoolOptions;
+use cqrs_postgres::{PgDatabase, PgError, PgOptions, PgUnitOfWork};
+use std::time::Duration;
+
+/// `database_url()` with `default_transaction_isolation` set to `serializable` for every
+/// session, as `ALTER DATABASE ... SET` would.
+fn serializable_url() -> String {
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}options=-c%20default_transaction_isolation%3Dserializable")
+}
+
+pg_test! {
+    /// A command that read something, then appends at `Any` to a stream another writer
+    /// appended to meanwhile, commits: under a transaction-wide snapshot it would miss the
+    /// other append and fail as a conflict.
+    async fn an_any_append_after_a_concurrent_one_commits_under_a_serializable_default(db: PgDatabase) {
+        let strict = PgOptions::new(serializable_url())
+            .schema(db.schema())
+            .max_connections(4)
+            .connect()
+            .await
+            .unwrap();
+        let mut unit = PgUnitOfWork::new(strict.clone());
+        // A statement that takes a snapshot (`SHOW` does not).
+        cqrs_postgres::sqlx::query("SELECT 1")
+            .execute(unit.connection().await.unwrap())
+            .await
+            .unwrap();
+        let isolation: String = cqrs_postgres::sqlx::query_scalar("SHOW transaction_isolation")
+            .fetch_one(unit.connection().await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(isolation, "read committed");
+
+        db.event_store()
+            .append("s", ExpectedVersion::Any, vec![record(1)])
+            .await
+            .unwrap();
+        unit.append("s", ExpectedVersion::Any, vec![record(2)]);
+        unit.commit().await.expect("an `Any` append never conflicts");
+        let stored = db.event_store().load("s", 0).await.unwrap();
+        assert_eq!(stored.len(), 2);
+    }
+}
+
+pg_test! {
+    /// A pool made elsewhere, whose sessions run at a stricter level, is refused at start-up
+    /// with what to change, instead of failing later with conflicts that are not.
+    async fn a_pool_that_is_not_read_committed_is_refused_by_migrate(db: PgDatabase) {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&serializable_url())
+            .await
+            .unwrap();
+        let strict = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let error = strict.migrate().await.expect_err("refused");
+        assert!(matches!(error, PgError::InvalidOptions(_)), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("default_transaction_isolation"), "{message}");
+        assert!(message.contains("read committed"), "{message}");
+        // A pool made by `PgOptions` is fine with the same server default.
+        PgOptions::new(serializable_url())
+            .schema(db.schema())
+            .connect()
+            .await
+            .unwrap()
+            .migrate()
+            .await
+            .unwrap();
+    }
+}
+
+pg_test! {
+    /// An instance that stalls or dies between an append and its commit holds the schema's
+    /// append lock; the server ends its session after `idle_in_transaction_timeout`, and the
+    /// other appends go on instead of waiting for TCP to notice.
+    async fn a_transaction_left_idle_after_an_append_is_ended_by_the_server(db: PgDatabase) {
+        let stalled = crate::support::options(db.schema())
+            .idle_in_transaction_timeout(Some(Duration::from_millis(500)))
+            .connect()
+            .await
+            .unwrap();
+        let mut tx = stalled.pool().begin().await.unwrap();
+        stalled
+            .event_store()
+            .append_in(&mut tx, "a", ExpectedVersion::Any, vec![record(1)])
+            .await
+            .unwrap();
+        // `tx` stays open and idle, its lock held, like a client that went away.
+        let store = db.event_store();
+        let append = store.append("b", ExpectedVersion::Any, vec![record(2)]);
+        tokio::time::timeout(Duration::from_secs(15), append)
+            .await
+            .expect("the stalled session was ended and its lock released")
+            .unwrap();
+        assert!(tx.commit().await.is_err(), "the stalled transaction is gone");
+        assert!(db.event_store().load("a", 0).await.unwrap().is_empty());
+    }
+}
