@@ -538,9 +538,14 @@ async fn keep_alive_while<T>(
     let Some(every) = consumer.keep_alive_interval() else {
         return work.await;
     };
-    tokio::pin!(work);
     let every = every.max(Duration::from_millis(1));
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // A redelivery delay of `Duration::MAX` ("never by time") asks for keep-alives that never
+    // come due; `Instant + every` would overflow.
+    let Some(first) = tokio::time::Instant::now().checked_add(every) else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    let mut ticks = tokio::time::interval_at(first, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -12,7 +12,7 @@ use fred::clients::Client;
 use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, CustomCommand, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,6 +72,9 @@ pub struct RedisConsumer {
     /// Entries handed out and not acknowledged, with their lane (empty for none) and
     /// delivery count.
     in_flight: HashMap<String, (String, u32)>,
+    /// Entries handed back (nacked or deferred) and still pending to this consumer: they come
+    /// back after the redelivery delay, so `close` must not release them early as stranded.
+    returned: HashSet<String>,
     /// Per lane, the highest entry this consumer acknowledged: an entry whose `prev` is that
     /// one may be handed out without asking Redis (see [`RedisConsumer::gate_locally`]).
     acked: HashMap<String, String>,
@@ -116,6 +119,14 @@ impl Known {
 /// `KeyOrdering::Exact` there is one per key).
 const MAX_ACKED_LANES: usize = 65_536;
 
+/// Handed-back entries remembered in [`RedisConsumer::returned`] before it starts over
+/// (entries another consumer reclaimed are never seen again here).
+const MAX_RETURNED: usize = 65_536;
+
+/// The most deliveries one `fetch` hands out, whatever it is asked for: the limit goes to
+/// Redis as a count, and the held-back entries are bounded anyway.
+pub(crate) const MAX_FETCH: usize = 10_000;
+
 impl RedisConsumer {
     pub(crate) fn new(
         shared: Arc<Shared>,
@@ -140,6 +151,7 @@ impl RedisConsumer {
             known: HashMap::new(),
             held_since: Instant::now(),
             in_flight: HashMap::new(),
+            returned: HashSet::new(),
             acked: HashMap::new(),
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at
@@ -188,6 +200,7 @@ impl RedisConsumer {
         error: &str,
     ) -> Result<(), TransportError> {
         self.in_flight.remove(&id.0);
+        self.remember_returned([id.0.clone()]);
         let args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
@@ -267,7 +280,7 @@ impl RedisConsumer {
         Ok(entry::array(reply)
             .into_iter()
             .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
-            .filter(|id| !self.in_flight.contains_key(id))
+            .filter(|id| !self.in_flight.contains_key(id) && !self.returned.contains(id))
             .collect())
     }
 
@@ -461,6 +474,13 @@ impl RedisConsumer {
     }
 
     /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
+    fn remember_returned(&mut self, ids: impl IntoIterator<Item = String>) {
+        if self.returned.len() >= MAX_RETURNED {
+            self.returned.clear();
+        }
+        self.returned.extend(ids);
+    }
+
     fn remember_acked(&mut self, lane: String, id: &str) {
         if self.acked.len() >= MAX_ACKED_LANES && !self.acked.contains_key(&lane) {
             self.acked.clear();
@@ -726,7 +746,7 @@ impl Drop for RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
-        let max = max.max(1);
+        let max = max.clamp(1, MAX_FETCH);
         // `checked_add`: a `block` of `Duration::MAX` means "as long as it takes".
         let deadline = Instant::now().checked_add(self.options.block);
         loop {
@@ -737,8 +757,6 @@ impl Consumer for RedisConsumer {
                 match entry::decode(&fields) {
                     Ok(record) => {
                         let lane = entry::field(&fields, "lane").map(str::to_owned);
-                        self.in_flight
-                            .insert(id.clone(), (lane.clone().unwrap_or_default(), attempt));
                         // The lane orders the chain: keys sharing one wait for each other.
                         deliveries.push(
                             Delivery::new(DeliveryId(id), record, attempt).with_order_key(lane),
@@ -749,7 +767,16 @@ impl Consumer for RedisConsumer {
             }
             let dead_lettered = !undecodable.is_empty();
             if dead_lettered {
+                // Before the deliveries count as handed out: if this fails (or the fetch is
+                // dropped here), they are pending to this consumer but in no list, and
+                // `close` releases them at once instead of after the redelivery delay.
                 self.dead_letter(undecodable).await?;
+            }
+            for delivery in &deliveries {
+                let lane = delivery.order_key.clone().unwrap_or_default();
+                self.returned.remove(&delivery.id.0);
+                self.in_flight
+                    .insert(delivery.id.0.clone(), (lane, delivery.attempt));
             }
             if !deliveries.is_empty() {
                 return Ok(deliveries);
@@ -811,6 +838,7 @@ impl Consumer for RedisConsumer {
                 .await?;
             }
             for id in chunk {
+                self.returned.remove(&id.0);
                 if let Some((lane, _)) = self.in_flight.remove(&id.0)
                     && !lane.is_empty()
                 {
@@ -872,6 +900,7 @@ impl Consumer for RedisConsumer {
                 self.in_flight.remove(&id.0);
                 args.push(Value::from(id.0.as_str()));
             }
+            self.remember_returned(chunk.iter().map(|id| id.0.clone()));
             self.run_script(
                 &self.shared.scripts.defer,
                 &[self.keys.stream.as_str()],

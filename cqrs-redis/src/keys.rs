@@ -1,7 +1,6 @@
 //! The key layout. Every key of a topic carries the topic as its hash tag (`{topic}`), so they
 //! all live in one slot of a Redis Cluster and the scripts may touch them together.
 
-use crate::error::backend;
 use cqrs_core::ports::TransportError;
 
 /// The keys of one topic.
@@ -19,7 +18,15 @@ pub(crate) struct TopicKeys {
 impl TopicKeys {
     pub(crate) fn new(prefix: &str, topic: &str) -> Result<Self, TransportError> {
         if topic.is_empty() {
-            return Err(backend("a topic name must not be empty"));
+            return Err(TransportError::Invalid(
+                "a topic name must not be empty".to_owned(),
+            ));
+        }
+        if topic.contains(['{', '}']) {
+            // `{}x}` is no hash tag: the topic's keys would land in different cluster slots.
+            return Err(TransportError::Invalid(format!(
+                "topic `{topic}` must not contain `{{` or `}}` (they would move the hash tag)"
+            )));
         }
         let base = format!("{prefix}:{{{topic}}}");
         Ok(Self {
@@ -49,5 +56,8 @@ mod tests {
             assert_eq!(fred::util::redis_keyslot(key.as_bytes()), slot, "{key}");
         }
         assert!(TopicKeys::new("app", "").is_err());
+        for topic in ["}x", "a{b", "{t}"] {
+            assert!(TopicKeys::new("app", topic).is_err(), "{topic}");
+        }
     }
 }

@@ -85,4 +85,4 @@ pub use options::{
 };
 pub use pubsub::RedisPubSub;
 pub use stats::{GroupStats, TopicStats};
-pub use transport::RedisStreamTransport;
+pub use transport::{MIN_REDELIVERY_DELAY, RedisStreamTransport};

@@ -128,9 +128,10 @@ impl StreamMaintenance {
         }
     }
 
-    /// How often it runs. Default 60 s.
+    /// How often it runs. Default 60 s; at least 1 ms (a zero interval would run the rounds
+    /// back to back).
     pub fn interval(mut self, interval: Duration) -> Self {
-        self.interval = interval;
+        self.interval = interval.max(Duration::from_millis(1));
         self
     }
 
@@ -141,28 +142,39 @@ impl StreamMaintenance {
         self
     }
 
-    /// One round over every topic.
+    /// One round over every topic. A topic that fails does not keep the others from their
+    /// round; the first failure is returned once all were tried.
     pub async fn run_once(&self) -> Result<(), TransportError> {
+        let mut first_failure = None;
         for topic in &self.topics {
-            let report = self.transport.trim(topic).await?;
-            if report.removed > 0 {
-                tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
+            if let Err(error) = self.maintain(topic).await {
+                tracing::warn!(%topic, %error, "redis stream maintenance failed for a topic");
+                first_failure.get_or_insert(error);
             }
-            let stats = self.transport.topic_stats(topic).await?;
-            metrics::gauge!("cqrs_redis_stream_length", "topic" => topic.clone())
-                .set(stats.length as f64);
-            metrics::gauge!("cqrs_redis_dead_letters", "topic" => topic.clone())
-                .set(stats.dead_letters as f64);
-            for group in &stats.groups {
-                let labels = [("topic", topic.clone()), ("group", group.name.clone())];
-                metrics::gauge!("cqrs_redis_group_pending", &labels).set(group.pending as f64);
-                if let Some(lag) = group.lag {
-                    metrics::gauge!("cqrs_redis_group_lag", &labels).set(lag as f64);
-                }
-                self.transport
-                    .prune_consumers(topic, &group.name, self.consumer_idle)
-                    .await?;
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Trims one topic, reports its gauges and prunes its idle consumers.
+    async fn maintain(&self, topic: &str) -> Result<(), TransportError> {
+        let report = self.transport.trim(topic).await?;
+        if report.removed > 0 {
+            tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
+        }
+        let stats = self.transport.topic_stats(topic).await?;
+        metrics::gauge!("cqrs_redis_stream_length", "topic" => topic.to_owned())
+            .set(stats.length as f64);
+        metrics::gauge!("cqrs_redis_dead_letters", "topic" => topic.to_owned())
+            .set(stats.dead_letters as f64);
+        for group in &stats.groups {
+            let labels = [("topic", topic.to_owned()), ("group", group.name.clone())];
+            metrics::gauge!("cqrs_redis_group_pending", &labels).set(group.pending as f64);
+            if let Some(lag) = group.lag {
+                metrics::gauge!("cqrs_redis_group_lag", &labels).set(lag as f64);
             }
+            self.transport
+                .prune_consumers(topic, &group.name, self.consumer_idle)
+                .await?;
         }
         Ok(())
     }

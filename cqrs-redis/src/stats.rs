@@ -50,14 +50,17 @@ impl RedisStreamTransport {
             client.xlen::<u64, _>(keys.dead.as_str()),
         )
         .map_err(transport_error)?;
-        if length == 0 && dead_letters == 0 {
+        if length == 0 {
             // XINFO GROUPS fails on a missing key; an empty stream may still have groups.
             let exists: u64 =
                 fred::interfaces::KeysInterface::exists(&client, keys.stream.as_str())
                     .await
                     .map_err(transport_error)?;
             if exists == 0 {
-                return Ok(TopicStats::default());
+                return Ok(TopicStats {
+                    dead_letters,
+                    ..TopicStats::default()
+                });
             }
         }
         let reply: Value = client

@@ -19,6 +19,7 @@ use fred::types::Value;
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How many events one publish script carries; larger batches are split into several scripts
 /// sent back to back on the connection (one round trip).
@@ -174,6 +175,7 @@ impl RedisStreamTransport {
         options: ConsumerOptions,
     ) -> Result<RedisConsumer, TransportError> {
         let keys = self.shared.keys(topic)?;
+        consumer_option_problems(&options)?;
         self.shared.create_group(&keys, group).await?;
         let name = (
             keys.stream.clone(),
@@ -184,7 +186,7 @@ impl RedisStreamTransport {
             // A std mutex: nothing awaits while it is held.
             let mut names = self.shared.names.lock().unwrap_or_else(|p| p.into_inner());
             if !names.insert(name) {
-                return Err(backend(format!(
+                return Err(TransportError::Invalid(format!(
                     "consumer name `{}` is already in use in group `{group}` of topic `{topic}` \
                      in this process",
                     options.consumer_name
@@ -359,5 +361,42 @@ impl HealthCheck for RedisStreamTransport {
             Ok(_) => Health::Healthy,
             Err(e) => Health::Unhealthy(format!("redis: {e}")),
         }
+    }
+}
+
+/// The shortest redelivery delay a Redis consumer accepts. The delay is also how long an entry
+/// must sit unacknowledged before another consumer may take it over, while its consumer
+/// refreshes its entries every third of it: much shorter, and a consumer still handling an
+/// entry can lose it to another (handled twice, out of order).
+pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
+
+/// Refuses consumer options that would break the transport's guarantees, naming each problem.
+fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportError> {
+    let mut problems = Vec::new();
+    if options.redelivery_delay < MIN_REDELIVERY_DELAY {
+        problems.push(format!(
+            "redelivery_delay is {:?}, below the {:?} a Redis consumer needs: it is also how \
+             long an entry waits before another consumer may take it over, and a shorter one \
+             hands entries still being handled to a second consumer",
+            options.redelivery_delay, MIN_REDELIVERY_DELAY
+        ));
+    }
+    if options.max_deliveries == 0 {
+        problems.push(
+            "max_deliveries is 0: every entry would be dead-lettered before any handler saw \
+             it; use at least 1"
+                .to_owned(),
+        );
+    }
+    if options.consumer_name.is_empty() {
+        problems.push("consumer_name must not be empty".to_owned());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(TransportError::Invalid(format!(
+            "invalid consumer options: {}",
+            problems.join("; ")
+        )))
     }
 }

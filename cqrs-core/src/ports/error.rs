@@ -134,6 +134,10 @@ pub enum TransportError {
     /// The consumer or subscription was closed (shutdown).
     #[error("the transport is closed")]
     Closed,
+    /// The caller asked for something the transport refuses (a topic name it cannot use,
+    /// consumer options that would break its guarantees). Not retryable: fix the caller.
+    #[error("{0}")]
+    Invalid(String),
     /// Anything else the broker reported.
     #[error("{backend} failed: {source}")]
     Backend {
@@ -151,6 +155,7 @@ impl TransportError {
         match self {
             TransportError::Unavailable { .. } | TransportError::Closed => ErrorKind::Unavailable,
             TransportError::Timeout { .. } => ErrorKind::Timeout,
+            TransportError::Invalid(_) => ErrorKind::Invalid,
             TransportError::Codec(_) | TransportError::Backend { .. } => ErrorKind::Internal,
         }
     }

@@ -81,3 +81,44 @@ async fn taken_over(env: &Env, topic: &str, delay: Duration) -> Vec<u64> {
     }
     got.iter().map(n_of).collect()
 }
+
+/// What a consumer nacked is not stranded: closing it leaves the entry to come back after the
+/// redelivery delay, as a nack promises, instead of handing it to another consumer at once
+/// (which would retry a poison entry faster than configured, and spend a delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_does_not_release_what_was_nacked() {
+    let Some(env) = Env::new("close-nacked").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let delay = Duration::from_secs(30);
+            let mut a = env.join(&topic, "a", |o| o.redelivery_delay(delay)).await;
+            env.publish_one(&topic, "k", 1).await;
+            env.publish_one(&topic, "other", 2).await;
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                got.extend(a.fetch(2).await.unwrap());
+            }
+            a.nack(&got[0].id).await.unwrap();
+            a.defer(std::slice::from_ref(&got[1].id)).await.unwrap();
+            a.close().await.unwrap();
+
+            let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
+            let started = tokio::time::Instant::now();
+            while started.elapsed() < Duration::from_millis(1500) {
+                let taken = b.fetch(10).await.unwrap();
+                assert!(
+                    taken.is_empty(),
+                    "handed back entries wait out the delay: {:?}",
+                    taken.iter().map(n_of).collect::<Vec<_>>()
+                );
+            }
+            drop(a);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}

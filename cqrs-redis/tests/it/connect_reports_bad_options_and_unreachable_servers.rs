@@ -72,3 +72,50 @@ async fn a_consumer_name_in_use_in_the_process_is_refused() {
     .await;
     env.cleanup().await;
 }
+
+/// Consumer options that would break the transport's guarantees, and topic names that would
+/// split a topic's keys across cluster slots, are refused as invalid, saying what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_options_and_topics_that_break_guarantees_are_refused() {
+    let Some(env) = Env::new("refused").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("t");
+            let refused = |options: cqrs_core::ports::ConsumerOptions, topic: String| {
+                let transport = &env.transport;
+                async move {
+                    match transport.consumer(&topic, "g", options).await {
+                        Ok(_) => panic!("accepted"),
+                        Err(error) => {
+                            assert_eq!(error.kind(), ErrorKind::Invalid, "{error}");
+                            error.to_string()
+                        }
+                    }
+                }
+            };
+            let message = refused(
+                consumer_options("c").redelivery_delay(Duration::ZERO),
+                topic.clone(),
+            )
+            .await;
+            assert!(message.contains("redelivery_delay"), "{message}");
+            let message = refused(consumer_options("c").max_deliveries(0), topic.clone()).await;
+            assert!(message.contains("max_deliveries"), "{message}");
+            let message = refused(consumer_options("c"), format!("}}{topic}")).await;
+            assert!(message.contains("must not contain"), "{message}");
+            env.transport
+                .consumer(
+                    &topic,
+                    "g",
+                    consumer_options("c").redelivery_delay(cqrs_redis::MIN_REDELIVERY_DELAY),
+                )
+                .await
+                .expect("the shortest delay allowed");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}

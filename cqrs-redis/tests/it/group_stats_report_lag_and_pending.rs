@@ -4,6 +4,7 @@
 
 use crate::support::{Env, consumer_options, event, within};
 use cqrs_core::ports::EventTransport;
+use fred::interfaces::StreamsInterface;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +62,50 @@ async fn group_stats_report_lag_and_pending() {
                 .await
                 .unwrap();
             assert_eq!(pruned, [format!("{}-c", env.id)]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// A topic whose stream is gone while its dead letters remain (deleted by hand, or lost by a
+/// server restart) reports zero entries and its dead letters, not an error; and maintenance
+/// keeps going over the other topics when one of them fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_maintenance_carry_on_past_a_broken_topic() {
+    let Some(env) = Env::new("stats-gone").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let (gone, fine) = (env.topic("gone"), env.topic("fine"));
+            let dead_key = format!("{}:{{{gone}}}:dead", crate::support::key_prefix(&env.id));
+            let _: String = env
+                .admin
+                .xadd(dead_key.as_str(), false, None, "*", ("error", "by hand"))
+                .await
+                .unwrap();
+            let stats = env.transport.topic_stats(&gone).await.unwrap();
+            assert_eq!((stats.length, stats.dead_letters), (0, 1));
+            assert!(stats.groups.is_empty());
+
+            // A consumer of `fine` that handled everything, then went away: maintenance prunes
+            // it, even though the topic listed before `fine` cannot be maintained.
+            let name = format!("{}-c", env.id);
+            let consumer = env
+                .transport
+                .consumer(&fine, "g", consumer_options(&name))
+                .await
+                .unwrap();
+            drop(consumer);
+            let maintenance =
+                cqrs_redis::StreamMaintenance::new(env.transport.clone(), ["}broken", &fine])
+                    .consumer_idle(Duration::ZERO);
+            let error = maintenance.run_once().await.expect_err("the broken topic");
+            assert!(error.to_string().contains("}broken"), "{error}");
+            let stats = env.transport.topic_stats(&fine).await.unwrap();
+            assert_eq!(stats.groups[0].consumers, 0, "pruned");
         }),
     )
     .await;
