@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 #[derive(Debug, Deserialize)]
+// Unknown fields are refused: a misspelled one (`expected_versoin`) must not pass silently.
+#[serde(deny_unknown_fields)]
 struct RegisterBody {
     email: String,
     password: String,
@@ -27,6 +29,7 @@ struct Registered {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LoginBody {
     email: String,
     password: String,

@@ -98,6 +98,8 @@ where
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+// Unknown fields are refused: a misspelled one (`expected_versoin`) must not pass silently.
+#[serde(deny_unknown_fields)]
 struct OpenBody {
     title: String,
     #[serde(default)]
@@ -107,6 +109,7 @@ struct OpenBody {
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct AssignBody {
     assignee_id: Uuid,
     #[serde(default)]
@@ -114,6 +117,7 @@ struct AssignBody {
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct CommentBody {
     body: String,
     #[serde(default)]
@@ -121,6 +125,7 @@ struct CommentBody {
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 struct CloseBody {
     #[serde(default)]
     resolution: Option<String>,

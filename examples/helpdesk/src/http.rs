@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -79,7 +79,7 @@ pub(crate) fn router(state: State) -> Router {
                     header::COOKIE,
                 ]))
                 .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http())
+                .layer(TraceLayer::new_for_http().make_span_with(request_span))
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
                 .layer(middleware::from_fn(json_errors))
                 .layer(TimeoutLayer::with_status_code(
@@ -221,4 +221,48 @@ async fn json_errors(request: Request, next: Next) -> Response {
     let body = std::mem::replace(fresh.body_mut(), Body::empty());
     let _: Option<HeaderValue> = None;
     Response::from_parts(parts, body)
+}
+
+/// The span of a request: tower-http's default fields, with the `token` query parameter (the
+/// bearer token a WebSocket client may send as `/ws?token=`) redacted, as the
+/// `Authorization` header is, so debug logs never hold a live token.
+fn request_span(request: &Request) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        uri = %redacted_uri(request.uri()),
+        version = ?request.version(),
+    )
+}
+
+/// The path and query of `uri`, each `token=` value replaced by `[redacted]`.
+fn redacted_uri(uri: &Uri) -> String {
+    let Some(query) = uri.query() else {
+        return uri.path().to_owned();
+    };
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some(("token", _)) => "token=[redacted]",
+            _ => pair,
+        })
+        .collect();
+    format!("{}?{}", uri.path(), query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_uri;
+
+    #[test]
+    fn a_token_in_the_query_is_redacted() {
+        let redacted = |uri: &str| redacted_uri(&uri.parse().unwrap());
+        assert_eq!(redacted("/ws?token=eyJ.secret.sig"), "/ws?token=[redacted]");
+        assert_eq!(
+            redacted("/ws?a=1&token=eyJ.secret.sig&b=2"),
+            "/ws?a=1&token=[redacted]&b=2"
+        );
+        assert_eq!(redacted("/tickets?status=open"), "/tickets?status=open");
+        assert_eq!(redacted("/tickets"), "/tickets");
+    }
 }

@@ -286,3 +286,50 @@ async fn nul_characters_are_refused_not_stored() {
     })
     .await;
 }
+
+/// A field the API does not know is refused, not dropped: a misspelled `expected_version`
+/// would otherwise turn the version check off without the client knowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_are_refused_not_ignored() {
+    within(async {
+        let s = TestServer::start().await;
+        let (agent, _) = s.agent().await;
+        let ticket = s.ticket(&agent, "Printer on fire").await;
+        let id = ticket["id"].as_str().unwrap();
+        let close = s
+            .post(
+                &format!("/tickets/{id}/close"),
+                &agent,
+                json!({"expected_versoin": 7}),
+            )
+            .await;
+        close.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+        assert!(
+            close.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("expected_versoin"),
+            "{}",
+            close.body
+        );
+        let after = s.get(&format!("/tickets/{id}"), &agent).await;
+        assert_eq!(after.body["status"], "open", "nothing changed");
+        s.post(
+            "/tickets",
+            &agent,
+            json!({"title": "x", "priorty": "urgent"}),
+        )
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+        s.send(
+            Method::POST,
+            "/auth/register",
+            None,
+            Some(json!({"email": "u@example.com", "password": "correct horse", "admin": true})),
+        )
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+        s.stop().await;
+    })
+    .await;
+}
