@@ -183,11 +183,22 @@ where
             return pass_through(&mut self.inner, dispatch);
         }
         // A unit of work already in the dispatch was opened by the caller
-        // (`CommandBus::execute_with_extensions`): the command runs in it.
-        let uow = dispatch
-            .extensions_mut()
-            .remove::<PgUnitOfWork>()
-            .unwrap_or_else(|| PgUnitOfWork::new(self.config.db.clone()));
+        // (`CommandBus::execute_with_extensions`): the command runs in it, if it is for this
+        // layer's schema (the relay of another would never ship its events).
+        let uow = match dispatch.extensions_mut().remove::<PgUnitOfWork>() {
+            Some(uow) if uow.database().schema() != self.config.db.schema() => {
+                let message = format!(
+                    "the unit of work given with the command is for schema `{}`, but the bus's \
+                     PgCommandLayer is for `{}`: make the PgCommandExecutor (or the unit of \
+                     work) with the same PgDatabase as the layer",
+                    uow.database().schema(),
+                    self.config.db.schema()
+                );
+                return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
+            }
+            Some(uow) => uow,
+            None => PgUnitOfWork::new(self.config.db.clone()),
+        };
         dispatch.extensions_mut().insert(uow.layered());
         let hand_back = dispatch.extensions().get::<HandBack>().cloned();
         // On a handler error or panic the context, and the unit of work with it, is dropped

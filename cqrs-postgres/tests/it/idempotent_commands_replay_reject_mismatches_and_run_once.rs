@@ -128,3 +128,32 @@ pg_test! {
         assert!(err.to_string().contains("command_layer"), "{err}");
     }
 }
+
+pg_test! {
+    /// An executor made with another schema's database than the bus's layer would run the
+    /// command in a transaction on the wrong schema, whose relay nobody runs: refused, naming
+    /// both, before anything is written.
+    async fn an_executor_for_another_schema_than_the_layer_is_refused(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let other = crate::support::schema(&format!("{}_x", db.schema())).await.unwrap();
+        let handler = OpenTicketHandler::default();
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(handler.clone())
+            .build()
+            .unwrap();
+        let executor = PgCommandExecutor::new(bus, other.clone());
+        let key = IdempotencyKey::new("POST /tickets", "k1", "fp-1", DAY);
+        let refused = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap_err();
+        let message = refused.to_string();
+        assert!(
+            message.contains(db.schema()) && message.contains(other.schema()),
+            "{message}"
+        );
+        assert_eq!(handler.runs.load(Ordering::SeqCst), 0, "the handler did not run");
+        other.drop_schema().await.unwrap();
+    }
+}
