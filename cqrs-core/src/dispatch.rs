@@ -416,6 +416,19 @@ where
 }
 
 /// Runs a handler future, turning a panic into [`DispatchError::Panicked`].
+/// Calls `start` (a handler's `handle`, which builds its future) so that a panic in it, before
+/// there is a future, becomes a panic of the future: [`guarded`] then reports it like any
+/// other. `#[async_trait]` handlers never panic here; hand-written ones may.
+#[inline(always)]
+pub(crate) fn started<'a, T: 'a>(
+    start: impl FnOnce() -> futures_util::future::BoxFuture<'a, T>,
+) -> futures_util::future::BoxFuture<'a, T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)) {
+        Ok(future) => future,
+        Err(payload) => Box::pin(async move { std::panic::resume_unwind(payload) }),
+    }
+}
+
 pub(crate) fn guarded<T, F>(kind: MessageKind, name: &'static str, fut: F) -> Guarded<F>
 where
     F: Future<Output = Result<T, crate::HandlerError>>,

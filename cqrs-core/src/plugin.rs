@@ -417,11 +417,13 @@ impl PluginRegistrar {
 
     /// The command handlers registered so far; add to them.
     pub fn commands(&mut self) -> &mut CommandHandlers {
+        self.commands.plugin = self.current;
         &mut self.commands
     }
 
     /// The query handlers registered so far; add to them.
     pub fn queries(&mut self) -> &mut QueryHandlers {
+        self.queries.plugin = self.current;
         &mut self.queries
     }
 

@@ -1,7 +1,7 @@
 //! The command bus.
 
-use super::{Registries, check_registered, layer_service, register_single};
-use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, typed_call};
+use super::{Origin, Registries, check_registered, layer_service, register_single};
+use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, started, typed_call};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
     EventEnvelope, Extensions, MessageKind, MessageType, Metadata, Reply,
@@ -56,7 +56,7 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
                 let output = guarded(
                     MessageKind::Command,
                     C::NAME,
-                    handler.handle(command, &mut ctx),
+                    started(|| handler.handle(command, &mut ctx)),
                 )
                 .await?;
                 let (events, extensions) = ctx.into_parts();
@@ -81,7 +81,9 @@ pub trait EventSink: Send + Sync + 'static {
 /// Command handlers collected before a bus is built (by a plugin, for instance).
 #[derive(Default)]
 pub struct CommandHandlers {
-    entries: Vec<(MessageType, Arc<dyn ErasedCommandHandler>)>,
+    entries: Vec<(MessageType, Arc<dyn ErasedCommandHandler>, Origin)>,
+    /// The plugin adding handlers now (set by the plugin registrar), for error messages.
+    pub(crate) plugin: &'static str,
 }
 
 impl CommandHandlers {
@@ -92,14 +94,27 @@ impl CommandHandlers {
 
     /// Adds the handler of command `C`.
     pub fn add<C: Command, H: CommandHandler<C>>(&mut self, handler: H) -> &mut Self {
-        self.add_arc::<C>(Arc::new(handler))
+        self.push::<C>(Arc::new(handler), Some(std::any::type_name::<H>()))
     }
 
     /// Adds a shared handler of command `C`.
     pub fn add_arc<C: Command>(&mut self, handler: Arc<dyn CommandHandler<C>>) -> &mut Self {
+        self.push::<C>(handler, None)
+    }
+
+    fn push<C: Command>(
+        &mut self,
+        handler: Arc<dyn CommandHandler<C>>,
+        name: Option<&'static str>,
+    ) -> &mut Self {
+        let origin = Origin {
+            handler: name,
+            plugin: self.plugin,
+        };
         self.entries.push((
             MessageType::command::<C>(),
             Arc::new(TypedCommandHandler { handler }),
+            origin,
         ));
         self
     }
@@ -118,7 +133,7 @@ impl CommandHandlers {
 impl fmt::Debug for CommandHandlers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.entries.iter().map(|(t, _)| t.name()))
+            .entries(self.entries.iter().map(|(t, _, _)| t.name()))
             .finish()
     }
 }
@@ -315,7 +330,7 @@ impl CommandBus {
         let output = guarded(
             MessageKind::Command,
             C::NAME,
-            handler.handle(command, &mut ctx),
+            started(|| handler.handle(command, &mut ctx)),
         )
         .await?;
         if !ctx.recorded().is_empty()
@@ -378,7 +393,7 @@ impl CommandBus {
         let output = guarded(
             MessageKind::Command,
             C::NAME,
-            handler.handle(command, &mut ctx),
+            started(|| handler.handle(command, &mut ctx)),
         )
         .await?;
         Ok(Executed {

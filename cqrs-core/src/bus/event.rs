@@ -2,7 +2,7 @@
 
 use super::command::EventSink;
 use super::{Registries, layer_service};
-use crate::dispatch::{Dispatcher, ErasedService, guarded};
+use crate::dispatch::{Dispatcher, ErasedService, guarded, started};
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Event, EventContext, EventEnvelope,
     EventHandler, HandlerError, HandlerFailure, MessageKind, MessageType, Metadata, PublishError,
@@ -37,7 +37,7 @@ impl<E: Event> ErasedEventHandler for TypedEventHandler<E> {
         envelope: &'a EventEnvelope,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         match envelope.downcast_ref::<E>() {
-            Some(event) => self.handler.handle(event, EventContext::new(envelope)),
+            Some(event) => started(|| self.handler.handle(event, EventContext::new(envelope))),
             None => Box::pin(std::future::ready(Err(HandlerError::internal(format!(
                 "event `{}` does not carry the payload type its handler expects",
                 E::NAME

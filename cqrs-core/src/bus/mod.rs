@@ -17,6 +17,7 @@ use crate::dispatch::{Dispatcher, ErasedService, Layered};
 use crate::{BoxError, Dispatch, MessageType, Reply};
 use std::any::TypeId;
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Arc;
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -40,23 +41,48 @@ where
     Some(Arc::new(Layered(service)))
 }
 
+/// Where a command or query handler was registered, for the build's error messages.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Origin {
+    /// The handler's Rust type, or `None` for a shared (`add_arc`) handler.
+    pub(crate) handler: Option<&'static str>,
+    /// The plugin that registered it, or `""` for the bus builder.
+    pub(crate) plugin: &'static str,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.handler {
+            Some(handler) => write!(f, "`{handler}`")?,
+            None => f.write_str("a shared handler")?,
+        }
+        match self.plugin {
+            "" => f.write_str(" (on the bus builder)"),
+            plugin => write!(f, " (plugin `{plugin}`)"),
+        }
+    }
+}
+
 /// Puts each handler under its message type: one handler per type, one type per wire name.
 /// Returns the map and the wire names, or every problem found.
 fn register_single<H>(
-    entries: Vec<(MessageType, H)>,
+    entries: Vec<(MessageType, H, Origin)>,
 ) -> Result<(registry::TypeMap<H>, HashMap<&'static str, TypeId>), BuildError> {
     let mut problems = Vec::new();
     let mut map = registry::TypeMap::default();
+    let mut origins: HashMap<TypeId, Origin> = HashMap::new();
     let mut names: HashMap<&'static str, TypeId> = HashMap::new();
-    for (ty, handler) in entries {
+    for (ty, handler, origin) in entries {
         let kind = ty.kind();
-        if map.contains_key(&ty.type_id()) {
+        if let Some(first) = origins.get(&ty.type_id()) {
             problems.push(format!(
-                "{kind} `{}` has more than one handler; a {kind} has exactly one",
+                "{kind} `{}` has more than one handler: {first} and {origin}; a {kind} has \
+                 exactly one, so remove one of the registrations",
                 ty.name()
             ));
             continue;
         }
+        origins.insert(ty.type_id(), origin);
         if let Some(other) = names.insert(ty.name(), ty.type_id())
             && other != ty.type_id()
         {
@@ -79,7 +105,14 @@ fn check_registered<H>(
     let problems = required
         .into_iter()
         .filter(|t| !registered.contains_key(&t.type_id()))
-        .map(|t| format!("no handler is registered for {} `{}`", t.kind(), t.name()))
+        .map(|t| {
+            format!(
+                "no handler is registered for {} `{}`: register one on the bus builder or \
+                 through a plugin (is the plugin's crate linked with `use its_crate as _;`?)",
+                t.kind(),
+                t.name()
+            )
+        })
         .collect();
     into_result(problems)
 }

@@ -1,7 +1,7 @@
 //! The query bus.
 
-use super::{Registries, check_registered, layer_service, register_single};
-use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, typed_call};
+use super::{Origin, Registries, check_registered, layer_service, register_single};
+use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, started, typed_call};
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Extensions, MessageKind, MessageType, Metadata,
     Query, QueryContext, QueryHandler, Reply,
@@ -50,8 +50,12 @@ fn query_call<Q: Query>(query: Q) -> Pin<Box<dyn Call>> {
             let handler = handler_of::<Q>(registries)?.clone();
             Ok(async move {
                 let ctx = QueryContext::with_extensions(metadata, extensions);
-                let output =
-                    guarded(MessageKind::Query, Q::NAME, handler.handle(query, &ctx)).await?;
+                let output = guarded(
+                    MessageKind::Query,
+                    Q::NAME,
+                    started(|| handler.handle(query, &ctx)),
+                )
+                .await?;
                 // The layers get their values back in the reply (a transaction to end).
                 Ok((output, Vec::new(), ctx.into_extensions()))
             })
@@ -62,7 +66,9 @@ fn query_call<Q: Query>(query: Q) -> Pin<Box<dyn Call>> {
 /// Query handlers collected before a bus is built (by a plugin, for instance).
 #[derive(Default)]
 pub struct QueryHandlers {
-    entries: Vec<(MessageType, Arc<dyn ErasedQueryHandler>)>,
+    entries: Vec<(MessageType, Arc<dyn ErasedQueryHandler>, Origin)>,
+    /// The plugin adding handlers now (set by the plugin registrar), for error messages.
+    pub(crate) plugin: &'static str,
 }
 
 impl QueryHandlers {
@@ -73,14 +79,27 @@ impl QueryHandlers {
 
     /// Adds the handler of query `Q`.
     pub fn add<Q: Query, H: QueryHandler<Q>>(&mut self, handler: H) -> &mut Self {
-        self.add_arc::<Q>(Arc::new(handler))
+        self.push::<Q>(Arc::new(handler), Some(std::any::type_name::<H>()))
     }
 
     /// Adds a shared handler of query `Q`.
     pub fn add_arc<Q: Query>(&mut self, handler: Arc<dyn QueryHandler<Q>>) -> &mut Self {
+        self.push::<Q>(handler, None)
+    }
+
+    fn push<Q: Query>(
+        &mut self,
+        handler: Arc<dyn QueryHandler<Q>>,
+        name: Option<&'static str>,
+    ) -> &mut Self {
+        let origin = Origin {
+            handler: name,
+            plugin: self.plugin,
+        };
         self.entries.push((
             MessageType::query::<Q>(),
             Arc::new(TypedQueryHandler { handler }),
+            origin,
         ));
         self
     }
@@ -99,7 +118,7 @@ impl QueryHandlers {
 impl fmt::Debug for QueryHandlers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.entries.iter().map(|(t, _)| t.name()))
+            .entries(self.entries.iter().map(|(t, _, _)| t.name()))
             .finish()
     }
 }
@@ -236,7 +255,12 @@ impl QueryBus {
     ) -> Result<Q::Output, DispatchError> {
         let handler = handler_of::<Q>(&self.inner.registries)?;
         let ctx = QueryContext::new(metadata);
-        guarded(MessageKind::Query, Q::NAME, handler.handle(query, &ctx)).await
+        guarded(
+            MessageKind::Query,
+            Q::NAME,
+            started(|| handler.handle(query, &ctx)),
+        )
+        .await
     }
 
     async fn dispatch_layered<Q: Query>(

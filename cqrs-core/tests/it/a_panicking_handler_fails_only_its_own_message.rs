@@ -1,6 +1,11 @@
 use crate::fixtures::*;
 use cqrs_core::middleware::TracingLayer;
-use cqrs_core::{CommandBus, DispatchError, QueryBus};
+use cqrs_core::{
+    CommandBus, CommandContext, CommandHandler, DispatchError, EventBus, EventContext,
+    EventHandler, HandlerError, Metadata, QueryBus, QueryContext, QueryHandler,
+};
+use std::future::Future;
+use std::pin::Pin;
 
 #[test]
 fn a_panicking_command_handler_becomes_an_error_and_the_bus_keeps_working() {
@@ -93,4 +98,110 @@ fn a_panicking_handler_on_a_multi_threaded_runtime_does_not_abort_the_task() {
         }
         assert_eq!(panicked, 4);
     });
+}
+
+/// Handlers written by hand (without `#[async_trait]`) that panic while building their future,
+/// before there is a future to poll.
+struct PanicsEagerly;
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = Result<T, HandlerError>> + Send + 'a>>;
+
+impl CommandHandler<Add> for PanicsEagerly {
+    fn handle<'a, 'b, 'c>(&'a self, _: Add, _: &'b mut CommandContext) -> Boxed<'c, u64>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        panic!("eager command handler")
+    }
+}
+
+impl QueryHandler<Double> for PanicsEagerly {
+    fn handle<'a, 'b, 'c>(&'a self, _: Double, _: &'b QueryContext) -> Boxed<'c, u64>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        panic!("eager query handler")
+    }
+}
+
+impl EventHandler<Added> for PanicsEagerly {
+    fn handle<'a, 'b, 'c, 'd>(&'a self, _: &'b Added, _: EventContext<'c>) -> Boxed<'d, ()>
+    where
+        'a: 'd,
+        'b: 'd,
+        'c: 'd,
+        Self: 'd,
+    {
+        panic!("eager event handler")
+    }
+}
+
+fn eager_panic(err: DispatchError, expected: &str) {
+    match err {
+        DispatchError::Panicked { message, .. } => assert_eq!(message, expected),
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+}
+
+/// A panic in `handle` itself, not in the future it returns, is caught like any other: the
+/// dispatch fails with `Panicked`, the caller's task goes on, and the other handlers of an
+/// event still run.
+#[test]
+fn a_handler_that_panics_before_returning_its_future_is_caught_too() {
+    for layered in [false, true] {
+        let commands = CommandBus::builder().handler(PanicsEagerly);
+        let commands = if layered {
+            commands.layer(TracingLayer::new()).build().unwrap()
+        } else {
+            commands.build().unwrap()
+        };
+        let queries = QueryBus::builder().handler(PanicsEagerly);
+        let queries = if layered {
+            queries.layer(TracingLayer::new()).build().unwrap()
+        } else {
+            queries.build().unwrap()
+        };
+        run(async {
+            eager_panic(
+                commands.dispatch(Add::default()).await.unwrap_err(),
+                "eager command handler",
+            );
+            eager_panic(
+                commands
+                    .execute(Add::default(), Metadata::new())
+                    .await
+                    .unwrap_err(),
+                "eager command handler",
+            );
+            eager_panic(
+                queries.dispatch(Double(1)).await.unwrap_err(),
+                "eager query handler",
+            );
+        });
+    }
+    let counter = Counter::named("counter");
+    let events = EventBus::builder()
+        .handler(PanicsEagerly)
+        .handler(counter.clone())
+        .build()
+        .unwrap();
+    run(async {
+        let err = events
+            .publish_event(Added { sum: 1 }, Metadata::new())
+            .await
+            .unwrap_err();
+        let DispatchError::Publish(publish) = err else {
+            panic!("expected a publish error");
+        };
+        assert_eq!(publish.failures.len(), 1);
+        eager_panic(
+            publish.failures.into_iter().next().unwrap().error,
+            "eager event handler",
+        );
+    });
+    assert_eq!(counter.seen(), 1, "the other handler ran");
 }

@@ -20,7 +20,7 @@ impl Plugin for P {
     }
     fn register(&self, registrar: &mut PluginRegistrar) -> Result<(), BoxError> {
         registrar.contribute(format!("route of {}", self.name));
-        if self.name == "adder" {
+        if self.name == "adder" || self.name == "second-adder" {
             registrar.commands().add(AddHandler);
         }
         if self.name == "needs-db" {
@@ -144,5 +144,30 @@ fn a_missing_resource_and_a_failing_plugin_are_named() {
     assert_eq!(
         err.to_string(),
         "plugin `broken` failed to register: the broken plugin cannot register"
+    );
+}
+
+/// Two plugins registering a handler for one command fail the build with both named, and
+/// what to do.
+#[test]
+fn a_command_handled_by_two_plugins_names_both() {
+    let plugins = Plugins::from_plugins(plugins(&[("adder", &[]), ("second-adder", &[])])).unwrap();
+    let mut registrar = PluginRegistrar::new();
+    plugins.install(&mut registrar).unwrap();
+    let err = CommandBus::builder()
+        .handlers(registrar.take_commands())
+        .handler(OtherAddHandler)
+        .build()
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("(plugin `adder`)"), "{message}");
+    assert!(message.contains("(plugin `second-adder`)"), "{message}");
+    assert!(
+        message.contains("OtherAddHandler` (on the bus builder)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("remove one of the registrations"),
+        "{message}"
     );
 }
