@@ -254,13 +254,22 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// Applies one batch. Returns how many events took effect (0 when caught up, or when
     /// every event was a duplicate).
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
+        self.step().await.map(|(applied, _)| applied)
+    }
+
+    /// One batch: how many events took effect, and whether the source had no more to give
+    /// (a batch of skipped types or duplicates still moves on: it is not "caught up").
+    async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
         match &self.source {
             Source::Store => self.run_once_from_store().await,
-            Source::Transport { .. } => self.run_once_from_transport().await,
+            Source::Transport { .. } => {
+                let applied = self.run_once_from_transport().await?;
+                Ok((applied, applied == 0))
+            }
         }
     }
 
-    async fn run_once_from_store(&self) -> Result<usize, ProjectionError> {
+    async fn run_once_from_store(&self) -> Result<(usize, bool), ProjectionError> {
         let events = self
             .events
             .as_ref()
@@ -272,15 +281,16 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             .await?
             .unwrap_or(Position::START);
         let records = events.read_all(after, self.batch).await?;
+        let caught_up = records.len() < self.batch;
         let Some(last) = records.last().and_then(|r| r.position) else {
-            return Ok(0);
+            return Ok((0, true));
         };
         let applied = self.apply_records(&mut unit, &records).await?;
         self.store
             .save_checkpoint(&mut unit, &self.name, last)
             .await?;
         self.store.commit(unit).await?;
-        Ok(applied)
+        Ok((applied, caught_up))
     }
 
     async fn run_once_from_transport(&mut self) -> Result<usize, ProjectionError> {
@@ -430,15 +440,22 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
         while !ctx.shutdown.is_requested() {
-            match self.run_once().await {
-                Ok(applied) => {
+            match self.step().await {
+                Ok((_, caught_up)) => {
                     failures = 0;
                     ctx.health.set(Health::Healthy);
-                    if applied == 0 && matches!(self.source, Source::Store) {
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.idle) => {}
-                            _ = ctx.shutdown.requested() => {}
+                    match self.source {
+                        Source::Store if caught_up => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(self.idle) => {}
+                                _ = ctx.shutdown.requested() => {}
+                            }
                         }
+                        // A fetch that returns at once when there is nothing (`block` of zero)
+                        // must not keep the other tasks of its thread, shutdown among them,
+                        // from running.
+                        Source::Transport { .. } if caught_up => tokio::task::yield_now().await,
+                        _ => {}
                     }
                 }
                 Err(e) => {
@@ -510,16 +527,22 @@ fn waits(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::Unavailable | ErrorKind::RateLimited)
 }
 
+/// Whether a record this build cannot decode was written by a newer build (a rolling deploy):
+/// a type it does not know (under `UnknownEventPolicy::Fail`), or a schema version above its
+/// own. Such a record waits for a build that knows it; it is not the record's fault.
+fn newer_build(error: &DecodeError) -> bool {
+    matches!(
+        error,
+        DecodeError::UnknownType { .. } | DecodeError::FutureVersion { .. }
+    )
+}
+
 /// The event a failed batch is blamed on, if any: one the projection refused or that cannot
-/// be decoded. Not an event of a type this build does not know (under
-/// `UnknownEventPolicy::Fail` it waits for a build that knows it), nor one whose failure
-/// [`waits`], nor any for a store or transport failure.
+/// be decoded. Not one written by a newer build ([`newer_build`]: it waits for a build that
+/// knows it), nor one whose failure [`waits`], nor any for a store or transport failure.
 fn at_fault(error: &ProjectionError) -> Option<Uuid> {
     match error {
-        ProjectionError::Decode {
-            source: DecodeError::UnknownType { .. },
-            ..
-        } => None,
+        ProjectionError::Decode { source, .. } if newer_build(source) => None,
         ProjectionError::Decode { event_id, .. } => Some(*event_id),
         ProjectionError::Apply { source, .. } if waits(source.kind()) => None,
         ProjectionError::Apply { event_id, .. } => Some(*event_id),
@@ -652,6 +675,9 @@ where
             _ = ctx.shutdown.requested() => break,
         };
         if deliveries.is_empty() {
+            // A fetch that returns at once when there is nothing (`block` of zero) must not
+            // keep the other tasks of this thread, the shutdown among them, from running.
+            tokio::task::yield_now().await;
             continue;
         }
         // Each delivery's id, cloned once: for keeping the batch alive, then for the answers
@@ -858,8 +884,8 @@ impl Worker for EventBusConsumer {
                         Err(e) => Handled::Retry(e.to_string()),
                     },
                     Ok(None) => Handled::Done,
-                    // `UnknownEventPolicy::Fail`: wait for a build that knows the type.
-                    Err(e @ DecodeError::UnknownType { .. }) => Handled::Later(e.to_string()),
+                    // Written by a newer build: wait for a build that knows it.
+                    Err(e) if newer_build(&e) => Handled::Later(e.to_string()),
                     Err(e) => Handled::Retry(e.to_string()),
                 }
             },

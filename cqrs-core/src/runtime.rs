@@ -75,7 +75,10 @@ impl Shutdown {
     /// has.
     pub async fn requested(&self) {
         let mut rx = self.rx.clone();
-        let _ = rx.wait_for(|stop| *stop).await;
+        if rx.wait_for(|stop| *stop).await.is_err() {
+            // Every trigger is gone without a request: shutdown can no longer come.
+            std::future::pending::<()>().await;
+        }
     }
 }
 

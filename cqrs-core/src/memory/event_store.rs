@@ -57,10 +57,30 @@ impl InMemoryEventStore {
         Self::default()
     }
 
-    /// Waits until something is appended (readers of the global order use it instead of
-    /// polling).
-    pub async fn appended(&self) {
-        self.appended.notified().await;
+    /// Completes once something is appended after this call: readers of the global order use
+    /// it instead of polling. Take it *before* reading, so an append between the read and the
+    /// wait is not missed:
+    ///
+    /// ```
+    /// # use cqrs_core::memory::InMemoryEventStore;
+    /// # use cqrs_core::ports::EventStore;
+    /// # use cqrs_core::Position;
+    /// # async fn follow(store: &InMemoryEventStore) -> Result<(), cqrs_core::ports::StoreError> {
+    /// let mut after = Position::START;
+    /// loop {
+    ///     let appended = store.appended();
+    ///     let records = store.read_all(after, 100).await?;
+    ///     match records.last().and_then(|last| last.position) {
+    ///         Some(last) => after = last,
+    ///         None => appended.await,
+    ///     }
+    ///     # break;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn appended(&self) -> tokio::sync::futures::Notified<'_> {
+        // A `Notified` sees every `notify_waiters` from its creation on, polled or not.
+        self.appended.notified()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

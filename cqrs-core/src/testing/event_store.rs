@@ -407,17 +407,16 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
     };
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     // A is still open: the reader must not see it, and may hold B back until A commits.
-    let first_read = read_ours(store.as_ref(), start, &[&a, &b]).await;
+    let (first_read, checkpoint) = read_ours(store.as_ref(), start, &[&a, &b]).await;
     assert!(
         first_read
             .iter()
             .all(|r| r.stream_id.as_deref() != Some(a.as_str())),
         "an uncommitted event was read"
     );
-    let checkpoint = first_read.last().and_then(|r| r.position).unwrap_or(start);
     held.commit().await.expect("commit the held append");
     b_append.await.expect("B's task ran").expect("B's append");
-    let second_read = read_ours(store.as_ref(), checkpoint, &[&a, &b]).await;
+    let (second_read, _) = read_ours(store.as_ref(), checkpoint, &[&a, &b]).await;
     let mut all: Vec<&str> = first_read
         .iter()
         .chain(second_read.iter())
@@ -434,7 +433,13 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
     );
 }
 
-async fn read_ours(store: &dyn EventStore, after: Position, streams: &[&str]) -> Vec<EventRecord> {
+/// The records of `streams` after `after`, and the last position read (of any stream): the
+/// checkpoint a real reader keeps, whatever other writers of a shared store appended.
+async fn read_ours(
+    store: &dyn EventStore,
+    after: Position,
+    streams: &[&str],
+) -> (Vec<EventRecord>, Position) {
     let mut out = Vec::new();
     let mut after = after;
     loop {
@@ -446,7 +451,7 @@ async fn read_ours(store: &dyn EventStore, after: Position, streams: &[&str]) ->
                 .filter(|r| r.stream_id.as_deref().is_some_and(|s| streams.contains(&s))),
         );
     }
-    out
+    (out, after)
 }
 
 async fn last_position(store: &dyn EventStore) -> Position {

@@ -115,7 +115,10 @@ pub async fn a_dropped_subscription_stops_and_a_new_one_works<H: PubSubHarness>(
 /// A message published on one instance reaches subscribers on another.
 pub async fn messages_cross_instances<H: PubSubHarness>(h: &H) {
     let a = h.pubsub();
-    let b = h.other_instance().unwrap_or_else(|| a.clone());
+    let Some(b) = h.other_instance() else {
+        eprintln!("skipped: the harness gives no second instance (`other_instance`)");
+        return;
+    };
     let channel = format!("{}-cross", h.test_id());
     let mut on_b = b.subscribe(&channel).await.unwrap();
     a.publish(&channel, "from a".into()).await.unwrap();

@@ -134,3 +134,38 @@ fn consume_adds(
         ))
         .start()
 }
+
+/// A consumer that never blocks (`block` of zero) still handles events and lets the shutdown
+/// through on a single-threaded runtime.
+#[test]
+fn a_consumer_polling_without_blocking_still_stops() {
+    run(async {
+        let counter = Counter::named("counter");
+        let bus = EventBus::builder()
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        let runtime = Runtime::builder()
+            .worker(EventBusConsumer::new(
+                bus,
+                Arc::new(types),
+                transport.clone(),
+                "adds",
+                "bus",
+                ConsumerOptions::default().block(Duration::ZERO),
+            ))
+            .start();
+        transport.publish("adds", &[added(1)]).await.unwrap();
+        eventually(Duration::from_secs(5), "handled", || async {
+            (counter.seen() == 1).then_some(())
+        })
+        .await;
+        runtime
+            .shutdown(Duration::from_secs(5))
+            .await
+            .expect("stopped within the grace period");
+    });
+}

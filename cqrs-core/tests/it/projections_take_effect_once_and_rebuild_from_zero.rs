@@ -479,6 +479,45 @@ fn an_unknown_event_under_fail_waits_for_a_build_that_knows_it() {
     });
 }
 
+/// An event of a known type with a schema version above this build's (a newer instance wrote
+/// it during a rolling deploy) waits for a build that knows that version, whatever the policy:
+/// it is not dead-lettered, however often it comes back.
+#[test]
+fn an_event_of_a_newer_schema_version_waits_for_a_build_that_knows_it() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        let mut newer = record(1);
+        newer.schema_version = 99;
+        transport.publish("sums", &[newer]).await.unwrap();
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        let mut runner = ProjectionRunner::from_transport(
+            store.clone(),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            Arc::new(types),
+        );
+        run_repeatedly(&mut runner, 8).await;
+        let err = runner.run_once().await;
+        assert!(
+            transport.dead_letters("sums", "sum").is_empty(),
+            "dead-lettered: {:?}",
+            transport.dead_letters("sums", "sum")
+        );
+        assert_eq!(
+            transport.backlog("sums", "sum"),
+            1,
+            "still waiting: {err:?}"
+        );
+        assert_eq!(*sum.total.lock().unwrap(), 0);
+    });
+}
+
 /// A batch that takes longer than the redelivery delay is kept alive: another instance of the
 /// projection does not get it meanwhile.
 #[test]
@@ -529,5 +568,75 @@ fn a_long_batch_is_not_handed_to_another_instance() {
         store.inner.commit(lock).await.unwrap();
         assert_eq!(first.await.unwrap().unwrap(), 1);
         assert_eq!(*sum.total.lock().unwrap(), 4);
+    });
+}
+
+/// A full batch of events the projection does not apply (types it skips) is not "caught up":
+/// the store-fed runner reads on at once instead of sleeping its idle interval after it.
+#[test]
+fn a_batch_of_skipped_events_does_not_make_the_store_fed_runner_sleep() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let mut skipped = Vec::new();
+        for n in 0..250 {
+            let mut other = record(n);
+            other.event_type = "other.event".into();
+            skipped.push(other);
+        }
+        events
+            .append("others", ExpectedVersion::Any, skipped)
+            .await
+            .unwrap();
+        events
+            .append("sums", ExpectedVersion::Any, vec![record(5)])
+            .await
+            .unwrap();
+        let sum = Arc::new(Sum::default());
+        let runner = ProjectionRunner::from_store(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            events.clone(),
+            types(),
+        )
+        .batch_size(100)
+        // Were the runner to sleep after a batch of skipped events, the event would wait
+        // well past the test's deadline.
+        .idle_interval(Duration::from_secs(3600));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
+            (*sum.seen.lock().unwrap() == [5]).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A transport-fed runner whose consumer never blocks (`block` of zero) still lets the
+/// shutdown through on a single-threaded runtime.
+#[test]
+fn a_runner_polling_without_blocking_still_stops() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        let runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            ConsumerOptions::default().block(Duration::ZERO),
+        );
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        transport.publish("sums", &[record(3)]).await.unwrap();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
+            (*sum.seen.lock().unwrap() == [3]).then_some(())
+        })
+        .await;
+        runtime
+            .shutdown(Duration::from_secs(5))
+            .await
+            .expect("stopped within the grace period");
     });
 }

@@ -138,3 +138,22 @@ mod projection_store {
 
     cqrs_core::projection_store_conformance!(harness);
 }
+
+/// A reader takes the wait before it reads: an append that lands between its read and its
+/// `await` still wakes it.
+#[tokio::test]
+async fn the_in_memory_store_wakes_a_reader_that_took_its_wait_before_an_append() {
+    let store = InMemoryEventStore::new();
+    let appended = store.appended();
+    store
+        .append(
+            "s",
+            cqrs_core::ExpectedVersion::Any,
+            vec![cqrs_core::testing::event_store::record(1)],
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), appended)
+        .await
+        .expect("the append woke the reader");
+}

@@ -211,3 +211,16 @@ fn the_restart_backoff_starts_over_after_a_run_that_lasted() {
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
+
+/// A shutdown whose every trigger is dropped without a request can no longer come: waiting
+/// for it waits for ever, instead of completing as if it had been requested.
+#[test]
+fn a_dropped_trigger_is_no_shutdown_request() {
+    run(async {
+        let (trigger, shutdown) = cqrs_core::runtime::Shutdown::new();
+        drop(trigger);
+        assert!(!shutdown.is_requested());
+        let waited = tokio::time::timeout(Duration::from_millis(50), shutdown.requested()).await;
+        assert!(waited.is_err(), "`requested` completed without a request");
+    });
+}
