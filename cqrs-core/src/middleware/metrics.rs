@@ -9,8 +9,9 @@ use tower::{Layer, Service};
 
 /// Records every dispatch in the `metrics` facade:
 ///
-/// * `cqrs_dispatch_total{kind, message, outcome}`: a counter; `outcome` is `ok` or the error's
-///   kind (`invalid`, `conflict`, `timeout`, ...);
+/// * `cqrs_dispatch_total{kind, message, outcome}`: a counter; `outcome` is `ok`, the error's
+///   kind (`invalid`, `conflict`, `timeout`, ...), or `cancelled` for a dispatch dropped before
+///   it finished (a timeout layer outside this one fired, or the caller gave up);
 /// * `cqrs_dispatch_duration_seconds{kind, message}`: a histogram.
 ///
 /// Label values are the message's wire name and fixed words, never ids, so cardinality stays
@@ -67,6 +68,7 @@ where
             kind: dispatch.kind(),
             name: dispatch.name(),
             start: Instant::now(),
+            recorded: false,
             inner: self.inner.call(dispatch),
         }
     }
@@ -81,7 +83,25 @@ pin_project_lite::pin_project! {
         kind: MessageKind,
         name: &'static str,
         start: Instant,
+        recorded: bool,
     }
+
+    impl<F> PinnedDrop for MetricsFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.recorded {
+                record(*this.kind, this.name, "cancelled", *this.start);
+            }
+        }
+    }
+}
+
+fn record(kind: MessageKind, name: &'static str, outcome: &'static str, start: Instant) {
+    let kind = kind.as_str();
+    metrics::counter!("cqrs_dispatch_total", "kind" => kind, "message" => name, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("cqrs_dispatch_duration_seconds", "kind" => kind, "message" => name)
+        .record(start.elapsed().as_secs_f64());
 }
 
 impl<F, E> Future for MetricsFuture<F>
@@ -101,11 +121,8 @@ where
             Ok(_) => "ok",
             Err(e) => e.kind().as_str(),
         };
-        let kind = this.kind.as_str();
-        metrics::counter!("cqrs_dispatch_total", "kind" => kind, "message" => *this.name, "outcome" => outcome)
-            .increment(1);
-        metrics::histogram!("cqrs_dispatch_duration_seconds", "kind" => kind, "message" => *this.name)
-            .record(this.start.elapsed().as_secs_f64());
+        *this.recorded = true;
+        record(*this.kind, this.name, outcome, *this.start);
         Poll::Ready(result)
     }
 }
