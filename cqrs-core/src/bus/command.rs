@@ -71,6 +71,10 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
 /// The [`EventBus`](crate::EventBus) is one (in-process delivery); an outbox that writes events
 /// in the command's transaction is usually a layer instead, which takes the events out of the
 /// [`Reply`].
+///
+/// Unlike a handler's, a panic in [`accept`](Self::accept) is not caught: a sink is
+/// infrastructure, and one that cannot hand events on should return an error (the dispatch
+/// then fails with it).
 #[async_trait]
 pub trait EventSink: Send + Sync + 'static {
     /// Accepts the events one successful command recorded, in order. An error fails the

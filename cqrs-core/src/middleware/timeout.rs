@@ -11,7 +11,9 @@ use tower::{Layer, Service};
 /// handler's future is dropped at its next `.await`.
 ///
 /// The budget starts when the dispatch first waits: a handler that finishes without waiting
-/// never touches the timer, which keeps the common, fast path free of clock reads.
+/// never touches the timer, which keeps the common, fast path free of clock reads. The
+/// runtime must have tokio's time driver (`enable_time`, or `enable_all`, as `#[tokio::main]`
+/// has): without it, the first dispatch that waits panics in tokio.
 ///
 /// ```
 /// use cqrs_core::{CommandBus, middleware::TimeoutLayer};
