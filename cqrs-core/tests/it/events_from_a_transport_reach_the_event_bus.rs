@@ -117,12 +117,20 @@ fn consume_adds(
     transport: &Arc<InMemoryTransport>,
     redelivery: Duration,
 ) -> Runtime {
-    let mut types = EventTypes::new();
-    types.register::<Added>();
     let options = ConsumerOptions::default()
         .block(Duration::from_millis(20))
         .redelivery_delay(redelivery)
         .max_deliveries(3);
+    consume_adds_with(bus, transport, options)
+}
+
+fn consume_adds_with(
+    bus: EventBus,
+    transport: &Arc<InMemoryTransport>,
+    options: ConsumerOptions,
+) -> Runtime {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
     Runtime::builder()
         .worker(EventBusConsumer::new(
             bus,
@@ -146,18 +154,8 @@ fn a_consumer_polling_without_blocking_still_stops() {
             .build()
             .unwrap();
         let transport = Arc::new(InMemoryTransport::new());
-        let mut types = EventTypes::new();
-        types.register::<Added>();
-        let runtime = Runtime::builder()
-            .worker(EventBusConsumer::new(
-                bus,
-                Arc::new(types),
-                transport.clone(),
-                "adds",
-                "bus",
-                ConsumerOptions::default().block(Duration::ZERO),
-            ))
-            .start();
+        let options = ConsumerOptions::default().block(Duration::ZERO);
+        let runtime = consume_adds_with(bus, &transport, options);
         transport.publish("adds", &[added(1)]).await.unwrap();
         eventually(Duration::from_secs(5), "handled", || async {
             (counter.seen() == 1).then_some(())
