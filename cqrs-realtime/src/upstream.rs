@@ -7,13 +7,12 @@ use crate::registry::Registry;
 use cqrs_core::ports::{PubSub, Subscription, TransportError};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 
-struct Upstream {
-    /// Subscriptions (over every connection) on topics of this channel.
-    refs: usize,
+/// The hub's live subscription to one channel.
+struct Live {
     /// Receives the channel and dispatches; aborting it drops the pub/sub subscription.
     task: JoinHandle<()>,
     /// Set when the last reference goes. An abort takes effect only when the task next
@@ -23,14 +22,28 @@ struct Upstream {
     stopped: Arc<AtomicBool>,
 }
 
+/// One channel's state, behind a lock of its own: a slow upstream subscribe holds up the
+/// subscribers of its channel only, not every other channel's subscribes and releases.
+#[derive(Default)]
+struct ChannelState {
+    /// Subscriptions (over every connection) on topics of this channel.
+    refs: usize,
+    live: Option<Live>,
+    /// Taken out of the map (its last reference went): an `acquire` that found it there
+    /// before must look the channel up again.
+    removed: bool,
+}
+
+type Channel = Arc<tokio::sync::Mutex<ChannelState>>;
+
 pub(crate) struct Upstreams<P> {
     pubsub: Arc<dyn PubSub>,
     prefix: String,
     registry: Arc<Registry<P>>,
     metrics: Arc<Metrics>,
-    // A tokio mutex, held across the upstream subscribe: a second subscriber of a channel
-    // waits until the first made it live, and then shares it.
-    channels: tokio::sync::Mutex<HashMap<String, Upstream>>,
+    /// Held only to look a channel up (a std mutex: never across an await).
+    channels: std::sync::Mutex<HashMap<String, Channel>>,
+    live: AtomicUsize,
 }
 
 impl<P: Send + Sync + 'static> Upstreams<P> {
@@ -45,59 +58,90 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             prefix,
             registry,
             metrics,
-            channels: tokio::sync::Mutex::new(HashMap::new()),
+            channels: std::sync::Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
         }
     }
 
-    /// Takes a reference on `channel`, subscribing upstream first when it is the first one.
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a reference on `channel`, subscribing upstream first when it is the first one (a
+    /// second subscriber of the channel waits until the first made it live, then shares it).
     /// Returns once the upstream subscription is live. Cancel-safe: nothing is recorded until
     /// the subscription succeeded.
     pub(crate) async fn acquire(&self, channel: &str) -> Result<(), TransportError> {
-        let mut channels = self.channels.lock().await;
-        if let Some(upstream) = channels.get_mut(channel) {
-            upstream.refs += 1;
+        loop {
+            let slot = self.map().entry(channel.to_owned()).or_default().clone();
+            let mut state = slot.lock().await;
+            if state.removed {
+                continue;
+            }
+            if state.live.is_some() {
+                state.refs += 1;
+                return Ok(());
+            }
+            let full = format!("{}{channel}", self.prefix);
+            let subscription = match self.pubsub.subscribe(&full).await {
+                Ok(subscription) => subscription,
+                Err(error) => {
+                    if state.refs == 0 {
+                        state.removed = true;
+                        self.forget(channel, &slot);
+                    }
+                    return Err(error);
+                }
+            };
+            tracing::debug!(channel = %full, "realtime hub subscribed upstream");
+            let stopped = Arc::new(AtomicBool::new(false));
+            let task = tokio::spawn(pump(
+                subscription,
+                self.pubsub.clone(),
+                full,
+                self.registry.clone(),
+                self.metrics.clone(),
+                stopped.clone(),
+            ));
+            state.live = Some(Live { task, stopped });
+            state.refs = 1;
+            self.live.fetch_add(1, Ordering::SeqCst);
             return Ok(());
         }
-        let full = format!("{}{channel}", self.prefix);
-        let subscription = self.pubsub.subscribe(&full).await?;
-        tracing::debug!(channel = %full, "realtime hub subscribed upstream");
-        let stopped = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(pump(
-            subscription,
-            self.pubsub.clone(),
-            full,
-            self.registry.clone(),
-            self.metrics.clone(),
-            stopped.clone(),
-        ));
-        channels.insert(
-            channel.to_owned(),
-            Upstream {
-                refs: 1,
-                task,
-                stopped,
-            },
-        );
-        Ok(())
     }
 
     /// Drops a reference on `channel`; the last one unsubscribes upstream.
     pub(crate) async fn release(&self, channel: &str) {
-        let mut channels = self.channels.lock().await;
-        if let Some(upstream) = channels.get_mut(channel) {
-            upstream.refs -= 1;
-            if upstream.refs == 0
-                && let Some(upstream) = channels.remove(channel)
-            {
-                upstream.stopped.store(true, Ordering::SeqCst);
-                upstream.task.abort();
+        let Some(slot) = self.map().get(channel).cloned() else {
+            return;
+        };
+        let mut state = slot.lock().await;
+        if state.refs == 0 {
+            return;
+        }
+        state.refs -= 1;
+        if state.refs == 0 {
+            if let Some(live) = state.live.take() {
+                live.stopped.store(true, Ordering::SeqCst);
+                live.task.abort();
+                self.live.fetch_sub(1, Ordering::SeqCst);
             }
+            state.removed = true;
+            self.forget(channel, &slot);
+        }
+    }
+
+    /// Takes `slot` out of the map, unless another already replaced it.
+    fn forget(&self, channel: &str, slot: &Channel) {
+        let mut map = self.map();
+        if map.get(channel).is_some_and(|c| Arc::ptr_eq(c, slot)) {
+            map.remove(channel);
         }
     }
 
     /// How many channels the hub is subscribed to.
     pub(crate) async fn len(&self) -> usize {
-        self.channels.lock().await.len()
+        self.live.load(Ordering::SeqCst)
     }
 }
 
@@ -160,6 +204,60 @@ mod tests {
     use crate::registry::{Conn, Slot};
     use crate::{AllowAll, Routed, Topic};
     use cqrs_core::memory::InMemoryPubSub;
+
+    /// An in-memory pub/sub whose subscribes to `slow` never answer.
+    struct SlowOnOne(InMemoryPubSub);
+
+    #[async_trait::async_trait]
+    impl PubSub for SlowOnOne {
+        async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError> {
+            self.0.publish(channel, payload).await
+        }
+
+        async fn subscribe(&self, channel: &str) -> Result<Subscription, TransportError> {
+            if channel == "slow" {
+                std::future::pending::<()>().await;
+            }
+            self.0.subscribe(channel).await
+        }
+    }
+
+    /// A subscribe that hangs upstream holds up its own channel only: other channels are
+    /// acquired and released meanwhile, and a second subscriber of the slow one waits.
+    #[tokio::test]
+    async fn a_slow_upstream_subscribe_holds_up_its_channel_only() {
+        let upstreams = Arc::new(Upstreams::new(
+            Arc::new(SlowOnOne(InMemoryPubSub::new())),
+            String::new(),
+            Arc::new(Registry::<()>::new(Arc::new(AllowAll))),
+            Arc::new(Metrics::new()),
+        ));
+        upstreams.acquire("live").await.unwrap();
+        let slow = tokio::spawn({
+            let upstreams = upstreams.clone();
+            async move { upstreams.acquire("slow").await }
+        });
+        tokio::task::yield_now().await;
+        let others = async {
+            upstreams.acquire("live").await.unwrap();
+            upstreams.release("live").await;
+            upstreams.acquire("other").await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(5), others)
+            .await
+            .expect("other channels are not held up");
+        assert_eq!(upstreams.len().await, 2);
+        let second = tokio::time::timeout(Duration::from_millis(50), upstreams.acquire("slow"));
+        assert!(
+            second.await.is_err(),
+            "the slow channel's second subscriber waits"
+        );
+        slow.abort();
+        // A cancelled subscribe leaves nothing behind: the next one starts afresh.
+        upstreams.release("live").await;
+        upstreams.release("other").await;
+        assert_eq!(upstreams.len().await, 0);
+    }
 
     /// A released channel's task dispatches nothing more, even with messages still queued in
     /// its receiver.
