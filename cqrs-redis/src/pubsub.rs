@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
 
 /// Fan-out to every live subscriber of a channel, across processes, on Redis pub/sub.
@@ -119,6 +119,7 @@ impl RedisPubSubOptions {
                             missed = n,
                             "redis pub/sub messages dropped: the fan-out fell behind"
                         );
+                        deliver_to.lost(n);
                     }
                     Err(RecvError::Closed) => return,
                 }
@@ -292,9 +293,22 @@ impl PubSub for RedisPubSub {
                 channel,
                 Box::pin(async {
                     let _guard = inner.upstream.lock().await;
-                    confirmed_subscribe(&inner.subscriber, vec![name.clone()])
-                        .await
-                        .map_err(transport_error)?;
+                    // A reconnect while SUBSCRIBE is in flight loses it, while the PING behind
+                    // it is resent and answered on the new connection: subscribe again then.
+                    let mut reconnects = inner.subscriber.reconnect_rx();
+                    loop {
+                        confirmed_subscribe(&inner.subscriber, vec![name.clone()])
+                            .await
+                            .map_err(transport_error)?;
+                        match reconnects.try_recv() {
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Closed) => return Err(TransportError::Closed),
+                            Ok(_) | Err(TryRecvError::Lagged(_)) => {
+                                tracing::debug!(channel = %name, "reconnected while subscribing; subscribing again");
+                                reconnects = reconnects.resubscribe();
+                            }
+                        }
+                    }
                     // One Redis subscription per channel, however often it was asked for.
                     inner
                         .subscribed

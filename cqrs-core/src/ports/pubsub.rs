@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::{OnceCell, broadcast, mpsc};
 
@@ -44,6 +45,10 @@ pub struct Subscription {
     channel: Arc<str>,
     receiver: broadcast::Receiver<PubSubMessage>,
     missed: u64,
+    /// The fan-out's count of messages lost before their channel was known, and its value
+    /// when this subscription began.
+    lost: Arc<AtomicU64>,
+    lost_before: u64,
     _guard: Arc<SubscriberGuard>,
 }
 
@@ -51,7 +56,7 @@ impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
             .field("channel", &self.channel)
-            .field("missed", &self.missed)
+            .field("missed", &self.missed())
             .finish()
     }
 }
@@ -74,9 +79,12 @@ impl Subscription {
         &self.channel
     }
 
-    /// How many messages this subscriber missed because it fell behind.
+    /// How many messages this subscriber missed because it fell behind, or because the
+    /// adapter dropped them before it could tell their channel (those are counted by every
+    /// subscription of the process, so some may have been other channels').
     pub fn missed(&self) -> u64 {
-        self.missed
+        let lost = self.lost.load(Ordering::Relaxed) - self.lost_before;
+        self.missed + lost
     }
 }
 
@@ -90,6 +98,7 @@ struct FanoutInner {
     channels: Mutex<HashMap<Arc<str>, Arc<Mutex<ChannelState>>>>,
     idle: mpsc::UnboundedSender<Arc<str>>,
     capacity: usize,
+    lost: Arc<AtomicU64>,
 }
 
 /// Removes one local subscriber when the last clone of a [`Subscription`]'s guard drops.
@@ -167,6 +176,7 @@ impl Fanout {
                     channels: Mutex::new(HashMap::new()),
                     idle,
                     capacity: capacity.max(1),
+                    lost: Arc::default(),
                 }),
             },
             idle_rx,
@@ -210,12 +220,22 @@ impl Fanout {
         // after this returns can be missed. Only the first subscriber runs `upstream`; the
         // others wait for it here.
         live.get_or_try_init(|| upstream).await?;
+        let lost = self.inner.lost.clone();
         Ok(Subscription {
             channel,
             receiver,
             missed: 0,
+            lost_before: lost.load(Ordering::Relaxed),
+            lost,
             _guard: guard,
         })
+    }
+
+    /// Records `count` messages the adapter dropped before it could tell their channel (its
+    /// client's own buffer overflowed): every subscription counts them as missed, so the loss
+    /// is seen, at the price of counting other channels' messages too.
+    pub fn lost(&self, count: u64) {
+        self.inner.lost.fetch_add(count, Ordering::Relaxed);
     }
 
     /// Hands a message that arrived from upstream to every local subscriber of `channel`.
