@@ -69,4 +69,17 @@ pub trait Authenticator: Send + Sync + 'static {
 pub trait UserDirectory: Send + Sync + 'static {
     /// The role of user `id`, or `None` when there is no such user.
     async fn role_of(&self, id: Uuid) -> Result<Option<Role>, cqrs_core::ports::StoreError>;
+
+    /// [`role_of`](Self::role_of) from inside a command handler. A directory on the command's
+    /// database reads on the command's own connection (its unit of work), so the command takes
+    /// one pool connection, not two: with as many commands in flight as the pool has
+    /// connections, a second one would never come. Defaults to `role_of`.
+    async fn role_of_in(
+        &self,
+        id: Uuid,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<Option<Role>, cqrs_core::ports::StoreError> {
+        let _ = ctx;
+        self.role_of(id).await
+    }
 }

@@ -22,7 +22,7 @@ pub use users::{CreateUserError, InMemoryUserStore, UserRecord, UserStore};
 
 use async_trait::async_trait;
 use cqrs_core::ports::StoreError;
-use cqrs_core::{BoxError, Plugin, PluginRegistrar, register_plugin};
+use cqrs_core::{BoxError, CommandContext, Plugin, PluginRegistrar, register_plugin};
 use helpdesk_api::{Authenticator, Backends, BusHandle, HttpApi, Role, Settings, UserDirectory};
 use std::sync::Arc;
 use uuid::Uuid;
@@ -109,5 +109,13 @@ struct Directory(Arc<dyn UserStore>);
 impl UserDirectory for Directory {
     async fn role_of(&self, id: Uuid) -> Result<Option<Role>, StoreError> {
         Ok(self.0.by_id(id).await?.map(|u| u.role))
+    }
+
+    async fn role_of_in(
+        &self,
+        id: Uuid,
+        ctx: &mut CommandContext,
+    ) -> Result<Option<Role>, StoreError> {
+        Ok(self.0.by_id_in(id, ctx).await?.map(|u| u.role))
     }
 }

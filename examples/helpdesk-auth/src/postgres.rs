@@ -4,10 +4,11 @@ use crate::throttle::LoginThrottle;
 use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use cqrs_core::CommandContext;
 use cqrs_core::clock::Clock;
 use cqrs_core::ports::StoreError;
-use cqrs_postgres::PgDatabase;
 use cqrs_postgres::sqlx::{self, AssertSqlSafe, Row};
+use cqrs_postgres::{PgDatabase, PgUnitOfWork};
 use helpdesk_api::postgres::store_error;
 use helpdesk_api::{Migration, Role};
 use std::sync::Arc;
@@ -69,6 +70,14 @@ impl PgUserStore {
     }
 
     async fn one(&self, key: Key) -> Result<Option<UserRecord>, StoreError> {
+        self.one_on(self.db.pool(), key).await
+    }
+
+    async fn one_on<'e>(
+        &self,
+        executor: impl sqlx::PgExecutor<'e>,
+        key: Key,
+    ) -> Result<Option<UserRecord>, StoreError> {
         let query = match key {
             Key::Email(email) => {
                 sqlx::query(AssertSqlSafe(format!("{} WHERE email = $1", self.select))).bind(email)
@@ -77,10 +86,7 @@ impl PgUserStore {
                 sqlx::query(AssertSqlSafe(format!("{} WHERE id = $1", self.select))).bind(id)
             }
         };
-        let row = query
-            .fetch_optional(self.db.pool())
-            .await
-            .map_err(store_error)?;
+        let row = query.fetch_optional(executor).await.map_err(store_error)?;
         row.map(|row| {
             let role: String = row.try_get("role").map_err(store_error)?;
             Ok(UserRecord {
@@ -135,6 +141,22 @@ impl UserStore for PgUserStore {
 
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
         self.one(Key::Id(id)).await
+    }
+
+    async fn by_id_in(
+        &self,
+        id: Uuid,
+        ctx: &mut CommandContext,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        // On the command's transaction when it runs on this database: one pool connection per
+        // command, however many commands are in flight.
+        match PgUnitOfWork::from_context(ctx) {
+            Ok(uow) if uow.database().schema() == self.db.schema() => {
+                let conn = uow.connection().await?;
+                self.one_on(conn, Key::Id(id)).await
+            }
+            _ => self.by_id(id).await,
+        }
     }
 }
 

@@ -45,6 +45,16 @@ pub trait UserStore: Send + Sync + 'static {
     async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError>;
     /// The user with this id.
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError>;
+    /// [`by_id`](Self::by_id) from inside a command handler: on the command's own connection
+    /// where the store shares its database (see `UserDirectory::role_of_in`).
+    async fn by_id_in(
+        &self,
+        id: Uuid,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<Option<UserRecord>, StoreError> {
+        let _ = ctx;
+        self.by_id(id).await
+    }
 }
 
 /// Users by id, and ids by email.

@@ -18,8 +18,10 @@ use serde_json::json;
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// How often a change without `expected_version` is retried when another writer got in first.
-const RETRIES: usize = 5;
+/// How often a change without `expected_version` is tried when another writer got in first:
+/// each round has one winner, so this many writers racing on one ticket all land (the same
+/// number as the Postgres path's commit attempts).
+const RETRIES: usize = 20;
 
 /// A change to one ticket.
 #[derive(Clone, Debug)]
@@ -351,7 +353,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 return Err(HandlerError::forbidden("only agents assign tickets"));
             }
             Change::Assign { assignee_id } => {
-                if self.directory.role_of(*assignee_id).await? != Some(Role::Agent) {
+                if self.directory.role_of_in(*assignee_id, ctx).await? != Some(Role::Agent) {
                     return Err(invalid("assignee_id", "the assignee must be an agent"));
                 }
             }

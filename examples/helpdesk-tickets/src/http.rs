@@ -294,6 +294,15 @@ async fn list(
     Authenticated(user): Authenticated,
     ApiQuery(params): ApiQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    // A parameter the route does not know is refused, not ignored: a misspelled filter
+    // (`?stauts=closed`) would otherwise return every ticket.
+    const KNOWN: [&str; 5] = ["limit", "status", "priority", "assignee_id", "cursor"];
+    if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(bad_query(
+            unknown,
+            "is not a parameter of this route (limit, status, priority, assignee_id, cursor)",
+        ));
+    }
     let param = |name: &str| {
         params
             .get(name)

@@ -136,13 +136,15 @@ async fn concurrent_duplicates_run_the_work_once_and_share_its_response() {
 }
 
 /// More concurrent idempotent changes than the database pool has connections (10): each
-/// command holds one connection from its claim to its commit, and reads its ticket on that
-/// connection, so none waits for a second one and all complete.
+/// command holds one connection from its claim to its commit, and reads its ticket (and, to
+/// assign, the assignee's role) on that connection, so none waits for a second one and all
+/// complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_concurrent_idempotent_changes_than_pool_connections_all_complete() {
     within(async {
         let s = Arc::new(TestServer::start().await);
         let (token, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
         let mut ids = Vec::new();
         for i in 0..16 {
             ids.push(
@@ -152,26 +154,34 @@ async fn more_concurrent_idempotent_changes_than_pool_connections_all_complete()
                     .to_owned(),
             );
         }
-        let tasks: Vec<_> = ids
-            .into_iter()
-            .enumerate()
-            .map(|(i, id)| {
-                let (s, token) = (s.clone(), token.clone());
-                tokio::spawn(async move {
-                    post_with_key(
-                        &s,
-                        &format!("/tickets/{id}/comments"),
-                        &token,
-                        &format!("pool-{i}"),
-                        json!({ "body": "hi" }),
-                    )
-                    .await
+        let changes = [
+            (
+                "comments",
+                token.clone(),
+                json!({ "body": "hi" }),
+                StatusCode::CREATED,
+            ),
+            (
+                "assign",
+                agent.clone(),
+                json!({ "assignee_id": agent_id }),
+                StatusCode::OK,
+            ),
+        ];
+        for (route, token, body, expected) in changes {
+            let tasks: Vec<_> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let (s, token, body) = (s.clone(), token.clone(), body.clone());
+                    let (path, key) = (format!("/tickets/{id}/{route}"), format!("{route}-{i}"));
+                    tokio::spawn(async move { post_with_key(&s, &path, &token, &key, body).await })
                 })
-            })
-            .collect();
-        for t in tasks {
-            let r = t.await.unwrap();
-            assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+                .collect();
+            for t in tasks {
+                let r = t.await.unwrap();
+                assert_eq!(r.status, expected, "{route}: {r:?}");
+            }
         }
     })
     .await;

@@ -236,6 +236,9 @@ async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
             "assignee_id=42",
             "cursor=abc",
             "cursor=00000000000000000000000000000000000000000000000000000000000000000000000000",
+            // A misspelled or unsupported filter is refused, not ignored.
+            "stauts=closed",
+            "reporter_id=00000000-0000-0000-0000-000000000000",
         ] {
             s.get(&format!("/tickets?{bad}"), &token)
                 .await
