@@ -40,6 +40,7 @@ pub struct PgOptions {
     max_lifetime: Option<Duration>,
     statement_timeout: Option<Duration>,
     idle_in_transaction_timeout: Option<Duration>,
+    session_settings: bool,
     application_name: String,
     test_before_acquire: bool,
 }
@@ -75,6 +76,7 @@ impl PgOptions {
             max_lifetime: Some(Duration::from_secs(30 * 60)),
             statement_timeout: None,
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
+            session_settings: true,
             application_name: "cqrs".to_owned(),
             test_before_acquire: false,
         }
@@ -148,6 +150,22 @@ impl PgOptions {
         self
     }
 
+    /// Whether each connection sets, through the startup `options` parameter, the server
+    /// settings this crate relies on: `default_transaction_isolation = 'read committed'`, the
+    /// TCP keepalives and [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout).
+    /// Default `true`.
+    ///
+    /// Turn it off behind a connection pooler that refuses startup parameters (PgBouncer
+    /// does unless told to ignore them), and set the same on the database or role instead
+    /// (`ALTER ROLE app SET default_transaction_isolation = 'read committed'`, ...):
+    /// [`PgDatabase::migrate`](crate::PgDatabase::migrate) refuses sessions that are not READ
+    /// COMMITTED either way. A [`statement_timeout`](Self::statement_timeout) you set is still
+    /// sent.
+    pub fn session_settings(mut self, on: bool) -> Self {
+        self.session_settings = on;
+        self
+    }
+
     /// The `application_name` the server shows in `pg_stat_activity`. Default `cqrs`.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
@@ -211,22 +229,30 @@ impl PgOptions {
             Some(connect) if problems.is_empty() => {
                 // The store's guarantees rest on READ COMMITTED (see `PgDatabase::migrate`):
                 // set it for the session, whatever the database's or role's default.
-                let mut settings = vec![
-                    ("default_transaction_isolation", "read committed".to_owned()),
-                    ("tcp_keepalives_idle", "30".to_owned()),
-                    ("tcp_keepalives_interval", "10".to_owned()),
-                    ("tcp_keepalives_count", "3".to_owned()),
-                ];
                 let millis = |timeout: Duration| timeout.as_millis().max(1).to_string();
+                let mut settings = Vec::new();
+                if self.session_settings {
+                    settings.extend([
+                        ("default_transaction_isolation", "read committed".to_owned()),
+                        ("tcp_keepalives_idle", "30".to_owned()),
+                        ("tcp_keepalives_interval", "10".to_owned()),
+                        ("tcp_keepalives_count", "3".to_owned()),
+                    ]);
+                    if let Some(timeout) = self.idle_in_transaction_timeout {
+                        settings.push(("idle_in_transaction_session_timeout", millis(timeout)));
+                    }
+                }
                 if let Some(timeout) = self.statement_timeout {
                     settings.push(("statement_timeout", millis(timeout)));
                 }
-                if let Some(timeout) = self.idle_in_transaction_timeout {
-                    settings.push(("idle_in_transaction_session_timeout", millis(timeout)));
-                }
-                Ok(connect
-                    .application_name(&self.application_name)
-                    .options(settings))
+                let connect = connect.application_name(&self.application_name);
+                // No `options` parameter at all when there is nothing to set: some poolers
+                // refuse it outright.
+                Ok(if settings.is_empty() {
+                    connect
+                } else {
+                    connect.options(settings)
+                })
             }
             _ => Err(PgError::InvalidOptions(problems)),
         }
@@ -263,5 +289,37 @@ impl PgOptions {
         let connect = self.checked()?;
         let pool = self.pool_options().connect_lazy_with(connect);
         Ok(PgDatabase::new(pool, &self.schema))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// By default every connection asks for the settings the crate relies on; turned off, it
+    /// sends no `options` startup parameter at all, unless a statement timeout was asked for.
+    #[test]
+    fn session_settings_go_in_the_startup_options_unless_turned_off() {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let on = PgOptions::new(url).checked().unwrap();
+        let sent = on.get_options().unwrap();
+        for setting in [
+            "default_transaction_isolation=read\\ committed",
+            "tcp_keepalives_idle=30",
+            "idle_in_transaction_session_timeout=60000",
+        ] {
+            assert!(sent.contains(setting), "{setting} in {sent}");
+        }
+        let off = PgOptions::new(url)
+            .session_settings(false)
+            .checked()
+            .unwrap();
+        assert_eq!(off.get_options(), None);
+        let timed = PgOptions::new(url)
+            .session_settings(false)
+            .statement_timeout(Some(Duration::from_secs(5)))
+            .checked()
+            .unwrap();
+        assert_eq!(timed.get_options(), Some("-c statement_timeout=5000"));
     }
 }

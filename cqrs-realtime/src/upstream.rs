@@ -63,10 +63,6 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Takes a reference on `channel`, subscribing upstream first when it is the first one (a
     /// second subscriber of the channel waits until the first made it live, then shares it).
     /// Returns once the upstream subscription is live. Cancel-safe: nothing is recorded until
@@ -74,7 +70,12 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
     pub(crate) async fn acquire(&self, channel: &str) -> Result<(), TransportError> {
         loop {
             let slot = self.map().entry(channel.to_owned()).or_default().clone();
-            let mut state = slot.lock().await;
+            let mut state = Pending {
+                state: slot.clone().lock_owned().await,
+                upstreams: self,
+                channel,
+                slot: &slot,
+            };
             if state.removed {
                 continue;
             }
@@ -83,16 +84,8 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
                 return Ok(());
             }
             let full = format!("{}{channel}", self.prefix);
-            let subscription = match self.pubsub.subscribe(&full).await {
-                Ok(subscription) => subscription,
-                Err(error) => {
-                    if state.refs == 0 {
-                        state.removed = true;
-                        self.forget(channel, &slot);
-                    }
-                    return Err(error);
-                }
-            };
+            // Failed or cancelled here, `Pending` takes the still empty slot out of the map.
+            let subscription = self.pubsub.subscribe(&full).await?;
             tracing::debug!(channel = %full, "realtime hub subscribed upstream");
             let stopped = Arc::new(AtomicBool::new(false));
             let task = tokio::spawn(pump(
@@ -131,6 +124,17 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         }
     }
 
+    /// How many channels the hub is subscribed to.
+    pub(crate) async fn len(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+}
+
+impl<P> Upstreams<P> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Takes `slot` out of the map, unless another already replaced it.
     fn forget(&self, channel: &str, slot: &Channel) {
         let mut map = self.map();
@@ -138,10 +142,38 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             map.remove(channel);
         }
     }
+}
 
-    /// How many channels the hub is subscribed to.
-    pub(crate) async fn len(&self) -> usize {
-        self.live.load(Ordering::SeqCst)
+/// A channel's state, locked by an `acquire`. Dropped without a live subscription and with no
+/// reference (the subscribe failed, or the `acquire` was cancelled while it waited), it takes
+/// the empty slot out of the map, so a channel that never became live leaves nothing behind.
+struct Pending<'a, P> {
+    state: tokio::sync::OwnedMutexGuard<ChannelState>,
+    upstreams: &'a Upstreams<P>,
+    channel: &'a str,
+    slot: &'a Channel,
+}
+
+impl<P> std::ops::Deref for Pending<'_, P> {
+    type Target = ChannelState;
+
+    fn deref(&self) -> &ChannelState {
+        &self.state
+    }
+}
+
+impl<P> std::ops::DerefMut for Pending<'_, P> {
+    fn deref_mut(&mut self) -> &mut ChannelState {
+        &mut self.state
+    }
+}
+
+impl<P> Drop for Pending<'_, P> {
+    fn drop(&mut self) {
+        if self.state.live.is_none() && self.state.refs == 0 && !self.state.removed {
+            self.state.removed = true;
+            self.upstreams.forget(self.channel, self.slot);
+        }
     }
 }
 
@@ -253,10 +285,12 @@ mod tests {
             "the slow channel's second subscriber waits"
         );
         slow.abort();
-        // A cancelled subscribe leaves nothing behind: the next one starts afresh.
+        assert!(slow.await.unwrap_err().is_cancelled());
+        // A cancelled subscribe leaves nothing behind.
         upstreams.release("live").await;
         upstreams.release("other").await;
         assert_eq!(upstreams.len().await, 0);
+        assert!(upstreams.map().is_empty(), "no empty slot is left in the map");
     }
 
     /// A released channel's task dispatches nothing more, even with messages still queued in

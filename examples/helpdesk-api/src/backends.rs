@@ -2,7 +2,7 @@
 
 use crate::ApiError;
 use cqrs_core::clock::Clock;
-use cqrs_core::ports::{EventStore, EventTransport, IdempotencyStore, PubSub};
+use cqrs_core::ports::{ConsumerOptions, EventStore, EventTransport, IdempotencyStore, PubSub};
 use cqrs_core::{CommandBus, EventBus, QueryBus};
 use cqrs_postgres::PgDatabase;
 use std::collections::HashSet;
@@ -70,6 +70,22 @@ pub struct Settings {
     pub idempotency_ttl: Duration,
     /// How often consumers poll and wait (short in tests).
     pub poll_interval: Duration,
+}
+
+/// The shortest redelivery delay a consumer gets: the Redis transport refuses shorter ones
+/// (`cqrs_redis::MIN_REDELIVERY_DELAY`; the gateway's tests check the two agree).
+pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
+
+impl Settings {
+    /// The options of the background consumers: they wait `poll_interval` for events, and a
+    /// delivery left unacknowledged comes back after ten of those, but never sooner than
+    /// [`MIN_REDELIVERY_DELAY`] (a short `--poll-ms` must not make the Redis transport refuse
+    /// them).
+    pub fn consumer_options(&self) -> ConsumerOptions {
+        ConsumerOptions::default()
+            .block(self.poll_interval)
+            .redelivery_delay((self.poll_interval * 10).max(MIN_REDELIVERY_DELAY))
+    }
 }
 
 impl fmt::Debug for Settings {
@@ -161,4 +177,32 @@ pub struct Migration {
     pub name: &'static str,
     /// The SQL: one or more statements, safe to run again.
     pub sql: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(poll_ms: u64) -> Settings {
+        Settings {
+            jwt_secret: Arc::from(&[0u8; 32][..]),
+            token_ttl: Duration::from_secs(3600),
+            agent_emails: Arc::default(),
+            login_attempts: 10,
+            login_window: Duration::from_secs(900),
+            idempotency_ttl: Duration::from_secs(86_400),
+            poll_interval: Duration::from_millis(poll_ms),
+        }
+    }
+
+    /// A short `--poll-ms` (tests use 10, and 1 is allowed) never makes the redelivery delay
+    /// shorter than the Redis transport accepts; a long one gives ten polls.
+    #[test]
+    fn the_redelivery_delay_is_ten_polls_but_never_below_the_minimum() {
+        let options = settings(1).consumer_options();
+        assert_eq!(options.block, Duration::from_millis(1));
+        assert_eq!(options.redelivery_delay, MIN_REDELIVERY_DELAY);
+        let options = settings(50).consumer_options();
+        assert_eq!(options.redelivery_delay, Duration::from_millis(500));
+    }
 }

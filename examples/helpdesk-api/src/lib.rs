@@ -19,7 +19,8 @@ mod validation;
 pub use api::{HttpApi, Operation};
 pub use auth::{AuthError, Authenticator, Role, User, UserDirectory};
 pub use backends::{
-    Backends, BackgroundWorker, BusHandle, Buses, Migration, Mode, RealtimeFeed, Settings,
+    Backends, BackgroundWorker, BusHandle, Buses, MIN_REDELIVERY_DELAY, Migration, Mode,
+    RealtimeFeed, Settings,
 };
 pub use error::{ApiError, ErrorBody};
 pub use extract::{

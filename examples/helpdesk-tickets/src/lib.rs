@@ -67,9 +67,7 @@ impl Plugin for TicketsPlugin {
         let directory: Arc<dyn UserDirectory> = registrar.resource()?;
 
         let types = Arc::new(event_types());
-        let options = ConsumerOptions::default()
-            .block(settings.poll_interval)
-            .redelivery_delay(settings.poll_interval * 10);
+        let options = settings.consumer_options();
         let (index, pg_index, stats): (Arc<dyn TicketIndex>, _, Arc<dyn StatsReader>) =
             match &backends.postgres {
                 Some(db) => {

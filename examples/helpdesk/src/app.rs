@@ -10,7 +10,7 @@ use cqrs_core::memory::{
     InMemoryTransport,
 };
 use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
-use cqrs_core::ports::{ConsumerOptions, EventTransport, PubSub};
+use cqrs_core::ports::{EventTransport, PubSub};
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Runtime};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
@@ -142,7 +142,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
 
     let mut registrar = PluginRegistrar::new();
     registrar.provide(backends.clone());
-    registrar.provide(settings);
+    registrar.provide(settings.clone());
     registrar.provide(bus_handle.clone());
     let plugins = Plugins::collect()?.expect(EXPECTED_PLUGINS)?;
     plugins.install(&mut registrar)?;
@@ -221,9 +221,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         backends.transport.clone(),
         EVENTS_TOPIC,
         "realtime",
-        ConsumerOptions::default()
-            .block(poll)
-            .redelivery_delay(poll * 10),
+        settings.consumer_options(),
     ));
     let runtime = Arc::new(runtime.start());
 

@@ -243,11 +243,35 @@ fn redacted_uri(uri: &Uri) -> String {
     let query: Vec<&str> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some(("token", _)) => "token=[redacted]",
+            Some((name, _)) if percent_decoded(name) == "token" => "token=[redacted]",
             _ => pair,
         })
         .collect();
     format!("{}?{}", uri.path(), query.join("&"))
+}
+
+/// `text` with its `%XX` escapes and `+` decoded (enough to compare a query key).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            other => out.push(other),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -264,5 +288,23 @@ mod tests {
         );
         assert_eq!(redacted("/tickets?status=open"), "/tickets?status=open");
         assert_eq!(redacted("/tickets"), "/tickets");
+        // The hub decodes the key, so an encoded one is a token too.
+        assert_eq!(
+            redacted("/ws?%74oken=eyJ.secret.sig"),
+            "/ws?token=[redacted]"
+        );
+        assert_eq!(
+            redacted("/ws?tok%65n=eyJ.secret.sig&x=1"),
+            "/ws?token=[redacted]&x=1"
+        );
+    }
+
+    /// The gateway's consumers never get a redelivery delay the Redis transport refuses.
+    #[test]
+    fn consumers_get_a_redelivery_delay_redis_accepts() {
+        assert_eq!(
+            helpdesk_api::MIN_REDELIVERY_DELAY,
+            cqrs_redis::MIN_REDELIVERY_DELAY
+        );
     }
 }
