@@ -53,8 +53,10 @@ ensure_postgres() {
             wait_for 60 pg_up || die "PostgreSQL did not accept connections within 60 s"
         fi
     fi
-    if [[ -n $fresh_install ]]; then
-        # Debian's package asks for a password on TCP: give the postgres role one.
+    if [[ -n $fresh_install ]] || ! psql -w "${DATABASE_URL%/test}/postgres" -tAc "SELECT 1" >/dev/null 2>&1 </dev/null; then
+        # Debian's package asks for a password on TCP (also when it was installed before and
+        # only stopped): give the postgres role one, as root.
+        [[ $(id -u) == 0 ]] || die "cannot connect to PostgreSQL as postgres without a password; set DATABASE_URL"
         su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
         export DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/test"
     fi
