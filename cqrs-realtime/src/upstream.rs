@@ -290,7 +290,10 @@ mod tests {
         upstreams.release("live").await;
         upstreams.release("other").await;
         assert_eq!(upstreams.len().await, 0);
-        assert!(upstreams.map().is_empty(), "no empty slot is left in the map");
+        assert!(
+            upstreams.map().is_empty(),
+            "no empty slot is left in the map"
+        );
     }
 
     /// A released channel's task dispatches nothing more, even with messages still queued in

@@ -74,3 +74,14 @@ pub fn require_services(service: &str, url: &str, reachable: bool) -> bool {
     );
     false
 }
+
+/// Whether the long variants of tests (soak, stress) run: `CQRS_LONG=1`. `scripts/test.sh`
+/// and CI leave it unset, so what they run stays quick; a test picks its size with it.
+///
+/// ```
+/// let events = if cqrs_core::testing::long() { 20_000 } else { 200 };
+/// # assert!(events >= 200);
+/// ```
+pub fn long() -> bool {
+    std::env::var("CQRS_LONG").as_deref() == Ok("1")
+}

@@ -36,7 +36,7 @@ pub mod transport;
 mod given;
 
 pub use given::{AggregateTest, CommandOutcome, CommandTest, Then};
-pub use helpers::{eventually, require_services, test_id, with_timeout};
+pub use helpers::{eventually, long, require_services, test_id, with_timeout};
 
 use async_trait::async_trait;
 

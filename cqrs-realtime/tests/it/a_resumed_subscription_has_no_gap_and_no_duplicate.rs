@@ -57,70 +57,77 @@ async fn resume_across_a_disconnect() {
 /// was stored (as an outbox relay does): the replay, the live events held during it (the hold
 /// buffer is tiny, so it overflows and the replay reads them back) and the live stream after
 /// it join with no gap and no duplicate.
+///
+/// With `CQRS_LONG=1` it is a soak: 30 rounds, each on a fresh hub, so the seam is hit at many
+/// different moments.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_while_events_are_published() {
-    with_timeout(TEST_LIMIT, async {
-        let t = Arc::new(
-            TestHub::start(
-                HubOptions::new()
-                    .replay_batch(7)
-                    .replay_buffer(5)
-                    .replay_limit(100_000)
-                    .send_queue(64),
-            )
-            .await,
-        );
-        let mut since = None;
-        for seq in 1..=1000 {
-            let stored = t.store("t1", "u1", seq).await;
-            if seq == 10 {
-                since = stored.position;
-            }
+    let rounds = if cqrs_core::testing::long() { 30 } else { 1 };
+    for _ in 0..rounds {
+        with_timeout(TEST_LIMIT, resume_while_events_are_published_once()).await;
+    }
+}
+
+async fn resume_while_events_are_published_once() {
+    let t = Arc::new(
+        TestHub::start(
+            HubOptions::new()
+                .replay_batch(7)
+                .replay_buffer(5)
+                .replay_limit(100_000)
+                .send_queue(64),
+        )
+        .await,
+    );
+    let mut since = None;
+    for seq in 1..=1000 {
+        let stored = t.store("t1", "u1", seq).await;
+        if seq == 10 {
+            since = stored.position;
         }
-        let last = 1400;
-        let publisher = {
-            let t = t.clone();
-            tokio::spawn(async move {
-                const LAG: usize = 5;
-                let mut unpublished = std::collections::VecDeque::new();
-                for seq in 1001..=last {
-                    unpublished.push_back(t.store("t1", "u1", seq).await);
-                    unpublished.push_back(t.store("t2", "u2", seq).await);
-                    while unpublished.len() > 2 * LAG {
-                        let record = unpublished.pop_front().unwrap();
-                        t.hub.publisher().publish(&record).await.unwrap();
-                    }
-                    if seq % 10 == 0 {
-                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    }
-                }
-                for record in unpublished {
+    }
+    let last = 1400;
+    let publisher = {
+        let t = t.clone();
+        tokio::spawn(async move {
+            const LAG: usize = 5;
+            let mut unpublished = std::collections::VecDeque::new();
+            for seq in 1001..=last {
+                unpublished.push_back(t.store("t1", "u1", seq).await);
+                unpublished.push_back(t.store("t2", "u2", seq).await);
+                while unpublished.len() > 2 * LAG {
+                    let record = unpublished.pop_front().unwrap();
                     t.hub.publisher().publish(&record).await.unwrap();
                 }
-            })
-        };
-        let mut client = t.connect("user-u1").await;
-        client
-            .send(json!({"type": "subscribe", "topic": "tickets", "since": since.unwrap().to_string()}))
-            .await;
-        client.expect_subscribed("tickets").await;
-        let mut got = Vec::new();
-        while got.last() != Some(&last) {
-            let event = client.event().await;
-            assert_eq!(event.ticket, "t1");
-            got.push(event.seq);
-        }
-        publisher.await.unwrap();
-        client.ping_pong().await;
-        let expected: Vec<u64> = (11..=last).collect();
-        if got != expected {
-            let missing: Vec<_> = expected.iter().filter(|s| !got.contains(s)).collect();
-            let mut seen = std::collections::HashSet::new();
-            let twice: Vec<_> = got.iter().filter(|s| !seen.insert(**s)).collect();
-            panic!("missing {missing:?}, twice {twice:?}");
-        }
-    })
-    .await;
+                if seq % 10 == 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            for record in unpublished {
+                t.hub.publisher().publish(&record).await.unwrap();
+            }
+        })
+    };
+    let mut client = t.connect("user-u1").await;
+    client
+        .send(json!({"type": "subscribe", "topic": "tickets", "since": since.unwrap().to_string()}))
+        .await;
+    client.expect_subscribed("tickets").await;
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        let event = client.event().await;
+        assert_eq!(event.ticket, "t1");
+        got.push(event.seq);
+    }
+    publisher.await.unwrap();
+    client.ping_pong().await;
+    let expected: Vec<u64> = (11..=last).collect();
+    if got != expected {
+        let missing: Vec<_> = expected.iter().filter(|s| !got.contains(s)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let twice: Vec<_> = got.iter().filter(|s| !seen.insert(**s)).collect();
+        panic!("missing {missing:?}, twice {twice:?}");
+    }
 }
 
 /// Without an event store, `since` gets `resume_unavailable`; the connection stays usable.

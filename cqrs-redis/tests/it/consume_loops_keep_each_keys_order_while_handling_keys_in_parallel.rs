@@ -1,6 +1,7 @@
 //! Two workers run the core's `consume_until_shutdown` on one group, each handling up to four
 //! keys at once, and fail every first attempt of some events: every event takes effect exactly
 //! once in the end, each key's events in publish order, and keys really ran in parallel.
+//! With `CQRS_LONG=1` it is a soak: 100 times the events, with as much more time.
 
 use crate::support::{Env, assert_each_key_in_order, event, within};
 use cqrs_core::ports::EventTransport;
@@ -11,7 +12,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const EVENTS: u64 = 200;
+/// How many events: 200, or 20,000 for the soak.
+fn events() -> u64 {
+    if cqrs_core::testing::long() {
+        20_000
+    } else {
+        200
+    }
+}
+
+/// How long they may take.
+fn limit() -> Duration {
+    Duration::from_secs(if cqrs_core::testing::long() { 1800 } else { 60 })
+}
 const KEYS: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
 
 #[derive(Default)]
@@ -30,13 +43,16 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
         return;
     };
     within(
-        90,
+        limit().as_secs() + 30,
         Box::pin(async {
             let topic = env.topic("tickets");
-            let events: Vec<_> = (1..=EVENTS)
+            let total = events();
+            let events: Vec<_> = (1..=total)
                 .map(|n| event(Some(KEYS[(n as usize * 5 / 3) % KEYS.len()]), n))
                 .collect();
-            env.transport.publish(&topic, &events).await.unwrap();
+            for chunk in events.chunks(200) {
+                env.transport.publish(&topic, chunk).await.unwrap();
+            }
 
             let seen: Arc<Mutex<Seen>> = Arc::default();
             let (in_parallel, most_in_parallel) =
@@ -95,7 +111,7 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
                 }));
             }
 
-            let until = tokio::time::Instant::now() + Duration::from_secs(60);
+            let until = tokio::time::Instant::now() + limit();
             loop {
                 let done = seen
                     .lock()
@@ -104,12 +120,13 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
                     .values()
                     .map(Vec::len)
                     .sum::<usize>();
-                if done as u64 >= EVENTS {
+                if done as u64 >= total {
                     break;
                 }
                 assert!(
                     tokio::time::Instant::now() < until,
-                    "only {done} of {EVENTS} events took effect in 60 s"
+                    "only {done} of {total} events took effect in {:?}",
+                    limit()
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
