@@ -88,7 +88,8 @@ impl PgOptions {
     }
 
     /// The Postgres schema that holds this crate's tables. Default `cqrs`. Lower-case ASCII
-    /// letters, digits and `_`, at most 56 bytes. Instances that share a schema share one
+    /// letters, digits and `_`, starting with a letter or `_` and not with `pg_`, at most 56
+    /// bytes. Instances that share a schema share one
     /// event store; tests use one schema each.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
@@ -96,7 +97,8 @@ impl PgOptions {
     }
 
     /// The most connections the pool opens. Default 10. Each command holds one for its
-    /// transaction, each waiting idempotent duplicate one, each relay one per batch.
+    /// transaction, each waiting idempotent duplicate one, each relay one per batch plus one
+    /// for `LISTEN`, each store-fed projection batch or rebuild two.
     pub fn max_connections(mut self, max: u32) -> Self {
         self.max_connections = max;
         self
@@ -225,6 +227,16 @@ impl PgOptions {
         if self.acquire_timeout.is_zero() {
             problems.push("acquire_timeout must be more than zero".to_owned());
         }
+        if self
+            .idle_in_transaction_timeout
+            .is_some_and(|t| t.is_zero())
+        {
+            problems.push(
+                "idle_in_transaction_timeout must be more than zero (`None` leaves the server's \
+                 setting)"
+                    .to_owned(),
+            );
+        }
         match connect {
             Some(connect) if problems.is_empty() => {
                 // The store's guarantees rest on READ COMMITTED (see `PgDatabase::migrate`):
@@ -310,6 +322,13 @@ mod tests {
         ] {
             assert!(sent.contains(setting), "{setting} in {sent}");
         }
+        assert!(
+            PgOptions::new(url)
+                .idle_in_transaction_timeout(Some(Duration::ZERO))
+                .validate()
+                .is_err(),
+            "zero would end every transaction after 1 ms"
+        );
         let off = PgOptions::new(url)
             .session_settings(false)
             .checked()

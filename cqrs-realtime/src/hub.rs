@@ -205,7 +205,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// the hub is stopping, then 401 `unauthorized` (no, malformed or refused token, before
     /// the request is looked at as a handshake), 400/426 from axum's upgrade checks as
     /// `websocket_upgrade_required` (not a WebSocket handshake), 503 `too_many_connections`
-    /// (hub-wide, or for this principal).
+    /// past `max_connections`, and 429 `too_many_connections` past
+    /// `max_connections_per_principal`.
     pub async fn handle(
         &self,
         upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 /// The consumer decides the gate itself, with no round trip, when it can: entries delivered
 /// once, to it, whose predecessor is none, or one it acknowledged itself, or one handed out in
 /// the same batch. Otherwise one script does the gate in Redis, and also, every quarter of the
-/// redelivery delay (at most every second),
+/// redelivery delay (but at least once a second, and at most every 5 ms),
 ///
 /// 3. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
 ///    left pending by a consumer that crashed;
@@ -218,8 +218,9 @@ impl RedisConsumer {
 
     /// Stops consuming: entries held back (never handed out) are released at once for the
     /// other consumers of the group, and the consumer's connection closes. Entries handed out
-    /// and not acknowledged come back after the redelivery delay. Dropping the consumer does
-    /// the same in the background.
+    /// and not acknowledged, or nacked, come back after the redelivery delay. It also ends a
+    /// blocking read a dropped `fetch` left waiting, and releases what that read was served.
+    /// Dropping the consumer releases only the held entries, in the background.
     pub async fn close(mut self) -> Result<(), TransportError> {
         Consumer::close(&mut self).await
     }

@@ -36,8 +36,17 @@ impl Operation {
         self.response(401, "missing or invalid token", None)
     }
 
-    /// The JSON request body's schema.
-    pub fn body(mut self, schema: Value) -> Self {
+    /// The JSON request body's schema. An object schema gets `"additionalProperties": false`:
+    /// request bodies refuse fields they do not know (`deny_unknown_fields`), and the spec
+    /// says so.
+    pub fn body(mut self, mut schema: Value) -> Self {
+        if schema["type"] == "object"
+            && let Some(object) = schema.as_object_mut()
+        {
+            object
+                .entry("additionalProperties")
+                .or_insert(Value::Bool(false));
+        }
         self.doc.insert(
             "requestBody".into(),
             json!({ "required": true, "content": { "application/json": { "schema": schema } } }),

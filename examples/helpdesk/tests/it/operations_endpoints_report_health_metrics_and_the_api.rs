@@ -103,10 +103,13 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             ("/metrics", "get"),
             ("/ws", "get"),
         ] {
-            assert!(
-                api.body["paths"][path][method].is_object(),
-                "{method} {path} is documented"
-            );
+            let operation = &api.body["paths"][path][method];
+            assert!(operation.is_object(), "{method} {path} is documented");
+            // Bodies refuse unknown fields, and the spec says so.
+            let body = &operation["requestBody"]["content"]["application/json"]["schema"];
+            if body.is_object() {
+                assert_eq!(body["additionalProperties"], false, "{method} {path}");
+            }
         }
         let home = s.http.get(s.url("/")).send().await.unwrap();
         assert!(
