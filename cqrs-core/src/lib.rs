@@ -120,3 +120,8 @@ pub mod __private {
 
 #[doc(hidden)]
 pub mod doc;
+
+/// The README's Rust examples, compiled and run as doc tests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
