@@ -16,15 +16,7 @@ async fn events_on_the_transport_reach_subscribers() {
     with_timeout(TEST_LIMIT, async {
         let t = TestHub::start(HubOptions::new()).await;
         let transport = Arc::new(InMemoryTransport::new());
-        let runtime = Runtime::builder()
-            .worker(PublishWorker::new(
-                t.hub.publisher(),
-                transport.clone(),
-                "events",
-                "realtime",
-                ConsumerOptions::default().block(Duration::from_millis(50)),
-            ))
-            .start();
+        let runtime = publish_worker(&t, &transport, Duration::from_secs(30));
         let mut client = t.connect("agent-a1").await;
         client.subscribe("ticket:t1").await;
         let records: Vec<_> = (1..=5).map(|seq| record("t1", "u1", seq)).collect();
@@ -92,17 +84,7 @@ async fn a_partly_failed_publish_is_retried_only_where_it_failed() {
         })
         .await;
         let transport = Arc::new(InMemoryTransport::new());
-        let runtime = Runtime::builder()
-            .worker(PublishWorker::new(
-                t.hub.publisher(),
-                transport.clone(),
-                "events",
-                "realtime",
-                ConsumerOptions::default()
-                    .block(Duration::from_millis(50))
-                    .redelivery_delay(Duration::from_millis(10)),
-            ))
-            .start();
+        let runtime = publish_worker(&t, &transport, Duration::from_millis(10));
         let mut on_ticket = t.connect("agent-a1").await;
         on_ticket.subscribe("ticket:t1").await;
         let mut on_all = t.connect("agent-a2").await;
@@ -128,4 +110,23 @@ async fn a_partly_failed_publish_is_retried_only_where_it_failed() {
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     })
     .await;
+}
+
+/// A runtime with a `PublishWorker` from topic `events` of `transport` to the hub of `t`.
+fn publish_worker(
+    t: &TestHub,
+    transport: &Arc<InMemoryTransport>,
+    redelivery: Duration,
+) -> Runtime {
+    Runtime::builder()
+        .worker(PublishWorker::new(
+            t.hub.publisher(),
+            transport.clone(),
+            "events",
+            "realtime",
+            ConsumerOptions::default()
+                .block(Duration::from_millis(50))
+                .redelivery_delay(redelivery),
+        ))
+        .start()
 }
