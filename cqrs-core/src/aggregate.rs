@@ -2,6 +2,7 @@
 
 use crate::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
 use crate::{DecodeError, EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
@@ -349,6 +350,20 @@ impl<A: Aggregate> AggregateRepository<A> {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Decided<A>, AggregateError<A::Error>> {
+        Self::decide_on_at(loaded, expected_version, command, metadata, Utc::now())
+    }
+
+    /// [`decide_on`](Self::decide_on), with the new events stamped at `at` instead of the
+    /// system clock's now: a server with an injected clock (a test's
+    /// [`ManualClock`](crate::clock::ManualClock)) passes its `now()`, so the times its
+    /// aggregates derive from their events follow that clock.
+    pub fn decide_on_at(
+        loaded: Loaded<A>,
+        expected_version: Option<u64>,
+        command: A::Command,
+        metadata: &Metadata,
+        at: DateTime<Utc>,
+    ) -> Result<Decided<A>, AggregateError<A::Error>> {
         let Loaded {
             id,
             mut state,
@@ -370,7 +385,7 @@ impl<A: Aggregate> AggregateRepository<A> {
         for (i, event) in events.into_iter().enumerate() {
             let envelope = event
                 .clone()
-                .into_envelope(metadata.caused())
+                .into_envelope(metadata.caused().with_timestamp(at))
                 .with_partition_key(id.as_str())
                 .with_stored(stream.as_str(), version + 1 + i as u64, None);
             state.apply_with(&event, &envelope);

@@ -6,6 +6,7 @@ use crate::postgres::PgTicketIndex;
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use cqrs_core::clock::Clock;
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{
     AggregateError, AggregateRepository, Command, CommandContext, CommandHandler, EventTypes,
@@ -214,6 +215,7 @@ pub(crate) struct Tickets {
     pub(crate) directory: Arc<dyn UserDirectory>,
     pub(crate) stats: Arc<dyn StatsReader>,
     pub(crate) cursors: Cursors,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 impl Tickets {
@@ -230,7 +232,14 @@ impl Tickets {
         command: TicketCommand,
         metadata: &Metadata,
     ) -> Result<Ticket, AggregateError<HandlerError>> {
-        let decided = AggregateRepository::decide_on(loaded, Some(expected), command, metadata)?;
+        // Stamped by the server's clock (a test's manual one), like its tokens and keys.
+        let decided = AggregateRepository::decide_on_at(
+            loaded,
+            Some(expected),
+            command,
+            metadata,
+            self.clock.now(),
+        )?;
         let Some(pg) = &self.pg_index else {
             let committed = self.repo.append_decided(decided).await?;
             self.index

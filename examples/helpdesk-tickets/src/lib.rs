@@ -115,6 +115,7 @@ impl Plugin for TicketsPlugin {
             directory,
             stats,
             cursors: Cursors::new(&settings.jwt_secret),
+            clock: backends.clock.clone(),
         };
         registrar.commands().add::<OpenTicket, _>(tickets.clone());
         registrar.commands().add::<ChangeTicket, _>(tickets.clone());

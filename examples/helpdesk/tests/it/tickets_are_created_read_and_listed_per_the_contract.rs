@@ -337,3 +337,50 @@ async fn the_history_lists_every_event_oldest_first() {
     })
     .await;
 }
+
+/// Ticket times come from the server's clock (a manual one here), like its tokens' and
+/// idempotency keys': a ticket opened and commented on after the clock moved carries the
+/// clock's times, in the ticket, its comments and its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_times_follow_the_servers_clock() {
+    use cqrs_core::clock::Clock;
+    let at = |value: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(value.as_str().unwrap())
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    within(async {
+        let s = TestServer::start().await;
+        s.clock.advance(std::time::Duration::from_secs(48 * 3600));
+        let (token, _) = s.customer().await;
+        let opened_at = s.clock.now();
+        let ticket = s.ticket(&token, "later").await;
+        let id = ticket["id"].as_str().unwrap().to_owned();
+        assert_eq!(at(&ticket["created_at"]), opened_at);
+        s.clock.advance(std::time::Duration::from_secs(60));
+        let commented_at = s.clock.now();
+        let commented = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &token,
+                serde_json::json!({ "body": "still broken" }),
+            )
+            .await;
+        assert_eq!(at(&commented.body["created_at"]), opened_at);
+        assert_eq!(at(&commented.body["updated_at"]), commented_at);
+        assert_eq!(
+            at(&commented.body["comments"][0]["created_at"]),
+            commented_at
+        );
+        let history = s.get(&format!("/tickets/{id}/history"), &token).await;
+        let times: Vec<_> = history.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| at(&e["occurred_at"]))
+            .collect();
+        assert_eq!(times, [opened_at, commented_at]);
+        s.stop().await;
+    })
+    .await;
+}
