@@ -151,19 +151,38 @@ async fn serve(payload: usize) -> Result<(), BoxError> {
         match words.as_slice() {
             ["publish", count, rate] => {
                 let (count, rate): (u64, u64) = (count.parse()?, rate.parse()?);
-                let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+                let period = 1_000_000_000 / rate;
+                let mut tick = tokio::time::interval(Duration::from_nanos(period));
+                let start = now_ns();
+                let mut late = Vec::with_capacity(count as usize);
                 for seq in 0..count {
                     tick.tick().await;
+                    // Stamped with when the event was due, not when the tick fired: a late
+                    // tick (the hub still fanning out the previous event) counts as latency,
+                    // as it would for a command arriving on schedule.
+                    let due = start + seq * period;
+                    late.push(now_ns().saturating_sub(due));
                     let record = EventRecord::new(
                         Metadata::new().message_id,
                         "BenchEvent",
                         1,
-                        serde_json::json!({ "seq": seq, "sent_ns": now_ns(), "pad": pad }),
+                        serde_json::json!({ "seq": seq, "sent_ns": due, "pad": pad }),
                         RecordMetadata::from_metadata(&Metadata::new()),
                     );
                     publisher.publish(&record).await?;
                 }
-                println!("published {count}");
+                late.sort_unstable();
+                let ms = |q: f64| {
+                    let i = ((late.len() as f64 * q).ceil() as usize).max(1) - 1;
+                    late.get(i).map_or(0.0, |&ns| ns as f64 / 1e6)
+                };
+                println!(
+                    "published {count}; publish started after its due time by p50 {:.1} ms, \
+                     p99 {:.1} ms, max {:.1} ms",
+                    ms(0.5),
+                    ms(0.99),
+                    ms(1.0)
+                );
             }
             ["stats"] => println!("stats {:?}", hub.stats()),
             ["quit"] => break,
@@ -338,6 +357,9 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     writeln!(stdin, "stats")?;
     stdin.flush()?;
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await {
+        if line.starts_with("published") {
+            println!("{line}");
+        }
         if line.starts_with("stats") {
             eprintln!("hub {line}");
             break;
