@@ -227,7 +227,11 @@ impl PgOutboxRelay {
         self
     }
 
-    /// How long one publish may take before the batch counts as failed. Default 30 s.
+    /// How long publishing one batch (all its runs of one topic) may take. Default 30 s. Keep
+    /// it below the pool's `idle_in_transaction_timeout` (60 s by default): the batch's
+    /// transaction waits idle while it publishes. When it runs out, what the transport took is
+    /// shipped (the checkpoint moves past it) and the rest goes with the next batch; when
+    /// nothing was taken, the batch fails and is retried.
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self
@@ -294,7 +298,10 @@ impl PgOutboxRelay {
         let age: Option<f64> = row.try_get(1).map_err(store_error)?;
         Ok(Backlog {
             unpublished: to_u64(count),
-            oldest_age: age.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            // An infinite or absurd age (a row written around the functions with
+            // `recorded_at = '-infinity'`) is no panic: it reads as the longest age there is.
+            oldest_age: age
+                .map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)),
         })
     }
 
@@ -372,7 +379,11 @@ impl PgOutboxRelay {
         let Some(last) = events.last().and_then(|e| e.position) else {
             return Ok(Some(0));
         };
-        // Runs of one topic, in order.
+        // Runs of one topic, in order, all within one deadline: the batch's transaction waits
+        // idle meanwhile, and must not outlive the server's idle-in-transaction timeout.
+        let deadline = tokio::time::Instant::now().checked_add(self.publish_timeout);
+        // The end of the runs the transport took, and how many events they hold.
+        let mut shipped: Option<(Position, usize)> = None;
         let mut start = 0;
         while start < events.len() {
             let topic = (self.topic_for)(&events[start]);
@@ -381,32 +392,51 @@ impl PgOutboxRelay {
                 end += 1;
             }
             let publish = self.transport.publish(&topic, &events[start..end]);
-            match tokio::time::timeout(self.publish_timeout, publish).await {
-                Ok(Ok(())) => {}
-                Ok(Err(source)) => {
-                    return Err(RelayError::Transport {
-                        relay: self.relay.clone(),
-                        topic,
-                        source,
-                    });
-                }
-                Err(_) => {
-                    return Err(RelayError::PublishTimeout {
-                        relay: self.relay.clone(),
-                        topic,
-                        after: self.publish_timeout,
-                    });
-                }
+            let outcome = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, publish).await,
+                None => Ok(publish.await),
+            };
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(source)) => Some(RelayError::Transport {
+                    relay: self.relay.clone(),
+                    topic,
+                    source,
+                }),
+                Err(_) => Some(RelayError::PublishTimeout {
+                    relay: self.relay.clone(),
+                    topic,
+                    after: self.publish_timeout,
+                }),
+            };
+            if let Some(failure) = failure {
+                // What the transport took stays shipped: the next batch starts after it, so a
+                // broker too slow for a whole batch still makes progress.
+                let Some((position, count)) = shipped else {
+                    return Err(failure);
+                };
+                tracing::warn!(relay = %self.relay, shipped = count, error = %failure, "shipped part of a batch; the rest goes with the next");
+                self.advance(tx, position).await?;
+                return Ok(Some(count));
+            }
+            if let Some(position) = events[end - 1].position {
+                shipped = Some((position, end));
             }
             start = end;
         }
+        self.advance(tx, last).await?;
+        Ok(Some(events.len()))
+    }
+
+    /// Moves the checkpoint to `position` in the batch's transaction.
+    async fn advance(&self, tx: &mut PgConnection, position: Position) -> Result<(), RelayError> {
         sqlx::query(AssertSqlSafe(self.db.sql.relay_advance.clone()))
             .bind(&self.relay)
-            .bind(to_i64(last.get()))
+            .bind(to_i64(position.get()))
             .execute(&mut *tx)
             .await
             .map_err(|e| self.store_error(store_error(e)))?;
-        Ok(Some(events.len()))
+        Ok(())
     }
 
     async fn listener(&self) -> Option<PgListener> {

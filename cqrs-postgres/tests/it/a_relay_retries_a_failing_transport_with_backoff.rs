@@ -84,3 +84,50 @@ pg_test! {
         worker.await.expect("no panic").expect("a clean stop");
     }
 }
+
+pg_test! {
+    /// A broker too slow for a whole batch within `publish_timeout` still gets everything: the
+    /// runs it took are shipped and the rest goes with the next batch. The batch's transaction
+    /// never sits idle past the server's idle-in-transaction timeout (1 s here), which would
+    /// end the session, lose the checkpoint row to a standby, and ship nothing, ever.
+    async fn a_broker_too_slow_for_a_whole_batch_still_gets_everything(db: PgDatabase) {
+        let strict = crate::support::options(db.schema())
+            .idle_in_transaction_timeout(Some(Duration::from_secs(1)))
+            .connect()
+            .await
+            .unwrap();
+        // Alternating topics: every event is a run of its own, 300 ms each.
+        let events: Vec<_> = (1..=6).map(record).collect();
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, events.clone())
+            .await
+            .unwrap();
+        let transport = ControlledTransport::slow(Duration::from_millis(300));
+        let relay = PgOutboxRelay::new(strict, transport.clone())
+            .topic_for(|e| format!("t{}", e.payload["n"].as_u64().unwrap() % 2))
+            .publish_timeout(Duration::from_millis(700));
+        relay.ensure_checkpoint().await.unwrap();
+        let last = relay_last_position(&db).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while relay.checkpoint().await.unwrap() < last {
+            assert!(tokio::time::Instant::now() < until, "the relay made no progress");
+            let _ = relay.relay_once().await;
+        }
+        let mut shipped: Vec<u64> = transport
+            .published()
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        shipped.dedup();
+        assert_eq!(shipped, [1, 2, 3, 4, 5, 6], "every event, in order");
+    }
+}
+
+async fn relay_last_position(db: &cqrs_postgres::PgDatabase) -> Position {
+    let all = db
+        .event_store()
+        .read_all(Position::START, 100)
+        .await
+        .unwrap();
+    all.last().and_then(|r| r.position).unwrap()
+}

@@ -22,6 +22,8 @@ pub(crate) struct ControlledTransport {
     pub(crate) failures: AtomicUsize,
     /// Every event the broker took, in publish order.
     pub(crate) published: Mutex<Vec<EventRecord>>,
+    /// How long each publish takes (a slow broker).
+    pub(crate) delay: Mutex<Duration>,
 }
 
 impl ControlledTransport {
@@ -39,6 +41,12 @@ impl ControlledTransport {
             .clone()
     }
 
+    pub(crate) fn slow(delay: Duration) -> Arc<Self> {
+        let t = Self::default();
+        *t.delay.lock().unwrap() = delay;
+        Arc::new(t)
+    }
+
     pub(crate) fn hanging_on_call(n: usize) -> Arc<Self> {
         let t = Self::default();
         t.hang_on_call.store(n, Ordering::SeqCst);
@@ -54,6 +62,10 @@ impl EventTransport for ControlledTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let delay = *self.delay.lock().unwrap_or_else(|p| p.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         if self
             .fail_first
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
