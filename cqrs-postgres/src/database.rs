@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The migrations, in order: `(version, description, SQL with placeholders)`.
-const MIGRATIONS: [(i64, &str, &str); 5] = [
+const MIGRATIONS: [(i64, &str, &str); 6] = [
     (
         1,
         "event store",
@@ -38,6 +38,11 @@ const MIGRATIONS: [(i64, &str, &str); 5] = [
         5,
         "append one event",
         include_str!("../migrations/0005_append_event.sql"),
+    ),
+    (
+        6,
+        "inbox purge index",
+        include_str!("../migrations/0006_inbox_purge_index.sql"),
     ),
 ];
 

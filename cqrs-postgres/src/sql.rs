@@ -62,6 +62,7 @@ pub(crate) struct Sql {
     pub(crate) checkpoint_load: Arc<str>,
     pub(crate) checkpoint_save: Arc<str>,
     pub(crate) consumer_reset: Arc<str>,
+    pub(crate) inbox_purge: Arc<str>,
 
     pub(crate) relay_ensure: Arc<str>,
     pub(crate) relay_lock_and_read: Arc<str>,
@@ -142,6 +143,10 @@ impl Sql {
             consumer_reset: f(format!(
                 "WITH forgotten AS (DELETE FROM {s}.inbox WHERE consumer = $1) \
                  DELETE FROM {s}.checkpoints WHERE consumer = $1"
+            )),
+            inbox_purge: f(format!(
+                "DELETE FROM {s}.inbox WHERE consumer = $1 \
+                 AND processed_at < now() - make_interval(secs => $2)"
             )),
 
             relay_ensure: f(format!(

@@ -122,3 +122,43 @@ pg_test! {
         assert_eq!(live.run_once().await.unwrap(), 0, "the live runner continues after the rebuild");
     }
 }
+
+pg_test! {
+    /// The inbox keeps a row per processed event; `purge_inbox` deletes one consumer's rows
+    /// older than the given age, and nothing else.
+    async fn old_inbox_entries_are_purged_per_consumer(db: PgDatabase) {
+        let insert = |consumer: &'static str, days_ago: i32| {
+            let sql = format!(
+                "INSERT INTO {}.inbox (consumer, message_id, processed_at) \
+                 VALUES ($1, $2, now() - make_interval(days => $3))",
+                db.schema()
+            );
+            let pool = db.pool().clone();
+            async move {
+                sqlx::query(AssertSqlSafe(sql))
+                    .bind(consumer)
+                    .bind(uuid::Uuid::now_v7())
+                    .bind(days_ago)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        };
+        insert("c", 2).await;
+        insert("c", 0).await;
+        insert("d", 2).await;
+        let store = db.projection_store();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(store.purge_inbox("c", day).await.unwrap(), 1);
+        assert_eq!(store.purge_inbox("c", day).await.unwrap(), 0);
+        assert_eq!(store.purge_inbox("c", Duration::MAX).await.unwrap(), 0, "no overflow");
+        let left: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT consumer, count(*) FROM {}.inbox GROUP BY consumer ORDER BY consumer",
+            db.schema()
+        )))
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(left, [("c".to_owned(), 1), ("d".to_owned(), 1)]);
+    }
+}
