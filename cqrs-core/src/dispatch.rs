@@ -415,7 +415,6 @@ where
     }
 }
 
-/// Runs a handler future, turning a panic into [`DispatchError::Panicked`].
 /// Calls `start` (a handler's `handle`, which builds its future) so that a panic in it, before
 /// there is a future, becomes a panic of the future: [`guarded`] then reports it like any
 /// other. `#[async_trait]` handlers never panic here; hand-written ones may.
@@ -429,6 +428,7 @@ pub(crate) fn started<'a, T: 'a>(
     }
 }
 
+/// Runs a handler future, turning a panic into [`DispatchError::Panicked`].
 pub(crate) fn guarded<T, F>(kind: MessageKind, name: &'static str, fut: F) -> Guarded<F>
 where
     F: Future<Output = Result<T, crate::HandlerError>>,

@@ -182,10 +182,7 @@ impl IdempotencyStore for PgIdempotencyStore {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
-        let mut tx = self
-            .db
-            .pool
-            .begin_with(crate::sql::BEGIN)
+        let mut tx = crate::sql::begin(&self.db.pool)
             .await
             .map_err(store_error)?;
         let now = self.db.clock.now();

@@ -102,10 +102,7 @@ impl ProjectionStore for PgProjectionStore {
     /// the pool. (Sent as one `BEGIN; SELECT pg_advisory_xact_lock(..)` query, a failure
     /// there left the pooled connection inside an aborted or open transaction.)
     async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
-        let mut tx = self
-            .db
-            .pool
-            .begin_with(crate::sql::BEGIN)
+        let mut tx = crate::sql::begin(&self.db.pool)
             .await
             .map_err(store_error)?;
         // The key is a number computed here, not text from the caller: safe to inline.

@@ -321,10 +321,7 @@ impl PgOutboxRelay {
 
     /// Ships one batch, if this relay is the active one. The building block of `run`.
     pub async fn relay_once(&self) -> Result<RelayBatch, RelayError> {
-        let mut tx = self
-            .db
-            .pool
-            .begin_with(crate::sql::BEGIN)
+        let mut tx = crate::sql::begin(&self.db.pool)
             .await
             .map_err(|e| self.store_error(store_error(e)))?;
         let outcome = self.ship(&mut tx).await;

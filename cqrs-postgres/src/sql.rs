@@ -12,9 +12,15 @@ use std::sync::Arc;
 /// identifiers and channel names hold 63 bytes.
 pub(crate) const MAX_SCHEMA_LEN: usize = 56;
 
-/// How this crate begins every transaction: its statements rely on each seeing what committed
-/// before it (a fresh snapshot after the append lock), whatever the session's default.
-pub(crate) const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+/// Begins a transaction the way this crate begins every one: at READ COMMITTED, whatever the
+/// session's default, since its statements rely on each seeing what committed before it (a
+/// fresh snapshot after the append lock).
+pub(crate) async fn begin(
+    pool: &sqlx::PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await
+}
 
 /// Why a schema name is refused, if it is.
 pub(crate) fn valid_schema(schema: &str) -> Result<(), String> {

@@ -151,11 +151,7 @@ impl PgUnitOfWork {
         let pool = self.db.pool.clone();
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if state.tx.is_none() {
-            state.tx = Some(
-                pool.begin_with(crate::sql::BEGIN)
-                    .await
-                    .map_err(store_error)?,
-            );
+            state.tx = Some(crate::sql::begin(&pool).await.map_err(store_error)?);
         }
         match state.tx.as_mut() {
             Some(tx) => Ok(&mut **tx),
@@ -286,10 +282,7 @@ impl PgUnitOfWork {
                 }
                 return Ok(());
             }
-            None => pool
-                .begin_with(crate::sql::BEGIN)
-                .await
-                .map_err(store_error)?,
+            None => crate::sql::begin(&pool).await.map_err(store_error)?,
         };
         for p in pending {
             // A conflict returns early: the transaction is dropped and rolls back.

@@ -105,8 +105,8 @@ impl Worker for PublishWorker {
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
         let publisher = &self.publisher;
-        // The channels each partly published event already reached: its retry skips them, so
-        // live push stays at-most-once per channel.
+        // The channels each partly published event already reached: its retry here skips
+        // them, so their clients do not get it twice.
         let partly = &PartlyPublished::default();
         consume_until_shutdown(
             consumer.as_mut(),

@@ -474,7 +474,7 @@ impl RedisConsumer {
             .map_err(transport_error)
     }
 
-    /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
+    /// Notes that this consumer handed `ids` back (nacked or deferred).
     fn remember_returned(&mut self, ids: impl IntoIterator<Item = String>) {
         if self.returned.len() >= MAX_RETURNED {
             self.returned.clear();
@@ -482,6 +482,7 @@ impl RedisConsumer {
         self.returned.extend(ids);
     }
 
+    /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
     fn remember_acked(&mut self, lane: String, id: &str) {
         if self.acked.len() >= MAX_ACKED_LANES && !self.acked.contains_key(&lane) {
             self.acked.clear();
