@@ -69,3 +69,50 @@ async fn a_single_event_outside_any_lane_is_stored_like_a_batch() {
     .await;
     env.cleanup().await;
 }
+
+/// Without lanes, a keyed event in a batch keeps its `key` field and gets no `lane` or `prev`;
+/// an unkeyed one beside it gets neither: the batch script writes each shape of entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_without_lanes_stores_each_event_as_it_is_keyed() {
+    let Some(env) = Env::with("unordered-batch", |o| {
+        o.key_ordering(cqrs_redis::KeyOrdering::Unordered)
+    })
+    .await
+    else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("audit");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            env.transport
+                .publish(&topic, &[event(Some("a"), 1), event(None, 2)])
+                .await
+                .unwrap();
+            let entries = env
+                .command(
+                    "XRANGE",
+                    vec![stream.as_str().into(), "-".into(), "+".into()],
+                )
+                .await
+                .into_array();
+            let fields: Vec<Vec<String>> = entries
+                .into_iter()
+                .map(|entry| {
+                    let mut parts = entry.into_array().into_iter();
+                    let _id = parts.next();
+                    let flat = parts.next().unwrap_or(Value::Null).into_array();
+                    flat.into_iter().filter_map(Value::into_string).collect()
+                })
+                .collect();
+            assert_eq!(fields.len(), 2);
+            let names = |f: &[String]| f.iter().step_by(2).cloned().collect::<Vec<_>>();
+            assert_eq!(names(&fields[0]), ["id", "type", "v", "key", "record"]);
+            assert_eq!(fields[0][7], "a", "the key's value");
+            assert_eq!(names(&fields[1]), ["id", "type", "v", "record"]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
