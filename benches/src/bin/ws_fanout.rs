@@ -13,7 +13,8 @@
 //!
 //! Options (defaults): `--connections 10000`, `--events 300`, `--rate 10` (events per second),
 //! `--payload 200` (filler bytes per event), `--ramp 200` (handshakes in flight at once),
-//! `--pin` (hub on CPU 0, clients on CPU 1, with `taskset`).
+//! `--pin` (hub on CPU 0, clients on CPU 1, with `taskset`), `--threads 2` (the clients'
+//! tokio worker threads), `--hub-threads 2` (the hub's).
 
 use axum::Router;
 use axum::serve::ListenerExt;
@@ -42,6 +43,8 @@ struct Args {
     ramp: usize,
     pin: bool,
     serve: bool,
+    threads: usize,
+    hub_threads: usize,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -53,6 +56,8 @@ fn parse_args() -> Result<Args, BoxError> {
         ramp: 200,
         pin: false,
         serve: false,
+        threads: 2,
+        hub_threads: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +72,8 @@ fn parse_args() -> Result<Args, BoxError> {
             "--payload" => args.payload = value()?.parse()?,
             "--ramp" => args.ramp = value()?.parse()?,
             "--serve" => args.serve = true,
+            "--threads" => args.threads = value()?.parse()?,
+            "--hub-threads" => args.hub_threads = value()?.parse()?,
             "--pin" => args.pin = true,
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown option {other}").into()),
@@ -79,7 +86,7 @@ fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
     let limit = rlimit::increase_nofile_limit(u64::MAX)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
     if args.serve {
@@ -244,6 +251,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     };
     let mut child = command
         .args(["--serve", "--payload", &args.payload.to_string()])
+        .args(["--threads", &args.hub_threads.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
