@@ -18,7 +18,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 /// The largest request body.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -79,7 +80,11 @@ pub(crate) fn router(state: State) -> Router {
                     header::COOKIE,
                 ]))
                 .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
-                .layer(TraceLayer::new_for_http().make_span_with(request_span))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(request_span)
+                        .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                )
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
                 .layer(middleware::from_fn(json_errors))
                 .layer(TimeoutLayer::with_status_code(
@@ -227,7 +232,8 @@ async fn json_errors(request: Request, next: Next) -> Response {
 /// bearer token a WebSocket client may send as `/ws?token=`) redacted, as the
 /// `Authorization` header is, so debug logs never hold a live token.
 fn request_span(request: &Request) -> tracing::Span {
-    tracing::debug_span!(
+    // At `info`, so the one line per answered request carries the method and the path.
+    tracing::info_span!(
         "request",
         method = %request.method(),
         uri = %redacted_uri(request.uri()),

@@ -12,10 +12,12 @@ use helpdesk_tickets as _;
 mod app;
 mod config;
 mod http;
+mod logging;
 mod metered;
 mod server;
 
 pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, build};
 pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;
+pub use logging::{DEFAULT_FILTER, log_filter, log_subscriber};
 pub use server::Server;

@@ -2,19 +2,17 @@
 //! Postgres (and Redis) when `DATABASE_URL` (and `REDIS_URL`) are set.
 
 use clap::Parser;
-use helpdesk::{Config, Hooks, LogFormat, Server};
+use helpdesk::{Config, Hooks, Server, log_filter, log_subscriber};
+use std::io::IsTerminal;
 
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,tower_http=info".into());
-    match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
+    // Colours only on a terminal: escape codes in a log file or a collector are noise.
+    let ansi = std::io::stdout().is_terminal();
+    let subscriber = log_subscriber(config.log_format, log_filter(), ansi, std::io::stdout);
+    if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
+        eprintln!("helpdesk: cannot install the logger: {e}");
     }
     if let Err(e) = run(config).await {
         eprintln!("helpdesk: {e:#}");
