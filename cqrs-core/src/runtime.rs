@@ -378,7 +378,7 @@ impl Runtime {
     }
 
     /// Asks every worker to stop, waits up to `grace` for them to finish their in-flight work,
-    /// then aborts the rest.
+    /// then aborts the rest and waits until their runs are dropped.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         let mut tasks = self.tasks.lock().await;
@@ -402,6 +402,11 @@ impl Runtime {
                         .filter(|(_, (h, _))| *h != Health::Stopped)
                         .map(|(n, _)| n.clone())
                         .collect();
+                    // Aborting only asks: wait until each aborted run is dropped, so what its
+                    // `Drop`s do (a consumer releasing what it holds, a transaction rolling
+                    // back) has happened when this returns. A run at an `.await` is dropped at
+                    // once; only one blocking its thread keeps this waiting.
+                    while tasks.join_next().await.is_some() {}
                     return Err(ShutdownError { grace, workers });
                 }
             }

@@ -37,7 +37,19 @@ impl Worker for Flaky {
     }
 }
 
-struct Stuck;
+/// Ignores shutdown; `dropped` is set when its run is dropped (as a consumer's `Drop` releases
+/// what it holds, or a transaction rolls back).
+struct Stuck {
+    dropped: Arc<AtomicBool>,
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
 
 #[async_trait]
 impl Worker for Stuck {
@@ -46,6 +58,7 @@ impl Worker for Stuck {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let _guard = SetOnDrop(self.dropped.clone());
         ctx.health.set(Health::Healthy);
         std::future::pending::<()>().await;
         Ok(())
@@ -97,12 +110,21 @@ fn a_failing_or_panicking_worker_is_restarted_and_stops_gracefully() {
 #[test]
 fn a_worker_that_ignores_shutdown_is_aborted_and_named() {
     run(async {
-        let runtime = Runtime::builder().worker(Stuck).start();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let runtime = Runtime::builder()
+            .worker(Stuck {
+                dropped: dropped.clone(),
+            })
+            .start();
         let err = runtime
             .shutdown(Duration::from_millis(50))
             .await
             .unwrap_err();
         assert_eq!(err.workers, ["stuck"]);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the aborted worker's run was dropped before shutdown returned"
+        );
     });
 }
 
