@@ -225,15 +225,29 @@ impl RedisConsumer {
         Consumer::close(&mut self).await
     }
 
-    async fn release(&self, held: Vec<String>) -> Result<(), TransportError> {
+    async fn release(&self, entries: Released) -> Result<(), TransportError> {
         release(
             &self.shared,
             &self.keys.stream,
             &self.group,
             &self.options,
-            held,
+            entries,
         )
         .await
+    }
+
+    /// Takes the held entries, split by whether their delivery count still counts the read
+    /// that brought them here (see [`Released`]).
+    fn take_held(&mut self) -> Released {
+        let mut released = Released::default();
+        for id in std::mem::take(&mut self.held) {
+            if self.known.get(&id).is_some_and(|known| known.read_here) {
+                released.read_unhanded.push(id);
+            } else {
+                released.counted.push(id);
+            }
+        }
+        released
     }
 
     /// Ends a blocking read this consumer's connection may still be waiting in (its `fetch`
@@ -678,17 +692,41 @@ async fn release(
     stream: &str,
     group: &str,
     options: &ConsumerOptions,
-    held: Vec<String>,
+    entries: Released,
 ) -> Result<(), TransportError> {
+    let delay = options.redelivery_delay;
     set_idle(
         shared,
         stream,
         group,
         options,
-        options.redelivery_delay,
-        held,
+        delay,
+        false,
+        entries.counted,
+    )
+    .await?;
+    set_idle(
+        shared,
+        stream,
+        group,
+        options,
+        delay,
+        true,
+        entries.read_unhanded,
     )
     .await
+}
+
+/// Entries a consumer lets go of without handing them out.
+#[derive(Debug, Default)]
+struct Released {
+    /// Delivered to this consumer by a read (`XREADGROUP`, or a claim whose reply was lost)
+    /// that counted a delivery no handler got: the release takes it back, or the next
+    /// consumer's claim would count it twice (with `max_deliveries(1)`, dead-lettering an
+    /// entry never handled).
+    read_unhanded: Vec<String>,
+    /// Held after a claim that already took its count back: released as they are.
+    counted: Vec<String>,
 }
 
 /// Sets the idle time of the entries among `ids` still pending to this consumer.
@@ -698,14 +736,16 @@ async fn set_idle(
     group: &str,
     options: &ConsumerOptions,
     idle: Duration,
+    take_back: bool,
     ids: Vec<String>,
 ) -> Result<(), TransportError> {
     for chunk in ids.chunks(512) {
-        let mut args = Vec::with_capacity(chunk.len() + 3);
+        let mut args = Vec::with_capacity(chunk.len() + 4);
         args.extend([
             Value::from(group),
             Value::from(options.consumer_name.as_str()),
             Value::from(millis(idle)),
+            Value::from(if take_back { "1" } else { "0" }),
         ]);
         args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
         shared
@@ -727,8 +767,8 @@ impl Drop for RedisConsumer {
             &self.options.consumer_name,
         );
         quit_later(self.reader.clone());
-        let held = std::mem::take(&mut self.held);
-        if held.is_empty() {
+        let held = self.take_held();
+        if held.read_unhanded.is_empty() && held.counted.is_empty() {
             return;
         }
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -871,6 +911,7 @@ impl Consumer for RedisConsumer {
             &self.group,
             &self.options,
             Duration::ZERO,
+            false,
             ids,
         )
         .await
@@ -883,13 +924,13 @@ impl Consumer for RedisConsumer {
     /// Releases the entries held back at once, like [`RedisConsumer::close`]; the consumer
     /// stays usable (a later fetch reads on).
     async fn close(&mut self) -> Result<(), TransportError> {
-        let mut release = std::mem::take(&mut self.held);
+        let mut release = self.take_held();
         self.known.clear();
         // A `fetch` dropped in its blocking read (a shutdown) leaves the read blocked; what
         // it is served, or was served with the reply unread, is pending to this consumer but
-        // in no list. Unblock it, then release those too.
+        // in no list. Unblock it, then release those too: their read counted a delivery.
         self.unblock_reader().await;
-        release.extend(self.stranded().await?);
+        release.read_unhanded.extend(self.stranded().await?);
         self.release(release).await
     }
 

@@ -325,16 +325,24 @@ end
 return n
 "#;
 
-/// KEYS: stream. ARGV: group, consumer, idle (ms), ids. Sets the idle time of the entries
-/// still pending to this consumer (others' are left alone; the delivery count is unchanged):
-/// the redelivery delay, to release entries it held but never handed out, so another
-/// consumer reclaims them at once; 0, to keep entries it is still handling.
+/// KEYS: stream. ARGV: group, consumer, idle (ms), take back (`1` or `0`), ids. Sets the idle
+/// time of the entries still pending to this consumer (others' are left alone): the redelivery
+/// delay, to release entries it held but never handed out, so another consumer reclaims them
+/// at once; 0, to keep entries it is still handling. With take back `1`, the delivery count
+/// also goes back by one: for entries whose last read counted a delivery that never reached a
+/// handler (the next consumer's claim counts it again); otherwise the count is unchanged.
 const SET_IDLE: &str = r#"
 local n = 0
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    if ARGV[4] == '1' then
+      local count = math.max(tonumber(p[1][4]) - 1, 0)
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3],
+        'RETRYCOUNT', count, 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    end
     n = n + 1
   end
 end
