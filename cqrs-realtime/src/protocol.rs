@@ -71,14 +71,31 @@ impl ClientFrame {
         let Some(kind) = kind.as_str().map(str::to_owned) else {
             return Err(malformed("`type` must be a string".into()));
         };
-        if !matches!(kind.as_str(), "subscribe" | "unsubscribe" | "ping") {
-            return Err(FrameError {
-                code: ErrorCode::UnknownType,
-                message: format!(
-                    "unknown frame type `{}`: expected subscribe, unsubscribe or ping",
-                    kind.chars().take(64).collect::<String>()
-                ),
-            });
+        let fields: &[&str] = match kind.as_str() {
+            "subscribe" => &["type", "topic", "since"],
+            "unsubscribe" => &["type", "topic"],
+            "ping" => &["type"],
+            _ => {
+                return Err(FrameError {
+                    code: ErrorCode::UnknownType,
+                    message: format!(
+                        "unknown frame type `{}`: expected subscribe, unsubscribe or ping",
+                        kind.chars().take(64).collect::<String>()
+                    ),
+                });
+            }
+        };
+        // Unknown fields are refused, not ignored: a misspelled `since` would otherwise
+        // subscribe without the replay, and the events missed while away would be lost.
+        if let Some(unknown) = value
+            .as_object()
+            .and_then(|object| object.keys().find(|key| !fields.contains(&key.as_str())))
+        {
+            return Err(malformed(format!(
+                "unknown field `{}` in a `{kind}` frame: expected {}",
+                unknown.chars().take(64).collect::<String>(),
+                fields.join(", ")
+            )));
         }
         serde_json::from_value(value).map_err(|e| malformed(format!("invalid `{kind}` frame: {e}")))
     }
@@ -236,4 +253,27 @@ pub mod close_code {
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// 1011: the server failed while handling the client's frame (a hook panicked).
     pub const INTERNAL_ERROR: u16 = 1011;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ClientFrame, ErrorCode};
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let refused = ClientFrame::parse(r#"{"type":"subscribe","topic":"tickets","sinse":"41"}"#)
+            .unwrap_err();
+        assert_eq!(refused.code(), ErrorCode::MalformedFrame);
+        assert!(refused.to_string().contains("`sinse`"), "{refused}");
+        assert!(refused.to_string().contains("topic, since"), "{refused}");
+        assert!(ClientFrame::parse(r#"{"type":"ping","x":1}"#).is_err());
+        assert!(ClientFrame::parse(r#"{"type":"unsubscribe","topic":"t","since":"1"}"#).is_err());
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"subscribe","topic":"t","since":"1"}"#).unwrap(),
+            ClientFrame::Subscribe {
+                topic: "t".into(),
+                since: Some("1".into())
+            }
+        );
+    }
 }
