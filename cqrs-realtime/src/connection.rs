@@ -151,6 +151,17 @@ impl<P: Send + Sync + 'static> Session<P> {
                 Ok(Some(Err(error))) => return (ending_for(error), false),
                 Ok(Some(Ok(message))) => message,
             };
+            if matches!(message, Message::Text(_) | Message::Binary(_)) {
+                // Each client frame is answered with a frame. Frames that came in one burst
+                // are decoded without waiting on the socket, so wait for room for the answer
+                // instead of filling the queue: a client that reads everything must not be
+                // closed as slow for the answers to its own frames. It waits, unread, in TCP.
+                tokio::select! {
+                    biased;
+                    ending = self.conn.close.reader_closed() => return (ending, true),
+                    () = self.conn.queue.room_for(1) => {}
+                }
+            }
             match message {
                 Message::Text(text) => {
                     // Boxed: the subscribe path is large and rare; the idle connection's

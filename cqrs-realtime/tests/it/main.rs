@@ -2,6 +2,7 @@
 
 mod support;
 
+mod a_burst_of_client_frames_is_answered_in_full;
 mod a_client_subscribes_receives_and_unsubscribes;
 mod a_handshake_without_a_valid_token_is_refused_with_401;
 mod a_hook_that_panics_closes_only_its_connection;
