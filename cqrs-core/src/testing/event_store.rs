@@ -15,6 +15,14 @@ use std::sync::Arc;
 pub trait HeldAppend: Send {
     /// Commits the held append.
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+
+    /// Whether another writer is waiting for this append's transaction to end. A store that
+    /// serializes appends must answer it: the late-commit scenario waits until the later
+    /// writer has either committed or is waiting here, and fails after a deadline otherwise.
+    /// Default: `false` (a store whose writers never wait for each other).
+    async fn blocks_another_writer(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// What an event store adapter provides to its conformance suite.
@@ -391,12 +399,12 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
         format!("{}-late-b", h.test_id()),
     );
     let start = last_position(store.as_ref()).await;
-    let Some(held) = h.begin_held_append(&a, vec![record(1)]).await else {
+    let Some(mut held) = h.begin_held_append(&a, vec![record(1)]).await else {
         eprintln!("skipped: this adapter cannot hold an append open");
         return;
     };
     // B may have to wait for A (a store that serializes appends): append it in the background,
-    // and give it every chance to commit ahead of A.
+    // and wait until it has either committed ahead of A or is waiting for A.
     let b_append = {
         let (store, b) = (store.clone(), b.clone());
         tokio::spawn(async move {
@@ -405,7 +413,19 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
                 .await
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b_append.is_finished()
+        && !held
+            .blocks_another_writer()
+            .await
+            .expect("ask whether B waits for A")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "within 10 s, B neither committed nor waited for the held append A"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     // A is still open: the reader must not see it, and may hold B back until A commits.
     let (first_read, checkpoint) = read_ours(store.as_ref(), start, &[&a, &b]).await;
     assert!(

@@ -1,8 +1,8 @@
 //! The global-order mechanism itself: a writer that has drawn its positions and stays open
 //! holds the append lock, so a later writer waits for its commit instead of committing a
 //! higher position first, and a reader that continues from its checkpoint sees both.
-//! (The core's late-commit scenario holds a command's unit of work, whose events are appended
-//! at commit; this holds an `append_in` inside an open transaction.)
+//! (The core's late-commit scenario holds the same kind of open `append_in` and checks the
+//! reader; this checks the waiting itself.)
 
 use crate::support::{pg_test, record};
 use cqrs_core::ports::{EventStore, ExpectedVersion};

@@ -12,7 +12,7 @@ use cqrs_core::testing::Harness;
 use cqrs_core::testing::event_store::{EventStoreHarness, HeldAppend};
 use cqrs_core::testing::idempotency::IdempotencyHarness;
 use cqrs_core::testing::projection_store::ProjectionStoreHarness;
-use cqrs_postgres::{PgDatabase, PgProjectionStore, PgUnitOfWork};
+use cqrs_postgres::{PgDatabase, PgProjectionStore};
 use std::sync::Arc;
 
 pub(crate) struct PgHarness {
@@ -41,16 +41,37 @@ async fn harness(id: String) -> Option<PgHarness> {
     Some(PgHarness { id, db, clock })
 }
 
-/// A command between its handler and its commit: its transaction is open (with a write of
-/// its own) and its events are appended in it. Positions are drawn when the events reach the
-/// table, under the append lock, in the statement just before `COMMIT`: this is the moment a
-/// late committer can be in, and the reader must not move past it.
-struct HeldUnit(PgUnitOfWork);
+/// A writer between its append and its commit: its transaction is open and its events are
+/// in the table, their positions drawn under the append lock, which it holds until it commits.
+/// This is the moment a late committer can be in, and the reader must not move past it.
+struct HeldTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The backend serving `tx`, to see who waits for it.
+    pid: i32,
+    /// Another connection, to ask `pg_blocking_pids` while `tx` is held.
+    pool: sqlx::PgPool,
+}
 
 #[async_trait]
-impl HeldAppend for HeldUnit {
+impl HeldAppend for HeldTx {
     async fn commit(self: Box<Self>) -> Result<(), StoreError> {
-        self.0.commit().await
+        self.tx.commit().await.map_err(|e| StoreError::Backend {
+            backend: "postgres",
+            source: e.into(),
+        })
+    }
+
+    async fn blocks_another_writer(&mut self) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid)))",
+        )
+        .bind(self.pid)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| StoreError::Backend {
+            backend: "postgres",
+            source: e.into(),
+        })
     }
 }
 
@@ -65,15 +86,31 @@ impl EventStoreHarness for PgHarness {
         stream_id: &str,
         events: Vec<EventRecord>,
     ) -> Option<Box<dyn HeldAppend>> {
-        let mut uow = PgUnitOfWork::new(self.db.clone());
-        let conn = uow.connection().await.expect("begin the held transaction");
-        // A write, so the transaction has a transaction id like a real command's.
-        sqlx::query("SELECT pg_current_xact_id()")
-            .execute(conn)
+        let mut tx = self
+            .db
+            .pool()
+            .begin()
             .await
-            .expect("take a transaction id");
-        uow.append(stream_id, ExpectedVersion::NO_STREAM, events);
-        Some(Box::new(HeldUnit(uow)))
+            .expect("begin the held transaction");
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .expect("the held backend's pid");
+        let appended = self
+            .db
+            .event_store()
+            .append_in(&mut tx, stream_id, ExpectedVersion::NO_STREAM, events)
+            .await
+            .expect("the held append");
+        assert!(
+            appended.iter().all(|r| r.position.is_some()),
+            "the held events are in the table, with positions: {appended:?}"
+        );
+        Some(Box::new(HeldTx {
+            tx,
+            pid,
+            pool: self.db.pool().clone(),
+        }))
     }
 }
 
