@@ -83,6 +83,19 @@ async fn a_replay_returns_the_same_response_without_a_second_effect() {
         // A failed request is not stored: fixing it under the same key works.
         let bad = post_with_key(&s, "/tickets", &token, "k-3", json!({ "title": "" })).await;
         bad.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        let fixed = post_with_key(&s, "/tickets", &token, "k-3", json!({ "title": "fixed" })).await;
+        assert_eq!(fixed.status, StatusCode::CREATED, "{fixed:?}");
+        assert_eq!(fixed.body["title"], "fixed");
+        assert_ne!(fixed.body["id"], first.body["id"], "a new ticket");
+        let mine = s.get("/tickets", &token).await;
+        let mut titles: Vec<&str> = mine.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["title"].as_str().unwrap())
+            .collect();
+        titles.sort();
+        assert_eq!(titles, ["fixed", "once"], "{mine:?}");
         let long_key = "k".repeat(256);
         post_with_key(&s, "/tickets", &token, &long_key, json!({ "title": "x" }))
             .await
