@@ -285,6 +285,8 @@ async fn stats(
 }
 
 fn bad_query(name: &str, problem: &str) -> ApiError {
+    // A client's name, echoed: cut short so a huge one does not come back in full.
+    let name: String = name.chars().take(64).collect();
     ApiError::bad_request("invalid_query", format!("{name}: {problem}"))
         .with_details(json!({ "parameter": name }))
 }
@@ -292,16 +294,24 @@ fn bad_query(name: &str, problem: &str) -> ApiError {
 async fn list(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
-    ApiQuery(params): ApiQuery<HashMap<String, String>>,
+    ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
     // A parameter the route does not know is refused, not ignored: a misspelled filter
-    // (`?stauts=closed`) would otherwise return every ticket.
+    // (`?stauts=closed`) would otherwise return every ticket. A repeated one too: which of
+    // `?status=open&status=closed` was meant?
     const KNOWN: [&str; 5] = ["limit", "status", "priority", "assignee_id", "cursor"];
-    if let Some(unknown) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(bad_query(
-            unknown,
-            "is not a parameter of this route (limit, status, priority, assignee_id, cursor)",
-        ));
+    let mut params: HashMap<String, String> = HashMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        if !KNOWN.contains(&name.as_str()) {
+            return Err(bad_query(
+                &name,
+                "is not a parameter of this route (limit, status, priority, assignee_id, cursor)",
+            ));
+        }
+        if params.contains_key(&name) {
+            return Err(bad_query(&name, "is given more than once"));
+        }
+        params.insert(name, value);
     }
     let param = |name: &str| {
         params

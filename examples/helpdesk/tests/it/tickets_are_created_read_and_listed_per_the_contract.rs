@@ -239,11 +239,27 @@ async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
             // A misspelled or unsupported filter is refused, not ignored.
             "stauts=closed",
             "reporter_id=00000000-0000-0000-0000-000000000000",
+            // Which one was meant?
+            "status=open&status=closed",
+            "limit=5&limit=5",
         ] {
             s.get(&format!("/tickets?{bad}"), &token)
                 .await
                 .assert_error(StatusCode::BAD_REQUEST, "invalid_query");
         }
+        let repeated = s.get("/tickets?status=open&status=closed", &token).await;
+        assert_eq!(repeated.body["error"]["details"]["parameter"], "status");
+        // A long unknown name is not echoed in full.
+        let long = "x".repeat(10_000);
+        let refused = s.get(&format!("/tickets?{long}=1"), &token).await;
+        refused.assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+        assert_eq!(
+            refused.body["error"]["details"]["parameter"]
+                .as_str()
+                .map(str::len),
+            Some(64)
+        );
+        assert!(refused.body["error"]["message"].as_str().unwrap().len() < 200);
         // A cursor from another server (another secret) is refused too.
         let other = TestServer::start_with(|c| {
             c.jwt_secret = Some("another-secret-that-is-32-bytes-long!!".into())
