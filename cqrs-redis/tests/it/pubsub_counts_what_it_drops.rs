@@ -25,8 +25,13 @@ fn every_message_of_a_burst_is_received_or_counted_as_missed() {
                     return;
                 }
                 let id = cqrs_core::testing::test_id("pubsub-burst");
+                // Each subscriber (and the client's own buffer) holds 8 messages.
                 let pubsub = options(&id).capacity(8).connect().await.unwrap();
                 let mut subscription = pubsub.subscribe("burst").await.unwrap();
+                // A second subscriber of the channel, read first: once it has the end of the
+                // burst, the fan-out has handed every message on, and `subscription`, not read
+                // meanwhile, holds its last 8 at most: it certainly missed some.
+                let mut probe = pubsub.subscribe("burst").await.unwrap();
                 let admin = connect_admin().await.unwrap();
                 let channel = format!("cqrs-test:{id}:burst");
                 let script =
@@ -44,6 +49,15 @@ fn every_message_of_a_burst_is_received_or_counted_as_missed() {
                     )
                     .await
                     .unwrap();
+                loop {
+                    let message = tokio::time::timeout(Duration::from_secs(10), probe.recv())
+                        .await
+                        .expect("the end of the burst reaches the probe")
+                        .expect("the probe is open");
+                    if &*message.payload == "end" {
+                        break;
+                    }
+                }
                 let mut received = 0;
                 loop {
                     let message =
@@ -60,6 +74,12 @@ fn every_message_of_a_burst_is_received_or_counted_as_missed() {
                     received + subscription.missed(),
                     BURST,
                     "received {received}, counted missed {}",
+                    subscription.missed()
+                );
+                assert!(
+                    subscription.missed() >= BURST - 8,
+                    "a subscriber 8 messages deep, not read during a burst of {BURST}, \
+                     received {received} and counted {} missed",
                     subscription.missed()
                 );
             }),
