@@ -4,7 +4,8 @@ use cqrs_realtime::{HubOptions, ServerFrame};
 use serde_json::json;
 
 /// `subscribed`, then the events published on the topic (with their position), `pong` for
-/// `ping`, and nothing more after `unsubscribed`.
+/// `ping`, and nothing more on the topic after `unsubscribed`, while another subscription
+/// on the same channel still receives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_receive_ping_unsubscribe() {
     with_timeout(TEST_LIMIT, async {
@@ -20,6 +21,8 @@ async fn subscribe_receive_ping_unsubscribe() {
         assert_eq!(event.event["event_id"], json!(stored.event_id));
 
         client.ping_pong().await;
+        // A second subscription on the same upstream channel (u1 reports t1), which stays.
+        client.subscribe("ticket:t1").await;
 
         client
             .send(json!({"type": "unsubscribe", "topic": "tickets"}))
@@ -30,17 +33,20 @@ async fn subscribe_receive_ping_unsubscribe() {
                 topic: "tickets".into()
             }
         );
-        // An event after `unsubscribed` is not delivered: the next frame is the pong.
+        // An event after `unsubscribed` is delivered on the subscription that stayed, and not
+        // on the one that went: the next frame is its event on `ticket:t1`, then the pong.
         t.publish("t1", "u1", 2).await;
+        let event = client.event().await;
+        assert_eq!((event.topic.as_str(), event.seq), ("ticket:t1", 2));
         client.ping_pong().await;
 
         let stats = t.hub.stats();
-        assert_eq!((stats.connections, stats.subscriptions), (1, 0));
+        assert_eq!((stats.connections, stats.subscriptions), (1, 1));
         // Counted once written, which may be just after the client read them.
         cqrs_core::testing::eventually(
             std::time::Duration::from_secs(10),
-            "5 frames counted as sent",
-            || async { (t.hub.stats().messages_sent >= 5).then_some(()) },
+            "7 frames counted as sent",
+            || async { (t.hub.stats().messages_sent >= 7).then_some(()) },
         )
         .await;
     })
