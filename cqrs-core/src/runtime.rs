@@ -165,6 +165,87 @@ pub trait Worker: Send + 'static {
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError>;
 }
 
+/// A job run at start and then every interval until shutdown: housekeeping such as
+/// [`IdempotencyStore::purge_expired`](crate::ports::IdempotencyStore::purge_expired).
+///
+/// A failed run is logged and reported as [`Health::Degraded`] (housekeeping that fails does
+/// not make a server unready); the next run tries again, and a run that succeeds reports
+/// [`Health::Healthy`]. Shutdown waits for a run in progress.
+///
+/// ```
+/// use cqrs_core::memory::InMemoryIdempotencyStore;
+/// use cqrs_core::ports::IdempotencyStore;
+/// use cqrs_core::runtime::{Periodic, Runtime};
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = Arc::new(InMemoryIdempotencyStore::new());
+/// let purge = Periodic::new("idempotency-purge", Duration::from_secs(3600), move || {
+///     let store = store.clone();
+///     async move { store.purge_expired().await.map(drop).map_err(Into::into) }
+/// });
+/// let runtime = Runtime::builder().worker(purge).start();
+/// runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+/// # });
+/// ```
+pub struct Periodic<F> {
+    name: String,
+    every: Duration,
+    job: F,
+}
+
+impl<F, Fut> Periodic<F>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
+{
+    /// `job`, run at start and then every `every` (at least 1 ms).
+    pub fn new(name: impl Into<String>, every: Duration, job: F) -> Self {
+        Self {
+            name: name.into(),
+            every: every.max(Duration::from_millis(1)),
+            job,
+        }
+    }
+}
+
+impl<F> fmt::Debug for Periodic<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Periodic")
+            .field("name", &self.name)
+            .field("every", &self.every)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl<F, Fut> Worker for Periodic<F>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        loop {
+            match (self.job)().await {
+                Ok(()) => ctx.health.set(Health::Healthy),
+                Err(error) => {
+                    tracing::warn!(worker = %self.name, %error, "periodic job failed; trying again at the next interval");
+                    ctx.health.set(Health::Degraded(error.to_string()));
+                }
+            }
+            tokio::select! {
+                () = ctx.shutdown.requested() => return Ok(()),
+                () = tokio::time::sleep(self.every) => {}
+            }
+        }
+    }
+}
+
 /// A backend whose health the runtime reports: the database, the broker.
 #[async_trait]
 pub trait HealthCheck: Send + Sync + 'static {

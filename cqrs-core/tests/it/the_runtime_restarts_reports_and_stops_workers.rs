@@ -1,7 +1,7 @@
 use crate::fixtures::*;
 use async_trait::async_trait;
 use cqrs_core::BoxError;
-use cqrs_core::runtime::{Health, HealthCheck, Runtime, Worker, WorkerContext};
+use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker, WorkerContext};
 use cqrs_core::testing::eventually;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -244,5 +244,55 @@ fn a_dropped_trigger_is_no_shutdown_request() {
         assert!(!shutdown.is_requested());
         let waited = tokio::time::timeout(Duration::from_millis(50), shutdown.requested()).await;
         assert!(waited.is_err(), "`requested` completed without a request");
+    });
+}
+
+/// The health `runtime` reports for `worker`, once it is `expected` (no time passes meanwhile).
+async fn health_becomes(runtime: &Runtime, worker: &str, expected: Health) {
+    for _ in 0..10_000 {
+        if runtime.health().await.components[worker].0 == expected {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!(
+        "{worker} is {:?}, not {expected:?}",
+        runtime.health().await.components[worker].0
+    );
+}
+
+/// A periodic job runs at start and then once per interval; a failed run degrades its health
+/// until a run succeeds; shutdown stops it.
+#[test]
+fn a_periodic_job_runs_every_interval_and_reports_failures() {
+    run_paused(|| async {
+        let (runs_tx, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let mut count = 0;
+        let job = move || {
+            count += 1;
+            let _ = runs_tx.send((count, tokio::time::Instant::now()));
+            let result: Result<(), BoxError> = if count == 2 {
+                Err("disk full".into())
+            } else {
+                Ok(())
+            };
+            async move { result }
+        };
+        let every = Duration::from_secs(3600);
+        let runtime = Runtime::builder()
+            .worker(Periodic::new("purge", every, job))
+            .start();
+        let (first, at_start) = runs.recv().await.unwrap();
+        assert_eq!(first, 1, "a run at start");
+        health_becomes(&runtime, "purge", Health::Healthy).await;
+        let (second, at) = runs.recv().await.unwrap();
+        assert_eq!(second, 2);
+        assert!(at - at_start >= every, "one interval later");
+        health_becomes(&runtime, "purge", Health::Degraded("disk full".into())).await;
+        let (third, _) = runs.recv().await.unwrap();
+        assert_eq!(third, 3, "tried again at the next interval");
+        health_becomes(&runtime, "purge", Health::Healthy).await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(runs.recv().await, None, "no run after shutdown");
     });
 }

@@ -12,7 +12,7 @@ use cqrs_core::memory::{
 use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
 use cqrs_core::ports::{EventTransport, PubSub};
 use cqrs_core::relay::StoreRelay;
-use cqrs_core::runtime::{Health, HealthCheck, Runtime};
+use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
@@ -196,6 +196,23 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
         runtime = runtime.worker(BoxedWorker(worker));
     }
+    // Saved idempotent responses expire after a day but stay stored until purged: without
+    // this, every `Idempotency-Key` ever sent would be kept (a full ticket each).
+    let idempotency = backends.idempotency.clone();
+    runtime = runtime.worker(Periodic::new(
+        "idempotency-purge",
+        Duration::from_millis(config.purge_interval_ms),
+        move || {
+            let idempotency = idempotency.clone();
+            async move {
+                let purged = idempotency.purge_expired().await?;
+                if purged > 0 {
+                    tracing::info!(purged, "deleted expired idempotency records");
+                }
+                Ok(())
+            }
+        },
+    ));
 
     // Realtime: the feed a plugin offers, pushed by a hub that reads the durable log for resume.
     let mut feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();

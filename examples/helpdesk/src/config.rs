@@ -94,6 +94,10 @@ pub struct Config {
     /// How often background consumers poll, in milliseconds.
     #[arg(long, env = "HELPDESK_POLL_MS", default_value_t = 100)]
     pub poll_ms: u64,
+
+    /// How often expired idempotency records (kept 24 hours) are deleted, in milliseconds.
+    #[arg(long, env = "HELPDESK_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
+    pub purge_interval_ms: u64,
 }
 
 fn valid_name(name: &str, max: usize) -> bool {
