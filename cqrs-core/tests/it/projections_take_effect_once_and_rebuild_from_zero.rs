@@ -3,10 +3,14 @@ use async_trait::async_trait;
 use cqrs_core::memory::{
     InMemoryEventStore, InMemoryProjectionStore, InMemoryTransport, InMemoryUnit,
 };
-use cqrs_core::ports::{ConsumerOptions, EventStore, EventTransport, ProjectionStore, StoreError};
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, Delivery, DeliveryId, EventStore, EventTransport, ProjectionStore,
+    StoreError, TransportCapabilities, TransportError,
+};
 use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner};
 use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata};
 use cqrs_core::{Position, UnknownEventPolicy};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -398,14 +402,129 @@ async fn run_until_drained<S: ProjectionStore<Unit = InMemoryUnit>>(
     }
 }
 
-/// Runs `runner` `times` times, each after the redelivery delay, ignoring its errors.
-async fn run_repeatedly<S: ProjectionStore<Unit = InMemoryUnit>>(
+/// A transport that counts how often each event was handed out, so a test can tell that an
+/// event came back more often than `max_deliveries`.
+struct Counted {
+    inner: Arc<InMemoryTransport>,
+    handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
+}
+
+impl Counted {
+    fn new(inner: &Arc<InMemoryTransport>) -> Arc<Self> {
+        Arc::new(Self {
+            inner: inner.clone(),
+            handed_out: Arc::default(),
+        })
+    }
+
+    /// How often each of `events` was handed out: the least of their counts.
+    fn handed_out(&self, events: &[Uuid]) -> usize {
+        let counts = self.handed_out.lock().unwrap();
+        events
+            .iter()
+            .map(|id| counts.get(id).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl EventTransport for Counted {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        self.inner.publish(topic, events).await
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        Ok(Box::new(CountedConsumer {
+            inner: self.inner.consumer(topic, group, options).await?,
+            handed_out: self.handed_out.clone(),
+        }))
+    }
+}
+
+struct CountedConsumer {
+    inner: Box<dyn Consumer>,
+    handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
+}
+
+#[async_trait]
+impl Consumer for CountedConsumer {
+    async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        let batch = self.inner.fetch(max).await?;
+        let mut counts = self.handed_out.lock().unwrap();
+        for delivery in &batch {
+            *counts.entry(delivery.record.event_id).or_default() += 1;
+        }
+        Ok(batch)
+    }
+
+    async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        self.inner.ack(ids).await
+    }
+
+    async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
+        self.inner.nack(id).await
+    }
+
+    async fn nack_with_reason(
+        &mut self,
+        id: &DeliveryId,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        self.inner.nack_with_reason(id, reason).await
+    }
+
+    async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        self.inner.defer(ids).await
+    }
+
+    async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        self.inner.keep_alive(ids).await
+    }
+
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        self.inner.keep_alive_interval()
+    }
+
+    async fn close(&mut self) -> Result<(), TransportError> {
+        self.inner.close().await
+    }
+}
+
+/// Runs `runner`, ignoring its errors, until each of `events` has been handed out `more`
+/// more times (within 10 s), and returns how often each of them was handed out by then.
+async fn run_until_handed_out<S: ProjectionStore<Unit = InMemoryUnit>>(
     runner: &mut ProjectionRunner<S, Sum>,
-    times: usize,
-) {
-    for _ in 0..times {
+    counted: &Counted,
+    events: &[Uuid],
+    more: usize,
+) -> usize {
+    let target = counted.handed_out(events) + more;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
         let _ = runner.run_once().await;
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        let handed_out = counted.handed_out(events);
+        if handed_out >= target {
+            return handed_out;
+        }
+        let dead = counted.inner.dead_letters("sums", "sum");
+        assert!(
+            dead.is_empty(),
+            "dead-lettered after {handed_out} deliveries: {dead:?}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "within 10 s, the events were handed out {handed_out} times, not {target}"
+        );
     }
 }
 
@@ -416,19 +535,31 @@ async fn run_repeatedly<S: ProjectionStore<Unit = InMemoryUnit>>(
 fn a_store_or_read_model_outage_dead_letters_nothing() {
     run(async {
         let transport = Arc::new(InMemoryTransport::new());
+        let counted = Counted::new(&transport);
         let store = Arc::new(Flaky::default());
         let sum = Arc::new(Sum::default());
-        transport
-            .publish("sums", &[record(1), record(2)])
-            .await
-            .unwrap();
-        let mut runner = sums_runner(store.clone(), &sum, &transport, three_attempts());
+        let events = [record(1), record(2)];
+        let ids = [events[0].event_id, events[1].event_id];
+        transport.publish("sums", &events).await.unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            store.clone(),
+            sum.clone(),
+            counted.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
 
+        // Each outage lasts past the 3 deliveries an event may use up.
         store.down.store(true, Ordering::SeqCst);
-        run_repeatedly(&mut runner, 6).await;
+        let during_the_store_outage = run_until_handed_out(&mut runner, &counted, &ids, 4).await;
+        assert!(during_the_store_outage > 3);
         store.down.store(false, Ordering::SeqCst);
         sum.unavailable.store(true, Ordering::SeqCst);
-        run_repeatedly(&mut runner, 6).await;
+        let after_the_read_model_outage =
+            run_until_handed_out(&mut runner, &counted, &ids, 4).await;
+        assert!(after_the_read_model_outage - during_the_store_outage > 3);
         sum.unavailable.store(false, Ordering::SeqCst);
         assert!(
             transport.dead_letters("sums", "sum").is_empty(),
@@ -465,8 +596,10 @@ fn an_event_of_a_newer_schema_version_waits_for_a_build_that_knows_it() {
 fn waits_for_a_newer_build(event: EventRecord, policy: UnknownEventPolicy) {
     run(async {
         let transport = Arc::new(InMemoryTransport::new());
+        let counted = Counted::new(&transport);
         let store = Arc::new(InMemoryProjectionStore::new());
         let sum = Arc::new(Sum::default());
+        let id = event.event_id;
         transport.publish("sums", &[event]).await.unwrap();
         let mut types = EventTypes::new();
         types.register::<Added>();
@@ -474,13 +607,15 @@ fn waits_for_a_newer_build(event: EventRecord, policy: UnknownEventPolicy) {
         let mut runner = ProjectionRunner::from_transport(
             store.clone(),
             sum.clone(),
-            transport.clone(),
+            counted.clone(),
             "sums",
             "sum",
             three_attempts(),
             Arc::new(types),
         );
-        run_repeatedly(&mut runner, 8).await;
+        // Past the 3 deliveries it may use up.
+        let handed_out = run_until_handed_out(&mut runner, &counted, &[id], 5).await;
+        assert!(handed_out > 3, "handed out {handed_out} times");
         let err = runner.run_once().await;
         assert!(
             transport.dead_letters("sums", "sum").is_empty(),
