@@ -2,7 +2,7 @@
 //!
 //! Run it with [`pubsub_conformance!`](crate::pubsub_conformance).
 
-use super::{Harness, with_timeout};
+use super::{Harness, eventually, with_timeout};
 use crate::ports::{PubSub, Subscription};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,15 @@ pub trait PubSubHarness: Harness {
     /// How many upstream subscriptions this process holds for `channel`, when the adapter can
     /// tell (the one-subscription-per-channel scenario is skipped otherwise).
     fn upstream_subscriptions(&self, channel: &str) -> Option<usize> {
+        let _ = channel;
+        None
+    }
+
+    /// Whether this process still holds an upstream (broker) subscription to `channel`, when
+    /// the adapter has one and can tell: the dropped-subscription scenario then checks that
+    /// dropping the last local subscriber ends it. `None` (the default, and for in-process
+    /// adapters) leaves that check out.
+    fn listens_upstream(&self, channel: &str) -> Option<bool> {
         let _ = channel;
         None
     }
@@ -85,6 +94,16 @@ pub async fn every_subscriber_of_a_channel_gets_each_message_and_no_other<H: Pub
         "marker",
         "the other channel's subscriber got only its own message"
     );
+    // "marker" has been delivered; a message published on `news` after it is the next thing
+    // `news`'s subscribers get: they did not get "marker".
+    ps.publish(&news, "after".into()).await.unwrap();
+    for sub in [&mut a, &mut b] {
+        assert_eq!(
+            next(sub).await,
+            "after",
+            "a subscriber of {news} got only its channel's messages"
+        );
+    }
     assert_eq!(a.channel(), news);
 }
 
@@ -101,13 +120,41 @@ pub async fn messages_arrive_in_publish_order<H: PubSubHarness>(h: &H) {
     }
 }
 
-/// After a subscription is dropped, a new subscription to the channel works.
+/// After the last subscription of a channel is dropped, the adapter stops listening to it
+/// upstream (where it can tell), and a new subscription to the channel works, listening again.
 pub async fn a_dropped_subscription_stops_and_a_new_one_works<H: PubSubHarness>(h: &H) {
     let ps = h.pubsub();
     let channel = format!("{}-again", h.test_id());
-    let sub = ps.subscribe(&channel).await.unwrap();
+    let mut sub = ps.subscribe(&channel).await.unwrap();
+    ps.publish(&channel, "first life".into()).await.unwrap();
+    assert_eq!(next(&mut sub).await, "first life");
+    let tells = h.listens_upstream(&channel).is_some();
+    if tells {
+        assert_eq!(
+            h.listens_upstream(&channel),
+            Some(true),
+            "subscribed upstream"
+        );
+    } else {
+        eprintln!("the harness cannot tell upstream subscriptions: not checking they stop");
+    }
     drop(sub);
+    if tells {
+        eventually(
+            Duration::from_secs(10),
+            "the upstream subscription ends with the last local subscriber",
+            || async { (h.listens_upstream(&channel) == Some(false)).then_some(()) },
+        )
+        .await;
+    }
     let mut again = ps.subscribe(&channel).await.unwrap();
+    if tells {
+        assert_eq!(
+            h.listens_upstream(&channel),
+            Some(true),
+            "subscribed upstream again"
+        );
+    }
     ps.publish(&channel, "second life".into()).await.unwrap();
     assert_eq!(next(&mut again).await, "second life");
 }

@@ -33,6 +33,10 @@ impl PubSubHarness for RedisPubSubHarness {
     fn upstream_subscriptions(&self, channel: &str) -> Option<usize> {
         Some(self.first.upstream_subscriptions(channel))
     }
+
+    fn listens_upstream(&self, channel: &str) -> Option<bool> {
+        Some(self.first.upstream_subscriptions(channel) > 0)
+    }
 }
 
 /// Pub/sub options isolated under the channel prefix `cqrs-test:{id}`.
