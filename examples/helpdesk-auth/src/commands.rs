@@ -116,31 +116,80 @@ fn internal(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::internal(e.to_string())
 }
 
-/// Hashes on a blocking thread: argon2 takes tens of milliseconds on purpose.
-async fn hash_password(password: String) -> Result<String, HandlerError> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default()
-            .hash_password(password.as_bytes())
-            .map(|h| h.to_string())
-            .map_err(internal)
-    })
-    .await
-    .map_err(internal)?
+/// Password hashing and checking, on blocking threads (argon2 takes tens of milliseconds and
+/// ~19 MiB on purpose), at most `permits` at a time. Login and registration need no token, so
+/// without a bound a burst of them would queue hundreds of hashes (gigabytes) on the blocking
+/// pool, and a request's timeout does not stop a hash already running. Past the bound, a
+/// request waits up to `wait` for a turn, then gets 503 `busy` with `Retry-After`.
+#[derive(Clone, Debug)]
+pub(crate) struct Hashing {
+    permits: Arc<tokio::sync::Semaphore>,
+    wait: std::time::Duration,
 }
 
-async fn verify_password(password: String, hash: String) -> Result<bool, HandlerError> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default()
-            .verify_password(password.as_bytes(), hash.as_str())
-            .is_ok()
-    })
-    .await
-    .map_err(internal)
+impl Hashing {
+    pub(crate) fn new(permits: usize, wait: std::time::Duration) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(permits.max(1))),
+            wait,
+        }
+    }
+
+    /// Two hashes per core, waiting up to 2 s for a turn.
+    pub(crate) fn for_this_machine() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::new(2 * cores, std::time::Duration::from_secs(2))
+    }
+
+    /// Runs `work` on a blocking thread once a permit is free. The permit goes with the work,
+    /// so a request dropped meanwhile (a timeout) keeps counting until its hash is done.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HandlerError> {
+        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                HandlerError::new(
+                    ErrorKind::Unavailable,
+                    "busy",
+                    "the server is checking too many passwords at once; try again in a moment",
+                )
+            })?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(internal)
+    }
+
+    async fn hash_password(&self, password: String) -> Result<String, HandlerError> {
+        self.run(move || {
+            Argon2::default()
+                .hash_password(password.as_bytes())
+                .map(|h| h.to_string())
+                .map_err(internal)
+        })
+        .await?
+    }
+
+    async fn verify_password(&self, password: String, hash: String) -> Result<bool, HandlerError> {
+        self.run(move || {
+            Argon2::default()
+                .verify_password(password.as_bytes(), hash.as_str())
+                .is_ok()
+        })
+        .await
+    }
 }
 
 /// Handles [`RegisterUser`].
 pub(crate) struct RegisterHandler {
     pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) hashing: Hashing,
     pub(crate) agents: Arc<HashSet<String>>,
     pub(crate) clock: Arc<dyn Clock>,
 }
@@ -190,7 +239,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             email,
             role,
             display_name,
-            password_hash: hash_password(cmd.password).await?,
+            password_hash: self.hashing.hash_password(cmd.password).await?,
             created_at: self.clock.now(),
         };
         match self.users.create(user.clone()).await {
@@ -208,6 +257,7 @@ fn email_taken() -> HandlerError {
 /// Handles [`LogIn`].
 pub(crate) struct LogInHandler {
     pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) hashing: Hashing,
     pub(crate) throttle: Arc<dyn LoginThrottle>,
     pub(crate) tokens: JwtTokens,
     /// Verified against when the email is unknown, so both failures take as long.
@@ -247,7 +297,7 @@ impl CommandHandler<LogIn> for LogInHandler {
         let hash = user
             .as_ref()
             .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
-        let ok = verify_password(cmd.password, hash).await? && user.is_some();
+        let ok = self.hashing.verify_password(cmd.password, hash).await? && user.is_some();
         // A failure stays counted.
         let Some(user) = user.filter(|_| ok) else {
             return Err(invalid_credentials());
@@ -288,4 +338,48 @@ pub(crate) fn dummy_hash() -> Result<String, HandlerError> {
         .hash_password(Uuid::new_v4().to_string().as_bytes())
         .map(|h| h.to_string())
         .map_err(internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hashing;
+    use cqrs_core::ErrorKind;
+    use std::time::Duration;
+
+    /// With every permit taken, a request waits its turn up to the bound, then is told the
+    /// server is busy (retryable); once a permit is free, checks run again.
+    // Real time: paused time does not advance while a blocking task runs.
+    #[tokio::test]
+    async fn past_the_bound_a_request_waits_then_hears_the_server_is_busy() {
+        let wait = Duration::from_millis(100);
+        let hashing = Hashing::new(1, wait);
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = hashing.clone();
+        let running = tokio::spawn(async move {
+            busy.run(move || {
+                let _ = hold.recv();
+            })
+            .await
+        });
+        while hashing.permits.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let refused = hashing
+            .verify_password("pw".into(), "not a hash".into())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert_eq!(refused.code(), "busy");
+        assert!(refused.kind().is_retryable());
+        assert!(started.elapsed() >= wait, "waited its turn first");
+
+        release.send(()).unwrap();
+        running.await.unwrap().unwrap();
+        let checked = hashing
+            .verify_password("pw".into(), "not a hash".into())
+            .await
+            .unwrap();
+        assert!(!checked, "a free permit lets the check run");
+    }
 }

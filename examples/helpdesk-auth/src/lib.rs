@@ -78,14 +78,17 @@ impl Plugin for AuthPlugin {
             backends.clock.clone(),
         )?;
         let dummy_hash = Arc::new(commands::dummy_hash()?);
+        let hashing = commands::Hashing::for_this_machine();
 
         registrar.commands().add(commands::RegisterHandler {
             users: users.clone(),
+            hashing: hashing.clone(),
             agents: settings.agent_emails.clone(),
             clock: backends.clock.clone(),
         });
         registrar.commands().add(commands::LogInHandler {
             users: users.clone(),
+            hashing,
             throttle,
             tokens: tokens.clone(),
             dummy_hash,
