@@ -193,16 +193,24 @@ impl RedisStreamTransport {
                 )));
             }
         }
-        let reader = match connection::client(&self.shared.options.connection).await {
-            Ok(reader) => reader,
-            Err(e) => {
-                self.forget_name(&keys.stream, group, &options.consumer_name);
-                return Err(match e {
-                    ConnectError::Redis(e) => e,
-                    other => backend(other.to_string()),
-                });
-            }
+        // Until the consumer owns the name, this frees it: on a failed connect, and when this
+        // future is dropped while connecting (a caller's timeout), which would otherwise leave
+        // the name taken for the life of the process.
+        let mut claim = NameClaim {
+            armed: true,
+            shared: &self.shared,
+            stream: &keys.stream,
+            group,
+            name: &options.consumer_name,
         };
+        let reader = connection::client(&self.shared.options.connection)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Redis(e) => e,
+                other => backend(other.to_string()),
+            })?;
+        claim.armed = false;
+        drop(claim);
         Ok(RedisConsumer::new(
             self.shared.clone(),
             reader,
@@ -211,10 +219,6 @@ impl RedisStreamTransport {
             group,
             options,
         ))
-    }
-
-    pub(crate) fn forget_name(&self, stream: &str, group: &str, name: &str) {
-        forget_name(&self.shared, stream, group, name);
     }
 
     /// The server-side ids (`CLIENT ID`) of this transport's shared connection. Operators use
@@ -242,6 +246,23 @@ impl RedisStreamTransport {
             Value::from(record),
         ]);
         Ok(())
+    }
+}
+
+/// A consumer name taken and not yet handed to its consumer; frees it when dropped.
+struct NameClaim<'a> {
+    armed: bool,
+    shared: &'a Shared,
+    stream: &'a str,
+    group: &'a str,
+    name: &'a str,
+}
+
+impl Drop for NameClaim<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            forget_name(self.shared, self.stream, self.group, self.name);
+        }
     }
 }
 
