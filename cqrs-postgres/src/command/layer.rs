@@ -229,7 +229,14 @@ where
             match hand_back {
                 // The executor commits, after it has staged the idempotency response.
                 Some(hand_back) => hand_back.put(uow),
-                None => uow.commit().await.map_err(store_failure)?,
+                // In a task of its own: the handler succeeded, so the commit finishes even if
+                // the caller stops waiting (a timeout, a client gone). Dropped half-way, the
+                // outcome would depend on whether COMMIT had reached the server; now a
+                // command whose handler succeeded commits, and its events ship.
+                None => tokio::spawn(uow.commit())
+                    .await
+                    .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?
+                    .map_err(store_failure)?,
             }
             Ok(reply)
         })

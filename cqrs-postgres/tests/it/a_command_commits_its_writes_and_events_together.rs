@@ -250,3 +250,98 @@ async fn open_after_callers_write(
     .await
     .map(|_| ())
 }
+
+/// Runs a statement in the command's transaction and records one event.
+#[derive(Debug)]
+struct Open {
+    id: String,
+}
+
+impl Message for Open {
+    const NAME: &'static str = "test.open";
+}
+
+impl Command for Open {
+    type Output = ();
+}
+
+struct OpenHandler;
+
+#[async_trait]
+impl CommandHandler<Open> for OpenHandler {
+    async fn handle(&self, cmd: Open, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        // The transaction begins here (a command that writes nothing else would append in
+        // one autocommitted statement).
+        let uow = PgUnitOfWork::from_context(ctx)?;
+        sqlx::query("SELECT 1")
+            .execute(uow.connection().await?)
+            .await
+            .map_err(HandlerError::internal)?;
+        ctx.record(TicketOpened {
+            id: cmd.id,
+            title: "opened".into(),
+        });
+        Ok(())
+    }
+}
+
+pg_test! {
+    /// Once its handler succeeded, a command commits even if its caller stops waiting during
+    /// the commit (a timeout, a client gone): its outcome does not depend on whether COMMIT
+    /// had reached the server when the caller gave up.
+    async fn a_command_whose_caller_stops_waiting_during_its_commit_still_commits(db: PgDatabase) {
+        let store = db.event_store();
+        // Another writer holds the append lock, so the command's commit waits for it.
+        let mut held = db.pool().begin().await.unwrap();
+        store
+            .append_in(&mut held, "other", ExpectedVersion::NO_STREAM, vec![crate::support::record(1)])
+            .await
+            .unwrap();
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(OpenHandler)
+            .build()
+            .unwrap();
+        let dispatch = tokio::spawn(async move { bus.dispatch(Open { id: "t9".into() }).await });
+
+        // Until the command's commit waits on the lock.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the commit never waited on the lock");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // The caller gives up.
+        dispatch.abort();
+        let _ = dispatch.await;
+        held.commit().await.unwrap();
+
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let streams: Vec<String> = store
+                .read_all(cqrs_core::Position::START, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|r| r.stream_id)
+                .collect();
+            if streams.len() == 2 {
+                assert_eq!(streams[0], "other");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the command's event was never committed: {streams:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}

@@ -137,7 +137,7 @@ impl From<DispatchError> for ApiError {
             DispatchError::Timeout { .. } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
-                "the request ran past its time budget",
+                "the request ran past its time budget; a change may have been applied: retry with the same Idempotency-Key to be safe",
             )
             .with_retry_after(1),
             other => match other.handler_error() {

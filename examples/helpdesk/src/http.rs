@@ -191,9 +191,10 @@ async fn json_errors(request: Request, next: Next) -> Response {
             "payload_too_large",
             "the body is larger than the 64 KiB limit",
         ),
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
-            ("timeout", "the request ran past its time budget")
-        }
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => (
+            "timeout",
+            "the request ran past its time budget; a change may have been applied: retry with the same Idempotency-Key to be safe",
+        ),
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => {
             ("method_not_allowed", "this route does not take that method")
