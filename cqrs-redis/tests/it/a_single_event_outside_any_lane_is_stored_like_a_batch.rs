@@ -26,27 +26,9 @@ async fn a_single_event_outside_any_lane_is_stored_like_a_batch() {
                 .await
                 .unwrap();
 
-            let entries = env
-                .command(
-                    "XRANGE",
-                    vec![stream.as_str().into(), "-".into(), "+".into()],
-                )
-                .await
-                .into_array();
+            let entries = stored_fields(&env, &stream).await;
             assert_eq!(entries.len(), 3);
-            let names: Vec<Vec<String>> = entries
-                .into_iter()
-                .map(|entry| {
-                    let mut parts = entry.into_array().into_iter();
-                    let _id = parts.next();
-                    let fields = parts.next().unwrap_or(Value::Null).into_array();
-                    fields
-                        .into_iter()
-                        .step_by(2)
-                        .filter_map(|name| name.into_string())
-                        .collect()
-                })
-                .collect();
+            let names: Vec<Vec<String>> = entries.iter().map(|f| names_of(f)).collect();
             assert_eq!(names[0], ["id", "type", "v", "record"]);
             assert_eq!(names[0], names[1], "a single event's fields are a batch's");
 
@@ -90,29 +72,33 @@ async fn a_batch_without_lanes_stores_each_event_as_it_is_keyed() {
                 .publish(&topic, &[event(Some("a"), 1), event(None, 2)])
                 .await
                 .unwrap();
-            let entries = env
-                .command(
-                    "XRANGE",
-                    vec![stream.as_str().into(), "-".into(), "+".into()],
-                )
-                .await
-                .into_array();
-            let fields: Vec<Vec<String>> = entries
-                .into_iter()
-                .map(|entry| {
-                    let mut parts = entry.into_array().into_iter();
-                    let _id = parts.next();
-                    let flat = parts.next().unwrap_or(Value::Null).into_array();
-                    flat.into_iter().filter_map(Value::into_string).collect()
-                })
-                .collect();
+            let fields = stored_fields(&env, &stream).await;
             assert_eq!(fields.len(), 2);
-            let names = |f: &[String]| f.iter().step_by(2).cloned().collect::<Vec<_>>();
-            assert_eq!(names(&fields[0]), ["id", "type", "v", "key", "record"]);
+            assert_eq!(names_of(&fields[0]), ["id", "type", "v", "key", "record"]);
             assert_eq!(fields[0][7], "a", "the key's value");
-            assert_eq!(names(&fields[1]), ["id", "type", "v", "record"]);
+            assert_eq!(names_of(&fields[1]), ["id", "type", "v", "record"]);
         }),
     )
     .await;
     env.cleanup().await;
+}
+
+/// Each entry of `stream`, in order, as its flat list of field names and values.
+async fn stored_fields(env: &Env, stream: &str) -> Vec<Vec<String>> {
+    env.command("XRANGE", vec![stream.into(), "-".into(), "+".into()])
+        .await
+        .into_array()
+        .into_iter()
+        .map(|entry| {
+            let mut parts = entry.into_array().into_iter();
+            let _id = parts.next();
+            let flat = parts.next().unwrap_or(Value::Null).into_array();
+            flat.into_iter().filter_map(Value::into_string).collect()
+        })
+        .collect()
+}
+
+/// The field names of a flat field list.
+fn names_of(fields: &[String]) -> Vec<String> {
+    fields.iter().step_by(2).cloned().collect()
 }
