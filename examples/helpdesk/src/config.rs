@@ -95,6 +95,12 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_POLL_MS", default_value_t = 100)]
     pub poll_ms: u64,
 
+    /// How long a client may take to send a request's line and headers, in milliseconds. A
+    /// connection that takes longer (a slowloris trickling a byte a minute, or a keep-alive
+    /// connection left idle) is closed, so such clients cannot hold sockets without end.
+    #[arg(long, env = "HELPDESK_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
+    pub header_timeout_ms: u64,
+
     /// How often expired idempotency records (kept 24 hours) are deleted, in milliseconds.
     #[arg(long, env = "HELPDESK_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
@@ -190,5 +196,10 @@ impl Config {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// The time a client has to send a request's line and headers (at least 1 ms).
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms.max(1))
     }
 }

@@ -1,11 +1,17 @@
 //! Serving: bind, serve with graceful shutdown, stop the workers.
 
 use crate::{Config, Hooks, build};
-use axum::serve::ListenerExt;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 
 /// A running server.
 #[derive(Debug)]
@@ -28,37 +34,23 @@ impl Server {
                 )
             })?;
         let addr = listener.local_addr()?;
-        // Small frames (WebSocket events, JSON answers) go out at once instead of waiting for
-        // Nagle's algorithm.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let (stop, stopped) = watch::channel(false);
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
         let closing = app.hub.clone();
         let grace = config.shutdown_grace();
+        let header_timeout = config.header_timeout();
+        let router = app.router;
         let task = tokio::spawn(async move {
             let mut stop_seen = stopped.clone();
-            let mut stopped = stopped;
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-                // WebSockets are not in-flight requests: close them now, with 1001.
-                hub.shutdown();
-            };
-            let mut serve = tokio::spawn(
-                axum::serve(
-                    listener,
-                    app.router
-                        .into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(shutdown)
-                .into_future(),
-            );
+            let connections = serve(listener, router, stopped, header_timeout);
+            let mut serve = tokio::spawn(connections);
             tokio::select! {
                 // Serving ended on its own: an error.
                 served = &mut serve => served??,
                 _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
+                    // WebSockets are not in-flight requests: close them now, with 1001.
+                    hub.shutdown();
                     // In-flight requests get the grace period, then are cut off.
                     match tokio::time::timeout(grace, &mut serve).await {
                         Ok(served) => served??,
@@ -103,6 +95,67 @@ impl Server {
             let _ = stop.send(true);
         }
     }
+}
+
+/// Accepts connections until `stopped`, serving each with HTTP/1.1 (upgrades included, for
+/// WebSockets) and a header-read timeout; then asks every open connection to finish its
+/// in-flight request and close, and returns once they all have.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+    header_timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a moment rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small frames (WebSocket events, JSON answers) go out at once instead of waiting
+        // for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        // The client's address, for the login throttle, as `into_make_service_with_connect_info`
+        // would give it.
+        let service = router
+            .clone()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(remote));
+                request
+            });
+        let mut stop = stopped.clone();
+        connections.spawn(async move {
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let connection = http
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%error, %remote, "connection ended with an error");
+            }
+        });
+        // Reap finished connections as we go, so the set holds only open ones.
+        while connections.try_join_next().is_some() {}
+    }
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, grace: std::time::Duration) {

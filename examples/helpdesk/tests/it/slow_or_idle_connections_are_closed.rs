@@ -1,0 +1,53 @@
+//! A client that does not finish its request headers in time (a slowloris trickling bytes, or
+//! a keep-alive connection left idle) is disconnected, while a prompt one is served.
+
+use crate::support::*;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads until the server closes the connection; what it sent before. Fails after `limit`.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> String {
+    let mut received = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut received))
+        .await
+        .expect("the server closes the connection")
+        .ok();
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_idle_connections_are_closed() {
+    within(async {
+        let s = TestServer::start_with(|c| c.header_timeout_ms = 300).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+
+        // Half a request line, then nothing.
+        let mut slow = TcpStream::connect(&addr).await.unwrap();
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let sent = closed_within(&mut slow, Duration::from_secs(10)).await;
+        assert!(
+            !sent.contains("200 OK"),
+            "no answer to an unfinished request: {sent}"
+        );
+
+        // A served request, then an idle keep-alive connection.
+        let mut idle = TcpStream::connect(&addr).await.unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let sent = closed_within(&mut idle, Duration::from_secs(10)).await;
+        assert!(
+            sent.starts_with("HTTP/1.1 200 OK"),
+            "the prompt request is served: {sent}"
+        );
+
+        // The server still serves.
+        let health = s.send(reqwest::Method::GET, "/health", None, None).await;
+        assert_eq!(health.status, reqwest::StatusCode::OK);
+        s.stop().await;
+    })
+    .await;
+}
