@@ -457,7 +457,10 @@ impl PgOutboxRelay {
     /// Waits for a notification, the poll interval, or shutdown.
     async fn idle(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
         if listener.is_none() {
-            *listener = self.listener().await;
+            tokio::select! {
+                () = ctx.shutdown.requested() => return,
+                connected = self.listener() => *listener = connected,
+            }
         }
         match listener {
             Some(l) => {
@@ -493,8 +496,16 @@ impl Worker for PgOutboxRelay {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
-        self.ensure_checkpoint().await?;
-        let mut listener = self.listener().await;
+        // Both need a connection, which a busy pool or a slow server may not give for a
+        // while: shutdown must not wait for it.
+        let started = async {
+            self.ensure_checkpoint().await?;
+            Ok::<_, BoxError>(self.listener().await)
+        };
+        let mut listener = tokio::select! {
+            () = ctx.shutdown.requested() => return Ok(()),
+            started = started => started?,
+        };
         let mut failures = 0u32;
         let mut backoff = self.min_backoff;
         // `None` once the interval is too long for the clock (`Duration::MAX`): never again.

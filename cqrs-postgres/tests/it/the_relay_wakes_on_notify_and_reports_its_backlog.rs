@@ -46,3 +46,28 @@ pg_test! {
         running.await.unwrap().expect("a clean stop");
     }
 }
+
+pg_test! {
+    /// A relay still waiting for a connection (its pool exhausted, a server slow to accept)
+    /// stops as soon as shutdown is requested, not when the connection finally comes.
+    async fn a_relay_waiting_for_a_connection_stops_at_shutdown(db: PgDatabase) {
+        let small = crate::support::options(db.schema())
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect()
+            .await
+            .unwrap();
+        let held = small.pool().acquire().await.unwrap();
+        let mut worker = PgOutboxRelay::new(small.clone(), Arc::new(InMemoryTransport::new()));
+        let (trigger, shutdown) = Shutdown::new();
+        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let running = tokio::spawn(async move { worker.run(ctx).await });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        trigger.trigger();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), running).await;
+        assert!(stopped.is_ok(), "the relay waited for its connection instead of stopping");
+        drop(held);
+    }
+}
