@@ -29,6 +29,19 @@ fn is_json(parts: &axum::http::HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether reading the body failed because the client stopped sending it (the gateway's body
+/// timeout): the client's doing, so a 408, not a retryable 503.
+fn stalled(error: &BytesRejection) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = next {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
@@ -50,6 +63,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     "the body is larger than the 64 KiB limit",
                 )
             }
+            other if stalled(&other) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the body stopped arriving before it was complete: send it whole",
+            ),
             other => ApiError::bad_request(
                 "unreadable_body",
                 format!("the body could not be read: {}", other.body_text()),

@@ -17,6 +17,7 @@ use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -91,6 +92,9 @@ pub(crate) fn router(state: State) -> Router {
                     StatusCode::SERVICE_UNAVAILABLE,
                     state.request_timeout,
                 ))
+                // A body that stops arriving for half the budget is answered 408 by the JSON
+                // extractor, before the budget's 503 (which tells clients to retry).
+                .layer(RequestBodyTimeoutLayer::new(state.request_timeout / 2))
                 .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
                 .layer(Extension(state.authenticator.clone()))

@@ -51,3 +51,31 @@ async fn slow_or_idle_connections_are_closed() {
     })
     .await;
 }
+
+/// A body that stops arriving part-way is the client's doing: 408 `request_timeout`, not the
+/// budget's 503 that tells clients to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_gets_408() {
+    within(async {
+        let s = TestServer::start_with(|c| c.request_timeout_ms = 2_000).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        let mut stalled = TcpStream::connect(&addr).await.unwrap();
+        stalled
+            .write_all(
+                b"POST /auth/register HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+                  content-length: 100\r\n\r\n{\"email\":",
+            )
+            .await
+            .unwrap();
+        let mut answer = vec![0; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+        s.stop().await;
+    })
+    .await;
+}
