@@ -16,7 +16,7 @@ use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
-use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions};
+use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
 use helpdesk_api::{
     Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
     RealtimeFeed, Settings, TrustedProxies, User,
@@ -118,6 +118,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         backends,
         checks,
         relay,
+        maintenance,
     } = match &config.database_url {
         None => memory_backends(clock.clone(), poll),
         Some(url) => postgres_backends(config, url, clock.clone(), poll).await?,
@@ -196,6 +197,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
         runtime = runtime.worker(BoxedWorker(worker));
     }
+    if let Some(maintenance) = maintenance {
+        runtime = runtime.worker(maintenance);
+    }
     // Saved idempotent responses expire after a day but stay stored until purged: without
     // this, every `Idempotency-Key` ever sent would be kept (a full ticket each).
     let idempotency = backends.idempotency.clone();
@@ -271,6 +275,8 @@ struct Started {
     backends: Backends,
     checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)>,
     relay: Box<dyn cqrs_core::runtime::Worker>,
+    /// On Redis: trims the event stream of what every group acknowledged.
+    maintenance: Option<StreamMaintenance>,
 }
 
 fn memory_backends(clock: Arc<dyn Clock>, poll: Duration) -> Started {
@@ -296,6 +302,7 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration) -> Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
         relay: Box::new(relay),
+        maintenance: None,
     }
 }
 
@@ -319,6 +326,7 @@ async fn postgres_backends(
         .context("cannot run the framework's migrations")?;
     let mut checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)> =
         vec![("postgres", Arc::new(db.clone()), true)];
+    let mut maintenance = None;
     let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
         Some(redis) => {
             let transport = RedisStreamOptions::new(redis.clone())
@@ -334,6 +342,11 @@ async fn postgres_backends(
             // Not critical: commands still commit into the outbox while Redis is away.
             checks.push(("redis", Arc::new(transport.clone()), false));
             checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
+            // Without it the stream keeps every event ever published.
+            maintenance = Some(
+                StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
+                    .interval(Duration::from_millis(config.purge_interval_ms)),
+            );
             (Arc::new(transport), Arc::new(pubsub))
         }
         None => (
@@ -364,6 +377,7 @@ async fn postgres_backends(
         backends,
         checks,
         relay: Box::new(relay),
+        maintenance,
     })
 }
 

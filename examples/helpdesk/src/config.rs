@@ -101,7 +101,8 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_timeout_ms: u64,
 
-    /// How often expired idempotency records (kept 24 hours) are deleted, in milliseconds.
+    /// How often expired idempotency records (kept 24 hours) are deleted and, on Redis, the
+    /// event stream is trimmed of what every consumer group acknowledged, in milliseconds.
     #[arg(long, env = "HELPDESK_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
 }

@@ -6,7 +6,7 @@ mod support;
 
 mod bad_input_always_gets_a_json_error_and_never_a_500;
 mod changes_bump_the_version_and_a_closed_ticket_refuses_them;
-mod expired_idempotency_records_are_purged;
+mod housekeeping_deletes_what_is_no_longer_needed;
 mod idempotency_keys_replay_and_refuse_reuse;
 mod login_is_throttled_after_repeated_failures;
 mod operations_endpoints_report_health_metrics_and_the_api;

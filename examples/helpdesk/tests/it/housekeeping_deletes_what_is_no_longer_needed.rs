@@ -1,0 +1,124 @@
+//! Housekeeping: expired idempotency records are deleted, and on Redis the event stream is
+//! trimmed of what every group acknowledged, by the server's own background jobs: neither the
+//! table nor the stream grows with everything ever sent.
+
+use crate::support::*;
+use cqrs_postgres::sqlx;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+/// The rows of the server's idempotency table, counted from outside the server.
+async fn stored(backend: &Backend) -> i64 {
+    let Backend::Postgres {
+        database_url,
+        namespace,
+        ..
+    } = backend
+    else {
+        unreachable!("a Postgres backend")
+    };
+    let pool = sqlx::PgPool::connect(database_url).await.unwrap();
+    let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {namespace}.idempotency"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_idempotency_records_are_purged() {
+    // On Postgres in either test mode: the table is what this test can count.
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    within(async {
+        let s = TestServer::start_on(backend.clone(), |c| c.purge_interval_ms = 20).await;
+        let (token, _) = s.customer().await;
+        for key in ["k-1", "k-2"] {
+            let created = s
+                .http
+                .post(s.url("/tickets"))
+                .bearer_auth(&token)
+                .header("idempotency-key", key)
+                .json(&json!({ "title": key }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(created.status(), StatusCode::CREATED);
+        }
+        // Several purges run meanwhile; nothing has expired yet.
+        let until = tokio::time::Instant::now() + Duration::from_millis(200);
+        while tokio::time::Instant::now() < until {
+            assert_eq!(stored(&backend).await, 2, "kept while not expired");
+        }
+        s.clock.advance(Duration::from_secs(25 * 3600));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stored(&backend).await > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "expired records still stored after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.stop().await;
+    })
+    .await;
+}
+
+/// On Redis, the event stream is trimmed of what every consumer group acknowledged, so it does
+/// not keep every event ever published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_is_trimmed_of_what_every_group_acknowledged() {
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let Backend::Postgres {
+        redis_url,
+        namespace,
+        ..
+    } = &backend
+    else {
+        unreachable!("a Postgres backend")
+    };
+    let transport = cqrs_redis::RedisStreamOptions::new(redis_url.clone())
+        .key_prefix(namespace.clone())
+        .connect()
+        .await
+        .unwrap();
+    within(async {
+        let s = TestServer::start_on(backend.clone(), |c| c.purge_interval_ms = 20).await;
+        let (customer, _) = s.customer().await;
+        let (agent, _) = s.agent().await;
+        // Trimming is approximate (`MINID ~`): Redis drops whole nodes of its stream, 100
+        // entries each by default, so there must be more than one node's worth.
+        const TICKETS: usize = 210;
+        for i in 0..TICKETS {
+            s.ticket(&customer, &format!("t{i}")).await;
+        }
+        // The stats consumer counted them all: their events went through the stream.
+        cqrs_core::testing::eventually(Duration::from_secs(20), "the stats count them", || async {
+            let r = s.get("/tickets/stats", &agent).await;
+            (r.body["open"] == TICKETS).then_some(())
+        })
+        .await;
+        let stats = cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the stream is trimmed",
+            || async {
+                let stats = transport.topic_stats(helpdesk::EVENTS_TOPIC).await.unwrap();
+                (stats.length <= 110).then_some(stats)
+            },
+        )
+        .await;
+        assert!(
+            !stats.groups.is_empty(),
+            "the stream had consumer groups, so it had entries to trim"
+        );
+        s.stop().await;
+    })
+    .await;
+}
