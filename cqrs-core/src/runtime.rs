@@ -486,8 +486,11 @@ impl Runtime {
                     // Aborting only asks: wait until each aborted run is dropped, so what its
                     // `Drop`s do (a consumer releasing what it holds, a transaction rolling
                     // back) has happened when this returns. A run at an `.await` is dropped at
-                    // once; only one blocking its thread keeps this waiting.
-                    while tasks.join_next().await.is_some() {}
+                    // once; one blocking its thread is given one more grace period, no more.
+                    let drained = async { while tasks.join_next().await.is_some() {} };
+                    if tokio::time::timeout(grace, drained).await.is_err() {
+                        tracing::warn!(?grace, "aborted workers were not dropped in time");
+                    }
                     return Err(ShutdownError { grace, workers });
                 }
             }

@@ -156,10 +156,17 @@ impl<P: Send + Sync + 'static> Session<P> {
                 // are decoded without waiting on the socket, so wait for room for the answer
                 // instead of filling the queue: a client that reads everything must not be
                 // closed as slow for the answers to its own frames. It waits, unread, in TCP.
+                // A client that takes nothing for the idle timeout meanwhile is slow after all
+                // (as during a replay): closed, not waited for without end.
                 tokio::select! {
                     biased;
                     ending = self.conn.close.reader_closed() => return (ending, true),
-                    () = self.conn.queue.room_for(1) => {}
+                    room = timeout(idle, self.conn.queue.room_for(1)) => {
+                        if room.is_err() {
+                            self.conn.close_slow();
+                            return (Ending::SLOW, true);
+                        }
+                    }
                 }
             }
             match message {

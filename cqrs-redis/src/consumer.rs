@@ -930,7 +930,15 @@ impl Consumer for RedisConsumer {
         // it is served, or was served with the reply unread, is pending to this consumer but
         // in no list. Unblock it, then release those too: their read counted a delivery.
         self.unblock_reader().await;
-        release.read_unhanded.extend(self.stranded().await?);
+        // `stranded` lists every entry pending here that is neither in flight nor handed
+        // back, the held ones too: those keep their own treatment.
+        let stranded: Vec<String> = self
+            .stranded()
+            .await?
+            .into_iter()
+            .filter(|id| !release.counted.contains(id) && !release.read_unhanded.contains(id))
+            .collect();
+        release.read_unhanded.extend(stranded);
         self.release(release).await
     }
 

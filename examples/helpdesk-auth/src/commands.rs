@@ -147,7 +147,14 @@ impl Hashing {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HandlerError> {
-        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+        let permit = self.permit().await?;
+        Self::run_with(permit, work).await
+    }
+
+    /// A turn to hash, waiting up to the bound; `busy` past it. A login takes its turn before
+    /// it counts an attempt, so a refusal for being busy never counts as a failed login.
+    pub(crate) async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, HandlerError> {
+        tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
@@ -157,7 +164,13 @@ impl Hashing {
                     "busy",
                     "the server is checking too many passwords at once; try again in a moment",
                 )
-            })?;
+            })
+    }
+
+    async fn run_with<T: Send + 'static>(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HandlerError> {
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             work()
@@ -176,8 +189,13 @@ impl Hashing {
         .await?
     }
 
-    async fn verify_password(&self, password: String, hash: String) -> Result<bool, HandlerError> {
-        self.run(move || {
+    /// Checks `password` against `hash` in the turn `permit` holds.
+    async fn verify_password(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        password: String,
+        hash: String,
+    ) -> Result<bool, HandlerError> {
+        Self::run_with(permit, move || {
             Argon2::default()
                 .verify_password(password.as_bytes(), hash.as_str())
                 .is_ok()
@@ -285,6 +303,8 @@ impl CommandHandler<LogIn> for LogInHandler {
             cmd.client
                 .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
         );
+        // The turn to hash comes first: a login refused as `busy` is no attempt.
+        let turn = self.hashing.permit().await?;
         if let Some(seconds) = self.throttle.attempt(&key).await? {
             return Err(HandlerError::new(
                 ErrorKind::RateLimited,
@@ -297,7 +317,7 @@ impl CommandHandler<LogIn> for LogInHandler {
         let hash = user
             .as_ref()
             .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
-        let ok = self.hashing.verify_password(cmd.password, hash).await? && user.is_some();
+        let ok = Hashing::verify_password(turn, cmd.password, hash).await? && user.is_some();
         // A failure stays counted.
         let Some(user) = user.filter(|_| ok) else {
             return Err(invalid_credentials());
@@ -365,10 +385,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let started = std::time::Instant::now();
-        let refused = hashing
-            .verify_password("pw".into(), "not a hash".into())
-            .await
-            .unwrap_err();
+        let refused = hashing.permit().await.unwrap_err();
         assert_eq!(refused.kind(), ErrorKind::Unavailable);
         assert_eq!(refused.code(), "busy");
         assert!(refused.kind().is_retryable());
@@ -376,8 +393,8 @@ mod tests {
 
         release.send(()).unwrap();
         running.await.unwrap().unwrap();
-        let checked = hashing
-            .verify_password("pw".into(), "not a hash".into())
+        let turn = hashing.permit().await.unwrap();
+        let checked = Hashing::verify_password(turn, "pw".into(), "not a hash".into())
             .await
             .unwrap();
         assert!(!checked, "a free permit lets the check run");

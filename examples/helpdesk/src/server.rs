@@ -154,6 +154,9 @@ async fn serve(
         // Reap finished connections as we go, so the set holds only open ones.
         while connections.try_join_next().is_some() {}
     }
+    // Closed now, not once the open connections are done: new clients are refused at once
+    // (and fail over) instead of waiting in the backlog of a server that will not answer.
+    drop(listener);
     while connections.join_next().await.is_some() {}
     Ok(())
 }
