@@ -275,6 +275,7 @@ impl RedisConsumer {
 
     /// Entries pending to this consumer that it neither holds nor handed out (up to 1,000).
     async fn stranded(&self) -> Result<Vec<String>, TransportError> {
+        let held: HashSet<&str> = self.held.iter().map(String::as_str).collect();
         let reply: Value = self
             .shared
             .client
@@ -295,7 +296,11 @@ impl RedisConsumer {
         Ok(entry::array(reply)
             .into_iter()
             .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
-            .filter(|id| !self.in_flight.contains_key(id) && !self.returned.contains(id))
+            .filter(|id| {
+                !self.in_flight.contains_key(id)
+                    && !self.returned.contains(id)
+                    && !held.contains(id.as_str())
+            })
             .collect())
     }
 
@@ -695,26 +700,9 @@ async fn release(
     entries: Released,
 ) -> Result<(), TransportError> {
     let delay = options.redelivery_delay;
-    set_idle(
-        shared,
-        stream,
-        group,
-        options,
-        delay,
-        false,
-        entries.counted,
-    )
-    .await?;
-    set_idle(
-        shared,
-        stream,
-        group,
-        options,
-        delay,
-        true,
-        entries.read_unhanded,
-    )
-    .await
+    let (counted, read_unhanded) = (entries.counted, entries.read_unhanded);
+    set_idle(shared, stream, group, options, delay, false, counted).await?;
+    set_idle(shared, stream, group, options, delay, true, read_unhanded).await
 }
 
 /// Entries a consumer lets go of without handing them out.
@@ -924,20 +912,13 @@ impl Consumer for RedisConsumer {
     /// Releases the entries held back at once, like [`RedisConsumer::close`]; the consumer
     /// stays usable (a later fetch reads on).
     async fn close(&mut self) -> Result<(), TransportError> {
-        let mut release = self.take_held();
-        self.known.clear();
         // A `fetch` dropped in its blocking read (a shutdown) leaves the read blocked; what
         // it is served, or was served with the reply unread, is pending to this consumer but
         // in no list. Unblock it, then release those too: their read counted a delivery.
         self.unblock_reader().await;
-        // `stranded` lists every entry pending here that is neither in flight nor handed
-        // back, the held ones too: those keep their own treatment.
-        let stranded: Vec<String> = self
-            .stranded()
-            .await?
-            .into_iter()
-            .filter(|id| !release.counted.contains(id) && !release.read_unhanded.contains(id))
-            .collect();
+        let stranded = self.stranded().await?;
+        let mut release = self.take_held();
+        self.known.clear();
         release.read_unhanded.extend(stranded);
         self.release(release).await
     }

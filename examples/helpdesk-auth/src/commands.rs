@@ -141,16 +141,6 @@ impl Hashing {
         Self::new(2 * cores, std::time::Duration::from_secs(2))
     }
 
-    /// Runs `work` on a blocking thread once a permit is free. The permit goes with the work,
-    /// so a request dropped meanwhile (a timeout) keeps counting until its hash is done.
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, HandlerError> {
-        let permit = self.permit().await?;
-        Self::run_with(permit, work).await
-    }
-
     /// A turn to hash, waiting up to the bound; `busy` past it. A login takes its turn before
     /// it counts an attempt, so a refusal for being busy never counts as a failed login.
     pub(crate) async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, HandlerError> {
@@ -167,7 +157,9 @@ impl Hashing {
             })
     }
 
-    async fn run_with<T: Send + 'static>(
+    /// Runs `work` on a blocking thread in the turn `permit` holds. The permit goes with the
+    /// work, so a request dropped meanwhile (a timeout) keeps counting until its hash is done.
+    async fn run<T: Send + 'static>(
         permit: tokio::sync::OwnedSemaphorePermit,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HandlerError> {
@@ -180,13 +172,8 @@ impl Hashing {
     }
 
     async fn hash_password(&self, password: String) -> Result<String, HandlerError> {
-        self.run(move || {
-            Argon2::default()
-                .hash_password(password.as_bytes())
-                .map(|h| h.to_string())
-                .map_err(internal)
-        })
-        .await?
+        let permit = self.permit().await?;
+        Self::run(permit, move || argon2_hash(password.as_bytes())).await?
     }
 
     /// Checks `password` against `hash` in the turn `permit` holds.
@@ -195,7 +182,7 @@ impl Hashing {
         password: String,
         hash: String,
     ) -> Result<bool, HandlerError> {
-        Self::run_with(permit, move || {
+        Self::run(permit, move || {
             Argon2::default()
                 .verify_password(password.as_bytes(), hash.as_str())
                 .is_ok()
@@ -354,8 +341,13 @@ impl QueryHandler<GetUser> for GetUserHandler {
 
 /// A hash of a random password, made once at start-up.
 pub(crate) fn dummy_hash() -> Result<String, HandlerError> {
+    argon2_hash(Uuid::new_v4().to_string().as_bytes())
+}
+
+/// The argon2 hash of `password`, with a fresh salt, as a PHC string.
+fn argon2_hash(password: &[u8]) -> Result<String, HandlerError> {
     Argon2::default()
-        .hash_password(Uuid::new_v4().to_string().as_bytes())
+        .hash_password(password)
         .map(|h| h.to_string())
         .map_err(internal)
 }
@@ -376,7 +368,8 @@ mod tests {
         let (release, hold) = std::sync::mpsc::channel::<()>();
         let busy = hashing.clone();
         let running = tokio::spawn(async move {
-            busy.run(move || {
+            let permit = busy.permit().await?;
+            Hashing::run(permit, move || {
                 let _ = hold.recv();
             })
             .await

@@ -205,7 +205,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let idempotency = backends.idempotency.clone();
     runtime = runtime.worker(Periodic::new(
         "idempotency-purge",
-        Duration::from_millis(config.purge_interval_ms),
+        config.purge_interval(),
         move || {
             let idempotency = idempotency.clone();
             async move {
@@ -345,7 +345,7 @@ async fn postgres_backends(
             // Without it the stream keeps every event ever published.
             maintenance = Some(
                 StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
-                    .interval(Duration::from_millis(config.purge_interval_ms)),
+                    .interval(config.purge_interval()),
             );
             (Arc::new(transport), Arc::new(pubsub))
         }

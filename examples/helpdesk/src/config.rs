@@ -199,6 +199,11 @@ impl Config {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    /// How often housekeeping runs (idempotency purge, stream trimming).
+    pub fn purge_interval(&self) -> Duration {
+        Duration::from_millis(self.purge_interval_ms)
+    }
+
     /// The time a client has to send a request's line and headers (at least 1 ms).
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms.max(1))
