@@ -93,6 +93,11 @@ enum Source {
 /// retried. A [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live
 /// runner pauses until it is done.
 ///
+/// Run as a [`Worker`], it also deletes its inbox entries older than
+/// [`inbox_retention`](ProjectionRunner::inbox_retention) (7 days by default) once per
+/// [`inbox_purge_interval`](ProjectionRunner::inbox_purge_interval) (an hour), so the inbox
+/// does not grow with the event log.
+///
 /// ```
 /// # use cqrs_core::doc::{TicketOpened};
 /// use async_trait::async_trait;
@@ -153,7 +158,14 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     name: String,
     /// Set while running as a worker: a fetch waiting for events gives up when it fires.
     stop: Option<Shutdown>,
+    inbox_retention: Duration,
+    inbox_purge_interval: Duration,
 }
+
+/// How long a runner keeps inbox entries by default: far longer than any redelivery.
+const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often a running runner purges its inbox by default.
+const INBOX_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -183,6 +195,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             idle: Duration::from_millis(200),
             name,
             stop: None,
+            inbox_retention: INBOX_RETENTION,
+            inbox_purge_interval: INBOX_PURGE_INTERVAL,
         }
     }
 
@@ -213,6 +227,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             idle: Duration::from_millis(200),
             name,
             stop: None,
+            inbox_retention: INBOX_RETENTION,
+            inbox_purge_interval: INBOX_PURGE_INTERVAL,
         }
     }
 
@@ -233,6 +249,33 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     pub fn idle_interval(mut self, idle: Duration) -> Self {
         self.idle = idle;
         self
+    }
+
+    /// How long inbox entries are kept (default 7 days): an event delivered again after that
+    /// is no longer recognised as a duplicate. For a transport-fed runner, keep it well above
+    /// the consumer's redelivery delay, the idle time before a crashed consumer's entries are
+    /// reclaimed, and how long a dead-lettered event may wait before it is replayed. A
+    /// store-fed runner never reads below its checkpoint again, so any retention is safe for it.
+    pub fn inbox_retention(mut self, retention: Duration) -> Self {
+        self.inbox_retention = retention;
+        self
+    }
+
+    /// How often the running worker purges its inbox (default 1 hour; the first purge runs
+    /// when the worker starts).
+    pub fn inbox_purge_interval(mut self, interval: Duration) -> Self {
+        self.inbox_purge_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Deletes this projection's inbox entries older than its
+    /// [`inbox_retention`](Self::inbox_retention) now, and returns how many. The worker calls
+    /// it once per [`inbox_purge_interval`](Self::inbox_purge_interval).
+    pub async fn purge_inbox(&self) -> Result<u64, ProjectionError> {
+        Ok(self
+            .store
+            .purge_inbox(&self.name, self.inbox_retention)
+            .await?)
     }
 
     async fn apply_records(
@@ -439,8 +482,29 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
+        let mut purge = InboxPurge {
+            store: self.store.clone(),
+            name: self.name.clone(),
+            retention: self.inbox_retention,
+            interval: self.inbox_purge_interval,
+            next: tokio::time::Instant::now(),
+            running: None,
+        };
         while !ctx.shutdown.is_requested() {
-            match self.step().await {
+            // The purge runs in a task of its own when due, also while a fetch waits, and
+            // without holding up the batch.
+            let stepped = {
+                let step = self.step();
+                tokio::pin!(step);
+                loop {
+                    tokio::select! {
+                        biased;
+                        stepped = &mut step => break stepped,
+                        _ = tokio::time::sleep_until(purge.next) => purge.start(),
+                    }
+                }
+            };
+            match stepped {
                 Ok((_, caught_up)) => {
                     failures = 0;
                     ctx.health.set(Health::Healthy);
@@ -473,7 +537,48 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
             }
         }
+        if let Some(running) = purge.running.take() {
+            running.abort();
+        }
         Ok(())
+    }
+}
+
+/// The running worker's inbox housekeeping.
+struct InboxPurge<S> {
+    store: Arc<S>,
+    name: String,
+    retention: Duration,
+    interval: Duration,
+    next: tokio::time::Instant,
+    running: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl<S: ProjectionStore> InboxPurge<S> {
+    /// Starts a purge unless the last one is still running, and schedules the next.
+    fn start(&mut self) {
+        let now = tokio::time::Instant::now();
+        // An interval too long to add means never again (about 30 years is as good).
+        self.next = now
+            .checked_add(self.interval)
+            .unwrap_or_else(|| now + Duration::from_secs(1 << 30));
+        if self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        let (store, name, retention) = (self.store.clone(), self.name.clone(), self.retention);
+        self.running = Some(tokio::spawn(async move {
+            // A failure is logged and tried again next interval: it does not stop the
+            // projection.
+            match store.purge_inbox(&name, retention).await {
+                Ok(0) => {}
+                Ok(purged) => {
+                    tracing::debug!(projection = %name, purged, "purged old inbox entries");
+                }
+                Err(e) => {
+                    tracing::warn!(projection = %name, error = %e, "inbox purge failed; trying again next interval");
+                }
+            }
+        }));
     }
 }
 

@@ -45,27 +45,6 @@ impl PgProjectionStore {
     pub fn new(db: PgDatabase) -> Self {
         Self { db }
     }
-
-    /// Deletes `consumer`'s inbox entries processed more than `older_than` ago (by the
-    /// server's clock), and returns how many. The inbox keeps one row per event a consumer
-    /// processed; call this from a periodic job, with `older_than` well above the longest
-    /// time an event can come again: for a transport-fed consumer, the redelivery delay and
-    /// the time a crashed consumer's entries wait to be reclaimed; a store-fed consumer never
-    /// reads below its checkpoint again, so any age will do.
-    pub async fn purge_inbox(
-        &self,
-        consumer: &str,
-        older_than: std::time::Duration,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(self.db.sql.inbox_purge.clone()))
-            .bind(consumer)
-            // About 3,000 years at most: further back is out of `timestamptz`'s range.
-            .bind(older_than.as_secs_f64().min(1e11))
-            .execute(&self.db.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected())
-    }
 }
 
 /// A unit of work of the [`PgProjectionStore`]: a transaction holding the consumer's lock.
@@ -172,5 +151,22 @@ impl ProjectionStore for PgProjectionStore {
 
     async fn commit(&self, unit: PgProjectionUnit) -> Result<(), StoreError> {
         unit.tx.commit().await.map_err(store_error)
+    }
+
+    /// By the server's clock (`processed_at` is the inserting transaction's `now()`), with an
+    /// index on `(consumer, processed_at)`.
+    async fn purge_inbox(
+        &self,
+        consumer: &str,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.db.sql.inbox_purge.clone()))
+            .bind(consumer)
+            // About 3,000 years at most: further back is out of `timestamptz`'s range.
+            .bind(older_than.as_secs_f64().min(1e11))
+            .execute(&self.db.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected())
     }
 }

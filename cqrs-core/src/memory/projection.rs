@@ -1,15 +1,19 @@
 //! The in-memory projection store: inbox and checkpoints.
 
 use crate::Position;
+use crate::clock::{Clock, SystemClock};
 use crate::ports::{ProjectionStore, StoreError};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Default)]
 struct Committed {
-    processed: HashMap<String, HashSet<Uuid>>,
+    /// Per consumer, each processed message id and when its unit committed.
+    processed: HashMap<String, HashMap<Uuid, DateTime<Utc>>>,
     checkpoints: HashMap<String, Position>,
 }
 
@@ -17,10 +21,17 @@ struct Committed {
 ///
 /// A unit of work holds the consumer's lock and stages its writes; `commit` applies them at
 /// once, with the effects the projection staged through [`InMemoryUnit::on_commit`].
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct InMemoryProjectionStore {
     committed: Arc<Mutex<Committed>>,
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for InMemoryProjectionStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl std::fmt::Debug for InMemoryProjectionStore {
@@ -31,9 +42,20 @@ impl std::fmt::Debug for InMemoryProjectionStore {
 }
 
 impl InMemoryProjectionStore {
-    /// An empty store.
+    /// An empty store on the system clock.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// An empty store on the given clock, which dates inbox entries for
+    /// [`purge_inbox`](ProjectionStore::purge_inbox) (tests use a
+    /// [`ManualClock`](crate::clock::ManualClock)).
+    pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            committed: Arc::default(),
+            locks: Arc::default(),
+            clock,
+        }
     }
 
     fn committed(&self) -> std::sync::MutexGuard<'_, Committed> {
@@ -99,7 +121,7 @@ impl ProjectionStore for InMemoryProjectionStore {
                 .committed()
                 .processed
                 .get(consumer)
-                .is_some_and(|s| s.contains(&id));
+                .is_some_and(|s| s.contains_key(&id));
         if seen_before {
             return Ok(false);
         }
@@ -142,13 +164,15 @@ impl ProjectionStore for InMemoryProjectionStore {
     }
 
     async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        let now = self.clock.now();
         let mut committed = self.committed();
         for consumer in &unit.reset {
             committed.processed.remove(consumer);
             committed.checkpoints.remove(consumer);
         }
         for (consumer, ids) in unit.processed {
-            committed.processed.entry(consumer).or_default().extend(ids);
+            let inbox = committed.processed.entry(consumer).or_default();
+            inbox.extend(ids.into_iter().map(|id| (id, now)));
         }
         committed.checkpoints.extend(unit.checkpoints);
         drop(committed);
@@ -156,5 +180,26 @@ impl ProjectionStore for InMemoryProjectionStore {
             effect();
         }
         Ok(())
+    }
+
+    async fn purge_inbox(&self, consumer: &str, older_than: Duration) -> Result<u64, StoreError> {
+        // An age past what the clock can go back to purges nothing.
+        let Some(cutoff) = chrono::Duration::from_std(older_than)
+            .ok()
+            .and_then(|age| self.clock.now().checked_sub_signed(age))
+        else {
+            return Ok(0);
+        };
+        let mut committed = self.committed();
+        let Some(inbox) = committed.processed.get_mut(consumer) else {
+            return Ok(0);
+        };
+        let before = inbox.len();
+        inbox.retain(|_, processed_at| *processed_at >= cutoff);
+        let purged = before - inbox.len();
+        if inbox.is_empty() {
+            committed.processed.remove(consumer);
+        }
+        Ok(purged as u64)
     }
 }

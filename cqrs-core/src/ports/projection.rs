@@ -4,6 +4,7 @@
 use super::StoreError;
 use crate::Position;
 use async_trait::async_trait;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Storage for projections and other consumers: a unit of work that holds the consumer's own
@@ -20,6 +21,8 @@ use uuid::Uuid;
 /// * `begin(consumer)` holds the consumer's lock until the unit ends: two units of one
 ///   consumer never overlap (a rebuild pauses the live projection this way).
 /// * `reset(consumer)` removes its inbox entries and checkpoint, in the unit.
+/// * `purge_inbox(consumer, older_than)` deletes the consumer's committed inbox entries
+///   processed more than `older_than` ago, and no other consumer's.
 #[async_trait]
 pub trait ProjectionStore: Send + Sync + 'static {
     /// The unit of work. Adapters expose their transaction through it (a Postgres projection
@@ -57,4 +60,11 @@ pub trait ProjectionStore: Send + Sync + 'static {
 
     /// Makes the unit's writes durable and visible, and releases the lock.
     async fn commit(&self, unit: Self::Unit) -> Result<(), StoreError>;
+
+    /// Deletes `consumer`'s inbox entries processed more than `older_than` ago (by the store's
+    /// clock) and returns how many. The inbox keeps one entry per event a consumer processed,
+    /// so without this it grows with the event log; after it, an event older than that is no
+    /// longer recognised as a duplicate. [`ProjectionRunner`](crate::projection::ProjectionRunner)
+    /// calls it periodically. Runs outside any unit of work.
+    async fn purge_inbox(&self, consumer: &str, older_than: Duration) -> Result<u64, StoreError>;
 }

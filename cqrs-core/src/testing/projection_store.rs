@@ -5,6 +5,7 @@
 
 use super::Harness;
 use crate::Position;
+use crate::clock::ManualClock;
 use crate::ports::ProjectionStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,12 @@ pub trait ProjectionStoreHarness: Harness {
     type Store: ProjectionStore;
     /// The store under test.
     fn store(&self) -> Arc<Self::Store>;
+
+    /// The manual clock the store dates inbox entries by, when it takes one; without one, the
+    /// purge scenario relies on the store's clock moving on between two statements.
+    fn clock(&self) -> Option<ManualClock> {
+        None
+    }
 }
 
 /// Expands to one `#[tokio::test]` per projection store scenario.
@@ -32,6 +39,7 @@ macro_rules! projection_store_conformance {
                 a_checkpoint_reads_back_what_was_committed,
                 units_of_one_consumer_never_overlap,
                 a_reset_forgets_the_inbox_and_the_checkpoint,
+                a_purge_forgets_old_inbox_entries_of_one_consumer,
             ]
         );
     };
@@ -153,4 +161,69 @@ pub async fn a_reset_forgets_the_inbox_and_the_checkpoint<H: ProjectionStoreHarn
     let mut unit = store.begin(c).await.unwrap();
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
     assert!(store.mark_processed(&mut unit, c, id).await.unwrap());
+}
+
+/// `purge_inbox` deletes the consumer's entries older than the age it is given, and only
+/// those: a purged message is processed again, a younger one and another consumer's are not.
+pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStoreHarness>(h: &H) {
+    let store = h.store();
+    let (c, other) = (
+        format!("{}-c", h.test_id()),
+        format!("{}-other", h.test_id()),
+    );
+    let (old, young) = (Uuid::now_v7(), Uuid::now_v7());
+    let hour = Duration::from_secs(3600);
+    for consumer in [&c, &other] {
+        let mut unit = store.begin(consumer).await.unwrap();
+        assert!(
+            store
+                .mark_processed(&mut unit, consumer, old)
+                .await
+                .unwrap()
+        );
+        store.commit(unit).await.unwrap();
+    }
+    assert_eq!(
+        store.purge_inbox(&c, hour).await.unwrap(),
+        0,
+        "nothing is an hour old yet"
+    );
+    assert_eq!(store.purge_inbox(&c, Duration::MAX).await.unwrap(), 0);
+
+    let cutoff = match h.clock() {
+        Some(clock) => {
+            clock.advance(2 * hour);
+            let mut unit = store.begin(&c).await.unwrap();
+            assert!(store.mark_processed(&mut unit, &c, young).await.unwrap());
+            store.commit(unit).await.unwrap();
+            assert_eq!(
+                store.purge_inbox(&c, hour).await.unwrap(),
+                1,
+                "only the old entry"
+            );
+            Some(young)
+        }
+        // The store's own clock: everything committed before is older than zero.
+        None => {
+            assert_eq!(store.purge_inbox(&c, Duration::ZERO).await.unwrap(), 1);
+            None
+        }
+    };
+    let mut unit = store.begin(&c).await.unwrap();
+    assert!(
+        store.mark_processed(&mut unit, &c, old).await.unwrap(),
+        "a purged entry is forgotten"
+    );
+    if let Some(young) = cutoff {
+        assert!(
+            !store.mark_processed(&mut unit, &c, young).await.unwrap(),
+            "a younger entry stays"
+        );
+    }
+    drop(unit);
+    let mut unit = store.begin(&other).await.unwrap();
+    assert!(
+        !store.mark_processed(&mut unit, &other, old).await.unwrap(),
+        "another consumer's inbox is untouched"
+    );
 }

@@ -378,6 +378,10 @@ impl ProjectionStore for Flaky {
     async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
         self.inner.commit(unit).await
     }
+
+    async fn purge_inbox(&self, consumer: &str, older_than: Duration) -> Result<u64, StoreError> {
+        self.inner.purge_inbox(consumer, older_than).await
+    }
 }
 
 /// Options under which three counted attempts dead-letter an event.
@@ -751,5 +755,67 @@ fn a_runner_polling_without_blocking_still_stops() {
             .shutdown(Duration::from_secs(5))
             .await
             .expect("stopped within the grace period");
+    });
+}
+
+/// A running runner deletes its inbox entries older than its retention, once per interval,
+/// also while its fetch waits without limit; entries younger than the retention stay.
+#[test]
+fn a_running_runner_purges_its_old_inbox_entries() {
+    run(async {
+        let clock = cqrs_core::clock::ManualClock::new();
+        let store = Arc::new(InMemoryProjectionStore::with_clock(Arc::new(clock.clone())));
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        let (old, young) = (record(2), record(3));
+        let hour = Duration::from_secs(3600);
+        transport
+            .publish("sums", std::slice::from_ref(&old))
+            .await
+            .unwrap();
+        let runner = sums_runner(
+            store.clone(),
+            &sum,
+            &transport,
+            ConsumerOptions::default().block(Duration::MAX),
+        )
+        .inbox_retention(hour)
+        .inbox_purge_interval(Duration::from_millis(5));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the first event applied",
+            || async { (*sum.seen.lock().unwrap() == [2]).then_some(()) },
+        )
+        .await;
+        clock.advance(hour / 2);
+        transport
+            .publish("sums", std::slice::from_ref(&young))
+            .await
+            .unwrap();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the second event applied",
+            || async { (*sum.seen.lock().unwrap() == [2, 3]).then_some(()) },
+        )
+        .await;
+        // Now the runner waits in its fetch; the old entry comes of age meanwhile, and the
+        // purge still comes round.
+        clock.advance(hour * 2 / 3);
+        let processed = |id: Uuid| {
+            let store = store.clone();
+            async move {
+                let mut unit = store.begin("sum").await.unwrap();
+                !store.mark_processed(&mut unit, "sum", id).await.unwrap()
+            }
+        };
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the old entry purged", || async {
+            (!processed(old.event_id).await).then_some(())
+        })
+        .await;
+        assert!(processed(young.event_id).await, "the young entry stays");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }

@@ -126,13 +126,18 @@ mod projection_store {
         fn store(&self) -> Arc<InMemoryProjectionStore> {
             Arc::new(self.adapter.clone())
         }
+
+        fn clock(&self) -> Option<ManualClock> {
+            Some(self.clock.clone())
+        }
     }
 
     async fn harness(id: String) -> Option<Memory<InMemoryProjectionStore>> {
+        let clock = ManualClock::new();
         Some(Memory {
             id,
-            adapter: InMemoryProjectionStore::new(),
-            clock: ManualClock::new(),
+            adapter: InMemoryProjectionStore::with_clock(Arc::new(clock.clone())),
+            clock,
         })
     }
 

@@ -25,6 +25,10 @@ pg_test! {
     async fn a_writer_holding_its_positions_open_makes_later_writers_wait(db: PgDatabase) {
         let store = db.event_store();
         let mut held = db.pool().begin().await.unwrap();
+        let held_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *held)
+            .await
+            .unwrap();
         let a = store
             .append_in(&mut held, "a", ExpectedVersion::NO_STREAM, vec![record(1)])
             .await
@@ -37,8 +41,22 @@ pg_test! {
                 store.append("b", ExpectedVersion::NO_STREAM, vec![record(2)]).await
             })
         };
-        // Give the later writer every chance to commit past the open one.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The later writer is seen waiting on the open one's lock (not merely not done yet).
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the later append blocked by the open transaction",
+            || async {
+                let blocked: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                )
+                .bind(held_pid)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+                (blocked > 0).then_some(())
+            },
+        )
+        .await;
         assert!(!later.is_finished(), "the later append waits for the open one");
         let first_read = read_from(&store, Position::START).await;
         assert!(first_read.is_empty(), "nothing is readable yet: {first_read:?}");

@@ -70,6 +70,9 @@ pub struct Settings {
     pub idempotency_ttl: Duration,
     /// How often consumers poll and wait (short in tests).
     pub poll_interval: Duration,
+    /// How often housekeeping runs: expired idempotency records, old inbox entries, stream
+    /// trimming.
+    pub purge_interval: Duration,
 }
 
 /// The shortest redelivery delay a consumer gets: the Redis transport refuses shorter ones
@@ -192,6 +195,7 @@ mod tests {
             login_window: Duration::from_secs(900),
             idempotency_ttl: Duration::from_secs(86_400),
             poll_interval: Duration::from_millis(poll_ms),
+            purge_interval: Duration::from_secs(3600),
         }
     }
 

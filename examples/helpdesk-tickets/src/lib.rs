@@ -159,7 +159,9 @@ fn stats_worker<S: ProjectionStore, P: Projection<S>>(
         types,
     )
     .with_event_store(backends.events.clone())
-    .idle_interval(settings.poll_interval);
+    .idle_interval(settings.poll_interval)
+    // The inbox keeps its default week: far beyond any redelivery.
+    .inbox_purge_interval(settings.purge_interval);
     BackgroundWorker(Box::new(runner))
 }
 

@@ -138,6 +138,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         login_window: Duration::from_secs(config.login_window_seconds),
         idempotency_ttl: Duration::from_secs(24 * 3600),
         poll_interval: poll,
+        purge_interval: config.purge_interval(),
     };
     let bus_handle = BusHandle::new();
 
