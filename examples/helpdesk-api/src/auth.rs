@@ -40,7 +40,8 @@ impl User {
     }
 }
 
-/// Why a token was refused. Every variant is a 401; the message says which.
+/// Why a token was refused. Every variant but [`Unavailable`](AuthError::Unavailable) is a 401;
+/// the message says which.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
@@ -53,6 +54,20 @@ pub enum AuthError {
     /// The token is invalid: bad signature, wrong algorithm, or expired.
     #[error("invalid or expired token")]
     Invalid,
+    /// The token is well signed, but its user does not exist here (deleted, or a token of
+    /// another server sharing the secret).
+    #[error("the token's user does not exist; log in again")]
+    UnknownUser,
+    /// The user could not be looked up (the user store is down): 503, try again.
+    #[error("the user store is unavailable; try again shortly")]
+    Unavailable,
+}
+
+impl AuthError {
+    /// Whether the client should try again later rather than send other credentials.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AuthError::Unavailable)
+    }
 }
 
 /// Verifies bearer tokens. The auth plugin provides one as a resource; the gateway uses it for
@@ -61,6 +76,16 @@ pub enum AuthError {
 pub trait Authenticator: Send + Sync + 'static {
     /// The user a token belongs to.
     async fn verify(&self, token: &str) -> Result<User, AuthError>;
+
+    /// The user a token belongs to, and when the token stops being valid (a long-lived
+    /// WebSocket connection is closed then). Defaults to [`verify`](Self::verify) with no
+    /// expiry.
+    async fn verify_session(
+        &self,
+        token: &str,
+    ) -> Result<(User, Option<chrono::DateTime<chrono::Utc>>), AuthError> {
+        Ok((self.verify(token).await?, None))
+    }
 }
 
 /// Looks users up by id, for plugins that need another user's role (the tickets plugin checks

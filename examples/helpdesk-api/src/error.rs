@@ -115,6 +115,23 @@ impl ApiError {
     }
 }
 
+impl From<crate::AuthError> for ApiError {
+    /// 401 `unauthorized`, or 503 `unavailable` (retry after a second) when the user store could
+    /// not be asked.
+    fn from(e: crate::AuthError) -> Self {
+        if e.is_unavailable() {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+            .with_retry_after(1)
+        } else {
+            ApiError::unauthorized(e.to_string())
+        }
+    }
+}
+
 impl From<HandlerError> for ApiError {
     fn from(e: HandlerError) -> Self {
         let status = Self::status_of(e.kind());

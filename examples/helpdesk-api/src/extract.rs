@@ -163,13 +163,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
                     "authentication is not set up yet",
                 )
             })?;
-        let token =
-            bearer_token(&parts.headers).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        authenticator
-            .verify(token)
-            .await
-            .map(Authenticated)
-            .map_err(|e| ApiError::unauthorized(e.to_string()))
+        let token = bearer_token(&parts.headers)?;
+        Ok(Authenticated(authenticator.verify(token).await?))
     }
 }
 

@@ -111,9 +111,10 @@ fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let Some(key) = headers.get(HEADER) else {
         return Ok(None);
     };
+    // `to_str` lets spaces and tabs through; a key is visible characters only.
     key.to_str()
         .ok()
-        .filter(|k| (1..=255).contains(&k.len()))
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
         .map(Some)
         .ok_or_else(|| {
             ApiError::bad_request(

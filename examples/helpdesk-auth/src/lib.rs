@@ -17,7 +17,7 @@ mod users;
 pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, normalize_email};
 pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{InMemoryLoginThrottle, LoginThrottle};
-pub use tokens::JwtTokens;
+pub use tokens::{JwtTokens, UserAuthenticator};
 pub use users::{CreateUserError, InMemoryUserStore, UserRecord, UserStore};
 
 use async_trait::async_trait;
@@ -97,7 +97,10 @@ impl Plugin for AuthPlugin {
             users: users.clone(),
         });
 
-        registrar.provide::<Arc<dyn Authenticator>>(Arc::new(tokens));
+        registrar.provide::<Arc<dyn Authenticator>>(Arc::new(UserAuthenticator::new(
+            tokens,
+            users.clone(),
+        )));
         registrar.provide::<Arc<dyn UserDirectory>>(Arc::new(Directory(users)));
         registrar.contribute::<HttpApi>(http::api(buses));
         Ok(())

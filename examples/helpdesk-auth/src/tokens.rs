@@ -1,6 +1,8 @@
 //! HS256 bearer tokens.
 
+use crate::users::UserStore;
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use cqrs_core::clock::Clock;
 use helpdesk_api::{AuthError, Authenticator, Role, User};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -68,11 +70,12 @@ impl JwtTokens {
     }
 }
 
-#[async_trait]
-impl Authenticator for JwtTokens {
-    async fn verify(&self, token: &str) -> Result<User, AuthError> {
+impl JwtTokens {
+    /// Checks a token's signature, algorithm and expiry (against the injected clock, to the
+    /// second, with no leeway): the user it was issued to, and when it expires. The user store
+    /// is not asked; [`UserAuthenticator`] does that.
+    pub fn decode(&self, token: &str) -> Result<(User, DateTime<Utc>), AuthError> {
         let mut validation = Validation::new(Algorithm::HS256);
-        // Expiry is checked below against the injected clock, to the second, with no leeway.
         validation.validate_exp = false;
         validation.required_spec_claims = ["exp", "sub"].into_iter().map(String::from).collect();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
@@ -80,9 +83,60 @@ impl Authenticator for JwtTokens {
         if data.claims.exp <= self.clock.now().timestamp() {
             return Err(AuthError::Invalid);
         }
-        Ok(User {
+        let expires_at = DateTime::from_timestamp(data.claims.exp, 0).ok_or(AuthError::Invalid)?;
+        let user = User {
             id: data.claims.sub,
             role: data.claims.role,
-        })
+        };
+        Ok((user, expires_at))
+    }
+}
+
+/// The gateway's [`Authenticator`]: a valid token, whose user still exists in the user store,
+/// with the role stored there. A token outlives nothing it was issued for: a deleted user's
+/// token is refused, a changed role takes effect at the next request, and a token of another
+/// server that shares the secret names no user here.
+#[derive(Clone)]
+pub struct UserAuthenticator {
+    tokens: JwtTokens,
+    users: Arc<dyn UserStore>,
+}
+
+impl std::fmt::Debug for UserAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserAuthenticator")
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserAuthenticator {
+    /// Verifies `tokens`, then looks their users up in `users`.
+    pub fn new(tokens: JwtTokens, users: Arc<dyn UserStore>) -> Self {
+        Self { tokens, users }
+    }
+}
+
+#[async_trait]
+impl Authenticator for UserAuthenticator {
+    async fn verify(&self, token: &str) -> Result<User, AuthError> {
+        Ok(self.verify_session(token).await?.0)
+    }
+
+    async fn verify_session(
+        &self,
+        token: &str,
+    ) -> Result<(User, Option<DateTime<Utc>>), AuthError> {
+        let (claimed, expires_at) = self.tokens.decode(token)?;
+        let stored = self.users.by_id(claimed.id).await.map_err(|e| {
+            tracing::warn!(error = %e, "could not look up a token's user");
+            AuthError::Unavailable
+        })?;
+        let stored = stored.ok_or(AuthError::UnknownUser)?;
+        let user = User {
+            id: stored.id,
+            role: stored.role,
+        };
+        Ok((user, Some(expires_at)))
     }
 }

@@ -63,7 +63,7 @@ pub struct App {
     /// The buses.
     pub buses: Buses,
     /// The WebSocket hub at `/ws`.
-    pub hub: Hub<User>,
+    pub hub: Hub<Session>,
 }
 
 impl std::fmt::Debug for App {
@@ -411,23 +411,34 @@ async fn run_migrations(
     Ok(())
 }
 
+/// Who a WebSocket connection belongs to: the token's user, and when the token expires.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// The user, as the user store had it at the handshake.
+    pub user: User,
+    /// When the token stops being valid.
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The hub checks tokens with the auth plugin's authenticator.
 struct HubAuthenticator(Arc<dyn Authenticator>);
 
 #[async_trait::async_trait]
 impl cqrs_realtime::Authenticator for HubAuthenticator {
-    type Principal = User;
+    type Principal = Session;
 
-    async fn authenticate(&self, token: &str) -> Result<User, Unauthenticated> {
-        self.0
-            .verify(token)
+    async fn authenticate(&self, token: &str) -> Result<Session, Unauthenticated> {
+        let (user, expires_at) = self
+            .0
+            .verify_session(token)
             .await
-            .map_err(|e| Unauthenticated::new(e.to_string()))
+            .map_err(|e| Unauthenticated::new(e.to_string()))?;
+        Ok(Session { user, expires_at })
     }
 
     /// One user's connections are counted together (`max_connections_per_principal`).
-    fn connection_key(&self, user: &User) -> Option<String> {
-        Some(user.id.to_string())
+    fn connection_key(&self, session: &Session) -> Option<String> {
+        Some(session.user.id.to_string())
     }
 }
 
@@ -435,13 +446,13 @@ impl cqrs_realtime::Authenticator for HubAuthenticator {
 struct HubRules(Arc<dyn cqrs_realtime::Authorizer<User>>);
 
 #[async_trait::async_trait]
-impl cqrs_realtime::Authorizer<User> for HubRules {
-    async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
-        self.0.authorize_subscribe(user, topic).await
+impl cqrs_realtime::Authorizer<Session> for HubRules {
+    async fn authorize_subscribe(&self, session: &Session, topic: &Topic) -> Result<(), Refusal> {
+        self.0.authorize_subscribe(&session.user, topic).await
     }
 
-    fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
-        self.0.may_see(user, topic, event)
+    fn may_see(&self, session: &Session, topic: &Topic, event: &PushedEvent) -> bool {
+        self.0.may_see(&session.user, topic, event)
     }
 }
 

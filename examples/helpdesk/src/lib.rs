@@ -16,7 +16,7 @@ mod logging;
 mod metered;
 mod server;
 
-pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, build};
+pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, Session, build};
 pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;
 pub use logging::{DEFAULT_FILTER, log_filter, log_subscriber};

@@ -96,10 +96,11 @@ async fn a_replay_returns_the_same_response_without_a_second_effect() {
             .collect();
         titles.sort();
         assert_eq!(titles, ["fixed", "once"], "{mine:?}");
-        let long_key = "k".repeat(256);
-        post_with_key(&s, "/tickets", &token, &long_key, json!({ "title": "x" }))
-            .await
-            .assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        for bad_key in ["k".repeat(256), "a b".into(), "a\tb".into()] {
+            post_with_key(&s, "/tickets", &token, &bad_key, json!({ "title": "x" }))
+                .await
+                .assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        }
 
         // Keys live at least 24 hours.
         s.clock.advance(std::time::Duration::from_secs(23 * 3600));

@@ -29,30 +29,52 @@ impl Captured {
     }
 }
 
-// One thread: the subscriber is this thread's default, and the server's tasks run here too.
-#[tokio::test(flavor = "current_thread")]
+/// The test binary's global subscriber, installed once, writing to memory. Global, not a
+/// thread's default: `tracing` caches whether a callsite is wanted process-wide, so with a
+/// thread-local subscriber and other tests logging at the same moment, this test's lines were
+/// sometimes never made (none, or without their span's fields).
+fn captured() -> &'static Captured {
+    static CAPTURED: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = log_subscriber(
+            LogFormat::Text,
+            EnvFilter::new(DEFAULT_FILTER),
+            false,
+            move || writer.clone(),
+        );
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other test installs a global subscriber");
+        captured
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_logged_once_each_without_their_tokens() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = log_subscriber(
-        LogFormat::Text,
-        EnvFilter::new(DEFAULT_FILTER),
-        false,
-        move || writer.clone(),
-    );
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = captured();
+    // Paths no other test requests, so this test's lines can be told from theirs.
+    let probe = uuid::Uuid::now_v7().simple().to_string();
     within(async {
         let s = TestServer::start().await;
         let refused = s
-            .send(Method::GET, "/ws?token=s3cret-value", None, None)
+            .send(
+                Method::GET,
+                &format!("/ws?token=s3cret-value&probe={probe}"),
+                None,
+                None,
+            )
             .await;
         assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
-        let missing = s.send(Method::GET, "/tickets/nope", None, None).await;
+        let missing = s
+            .send(Method::GET, &format!("/tickets/nope-{probe}"), None, None)
+            .await;
         assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
         s.stop().await;
     })
     .await;
 
+    // Every test's log lines, from the moment this test installed the subscriber.
     let log = captured.text();
     assert!(
         !log.contains("s3cret-value"),
@@ -64,19 +86,20 @@ async fn requests_are_logged_once_each_without_their_tokens() {
     );
     let answered: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("finished processing request"))
+        .filter(|l| l.contains("finished processing request") && l.contains(&probe))
         .collect();
     assert_eq!(answered.len(), 2, "one line per request:\n{log}");
     assert!(
         answered[0].contains(" INFO ")
             && answered[0].contains("method=GET")
-            && answered[0].contains("uri=/ws?token=[redacted]")
+            && answered[0].contains(&format!("uri=/ws?token=[redacted]&probe={probe}"))
             && answered[0].contains("status=401"),
         "{}",
         answered[0]
     );
     assert!(
-        answered[1].contains("uri=/tickets/nope") && answered[1].contains("status=401"),
+        answered[1].contains(&format!("uri=/tickets/nope-{probe}"))
+            && answered[1].contains("status=401"),
         "{}",
         answered[1]
     );

@@ -70,3 +70,99 @@ async fn missing_malformed_forged_and_expired_tokens_are_401() {
     })
     .await;
 }
+
+/// A well-signed token is only as good as its user here: a token of another server that
+/// shares the secret (its user does not exist on this one) is 401 on every route and at the
+/// WebSocket handshake, not only on `/auth/me`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_whose_user_does_not_exist_here_is_401_everywhere() {
+    within(async {
+        let a = TestServer::start().await;
+        let b = TestServer::start().await;
+        let (from_a, _) = a.agent().await;
+        assert_eq!(a.get("/tickets", &from_a).await.status, StatusCode::OK);
+        for path in ["/auth/me", "/tickets", "/tickets/stats"] {
+            let r = b.get(path, &from_a).await;
+            r.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+            assert!(
+                r.body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("does not exist"),
+                "{path}: {r:?}"
+            );
+        }
+        let opened = b
+            .post(
+                "/tickets",
+                &from_a,
+                serde_json::json!({ "title": "from elsewhere" }),
+            )
+            .await;
+        opened.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+        let ws = tokio_tungstenite::connect_async(format!(
+            "{}/ws?token={from_a}",
+            b.base.replace("http://", "ws://")
+        ))
+        .await;
+        match ws {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+            }
+            other => panic!("the handshake was not refused with 401: {other:?}"),
+        }
+        a.stop().await;
+        b.stop().await;
+    })
+    .await;
+}
+
+/// The role is the user store's, not the token's: an agent demoted in the store is a customer
+/// at the next request, with the token it already holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_agent_loses_the_role_with_the_token_it_holds() {
+    // On Postgres: the users table is what this test can change from outside the server.
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let Backend::Postgres {
+        database_url,
+        namespace,
+        ..
+    } = &backend
+    else {
+        unreachable!("a Postgres backend")
+    };
+    within(async {
+        let s = TestServer::start_on(backend.clone(), |_| {}).await;
+        let (customer, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let ticket = s.ticket(&customer, "printer").await;
+        let path = format!("/tickets/{}", ticket["id"].as_str().unwrap());
+        assert_eq!(
+            s.get(&path, &agent).await.status,
+            StatusCode::OK,
+            "an agent sees it"
+        );
+
+        let pool = cqrs_postgres::sqlx::PgPool::connect(database_url)
+            .await
+            .unwrap();
+        cqrs_postgres::sqlx::query(cqrs_postgres::sqlx::AssertSqlSafe(format!(
+            "UPDATE {namespace}.users SET role = 'customer' WHERE id = $1"
+        )))
+        .bind(uuid::Uuid::parse_str(&agent_id).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        s.get(&path, &agent)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        let me = s.get("/auth/me", &agent).await;
+        assert_eq!(me.body["role"], "customer", "{me:?}");
+        s.stop().await;
+    })
+    .await;
+}
