@@ -118,14 +118,15 @@ enum Class {
 }
 
 /// SQLSTATEs after which the same operation may succeed later: lost or refused connections,
-/// a server shutting down or starting, too many connections, serialization failures and
-/// deadlocks, out of resources.
+/// a server shutting down or starting, a session the server ended for sitting idle, too many
+/// connections, serialization failures and deadlocks, out of resources.
 fn retryable_sqlstate(code: &str) -> bool {
     code.starts_with("08") // connection exception
         || code.starts_with("53") // insufficient resources (too many connections, disk full)
         || matches!(
             code,
             "57P01" | "57P02" | "57P03" // admin / crash shutdown, cannot connect now
+                | "25P03" | "57P05" // the server ended an idle (in-transaction) session
                 | "40001" | "40P01" // serialization failure, deadlock
                 | "25006" // read-only transaction (a failover promoted nothing yet)
         )

@@ -185,6 +185,15 @@ impl IdempotencyStore for PgIdempotencyStore {
         let mut tx = crate::sql::begin(&self.db.pool)
             .await
             .map_err(store_error)?;
+        // A new claim's transaction stays open, idle, while the caller does the work outside
+        // it: under `idle_in_transaction_session_timeout` the server would end it mid-work,
+        // and a waiting duplicate would take the key and run the work a second time. It holds
+        // no append lock, only this key's, and a vanished client still ends it (TCP
+        // keepalives); the caller's guard bounds it otherwise.
+        sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
         let now = self.db.clock.now();
         match claim_on(&mut tx, &self.db.sql, scope, key, fingerprint, now, ttl).await? {
             Outcome::New => Ok(Claim::New(Box::new(PgIdempotencyGuard {
@@ -208,12 +217,16 @@ impl IdempotencyStore for PgIdempotencyStore {
         }
     }
 
+    /// A batch of rows per statement, until none is left (see
+    /// [`PgProjectionStore`](crate::PgProjectionStore)'s `purge_inbox`).
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(self.db.sql.idempotency_purge.clone()))
-            .bind(self.db.clock.now())
-            .execute(&self.db.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected())
+        let now = self.db.clock.now();
+        crate::sql::purge_in_batches(|| {
+            sqlx::query(AssertSqlSafe(self.db.sql.idempotency_purge.clone()))
+                .bind(now)
+                .bind(crate::sql::PURGE_BATCH)
+                .execute(&self.db.pool)
+        })
+        .await
     }
 }

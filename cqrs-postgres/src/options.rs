@@ -237,6 +237,11 @@ impl PgOptions {
                     .to_owned(),
             );
         }
+        // Zero means "no limit" to Postgres but would be sent as 1 ms here: refuse it.
+        if self.statement_timeout.is_some_and(|t| t.is_zero()) {
+            problems
+                .push("statement_timeout must be more than zero (`None` sets no limit)".to_owned());
+        }
         match connect {
             Some(connect) if problems.is_empty() => {
                 // The store's guarantees rest on READ COMMITTED (see `PgDatabase::migrate`):
@@ -328,6 +333,13 @@ mod tests {
                 .validate()
                 .is_err(),
             "zero would end every transaction after 1 ms"
+        );
+        assert!(
+            PgOptions::new(url)
+                .statement_timeout(Some(Duration::ZERO))
+                .validate()
+                .is_err(),
+            "zero would fail every statement after 1 ms"
         );
         let off = PgOptions::new(url)
             .session_settings(false)

@@ -154,19 +154,22 @@ impl ProjectionStore for PgProjectionStore {
     }
 
     /// By the server's clock (`processed_at` is the inserting transaction's `now()`), with an
-    /// index on `(consumer, processed_at)`.
+    /// index on `(consumer, processed_at)`, a batch of rows per statement: a large backlog is
+    /// worked off in statements that each stay short (under a `statement_timeout`, and
+    /// holding few row locks at a time).
     async fn purge_inbox(
         &self,
         consumer: &str,
         older_than: std::time::Duration,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(self.db.sql.inbox_purge.clone()))
-            .bind(consumer)
-            // About 3,000 years at most: further back is out of `timestamptz`'s range.
-            .bind(older_than.as_secs_f64().min(1e11))
-            .execute(&self.db.pool)
-            .await
-            .map_err(store_error)?;
-        Ok(done.rows_affected())
+        crate::sql::purge_in_batches(|| {
+            sqlx::query(AssertSqlSafe(self.db.sql.inbox_purge.clone()))
+                .bind(consumer)
+                // About 3,000 years at most: further back is out of `timestamptz`'s range.
+                .bind(older_than.as_secs_f64().min(1e11))
+                .bind(crate::sql::PURGE_BATCH)
+                .execute(&self.db.pool)
+        })
+        .await
     }
 }

@@ -12,6 +12,9 @@ use std::sync::Arc;
 /// identifiers and channel names hold 63 bytes.
 pub(crate) const MAX_SCHEMA_LEN: usize = 56;
 
+/// Rows one purge statement deletes at most; a purge repeats it until fewer come back.
+pub(crate) const PURGE_BATCH: i64 = 5_000;
+
 /// Begins a transaction the way this crate begins every one: at READ COMMITTED, whatever the
 /// session's default, since its statements rely on each seeing what committed before it (a
 /// fresh snapshot after the append lock).
@@ -20,6 +23,29 @@ pub(crate) async fn begin(
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
         .await
+}
+
+/// Runs a purge statement that deletes at most [`PURGE_BATCH`] rows until one deletes fewer,
+/// and returns how many it deleted in all. Each statement commits on its own, so an error
+/// (a `statement_timeout`) keeps what the earlier batches deleted.
+pub(crate) async fn purge_in_batches<F, Fut>(
+    mut batch: F,
+) -> Result<u64, cqrs_core::ports::StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<sqlx::postgres::PgQueryResult, sqlx::Error>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = batch()
+            .await
+            .map_err(crate::error::store_error)?
+            .rows_affected();
+        total += deleted;
+        if deleted < PURGE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 /// Why a schema name is refused, if it is.
@@ -132,8 +158,12 @@ impl Sql {
                 "UPDATE {s}.idempotency SET status = $1, body = $2, expires_at = $3 \
                  WHERE scope = $4 AND key = $5"
             )),
+            // Purges delete a batch at a time ($last), so a backlog of millions of rows is
+            // worked off in statements that each finish inside a `statement_timeout`.
             idempotency_purge: f(format!(
-                "DELETE FROM {s}.idempotency WHERE expires_at <= $1 AND status IS NOT NULL"
+                "DELETE FROM {s}.idempotency WHERE (scope, key) IN ( \
+                 SELECT scope, key FROM {s}.idempotency \
+                 WHERE expires_at <= $1 AND status IS NOT NULL LIMIT $2)"
             )),
 
             inbox_insert: f(format!(
@@ -151,8 +181,9 @@ impl Sql {
                  DELETE FROM {s}.checkpoints WHERE consumer = $1"
             )),
             inbox_purge: f(format!(
-                "DELETE FROM {s}.inbox WHERE consumer = $1 \
-                 AND processed_at < now() - make_interval(secs => $2)"
+                "DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id IN ( \
+                 SELECT message_id FROM {s}.inbox WHERE consumer = $1 \
+                 AND processed_at < now() - make_interval(secs => $2) LIMIT $3)"
             )),
 
             relay_ensure: f(format!(

@@ -293,6 +293,10 @@ pg_test! {
         let store = db.event_store();
         // Another writer holds the append lock, so the command's commit waits for it.
         let mut held = db.pool().begin().await.unwrap();
+        let held_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *held)
+            .await
+            .unwrap();
         store
             .append_in(&mut held, "other", ExpectedVersion::NO_STREAM, vec![crate::support::record(1)])
             .await
@@ -304,12 +308,14 @@ pg_test! {
             .unwrap();
         let dispatch = tokio::spawn(async move { bus.dispatch(Open { id: "t9".into() }).await });
 
-        // Until the command's commit waits on the lock.
+        // Until the command's commit waits on this test's held lock (tests in other schemas
+        // wait on locks of their own meanwhile).
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
             )
+            .bind(held_pid)
             .fetch_one(db.pool())
             .await
             .unwrap();

@@ -90,3 +90,32 @@ crate::support::pg_test! {
         assert!(store.read_all(Position::START, 10).await.unwrap().is_empty());
     }
 }
+
+crate::support::pg_test! {
+    /// A session the server ended for sitting idle in a transaction (SQLSTATE 25P03) is a
+    /// lost connection: `Unavailable`, retryable, not an internal error.
+    async fn a_session_the_server_ended_for_idling_is_unavailable(db: PgDatabase) {
+        let short = crate::support::options(db.schema())
+            .idle_in_transaction_timeout(Some(Duration::from_millis(200)))
+            .connect()
+            .await
+            .unwrap();
+        let mut tx = short.pool().begin().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the server ended the session", || async {
+            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+            (alive == 0).then_some(())
+        })
+        .await;
+        let error = sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap_err();
+        let error = cqrs_postgres::store_error(error);
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    }
+}

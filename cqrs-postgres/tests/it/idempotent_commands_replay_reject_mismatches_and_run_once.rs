@@ -157,3 +157,54 @@ pg_test! {
         other.drop_schema().await.unwrap();
     }
 }
+
+pg_test! {
+    /// A claim's transaction stays open while the caller works outside it. Under the pool's
+    /// `idle_in_transaction_timeout` the server used to end it mid-work, so a duplicate took
+    /// the key and ran the work a second time and the first `complete` failed; the claim now
+    /// holds the key however long the work takes.
+    async fn a_claim_holds_its_key_past_the_idle_in_transaction_timeout(db: PgDatabase) {
+        use cqrs_core::ports::{Claim, IdempotencyStore};
+        let short = crate::support::options(db.schema())
+            .idle_in_transaction_timeout(Some(Duration::from_millis(300)))
+            .connect()
+            .await
+            .unwrap();
+        let store = short.idempotency_store();
+        let Claim::New(guard) = store.claim("s", "k", "fp", DAY).await.unwrap() else {
+            panic!("a fresh key is new");
+        };
+        // The work: idle in the claim's transaction for several times the timeout (this wait
+        // is the scenario, not a hope that something happened).
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+
+        let duplicate = {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim("s", "k", "fp", DAY).await })
+        };
+        // The duplicate waits on the key: the first claim's session is still there.
+        // (This test's own sessions carry its id as their application name.)
+        let mine = format!("cqrs-test {}", db.schema());
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the duplicate waits on the key", || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1",
+            )
+            .bind(&mine)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (waiting > 0 || duplicate.is_finished()).then_some(())
+        })
+        .await;
+        assert!(!duplicate.is_finished(), "the duplicate took the key while the work ran");
+        guard
+            .complete(StoredResponse::new(201, serde_json::json!({ "id": "t1" })))
+            .await
+            .expect("the claim's transaction survived the wait");
+        match duplicate.await.unwrap().unwrap() {
+            Claim::Replay(response) => assert_eq!(response.status, 201),
+            Claim::New(_) => panic!("the work would run twice"),
+        }
+    }
+}

@@ -162,3 +162,37 @@ pg_test! {
         assert_eq!(left, [("c".to_owned(), 1), ("d".to_owned(), 1)]);
     }
 }
+
+pg_test! {
+    /// A backlog larger than one purge statement's batch (5,000 rows) is purged in full, with
+    /// the count right, and younger rows stay.
+    async fn a_purge_works_off_a_backlog_of_several_batches(db: PgDatabase) {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {}.inbox (consumer, message_id, processed_at) \
+             SELECT 'c', gen_random_uuid(), now() - interval '2 days' FROM generate_series(1, 12001)",
+            db.schema()
+        )))
+        .execute(db.pool())
+        .await
+        .unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {}.inbox (consumer, message_id) SELECT 'c', gen_random_uuid() \
+             FROM generate_series(1, 3)",
+            db.schema()
+        )))
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let store = db.projection_store();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(store.purge_inbox("c", day).await.unwrap(), 12_001);
+        let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.inbox",
+            db.schema()
+        )))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(left, 3);
+    }
+}
