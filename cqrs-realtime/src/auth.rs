@@ -2,6 +2,7 @@
 
 use crate::{ErrorCode, PushedEvent, Topic};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -44,6 +45,19 @@ pub trait Authenticator: Send + Sync + 'static {
     /// connections per key, so one client cannot take every connection the hub may hold.
     /// `None`, the default, leaves the principal's connections uncounted.
     fn connection_key(&self, principal: &Self::Principal) -> Option<String> {
+        let _ = principal;
+        None
+    }
+
+    /// When the principal's credentials stop being valid (a token's `exp`): the hub closes
+    /// the connection then, with code 1008 and reason `credentials expired`, so a short-lived
+    /// token does not grant a connection that lasts for ever. The close comes at the first
+    /// keepalive tick at or after this time (within one
+    /// [`ping_interval`](crate::HubOptions::ping_interval)), or at once when the client sends
+    /// `subscribe` after it; the time is read from the hub's
+    /// [`clock`](crate::HubBuilder::clock). Asked once, at the handshake, which it refuses with
+    /// 401 when the time has already passed. `None`, the default, never expires.
+    fn expires_at(&self, principal: &Self::Principal) -> Option<DateTime<Utc>> {
         let _ = principal;
         None
     }

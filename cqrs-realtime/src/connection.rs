@@ -9,6 +9,7 @@ use crate::signal::Ending;
 use crate::{ClientFrame, ErrorCode, ServerFrame, Topic};
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use chrono::{DateTime, Utc};
 use cqrs_core::Position;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -28,6 +29,7 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
     slot: ConnectionSlot<P>,
 ) {
     let (sink, mut stream) = socket.split();
+    let expires_at = hub.authenticator.expires_at(&principal);
     let conn = Arc::new(Conn {
         id: hub.next_id(),
         principal,
@@ -36,7 +38,7 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         metrics: hub.metrics.clone(),
     });
     hub.connections
-        .insert(conn.id, conn.close.clone(), conn.queue.clone());
+        .insert(conn.id, conn.close.clone(), conn.queue.clone(), expires_at);
     // Checked after registering: a shutdown either saw this connection, or is seen here.
     if hub.is_stopping() {
         conn.close.close(Ending::SHUTDOWN);
@@ -48,6 +50,7 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         conn,
         subscriptions: HashMap::new(),
         resumes,
+        expires_at,
     };
 
     // A hook (routing, authorizer) that panics on what a client sent must not leave the
@@ -93,6 +96,8 @@ struct Session<P> {
     subscriptions: HashMap<Topic, (Arc<Slot<P>>, String)>,
     /// Resumes (`since`) this connection may still start now, refilled over time.
     resumes: ResumeBudget,
+    /// When the principal's credentials expire; the keepalive closes the connection then.
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// A token bucket of `per_minute` resumes: full at first, one back every `60 s / per_minute`.
@@ -205,6 +210,14 @@ impl<P: Send + Sync + 'static> Session<P> {
     }
 
     async fn subscribe(&mut self, name: String, since: Option<String>) {
+        // The keepalive closes an expired connection within a ping interval; a subscribe
+        // before that must not add to what the stale credentials reach.
+        if self.expires_at.is_some_and(|at| at <= self.hub.clock.now()) {
+            if self.conn.close.close(Ending::EXPIRED) {
+                self.hub.metrics.expired(1);
+            }
+            return;
+        }
         let topic = match Topic::parse(&name) {
             Ok(topic) => topic,
             Err(error) => {

@@ -1,7 +1,11 @@
-//! Every open connection of a hub: what shutdown closes and the keepalive pings.
+//! Every open connection of a hub: what shutdown closes, and the keepalive that pings them
+//! and closes those whose credentials expired.
 
+use crate::metrics::Metrics;
 use crate::queue::{Outgoing, SendQueue};
 use crate::signal::{CloseSignal, Ending};
+use chrono::{DateTime, Utc};
+use cqrs_core::clock::Clock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,6 +13,8 @@ use std::time::Duration;
 struct Handle {
     close: Arc<CloseSignal>,
     queue: Arc<SendQueue>,
+    /// When the principal's credentials expire (`Authenticator::expires_at`).
+    expires_at: Option<DateTime<Utc>>,
 }
 
 /// The open connections, by id. Touched when a connection opens or closes, at shutdown, and
@@ -24,8 +30,21 @@ impl Connections {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn insert(&self, id: u64, close: Arc<CloseSignal>, queue: Arc<SendQueue>) {
-        self.lock().insert(id, Handle { close, queue });
+    pub(crate) fn insert(
+        &self,
+        id: u64,
+        close: Arc<CloseSignal>,
+        queue: Arc<SendQueue>,
+        expires_at: Option<DateTime<Utc>>,
+    ) {
+        self.lock().insert(
+            id,
+            Handle {
+                close,
+                queue,
+                expires_at,
+            },
+        );
     }
 
     pub(crate) fn remove(&self, id: u64) {
@@ -39,20 +58,33 @@ impl Connections {
         }
     }
 
-    /// Queues a WebSocket ping to every connection. A connection whose queue is full is
-    /// skipped: it has frames to write, and the next event decides whether it is too slow.
-    pub(crate) fn ping_all(&self) {
+    /// Closes with 1008 every connection whose credentials expired at or before `now`, and
+    /// queues a WebSocket ping to every other one. A connection whose queue is full is not
+    /// pinged: it has frames to write, and the next event decides whether it is too slow.
+    /// Returns how many connections this call closed.
+    pub(crate) fn tick(&self, now: DateTime<Utc>) -> u64 {
+        let mut expired = 0;
         for handle in self.lock().values() {
+            if handle.expires_at.is_some_and(|at| at <= now) {
+                // Counted once: a closing connection stays listed until its task ends.
+                if handle.close.close(Ending::EXPIRED) {
+                    expired += 1;
+                }
+                continue;
+            }
             let _ = handle.queue.try_push(Outgoing::Ping);
         }
+        expired
     }
 }
 
-/// Pings every connection of `connections` every `interval`, until the hub is gone or
-/// `stopped` says so.
+/// Every `interval`, until the hub is gone or `stopped` says so: pings every connection of
+/// `connections` and closes those whose credentials expired by `clock`.
 pub(crate) async fn keepalive(
     connections: std::sync::Weak<Connections>,
     interval: Duration,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
     stopped: impl Fn() -> bool,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -65,6 +97,13 @@ pub(crate) async fn keepalive(
         if stopped() {
             return;
         }
-        connections.ping_all();
+        let expired = connections.tick(clock.now());
+        if expired > 0 {
+            metrics.expired(expired);
+            tracing::debug!(
+                connections = expired,
+                "closed connections whose credentials expired"
+            );
+        }
     }
 }

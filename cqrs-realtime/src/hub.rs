@@ -11,6 +11,7 @@ use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
+use cqrs_core::clock::{Clock, SystemClock};
 use cqrs_core::ports::{EventStore, PubSub};
 use cqrs_core::runtime::{Shutdown, ShutdownTrigger};
 use serde::Deserialize;
@@ -76,6 +77,8 @@ pub(crate) struct HubInner<P> {
     pub(crate) upstreams: Upstreams<P>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) connections: Arc<Connections>,
+    /// What credential expiry is measured against.
+    pub(crate) clock: Arc<dyn Clock>,
     stop: ShutdownTrigger,
     stopped: Shutdown,
     external: Option<Shutdown>,
@@ -141,7 +144,8 @@ impl<P> Drop for ConnectionSlot<P> {
 }
 
 impl<P: Send + Sync + 'static> HubInner<P> {
-    /// Starts the keepalive pings and the watch on the external shutdown signal, once.
+    /// Starts the keepalive (pings, and closes of expired credentials) and the watch on the
+    /// external shutdown signal, once.
     fn start(self: &Arc<Self>) {
         if self.started.set(()).is_err() {
             return;
@@ -150,6 +154,8 @@ impl<P: Send + Sync + 'static> HubInner<P> {
         tokio::spawn(crate::connections::keepalive(
             Arc::downgrade(&self.connections),
             self.options.ping_interval,
+            self.clock.clone(),
+            self.metrics.clone(),
             move || stopped.is_requested(),
         ));
         if let Some(external) = self.external.clone() {
@@ -178,6 +184,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             store: None,
             options: HubOptions::default(),
             shutdown: None,
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -237,6 +244,15 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(refusal.message());
             }
         };
+        // Credentials already expired would be closed at the first tick: refuse them here.
+        if inner
+            .authenticator
+            .expires_at(&principal)
+            .is_some_and(|at| at <= inner.clock.now())
+        {
+            inner.metrics.refused("unauthorized");
+            return unauthorized("the credentials have expired");
+        }
         let upgrade = match upgrade {
             Ok(upgrade) => upgrade,
             Err(rejection) => {
@@ -354,6 +370,7 @@ pub struct HubBuilder<P> {
     store: Option<Arc<dyn EventStore>>,
     options: HubOptions,
     shutdown: Option<Shutdown>,
+    clock: Arc<dyn Clock>,
 }
 
 impl<P> fmt::Debug for HubBuilder<P> {
@@ -427,6 +444,14 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
         self
     }
 
+    /// The clock that [`Authenticator::expires_at`] is compared with, at each keepalive tick
+    /// and each `subscribe`. Default [`SystemClock`]; tests pass a
+    /// [`ManualClock`](cqrs_core::clock::ManualClock) to expire credentials without waiting.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// The hub, or every problem with its configuration.
     pub fn build(self) -> Result<Hub<P>, BuildError> {
         let mut problems = self.options.problems();
@@ -467,6 +492,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 upstreams,
                 metrics,
                 connections: Arc::new(Connections::default()),
+                clock: self.clock,
                 stop,
                 stopped,
                 external: self.shutdown,

@@ -15,6 +15,8 @@ pub mod names {
     pub const SLOW_CLIENT_CLOSES: &str = "realtime_slow_client_closes_total";
     /// Counter: connections closed with 1000 because nothing arrived within the idle timeout.
     pub const IDLE_CLOSES: &str = "realtime_idle_closes_total";
+    /// Counter: connections closed with 1008 because their principal's credentials expired.
+    pub const EXPIRED_CLOSES: &str = "realtime_expired_closes_total";
     /// Counter: handshakes refused, labelled `reason` = `unauthorized`, `not_websocket`,
     /// `too_many_connections`, `too_many_connections_for_principal` or `shutting_down`.
     pub const HANDSHAKES_REFUSED: &str = "realtime_handshakes_refused_total";
@@ -39,6 +41,8 @@ pub struct HubStats {
     pub slow_client_closes: u64,
     /// Connections closed for being idle.
     pub idle_closes: u64,
+    /// Connections closed because their credentials expired.
+    pub expired_closes: u64,
     /// Handshakes refused.
     pub handshakes_refused: u64,
     /// Channel messages missed upstream.
@@ -56,6 +60,7 @@ pub(crate) struct Metrics {
     messages_sent: Counter,
     slow_closes: Counter,
     idle_closes: Counter,
+    expired_closes: Counter,
     upstream_missed: Counter,
     replayed: Counter,
     stats: Stats,
@@ -68,6 +73,7 @@ struct Stats {
     messages_sent: AtomicU64,
     slow_closes: AtomicU64,
     idle_closes: AtomicU64,
+    expired_closes: AtomicU64,
     refused: AtomicU64,
     upstream_missed: AtomicU64,
     replayed: AtomicU64,
@@ -81,6 +87,7 @@ impl Metrics {
             messages_sent: metrics::counter!(names::MESSAGES_SENT),
             slow_closes: metrics::counter!(names::SLOW_CLIENT_CLOSES),
             idle_closes: metrics::counter!(names::IDLE_CLOSES),
+            expired_closes: metrics::counter!(names::EXPIRED_CLOSES),
             upstream_missed: metrics::counter!(names::UPSTREAM_MISSED),
             replayed: metrics::counter!(names::REPLAYED_EVENTS),
             stats: Stats::default(),
@@ -124,6 +131,13 @@ impl Metrics {
         self.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn expired(&self, connections: u64) {
+        self.expired_closes.increment(connections);
+        self.stats
+            .expired_closes
+            .fetch_add(connections, Ordering::Relaxed);
+    }
+
     pub(crate) fn refused(&self, reason: &'static str) {
         metrics::counter!(names::HANDSHAKES_REFUSED, "reason" => reason).increment(1);
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +163,7 @@ impl Metrics {
             messages_sent: s.messages_sent.load(Ordering::Relaxed),
             slow_client_closes: s.slow_closes.load(Ordering::Relaxed),
             idle_closes: s.idle_closes.load(Ordering::Relaxed),
+            expired_closes: s.expired_closes.load(Ordering::Relaxed),
             handshakes_refused: s.refused.load(Ordering::Relaxed),
             upstream_missed: s.upstream_missed.load(Ordering::Relaxed),
             replayed_events: s.replayed.load(Ordering::Relaxed),

@@ -247,7 +247,8 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// 1007: a text frame was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
-    /// 1008: the client was too slow to take its events (its send queue filled up).
+    /// 1008: the client was too slow to take its events (its send queue filled up), or its
+    /// credentials expired ([`Authenticator::expires_at`](crate::Authenticator::expires_at)).
     pub const POLICY_VIOLATION: u16 = 1008;
     /// 1009: a client frame or message was larger than the configured limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;

@@ -19,6 +19,10 @@ impl Ending {
         code: close_code::POLICY_VIOLATION,
         reason: "slow consumer: the send queue is full",
     };
+    pub(crate) const EXPIRED: Ending = Ending::Close {
+        code: close_code::POLICY_VIOLATION,
+        reason: "credentials expired",
+    };
     pub(crate) const SHUTDOWN: Ending = Ending::Close {
         code: close_code::GOING_AWAY,
         reason: "server shutting down",

@@ -179,8 +179,45 @@ impl TestHub {
         replay_from: Option<Arc<dyn EventStore>>,
         configure: impl FnOnce(HubBuilder<User>) -> HubBuilder<User>,
     ) -> Self {
+        Self::start_authenticated(
+            authenticator(),
+            pubsub,
+            options,
+            store,
+            replay_from,
+            configure,
+        )
+        .await
+    }
+
+    /// A hub on in-memory ports whose handshakes `authenticator` checks.
+    pub(crate) async fn start_with_authenticator(
+        authenticator: impl Authenticator<Principal = User>,
+        options: HubOptions,
+        configure: impl FnOnce(HubBuilder<User>) -> HubBuilder<User>,
+    ) -> Self {
+        let store = Arc::new(InMemoryEventStore::new());
+        Self::start_authenticated(
+            authenticator,
+            Arc::new(InMemoryPubSub::new()),
+            options,
+            store.clone(),
+            Some(store),
+            configure,
+        )
+        .await
+    }
+
+    async fn start_authenticated(
+        authenticator: impl Authenticator<Principal = User>,
+        pubsub: Arc<dyn PubSub>,
+        options: HubOptions,
+        store: Arc<InMemoryEventStore>,
+        replay_from: Option<Arc<dyn EventStore>>,
+        configure: impl FnOnce(HubBuilder<User>) -> HubBuilder<User>,
+    ) -> Self {
         let rules = TicketRules::default();
-        let mut builder = Hub::builder(authenticator())
+        let mut builder = Hub::builder(authenticator)
             .authorizer(rules.clone())
             .routing(TicketRouting)
             .pubsub(pubsub.clone())
@@ -349,12 +386,20 @@ impl Client {
 
     /// Reads until the close frame and returns its code, failing after `limit` frames.
     pub(crate) async fn closed_with(&mut self, limit: usize) -> u16 {
+        self.close_frame(limit).await.0
+    }
+
+    /// Reads until the close frame and returns its code (0 without one) and reason, failing
+    /// after `limit` frames.
+    pub(crate) async fn close_frame(&mut self, limit: usize) -> (u16, String) {
         for _ in 0..limit {
             if let Read::Closed(close) = self.read().await {
                 // Reading on sends tungstenite's reply to the close, completing the handshake
                 // (the server waits for it before dropping the connection).
                 let _ = tokio::time::timeout(FRAME_DEADLINE, self.ws.next()).await;
-                return close.map(|c| u16::from(c.code)).unwrap_or(0);
+                return close.map_or((0, String::new()), |c| {
+                    (u16::from(c.code), c.reason.as_str().to_owned())
+                });
             }
         }
         panic!("no close frame within {limit} frames");

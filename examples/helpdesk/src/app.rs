@@ -237,6 +237,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .routing_arc(feed.routing.clone())
         .pubsub(backends.pubsub.clone())
         .event_store(backends.events.clone())
+        .clock(backends.clock.clone())
         .build()?;
     runtime = runtime.worker(PublishWorker::new(
         Publisher::new(backends.pubsub.clone(), feed.routing.clone()),
@@ -439,6 +440,11 @@ impl cqrs_realtime::Authenticator for HubAuthenticator {
     /// One user's connections are counted together (`max_connections_per_principal`).
     fn connection_key(&self, session: &Session) -> Option<String> {
         Some(session.user.id.to_string())
+    }
+
+    /// The hub closes the connection (1008) when the token expires.
+    fn expires_at(&self, session: &Session) -> Option<chrono::DateTime<chrono::Utc>> {
+        session.expires_at
     }
 }
 

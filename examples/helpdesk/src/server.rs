@@ -45,9 +45,12 @@ impl Server {
             let mut stop_seen = stopped.clone();
             let connections = serve(listener, router, stopped, header_timeout);
             let mut serve = tokio::spawn(connections);
+            // Biased, the stop first: serving also ends because of the stop (it watches the same
+            // signal), and when both were ready an unbiased pick sometimes took that branch,
+            // skipping the hub's shutdown: WebSockets got no 1001 and the stop waited out the
+            // grace period for them.
             tokio::select! {
-                // Serving ended on its own: an error.
-                served = &mut serve => served??,
+                biased;
                 _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
                     // WebSockets are not in-flight requests: close them now, with 1001.
                     hub.shutdown();
@@ -60,6 +63,8 @@ impl Server {
                         }
                     }
                 }
+                // Serving ended on its own: an error.
+                served = &mut serve => served??,
             }
             // The WebSockets' close frames (1001) go out before the process may exit.
             if tokio::time::timeout(grace, closing.closed()).await.is_err() {

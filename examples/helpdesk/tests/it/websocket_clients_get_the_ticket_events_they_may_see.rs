@@ -413,3 +413,42 @@ async fn shutting_the_server_down_closes_websockets_with_1001() {
     })
     .await;
 }
+
+/// A connection lives no longer than its token: once the token has expired, the next
+/// `subscribe` closes it with 1008 (and the keepalive tick would, within `ping_interval`),
+/// and a new handshake with the same token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_ends_when_its_token_expires() {
+    within(async {
+        let s = TestServer::start().await;
+        let (agent, _) = s.agent().await;
+        let mut ws = connect(&s, &agent).await;
+        subscribe(&mut ws, "tickets").await;
+
+        s.clock.advance(Duration::from_secs(3601));
+        send(&mut ws, json!({ "type": "subscribe", "topic": "ticket:any" })).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let close = loop {
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(Message::Close(frame)))) => break frame,
+                other => panic!("expected the 1008 close, got {other:?}"),
+            }
+        };
+        let close = close.expect("a close frame with a code");
+        assert_eq!(close.code, CloseCode::Policy);
+        assert_eq!(close.reason.as_str(), "credentials expired");
+
+        let again = tokio_tungstenite::connect_async(format!(
+            "{}/ws?token={agent}",
+            s.base.replace("http://", "ws://")
+        ))
+        .await;
+        assert!(
+            matches!(&again, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == StatusCode::UNAUTHORIZED),
+            "{again:?}"
+        );
+        s.stop().await;
+    })
+    .await;
+}

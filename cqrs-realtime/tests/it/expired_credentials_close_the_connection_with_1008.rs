@@ -1,0 +1,221 @@
+use crate::support::{Client, FRAME_DEADLINE, Read, TEST_LIMIT, TestHub, TestTokens, User};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use cqrs_core::clock::{Clock, ManualClock};
+use cqrs_core::testing::{eventually, with_timeout};
+use cqrs_realtime::{Authenticator, HubOptions, ServerFrame, Unauthenticated, close_code};
+use futures_util::StreamExt;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+const REASON: &str = "credentials expired";
+
+/// The test tokens, whose principals named `temp…` expire at `at`; the others never do.
+struct Expiring {
+    at: DateTime<Utc>,
+}
+
+#[async_trait]
+impl Authenticator for Expiring {
+    type Principal = User;
+
+    async fn authenticate(&self, token: &str) -> Result<User, Unauthenticated> {
+        TestTokens.authenticate(token).await
+    }
+
+    fn connection_key(&self, user: &User) -> Option<String> {
+        Some(user.id.clone())
+    }
+
+    fn expires_at(&self, user: &User) -> Option<DateTime<Utc>> {
+        user.id.starts_with("temp").then_some(self.at)
+    }
+}
+
+/// A hub on `clock` whose `temp…` principals expire 60 s after the clock's start.
+async fn hub(clock: &ManualClock, options: HubOptions) -> TestHub {
+    let authenticator = Expiring {
+        at: clock.now() + chrono::Duration::seconds(60),
+    };
+    let clock = clock.clone();
+    TestHub::start_with_authenticator(authenticator, options, move |b| b.clock(Arc::new(clock)))
+        .await
+}
+
+fn ticking() -> HubOptions {
+    HubOptions::new().ping_interval(Duration::from_millis(20))
+}
+
+/// Reads `n` WebSocket pings and nothing else: `n` keepalive ticks passed this connection by
+/// without closing it.
+async fn pings(client: &mut Client, n: usize) {
+    for _ in 0..n {
+        match tokio::time::timeout(FRAME_DEADLINE, client.ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_)))) => {}
+            other => panic!("expected a ping, got {other:?}"),
+        }
+    }
+}
+
+/// The close, which the client must get within a frame deadline (pings keep coming, so the
+/// client's own read deadline never fires).
+async fn closed_in_time(close: impl Future<Output = (u16, String)>) -> (u16, String) {
+    tokio::time::timeout(FRAME_DEADLINE, close)
+        .await
+        .expect("the connection is closed within the deadline")
+}
+
+/// Up to its expiry, a connection gets its events through every keepalive tick; at the first
+/// tick after it, the hub closes it with 1008.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_at_the_first_tick_after_its_credentials_expire() {
+    with_timeout(TEST_LIMIT, async {
+        let clock = ManualClock::new();
+        let t = hub(&clock, ticking()).await;
+        let mut client = t.connect("agent-temp1").await;
+        client.subscribe("tickets").await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(client.event().await.seq, 1);
+
+        // Just before the expiry: ticks come and go, events still arrive.
+        clock.advance(Duration::from_secs(59));
+        // The pong follows every ping queued before the clock moved.
+        client.ping_pong().await;
+        pings(&mut client, 3).await;
+        t.publish("t1", "u1", 2).await;
+        assert_eq!(client.event().await.seq, 2);
+
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(
+            closed_in_time(client.close_frame(100)).await,
+            (close_code::POLICY_VIOLATION, REASON.to_owned())
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the expired connection is counted and released",
+            || async {
+                let stats = t.hub.stats();
+                (stats.expired_closes == 1 && stats.connections == 0 && stats.subscriptions == 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A `subscribe` after the expiry closes the connection at once, before the next tick, and is
+/// never answered with `subscribed`; a principal without expiry subscribes as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_after_the_expiry_closes_the_connection_instead() {
+    with_timeout(TEST_LIMIT, async {
+        // No tick within the test: only the subscribe can close the connection.
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_secs(600))
+            .idle_timeout(Duration::from_secs(1200));
+        let clock = ManualClock::new();
+        let t = hub(&clock, options).await;
+        let mut temp = t.connect("agent-temp1").await;
+        temp.subscribe("tickets").await;
+        let mut forever = t.connect("agent-forever").await;
+
+        clock.advance(Duration::from_secs(61));
+        temp.send(json!({"type": "subscribe", "topic": "ticket:t1"}))
+            .await;
+        match temp.read().await {
+            Read::Closed(Some(close)) => {
+                assert_eq!(
+                    (u16::from(close.code), close.reason.as_str()),
+                    (close_code::POLICY_VIOLATION, REASON)
+                );
+            }
+            Read::Frame(ServerFrame::Subscribed { topic }) => {
+                panic!("an expired principal got `subscribed` to {topic}")
+            }
+            other => panic!("expected the 1008 close, got {other:?}"),
+        }
+        // Reading on answers the close.
+        let _ = tokio::time::timeout(FRAME_DEADLINE, temp.ws.next()).await;
+
+        forever.subscribe("ticket:t1").await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(forever.event().await.seq, 1);
+        eventually(
+            Duration::from_secs(10),
+            "the expired connection is counted and released",
+            || async {
+                let stats = t.hub.stats();
+                (stats.expired_closes == 1 && stats.connections == 1 && stats.subscriptions == 1)
+                    .then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A principal without expiry stays open however far the clock moves, while an expiring one
+/// on the same hub is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_without_expiry_is_never_closed_for_it() {
+    with_timeout(TEST_LIMIT, async {
+        let clock = ManualClock::new();
+        let t = hub(&clock, ticking()).await;
+        let mut forever = t.connect("agent-forever").await;
+        forever.subscribe("tickets").await;
+        let mut temp = t.connect("agent-temp1").await;
+        temp.subscribe("tickets").await;
+
+        clock.advance(Duration::from_secs(365 * 24 * 3600));
+        // A tick after the advance closed the expiring one...
+        assert_eq!(
+            closed_in_time(temp.close_frame(100)).await,
+            (close_code::POLICY_VIOLATION, REASON.to_owned())
+        );
+        // ...and more ticks after it pass the other by: the pong follows every ping queued
+        // before, so these come from later ticks.
+        forever.ping_pong().await;
+        pings(&mut forever, 3).await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(forever.event().await.seq, 1);
+        eventually(
+            Duration::from_secs(10),
+            "only the expiring connection is counted and released",
+            || async {
+                let stats = t.hub.stats();
+                (stats.expired_closes == 1 && stats.connections == 1).then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A handshake whose principal has already expired is refused with 401, not upgraded and
+/// closed at the next tick; one that has not expired yet is upgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_expired_credentials_is_refused_with_401() {
+    with_timeout(TEST_LIMIT, async {
+        let clock = ManualClock::new();
+        let t = hub(&clock, ticking()).await;
+        drop(t.connect("agent-temp1").await);
+        clock.advance(Duration::from_secs(60));
+        match tokio_tungstenite::connect_async(t.url("agent-temp2")).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 401);
+                let body = response.body().clone().unwrap_or_default();
+                assert!(
+                    String::from_utf8_lossy(&body).contains("expired"),
+                    "{}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            Ok(_) => panic!("an expired principal was upgraded"),
+            Err(other) => panic!("handshake failed: {other}"),
+        }
+        assert_eq!(t.hub.stats().handshakes_refused, 1);
+    })
+    .await;
+}
