@@ -160,7 +160,7 @@ pub struct Loaded<A> {
 #[non_exhaustive]
 pub enum AggregateError<E> {
     /// The aggregate refused the command.
-    #[error("the command was refused")]
+    #[error("the command was refused: {0}")]
     Rejected(E),
     /// The stream changed since it was loaded, or the caller's expected version is stale.
     /// Retry (load and decide again) or report a conflict; the repository never retries by

@@ -40,8 +40,11 @@
 //! # What lives here, and who depends on it
 //!
 //! The core holds the message traits, the buses, their [middleware], message [`Metadata`], the
-//! [plugin] mechanism, and (in later modules) the ports that storage and transport adapters
-//! implement. Adapters (`cqrs-postgres`, `cqrs-redis`, `cqrs-realtime`) depend on the core; the
+//! [plugin] mechanism, the [ports] that storage and transport adapters implement, with
+//! in-[memory] adapters and conformance suites (`testing`, behind the feature of that name),
+//! event-sourced aggregates ([`AggregateRepository`]), [projection]s and consume loops, the
+//! store [relay], and the [runtime] that runs background workers with health checks and
+//! graceful shutdown. Adapters (`cqrs-postgres`, `cqrs-redis`, `cqrs-realtime`) depend on the core; the
 //! core depends on none of them, nor on any web framework.
 //!
 //! # Buses are frozen

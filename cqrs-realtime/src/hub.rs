@@ -456,13 +456,13 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
     pub fn build(self) -> Result<Hub<P>, BuildError> {
         let mut problems = self.options.problems();
         if self.authorizer.is_none() {
-            problems.push("an authorizer is required (AllowAll for public feeds)".to_owned());
+            problems.push("an authorizer is required: call `.authorizer(..)` (AllowAll for public feeds)".to_owned());
         }
         if self.routing.is_none() {
-            problems.push("an event routing is required".to_owned());
+            problems.push("an event routing is required: call `.routing(..)`".to_owned());
         }
         if self.pubsub.is_none() {
-            problems.push("a pub/sub is required".to_owned());
+            problems.push("a pub/sub is required: call `.pubsub(..)` (an InMemoryPubSub in one process, RedisPubSub across instances)".to_owned());
         }
         let (Some(authorizer), Some(routing), Some(pubsub), true) = (
             self.authorizer,

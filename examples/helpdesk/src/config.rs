@@ -140,7 +140,7 @@ impl Config {
             problems.push("REDIS_URL is set without DATABASE_URL: durable events need durable state; set DATABASE_URL too, or unset REDIS_URL".into());
         }
         if self.database_url.is_some() && self.jwt_secret.is_none() {
-            problems.push("DATABASE_URL is set without HELPDESK_JWT_SECRET: every instance needs the same secret; set one of at least 32 bytes".into());
+            problems.push("DATABASE_URL is set without HELPDESK_JWT_SECRET: every instance needs the same secret; set one of at least 32 bytes, or unset DATABASE_URL to run in memory".into());
         }
         if !valid_name(&self.database_schema, 56) {
             problems.push(format!(
