@@ -393,7 +393,7 @@ pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
 
 /// Refuses consumer options that would break the transport's guarantees, naming each problem.
 fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportError> {
-    let mut problems = Vec::new();
+    let mut problems = options.problems();
     if options.redelivery_delay < MIN_REDELIVERY_DELAY {
         problems.push(format!(
             "redelivery_delay is {:?}, below the {:?} a Redis consumer needs: it is also how \
@@ -401,16 +401,6 @@ fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportEr
              hands entries still being handled to a second consumer",
             options.redelivery_delay, MIN_REDELIVERY_DELAY
         ));
-    }
-    if options.max_deliveries == 0 {
-        problems.push(
-            "max_deliveries is 0: every entry would be dead-lettered before any handler saw \
-             it; use at least 1"
-                .to_owned(),
-        );
-    }
-    if options.consumer_name.is_empty() {
-        problems.push("consumer_name must not be empty".to_owned());
     }
     if problems.is_empty() {
         Ok(())

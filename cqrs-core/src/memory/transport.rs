@@ -118,6 +118,7 @@ impl EventTransport for InMemoryTransport {
         group: &str,
         options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
+        options.validate()?;
         {
             let mut state = self.lock();
             let t = state.topics.entry(topic.to_owned()).or_default();

@@ -59,10 +59,13 @@ pub struct ConsumerOptions {
     /// How long one `fetch` waits for messages before returning none. Default 1 s.
     pub block: Duration,
     /// How long a nacked message, or one delivered but not acknowledged (its consumer crashed),
-    /// waits before it is delivered again. Default 30 s.
+    /// waits before it is delivered again. Default 30 s. A transport may refuse short ones:
+    /// the Redis transport refuses less than 100 ms (`cqrs_redis::MIN_REDELIVERY_DELAY`), the
+    /// in-memory one takes any, so keep test options at 100 ms or more if they must also run
+    /// against Redis.
     pub redelivery_delay: Duration,
     /// Deliveries after which a message is dead-lettered instead of retried, where the
-    /// transport supports it. Default 10.
+    /// transport supports it. Default 10; at least 1.
     pub max_deliveries: u32,
 }
 
@@ -101,6 +104,45 @@ impl ConsumerOptions {
     pub fn max_deliveries(mut self, max: u32) -> Self {
         self.max_deliveries = max;
         self
+    }
+
+    /// The rules every transport holds these options to (a transport may add its own): a
+    /// consumer name, and at least one delivery. [`EventTransport::consumer`] refuses options
+    /// that break them with [`TransportError::Invalid`], naming every problem.
+    ///
+    /// ```
+    /// use cqrs_core::ports::ConsumerOptions;
+    ///
+    /// let err = ConsumerOptions::default().max_deliveries(0).consumer_name("").validate().unwrap_err();
+    /// assert!(err.to_string().contains("max_deliveries"));
+    /// assert!(err.to_string().contains("consumer_name"));
+    /// ```
+    pub fn validate(&self) -> Result<(), TransportError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(TransportError::Invalid(format!(
+                "invalid consumer options: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+
+    /// What [`validate`](Self::validate) finds wrong, for a transport that adds its own rules.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.max_deliveries == 0 {
+            problems.push(
+                "max_deliveries is 0: every message would be dead-lettered before any handler \
+                 saw it; use at least 1"
+                    .to_owned(),
+            );
+        }
+        if self.consumer_name.is_empty() {
+            problems.push("consumer_name must not be empty".to_owned());
+        }
+        problems
     }
 }
 

@@ -44,6 +44,7 @@ macro_rules! transport_conformance {
                 a_fetch_may_block_without_limit,
                 a_delivery_kept_alive_is_not_handed_out_again,
                 a_redelivery_delay_of_duration_max_never_redelivers,
+                consumer_options_that_break_the_port_rules_are_refused,
             ]
         );
     };
@@ -505,4 +506,27 @@ async fn drain_unacked(c: &mut dyn Consumer, count: usize) -> Vec<Delivery> {
     }
     assert_eq!(got.len(), count, "deliveries");
     got
+}
+
+/// Options that break the rules every transport holds ([`ConsumerOptions::validate`]: no
+/// consumer name, no delivery allowed) are refused with `Invalid`, naming the problem, by
+/// every adapter alike: a test on the in-memory transport fails where production would.
+pub async fn consumer_options_that_break_the_port_rules_are_refused<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t12", h.test_id());
+    let transport = h.transport();
+    for (what, options) in [
+        (
+            "max_deliveries",
+            h.options().consumer_name("c").max_deliveries(0),
+        ),
+        ("consumer_name", h.options().consumer_name("")),
+    ] {
+        match transport.consumer(&topic, "g", options).await {
+            Err(crate::ports::TransportError::Invalid(message)) => {
+                assert!(message.contains(what), "{what}: {message}");
+            }
+            Err(other) => panic!("{what}: expected Invalid, got {other}"),
+            Ok(_) => panic!("{what}: a consumer with broken options was made"),
+        }
+    }
 }
