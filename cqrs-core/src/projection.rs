@@ -245,7 +245,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 
     /// How long the worker waits after an empty batch from the store (default 200 ms). A
-    /// transport-fed runner waits in the consumer's `block` instead.
+    /// transport-fed runner waits in the consumer's `block` instead. After a failed batch
+    /// either waits `max(idle, 10 ms)`, doubling with each failure in a row up to 64 times
+    /// that.
     pub fn idle_interval(mut self, idle: Duration) -> Self {
         self.idle = idle;
         self
@@ -526,19 +528,18 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     failures += 1;
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     ctx.health.set(Health::Degraded(e.to_string()));
+                    // From the idle interval, but from 10 ms at least: a transport-fed runner
+                    // does not otherwise use `idle`, and a zero one retried every millisecond.
                     let backoff = self
                         .idle
-                        .saturating_mul(2u32.saturating_pow(failures.min(6)))
-                        .max(Duration::from_millis(1));
+                        .max(Duration::from_millis(10))
+                        .saturating_mul(2u32.saturating_pow(failures.min(6)));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = ctx.shutdown.requested() => {}
                     }
                 }
             }
-        }
-        if let Some(running) = purge.running.take() {
-            running.abort();
         }
         Ok(())
     }
@@ -552,6 +553,16 @@ struct InboxPurge<S> {
     interval: Duration,
     next: tokio::time::Instant,
     running: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A purge in flight stops with its worker's run, however that ends (returned, panicked,
+/// aborted at shutdown): it must not outlive it, nor overlap the purge of a restarted run.
+impl<S> Drop for InboxPurge<S> {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.abort();
+        }
+    }
 }
 
 impl<S: ProjectionStore> InboxPurge<S> {
@@ -593,16 +604,27 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     records: &[EventRecord],
 ) -> Result<usize, ProjectionError> {
     let mut applied = 0;
+    // A panic (in an upcaster or in the projection) is this event's fault, like an error: it
+    // must fail the batch with the event named, so that only it is handed back as an attempt.
+    // Unwinding past the runner instead would hand none back, and the whole batch would reach
+    // its maximum deliveries together and be dead-lettered, the innocent events with it.
+    let panicked = |record: &EventRecord, message: String| ProjectionError::Apply {
+        projection: name.to_owned(),
+        event_id: record.event_id,
+        event_type: record.event_type.clone(),
+        source: HandlerError::internal(format!("panicked: {message}")),
+    };
     for record in records {
         if !store.mark_processed(unit, name, record.event_id).await? {
             continue;
         }
-        let envelope = types
-            .decode(record)
-            .map_err(|source| ProjectionError::Decode {
-                event_id: record.event_id,
-                source,
-            })?;
+        let envelope =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| types.decode(record)))
+                .map_err(|payload| panicked(record, crate::panic::panic_message(payload.as_ref())))?
+                .map_err(|source| ProjectionError::Decode {
+                    event_id: record.event_id,
+                    source,
+                })?;
         if let Some(envelope) = envelope {
             metrics::counter!(
                 "cqrs_events_handled_total",
@@ -610,9 +632,9 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
                 "event_type" => envelope.name()
             )
             .increment(1);
-            projection
-                .apply(unit, &envelope)
+            crate::panic::CatchUnwind::new(projection.apply(unit, &envelope))
                 .await
+                .map_err(|message| panicked(record, message))?
                 .map_err(|source| ProjectionError::Apply {
                     projection: name.to_owned(),
                     event_id: record.event_id,
@@ -885,7 +907,13 @@ where
         let (event_id, attempt) = (delivery.record.event_id, delivery.attempt);
         let outcome = match failed {
             Some(first) => Outcome::Skipped(first),
-            None => match handle(delivery).await {
+            // A handler that panics fails its own delivery, as an error would: unwinding past
+            // the loop would hand nothing back, and the whole batch would come back counted.
+            None => match crate::panic::CatchUnwind::new(handle(delivery))
+                .await
+                .unwrap_or_else(|message| {
+                    Handled::Retry(format!("the handler panicked: {message}"))
+                }) {
                 Handled::Done => Outcome::Done,
                 Handled::Retry(reason) => {
                     failed = Some(event_id);

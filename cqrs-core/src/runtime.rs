@@ -4,7 +4,7 @@
 
 use crate::BoxError;
 use async_trait::async_trait;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -318,8 +318,18 @@ impl RuntimeBuilder {
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthMap::default();
         let mut tasks = JoinSet::new();
+        // Health is kept by name: two workers of one name (two consumers of one topic and
+        // group, say) would overwrite each other's, so the second is `name#2`, and so on.
+        let mut taken: HashMap<String, usize> = HashMap::new();
         for mut worker in self.workers {
-            let name = worker.name().to_owned();
+            let mut name = worker.name().to_owned();
+            let seen = taken.entry(name.clone()).or_insert(0);
+            *seen += 1;
+            if *seen > 1 {
+                let renamed = format!("{name}#{seen}");
+                tracing::warn!(worker = %name, health = %renamed, "two workers share a name; reporting this one's health under another");
+                name = renamed;
+            }
             let reporter = HealthReporter {
                 name: name.clone(),
                 map: health.clone(),
@@ -351,14 +361,17 @@ impl RuntimeBuilder {
                     }
                     tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
                     reporter.set(Health::Unhealthy(reason));
+                    // At least 1 ms, whatever the settings (a `max` of zero resets the backoff
+                    // to `min` after every run): a zero one restarts a failing worker in a
+                    // tight loop.
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.max(Duration::from_millis(1))) => {}
                         _ = ctx.shutdown.requested() => {
                             reporter.set(Health::Stopped);
                             return;
                         }
                     }
-                    // At least 1 ms: a zero start would never slow down.
+                    // At least 1 ms to double from: a zero start would never grow.
                     backoff = backoff.saturating_mul(2).max(Duration::from_millis(1)).min(max);
                 }
             });
@@ -490,6 +503,13 @@ impl Runtime {
                     let drained = async { while tasks.join_next().await.is_some() {} };
                     if tokio::time::timeout(grace, drained).await.is_err() {
                         tracing::warn!(?grace, "aborted workers were not dropped in time");
+                    }
+                    // Aborted, they report nothing more themselves.
+                    let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                    for name in &workers {
+                        if let Some((state, _)) = health.get_mut(name) {
+                            *state = Health::Stopped;
+                        }
                     }
                     return Err(ShutdownError { grace, workers });
                 }

@@ -29,7 +29,10 @@ struct Group {
 
 #[derive(Default)]
 struct Topic {
-    log: Vec<EventRecord>,
+    /// The messages from index `base` on (what [`InMemoryTransport::trim`] left).
+    log: VecDeque<EventRecord>,
+    /// The index of `log`'s first message: indexes stay valid when the front is trimmed.
+    base: usize,
     groups: HashMap<String, Group>,
 }
 
@@ -77,6 +80,52 @@ impl InMemoryTransport {
             .unwrap_or_default()
     }
 
+    /// Drops the messages of `topic` that every group has acknowledged or dead-lettered, and
+    /// returns how many. The transport keeps every message until then, so a long-running
+    /// process calls this periodically (as `cqrs_redis::StreamMaintenance` trims a Redis
+    /// stream). A group made afterwards starts after them; with no group at all, nothing is
+    /// dropped (a group made later still sees every message).
+    ///
+    /// ```
+    /// use cqrs_core::memory::InMemoryTransport;
+    /// use cqrs_core::ports::{ConsumerOptions, EventTransport};
+    /// # use cqrs_core::{EventEnvelope, EventRecord, Metadata};
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let record = EventRecord::from_envelope(&EventEnvelope::new(cqrs_core::doc::TicketOpened { ticket_id: "t1".into() }, Metadata::new()))?;
+    /// let transport = InMemoryTransport::new();
+    /// let mut consumer = transport.consumer("tickets", "stats", ConsumerOptions::default()).await?;
+    /// transport.publish("tickets", &[record]).await?;
+    /// let batch = consumer.fetch(10).await?;
+    /// consumer.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>()).await?;
+    /// assert_eq!(transport.trim("tickets"), 1);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn trim(&self, topic: &str) -> usize {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return 0;
+        };
+        let end = t.base + t.log.len();
+        // The lowest index some group still needs: waiting (in order) or in flight.
+        let Some(keep_from) = t
+            .groups
+            .values()
+            .map(|g| {
+                let waiting = g.waiting.iter().min().copied().unwrap_or(end);
+                let in_flight = g.in_flight.keys().next().copied().unwrap_or(end);
+                waiting.min(in_flight)
+            })
+            .min()
+        else {
+            return 0;
+        };
+        let dropped = keep_from - t.base;
+        t.log.drain(..dropped);
+        t.base = keep_from;
+        dropped
+    }
+
     /// Messages of `topic` that group `group` has not acknowledged yet (waiting or in flight).
     pub fn backlog(&self, topic: &str, group: &str) -> usize {
         let state = self.lock();
@@ -101,8 +150,8 @@ impl EventTransport for InMemoryTransport {
             let mut state = self.lock();
             let topic = state.topics.entry(topic.to_owned()).or_default();
             for event in events {
-                let index = topic.log.len();
-                topic.log.push(event.clone());
+                let index = topic.base + topic.log.len();
+                topic.log.push_back(event.clone());
                 for group in topic.groups.values_mut() {
                     group.waiting.push_back(index);
                 }
@@ -122,10 +171,10 @@ impl EventTransport for InMemoryTransport {
         {
             let mut state = self.lock();
             let t = state.topics.entry(topic.to_owned()).or_default();
-            let len = t.log.len();
-            // A new group starts at the beginning of the topic.
+            let (base, end) = (t.base, t.base + t.log.len());
+            // A new group starts at the beginning of the topic (what is left of it).
             t.groups.entry(group.to_owned()).or_insert_with(|| Group {
-                waiting: (0..len).collect(),
+                waiting: (base..end).collect(),
                 ..Group::default()
             });
         }
@@ -150,13 +199,16 @@ impl InMemoryConsumer {
     fn take(&self, max: usize) -> (Vec<Delivery>, Option<Instant>) {
         let now = Instant::now();
         let mut state = self.transport.lock();
-        let Some(topic) = state.topics.get_mut(&self.topic) else {
+        let Some(Topic { log, base, groups }) = state.topics.get_mut(&self.topic) else {
             return (Vec::new(), None);
         };
-        let Some(group) = topic.groups.get_mut(&self.group) else {
+        let Some(group) = groups.get_mut(&self.group) else {
             return (Vec::new(), None);
         };
-        let key_of = |i: usize| topic.log[i].partition_key.clone();
+        // Indexes this group holds are never trimmed: `trim` keeps from the lowest one.
+        let base = *base;
+        let record = |i: usize| &log[i - base];
+        let key_of = |i: usize| record(i).partition_key.clone();
         let mut out = Vec::new();
         let mut next_due: Option<Instant> = None;
 
@@ -169,7 +221,7 @@ impl InMemoryConsumer {
             .collect();
         for i in exhausted {
             if let Some(f) = group.in_flight.remove(&i) {
-                group.dead.push((topic.log[i].clone(), f.attempt));
+                group.dead.push((record(i).clone(), f.attempt));
             }
         }
 
@@ -196,7 +248,7 @@ impl InMemoryConsumer {
                 f.due = due_after(now, self.options.redelivery_delay);
                 out.push(Delivery::new(
                     DeliveryId(i.to_string()),
-                    topic.log[i].clone(),
+                    record(i).clone(),
                     f.attempt,
                 ));
             }
@@ -228,7 +280,7 @@ impl InMemoryConsumer {
             );
             out.push(Delivery::new(
                 DeliveryId(i.to_string()),
-                topic.log[i].clone(),
+                record(i).clone(),
                 1,
             ));
         }

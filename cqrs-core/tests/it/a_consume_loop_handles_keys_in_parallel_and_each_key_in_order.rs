@@ -240,3 +240,35 @@ fn a_long_batch_is_kept_alive_until_it_is_acknowledged() {
         assert_eq!(acked, ["a1", "b1"]);
     });
 }
+
+/// A handler that panics fails its own delivery, as an error would: it is nacked with the
+/// panic's message and the rest of its chain handed back, while other chains are acknowledged
+/// (a panic unwinding out of the loop handed nothing back and acknowledged nothing).
+#[test]
+fn a_panicking_handler_fails_only_its_own_delivery() {
+    run(async {
+        let batch = vec![
+            delivery("a1", Some("a")),
+            delivery("a2", Some("a")),
+            delivery("b1", Some("b")),
+        ];
+        let (mut consumer, ctx, (acked, nacked, deferred)) = scripted(vec![batch]);
+        consume_until_shutdown(
+            &mut consumer,
+            &ctx,
+            ConsumeLoop::default(),
+            |d| async move {
+                assert_ne!(d.id.0, "a1", "the handler panics on a1");
+                Handled::Done
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(*acked.lock().unwrap(), ["b1"]);
+        let nacked = nacked.lock().unwrap().clone();
+        assert_eq!(nacked.len(), 1, "{nacked:?}");
+        assert_eq!(nacked[0].0, "a1");
+        assert!(nacked[0].1.contains("panicked"), "{nacked:?}");
+        assert_eq!(*deferred.lock().unwrap(), ["a2"]);
+    });
+}

@@ -24,6 +24,8 @@ struct Sum {
     fail_once_on: Mutex<Option<u64>>,
     /// A sum it fails on every time.
     poison: Option<u64>,
+    /// Whether it panics on the poison instead of returning an error.
+    panics: bool,
     /// While set, every event fails with a retryable `Unavailable`.
     unavailable: AtomicBool,
 }
@@ -43,6 +45,7 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
             return Ok(());
         };
         if self.poison == Some(added.sum) {
+            assert!(!self.panics, "the projection panics on {}", added.sum);
             return Err(HandlerError::invalid("poison", "this event always fails"));
         }
         if self.unavailable.load(Ordering::SeqCst) {
@@ -817,5 +820,160 @@ fn a_running_runner_purges_its_old_inbox_entries() {
         .await;
         assert!(processed(young.event_id).await, "the young entry stays");
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A projection that panics on an event is treated as one that fails on it: only that event
+/// is handed back as an attempt and dead-lettered in the end, and its batch mates take effect
+/// (a panic unwinding past the runner handed the whole batch back counted, and every event
+/// of it reached the dead letters together).
+#[test]
+fn a_panicking_projection_does_not_take_its_batch_mates_down() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            poison: Some(13),
+            panics: true,
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[record(13), record(5)])
+            .await
+            .unwrap();
+        let mut runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            three_attempts(),
+        );
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
+        let dead: Vec<u64> = transport
+            .dead_letters("sums", "sum")
+            .iter()
+            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
+            .collect();
+        assert_eq!(dead, [13], "only the poison is dead-lettered");
+    });
+}
+
+/// A runner whose store is down backs off from 10 ms at least, doubling, even with an idle
+/// interval of zero (it retried every millisecond, logging each time).
+#[test]
+fn a_failing_runner_backs_off_even_with_a_zero_idle_interval() {
+    run_paused(|| async {
+        let store = Arc::new(Flaky::default());
+        store.down.store(true, Ordering::SeqCst);
+        let runner = ProjectionRunner::from_store(
+            store.clone(),
+            Arc::new(Sum::default()),
+            Arc::new(InMemoryEventStore::new()),
+            types(),
+        )
+        .idle_interval(Duration::ZERO);
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let begins = store.begins.load(Ordering::SeqCst);
+        // 10 + 20 + 40 + ... ms: 7 tries in the first second.
+        assert!((2..=10).contains(&begins), "{begins} tries in 1 s");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// An in-memory projection store whose `begin` and `purge_inbox` never finish; `purge_dropped`
+/// is set when a purge is dropped.
+#[derive(Default)]
+struct Hanging {
+    inner: InMemoryProjectionStore,
+    purge_started: Arc<AtomicBool>,
+    purge_dropped: Arc<AtomicBool>,
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for Hanging {
+    type Unit = InMemoryUnit;
+
+    async fn begin(&self, _consumer: &str) -> Result<InMemoryUnit, StoreError> {
+        std::future::pending().await
+    }
+
+    async fn mark_processed(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        id: Uuid,
+    ) -> Result<bool, StoreError> {
+        self.inner.mark_processed(unit, consumer, id).await
+    }
+
+    async fn checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        self.inner.checkpoint(unit, consumer).await
+    }
+
+    async fn save_checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(unit, consumer, position).await
+    }
+
+    async fn reset(&self, unit: &mut InMemoryUnit, consumer: &str) -> Result<(), StoreError> {
+        self.inner.reset(unit, consumer).await
+    }
+
+    async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        self.inner.commit(unit).await
+    }
+
+    async fn purge_inbox(&self, _consumer: &str, _older_than: Duration) -> Result<u64, StoreError> {
+        let _dropped = SetOnDrop(self.purge_dropped.clone());
+        self.purge_started.store(true, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// A runner aborted at shutdown (stuck in its store) takes its inbox purge with it: the purge
+/// does not run on after the worker is gone.
+#[test]
+fn an_aborted_runner_takes_its_inbox_purge_with_it() {
+    run(async {
+        let store = Arc::new(Hanging::default());
+        let runner = ProjectionRunner::from_store(
+            store.clone(),
+            Arc::new(Sum::default()),
+            Arc::new(InMemoryEventStore::new()),
+            types(),
+        );
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the purge started", || async {
+            store.purge_started.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        runtime
+            .shutdown(Duration::from_millis(50))
+            .await
+            .expect_err("the runner is stuck in `begin`");
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the purge dropped", || async {
+            store.purge_dropped.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
     });
 }

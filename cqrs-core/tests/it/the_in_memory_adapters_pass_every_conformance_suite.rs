@@ -162,3 +162,53 @@ async fn the_in_memory_store_wakes_a_reader_that_took_its_wait_before_an_append(
         .await
         .expect("the append woke the reader");
 }
+
+/// `trim` drops what every group has acknowledged, and only that: a slower group keeps its
+/// messages, a group made afterwards starts after the dropped ones, and messages published
+/// after a trim are delivered as they were published.
+#[tokio::test]
+async fn the_in_memory_transport_trims_what_every_group_acknowledged() {
+    use cqrs_core::ports::{Consumer, ConsumerOptions};
+    let transport = InMemoryTransport::new();
+    let record = |n: u64| cqrs_core::testing::event_store::record(n);
+    let ns = |batch: &[cqrs_core::ports::Delivery]| -> Vec<u64> {
+        batch
+            .iter()
+            .map(|d| d.record.payload["n"].as_u64().unwrap())
+            .collect()
+    };
+    async fn take(c: &mut Box<dyn Consumer>, max: usize) -> Vec<cqrs_core::ports::Delivery> {
+        let batch = c.fetch(max).await.unwrap();
+        c.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        batch
+    }
+    let options = || ConsumerOptions::default().block(std::time::Duration::ZERO);
+    assert_eq!(transport.trim("t"), 0, "no topic");
+    let mut fast = transport.consumer("t", "fast", options()).await.unwrap();
+    let mut slow = transport.consumer("t", "slow", options()).await.unwrap();
+    transport
+        .publish("t", &[record(1), record(2), record(3)])
+        .await
+        .unwrap();
+    assert_eq!(ns(&take(&mut fast, 10).await), [1, 2, 3]);
+    assert_eq!(ns(&take(&mut slow, 1).await), [1]);
+    assert_eq!(transport.trim("t"), 1, "only what both acknowledged");
+    assert_eq!(transport.backlog("t", "slow"), 2);
+
+    assert_eq!(ns(&take(&mut slow, 10).await), [2, 3]);
+    assert_eq!(transport.trim("t"), 2);
+    assert_eq!(transport.trim("t"), 0);
+
+    transport.publish("t", &[record(4)]).await.unwrap();
+    let mut late = transport.consumer("t", "late", options()).await.unwrap();
+    assert_eq!(
+        ns(&take(&mut late, 10).await),
+        [4],
+        "a later group starts after the trim"
+    );
+    assert_eq!(ns(&take(&mut fast, 10).await), [4]);
+    assert_eq!(ns(&take(&mut slow, 10).await), [4]);
+    assert_eq!(transport.trim("t"), 1);
+}

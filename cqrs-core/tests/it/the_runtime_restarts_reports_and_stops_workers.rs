@@ -296,3 +296,89 @@ fn a_periodic_job_runs_every_interval_and_reports_failures() {
         assert_eq!(runs.recv().await, None, "no run after shutdown");
     });
 }
+
+/// Fails every run, recording when each started.
+struct AlwaysFails {
+    name: &'static str,
+    starts: Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+}
+
+#[async_trait]
+impl Worker for AlwaysFails {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    async fn run(&mut self, _ctx: WorkerContext) -> Result<(), BoxError> {
+        self.starts
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        Err("always fails".into())
+    }
+}
+
+/// A restart backoff of zero still waits a millisecond between restarts, instead of
+/// restarting a failing worker in a tight loop.
+#[test]
+fn a_zero_restart_backoff_still_waits_between_restarts() {
+    run_paused(|| async {
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::ZERO, Duration::ZERO)
+            .worker(AlwaysFails {
+                name: "failing",
+                starts: starts.clone(),
+            })
+            .start();
+        eventually(Duration::from_secs(30), "twenty runs", || async {
+            (starts.lock().unwrap().len() >= 20).then_some(())
+        })
+        .await;
+        let starts = starts.lock().unwrap().clone();
+        for w in starts[1..].windows(2) {
+            assert!(w[1] - w[0] >= Duration::from_millis(1), "{:?}", w[1] - w[0]);
+        }
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// Two workers of one name each keep a health of their own (the second as `name#2`), and a
+/// worker aborted at shutdown reports `Stopped`, not the last status it set.
+#[test]
+fn workers_sharing_a_name_and_aborted_workers_report_their_own_health() {
+    run(async {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_secs(3600), Duration::from_secs(3600))
+            .worker(Stuck {
+                dropped: dropped.clone(),
+            })
+            .worker(AlwaysFails {
+                name: "stuck",
+                starts,
+            })
+            .start();
+        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        eventually(Duration::from_secs(10), "the second one failed", || async {
+            let report = runtime.health().await;
+            matches!(
+                report.components.get("stuck#2"),
+                Some((Health::Unhealthy(_), _))
+            )
+            .then_some(())
+        })
+        .await;
+        let err = runtime
+            .shutdown(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.workers, ["stuck"], "the one that ignored shutdown");
+        assert_eq!(
+            runtime.health().await.components["stuck"].0,
+            Health::Stopped,
+            "aborted, it is stopped"
+        );
+    });
+}

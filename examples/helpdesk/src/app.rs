@@ -120,7 +120,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         relay,
         maintenance,
     } = match &config.database_url {
-        None => memory_backends(clock.clone(), poll),
+        None => memory_backends(clock.clone(), poll, config.purge_interval()),
         Some(url) => postgres_backends(config, url, clock.clone(), poll).await?,
     };
     let settings = Settings {
@@ -198,9 +198,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
         runtime = runtime.worker(BoxedWorker(worker));
     }
-    if let Some(maintenance) = maintenance {
-        runtime = runtime.worker(maintenance);
-    }
+    runtime = runtime.worker(BoxedWorker(maintenance));
     // Saved idempotent responses expire after a day but stay stored until purged: without
     // this, every `Idempotency-Key` ever sent would be kept (a full ticket each).
     let idempotency = backends.idempotency.clone();
@@ -277,16 +275,35 @@ struct Started {
     backends: Backends,
     checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)>,
     relay: Box<dyn cqrs_core::runtime::Worker>,
-    /// On Redis: trims the event stream of what every group acknowledged.
-    maintenance: Option<StreamMaintenance>,
+    /// Trims the event transport of what every group acknowledged (a Redis stream, or the
+    /// in-process transport, which otherwise keeps every event ever published).
+    maintenance: Box<dyn cqrs_core::runtime::Worker>,
 }
 
-fn memory_backends(clock: Arc<dyn Clock>, poll: Duration) -> Started {
+/// Trims the in-process transport's topic every `interval`.
+fn memory_trim(
+    transport: InMemoryTransport,
+    interval: Duration,
+) -> Box<dyn cqrs_core::runtime::Worker> {
+    Box::new(Periodic::new("transport-trim", interval, move || {
+        let trimmed = transport.trim(EVENTS_TOPIC);
+        if trimmed > 0 {
+            tracing::debug!(
+                trimmed,
+                "trimmed acknowledged events from the in-process transport"
+            );
+        }
+        std::future::ready(Ok(()))
+    }))
+}
+
+fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Duration) -> Started {
+    let transport = InMemoryTransport::new();
     let backends = Backends {
         mode: Mode::Memory,
         events: Arc::new(InMemoryEventStore::new()),
         idempotency: Arc::new(InMemoryIdempotencyStore::with_clock(clock.clone())),
-        transport: Arc::new(InMemoryTransport::new()),
+        transport: Arc::new(transport.clone()),
         pubsub: Arc::new(InMemoryPubSub::new()),
         clock,
         topic: EVENTS_TOPIC.to_owned(),
@@ -304,7 +321,7 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration) -> Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
         relay: Box::new(relay),
-        maintenance: None,
+        maintenance: memory_trim(transport, purge_interval),
     }
 }
 
@@ -328,7 +345,7 @@ async fn postgres_backends(
         .context("cannot run the framework's migrations")?;
     let mut checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)> =
         vec![("postgres", Arc::new(db.clone()), true)];
-    let mut maintenance = None;
+    let maintenance: Box<dyn cqrs_core::runtime::Worker>;
     let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
         Some(redis) => {
             let transport = RedisStreamOptions::new(redis.clone())
@@ -345,16 +362,17 @@ async fn postgres_backends(
             checks.push(("redis", Arc::new(transport.clone()), false));
             checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
             // Without it the stream keeps every event ever published.
-            maintenance = Some(
+            maintenance = Box::new(
                 StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
                     .interval(config.purge_interval()),
             );
             (Arc::new(transport), Arc::new(pubsub))
         }
-        None => (
-            Arc::new(InMemoryTransport::new()),
-            Arc::new(InMemoryPubSub::new()),
-        ),
+        None => {
+            let transport = InMemoryTransport::new();
+            maintenance = memory_trim(transport.clone(), config.purge_interval());
+            (Arc::new(transport), Arc::new(InMemoryPubSub::new()))
+        }
     };
     let relay = PgOutboxRelay::new(
         db.clone(),
