@@ -331,6 +331,11 @@ struct Flaky {
     down: AtomicBool,
     /// Units of work asked for (begun or not).
     begins: AtomicUsize,
+    /// Whether `begin` and `purge_inbox` never finish (a database that stopped answering).
+    hangs: bool,
+    /// Set when a purge starts, and when a purge is dropped.
+    purge_started: Arc<AtomicBool>,
+    purge_dropped: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -339,6 +344,9 @@ impl ProjectionStore for Flaky {
 
     async fn begin(&self, consumer: &str) -> Result<InMemoryUnit, StoreError> {
         self.begins.fetch_add(1, Ordering::SeqCst);
+        if self.hangs {
+            std::future::pending::<()>().await;
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable {
                 backend: "test",
@@ -383,6 +391,11 @@ impl ProjectionStore for Flaky {
     }
 
     async fn purge_inbox(&self, consumer: &str, older_than: Duration) -> Result<u64, StoreError> {
+        let _dropped = SetOnDrop(self.purge_dropped.clone());
+        self.purge_started.store(true, Ordering::SeqCst);
+        if self.hangs {
+            std::future::pending::<()>().await;
+        }
         self.inner.purge_inbox(consumer, older_than).await
     }
 }
@@ -882,15 +895,6 @@ fn a_failing_runner_backs_off_even_with_a_zero_idle_interval() {
     });
 }
 
-/// An in-memory projection store whose `begin` and `purge_inbox` never finish; `purge_dropped`
-/// is set when a purge is dropped.
-#[derive(Default)]
-struct Hanging {
-    inner: InMemoryProjectionStore,
-    purge_started: Arc<AtomicBool>,
-    purge_dropped: Arc<AtomicBool>,
-}
-
 struct SetOnDrop(Arc<AtomicBool>);
 
 impl Drop for SetOnDrop {
@@ -899,61 +903,15 @@ impl Drop for SetOnDrop {
     }
 }
 
-#[async_trait]
-impl ProjectionStore for Hanging {
-    type Unit = InMemoryUnit;
-
-    async fn begin(&self, _consumer: &str) -> Result<InMemoryUnit, StoreError> {
-        std::future::pending().await
-    }
-
-    async fn mark_processed(
-        &self,
-        unit: &mut InMemoryUnit,
-        consumer: &str,
-        id: Uuid,
-    ) -> Result<bool, StoreError> {
-        self.inner.mark_processed(unit, consumer, id).await
-    }
-
-    async fn checkpoint(
-        &self,
-        unit: &mut InMemoryUnit,
-        consumer: &str,
-    ) -> Result<Option<Position>, StoreError> {
-        self.inner.checkpoint(unit, consumer).await
-    }
-
-    async fn save_checkpoint(
-        &self,
-        unit: &mut InMemoryUnit,
-        consumer: &str,
-        position: Position,
-    ) -> Result<(), StoreError> {
-        self.inner.save_checkpoint(unit, consumer, position).await
-    }
-
-    async fn reset(&self, unit: &mut InMemoryUnit, consumer: &str) -> Result<(), StoreError> {
-        self.inner.reset(unit, consumer).await
-    }
-
-    async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
-        self.inner.commit(unit).await
-    }
-
-    async fn purge_inbox(&self, _consumer: &str, _older_than: Duration) -> Result<u64, StoreError> {
-        let _dropped = SetOnDrop(self.purge_dropped.clone());
-        self.purge_started.store(true, Ordering::SeqCst);
-        std::future::pending().await
-    }
-}
-
 /// A runner aborted at shutdown (stuck in its store) takes its inbox purge with it: the purge
 /// does not run on after the worker is gone.
 #[test]
 fn an_aborted_runner_takes_its_inbox_purge_with_it() {
     run(async {
-        let store = Arc::new(Hanging::default());
+        let store = Arc::new(Flaky {
+            hangs: true,
+            ..Flaky::default()
+        });
         let runner = ProjectionRunner::from_store(
             store.clone(),
             Arc::new(Sum::default()),
