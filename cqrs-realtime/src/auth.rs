@@ -55,8 +55,8 @@ pub trait Authenticator: Send + Sync + 'static {
     /// keepalive tick at or after this time (within one
     /// [`ping_interval`](crate::HubOptions::ping_interval)), or at once when the client sends
     /// `subscribe` after it; the time is read from the hub's
-    /// [`clock`](crate::HubBuilder::clock). Asked once, at the handshake, which it refuses with
-    /// 401 when the time has already passed. `None`, the default, never expires.
+    /// [`clock`](crate::HubBuilder::clock). Asked when the connection opens: the handshake is
+    /// refused with 401 when the time has already passed. `None`, the default, never expires.
     fn expires_at(&self, principal: &Self::Principal) -> Option<DateTime<Utc>> {
         let _ = principal;
         None

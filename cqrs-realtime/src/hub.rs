@@ -456,7 +456,10 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
     pub fn build(self) -> Result<Hub<P>, BuildError> {
         let mut problems = self.options.problems();
         if self.authorizer.is_none() {
-            problems.push("an authorizer is required: call `.authorizer(..)` (AllowAll for public feeds)".to_owned());
+            problems.push(
+                "an authorizer is required: call `.authorizer(..)` (AllowAll for public feeds)"
+                    .to_owned(),
+            );
         }
         if self.routing.is_none() {
             problems.push("an event routing is required: call `.routing(..)`".to_owned());
@@ -473,7 +476,10 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
             return Err(BuildError { problems });
         };
         let metrics = Arc::new(Metrics::new());
-        let registry = Arc::new(Registry::new(authorizer));
+        // What the write buffer takes besides the buffered bytes, less a frame header.
+        let max_event_frame = (self.options.max_write_buffer_size - self.options.write_buffer_size)
+            .saturating_sub(14);
+        let registry = Arc::new(Registry::new(authorizer, max_event_frame));
         let upstreams = Upstreams::new(
             pubsub.clone(),
             self.options.channel_prefix.clone(),

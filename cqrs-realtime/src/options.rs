@@ -95,8 +95,9 @@ impl HubOptions {
         self
     }
 
-    /// The most bytes the write buffer may hold; must exceed `write_buffer_size` by the
-    /// largest event frame. Default 256 KiB.
+    /// The most bytes the write buffer may hold; must exceed `write_buffer_size`. An event
+    /// frame larger than the difference (less a frame header) is not sent: an
+    /// `event_too_large` error frame takes its place. Default 256 KiB.
     pub fn max_write_buffer_size(mut self, bytes: usize) -> Self {
         self.max_write_buffer_size = bytes;
         self

@@ -97,6 +97,14 @@ impl ClientFrame {
                 fields.join(", ")
             )));
         }
+        // `"since": null` would read as no `since` at all: a client whose last position was
+        // lost by a bug would subscribe without its replay, and miss the gap silently.
+        if value.get("since").is_some_and(serde_json::Value::is_null) {
+            return Err(malformed(
+                "`since` must be a position string; leave it out to subscribe without a replay"
+                    .into(),
+            ));
+        }
         serde_json::from_value(value).map_err(|e| malformed(format!("invalid `{kind}` frame: {e}")))
     }
 }
@@ -207,6 +215,11 @@ pub enum ErrorCode {
     TooManyResumes,
     /// A backend (the pub/sub, the authorizer's) failed or timed out; try again.
     Unavailable,
+    /// An event on a subscribed topic is larger than the hub sends (its frame would not fit
+    /// the write buffer, [`max_write_buffer_size`](crate::HubOptions::max_write_buffer_size)):
+    /// it is not delivered, and this frame, naming the topic and the event's position, takes
+    /// its place. The subscription stays live; fetch the event another way.
+    EventTooLarge,
 }
 
 impl ErrorCode {
@@ -227,6 +240,7 @@ impl ErrorCode {
             ErrorCode::ResumeFailed => "resume_failed",
             ErrorCode::TooManyResumes => "too_many_resumes",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::EventTooLarge => "event_too_large",
         }
     }
 }

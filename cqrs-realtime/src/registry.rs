@@ -3,7 +3,7 @@
 use crate::metrics::Metrics;
 use crate::queue::{Outgoing, SendQueue};
 use crate::signal::{CloseSignal, Ending};
-use crate::{Authorizer, PushedEvent, Topic};
+use crate::{Authorizer, ErrorCode, PushedEvent, ServerFrame, Topic};
 use axum::extract::ws::Utf8Bytes;
 use cqrs_core::Position;
 use serde::Serialize;
@@ -116,13 +116,16 @@ type Slots<P> = HashMap<u64, Arc<Slot<P>>>;
 pub(crate) struct Registry<P> {
     topics: RwLock<HashMap<Topic, Slots<P>>>,
     pub(crate) authorizer: Arc<dyn Authorizer<P>>,
+    /// The largest event frame a connection's write buffer takes (see [`event_frame`]).
+    pub(crate) max_event_frame: usize,
 }
 
 impl<P: Send + Sync + 'static> Registry<P> {
-    pub(crate) fn new(authorizer: Arc<dyn Authorizer<P>>) -> Self {
+    pub(crate) fn new(authorizer: Arc<dyn Authorizer<P>>, max_event_frame: usize) -> Self {
         Self {
             topics: RwLock::new(HashMap::new()),
             authorizer,
+            max_event_frame,
         }
     }
 
@@ -162,7 +165,8 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 if !self.may_see(&slot.conn.principal, topic, event) {
                     continue;
                 }
-                let frame = frame.get_or_insert_with(|| event_frame(topic, event));
+                let frame =
+                    frame.get_or_insert_with(|| event_frame(topic, event, self.max_event_frame));
                 slot.deliver(event.position(), frame);
             }
         }
@@ -181,8 +185,11 @@ impl<P: Send + Sync + 'static> Registry<P> {
     }
 }
 
-/// The `event` frame of `event` on `topic`.
-pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent) -> Utf8Bytes {
+/// The `event` frame of `event` on `topic`; or, when it is longer than `max` bytes, an
+/// `error` frame `event_too_large` in its place. A frame the write buffer cannot take fails
+/// the write and drops the connection, and a client resuming from before the event would get
+/// it again, and be dropped again, for ever.
+pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent, max: usize) -> Utf8Bytes {
     #[derive(Serialize)]
     struct EventFrame<'a> {
         #[serde(rename = "type")]
@@ -199,5 +206,22 @@ pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent) -> Utf8Bytes {
         position: event.position().map(|p| p.to_string()),
     };
     // A struct of strings and already-valid JSON: serializing cannot fail.
-    Utf8Bytes::from(serde_json::to_string(&frame).unwrap_or_default())
+    let json = serde_json::to_string(&frame).unwrap_or_default();
+    if json.len() <= max {
+        return Utf8Bytes::from(json);
+    }
+    tracing::warn!(%topic, bytes = json.len(), max, "an event is too large to push; sent event_too_large instead");
+    let position = frame.position.as_deref().unwrap_or("none");
+    Utf8Bytes::from(
+        ServerFrame::error(
+            ErrorCode::EventTooLarge,
+            format!(
+                "the event at position {position} is {} bytes, more than the {max} this server \
+                 sends; it was not delivered",
+                json.len()
+            ),
+            Some(topic.as_str()),
+        )
+        .to_json(),
+    )
 }

@@ -254,7 +254,7 @@ fn replay_frame<P: Send + Sync + 'static>(
     };
     hub.registry
         .may_see(&conn.principal, topic, &event)
-        .then(|| event_frame(topic, &event))
+        .then(|| event_frame(topic, &event, hub.registry.max_event_frame))
 }
 
 /// Sends replayed frames with backpressure, taking at most a quarter of the send queue at a

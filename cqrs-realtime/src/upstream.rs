@@ -261,7 +261,7 @@ mod tests {
         let upstreams = Arc::new(Upstreams::new(
             Arc::new(SlowOnOne(InMemoryPubSub::new())),
             String::new(),
-            Arc::new(Registry::<()>::new(Arc::new(AllowAll))),
+            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
             Arc::new(Metrics::new()),
         ));
         upstreams.acquire("live").await.unwrap();
@@ -302,7 +302,7 @@ mod tests {
     async fn a_released_pump_dispatches_nothing_more() {
         let pubsub: Arc<dyn PubSub> = Arc::new(InMemoryPubSub::new());
         let metrics = Arc::new(Metrics::new());
-        let registry = Arc::new(Registry::<()>::new(Arc::new(AllowAll)));
+        let registry = Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX));
         let topic = Topic::parse("t").unwrap();
         let conn = Arc::new(Conn {
             id: 1,
