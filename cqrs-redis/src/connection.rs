@@ -107,12 +107,13 @@ fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
 
 /// The server-side ids (`CLIENT ID`) of the connections of `clients`, found by their names in
 /// `CLIENT LIST` (asked on `admin`, so it works while a client waits in a blocking read or is
-/// subscribed).
+/// subscribed). On a cluster ids are per node: `route` picks the node asked.
 pub(crate) async fn client_ids(
     admin: &Client,
     clients: &[&str],
+    route: ClusterHash,
 ) -> Result<Vec<i64>, TransportError> {
-    Ok(client_field(admin, clients, "id")
+    Ok(client_field(admin, clients, "id", route)
         .await?
         .iter()
         .filter_map(|id| id.parse().ok())
@@ -120,15 +121,16 @@ pub(crate) async fn client_ids(
 }
 
 /// One field (`id`, `sub`, ...) of each connection of `clients`, found by their names in
-/// `CLIENT LIST` asked on `admin`.
+/// `CLIENT LIST` asked on `admin`, on the node `route` picks.
 pub(crate) async fn client_field(
     admin: &Client,
     clients: &[&str],
     field: &str,
+    route: ClusterHash,
 ) -> Result<Vec<String>, TransportError> {
     let list: String = admin
         .custom(
-            CustomCommand::new("CLIENT", ClusterHash::Random, false),
+            CustomCommand::new("CLIENT", route, false),
             vec![Value::from("LIST")],
         )
         .await

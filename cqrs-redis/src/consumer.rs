@@ -39,12 +39,18 @@ use tokio::time::Instant;
 /// 3. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
 ///    left pending by a consumer that crashed;
 /// 4. dead-letters entries delivered more than `max_deliveries` times, with the last error a
-///    nack reported and the delivery count, and acknowledges them.
+///    nack reported and the delivery count, and acknowledges them; and entries whose `prev`
+///    is no stream id (their place in the lane is unknown).
 ///
 /// When nothing is ready it waits on its own connection with a blocking `XREADGROUP` (fred
 /// multiplexes one connection per client, so a blocking read would hold up everything else on
 /// a shared one), up to the consumer's `block` interval. Entries whose `record` does not decode
 /// are dead-lettered too, never handed out and never a crash.
+///
+/// An entry leaves the group's pending list only after its predecessor in the lane did, so
+/// that "no longer pending" keeps meaning "done with": an entry due for dead-lettering behind
+/// one merely handed out in the same batch is held, with the rest of its lane, until that one
+/// is done.
 ///
 /// [`ack`](Consumer::ack) is one `XACK` (with the recorded errors of redelivered entries
 /// removed in the same script). [`nack`](Consumer::nack) restarts the entry's idle clock, so it
@@ -69,12 +75,14 @@ pub struct RedisConsumer {
     /// Every held entry has been idle at most since then (read, or refreshed by the gate
     /// script): the local gate hands held entries out only while that is recent.
     held_since: Instant,
-    /// Entries handed out and not acknowledged, with their lane (empty for none) and
-    /// delivery count.
-    in_flight: HashMap<String, (String, u32)>,
+    /// Entries handed out and not acknowledged, with their lane (empty for none) and whether
+    /// this is their first delivery (see [`Ready::first`]).
+    in_flight: HashMap<String, (String, bool)>,
     /// Entries handed back (nacked or deferred) and still pending to this consumer: they come
     /// back after the redelivery delay, so `close` must not release them early as stranded.
     returned: HashSet<String>,
+    /// The size of `returned` at which it is pruned next.
+    returned_limit: usize,
     /// Per lane, the highest entry this consumer acknowledged: an entry whose `prev` is that
     /// one may be handed out without asking Redis (see [`RedisConsumer::gate_locally`]).
     acked: HashMap<String, String>,
@@ -96,8 +104,31 @@ impl fmt::Debug for RedisConsumer {
     }
 }
 
-/// Entries one step found ready: id, delivery count, fields.
-type Ready = Vec<(String, u32, Fields)>;
+/// An entry one step found ready.
+struct Ready {
+    id: String,
+    /// Redis's delivery count.
+    count: u32,
+    fields: Fields,
+    /// Reclaimed by this step: the claim counted a delivery.
+    claimed: bool,
+    /// Read by this consumer's `XREADGROUP` and neither handed out nor reclaimed since: its
+    /// first delivery in the group, so no nack can have recorded an error for it.
+    first: bool,
+}
+
+impl Ready {
+    /// An entry on its first delivery, read by this consumer.
+    fn first(id: String, fields: Fields) -> Self {
+        Self {
+            id,
+            count: 1,
+            fields,
+            claimed: false,
+            first: true,
+        }
+    }
+}
 
 /// A held entry's fields, and whether it was read by this consumer's `XREADGROUP` (delivered
 /// once, to this consumer) rather than reclaimed or read by the gate script.
@@ -119,8 +150,8 @@ impl Known {
 /// `KeyOrdering::Exact` there is one per key).
 const MAX_ACKED_LANES: usize = 65_536;
 
-/// Handed-back entries remembered in [`RedisConsumer::returned`] before it starts over
-/// (entries another consumer reclaimed are never seen again here).
+/// Handed-back entries remembered in [`RedisConsumer::returned`] before it forgets those no
+/// longer pending to it (entries another consumer reclaimed are never seen again here).
 const MAX_RETURNED: usize = 65_536;
 
 /// The most deliveries one `fetch` hands out, whatever it is asked for: the limit goes to
@@ -152,6 +183,7 @@ impl RedisConsumer {
             held_since: Instant::now(),
             in_flight: HashMap::new(),
             returned: HashSet::new(),
+            returned_limit: MAX_RETURNED,
             acked: HashMap::new(),
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at
@@ -184,12 +216,22 @@ impl RedisConsumer {
     /// The server-side ids (`CLIENT ID`) of this consumer's own connection (blocking reads) and
     /// of the transport's shared one, as `CLIENT LIST` shows them (each connection is named
     /// after its fred client). Operators find consumers with them; tests kill them.
+    ///
+    /// On Redis Cluster, the ids are those on the node that owns the topic's keys, where the
+    /// consumer's reads and scripts run.
     pub async fn client_ids(&self) -> Result<Vec<i64>, TransportError> {
         connection::client_ids(
             &self.shared.client,
             &[self.reader.id(), self.shared.client.id()],
+            self.route(),
         )
         .await
+    }
+
+    /// Routes a command without keys to the node that owns the topic's keys (client ids are
+    /// per node: `CLIENT UNBLOCK` must reach the node the blocking read waits on).
+    fn route(&self) -> ClusterHash {
+        ClusterHash::Custom(fred::util::redis_keyslot(self.keys.stream.as_bytes()))
     }
 
     /// Like [`nack`](Consumer::nack), recording `error` as the reason: if the entry is later
@@ -200,7 +242,7 @@ impl RedisConsumer {
         error: &str,
     ) -> Result<(), TransportError> {
         self.in_flight.remove(&id.0);
-        self.remember_returned([id.0.clone()]);
+        self.remember_returned([id.0.clone()]).await;
         let args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
@@ -254,7 +296,9 @@ impl RedisConsumer {
     /// was dropped). Best effort: a read that is not blocked, or a lookup that fails, leaves
     /// nothing to do that the release of stranded entries does not cover once it returns.
     async fn unblock_reader(&self) {
-        let Ok(ids) = connection::client_ids(&self.shared.client, &[self.reader.id()]).await else {
+        let Ok(ids) =
+            connection::client_ids(&self.shared.client, &[self.reader.id()], self.route()).await
+        else {
             return;
         };
         for id in ids {
@@ -263,7 +307,7 @@ impl RedisConsumer {
                 .client
                 .with_options(&self.shared.patient())
                 .custom(
-                    CustomCommand::new("CLIENT", ClusterHash::Random, false),
+                    CustomCommand::new("CLIENT", self.route(), false),
                     vec![Value::from("UNBLOCK"), Value::from(id)],
                 )
                 .await;
@@ -273,29 +317,13 @@ impl RedisConsumer {
         }
     }
 
-    /// Entries pending to this consumer that it neither holds nor handed out (up to 1,000).
+    /// Entries pending to this consumer that it neither holds nor handed out.
     async fn stranded(&self) -> Result<Vec<String>, TransportError> {
         let held: HashSet<&str> = self.held.iter().map(String::as_str).collect();
-        let reply: Value = self
-            .shared
-            .client
-            .with_options(&self.shared.patient())
-            .custom(
-                CustomCommand::new("XPENDING", ClusterHash::FirstKey, false),
-                vec![
-                    Value::from(self.keys.stream.as_str()),
-                    Value::from(self.group.as_str()),
-                    Value::from("-"),
-                    Value::from("+"),
-                    Value::from(1000),
-                    Value::from(self.options.consumer_name.as_str()),
-                ],
-            )
-            .await
-            .map_err(transport_error)?;
-        Ok(entry::array(reply)
+        Ok(self
+            .pending_ids()
+            .await?
             .into_iter()
-            .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
             .filter(|id| {
                 !self.in_flight.contains_key(id)
                     && !self.returned.contains(id)
@@ -304,9 +332,46 @@ impl RedisConsumer {
             .collect())
     }
 
+    /// Every entry pending to this consumer, a page of `XPENDING` at a time.
+    async fn pending_ids(&self) -> Result<Vec<String>, TransportError> {
+        const PAGE: usize = 10_000;
+        let mut ids = Vec::new();
+        let mut start = "-".to_owned();
+        loop {
+            let reply: Value = self
+                .shared
+                .client
+                .with_options(&self.shared.patient())
+                .custom(
+                    CustomCommand::new("XPENDING", ClusterHash::FirstKey, false),
+                    vec![
+                        Value::from(self.keys.stream.as_str()),
+                        Value::from(self.group.as_str()),
+                        Value::from(start.as_str()),
+                        Value::from("+"),
+                        Value::from(PAGE as i64),
+                        Value::from(self.options.consumer_name.as_str()),
+                    ],
+                )
+                .await
+                .map_err(transport_error)?;
+            let page: Vec<String> = entry::array(reply)
+                .into_iter()
+                .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
+                .collect();
+            let full = page.len() == PAGE;
+            ids.extend(page);
+            match ids.last() {
+                // Exclusive: the page after the last id seen.
+                Some(last) if full => start = format!("({last}"),
+                _ => return Ok(ids),
+            }
+        }
+    }
+
     /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
     /// restarted without persistence) and tries once more.
-    async fn step(&mut self, max: usize) -> Result<Ready, TransportError> {
+    async fn step(&mut self, max: usize) -> Result<Vec<Ready>, TransportError> {
         match self.try_step(max).await {
             Err(e) if is_nogroup(&e) => {
                 self.shared.create_group(&self.keys, &self.group).await?;
@@ -318,7 +383,7 @@ impl RedisConsumer {
         }
     }
 
-    async fn try_step(&mut self, max: usize) -> Result<Ready, fred::error::Error> {
+    async fn try_step(&mut self, max: usize) -> Result<Vec<Ready>, fred::error::Error> {
         let now = Instant::now();
         let claim = self.cursor != "0-0" || now >= self.next_claim;
         // Read only what the batch has room for beside the entries already held: the held set
@@ -417,6 +482,7 @@ impl RedisConsumer {
         let ready = parts.next().map(entry::array).unwrap_or_default();
         let held = parts.next().map(entry::array).unwrap_or_default();
         let dead = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let malformed = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
         if claim {
             self.cursor = cursor.unwrap_or_else(|| "0-0".to_owned());
             if self.cursor == "0-0" {
@@ -430,6 +496,14 @@ impl RedisConsumer {
                 count = dead,
                 "dead-lettered entries delivered more than {} times",
                 self.options.max_deliveries
+            );
+        }
+        if malformed > 0 {
+            tracing::warn!(
+                topic = %self.topic,
+                group = %self.group,
+                count = malformed,
+                "dead-lettered entries whose `prev` field is no stream id"
             );
         }
         // Every entry still held was read or refreshed by this step.
@@ -450,21 +524,31 @@ impl RedisConsumer {
             }
             self.held.push(id);
         }
-        let mut out = Vec::with_capacity(ready.len() / 3);
+        let mut out = Vec::with_capacity(ready.len() / 4);
         let mut items = ready.into_iter();
-        while let (Some(id), Some(count), Some(fields)) = (items.next(), items.next(), items.next())
+        while let (Some(id), Some(count), Some(fields), Some(claimed)) =
+            (items.next(), items.next(), items.next(), items.next())
         {
             let Some(id) = id.into_string() else { continue };
             let count = count
                 .as_u64()
                 .map_or(1, |c| u32::try_from(c).unwrap_or(u32::MAX));
+            let claimed = claimed.as_u64() != Some(0);
+            let mine = known.remove(&id);
+            let first = !claimed && mine.as_ref().is_some_and(|k| k.read_here);
             let fields = if fields.is_array() {
                 Some(entry::fields(fields))
             } else {
-                known.remove(&id).map(|k| k.fields)
+                mine.map(|k| k.fields)
             };
             match fields {
-                Some(fields) => out.push((id, count, fields)),
+                Some(fields) => out.push(Ready {
+                    id,
+                    count,
+                    fields,
+                    claimed,
+                    first,
+                }),
                 // Not expected: the script returns the fields the client does not have. Held,
                 // the next step reads them.
                 None => self.held.push(id),
@@ -493,12 +577,24 @@ impl RedisConsumer {
             .map_err(transport_error)
     }
 
-    /// Notes that this consumer handed `ids` back (nacked or deferred).
-    fn remember_returned(&mut self, ids: impl IntoIterator<Item = String>) {
-        if self.returned.len() >= MAX_RETURNED {
-            self.returned.clear();
-        }
+    /// Notes that this consumer handed `ids` back (nacked or deferred). Once it remembers
+    /// many, it forgets those no longer pending to it (acknowledged or reclaimed elsewhere),
+    /// asking Redis: forgetting one still pending would make `close` release it early, with a
+    /// delivery a handler received taken back.
+    async fn remember_returned(&mut self, ids: impl IntoIterator<Item = String>) {
         self.returned.extend(ids);
+        if self.returned.len() < self.returned_limit {
+            return;
+        }
+        match self.pending_ids().await {
+            Ok(pending) => {
+                let pending: HashSet<String> = pending.into_iter().collect();
+                self.returned.retain(|id| pending.contains(id));
+            }
+            Err(error) => tracing::debug!(%error, "could not prune the entries handed back"),
+        }
+        // However many are still pending, look again only once that many more came back.
+        self.returned_limit = (self.returned.len() * 2).max(MAX_RETURNED);
     }
 
     /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
@@ -533,7 +629,7 @@ impl RedisConsumer {
         fresh: Vec<(String, Fields)>,
         max: usize,
         now: Instant,
-    ) -> Result<Ready, Vec<(String, Fields)>> {
+    ) -> Result<Vec<Ready>, Vec<(String, Fields)>> {
         if self.options.max_deliveries < 1
             || (!self.held.is_empty()
                 && now.duration_since(self.held_since) >= self.options.redelivery_delay / 8)
@@ -583,19 +679,51 @@ impl RedisConsumer {
                 .unwrap_or(false)
                 .then(|| self.known.remove(&id));
             match known.flatten() {
-                Some(known) => out.push((id, 1, known.fields)),
+                Some(known) => out.push(Ready::first(id, known.fields)),
                 None => self.held.push(id),
             }
         }
         for (id, fields) in fresh {
             if ready.next().unwrap_or(false) {
-                out.push((id, 1, fields));
+                out.push(Ready::first(id, fields));
             } else {
                 self.held.push(id.clone());
                 self.known.insert(id, Known::read_here(fields));
             }
         }
         Ok(out)
+    }
+
+    /// Holds back entries the gate found ready that are not handed out after all, as the gate
+    /// would have held them: a delivery count a claim of this step added is taken back (the
+    /// `defer` script), other counts are left alone.
+    async fn hold_back(&mut self, entries: Vec<Ready>) -> Result<(), TransportError> {
+        let mut args = vec![
+            Value::from(self.group.as_str()),
+            Value::from(self.options.consumer_name.as_str()),
+        ];
+        for ready in entries {
+            if ready.claimed {
+                args.push(Value::from(ready.id.as_str()));
+            }
+            self.held.push(ready.id.clone());
+            let known = Known {
+                fields: ready.fields,
+                read_here: ready.first,
+            };
+            self.known.insert(ready.id, known);
+        }
+        // In stream order, as the gate takes them.
+        self.held.sort_by_key(|id| entry_id(id));
+        if args.len() > 2 {
+            self.run_script(
+                &self.shared.scripts.defer,
+                &[self.keys.stream.as_str()],
+                args,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Dead-letters entries that cannot be decoded.
@@ -782,18 +910,50 @@ impl Consumer for RedisConsumer {
         loop {
             let ready = self.step(max).await?;
             let mut deliveries = Vec::with_capacity(ready.len());
+            let mut first = Vec::with_capacity(ready.len());
             let mut undecodable = Vec::new();
-            for (id, attempt, fields) in ready {
-                match entry::decode(&fields) {
+            // Lanes cut at an undecodable entry, and the entries held back from there on.
+            let mut cut_lanes = HashSet::new();
+            let mut cut = Vec::new();
+            for ready in ready {
+                let lane = entry::field(&ready.fields, "lane").map(str::to_owned);
+                if lane.as_ref().is_some_and(|lane| cut_lanes.contains(lane)) {
+                    cut.push(ready);
+                    continue;
+                }
+                match entry::decode(&ready.fields) {
                     Ok(record) => {
-                        let lane = entry::field(&fields, "lane").map(str::to_owned);
+                        first.push(ready.first);
                         // The lane orders the chain: keys sharing one wait for each other.
                         deliveries.push(
-                            Delivery::new(DeliveryId(id), record, attempt).with_order_key(lane),
+                            Delivery::new(DeliveryId(ready.id), record, ready.count)
+                                .with_order_key(lane),
                         );
                     }
-                    Err(reason) => undecodable.push((id, reason)),
+                    Err(reason) => {
+                        // Its predecessor, if in this batch, came before it (undecodable entries
+                        // are rare: a scan does).
+                        let chained = entry::field(&ready.fields, "prev").is_some_and(|prev| {
+                            deliveries.iter().any(|d: &Delivery| d.id.0 == prev)
+                                || undecodable.iter().any(|(id, _)| id == prev)
+                        });
+                        match lane {
+                            // Behind an entry only handed out in this batch: dead-lettered now,
+                            // it would leave the pending list before that one, and the entries
+                            // behind it, gated on it, would no longer wait for that one. So it
+                            // and the rest of its lane wait; it is dead-lettered in its turn.
+                            Some(lane) if chained => {
+                                cut_lanes.insert(lane);
+                                cut.push(ready);
+                            }
+                            _ => undecodable.push((ready.id, reason)),
+                        }
+                    }
                 }
+            }
+            if !cut.is_empty() {
+                // Before the deliveries count as handed out, like the dead letters below.
+                self.hold_back(cut).await?;
             }
             let dead_lettered = !undecodable.is_empty();
             if dead_lettered {
@@ -802,17 +962,17 @@ impl Consumer for RedisConsumer {
                 // `close` releases them at once instead of after the redelivery delay.
                 self.dead_letter(undecodable).await?;
             }
-            for delivery in &deliveries {
+            for (delivery, first) in deliveries.iter().zip(first) {
                 let lane = delivery.order_key.clone().unwrap_or_default();
                 self.returned.remove(&delivery.id.0);
-                self.in_flight
-                    .insert(delivery.id.0.clone(), (lane, delivery.attempt));
+                self.in_flight.insert(delivery.id.0.clone(), (lane, first));
             }
             if !deliveries.is_empty() {
                 return Ok(deliveries);
             }
             if dead_lettered {
-                // Their successors may be ready now.
+                // Their successors may be ready now. (Entries are held back above only behind
+                // one handed out or dead-lettered here: never the only outcome of a step.)
                 continue;
             }
             let now = Instant::now();
@@ -844,10 +1004,11 @@ impl Consumer for RedisConsumer {
         }
         for chunk in ids.chunks(512) {
             // Only an entry delivered before (nacked then) can have an error recorded: when
-            // every one is on its first delivery, a plain `XACK` does.
+            // every one is on its first delivery, a plain `XACK` does. (A delivery count of 1
+            // does not say so: a held entry's count is taken back after a reclaim.)
             let first_deliveries = chunk
                 .iter()
-                .all(|id| self.in_flight.get(&id.0).is_some_and(|(_, n)| *n == 1));
+                .all(|id| self.in_flight.get(&id.0).is_some_and(|(_, first)| *first));
             if first_deliveries {
                 let ids: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
                 self.shared
@@ -932,7 +1093,8 @@ impl Consumer for RedisConsumer {
                 self.in_flight.remove(&id.0);
                 args.push(Value::from(id.0.as_str()));
             }
-            self.remember_returned(chunk.iter().map(|id| id.0.clone()));
+            self.remember_returned(chunk.iter().map(|id| id.0.clone()))
+                .await;
             self.run_script(
                 &self.shared.scripts.defer,
                 &[self.keys.stream.as_str()],

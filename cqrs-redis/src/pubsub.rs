@@ -9,7 +9,7 @@ use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
-use fred::types::Value;
+use fred::types::{ClusterHash, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -258,6 +258,7 @@ impl RedisPubSub {
         connection::client_ids(
             &self.inner.publisher,
             &[self.inner.publisher.id(), self.inner.subscriber.id()],
+            ClusterHash::Random,
         )
         .await
     }
@@ -338,7 +339,7 @@ async fn confirmed_subscribe(
 /// (`CLIENT LIST`, `sub=`); `None` when it cannot tell (the connection is not listed, or the
 /// user may not run `CLIENT LIST`).
 async fn subscription_count(admin: &Client, subscriber: &SubscriberClient) -> Option<usize> {
-    connection::client_field(admin, &[subscriber.id()], "sub")
+    connection::client_field(admin, &[subscriber.id()], "sub", ClusterHash::Random)
         .await
         .ok()?
         .first()?

@@ -138,8 +138,15 @@ return id
 /// stream order: an entry of a lane is ready once its predecessor in the lane is no longer
 /// pending in this group (acknowledged, dead-lettered, or trimmed: the group read it before
 /// this entry), or was handed out by this step before it (a chain in one batch).
-/// Returns `{next cursor, {id, deliveries, fields or '', ...} ready, {id, fields or '', ...}
-/// held, dead count}`: fields only for the entries the script read itself.
+///
+/// "No longer pending" means "done with" only while entries leave the pending list in lane
+/// order, so an entry is dead-lettered only once its predecessor is no longer pending: one
+/// over its deliveries behind a predecessor handed out in this very step is held (its count
+/// kept, so it is dead-lettered when its turn comes), not dead-lettered at once. An entry whose
+/// `prev` is no stream id cannot be gated at all: it is dead-lettered as malformed.
+/// Returns `{next cursor, {id, deliveries, fields or '', claimed, ...} ready, {id, fields or
+/// '', ...} held, dead count, malformed count}`: fields only for the entries the script read
+/// itself; claimed `1` for the entries this step reclaimed (the claim counted a delivery).
 const STEP: &str = r#"
 local keys = {stream = KEYS[1], dead = KEYS[2], errors = KEYS[3]}
 local group, me = ARGV[1], ARGV[2]
@@ -206,7 +213,13 @@ end
 -- Entries handed out by this step: the next entry of a lane may follow its predecessor in one
 -- batch (a chain, which the consumer handles in order).
 local handed = {}
-local ready, held, stale_refresh, dead = {}, {}, {}, 0
+local ready, held, stale_refresh, dead, malformed = {}, {}, {}, 0, 0
+-- The candidate's fields, read here when the client has them and the script does not.
+local function fields_of(c)
+  if c.fields then return c.fields end
+  local e = redis.call('XRANGE', keys.stream, c.id, c.id)
+  return e[1] and e[1][2]
+end
 for _, c in ipairs(cands) do
   local count = c.count
   if not count then
@@ -220,20 +233,34 @@ for _, c in ipairs(cands) do
     else
       local prev = c.lane and c.prev or ''
       local state = 'ready'
-      -- The predecessor was delivered to the group before this entry (groups read in stream
-      -- order), so it is done with exactly when it is no longer pending: wait while it is.
-      if prev ~= '' and not handed[prev]
-         and redis.call('XPENDING', keys.stream, group, prev, prev, 1)[1] then
-        state = 'wait'
+      if prev ~= '' and handed[prev] then
+        state = 'chained'
+      elseif prev ~= '' then
+        -- The predecessor was delivered to the group before this entry (groups read in stream
+        -- order), so it is done with exactly when it is no longer pending: wait while it is.
+        -- `pcall`: a `prev` Redis refuses as an id must not fail the step for every entry.
+        local p = parse_id(prev) and redis.pcall('XPENDING', keys.stream, group, prev, prev, 1)
+        if not p or p.err then
+          state = 'malformed'
+        elseif p[1] then
+          state = 'wait'
+        end
       end
-      if state == 'ready' and count > max_del then
+      local over = count > max_del
+      if state == 'malformed' then
+        -- Its place in the lane is unknown: handing it out could break the order anywhere.
+        local fields = fields_of(c)
+        if fields then
+          deadletter(keys, group, me, c.id, fields, count,
+            'malformed entry: its `prev` field `' .. prev .. '` is not a stream id')
+          malformed = malformed + 1
+        else
+          redis.call('XACK', keys.stream, group, c.id)
+        end
+      elseif state == 'ready' and over then
         local reason = redis.call('HGET', keys.errors, c.id)
           or ('delivered ' .. count .. ' times without an acknowledgement')
-        local fields = c.fields
-        if not fields then
-          local e = redis.call('XRANGE', keys.stream, c.id, c.id)
-          fields = e[1] and e[1][2]
-        end
+        local fields = fields_of(c)
         if fields then
           -- Recorded as the times it was handed out: this reclaim only found it over the limit.
           deadletter(keys, group, me, c.id, fields, count - 1, reason)
@@ -241,16 +268,22 @@ for _, c in ipairs(cands) do
         else
           redis.call('XACK', keys.stream, group, c.id)
         end
-      elseif state == 'ready' and #ready < limit * 3 then
+      elseif state ~= 'wait' and not over and #ready < limit * 4 then
         handed[c.id] = true
         ready[#ready + 1] = c.id
         ready[#ready + 1] = count
         ready[#ready + 1] = c.fields or ''
+        ready[#ready + 1] = c.claimed and 1 or 0
         if not c.fresh then stale_refresh[#stale_refresh + 1] = c.id end
       else
+        -- Waiting; or over its deliveries behind a predecessor only handed out, not done
+        -- (dead-lettering it now would release its successors from that predecessor: they
+        -- would be gated on an entry no longer pending); or no room in the batch.
         held[#held + 1] = c.id
         held[#held + 1] = c.fields or ''
-        if c.claimed then
+        if c.claimed and state == 'chained' and over then
+          -- Keeps the count that puts it over: it is dead-lettered when its turn comes.
+        elseif c.claimed then
           -- Reclaimed only to be held back: not handed out, so the claim takes back the
           -- delivery it counted (repeated takeovers of a held entry would otherwise use up
           -- its deliveries before it was ever handled).
@@ -263,7 +296,7 @@ for _, c in ipairs(cands) do
   end
 end
 refresh(keys.stream, group, me, stale_refresh)
-return {next_cursor, ready, held, dead}
+return {next_cursor, ready, held, dead, malformed}
 "#;
 
 /// KEYS: stream, errors. ARGV: group, ids. Acknowledges the ids and forgets the errors

@@ -15,7 +15,7 @@ use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::prelude::Options;
-use fred::types::Value;
+use fred::types::{ClusterHash, Value};
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -225,7 +225,12 @@ impl RedisStreamTransport {
     /// them to find the transport in `CLIENT LIST`; tests kill them to simulate a network
     /// failure.
     pub async fn client_ids(&self) -> Result<Vec<i64>, TransportError> {
-        connection::client_ids(&self.shared.client, &[self.shared.client.id()]).await
+        connection::client_ids(
+            &self.shared.client,
+            &[self.shared.client.id()],
+            ClusterHash::Random,
+        )
+        .await
     }
 
     fn encode(&self, event: &EventRecord, args: &mut Vec<Value>) -> Result<(), TransportError> {

@@ -1,0 +1,137 @@
+//! What a consumer remembers about its deliveries stays right in the corners: an entry
+//! reclaimed and held back with its delivery count taken back to 1 still has its recorded
+//! error removed when acknowledged; and a nacked entry is not taken for a stranded one at
+//! `close` however many entries were handed back before it.
+
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::{Consumer, DeliveryId, EventTransport};
+use cqrs_redis::{KeyOrdering, RedisConsumer};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_removes_the_error_of_an_entry_back_on_its_first_count() {
+    let Some(env) = Env::with("ack-error", |o| o.key_ordering(KeyOrdering::Exact)).await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let errors = format!(
+                "{}:{{{topic}}}:errors:g",
+                crate::support::key_prefix(&env.id)
+            );
+            // Well over a fetch (up to twice its 100 ms `block` on Redis 7.0): the first entry,
+            // kept alive between fetches, is not reclaimed meanwhile.
+            let delay = Duration::from_millis(500);
+            let options = consumer_options(&format!("{}-c", env.id)).redelivery_delay(delay);
+            let mut c: RedisConsumer = env
+                .transport
+                .redis_consumer(&topic, "g", options)
+                .await
+                .unwrap();
+            let events = [1, 2].map(|n| event(Some("k"), n));
+            env.transport.publish(&topic, &events).await.unwrap();
+            let batch = fetch_some(&mut c).await;
+            assert_eq!(batch.iter().map(n_of).collect::<Vec<_>>(), [1, 2]);
+            let (o, p) = (batch[0].id.clone(), batch[1].id.clone());
+            // The first is handled, its ack still to come; the second fails.
+            c.nack_with_error(&p, "boom").await.unwrap();
+            let has_error = |id: DeliveryId| {
+                let errors = errors.clone();
+                let env = &env;
+                async move {
+                    env.command("HEXISTS", vec![errors.into(), id.0.into()])
+                        .await
+                        .as_u64()
+                }
+            };
+            assert_eq!(has_error(p.clone()).await, Some(1));
+
+            // Reclaimed after the delay and held back behind the first, its count taken back.
+            tokio::time::sleep(delay + Duration::from_millis(50)).await;
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while c.held() == 0 {
+                c.keep_alive(std::slice::from_ref(&o)).await.unwrap();
+                assert!(c.fetch(10).await.unwrap().is_empty());
+                assert!(tokio::time::Instant::now() < until, "never reclaimed");
+            }
+            c.ack(std::slice::from_ref(&o)).await.unwrap();
+            let again = fetch_some(&mut c).await;
+            assert_eq!(again.iter().map(n_of).collect::<Vec<_>>(), [2]);
+            assert_eq!(again[0].attempt, 1, "back on its first count");
+            c.ack(std::slice::from_ref(&p)).await.unwrap();
+            assert_eq!(has_error(p).await, Some(0), "the error outlived its entry");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_keeps_a_nacked_entry_after_many_returns() {
+    let Some(env) = Env::new("many-returns").await else {
+        return;
+    };
+    within(
+        120,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let delay = Duration::from_secs(60);
+            let options = consumer_options(&format!("{}-c", env.id)).redelivery_delay(delay);
+            let mut c = env
+                .transport
+                .redis_consumer(&topic, "g", options)
+                .await
+                .unwrap();
+            env.publish_one(&topic, "k", 1).await;
+            let batch = fetch_some(&mut c).await;
+            let p = batch[0].id.clone();
+            c.nack(&p).await.unwrap();
+            // Many more handed back (ids pending to no one: another consumer took them).
+            let others: Vec<DeliveryId> =
+                (0..66_000).map(|i| DeliveryId(format!("1-{i}"))).collect();
+            c.defer(&others).await.unwrap();
+            c.close().await.unwrap();
+
+            // Still nacked: idle since the nack, its one delivery counted.
+            let pending = env
+                .command(
+                    "XPENDING",
+                    vec![
+                        stream.as_str().into(),
+                        "g".into(),
+                        "-".into(),
+                        "+".into(),
+                        10.into(),
+                    ],
+                )
+                .await
+                .into_array();
+            assert_eq!(pending.len(), 1, "{pending:?}");
+            let row = pending[0].clone().into_array();
+            assert_eq!(row[0].clone().into_string().as_deref(), Some(p.0.as_str()));
+            let idle = row[2].as_u64().unwrap();
+            assert!(
+                idle < delay.as_millis() as u64 / 2,
+                "released at once: idle {idle} ms"
+            );
+            assert_eq!(row[3].as_u64(), Some(1), "its delivery was taken back");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// Fetches until a batch is not empty, for up to 10 s.
+async fn fetch_some(consumer: &mut RedisConsumer) -> Vec<cqrs_core::ports::Delivery> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = consumer.fetch(10).await.unwrap();
+        if !got.is_empty() {
+            return got;
+        }
+        assert!(tokio::time::Instant::now() < until, "nothing fetched");
+    }
+}
