@@ -302,6 +302,10 @@ async fn list(
     const KNOWN: [&str; 5] = ["limit", "status", "priority", "assignee_id", "cursor"];
     let mut params: HashMap<String, String> = HashMap::with_capacity(pairs.len());
     for (name, value) in pairs {
+        // An empty value is the same as leaving the parameter out (an empty form field).
+        if value.is_empty() && KNOWN.contains(&name.as_str()) {
+            continue;
+        }
         if !KNOWN.contains(&name.as_str()) {
             return Err(bad_query(
                 &name,

@@ -112,7 +112,7 @@ impl Plugin for TicketsPlugin {
             index,
             pg_events: backends.postgres.as_ref().map(|db| db.event_store()),
             pg_index,
-            directory,
+            directory: directory.clone(),
             stats,
             cursors: Cursors::new(&settings.jwt_secret),
             clock: backends.clock.clone(),
@@ -128,6 +128,7 @@ impl Plugin for TicketsPlugin {
             routing: Arc::new(realtime::TicketRouting),
             authorizer: Arc::new(realtime::TicketRules {
                 buses: buses.clone(),
+                directory: directory.clone(),
             }),
         });
         registrar.contribute::<HttpApi>(http::api(http::Http {
@@ -140,7 +141,13 @@ impl Plugin for TicketsPlugin {
     }
 }
 
-/// The stats projection's worker: fed by the topic, rebuilt from the event store.
+/// The stats projection's worker: fed by the topic when the transport keeps what it is given
+/// (Redis), else by the event store's global order; rebuilt from the event store.
+///
+/// On Postgres without Redis the transport is in process memory, and the outbox relay moves
+/// its checkpoint once the transport has an event, not once the stats counted it: events in
+/// that memory at a stop or a crash would never be counted. Read from the store, the
+/// projection's own checkpoint commits with its counts.
 fn stats_worker<S: ProjectionStore, P: Projection<S>>(
     store: S,
     stats: P,
@@ -149,19 +156,30 @@ fn stats_worker<S: ProjectionStore, P: Projection<S>>(
     options: ConsumerOptions,
     types: Arc<EventTypes>,
 ) -> BackgroundWorker {
-    let runner = ProjectionRunner::from_transport(
-        Arc::new(store),
-        Arc::new(stats),
-        backends.transport.clone(),
-        &backends.topic,
-        "tickets.stats",
-        options,
-        types,
-    )
-    .with_event_store(backends.events.clone())
-    .idle_interval(settings.poll_interval)
-    // The inbox keeps its default week: far beyond any redelivery.
-    .inbox_purge_interval(settings.purge_interval);
+    let durable_log = backends.postgres.is_some();
+    let runner = if durable_log && !backends.transport.capabilities().persistent {
+        ProjectionRunner::from_store(
+            Arc::new(store),
+            Arc::new(stats),
+            backends.events.clone(),
+            types,
+        )
+    } else {
+        ProjectionRunner::from_transport(
+            Arc::new(store),
+            Arc::new(stats),
+            backends.transport.clone(),
+            &backends.topic,
+            "tickets.stats",
+            options,
+            types,
+        )
+        .with_event_store(backends.events.clone())
+    };
+    let runner = runner
+        .idle_interval(settings.poll_interval)
+        // The inbox keeps its default week: far beyond any redelivery.
+        .inbox_purge_interval(settings.purge_interval);
     BackgroundWorker(Box::new(runner))
 }
 

@@ -5,8 +5,9 @@ use crate::handlers::GetTicket;
 use async_trait::async_trait;
 use cqrs_core::{EventRecord, Metadata};
 use cqrs_realtime::{Authorizer, EventRouting, PushedEvent, Refusal, Routed, Topic};
-use helpdesk_api::{BusHandle, User};
+use helpdesk_api::{BusHandle, User, UserDirectory};
 use serde_json::json;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// The one pub/sub channel every ticket event travels on.
@@ -58,14 +59,30 @@ fn ticket_id(key: &str) -> Option<Uuid> {
 /// Customers see their own tickets' events; agents see every event. Subscribing to one ticket
 /// needs permission to see that ticket (looked up once, at subscribe); each event is then
 /// checked from its own `reporter_id`, never with a lookup.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct TicketRules {
     pub(crate) buses: BusHandle,
+    /// Each subscribe reads the user's role again: the connection's user is as the user store
+    /// had it at the handshake, and a demoted agent must not follow customers' tickets anew.
+    pub(crate) directory: Arc<dyn UserDirectory>,
+}
+
+impl std::fmt::Debug for TicketRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketRules").finish_non_exhaustive()
+    }
 }
 
 #[async_trait]
 impl Authorizer<User> for TicketRules {
     async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+        let role = self
+            .directory
+            .role_of(user.id)
+            .await
+            .map_err(|e| Refusal::unavailable(format!("the user store is unavailable: {e}")))?
+            .ok_or_else(|| Refusal::forbidden("your account no longer exists"))?;
+        let user = &User { id: user.id, role };
         match (topic.family(), topic.key()) {
             ("tickets", None) => Ok(()),
             ("ticket", Some(id)) => {

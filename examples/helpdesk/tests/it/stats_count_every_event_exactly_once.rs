@@ -79,3 +79,27 @@ async fn the_stats_catch_up_and_count_each_ticket_in_its_current_status() {
     })
     .await;
 }
+
+/// On Postgres without Redis the transport is in process memory, and whatever it held at a
+/// stop was lost to the stats (the relay had moved its checkpoint past it). The stats then
+/// read the event store itself, committing their checkpoint with their counts: they count
+/// every ticket even with no relay shipping anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_without_redis_the_stats_read_the_event_store() {
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    within(async {
+        let s = TestServer::start_without_relay_with(backend, |c| c.redis_url = None).await;
+        let (customer, _) = s.customer().await;
+        let (agent, _) = s.agent().await;
+        s.ticket(&customer, "counted without the relay").await;
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats count it", || async {
+            let r = s.get("/tickets/stats", &agent).await;
+            (r.body["open"] == 1).then_some(())
+        })
+        .await;
+        s.stop().await;
+    })
+    .await;
+}

@@ -219,6 +219,14 @@ impl TestServer {
         Self::launch(backend, true, |_| {}).await
     }
 
+    /// [`start_without_relay`](Self::start_without_relay), configured.
+    pub async fn start_without_relay_with(
+        backend: Backend,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        Self::launch(backend, true, configure).await
+    }
+
     async fn launch(
         backend: Backend,
         without_relay: bool,

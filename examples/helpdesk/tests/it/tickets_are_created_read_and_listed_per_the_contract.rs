@@ -224,6 +224,12 @@ async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
         assert_eq!(ids(&assigned.body), [created[6].clone()]);
         let open = s.get("/tickets?status=open", &token).await;
         assert_eq!(ids(&open.body).len(), 6);
+        // An empty value is no value: not a second `status`.
+        let with_empty = s
+            .get("/tickets?status=&status=open&priority=", &token)
+            .await;
+        assert_eq!(with_empty.status, StatusCode::OK, "{with_empty:?}");
+        assert_eq!(ids(&with_empty.body), ids(&open.body));
 
         for bad in [
             "limit=0",

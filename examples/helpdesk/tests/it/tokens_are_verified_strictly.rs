@@ -144,6 +144,9 @@ async fn a_demoted_agent_loses_the_role_with_the_token_it_holds() {
             StatusCode::OK,
             "an agent sees it"
         );
+        // A WebSocket opened while still an agent.
+        let mut ws =
+            crate::websocket_clients_get_the_ticket_events_they_may_see::connect(&s, &agent).await;
 
         let pool = cqrs_postgres::sqlx::PgPool::connect(database_url)
             .await
@@ -162,6 +165,17 @@ async fn a_demoted_agent_loses_the_role_with_the_token_it_holds() {
             .assert_error(StatusCode::NOT_FOUND, "not_found");
         let me = s.get("/auth/me", &agent).await;
         assert_eq!(me.body["role"], "customer", "{me:?}");
+        // The open WebSocket's next subscribe reads the role again.
+        let topic = format!("ticket:{}", ticket["id"].as_str().unwrap());
+        crate::websocket_clients_get_the_ticket_events_they_may_see::send(
+            &mut ws,
+            serde_json::json!({ "type": "subscribe", "topic": topic }),
+        )
+        .await;
+        let refused =
+            crate::websocket_clients_get_the_ticket_events_they_may_see::next(&mut ws).await;
+        assert_eq!(refused["type"], "error", "{refused}");
+        assert_eq!(refused["code"], "forbidden", "{refused}");
         s.stop().await;
     })
     .await;
