@@ -533,7 +533,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     let backoff = self
                         .idle
                         .max(Duration::from_millis(10))
-                        .saturating_mul(2u32.saturating_pow(failures.min(6)));
+                        .saturating_mul(2u32.saturating_pow((failures - 1).min(6)));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = ctx.shutdown.requested() => {}
@@ -909,7 +909,8 @@ where
             Some(first) => Outcome::Skipped(first),
             // A handler that panics fails its own delivery, as an error would: unwinding past
             // the loop would hand nothing back, and the whole batch would come back counted.
-            None => match crate::panic::CatchUnwind::new(handle(delivery))
+            // The call inside the guarded future: a closure may panic before its `async` block.
+            None => match crate::panic::CatchUnwind::new(async { handle(delivery).await })
                 .await
                 .unwrap_or_else(|message| {
                     Handled::Retry(format!("the handler panicked: {message}"))

@@ -4,7 +4,7 @@
 
 use crate::BoxError;
 use async_trait::async_trait;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -320,16 +320,18 @@ impl RuntimeBuilder {
         let mut tasks = JoinSet::new();
         // Health is kept by name: two workers of one name (two consumers of one topic and
         // group, say) would overwrite each other's, so the second is `name#2`, and so on.
-        let mut taken: HashMap<String, usize> = HashMap::new();
+        let mut taken: HashSet<String> = HashSet::new();
         for mut worker in self.workers {
             let mut name = worker.name().to_owned();
-            let seen = taken.entry(name.clone()).or_insert(0);
-            *seen += 1;
-            if *seen > 1 {
-                let renamed = format!("{name}#{seen}");
+            if taken.contains(&name) {
+                let renamed = (2..)
+                    .map(|n| format!("{name}#{n}"))
+                    .find(|candidate| !taken.contains(candidate))
+                    .unwrap_or_default();
                 tracing::warn!(worker = %name, health = %renamed, "two workers share a name; reporting this one's health under another");
                 name = renamed;
             }
+            taken.insert(name.clone());
             let reporter = HealthReporter {
                 name: name.clone(),
                 map: health.clone(),

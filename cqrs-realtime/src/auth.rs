@@ -63,11 +63,13 @@ pub trait Authenticator: Send + Sync + 'static {
     }
 }
 
-/// A refused handshake: the client gets 401 with this message.
+/// A refused handshake: the client gets 401 with this message, or 503 when the credentials
+/// could not be checked ([`unavailable`](Self::unavailable)).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Unauthenticated {
     message: String,
+    unavailable: bool,
 }
 
 impl Unauthenticated {
@@ -76,7 +78,23 @@ impl Unauthenticated {
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            unavailable: false,
         }
+    }
+
+    /// The credentials could not be checked now (the user store is down): the client gets
+    /// 503 `unavailable` with `Retry-After`, so it tries again instead of dropping a token that
+    /// may well be good.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            unavailable: true,
+        }
+    }
+
+    /// Whether this is [`unavailable`](Self::unavailable) rather than a refusal.
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
     }
 
     /// The message.

@@ -239,6 +239,18 @@ impl<P: Send + Sync + 'static> Hub<P> {
         };
         let principal = match inner.authenticator.authenticate(&token).await {
             Ok(principal) => principal,
+            Err(refusal) if refusal.is_unavailable() => {
+                inner.metrics.refused("unavailable");
+                let mut response = error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    refusal.message(),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
             Err(refusal) => {
                 inner.metrics.refused("unauthorized");
                 return unauthorized(refusal.message());

@@ -160,6 +160,8 @@ impl StreamMaintenance {
         let report = self.transport.trim(topic).await?;
         if report.removed > 0 {
             tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
+            metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
+                .increment(report.removed as u64);
         }
         let stats = self.transport.topic_stats(topic).await?;
         metrics::gauge!("cqrs_redis_stream_length", "topic" => topic.to_owned())

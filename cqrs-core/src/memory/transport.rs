@@ -123,6 +123,10 @@ impl InMemoryTransport {
         let dropped = keep_from - t.base;
         t.log.drain(..dropped);
         t.base = keep_from;
+        if dropped > 0 {
+            metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "memory")
+                .increment(dropped as u64);
+        }
         dropped
     }
 

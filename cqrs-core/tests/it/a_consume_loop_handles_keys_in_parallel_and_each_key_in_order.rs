@@ -272,3 +272,20 @@ fn a_panicking_handler_fails_only_its_own_delivery() {
         assert_eq!(*deferred.lock().unwrap(), ["a2"]);
     });
 }
+
+/// A handler closure that panics before its `async` block is guarded as well.
+#[test]
+fn a_handler_that_panics_before_its_future_fails_only_its_own_delivery() {
+    run(async {
+        let batch = vec![delivery("a1", Some("a")), delivery("b1", Some("b"))];
+        let (mut consumer, ctx, (acked, nacked, _)) = scripted(vec![batch]);
+        consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |d| {
+            assert_ne!(d.id.0, "a1", "the closure panics on a1");
+            async { Handled::Done }
+        })
+        .await
+        .unwrap();
+        assert_eq!(*acked.lock().unwrap(), ["b1"]);
+        assert_eq!(nacked.lock().unwrap().len(), 1);
+    });
+}

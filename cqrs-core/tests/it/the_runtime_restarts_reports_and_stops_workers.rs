@@ -357,17 +357,20 @@ fn workers_sharing_a_name_and_aborted_workers_report_their_own_health() {
             })
             .worker(AlwaysFails {
                 name: "stuck",
+                starts: starts.clone(),
+            })
+            // Named like the second one's new name: it becomes `stuck#2#2`.
+            .worker(AlwaysFails {
+                name: "stuck#2",
                 starts,
             })
             .start();
         health_becomes(&runtime, "stuck", Health::Healthy).await;
         eventually(Duration::from_secs(10), "the second one failed", || async {
             let report = runtime.health().await;
-            matches!(
-                report.components.get("stuck#2"),
-                Some((Health::Unhealthy(_), _))
-            )
-            .then_some(())
+            let failed =
+                |name: &str| matches!(report.components.get(name), Some((Health::Unhealthy(_), _)));
+            (failed("stuck#2") && failed("stuck#2#2")).then_some(())
         })
         .await;
         let err = runtime

@@ -168,3 +168,47 @@ async fn handshakes_beyond_the_connection_limit_get_503() {
     })
     .await;
 }
+
+/// Credentials that could not be checked (the authenticator's store is down) are 503
+/// `unavailable` with `Retry-After`, not 401: the client tries again instead of dropping a
+/// token that may well be good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_that_cannot_be_checked_now_get_503() {
+    struct StoreDown;
+
+    #[async_trait::async_trait]
+    impl cqrs_realtime::Authenticator for StoreDown {
+        type Principal = crate::support::User;
+
+        async fn authenticate(
+            &self,
+            _token: &str,
+        ) -> Result<crate::support::User, cqrs_realtime::Unauthenticated> {
+            Err(cqrs_realtime::Unauthenticated::unavailable(
+                "the user store is unavailable; try again shortly",
+            ))
+        }
+    }
+
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start_with_authenticator(StoreDown, HubOptions::new(), |b| b).await;
+        match tokio_tungstenite::connect_async(t.url("user-u1")).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                assert_eq!(
+                    response
+                        .headers()
+                        .get(http::header::RETRY_AFTER)
+                        .map(|v| v.to_str().unwrap()),
+                    Some("1")
+                );
+                let body: serde_json::Value =
+                    serde_json::from_slice(&response.body().clone().unwrap_or_default()).unwrap();
+                assert_eq!(body["error"]["code"], "unavailable", "{body}");
+            }
+            other => panic!("expected 503, got {other:?}"),
+        }
+        assert_eq!(t.hub.stats().connections, 0);
+    })
+    .await;
+}

@@ -447,11 +447,13 @@ impl cqrs_realtime::Authenticator for HubAuthenticator {
     type Principal = Session;
 
     async fn authenticate(&self, token: &str) -> Result<Session, Unauthenticated> {
-        let (user, expires_at) = self
-            .0
-            .verify_session(token)
-            .await
-            .map_err(|e| Unauthenticated::new(e.to_string()))?;
+        let (user, expires_at) = self.0.verify_session(token).await.map_err(|e| {
+            if e.is_unavailable() {
+                Unauthenticated::unavailable(e.to_string())
+            } else {
+                Unauthenticated::new(e.to_string())
+            }
+        })?;
         Ok(Session { user, expires_at })
     }
 
