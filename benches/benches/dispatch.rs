@@ -4,6 +4,11 @@
 //!
 //! Every case runs on one current-thread tokio runtime, with metadata built once and cloned per
 //! iteration (in the baselines too, so each case does the same work around the handler).
+//!
+//! No tracing subscriber is installed, so the tracing layer's span is disabled, except in the
+//! `bus_three_layers_traced` cases: there a subscriber that enables every span at INFO and
+//! records nothing ([`UpTo`] INFO) is the default, so they add the cost of creating, entering
+//! and closing the span, the floor of what a real subscriber at INFO costs.
 
 use cqrs_benches::baseline::{
     LocalCommandHandler, LocalEventHandler, LocalQueryHandler, call_when_ready, command_service,
@@ -12,12 +17,85 @@ use cqrs_benches::baseline::{
 use cqrs_benches::buses::{Stack, command_bus, event_bus, event_handlers, query_bus};
 use cqrs_benches::fixtures::{Increment, IncrementHandler, Incremented, Lookup, LookupHandler};
 use cqrs_core::{CommandContext, EventContext, EventEnvelope, Metadata, QueryContext};
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{Bencher, BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::runtime::Runtime;
+use tracing::level_filters::LevelFilter;
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Dispatch, Event, Metadata as TracingMetadata, Subscriber};
+
+/// A subscriber that enables every span and event up to its level and records nothing; it
+/// only counts the spans, so a case can check that it traced.
+#[derive(Debug)]
+struct UpTo {
+    level: LevelFilter,
+    spans: AtomicU64,
+}
+
+impl UpTo {
+    fn new(level: LevelFilter) -> Self {
+        Self {
+            level,
+            spans: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Subscriber for UpTo {
+    fn enabled(&self, metadata: &TracingMetadata<'_>) -> bool {
+        *metadata.level() <= self.level
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.level)
+    }
+
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(self.spans.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, _: &Event<'_>) {}
+
+    fn enter(&self, _: &Id) {}
+
+    fn exit(&self, _: &Id) {}
+}
+
+/// Adds the case `name` to `group`, run with an INFO [`UpTo`] subscriber as the thread's
+/// default; checks that the layer made spans under it. Afterwards spans are off again, as the
+/// other cases measure them.
+fn bench_traced(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    mut routine: impl FnMut(&mut Bencher<'_, WallTime>),
+) {
+    let dispatch = Dispatch::new(UpTo::new(LevelFilter::INFO));
+    group.bench_function(name, |b| {
+        tracing::dispatcher::with_default(&dispatch, || routine(b));
+        let spans = dispatch
+            .downcast_ref::<UpTo>()
+            .map_or(0, |subscriber| subscriber.spans.load(Ordering::Relaxed));
+        assert!(spans > 0, "{name} made no spans");
+    });
+    drop(dispatch);
+    // Tracing caches each callsite's interest and the highest level wanted, and recomputes
+    // them only when a dispatcher is made: without one wanting nothing, the span would stay
+    // enabled (and made, for no subscriber) in the cases after.
+    drop(Dispatch::new(UpTo::new(LevelFilter::OFF)));
+    assert_eq!(
+        LevelFilter::current(),
+        LevelFilter::OFF,
+        "spans stay enabled after {name}"
+    );
+}
 
 /// The runtime every case runs on: one thread, with the timer the timeout layer needs.
 fn runtime() -> Runtime {
@@ -109,6 +187,14 @@ fn command_dispatch(c: &mut Criterion) {
             layered.dispatch_with(cmd, metadata.clone()).await
         });
     });
+    bench_traced(&mut group, "bus_three_layers_traced", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            layered.dispatch_with(cmd, metadata.clone()).await
+        });
+    });
     group.finish();
 }
 
@@ -176,6 +262,12 @@ fn query_dispatch(c: &mut Criterion) {
         });
     });
     group.bench_function("bus_three_layers", |b| {
+        b.to_async(&rt).iter(|| async {
+            let query = Lookup { key: black_box(7) };
+            layered.dispatch_with(query, metadata.clone()).await
+        });
+    });
+    bench_traced(&mut group, "bus_three_layers_traced", |b| {
         b.to_async(&rt).iter(|| async {
             let query = Lookup { key: black_box(7) };
             layered.dispatch_with(query, metadata.clone()).await

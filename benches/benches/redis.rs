@@ -22,7 +22,9 @@
 //! Each group works under a key prefix of its own (`cqrs-bench-<group>-<pid>-<nanos>`) on the
 //! server at `REDIS_URL` (default `redis://127.0.0.1:6379`), and deletes its keys when it ends;
 //! the publish groups also delete their streams after every timed block, outside the clock, so
-//! the server's memory stays flat. When Redis is unreachable the bench says why and measures
+//! the server's memory stays flat. Also outside the clock, each block checks that the work was
+//! done: a publish block left `n × batch` entries in its stream, a drain handled the backlog
+//! once (distinct ids) and left nothing pending in its group. When Redis is unreachable the bench says why and measures
 //! nothing, or fails when `CQRS_REQUIRE_SERVICES=1`. `docs/benchmarks.md` has the results.
 //!
 //! As in `postgres.rs`, the machine is shared and its load drifts over the seconds between two
@@ -42,6 +44,7 @@ use fred::prelude::Builder;
 use fred::types::Value;
 use fred::types::config::Config;
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::hint::black_box;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -256,7 +259,8 @@ async fn raw_publish_batch(raw: &Client, stream: &str, records: &[EventRecord]) 
 }
 
 /// Times `n` publishes of `batch` events each with `publish`, the events built before the
-/// clock starts; then, outside the clock, deletes `stream` so memory stays flat.
+/// clock starts; then, outside the clock, checks that `stream` holds every one of them and
+/// deletes it so memory stays flat.
 async fn timed_publish<F>(
     n: u64,
     batch: u64,
@@ -278,6 +282,12 @@ where
         publish(events).await;
     }
     let elapsed = start.elapsed();
+    let len: u64 = raw.xlen(stream).await.expect("XLEN of the bench stream");
+    assert_eq!(
+        len,
+        n * batch,
+        "entries {n} publishes of {batch} added to {stream}"
+    );
     let _: u64 = raw.del(stream).await.expect("delete the bench stream");
     elapsed
 }
@@ -458,6 +468,37 @@ fn items(value: Value) -> Vec<Value> {
     }
 }
 
+/// How many entries `group` has read from `stream` and not acknowledged (`XPENDING`'s count).
+async fn pending(raw: &Client, stream: &str, group: &str) -> u64 {
+    let summary: Value = raw.xpending(stream, group, ()).await.expect("XPENDING");
+    items(summary)
+        .into_iter()
+        .next()
+        .and_then(|count| count.as_u64())
+        .expect("XPENDING starts with the count")
+}
+
+/// The tasks alive on the current runtime.
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Waits, up to 5 s, until no more tasks are alive than `before`: a dropped consumer quits its
+/// connection in a task of its own, and fred's tasks for that connection end with it.
+async fn settle(before: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive_tasks() > before {
+        assert!(
+            Instant::now() < deadline,
+            "a closed consumer's tasks still run after 5 s ({} alive, {before} before it)",
+            alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Times `n` drains of the backlog in `stream`, each by a new group, with `XREADGROUP COUNT
 /// 100`, decoding each entry's record, then `XACK` of the batch.
 async fn raw_consume(n: u64, raw: &Client, stream: &str, groups: &Cell<u64>) -> Duration {
@@ -469,7 +510,7 @@ async fn raw_consume(n: u64, raw: &Client, stream: &str, groups: &Cell<u64>) -> 
             .await
             .expect("create the raw group");
         let start = Instant::now();
-        let mut handled = 0;
+        let (mut handled, mut acked) = (0, 0);
         while handled < BACKLOG {
             let reply: Value = raw
                 .xreadgroup(group.as_str(), "raw", Some(BATCH), None, false, stream, ">")
@@ -485,10 +526,22 @@ async fn raw_consume(n: u64, raw: &Client, stream: &str, groups: &Cell<u64>) -> 
             }
             assert!(!ids.is_empty(), "the raw backlog ran dry at {handled}");
             handled += ids.len() as u64;
-            let acked: u64 = raw.xack(stream, group.as_str(), ids).await.expect("XACK");
-            debug_assert!(acked > 0);
+            let now_acked: u64 = raw.xack(stream, group.as_str(), ids).await.expect("XACK");
+            acked += now_acked;
         }
         measured += start.elapsed();
+        // `XACK` counts only ids still pending, each once: `acked == handled` means the ids
+        // were distinct, as the transport side checks by hand.
+        assert_eq!(handled, BACKLOG, "entries the raw drain handled");
+        assert_eq!(
+            acked, BACKLOG,
+            "distinct entries the raw drain acknowledged"
+        );
+        assert_eq!(
+            pending(raw, stream, &group).await,
+            0,
+            "left pending by the raw drain"
+        );
         let _: Value = raw
             .xgroup_destroy(stream, group.as_str())
             .await
@@ -511,11 +564,13 @@ async fn transport_consume(
     let mut measured = Duration::ZERO;
     for _ in 0..n {
         let group = next_group(groups);
+        let tasks_before = alive_tasks();
         // Joining (the group and the consumer's own connection) is outside the clock.
         let mut consumer = transport
             .consumer(topic, &group, ConsumerOptions::default())
             .await
             .expect("join the group");
+        let mut all = Vec::with_capacity(BACKLOG as usize);
         let start = Instant::now();
         let mut handled = 0;
         while handled < BACKLOG {
@@ -530,10 +585,28 @@ async fn transport_consume(
                 .collect();
             consumer.ack(&ids).await.expect("ack");
             handled += ids.len() as u64;
+            // Moved, not cloned, into room made before the clock: checked after it.
+            all.extend(ids);
             fetches.set(fetches.get() + 1);
         }
         measured += start.elapsed();
+        assert_eq!(handled, BACKLOG, "entries the transport handed out");
+        let distinct: HashSet<_> = all.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            all.len(),
+            "distinct entries the transport handed out"
+        );
+        assert_eq!(
+            pending(raw, &stream, &group).await,
+            0,
+            "left pending by the transport"
+        );
+        // Closed here, and its connection's tasks left to finish, so none of its cleanup runs
+        // inside the next timed block (the paired rounds alternate with the raw side).
+        consumer.close().await.expect("close the consumer");
         drop(consumer);
+        settle(tasks_before).await;
         let _: Value = raw
             .xgroup_destroy(stream.as_str(), group.as_str())
             .await
@@ -609,8 +682,6 @@ fn consume(c: &mut Criterion, group: &'static str, keys: u64) {
             BACKLOG / BATCH
         );
     }
-    // Consumers close their connections in background tasks: let them run.
-    rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
     drop((ordered, unordered));
 }
 

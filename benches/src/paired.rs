@@ -11,30 +11,56 @@ pub fn measuring(group: &str) -> bool {
     if !args.iter().any(|a| a == "--bench") {
         return false;
     }
-    const FLAGS: [&str; 8] = [
-        "--bench",
-        "--test",
-        "--list",
-        "--noplot",
-        "--quick",
-        "--verbose",
-        "--quiet",
-        "--exact",
-    ];
-    let filters: Vec<&str> = args
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| {
-            let after_option =
-                *i > 0 && args[i - 1].starts_with("--") && !FLAGS.contains(&args[i - 1].as_str());
-            !a.starts_with('-') && !after_option
-        })
-        .map(|(_, a)| a.as_str())
-        .collect();
+    let filters = filters(&args);
     filters.is_empty()
         || filters
             .iter()
             .any(|f| group.contains(f) || f.contains(group))
+}
+
+/// Criterion's options that take a value (criterion 0.8's `configure_from_args`); every other
+/// option is a flag (`--bench`, `--discard-baseline`, `--ignored`, ...), so the argument after
+/// it is a filter, not its value.
+const TAKE_A_VALUE: [&str; 20] = [
+    "--color",
+    "--colour",
+    "-c",
+    "--save-baseline",
+    "-s",
+    "--baseline",
+    "-b",
+    "--baseline-lenient",
+    "--format",
+    "--profile-time",
+    "--load-baseline",
+    "--sample-size",
+    "--warm-up-time",
+    "--measurement-time",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--plotting-backend",
+    "--output-format",
+];
+
+/// The filters (positional arguments) among criterion's arguments.
+fn filters(args: &[String]) -> Vec<&str> {
+    let mut filters = Vec::new();
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            filters.extend(args.map(String::as_str));
+            break;
+        }
+        if !arg.starts_with('-') {
+            filters.push(arg.as_str());
+        } else if TAKE_A_VALUE.contains(&arg.as_str()) {
+            // `--name value`; `--name=value` is one argument and takes nothing after it.
+            args.next();
+        }
+    }
+    filters
 }
 
 /// The quartiles of the rounds' ratios, and each side's median time per operation.
@@ -71,4 +97,42 @@ where
         times_a[times_a.len() / 2],
         times_b[times_b.len() / 2],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filters;
+
+    fn filters_of(args: &str) -> Vec<String> {
+        let args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
+        filters(&args).into_iter().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_filter_after_a_flag_is_kept_and_an_option_value_is_not_a_filter() {
+        assert_eq!(
+            filters_of("--bench --discard-baseline consume"),
+            ["consume"]
+        );
+        assert_eq!(filters_of("--bench --ignored consume"), ["consume"]);
+        assert_eq!(
+            filters_of("--bench --exact publish_one_event"),
+            ["publish_one_event"]
+        );
+        assert_eq!(
+            filters_of("--bench --save-baseline main consume"),
+            ["consume"]
+        );
+        assert_eq!(filters_of("--bench --baseline=main consume"), ["consume"]);
+        assert_eq!(
+            filters_of("--bench -s main --sample-size 10 consume"),
+            ["consume"]
+        );
+        assert_eq!(
+            filters_of("--bench --output-format bencher"),
+            Vec::<String>::new()
+        );
+        assert_eq!(filters_of("--bench -- --odd"), ["--odd"]);
+        assert!(filters_of("--bench --noplot --quick").is_empty());
+    }
 }

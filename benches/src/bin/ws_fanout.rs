@@ -4,6 +4,11 @@
 //! events at a fixed rate, and reports the delivery latency (publish call to receipt: p50, p99,
 //! max) and the hub's memory per connection.
 //!
+//! Every event carries its sequence number, and each client records which ones it received, so
+//! the report counts missing and duplicate deliveries, `error` frames, and the clients that
+//! failed or were still waiting at the deadline (they report what they received). The latency
+//! percentiles are over every expected delivery, a missing one counting as never delivered.
+//!
 //! The hub runs in a child process (this binary with `--serve`), so its resident memory is
 //! measured apart from the clients'. Both raise their open-file limit to the hard limit.
 //!
@@ -30,6 +35,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tokio::time::error::Elapsed;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -223,10 +231,62 @@ fn rss_kib(pid: u32) -> Result<u64, BoxError> {
     Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
 }
 
+/// A non-event frame, read in full (they are few).
 #[derive(Deserialize)]
 struct Frame {
     #[serde(rename = "type")]
     kind: String,
+    /// An `error` frame's code.
+    code: Option<String>,
+}
+
+/// What one client saw, sent back whether it finished, failed or ran out of time, so a
+/// client in trouble still counts with what it received.
+#[derive(Default)]
+struct Report {
+    /// Whether it got `subscribed`: only then are events expected of it.
+    subscribed: bool,
+    /// The latency (µs) of each event's first delivery.
+    latencies: Vec<u32>,
+    /// Events delivered again after their first delivery.
+    duplicates: usize,
+    /// Event frames without a `seq` or `sent_ns`, or with a `seq` that was not published.
+    malformed: usize,
+    /// `error` frames, and the first one's code.
+    errors: usize,
+    first_error: Option<String>,
+    /// Why it failed, before or after subscribing.
+    failure: Option<String>,
+    /// Still waiting for events at the deadline.
+    timed_out: bool,
+}
+
+/// The reports of every client, added up.
+#[derive(Default)]
+struct Summary {
+    latencies: Vec<u32>,
+    duplicates: usize,
+    malformed: usize,
+    errors: usize,
+    error_codes: std::collections::BTreeSet<String>,
+    failed_mid_run: usize,
+    timed_out: usize,
+}
+
+impl Summary {
+    fn add(&mut self, report: Report) {
+        self.latencies.extend(report.latencies);
+        self.duplicates += report.duplicates;
+        self.malformed += report.malformed;
+        self.errors += report.errors;
+        self.error_codes.extend(report.first_error);
+        if report.subscribed && report.failure.is_some() {
+            self.failed_mid_run += 1;
+        }
+        if report.timed_out {
+            self.timed_out += 1;
+        }
+    }
 }
 
 /// The client process: starts the hub, ramps up clients, publishes, reports.
@@ -278,33 +338,41 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     // Ramp up: every client connects, subscribes, and waits for `subscribed`.
     let url = format!("ws://{addr}/ws?token=bench");
     let subscribed = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
+    let ramp_failed = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(tokio::sync::Semaphore::new(args.ramp));
-    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Vec<u32>>();
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Report>();
+    // Set at the deadline: the clients still waiting report what they have.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let mut last_progress = started;
     for _ in 0..args.connections {
         let permit = gate.clone().acquire_owned().await?;
-        let (url, counter, failed, done_tx) = (
+        let (url, counter, ramp_failed, failures, done_tx, stop) = (
             url.clone(),
             subscribed.clone(),
-            failed.clone(),
+            ramp_failed.clone(),
+            failures.clone(),
             done_tx.clone(),
+            stop.clone(),
         );
         let events = args.events;
         tokio::spawn(async move {
-            let latencies = client(&url, events, permit, &counter).await;
-            match latencies {
-                Ok(latencies) => {
-                    let _ = done_tx.send(latencies);
+            let report = client(&url, events, permit, &counter, stop).await;
+            if let Some(error) = &report.failure {
+                if !report.subscribed {
+                    ramp_failed.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(error) => {
-                    if failed.fetch_add(1, Ordering::Relaxed) < 5 {
-                        eprintln!("\nclient failed: {error}");
-                    }
-                    let _ = done_tx.send(Vec::new());
+                if failures.fetch_add(1, Ordering::Relaxed) < 5 {
+                    let when = if report.subscribed {
+                        "after subscribing"
+                    } else {
+                        "before subscribing"
+                    };
+                    eprintln!("\nclient failed {when}: {error}");
                 }
             }
+            let _ = done_tx.send(report);
         });
         if last_progress.elapsed() > Duration::from_millis(250) {
             last_progress = Instant::now();
@@ -315,7 +383,11 @@ async fn drive(args: Args) -> Result<(), BoxError> {
             );
         }
     }
-    while subscribed.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < args.connections {
+    // Only the clients hold senders now, so `recv` ends once every one has reported.
+    drop(done_tx);
+    while subscribed.load(Ordering::Relaxed) + ramp_failed.load(Ordering::Relaxed)
+        < args.connections
+    {
         eprint!(
             "\rsubscribed {}/{}",
             subscribed.load(Ordering::Relaxed),
@@ -325,11 +397,11 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     }
     let ramp = started.elapsed();
     let held = subscribed.load(Ordering::Relaxed);
+    let ramp_failed = ramp_failed.load(Ordering::Relaxed);
     eprintln!(
-        "\rsubscribed {held}/{} in {:.1} s ({} failed)",
+        "\rsubscribed {held}/{} in {:.1} s ({ramp_failed} failed)",
         args.connections,
         ramp.as_secs_f64(),
-        failed.load(Ordering::Relaxed)
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_kib(pid)?;
@@ -343,19 +415,30 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     let publishing = Instant::now();
     writeln!(stdin, "publish {} {}", args.events, args.rate)?;
     stdin.flush()?;
-    let mut all = Vec::with_capacity(held * args.events);
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(args.events as u64 / args.rate.max(1) + 60);
-    let mut reports = 0;
+    let mut summary = Summary {
+        latencies: Vec::with_capacity(held * args.events),
+        ..Summary::default()
+    };
+    let wait = Duration::from_secs(args.events as u64 / args.rate.max(1) + 60);
+    let mut until = tokio::time::Instant::now() + wait;
+    let (mut reports, mut stopped) = (0, false);
     while reports < args.connections {
-        match tokio::time::timeout_at(deadline, done.recv()).await {
-            Ok(Some(latencies)) => {
-                all.extend(latencies);
+        match tokio::time::timeout_at(until, done.recv()).await {
+            Ok(Some(report)) => {
+                summary.add(report);
                 reports += 1;
             }
-            _ => break,
+            Ok(None) => break,
+            Err(_) if !stopped => {
+                // The deadline: the clients still waiting send what they have.
+                stopped = true;
+                stop_tx.send_replace(true);
+                until = tokio::time::Instant::now() + Duration::from_secs(10);
+            }
+            Err(_) => break,
         }
     }
+    let unreported = args.connections - reports;
     let after = rss_kib(pid)?;
     let elapsed = publishing.elapsed().as_secs_f64();
     let cpu = (
@@ -377,23 +460,50 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     stdin.flush()?;
     let _ = child.wait();
 
+    let all = &mut summary.latencies;
     all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
-        f64::from(all[i]) / 1000.0
-    };
     let expected = held * args.events;
-    println!("connections held        {held}");
+    let missing = expected.saturating_sub(all.len());
+    // Over every expected delivery, a missing one counting as never delivered: with more than
+    // 1 % missing, p99 reads "never", so lost events cannot flatter the tail.
+    let pct = |p: f64| -> String {
+        if expected == 0 {
+            return "-".to_owned();
+        }
+        let i = ((expected as f64 * p).ceil() as usize).clamp(1, expected) - 1;
+        all.get(i).map_or("never".to_owned(), |&us| {
+            format!("{:.1}", f64::from(us) / 1000.0)
+        })
+    };
+    println!("connections held        {held} ({ramp_failed} failed to subscribe)");
     println!(
-        "deliveries              {} of {expected} ({:.3} %)",
+        "deliveries              {} of {expected} ({:.3} %), each event counted once per client",
         all.len(),
         100.0 * all.len() as f64 / expected.max(1) as f64
     );
+    println!("missing                 {missing}");
+    println!("duplicates              {}", summary.duplicates);
+    let codes: Vec<&str> = summary.error_codes.iter().map(String::as_str).collect();
     println!(
-        "latency ms              p50 {:.1}  p99 {:.1}  max {:.1}",
+        "error frames            {}{}",
+        summary.errors,
+        if codes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", codes.join(", "))
+        }
+    );
+    println!("malformed event frames  {}", summary.malformed);
+    println!("clients failed mid-run  {}", summary.failed_mid_run);
+    println!(
+        "clients timed out       {} (waiting at the deadline, {} s after publishing began), \
+         {unreported} unreported",
+        summary.timed_out,
+        wait.as_secs()
+    );
+    println!(
+        "latency ms              p50 {}  p99 {}  max {}  (over all {expected} expected \
+         deliveries; a missing one counts as never)",
         pct(0.50),
         pct(0.99),
         pct(1.0)
@@ -412,14 +522,40 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// One client: connects, subscribes, then records the latency of each event (µs) until it
-/// has `events` of them.
+type Socket = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// After the last event arrives, how long a client waits for the ones before it: the hub
+/// sends a connection's frames in order, so one still missing then was lost, not late.
+const GAP_GRACE: Duration = Duration::from_secs(2);
+
+/// One client: connects, subscribes, then records the latency of each event's first delivery
+/// until it has all `events`, or the last and no more within [`GAP_GRACE`], or `stop` is set.
 async fn client(
     url: &str,
     events: usize,
     permit: tokio::sync::OwnedSemaphorePermit,
     subscribed: &AtomicUsize,
-) -> Result<Vec<u32>, BoxError> {
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Report {
+    let mut report = Report::default();
+    let ws = match subscribe(url).await {
+        Ok(ws) => ws,
+        Err(error) => {
+            report.failure = Some(error.to_string());
+            return report;
+        }
+    };
+    report.subscribed = true;
+    subscribed.fetch_add(1, Ordering::Relaxed);
+    drop(permit);
+    if let Err(error) = record_events(ws, events, GAP_GRACE, stop, &mut report).await {
+        report.failure = Some(error.to_string());
+    }
+    report
+}
+
+/// Connects and subscribes to `bench`; returns once the hub says `subscribed`.
+async fn subscribe(url: &str) -> Result<Socket, BoxError> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0);
@@ -428,29 +564,23 @@ async fn client(
         r#"{"type":"subscribe","topic":"bench"}"#.into(),
     ))
     .await?;
-    let mut latencies = Vec::new();
     while let Some(message) = ws.next().await {
         let Message::Text(text) = message? else {
             continue;
         };
         let frame: Frame = serde_json::from_str(text.as_str())?;
-        match frame.kind.as_str() {
-            "subscribed" => {
-                subscribed.fetch_add(1, Ordering::Relaxed);
-                drop(permit);
-                latencies.reserve_exact(events);
-                // `permit` moved; the rest of the loop records events.
-                return record_events(ws, events, latencies).await;
-            }
-            other => return Err(format!("expected subscribed, got {other}").into()),
-        }
+        return match frame.kind.as_str() {
+            "subscribed" => Ok(ws),
+            "error" => Err(format!("error frame {}", frame.code.unwrap_or_default()).into()),
+            other => Err(format!("expected subscribed, got {other}").into()),
+        };
     }
     Err("closed before subscribed".into())
 }
 
-/// The `sent_ns` number in an event frame.
-fn sent_ns(text: &str) -> Option<u64> {
-    let start = text.find("\"sent_ns\":")? + "\"sent_ns\":".len();
+/// The number after `key` in a frame.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let start = text.find(key)? + key.len();
     let digits: &str = &text[start..];
     let end = digits
         .find(|c: char| !c.is_ascii_digit())
@@ -458,29 +588,174 @@ fn sent_ns(text: &str) -> Option<u64> {
     digits[..end].parse().ok()
 }
 
-async fn record_events<S>(
-    mut ws: tokio_tungstenite::WebSocketStream<S>,
-    events: usize,
-    mut latencies: Vec<u32>,
-) -> Result<Vec<u32>, BoxError>
+/// The next message, or `Err` when `grace` (if any) passes first.
+async fn next_message<S>(
+    ws: &mut WebSocketStream<S>,
+    grace: Option<Duration>,
+) -> Result<Option<Result<Message, tokio_tungstenite::tungstenite::Error>>, Elapsed>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    while latencies.len() < events {
-        let Some(message) = ws.next().await else {
+    match grace {
+        Some(grace) => tokio::time::timeout(grace, ws.next()).await,
+        None => Ok(ws.next().await),
+    }
+}
+
+/// Records the events into `report` by their `seq`: the first delivery of each gives a latency,
+/// a later one is a duplicate. On an error `report` keeps what arrived before it.
+async fn record_events<S>(
+    mut ws: WebSocketStream<S>,
+    events: usize,
+    gap_grace: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    report: &mut Report,
+) -> Result<(), BoxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut seen = vec![false; events];
+    report.latencies.reserve_exact(events);
+    let stopped = stop.wait_for(|stop| *stop);
+    tokio::pin!(stopped);
+    while report.latencies.len() < events {
+        let grace = seen.last().copied().unwrap_or(false).then_some(gap_grace);
+        let message = tokio::select! {
+            biased;
+            _ = &mut stopped => {
+                report.timed_out = true;
+                break;
+            }
+            message = next_message(&mut ws, grace) => message,
+        };
+        let Ok(message) = message else {
+            break; // the last event came, and the missing ones did not within the grace
+        };
+        let Some(message) = message else {
             return Err("closed".into());
         };
         let Message::Text(text) = message? else {
             continue;
         };
         let received = now_ns();
-        // Only the timestamp is needed: a scan keeps the clients' CPU (which shares the
-        // machine with the hub) low. Non-event frames have no `sent_ns`.
-        if let Some(sent) = sent_ns(text.as_str()) {
-            let micros = received.saturating_sub(sent) / 1000;
-            latencies.push(micros.min(u64::from(u32::MAX)) as u32);
+        let text = text.as_str();
+        // Event frames are scanned for their two numbers, not parsed: that keeps the clients'
+        // CPU (which shares the machine with the hub) low. The tag comes first.
+        if !text.starts_with(r#"{"type":"event""#) {
+            match serde_json::from_str::<Frame>(text) {
+                Ok(frame) if frame.kind == "error" => {
+                    report.errors += 1;
+                    if report.first_error.is_none() {
+                        report.first_error = Some(frame.code.unwrap_or_default());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => report.malformed += 1,
+            }
+            continue;
+        }
+        let seq = number_after(text, r#""seq":"#).and_then(|seq| usize::try_from(seq).ok());
+        let (Some(seq), Some(sent)) = (seq, number_after(text, r#""sent_ns":"#)) else {
+            report.malformed += 1;
+            continue;
+        };
+        match seen.get_mut(seq) {
+            None => report.malformed += 1,
+            Some(true) => report.duplicates += 1,
+            Some(slot) => {
+                *slot = true;
+                let micros = received.saturating_sub(sent) / 1000;
+                report
+                    .latencies
+                    .push(micros.min(u64::from(u32::MAX)) as u32);
+            }
         }
     }
-    let _ = ws.close(None).await;
-    Ok(latencies)
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    /// A client's socket and the hub's end of it, over an in-memory pipe.
+    async fn pipe() -> (
+        WebSocketStream<tokio::io::DuplexStream>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let client = WebSocketStream::from_raw_socket(a, Role::Client, None).await;
+        let hub = WebSocketStream::from_raw_socket(b, Role::Server, None).await;
+        (client, hub)
+    }
+
+    fn event(seq: u64) -> Message {
+        let sent = now_ns();
+        Message::Text(
+            format!(
+                r#"{{"type":"event","topic":"bench","event":{{"pad":"xx","sent_ns":{sent},"seq":{seq}}}}}"#
+            )
+            .into(),
+        )
+    }
+
+    #[tokio::test]
+    async fn duplicates_gaps_and_error_frames_are_counted_not_hidden() {
+        let (client, mut hub) = pipe().await;
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let frames = [
+            event(0),
+            event(1),
+            event(1),
+            Message::Text(r#"{"type":"error","code":"event_too_large","message":"m"}"#.into()),
+            event(9),
+            Message::Text(r#"{"type":"event","topic":"bench","event":{}}"#.into()),
+            event(3),
+        ];
+        for frame in frames {
+            hub.send(frame).await.unwrap();
+        }
+        let mut report = Report::default();
+        let grace = Duration::from_millis(50);
+        record_events(client, 4, grace, stop, &mut report)
+            .await
+            .unwrap();
+        // Four frames carried a `seq`, but only 0, 1 and 3 arrived: 2 is missing.
+        assert_eq!(report.latencies.len(), 3);
+        assert_eq!(report.duplicates, 1);
+        assert_eq!(report.malformed, 2);
+        assert_eq!(report.errors, 1);
+        assert_eq!(report.first_error.as_deref(), Some("event_too_large"));
+        assert!(!report.timed_out);
+    }
+
+    #[tokio::test]
+    async fn a_client_stopped_or_failing_keeps_what_it_received() {
+        let (client, mut hub) = pipe().await;
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        hub.send(event(0)).await.unwrap();
+        let mut report = Report::default();
+        let stopping = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stop_tx.send_replace(true);
+        };
+        let (result, ()) = tokio::join!(
+            record_events(client, 3, GAP_GRACE, stop, &mut report),
+            stopping
+        );
+        result.unwrap();
+        assert!(report.timed_out);
+        assert_eq!(report.latencies.len(), 1);
+
+        let (client, mut hub) = pipe().await;
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        hub.send(event(0)).await.unwrap();
+        drop(hub);
+        let mut report = Report::default();
+        let result = record_events(client, 3, GAP_GRACE, stop, &mut report).await;
+        assert!(result.is_err());
+        assert_eq!(report.latencies.len(), 1);
+    }
 }
