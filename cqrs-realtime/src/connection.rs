@@ -44,7 +44,7 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         conn.close.close(Ending::SHUTDOWN);
     }
     let mut writer = tokio::spawn(write_loop(hub.clone(), conn.clone(), sink));
-    let resumes = ResumeBudget::new(hub.options.resumes_per_minute);
+    let resumes = hub.resume_budget(slot.key.as_deref());
     let mut session = Session {
         hub,
         conn,
@@ -95,20 +95,21 @@ struct Session<P> {
     /// This connection's subscriptions, with the channel each holds a reference on.
     subscriptions: HashMap<Topic, (Arc<Slot<P>>, String)>,
     /// Resumes (`since`) this connection may still start now, refilled over time.
-    resumes: ResumeBudget,
+    /// Shared by the principal's connections (see [`HubInner::resume_budget`]).
+    resumes: Arc<std::sync::Mutex<ResumeBudget>>,
     /// When the principal's credentials expire; the keepalive closes the connection then.
     expires_at: Option<DateTime<Utc>>,
 }
 
 /// A token bucket of `per_minute` resumes: full at first, one back every `60 s / per_minute`.
-struct ResumeBudget {
+pub(crate) struct ResumeBudget {
     per_minute: u32,
     tokens: f64,
     at: tokio::time::Instant,
 }
 
 impl ResumeBudget {
-    fn new(per_minute: u32) -> Self {
+    pub(crate) fn new(per_minute: u32) -> Self {
         Self {
             per_minute,
             tokens: f64::from(per_minute),
@@ -127,10 +128,17 @@ impl ResumeBudget {
     }
 
     /// Uses one resume, once the subscription it is for is registered: a `since` that is
-    /// refused (forbidden, or unavailable and meant to be retried) costs nothing. Only this
-    /// connection's reader takes, and tokens only grow between `available` and here.
+    /// refused (forbidden, or unavailable and meant to be retried) costs nothing. Another
+    /// connection of the principal may take between `available` and here, so a burst can go
+    /// one resume per connection over the budget, no more.
     fn take(&mut self) {
         self.tokens = (self.tokens - 1.0).max(0.0);
+    }
+
+    /// Whether it is full again (nothing to remember once no connection holds it).
+    pub(crate) fn is_full(&mut self) -> bool {
+        self.available();
+        self.tokens >= f64::from(self.per_minute)
     }
 }
 
@@ -256,7 +264,13 @@ impl<P: Send + Sync + 'static> Session<P> {
                 );
             }
             Some(since) => match since.parse::<Position>() {
-                Ok(_) if !self.resumes.available() => {
+                Ok(_)
+                    if !self
+                        .resumes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .available() =>
+                {
                     let per_minute = self.hub.options.resumes_per_minute;
                     return self.send_error(
                         ErrorCode::TooManyResumes,
@@ -317,7 +331,10 @@ impl<P: Send + Sync + 'static> Session<P> {
             }
         }
         if since.is_some() {
-            self.resumes.take();
+            self.resumes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
         }
         // Live upstream from here on: every event published after `subscribed` reaches the
         // registry, and the registry has this subscription before `subscribed` is queued.

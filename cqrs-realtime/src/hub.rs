@@ -89,6 +89,8 @@ pub(crate) struct HubInner<P> {
     open: AtomicUsize,
     /// Open connections per principal key (`Authenticator::connection_key`).
     per_principal: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Resume budgets per principal key: reconnecting does not refill one.
+    resume_budgets: std::sync::Mutex<ResumeBudgets>,
     all_closed: Notify,
 }
 
@@ -103,9 +105,53 @@ impl<P> HubInner<P> {
         self.connections.close_all(Ending::SHUTDOWN);
     }
 
+    /// The resume budget of a new connection: its principal's (by `connection_key`), shared
+    /// with the principal's other connections and kept after they close until it is full
+    /// again, so closing and reconnecting does not refill it; a connection of its own without
+    /// a key.
+    pub(crate) fn resume_budget(
+        &self,
+        key: Option<&str>,
+    ) -> Arc<std::sync::Mutex<crate::connection::ResumeBudget>> {
+        let fresh = || {
+            Arc::new(std::sync::Mutex::new(crate::connection::ResumeBudget::new(
+                self.options.resumes_per_minute,
+            )))
+        };
+        let Some(key) = key else {
+            return fresh();
+        };
+        let mut budgets = self
+            .resume_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let budgets = &mut *budgets;
+        // Forget budgets no connection holds once they are full again; a pass over the map
+        // only when it has doubled since the last, so a handshake costs O(1) on average.
+        if budgets.map.len() >= budgets.next_prune {
+            budgets.map.retain(|_, budget| {
+                Arc::strong_count(budget) > 1
+                    || !budget.lock().unwrap_or_else(|p| p.into_inner()).is_full()
+            });
+            budgets.next_prune = (budgets.map.len() * 2).max(64);
+        }
+        budgets
+            .map
+            .entry(key.to_owned())
+            .or_insert_with(fresh)
+            .clone()
+    }
+
     pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Resume budgets by principal key, and when to prune them next.
+#[derive(Default)]
+pub(crate) struct ResumeBudgets {
+    map: std::collections::HashMap<String, Arc<std::sync::Mutex<crate::connection::ResumeBudget>>>,
+    next_prune: usize,
 }
 
 /// Counts a connection from its accepted handshake until its task ends (or the upgrade
@@ -113,7 +159,7 @@ impl<P> HubInner<P> {
 pub(crate) struct ConnectionSlot<P> {
     hub: Arc<HubInner<P>>,
     /// The principal's key, counted in `per_principal`.
-    key: Option<String>,
+    pub(crate) key: Option<String>,
     /// Whether the connection holds a place in the hub (`open`).
     placed: bool,
 }
@@ -518,6 +564,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
                 per_principal: std::sync::Mutex::default(),
+                resume_budgets: std::sync::Mutex::default(),
                 all_closed: Notify::new(),
             }),
         })

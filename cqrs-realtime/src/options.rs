@@ -178,10 +178,13 @@ impl HubOptions {
         self
     }
 
-    /// How many subscriptions with `since` one connection may start per minute (a burst of
+    /// How many subscriptions with `since` one principal may start per minute (a burst of
     /// that many, then one every `60 s / n`): each replay reads up to `replay_limit` stored
-    /// events, so a client looping over `subscribe` / `unsubscribe` must not make the hub read
-    /// the log without end. Past it, `since` gets `too_many_resumes`. Default 10.
+    /// events, so a client looping over `subscribe` / `unsubscribe`, or over reconnects, must
+    /// not make the hub read the log without end. The budget is the principal's, by
+    /// [`Authenticator::connection_key`](crate::Authenticator::connection_key), shared by its
+    /// connections (a connection's own without a key). Past it, `since` gets
+    /// `too_many_resumes`. Default 10.
     pub fn resumes_per_minute(mut self, resumes: u32) -> Self {
         self.resumes_per_minute = resumes;
         self

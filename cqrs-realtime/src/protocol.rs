@@ -209,7 +209,7 @@ pub enum ErrorCode {
     /// replay limit). The subscription is live, but events between `since` and now may be
     /// missing: reload the state another way.
     ResumeFailed,
-    /// The connection started more subscriptions with `since` than
+    /// The principal started more subscriptions with `since` than
     /// [`resumes_per_minute`](crate::HubOptions::resumes_per_minute) allows: subscribe without
     /// `since` (and reload the state another way), or wait.
     TooManyResumes,

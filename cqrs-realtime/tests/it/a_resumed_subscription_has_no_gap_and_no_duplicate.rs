@@ -218,7 +218,7 @@ async fn a_since_past_the_end_of_the_log_is_reported_and_live_events_flow() {
 /// the log without end: past `resumes_per_minute`, `since` gets `too_many_resumes`, and a
 /// subscription without it still works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resumes_are_limited_per_connection() {
+async fn resumes_are_limited_per_principal() {
     with_timeout(TEST_LIMIT, async {
         let t = TestHub::start(HubOptions::new().resumes_per_minute(2)).await;
         t.publish("t1", "u1", 1).await;
@@ -244,13 +244,14 @@ async fn resumes_are_limited_per_connection() {
         client.subscribe("tickets").await;
         t.publish("t1", "u1", 2).await;
         assert_eq!(client.event().await.seq, 2);
-        // Another connection has a budget of its own.
-        let mut other = t.connect("user-u1").await;
+        // Another principal has a budget of its own (one principal's connections share theirs:
+        // `reconnecting_does_not_refill_a_principals_resumes`).
+        let mut other = t.connect("user-u2").await;
         other
             .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
             .await;
         other.expect_subscribed("tickets").await;
-        assert_eq!(other.event().await.seq, 1);
+        // (u1's event is not u2's to see: subscribed is the answer.)
     })
     .await;
 }
@@ -381,6 +382,61 @@ async fn a_refused_resume_does_not_use_up_the_budget() {
             .await;
         client.expect_subscribed("tickets").await;
         assert_eq!(client.event().await.seq, 2, "replayed");
+    })
+    .await;
+}
+
+/// The test tokens, with each user's connections counted under its id.
+struct Keyed;
+
+#[async_trait]
+impl cqrs_realtime::Authenticator for Keyed {
+    type Principal = crate::support::User;
+
+    async fn authenticate(
+        &self,
+        token: &str,
+    ) -> Result<crate::support::User, cqrs_realtime::Unauthenticated> {
+        crate::support::TestTokens.authenticate(token).await
+    }
+
+    fn connection_key(&self, user: &crate::support::User) -> Option<String> {
+        Some(user.id.clone())
+    }
+}
+
+/// With a `connection_key`, the resume budget is the principal's: closing the connection and
+/// opening another does not refill it (a loop of reconnects could otherwise read the log
+/// without end); another principal has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_refill_a_principals_resumes() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start_with_authenticator(
+            Keyed,
+            HubOptions::new().resumes_per_minute(2),
+            |b| b,
+        )
+        .await;
+        t.publish("t1", "u1", 1).await;
+        for _ in 0..2 {
+            let mut client = t.connect("user-u1").await;
+            client
+                .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+                .await;
+            client.expect_subscribed("tickets").await;
+            assert_eq!(client.event().await.seq, 1, "replayed");
+            client.ws.close(None).await.unwrap();
+        }
+        let mut again = t.connect("user-u1").await;
+        again
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        assert_eq!(again.error_code().await, "too_many_resumes");
+        let mut other = t.connect("user-u2").await;
+        other
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        other.expect_subscribed("tickets").await;
     })
     .await;
 }
