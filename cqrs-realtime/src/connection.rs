@@ -184,9 +184,18 @@ impl<P: Send + Sync + 'static> Session<P> {
             }
             match message {
                 Message::Text(text) => {
+                    // A subscribe may wait on the authorizer and the pub/sub (up to the
+                    // operation timeout each): an ending (shutdown, expiry, slow) stops it
+                    // rather than waiting for it. Dropping it there is safe: the subscription
+                    // is registered with no await between, and `unsubscribe_all` releases it.
+                    let conn = self.conn.clone();
                     // Boxed: the subscribe path is large and rare; the idle connection's
                     // future stays small.
-                    Box::pin(self.on_text(text.as_str())).await;
+                    tokio::select! {
+                        biased;
+                        ending = conn.close.reader_closed() => return (ending, true),
+                        () = Box::pin(self.on_text(text.as_str())) => {}
+                    }
                 }
                 Message::Binary(_) => self.send_error(
                     ErrorCode::BinaryFrame,

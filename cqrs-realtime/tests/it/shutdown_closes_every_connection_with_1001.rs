@@ -59,3 +59,66 @@ async fn hub_shutdown_closes_connections_with_1001() {
     })
     .await;
 }
+
+/// An authorizer that never answers; `asked` is set when it is asked.
+struct Stalled {
+    asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl cqrs_realtime::Authorizer<crate::support::User> for Stalled {
+    async fn authorize_subscribe(
+        &self,
+        _user: &crate::support::User,
+        _topic: &cqrs_realtime::Topic,
+    ) -> Result<(), cqrs_realtime::Refusal> {
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        std::future::pending().await
+    }
+
+    fn may_see(
+        &self,
+        _user: &crate::support::User,
+        _topic: &cqrs_realtime::Topic,
+        _event: &cqrs_realtime::PushedEvent,
+    ) -> bool {
+        true
+    }
+}
+
+/// A subscribe still waiting on the authorizer does not hold the connection open past a
+/// shutdown: the connection ends at once, and `closed()` completes (it waited out the
+/// operation timeout, 10 s by default, and then subscribed upstream for a closed connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_in_progress_does_not_delay_the_shutdown() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let options = HubOptions::new().operation_timeout(Duration::from_secs(60));
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = Stalled {
+            asked: asked.clone(),
+        };
+        let t = TestHub::start_on(pubsub.clone(), options, |b| b.authorizer(stalled)).await;
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(serde_json::json!({"type": "subscribe", "topic": "tickets"}))
+            .await;
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the authorizer asked", || async {
+            asked
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        })
+        .await;
+        t.hub.shutdown();
+        assert_eq!(client.closed_with(10).await, close_code::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(5), t.hub.closed())
+            .await
+            .expect("the connection ended without waiting for its subscribe");
+        assert_eq!(
+            pubsub.upstream_subscriptions(),
+            0,
+            "nothing subscribed upstream"
+        );
+    })
+    .await;
+}
