@@ -17,8 +17,20 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use uuid::Uuid;
 
+/// The part of a client's address the login throttle counts by: an IPv4 address, or an IPv6
+/// address's /64 (one host can pick any address in its /64, so counting whole addresses would
+/// give it as many guesses as it likes).
+fn client_key(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// Registers a user.
-#[derive(Debug)]
 pub struct RegisterUser {
     /// As sent; trimmed and lower-cased by the handler.
     pub email: String,
@@ -26,6 +38,17 @@ pub struct RegisterUser {
     pub password: String,
     /// Optional, at most 100 characters after trimming.
     pub display_name: Option<String>,
+}
+
+// Written out: a derived `Debug` would print the password wherever a command is logged.
+impl std::fmt::Debug for RegisterUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterUser")
+            .field("email", &self.email)
+            .field("password", &"<redacted>")
+            .field("display_name", &self.display_name)
+            .finish()
+    }
 }
 
 impl Message for RegisterUser {
@@ -37,7 +60,6 @@ impl Command for RegisterUser {
 }
 
 /// Logs in: checks the password and issues a token.
-#[derive(Debug)]
 pub struct LogIn {
     /// As sent.
     pub email: String,
@@ -47,12 +69,22 @@ pub struct LogIn {
     pub client: Option<IpAddr>,
 }
 
+impl std::fmt::Debug for LogIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogIn")
+            .field("email", &self.email)
+            .field("password", &"<redacted>")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
 impl Message for LogIn {
     const NAME: &'static str = "auth.log_in";
 }
 
 /// A successful login.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoggedIn {
     /// The bearer token.
     pub token: String,
@@ -60,6 +92,16 @@ pub struct LoggedIn {
     pub expires_in: u64,
     /// Who logged in.
     pub user: User,
+}
+
+impl std::fmt::Debug for LoggedIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggedIn")
+            .field("token", &"<redacted>")
+            .field("expires_in", &self.expires_in)
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 impl Command for LogIn {
@@ -287,8 +329,7 @@ impl CommandHandler<LogIn> for LogInHandler {
         };
         let key = format!(
             "{email}|{}",
-            cmd.client
-                .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string())
+            cmd.client.map_or_else(|| "unknown".to_owned(), client_key)
         );
         // The turn to hash comes first: a login refused as `busy` is no attempt.
         let turn = self.hashing.permit().await?;

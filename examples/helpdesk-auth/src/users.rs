@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 /// A stored user.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct UserRecord {
     /// The id.
     pub id: Uuid,
@@ -23,6 +23,19 @@ pub struct UserRecord {
     pub password_hash: String,
     /// When the user registered.
     pub created_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("role", &self.role)
+            .field("display_name", &self.display_name)
+            .field("password_hash", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .finish()
+    }
 }
 
 /// Why a user could not be created.

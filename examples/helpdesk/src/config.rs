@@ -19,7 +19,7 @@ pub enum LogFormat {
 /// With no DATABASE_URL it runs on in-memory backends: nothing to set up, nothing survives a
 /// restart, one instance only. With DATABASE_URL and REDIS_URL, any number of instances share
 /// one Postgres schema and one Redis prefix.
-#[derive(Clone, Debug, Parser)]
+#[derive(Clone, Parser)]
 #[command(name = "helpdesk", version, about, long_about = None)]
 pub struct Config {
     /// The address to listen on.
@@ -97,7 +97,9 @@ pub struct Config {
 
     /// How long a client may take to send a request's line and headers, in milliseconds. A
     /// connection that takes longer (a slowloris trickling a byte a minute, or a keep-alive
-    /// connection left idle) is closed, so such clients cannot hold sockets without end.
+    /// connection left idle) is closed, so such clients cannot hold sockets without end. Also
+    /// how long a connection's writes may make no progress (a client that sends requests and
+    /// never reads the answers) before it is closed.
     #[arg(long, env = "HELPDESK_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_timeout_ms: u64,
 
@@ -121,6 +123,54 @@ fn valid_name(name: &str, max: usize) -> bool {
 impl Default for Config {
     fn default() -> Self {
         Self::parse_from(["helpdesk"])
+    }
+}
+
+/// A URL with its password, if any, replaced by `***`.
+fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let password = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{password}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+// Written out: a derived `Debug` would print the JWT secret and the database password
+// wherever the configuration is logged.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redacted_url),
+            )
+            .field("redis_url", &self.redis_url.as_deref().map(redacted_url))
+            .field("database_schema", &self.database_schema)
+            .field("redis_prefix", &self.redis_prefix)
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("agent_emails", &self.agent_emails)
+            .field("token_ttl_seconds", &self.token_ttl_seconds)
+            .field("log_format", &self.log_format)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("login_attempts", &self.login_attempts)
+            .field("login_window_seconds", &self.login_window_seconds)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("poll_ms", &self.poll_ms)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("purge_interval_ms", &self.purge_interval_ms)
+            .finish()
     }
 }
 
@@ -181,6 +231,18 @@ impl Config {
         }
         if self.login_attempts == 0 {
             problems.push("HELPDESK_LOGIN_ATTEMPTS must be at least 1".into());
+        }
+        // Zero is no "off" for these: each would become a millisecond, closing every
+        // connection at once, or running housekeeping and polls a thousand times a second.
+        for (name, value, least) in [
+            ("HELPDESK_HEADER_TIMEOUT_MS", self.header_timeout_ms, 100),
+            ("HELPDESK_PURGE_INTERVAL_MS", self.purge_interval_ms, 10),
+            ("HELPDESK_POLL_MS", self.poll_ms, 1),
+            ("HELPDESK_SHUTDOWN_GRACE_MS", self.shutdown_grace_ms, 1),
+        ] {
+            if value < least {
+                problems.push(format!("{name} must be at least {least}; it is {value}"));
+            }
         }
         if problems.is_empty() {
             Ok(())

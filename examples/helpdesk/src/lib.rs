@@ -15,6 +15,7 @@ mod http;
 mod logging;
 mod metered;
 mod server;
+mod stalled;
 
 pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, Session, build};
 pub use config::{Config, LogFormat};

@@ -142,7 +142,10 @@ async fn serve(
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
             let connection = http
-                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .serve_connection(
+                    TokioIo::new(crate::stalled::StalledWrites::new(tcp, header_timeout)),
+                    TowerToHyperService::new(service),
+                )
                 .with_upgrades();
             let mut connection = std::pin::pin!(connection);
             let served = tokio::select! {

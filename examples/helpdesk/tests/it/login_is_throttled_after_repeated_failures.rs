@@ -167,3 +167,24 @@ async fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
     })
     .await;
 }
+
+/// IPv6 clients are counted by their /64: a host can pick any address in it, so moving to the
+/// next address does not buy ten more guesses; another /64 is another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_are_counted_by_their_64() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let address = email("v6");
+        s.user(&address).await;
+        fail_ten_times_from(&s, &address, "2001:db8:1:2::1").await;
+        let next = login_via_proxy(&s, &address, PASSWORD, "2001:db8:1:2::ffff").await;
+        assert_eq!(next.status(), StatusCode::TOO_MANY_REQUESTS, "same /64");
+        let other = login_via_proxy(&s, &address, PASSWORD, "2001:db8:1:3::1").await;
+        assert_eq!(other.status(), StatusCode::OK, "another /64");
+        s.stop().await;
+    })
+    .await;
+}

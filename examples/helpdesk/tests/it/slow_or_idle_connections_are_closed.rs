@@ -79,3 +79,38 @@ async fn a_body_that_stops_arriving_gets_408() {
     })
     .await;
 }
+
+/// A client that sends requests and never reads the answers cannot hold its connection: once
+/// the socket's buffers are full, a write that makes no progress for the header timeout ends
+/// the connection (hyper waits to write with no timer of its own). Reading afterwards gets
+/// what was sent before, then the end, not every answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_disconnected() {
+    within(async {
+        let s = TestServer::start_with(|c| c.header_timeout_ms = 300).await;
+        let addr: std::net::SocketAddr = s
+            .url("")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(2048).unwrap();
+        let mut greedy = socket.connect(addr).await.unwrap();
+        const REQUESTS: usize = 2000;
+        let request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n";
+        greedy.write_all(&request.repeat(REQUESTS)).await.unwrap();
+        // The client's part of the scenario: it reads nothing for five times the limit.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let sent = closed_within(&mut greedy, Duration::from_secs(10)).await;
+        let answers = sent.matches("HTTP/1.1 200 OK").count();
+        assert!(
+            answers < REQUESTS,
+            "every answer was written: the stalled connection was kept"
+        );
+        let health = s.send(reqwest::Method::GET, "/health", None, None).await;
+        assert_eq!(health.status, reqwest::StatusCode::OK);
+        s.stop().await;
+    })
+    .await;
+}

@@ -46,6 +46,10 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
         database_url: None,
         token_ttl_seconds: u64::MAX,
         login_window_seconds: u64::MAX,
+        header_timeout_ms: 0,
+        purge_interval_ms: 0,
+        poll_ms: 0,
+        shutdown_grace_ms: 0,
         ..helpdesk::Config::default()
     };
     let err = helpdesk::build(&config, helpdesk::Hooks::default())
@@ -69,4 +73,46 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
         err.contains("HELPDESK_LOGIN_WINDOW must be 1 second to a year"),
         "{err}"
     );
+    // Zero is no "off": each would become a millisecond.
+    for name in [
+        "HELPDESK_HEADER_TIMEOUT_MS",
+        "HELPDESK_PURGE_INTERVAL_MS",
+        "HELPDESK_POLL_MS",
+        "HELPDESK_SHUTDOWN_GRACE_MS",
+    ] {
+        assert!(
+            err.contains(&format!("{name} must be at least")),
+            "{name}: {err}"
+        );
+    }
+}
+
+/// The configuration's and the auth commands' `Debug` output leave secrets out, so a
+/// `tracing::debug!(?config)` cannot leak them.
+#[test]
+fn debug_output_leaves_secrets_out() {
+    let config = helpdesk::Config {
+        jwt_secret: Some("a-jwt-secret-that-must-never-be-logged".into()),
+        database_url: Some("postgres://app:hunter2secret@db.internal:5432/helpdesk".into()),
+        ..helpdesk::Config::default()
+    };
+    let shown = format!("{config:?}");
+    assert!(!shown.contains("never-be-logged"), "{shown}");
+    assert!(!shown.contains("hunter2secret"), "{shown}");
+    assert!(
+        shown.contains("postgres://app:***@db.internal:5432/helpdesk"),
+        "{shown}"
+    );
+    let login = helpdesk_auth::LogIn {
+        email: "ada@example.com".into(),
+        password: "correct horse battery".into(),
+        client: None,
+    };
+    assert!(!format!("{login:?}").contains("battery"));
+    let register = helpdesk_auth::RegisterUser {
+        email: "ada@example.com".into(),
+        password: "correct horse battery".into(),
+        display_name: None,
+    };
+    assert!(!format!("{register:?}").contains("battery"));
 }
