@@ -40,7 +40,8 @@ use tokio::time::Instant;
 ///    left pending by a consumer that crashed;
 /// 4. dead-letters entries delivered more than `max_deliveries` times, with the last error a
 ///    nack reported and the delivery count, and acknowledges them; and entries whose `prev`
-///    is no stream id (their place in the lane is unknown).
+///    is no stream id, or not UTF-8 (their place in the lane is unknown), once no older entry
+///    is pending in the group.
 ///
 /// When nothing is ready it waits on its own connection with a blocking `XREADGROUP` (fred
 /// multiplexes one connection per client, so a blocking read would hold up everything else on
@@ -437,13 +438,19 @@ impl RedisConsumer {
             Value::from(i64::from(self.options.max_deliveries)),
             Value::from(max as i64),
         ];
+        // The gate's fields as stored, bytes and all: a `prev` that is not UTF-8 is malformed
+        // (as the script finds it in an entry it reads itself), not empty.
         let candidate = |args: &mut Vec<Value>, id: &str, kind: &str, fields: Option<&Fields>| {
-            let text = |name: &str| fields.and_then(|f| entry::field(f, name)).unwrap_or("");
+            let raw = |name: &str| {
+                fields
+                    .and_then(|f| entry::raw_field(f, name))
+                    .map_or_else(|| Value::from(""), |v| Value::Bytes(v.clone()))
+            };
             args.push(Value::from(id));
             args.push(Value::from(kind));
-            args.push(Value::from(text("lane")));
-            args.push(Value::from(text("prev")));
-            args.push(Value::from(text("group")));
+            args.push(raw("lane"));
+            args.push(raw("prev"));
+            args.push(raw("group"));
         };
         for id in &self.held {
             let fields = self.known.get(id).map(|k| &k.fields);
@@ -616,7 +623,8 @@ impl RedisConsumer {
     /// script instead.
     ///
     /// It knows a candidate is ready when it was delivered once, to this consumer (read by its
-    /// `XREADGROUP`, not reclaimed), is meant for every group, and either is in no lane, or is
+    /// `XREADGROUP`, not reclaimed), is meant for every group, has its `lane`, `prev` and
+    /// `group` fields (those present) in UTF-8, and either is in no lane, or is
     /// the first entry of its lane, or follows an entry this consumer acknowledged itself, or
     /// follows an entry handed out earlier in this batch (a chain, in order). That is what the
     /// script would decide: the group acknowledged the predecessor, and nobody else handled
@@ -649,13 +657,22 @@ impl RedisConsumer {
             let Some(fields) = fields else {
                 return Err(fresh);
             };
-            if entry::field(fields, "group").is_some() {
+            // A gate field that is not UTF-8 (a `prev` then is malformed): the script decides.
+            let text = |name| entry::raw_field(fields, name).map(|v| std::str::from_utf8(v));
+            let (Ok(group), Ok(lane), Ok(prev)) = (
+                text("group").transpose(),
+                text("lane").transpose(),
+                text("prev").transpose(),
+            ) else {
+                return Err(fresh);
+            };
+            if group.is_some() {
                 return Err(fresh);
             }
-            let ready = match entry::field(fields, "lane") {
+            let ready = match lane {
                 None => true,
                 Some(lane) => {
-                    let prev = entry::field(fields, "prev").unwrap_or("");
+                    let prev = prev.unwrap_or("");
                     if prev.is_empty() || self.acked.get(lane).is_some_and(|a| a == prev) {
                         true
                     } else if let Some(&before) = decided.get(prev) {
@@ -916,7 +933,9 @@ impl Consumer for RedisConsumer {
             let mut cut_lanes = HashSet::new();
             let mut cut = Vec::new();
             for ready in ready {
-                let lane = entry::field(&ready.fields, "lane").map(str::to_owned);
+                // Lossy: a lane that is not UTF-8 still orders its chain (it passed the gate).
+                let lane = entry::raw_field(&ready.fields, "lane")
+                    .map(|lane| String::from_utf8_lossy(lane).into_owned());
                 if lane.as_ref().is_some_and(|lane| cut_lanes.contains(lane)) {
                     cut.push(ready);
                     continue;

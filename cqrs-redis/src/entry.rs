@@ -47,12 +47,18 @@ pub(crate) fn fields(value: Value) -> Fields {
     out
 }
 
-/// The value of field `name`, as text.
-pub(crate) fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
+/// The value of field `name`, as its bytes.
+pub(crate) fn raw_field<'a>(fields: &'a Fields, name: &str) -> Option<&'a Bytes> {
     fields
         .iter()
         .find(|(n, _)| n.as_ref() == name.as_bytes())
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .map(|(_, v)| v)
+}
+
+/// The value of field `name`, as text: `None` when it is missing or not UTF-8 (see
+/// [`raw_field`] where the difference matters).
+pub(crate) fn field<'a>(fields: &'a Fields, name: &str) -> Option<&'a str> {
+    raw_field(fields, name).and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Reads the record back, or says why it cannot.

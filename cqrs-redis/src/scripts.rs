@@ -143,7 +143,11 @@ return id
 /// order, so an entry is dead-lettered only once its predecessor is no longer pending: one
 /// over its deliveries behind a predecessor handed out in this very step is held (its count
 /// kept, so it is dead-lettered when its turn comes), not dead-lettered at once. An entry whose
-/// `prev` is no stream id cannot be gated at all: it is dead-lettered as malformed.
+/// `prev` is no stream id (or not even text) cannot be gated at all: it is dead-lettered as
+/// malformed, but only once no older entry is pending in the group, its lane's among them (its
+/// successors are gated on it, so it must not leave the pending list before those); until then
+/// it is held like a waiting entry. An error of the gate's `XPENDING` other than an invalid id
+/// fails the step.
 /// Returns `{next cursor, {id, deliveries, fields or '', claimed, ...} ready, {id, fields or
 /// '', ...} held, dead count, malformed count}`: fields only for the entries the script read
 /// itself; claimed `1` for the entries this step reclaimed (the claim counted a delivery).
@@ -238,21 +242,35 @@ for _, c in ipairs(cands) do
       elseif prev ~= '' then
         -- The predecessor was delivered to the group before this entry (groups read in stream
         -- order), so it is done with exactly when it is no longer pending: wait while it is.
-        -- `pcall`: a `prev` Redis refuses as an id must not fail the step for every entry.
+        -- `pcall`: a `prev` Redis refuses as an id must not fail the step for every entry;
+        -- any other error (the group deleted meanwhile, say) fails the step as usual.
         local p = parse_id(prev) and redis.pcall('XPENDING', keys.stream, group, prev, prev, 1)
-        if not p or p.err then
+        if not p then
+          state = 'malformed'
+        elseif p.err then
+          if not string.find(p.err, 'Invalid stream ID', 1, true) then return p end
           state = 'malformed'
         elseif p[1] then
           state = 'wait'
         end
+      end
+      if state == 'malformed'
+         and redis.call('XPENDING', keys.stream, group, '-', '(' .. c.id, 1)[1] then
+        -- Its successors are gated on it: it leaves the pending list only after every entry
+        -- before it did (its lane's among them, wherever they are), so they wait for those.
+        state = 'wait'
       end
       local over = count > max_del
       if state == 'malformed' then
         -- Its place in the lane is unknown: handing it out could break the order anywhere.
         local fields = fields_of(c)
         if fields then
+          -- Bytes other than printable ASCII escaped, so the reason stays readable text.
+          local shown = string.gsub(prev, '[^\32-\126]', function(ch)
+            return string.format('\\x%02x', string.byte(ch))
+          end)
           deadletter(keys, group, me, c.id, fields, count,
-            'malformed entry: its `prev` field `' .. prev .. '` is not a stream id')
+            'malformed entry: its `prev` field `' .. shown .. '` is not a stream id')
           malformed = malformed + 1
         else
           redis.call('XACK', keys.stream, group, c.id)

@@ -2,7 +2,9 @@
 //! shutdown) releases the entries it holds back at once: another consumer takes them well
 //! before the redelivery delay.
 
-use crate::support::{Env, n_of, within};
+use crate::support::{Env, event, n_of, within};
+use cqrs_core::ports::EventTransport;
+use fred::types::Value;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,6 +130,81 @@ async fn closing_does_not_release_what_was_nacked() {
                     taken.iter().map(n_of).collect::<Vec<_>>()
                 );
             }
+            drop(a);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// `close` finds every entry stranded at the consumer, however many: it pages through the
+/// consumer's pending entries (10,000 a page), and releases them all, not only the first page
+/// (nor the first 1,000, as it once did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_releases_every_stranded_entry_past_a_page() {
+    let Some(env) = Env::new("close-many").await else {
+        return;
+    };
+    within(
+        120,
+        Box::pin(async {
+            const STRANDED: usize = 10_100;
+            let topic = env.topic("tickets");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let delay = Duration::from_secs(60);
+            let mut a = env.join(&topic, "a", |o| o.redelivery_delay(delay)).await;
+            let events: Vec<_> = (0..STRANDED as u64).map(|n| event(None, n)).collect();
+            for batch in events.chunks(1_000) {
+                env.transport.publish(&topic, batch).await.unwrap();
+            }
+            // Read as `a` behind its back, like a blocking read whose fetch was dropped: pending
+            // to `a`, handed to no one.
+            let consumer = format!("{}-a", env.id);
+            let read = env
+                .command(
+                    "XREADGROUP",
+                    vec![
+                        "GROUP".into(),
+                        "g".into(),
+                        consumer.as_str().into(),
+                        "COUNT".into(),
+                        (STRANDED as i64 + 1).into(),
+                        "STREAMS".into(),
+                        stream.as_str().into(),
+                        ">".into(),
+                    ],
+                )
+                .await;
+            drop(read);
+            a.close().await.unwrap();
+
+            // Every one released: idle for the redelivery delay, its read's count taken back.
+            let pending = env
+                .command(
+                    "XPENDING",
+                    vec![
+                        stream.as_str().into(),
+                        "g".into(),
+                        "-".into(),
+                        "+".into(),
+                        (STRANDED as i64 + 1).into(),
+                        consumer.as_str().into(),
+                    ],
+                )
+                .await
+                .into_array();
+            assert_eq!(pending.len(), STRANDED);
+            let held_on = pending
+                .into_iter()
+                .map(Value::into_array)
+                .filter(|row| {
+                    row[2]
+                        .as_u64()
+                        .is_none_or(|idle| idle < delay.as_millis() as u64)
+                        || row[3].as_u64() != Some(0)
+                })
+                .count();
+            assert_eq!(held_on, 0, "entries close did not release");
             drop(a);
         }),
     )
