@@ -138,6 +138,40 @@ impl RedisStreamTransport {
         Ok(out)
     }
 
+    /// Deletes `topic`'s dead letters older than `older_than` (by their entry ids, which are
+    /// the times they were dead-lettered), and returns how many. Nothing else removes dead
+    /// letters; [`StreamMaintenance`](crate::StreamMaintenance) calls this with its
+    /// [`dead_letter_retention`](crate::StreamMaintenance::dead_letter_retention).
+    pub async fn trim_dead_letters(
+        &self,
+        topic: &str,
+        older_than: std::time::Duration,
+    ) -> Result<u64, TransportError> {
+        let keys = self.shared.keys(topic)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let Some(bound) = now.checked_sub(older_than) else {
+            return Ok(0);
+        };
+        // Exact, not `~`: a dead letter is kept for its full retention, and they are few.
+        let removed: Value = self
+            .shared
+            .client
+            .with_options(&self.shared.patient())
+            .custom(
+                fred::types::CustomCommand::new("XTRIM", fred::types::ClusterHash::FirstKey, false),
+                vec![
+                    Value::from(keys.dead.as_str()),
+                    Value::from("MINID"),
+                    Value::from(format!("{}-0", bound.as_millis())),
+                ],
+            )
+            .await
+            .map_err(transport_error)?;
+        Ok(removed.as_u64().unwrap_or(0))
+    }
+
     /// Deletes dead letters for good. Returns how many existed.
     pub async fn discard_dead_letters(
         &self,

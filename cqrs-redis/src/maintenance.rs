@@ -112,6 +112,7 @@ pub struct StreamMaintenance {
     topics: Vec<String>,
     interval: Duration,
     consumer_idle: Duration,
+    dead_letter_retention: Option<Duration>,
 }
 
 impl StreamMaintenance {
@@ -125,6 +126,7 @@ impl StreamMaintenance {
             topics: topics.into_iter().map(Into::into).collect(),
             interval: Duration::from_secs(60),
             consumer_idle: Duration::from_secs(24 * 3600),
+            dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
         }
     }
 
@@ -139,6 +141,15 @@ impl StreamMaintenance {
     /// Default 24 h.
     pub fn consumer_idle(mut self, idle: Duration) -> Self {
         self.consumer_idle = idle;
+        self
+    }
+
+    /// How long dead letters are kept before each round deletes them
+    /// ([`trim_dead_letters`](RedisStreamTransport::trim_dead_letters)): nothing else removes
+    /// them, and a stream of poison events must not grow Redis without end. Default 30 days;
+    /// `None` keeps them until replayed or discarded.
+    pub fn dead_letter_retention(mut self, retention: Option<Duration>) -> Self {
+        self.dead_letter_retention = retention;
         self
     }
 
@@ -157,6 +168,12 @@ impl StreamMaintenance {
 
     /// Trims one topic, reports its gauges and prunes its idle consumers.
     async fn maintain(&self, topic: &str) -> Result<(), TransportError> {
+        if let Some(retention) = self.dead_letter_retention {
+            let removed = self.transport.trim_dead_letters(topic, retention).await?;
+            if removed > 0 {
+                tracing::info!(%topic, removed, ?retention, "deleted dead letters past their retention");
+            }
+        }
         let report = self.transport.trim(topic).await?;
         if report.removed > 0 {
             tracing::debug!(topic = %topic, removed = report.removed, "trimmed");

@@ -12,6 +12,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// Dead letters a group keeps by default, the newest: nothing else removes them, and a stream
+/// of poison events must not grow a long-running process without end.
+pub const DEAD_LETTERS_KEPT: usize = 10_000;
+
 struct InFlight {
     consumer: String,
     attempt: u32,
@@ -24,7 +28,8 @@ struct Group {
     waiting: VecDeque<usize>,
     /// Delivered, not acknowledged, by index.
     in_flight: BTreeMap<usize, InFlight>,
-    dead: Vec<(EventRecord, u32)>,
+    /// The newest dead letters, as many as the transport keeps.
+    dead: VecDeque<(EventRecord, u32)>,
 }
 
 #[derive(Default)]
@@ -46,10 +51,21 @@ struct State {
 ///
 /// Per-key order is strict: while a message of a key is in flight in a group, later messages
 /// of that key wait, so a nacked message is redelivered before its successors.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct InMemoryTransport {
     state: Arc<Mutex<State>>,
     changed: Arc<Notify>,
+    dead_letters_kept: usize,
+}
+
+impl Default for InMemoryTransport {
+    fn default() -> Self {
+        Self {
+            state: Arc::default(),
+            changed: Arc::default(),
+            dead_letters_kept: DEAD_LETTERS_KEPT,
+        }
+    }
 }
 
 impl std::fmt::Debug for InMemoryTransport {
@@ -64,19 +80,27 @@ impl InMemoryTransport {
         Self::default()
     }
 
+    /// How many dead letters each group keeps, the newest (default [`DEAD_LETTERS_KEPT`]; at
+    /// least 1).
+    pub fn dead_letters_kept(mut self, kept: usize) -> Self {
+        self.dead_letters_kept = kept.max(1);
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A std mutex: nothing awaits while it is held.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Messages of `topic` that group `group` gave up on after `max_deliveries`, with their
-    /// delivery counts.
+    /// delivery counts: the newest ones kept ([`dead_letters_kept`](Self::dead_letters_kept)),
+    /// oldest first.
     pub fn dead_letters(&self, topic: &str, group: &str) -> Vec<(EventRecord, u32)> {
         self.lock()
             .topics
             .get(topic)
             .and_then(|t| t.groups.get(group))
-            .map(|g| g.dead.clone())
+            .map(|g| g.dead.iter().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -225,7 +249,10 @@ impl InMemoryConsumer {
             .collect();
         for i in exhausted {
             if let Some(f) = group.in_flight.remove(&i) {
-                group.dead.push((record(i).clone(), f.attempt));
+                while group.dead.len() >= self.transport.dead_letters_kept {
+                    group.dead.pop_front();
+                }
+                group.dead.push_back((record(i).clone(), f.attempt));
             }
         }
 

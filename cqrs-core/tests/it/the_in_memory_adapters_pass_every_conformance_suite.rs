@@ -212,3 +212,33 @@ async fn the_in_memory_transport_trims_what_every_group_acknowledged() {
     assert_eq!(ns(&take(&mut slow, 10).await), [4]);
     assert_eq!(transport.trim("t"), 1);
 }
+
+/// Dead letters are kept up to a limit, the newest: a stream of poison events does not grow
+/// the process without end.
+#[tokio::test]
+async fn the_in_memory_transport_keeps_the_newest_dead_letters() {
+    use cqrs_core::ports::ConsumerOptions;
+    let transport = InMemoryTransport::new().dead_letters_kept(2);
+    let options = ConsumerOptions::default()
+        .block(std::time::Duration::ZERO)
+        .redelivery_delay(std::time::Duration::ZERO)
+        .max_deliveries(1);
+    let mut consumer = transport.consumer("t", "g", options).await.unwrap();
+    let records: Vec<_> = (1..=3)
+        .map(cqrs_core::testing::event_store::record)
+        .collect();
+    transport.publish("t", &records).await.unwrap();
+    for delivery in consumer.fetch(10).await.unwrap() {
+        consumer.nack(&delivery.id).await.unwrap();
+    }
+    assert!(
+        consumer.fetch(10).await.unwrap().is_empty(),
+        "all dead-lettered"
+    );
+    let kept: Vec<u64> = transport
+        .dead_letters("t", "g")
+        .iter()
+        .map(|(r, _)| r.payload["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, [2, 3], "the newest two");
+}

@@ -91,3 +91,86 @@ async fn take(consumer: &mut dyn Consumer, count: usize, ack: bool) -> Vec<u64> 
     }
     got
 }
+
+/// Dead letters are kept for their retention, then deleted: `trim_dead_letters` removes those
+/// older than the age it is given (by their ids, the times they were dead-lettered), and a
+/// maintenance round does it with its `dead_letter_retention`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_past_their_retention_are_deleted() {
+    let Some(env) = Env::new("dead-retention").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("audit");
+            let dead = env.transport.dead_letter_key(&topic).unwrap();
+            let add = |id: &'static str| {
+                let dead = dead.clone();
+                let env = &env;
+                async move {
+                    env.command(
+                        "XADD",
+                        vec![
+                            dead.as_str().into(),
+                            id.into(),
+                            "reason".into(),
+                            "poison".into(),
+                        ],
+                    )
+                    .await
+                }
+            };
+            // Two from long ago (1970), one now.
+            add("1000-0").await;
+            add("2000-0").await;
+            add("*").await;
+            let day = Duration::from_secs(24 * 3600);
+            assert_eq!(
+                env.transport.trim_dead_letters(&topic, day).await.unwrap(),
+                2
+            );
+            assert_eq!(
+                env.transport.trim_dead_letters(&topic, day).await.unwrap(),
+                0
+            );
+            let len = env.command("XLEN", vec![dead.as_str().into()]).await;
+            assert_eq!(len.as_u64(), Some(1), "the recent one stays");
+
+            // Another topic's old dead letter: a maintenance round applies the default
+            // retention.
+            let other = env.topic("audit2");
+            let other_dead = env.transport.dead_letter_key(&other).unwrap();
+            env.command(
+                "XADD",
+                vec![
+                    other_dead.as_str().into(),
+                    "3000-0".into(),
+                    "reason".into(),
+                    "poison".into(),
+                ],
+            )
+            .await;
+            cqrs_redis::StreamMaintenance::new(env.transport.clone(), [other.clone()])
+                .run_once()
+                .await
+                .unwrap();
+            let len = env.command("XLEN", vec![other_dead.as_str().into()]).await;
+            assert_eq!(
+                len.as_u64(),
+                Some(0),
+                "a round applies the default retention"
+            );
+            assert_eq!(
+                env.transport
+                    .trim_dead_letters(&topic, Duration::MAX)
+                    .await
+                    .unwrap(),
+                0,
+                "no overflow"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}

@@ -217,6 +217,18 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         },
     ));
 
+    // The recorder keeps every histogram sample until something drains it: a scrape of
+    // /metrics does, and so does this, so memory stays flat with no scraper (a request's
+    // samples would otherwise be kept for the life of the process).
+    runtime = runtime.worker(Periodic::new(
+        "metrics-upkeep",
+        Duration::from_secs(5),
+        || {
+            http::prometheus().run_upkeep();
+            std::future::ready(Ok(()))
+        },
+    ));
+
     // Realtime: the feed a plugin offers, pushed by a hub that reads the durable log for resume.
     let mut feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();
     if feeds.len() > 1 {
