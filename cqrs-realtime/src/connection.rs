@@ -183,20 +183,27 @@ impl<P: Send + Sync + 'static> Session<P> {
                 }
             }
             match message {
-                Message::Text(text) => {
+                Message::Text(text) => match ClientFrame::parse(text.as_str()) {
                     // A subscribe may wait on the authorizer and the pub/sub (up to the
                     // operation timeout each): an ending (shutdown, expiry, slow) stops it
                     // rather than waiting for it. Dropping it there is safe: the subscription
                     // is registered with no await between, and `unsubscribe_all` releases it.
-                    let conn = self.conn.clone();
-                    // Boxed: the subscribe path is large and rare; the idle connection's
-                    // future stays small.
-                    tokio::select! {
-                        biased;
-                        ending = conn.close.reader_closed() => return (ending, true),
-                        () = Box::pin(self.on_text(text.as_str())) => {}
+                    // Not an unsubscribe: it has taken the subscription out before it
+                    // releases the channel, and dropped there it would never be released.
+                    Ok(ClientFrame::Subscribe { topic, since }) => {
+                        let conn = self.conn.clone();
+                        // Boxed: the subscribe path is large and rare; the idle connection's
+                        // future stays small.
+                        tokio::select! {
+                            biased;
+                            ending = conn.close.reader_closed() => return (ending, true),
+                            () = Box::pin(self.subscribe(topic, since)) => {}
+                        }
                     }
-                }
+                    Ok(ClientFrame::Unsubscribe { topic }) => self.unsubscribe(topic).await,
+                    Ok(ClientFrame::Ping) => self.send(&ServerFrame::Pong),
+                    Err(error) => self.send_error(error.code(), &error.to_string(), None),
+                },
                 Message::Binary(_) => self.send_error(
                     ErrorCode::BinaryFrame,
                     "binary frames are not supported: send JSON text frames",
@@ -206,15 +213,6 @@ impl<P: Send + Sync + 'static> Session<P> {
                 Message::Ping(_) | Message::Pong(_) => {}
                 Message::Close(_) => return (Ending::Peer, false),
             }
-        }
-    }
-
-    async fn on_text(&mut self, text: &str) {
-        match ClientFrame::parse(text) {
-            Ok(ClientFrame::Subscribe { topic, since }) => self.subscribe(topic, since).await,
-            Ok(ClientFrame::Unsubscribe { topic }) => self.unsubscribe(topic).await,
-            Ok(ClientFrame::Ping) => self.send(&ServerFrame::Pong),
-            Err(error) => self.send_error(error.code(), &error.to_string(), None),
         }
     }
 

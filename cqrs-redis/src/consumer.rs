@@ -282,12 +282,19 @@ impl RedisConsumer {
     /// Takes the held entries, split by whether their delivery count still counts the read
     /// that brought them here (see [`Released`]).
     fn take_held(&mut self) -> Released {
+        let released = self.held_released();
+        self.held.clear();
+        released
+    }
+
+    /// What releasing the held entries means, leaving them held.
+    fn held_released(&self) -> Released {
         let mut released = Released::default();
-        for id in std::mem::take(&mut self.held) {
-            if self.known.get(&id).is_some_and(|known| known.read_here) {
-                released.read_unhanded.push(id);
+        for id in &self.held {
+            if self.known.get(id).is_some_and(|known| known.read_here) {
+                released.read_unhanded.push(id.clone());
             } else {
-                released.counted.push(id);
+                released.counted.push(id.clone());
             }
         }
         released
@@ -1097,10 +1104,15 @@ impl Consumer for RedisConsumer {
         // in no list. Unblock it, then release those too: their read counted a delivery.
         self.unblock_reader().await;
         let stranded = self.stranded().await?;
-        let mut release = self.take_held();
-        self.known.clear();
+        // Still held until released: a close dropped in its release (a shutdown's abort)
+        // leaves them to `Drop`, which releases them, instead of to another consumer's
+        // reclaim after the redelivery delay, a delivery counted twice.
+        let mut release = self.held_released();
         release.read_unhanded.extend(stranded);
-        self.release(release).await
+        self.release(release).await?;
+        self.held.clear();
+        self.known.clear();
+        Ok(())
     }
 
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {

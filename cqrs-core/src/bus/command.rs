@@ -75,6 +75,11 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
 /// Unlike a handler's, a panic in [`accept`](Self::accept) is not caught: a sink is
 /// infrastructure, and one that cannot hand events on should return an error (the dispatch
 /// then fails with it).
+///
+/// Delivery through a sink is best effort: the sink runs in the dispatch's future, after the
+/// handler succeeded, so a caller that drops the dispatch then (a timeout, a client gone)
+/// drops the events the sink has not taken yet. Events that must not be lost are stored with
+/// the command's own writes instead (an outbox, as `cqrs-postgres`'s command layer does).
 #[async_trait]
 pub trait EventSink: Send + Sync + 'static {
     /// Accepts the events one successful command recorded, in order. An error fails the
