@@ -266,31 +266,36 @@ fn a_rebuild_pauses_the_live_runner() {
 /// effect, instead of being dead-lettered with it.
 #[test]
 fn a_poison_event_does_not_take_its_batch_mates_down() {
-    run(async {
-        let transport = Arc::new(InMemoryTransport::new());
-        let sum = Arc::new(Sum {
-            poison: Some(13),
-            ..Sum::default()
-        });
-        transport
-            .publish("sums", &[record(13), record(5)])
-            .await
-            .unwrap();
-        let mut runner = sums_runner(
-            Arc::new(InMemoryProjectionStore::new()),
-            &sum,
-            &transport,
-            three_attempts(),
-        );
-        run_until_drained(&mut runner, &transport).await;
-        assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
-        let dead: Vec<u64> = transport
-            .dead_letters("sums", "sum")
-            .iter()
-            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
-            .collect();
-        assert_eq!(dead, [13], "only the poison is dead-lettered");
+    run(poison_with_a_batch_mate(false));
+}
+
+/// The poison event 13 published with the good event 5: only 5 takes effect, only 13 is
+/// dead-lettered. The projection returns an error on 13, or panics on it.
+async fn poison_with_a_batch_mate(panics: bool) {
+    let transport = Arc::new(InMemoryTransport::new());
+    let sum = Arc::new(Sum {
+        poison: Some(13),
+        panics,
+        ..Sum::default()
     });
+    transport
+        .publish("sums", &[record(13), record(5)])
+        .await
+        .unwrap();
+    let mut runner = sums_runner(
+        Arc::new(InMemoryProjectionStore::new()),
+        &sum,
+        &transport,
+        three_attempts(),
+    );
+    run_until_drained(&mut runner, &transport).await;
+    assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
+    let dead: Vec<u64> = transport
+        .dead_letters("sums", "sum")
+        .iter()
+        .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
+        .collect();
+    assert_eq!(dead, [13], "only the poison is dead-lettered");
 }
 
 /// A transport-fed runner whose fetch waits without limit still stops at shutdown, within the
@@ -842,32 +847,7 @@ fn a_running_runner_purges_its_old_inbox_entries() {
 /// of it reached the dead letters together).
 #[test]
 fn a_panicking_projection_does_not_take_its_batch_mates_down() {
-    run(async {
-        let transport = Arc::new(InMemoryTransport::new());
-        let sum = Arc::new(Sum {
-            poison: Some(13),
-            panics: true,
-            ..Sum::default()
-        });
-        transport
-            .publish("sums", &[record(13), record(5)])
-            .await
-            .unwrap();
-        let mut runner = sums_runner(
-            Arc::new(InMemoryProjectionStore::new()),
-            &sum,
-            &transport,
-            three_attempts(),
-        );
-        run_until_drained(&mut runner, &transport).await;
-        assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
-        let dead: Vec<u64> = transport
-            .dead_letters("sums", "sum")
-            .iter()
-            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
-            .collect();
-        assert_eq!(dead, [13], "only the poison is dead-lettered");
-    });
+    run(poison_with_a_batch_mate(true));
 }
 
 /// A runner whose store is down backs off from 10 ms at least, doubling, even with an idle

@@ -137,15 +137,7 @@ async fn in_memory_the_transport_is_trimmed_by_a_worker() {
         let (customer, _) = s.customer().await;
         s.ticket(&customer, "trimmed later").await;
         cqrs_core::testing::eventually(Duration::from_secs(10), "the event trimmed", || async {
-            let metrics = s
-                .http
-                .get(s.url("/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = s.metrics().await;
             metrics
                 .lines()
                 .any(|l| {

@@ -37,15 +37,7 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             .await
             .unwrap();
         assert_eq!(oversize.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let metrics = s
-            .http
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = s.metrics().await;
         assert!(metrics.contains("http_requests_total"), "{metrics}");
         assert!(
             metrics.contains("route=\"/tickets/{id}\""),

@@ -384,15 +384,7 @@ async fn shutting_the_server_down_closes_websockets_with_1001() {
         let (token, _) = s.customer().await;
         let mut ws = connect(&s, &token).await;
         subscribe(&mut ws, "tickets").await;
-        let metrics = s
-            .http
-            .get(s.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = s.metrics().await;
         assert!(
             metrics.contains("realtime_connections"),
             "open WebSockets are a metric"
