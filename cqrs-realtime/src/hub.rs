@@ -255,8 +255,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// token (`Authorization` header, else the `token` query parameter) and upgrades.
     ///
     /// Refusals have a JSON body `{"error": {"code", "message"}}`: 503 `shutting_down` once
-    /// the hub is stopping, then 401 `unauthorized` (no, malformed or refused token, before
-    /// the request is looked at as a handshake), 400/426 from axum's upgrade checks as
+    /// the hub is stopping, then 401 `unauthorized` (no, malformed or refused token, or
+    /// credentials already expired, before the request is looked at as a handshake) or 503
+    /// `unavailable` with `Retry-After` (credentials that cannot be checked now), 400/426 from axum's upgrade checks as
     /// `websocket_upgrade_required` (not a WebSocket handshake), 503 `too_many_connections`
     /// past `max_connections`, and 429 `too_many_connections` past
     /// `max_connections_per_principal`.

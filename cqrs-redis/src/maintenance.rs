@@ -168,10 +168,16 @@ impl StreamMaintenance {
 
     /// Trims one topic, reports its gauges and prunes its idle consumers.
     async fn maintain(&self, topic: &str) -> Result<(), TransportError> {
+        // A failure here does not skip the rest of the topic's round.
         if let Some(retention) = self.dead_letter_retention {
-            let removed = self.transport.trim_dead_letters(topic, retention).await?;
-            if removed > 0 {
-                tracing::info!(%topic, removed, ?retention, "deleted dead letters past their retention");
+            match self.transport.trim_dead_letters(topic, retention).await {
+                Ok(0) => {}
+                Ok(removed) => {
+                    tracing::info!(%topic, removed, ?retention, "deleted dead letters past their retention");
+                }
+                Err(error) => {
+                    tracing::warn!(%topic, %error, "could not delete old dead letters");
+                }
             }
         }
         let report = self.transport.trim(topic).await?;

@@ -82,7 +82,14 @@ impl Authorizer<User> for TicketRules {
             .await
             .map_err(|e| Refusal::unavailable(format!("the user store is unavailable: {e}")))?
             .ok_or_else(|| Refusal::forbidden("your account no longer exists"))?;
-        let user = &User { id: user.id, role };
+        // The connection's events are filtered with the role of its handshake (`may_see`
+        // reads no store): with another role now, no new subscription, `tickets` included,
+        // would be filtered right. Reconnecting gives the connection the new role.
+        if role != user.role {
+            return Err(Refusal::forbidden(
+                "your role has changed since this connection opened; reconnect to subscribe",
+            ));
+        }
         match (topic.family(), topic.key()) {
             ("tickets", None) => Ok(()),
             ("ticket", Some(id)) => {

@@ -126,8 +126,29 @@ impl Default for Config {
     }
 }
 
-/// A URL with its password, if any, replaced by `***`.
+/// A URL with its password, if any (in the user info, or a `password=` query parameter as
+/// Postgres URLs may carry), replaced by `***`.
 fn redacted_url(url: &str) -> String {
+    let (url, query) = url
+        .split_once('?')
+        .map_or((url, None), |(u, q)| (u, Some(q)));
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let redacted = redacted_authority(url);
+    match query {
+        Some(query) => format!("{redacted}?{query}"),
+        None => redacted,
+    }
+}
+
+fn redacted_authority(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

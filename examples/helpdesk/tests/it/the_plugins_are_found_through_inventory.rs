@@ -103,6 +103,15 @@ fn debug_output_leaves_secrets_out() {
         shown.contains("postgres://app:***@db.internal:5432/helpdesk"),
         "{shown}"
     );
+    let in_query = helpdesk::Config {
+        database_url: Some(
+            "postgres://app@db/helpdesk?sslmode=require&password=hunter3secret".into(),
+        ),
+        ..helpdesk::Config::default()
+    };
+    let shown = format!("{in_query:?}");
+    assert!(!shown.contains("hunter3secret"), "{shown}");
+    assert!(shown.contains("sslmode=require&password=***"), "{shown}");
     let login = helpdesk_auth::LogIn {
         email: "ada@example.com".into(),
         password: "correct horse battery".into(),

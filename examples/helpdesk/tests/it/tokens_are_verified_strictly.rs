@@ -176,6 +176,15 @@ async fn a_demoted_agent_loses_the_role_with_the_token_it_holds() {
             crate::websocket_clients_get_the_ticket_events_they_may_see::next(&mut ws).await;
         assert_eq!(refused["type"], "error", "{refused}");
         assert_eq!(refused["code"], "forbidden", "{refused}");
+        // Nor `tickets`, whose events would be filtered with the handshake's agent role.
+        crate::websocket_clients_get_the_ticket_events_they_may_see::send(
+            &mut ws,
+            serde_json::json!({ "type": "subscribe", "topic": "tickets" }),
+        )
+        .await;
+        let refused =
+            crate::websocket_clients_get_the_ticket_events_they_may_see::next(&mut ws).await;
+        assert_eq!(refused["code"], "forbidden", "{refused}");
         s.stop().await;
     })
     .await;
