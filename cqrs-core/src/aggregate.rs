@@ -405,6 +405,12 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// stored records.
     ///
     /// The events' metadata is caused by `metadata`; their partition key is the aggregate id.
+    ///
+    /// It appends through the repository's own event store, in a transaction of its own: inside
+    /// a handler running in a unit of work (`cqrs-postgres`'s command layer), the events then
+    /// commit even if the handler fails afterwards, apart from the handler's other writes.
+    /// There, load and decide with the repository, and stage the events on the unit of work
+    /// instead (as the helpdesk's tickets plugin does).
     pub async fn execute(
         &self,
         id: &str,

@@ -115,6 +115,15 @@ pub use record::{EventRecord, InvalidPosition, Position, RecordMetadata};
 /// Re-exported for handler implementations: `#[cqrs_core::async_trait]`.
 pub use async_trait::async_trait;
 
+/// The crates whose types appear in this crate's public API, re-exported so a user's versions
+/// cannot differ from the ones the core was built with: `chrono` (`Clock`, timestamps),
+/// `uuid` (message and event ids) and `tower` (bus middleware).
+pub mod reexports {
+    pub use chrono;
+    pub use tower;
+    pub use uuid;
+}
+
 #[doc(hidden)]
 pub mod __private {
     pub use crate::plugin::PluginRegistration;

@@ -960,6 +960,11 @@ impl fmt::Debug for EventBusConsumer {
 
 impl EventBusConsumer {
     /// Consumes `topic` in group `group` into `bus`.
+    ///
+    /// `types` decodes the records: register every event type the bus has handlers for
+    /// ([`EventTypes::register`]). A record of a type it does not know follows its
+    /// [`UnknownEventPolicy`](crate::UnknownEventPolicy) (by default skipped and acknowledged,
+    /// so its handlers never see it).
     pub fn new(
         bus: EventBus,
         types: Arc<EventTypes>,

@@ -165,6 +165,19 @@ pub trait Worker: Send + 'static {
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError>;
 }
 
+/// A boxed worker is a worker: workers collected as `Box<dyn Worker>` (contributed by plugins,
+/// say) go to [`RuntimeBuilder::worker`] as they are.
+#[async_trait]
+impl<W: Worker + ?Sized> Worker for Box<W> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        (**self).run(ctx).await
+    }
+}
+
 /// A job run at start and then every interval until shutdown: housekeeping such as
 /// [`IdempotencyStore::purge_expired`](crate::ports::IdempotencyStore::purge_expired).
 ///

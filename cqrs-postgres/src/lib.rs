@@ -22,7 +22,7 @@
 //!             .bind(&cmd.title)
 //!             .execute(uow.connection().await?)
 //!             .await
-//!             .map_err(HandlerError::internal)?;
+//!             .map_err(|e| HandlerError::from(cqrs_postgres::store_error(e)))?;
 //!         ctx.record_keyed("t1", TicketOpened { ticket_id: "t1".into() });
 //!         Ok("t1".into())
 //!     }

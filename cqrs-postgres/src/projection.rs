@@ -29,7 +29,9 @@ use uuid::Uuid;
 ///     sqlx::query("UPDATE open_tickets SET count = count + 1")
 ///         .execute(unit.connection())
 ///         .await
-///         .map_err(|e| cqrs_core::ports::StoreError::Backend { backend: "postgres", source: e.into() })?;
+///         // `store_error` keeps the kind: a lost connection is `Unavailable` (retried, not
+///         // counted against the event), not `Internal`.
+///         .map_err(cqrs_postgres::store_error)?;
 /// }
 /// store.commit(unit).await?;
 /// # Ok(())

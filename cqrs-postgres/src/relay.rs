@@ -206,17 +206,18 @@ impl PgOutboxRelay {
     }
 
     /// How often an idle relay looks for events without a notification, and how often a
-    /// standby relay checks whether the active one is gone. Default 1 s.
+    /// standby relay checks whether the active one is gone. Default 1 s; at least 1 ms (zero
+    /// would query Postgres in a tight loop).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.poll_interval = interval;
+        self.poll_interval = interval.max(Duration::from_millis(1));
         self
     }
 
     /// The backoff between retries of a failed batch: doubles from `min` to `max`. Default
-    /// 100 ms to 10 s.
+    /// 100 ms to 10 s; at least 1 ms.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_backoff = min;
-        self.max_backoff = max.max(min);
+        self.min_backoff = min.max(Duration::from_millis(1));
+        self.max_backoff = max.max(self.min_backoff);
         self
     }
 
@@ -231,16 +232,17 @@ impl PgOutboxRelay {
     /// it below the pool's `idle_in_transaction_timeout` (60 s by default): the batch's
     /// transaction waits idle while it publishes. When it runs out, what the transport took is
     /// shipped (the checkpoint moves past it) and the rest goes with the next batch; when
-    /// nothing was taken, the batch fails and is retried.
+    /// nothing was taken, the batch fails and is retried. At least 1 ms (zero would never
+    /// ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
-        self.publish_timeout = timeout;
+        self.publish_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
     /// How often the backlog gauges are refreshed (a `count(*)` over the backlog). Default
-    /// 10 s.
+    /// 10 s; at least 1 ms.
     pub fn metrics_interval(mut self, interval: Duration) -> Self {
-        self.metrics_interval = interval;
+        self.metrics_interval = interval.max(Duration::from_millis(1));
         self
     }
 

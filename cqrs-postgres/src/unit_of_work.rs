@@ -48,7 +48,7 @@ use uuid::Uuid;
 ///             .bind(&cmd.title)
 ///             .execute(uow.connection().await?)
 ///             .await
-///             .map_err(HandlerError::internal)?;
+///             .map_err(|e| HandlerError::from(cqrs_postgres::store_error(e)))?;
 ///         // Appended to the event store in the same transaction, at commit.
 ///         ctx.record_keyed("t1", TicketOpened { ticket_id: "t1".into() });
 ///         Ok("t1".into())

@@ -43,7 +43,9 @@ pub trait Authenticator: Send + Sync + 'static {
     /// Who the principal is, as a stable key (a user id): the hub holds at most
     /// [`max_connections_per_principal`](crate::HubOptions::max_connections_per_principal)
     /// connections per key, so one client cannot take every connection the hub may hold.
-    /// `None`, the default, leaves the principal's connections uncounted.
+    /// `None`, the default, leaves the principal's connections uncounted, and gives each
+    /// connection a [`resumes_per_minute`](crate::HubOptions::resumes_per_minute) budget of its
+    /// own (refilled by reconnecting): implement it whenever principals have an identity.
     fn connection_key(&self, principal: &Self::Principal) -> Option<String> {
         let _ = principal;
         None

@@ -123,5 +123,17 @@ pub use routing::{EventRouting, PushedEvent, Routed};
 pub use topic::{InvalidTopic, MAX_TOPIC_LEN, Topic};
 pub use worker::PublishWorker;
 
+/// Re-exported for `Authenticator` and `Authorizer` implementations:
+/// `#[cqrs_realtime::async_trait]`.
+pub use async_trait::async_trait;
+
+/// The crates whose types appear in this crate's public API, re-exported so a user's versions
+/// cannot differ: `axum` (`Hub::route` is an axum `MethodRouter`) and `chrono`
+/// (`Authenticator::expires_at`).
+pub mod reexports {
+    pub use axum;
+    pub use chrono;
+}
+
 #[doc(hidden)]
 pub mod doc;

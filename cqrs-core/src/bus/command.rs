@@ -189,7 +189,9 @@ impl<L> CommandBusBuilder<L> {
     }
 
     /// Where recorded events go after a handler succeeds. Without a sink, recorded events are
-    /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`].
+    /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`]. A
+    /// layer may take the events out of the [`Reply`] first (an outbox: `cqrs-postgres`'s
+    /// command layer does unless told to keep them), and the sink then gets none.
     pub fn event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.sink = Some(sink);
         self

@@ -385,3 +385,23 @@ fn workers_sharing_a_name_and_aborted_workers_report_their_own_health() {
         );
     });
 }
+
+/// A worker boxed as `Box<dyn Worker>` (as plugins contribute them) goes to the runtime as it
+/// is, under its own name.
+#[test]
+fn a_boxed_worker_is_a_worker() {
+    run(async {
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let boxed: Box<dyn Worker> = Box::new(AlwaysFails {
+            name: "boxed",
+            starts: starts.clone(),
+        });
+        let runtime = Runtime::builder().worker(boxed).start();
+        eventually(Duration::from_secs(10), "the boxed worker ran", || async {
+            (!starts.lock().unwrap().is_empty()).then_some(())
+        })
+        .await;
+        assert!(runtime.health().await.components.contains_key("boxed"));
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}

@@ -190,15 +190,15 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
 
     let mut runtime = Runtime::builder();
     if !hooks.without_relay {
-        runtime = runtime.worker(BoxedWorker(relay));
+        runtime = runtime.worker(relay);
     }
     for (name, check, critical) in checks {
         runtime = runtime.check(name, check, critical);
     }
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
-        runtime = runtime.worker(BoxedWorker(worker));
+        runtime = runtime.worker(worker);
     }
-    runtime = runtime.worker(BoxedWorker(maintenance));
+    runtime = runtime.worker(maintenance);
     // Saved idempotent responses expire after a day but stay stored until purged: without
     // this, every `Idempotency-Key` ever sent would be kept (a full ticket each).
     let idempotency = backends.idempotency.clone();
@@ -491,23 +491,6 @@ impl cqrs_realtime::Authorizer<Session> for HubRules {
 
     fn may_see(&self, session: &Session, topic: &Topic, event: &PushedEvent) -> bool {
         self.0.may_see(&session.user, topic, event)
-    }
-}
-
-/// Runs a boxed worker (contributions arrive boxed).
-struct BoxedWorker(Box<dyn cqrs_core::runtime::Worker>);
-
-#[async_trait::async_trait]
-impl cqrs_core::runtime::Worker for BoxedWorker {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-
-    async fn run(
-        &mut self,
-        ctx: cqrs_core::runtime::WorkerContext,
-    ) -> Result<(), cqrs_core::BoxError> {
-        self.0.run(ctx).await
     }
 }
 
