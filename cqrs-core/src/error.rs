@@ -296,6 +296,33 @@ impl DispatchError {
     }
 }
 
+/// A dispatch that failed inside a handler (a query an authorizer or another handler sent),
+/// as that handler's own error, so `?` works there: a handler's error passes through as it
+/// was; any other keeps its kind (a timeout stays retryable), with code `dispatch_failed`.
+///
+/// ```
+/// use cqrs_core::{DispatchError, HandlerError};
+///
+/// let refused = HandlerError::not_found("no such ticket").with_code("no_ticket");
+/// assert_eq!(HandlerError::from(DispatchError::Handler(refused)).code(), "no_ticket");
+/// ```
+impl From<DispatchError> for HandlerError {
+    fn from(error: DispatchError) -> Self {
+        match error {
+            DispatchError::Handler(handler) => handler,
+            other => match other.handler_error() {
+                Some(handler) => HandlerError::new(
+                    handler.kind(),
+                    handler.code().to_owned(),
+                    handler.message().to_owned(),
+                ),
+                None => HandlerError::new(other.kind(), "dispatch_failed", other.to_string())
+                    .with_source(other),
+            },
+        }
+    }
+}
+
 /// Some handlers of a published event failed; the others ran.
 #[derive(Debug, thiserror::Error)]
 #[error("{} of {handlers} handlers of event `{event}` failed: {}", failures.len(), first_failure(failures))]

@@ -432,8 +432,9 @@ impl PluginRegistrar {
         &mut self.events
     }
 
-    /// Declares that this plugin sends a message that some plugin must handle; checked by
-    /// [`check_required`](Self::check_required) against the built buses.
+    /// Declares that this plugin sends a command or query that some plugin must handle;
+    /// checked by [`check_required`](Self::check_required) against the built buses. An event
+    /// may have any number of handlers, none included, so a required event is not checked.
     pub fn require(&mut self, message: MessageType) -> &mut Self {
         self.required.push(message);
         self
