@@ -961,8 +961,8 @@ impl fmt::Debug for EventBusConsumer {
 impl EventBusConsumer {
     /// Consumes `topic` in group `group` into `bus`.
     ///
-    /// `types` decodes the records: register every event type the bus has handlers for
-    /// ([`EventTypes::register`]). A record of a type it does not know follows its
+    /// `types` decodes the records: every event type the bus has handlers for
+    /// ([`EventBus::event_types`] gives them; add upcasters to it). A record of a type it does not know follows its
     /// [`UnknownEventPolicy`](crate::UnknownEventPolicy) (by default skipped and acknowledged,
     /// so its handlers never see it).
     pub fn new(

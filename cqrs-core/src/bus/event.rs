@@ -5,8 +5,8 @@ use super::{Registries, layer_service};
 use crate::dispatch::{Dispatcher, ErasedService, guarded, started};
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Event, EventContext, EventEnvelope,
-    EventHandler, HandlerError, HandlerFailure, MessageKind, MessageType, Metadata, PublishError,
-    Reply,
+    EventHandler, EventTypes, HandlerError, HandlerFailure, MessageKind, MessageType, Metadata,
+    PublishError, Reply,
 };
 use async_trait::async_trait;
 use futures_util::future::{BoxFuture, join_all};
@@ -92,6 +92,13 @@ pub(crate) async fn run_event_handlers(
 #[derive(Default)]
 pub struct EventHandlers {
     entries: Vec<(MessageType, Arc<dyn ErasedEventHandler>)>,
+    /// How to decode each handled type, for [`EventBus::event_types`].
+    types: Vec<fn(&mut EventTypes)>,
+}
+
+/// Registers `E` (its current version) in `types`.
+fn register_type<E: Event>(types: &mut EventTypes) {
+    types.register::<E>();
 }
 
 impl EventHandlers {
@@ -112,6 +119,7 @@ impl EventHandlers {
             MessageType::event::<E>(),
             Arc::new(TypedEventHandler { handler, name }),
         ));
+        self.types.push(register_type::<E>);
         self
     }
 
@@ -160,6 +168,7 @@ impl<L> EventBusBuilder<L> {
     /// Registers handlers collected elsewhere (by plugins).
     pub fn handlers(mut self, mut handlers: EventHandlers) -> Self {
         self.handlers.entries.append(&mut handlers.entries);
+        self.handlers.types.append(&mut handlers.types);
         self
     }
 
@@ -211,6 +220,7 @@ impl<L> EventBusBuilder<L> {
                 registries,
                 service,
                 names,
+                types: self.handlers.types,
             }),
         })
     }
@@ -220,6 +230,7 @@ struct Inner {
     registries: Arc<Registries>,
     service: Option<Arc<dyn ErasedService>>,
     names: HashMap<&'static str, MessageType>,
+    types: Vec<fn(&mut EventTypes)>,
 }
 
 /// Delivers each event to every handler of its type, in process. Frozen once built; cloning is
@@ -271,6 +282,29 @@ impl EventBus {
             layers: ServiceBuilder::new(),
             layered: false,
         }
+    }
+
+    /// The event types this bus has handlers for, registered at their current versions: what
+    /// a consumer feeding the bus from a transport must decode
+    /// ([`EventBusConsumer`](crate::projection::EventBusConsumer)). Add upcasters for older
+    /// versions, or types handled elsewhere, to the result.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{TicketOpened, CountOpened};
+    /// use cqrs_core::{EventBus, EventEnvelope, EventRecord, Metadata};
+    ///
+    /// let bus = EventBus::builder().handler(CountOpened::default()).build()?;
+    /// let opened = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new());
+    /// let decoded = bus.event_types().decode(&EventRecord::from_envelope(&opened)?)?;
+    /// assert!(decoded.is_some());
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn event_types(&self) -> EventTypes {
+        let mut types = EventTypes::new();
+        for register in &self.inner.types {
+            register(&mut types);
+        }
+        types
     }
 
     /// Delivers an event to every handler of its type and waits for them. An event nobody

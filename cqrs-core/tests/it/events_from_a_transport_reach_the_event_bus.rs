@@ -5,7 +5,7 @@ use cqrs_core::projection::EventBusConsumer;
 use cqrs_core::runtime::Runtime;
 use cqrs_core::testing::eventually;
 use cqrs_core::{
-    EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, EventTypes, HandlerError,
+    EventBus, EventContext, EventEnvelope, EventHandler, EventHandlers, EventRecord, HandlerError,
     Metadata,
 };
 use std::sync::Arc;
@@ -129,8 +129,8 @@ fn consume_adds_with(
     transport: &Arc<InMemoryTransport>,
     options: ConsumerOptions,
 ) -> Runtime {
-    let mut types = EventTypes::new();
-    types.register::<Added>();
+    // What the bus handles is what the consumer decodes.
+    let types = bus.event_types();
     Runtime::builder()
         .worker(EventBusConsumer::new(
             bus,
@@ -166,4 +166,20 @@ fn a_consumer_polling_without_blocking_still_stops() {
             .await
             .expect("stopped within the grace period");
     });
+}
+
+/// Handlers collected elsewhere (a plugin's `EventHandlers`) bring their types along: the
+/// bus's `event_types` decodes them, and only them.
+#[test]
+fn the_bus_knows_the_types_of_the_handlers_it_was_given() {
+    let mut collected = EventHandlers::new();
+    collected.add::<Added, _>(Counter::named("counter"));
+    let bus = EventBus::builder().handlers(collected).build().unwrap();
+    let types = bus.event_types();
+    assert!(types.decode(&added(1)).unwrap().is_some(), "Added is known");
+    let bare = EventBus::builder().build().unwrap();
+    assert!(
+        bare.event_types().decode(&added(1)).unwrap().is_none(),
+        "a bus without handlers knows no type (unknown types are skipped by default)"
+    );
 }
