@@ -27,9 +27,9 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
     principal: P,
     socket: WebSocket,
     slot: ConnectionSlot<P>,
+    expires_at: Option<DateTime<Utc>>,
 ) {
     let (sink, mut stream) = socket.split();
-    let expires_at = hub.authenticator.expires_at(&principal);
     let conn = Arc::new(Conn {
         id: hub.next_id(),
         principal,

@@ -303,12 +303,10 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(refusal.message());
             }
         };
-        // Credentials already expired would be closed at the first tick: refuse them here.
-        if inner
-            .authenticator
-            .expires_at(&principal)
-            .is_some_and(|at| at <= inner.clock.now())
-        {
+        // Asked once; the connection is closed then. Credentials already expired would be
+        // closed at the first tick: refuse them here.
+        let expires_at = inner.authenticator.expires_at(&principal);
+        if expires_at.is_some_and(|at| at <= inner.clock.now()) {
             inner.metrics.refused("unauthorized");
             return unauthorized("the credentials have expired");
         }
@@ -379,7 +377,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             .max_message_size(o.max_message_size)
             .max_frame_size(o.max_frame_size)
             .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
-            .on_upgrade(move |socket| connection::run(hub, principal, socket, slot))
+            .on_upgrade(move |socket| connection::run(hub, principal, socket, slot, expires_at))
     }
 
     /// A publisher on this hub's pub/sub, routing and channel prefix.

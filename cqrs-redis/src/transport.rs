@@ -398,7 +398,7 @@ pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
 
 /// Refuses consumer options that would break the transport's guarantees, naming each problem.
 fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportError> {
-    let mut problems = options.problems();
+    let mut problems = Vec::new();
     if options.redelivery_delay < MIN_REDELIVERY_DELAY {
         problems.push(format!(
             "redelivery_delay is {:?}, below the {:?} a Redis consumer needs: it is also how \
@@ -407,12 +407,5 @@ fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportEr
             options.redelivery_delay, MIN_REDELIVERY_DELAY
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(TransportError::Invalid(format!(
-            "invalid consumer options: {}",
-            problems.join("; ")
-        )))
-    }
+    options.validate_with(problems)
 }

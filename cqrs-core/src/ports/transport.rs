@@ -118,7 +118,13 @@ impl ConsumerOptions {
     /// assert!(err.to_string().contains("consumer_name"));
     /// ```
     pub fn validate(&self) -> Result<(), TransportError> {
-        let problems = self.problems();
+        self.validate_with(Vec::new())
+    }
+
+    /// [`validate`](Self::validate), with the problems a transport's own rules found: every
+    /// problem is named in one `Invalid`.
+    pub fn validate_with(&self, mut problems: Vec<String>) -> Result<(), TransportError> {
+        problems.splice(0..0, self.problems());
         if problems.is_empty() {
             Ok(())
         } else {
@@ -129,8 +135,7 @@ impl ConsumerOptions {
         }
     }
 
-    /// What [`validate`](Self::validate) finds wrong, for a transport that adds its own rules.
-    pub fn problems(&self) -> Vec<String> {
+    fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.max_deliveries == 0 {
             problems.push(

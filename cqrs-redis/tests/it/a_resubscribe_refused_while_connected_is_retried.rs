@@ -5,7 +5,7 @@
 //! again without another reconnect. (The refusal is seen in Redis's count of the connection's
 //! subscriptions: fred may drop the `NOPERM` reply.)
 
-use crate::support::{connect_admin, raw, reachable, redis_url, within};
+use crate::support::{connect_admin, delete_stale_users, plain_redis_host, raw, reachable, within};
 use cqrs_core::ports::PubSub;
 use cqrs_core::testing::{eventually, test_id};
 use cqrs_redis::{ConnectionOptions, RedisPubSubOptions};
@@ -18,15 +18,7 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
     if !reachable().await {
         return;
     }
-    let base = redis_url();
-    let Some(host) = base.strip_prefix("redis://").filter(|h| !h.contains('@')) else {
-        let required = std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1");
-        assert!(
-            !required,
-            "REDIS_URL {base} has credentials or is not redis://, and this test logs in as a \
-             user of its own: give it a plain redis://host:port, or unset CQRS_REQUIRE_SERVICES"
-        );
-        eprintln!("skipped: REDIS_URL {base} has credentials or is not redis://");
+    let Some(host) = plain_redis_host() else {
         return;
     };
     let id = test_id("resubscribe-refused");
@@ -38,15 +30,7 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
         let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();
         async move { raw(&admin, "ACL", args).await }
     };
-    // Users a failed run of this test left behind (it deletes its own at its end).
-    for user in raw(&admin, "ACL", vec!["USERS".into()]).await.into_array() {
-        if let Some(name) = user
-            .as_string()
-            .filter(|n| n.starts_with("cqrs-test-resubscribe_refused_"))
-        {
-            acl(&["DELUSER", &name]).await;
-        }
-    }
+    delete_stale_users(&admin, "cqrs-test-resubscribe_refused_").await;
     acl(&[
         "SETUSER",
         &user,

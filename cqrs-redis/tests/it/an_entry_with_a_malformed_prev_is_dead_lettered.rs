@@ -6,7 +6,9 @@
 //! on every path; and a gate check that fails for another reason fails the fetch instead of
 //! dead-lettering anything.
 
-use crate::support::{Env, event, key_prefix, n_of, reachable, redis_url, within};
+use crate::support::{
+    Env, delete_stale_users, event, key_prefix, n_of, plain_redis_host, reachable, within,
+};
 use cqrs_core::ports::{Consumer, ConsumerOptions};
 use cqrs_redis::{ConnectionOptions, KeyOrdering, RedisStreamOptions};
 use fred::bytes::Bytes;
@@ -136,31 +138,14 @@ async fn a_gate_check_failing_otherwise_fails_the_fetch_and_dead_letters_nothing
     if !reachable().await {
         return;
     }
-    let base = redis_url();
-    let Some(host) = base.strip_prefix("redis://").filter(|h| !h.contains('@')) else {
-        let required = std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1");
-        assert!(
-            !required,
-            "REDIS_URL {base} has credentials or is not redis://, and this test logs in as a \
-             user of its own: give it a plain redis://host:port, or unset CQRS_REQUIRE_SERVICES"
-        );
-        eprintln!("skipped: REDIS_URL {base} has credentials or is not redis://");
+    let Some(host) = plain_redis_host() else {
         return;
     };
     let Some(env) = Env::with("gate-error", |o| o.key_ordering(KeyOrdering::Exact)).await else {
         return;
     };
     let user = format!("cqrs-test-{}", env.id);
-    // Users a failed run of this test left behind (it deletes its own at its end).
-    for name in env.command("ACL", vec!["USERS".into()]).await.into_array() {
-        if let Some(name) = name
-            .as_string()
-            .filter(|n| n.starts_with("cqrs-test-gate_error_"))
-        {
-            env.command("ACL", vec!["DELUSER".into(), name.into()])
-                .await;
-        }
-    }
+    delete_stale_users(&env.admin, "cqrs-test-gate_error_").await;
     let setuser: Vec<Value> = ["SETUSER", &user, "on", "nopass", "+@all", "-xpending", "~*"]
         .iter()
         .map(|a| Value::from(*a))

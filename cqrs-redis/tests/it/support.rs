@@ -152,6 +152,34 @@ impl Env {
     }
 }
 
+/// The `host:port` of `REDIS_URL` when it is a plain `redis://` URL without credentials, for
+/// a test that logs in as an ACL user of its own; `None` (a skip, or a failure under
+/// `CQRS_REQUIRE_SERVICES=1`) otherwise.
+pub(crate) fn plain_redis_host() -> Option<String> {
+    let base = redis_url();
+    if let Some(host) = base.strip_prefix("redis://").filter(|h| !h.contains('@')) {
+        return Some(host.to_owned());
+    }
+    let required = std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1");
+    assert!(
+        !required,
+        "REDIS_URL {base} has credentials or is not redis://, and this test logs in as a \
+         user of its own: give it a plain redis://host:port, or unset CQRS_REQUIRE_SERVICES"
+    );
+    eprintln!("skipped: REDIS_URL {base} has credentials or is not redis://");
+    None
+}
+
+/// Deletes the ACL users named `{prefix}…` that failed runs of a test left behind (each run
+/// deletes its own at its end).
+pub(crate) async fn delete_stale_users(client: &Client, prefix: &str) {
+    for user in raw(client, "ACL", vec!["USERS".into()]).await.into_array() {
+        if let Some(name) = user.as_string().filter(|n| n.starts_with(prefix)) {
+            raw(client, "ACL", vec!["DELUSER".into(), name.into()]).await;
+        }
+    }
+}
+
 pub(crate) async fn raw(client: &Client, name: &str, args: Vec<Value>) -> Value {
     client
         .custom(
