@@ -42,7 +42,9 @@ pub enum DecodeError {
         schema_version: u32,
     },
     /// The record's schema version is newer than this build's and no upcaster can help.
-    #[error("event `{event_type}` has schema version {found}, newer than this build's {current}")]
+    #[error(
+        "event `{event_type}` has schema version {found}, newer than this build's {current}; it was written by a newer build: deploy a build that knows version {found} here too"
+    )]
     FutureVersion {
         /// The wire name.
         event_type: String,
@@ -53,7 +55,7 @@ pub enum DecodeError {
     },
     /// No upcaster takes the record's old version to the next one.
     #[error(
-        "event `{event_type}` has schema version {found} and no upcaster from it is registered"
+        "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)`"
     )]
     MissingUpcaster {
         /// The wire name.

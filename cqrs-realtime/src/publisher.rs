@@ -52,13 +52,31 @@ impl fmt::Debug for Publisher {
     }
 }
 
+fn encode_error(record: &EventRecord, source: serde_json::Error) -> PublishError {
+    PublishError::Encode {
+        event_id: record.event_id,
+        event_type: record.event_type.clone(),
+        source,
+    }
+}
+
 /// Why an event was not published.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
     /// The event's `event` object could not be serialized (a bug in the routing).
-    #[error("could not encode the event for the realtime channel: {0}")]
-    Encode(#[source] serde_json::Error),
+    #[error(
+        "could not encode event {event_id} (`{event_type}`) for the realtime channel: {source}; check what the routing puts in the pushed event"
+    )]
+    Encode {
+        /// The event's id.
+        event_id: uuid::Uuid,
+        /// The event's wire name.
+        event_type: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The pub/sub failed. Live clients miss the event; resuming clients will get it from the
     /// store.
     #[error("could not publish to realtime channel {channel}: {source}")]
@@ -109,7 +127,8 @@ impl Publisher {
         let Some(routed) = self.routing.route(record) else {
             return Ok(0);
         };
-        let event = PushedEvent::new(routed, record.position).map_err(PublishError::Encode)?;
+        let event = PushedEvent::new(routed, record.position)
+            .map_err(|source| encode_error(record, source))?;
         // Group the event's topics by channel: one message per channel, naming only the topics
         // that channel carries.
         let mut channels: BTreeMap<String, Vec<&Topic>> = BTreeMap::new();
@@ -127,7 +146,9 @@ impl Publisher {
         // whole, never after some channels already have it.
         let mut messages = Vec::with_capacity(channels.len());
         for (channel, topics) in channels {
-            let payload = event.encode(&topics).map_err(PublishError::Encode)?;
+            let payload = event
+                .encode(&topics)
+                .map_err(|source| encode_error(record, source))?;
             messages.push((channel, Arc::<str>::from(payload)));
         }
         let mut sent = 0;

@@ -190,7 +190,7 @@ impl PushedEvent {
             return Err(DecodeError::Version(wire.v));
         }
         let position = match wire.position {
-            Some(p) => Some(p.parse().map_err(|_| DecodeError::Position)?),
+            Some(p) => Some(p.parse().map_err(|_| DecodeError::Position(p.clone()))?),
             None => None,
         };
         Ok(Self {
@@ -236,8 +236,30 @@ struct WireEventOwned {
 pub(crate) enum DecodeError {
     #[error("not a realtime event message: {0}")]
     Json(#[source] serde_json::Error),
-    #[error("unsupported realtime message version {0}")]
+    #[error(
+        "unsupported realtime message version {0} (this hub reads version {WIRE_VERSION}): run the same cqrs-realtime release on every instance that shares the channels"
+    )]
     Version(u32),
-    #[error("the message's position is not a position")]
-    Position,
+    #[error("the message's position `{0}` is not a position the event store issued")]
+    Position(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_undecodable_channel_message_says_what_was_wrong() {
+        let error =
+            PushedEvent::decode(r#"{"v":1,"topics":[],"position":"x7","routing":{},"event":{}}"#)
+                .expect_err("a bad position");
+        assert!(error.to_string().contains("`x7`"), "{error}");
+        let error = PushedEvent::decode(r#"{"v":9,"topics":[],"routing":{},"event":{}}"#)
+            .expect_err("a newer version");
+        let text = error.to_string();
+        assert!(
+            text.contains("version 9") && text.contains("reads version 1"),
+            "{text}"
+        );
+    }
 }

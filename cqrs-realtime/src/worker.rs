@@ -120,9 +120,9 @@ impl Worker for PublishWorker {
                     .await
                 {
                     Ok(_) => Handled::Done,
-                    Err(crate::PublishError::Encode(error)) => {
+                    Err(error @ crate::PublishError::Encode { .. }) => {
                         // Retrying cannot help an event the routing cannot encode.
-                        tracing::error!(%event_id, %error, "event cannot be pushed; skipped");
+                        tracing::error!(%error, "event cannot be pushed; skipped");
                         Handled::Done
                     }
                     Err(error) => {

@@ -8,7 +8,9 @@ use crate::{BoxError, ErrorKind, HandlerError};
 pub enum StoreError {
     /// The stream is not at the expected version: someone else appended first. Reload and
     /// decide again, or report a conflict (409).
-    #[error("version conflict on stream {stream}: expected {expected}, found {actual}")]
+    #[error(
+        "version conflict on stream {stream}: expected {expected}, found version {actual}; someone else changed it first: reload it and try again"
+    )]
     Conflict {
         /// The stream.
         stream: String,
