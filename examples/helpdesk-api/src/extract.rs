@@ -5,10 +5,12 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
+use cqrs_core::Metadata;
 use serde::de::DeserializeOwned;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use uuid::Uuid;
 
 /// A JSON body. Answers 415 for another content type, 400 `malformed_json` for broken JSON,
 /// 422 `invalid_body` for JSON of the wrong shape (with serde's message), 413 for a body over
@@ -16,7 +18,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
-fn is_json(parts: &axum::http::HeaderMap) -> bool {
+fn is_json(parts: &HeaderMap) -> bool {
     parts
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -135,7 +137,7 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
 pub struct Authenticated(pub User);
 
 /// Reads the bearer token of `Authorization`, if any.
-pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .ok_or(AuthError::Missing)?;
@@ -165,6 +167,93 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
             })?;
         let token = bearer_token(&parts.headers)?;
         Ok(Authenticated(authenticator.verify(token).await?))
+    }
+}
+
+/// The metadata a request's commands and queries start from, so what they record can be traced
+/// back to the request: the correlation id is the request's `X-Request-Id` when it is a UUID
+/// (the gateway gives every request one and echoes it in the response), and the W3C
+/// `traceparent` / `tracestate` headers, when well-formed, go into the trace context. Anything
+/// else is ignored: a client's odd header never fails a request.
+///
+/// ```
+/// use axum::extract::FromRequestParts;
+/// use helpdesk_api::RequestMetadata;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let request = axum::http::Request::builder()
+///     .header("x-request-id", "0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182")
+///     .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+///     .body(())
+///     .unwrap();
+/// let (mut parts, ()) = request.into_parts();
+/// let RequestMetadata(metadata) = RequestMetadata::from_request_parts(&mut parts, &()).await.unwrap();
+/// assert_eq!(metadata.correlation_id.to_string(), "0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182");
+/// assert!(metadata.trace_context.contains_key("traceparent"));
+/// # });
+/// ```
+#[derive(Debug, Clone)]
+pub struct RequestMetadata(pub Metadata);
+
+impl RequestMetadata {
+    /// The metadata of a request with these headers.
+    pub fn from_headers(headers: &HeaderMap) -> Metadata {
+        let mut metadata = Metadata::new();
+        if let Some(id) = headers
+            .get(X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Uuid::parse_str(v.trim()).ok())
+        {
+            metadata = metadata.with_correlation_id(id);
+        }
+        if let Some(parent) = header_str(headers, TRACEPARENT).filter(|v| is_traceparent(v)) {
+            metadata = metadata.with_trace_field(TRACEPARENT, parent);
+            // `tracestate` means nothing without a parent.
+            if let Some(state) = header_str(headers, TRACESTATE)
+                .filter(|v| v.len() <= 512 && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
+            {
+                metadata = metadata.with_trace_field(TRACESTATE, state);
+            }
+        }
+        metadata
+    }
+
+    /// The metadata, acted by `user`.
+    pub fn by(self, user: &User) -> Metadata {
+        self.0.with_actor(user.id.to_string())
+    }
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// `version-traceid-parentid-flags` in lowercase hex (W3C Trace Context, level 1 lengths); an
+/// all-zero trace or parent id is invalid.
+fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    matches!(parts.as_slice(), [version, trace, parent, flags]
+        if version.len() == 2 && *version != "ff" && trace.len() == 32 && parent.len() == 16
+            && flags.len() == 2 && parts.iter().all(|p| hex(p)) && nonzero(trace) && nonzero(parent))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestMetadata {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(RequestMetadata(Self::from_headers(&parts.headers)))
     }
 }
 
@@ -256,5 +345,63 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
             }
         }
         Ok(ClientAddr(Some(client)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn request_metadata_takes_the_request_id_and_a_well_formed_trace_context() {
+        let id = "0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182";
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let metadata = RequestMetadata::from_headers(&headers(&[
+            ("x-request-id", id),
+            ("traceparent", parent),
+            ("tracestate", "congo=t61rcWkgMzE"),
+        ]));
+        assert_eq!(metadata.correlation_id.to_string(), id);
+        assert_ne!(metadata.message_id, metadata.correlation_id);
+        assert_eq!(metadata.trace_context["traceparent"], parent);
+        assert_eq!(metadata.trace_context["tracestate"], "congo=t61rcWkgMzE");
+    }
+
+    #[test]
+    fn request_metadata_ignores_what_is_not_well_formed() {
+        for parent in [
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+        ] {
+            let metadata = RequestMetadata::from_headers(&headers(&[
+                ("x-request-id", "not-a-uuid"),
+                ("traceparent", parent),
+                ("tracestate", "a=b"),
+            ]));
+            assert_eq!(metadata.correlation_id, metadata.message_id, "{parent}");
+            assert!(metadata.trace_context.is_empty(), "{parent}");
+        }
+        let long_state = "a=".to_owned() + &"b".repeat(600);
+        let metadata = RequestMetadata::from_headers(&headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", &long_state),
+        ]));
+        assert!(metadata.trace_context.contains_key("traceparent"));
+        assert!(!metadata.trace_context.contains_key("tracestate"));
     }
 }

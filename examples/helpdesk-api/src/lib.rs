@@ -24,6 +24,7 @@ pub use backends::{
 };
 pub use error::{ApiError, ErrorBody};
 pub use extract::{
-    ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, TrustedProxies, bearer_token,
+    ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, RequestMetadata, TrustedProxies,
+    bearer_token,
 };
 pub use validation::{invalid_field, reject_nul};

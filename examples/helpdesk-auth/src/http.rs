@@ -5,8 +5,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use cqrs_core::Metadata;
-use helpdesk_api::{ApiError, ApiJson, Authenticated, BusHandle, ClientAddr, HttpApi, Operation};
+use helpdesk_api::{
+    ApiError, ApiJson, Authenticated, BusHandle, ClientAddr, HttpApi, Operation, RequestMetadata,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -54,16 +55,20 @@ struct Me {
 
 async fn register(
     State(buses): State<BusHandle>,
+    RequestMetadata(metadata): RequestMetadata,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
     let user = buses
         .get()?
         .commands
-        .dispatch(RegisterUser {
-            email: body.email,
-            password: body.password,
-            display_name: body.display_name,
-        })
+        .dispatch_with(
+            RegisterUser {
+                email: body.email,
+                password: body.password,
+                display_name: body.display_name,
+            },
+            metadata,
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -78,16 +83,20 @@ async fn register(
 async fn login(
     State(buses): State<BusHandle>,
     ClientAddr(client): ClientAddr,
+    RequestMetadata(metadata): RequestMetadata,
     ApiJson(body): ApiJson<LoginBody>,
 ) -> Result<Json<Token>, ApiError> {
     let result = buses
         .get()?
         .commands
-        .dispatch(LogIn {
-            email: body.email,
-            password: body.password,
-            client,
-        })
+        .dispatch_with(
+            LogIn {
+                email: body.email,
+                password: body.password,
+                client,
+            },
+            metadata,
+        )
         .await;
     let logged_in = result.map_err(|e| {
         let retry_after = e
@@ -112,8 +121,9 @@ async fn login(
 async fn me(
     State(buses): State<BusHandle>,
     Authenticated(user): Authenticated,
+    request: RequestMetadata,
 ) -> Result<Json<Me>, ApiError> {
-    let metadata = Metadata::new().with_actor(user.id.to_string());
+    let metadata = request.by(&user);
     let record = buses
         .get()?
         .queries

@@ -156,6 +156,9 @@ pub struct HistoryItem {
     pub occurred_at: DateTime<Utc>,
     /// Who.
     pub actor_id: Option<String>,
+    /// The correlation id of the request that caused it: its `X-Request-Id` when that was a
+    /// UUID (the gateway gives every request one and returns it in the response).
+    pub correlation_id: Uuid,
     /// The payload.
     pub data: serde_json::Value,
 }
@@ -193,8 +196,10 @@ fn visible(user: &User, ticket: &Ticket) -> bool {
     user.is_agent() || ticket.reporter_id == user.id
 }
 
-fn metadata(user: &User) -> Metadata {
-    Metadata::new().with_actor(user.id.to_string())
+/// The metadata the events of a command are caused by: the command's own (so they inherit its
+/// correlation id and take its id as causation id), acted by `user`.
+fn metadata(ctx: &CommandContext, user: &User) -> Metadata {
+    ctx.metadata().clone().with_actor(user.id.to_string())
 }
 
 fn from_aggregate(e: AggregateError<HandlerError>) -> HandlerError {
@@ -324,6 +329,7 @@ impl CommandHandler<OpenTicket> for Tickets {
         }
         reject_nul("description", &description)?;
         let id = Uuid::now_v7();
+        let metadata = metadata(ctx, &cmd.user);
         // A new ticket: nothing to load.
         let new = Loaded {
             id: id.to_string(),
@@ -341,7 +347,7 @@ impl CommandHandler<OpenTicket> for Tickets {
                 description,
                 priority: cmd.priority.unwrap_or_default(),
             },
-            &metadata(&cmd.user),
+            &metadata,
         )
         .await
         .map_err(from_aggregate)
@@ -388,6 +394,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
             }
         }
         let comment_id = Uuid::now_v7();
+        let metadata = metadata(ctx, user);
         for attempt in 1..=RETRIES {
             let loaded = self.load_for_change(ctx, user, cmd.id).await?;
             let expected = cmd.expected_version.unwrap_or(loaded.version);
@@ -405,7 +412,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 },
             };
             match self
-                .persist(ctx, loaded, expected, command, &metadata(user))
+                .persist(ctx, loaded, expected, command, &metadata)
                 .await
             {
                 Ok(ticket) => return Ok(ticket),
@@ -491,6 +498,7 @@ impl QueryHandler<TicketHistory> for Tickets {
                 version: r.stream_version.unwrap_or_default(),
                 occurred_at: r.metadata.occurred_at,
                 actor_id: r.metadata.actor.clone(),
+                correlation_id: r.metadata.correlation_id,
                 data: r.payload,
                 event_type: r.event_type,
             })

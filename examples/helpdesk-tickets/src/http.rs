@@ -15,8 +15,8 @@ use cqrs_core::ports::IdempotencyStore;
 use cqrs_core::{Command, Metadata};
 use cqrs_postgres::{PgCommandExecutor, PgDatabase};
 use helpdesk_api::{
-    ApiError, ApiJson, ApiPath, ApiQuery, Authenticated, BusHandle, HttpApi, Operation, User,
-    idempotency,
+    ApiError, ApiJson, ApiPath, ApiQuery, Authenticated, BusHandle, HttpApi, Operation,
+    RequestMetadata, User, idempotency,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -65,7 +65,10 @@ where
             fingerprint,
             http.ttl,
             || async {
-                let ticket = buses.commands.dispatch_with(make(), actor(user)).await?;
+                let ticket = buses
+                    .commands
+                    .dispatch_with(make(), actor(headers, user))
+                    .await?;
                 Ok((status, ticket))
             },
         )
@@ -82,7 +85,7 @@ where
             http.ttl,
             status,
             make(),
-            actor(user),
+            actor(headers, user),
         )
         .await;
         match result {
@@ -133,8 +136,10 @@ struct CloseBody {
     expected_version: Option<u64>,
 }
 
-fn actor(user: &User) -> Metadata {
-    Metadata::new().with_actor(user.id.to_string())
+/// The metadata of a request's command: its correlation id and trace context come from the
+/// request's headers, so the events it records can be traced back to the request.
+fn actor(headers: &HeaderMap, user: &User) -> Metadata {
+    RequestMetadata::from_headers(headers).with_actor(user.id.to_string())
 }
 
 fn fingerprint(path: &str, body: &impl Serialize) -> Vec<u8> {
@@ -243,9 +248,10 @@ async fn change<B: ChangeBody>(
 async fn get_one(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
+    request: RequestMetadata,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Ticket>, ApiError> {
-    let metadata = actor(&user);
+    let metadata = request.by(&user);
     Ok(Json(
         http.buses
             .get()?
@@ -258,9 +264,10 @@ async fn get_one(
 async fn history(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
+    request: RequestMetadata,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Value>, ApiError> {
-    let metadata = actor(&user);
+    let metadata = request.by(&user);
     let items = http
         .buses
         .get()?
@@ -273,8 +280,9 @@ async fn history(
 async fn stats(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
+    request: RequestMetadata,
 ) -> Result<Json<Value>, ApiError> {
-    let metadata = actor(&user);
+    let metadata = request.by(&user);
     let stats = http
         .buses
         .get()?
@@ -294,6 +302,7 @@ fn bad_query(name: &str, problem: &str) -> ApiError {
 async fn list(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
+    request: RequestMetadata,
     ApiQuery(pairs): ApiQuery<Vec<(String, String)>>,
 ) -> Result<Json<Value>, ApiError> {
     // A parameter the route does not know is refused, not ignored: a misspelled filter
@@ -355,7 +364,7 @@ async fn list(
         },
     };
     let cursor = param("cursor").map(str::to_owned);
-    let metadata = actor(&user);
+    let metadata = request.by(&user);
     let page = http
         .buses
         .get()?

@@ -406,3 +406,52 @@ async fn ticket_times_follow_the_servers_clock() {
     })
     .await;
 }
+
+/// A command's events carry its request's id as correlation id (the `X-Request-Id` the client
+/// sent, or the one the gateway made up and returned): a support engineer can go from a
+/// request to what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commands_events_carry_its_request_id() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let opened = Response::from(
+            s.http
+                .post(s.url("/tickets"))
+                .bearer_auth(&token)
+                .header("x-request-id", &request_id)
+                .json(&json!({ "title": "traced" }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(opened.status, StatusCode::CREATED, "{opened:?}");
+        assert_eq!(opened.headers["x-request-id"], request_id.as_str());
+        let id = opened.body["id"].as_str().unwrap().to_owned();
+        // Without a header of its own, the request gets the gateway's id.
+        let commented = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &token,
+                json!({ "body": "hello" }),
+            )
+            .await;
+        assert_eq!(commented.status, StatusCode::CREATED, "{commented:?}");
+        let generated = commented.headers["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let h = s.get(&format!("/tickets/{id}/history"), &token).await;
+        let correlation: Vec<&str> = h.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["correlation_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(correlation, [request_id.as_str(), generated.as_str()]);
+        s.stop().await;
+    })
+    .await;
+}
