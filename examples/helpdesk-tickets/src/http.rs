@@ -517,13 +517,14 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "type": "object",
                     "properties": { "items": { "type": "array", "items": {
                         "type": "object",
-                        "required": ["event_id", "type", "version", "occurred_at", "actor_id", "data"],
+                        "required": ["event_id", "type", "version", "occurred_at", "actor_id", "correlation_id", "data"],
                         "properties": {
                             "event_id": { "type": "string", "format": "uuid" },
                             "type": { "type": "string", "enum": ["TicketOpened", "TicketAssigned", "TicketCommented", "TicketClosed"] },
                             "version": { "type": "integer" },
                             "occurred_at": { "type": "string", "format": "date-time" },
                             "actor_id": { "type": ["string", "null"] },
+                            "correlation_id": { "type": "string", "format": "uuid" },
                             "data": { "type": "object" }
                         }
                     } } }
