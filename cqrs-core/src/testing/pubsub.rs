@@ -159,13 +159,11 @@ pub async fn a_dropped_subscription_stops_and_a_new_one_works<H: PubSubHarness>(
     assert_eq!(next(&mut again).await, "second life");
 }
 
-/// A message published on one instance reaches subscribers on another.
+/// A message published on one instance reaches subscribers on another (on the same instance
+/// when the harness gives no second one: an in-process adapter has only the one).
 pub async fn messages_cross_instances<H: PubSubHarness>(h: &H) {
     let a = h.pubsub();
-    let Some(b) = h.other_instance() else {
-        eprintln!("skipped: the harness gives no second instance (`other_instance`)");
-        return;
-    };
+    let b = h.other_instance().unwrap_or_else(|| h.pubsub());
     let channel = format!("{}-cross", h.test_id());
     let mut on_b = b.subscribe(&channel).await.unwrap();
     a.publish(&channel, "from a".into()).await.unwrap();

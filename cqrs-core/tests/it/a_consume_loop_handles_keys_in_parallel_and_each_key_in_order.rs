@@ -139,15 +139,18 @@ fn a_failure_hands_back_the_rest_of_its_chain_unhandled_and_other_chains_go_on()
         .unwrap();
 
         let handled = handled.into_inner().unwrap();
-        let position = |name: &str| handled.iter().position(|h| h == name);
-        assert_eq!(
-            position("a3"),
-            None,
-            "a3 comes after the failed a2: not handled"
-        );
+        // Every delivery but a3 (after the failed a2 in its chain) was handled, once each.
+        let mut all = handled.clone();
+        all.sort();
+        assert_eq!(all, ["a1", "a2", "b1", "b2", "n1"], "handled: {handled:?}");
+        let position = |name: &str| {
+            handled
+                .iter()
+                .position(|h| h == name)
+                .unwrap_or_else(|| panic!("{name} was handled: {handled:?}"))
+        };
         assert!(position("a1") < position("a2"), "a1 before a2: {handled:?}");
         assert!(position("b1") < position("b2"), "b1 before b2: {handled:?}");
-        assert!(position("n1").is_some());
 
         let mut acked = acked.lock().unwrap().clone();
         acked.sort();

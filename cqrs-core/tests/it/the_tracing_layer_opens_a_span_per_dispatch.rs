@@ -2,8 +2,7 @@ use crate::fixtures::*;
 use cqrs_core::middleware::TracingLayer;
 use cqrs_core::{CommandBus, Metadata};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata as TracingMetadata, Subscriber};
@@ -13,7 +12,6 @@ type Spans = Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>;
 /// A subscriber that remembers each span's name and fields.
 struct Recorder {
     spans: Spans,
-    next: AtomicU64,
 }
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
@@ -36,7 +34,6 @@ impl Subscriber for Recorder {
         attrs.record(&mut Fields(&mut fields));
         let mut spans = self.spans.lock().unwrap();
         spans.push((attrs.metadata().name().to_owned(), fields));
-        let _ = self.next.fetch_add(1, Ordering::SeqCst);
         Id::from_u64(spans.len() as u64)
     }
     fn record(&self, span: &Id, values: &Record<'_>) {
@@ -50,13 +47,29 @@ impl Subscriber for Recorder {
     fn exit(&self, _: &Id) {}
 }
 
+/// The test binary's global subscriber, installed once, recording every span of every test.
+/// Global, not a thread's default (`tracing::subscriber::with_default`): `tracing` caches
+/// whether a callsite is wanted process-wide, so while other tests of this binary dispatch
+/// through a `TracingLayer` with no subscriber of their own, a thread-local recorder could see
+/// the `dispatch` callsite cached as unwanted and never be given the span. With one global
+/// subscriber that wants everything the cache always says "wanted"; each test picks out its
+/// own spans by the message id it dispatched with.
+fn recorded() -> &'static Spans {
+    static SPANS: OnceLock<Spans> = OnceLock::new();
+    SPANS.get_or_init(|| {
+        let spans = Spans::default();
+        let recorder = Recorder {
+            spans: spans.clone(),
+        };
+        tracing::subscriber::set_global_default(recorder)
+            .expect("no other test of this binary installs a global subscriber");
+        spans
+    })
+}
+
 #[test]
 fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
-    let spans: Spans = Arc::default();
-    let recorder = Recorder {
-        spans: spans.clone(),
-        next: AtomicU64::new(1),
-    };
+    let spans = recorded();
     let bus = CommandBus::builder()
         .layer(TracingLayer::new())
         .handler(AddHandler)
@@ -64,27 +77,28 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
         .unwrap();
     let parent = Metadata::new();
     let metadata = parent.caused();
-    tracing::subscriber::with_default(recorder, || {
-        run(bus.dispatch_with(
-            Add {
-                a: 1,
-                b: 1,
-                ..Add::default()
-            },
-            metadata.clone(),
-        ))
-        .unwrap();
-    });
+    run(bus.dispatch_with(
+        Add {
+            a: 1,
+            b: 1,
+            ..Add::default()
+        },
+        metadata.clone(),
+    ))
+    .unwrap();
     let spans = spans.lock().unwrap();
+    let message_id = metadata.message_id.to_string();
+    // Every test's spans: this one's are those carrying the message id it dispatched with.
     let dispatch: Vec<_> = spans
         .iter()
-        .filter(|(name, _)| name == "dispatch")
+        .filter(|(name, fields)| {
+            name == "dispatch" && fields.get("message_id") == Some(&message_id)
+        })
         .collect();
     assert_eq!(dispatch.len(), 1, "{spans:?}");
     let fields = &dispatch[0].1;
     assert_eq!(fields["kind"], "command");
     assert_eq!(fields["message"], "test.add");
-    assert_eq!(fields["message_id"], metadata.message_id.to_string());
     assert_eq!(fields["correlation_id"], parent.correlation_id.to_string());
     assert_eq!(fields["causation_id"], parent.message_id.to_string());
 }

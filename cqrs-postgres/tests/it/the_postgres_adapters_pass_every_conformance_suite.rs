@@ -124,11 +124,27 @@ impl IdempotencyHarness for PgHarness {
     }
 }
 
+#[async_trait]
 impl ProjectionStoreHarness for PgHarness {
     type Store = PgProjectionStore;
 
     fn store(&self) -> Arc<PgProjectionStore> {
         Arc::new(self.db.projection_store())
+    }
+
+    /// Whether one of this test's sessions (they carry its id as their application name, and
+    /// only the scenario's units take locks) waits on a lock another session holds: a unit
+    /// waiting in `begin` for the consumer's advisory lock.
+    async fn a_unit_waits(&self, _consumer: &str) -> Option<bool> {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+             WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1)",
+        )
+        .bind(format!("cqrs-test {}", self.id))
+        .fetch_one(self.db.pool())
+        .await
+        .expect("ask whether a unit waits");
+        Some(waiting)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The core's projection runner on the Postgres stores: the read model is written in the
 //! unit's transaction with the inbox and the checkpoint, a failed batch leaves nothing, and a
-//! rebuild from zero holds the projection's lock so the live runner waits.
+//! rebuild from zero waits for a unit that holds the projection's lock, then holds it itself
+//! until it commits, so the live runner waits for the rebuild.
 
 use crate::support::pg_test;
 use crate::support::tickets::TicketOpened;
@@ -14,10 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Counts opened tickets in `{schema}.opened`; fails on a ticket titled `poison` while
-/// `poisoned` is set.
+/// `poisoned` is set. A reset (the start of a rebuild, inside its unit) raises `resetting`
+/// and then waits for `reset_gate`, so a test can hold a rebuild in the middle of its unit.
 struct OpenedCount {
     schema: String,
     poisoned: AtomicBool,
+    resetting: AtomicBool,
+    reset_gate: tokio::sync::Mutex<()>,
 }
 
 #[async_trait]
@@ -46,6 +50,8 @@ impl Projection<PgProjectionStore> for OpenedCount {
     }
 
     async fn reset(&self, unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
+        self.resetting.store(true, Ordering::SeqCst);
+        drop(self.reset_gate.lock().await);
         let reset = format!("UPDATE \"{}\".opened SET n = 0", self.schema);
         sqlx::query(AssertSqlSafe(reset))
             .execute(unit.connection())
@@ -95,7 +101,7 @@ pg_test! {
         let mut types = EventTypes::new();
         types.register::<TicketOpened>();
         let types = Arc::new(types);
-        let projection = Arc::new(OpenedCount { schema: db.schema().to_owned(), poisoned: AtomicBool::new(true) });
+        let projection = Arc::new(OpenedCount { schema: db.schema().to_owned(), poisoned: AtomicBool::new(true), resetting: AtomicBool::new(false), reset_gate: tokio::sync::Mutex::new(()) });
         let store = Arc::new(db.projection_store());
         let mut live = ProjectionRunner::from_store(store.clone(), projection.clone(), Arc::new(db.event_store()), types.clone());
 
@@ -109,17 +115,59 @@ pg_test! {
         assert_eq!(live.run_once().await.unwrap(), 0, "caught up");
         assert_eq!(count(&db).await, 2);
 
-        // A rebuild while someone holds the projection's unit waits for it, and the live
-        // runner waits for the rebuild.
+        // A rebuild while someone holds the projection's unit waits for it...
+        // (This test's own sessions carry its id as their application name, so counting its
+        // sessions that wait on a lock tells a waiting unit from one not yet started.)
+        let mine = format!("cqrs-test {}", db.schema());
+        let waiting = || {
+            let pool = db.pool().clone();
+            let mine = mine.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1",
+                )
+                .bind(mine)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+            }
+        };
         let held = store.begin("opened-count").await.unwrap();
+        // The gate keeps the rebuild inside its unit (in the projection's reset) once it has
+        // the lock.
+        let gate = projection.reset_gate.lock().await;
         let rebuilder = ProjectionRunner::from_store(store.clone(), projection.clone(), Arc::new(db.event_store()), types.clone());
         let rebuild = tokio::spawn(async move { rebuilder.rebuild().await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!rebuild.is_finished(), "the rebuild waits for the lock");
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the rebuild waits for the held unit's lock", || async {
+            (waiting().await > 0 || rebuild.is_finished()).then_some(())
+        })
+        .await;
+        assert!(!rebuild.is_finished(), "the rebuild took the lock while another unit held it");
+        assert!(!projection.resetting.load(Ordering::SeqCst), "the rebuild reset the read model while another unit held the lock");
         store.commit(held).await.unwrap();
+
+        // ...and, once it has the lock, holds it until it commits: the live runner waits.
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the rebuild gets the lock and resets", || async {
+            (projection.resetting.load(Ordering::SeqCst) || rebuild.is_finished()).then_some(())
+        })
+        .await;
+        assert!(!rebuild.is_finished(), "the rebuild is held at its reset");
+        let live = tokio::spawn(async move {
+            let applied = live.run_once().await;
+            (live, applied)
+        });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the live runner waits for the rebuild's lock", || async {
+            (waiting().await > 0 || live.is_finished()).then_some(())
+        })
+        .await;
+        assert!(!live.is_finished(), "the live runner ran a batch in the middle of the rebuild");
+        drop(gate);
         assert_eq!(rebuild.await.unwrap().unwrap(), 2);
+        let (mut live, applied) = live.await.unwrap();
+        assert_eq!(applied.unwrap(), 0, "the live runner continues after the rebuild, from its checkpoint");
         assert_eq!(count(&db).await, 2, "rebuilt from zero, not doubled");
-        assert_eq!(live.run_once().await.unwrap(), 0, "the live runner continues after the rebuild");
+        assert_eq!(live.run_once().await.unwrap(), 0, "caught up");
     }
 }
 

@@ -5,7 +5,9 @@
 //! again without another reconnect. (The refusal is seen in Redis's count of the connection's
 //! subscriptions: fred may drop the `NOPERM` reply.)
 
-use crate::support::{connect_admin, delete_stale_users, plain_redis_host, raw, reachable, within};
+use crate::support::{
+    acl_user, connect_admin, delete_stale_users, plain_redis_host, raw, reachable, within,
+};
 use cqrs_core::ports::PubSub;
 use cqrs_core::testing::{eventually, test_id};
 use cqrs_redis::{ConnectionOptions, RedisPubSubOptions};
@@ -22,9 +24,9 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
         return;
     };
     let id = test_id("resubscribe-refused");
-    let user = format!("cqrs-test-{id}");
     let channels = format!("&cqrs-test:{id}:*");
     let admin = connect_admin().await.unwrap();
+    let user = acl_user(&admin, &id).await;
     let acl = |args: &[&str]| {
         let admin = admin.clone();
         let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();

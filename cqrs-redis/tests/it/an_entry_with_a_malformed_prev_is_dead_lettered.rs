@@ -7,7 +7,7 @@
 //! dead-lettering anything.
 
 use crate::support::{
-    Env, delete_stale_users, event, key_prefix, n_of, plain_redis_host, reachable, within,
+    Env, acl_user, delete_stale_users, event, key_prefix, n_of, plain_redis_host, reachable, within,
 };
 use cqrs_core::ports::{Consumer, ConsumerOptions};
 use cqrs_redis::{ConnectionOptions, KeyOrdering, RedisStreamOptions};
@@ -144,8 +144,8 @@ async fn a_gate_check_failing_otherwise_fails_the_fetch_and_dead_letters_nothing
     let Some(env) = Env::with("gate-error", |o| o.key_ordering(KeyOrdering::Exact)).await else {
         return;
     };
-    let user = format!("cqrs-test-{}", env.id);
     delete_stale_users(&env.admin, "cqrs-test-gate_error_").await;
+    let user = acl_user(&env.admin, &env.id).await;
     let setuser: Vec<Value> = ["SETUSER", &user, "on", "nopass", "+@all", "-xpending", "~*"]
         .iter()
         .map(|a| Value::from(*a))

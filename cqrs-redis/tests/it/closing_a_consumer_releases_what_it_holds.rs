@@ -1,6 +1,7 @@
 //! A consumer closed through the port (`Consumer::close`, as `consume_until_shutdown` does at
-//! shutdown) releases the entries it holds back at once: another consumer takes them well
-//! before the redelivery delay.
+//! shutdown) releases the entries it holds back at once: right after `close`, `XPENDING` shows
+//! them due (idle for the redelivery delay) and never delivered, and another consumer takes
+//! them as a first delivery.
 
 use crate::support::{Env, event, n_of, within};
 use cqrs_core::ports::EventTransport;
@@ -24,11 +25,8 @@ async fn closing_a_consumer_releases_what_it_holds() {
             a.ack(std::slice::from_ref(&first.id)).await.unwrap();
             a.close().await.unwrap();
 
-            assert_eq!(
-                taken_over(&env, &topic, delay).await,
-                [2],
-                "taken over within 5 s (the redelivery delay is {delay:?})"
-            );
+            assert_released(&env, &topic, "a", 1, delay).await;
+            assert_eq!(taken_over(&env, &topic, delay).await, [2]);
             drop(a);
         }),
     )
@@ -61,11 +59,8 @@ async fn closing_releases_what_a_dropped_blocking_read_was_served() {
             env.publish_one(&topic, "k", 1).await;
             a.close().await.unwrap();
 
-            assert_eq!(
-                taken_over(&env, &topic, delay).await,
-                [1],
-                "taken over within 5 s (the redelivery delay is {delay:?})"
-            );
+            assert_released(&env, &topic, "a", 1, delay).await;
+            assert_eq!(taken_over(&env, &topic, delay).await, [1]);
             drop(a);
         }),
     )
@@ -73,16 +68,49 @@ async fn closing_releases_what_a_dropped_blocking_read_was_served() {
     env.cleanup().await;
 }
 
-/// What a new consumer `b` of the group gets within 5 s (its event numbers). `b` allows one
-/// delivery: a released entry was never handed out, so it comes as attempt 1 and is not
-/// dead-lettered as over its limit.
+/// Asserts that consumer `name` of group `g` holds `count` pending entries, every one released:
+/// idle for at least the redelivery delay (due to the next consumer that looks) and with a
+/// delivery count of 0 (its read taken back). Checked on the server right after `close`, so
+/// how fast another consumer then takes them does not matter.
+async fn assert_released(env: &Env, topic: &str, name: &str, count: usize, delay: Duration) {
+    let stream = env.transport.stream_key(topic).unwrap();
+    let consumer = format!("{}-{name}", env.id);
+    let pending = env
+        .command(
+            "XPENDING",
+            vec![
+                stream.as_str().into(),
+                "g".into(),
+                "-".into(),
+                "+".into(),
+                100.into(),
+                consumer.as_str().into(),
+            ],
+        )
+        .await
+        .into_array();
+    assert_eq!(pending.len(), count, "pending at {consumer}: {pending:?}");
+    for row in pending.into_iter().map(Value::into_array) {
+        assert!(
+            row[2]
+                .as_u64()
+                .is_some_and(|idle| idle >= delay.as_millis() as u64)
+                && row[3].as_u64() == Some(0),
+            "close did not release {row:?} (the redelivery delay is {delay:?})"
+        );
+    }
+}
+
+/// What a new consumer `b` of the group gets (its event numbers), fetching until it gets
+/// something or 10 s pass. `b` allows one delivery: a released entry was never handed out, so
+/// it comes as attempt 1 and is not dead-lettered as over its limit.
 async fn taken_over(env: &Env, topic: &str, delay: Duration) -> Vec<u64> {
     let mut b = env
         .join(topic, "b", |o| o.redelivery_delay(delay).max_deliveries(1))
         .await;
     let started = tokio::time::Instant::now();
     let mut got = Vec::new();
-    while got.is_empty() && started.elapsed() < Duration::from_secs(5) {
+    while got.is_empty() && started.elapsed() < Duration::from_secs(10) {
         got = b.fetch(10).await.unwrap();
     }
     for delivery in &got {

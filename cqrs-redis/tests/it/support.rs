@@ -170,11 +170,48 @@ pub(crate) fn plain_redis_host() -> Option<String> {
     None
 }
 
-/// Deletes the ACL users named `{prefix}…` that failed runs of a test left behind (each run
-/// deletes its own at its end).
+/// How old an ACL user of a test must be before another run may delete it as left behind:
+/// the longest time limit a test of this binary gives itself (`within(120, ..)`), plus a
+/// margin for the set-up before it and the clean-up after. A younger user may belong to a run
+/// still going on the same Redis (another checkout, another CI job): `ACL DELUSER` would drop
+/// its connections.
+const STALE_USER_AGE: Duration = Duration::from_secs(120 + 60);
+
+/// Redis's clock (`TIME`), in milliseconds since the epoch: the one clock every run sharing
+/// the server agrees on.
+async fn server_millis(client: &Client) -> u64 {
+    let time = raw(client, "TIME", vec![]).await.into_array();
+    let part = |i: usize| {
+        time.get(i)
+            .and_then(|v| v.as_string())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("TIME answered {time:?}"))
+    };
+    part(0) * 1000 + part(1) / 1000
+}
+
+/// The name of an ACL user for the test `id`: `cqrs-test-{id}-{created}`, `created` being
+/// Redis's clock in milliseconds, so that [`delete_stale_users`] can tell a user left behind
+/// by a failed run from one a concurrent run is using.
+pub(crate) async fn acl_user(client: &Client, id: &str) -> String {
+    format!("cqrs-test-{id}-{}", server_millis(client).await)
+}
+
+/// Deletes the ACL users named `{prefix}…-{created}` (see [`acl_user`]) that failed runs of a
+/// test left behind (each run deletes its own at its end): those created more than
+/// [`STALE_USER_AGE`] ago by Redis's clock. Younger users, and names without a creation time,
+/// are left alone.
 pub(crate) async fn delete_stale_users(client: &Client, prefix: &str) {
+    let now = server_millis(client).await;
+    let stale_before = now.saturating_sub(STALE_USER_AGE.as_millis() as u64);
     for user in raw(client, "ACL", vec!["USERS".into()]).await.into_array() {
-        if let Some(name) = user.as_string().filter(|n| n.starts_with(prefix)) {
+        let Some(name) = user.as_string().filter(|n| n.starts_with(prefix)) else {
+            continue;
+        };
+        let created = name
+            .rsplit_once('-')
+            .and_then(|(_, created)| created.parse::<u64>().ok());
+        if created.is_some_and(|created| created < stale_before) {
             raw(client, "ACL", vec!["DELUSER".into(), name.into()]).await;
         }
     }

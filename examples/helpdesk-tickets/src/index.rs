@@ -219,7 +219,10 @@ mod tests {
                 .unwrap();
         }
         let (filter, mut after, mut seen) = (ListFilter::default(), None, Vec::new());
-        loop {
+        // Two tickets, a page each, then an empty page: a cursor that does not move would
+        // page forever, so more pages than that fail the test instead.
+        for pages in 1.. {
+            assert!(pages <= 3, "still paging after 3 pages of one: {seen:?}");
             let page = index.list(&filter, after, 1).await.unwrap();
             let Some(last) = page.last() else { break };
             seen.push(last.id);
