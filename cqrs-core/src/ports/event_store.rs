@@ -90,11 +90,16 @@ impl Snapshot {
 }
 
 /// Optional storage of aggregate snapshots, so loading a long stream reads only its tail.
+///
+/// The contract (checked by [`testing::snapshot_store`](crate::testing::snapshot_store)): a
+/// stream without a snapshot loads `None`; the state loads as it was saved; a save replaces
+/// the stored snapshot only with a newer version (one at the same or an older version is
+/// ignored, also when writers race), so a stream's snapshot never goes back in time.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + 'static {
     /// The latest snapshot of a stream.
     async fn load(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError>;
-    /// Stores a snapshot, replacing an older one. A snapshot older than the stored one is
-    /// ignored.
+    /// Stores a snapshot, replacing an older one. A snapshot at the same or an older version
+    /// than the stored one is ignored.
     async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError>;
 }

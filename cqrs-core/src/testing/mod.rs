@@ -31,6 +31,7 @@ pub mod event_store;
 pub mod idempotency;
 pub mod projection_store;
 pub mod pubsub;
+pub mod snapshot_store;
 pub mod transport;
 
 mod given;

@@ -3,14 +3,15 @@
 use cqrs_core::clock::ManualClock;
 use cqrs_core::memory::{
     InMemoryEventStore, InMemoryIdempotencyStore, InMemoryProjectionStore, InMemoryPubSub,
-    InMemoryTransport,
+    InMemorySnapshotStore, InMemoryTransport,
 };
-use cqrs_core::ports::{EventStore, EventTransport, IdempotencyStore, PubSub};
+use cqrs_core::ports::{EventStore, EventTransport, IdempotencyStore, PubSub, SnapshotStore};
 use cqrs_core::testing::Harness;
 use cqrs_core::testing::event_store::EventStoreHarness;
 use cqrs_core::testing::idempotency::IdempotencyHarness;
 use cqrs_core::testing::projection_store::ProjectionStoreHarness;
 use cqrs_core::testing::pubsub::PubSubHarness;
+use cqrs_core::testing::snapshot_store::SnapshotStoreHarness;
 use cqrs_core::testing::transport::TransportHarness;
 use std::sync::Arc;
 
@@ -115,6 +116,26 @@ mod idempotency {
     }
 
     cqrs_core::idempotency_conformance!(harness);
+}
+
+mod snapshot_store {
+    use super::*;
+
+    impl SnapshotStoreHarness for Memory<InMemorySnapshotStore> {
+        fn store(&self) -> Arc<dyn SnapshotStore> {
+            Arc::new(self.adapter.clone())
+        }
+    }
+
+    async fn harness(id: String) -> Option<Memory<InMemorySnapshotStore>> {
+        Some(Memory {
+            id,
+            adapter: InMemorySnapshotStore::default(),
+            clock: ManualClock::new(),
+        })
+    }
+
+    cqrs_core::snapshot_store_conformance!(harness);
 }
 
 mod projection_store {

@@ -7,11 +7,12 @@
 use async_trait::async_trait;
 use cqrs_core::EventRecord;
 use cqrs_core::clock::ManualClock;
-use cqrs_core::ports::{EventStore, ExpectedVersion, IdempotencyStore, StoreError};
+use cqrs_core::ports::{EventStore, ExpectedVersion, IdempotencyStore, SnapshotStore, StoreError};
 use cqrs_core::testing::Harness;
 use cqrs_core::testing::event_store::{EventStoreHarness, HeldAppend};
 use cqrs_core::testing::idempotency::IdempotencyHarness;
 use cqrs_core::testing::projection_store::ProjectionStoreHarness;
+use cqrs_core::testing::snapshot_store::SnapshotStoreHarness;
 use cqrs_postgres::{PgDatabase, PgProjectionStore};
 use std::sync::Arc;
 
@@ -114,6 +115,12 @@ impl EventStoreHarness for PgHarness {
     }
 }
 
+impl SnapshotStoreHarness for PgHarness {
+    fn store(&self) -> Arc<dyn SnapshotStore> {
+        Arc::new(self.db.snapshot_store())
+    }
+}
+
 impl IdempotencyHarness for PgHarness {
     fn store(&self) -> Arc<dyn IdempotencyStore> {
         Arc::new(self.db.idempotency_store())
@@ -158,4 +165,8 @@ mod idempotency {
 
 mod projection_store {
     cqrs_core::projection_store_conformance!(super::harness);
+}
+
+mod snapshot_store {
+    cqrs_core::snapshot_store_conformance!(super::harness);
 }

@@ -1,0 +1,125 @@
+//! The snapshot store conformance suite. See [`SnapshotStore`] for the contract.
+//!
+//! Run it with [`snapshot_store_conformance!`](crate::snapshot_store_conformance).
+
+use super::Harness;
+use crate::ports::{Snapshot, SnapshotStore};
+use serde_json::json;
+use std::sync::Arc;
+
+/// What a snapshot store adapter provides to its conformance suite.
+pub trait SnapshotStoreHarness: Harness {
+    /// The store under test.
+    fn store(&self) -> Arc<dyn SnapshotStore>;
+}
+
+/// Expands to one `#[tokio::test]` per snapshot store scenario.
+#[macro_export]
+macro_rules! snapshot_store_conformance {
+    ($make:path) => {
+        $crate::__conformance!(
+            $make,
+            snapshot_store,
+            [
+                a_stream_without_a_snapshot_has_none,
+                the_latest_snapshot_is_loaded_whole,
+                an_older_or_equal_snapshot_is_ignored,
+                streams_keep_their_own_snapshots,
+                concurrent_saves_keep_the_newest,
+            ]
+        );
+    };
+}
+
+fn stream(h: &impl Harness, name: &str) -> String {
+    format!("{}-{name}", h.test_id())
+}
+
+/// Loading a stream that never had a snapshot is `None`, not an error.
+pub async fn a_stream_without_a_snapshot_has_none<H: SnapshotStoreHarness>(h: &H) {
+    let loaded = h.store().load(&stream(h, "none")).await.unwrap();
+    assert_eq!(loaded, None);
+}
+
+/// A newer snapshot replaces the stored one, and the state comes back as it was saved
+/// (nested values, text beyond ASCII, integers beyond 32 bits).
+pub async fn the_latest_snapshot_is_loaded_whole<H: SnapshotStoreHarness>(h: &H) {
+    let store = h.store();
+    let id = stream(h, "latest");
+    store
+        .save(&id, Snapshot::new(5, json!({ "n": 5 })))
+        .await
+        .unwrap();
+    let state = json!({
+        "n": 10,
+        "title": "Drucker brennt – ünïcødé ✓",
+        "big": 9_007_199_254_740_993_u64,
+        "nested": { "list": [1, "two", null, { "three": true }] },
+    });
+    store
+        .save(&id, Snapshot::new(10, state.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(&id).await.unwrap(),
+        Some(Snapshot::new(10, state))
+    );
+}
+
+/// A snapshot at an older version than the stored one, or at the same version, leaves the
+/// stored one in place: a slow writer never takes a stream's snapshot back in time.
+pub async fn an_older_or_equal_snapshot_is_ignored<H: SnapshotStoreHarness>(h: &H) {
+    let store = h.store();
+    let id = stream(h, "older");
+    let kept = Snapshot::new(100, json!({ "at": 100 }));
+    store.save(&id, kept.clone()).await.unwrap();
+    store
+        .save(&id, Snapshot::new(50, json!({ "at": 50 })))
+        .await
+        .unwrap();
+    assert_eq!(store.load(&id).await.unwrap(), Some(kept.clone()));
+    store
+        .save(&id, Snapshot::new(100, json!({ "at": "100 again" })))
+        .await
+        .unwrap();
+    assert_eq!(store.load(&id).await.unwrap(), Some(kept));
+}
+
+/// Each stream has its own snapshot.
+pub async fn streams_keep_their_own_snapshots<H: SnapshotStoreHarness>(h: &H) {
+    let store = h.store();
+    let (a, b) = (stream(h, "a"), stream(h, "b"));
+    store.save(&a, Snapshot::new(3, json!("a"))).await.unwrap();
+    store.save(&b, Snapshot::new(1, json!("b"))).await.unwrap();
+    assert_eq!(
+        store.load(&a).await.unwrap(),
+        Some(Snapshot::new(3, json!("a")))
+    );
+    assert_eq!(
+        store.load(&b).await.unwrap(),
+        Some(Snapshot::new(1, json!("b")))
+    );
+}
+
+/// Many writers saving one stream at once, in no particular order, leave the newest version.
+pub async fn concurrent_saves_keep_the_newest<H: SnapshotStoreHarness>(h: &H) {
+    let store = h.store();
+    let id = stream(h, "concurrent");
+    let mut tasks = tokio::task::JoinSet::new();
+    // Newest first, so a store that keeps the last write (not the newest) fails.
+    for version in (1..=20_u64).rev() {
+        let (store, id) = (Arc::clone(&store), id.clone());
+        tasks.spawn(async move {
+            store
+                .save(&id, Snapshot::new(version, json!({ "v": version })))
+                .await
+        });
+    }
+    while let Some(saved) = tasks.join_next().await {
+        saved.expect("a save task").expect("a save");
+    }
+    assert_eq!(
+        store.load(&id).await.unwrap(),
+        Some(Snapshot::new(20, json!({ "v": 20 })))
+    );
+}
