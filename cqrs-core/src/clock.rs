@@ -54,10 +54,14 @@ impl ManualClock {
         }
     }
 
-    /// Moves the clock forward.
+    /// Moves the clock forward. Any step is accepted: one past the calendar's end (chrono's
+    /// `DateTime::<Utc>::MAX_UTC`, which `Duration::MAX` is far beyond) stops there.
     pub fn advance(&self, by: std::time::Duration) {
         let mut now = self.now.lock().unwrap_or_else(|p| p.into_inner());
-        *now += chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
+        *now = chrono::Duration::from_std(by)
+            .ok()
+            .and_then(|by| now.checked_add_signed(by))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
     }
 
     /// Sets the time.
@@ -69,5 +73,33 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         *self.now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A step past the calendar's end (`Duration::MAX`, or one that fits chrono's `Duration`
+    /// but not the date) stops the clock at its end, as an expiry "never" saturates: it
+    /// panicked on chrono's overflow.
+    #[test]
+    fn advancing_past_the_end_of_the_calendar_stops_there() {
+        let clock = ManualClock::new();
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.now(), DateTime::<Utc>::MAX_UTC);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(clock.now(), DateTime::<Utc>::MAX_UTC);
+
+        let clock = ManualClock::new();
+        // Fits a chrono `Duration` (about 292 million years), not the calendar (262,143 years).
+        clock.advance(Duration::from_secs(1 << 50));
+        assert_eq!(clock.now(), DateTime::<Utc>::MAX_UTC);
+
+        let clock = ManualClock::new();
+        let before = clock.now();
+        clock.advance(Duration::from_secs(60));
+        assert_eq!((clock.now() - before).num_seconds(), 60);
     }
 }

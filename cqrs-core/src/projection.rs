@@ -166,6 +166,8 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
 const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a running runner purges its inbox by default.
 const INBOX_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// The shortest inbox retention.
+const MIN_INBOX_RETENTION: Duration = Duration::from_secs(60);
 
 impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -247,9 +249,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// How long the worker waits after an empty batch from the store (default 200 ms). A
     /// transport-fed runner waits in the consumer's `block` instead. After a failed batch
     /// either waits `max(idle, 10 ms)`, doubling with each failure in a row up to 64 times
-    /// that.
+    /// that. At least 1 ms (zero would query the store without pause).
     pub fn idle_interval(mut self, idle: Duration) -> Self {
-        self.idle = idle;
+        self.idle = idle.max(Duration::from_millis(1));
         self
     }
 
@@ -258,8 +260,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// the consumer's redelivery delay, the idle time before a crashed consumer's entries are
     /// reclaimed, and how long a dead-lettered event may wait before it is replayed. A
     /// store-fed runner never reads below its checkpoint again, so any retention is safe for it.
+    /// At least 1 minute (twice the default redelivery delay): a shorter retention (zero above
+    /// all) is raised to that, since it would delete the whole inbox at each purge.
     pub fn inbox_retention(mut self, retention: Duration) -> Self {
-        self.inbox_retention = retention;
+        self.inbox_retention = retention.max(MIN_INBOX_RETENTION);
         self
     }
 

@@ -82,10 +82,11 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// How long to wait when caught up (default 50 ms), and the longest backoff after
-    /// failures (default 10 s).
+    /// failures (default 10 s). Both at least 1 ms (zero would query the store, or retry a
+    /// failing one, in a tight loop), and `max_backoff` at least `idle`.
     pub fn intervals(mut self, idle: Duration, max_backoff: Duration) -> Self {
-        self.idle = idle;
-        self.max_backoff = max_backoff.max(idle);
+        self.idle = idle.max(Duration::from_millis(1));
+        self.max_backoff = max_backoff.max(self.idle);
         self
     }
 

@@ -9,6 +9,10 @@ use std::time::Duration;
 /// The URL used when none is given: a local server with trust authentication.
 pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
+/// The longest timeout the options take: `i32::MAX` milliseconds, the most Postgres takes for
+/// its timeout settings.
+const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// How to reach Postgres and where this crate's tables live. Build it, then
 /// [`connect`](PgOptions::connect).
 ///
@@ -111,26 +115,32 @@ impl PgOptions {
     }
 
     /// How long taking a connection from the pool may wait before the operation fails as
-    /// unavailable. Default 5 s.
+    /// unavailable. Default 5 s; above zero and at most `i32::MAX` milliseconds (about 24.8
+    /// days: sqlx adds it to the current `Instant`, which `Duration::MAX` overflows).
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
         self.acquire_timeout = timeout;
         self
     }
 
-    /// How long an idle connection stays open. Default 60 s; `None` keeps it.
+    /// How long an idle connection stays open. Default 60 s; `None` keeps it. Above zero (zero
+    /// would close every connection on release, and sqlx's reaper would run without pause)
+    /// and at most `i32::MAX` milliseconds (about 24.8 days).
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.idle_timeout = timeout;
         self
     }
 
-    /// How long a connection lives before it is replaced. Default 30 min.
+    /// How long a connection lives before it is replaced. Default 30 min; `None` keeps it.
+    /// Above zero (zero would replace every connection on release, and sqlx's reaper would
+    /// run without pause) and at most `i32::MAX` milliseconds (about 24.8 days).
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.max_lifetime = lifetime;
         self
     }
 
     /// The server-side `statement_timeout` of every connection; a statement that runs longer
-    /// fails as a timeout. Default none.
+    /// fails as a timeout. Default none. Above zero and at most `i32::MAX` milliseconds (about
+    /// 24.8 days), the largest the server takes.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
         self
@@ -140,7 +150,8 @@ impl PgOptions {
     /// that sits in an open transaction without sending anything for longer is ended by the
     /// server, and its locks released. Default 60 s, well above what a command or a relay
     /// batch holds its transaction idle (the relay's `publish_timeout` is 30 s by default);
-    /// `None` leaves the server's setting.
+    /// `None` leaves the server's setting. Above zero and at most `i32::MAX` milliseconds
+    /// (about 24.8 days), the largest the server takes.
     ///
     /// It matters when an instance dies, or its network is cut, between an append and its
     /// commit: the append's lock would otherwise stop every append in the schema until TCP
@@ -226,6 +237,37 @@ impl PgOptions {
         }
         if self.acquire_timeout.is_zero() {
             problems.push("acquire_timeout must be more than zero".to_owned());
+        }
+        let mut at_most = |name: &str, timeout: Option<Duration>| {
+            if let Some(timeout) = timeout.filter(|t| *t > MAX_TIMEOUT) {
+                problems.push(format!(
+                    "{name} must be at most {} ms (about 24.8 days), got {timeout:?}",
+                    MAX_TIMEOUT.as_millis()
+                ));
+            }
+        };
+        // sqlx adds these to `Instant`s (`Duration::MAX` overflows), and the server refuses
+        // settings above `i32::MAX` ms at connect.
+        at_most("acquire_timeout", Some(self.acquire_timeout));
+        at_most("idle_timeout", self.idle_timeout);
+        at_most("max_lifetime", self.max_lifetime);
+        at_most("statement_timeout", self.statement_timeout);
+        at_most(
+            "idle_in_transaction_timeout",
+            self.idle_in_transaction_timeout,
+        );
+        // Zero would close every connection on release, and sqlx's reaper would check the
+        // pool without pause.
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            problems.push(
+                "idle_timeout must be more than zero (`None` keeps idle connections)".to_owned(),
+            );
+        }
+        if self.max_lifetime.is_some_and(|t| t.is_zero()) {
+            problems.push(
+                "max_lifetime must be more than zero (`None` keeps connections without limit)"
+                    .to_owned(),
+            );
         }
         if self
             .idle_in_transaction_timeout
@@ -352,5 +394,94 @@ mod tests {
             .checked()
             .unwrap();
         assert_eq!(timed.get_options(), Some("-c statement_timeout=5000"));
+    }
+
+    /// Timeouts past what sqlx or the server take are refused, naming the setter and the
+    /// value: `acquire_timeout(Duration::MAX)` made sqlx panic on `Instant` overflow, and the
+    /// server refused `statement_timeout` or `idle_in_transaction_session_timeout` above
+    /// `i32::MAX` ms only at connect, as a backend error.
+    #[test]
+    fn timeouts_past_the_maximum_are_refused() {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let max = Duration::from_millis(i32::MAX as u64);
+        let past = max + Duration::from_millis(1);
+        let problems = |options: PgOptions| match options.validate() {
+            Err(PgError::InvalidOptions(problems)) => problems,
+            other => panic!("expected InvalidOptions, got {other:?}"),
+        };
+        assert_eq!(
+            problems(
+                PgOptions::new(url)
+                    .acquire_timeout(Duration::MAX)
+                    .idle_timeout(Some(past))
+                    .max_lifetime(Some(Duration::MAX))
+                    .statement_timeout(Some(past))
+                    .idle_in_transaction_timeout(Some(past))
+            ),
+            [
+                format!(
+                    "acquire_timeout must be at most 2147483647 ms (about 24.8 days), got {:?}",
+                    Duration::MAX
+                ),
+                format!(
+                    "idle_timeout must be at most 2147483647 ms (about 24.8 days), got {past:?}"
+                ),
+                format!(
+                    "max_lifetime must be at most 2147483647 ms (about 24.8 days), got {:?}",
+                    Duration::MAX
+                ),
+                format!(
+                    "statement_timeout must be at most 2147483647 ms (about 24.8 days), got \
+                     {past:?}"
+                ),
+                format!(
+                    "idle_in_transaction_timeout must be at most 2147483647 ms (about 24.8 \
+                     days), got {past:?}"
+                ),
+            ]
+        );
+        let at_most = PgOptions::new(url)
+            .acquire_timeout(max)
+            .idle_timeout(Some(max))
+            .max_lifetime(Some(max))
+            .statement_timeout(Some(max))
+            .idle_in_transaction_timeout(Some(max))
+            .checked()
+            .unwrap();
+        assert!(
+            at_most
+                .get_options()
+                .unwrap()
+                .contains("statement_timeout=2147483647"),
+            "the largest value is sent as is"
+        );
+    }
+
+    /// A zero idle timeout or lifetime closed every connection on release while sqlx's reaper
+    /// spun a core; `None` is how to keep connections.
+    #[test]
+    fn a_zero_idle_timeout_or_lifetime_is_refused() {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let Err(PgError::InvalidOptions(problems)) = PgOptions::new(url)
+            .idle_timeout(Some(Duration::ZERO))
+            .max_lifetime(Some(Duration::ZERO))
+            .validate()
+        else {
+            panic!("zero passes");
+        };
+        assert_eq!(
+            problems,
+            [
+                "idle_timeout must be more than zero (`None` keeps idle connections)",
+                "max_lifetime must be more than zero (`None` keeps connections without limit)",
+            ]
+        );
+        assert!(
+            PgOptions::new(url)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .validate()
+                .is_ok()
+        );
     }
 }

@@ -70,9 +70,11 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
 
     // Wait (bounded) for the writer's close frame and the client's reply, so the server is
     // the one to close the TCP connection, as RFC 6455 asks.
-    let deadline = Instant::now() + session.hub.options.close_timeout;
+    // `None`: a close timeout too long for the clock (`Duration::MAX`) waits as long as it
+    // takes.
+    let deadline = Instant::now().checked_add(session.hub.options.close_timeout);
     if drain && ending != Ending::Peer {
-        let _ = timeout_at(deadline, async {
+        let _ = before(deadline, async {
             while let Some(Ok(message)) = stream.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;
@@ -81,11 +83,20 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         })
         .await;
     }
-    if timeout_at(deadline, &mut writer).await.is_err() {
+    if before(deadline, &mut writer).await.is_none() {
         writer.abort();
     }
     session.hub.connections.remove(session.conn.id);
     drop(slot);
+}
+
+/// `future`'s output, or `None` when `deadline` passed first; no deadline waits as long as it
+/// takes.
+async fn before<F: std::future::Future>(deadline: Option<Instant>, future: F) -> Option<F::Output> {
+    match deadline {
+        Some(deadline) => timeout_at(deadline, future).await.ok(),
+        None => Some(future.await),
+    }
 }
 
 /// The reader's side of a connection.

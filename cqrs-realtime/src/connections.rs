@@ -87,7 +87,11 @@ pub(crate) async fn keepalive(
     metrics: Arc<Metrics>,
     stopped: impl Fn() -> bool,
 ) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    // An interval too long for the clock (near `Duration::MAX`) never comes round: no ticks.
+    let Some(first) = tokio::time::Instant::now().checked_add(interval) else {
+        return;
+    };
+    let mut tick = tokio::time::interval_at(first, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -136,21 +136,26 @@ impl HubOptions {
         self
     }
 
-    /// How often the hub sends a WebSocket ping to each connection. Default 30 s.
+    /// How often the hub sends a WebSocket ping to each connection (and closes those whose
+    /// credentials expired). Default 30 s. Must be above zero and shorter than
+    /// [`idle_timeout`](Self::idle_timeout); an interval too long for the clock (near
+    /// `Duration::MAX`) never comes round: no pings, expiry checked only at `subscribe`.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
     }
 
     /// A connection from which nothing (no frame, no pong) arrived for this long is closed
-    /// with code 1000. Must be longer than the ping interval. Default 75 s.
+    /// with code 1000. Must be longer than the ping interval. Default 75 s; up to
+    /// `Duration::MAX` (no idle limit).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
     }
 
     /// How long a closing connection may take to send its close frame and receive the
-    /// client's, before the socket is dropped. Default 5 s.
+    /// client's, before the socket is dropped. Default 5 s. Must be above zero; a timeout too
+    /// long for the clock (`Duration::MAX`) waits as long as it takes.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
@@ -164,7 +169,8 @@ impl HubOptions {
         self
     }
 
-    /// Events a replay reads from the store at a time. Default 256.
+    /// Events a replay reads from the store at a time. Default 256; at least 1 and at most
+    /// [`replay_limit`](Self::replay_limit).
     pub fn replay_batch(mut self, events: usize) -> Self {
         self.replay_batch = events;
         self
@@ -172,7 +178,8 @@ impl HubOptions {
 
     /// The most stored events one replay reads (of every topic: the store's global order).
     /// A longer gap gets `resume_failed`, and the client reloads its state another way.
-    /// Default 10,000.
+    /// Default 10,000; at least 1 and at least [`replay_batch`](Self::replay_batch) (a smaller
+    /// limit would be cut to one batch anyway).
     pub fn replay_limit(mut self, events: usize) -> Self {
         self.replay_limit = events;
         self
@@ -234,12 +241,19 @@ impl HubOptions {
             1,
         );
         at_least("replay_batch", self.replay_batch, 1);
+        at_least("replay_limit", self.replay_limit, 1);
         at_least("resumes_per_minute", self.resumes_per_minute as usize, 1);
         at_least("replay_buffer", self.replay_buffer, 1);
         if self.max_write_buffer_size <= self.write_buffer_size {
             problems.push(format!(
                 "max_write_buffer_size ({}) must be greater than write_buffer_size ({})",
                 self.max_write_buffer_size, self.write_buffer_size
+            ));
+        }
+        if self.replay_limit < self.replay_batch {
+            problems.push(format!(
+                "replay_limit ({}) must be at least replay_batch ({})",
+                self.replay_limit, self.replay_batch
             ));
         }
         if self.ping_interval.is_zero() {
@@ -258,5 +272,37 @@ impl HubOptions {
             problems.push("operation_timeout must not be zero".to_owned());
         }
         problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replay limit of zero, or below the batch, was accepted: the limit became one batch,
+    /// and clients were told of a gap of "more than 0 events".
+    #[test]
+    fn a_replay_limit_below_one_or_below_the_batch_is_refused() {
+        assert_eq!(
+            HubOptions::new().replay_limit(0).problems(),
+            [
+                "replay_limit must be at least 1, got 0",
+                "replay_limit (0) must be at least replay_batch (256)",
+            ]
+        );
+        assert_eq!(
+            HubOptions::new()
+                .replay_batch(64)
+                .replay_limit(10)
+                .problems(),
+            ["replay_limit (10) must be at least replay_batch (64)"]
+        );
+        assert!(
+            HubOptions::new()
+                .replay_batch(64)
+                .replay_limit(64)
+                .problems()
+                .is_empty()
+        );
     }
 }

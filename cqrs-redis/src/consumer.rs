@@ -781,8 +781,10 @@ impl RedisConsumer {
         count: usize,
         wait: Duration,
     ) -> Result<(), TransportError> {
+        // Saturating: a `block` or command timeout of `Duration::MAX` means "as long as it
+        // takes", and fred (through tokio) takes a timeout too long for the clock as none.
         let options = Options {
-            timeout: Some(wait + self.shared.options.connection.command_timeout),
+            timeout: Some(wait.saturating_add(self.shared.options.connection.command_timeout)),
             ..Options::default()
         };
         let started = Instant::now();

@@ -115,6 +115,9 @@ pub struct StreamMaintenance {
     dead_letter_retention: Option<Duration>,
 }
 
+/// The shortest [`StreamMaintenance::dead_letter_retention`].
+const MIN_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(60);
+
 impl StreamMaintenance {
     /// Maintenance of `topics`, every 60 s, pruning consumers idle for 24 h.
     pub fn new(
@@ -147,9 +150,11 @@ impl StreamMaintenance {
     /// How long dead letters are kept before each round deletes them
     /// ([`trim_dead_letters`](RedisStreamTransport::trim_dead_letters)): nothing else removes
     /// them, and a stream of poison events must not grow Redis without end. Default 30 days;
-    /// `None` keeps them until replayed or discarded.
+    /// `None` keeps them until replayed or discarded. At least 1 minute: a shorter retention
+    /// (zero above all) is raised to that, since it would delete every dead letter each round,
+    /// before anyone could look at it.
     pub fn dead_letter_retention(mut self, retention: Option<Duration>) -> Self {
-        self.dead_letter_retention = retention;
+        self.dead_letter_retention = retention.map(|r| r.max(MIN_DEAD_LETTER_RETENTION));
         self
     }
 

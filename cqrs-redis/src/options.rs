@@ -57,7 +57,8 @@ impl ConnectionOptions {
     ///
     /// fred's own default is no timeout, so that commands sent while it reconnects wait in a
     /// queue; with a timeout a caller learns within this time that Redis is away. A blocking
-    /// read gets its block interval on top.
+    /// read gets its block interval on top. Must be above zero; a value too long for the clock
+    /// (up to `Duration::MAX`) is accepted and means no timeout.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
@@ -296,7 +297,9 @@ impl RedisPubSubOptions {
     }
 
     /// How many messages each local subscriber buffers; a subscriber further behind misses
-    /// messages (counted in `Subscription::missed`). Default 1024.
+    /// messages (counted in `Subscription::missed`). Default 1024; from 1 to
+    /// [`Fanout::MAX_CAPACITY`](cqrs_core::ports::Fanout::MAX_CAPACITY) (2^20: each channel
+    /// allocates its buffer up front).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
@@ -308,6 +311,13 @@ impl RedisPubSubOptions {
         prefix_problems("channel prefix", &self.channel_prefix, &mut problems);
         if self.capacity == 0 {
             problems.push("capacity must be at least 1".into());
+        }
+        if self.capacity > cqrs_core::ports::Fanout::MAX_CAPACITY {
+            problems.push(format!(
+                "capacity must be at most {}, got {}",
+                cqrs_core::ports::Fanout::MAX_CAPACITY,
+                self.capacity
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -342,6 +352,24 @@ mod tests {
             panic!("invalid options pass");
         };
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    /// A capacity past what a broadcast channel takes (it panicked when the first channel was
+    /// subscribed) is refused, naming the setter and the value.
+    #[test]
+    fn a_capacity_past_the_maximum_is_refused() {
+        for capacity in [usize::MAX, (1 << 20) + 1] {
+            let options = RedisPubSubOptions::new(DEFAULT_URL).capacity(capacity);
+            let Err(ConnectError::Invalid { problems }) = options.validate() else {
+                panic!("capacity {capacity} passes");
+            };
+            assert_eq!(
+                problems,
+                [format!("capacity must be at most 1048576, got {capacity}")]
+            );
+        }
+        let most = RedisPubSubOptions::new(DEFAULT_URL).capacity(1 << 20);
+        assert!(most.validate().is_ok());
     }
 
     #[test]

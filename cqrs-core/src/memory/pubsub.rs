@@ -25,7 +25,8 @@ impl InMemoryPubSub {
     }
 
     /// A pub/sub whose subscribers buffer up to `capacity` messages each; a slower subscriber
-    /// misses messages (at-most-once).
+    /// misses messages (at-most-once). `capacity` is clamped to
+    /// `1..=`[`Fanout::MAX_CAPACITY`] (2^20).
     pub fn with_capacity(capacity: usize) -> Self {
         // There is no upstream to unsubscribe from, so the idle receiver is dropped.
         let (fanout, _idle) = Fanout::new(capacity);

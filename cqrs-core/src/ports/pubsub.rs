@@ -166,8 +166,14 @@ impl fmt::Debug for Fanout {
 }
 
 impl Fanout {
+    /// The largest per-subscriber buffer, in messages: 2^20 (1,048,576). Each subscribed
+    /// channel allocates its buffer up front, and tokio's broadcast channel panics above
+    /// `usize::MAX / 2`.
+    pub const MAX_CAPACITY: usize = 1 << 20;
+
     /// A fan-out whose subscribers each buffer up to `capacity` messages, and the receiver of
-    /// channels that lost their last local subscriber.
+    /// channels that lost their last local subscriber. `capacity` is clamped to
+    /// `1..=`[`MAX_CAPACITY`](Self::MAX_CAPACITY).
     pub fn new(capacity: usize) -> (Self, mpsc::UnboundedReceiver<Arc<str>>) {
         let (idle, idle_rx) = mpsc::unbounded_channel();
         (
@@ -175,7 +181,7 @@ impl Fanout {
                 inner: Arc::new(FanoutInner {
                     channels: Mutex::new(HashMap::new()),
                     idle,
-                    capacity: capacity.max(1),
+                    capacity: capacity.clamp(1, Self::MAX_CAPACITY),
                     lost: Arc::default(),
                 }),
             },
@@ -279,5 +285,24 @@ impl Fanout {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         channels.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A capacity past what a broadcast channel takes (`usize::MAX`, as a setting taken from
+    /// configuration might be) is clamped to `MAX_CAPACITY`: the first subscriber of a channel
+    /// panicked in `broadcast::channel`.
+    #[tokio::test]
+    async fn a_capacity_past_the_maximum_is_clamped() {
+        let (fanout, _idle) = Fanout::new(usize::MAX);
+        let mut subscription = fanout.subscribe("news", async { Ok(()) }).await.unwrap();
+        assert_eq!(fanout.deliver("news", "hello".into()), 1);
+        assert_eq!(&*subscription.recv().await.unwrap().payload, "hello");
+        assert_eq!(fanout.inner.capacity, 1 << 20);
+        let (zero, _idle) = Fanout::new(0);
+        assert_eq!(zero.inner.capacity, 1);
     }
 }

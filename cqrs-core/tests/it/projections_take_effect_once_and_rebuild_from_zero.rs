@@ -876,6 +876,57 @@ fn a_failing_runner_backs_off_even_with_a_zero_idle_interval() {
     });
 }
 
+/// A caught-up store-fed runner with an idle interval of zero waits 1 ms between queries at
+/// least (it queried the store without pause: under a paused clock, time never moved).
+#[test]
+fn a_caught_up_runner_pauses_between_queries_even_with_a_zero_idle_interval() {
+    run_paused(|| async {
+        let store = Arc::new(Flaky::default());
+        let runner = ProjectionRunner::from_store(
+            store.clone(),
+            Arc::new(Sum::default()),
+            Arc::new(InMemoryEventStore::new()),
+            types(),
+        )
+        .idle_interval(Duration::ZERO);
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let begins = store.begins.load(Ordering::SeqCst);
+        // One query per millisecond at most.
+        assert!((100..=1001).contains(&begins), "{begins} queries in 1 s");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// An inbox retention of zero deleted the whole inbox at each purge; it is raised to the
+/// minimum of 1 minute.
+#[test]
+fn a_zero_inbox_retention_keeps_entries_for_a_minute() {
+    run(async {
+        let clock = cqrs_core::clock::ManualClock::new();
+        let store = Arc::new(InMemoryProjectionStore::with_clock(Arc::new(clock.clone())));
+        let events = Arc::new(InMemoryEventStore::new());
+        events
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        let mut runner =
+            ProjectionRunner::from_store(store, Arc::new(Sum::default()), events, types())
+                .inbox_retention(Duration::ZERO);
+        assert_eq!(runner.run_once().await.unwrap(), 1);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(runner.purge_inbox().await.unwrap(), 0, "a second old: kept");
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(
+            runner.purge_inbox().await.unwrap(),
+            1,
+            "past a minute: purged"
+        );
+    });
+}
+
 struct SetOnDrop(Arc<AtomicBool>);
 
 impl Drop for SetOnDrop {

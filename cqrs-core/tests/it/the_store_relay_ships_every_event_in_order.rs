@@ -7,17 +7,19 @@ use cqrs_core::ports::{
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::{EventEnvelope, EventRecord, ExpectedVersion, Metadata};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 fn record(sum: u64) -> EventRecord {
     EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
 }
 
-/// A transport that can be switched off.
+/// A transport that can be switched off, and counts the publishes asked of it.
+#[derive(Default)]
 struct Switchable {
     inner: InMemoryTransport,
     down: AtomicBool,
+    publishes: AtomicUsize,
 }
 
 #[async_trait]
@@ -26,6 +28,7 @@ impl EventTransport for Switchable {
         self.inner.capabilities()
     }
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        self.publishes.fetch_add(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(TransportError::Unavailable {
                 backend: "test",
@@ -48,10 +51,7 @@ impl EventTransport for Switchable {
 fn events_are_shipped_in_order_once_and_a_failed_batch_loses_nothing() {
     run(async {
         let events = Arc::new(InMemoryEventStore::new());
-        let transport = Arc::new(Switchable {
-            inner: InMemoryTransport::new(),
-            down: AtomicBool::new(false),
-        });
+        let transport = Arc::new(Switchable::default());
         let checkpoints = Arc::new(InMemoryProjectionStore::new());
         let relay = StoreRelay::new(
             "relay",
@@ -104,5 +104,33 @@ fn events_are_shipped_in_order_once_and_a_failed_batch_loses_nothing() {
             got.iter()
                 .all(|d| d.record.position.is_some() && d.record.stream_id.is_some())
         );
+    });
+}
+
+/// A relay whose transport is down retries once per millisecond at most, even with intervals
+/// of zero (it retried in a tight loop: under a paused clock, time never moved).
+#[test]
+fn a_failing_relay_with_zero_intervals_pauses_between_retries() {
+    run_paused(|| async {
+        let events = Arc::new(InMemoryEventStore::new());
+        events
+            .append("a", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        let transport = Arc::new(Switchable::default());
+        transport.down.store(true, Ordering::SeqCst);
+        let relay = StoreRelay::new(
+            "relay",
+            events,
+            Arc::new(InMemoryProjectionStore::new()),
+            transport.clone(),
+            "out",
+        )
+        .intervals(Duration::ZERO, Duration::ZERO);
+        let runtime = cqrs_core::runtime::Runtime::builder().worker(relay).start();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let tries = transport.publishes.load(Ordering::SeqCst);
+        assert!((100..=1001).contains(&tries), "{tries} tries in 1 s");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }

@@ -1,8 +1,9 @@
 //! A fetch asked for "everything" (`usize::MAX`, as a batch size taken from configuration
-//! might be) hands out what is ready, and a consume loop whose redelivery delay is
-//! `Duration::MAX` ("never redeliver by time") handles its events.
+//! might be) hands out what is ready, a consume loop whose redelivery delay is
+//! `Duration::MAX` ("never redeliver by time") handles its events, and a command timeout of
+//! `Duration::MAX` ("no timeout") does not overflow the blocking read's.
 
-use crate::support::{Env, n_of, within};
+use crate::support::{Env, connection, n_of, within};
 use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
 use cqrs_core::runtime::{HealthReporter, Shutdown, WorkerContext};
 use std::sync::{Arc, Mutex};
@@ -86,6 +87,37 @@ async fn a_consume_loop_with_a_redelivery_delay_of_duration_max_handles_its_even
                 .expect("no panic")
                 .expect("the loop ends cleanly");
             assert_eq!(*seen.lock().unwrap(), [1, 2, 3]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// A blocking read waits its block interval plus the command timeout: with a command timeout
+/// of `Duration::MAX` the sum overflowed and the fetch panicked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_timeout_of_duration_max_does_not_overflow_a_blocking_read() {
+    let Some(env) = Env::with("timeout-max", |o| {
+        o.connection(connection().command_timeout(Duration::MAX))
+    })
+    .await
+    else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let mut consumer = env.join(&topic, "c", |o| o).await;
+            // Nothing yet: the fetch blocks for its interval and comes back empty.
+            assert!(consumer.fetch(10).await.unwrap().is_empty());
+            env.publish_one(&topic, "k", 1).await;
+            let mut got = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.is_empty() && tokio::time::Instant::now() < until {
+                got = consumer.fetch(10).await.unwrap();
+            }
+            assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [1]);
         }),
     )
     .await;

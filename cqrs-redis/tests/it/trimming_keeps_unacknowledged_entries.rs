@@ -174,3 +174,49 @@ async fn dead_letters_past_their_retention_are_deleted() {
     .await;
     env.cleanup().await;
 }
+
+/// A dead-letter retention of zero deleted every dead letter each round, before anyone could
+/// look at it; it is raised to the minimum of 1 minute, so a recent one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_dead_letter_retention_keeps_recent_dead_letters() {
+    let Some(env) = Env::new("dead-retention-zero").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("audit");
+            let dead = env.transport.dead_letter_key(&topic).unwrap();
+            // One from 1970, one dead-lettered two seconds ago.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            let recent = format!("{}-0", (now - Duration::from_secs(2)).as_millis());
+            for id in ["1000-0".to_owned(), recent] {
+                env.command(
+                    "XADD",
+                    vec![
+                        dead.as_str().into(),
+                        id.into(),
+                        "reason".into(),
+                        "poison".into(),
+                    ],
+                )
+                .await;
+            }
+            cqrs_redis::StreamMaintenance::new(env.transport.clone(), [topic.clone()])
+                .dead_letter_retention(Some(Duration::ZERO))
+                .run_once()
+                .await
+                .unwrap();
+            let len = env.command("XLEN", vec![dead.as_str().into()]).await;
+            assert_eq!(
+                len.as_u64(),
+                Some(1),
+                "the old one goes, the recent one stays"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
