@@ -930,7 +930,11 @@ impl Drop for RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
-        let max = max.clamp(1, MAX_FETCH);
+        if max == 0 {
+            // Asked for nothing: take nothing (`XREADGROUP COUNT 0` would read everything).
+            return Ok(Vec::new());
+        }
+        let max = max.min(MAX_FETCH);
         // `checked_add`: a `block` of `Duration::MAX` means "as long as it takes".
         let deadline = Instant::now().checked_add(self.options.block);
         loop {

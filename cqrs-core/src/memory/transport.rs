@@ -365,6 +365,9 @@ impl InMemoryConsumer {
 #[async_trait]
 impl Consumer for InMemoryConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
         // `None`: a `block` too long for the clock (`Duration::MAX`) waits as long as it takes.
         let deadline = Instant::now().checked_add(self.options.block);
         loop {
@@ -373,7 +376,7 @@ impl Consumer for InMemoryConsumer {
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (batch, next_due) = self.take(max.max(1));
+            let (batch, next_due) = self.take(max);
             if !batch.is_empty() {
                 return Ok(batch);
             }

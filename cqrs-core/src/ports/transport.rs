@@ -234,7 +234,8 @@ pub trait EventTransport: Send + Sync + 'static {
 #[async_trait]
 pub trait Consumer: Send + Sync + 'static {
     /// Up to `max` messages: redeliveries that are due first, then new ones. Waits up to the
-    /// consumer's `block` interval when none is ready, then returns an empty batch.
+    /// consumer's `block` interval when none is ready, then returns an empty batch. `max` 0
+    /// returns an empty batch at once and takes nothing.
     ///
     /// A batch may hold several messages of one key, in publish order and with one
     /// [`order_key`](Delivery::order_key): a *chain*. The caller handles a chain one message
@@ -294,8 +295,12 @@ pub trait Consumer: Send + Sync + 'static {
         None
     }
 
-    /// Leaves the group cleanly at shutdown: releases what this consumer holds without having
-    /// handled it, so others take it at once. Defaults to doing nothing.
+    /// Leaves the group cleanly at shutdown: releases what this consumer read but never
+    /// handed out (messages held back behind an earlier one of their key, or read by a fetch
+    /// that was cancelled), so other consumers take them at once. Messages handed out and not
+    /// acknowledged are not released: they come back to the group after the redelivery delay,
+    /// as after a crash (acknowledge or [`nack`](Consumer::nack) them first). Defaults to doing
+    /// nothing, for adapters that hold nothing back.
     async fn close(&mut self) -> Result<(), TransportError> {
         Ok(())
     }

@@ -41,6 +41,7 @@ macro_rules! transport_conformance {
                 events_of_one_key_keep_their_order_across_two_consumers,
                 a_keys_events_in_one_batch_come_in_order_with_one_order_key,
                 an_acknowledged_event_is_not_delivered_again,
+                a_fetch_of_zero_takes_nothing,
                 a_fetch_may_block_without_limit,
                 a_delivery_kept_alive_is_not_handed_out_again,
                 a_redelivery_delay_of_duration_max_never_redelivers,
@@ -418,6 +419,25 @@ pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h
             again.iter().map(|d| d.record.event_id).collect::<Vec<_>>()
         );
     }
+}
+
+/// `fetch(0)` asks for nothing and takes nothing: it returns an empty batch without counting a
+/// delivery, and the next fetch gets the event on its first attempt. (A Redis `XREADGROUP`
+/// with `COUNT 0` reads every entry.)
+pub async fn a_fetch_of_zero_takes_nothing<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t12", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    h.transport()
+        .publish(&topic, &[event("k", 1), event("k", 2)])
+        .await
+        .unwrap();
+    assert!(
+        c.fetch(0).await.unwrap().is_empty(),
+        "fetch(0) handed out events"
+    );
+    let got = drain(c.as_mut(), 2, Duration::from_secs(10)).await;
+    let attempts: Vec<(u64, u32)> = got.iter().map(|d| (n_of(d), d.attempt)).collect();
+    assert_eq!(attempts, [(1, 1), (2, 1)]);
 }
 
 /// `block(Duration::MAX)` means "wait as long as it takes": a fetch waiting that way returns
