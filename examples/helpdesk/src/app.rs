@@ -12,7 +12,7 @@ use cqrs_core::memory::{
 use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
 use cqrs_core::ports::{EventTransport, PubSub};
 use cqrs_core::relay::StoreRelay;
-use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime};
+use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
@@ -41,13 +41,20 @@ pub struct Hooks {
     /// Starts without the outbox relay: events this instance commits are shipped only by
     /// another instance's relay (tests prove that nothing committed is lost that way).
     pub without_relay: bool,
+    /// More background workers, each made by its function when the app is built and run with
+    /// the others (tests add one that ignores shutdown, or see whether anything was built).
+    pub workers: Vec<MakeWorker>,
 }
+
+/// Makes a background worker; see [`Hooks::workers`].
+pub type MakeWorker = Arc<dyn Fn() -> Box<dyn Worker> + Send + Sync>;
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
             .field("clock", &self.clock.is_some())
             .field("without_relay", &self.without_relay)
+            .field("workers", &self.workers.len())
             .finish()
     }
 }
@@ -91,17 +98,22 @@ fn random_secret() -> String {
     )
 }
 
-/// Builds the application from a configuration. Must run inside a tokio runtime: it starts the
-/// background workers.
-pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
-    // The metrics recorder first, so every component's metrics land in it.
-    let _ = http::prometheus();
+/// The configuration's problems, every one, as one error.
+pub(crate) fn validated(config: &Config) -> anyhow::Result<()> {
     config.validate().map_err(|problems| {
         anyhow!(
             "the configuration is invalid:\n  - {}",
             problems.join("\n  - ")
         )
-    })?;
+    })
+}
+
+/// Builds the application from a configuration. Must run inside a tokio runtime: it starts the
+/// background workers.
+pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
+    // The metrics recorder first, so every component's metrics land in it.
+    let _ = http::prometheus();
+    validated(config)?;
     let clock = hooks.clock.unwrap_or_else(|| Arc::new(SystemClock));
     let secret = match &config.jwt_secret {
         Some(s) => s.clone(),
@@ -199,6 +211,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         runtime = runtime.worker(worker);
     }
     runtime = runtime.worker(maintenance);
+    for make in &hooks.workers {
+        runtime = runtime.worker(make());
+    }
     // Saved idempotent responses expire after a day but stay stored until purged: without
     // this, every `Idempotency-Key` ever sent would be kept (a full ticket each).
     let idempotency = backends.idempotency.clone();

@@ -1,6 +1,10 @@
 //! Configuration: flags, each with its environment variable.
 
-use clap::{Parser, ValueEnum};
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,8 +23,17 @@ pub enum LogFormat {
 /// With no DATABASE_URL it runs on in-memory backends: nothing to set up, nothing survives a
 /// restart, one instance only. With DATABASE_URL and REDIS_URL, any number of instances share
 /// one Postgres schema and one Redis prefix.
+///
+/// Read it with [`Config::try_parse_with_env`]: clap's own parsing would read the process's
+/// environment and take a variable set to the empty string as a value.
 #[derive(Clone, Parser)]
-#[command(name = "helpdesk", version, about, long_about = None)]
+#[command(
+    name = "helpdesk",
+    version,
+    about,
+    long_about = None,
+    after_help = "Each flag's environment variable is read when the flag is not given; one set to the empty string counts as unset."
+)]
 pub struct Config {
     /// The address to listen on.
     #[arg(long, env = "HELPDESK_BIND", default_value = "127.0.0.1:8080")]
@@ -72,7 +85,10 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
 
-    /// How long shutdown waits for in-flight requests and workers, in milliseconds.
+    /// How long a graceful stop (SIGINT or SIGTERM) may take, in milliseconds: in-flight
+    /// requests, WebSocket close frames and background workers share it, and what still runs
+    /// then is cut off. A second signal exits at once, with code 130 after SIGINT (Ctrl-C), 143
+    /// after SIGTERM.
     #[arg(long, env = "HELPDESK_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
 
@@ -118,11 +134,13 @@ fn valid_name(name: &str, max: usize) -> bool {
         && !name.as_bytes()[0].is_ascii_digit()
 }
 
-/// The defaults the binary would run with here: like `helpdesk` with no flags, so the
-/// environment (`DATABASE_URL`, `HELPDESK_*`) is read. Set fields explicitly to ignore it.
+/// The built-in defaults: `helpdesk` with no flags and an empty environment. The process's
+/// environment is not read: a stray `HELPDESK_TOKEN_TTL=abc` cannot change them, nor end the
+/// process as clap's `parse_from` would.
 impl Default for Config {
     fn default() -> Self {
-        Self::parse_from(["helpdesk"])
+        Self::try_parse_with_env(["helpdesk"], std::iter::empty::<(OsString, OsString)>())
+            .expect("the built-in defaults parse")
     }
 }
 
@@ -196,6 +214,88 @@ impl std::fmt::Debug for Config {
 }
 
 impl Config {
+    /// Reads the flags in `args` (the first is the program's name) and, for each flag not
+    /// given, its variable in `env`; a variable set to the empty string counts as unset (as
+    /// `DATABASE_URL=` in a compose file or a shell means). The binary passes
+    /// `std::env::args_os()` and `std::env::vars_os()`; tests pass their own, leaving the
+    /// process's environment alone. `--help` and `--version` come back as errors to
+    /// [`exit`](clap::Error::exit) with, as clap's `try_parse_from` does.
+    pub fn try_parse_with_env<A, T, E, K, V>(args: A, env: E) -> Result<Self, clap::Error>
+    where
+        A: IntoIterator<Item = T>,
+        T: Into<OsString>,
+        E: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        if args.is_empty() {
+            args.push("helpdesk".into());
+        }
+        let env: HashMap<OsString, OsString> = env
+            .into_iter()
+            .map(|(name, value)| (name.into(), value.into()))
+            .filter(|(_, value)| !value.is_empty())
+            .collect();
+        let with_env = Self::command();
+        let variables: Vec<(clap::Id, String, OsString)> = with_env
+            .get_arguments()
+            .filter_map(|arg| {
+                Some((
+                    arg.get_id().clone(),
+                    arg.get_long()?.to_owned(),
+                    arg.get_env()?.to_owned(),
+                ))
+            })
+            .collect();
+        // clap read the process's variables into the arguments when it built them: dropped
+        // here, so only `env` counts.
+        let mut command = with_env.clone().mut_args(|arg| arg.env(None::<&str>));
+        // First the flags alone, to learn which were given.
+        let given = match command.try_get_matches_from_mut(&args) {
+            Ok(given) => given,
+            // The help with each flag's variable, as clap shows it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelp
+                        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                        | ErrorKind::DisplayVersion
+                ) =>
+            {
+                return Err(with_env.try_get_matches_from(&args).err().unwrap_or(e));
+            }
+            Err(e) => return Err(e),
+        };
+        // Then each variable of a flag not given, as that flag, ahead of the given ones (a
+        // variable never overrides a flag; a list in a variable splits as on the command line).
+        let mut full = vec![args[0].clone()];
+        for (id, long, name) in &variables {
+            if given.value_source(id.as_str()) == Some(ValueSource::CommandLine) {
+                continue;
+            }
+            if let Some(value) = env.get(name) {
+                let mut flag = OsString::from(format!("--{long}="));
+                flag.push(value);
+                full.push(flag);
+            }
+        }
+        full.extend(args.into_iter().skip(1));
+        let matches = command.try_get_matches_from_mut(full)?;
+        let mut config = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        // `--database-url ""` (a script passing an empty variable along) is unset too.
+        for value in [
+            &mut config.database_url,
+            &mut config.redis_url,
+            &mut config.jwt_secret,
+        ] {
+            if value.as_deref() == Some("") {
+                *value = None;
+            }
+        }
+        Ok(config)
+    }
+
     /// Checks the configuration, listing every problem at once.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();

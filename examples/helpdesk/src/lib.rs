@@ -17,7 +17,7 @@ mod metered;
 mod server;
 mod stalled;
 
-pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, Session, build};
+pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, MakeWorker, Session, build};
 pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;
 pub use logging::{DEFAULT_FILTER, log_filter, log_subscriber};

@@ -1,53 +1,112 @@
 //! `cargo run --release -p helpdesk`: the helpdesk server on 127.0.0.1:8080, in memory, or on
 //! Postgres (and Redis) when `DATABASE_URL` (and `REDIS_URL`) are set.
 
-use clap::Parser;
 use helpdesk::{Config, Hooks, Server, log_filter, log_subscriber};
 use std::io::IsTerminal;
+use tokio::sync::mpsc;
 
 #[tokio::main]
 async fn main() {
-    let config = Config::parse();
+    let config = Config::try_parse_with_env(std::env::args_os(), std::env::vars_os())
+        .unwrap_or_else(|e| e.exit());
     // Colours only on a terminal: escape codes in a log file or a collector are noise.
     let ansi = std::io::stdout().is_terminal();
     let subscriber = log_subscriber(config.log_format, log_filter(), ansi, std::io::stdout);
     if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
         eprintln!("helpdesk: cannot install the logger: {e}");
     }
-    if let Err(e) = run(config).await {
-        eprintln!("helpdesk: {e:#}");
-        std::process::exit(1);
+    match run(config).await {
+        Ok(None) => {}
+        Ok(Some(signal)) => std::process::exit(signal.exit_code()),
+        Err(e) => {
+            eprintln!("helpdesk: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let server = Server::start(config, Hooks::default()).await?;
-    let stop = server.stopper();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-        stop();
-    });
-    server.wait().await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Serves until stopped; `Some` when a signal ended the process before the stop was done.
+async fn run(config: Config) -> anyhow::Result<Option<Signal>> {
+    // Listening before the start, so that a signal during it (a slow Postgres, say) is not
+    // lost: the start is abandoned and the process exits at once.
+    let mut signals = signals();
+    let server = tokio::select! {
+        server = Server::start(config, Hooks::default()) => server?,
+        Some(signal) = signals.recv() => {
+            tracing::warn!(?signal, "stopped while starting");
+            return Ok(Some(signal));
         }
     };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
+    let stop = server.stopper();
+    let mut serving = std::pin::pin!(server.wait());
     tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+        served = &mut serving => return served.map(|()| None),
+        Some(signal) = signals.recv() => {
+            tracing::info!(
+                ?signal,
+                "shutting down: no new connections; finishing in-flight requests (a second signal exits at once)"
+            );
+            stop();
+        }
     }
+    // Still listening: an operator's second Ctrl-C must not wait out the grace period.
+    tokio::select! {
+        served = &mut serving => served.map(|()| None),
+        Some(signal) = signals.recv() => {
+            tracing::warn!(
+                ?signal,
+                "second signal: exiting now, cutting off in-flight requests and workers"
+            );
+            Ok(Some(signal))
+        }
+    }
+}
+
+/// A signal that stops the server.
+#[derive(Clone, Copy, Debug)]
+enum Signal {
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+    /// SIGTERM: `kill`, or an orchestrator stopping the process.
+    Terminate,
+}
+
+impl Signal {
+    /// 128 + the signal's number, the customary exit code of a process it ended.
+    fn exit_code(self) -> i32 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
+    }
+}
+
+/// Every SIGINT and SIGTERM from now on, each as it arrives.
+fn signals() -> mpsc::UnboundedReceiver<Signal> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        for (kind, which) in [
+            (SignalKind::interrupt(), Signal::Interrupt),
+            (SignalKind::terminate(), Signal::Terminate),
+        ] {
+            match signal(kind) {
+                Ok(mut received) => {
+                    let sender = sender.clone();
+                    tokio::spawn(async move {
+                        while received.recv().await.is_some() && sender.send(which).is_ok() {}
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, signal = ?which, "cannot listen for the signal; it will not stop the server gracefully");
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() && sender.send(Signal::Interrupt).is_ok() {}
+    });
+    receiver
 }

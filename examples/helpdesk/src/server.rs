@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tower::ServiceExt;
 
 /// A running server.
@@ -24,7 +25,9 @@ pub struct Server {
 impl Server {
     /// Builds the app and serves it on `config.bind` (port 0 picks a free port).
     pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Self> {
-        let app = build(&config, hooks).await?;
+        crate::app::validated(&config)?;
+        // The port before anything else: when it is taken, nothing has connected, migrated or
+        // started a worker only to be killed mid-run.
         let listener = tokio::net::TcpListener::bind(config.bind)
             .await
             .map_err(|e| {
@@ -34,6 +37,7 @@ impl Server {
                 )
             })?;
         let addr = listener.local_addr()?;
+        let app = build(&config, hooks).await?;
         let (stop, stopped) = watch::channel(false);
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
@@ -49,28 +53,38 @@ impl Server {
             // signal), and when both were ready an unbiased pick sometimes took that branch,
             // skipping the hub's shutdown: WebSockets got no 1001 and the stop waited out the
             // grace period for them.
-            tokio::select! {
+            let deadline = tokio::select! {
                 biased;
                 _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
+                    // One deadline for the whole stop, as the setting promises: requests,
+                    // WebSocket close frames and workers share the grace period, not one each.
+                    let deadline = deadline_after(grace);
                     // WebSockets are not in-flight requests: close them now, with 1001.
                     hub.shutdown();
-                    // In-flight requests get the grace period, then are cut off.
-                    match tokio::time::timeout(grace, &mut serve).await {
+                    // In-flight requests get until the deadline, then are cut off.
+                    match tokio::time::timeout_at(deadline, &mut serve).await {
                         Ok(served) => served??,
                         Err(_) => {
                             tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
                             serve.abort();
                         }
                     }
+                    deadline
                 }
                 // Serving ended on its own: an error.
-                served = &mut serve => served??,
-            }
+                served = &mut serve => {
+                    served??;
+                    deadline_after(grace)
+                }
+            };
             // The WebSockets' close frames (1001) go out before the process may exit.
-            if tokio::time::timeout(grace, closing.closed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, closing.closed())
+                .await
+                .is_err()
+            {
                 tracing::warn!(?grace, "WebSocket connections did not close in time");
             }
-            stop_runtime(runtime, grace).await;
+            stop_runtime(runtime, deadline.saturating_duration_since(Instant::now())).await;
             Ok(())
         });
         tracing::info!(%addr, "helpdesk listening");
@@ -82,7 +96,8 @@ impl Server {
         self.addr
     }
 
-    /// Stops accepting, lets in-flight requests finish, stops the workers.
+    /// Stops accepting, lets in-flight requests finish, stops the workers: all within the
+    /// grace period, past which what still runs is cut off.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
         self.task.await?
@@ -169,8 +184,16 @@ async fn serve(
     Ok(())
 }
 
-async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, grace: std::time::Duration) {
-    if let Err(e) = runtime.shutdown(grace).await {
+/// `grace` from now; a grace too long for the clock is as good as forever (30 years).
+fn deadline_after(grace: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(grace)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
+/// Stops the workers, giving them what is left of the grace period.
+async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, left: Duration) {
+    if let Err(e) = runtime.shutdown(left).await {
         tracing::warn!(error = %e, "workers did not stop in time");
     }
 }

@@ -4,8 +4,11 @@
 
 mod support;
 
+mod a_second_signal_exits_at_once;
+mod a_taken_port_is_refused_before_anything_starts;
 mod bad_input_always_gets_a_json_error_and_never_a_500;
 mod changes_bump_the_version_and_a_closed_ticket_refuses_them;
+mod empty_environment_variables_count_as_unset;
 mod housekeeping_deletes_what_is_no_longer_needed;
 mod idempotency_keys_replay_and_refuse_reuse;
 mod login_is_throttled_after_repeated_failures;
@@ -16,7 +19,9 @@ mod registration_and_login_follow_the_contract;
 mod requests_are_logged_once_each_without_their_tokens;
 mod slow_or_idle_connections_are_closed;
 mod stats_count_every_event_exactly_once;
+mod the_defaults_ignore_the_process_environment;
 mod the_plugins_are_found_through_inventory;
+mod the_whole_stop_fits_in_one_grace_period;
 mod tickets_are_created_read_and_listed_per_the_contract;
 mod tokens_are_verified_strictly;
 mod two_instances_share_one_postgres_and_redis;

@@ -104,10 +104,6 @@ impl Backend {
     }
 
     fn configure(&self, config: &mut Config) {
-        // `Config::default()` reads the environment, which may name services: memory mode
-        // must not pick them up.
-        config.database_url = None;
-        config.redis_url = None;
         if let Backend::Postgres {
             database_url,
             redis_url,
@@ -200,6 +196,33 @@ pub fn email(prefix: &str) -> String {
     )
 }
 
+/// The configuration a test server runs with on `backend`, on a free loopback port.
+pub fn test_config(backend: &Backend) -> Config {
+    let mut config = Config {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        jwt_secret: Some("a-test-secret-that-is-at-least-32-bytes-long".into()),
+        agent_emails: vec!["agent@example.com".into(), "agent2@example.com".into()],
+        poll_ms: 10,
+        shutdown_grace_ms: 2_000,
+        ..Config::default()
+    };
+    backend.configure(&mut config);
+    config
+}
+
+/// Waits until `condition` holds, checking every few milliseconds; panics with `what` after
+/// `deadline`.
+pub async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) {
+    let until = tokio::time::Instant::now() + deadline;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not within {deadline:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 impl TestServer {
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
@@ -232,15 +255,7 @@ impl TestServer {
         without_relay: bool,
         configure: impl FnOnce(&mut Config),
     ) -> Self {
-        let mut config = Config {
-            bind: "127.0.0.1:0".parse().unwrap(),
-            jwt_secret: Some("a-test-secret-that-is-at-least-32-bytes-long".into()),
-            agent_emails: vec!["agent@example.com".into(), "agent2@example.com".into()],
-            poll_ms: 10,
-            shutdown_grace_ms: 2_000,
-            ..Config::default()
-        };
-        backend.configure(&mut config);
+        let mut config = test_config(&backend);
         configure(&mut config);
         let clock = ManualClock::new();
         let server = Server::start(
@@ -248,6 +263,7 @@ impl TestServer {
             Hooks {
                 clock: Some(Arc::new(clock.clone())),
                 without_relay,
+                ..Hooks::default()
             },
         )
         .await
@@ -469,4 +485,78 @@ impl Response {
 /// Runs a test body under a deadline.
 pub async fn within<F: std::future::Future>(f: F) -> F::Output {
     cqrs_core::testing::with_timeout(Duration::from_secs(60), f).await
+}
+
+/// Sends a request whose handler then waits for a body that never comes, and returns once the
+/// server is in that handler (it asked for the body with `100 Continue`): the request is in
+/// flight until the connection is dropped or cut off.
+pub fn held_request(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).expect("the server accepts");
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    tcp.write_all(
+        b"POST /auth/register HTTP/1.1\r\nHost: helpdesk\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        let read = tcp.read(&mut byte).expect("an answer within 20 s");
+        assert_eq!(read, 1, "the connection closed: {answer:?}");
+        answer.push(byte[0]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    tcp
+}
+
+/// The `helpdesk` binary, with an empty environment but for `env`, its output captured.
+pub fn helpdesk_command(args: &[&str], env: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_helpdesk"));
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// A child process, killed if the test ends (a failed assertion, say) while it still runs.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits for `child` to exit, killing it (and panicking) after `deadline`; returns its exit
+/// status and what it wrote to stderr.
+pub fn exit_of(child: &mut Running, deadline: Duration) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let until = std::time::Instant::now() + deadline;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "helpdesk did not exit within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.0.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status, stderr)
 }

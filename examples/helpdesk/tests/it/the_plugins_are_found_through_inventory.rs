@@ -8,12 +8,8 @@ async fn the_auth_and_tickets_plugins_are_linked_and_ordered_by_dependency() {
         // `use helpdesk_auth as _; use helpdesk_tickets as _;` lines.
         let plugins = Plugins::collect().unwrap();
         assert_eq!(plugins.names().collect::<Vec<_>>(), ["auth", "tickets"]);
-        // In memory, whatever the environment names.
-        let config = helpdesk::Config {
-            database_url: None,
-            redis_url: None,
-            ..helpdesk::Config::default()
-        };
+        // In memory: the defaults name no services, whatever the environment holds.
+        let config = helpdesk::Config::default();
         let app = helpdesk::build(&config, helpdesk::Hooks::default())
             .await
             .unwrap();

@@ -1,0 +1,86 @@
+//! SIGINT or SIGTERM starts a graceful stop; a second one, while that stop waits, exits at once
+//! with the customary code (128 + the signal's number).
+#![cfg(unix)]
+
+use crate::support::*;
+use std::io::BufRead;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Waits for a log line holding `needle`, returning it.
+fn line_with(lines: &mpsc::Receiver<String>, needle: &str) -> String {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line with {needle:?}: {e}"),
+        }
+    }
+}
+
+fn kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+fn second_signal_exits_with(signal: &str, code: i32) {
+    // A grace period far longer than the test's patience: only the second signal ends it.
+    let mut child = Running(
+        helpdesk_command(
+            &[
+                "--bind",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--shutdown-grace-ms",
+                "600000",
+                "--request-timeout-ms",
+                "600000",
+            ],
+            &[],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let (sender, lines) = mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let listening: serde_json::Value =
+        serde_json::from_str(&line_with(&lines, "helpdesk listening")).unwrap();
+    let addr = listening["fields"]["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // A request in flight, so that the first signal's stop waits.
+    let held = held_request(addr);
+    let pid = child.0.id();
+    kill(pid, signal);
+    line_with(&lines, "shutting down");
+    kill(pid, signal);
+    let (status, stderr) = exit_of(&mut child, Duration::from_secs(30));
+    drop(held);
+    assert_eq!(status.code(), Some(code), "{status:?} {stderr}");
+}
+
+#[test]
+fn a_second_sigint_exits_with_130() {
+    second_signal_exits_with("INT", 130);
+}
+
+#[test]
+fn a_second_sigterm_exits_with_143() {
+    second_signal_exits_with("TERM", 143);
+}

@@ -1,0 +1,126 @@
+//! The configuration comes from flags and, for each flag not given, its environment variable;
+//! a variable set to the empty string (`DATABASE_URL=` in a compose file) counts as unset.
+
+use crate::support::*;
+use clap::CommandFactory;
+use clap::error::ErrorKind;
+use helpdesk::Config;
+use std::time::Duration;
+
+const SECRET: &str = "a-secret-of-at-least-thirty-two-bytes";
+
+/// Every variable the configuration reads.
+fn variables() -> Vec<String> {
+    Config::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn every_variable_set_empty_leaves_the_defaults() {
+    let names = variables();
+    for name in [
+        "DATABASE_URL",
+        "REDIS_URL",
+        "HELPDESK_JWT_SECRET",
+        "HELPDESK_TRUSTED_PROXIES",
+        "HELPDESK_BIND",
+        "HELPDESK_TOKEN_TTL",
+    ] {
+        assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+    }
+    let config =
+        Config::try_parse_with_env(["helpdesk"], names.iter().map(|n| (n.as_str(), ""))).unwrap();
+    assert_eq!(config.database_url, None);
+    assert_eq!(config.redis_url, None);
+    assert_eq!(config.jwt_secret, None);
+    assert!(config.trusted_proxies.is_empty());
+    assert_eq!(format!("{config:?}"), format!("{:?}", Config::default()));
+    config.validate().unwrap();
+}
+
+#[test]
+fn set_variables_apply_and_flags_win_over_them() {
+    let config = Config::try_parse_with_env(
+        [
+            "helpdesk",
+            "--bind",
+            "127.0.0.1:9001",
+            "--agent-emails",
+            "a@x.org",
+        ],
+        [
+            ("DATABASE_URL", "postgres://db/helpdesk"),
+            ("REDIS_URL", ""),
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("HELPDESK_TRUSTED_PROXIES", "127.0.0.1,::1"),
+            ("HELPDESK_TOKEN_TTL", "60"),
+            ("HELPDESK_BIND", "127.0.0.1:9002"),
+            ("HELPDESK_AGENT_EMAILS", "b@x.org,c@x.org"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        config.database_url.as_deref(),
+        Some("postgres://db/helpdesk")
+    );
+    assert_eq!(config.redis_url, None);
+    assert_eq!(config.jwt_secret.as_deref(), Some(SECRET));
+    assert_eq!(config.trusted_proxies.len(), 2);
+    assert_eq!(config.token_ttl_seconds, 60);
+    // A flag replaces its variable's value, lists too.
+    assert_eq!(config.bind.to_string(), "127.0.0.1:9001");
+    assert_eq!(config.agent_emails, ["a@x.org"]);
+    config.validate().unwrap();
+}
+
+#[test]
+fn an_empty_flag_value_is_unset_too_and_a_bad_value_is_an_error_not_an_exit() {
+    let config = Config::try_parse_with_env(
+        ["helpdesk", "--database-url", "", "--jwt-secret="],
+        [("REDIS_URL", "")],
+    )
+    .unwrap();
+    assert_eq!(config.database_url, None);
+    assert_eq!(config.jwt_secret, None);
+    let err = Config::try_parse_with_env(["helpdesk"], [("HELPDESK_TOKEN_TTL", "abc")])
+        .expect_err("abc is no number");
+    assert_eq!(err.kind(), ErrorKind::ValueValidation);
+    assert!(err.to_string().contains("'abc'"), "{err}");
+}
+
+#[test]
+fn the_help_names_the_variables_and_the_second_signal() {
+    let err = Config::try_parse_with_env(["helpdesk", "--help"], [("HELPDESK_BIND", "nonsense")])
+        .expect_err("--help is shown, not parsed");
+    assert_eq!(err.kind(), ErrorKind::DisplayHelp);
+    let help = err.to_string();
+    assert!(help.contains("HELPDESK_SHUTDOWN_GRACE_MS"), "{help}");
+    assert!(help.contains("A second signal exits at once"), "{help}");
+    assert!(help.contains("130 after SIGINT"), "{help}");
+    assert!(help.contains("counts as unset"), "{help}");
+}
+
+/// The binary reads its environment the same way: empty variables, `DATABASE_URL=` among
+/// them, leave it on the in-memory backends (it goes as far as the taken port).
+#[test]
+fn the_binary_takes_empty_variables_as_unset() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let empty: Vec<(String, &str)> = variables()
+        .into_iter()
+        .filter(|name| name != "HELPDESK_BIND")
+        .map(|name| (name, ""))
+        .collect();
+    let mut env: Vec<(&str, &str)> = empty.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    env.push(("HELPDESK_BIND", &addr));
+    let mut child = Running(helpdesk_command(&[], &env).spawn().unwrap());
+    let (status, stderr) = exit_of(&mut child, Duration::from_secs(30));
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{status:?} {stderr}"
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+}

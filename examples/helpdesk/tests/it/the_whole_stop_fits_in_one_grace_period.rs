@@ -1,0 +1,75 @@
+//! The grace period bounds the whole stop: in-flight requests, WebSocket close frames and the
+//! background workers share one deadline instead of getting a grace period each.
+
+use crate::support::*;
+use cqrs_core::BoxError;
+use cqrs_core::runtime::{Worker, WorkerContext};
+use helpdesk::{Hooks, Server};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A worker that never stops: it ignores the shutdown it is asked for.
+struct Stubborn(Arc<AtomicBool>);
+
+#[async_trait::async_trait]
+impl Worker for Stubborn {
+    fn name(&self) -> &str {
+        "stubborn"
+    }
+
+    async fn run(&mut self, _ctx: WorkerContext) -> Result<(), BoxError> {
+        self.0.store(true, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_and_a_stubborn_worker_together_wait_one_grace_period() {
+    within(async {
+        let backend = Backend::from_env().await;
+        // Long enough that the bound below leaves a loaded machine a wide margin (1.5 s) while a
+        // grace period per phase (at least 4 s) still fails.
+        let grace = Duration::from_millis(2_000);
+        let mut config = test_config(&backend);
+        config.shutdown_grace_ms = grace.as_millis() as u64;
+        // The request is cut off by the stop, not by its own time budget.
+        config.request_timeout_ms = 60_000;
+        let running = Arc::new(AtomicBool::new(false));
+        let flag = running.clone();
+        let server = Server::start(
+            config,
+            Hooks {
+                workers: vec![Arc::new(move || Box::new(Stubborn(flag.clone())))],
+                ..Hooks::default()
+            },
+        )
+        .await
+        .unwrap();
+        wait_until("the stubborn worker runs", Duration::from_secs(10), || {
+            running.load(Ordering::SeqCst)
+        })
+        .await;
+        let addr = server.addr();
+        let held = tokio::task::spawn_blocking(move || held_request(addr))
+            .await
+            .unwrap();
+
+        let stopping = Instant::now();
+        server.shutdown().await.unwrap();
+        let took = stopping.elapsed();
+        drop(held);
+        // Each waited out the grace period: the request, then the worker. A grace period each
+        // made it two at least (three with a WebSocket that would not close).
+        assert!(
+            took >= grace,
+            "the stop took {took:?}: the request was not held"
+        );
+        assert!(
+            took < grace * 7 / 4,
+            "the stop took {took:?}, more than the grace period of {grace:?}"
+        );
+        backend.clean_up().await;
+    })
+    .await;
+}
