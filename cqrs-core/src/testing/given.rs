@@ -1,6 +1,8 @@
 //! Given / when / then for aggregates.
 
-use crate::{Aggregate, EventRecord, EventSet, Metadata};
+use crate::{
+    Aggregate, AggregateRepository, EventEnvelope, EventRecord, EventSet, EventTypes, Metadata,
+};
 use std::fmt::Debug;
 
 /// Tests an aggregate's decisions without a store: given past events, when a command, then
@@ -22,6 +24,45 @@ use std::fmt::Debug;
 #[derive(Debug)]
 pub struct AggregateTest<A: Aggregate> {
     state: A,
+    version: u64,
+}
+
+/// The aggregate id an [`AggregateTest`] replays its events under.
+pub const TEST_AGGREGATE_ID: &str = "test";
+
+/// `event` as the repository hands it to [`Aggregate::apply_with`]: serialized into a record,
+/// stored at `version` in the test aggregate's stream, decoded through the aggregate's event
+/// types. A member that does not survive the trip (a field serde skips, a name another member
+/// shares) fails the test here, not in production.
+#[track_caller]
+fn replayed<A: Aggregate>(
+    event: A::Event,
+    metadata: Metadata,
+    version: u64,
+) -> (A::Event, EventEnvelope) {
+    let stream = AggregateRepository::<A>::stream_id(TEST_AGGREGATE_ID);
+    let envelope = event
+        .into_envelope(metadata)
+        .with_partition_key(TEST_AGGREGATE_ID)
+        .with_stored(stream.as_str(), version, None);
+    let record = EventRecord::from_envelope(&envelope).expect("the event serializes");
+    let mut types = EventTypes::new();
+    A::Event::register(&mut types);
+    let decoded = match types.decode(&record) {
+        Ok(Some(decoded)) => decoded,
+        Ok(None) => panic!(
+            "event `{}` is not among the aggregate's event types: the repository would not replay it",
+            record.event_type
+        ),
+        Err(e) => panic!("event `{}` does not decode: {e}", record.event_type),
+    };
+    let event = A::Event::from_envelope(&decoded).unwrap_or_else(|| {
+        panic!(
+            "event `{}` decodes to no member of the aggregate's event set",
+            record.event_type
+        )
+    });
+    (event, decoded)
 }
 
 impl<A: Aggregate> AggregateTest<A> {
@@ -29,32 +70,47 @@ impl<A: Aggregate> AggregateTest<A> {
     pub fn given_no_events() -> Self {
         Self {
             state: A::default(),
+            version: 0,
         }
     }
 
     /// An aggregate that has seen these events, in order, each in an envelope with fresh
-    /// metadata: replayed through [`Aggregate::apply_with`], as the repository replays them.
+    /// metadata: replayed through [`Aggregate::apply_with`] as the repository replays them,
+    /// after a round trip through serde and the aggregate's event types, as versions 1, 2, ...
+    /// of the stream of aggregate [`TEST_AGGREGATE_ID`].
+    #[track_caller]
     pub fn given<E: Into<A::Event>>(events: impl IntoIterator<Item = E>) -> Self {
         Self::given_with(events.into_iter().map(|e| (e, Metadata::new())))
     }
 
     /// Like [`given`](Self::given), with the metadata each event carries (who acted, when):
     /// for aggregates whose [`apply_with`](Aggregate::apply_with) keeps it.
+    #[track_caller]
     pub fn given_with<E: Into<A::Event>>(events: impl IntoIterator<Item = (E, Metadata)>) -> Self {
-        let mut state = A::default();
+        let mut test = Self::given_no_events();
         for (event, metadata) in events {
-            let event = event.into();
-            let envelope = event.clone().into_envelope(metadata);
-            state.apply_with(&event, &envelope);
+            test.version += 1;
+            let (event, envelope) = replayed::<A>(event.into(), metadata, test.version);
+            test.state.apply_with(&event, &envelope);
         }
-        Self { state }
+        test
     }
 
-    /// Decides on `command`.
+    /// Decides on `command`. The decided events are then applied to a copy of the state (and
+    /// make the same round trip as [`given`](Self::given)'s), so an `apply` that panics on
+    /// them, or an event that would not replay, fails the test.
+    #[track_caller]
     pub fn when(self, command: A::Command) -> Then<A> {
-        Then {
-            result: self.state.decide(command),
+        let mut state = self.state;
+        let result = state.decide(command);
+        if let Ok(events) = &result {
+            for (i, event) in events.iter().enumerate() {
+                let (event, envelope) =
+                    replayed::<A>(event.clone(), Metadata::new(), self.version + 1 + i as u64);
+                state.apply_with(&event, &envelope);
+            }
         }
+        Then { result }
     }
 }
 
@@ -200,6 +256,45 @@ impl<O: Debug> CommandOutcome<O> {
         output
     }
 
+    /// Like [`then_expect_events`](Self::then_expect_events), for a handler that records
+    /// events of several types: the expected ones are members of the event set `S` (an
+    /// [`event_set!`](crate::event_set) enum).
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler, TicketEvents, TicketOpened};
+    /// use cqrs_core::testing::CommandTest;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// CommandTest::new(OpenTicketHandler)
+    ///     .when(OpenTicket { title: "Printer on fire".into() })
+    ///     .await
+    ///     .then_expect_events_of::<TicketEvents>([TicketOpened { ticket_id: "t1".into() }]);
+    /// # });
+    /// ```
+    #[track_caller]
+    pub fn then_expect_events_of<S: EventSet>(
+        self,
+        expected: impl IntoIterator<Item = impl Into<S>>,
+    ) -> O {
+        let output = match self.result {
+            Ok(o) => o,
+            Err(e) => panic!("expected success, the handler failed: {e:?}"),
+        };
+        let got: Vec<(String, serde_json::Value)> = self
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.name().to_owned(),
+                    e.payload_json().expect("events serialize"),
+                )
+            })
+            .collect();
+        let expected = comparable(expected.into_iter().map(Into::into).collect::<Vec<S>>());
+        assert_eq!(got, expected, "the recorded events differ");
+        output
+    }
+
     /// Asserts the handler failed; returns the error. Whatever it recorded is discarded, as
     /// the bus would.
     #[track_caller]
@@ -213,5 +308,105 @@ impl<O: Debug> CommandOutcome<O> {
     /// The recorded events, for assertions of your own.
     pub fn events(&self) -> &[crate::EventEnvelope] {
         &self.events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Event, HandlerError, Message};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct Noted {
+        text: String,
+        // Lost on the way through the store: a test that applies the event as it was
+        // decided would not see it.
+        #[serde(skip)]
+        secret: Option<String>,
+    }
+    impl Message for Noted {
+        const NAME: &'static str = "test.noted";
+    }
+    impl Event for Noted {}
+
+    crate::event_set! {
+        enum NoteEvents {
+            Noted(Noted),
+        }
+    }
+
+    /// Remembers the stream versions it was replayed at; refuses to note "boom" when
+    /// applying it would panic.
+    #[derive(Debug, Default)]
+    struct Notes {
+        versions: Vec<Option<u64>>,
+        secrets: Vec<Option<String>>,
+    }
+
+    enum NoteCommand {
+        Note(&'static str),
+        Report,
+    }
+
+    impl Aggregate for Notes {
+        const TYPE: &'static str = "notes";
+        type Event = NoteEvents;
+        type Command = NoteCommand;
+        type Error = HandlerError;
+
+        fn apply(&mut self, _event: &NoteEvents) {}
+
+        fn apply_with(&mut self, event: &NoteEvents, envelope: &EventEnvelope) {
+            let NoteEvents::Noted(noted) = event;
+            assert_ne!(noted.text, "boom", "apply cannot take this event");
+            self.versions.push(envelope.stream_version());
+            self.secrets.push(noted.secret.clone());
+        }
+
+        fn decide(&self, command: NoteCommand) -> Result<Vec<NoteEvents>, HandlerError> {
+            match command {
+                NoteCommand::Note(text) => Ok(vec![
+                    Noted {
+                        text: text.into(),
+                        secret: None,
+                    }
+                    .into(),
+                ]),
+                NoteCommand::Report => Err(HandlerError::invalid(
+                    "report",
+                    format!("{:?} {:?}", self.versions, self.secrets),
+                )),
+            }
+        }
+    }
+
+    fn noted(text: &str, secret: Option<&str>) -> Noted {
+        Noted {
+            text: text.into(),
+            secret: secret.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn given_events_are_replayed_as_the_repository_replays_them() {
+        let error = AggregateTest::<Notes>::given([noted("a", Some("kept?")), noted("b", None)])
+            .when(NoteCommand::Report)
+            .then_expect_error();
+        // Versions 1 and 2 of the stream, and what serde keeps: not the skipped field.
+        assert_eq!(error.message(), "[Some(1), Some(2)] [None, None]");
+    }
+
+    #[test]
+    #[should_panic(expected = "apply cannot take this event")]
+    fn a_decided_event_that_apply_cannot_take_fails_the_test() {
+        AggregateTest::<Notes>::given_no_events().when(NoteCommand::Note("boom"));
+    }
+
+    #[test]
+    fn decided_events_are_compared_with_the_expected_ones() {
+        AggregateTest::<Notes>::given([noted("a", None)])
+            .when(NoteCommand::Note("b"))
+            .then_expect_events([noted("b", None)]);
     }
 }

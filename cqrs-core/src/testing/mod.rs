@@ -36,7 +36,7 @@ pub mod transport;
 
 mod given;
 
-pub use given::{AggregateTest, CommandOutcome, CommandTest, Then};
+pub use given::{AggregateTest, CommandOutcome, CommandTest, TEST_AGGREGATE_ID, Then};
 pub use helpers::{eventually, long, require_services, test_id, with_timeout};
 
 use async_trait::async_trait;
