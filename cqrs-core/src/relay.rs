@@ -2,35 +2,103 @@
 
 use crate::ports::{EventStore, EventTransport, ProjectionStore, StoreError, TransportError};
 use crate::runtime::{Health, Worker, WorkerContext};
-use crate::{BoxError, Position};
+use crate::{BoxError, ErrorKind, EventRecord, Position};
 use async_trait::async_trait;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Why a relay batch failed. Nothing was marked relayed; the batch is retried.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayError {
-    /// Reading the store or the checkpoint failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Publishing failed.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
+    /// Taking the lease, reading events or the checkpoint, or saving it failed.
+    #[error("store relay `{relay}` could not read or advance: {source}")]
+    Store {
+        /// The relay's name.
+        relay: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The transport failed with a retryable error (one that refuses an event for good skips
+    /// that event instead).
+    #[error("store relay `{relay}` could not publish to `{topic}`: {source}")]
+    Transport {
+        /// The relay's name.
+        relay: String,
+        /// The topic.
+        topic: String,
+        /// The transport's error.
+        #[source]
+        source: TransportError,
+    },
+    /// The transport did not answer within the publish timeout.
+    #[error("store relay `{relay}`: publishing to `{topic}` took longer than {after:?}")]
+    PublishTimeout {
+        /// The relay's name.
+        relay: String,
+        /// The topic.
+        topic: String,
+        /// The timeout.
+        after: Duration,
+    },
+}
+
+impl RelayError {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RelayError::Store { source, .. } => source.kind(),
+            RelayError::Transport { source, .. } => source.kind(),
+            RelayError::PublishTimeout { .. } => ErrorKind::Timeout,
+        }
+    }
+}
+
+/// Why one publish did not go through.
+enum PublishFailure {
+    /// Worth retrying the batch: nothing is passed.
+    Retry(RelayError),
+    /// The transport will never take it.
+    Refused(TransportError),
 }
 
 /// Ships every event of an [`EventStore`], in global order, to a topic of an
 /// [`EventTransport`], recording how far it got as a checkpoint in a [`ProjectionStore`].
 ///
-/// Each batch: take the relay's lock (`ProjectionStore::begin`, so only one relay of a name
+/// Each batch: take the relay's lease (`ProjectionStore::begin`, so only one relay of a name
 /// ships at a time, even across instances sharing the store), read the events after the
-/// checkpoint, publish them in order, then commit the new checkpoint. A relay that dies after
-/// publishing and before committing publishes the batch again: delivery is at-least-once and
-/// consumers dedupe by event id. Order holds per stream (the global order includes each
-/// stream's order); an event without a partition key is published with its stream id as the
-/// key, so an ordered transport keeps each aggregate's events in order. When the transport is down, the batch fails and the worker retries with
-/// exponential backoff; nothing is lost, since the checkpoint did not move.
+/// checkpoint, publish them in order, then commit the new checkpoint. Hence:
+///
+/// * **At least once.** A relay that dies after publishing and before committing publishes
+///   the batch again; consumers dedupe by event id.
+/// * **Order** holds per stream (the global order includes each stream's order); an event
+///   without a partition key is published with its stream id as the key, so an ordered
+///   transport keeps each aggregate's events in order.
+/// * **Retries.** When the transport fails (for any reason but an event it cannot encode) or
+///   runs past [`publish_timeout`](Self::publish_timeout), the batch fails and the worker retries with
+///   exponential backoff; nothing is lost, since the checkpoint did not move.
+/// * **An event the transport cannot encode** (a [`TransportError::Codec`] error) would stop
+///   the relay for ever, so it is skipped: the relay publishes the batch's events one at a
+///   time, in order, to find it, logs it at error level (position, stream, id, reason),
+///   counts it, and moves the checkpoint past it. It stays in the event store, to be replayed
+///   once the cause is fixed; consumers of its stream see a gap. Other errors that are not
+///   retryable (`Invalid`, `Backend`: a missing permission, a topic the broker refuses, a
+///   full server) would refuse every event alike, so the relay does not skip on them: it
+///   retries with backoff and its health reports the error until the cause is fixed.
+/// * **The lease is held while publishing.** With a lease store whose unit is a transaction
+///   (`PgProjectionStore`), a publish longer than the server's idle-in-transaction timeout
+///   would end the session and free the lease for another instance mid-batch; the publish
+///   timeout stops that.
+///
+/// An event the store cannot decode fails `read_all` for its whole page, and the port does
+/// not say which position it is at, so this relay stops there (degraded, retrying);
+/// `PgOutboxRelay` reads rows itself and skips it.
+///
+/// Metrics (`metrics` facade, labels `relay` and `event_type`): `cqrs_events_published_total`,
+/// and `cqrs_events_skipped_total` (with `reason` = `refused`).
 ///
 /// Servers whose events live in an event store without a separate outbox use this; an adapter
 /// may ship its own outbox relay instead.
@@ -43,6 +111,7 @@ pub struct StoreRelay<S: ProjectionStore> {
     batch: usize,
     idle: Duration,
     max_backoff: Duration,
+    publish_timeout: Duration,
 }
 
 impl<S: ProjectionStore> fmt::Debug for StoreRelay<S> {
@@ -72,6 +141,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
             batch: 100,
             idle: Duration::from_millis(50),
             max_backoff: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(30),
         }
     }
 
@@ -90,15 +160,42 @@ impl<S: ProjectionStore> StoreRelay<S> {
         self
     }
 
-    /// Ships one batch. Returns how many events were published (0 when caught up).
+    /// How long publishing one batch may take, the relay's lease held meanwhile (default
+    /// 30 s). Keep it well below the lease store's idle-in-transaction timeout (60 s for
+    /// `PgProjectionStore`'s pool by default): past it the server ends the lease's session, and
+    /// another instance's relay would ship the same batch concurrently. A publish that runs
+    /// out fails the batch, which is retried. At least 1 ms (zero would never ship anything).
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    fn store_error(&self, source: StoreError) -> RelayError {
+        RelayError::Store {
+            relay: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Ships one batch. Returns how many events the checkpoint moved past (0 when caught up):
+    /// those published, and those the transport refused for good (skipped).
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
-        let mut unit = self.checkpoints.begin(&self.name).await?;
+        let mut unit = self
+            .checkpoints
+            .begin(&self.name)
+            .await
+            .map_err(|e| self.store_error(e))?;
         let after = self
             .checkpoints
             .checkpoint(&mut unit, &self.name)
-            .await?
+            .await
+            .map_err(|e| self.store_error(e))?
             .unwrap_or(Position::START);
-        let mut records = self.events.read_all(after, self.batch).await?;
+        let mut records = self
+            .events
+            .read_all(after, self.batch)
+            .await
+            .map_err(|e| self.store_error(e))?;
         let Some(last) = records.last().and_then(|r| r.position) else {
             return Ok(0);
         };
@@ -109,34 +206,134 @@ impl<S: ProjectionStore> StoreRelay<S> {
                 record.partition_key.clone_from(&record.stream_id);
             }
         }
-        self.transport.publish(&self.topic, &records).await?;
+        // One deadline for the whole batch: the lease waits idle meanwhile.
+        let deadline = Instant::now().checked_add(self.publish_timeout);
+        let refused = self.publish(&records, deadline).await?;
         self.checkpoints
             .save_checkpoint(&mut unit, &self.name, last)
-            .await?;
-        self.checkpoints.commit(unit).await?;
-        for record in &records {
-            metrics::counter!(
-                "cqrs_events_published_total",
-                "relay" => self.name.clone(),
-                "event_type" => crate::record::bounded_label(&record.event_type)
-            )
-            .increment(1);
+            .await
+            .map_err(|e| self.store_error(e))?;
+        self.checkpoints
+            .commit(unit)
+            .await
+            .map_err(|e| self.store_error(e))?;
+        // Logged and counted once committed: a batch that fails later finds them again.
+        let mut refused = refused.into_iter().peekable();
+        for (i, record) in records.iter().enumerate() {
+            let event_type = crate::record::bounded_label(&record.event_type);
+            if let Some((_, error)) = refused.next_if(|(r, _)| *r == i) {
+                tracing::error!(
+                    relay = %self.name,
+                    topic = %self.topic,
+                    position = ?record.position.map(Position::get),
+                    stream = record.stream_id.as_deref().unwrap_or_default(),
+                    event_id = %record.event_id,
+                    event_type = %record.event_type,
+                    error = %error,
+                    "the transport refused an event for good; skipped it (it stays in the event store)"
+                );
+                metrics::counter!(
+                    "cqrs_events_skipped_total",
+                    "relay" => self.name.clone(),
+                    "event_type" => event_type,
+                    "reason" => "refused"
+                )
+                .increment(1);
+            } else {
+                metrics::counter!(
+                    "cqrs_events_published_total",
+                    "relay" => self.name.clone(),
+                    "event_type" => event_type
+                )
+                .increment(1);
+            }
         }
         Ok(records.len())
     }
 
+    /// Publishes `records` in order by `deadline`. Returns those the transport could not
+    /// encode (index and error); fails when it failed otherwise or ran out of time.
+    async fn publish(
+        &self,
+        records: &[EventRecord],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<(usize, TransportError)>, RelayError> {
+        let error = match self.publish_by(records, deadline).await {
+            Ok(()) => return Ok(Vec::new()),
+            Err(PublishFailure::Retry(e)) => return Err(e),
+            Err(PublishFailure::Refused(e)) => e,
+        };
+        if records.len() == 1 {
+            return Ok(vec![(0, error)]);
+        }
+        // The batch error does not say which event is at fault (or whether any is: a batch
+        // too large for the broker): one at a time, in order, finds out.
+        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport refused a batch for good; publishing its events one at a time");
+        let mut refused = Vec::new();
+        for (i, record) in records.iter().enumerate() {
+            match self
+                .publish_by(std::slice::from_ref(record), deadline)
+                .await
+            {
+                Ok(()) => {}
+                Err(PublishFailure::Refused(e)) => refused.push((i, e)),
+                Err(PublishFailure::Retry(e)) => return Err(e),
+            }
+        }
+        Ok(refused)
+    }
+
+    async fn publish_by(
+        &self,
+        records: &[EventRecord],
+        deadline: Option<Instant>,
+    ) -> Result<(), PublishFailure> {
+        let publish = self.transport.publish(&self.topic, records);
+        let outcome = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, publish).await,
+            // A timeout too long for the clock: no limit.
+            None => Ok(publish.await),
+        };
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            // Only a `Codec` error is about the event itself. Anything else non-retryable
+            // (a permission, a topic the broker refuses, a full server) would refuse every
+            // event alike: skipping would drop them all, so it stalls and retries instead.
+            Ok(Err(source @ TransportError::Codec(_))) => Err(PublishFailure::Refused(source)),
+            Ok(Err(source)) => Err(PublishFailure::Retry(RelayError::Transport {
+                relay: self.name.clone(),
+                topic: self.topic.clone(),
+                source,
+            })),
+            Err(_) => Err(PublishFailure::Retry(RelayError::PublishTimeout {
+                relay: self.name.clone(),
+                topic: self.topic.clone(),
+                after: self.publish_timeout,
+            })),
+        }
+    }
+
     /// How many events the relay has not shipped yet.
     pub async fn backlog(&self) -> Result<u64, RelayError> {
-        let mut unit = self.checkpoints.begin(&self.name).await?;
+        let mut unit = self
+            .checkpoints
+            .begin(&self.name)
+            .await
+            .map_err(|e| self.store_error(e))?;
         let mut after = self
             .checkpoints
             .checkpoint(&mut unit, &self.name)
-            .await?
+            .await
+            .map_err(|e| self.store_error(e))?
             .unwrap_or(Position::START);
         drop(unit);
         let mut count = 0;
         loop {
-            let page = self.events.read_all(after, 1000).await?;
+            let page = self
+                .events
+                .read_all(after, 1000)
+                .await
+                .map_err(|e| self.store_error(e))?;
             let Some(last) = page.last().and_then(|r| r.position) else {
                 return Ok(count);
             };

@@ -7,11 +7,12 @@ use async_trait::async_trait;
 use cqrs_core::ports::{EventTransport, StoreError, TransportError};
 use cqrs_core::runtime::{Health, Worker, WorkerContext};
 use cqrs_core::{BoxError, ErrorKind, EventRecord, Position};
-use sqlx::postgres::{PgConnection, PgListener};
+use sqlx::postgres::{PgConnection, PgListener, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 
@@ -25,8 +26,17 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// * **Order.** Events are published in global order, which includes each stream's order;
 ///   events without a partition key get their stream id as key, so an ordered transport keeps
 ///   each stream in order.
-/// * **Nothing lost, nothing skipped.** The checkpoint moves only after the transport took the
-///   batch, and the global order never lets an event commit behind a position already read.
+/// * **Nothing lost.** The checkpoint moves only after the transport took the batch, and the
+///   global order never lets an event commit behind a position already read.
+/// * **Nothing stuck.** One event that can never be shipped would stop the relay for ever, so
+///   it is skipped: a row that cannot be decoded (written around the append function, say,
+///   without the metadata an event needs), or an event the transport cannot encode (a
+///   `TransportError::Codec` error; to find it, the relay publishes the run the transport
+///   refused one event at a time, in order). It is logged at error level (position, stream,
+///   id, reason), counted, and the checkpoint moves past it; it stays in the event store, to
+///   be replayed once the cause is fixed, and consumers of its stream see a gap. Other errors
+///   that are not retryable (`Invalid`, `Backend`: a missing permission, a full server) would
+///   refuse every event alike, so they are retried, not skipped.
 /// * **Several instances.** The checkpoint row is locked `FOR UPDATE SKIP LOCKED` for the
 ///   length of a batch, so one relay of a name ships at a time and the others stand by; if
 ///   the active one dies, its transaction rolls back and another takes over at the next poll.
@@ -34,7 +44,8 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// * **At least once.** A relay that dies after publishing and before committing leaves the
 ///   checkpoint where it was: the next relay ships that batch again. Consumers dedupe by event
 ///   id (the inbox of [`PgProjectionStore`](crate::PgProjectionStore) does).
-/// * **Retries.** A failed batch is retried with exponential backoff from `min` to `max`;
+/// * **Retries.** A batch the transport failed (for any reason but an event it cannot
+///   encode), or that ran past the publish timeout, is retried with exponential backoff from `min` to `max`;
 ///   after `max_attempts` failures in a row, `run` returns the error and the runtime restarts
 ///   the relay with its own backoff. Health is degraded while retrying.
 /// * **Wake-ups.** Every append notifies the schema's channel at commit; the relay listens on
@@ -42,7 +53,8 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///   only delays.
 ///
 /// Metrics (`metrics` facade, label `relay`): `cqrs_outbox_published_total`,
-/// `cqrs_outbox_publish_failures_total`, and every `metrics_interval` the gauges
+/// `cqrs_outbox_publish_failures_total`, `cqrs_outbox_skipped_total` (with `reason` =
+/// `undecodable` or `refused`), and every `metrics_interval` the gauges
 /// `cqrs_outbox_unpublished` and `cqrs_outbox_oldest_unpublished_seconds`
 /// (see [`backlog`](Self::backlog)).
 ///
@@ -92,7 +104,8 @@ impl std::fmt::Debug for PgOutboxRelay {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RelayBatch {
-    /// This relay shipped this many events (0: nothing was waiting).
+    /// This relay moved its checkpoint past this many events (0: nothing was waiting): those
+    /// it published, and those it skipped because they can never be shipped.
     Shipped(usize),
     /// Another relay of the same name holds the checkpoint: this one stands by.
     Standby,
@@ -121,7 +134,8 @@ pub enum RelayError {
         #[source]
         source: StoreError,
     },
-    /// The transport refused the batch.
+    /// The transport failed with a retryable error (one that refuses an event for good skips
+    /// that event instead).
     #[error("outbox relay `{relay}` could not publish to `{topic}`: {source}")]
     Transport {
         /// The relay's name.
@@ -327,15 +341,29 @@ impl PgOutboxRelay {
             .await
             .map_err(|e| self.store_error(store_error(e)))?;
         let outcome = self.ship(&mut tx).await;
-        if let Ok(Some(shipped)) = outcome
-            && shipped > 0
+        if let Ok(Some(shipped)) = &outcome
+            && shipped.passed() > 0
         {
             tx.commit()
                 .await
                 .map_err(|e| self.store_error(store_error(e)))?;
             metrics::counter!("cqrs_outbox_published_total", "relay" => self.relay.clone())
-                .increment(shipped as u64);
-            return Ok(RelayBatch::Shipped(shipped));
+                .increment(shipped.published as u64);
+            // Logged and counted once committed: a batch that rolls back finds them again.
+            for skip in &shipped.skipped {
+                tracing::error!(
+                    relay = %self.relay,
+                    position = skip.position.get(),
+                    stream = skip.stream_id.as_deref().unwrap_or_default(),
+                    event_id = ?skip.event_id,
+                    reason = skip.reason,
+                    error = %skip.error,
+                    "skipped an event the relay cannot ship; it stays in the event store"
+                );
+                metrics::counter!("cqrs_outbox_skipped_total", "relay" => self.relay.clone(), "reason" => skip.reason)
+                    .increment(1);
+            }
+            return Ok(RelayBatch::Shipped(shipped.passed()));
         }
         // Release the checkpoint row now rather than when the pool gets the connection back,
         // so a retry (or another relay) does not find it locked.
@@ -350,8 +378,9 @@ impl PgOutboxRelay {
     }
 
     /// Reads and publishes one batch in `tx` and moves the checkpoint (uncommitted). `None`:
-    /// another relay holds the checkpoint. `Some(0)`: nothing to ship (nothing to commit).
-    async fn ship(&self, tx: &mut PgConnection) -> Result<Option<usize>, RelayError> {
+    /// another relay holds the checkpoint. `Some` of nothing passed: nothing to ship (nothing
+    /// to commit).
+    async fn ship(&self, tx: &mut PgConnection) -> Result<Option<Shipped>, RelayError> {
         let rows = sqlx::query(AssertSqlSafe(self.db.sql.relay_lock_and_read.clone()))
             .bind(&self.relay)
             .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
@@ -363,68 +392,138 @@ impl PgOutboxRelay {
             return Ok(None);
         }
         let mut events = Vec::with_capacity(rows.len());
+        // Rows that cannot be decoded, in position order.
+        let mut undecodable = Vec::new();
         for r in &rows {
             let position: Option<i64> = r
                 .try_get("position")
                 .map_err(|e| self.store_error(store_error(e)))?;
-            if position.is_some() {
-                let mut event = row::event(r).map_err(|e| self.store_error(e))?;
-                if event.partition_key.is_none() {
-                    event.partition_key = event.stream_id.clone();
+            let Some(position) = position else {
+                // The checkpoint's row alone: no event after it.
+                continue;
+            };
+            match row::event(r) {
+                Ok(mut event) => {
+                    if event.partition_key.is_none() {
+                        event.partition_key = event.stream_id.clone();
+                    }
+                    events.push(event);
                 }
-                events.push(event);
+                Err(error) => {
+                    undecodable.push(Skip::undecodable(r, Position::new(to_u64(position)), error))
+                }
             }
         }
-        let Some(last) = events.last().and_then(|e| e.position) else {
-            return Ok(Some(0));
-        };
         // Runs of one topic, in order, all within one deadline: the batch's transaction waits
         // idle meanwhile, and must not outlive the server's idle-in-transaction timeout.
         let deadline = tokio::time::Instant::now().checked_add(self.publish_timeout);
-        // The end of the runs the transport took, and how many events they hold.
-        let mut shipped: Option<(Position, usize)> = None;
-        let mut start = 0;
-        while start < events.len() {
-            let topic = (self.topic_for)(&events[start]);
-            let mut end = start + 1;
+        // Events handled (published or refused, a prefix of `events`), and the refused ones.
+        let mut handled = 0;
+        let mut refused = Vec::new();
+        let mut failure = None;
+        while handled < events.len() {
+            let topic = (self.topic_for)(&events[handled]);
+            let mut end = handled + 1;
             while end < events.len() && (self.topic_for)(&events[end]) == topic {
                 end += 1;
             }
-            let publish = self.transport.publish(&topic, &events[start..end]);
-            let outcome = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, publish).await,
-                None => Ok(publish.await),
-            };
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(source)) => Some(RelayError::Transport {
-                    relay: self.relay.clone(),
-                    topic,
-                    source,
-                }),
-                Err(_) => Some(RelayError::PublishTimeout {
-                    relay: self.relay.clone(),
-                    topic,
-                    after: self.publish_timeout,
-                }),
-            };
-            if let Some(failure) = failure {
-                // What the transport took stays shipped: the next batch starts after it, so a
-                // broker too slow for a whole batch still makes progress.
-                let Some((position, count)) = shipped else {
-                    return Err(failure);
-                };
-                tracing::warn!(relay = %self.relay, shipped = count, error = %failure, "shipped part of a batch; the rest goes with the next");
-                self.advance(tx, position).await?;
-                return Ok(Some(count));
+            let (done, stopped) = self
+                .publish_run(&topic, &events[handled..end], deadline, &mut refused)
+                .await;
+            handled += done;
+            if stopped.is_some() {
+                failure = stopped;
+                break;
             }
-            if let Some(position) = events[end - 1].position {
-                shipped = Some((position, end));
-            }
-            start = end;
         }
-        self.advance(tx, last).await?;
-        Ok(Some(events.len()))
+        // What was handled stays handled: the next batch starts after it, so a broker too slow
+        // for a whole batch still makes progress.
+        let Some(reach) = reach(&events, handled, &undecodable) else {
+            return match failure {
+                Some(failure) => Err(failure),
+                None => Ok(Some(Shipped::default())),
+            };
+        };
+        // Every refused event is among the handled ones, all within reach.
+        let published = handled - refused.len();
+        let mut skipped: Vec<Skip> = undecodable
+            .into_iter()
+            .filter(|s| s.position <= reach)
+            .chain(refused)
+            .collect();
+        skipped.sort_by_key(|s| s.position);
+        let shipped = Shipped { published, skipped };
+        if let Some(failure) = failure {
+            tracing::warn!(relay = %self.relay, shipped = shipped.passed(), error = %failure, "shipped part of a batch; the rest goes with the next");
+        }
+        self.advance(tx, reach).await?;
+        Ok(Some(shipped))
+    }
+
+    /// Publishes `events` (one run of `topic`) by `deadline`. When the transport refuses them
+    /// for good, publishes them one at a time, in order, to find those it refuses (added to
+    /// `refused`). Returns how many were handled (published or refused), and the failure
+    /// that stopped it before the end.
+    async fn publish_run(
+        &self,
+        topic: &str,
+        events: &[EventRecord],
+        deadline: Option<Instant>,
+        refused: &mut Vec<Skip>,
+    ) -> (usize, Option<RelayError>) {
+        let error = match self.publish_by(topic, events, deadline).await {
+            Ok(()) => return (events.len(), None),
+            Err(PublishFailure::Retry(e)) => return (0, Some(e)),
+            Err(PublishFailure::Refused(e)) => e,
+        };
+        if let [event] = events {
+            refused.push(Skip::refused(event, error));
+            return (1, None);
+        }
+        // The run's error does not say which event is at fault (or whether any is: a run too
+        // large for the broker): one at a time, in order, finds out.
+        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport refused a run for good; publishing its events one at a time");
+        for (i, event) in events.iter().enumerate() {
+            match self
+                .publish_by(topic, std::slice::from_ref(event), deadline)
+                .await
+            {
+                Ok(()) => {}
+                Err(PublishFailure::Refused(e)) => refused.push(Skip::refused(event, e)),
+                Err(PublishFailure::Retry(e)) => return (i, Some(e)),
+            }
+        }
+        (events.len(), None)
+    }
+
+    async fn publish_by(
+        &self,
+        topic: &str,
+        events: &[EventRecord],
+        deadline: Option<Instant>,
+    ) -> Result<(), PublishFailure> {
+        let publish = self.transport.publish(topic, events);
+        let outcome = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, publish).await,
+            None => Ok(publish.await),
+        };
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            // Only a `Codec` error is about the event itself. Anything else non-retryable
+            // (a permission, a topic the broker refuses, a full server) would refuse every
+            // event alike: skipping would drop them all, so it stalls and retries instead.
+            Ok(Err(source @ TransportError::Codec(_))) => Err(PublishFailure::Refused(source)),
+            Ok(Err(source)) => Err(PublishFailure::Retry(RelayError::Transport {
+                relay: self.relay.clone(),
+                topic: topic.to_owned(),
+                source,
+            })),
+            Err(_) => Err(PublishFailure::Retry(RelayError::PublishTimeout {
+                relay: self.relay.clone(),
+                topic: topic.to_owned(),
+                after: self.publish_timeout,
+            })),
+        }
     }
 
     /// Moves the checkpoint to `position` in the batch's transaction.
@@ -489,6 +588,75 @@ impl PgOutboxRelay {
             }
         }
     }
+}
+
+/// Why one publish did not go through.
+enum PublishFailure {
+    /// Worth retrying: the event is not passed.
+    Retry(RelayError),
+    /// The transport will never take it.
+    Refused(TransportError),
+}
+
+/// An event the relay passes without publishing it.
+struct Skip {
+    position: Position,
+    stream_id: Option<String>,
+    event_id: Option<Uuid>,
+    /// `undecodable` or `refused`: the metric's label.
+    reason: &'static str,
+    error: BoxError,
+}
+
+impl Skip {
+    fn undecodable(row: &PgRow, position: Position, error: StoreError) -> Self {
+        Self {
+            position,
+            // Whatever of the row still reads, to find it.
+            stream_id: row.try_get("stream_id").ok(),
+            event_id: row.try_get("event_id").ok(),
+            reason: "undecodable",
+            error: Box::new(error),
+        }
+    }
+
+    fn refused(event: &EventRecord, error: TransportError) -> Self {
+        Self {
+            position: event.position.unwrap_or_default(),
+            stream_id: event.stream_id.clone(),
+            event_id: Some(event.event_id),
+            reason: "refused",
+            error: Box::new(error),
+        }
+    }
+}
+
+/// What one batch passed, uncommitted.
+#[derive(Default)]
+struct Shipped {
+    published: usize,
+    skipped: Vec<Skip>,
+}
+
+impl Shipped {
+    fn passed(&self) -> usize {
+        self.published + self.skipped.len()
+    }
+}
+
+/// How far the checkpoint may move once the first `handled` events are published or
+/// refused: past them, and past the undecodable rows before the next event. `None`: nowhere.
+fn reach(events: &[EventRecord], handled: usize, undecodable: &[Skip]) -> Option<Position> {
+    let next = events.get(handled).and_then(|e| e.position);
+    let event = handled
+        .checked_sub(1)
+        .and_then(|last| events[last].position);
+    let row = undecodable
+        .iter()
+        .map(|s| s.position)
+        .filter(|&p| next.is_none_or(|next| p < next))
+        .max();
+    event.max(row)
 }
 
 #[async_trait]

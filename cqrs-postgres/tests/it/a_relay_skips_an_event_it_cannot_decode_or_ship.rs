@@ -1,0 +1,176 @@
+//! One event the relay cannot decode (a row written around the append function) or that the
+//! transport refuses for good does not stop it: it is logged, counted and passed, and every
+//! other event is shipped in order. It stays in the event store.
+
+use crate::support::{pg_test, record};
+use crate::transport::receive;
+use async_trait::async_trait;
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, EventStore, EventTransport, ExpectedVersion, TransportCapabilities,
+    TransportError,
+};
+use cqrs_core::{EventRecord, Position};
+use cqrs_postgres::{PgOutboxRelay, RelayBatch};
+use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Recorder, SharedString, Unit};
+use sqlx::AssertSqlSafe;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters by name and labels (`name{k=v,...}`).
+#[derive(Default)]
+struct Counts(Mutex<BTreeMap<String, Arc<Count>>>);
+
+#[derive(Default)]
+struct Count(AtomicU64);
+
+impl CounterFn for Count {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::SeqCst);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.store(value, Ordering::SeqCst);
+    }
+}
+
+impl Counts {
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |c| c.0.load(Ordering::SeqCst))
+    }
+}
+
+impl Recorder for Counts {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &metrics::Metadata<'_>) -> Counter {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        Counter::from_arc(self.0.lock().unwrap().entry(name).or_default().clone())
+    }
+    fn register_gauge(&self, _: &Key, _: &metrics::Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, _: &Key, _: &metrics::Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+/// A transport that refuses for good every batch holding the event `{"n": refuse}`.
+struct Refusing {
+    inner: InMemoryTransport,
+    refuse: u64,
+}
+
+#[async_trait]
+impl EventTransport for Refusing {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if events
+            .iter()
+            .any(|e| e.payload["n"].as_u64() == Some(self.refuse))
+        {
+            return Err(TransportError::Codec("this event cannot be encoded".into()));
+        }
+        self.inner.publish(topic, events).await
+    }
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// The last stored position, read around the store (which cannot decode a bad row).
+async fn last_position(db: &cqrs_postgres::PgDatabase) -> Position {
+    let last = format!("SELECT max(position) FROM \"{}\".events", db.schema());
+    let last: i64 = sqlx::query_scalar(AssertSqlSafe(last))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    Position::new(last.try_into().unwrap())
+}
+
+pg_test! {
+    async fn a_row_that_cannot_be_decoded_is_skipped_and_the_rest_shipped_in_order(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        // Written around the append function, without the metadata an event needs.
+        let insert = format!(
+            "INSERT INTO \"{}\".events (stream_id, stream_version, event_id, event_type, \
+             schema_version, payload, metadata) \
+             VALUES ('manual', 1, gen_random_uuid(), 'Noted', 1, '{{\"n\": 2}}', '{{}}')",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(insert)).execute(db.pool()).await.unwrap();
+        store.append("s", ExpectedVersion::Exactly(1), vec![record(3)]).await.unwrap();
+        assert!(store.read_all(Position::START, 10).await.is_err(), "the row cannot be decoded");
+        let last = last_position(&db).await;
+
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone());
+        relay.ensure_checkpoint().await.unwrap();
+        let counts = Counts::default();
+        let batch = {
+            // The body runs on the test's own thread: the local recorder sees the relay's counts.
+            let _recorder = metrics::set_default_local_recorder(&counts);
+            relay.relay_once().await
+        };
+        assert_eq!(batch.expect("the bad row does not fail the batch"), RelayBatch::Shipped(3));
+        assert_eq!(relay.checkpoint().await.unwrap(), last, "the checkpoint passed the bad row");
+        assert_eq!(relay.backlog().await.unwrap().unpublished, 0);
+        let shipped: Vec<u64> = receive(transport.as_ref(), "events", "readers", 2)
+            .await
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shipped, [1, 3]);
+        assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=undecodable}"), 1);
+        assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 2);
+    }
+}
+
+pg_test! {
+    async fn an_event_the_transport_refuses_for_good_is_skipped_and_the_rest_shipped_in_order(db: PgDatabase) {
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, (1..=5).map(record).collect())
+            .await
+            .unwrap();
+        let last = last_position(&db).await;
+        let transport = Arc::new(Refusing { inner: InMemoryTransport::new(), refuse: 3 });
+        // Two topics: the refused event sits in a run of its own topic, between others.
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .topic_for(|e| if e.payload["n"].as_u64().unwrap() <= 4 { "low".into() } else { "high".into() });
+        relay.ensure_checkpoint().await.unwrap();
+        let counts = Counts::default();
+        let batch = {
+            let _recorder = metrics::set_default_local_recorder(&counts);
+            relay.relay_once().await
+        };
+        assert_eq!(batch.expect("the refusal does not fail the batch"), RelayBatch::Shipped(5));
+        assert_eq!(relay.checkpoint().await.unwrap(), last);
+        let low: Vec<u64> = receive(&transport.inner, "low", "readers", 3)
+            .await
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(low, [1, 2, 4]);
+        let high = receive(&transport.inner, "high", "readers", 1).await;
+        assert_eq!(high[0].payload["n"], 5);
+        assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=refused}"), 1);
+        assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 4);
+    }
+}
