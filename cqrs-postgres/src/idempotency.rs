@@ -20,9 +20,12 @@ use std::time::Duration;
 /// the work runs, a concurrent claim with the same fingerprint waits on the claim's
 /// transaction-scoped lock and then replays the stored response, or claims the key itself if
 /// the first transaction rolled back (the guard was dropped). A concurrent claim with another
-/// fingerprint fails at once with [`StoreError::FingerprintMismatch`]: the claimers'
-/// fingerprints are visible to each other as advisory locks (see
-/// `migrations/0003_idempotency.sql`).
+/// fingerprint fails at once with [`StoreError::FingerprintMismatch`], however many run
+/// together: every claim marks its fingerprint with an advisory lock, and a claim that finds
+/// the key's lock taken reads the holder's marks in `pg_locks`, failing when they show another
+/// fingerprint and waiting for the key's lock otherwise (see `IDEMPOTENCY_CLAIM` in the
+/// crate's `sql` module for why this holds under concurrency). Replays of one key take its
+/// lock in turn, each for a statement and a `ROLLBACK`.
 ///
 /// Expiry is `ttl` after completion, measured on the handle's clock
 /// ([`PgDatabase::with_clock`]); [`purge_expired`](IdempotencyStore::purge_expired)
@@ -85,15 +88,18 @@ pub(crate) async fn claim_on(
     now: DateTime<Utc>,
     ttl: Duration,
 ) -> Result<Outcome, StoreError> {
-    let (key_lock, fingerprint_lock) = sql.idempotency_locks(scope, key, fingerprint);
+    let locks = sql.idempotency_locks(scope, key, fingerprint);
     let row = sqlx::query(AssertSqlSafe(sql.idempotency_claim.clone()))
         .bind(scope)
         .bind(key)
         .bind(fingerprint)
         .bind(now)
         .bind(expiry(now, ttl))
-        .bind(key_lock)
-        .bind(fingerprint_lock)
+        .bind(locks.key)
+        .bind(locks.fingerprint)
+        .bind(locks.claimer)
+        .bind(locks.owner_key)
+        .bind(locks.owner_fingerprint)
         .fetch_one(&mut *conn)
         .await
         .map_err(store_error)?;

@@ -155,10 +155,11 @@ impl ProjectionStore for PgProjectionStore {
         unit.tx.commit().await.map_err(store_error)
     }
 
-    /// By the server's clock (`processed_at` is the inserting transaction's `now()`), with an
-    /// index on `(consumer, processed_at)`, a batch of rows per statement: a large backlog is
-    /// worked off in statements that each stay short (under a `statement_timeout`, and
-    /// holding few row locks at a time).
+    /// By the server's clock (`processed_at` is the `clock_timestamp()` of `mark_processed`,
+    /// not the start of the unit's transaction, which may have waited for the consumer's
+    /// lock), with an index on `(consumer, processed_at)`, a batch of rows per statement: a
+    /// large backlog is worked off in statements that each stay short (under a
+    /// `statement_timeout`, and holding few row locks at a time).
     async fn purge_inbox(
         &self,
         consumer: &str,

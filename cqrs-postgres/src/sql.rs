@@ -151,9 +151,11 @@ impl Sql {
                  state = EXCLUDED.state, updated_at = now() WHERE t.version < EXCLUDED.version"
             )),
 
-            idempotency_claim: f(format!(
-                "SELECT outcome, status, body FROM {s}.idempotency_claim($1, $2, $3, $4, $5, $6, $7)"
-            )),
+            // `idempotency_claim` (migration 3, applied and checksummed, so unchanged) decides
+            // with the locks it is handed; this statement decides first, in the argument it
+            // passes as the function's fingerprint lock (evaluated before the function runs
+            // and takes its first snapshot). See `IDEMPOTENCY_CLAIM` for how and why.
+            idempotency_claim: f(IDEMPOTENCY_CLAIM.replace("{s}", &s)),
             idempotency_complete: f(format!(
                 "UPDATE {s}.idempotency SET status = $1, body = $2, expires_at = $3 \
                  WHERE scope = $4 AND key = $5"
@@ -166,8 +168,12 @@ impl Sql {
                  WHERE expires_at <= $1 AND status IS NOT NULL LIMIT $2)"
             )),
 
+            // Dated now, not at the transaction's start (the column's default, `now()`): the
+            // unit began before it waited for its consumer's lock and before the events it
+            // processed first, and `purge_inbox` measures age from this date.
             inbox_insert: f(format!(
-                "INSERT INTO {s}.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+                "INSERT INTO {s}.inbox (consumer, message_id, processed_at) \
+                 VALUES ($1, $2, clock_timestamp()) ON CONFLICT DO NOTHING"
             )),
             checkpoint_load: f(format!(
                 "SELECT position FROM {s}.checkpoints WHERE consumer = $1"
@@ -226,19 +232,96 @@ impl Sql {
         lock::key(&[&self.schema, "consumer", consumer])
     }
 
-    /// The advisory lock keys of an idempotency key, and of it with a fingerprint.
+    /// The advisory lock keys a claim of (`scope`, `key`) with `fingerprint` takes (see
+    /// [`IDEMPOTENCY_CLAIM`]).
     pub(crate) fn idempotency_locks(
         &self,
         scope: &str,
         key: &str,
         fingerprint: &str,
-    ) -> (i64, i64) {
-        (
-            lock::key(&[&self.schema, "idempotency", scope, key]),
-            lock::key(&[&self.schema, "idempotency", scope, key, fingerprint]),
-        )
+    ) -> IdempotencyLocks {
+        let fingerprint_lock = lock::key(&[&self.schema, "idempotency", scope, key, fingerprint]);
+        IdempotencyLocks {
+            key: lock::key(&[&self.schema, "idempotency", scope, key]),
+            fingerprint: fingerprint_lock,
+            claimer: lock::key(&[&self.schema, "idempotency claimer"]),
+            // The high half of a third hash of the key, and the low half of the fingerprint
+            // lock's: 32 bits each, as a two-`int4` advisory lock.
+            owner_key: (lock::key(&[&self.schema, "idempotency owner", scope, key]) >> 32) as i32,
+            owner_fingerprint: fingerprint_lock as i32,
+        }
     }
 }
+
+/// The advisory lock keys of one claim: the parameters `$6` to `$10` of [`IDEMPOTENCY_CLAIM`].
+pub(crate) struct IdempotencyLocks {
+    /// Held exclusively by the key's owner (and, for a moment, by a claim that replays or
+    /// mismatches): `$6`.
+    pub(crate) key: i64,
+    /// The (key, fingerprint) lock of migration 3, held shared: `$7`.
+    pub(crate) fingerprint: i64,
+    /// XORed with the backend's pid, a lock no other session holds: `$8`.
+    pub(crate) claimer: i64,
+    /// The (key, fingerprint) mark, a two-`int4` lock held shared: `$9`, `$10`.
+    pub(crate) owner_key: i32,
+    pub(crate) owner_fingerprint: i32,
+}
+
+/// Claims an idempotency key in one statement (one round trip), through `idempotency_claim`
+/// of migration 3. Before the function runs, in the argument it takes as its fingerprint lock,
+/// the claim:
+///
+/// 1. marks itself: the (key, fingerprint) lock of migration 3 shared (`$7`; a claim of an
+///    older build seeing it waits instead of failing), and a two-`int4` lock (`$9`, `$10`:
+///    32 bits of the key, 32 bits of the fingerprint) shared. Nothing takes either
+///    exclusively, so neither waits; both are held before the key lock, until the end;
+/// 2. tries the key lock (`$6`). Taken: the function reads the key and replays, mismatches or
+///    takes it. Taken by another transaction: it reads `pg_locks` once (one snapshot of the
+///    lock table) for that holder's marks. A mark of this key with another fingerprint is
+///    proof that the holder's fingerprint differs: the function is left to answer (a replay or
+///    mismatch if the key completed meanwhile; otherwise it finds the key lock still taken and
+///    answers `mismatch` at once). No such mark: the holder has our fingerprint, or is ending
+///    and has dropped its marks, or is a claim of an older build; the claim waits for the key
+///    lock here, then the function reads the key and replays, mismatches or takes it.
+///
+/// The function always gets a fingerprint lock only this session can hold (`$8` XOR the
+/// backend's pid), so its own "can I take my fingerprint lock exclusively" test always
+/// succeeds and it never waits: every wait is on the key lock, decided above.
+///
+/// Why proof of a difference, not the absence of a mark of our own fingerprint: an ending
+/// transaction releases its locks one at a time, so for a moment its key lock can be held
+/// while its marks are gone, and a claim reading that as "another fingerprint" would fail a
+/// duplicate of the request that just completed or rolled back. (Migration 3 alone had each
+/// claim share its fingerprint lock and test whether it could take it exclusively; claims
+/// with one fingerprint could not tell the owner from each other, so several with another
+/// fingerprint, arriving together, all waited for the owner.) Missing proof costs only a wait
+/// on the key lock, after which the function reads the committed outcome. A hash collision
+/// likewise only makes a claim wait: keys sharing a key lock differ in their marks' key half,
+/// and fingerprints sharing 32 bits look alike.
+///
+/// `pg_locks` is read only when the key lock is taken (a duplicate or a conflicting request
+/// while a claim is open, or a replay running at the same moment), and briefly holds every
+/// lock-manager partition: fine for retries, not for a hot loop.
+const IDEMPOTENCY_CLAIM: &str = "SELECT outcome, status, body FROM {s}.idempotency_claim(\
+     $1, $2, $3, $4, $5, $6, (\
+     SELECT CASE \
+     WHEN pg_try_advisory_xact_lock($6) THEN pre.claimer \
+     WHEN EXISTS (\
+       WITH held AS MATERIALIZED (\
+         SELECT l.pid, l.classid, l.objid, l.objsubid, l.mode FROM pg_catalog.pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.database = \
+           (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())) \
+       SELECT 1 FROM held k JOIN held m ON m.pid = k.pid \
+       WHERE k.objsubid = 1 AND k.mode = 'ExclusiveLock' \
+         AND k.classid = (($6::bigint >> 32) & 4294967295)::oid \
+         AND k.objid = ($6::bigint & 4294967295)::oid \
+         AND m.objsubid = 2 AND m.classid = $9::int4::oid AND m.objid <> $10::int4::oid) \
+     THEN pre.claimer \
+     ELSE (SELECT pre.claimer FROM (SELECT pg_advisory_xact_lock($6) OFFSET 0) AS wait) \
+     END \
+     FROM (SELECT $8::bigint # pg_backend_pid() AS claimer, \
+       pg_advisory_xact_lock_shared($7::bigint), \
+       pg_advisory_xact_lock_shared($9::int4, $10::int4) OFFSET 0) AS pre))";
 
 #[cfg(test)]
 mod tests {

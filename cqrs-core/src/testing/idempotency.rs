@@ -35,6 +35,8 @@ macro_rules! idempotency_conformance {
                 a_key_reused_with_another_request_is_rejected,
                 concurrent_claims_of_one_key_run_the_work_once,
                 a_dropped_claim_releases_the_key,
+                claims_with_another_fingerprint_fail_at_once_while_the_key_is_held,
+                a_dropped_claim_hands_the_key_to_one_waiting_duplicate,
                 scopes_are_independent,
                 keys_expire_after_their_ttl,
                 a_ttl_of_duration_max_keeps_the_response,
@@ -141,6 +143,99 @@ pub async fn a_dropped_claim_releases_the_key<H: IdempotencyHarness>(h: &H) {
         .complete(StoredResponse::new(200, json!(1)))
         .await
         .unwrap();
+}
+
+/// How long a claim may take to answer when it must not wait for another claim.
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// While a claim of `(k, fp-1)` is held, eight concurrent claims of `k` with `fp-2` all fail
+/// with [`StoreError::FingerprintMismatch`] without waiting for it (within [`PROMPTLY`], the
+/// guard still held); concurrent claims with `fp-1`, started before them, are still waiting
+/// once they have all answered, and replay the response after the guard completes.
+pub async fn claims_with_another_fingerprint_fail_at_once_while_the_key_is_held<
+    H: IdempotencyHarness,
+>(
+    h: &H,
+) {
+    let store = h.store();
+    let scope = h.test_id().to_owned();
+    let guard = new(store.claim(&scope, "k", "fp-1", DAY).await.unwrap());
+    let claim = |fingerprint: &'static str| {
+        let (store, scope) = (store.clone(), scope.clone());
+        tokio::spawn(async move { store.claim(&scope, "k", fingerprint, DAY).await })
+    };
+    let duplicates: Vec<_> = (0..4).map(|_| claim("fp-1")).collect();
+    let others: Vec<_> = (0..8).map(|_| claim("fp-2")).collect();
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    for (i, other) in others.into_iter().enumerate() {
+        let answer = tokio::time::timeout_at(deadline, other)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "claim {i} with another fingerprint did not answer within {PROMPTLY:?} while \
+                 the first claim was held: it waits for the first claim instead of failing"
+                )
+            });
+        match answer.unwrap() {
+            Err(StoreError::FingerprintMismatch { scope: s, key }) => {
+                assert_eq!((s.as_str(), key.as_str()), (scope.as_str(), "k"))
+            }
+            Ok(Claim::New(_)) => panic!("claim {i} with another fingerprint took a held key"),
+            other => {
+                panic!("claim {i} with another fingerprint: expected a mismatch, got {other:?}")
+            }
+        }
+    }
+    assert!(
+        duplicates.iter().all(|d| !d.is_finished()),
+        "a claim with the holder's fingerprint answered while the key was held"
+    );
+    let response = StoredResponse::new(201, json!({"made": "once"}));
+    guard.complete(response.clone()).await.unwrap();
+    for duplicate in duplicates {
+        let answer = tokio::time::timeout(PROMPTLY, duplicate)
+            .await
+            .expect("a waiting duplicate answered once the key completed");
+        assert_eq!(replay(answer.unwrap().unwrap()), response);
+    }
+}
+
+/// A claim dropped while duplicates (same fingerprint) wait for it hands the key to exactly one
+/// of them; the others wait for that one and replay its response.
+pub async fn a_dropped_claim_hands_the_key_to_one_waiting_duplicate<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id().to_owned();
+    let guard = new(store.claim(&scope, "k", "fp", DAY).await.unwrap());
+    let response = StoredResponse::new(200, json!({"by": "a duplicate"}));
+    let duplicates: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, scope, response) = (store.clone(), scope.clone(), response.clone());
+            tokio::spawn(async move {
+                match store.claim(&scope, "k", "fp", DAY).await.unwrap() {
+                    Claim::New(guard) => {
+                        guard.complete(response).await.unwrap();
+                        true
+                    }
+                    Claim::Replay(r) => {
+                        assert_eq!(r, response);
+                        false
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(guard);
+    let mut took = 0;
+    for duplicate in duplicates {
+        if tokio::time::timeout(PROMPTLY, duplicate)
+            .await
+            .expect("a duplicate answered after the first claim was dropped")
+            .unwrap()
+        {
+            took += 1;
+        }
+    }
+    assert_eq!(took, 1, "exactly one duplicate took the dropped key");
 }
 
 /// One key in two scopes is two keys.
