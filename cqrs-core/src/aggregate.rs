@@ -170,6 +170,22 @@ pub enum AggregateError<E> {
     /// A stored event could not be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The stream holds an event this build cannot apply to the aggregate: of a type it does
+    /// not know (a newer build wrote it during a rolling deploy), or of one that is not among
+    /// the aggregate's events (removed from its event set). Loading fails rather than skip it:
+    /// the aggregate would decide on incomplete state, and its append at the stream's version
+    /// would succeed.
+    #[error(
+        "stream `{stream}` holds an event of type `{event_type}` at version {version} that this build cannot apply to the aggregate; deploy the build that wrote it here too, or add the type back to the aggregate's event set: deciding without it would decide on incomplete state"
+    )]
+    UnknownEvent {
+        /// The stream.
+        stream: String,
+        /// The event's stream version.
+        version: u64,
+        /// Its wire name.
+        event_type: String,
+    },
     /// An event could not be serialized.
     #[error("could not serialize an event: {0}")]
     Encode(#[source] serde_json::Error),
@@ -180,7 +196,24 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
         match error {
             AggregateError::Rejected(e) => e.into(),
             AggregateError::Store(e) => e.into(),
+            // A build that can read the stream is on its way (or must be deployed): retry then.
+            AggregateError::Decode(e) if e.waits_for_another_build() => {
+                HandlerError::unavailable("this build cannot load the aggregate; retry later", e)
+            }
             AggregateError::Decode(e) => HandlerError::internal(e),
+            AggregateError::UnknownEvent {
+                stream,
+                version,
+                event_type,
+            } => HandlerError::unavailable(
+                "this build cannot load the aggregate; retry later",
+                // `E` need not be an error type: the source is rebuilt without it.
+                AggregateError::<std::convert::Infallible>::UnknownEvent {
+                    stream,
+                    version,
+                    event_type,
+                },
+            ),
             AggregateError::Encode(e) => HandlerError::internal(e),
         }
     }
@@ -231,12 +264,12 @@ impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
 impl<A: Aggregate> AggregateRepository<A> {
     /// A repository over `store` that decodes the aggregate's own event types.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        let mut types = EventTypes::new();
-        A::Event::register(&mut types);
-        Self::with_types(store, Arc::new(types))
+        Self::with_types(store, Arc::new(EventTypes::of::<A::Event>()))
     }
 
-    /// A repository that decodes with `types` (to share upcasters and the unknown-event policy).
+    /// A repository that decodes with `types` (to share upcasters). Its unknown-event policy
+    /// does not apply here: loading fails with [`AggregateError::UnknownEvent`] on an event of
+    /// the stream that `types` does not know or that is not one of the aggregate's events.
     pub fn with_types(store: Arc<dyn EventStore>, types: Arc<EventTypes>) -> Self {
         Self {
             store,
@@ -265,12 +298,22 @@ impl<A: Aggregate> AggregateRepository<A> {
         format!("{}-{id}", A::TYPE)
     }
 
-    /// Rebuilds the aggregate from its snapshot (if any) and events.
+    /// Rebuilds the aggregate from its snapshot (if any) and events. Fails with
+    /// [`AggregateError::UnknownEvent`] on an event it cannot apply. A snapshot that cannot be
+    /// loaded or decoded is logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
         let stream = Self::stream_id(id);
         let (mut state, mut version) = (A::default(), 0);
         if let Some(snapshots) = &self.snapshots
-            && let Some(snapshot) = snapshots.store.load(&stream).await?
+            && let Some(snapshot) = match snapshots.store.load(&stream).await {
+                Ok(snapshot) => snapshot,
+                // A snapshot is only a shortcut: a snapshot store that is down must not fail
+                // the command while the event store works.
+                Err(e) => {
+                    tracing::warn!(stream = %stream, error = %e, "could not load a snapshot; replaying the whole stream");
+                    None
+                }
+            }
         {
             match (snapshots.decode)(snapshot.state) {
                 Ok(s) => (state, version) = (s, snapshot.version),
@@ -316,11 +359,20 @@ impl<A: Aggregate> AggregateRepository<A> {
     ) -> Result<Loaded<A>, AggregateError<A::Error>> {
         for record in records {
             loaded.version = record.stream_version.unwrap_or(loaded.version + 1);
-            if let Some(envelope) = self.types.decode(&record)?
-                && let Some(event) = A::Event::from_envelope(&envelope)
-            {
-                loaded.state.apply_with(&event, &envelope);
+            // Whatever the unknown-event policy: skipping an event would let the aggregate
+            // decide on incomplete state, and the append at this version would succeed.
+            let unknown = || AggregateError::UnknownEvent {
+                stream: Self::stream_id(&loaded.id),
+                version: loaded.version,
+                event_type: record.event_type.clone(),
+            };
+            if !self.types.knows(&record.event_type) {
+                return Err(unknown());
             }
+            let envelope = self.types.decode(&record)?.ok_or_else(unknown)?;
+            // A type `types` knows (shared with other consumers) but not the aggregate's.
+            let event = A::Event::from_envelope(&envelope).ok_or_else(unknown)?;
+            loaded.state.apply_with(&event, &envelope);
         }
         Ok(loaded)
     }

@@ -1,13 +1,14 @@
 //! Turning stored records back into typed events: decoders by wire name, upcasters for old
 //! schema versions, and a policy for event types this build does not know.
 
-use crate::{AnyEvent, Event, EventEnvelope, EventRecord};
+use crate::{AnyEvent, BoxError, Event, EventEnvelope, EventRecord, EventSet};
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 type Decoder = fn(serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error>;
-type Upcaster = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync>;
+type Upcaster = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync>;
 
 fn decode_as<E: Event>(payload: serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error> {
     Ok(Arc::new(serde_json::from_value::<E>(payload)?))
@@ -15,6 +16,10 @@ fn decode_as<E: Event>(payload: serde_json::Value) -> Result<Arc<dyn AnyEvent>, 
 
 /// What to do with an event whose type this build does not know, such as one written by a
 /// newer instance during a rolling deploy.
+///
+/// Consumers follow it. An [`AggregateRepository`](crate::AggregateRepository) does not: it
+/// fails on any event of its stream it cannot apply, whatever the policy, since deciding
+/// without it would decide on incomplete state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UnknownEventPolicy {
@@ -53,9 +58,11 @@ pub enum DecodeError {
         /// This build's version.
         current: u32,
     },
-    /// No upcaster takes the record's old version to the next one.
+    /// No upcaster takes the record's old version to the next one: a gap in this build's
+    /// upcasters (see [`EventTypes::validate`]), not the event's fault. Consumers hand such an
+    /// event back without counting an attempt, to wait for a build that has the upcaster.
     #[error(
-        "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)`"
+        "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)` and deploy that build"
     )]
     MissingUpcaster {
         /// The wire name.
@@ -63,15 +70,16 @@ pub enum DecodeError {
         /// The version with no upcaster.
         found: u32,
     },
-    /// An upcaster failed.
-    #[error("upcasting event `{event_type}` from schema version {from} failed: {message}")]
+    /// An upcaster failed on this event.
+    #[error("upcasting event `{event_type}` from schema version {from} failed: {source}")]
     Upcast {
         /// The wire name.
         event_type: String,
         /// The version it started from.
         from: u32,
-        /// What the upcaster said.
-        message: String,
+        /// The upcaster's error.
+        #[source]
+        source: BoxError,
     },
     /// The payload does not match the type.
     #[error("event `{event_type}` does not match its type: {source}")]
@@ -84,12 +92,36 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    /// Whether another build must decode this record, not this one: a type it does not know
+    /// (under [`UnknownEventPolicy::Fail`]) or a schema version above its own (a newer build
+    /// wrote it during a rolling deploy), or an old version it lacks the upcaster for (a bug of
+    /// this build, fixed by deploying one that has it). None is the record's fault: it waits.
+    pub(crate) fn waits_for_another_build(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::UnknownType { .. }
+                | DecodeError::FutureVersion { .. }
+                | DecodeError::MissingUpcaster { .. }
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
 struct Entry {
     current: u32,
     decode: Decoder,
+    /// Which Rust type has the name, so that another one registered under it is caught.
+    type_id: TypeId,
+    type_name: &'static str,
 }
 
 /// The event types a process knows, by wire name, with upcasters for old schema versions.
+///
+/// Register an aggregate's or a projection's whole [`EventSet`] with
+/// [`of`](EventTypes::of) or [`register_set`](EventTypes::register_set) rather than type by
+/// type: a type left out is unknown, and skipped under the default policy. Call
+/// [`validate`](EventTypes::validate) at start-up to find a gap in the upcasters.
 ///
 /// ```
 /// use cqrs_core::{Event, EventRecord, EventTypes, Message, RecordMetadata, Metadata};
@@ -108,13 +140,15 @@ struct Entry {
 ///     let text = v["text"].take();
 ///     Ok(json!({ "body": text }))
 /// });
+/// types.validate()?;
 ///
 /// let old = EventRecord::new(uuid::Uuid::now_v7(), "Commented", 1, json!({"text": "hi"}),
 ///     RecordMetadata::from_metadata(&Metadata::new()));
 /// let envelope = types.decode(&old).unwrap().expect("a known type");
 /// assert_eq!(envelope.downcast_ref::<Commented>().unwrap().body, "hi");
+/// # Ok::<_, cqrs_core::DecodeError>(())
 /// ```
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct EventTypes {
     entries: HashMap<String, Entry>,
     upcasters: HashMap<(String, u32), Upcaster>,
@@ -137,23 +171,78 @@ impl EventTypes {
         Self::default()
     }
 
+    /// The types of event set `S` (an aggregate's events, or those a projection reads).
+    pub fn of<S: EventSet>() -> Self {
+        let mut types = Self::new();
+        types.register_set::<S>();
+        types
+    }
+
     /// Registers event type `E` under its wire name. Registering it twice is harmless.
+    ///
+    /// # Panics
+    ///
+    /// When another Rust type is registered under the same wire name: records of one would
+    /// decode as the other. Give each event type a unique `NAME`.
     pub fn register<E: Event>(&mut self) -> &mut Self {
-        self.entries.insert(
-            E::NAME.to_owned(),
+        self.insert(
+            E::NAME,
             Entry {
                 current: E::VERSION,
                 decode: decode_as::<E>,
+                type_id: TypeId::of::<E>(),
+                type_name: std::any::type_name::<E>(),
             },
         );
         self
     }
 
+    /// Registers every member of event set `S` (see [`register`](Self::register), whose panic
+    /// it shares).
+    pub fn register_set<S: EventSet>(&mut self) -> &mut Self {
+        S::register(self);
+        self
+    }
+
+    /// Adds the types and upcasters of `other` (not its policy). An upcaster `other` has for a
+    /// version this one has one for too replaces it.
+    ///
+    /// # Panics
+    ///
+    /// When a wire name is registered for different Rust types here and in `other`, as
+    /// [`register`](Self::register) does.
+    pub fn merge(&mut self, other: &EventTypes) -> &mut Self {
+        for (name, entry) in &other.entries {
+            self.insert(name, *entry);
+        }
+        self.upcasters
+            .extend(other.upcasters.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self
+    }
+
+    fn insert(&mut self, name: &str, entry: Entry) {
+        if let Some(existing) = self.entries.get(name) {
+            // Two types under one name: one would silently replace the other, and its records
+            // would decode as the wrong type, or not at all.
+            assert!(
+                existing.type_id == entry.type_id,
+                "two event types share the wire name `{name}`: `{}` and `{}`; give each a unique NAME",
+                existing.type_name,
+                entry.type_name,
+            );
+        }
+        self.entries.insert(name.to_owned(), entry);
+    }
+
     /// Registers a function that turns a payload of schema version `from` of `event_type` into
-    /// version `from + 1`. Chains run until the registered type's version.
+    /// version `from + 1`. Chains run until the registered type's version; register one for
+    /// every version from the oldest stored one on ([`validate`](Self::validate) checks).
+    ///
+    /// An error fails the event's decoding with [`DecodeError::Upcast`], which keeps it as its
+    /// source; `?` on a serde error works.
     pub fn upcaster<F>(&mut self, event_type: &str, from: u32, upcast: F) -> &mut Self
     where
-        F: Fn(serde_json::Value) -> Result<serde_json::Value, String> + Send + Sync + 'static,
+        F: Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync + 'static,
     {
         self.upcasters
             .insert((event_type.to_owned(), from), Arc::new(upcast));
@@ -174,6 +263,39 @@ impl EventTypes {
     /// Whether a type with this wire name is registered.
     pub fn knows(&self, event_type: &str) -> bool {
         self.entries.contains_key(event_type)
+    }
+
+    /// Checks that every registered type's upcasters form a complete chain, from the lowest
+    /// version one is registered for up to the type's current version. Call it at start-up:
+    /// a gap otherwise shows only when an event of the missing version comes, and that event
+    /// then waits for a build that has the upcaster. Projection runners and the event-bus
+    /// consumer call it when they start as workers.
+    ///
+    /// Fails with [`DecodeError::MissingUpcaster`] naming the first gap.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        for name in names {
+            let current = self.entries[name].current;
+            let Some(lowest) = self
+                .upcasters
+                .keys()
+                .filter(|(event_type, _)| event_type == name)
+                .map(|&(_, from)| from)
+                .min()
+            else {
+                continue;
+            };
+            if let Some(found) =
+                (lowest..current).find(|&v| !self.upcasters.contains_key(&(name.clone(), v)))
+            {
+                return Err(DecodeError::MissingUpcaster {
+                    event_type: name.clone(),
+                    found,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Decodes a record into an envelope, upcasting old versions. `Ok(None)` is an unknown type
@@ -213,10 +335,10 @@ impl EventTypes {
                     event_type: record.event_type.clone(),
                     found: version,
                 })?;
-            payload = upcast(payload).map_err(|message| DecodeError::Upcast {
+            payload = upcast(payload).map_err(|source| DecodeError::Upcast {
                 event_type: record.event_type.clone(),
                 from: version,
-                message,
+                source,
             })?;
             version += 1;
         }

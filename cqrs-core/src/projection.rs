@@ -44,7 +44,11 @@ pub enum ProjectionError {
     /// The transport failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// An event could not be decoded (and the unknown-event policy says fail).
+    /// An event could not be decoded: an unknown type under
+    /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail), a schema version above
+    /// this build's or one it has no upcaster for (these wait for another build: a
+    /// transport-fed runner hands them back without counting an attempt), an upcaster that
+    /// failed, or a payload that does not match its type.
     #[error("event {event_id} could not be decoded: {source}")]
     Decode {
         /// The event.
@@ -98,15 +102,22 @@ enum Source {
 /// [`inbox_purge_interval`](ProjectionRunner::inbox_purge_interval) (an hour), so the inbox
 /// does not grow with the event log.
 ///
+/// The runner decodes the types it is given and skips others (under the default
+/// [`UnknownEventPolicy`](crate::UnknownEventPolicy)): derive them from the event sets the
+/// projection reads ([`EventTypes::of`]) rather than list them by hand, so none is left out.
+///
 /// ```
 /// # use cqrs_core::doc::{TicketOpened};
 /// use async_trait::async_trait;
 /// use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
 /// use cqrs_core::projection::{Projection, ProjectionRunner};
-/// use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata};
+/// use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata, event_set};
 /// use cqrs_core::ports::EventStore;
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU64, Ordering};
+///
+/// // The ticket aggregate's events (usually declared next to the aggregate).
+/// event_set! { pub enum TicketEvent { Opened(TicketOpened) } }
 ///
 /// /// Counts opened tickets. Memory has no rollback: effects are staged in the unit and run
 /// /// when it commits.
@@ -135,8 +146,8 @@ enum Source {
 /// let opened = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new());
 /// events.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![EventRecord::from_envelope(&opened)?]).await?;
 ///
-/// let mut types = EventTypes::new();
-/// types.register::<TicketOpened>();
+/// // Every type of the set; `register_set` adds further sets, `upcaster` old versions.
+/// let types = EventTypes::of::<TicketEvent>();
 /// let projection = Arc::new(Opened::default());
 /// let mut runner = ProjectionRunner::from_store(
 ///     Arc::new(InMemoryProjectionStore::new()), projection.clone(), events, Arc::new(types));
@@ -179,7 +190,9 @@ impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P>
 }
 
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
-    /// Feeds the projection from the event store's global order.
+    /// Feeds the projection from the event store's global order, decoding with `types` (see
+    /// [`EventTypes::of`]). Under [`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)
+    /// the checkpoint moves past an event of a type `types` lacks.
     pub fn from_store(
         store: Arc<S>,
         projection: Arc<P>,
@@ -202,7 +215,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
     }
 
-    /// Feeds the projection from consumer group `group` of `topic`.
+    /// Feeds the projection from consumer group `group` of `topic`, decoding with `types` (see
+    /// [`EventTypes::of`]). Under [`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)
+    /// an event of a type `types` lacks is acknowledged without being applied.
     pub fn from_transport(
         store: Arc<S>,
         projection: Arc<P>,
@@ -471,6 +486,9 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        // A gap in the upcasters is this build's bug: say so at start, not at the first event
+        // that needs the missing one.
+        self.types.validate()?;
         self.stop = Some(ctx.shutdown.clone());
         let result = self.run_until_shutdown(&ctx).await;
         self.stop = None;
@@ -658,22 +676,13 @@ fn waits(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::Unavailable | ErrorKind::RateLimited)
 }
 
-/// Whether a record this build cannot decode was written by a newer build (a rolling deploy):
-/// a type it does not know (under `UnknownEventPolicy::Fail`), or a schema version above its
-/// own. Such a record waits for a build that knows it; it is not the record's fault.
-fn newer_build(error: &DecodeError) -> bool {
-    matches!(
-        error,
-        DecodeError::UnknownType { .. } | DecodeError::FutureVersion { .. }
-    )
-}
-
 /// The event a failed batch is blamed on, if any: one the projection refused or that cannot
-/// be decoded. Not one written by a newer build ([`newer_build`]: it waits for a build that
-/// knows it), nor one whose failure [`waits`], nor any for a store or transport failure.
+/// be decoded. Not one another build must decode
+/// ([`DecodeError::waits_for_another_build`]: a newer one, or one with the upcaster this one
+/// lacks), nor one whose failure [`waits`], nor any for a store or transport failure.
 fn at_fault(error: &ProjectionError) -> Option<Uuid> {
     match error {
-        ProjectionError::Decode { source, .. } if newer_build(source) => None,
+        ProjectionError::Decode { source, .. } if source.waits_for_another_build() => None,
         ProjectionError::Decode { event_id, .. } => Some(*event_id),
         ProjectionError::Apply { source, .. } if waits(source.kind()) => None,
         ProjectionError::Apply { event_id, .. } => Some(*event_id),
@@ -965,13 +974,13 @@ impl fmt::Debug for EventBusConsumer {
 impl EventBusConsumer {
     /// Consumes `topic` in group `group` into `bus`.
     ///
-    /// `types` decodes the records: every event type the bus has handlers for
-    /// ([`EventBus::event_types`] gives them; add upcasters to it). A record of a type it does not know follows its
-    /// [`UnknownEventPolicy`](crate::UnknownEventPolicy) (by default skipped and acknowledged,
-    /// so its handlers never see it).
+    /// It decodes every event type the bus has handlers for ([`EventBus::event_types`]); add
+    /// upcasters or set the unknown-event policy with [`event_types`](Self::event_types). A
+    /// record of a type no handler takes follows the
+    /// [`UnknownEventPolicy`](crate::UnknownEventPolicy) (by default skipped and acknowledged:
+    /// nobody here handles it).
     pub fn new(
         bus: EventBus,
-        types: Arc<EventTypes>,
         transport: Arc<dyn EventTransport>,
         topic: &str,
         group: &str,
@@ -979,14 +988,28 @@ impl EventBusConsumer {
     ) -> Self {
         Self {
             name: format!("event-bus:{topic}:{group}"),
+            types: Arc::new(bus.event_types()),
             bus,
-            types,
             transport,
             topic: topic.to_owned(),
             group: group.to_owned(),
             options,
             consume: ConsumeLoop::default(),
         }
+    }
+
+    /// Decodes with `types` (its upcasters, its unknown-event policy, further types) as well as
+    /// the bus's own types, which are added to it: a type the bus handles is never skipped for
+    /// want of being listed.
+    ///
+    /// # Panics
+    ///
+    /// When `types` registers a wire name for another Rust type than the bus's handlers
+    /// take (see [`EventTypes::register`]).
+    pub fn event_types(mut self, mut types: EventTypes) -> Self {
+        types.merge(&self.bus.event_types());
+        self.types = Arc::new(types);
+        self
     }
 
     /// How deliveries are fetched and handled: batch size and concurrency.
@@ -1003,6 +1026,8 @@ impl Worker for EventBusConsumer {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        // A gap in the upcasters is this build's bug: say so at start.
+        self.types.validate()?;
         let mut consumer = self
             .transport
             .consumer(&self.topic, &self.group, self.options.clone())
@@ -1027,8 +1052,9 @@ impl Worker for EventBusConsumer {
                         Err(e) => Handled::Retry(e.to_string()),
                     },
                     Ok(None) => Handled::Done,
-                    // Written by a newer build: wait for a build that knows it.
-                    Err(e) if newer_build(&e) => Handled::Later(e.to_string()),
+                    // Written by a newer build, or missing an upcaster here: wait for a build
+                    // that decodes it.
+                    Err(e) if e.waits_for_another_build() => Handled::Later(e.to_string()),
                     Err(e) => Handled::Retry(e.to_string()),
                 }
             },

@@ -1,8 +1,9 @@
 use crate::fixtures::*;
 use cqrs_core::memory::{InMemoryEventStore, InMemorySnapshotStore};
-use cqrs_core::ports::{EventStore, SnapshotStore, StoreError};
+use cqrs_core::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
 use cqrs_core::{
-    Aggregate, AggregateError, AggregateRepository, HandlerError, Metadata, event_set,
+    Aggregate, AggregateError, AggregateRepository, ErrorKind, EventEnvelope, EventRecord,
+    EventTypes, HandlerError, Metadata, UnknownEventPolicy, async_trait, event_set,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -177,4 +178,142 @@ fn the_test_kit_replays_events_with_their_metadata() {
         .when("bob")
         .then_expect_error();
     assert_eq!(err.code(), "forbidden");
+}
+
+/// Subtracts; an event type of the same domain that `Total` does not take.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Subtracted {
+    pub sum: u64,
+}
+
+impl cqrs_core::Message for Subtracted {
+    const NAME: &'static str = "test.subtracted";
+}
+
+impl cqrs_core::Event for Subtracted {}
+
+fn record_of<E: cqrs_core::Event>(event: E) -> EventRecord {
+    EventRecord::from_envelope(&EventEnvelope::new(event, Metadata::new())).unwrap()
+}
+
+/// An event of the stream that this build cannot apply (a newer build wrote it during a
+/// rolling deploy) fails the load, naming it: skipped, the aggregate would decide on
+/// incomplete state and its append at the stream's version would succeed.
+#[test]
+fn loading_fails_on_an_event_of_a_type_this_build_does_not_know() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let mut unknown = record_of(Added { sum: 1 });
+        unknown.event_type = "test.multiplied".into();
+        store
+            .append(
+                "total-x",
+                ExpectedVersion::NO_STREAM,
+                vec![record_of(Added { sum: 1 }), unknown],
+            )
+            .await
+            .unwrap();
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let err = repo.load("x").await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AggregateError::UnknownEvent { stream, version: 2, event_type }
+                    if stream == "total-x" && event_type == "test.multiplied"
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("deploy the build that wrote it"),
+            "{err}"
+        );
+        let refused = repo
+            .execute("x", None, 1, &Metadata::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, AggregateError::UnknownEvent { .. }));
+        assert_eq!(
+            store.stream_version("total-x").await.unwrap(),
+            2,
+            "nothing appended"
+        );
+        let as_handler_error: HandlerError = refused.into();
+        assert_eq!(
+            as_handler_error.kind(),
+            ErrorKind::Unavailable,
+            "retry later"
+        );
+    });
+}
+
+/// Types shared with other consumers (`with_types`) may know a type that is not among the
+/// aggregate's events: an event of it in the stream fails the load too, whatever the policy.
+#[test]
+fn loading_fails_on_an_event_the_aggregate_does_not_take() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        store
+            .append(
+                "total-y",
+                ExpectedVersion::NO_STREAM,
+                vec![
+                    record_of(Added { sum: 1 }),
+                    record_of(Subtracted { sum: 1 }),
+                ],
+            )
+            .await
+            .unwrap();
+        for policy in [UnknownEventPolicy::Skip, UnknownEventPolicy::Fail] {
+            let mut shared = EventTypes::new();
+            shared
+                .register::<Added>()
+                .register::<Subtracted>()
+                .unknown_events(policy);
+            let repo = AggregateRepository::<Total>::with_types(store.clone(), Arc::new(shared));
+            let err = repo.load("y").await.unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    AggregateError::UnknownEvent { version: 2, event_type, .. }
+                        if event_type == "test.subtracted"
+                ),
+                "{policy:?}: {err:?}"
+            );
+        }
+    });
+}
+
+/// Fails every load; saves nothing.
+struct Down;
+
+#[async_trait]
+impl SnapshotStore for Down {
+    async fn load(&self, _stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        Err(StoreError::Unavailable {
+            backend: "snapshots",
+            source: "the snapshot store is down".into(),
+        })
+    }
+
+    async fn save(&self, _stream_id: &str, _snapshot: Snapshot) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// A snapshot is a shortcut: a snapshot store that cannot load costs a full replay, not the
+/// command.
+#[test]
+fn a_snapshot_store_that_fails_to_load_costs_only_a_replay() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let repo = AggregateRepository::<Total>::new(store).with_snapshots(Arc::new(Down), 1);
+        for add in [1, 2, 3] {
+            repo.execute("z", None, add, &Metadata::new())
+                .await
+                .unwrap();
+        }
+        let loaded = repo.load("z").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (6, 3));
+        assert_eq!(loaded.state.applied, 3, "replayed from the start");
+    });
 }

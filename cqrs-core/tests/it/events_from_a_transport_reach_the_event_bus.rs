@@ -5,8 +5,8 @@ use cqrs_core::projection::EventBusConsumer;
 use cqrs_core::runtime::Runtime;
 use cqrs_core::testing::eventually;
 use cqrs_core::{
-    EventBus, EventContext, EventEnvelope, EventHandler, EventHandlers, EventRecord, HandlerError,
-    Metadata,
+    EventBus, EventContext, EventEnvelope, EventHandler, EventHandlers, EventRecord, EventTypes,
+    HandlerError, Metadata,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -129,18 +129,72 @@ fn consume_adds_with(
     transport: &Arc<InMemoryTransport>,
     options: ConsumerOptions,
 ) -> Runtime {
-    // What the bus handles is what the consumer decodes.
-    let types = bus.event_types();
+    // The consumer decodes what the bus handles.
     Runtime::builder()
         .worker(EventBusConsumer::new(
             bus,
-            Arc::new(types),
             transport.clone(),
             "adds",
             "bus",
             options,
         ))
         .start()
+}
+
+/// Types given to the consumer (for their upcasters or policy) need not list what the bus
+/// handles: the bus's types are added, so an `Added` is handled, not skipped and acknowledged.
+#[test]
+fn a_type_the_bus_handles_is_decoded_without_being_listed() {
+    run(async {
+        let counter = Counter::named("counter");
+        let bus = EventBus::builder()
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        transport.publish("adds", &[added(1)]).await.unwrap();
+        let options = ConsumerOptions::default().block(Duration::from_millis(20));
+        let runtime = Runtime::builder()
+            .worker(
+                EventBusConsumer::new(bus, transport.clone(), "adds", "bus", options)
+                    // A hand list that forgot `Added`.
+                    .event_types(EventTypes::new()),
+            )
+            .start();
+        eventually(Duration::from_secs(5), "acknowledged", || async {
+            (transport.backlog("adds", "bus") == 0).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(counter.seen(), 1, "the handler saw it");
+    });
+}
+
+/// An event of an old schema version whose upcaster this build lacks waits for a build that
+/// has it: handed back without counting an attempt, never dead-lettered.
+#[test]
+fn an_event_missing_its_upcaster_waits_without_using_up_deliveries() {
+    run(async {
+        let counter = Counter::named("counter");
+        let bus = EventBus::builder()
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        let mut old = added(1);
+        old.schema_version = 0;
+        transport.publish("adds", &[old]).await.unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert!(
+            transport.dead_letters("adds", "bus").is_empty(),
+            "dead-lettered: {:?}",
+            transport.dead_letters("adds", "bus")
+        );
+        assert_eq!(transport.backlog("adds", "bus"), 1, "still waiting");
+        assert_eq!(counter.seen(), 0);
+    });
 }
 
 /// A consumer that never blocks (`block` of zero) still handles events and lets the shutdown

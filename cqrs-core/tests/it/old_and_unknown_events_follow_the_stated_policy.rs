@@ -109,3 +109,123 @@ fn a_decoded_event_keeps_its_ids_and_where_it_is_stored() {
         "round trip"
     );
 }
+
+/// Another type under `Added`'s wire name.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Impostor {
+    pub sum: String,
+}
+
+impl cqrs_core::Message for Impostor {
+    const NAME: &'static str = "test.added";
+}
+
+impl cqrs_core::Event for Impostor {}
+
+/// Two types under one wire name would replace each other silently, and records of one would
+/// decode as the other: registering the second is a programming error, caught at start-up.
+#[test]
+#[should_panic(
+    expected = "two event types share the wire name `test.added`: `it::fixtures::Added` and `it::old_and_unknown_events_follow_the_stated_policy::Impostor`; give each a unique NAME"
+)]
+fn a_wire_name_taken_by_another_type_is_refused() {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    types.register::<Impostor>();
+}
+
+#[test]
+fn registering_a_type_twice_is_harmless() {
+    let mut types = EventTypes::new();
+    types.register::<Added>().register::<Added>();
+    let envelope = types
+        .decode(&stored("test.added", 1, json!({"sum": 1})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(envelope.downcast_ref::<Added>(), Some(&Added { sum: 1 }));
+}
+
+/// At version 3: version 1 had `text`, version 2 `body`, version 3 `body` and `edited`.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Noted {
+    pub body: String,
+    pub edited: bool,
+}
+
+impl cqrs_core::Message for Noted {
+    const NAME: &'static str = "test.noted";
+}
+
+impl cqrs_core::Event for Noted {
+    const VERSION: u32 = 3;
+}
+
+/// A gap in an upcaster chain is found at start-up, not when an event of the missing version
+/// comes.
+#[test]
+fn validate_finds_a_gap_in_an_upcaster_chain() {
+    let mut types = EventTypes::new();
+    types.register::<Added>().register::<Noted>();
+    types.validate().expect("no upcasters, no gap");
+    types.upcaster("test.noted", 1, |mut v| {
+        Ok(json!({ "body": v["text"].take() }))
+    });
+    let err = types.validate().unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::MissingUpcaster { event_type, found: 2 } if event_type == "test.noted"),
+        "{err}"
+    );
+    types.upcaster("test.noted", 2, |mut v| {
+        v["edited"] = json!(false);
+        Ok(v)
+    });
+    types.validate().expect("complete from 1 to 3");
+    let envelope = types
+        .decode(&stored("test.noted", 1, json!({"text": "hi"})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        envelope.downcast_ref::<Noted>(),
+        Some(&Noted {
+            body: "hi".into(),
+            edited: false
+        })
+    );
+}
+
+/// An upcaster's error is kept as the source of `DecodeError::Upcast`: `?` works in it.
+#[test]
+fn a_failing_upcaster_keeps_its_error_as_the_source() {
+    #[derive(serde::Deserialize)]
+    struct V0 {
+        total: u64,
+    }
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    types.upcaster("test.added", 0, |v| {
+        let old: V0 = serde_json::from_value(v)?;
+        Ok(json!({ "sum": old.total }))
+    });
+    let err = types
+        .decode(&stored("test.added", 0, json!({"total": "three"})))
+        .unwrap_err();
+    assert!(matches!(err, DecodeError::Upcast { from: 0, .. }), "{err}");
+    let source = std::error::Error::source(&err).expect("a source");
+    assert!(source.is::<serde_json::Error>(), "{source}");
+}
+
+/// A projection's types come from the event sets it reads, not from a hand list.
+#[test]
+fn the_types_of_an_event_set_are_registered_together() {
+    cqrs_core::event_set! {
+        pub enum Notes {
+            Added(Added),
+            Noted(Noted),
+        }
+    }
+    let types = EventTypes::of::<Notes>();
+    assert!(types.knows("test.added") && types.knows("test.noted"));
+    let mut more = EventTypes::new();
+    more.register_set::<Notes>().merge(&types);
+    assert!(more.knows("test.noted"));
+}

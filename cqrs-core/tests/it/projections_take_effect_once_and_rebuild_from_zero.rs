@@ -616,6 +616,15 @@ fn an_event_of_a_newer_schema_version_waits_for_a_build_that_knows_it() {
     waits_for_a_newer_build(newer, UnknownEventPolicy::Skip);
 }
 
+/// An event of an old schema version whose upcaster this build lacks (a bug of this build, not
+/// the event's fault) waits for a build that has it: it is not dead-lettered.
+#[test]
+fn an_event_missing_its_upcaster_waits_for_a_build_that_has_it() {
+    let mut old = record(1);
+    old.schema_version = 0;
+    waits_for_a_newer_build(old, UnknownEventPolicy::Skip);
+}
+
 /// Runs a transport-fed `sum` past its deliveries with `event` in the topic, and checks the
 /// event is neither dead-lettered nor applied, but still waiting.
 fn waits_for_a_newer_build(event: EventRecord, policy: UnknownEventPolicy) {
@@ -965,5 +974,57 @@ fn an_aborted_runner_takes_its_inbox_purge_with_it() {
             store.purge_dropped.load(Ordering::SeqCst).then_some(())
         })
         .await;
+    });
+}
+
+/// A gap in the upcasters is found when the worker starts, not when an event needs the
+/// missing one: the runner and the event-bus consumer fail at once, naming it.
+#[test]
+fn a_worker_with_a_gap_in_its_upcasters_fails_at_start() {
+    use cqrs_core::runtime::{HealthReporter, Shutdown, Worker, WorkerContext};
+    run(async {
+        // At version 3, with an upcaster from version 1 and none from 2.
+        #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+        struct Noted {
+            body: String,
+        }
+        impl cqrs_core::Message for Noted {
+            const NAME: &'static str = "test.noted3";
+        }
+        impl cqrs_core::Event for Noted {
+            const VERSION: u32 = 3;
+        }
+        let mut types = EventTypes::new();
+        types.register::<Added>().register::<Noted>();
+        types.upcaster("test.noted3", 1, Ok);
+        let types = Arc::new(types);
+        let context = || WorkerContext {
+            shutdown: Shutdown::new().1,
+            health: HealthReporter::detached("test"),
+        };
+        let mut runner = ProjectionRunner::from_store(
+            Arc::new(InMemoryProjectionStore::new()),
+            Arc::new(Sum::default()),
+            Arc::new(InMemoryEventStore::new()),
+            types.clone(),
+        );
+        let err = runner.run(context()).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`test.noted3` has schema version 2 and no upcaster"),
+            "{err}"
+        );
+
+        let bus = cqrs_core::EventBus::builder().build().unwrap();
+        let mut consumer = cqrs_core::projection::EventBusConsumer::new(
+            bus,
+            Arc::new(InMemoryTransport::new()),
+            "sums",
+            "bus",
+            ConsumerOptions::default(),
+        )
+        .event_types((*types).clone());
+        let err = consumer.run(context()).await.unwrap_err();
+        assert!(err.to_string().contains("schema version 2"), "{err}");
     });
 }
