@@ -162,10 +162,15 @@ impl Sql {
             )),
             // Purges delete a batch at a time ($last), so a backlog of millions of rows is
             // worked off in statements that each finish inside a `statement_timeout`.
+            // The conditions again outside the subquery: a key claimed again since the purge's
+            // snapshot (its row updated and locked by the claim's transaction) must be judged
+            // by its new version, which Postgres rechecks only against the outer condition.
+            // `SKIP LOCKED`: a purge neither waits behind a command nor makes one wait.
             idempotency_purge: f(format!(
                 "DELETE FROM {s}.idempotency WHERE (scope, key) IN ( \
                  SELECT scope, key FROM {s}.idempotency \
-                 WHERE expires_at <= $1 AND status IS NOT NULL LIMIT $2)"
+                 WHERE expires_at <= $1 AND status IS NOT NULL LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 AND expires_at <= $1 AND status IS NOT NULL"
             )),
 
             // Dated now, not at the transaction's start (the column's default, `now()`): the
