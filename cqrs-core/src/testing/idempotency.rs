@@ -149,7 +149,7 @@ pub async fn a_dropped_claim_releases_the_key<H: IdempotencyHarness>(h: &H) {
 const PROMPTLY: Duration = Duration::from_secs(10);
 
 /// While a claim of `(k, fp-1)` is held, eight concurrent claims of `k` with `fp-2` all fail
-/// with [`StoreError::FingerprintMismatch`] without waiting for it (within [`PROMPTLY`], the
+/// with [`StoreError::FingerprintMismatch`] without waiting for it (within 10 s, the
 /// guard still held); concurrent claims with `fp-1`, started before them, are still waiting
 /// once they have all answered, and replay the response after the guard completes.
 pub async fn claims_with_another_fingerprint_fail_at_once_while_the_key_is_held<
