@@ -37,7 +37,9 @@ use tokio::time::Instant;
 /// redelivery delay (but at least once a second, and at most every 5 ms),
 ///
 /// 3. reclaims entries idle for the redelivery delay (`XAUTOCLAIM`): nacked ones, and those
-///    left pending by a consumer that crashed;
+///    left pending by a consumer that crashed. So a redelivery is found up to a quarter of the
+///    delay (at most 1 s) after it fell due, and new entries may be handed out before it
+///    meanwhile: the [`ConsumerOptions::redelivery_lag`] the port allows;
 /// 4. dead-letters entries delivered more than `max_deliveries` times, with the last error a
 ///    nack reported and the delivery count, and acknowledges them; and entries whose `prev`
 ///    is no stream id, or not UTF-8 (their place in the lane is unknown), once no older entry
@@ -168,9 +170,9 @@ impl RedisConsumer {
         group: &str,
         options: ConsumerOptions,
     ) -> Self {
-        // Look for due redeliveries a few times per redelivery delay, and at least every second.
-        let claim_interval =
-            (options.redelivery_delay / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        // Look for due redeliveries as often as the port allows them to wait behind new
+        // entries (`ConsumerOptions::redelivery_lag`: a quarter of the delay, at most 1 s).
+        let claim_interval = options.redelivery_lag().max(Duration::from_millis(5));
         Self {
             errors: keys.errors(group),
             shared,

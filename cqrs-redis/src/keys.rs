@@ -16,18 +16,10 @@ pub(crate) struct TopicKeys {
 }
 
 impl TopicKeys {
+    /// The keys of `topic`, refused as the port refuses it (an empty name, or one with a
+    /// brace: `{}x}` is no hash tag, and the topic's keys would land in different slots).
     pub(crate) fn new(prefix: &str, topic: &str) -> Result<Self, TransportError> {
-        if topic.is_empty() {
-            return Err(TransportError::Invalid(
-                "a topic name must not be empty".to_owned(),
-            ));
-        }
-        if topic.contains(['{', '}']) {
-            // `{}x}` is no hash tag: the topic's keys would land in different cluster slots.
-            return Err(TransportError::Invalid(format!(
-                "topic `{topic}` must not contain `{{` or `}}` (they would move the hash tag)"
-            )));
-        }
+        cqrs_core::ports::validate_topic(topic)?;
         let base = format!("{prefix}:{{{topic}}}");
         Ok(Self {
             stream: format!("{base}:stream"),

@@ -84,15 +84,21 @@ impl ConnectionOptions {
             problems.push(format!("url `{}` is not a redis url: {e}", self.url));
         }
         if self.command_timeout.is_zero() {
-            problems.push("command timeout must be above zero".into());
+            problems.push(format!(
+                "command_timeout must be above zero, got {:?}",
+                self.command_timeout
+            ));
         }
         if self.connect_timeout.is_zero() {
-            problems.push("connect timeout must be above zero".into());
+            problems.push(format!(
+                "connect_timeout must be above zero, got {:?}",
+                self.connect_timeout
+            ));
         }
         if self.reconnect_min_delay.is_zero() || self.reconnect_min_delay > self.reconnect_max_delay
         {
             problems.push(format!(
-                "reconnect delays must satisfy 0 < min <= max, got {:?} and {:?}",
+                "reconnect_delays must satisfy 0 < min <= max, got min {:?} and max {:?}",
                 self.reconnect_min_delay, self.reconnect_max_delay
             ));
         }
@@ -229,15 +235,24 @@ impl RedisStreamOptions {
     pub(crate) fn validate(&self) -> Result<(), ConnectError> {
         let mut problems = Vec::new();
         self.connection.problems(&mut problems);
-        prefix_problems("key prefix", &self.key_prefix, &mut problems);
+        prefix_problems("key_prefix", &self.key_prefix, &mut problems);
         if self.key_ordering == KeyOrdering::Lanes(0) {
-            problems.push("key ordering needs at least one lane".into());
+            problems.push(format!(
+                "key_ordering must have at least one lane, got {:?}",
+                self.key_ordering
+            ));
         }
         if self.max_held == 0 {
-            problems.push("max held must be at least 1".into());
+            problems.push(format!(
+                "max_held must be at least 1, got {}",
+                self.max_held
+            ));
         }
         if self.gate_poll.is_zero() {
-            problems.push("gate poll must be above zero".into());
+            problems.push(format!(
+                "gate_poll must be above zero, got {:?}",
+                self.gate_poll
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -308,9 +323,12 @@ impl RedisPubSubOptions {
     pub(crate) fn validate(&self) -> Result<(), ConnectError> {
         let mut problems = Vec::new();
         self.connection.problems(&mut problems);
-        prefix_problems("channel prefix", &self.channel_prefix, &mut problems);
+        prefix_problems("channel_prefix", &self.channel_prefix, &mut problems);
         if self.capacity == 0 {
-            problems.push("capacity must be at least 1".into());
+            problems.push(format!(
+                "capacity must be at least 1, got {}",
+                self.capacity
+            ));
         }
         if self.capacity > cqrs_core::ports::Fanout::MAX_CAPACITY {
             problems.push(format!(
@@ -327,13 +345,15 @@ impl RedisPubSubOptions {
     }
 }
 
-fn prefix_problems(what: &str, prefix: &str, problems: &mut Vec<String>) {
+/// The problems of a key or channel prefix, named by its setter.
+fn prefix_problems(setter: &str, prefix: &str, problems: &mut Vec<String>) {
     if prefix.is_empty() {
-        problems.push(format!("{what} must not be empty"));
+        problems.push(format!("{setter} must not be empty, got \"\""));
     }
     if prefix.contains(['{', '}']) {
         problems.push(format!(
-            "{what} `{prefix}` must not contain `{{` or `}}` (they would move the hash tag)"
+            "{setter} must not contain `{{` or `}}` (they would move the hash tag), got \
+             {prefix:?}"
         ));
     }
 }
@@ -352,6 +372,50 @@ mod tests {
             panic!("invalid options pass");
         };
         assert_eq!(problems.len(), 4, "{problems:?}");
+    }
+
+    /// Each problem names the setter and the value it was given, as the Postgres and realtime
+    /// options do ("max held must be at least 1" named neither).
+    #[test]
+    fn problems_name_the_setter_and_the_value() {
+        let connection = ConnectionOptions::new(DEFAULT_URL)
+            .command_timeout(Duration::ZERO)
+            .connect_timeout(Duration::ZERO)
+            .reconnect_delays(Duration::from_secs(2), Duration::from_secs(1));
+        let stream = RedisStreamOptions::with_connection(connection)
+            .key_prefix("")
+            .key_ordering(KeyOrdering::Lanes(0))
+            .max_held(0)
+            .gate_poll(Duration::ZERO);
+        let Err(ConnectError::Invalid { problems }) = stream.validate() else {
+            panic!("invalid options pass");
+        };
+        assert_eq!(
+            problems,
+            [
+                "command_timeout must be above zero, got 0ns",
+                "connect_timeout must be above zero, got 0ns",
+                "reconnect_delays must satisfy 0 < min <= max, got min 2s and max 1s",
+                "key_prefix must not be empty, got \"\"",
+                "key_ordering must have at least one lane, got Lanes(0)",
+                "max_held must be at least 1, got 0",
+                "gate_poll must be above zero, got 0ns",
+            ]
+        );
+        let pubsub = RedisPubSubOptions::new(DEFAULT_URL)
+            .channel_prefix("a}b")
+            .capacity(0);
+        let Err(ConnectError::Invalid { problems }) = pubsub.validate() else {
+            panic!("invalid options pass");
+        };
+        assert_eq!(
+            problems,
+            [
+                "channel_prefix must not contain `{` or `}` (they would move the hash tag), got \
+                 \"a}b\"",
+                "capacity must be at least 1, got 0",
+            ]
+        );
     }
 
     /// A capacity past what a broadcast channel takes (it panicked when the first channel was

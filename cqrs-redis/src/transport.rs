@@ -284,10 +284,11 @@ impl EventTransport for RedisStreamTransport {
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        // The topic first: an empty batch to a topic no consumer could join is refused too.
+        let keys = self.shared.keys(topic)?;
         if events.is_empty() {
             return Ok(());
         }
-        let keys = self.shared.keys(topic)?;
         if let [event] = events
             && self
                 .shared

@@ -30,6 +30,8 @@ struct Group {
     in_flight: BTreeMap<usize, InFlight>,
     /// The newest dead letters, as many as the transport keeps.
     dead: VecDeque<(EventRecord, u32)>,
+    /// The names of the group's live consumers: a name in use is refused.
+    consumers: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -174,6 +176,7 @@ impl EventTransport for InMemoryTransport {
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        crate::ports::validate_topic(topic)?;
         {
             let mut state = self.lock();
             let topic = state.topics.entry(topic.to_owned()).or_default();
@@ -195,16 +198,24 @@ impl EventTransport for InMemoryTransport {
         group: &str,
         options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
+        crate::ports::validate_topic(topic)?;
         options.validate()?;
         {
             let mut state = self.lock();
             let t = state.topics.entry(topic.to_owned()).or_default();
             let (base, end) = (t.base, t.base + t.log.len());
             // A new group starts at the beginning of the topic (what is left of it).
-            t.groups.entry(group.to_owned()).or_insert_with(|| Group {
+            let g = t.groups.entry(group.to_owned()).or_insert_with(|| Group {
                 waiting: (base..end).collect(),
                 ..Group::default()
             });
+            if !g.consumers.insert(options.consumer_name.clone()) {
+                return Err(TransportError::Invalid(format!(
+                    "consumer name `{}` is already in use in group `{group}` of topic `{topic}` \
+                     in this process",
+                    options.consumer_name
+                )));
+            }
         }
         Ok(Box::new(InMemoryConsumer {
             transport: self.clone(),
@@ -337,6 +348,21 @@ impl InMemoryConsumer {
 fn due_after(now: Instant, delay: Duration) -> Instant {
     now.checked_add(delay)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+impl Drop for InMemoryConsumer {
+    /// Frees the consumer's name in its group. What it took and did not acknowledge stays in
+    /// flight, and comes back after the redelivery delay, as after a crash.
+    fn drop(&mut self) {
+        let mut state = self.transport.lock();
+        if let Some(group) = state
+            .topics
+            .get_mut(&self.topic)
+            .and_then(|t| t.groups.get_mut(&self.group))
+        {
+            group.consumers.remove(&self.options.consumer_name);
+        }
+    }
 }
 
 impl InMemoryConsumer {

@@ -18,4 +18,5 @@ pub use projection::ProjectionStore;
 pub use pubsub::{Fanout, PubSub, PubSubMessage, Subscription};
 pub use transport::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventTransport, TransportCapabilities,
+    validate_topic,
 };

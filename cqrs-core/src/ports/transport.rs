@@ -54,7 +54,12 @@ impl TransportCapabilities {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ConsumerOptions {
-    /// This consumer's name in its group; unique per process (defaults to a random one).
+    /// This consumer's name in its group (defaults to a random one). Every transport refuses,
+    /// with [`TransportError::Invalid`], a name that a live consumer of the same topic and
+    /// group, made by the same transport (or a clone of it), already has: two consumers of
+    /// one name would share their deliveries' bookkeeping. Dropping a consumer frees its name.
+    /// (Across processes a transport cannot tell: keep names unique there too, as the random
+    /// default does.)
     pub consumer_name: String,
     /// How long one `fetch` waits for messages before returning none. Default 1 s.
     pub block: Duration,
@@ -106,9 +111,26 @@ impl ConsumerOptions {
         self
     }
 
+    /// How long after it falls due a redelivery may still wait behind new messages (see
+    /// [`Consumer::fetch`]): a quarter of the redelivery delay, at most 1 s. A transport that
+    /// looks for due redeliveries now and then looks at least this often.
+    ///
+    /// ```
+    /// use cqrs_core::ports::ConsumerOptions;
+    /// use std::time::Duration;
+    ///
+    /// let options = ConsumerOptions::default().redelivery_delay(Duration::from_millis(400));
+    /// assert_eq!(options.redelivery_lag(), Duration::from_millis(100));
+    /// ```
+    pub fn redelivery_lag(&self) -> Duration {
+        (self.redelivery_delay / 4).min(Duration::from_secs(1))
+    }
+
     /// The rules every transport holds these options to (a transport may add its own): a
     /// consumer name, and at least one delivery. [`EventTransport::consumer`] refuses options
-    /// that break them with [`TransportError::Invalid`], naming every problem.
+    /// that break them with [`TransportError::Invalid`], naming every problem. (That the name
+    /// is not in use in its group is checked by the transport, which knows its consumers; see
+    /// [`consumer_name`](Self::consumer_name).)
     ///
     /// ```
     /// use cqrs_core::ports::ConsumerOptions;
@@ -203,6 +225,10 @@ impl Delivery {
 ///
 /// The contract (checked by [`testing::transport`](crate::testing::transport)):
 ///
+/// * Topic names follow [`validate_topic`]'s rules;
+///   `publish` and `consumer` refuse others with [`TransportError::Invalid`]. `consumer`
+///   refuses options that break [`ConsumerOptions::validate`], and a consumer name already in
+///   use in its group (see [`ConsumerOptions::consumer_name`]).
 /// * `publish` sends a batch to a topic; when it returns `Ok`, every message is stored.
 /// * Each consumer group sees every message published to its topic, including messages
 ///   published before the group existed. Consumers in one group split the messages.
@@ -218,10 +244,15 @@ pub trait EventTransport: Send + Sync + 'static {
     /// What this transport guarantees.
     fn capabilities(&self) -> TransportCapabilities;
 
-    /// Publishes a batch to a topic, in order.
+    /// Publishes a batch to a topic, in order. Refuses a topic that breaks
+    /// [`validate_topic`], even with an empty batch.
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError>;
 
     /// Joins consumer group `group` of `topic`, creating the group when it does not exist.
+    /// Refuses, with [`TransportError::Invalid`], a topic that breaks
+    /// [`validate_topic`], options that break
+    /// [`ConsumerOptions::validate`] (or the transport's own rules), and a consumer name a live
+    /// consumer of the group already has.
     async fn consumer(
         &self,
         topic: &str,
@@ -230,12 +261,47 @@ pub trait EventTransport: Send + Sync + 'static {
     ) -> Result<Box<dyn Consumer>, TransportError>;
 }
 
+/// The rules every transport holds topic names to, whatever its backend, so that a test on
+/// the in-memory transport fails where production would: a topic has a name (not empty),
+/// and the name holds no `{` or `}` (the Redis transport makes the topic its keys' cluster
+/// hash tag, `{topic}`, which a brace would move). `publish` and `consumer` refuse a topic
+/// that breaks them with [`TransportError::Invalid`], naming the topic and the rule.
+///
+/// ```
+/// use cqrs_core::ports::validate_topic;
+///
+/// assert!(validate_topic("tickets").is_ok());
+/// let err = validate_topic("a{b").unwrap_err();
+/// assert!(err.to_string().contains("topic `a{b` must not contain `{` or `}`"));
+/// assert!(validate_topic("").is_err());
+/// ```
+pub fn validate_topic(topic: &str) -> Result<(), TransportError> {
+    if topic.is_empty() {
+        return Err(TransportError::Invalid(
+            "topic `` must not be empty: a topic needs a name".to_owned(),
+        ));
+    }
+    if topic.contains(['{', '}']) {
+        return Err(TransportError::Invalid(format!(
+            "topic `{topic}` must not contain `{{` or `}}`: the Redis transport makes the \
+             topic the hash tag of its keys, which a brace would move"
+        )));
+    }
+    Ok(())
+}
+
 /// One member of a consumer group.
 #[async_trait]
 pub trait Consumer: Send + Sync + 'static {
     /// Up to `max` messages: redeliveries that are due first, then new ones. Waits up to the
     /// consumer's `block` interval when none is ready, then returns an empty batch. `max` 0
     /// returns an empty batch at once and takes nothing.
+    ///
+    /// A transport may look for due redeliveries only now and then, so "due" is weaker than
+    /// it reads: a redelivery comes before any new message once it has been due for
+    /// [`ConsumerOptions::redelivery_lag`] (a quarter of the redelivery delay, at most 1 s);
+    /// before that, new messages may go out first. (The in-memory transport finds them at
+    /// once; the Redis consumer looks every quarter of the delay, with one script run.)
     ///
     /// A batch may hold several messages of one key, in publish order and with one
     /// [`order_key`](Delivery::order_key): a *chain*. The caller handles a chain one message

@@ -62,6 +62,7 @@ macro_rules! event_store_conformance {
                 an_event_id_is_stored_once,
                 concurrent_appends_at_one_version_exactly_one_wins,
                 expected_any_appends_at_whatever_version,
+                concurrent_any_appends_never_conflict_and_get_contiguous_versions,
                 load_after_a_version_returns_the_tail,
                 read_all_returns_every_stream_in_one_global_order,
                 records_keep_their_payload_and_metadata,
@@ -280,6 +281,72 @@ pub async fn expected_any_appends_at_whatever_version<H: EventStoreHarness>(h: &
         .await
         .unwrap();
     assert_eq!(stored[0].stream_version, Some(2));
+}
+
+/// Concurrent `ExpectedVersion::Any` appends to one stream never conflict: every one
+/// succeeds, each batch gets contiguous versions in its order (no other append's event between
+/// them), and the stream ends at versions `1..=n` without a gap or a repeat, in position order.
+pub async fn concurrent_any_appends_never_conflict_and_get_contiguous_versions<
+    H: EventStoreHarness,
+>(
+    h: &H,
+) {
+    let store = h.store();
+    let stream = format!("{}-any", h.test_id());
+    let (writers, batch) = (20u64, 3u64);
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (store, stream) = (store.clone(), stream.clone());
+            tokio::spawn(async move {
+                let events = (0..batch).map(|i| record(w * 100 + i)).collect();
+                store.append(&stream, ExpectedVersion::Any, events).await
+            })
+        })
+        .collect();
+    for (w, task) in tasks.into_iter().enumerate() {
+        let stored = match task.await.expect("the task ran") {
+            Ok(stored) => stored,
+            Err(e) => panic!("writer {w}: an `Any` append failed: {e}"),
+        };
+        let versions: Vec<u64> = stored
+            .iter()
+            .map(|r| r.stream_version.expect("a version"))
+            .collect();
+        assert!(
+            versions.windows(2).all(|v| v[1] == v[0] + 1),
+            "writer {w}: its batch got contiguous versions, got {versions:?}"
+        );
+        let w = w as u64;
+        assert_eq!(
+            numbers(&stored),
+            [w * 100, w * 100 + 1, w * 100 + 2],
+            "in its order"
+        );
+    }
+    let loaded = store.load(&stream, 0).await.unwrap();
+    let total = writers * batch;
+    assert_eq!(
+        loaded
+            .iter()
+            .map(|r| r.stream_version.unwrap_or(0))
+            .collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "versions 1..={total}, no gap, no repeat"
+    );
+    let positions: Vec<Position> = loaded.iter().filter_map(|r| r.position).collect();
+    assert!(
+        positions.len() == loaded.len() && positions.windows(2).all(|p| p[0] < p[1]),
+        "positions grow with versions: {positions:?}"
+    );
+    // Each batch loads back in one piece.
+    for chunk in loaded.chunks(batch as usize) {
+        let n = numbers(chunk);
+        assert!(
+            n.iter().all(|x| x / 100 == n[0] / 100),
+            "a batch interleaved with another: {n:?}"
+        );
+    }
+    assert_eq!(store.stream_version(&stream).await.unwrap(), total);
 }
 
 /// `load(stream, v)` returns only versions after `v`.

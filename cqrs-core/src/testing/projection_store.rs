@@ -59,6 +59,7 @@ macro_rules! projection_store_conformance {
                 a_checkpoint_reads_back_what_was_committed,
                 units_of_one_consumer_never_overlap,
                 a_reset_forgets_the_inbox_and_the_checkpoint,
+                a_reset_in_a_dropped_unit_changes_nothing,
                 a_purge_forgets_old_inbox_entries_of_one_consumer,
             ]
         );
@@ -247,6 +248,41 @@ pub async fn a_reset_forgets_the_inbox_and_the_checkpoint<H: ProjectionStoreHarn
     let mut unit = store.begin(c).await.unwrap();
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
     assert!(store.mark_processed(&mut unit, c, id).await.unwrap());
+}
+
+/// A reset is part of its unit: inside it the inbox and checkpoint are gone, and when the
+/// unit is dropped without a commit, the committed inbox and checkpoint are as they were.
+pub async fn a_reset_in_a_dropped_unit_changes_nothing<H: ProjectionStoreHarness>(h: &H) {
+    let store = h.store();
+    let c = h.test_id();
+    let id = Uuid::now_v7();
+    let mut unit = store.begin(c).await.unwrap();
+    store.mark_processed(&mut unit, c, id).await.unwrap();
+    store
+        .save_checkpoint(&mut unit, c, Position::new(3))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+
+    let mut unit = store.begin(c).await.unwrap();
+    store.reset(&mut unit, c).await.unwrap();
+    assert_eq!(
+        store.checkpoint(&mut unit, c).await.unwrap(),
+        None,
+        "the reset is seen in its unit"
+    );
+    drop(unit);
+
+    let mut unit = store.begin(c).await.unwrap();
+    assert_eq!(
+        store.checkpoint(&mut unit, c).await.unwrap(),
+        Some(Position::new(3)),
+        "the dropped reset left the checkpoint"
+    );
+    assert!(
+        !store.mark_processed(&mut unit, c, id).await.unwrap(),
+        "the dropped reset left the inbox: {id} is still processed"
+    );
 }
 
 /// `purge_inbox` deletes the consumer's entries older than the age it is given, and only

@@ -4,13 +4,15 @@
 
 use super::Harness;
 use crate::EventRecord;
-use crate::ports::{Consumer, ConsumerOptions, Delivery, EventTransport};
+use crate::ports::{Consumer, ConsumerOptions, Delivery, EventTransport, TransportError};
+use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
 /// What a transport adapter provides to its conformance suite.
+#[async_trait]
 pub trait TransportHarness: Harness {
     /// The transport under test.
     fn transport(&self) -> Arc<dyn EventTransport>;
@@ -21,6 +23,15 @@ pub trait TransportHarness: Harness {
         ConsumerOptions::default()
             .block(Duration::from_millis(100))
             .redelivery_delay(Duration::from_millis(300))
+    }
+
+    /// The messages group `group` of `topic` dead-lettered, as event ids with how many times
+    /// each was handed out, when the adapter keeps dead letters (the port does not expose
+    /// them). `None` (the default) leaves the dead-letter check out: the scenario then only
+    /// checks that the message stops coming back.
+    async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(Uuid, u32)>> {
+        let _ = (topic, group);
+        None
     }
 }
 
@@ -46,6 +57,12 @@ macro_rules! transport_conformance {
                 a_delivery_kept_alive_is_not_handed_out_again,
                 a_redelivery_delay_of_duration_max_never_redelivers,
                 consumer_options_that_break_the_port_rules_are_refused,
+                topics_that_break_the_port_rules_are_refused,
+                a_consumer_name_in_use_in_its_group_is_refused,
+                keep_alive_leaves_alone_a_delivery_another_consumer_took_over,
+                a_deferred_delivery_is_no_attempt,
+                a_message_is_dead_lettered_after_max_deliveries,
+                a_due_redelivery_comes_before_new_messages,
             ]
         );
     };
@@ -559,5 +576,284 @@ pub async fn consumer_options_that_break_the_port_rules_are_refused<H: Transport
             Err(other) => panic!("{what}: expected Invalid, got {other}"),
             Ok(_) => panic!("{what}: a consumer with broken options was made"),
         }
+    }
+}
+
+/// Topic names that break the rules every transport holds
+/// ([`validate_topic`](crate::ports::validate_topic): a name, no `{` or `}`) are
+/// refused with `Invalid` by `consumer` and `publish` alike, naming the topic and the rule: a
+/// test on the in-memory transport fails where Redis would.
+pub async fn topics_that_break_the_port_rules_are_refused<H: TransportHarness>(h: &H) {
+    let transport = h.transport();
+    let id = h.test_id();
+    for (topic, rule) in [
+        (String::new(), "must not be empty"),
+        (format!("{id}-a{{b"), "must not contain `{` or `}`"),
+        (format!("}}{id}-t"), "must not contain `{` or `}`"),
+    ] {
+        let named = format!("topic `{topic}`");
+        let check = |what: &str, result: Result<(), TransportError>| match result {
+            Err(TransportError::Invalid(message)) => assert!(
+                message.contains(&named) && message.contains(rule),
+                "{what} of {named}: the message names the topic and the rule `{rule}`: {message}"
+            ),
+            Err(other) => panic!("{what} of {named}: expected Invalid, got {other}"),
+            Ok(()) => panic!("{what} of {named}: accepted"),
+        };
+        let consumer = transport
+            .consumer(&topic, "g", h.options().consumer_name(format!("{id}-c")))
+            .await
+            .map(drop);
+        check("consumer", consumer);
+        check("publish", transport.publish(&topic, &[event("k", 1)]).await);
+        check("an empty publish", transport.publish(&topic, &[]).await);
+    }
+    let fine = format!("{id}-fine.topic:with/marks");
+    transport
+        .publish(&fine, &[event("k", 1)])
+        .await
+        .expect("a topic within the rules");
+}
+
+/// A consumer name a live consumer of the group already has is refused with `Invalid` naming
+/// it (two consumers of one name would share their deliveries' bookkeeping); the name is free
+/// in another group and on another topic, and again once the consumer is dropped.
+pub async fn a_consumer_name_in_use_in_its_group_is_refused<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t13", h.test_id());
+    let name = format!("{}-same", h.test_id());
+    let join = |topic: String, group: &'static str| {
+        let (transport, options) = (h.transport(), h.options().consumer_name(name.clone()));
+        async move { transport.consumer(&topic, group, options).await }
+    };
+    let first = join(topic.clone(), "g").await.expect("the first consumer");
+    match join(topic.clone(), "g").await {
+        Err(TransportError::Invalid(message)) => assert!(
+            message.contains(&name),
+            "the message names the consumer: {message}"
+        ),
+        Err(other) => panic!("expected Invalid, got {other}"),
+        Ok(_) => panic!("two live consumers named {name} in one group"),
+    }
+    let other_group = join(topic.clone(), "other").await.expect("another group");
+    let other_topic = join(format!("{topic}-other"), "g")
+        .await
+        .expect("another topic");
+    drop(first);
+    let again = join(topic.clone(), "g")
+        .await
+        .expect("the name is free once its consumer is dropped");
+    drop((again, other_group, other_topic));
+}
+
+/// A consumer's [`keep_alive`](Consumer::keep_alive) of a delivery another consumer took over
+/// (after the redelivery delay, as after a crash) leaves that delivery alone: it comes back
+/// after the delay as if the first consumer had said nothing. Once acknowledged, a keep-alive
+/// of it is no error.
+pub async fn keep_alive_leaves_alone_a_delivery_another_consumer_took_over<H: TransportHarness>(
+    h: &H,
+) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t14", h.test_id());
+    let mut slow = consumer(h, &topic, "g", "slow").await;
+    let mut other = consumer(h, &topic, "g", "other").await;
+    h.transport()
+        .publish(&topic, &[event("k", 1)])
+        .await
+        .unwrap();
+    let first = fetch_one(slow.as_mut(), "the first delivery").await;
+    // `slow` stalls past the delay; `other` takes the message over.
+    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    assert_eq!(taken.record.event_id, first.record.event_id);
+    assert!(
+        taken.attempt >= 2,
+        "attempt {} after a takeover",
+        taken.attempt
+    );
+    // `other` now stalls too, while `slow` keeps "its" delivery alive: the message must come
+    // back all the same.
+    let delay = h.options().redelivery_delay;
+    let until = tokio::time::Instant::now() + delay * 4 + Duration::from_secs(2);
+    let back = loop {
+        slow.keep_alive(std::slice::from_ref(&first.id))
+            .await
+            .expect("a keep-alive of a delivery no longer owned is no error");
+        if let Some(d) = other
+            .fetch(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.record.event_id == first.record.event_id)
+        {
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not handed out again within {:?}: a keep-alive by a consumer that no longer owned \
+             the delivery kept it",
+            delay * 4 + Duration::from_secs(2)
+        );
+    };
+    assert!(back.attempt > taken.attempt, "attempt {}", back.attempt);
+    other.ack(std::slice::from_ref(&back.id)).await.unwrap();
+    slow.keep_alive(std::slice::from_ref(&first.id))
+        .await
+        .expect("a keep-alive of an acknowledged delivery is no error");
+}
+
+/// A [`defer`](Consumer::defer) is no attempt: a message deferred again and again keeps its
+/// attempt number and is never dead-lettered for it (with `max_deliveries` 2, a third
+/// counted delivery would dead-letter it); a nack counts.
+pub async fn a_deferred_delivery_is_no_attempt<H: TransportHarness>(h: &H) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t15", h.test_id());
+    let mut c = consumer_with(h, &topic, "g", "c", |o| o.max_deliveries(2)).await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        let d = fetch_one(c.as_mut(), "the deferred message").await;
+        assert_eq!(d.record.event_id, e.event_id);
+        assert_eq!(d.attempt, 1, "round {round}: a defer took no attempt");
+        c.defer(std::slice::from_ref(&d.id)).await.unwrap();
+    }
+    let d = fetch_one(c.as_mut(), "the message after its defers").await;
+    assert_eq!(d.attempt, 1);
+    c.nack(&d.id).await.unwrap();
+    let d = fetch_one(c.as_mut(), "the nacked message").await;
+    assert_eq!(d.attempt, 2, "a nack counts");
+    c.ack(std::slice::from_ref(&d.id)).await.unwrap();
+}
+
+/// A message handed out `max_deliveries` times without an acknowledgement stops coming back
+/// (it is dead-lettered, with that many deliveries, where the harness can tell), and the
+/// messages of its key behind it go on.
+pub async fn a_message_is_dead_lettered_after_max_deliveries<H: TransportHarness>(h: &H) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t16", h.test_id());
+    let mut c = consumer_with(h, &topic, "g", "c", |o| o.max_deliveries(2)).await;
+    let poison = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&poison))
+        .await
+        .unwrap();
+    for attempt in 1..=2 {
+        let d = fetch_one(c.as_mut(), "the poison message").await;
+        assert_eq!(d.record.event_id, poison.event_id);
+        assert_eq!(d.attempt, attempt);
+        c.nack_with_reason(&d.id, "poison").await.unwrap();
+    }
+    let nacked = tokio::time::Instant::now();
+    let next = event("k", 2);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&next))
+        .await
+        .unwrap();
+    // Until the next message of its key arrived, and past two redelivery delays and their
+    // lag after the last nack: the poison message never comes back.
+    let options = h.options();
+    let quiet = nacked + options.redelivery_delay * 2 + options.redelivery_lag();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut got_next = false;
+    while !got_next || tokio::time::Instant::now() < quiet {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the message behind the dead-lettered one did not arrive"
+        );
+        let batch = c.fetch(10).await.unwrap();
+        for d in &batch {
+            assert_ne!(
+                d.record.event_id, poison.event_id,
+                "handed out more than max_deliveries (2) times: attempt {}",
+                d.attempt
+            );
+            got_next |= d.record.event_id == next.event_id;
+        }
+        c.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    }
+    if let Some(dead) = h.dead_letters(&topic, "g").await {
+        assert_eq!(
+            dead,
+            [(poison.event_id, 2)],
+            "dead-lettered once, after its 2 deliveries; nothing else"
+        );
+    } else {
+        eprintln!("the harness cannot list dead letters: checked only that it stops coming");
+    }
+}
+
+/// A redelivery comes before new messages once it has been due for the
+/// [`redelivery_lag`](ConsumerOptions::redelivery_lag) (a transport may look for due
+/// redeliveries only that often): a consumer fetching all the while, with new messages
+/// published before every fetch, gets the nacked message first in the first batch it fetches
+/// after that, at the latest.
+pub async fn a_due_redelivery_comes_before_new_messages<H: TransportHarness>(h: &H) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t17", h.test_id());
+    let transport = h.transport();
+    let mut c = consumer(h, &topic, "g", "c").await;
+    let nacked = event("nacked", 0);
+    transport
+        .publish(&topic, std::slice::from_ref(&nacked))
+        .await
+        .unwrap();
+    let d = fetch_one(c.as_mut(), "the message to nack").await;
+    c.nack(&d.id).await.unwrap();
+    let options = h.options();
+    let due = tokio::time::Instant::now() + options.redelivery_delay;
+    // Plus a little for clocks that count whole milliseconds.
+    let bound = due + options.redelivery_lag() + Duration::from_millis(20);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    for n in 1.. {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the nacked message did not come back"
+        );
+        // Every key its own, so none waits behind another.
+        transport
+            .publish(&topic, &[event(&format!("new-{n}"), n)])
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let batch = c.fetch(10).await.unwrap();
+        c.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        if let Some(at) = batch
+            .iter()
+            .position(|d| d.record.event_id == nacked.event_id)
+        {
+            assert_eq!(
+                at, 0,
+                "the redelivery comes before the new messages of its batch"
+            );
+            assert_eq!(batch[0].attempt, 2);
+            return;
+        }
+        assert!(
+            batch.is_empty() || started < bound,
+            "new messages {:?} handed out, by a fetch begun {:?} after a redelivery fell due \
+             (the port allows {:?})",
+            batch.iter().map(n_of).collect::<Vec<_>>(),
+            started.saturating_duration_since(due),
+            options.redelivery_lag()
+        );
+        // A consumer busy all along, not one that fetches only now and then.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

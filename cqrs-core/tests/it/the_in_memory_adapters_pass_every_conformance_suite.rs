@@ -50,9 +50,20 @@ mod event_store {
 mod transport {
     use super::*;
 
+    #[cqrs_core::async_trait]
     impl TransportHarness for Memory<InMemoryTransport> {
         fn transport(&self) -> Arc<dyn EventTransport> {
             Arc::new(self.adapter.clone())
+        }
+
+        async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(uuid::Uuid, u32)>> {
+            Some(
+                self.adapter
+                    .dead_letters(topic, group)
+                    .into_iter()
+                    .map(|(record, deliveries)| (record.event_id, deliveries))
+                    .collect(),
+            )
         }
     }
 
@@ -70,12 +81,13 @@ mod transport {
 mod pubsub {
     use super::*;
 
+    #[cqrs_core::async_trait]
     impl PubSubHarness for Memory<InMemoryPubSub> {
         fn pubsub(&self) -> Arc<dyn PubSub> {
             Arc::new(self.adapter.clone())
         }
 
-        fn upstream_subscriptions(&self, _channel: &str) -> Option<usize> {
+        async fn upstream_subscriptions(&self, _channel: &str) -> Option<usize> {
             // Each test has its own pub/sub, and the shared-subscription scenario subscribes
             // to one channel only.
             Some(self.adapter.upstream_subscriptions() as usize)

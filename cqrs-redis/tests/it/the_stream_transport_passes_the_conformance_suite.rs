@@ -25,9 +25,28 @@ impl Harness for RedisTransportHarness {
     }
 }
 
+#[cqrs_core::async_trait]
 impl TransportHarness for RedisTransportHarness {
     fn transport(&self) -> Arc<dyn EventTransport> {
         Arc::new(self.transport.clone())
+    }
+
+    /// The topic's dead-letter stream, the group's entries.
+    async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(uuid::Uuid, u32)>> {
+        let dead = self
+            .transport
+            .dead_letters(topic, None, 1000)
+            .await
+            .expect("read the dead letters");
+        Some(
+            dead.into_iter()
+                .filter(|d| d.group == group)
+                .map(|d| {
+                    let record = d.record.expect("a dead letter that decodes");
+                    (record.event_id, d.deliveries)
+                })
+                .collect(),
+        )
     }
 }
 
