@@ -90,7 +90,9 @@ impl RedisStreamTransport {
 }
 
 /// A [`Worker`] that keeps topics tidy: every interval it trims each topic
-/// ([`trim`](RedisStreamTransport::trim)), prunes consumers idle for a day
+/// ([`trim`](RedisStreamTransport::trim)), trims its dead letters older than
+/// `dead_letter_retention` ([`trim_dead_letters`](RedisStreamTransport::trim_dead_letters)),
+/// prunes consumers idle for a day
 /// ([`prune_consumers`](RedisStreamTransport::prune_consumers)), and records gauges:
 /// `cqrs_redis_stream_length` and `cqrs_redis_dead_letters` by `topic`,
 /// `cqrs_redis_group_pending` and `cqrs_redis_group_lag` by `topic` and `group`.

@@ -26,7 +26,8 @@ impl StoredResponse {
 /// The outcome of claiming a key.
 pub enum Claim {
     /// The key is new: do the work, then [`complete`](IdempotencyGuard::complete) the guard.
-    /// Until then, a concurrent request with the same key waits.
+    /// Until then, a concurrent request with the same key and fingerprint waits; one with
+    /// another fingerprint fails at once with [`StoreError::FingerprintMismatch`].
     New(Box<dyn IdempotencyGuard>),
     /// The key was used before for the same request: send this response again.
     Replay(StoredResponse),
@@ -59,9 +60,11 @@ pub trait IdempotencyGuard: Send {
 /// * The first `claim` of a key returns [`Claim::New`]; after the guard completes, a claim with
 ///   the same fingerprint returns [`Claim::Replay`] with the stored response.
 /// * A claim with the same key and a different fingerprint fails with
-///   [`StoreError::FingerprintMismatch`].
-/// * A claim while another claim of the key is in progress waits for it, then replays its
-///   response (or, if the first was dropped, becomes the new claim). The work runs once.
+///   [`StoreError::FingerprintMismatch`], at once, also while another claim of the key is in
+///   progress.
+/// * A claim with the same fingerprint while another claim of the key is in progress waits
+///   for it, then replays its response (or, if the first was dropped, one waiting claim
+///   becomes the new claim). The work runs once.
 /// * Scopes are independent (the same key in two scopes is two keys).
 /// * A key expires `ttl` after completion; an expired key is new again. Expired keys are
 ///   purged.

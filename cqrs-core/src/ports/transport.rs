@@ -301,7 +301,7 @@ pub trait Consumer: Send + Sync + 'static {
     /// it reads: a redelivery comes before any new message once it has been due for
     /// [`ConsumerOptions::redelivery_lag`] (a quarter of the redelivery delay, at most 1 s);
     /// before that, new messages may go out first. (The in-memory transport finds them at
-    /// once; the Redis consumer looks every quarter of the delay, with one script run.)
+    /// once; the Redis consumer looks every `redelivery_lag`, with one script run.)
     ///
     /// A batch may hold several messages of one key, in publish order and with one
     /// [`order_key`](Delivery::order_key): a *chain*. The caller handles a chain one message

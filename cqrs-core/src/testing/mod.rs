@@ -12,7 +12,8 @@
 //!
 //! Each port has a module of scenarios, plain `pub async fn`s that take a harness, and a macro
 //! that expands to one `#[tokio::test]` per scenario, so failures show one by one. An adapter
-//! writes a harness (its port's `*Harness` trait) and an `async fn(test_id: String) -> Harness`
+//! writes a harness (its port's `*Harness` trait) and an
+//! `async fn(test_id: String) -> Option<Harness>` (`None` skips: its service is unreachable)
 //! that builds a fresh, isolated instance: `test_id` is unique per test and belongs in every
 //! schema, stream, topic, group and channel name the harness makes, so tests run in parallel
 //! against one server and a log can be grepped by it.
