@@ -486,20 +486,26 @@ impl Runtime {
         HealthReport { ready, components }
     }
 
-    /// Asks every worker to stop, waits up to `grace` for them to finish their in-flight work,
-    /// then aborts the rest and waits until their runs are dropped.
+    /// Asks every worker to stop and returns within `grace`, all told: the workers get most
+    /// of it to finish their in-flight work and return; those still running then are aborted,
+    /// and the rest of it (a quarter, at most 1 s) goes to waiting until their runs are
+    /// dropped, so what their `Drop`s do (a consumer releasing what it holds, a transaction
+    /// rolling back) has happened when this returns. A run that blocks its thread cannot be
+    /// dropped until it gives the thread back: this returns without waiting for it past
+    /// `grace`. A `grace` of [`Duration::MAX`] waits as long as the workers take.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         let mut tasks = self.tasks.lock().await;
-        // `None`: a grace too long for the clock (`Duration::MAX`) waits as long as it takes.
-        let deadline = tokio::time::Instant::now().checked_add(grace);
+        let Some(deadline) = tokio::time::Instant::now().checked_add(grace) else {
+            // A grace too long for the clock (`Duration::MAX`): as long as it takes.
+            while tasks.join_next().await.is_some() {}
+            return Ok(());
+        };
+        // One budget, split: the wait for aborted runs has its share of it, not a budget of its
+        // own on top.
+        let stop_by = deadline - (grace / 4).min(Duration::from_secs(1));
         while !tasks.is_empty() {
-            let next = tasks.join_next();
-            let joined = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, next).await,
-                None => Ok(next.await),
-            };
-            match joined {
+            match tokio::time::timeout_at(stop_by, tasks.join_next()).await {
                 Ok(_) => {}
                 Err(_) => {
                     tasks.abort_all();
@@ -511,12 +517,11 @@ impl Runtime {
                         .filter(|(_, (h, _))| *h != Health::Stopped)
                         .map(|(n, _)| n.clone())
                         .collect();
-                    // Aborting only asks: wait until each aborted run is dropped, so what its
-                    // `Drop`s do (a consumer releasing what it holds, a transaction rolling
-                    // back) has happened when this returns. A run at an `.await` is dropped at
-                    // once; one blocking its thread is given one more grace period, no more.
+                    // Aborting only asks: wait until each aborted run is dropped. A run at an
+                    // `.await` is dropped at once; one blocking its thread is waited for until
+                    // the deadline, no longer.
                     let drained = async { while tasks.join_next().await.is_some() {} };
-                    if tokio::time::timeout(grace, drained).await.is_err() {
+                    if tokio::time::timeout_at(deadline, drained).await.is_err() {
                         tracing::warn!(?grace, "aborted workers were not dropped in time");
                     }
                     // Aborted, they report nothing more themselves.

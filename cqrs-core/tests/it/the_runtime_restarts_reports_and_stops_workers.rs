@@ -405,3 +405,66 @@ fn a_boxed_worker_is_a_worker() {
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
+
+/// Ignores shutdown and blocks its thread (a synchronous call that hangs): aborting it cannot
+/// drop it until the call returns.
+struct BlocksItsThread {
+    blocking: Arc<AtomicBool>,
+    for_: Duration,
+}
+
+#[async_trait]
+impl Worker for BlocksItsThread {
+    fn name(&self) -> &str {
+        "blocks-its-thread"
+    }
+
+    async fn run(&mut self, _ctx: WorkerContext) -> Result<(), BoxError> {
+        self.blocking.store(true, Ordering::SeqCst);
+        std::thread::sleep(self.for_);
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// The grace period bounds the whole shutdown, the wait for aborted runs to be dropped
+/// included: a worker blocking its thread does not make it twice as long.
+#[test]
+fn a_worker_blocking_its_thread_does_not_stretch_the_shutdown_past_its_grace() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    // Long enough that a loaded machine has a wide margin (half a grace period) under the
+    // bound, while a second grace period for the drain (2 s in all) is as far over it.
+    let grace = Duration::from_secs(1);
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            let blocking = Arc::new(AtomicBool::new(false));
+            let workers = Runtime::builder()
+                .worker(BlocksItsThread {
+                    blocking: blocking.clone(),
+                    // Past both grace periods of the old shutdown.
+                    for_: grace * 4,
+                })
+                .start();
+            eventually(Duration::from_secs(10), "the worker blocks", || async {
+                blocking.load(Ordering::SeqCst).then_some(())
+            })
+            .await;
+            let stopping = std::time::Instant::now();
+            let err = workers.shutdown(grace).await.unwrap_err();
+            let took = stopping.elapsed();
+            assert_eq!(err.workers, ["blocks-its-thread"]);
+            assert!(
+                took < grace * 3 / 2,
+                "the shutdown took {took:?} with a grace period of {grace:?}"
+            );
+        })
+        .await
+        .expect("the test finished within 20 s");
+    });
+    // The blocked thread is left to finish its sleep on its own.
+    runtime.shutdown_background();
+}

@@ -171,8 +171,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Authenticated {
 }
 
 /// The metadata a request's commands and queries start from, so what they record can be traced
-/// back to the request: the correlation id is the request's `X-Request-Id` when it is a UUID
-/// (the gateway gives every request one and echoes it in the response), and the W3C
+/// back to the request: the correlation id is the request's `X-Request-Id` when it is a
+/// hyphenated, non-nil UUID (the gateway gives every request one and echoes it in the
+/// response), and the W3C
 /// `traceparent` / `tracestate` headers, when well-formed, go into the trace context. Anything
 /// else is ignored: a client's odd header never fails a request.
 ///
@@ -202,7 +203,7 @@ impl RequestMetadata {
         if let Some(id) = headers
             .get(X_REQUEST_ID)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| Uuid::parse_str(v.trim()).ok())
+            .and_then(|v| hyphenated_uuid(v.trim()))
         {
             metadata = metadata.with_correlation_id(id);
         }
@@ -222,6 +223,22 @@ impl RequestMetadata {
     pub fn by(self, user: &User) -> Metadata {
         self.0.with_actor(user.id.to_string())
     }
+}
+
+/// A UUID in the hyphenated form (`8-4-4-4-12` hex digits, either case) the gateway hands out,
+/// not nil: `Uuid::parse_str` also takes the simple, braced and URN forms, and the nil UUID
+/// would give every client that sends it one shared correlation.
+fn hyphenated_uuid(value: &str) -> Option<Uuid> {
+    let bytes = value.as_bytes();
+    let well_formed = bytes.len() == 36
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        });
+    well_formed
+        .then(|| Uuid::parse_str(value).ok())
+        .flatten()
+        .filter(|id| !id.is_nil())
 }
 
 const X_REQUEST_ID: &str = "x-request-id";
@@ -373,6 +390,33 @@ mod tests {
         assert_ne!(metadata.message_id, metadata.correlation_id);
         assert_eq!(metadata.trace_context["traceparent"], parent);
         assert_eq!(metadata.trace_context["tracestate"], "congo=t61rcWkgMzE");
+    }
+
+    /// Only the hyphenated form the gateway itself hands out is a correlation id: not the nil
+    /// UUID (every client sending it would share one correlation), nor the simple, braced or
+    /// URN forms `Uuid::parse_str` also takes.
+    #[test]
+    fn request_metadata_takes_only_a_hyphenated_non_nil_request_id() {
+        let id = "0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182";
+        for accepted in [
+            id,
+            " 0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182 ",
+            &id.to_uppercase(),
+        ] {
+            let metadata = RequestMetadata::from_headers(&headers(&[("x-request-id", accepted)]));
+            assert_eq!(metadata.correlation_id.to_string(), id, "{accepted}");
+        }
+        for refused in [
+            "00000000-0000-0000-0000-000000000000",
+            "0192f0c19a4e7bb1a2c30d4e5f607182",
+            "{0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182}",
+            "urn:uuid:0192f0c1-9a4e-7bb1-a2c3-0d4e5f607182",
+            "0192f0c1-9a4e7-bb1-a2c3-0d4e5f607182",
+            "+192f0c1-9a4e-7bb1-a2c3-0d4e5f607182",
+        ] {
+            let metadata = RequestMetadata::from_headers(&headers(&[("x-request-id", refused)]));
+            assert_eq!(metadata.correlation_id, metadata.message_id, "{refused}");
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub enum LogFormat {
     version,
     about,
     long_about = None,
-    after_help = "Each flag's environment variable is read when the flag is not given; one set to the empty string counts as unset."
+    after_help = "Each flag's environment variable is read when the flag is not given; one set to the empty string (or only whitespace) counts as unset."
 )]
 pub struct Config {
     /// The address to listen on.
@@ -86,8 +86,9 @@ pub struct Config {
     pub request_timeout_ms: u64,
 
     /// How long a graceful stop (SIGINT or SIGTERM) may take, in milliseconds: in-flight
-    /// requests, WebSocket close frames and background workers share it, and what still runs
-    /// then is cut off. A second signal exits at once, with code 130 after SIGINT (Ctrl-C), 143
+    /// requests and WebSocket close frames get all of it but the background workers' share (a
+    /// quarter, at most 2 s), which is kept for the workers to stop in; what still runs at the
+    /// end is cut off. A second signal exits at once, with code 130 after SIGINT (Ctrl-C), 143
     /// after SIGTERM.
     #[arg(long, env = "HELPDESK_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -123,6 +124,13 @@ pub struct Config {
     /// event stream is trimmed of what every consumer group acknowledged, in milliseconds.
     #[arg(long, env = "HELPDESK_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
+}
+
+/// Empty or only whitespace (`REDIS_URL=" "`): as good as unset.
+fn is_blank(value: &std::ffi::OsStr) -> bool {
+    value
+        .to_str()
+        .map_or(value.is_empty(), |v| v.trim().is_empty())
 }
 
 fn valid_name(name: &str, max: usize) -> bool {
@@ -215,8 +223,8 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     /// Reads the flags in `args` (the first is the program's name) and, for each flag not
-    /// given, its variable in `env`; a variable set to the empty string counts as unset (as
-    /// `DATABASE_URL=` in a compose file or a shell means). The binary passes
+    /// given, its variable in `env`; a variable set to the empty string, or to only
+    /// whitespace, counts as unset (as `DATABASE_URL=` in a compose file or a shell means). The binary passes
     /// `std::env::args_os()` and `std::env::vars_os()`; tests pass their own, leaving the
     /// process's environment alone. `--help` and `--version` come back as errors to
     /// [`exit`](clap::Error::exit) with, as clap's `try_parse_from` does.
@@ -235,7 +243,7 @@ impl Config {
         let env: HashMap<OsString, OsString> = env
             .into_iter()
             .map(|(name, value)| (name.into(), value.into()))
-            .filter(|(_, value)| !value.is_empty())
+            .filter(|(_, value)| !is_blank(value))
             .collect();
         let with_env = Self::command();
         let variables: Vec<(clap::Id, String, OsString)> = with_env
@@ -283,13 +291,14 @@ impl Config {
         full.extend(args.into_iter().skip(1));
         let matches = command.try_get_matches_from_mut(full)?;
         let mut config = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
-        // `--database-url ""` (a script passing an empty variable along) is unset too.
+        // `--database-url ""` (a script passing an empty variable along) is unset too, and so
+        // is one of only whitespace.
         for value in [
             &mut config.database_url,
             &mut config.redis_url,
             &mut config.jwt_secret,
         ] {
-            if value.as_deref() == Some("") {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *value = None;
             }
         }

@@ -1,4 +1,4 @@
-//! Serving: bind, serve with graceful shutdown, stop the workers.
+//! Serving: bind, build, listen, serve with graceful shutdown, stop the workers.
 
 use crate::{Config, Hooks, build};
 use axum::extract::ConnectInfo;
@@ -26,18 +26,28 @@ impl Server {
     /// Builds the app and serves it on `config.bind` (port 0 picks a free port).
     pub async fn start(config: Config, hooks: Hooks) -> anyhow::Result<Self> {
         crate::app::validated(&config)?;
+        let taken = |e: std::io::Error| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e} (set --bind / HELPDESK_BIND to another address)",
+                config.bind
+            )
+        };
         // The port before anything else: when it is taken, nothing has connected, migrated or
-        // started a worker only to be killed mid-run.
-        let listener = tokio::net::TcpListener::bind(config.bind)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen on {}: {e} (set --bind / HELPDESK_BIND to another address)",
-                    config.bind
-                )
-            })?;
-        let addr = listener.local_addr()?;
+        // started a worker only to be killed mid-run. Bound, not listened on: until the app is
+        // built, a client (a health probe, a load balancer) is refused at once and goes
+        // elsewhere, instead of waiting in the backlog of a server that does not answer yet.
+        let socket = bound(config.bind).map_err(taken)?;
+        let addr = socket.local_addr()?;
         let app = build(&config, hooks).await?;
+        let listener = match socket.listen(BACKLOG) {
+            Ok(listener) => listener,
+            // Another process bound the port too meanwhile (SO_REUSEADDR lets two bind it as
+            // long as neither listens) and listened first.
+            Err(e) => {
+                stop_runtime(app.runtime, config.shutdown_grace()).await;
+                return Err(taken(e));
+            }
+        };
         let (stop, stopped) = watch::channel(false);
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
@@ -61,8 +71,9 @@ impl Server {
                     let deadline = deadline_after(grace);
                     // WebSockets are not in-flight requests: close them now, with 1001.
                     hub.shutdown();
-                    // In-flight requests get until the deadline, then are cut off.
-                    match tokio::time::timeout_at(deadline, &mut serve).await {
+                    // In-flight requests get until the workers' share is all that is left,
+                    // then are cut off.
+                    match tokio::time::timeout_at(requests_by(deadline, grace), &mut serve).await {
                         Ok(served) => served??,
                         Err(_) => {
                             tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
@@ -77,8 +88,9 @@ impl Server {
                     deadline_after(grace)
                 }
             };
-            // The WebSockets' close frames (1001) go out before the process may exit.
-            if tokio::time::timeout_at(deadline, closing.closed())
+            // The WebSockets' close frames (1001) go out before the process may exit, also
+            // within what the workers' share leaves.
+            if tokio::time::timeout_at(requests_by(deadline, grace), closing.closed())
                 .await
                 .is_err()
             {
@@ -189,6 +201,39 @@ fn deadline_after(grace: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(grace)
         .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600))
+}
+
+/// The listen backlog: connections the kernel holds until they are accepted.
+const BACKLOG: u32 = 1024;
+
+/// A socket bound to `addr` (a port of 0 gets a free one), not listening yet. Bound as
+/// `TcpListener::bind` binds: with `SO_REUSEADDR` (on Unix), so a restart is not refused while
+/// the old process's closed connections linger in `TIME_WAIT`.
+fn bound(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
+/// The workers' share of the grace period: a quarter, at most 2 s.
+fn workers_share(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(2))
+}
+
+/// When in-flight requests and WebSocket close frames must be done: the workers' share before
+/// the deadline, so that the workers are asked to stop and get time to (a Redis consumer
+/// releasing its messages, the relay finishing a publish), rather than being aborted with
+/// nothing left, however slow a request.
+fn requests_by(deadline: Instant, grace: Duration) -> Instant {
+    deadline
+        .checked_sub(workers_share(grace))
+        .unwrap_or(deadline)
 }
 
 /// Stops the workers, giving them what is left of the grace period.

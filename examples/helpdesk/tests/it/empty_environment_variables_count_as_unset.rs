@@ -91,6 +91,58 @@ fn an_empty_flag_value_is_unset_too_and_a_bad_value_is_an_error_not_an_exit() {
     assert!(err.to_string().contains("'abc'"), "{err}");
 }
 
+/// Blank is empty: `REDIS_URL=" "` (a quoted empty value gone wrong) is not a Redis URL set
+/// without DATABASE_URL, and `DATABASE_URL=" "` is not a database to connect to.
+#[test]
+fn a_variable_or_flag_of_only_whitespace_counts_as_unset_too() {
+    let names = variables();
+    for blank in [" ", "  ", "\t", " \n "] {
+        let config =
+            Config::try_parse_with_env(["helpdesk"], names.iter().map(|n| (n.as_str(), blank)))
+                .unwrap_or_else(|e| panic!("{blank:?}: {e}"));
+        assert_eq!(config.database_url, None, "{blank:?}");
+        assert_eq!(config.redis_url, None, "{blank:?}");
+        assert_eq!(config.jwt_secret, None, "{blank:?}");
+        assert_eq!(
+            format!("{config:?}"),
+            format!("{:?}", Config::default()),
+            "{blank:?}"
+        );
+        config.validate().unwrap();
+
+        let config = Config::try_parse_with_env(
+            [
+                "helpdesk".to_owned(),
+                format!("--database-url={blank}"),
+                format!("--redis-url={blank}"),
+                format!("--jwt-secret={blank}"),
+            ],
+            std::iter::empty::<(&str, &str)>(),
+        )
+        .unwrap();
+        assert_eq!(config.database_url, None, "{blank:?}");
+        assert_eq!(config.redis_url, None, "{blank:?}");
+        assert_eq!(config.jwt_secret, None, "{blank:?}");
+        config.validate().unwrap();
+    }
+    // Only the blank ones: a set value is kept as it is.
+    let config = Config::try_parse_with_env(
+        ["helpdesk"],
+        [
+            ("DATABASE_URL", "postgres://db/helpdesk"),
+            ("REDIS_URL", " "),
+            ("HELPDESK_JWT_SECRET", SECRET),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        config.database_url.as_deref(),
+        Some("postgres://db/helpdesk")
+    );
+    assert_eq!(config.redis_url, None);
+    config.validate().unwrap();
+}
+
 #[test]
 fn the_help_names_the_variables_and_the_second_signal() {
     let err = Config::try_parse_with_env(["helpdesk", "--help"], [("HELPDESK_BIND", "nonsense")])
