@@ -170,15 +170,31 @@ pub enum AggregateError<E> {
     /// A stored event could not be decoded.
     #[error(transparent)]
     Decode(#[from] DecodeError),
-    /// The stream holds an event this build cannot apply to the aggregate: of a type it does
-    /// not know (a newer build wrote it during a rolling deploy), or of one that is not among
-    /// the aggregate's events (removed from its event set). Loading fails rather than skip it:
-    /// the aggregate would decide on incomplete state, and its append at the stream's version
-    /// would succeed.
+    /// The stream holds an event of a type the repository's [`EventTypes`] do not know: a newer
+    /// build wrote it during a rolling deploy (or the type was removed from the aggregate's
+    /// event set, which the default types are made of). Loading fails rather than skip it: the
+    /// aggregate would decide on incomplete state, and its append at the stream's version
+    /// would succeed. `unavailable` as a handler error: retry once the newer build runs.
     #[error(
-        "stream `{stream}` holds an event of type `{event_type}` at version {version} that this build cannot apply to the aggregate; deploy the build that wrote it here too, or add the type back to the aggregate's event set: deciding without it would decide on incomplete state"
+        "stream `{stream}` holds an event of type `{event_type}` at version {version} that this build does not know; deploy the build that wrote it here too (or add the type back to the aggregate's event set): deciding without it would decide on incomplete state"
     )]
     UnknownEvent {
+        /// The stream.
+        stream: String,
+        /// The event's stream version.
+        version: u64,
+        /// Its wire name.
+        event_type: String,
+    },
+    /// The stream holds an event of a type the repository's [`EventTypes`] know (shared with
+    /// other consumers) that is not among the aggregate's events: removed from its event set,
+    /// or appended under the stream by mistake. No build of this aggregate will ever load it,
+    /// so this is `internal` as a handler error, not something to retry: put the type back in
+    /// the event set, or repair the stream.
+    #[error(
+        "stream `{stream}` holds an event of type `{event_type}` at version {version} that is not among the aggregate's events; add it back to the aggregate's event set or repair the stream: deciding without it would decide on incomplete state"
+    )]
+    ForeignEvent {
         /// The stream.
         stream: String,
         /// The event's stream version.
@@ -196,7 +212,8 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
         match error {
             AggregateError::Rejected(e) => e.into(),
             AggregateError::Store(e) => e.into(),
-            // A build that can read the stream is on its way (or must be deployed): retry then.
+            // A newer build that can read the stream is on its way: retry then. Other decode
+            // failures (a missing upcaster among them) wait for no build: internal.
             AggregateError::Decode(e) if e.waits_for_another_build() => {
                 HandlerError::unavailable("this build cannot load the aggregate; retry later", e)
             }
@@ -214,6 +231,16 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
                     event_type,
                 },
             ),
+            // No build of this aggregate will load the stream: retrying cannot help.
+            AggregateError::ForeignEvent {
+                stream,
+                version,
+                event_type,
+            } => HandlerError::internal(AggregateError::<std::convert::Infallible>::ForeignEvent {
+                stream,
+                version,
+                event_type,
+            }),
             AggregateError::Encode(e) => HandlerError::internal(e),
         }
     }
@@ -269,7 +296,8 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// A repository that decodes with `types` (to share upcasters). Its unknown-event policy
     /// does not apply here: loading fails with [`AggregateError::UnknownEvent`] on an event of
-    /// the stream that `types` does not know or that is not one of the aggregate's events.
+    /// the stream that `types` does not know, and with [`AggregateError::ForeignEvent`] on one
+    /// it knows that is not one of the aggregate's events.
     pub fn with_types(store: Arc<dyn EventStore>, types: Arc<EventTypes>) -> Self {
         Self {
             store,
@@ -299,7 +327,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     }
 
     /// Rebuilds the aggregate from its snapshot (if any) and events. Fails with
-    /// [`AggregateError::UnknownEvent`] on an event it cannot apply. A snapshot that cannot be
+    /// [`AggregateError::UnknownEvent`] or [`AggregateError::ForeignEvent`] on an event it
+    /// cannot apply. A snapshot that cannot be
     /// loaded or decoded is logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
         let stream = Self::stream_id(id);
@@ -371,7 +400,12 @@ impl<A: Aggregate> AggregateRepository<A> {
             }
             let envelope = self.types.decode(&record)?.ok_or_else(unknown)?;
             // A type `types` knows (shared with other consumers) but not the aggregate's.
-            let event = A::Event::from_envelope(&envelope).ok_or_else(unknown)?;
+            let event =
+                A::Event::from_envelope(&envelope).ok_or_else(|| AggregateError::ForeignEvent {
+                    stream: Self::stream_id(&loaded.id),
+                    version: loaded.version,
+                    event_type: record.event_type.clone(),
+                })?;
             loaded.state.apply_with(&event, &envelope);
         }
         Ok(loaded)

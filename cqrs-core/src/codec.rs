@@ -59,8 +59,12 @@ pub enum DecodeError {
         current: u32,
     },
     /// No upcaster takes the record's old version to the next one: a gap in this build's
-    /// upcasters (see [`EventTypes::validate`]), not the event's fault. Consumers hand such an
-    /// event back without counting an attempt, to wait for a build that has the upcaster.
+    /// upcasters, or a record whose schema version is wrong. [`EventTypes::validate`] finds a
+    /// gap inside a registered chain at start-up, but not a type whose version went up with
+    /// no upcaster registered at all. Consumers count it as an attempt, as any other decode
+    /// failure: after `max_deliveries` the event is dead-lettered, where it can be seen and
+    /// replayed once a build with the upcaster runs; waiting instead would block its key for
+    /// ever without a trace.
     #[error(
         "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)` and deploy that build"
     )]
@@ -93,16 +97,15 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// Whether another build must decode this record, not this one: a type it does not know
-    /// (under [`UnknownEventPolicy::Fail`]) or a schema version above its own (a newer build
-    /// wrote it during a rolling deploy), or an old version it lacks the upcaster for (a bug of
-    /// this build, fixed by deploying one that has it). None is the record's fault: it waits.
+    /// Whether a newer build must decode this record, not this one: a type it does not know
+    /// (under [`UnknownEventPolicy::Fail`]) or a schema version above its own, written by a
+    /// newer build during a rolling deploy, which is on its way. Neither is the record's fault:
+    /// it waits without counting an attempt. A missing upcaster is not among them: no build
+    /// may ever come (see [`DecodeError::MissingUpcaster`]).
     pub(crate) fn waits_for_another_build(&self) -> bool {
         matches!(
             self,
-            DecodeError::UnknownType { .. }
-                | DecodeError::FutureVersion { .. }
-                | DecodeError::MissingUpcaster { .. }
+            DecodeError::UnknownType { .. } | DecodeError::FutureVersion { .. }
         )
     }
 }
@@ -268,8 +271,12 @@ impl EventTypes {
     /// Checks that every registered type's upcasters form a complete chain, from the lowest
     /// version one is registered for up to the type's current version. Call it at start-up:
     /// a gap otherwise shows only when an event of the missing version comes, and that event
-    /// then waits for a build that has the upcaster. Projection runners and the event-bus
-    /// consumer call it when they start as workers.
+    /// then fails ([`DecodeError::MissingUpcaster`], counted as an attempt, dead-lettered after
+    /// `max_deliveries`). Projection runners and the event-bus consumer call it when they start
+    /// as workers.
+    ///
+    /// It cannot tell which old versions are stored: a type with no upcaster at all passes,
+    /// whatever its version (a type first written at version 2 needs none).
     ///
     /// Fails with [`DecodeError::MissingUpcaster`] naming the first gap.
     pub fn validate(&self) -> Result<(), DecodeError> {

@@ -45,10 +45,10 @@ pub enum ProjectionError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// An event could not be decoded: an unknown type under
-    /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail), a schema version above
-    /// this build's or one it has no upcaster for (these wait for another build: a
-    /// transport-fed runner hands them back without counting an attempt), an upcaster that
-    /// failed, or a payload that does not match its type.
+    /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail) or a schema version above
+    /// this build's (these wait for a newer build: a transport-fed runner hands them back
+    /// without counting an attempt), an old version with no upcaster, an upcaster that failed,
+    /// or a payload that does not match its type (these count as an attempt on the event).
     #[error("event {event_id} could not be decoded: {source}")]
     Decode {
         /// The event.
@@ -677,9 +677,9 @@ fn waits(kind: ErrorKind) -> bool {
 }
 
 /// The event a failed batch is blamed on, if any: one the projection refused or that cannot
-/// be decoded. Not one another build must decode
-/// ([`DecodeError::waits_for_another_build`]: a newer one, or one with the upcaster this one
-/// lacks), nor one whose failure [`waits`], nor any for a store or transport failure.
+/// be decoded (a missing upcaster included). Not one a newer build must decode
+/// ([`DecodeError::waits_for_another_build`]), nor one whose failure [`waits`], nor any for a
+/// store or transport failure.
 fn at_fault(error: &ProjectionError) -> Option<Uuid> {
     match error {
         ProjectionError::Decode { source, .. } if source.waits_for_another_build() => None,
@@ -1052,8 +1052,9 @@ impl Worker for EventBusConsumer {
                         Err(e) => Handled::Retry(e.to_string()),
                     },
                     Ok(None) => Handled::Done,
-                    // Written by a newer build, or missing an upcaster here: wait for a build
-                    // that decodes it.
+                    // Written by a newer build: wait for it. Anything else (a missing
+                    // upcaster too) counts, so it ends in the dead letters, not blocking its
+                    // key for ever.
                     Err(e) if e.waits_for_another_build() => Handled::Later(e.to_string()),
                     Err(e) => Handled::Retry(e.to_string()),
                 }

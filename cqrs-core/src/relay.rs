@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Why a relay batch failed. Nothing was marked relayed; the batch is retried.
+/// Why a relay batch failed. What the batch had not passed yet is retried; what it had (a
+/// batch cut short while publishing its events one at a time) is committed first.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayError {
@@ -57,9 +58,44 @@ impl RelayError {
     }
 }
 
+/// How far a publish pass got: the first `handled` events of the batch are published or
+/// refused (those in `refused`, by index and error), and `failure` cut it short, if anything
+/// did.
+struct Pass {
+    handled: usize,
+    refused: Vec<(usize, TransportError)>,
+    failure: Option<RelayError>,
+}
+
+impl Pass {
+    fn failed(failure: RelayError) -> Self {
+        Self {
+            handled: 0,
+            refused: Vec::new(),
+            failure: Some(failure),
+        }
+    }
+}
+
+/// What one batch did: how many events the checkpoint moved past, and the failure that cut it
+/// short (what was passed before it is committed).
+struct Batch {
+    passed: usize,
+    failure: Option<RelayError>,
+}
+
+impl Batch {
+    fn failed(failure: RelayError) -> Self {
+        Self {
+            passed: 0,
+            failure: Some(failure),
+        }
+    }
+}
+
 /// Why one publish did not go through.
 enum PublishFailure {
-    /// Worth retrying the batch: nothing is passed.
+    /// Worth retrying: this event is not passed, nor any after it.
     Retry(RelayError),
     /// The transport will never take it.
     Refused(TransportError),
@@ -79,7 +115,11 @@ enum PublishFailure {
 ///   transport keeps each aggregate's events in order.
 /// * **Retries.** When the transport fails (for any reason but an event it cannot encode) or
 ///   runs past [`publish_timeout`](Self::publish_timeout), the batch fails and the worker retries with
-///   exponential backoff; nothing is lost, since the checkpoint did not move.
+///   exponential backoff; nothing is lost, since the checkpoint did not move past the event
+///   that failed. A batch cut short while publishing one event at a time (below) first commits
+///   the checkpoint past the events it already published or skipped, so a transport too slow
+///   to take a whole batch one event at a time within the timeout still gets through it, a
+///   part per batch (degraded, the worker goes on after its idle interval, without backoff).
 /// * **An event the transport cannot encode** (a [`TransportError::Codec`] error) would stop
 ///   the relay for ever, so it is skipped: the relay publishes the batch's events one at a
 ///   time, in order, to find it, logs it at error level (position, stream, id, reason),
@@ -163,8 +203,10 @@ impl<S: ProjectionStore> StoreRelay<S> {
     /// How long publishing one batch may take, the relay's lease held meanwhile (default
     /// 30 s). Keep it well below the lease store's idle-in-transaction timeout (60 s for
     /// `PgProjectionStore`'s pool by default): past it the server ends the lease's session, and
-    /// another instance's relay would ship the same batch concurrently. A publish that runs
-    /// out fails the batch, which is retried. At least 1 ms (zero would never ship anything).
+    /// another instance's relay would ship the same batch concurrently. The one-at-a-time
+    /// pass that looks for an event the transport cannot encode shares the batch's deadline.
+    /// A publish that runs out fails the batch, which is retried, after committing what that
+    /// pass already published or skipped. At least 1 ms (zero would never ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -179,26 +221,44 @@ impl<S: ProjectionStore> StoreRelay<S> {
 
     /// Ships one batch. Returns how many events the checkpoint moved past (0 when caught up):
     /// those published, and those the transport refused for good (skipped).
+    ///
+    /// A batch cut short (a publish that fails retryably or runs past the publish timeout
+    /// while the relay publishes a refused batch one event at a time) commits the checkpoint
+    /// past the events it already published or skipped, then returns the failure: the next
+    /// batch starts after them, so a transport too slow for a whole batch one event at a time
+    /// still gets through it.
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
-        let mut unit = self
-            .checkpoints
-            .begin(&self.name)
-            .await
-            .map_err(|e| self.store_error(e))?;
-        let after = self
-            .checkpoints
-            .checkpoint(&mut unit, &self.name)
-            .await
-            .map_err(|e| self.store_error(e))?
-            .unwrap_or(Position::START);
-        let mut records = self
-            .events
-            .read_all(after, self.batch)
-            .await
-            .map_err(|e| self.store_error(e))?;
-        let Some(last) = records.last().and_then(|r| r.position) else {
-            return Ok(0);
+        match self.ship().await {
+            Batch {
+                passed,
+                failure: None,
+            } => Ok(passed),
+            Batch {
+                failure: Some(failure),
+                ..
+            } => Err(failure),
+        }
+    }
+
+    async fn ship(&self) -> Batch {
+        let mut unit = match self.checkpoints.begin(&self.name).await {
+            Ok(unit) => unit,
+            Err(e) => return Batch::failed(self.store_error(e)),
         };
+        let after = match self.checkpoints.checkpoint(&mut unit, &self.name).await {
+            Ok(after) => after.unwrap_or(Position::START),
+            Err(e) => return Batch::failed(self.store_error(e)),
+        };
+        let mut records = match self.events.read_all(after, self.batch).await {
+            Ok(records) => records,
+            Err(e) => return Batch::failed(self.store_error(e)),
+        };
+        if records.last().and_then(|r| r.position).is_none() {
+            return Batch {
+                passed: 0,
+                failure: None,
+            };
+        }
         for record in &mut records {
             // An aggregate's events keep their order on an ordered transport, and consumers
             // handle them one after another, even when the handler recorded no key.
@@ -206,20 +266,31 @@ impl<S: ProjectionStore> StoreRelay<S> {
                 record.partition_key.clone_from(&record.stream_id);
             }
         }
-        // One deadline for the whole batch: the lease waits idle meanwhile.
+        // One deadline for the whole batch, the one-at-a-time pass included: the lease waits
+        // idle meanwhile.
         let deadline = Instant::now().checked_add(self.publish_timeout);
-        let refused = self.publish(&records, deadline).await?;
-        self.checkpoints
-            .save_checkpoint(&mut unit, &self.name, last)
+        let pass = self.publish(&records, deadline).await;
+        // What was handled stays handled, in order: the checkpoint moves past the last of it.
+        let handled = &records[..pass.handled];
+        let Some(through) = handled.last().and_then(|r| r.position) else {
+            return Batch {
+                passed: 0,
+                failure: pass.failure,
+            };
+        };
+        if let Err(e) = self
+            .checkpoints
+            .save_checkpoint(&mut unit, &self.name, through)
             .await
-            .map_err(|e| self.store_error(e))?;
-        self.checkpoints
-            .commit(unit)
-            .await
-            .map_err(|e| self.store_error(e))?;
-        // Logged and counted once committed: a batch that fails later finds them again.
-        let mut refused = refused.into_iter().peekable();
-        for (i, record) in records.iter().enumerate() {
+        {
+            return Batch::failed(self.store_error(e));
+        }
+        if let Err(e) = self.checkpoints.commit(unit).await {
+            return Batch::failed(self.store_error(e));
+        }
+        // Logged and counted once committed: a batch that fails earlier finds them again.
+        let mut refused = pass.refused.into_iter().peekable();
+        for (i, record) in handled.iter().enumerate() {
             let event_type = crate::record::bounded_label(&record.event_type);
             if let Some((_, error)) = refused.next_if(|(r, _)| *r == i) {
                 tracing::error!(
@@ -248,23 +319,36 @@ impl<S: ProjectionStore> StoreRelay<S> {
                 .increment(1);
             }
         }
-        Ok(records.len())
+        if let Some(failure) = &pass.failure {
+            tracing::warn!(relay = %self.name, topic = %self.topic, passed = handled.len(), error = %failure, "shipped part of a batch; the rest goes with the next");
+        }
+        Batch {
+            passed: handled.len(),
+            failure: pass.failure,
+        }
     }
 
-    /// Publishes `records` in order by `deadline`. Returns those the transport could not
-    /// encode (index and error); fails when it failed otherwise or ran out of time.
-    async fn publish(
-        &self,
-        records: &[EventRecord],
-        deadline: Option<Instant>,
-    ) -> Result<Vec<(usize, TransportError)>, RelayError> {
+    /// Publishes `records` in order by `deadline`. When the transport refuses them for good,
+    /// publishes them one at a time, in order, to find those it cannot encode. Returns how far
+    /// it got (see [`Pass`]).
+    async fn publish(&self, records: &[EventRecord], deadline: Option<Instant>) -> Pass {
         let error = match self.publish_by(records, deadline).await {
-            Ok(()) => return Ok(Vec::new()),
-            Err(PublishFailure::Retry(e)) => return Err(e),
+            Ok(()) => {
+                return Pass {
+                    handled: records.len(),
+                    refused: Vec::new(),
+                    failure: None,
+                };
+            }
+            Err(PublishFailure::Retry(e)) => return Pass::failed(e),
             Err(PublishFailure::Refused(e)) => e,
         };
         if records.len() == 1 {
-            return Ok(vec![(0, error)]);
+            return Pass {
+                handled: 1,
+                refused: vec![(0, error)],
+                failure: None,
+            };
         }
         // The batch error does not say which event is at fault (or whether any is: a batch
         // too large for the broker): one at a time, in order, finds out.
@@ -277,10 +361,20 @@ impl<S: ProjectionStore> StoreRelay<S> {
             {
                 Ok(()) => {}
                 Err(PublishFailure::Refused(e)) => refused.push((i, e)),
-                Err(PublishFailure::Retry(e)) => return Err(e),
+                Err(PublishFailure::Retry(e)) => {
+                    return Pass {
+                        handled: i,
+                        refused,
+                        failure: Some(e),
+                    };
+                }
             }
         }
-        Ok(refused)
+        Pass {
+            handled: records.len(),
+            refused,
+            failure: None,
+        }
     }
 
     async fn publish_by(
@@ -352,16 +446,23 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         let mut backoff = self.idle;
         while !ctx.shutdown.is_requested() {
-            let wait = match self.relay_once().await {
-                Ok(n) => {
+            let batch = self.ship().await;
+            let wait = match batch.failure {
+                None => {
                     ctx.health.set(Health::Healthy);
                     backoff = self.idle;
-                    if n == self.batch {
+                    if batch.passed == self.batch {
                         continue;
                     }
                     self.idle
                 }
-                Err(e) => {
+                // Cut short after passing some: degraded, but moving, so no backoff.
+                Some(e) if batch.passed > 0 => {
+                    ctx.health.set(Health::Degraded(e.to_string()));
+                    backoff = self.idle;
+                    self.idle
+                }
+                Some(e) => {
                     tracing::warn!(relay = %self.name, error = %e, ?backoff, "relay batch failed; retrying");
                     ctx.health.set(Health::Degraded(e.to_string()));
                     let wait = backoff;

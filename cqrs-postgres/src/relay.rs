@@ -2,7 +2,7 @@
 
 use crate::PgDatabase;
 use crate::error::store_error;
-use crate::row::{self, to_i64, to_u64};
+use crate::row::{self, RowError, to_i64, to_u64};
 use async_trait::async_trait;
 use cqrs_core::ports::{EventTransport, StoreError, TransportError};
 use cqrs_core::runtime::{Health, Worker, WorkerContext};
@@ -29,14 +29,18 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// * **Nothing lost.** The checkpoint moves only after the transport took the batch, and the
 ///   global order never lets an event commit behind a position already read.
 /// * **Nothing stuck.** One event that can never be shipped would stop the relay for ever, so
-///   it is skipped: a row that cannot be decoded (written around the append function, say,
-///   without the metadata an event needs), or an event the transport cannot encode (a
+///   it is skipped: a row whose content cannot be decoded (its `metadata` or `payload` JSON
+///   not what an event needs: written around the append function, say, without the metadata
+///   an event needs), or an event the transport cannot encode (a
 ///   `TransportError::Codec` error; to find it, the relay publishes the run the transport
 ///   refused one event at a time, in order). It is logged at error level (position, stream,
 ///   id, reason), counted, and the checkpoint moves past it; it stays in the event store, to
 ///   be replayed once the cause is fixed, and consumers of its stream see a gap. Other errors
 ///   that are not retryable (`Invalid`, `Backend`: a missing permission, a full server) would
-///   refuse every event alike, so they are retried, not skipped.
+///   refuse every event alike, so they are retried, not skipped. So are columns that cannot be
+///   read at all (one missing, or of a type this build does not read: the schema migrated by
+///   another version of this crate): every row would fail alike, and skipping would pass the
+///   whole outbox.
 /// * **Several instances.** The checkpoint row is locked `FOR UPDATE SKIP LOCKED` for the
 ///   length of a batch, so one relay of a name ships at a time and the others stand by; if
 ///   the active one dies, its transaction rolls back and another takes over at the next poll.
@@ -402,16 +406,21 @@ impl PgOutboxRelay {
                 // The checkpoint's row alone: no event after it.
                 continue;
             };
-            match row::event(r) {
+            match row::checked_event(r) {
                 Ok(mut event) => {
                     if event.partition_key.is_none() {
                         event.partition_key = event.stream_id.clone();
                     }
                     events.push(event);
                 }
-                Err(error) => {
+                // This row's content: skipped, it would stop the relay for ever.
+                Err(RowError::Content(error)) => {
                     undecodable.push(Skip::undecodable(r, Position::new(to_u64(position)), error))
                 }
+                // The columns: every row would fail alike (a schema migrated by another
+                // version of this crate), and skipping would pass the whole outbox. Fail the
+                // batch: retried, health degraded, until a build that reads them runs.
+                Err(RowError::Columns(error)) => return Err(self.store_error(error)),
             }
         }
         // Runs of one topic, in order, all within one deadline: the batch's transaction waits

@@ -53,15 +53,60 @@ pub(crate) fn schema_version(record: &EventRecord) -> Result<i32, StoreError> {
 
 /// A stored event from a row of `EVENT_COLUMNS`.
 pub(crate) fn event(row: &PgRow) -> Result<EventRecord, StoreError> {
-    let position: i64 = row.try_get("position").map_err(store_error)?;
-    let stream_id: String = row.try_get("stream_id").map_err(store_error)?;
-    let stream_version: i64 = row.try_get("stream_version").map_err(store_error)?;
-    let event_id: Uuid = row.try_get("event_id").map_err(store_error)?;
-    let event_type: String = row.try_get("event_type").map_err(store_error)?;
-    let schema_version: i32 = row.try_get("schema_version").map_err(store_error)?;
-    let payload: serde_json::Value = row.try_get("payload").map_err(store_error)?;
-    let Json(metadata): Json<RecordMetadata> = row.try_get("metadata").map_err(store_error)?;
-    let partition_key: Option<String> = row.try_get("partition_key").map_err(store_error)?;
+    checked_event(row).map_err(RowError::into_store_error)
+}
+
+/// Why a row of `EVENT_COLUMNS` does not make an event.
+#[derive(Debug)]
+pub(crate) enum RowError {
+    /// This row's content: a JSON column (`metadata`, `payload`) that serde cannot read as
+    /// what an event needs, such as metadata without `correlation_id` written around the
+    /// append functions. Other rows may well decode.
+    Content(StoreError),
+    /// The columns themselves: one missing, or of a type this build does not read (the schema
+    /// migrated by another version of this crate). Every row fails alike.
+    Columns(StoreError),
+}
+
+impl RowError {
+    pub(crate) fn into_store_error(self) -> StoreError {
+        match self {
+            RowError::Content(e) | RowError::Columns(e) => e,
+        }
+    }
+}
+
+/// Reads one column; a serde failure inside a JSON value is the row's content, anything else
+/// (a missing column, a type this build does not read) the columns'.
+fn column<'r, T>(row: &'r PgRow, name: &str) -> Result<T, RowError>
+where
+    T: sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    row.try_get(name).map_err(|error| {
+        let content = matches!(
+            &error,
+            sqlx::Error::ColumnDecode { source, .. } if source.is::<serde_json::Error>()
+        );
+        if content {
+            RowError::Content(store_error(error))
+        } else {
+            RowError::Columns(store_error(error))
+        }
+    })
+}
+
+/// A stored event from a row of `EVENT_COLUMNS`, telling a row whose content cannot be
+/// decoded from columns that cannot be read at all.
+pub(crate) fn checked_event(row: &PgRow) -> Result<EventRecord, RowError> {
+    let position: i64 = column(row, "position")?;
+    let stream_id: String = column(row, "stream_id")?;
+    let stream_version: i64 = column(row, "stream_version")?;
+    let event_id: Uuid = column(row, "event_id")?;
+    let event_type: String = column(row, "event_type")?;
+    let schema_version: i32 = column(row, "schema_version")?;
+    let payload: serde_json::Value = column(row, "payload")?;
+    let Json(metadata): Json<RecordMetadata> = column(row, "metadata")?;
+    let partition_key: Option<String> = column(row, "partition_key")?;
     Ok(EventRecord::new(
         event_id,
         event_type,

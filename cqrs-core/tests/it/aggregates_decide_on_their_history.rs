@@ -248,6 +248,8 @@ fn loading_fails_on_an_event_of_a_type_this_build_does_not_know() {
 
 /// Types shared with other consumers (`with_types`) may know a type that is not among the
 /// aggregate's events: an event of it in the stream fails the load too, whatever the policy.
+/// No build of the aggregate will ever load it (the type was removed from the set, or the event
+/// appended under the stream by mistake), so as a handler error it is `internal`, not a retry.
 #[test]
 fn loading_fails_on_an_event_the_aggregate_does_not_take() {
     run(async {
@@ -274,11 +276,55 @@ fn loading_fails_on_an_event_the_aggregate_does_not_take() {
             assert!(
                 matches!(
                     &err,
-                    AggregateError::UnknownEvent { version: 2, event_type, .. }
-                        if event_type == "test.subtracted"
+                    AggregateError::ForeignEvent { stream, version: 2, event_type }
+                        if stream == "total-y" && event_type == "test.subtracted"
                 ),
                 "{policy:?}: {err:?}"
             );
+            assert!(
+                err.to_string()
+                    .contains("is not among the aggregate's events"),
+                "{err}"
+            );
+            let refused = repo
+                .execute("y", None, 1, &Metadata::new())
+                .await
+                .unwrap_err();
+            let as_handler_error: HandlerError = refused.into();
+            assert_eq!(
+                as_handler_error.kind(),
+                ErrorKind::Internal,
+                "no build will load it: {as_handler_error:?}"
+            );
+        }
+    });
+}
+
+/// A stored event this build cannot decode fails the load. One of a newer schema version waits
+/// for the newer build (`unavailable`: retry); one of an old version no upcaster takes further
+/// waits for no build (`internal`).
+#[test]
+fn an_event_of_another_schema_version_fails_the_load_as_its_cause_says() {
+    run(async {
+        for (schema_version, kind) in [(2, ErrorKind::Unavailable), (0, ErrorKind::Internal)] {
+            let store = Arc::new(InMemoryEventStore::new());
+            let mut event = record_of(Added { sum: 1 });
+            event.schema_version = schema_version;
+            store
+                .append("total-v", ExpectedVersion::NO_STREAM, vec![event])
+                .await
+                .unwrap();
+            let repo = AggregateRepository::<Total>::new(store.clone());
+            let refused = repo
+                .execute("v", None, 1, &Metadata::new())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(refused, AggregateError::Decode(_)),
+                "{schema_version}: {refused:?}"
+            );
+            let as_handler_error: HandlerError = refused.into();
+            assert_eq!(as_handler_error.kind(), kind, "{schema_version}");
         }
     });
 }

@@ -170,33 +170,6 @@ fn a_type_the_bus_handles_is_decoded_without_being_listed() {
     });
 }
 
-/// An event of an old schema version whose upcaster this build lacks waits for a build that
-/// has it: handed back without counting an attempt, never dead-lettered.
-#[test]
-fn an_event_missing_its_upcaster_waits_without_using_up_deliveries() {
-    run(async {
-        let counter = Counter::named("counter");
-        let bus = EventBus::builder()
-            .handler(counter.clone())
-            .build()
-            .unwrap();
-        let transport = Arc::new(InMemoryTransport::new());
-        let mut old = added(1);
-        old.schema_version = 0;
-        transport.publish("adds", &[old]).await.unwrap();
-        let runtime = consume_adds(bus, &transport, Duration::from_millis(5));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
-        assert!(
-            transport.dead_letters("adds", "bus").is_empty(),
-            "dead-lettered: {:?}",
-            transport.dead_letters("adds", "bus")
-        );
-        assert_eq!(transport.backlog("adds", "bus"), 1, "still waiting");
-        assert_eq!(counter.seen(), 0);
-    });
-}
-
 /// A consumer that never blocks (`block` of zero) still handles events and lets the shutdown
 /// through on a single-threaded runtime.
 #[test]

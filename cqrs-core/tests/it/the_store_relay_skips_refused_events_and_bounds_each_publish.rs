@@ -1,5 +1,6 @@
 //! The store relay skips (and counts) an event the transport cannot encode, shipping the
-//! others in order, retries (never skips) a refusal of everything, and gives up on a publish that never answers after its publish timeout.
+//! others in order, retries (never skips) a refusal of everything, gives up on a publish that
+//! never answers after its publish timeout, and keeps what a batch cut short passed.
 
 use crate::fixtures::*;
 use async_trait::async_trait;
@@ -225,8 +226,8 @@ fn a_refusal_of_everything_is_retried_not_skipped() {
     });
 }
 
-/// A retryable failure while looking for the refused event fails the batch as before: nothing
-/// is passed, and the retry finds it.
+/// A retryable failure of the batch's publish fails the batch: nothing is passed, and the
+/// retry finds the refused event.
 #[test]
 fn a_retryable_failure_still_fails_the_batch_and_skips_nothing() {
     run(async {
@@ -302,4 +303,122 @@ fn a_publish_that_never_answers_times_out_after_the_publish_timeout() {
         assert_eq!(relay.relay_once().await.unwrap(), 1);
         assert_eq!(shipped_sums(&transport).await, [1]);
     });
+}
+
+/// A transport that cannot encode a batch of several events (too large for it), nor the event
+/// of sum `refuse`, and takes `per_event` to publish one event. Records every publish it
+/// took, duplicates included.
+struct OneAtATime {
+    inner: InMemoryTransport,
+    refuse: u64,
+    per_event: Duration,
+    taken: Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl EventTransport for OneAtATime {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if events.len() > 1 {
+            return Err(TransportError::Codec("the batch is too large".into()));
+        }
+        tokio::time::sleep(self.per_event).await;
+        let sum = events[0].payload["sum"].as_u64().unwrap();
+        if sum == self.refuse {
+            return Err(TransportError::Codec("this event cannot be encoded".into()));
+        }
+        self.inner.publish(topic, events).await?;
+        self.taken.lock().unwrap().push(sum);
+        Ok(())
+    }
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// When publishing a refused batch one event at a time takes longer than the publish timeout,
+/// the batch keeps what it published or skipped before running out: each retry goes on from
+/// there, so the relay gets through every event, each published once, instead of
+/// republishing the first ones for ever.
+#[test]
+fn a_batch_too_slow_to_publish_one_at_a_time_still_makes_progress() {
+    run_paused(|| async {
+        let counts = Counts::default();
+        let _recorder = metrics::set_default_local_recorder(&counts);
+        let events = Arc::new(InMemoryEventStore::new());
+        let transport = Arc::new(OneAtATime {
+            inner: InMemoryTransport::new(),
+            refuse: 3,
+            per_event: Duration::from_millis(10),
+            taken: Mutex::new(Vec::new()),
+        });
+        // Two events fit in the timeout, one at a time; the batch holds six.
+        let relay = StoreRelay::new(
+            "relay",
+            events.clone(),
+            Arc::new(InMemoryProjectionStore::new()),
+            transport.clone(),
+            "out",
+        )
+        .batch_size(10)
+        .publish_timeout(Duration::from_millis(25));
+        events
+            .append(
+                "a",
+                ExpectedVersion::NO_STREAM,
+                (1..=6).map(record).collect(),
+            )
+            .await
+            .unwrap();
+
+        let mut outcomes = Vec::new();
+        while relay.backlog().await.unwrap() > 0 {
+            assert!(outcomes.len() < 10, "no progress: {outcomes:?}");
+            let outcome = relay.relay_once().await;
+            outcomes.push(outcome.as_ref().map_err(|e| e.kind()).copied());
+        }
+        use cqrs_core::ErrorKind::Timeout;
+        assert_eq!(
+            outcomes,
+            [Err(Timeout), Err(Timeout), Ok(2)],
+            "each batch cut short reports its timeout after committing what it passed"
+        );
+        assert_eq!(
+            *transport.taken.lock().unwrap(),
+            [1, 2, 4, 5, 6],
+            "each published once, in order"
+        );
+        assert_eq!(shipped_sums_of(&transport.inner).await, [1, 2, 4, 5, 6]);
+        assert_eq!(
+            counts
+                .get("cqrs_events_skipped_total{relay=relay,event_type=test.added,reason=refused}"),
+            1
+        );
+        assert_eq!(
+            counts.get("cqrs_events_published_total{relay=relay,event_type=test.added}"),
+            5
+        );
+    });
+}
+
+async fn shipped_sums_of(transport: &InMemoryTransport) -> Vec<u64> {
+    let mut consumer = transport
+        .consumer(
+            "out",
+            "check",
+            ConsumerOptions::default().block(Duration::from_millis(10)),
+        )
+        .await
+        .unwrap();
+    let got = consumer.fetch(100).await.unwrap();
+    got.iter()
+        .map(|d| d.record.payload["sum"].as_u64().unwrap())
+        .collect()
 }

@@ -174,3 +174,48 @@ pg_test! {
         assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 4);
     }
 }
+
+pg_test! {
+    async fn a_column_this_build_cannot_read_fails_the_batch_instead_of_skipping_every_row(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1), record(2)]).await.unwrap();
+        // A newer migration changed a column's type: every row fails to decode alike (sqlx:
+        // "mismatched types"), which says nothing about any one event.
+        let widen = format!(
+            "ALTER TABLE \"{}\".events ALTER COLUMN schema_version TYPE bigint",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(widen)).execute(db.pool()).await.unwrap();
+
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone());
+        relay.ensure_checkpoint().await.unwrap();
+        let counts = Counts::default();
+        let batch = {
+            let _recorder = metrics::set_default_local_recorder(&counts);
+            relay.relay_once().await
+        };
+        let error = batch.expect_err("the batch fails: nothing is skipped");
+        assert!(error.to_string().contains("mismatched types"), "{error}");
+        assert_eq!(relay.checkpoint().await.unwrap(), Position::START, "the checkpoint stays");
+        assert_eq!(relay.backlog().await.unwrap().unpublished, 2);
+        assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=undecodable}"), 0);
+
+        // A build that reads the column (here: the column back as it was) ships them all.
+        let restore = format!(
+            "ALTER TABLE \"{}\".events ALTER COLUMN schema_version TYPE integer",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(restore)).execute(db.pool()).await.unwrap();
+        // A new pool, as a new build has: the old one's prepared statements expect a bigint.
+        let fresh = crate::support::options(db.schema()).connect().await.unwrap();
+        let relay = PgOutboxRelay::new(fresh, transport.clone());
+        assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(2));
+        let shipped: Vec<u64> = receive(transport.as_ref(), "events", "readers", 2)
+            .await
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shipped, [1, 2]);
+    }
+}
