@@ -36,9 +36,11 @@ pub mod snapshot_store;
 pub mod transport;
 
 mod given;
+mod metric_counts;
 
 pub use given::{AggregateTest, CommandOutcome, CommandTest, TEST_AGGREGATE_ID, Then};
 pub use helpers::{eventually, long, require_services, test_id, with_timeout};
+pub use metric_counts::MetricCounts;
 
 use async_trait::async_trait;
 

@@ -9,10 +9,9 @@ use cqrs_core::ports::{
     Consumer, ConsumerOptions, EventStore, EventTransport, TransportCapabilities, TransportError,
 };
 use cqrs_core::relay::StoreRelay;
+use cqrs_core::testing::MetricCounts;
 use cqrs_core::{EventEnvelope, EventRecord, ExpectedVersion, Metadata};
-use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Recorder, SharedString, Unit};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,52 +70,6 @@ impl EventTransport for Picky {
     }
 }
 
-/// Counters by name and labels (`name{k=v,...}`).
-#[derive(Default)]
-struct Counts(Mutex<BTreeMap<String, Arc<Count>>>);
-
-#[derive(Default)]
-struct Count(AtomicU64);
-
-impl CounterFn for Count {
-    fn increment(&self, value: u64) {
-        self.0.fetch_add(value, Ordering::SeqCst);
-    }
-    fn absolute(&self, value: u64) {
-        self.0.store(value, Ordering::SeqCst);
-    }
-}
-
-impl Counts {
-    fn get(&self, name: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .get(name)
-            .map_or(0, |c| c.0.load(Ordering::SeqCst))
-    }
-}
-
-impl Recorder for Counts {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &metrics::Metadata<'_>) -> Counter {
-        let labels: Vec<String> = key
-            .labels()
-            .map(|l| format!("{}={}", l.key(), l.value()))
-            .collect();
-        let name = format!("{}{{{}}}", key.name(), labels.join(","));
-        Counter::from_arc(self.0.lock().unwrap().entry(name).or_default().clone())
-    }
-    fn register_gauge(&self, _: &Key, _: &metrics::Metadata<'_>) -> Gauge {
-        Gauge::noop()
-    }
-    fn register_histogram(&self, _: &Key, _: &metrics::Metadata<'_>) -> Histogram {
-        Histogram::noop()
-    }
-}
-
 async fn shipped_sums(transport: &Picky) -> Vec<u64> {
     let mut consumer = transport
         .consumer(
@@ -136,7 +89,7 @@ async fn shipped_sums(transport: &Picky) -> Vec<u64> {
 /// and every later batch are shipped, in order, and the refused one is counted and passed.
 #[test]
 fn an_event_the_transport_refuses_for_good_is_skipped_and_the_rest_shipped_in_order() {
-    let counts = Counts::default();
+    let counts = MetricCounts::default();
     metrics::with_local_recorder(&counts, || {
         run(async {
             let events = Arc::new(InMemoryEventStore::new());
@@ -350,7 +303,7 @@ impl EventTransport for OneAtATime {
 #[test]
 fn a_batch_too_slow_to_publish_one_at_a_time_still_makes_progress() {
     run_paused(|| async {
-        let counts = Counts::default();
+        let counts = MetricCounts::default();
         let _recorder = metrics::set_default_local_recorder(&counts);
         let events = Arc::new(InMemoryEventStore::new());
         let transport = Arc::new(OneAtATime {

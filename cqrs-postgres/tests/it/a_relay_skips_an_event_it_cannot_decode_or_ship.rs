@@ -10,59 +10,11 @@ use cqrs_core::ports::{
     Consumer, ConsumerOptions, EventStore, EventTransport, ExpectedVersion, TransportCapabilities,
     TransportError,
 };
+use cqrs_core::testing::MetricCounts;
 use cqrs_core::{EventRecord, Position};
 use cqrs_postgres::{PgOutboxRelay, RelayBatch};
-use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Recorder, SharedString, Unit};
 use sqlx::AssertSqlSafe;
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-
-/// Counters by name and labels (`name{k=v,...}`).
-#[derive(Default)]
-struct Counts(Mutex<BTreeMap<String, Arc<Count>>>);
-
-#[derive(Default)]
-struct Count(AtomicU64);
-
-impl CounterFn for Count {
-    fn increment(&self, value: u64) {
-        self.0.fetch_add(value, Ordering::SeqCst);
-    }
-    fn absolute(&self, value: u64) {
-        self.0.store(value, Ordering::SeqCst);
-    }
-}
-
-impl Counts {
-    fn get(&self, name: &str) -> u64 {
-        self.0
-            .lock()
-            .unwrap()
-            .get(name)
-            .map_or(0, |c| c.0.load(Ordering::SeqCst))
-    }
-}
-
-impl Recorder for Counts {
-    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-    fn register_counter(&self, key: &Key, _: &metrics::Metadata<'_>) -> Counter {
-        let labels: Vec<String> = key
-            .labels()
-            .map(|l| format!("{}={}", l.key(), l.value()))
-            .collect();
-        let name = format!("{}{{{}}}", key.name(), labels.join(","));
-        Counter::from_arc(self.0.lock().unwrap().entry(name).or_default().clone())
-    }
-    fn register_gauge(&self, _: &Key, _: &metrics::Metadata<'_>) -> Gauge {
-        Gauge::noop()
-    }
-    fn register_histogram(&self, _: &Key, _: &metrics::Metadata<'_>) -> Histogram {
-        Histogram::noop()
-    }
-}
+use std::sync::Arc;
 
 /// A transport that refuses for good every batch holding the event `{"n": refuse}`.
 struct Refusing {
@@ -123,7 +75,7 @@ pg_test! {
         let transport = Arc::new(InMemoryTransport::new());
         let relay = PgOutboxRelay::new(db.clone(), transport.clone());
         relay.ensure_checkpoint().await.unwrap();
-        let counts = Counts::default();
+        let counts = MetricCounts::default();
         let batch = {
             // The body runs on the test's own thread: the local recorder sees the relay's counts.
             let _recorder = metrics::set_default_local_recorder(&counts);
@@ -155,7 +107,7 @@ pg_test! {
         let relay = PgOutboxRelay::new(db.clone(), transport.clone())
             .topic_for(|e| if e.payload["n"].as_u64().unwrap() <= 4 { "low".into() } else { "high".into() });
         relay.ensure_checkpoint().await.unwrap();
-        let counts = Counts::default();
+        let counts = MetricCounts::default();
         let batch = {
             let _recorder = metrics::set_default_local_recorder(&counts);
             relay.relay_once().await
@@ -190,7 +142,7 @@ pg_test! {
         let transport = Arc::new(InMemoryTransport::new());
         let relay = PgOutboxRelay::new(db.clone(), transport.clone());
         relay.ensure_checkpoint().await.unwrap();
-        let counts = Counts::default();
+        let counts = MetricCounts::default();
         let batch = {
             let _recorder = metrics::set_default_local_recorder(&counts);
             relay.relay_once().await

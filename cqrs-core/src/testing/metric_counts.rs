@@ -1,0 +1,91 @@
+//! A [`metrics::Recorder`] for tests that assert what was counted.
+
+use metrics::{
+    Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    SharedString, Unit,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counts what is recorded through the `metrics` facade, by metric name and labels in the
+/// order they were given (`name{k=v,...}`): a counter's total, and a histogram's number of
+/// samples. Gauges are not kept.
+///
+/// Install it for a test with [`metrics::with_local_recorder`] (the current thread only, so
+/// tests running in parallel do not see each other's metrics; use a current-thread runtime
+/// inside it).
+///
+/// ```
+/// use cqrs_core::testing::MetricCounts;
+///
+/// let counts = MetricCounts::default();
+/// metrics::with_local_recorder(&counts, || {
+///     metrics::counter!("orders_total", "outcome" => "ok").increment(2);
+///     metrics::histogram!("order_seconds").record(0.5);
+/// });
+/// assert_eq!(counts.get("orders_total{outcome=ok}"), 2);
+/// assert_eq!(counts.get("order_seconds{}"), 1);
+/// assert_eq!(counts.get("never_recorded{}"), 0);
+/// ```
+#[derive(Debug, Default)]
+pub struct MetricCounts(Mutex<BTreeMap<String, Arc<Count>>>);
+
+#[derive(Debug, Default)]
+struct Count(AtomicU64);
+
+impl CounterFn for Count {
+    fn increment(&self, value: u64) {
+        self.0.fetch_add(value, Ordering::SeqCst);
+    }
+    fn absolute(&self, value: u64) {
+        self.0.store(value, Ordering::SeqCst);
+    }
+}
+
+impl HistogramFn for Count {
+    fn record(&self, _: f64) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl MetricCounts {
+    /// What was counted under `name{k=v,...}` (labels in the order they were recorded with;
+    /// `name{}` for none), 0 when nothing was.
+    pub fn get(&self, name: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map_or(0, |c| c.0.load(Ordering::SeqCst))
+    }
+
+    fn slot(&self, key: &Key) -> Arc<Count> {
+        let labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        let name = format!("{}{{{}}}", key.name(), labels.join(","));
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name)
+            .or_default()
+            .clone()
+    }
+}
+
+impl Recorder for MetricCounts {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        Counter::from_arc(self.slot(key))
+    }
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::from_arc(self.slot(key))
+    }
+}
