@@ -10,7 +10,7 @@ use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,10 +52,7 @@ struct Inner {
     /// Serializes SUBSCRIBE and UNSUBSCRIBE, so an unsubscribe of an idle channel cannot pass
     /// a new subscriber's subscribe to the same channel.
     upstream: Arc<tokio::sync::Mutex<()>>,
-    /// The channels this instance's connection is subscribed to in Redis (each counted once):
-    /// a channel goes in once Redis confirmed its SUBSCRIBE, and out once Redis confirmed its
-    /// UNSUBSCRIBE (a failed one is retried, and the channel stays meanwhile) or a reconnect
-    /// dropped it.
+    /// How many upstream subscriptions each channel has (0 or 1).
     subscribed: Arc<Mutex<HashMap<String, usize>>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -129,78 +126,29 @@ impl RedisPubSubOptions {
             }
         }));
 
-        // Unsubscribe upstream from channels without local subscribers. A channel stays in
-        // `subscribed` until Redis confirmed the UNSUBSCRIBE: one that failed (a timeout, or a
-        // refusal, which fred may report as success) leaves Redis subscribed, so it is tried
-        // again with growing delays until it succeeds, the channel has local subscribers
-        // again, or a reconnect ends every subscription of the old connection.
-        let (client, checker, watch, lock, counts, full) = (
+        // Unsubscribe upstream from channels without local subscribers.
+        let (client, watch, lock, counts, full) = (
             subscriber.clone(),
-            publisher.clone(),
             fanout.clone(),
             upstream.clone(),
             subscribed.clone(),
             prefix.clone(),
         );
-        let (min_delay, max_delay) = (
-            self.connection.reconnect_min_delay,
-            self.connection.reconnect_max_delay,
-        );
         tasks.push(tokio::spawn(async move {
-            // Channels to unsubscribe from, and failed attempts since the last success.
-            let mut stale: HashSet<Arc<str>> = HashSet::new();
-            let mut failures = 0u32;
-            loop {
-                if failures == 0 {
-                    match idle.recv().await {
-                        Some(channel) => stale.insert(channel),
-                        None => return,
-                    };
-                } else {
-                    tokio::select! {
-                        channel = idle.recv() => match channel {
-                            Some(channel) => stale.insert(channel),
-                            None => return,
-                        },
-                        () = tokio::time::sleep(retry_delay(min_delay, max_delay, failures)) => false,
-                    };
-                }
+            while let Some(channel) = idle.recv().await {
                 let _guard = lock.lock().await;
-                // Not those with a subscriber again (its SUBSCRIBE keeps the subscription),
-                // nor those Redis no longer holds (a reconnect dropped them).
-                stale.retain(|channel| {
-                    !watch.is_subscribed(channel)
-                        && lock_counts(&counts).contains_key(&format!("{full}{channel}"))
-                });
-                if stale.is_empty() {
-                    failures = 0;
+                if watch.is_subscribed(&channel) {
                     continue;
                 }
-                let channels: Vec<Arc<str>> = stale.iter().cloned().collect();
-                let names = names(&full, &channels);
-                let left = lock_counts(&counts).len() - names.len();
-                let outcome = match confirmed_unsubscribe(&client, names.clone()).await {
-                    Ok(()) => match subscription_count(&checker, &client).await {
-                        Some(n) if n > left => Err(format!(
-                            "Redis holds {n} subscriptions, {left} expected (refused: an ACL?)"
-                        )),
-                        _ => Ok(()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
-                match outcome {
-                    Ok(()) => {
-                        let mut counts = lock_counts(&counts);
-                        for name in &names {
-                            counts.remove(name);
-                        }
-                        stale.clear();
-                        failures = 0;
-                    }
-                    Err(error) => {
-                        failures = failures.saturating_add(1);
-                        tracing::warn!(%error, channels = ?names, attempt = failures, "redis pub/sub could not unsubscribe; trying again");
-                    }
+                let name = format!("{full}{channel}");
+                // Forgotten either way: a failed unsubscribe means the connection is down, and
+                // the resubscription after the reconnect covers only channels with subscribers.
+                counts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                if let Err(e) = client.unsubscribe(name.as_str()).await {
+                    tracing::debug!(channel = %name, error = %e, "unsubscribe failed");
                 }
             }
         }));
@@ -211,44 +159,37 @@ impl RedisPubSubOptions {
         // that arrives before the confirming PING is queued is lost, so success is checked
         // with Redis's own count of the connection's subscriptions (`CLIENT LIST`, `sub=`).
         let mut reconnects = subscriber.reconnect_rx();
-        let (client, checker, watch, lock, counts, full) = (
+        let (client, checker, watch, lock, full) = (
             subscriber.clone(),
             publisher.clone(),
             fanout.clone(),
             upstream.clone(),
-            subscribed.clone(),
             prefix.clone(),
+        );
+        let (min_delay, max_delay) = (
+            self.connection.reconnect_min_delay,
+            self.connection.reconnect_max_delay,
         );
         tasks.push(tokio::spawn(async move {
             // Failed attempts since the last success; a retry is due while it is above 0.
             let mut failures = 0u32;
             loop {
-                let reconnected = if failures == 0 {
+                if failures == 0 {
                     match reconnects.recv().await {
-                        Ok(_) | Err(RecvError::Lagged(_)) => true,
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => return,
                     }
                 } else {
                     tokio::select! {
                         event = reconnects.recv() => match event {
-                            Ok(_) | Err(RecvError::Lagged(_)) => {
-                                failures = 0;
-                                true
-                            }
+                            Ok(_) | Err(RecvError::Lagged(_)) => failures = 0,
                             Err(RecvError::Closed) => return,
                         },
-                        () = tokio::time::sleep(retry_delay(min_delay, max_delay, failures)) => false,
+                        () = tokio::time::sleep(retry_delay(min_delay, max_delay, failures)) => {}
                     }
-                };
+                }
                 let _guard = lock.lock().await;
                 let channels = watch.channels();
-                if reconnected {
-                    // The new connection holds none of the old one's subscriptions: those of
-                    // channels without local subscribers (an unsubscribe still to retry) are
-                    // gone; the others are subscribed again below.
-                    let keep: HashSet<String> = names(&full, &channels).into_iter().collect();
-                    lock_counts(&counts).retain(|name, _| keep.contains(name));
-                }
                 if channels.is_empty() {
                     failures = 0;
                     continue;
@@ -298,13 +239,14 @@ impl RedisPubSub {
         &self.inner.options
     }
 
-    /// How many upstream (Redis) subscriptions this instance holds for `channel`, 0 or 1: 1
-    /// while it has local subscribers, and after the last one is gone until Redis confirmed the
-    /// `UNSUBSCRIBE` (a failed one is retried with the reconnect delays) or a reconnect ended
-    /// the subscription. This instance's own account; `PUBSUB NUMSUB` counts every client.
+    /// How many upstream (Redis) subscriptions this instance holds for `channel`: 1 while it
+    /// has local subscribers, else 0.
     pub fn upstream_subscriptions(&self, channel: &str) -> usize {
         let name = format!("{}{channel}", self.inner.prefix);
-        lock_counts(&self.inner.subscribed)
+        self.inner
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&name)
             .copied()
             .unwrap_or(0)
@@ -369,7 +311,11 @@ impl PubSub for RedisPubSub {
                         }
                     }
                     // One Redis subscription per channel, however often it was asked for.
-                    lock_counts(&inner.subscribed).insert(name.clone(), 1);
+                    inner
+                        .subscribed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.clone(), 1);
                     Ok(())
                 }),
             )
@@ -387,25 +333,6 @@ async fn confirmed_subscribe(
     client.subscribe(names).await?;
     client.ping::<Value>(None).await?;
     Ok(())
-}
-
-/// Unsubscribes and waits for Redis to answer, as [`confirmed_subscribe`] subscribes. A refusal
-/// fred drops is not seen here: the caller checks Redis's count of the connection's
-/// subscriptions.
-async fn confirmed_unsubscribe(
-    client: &SubscriberClient,
-    names: Vec<String>,
-) -> Result<(), fred::error::Error> {
-    client.unsubscribe(names).await?;
-    client.ping::<Value>(None).await?;
-    Ok(())
-}
-
-/// The subscribed channels' map, locked (a std mutex: nothing awaits while it is held).
-fn lock_counts(
-    counts: &Mutex<HashMap<String, usize>>,
-) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
-    counts.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How many channels the subscriber's connection is subscribed to, as Redis counts them
