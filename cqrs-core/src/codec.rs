@@ -7,11 +7,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-type Decoder = fn(serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error>;
+type Decoder = fn(&serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error>;
 type Upcaster = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync>;
 
-fn decode_as<E: Event>(payload: serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error> {
-    Ok(Arc::new(serde_json::from_value::<E>(payload)?))
+/// Deserializes from a borrowed payload: a record's JSON is not cloned to be decoded.
+fn decode_as<E: Event>(
+    payload: &serde_json::Value,
+) -> Result<Arc<dyn AnyEvent>, serde_json::Error> {
+    Ok(Arc::new(E::deserialize(payload)?))
 }
 
 /// What to do with an event whose type this build does not know, such as one written by a
@@ -332,23 +335,26 @@ impl EventTypes {
                 current: entry.current,
             });
         }
-        let mut payload = record.payload.clone();
+        // Cloned only when upcasters have to change it.
+        let mut upcast: Option<serde_json::Value> = None;
         let mut version = record.schema_version;
         while version < entry.current {
-            let upcast = self
+            let upcaster = self
                 .upcasters
                 .get(&(record.event_type.clone(), version))
                 .ok_or_else(|| DecodeError::MissingUpcaster {
                     event_type: record.event_type.clone(),
                     found: version,
                 })?;
-            payload = upcast(payload).map_err(|source| DecodeError::Upcast {
+            let payload = upcast.take().unwrap_or_else(|| record.payload.clone());
+            upcast = Some(upcaster(payload).map_err(|source| DecodeError::Upcast {
                 event_type: record.event_type.clone(),
                 from: version,
                 source,
-            })?;
+            })?);
             version += 1;
         }
+        let payload = upcast.as_ref().unwrap_or(&record.payload);
         let event = (entry.decode)(payload).map_err(|source| DecodeError::Payload {
             event_type: record.event_type.clone(),
             source,

@@ -191,14 +191,17 @@ impl EventRecord {
 
     /// The in-process metadata this record carries (no principal).
     pub fn to_metadata(&self) -> Metadata {
-        let mut metadata = Metadata::new()
-            .with_message_id(self.event_id)
-            .with_correlation_id(self.metadata.correlation_id)
-            .with_causation_id(self.metadata.causation_id)
-            .with_timestamp(self.metadata.occurred_at);
-        metadata.actor = self.metadata.actor.clone();
-        metadata.trace_context = self.metadata.trace_context.clone();
-        metadata
+        // Built whole, not from `Metadata::new()`, whose fresh id and clock read (a process-wide
+        // lock in `Uuid::now_v7`) would be thrown away for every decoded event.
+        Metadata {
+            message_id: self.event_id,
+            correlation_id: self.metadata.correlation_id,
+            causation_id: self.metadata.causation_id,
+            timestamp: self.metadata.occurred_at,
+            principal: None,
+            actor: self.metadata.actor.clone(),
+            trace_context: self.metadata.trace_context.clone(),
+        }
     }
 }
 

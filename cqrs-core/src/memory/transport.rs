@@ -247,7 +247,7 @@ impl InMemoryConsumer {
         // Indexes this group holds are never trimmed: `trim` keeps from the lowest one.
         let base = *base;
         let record = |i: usize| &log[i - base];
-        let key_of = |i: usize| record(i).partition_key.clone();
+        let key_of = |i: usize| record(i).partition_key.as_deref();
         let mut out = Vec::new();
         let mut next_due: Option<Instant> = None;
 
@@ -268,7 +268,7 @@ impl InMemoryConsumer {
         }
 
         // Keys with a message in flight, and the first in-flight index of each key.
-        let mut first_of_key: HashMap<Option<String>, usize> = HashMap::new();
+        let mut first_of_key: HashMap<Option<&str>, usize> = HashMap::new();
         for i in group.in_flight.keys() {
             first_of_key.entry(key_of(*i)).or_insert(*i);
         }
@@ -297,19 +297,21 @@ impl InMemoryConsumer {
         }
         // New messages whose key has nothing in flight from an earlier batch. Successive
         // messages of one key may go out together, in order: a chain (see `Consumer::fetch`).
-        let busy: HashSet<String> = first_of_key.into_keys().flatten().collect();
-        let mut kept = VecDeque::with_capacity(group.waiting.len());
-        let mut held_back: HashSet<String> = HashSet::new();
-        while let Some(i) = group.waiting.pop_front() {
+        let busy: HashSet<&str> = first_of_key.into_keys().flatten().collect();
+        let mut kept = Vec::new();
+        let mut held_back: HashSet<&str> = HashSet::new();
+        // Until the batch is full: what is left after it stays as it is, so a fetch costs the
+        // entries it looks at, not the whole backlog.
+        while out.len() < max {
+            let Some(i) = group.waiting.pop_front() else {
+                break;
+            };
             let key = key_of(i);
-            let blocked = key
-                .as_ref()
-                .is_some_and(|k| busy.contains(k) || held_back.contains(k));
-            if out.len() >= max || blocked {
+            if key.is_some_and(|k| busy.contains(k) || held_back.contains(k)) {
                 if let Some(k) = key {
                     held_back.insert(k);
                 }
-                kept.push_back(i);
+                kept.push(i);
                 continue;
             }
             group.in_flight.insert(
@@ -326,10 +328,13 @@ impl InMemoryConsumer {
                 1,
             ));
         }
-        group.waiting = kept;
+        // Held-back entries go back in front, in their order.
+        for i in kept.into_iter().rev() {
+            group.waiting.push_front(i);
+        }
         // The next redelivery that can happen: only the first in flight of a key is handed
         // out again, so a later one's due time (past, after a `defer`) is no reason to wake.
-        let mut first_of_key: HashMap<Option<String>, usize> = HashMap::new();
+        let mut first_of_key: HashMap<Option<&str>, usize> = HashMap::new();
         for i in group.in_flight.keys() {
             first_of_key.entry(key_of(*i)).or_insert(*i);
         }

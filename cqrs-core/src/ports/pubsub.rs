@@ -247,23 +247,23 @@ impl Fanout {
     /// Hands a message that arrived from upstream to every local subscriber of `channel`.
     /// Returns how many received it.
     pub fn deliver(&self, channel: &str, payload: Arc<str>) -> usize {
-        let state = {
+        // The map's own `Arc<str>` names the channel in the message: no copy per message.
+        let found = {
             let channels = self
                 .inner
                 .channels
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            channels.get(channel).cloned()
+            channels
+                .get_key_value(channel)
+                .map(|(name, state)| (name.clone(), state.clone()))
         };
-        let Some(state) = state else {
+        let Some((channel, state)) = found else {
             return 0;
         };
         let s = state.lock().unwrap_or_else(|p| p.into_inner());
         s.sender
-            .send(PubSubMessage {
-                channel: Arc::from(channel),
-                payload,
-            })
+            .send(PubSubMessage { channel, payload })
             .unwrap_or(0)
     }
 
