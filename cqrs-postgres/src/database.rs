@@ -206,11 +206,31 @@ impl PgDatabase {
 
 /// `SELECT 1` within 2 seconds: healthy, or unhealthy with the reason. Register it as a
 /// critical check of the runtime.
+///
+/// A pool whose every connection stays busy for the 2 seconds is degraded, not unhealthy: the
+/// server answers, the instance is just loaded, and a load balancer that took every busy
+/// instance out of rotation at once would turn a peak into an outage.
 #[async_trait]
 impl HealthCheck for PgDatabase {
     async fn check(&self) -> Health {
-        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool);
-        match tokio::time::timeout(Duration::from_secs(2), ping).await {
+        const BUDGET: Duration = Duration::from_secs(2);
+        let deadline = tokio::time::Instant::now() + BUDGET;
+        let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Health::Unhealthy(format!("postgres: {}", store_error(e))),
+            Err(_) => {
+                let max = self.pool.options().get_max_connections();
+                return if self.pool.size() >= max && self.pool.num_idle() == 0 {
+                    Health::Degraded(format!(
+                        "postgres: all {max} pooled connections stayed busy for 2 s"
+                    ))
+                } else {
+                    Health::Unhealthy("postgres: no connection within 2 s".to_owned())
+                };
+            }
+        };
+        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn);
+        match tokio::time::timeout_at(deadline, ping).await {
             Ok(Ok(_)) => Health::Healthy,
             Ok(Err(e)) => Health::Unhealthy(format!("postgres: {}", store_error(e))),
             Err(_) => Health::Unhealthy("postgres did not answer within 2 s".to_owned()),

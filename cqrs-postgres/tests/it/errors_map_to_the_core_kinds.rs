@@ -1,6 +1,7 @@
 //! Errors arrive as the core's kinds: an unreachable server is unavailable (retryable) with
 //! its cause, bad options list every problem, and nothing panics.
 
+use crate::support::pg_test;
 use cqrs_core::ports::{EventStore, ExpectedVersion, IdempotencyStore, ProjectionStore};
 use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_core::{ErrorKind, Position};
@@ -117,5 +118,22 @@ crate::support::pg_test! {
         let error = sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap_err();
         let error = cqrs_postgres::store_error(error);
         assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    }
+}
+
+pg_test! {
+    /// A pool whose every connection is busy (a load peak) is degraded, not unhealthy: the
+    /// server answers, and a load balancer must not take every busy instance out at once.
+    async fn a_busy_pool_is_degraded_not_unhealthy(db: PgDatabase) {
+        let busy = crate::support::options(db.schema())
+            .max_connections(1)
+            .connect()
+            .await
+            .unwrap();
+        let held = busy.pool().acquire().await.unwrap();
+        let health = busy.check().await;
+        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy")), "{health:?}");
+        drop(held);
+        assert_eq!(busy.check().await, Health::Healthy);
     }
 }
