@@ -27,6 +27,12 @@ use tokio::sync::Notify;
 /// `P` is the principal the [`Authenticator`] makes of a token. Cloning is cheap: clones share
 /// one hub.
 ///
+/// Each pub/sub channel's events are pushed in the order the channel delivers them. The hub
+/// remembers the positions each channel delivered last (1,024 of them) and drops a message at
+/// one of those positions: a relay that ships a batch again (after a crash, or a failed
+/// publish) does not make clients see its events twice. Events without a position are always
+/// pushed.
+///
 /// ```
 /// # use cqrs_realtime::doc::{TicketRouting, TicketRules, tokens};
 /// use axum::Router;

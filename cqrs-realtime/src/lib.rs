@@ -10,8 +10,11 @@
 //!   on which coarse pub/sub channel, as which JSON `event` object, with which routing fields.
 //!
 //! Events reach the hub through the core's [`PubSub`](cqrs_core::ports::PubSub) port: a
-//! [`Publisher`] (or a [`PublishWorker`] fed by the durable transport) publishes each event
-//! once per channel, and every hub subscribed to that channel, in any process, pushes it.
+//! [`Publisher`] publishes each event once per channel, and every hub subscribed to that
+//! channel, in any process, pushes it. For topics clients resume with `since`, feed it from a
+//! relay through [`Publisher::into_transport`] ([`PublisherTransport`]): one active relay
+//! reads the event store in position order, so every hub gets the events in that order. (A
+//! [`PublishWorker`] fed by the durable transport publishes in order per aggregate only.)
 //!
 //! ```
 //! use axum::Router;
@@ -57,7 +60,8 @@
 //! // Mount it: clients connect to ws://host/ws?token=... or send `Authorization: Bearer ...`.
 //! let app: Router = Router::new().route("/ws", hub.route());
 //!
-//! // After a command stored its events, publish them (or run a `PublishWorker`).
+//! // After a command stored its events, publish them (or run a relay over
+//! // `publisher.into_transport()`, which publishes in the store's order).
 //! let stored = store.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![ticket_record("t1", "u1")]).await?;
 //! hub.publisher().publish_all(&stored).await?;
 //! # let _ = app;
@@ -74,8 +78,9 @@
 //! connection gets one `event` frame per matching subscription. `docs/realtime.md` has every
 //! frame, the limits and their defaults ([`HubOptions`]), and the guarantees:
 //!
-//! * live push is at-most-once (the pub/sub is); events of one aggregate arrive in the order
-//!   they were published;
+//! * live push is at-most-once (the pub/sub is); events arrive in the order they were
+//!   published, and a position a channel delivered again (a relay re-shipping a batch) is
+//!   not pushed twice;
 //! * a client that resumes with `since` gets, from the event store, every event after that
 //!   position it may see, then the live ones, with no gap and no duplicate at the seam.
 //!
@@ -110,6 +115,7 @@ mod replay;
 mod routing;
 mod signal;
 mod topic;
+mod transport;
 mod upstream;
 mod worker;
 
@@ -121,6 +127,7 @@ pub use protocol::{ClientFrame, ErrorCode, FrameError, ServerFrame, close_code};
 pub use publisher::{PublishError, Publisher};
 pub use routing::{EventRouting, PushedEvent, Routed};
 pub use topic::{InvalidTopic, MAX_TOPIC_LEN, Topic};
+pub use transport::PublisherTransport;
 pub use worker::PublishWorker;
 
 /// Re-exported for `Authenticator` and `Authorizer` implementations:

@@ -17,9 +17,13 @@ use std::sync::Arc;
 /// it to its matching subscriptions.
 ///
 /// Publishing is at-most-once, like the pub/sub: a hub that is not subscribed misses the
-/// event, and a client closes the gap by resuming from the durable log. To keep events of one
-/// aggregate in order, publish them in order (from one task, awaiting each publish); a
-/// [`PublishWorker`](crate::PublishWorker) fed by an ordered transport does.
+/// event, and a client closes the gap by resuming from the durable log. Hubs push events in
+/// the order they were published, so publish them in position order when clients resume
+/// with `since`: a client resuming from the last position it saw never gets an earlier one
+/// that arrived after it. A relay over [`into_transport`](Self::into_transport) does (one
+/// active relay reads the store in position order); several tasks publishing at once (a
+/// [`PublishWorker`](crate::PublishWorker) with concurrency, this publisher as the
+/// [`EventSink`] of concurrent commands) keep only each aggregate's order, if that.
 ///
 /// A `Publisher` is also an [`EventSink`]: give it to a command bus and the events of every
 /// successful command are pushed (failures are logged, never fail the command).

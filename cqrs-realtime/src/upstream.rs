@@ -4,8 +4,9 @@
 use crate::PushedEvent;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use cqrs_core::Position;
 use cqrs_core::ports::{PubSub, Subscription, TransportError};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -177,8 +178,43 @@ impl<P> Drop for Pending<'_, P> {
     }
 }
 
+/// How many of a channel's latest positions the hub remembers, to push each once.
+pub(crate) const RECENT_POSITIONS: usize = 1024;
+
+/// The positions a channel delivered last (at most [`RECENT_POSITIONS`]): a message at one of
+/// them is a copy of an event already pushed (a relay or publisher that shipped a batch again
+/// after a crash or a failed publish), and is dropped. Only exact copies: an event that
+/// arrives late, after a higher position, from a publisher that does not publish in position
+/// order, is still pushed.
+#[derive(Default)]
+pub(crate) struct RecentPositions {
+    seen: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl RecentPositions {
+    /// Whether `position` is new on this channel; it is remembered from now on. Events
+    /// without a position are always new.
+    pub(crate) fn first_time(&mut self, position: Option<Position>) -> bool {
+        let Some(position) = position else {
+            return true;
+        };
+        if !self.seen.insert(position.get()) {
+            return false;
+        }
+        if self.order.len() == RECENT_POSITIONS
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        self.order.push_back(position.get());
+        true
+    }
+}
+
 /// Receives one channel and dispatches every event, in the order the pub/sub delivers them:
-/// one task per channel keeps the events of one aggregate in publish order.
+/// one task per channel keeps the events in publish order. A copy of an event it dispatched
+/// recently is dropped ([`RecentPositions`]).
 async fn pump<P: Send + Sync + 'static>(
     mut subscription: Subscription,
     pubsub: Arc<dyn PubSub>,
@@ -188,6 +224,7 @@ async fn pump<P: Send + Sync + 'static>(
     stopped: Arc<AtomicBool>,
 ) {
     let mut missed = 0;
+    let mut recent = RecentPositions::default();
     loop {
         let message = subscription.recv().await;
         // A message published after the channel was released (and maybe subscribed again)
@@ -208,7 +245,10 @@ async fn pump<P: Send + Sync + 'static>(
             missed = now;
         }
         match PushedEvent::decode(&message.payload) {
-            Ok(event) => registry.dispatch(&event),
+            Ok(event) if recent.first_time(event.position()) => registry.dispatch(&event),
+            Ok(event) => {
+                tracing::debug!(%channel, position = ?event.position(), "dropped a copy of an event already pushed");
+            }
             Err(error) => tracing::warn!(%channel, %error, "ignored a realtime channel message"),
         }
     }
@@ -294,6 +334,25 @@ mod tests {
             upstreams.map().is_empty(),
             "no empty slot is left in the map"
         );
+    }
+
+    /// Each position is new once; the memory keeps the latest `RECENT_POSITIONS` only.
+    #[test]
+    fn recent_positions_are_remembered_within_a_bound() {
+        let mut recent = RecentPositions::default();
+        assert!(recent.first_time(None) && recent.first_time(None));
+        let total = RECENT_POSITIONS as u64 + 10;
+        for p in 1..=total {
+            assert!(recent.first_time(Some(Position::new(p))));
+        }
+        assert!(!recent.first_time(Some(Position::new(total))));
+        assert!(
+            !recent.first_time(Some(Position::new(11))),
+            "still remembered"
+        );
+        assert!(recent.first_time(Some(Position::new(10))), "forgotten");
+        assert_eq!(recent.seen.len(), RECENT_POSITIONS);
+        assert_eq!(recent.order.len(), RECENT_POSITIONS);
     }
 
     /// A released channel's task dispatches nothing more, even with messages still queued in

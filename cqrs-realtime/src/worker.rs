@@ -18,6 +18,16 @@ use uuid::Uuid;
 /// published once and reaches every instance's hub through the pub/sub. With a transport
 /// that is `ordered_per_key`, the events of one aggregate are published in order.
 ///
+/// **Only in order per aggregate.** With [`concurrency`](Self::concurrency) above 1 (the
+/// default is 8), or with several instances in the group, events of different aggregates are
+/// published in parallel, so they reach the hubs out of position order: a client subscribed
+/// to a topic spanning aggregates (`tickets`) may see position 12 before 11, and if it
+/// disconnects then and resumes with `"since": "12"`, it never gets 11. For topics clients
+/// resume, publish from a relay instead, through [`Publisher::into_transport`]
+/// ([`PublisherTransport`](crate::PublisherTransport)): one relay is active at a time and
+/// reads the event store in position order. This worker suits topics of one aggregate each,
+/// or clients that never resume.
+///
 /// ```
 /// # use cqrs_realtime::doc::TicketRouting;
 /// use cqrs_core::memory::{InMemoryPubSub, InMemoryTransport};

@@ -15,7 +15,7 @@ use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
-use cqrs_realtime::{Hub, PublishWorker, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
+use cqrs_realtime::{Hub, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
 use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
 use helpdesk_api::{
     Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
@@ -33,13 +33,18 @@ pub const EXPECTED_PLUGINS: &[&str] = &["auth", "tickets"];
 /// The transport topic every event is relayed to.
 pub const EVENTS_TOPIC: &str = "helpdesk.events";
 
+/// The name of the relay that publishes every event to the WebSocket hubs (its checkpoint's
+/// name), and the topic it is given (the routing chooses the channels).
+const REALTIME_RELAY: &str = "realtime";
+
 /// What tests may replace.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// The clock (token expiry, login throttling, idempotency expiry).
     pub clock: Option<Arc<dyn Clock>>,
-    /// Starts without the outbox relay: events this instance commits are shipped only by
-    /// another instance's relay (tests prove that nothing committed is lost that way).
+    /// Starts without the relays (to the transport, and to the WebSocket hubs): events this
+    /// instance commits are shipped only by another instance's relays (tests prove that
+    /// nothing committed is lost that way).
     pub without_relay: bool,
     /// More background workers, each made by its function when the app is built and run with
     /// the others (tests add one that ignores shutdown, or see whether anything was built).
@@ -130,6 +135,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         backends,
         checks,
         relay,
+        realtime_relay,
         maintenance,
     } = match &config.database_url {
         None => memory_backends(clock.clone(), poll, config.purge_interval()),
@@ -201,7 +207,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .context("no plugin provides an Authenticator (the auth plugin does)")?;
 
     let mut runtime = Runtime::builder();
-    if !hooks.without_relay {
+    if let Some(relay) = relay.filter(|_| !hooks.without_relay) {
         runtime = runtime.worker(relay);
     }
     for (name, check, critical) in checks {
@@ -264,13 +270,13 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .event_store(backends.events.clone())
         .clock(backends.clock.clone())
         .build()?;
-    runtime = runtime.worker(PublishWorker::new(
-        Publisher::new(backends.pubsub.clone(), feed.routing.clone()),
-        backends.transport.clone(),
-        EVENTS_TOPIC,
-        "realtime",
-        settings.consumer_options(),
-    ));
+    // Published by a relay, in the store's position order, one instance at a time: a client
+    // resuming `tickets` from the last position it saw then misses nothing (a consumer group
+    // publishing tickets in parallel, on every instance, would publish out of order).
+    if !hooks.without_relay {
+        let publisher = Publisher::new(backends.pubsub.clone(), feed.routing.clone());
+        runtime = runtime.worker(realtime_relay(Arc::new(publisher.into_transport())));
+    }
     let runtime = Arc::new(runtime.start());
 
     let mut api = HttpApi::new();
@@ -296,12 +302,20 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     })
 }
 
-/// What a mode starts with: its backends, its health checks, and the worker shipping committed
-/// events to the transport.
+/// Makes the relay that publishes committed events to the WebSocket hubs, given the
+/// transport that publishes them.
+type MakeRelay = Box<dyn FnOnce(Arc<dyn EventTransport>) -> Box<dyn Worker> + Send>;
+
+/// What a mode starts with: its backends, its health checks, the worker shipping committed
+/// events to the transport (none when nothing reads the transport), and the one publishing
+/// them to the WebSocket hubs.
 struct Started {
     backends: Backends,
     checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)>,
-    relay: Box<dyn cqrs_core::runtime::Worker>,
+    relay: Option<Box<dyn cqrs_core::runtime::Worker>>,
+    /// Like `relay`, with a name (and checkpoint) of its own: one is active at a time, reading
+    /// the store in position order.
+    realtime_relay: MakeRelay,
     /// Trims the event transport of what every group acknowledged (a Redis stream, or the
     /// in-process transport, which otherwise keeps every event ever published).
     maintenance: Box<dyn cqrs_core::runtime::Worker>,
@@ -344,10 +358,24 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
         EVENTS_TOPIC,
     )
     .intervals(poll / 2, Duration::from_secs(5));
+    let events = backends.events.clone();
+    let realtime_relay: MakeRelay = Box::new(move |hubs| {
+        Box::new(
+            StoreRelay::new(
+                REALTIME_RELAY,
+                events,
+                Arc::new(InMemoryProjectionStore::new()),
+                hubs,
+                REALTIME_RELAY,
+            )
+            .intervals(poll / 2, Duration::from_secs(5)),
+        )
+    });
     Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
-        relay: Box::new(relay),
+        relay: Some(Box::new(relay)),
+        realtime_relay,
         maintenance: memory_trim(transport, purge_interval),
     }
 }
@@ -373,6 +401,7 @@ async fn postgres_backends(
     let mut checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)> =
         vec![("postgres", Arc::new(db.clone()), true)];
     let maintenance: Box<dyn cqrs_core::runtime::Worker>;
+    let redis = config.redis_url.is_some();
     let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
         Some(redis) => {
             let transport = RedisStreamOptions::new(redis.clone())
@@ -410,6 +439,27 @@ async fn postgres_backends(
     )
     .topic(EVENTS_TOPIC)
     .poll_interval(poll.max(Duration::from_millis(50)));
+    // A database that had events before this relay existed: it starts where the transport's
+    // relay is, not at the beginning (which would push every old event to the WebSockets as
+    // new). Read once here; used only if the realtime relay has no checkpoint yet.
+    let start_from = relay
+        .checkpoint()
+        .await
+        .context("cannot read the outbox relay's checkpoint")?;
+    let realtime_db = db.clone();
+    // It LISTENs for appends, so events reach the hubs as soon as they commit.
+    let realtime_relay: MakeRelay = Box::new(move |hubs| {
+        Box::new(
+            PgOutboxRelay::new(
+                realtime_db,
+                Arc::new(crate::metered::MeteredTransport::new(hubs, REALTIME_RELAY)),
+            )
+            .relay_name(REALTIME_RELAY)
+            .topic(REALTIME_RELAY)
+            .start_from(start_from)
+            .poll_interval(poll.max(Duration::from_millis(50))),
+        )
+    });
     let backends = Backends {
         mode: Mode::Postgres,
         events: Arc::new(db.event_store()),
@@ -423,7 +473,11 @@ async fn postgres_backends(
     Ok(Started {
         backends,
         checks,
-        relay: Box::new(relay),
+        // Without Redis nothing reads the in-process transport (the stats read the event
+        // store, the WebSockets get the realtime relay's): shipped there, events would be
+        // kept for ever, as no consumer group acknowledges them.
+        relay: redis.then(|| Box::new(relay) as Box<dyn cqrs_core::runtime::Worker>),
+        realtime_relay,
         maintenance,
     })
 }
