@@ -16,9 +16,10 @@ use std::time::Duration;
 pub enum Mode {
     /// Everything in process memory: no setup, nothing survives a restart, one instance.
     Memory,
-    /// Postgres holds state, events (the outbox), idempotency keys, inboxes and checkpoints;
-    /// events travel on Redis Streams and realtime fans out over Redis pub/sub when Redis is
-    /// configured, else in process (one instance).
+    /// Postgres holds state, events (the outbox), idempotency keys, inboxes and checkpoints.
+    /// With Redis, events travel on Redis Streams and realtime fans out over Redis pub/sub;
+    /// without it (one instance), realtime fans out in process and events go to no transport
+    /// (consumers read the event store).
     Postgres,
 }
 
@@ -31,13 +32,21 @@ pub struct Backends {
     pub events: Arc<dyn EventStore>,
     /// The idempotency store.
     pub idempotency: Arc<dyn IdempotencyStore>,
-    /// The durable event transport events are relayed to.
+    /// The event transport the outbox relay ships every event to, on [`topic`](Self::topic).
+    /// In [`Mode::Memory`], an in-process transport (kept in memory, trimmed of what every
+    /// group acknowledged). In [`Mode::Postgres`] with Redis, a Redis stream (persistent,
+    /// consumer groups). In [`Mode::Postgres`] without Redis, none really: one that takes
+    /// every event and drops it (the relay runs only to keep its checkpoint at the head of the
+    /// store, so that Redis added later gets only new events), refuses consumers with
+    /// `TransportError::Invalid`, and is not persistent: consumers read the event store
+    /// there (check [`capabilities`](EventTransport::capabilities)`().persistent`).
     pub transport: Arc<dyn EventTransport>,
     /// The pub/sub for realtime fan-out.
     pub pubsub: Arc<dyn PubSub>,
     /// The clock (tests inject a manual one).
     pub clock: Arc<dyn Clock>,
-    /// The transport topic the relay publishes every event to.
+    /// The topic of [`transport`](Self::transport) the outbox relay publishes every event to
+    /// (dropped there in [`Mode::Postgres`] without Redis).
     pub topic: String,
     /// The database in [`Mode::Postgres`]: plugins keep their tables in its schema and write
     /// them in the command's transaction (`cqrs_postgres::PgUnitOfWork`).

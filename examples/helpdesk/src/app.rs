@@ -207,7 +207,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .context("no plugin provides an Authenticator (the auth plugin does)")?;
 
     let mut runtime = Runtime::builder();
-    if let Some(relay) = relay.filter(|_| !hooks.without_relay) {
+    if !hooks.without_relay {
         runtime = runtime.worker(relay);
     }
     for (name, check, critical) in checks {
@@ -216,7 +216,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
         runtime = runtime.worker(worker);
     }
-    runtime = runtime.worker(maintenance);
+    if let Some(maintenance) = maintenance {
+        runtime = runtime.worker(maintenance);
+    }
     for make in &hooks.workers {
         runtime = runtime.worker(make());
     }
@@ -307,18 +309,18 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
 type MakeRelay = Box<dyn FnOnce(Arc<dyn EventTransport>) -> Box<dyn Worker> + Send>;
 
 /// What a mode starts with: its backends, its health checks, the worker shipping committed
-/// events to the transport (none when nothing reads the transport), and the one publishing
-/// them to the WebSocket hubs.
+/// events to the transport, and the one publishing them to the WebSocket hubs.
 struct Started {
     backends: Backends,
     checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)>,
-    relay: Option<Box<dyn cqrs_core::runtime::Worker>>,
+    relay: Box<dyn cqrs_core::runtime::Worker>,
     /// Like `relay`, with a name (and checkpoint) of its own: one is active at a time, reading
     /// the store in position order.
     realtime_relay: MakeRelay,
     /// Trims the event transport of what every group acknowledged (a Redis stream, or the
-    /// in-process transport, which otherwise keeps every event ever published).
-    maintenance: Box<dyn cqrs_core::runtime::Worker>,
+    /// in-process transport, which otherwise keeps every event ever published); none when the
+    /// transport keeps nothing.
+    maintenance: Option<Box<dyn cqrs_core::runtime::Worker>>,
 }
 
 /// Trims the in-process transport's topic every `interval`.
@@ -374,14 +376,16 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
     Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
-        relay: Some(Box::new(relay)),
+        relay: Box::new(relay),
         realtime_relay,
-        maintenance: memory_trim(transport, purge_interval),
+        maintenance: Some(memory_trim(transport, purge_interval)),
     }
 }
 
 /// Postgres for state, events, outbox and idempotency; Redis (when configured) for the event
-/// transport and realtime fan-out, else the in-process ones (one instance only).
+/// transport and realtime fan-out. Without Redis (one instance only) realtime fans out in
+/// process and the events go to no transport: the relay to it discards them, but runs, so
+/// that Redis added later gets only new events.
 async fn postgres_backends(
     config: &Config,
     url: &str,
@@ -400,8 +404,8 @@ async fn postgres_backends(
         .context("cannot run the framework's migrations")?;
     let mut checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)> =
         vec![("postgres", Arc::new(db.clone()), true)];
-    let maintenance: Box<dyn cqrs_core::runtime::Worker>;
-    let redis = config.redis_url.is_some();
+    let maintenance: Option<Box<dyn cqrs_core::runtime::Worker>>;
+    let shipped_to: Arc<dyn EventTransport>;
     let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
         Some(redis) => {
             let transport = RedisStreamOptions::new(redis.clone())
@@ -418,27 +422,33 @@ async fn postgres_backends(
             checks.push(("redis", Arc::new(transport.clone()), false));
             checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
             // Without it the stream keeps every event ever published.
-            maintenance = Box::new(
+            maintenance = Some(Box::new(
                 StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
                     .interval(config.purge_interval()),
-            );
-            (Arc::new(transport), Arc::new(pubsub))
+            ));
+            let transport: Arc<dyn EventTransport> = Arc::new(transport);
+            shipped_to = Arc::new(crate::metered::MeteredTransport::new(
+                transport.clone(),
+                "relay",
+            ));
+            (transport, Arc::new(pubsub))
         }
         None => {
-            let transport = InMemoryTransport::new();
-            maintenance = memory_trim(transport.clone(), config.purge_interval());
-            (Arc::new(transport), Arc::new(InMemoryPubSub::new()))
+            // Nothing reads a transport (the stats read the event store, the WebSockets get
+            // the realtime relay's pushes), but the relay still runs, to one that discards:
+            // its checkpoint then follows the store, and Redis added later gets only the
+            // events committed from then on, not the whole history again (which the stats,
+            // deduping through an inbox that keeps a week, would count again). Not counted
+            // as published: nothing is.
+            maintenance = None;
+            let transport: Arc<dyn EventTransport> = Arc::new(crate::discard::DiscardTransport);
+            shipped_to = transport.clone();
+            (transport, Arc::new(InMemoryPubSub::new()))
         }
     };
-    let relay = PgOutboxRelay::new(
-        db.clone(),
-        Arc::new(crate::metered::MeteredTransport::new(
-            transport.clone(),
-            "relay",
-        )),
-    )
-    .topic(EVENTS_TOPIC)
-    .poll_interval(poll.max(Duration::from_millis(50)));
+    let relay = PgOutboxRelay::new(db.clone(), shipped_to)
+        .topic(EVENTS_TOPIC)
+        .poll_interval(poll.max(Duration::from_millis(50)));
     // A database that had events before this relay existed: it starts where the transport's
     // relay is, not at the beginning (which would push every old event to the WebSockets as
     // new). Read once here; used only if the realtime relay has no checkpoint yet.
@@ -473,10 +483,7 @@ async fn postgres_backends(
     Ok(Started {
         backends,
         checks,
-        // Without Redis nothing reads the in-process transport (the stats read the event
-        // store, the WebSockets get the realtime relay's): shipped there, events would be
-        // kept for ever, as no consumer group acknowledges them.
-        relay: redis.then(|| Box::new(relay) as Box<dyn cqrs_core::runtime::Worker>),
+        relay: Box::new(relay),
         realtime_relay,
         maintenance,
     })

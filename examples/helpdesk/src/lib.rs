@@ -11,6 +11,7 @@ use helpdesk_tickets as _;
 
 mod app;
 mod config;
+mod discard;
 mod http;
 mod logging;
 mod metered;

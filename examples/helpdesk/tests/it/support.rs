@@ -237,7 +237,10 @@ impl TestServer {
         Self::launch(backend, false, configure).await
     }
 
-    /// A server on `backend` whose outbox relay does not run.
+    /// A server on `backend` that runs neither relay: not the outbox relay to the event
+    /// transport, nor the realtime relay to the WebSocket hubs. What it commits is shipped only
+    /// by another instance's relays (sharing their checkpoints through the schema), or by
+    /// nothing.
     pub async fn start_without_relay(backend: Backend) -> Self {
         Self::launch(backend, true, |_| {}).await
     }

@@ -3,7 +3,7 @@
 //! services are down (a failure under `CQRS_REQUIRE_SERVICES=1`).
 
 use crate::support::*;
-use crate::websocket_clients_get_the_ticket_events_they_may_see::{connect, next, subscribe};
+use crate::websocket_clients_get_the_ticket_events_they_may_see::{connect, next, send, subscribe};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -227,6 +227,64 @@ async fn events_committed_by_an_instance_that_stopped_before_shipping_them_are_n
             let r = b.get(&format!("/tickets/{id}"), &agent).await;
             assert_eq!(r.status, StatusCode::OK, "{r:?}");
         }
+        b.stop().await;
+    })
+    .await;
+}
+
+/// `(position, ticket, type, version)` of an event frame on `tickets`.
+fn change(frame: &Value) -> (String, String, String, u64) {
+    assert_eq!(frame["type"], "event", "{frame}");
+    assert_eq!(frame["topic"], "tickets", "{frame}");
+    (
+        frame["position"].as_str().unwrap().to_owned(),
+        frame["event"]["ticket_id"].as_str().unwrap().to_owned(),
+        frame["event"]["type"].as_str().unwrap().to_owned(),
+        frame["event"]["version"].as_u64().unwrap(),
+    )
+}
+
+/// A runs none of the relays (neither to the transport nor to the WebSocket hubs): B's realtime
+/// relay, sharing its checkpoint through the schema, pushes A's events to B's clients, live,
+/// and B replays them to a client resuming from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_pushes_to_its_websocket_clients_the_events_of_an_instance_running_no_relay() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let a = TestServer::start_without_relay(backend.shared()).await;
+        let b = TestServer::start_on(backend, |_| {}).await;
+        let (customer, _) = a.customer().await;
+        let (agent, _) = b.agent().await;
+        let mut live = connect(&b, &agent).await;
+        subscribe(&mut live, "tickets").await;
+
+        let id = a.ticket(&customer, "committed by A").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let pushed = change(&next(&mut live).await);
+        assert_eq!(
+            (&pushed.1, pushed.2.as_str(), pushed.3),
+            (&id, "TicketOpened", 1),
+            "{pushed:?}"
+        );
+
+        let mut resumed = connect(&b, &agent).await;
+        send(
+            &mut resumed,
+            json!({ "type": "subscribe", "topic": "tickets", "since": "0" }),
+        )
+        .await;
+        assert_eq!(next(&mut resumed).await["type"], "subscribed");
+        assert_eq!(
+            change(&next(&mut resumed).await),
+            pushed,
+            "the replay from the start holds A's event, at the position pushed live"
+        );
+        drop((live, resumed));
+        a.stop().await;
         b.stop().await;
     })
     .await;
