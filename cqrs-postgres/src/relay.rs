@@ -138,8 +138,8 @@ pub enum RelayError {
         #[source]
         source: StoreError,
     },
-    /// The transport failed with a retryable error (one that refuses an event for good skips
-    /// that event instead).
+    /// The transport failed with any error but `Codec`: retried, also when not retryable (it
+    /// would refuse every event alike); a `Codec` error skips that event instead.
     #[error("outbox relay `{relay}` could not publish to `{topic}`: {source}")]
     Transport {
         /// The relay's name.

@@ -144,10 +144,9 @@ impl Plugin for TicketsPlugin {
 /// The stats projection's worker: fed by the topic when the transport keeps what it is given
 /// (Redis), else by the event store's global order; rebuilt from the event store.
 ///
-/// On Postgres without Redis the transport is in process memory, and the outbox relay moves
-/// its checkpoint once the transport has an event, not once the stats counted it: events in
-/// that memory at a stop or a crash would never be counted. Read from the store, the
-/// projection's own checkpoint commits with its counts.
+/// On Postgres without Redis the transport discards every event (it is not persistent), so
+/// the stats read the event store, and the projection's own checkpoint commits with its
+/// counts.
 fn stats_worker<S: ProjectionStore, P: Projection<S>>(
     store: S,
     stats: P,
