@@ -51,7 +51,10 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// * **Retries.** A batch the transport failed (for any reason but an event it cannot
 ///   encode), or that ran past the publish timeout, is retried with exponential backoff from `min` to `max`;
 ///   after `max_attempts` failures in a row, `run` returns the error and the runtime restarts
-///   the relay with its own backoff. Health is degraded while retrying.
+///   the relay with its own backoff. Health is degraded while retrying. A batch cut short
+///   after it published or skipped some events commits the checkpoint past those, then fails
+///   like any other (degraded, backoff), but it moved, so it does not count toward
+///   `max_attempts`: it starts the count of failures in a row afresh.
 /// * **Wake-ups.** Every append notifies the schema's channel at commit; the relay listens on
 ///   it (one pooled connection) and also polls every `poll_interval`, so a lost notification
 ///   only delays.
@@ -125,7 +128,8 @@ pub struct Backlog {
     pub oldest_age: Option<Duration>,
 }
 
-/// Why a relay batch failed. Nothing was lost: the batch is retried.
+/// Why a relay batch failed. Nothing was lost: what the batch had not shipped is retried
+/// (what it had published or skipped before it failed is committed).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayError {
@@ -240,7 +244,8 @@ impl PgOutboxRelay {
     }
 
     /// Failures in a row after which `run` returns the error (the runtime restarts the
-    /// relay). Default 10.
+    /// relay). Default 10. Only batches that moved nothing count: one cut short after it
+    /// shipped some events is degraded and backs off, and the count starts again after it.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
         self
@@ -248,10 +253,10 @@ impl PgOutboxRelay {
 
     /// How long publishing one batch (all its runs of one topic) may take. Default 30 s. Keep
     /// it below the pool's `idle_in_transaction_timeout` (60 s by default): the batch's
-    /// transaction waits idle while it publishes. When it runs out, what the transport took is
-    /// shipped (the checkpoint moves past it) and the rest goes with the next batch; when
-    /// nothing was taken, the batch fails and is retried. At least 1 ms (zero would never
-    /// ship anything).
+    /// transaction waits idle while it publishes. When it runs out, the batch fails and is
+    /// retried after the backoff; what the transport took before is shipped (committed: the
+    /// checkpoint moves past it), so the retry starts after it. At least 1 ms (zero would
+    /// never ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -340,50 +345,72 @@ impl PgOutboxRelay {
     }
 
     /// Ships one batch, if this relay is the active one. The building block of `run`.
+    ///
+    /// A batch cut short (a publish that fails, or runs past the publish timeout, after the
+    /// transport took some of its events; or a failing publish after rows that cannot be
+    /// decoded) commits the checkpoint past what it published or skipped, then returns the
+    /// failure: an `Err` does not mean nothing moved (see [`checkpoint`](Self::checkpoint)).
+    /// The next batch starts after them.
     pub async fn relay_once(&self) -> Result<RelayBatch, RelayError> {
-        let mut tx = crate::sql::begin(&self.db.pool)
-            .await
-            .map_err(|e| self.store_error(store_error(e)))?;
-        let outcome = self.ship(&mut tx).await;
-        if let Ok(Some(shipped)) = &outcome
-            && shipped.passed() > 0
-        {
-            tx.commit()
-                .await
-                .map_err(|e| self.store_error(store_error(e)))?;
-            metrics::counter!("cqrs_outbox_published_total", "relay" => self.relay.clone())
-                .increment(shipped.published as u64);
-            // Logged and counted once committed: a batch that rolls back finds them again.
-            for skip in &shipped.skipped {
-                tracing::error!(
-                    relay = %self.relay,
-                    position = skip.position.get(),
-                    stream = skip.stream_id.as_deref().unwrap_or_default(),
-                    event_id = ?skip.event_id,
-                    reason = skip.reason,
-                    error = %skip.error,
-                    "skipped an event the relay cannot ship; it stays in the event store"
-                );
-                metrics::counter!("cqrs_outbox_skipped_total", "relay" => self.relay.clone(), "reason" => skip.reason)
-                    .increment(1);
+        self.batch().await.result
+    }
+
+    /// One batch: `relay_once`'s result and how many events it committed past (also when it
+    /// failed).
+    async fn batch(&self) -> BatchOutcome {
+        let mut tx = match crate::sql::begin(&self.db.pool).await {
+            Ok(tx) => tx,
+            Err(e) => return BatchOutcome::failed(self.store_error(store_error(e))),
+        };
+        let shipped = match self.ship(&mut tx).await {
+            Ok(Some(shipped)) if shipped.passed() > 0 => shipped,
+            outcome => {
+                // Release the checkpoint row now rather than when the pool gets the
+                // connection back, so a retry (or another relay) does not find it locked.
+                if let Err(e) = tx.rollback().await {
+                    tracing::debug!(relay = %self.relay, error = %e, "rollback failed; the server rolls back");
+                }
+                return match outcome {
+                    Ok(None) => BatchOutcome::done(RelayBatch::Standby),
+                    Ok(Some(_)) => BatchOutcome::done(RelayBatch::Shipped(0)),
+                    Err(e) => BatchOutcome::failed(e),
+                };
             }
-            return Ok(RelayBatch::Shipped(shipped.passed()));
+        };
+        if let Err(e) = tx.commit().await {
+            return BatchOutcome::failed(self.store_error(store_error(e)));
         }
-        // Release the checkpoint row now rather than when the pool gets the connection back,
-        // so a retry (or another relay) does not find it locked.
-        if let Err(e) = tx.rollback().await {
-            tracing::debug!(relay = %self.relay, error = %e, "rollback failed; the server rolls back");
+        let passed = shipped.passed();
+        metrics::counter!("cqrs_outbox_published_total", "relay" => self.relay.clone())
+            .increment(shipped.published as u64);
+        // Logged and counted once committed: a batch that rolls back finds them again.
+        for skip in &shipped.skipped {
+            tracing::error!(
+                relay = %self.relay,
+                position = skip.position.get(),
+                stream = skip.stream_id.as_deref().unwrap_or_default(),
+                event_id = ?skip.event_id,
+                reason = skip.reason,
+                error = %skip.error,
+                "skipped an event the relay cannot ship; it stays in the event store"
+            );
+            metrics::counter!("cqrs_outbox_skipped_total", "relay" => self.relay.clone(), "reason" => skip.reason)
+                .increment(1);
         }
-        match outcome {
-            Ok(None) => Ok(RelayBatch::Standby),
-            Ok(Some(_)) => Ok(RelayBatch::Shipped(0)),
-            Err(e) => Err(e),
-        }
+        let result = match shipped.failure {
+            None => Ok(RelayBatch::Shipped(passed)),
+            Some(failure) => {
+                tracing::warn!(relay = %self.relay, shipped = passed, error = %failure, "shipped part of a batch, then it failed; the rest is retried");
+                Err(failure)
+            }
+        };
+        BatchOutcome { result, passed }
     }
 
     /// Reads and publishes one batch in `tx` and moves the checkpoint (uncommitted). `None`:
     /// another relay holds the checkpoint. `Some` of nothing passed: nothing to ship (nothing
-    /// to commit).
+    /// to commit). `Some` with a failure: cut short after passing some (to commit, then
+    /// report); `Err`: failed before passing any.
     async fn ship(&self, tx: &mut PgConnection) -> Result<Option<Shipped>, RelayError> {
         let rows = sqlx::query(AssertSqlSafe(self.db.sql.relay_lock_and_read.clone()))
             .bind(&self.relay)
@@ -445,8 +472,8 @@ impl PgOutboxRelay {
                 break;
             }
         }
-        // What was handled stays handled: the next batch starts after it, so a broker too slow
-        // for a whole batch still makes progress.
+        // What was handled stays handled (committed even when the batch failed): the next batch
+        // starts after it, so a broker too slow for a whole batch still makes progress.
         let Some(reach) = reach(&events, handled, &undecodable) else {
             return match failure {
                 Some(failure) => Err(failure),
@@ -461,10 +488,11 @@ impl PgOutboxRelay {
             .chain(refused)
             .collect();
         skipped.sort_by_key(|s| s.position);
-        let shipped = Shipped { published, skipped };
-        if let Some(failure) = failure {
-            tracing::warn!(relay = %self.relay, shipped = shipped.passed(), error = %failure, "shipped part of a batch; the rest goes with the next");
-        }
+        let shipped = Shipped {
+            published,
+            skipped,
+            failure,
+        };
         self.advance(tx, reach).await?;
         Ok(Some(shipped))
     }
@@ -645,11 +673,36 @@ impl Skip {
 struct Shipped {
     published: usize,
     skipped: Vec<Skip>,
+    /// What cut the batch short after it passed these: reported once they are committed.
+    failure: Option<RelayError>,
 }
 
 impl Shipped {
     fn passed(&self) -> usize {
         self.published + self.skipped.len()
+    }
+}
+
+/// What one batch did: `relay_once`'s result, and how many events it committed past (which a
+/// failed batch may have done too).
+struct BatchOutcome {
+    result: Result<RelayBatch, RelayError>,
+    passed: usize,
+}
+
+impl BatchOutcome {
+    fn done(batch: RelayBatch) -> Self {
+        Self {
+            result: Ok(batch),
+            passed: 0,
+        }
+    }
+
+    fn failed(error: RelayError) -> Self {
+        Self {
+            result: Err(error),
+            passed: 0,
+        }
     }
 }
 
@@ -694,7 +747,8 @@ impl Worker for PgOutboxRelay {
                 self.report_backlog().await;
                 next_metrics = Instant::now().checked_add(self.metrics_interval);
             }
-            match self.relay_once().await {
+            let BatchOutcome { result, passed } = self.batch().await;
+            match result {
                 Ok(batch) => {
                     failures = 0;
                     backoff = self.min_backoff;
@@ -705,14 +759,20 @@ impl Worker for PgOutboxRelay {
                     }
                 }
                 Err(e) => {
-                    failures += 1;
                     metrics::counter!("cqrs_outbox_publish_failures_total", "relay" => self.relay.clone())
                         .increment(1);
-                    if failures >= self.max_attempts {
-                        ctx.health.set(Health::Unhealthy(e.to_string()));
-                        return Err(e.into());
+                    if passed > 0 {
+                        // Cut short after shipping some (committed): failing, so degraded and
+                        // backing off, but moving, so no step toward giving up.
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                        if failures >= self.max_attempts {
+                            ctx.health.set(Health::Unhealthy(e.to_string()));
+                            return Err(e.into());
+                        }
                     }
-                    tracing::warn!(relay = %self.relay, error = %e, attempt = failures, ?backoff, "outbox batch failed; retrying");
+                    tracing::warn!(relay = %self.relay, error = %e, attempt = failures, shipped = passed, ?backoff, "outbox batch failed; retrying");
                     ctx.health.set(Health::Degraded(e.to_string()));
                     tokio::select! {
                         _ = ctx.shutdown.requested() => {}

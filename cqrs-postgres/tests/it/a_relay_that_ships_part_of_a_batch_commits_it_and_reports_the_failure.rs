@@ -1,0 +1,206 @@
+//! A batch cut short after part of it was shipped (or skipped) commits that part, then
+//! reports the failure: `relay_once` returns the error with the checkpoint moved past what was
+//! shipped, and the worker is degraded and backs off, yet never gives up while it moves.
+
+use crate::support::{pg_test, record};
+use async_trait::async_trait;
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, EventStore, EventTransport, ExpectedVersion, TransportCapabilities,
+    TransportError,
+};
+use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
+use cqrs_core::testing::{MetricCounts, eventually};
+use cqrs_core::{EventRecord, Position};
+use cqrs_postgres::{PgDatabase, PgOutboxRelay};
+use sqlx::AssertSqlSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// A transport that takes the first publish of each pair and fails the second retryably: a
+/// relay publishing runs of one event (one topic each, or one at a time after the transport
+/// refused the whole run) gets one event through per batch, then a failure.
+#[derive(Default)]
+struct EveryOtherFails {
+    inner: InMemoryTransport,
+    /// Refuse for good (as too large) every publish of more than one event.
+    one_at_a_time: bool,
+    /// Publishes of one event so far.
+    calls: AtomicUsize,
+    /// Every event taken, in order.
+    taken: std::sync::Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl EventTransport for EveryOtherFails {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if self.one_at_a_time && events.len() > 1 {
+            return Err(TransportError::Codec("the batch is too large".into()));
+        }
+        if self.calls.fetch_add(1, Ordering::SeqCst) % 2 == 1 {
+            return Err(TransportError::Unavailable {
+                backend: "test",
+                source: "the broker dropped the connection".into(),
+            });
+        }
+        self.inner.publish(topic, events).await?;
+        self.taken
+            .lock()
+            .unwrap()
+            .extend(events.iter().map(|e| e.payload["n"].as_u64().unwrap()));
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// Appends events `1..=n` to one stream and returns their positions.
+async fn append(db: &PgDatabase, n: u64) -> Vec<Position> {
+    let store = db.event_store();
+    store
+        .append(
+            "s",
+            ExpectedVersion::NO_STREAM,
+            (1..=n).map(record).collect(),
+        )
+        .await
+        .unwrap();
+    store
+        .read_all(Position::START, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position.unwrap())
+        .collect()
+}
+
+/// Each event a run of its own topic.
+fn by_parity(e: &EventRecord) -> String {
+    format!("t{}", e.payload["n"].as_u64().unwrap() % 2)
+}
+
+pg_test! {
+    async fn a_batch_cut_short_between_runs_commits_the_first_and_returns_the_error(db: PgDatabase) {
+        let positions = append(&db, 4).await;
+        let transport = Arc::new(EveryOtherFails::default());
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone()).topic_for(by_parity);
+        relay.ensure_checkpoint().await.unwrap();
+        let counts = MetricCounts::default();
+        for (shipped, &position) in positions.iter().enumerate().take(3) {
+            let batch = {
+                let _recorder = metrics::set_default_local_recorder(&counts);
+                relay.relay_once().await
+            };
+            let error = batch.expect_err("the batch reports the failure");
+            assert!(error.to_string().contains("dropped the connection"), "{error}");
+            assert_eq!(relay.checkpoint().await.unwrap(), position, "batch {shipped}: one event");
+        }
+        assert_eq!(*transport.taken.lock().unwrap(), [1, 2, 3], "each event once, in order");
+        assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 3);
+        assert_eq!(relay.backlog().await.unwrap().unpublished, 1);
+    }
+}
+
+pg_test! {
+    async fn a_batch_cut_short_while_publishing_one_at_a_time_commits_what_went_through(db: PgDatabase) {
+        let positions = append(&db, 3).await;
+        let transport = Arc::new(EveryOtherFails { one_at_a_time: true, ..Default::default() });
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone());
+        relay.ensure_checkpoint().await.unwrap();
+        let error = relay.relay_once().await.expect_err("the batch reports the failure");
+        assert!(error.to_string().contains("dropped the connection"), "{error}");
+        assert_eq!(relay.checkpoint().await.unwrap(), positions[0]);
+        assert_eq!(*transport.taken.lock().unwrap(), [1]);
+    }
+}
+
+pg_test! {
+    async fn rows_skipped_before_a_failing_publish_are_committed_and_the_error_returned(db: PgDatabase) {
+        // Written around the append function, without the metadata an event needs.
+        let insert = format!(
+            "INSERT INTO \"{}\".events (stream_id, stream_version, event_id, event_type, \
+             schema_version, payload, metadata) \
+             VALUES ('manual', 1, gen_random_uuid(), 'Noted', 1, '{{\"n\": 0}}', '{{}}')",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(insert)).execute(db.pool()).await.unwrap();
+        let bad: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT max(position) FROM \"{}\".events",
+            db.schema()
+        )))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        let transport = Arc::new(EveryOtherFails::default());
+        // The first publish goes through: spend it.
+        transport.calls.store(1, Ordering::SeqCst);
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone());
+        relay.ensure_checkpoint().await.unwrap();
+        let counts = MetricCounts::default();
+        let batch = {
+            let _recorder = metrics::set_default_local_recorder(&counts);
+            relay.relay_once().await
+        };
+        batch.expect_err("the batch reports the failure");
+        assert_eq!(relay.checkpoint().await.unwrap(), Position::new(bad.try_into().unwrap()));
+        assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=undecodable}"), 1);
+        assert!(transport.taken.lock().unwrap().is_empty());
+    }
+}
+
+pg_test! {
+    /// The worker is degraded and backs off after a batch cut short, but the batch moved: it
+    /// does not count toward `max_attempts` (1 here: one failure without progress would stop
+    /// the worker).
+    async fn the_worker_is_degraded_and_backs_off_but_does_not_give_up_while_it_moves(db: PgDatabase) {
+        let positions = append(&db, 4).await;
+        let transport = Arc::new(EveryOtherFails::default());
+        let watch = PgOutboxRelay::new(db.clone(), transport.clone());
+        // A backoff far longer than the test waits, and no poll or wake-up meanwhile: after the
+        // first batch, the worker waits.
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .topic_for(by_parity)
+            .backoff(Duration::from_secs(3600), Duration::from_secs(3600))
+            .poll_interval(Duration::from_secs(3600))
+            .listen(false)
+            .max_attempts(1);
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+
+        eventually(Duration::from_secs(10), "the first event shipped", || async {
+            (watch.checkpoint().await.unwrap() == positions[0]).then_some(())
+        })
+        .await;
+        let degraded = eventually(Duration::from_secs(10), "degraded", || async {
+            match health.get() {
+                Health::Degraded(reason) => Some(reason),
+                _ => None,
+            }
+        })
+        .await;
+        assert!(degraded.contains("dropped the connection"), "{degraded}");
+        assert_eq!(transport.calls.load(Ordering::SeqCst), 2, "backing off: no other batch");
+        assert!(!worker.is_finished(), "a batch that moved does not count toward giving up");
+        trigger.trigger();
+        worker.await.unwrap().expect("a clean stop");
+        assert_eq!(watch.checkpoint().await.unwrap(), positions[0]);
+    }
+}
