@@ -371,7 +371,9 @@ impl<P: Send + Sync + 'static> Session<P> {
         self.hub.metrics.subscribed();
         self.hub
             .registry
-            .insert(&topic, slot.clone(), || self.conn.push(subscribed));
+            .insert(&topic, &channel, slot.clone(), || {
+                self.conn.push(subscribed)
+            });
         self.subscriptions
             .insert(topic.clone(), (slot.clone(), channel));
         if let Some(since) = since {

@@ -78,9 +78,11 @@
 //! connection gets one `event` frame per matching subscription. `docs/realtime.md` has every
 //! frame, the limits and their defaults ([`HubOptions`]), and the guarantees:
 //!
-//! * live push is at-most-once (the pub/sub is); events arrive in the order they were
-//!   published, and a position a channel delivered again (a relay re-shipping a batch) is
-//!   not pushed twice;
+//! * live push is at-most-once (the pub/sub is), but a loss the hub sees (its subscription
+//!   fell behind, or the pub/sub reconnected) is told to every subscription of the channel's
+//!   topics with an `error` frame `events_missed`, so the client resumes with `since`;
+//!   events arrive in the order they were published, and a position a channel delivered
+//!   again (a relay re-shipping a batch) is not pushed twice;
 //! * a client that resumes with `since` gets, from the event store, every event after that
 //!   position it may see, then the live ones, with no gap and no duplicate at the seam.
 //!

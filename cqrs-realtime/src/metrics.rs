@@ -23,6 +23,9 @@ pub mod names {
     pub const HANDSHAKES_REFUSED: &str = "realtime_handshakes_refused_total";
     /// Counter: channel messages the hub missed because it fell behind the pub/sub.
     pub const UPSTREAM_MISSED: &str = "realtime_upstream_missed_total";
+    /// Counter: `events_missed` error frames queued (one per subscription of a topic whose
+    /// channel missed messages).
+    pub const MISSED_NOTICES: &str = "realtime_missed_notices_total";
     /// Counter: events sent by replays (resumed subscriptions).
     pub const REPLAYED_EVENTS: &str = "realtime_replayed_events_total";
 }
@@ -48,6 +51,8 @@ pub struct HubStats {
     pub handshakes_refused: u64,
     /// Channel messages missed upstream.
     pub upstream_missed: u64,
+    /// `events_missed` frames queued.
+    pub missed_notices: u64,
     /// Events sent by replays.
     pub replayed_events: u64,
 }
@@ -63,6 +68,7 @@ pub(crate) struct Metrics {
     idle_closes: Counter,
     expired_closes: Counter,
     upstream_missed: Counter,
+    missed_notices: Counter,
     replayed: Counter,
     stats: Stats,
 }
@@ -77,6 +83,7 @@ struct Stats {
     expired_closes: AtomicU64,
     refused: AtomicU64,
     upstream_missed: AtomicU64,
+    missed_notices: AtomicU64,
     replayed: AtomicU64,
 }
 
@@ -90,6 +97,7 @@ impl Metrics {
             idle_closes: metrics::counter!(names::IDLE_CLOSES),
             expired_closes: metrics::counter!(names::EXPIRED_CLOSES),
             upstream_missed: metrics::counter!(names::UPSTREAM_MISSED),
+            missed_notices: metrics::counter!(names::MISSED_NOTICES),
             replayed: metrics::counter!(names::REPLAYED_EVENTS),
             stats: Stats::default(),
         }
@@ -151,6 +159,13 @@ impl Metrics {
             .fetch_add(messages, Ordering::Relaxed);
     }
 
+    pub(crate) fn missed_notices(&self, frames: u64) {
+        self.missed_notices.increment(frames);
+        self.stats
+            .missed_notices
+            .fetch_add(frames, Ordering::Relaxed);
+    }
+
     pub(crate) fn replayed(&self, events: u64) {
         self.replayed.increment(events);
         self.stats.replayed.fetch_add(events, Ordering::Relaxed);
@@ -167,6 +182,7 @@ impl Metrics {
             expired_closes: s.expired_closes.load(Ordering::Relaxed),
             handshakes_refused: s.refused.load(Ordering::Relaxed),
             upstream_missed: s.upstream_missed.load(Ordering::Relaxed),
+            missed_notices: s.missed_notices.load(Ordering::Relaxed),
             replayed_events: s.replayed.load(Ordering::Relaxed),
         }
     }

@@ -220,6 +220,11 @@ pub enum ErrorCode {
     /// it is not delivered, and this frame, naming the topic and the event's position, takes
     /// its place. The subscription stays live; fetch the event another way.
     EventTooLarge,
+    /// The hub may have missed live events on the named topic: it fell behind the pub/sub,
+    /// or the pub/sub lost messages (a reconnect). The subscription stays open, but events
+    /// may be missing from it: to close the gap, `unsubscribe` and `subscribe` again with
+    /// `since` set to the last position received (or reload the state another way).
+    EventsMissed,
 }
 
 impl ErrorCode {
@@ -241,6 +246,7 @@ impl ErrorCode {
             ErrorCode::TooManyResumes => "too_many_resumes",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::EventTooLarge => "event_too_large",
+            ErrorCode::EventsMissed => "events_missed",
         }
     }
 }

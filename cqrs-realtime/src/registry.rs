@@ -109,8 +109,13 @@ impl<P> Slot<P> {
     }
 }
 
-/// The subscriptions to one topic, by connection id.
-type Slots<P> = HashMap<u64, Arc<Slot<P>>>;
+/// The subscriptions to one topic, by connection id, and the channel that carries the topic.
+struct Slots<P> {
+    /// The routing's channel for the topic (without the hub's prefix): a channel that missed
+    /// messages finds the topics to warn with it.
+    channel: Box<str>,
+    slots: HashMap<u64, Arc<Slot<P>>>,
+}
 
 /// Every subscription of a hub, by topic.
 pub(crate) struct Registry<P> {
@@ -129,13 +134,24 @@ impl<P: Send + Sync + 'static> Registry<P> {
         }
     }
 
-    /// Adds a subscription, and runs `then` before any event can reach it: the `subscribed`
-    /// frame queued there comes before the subscription's first event.
-    pub(crate) fn insert(&self, topic: &Topic, slot: Arc<Slot<P>>, then: impl FnOnce()) {
+    /// Adds a subscription to `topic`, which `channel` carries, and runs `then` before any
+    /// event can reach it: the `subscribed` frame queued there comes before the
+    /// subscription's first event.
+    pub(crate) fn insert(
+        &self,
+        topic: &Topic,
+        channel: &str,
+        slot: Arc<Slot<P>>,
+        then: impl FnOnce(),
+    ) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
         topics
             .entry(topic.clone())
-            .or_default()
+            .or_insert_with(|| Slots {
+                channel: channel.into(),
+                slots: HashMap::new(),
+            })
+            .slots
             .insert(slot.conn.id, slot);
         then();
     }
@@ -144,8 +160,8 @@ impl<P: Send + Sync + 'static> Registry<P> {
     pub(crate) fn remove(&self, topic: &Topic, connection: u64, then: impl FnOnce()) {
         let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
         if let Some(slots) = topics.get_mut(topic) {
-            slots.remove(&connection);
-            if slots.is_empty() {
+            slots.slots.remove(&connection);
+            if slots.slots.is_empty() {
                 topics.remove(topic);
             }
         }
@@ -161,7 +177,7 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 continue;
             };
             let mut frame: Option<Utf8Bytes> = None;
-            for slot in slots.values() {
+            for slot in slots.slots.values() {
                 if !self.may_see(&slot.conn.principal, topic, event) {
                     continue;
                 }
@@ -170,6 +186,33 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 slot.deliver(event.position(), frame);
             }
         }
+    }
+
+    /// Tells every subscription of a topic that `channel` carries that the hub may have
+    /// missed live events on it: an `error` frame `events_missed` naming the topic, queued
+    /// like an event (before the events that come after the gap). The subscriptions stay.
+    /// Returns how many frames were queued. Runs only when a loss was seen: one frame is
+    /// encoded per topic of the channel, none on the path of a normal event.
+    pub(crate) fn missed(&self, channel: &str) -> u64 {
+        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let mut told = 0;
+        for (topic, slots) in topics.iter().filter(|(_, s)| &*s.channel == channel) {
+            let frame = Utf8Bytes::from(
+                ServerFrame::error(
+                    ErrorCode::EventsMissed,
+                    "the server may have missed live events on this topic; the subscription \
+                     stays open, but to close the gap unsubscribe and subscribe again with \
+                     `since` set to the last position you received",
+                    Some(topic.as_str()),
+                )
+                .to_json(),
+            );
+            for slot in slots.slots.values() {
+                slot.conn.push(frame.clone());
+                told += 1;
+            }
+        }
+        told
     }
 
     /// The authorizer's answer; a panicking authorizer hides the event instead of taking the

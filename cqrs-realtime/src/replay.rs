@@ -422,7 +422,7 @@ mod tests {
             });
             let slot = Arc::new(Slot::new(conn.clone(), true, hold));
             let topic = Topic::parse("t").unwrap();
-            inner.registry.insert(&topic, slot.clone(), || {});
+            inner.registry.insert(&topic, "t", slot.clone(), || {});
             Self {
                 inner,
                 store,

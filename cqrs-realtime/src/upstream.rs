@@ -93,6 +93,7 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
                 subscription,
                 self.pubsub.clone(),
                 full,
+                channel.to_owned(),
                 self.registry.clone(),
                 self.metrics.clone(),
                 stopped.clone(),
@@ -212,12 +213,23 @@ impl RecentPositions {
     }
 }
 
+/// How often a channel's task checks its subscription's missed count while no message comes:
+/// a loss the pub/sub records on its own (the Redis adapter after a reconnect) is told to the
+/// clients within this time, not at the channel's next message.
+const MISSED_CHECK: Duration = Duration::from_secs(1);
+
 /// Receives one channel and dispatches every event, in the order the pub/sub delivers them:
 /// one task per channel keeps the events in publish order. A copy of an event it dispatched
 /// recently is dropped ([`RecentPositions`]).
+///
+/// When the subscription's [`missed`](Subscription::missed) count grows (checked before each
+/// message is dispatched, and every [`MISSED_CHECK`]), or the subscription ended and had to be
+/// made again, every subscription of a topic on the channel gets an `events_missed` frame
+/// ([`Registry::missed`]), queued before the events that follow the gap.
 async fn pump<P: Send + Sync + 'static>(
     mut subscription: Subscription,
     pubsub: Arc<dyn PubSub>,
+    full: String,
     channel: String,
     registry: Arc<Registry<P>>,
     metrics: Arc<Metrics>,
@@ -225,33 +237,85 @@ async fn pump<P: Send + Sync + 'static>(
 ) {
     let mut missed = 0;
     let mut recent = RecentPositions::default();
+    let mut check = tokio::time::interval(MISSED_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let message = subscription.recv().await;
+        // `Subscription::recv` is cancel-safe: a lag it saw is already in `missed()`.
+        let message = tokio::select! {
+            biased;
+            message = subscription.recv() => Some(message),
+            _ = check.tick() => None,
+        };
         // A message published after the channel was released (and maybe subscribed again)
         // is the new subscription's to dispatch.
         if stopped.load(Ordering::SeqCst) {
             return;
         }
-        let Some(message) = message else {
-            tracing::warn!(%channel, "realtime upstream subscription ended; subscribing again");
-            subscription = resubscribe(&*pubsub, &channel).await;
-            missed = 0;
-            continue;
+        let message = match message {
+            Some(Some(message)) => message,
+            // The periodic check.
+            None => {
+                notice_missed(
+                    &subscription,
+                    &mut missed,
+                    &channel,
+                    &full,
+                    &registry,
+                    &metrics,
+                );
+                continue;
+            }
+            Some(None) => {
+                tracing::warn!(channel = %full, "realtime upstream subscription ended; subscribing again");
+                subscription = resubscribe(&*pubsub, &full).await;
+                missed = 0;
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Whatever was published while there was no subscription is lost.
+                metrics.missed_notices(registry.missed(&channel));
+                continue;
+            }
         };
-        if subscription.missed() > missed {
-            let now = subscription.missed();
-            metrics.upstream_missed(now - missed);
-            tracing::warn!(%channel, missed = now - missed, "realtime hub fell behind the pub/sub; events were missed");
-            missed = now;
-        }
+        notice_missed(
+            &subscription,
+            &mut missed,
+            &channel,
+            &full,
+            &registry,
+            &metrics,
+        );
         match PushedEvent::decode(&message.payload) {
             Ok(event) if recent.first_time(event.position()) => registry.dispatch(&event),
             Ok(event) => {
-                tracing::debug!(%channel, position = ?event.position(), "dropped a copy of an event already pushed");
+                tracing::debug!(channel = %full, position = ?event.position(), "dropped a copy of an event already pushed");
             }
-            Err(error) => tracing::warn!(%channel, %error, "ignored a realtime channel message"),
+            Err(error) => {
+                tracing::warn!(channel = %full, %error, "ignored a realtime channel message")
+            }
         }
     }
+}
+
+/// When `subscription` missed more messages than `missed` (the count already handled), counts
+/// them and tells the channel's subscriptions.
+fn notice_missed<P: Send + Sync + 'static>(
+    subscription: &Subscription,
+    missed: &mut u64,
+    channel: &str,
+    full: &str,
+    registry: &Registry<P>,
+    metrics: &Metrics,
+) {
+    let now = subscription.missed();
+    if now <= *missed {
+        return;
+    }
+    metrics.upstream_missed(now - *missed);
+    let told = registry.missed(channel);
+    metrics.missed_notices(told);
+    tracing::warn!(channel = %full, missed = now - *missed, subscriptions = told, "realtime hub missed pub/sub messages; subscribers were told to resume");
+    *missed = now;
 }
 
 /// Subscribes again with backoff (100 ms doubling to 5 s) until it works. Live events in the
@@ -370,7 +434,12 @@ mod tests {
             close: Default::default(),
             metrics: metrics.clone(),
         });
-        registry.insert(&topic, Arc::new(Slot::new(conn.clone(), false, 4)), || {});
+        registry.insert(
+            &topic,
+            "c",
+            Arc::new(Slot::new(conn.clone(), false, 4)),
+            || {},
+        );
         let subscription = pubsub.subscribe("c").await.unwrap();
         let event = PushedEvent::new(
             Routed::new(serde_json::json!({})).topic(topic.clone()),
@@ -388,6 +457,7 @@ mod tests {
             pump(
                 subscription,
                 pubsub.clone(),
+                "c".to_owned(),
                 "c".to_owned(),
                 registry.clone(),
                 metrics.clone(),

@@ -24,7 +24,9 @@ use tokio::task::JoinHandle;
 ///   once the last local subscriber is gone.
 /// * [`subscribe`](PubSub::subscribe) returns once Redis confirmed the subscription, so every
 ///   message published after it returns reaches the subscriber.
-/// * After a reconnect every channel with local subscribers is subscribed again by itself.
+/// * After a reconnect every channel with local subscribers is subscribed again by itself,
+///   and once it is, every subscription counts one possible loss in
+///   [`Subscription::missed`]: messages published while the connection was down are gone.
 /// * Channel names are `{prefix}:{channel}`: pub/sub ignores the database number, so the
 ///   prefix is what keeps applications and tests apart on one server.
 ///
@@ -33,8 +35,9 @@ use tokio::task::JoinHandle;
 /// Pub/sub carries realtime pushes (a ticket changed: refresh the view), not facts the system
 /// relies on. A message nobody is subscribed to, or that arrives while the connection is down,
 /// is gone; a subscriber too slow for its buffer misses messages and counts them in
-/// [`Subscription::missed`]. Making this durable would mean a buffer per client that may never
-/// come back. Instead the durable record is elsewhere (the event store and the
+/// [`Subscription::missed`], and a reconnect of the subscriber connection adds one there (the
+/// realtime hub then tells its clients to resume). Making this durable would mean a buffer per
+/// client that may never come back. Instead the durable record is elsewhere (the event store and the
 /// [`RedisStreamTransport`](crate::RedisStreamTransport)), and a client closes a gap by
 /// resuming: it reconnects with the last position it saw and the realtime hub replays what it
 /// missed from the store, then switches to live pushes.
@@ -208,6 +211,12 @@ impl RedisPubSubOptions {
                 match outcome {
                     Ok(()) => {
                         failures = 0;
+                        // Messages published while the connection was down (or before the
+                        // channels were subscribed again) never arrive, and how many is
+                        // unknown: record one possible loss, which every subscription counts
+                        // as missed, now that the channels are live again (a subscriber that
+                        // resumes on it misses nothing more).
+                        watch.lost(1);
                         tracing::debug!(channels = channels.len(), "redis pub/sub resubscribed");
                     }
                     Err(error) => {
