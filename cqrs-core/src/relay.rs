@@ -220,7 +220,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// Ships one batch. Returns how many events the checkpoint moved past (0 when caught up):
-    /// those published, and those the transport refused for good (skipped).
+    /// those published, and those the transport could not encode (skipped).
     ///
     /// A batch cut short (a publish that fails retryably or runs past the publish timeout
     /// while the relay publishes a refused batch one event at a time) commits the checkpoint
@@ -301,7 +301,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
                     event_id = %record.event_id,
                     event_type = %record.event_type,
                     error = %error,
-                    "the transport refused an event for good; skipped it (it stays in the event store)"
+                    "the transport could not encode an event; skipped it (it stays in the event store)"
                 );
                 metrics::counter!(
                     "cqrs_events_skipped_total",
@@ -328,7 +328,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
     }
 
-    /// Publishes `records` in order by `deadline`. When the transport refuses them for good,
+    /// Publishes `records` in order by `deadline`. When the transport cannot encode them,
     /// publishes them one at a time, in order, to find those it cannot encode. Returns how far
     /// it got (see [`Pass`]).
     async fn publish(&self, records: &[EventRecord], deadline: Option<Instant>) -> Pass {
@@ -352,7 +352,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
         // The batch error does not say which event is at fault (or whether any is: a batch
         // too large for the broker): one at a time, in order, finds out.
-        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport refused a batch for good; publishing its events one at a time");
+        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport could not encode a batch; publishing its events one at a time to find the culprit");
         let mut refused = Vec::new();
         for (i, record) in records.iter().enumerate() {
             match self

@@ -498,8 +498,8 @@ impl PgOutboxRelay {
     }
 
     /// Publishes `events` (one run of `topic`) by `deadline`. When the transport refuses them
-    /// for good, publishes them one at a time, in order, to find those it refuses (added to
-    /// `refused`). Returns how many were handled (published or refused), and the failure
+    /// (a `Codec` error), publishes them one at a time, in order, to find those it refuses
+    /// (added to `refused`). Returns how many were handled (published or refused), and the failure
     /// that stopped it before the end.
     async fn publish_run(
         &self,
@@ -519,7 +519,7 @@ impl PgOutboxRelay {
         }
         // The run's error does not say which event is at fault (or whether any is: a run too
         // large for the broker): one at a time, in order, finds out.
-        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport refused a run for good; publishing its events one at a time");
+        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport could not encode a run; publishing its events one at a time to find the culprit");
         for (i, event) in events.iter().enumerate() {
             match self
                 .publish_by(topic, std::slice::from_ref(event), deadline)
