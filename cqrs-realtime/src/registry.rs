@@ -49,6 +49,9 @@ pub(crate) struct Slot<P> {
     /// Live events at or below this position were covered by the replay: dropped.
     replayed_up_to: AtomicU64,
     capacity: usize,
+    /// Told that events may have been missed (`events_missed`): not told again until the
+    /// client subscribes again (a new slot), which is how it closes the gap.
+    told_missed: AtomicBool,
 }
 
 #[derive(Default)]
@@ -68,6 +71,7 @@ impl<P> Slot<P> {
             buffer: Mutex::new(ReplayBuffer::default()),
             replayed_up_to: AtomicU64::new(0),
             capacity,
+            told_missed: AtomicBool::new(false),
         }
     }
 
@@ -202,14 +206,16 @@ impl<P: Send + Sync + 'static> Registry<P> {
                     ErrorCode::EventsMissed,
                     "the server may have missed live events on this topic; the subscription \
                      stays open, but to close the gap unsubscribe and subscribe again with \
-                     `since` set to the last position you received",
+                     `since` set to the last position you received before this frame",
                     Some(topic.as_str()),
                 )
                 .to_json(),
             );
             for slot in slots.slots.values() {
-                slot.conn.push(frame.clone());
-                told += 1;
+                if !slot.told_missed.swap(true, Ordering::Relaxed) {
+                    slot.conn.push(frame.clone());
+                    told += 1;
+                }
             }
         }
         told

@@ -197,6 +197,12 @@ impl RedisPubSubOptions {
                     failures = 0;
                     continue;
                 }
+                if failures == 0 {
+                    // A reconnect: what was published while the connection was down never
+                    // arrives. Recorded before the channels are live again, so the hub's
+                    // notice goes out before any message from after the gap.
+                    watch.lost(1);
+                }
                 // Every channel, also on a retry: subscribing again to a live one is harmless.
                 let outcome = match confirmed_subscribe(&client, names(&full, &channels)).await {
                     Ok(()) => match subscription_count(&checker, &client).await {
@@ -211,11 +217,9 @@ impl RedisPubSubOptions {
                 match outcome {
                     Ok(()) => {
                         failures = 0;
-                        // Messages published while the connection was down (or before the
-                        // channels were subscribed again) never arrive, and how many is
-                        // unknown: record one possible loss, which every subscription counts
-                        // as missed, now that the channels are live again (a subscriber that
-                        // resumes on it misses nothing more).
+                        // And again once they are live: a subscriber that resumed meanwhile,
+                        // before the channels were live, may have missed more. (A subscription
+                        // already told and not resumed since is not told twice.)
                         watch.lost(1);
                         tracing::debug!(channels = channels.len(), "redis pub/sub resubscribed");
                     }

@@ -83,12 +83,6 @@ async fn a_hub_that_missed_events_tells_its_subscribers() {
             assert_eq!(one.event().await.seq, 3);
         }
 
-        // A loss seen when the next message arrives is told before that message.
-        fanout.lost(2);
-        t.publish("t1", "u1", 4).await;
-        expect_missed(&mut all, "tickets").await;
-        assert_eq!(all.event().await.seq, 4);
-
         // What the frame says to do closes the gap: resume from the last position before it.
         all.send(json!({"type": "unsubscribe", "topic": "tickets"}))
             .await;
@@ -96,15 +90,26 @@ async fn a_hub_that_missed_events_tells_its_subscribers() {
         all.send(json!({"type": "subscribe", "topic": "tickets", "since": first.position.unwrap().to_string()}))
             .await;
         all.expect_subscribed("tickets").await;
-        for seq in 2..=4 {
+        for seq in 2..=3 {
             assert_eq!(all.event().await.seq, seq, "the replay closes the gap");
         }
         all.ping_pong().await;
 
+        // A loss seen when the next message arrives is told before that message, to the
+        // resumed subscription; those told before and not resumed since are not told again.
+        fanout.lost(2);
+        t.publish("t1", "u1", 4).await;
+        expect_missed(&mut all, "tickets").await;
+        assert_eq!(all.event().await.seq, 4);
+        for _ in 0..2 {
+            assert_eq!(one.event().await.seq, 4, "no second notice before it");
+        }
+
         assert_eq!(t.hub.stats().upstream_missed, 3);
-        // Counted once the frames are queued: each loss told 3 subscriptions.
-        eventually(FRAME_DEADLINE, "six events_missed frames counted", || async {
-            (t.hub.stats().missed_notices == 6).then_some(())
+        // Counted once the frames are queued: 3 subscriptions told of the first loss, 1 of
+        // the second.
+        eventually(FRAME_DEADLINE, "four events_missed frames counted", || async {
+            (t.hub.stats().missed_notices == 4).then_some(())
         })
         .await;
     })
