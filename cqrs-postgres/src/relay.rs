@@ -546,10 +546,7 @@ impl PgOutboxRelay {
         };
         match outcome {
             Ok(Ok(())) => Ok(()),
-            // Only a `Codec` error is about the event itself. Anything else non-retryable
-            // (a permission, a topic the broker refuses, a full server) would refuse every
-            // event alike: skipping would drop them all, so it stalls and retries instead.
-            Ok(Err(source @ TransportError::Codec(_))) => Err(PublishFailure::Refused(source)),
+            Ok(Err(source)) if source.is_about_the_events() => Err(PublishFailure::Refused(source)),
             Ok(Err(source)) => Err(PublishFailure::Retry(RelayError::Transport {
                 relay: self.relay.clone(),
                 topic: topic.to_owned(),

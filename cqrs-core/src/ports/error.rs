@@ -161,6 +161,14 @@ impl TransportError {
             TransportError::Codec(_) | TransportError::Backend { .. } => ErrorKind::Internal,
         }
     }
+
+    /// Whether the error is about the published events themselves (one cannot be encoded), so
+    /// publishing the others alone may succeed. Every other error, retryable or not (a
+    /// permission, a topic the broker refuses, a full server), would refuse any event alike:
+    /// the relays skip an event only on this one, and retry on the rest.
+    pub fn is_about_the_events(&self) -> bool {
+        matches!(self, TransportError::Codec(_))
+    }
 }
 
 impl From<TransportError> for HandlerError {

@@ -51,15 +51,7 @@ async fn a_held_request_and_a_stubborn_worker_together_wait_one_grace_period() {
             running.load(Ordering::SeqCst)
         })
         .await;
-        let addr = server.addr();
-        let held = tokio::task::spawn_blocking(move || held_request(addr))
-            .await
-            .unwrap();
-
-        let stopping = Instant::now();
-        server.shutdown().await.unwrap();
-        let took = stopping.elapsed();
-        drop(held);
+        let took = stop_holding_a_request(server).await;
         // The request was held until the workers' share (a quarter, here) was all that was
         // left; then the worker until the end. A grace period each made it two at least (three
         // with a WebSocket that would not close).
@@ -134,15 +126,7 @@ async fn a_request_held_to_the_end_leaves_the_workers_their_share() {
             running.load(Ordering::SeqCst)
         })
         .await;
-        let addr = server.addr();
-        let held = tokio::task::spawn_blocking(move || held_request(addr))
-            .await
-            .unwrap();
-
-        let stopping = Instant::now();
-        server.shutdown().await.unwrap();
-        let took = stopping.elapsed();
-        drop(held);
+        let took = stop_holding_a_request(server).await;
         assert!(
             asked.load(Ordering::SeqCst),
             "the worker was aborted without being asked to stop (the stop took {took:?})"
@@ -162,4 +146,18 @@ async fn a_request_held_to_the_end_leaves_the_workers_their_share() {
         backend.clean_up().await;
     })
     .await;
+}
+
+/// Stops `server` while one of its requests is held open (its body never sent); how long the
+/// stop took.
+async fn stop_holding_a_request(server: Server) -> Duration {
+    let addr = server.addr();
+    let held = tokio::task::spawn_blocking(move || held_request(addr))
+        .await
+        .unwrap();
+    let stopping = Instant::now();
+    server.shutdown().await.unwrap();
+    let took = stopping.elapsed();
+    drop(held);
+    took
 }
