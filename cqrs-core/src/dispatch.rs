@@ -6,6 +6,7 @@ use futures_util::future::BoxFuture;
 use std::any::Any;
 use std::fmt;
 use std::future::{Future, poll_fn};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -388,29 +389,95 @@ where
     S::Error: Into<BoxError>,
 {
     fn call(&self, dispatch: Dispatch) -> BoxFuture<'static, Result<Reply, DispatchError>> {
+        let (kind, name) = (dispatch.kind(), dispatch.name());
+        let failed = |payload: Box<dyn Any + Send>| -> BoxFuture<'static, _> {
+            Box::pin(std::future::ready(Err(layer_panicked(
+                kind, name, &*payload,
+            ))))
+        };
         let mut service = self.0.clone();
+        // A layer is code like a handler: one that panics fails this dispatch, not the caller
+        // (a server's connection task). Its synchronous `poll_ready` and `call` are guarded
+        // here, its future by `LayerGuard`.
+        //
         // Most stacks are ready at once: then only the stack's future is boxed, not the
         // service and the dispatch beside it. A stack that is not ready (a concurrency limit)
         // is asked again with the caller's waker below, so no wake-up is lost.
         let mut noop = Context::from_waker(std::task::Waker::noop());
-        match service.poll_ready(&mut noop) {
+        let ready = match catch_unwind(AssertUnwindSafe(|| service.poll_ready(&mut noop))) {
+            Ok(ready) => ready,
+            Err(payload) => return failed(payload),
+        };
+        match ready {
             Poll::Ready(Ok(())) => {
-                let fut = service.call(dispatch);
-                Box::pin(async move { fut.await.map_err(|e| DispatchError::from_layer(e.into())) })
+                match catch_unwind(AssertUnwindSafe(|| service.call(dispatch))) {
+                    Ok(future) => Box::pin(LayerGuard {
+                        inner: future,
+                        kind,
+                        name,
+                    }),
+                    Err(payload) => failed(payload),
+                }
             }
             Poll::Ready(Err(e)) => {
                 let error = DispatchError::from_layer(e.into());
                 Box::pin(std::future::ready(Err(error)))
             }
-            Poll::Pending => Box::pin(async move {
-                poll_fn(|cx| service.poll_ready(cx))
-                    .await
-                    .map_err(|e| DispatchError::from_layer(e.into()))?;
-                service
-                    .call(dispatch)
-                    .await
-                    .map_err(|e| DispatchError::from_layer(e.into()))
+            Poll::Pending => Box::pin(LayerGuard {
+                inner: async move {
+                    poll_fn(|cx| service.poll_ready(cx)).await?;
+                    service.call(dispatch).await
+                },
+                kind,
+                name,
             }),
+        }
+    }
+}
+
+/// A layer panicked: this dispatch fails as [`DispatchError::Middleware`] (kind `internal`).
+fn layer_panicked(
+    kind: MessageKind,
+    name: &'static str,
+    payload: &(dyn Any + Send),
+) -> DispatchError {
+    DispatchError::Middleware(
+        format!(
+            "a layer of the {kind} bus panicked while dispatching `{name}`: {}",
+            crate::panic::panic_message(payload)
+        )
+        .into(),
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// A layer stack's future, polled inside `catch_unwind`, its error made a [`DispatchError`].
+    struct LayerGuard<F> {
+        #[pin]
+        inner: F,
+        kind: MessageKind,
+        name: &'static str,
+    }
+}
+
+impl<F, E> Future for LayerGuard<F>
+where
+    F: Future<Output = Result<Reply, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Reply, DispatchError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let inner = this.inner;
+        // After a panic the future is dropped, never polled again: asserting unwind safety is
+        // sound (as for handlers).
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => {
+                Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())))
+            }
+            Err(payload) => Poll::Ready(Err(layer_panicked(*this.kind, this.name, &*payload))),
         }
     }
 }

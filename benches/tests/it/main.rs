@@ -8,5 +8,6 @@ mod counting_allocator;
 mod a_bare_command_dispatch_allocates_once;
 mod a_bare_query_dispatch_allocates_once;
 mod a_three_layer_dispatch_stays_within_its_allocation_budget;
+mod cqrs_cores_metrics_layer_adds_no_allocation;
 mod publishing_an_event_stays_within_its_allocation_budget;
 mod the_metrics_layer_counts_each_outcome;

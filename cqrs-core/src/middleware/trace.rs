@@ -74,6 +74,8 @@ where
         if let Some(causation) = metadata.causation_id {
             span.record("causation_id", tracing::field::display(causation));
         }
-        Either::Right(self.inner.call(dispatch).instrument(span))
+        // The inner layers' synchronous work in `call` belongs to this dispatch too.
+        let inner = span.in_scope(|| self.inner.call(dispatch));
+        Either::Right(inner.instrument(span))
     }
 }

@@ -7,6 +7,7 @@ mod fixtures;
 mod a_command_has_exactly_one_handler;
 mod a_consume_loop_handles_keys_in_parallel_and_each_key_in_order;
 mod a_panicking_handler_fails_only_its_own_message;
+mod a_panicking_layer_fails_only_its_own_dispatch;
 mod aggregates_decide_on_their_history;
 mod an_unhandled_message_is_a_typed_error_naming_it;
 mod event_handlers_all_run_and_failures_are_reported;

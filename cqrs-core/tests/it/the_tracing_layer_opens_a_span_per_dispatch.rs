@@ -8,10 +8,19 @@ use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata as TracingMetadata, Subscriber};
 
 type Spans = Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>;
+/// Each event's fields, with the span it was emitted in (its index in `Spans`).
+type Events = Arc<Mutex<Vec<(BTreeMap<String, String>, Option<usize>)>>>;
 
-/// A subscriber that remembers each span's name and fields.
+/// A subscriber that remembers each span's name and fields, and each event's fields and the
+/// span it happened in.
 struct Recorder {
     spans: Spans,
+    events: Events,
+}
+
+thread_local! {
+    /// The spans this thread is in, innermost last.
+    static ENTERED: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
@@ -42,9 +51,23 @@ impl Subscriber for Recorder {
         values.record(&mut Fields(&mut spans[index].1));
     }
     fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, _: &Event<'_>) {}
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = BTreeMap::new();
+        event.record(&mut Fields(&mut fields));
+        let span = ENTERED.with(|entered| entered.borrow().last().map(|id| *id as usize - 1));
+        self.events.lock().unwrap().push((fields, span));
+    }
+    fn enter(&self, span: &Id) {
+        ENTERED.with(|entered| entered.borrow_mut().push(span.into_u64()));
+    }
+    fn exit(&self, span: &Id) {
+        ENTERED.with(|entered| {
+            let mut entered = entered.borrow_mut();
+            if let Some(at) = entered.iter().rposition(|id| *id == span.into_u64()) {
+                entered.remove(at);
+            }
+        });
+    }
 }
 
 /// The test binary's global subscriber, installed once, recording every span of every test.
@@ -55,15 +78,20 @@ impl Subscriber for Recorder {
 /// subscriber that wants everything the cache always says "wanted"; each test picks out its
 /// own spans by the message id it dispatched with.
 fn recorded() -> &'static Spans {
-    static SPANS: OnceLock<Spans> = OnceLock::new();
-    SPANS.get_or_init(|| {
-        let spans = Spans::default();
+    &recorder().0
+}
+
+fn recorder() -> &'static (Spans, Events) {
+    static RECORDED: OnceLock<(Spans, Events)> = OnceLock::new();
+    RECORDED.get_or_init(|| {
+        let (spans, events) = (Spans::default(), Events::default());
         let recorder = Recorder {
             spans: spans.clone(),
+            events: events.clone(),
         };
         tracing::subscriber::set_global_default(recorder)
             .expect("no other test of this binary installs a global subscriber");
-        spans
+        (spans, events)
     })
 }
 
@@ -101,4 +129,63 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     assert_eq!(fields["message"], "test.add");
     assert_eq!(fields["correlation_id"], parent.correlation_id.to_string());
     assert_eq!(fields["causation_id"], parent.message_id.to_string());
+}
+
+/// Logs from its `call` (the synchronous part of a layer's work, as a layer that begins a
+/// transaction there does).
+#[derive(Clone)]
+struct Chatty<S>(S);
+
+impl<S> tower::Service<cqrs_core::Dispatch> for Chatty<S>
+where
+    S: tower::Service<cqrs_core::Dispatch, Response = cqrs_core::Reply>,
+{
+    type Response = cqrs_core::Reply;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, dispatch: cqrs_core::Dispatch) -> S::Future {
+        tracing::info!(marker = %dispatch.metadata().message_id, "an inner layer's call");
+        self.0.call(dispatch)
+    }
+}
+
+#[test]
+fn what_inner_layers_do_in_call_happens_inside_the_span() {
+    let (spans, events) = recorder();
+    let bus = CommandBus::builder()
+        .layer(TracingLayer::new())
+        .layer(tower::layer::layer_fn(Chatty))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let metadata = Metadata::new();
+    run(bus.dispatch_with(Add::default(), metadata.clone())).unwrap();
+    let message_id = metadata.message_id.to_string();
+    let span = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .position(|(name, fields)| {
+            name == "dispatch" && fields.get("message_id") == Some(&message_id)
+        })
+        .expect("the dispatch has its span");
+    let events = events.lock().unwrap();
+    let logged: Vec<_> = events
+        .iter()
+        .filter(|(fields, _)| fields.get("marker") == Some(&message_id))
+        .collect();
+    assert_eq!(logged.len(), 1, "{events:?}");
+    assert_eq!(
+        logged[0].1,
+        Some(span),
+        "the inner layer's log is outside the dispatch span"
+    );
 }

@@ -1,0 +1,137 @@
+use crate::fixtures::*;
+use cqrs_core::middleware::{MetricsLayer, TracingLayer};
+use cqrs_core::{
+    BoxError, CommandBus, Dispatch, DispatchError, ErrorKind, EventBus, Metadata, Reply,
+};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// Where the layer panics: chosen per dispatch by the actor in its metadata, except for
+/// `poll_ready`, which sees no dispatch and panics once when `ready_panics` is set.
+#[derive(Clone)]
+struct Faulty<S> {
+    inner: S,
+    ready_panics: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Default)]
+struct FaultyLayer {
+    ready_panics: Arc<AtomicBool>,
+}
+
+impl<S> Layer<S> for FaultyLayer {
+    type Service = Faulty<S>;
+    fn layer(&self, inner: S) -> Faulty<S> {
+        Faulty {
+            inner,
+            ready_panics: self.ready_panics.clone(),
+        }
+    }
+}
+
+impl<S> Service<Dispatch> for Faulty<S>
+where
+    S: Service<Dispatch, Response = Reply> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.ready_panics.swap(false, Ordering::SeqCst) {
+            panic!("the layer panics in poll_ready");
+        }
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        match dispatch.metadata().actor.as_deref() {
+            Some("panic in call") => panic!("the layer panics in call"),
+            Some("panic in poll") => Box::pin(async { panic!("the layer panics in its future") }),
+            _ => {
+                let inner = self.inner.call(dispatch);
+                Box::pin(async move { inner.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+fn as_actor(actor: &str) -> Metadata {
+    Metadata::new().with_actor(actor)
+}
+
+fn assert_layer_panicked(error: &DispatchError, what: &str) {
+    assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("a layer of the command bus panicked while dispatching `test.add`")
+            || text.contains("a layer of the event bus panicked while dispatching `test.added`"),
+        "{text}"
+    );
+    assert!(text.contains(what), "{text}");
+}
+
+#[test]
+fn a_layer_that_panics_in_call_poll_or_poll_ready_fails_that_dispatch_and_the_bus_keeps_working() {
+    let faulty = FaultyLayer::default();
+    // The metrics and tracing layers outside it see the failure like any other.
+    let bus = CommandBus::builder()
+        .layer(TracingLayer::new())
+        .layer(MetricsLayer::new())
+        .layer(faulty.clone())
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let add = || Add {
+        a: 2,
+        b: 3,
+        ..Add::default()
+    };
+    run(async {
+        let error = bus
+            .dispatch_with(add(), as_actor("panic in call"))
+            .await
+            .unwrap_err();
+        assert_layer_panicked(&error, "the layer panics in call");
+
+        let error = bus
+            .dispatch_with(add(), as_actor("panic in poll"))
+            .await
+            .unwrap_err();
+        assert_layer_panicked(&error, "the layer panics in its future");
+
+        faulty.ready_panics.store(true, Ordering::SeqCst);
+        let error = bus.dispatch(add()).await.unwrap_err();
+        assert_layer_panicked(&error, "the layer panics in poll_ready");
+
+        assert_eq!(bus.dispatch(add()).await.unwrap(), 5);
+    });
+}
+
+#[test]
+fn an_event_bus_layer_that_panics_fails_that_publish() {
+    let counter = Counter::named("counter");
+    let bus = EventBus::builder()
+        .layer(FaultyLayer::default())
+        .handler::<Added, _>(counter.clone())
+        .build()
+        .unwrap();
+    run(async {
+        let error = bus
+            .publish_event(Added { sum: 1 }, as_actor("panic in call"))
+            .await
+            .unwrap_err();
+        assert_layer_panicked(&error, "the layer panics in call");
+        assert_eq!(counter.seen(), 0);
+        bus.publish_event(Added { sum: 2 }, Metadata::new())
+            .await
+            .unwrap();
+        assert_eq!(counter.seen(), 1);
+    });
+}
