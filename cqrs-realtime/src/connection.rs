@@ -43,7 +43,21 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
     if hub.is_stopping() {
         conn.close.close(Ending::SHUTDOWN);
     }
-    let mut writer = tokio::spawn(write_loop(hub.clone(), conn.clone(), sink));
+    // A writer that panics (a metrics recorder's bug, say) must not leave the connection open
+    // with nobody draining its queue: the reader is told to close it, as for any ending.
+    let write = AssertUnwindSafe(write_loop(hub.clone(), conn.clone(), sink)).catch_unwind();
+    let mut writer = tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            if write.await.is_err() {
+                tracing::error!(
+                    connection = conn.id,
+                    "the realtime connection's writer panicked; connection closed"
+                );
+                conn.close.close(Ending::INTERNAL);
+            }
+        }
+    });
     let resumes = hub.resume_budget(slot.key.as_deref());
     let mut session = Session {
         hub,
@@ -232,6 +246,16 @@ impl<P: Send + Sync + 'static> Session<P> {
     }
 
     fn send_error(&self, code: ErrorCode, message: &str, topic: Option<&str>) {
+        // The client's topic is echoed back, cut to the longest a topic can be: an invalid one
+        // may be as long as a client message, and a frame longer than the write buffer takes
+        // would fail the write and drop a connection that an error frame leaves open.
+        let topic = topic.map(|name| {
+            let mut end = name.len().min(crate::MAX_TOPIC_LEN);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            &name[..end]
+        });
         self.send(&ServerFrame::error(code, message, topic));
     }
 

@@ -107,13 +107,21 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             if self.conn.close.get().is_some() {
                 return Err(End::Closed);
             }
-            let batch = self.read(self.cursor, options.replay_batch).await?;
+            // Never more than one past the limit: exactly `replay_limit` events to replay is
+            // within it, and only an event after them shows there are too many.
+            let want = options
+                .replay_batch
+                .min(options.replay_limit.saturating_add(1) - self.read);
+            let batch = self.read(self.cursor, want).await?;
             if batch.is_empty() && self.read == 0 && self.cursor > Position::START {
                 self.check_within_log().await?;
             }
-            let caught_up = batch.len() < options.replay_batch;
+            let caught_up = batch.len() < want;
             for record in &batch {
                 self.read += 1;
+                if self.read > options.replay_limit {
+                    return Err(too_many(options.replay_limit));
+                }
                 if let Some(position) = record.position {
                     self.cursor = self.cursor.max(position);
                     if self.flushed.remove(&position) {
@@ -140,12 +148,6 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 if !behind {
                     return Ok(());
                 }
-            }
-            if self.read >= options.replay_limit {
-                return Err(End::Failed(format!(
-                    "more than {} events to replay: reload the state and subscribe without `since`",
-                    options.replay_limit
-                )));
             }
         }
     }
@@ -312,6 +314,13 @@ impl<'a, P> ReplaySender<'a, P> {
             self.budget = (queue.capacity() / 4).max(1);
         }
     }
+}
+
+/// The replay's end when more than `limit` events follow `since`.
+fn too_many(limit: usize) -> End {
+    End::Failed(format!(
+        "more than {limit} events to replay: reload the state and subscribe without `since`"
+    ))
 }
 
 #[cfg(test)]

@@ -84,3 +84,85 @@ async fn a_routing_that_panics_on_a_topic() {
 async fn an_authorizer_that_panics_on_a_subscribe() {
     with_timeout(TEST_LIMIT, a_panic_on("ticket:kaboom")).await;
 }
+
+/// A recorder whose `realtime_messages_sent_total` counter panics: a bug in the metrics set-up
+/// that a connection's writer reaches after its first write.
+struct PanicsOnSent;
+
+struct Panics;
+
+impl metrics::CounterFn for Panics {
+    fn increment(&self, _: u64) {
+        panic!("recorder bug");
+    }
+    fn absolute(&self, _: u64) {
+        panic!("recorder bug");
+    }
+}
+
+impl metrics::Recorder for PanicsOnSent {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        if key.name() == cqrs_realtime::metrics::names::MESSAGES_SENT {
+            metrics::Counter::from_arc(Arc::new(Panics))
+        } else {
+            metrics::Counter::noop()
+        }
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// A connection whose writer panics is closed and releases what it held, instead of staying
+/// open with nobody draining its queue (a client that pings kept it alive for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_panics_closes_its_connection() {
+    with_timeout(TEST_LIMIT, async {
+        static RECORDER: PanicsOnSent = PanicsOnSent;
+        // The hub takes its metric handles when it is built, from this thread's recorder.
+        let guard = metrics::set_default_local_recorder(&RECORDER);
+        let t = TestHub::start(HubOptions::new()).await;
+        drop(guard);
+        let mut client = t.connect("agent-a1").await;
+        // The `subscribed` frame is written, then the writer panics counting it.
+        client.subscribe("tickets").await;
+        eventually(
+            Duration::from_secs(10),
+            "the connection whose writer panicked is closed and released",
+            || async {
+                let stats = t.hub.stats();
+                (stats.connections == 0 && stats.subscriptions == 0).then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}

@@ -182,6 +182,42 @@ async fn a_gap_longer_than_the_replay_limit_is_reported() {
     .await;
 }
 
+/// Exactly as many events as the replay limit is within it, also when they fill the last
+/// batch: they are replayed and the subscription goes live with no `resume_failed`. (A full
+/// last batch used to count as "more to read", and the limit then failed the replay.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_of_exactly_the_replay_limit_is_replayed_in_full() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().replay_batch(2).replay_limit(4)).await;
+        for seq in 1..=4 {
+            t.store("t1", "u1", seq).await;
+        }
+        let mut client = t.connect("agent-a1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        for seq in 1..=4 {
+            assert_eq!(client.event().await.seq, seq);
+        }
+        t.publish("t1", "u1", 5).await;
+        // The next frame is the live event, not an error.
+        assert_eq!(client.event().await.seq, 5);
+        assert_eq!(t.hub.stats().replayed_events, 4);
+
+        // One more than the limit is reported, after the limit's worth of events.
+        let mut over = t.connect("agent-a2").await;
+        over.send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        over.expect_subscribed("tickets").await;
+        for seq in 1..=4 {
+            assert_eq!(over.event().await.seq, seq);
+        }
+        assert_eq!(over.error_code().await, "resume_failed");
+    })
+    .await;
+}
+
 /// A `since` past the end of the log (an in-memory log that restarted, a position from another
 /// deployment) is reported, and live events flow at once: they are not held back until the log
 /// reaches that position. Resuming from the last event of the log is no error.

@@ -149,3 +149,47 @@ async fn an_oversize_fragmented_message_closes_the_connection_with_1009() {
     })
     .await;
 }
+
+/// An invalid topic as long as a client message may be is echoed back cut to the longest a
+/// topic can be, so the error frame fits a small write buffer and the connection stays open.
+/// (It was echoed in full: with a write buffer smaller than the message limit, the write
+/// failed and the connection dropped without a close frame.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_invalid_topic_is_echoed_cut_and_the_connection_stays_open() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(
+            HubOptions::new()
+                .max_message_size(16 * 1024)
+                .max_frame_size(16 * 1024)
+                .write_buffer_size(0)
+                .max_write_buffer_size(1024),
+        )
+        .await;
+        let mut client = t.connect("user-u1").await;
+        let long = "é".repeat(2000); // 4,000 bytes, and 200 falls inside no character
+        for kind in ["subscribe", "unsubscribe"] {
+            client
+                .send(json!({"type": kind, "topic": format!("x{long}")}))
+                .await;
+            match client.frame().await {
+                ServerFrame::Error { code, topic, .. } => {
+                    assert!(
+                        code == "invalid_topic" || code == "not_subscribed",
+                        "{code}"
+                    );
+                    let topic = topic.expect("the topic is echoed");
+                    assert!(
+                        topic.len() <= cqrs_realtime::MAX_TOPIC_LEN,
+                        "{}",
+                        topic.len()
+                    );
+                    assert!(topic.starts_with("xé"), "{topic}");
+                }
+                other => panic!("expected an error frame, got {other:?}"),
+            }
+        }
+        client.subscribe("tickets").await;
+        client.ping_pong().await;
+    })
+    .await;
+}
