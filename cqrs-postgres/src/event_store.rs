@@ -10,7 +10,7 @@ use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{EventRecord, Position};
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection, Row};
 
 /// An event store in Postgres: one `events` table, one global order.
 ///
@@ -82,9 +82,37 @@ impl PgEventStore {
         rows.iter().map(row::event).collect()
     }
 
+    /// Reads the global order after `after`, up to `limit` events, on a connection you hold
+    /// (a projection unit's transaction): a consumer that holds one connection reads on it
+    /// instead of waiting for a second from the same pool.
+    pub async fn read_all_in(
+        &self,
+        conn: &mut PgConnection,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(AssertSqlSafe(self.db.sql.read_all.clone()))
+            .bind(to_i64(after.get()))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(conn)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(row::event).collect()
+    }
+
     /// Appends inside a transaction you hold (`&mut *tx`). The append lock is then held until
     /// that transaction ends, so append last and commit soon. Conflicts are reported without
     /// aborting the transaction.
+    ///
+    /// The transaction must be READ COMMITTED (what `pool.begin()` gives on a pool made by
+    /// [`PgOptions`](crate::PgOptions)): the append reads the stream's version after taking
+    /// the append lock, and under REPEATABLE READ or SERIALIZABLE it would read it from the
+    /// transaction's first snapshot, missing appends that committed since (an `Any` append
+    /// would fail). At another level the append does nothing and fails with
+    /// [`StoreError::Backend`] naming the level; the transaction stays usable.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -116,7 +144,8 @@ pub(crate) struct Completion<'a> {
 
 /// Appends on `conn` (a transaction, or a plain connection: then the statement is its own
 /// transaction). `pool` is only used to read the actual version after a lost race that the
-/// unique constraint caught, because `conn`'s transaction is aborted by then.
+/// unique constraint caught inside a transaction, which is aborted by then, and only if a
+/// connection is idle: waiting for one while holding `conn` could starve the pool.
 pub(crate) async fn append_on(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -171,13 +200,33 @@ pub(crate) async fn append_on(
             .bind(c.scope)
             .bind(c.key);
     }
-    let result = query.fetch_one(&mut *conn).await;
+    let result = query.fetch_optional(&mut *conn).await;
     let row = match result {
-        Ok(row) => row,
+        Ok(Some(row)) => row,
+        // The statement is gated on READ COMMITTED (see `Sql::new`) and did nothing.
+        Ok(None) => return Err(not_read_committed(conn, stream_id).await),
         Err(e) if is_unique_violation(&e, "events_stream_version_key") => {
-            // Only reachable when the transaction is not READ COMMITTED (its snapshot missed
-            // a concurrent append) or someone inserted without the append functions.
-            let actual = read_version(pool, sql, stream_id).await?;
+            // At READ COMMITTED, only reachable when someone inserted without the append
+            // functions (and their lock): an event took the version under our feet.
+            let actual = if conn.is_in_transaction() {
+                // The transaction is aborted: read elsewhere, but never wait for a
+                // connection while holding this one.
+                let Some(mut other) = pool.try_acquire() else {
+                    return Err(StoreError::Unavailable {
+                        backend: BACKEND,
+                        source: format!(
+                            "stream {stream_id} got an event at the version this append drew, \
+                             inserted around the append functions, and no idle connection is \
+                             left to read its version: {e}"
+                        )
+                        .into(),
+                    });
+                };
+                read_version(&mut other, sql, stream_id).await?
+            } else {
+                // The statement was its own transaction, and is over: read on its connection.
+                read_version(conn, sql, stream_id).await?
+            };
             return Err(StoreError::Conflict {
                 stream: stream_id.to_owned(),
                 expected,
@@ -240,13 +289,36 @@ pub(crate) async fn append_on(
         .collect())
 }
 
-async fn read_version(pool: &PgPool, sql: &Sql, stream_id: &str) -> Result<u64, StoreError> {
+async fn read_version(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    stream_id: &str,
+) -> Result<u64, StoreError> {
     let version: i64 = sqlx::query_scalar(AssertSqlSafe(sql.stream_version.clone()))
         .bind(stream_id)
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await
         .map_err(store_error)?;
     Ok(to_u64(version))
+}
+
+/// The error of an append in a transaction that is not READ COMMITTED, naming its level.
+async fn not_read_committed(conn: &mut PgConnection, stream_id: &str) -> StoreError {
+    let level = sqlx::query_scalar::<_, String>("SHOW transaction_isolation")
+        .fetch_one(conn)
+        .await
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    StoreError::Backend {
+        backend: BACKEND,
+        source: format!(
+            "did not append to stream {stream_id}: the transaction's isolation level is \
+             `{level}`, and appends need `read committed` (under a transaction-wide snapshot \
+             the append cannot see appends that committed since, so even an `Any` append would \
+             fail); begin the transaction with `BEGIN ISOLATION LEVEL READ COMMITTED` \
+             (`pool.begin_with(..)`), or leave the pool's default, READ COMMITTED"
+        )
+        .into(),
+    }
 }
 
 #[async_trait]
@@ -287,16 +359,12 @@ impl EventStore for PgEventStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(AssertSqlSafe(self.db.sql.read_all.clone()))
-            .bind(to_i64(after.get()))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.db.pool)
-            .await
-            .map_err(store_error)?;
-        rows.iter().map(row::event).collect()
+        let mut conn = self.db.pool.acquire().await.map_err(store_error)?;
+        self.read_all_in(&mut conn, after, limit).await
     }
 
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
-        read_version(&self.db.pool, &self.db.sql, stream_id).await
+        let mut conn = self.db.pool.acquire().await.map_err(store_error)?;
+        read_version(&mut conn, &self.db.sql, stream_id).await
     }
 }

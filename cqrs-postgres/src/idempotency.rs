@@ -2,7 +2,7 @@
 
 use crate::PgDatabase;
 use crate::error::{BACKEND, store_error};
-use crate::sql::Sql;
+use crate::sql::{IdempotencyLocks, Sql};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
@@ -89,14 +89,29 @@ pub(crate) async fn claim_on(
     ttl: Duration,
 ) -> Result<Outcome, StoreError> {
     let locks = sql.idempotency_locks(scope, key, fingerprint);
+    claim_with(conn, sql, &locks, scope, key, fingerprint, now, ttl).await
+}
+
+/// [`claim_on`] with the locks given.
+#[allow(clippy::too_many_arguments)]
+async fn claim_with(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    locks: &IdempotencyLocks,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+    now: DateTime<Utc>,
+    ttl: Duration,
+) -> Result<Outcome, StoreError> {
     let row = sqlx::query(AssertSqlSafe(sql.idempotency_claim.clone()))
         .bind(scope)
         .bind(key)
         .bind(fingerprint)
         .bind(now)
         .bind(expiry(now, ttl))
-        .bind(locks.key)
-        .bind(locks.fingerprint)
+        .bind(locks.key.0)
+        .bind(locks.key.1)
         .bind(locks.claimer)
         .bind(locks.owner_key)
         .bind(locks.owner_fingerprint)
@@ -107,14 +122,23 @@ pub(crate) async fn claim_on(
     match outcome.as_str() {
         "new" => Ok(Outcome::New),
         "mismatch" => Ok(Outcome::Mismatch),
-        "replay" => {
-            let status: Option<i32> = row.try_get(1).map_err(store_error)?;
-            let body: Option<serde_json::Value> = row.try_get(2).map_err(store_error)?;
-            let status = status.and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
-            Ok(Outcome::Replay(StoredResponse::new(
-                status,
-                body.unwrap_or(serde_json::Value::Null),
-            )))
+        "replay" => Ok(replay(row.try_get(1), row.try_get(2))?),
+        // The key is held for another fingerprint: a mismatch, unless the key completed for
+        // ours, which a newer snapshot than the claim's shows.
+        "differs" => {
+            let row = sqlx::query(AssertSqlSafe(sql.idempotency_read.clone()))
+                .bind(scope)
+                .bind(key)
+                .bind(now)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(store_error)?;
+            match row {
+                Some(row) if row.try_get::<String, _>(0).map_err(store_error)? == fingerprint => {
+                    Ok(replay(row.try_get(1), row.try_get(2))?)
+                }
+                _ => Ok(Outcome::Mismatch),
+            }
         }
         other => Err(StoreError::Backend {
             backend: BACKEND,
@@ -124,6 +148,20 @@ pub(crate) async fn claim_on(
             .into(),
         }),
     }
+}
+
+/// A stored response, from its `status` and `body` columns.
+fn replay(
+    status: Result<Option<i32>, sqlx::Error>,
+    body: Result<Option<serde_json::Value>, sqlx::Error>,
+) -> Result<Outcome, StoreError> {
+    let status = status.map_err(store_error)?;
+    let body = body.map_err(store_error)?;
+    let status = status.and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
+    Ok(Outcome::Replay(StoredResponse::new(
+        status,
+        body.unwrap_or(serde_json::Value::Null),
+    )))
 }
 
 /// Stores the response of a claimed key in the claiming transaction.
@@ -234,5 +272,77 @@ impl IdempotencyStore for PgIdempotencyStore {
                 .execute(&self.db.pool)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Needs private access: the key lock a client's key hashes to is handed in, so a test
+    //! can aim it at the append lock without inverting FNV-1a.
+
+    use super::*;
+    use crate::PgOptions;
+    use cqrs_core::ports::{EventStore, ExpectedVersion};
+    use cqrs_core::{EventRecord, Metadata, RecordMetadata};
+
+    fn record() -> EventRecord {
+        let metadata = Metadata::new();
+        EventRecord::new(
+            metadata.message_id,
+            "Noted",
+            1,
+            serde_json::json!({}),
+            RecordMetadata::from_metadata(&metadata),
+        )
+    }
+
+    /// A claim whose key (and key-and-fingerprint) hash equals the schema's append lock key,
+    /// held open as a claim is while its request runs, does not stop an append.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_whose_key_hashes_to_the_append_lock_does_not_stop_appends() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let id = cqrs_core::testing::test_id("claim_aimed_at_the_append_lock");
+        let connect = PgOptions::new(url.clone())
+            .schema(&id)
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect();
+        let db = tokio::time::timeout(Duration::from_secs(10), connect).await;
+        let reachable = matches!(db, Ok(Ok(_)));
+        if !cqrs_core::testing::require_services("postgres", &url, reachable) {
+            return;
+        }
+        let Ok(Ok(db)) = db else { return };
+        db.migrate().await.expect("migrate the test schema");
+
+        cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+            let sql = &db.sql;
+            let aimed = IdempotencyLocks::from_hashes(
+                sql.append_lock,
+                sql.append_lock,
+                sql.append_lock,
+                crate::lock::key(&[&sql.schema, "idempotency claimer"]),
+            );
+            let mut claim = crate::sql::begin(&db.pool).await.unwrap();
+            let now = db.clock.now();
+            let day = Duration::from_secs(24 * 3600);
+            let outcome = claim_with(&mut claim, sql, &aimed, "s", "k", "fp", now, day)
+                .await
+                .unwrap();
+            assert!(matches!(outcome, Outcome::New), "the claim takes the key");
+
+            // The claim stays open, as it does while its request runs.
+            let store = db.event_store();
+            let append = store.append("s", ExpectedVersion::Any, vec![record()]);
+            let stored = tokio::time::timeout(Duration::from_secs(10), append)
+                .await
+                .expect("an append went through while the claim was held")
+                .unwrap();
+            assert_eq!(stored[0].stream_version, Some(1));
+            claim.rollback().await.unwrap();
+        })
+        .await;
+        db.drop_schema().await.expect("drop the test schema");
     }
 }

@@ -2,8 +2,18 @@
 //!
 //! Every instance must derive the same key for the same thing, across builds and Rust
 //! versions, so keys come from FNV-1a (fixed and tiny), not from `std`'s hasher. Keys are
-//! 64-bit (the `bigint` advisory lock space): a collision between two live keys only makes
-//! two unrelated holders wait for each other, and at 64 bits that is vanishingly rare.
+//! 64-bit: a collision between two live keys only makes two unrelated holders wait for each
+//! other, and by chance, at 64 bits, that is vanishingly rare.
+//!
+//! Not by design, though: FNV-1a is no cryptographic hash, and whoever chooses the text can
+//! aim at a key. So Postgres's two advisory lock spaces are kept apart by who names the lock
+//! (the `bigint` locks and the two-`int4` locks never conflict: their lock tags differ):
+//!
+//! * the `bigint` space holds the system's locks, named by the deployment alone: the schema's
+//!   append lock, projection consumers (named in code), sqlx's migration lock;
+//! * the two-`int4` space ([`pair`]) holds every lock a client's text names: idempotency keys
+//!   and their fingerprint marks. A crafted key can at worst make claims of other keys wait,
+//!   never an append.
 
 /// The byte between two parts.
 const SEPARATOR: u8 = 0x1f;
@@ -36,9 +46,22 @@ pub(crate) fn key(parts: &[&str]) -> i64 {
     hash as i64
 }
 
+/// A key as the two `int4` halves of a two-key advisory lock (`pg_advisory_xact_lock(int4,
+/// int4)`): high 32 bits, low 32 bits.
+pub(crate) fn pair(key: i64) -> (i32, i32) {
+    ((key >> 32) as i32, key as i32)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::key;
+    use super::{key, pair};
+
+    #[test]
+    fn a_pair_is_the_two_halves_of_a_key() {
+        assert_eq!(pair(0x0000_0001_0000_0002), (1, 2));
+        assert_eq!(pair(-1), (-1, -1));
+        assert_eq!(pair(0x7fff_ffff_8000_0000), (i32::MAX, i32::MIN));
+    }
 
     #[test]
     fn keys_are_stable_and_separate_their_parts() {

@@ -44,7 +44,12 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// * **Several instances.** The checkpoint row is locked `FOR UPDATE SKIP LOCKED` for the
 ///   length of a batch, so one relay of a name ships at a time and the others stand by; if
 ///   the active one dies, its transaction rolls back and another takes over at the next poll.
-///   Nothing is shipped twice in the normal case.
+///   Nothing is shipped twice in the normal case. The lock lasts as long as the batch's
+///   session, so `run` refuses a `publish_timeout` that the server's
+///   `idle_in_transaction_session_timeout` would cut short
+///   ([`check_session_settings`](Self::check_session_settings)), and a batch confirms its
+///   session (`SELECT 1`) before each further publish, stopping uncommitted if it is gone:
+///   only the publish in flight when a session ended is shipped again by the next holder.
 /// * **At least once.** A relay that dies after publishing and before committing leaves the
 ///   checkpoint where it was: the next relay ships that batch again. Consumers dedupe by event
 ///   id (the inbox of [`PgProjectionStore`](crate::PgProjectionStore) does).
@@ -164,6 +169,33 @@ pub enum RelayError {
         /// The timeout.
         after: Duration,
     },
+    /// The batch's hold on the checkpoint could not be confirmed before publishing its next
+    /// run: its session ended (the server's `idle_in_transaction_session_timeout`, keepalives
+    /// after a network cut, an administrator) or did not answer in time, so another relay may
+    /// have taken over. The batch stopped without committing: what it published goes out
+    /// again (at least once), and nothing more was published behind the other relay's back.
+    /// Retried like any failed batch.
+    #[error(
+        "outbox relay `{relay}` lost its hold on the checkpoint mid-batch; it stopped publishing and committed nothing: {source}"
+    )]
+    LeaseLost {
+        /// The relay's name.
+        relay: String,
+        /// Why the hold could not be confirmed.
+        #[source]
+        source: StoreError,
+    },
+    /// The relay's settings do not fit the server's: `publish_timeout` is not below a
+    /// timeout that ends the batch's session while it publishes (which would let a second
+    /// relay ship the same events at the same time). Fix the configuration; `run` returns it
+    /// at start.
+    #[error("outbox relay `{relay}` refuses to start: {problem}")]
+    Settings {
+        /// The relay's name.
+        relay: String,
+        /// What to change.
+        problem: String,
+    },
 }
 
 impl RelayError {
@@ -173,6 +205,8 @@ impl RelayError {
             RelayError::Store { source, .. } => source.kind(),
             RelayError::Transport { source, .. } => source.kind(),
             RelayError::PublishTimeout { .. } => ErrorKind::Timeout,
+            RelayError::LeaseLost { source, .. } => source.kind(),
+            RelayError::Settings { .. } => ErrorKind::Invalid,
         }
     }
 }
@@ -251,12 +285,15 @@ impl PgOutboxRelay {
         self
     }
 
-    /// How long publishing one batch (all its runs of one topic) may take. Default 30 s. Keep
-    /// it below the pool's `idle_in_transaction_timeout` (60 s by default): the batch's
-    /// transaction waits idle while it publishes. When it runs out, the batch fails and is
-    /// retried after the backoff; what the transport took before is shipped (committed: the
-    /// checkpoint moves past it), so the retry starts after it. At least 1 ms (zero would
-    /// never ship anything).
+    /// How long publishing one batch (all its runs of one topic) may take. Default 30 s. It
+    /// must stay below the sessions' `idle_in_transaction_session_timeout` (the pool's
+    /// `idle_in_transaction_timeout`, 60 s by default) and `transaction_timeout` (Postgres
+    /// 17): the batch's transaction waits idle while it publishes, and its session is what
+    /// holds the checkpoint; [`run`](Worker::run) refuses to start otherwise (see
+    /// [`check_session_settings`](Self::check_session_settings)). When it runs out, the batch
+    /// fails and is retried after the backoff; what the transport took before is shipped
+    /// (committed: the checkpoint moves past it), so the retry starts after it. At least 1 ms
+    /// (zero would never ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -282,6 +319,13 @@ impl PgOutboxRelay {
         self
     }
 
+    fn lease_lost(&self, source: StoreError) -> RelayError {
+        RelayError::LeaseLost {
+            relay: self.relay.clone(),
+            source,
+        }
+    }
+
     fn store_error(&self, source: StoreError) -> RelayError {
         RelayError::Store {
             relay: self.relay.clone(),
@@ -299,6 +343,53 @@ impl PgOutboxRelay {
             .await
             .map_err(|e| self.store_error(store_error(e)))?;
         Ok(())
+    }
+
+    /// Checks that [`publish_timeout`](Self::publish_timeout) is below the timeouts after which
+    /// the server ends a session in a transaction, `idle_in_transaction_session_timeout` and
+    /// (Postgres 17) `transaction_timeout`, as a session of the pool has them. A batch's
+    /// transaction sits idle while it publishes, and its session's lock on the checkpoint row
+    /// is what keeps the other relays of its name standing by: ended mid-batch, another relay
+    /// would ship the same events at the same time. `run` does it at start; call it before
+    /// [`relay_once`](Self::relay_once) when driving the relay yourself. Fails with
+    /// [`RelayError::Settings`] saying which setting to change.
+    pub async fn check_session_settings(&self) -> Result<(), RelayError> {
+        let settings: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT name, setting::bigint FROM pg_catalog.pg_settings \
+             WHERE name IN ('idle_in_transaction_session_timeout', 'transaction_timeout') \
+             ORDER BY name",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .map_err(|e| self.store_error(store_error(e)))?;
+        let problems: Vec<String> = settings
+            .into_iter()
+            // Both are in milliseconds; zero turns them off.
+            .filter_map(|(name, millis)| {
+                let limit = Duration::from_millis(u64::try_from(millis).ok().filter(|&m| m > 0)?);
+                (self.publish_timeout >= limit).then(|| {
+                    let pool_option = if name == "idle_in_transaction_session_timeout" {
+                        " (`PgOptions::idle_in_transaction_timeout`)"
+                    } else {
+                        ""
+                    };
+                    format!(
+                        "its publish_timeout ({:?}) is not below the sessions' {name} ({limit:?}), \
+                         which would end a batch's session, and its hold on the checkpoint, \
+                         while it publishes: lower `PgOutboxRelay::publish_timeout` below it, or \
+                         raise {name}{pool_option} above it",
+                        self.publish_timeout
+                    )
+                })
+            })
+            .collect();
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(RelayError::Settings {
+            relay: self.relay.clone(),
+            problem: problems.join("; "),
+        })
     }
 
     /// The position up to which this relay has shipped.
@@ -453,6 +544,11 @@ impl PgOutboxRelay {
         // Runs of one topic, in order, all within one deadline: the batch's transaction waits
         // idle meanwhile, and must not outlive the server's idle-in-transaction timeout.
         let deadline = tokio::time::Instant::now().checked_add(self.publish_timeout);
+        // The statement that read the batch just proved the hold on the checkpoint row.
+        let mut lease = Lease {
+            tx: &mut *tx,
+            fresh: true,
+        };
         // Events handled (published or refused, a prefix of `events`), and the refused ones.
         let mut handled = 0;
         let mut refused = Vec::new();
@@ -463,9 +559,16 @@ impl PgOutboxRelay {
             while end < events.len() && (self.topic_for)(&events[end]) == topic {
                 end += 1;
             }
+            // A lost hold stops the batch uncommitted (`?`): another relay may be shipping.
             let (done, stopped) = self
-                .publish_run(&topic, &events[handled..end], deadline, &mut refused)
-                .await;
+                .publish_run(
+                    &mut lease,
+                    &topic,
+                    &events[handled..end],
+                    deadline,
+                    &mut refused,
+                )
+                .await?;
             handled += done;
             if stopped.is_some() {
                 failure = stopped;
@@ -500,45 +603,68 @@ impl PgOutboxRelay {
     /// Publishes `events` (one run of `topic`) by `deadline`. When the transport refuses them
     /// (a `Codec` error), publishes them one at a time, in order, to find those it refuses
     /// (added to `refused`). Returns how many were handled (published or refused), and the failure
-    /// that stopped it before the end.
+    /// that stopped it before the end; `Err` when the hold on the checkpoint is lost (the
+    /// batch must stop without committing).
     async fn publish_run(
         &self,
+        lease: &mut Lease<'_>,
         topic: &str,
         events: &[EventRecord],
         deadline: Option<Instant>,
         refused: &mut Vec<Skip>,
-    ) -> (usize, Option<RelayError>) {
-        let error = match self.publish_by(topic, events, deadline).await {
-            Ok(()) => return (events.len(), None),
-            Err(PublishFailure::Retry(e)) => return (0, Some(e)),
+    ) -> Result<(usize, Option<RelayError>), RelayError> {
+        let error = match self.publish_by(lease, topic, events, deadline).await {
+            Ok(()) => return Ok((events.len(), None)),
+            Err(PublishFailure::Retry(e)) => return Ok((0, Some(e))),
+            Err(PublishFailure::LeaseLost(e)) => return Err(e),
             Err(PublishFailure::Refused(e)) => e,
         };
         if let [event] = events {
             refused.push(Skip::refused(event, error));
-            return (1, None);
+            return Ok((1, None));
         }
         // The run's error does not say which event is at fault (or whether any is: a run too
         // large for the broker): one at a time, in order, finds out.
         tracing::warn!(relay = %self.relay, topic, error = %error, "the transport could not encode a run; publishing its events one at a time to find the culprit");
         for (i, event) in events.iter().enumerate() {
             match self
-                .publish_by(topic, std::slice::from_ref(event), deadline)
+                .publish_by(lease, topic, std::slice::from_ref(event), deadline)
                 .await
             {
                 Ok(()) => {}
                 Err(PublishFailure::Refused(e)) => refused.push(Skip::refused(event, e)),
-                Err(PublishFailure::Retry(e)) => return (i, Some(e)),
+                Err(PublishFailure::Retry(e)) => return Ok((i, Some(e))),
+                Err(PublishFailure::LeaseLost(e)) => return Err(e),
             }
         }
-        (events.len(), None)
+        Ok((events.len(), None))
     }
 
+    /// Publishes `events` by `deadline`, once the hold on the checkpoint is confirmed.
     async fn publish_by(
         &self,
+        lease: &mut Lease<'_>,
         topic: &str,
         events: &[EventRecord],
         deadline: Option<Instant>,
     ) -> Result<(), PublishFailure> {
+        let timed_out = || {
+            PublishFailure::Retry(RelayError::PublishTimeout {
+                relay: self.relay.clone(),
+                topic: topic.to_owned(),
+                after: self.publish_timeout,
+            })
+        };
+        // Out of time: what was published so far is committed (under a hold confirmed before
+        // it), and nothing more goes out. Checked first, so a lease check that could not
+        // finish in no time is not mistaken for a lost hold.
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Err(timed_out());
+        }
+        lease
+            .confirm(deadline)
+            .await
+            .map_err(|source| PublishFailure::LeaseLost(self.lease_lost(source)))?;
         let publish = self.transport.publish(topic, events);
         let outcome = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, publish).await,
@@ -552,11 +678,7 @@ impl PgOutboxRelay {
                 topic: topic.to_owned(),
                 source,
             })),
-            Err(_) => Err(PublishFailure::Retry(RelayError::PublishTimeout {
-                relay: self.relay.clone(),
-                topic: topic.to_owned(),
-                after: self.publish_timeout,
-            })),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -630,6 +752,44 @@ enum PublishFailure {
     Retry(RelayError),
     /// The transport will never take it.
     Refused(TransportError),
+    /// Not published: the batch no longer holds the checkpoint for certain.
+    LeaseLost(RelayError),
+}
+
+/// A batch's hold on its relay's checkpoint: the row lock of its transaction, which lasts as
+/// long as the transaction's session. The server may end the session while the batch
+/// publishes (an `idle_in_transaction_session_timeout`, keepalives after a network cut, an
+/// administrator); the lock is then gone and a standby relay starts over from the old
+/// checkpoint, so a relay that went on publishing would ship events twice and out of order.
+struct Lease<'a> {
+    tx: &'a mut PgConnection,
+    /// Proven by the statement that read the batch, and nothing published since.
+    fresh: bool,
+}
+
+impl Lease<'_> {
+    /// Proves that the session is still there, before a publish: `SELECT 1` in the batch's
+    /// transaction (a round trip, which also restarts the server's idle timer), unless
+    /// nothing was published since the read. At most one publish can then overlap another
+    /// relay's: the one in flight when the session ended.
+    async fn confirm(&mut self, deadline: Option<Instant>) -> Result<(), StoreError> {
+        if std::mem::take(&mut self.fresh) {
+            return Ok(());
+        }
+        let ping = sqlx::query("SELECT 1").execute(&mut *self.tx);
+        let answered = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, ping).await,
+            None => Ok(ping.await),
+        };
+        match answered {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(store_error(e)),
+            Err(_) => Err(StoreError::Timeout {
+                backend: crate::error::BACKEND,
+                source: "the batch's session did not answer within the publish timeout".into(),
+            }),
+        }
+    }
 }
 
 /// An event the relay passes without publishing it.
@@ -728,6 +888,7 @@ impl Worker for PgOutboxRelay {
         // Both need a connection, which a busy pool or a slow server may not give for a
         // while: shutdown must not wait for it.
         let started = async {
+            self.check_session_settings().await?;
             self.ensure_checkpoint().await?;
             Ok::<_, BoxError>(self.listener().await)
         };

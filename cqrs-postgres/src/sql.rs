@@ -87,6 +87,7 @@ pub(crate) struct Sql {
     pub(crate) snapshot_save: Arc<str>,
 
     pub(crate) idempotency_claim: Arc<str>,
+    pub(crate) idempotency_read: Arc<str>,
     pub(crate) idempotency_complete: Arc<str>,
     pub(crate) idempotency_purge: Arc<str>,
 
@@ -106,11 +107,20 @@ pub(crate) struct Sql {
 impl Sql {
     pub(crate) fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
+        // The functions rely on READ COMMITTED: after the append lock, their next statement
+        // must see every append that committed before. A transaction-wide snapshot (a caller's
+        // REPEATABLE READ transaction in `append_in`) would miss them, and an `Any` append
+        // would hit the unique constraint. So the call is gated on the level: a one-time
+        // filter, evaluated before the function would run, that costs no round trip; under
+        // any other level the statement returns no row and does nothing.
+        let read_committed = "WHERE current_setting('transaction_isolation') = 'read committed'";
         let append_call = format!(
-            "SELECT actual_version, positions FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8)"
+            "SELECT actual_version, positions FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8) \
+             {read_committed}"
         );
         let append_one_call = format!(
-            "SELECT actual_version, event_position FROM {s}.append_event($1, $2, $3, $4, $5, $6, $7, $8)"
+            "SELECT actual_version, event_position FROM {s}.append_event($1, $2, $3, $4, $5, $6, $7, $8) \
+             {read_committed}"
         );
         // A data-modifying CTE runs to completion whether or not the query reads it: the
         // idempotency response is stored in the same statement (and round trip) as the
@@ -152,10 +162,17 @@ impl Sql {
             )),
 
             // `idempotency_claim` (migration 3, applied and checksummed, so unchanged) decides
-            // with the locks it is handed; this statement decides first, in the argument it
-            // passes as the function's fingerprint lock (evaluated before the function runs
-            // and takes its first snapshot). See `IDEMPOTENCY_CLAIM` for how and why.
+            // with the `bigint` locks it is handed; this statement decides first, with the
+            // key's lock in the two-`int4` space, and hands the function a lock only this
+            // session holds. See `IDEMPOTENCY_CLAIM` for how and why.
             idempotency_claim: f(IDEMPOTENCY_CLAIM.replace("{s}", &s)),
+            // What a claim that found the key held for another fingerprint answers from: a
+            // statement of its own, so its snapshot is newer than the claim's look at the
+            // holder (see `IDEMPOTENCY_CLAIM`).
+            idempotency_read: f(format!(
+                "SELECT fingerprint, status, body FROM {s}.idempotency \
+                 WHERE scope = $1 AND key = $2 AND expires_at > $3 AND status IS NOT NULL"
+            )),
             idempotency_complete: f(format!(
                 "UPDATE {s}.idempotency SET status = $1, body = $2, expires_at = $3 \
                  WHERE scope = $4 AND key = $5"
@@ -245,88 +262,109 @@ impl Sql {
         key: &str,
         fingerprint: &str,
     ) -> IdempotencyLocks {
-        let fingerprint_lock = lock::key(&[&self.schema, "idempotency", scope, key, fingerprint]);
-        IdempotencyLocks {
-            key: lock::key(&[&self.schema, "idempotency", scope, key]),
-            fingerprint: fingerprint_lock,
-            claimer: lock::key(&[&self.schema, "idempotency claimer"]),
-            // The high half of a third hash of the key, and the low half of the fingerprint
-            // lock's: 32 bits each, as a two-`int4` advisory lock.
-            owner_key: (lock::key(&[&self.schema, "idempotency owner", scope, key]) >> 32) as i32,
-            owner_fingerprint: fingerprint_lock as i32,
-        }
+        IdempotencyLocks::from_hashes(
+            lock::key(&[&self.schema, "idempotency", scope, key]),
+            lock::key(&[&self.schema, "idempotency", scope, key, fingerprint]),
+            lock::key(&[&self.schema, "idempotency owner", scope, key]),
+            lock::key(&[&self.schema, "idempotency claimer"]),
+        )
     }
 }
 
 /// The advisory lock keys of one claim: the parameters `$6` to `$10` of [`IDEMPOTENCY_CLAIM`].
+/// Every lock a client's text names is a two-`int4` lock (see [`crate::lock`]).
+#[derive(Debug)]
 pub(crate) struct IdempotencyLocks {
-    /// Held exclusively by the key's owner (and, for a moment, by a claim that replays or
-    /// mismatches): `$6`.
-    pub(crate) key: i64,
-    /// The (key, fingerprint) lock of migration 3, held shared: `$7`.
-    pub(crate) fingerprint: i64,
-    /// XORed with the backend's pid, a lock no other session holds: `$8`.
+    /// The key's lock, a two-`int4` lock held exclusively by the key's owner (and, for a
+    /// moment, by a claim that replays or mismatches): `$6`, `$7`.
+    pub(crate) key: (i32, i32),
+    /// XORed with the backend's pid, a `bigint` lock no other session holds: `$8`. Named by
+    /// the schema alone.
     pub(crate) claimer: i64,
     /// The (key, fingerprint) mark, a two-`int4` lock held shared: `$9`, `$10`.
     pub(crate) owner_key: i32,
     pub(crate) owner_fingerprint: i32,
 }
 
+impl IdempotencyLocks {
+    /// From the hashes of the key, of the key and fingerprint, of the key's owner mark, and
+    /// of the schema's claimer (the tests hand in a key hash of their choosing here).
+    pub(crate) fn from_hashes(key: i64, fingerprint: i64, owner: i64, claimer: i64) -> Self {
+        Self {
+            key: lock::pair(key),
+            claimer,
+            // The high half of a third hash of the key, and the low half of the fingerprint
+            // hash: 32 bits each.
+            owner_key: lock::pair(owner).0,
+            owner_fingerprint: lock::pair(fingerprint).1,
+        }
+    }
+}
+
 /// Claims an idempotency key in one statement (one round trip), through `idempotency_claim`
-/// of migration 3. Before the function runs, in the argument it takes as its fingerprint lock,
-/// the claim:
+/// of migration 3. Before the function runs, the claim:
 ///
-/// 1. marks itself: the (key, fingerprint) lock of migration 3 shared (`$7`; a claim of an
-///    older build seeing it waits instead of failing), and a two-`int4` lock (`$9`, `$10`:
-///    32 bits of the key, 32 bits of the fingerprint) shared. Nothing takes either
-///    exclusively, so neither waits; both are held before the key lock, until the end;
-/// 2. tries the key lock (`$6`). Taken: the function reads the key and replays, mismatches or
-///    takes it. Taken by another transaction: it reads `pg_locks` once (one snapshot of the
-///    lock table) for that holder's marks. A mark of this key with another fingerprint is
-///    proof that the holder's fingerprint differs: the function is left to answer (a replay or
-///    mismatch if the key completed meanwhile; otherwise it finds the key lock still taken and
-///    answers `mismatch` at once). No such mark: the holder has our fingerprint, or is ending
-///    and has dropped its marks, or is a claim of an older build; the claim waits for the key
-///    lock here, then the function reads the key and replays, mismatches or takes it.
+/// 1. marks itself: a two-`int4` lock (`$9`, `$10`: 32 bits of the key, 32 bits of the
+///    fingerprint) held shared. Nothing takes it exclusively, so it never waits; it is held
+///    before the key lock, until the end;
+/// 2. tries the key's lock, a two-`int4` lock (`$6`, `$7`: the two halves of the key's hash).
+///    Taken: the function reads the key and replays, mismatches or takes it. Taken by another
+///    transaction: it reads `pg_locks` once (one snapshot of the lock table) for that
+///    holder's marks. A mark of this key with another fingerprint is proof that the holder's
+///    fingerprint differs: the statement answers `differs` without calling the function, and
+///    the caller reads the key in a statement of its own (`idempotency_read`, whose snapshot
+///    is newer than this look at the holder: a completed key with our fingerprint is a
+///    replay, anything else a mismatch). No such mark: the holder has our fingerprint, or is
+///    ending and has dropped its marks; the claim waits for the key lock here, then the
+///    function reads the key and replays, mismatches or takes it.
 ///
-/// The function always gets a fingerprint lock only this session can hold (`$8` XOR the
-/// backend's pid), so its own "can I take my fingerprint lock exclusively" test always
-/// succeeds and it never waits: every wait is on the key lock, decided above.
+/// The function takes its own locks in the `bigint` space, where the append lock and the
+/// projection consumers' locks are: it is handed, as both its key lock and its fingerprint
+/// lock, `$8` XOR the backend's pid, a lock only this session holds, so it never waits and
+/// never finds its key taken. A key whose hash was aimed at the append lock therefore holds
+/// `(high, low)` in the two-`int4` space, which no append ever asks for. (Before, the key lock
+/// and a (key, fingerprint) lock were `bigint` locks, held for as long as the claim's
+/// transaction, `idle_in_transaction_session_timeout` off: a crafted `Idempotency-Key` could
+/// stop every append of the schema for as long as its request ran.)
 ///
 /// Why proof of a difference, not the absence of a mark of our own fingerprint: an ending
 /// transaction releases its locks one at a time, so for a moment its key lock can be held
 /// while its marks are gone, and a claim reading that as "another fingerprint" would fail a
-/// duplicate of the request that just completed or rolled back. (Migration 3 alone had each
-/// claim share its fingerprint lock and test whether it could take it exclusively; claims
-/// with one fingerprint could not tell the owner from each other, so several with another
-/// fingerprint, arriving together, all waited for the owner.) Missing proof costs only a wait
-/// on the key lock, after which the function reads the committed outcome. A hash collision
-/// likewise only makes a claim wait: keys sharing a key lock differ in their marks' key half,
-/// and fingerprints sharing 32 bits look alike.
+/// duplicate of the request that just completed or rolled back. Missing proof costs only a
+/// wait on the key lock, after which the function reads the committed outcome. A hash
+/// collision likewise only makes a claim wait: keys sharing a key lock differ in their marks'
+/// key half, and fingerprints sharing 32 bits look alike.
 ///
 /// `pg_locks` is read only when the key lock is taken (a duplicate or a conflicting request
 /// while a claim is open, or a replay running at the same moment), and briefly holds every
 /// lock-manager partition: fine for retries, not for a hot loop.
-const IDEMPOTENCY_CLAIM: &str = "SELECT outcome, status, body FROM {s}.idempotency_claim(\
-     $1, $2, $3, $4, $5, $6, (\
-     SELECT CASE \
-     WHEN pg_try_advisory_xact_lock($6) THEN pre.claimer \
+///
+/// Instances of a build that took the key lock in the `bigint` space do not exclude claims of
+/// this build (see "Rolling upgrades" in `docs/postgres.md`).
+const IDEMPOTENCY_CLAIM: &str = "WITH pre AS MATERIALIZED (\
+     SELECT $8::bigint # pg_backend_pid() AS claimer, \
+       pg_advisory_xact_lock_shared($9::int4, $10::int4) AS marked), \
+     decided AS MATERIALIZED (\
+     SELECT pre.claimer, CASE \
+     WHEN pg_try_advisory_xact_lock($6::int4, $7::int4) THEN 'own'::text \
      WHEN EXISTS (\
        WITH held AS MATERIALIZED (\
          SELECT l.pid, l.classid, l.objid, l.objsubid, l.mode FROM pg_catalog.pg_locks l \
-         WHERE l.locktype = 'advisory' AND l.granted AND l.database = \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.database = \
            (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())) \
        SELECT 1 FROM held k JOIN held m ON m.pid = k.pid \
-       WHERE k.objsubid = 1 AND k.mode = 'ExclusiveLock' \
-         AND k.classid = (($6::bigint >> 32) & 4294967295)::oid \
-         AND k.objid = ($6::bigint & 4294967295)::oid \
-         AND m.objsubid = 2 AND m.classid = $9::int4::oid AND m.objid <> $10::int4::oid) \
-     THEN pre.claimer \
-     ELSE (SELECT pre.claimer FROM (SELECT pg_advisory_xact_lock($6) OFFSET 0) AS wait) \
-     END \
-     FROM (SELECT $8::bigint # pg_backend_pid() AS claimer, \
-       pg_advisory_xact_lock_shared($7::bigint), \
-       pg_advisory_xact_lock_shared($9::int4, $10::int4) OFFSET 0) AS pre))";
+       WHERE k.mode = 'ExclusiveLock' \
+         AND k.classid = $6::int4::oid AND k.objid = $7::int4::oid \
+         AND m.mode = 'ShareLock' AND m.classid = $9::int4::oid AND m.objid <> $10::int4::oid) \
+     THEN 'differs'::text \
+     ELSE (SELECT 'own'::text FROM (SELECT pg_advisory_xact_lock($6::int4, $7::int4) OFFSET 0) AS wait) \
+     END AS took \
+     FROM pre) \
+     SELECT c.outcome, c.status, c.body FROM decided d \
+     CROSS JOIN LATERAL {s}.idempotency_claim($1, $2, $3, $4, $5, d.claimer, d.claimer) c \
+     WHERE d.took = 'own' \
+     UNION ALL \
+     SELECT 'differs'::text, NULL::integer, NULL::jsonb FROM decided d WHERE d.took = 'differs'";
 
 #[cfg(test)]
 mod tests {
