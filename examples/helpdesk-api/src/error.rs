@@ -132,18 +132,73 @@ impl From<crate::AuthError> for ApiError {
     }
 }
 
-impl From<HandlerError> for ApiError {
-    fn from(e: HandlerError) -> Self {
-        let status = Self::status_of(e.kind());
-        if status.is_server_error() {
-            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "request failed");
+/// What a 500 says: its cause is logged, never sent.
+const INTERNAL: &str = "the server failed; the error is logged";
+
+/// Whether a 503's message was written for clients (`busy`, "this build cannot load the
+/// aggregate"), rather than copied from a store's or a broker's error, whose text quotes the
+/// driver ("pool timed out", a host name, a relation). The copies are known by their source
+/// (a `StoreError` or `TransportError` converted into a `HandlerError` keeps it), by a message
+/// that is their source's text, or, when a layer rebuilt the error without its source, by the
+/// generic codes those conversions give.
+fn written_for_clients(e: &HandlerError) -> bool {
+    use cqrs_core::ports::{StoreError, TransportError};
+    match std::error::Error::source(e) {
+        Some(source) => {
+            !(source.is::<StoreError>()
+                || source.is::<TransportError>()
+                || source.to_string() == e.message())
         }
-        let mut error = ApiError::new(status, e.code(), e.message());
-        error.details = e.details().cloned();
+        None => !matches!(e.code(), "unavailable" | "timeout" | "dispatch_failed"),
+    }
+}
+
+/// The message a 503 sends when its own is not for clients.
+fn unavailable_message(kind: ErrorKind) -> &'static str {
+    if kind == ErrorKind::Timeout {
+        "a backend did not answer in time; try again shortly"
+    } else {
+        "a backend is unavailable; try again shortly"
+    }
+}
+
+impl From<&HandlerError> for ApiError {
+    /// The error's status, code, details and message, but for a server error's: a 500 says
+    /// only that the server failed (and has no details), a 503 keeps a message written for
+    /// clients and otherwise says that a backend is unavailable. A server error's own text,
+    /// and its source, are logged instead.
+    fn from(e: &HandlerError) -> Self {
+        let status = Self::status_of(e.kind());
+        let message = if !status.is_server_error() {
+            e.message()
+        } else {
+            tracing::error!(error = %e, code = e.code(), source = ?std::error::Error::source(e), "request failed");
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                if written_for_clients(e) {
+                    e.message()
+                } else {
+                    unavailable_message(e.kind())
+                }
+            } else {
+                INTERNAL
+            }
+        };
+        let mut error = ApiError::new(status, e.code(), message);
+        // A 500's details are no more for clients than its message.
+        error.details = e
+            .details()
+            .cloned()
+            .filter(|_| status != StatusCode::INTERNAL_SERVER_ERROR);
         if e.kind().is_retryable() {
             error.retry_after = Some(1);
         }
         error
+    }
+}
+
+impl From<HandlerError> for ApiError {
+    fn from(e: HandlerError) -> Self {
+        ApiError::from(&e)
     }
 }
 
@@ -158,14 +213,10 @@ impl From<DispatchError> for ApiError {
             )
             .with_retry_after(1),
             other => match other.handler_error() {
-                Some(h) => ApiError::new(Self::status_of(h.kind()), h.code(), h.message()),
+                Some(h) => h.into(),
                 None => {
                     tracing::error!(error = %other, "dispatch failed");
-                    ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "internal",
-                        "the server failed; the error is logged",
-                    )
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", INTERNAL)
                 }
             },
         }
@@ -199,5 +250,80 @@ impl std::fmt::Display for ApiError {
             self.code,
             self.message
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::ports::{StoreError, TransportError};
+
+    const SECRET: &str = "pool timed out on db-7.internal: relation secret_table";
+
+    fn body_of(error: ApiError) -> String {
+        serde_json::to_string(&error.body()).unwrap()
+    }
+
+    /// A store's or a broker's error, however it reaches the gateway, is a 503 (or 500) whose
+    /// body does not quote it.
+    #[test]
+    fn server_errors_do_not_quote_the_backend() {
+        let unavailable = || StoreError::Unavailable {
+            backend: "postgres",
+            source: SECRET.into(),
+        };
+        let errors = [
+            HandlerError::from(unavailable()),
+            HandlerError::from(StoreError::Timeout {
+                backend: "postgres",
+                source: SECRET.into(),
+            }),
+            HandlerError::from(StoreError::Backend {
+                backend: "postgres",
+                source: SECRET.into(),
+            }),
+            HandlerError::from(TransportError::Unavailable {
+                backend: "redis",
+                source: SECRET.into(),
+            }),
+            HandlerError::internal(SECRET),
+            // As a layer passes a handler's error on: without its source.
+            HandlerError::from(DispatchError::Middleware(Box::new(HandlerError::from(
+                unavailable(),
+            )))),
+        ];
+        for error in errors {
+            let kind = error.kind();
+            let api = ApiError::from(error);
+            assert!(api.status.is_server_error(), "{kind:?}: {api}");
+            let body = body_of(api);
+            assert!(!body.contains("secret"), "{kind:?}: {body}");
+        }
+        let api = ApiError::from(DispatchError::Middleware(Box::new(HandlerError::from(
+            unavailable(),
+        ))));
+        assert_eq!(api.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(api.code, "unavailable");
+        assert_eq!(api.retry_after, Some(1));
+        assert!(!body_of(api).contains("secret"));
+        let internal = ApiError::from(HandlerError::internal(SECRET));
+        assert_eq!(internal.message, INTERNAL);
+    }
+
+    /// A 503 a handler wrote for clients keeps its message.
+    #[test]
+    fn messages_written_for_clients_are_kept() {
+        let busy = HandlerError::new(ErrorKind::Unavailable, "busy", "try again in a moment");
+        assert_eq!(ApiError::from(busy).message, "try again in a moment");
+        let waiting = HandlerError::unavailable(
+            "this build cannot load the aggregate; retry later",
+            std::io::Error::other(SECRET),
+        );
+        assert_eq!(
+            ApiError::from(waiting).message,
+            "this build cannot load the aggregate; retry later"
+        );
+        let conflict = HandlerError::conflict("ticket_closed", "the ticket is closed");
+        assert_eq!(ApiError::from(conflict).message, "the ticket is closed");
     }
 }

@@ -1,9 +1,11 @@
 //! The auth plugin's messages and handlers.
 
+use crate::agents::AgentList;
+use crate::client::client_key;
+use crate::hashing::Hashing;
 use crate::throttle::LoginThrottle;
 use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserRecord, UserStore};
-use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use async_trait::async_trait;
 use cqrs_core::clock::Clock;
 use cqrs_core::{
@@ -12,23 +14,9 @@ use cqrs_core::{
 };
 use helpdesk_api::{Role, User};
 use serde_json::json;
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use uuid::Uuid;
-
-/// The part of a client's address the login throttle counts by: an IPv4 address, or an IPv6
-/// address's /64 (one host can pick any address in its /64, so counting whole addresses would
-/// give it as many guesses as it likes).
-fn client_key(ip: IpAddr) -> String {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-        }
-    }
-}
 
 /// Registers a user.
 pub struct RegisterUser {
@@ -38,15 +26,26 @@ pub struct RegisterUser {
     pub password: String,
     /// Optional, at most 100 characters after trimming.
     pub display_name: Option<String>,
+    /// The agent code (`HELPDESK_AGENT_CODE`): required for an email on the agent list,
+    /// refused for any other. Empty counts as none.
+    pub agent_code: Option<String>,
+    /// The client's address: one address hashes at most two passwords at a time.
+    pub client: Option<IpAddr>,
 }
 
-// Written out: a derived `Debug` would print the password wherever a command is logged.
+// Written out: a derived `Debug` would print the password and the agent code wherever a
+// command is logged.
 impl std::fmt::Debug for RegisterUser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegisterUser")
             .field("email", &self.email)
             .field("password", &"<redacted>")
             .field("display_name", &self.display_name)
+            .field(
+                "agent_code",
+                &self.agent_code.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client", &self.client)
             .finish()
     }
 }
@@ -65,7 +64,7 @@ pub struct LogIn {
     pub email: String,
     /// As sent.
     pub password: String,
-    /// The client's address, for throttling.
+    /// The client's address, for throttling and the hashing cap.
     pub client: Option<IpAddr>,
 }
 
@@ -108,7 +107,8 @@ impl Command for LogIn {
     type Output = LoggedIn;
 }
 
-/// Reads a user by id.
+/// Reads a user by id, with the role they have now (an agent whose email left the agent
+/// list is a customer).
 #[derive(Debug)]
 pub struct GetUser(pub Uuid);
 
@@ -140,6 +140,7 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
         && !email.chars().any(|c| {
             c.is_whitespace()
                 || c.is_control()
+                || is_invisible(c)
                 || matches!(
                     c,
                     '<' | '>' | '(' | ')' | ',' | ';' | ':' | '\\' | '"' | '[' | ']'
@@ -152,92 +153,47 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     }
 }
 
+/// Whether `c` is drawn as nothing (Unicode's default-ignorable code points, and the other
+/// format characters): an email holding one looks the same as the email without it, so two
+/// accounts could look alike to agents and users.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
 use helpdesk_api::{invalid_field as invalid, reject_nul};
-
-fn internal(e: impl std::fmt::Display) -> HandlerError {
-    HandlerError::internal(e.to_string())
-}
-
-/// Password hashing and checking, on blocking threads (argon2 takes tens of milliseconds and
-/// ~19 MiB on purpose), at most `permits` at a time. Login and registration need no token, so
-/// without a bound a burst of them would queue hundreds of hashes (gigabytes) on the blocking
-/// pool, and a request's timeout does not stop a hash already running. Past the bound, a
-/// request waits up to `wait` for a turn, then gets 503 `busy` with `Retry-After`.
-#[derive(Clone, Debug)]
-pub(crate) struct Hashing {
-    permits: Arc<tokio::sync::Semaphore>,
-    wait: std::time::Duration,
-}
-
-impl Hashing {
-    pub(crate) fn new(permits: usize, wait: std::time::Duration) -> Self {
-        Self {
-            permits: Arc::new(tokio::sync::Semaphore::new(permits.max(1))),
-            wait,
-        }
-    }
-
-    /// Two hashes per core, waiting up to 2 s for a turn.
-    pub(crate) fn for_this_machine() -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self::new(2 * cores, std::time::Duration::from_secs(2))
-    }
-
-    /// A turn to hash, waiting up to the bound; `busy` past it. A login takes its turn before
-    /// it counts an attempt, so a refusal for being busy never counts as a failed login.
-    pub(crate) async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, HandlerError> {
-        tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                HandlerError::new(
-                    ErrorKind::Unavailable,
-                    "busy",
-                    "the server is checking too many passwords at once; try again in a moment",
-                )
-            })
-    }
-
-    /// Runs `work` on a blocking thread in the turn `permit` holds. The permit goes with the
-    /// work, so a request dropped meanwhile (a timeout) keeps counting until its hash is done.
-    async fn run<T: Send + 'static>(
-        permit: tokio::sync::OwnedSemaphorePermit,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, HandlerError> {
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            work()
-        })
-        .await
-        .map_err(internal)
-    }
-
-    async fn hash_password(&self, password: String) -> Result<String, HandlerError> {
-        let permit = self.permit().await?;
-        Self::run(permit, move || argon2_hash(password.as_bytes())).await?
-    }
-
-    /// Checks `password` against `hash` in the turn `permit` holds.
-    async fn verify_password(
-        permit: tokio::sync::OwnedSemaphorePermit,
-        password: String,
-        hash: String,
-    ) -> Result<bool, HandlerError> {
-        Self::run(permit, move || {
-            Argon2::default()
-                .verify_password(password.as_bytes(), hash.as_str())
-                .is_ok()
-        })
-        .await
-    }
-}
 
 /// Handles [`RegisterUser`].
 pub(crate) struct RegisterHandler {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) hashing: Hashing,
-    pub(crate) agents: Arc<HashSet<String>>,
+    pub(crate) agents: AgentList,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -272,21 +228,19 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         if let Some(name) = &display_name {
             reject_nul("display_name", name)?;
         }
+        // Before the check of a taken email: without the code, nobody learns whether an
+        // agent's email has an account.
+        let role = self.role(&email, cmd.agent_code.as_deref())?;
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
             return Err(email_taken());
         }
-        let role = if self.agents.contains(&email) {
-            Role::Agent
-        } else {
-            Role::Customer
-        };
         let user = UserRecord {
             id: Uuid::now_v7(),
             email,
             role,
             display_name,
-            password_hash: self.hashing.hash_password(cmd.password).await?,
+            password_hash: self.hashing.hash_password(cmd.password, cmd.client).await?,
             created_at: self.clock.now(),
         };
         match self.users.create(user.clone()).await {
@@ -297,18 +251,62 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
     }
 }
 
+impl RegisterHandler {
+    /// The role `email` registers with: an agent for a listed email with the agent code; a
+    /// listed email without it (or with another) is refused, so nobody can take an agent's
+    /// address, as an agent or as a customer; a code for an unlisted email is refused too, as
+    /// it means a mistyped email, which would otherwise quietly become a customer.
+    fn role(&self, email: &str, code: Option<&str>) -> Result<Role, HandlerError> {
+        let code = code.filter(|c| !c.is_empty());
+        match (self.agents.lists(email), code) {
+            (true, Some(code)) if self.agents.code_matches(code) => Ok(Role::Agent),
+            (true, _) => Err(HandlerError::new(
+                ErrorKind::Forbidden,
+                "agent_code_required",
+                "this email belongs to an agent: register it with `agent_code` set to the \
+                 agent code the helpdesk's administrator gave you (a missing or wrong code is \
+                 refused)",
+            )),
+            (false, Some(_)) => Err(invalid(
+                "agent_code",
+                "this email is not on the agent list: check the email, or leave `agent_code` \
+                 out to register as a customer",
+            )),
+            (false, None) => Ok(Role::Customer),
+        }
+    }
+}
+
 fn email_taken() -> HandlerError {
     HandlerError::conflict("email_taken", "an account with this email already exists")
 }
+
+/// Failed logins from one client address, across every email, before its logins get 429: this
+/// many times the limit for one email and address (`--login-attempts`).
+pub(crate) const ADDRESS_BUDGET_FACTOR: u32 = 5;
 
 /// Handles [`LogIn`].
 pub(crate) struct LogInHandler {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) hashing: Hashing,
+    /// Counts failed logins by email and client address.
     pub(crate) throttle: Arc<dyn LoginThrottle>,
+    /// Counts failed logins by client address alone, whatever the email, with a larger limit:
+    /// one address trying a few passwords on each of many emails.
+    pub(crate) address_throttle: Arc<dyn LoginThrottle>,
     pub(crate) tokens: JwtTokens,
     /// Verified against when the email is unknown, so both failures take as long.
     pub(crate) dummy_hash: Arc<String>,
+    pub(crate) agents: AgentList,
+}
+
+fn too_many_attempts(seconds: u64) -> HandlerError {
+    HandlerError::new(
+        ErrorKind::RateLimited,
+        "too_many_attempts",
+        "too many failed logins; try again later",
+    )
+    .with_details(json!({ "retry_after": seconds }))
 }
 
 #[async_trait]
@@ -327,35 +325,39 @@ impl CommandHandler<LogIn> for LogInHandler {
         let Ok(email) = normalize_email(&cmd.email) else {
             return Err(invalid_credentials());
         };
-        let key = format!(
-            "{email}|{}",
-            cmd.client.map_or_else(|| "unknown".to_owned(), client_key)
-        );
+        let client = client_key(cmd.client);
+        // Email keys hold an `@`, address keys none: the two never meet in one table.
+        let key = format!("{email}|{client}");
+        let address_key = format!("address|{client}");
         // The turn to hash comes first: a login refused as `busy` is no attempt.
-        let turn = self.hashing.permit().await?;
+        let turn = self.hashing.turn(cmd.client).await?;
+        if let Some(seconds) = self.address_throttle.attempt(&address_key).await? {
+            return Err(too_many_attempts(seconds));
+        }
         if let Some(seconds) = self.throttle.attempt(&key).await? {
-            return Err(HandlerError::new(
-                ErrorKind::RateLimited,
-                "too_many_attempts",
-                "too many failed logins; try again later",
-            )
-            .with_details(json!({ "retry_after": seconds })));
+            // Not checked, so no failure of the address's either.
+            self.address_throttle.succeeded(&address_key).await?;
+            return Err(too_many_attempts(seconds));
         }
         let user = self.users.by_email(&email).await?;
         let hash = user
             .as_ref()
             .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
         let ok = Hashing::verify_password(turn, cmd.password, hash).await? && user.is_some();
-        // A failure stays counted.
+        // A failure stays counted, for the pair and for the address.
         let Some(user) = user.filter(|_| ok) else {
             return Err(invalid_credentials());
         };
         self.throttle.succeeded(&key).await?;
+        self.address_throttle.succeeded(&address_key).await?;
         let principal = User {
             id: user.id,
-            role: user.role,
+            role: self.agents.role_of(&user.email, user.role),
         };
-        let token = self.tokens.issue(&principal).map_err(internal)?;
+        let token = self
+            .tokens
+            .issue(&principal)
+            .map_err(|e| HandlerError::internal(e.to_string()))?;
         Ok(LoggedIn {
             token,
             expires_in: self.tokens.ttl_seconds(),
@@ -367,6 +369,7 @@ impl CommandHandler<LogIn> for LogInHandler {
 /// Handles [`GetUser`].
 pub(crate) struct GetUserHandler {
     pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) agents: AgentList,
 }
 
 #[async_trait]
@@ -376,61 +379,93 @@ impl QueryHandler<GetUser> for GetUserHandler {
         q: GetUser,
         _ctx: &QueryContext,
     ) -> Result<Option<UserRecord>, HandlerError> {
-        Ok(self.users.by_id(q.0).await?)
+        Ok(self.users.by_id(q.0).await?.map(|mut user| {
+            user.role = self.agents.role_of(&user.email, user.role);
+            user
+        }))
     }
-}
-
-/// A hash of a random password, made once at start-up.
-pub(crate) fn dummy_hash() -> Result<String, HandlerError> {
-    argon2_hash(Uuid::new_v4().to_string().as_bytes())
-}
-
-/// The argon2 hash of `password`, with a fresh salt, as a PHC string.
-fn argon2_hash(password: &[u8]) -> Result<String, HandlerError> {
-    Argon2::default()
-        .hash_password(password)
-        .map(|h| h.to_string())
-        .map_err(internal)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Hashing;
-    use cqrs_core::ErrorKind;
+    use super::*;
+    use crate::hashing::{argon2_hash, dummy_hash};
+    use crate::throttle::InMemoryLoginThrottle;
+    use crate::users::InMemoryUserStore;
+    use cqrs_core::Metadata;
+    use cqrs_core::clock::ManualClock;
     use std::time::Duration;
 
-    /// With every permit taken, a request waits its turn up to the bound, then is told the
-    /// server is busy (retryable); once a permit is free, checks run again.
-    // Real time: paused time does not advance while a blocking task runs.
+    const PASSWORD: &str = "correct horse battery";
+
+    /// Many concurrent logins from one address, each for another email, leave another address
+    /// a turn to hash: its correct login is not refused as `busy`. (Without a cap per address
+    /// the flood fills the queue ahead of it, and it waits out the bound.)
+    // A current-thread runtime: the flood's logins all queue for their turns before the other
+    // address's login starts. Real time: argon2 runs on blocking threads.
     #[tokio::test]
-    async fn past_the_bound_a_request_waits_then_hears_the_server_is_busy() {
-        let wait = Duration::from_millis(100);
-        let hashing = Hashing::new(1, wait);
-        let (release, hold) = std::sync::mpsc::channel::<()>();
-        let busy = hashing.clone();
-        let running = tokio::spawn(async move {
-            let permit = busy.permit().await?;
-            Hashing::run(permit, move || {
-                let _ = hold.recv();
-            })
-            .await
+    async fn one_address_flooding_logins_leaves_another_address_a_turn() {
+        let users = InMemoryUserStore::default();
+        let clock = Arc::new(ManualClock::new());
+        let user = UserRecord {
+            id: Uuid::now_v7(),
+            email: "b@example.com".into(),
+            role: Role::Customer,
+            display_name: None,
+            password_hash: argon2_hash(PASSWORD.as_bytes()).unwrap(),
+            created_at: clock.now(),
+        };
+        users.create(user).await.unwrap();
+        let throttle = || {
+            Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                1_000,
+                Duration::from_secs(60),
+            ))
+        };
+        let handler = Arc::new(LogInHandler {
+            users: Arc::new(users),
+            hashing: Hashing::new(2, Duration::from_millis(200)),
+            throttle: throttle(),
+            address_throttle: throttle(),
+            tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
+            dummy_hash: Arc::new(dummy_hash().unwrap()),
+            agents: AgentList::new(Arc::default(), None),
         });
-        while hashing.permits.available_permits() > 0 {
+        let a: IpAddr = [192, 0, 2, 1].into();
+        let flood: Vec<_> = (0..40)
+            .map(|i| {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let login = LogIn {
+                        email: format!("nobody{i}-{}@example.com", Uuid::new_v4().simple()),
+                        password: "a guess".into(),
+                        client: Some(a),
+                    };
+                    handler
+                        .handle(login, &mut CommandContext::new(Metadata::new()))
+                        .await
+                })
+            })
+            .collect();
+        for _ in 0..3 {
             tokio::task::yield_now().await;
         }
-        let started = std::time::Instant::now();
-        let refused = hashing.permit().await.unwrap_err();
-        assert_eq!(refused.kind(), ErrorKind::Unavailable);
-        assert_eq!(refused.code(), "busy");
-        assert!(refused.kind().is_retryable());
-        assert!(started.elapsed() >= wait, "waited its turn first");
-
-        release.send(()).unwrap();
-        running.await.unwrap().unwrap();
-        let turn = hashing.permit().await.unwrap();
-        let checked = Hashing::verify_password(turn, "pw".into(), "not a hash".into())
-            .await
-            .unwrap();
-        assert!(!checked, "a free permit lets the check run");
+        let login = LogIn {
+            email: "b@example.com".into(),
+            password: PASSWORD.into(),
+            client: Some([198, 51, 100, 7].into()),
+        };
+        let logged_in = handler
+            .handle(login, &mut CommandContext::new(Metadata::new()))
+            .await;
+        assert!(logged_in.is_ok(), "{logged_in:?}");
+        for answer in flood {
+            let refused = answer.await.unwrap().unwrap_err();
+            assert!(
+                ["invalid_credentials", "too_many_attempts"].contains(&refused.code()),
+                "{refused:?}"
+            );
+        }
     }
 }

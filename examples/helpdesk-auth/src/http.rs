@@ -20,6 +20,8 @@ struct RegisterBody {
     password: String,
     #[serde(default)]
     display_name: Option<String>,
+    #[serde(default)]
+    agent_code: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +57,7 @@ struct Me {
 
 async fn register(
     State(buses): State<BusHandle>,
+    ClientAddr(client): ClientAddr,
     RequestMetadata(metadata): RequestMetadata,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, Json<Registered>), ApiError> {
@@ -66,10 +69,13 @@ async fn register(
                 email: body.email,
                 password: body.password,
                 display_name: body.display_name,
+                agent_code: body.agent_code,
+                client,
             },
             metadata,
         )
-        .await?;
+        .await
+        .map_err(with_retry_after)?;
     Ok((
         StatusCode::CREATED,
         Json(Registered {
@@ -98,17 +104,7 @@ async fn login(
             metadata,
         )
         .await;
-    let logged_in = result.map_err(|e| {
-        let retry_after = e
-            .handler_error()
-            .and_then(|h| h.details())
-            .and_then(|d| d["retry_after"].as_u64());
-        let error = ApiError::from(e);
-        match retry_after {
-            Some(seconds) => error.with_retry_after(seconds),
-            None => error,
-        }
-    })?;
+    let logged_in = result.map_err(with_retry_after)?;
     Ok(Json(Token {
         token: logged_in.token,
         token_type: "Bearer",
@@ -116,6 +112,19 @@ async fn login(
         user_id: logged_in.user.id,
         role: logged_in.user.role.as_str(),
     }))
+}
+
+/// The error, with `Retry-After` from its `details.retry_after` when it has one (429).
+fn with_retry_after(e: cqrs_core::DispatchError) -> ApiError {
+    let retry_after = e
+        .handler_error()
+        .and_then(|h| h.details())
+        .and_then(|d| d["retry_after"].as_u64());
+    let error = ApiError::from(e);
+    match retry_after {
+        Some(seconds) => error.with_retry_after(seconds),
+        None => error,
+    }
 }
 
 async fn me(
@@ -165,14 +174,21 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     "properties": {
                         "email": { "type": "string", "maxLength": 254 },
                         "password": { "type": "string", "minLength": 8, "maxLength": 128 },
-                        "display_name": { "type": "string", "maxLength": 100 }
+                        "display_name": { "type": "string", "maxLength": 100 },
+                        "agent_code": {
+                            "type": "string",
+                            "description": "the agent code (HELPDESK_AGENT_CODE): required for an email on the agent list, refused for any other; empty counts as absent"
+                        }
                     }
                 }))
                 .response(201, "registered", Some(schema_user()))
                 .response(400, "malformed JSON", None)
+                .response(403, "the email is on the agent list and the agent code is missing or wrong (`agent_code_required`)", None)
                 .response(409, "the email is taken (`email_taken`)", None)
                 .response(415, "not JSON", None)
-                .response(422, "invalid email, password or display name", None)],
+                .response(422, "invalid email, password, display name, or an agent code for an email not on the agent list", None)
+                .response(429, "this client address has two logins or registrations in progress (`too_many_attempts`), with Retry-After", None)
+                .response(503, "every password-hashing slot stayed taken for 2 s (`busy`), with Retry-After", None)],
         )
         .route(
             "/auth/login",
@@ -196,7 +212,8 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     }
                 })))
                 .response(401, "wrong email or password (`invalid_credentials`)", None)
-                .response(429, "too many failed attempts (`too_many_attempts`), with Retry-After", None)],
+                .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress (`too_many_attempts`), with Retry-After", None)
+                .response(503, "every password-hashing slot stayed taken for 2 s (`busy`), with Retry-After", None)],
         )
         .route(
             "/auth/me",

@@ -3,17 +3,26 @@
 //! Passwords are hashed with argon2id; tokens are HS256 JWTs. Wrong passwords and unknown
 //! emails get the same 401, after the same amount of work (an unknown email is verified against
 //! a dummy hash). After too many failed logins for one email from one client address within the
-//! window, further attempts get 429 until the window passes.
+//! window, further attempts get 429 until the window passes; so do all logins from an address
+//! after five times as many failures across every email. One client address hashes at most two
+//! passwords at a time (logins and registrations together); past that, 429 at once.
+//!
+//! An email on the agent list registers as an agent only with the agent code
+//! ([`AgentCode`]), and a stored agent whose email left the list is a customer.
 //!
 //! A server links it with `use helpdesk_auth as _;`; it registers through `inventory`.
 
+mod agents;
+mod client;
 mod commands;
+mod hashing;
 mod http;
 mod postgres;
 mod throttle;
 mod tokens;
 mod users;
 
+pub use agents::{AgentCode, AgentList};
 pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, normalize_email};
 pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{InMemoryLoginThrottle, LoginThrottle};
@@ -55,53 +64,76 @@ impl Plugin for AuthPlugin {
             (None, Some(db)) => Arc::new(PgUserStore::new(db.clone())),
             (None, None) => Arc::new(InMemoryUserStore::default()),
         };
-        let throttle: Arc<dyn LoginThrottle> = match (
-            registrar.try_resource::<Arc<dyn LoginThrottle>>(),
-            &backends.postgres,
-        ) {
-            (Some(throttle), _) => throttle,
-            (None, Some(db)) => Arc::new(PgLoginThrottle::new(
-                db.clone(),
-                backends.clock.clone(),
-                settings.login_attempts,
-                settings.login_window,
-            )),
-            (None, None) => Arc::new(InMemoryLoginThrottle::new(
-                backends.clock.clone(),
-                settings.login_attempts,
-                settings.login_window,
-            )),
+        // One throttle per limit; both keep their counts in one place (the same table on
+        // Postgres), so every instance counts together. A throttle the server provides
+        // counts both kinds of key, with its own limit.
+        let throttle_of = |limit: u32| -> Arc<dyn LoginThrottle> {
+            match (
+                registrar.try_resource::<Arc<dyn LoginThrottle>>(),
+                &backends.postgres,
+            ) {
+                (Some(throttle), _) => throttle,
+                (None, Some(db)) => Arc::new(PgLoginThrottle::new(
+                    db.clone(),
+                    backends.clock.clone(),
+                    limit,
+                    settings.login_window,
+                )),
+                (None, None) => Arc::new(InMemoryLoginThrottle::new(
+                    backends.clock.clone(),
+                    limit,
+                    settings.login_window,
+                )),
+            }
         };
+        let throttle = throttle_of(settings.login_attempts);
+        let address_throttle = throttle_of(
+            settings
+                .login_attempts
+                .saturating_mul(commands::ADDRESS_BUDGET_FACTOR),
+        );
+        let code = registrar.try_resource::<AgentCode>();
+        if !settings.agent_emails.is_empty() && code.is_none() {
+            return Err("agent emails are configured without an agent code: set \
+                        HELPDESK_AGENT_CODE (the server provides it as an `AgentCode` resource), \
+                        or nobody could register as an agent"
+                .into());
+        }
+        let agents = AgentList::new(settings.agent_emails.clone(), code);
         let tokens = JwtTokens::new(
             &settings.jwt_secret,
             settings.token_ttl,
             backends.clock.clone(),
         )?;
-        let dummy_hash = Arc::new(commands::dummy_hash()?);
-        let hashing = commands::Hashing::for_this_machine();
+        let dummy_hash = Arc::new(hashing::dummy_hash()?);
+        let hashing = hashing::Hashing::for_this_machine();
 
         registrar.commands().add(commands::RegisterHandler {
             users: users.clone(),
             hashing: hashing.clone(),
-            agents: settings.agent_emails.clone(),
+            agents: agents.clone(),
             clock: backends.clock.clone(),
         });
         registrar.commands().add(commands::LogInHandler {
             users: users.clone(),
             hashing,
             throttle,
+            address_throttle,
             tokens: tokens.clone(),
             dummy_hash,
+            agents: agents.clone(),
         });
         registrar.queries().add(commands::GetUserHandler {
             users: users.clone(),
+            agents: agents.clone(),
         });
 
         registrar.provide::<Arc<dyn Authenticator>>(Arc::new(UserAuthenticator::new(
             tokens,
             users.clone(),
+            agents.clone(),
         )));
-        registrar.provide::<Arc<dyn UserDirectory>>(Arc::new(Directory(users)));
+        registrar.provide::<Arc<dyn UserDirectory>>(Arc::new(Directory { users, agents }));
         registrar.contribute::<HttpApi>(http::api(buses));
         Ok(())
     }
@@ -109,12 +141,17 @@ impl Plugin for AuthPlugin {
 
 register_plugin!(AuthPlugin);
 
-struct Directory(Arc<dyn UserStore>);
+/// Roles as they are now: a stored agent whose email left the agent list is a customer.
+struct Directory {
+    users: Arc<dyn UserStore>,
+    agents: AgentList,
+}
 
 #[async_trait]
 impl UserDirectory for Directory {
     async fn role_of(&self, id: Uuid) -> Result<Option<Role>, StoreError> {
-        Ok(self.0.by_id(id).await?.map(|u| u.role))
+        let user = self.users.by_id(id).await?;
+        Ok(user.map(|u| self.agents.role_of(&u.email, u.role)))
     }
 
     async fn role_of_in(
@@ -122,6 +159,7 @@ impl UserDirectory for Directory {
         id: Uuid,
         ctx: &mut CommandContext,
     ) -> Result<Option<Role>, StoreError> {
-        Ok(self.0.by_id_in(id, ctx).await?.map(|u| u.role))
+        let user = self.users.by_id_in(id, ctx).await?;
+        Ok(user.map(|u| self.agents.role_of(&u.email, u.role)))
     }
 }

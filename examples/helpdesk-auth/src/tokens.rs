@@ -1,5 +1,6 @@
 //! HS256 bearer tokens.
 
+use crate::agents::AgentList;
 use crate::users::UserStore;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -93,13 +94,15 @@ impl JwtTokens {
 }
 
 /// The gateway's [`Authenticator`]: a valid token, whose user still exists in the user store,
-/// with the role stored there. A token outlives nothing it was issued for: a deleted user's
-/// token is refused, a changed role takes effect at the next request, and a token of another
+/// with the role stored there, as the agent list allows it now. A token outlives nothing it was
+/// issued for: a deleted user's token is refused, a changed role takes effect at the next
+/// request (an agent whose email left the agent list is a customer), and a token of another
 /// server that shares the secret names no user here.
 #[derive(Clone)]
 pub struct UserAuthenticator {
     tokens: JwtTokens,
     users: Arc<dyn UserStore>,
+    agents: AgentList,
 }
 
 impl std::fmt::Debug for UserAuthenticator {
@@ -111,9 +114,14 @@ impl std::fmt::Debug for UserAuthenticator {
 }
 
 impl UserAuthenticator {
-    /// Verifies `tokens`, then looks their users up in `users`.
-    pub fn new(tokens: JwtTokens, users: Arc<dyn UserStore>) -> Self {
-        Self { tokens, users }
+    /// Verifies `tokens`, then looks their users up in `users`, agents only while `agents`
+    /// lists them.
+    pub fn new(tokens: JwtTokens, users: Arc<dyn UserStore>, agents: AgentList) -> Self {
+        Self {
+            tokens,
+            users,
+            agents,
+        }
     }
 }
 
@@ -135,7 +143,7 @@ impl Authenticator for UserAuthenticator {
         let stored = stored.ok_or(AuthError::UnknownUser)?;
         let user = User {
             id: stored.id,
-            role: stored.role,
+            role: self.agents.role_of(&stored.email, stored.role),
         };
         Ok((user, Some(expires_at)))
     }

@@ -80,7 +80,11 @@ impl Authorizer<User> for TicketRules {
             .directory
             .role_of(user.id)
             .await
-            .map_err(|e| Refusal::unavailable(format!("the user store is unavailable: {e}")))?
+            .map_err(|e| {
+                // The store's text (a driver's, a host's) is for the log, not the client.
+                tracing::error!(error = %e, user = %user.id, "could not read a subscriber's role");
+                Refusal::unavailable("the user store is unavailable; try again shortly")
+            })?
             .ok_or_else(|| Refusal::forbidden("your account no longer exists"))?;
         // The connection's events are filtered with the role of its handshake (`may_see`
         // reads no store): with another role now, no new subscription, `tickets` included,
@@ -119,7 +123,12 @@ impl Authorizer<User> for TicketRules {
                     Err(e) if e.kind() == cqrs_core::ErrorKind::NotFound => {
                         Err(Refusal::forbidden("you may not follow this ticket"))
                     }
-                    Err(e) => Err(Refusal::unavailable(e.to_string())),
+                    Err(e) => {
+                        tracing::error!(error = %e, ticket = %id, "could not read a ticket to authorize a subscription");
+                        Err(Refusal::unavailable(
+                            "the ticket could not be read now; try again shortly",
+                        ))
+                    }
                 }
             }
             _ => Err(Refusal::unknown_topic(

@@ -22,7 +22,6 @@ use helpdesk_api::{
     RealtimeFeed, Settings, TrustedProxies, User,
 };
 use serde_json::{Value, json};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +48,15 @@ pub struct Hooks {
     /// More background workers, each made by its function when the app is built and run with
     /// the others (tests add one that ignores shutdown, or see whether anything was built).
     pub workers: Vec<MakeWorker>,
+    /// Provides the plugins more resources before they install, each by its function, after
+    /// the server's own (a test's user store that fails on demand, as
+    /// `Arc<dyn helpdesk_auth::UserStore>`, say).
+    pub provide: Vec<ProvideResources>,
 }
+
+/// Provides resources to the plugins; see [`Hooks::provide`].
+// Crate-private shorthand: a test writes the closure, never this name.
+pub(crate) type ProvideResources = Arc<dyn Fn(&mut PluginRegistrar) + Send + Sync>;
 
 /// Makes a background worker; see [`Hooks::workers`].
 pub type MakeWorker = Arc<dyn Fn() -> Box<dyn Worker> + Send + Sync>;
@@ -60,6 +67,7 @@ impl std::fmt::Debug for Hooks {
             .field("clock", &self.clock.is_some())
             .field("without_relay", &self.without_relay)
             .field("workers", &self.workers.len())
+            .field("provide", &self.provide.len())
             .finish()
     }
 }
@@ -130,6 +138,22 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         }
     };
 
+    let agent_emails = config.agent_email_set();
+    // On Postgres `validated` refused agent emails without a code: every instance must accept
+    // the same one.
+    let agent_code = match &config.agent_code {
+        Some(code) => Some(code.clone()),
+        None if agent_emails.is_empty() => None,
+        None => {
+            let code = random_secret();
+            tracing::warn!(
+                agent_code = %code,
+                "HELPDESK_AGENT_EMAILS is set without HELPDESK_AGENT_CODE: agents register with this random code, sent as `agent_code`, until the process exits; set HELPDESK_AGENT_CODE to choose one"
+            );
+            Some(code)
+        }
+    };
+
     let poll = Duration::from_millis(config.poll_ms.max(1));
     let Started {
         backends,
@@ -144,14 +168,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let settings = Settings {
         jwt_secret: Arc::from(secret.as_bytes()),
         token_ttl: Duration::from_secs(config.token_ttl_seconds),
-        agent_emails: Arc::new(
-            config
-                .agent_emails
-                .iter()
-                .map(|e| e.trim().to_lowercase())
-                .filter(|e| !e.is_empty())
-                .collect::<HashSet<_>>(),
-        ),
+        agent_emails: Arc::new(agent_emails),
         login_attempts: config.login_attempts,
         login_window: Duration::from_secs(config.login_window_seconds),
         idempotency_ttl: Duration::from_secs(24 * 3600),
@@ -164,6 +181,12 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     registrar.provide(backends.clone());
     registrar.provide(settings.clone());
     registrar.provide(bus_handle.clone());
+    if let Some(code) = &agent_code {
+        registrar.provide(helpdesk_auth::AgentCode::new(code));
+    }
+    for provide in &hooks.provide {
+        provide(&mut registrar);
+    }
     let plugins = Plugins::collect()?.expect(EXPECTED_PLUGINS)?;
     plugins.install(&mut registrar)?;
     let migrations = registrar.take_contributions_by_plugin::<Migration>();

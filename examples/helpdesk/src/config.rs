@@ -3,7 +3,7 @@
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -64,7 +64,9 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
-    /// Comma-separated emails that register as agents; everyone else is a customer.
+    /// Comma-separated emails that register as agents, each with the agent code; everyone else
+    /// is a customer. An agent whose email is taken off the list is a customer from their next
+    /// request on.
     #[arg(
         long,
         env = "HELPDESK_AGENT_EMAILS",
@@ -72,6 +74,12 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub agent_emails: Vec<String>,
+
+    /// The secret an agent sends (`agent_code`) to register an email of HELPDESK_AGENT_EMAILS:
+    /// at least 16 bytes. Needed with agent emails on Postgres; without it the in-memory mode
+    /// makes a random one and logs it.
+    #[arg(long, env = "HELPDESK_AGENT_CODE", hide_env_values = true)]
+    pub agent_code: Option<String>,
 
     /// How long a token lives, in seconds.
     #[arg(long, env = "HELPDESK_TOKEN_TTL", default_value_t = 3600)]
@@ -189,8 +197,8 @@ fn redacted_authority(url: &str) -> String {
     }
 }
 
-// Written out: a derived `Debug` would print the JWT secret and the database password
-// wherever the configuration is logged.
+// Written out: a derived `Debug` would print the JWT secret, the agent code and the database
+// password wherever the configuration is logged.
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -207,6 +215,10 @@ impl std::fmt::Debug for Config {
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("agent_emails", &self.agent_emails)
+            .field(
+                "agent_code",
+                &self.agent_code.as_ref().map(|_| "<redacted>"),
+            )
             .field("token_ttl_seconds", &self.token_ttl_seconds)
             .field("log_format", &self.log_format)
             .field("request_timeout_ms", &self.request_timeout_ms)
@@ -297,6 +309,7 @@ impl Config {
             &mut config.database_url,
             &mut config.redis_url,
             &mut config.jwt_secret,
+            &mut config.agent_code,
         ] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *value = None;
@@ -315,6 +328,20 @@ impl Config {
                 "HELPDESK_JWT_SECRET is {} bytes; it must be at least 32 (try `openssl rand -hex 32`)",
                 secret.len()
             ));
+        }
+        if let Some(code) = &self.agent_code
+            && code.len() < 16
+        {
+            problems.push(format!(
+                "HELPDESK_AGENT_CODE is {} bytes; it must be at least 16 (try `openssl rand -hex 16`)",
+                code.len()
+            ));
+        }
+        if self.database_url.is_some()
+            && !self.agent_email_set().is_empty()
+            && self.agent_code.is_none()
+        {
+            problems.push("HELPDESK_AGENT_EMAILS is set without HELPDESK_AGENT_CODE: the list alone proves nothing, as anyone may register any address; set HELPDESK_AGENT_CODE to a secret of at least 16 bytes (try `openssl rand -hex 16`) and give it to the agents, who send it as `agent_code` when they register".into());
         }
         if self.redis_url.is_some() && self.database_url.is_none() {
             problems.push("REDIS_URL is set without DATABASE_URL: durable events need durable state; set DATABASE_URL too, or unset REDIS_URL".into());
@@ -379,6 +406,15 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// The agent emails, trimmed and lower-cased, without empty entries.
+    pub fn agent_email_set(&self) -> HashSet<String> {
+        self.agent_emails
+            .iter()
+            .map(|e| e.trim().to_lowercase())
+            .filter(|e| !e.is_empty())
+            .collect()
     }
 
     /// The request time budget.

@@ -3,22 +3,7 @@
 #![cfg(unix)]
 
 use crate::support::*;
-use std::io::BufRead;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
-
-/// Waits for a log line holding `needle`, returning it.
-fn line_with(lines: &mpsc::Receiver<String>, needle: &str) -> String {
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = until.saturating_duration_since(Instant::now());
-        match lines.recv_timeout(left) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
-            Err(e) => panic!("no log line with {needle:?}: {e}"),
-        }
-    }
-}
+use std::time::Duration;
 
 fn kill(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
@@ -47,16 +32,7 @@ fn second_signal_exits_with(signal: &str, code: i32) {
         .spawn()
         .unwrap(),
     );
-    let (sender, lines) = mpsc::channel();
-    let stdout = child.0.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if sender.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = stdout_lines(&mut child);
     let listening: serde_json::Value =
         serde_json::from_str(&line_with(&lines, "helpdesk listening")).unwrap();
     let addr = listening["fields"]["addr"]

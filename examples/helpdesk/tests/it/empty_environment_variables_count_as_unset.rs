@@ -59,6 +59,7 @@ fn set_variables_apply_and_flags_win_over_them() {
             ("HELPDESK_TOKEN_TTL", "60"),
             ("HELPDESK_BIND", "127.0.0.1:9002"),
             ("HELPDESK_AGENT_EMAILS", "b@x.org,c@x.org"),
+            ("HELPDESK_AGENT_CODE", "an-agent-code-of-some-length"),
         ],
     )
     .unwrap();
@@ -73,6 +74,10 @@ fn set_variables_apply_and_flags_win_over_them() {
     // A flag replaces its variable's value, lists too.
     assert_eq!(config.bind.to_string(), "127.0.0.1:9001");
     assert_eq!(config.agent_emails, ["a@x.org"]);
+    assert_eq!(
+        config.agent_code.as_deref(),
+        Some("an-agent-code-of-some-length")
+    );
     config.validate().unwrap();
 }
 

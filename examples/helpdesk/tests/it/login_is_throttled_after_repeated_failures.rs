@@ -52,30 +52,77 @@ async fn ten_failures_block_the_pair_even_with_the_right_password_until_the_wind
     .await;
 }
 
-/// Attempts are counted as they start, not when their password check fails: a burst of
-/// guesses sent at once gets no more than the limit checked, the rest get 429.
+/// Attempts are counted as they start, not when their password check fails: bursts of
+/// guesses sent at once get no more than the limit checked, the rest get 429 (from the
+/// throttle, or because the client already has two logins in progress).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_concurrent_guesses_gets_no_more_than_the_limit_checked() {
     within(async {
         let s = TestServer::start().await;
         let address = email("burst");
         s.user(&address).await;
-        let guesses = (0..30).map(|i| {
-            let body = json!({ "email": address.clone(), "password": format!("guess {i}") });
-            let s = &s;
-            async move { s.send(Method::POST, "/auth/login", None, Some(body)).await }
-        });
-        let answers = futures_util::future::join_all(guesses).await;
-        let checked = answers
-            .iter()
-            .filter(|r| r.status == StatusCode::UNAUTHORIZED)
-            .count();
-        let refused = answers
-            .iter()
-            .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
-            .count();
-        assert_eq!(checked + refused, 30, "only 401 and 429");
+        let mut checked = 0;
+        // Each burst has one guess checked at least, until the pair is blocked.
+        for _ in 0..11 {
+            let guesses = (0..30).map(|i| {
+                let body = json!({ "email": address.clone(), "password": format!("guess {i}") });
+                let s = &s;
+                async move { s.send(Method::POST, "/auth/login", None, Some(body)).await }
+            });
+            let answers = futures_util::future::join_all(guesses).await;
+            let burst = answers
+                .iter()
+                .filter(|r| r.status == StatusCode::UNAUTHORIZED)
+                .count();
+            let refused = answers
+                .iter()
+                .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+                .count();
+            assert_eq!(burst + refused, 30, "only 401 and 429");
+            if burst == 0 {
+                break;
+            }
+            checked += burst;
+        }
         assert_eq!(checked, 10, "as many guesses checked as the limit");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// One client address failing logins across many emails (a few passwords tried on each) is
+/// blocked once its failures reach five times the limit for one email, correct passwords
+/// included; other clients are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_across_many_emails_block_the_address_but_no_other() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.login_attempts = 2;
+            c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let address = email("sprayed");
+        s.user(&address).await;
+        // Under the limit of each email: one failure on each of ten.
+        for _ in 0..10 {
+            let r = login_via_proxy(&s, &email("nobody"), "a guess", "192.0.2.77").await;
+            assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        }
+        let blocked = login_via_proxy(&s, &address, PASSWORD, "192.0.2.77").await;
+        assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
+        let retry_after: u64 = blocked.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=900).contains(&retry_after), "{retry_after}");
+        let blocked = Response::from(blocked).await;
+        blocked.assert_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+        let other = login_via_proxy(&s, &address, PASSWORD, "192.0.2.78").await;
+        assert_eq!(other.status(), StatusCode::OK, "another client");
+        s.clock.advance(Duration::from_secs(15 * 60 + 1));
+        let later = login_via_proxy(&s, &address, PASSWORD, "192.0.2.77").await;
+        assert_eq!(later.status(), StatusCode::OK, "the window has passed");
         s.stop().await;
     })
     .await;

@@ -6,8 +6,11 @@ mod support;
 
 mod a_second_signal_exits_at_once;
 mod a_taken_port_is_refused_before_anything_starts;
+mod agents_register_only_with_the_agent_code;
+mod an_unavailable_store_is_a_503_that_does_not_quote_it;
 mod bad_input_always_gets_a_json_error_and_never_a_500;
 mod changes_bump_the_version_and_a_closed_ticket_refuses_them;
+mod emails_with_invisible_characters_are_refused;
 mod empty_environment_variables_count_as_unset;
 mod housekeeping_deletes_what_is_no_longer_needed;
 mod idempotency_keys_replay_and_refuse_reuse;

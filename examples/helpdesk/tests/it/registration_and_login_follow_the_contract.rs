@@ -13,7 +13,7 @@ async fn registering_normalizes_the_email_and_assigns_the_role() {
         assert_eq!(r.body["role"], "customer");
         assert!(uuid::Uuid::parse_str(r.body["user_id"].as_str().unwrap()).is_ok());
 
-        let agent = s.register("AGENT2@example.com").await;
+        let agent = s.register_agent("AGENT2@example.com").await;
         assert_eq!(agent.body["role"], "agent");
 
         let again = s.register(&address.to_uppercase()).await;

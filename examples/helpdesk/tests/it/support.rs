@@ -10,6 +10,9 @@ use std::time::Duration;
 
 pub const PASSWORD: &str = "correct horse battery";
 
+/// The agent code of every test server (`HELPDESK_AGENT_CODE`).
+pub const AGENT_CODE: &str = "the-test-agent-code";
+
 pub struct TestServer {
     pub server: Option<Server>,
     /// The Postgres schema and Redis prefix of this server, in Postgres mode.
@@ -202,6 +205,7 @@ pub fn test_config(backend: &Backend) -> Config {
         bind: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some("a-test-secret-that-is-at-least-32-bytes-long".into()),
         agent_emails: vec!["agent@example.com".into(), "agent2@example.com".into()],
+        agent_code: Some(AGENT_CODE.into()),
         poll_ms: 10,
         shutdown_grace_ms: 2_000,
         ..Config::default()
@@ -234,7 +238,16 @@ impl TestServer {
 
     /// A server on `backend` (two servers on one Postgres backend share its schema and prefix).
     pub async fn start_on(backend: Backend, configure: impl FnOnce(&mut Config)) -> Self {
-        Self::launch(backend, false, configure).await
+        Self::launch(backend, Hooks::default(), configure).await
+    }
+
+    /// A server on `backend` with `hooks` (its clock is replaced by the test's).
+    pub async fn start_with_hooks(
+        backend: Backend,
+        hooks: Hooks,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        Self::launch(backend, hooks, configure).await
     }
 
     /// A server on `backend` that runs neither relay: not the outbox relay to the event
@@ -242,7 +255,7 @@ impl TestServer {
     /// by another instance's relays (sharing their checkpoints through the schema), or by
     /// nothing.
     pub async fn start_without_relay(backend: Backend) -> Self {
-        Self::launch(backend, true, |_| {}).await
+        Self::start_without_relay_with(backend, |_| {}).await
     }
 
     /// [`start_without_relay`](Self::start_without_relay), configured.
@@ -250,14 +263,14 @@ impl TestServer {
         backend: Backend,
         configure: impl FnOnce(&mut Config),
     ) -> Self {
-        Self::launch(backend, true, configure).await
+        let hooks = Hooks {
+            without_relay: true,
+            ..Hooks::default()
+        };
+        Self::launch(backend, hooks, configure).await
     }
 
-    async fn launch(
-        backend: Backend,
-        without_relay: bool,
-        configure: impl FnOnce(&mut Config),
-    ) -> Self {
+    async fn launch(backend: Backend, hooks: Hooks, configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = test_config(&backend);
         configure(&mut config);
         let clock = ManualClock::new();
@@ -265,8 +278,7 @@ impl TestServer {
             config,
             Hooks {
                 clock: Some(Arc::new(clock.clone())),
-                without_relay,
-                ..Hooks::default()
+                ..hooks
             },
         )
         .await
@@ -338,6 +350,28 @@ impl TestServer {
         .await
     }
 
+    /// Registers an email of the agent list, with the agent code.
+    pub async fn register_agent(&self, email: &str) -> Response {
+        self.send(
+            Method::POST,
+            "/auth/register",
+            None,
+            Some(json!({ "email": email, "password": PASSWORD, "agent_code": AGENT_CODE })),
+        )
+        .await
+    }
+
+    /// Logs in with [`PASSWORD`].
+    pub async fn login(&self, email: &str) -> Response {
+        self.send(
+            Method::POST,
+            "/auth/login",
+            None,
+            Some(json!({ "email": email, "password": PASSWORD })),
+        )
+        .await
+    }
+
     /// Registers and logs in; returns (token, user id).
     pub async fn user(&self, email: &str) -> (String, String) {
         let registered = self.register(email).await;
@@ -390,7 +424,7 @@ impl TestServer {
     }
 
     pub async fn agent_named(&self, email: &str) -> (String, String) {
-        let _ = self.register(email).await;
+        let _ = self.register_agent(email).await;
         let login = self
             .send(
                 Method::POST,
@@ -528,6 +562,35 @@ pub fn helpdesk_command(args: &[&str], env: &[(&str, &str)]) -> std::process::Co
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     command
+}
+
+/// The lines `child` writes to standard output, as they come.
+pub fn stdout_lines(child: &mut Running) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (sender, lines) = std::sync::mpsc::channel();
+    let stdout = child.0.stdout.take().expect("standard output is piped");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
+/// Waits for a line holding `needle`, returning it; panics after 30 s.
+pub fn line_with(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no log line with {needle:?}: {e}"),
+        }
+    }
 }
 
 /// A child process, killed if the test ends (a failed assertion, say) while it still runs.

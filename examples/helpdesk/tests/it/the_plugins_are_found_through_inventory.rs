@@ -118,6 +118,14 @@ fn debug_output_leaves_secrets_out() {
         email: "ada@example.com".into(),
         password: "correct horse battery".into(),
         display_name: None,
+        agent_code: Some("an-agent-code-never-logged".into()),
+        client: None,
     };
     assert!(!format!("{register:?}").contains("battery"));
+    assert!(!format!("{register:?}").contains("never-logged"));
+    let config = helpdesk::Config {
+        agent_code: Some("an-agent-code-never-logged".into()),
+        ..helpdesk::Config::default()
+    };
+    assert!(!format!("{config:?}").contains("never-logged"));
 }

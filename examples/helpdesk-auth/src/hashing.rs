@@ -1,0 +1,257 @@
+//! Password hashing, bounded in total and per client address.
+
+use crate::client::client_key;
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use cqrs_core::{ErrorKind, HandlerError};
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+/// The most turns one client address holds or waits for at once.
+const PER_CLIENT: usize = 2;
+
+/// Password hashing and checking, on blocking threads (argon2 takes tens of milliseconds and
+/// ~19 MiB on purpose), at most `permits` at a time. Login and registration need no token, so
+/// without a bound a burst of them would queue hundreds of hashes (gigabytes) on the blocking
+/// pool, and a request's timeout does not stop a hash already running. Past the bound, a
+/// request waits up to `wait` for a turn, then gets 503 `busy` with `Retry-After`.
+///
+/// One client address (an IPv4 address or an IPv6 /64) holds or waits for at most two turns,
+/// and fewer than all of them (half, when there are fewer than four): past that its request is
+/// refused at once with 429 `too_many_attempts`, before it waits in the shared queue. So one
+/// client sending logins as fast as it can cannot take every turn, nor fill the queue ahead of
+/// everyone else with its own requests.
+#[derive(Clone, Debug)]
+pub(crate) struct Hashing {
+    permits: Arc<Semaphore>,
+    wait: Duration,
+    per_client: usize,
+    /// Turns held or waited for, by client key; a key leaves the map when its count is zero.
+    // A `std::sync::Mutex`: no `.await` while it is held.
+    clients: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// A turn to hash: a permit of the shared bound, and one of its client's.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    _permit: OwnedSemaphorePermit,
+    _slot: ClientSlot,
+}
+
+/// One of a client's turns; gives it back when dropped.
+#[derive(Debug)]
+struct ClientSlot {
+    clients: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = clients.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                clients.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Hashing {
+    pub(crate) fn new(permits: usize, wait: Duration) -> Self {
+        let permits = permits.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(permits)),
+            wait,
+            per_client: (permits / 2).clamp(1, PER_CLIENT),
+            clients: Arc::default(),
+        }
+    }
+
+    /// Two hashes per core, waiting up to 2 s for a turn.
+    pub(crate) fn for_this_machine() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::new(2 * cores, Duration::from_secs(2))
+    }
+
+    /// A turn to hash for `client`: refused at once (`too_many_attempts`) when the client
+    /// holds or waits for its share already; otherwise waiting up to the bound, `busy` past
+    /// it. A login takes its turn before it counts an attempt, so a refusal for either reason
+    /// never counts as a failed login.
+    pub(crate) async fn turn(&self, client: Option<IpAddr>) -> Result<Turn, HandlerError> {
+        let slot = self.slot(client_key(client))?;
+        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                HandlerError::new(
+                    ErrorKind::Unavailable,
+                    "busy",
+                    "the server is checking too many passwords at once; try again in a moment",
+                )
+            })?;
+        Ok(Turn {
+            _permit: permit,
+            _slot: slot,
+        })
+    }
+
+    fn slot(&self, key: String) -> Result<ClientSlot, HandlerError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let count = clients.entry(key.clone()).or_insert(0);
+        if *count >= self.per_client {
+            return Err(HandlerError::new(
+                ErrorKind::RateLimited,
+                "too_many_attempts",
+                "this client address has too many logins or registrations in progress; \
+                 wait for them to finish",
+            )
+            .with_details(json!({ "retry_after": 1 })));
+        }
+        *count += 1;
+        Ok(ClientSlot {
+            clients: self.clients.clone(),
+            key,
+        })
+    }
+
+    /// Runs `work` on a blocking thread in `turn`. The turn goes with the work, so a request
+    /// dropped meanwhile (a timeout) keeps counting, for its client too, until its hash is done.
+    async fn run<T: Send + 'static>(
+        turn: Turn,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HandlerError> {
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work()
+        })
+        .await
+        .map_err(HandlerError::internal)
+    }
+
+    /// Hashes `password` in a turn of `client`'s.
+    pub(crate) async fn hash_password(
+        &self,
+        password: String,
+        client: Option<IpAddr>,
+    ) -> Result<String, HandlerError> {
+        let turn = self.turn(client).await?;
+        Self::run(turn, move || argon2_hash(password.as_bytes())).await?
+    }
+
+    /// Checks `password` against `hash` in `turn`.
+    pub(crate) async fn verify_password(
+        turn: Turn,
+        password: String,
+        hash: String,
+    ) -> Result<bool, HandlerError> {
+        Self::run(turn, move || {
+            Argon2::default()
+                .verify_password(password.as_bytes(), hash.as_str())
+                .is_ok()
+        })
+        .await
+    }
+}
+
+/// A hash of a random password, made once at start-up.
+pub(crate) fn dummy_hash() -> Result<String, HandlerError> {
+    argon2_hash(Uuid::new_v4().to_string().as_bytes())
+}
+
+/// The argon2 hash of `password`, with a fresh salt, as a PHC string.
+pub(crate) fn argon2_hash(password: &[u8]) -> Result<String, HandlerError> {
+    Argon2::default()
+        .hash_password(password)
+        .map(|h| h.to_string())
+        .map_err(|e| HandlerError::internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With every permit taken, a request waits its turn up to the bound, then is told the
+    /// server is busy (retryable); once a permit is free, checks run again.
+    // Real time: paused time does not advance while a blocking task runs.
+    #[tokio::test]
+    async fn past_the_bound_a_request_waits_then_hears_the_server_is_busy() {
+        let wait = Duration::from_millis(100);
+        let hashing = Hashing::new(1, wait);
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let busy = hashing.clone();
+        let running = tokio::spawn(async move {
+            let turn = busy.turn(Some([192, 0, 2, 1].into())).await?;
+            Hashing::run(turn, move || {
+                let _ = hold.recv();
+            })
+            .await
+        });
+        while hashing.permits.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let refused = hashing.turn(None).await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert_eq!(refused.code(), "busy");
+        assert!(refused.kind().is_retryable());
+        assert!(started.elapsed() >= wait, "waited its turn first");
+
+        release.send(()).unwrap();
+        running.await.unwrap().unwrap();
+        let turn = hashing.turn(None).await.unwrap();
+        let checked = Hashing::verify_password(turn, "pw".into(), "not a hash".into())
+            .await
+            .unwrap();
+        assert!(!checked, "a free permit lets the check run");
+    }
+
+    /// A client holding its share of turns is refused at once (no wait in the queue), while
+    /// another client still gets a turn; a client's entry is gone when its turns are.
+    #[tokio::test]
+    async fn a_client_holds_at_most_its_share_of_the_turns() {
+        let hashing = Hashing::new(4, Duration::from_secs(30));
+        let a: Option<IpAddr> = Some([192, 0, 2, 1].into());
+        // Another address of the same IPv6 /64 is the same client.
+        let a6: [Option<IpAddr>; 2] = [
+            Some("2001:db8:1:2::1".parse().unwrap()),
+            Some("2001:db8:1:2::ffff".parse().unwrap()),
+        ];
+        let held = [
+            hashing.turn(a).await.unwrap(),
+            hashing.turn(a).await.unwrap(),
+        ];
+        let refused = hashing.turn(a).await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::RateLimited);
+        assert_eq!(refused.code(), "too_many_attempts");
+        let held6 = [
+            hashing.turn(a6[0]).await.unwrap(),
+            hashing.turn(a6[1]).await.unwrap(),
+        ];
+        assert_eq!(
+            hashing.turn(a6[0]).await.unwrap_err().code(),
+            "too_many_attempts"
+        );
+        drop(held6);
+        let b = hashing.turn(Some([192, 0, 2, 2].into())).await.unwrap();
+        assert_eq!(hashing.clients.lock().unwrap().len(), 2, "a and b");
+        drop((held, b));
+        assert!(
+            hashing.clients.lock().unwrap().is_empty(),
+            "no entry is kept"
+        );
+    }
+
+    /// With fewer than four permits a client gets half of them, so never all.
+    #[test]
+    fn a_client_never_gets_every_permit() {
+        for (permits, share) in [(1, 1), (2, 1), (3, 1), (4, 2), (16, 2)] {
+            assert_eq!(Hashing::new(permits, Duration::ZERO).per_client, share);
+        }
+    }
+}
