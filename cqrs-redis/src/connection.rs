@@ -5,11 +5,15 @@ use crate::error::{ConnectError, transport_error};
 use crate::options::ConnectionOptions;
 use cqrs_core::ports::TransportError;
 use fred::clients::{Client, SubscriberClient};
+use fred::error::ErrorKind as FredKind;
 use fred::interfaces::ClientLike;
-use fred::prelude::{Builder, ReconnectPolicy};
-use fred::types::config::Config;
+use fred::prelude::{Builder, Options, ReconnectPolicy};
+use fred::socket2::TcpKeepalive;
+use fred::types::config::{Config, UnresponsiveConfig};
 use fred::types::{ClusterHash, CustomCommand, Value};
 use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// The oldest server whose commands every script and call here needs (`XAUTOCLAIM` is 6.2,
 /// `XINFO GROUPS` lag and entries-read are 7.0).
@@ -39,6 +43,10 @@ pub(crate) fn builder(
             // `CLIENT SETNAME` with fred's client id, so `CLIENT LIST` shows whose each
             // connection is (and `client_ids` finds them).
             config.auto_client_setname = true;
+            // Both off in fred by default: a connection that dies without a FIN or RST would
+            // look connected until the kernel gives up on it (~15 min).
+            config.tcp.keepalive = options.tcp_keepalive.map(keepalive);
+            config.unresponsive = unresponsive(options.unresponsive());
         })
         .with_performance_config(|config| {
             // fred's default of 0 queues commands for as long as a reconnect takes.
@@ -52,6 +60,77 @@ pub(crate) fn builder(
             2,
         ));
     Ok(builder)
+}
+
+/// The kernel's keepalive: probes after `idle` without traffic, then every third of it.
+fn keepalive(idle: Duration) -> TcpKeepalive {
+    let keepalive = TcpKeepalive::new().with_time(idle);
+    #[cfg(any(
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "ios",
+        target_os = "linux",
+        target_os = "macos",
+        target_os = "windows",
+    ))]
+    let keepalive = keepalive.with_interval((idle / 3).max(Duration::from_secs(1)));
+    keepalive
+}
+
+/// fred's unresponsive-connection check: a connection that leaves a command unanswered for
+/// `timeout` is closed and replaced, looked at every quarter of it (from 10 ms to 1 s). fred
+/// skips a connection waiting in a blocking command, and times from the last command written,
+/// so steady traffic puts it off: the watchdog (see [`watchdog`]) covers those.
+fn unresponsive(timeout: Duration) -> UnresponsiveConfig {
+    UnresponsiveConfig {
+        // A timeout too long for the clock means never.
+        max_timeout: Instant::now().checked_add(timeout).map(|_| timeout),
+        interval: (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+    }
+}
+
+/// Pings `client` every `ping_interval` while it is connected, and forces a reconnect when a
+/// ping is not answered within the unresponsive timeout. A connection that died silently
+/// looks connected to fred; a subscriber connection sends nothing by itself, so it would wait
+/// for messages for good, and on a busy connection every new command puts fred's own check
+/// off again. Runs until aborted.
+pub(crate) fn watchdog<C>(client: C, options: &ConnectionOptions) -> JoinHandle<()>
+where
+    C: ClientLike + Clone + 'static,
+{
+    let interval = options.ping_interval;
+    let timeout = options.unresponsive();
+    tokio::spawn(async move {
+        let ping = Options {
+            timeout: Some(timeout),
+            ..Options::default()
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            if !client.is_connected() {
+                // Reconnecting already.
+                continue;
+            }
+            let reply = client.with_options(&ping).ping::<Value>(None).await;
+            match reply {
+                Err(e) if *e.kind() == FredKind::Timeout && client.is_connected() => {
+                    tracing::warn!(
+                        client = %client.id(),
+                        ?timeout,
+                        "redis connection unresponsive: reconnecting"
+                    );
+                    // Not awaited to the end: the reconnect goes on for as long as the server
+                    // is away, and the next round skips a client that is not connected.
+                    let forced = client.force_reconnection();
+                    let _ = tokio::time::timeout(interval.max(timeout), forced).await;
+                }
+                Err(e) => {
+                    tracing::debug!(client = %client.id(), error = %e, "watchdog ping failed")
+                }
+                Ok(_) => {}
+            }
+        }
+    })
 }
 
 /// A connected client.
@@ -175,5 +254,33 @@ mod tests {
         assert!(version_at_least("8.0.0", REQUIRED_VERSION));
         assert!(!version_at_least("6.2.14", REQUIRED_VERSION));
         assert!(!version_at_least("unknown", REQUIRED_VERSION));
+    }
+
+    /// Both are off in fred by default, and without them a connection that dies silently is
+    /// noticed only when the kernel gives up on it.
+    #[test]
+    fn clients_use_tcp_keepalive_and_the_unresponsive_check() {
+        let options =
+            ConnectionOptions::new(crate::DEFAULT_URL).command_timeout(Duration::from_millis(300));
+        let built = builder(&options, 32).unwrap();
+        let config = built.get_connection_config();
+        assert!(config.tcp.keepalive.is_some(), "keepalive on by default");
+        assert_eq!(
+            config.unresponsive.max_timeout,
+            Some(Duration::from_millis(600)),
+            "twice the command timeout by default"
+        );
+        assert_eq!(config.unresponsive.interval, Duration::from_millis(150));
+
+        let options = options
+            .tcp_keepalive(None)
+            .unresponsive_timeout(Duration::MAX);
+        let built = builder(&options, 32).unwrap();
+        let config = built.get_connection_config();
+        assert!(config.tcp.keepalive.is_none(), "keepalive turned off");
+        assert_eq!(
+            config.unresponsive.max_timeout, None,
+            "Duration::MAX: never"
+        );
     }
 }

@@ -9,6 +9,7 @@ use crate::transport::{Shared, forget_name};
 use async_trait::async_trait;
 use cqrs_core::ports::{Consumer, ConsumerOptions, Delivery, DeliveryId, TransportError};
 use fred::clients::Client;
+use fred::error::ErrorKind as FredKind;
 use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, CustomCommand, Value};
@@ -81,14 +82,26 @@ pub struct RedisConsumer {
     /// Entries handed out and not acknowledged, with their lane (empty for none) and whether
     /// this is their first delivery (see [`Ready::first`]).
     in_flight: HashMap<String, (String, bool)>,
-    /// Entries handed back (nacked or deferred) and still pending to this consumer: they come
-    /// back after the redelivery delay, so `close` must not release them early as stranded.
+    /// Entries handed back (nacked or deferred, or released by `close`) and still pending to
+    /// this consumer: they come back after the redelivery delay (at once when released), so
+    /// neither `close` nor a recovery may take them as stranded.
     returned: HashSet<String>,
     /// The size of `returned` at which it is pruned next.
     returned_limit: usize,
     /// Per lane, the highest entry this consumer acknowledged: an entry whose `prev` is that
     /// one may be handed out without asking Redis (see [`RedisConsumer::gate_locally`]).
     acked: HashMap<String, String>,
+    /// Held entries taken over as stranded (see [`RedisConsumer::adopt_stranded`]): delivered
+    /// to this consumer by a read whose reply was lost, so released like entries read here
+    /// (their count taken back).
+    adopted: HashSet<String>,
+    /// A step ran whose outcome is not accounted for yet: it failed (Redis may still have run
+    /// it), or its `fetch` has not put what it returned in a list (and may have been dropped).
+    /// The next step first takes over what it may have left pending to this consumer.
+    unsure: bool,
+    /// Like `unsure`, for a blocking read on the consumer's own connection: it may still wait
+    /// there, or be queued in fred through a reconnect.
+    reader_unsure: bool,
     /// Where the next `XAUTOCLAIM` continues.
     cursor: String,
     next_claim: Instant,
@@ -188,6 +201,9 @@ impl RedisConsumer {
             returned: HashSet::new(),
             returned_limit: MAX_RETURNED,
             acked: HashMap::new(),
+            adopted: HashSet::new(),
+            unsure: false,
+            reader_unsure: false,
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at
             // once; the first fetch of a new consumer stays one round trip.
@@ -293,7 +309,8 @@ impl RedisConsumer {
     fn held_released(&self) -> Released {
         let mut released = Released::default();
         for id in &self.held {
-            if self.known.get(id).is_some_and(|known| known.read_here) {
+            if self.known.get(id).is_some_and(|known| known.read_here) || self.adopted.contains(id)
+            {
                 released.read_unhanded.push(id.clone());
             } else {
                 released.counted.push(id.clone());
@@ -342,13 +359,14 @@ impl RedisConsumer {
             .collect())
     }
 
-    /// Every entry pending to this consumer, a page of `XPENDING` at a time.
+    /// Every entry pending to this consumer, a page of `XPENDING` at a time; none when the
+    /// group is gone (the next step creates it again).
     async fn pending_ids(&self) -> Result<Vec<String>, TransportError> {
         const PAGE: usize = 10_000;
         let mut ids = Vec::new();
         let mut start = "-".to_owned();
         loop {
-            let reply: Value = self
+            let reply: Result<Value, _> = self
                 .shared
                 .client
                 .with_options(&self.shared.patient())
@@ -363,8 +381,12 @@ impl RedisConsumer {
                         Value::from(self.options.consumer_name.as_str()),
                     ],
                 )
-                .await
-                .map_err(transport_error)?;
+                .await;
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) if is_nogroup(&e) => return Ok(Vec::new()),
+                Err(e) => return Err(transport_error(e)),
+            };
             let page: Vec<String> = entry::array(reply)
                 .into_iter()
                 .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
@@ -380,17 +402,78 @@ impl RedisConsumer {
     }
 
     /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
-    /// restarted without persistence) and tries once more.
+    /// restarted without persistence) and tries once more. After a read or step whose outcome
+    /// is unknown, first takes over what it may have left pending here.
     async fn step(&mut self, max: usize) -> Result<Vec<Ready>, TransportError> {
+        if self.unsure || self.reader_unsure {
+            self.adopt_stranded().await?;
+        }
+        // Until `fetch` has put what this step returns in a list.
+        self.unsure = true;
         match self.try_step(max).await {
             Err(e) if is_nogroup(&e) => {
                 self.shared.create_group(&self.keys, &self.group).await?;
                 self.held.clear();
                 self.known.clear();
+                self.adopted.clear();
                 self.try_step(max).await.map_err(transport_error)
             }
             other => other.map_err(transport_error),
         }
+    }
+
+    /// Takes over, as held entries, the entries pending to this consumer that it neither
+    /// holds nor handed out: what a read or step whose reply was lost (it timed out while
+    /// Redis still ran it, its connection dropped, its `fetch` was dropped) delivered here.
+    /// Left alone they would wait out the redelivery delay, holding up their lanes, and the
+    /// reclaim would count a second delivery no handler got (with `max_deliveries(1)`,
+    /// dead-lettering an entry never handled). Taken over, they pass the gate like every
+    /// held entry, with the delivery count that read gave them; their idle time restarts, so
+    /// no claim (this consumer's next one, or another's) counts one more.
+    async fn adopt_stranded(&mut self) -> Result<(), TransportError> {
+        if self.reader_unsure {
+            // Answered after that connection's earlier commands: a read still waiting there, or
+            // queued in fred through a reconnect, has been served by then. If it is not
+            // answered in time, this runs again at the next step.
+            let ping = self
+                .reader
+                .with_options(&self.shared.patient())
+                .ping::<Value>(None)
+                .await;
+            match ping {
+                Ok(_) => self.reader_unsure = false,
+                Err(error) => tracing::debug!(%error, "the consumer's read may still be waiting"),
+            }
+        }
+        let stranded = self.stranded().await?;
+        if !stranded.is_empty() {
+            tracing::debug!(
+                topic = %self.topic,
+                group = %self.group,
+                count = stranded.len(),
+                "taking over entries whose read reply was lost"
+            );
+            let now = Instant::now();
+            set_idle(
+                &self.shared,
+                &self.keys.stream,
+                &self.group,
+                &self.options,
+                Duration::ZERO,
+                false,
+                stranded.clone(),
+            )
+            .await?;
+            if self.held.is_empty() {
+                self.held_since = now;
+            }
+            self.held.extend(stranded.iter().cloned());
+            self.adopted.extend(stranded);
+            // In stream order, as the gate takes them.
+            self.held.sort_by_key(|id| entry_id(id));
+        }
+        self.unsure = false;
+        Ok(())
     }
 
     async fn try_step(&mut self, max: usize) -> Result<Vec<Ready>, fred::error::Error> {
@@ -575,6 +658,13 @@ impl RedisConsumer {
             if let Some(fields) = known.remove(id) {
                 self.known.insert(id.clone(), fields);
             }
+        }
+        if !self.adopted.is_empty() {
+            // Those the script dead-lettered or found gone are no longer anywhere.
+            let live: HashSet<&str> = (self.held.iter().map(String::as_str))
+                .chain(out.iter().map(|ready| ready.id.as_str()))
+                .collect();
+            self.adopted.retain(|id| live.contains(id.as_str()));
         }
         Ok(out)
     }
@@ -790,6 +880,7 @@ impl RedisConsumer {
             ..Options::default()
         };
         let started = Instant::now();
+        self.reader_unsure = true;
         let read = self
             .reader
             .with_options(&options)
@@ -805,11 +896,29 @@ impl RedisConsumer {
             .await;
         let reply = match read {
             Ok(reply) => reply,
+            // The group is gone (`UNBLOCKED` when the stream was deleted during the read).
             Err(e) if is_nogroup(&e) => {
+                // Refused: it read nothing.
+                self.reader_unsure = false;
                 self.shared.create_group(&self.keys, &self.group).await?;
                 return Ok(());
             }
-            Err(e) => return Err(transport_error(e)),
+            Err(e) => {
+                if *e.kind() == FredKind::Timeout && self.reader.is_connected() {
+                    // No reply within the block interval plus the command timeout, on a
+                    // connection fred takes for up: dead, or the server stuck. fred's own
+                    // unresponsive check skips a connection waiting in a blocking command,
+                    // so replace it here (what the read may have been served is taken over
+                    // by the next step).
+                    let reader = self.reader.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = reader.force_reconnection().await {
+                            tracing::debug!(%error, "could not reconnect the consumer's reader");
+                        }
+                    });
+                }
+                return Err(transport_error(e));
+            }
         };
         let entries = read_entries(reply);
         if self.held.is_empty() && !entries.is_empty() {
@@ -820,6 +929,7 @@ impl RedisConsumer {
             self.held.push(id.clone());
             self.known.insert(id, Known::read_here(fields));
         }
+        self.reader_unsure = false;
         Ok(())
     }
 }
@@ -999,8 +1109,11 @@ impl Consumer for RedisConsumer {
             for (delivery, first) in deliveries.iter().zip(first) {
                 let lane = delivery.order_key.clone().unwrap_or_default();
                 self.returned.remove(&delivery.id.0);
+                self.adopted.remove(&delivery.id.0);
                 self.in_flight.insert(delivery.id.0.clone(), (lane, first));
             }
+            // Everything the step returned is in a list now.
+            self.unsure = false;
             if !deliveries.is_empty() {
                 return Ok(deliveries);
             }
@@ -1110,16 +1223,40 @@ impl Consumer for RedisConsumer {
         // A `fetch` dropped in its blocking read (a shutdown) leaves the read blocked; what
         // it is served, or was served with the reply unread, is pending to this consumer but
         // in no list. Unblock it, then release those too: their read counted a delivery.
-        self.unblock_reader().await;
+        if self.reader_unsure {
+            self.unblock_reader().await;
+            // The read may also still be queued in fred (its connection reconnecting): it
+            // would reach Redis after the `CLIENT UNBLOCK` and the `XPENDING` below, and what
+            // it is served would wait out the redelivery delay. A `PING` on that connection
+            // is answered after its earlier commands.
+            let ping = self
+                .reader
+                .with_options(&self.shared.patient())
+                .ping::<Value>(None)
+                .await;
+            match ping {
+                Ok(_) => self.reader_unsure = false,
+                Err(error) => tracing::debug!(%error, "could not wait for the consumer's read"),
+            }
+        }
         let stranded = self.stranded().await?;
         // Still held until released: a close dropped in its release (a shutdown's abort)
         // leaves them to `Drop`, which releases them, instead of to another consumer's
         // reclaim after the redelivery delay, a delivery counted twice.
         let mut release = self.held_released();
         release.read_unhanded.extend(stranded);
+        let released: Vec<String> = (release.read_unhanded.iter())
+            .chain(&release.counted)
+            .cloned()
+            .collect();
         self.release(release).await?;
         self.held.clear();
         self.known.clear();
+        self.adopted.clear();
+        self.unsure = false;
+        // Pending here until another consumer takes them: not stranded, should this one fetch
+        // or close again (a second release would take a delivery back twice).
+        self.remember_returned(released).await;
         Ok(())
     }
 

@@ -108,8 +108,11 @@ pub(crate) fn is_noscript(error: &FredError) -> bool {
     error.details().starts_with("NOSCRIPT")
 }
 
+/// The group is gone: `NOGROUP`, or `UNBLOCKED` for a blocking read whose stream was deleted
+/// (`DEL`, `FLUSHDB`) while it waited. Either way the group is created again.
 pub(crate) fn is_nogroup(error: &FredError) -> bool {
-    error.details().contains("NOGROUP")
+    let details = error.details();
+    details.contains("NOGROUP") || details.contains("UNBLOCKED")
 }
 
 pub(crate) fn is_busygroup(error: &FredError) -> bool {

@@ -52,7 +52,10 @@
 //! * **Trimming** by `MINID` below the oldest entry some group still needs, never a blind
 //!   `MAXLEN`.
 //! * **Connection loss**: publishing fails fast with `TransportError::Unavailable`; consumers
-//!   and subscriptions reconnect and resume by themselves.
+//!   and subscriptions reconnect and resume by themselves, also from a connection that died
+//!   silently (TCP keepalive, and a connection that leaves a command or a watchdog `PING`
+//!   unanswered for the [unresponsive timeout](ConnectionOptions::unresponsive_timeout) is
+//!   replaced).
 //!
 //! `docs/redis.md` in the repository states them in full, with the key layout and every option
 //! and its default.

@@ -25,6 +25,10 @@ pub struct ConnectionOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) reconnect_min_delay: Duration,
     pub(crate) reconnect_max_delay: Duration,
+    /// `None`: twice the command timeout.
+    pub(crate) unresponsive_timeout: Option<Duration>,
+    pub(crate) ping_interval: Duration,
+    pub(crate) tcp_keepalive: Option<Duration>,
 }
 
 impl Default for ConnectionOptions {
@@ -37,7 +41,8 @@ impl ConnectionOptions {
     /// Options for the server at `url`: `redis://[user:password@]host[:port][/db]`, or
     /// `redis-cluster://host:port?node=host:port` for a cluster (fred's URL forms). Defaults:
     /// 2 s command timeout, 5 s connect timeout, reconnecting without end with delays growing
-    /// from 100 ms to 5 s.
+    /// from 100 ms to 5 s, a connection taken for dead after twice the command timeout
+    /// without a reply, a watchdog `PING` every 5 s, TCP keepalive after 15 s idle.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -45,6 +50,9 @@ impl ConnectionOptions {
             connect_timeout: Duration::from_secs(5),
             reconnect_min_delay: Duration::from_millis(100),
             reconnect_max_delay: Duration::from_secs(5),
+            unresponsive_timeout: None,
+            ping_interval: Duration::from_secs(5),
+            tcp_keepalive: Some(Duration::from_secs(15)),
         }
     }
 
@@ -79,6 +87,54 @@ impl ConnectionOptions {
         self
     }
 
+    /// How long a connection may leave a command unanswered before it is taken for dead and
+    /// replaced: fred closes it and reconnects (its unresponsive-connection check), and the
+    /// watchdog [`PING`](Self::ping_interval) forces a reconnect when its reply takes longer.
+    /// Default: twice the command timeout.
+    ///
+    /// This is what notices a connection that died silently, without a FIN or RST (a NAT or
+    /// firewall dropped it, the host vanished): fred still takes it for connected, commands
+    /// only time out, and the kernel gives up on it only after about 15 minutes. A server
+    /// busy for longer (a slow script) also gets its connections replaced; a command in
+    /// flight then may be sent again after the reconnect, like after any reconnect. Must be
+    /// above zero; a value too long for the clock (up to `Duration::MAX`) means never.
+    pub fn unresponsive_timeout(mut self, timeout: Duration) -> Self {
+        self.unresponsive_timeout = Some(timeout);
+        self
+    }
+
+    /// How often the watchdog sends a `PING` on the pub/sub's connections and on the stream
+    /// transport's shared connection, whatever else they carry. Default 5 s.
+    ///
+    /// A subscriber connection sends nothing by itself, so without it a silently dead one
+    /// would wait for messages for good; and fred's own check, timed from the last command
+    /// written, is put off again by every new command on a busy connection. A ping not
+    /// answered within the [unresponsive timeout](Self::unresponsive_timeout) forces a
+    /// reconnect, after which the pub/sub subscribes again and counts a possible loss. So a
+    /// dead connection is replaced within about this interval plus that timeout. Must be
+    /// above zero.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// TCP keepalive on every connection: after `idle` without traffic the kernel probes the
+    /// peer, every third of `idle` (at least 1 s), and closes the connection when the probes
+    /// go unanswered (Linux sends 9, `net.ipv4.tcp_keepalive_probes`), so fred reconnects.
+    /// Catches an idle connection to a vanished host at the TCP level, and keeps NAT and
+    /// firewall entries from expiring. `None` turns it off. Default `Some(15 s)`. Must be at
+    /// least 1 s.
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.tcp_keepalive = idle;
+        self
+    }
+
+    /// The unresponsive timeout in force: the one set, or twice the command timeout.
+    pub(crate) fn unresponsive(&self) -> Duration {
+        self.unresponsive_timeout
+            .unwrap_or_else(|| self.command_timeout.saturating_mul(2))
+    }
+
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
         if let Err(e) = fred::types::config::Config::from_url(&self.url) {
             problems.push(format!("url `{}` is not a redis url: {e}", self.url));
@@ -100,6 +156,26 @@ impl ConnectionOptions {
             problems.push(format!(
                 "reconnect_delays must satisfy 0 < min <= max, got min {:?} and max {:?}",
                 self.reconnect_min_delay, self.reconnect_max_delay
+            ));
+        }
+        if self.unresponsive_timeout.is_some_and(|t| t.is_zero()) {
+            problems.push(format!(
+                "unresponsive_timeout must be above zero, got {:?}",
+                self.unresponsive()
+            ));
+        }
+        if self.ping_interval.is_zero() {
+            problems.push(format!(
+                "ping_interval must be above zero, got {:?}",
+                self.ping_interval
+            ));
+        }
+        if let Some(idle) = self
+            .tcp_keepalive
+            .filter(|idle| *idle < Duration::from_secs(1))
+        {
+            problems.push(format!(
+                "tcp_keepalive must be at least 1s (or None), got {idle:?}"
             ));
         }
     }
@@ -381,7 +457,10 @@ mod tests {
         let connection = ConnectionOptions::new(DEFAULT_URL)
             .command_timeout(Duration::ZERO)
             .connect_timeout(Duration::ZERO)
-            .reconnect_delays(Duration::from_secs(2), Duration::from_secs(1));
+            .reconnect_delays(Duration::from_secs(2), Duration::from_secs(1))
+            .unresponsive_timeout(Duration::ZERO)
+            .ping_interval(Duration::ZERO)
+            .tcp_keepalive(Some(Duration::from_millis(500)));
         let stream = RedisStreamOptions::with_connection(connection)
             .key_prefix("")
             .key_ordering(KeyOrdering::Lanes(0))
@@ -396,6 +475,9 @@ mod tests {
                 "command_timeout must be above zero, got 0ns",
                 "connect_timeout must be above zero, got 0ns",
                 "reconnect_delays must satisfy 0 < min <= max, got min 2s and max 1s",
+                "unresponsive_timeout must be above zero, got 0ns",
+                "ping_interval must be above zero, got 0ns",
+                "tcp_keepalive must be at least 1s (or None), got 500ms",
                 "key_prefix must not be empty, got \"\"",
                 "key_ordering must have at least one lane, got Lanes(0)",
                 "max_held must be at least 1, got 0",

@@ -27,6 +27,10 @@ use tokio::task::JoinHandle;
 /// * After a reconnect every channel with local subscribers is subscribed again by itself,
 ///   and once it is, every subscription counts one possible loss in
 ///   [`Subscription::missed`]: messages published while the connection was down are gone.
+///   A connection that died silently (no FIN or RST) is noticed by a `PING` every
+///   [`ping_interval`](crate::ConnectionOptions::ping_interval) left unanswered for the
+///   [`unresponsive_timeout`](crate::ConnectionOptions::unresponsive_timeout), and replaced
+///   the same way; the health check reports it unhealthy while it reconnects.
 /// * Channel names are `{prefix}:{channel}`: pub/sub ignores the database number, so the
 ///   prefix is what keeps applications and tests apart on one server.
 ///
@@ -230,6 +234,12 @@ impl RedisPubSubOptions {
                 }
             }
         }));
+
+        // A PING now and then on both connections: a subscriber connection that died silently
+        // would otherwise never be noticed (it sends nothing), so nothing would resubscribe
+        // and no loss would be counted. A forced reconnect resubscribes as above.
+        tasks.push(connection::watchdog(subscriber.clone(), &self.connection));
+        tasks.push(connection::watchdog(publisher.clone(), &self.connection));
 
         Ok(RedisPubSub {
             inner: Arc::new(Inner {

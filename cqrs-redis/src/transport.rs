@@ -33,10 +33,13 @@ pub(crate) struct Shared {
     pub(crate) options: RedisStreamOptions,
     /// `(stream key, group, consumer name)` of the live consumers of this process.
     pub(crate) names: Mutex<HashSet<(String, String, String)>>,
+    /// Pings `client`, replacing its connection when it died silently.
+    pub(crate) watchdog: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        self.watchdog.abort();
         quit_later(self.client.clone());
     }
 }
@@ -138,6 +141,7 @@ impl RedisStreamOptions {
         };
         Ok(RedisStreamTransport {
             shared: Arc::new(Shared {
+                watchdog: connection::watchdog(client.clone(), &self.connection),
                 client,
                 scripts,
                 options: self,

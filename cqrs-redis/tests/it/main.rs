@@ -3,16 +3,23 @@
 //! test id, and deletes its keys when it passes. Without Redis they skip, unless
 //! `CQRS_REQUIRE_SERVICES=1`.
 
+mod proxy;
 mod support;
 
 mod a_consume_loop_recovers_when_its_connections_are_killed;
+mod a_consumer_replaces_connections_that_died_silently;
 mod a_crashed_consumers_entries_are_reclaimed_by_another;
+mod a_group_gone_after_a_failed_read_is_created_again;
 mod a_resubscribe_refused_while_connected_is_retried;
+mod a_silently_dead_subscriber_connection_is_replaced_and_counted_as_missed;
 mod a_single_event_in_a_lane_is_chained_like_a_batch;
 mod a_single_event_outside_any_lane_is_stored_like_a_batch;
+mod a_stream_deleted_during_a_blocking_read_is_recreated;
 mod acks_and_close_keep_their_bookkeeping;
 mod an_entry_dead_lettered_in_a_chain_keeps_its_lane_in_order;
+mod an_entry_whose_read_reply_was_lost_is_handed_out_once;
 mod an_entry_with_a_malformed_prev_is_dead_lettered;
+mod close_waits_for_a_read_queued_behind_a_reconnect;
 mod closing_a_consumer_releases_what_it_holds;
 mod connect_reports_bad_options_and_unreachable_servers;
 mod consume_loops_keep_each_keys_order_while_handling_keys_in_parallel;

@@ -329,3 +329,41 @@ pub(crate) fn assert_each_key_in_order(
         );
     }
 }
+
+/// Waits (up to 10 s, else panics) until some of the connections `ids` wait in a blocking
+/// command, and returns those.
+pub(crate) async fn blocked_connections(admin: &Client, ids: &[i64]) -> Vec<i64> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let blocked = blocked_now(admin, ids).await;
+        if !blocked.is_empty() {
+            return blocked;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "none of the connections {ids:?} blocked within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Those of the connections `ids` that wait in a blocking command now (`CLIENT LIST`: `flags`
+/// has `b`).
+pub(crate) async fn blocked_now(admin: &Client, ids: &[i64]) -> Vec<i64> {
+    let mut args: Vec<Value> = vec!["LIST".into(), "ID".into()];
+    args.extend(ids.iter().map(|id| Value::from(*id)));
+    let list = raw(admin, "CLIENT", args).await;
+    list.as_str()
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| {
+            line.split(' ')
+                .any(|part| part.strip_prefix("flags=").is_some_and(|f| f.contains('b')))
+        })
+        .filter_map(|line| {
+            line.split(' ')
+                .find_map(|part| part.strip_prefix("id="))
+                .and_then(|id| id.parse().ok())
+        })
+        .collect()
+}

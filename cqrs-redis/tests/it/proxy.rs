@@ -1,0 +1,139 @@
+//! A TCP proxy on loopback between the adapters and Redis that can turn into a black hole:
+//! every connection it holds stays open and forwards nothing, as when a NAT or firewall drops
+//! a connection or the host vanishes (no FIN, no RST). Connections opened while it is a black
+//! hole are accepted and forward nothing either; once it forwards again, new connections pass
+//! through, and the black-holed ones stay dead.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub(crate) struct Proxy {
+    addr: SocketAddr,
+    /// The path of the upstream URL (`/db`), kept in the proxy's URL.
+    path: String,
+    state: Arc<State>,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    black_hole: AtomicBool,
+    /// Per connection accepted: whether it is dead (forwards nothing, for good).
+    connections: Mutex<Vec<Arc<AtomicBool>>>,
+    pumps: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    /// A proxy to `upstream` (`host:port`, optionally followed by `/db`).
+    pub(crate) async fn start(upstream: &str) -> Proxy {
+        let (host, path) = match upstream.find('/') {
+            Some(i) => (upstream[..i].to_owned(), upstream[i..].to_owned()),
+            None => (upstream.to_owned(), String::new()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let state = Arc::new(State::default());
+        let accept = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let dead = Arc::new(AtomicBool::new(state.black_hole.load(Ordering::SeqCst)));
+                    state.connections.lock().unwrap().push(dead.clone());
+                    let host = host.clone();
+                    let pump = tokio::spawn(async move {
+                        let (client_read, client_write) = client.into_split();
+                        if dead.load(Ordering::SeqCst) {
+                            // Never reaches Redis; the client's socket stays open.
+                            let _open = client_write;
+                            pump(client_read, None, dead).await;
+                            return;
+                        }
+                        let Ok(server) = TcpStream::connect(&host).await else {
+                            return;
+                        };
+                        let (server_read, server_write) = server.into_split();
+                        tokio::join!(
+                            pump(client_read, Some(server_write), dead.clone()),
+                            pump(server_read, Some(client_write), dead),
+                        );
+                    });
+                    state.pumps.lock().unwrap().push(pump);
+                }
+            })
+        };
+        Proxy {
+            addr,
+            path,
+            state,
+            accept,
+        }
+    }
+
+    /// `redis://` URL of the proxy.
+    pub(crate) fn url(&self) -> String {
+        format!("redis://{}{}", self.addr, self.path)
+    }
+
+    /// Every connection held goes dead, and so do those opened until [`forward`](Self::forward).
+    pub(crate) fn black_hole(&self) {
+        self.state.black_hole.store(true, Ordering::SeqCst);
+        for dead in self.state.connections.lock().unwrap().iter() {
+            dead.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// New connections pass through again; the dead ones stay dead.
+    pub(crate) fn forward(&self) {
+        self.state.black_hole.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for pump in self.state.pumps.lock().unwrap().drain(..) {
+            pump.abort();
+        }
+    }
+}
+
+/// Copies `from` to `to` until either side closes; once `dead`, reads and discards (the
+/// sender never blocks, nothing arrives), keeping both sockets open. (`readable` and
+/// `try_read` rather than `AsyncReadExt`: the tests build tokio without `io-util`.)
+async fn pump(from: OwnedReadHalf, mut to: Option<OwnedWriteHalf>, dead: Arc<AtomicBool>) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    'copy: loop {
+        if from.readable().await.is_err() {
+            break;
+        }
+        let n = match from.try_read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break,
+        };
+        if dead.load(Ordering::SeqCst) {
+            continue;
+        }
+        let Some(to) = to.as_mut() else { continue };
+        let mut written = 0;
+        while written < n {
+            if to.writable().await.is_err() {
+                break 'copy;
+            }
+            match to.try_write(&buffer[written..n]) {
+                Ok(k) => written += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => break 'copy,
+            }
+        }
+    }
+    if dead.load(Ordering::SeqCst) {
+        // Closed by the peer after the connection died: the other side hears nothing of it.
+        std::future::pending::<()>().await;
+    }
+}
