@@ -251,7 +251,9 @@ pub enum DispatchError {
         /// The budget that ran out.
         after: Duration,
     },
-    /// A middleware layer refused or failed the dispatch. Its error is the source.
+    /// A middleware layer refused or failed the dispatch. Its error is the source. A layer
+    /// that panicked is reported here too (kind `internal`); a handler's panic is
+    /// [`DispatchError::Panicked`].
     #[error("middleware failed the dispatch: {0}")]
     Middleware(#[source] BoxError),
     /// An event was published and some of its handlers failed.

@@ -236,9 +236,20 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = match this.inner.poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(r) => r.map_err(|e| DispatchError::from_layer(e.into())),
+        let inner = this.inner;
+        // A panic inside (a layer's; the handler's own is an error by now) is counted as
+        // `internal`, not as `cancelled` when this future is dropped, then goes on to the
+        // bus, which fails the dispatch with it.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx)));
+        let result = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(r)) => r.map_err(|e| DispatchError::from_layer(e.into())),
+            Err(payload) => {
+                *this.recorded = true;
+                let outcome = Outcome::Failed(ErrorKind::Internal);
+                record(*this.kind, this.name, outcome, *this.start);
+                std::panic::resume_unwind(payload);
+            }
         };
         let outcome = match &result {
             Ok(_) => Outcome::Ok,

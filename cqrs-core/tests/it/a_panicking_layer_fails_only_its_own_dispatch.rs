@@ -1,5 +1,6 @@
 use crate::fixtures::*;
 use cqrs_core::middleware::{MetricsLayer, TracingLayer};
+use cqrs_core::testing::MetricCounts;
 use cqrs_core::{
     BoxError, CommandBus, Dispatch, DispatchError, ErrorKind, EventBus, Metadata, Reply,
 };
@@ -134,4 +135,32 @@ fn an_event_bus_layer_that_panics_fails_that_publish() {
             .unwrap();
         assert_eq!(counter.seen(), 1);
     });
+}
+
+/// A metrics layer outside a layer that panics counts the dispatch as `internal`, the kind of
+/// the error the caller gets, not as `cancelled`.
+#[test]
+fn a_metrics_layer_outside_counts_the_panic_as_internal() {
+    let counts = MetricCounts::default();
+    let bus = CommandBus::builder()
+        .layer(MetricsLayer::new())
+        .layer(FaultyLayer::default())
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            bus.dispatch_with(Add::default(), as_actor("panic in poll"))
+                .await
+                .unwrap_err();
+        })
+    });
+    assert_eq!(
+        counts.get("cqrs_dispatch_total{kind=command,message=test.add,outcome=internal}"),
+        1
+    );
+    assert_eq!(
+        counts.get("cqrs_dispatch_total{kind=command,message=test.add,outcome=cancelled}"),
+        0
+    );
 }

@@ -152,8 +152,11 @@ async fn a_writer_that_panics_closes_its_connection() {
         let t = TestHub::start(HubOptions::new()).await;
         drop(guard);
         let mut client = t.connect("agent-a1").await;
-        // The `subscribed` frame is written, then the writer panics counting it.
+        // The `subscribed` frame is written, then the writer panics counting it: the client
+        // gets a close frame at once, not a dropped connection after the close timeout.
         client.subscribe("tickets").await;
+        let closed = tokio::time::timeout(Duration::from_secs(1), client.closed_with(4)).await;
+        assert_eq!(closed.ok(), Some(close_code::INTERNAL_ERROR));
         eventually(
             Duration::from_secs(10),
             "the connection whose writer panicked is closed and released",
