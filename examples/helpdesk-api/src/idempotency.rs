@@ -42,9 +42,10 @@ where
         Ok(Claim::Replay(stored)) => Ok(replay(stored)),
         Ok(Claim::New(guard)) => {
             let (status, body) = work().await?;
-            let body = serde_json::to_value(body).map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })?;
+            // A 500 that says only that the server failed: the serializer's text, which may
+            // quote the body, is logged by the conversion, never sent.
+            let body = serde_json::to_value(body)
+                .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))?;
             guard
                 .complete(StoredResponse::new(status.as_u16(), body.clone()))
                 .await?;
@@ -152,4 +153,49 @@ fn hex_digest(bytes: &[u8]) -> String {
         b = (b ^ u64::from(*byte).rotate_left(3)).wrapping_mul(0x100_0000_01b3);
     }
     format!("{a:016x}{b:016x}:{}", bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::memory::InMemoryIdempotencyStore;
+    use uuid::Uuid;
+
+    /// A body that cannot be serialized, whose error quotes what it holds.
+    struct Unserializable;
+
+    impl Serialize for Unserializable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("secret_column of db-7.internal"))
+        }
+    }
+
+    /// A response body that fails to serialize is a 500 whose body does not quote the error.
+    #[test]
+    fn a_body_that_cannot_be_serialized_is_a_500_that_does_not_quote_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER, "key-1".parse().unwrap());
+        let user = User {
+            id: Uuid::nil(),
+            role: crate::Role::Customer,
+        };
+        let store = InMemoryIdempotencyStore::new();
+        let error = runtime
+            .block_on(once(
+                &store,
+                &headers,
+                &user,
+                b"request",
+                Duration::from_secs(60),
+                || async { Ok((StatusCode::CREATED, Unserializable)) },
+            ))
+            .unwrap_err();
+        assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(error.code, "internal");
+        let body = serde_json::to_string(&error.body()).unwrap();
+        assert!(!body.contains("secret"), "{body}");
+    }
 }

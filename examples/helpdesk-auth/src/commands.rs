@@ -194,6 +194,9 @@ pub(crate) struct RegisterHandler {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) hashing: Hashing,
     pub(crate) agents: AgentList,
+    /// Counts wrong agent codes by client address (`agentcode|{client}`), with the limit and
+    /// window of failed logins: without it one address could guess codes without end.
+    pub(crate) code_throttle: Arc<dyn LoginThrottle>,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -230,7 +233,9 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         }
         // Before the check of a taken email: without the code, nobody learns whether an
         // agent's email has an account.
-        let role = self.role(&email, cmd.agent_code.as_deref())?;
+        let role = self
+            .role(&email, cmd.agent_code.as_deref(), cmd.client)
+            .await?;
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
             return Err(email_taken());
@@ -256,17 +261,35 @@ impl RegisterHandler {
     /// listed email without it (or with another) is refused, so nobody can take an agent's
     /// address, as an agent or as a customer; a code for an unlisted email is refused too, as
     /// it means a mistyped email, which would otherwise quietly become a customer.
-    fn role(&self, email: &str, code: Option<&str>) -> Result<Role, HandlerError> {
+    ///
+    /// A code is counted against its client address before it is compared, in the same step
+    /// as the check of the limit, and taken back when it is right: past the limit the address
+    /// gets 429 even with the right code, so concurrent guesses cannot slip past the check.
+    async fn role(
+        &self,
+        email: &str,
+        code: Option<&str>,
+        client: Option<IpAddr>,
+    ) -> Result<Role, HandlerError> {
         let code = code.filter(|c| !c.is_empty());
         match (self.agents.lists(email), code) {
-            (true, Some(code)) if self.agents.code_matches(code) => Ok(Role::Agent),
-            (true, _) => Err(HandlerError::new(
-                ErrorKind::Forbidden,
-                "agent_code_required",
-                "this email belongs to an agent: register it with `agent_code` set to the \
-                 agent code the helpdesk's administrator gave you (a missing or wrong code is \
-                 refused)",
-            )),
+            (true, Some(code)) => {
+                // No `@`: never an email key of the login throttle.
+                let key = format!("agentcode|{}", client_key(client));
+                if let Some(seconds) = self.code_throttle.attempt(&key).await? {
+                    return Err(too_many_attempts(
+                        seconds,
+                        "too many wrong agent codes from this address; try again later",
+                    ));
+                }
+                if self.agents.code_matches(code) {
+                    self.code_throttle.succeeded(&key).await?;
+                    Ok(Role::Agent)
+                } else {
+                    Err(agent_code_required())
+                }
+            }
+            (true, None) => Err(agent_code_required()),
             (false, Some(_)) => Err(invalid(
                 "agent_code",
                 "this email is not on the agent list: check the email, or leave `agent_code` \
@@ -275,6 +298,15 @@ impl RegisterHandler {
             (false, None) => Ok(Role::Customer),
         }
     }
+}
+
+fn agent_code_required() -> HandlerError {
+    HandlerError::new(
+        ErrorKind::Forbidden,
+        "agent_code_required",
+        "this email belongs to an agent: register it with `agent_code` set to the agent code \
+         the helpdesk's administrator gave you (a missing or wrong code is refused)",
+    )
 }
 
 fn email_taken() -> HandlerError {
@@ -300,13 +332,11 @@ pub(crate) struct LogInHandler {
     pub(crate) agents: AgentList,
 }
 
-fn too_many_attempts(seconds: u64) -> HandlerError {
-    HandlerError::new(
-        ErrorKind::RateLimited,
-        "too_many_attempts",
-        "too many failed logins; try again later",
-    )
-    .with_details(json!({ "retry_after": seconds }))
+const FAILED_LOGINS: &str = "too many failed logins; try again later";
+
+fn too_many_attempts(seconds: u64, message: &'static str) -> HandlerError {
+    HandlerError::new(ErrorKind::RateLimited, "too_many_attempts", message)
+        .with_details(json!({ "retry_after": seconds }))
 }
 
 #[async_trait]
@@ -332,12 +362,12 @@ impl CommandHandler<LogIn> for LogInHandler {
         // The turn to hash comes first: a login refused as `busy` is no attempt.
         let turn = self.hashing.turn(cmd.client).await?;
         if let Some(seconds) = self.address_throttle.attempt(&address_key).await? {
-            return Err(too_many_attempts(seconds));
+            return Err(too_many_attempts(seconds, FAILED_LOGINS));
         }
         if let Some(seconds) = self.throttle.attempt(&key).await? {
             // Not checked, so no failure of the address's either.
             self.address_throttle.succeeded(&address_key).await?;
-            return Err(too_many_attempts(seconds));
+            return Err(too_many_attempts(seconds, FAILED_LOGINS));
         }
         let user = self.users.by_email(&email).await?;
         let hash = user
@@ -467,5 +497,73 @@ mod tests {
                 "{refused:?}"
             );
         }
+    }
+
+    fn register(email: &str, code: &str, client: [u8; 4]) -> RegisterUser {
+        RegisterUser {
+            email: email.into(),
+            password: PASSWORD.into(),
+            display_name: None,
+            agent_code: Some(code.into()),
+            client: Some(client.into()),
+        }
+    }
+
+    /// Wrong agent codes from one address are counted, before the code is compared: past the
+    /// limit that address gets 429 `too_many_attempts` with `retry_after`, even with the right
+    /// code; right codes do not count, and another address is not affected.
+    #[tokio::test]
+    async fn wrong_agent_codes_from_one_address_are_throttled() {
+        let clock = Arc::new(ManualClock::new());
+        const CODE: &str = "the-right-agent-code";
+        let emails = [
+            "agent@example.com",
+            "agent2@example.com",
+            "agent3@example.com",
+        ];
+        let handler = RegisterHandler {
+            users: Arc::new(InMemoryUserStore::default()),
+            hashing: Hashing::new(4, Duration::from_secs(30)),
+            agents: AgentList::new(
+                Arc::new(emails.iter().map(|e| (*e).to_owned()).collect()),
+                Some(crate::AgentCode::new(CODE)),
+            ),
+            code_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                3,
+                Duration::from_secs(60),
+            )),
+            clock: clock.clone(),
+        };
+        let handle = |cmd| {
+            let handler = &handler;
+            async move {
+                handler
+                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+        // Right codes, before and between the wrong ones, are not failures.
+        let registered = handle(register(emails[0], CODE, a)).await.unwrap();
+        assert_eq!(registered.role, Role::Agent);
+        for _ in 0..3 {
+            let taken = handle(register(emails[0], CODE, a)).await.unwrap_err();
+            assert_eq!(taken.code(), "email_taken", "the code was right");
+            let refused = handle(register(emails[1], "a-wrong-code", a))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), "agent_code_required");
+        }
+        let blocked = handle(register(emails[1], CODE, a)).await.unwrap_err();
+        assert_eq!(blocked.kind(), ErrorKind::RateLimited, "{blocked:?}");
+        assert_eq!(blocked.code(), "too_many_attempts");
+        let retry_after = blocked.details().unwrap()["retry_after"].as_u64().unwrap();
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        let other = handle(register(emails[1], CODE, b)).await.unwrap();
+        assert_eq!(other.role, Role::Agent, "another address");
+        clock.advance(Duration::from_secs(61));
+        let later = handle(register(emails[2], CODE, a)).await.unwrap();
+        assert_eq!(later.role, Role::Agent, "the window has passed");
     }
 }

@@ -8,7 +8,9 @@
 //! passwords at a time (logins and registrations together); past that, 429 at once.
 //!
 //! An email on the agent list registers as an agent only with the agent code
-//! ([`AgentCode`]), and a stored agent whose email left the list is a customer.
+//! ([`AgentCode`]), and a stored agent whose email left the list is a customer. Wrong codes
+//! count against the client address as failed logins do: past the limit within the window, its
+//! registrations of listed emails get 429, with the right code too.
 //!
 //! A server links it with `use helpdesk_auth as _;`; it registers through `inventory`.
 
@@ -112,6 +114,8 @@ impl Plugin for AuthPlugin {
             users: users.clone(),
             hashing: hashing.clone(),
             agents: agents.clone(),
+            // Its keys (`agentcode|...`) never meet the logins' in the one table.
+            code_throttle: throttle.clone(),
             clock: backends.clock.clone(),
         });
         registrar.commands().add(commands::LogInHandler {

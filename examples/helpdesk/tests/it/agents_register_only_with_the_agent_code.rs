@@ -69,6 +69,53 @@ async fn a_code_for_an_email_not_on_the_list_is_refused() {
     .await;
 }
 
+/// Wrong agent codes are counted per client address, before the code is compared: once an
+/// address has sent `--login-attempts` of them within the window, its registrations of listed
+/// emails get 429 `too_many_attempts` with `Retry-After`, the right code too; another address
+/// is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_agent_codes_from_one_address_get_429_but_not_another_address() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.login_attempts = 3;
+            c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let from = |forwarded_for: &'static str, code: &str| {
+            let body =
+                json!({ "email": "agent@example.com", "password": PASSWORD, "agent_code": code });
+            let request = s
+                .http
+                .post(s.url("/auth/register"))
+                .header("x-forwarded-for", forwarded_for)
+                .json(&body);
+            async move { Response::from(request.send().await.unwrap()).await }
+        };
+        for _ in 0..3 {
+            from("192.0.2.91", "a-wrong-agent-code")
+                .await
+                .assert_error(StatusCode::FORBIDDEN, "agent_code_required");
+        }
+        let blocked = from("192.0.2.91", AGENT_CODE).await;
+        blocked.assert_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+        let retry_after: u64 = blocked.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=900).contains(&retry_after), "{retry_after}");
+        let other = from("192.0.2.92", AGENT_CODE).await;
+        assert_eq!(
+            other.status,
+            StatusCode::CREATED,
+            "another address: {other:?}"
+        );
+        assert_eq!(other.body["role"], "agent");
+        s.stop().await;
+    })
+    .await;
+}
+
 /// A user store two servers share, so that a server restarted with another agent list sees
 /// the same users (in memory as on Postgres).
 fn sharing(users: &InMemoryUserStore) -> Hooks {
@@ -157,48 +204,112 @@ async fn on_postgres_agent_emails_without_a_code_refuse_to_start() {
 }
 
 /// In memory, agent emails without a code get a random one, logged once at start as a
-/// warning; an agent registers with it.
+/// warning; an agent registers with it. Nothing else the process writes, at `debug`, holds the
+/// code: not the requests that send it (right, wrong, for an unlisted email), not the logins.
+#[cfg(unix)]
 #[test]
 fn in_memory_a_missing_code_is_made_and_logged_once() {
     let mut child = Running(
         helpdesk_command(
-            &["--bind", "127.0.0.1:0", "--log-format", "json"],
-            &[("HELPDESK_AGENT_EMAILS", "grace@example.com")],
+            &[
+                "--bind",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--shutdown-grace-ms",
+                "2000",
+            ],
+            &[
+                ("HELPDESK_AGENT_EMAILS", "grace@example.com"),
+                ("RUST_LOG", "debug"),
+            ],
         )
         .spawn()
         .unwrap(),
     );
     let lines = stdout_lines(&mut child);
-    let warning: serde_json::Value =
-        serde_json::from_str(&line_with(&lines, "HELPDESK_AGENT_CODE")).unwrap();
+    let mut logged = Vec::new();
+    let warning_line = kept_line_with(&lines, &mut logged, "HELPDESK_AGENT_CODE");
+    let warning: serde_json::Value = serde_json::from_str(&warning_line).unwrap();
     assert_eq!(warning["level"], "WARN", "{warning}");
     let code = warning["fields"]["agent_code"].as_str().unwrap().to_owned();
     assert!(code.len() >= 16, "{code}");
     let listening: serde_json::Value =
-        serde_json::from_str(&line_with(&lines, "helpdesk listening")).unwrap();
+        serde_json::from_str(&kept_line_with(&lines, &mut logged, "helpdesk listening")).unwrap();
     let addr = listening["fields"]["addr"].as_str().unwrap().to_owned();
-    let register = |code: String| {
-        let url = format!("http://{addr}/auth/register");
-        async move {
-            let body =
-                json!({ "email": "grace@example.com", "password": PASSWORD, "agent_code": code });
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .unwrap();
-            Response::from(client.post(url).json(&body).send().await.unwrap()).await
-        }
-    };
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let wrong = runtime.block_on(register(format!("{code}x")));
-    wrong.assert_error(StatusCode::FORBIDDEN, "agent_code_required");
-    let registered = runtime.block_on(register(code));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        let request = client.post(format!("http://{addr}{path}")).json(&body);
+        runtime.block_on(async { Response::from(request.send().await.unwrap()).await })
+    };
+    let register = |email: &str, code: Option<String>| {
+        let mut body = json!({ "email": email, "password": PASSWORD });
+        if let Some(code) = code {
+            body["agent_code"] = json!(code);
+        }
+        post("/auth/register", body)
+    };
+    register("grace@example.com", Some(format!("{code}x")))
+        .assert_error(StatusCode::FORBIDDEN, "agent_code_required");
+    register("grace@example.com", None).assert_error(StatusCode::FORBIDDEN, "agent_code_required");
+    register("grase@example.com", Some(code.clone()))
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    let registered = register("grace@example.com", Some(code.clone()));
     assert_eq!(registered.status, StatusCode::CREATED, "{registered:?}");
     assert_eq!(registered.body["role"], "agent");
-    while let Ok(line) = lines.try_recv() {
-        assert!(
-            !line.contains("HELPDESK_AGENT_CODE"),
-            "logged again: {line}"
-        );
+    let customer = register("ada@example.com", None);
+    assert_eq!(customer.status, StatusCode::CREATED, "{customer:?}");
+    let login = post(
+        "/auth/login",
+        json!({ "email": "grace@example.com", "password": PASSWORD }),
+    );
+    assert_eq!(login.body["role"], "agent", "{login:?}");
+    drop(client);
+    drop(runtime);
+    // Every line, up to the process's exit: not only those that arrived by now.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (status, stderr) = exit_of(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "{status:?} {stderr}");
+    logged.extend(lines);
+    logged.extend(stderr.lines().map(str::to_owned));
+    assert!(
+        logged.iter().any(|l| l.contains("\"DEBUG\"")),
+        "RUST_LOG=debug is in effect"
+    );
+    assert!(
+        logged.iter().any(|l| l.contains("/auth/register")),
+        "the registrations are logged"
+    );
+    let leaks: Vec<&String> = logged
+        .iter()
+        .filter(|l| l.contains(&code) && **l != warning_line)
+        .collect();
+    assert!(leaks.is_empty(), "the code logged again: {leaks:#?}");
+}
+
+/// [`line_with`], keeping in `logged` every line read, the one returned included.
+fn kept_line_with(
+    lines: &std::sync::mpsc::Receiver<String>,
+    logged: &mut Vec<String>,
+    needle: &str,
+) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("no log line with {needle:?}: {e}"));
+        logged.push(line.clone());
+        if line.contains(needle) {
+            return line;
+        }
     }
 }
