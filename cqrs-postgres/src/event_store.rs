@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{EventRecord, Position};
-use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
@@ -145,7 +146,8 @@ pub(crate) struct Completion<'a> {
 /// Appends on `conn` (a transaction, or a plain connection: then the statement is its own
 /// transaction). `pool` is only used to read the actual version after a lost race that the
 /// unique constraint caught inside a transaction, which is aborted by then, and only if a
-/// connection is idle: waiting for one while holding `conn` could starve the pool.
+/// connection is idle or the pool has room for a new one: waiting for another holder's while
+/// holding `conn` could starve the pool.
 pub(crate) async fn append_on(
     conn: &mut PgConnection,
     pool: &PgPool,
@@ -209,18 +211,20 @@ pub(crate) async fn append_on(
             // At READ COMMITTED, only reachable when someone inserted without the append
             // functions (and their lock): an event took the version under our feet.
             let actual = if conn.is_in_transaction() {
-                // The transaction is aborted: read elsewhere, but never wait for a
-                // connection while holding this one.
-                let Some(mut other) = pool.try_acquire() else {
-                    return Err(StoreError::Unavailable {
-                        backend: BACKEND,
-                        source: format!(
-                            "stream {stream_id} got an event at the version this append drew, \
-                             inserted around the append functions, and no idle connection is \
-                             left to read its version: {e}"
-                        )
-                        .into(),
-                    });
+                // The transaction is aborted: read elsewhere.
+                let mut other = match other_connection(pool).await {
+                    Ok(other) => other,
+                    Err(why) => {
+                        return Err(StoreError::Unavailable {
+                            backend: BACKEND,
+                            source: format!(
+                                "stream {stream_id} got an event at the version this append \
+                                 drew, inserted around the append functions, and {why} to \
+                                 read its version: {e}"
+                            )
+                            .into(),
+                        });
+                    }
                 };
                 read_version(&mut other, sql, stream_id).await?
             } else {
@@ -287,6 +291,24 @@ pub(crate) async fn append_on(
                 .with_position(Position::new(to_u64(position)))
         })
         .collect())
+}
+
+/// A second connection for a caller that holds one of `pool`'s: an idle one, or a new one
+/// while the pool is below its maximum (a pool with few `min_connections` keeps none idle).
+/// At its maximum it fails at once rather than wait, holding a connection, for another
+/// holder to give one back: enough callers doing that would starve the pool. The error says
+/// why no connection was had.
+async fn other_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, String> {
+    if let Some(idle) = pool.try_acquire() {
+        return Ok(idle);
+    }
+    if pool.size() >= pool.options().get_max_connections() {
+        return Err("no idle connection is left".to_owned());
+    }
+    // Opens one; bounded by the pool's `acquire_timeout` should others take the room first.
+    pool.acquire()
+        .await
+        .map_err(|e| format!("no connection could be opened ({e})"))
 }
 
 async fn read_version(
@@ -366,5 +388,109 @@ impl EventStore for PgEventStore {
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
         let mut conn = self.db.pool.acquire().await.map_err(store_error)?;
         read_version(&mut conn, &self.db.sql, stream_id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Needs private access: the statement that completes an idempotency key with the events
+    //! is reachable only from a unit of work's commit, which rolls back when it fails.
+
+    use super::*;
+    use crate::PgOptions;
+    use crate::idempotency::{self, Outcome, claim_on};
+    use cqrs_core::{Metadata, RecordMetadata};
+    use std::time::Duration;
+
+    fn record() -> EventRecord {
+        let metadata = Metadata::new();
+        EventRecord::new(
+            metadata.message_id,
+            "Noted",
+            1,
+            serde_json::json!({}),
+            RecordMetadata::from_metadata(&metadata),
+        )
+    }
+
+    /// Under REPEATABLE READ or SERIALIZABLE, the completing append statement neither
+    /// appends nor completes the key, even when the caller commits afterwards: a key is never
+    /// completed without its events.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completing_append_outside_read_committed_leaves_the_key_in_progress() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let id = cqrs_core::testing::test_id("completing_append_isolation");
+        let connect = PgOptions::new(url.clone())
+            .schema(&id)
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect();
+        let db = tokio::time::timeout(Duration::from_secs(10), connect).await;
+        let reachable = matches!(db, Ok(Ok(_)));
+        if !cqrs_core::testing::require_services("postgres", &url, reachable) {
+            return;
+        }
+        let Ok(Ok(db)) = db else { return };
+        db.migrate().await.expect("migrate the test schema");
+
+        cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+            let sql = &db.sql;
+            let day = Duration::from_secs(24 * 3600);
+            let status = format!(
+                "SELECT status FROM \"{}\".idempotency WHERE scope = 's' AND key = $1",
+                db.schema()
+            );
+            for (key, begin) in [
+                ("rr", "BEGIN ISOLATION LEVEL REPEATABLE READ"),
+                ("ser", "BEGIN ISOLATION LEVEL SERIALIZABLE"),
+            ] {
+                // A key claimed and left in progress (status NULL).
+                let mut claim = crate::sql::begin(&db.pool).await.unwrap();
+                let outcome = claim_on(&mut claim, sql, "s", key, "fp", db.clock.now(), day)
+                    .await
+                    .unwrap();
+                assert!(matches!(outcome, Outcome::New));
+                claim.commit().await.unwrap();
+
+                let mut tx = db.pool.begin_with(begin).await.unwrap();
+                let body = serde_json::json!({ "ok": true });
+                let completion = Completion {
+                    scope: "s",
+                    key,
+                    status: 200,
+                    body: &body,
+                    expires_at: idempotency::expiry(db.clock.now(), day),
+                };
+                for events in [vec![record()], vec![record(), record()]] {
+                    let error = append_on(
+                        &mut tx,
+                        &db.pool,
+                        sql,
+                        key,
+                        ExpectedVersion::Any,
+                        events,
+                        Some(&completion),
+                    )
+                    .await
+                    .expect_err("refused outside READ COMMITTED");
+                    assert!(matches!(error, StoreError::Backend { .. }), "{error:?}");
+                }
+                // A caller that commits anyway commits no completion.
+                tx.commit().await.unwrap();
+                let stored: Option<i32> = sqlx::query_scalar(AssertSqlSafe(status.clone()))
+                    .bind(key)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    stored, None,
+                    "{begin}: the key was completed with no events"
+                );
+                assert_eq!(db.event_store().load(key, 0).await.unwrap().len(), 0);
+            }
+        })
+        .await;
+        db.drop_schema().await.expect("drop the test schema");
     }
 }

@@ -159,7 +159,10 @@ pub enum RelayError {
         #[source]
         source: TransportError,
     },
-    /// The transport did not answer within the publish timeout.
+    /// The batch ran out of its publish timeout: the transport did not answer within it, or
+    /// the check of the batch's session before publishing to `topic` did not. What the batch
+    /// shipped before is committed (the commit fails, and nothing moves, if the session is
+    /// gone).
     #[error("outbox relay `{relay}`: publishing to `{topic}` took longer than {after:?}")]
     PublishTimeout {
         /// The relay's name.
@@ -171,10 +174,12 @@ pub enum RelayError {
     },
     /// The batch's hold on the checkpoint could not be confirmed before publishing its next
     /// run: its session ended (the server's `idle_in_transaction_session_timeout`, keepalives
-    /// after a network cut, an administrator) or did not answer in time, so another relay may
-    /// have taken over. The batch stopped without committing: what it published goes out
-    /// again (at least once), and nothing more was published behind the other relay's back.
-    /// Retried like any failed batch.
+    /// after a network cut, an administrator), so another relay may have taken over. The
+    /// batch stopped without committing: what it published goes out again (at least once),
+    /// and nothing more was published behind the other relay's back. Retried like any failed
+    /// batch. (A session that did not answer before the publish timeout ran out ends the
+    /// batch with [`PublishTimeout`](Self::PublishTimeout) instead: what it shipped is
+    /// committed, if the session is still there to commit it.)
     #[error(
         "outbox relay `{relay}` lost its hold on the checkpoint mid-batch; it stopped publishing and committed nothing: {source}"
     )]
@@ -290,7 +295,8 @@ impl PgOutboxRelay {
     /// `idle_in_transaction_timeout`, 60 s by default) and `transaction_timeout` (Postgres
     /// 17): the batch's transaction waits idle while it publishes, and its session is what
     /// holds the checkpoint; [`run`](Worker::run) refuses to start otherwise (see
-    /// [`check_session_settings`](Self::check_session_settings)). When it runs out, the batch
+    /// [`check_session_settings`](Self::check_session_settings)). Leave headroom below them
+    /// (the default's half): the batch still commits after the deadline. When it runs out, the batch
     /// fails and is retried after the backoff; what the transport took before is shipped
     /// (committed: the checkpoint moves past it), so the retry starts after it. At least 1 ms
     /// (zero would never ship anything).
@@ -661,10 +667,19 @@ impl PgOutboxRelay {
         if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             return Err(timed_out());
         }
-        lease
-            .confirm(deadline)
-            .await
-            .map_err(|source| PublishFailure::LeaseLost(self.lease_lost(source)))?;
+        match lease.confirm(deadline).await {
+            Ok(()) => {}
+            // Out of time during the check (its answer still on the way): the same as above.
+            // Nothing more goes out, and what went out before is committed, so the retry
+            // starts after it; rolling it back instead would ship the first run again on
+            // every retry behind a transport that takes most of the timeout. Committing needs
+            // no proof of the hold beforehand: the commit is the proof, as it fails if the
+            // session, and with it the row lock, is gone.
+            Err(Unconfirmed::OutOfTime) => return Err(timed_out()),
+            Err(Unconfirmed::Lost(source)) => {
+                return Err(PublishFailure::LeaseLost(self.lease_lost(source)));
+            }
+        }
         let publish = self.transport.publish(topic, events);
         let outcome = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, publish).await,
@@ -772,7 +787,7 @@ impl Lease<'_> {
     /// transaction (a round trip, which also restarts the server's idle timer), unless
     /// nothing was published since the read. At most one publish can then overlap another
     /// relay's: the one in flight when the session ended.
-    async fn confirm(&mut self, deadline: Option<Instant>) -> Result<(), StoreError> {
+    async fn confirm(&mut self, deadline: Option<Instant>) -> Result<(), Unconfirmed> {
         if std::mem::take(&mut self.fresh) {
             return Ok(());
         }
@@ -783,13 +798,18 @@ impl Lease<'_> {
         };
         match answered {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(store_error(e)),
-            Err(_) => Err(StoreError::Timeout {
-                backend: crate::error::BACKEND,
-                source: "the batch's session did not answer within the publish timeout".into(),
-            }),
+            Ok(Err(e)) => Err(Unconfirmed::Lost(store_error(e))),
+            Err(_) => Err(Unconfirmed::OutOfTime),
         }
     }
+}
+
+/// Why a lease check did not confirm the hold.
+enum Unconfirmed {
+    /// The publish deadline passed before the session answered: maybe slow, maybe gone.
+    OutOfTime,
+    /// The session failed: the hold is gone, or cannot be told.
+    Lost(StoreError),
 }
 
 /// An event the relay passes without publishing it.

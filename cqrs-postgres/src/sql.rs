@@ -113,7 +113,8 @@ impl Sql {
         // would hit the unique constraint. So the call is gated on the level: a one-time
         // filter, evaluated before the function would run, that costs no round trip; under
         // any other level the statement returns no row and does nothing.
-        let read_committed = "WHERE current_setting('transaction_isolation') = 'read committed'";
+        let is_read_committed = "current_setting('transaction_isolation') = 'read committed'";
+        let read_committed = format!("WHERE {is_read_committed}");
         let append_call = format!(
             "SELECT actual_version, positions FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8) \
              {read_committed}"
@@ -124,11 +125,12 @@ impl Sql {
         );
         // A data-modifying CTE runs to completion whether or not the query reads it: the
         // idempotency response is stored in the same statement (and round trip) as the
-        // events.
+        // events. For the same reason the gate on the call does not reach it: it is gated
+        // too, or a statement that appended nothing would complete the key.
         let completing = |call: &str| {
             format!(
                 "WITH completed AS (UPDATE {s}.idempotency SET status = $9, body = $10, \
-                 expires_at = $11 WHERE scope = $12 AND key = $13) {call}"
+                 expires_at = $11 WHERE scope = $12 AND key = $13 AND {is_read_committed}) {call}"
             )
         };
         let f = |text: String| -> Arc<str> { Arc::from(text) };

@@ -2,7 +2,8 @@
 //! reports the failure: `relay_once` returns the error with the checkpoint moved past what was
 //! shipped, and the worker is degraded and backs off, yet never gives up while it moves.
 
-use crate::support::{pg_test, record};
+use crate::proxy::Proxy;
+use crate::support::{database_url, pg_test, record};
 use async_trait::async_trait;
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{
@@ -12,8 +13,10 @@ use cqrs_core::ports::{
 use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
 use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_core::{EventRecord, Position};
-use cqrs_postgres::{PgDatabase, PgOutboxRelay};
+use cqrs_postgres::{PgDatabase, PgOutboxRelay, RelayBatch, RelayError};
 use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -202,5 +205,93 @@ pg_test! {
         trigger.trigger();
         worker.await.unwrap().expect("a clean stop");
         assert_eq!(watch.checkpoint().await.unwrap(), positions[0]);
+    }
+}
+
+/// Takes every publish, then holds back the relay's next statements for `stall`: the
+/// check of the batch's session before its next run cannot answer before the publish
+/// deadline, as behind a transport that used nearly all of the publish timeout.
+struct StallsTheLeaseCheck {
+    inner: InMemoryTransport,
+    proxy: Arc<Proxy>,
+    stall: Duration,
+    taken: std::sync::Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl EventTransport for StallsTheLeaseCheck {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        self.inner.publish(topic, events).await?;
+        self.taken
+            .lock()
+            .unwrap()
+            .extend(events.iter().map(|e| e.payload["n"].as_u64().unwrap()));
+        self.proxy.stall_for(self.stall);
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+pg_test! {
+    /// The publish deadline passes while the relay checks its session before the next run:
+    /// the batch ends as a publish timeout and commits the run it shipped, so each retry
+    /// starts after it, instead of rolling back and shipping the first run again for ever.
+    async fn a_batch_out_of_time_during_its_lease_check_commits_what_it_shipped(db: PgDatabase) {
+        let positions = append(&db, 3).await;
+        let direct = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL parses");
+        let proxy = Arc::new(
+            Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await,
+        );
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(
+                direct
+                    .host("127.0.0.1")
+                    .port(proxy.addr.port())
+                    .ssl_mode(PgSslMode::Disable),
+            )
+            .await
+            .expect("connect through the proxy");
+        let slow = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let publish_timeout = Duration::from_millis(300);
+        let transport = Arc::new(StallsTheLeaseCheck {
+            inner: InMemoryTransport::new(),
+            proxy: proxy.clone(),
+            // Past the deadline by a whole publish timeout: the session's answer cannot beat it.
+            stall: publish_timeout * 2,
+            taken: Default::default(),
+        });
+        let relay = PgOutboxRelay::new(slow.clone(), transport.clone())
+            .topic_for(by_parity)
+            .publish_timeout(publish_timeout)
+            .listen(false);
+        relay.ensure_checkpoint().await.unwrap();
+
+        for (batch, &shipped) in positions[..2].iter().enumerate() {
+            let error = relay.relay_once().await.expect_err("out of time");
+            assert!(matches!(error, RelayError::PublishTimeout { .. }), "{error:?}");
+            assert_eq!(
+                relay.checkpoint().await.unwrap(),
+                shipped,
+                "batch {}: the run it shipped is committed",
+                batch + 1
+            );
+        }
+        assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(1));
+        assert_eq!(relay.checkpoint().await.unwrap(), positions[2]);
+        assert_eq!(*transport.taken.lock().unwrap(), vec![1, 2, 3], "each event shipped once");
+        slow.pool().close().await;
     }
 }

@@ -1,8 +1,8 @@
 //! The append functions read a stream's version after taking the append lock, which is right
 //! only at READ COMMITTED: an append in a transaction at another level is refused, naming the
 //! level, instead of failing as a conflict that is none. And an append that loses a race the
-//! unique constraint catches reads the actual version without waiting for a second pooled
-//! connection while it holds one.
+//! unique constraint catches reads the actual version without waiting for another holder's
+//! pooled connection while it holds one (it opens one while the pool has room).
 
 use crate::support::{options, pg_test, record};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
@@ -101,6 +101,57 @@ pg_test! {
             store.append("s", ExpectedVersion::Any, vec![record(2)]).await
         });
         // The append drew version 1 and waits for the foreign row's fate.
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the append waits on the foreign insert", || async {
+            (waiting(&db).await == 1).then_some(())
+        })
+        .await;
+        foreign.commit().await.unwrap();
+
+        let result = tokio::time::timeout(Duration::from_secs(20), append)
+            .await
+            .expect("the append answered")
+            .unwrap();
+        assert!(
+            matches!(result, Err(StoreError::Conflict { actual: 1, .. })),
+            "expected a conflict at version 1, got {result:?}"
+        );
+        small.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// In a transaction on a pool that keeps no connection idle (`min_connections(0)`) but has
+    /// room for another, an append whose version an event inserted around the append functions
+    /// took opens a second connection to read the actual version: a conflict, not
+    /// `Unavailable`.
+    async fn an_append_in_a_transaction_that_loses_a_race_opens_a_connection_to_read_the_version(db: PgDatabase) {
+        let small = options(db.schema())
+            .min_connections(0)
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap();
+        let mut foreign = db.pool().begin().await.unwrap();
+        let insert = format!(
+            "INSERT INTO \"{}\".events (stream_id, stream_version, event_id, event_type, \
+             schema_version, payload, metadata) VALUES ('s', 1, $1, 'Noted', 1, '{{}}', '{{}}')",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(insert))
+            .bind(record(1).event_id)
+            .execute(&mut *foreign)
+            .await
+            .unwrap();
+
+        let store = small.event_store();
+        let pool = small.pool().clone();
+        let append = tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            assert_eq!(pool.num_idle(), 0, "the pool keeps no connection idle");
+            assert!(pool.size() < 2, "the pool has room for another");
+            store.append_in(&mut tx, "s", ExpectedVersion::Any, vec![record(2)]).await
+        });
         cqrs_core::testing::eventually(Duration::from_secs(10), "the append waits on the foreign insert", || async {
             (waiting(&db).await == 1).then_some(())
         })

@@ -1,16 +1,22 @@
 //! A TCP proxy in front of Postgres that counts round trips: every `Sync` (the end of an
-//! extended-protocol exchange) and every simple `Query` the client sends is one.
+//! extended-protocol exchange) and every simple `Query` the client sends is one. It can also
+//! hold back what clients send for a while: a slow network, on cue.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+/// Until when client messages are held back, on every connection.
+type Stall = Arc<Mutex<Option<Instant>>>;
 
 pub(crate) struct Proxy {
     pub(crate) addr: SocketAddr,
     round_trips: Arc<AtomicUsize>,
+    stall: Stall,
 }
 
 impl Proxy {
@@ -20,15 +26,27 @@ impl Proxy {
         let addr = listener.local_addr().expect("local addr");
         let round_trips = Arc::new(AtomicUsize::new(0));
         let counter = round_trips.clone();
+        let stall = Stall::default();
+        let stalled = stall.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                tokio::spawn(pipe(client, server, counter.clone()));
+                tokio::spawn(pipe(client, server, counter.clone(), stalled.clone()));
             }
         });
-        Proxy { addr, round_trips }
+        Proxy {
+            addr,
+            round_trips,
+            stall,
+        }
+    }
+
+    /// Holds back every message clients send from now on for `duration` after now, then
+    /// forwards them in order: the server sees nothing before then.
+    pub(crate) fn stall_for(&self, duration: Duration) {
+        *self.stall.lock().unwrap() = Some(Instant::now() + duration);
     }
 
     pub(crate) fn round_trips(&self) -> usize {
@@ -53,7 +71,12 @@ impl Proxy {
     }
 }
 
-async fn pipe(mut client: TcpStream, mut server: TcpStream, counter: Arc<AtomicUsize>) {
+async fn pipe(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    counter: Arc<AtomicUsize>,
+    stall: Stall,
+) {
     let (mut client_rx, mut client_tx) = client.split();
     let (mut server_rx, mut server_tx) = server.split();
     let upstream = async {
@@ -94,6 +117,10 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, counter: Arc<AtomicU
                     started = code != 80_877_103;
                 }
                 let message: Vec<u8> = buffer.drain(..total).collect();
+                let until = *stall.lock().unwrap();
+                if let Some(until) = until {
+                    tokio::time::sleep_until(until).await;
+                }
                 server_tx.write_all(&message).await?;
             }
         }
