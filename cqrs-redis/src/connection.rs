@@ -6,12 +6,14 @@ use crate::options::ConnectionOptions;
 use cqrs_core::ports::TransportError;
 use fred::clients::{Client, SubscriberClient};
 use fred::error::ErrorKind as FredKind;
-use fred::interfaces::ClientLike;
+use fred::interfaces::{ClientLike, EventInterface};
 use fred::prelude::{Builder, Options, ReconnectPolicy};
 use fred::socket2::TcpKeepalive;
 use fred::types::config::{Config, UnresponsiveConfig};
 use fred::types::{ClusterHash, CustomCommand, Value};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::broadcast::error::TryRecvError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -93,10 +95,16 @@ fn unresponsive(timeout: Duration) -> UnresponsiveConfig {
 /// ping is not answered within the unresponsive timeout. A connection that died silently
 /// looks connected to fred; a subscriber connection sends nothing by itself, so it would wait
 /// for messages for good, and on a busy connection every new command puts fred's own check
-/// off again. Runs until aborted.
-pub(crate) fn watchdog<C>(client: C, options: &ConnectionOptions) -> JoinHandle<()>
+/// off again. Each ping holds `exclusive`, if given: the pub/sub's subscribe takes the next
+/// reply on its connection for its own (see `confirmed_subscribe`), so a ping must not come
+/// between. Runs until aborted.
+pub(crate) fn watchdog<C>(
+    client: C,
+    options: &ConnectionOptions,
+    exclusive: Option<Arc<tokio::sync::Mutex<()>>>,
+) -> JoinHandle<()>
 where
-    C: ClientLike + Clone + 'static,
+    C: EventInterface + Clone + 'static,
 {
     let interval = options.ping_interval;
     let timeout = options.unresponsive();
@@ -111,9 +119,22 @@ where
                 // Reconnecting already.
                 continue;
             }
+            let guard = match &exclusive {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
+            // Before the ping: a reconnect while it waits (fred's unresponsive check timing
+            // out the same silence) already replaced the connection.
+            let mut reconnects = client.reconnect_rx();
             let reply = client.with_options(&ping).ping::<Value>(None).await;
+            drop(guard);
             match reply {
                 Err(e) if *e.kind() == FredKind::Timeout && client.is_connected() => {
+                    if !matches!(reconnects.try_recv(), Err(TryRecvError::Empty)) {
+                        // Forcing another would count a second loss on the pub/sub.
+                        tracing::debug!(client = %client.id(), "watchdog ping timed out across a reconnect");
+                        continue;
+                    }
                     tracing::warn!(
                         client = %client.id(),
                         ?timeout,

@@ -904,12 +904,15 @@ impl RedisConsumer {
                 return Ok(());
             }
             Err(e) => {
-                if *e.kind() == FredKind::Timeout && self.reader.is_connected() {
+                if *e.kind() == FredKind::Timeout
+                    && self.reader.is_connected()
+                    && self.shared.options.connection.replaces_unresponsive()
+                {
                     // No reply within the block interval plus the command timeout, on a
                     // connection fred takes for up: dead, or the server stuck. fred's own
                     // unresponsive check skips a connection waiting in a blocking command,
                     // so replace it here (what the read may have been served is taken over
-                    // by the next step).
+                    // by the next step), unless unresponsive connections are never replaced.
                     let reader = self.reader.clone();
                     tokio::spawn(async move {
                         if let Err(error) = reader.force_reconnection().await {

@@ -7,6 +7,13 @@ use std::time::Duration;
 /// The default server: a local Redis.
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 
+/// The shortest watchdog ping interval: a shorter one pings back to back.
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
+/// The TCP keepalive idle times the kernel takes (`TCP_KEEPIDLE`: Linux refuses more than
+/// 32767 s with `EINVAL`); the probe interval, a third of it, is in range too.
+const MIN_KEEPALIVE: Duration = Duration::from_secs(1);
+const MAX_KEEPALIVE: Duration = Duration::from_secs(32767);
+
 /// How the adapters connect to Redis and behave while it is unreachable.
 ///
 /// ```
@@ -95,9 +102,12 @@ impl ConnectionOptions {
     /// This is what notices a connection that died silently, without a FIN or RST (a NAT or
     /// firewall dropped it, the host vanished): fred still takes it for connected, commands
     /// only time out, and the kernel gives up on it only after about 15 minutes. A server
-    /// busy for longer (a slow script) also gets its connections replaced; a command in
-    /// flight then may be sent again after the reconnect, like after any reconnect. Must be
-    /// above zero; a value too long for the clock (up to `Duration::MAX`) means never.
+    /// busy for longer (a slow script) also gets its connections replaced: fred sends the
+    /// commands in flight that have not timed out again after the reconnect (publishes fail
+    /// fast instead), and the pub/sub loses what is published meanwhile and counts a possible
+    /// loss in `Subscription::missed`. Raise it above the longest stall you expect. Must be
+    /// above zero; a value too long for the clock (up to `Duration::MAX`) means never, and
+    /// then a consumer's blocking read that times out does not replace its connection either.
     pub fn unresponsive_timeout(mut self, timeout: Duration) -> Self {
         self.unresponsive_timeout = Some(timeout);
         self
@@ -111,8 +121,8 @@ impl ConnectionOptions {
     /// written, is put off again by every new command on a busy connection. A ping not
     /// answered within the [unresponsive timeout](Self::unresponsive_timeout) forces a
     /// reconnect, after which the pub/sub subscribes again and counts a possible loss. So a
-    /// dead connection is replaced within about this interval plus that timeout. Must be
-    /// above zero.
+    /// dead connection is replaced within about this interval plus that timeout. Must be at
+    /// least 10 ms: a shorter one would ping back to back.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
@@ -122,8 +132,9 @@ impl ConnectionOptions {
     /// peer, every third of `idle` (at least 1 s), and closes the connection when the probes
     /// go unanswered (Linux sends 9, `net.ipv4.tcp_keepalive_probes`), so fred reconnects.
     /// Catches an idle connection to a vanished host at the TCP level, and keeps NAT and
-    /// firewall entries from expiring. `None` turns it off. Default `Some(15 s)`. Must be at
-    /// least 1 s.
+    /// firewall entries from expiring. `None` turns it off. Default `Some(15 s)`. Must be from
+    /// 1 s to 32767 s (about 9 hours): Linux refuses a longer idle time, and every connect
+    /// would fail.
     pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
         self.tcp_keepalive = idle;
         self
@@ -133,6 +144,14 @@ impl ConnectionOptions {
     pub(crate) fn unresponsive(&self) -> Duration {
         self.unresponsive_timeout
             .unwrap_or_else(|| self.command_timeout.saturating_mul(2))
+    }
+
+    /// Whether unresponsive connections are replaced at all: a timeout too long for the clock
+    /// (up to `Duration::MAX`) means never.
+    pub(crate) fn replaces_unresponsive(&self) -> bool {
+        tokio::time::Instant::now()
+            .checked_add(self.unresponsive())
+            .is_some()
     }
 
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
@@ -164,18 +183,19 @@ impl ConnectionOptions {
                 self.unresponsive()
             ));
         }
-        if self.ping_interval.is_zero() {
+        if self.ping_interval < MIN_PING_INTERVAL {
             problems.push(format!(
-                "ping_interval must be above zero, got {:?}",
+                "ping_interval must be at least {MIN_PING_INTERVAL:?}, got {:?}",
                 self.ping_interval
             ));
         }
         if let Some(idle) = self
             .tcp_keepalive
-            .filter(|idle| *idle < Duration::from_secs(1))
+            .filter(|idle| !(MIN_KEEPALIVE..=MAX_KEEPALIVE).contains(idle))
         {
             problems.push(format!(
-                "tcp_keepalive must be at least 1s (or None), got {idle:?}"
+                "tcp_keepalive must be from {MIN_KEEPALIVE:?} to {MAX_KEEPALIVE:?} (or None), \
+                 got {idle:?}"
             ));
         }
     }
@@ -476,8 +496,8 @@ mod tests {
                 "connect_timeout must be above zero, got 0ns",
                 "reconnect_delays must satisfy 0 < min <= max, got min 2s and max 1s",
                 "unresponsive_timeout must be above zero, got 0ns",
-                "ping_interval must be above zero, got 0ns",
-                "tcp_keepalive must be at least 1s (or None), got 500ms",
+                "ping_interval must be at least 10ms, got 0ns",
+                "tcp_keepalive must be from 1s to 32767s (or None), got 500ms",
                 "key_prefix must not be empty, got \"\"",
                 "key_ordering must have at least one lane, got Lanes(0)",
                 "max_held must be at least 1, got 0",
@@ -516,6 +536,43 @@ mod tests {
         }
         let most = RedisPubSubOptions::new(DEFAULT_URL).capacity(1 << 20);
         assert!(most.validate().is_ok());
+    }
+
+    /// Linux refuses a keepalive idle time above 32767 s (every connect failed with `EINVAL`),
+    /// and a ping interval of a few nanoseconds pings back to back: both refused up front.
+    #[test]
+    fn keepalive_and_ping_interval_stay_in_the_ranges_that_work() {
+        let problems = |connection: ConnectionOptions| {
+            let mut problems = Vec::new();
+            connection.problems(&mut problems);
+            problems
+        };
+        for idle in [
+            Duration::from_secs(32768),
+            Duration::from_secs(24 * 3600),
+            Duration::MAX,
+        ] {
+            assert_eq!(
+                problems(ConnectionOptions::new(DEFAULT_URL).tcp_keepalive(Some(idle))),
+                [format!(
+                    "tcp_keepalive must be from 1s to 32767s (or None), got {idle:?}"
+                )]
+            );
+        }
+        for interval in [Duration::from_nanos(1), Duration::from_micros(9_999)] {
+            assert_eq!(
+                problems(ConnectionOptions::new(DEFAULT_URL).ping_interval(interval)),
+                [format!(
+                    "ping_interval must be at least 10ms, got {interval:?}"
+                )]
+            );
+        }
+        let edges = ConnectionOptions::new(DEFAULT_URL)
+            .tcp_keepalive(Some(Duration::from_secs(32767)))
+            .ping_interval(Duration::from_millis(10));
+        assert!(problems(edges).is_empty());
+        let edges = ConnectionOptions::new(DEFAULT_URL).tcp_keepalive(Some(Duration::from_secs(1)));
+        assert!(problems(edges).is_empty());
     }
 
     #[test]

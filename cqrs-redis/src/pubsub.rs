@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use cqrs_core::ports::{Fanout, PubSub, Subscription, TransportError};
 use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::{Client, SubscriberClient};
+use fred::error::ErrorKind as FredKind;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, Value};
@@ -237,9 +238,19 @@ impl RedisPubSubOptions {
 
         // A PING now and then on both connections: a subscriber connection that died silently
         // would otherwise never be noticed (it sends nothing), so nothing would resubscribe
-        // and no loss would be counted. A forced reconnect resubscribes as above.
-        tasks.push(connection::watchdog(subscriber.clone(), &self.connection));
-        tasks.push(connection::watchdog(publisher.clone(), &self.connection));
+        // and no loss would be counted. A forced reconnect resubscribes as above. The
+        // subscriber's pings hold the upstream lock: one landing between a SUBSCRIBE and its
+        // confirming PING would take a refusal meant for the subscribe.
+        tasks.push(connection::watchdog(
+            subscriber.clone(),
+            &self.connection,
+            Some(upstream.clone()),
+        ));
+        tasks.push(connection::watchdog(
+            publisher.clone(),
+            &self.connection,
+            None,
+        ));
 
         Ok(RedisPubSub {
             inner: Arc::new(Inner {
@@ -320,18 +331,45 @@ impl PubSub for RedisPubSub {
                     // A reconnect while SUBSCRIBE is in flight loses it, while the PING behind
                     // it is resent and answered on the new connection: subscribe again then.
                     let mut reconnects = inner.subscriber.reconnect_rx();
-                    loop {
+                    let before = loop {
+                        // fred may drop a refusal (`NOPERM`) that arrives before the PING is
+                        // queued, so Redis's own count of the connection's subscriptions
+                        // tells whether this one was taken.
+                        let before =
+                            subscription_count(&inner.publisher, &inner.subscriber).await;
                         confirmed_subscribe(&inner.subscriber, vec![name.clone()])
                             .await
                             .map_err(transport_error)?;
                         match reconnects.try_recv() {
-                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Empty) => break before,
                             Err(TryRecvError::Closed) => return Err(TransportError::Closed),
                             Ok(_) | Err(TryRecvError::Lagged(_)) => {
                                 tracing::debug!(channel = %name, "reconnected while subscribing; subscribing again");
                                 reconnects = reconnects.resubscribe();
                             }
                         }
+                    };
+                    let held = inner
+                        .subscribed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(&name);
+                    // Subscribing again to a channel held already leaves the count as it was.
+                    // (`None`: cannot tell, as on a resubscription.)
+                    if !held
+                        && let (Some(before), Some(after)) = (
+                            before,
+                            subscription_count(&inner.publisher, &inner.subscriber).await,
+                        )
+                        && after <= before
+                    {
+                        return Err(transport_error(fred::error::Error::new(
+                            FredKind::Auth,
+                            format!(
+                                "redis did not take the subscription to {name} (refused: an \
+                                 ACL?)"
+                            ),
+                        )));
                     }
                     // One Redis subscription per channel, however often it was asked for.
                     inner
@@ -349,6 +387,8 @@ impl PubSub for RedisPubSub {
 /// Subscribes and waits for Redis to confirm. fred answers SUBSCRIBE once it is written; Redis
 /// runs a connection's commands in order, so the PING's reply is the confirmation, and a refusal
 /// (`NOPERM`), which has no command of its own to answer in fred, comes back as the PING's reply.
+/// Callers hold the upstream lock, which the subscriber's watchdog takes for each of its pings:
+/// no other command may come between the two.
 async fn confirmed_subscribe(
     client: &SubscriberClient,
     names: Vec<String>,

@@ -141,7 +141,7 @@ impl RedisStreamOptions {
         };
         Ok(RedisStreamTransport {
             shared: Arc::new(Shared {
-                watchdog: connection::watchdog(client.clone(), &self.connection),
+                watchdog: connection::watchdog(client.clone(), &self.connection, None),
                 client,
                 scripts,
                 options: self,

@@ -26,7 +26,6 @@ async fn a_consumer_replaces_connections_that_died_silently() {
         Box::pin(async {
             let proxy = Proxy::start(&host).await;
             let connection = ConnectionOptions::new(proxy.url())
-                // Above the write pauses (`CLIENT PAUSE`) of other tests of this binary.
                 .command_timeout(Duration::from_secs(1))
                 .connect_timeout(Duration::from_secs(1))
                 .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))

@@ -3,19 +3,24 @@
 //! persistence), nothing is pending, and the step creates the group again, as it does after
 //! a successful read.
 
-use crate::support::{Env, connection, event, n_of, publish_until_ok, within};
+use crate::proxy::Proxy;
+use crate::support::{Env, event, n_of, plain_redis_host, publish_until_ok, within};
 use cqrs_core::ports::{EventTransport, TransportError};
+use cqrs_redis::ConnectionOptions;
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_gone_after_a_failed_read_is_created_again() {
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    let proxy = Proxy::start(&host).await;
     let Some(env) = Env::with("gone-after-lost-read", |o| {
         o.connection(
-            connection()
+            ConnectionOptions::new(proxy.url())
                 .command_timeout(Duration::from_millis(200))
-                // No reconnect while Redis is paused.
-                .unresponsive_timeout(Duration::from_secs(30)),
+                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
         )
     })
     .await
@@ -27,12 +32,12 @@ async fn a_group_gone_after_a_failed_read_is_created_again() {
         Box::pin(async {
             let topic = env.topic("events");
             let mut consumer = env.join(&topic, "c", |o| o).await;
-            // The consumer's read waits in Redis for the pause and times out.
-            env.command("CLIENT", vec!["PAUSE".into(), 400.into(), "WRITE".into()])
-                .await;
+            // The consumer's read reaches Redis; its reply is lost, and it times out.
+            // The blocking read on the consumer's own connection (`BLOCK`), not the step's.
+            proxy.lose_reply_to("BLOCK");
             let error = consumer.fetch(10).await.expect_err("the read times out");
             assert!(matches!(error, TransportError::Timeout { .. }), "{error:?}");
-            // Runs once the pause is over.
+            assert!(proxy.reply_lost(), "the read went through the proxy");
             let stream = env.transport.stream_key(&topic).unwrap();
             env.command("DEL", vec![stream.as_str().into()]).await;
             let events = [event(Some("k"), 1)];

@@ -31,7 +31,6 @@ async fn a_silently_dead_subscriber_connection_is_replaced_and_counted_as_missed
         Box::pin(async {
             let proxy = Proxy::start(&host).await;
             let connection = ConnectionOptions::new(proxy.url())
-                // Above the write pauses (`CLIENT PAUSE`) of other tests of this binary.
                 .command_timeout(Duration::from_secs(1))
                 .connect_timeout(Duration::from_secs(1))
                 .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))

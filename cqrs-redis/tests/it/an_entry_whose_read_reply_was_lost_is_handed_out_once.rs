@@ -1,22 +1,28 @@
-//! An entry read by an `XREADGROUP` whose reply the consumer never got (the read timed out
-//! while Redis, its writes paused, ran it later) is taken over by the consumer's next step:
-//! handed out once, as its first delivery, instead of waiting out the redelivery delay and
-//! being dead-lettered, unhandled, by the reclaim that counts a second delivery
+//! An entry read by an `XREADGROUP` whose reply the consumer never got (Redis served the read,
+//! and the test's proxy lost the reply: the read timed out) is taken over by the consumer's
+//! next step: handed out once, as its first delivery, instead of waiting out the redelivery
+//! delay and being dead-lettered, unhandled, by the reclaim that counts a second delivery
 //! (`max_deliveries(1)`).
 
-use crate::support::{Env, connection, event, n_of, publish_until_ok, within};
-use cqrs_core::ports::{EventTransport, TransportError};
+use crate::proxy::Proxy;
+use crate::support::{Env, blocked_connections, event, n_of, plain_redis_host, raw, within};
+use cqrs_core::ports::{Consumer, EventTransport, TransportError};
+use cqrs_redis::ConnectionOptions;
+use fred::types::Value;
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_read_reply_was_lost_is_handed_out_once() {
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    let proxy = Proxy::start(&host).await;
     let Some(env) = Env::with("lost-read", |o| {
         o.connection(
-            connection()
+            ConnectionOptions::new(proxy.url())
                 .command_timeout(Duration::from_millis(200))
-                // No reconnect while Redis is paused: the read must stay on its connection.
-                .unresponsive_timeout(Duration::from_secs(30)),
+                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
         )
     })
     .await
@@ -27,41 +33,68 @@ async fn an_entry_whose_read_reply_was_lost_is_handed_out_once() {
         60,
         Box::pin(async {
             let topic = env.topic("events");
-            let delay = Duration::from_secs(1);
+            let delay = Duration::from_secs(4);
             let mut consumer = env
-                .join(&topic, "c", |o| o.max_deliveries(1).redelivery_delay(delay))
-                .await;
+                .transport
+                .redis_consumer(
+                    &topic,
+                    "g",
+                    crate::support::consumer_options(&format!("{}-c", env.id))
+                        .max_deliveries(1)
+                        // Blocking reads of up to a second (the claim interval's cap).
+                        .block(Duration::from_secs(1))
+                        .redelivery_delay(delay),
+                )
+                .await
+                .unwrap();
+            let ids = consumer.client_ids().await.unwrap();
+            // The blocking read on the consumer's own connection (`BLOCK`), not the step's.
+            proxy.lose_reply_to("BLOCK");
             let events = [event(Some("k"), 1)];
-            publish_until_ok(|| env.transport.publish(&topic, &events)).await;
-            // `XREADGROUP` is a write: the consumer's read waits in Redis for the pause, its
-            // reply comes after the command timeout, and Redis runs it when the pause ends.
-            env.command("CLIENT", vec!["PAUSE".into(), 500.into(), "WRITE".into()])
-                .await;
+            // The consumer's blocking read reaches Redis, which serves it the event published
+            // meanwhile; the reply is lost, so the read times out.
+            let (read, ()) = tokio::join!(consumer.fetch(10), async {
+                blocked_connections(&env.admin, &ids).await;
+                env.transport.publish(&topic, &events).await.unwrap();
+            });
+            assert!(proxy.reply_lost(), "the read went through the proxy");
+            let error = read.expect_err("the read whose reply was lost times out");
+            assert!(retryable(&error), "retryable, got {error:?}");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let pending = raw(
+                &env.admin,
+                "XPENDING",
+                vec![stream.as_str().into(), "g".into()],
+            )
+            .await;
+            assert_eq!(
+                pending.into_array().first().and_then(Value::as_u64),
+                Some(1),
+                "Redis served the lost read"
+            );
+
             let mut handed = Vec::new();
-            let mut failures = 0;
-            // Four redelivery delays: enough for a reclaim to dead-letter it.
-            let until = Instant::now() + 4 * delay;
+            // Two redelivery delays: enough for a reclaim to dead-letter it.
+            let until = Instant::now() + 2 * delay;
             while handed.is_empty() && Instant::now() < until {
                 match consumer.fetch(10).await {
                     Ok(batch) => handed.extend(batch.iter().map(|d| (n_of(d), d.attempt))),
-                    Err(e) => {
-                        assert!(
-                            matches!(
-                                e,
-                                TransportError::Timeout { .. } | TransportError::Unavailable { .. }
-                            ),
-                            "retryable, got {e:?}"
-                        );
-                        failures += 1;
-                    }
+                    Err(e) => assert!(retryable(&e), "retryable, got {e:?}"),
                 }
             }
-            assert!(failures >= 1, "the read during the pause timed out");
             assert_eq!(handed, [(1, 1)], "handed out once, as its first delivery");
             let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
             assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
+            drop(consumer);
         }),
     )
     .await;
     env.cleanup().await;
+}
+
+fn retryable(error: &TransportError) -> bool {
+    matches!(
+        error,
+        TransportError::Unavailable { .. } | TransportError::Timeout { .. }
+    )
 }

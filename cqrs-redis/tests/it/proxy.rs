@@ -2,7 +2,8 @@
 //! every connection it holds stays open and forwards nothing, as when a NAT or firewall drops
 //! a connection or the host vanishes (no FIN, no RST). Connections opened while it is a black
 //! hole are accepted and forward nothing either; once it forwards again, new connections pass
-//! through, and the black-holed ones stay dead.
+//! through, and the black-holed ones stay dead. It can also lose the reply to one command:
+//! the connection that sends it forwards it to Redis, which runs it, and then goes dead.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +23,8 @@ pub(crate) struct Proxy {
 #[derive(Default)]
 struct State {
     black_hole: AtomicBool,
+    /// An argument (as sent: `\r\nWORD\r\n`) of the command whose reply is to be lost, once.
+    trap: Mutex<Option<Vec<u8>>>,
     /// Per connection accepted: whether it is dead (forwards nothing, for good).
     connections: Mutex<Vec<Arc<AtomicBool>>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
@@ -44,12 +47,13 @@ impl Proxy {
                     let dead = Arc::new(AtomicBool::new(state.black_hole.load(Ordering::SeqCst)));
                     state.connections.lock().unwrap().push(dead.clone());
                     let host = host.clone();
+                    let shared = state.clone();
                     let pump = tokio::spawn(async move {
                         let (client_read, client_write) = client.into_split();
                         if dead.load(Ordering::SeqCst) {
                             // Never reaches Redis; the client's socket stays open.
                             let _open = client_write;
-                            pump(client_read, None, dead).await;
+                            pump(client_read, None, dead, None).await;
                             return;
                         }
                         let Ok(server) = TcpStream::connect(&host).await else {
@@ -57,8 +61,13 @@ impl Proxy {
                         };
                         let (server_read, server_write) = server.into_split();
                         tokio::join!(
-                            pump(client_read, Some(server_write), dead.clone()),
-                            pump(server_read, Some(client_write), dead),
+                            pump(
+                                client_read,
+                                Some(server_write),
+                                dead.clone(),
+                                Some(&*shared)
+                            ),
+                            pump(server_read, Some(client_write), dead, None),
                         );
                     });
                     state.pumps.lock().unwrap().push(pump);
@@ -86,6 +95,24 @@ impl Proxy {
         }
     }
 
+    /// The next command with the argument `word` (as fred sends it: `BLOCK` for a blocking
+    /// read) sent through the proxy reaches Redis, and its connection then goes dead at once:
+    /// the reply, and all else in either direction, is lost, and nothing closes. Other
+    /// connections go on.
+    pub(crate) fn lose_reply_to(&self, word: &str) {
+        *self.state.trap.lock().unwrap() = Some(format!("\r\n{word}\r\n").into_bytes());
+    }
+
+    /// Whether the command [`lose_reply_to`](Self::lose_reply_to) waits for went through.
+    pub(crate) fn reply_lost(&self) -> bool {
+        self.state.trap.lock().unwrap().is_none()
+    }
+
+    /// How many connections the proxy accepted.
+    pub(crate) fn accepted(&self) -> usize {
+        self.state.connections.lock().unwrap().len()
+    }
+
     /// New connections pass through again; the dead ones stay dead.
     pub(crate) fn forward(&self) {
         self.state.black_hole.store(false, Ordering::SeqCst);
@@ -102,9 +129,15 @@ impl Drop for Proxy {
 }
 
 /// Copies `from` to `to` until either side closes; once `dead`, reads and discards (the
-/// sender never blocks, nothing arrives), keeping both sockets open. (`readable` and
+/// sender never blocks, nothing arrives), keeping both sockets open. `trap` (client to server
+/// only): a chunk with the armed command is the last one forwarded. (`readable` and
 /// `try_read` rather than `AsyncReadExt`: the tests build tokio without `io-util`.)
-async fn pump(from: OwnedReadHalf, mut to: Option<OwnedWriteHalf>, dead: Arc<AtomicBool>) {
+async fn pump(
+    from: OwnedReadHalf,
+    mut to: Option<OwnedWriteHalf>,
+    dead: Arc<AtomicBool>,
+    trap: Option<&State>,
+) {
     let mut buffer = vec![0u8; 16 * 1024];
     'copy: loop {
         if from.readable().await.is_err() {
@@ -118,6 +151,17 @@ async fn pump(from: OwnedReadHalf, mut to: Option<OwnedWriteHalf>, dead: Arc<Ato
         };
         if dead.load(Ordering::SeqCst) {
             continue;
+        }
+        if let Some(state) = trap {
+            let mut armed = state.trap.lock().unwrap();
+            let sprung = armed
+                .as_ref()
+                .is_some_and(|needle| buffer[..n].windows(needle.len()).any(|w| w == &needle[..]));
+            if sprung {
+                *armed = None;
+                // Before the command goes out: its reply must find the connection dead.
+                dead.store(true, Ordering::SeqCst);
+            }
         }
         let Some(to) = to.as_mut() else { continue };
         let mut written = 0;

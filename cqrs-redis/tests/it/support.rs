@@ -331,7 +331,7 @@ pub(crate) fn assert_each_key_in_order(
 }
 
 /// Waits (up to 10 s, else panics) until some of the connections `ids` wait in a blocking
-/// command, and returns those.
+/// read, and returns those.
 pub(crate) async fn blocked_connections(admin: &Client, ids: &[i64]) -> Vec<i64> {
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -347,8 +347,8 @@ pub(crate) async fn blocked_connections(admin: &Client, ids: &[i64]) -> Vec<i64>
     }
 }
 
-/// Those of the connections `ids` that wait in a blocking command now (`CLIENT LIST`: `flags`
-/// has `b`).
+/// Those of the connections `ids` that wait in a blocking read now (`CLIENT LIST`: `flags` has
+/// `b` and `cmd` is `xreadgroup`; a client paused by `CLIENT PAUSE` also has `b`).
 pub(crate) async fn blocked_now(admin: &Client, ids: &[i64]) -> Vec<i64> {
     let mut args: Vec<Value> = vec!["LIST".into(), "ID".into()];
     args.extend(ids.iter().map(|id| Value::from(*id)));
@@ -357,8 +357,11 @@ pub(crate) async fn blocked_now(admin: &Client, ids: &[i64]) -> Vec<i64> {
         .unwrap_or_default()
         .lines()
         .filter(|line| {
-            line.split(' ')
-                .any(|part| part.strip_prefix("flags=").is_some_and(|f| f.contains('b')))
+            let mut parts = line.split(' ');
+            let blocked = parts
+                .clone()
+                .any(|part| part.strip_prefix("flags=").is_some_and(|f| f.contains('b')));
+            blocked && parts.any(|part| part == "cmd=xreadgroup")
         })
         .filter_map(|line| {
             line.split(' ')
