@@ -108,6 +108,7 @@ where
 {
     let interval = options.ping_interval;
     let timeout = options.unresponsive();
+    let held_for = options.command_timeout.min(timeout);
     tokio::spawn(async move {
         let ping = Options {
             timeout: Some(timeout),
@@ -119,15 +120,29 @@ where
                 // Reconnecting already.
                 continue;
             }
-            let guard = match &exclusive {
-                Some(lock) => Some(lock.lock().await),
-                None => None,
-            };
             // Before the ping: a reconnect while it waits (fred's unresponsive check timing
             // out the same silence) already replaced the connection.
             let mut reconnects = client.reconnect_rx();
-            let reply = client.with_options(&ping).ping::<Value>(None).await;
-            drop(guard);
+            let pinger = client.with_options(&ping);
+            let reply = pinger.ping::<Value>(None);
+            tokio::pin!(reply);
+            let reply = match &exclusive {
+                // The lock only has to keep the ping from being written between a SUBSCRIBE
+                // and its confirming PING: held for as long as a command may take, then let
+                // go, so a dead connection holds subscribes up no longer than their own
+                // command timeout would (not for the whole unresponsive timeout).
+                Some(lock) => {
+                    let guard = lock.lock().await;
+                    match tokio::time::timeout(held_for, &mut reply).await {
+                        Ok(reply) => reply,
+                        Err(_) => {
+                            drop(guard);
+                            reply.await
+                        }
+                    }
+                }
+                None => reply.await,
+            };
             match reply {
                 Err(e) if *e.kind() == FredKind::Timeout && client.is_connected() => {
                     if !matches!(reconnects.try_recv(), Err(TryRecvError::Empty)) {
@@ -221,7 +236,8 @@ pub(crate) async fn client_ids(
 }
 
 /// One field (`id`, `sub`, ...) of each connection of `clients`, found by their names in
-/// `CLIENT LIST` asked on `admin`, on the node `route` picks.
+/// `CLIENT LIST` asked on `admin`, on the node `route` picks; the newest connection first
+/// (the highest id: a client's connection that died silently may still be listed, older).
 pub(crate) async fn client_field(
     admin: &Client,
     clients: &[&str],
@@ -236,23 +252,27 @@ pub(crate) async fn client_field(
         .await
         .map_err(transport_error)?;
     let prefix = format!("{field}=");
-    Ok(list
+    let mut found: Vec<(i64, String)> = list
         .lines()
         .filter_map(|line| {
-            let mut value = None;
-            let mut name = None;
+            let (mut value, mut name, mut id) = (None, None, None);
             for part in line.split(' ') {
                 if let Some(v) = part.strip_prefix(prefix.as_str()) {
                     value = Some(v);
-                } else if let Some(v) = part.strip_prefix("name=") {
+                }
+                if let Some(v) = part.strip_prefix("name=") {
                     name = Some(v);
+                } else if let Some(v) = part.strip_prefix("id=") {
+                    id = v.parse::<i64>().ok();
                 }
             }
             value
                 .filter(|_| name.is_some_and(|n| clients.contains(&n)))
-                .map(str::to_owned)
+                .map(|v| (id.unwrap_or(0), v.to_owned()))
         })
-        .collect())
+        .collect();
+    found.sort_by_key(|(id, _)| std::cmp::Reverse(*id));
+    Ok(found.into_iter().map(|(_, value)| value).collect())
 }
 
 /// Closes a client in the background, where a runtime is running (drop cannot await).

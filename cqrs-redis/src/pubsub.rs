@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use cqrs_core::ports::{Fanout, PubSub, Subscription, TransportError};
 use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::{Client, SubscriberClient};
-use fred::error::ErrorKind as FredKind;
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, Value};
@@ -331,45 +330,18 @@ impl PubSub for RedisPubSub {
                     // A reconnect while SUBSCRIBE is in flight loses it, while the PING behind
                     // it is resent and answered on the new connection: subscribe again then.
                     let mut reconnects = inner.subscriber.reconnect_rx();
-                    let before = loop {
-                        // fred may drop a refusal (`NOPERM`) that arrives before the PING is
-                        // queued, so Redis's own count of the connection's subscriptions
-                        // tells whether this one was taken.
-                        let before =
-                            subscription_count(&inner.publisher, &inner.subscriber).await;
+                    loop {
                         confirmed_subscribe(&inner.subscriber, vec![name.clone()])
                             .await
                             .map_err(transport_error)?;
                         match reconnects.try_recv() {
-                            Err(TryRecvError::Empty) => break before,
+                            Err(TryRecvError::Empty) => break,
                             Err(TryRecvError::Closed) => return Err(TransportError::Closed),
                             Ok(_) | Err(TryRecvError::Lagged(_)) => {
                                 tracing::debug!(channel = %name, "reconnected while subscribing; subscribing again");
                                 reconnects = reconnects.resubscribe();
                             }
                         }
-                    };
-                    let held = inner
-                        .subscribed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .contains_key(&name);
-                    // Subscribing again to a channel held already leaves the count as it was.
-                    // (`None`: cannot tell, as on a resubscription.)
-                    if !held
-                        && let (Some(before), Some(after)) = (
-                            before,
-                            subscription_count(&inner.publisher, &inner.subscriber).await,
-                        )
-                        && after <= before
-                    {
-                        return Err(transport_error(fred::error::Error::new(
-                            FredKind::Auth,
-                            format!(
-                                "redis did not take the subscription to {name} (refused: an \
-                                 ACL?)"
-                            ),
-                        )));
                     }
                     // One Redis subscription per channel, however often it was asked for.
                     inner

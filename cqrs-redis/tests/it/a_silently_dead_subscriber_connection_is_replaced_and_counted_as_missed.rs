@@ -95,6 +95,18 @@ async fn a_silently_dead_subscriber_connection_is_replaced_and_counted_as_missed
                 async move { matches!(pubsub.check().await, Health::Healthy).then_some(()) }
             })
             .await;
+            // The dead connection may still be listed by Redis (the proxy keeps it open): a new
+            // channel subscribes all the same.
+            let mut other = pubsub
+                .subscribe(&format!("{id}-other"))
+                .await
+                .expect("a new channel after the connection was replaced");
+            publish(&admin, &format!("{}:{id}-other", prefix(&id)), "other").await;
+            let message = tokio::time::timeout(Duration::from_secs(5), other.recv())
+                .await
+                .expect("a message on the new channel")
+                .expect("open");
+            assert_eq!(&*message.payload, "other");
             let _ = fred::interfaces::ClientLike::quit(&admin).await;
         }),
     )
