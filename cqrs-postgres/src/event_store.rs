@@ -397,42 +397,18 @@ mod tests {
     //! is reachable only from a unit of work's commit, which rolls back when it fails.
 
     use super::*;
-    use crate::PgOptions;
     use crate::idempotency::{self, Outcome, claim_on};
-    use cqrs_core::{Metadata, RecordMetadata};
     use std::time::Duration;
-
-    fn record() -> EventRecord {
-        let metadata = Metadata::new();
-        EventRecord::new(
-            metadata.message_id,
-            "Noted",
-            1,
-            serde_json::json!({}),
-            RecordMetadata::from_metadata(&metadata),
-        )
-    }
 
     /// Under REPEATABLE READ or SERIALIZABLE, the completing append statement neither
     /// appends nor completes the key, even when the caller commits afterwards: a key is never
     /// completed without its events.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_completing_append_outside_read_committed_leaves_the_key_in_progress() {
-        let url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let id = cqrs_core::testing::test_id("completing_append_isolation");
-        let connect = PgOptions::new(url.clone())
-            .schema(&id)
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect();
-        let db = tokio::time::timeout(Duration::from_secs(10), connect).await;
-        let reachable = matches!(db, Ok(Ok(_)));
-        if !cqrs_core::testing::require_services("postgres", &url, reachable) {
+        let Some(db) = crate::test_support::migrated_schema("completing_append_isolation").await
+        else {
             return;
-        }
-        let Ok(Ok(db)) = db else { return };
-        db.migrate().await.expect("migrate the test schema");
+        };
 
         cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
             let sql = &db.sql;
@@ -462,7 +438,10 @@ mod tests {
                     body: &body,
                     expires_at: idempotency::expiry(db.clock.now(), day),
                 };
-                for events in [vec![record()], vec![record(), record()]] {
+                for events in [
+                    vec![crate::test_support::record()],
+                    vec![crate::test_support::record(), crate::test_support::record()],
+                ] {
                     let error = append_on(
                         &mut tx,
                         &db.pool,

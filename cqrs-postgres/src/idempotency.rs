@@ -281,40 +281,16 @@ mod tests {
     //! can aim it at the append lock without inverting FNV-1a.
 
     use super::*;
-    use crate::PgOptions;
     use cqrs_core::ports::{EventStore, ExpectedVersion};
-    use cqrs_core::{EventRecord, Metadata, RecordMetadata};
-
-    fn record() -> EventRecord {
-        let metadata = Metadata::new();
-        EventRecord::new(
-            metadata.message_id,
-            "Noted",
-            1,
-            serde_json::json!({}),
-            RecordMetadata::from_metadata(&metadata),
-        )
-    }
 
     /// A claim whose key (and key-and-fingerprint) hash equals the schema's append lock key,
     /// held open as a claim is while its request runs, does not stop an append.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_whose_key_hashes_to_the_append_lock_does_not_stop_appends() {
-        let url = std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let id = cqrs_core::testing::test_id("claim_aimed_at_the_append_lock");
-        let connect = PgOptions::new(url.clone())
-            .schema(&id)
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect();
-        let db = tokio::time::timeout(Duration::from_secs(10), connect).await;
-        let reachable = matches!(db, Ok(Ok(_)));
-        if !cqrs_core::testing::require_services("postgres", &url, reachable) {
+        let Some(db) = crate::test_support::migrated_schema("claim_aimed_at_the_append_lock").await
+        else {
             return;
-        }
-        let Ok(Ok(db)) = db else { return };
-        db.migrate().await.expect("migrate the test schema");
+        };
 
         cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
             let sql = &db.sql;
@@ -334,7 +310,11 @@ mod tests {
 
             // The claim stays open, as it does while its request runs.
             let store = db.event_store();
-            let append = store.append("s", ExpectedVersion::Any, vec![record()]);
+            let append = store.append(
+                "s",
+                ExpectedVersion::Any,
+                vec![crate::test_support::record()],
+            );
             let stored = tokio::time::timeout(Duration::from_secs(10), append)
                 .await
                 .expect("an append went through while the claim was held")

@@ -105,3 +105,44 @@ pub use unit_of_work::PgUnitOfWork;
 
 /// sqlx, re-exported so applications write their own queries against the same version.
 pub use sqlx;
+
+/// What the in-crate tests (those that need private access) share.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use crate::{PgDatabase, PgOptions};
+    use cqrs_core::{EventRecord, Metadata, RecordMetadata};
+    use std::time::Duration;
+
+    /// A database handle on a schema of the test's own, migrated; `None` (the test skips) when
+    /// Postgres is unreachable and services are not required.
+    pub(crate) async fn migrated_schema(name: &str) -> Option<PgDatabase> {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let id = cqrs_core::testing::test_id(name);
+        let connect = PgOptions::new(url.clone())
+            .schema(&id)
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect();
+        let db = tokio::time::timeout(Duration::from_secs(10), connect).await;
+        let reachable = matches!(db, Ok(Ok(_)));
+        if !cqrs_core::testing::require_services("postgres", &url, reachable) {
+            return None;
+        }
+        let Ok(Ok(db)) = db else { return None };
+        db.migrate().await.expect("migrate the test schema");
+        Some(db)
+    }
+
+    /// An event record with an empty payload.
+    pub(crate) fn record() -> EventRecord {
+        let metadata = Metadata::new();
+        EventRecord::new(
+            metadata.message_id,
+            "Noted",
+            1,
+            serde_json::json!({}),
+            RecordMetadata::from_metadata(&metadata),
+        )
+    }
+}
