@@ -127,10 +127,11 @@ where
             let reply = pinger.ping::<Value>(None);
             tokio::pin!(reply);
             let reply = match &exclusive {
-                // The lock only has to keep the ping from being written between a SUBSCRIBE
-                // and its confirming PING: held for as long as a command may take, then let
-                // go, so a dead connection holds subscribes up no longer than their own
-                // command timeout would (not for the whole unresponsive timeout).
+                // The lock only has to keep the ping from being queued between a SUBSCRIBE
+                // and its confirming PING (fred queues it on the first poll, below, and
+                // matches replies in order): held for at most a command timeout, then let go,
+                // so a dead connection holds a subscribe up for one command timeout more than
+                // its own at most, not for the whole unresponsive timeout.
                 Some(lock) => {
                     let guard = lock.lock().await;
                     match tokio::time::timeout(held_for, &mut reply).await {

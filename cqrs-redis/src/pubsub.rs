@@ -372,9 +372,11 @@ async fn confirmed_subscribe(
 
 /// How many channels the subscriber's connection is subscribed to, as Redis counts them
 /// (`CLIENT LIST`, `sub=`); `None` when it cannot tell (the connection is not listed, or the
-/// user may not run `CLIENT LIST`).
+/// user may not run `CLIENT LIST`). On a cluster it asks the node fred sends the subscriber's
+/// `SUBSCRIBE`s to (the slot of the client's id), where its subscriptions are.
 async fn subscription_count(admin: &Client, subscriber: &SubscriberClient) -> Option<usize> {
-    connection::client_field(admin, &[subscriber.id()], "sub", ClusterHash::Random)
+    let node = ClusterHash::Custom(fred::util::redis_keyslot(subscriber.id().as_bytes()));
+    connection::client_field(admin, &[subscriber.id()], "sub", node)
         .await
         .ok()?
         .first()?
