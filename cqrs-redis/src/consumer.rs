@@ -422,6 +422,21 @@ impl RedisConsumer {
         }
     }
 
+    /// Waits until a read still waiting on the reader's connection, or queued in fred through
+    /// a reconnect, has been served: a `PING` there is answered after that connection's
+    /// earlier commands. Still unsure when the `PING` is not answered in time.
+    async fn settle_reader(&mut self) {
+        let ping = self
+            .reader
+            .with_options(&self.shared.patient())
+            .ping::<Value>(None)
+            .await;
+        match ping {
+            Ok(_) => self.reader_unsure = false,
+            Err(error) => tracing::debug!(%error, "the consumer's read may still be waiting"),
+        }
+    }
+
     /// Takes over, as held entries, the entries pending to this consumer that it neither
     /// holds nor handed out: what a read or step whose reply was lost (it timed out while
     /// Redis still ran it, its connection dropped, its `fetch` was dropped) delivered here.
@@ -432,18 +447,8 @@ impl RedisConsumer {
     /// no claim (this consumer's next one, or another's) counts one more.
     async fn adopt_stranded(&mut self) -> Result<(), TransportError> {
         if self.reader_unsure {
-            // Answered after that connection's earlier commands: a read still waiting there, or
-            // queued in fred through a reconnect, has been served by then. If it is not
-            // answered in time, this runs again at the next step.
-            let ping = self
-                .reader
-                .with_options(&self.shared.patient())
-                .ping::<Value>(None)
-                .await;
-            match ping {
-                Ok(_) => self.reader_unsure = false,
-                Err(error) => tracing::debug!(%error, "the consumer's read may still be waiting"),
-            }
+            // If the reader does not settle in time, this runs again at the next step.
+            self.settle_reader().await;
         }
         let stranded = self.stranded().await?;
         if !stranded.is_empty() {
@@ -1230,17 +1235,8 @@ impl Consumer for RedisConsumer {
             self.unblock_reader().await;
             // The read may also still be queued in fred (its connection reconnecting): it
             // would reach Redis after the `CLIENT UNBLOCK` and the `XPENDING` below, and what
-            // it is served would wait out the redelivery delay. A `PING` on that connection
-            // is answered after its earlier commands.
-            let ping = self
-                .reader
-                .with_options(&self.shared.patient())
-                .ping::<Value>(None)
-                .await;
-            match ping {
-                Ok(_) => self.reader_unsure = false,
-                Err(error) => tracing::debug!(%error, "could not wait for the consumer's read"),
-            }
+            // it is served would wait out the redelivery delay.
+            self.settle_reader().await;
         }
         let stranded = self.stranded().await?;
         // Still held until released: a close dropped in its release (a shutdown's abort)
