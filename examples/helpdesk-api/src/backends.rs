@@ -180,9 +180,11 @@ impl fmt::Debug for RealtimeFeed {
 }
 
 /// Idempotent DDL a plugin contributes in [`Mode::Postgres`] (`CREATE TABLE IF NOT EXISTS ...`
-/// in the database's schema). The gateway runs every contribution at start, in plugin order,
+/// in the database's schema). The gateway runs the contributions at start, in plugin order,
 /// after the framework's own migrations, one transaction each under an advisory lock, so
-/// instances starting together do not race.
+/// instances starting together do not race. Each runs once per schema and text: the schema's
+/// `helpdesk_migrations` table records `plugin/name` with its SQL, and a start skips one whose
+/// SQL is unchanged; changed SQL runs again (so keep it idempotent).
 #[derive(Clone, Debug)]
 pub struct Migration {
     /// A name for logs and errors (`"auth.users"`).

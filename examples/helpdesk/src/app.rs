@@ -191,7 +191,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     plugins.install(&mut registrar)?;
     let migrations = registrar.take_contributions_by_plugin::<Migration>();
     if let Some(db) = &backends.postgres {
-        run_migrations(db, &migrations).await?;
+        crate::migrations::run(db, &migrations).await?;
     }
 
     let budget = config.request_timeout();
@@ -510,35 +510,6 @@ async fn postgres_backends(
         realtime_relay,
         maintenance,
     })
-}
-
-/// Runs the plugins' DDL in order, each in a transaction holding an advisory lock, so that
-/// instances starting at once do not race on `CREATE TABLE IF NOT EXISTS`.
-async fn run_migrations(
-    db: &PgDatabase,
-    migrations: &[(&'static str, Migration)],
-) -> anyhow::Result<()> {
-    use cqrs_postgres::sqlx;
-    for (plugin, migration) in migrations {
-        let mut tx = db
-            .pool()
-            .begin()
-            .await
-            .context("cannot begin a migration")?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("helpdesk-migrations:{}", db.schema()))
-            .execute(&mut *tx)
-            .await
-            .context("cannot take the migration lock")?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(migration.sql.clone()))
-            .execute(&mut *tx)
-            .await
-            .with_context(|| {
-                format!("the {plugin} plugin's migration {} failed", migration.name)
-            })?;
-        tx.commit().await.context("cannot commit a migration")?;
-    }
-    Ok(())
 }
 
 /// Who a WebSocket connection belongs to: the token's user, and when the token expires.

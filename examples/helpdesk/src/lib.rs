@@ -15,6 +15,7 @@ mod discard;
 mod http;
 mod logging;
 mod metered;
+mod migrations;
 mod server;
 mod stalled;
 

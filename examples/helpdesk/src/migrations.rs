@@ -1,0 +1,104 @@
+//! The plugins' DDL, run once per schema for each text of it.
+//!
+//! A plugin's [`Migration`] is idempotent (`CREATE ... IF NOT EXISTS`), but running it again is
+//! not free: `CREATE INDEX IF NOT EXISTS` takes a `SHARE` lock on its table *before* it finds
+//! the index there, and that lock waits behind any open write on the table while every later
+//! write waits behind it. Run on every start, a restarting instance would stall the writes of
+//! the instances still serving. So each migration is recorded in `helpdesk_migrations` with its
+//! SQL and skipped while the SQL is unchanged; one that must run waits at most
+//! [`LOCK_TIMEOUT`] for a table lock and then fails the start with an error that says so,
+//! instead of queueing every writer behind it.
+
+use anyhow::Context;
+use cqrs_postgres::PgDatabase;
+use cqrs_postgres::sqlx::{self, AssertSqlSafe};
+use helpdesk_api::Migration;
+
+/// How long a migration that must run waits for a lock on a table in use.
+pub(crate) const LOCK_TIMEOUT: &str = "5s";
+
+/// Runs the plugins' DDL in order, each in a transaction holding an advisory lock (instances
+/// starting at once do not race), skipping what this schema already ran with the same SQL.
+pub(crate) async fn run(
+    db: &PgDatabase,
+    migrations: &[(&'static str, Migration)],
+) -> anyhow::Result<()> {
+    let schema = db.schema();
+    let lock_key = format!("helpdesk-migrations:{schema}");
+    for &(plugin, ref migration) in migrations {
+        let key = format!("{plugin}/{}", migration.name);
+        let mut tx = db
+            .pool()
+            .begin()
+            .await
+            .context("cannot begin a migration")?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(&lock_key)
+            .execute(&mut *tx)
+            .await
+            .context("cannot take the migration lock")?;
+        // Under the lock, so two instances do not both create it.
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.helpdesk_migrations (
+                 name text PRIMARY KEY,
+                 sql text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             )"
+        )))
+        .execute(&mut *tx)
+        .await
+        .context("cannot create the table of applied migrations")?;
+        let applied: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT sql FROM {schema}.helpdesk_migrations WHERE name = $1"
+        )))
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await
+        .context("cannot read the applied migrations")?;
+        if applied.as_deref() == Some(migration.sql.as_str()) {
+            tx.commit().await.context("cannot commit a migration")?;
+            continue;
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"
+        )))
+        .execute(&mut *tx)
+        .await
+        .context("cannot set the migration's lock timeout")?;
+        if let Err(e) = sqlx::raw_sql(AssertSqlSafe(migration.sql.clone()))
+            .execute(&mut *tx)
+            .await
+        {
+            return Err(failed(plugin, migration.name, e));
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {schema}.helpdesk_migrations (name, sql) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET sql = EXCLUDED.sql, applied_at = now()"
+        )))
+        .bind(&key)
+        .bind(&migration.sql)
+        .execute(&mut *tx)
+        .await
+        .context("cannot record an applied migration")?;
+        tx.commit().await.context("cannot commit a migration")?;
+    }
+    Ok(())
+}
+
+/// Why a plugin's migration failed; when it gave up waiting for a lock, what to do.
+fn failed(plugin: &str, name: &str, e: sqlx::Error) -> anyhow::Error {
+    let waited = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "55P03");
+    let failed =
+        anyhow::Error::new(e).context(format!("the {plugin} plugin's migration {name} failed"));
+    if !waited {
+        return failed;
+    }
+    failed.context(format!(
+        "the {plugin} plugin's migration {name} waited {LOCK_TIMEOUT} for a table lock that \
+         another transaction holds, and gave up rather than hold up the writes queued behind \
+         it; start again (when the long transaction has ended: see pg_stat_activity)"
+    ))
+}
