@@ -35,22 +35,33 @@ apt_install() {
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 
+# Whether something accepts TCP connections on 127.0.0.1:$1 (bash alone: the clients may be
+# missing).
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Whether psql connects to $1 and answers a query, without ever prompting for a password.
+psql_ok() { psql -w "$1" -tAc "SELECT 1" >/dev/null 2>&1 </dev/null; }
+
 ensure_postgres() {
     if [[ -n ${DATABASE_URL:-} ]]; then
         log "using DATABASE_URL from the environment"
         # Checked here, so a wrong URL is one clear line instead of every test failing.
-        if command -v psql >/dev/null &&
-            ! psql -w "$DATABASE_URL" -tAc "SELECT 1" >/dev/null 2>&1 </dev/null; then
+        if command -v psql >/dev/null && ! psql_ok "$DATABASE_URL"; then
             die "cannot connect to DATABASE_URL ($(redact "$DATABASE_URL")): check that the server runs, the database exists and the credentials are right"
         fi
         return
     fi
     export DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
-    local fresh_install=""
-    if ! { command -v pg_isready >/dev/null && pg_up; }; then
-        if ! ls /etc/postgresql/*/main/postgresql.conf >/dev/null 2>&1; then
+    local local_cluster=""
+    ls /etc/postgresql/*/main/postgresql.conf >/dev/null 2>&1 && local_cluster=1
+    if port_open 5432; then
+        # A server already answers (a local cluster, or one in a container): only the client
+        # is needed.
+        command -v psql >/dev/null || apt_install postgresql-client
+    else
+        if [[ -z $local_cluster ]]; then
             apt_install postgresql
-            fresh_install=1
+            local_cluster=1
         fi
         if ! pg_up; then
             local version cluster
@@ -67,30 +78,59 @@ ensure_postgres() {
             wait_for 60 pg_up || die "PostgreSQL did not accept connections within 60 s"
         fi
     fi
-    if [[ -n $fresh_install ]] || ! psql -w "${DATABASE_URL%/test}/postgres" -tAc "SELECT 1" >/dev/null 2>&1 </dev/null; then
-        # Debian's package asks for a password on TCP (also when it was installed before and
-        # only stopped): give the postgres role one, as root.
-        [[ $(id -u) == 0 ]] || die "cannot connect to PostgreSQL as postgres without a password; set DATABASE_URL"
-        su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
+    local admin="postgres://postgres@127.0.0.1:5432/postgres"
+    if ! psql_ok "$admin"; then
+        # Debian's package asks for a password on TCP. A run as root gives the postgres role
+        # the password `postgres`; a later run (as anyone) uses it.
+        if psql_ok "postgres://postgres:postgres@127.0.0.1:5432/postgres"; then
+            :
+        elif [[ $(id -u) == 0 && -n $local_cluster ]]; then
+            su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
+        else
+            die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
+        fi
+        admin="postgres://postgres:postgres@127.0.0.1:5432/postgres"
         export DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/test"
+        psql_ok "$admin" || die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres; set DATABASE_URL"
     fi
-    if ! psql "${DATABASE_URL%/test}/postgres" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
+    local exists
+    exists=$(psql -w "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" </dev/null)
+    if [[ $exists != 1 ]]; then
         log "creating database test"
-        psql "${DATABASE_URL%/test}/postgres" -q -c "CREATE DATABASE test" >/dev/null
+        psql -w "$admin" -q -c "CREATE DATABASE test" >/dev/null </dev/null
     fi
 }
 
-redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+# One RESP command to 127.0.0.1:6379 (bash alone: redis-cli may be missing); prints the
+# reply's first lines, or nothing when no server answers within 2 s.
+redis_ask() {
+    (
+        exec 3<>/dev/tcp/127.0.0.1/6379 || exit 0
+        printf '%s\r\n' "$1" >&3
+        local line n=0
+        while ((n < 40)) && IFS= read -r -t 2 line <&3; do
+            printf '%s\n' "${line%$'\r'}"
+            n=$((n + 1))
+            [[ $line == +* || $line == -* ]] && break
+        done
+    ) 2>/dev/null || true
+}
+
+redis_up() { [[ $(redis_ask PING) == +PONG* ]]; }
 
 ensure_redis() {
+    # Every Redis test needs the server; one of them also runs a redis-server of its own (to
+    # stop and restart it), so the binary must be on PATH even with REDIS_URL.
     if [[ -n ${REDIS_URL:-} ]]; then
         log "using REDIS_URL from the environment"
+        command -v redis-server >/dev/null ||
+            die "redis-server is not on PATH: a Redis test starts one of its own; install it (apt-get install redis-server), or run without CQRS_REQUIRE_SERVICES=1 to skip that test"
         return
     fi
     export REDIS_URL="redis://127.0.0.1:6379"
     command -v redis-server >/dev/null || apt_install redis-server
     if ! redis_up; then
-        if redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q NOAUTH; then
+        if [[ $(redis_ask PING) == -NOAUTH* ]]; then
             die "the Redis on 127.0.0.1:6379 requires a password; set REDIS_URL (redis://:PASSWORD@127.0.0.1:6379)"
         fi
         log "starting Redis"
@@ -103,6 +143,12 @@ ensure_redis() {
             cat "$redis_log" >&2 || true
             die "Redis did not answer PING within 30 s (its log is above)"
         fi
+    fi
+    # cqrs-redis needs Redis 7.0 (older distributions ship 6.x).
+    local version
+    version=$(redis_ask "INFO server" | sed -n 's/^redis_version:\([0-9.]*\).*/\1/p')
+    if [[ -n $version && ${version%%.*} -lt 7 ]]; then
+        die "the Redis on 127.0.0.1:6379 is $version; cqrs-redis needs 7.0 or later: install Redis 7 (Debian 12's package, or packages.redis.io), or set REDIS_URL to one"
     fi
 }
 

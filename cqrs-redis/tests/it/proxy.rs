@@ -82,9 +82,10 @@ impl Proxy {
         }
     }
 
-    /// `redis://` URL of the proxy.
+    /// `redis://` URL of the proxy, with the credentials of `REDIS_URL`.
     pub(crate) fn url(&self) -> String {
-        format!("redis://{}{}", self.addr, self.path)
+        let userinfo = crate::support::redis_userinfo();
+        format!("redis://{userinfo}{}{}", self.addr, self.path)
     }
 
     /// Every connection held goes dead, and so do those opened until [`forward`](Self::forward).

@@ -152,22 +152,35 @@ impl Env {
     }
 }
 
-/// The `host:port` of `REDIS_URL` when it is a plain `redis://` URL without credentials, for
-/// a test that logs in as an ACL user of its own; `None` (a skip, or a failure under
-/// `CQRS_REQUIRE_SERVICES=1`) otherwise.
+/// The `host:port` (and `/db`) of `REDIS_URL` when it is a `redis://` URL, for a test that
+/// connects through a proxy or logs in as an ACL user of its own; any credentials in the URL
+/// are left out ([`redis_userinfo`] has them, for the proxy's URL). `None` (a skip, or a
+/// failure under `CQRS_REQUIRE_SERVICES=1`) for another scheme (`rediss://`: a TLS proxy is
+/// beyond these tests).
 pub(crate) fn plain_redis_host() -> Option<String> {
     let base = redis_url();
-    if let Some(host) = base.strip_prefix("redis://").filter(|h| !h.contains('@')) {
+    if let Some(rest) = base.strip_prefix("redis://") {
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
         return Some(host.to_owned());
     }
     let required = std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1");
     assert!(
         !required,
-        "REDIS_URL {base} has credentials or is not redis://, and this test logs in as a \
-         user of its own: give it a plain redis://host:port, or unset CQRS_REQUIRE_SERVICES"
+        "REDIS_URL {base} is not redis://, and this test puts a plain TCP proxy in front of it \
+         or logs in as a user of its own: give it a redis://host:port, or unset \
+         CQRS_REQUIRE_SERVICES"
     );
-    eprintln!("skipped: REDIS_URL {base} has credentials or is not redis://");
+    eprintln!("skipped: REDIS_URL {base} is not redis://");
     None
+}
+
+/// The credentials of `REDIS_URL` as they stand before its host (`user:password@`, or empty).
+pub(crate) fn redis_userinfo() -> String {
+    let base = redis_url();
+    base.strip_prefix("redis://")
+        .and_then(|rest| rest.rsplit_once('@'))
+        .map(|(userinfo, _)| format!("{userinfo}@"))
+        .unwrap_or_default()
 }
 
 /// How old an ACL user of a test must be before another run may delete it as left behind:
