@@ -90,6 +90,12 @@ macro_rules! event_set {
 
 /// State rebuilt from a stream's events, which decides what a command does.
 ///
+/// The state a command returns (and the snapshot saved with it) is built from the events as
+/// decided; a later load builds it from the events as stored and decoded. The two agree only
+/// when every event survives its serde round trip: a `#[serde(skip)]` field, or a value JSON
+/// cannot carry (a float NaN), that `apply` reads makes a snapshot and a replay disagree.
+/// Keep what `apply` reads in the serialized form.
+///
 /// ```
 /// # use cqrs_core::doc::{TicketOpened};
 /// use cqrs_core::{Aggregate, HandlerError, event_set};
