@@ -654,7 +654,9 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
                 "event_type" => envelope.name()
             )
             .increment(1);
-            crate::panic::CatchUnwind::new(projection.apply(unit, &envelope))
+            // The call inside the guarded future: a hand-written (not `#[async_trait]`) `apply`
+            // may panic before it returns its future.
+            crate::panic::CatchUnwind::new(async { projection.apply(unit, &envelope).await })
                 .await
                 .map_err(|message| panicked(record, message))?
                 .map_err(|source| ProjectionError::Apply {

@@ -278,6 +278,9 @@ pub struct HealthReport {
     pub components: BTreeMap<String, (Health, bool)>,
 }
 
+/// How long [`Runtime::health`] gives each check.
+pub const DEFAULT_CHECK_BUDGET: Duration = Duration::from_secs(5);
+
 /// Builds a [`Runtime`].
 pub struct RuntimeBuilder {
     workers: Vec<Box<dyn Worker>>,
@@ -469,16 +472,41 @@ impl Runtime {
         self.shutdown.clone()
     }
 
-    /// Every worker's health and every check's result, now.
+    /// Every worker's health and every check's result, now. The checks run at once, each
+    /// given at most [`DEFAULT_CHECK_BUDGET`]; see [`health_within`](Self::health_within).
     pub async fn health(&self) -> HealthReport {
+        self.health_within(DEFAULT_CHECK_BUDGET).await
+    }
+
+    /// Every worker's health and every check's result, with the checks run at once and each
+    /// given at most `budget`: one that takes longer (a database that accepts connections and
+    /// answers nothing) is [`Health::Unhealthy`], as is one that panics. The report is ready
+    /// within about `budget` however many backends hang, so a readiness endpoint can answer
+    /// inside its own request timeout (give it a budget below that timeout).
+    pub async fn health_within(&self, budget: Duration) -> HealthReport {
         let mut components = self
             .health
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for (name, check, critical) in self.checks.iter() {
-            components.insert(name.clone(), (check.check().await, *critical));
-        }
+        let results = futures_util::future::join_all(self.checks.iter().map(
+            |(name, check, critical)| async move {
+                let checked = crate::panic::CatchUnwind::new(check.check());
+                let health = match tokio::time::timeout(budget, checked).await {
+                    Ok(Ok(health)) => health,
+                    Ok(Err(panic)) => {
+                        tracing::error!(check = %name, panic, "a health check panicked");
+                        Health::Unhealthy(format!("the check panicked: {panic}"))
+                    }
+                    Err(_) => {
+                        Health::Unhealthy(format!("no answer within {} ms", budget.as_millis()))
+                    }
+                };
+                (name.clone(), (health, *critical))
+            },
+        ))
+        .await;
+        components.extend(results);
         let ready = !self.shutdown.is_requested()
             && components
                 .values()

@@ -5,6 +5,7 @@ use crate::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, Stored
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -14,6 +15,8 @@ enum Entry {
     InProgress {
         fingerprint: String,
         done: watch::Receiver<bool>,
+        /// How many duplicate claims wait for it.
+        waiting: Arc<AtomicUsize>,
     },
     Done {
         fingerprint: String,
@@ -55,6 +58,16 @@ impl InMemoryIdempotencyStore {
         Self {
             entries: Arc::default(),
             clock,
+        }
+    }
+
+    /// How many claims of `key` in `scope` wait for the claim that holds it (duplicates, with
+    /// its fingerprint): 0 when none does or nothing holds it. Lets tests make sure duplicates
+    /// wait before the holder completes or drops its claim.
+    pub fn waiting_claims(&self, scope: &str, key: &str) -> usize {
+        match self.lock().get(&(scope.to_owned(), key.to_owned())) {
+            Some(Entry::InProgress { waiting, .. }) => waiting.load(Ordering::SeqCst),
+            _ => 0,
         }
     }
 
@@ -111,6 +124,23 @@ impl Drop for Guard {
     }
 }
 
+/// Counts one claim waiting for the claim that holds its key, while it lives (the claim's
+/// future may be dropped while it waits).
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn on(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[async_trait]
 impl IdempotencyStore for InMemoryIdempotencyStore {
     async fn claim(
@@ -126,7 +156,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
             key: key.to_owned(),
         };
         loop {
-            let mut wait = {
+            let (mut wait, waiting) = {
                 let now = self.clock.now();
                 let mut entries = self.lock();
                 match entries.get(&id) {
@@ -143,11 +173,12 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
                     Some(Entry::InProgress {
                         fingerprint: stored,
                         done,
+                        waiting,
                     }) => {
                         if stored != fingerprint {
                             return Err(mismatch());
                         }
-                        done.clone()
+                        (done.clone(), Waiting::on(waiting))
                     }
                     _ => {
                         let (done_tx, done_rx) = watch::channel(false);
@@ -156,6 +187,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
                             Entry::InProgress {
                                 fingerprint: fingerprint.to_owned(),
                                 done: done_rx,
+                                waiting: Arc::default(),
                             },
                         );
                         return Ok(Claim::New(Box::new(Guard {
@@ -169,6 +201,7 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
             };
             // Wait for the first claim to finish, then look again.
             let _ = wait.wait_for(|done| *done).await;
+            drop(waiting);
         }
     }
 

@@ -371,7 +371,9 @@ impl Drop for InMemoryConsumer {
 }
 
 impl InMemoryConsumer {
-    /// Runs `change` on each of `ids` in flight in this consumer's group.
+    /// Runs `change` on each of `ids` in flight in this consumer's group and handed out to
+    /// this consumer. A delivery another consumer took over (after the redelivery delay) is
+    /// left alone, as the Redis transport's scripts leave an entry pending to another consumer.
     fn in_flight(&self, ids: &[DeliveryId], mut change: impl FnMut(&mut InFlight)) {
         let mut state = self.transport.lock();
         let Some(group) = state
@@ -386,6 +388,7 @@ impl InMemoryConsumer {
                 id.0.parse::<usize>()
                     .ok()
                     .and_then(|i| group.in_flight.get_mut(&i))
+                    .filter(|f| f.consumer == self.options.consumer_name)
             {
                 change(f);
             }
@@ -450,12 +453,15 @@ impl Consumer for InMemoryConsumer {
         Ok(())
     }
 
+    /// Left alone when another consumer took the delivery over (as by Redis's script).
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(std::slice::from_ref(id), |f| f.due = due);
         Ok(())
     }
 
+    /// Only the deliveries this consumer still owns (as by Redis's script): a defer of one
+    /// another consumer took over would take back that consumer's attempt.
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(ids, |f| {
@@ -468,12 +474,7 @@ impl Consumer for InMemoryConsumer {
 
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
         let due = due_after(Instant::now(), self.options.redelivery_delay);
-        let me = self.options.consumer_name.clone();
-        self.in_flight(ids, |f| {
-            if f.consumer == me {
-                f.due = due;
-            }
-        });
+        self.in_flight(ids, |f| f.due = due);
         Ok(())
     }
 

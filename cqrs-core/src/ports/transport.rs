@@ -316,7 +316,9 @@ pub trait Consumer: Send + Sync + 'static {
     /// Acknowledges handled messages: they are not delivered again.
     async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError>;
 
-    /// Hands a message back: it is delivered again after the redelivery delay.
+    /// Hands a message back: it is delivered again after the redelivery delay. A delivery
+    /// this consumer no longer owns (another consumer took it over after the delay) is left
+    /// alone: its new owner's attempt stands.
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError>;
 
     /// Hands a message back with why it failed, so a transport that dead-letters messages can
@@ -333,8 +335,8 @@ pub trait Consumer: Send + Sync + 'static {
     /// Hands back deliveries that were not handled because an earlier delivery of their chain
     /// failed (see [`fetch`](Consumer::fetch)). Like [`nack`](Consumer::nack), except that,
     /// where the transport can, this handing out does not count as an attempt: a poison event
-    /// does not use up the `max_deliveries` of the events queued behind it. Defaults to `nack`
-    /// of each.
+    /// does not use up the `max_deliveries` of the events queued behind it. Deliveries this
+    /// consumer no longer owns are left alone, as by `nack`. Defaults to `nack` of each.
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
         for id in ids {
             self.nack(id).await?;

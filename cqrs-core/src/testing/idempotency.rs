@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// What an idempotency store adapter provides to its conformance suite.
+#[async_trait::async_trait]
 pub trait IdempotencyHarness: Harness {
     /// The store under test.
     fn store(&self) -> Arc<dyn IdempotencyStore>;
@@ -21,6 +22,32 @@ pub trait IdempotencyHarness: Harness {
     fn clock(&self) -> Option<ManualClock> {
         None
     }
+
+    /// How many claims of `key` in `scope` wait for the claim that holds it, when the harness
+    /// can tell (ask the store's backend where it can, e.g. sessions blocked on a lock). The
+    /// scenarios with waiting duplicates then make sure they all wait before the holder
+    /// completes or drops its claim; `None` (the default) gives them a moment instead, so a
+    /// duplicate may not wait yet and the scenario checks less.
+    async fn waiting_claims(&self, scope: &str, key: &str) -> Option<usize> {
+        let _ = (scope, key);
+        None
+    }
+}
+
+/// Returns once `count` claims of `key` in `scope` wait for the claim holding it (within
+/// 10 s), as the harness tells; without a harness that can tell, after a moment.
+async fn until_waiting<H: IdempotencyHarness>(h: &H, scope: &str, key: &str, count: usize) {
+    if h.waiting_claims(scope, key).await.is_none() {
+        eprintln!("the harness cannot tell waiting claims: giving them a moment instead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        return;
+    }
+    super::eventually(
+        Duration::from_secs(10),
+        &format!("{count} claims of `{key}` wait for the claim that holds it"),
+        || async { (h.waiting_claims(scope, key).await == Some(count)).then_some(()) },
+    )
+    .await;
 }
 
 /// Expands to one `#[tokio::test]` per idempotency scenario.
@@ -105,15 +132,17 @@ pub async fn concurrent_claims_of_one_key_run_the_work_once<H: IdempotencyHarnes
     let store = h.store();
     let scope = h.test_id().to_owned();
     let runs = Arc::new(AtomicUsize::new(0));
+    // Tells the claim that got the key that the others wait.
+    let (all_wait, others_wait) = tokio::sync::watch::channel(false);
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let (store, scope, runs) = (store.clone(), scope.clone(), runs.clone());
+            let mut others_wait = others_wait.clone();
             tokio::spawn(async move {
                 match store.claim(&scope, "once", "fp", DAY).await.unwrap() {
                     Claim::New(guard) => {
                         runs.fetch_add(1, Ordering::SeqCst);
-                        // Give the others time to arrive and wait.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _ = others_wait.wait_for(|all| *all).await;
                         let response = StoredResponse::new(201, json!({"made": true}));
                         guard.complete(response.clone()).await.unwrap();
                         response
@@ -123,6 +152,9 @@ pub async fn concurrent_claims_of_one_key_run_the_work_once<H: IdempotencyHarnes
             })
         })
         .collect();
+    // The nine others wait for the one that got the key before it completes.
+    until_waiting(h, &scope, "once", 9).await;
+    all_wait.send_replace(true);
     for t in tasks {
         assert_eq!(
             t.await.unwrap(),
@@ -224,6 +256,9 @@ pub async fn a_dropped_claim_hands_the_key_to_one_waiting_duplicate<H: Idempoten
             })
         })
         .collect();
+    // Dropped only once all four wait for it: a duplicate that came later would find the key
+    // free, not be handed it.
+    until_waiting(h, &scope, "k", 4).await;
     drop(guard);
     let mut took = 0;
     for duplicate in duplicates {

@@ -63,6 +63,8 @@ macro_rules! transport_conformance {
                 a_deferred_delivery_is_no_attempt,
                 a_message_is_dead_lettered_after_max_deliveries,
                 a_due_redelivery_comes_before_new_messages,
+                a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back,
+                a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back,
             ]
         );
     };
@@ -261,7 +263,7 @@ pub async fn a_nacked_event_comes_back_after_the_delay<H: TransportHarness>(h: &
 }
 
 /// An event a consumer took but never acknowledged (it crashed) reaches another consumer of
-/// the group after the redelivery delay.
+/// the group after the redelivery delay, not before, as its second delivery.
 pub async fn an_unacknowledged_event_is_redelivered_to_another_consumer<H: TransportHarness>(
     h: &H,
 ) {
@@ -276,12 +278,38 @@ pub async fn an_unacknowledged_event_is_redelivered_to_another_consumer<H: Trans
         .publish(&topic, std::slice::from_ref(&e))
         .await
         .unwrap();
+    // The delivery happens after this instant, so its redelivery is due no sooner than a
+    // redelivery delay after it.
+    let before_taken = tokio::time::Instant::now();
     let taken = fetch_one(crashed.as_mut(), "the crashed consumer's delivery").await;
-    assert_eq!(taken.record.event_id, e.event_id);
+    assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 1));
     drop(crashed);
-    let mut survivor = consumer(h, &topic, "g", "survivor").await;
-    let reclaimed = fetch_one(survivor.as_mut(), "the reclaimed event").await;
+    // The survivor's fetches block for a fraction of the delay, so several of them end
+    // within it; each must come back empty.
+    let delay = h.options().redelivery_delay;
+    let mut survivor = consumer_with(h, &topic, "g", "survivor", |o| o.block(delay / 6)).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let reclaimed = loop {
+        let got = survivor.fetch(1).await.expect("fetch").pop();
+        // Sound, whatever the timing: a redelivery returned by a fetch that ended before the
+        // delay was over (less a little: a server's clock in whole milliseconds) happened
+        // before the delay was over.
+        let ended = tokio::time::Instant::now();
+        if let Some(d) = got {
+            assert!(
+                ended + Duration::from_millis(10) >= before_taken + delay,
+                "redelivered {:?} after it was taken, before the redelivery delay of {delay:?}",
+                ended.saturating_duration_since(before_taken)
+            );
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for the reclaimed event"
+        );
+    };
     assert_eq!(reclaimed.record.event_id, e.event_id);
+    assert_eq!(reclaimed.attempt, 2, "the second delivery");
     survivor
         .ack(std::slice::from_ref(&reclaimed.id))
         .await
@@ -856,4 +884,138 @@ pub async fn a_due_redelivery_comes_before_new_messages<H: TransportHarness>(h: 
         // A consumer busy all along, not one that fetches only now and then.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A [`defer`](Consumer::defer) by a consumer that no longer owns the delivery (another
+/// consumer took it over after the redelivery delay, as after a stall) leaves it alone, as a
+/// [`keep_alive`](Consumer::keep_alive) does: it does not take back the taker's attempt. With
+/// `max_deliveries` 2, the takeover is the second delivery, so once the taker nacks, the
+/// message is dead-lettered (where the harness can tell), never handed out a third time.
+pub async fn a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back<
+    H: TransportHarness,
+>(
+    h: &H,
+) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t18", h.test_id());
+    let two = |o: ConsumerOptions| o.max_deliveries(2);
+    let mut slow = consumer_with(h, &topic, "g", "slow", two).await;
+    let mut other = consumer_with(h, &topic, "g", "other", two).await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let first = fetch_one(slow.as_mut(), "the first delivery").await;
+    assert_eq!((first.record.event_id, first.attempt), (e.event_id, 1));
+    // `slow` stalls past the delay; `other` takes the message over: its second delivery.
+    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 2));
+    slow.defer(std::slice::from_ref(&first.id))
+        .await
+        .expect("a defer of a delivery no longer owned is no error");
+    other.nack_with_reason(&taken.id, "poison").await.unwrap();
+    let nacked = tokio::time::Instant::now();
+    // Past two redelivery delays and their lag after the nack, and until it is dead-lettered
+    // (where the harness can tell): the message never comes back.
+    let options = h.options();
+    let quiet = nacked + options.redelivery_delay * 2 + options.redelivery_lag();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let batch = other.fetch(10).await.unwrap();
+        for d in &batch {
+            assert_ne!(
+                d.record.event_id, e.event_id,
+                "handed out a third time (attempt {}) with max_deliveries 2: a defer by a \
+                 consumer that no longer owned the delivery took back an attempt",
+                d.attempt
+            );
+        }
+        other
+            .ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        if tokio::time::Instant::now() < quiet {
+            continue;
+        }
+        match h.dead_letters(&topic, "g").await {
+            None => {
+                eprintln!(
+                    "the harness cannot list dead letters: checked only that it stops coming"
+                );
+                break;
+            }
+            Some(dead) if dead.is_empty() => assert!(
+                tokio::time::Instant::now() < until,
+                "not dead-lettered within 10 s of its second delivery's nack"
+            ),
+            Some(dead) => {
+                assert_eq!(
+                    dead,
+                    [(e.event_id, 2)],
+                    "dead-lettered once, after its 2 deliveries; nothing else"
+                );
+                break;
+            }
+        }
+    }
+}
+
+/// A [`nack`](Consumer::nack) by a consumer that no longer owns the delivery (another consumer
+/// took it over) leaves it alone, as a [`keep_alive`](Consumer::keep_alive) does: it does not
+/// restart the redelivery delay, so while the taker stalls too, the message comes back all
+/// the same, however often the first consumer nacks it. Once acknowledged, a nack of it is
+/// no error.
+pub async fn a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back<
+    H: TransportHarness,
+>(
+    h: &H,
+) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t19", h.test_id());
+    let mut slow = consumer(h, &topic, "g", "slow").await;
+    let mut other = consumer(h, &topic, "g", "other").await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let first = fetch_one(slow.as_mut(), "the first delivery").await;
+    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 2));
+    // `other` stalls too, while `slow` nacks "its" delivery before every fetch, more often
+    // than the redelivery delay: the message must come back all the same.
+    let delay = h.options().redelivery_delay;
+    let within = delay * 4 + Duration::from_secs(2);
+    let until = tokio::time::Instant::now() + within;
+    let back = loop {
+        slow.nack(&first.id)
+            .await
+            .expect("a nack of a delivery no longer owned is no error");
+        if let Some(d) = other
+            .fetch(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.record.event_id == e.event_id)
+        {
+            break d;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not handed out again within {within:?}: a nack by a consumer that no longer owned \
+             the delivery restarted its redelivery delay"
+        );
+    };
+    assert_eq!(back.attempt, 3, "the third delivery");
+    other.ack(std::slice::from_ref(&back.id)).await.unwrap();
+    slow.nack(&first.id)
+        .await
+        .expect("a nack of an acknowledged delivery is no error");
 }

@@ -1115,3 +1115,90 @@ fn a_worker_with_a_gap_in_its_upcasters_fails_at_start() {
         assert!(err.to_string().contains("schema version 2"), "{err}");
     });
 }
+
+/// A projection written by hand (without `#[async_trait]`) whose `apply` panics on the sum 13
+/// while building its future, before there is a future to poll; it records the other sums.
+#[derive(Default)]
+struct PanicsEagerly {
+    seen: Arc<Mutex<Vec<u64>>>,
+}
+
+type Applied<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+
+impl Projection<InMemoryProjectionStore> for PanicsEagerly {
+    fn name(&self) -> &str {
+        "sum"
+    }
+
+    fn apply<'a, 'b, 'c, 'd>(
+        &'a self,
+        unit: &'b mut InMemoryUnit,
+        event: &'c EventEnvelope,
+    ) -> Applied<'d>
+    where
+        'a: 'd,
+        'b: 'd,
+        'c: 'd,
+        Self: 'd,
+    {
+        let sum = event.downcast_ref::<Added>().map(|added| added.sum);
+        assert_ne!(sum, Some(13), "the projection panics eagerly on 13");
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            if let Some(sum) = sum {
+                unit.on_commit(move || seen.lock().unwrap().push(sum));
+            }
+            Ok(())
+        })
+    }
+
+    fn reset<'a, 'b, 'c>(&'a self, _: &'b mut InMemoryUnit) -> Applied<'c>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A hand-written projection whose `apply` panics before returning its future fails only
+/// that event, as one whose future panics does: of [1, 13, 2], 13 is dead-lettered and 1 and
+/// 2 take effect (the call was outside the runner's guard, and the panic unwound past it).
+#[test]
+fn a_projection_that_panics_before_its_future_fails_only_its_event() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        transport
+            .publish("sums", &[record(1), record(13), record(2)])
+            .await
+            .unwrap();
+        let projection = Arc::new(PanicsEagerly::default());
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            projection.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
+        for _ in 0..200 {
+            // A panic here fails the test: the runner must turn it into an error.
+            let _ = runner.run_once().await;
+            if transport.backlog("sums", "sum") == 0 {
+                break;
+            }
+        }
+        let mut seen = projection.seen.lock().unwrap().clone();
+        seen.sort_unstable();
+        assert_eq!(seen, [1, 2], "the batch mates took effect");
+        let dead: Vec<u64> = transport
+            .dead_letters("sums", "sum")
+            .iter()
+            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
+            .collect();
+        assert_eq!(dead, [13], "only the panicking event is dead-lettered");
+    });
+}

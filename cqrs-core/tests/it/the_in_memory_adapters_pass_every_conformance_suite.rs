@@ -87,10 +87,15 @@ mod pubsub {
             Arc::new(self.adapter.clone())
         }
 
-        async fn upstream_subscriptions(&self, _channel: &str) -> Option<usize> {
-            // Each test has its own pub/sub, and the shared-subscription scenario subscribes
-            // to one channel only.
-            Some(self.adapter.upstream_subscriptions() as usize)
+        /// The live count of the channel's stand-in upstream subscriptions: it goes down when
+        /// the channel's last local subscriber is dropped, so "the upstream subscription
+        /// stays" and "it ends" can fail.
+        async fn upstream_subscriptions(&self, channel: &str) -> Option<usize> {
+            Some(self.adapter.upstream_subscriptions_to(channel))
+        }
+
+        async fn listens_upstream(&self, channel: &str) -> Option<bool> {
+            Some(self.adapter.upstream_subscriptions_to(channel) > 0)
         }
     }
 
@@ -108,6 +113,7 @@ mod pubsub {
 mod idempotency {
     use super::*;
 
+    #[cqrs_core::async_trait]
     impl IdempotencyHarness for Memory<InMemoryIdempotencyStore> {
         fn store(&self) -> Arc<dyn IdempotencyStore> {
             Arc::new(self.adapter.clone())
@@ -115,6 +121,10 @@ mod idempotency {
 
         fn clock(&self) -> Option<ManualClock> {
             Some(self.clock.clone())
+        }
+
+        async fn waiting_claims(&self, scope: &str, key: &str) -> Option<usize> {
+            Some(self.adapter.waiting_claims(scope, key))
         }
     }
 
@@ -274,4 +284,39 @@ async fn the_in_memory_transport_keeps_the_newest_dead_letters() {
         .map(|(r, _)| r.payload["n"].as_u64().unwrap())
         .collect();
     assert_eq!(kept, [2, 3], "the newest two");
+}
+
+/// The in-memory pub/sub counts its stand-in upstream subscriptions live and per channel: one
+/// per channel with local subscribers, ended by the drop of its last one, made again by the
+/// next subscriber.
+#[tokio::test]
+async fn the_in_memory_pubsub_counts_live_upstream_subscriptions_per_channel() {
+    let pubsub = InMemoryPubSub::new();
+    let (a1, a2) = (
+        pubsub.subscribe("a").await.unwrap(),
+        pubsub.subscribe("a").await.unwrap(),
+    );
+    let b = pubsub.subscribe("b").await.unwrap();
+    assert_eq!(pubsub.upstream_subscriptions_to("a"), 1);
+    assert_eq!(pubsub.upstream_subscriptions_to("b"), 1);
+    assert_eq!(pubsub.upstream_subscriptions_to("c"), 0);
+    assert_eq!(pubsub.upstream_subscriptions(), 2);
+    drop(a1);
+    assert_eq!(
+        pubsub.upstream_subscriptions_to("a"),
+        1,
+        "one subscriber left"
+    );
+    drop(a2);
+    assert_eq!(
+        pubsub.upstream_subscriptions_to("a"),
+        0,
+        "the last one dropped"
+    );
+    assert_eq!(pubsub.upstream_subscriptions(), 1);
+    let again = pubsub.subscribe("a").await.unwrap();
+    assert_eq!(pubsub.upstream_subscriptions_to("a"), 1, "subscribed again");
+    assert_eq!(pubsub.upstream_subscribes(), 3, "ever made");
+    drop((again, b));
+    assert_eq!(pubsub.upstream_subscriptions(), 0);
 }

@@ -157,6 +157,52 @@ fn only_critical_checks_make_the_server_unready() {
     });
 }
 
+/// A check that never answers (a database that accepts connections and says nothing).
+struct Hangs;
+
+#[async_trait]
+impl HealthCheck for Hangs {
+    async fn check(&self) -> Health {
+        std::future::pending().await
+    }
+}
+
+/// A check that panics.
+struct Panics;
+
+#[async_trait]
+impl HealthCheck for Panics {
+    async fn check(&self) -> Health {
+        panic!("the check's own bug")
+    }
+}
+
+/// The checks run at once, each cut off at the budget: two hanging checks cost one budget,
+/// not two (on tokio's paused clock, so the time is exact), and a panic is a failed check.
+#[tokio::test(start_paused = true)]
+async fn checks_run_at_once_and_each_is_cut_off_at_the_budget() {
+    let runtime = Runtime::builder()
+        .check("postgres", Arc::new(Hangs), true)
+        .check("memory", Arc::new(Fixed(Health::Healthy)), false)
+        .check("redis", Arc::new(Hangs), false)
+        .check("broken", Arc::new(Panics), false)
+        .start();
+    let started = tokio::time::Instant::now();
+    let report = runtime.health_within(Duration::from_millis(200)).await;
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
+    assert!(!report.ready, "the critical check did not answer");
+    assert_eq!(
+        report.components["postgres"].0.reason(),
+        Some("no answer within 200 ms")
+    );
+    assert_eq!(report.components["memory"].0, Health::Healthy);
+    assert!(report.components["redis"].0.reason().is_some());
+    assert_eq!(
+        report.components["broken"].0.reason(),
+        Some("the check panicked: the check's own bug")
+    );
+}
+
 /// A grace of `Duration::MAX` ("as long as it takes") waits for the workers instead of
 /// overflowing the clock.
 #[test]

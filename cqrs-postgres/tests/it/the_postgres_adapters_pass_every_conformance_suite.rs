@@ -121,6 +121,7 @@ impl SnapshotStoreHarness for PgHarness {
     }
 }
 
+#[async_trait]
 impl IdempotencyHarness for PgHarness {
     fn store(&self) -> Arc<dyn IdempotencyStore> {
         Arc::new(self.db.idempotency_store())
@@ -128,6 +129,21 @@ impl IdempotencyHarness for PgHarness {
 
     fn clock(&self) -> Option<ManualClock> {
         Some(self.clock.clone())
+    }
+
+    /// How many of this test's sessions (they carry its id as their application name) wait on
+    /// a lock another session holds: a duplicate claim waits for the key's lock, and the
+    /// scenarios that ask hold one key at a time.
+    async fn waiting_claims(&self, _scope: &str, _key: &str) -> Option<usize> {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1",
+        )
+        .bind(format!("cqrs-test {}", self.id))
+        .fetch_one(self.db.pool())
+        .await
+        .expect("count the waiting sessions");
+        Some(waiting as usize)
     }
 }
 

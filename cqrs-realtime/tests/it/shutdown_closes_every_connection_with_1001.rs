@@ -115,9 +115,9 @@ async fn a_subscribe_in_progress_does_not_delay_the_shutdown() {
             .await
             .expect("the connection ended without waiting for its subscribe");
         assert_eq!(
-            pubsub.upstream_subscriptions(),
+            pubsub.upstream_subscribes(),
             0,
-            "nothing subscribed upstream"
+            "nothing was ever subscribed upstream"
         );
     })
     .await;
