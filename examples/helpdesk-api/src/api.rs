@@ -150,10 +150,52 @@ impl HttpApi {
     }
 
     /// Adds another plugin's or module's routes.
-    pub fn merge(mut self, other: HttpApi) -> Self {
+    ///
+    /// # Panics
+    ///
+    /// When both serve one method at one path (as axum's `MethodRouter::merge` does); see
+    /// [`try_merge`](Self::try_merge), which says so instead.
+    pub fn merge(self, other: HttpApi) -> Self {
+        self.try_merge(other).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Adds another plugin's or module's routes, or says why it cannot: both serve one method
+    /// at one path (documented or not), or define one named schema differently (the same
+    /// definition twice is fine). On an error both are dropped.
+    pub fn try_merge(mut self, other: HttpApi) -> Result<Self, String> {
+        let mut problems = Vec::new();
+        for (path, ops) in &other.paths {
+            if let Some(mine) = self.paths.get(path) {
+                for method in ops.keys().filter(|m| mine.contains_key(*m)) {
+                    problems.push(format!("both serve {} {path}", method.to_uppercase()));
+                }
+            }
+        }
+        for (name, schema) in &other.schemas {
+            if self.schemas.get(name).is_some_and(|mine| mine != schema) {
+                problems.push(format!(
+                    "both define the OpenAPI schema `{name}`, differently"
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
         for (path, handler) in other.routes {
             let merged = match self.routes.remove(&path) {
-                Some(existing) => existing.merge(handler),
+                // axum panics on an overlap it finds (a method no operation documents): caught,
+                // to be reported like the others.
+                Some(existing) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    existing.merge(handler)
+                }))
+                .map_err(|panic| {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("overlapping method routes");
+                    format!("both serve one method at {path} ({why})")
+                })?,
                 None => handler,
             };
             self.routes.insert(path, merged);
@@ -162,7 +204,24 @@ impl HttpApi {
             self.paths.entry(path).or_default().extend(ops);
         }
         self.schemas.extend(other.schemas);
-        self
+        Ok(self)
+    }
+
+    /// The paths it has routes at.
+    pub fn route_paths(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// The documented operations, as (method in upper case, path).
+    pub fn operations(&self) -> impl Iterator<Item = (String, &str)> {
+        self.paths
+            .iter()
+            .flat_map(|(path, ops)| ops.keys().map(move |m| (m.to_uppercase(), path.as_str())))
+    }
+
+    /// The named schemas.
+    pub fn schemas(&self) -> &Map<String, Value> {
+        &self.schemas
     }
 
     /// The router and the OpenAPI `paths` object.

@@ -189,6 +189,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     }
     let plugins = Plugins::collect()?.expect(EXPECTED_PLUGINS)?;
     plugins.install(&mut registrar)?;
+    // Before anything connects or starts: colliding routes are a build error, not a panic.
+    let api = merged_api(registrar.take_contributions_by_plugin::<HttpApi>())?;
     let migrations = registrar.take_contributions_by_plugin::<Migration>();
     if let Some(db) = &backends.postgres {
         crate::migrations::run(db, &migrations).await?;
@@ -304,10 +306,6 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     }
     let runtime = Arc::new(runtime.start());
 
-    let mut api = HttpApi::new();
-    for contributed in registrar.take_contributions::<HttpApi>() {
-        api = api.merge(contributed);
-    }
     let (plugin_router, paths, schemas) = api.into_all();
     let openapi = openapi_document(paths, schemas);
     let router = http::router(http::State {
@@ -325,6 +323,87 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         buses,
         hub,
     })
+}
+
+/// Who contributed something: a plugin, or the hooks (`Hooks::provide`, outside any plugin).
+fn contributor(plugin: &str) -> String {
+    if plugin.is_empty() {
+        "a contribution outside any plugin (Hooks::provide)".to_owned()
+    } else {
+        format!("the `{plugin}` plugin")
+    }
+}
+
+/// The contributions merged into one, or an error listing every collision, naming the route
+/// (or schema) and the contributors: a route at a path the gateway serves itself, one method
+/// and path from two contributors, one schema name defined differently by two.
+fn merged_api(contributions: Vec<(&'static str, HttpApi)>) -> anyhow::Result<HttpApi> {
+    use std::collections::BTreeMap;
+    let mut problems = Vec::new();
+    let mut operations: BTreeMap<(String, String), &'static str> = BTreeMap::new();
+    let mut schemas: BTreeMap<String, (String, Value)> = BTreeMap::new();
+    schemas.insert("Error".into(), ("the gateway".into(), error_schema()));
+    let mut merged = HttpApi::new();
+    let mut merged_from = Vec::new();
+    for (plugin, api) in contributions {
+        let who = contributor(plugin);
+        let before = problems.len();
+        for path in api.route_paths() {
+            if http::GATEWAY_PATHS.contains(&path) {
+                let methods: Vec<String> = api
+                    .operations()
+                    .filter(|(_, p)| *p == path)
+                    .map(|(method, _)| format!("{method} {path}"))
+                    .collect();
+                let route = if methods.is_empty() {
+                    path.to_owned()
+                } else {
+                    methods.join(", ")
+                };
+                problems.push(format!(
+                    "{who} contributes a route at {route}, a path the gateway serves itself ({})",
+                    http::GATEWAY_PATHS.join(", ")
+                ));
+            }
+        }
+        for (method, path) in api.operations() {
+            if let Some(first) = operations.insert((method.clone(), path.to_owned()), plugin) {
+                problems.push(format!(
+                    "{method} {path} is contributed by both {} and {who}",
+                    contributor(first)
+                ));
+            }
+        }
+        for (name, schema) in api.schemas() {
+            match schemas.get(name) {
+                Some((first, defined)) if defined != schema => problems.push(format!(
+                    "the OpenAPI schema `{name}` is defined differently by {first} and by {who}"
+                )),
+                Some(_) => {}
+                None => {
+                    schemas.insert(name.clone(), (who.clone(), schema.clone()));
+                }
+            }
+        }
+        if problems.len() == before {
+            // What is left to find is an overlap no operation documents.
+            merged = merged.try_merge(api).map_err(|why| {
+                anyhow!(
+                    "the routes of {who} collide with those of {}: {why}",
+                    merged_from.join(", ")
+                )
+            })?;
+            merged_from.push(who);
+        }
+    }
+    if problems.is_empty() {
+        Ok(merged)
+    } else {
+        Err(anyhow!(
+            "the plugins' routes collide:\n  - {}",
+            problems.join("\n  - ")
+        ))
+    }
 }
 
 /// Makes the relay that publishes committed events to the WebSocket hubs, given the
@@ -564,27 +643,29 @@ impl cqrs_realtime::Authorizer<Session> for HubRules {
     }
 }
 
+/// The `Error` schema of the JSON error contract.
+fn error_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": { "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": { "type": "string" },
+                "message": { "type": "string" },
+                "details": {}
+            }
+        } }
+    })
+}
+
 fn openapi_document(
     paths: serde_json::Map<String, Value>,
     schemas: serde_json::Map<String, Value>,
 ) -> Value {
     let mut schemas = schemas;
-    schemas.insert(
-        "Error".into(),
-        json!({
-            "type": "object",
-            "required": ["error"],
-            "properties": { "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": { "type": "string" },
-                    "message": { "type": "string" },
-                    "details": {}
-                }
-            } }
-        }),
-    );
+    schemas.insert("Error".into(), error_schema());
     let mut paths = paths;
     for (path, summary, extra) in [
         (

@@ -3,6 +3,7 @@
 use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use cqrs_postgres::{PgError, PgOptions};
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -141,13 +142,13 @@ fn is_blank(value: &std::ffi::OsStr) -> bool {
         .map_or(value.is_empty(), |v| v.trim().is_empty())
 }
 
-fn valid_name(name: &str, max: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes()[0].is_ascii_digit()
+/// What cqrs-postgres finds wrong with `options`, if anything, as one line.
+fn postgres_problems(options: PgOptions) -> Result<(), String> {
+    match options.validate() {
+        Ok(()) => Ok(()),
+        Err(PgError::InvalidOptions(problems)) => Err(problems.join("; ")),
+        Err(other) => Err(other.to_string()),
+    }
 }
 
 /// The built-in defaults: `helpdesk` with no flags and an empty environment. The process's
@@ -349,11 +350,22 @@ impl Config {
         if self.database_url.is_some() && self.jwt_secret.is_none() {
             problems.push("DATABASE_URL is set without HELPDESK_JWT_SECRET: every instance needs the same secret; set one of at least 32 bytes, or unset DATABASE_URL to run in memory".into());
         }
-        if !valid_name(&self.database_schema, 56) {
+        // cqrs-postgres's own checks, so that what it would refuse at connect (a schema
+        // `pg_x`, a URL it cannot parse) is listed here with the rest, before anything binds.
+        // Each checked with a known-good other half, so every problem names its setting.
+        if let Err(problem) = postgres_problems(
+            PgOptions::new(cqrs_postgres::DEFAULT_URL).schema(self.database_schema.clone()),
+        ) {
             problems.push(format!(
-                "HELPDESK_DATABASE_SCHEMA {:?} must be 1 to 56 lower-case ASCII letters, digits or `_`, starting with a letter or `_`",
-                self.database_schema
+                "HELPDESK_DATABASE_SCHEMA {:?} is refused: {problem}",
+                self.database_schema.chars().take(80).collect::<String>()
             ));
+        }
+        if let Some(url) = &self.database_url
+            && let Err(problem) = postgres_problems(PgOptions::new(url.clone()))
+        {
+            // cqrs-postgres's messages never quote the URL (it may hold a password).
+            problems.push(format!("DATABASE_URL is refused: {problem}"));
         }
         if self.redis_prefix.is_empty()
             || self.redis_prefix.len() > 100

@@ -7,7 +7,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use cqrs_core::runtime::Runtime;
+use cqrs_core::runtime::{Health, Runtime};
 use helpdesk_api::{ApiError, Authenticator, TrustedProxies};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
@@ -36,6 +36,13 @@ pub(crate) struct State {
     pub(crate) trusted_proxies: TrustedProxies,
 }
 
+/// How long each of `/ready`'s checks may take: half the request timeout, so the report is
+/// answered well within the request's budget (whose generic 503 `timeout` would not say
+/// which backend is down), however many backends hang.
+pub(crate) fn check_budget(request_timeout: Duration) -> Duration {
+    request_timeout / 2
+}
+
 /// The process-wide Prometheus recorder: `metrics` has one global recorder, so every app built
 /// in one process (tests build many) shares it.
 pub(crate) fn prometheus() -> &'static PrometheusHandle {
@@ -51,6 +58,11 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
         handle
     })
 }
+
+/// The paths the gateway serves itself (`/ws` is the realtime hub's): no plugin may route
+/// them.
+pub(crate) const GATEWAY_PATHS: &[&str] =
+    &["/", "/health", "/ready", "/metrics", "/openapi.json", "/ws"];
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -88,6 +100,9 @@ pub(crate) fn router(state: State) -> Router {
                 )
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
                 .layer(middleware::from_fn(json_errors))
+                // Inside the layers above, so that the request id, the access log line and the
+                // metrics see the 500 it makes of a panic, as of any answer.
+                .layer(middleware::from_fn(catch_panics))
                 .layer(TimeoutLayer::with_status_code(
                     StatusCode::SERVICE_UNAVAILABLE,
                     state.request_timeout,
@@ -106,7 +121,10 @@ pub(crate) fn router(state: State) -> Router {
 }
 
 async fn ready(Extension(state): Extension<State>) -> Response {
-    let report = state.runtime.health().await;
+    let report = state
+        .runtime
+        .health_within(check_budget(state.request_timeout))
+        .await;
     let components: serde_json::Map<String, Value> = report
         .components
         .iter()
@@ -124,12 +142,10 @@ async fn ready(Extension(state): Extension<State>) -> Response {
     };
     // Ready, but a non-critical part (Redis, a worker retrying) is down: commands still commit
     // (into the outbox), events wait. Reported so operators see it; still 200.
-    let degraded = report.components.values().any(|(health, _)| {
-        matches!(
-            health,
-            cqrs_core::runtime::Health::Degraded(_) | cqrs_core::runtime::Health::Unhealthy(_)
-        )
-    });
+    let degraded = report
+        .components
+        .values()
+        .any(|(health, _)| matches!(health, Health::Degraded(_) | Health::Unhealthy(_)));
     let body = json!({
         "status": match (report.ready, degraded) {
             (false, _) => "unavailable",
@@ -174,8 +190,56 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     response
 }
 
-/// Gives every error response the JSON body of the contract, whoever made it (axum's
-/// rejections, tower-http's 413, hyper), and turns a time-out into 503.
+/// Answers a panic of what runs inside it (a handler, an extractor, the authenticator, a
+/// plugin's middleware) with the contract's 500 `internal`, logging the panic's message at
+/// `error`; without it the panic would end the connection's task, and the client would get a
+/// reset connection, with no answer, log line or metric.
+async fn catch_panics(request: Request, next: Next) -> Response {
+    let run = std::pin::pin!(next.run(request));
+    match (CatchUnwind { inner: run }).await {
+        Ok(response) => response,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(a panic without a message)");
+            tracing::error!(panic = message, "a request handler panicked");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the server failed; the error is logged",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// A future's output, or the payload of a panic while polling it (never polled again then).
+struct CatchUnwind<'a, F> {
+    inner: std::pin::Pin<&'a mut F>,
+}
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<'_, F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.inner.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Gives every error response of the router the JSON body of the contract, whoever made it
+/// (axum's rejections, tower-http's 413, the handlers), and turns a time-out into 503. Not
+/// hyper's own refusals (431 for too many or too large headers, 414, 400 for an unparsable
+/// request): hyper writes those before any request reaches the router, bodiless.
 async fn json_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();

@@ -10,9 +10,54 @@ use tracing_subscriber::fmt::MakeWriter;
 /// The filter used when `RUST_LOG` is not set.
 pub const DEFAULT_FILTER: &str = "info,sqlx::postgres::notice=warn";
 
-/// `RUST_LOG` when it is set and valid, else [`DEFAULT_FILTER`].
+/// `RUST_LOG` when it is set and valid, else [`DEFAULT_FILTER`]. An invalid `RUST_LOG` is
+/// not ignored silently: a warning naming each bad directive goes to standard error (the
+/// logger is not installed yet).
 pub fn log_filter() -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+    let (filter, warning) = match std::env::var("RUST_LOG") {
+        Ok(value) => filter_from(Some(&value)),
+        Err(std::env::VarError::NotPresent) => filter_from(None),
+        Err(std::env::VarError::NotUnicode(_)) => (
+            EnvFilter::new(DEFAULT_FILTER),
+            Some(format!(
+                "RUST_LOG is not valid UTF-8; using the default filter `{DEFAULT_FILTER}`"
+            )),
+        ),
+    };
+    if let Some(warning) = warning {
+        eprintln!("helpdesk: warning: {warning}");
+    }
+    filter
+}
+
+/// The filter of a `RUST_LOG` value (`None`: unset), and a warning naming each invalid
+/// directive when it has any (then the whole value is set aside for [`DEFAULT_FILTER`]).
+fn filter_from(value: Option<&str>) -> (EnvFilter, Option<String>) {
+    let Some(value) = value else {
+        return (EnvFilter::new(DEFAULT_FILTER), None);
+    };
+    match EnvFilter::builder().parse(value) {
+        Ok(filter) => (filter, None),
+        Err(_) => {
+            // Split as the parser splits, to name each culprit.
+            let bad: Vec<String> = value
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .filter_map(|d| {
+                    d.parse::<tracing_subscriber::filter::Directive>()
+                        .err()
+                        .map(|e| format!("`{d}` ({e})"))
+                })
+                .collect();
+            (
+                EnvFilter::new(DEFAULT_FILTER),
+                Some(format!(
+                    "RUST_LOG has invalid directives: {}; ignoring it and using the default filter `{DEFAULT_FILTER}`",
+                    bad.join(", ")
+                )),
+            )
+        }
+    }
 }
 
 /// A subscriber writing `format` lines that pass `filter` to `writer`; `ansi` colours text
@@ -40,5 +85,36 @@ where
     match format {
         LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
         LogFormat::Json => Box::new(builder.json().finish()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DEFAULT_FILTER, filter_from};
+
+    #[test]
+    fn an_invalid_rust_log_is_named_in_a_warning() {
+        let (filter, warning) = filter_from(Some("info,hyper=loud,sqlx=warn"));
+        let warning = warning.expect("a warning");
+        assert!(warning.contains("`hyper=loud`"), "{warning}");
+        assert!(!warning.contains("sqlx=warn"), "{warning}");
+        assert!(warning.contains(DEFAULT_FILTER), "{warning}");
+        assert_eq!(
+            filter.to_string(),
+            super::EnvFilter::new(DEFAULT_FILTER).to_string()
+        );
+    }
+
+    #[test]
+    fn a_valid_or_unset_rust_log_warns_of_nothing() {
+        let (filter, warning) = filter_from(Some("debug,hyper=info"));
+        assert_eq!(warning, None);
+        assert!(filter.to_string().contains("hyper=info"), "{filter}");
+        let (filter, warning) = filter_from(None);
+        assert_eq!(warning, None);
+        assert_eq!(
+            filter.to_string(),
+            super::EnvFilter::new(DEFAULT_FILTER).to_string()
+        );
     }
 }

@@ -87,7 +87,7 @@ async fn a_changed_migration_gives_up_on_a_table_in_use_and_runs_once_it_is_free
         )
         .await
         .expect("the start gives up within the lock timeout");
-        let error = format!("{:#}", started.err().expect("the start fails"));
+        let error = format!("{:#}", started.expect_err("the start fails"));
         assert!(
             error.contains("waited 5s for a table lock"),
             "the error says why: {error}"

@@ -1,0 +1,154 @@
+//! Routes or OpenAPI schemas that collide fail the build with an error naming the route (or
+//! schema) and who contributed it, instead of a panic: a plugin route on one of the gateway's
+//! paths (`/health`, `/ws`, ...), a method and path two contributors both serve, a schema
+//! name two contributors define differently. The same schema defined twice alike is fine.
+
+use crate::support::*;
+use axum::routing::{get, post};
+use futures_util::FutureExt;
+use helpdesk::{Hooks, build};
+use helpdesk_api::{HttpApi, Operation};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Builds (in memory) with `api` contributed by the test's hooks; the error's text, if any.
+async fn build_with(api: impl Fn() -> HttpApi + Send + Sync + 'static) -> Result<(), String> {
+    let hooks = Hooks {
+        provide: vec![Arc::new(move |registrar| {
+            registrar.contribute::<HttpApi>(api());
+        })],
+        ..Hooks::default()
+    };
+    let config = test_config(&Backend::Memory);
+    // Caught here, so that the old panic fails the test with a message, not an abort.
+    let built = std::panic::AssertUnwindSafe(build(&config, hooks))
+        .catch_unwind()
+        .await;
+    match built {
+        Ok(Ok(app)) => {
+            app.runtime
+                .shutdown(std::time::Duration::from_secs(2))
+                .await
+                .unwrap();
+            Ok(())
+        }
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(panic) => panic!(
+            "the build panicked instead of returning an error: {:?}",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or(panic.downcast_ref::<&str>().copied())
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_route_on_a_gateway_path_is_an_error_naming_it() {
+    within(async {
+        for path in ["/health", "/ws", "/ready", "/metrics", "/openapi.json", "/"] {
+            let err = build_with(move || {
+                HttpApi::new().route(
+                    path,
+                    get(|| async { "mine" }),
+                    [Operation::new("get", "Mine")],
+                )
+            })
+            .await
+            .expect_err(path);
+            assert!(err.contains(&format!("GET {path}")), "{path}: {err}");
+            assert!(err.contains("gateway"), "{path}: {err}");
+        }
+        // Another method on a gateway path is refused too: the path is the gateway's.
+        let err = build_with(|| {
+            HttpApi::new().route(
+                "/health",
+                post(|| async { "mine" }),
+                [Operation::new("post", "Mine")],
+            )
+        })
+        .await
+        .unwrap_err();
+        assert!(err.contains("/health"), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_contributors_of_one_method_and_path_is_an_error_naming_both() {
+    within(async {
+        let err = build_with(|| {
+            HttpApi::new().route(
+                "/tickets",
+                post(|| async { "mine" }),
+                [Operation::new("post", "Mine")],
+            )
+        })
+        .await
+        .unwrap_err();
+        assert!(err.contains("POST /tickets"), "{err}");
+        assert!(err.contains("tickets"), "{err}");
+        // An undocumented method is caught too, when the routes are merged.
+        let err = build_with(|| HttpApi::new().route("/tickets", post(|| async { "mine" }), []))
+            .await
+            .unwrap_err();
+        assert!(err.contains("/tickets") && err.contains("`POST`"), "{err}");
+        assert!(
+            err.contains("`tickets` plugin") && err.contains("Hooks::provide"),
+            "{err}"
+        );
+        // Another method on a plugin's path is no collision.
+        build_with(|| {
+            HttpApi::new().route(
+                "/tickets",
+                axum::routing::put(|| async { "mine" }),
+                [Operation::new("put", "Mine")],
+            )
+        })
+        .await
+        .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_defined_differently_twice_is_an_error_and_alike_twice_is_not() {
+    within(async {
+        let err = build_with(|| HttpApi::new().schema("Ticket", json!({ "type": "string" })))
+            .await
+            .unwrap_err();
+        assert!(err.contains("Ticket"), "{err}");
+        assert!(err.contains("tickets"), "{err}");
+        // The tickets plugin's own definition, contributed again alike.
+        let config = test_config(&Backend::Memory);
+        let app = build(&config, Hooks::default()).await.unwrap();
+        let r = openapi_of(app.router.clone()).await;
+        app.runtime
+            .shutdown(std::time::Duration::from_secs(2))
+            .await
+            .unwrap();
+        let ticket: Value = r["components"]["schemas"]["Ticket"].clone();
+        assert!(ticket.is_object(), "{r}");
+        build_with(move || HttpApi::new().schema("Ticket", ticket.clone()))
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+/// The router's `/openapi.json`.
+async fn openapi_of(router: axum::Router) -> Value {
+    use tower::ServiceExt;
+    let response = router
+        .oneshot(
+            axum::http::Request::get("/openapi.json")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}

@@ -1,0 +1,158 @@
+//! `/ready` runs its backend checks at once, each bounded by a share of the request timeout:
+//! with Postgres reachable but not answering (a stalled network, a hung server), the client
+//! still gets the per-component report (503, `postgres` unhealthy), well within the request's
+//! time budget, and not the budget's generic 503 `timeout`.
+
+use crate::support::*;
+use reqwest::{Method, StatusCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP proxy to `upstream` that, while `stalled`, passes nothing on in either direction (and
+/// leaves new connections waiting): the server on the other side looks reachable but silent.
+struct StallingProxy {
+    addr: std::net::SocketAddr,
+    stalled: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let flag = flag.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    wait_while(&flag).await;
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        () = pass(client_read, server_write, flag.clone()) => {}
+                        () = pass(server_read, client_write, flag) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            stalled,
+            task,
+        }
+    }
+
+    fn stall(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::SeqCst);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn wait_while(flag: &AtomicBool) {
+    while flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk while the flag is up.
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    flag: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        wait_while(&flag).await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        wait_while(&flag).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `url` with its host and port replaced by `addr`, and the host and port it had.
+fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), authority),
+    };
+    let upstream = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    (format!("{scheme}://{user}{addr}{path}"), upstream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_postgres_gets_the_component_report_within_the_request_timeout() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let Backend::Postgres { database_url, .. } = &backend else {
+            unreachable!()
+        };
+        let unused: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (_, upstream) = via(database_url, unused);
+        let proxy = StallingProxy::start(upstream).await;
+        let (proxied, _) = via(database_url, proxy.addr);
+        let s = TestServer::start_on(backend, |c| {
+            c.database_url = Some(proxied);
+            c.request_timeout_ms = 1_000;
+        })
+        .await;
+        let ready = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+
+        proxy.stall(true);
+        let started = Instant::now();
+        let r = s.send(Method::GET, "/ready", None, None).await;
+        let took = started.elapsed();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
+        assert_eq!(r.body["status"], "unavailable", "{r:?}");
+        assert_eq!(
+            r.body["components"]["postgres"]["status"], "unhealthy",
+            "{r:?}"
+        );
+        assert!(
+            r.body["components"]["postgres"]["reason"].is_string(),
+            "{r:?}"
+        );
+        // Redis answers, and is reported so, checked alongside the hung Postgres.
+        assert_eq!(r.body["components"]["redis"]["status"], "healthy", "{r:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
+
+        proxy.stall(false);
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "/ready is 200 once Postgres answers again",
+            || async {
+                let r = s.send(Method::GET, "/ready", None, None).await;
+                (r.status == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+        s.stop().await;
+    })
+    .await;
+}

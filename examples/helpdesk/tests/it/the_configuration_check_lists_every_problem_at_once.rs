@@ -1,0 +1,94 @@
+//! `Config::validate` finds, before anything binds or connects, every problem the backends
+//! would only find later, and lists them all at once: a schema name cqrs-postgres refuses
+//! (`pg_x`), a `DATABASE_URL` that is no Postgres URL (without quoting its password).
+
+use helpdesk::Config;
+
+fn config(env: &[(&str, &str)]) -> Config {
+    Config::try_parse_with_env(["helpdesk"], env.iter().copied()).unwrap()
+}
+
+const SECRET: (&str, &str) = (
+    "HELPDESK_JWT_SECRET",
+    "a-test-secret-that-is-at-least-32-bytes-long",
+);
+
+#[test]
+fn a_schema_name_postgres_reserves_is_refused() {
+    for schema in ["pg_x", "pg_", "Upper", "1st", "with-dash"] {
+        let problems = config(&[("HELPDESK_DATABASE_SCHEMA", schema)])
+            .validate()
+            .expect_err(schema);
+        assert_eq!(problems.len(), 1, "{schema:?}: {problems:?}");
+        assert!(
+            problems[0].contains("HELPDESK_DATABASE_SCHEMA"),
+            "{schema:?}: {problems:?}"
+        );
+    }
+    let long = "s".repeat(57);
+    assert!(
+        config(&[("HELPDESK_DATABASE_SCHEMA", &long)])
+            .validate()
+            .is_err()
+    );
+    for schema in [
+        "helpdesk",
+        "_private",
+        "a1_b2",
+        "pgx",
+        "x_pg_",
+        &"s".repeat(56),
+    ] {
+        config(&[("HELPDESK_DATABASE_SCHEMA", schema)])
+            .validate()
+            .unwrap_or_else(|p| panic!("{schema:?}: {p:?}"));
+    }
+}
+
+#[test]
+fn a_malformed_database_url_is_refused_without_quoting_its_password() {
+    for url in [
+        "postgres://helpdesk:hunter2-secret@db:99999/helpdesk",
+        "mysql://helpdesk:hunter2-secret@db/helpdesk",
+        "not a url hunter2-secret",
+        "postgres://helpdesk:hunter2-secret@db/helpdesk?sslmode=sometimes",
+    ] {
+        let problems = config(&[("DATABASE_URL", url), SECRET])
+            .validate()
+            .expect_err(url);
+        assert_eq!(problems.len(), 1, "{url}: {problems:?}");
+        assert!(problems[0].contains("DATABASE_URL"), "{url}: {problems:?}");
+        assert!(!problems[0].contains("hunter2"), "{url}: {problems:?}");
+    }
+    for url in [
+        "postgres://postgres@127.0.0.1:5432/test",
+        "postgresql://u:p@db/helpdesk?sslmode=disable",
+        "postgres:///helpdesk?host=/var/run/postgresql",
+    ] {
+        config(&[("DATABASE_URL", url), SECRET])
+            .validate()
+            .unwrap_or_else(|p| panic!("{url}: {p:?}"));
+    }
+}
+
+#[test]
+fn every_problem_is_listed_at_once() {
+    let problems = config(&[
+        ("DATABASE_URL", "mysql://db/helpdesk"),
+        ("HELPDESK_DATABASE_SCHEMA", "pg_x"),
+        ("HELPDESK_JWT_SECRET", "short"),
+    ])
+    .validate()
+    .unwrap_err();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    for name in [
+        "DATABASE_URL",
+        "HELPDESK_DATABASE_SCHEMA",
+        "HELPDESK_JWT_SECRET",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(name)),
+            "{name}: {problems:?}"
+        );
+    }
+}
