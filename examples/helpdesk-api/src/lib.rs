@@ -27,4 +27,6 @@ pub use extract::{
     ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, RequestMetadata, TrustedProxies,
     bearer_token,
 };
-pub use validation::{invalid_field, reject_nul};
+pub use validation::{
+    has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi, reject_nul,
+};

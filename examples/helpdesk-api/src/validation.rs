@@ -32,3 +32,105 @@ pub fn reject_nul(field: &str, value: &str) -> Result<(), HandlerError> {
         Ok(())
     }
 }
+
+/// Whether `c` is a bidirectional control: it reorders the text around it when displayed
+/// (U+202E shows what follows right to left), so a title could read as something it is not.
+///
+/// ```
+/// assert!(helpdesk_api::is_bidi_control('\u{202E}'));
+/// ```
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// Whether `c` is drawn as nothing: Unicode's default-ignorable code points and the other
+/// format characters. Text holding one looks the same as the text without it (two emails
+/// could look alike), and text of only such characters looks empty.
+///
+/// ```
+/// assert!(helpdesk_api::is_invisible('\u{200B}'));
+/// assert!(!helpdesk_api::is_invisible('a'));
+/// ```
+pub fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
+/// Whether `text` shows anything: a character that is not whitespace, a control or invisible.
+///
+/// ```
+/// assert!(!helpdesk_api::has_visible(" \u{200B}\n"));
+/// assert!(helpdesk_api::has_visible("日"));
+/// ```
+pub fn has_visible(text: &str) -> bool {
+    text.chars()
+        .any(|c| !c.is_whitespace() && !c.is_control() && !is_invisible(c))
+}
+
+/// Refuses text holding a bidirectional control (422 `validation_failed` naming `field`):
+/// what an agent reads must look like what was stored.
+///
+/// ```
+/// assert!(helpdesk_api::reject_bidi("title", "fine").is_ok());
+/// assert!(helpdesk_api::reject_bidi("title", "a\u{202E}b").is_err());
+/// ```
+pub fn reject_bidi(field: &str, text: &str) -> Result<(), HandlerError> {
+    if text.chars().any(is_bidi_control) {
+        Err(invalid_field(
+            field,
+            "must not contain bidirectional control characters \
+             (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069)",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bidi_controls_and_invisible_text_are_recognized() {
+        for c in [
+            '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}',
+        ] {
+            assert!(is_bidi_control(c), "{c:?}");
+            assert!(reject_bidi("title", &format!("a{c}b")).is_err());
+        }
+        assert!(reject_bidi("body", "line one\n\tline two, ünïcödé, 日本語").is_ok());
+        assert!(!has_visible("\u{200B}"));
+        assert!(!has_visible(" \u{FEFF}\u{2060} \n"));
+        assert!(has_visible("\u{200B}a"));
+        assert!(has_visible("日"));
+    }
+}

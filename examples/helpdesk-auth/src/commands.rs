@@ -153,41 +153,7 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     }
 }
 
-/// Whether `c` is drawn as nothing (Unicode's default-ignorable code points, and the other
-/// format characters): an email holding one looks the same as the email without it, so two
-/// accounts could look alike to agents and users.
-fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{0600}'..='\u{0605}'
-            | '\u{061C}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{0890}'..='\u{0891}'
-            | '\u{08E2}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{17B4}'..='\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFFB}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1343F}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-    )
-}
-
-use helpdesk_api::{invalid_field as invalid, reject_nul};
+use helpdesk_api::{invalid_field as invalid, is_invisible, reject_nul};
 
 /// Handles [`RegisterUser`].
 pub(crate) struct RegisterHandler {

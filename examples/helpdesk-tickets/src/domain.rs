@@ -198,6 +198,8 @@ pub struct TicketState {
     pub ticket: Ticket,
     /// Whether it exists.
     pub exists: bool,
+    /// How many times it was assigned (bounded by [`MAX_ASSIGNMENTS`]).
+    pub assignments: usize,
 }
 
 impl TicketState {
@@ -223,6 +225,7 @@ impl TicketState {
             TicketEvent::Assigned(e) => {
                 t.assignee_id = Some(e.assignee_id);
                 t.status = Status::Assigned;
+                self.assignments += 1;
             }
             TicketEvent::Commented(e) => t.comments.push(Comment {
                 id: e.comment_id,
@@ -243,6 +246,10 @@ pub(crate) const MAX_COMMENTS: usize = 500;
 
 /// The most comment text (UTF-8 bytes) one ticket holds, for the same reason.
 pub(crate) const MAX_COMMENT_BYTES: usize = 1024 * 1024;
+
+/// The most times one ticket is assigned, for the same reason: each assignment is an event
+/// of the ticket's stream, read and folded whenever the ticket is.
+pub(crate) const MAX_ASSIGNMENTS: usize = 100;
 
 fn comment_bytes(ticket: &Ticket) -> usize {
     ticket.comments.iter().map(|c| c.body.len()).sum()
@@ -296,6 +303,16 @@ impl Aggregate for TicketState {
             ]),
             _ if !self.exists => Err(HandlerError::not_found("no such ticket")),
             _ if t.status == Status::Closed => Err(closed()),
+            // Already theirs: nothing happens, and the ticket is answered as it is (no event, no
+            // new version, no realtime push).
+            TicketCommand::Assign { assignee_id } if t.assignee_id == Some(assignee_id) => {
+                Ok(Vec::new())
+            }
+            TicketCommand::Assign { .. } if self.assignments >= MAX_ASSIGNMENTS => {
+                Err(ticket_full(format!(
+                    "a ticket is assigned at most {MAX_ASSIGNMENTS} times: open a new ticket"
+                )))
+            }
             TicketCommand::Assign { assignee_id } => Ok(vec![
                 TicketAssigned {
                     ticket_id: t.id,
@@ -395,5 +412,41 @@ mod tests {
         let err = comment(&mut state, &big).unwrap_err();
         assert_eq!(err.code(), "ticket_full");
         comment(&mut state, "x").expect("a short one still fits");
+    }
+
+    fn assign(state: &mut TicketState, assignee_id: Uuid) -> Result<usize, HandlerError> {
+        let events = state.decide(TicketCommand::Assign { assignee_id })?;
+        for event in &events {
+            state.apply(event);
+        }
+        Ok(events.len())
+    }
+
+    /// Assigning a ticket to the agent who has it decides nothing; alternating agents is
+    /// bounded like comments are.
+    #[test]
+    fn a_ticket_is_assigned_again_only_to_another_agent_and_a_bounded_number_of_times() {
+        let mut state = open_ticket();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(assign(&mut state, a).unwrap(), 1);
+        assert_eq!(assign(&mut state, a).unwrap(), 0, "already theirs");
+        assert_eq!(state.ticket.version, 2);
+        for i in 1..MAX_ASSIGNMENTS {
+            let to = if i.is_multiple_of(2) { a } else { b };
+            assert_eq!(assign(&mut state, to).unwrap(), 1);
+        }
+        let to = if state.ticket.assignee_id == Some(a) {
+            b
+        } else {
+            a
+        };
+        let err = assign(&mut state, to).unwrap_err();
+        assert_eq!(err.code(), "ticket_full");
+        let holder = state.ticket.assignee_id.unwrap();
+        assert_eq!(
+            assign(&mut state, holder).unwrap(),
+            0,
+            "still a no-op at the cap"
+        );
     }
 }

@@ -186,7 +186,7 @@ impl Query for GetStats {
     type Output = Stats;
 }
 
-use helpdesk_api::{invalid_field as invalid, reject_nul};
+use helpdesk_api::{has_visible, invalid_field as invalid, reject_bidi, reject_nul};
 
 fn not_found() -> HandlerError {
     HandlerError::not_found("no such ticket")
@@ -245,6 +245,11 @@ impl Tickets {
             metadata,
             self.clock.now(),
         )?;
+        if decided.records.is_empty() {
+            // Nothing changes (an assignment to the agent who has the ticket): nothing to
+            // store, and the ticket is answered as it is.
+            return Ok(decided.state.ticket);
+        }
         let Some(pg) = &self.pg_index else {
             let committed = self.repo.append_decided(decided).await?;
             self.index
@@ -320,6 +325,13 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         reject_nul("title", &title)?;
+        reject_bidi("title", &title)?;
+        if !has_visible(&title) {
+            return Err(invalid(
+                "title",
+                "the title must have a visible character, not only blank or invisible ones",
+            ));
+        }
         let description = cmd.description.unwrap_or_default();
         if description.chars().count() > 10_000 {
             return Err(invalid(
@@ -328,6 +340,7 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         reject_nul("description", &description)?;
+        reject_bidi("description", &description)?;
         let id = Uuid::now_v7();
         let metadata = metadata(ctx, &cmd.user);
         // A new ticket: nothing to load.
@@ -377,6 +390,13 @@ impl CommandHandler<ChangeTicket> for Tickets {
                     return Err(invalid("body", "the comment must be 1 to 10000 characters"));
                 }
                 reject_nul("body", body)?;
+                reject_bidi("body", body)?;
+                if !has_visible(body) {
+                    return Err(invalid(
+                        "body",
+                        "the comment must have a visible character, not only blank or invisible ones",
+                    ));
+                }
             }
             Change::Close { resolution } => {
                 if resolution
@@ -390,12 +410,14 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 }
                 if let Some(resolution) = resolution {
                     reject_nul("resolution", resolution)?;
+                    reject_bidi("resolution", resolution)?;
                 }
             }
         }
         let comment_id = Uuid::now_v7();
         let metadata = metadata(ctx, user);
-        for attempt in 1..=RETRIES {
+        let mut attempt = 1;
+        loop {
             let loaded = self.load_for_change(ctx, user, cmd.id).await?;
             let expected = cmd.expected_version.unwrap_or(loaded.version);
             let command = match &cmd.change {
@@ -419,21 +441,38 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 // Someone else changed the ticket between our load and our append: decide
                 // again on the new state, unless the client pinned a version.
                 Err(AggregateError::Store(StoreError::Conflict { .. }))
-                    if cmd.expected_version.is_none() && attempt < RETRIES => {}
+                    if cmd.expected_version.is_none() && attempt < RETRIES =>
+                {
+                    attempt += 1;
+                }
                 Err(AggregateError::Store(StoreError::Conflict { actual, .. })) => {
-                    return Err(HandlerError::conflict(
-                        "version_conflict",
-                        format!("the ticket is at version {actual}, not the expected {expected}"),
-                    )
-                    .with_details(json!({ "current_version": actual })));
+                    return Err(version_conflict(cmd.expected_version, actual));
                 }
                 Err(e) => return Err(from_aggregate(e)),
             }
         }
-        Err(HandlerError::conflict(
-            "version_conflict",
-            "the ticket kept changing; try again",
-        ))
+    }
+}
+
+/// The 409 of a change that met other writers: for a client that pinned `expected`, the
+/// version it missed; for one that did not, that the ticket changed under every one of its
+/// attempts. Neither quotes the store's message (it names the internal stream).
+fn version_conflict(expected: Option<u64>, actual: u64) -> HandlerError {
+    HandlerError::conflict("version_conflict", conflict_message(expected, Some(actual)))
+        .with_details(json!({ "current_version": actual }))
+}
+
+/// The message of a `version_conflict` for a client that sent `expected` (or none), the ticket
+/// being at `actual` when that is known.
+pub(crate) fn conflict_message(expected: Option<u64>, actual: Option<u64>) -> String {
+    match (expected, actual) {
+        (Some(expected), Some(actual)) => {
+            format!("the ticket is at version {actual}, not the expected {expected}")
+        }
+        (Some(expected), None) => {
+            format!("the ticket is no longer at the expected version {expected}")
+        }
+        (None, _) => "the ticket is changing too fast to apply this change: try again".to_owned(),
     }
 }
 
@@ -463,7 +502,8 @@ impl QueryHandler<ListTickets> for Tickets {
             None => None,
         };
         let mut filter = q.filter;
-        if q.user.role == Role::Customer {
+        // Fails closed: whoever is not an agent sees only their own tickets.
+        if !q.user.is_agent() {
             filter.reporter_id = Some(q.user.id);
         }
         // One more than asked, to know whether there is a next page.

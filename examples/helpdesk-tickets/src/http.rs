@@ -3,7 +3,7 @@
 use crate::domain::{Priority, Ticket};
 use crate::handlers::{
     Change, ChangeTicket, GetStats, GetTicket, ListTickets, OpenTicket, TicketHistory,
-    parse_priority, parse_status,
+    conflict_message, parse_priority, parse_status,
 };
 use crate::index::ListFilter;
 use axum::Json;
@@ -42,7 +42,10 @@ const COMMIT_ATTEMPTS: u32 = 20;
 /// Runs the command made by `make` at most once per `Idempotency-Key`. In Postgres mode the
 /// idempotency record commits in the command's transaction; a version conflict found at that
 /// commit is retried (the command decides again on the new state) when `retry` says the
-/// client did not pin a version, and is 409 `version_conflict` otherwise.
+/// client did not pin a version, and is 409 `version_conflict` otherwise (or once the
+/// attempts are spent), its message written for what the client sent (`expected_version`),
+/// never the store's (which names the internal stream).
+#[allow(clippy::too_many_arguments)]
 async fn run<C, F>(
     http: &Http,
     headers: &HeaderMap,
@@ -50,6 +53,7 @@ async fn run<C, F>(
     fingerprint: Vec<u8>,
     status: StatusCode,
     retry: bool,
+    expected_version: Option<u64>,
     make: F,
 ) -> Result<Response, ApiError>
 where
@@ -94,6 +98,14 @@ where
                 let jitter = u64::from(Uuid::new_v4().as_bytes()[0] % 8);
                 tokio::time::sleep(Duration::from_millis(jitter + u64::from(attempt))).await;
                 attempt += 1;
+            }
+            Err(mut e) if e.code == "version_conflict" => {
+                let actual = e
+                    .details
+                    .as_ref()
+                    .and_then(|d| d["current_version"].as_u64());
+                e.message = conflict_message(expected_version, actual);
+                return Err(e);
             }
             other => return other,
         }
@@ -163,6 +175,7 @@ async fn open(
         print,
         StatusCode::CREATED,
         false,
+        None,
         || OpenTicket {
             user: user.clone(),
             title: body.title.clone(),
@@ -235,6 +248,7 @@ async fn change<B: ChangeBody>(
         print,
         B::STATUS,
         expected_version.is_none(),
+        expected_version,
         || ChangeTicket {
             user: user.clone(),
             id,
@@ -409,8 +423,8 @@ fn idempotent(op: Operation) -> Operation {
         "Idempotency-Key",
         "header",
         false,
-        json!({ "type": "string", "minLength": 1, "maxLength": 255 }),
-        "replays return the first response; the same key with another body is 422 `idempotency_key_reused`",
+        json!({ "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]{1,255}$" }),
+        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`",
     )
 }
 
@@ -452,7 +466,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
     let conflict = |op: Operation| {
         op.response(
             409,
-            "`ticket_closed`, `ticket_full` (a comment past 500 comments or 1 MiB of them), or `version_conflict` for a stale expected_version",
+            "`ticket_closed`, `ticket_full` (a comment past 500 comments or 1 MiB of them, an assignment past 100), or `version_conflict` (a stale expected_version, or, without one, a ticket that changed under each of 20 attempts: try again)",
             None,
         )
     };
@@ -474,7 +488,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                         }
                     }))
                     .response(201, "the new ticket", Some(ticket_schema()))
-                    .response(422, "invalid title, description or priority", None),
+                    .response(422, "invalid title, description or priority (a title needs a visible character; bidirectional controls are refused)", None),
                 Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
                     .param("status", "query", false, json!({ "type": "string", "enum": ["open", "assigned", "closed"] }), "filter")
                     .param("priority", "query", false, json!({ "type": "string", "enum": ["low", "normal", "high", "urgent"] }), "filter")
@@ -539,7 +553,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "required": ["assignee_id"],
                     "properties": { "assignee_id": { "type": "string", "format": "uuid" }, "expected_version": expected_version() }
                 }))
-                .response(200, "the ticket", Some(ticket_schema()))
+                .response(200, "the ticket (as it was, with no new version, when it is already the assignee's)", Some(ticket_schema()))
                 .response(403, "not an agent", None)
                 .response(422, "the assignee is not an agent", None)],
         )
@@ -553,7 +567,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000 }, "expected_version": expected_version() }
                 }))
                 .response(201, "the ticket with its comments", Some(ticket_schema()))
-                .response(422, "an empty or too long body", None)],
+                .response(422, "an empty, invisible or too long body, or one with bidirectional controls", None)],
         )
         .route(
             "/tickets/{id}/close",

@@ -200,3 +200,40 @@ async fn more_concurrent_idempotent_changes_than_pool_connections_all_complete()
     })
     .await;
 }
+
+/// The API description says what the server checks: 1 to 255 visible ASCII characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_describes_the_key_as_visible_ascii() {
+    within(async {
+        let s = TestServer::start().await;
+        let api = s
+            .send(reqwest::Method::GET, "/openapi.json", None, None)
+            .await;
+        assert_eq!(api.status, StatusCode::OK, "{api:?}");
+        for (path, method) in [
+            ("/tickets", "post"),
+            ("/tickets/{id}/assign", "post"),
+            ("/tickets/{id}/comments", "post"),
+            ("/tickets/{id}/close", "post"),
+        ] {
+            let params = api.body["paths"][path][method]["parameters"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{path} {method}: {}", api.body));
+            let key = params
+                .iter()
+                .find(|p| p["name"] == "Idempotency-Key")
+                .unwrap_or_else(|| panic!("{path} {method}"));
+            assert_eq!(key["schema"]["pattern"], "^[!-~]{1,255}$", "{key}");
+        }
+        // The pattern is the server's check: a key with a space is refused, one of every
+        // other visible character is not.
+        let (token, _) = s.customer().await;
+        let spaced = post_with_key(&s, "/tickets", &token, "a b", json!({ "title": "t" })).await;
+        spaced.assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        let visible: String = ('!'..='~').collect();
+        let ok = post_with_key(&s, "/tickets", &token, &visible, json!({ "title": "t" })).await;
+        assert_eq!(ok.status, StatusCode::CREATED, "{ok:?}");
+        s.stop().await;
+    })
+    .await;
+}

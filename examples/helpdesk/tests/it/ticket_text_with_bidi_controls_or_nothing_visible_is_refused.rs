@@ -1,0 +1,126 @@
+//! Titles and comments are what agents read in lists and tickets: bidirectional controls
+//! (which reorder the text around them when shown) are refused in both, and a title or a
+//! comment must show something, not only invisible characters.
+
+use crate::support::*;
+use reqwest::StatusCode;
+use serde_json::json;
+
+const BIDI: [char; 13] = [
+    '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}', '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}',
+    '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}', '\u{202E}',
+];
+
+#[track_caller]
+fn assert_refused(r: &Response, field: &str) {
+    r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(r.body["error"]["details"]["field"], field, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn titles_with_bidi_controls_or_nothing_visible_are_refused() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        for c in BIDI {
+            let r = s
+                .post(
+                    "/tickets",
+                    &customer,
+                    json!({ "title": format!("invoice {c}fdp.exe") }),
+                )
+                .await;
+            assert_refused(&r, "title");
+        }
+        for title in [
+            "\u{200B}",
+            " \u{200B}\u{FEFF} ",
+            "\u{2060}\u{00AD}",
+            "\u{3164}",
+        ] {
+            let r = s
+                .post("/tickets", &customer, json!({ "title": title }))
+                .await;
+            assert_refused(&r, "title");
+        }
+        let list = s.get("/tickets", &customer).await;
+        assert_eq!(list.body["items"], json!([]), "nothing was stored");
+        // Other scripts, and an invisible character next to visible ones, are fine.
+        for title in [
+            "Drucker brennt: Größe ändern",
+            "打印机着火了",
+            "a\u{200B}b",
+            "مرحبا",
+        ] {
+            s.ticket(&customer, title).await;
+        }
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comments_with_bidi_controls_or_nothing_visible_are_refused() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        let id = s.ticket(&customer, "comments").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/tickets/{id}/comments");
+        for c in BIDI {
+            let r = s
+                .post(&path, &customer, json!({ "body": format!("ok {c}kcab") }))
+                .await;
+            assert_refused(&r, "body");
+        }
+        for body in ["\u{200B}", "\u{FEFF}\n\u{200B}\t"] {
+            let r = s.post(&path, &customer, json!({ "body": body })).await;
+            assert_refused(&r, "body");
+        }
+        // Newlines and tabs stay allowed.
+        let r = s
+            .post(&path, &customer, json!({ "body": "line one\n\tline two" }))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        assert_eq!(r.body["version"], 2, "only the good comment was stored");
+        assert_eq!(r.body["comments"][0]["body"], "line one\n\tline two");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// Descriptions and resolutions are read by agents too: no bidirectional controls there
+/// either (they may be empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptions_and_resolutions_with_bidi_controls_are_refused() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        let r = s
+            .post(
+                "/tickets",
+                &customer,
+                json!({ "title": "fine", "description": "see \u{202E}fdp.exe" }),
+            )
+            .await;
+        assert_refused(&r, "description");
+        let id = s.ticket(&customer, "to close").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let r = s
+            .post(
+                &format!("/tickets/{id}/close"),
+                &customer,
+                json!({ "resolution": "fixed \u{2067}by itself" }),
+            )
+            .await;
+        assert_refused(&r, "resolution");
+        let r = s.get(&format!("/tickets/{id}"), &customer).await;
+        assert_eq!(r.body["status"], "open", "{r:?}");
+        s.stop().await;
+    })
+    .await;
+}
