@@ -121,8 +121,22 @@ impl PgDatabase {
     /// every instance at start-up: concurrent calls wait for each other (sqlx holds an
     /// advisory lock while migrating), and applied migrations are skipped. The migration
     /// history is the table `_sqlx_migrations` in the schema.
+    ///
+    /// Migrations applied by a newer build that this build does not know are ignored, so in
+    /// a rolling upgrade (or a rollback) an instance of the previous build still starts on a
+    /// schema the new one migrated: every migration keeps what earlier builds use working
+    /// (new columns have defaults, nothing they read is dropped).
     pub async fn migrate(&self) -> Result<(), PgError> {
-        let migrations = MIGRATIONS
+        self.migrate_with(&MIGRATIONS).await
+    }
+
+    /// [`migrate`](Self::migrate) with `migrations` (a prefix of [`MIGRATIONS`] in tests, as
+    /// a previous build has).
+    async fn migrate_with(
+        &self,
+        migrations: &[(i64, &'static str, &'static str)],
+    ) -> Result<(), PgError> {
+        let migrations = migrations
             .iter()
             .map(|(version, description, text)| {
                 Migration::new(
@@ -135,6 +149,7 @@ impl PgDatabase {
             })
             .collect();
         let mut migrator = Migrator::with_migrations(migrations);
+        migrator.set_ignore_missing(true);
         migrator.create_schema(format!("\"{}\"", self.sql.schema));
         migrator.dangerous_set_table_name(format!("\"{}\"._sqlx_migrations", self.sql.schema));
         let failed = |source| PgError::Migrate {
@@ -235,5 +250,28 @@ impl HealthCheck for PgDatabase {
             Ok(Err(e)) => Health::Unhealthy(format!("postgres: {}", store_error(e))),
             Err(_) => Health::Unhealthy("postgres did not answer within 2 s".to_owned()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+    use crate::test_support::migrated_schema;
+
+    /// In a rolling upgrade an instance of the previous build starts on a schema the new build
+    /// migrated: the migrations it does not know are ignored, not an error that stops it.
+    #[tokio::test]
+    async fn a_previous_build_starts_on_a_schema_a_newer_build_migrated() {
+        let Some(db) = migrated_schema("previous_build").await else {
+            return;
+        };
+        let previous = &MIGRATIONS[..MIGRATIONS.len() - 1];
+        db.migrate_with(previous)
+            .await
+            .expect("the previous build's migrate succeeds");
+        db.migrate()
+            .await
+            .expect("and the current build's still does");
+        db.drop_schema().await.expect("drop the test schema");
     }
 }

@@ -183,8 +183,8 @@ impl fmt::Debug for RealtimeFeed {
 /// in the database's schema). The gateway runs the contributions at start, in plugin order,
 /// after the framework's own migrations, one transaction each under an advisory lock, so
 /// instances starting together do not race. Each runs once per schema and text: the schema's
-/// `helpdesk_migrations` table records `plugin/name` with its SQL, and a start skips one whose
-/// SQL is unchanged; changed SQL runs again (so keep it idempotent).
+/// `helpdesk_migrations` table records `plugin/name` with each SQL text that ran, and a start
+/// skips a text already applied; changed SQL runs again (so keep it idempotent).
 #[derive(Clone, Debug)]
 pub struct Migration {
     /// A name for logs and errors (`"auth.users"`).

@@ -5,7 +5,9 @@
 //! the index there, and that lock waits behind any open write on the table while every later
 //! write waits behind it. Run on every start, a restarting instance would stall the writes of
 //! the instances still serving. So each migration is recorded in `helpdesk_migrations` with its
-//! SQL and skipped while the SQL is unchanged; one that must run waits at most
+//! SQL and skipped when that SQL was applied already (every text applied is kept, so the old and
+//! the new build of a rolling upgrade do not run each other's in turn); one that must run waits
+//! at most
 //! [`LOCK_TIMEOUT`] for a table lock and then fails the start with an error that says so,
 //! instead of queueing every writer behind it.
 
@@ -40,22 +42,26 @@ pub(crate) async fn run(
         // Under the lock, so two instances do not both create it.
         sqlx::raw_sql(AssertSqlSafe(format!(
             "CREATE TABLE IF NOT EXISTS {schema}.helpdesk_migrations (
-                 name text PRIMARY KEY,
+                 name text NOT NULL,
+                 sql_md5 text NOT NULL,
                  sql text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now()
+                 applied_at timestamptz NOT NULL DEFAULT now(),
+                 PRIMARY KEY (name, sql_md5)
              )"
         )))
         .execute(&mut *tx)
         .await
         .context("cannot create the table of applied migrations")?;
-        let applied: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT sql FROM {schema}.helpdesk_migrations WHERE name = $1"
+        let applied: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema}.helpdesk_migrations
+                 WHERE name = $1 AND sql_md5 = md5($2) AND sql = $2)"
         )))
         .bind(&key)
-        .fetch_optional(&mut *tx)
+        .bind(&migration.sql)
+        .fetch_one(&mut *tx)
         .await
         .context("cannot read the applied migrations")?;
-        if applied.as_deref() == Some(migration.sql.as_str()) {
+        if applied {
             tx.commit().await.context("cannot commit a migration")?;
             continue;
         }
@@ -72,8 +78,8 @@ pub(crate) async fn run(
             return Err(failed(plugin, migration.name, e));
         }
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {schema}.helpdesk_migrations (name, sql) VALUES ($1, $2)
-             ON CONFLICT (name) DO UPDATE SET sql = EXCLUDED.sql, applied_at = now()"
+            "INSERT INTO {schema}.helpdesk_migrations (name, sql_md5, sql) VALUES ($1, md5($2), $2)
+             ON CONFLICT (name, sql_md5) DO UPDATE SET applied_at = now()"
         )))
         .bind(&key)
         .bind(&migration.sql)

@@ -71,7 +71,8 @@ async fn a_changed_migration_gives_up_on_a_table_in_use_and_runs_once_it_is_free
         // As if a new version of the tickets plugin changed its DDL.
         let mut conn = PgConnection::connect(&database_url).await.unwrap();
         let changed = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE {schema}.helpdesk_migrations SET sql = 'an older text' \
+            "UPDATE {schema}.helpdesk_migrations \
+             SET sql = 'an older text', sql_md5 = md5('an older text') \
              WHERE name LIKE 'tickets/%'"
         )))
         .execute(&mut conn)
@@ -95,15 +96,17 @@ async fn a_changed_migration_gives_up_on_a_table_in_use_and_runs_once_it_is_free
 
         sqlx::raw_sql("ROLLBACK").execute(&mut write).await.unwrap();
         let b = TestServer::start_on(backend, |_| {}).await;
-        let recorded: String = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT sql FROM {schema}.helpdesk_migrations WHERE name LIKE 'tickets/%'"
+        let recorded: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT sql FROM {schema}.helpdesk_migrations WHERE name LIKE 'tickets/%' \
+             ORDER BY applied_at"
         )))
-        .fetch_one(&mut conn)
+        .fetch_all(&mut conn)
         .await
         .unwrap();
+        assert_eq!(recorded.len(), 2, "both texts are kept: {recorded:?}");
         assert!(
-            recorded.contains("ticket_index"),
-            "the migration ran again and was recorded: {recorded}"
+            recorded[1].contains("ticket_index"),
+            "the migration ran again and was recorded: {recorded:?}"
         );
         a.stop().await;
         b.stop().await;
