@@ -9,13 +9,21 @@
 //! `bus_three_layers_traced` cases: there a subscriber that enables every span at INFO and
 //! records nothing ([`UpTo`] INFO) is the default, so they add the cost of creating, entering
 //! and closing the span, the floor of what a real subscriber at INFO costs.
+//!
+//! The handlers answer without waiting, so a dispatch finishes on its first poll, except in the
+//! command group's `*_yielding` cases: there the handler waits once (`yield_now`), so the
+//! dispatch is polled twice and the timeout layer starts (and drops) its timer.
 
 use cqrs_benches::baseline::{
     LocalCommandHandler, LocalEventHandler, LocalQueryHandler, call_when_ready, command_service,
     query_service, spawn_command_task, spawn_query_task,
 };
-use cqrs_benches::buses::{Stack, command_bus, event_bus, event_handlers, query_bus};
-use cqrs_benches::fixtures::{Increment, IncrementHandler, Incremented, Lookup, LookupHandler};
+use cqrs_benches::buses::{
+    Stack, command_bus, event_bus, event_handlers, query_bus, yielding_command_bus,
+};
+use cqrs_benches::fixtures::{
+    Increment, IncrementHandler, Incremented, Lookup, LookupHandler, YieldingIncrementHandler,
+};
 use cqrs_core::{CommandContext, EventContext, EventEnvelope, Metadata, QueryContext};
 use criterion::measurement::WallTime;
 use criterion::{Bencher, BenchmarkGroup, BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -110,8 +118,18 @@ fn command_dispatch(c: &mut Criterion) {
     let metadata = Metadata::new();
     let bare = command_bus(&Stack::Bare).expect("the bare bus builds");
     let layered = command_bus(&Stack::three_layers()).expect("the layered bus builds");
-    let boxed: Box<dyn LocalCommandHandler> = Box::new(IncrementHandler);
+    // Through `black_box`, so the compiler cannot see the concrete type behind the box and
+    // devirtualise the call: a handler in a real registry is reached through its vtable.
+    let boxed = black_box(Box::new(IncrementHandler) as Box<dyn LocalCommandHandler>);
     let task = spawn_command_task(rt.handle());
+    // The same, with a handler that waits once (`yield_now`) before answering: the dispatch
+    // returns `Pending` once and is polled again, which is when the timeout layer starts its
+    // timer. Every case above finishes on its first poll.
+    let bare_yielding = yielding_command_bus(&Stack::Bare).expect("the bare bus builds");
+    let layered_yielding =
+        yielding_command_bus(&Stack::three_layers()).expect("the layered bus builds");
+    let boxed_yielding =
+        black_box(Box::new(YieldingIncrementHandler) as Box<dyn LocalCommandHandler>);
 
     // Every path must reach the handler and give its answer, or the numbers mean nothing.
     rt.block_on(async {
@@ -124,6 +142,13 @@ fn command_dispatch(c: &mut Criterion) {
         let answer = call_when_ready(&mut command_service(), (cmd, md())).await;
         assert_eq!(answer.ok(), Some(42));
         assert_eq!(task.call((cmd, md())).await.and_then(Result::ok), Some(42));
+        assert_eq!(bare_yielding.dispatch_with(cmd, md()).await.ok(), Some(42));
+        assert_eq!(
+            layered_yielding.dispatch_with(cmd, md()).await.ok(),
+            Some(42)
+        );
+        let mut ctx = CommandContext::new(md());
+        assert_eq!(boxed_yielding.handle(cmd, &mut ctx).await.ok(), Some(42));
     });
 
     let mut group = c.benchmark_group("command_dispatch");
@@ -195,6 +220,43 @@ fn command_dispatch(c: &mut Criterion) {
             layered.dispatch_with(cmd, metadata.clone()).await
         });
     });
+    // The yielding handler: each case pays for one trip through the runtime's scheduler, so
+    // compare them with each other (and `direct_await_yielding`, the floor), not with the
+    // cases above.
+    group.bench_function("direct_await_yielding", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut ctx = CommandContext::new(metadata.clone());
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            YieldingIncrementHandler.run(cmd, &mut ctx).await
+        });
+    });
+    group.bench_function("boxed_async_trait_yielding", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut ctx = CommandContext::new(metadata.clone());
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            boxed_yielding.handle(cmd, &mut ctx).await
+        });
+    });
+    group.bench_function("bus_bare_yielding", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            bare_yielding.dispatch_with(cmd, metadata.clone()).await
+        });
+    });
+    group.bench_function("bus_three_layers_yielding", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            layered_yielding.dispatch_with(cmd, metadata.clone()).await
+        });
+    });
     group.finish();
 }
 
@@ -203,7 +265,8 @@ fn query_dispatch(c: &mut Criterion) {
     let metadata = Metadata::new();
     let bare = query_bus(&Stack::Bare).expect("the bare bus builds");
     let layered = query_bus(&Stack::three_layers()).expect("the layered bus builds");
-    let boxed: Box<dyn LocalQueryHandler> = Box::new(LookupHandler);
+    // Through `black_box`, as in `command_dispatch`, so the call stays virtual.
+    let boxed = black_box(Box::new(LookupHandler) as Box<dyn LocalQueryHandler>);
     let task = spawn_query_task(rt.handle());
 
     rt.block_on(async {
@@ -287,7 +350,8 @@ fn event_publish(c: &mut Criterion) {
         let bus = event_bus(count, &total).expect("the event bus builds");
         let boxed: Vec<Box<dyn LocalEventHandler>> = event_handlers(count, &total)
             .into_iter()
-            .map(|h| Box::new(h) as Box<dyn LocalEventHandler>)
+            // Through `black_box`, as in `command_dispatch`, so the calls stay virtual.
+            .map(|h| black_box(Box::new(h) as Box<dyn LocalEventHandler>))
             .collect();
         let published = rt.block_on(bus.publish(envelope.clone()));
         assert_eq!(published.map(|p| p.handlers).ok(), Some(count));

@@ -8,6 +8,7 @@
 
 use crate::fixtures::{
     Increment, IncrementHandler, Incremented, Lookup, LookupHandler, SumIncrements,
+    YieldingIncrementHandler,
 };
 use async_trait::async_trait;
 use cqrs_core::{CommandContext, EventContext, HandlerError, Metadata, QueryContext};
@@ -31,6 +32,17 @@ pub trait LocalCommandHandler: Send + Sync + 'static {
 
 #[async_trait]
 impl LocalCommandHandler for IncrementHandler {
+    async fn handle(
+        &self,
+        command: Increment,
+        ctx: &mut CommandContext,
+    ) -> Result<u64, HandlerError> {
+        self.run(command, ctx).await
+    }
+}
+
+#[async_trait]
+impl LocalCommandHandler for YieldingIncrementHandler {
     async fn handle(
         &self,
         command: Increment,

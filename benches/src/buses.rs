@@ -1,6 +1,8 @@
 //! The buses under measurement, built the same way for the benchmarks and the allocation checks.
 
-use crate::fixtures::{IncrementHandler, Incremented, LookupHandler, SumIncrements};
+use crate::fixtures::{
+    IncrementHandler, Incremented, LookupHandler, SumIncrements, YieldingIncrementHandler,
+};
 use crate::metrics::{DispatchCounters, MetricsLayer};
 use cqrs_core::middleware::{TimeoutLayer, TracingLayer};
 use cqrs_core::{BuildError, CommandBus, EventBus, QueryBus};
@@ -36,6 +38,20 @@ impl Stack {
 /// A command bus with [`IncrementHandler`] behind `stack`.
 pub fn command_bus(stack: &Stack) -> Result<CommandBus, BuildError> {
     let builder = CommandBus::builder().handler(IncrementHandler);
+    match stack {
+        Stack::Bare => builder.build(),
+        Stack::ThreeLayers(counters) => builder
+            .layer(TracingLayer::new())
+            .layer(MetricsLayer::new(counters.clone()))
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .build(),
+    }
+}
+
+/// A command bus with [`YieldingIncrementHandler`] behind `stack`: the same command and layers
+/// as [`command_bus`], with a handler that waits once.
+pub fn yielding_command_bus(stack: &Stack) -> Result<CommandBus, BuildError> {
+    let builder = CommandBus::builder().handler(YieldingIncrementHandler);
     match stack {
         Stack::Bare => builder.build(),
         Stack::ThreeLayers(counters) => builder

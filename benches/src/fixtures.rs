@@ -54,6 +54,36 @@ impl CommandHandler<Increment> for IncrementHandler {
     }
 }
 
+/// Handles [`Increment`] like [`IncrementHandler`], but waits once first
+/// (`tokio::task::yield_now`): a dispatch returns `Pending` once and is polled again, so the
+/// `*_yielding` cases and checks measure what a layer does for a handler that waits (the timeout
+/// layer starts its timer then). Needs a tokio runtime.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct YieldingIncrementHandler;
+
+impl YieldingIncrementHandler {
+    /// The handler's logic as a plain async fn: one yield to the runtime, then `value + 1`.
+    pub async fn run(
+        &self,
+        command: Increment,
+        _ctx: &mut CommandContext,
+    ) -> Result<u64, HandlerError> {
+        tokio::task::yield_now().await;
+        Ok(command.value.wrapping_add(1))
+    }
+}
+
+#[async_trait]
+impl CommandHandler<Increment> for YieldingIncrementHandler {
+    async fn handle(
+        &self,
+        command: Increment,
+        ctx: &mut CommandContext,
+    ) -> Result<u64, HandlerError> {
+        self.run(command, ctx).await
+    }
+}
+
 /// The benchmarked query: returns `key * 31`.
 #[derive(Clone, Copy, Debug)]
 pub struct Lookup {

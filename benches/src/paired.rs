@@ -69,7 +69,8 @@ pub type Paired = ([f64; 3], Duration, Duration);
 /// `a`'s time over `b`'s for the same work, measured in alternating blocks of `block`
 /// operations (`a` then `b`, then `b` then `a`, ...): on a shared machine the load drifts over
 /// the seconds between two criterion cases far more than within one round. Returns the
-/// quartiles of the rounds' ratios and each side's median time per operation.
+/// quartiles of the rounds' ratios and each side's median time per operation, all interpolated
+/// linearly between neighbours (the private `quantile`).
 pub async fn paired<A, B>(a: &A, b: &B, block: u64, rounds: usize) -> Paired
 where
     A: AsyncFn(u64) -> Duration,
@@ -85,23 +86,67 @@ where
             (a(block).await, tb)
         };
         ratios.push(ta.as_secs_f64() / tb.as_secs_f64());
-        times_a.push(ta / u32::try_from(block).unwrap_or(u32::MAX));
-        times_b.push(tb / u32::try_from(block).unwrap_or(u32::MAX));
+        // Seconds per operation, kept as `f64` so the median is not truncated to whole
+        // nanoseconds before it is interpolated.
+        times_a.push(ta.as_secs_f64() / block.max(1) as f64);
+        times_b.push(tb.as_secs_f64() / block.max(1) as f64);
     }
-    ratios.sort_by(f64::total_cmp);
-    times_a.sort();
-    times_b.sort();
-    let at = |q: usize| ratios[(ratios.len() - 1) * q / 4];
+    // Zero for no rounds (the median is then NaN).
+    let median_time =
+        |times: Vec<f64>| Duration::try_from_secs_f64(quantile(times, 0.5)).unwrap_or_default();
     (
-        [at(1), at(2), at(3)],
-        times_a[times_a.len() / 2],
-        times_b[times_b.len() / 2],
+        [
+            quantile(ratios.clone(), 0.25),
+            quantile(ratios.clone(), 0.5),
+            quantile(ratios, 0.75),
+        ],
+        median_time(times_a),
+        median_time(times_b),
     )
+}
+
+/// The `q` quantile (0 to 1) of `values`, interpolating linearly between the two nearest ranks:
+/// at position `(len - 1) * q` of the sorted values, so the median of an even count is the mean
+/// of the middle two. The ratios and the per-side times all use it. NaN for no values.
+fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let position = (values.len() - 1) as f64 * q.clamp(0.0, 1.0);
+    let (below, fraction) = (position.floor() as usize, position.fract());
+    let above = (below + 1).min(values.len() - 1);
+    values[below] + (values[above] - values[below]) * fraction
 }
 
 #[cfg(test)]
 mod tests {
-    use super::filters;
+    use super::{filters, quantile};
+
+    #[test]
+    fn quantiles_interpolate_between_neighbours_for_odd_and_even_counts() {
+        // Odd count: the median is the middle value; the quartiles fall on ranks 1 and 3.
+        let odd = vec![5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(quantile(odd.clone(), 0.5), 3.0);
+        assert_eq!(quantile(odd.clone(), 0.25), 2.0);
+        assert_eq!(quantile(odd.clone(), 0.75), 4.0);
+        assert_eq!(quantile(odd.clone(), 0.0), 1.0);
+        assert_eq!(quantile(odd, 1.0), 5.0);
+        // Even count: the median is the mean of the middle two, the quartiles interpolated
+        // (positions 0.75 and 2.25 of 0..=3).
+        let even = vec![40.0, 10.0, 30.0, 20.0];
+        assert_eq!(quantile(even.clone(), 0.5), 25.0);
+        assert_eq!(quantile(even.clone(), 0.25), 17.5);
+        assert_eq!(quantile(even, 0.75), 32.5);
+        // 20 rounds, as the benches run: the median lies halfway between the 10th and 11th.
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(quantile(twenty.clone(), 0.5), 10.5);
+        assert_eq!(quantile(twenty.clone(), 0.25), 5.75);
+        assert_eq!(quantile(twenty, 0.75), 15.25);
+        // One value is every quantile; none has none.
+        assert_eq!(quantile(vec![7.0], 0.25), 7.0);
+        assert!(quantile(Vec::new(), 0.5).is_nan());
+    }
 
     fn filters_of(args: &str) -> Vec<String> {
         let args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();

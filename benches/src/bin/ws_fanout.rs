@@ -10,7 +10,10 @@
 //! percentiles are over every expected delivery, a missing one counting as never delivered.
 //!
 //! The hub runs in a child process (this binary with `--serve`), so its resident memory is
-//! measured apart from the clients'. Both raise their open-file limit to the hard limit.
+//! measured apart from the clients'. Both raise their open-file limit to the hard limit. The
+//! hub's memory "after publishing", the CPU of the publishing phase and the hub's stats are
+//! read once every client has reported (has every event, or gave up), before any client closes
+//! its socket: they leave out the teardown (one close handshake per client), which comes after.
 //!
 //! ```text
 //! cargo run --release -p cqrs-benches --bin ws_fanout -- --connections 10000 --events 300 --rate 10
@@ -344,21 +347,26 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Report>();
     // Set at the deadline: the clients still waiting report what they have.
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // Set once every client has reported and the hub has been measured: only then do the
+    // clients close their sockets, so the close handshakes stay out of the measurements.
+    let (close_tx, close) = tokio::sync::watch::channel(false);
+    let mut clients = Vec::with_capacity(args.connections);
     let started = Instant::now();
     let mut last_progress = started;
     for _ in 0..args.connections {
         let permit = gate.clone().acquire_owned().await?;
-        let (url, counter, ramp_failed, failures, done_tx, stop) = (
+        let (url, counter, ramp_failed, failures, done_tx, stop, close) = (
             url.clone(),
             subscribed.clone(),
             ramp_failed.clone(),
             failures.clone(),
             done_tx.clone(),
             stop.clone(),
+            close.clone(),
         );
         let events = args.events;
-        tokio::spawn(async move {
-            let report = client(&url, events, permit, &counter, stop).await;
+        clients.push(tokio::spawn(async move {
+            let (report, ws) = client(&url, events, permit, &counter, stop).await;
             if let Some(error) = &report.failure {
                 if !report.subscribed {
                     ramp_failed.fetch_add(1, Ordering::Relaxed);
@@ -373,7 +381,13 @@ async fn drive(args: Args) -> Result<(), BoxError> {
                 }
             }
             let _ = done_tx.send(report);
-        });
+            drop(done_tx);
+            if let Some(mut ws) = ws {
+                let mut close = close;
+                let _ = close.wait_for(|close| *close).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+            }
+        }));
         if last_progress.elapsed() > Duration::from_millis(250) {
             last_progress = Instant::now();
             eprint!(
@@ -438,6 +452,8 @@ async fn drive(args: Args) -> Result<(), BoxError> {
             Err(_) => break,
         }
     }
+    // Every client has its events (or gave up), and none has closed its socket yet: the
+    // memory, CPU and stats of the publishing phase, without the teardown.
     let unreported = args.connections - reports;
     let after = rss_kib(pid)?;
     let elapsed = publishing.elapsed().as_secs_f64();
@@ -455,6 +471,15 @@ async fn drive(args: Args) -> Result<(), BoxError> {
             eprintln!("hub {line}");
             break;
         }
+    }
+    // Now the clients close their sockets; the hub shuts down once they have (or in 30 s).
+    close_tx.send_replace(true);
+    let closing = futures_util::future::join_all(clients);
+    if tokio::time::timeout(Duration::from_secs(30), closing)
+        .await
+        .is_err()
+    {
+        eprintln!("some clients were still closing after 30 s");
     }
     writeln!(stdin, "quit")?;
     stdin.flush()?;
@@ -530,28 +555,30 @@ const GAP_GRACE: Duration = Duration::from_secs(2);
 
 /// One client: connects, subscribes, then records the latency of each event's first delivery
 /// until it has all `events`, or the last and no more within [`GAP_GRACE`], or `stop` is set.
+/// Returns its report and, unless it failed, its socket, still open: the caller closes it.
 async fn client(
     url: &str,
     events: usize,
     permit: tokio::sync::OwnedSemaphorePermit,
     subscribed: &AtomicUsize,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> Report {
+) -> (Report, Option<Socket>) {
     let mut report = Report::default();
-    let ws = match subscribe(url).await {
+    let mut ws = match subscribe(url).await {
         Ok(ws) => ws,
         Err(error) => {
             report.failure = Some(error.to_string());
-            return report;
+            return (report, None);
         }
     };
     report.subscribed = true;
     subscribed.fetch_add(1, Ordering::Relaxed);
     drop(permit);
-    if let Err(error) = record_events(ws, events, GAP_GRACE, stop, &mut report).await {
+    if let Err(error) = record_events(&mut ws, events, GAP_GRACE, stop, &mut report).await {
         report.failure = Some(error.to_string());
+        return (report, None);
     }
-    report
+    (report, Some(ws))
 }
 
 /// Connects and subscribes to `bench`; returns once the hub says `subscribed`.
@@ -603,9 +630,10 @@ where
 }
 
 /// Records the events into `report` by their `seq`: the first delivery of each gives a latency,
-/// a later one is a duplicate. On an error `report` keeps what arrived before it.
+/// a later one is a duplicate. On an error `report` keeps what arrived before it. Leaves the
+/// socket open.
 async fn record_events<S>(
-    mut ws: WebSocketStream<S>,
+    ws: &mut WebSocketStream<S>,
     events: usize,
     gap_grace: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -626,7 +654,7 @@ where
                 report.timed_out = true;
                 break;
             }
-            message = next_message(&mut ws, grace) => message,
+            message = next_message(ws, grace) => message,
         };
         let Ok(message) = message else {
             break; // the last event came, and the missing ones did not within the grace
@@ -671,7 +699,6 @@ where
             }
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     Ok(())
 }
 
@@ -703,7 +730,7 @@ mod tests {
 
     #[tokio::test]
     async fn duplicates_gaps_and_error_frames_are_counted_not_hidden() {
-        let (client, mut hub) = pipe().await;
+        let (mut client, mut hub) = pipe().await;
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let frames = [
             event(0),
@@ -719,7 +746,7 @@ mod tests {
         }
         let mut report = Report::default();
         let grace = Duration::from_millis(50);
-        record_events(client, 4, grace, stop, &mut report)
+        record_events(&mut client, 4, grace, stop, &mut report)
             .await
             .unwrap();
         // Four frames carried a `seq`, but only 0, 1 and 3 arrived: 2 is missing.
@@ -733,7 +760,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_stopped_or_failing_keeps_what_it_received() {
-        let (client, mut hub) = pipe().await;
+        let (mut client, mut hub) = pipe().await;
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         hub.send(event(0)).await.unwrap();
         let mut report = Report::default();
@@ -742,19 +769,19 @@ mod tests {
             stop_tx.send_replace(true);
         };
         let (result, ()) = tokio::join!(
-            record_events(client, 3, GAP_GRACE, stop, &mut report),
+            record_events(&mut client, 3, GAP_GRACE, stop, &mut report),
             stopping
         );
         result.unwrap();
         assert!(report.timed_out);
         assert_eq!(report.latencies.len(), 1);
 
-        let (client, mut hub) = pipe().await;
+        let (mut client, mut hub) = pipe().await;
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         hub.send(event(0)).await.unwrap();
         drop(hub);
         let mut report = Report::default();
-        let result = record_events(client, 3, GAP_GRACE, stop, &mut report).await;
+        let result = record_events(&mut client, 3, GAP_GRACE, stop, &mut report).await;
         assert!(result.is_err());
         assert_eq!(report.latencies.len(), 1);
     }

@@ -1,5 +1,5 @@
-//! A global allocator that counts the allocations of the current thread, and a helper that
-//! counts those of one dispatch.
+//! A global allocator that counts the allocations of the current thread, and helpers that count
+//! those of one dispatch.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -69,8 +69,9 @@ pub fn runtime() -> Runtime {
 }
 
 /// Polls `dispatch` once inside `rt` and returns its output with the allocations that poll
-/// made. Every handler here finishes without waiting, so one poll must complete the dispatch:
-/// that keeps the runtime's own scheduling out of the count.
+/// made. The handlers counted with it finish without waiting, so one poll must complete the
+/// dispatch: that keeps the runtime's own scheduling out of the count. For a handler that
+/// waits, see [`allocations_until_done`].
 pub fn allocations_of<F: Future>(rt: &Runtime, dispatch: F) -> (F::Output, u64) {
     rt.block_on(async {
         let mut dispatch = pin!(dispatch);
@@ -84,6 +85,26 @@ pub fn allocations_of<F: Future>(rt: &Runtime, dispatch: F) -> (F::Output, u64) 
             (Poll::Ready(output), allocations) => (output, allocations),
             (Poll::Pending, _) => panic!("the dispatch did not finish on its first poll"),
         }
+    })
+}
+
+/// Drives `dispatch` to completion inside `rt`, polling it wherever the runtime wakes it, and
+/// returns its output, the allocations made during all of its polls together, and how many
+/// polls it took. What the runtime does between the polls is not counted; what the dispatch
+/// asks of it during a poll (registering a timer, deferring a wake-up) is.
+pub fn allocations_until_done<F: Future>(rt: &Runtime, dispatch: F) -> (F::Output, u64, u32) {
+    rt.block_on(async {
+        let mut dispatch = pin!(dispatch);
+        let (mut counted, mut polls) = (0, 0);
+        let output = std::future::poll_fn(|cx| {
+            let before = allocations();
+            let poll = dispatch.as_mut().poll(cx);
+            counted += allocations() - before;
+            polls += 1;
+            poll
+        })
+        .await;
+        (output, counted, polls)
     })
 }
 

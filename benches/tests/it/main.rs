@@ -7,6 +7,7 @@ mod counting_allocator;
 
 mod a_bare_command_dispatch_allocates_once;
 mod a_bare_query_dispatch_allocates_once;
+mod a_dispatch_that_waits_adds_the_timeout_layers_timer;
 mod a_three_layer_dispatch_stays_within_its_allocation_budget;
 mod cqrs_cores_metrics_layer_adds_no_allocation;
 mod publishing_an_event_stays_within_its_allocation_budget;
