@@ -22,7 +22,9 @@
 //! Options (defaults): `--connections 10000`, `--events 300`, `--rate 10` (events per second),
 //! `--payload 200` (filler bytes per event), `--ramp 200` (handshakes in flight at once),
 //! `--pin` (hub on CPU 0, clients on CPU 1, with `taskset`), `--threads 2` (the clients'
-//! tokio worker threads), `--hub-threads 2` (the hub's).
+//! tokio worker threads), `--hub-threads 2` (the hub's), `--raw` (the baseline: the same
+//! clients and frames served by a hand-written axum + tokio `broadcast` fan-out instead of the
+//! hub, see `serve_raw`).
 
 use axum::Router;
 use axum::serve::ListenerExt;
@@ -54,6 +56,7 @@ struct Args {
     ramp: usize,
     pin: bool,
     serve: bool,
+    raw: bool,
     threads: usize,
     hub_threads: usize,
 }
@@ -67,6 +70,7 @@ fn parse_args() -> Result<Args, BoxError> {
         ramp: 200,
         pin: false,
         serve: false,
+        raw: false,
         threads: 2,
         hub_threads: 2,
     };
@@ -83,6 +87,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--payload" => args.payload = value()?.parse()?,
             "--ramp" => args.ramp = value()?.parse()?,
             "--serve" => args.serve = true,
+            "--raw" => args.raw = true,
             "--threads" => args.threads = value()?.parse()?,
             "--hub-threads" => args.hub_threads = value()?.parse()?,
             "--pin" => args.pin = true,
@@ -100,7 +105,9 @@ fn main() -> Result<(), BoxError> {
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
-    if args.serve {
+    if args.serve && args.raw {
+        runtime.block_on(serve_raw(args.payload))
+    } else if args.serve {
         runtime.block_on(serve(args.payload))
     } else {
         eprintln!("open-file limit: {limit}");
@@ -213,6 +220,128 @@ async fn serve(payload: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The baseline for the hub (`--raw`): the same clients, frames and publishing schedule, served
+/// by the smallest fan-out one would write by hand on axum's WebSocket: a tokio `broadcast`
+/// channel, and per connection one task that answers `subscribe` and forwards every frame. No
+/// authentication, authorization, registry, send queue, keepalive or limits; the socket has
+/// the hub's buffer settings. Obeys the same stdin commands as [`serve`].
+async fn serve_raw(payload: usize) -> Result<(), BoxError> {
+    use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
+    let (events, _) = tokio::sync::broadcast::channel::<Utf8Bytes>(1024);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let lagged = Arc::new(AtomicUsize::new(0));
+    let accept = {
+        let (events, connections, lagged) = (events.clone(), connections.clone(), lagged.clone());
+        move |ws: WebSocketUpgrade| async move {
+            // The hub's default buffer settings (`HubOptions`).
+            ws.read_buffer_size(4 * 1024)
+                .write_buffer_size(0)
+                .max_write_buffer_size(256 * 1024)
+                .on_upgrade(move |mut socket: WebSocket| async move {
+                    // Subscribed before `subscribed` is sent, as the hub promises.
+                    let mut feed = events.subscribe();
+                    let Some(Ok(WsMessage::Text(_))) = socket.recv().await else {
+                        return;
+                    };
+                    let subscribed = r#"{"type":"subscribed","topic":"bench"}"#;
+                    if socket
+                        .send(WsMessage::Text(subscribed.into()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    connections.fetch_add(1, Ordering::Relaxed);
+                    let (mut sink, mut stream) = socket.split();
+                    loop {
+                        tokio::select! {
+                            frame = feed.recv() => match frame {
+                                Ok(frame) => {
+                                    if sink.send(WsMessage::Text(frame)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                    lagged.fetch_add(n as usize, Ordering::Relaxed);
+                                }
+                                Err(_) => break,
+                            },
+                            incoming = stream.next() => {
+                                if !matches!(incoming, Some(Ok(_))) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    connections.fetch_sub(1, Ordering::Relaxed);
+                })
+        }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = Router::new().route("/ws", axum::routing::get(accept));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    println!("listening {addr}");
+    std::io::stdout().flush()?;
+
+    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let pad = "x".repeat(payload);
+    while let Some(command) = commands.recv().await {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        match words.as_slice() {
+            ["publish", count, rate] => {
+                let (count, rate): (u64, u64) = (count.parse()?, rate.parse()?);
+                let period = 1_000_000_000 / rate;
+                let mut tick = tokio::time::interval(Duration::from_nanos(period));
+                let start = now_ns();
+                let mut late = Vec::with_capacity(count as usize);
+                for seq in 0..count {
+                    tick.tick().await;
+                    let due = start + seq * period;
+                    late.push(now_ns().saturating_sub(due));
+                    // The frame the hub sends for this event (its fields in the hub's order),
+                    // encoded once and shared by every connection.
+                    let event = serde_json::json!({ "seq": seq, "sent_ns": due, "pad": pad });
+                    let frame = format!(r#"{{"type":"event","topic":"bench","event":{event}}}"#);
+                    let _ = events.send(Utf8Bytes::from(frame));
+                }
+                late.sort_unstable();
+                let ms = |q: f64| {
+                    let i = ((late.len() as f64 * q).ceil() as usize).max(1) - 1;
+                    late.get(i).map_or(0.0, |&ns| ns as f64 / 1e6)
+                };
+                println!(
+                    "published {count}; publish started after its due time by p50 {:.1} ms, \
+                     p99 {:.1} ms, max {:.1} ms",
+                    ms(0.5),
+                    ms(0.99),
+                    ms(1.0)
+                );
+            }
+            ["stats"] => println!(
+                "stats raw {{ connections: {}, lagged: {} }}",
+                connections.load(Ordering::Relaxed),
+                lagged.load(Ordering::Relaxed)
+            ),
+            ["quit"] => break,
+            _ => eprintln!("unknown command {command:?}"),
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
 /// CPU time (user + system) a process has used, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: &str) -> Result<f64, BoxError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -314,6 +443,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     };
     let mut child = command
         .args(["--serve", "--payload", &args.payload.to_string()])
+        .args(args.raw.then_some("--raw"))
         .args(["--threads", &args.hub_threads.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
