@@ -160,61 +160,23 @@ async fn serve(payload: usize) -> Result<(), BoxError> {
     println!("listening {addr}");
     std::io::stdout().flush()?;
 
-    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let publisher = hub.publisher();
     let pad = "x".repeat(payload);
-    while let Some(command) = commands.recv().await {
-        let words: Vec<&str> = command.split_whitespace().collect();
-        match words.as_slice() {
-            ["publish", count, rate] => {
-                let (count, rate): (u64, u64) = (count.parse()?, rate.parse()?);
-                let period = 1_000_000_000 / rate;
-                let mut tick = tokio::time::interval(Duration::from_nanos(period));
-                let start = now_ns();
-                let mut late = Vec::with_capacity(count as usize);
-                for seq in 0..count {
-                    tick.tick().await;
-                    // Stamped with when the event was due, not when the tick fired: a late
-                    // tick (the hub still fanning out the previous event) counts as latency,
-                    // as it would for a command arriving on schedule.
-                    let due = start + seq * period;
-                    late.push(now_ns().saturating_sub(due));
-                    let record = EventRecord::new(
-                        Metadata::new().message_id,
-                        "BenchEvent",
-                        1,
-                        serde_json::json!({ "seq": seq, "sent_ns": due, "pad": pad }),
-                        RecordMetadata::from_metadata(&Metadata::new()),
-                    );
-                    publisher.publish(&record).await?;
-                }
-                late.sort_unstable();
-                let ms = |q: f64| {
-                    let i = ((late.len() as f64 * q).ceil() as usize).max(1) - 1;
-                    late.get(i).map_or(0.0, |&ns| ns as f64 / 1e6)
-                };
-                println!(
-                    "published {count}; publish started after its due time by p50 {:.1} ms, \
-                     p99 {:.1} ms, max {:.1} ms",
-                    ms(0.5),
-                    ms(0.99),
-                    ms(1.0)
-                );
-            }
-            ["stats"] => println!("stats {:?}", hub.stats()),
-            ["quit"] => break,
-            _ => eprintln!("unknown command {command:?}"),
-        }
-        std::io::stdout().flush()?;
-    }
+    obey_stdin(
+        async |seq, due| {
+            let record = EventRecord::new(
+                Metadata::new().message_id,
+                "BenchEvent",
+                1,
+                serde_json::json!({ "seq": seq, "sent_ns": due, "pad": pad }),
+                RecordMetadata::from_metadata(&Metadata::new()),
+            );
+            publisher.publish(&record).await?;
+            Ok(())
+        },
+        || format!("stats {:?}", hub.stats()),
+    )
+    .await?;
     hub.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub.closed()).await;
     Ok(())
@@ -287,6 +249,33 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
     println!("listening {addr}");
     std::io::stdout().flush()?;
 
+    let pad = "x".repeat(payload);
+    obey_stdin(
+        async |seq, due| {
+            // The frame the hub sends for this event (its fields in the hub's order), encoded
+            // once and shared by every connection.
+            let event = serde_json::json!({ "seq": seq, "sent_ns": due, "pad": pad });
+            let frame = format!(r#"{{"type":"event","topic":"bench","event":{event}}}"#);
+            let _ = events.send(Utf8Bytes::from(frame));
+            Ok(())
+        },
+        || {
+            format!(
+                "stats raw {{ connections: {}, lagged: {} }}",
+                connections.load(Ordering::Relaxed),
+                lagged.load(Ordering::Relaxed)
+            )
+        },
+    )
+    .await
+}
+
+/// Obeys `publish N RATE` (N events at RATE a second, each by `publish(seq, due_ns)`),
+/// `stats` (prints `stats()`) and `quit` on stdin, until `quit` or the end of stdin.
+async fn obey_stdin(
+    mut publish: impl AsyncFnMut(u64, u64) -> Result<(), BoxError>,
+    stats: impl Fn() -> String,
+) -> Result<(), BoxError> {
     let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -296,7 +285,6 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
             }
         }
     });
-    let pad = "x".repeat(payload);
     while let Some(command) = commands.recv().await {
         let words: Vec<&str> = command.split_whitespace().collect();
         match words.as_slice() {
@@ -308,13 +296,12 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
                 let mut late = Vec::with_capacity(count as usize);
                 for seq in 0..count {
                     tick.tick().await;
+                    // Stamped with when the event was due, not when the tick fired: a late
+                    // tick (the hub still fanning out the previous event) counts as latency,
+                    // as it would for a command arriving on schedule.
                     let due = start + seq * period;
                     late.push(now_ns().saturating_sub(due));
-                    // The frame the hub sends for this event (its fields in the hub's order),
-                    // encoded once and shared by every connection.
-                    let event = serde_json::json!({ "seq": seq, "sent_ns": due, "pad": pad });
-                    let frame = format!(r#"{{"type":"event","topic":"bench","event":{event}}}"#);
-                    let _ = events.send(Utf8Bytes::from(frame));
+                    publish(seq, due).await?;
                 }
                 late.sort_unstable();
                 let ms = |q: f64| {
@@ -329,11 +316,7 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
                     ms(1.0)
                 );
             }
-            ["stats"] => println!(
-                "stats raw {{ connections: {}, lagged: {} }}",
-                connections.load(Ordering::Relaxed),
-                lagged.load(Ordering::Relaxed)
-            ),
+            ["stats"] => println!("{}", stats()),
             ["quit"] => break,
             _ => eprintln!("unknown command {command:?}"),
         }
