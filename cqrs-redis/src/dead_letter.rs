@@ -95,10 +95,20 @@ impl RedisStreamTransport {
     }
 
     /// Publishes dead letters again, each to the group that gave up on it only (the other
-    /// groups skip the entry), and removes them from the dead-letter stream, atomically per
-    /// dead letter. A replayed entry is in no order lane: it is handed out as soon as it is
-    /// read, not after the events of its key published since. Ids not found are left out of
-    /// the answer.
+    /// groups skip the entry), and removes them from the dead-letter stream, in one script.
+    /// Ids not found are left out of the answer, which lists the others in the order they
+    /// were published again.
+    ///
+    /// Order: the dead letters of one call are published again in the order of their
+    /// original entries, whatever the order of `ids`. Those of one order lane (one key, with
+    /// [`KeyOrdering::Exact`](crate::KeyOrdering::Exact)) and one group are chained to each
+    /// other: the group hands each out only once the one replayed before it is acknowledged
+    /// or dead-lettered, so replaying an event and the ones of its key dead-lettered behind
+    /// it (together, in one call) handles them in their order. The first of a chain waits
+    /// for nothing: replays are not chained to the lane's live entries, so they are handed
+    /// out as soon as they are read, not after the events of their key published since; and
+    /// chains of separate calls are independent of each other. Entries in no lane stay in
+    /// none.
     ///
     /// An undecodable entry is replayed as it was (a consumer that now understands it can take
     /// it); it is dead-lettered again otherwise.

@@ -2,12 +2,15 @@
 //! the stats as metrics.
 
 use crate::error::transport_error;
+use crate::stats::TopicStats;
 use crate::transport::RedisStreamTransport;
 use async_trait::async_trait;
 use cqrs_core::BoxError;
 use cqrs_core::ports::TransportError;
 use cqrs_core::runtime::{Health, Worker, WorkerContext};
 use fred::types::Value;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// What a [`trim`](RedisStreamTransport::trim) did.
@@ -97,6 +100,14 @@ impl RedisStreamTransport {
 /// `cqrs_redis_stream_length` and `cqrs_redis_dead_letters` by `topic`,
 /// `cqrs_redis_group_pending` and `cqrs_redis_group_lag` by `topic` and `group`.
 ///
+/// A gauge whose value is unknown is set to NaN rather than left at a stale value (NaN matches
+/// no alert threshold): a group's lag while Redis cannot tell it (Redis 7.0 after an entry
+/// was deleted in the middle of the stream), every gauge of a topic whose stats could not be
+/// read that round, and the gauges of a group that was deleted (set to NaN once, then no
+/// longer updated: an exporter's idle timeout, such as `metrics-exporter-prometheus`'s
+/// `idle_timeout`, then stops exporting them). A step that fails (trimming, reading the
+/// stats, pruning a group) is logged and does not skip the others.
+///
 /// ```no_run
 /// use cqrs_redis::{RedisStreamOptions, StreamMaintenance};
 /// use std::time::Duration;
@@ -115,7 +126,14 @@ pub struct StreamMaintenance {
     interval: Duration,
     consumer_idle: Duration,
     dead_letter_retention: Option<Duration>,
+    /// Per topic, the groups whose gauges the last round set: one gone since has its gauges
+    /// set to [`UNKNOWN`] once.
+    reported: Mutex<HashMap<String, HashSet<String>>>,
 }
+
+/// The value of a gauge whose value is unknown: NaN, which Prometheus exports as such and which
+/// no comparison (an alert's threshold) matches, instead of a stale value.
+const UNKNOWN: f64 = f64::NAN;
 
 /// The shortest [`StreamMaintenance::dead_letter_retention`].
 const MIN_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(60);
@@ -132,6 +150,7 @@ impl StreamMaintenance {
             interval: Duration::from_secs(60),
             consumer_idle: Duration::from_secs(24 * 3600),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
+            reported: Mutex::new(HashMap::new()),
         }
     }
 
@@ -173,9 +192,10 @@ impl StreamMaintenance {
         first_failure.map_or(Ok(()), Err)
     }
 
-    /// Trims one topic, reports its gauges and prunes its idle consumers.
+    /// Trims one topic, reports its gauges and prunes its idle consumers. A step that fails
+    /// is logged and does not skip the others; the first failure is returned at the end.
     async fn maintain(&self, topic: &str) -> Result<(), TransportError> {
-        // A failure here does not skip the rest of the topic's round.
+        let mut first_failure = None;
         if let Some(retention) = self.dead_letter_retention {
             match self.transport.trim_dead_letters(topic, retention).await {
                 Ok(0) => {}
@@ -187,28 +207,81 @@ impl StreamMaintenance {
                 }
             }
         }
-        let report = self.transport.trim(topic).await?;
-        if report.removed > 0 {
-            tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
-            metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
-                .increment(report.removed as u64);
-        }
-        let stats = self.transport.topic_stats(topic).await?;
-        metrics::gauge!("cqrs_redis_stream_length", "topic" => topic.to_owned())
-            .set(stats.length as f64);
-        metrics::gauge!("cqrs_redis_dead_letters", "topic" => topic.to_owned())
-            .set(stats.dead_letters as f64);
-        for group in &stats.groups {
-            let labels = [("topic", topic.to_owned()), ("group", group.name.clone())];
-            metrics::gauge!("cqrs_redis_group_pending", &labels).set(group.pending as f64);
-            if let Some(lag) = group.lag {
-                metrics::gauge!("cqrs_redis_group_lag", &labels).set(lag as f64);
+        match self.transport.trim(topic).await {
+            Ok(report) if report.removed > 0 => {
+                tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
+                metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
+                    .increment(report.removed);
             }
-            self.transport
-                .prune_consumers(topic, &group.name, self.consumer_idle)
-                .await?;
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%topic, %error, "could not trim the stream");
+                first_failure.get_or_insert(error);
+            }
         }
-        Ok(())
+        let groups = match self.transport.topic_stats(topic).await {
+            Ok(stats) => {
+                self.record(topic, Some(&stats));
+                stats.groups.into_iter().map(|g| g.name).collect()
+            }
+            Err(error) => {
+                tracing::warn!(%topic, %error, "could not read the stream's stats");
+                first_failure.get_or_insert(error);
+                // Unknown now: no gauge keeps a stale value. The groups of the last round
+                // are still pruned.
+                self.record(topic, None)
+            }
+        };
+        for group in groups {
+            if let Err(error) = self
+                .transport
+                .prune_consumers(topic, &group, self.consumer_idle)
+                .await
+            {
+                tracing::warn!(%topic, %group, %error, "could not prune idle consumers");
+                first_failure.get_or_insert(error);
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Sets `topic`'s gauges from `stats`, and to NaN ([`UNKNOWN`]) those whose value is
+    /// unknown: all of them without `stats`, a group's lag that Redis cannot tell, and the
+    /// gauges of groups reported before that are gone (not set again after that). Returns the
+    /// groups reported before this call.
+    fn record(&self, topic: &str, stats: Option<&TopicStats>) -> Vec<String> {
+        let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        let before = reported.remove(topic).unwrap_or_default();
+        let group_gauges = |group: &str, pending: f64, lag: f64| {
+            let labels = [("topic", topic.to_owned()), ("group", group.to_owned())];
+            metrics::gauge!("cqrs_redis_group_pending", &labels).set(pending);
+            metrics::gauge!("cqrs_redis_group_lag", &labels).set(lag);
+        };
+        let (length, dead_letters) = stats.map_or((UNKNOWN, UNKNOWN), |s| {
+            (s.length as f64, s.dead_letters as f64)
+        });
+        metrics::gauge!("cqrs_redis_stream_length", "topic" => topic.to_owned()).set(length);
+        metrics::gauge!("cqrs_redis_dead_letters", "topic" => topic.to_owned()).set(dead_letters);
+        let Some(stats) = stats else {
+            for group in &before {
+                group_gauges(group, UNKNOWN, UNKNOWN);
+            }
+            let groups = before.iter().cloned().collect();
+            reported.insert(topic.to_owned(), before);
+            return groups;
+        };
+        let mut now = HashSet::with_capacity(stats.groups.len());
+        for group in &stats.groups {
+            let lag = group.lag.map_or(UNKNOWN, |lag| lag as f64);
+            group_gauges(&group.name, group.pending as f64, lag);
+            now.insert(group.name.clone());
+        }
+        for gone in before.difference(&now) {
+            group_gauges(gone, UNKNOWN, UNKNOWN);
+        }
+        let groups = before.into_iter().collect();
+        reported.insert(topic.to_owned(), now);
+        groups
     }
 }
 

@@ -211,8 +211,9 @@ impl ConnectionOptions {
 pub enum KeyOrdering {
     /// No order: every entry can be handed out at once. `ordered_per_key` is `false`.
     Unordered,
-    /// One lane per partition key: the most parallelism, and Redis keeps the last entry id of
-    /// every key ever published (and, per group, of every key it handled) without expiry.
+    /// One lane per partition key: the most parallelism, and Redis keeps one field per key
+    /// ever published in the topic's lanes hash (the key's last entry id), without expiry.
+    /// Groups keep no state per key.
     Exact,
     /// `n` lanes per topic; a key's lane is the FNV-1a hash of the key modulo `n`. Keys that
     /// share a lane also wait for each other, and the state Redis keeps is bounded by `n`.
@@ -300,6 +301,12 @@ impl RedisStreamOptions {
 
     /// How events with one partition key keep their order. Default
     /// [`KeyOrdering::Lanes(1024)`](KeyOrdering::Lanes).
+    ///
+    /// Every process of a topic must use the same setting, and it is not checked: a lane is
+    /// named after the setting, so changing it (another variant, or another `n`) starts new
+    /// lanes, and a key's new events no longer wait for its events still in flight. Drain the
+    /// topic before changing it, or use a new topic (`docs/redis.md`, "Changing
+    /// `key_ordering`").
     pub fn key_ordering(mut self, ordering: KeyOrdering) -> Self {
         self.key_ordering = ordering;
         self

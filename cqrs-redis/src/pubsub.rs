@@ -10,12 +10,16 @@ use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::task::JoinHandle;
+
+/// How many channels the warning about payloads that are not UTF-8 remembers before it
+/// starts over (and may warn about a channel again).
+const MAX_WARNED_CHANNELS: usize = 1024;
 
 /// Fan-out to every live subscriber of a channel, across processes, on Redis pub/sub.
 ///
@@ -33,6 +37,9 @@ use tokio::task::JoinHandle;
 ///   the same way; the health check reports it unhealthy while it reconnects.
 /// * Channel names are `{prefix}:{channel}`: pub/sub ignores the database number, so the
 ///   prefix is what keeps applications and tests apart on one server.
+/// * Payloads are text. A message whose payload is not UTF-8 (published by another client) is
+///   not delivered: it is counted in [`Subscription::missed`] (like every message the adapter
+///   drops, by every subscription of the process) and logged at `warn`, once per channel.
 ///
 /// # Why at-most-once is right here
 ///
@@ -111,6 +118,8 @@ impl RedisPubSubOptions {
         let mut messages = subscriber.message_rx();
         let (deliver_to, strip) = (fanout.clone(), prefix.clone());
         tasks.push(tokio::spawn(async move {
+            // Channels a message that is not UTF-8 was dropped on, warned about once each.
+            let mut warned: HashSet<String> = HashSet::new();
             loop {
                 match messages.recv().await {
                     Ok(message) => {
@@ -119,6 +128,22 @@ impl RedisPubSubOptions {
                         };
                         if let Some(payload) = message.value.as_str() {
                             deliver_to.deliver(channel, Arc::from(&*payload));
+                        } else if deliver_to.is_subscribed(channel) {
+                            // The port carries text: a payload that is not UTF-8 (another
+                            // client published bytes) cannot be delivered. Counted as missed,
+                            // like every message the adapter drops, so the loss is seen.
+                            deliver_to.lost(1);
+                            if warned.len() >= MAX_WARNED_CHANNELS {
+                                warned.clear();
+                            }
+                            if warned.insert(channel.to_owned()) {
+                                tracing::warn!(
+                                    channel = %message.channel,
+                                    "redis pub/sub message dropped: its payload is not UTF-8 \
+                                     (counted as missed; further ones on this channel are \
+                                     counted without a warning)"
+                                );
+                            }
                         }
                     }
                     Err(RecvError::Lagged(n)) => {

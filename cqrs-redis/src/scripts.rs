@@ -423,32 +423,73 @@ return {removed, bound}
 "#;
 
 /// KEYS: stream, dead. ARGV: dead-letter ids. Publishes each dead letter's entry again, for its
-/// group only and outside any lane, and deletes the dead letter. Returns `{dead id, new id, ...}`
-/// for those found.
+/// group only, and deletes the dead letter. Returns `{dead id, new id, ...}` for those found,
+/// in the order they were published again.
+///
+/// They are published in the order of their original entries (`dead.entry`; the dead letter's
+/// own id breaks ties and stands in for a missing one), not the order of the arguments. The
+/// entries of one lane (the `lane` field the entry had) meant for one group are chained to
+/// each other like a publish chains a batch: the first keeps its lane with no `prev` (it is
+/// ready as soon as it is read), each later one's `prev` is the one replayed before it, so the
+/// gate hands it out only once that one is done with. The replays are not chained to the
+/// lane's live entries (the lanes hash is left alone): they follow no published event, and
+/// none waits for them. Entries in no lane stay in none.
 const REPLAY: &str = r#"
-local out = {}
+local found, seen = {}, {}
 for i = 1, #ARGV do
-  local e = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
-  if e[1] then
-    local fields = e[1][2]
-    local f = {}
-    for j = 1, #fields, 2 do
-      local name = fields[j]
-      if string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev' and name ~= 'group'
-         and name ~= 'replayed' then
-        f[#f + 1] = name
-        f[#f + 1] = fields[j + 1]
-      end
+  local dead = ARGV[i]
+  if not seen[dead] then
+    seen[dead] = true
+    local e = redis.call('XRANGE', KEYS[2], dead, dead)
+    if e[1] then
+      local fields = e[1][2]
+      local dms, dseq = parse_id(dead)
+      local ms, seq = parse_id(field(fields, 'dead.entry') or '')
+      if not ms then ms, seq = dms, dseq end
+      found[#found + 1] = {dead = dead, fields = fields, ms = ms or 0, seq = seq or 0,
+                           dms = dms or 0, dseq = dseq or 0}
     end
-    f[#f + 1] = 'group'
-    f[#f + 1] = field(fields, 'dead.group') or ''
-    f[#f + 1] = 'replayed'
-    f[#f + 1] = ARGV[i]
-    local id = redis.call('XADD', KEYS[1], '*', unpack(f))
-    redis.call('XDEL', KEYS[2], ARGV[i])
-    out[#out + 1] = ARGV[i]
-    out[#out + 1] = id
   end
+end
+table.sort(found, function(a, b)
+  if a.ms ~= b.ms then return a.ms < b.ms end
+  if a.seq ~= b.seq then return a.seq < b.seq end
+  if a.dms ~= b.dms then return a.dms < b.dms end
+  return a.dseq < b.dseq
+end)
+-- Per group and lane, the entry replayed last by this call.
+local last = {}
+local out = {}
+for _, d in ipairs(found) do
+  local fields = d.fields
+  local f = {}
+  for j = 1, #fields, 2 do
+    local name = fields[j]
+    if string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev' and name ~= 'group'
+       and name ~= 'replayed' then
+      f[#f + 1] = name
+      f[#f + 1] = fields[j + 1]
+    end
+  end
+  local group = field(fields, 'dead.group') or ''
+  local lane = field(fields, 'lane')
+  local chain = nil
+  if lane and lane ~= '' then
+    chain = group .. '\n' .. lane
+    f[#f + 1] = 'lane'
+    f[#f + 1] = lane
+    f[#f + 1] = 'prev'
+    f[#f + 1] = last[chain] or ''
+  end
+  f[#f + 1] = 'group'
+  f[#f + 1] = group
+  f[#f + 1] = 'replayed'
+  f[#f + 1] = d.dead
+  local id = redis.call('XADD', KEYS[1], '*', unpack(f))
+  if chain then last[chain] = id end
+  redis.call('XDEL', KEYS[2], d.dead)
+  out[#out + 1] = d.dead
+  out[#out + 1] = id
 end
 return out
 "#;
@@ -508,21 +549,6 @@ impl Script {
         tail.extend(keys.iter().map(|k| Value::from(*k)));
         tail.extend(args);
         (tail, slot)
-    }
-
-    /// Runs the script with `EVAL` (its source), never `EVALSHA`: for calls that must run in
-    /// the order they are sent. An `EVALSHA` answered `NOSCRIPT` (after a failover or a
-    /// `SCRIPT FLUSH`) is sent again as `EVAL` after its reply, so a call sent behind it could
-    /// run first.
-    pub(crate) async fn run_in_order(
-        &self,
-        client: &Client,
-        options: &Options,
-        keys: &[&str],
-        args: Vec<Value>,
-    ) -> Result<Value, fred::error::Error> {
-        let (tail, slot) = Self::tail(keys, args);
-        self.eval(&client.with_options(options), slot, tail).await
     }
 
     /// `EVAL` with the source, which also caches the script on the server.

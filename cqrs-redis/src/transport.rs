@@ -21,8 +21,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How many events one publish script carries; larger batches are split into several scripts
-/// sent back to back on the connection (one round trip).
+/// How many events one publish script carries; larger batches are split into several scripts,
+/// each sent once the one before succeeded (see [`send_in_order`]).
 const PUBLISH_CHUNK: usize = 256;
 
 /// What every handle on one transport shares.
@@ -89,7 +89,8 @@ impl Shared {
 /// A durable, at-least-once [`EventTransport`] on Redis Streams with consumer groups.
 ///
 /// * **Publish**: one stream per topic; a batch is one Lua script (split in chunks of 256
-///   events sent back to back, still one round trip) that appends each event and chains it
+///   events, each sent once the one before succeeded, so a failed chunk stops the batch and
+///   its retry keeps every key in order) that appends each event and chains it
 ///   into its order lane (one event: a smaller script, or a plain `XADD` when it is in no
 ///   lane). It fails fast with [`TransportError::Unavailable`] while Redis is
 ///   unreachable: the outbox relay retries.
@@ -346,23 +347,9 @@ impl EventTransport for RedisStreamTransport {
             }
             chunks.push(args);
         }
-        // Futures run in order when joined, so the chunks are written to the connection in
-        // order and Redis runs them in order. Several chunks go as `EVAL`: an `EVALSHA` that
-        // met `NOSCRIPT` would be sent again behind the later chunks.
-        let in_order = chunks.len() > 1;
         let script = &self.shared.scripts.publish;
         let client = &self.shared.client;
-        let sends = chunks.into_iter().map(|args| {
-            let (options, key_list) = (&options, &key_list);
-            async move {
-                if in_order {
-                    script.run_in_order(client, options, key_list, args).await
-                } else {
-                    script.run(client, options, key_list, args).await
-                }
-            }
-        });
-        futures_util::future::try_join_all(sends)
+        send_in_order(chunks, |args| script.run(client, &options, &key_list, args))
             .await
             .map_err(|e| client_error(&self.shared.client, e))?;
         Ok(())
@@ -395,6 +382,25 @@ impl HealthCheck for RedisStreamTransport {
     }
 }
 
+/// Sends the chunks of one batch one after another, each only once the one before succeeded,
+/// and stops at the first failure. Sent back to back instead (pipelined), a chunk could fail
+/// in Redis (a `BUSY` or `OOM` reply, a write lost with its connection while fred resends the
+/// next on a new one) and a later chunk succeed: the caller's retry of the batch would then
+/// append the earlier chunk's events after the later one's, and a key whose events span both
+/// would be handled out of order. Stopped at the failure, the retry appends the rest in order
+/// (after duplicates of what did go through, which the inbox drops). Each chunk after the
+/// first costs a round trip; only batches over [`PUBLISH_CHUNK`] events have more than one.
+async fn send_in_order<A, E, F, Fut>(chunks: Vec<A>, mut send: F) -> Result<(), E>
+where
+    F: FnMut(A) -> Fut,
+    Fut: std::future::Future<Output = Result<Value, E>>,
+{
+    for chunk in chunks {
+        send(chunk).await?;
+    }
+    Ok(())
+}
+
 /// The shortest redelivery delay a Redis consumer accepts. The delay is also how long an entry
 /// must sit unacknowledged before another consumer may take it over, while its consumer
 /// refreshes its entries every third of it: much shorter, and a consumer still handling an
@@ -413,4 +419,45 @@ fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportEr
         ));
     }
     options.validate_with(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunks of a batch are sent one after another, each only once the one before
+    /// succeeded: when the first fails, the later ones are never sent, so a retry of the batch
+    /// cannot store a key's later events before its earlier ones.
+    #[tokio::test]
+    async fn a_chunk_is_sent_only_after_the_one_before_it_succeeded() {
+        let sent = Mutex::new(Vec::new());
+        let outcome = send_in_order(vec![1, 2, 3], |chunk| {
+            sent.lock().unwrap().push(chunk);
+            async move {
+                // Not done at once, as a reply from Redis is not.
+                tokio::task::yield_now().await;
+                if chunk == 1 {
+                    Err("the first chunk failed")
+                } else {
+                    Ok(Value::Null)
+                }
+            }
+        })
+        .await;
+        assert_eq!(outcome, Err("the first chunk failed"));
+        assert_eq!(
+            *sent.lock().unwrap(),
+            [1],
+            "nothing sent after a failed chunk"
+        );
+
+        let sent = Mutex::new(Vec::new());
+        let outcome = send_in_order(vec![1, 2, 3], |chunk| {
+            sent.lock().unwrap().push(chunk);
+            async move { Ok::<_, &str>(Value::Null) }
+        })
+        .await;
+        assert_eq!(outcome, Ok(()));
+        assert_eq!(*sent.lock().unwrap(), [1, 2, 3], "every chunk, in order");
+    }
 }

@@ -1,0 +1,117 @@
+//! Dead letters of one key replayed together keep the key's order: the replay appends them in
+//! the order of their original entries, whatever order the ids were given in, and chains them
+//! in their lane, so a consumer hands out the second only once the first is acknowledged.
+
+use crate::support::{Env, n_of, within};
+use cqrs_core::ports::EventTransport;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_dead_letters_of_one_key_are_handed_out_in_their_order() {
+    let Some(env) = Env::new("replay-order").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("payments");
+            let options = |o: cqrs_core::ports::ConsumerOptions| {
+                o.redelivery_delay(Duration::from_millis(200))
+                    .max_deliveries(1)
+            };
+            let mut first = env.join(&topic, "first", options).await;
+            env.transport
+                .publish(
+                    &topic,
+                    &[
+                        crate::support::event(Some("k"), 1),
+                        crate::support::event(Some("k"), 2),
+                    ],
+                )
+                .await
+                .unwrap();
+
+            // The handler fails for both: each is dead-lettered after its one delivery, v1
+            // first (v2 waits for it).
+            let until = tokio::time::Instant::now() + Duration::from_secs(20);
+            let mut dead = Vec::new();
+            while dead.len() < 2 {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "dead-lettered: {dead:?}"
+                );
+                for d in first.fetch(1).await.unwrap() {
+                    first.nack(&d.id).await.unwrap();
+                }
+                dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            }
+            drop(first);
+            let n = |d: &cqrs_redis::DeadLetter| d.record.as_ref().unwrap().payload["n"].as_u64();
+            let v1 = dead.iter().find(|d| n(d) == Some(1)).unwrap().id.clone();
+            let v2 = dead.iter().find(|d| n(d) == Some(2)).unwrap().id.clone();
+
+            // Replayed with the ids in the wrong order.
+            let replayed = env
+                .transport
+                .replay_dead_letters(&topic, &[v2.clone(), v1.clone()])
+                .await
+                .unwrap();
+            assert_eq!(replayed.len(), 2);
+            let new_id = |dead: &str| {
+                let r = replayed.iter().find(|r| r.dead_letter_id == dead).unwrap();
+                let (ms, seq) = r.entry_id.split_once('-').unwrap();
+                (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+            };
+            assert!(
+                new_id(&v1) < new_id(&v2),
+                "v1 appended before v2: {replayed:?}"
+            );
+
+            // A redelivery delay well past the wait below: v1 stays handed out, not reclaimed.
+            let mut second = env
+                .join(&topic, "second", |o| {
+                    o.redelivery_delay(Duration::from_secs(10))
+                        .max_deliveries(1)
+                })
+                .await;
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let one = loop {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "the replay is handed out"
+                );
+                let batch = second.fetch(1).await.unwrap();
+                if let Some(d) = batch.into_iter().next() {
+                    break d;
+                }
+            };
+            assert_eq!(n_of(&one), 1, "the older event first");
+            assert!(one.order_key.is_some(), "the replay is in a lane");
+
+            // v2 waits for v1, which is not acknowledged yet.
+            let wait = tokio::time::Instant::now() + Duration::from_millis(500);
+            while tokio::time::Instant::now() < wait {
+                let batch = second.fetch(10).await.unwrap();
+                assert!(
+                    batch.is_empty(),
+                    "v2 handed out before v1 was acknowledged: {:?}",
+                    batch.iter().map(n_of).collect::<Vec<_>>()
+                );
+            }
+            second.ack(std::slice::from_ref(&one.id)).await.unwrap();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let two = loop {
+                assert!(tokio::time::Instant::now() < until, "v2 follows v1");
+                let batch = second.fetch(10).await.unwrap();
+                if let Some(d) = batch.into_iter().next() {
+                    break d;
+                }
+            };
+            assert_eq!(n_of(&two), 2);
+            assert_eq!(two.order_key, one.order_key, "one chain, in one lane");
+            second.ack(&[two.id]).await.unwrap();
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
