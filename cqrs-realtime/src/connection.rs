@@ -86,7 +86,18 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
     });
     session.conn.close.close(ending);
     let ending = session.conn.close.get().unwrap_or(ending);
-    session.unsubscribe_all().await;
+    // A panic here (a metrics recorder's bug) must not skip the rest of the clean-up: what a
+    // subscription still held when it panicked is given back as it is dropped (`Held`).
+    if AssertUnwindSafe(session.unsubscribe_all())
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            connection = session.conn.id,
+            "the realtime connection's clean-up panicked; its subscriptions were released"
+        );
+    }
 
     // Wait (bounded) for the writer's close frame and the client's reply, so the server is
     // the one to close the TCP connection, as RFC 6455 asks.
@@ -120,11 +131,11 @@ async fn before<F: std::future::Future>(deadline: Option<Instant>, future: F) ->
 }
 
 /// The reader's side of a connection.
-struct Session<P> {
+struct Session<P: Send + Sync + 'static> {
     hub: Arc<HubInner<P>>,
     conn: Arc<Conn<P>>,
-    /// This connection's subscriptions, with the channel each holds a reference on.
-    subscriptions: HashMap<Topic, (Arc<Slot<P>>, String)>,
+    /// This connection's subscriptions, each with what it holds.
+    subscriptions: HashMap<Topic, Held<P>>,
     /// Resumes (`since`) this connection may still start now, refilled over time.
     /// Shared by the principal's connections (see [`HubInner::resume_budget`]).
     resumes: Arc<std::sync::Mutex<ResumeBudget>>,
@@ -148,28 +159,114 @@ impl ResumeBudget {
         }
     }
 
-    /// Whether a resume may start now.
-    fn available(&mut self) -> bool {
+    /// Tops the bucket up for the time since the last look.
+    fn refill(&mut self) {
         let now = tokio::time::Instant::now();
         let per_second = f64::from(self.per_minute) / 60.0;
         let refill = (now - self.at).as_secs_f64() * per_second;
         self.tokens = (self.tokens + refill).min(f64::from(self.per_minute));
         self.at = now;
-        self.tokens >= 1.0
     }
 
-    /// Uses one resume, once the subscription it is for is registered: a `since` that is
-    /// refused (forbidden, or unavailable and meant to be retried) costs nothing. Another
-    /// connection of the principal may take between `available` and here, so a burst can go
-    /// one resume per connection over the budget, no more.
-    fn take(&mut self) {
-        self.tokens = (self.tokens - 1.0).max(0.0);
+    /// Takes one resume if one is available now. Checked and taken under one lock, so the
+    /// principal's connections racing for the last one get it once between them: the budget
+    /// is exact. The caller gives it back ([`ResumeTicket`]) when the `since` is refused.
+    fn try_take(&mut self) -> bool {
+        self.refill();
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// Gives back a resume taken for a `since` that was refused.
+    fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(f64::from(self.per_minute));
     }
 
     /// Whether it is full again (nothing to remember once no connection holds it).
     pub(crate) fn is_full(&mut self) -> bool {
-        self.available();
+        self.refill();
         self.tokens >= f64::from(self.per_minute)
+    }
+}
+
+/// What one subscription of a connection holds: its place in the registry, a reference on its
+/// upstream channel, its count in the subscriptions gauge. [`end`](Self::end) gives them back
+/// in order; dropped before that (a panic on the way, in a hook or a metrics recorder, or a
+/// cancelled subscribe), it gives back what it still holds, so nothing leaks.
+struct Held<P: Send + Sync + 'static> {
+    hub: Arc<HubInner<P>>,
+    topic: Topic,
+    connection: u64,
+    /// In the registry (or being put there).
+    registered: bool,
+    /// The upstream channel it holds a reference on.
+    channel: Option<String>,
+    /// Counted in the subscriptions gauge.
+    counted: bool,
+}
+
+impl<P: Send + Sync + 'static> Held<P> {
+    /// Ends the subscription: uncounted, out of the registry (`then` runs under its lock,
+    /// before any later event is dispatched), its upstream reference released.
+    async fn end(mut self, then: impl FnOnce()) {
+        if std::mem::take(&mut self.counted) {
+            self.hub.metrics.unsubscribed();
+        }
+        if std::mem::take(&mut self.registered) {
+            self.hub.registry.remove(&self.topic, self.connection, then);
+        } else {
+            then();
+        }
+        if let Some(channel) = self.channel.take() {
+            self.hub.upstreams.release(&channel).await;
+        }
+    }
+}
+
+impl<P: Send + Sync + 'static> Drop for Held<P> {
+    fn drop(&mut self) {
+        if std::mem::take(&mut self.registered) {
+            self.hub
+                .registry
+                .remove(&self.topic, self.connection, || {});
+        }
+        if let Some(channel) = self.channel.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let hub = self.hub.clone();
+            runtime.spawn(async move { hub.upstreams.release(&channel).await });
+        }
+        if std::mem::take(&mut self.counted) {
+            // Already unwinding, maybe from this very recorder: a second panic would abort.
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.hub.metrics.unsubscribed();
+            }));
+        }
+    }
+}
+
+/// A resume taken from a [`ResumeBudget`] for one `subscribe` with `since`: given back when
+/// dropped before [`keep`](Self::keep) (the subscribe was refused, failed, or was cancelled by
+/// the connection's end), so a `since` that does not start a replay costs nothing.
+struct ResumeTicket {
+    budget: Option<Arc<std::sync::Mutex<ResumeBudget>>>,
+}
+
+impl ResumeTicket {
+    /// The subscription it was taken for is registered: the resume is used.
+    fn keep(mut self) {
+        self.budget = None;
+    }
+}
+
+impl Drop for ResumeTicket {
+    fn drop(&mut self) {
+        if let Some(budget) = self.budget.take() {
+            budget.lock().unwrap_or_else(|p| p.into_inner()).give_back();
+        }
     }
 }
 
@@ -312,23 +409,29 @@ impl<P: Send + Sync + 'static> Session<P> {
                 );
             }
             Some(since) => match since.parse::<Position>() {
-                Ok(_)
-                    if !self
+                Ok(position) => {
+                    let taken = self
                         .resumes
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .available() =>
-                {
-                    let per_minute = self.hub.options.resumes_per_minute;
-                    return self.send_error(
-                        ErrorCode::TooManyResumes,
-                        &format!(
-                            "at most {per_minute} subscriptions with `since` a minute: subscribe without `since` and reload the state over HTTP, or wait"
-                        ),
-                        Some(&name),
-                    );
+                        .try_take();
+                    if !taken {
+                        let per_minute = self.hub.options.resumes_per_minute;
+                        return self.send_error(
+                            ErrorCode::TooManyResumes,
+                            &format!(
+                                "at most {per_minute} subscriptions with `since` a minute: subscribe without `since` and reload the state over HTTP, or wait"
+                            ),
+                            Some(&name),
+                        );
+                    }
+                    Some((
+                        position,
+                        ResumeTicket {
+                            budget: Some(self.resumes.clone()),
+                        },
+                    ))
                 }
-                Ok(position) => Some(position),
                 Err(error) => {
                     return self.send_error(
                         ErrorCode::InvalidPosition,
@@ -378,12 +481,21 @@ impl<P: Send + Sync + 'static> Session<P> {
                 );
             }
         }
-        if since.is_some() {
-            self.resumes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-        }
+        // The upstream reference is held from here on, and given back whatever happens next
+        // (a panicking metrics recorder included).
+        let mut held = Held {
+            hub: self.hub.clone(),
+            topic: topic.clone(),
+            connection: self.conn.id,
+            registered: false,
+            channel: Some(channel.clone()),
+            counted: false,
+        };
+        // The resume is used from here on.
+        let since = since.map(|(position, ticket)| {
+            ticket.keep();
+            position
+        });
         // Live upstream from here on: every event published after `subscribed` reaches the
         // registry, and the registry has this subscription before `subscribed` is queued.
         let slot = Arc::new(Slot::new(
@@ -399,22 +511,24 @@ impl<P: Send + Sync + 'static> Session<P> {
         );
         // Counted first, so a client that read `subscribed` sees it in the stats.
         self.hub.metrics.subscribed();
+        held.counted = true;
+        // Marked before: a panic inside takes it out again (a no-op if it never got in).
+        held.registered = true;
         self.hub
             .registry
             .insert(&topic, &channel, slot.clone(), || {
                 self.conn.push(subscribed)
             });
-        self.subscriptions
-            .insert(topic.clone(), (slot.clone(), channel));
+        self.subscriptions.insert(topic.clone(), held);
         if let Some(since) = since {
             crate::replay::replay(&self.hub, &self.conn, &slot, &topic, since).await;
         }
     }
 
     async fn unsubscribe(&mut self, name: String) {
-        let Some((topic, (_, channel))) = Topic::parse(&name)
+        let Some(held) = Topic::parse(&name)
             .ok()
-            .and_then(|topic| self.subscriptions.remove_entry(&topic))
+            .and_then(|topic| self.subscriptions.remove(&topic))
         else {
             return self.send_error(
                 ErrorCode::NotSubscribed,
@@ -424,18 +538,14 @@ impl<P: Send + Sync + 'static> Session<P> {
         };
         // Queued under the registry lock: no event of this topic follows `unsubscribed`.
         let unsubscribed = Utf8Bytes::from(ServerFrame::Unsubscribed { topic: name }.to_json());
-        self.hub.metrics.unsubscribed();
-        self.hub
-            .registry
-            .remove(&topic, self.conn.id, || self.conn.push(unsubscribed));
-        self.hub.upstreams.release(&channel).await;
+        held.end(|| self.conn.push(unsubscribed)).await;
     }
 
+    /// Ends every subscription. Panicking part way (a metrics recorder's bug), the ones left
+    /// are dropped, which releases them too.
     async fn unsubscribe_all(&mut self) {
-        for (topic, (_, channel)) in std::mem::take(&mut self.subscriptions) {
-            self.hub.registry.remove(&topic, self.conn.id, || {});
-            self.hub.metrics.unsubscribed();
-            self.hub.upstreams.release(&channel).await;
+        for (_, held) in std::mem::take(&mut self.subscriptions) {
+            held.end(|| {}).await;
         }
     }
 }

@@ -374,6 +374,20 @@ impl<P: Send + Sync + 'static> Hub<P> {
         }
         slot.placed = true;
         inner.metrics.connection_opened();
+        // Checked again now that the place is taken: a shutdown that came while the
+        // authenticator ran has seen no open connection, and `closed()` may have completed.
+        // The fence pairs with the one in `closed()`: either that one sees this place, or this
+        // check sees the shutdown (then the place is given back, waking `closed()` again).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if inner.is_stopping() {
+            drop(slot);
+            inner.metrics.refused("shutting_down");
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            );
+        }
         let hub = inner.clone();
         let o = &inner.options;
         upgrade
@@ -397,7 +411,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
         self.inner.metrics.snapshot()
     }
 
-    /// How many pub/sub channels the hub is subscribed to now.
+    /// How many pub/sub channels the hub is subscribed to now, including those kept for
+    /// [`upstream_linger`](HubOptions::upstream_linger) after their last subscription went.
     pub async fn upstream_channels(&self) -> usize {
         self.inner.upstreams.len().await
     }
@@ -416,6 +431,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
             let notified = self.inner.all_closed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Pairs with the handshake's fence: a handshake that took a place after the
+            // shutdown either is seen here, or sees the shutdown and gives the place back.
+            std::sync::atomic::fence(Ordering::SeqCst);
             if self.inner.open.load(Ordering::Acquire) == 0 {
                 return;
             }
@@ -543,13 +561,15 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
         let max_event_frame = (self.options.max_write_buffer_size - self.options.write_buffer_size)
             .saturating_sub(14);
         let registry = Arc::new(Registry::new(authorizer, max_event_frame));
+        let (stop, stopped) = Shutdown::new();
         let upstreams = Upstreams::new(
             pubsub.clone(),
             self.options.channel_prefix.clone(),
             registry.clone(),
             metrics.clone(),
+            self.options.upstream_linger,
+            stopped.clone(),
         );
-        let (stop, stopped) = Shutdown::new();
         Ok(Hub {
             inner: Arc::new(HubInner {
                 options: self.options,

@@ -39,6 +39,7 @@ pub struct HubOptions {
     pub(crate) replay_limit: usize,
     pub(crate) resumes_per_minute: u32,
     pub(crate) replay_buffer: usize,
+    pub(crate) upstream_linger: Duration,
     pub(crate) channel_prefix: String,
 }
 
@@ -62,6 +63,7 @@ impl Default for HubOptions {
             replay_limit: 10_000,
             resumes_per_minute: 10,
             replay_buffer: 1024,
+            upstream_linger: Duration::from_secs(5),
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_owned(),
         }
     }
@@ -201,6 +203,17 @@ impl HubOptions {
     /// replay reads them back from the store instead. Default 1024.
     pub fn replay_buffer(mut self, events: usize) -> Self {
         self.replay_buffer = events;
+        self
+    }
+
+    /// How long the hub stays subscribed to a pub/sub channel after the last subscription
+    /// needing it went: a subscribe within that time reuses the upstream subscription instead
+    /// of making a new one, so a client looping over `subscribe` / `unsubscribe` (or clients
+    /// that reconnect) costs no pub/sub round trip per loop. Events arriving meanwhile reach
+    /// no one. Once the hub shuts down nothing lingers. `Duration::ZERO` unsubscribes at once.
+    /// Default 5 s.
+    pub fn upstream_linger(mut self, linger: Duration) -> Self {
+        self.upstream_linger = linger;
         self
     }
 

@@ -59,8 +59,11 @@ pub(crate) struct ReplayBuffer {
     pub(crate) frames: Vec<(Option<Position>, Utf8Bytes)>,
     /// The highest position of a live event dropped because the buffer was full: the replay
     /// reads on until its cursor passes it. (A dropped event without a position is not in
-    /// the log and cannot be read back.)
+    /// the log and cannot be read back: see `lost`.)
     pub(crate) dropped: Option<Position>,
+    /// A live event without a position was dropped because the buffer was full: it cannot be
+    /// read back, so the subscription is told `events_missed` when it goes live.
+    pub(crate) lost: bool,
 }
 
 impl<P> Slot<P> {
@@ -83,6 +86,8 @@ impl<P> Slot<P> {
             if self.replaying.load(Ordering::Acquire) {
                 if buffer.frames.len() < self.capacity {
                     buffer.frames.push((position, frame.clone()));
+                } else if position.is_none() {
+                    buffer.lost = true;
                 } else if position > buffer.dropped {
                     buffer.dropped = position;
                 }
@@ -106,10 +111,23 @@ impl<P> Slot<P> {
     }
 
     /// Ends the replay: from now on live events are queued directly, except those at or
-    /// below `up_to`. Call with the buffer lock held and the buffer empty.
-    pub(crate) fn go_live(&self, _held: &mut ReplayBuffer, up_to: Position) {
+    /// below `up_to`. Call with the buffer lock held and the buffer empty. When a live event
+    /// without a position was dropped meanwhile (`lost`), `events_missed` for `topic` is
+    /// queued first, before any live event that follows; returns whether it was.
+    pub(crate) fn go_live(&self, held: &mut ReplayBuffer, up_to: Position, topic: &Topic) -> bool {
+        let told = std::mem::take(&mut held.lost) && self.tell_missed(&missed_frame(topic));
         self.replayed_up_to.store(up_to.get(), Ordering::Release);
         self.replaying.store(false, Ordering::Release);
+        told
+    }
+
+    /// Queues `frame` (an `events_missed`) unless this subscription was told already.
+    fn tell_missed(&self, frame: &Utf8Bytes) -> bool {
+        if self.told_missed.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        self.conn.push(frame.clone());
+        true
     }
 }
 
@@ -201,19 +219,9 @@ impl<P: Send + Sync + 'static> Registry<P> {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         let mut told = 0;
         for (topic, slots) in topics.iter().filter(|(_, s)| &*s.channel == channel) {
-            let frame = Utf8Bytes::from(
-                ServerFrame::error(
-                    ErrorCode::EventsMissed,
-                    "the server may have missed live events on this topic; the subscription \
-                     stays open, but to close the gap unsubscribe and subscribe again with \
-                     `since` set to the last position you received before this frame",
-                    Some(topic.as_str()),
-                )
-                .to_json(),
-            );
+            let frame = missed_frame(topic);
             for slot in slots.slots.values() {
-                if !slot.told_missed.swap(true, Ordering::Relaxed) {
-                    slot.conn.push(frame.clone());
+                if slot.tell_missed(&frame) {
                     told += 1;
                 }
             }
@@ -232,6 +240,20 @@ impl<P: Send + Sync + 'static> Registry<P> {
             false
         })
     }
+}
+
+/// The `error` frame `events_missed` for `topic`.
+fn missed_frame(topic: &Topic) -> Utf8Bytes {
+    Utf8Bytes::from(
+        ServerFrame::error(
+            ErrorCode::EventsMissed,
+            "the server may have missed live events on this topic; the subscription stays \
+             open, but to close the gap unsubscribe and subscribe again with `since` set to \
+             the last position you received before this frame",
+            Some(topic.as_str()),
+        )
+        .to_json(),
+    )
 }
 
 /// The `event` frame of `event` on `topic`; or, when it is longer than `max` bytes, an

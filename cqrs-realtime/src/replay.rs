@@ -212,7 +212,9 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 let mut buffer = self.slot.lock();
                 let overflowed = read_back && self.dropped_above_cursor(&mut buffer);
                 if buffer.frames.is_empty() && !overflowed {
-                    self.slot.go_live(&mut buffer, self.cursor);
+                    if self.slot.go_live(&mut buffer, self.cursor, self.topic) {
+                        self.hub.metrics.missed_notices(1);
+                    }
                     return Flush::Live;
                 }
                 (std::mem::take(&mut buffer.frames), overflowed)

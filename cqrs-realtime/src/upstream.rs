@@ -6,7 +6,10 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use cqrs_core::Position;
 use cqrs_core::ports::{PubSub, Subscription, TransportError};
+use cqrs_core::runtime::Shutdown;
+use futures_util::FutureExt;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,9 +33,14 @@ struct ChannelState {
     /// Subscriptions (over every connection) on topics of this channel.
     refs: usize,
     live: Option<Live>,
-    /// Taken out of the map (its last reference went): an `acquire` that found it there
-    /// before must look the channel up again.
+    /// Taken out of the map (its last reference went and its linger passed): an `acquire`
+    /// that found it there before must look the channel up again.
     removed: bool,
+    /// With no reference left, the task that ends the subscription once the linger has
+    /// passed; a new reference within it cancels it.
+    linger: Option<JoinHandle<()>>,
+    /// Counts the times the last reference went: a linger acts only on its own.
+    idle_epoch: u64,
 }
 
 type Channel = Arc<tokio::sync::Mutex<ChannelState>>;
@@ -42,25 +50,40 @@ pub(crate) struct Upstreams<P> {
     prefix: String,
     registry: Arc<Registry<P>>,
     metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    /// How long a channel stays subscribed after its last reference went.
+    linger: Duration,
+    /// The hub's shutdown: from then on nothing lingers.
+    stopped: Shutdown,
+}
+
+/// What a channel's linger task needs once the reference that started it is gone.
+#[derive(Default)]
+struct Shared {
     /// Held only to look a channel up (a std mutex: never across an await).
     channels: std::sync::Mutex<HashMap<String, Channel>>,
     live: AtomicUsize,
 }
 
 impl<P: Send + Sync + 'static> Upstreams<P> {
+    /// `linger`: how long a channel whose last subscription went stays subscribed upstream,
+    /// for the next subscriber to reuse; none once `stopped` is requested.
     pub(crate) fn new(
         pubsub: Arc<dyn PubSub>,
         prefix: String,
         registry: Arc<Registry<P>>,
         metrics: Arc<Metrics>,
+        linger: Duration,
+        stopped: Shutdown,
     ) -> Self {
         Self {
             pubsub,
             prefix,
             registry,
             metrics,
-            channels: std::sync::Mutex::new(HashMap::new()),
-            live: AtomicUsize::new(0),
+            shared: Arc::default(),
+            linger,
+            stopped,
         }
     }
 
@@ -81,6 +104,10 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
                 continue;
             }
             if state.live.is_some() {
+                // Within its linger: reused, and kept.
+                if let Some(linger) = state.linger.take() {
+                    linger.abort();
+                }
                 state.refs += 1;
                 return Ok(());
             }
@@ -100,12 +127,15 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             ));
             state.live = Some(Live { task, stopped });
             state.refs = 1;
-            self.live.fetch_add(1, Ordering::SeqCst);
+            self.shared.live.fetch_add(1, Ordering::SeqCst);
             return Ok(());
         }
     }
 
-    /// Drops a reference on `channel`; the last one unsubscribes upstream.
+    /// Drops a reference on `channel`. After the last one the channel stays subscribed
+    /// upstream for the linger (a client looping over `subscribe` / `unsubscribe` does not
+    /// make an upstream round trip per loop), then unsubscribes; at once with no linger, or
+    /// once the hub is stopping.
     pub(crate) async fn release(&self, channel: &str) {
         let Some(slot) = self.map().get(channel).cloned() else {
             return;
@@ -115,24 +145,42 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             return;
         }
         state.refs -= 1;
-        if state.refs == 0 {
-            if let Some(live) = state.live.take() {
-                live.stopped.store(true, Ordering::SeqCst);
-                live.task.abort();
-                self.live.fetch_sub(1, Ordering::SeqCst);
-            }
-            state.removed = true;
-            self.forget(channel, &slot);
+        if state.refs > 0 {
+            return;
         }
+        if self.linger.is_zero() || self.stopped.is_requested() {
+            self.shared.unsubscribe(&mut state, channel, &slot);
+            return;
+        }
+        state.idle_epoch += 1;
+        state.linger = Some(tokio::spawn(linger(
+            self.shared.clone(),
+            self.stopped.clone(),
+            channel.to_owned(),
+            slot.clone(),
+            state.idle_epoch,
+            self.linger,
+        )));
     }
 
-    /// How many channels the hub is subscribed to.
+    /// How many channels the hub is subscribed to (lingering ones included).
     pub(crate) async fn len(&self) -> usize {
-        self.live.load(Ordering::SeqCst)
+        self.shared.live.load(Ordering::SeqCst)
     }
 }
 
 impl<P> Upstreams<P> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.shared.map()
+    }
+
+    /// Takes `slot` out of the map, unless another already replaced it.
+    fn forget(&self, channel: &str, slot: &Channel) {
+        self.shared.forget(channel, slot);
+    }
+}
+
+impl Shared {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -143,6 +191,42 @@ impl<P> Upstreams<P> {
         if map.get(channel).is_some_and(|c| Arc::ptr_eq(c, slot)) {
             map.remove(channel);
         }
+    }
+
+    /// Ends the upstream subscription of a channel that no one holds, and forgets it.
+    fn unsubscribe(&self, state: &mut ChannelState, channel: &str, slot: &Channel) {
+        if let Some(linger) = state.linger.take() {
+            linger.abort();
+        }
+        if let Some(live) = state.live.take() {
+            live.stopped.store(true, Ordering::SeqCst);
+            live.task.abort();
+            self.live.fetch_sub(1, Ordering::SeqCst);
+        }
+        state.removed = true;
+        self.forget(channel, slot);
+    }
+}
+
+/// Unsubscribes `channel` once `after` has passed (or the hub stops first), unless it was
+/// taken again meanwhile (`epoch` is no longer the channel's).
+async fn linger(
+    shared: Arc<Shared>,
+    stopped: Shutdown,
+    channel: String,
+    slot: Channel,
+    epoch: u64,
+    after: Duration,
+) {
+    tokio::select! {
+        () = tokio::time::sleep(after) => {}
+        () = stopped.requested() => {}
+    }
+    let mut state = slot.lock().await;
+    if state.refs == 0 && state.idle_epoch == epoch && !state.removed {
+        // Not this task's own handle to abort: it is ending anyway.
+        state.linger = None;
+        shared.unsubscribe(&mut state, &channel, &slot);
     }
 }
 
@@ -226,6 +310,11 @@ const MISSED_CHECK: Duration = Duration::from_secs(1);
 /// message is dispatched, and every [`MISSED_CHECK`]), or the subscription ended and had to be
 /// made again, every subscription of a topic on the channel gets an `events_missed` frame
 /// ([`Registry::missed`]), queued before the events that follow the gap.
+///
+/// A panic while dispatching (a metrics recorder's bug, reached when a slow client is closed)
+/// does not end the task, which would leave the channel subscribed with nobody dispatching:
+/// the message may have reached only some subscriptions, so they are all told
+/// `events_missed`, as for a subscription that had to be made again, and the task goes on.
 async fn pump<P: Send + Sync + 'static>(
     mut subscription: Subscription,
     pubsub: Arc<dyn PubSub>,
@@ -235,63 +324,114 @@ async fn pump<P: Send + Sync + 'static>(
     metrics: Arc<Metrics>,
     stopped: Arc<AtomicBool>,
 ) {
-    let mut missed = 0;
-    let mut recent = RecentPositions::default();
-    let mut check = tokio::time::interval(MISSED_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let pump = Pump {
+        pubsub,
+        full,
+        channel,
+        registry,
+        metrics,
+        stopped,
+    };
+    let mut state = PumpState::default();
     loop {
-        // `Subscription::recv` is cancel-safe: a lag it saw is already in `missed()`.
-        let message = tokio::select! {
-            biased;
-            message = subscription.recv() => Some(message),
-            _ = check.tick() => None,
-        };
-        // A message published after the channel was released (and maybe subscribed again)
-        // is the new subscription's to dispatch.
-        if stopped.load(Ordering::SeqCst) {
+        let received = AssertUnwindSafe(pump.receive(&mut subscription, &mut state))
+            .catch_unwind()
+            .await;
+        if received.is_ok() || pump.stopped.load(Ordering::SeqCst) {
             return;
         }
-        let message = match message {
-            Some(Some(message)) => message,
-            // The periodic check.
-            None => {
-                notice_missed(
-                    &subscription,
-                    &mut missed,
-                    &channel,
-                    &full,
-                    &registry,
-                    &metrics,
-                );
-                continue;
-            }
-            Some(None) => {
-                tracing::warn!(channel = %full, "realtime upstream subscription ended; subscribing again");
-                subscription = resubscribe(&*pubsub, &full).await;
-                missed = 0;
-                if stopped.load(Ordering::SeqCst) {
-                    return;
-                }
-                // Whatever was published while there was no subscription is lost.
-                metrics.missed_notices(registry.missed(&channel));
-                continue;
-            }
-        };
-        notice_missed(
-            &subscription,
-            &mut missed,
-            &channel,
-            &full,
-            &registry,
-            &metrics,
+        tracing::error!(
+            channel = %pump.full,
+            "the realtime channel's dispatcher panicked; it goes on, and the channel's subscribers are told they may have missed events"
         );
-        match PushedEvent::decode(&message.payload) {
-            Ok(event) if recent.first_time(event.position()) => registry.dispatch(&event),
-            Ok(event) => {
-                tracing::debug!(channel = %full, position = ?event.position(), "dropped a copy of an event already pushed");
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pump.metrics
+                .missed_notices(pump.registry.missed(&pump.channel));
+        }));
+    }
+}
+
+/// What a channel's task works with.
+struct Pump<P> {
+    pubsub: Arc<dyn PubSub>,
+    /// The channel's name upstream (with the hub's prefix).
+    full: String,
+    /// The routing's name for the channel.
+    channel: String,
+    registry: Arc<Registry<P>>,
+    metrics: Arc<Metrics>,
+    stopped: Arc<AtomicBool>,
+}
+
+/// What a channel's task remembers across messages (and across a panic).
+#[derive(Default)]
+struct PumpState {
+    /// The subscription's missed count already told.
+    missed: u64,
+    recent: RecentPositions,
+}
+
+impl<P: Send + Sync + 'static> Pump<P> {
+    /// Receives and dispatches until the channel is released.
+    async fn receive(&self, subscription: &mut Subscription, state: &mut PumpState) {
+        let (full, channel) = (&self.full, &self.channel);
+        let (registry, metrics) = (&*self.registry, &*self.metrics);
+        let mut check = tokio::time::interval(MISSED_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // `Subscription::recv` is cancel-safe: a lag it saw is already in `missed()`.
+            let message = tokio::select! {
+                biased;
+                message = subscription.recv() => Some(message),
+                _ = check.tick() => None,
+            };
+            // A message published after the channel was released (and maybe subscribed
+            // again) is the new subscription's to dispatch.
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
             }
-            Err(error) => {
-                tracing::warn!(channel = %full, %error, "ignored a realtime channel message")
+            let message = match message {
+                Some(Some(message)) => message,
+                // The periodic check.
+                None => {
+                    notice_missed(
+                        subscription,
+                        &mut state.missed,
+                        channel,
+                        full,
+                        registry,
+                        metrics,
+                    );
+                    continue;
+                }
+                Some(None) => {
+                    tracing::warn!(channel = %full, "realtime upstream subscription ended; subscribing again");
+                    *subscription = resubscribe(&*self.pubsub, full).await;
+                    state.missed = 0;
+                    if self.stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    // Whatever was published while there was no subscription is lost.
+                    metrics.missed_notices(registry.missed(channel));
+                    continue;
+                }
+            };
+            notice_missed(
+                subscription,
+                &mut state.missed,
+                channel,
+                full,
+                registry,
+                metrics,
+            );
+            match PushedEvent::decode(&message.payload) {
+                Ok(event) if state.recent.first_time(event.position()) => registry.dispatch(&event),
+                Ok(event) => {
+                    tracing::debug!(channel = %full, position = ?event.position(), "dropped a copy of an event already pushed");
+                }
+                Err(error) => {
+                    tracing::warn!(channel = %full, %error, "ignored a realtime channel message")
+                }
             }
         }
     }
@@ -367,6 +507,8 @@ mod tests {
             String::new(),
             Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
             Arc::new(Metrics::new()),
+            Duration::ZERO,
+            Shutdown::new().1,
         ));
         upstreams.acquire("live").await.unwrap();
         let slow = tokio::spawn({

@@ -96,12 +96,12 @@ async fn events_of_one_aggregate_arrive_in_publish_order() {
     .await;
 }
 
-/// Closing the last subscription of a channel drops the upstream subscription; a new one
-/// subscribes again.
+/// Closing the last subscription of a channel drops the upstream subscription (at once with
+/// no linger); a new one subscribes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_subscription_follows_the_subscriptions() {
     with_timeout(TEST_LIMIT, async {
-        let t = TestHub::start(HubOptions::new()).await;
+        let t = TestHub::start(HubOptions::new().upstream_linger(std::time::Duration::ZERO)).await;
         let mut client = t.connect("agent-a1").await;
         client.subscribe("tickets").await;
         assert_eq!(t.hub.upstream_channels().await, 1);

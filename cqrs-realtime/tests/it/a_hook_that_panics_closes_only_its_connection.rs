@@ -44,7 +44,8 @@ impl Authorizer<User> for PanicsOnKaboom {
 /// everything it held (its subscriptions, the upstream channel, its place in the connection
 /// limits); the hub and its other clients carry on.
 async fn a_panic_on(topic: &str) {
-    let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), HubOptions::new(), |b| {
+    let options = HubOptions::new().upstream_linger(Duration::ZERO);
+    let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), options, |b| {
         b.routing(PanicsOnBoom)
             .authorizer(PanicsOnKaboom(TicketRules::default()))
     })
