@@ -35,9 +35,9 @@ apt_install() {
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 
-# Whether something accepts TCP connections on 127.0.0.1:$1 (bash alone: the clients may be
-# missing).
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Whether something accepts TCP connections on 127.0.0.1:$1 within 3 s (bash alone: the
+# clients may be missing).
+port_open() { timeout 3 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$1" 2>/dev/null; }
 
 # Whether psql connects to $1 and answers a query, without ever prompting for a password.
 psql_ok() { psql -w "$1" -tAc "SELECT 1" >/dev/null 2>&1 </dev/null; }
@@ -55,9 +55,10 @@ ensure_postgres() {
     local local_cluster=""
     ls /etc/postgresql/*/main/postgresql.conf >/dev/null 2>&1 && local_cluster=1
     if port_open 5432; then
-        # A server already answers (a local cluster, or one in a container): only the client
-        # is needed.
+        # A server already listens (a local cluster, or one in a container): only the client
+        # is needed, and the server may still be starting.
         command -v psql >/dev/null || apt_install postgresql-client
+        wait_for 60 pg_up || die "something listens on 127.0.0.1:5432, but PostgreSQL did not accept connections within 60 s"
     else
         if [[ -z $local_cluster ]]; then
             apt_install postgresql
@@ -102,33 +103,56 @@ ensure_postgres() {
 }
 
 # One RESP command to 127.0.0.1:6379 (bash alone: redis-cli may be missing); prints the
-# reply's first lines, or nothing when no server answers within 2 s.
+# reply's lines (a bulk reply: until its announced length is read), or nothing when no server
+# answers within 3 s.
 redis_ask() {
-    (
+    timeout 3 bash -c '
         exec 3<>/dev/tcp/127.0.0.1/6379 || exit 0
-        printf '%s\r\n' "$1" >&3
-        local line n=0
-        while ((n < 40)) && IFS= read -r -t 2 line <&3; do
-            printf '%s\n' "${line%$'\r'}"
-            n=$((n + 1))
-            [[ $line == +* || $line == -* ]] && break
+        printf "%s\r\n" "$1" >&3
+        IFS= read -r line <&3 || exit 0
+        line=${line%$'"'"'\r'"'"'}
+        printf "%s\n" "$line"
+        [[ $line == \$* ]] || exit 0
+        left=${line#\$}
+        while ((left > 0)) && IFS= read -r line <&3; do
+            left=$((left - ${#line} - 1))
+            printf "%s\n" "${line%$'"'"'\r'"'"'}"
         done
-    ) 2>/dev/null || true
+    ' _ "$1" 2>/dev/null || true
 }
 
 redis_up() { [[ $(redis_ask PING) == +PONG* ]]; }
+
+# The redis-server binary (one test runs a server of its own), without starting the package's
+# service: a Redis may already listen on 6379 (in a container, say), and the service would
+# fail to bind it.
+install_redis_server() {
+    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and a Redis test runs one of its own: install it (apt-get install redis-server), or run as root so this script can"
+    local policy=/usr/sbin/policy-rc.d created=""
+    if [[ ! -e $policy ]]; then
+        # Debian's way of telling a package's scripts not to start its service.
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod +x "$policy"
+        created=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    apt_install redis-server
+    if [[ -n $created ]]; then
+        rm -f "$policy"
+        trap - EXIT
+    fi
+}
 
 ensure_redis() {
     # Every Redis test needs the server; one of them also runs a redis-server of its own (to
     # stop and restart it), so the binary must be on PATH even with REDIS_URL.
     if [[ -n ${REDIS_URL:-} ]]; then
         log "using REDIS_URL from the environment"
-        command -v redis-server >/dev/null ||
-            die "redis-server is not on PATH: a Redis test starts one of its own; install it (apt-get install redis-server), or run without CQRS_REQUIRE_SERVICES=1 to skip that test"
+        command -v redis-server >/dev/null || install_redis_server
         return
     fi
     export REDIS_URL="redis://127.0.0.1:6379"
-    command -v redis-server >/dev/null || apt_install redis-server
+    command -v redis-server >/dev/null || install_redis_server
     if ! redis_up; then
         if [[ $(redis_ask PING) == -NOAUTH* ]]; then
             die "the Redis on 127.0.0.1:6379 requires a password; set REDIS_URL (redis://:PASSWORD@127.0.0.1:6379)"

@@ -491,7 +491,9 @@ impl Runtime {
             .clone();
         let results = futures_util::future::join_all(self.checks.iter().map(
             |(name, check, critical)| async move {
-                let checked = crate::panic::CatchUnwind::new(check.check());
+                // The call inside the guard: a hand-written `check` may panic before it
+                // returns its future.
+                let checked = crate::panic::CatchUnwind::new(async { check.check().await });
                 let health = match tokio::time::timeout(budget, checked).await {
                     Ok(Ok(health)) => health,
                     Ok(Err(panic)) => {

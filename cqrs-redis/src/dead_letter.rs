@@ -100,7 +100,8 @@ impl RedisStreamTransport {
     /// were published again.
     ///
     /// Order: the dead letters of one call are published again in the order of their
-    /// original entries, whatever the order of `ids`. Those of one order lane (one key, with
+    /// original entries (where each event was first published, also for one dead-lettered
+    /// again after an earlier replay), whatever the order of `ids`. Those of one order lane (one key, with
     /// [`KeyOrdering::Exact`](crate::KeyOrdering::Exact)) and one group are chained to each
     /// other: the group hands each out only once the one replayed before it is acknowledged
     /// or dead-lettered, so replaying an event and the ones of its key dead-lettered behind

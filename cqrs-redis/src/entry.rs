@@ -3,7 +3,8 @@
 //! An entry's fields: `id` (the event id), `type` (its wire name), `v` (its schema version),
 //! `key` (its partition key, when it has one), `lane` and `prev` (its order lane and the
 //! previous entry of that lane, when ordered), `group` (a replay meant for one group only),
-//! `replayed` (the dead letter it was replayed from), and `record`: the whole serialized
+//! `replayed` (the dead letter it was replayed from), `origin` (on a replay: the entry the
+//! event was first published as, kept through later replays), and `record`: the whole serialized
 //! [`EventRecord`] as JSON (payload, metadata with correlation id, causation id and trace
 //! context, stream id, version and position). `record` is what consumers decode; the other
 //! fields let scripts route and gate entries, and let people read a stream with `redis-cli`.

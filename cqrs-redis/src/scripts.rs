@@ -444,10 +444,13 @@ for i = 1, #ARGV do
     if e[1] then
       local fields = e[1][2]
       local dms, dseq = parse_id(dead)
-      local ms, seq = parse_id(field(fields, 'dead.entry') or '')
+      -- The entry the event was first published as: kept through replays (`origin`), so an
+      -- event dead-lettered again after a replay still sorts by where it first stood.
+      local origin = field(fields, 'origin') or field(fields, 'dead.entry') or dead
+      local ms, seq = parse_id(origin)
       if not ms then ms, seq = dms, dseq end
-      found[#found + 1] = {dead = dead, fields = fields, ms = ms or 0, seq = seq or 0,
-                           dms = dms or 0, dseq = dseq or 0}
+      found[#found + 1] = {dead = dead, fields = fields, origin = origin, ms = ms or 0,
+                           seq = seq or 0, dms = dms or 0, dseq = dseq or 0}
     end
   end
 end
@@ -466,7 +469,7 @@ for _, d in ipairs(found) do
   for j = 1, #fields, 2 do
     local name = fields[j]
     if string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev' and name ~= 'group'
-       and name ~= 'replayed' then
+       and name ~= 'replayed' and name ~= 'origin' then
       f[#f + 1] = name
       f[#f + 1] = fields[j + 1]
     end
@@ -485,6 +488,8 @@ for _, d in ipairs(found) do
   f[#f + 1] = group
   f[#f + 1] = 'replayed'
   f[#f + 1] = d.dead
+  f[#f + 1] = 'origin'
+  f[#f + 1] = d.origin
   local id = redis.call('XADD', KEYS[1], '*', unpack(f))
   if chain then last[chain] = id end
   redis.call('XDEL', KEYS[2], d.dead)

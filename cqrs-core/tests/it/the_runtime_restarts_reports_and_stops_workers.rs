@@ -177,6 +177,21 @@ impl HealthCheck for Panics {
     }
 }
 
+/// A hand-written check (no `#[async_trait]`) that panics before it returns its future.
+struct PanicsAtOnce;
+
+impl HealthCheck for PanicsAtOnce {
+    fn check<'life0, 'async_trait>(
+        &'life0 self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Health> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        panic!("the check's eager bug")
+    }
+}
+
 /// The checks run at once, each cut off at the budget: two hanging checks cost one budget,
 /// not two (on tokio's paused clock, so the time is exact), and a panic is a failed check.
 #[tokio::test(start_paused = true)]
@@ -186,6 +201,7 @@ async fn checks_run_at_once_and_each_is_cut_off_at_the_budget() {
         .check("memory", Arc::new(Fixed(Health::Healthy)), false)
         .check("redis", Arc::new(Hangs), false)
         .check("broken", Arc::new(Panics), false)
+        .check("eager", Arc::new(PanicsAtOnce), false)
         .start();
     let started = tokio::time::Instant::now();
     let report = runtime.health_within(Duration::from_millis(200)).await;
@@ -200,6 +216,10 @@ async fn checks_run_at_once_and_each_is_cut_off_at_the_budget() {
     assert_eq!(
         report.components["broken"].0.reason(),
         Some("the check panicked: the check's own bug")
+    );
+    assert_eq!(
+        report.components["eager"].0.reason(),
+        Some("the check panicked: the check's eager bug")
     );
 }
 

@@ -3,7 +3,7 @@
 //! in their lane, so a consumer hands out the second only once the first is acknowledged.
 
 use crate::support::{Env, n_of, within};
-use cqrs_core::ports::EventTransport;
+use cqrs_core::ports::{Consumer, EventTransport};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,6 +110,88 @@ async fn replayed_dead_letters_of_one_key_are_handed_out_in_their_order() {
             assert_eq!(n_of(&two), 2);
             assert_eq!(two.order_key, one.order_key, "one chain, in one lane");
             second.ack(&[two.id]).await.unwrap();
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// An event replayed, failed again and dead-lettered again still sorts by where it was first
+/// published: replayed with a later event of its key, it comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_dead_lettered_again_after_a_replay_keeps_its_place() {
+    let Some(env) = Env::new("replay-again").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("payments");
+            let options = |o: cqrs_core::ports::ConsumerOptions| {
+                o.redelivery_delay(Duration::from_millis(200))
+                    .max_deliveries(1)
+            };
+            let mut consumer = env.join(&topic, "c", options).await;
+            env.transport
+                .publish(
+                    &topic,
+                    &[
+                        crate::support::event(Some("k"), 1),
+                        crate::support::event(Some("k"), 2),
+                    ],
+                )
+                .await
+                .unwrap();
+            let n = |d: &cqrs_redis::DeadLetter| d.record.as_ref().unwrap().payload["n"].as_u64();
+            // Fails whatever it is handed until `count` dead letters are there.
+            let fail_until = async |consumer: &mut Box<dyn Consumer>, count: usize| {
+                let until = tokio::time::Instant::now() + Duration::from_secs(20);
+                loop {
+                    let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+                    if dead.len() == count {
+                        return dead;
+                    }
+                    assert!(tokio::time::Instant::now() < until, "dead: {dead:?}");
+                    for d in consumer.fetch(1).await.unwrap() {
+                        consumer.nack(&d.id).await.unwrap();
+                    }
+                }
+            };
+            let dead = fail_until(&mut consumer, 2).await;
+            let v1 = dead.iter().find(|d| n(d) == Some(1)).unwrap().id.clone();
+            // v1 alone is replayed, and fails again.
+            env.transport
+                .replay_dead_letters(&topic, std::slice::from_ref(&v1))
+                .await
+                .unwrap();
+            let until = tokio::time::Instant::now() + Duration::from_secs(20);
+            let dead = loop {
+                let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+                if dead.len() == 2 && dead.iter().all(|d| d.id != v1) {
+                    break dead;
+                }
+                assert!(tokio::time::Instant::now() < until, "dead again: {dead:?}");
+                for d in consumer.fetch(1).await.unwrap() {
+                    consumer.nack(&d.id).await.unwrap();
+                }
+            };
+            let v1_again = dead.iter().find(|d| n(d) == Some(1)).unwrap().id.clone();
+            let v2 = dead.iter().find(|d| n(d) == Some(2)).unwrap().id.clone();
+            let replayed = env
+                .transport
+                .replay_dead_letters(&topic, &[v2.clone(), v1_again.clone()])
+                .await
+                .unwrap();
+            let new_id = |dead: &str| {
+                let r = replayed.iter().find(|r| r.dead_letter_id == dead).unwrap();
+                let (ms, seq) = r.entry_id.split_once('-').unwrap();
+                (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+            };
+            assert!(
+                new_id(&v1_again) < new_id(&v2),
+                "v1 (first published first) appended before v2: {replayed:?}"
+            );
+            drop(consumer);
         }),
     )
     .await;

@@ -153,17 +153,32 @@ impl HttpApi {
     ///
     /// # Panics
     ///
-    /// When both serve one method at one path (as axum's `MethodRouter::merge` does); see
-    /// [`try_merge`](Self::try_merge), which says so instead.
+    /// When [`try_merge`](Self::try_merge) would return an error (both serve one method at
+    /// one path, a path differs from one of the other's only in its parameters' names, or
+    /// both define one named schema differently): use `try_merge` to be told instead.
     pub fn merge(self, other: HttpApi) -> Self {
         self.try_merge(other).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Adds another plugin's or module's routes, or says why it cannot: both serve one method
-    /// at one path (documented or not), or define one named schema differently (the same
-    /// definition twice is fine). On an error both are dropped.
+    /// at one path (documented or not), a path of one is a path of the other with its
+    /// parameters named differently (`/tickets/{id}` and `/tickets/{ticket_id}`: one route to
+    /// the router, which refuses two names for it), or both define one named schema
+    /// differently (the same definition twice is fine). On an error both are dropped.
     pub fn try_merge(mut self, other: HttpApi) -> Result<Self, String> {
         let mut problems = Vec::new();
+        for theirs in other.routes.keys() {
+            if let Some(mine) = self
+                .routes
+                .keys()
+                .find(|mine| *mine != theirs && route_shape(mine) == route_shape(theirs))
+            {
+                problems.push(format!(
+                    "{mine} and {theirs} are one route with its parameters named differently: \
+                     name them alike"
+                ));
+            }
+        }
         for (path, ops) in &other.paths {
             if let Some(mine) = self.paths.get(path) {
                 for method in ops.keys().filter(|m| mine.contains_key(*m)) {
@@ -243,4 +258,17 @@ impl HttpApi {
             .collect();
         (router, paths, self.schemas)
     }
+}
+
+/// A route's path with its parameters' names left out (`/tickets/{}`, `/files/{*}`): two paths
+/// of one shape are one route to axum's router.
+fn route_shape(path: &str) -> String {
+    path.split('/')
+        .map(|segment| match segment.strip_prefix('{') {
+            Some(rest) if rest.starts_with('*') => "{*}",
+            Some(_) => "{}",
+            None => segment,
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }

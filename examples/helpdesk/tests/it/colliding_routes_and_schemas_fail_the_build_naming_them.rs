@@ -136,6 +136,28 @@ async fn a_schema_defined_differently_twice_is_an_error_and_alike_twice_is_not()
     .await;
 }
 
+/// `/tickets/{ticket_id}` is `/tickets/{id}` to the router (which refuses two names for one
+/// route's parameter): an error naming both, not a panic when the router is built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_differing_only_in_a_parameters_name_is_an_error_naming_both() {
+    within(async {
+        let err = build_with(|| {
+            HttpApi::new().route(
+                "/tickets/{ticket_id}",
+                axum::routing::delete(|| async { "gone" }),
+                [Operation::new("delete", "Delete a ticket")],
+            )
+        })
+        .await
+        .expect_err("a route of the same shape");
+        assert!(
+            err.contains("/tickets/{id}") && err.contains("/tickets/{ticket_id}"),
+            "{err}"
+        );
+    })
+    .await;
+}
+
 /// The router's `/openapi.json`.
 async fn openapi_of(router: axum::Router) -> Value {
     use tower::ServiceExt;

@@ -7,7 +7,7 @@ use crate::support::*;
 use reqwest::{Method, StatusCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -125,9 +125,9 @@ async fn a_hung_postgres_gets_the_component_report_within_the_request_timeout() 
         assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
 
         proxy.stall(true);
-        let started = Instant::now();
+        // The report itself, not the request timeout's generic 503 `timeout` (no time is
+        // asserted: the body says which of the two answered).
         let r = s.send(Method::GET, "/ready", None, None).await;
-        let took = started.elapsed();
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
         assert_eq!(r.body["status"], "unavailable", "{r:?}");
         assert_eq!(
@@ -140,7 +140,6 @@ async fn a_hung_postgres_gets_the_component_report_within_the_request_timeout() 
         );
         // Redis answers, and is reported so, checked alongside the hung Postgres.
         assert_eq!(r.body["components"]["redis"]["status"], "healthy", "{r:?}");
-        assert!(took < Duration::from_millis(900), "{took:?}");
 
         proxy.stall(false);
         cqrs_core::testing::eventually(
