@@ -13,6 +13,9 @@ pub(crate) struct TopicKeys {
     pub(crate) lanes: String,
     /// Dead-lettered entries of every group: `{prefix}:{topic}:dead`.
     pub(crate) dead: String,
+    /// The key ordering the topic's publishers use (`KeyOrdering::name`), written by the
+    /// first: `{prefix}:{topic}:ordering`.
+    pub(crate) ordering: String,
 }
 
 impl TopicKeys {
@@ -25,6 +28,7 @@ impl TopicKeys {
             stream: format!("{base}:stream"),
             lanes: format!("{base}:lanes"),
             dead: format!("{base}:dead"),
+            ordering: format!("{base}:ordering"),
             base,
         })
     }
@@ -44,7 +48,12 @@ mod tests {
         let keys = TopicKeys::new("app", "orders").unwrap();
         assert_eq!(keys.stream, "app:{orders}:stream");
         let slot = fred::util::redis_keyslot(keys.stream.as_bytes());
-        for key in [keys.lanes.clone(), keys.dead.clone(), keys.errors("g")] {
+        for key in [
+            keys.lanes.clone(),
+            keys.dead.clone(),
+            keys.ordering.clone(),
+            keys.errors("g"),
+        ] {
             assert_eq!(fred::util::redis_keyslot(key.as_bytes()), slot, "{key}");
         }
         assert!(TopicKeys::new("app", "").is_err());

@@ -222,6 +222,15 @@ pub enum KeyOrdering {
 }
 
 impl KeyOrdering {
+    /// The setting as the topic records it: `unordered`, `exact` or `lanes/{n}`.
+    pub(crate) fn name(&self) -> String {
+        match *self {
+            KeyOrdering::Unordered => "unordered".to_owned(),
+            KeyOrdering::Exact => "exact".to_owned(),
+            KeyOrdering::Lanes(n) => format!("lanes/{n}"),
+        }
+    }
+
     /// The lane of a partition key, or `None` when the event is in no lane.
     pub(crate) fn lane(&self, key: Option<&str>) -> Option<String> {
         let key = key?;
@@ -302,11 +311,13 @@ impl RedisStreamOptions {
     /// How events with one partition key keep their order. Default
     /// [`KeyOrdering::Lanes(1024)`](KeyOrdering::Lanes).
     ///
-    /// Every process of a topic must use the same setting, and it is not checked: a lane is
-    /// named after the setting, so changing it (another variant, or another `n`) starts new
-    /// lanes, and a key's new events no longer wait for its events still in flight. Drain the
-    /// topic before changing it, or use a new topic (`docs/redis.md`, "Changing
-    /// `key_ordering`").
+    /// Every publisher of a topic must use the same setting: a lane is named after it, so a
+    /// change (another variant, or another `n`) starts new lanes, and a key's new events would
+    /// no longer wait for its events still in flight. The topic records the setting of its
+    /// first publisher, and a publish with another is refused with
+    /// [`TransportError::Invalid`](cqrs_core::ports::TransportError::Invalid). To change it,
+    /// drain the topic and delete the recorded setting, or use a new topic (`docs/redis.md`,
+    /// "Changing `key_ordering`").
     pub fn key_ordering(mut self, ordering: KeyOrdering) -> Self {
         self.key_ordering = ordering;
         self

@@ -13,9 +13,9 @@ use cqrs_core::ports::{
 };
 use cqrs_core::runtime::{Health, HealthCheck};
 use fred::clients::Client;
-use fred::interfaces::{ClientLike, StreamsInterface};
+use fred::interfaces::{ClientLike, KeysInterface, StreamsInterface};
 use fred::prelude::Options;
-use fred::types::{ClusterHash, Value};
+use fred::types::{ClusterHash, SetOptions, Value};
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     pub(crate) options: RedisStreamOptions,
     /// `(stream key, group, consumer name)` of the live consumers of this process.
     pub(crate) names: Mutex<HashSet<(String, String, String)>>,
+    /// The topics whose recorded key ordering this transport found to be its own (checked
+    /// once per topic and process, at its first publish).
+    pub(crate) ordering_checked: Mutex<HashSet<String>>,
     /// Pings `client`, replacing its connection when it died silently.
     pub(crate) watchdog: tokio::task::JoinHandle<()>,
 }
@@ -47,6 +50,55 @@ impl Drop for Shared {
 impl Shared {
     pub(crate) fn keys(&self, topic: &str) -> Result<TopicKeys, TransportError> {
         TopicKeys::new(&self.options.key_prefix, topic)
+    }
+
+    /// Refuses to publish to `topic` with a key ordering other than the one its publishers
+    /// use: an event chained in a lane of another setting would not wait for the events of
+    /// its key still in flight, and the key's order would break without an error. The first
+    /// publisher of a topic records its setting (`SET NX`); each transport checks once per
+    /// topic, then remembers it (no round trip on later publishes).
+    async fn check_ordering(&self, topic: &str, keys: &TopicKeys) -> Result<(), TransportError> {
+        let checked = |set: &mut HashSet<String>, add: bool| {
+            if add {
+                set.insert(topic.to_owned());
+            }
+            set.contains(topic)
+        };
+        let lock = || {
+            self.ordering_checked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if checked(&mut lock(), false) {
+            return Ok(());
+        }
+        let mine = self.options.key_ordering.name();
+        let recorded: Option<String> = self
+            .client
+            .with_options(&self.fail_fast())
+            .set(
+                keys.ordering.as_str(),
+                mine.as_str(),
+                None,
+                Some(SetOptions::NX),
+                true,
+            )
+            .await
+            .map_err(|e| client_error(&self.client, e))?;
+        match recorded {
+            Some(theirs) if theirs != mine => Err(TransportError::Invalid(format!(
+                "topic `{topic}` is published with key ordering `{theirs}`, and this transport \
+                 uses `{mine}`: a key's events would lose their order. Give every publisher of \
+                 the topic the same `key_ordering`; to change it, see \"Changing \
+                 `key_ordering`\" in docs/redis.md (drain the topic, then delete `{}` and the \
+                 lanes hash)",
+                keys.ordering
+            ))),
+            _ => {
+                checked(&mut lock(), true);
+                Ok(())
+            }
+        }
     }
 
     /// Options for commands that must fail fast while Redis is unreachable.
@@ -147,6 +199,7 @@ impl RedisStreamOptions {
                 scripts,
                 options: self,
                 names: Mutex::new(HashSet::new()),
+                ordering_checked: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -294,6 +347,7 @@ impl EventTransport for RedisStreamTransport {
         if events.is_empty() {
             return Ok(());
         }
+        self.shared.check_ordering(topic, &keys).await?;
         if let [event] = events
             && self
                 .shared
