@@ -220,8 +220,11 @@ impl<P: Send + Sync + 'static> Held<P> {
         } else {
             then();
         }
-        if let Some(channel) = self.channel.take() {
+        // Taken only once released: dropped while it waits (for the channel's lock), the
+        // reference is still held, and the drop gives it back.
+        if let Some(channel) = self.channel.clone() {
             self.hub.upstreams.release(&channel).await;
+            self.channel = None;
         }
     }
 }
@@ -491,11 +494,12 @@ impl<P: Send + Sync + 'static> Session<P> {
             channel: Some(channel.clone()),
             counted: false,
         };
-        // The resume is used from here on.
-        let since = since.map(|(position, ticket)| {
-            ticket.keep();
-            position
-        });
+        // The resume is kept once the subscription is registered (below): refused or failed
+        // before that (a panicking metrics recorder), the ticket gives it back.
+        let (since, ticket) = match since {
+            Some((position, ticket)) => (Some(position), Some(ticket)),
+            None => (None, None),
+        };
         // Live upstream from here on: every event published after `subscribed` reaches the
         // registry, and the registry has this subscription before `subscribed` is queued.
         let slot = Arc::new(Slot::new(
@@ -520,6 +524,10 @@ impl<P: Send + Sync + 'static> Session<P> {
                 self.conn.push(subscribed)
             });
         self.subscriptions.insert(topic.clone(), held);
+        // Registered: the resume is used from here on.
+        if let Some(ticket) = ticket {
+            ticket.keep();
+        }
         if let Some(since) = since {
             crate::replay::replay(&self.hub, &self.conn, &slot, &topic, since).await;
         }

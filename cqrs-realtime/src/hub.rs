@@ -188,9 +188,18 @@ impl<P> Drop for ConnectionSlot<P> {
         if !self.placed {
             return;
         }
-        self.hub.metrics.connection_closed();
+        // The place is given back before the recorder is called: a recorder that panics (a
+        // bug in the metrics set-up) must not keep `closed()` from completing.
         if self.hub.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.hub.all_closed.notify_waiters();
+        }
+        // Maybe dropped while unwinding already: a second panic would abort.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.hub.metrics.connection_closed();
+        }))
+        .is_err()
+        {
+            tracing::error!("the metrics recorder panicked counting a closed realtime connection");
         }
     }
 }
@@ -425,8 +434,17 @@ impl<P: Send + Sync + 'static> Hub<P> {
 
     /// Completes once no connection is open (immediately when none is). After
     /// [`shutdown`](Self::shutdown), wait on this (with a deadline) so clients get their
-    /// close frames before the process exits.
+    /// close frames before the process exits; once the hub is stopping, it also ends the
+    /// upstream subscriptions kept for [`upstream_linger`](HubOptions::upstream_linger)
+    /// before it completes, so none is left behind.
     pub async fn closed(&self) {
+        self.connections_closed().await;
+        if self.inner.is_stopping() {
+            self.inner.upstreams.end_lingering().await;
+        }
+    }
+
+    async fn connections_closed(&self) {
         loop {
             let notified = self.inner.all_closed.notified();
             tokio::pin!(notified);

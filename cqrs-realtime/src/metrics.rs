@@ -60,6 +60,9 @@ pub struct HubStats {
 /// Handles resolved once, when the hub is built: the hot paths (a frame written, an event
 /// fanned out) then touch an atomic, not the recorder's registry. Install the recorder
 /// before building the hub.
+///
+/// Each method updates the hub's own counters ([`HubStats`]) before it calls the recorder: a
+/// recorder that panics (a bug in the metrics set-up) leaves the stats exact.
 pub(crate) struct Metrics {
     connections: Gauge,
     subscriptions: Gauge,
@@ -104,71 +107,71 @@ impl Metrics {
     }
 
     pub(crate) fn connection_opened(&self) {
-        self.connections.increment(1.0);
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections.increment(1.0);
     }
 
     pub(crate) fn connection_closed(&self) {
-        self.connections.decrement(1.0);
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        self.connections.decrement(1.0);
     }
 
     pub(crate) fn subscribed(&self) {
-        self.subscriptions.increment(1.0);
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
+        self.subscriptions.increment(1.0);
     }
 
     pub(crate) fn unsubscribed(&self) {
-        self.subscriptions.decrement(1.0);
         self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        self.subscriptions.decrement(1.0);
     }
 
     pub(crate) fn sent(&self, frames: u64) {
-        self.messages_sent.increment(frames);
         self.stats
             .messages_sent
             .fetch_add(frames, Ordering::Relaxed);
+        self.messages_sent.increment(frames);
     }
 
     pub(crate) fn slow_close(&self) {
-        self.slow_closes.increment(1);
         self.stats.slow_closes.fetch_add(1, Ordering::Relaxed);
+        self.slow_closes.increment(1);
     }
 
     pub(crate) fn idle_close(&self) {
-        self.idle_closes.increment(1);
         self.stats.idle_closes.fetch_add(1, Ordering::Relaxed);
+        self.idle_closes.increment(1);
     }
 
     pub(crate) fn expired(&self, connections: u64) {
-        self.expired_closes.increment(connections);
         self.stats
             .expired_closes
             .fetch_add(connections, Ordering::Relaxed);
+        self.expired_closes.increment(connections);
     }
 
     pub(crate) fn refused(&self, reason: &'static str) {
-        metrics::counter!(names::HANDSHAKES_REFUSED, "reason" => reason).increment(1);
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::HANDSHAKES_REFUSED, "reason" => reason).increment(1);
     }
 
     pub(crate) fn upstream_missed(&self, messages: u64) {
-        self.upstream_missed.increment(messages);
         self.stats
             .upstream_missed
             .fetch_add(messages, Ordering::Relaxed);
+        self.upstream_missed.increment(messages);
     }
 
     pub(crate) fn missed_notices(&self, frames: u64) {
-        self.missed_notices.increment(frames);
         self.stats
             .missed_notices
             .fetch_add(frames, Ordering::Relaxed);
+        self.missed_notices.increment(frames);
     }
 
     pub(crate) fn replayed(&self, events: u64) {
-        self.replayed.increment(events);
         self.stats.replayed.fetch_add(events, Ordering::Relaxed);
+        self.replayed.increment(events);
     }
 
     pub(crate) fn snapshot(&self) -> HubStats {

@@ -56,13 +56,17 @@ pub(crate) struct Slot<P> {
 
 #[derive(Default)]
 pub(crate) struct ReplayBuffer {
-    pub(crate) frames: Vec<(Option<Position>, Utf8Bytes)>,
+    /// The held live events, in arrival order; a `None` frame marks where a live event without
+    /// a position was dropped (see `lost`): the flush queues `events_missed` there.
+    pub(crate) frames: Vec<(Option<Position>, Option<Utf8Bytes>)>,
     /// The highest position of a live event dropped because the buffer was full: the replay
     /// reads on until its cursor passes it. (A dropped event without a position is not in
     /// the log and cannot be read back: see `lost`.)
     pub(crate) dropped: Option<Position>,
     /// A live event without a position was dropped because the buffer was full: it cannot be
-    /// read back, so the subscription is told `events_missed` when it goes live.
+    /// read back, so a marker was put in `frames` after the events held before it, and the
+    /// subscription is told `events_missed` at that point of its stream, before any event
+    /// that came after the loss. One marker at most: a subscription is told once.
     pub(crate) lost: bool,
 }
 
@@ -85,9 +89,12 @@ impl<P> Slot<P> {
             // Checked again under the lock: the replay ends by clearing the flag under it.
             if self.replaying.load(Ordering::Acquire) {
                 if buffer.frames.len() < self.capacity {
-                    buffer.frames.push((position, frame.clone()));
+                    buffer.frames.push((position, Some(frame.clone())));
                 } else if position.is_none() {
-                    buffer.lost = true;
+                    // The marker may take the buffer one past its capacity, once.
+                    if !std::mem::replace(&mut buffer.lost, true) {
+                        buffer.frames.push((None, None));
+                    }
                 } else if position > buffer.dropped {
                     buffer.dropped = position;
                 }
@@ -111,19 +118,21 @@ impl<P> Slot<P> {
     }
 
     /// Ends the replay: from now on live events are queued directly, except those at or
-    /// below `up_to`. Call with the buffer lock held and the buffer empty. When a live event
-    /// without a position was dropped meanwhile (`lost`), `events_missed` for `topic` is
-    /// queued first, before any live event that follows; returns whether it was.
-    pub(crate) fn go_live(&self, held: &mut ReplayBuffer, up_to: Position, topic: &Topic) -> bool {
-        let told = std::mem::take(&mut held.lost) && self.tell_missed(&missed_frame(topic));
+    /// below `up_to`. Call with the buffer lock held and the buffer empty.
+    pub(crate) fn go_live(&self, up_to: Position) {
         self.replayed_up_to.store(up_to.get(), Ordering::Release);
         self.replaying.store(false, Ordering::Release);
-        told
+    }
+
+    /// Whether this subscription is to be told `events_missed` now (it was not told yet);
+    /// from now on it is not told again.
+    pub(crate) fn claim_missed(&self) -> bool {
+        !self.told_missed.swap(true, Ordering::Relaxed)
     }
 
     /// Queues `frame` (an `events_missed`) unless this subscription was told already.
     fn tell_missed(&self, frame: &Utf8Bytes) -> bool {
-        if self.told_missed.swap(true, Ordering::Relaxed) {
+        if !self.claim_missed() {
             return false;
         }
         self.conn.push(frame.clone());
@@ -243,7 +252,7 @@ impl<P: Send + Sync + 'static> Registry<P> {
 }
 
 /// The `error` frame `events_missed` for `topic`.
-fn missed_frame(topic: &Topic) -> Utf8Bytes {
+pub(crate) fn missed_frame(topic: &Topic) -> Utf8Bytes {
     Utf8Bytes::from(
         ServerFrame::error(
             ErrorCode::EventsMissed,

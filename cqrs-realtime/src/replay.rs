@@ -9,7 +9,7 @@
 
 use crate::hub::HubInner;
 use crate::queue::Outgoing;
-use crate::registry::{Conn, ReplayBuffer, Slot, event_frame};
+use crate::registry::{Conn, ReplayBuffer, Slot, event_frame, missed_frame};
 use crate::{ErrorCode, PushedEvent, ServerFrame, Topic};
 use axum::extract::ws::Utf8Bytes;
 use cqrs_core::ports::EventStore;
@@ -212,9 +212,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 let mut buffer = self.slot.lock();
                 let overflowed = read_back && self.dropped_above_cursor(&mut buffer);
                 if buffer.frames.is_empty() && !overflowed {
-                    if self.slot.go_live(&mut buffer, self.cursor, self.topic) {
-                        self.hub.metrics.missed_notices(1);
-                    }
+                    self.slot.go_live(self.cursor);
                     return Flush::Live;
                 }
                 (std::mem::take(&mut buffer.frames), overflowed)
@@ -223,8 +221,17 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 if position.is_some_and(|p| p <= self.cursor) {
                     continue;
                 }
+                // A live event without a position was dropped here: told at this point.
+                let (frame, notice) = match frame {
+                    Some(frame) => (frame, false),
+                    None if self.slot.claim_missed() => (missed_frame(self.topic), true),
+                    None => continue,
+                };
                 if !self.sender.send(frame).await {
                     return Flush::Closed;
+                }
+                if notice {
+                    self.hub.metrics.missed_notices(1);
                 }
                 if let Some(position) = position {
                     self.flushed.insert(position);
@@ -474,8 +481,27 @@ mod tests {
             })
         }
 
+        /// Publishes event `n` live without a position (a publisher without a store): it is
+        /// not in the log.
+        fn publish_without_position(&self, n: u64) {
+            let record = cqrs_core::testing::event_store::record(n);
+            let routed = OneTopic.route(&record).unwrap();
+            self.inner
+                .registry
+                .dispatch(&PushedEvent::new(routed, None).unwrap());
+        }
+
         /// Drains the send queue until the replay ends, then returns each frame's `n`.
         async fn drain(&self, replay: JoinHandle<()>) -> Vec<u64> {
+            self.drain_marked(replay)
+                .await
+                .into_iter()
+                .map(|n| n.expect("an event frame"))
+                .collect()
+        }
+
+        /// Like [`drain`](Self::drain), with `None` for an `events_missed` frame.
+        async fn drain_marked(&self, replay: JoinHandle<()>) -> Vec<Option<u64>> {
             let mut got = Vec::new();
             let mut replay = std::pin::pin!(replay);
             loop {
@@ -495,7 +521,11 @@ mod tests {
                     Outgoing::Frame(frame) => {
                         let frame: serde_json::Value =
                             serde_json::from_str(frame.as_str()).unwrap();
-                        frame["event"]["n"].as_u64().unwrap()
+                        if frame["type"] == "error" {
+                            assert_eq!(frame["code"], "events_missed", "{frame}");
+                            return None;
+                        }
+                        Some(frame["event"]["n"].as_u64().unwrap())
                     }
                     Outgoing::Ping => panic!("a ping"),
                 })
@@ -553,6 +583,43 @@ mod tests {
         }
         assert_eq!(f.slot.lock().dropped, stored[7].position);
         assert_eq!(f.drain(replay).await, [1, 2, 3, 4, 5, 6, 7, 8]);
+        f.assert_live().await;
+    }
+
+    /// A live event without a position is dropped from the full hold buffer: it cannot be
+    /// read back, so `events_missed` is queued where it was lost, after the events held
+    /// before it and before one that arrived after it (while the seam waited for room).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_event_without_a_position_is_told_where_it_was_lost() {
+        let f = Fixture::new(HubOptions::new().replay_batch(100), 4, 2);
+        for n in 1..=3 {
+            f.store(n).await;
+        }
+        // 10 and 11 are held; 12 is dropped, and cannot be read back.
+        for n in 10..=12 {
+            f.publish_without_position(n);
+        }
+        let replay = f.replay(0);
+        // The seam took 10, 11 and the loss, and waits for room: 1-3 fill the queue.
+        until("the seam to take the held events", || {
+            f.slot.lock().frames.is_empty()
+        })
+        .await;
+        // 13 arrives after the loss: held, and flushed after the notice.
+        f.publish_without_position(13);
+        assert_eq!(
+            f.drain_marked(replay).await,
+            [
+                Some(1),
+                Some(2),
+                Some(3),
+                Some(10),
+                Some(11),
+                None,
+                Some(13)
+            ]
+        );
+        assert_eq!(f.inner.metrics.snapshot().missed_notices, 1);
         f.assert_live().await;
     }
 

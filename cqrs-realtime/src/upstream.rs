@@ -163,6 +163,17 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         )));
     }
 
+    /// Ends, now, the upstream subscription of every channel that no one holds (those within
+    /// their linger): for a hub that stopped, whose `closed()` must leave none behind.
+    pub(crate) async fn end_lingering(&self) {
+        for (channel, slot) in self.shared.slots() {
+            let mut state = slot.lock().await;
+            if state.refs == 0 && !state.removed {
+                self.shared.unsubscribe(&mut state, &channel, &slot);
+            }
+        }
+    }
+
     /// How many channels the hub is subscribed to (lingering ones included).
     pub(crate) async fn len(&self) -> usize {
         self.shared.live.load(Ordering::SeqCst)
@@ -180,7 +191,29 @@ impl<P> Upstreams<P> {
     }
 }
 
+/// A hub dropped without a shutdown: no one can hold a channel any more, and a linger task
+/// (whose shutdown signal can no longer come) must not keep its channel subscribed upstream
+/// for the rest of its linger.
+impl<P> Drop for Upstreams<P> {
+    fn drop(&mut self) {
+        for (channel, slot) in self.shared.slots() {
+            // Held only by a linger task that is ending its channel already.
+            if let Ok(mut state) = slot.try_lock() {
+                self.shared.unsubscribe(&mut state, &channel, &slot);
+            }
+        }
+    }
+}
+
 impl Shared {
+    /// Every channel in the map, looked up under the map's lock and returned without it.
+    fn slots(&self) -> Vec<(String, Channel)> {
+        self.map()
+            .iter()
+            .map(|(channel, slot)| (channel.clone(), slot.clone()))
+            .collect()
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -314,7 +347,9 @@ const MISSED_CHECK: Duration = Duration::from_secs(1);
 /// A panic while dispatching (a metrics recorder's bug, reached when a slow client is closed)
 /// does not end the task, which would leave the channel subscribed with nobody dispatching:
 /// the message may have reached only some subscriptions, so they are all told
-/// `events_missed`, as for a subscription that had to be made again, and the task goes on.
+/// `events_missed`, as for a subscription that had to be made again, and the task goes on,
+/// after a short wait that doubles while the panics repeat (a panic on every message must
+/// not make the task spin, nor log a line a message).
 async fn pump<P: Send + Sync + 'static>(
     mut subscription: Subscription,
     pubsub: Arc<dyn PubSub>,
@@ -333,23 +368,55 @@ async fn pump<P: Send + Sync + 'static>(
         stopped,
     };
     let mut state = PumpState::default();
+    // One interval for the task's life: made again after each panic, its first tick (at once)
+    // would run the missed check again at once.
+    let mut check =
+        tokio::time::interval_at(tokio::time::Instant::now() + MISSED_CHECK, MISSED_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = PANIC_BACKOFF_MIN;
+    let mut panics: u64 = 0;
+    let mut logged: Option<tokio::time::Instant> = None;
     loop {
-        let received = AssertUnwindSafe(pump.receive(&mut subscription, &mut state))
+        let received = AssertUnwindSafe(pump.receive(&mut subscription, &mut state, &mut check))
             .catch_unwind()
             .await;
         if received.is_ok() || pump.stopped.load(Ordering::SeqCst) {
             return;
         }
-        tracing::error!(
-            channel = %pump.full,
-            "the realtime channel's dispatcher panicked; it goes on, and the channel's subscribers are told they may have missed events"
-        );
+        panics += 1;
+        // One line per `PANIC_LOG_EVERY` at most, whatever the rate of panics.
+        let now = tokio::time::Instant::now();
+        if logged.is_none_or(|at| now.duration_since(at) >= PANIC_LOG_EVERY) {
+            logged = Some(now);
+            tracing::error!(
+                channel = %pump.full,
+                panics,
+                "the realtime channel's dispatcher panicked; it goes on, and the channel's subscribers are told they may have missed events"
+            );
+        }
+        // The message being dispatched (maybe to some subscriptions only) is lost: tell them
+        // all before anything else, then count it (the recorder may be what panicked).
+        let told = pump.registry.missed(&pump.channel);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            pump.metrics
-                .missed_notices(pump.registry.missed(&pump.channel));
+            pump.metrics.missed_notices(told);
         }));
+        // A panic that repeats on every message must not make the task spin: wait a little
+        // more after each one (messages meanwhile wait in the subscription, or are counted as
+        // missed there and told at the next check); a turn without a panic starts over.
+        if std::mem::take(&mut state.dispatched) {
+            backoff = PANIC_BACKOFF_MIN;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(PANIC_BACKOFF_MAX);
     }
 }
+
+/// The first wait after a channel's task panicked; it doubles after each panic in a row, up
+/// to [`PANIC_BACKOFF_MAX`].
+const PANIC_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const PANIC_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A channel's task logs its panics once per this period at most.
+const PANIC_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// What a channel's task works with.
 struct Pump<P> {
@@ -369,15 +436,20 @@ struct PumpState {
     /// The subscription's missed count already told.
     missed: u64,
     recent: RecentPositions,
+    /// A message was dispatched in full since the last panic.
+    dispatched: bool,
 }
 
 impl<P: Send + Sync + 'static> Pump<P> {
     /// Receives and dispatches until the channel is released.
-    async fn receive(&self, subscription: &mut Subscription, state: &mut PumpState) {
+    async fn receive(
+        &self,
+        subscription: &mut Subscription,
+        state: &mut PumpState,
+        check: &mut tokio::time::Interval,
+    ) {
         let (full, channel) = (&self.full, &self.channel);
         let (registry, metrics) = (&*self.registry, &*self.metrics);
-        let mut check = tokio::time::interval(MISSED_CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // `Subscription::recv` is cancel-safe: a lag it saw is already in `missed()`.
             let message = tokio::select! {
@@ -412,7 +484,8 @@ impl<P: Send + Sync + 'static> Pump<P> {
                         return;
                     }
                     // Whatever was published while there was no subscription is lost.
-                    metrics.missed_notices(registry.missed(channel));
+                    let told = registry.missed(channel);
+                    count(|| metrics.missed_notices(told));
                     continue;
                 }
             };
@@ -425,7 +498,10 @@ impl<P: Send + Sync + 'static> Pump<P> {
                 metrics,
             );
             match PushedEvent::decode(&message.payload) {
-                Ok(event) if state.recent.first_time(event.position()) => registry.dispatch(&event),
+                Ok(event) if state.recent.first_time(event.position()) => {
+                    registry.dispatch(&event);
+                    state.dispatched = true;
+                }
                 Ok(event) => {
                     tracing::debug!(channel = %full, position = ?event.position(), "dropped a copy of an event already pushed");
                 }
@@ -437,8 +513,11 @@ impl<P: Send + Sync + 'static> Pump<P> {
     }
 }
 
-/// When `subscription` missed more messages than `missed` (the count already handled), counts
-/// them and tells the channel's subscriptions.
+/// When `subscription` missed more messages than `missed` (the count already handled), tells
+/// the channel's subscriptions and counts them. The count handled is recorded first and the
+/// subscriptions told before the recorder is called: a recorder that panics (a bug in the
+/// metrics set-up) neither makes the same loss handled again, nor costs the message being
+/// received (its panic is caught here).
 fn notice_missed<P: Send + Sync + 'static>(
     subscription: &Subscription,
     missed: &mut u64,
@@ -451,11 +530,20 @@ fn notice_missed<P: Send + Sync + 'static>(
     if now <= *missed {
         return;
     }
-    metrics.upstream_missed(now - *missed);
-    let told = registry.missed(channel);
-    metrics.missed_notices(told);
-    tracing::warn!(channel = %full, missed = now - *missed, subscriptions = told, "realtime hub missed pub/sub messages; subscribers were told to resume");
+    let lost = now - *missed;
     *missed = now;
+    let told = registry.missed(channel);
+    tracing::warn!(channel = %full, missed = lost, subscriptions = told, "realtime hub missed pub/sub messages; subscribers were told to resume");
+    count(|| metrics.upstream_missed(lost));
+    count(|| metrics.missed_notices(told));
+}
+
+/// Runs `record` (calls into the metrics recorder) and catches its panic: the hub's own
+/// counters are updated before the recorder is called, so nothing is left half done.
+fn count(record: impl FnOnce()) {
+    if std::panic::catch_unwind(AssertUnwindSafe(record)).is_err() {
+        tracing::debug!("the metrics recorder panicked; the hub's counters are updated");
+    }
 }
 
 /// Subscribes again with backoff (100 ms doubling to 5 s) until it works. Live events in the

@@ -1,13 +1,15 @@
 use crate::support::{Client, TEST_LIMIT, TestHub};
+use async_trait::async_trait;
 use cqrs_core::memory::InMemoryPubSub;
+use cqrs_core::ports::{Fanout, PubSub, Subscription, TransportError};
 use cqrs_core::testing::{eventually, with_timeout};
 use cqrs_realtime::metrics::names;
 use cqrs_realtime::{HubOptions, ServerFrame, close_code};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// What the recorder's handle panics on, once.
+/// What the recorder's handle panics on.
 #[derive(Clone, Copy, PartialEq)]
 enum Op {
     GaugeIncrement,
@@ -15,22 +17,31 @@ enum Op {
     CounterIncrement,
 }
 
-/// A recorder whose metric `name` panics the first time `op` is done on it: a bug in the
-/// metrics set-up, reached from wherever the hub counts that metric.
+/// A recorder whose metrics `names` panic the first time `op` is done on them (every time
+/// with `always`): a bug in the metrics set-up, reached from wherever the hub counts those
+/// metrics. `calls` counts the times `op` was done on them.
 struct PanicsOnce {
-    name: &'static str,
+    names: Vec<&'static str>,
     op: Op,
     armed: Arc<AtomicBool>,
+    always: bool,
+    calls: Arc<AtomicUsize>,
 }
 
 struct Handle {
     op: Op,
     armed: Arc<AtomicBool>,
+    always: bool,
+    calls: Arc<AtomicUsize>,
 }
 
 impl Handle {
     fn done(&self, op: Op) {
-        if op == self.op && self.armed.swap(false, Ordering::SeqCst) {
+        if op != self.op {
+            return;
+        }
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.always || self.armed.swap(false, Ordering::SeqCst) {
             panic!("recorder bug");
         }
     }
@@ -55,10 +66,12 @@ impl metrics::GaugeFn for Handle {
 
 impl PanicsOnce {
     fn handle(&self, key: &metrics::Key) -> Option<Arc<Handle>> {
-        (key.name() == self.name).then(|| {
+        self.names.contains(&key.name()).then(|| {
             Arc::new(Handle {
                 op: self.op,
                 armed: self.armed.clone(),
+                always: self.always,
+                calls: self.calls.clone(),
             })
         })
     }
@@ -106,16 +119,32 @@ impl metrics::Recorder for PanicsOnce {
 /// A hub whose metric `name` panics the first time `op` is done on it, on `pubsub`, with
 /// channels released at once.
 async fn hub_panicking_on(name: &'static str, op: Op, pubsub: Arc<InMemoryPubSub>) -> TestHub {
-    let recorder = PanicsOnce {
-        name,
-        op,
-        armed: Arc::new(AtomicBool::new(true)),
-    };
+    hub_with_recorder(
+        PanicsOnce {
+            names: vec![name],
+            op,
+            armed: Arc::new(AtomicBool::new(true)),
+            always: false,
+            calls: Arc::default(),
+        },
+        pubsub,
+        HubOptions::new(),
+    )
+    .await
+}
+
+/// A hub built with `recorder`, on `pubsub`, with `options`, channels released at once, a
+/// small send queue and a short close timeout.
+async fn hub_with_recorder(
+    recorder: PanicsOnce,
+    pubsub: Arc<dyn PubSub>,
+    options: HubOptions,
+) -> TestHub {
     // The hub takes its metric handles when it is built, from this thread's recorder.
     let guard = metrics::set_default_local_recorder(&recorder);
     let t = TestHub::start_on(
         pubsub,
-        HubOptions::new()
+        options
             .upstream_linger(Duration::ZERO)
             .send_queue(16)
             .close_timeout(Duration::from_secs(1)),
@@ -179,6 +208,8 @@ async fn a_panic_while_cleaning_up_still_releases_every_channel() {
         client.subscribe("ticket:t1").await;
         client.ws.close(None).await.unwrap();
         released(&t, &pubsub).await;
+        // The hub's own count is exact, though the recorder panicked counting one out.
+        assert_eq!(t.hub.stats().subscriptions, 0);
         still_serves(&t).await;
     })
     .await;
@@ -241,6 +272,130 @@ async fn a_panic_in_a_channels_dispatch_keeps_the_channel_delivering() {
         }
         drop(slow);
         fast.ping_pong().await;
+    })
+    .await;
+}
+
+/// The recorder panics counting a closed connection out: the hub still gives its place back,
+/// and `closed()` completes after a shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_counting_a_closed_connection_still_lets_the_hub_close() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let t = hub_panicking_on(names::CONNECTIONS, Op::GaugeDecrement, pubsub.clone()).await;
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("tickets").await;
+        t.hub.shutdown();
+        assert_eq!(client.closed_with(4).await, close_code::GOING_AWAY);
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("closed() completes though the recorder panicked");
+        assert_eq!(t.hub.stats().connections, 0);
+    })
+    .await;
+}
+
+/// The recorder panics counting a resumed subscription in: the subscription was never
+/// registered, so its resume is given back to the principal's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_before_a_resume_is_registered_gives_the_resume_back() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let recorder = PanicsOnce {
+            names: vec![names::SUBSCRIPTIONS],
+            op: Op::GaugeIncrement,
+            armed: Arc::new(AtomicBool::new(true)),
+            always: false,
+            calls: Arc::default(),
+        };
+        let t = hub_with_recorder(
+            recorder,
+            pubsub.clone(),
+            HubOptions::new().resumes_per_minute(1),
+        )
+        .await;
+        let mut client = t.connect("agent-a1").await;
+        client
+            .send(serde_json::json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        assert_eq!(client.closed_with(4).await, close_code::INTERNAL_ERROR);
+        released(&t, &pubsub).await;
+        // The principal's one resume a minute is still there.
+        let mut again = t.connect("agent-a1").await;
+        again
+            .send(serde_json::json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        again.expect_subscribed("tickets").await;
+        again.ping_pong().await;
+    })
+    .await;
+}
+
+/// A process-local pub/sub on the core's `Fanout`, whose losses the test makes with
+/// `Fanout::lost`, as an adapter does when its connection dropped messages.
+struct Lossy {
+    fanout: Fanout,
+}
+
+#[async_trait]
+impl PubSub for Lossy {
+    async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError> {
+        self.fanout.deliver(channel, payload);
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, TransportError> {
+        self.fanout.subscribe(channel, async { Ok(()) }).await
+    }
+}
+
+/// The recorder panics on every count of a loss (`upstream_missed`, `missed_notices`), and
+/// the channel loses messages: its subscribers are told once, every later event still reaches
+/// them, and the channel's task does not spin on the panic (the recorder is called for the one
+/// loss only, not over and over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_that_always_panics_counting_a_loss_does_not_stop_the_channel() {
+    with_timeout(TEST_LIMIT, async {
+        let (fanout, _idle) = Fanout::new(64);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let recorder = PanicsOnce {
+            names: vec![names::UPSTREAM_MISSED, names::MISSED_NOTICES],
+            op: Op::CounterIncrement,
+            armed: Arc::new(AtomicBool::new(true)),
+            always: true,
+            calls: calls.clone(),
+        };
+        let t = hub_with_recorder(
+            recorder,
+            Arc::new(Lossy {
+                fanout: fanout.clone(),
+            }),
+            HubOptions::new(),
+        )
+        .await;
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("tickets").await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(client.event().await.seq, 1);
+
+        // A lag, seen when the next message arrives: told before it.
+        fanout.lost(1);
+        t.publish("t1", "u1", 2).await;
+        assert!(event_or_missed(&mut client, 2).await, "told of the loss");
+        assert!(!event_or_missed(&mut client, 2).await, "event 2 is pushed");
+        for seq in 3..=50 {
+            t.publish("t1", "u1", seq).await;
+            assert!(!event_or_missed(&mut client, seq).await, "told once");
+        }
+        // The loss was counted (and panicked) a bounded number of times: the task did not go
+        // round handling it again while the events above went through.
+        let counted = calls.load(Ordering::SeqCst);
+        assert!(
+            (1..=4).contains(&counted),
+            "the recorder was called {counted} times for one loss"
+        );
+        assert_eq!(t.hub.stats().upstream_missed, 1);
+        assert_eq!(t.hub.stats().missed_notices, 1);
     })
     .await;
 }

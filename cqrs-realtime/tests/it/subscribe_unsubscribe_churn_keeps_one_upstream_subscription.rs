@@ -64,33 +64,33 @@ async fn churn_on_a_channel_subscribes_upstream_once() {
     .await;
 }
 
+/// A hub with a channel lingering (subscribed, then unsubscribed, by its one client, with an
+/// hour's linger), and nobody else on it.
+async fn hub_with_a_lingering_channel(pubsub: &Arc<InMemoryPubSub>) -> (TestHub, Client) {
+    let t = TestHub::start_on(
+        pubsub.clone(),
+        HubOptions::new()
+            .upstream_linger(Duration::from_secs(3600))
+            .close_timeout(Duration::from_millis(500)),
+        |b| b,
+    )
+    .await;
+    let mut client = t.connect("agent-a1").await;
+    client.subscribe("tickets").await;
+    unsubscribe(&mut client, "tickets").await;
+    assert_eq!(pubsub.upstream_subscriptions_to(CHANNEL), 1, "lingering");
+    assert_eq!(t.hub.upstream_channels().await, 1);
+    (t, client)
+}
+
 /// A lingering upstream subscription does not outlive the hub's shutdown: it goes at once,
-/// not at the end of its linger, and the shutdown waits for nothing.
+/// not at the end of its linger (nobody waits on `closed()` here: the shutdown alone ends it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_subscription_ends_at_shutdown() {
     with_timeout(TEST_LIMIT, async {
         let pubsub = Arc::new(InMemoryPubSub::new());
-        let t = TestHub::start_on(
-            pubsub.clone(),
-            HubOptions::new()
-                .upstream_linger(Duration::from_secs(3600))
-                .close_timeout(Duration::from_millis(500)),
-            |b| b,
-        )
-        .await;
-        let mut lingering = t.connect("agent-a1").await;
-        lingering.subscribe("tickets").await;
-        unsubscribe(&mut lingering, "tickets").await;
-        // Another connection still holds the channel when the shutdown comes: its release,
-        // during the shutdown, does not linger either.
-        let mut holding = t.connect("agent-a2").await;
-        holding.subscribe("ticket:t1").await;
-        assert_eq!(pubsub.upstream_subscriptions_to(CHANNEL), 1);
-
+        let (t, client) = hub_with_a_lingering_channel(&pubsub).await;
         t.hub.shutdown();
-        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
-            .await
-            .expect("the linger does not delay the shutdown");
         eventually(
             Duration::from_secs(10),
             "the upstream subscription ends with the hub",
@@ -101,7 +101,60 @@ async fn a_lingering_subscription_ends_at_shutdown() {
             },
         )
         .await;
-        drop((lingering, holding));
+        drop(client);
+    })
+    .await;
+}
+
+/// Once `closed()` completes after a shutdown, no lingering channel is subscribed upstream
+/// any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_completes_after_the_lingering_subscriptions_ended() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let (t, mut client) = hub_with_a_lingering_channel(&pubsub).await;
+        client.ws.close(None).await.unwrap();
+        eventually(Duration::from_secs(10), "the connection closes", || async {
+            (t.hub.stats().connections == 0).then_some(())
+        })
+        .await;
+
+        t.hub.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("the linger does not delay the shutdown");
+        assert_eq!(t.hub.upstream_channels().await, 0, "none left by closed()");
+        // The subscription itself goes with its task, which the runtime drops next.
+        eventually(
+            Duration::from_secs(10),
+            "the upstream subscription ends",
+            || async { (pubsub.upstream_subscriptions_to(CHANNEL) == 0).then_some(()) },
+        )
+        .await;
+    })
+    .await;
+}
+
+/// A hub dropped without a shutdown does not leave its lingering channels subscribed upstream
+/// for the rest of their linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_hub_ends_its_lingering_subscriptions() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let (t, mut client) = hub_with_a_lingering_channel(&pubsub).await;
+        client.ws.close(None).await.unwrap();
+        eventually(Duration::from_secs(10), "the connection closes", || async {
+            (t.hub.stats().connections == 0).then_some(())
+        })
+        .await;
+
+        drop(t);
+        eventually(
+            Duration::from_secs(10),
+            "the upstream subscription ends with the hub",
+            || async { (pubsub.upstream_subscriptions_to(CHANNEL) == 0).then_some(()) },
+        )
+        .await;
     })
     .await;
 }
