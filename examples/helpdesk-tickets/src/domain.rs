@@ -198,7 +198,7 @@ pub struct TicketState {
     pub ticket: Ticket,
     /// Whether it exists.
     pub exists: bool,
-    /// How many times it was assigned (bounded by [`MAX_ASSIGNMENTS`]).
+    /// How many times it was assigned (at most 100; past that the ticket is full).
     pub assignments: usize,
 }
 
