@@ -6,6 +6,29 @@ use crate::support::{Env, n_of, within};
 use cqrs_core::ports::{Consumer, EventTransport};
 use std::time::Duration;
 
+/// Publishes v1 and v2 of key `k` to a topic and joins a consumer `name` that gives each
+/// event one delivery (a failed one is dead-lettered), with a short redelivery delay.
+async fn two_events_of_one_key(env: &Env, name: &str) -> (String, Box<dyn Consumer>) {
+    let topic = env.topic("payments");
+    let consumer = env
+        .join(&topic, name, |o| {
+            o.redelivery_delay(Duration::from_millis(200))
+                .max_deliveries(1)
+        })
+        .await;
+    env.transport
+        .publish(
+            &topic,
+            &[
+                crate::support::event(Some("k"), 1),
+                crate::support::event(Some("k"), 2),
+            ],
+        )
+        .await
+        .unwrap();
+    (topic, consumer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_dead_letters_of_one_key_are_handed_out_in_their_order() {
     let Some(env) = Env::new("replay-order").await else {
@@ -14,22 +37,7 @@ async fn replayed_dead_letters_of_one_key_are_handed_out_in_their_order() {
     within(
         60,
         Box::pin(async {
-            let topic = env.topic("payments");
-            let options = |o: cqrs_core::ports::ConsumerOptions| {
-                o.redelivery_delay(Duration::from_millis(200))
-                    .max_deliveries(1)
-            };
-            let mut first = env.join(&topic, "first", options).await;
-            env.transport
-                .publish(
-                    &topic,
-                    &[
-                        crate::support::event(Some("k"), 1),
-                        crate::support::event(Some("k"), 2),
-                    ],
-                )
-                .await
-                .unwrap();
+            let (topic, mut first) = two_events_of_one_key(&env, "first").await;
 
             // The handler fails for both: each is dead-lettered after its one delivery, v1
             // first (v2 waits for it).
@@ -126,22 +134,7 @@ async fn an_event_dead_lettered_again_after_a_replay_keeps_its_place() {
     within(
         60,
         Box::pin(async {
-            let topic = env.topic("payments");
-            let options = |o: cqrs_core::ports::ConsumerOptions| {
-                o.redelivery_delay(Duration::from_millis(200))
-                    .max_deliveries(1)
-            };
-            let mut consumer = env.join(&topic, "c", options).await;
-            env.transport
-                .publish(
-                    &topic,
-                    &[
-                        crate::support::event(Some("k"), 1),
-                        crate::support::event(Some("k"), 2),
-                    ],
-                )
-                .await
-                .unwrap();
+            let (topic, mut consumer) = two_events_of_one_key(&env, "c").await;
             let n = |d: &cqrs_redis::DeadLetter| d.record.as_ref().unwrap().payload["n"].as_u64();
             // Fails whatever it is handed until `count` dead letters are there.
             let fail_until = async |consumer: &mut Box<dyn Consumer>, count: usize| {
