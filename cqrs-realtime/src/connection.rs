@@ -513,9 +513,11 @@ impl<P: Send + Sync + 'static> Session<P> {
             }
             .to_json(),
         );
-        // Counted first, so a client that read `subscribed` sees it in the stats.
-        self.hub.metrics.subscribed();
+        // Counted first, so a client that read `subscribed` sees it in the stats; marked
+        // counted before the recorder is called, so a recorder that panics there leaves a count
+        // that the guard takes back.
         held.counted = true;
+        self.hub.metrics.subscribed();
         // Marked before: a panic inside takes it out again (a no-op if it never got in).
         held.registered = true;
         self.hub

@@ -34,7 +34,9 @@ impl<P> Conn<P> {
 
     pub(crate) fn close_slow(&self) {
         if self.close.close(Ending::SLOW) {
-            self.metrics.slow_close();
+            // Reached from the fan-out (a full queue): a recorder that panics must not stop
+            // the dispatch to the other subscriptions.
+            let _ = catch_unwind(AssertUnwindSafe(|| self.metrics.slow_close()));
             tracing::debug!(connection = self.id, "closing a slow client");
         }
     }

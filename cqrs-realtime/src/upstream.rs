@@ -396,7 +396,9 @@ async fn pump<P: Send + Sync + 'static>(
         }
         // The message being dispatched (maybe to some subscriptions only) is lost: tell them
         // all before anything else, then count it (the recorder may be what panicked).
-        let told = pump.registry.missed(&pump.channel);
+        let told =
+            std::panic::catch_unwind(AssertUnwindSafe(|| pump.registry.missed(&pump.channel)))
+                .unwrap_or(0);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
             pump.metrics.missed_notices(told);
         }));
