@@ -334,9 +334,8 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Rebuilds the aggregate from its snapshot (if any) and events. Fails with
     /// [`AggregateError::UnknownEvent`] or [`AggregateError::ForeignEvent`] on an event it
-    /// cannot apply. A snapshot that cannot be loaded or decoded, or that is ahead of its
-    /// stream (the stream has no event at the snapshot's version), is logged and passed
-    /// over: the whole stream is replayed.
+    /// cannot apply. A snapshot that cannot be
+    /// loaded or decoded is logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
         let stream = Self::stream_id(id);
         let (mut state, mut version) = (A::default(), 0);
@@ -359,23 +358,7 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
             }
         }
-        let records = if version == 0 {
-            self.store.load(&stream, 0).await?
-        } else {
-            // Read from the snapshot's own last event: finding it proves the stream reaches the
-            // snapshot. A snapshot ahead of its stream (events restored without their
-            // snapshots) would otherwise load a version the stream does not have, and every
-            // command on the aggregate would fail with a conflict.
-            let mut records = self.store.load(&stream, version - 1).await?;
-            if records.first().and_then(|r| r.stream_version) == Some(version) {
-                records.remove(0);
-                records
-            } else {
-                tracing::warn!(stream = %stream, snapshot_version = version, "ignoring a snapshot ahead of its stream (were events restored without their snapshots?); replaying the whole stream");
-                (state, version) = (A::default(), 0);
-                self.store.load(&stream, 0).await?
-            }
-        };
+        let records = self.store.load(&stream, version).await?;
         self.apply_records(
             Loaded {
                 id: id.to_owned(),

@@ -77,38 +77,6 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
     });
 }
 
-/// A snapshot ahead of its stream (the events restored from a backup older than the
-/// snapshots) is passed over: the aggregate loads at the stream's version, and commands work,
-/// instead of conflicting for ever at a version the stream does not have.
-#[test]
-fn a_snapshot_ahead_of_its_stream_is_passed_over() {
-    run(async {
-        let snapshots = Arc::new(InMemorySnapshotStore::new());
-        let before = Arc::new(InMemoryEventStore::new());
-        let repo =
-            AggregateRepository::<Total>::new(before.clone()).with_snapshots(snapshots.clone(), 1);
-        for _ in 0..5 {
-            repo.execute("r", None, 1, &Metadata::new()).await.unwrap();
-        }
-        // The event store restored from a backup of three events; the snapshots stayed at 5.
-        let restored = Arc::new(InMemoryEventStore::new());
-        let three = before.load("total-r", 0).await.unwrap()[..3].to_vec();
-        restored
-            .append("total-r", ExpectedVersion::NO_STREAM, three)
-            .await
-            .unwrap();
-        let repo = AggregateRepository::<Total>::new(restored.clone()).with_snapshots(snapshots, 1);
-        let loaded = repo.load("r").await.unwrap();
-        assert_eq!((loaded.state.total, loaded.version), (3, 3));
-        let committed = repo.execute("r", None, 1, &Metadata::new()).await.unwrap();
-        assert_eq!((committed.state.total, committed.version), (4, 4));
-        // A snapshot the stream reaches is still used.
-        let loaded = repo.load("r").await.unwrap();
-        assert_eq!((loaded.state.total, loaded.version), (4, 4));
-        assert_eq!(loaded.state.applied, 4);
-    });
-}
-
 #[test]
 fn snapshots_are_saved_every_n_versions_and_loading_reads_only_the_tail() {
     run(async {
