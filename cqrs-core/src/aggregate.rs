@@ -334,11 +334,13 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Rebuilds the aggregate from its snapshot (if any) and events. Fails with
     /// [`AggregateError::UnknownEvent`] or [`AggregateError::ForeignEvent`] on an event it
-    /// cannot apply. A snapshot that cannot be
-    /// loaded or decoded is logged and passed over: the whole stream is replayed.
+    /// cannot apply. A snapshot that cannot be loaded or decoded, or whose last event the
+    /// stream no longer has at its version (events restored from a backup older than the
+    /// snapshots), is logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
         let stream = Self::stream_id(id);
         let (mut state, mut version) = (A::default(), 0);
+        let mut last_event_id = None;
         if let Some(snapshots) = &self.snapshots
             && let Some(snapshot) = match snapshots.store.load(&stream).await {
                 Ok(snapshot) => snapshot,
@@ -351,14 +353,40 @@ impl<A: Aggregate> AggregateRepository<A> {
             }
         {
             match (snapshots.decode)(snapshot.state) {
-                Ok(s) => (state, version) = (s, snapshot.version),
+                Ok(s) => {
+                    (state, version) = (s, snapshot.version);
+                    last_event_id = snapshot.last_event_id;
+                }
                 // A snapshot of an older shape is not an error: replay the whole stream.
                 Err(e) => {
                     tracing::warn!(stream = %stream, error = %e, "ignoring a snapshot that no longer decodes")
                 }
             }
         }
-        let records = self.store.load(&stream, version).await?;
+        let records = match last_event_id {
+            // Read from the snapshot's own last event: the stream must still have that event
+            // at that version. After events were restored from a backup older than the
+            // snapshots, it has another there or none, and the snapshot is of a history the
+            // stream no longer has (trusted, it would load a version the stream lacks, or
+            // once new events caught up, decide on lost history).
+            Some(id) if version > 0 => {
+                let mut records = self.store.load(&stream, version - 1).await?;
+                match records.first() {
+                    Some(first)
+                        if first.stream_version == Some(version) && first.event_id == id =>
+                    {
+                        records.remove(0);
+                        records
+                    }
+                    _ => {
+                        tracing::warn!(stream = %stream, snapshot_version = version, "ignoring a snapshot of another history than the stream's (were events restored without their snapshots?); replaying the whole stream");
+                        (state, version) = (A::default(), 0);
+                        self.store.load(&stream, 0).await?
+                    }
+                }
+            }
+            _ => self.store.load(&stream, version).await?,
+        };
         self.apply_records(
             Loaded {
                 id: id.to_owned(),
@@ -542,11 +570,11 @@ impl<A: Aggregate> AggregateRepository<A> {
             if new_version / snapshots.every > version / snapshots.every {
                 match (snapshots.encode)(&state) {
                     Ok(json) => {
-                        if let Err(e) = snapshots
-                            .store
-                            .save(&stream, Snapshot::new(new_version, json))
-                            .await
-                        {
+                        let mut snapshot = Snapshot::new(new_version, json);
+                        if let Some(last) = stored.last() {
+                            snapshot = snapshot.with_last_event(last.event_id);
+                        }
+                        if let Err(e) = snapshots.store.save(&stream, snapshot).await {
                             // The events are stored; a missing snapshot only costs a longer load.
                             tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
                         }

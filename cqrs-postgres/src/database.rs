@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The migrations, in order: `(version, description, SQL with placeholders)`.
-const MIGRATIONS: [(i64, &str, &str); 6] = [
+const MIGRATIONS: [(i64, &str, &str); 7] = [
     (
         1,
         "event store",
@@ -43,6 +43,11 @@ const MIGRATIONS: [(i64, &str, &str); 6] = [
         6,
         "inbox purge index",
         include_str!("../migrations/0006_inbox_purge_index.sql"),
+    ),
+    (
+        7,
+        "snapshot last event",
+        include_str!("../migrations/0007_snapshot_last_event.sql"),
     ),
 ];
 

@@ -47,7 +47,12 @@ impl SnapshotStore for PgSnapshotStore {
         row.map(|row| {
             let version: i64 = row.try_get(0).map_err(store_error)?;
             let state: serde_json::Value = row.try_get(1).map_err(store_error)?;
-            Ok(Snapshot::new(to_u64(version), state))
+            let last_event_id: Option<uuid::Uuid> = row.try_get(2).map_err(store_error)?;
+            let snapshot = Snapshot::new(to_u64(version), state);
+            Ok(match last_event_id {
+                Some(id) => snapshot.with_last_event(id),
+                None => snapshot,
+            })
         })
         .transpose()
     }
@@ -57,6 +62,7 @@ impl SnapshotStore for PgSnapshotStore {
             .bind(stream_id)
             .bind(to_i64(snapshot.version))
             .bind(&snapshot.state)
+            .bind(snapshot.last_event_id)
             .execute(&self.db.pool)
             .await
             .map_err(store_error)?;

@@ -155,12 +155,14 @@ impl Sql {
             )),
 
             snapshot_load: f(format!(
-                "SELECT version, state FROM {s}.snapshots WHERE stream_id = $1"
+                "SELECT version, state, last_event_id FROM {s}.snapshots WHERE stream_id = $1"
             )),
             snapshot_save: f(format!(
-                "INSERT INTO {s}.snapshots AS t (stream_id, version, state) VALUES ($1, $2, $3) \
+                "INSERT INTO {s}.snapshots AS t (stream_id, version, state, last_event_id) \
+                 VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, \
-                 state = EXCLUDED.state, updated_at = now() WHERE t.version < EXCLUDED.version"
+                 state = EXCLUDED.state, last_event_id = EXCLUDED.last_event_id, \
+                 updated_at = now() WHERE t.version < EXCLUDED.version"
             )),
 
             // `idempotency_claim` (migration 3, applied and checksummed, so unchanged) decides

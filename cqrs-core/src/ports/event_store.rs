@@ -80,12 +80,27 @@ pub struct Snapshot {
     pub version: u64,
     /// The serialized state.
     pub state: serde_json::Value,
+    /// The id of the stream's event at `version`, when known: a load checks that the stream
+    /// still has that event there, so a snapshot of another history (events restored from a
+    /// backup older than the snapshots) is passed over instead of trusted.
+    pub last_event_id: Option<uuid::Uuid>,
 }
 
 impl Snapshot {
     /// A snapshot of `state` at `version`.
     pub fn new(version: u64, state: serde_json::Value) -> Self {
-        Self { version, state }
+        Self {
+            version,
+            state,
+            last_event_id: None,
+        }
+    }
+
+    /// The same, naming the stream's event at its version (see
+    /// [`last_event_id`](Self::last_event_id)).
+    pub fn with_last_event(mut self, event_id: uuid::Uuid) -> Self {
+        self.last_event_id = Some(event_id);
+        self
     }
 }
 

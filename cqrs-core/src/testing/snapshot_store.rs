@@ -26,6 +26,7 @@ macro_rules! snapshot_store_conformance {
                 an_older_or_equal_snapshot_is_ignored,
                 streams_keep_their_own_snapshots,
                 concurrent_saves_keep_the_newest,
+                the_last_event_id_is_kept_with_the_snapshot,
             ]
         );
     };
@@ -122,4 +123,37 @@ pub async fn concurrent_saves_keep_the_newest<H: SnapshotStoreHarness>(h: &H) {
         store.load(&id).await.unwrap(),
         Some(Snapshot::new(20, json!({ "v": 20 })))
     );
+}
+
+/// The id of the stream's event at the snapshot's version comes back as saved, replaced with
+/// the rest of the snapshot; a snapshot saved without one loads without one.
+pub async fn the_last_event_id_is_kept_with_the_snapshot<H: SnapshotStoreHarness>(h: &H) {
+    let store = h.store();
+    let id = stream(h, "last-event");
+    store
+        .save(&id, Snapshot::new(3, json!({ "n": 3 })))
+        .await
+        .unwrap();
+    let loaded = store.load(&id).await.unwrap().expect("a snapshot");
+    assert_eq!(loaded.last_event_id, None);
+    let event = uuid::Uuid::now_v7();
+    store
+        .save(
+            &id,
+            Snapshot::new(4, json!({ "n": 4 })).with_last_event(event),
+        )
+        .await
+        .unwrap();
+    let loaded = store.load(&id).await.unwrap().expect("a snapshot");
+    assert_eq!((loaded.version, loaded.last_event_id), (4, Some(event)));
+    let later = uuid::Uuid::now_v7();
+    store
+        .save(
+            &id,
+            Snapshot::new(6, json!({ "n": 6 })).with_last_event(later),
+        )
+        .await
+        .unwrap();
+    let loaded = store.load(&id).await.unwrap().expect("a snapshot");
+    assert_eq!((loaded.version, loaded.last_event_id), (6, Some(later)));
 }

@@ -77,6 +77,43 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
     });
 }
 
+/// Events restored from a backup older than the snapshots: each snapshot names the stream's
+/// event at its version, and a load that does not find that event there passes the snapshot
+/// over, both while the stream is behind it and once new events have taken the stream past its
+/// version (the stale snapshot would then decide on a history the stream no longer has).
+#[test]
+fn a_snapshot_of_another_history_is_passed_over() {
+    run(async {
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let before = Arc::new(InMemoryEventStore::new());
+        let repo =
+            AggregateRepository::<Total>::new(before.clone()).with_snapshots(snapshots.clone(), 1);
+        for _ in 0..5 {
+            repo.execute("r", None, 1, &Metadata::new()).await.unwrap();
+        }
+        let restored = Arc::new(InMemoryEventStore::new());
+        let three = before.load("total-r", 0).await.unwrap()[..3].to_vec();
+        restored
+            .append("total-r", ExpectedVersion::NO_STREAM, three)
+            .await
+            .unwrap();
+        let repo = AggregateRepository::<Total>::new(restored).with_snapshots(snapshots, 1);
+        let loaded = repo.load("r").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (3, 3));
+        // Versions 4 and 5 again, with other events than the stale snapshot's.
+        for _ in 0..2 {
+            repo.execute("r", None, 10, &Metadata::new()).await.unwrap();
+        }
+        let loaded = repo.load("r").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (23, 5));
+        // Version 6 replaces the stale snapshot, which is used from then on.
+        repo.execute("r", None, 1, &Metadata::new()).await.unwrap();
+        let loaded = repo.load("r").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (24, 6));
+        assert_eq!(loaded.state.applied, 6, "from the snapshot at 6, no tail");
+    });
+}
+
 #[test]
 fn snapshots_are_saved_every_n_versions_and_loading_reads_only_the_tail() {
     run(async {

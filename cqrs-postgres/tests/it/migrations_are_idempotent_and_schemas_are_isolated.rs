@@ -26,7 +26,7 @@ async fn concurrent_migrations_apply_once_and_schemas_do_not_mix() {
         .fetch_one(first.pool())
         .await
         .unwrap();
-        assert_eq!(applied, 6);
+        assert_eq!(applied, 7);
 
         let other = options(&b).connect().await.unwrap();
         other.migrate().await.unwrap();
