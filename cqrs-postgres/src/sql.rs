@@ -155,13 +155,17 @@ impl Sql {
             )),
 
             snapshot_load: f(format!(
-                "SELECT version, state, last_event_id FROM {s}.snapshots WHERE stream_id = $1"
+                "SELECT version, state, \
+                 CASE WHEN last_event_version = version THEN last_event_id END \
+                 FROM {s}.snapshots WHERE stream_id = $1"
             )),
             snapshot_save: f(format!(
-                "INSERT INTO {s}.snapshots AS t (stream_id, version, state, last_event_id) \
-                 VALUES ($1, $2, $3, $4) \
+                "INSERT INTO {s}.snapshots AS t \
+                 (stream_id, version, state, last_event_id, last_event_version) \
+                 VALUES ($1, $2, $3, $4, CASE WHEN $4::uuid IS NULL THEN NULL ELSE $2 END) \
                  ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, \
                  state = EXCLUDED.state, last_event_id = EXCLUDED.last_event_id, \
+                 last_event_version = EXCLUDED.last_event_version, \
                  updated_at = now() WHERE t.version < EXCLUDED.version"
             )),
 

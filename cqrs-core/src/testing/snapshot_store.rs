@@ -156,4 +156,12 @@ pub async fn the_last_event_id_is_kept_with_the_snapshot<H: SnapshotStoreHarness
         .unwrap();
     let loaded = store.load(&id).await.unwrap().expect("a snapshot");
     assert_eq!((loaded.version, loaded.last_event_id), (6, Some(later)));
+    // A newer snapshot without an id does not keep the older one's: the id belongs to its
+    // version only.
+    store
+        .save(&id, Snapshot::new(8, json!({ "n": 8 })))
+        .await
+        .unwrap();
+    let loaded = store.load(&id).await.unwrap().expect("a snapshot");
+    assert_eq!((loaded.version, loaded.last_event_id), (8, None));
 }
