@@ -5,7 +5,7 @@ use crate::fixtures::{
 };
 use crate::metrics::{DispatchCounters, MetricsLayer};
 use cqrs_core::middleware::{TimeoutLayer, TracingLayer};
-use cqrs_core::{BuildError, CommandBus, EventBus, QueryBus};
+use cqrs_core::{BuildError, CommandBus, CommandBusBuilder, EventBus, QueryBus};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -37,21 +37,20 @@ impl Stack {
 
 /// A command bus with [`IncrementHandler`] behind `stack`.
 pub fn command_bus(stack: &Stack) -> Result<CommandBus, BuildError> {
-    let builder = CommandBus::builder().handler(IncrementHandler);
-    match stack {
-        Stack::Bare => builder.build(),
-        Stack::ThreeLayers(counters) => builder
-            .layer(TracingLayer::new())
-            .layer(MetricsLayer::new(counters.clone()))
-            .layer(TimeoutLayer::new(TIMEOUT))
-            .build(),
-    }
+    stacked(CommandBus::builder().handler(IncrementHandler), stack)
 }
 
 /// A command bus with [`YieldingIncrementHandler`] behind `stack`: the same command and layers
 /// as [`command_bus`], with a handler that waits once.
 pub fn yielding_command_bus(stack: &Stack) -> Result<CommandBus, BuildError> {
-    let builder = CommandBus::builder().handler(YieldingIncrementHandler);
+    stacked(
+        CommandBus::builder().handler(YieldingIncrementHandler),
+        stack,
+    )
+}
+
+/// `builder` with `stack`'s layers, built.
+fn stacked(builder: CommandBusBuilder, stack: &Stack) -> Result<CommandBus, BuildError> {
     match stack {
         Stack::Bare => builder.build(),
         Stack::ThreeLayers(counters) => builder

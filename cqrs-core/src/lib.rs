@@ -108,6 +108,7 @@ pub use extensions::Extensions;
 pub use handler::{CommandHandler, EventHandler, QueryHandler};
 pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
 pub use metadata::{Metadata, Principal};
+pub use panic::{CatchUnwind, panic_message};
 pub use plugin::{MissingResource, Plugin, PluginError, PluginRegistrar, Plugins};
 pub use ports::ExpectedVersion;
 pub use record::{EventRecord, InvalidPosition, Position, RecordMetadata};

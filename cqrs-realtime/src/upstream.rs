@@ -93,7 +93,12 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
     /// the subscription succeeded.
     pub(crate) async fn acquire(&self, channel: &str) -> Result<(), TransportError> {
         loop {
-            let slot = self.map().entry(channel.to_owned()).or_default().clone();
+            let slot = self
+                .shared
+                .map()
+                .entry(channel.to_owned())
+                .or_default()
+                .clone();
             let mut state = Pending {
                 state: slot.clone().lock_owned().await,
                 upstreams: self,
@@ -137,7 +142,7 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
     /// make an upstream round trip per loop), then unsubscribes; at once with no linger, or
     /// once the hub is stopping.
     pub(crate) async fn release(&self, channel: &str) {
-        let Some(slot) = self.map().get(channel).cloned() else {
+        let Some(slot) = self.shared.map().get(channel).cloned() else {
             return;
         };
         let mut state = slot.lock().await;
@@ -177,17 +182,6 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
     /// How many channels the hub is subscribed to (lingering ones included).
     pub(crate) async fn len(&self) -> usize {
         self.shared.live.load(Ordering::SeqCst)
-    }
-}
-
-impl<P> Upstreams<P> {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
-        self.shared.map()
-    }
-
-    /// Takes `slot` out of the map, unless another already replaced it.
-    fn forget(&self, channel: &str, slot: &Channel) {
-        self.shared.forget(channel, slot);
     }
 }
 
@@ -291,7 +285,7 @@ impl<P> Drop for Pending<'_, P> {
     fn drop(&mut self) {
         if self.state.live.is_none() && self.state.refs == 0 && !self.state.removed {
             self.state.removed = true;
-            self.upstreams.forget(self.channel, self.slot);
+            self.upstreams.shared.forget(self.channel, self.slot);
         }
     }
 }
@@ -627,7 +621,7 @@ mod tests {
         upstreams.release("other").await;
         assert_eq!(upstreams.len().await, 0);
         assert!(
-            upstreams.map().is_empty(),
+            upstreams.shared.map().is_empty(),
             "no empty slot is left in the map"
         );
     }

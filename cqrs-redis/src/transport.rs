@@ -58,18 +58,12 @@ impl Shared {
     /// publisher of a topic records its setting (`SET NX`); each transport checks once per
     /// topic, then remembers it (no round trip on later publishes).
     async fn check_ordering(&self, topic: &str, keys: &TopicKeys) -> Result<(), TransportError> {
-        let checked = |set: &mut HashSet<String>, add: bool| {
-            if add {
-                set.insert(topic.to_owned());
-            }
-            set.contains(topic)
-        };
-        let lock = || {
+        let checked = || {
             self.ordering_checked
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        if checked(&mut lock(), false) {
+        if checked().contains(topic) {
             return Ok(());
         }
         let mine = self.options.key_ordering.name();
@@ -95,7 +89,7 @@ impl Shared {
                 keys.ordering
             ))),
             _ => {
-                checked(&mut lock(), true);
+                checked().insert(topic.to_owned());
                 Ok(())
             }
         }

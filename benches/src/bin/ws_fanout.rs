@@ -148,17 +148,7 @@ async fn serve(payload: usize) -> Result<(), BoxError> {
     .pubsub(Arc::new(InMemoryPubSub::new()))
     .options(HubOptions::new().max_connections(50_000))
     .build()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    // Small frames written one at a time: without TCP_NODELAY, Nagle's algorithm can hold one
-    // back until the previous is acknowledged.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = Router::new().route("/ws", hub.route());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    println!("listening {addr}");
-    std::io::stdout().flush()?;
+    listen(Router::new().route("/ws", hub.route())).await?;
 
     let publisher = hub.publisher();
     let pad = "x".repeat(payload);
@@ -239,15 +229,7 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
                 })
         }
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let app = Router::new().route("/ws", axum::routing::get(accept));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    println!("listening {addr}");
-    std::io::stdout().flush()?;
+    listen(Router::new().route("/ws", axum::routing::get(accept))).await?;
 
     let pad = "x".repeat(payload);
     obey_stdin(
@@ -268,6 +250,21 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
         },
     )
     .await
+}
+
+/// Serves `app` on a free loopback port and tells the driver which (`listening ADDR`).
+async fn listen(app: Router) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    // Small frames written one at a time: without TCP_NODELAY, Nagle's algorithm can hold one
+    // back until the previous is acknowledged.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    println!("listening {addr}");
+    std::io::stdout().flush()?;
+    Ok(())
 }
 
 /// Obeys `publish N RATE` (N events at RATE a second, each by `publish(seq, due_ns)`),

@@ -204,11 +204,7 @@ impl HttpApi {
                     existing.merge(handler)
                 }))
                 .map_err(|panic| {
-                    let why = panic
-                        .downcast_ref::<&str>()
-                        .copied()
-                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                        .unwrap_or("overlapping method routes");
+                    let why = cqrs_core::panic_message(panic.as_ref());
                     format!("both serve one method at {path} ({why})")
                 })?,
                 None => handler,

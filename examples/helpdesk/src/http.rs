@@ -195,43 +195,16 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 /// `error`; without it the panic would end the connection's task, and the client would get a
 /// reset connection, with no answer, log line or metric.
 async fn catch_panics(request: Request, next: Next) -> Response {
-    let run = std::pin::pin!(next.run(request));
-    match (CatchUnwind { inner: run }).await {
+    match cqrs_core::CatchUnwind::new(next.run(request)).await {
         Ok(response) => response,
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(a panic without a message)");
-            tracing::error!(panic = message, "a request handler panicked");
+            tracing::error!(panic, "a request handler panicked");
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "the server failed; the error is logged",
             )
             .into_response()
-        }
-    }
-}
-
-/// A future's output, or the payload of a panic while polling it (never polled again then).
-struct CatchUnwind<'a, F> {
-    inner: std::pin::Pin<&'a mut F>,
-}
-
-impl<F: std::future::Future> std::future::Future for CatchUnwind<'_, F> {
-    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = self.inner.as_mut();
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
-            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
-            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
     }
 }

@@ -27,31 +27,24 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let schema = db.schema();
     let lock_key = format!("helpdesk-migrations:{schema}");
+    // Once, under the lock, so two instances do not both create it.
+    let mut tx = locked(db, &lock_key).await?;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.helpdesk_migrations (
+             name text NOT NULL,
+             sql_md5 text NOT NULL,
+             sql text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (name, sql_md5)
+         )"
+    )))
+    .execute(&mut *tx)
+    .await
+    .context("cannot create the table of applied migrations")?;
+    tx.commit().await.context("cannot commit a migration")?;
     for &(plugin, ref migration) in migrations {
         let key = format!("{plugin}/{}", migration.name);
-        let mut tx = db
-            .pool()
-            .begin()
-            .await
-            .context("cannot begin a migration")?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(&lock_key)
-            .execute(&mut *tx)
-            .await
-            .context("cannot take the migration lock")?;
-        // Under the lock, so two instances do not both create it.
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE TABLE IF NOT EXISTS {schema}.helpdesk_migrations (
-                 name text NOT NULL,
-                 sql_md5 text NOT NULL,
-                 sql text NOT NULL,
-                 applied_at timestamptz NOT NULL DEFAULT now(),
-                 PRIMARY KEY (name, sql_md5)
-             )"
-        )))
-        .execute(&mut *tx)
-        .await
-        .context("cannot create the table of applied migrations")?;
+        let mut tx = locked(db, &lock_key).await?;
         let applied: bool = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT EXISTS (SELECT 1 FROM {schema}.helpdesk_migrations
                  WHERE name = $1 AND sql_md5 = md5($2) AND sql = $2)"
@@ -89,6 +82,24 @@ pub(crate) async fn run(
         tx.commit().await.context("cannot commit a migration")?;
     }
     Ok(())
+}
+
+/// A transaction holding the migrations' advisory lock of the schema.
+async fn locked(
+    db: &PgDatabase,
+    lock_key: &str,
+) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let mut tx = db
+        .pool()
+        .begin()
+        .await
+        .context("cannot begin a migration")?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(lock_key)
+        .execute(&mut *tx)
+        .await
+        .context("cannot take the migration lock")?;
+    Ok(tx)
 }
 
 /// Why a plugin's migration failed; when it gave up waiting for a lock, what to do.
