@@ -340,15 +340,21 @@ impl PgOutboxRelay {
     }
 
     /// Creates this relay's checkpoint row if it has none. `run` does it; call it before
-    /// [`relay_once`](Self::relay_once) when driving the relay yourself.
+    /// [`relay_once`](Self::relay_once) when driving the relay yourself. (A row deleted
+    /// while relays run is created again by the next batch that finds none.)
     pub async fn ensure_checkpoint(&self) -> Result<(), RelayError> {
-        sqlx::query(AssertSqlSafe(self.db.sql.relay_ensure.clone()))
+        self.create_checkpoint().await.map(drop)
+    }
+
+    /// Creates the checkpoint row, at `start_from`, unless it exists; returns whether it did.
+    async fn create_checkpoint(&self) -> Result<bool, RelayError> {
+        let done = sqlx::query(AssertSqlSafe(self.db.sql.relay_ensure.clone()))
             .bind(&self.relay)
             .bind(to_i64(self.start_from.get()))
             .execute(&self.db.pool)
             .await
             .map_err(|e| self.store_error(store_error(e)))?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Checks that [`publish_timeout`](Self::publish_timeout) is below the timeouts after which
@@ -454,7 +460,28 @@ impl PgOutboxRelay {
 
     /// One batch: `relay_once`'s result and how many events it committed past (also when it
     /// failed).
+    ///
+    /// A batch that finds no checkpoint row to lock stands by: another relay of the name holds
+    /// the row, or no row exists (an operator deleted it to start over). The second would
+    /// stand by for ever, every relay of the name reporting itself healthy while nothing
+    /// ships, so the row is created (at `start_from`) when it is missing, and the batch runs
+    /// again.
     async fn batch(&self) -> BatchOutcome {
+        let outcome = self.batch_once().await;
+        if !matches!(outcome.result, Ok(RelayBatch::Standby)) {
+            return outcome;
+        }
+        match self.create_checkpoint().await {
+            Ok(false) => outcome,
+            Ok(true) => {
+                tracing::warn!(relay = %self.relay, start_from = self.start_from.get(), "the relay's checkpoint row was missing; created it again, so the relay ships from there");
+                self.batch_once().await
+            }
+            Err(e) => BatchOutcome::failed(e),
+        }
+    }
+
+    async fn batch_once(&self) -> BatchOutcome {
         let mut tx = match crate::sql::begin(&self.db.pool).await {
             Ok(tx) => tx,
             Err(e) => return BatchOutcome::failed(self.store_error(store_error(e))),

@@ -18,11 +18,25 @@ pub(crate) const PURGE_BATCH: i64 = 5_000;
 /// Begins a transaction the way this crate begins every one: at READ COMMITTED, whatever the
 /// session's default, since its statements rely on each seeing what committed before it (a
 /// fresh snapshot after the append lock).
+///
+/// The `BEGIN` runs in a task of its own, so it always completes: sqlx (0.9) counts a
+/// transaction only once the server confirmed its `BEGIN`, and a caller that gave up while
+/// the `BEGIN` was on the wire (a client gone, a timeout) left the connection inside a
+/// transaction nothing would end. The pool then handed it out as clean, and the next user's
+/// writes were reported as stored while they stayed uncommitted, holding their locks. Now a
+/// transaction no one waits for any more is dropped in that task, which rolls it back before
+/// the connection goes back to the pool.
 pub(crate) async fn begin(
     pool: &sqlx::PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-        .await
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+    })
+    .await
+    // A panic in sqlx, or the runtime shutting down.
+    .unwrap_or(Err(sqlx::Error::WorkerCrashed))
 }
 
 /// Runs a purge statement that deletes at most [`PURGE_BATCH`] rows until one deletes fewer,

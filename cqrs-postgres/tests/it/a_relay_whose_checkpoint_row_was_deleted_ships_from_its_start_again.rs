@@ -1,0 +1,39 @@
+//! A relay whose checkpoint row is deleted while it runs (an operator starting it over) creates
+//! the row again and ships from its start, instead of standing by for ever as if another relay
+//! of its name held the row.
+
+use crate::support::{pg_test, record};
+use crate::transport::receive;
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_postgres::{PgOutboxRelay, RelayBatch};
+use sqlx::AssertSqlSafe;
+use std::sync::Arc;
+
+pg_test! {
+    async fn a_relay_whose_checkpoint_row_was_deleted_ships_from_its_start_again(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone());
+        relay.ensure_checkpoint().await.unwrap();
+        assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(1));
+
+        let delete = format!("DELETE FROM \"{}\".relay_checkpoints", db.schema());
+        sqlx::query(AssertSqlSafe(delete)).execute(db.pool()).await.unwrap();
+        store.append("s", ExpectedVersion::Exactly(1), vec![record(2)]).await.unwrap();
+
+        assert_eq!(
+            relay.relay_once().await.unwrap(),
+            RelayBatch::Shipped(2),
+            "the row is created again and the relay ships from the start of the store"
+        );
+        assert_eq!(relay.backlog().await.unwrap().unpublished, 0);
+        let shipped: Vec<u64> = receive(transport.as_ref(), "events", "readers", 3)
+            .await
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shipped, [1, 1, 2], "event 1 shipped again, as docs/postgres.md says");
+    }
+}

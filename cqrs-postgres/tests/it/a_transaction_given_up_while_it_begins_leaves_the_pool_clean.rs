@@ -1,0 +1,83 @@
+//! A caller that gives up while its transaction's `BEGIN` is on the wire (a client gone, a
+//! timeout) leaves no open transaction on the pooled connection. sqlx counts a transaction only
+//! once the server confirmed its `BEGIN`, so without care the connection went back to the pool
+//! inside a transaction no one would end: the next user's writes were reported as stored, stayed
+//! uncommitted, and held the schema's append lock.
+
+use crate::proxy::Proxy;
+use crate::support::{database_url, pg_test, record};
+use cqrs_core::Position;
+use cqrs_core::ports::{EventStore, ExpectedVersion, ProjectionStore};
+use cqrs_postgres::{PgDatabase, PgProjectionStore};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use std::str::FromStr;
+use std::time::Duration;
+
+pg_test! {
+    async fn a_transaction_given_up_while_it_begins_leaves_the_pool_clean(db: PgDatabase) {
+        let direct = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL parses");
+        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        // One connection, so whatever the abandoned `BEGIN` left on it, the next user gets.
+        // No ping before each acquire: the stall below must hold back the `BEGIN`, not a ping.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(
+                direct
+                    .host("127.0.0.1")
+                    .port(proxy.addr.port())
+                    .ssl_mode(PgSslMode::Disable),
+            )
+            .await
+            .expect("connect through the proxy");
+        let slow = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        // The connection is open before the stall, so the stall holds back the `BEGIN` itself.
+        let one: i32 = sqlx::query_scalar(AssertSqlSafe("SELECT 1".to_owned()))
+            .fetch_one(slow.pool())
+            .await
+            .expect("SELECT 1");
+        assert_eq!(one, 1);
+
+        // The pool pings the connection it gets back: once that is through, it is idle.
+        proxy.settle().await;
+
+        let sent_before = proxy.round_trips();
+        proxy.stall_for(Duration::from_secs(1));
+        let store = PgProjectionStore::new(slow.clone());
+        let mut begin = Box::pin(store.begin("c"));
+        // Polled until the proxy holds its `BEGIN` (it cannot be answered before the stall
+        // ends), then given up: the caller is gone while the `BEGIN` is on the wire.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while proxy.round_trips() == sent_before {
+            assert!(tokio::time::Instant::now() < deadline, "the BEGIN was never sent");
+            tokio::select! {
+                _ = &mut begin => panic!("the transaction began during the stall"),
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+        drop(begin);
+
+        // The next user of the connection appends (one statement, its own transaction). It
+        // must be committed when it returns: visible on another connection at once.
+        slow.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .expect("append");
+        let seen = db
+            .event_store()
+            .read_all(Position::START, 10)
+            .await
+            .expect("read on a direct connection");
+        assert_eq!(seen.len(), 1, "the append was committed when it returned");
+        // And the append lock is free: a direct append does not wait for the slow pool.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            db.event_store().append("t", ExpectedVersion::NO_STREAM, vec![record(2)]),
+        )
+        .await
+        .expect("no one holds the append lock")
+        .expect("append");
+        slow.pool().close().await;
+    }
+}
