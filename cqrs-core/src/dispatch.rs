@@ -495,46 +495,77 @@ pub(crate) fn started<'a, T: 'a>(
     }
 }
 
-/// Runs a handler future, turning a panic into [`DispatchError::Panicked`].
+/// Runs a handler future, turning a panic into [`DispatchError::Panicked`]; a panic while the
+/// future is dropped (a handler's guard that checks, on drop, that its work finished, when the
+/// dispatch times out or its caller gives up) is logged and goes no further.
 pub(crate) fn guarded<T, F>(kind: MessageKind, name: &'static str, fut: F) -> Guarded<F>
 where
-    F: Future<Output = Result<T, crate::HandlerError>>,
+    F: Future<Output = Result<T, crate::HandlerError>> + Unpin,
 {
     Guarded {
-        inner: fut,
+        inner: Some(fut),
         kind,
         name,
     }
 }
 
-pin_project_lite::pin_project! {
-    pub(crate) struct Guarded<F> {
-        #[pin]
-        inner: F,
-        kind: MessageKind,
-        name: &'static str,
+/// The handler's future is boxed (`async_trait`), so it is `Unpin` and held in an `Option`:
+/// dropped inside a panic guard, on completion or when the dispatch is dropped.
+pub(crate) struct Guarded<F: Unpin> {
+    inner: Option<F>,
+    kind: MessageKind,
+    name: &'static str,
+}
+
+impl<F: Unpin> Guarded<F> {
+    /// Drops the handler's future, keeping a panic in its drop here.
+    #[inline(always)]
+    fn release(&mut self) {
+        if let Some(inner) = self.inner.take()
+            && let Err(payload) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(inner)))
+        {
+            tracing::error!(
+                kind = %self.kind,
+                message = self.name,
+                panic = %crate::panic::panic_message(payload.as_ref()),
+                "a handler's future panicked when it was dropped; the panic stops here"
+            );
+        }
+    }
+}
+
+impl<F: Unpin> Drop for Guarded<F> {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
 impl<T, F> Future for Guarded<F>
 where
-    F: Future<Output = Result<T, crate::HandlerError>>,
+    F: Future<Output = Result<T, crate::HandlerError>> + Unpin,
 {
     type Output = Result<T, DispatchError>;
 
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let inner = this.inner;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(Ok(out))) => Poll::Ready(Ok(out)),
-            Ok(Poll::Ready(Err(e))) => Poll::Ready(Err(DispatchError::Handler(e))),
-            Err(payload) => Poll::Ready(Err(DispatchError::Panicked {
-                kind: *this.kind,
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            panic!("a dispatch polled after it completed");
+        };
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Pin::new(inner).poll(cx)));
+        let output = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Ok(out))) => Ok(out),
+            Ok(Poll::Ready(Err(e))) => Err(DispatchError::Handler(e)),
+            Err(payload) => Err(DispatchError::Panicked {
+                kind: this.kind,
                 name: this.name,
                 message: crate::panic::panic_message(payload.as_ref()),
-            })),
-        }
+            }),
+        };
+        this.release();
+        Poll::Ready(output)
     }
 }

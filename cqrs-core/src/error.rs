@@ -227,7 +227,9 @@ pub enum DispatchError {
         /// The message's wire name.
         name: &'static str,
     },
-    /// The handler returned an error; its kind says how to handle it.
+    /// The handler returned an error, or a layer refused with a [`HandlerError`] (an
+    /// authorization layer's `forbidden`): its kind says how to handle it, whichever of them
+    /// refused.
     #[error(transparent)]
     Handler(#[from] HandlerError),
     /// The handler panicked. The bus is unaffected; this one message failed. A bug to fix.
@@ -251,7 +253,8 @@ pub enum DispatchError {
         /// The budget that ran out.
         after: Duration,
     },
-    /// A middleware layer refused or failed the dispatch. Its error is the source. A layer
+    /// A middleware layer failed the dispatch with an error of its own (not a
+    /// [`HandlerError`], which is [`DispatchError::Handler`]). Its error is the source. A layer
     /// that panicked is reported here too (kind `internal`); a handler's panic is
     /// [`DispatchError::Panicked`].
     #[error("middleware failed the dispatch: {0}")]

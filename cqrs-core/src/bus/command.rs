@@ -192,6 +192,11 @@ impl<L> CommandBusBuilder<L> {
     /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`]. A
     /// layer may take the events out of the [`Reply`] first (an outbox: `cqrs-postgres`'s
     /// command layer does unless told to keep them), and the sink then gets none.
+    ///
+    /// The sink runs after the layers, outside them: this bus's timeout and metrics layers do
+    /// not cover it. Give an [`EventBus`](crate::EventBus) used as the sink layers of its own
+    /// (a [`TimeoutLayer`](crate::middleware::TimeoutLayer), so a hanging event handler cannot
+    /// hold the command's caller for ever).
     pub fn event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.sink = Some(sink);
         self
@@ -248,6 +253,7 @@ async fn execute_layered<C: Command>(
     Ok(Executed {
         output,
         events: reply.events,
+        extensions: reply.extensions,
     })
 }
 
@@ -299,6 +305,10 @@ pub struct Executed<O> {
     pub output: O,
     /// The events the handler recorded, in order (unless a layer took them).
     pub events: Vec<EventEnvelope>,
+    /// The context's extensions after the handler and the layers ran: what a caller handed in
+    /// with [`CommandBus::execute_with_extensions`] (a unit of work), back, with whatever the
+    /// handler or a layer added.
+    pub extensions: Extensions,
 }
 
 impl CommandBus {
@@ -407,9 +417,11 @@ impl CommandBus {
             started(|| handler.handle(command, &mut ctx)),
         )
         .await?;
+        let (events, extensions) = ctx.into_parts();
         Ok(Executed {
             output,
-            events: ctx.take_recorded(),
+            events,
+            extensions,
         })
     }
 

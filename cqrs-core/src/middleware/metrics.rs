@@ -19,6 +19,10 @@ use tower::{Layer, Service};
 /// Label values are the message's wire name and fixed words, never ids, so cardinality stays
 /// bounded. Install any `metrics` recorder (a Prometheus exporter, say) to collect them.
 ///
+/// A command's [`EventSink`](crate::EventSink) runs after the layers, so neither its time nor
+/// its failure is in these figures: a sink that is an [`EventBus`](crate::EventBus) takes a
+/// `MetricsLayer` of its own, which records each publish.
+///
 /// ```
 /// use cqrs_core::{CommandBus, middleware::MetricsLayer};
 ///

@@ -15,6 +15,13 @@ use tower::{Layer, Service};
 /// runtime must have tokio's time driver (`enable_time`, or `enable_all`, as `#[tokio::main]`
 /// has): without it, the first dispatch that waits panics in tokio.
 ///
+/// What the budget covers, as with tower's own `Timeout`: the dispatch through the layers
+/// inside this one and the handler. Not covered: waiting for those layers to be ready
+/// (`poll_ready`: a concurrency limit's queue, for instance; put such a layer outside this
+/// one, or bound it itself), and a command's [`EventSink`](crate::EventSink), which runs
+/// after the layers: a sink that is an [`EventBus`](crate::EventBus) takes a `TimeoutLayer` of
+/// its own.
+///
 /// ```
 /// use cqrs_core::{CommandBus, middleware::TimeoutLayer};
 /// use std::time::Duration;

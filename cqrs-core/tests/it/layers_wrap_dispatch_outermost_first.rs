@@ -290,3 +290,65 @@ fn a_layer_gets_back_what_it_lent_the_handler() {
         assert_eq!(*back.lock().unwrap(), [true, true], "command, then query");
     });
 }
+
+/// A value a caller hands to the handler through the extensions; the handler counts on it.
+struct Tally(u32);
+
+struct Count;
+
+impl cqrs_core::Message for Count {
+    const NAME: &'static str = "test.count";
+}
+
+impl cqrs_core::Command for Count {
+    type Output = ();
+}
+
+struct CountHandler;
+
+#[cqrs_core::async_trait]
+impl cqrs_core::CommandHandler<Count> for CountHandler {
+    async fn handle(
+        &self,
+        _cmd: Count,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<(), HandlerError> {
+        let tally = ctx
+            .extensions_mut()
+            .get_mut::<Tally>()
+            .ok_or_else(|| HandlerError::invalid("no_tally", "no tally handed in"))?;
+        tally.0 += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn execute_hands_the_extensions_back_with_what_the_handler_did_to_them() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let bare = CommandBus::builder().handler(CountHandler).build().unwrap();
+    let layered = CommandBus::builder()
+        .layer(MarkLayer {
+            name: "outer",
+            log,
+            refuse: false,
+        })
+        .handler(CountHandler)
+        .build()
+        .unwrap();
+    run(async {
+        for (bus, path) in [(&bare, "bare"), (&layered, "layered")] {
+            let mut extensions = cqrs_core::Extensions::new();
+            extensions.insert(Tally(41));
+            let executed = bus
+                .execute_with_extensions(Count, cqrs_core::Metadata::new(), extensions)
+                .await
+                .unwrap();
+            let tally = executed.extensions.get::<Tally>().map(|t| t.0);
+            assert_eq!(
+                tally,
+                Some(42),
+                "{path}: the caller gets its value back, counted"
+            );
+        }
+    });
+}
