@@ -536,10 +536,14 @@ impl<P: Send + Sync + 'static> Session<P> {
     }
 
     async fn unsubscribe(&mut self, name: String) {
-        let Some(held) = Topic::parse(&name)
-            .ok()
-            .and_then(|topic| self.subscriptions.remove(&topic))
-        else {
+        // A topic that is not well-formed gets the answer `subscribe` gives it.
+        let topic = match Topic::parse(&name) {
+            Ok(topic) => topic,
+            Err(error) => {
+                return self.send_error(ErrorCode::InvalidTopic, &error.to_string(), Some(&name));
+            }
+        };
+        let Some(held) = self.subscriptions.remove(&topic) else {
             return self.send_error(
                 ErrorCode::NotSubscribed,
                 "not subscribed to this topic",
