@@ -38,6 +38,9 @@ pub struct ApiError {
     pub details: Option<serde_json::Value>,
     /// Seconds for `Retry-After` (429, 503).
     pub retry_after: Option<u64>,
+    /// The `error` of a 401's `WWW-Authenticate: Bearer` challenge (RFC 6750), when the
+    /// request's credentials were wrong rather than missing.
+    bearer_error: Option<&'static str>,
 }
 
 impl ApiError {
@@ -49,6 +52,7 @@ impl ApiError {
             message: message.into(),
             details: None,
             retry_after: None,
+            bearer_error: None,
         }
     }
 
@@ -77,6 +81,25 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 503 `timeout` with `Retry-After`: the request ran past its time budget. Its advice
+    /// depends on the route: one that takes an `Idempotency-Key` (`idempotency_key`) is told
+    /// to retry with the same key, since a change may have been applied; any other only to
+    /// try again, as it has no key to send.
+    pub fn timeout(idempotency_key: bool) -> Self {
+        let message = if idempotency_key {
+            "the request ran past its time budget; a change may have been applied: retry with \
+             the same Idempotency-Key to be safe"
+        } else {
+            "the request ran past its time budget; try again shortly"
+        };
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message).with_retry_after(1)
+    }
+
+    /// Whether this is the 503 `timeout` of a request that ran past its time budget.
+    pub fn is_timeout(&self) -> bool {
+        self.status == StatusCode::SERVICE_UNAVAILABLE && self.code == "timeout"
+    }
+
     /// Adds details.
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
         self.details = Some(details);
@@ -86,6 +109,15 @@ impl ApiError {
     /// Adds `Retry-After`.
     pub fn with_retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+
+    /// Names what was wrong with the bearer token in a 401's challenge (RFC 6750):
+    /// `invalid_token` (bad signature, expired, no such user) or `invalid_request` (not a
+    /// bearer token). Every 401 carries `WWW-Authenticate: Bearer` (RFC 7235 requires a
+    /// challenge); this adds `error="..."` to it.
+    pub fn with_bearer_error(mut self, error: &'static str) -> Self {
+        self.bearer_error = Some(error);
         self
     }
 
@@ -116,8 +148,9 @@ impl ApiError {
 }
 
 impl From<crate::AuthError> for ApiError {
-    /// 401 `unauthorized`, or 503 `unavailable` (retry after a second) when the user store could
-    /// not be asked.
+    /// 401 `unauthorized` (challenging with `error="invalid_token"` or `"invalid_request"` when
+    /// a token was sent), or 503 `unavailable` (retry after a second) when the user store
+    /// could not be asked.
     fn from(e: crate::AuthError) -> Self {
         if e.is_unavailable() {
             ApiError::new(
@@ -127,7 +160,13 @@ impl From<crate::AuthError> for ApiError {
             )
             .with_retry_after(1)
         } else {
-            ApiError::unauthorized(e.to_string())
+            let error = ApiError::unauthorized(e.to_string());
+            match e {
+                // No credentials: the bare challenge, as RFC 6750 asks.
+                crate::AuthError::Missing => error,
+                crate::AuthError::Malformed => error.with_bearer_error("invalid_request"),
+                _ => error.with_bearer_error("invalid_token"),
+            }
         }
     }
 }
@@ -206,12 +245,8 @@ impl From<DispatchError> for ApiError {
     fn from(e: DispatchError) -> Self {
         match e {
             DispatchError::Handler(h) => h.into(),
-            DispatchError::Timeout { .. } => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                "the request ran past its time budget; a change may have been applied: retry with the same Idempotency-Key to be safe",
-            )
-            .with_retry_after(1),
+            // Advice for any route; one that takes an `Idempotency-Key` gives its own.
+            DispatchError::Timeout { .. } => ApiError::timeout(false),
             other => match other.handler_error() {
                 Some(h) => h.into(),
                 None => {
@@ -236,6 +271,16 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            let challenge = match self.bearer_error {
+                Some(error) => HeaderValue::from_str(&format!("Bearer error=\"{error}\""))
+                    .unwrap_or(HeaderValue::from_static("Bearer")),
+                None => HeaderValue::from_static("Bearer"),
+            };
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge);
         }
         response
     }

@@ -31,12 +31,21 @@ fn is_json(parts: &HeaderMap) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether reading the body failed because the client stopped sending it (the gateway's body
-/// timeout): the client's doing, so a 408, not a retryable 503.
+/// The error a request body fails with when it has not all arrived by its deadline: the
+/// gateway gives every body one, half the request's time budget, so a body that stops or
+/// trickles in is answered before the budget runs out. [`ApiJson`] answers it 408
+/// `request_timeout`: the client's doing, so no advice to retry.
+#[derive(Debug, Clone, Copy, Default, thiserror::Error)]
+#[error("the request body did not arrive before its deadline")]
+pub struct BodyDeadlineElapsed;
+
+/// Whether reading the body failed because the client did not send it in time (the gateway's
+/// body deadline, or tower-http's body timeout): the client's doing, so a 408, not a
+/// retryable 503.
 fn stalled(error: &BytesRejection) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(error) = next {
-        if error.is::<tower_http::timeout::TimeoutError>() {
+        if error.is::<BodyDeadlineElapsed>() || error.is::<tower_http::timeout::TimeoutError>() {
             return true;
         }
         next = error.source();
@@ -68,7 +77,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             other if stalled(&other) => ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                "the body stopped arriving before it was complete: send it whole",
+                "the body did not arrive in time (it stopped, or came too slowly): send it whole",
             ),
             other => ApiError::bad_request(
                 "unreadable_body",
@@ -353,7 +362,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
         let mut client = peer;
         for hop in hops.iter().rev() {
             // An address we cannot read: nothing to its left can be believed either.
-            let Ok(ip) = hop.parse::<IpAddr>().map(|ip| ip.to_canonical()) else {
+            let Some(ip) = forwarded_address(hop) else {
                 break;
             };
             client = ip;
@@ -363,6 +372,24 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
         }
         Ok(ClientAddr(Some(client)))
     }
+}
+
+/// The address of one `X-Forwarded-For` entry, canonical: a bare address (`203.0.113.7`,
+/// `2001:db8::1`), or, as some proxies write it, with a port (`203.0.113.7:51234`,
+/// `[2001:db8::1]:443`) or in brackets without one (`[2001:db8::1]`). `None` for anything else.
+fn forwarded_address(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|addr| addr.ip()))
+        .or_else(|_| {
+            hop.strip_prefix('[')
+                .and_then(|rest| rest.strip_suffix(']'))
+                .ok_or(())
+                .and_then(|inner| inner.parse::<std::net::Ipv6Addr>().map_err(|_| ()))
+                .map(IpAddr::V6)
+        })
+        .ok()?;
+    Some(ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -375,6 +402,74 @@ mod tests {
             headers.append(*name, value.parse().unwrap());
         }
         headers
+    }
+
+    /// An `X-Forwarded-For` entry may carry a port, or brackets around an IPv6 address;
+    /// anything else is not an address.
+    #[test]
+    fn forwarded_addresses_are_read_with_or_without_a_port() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(forwarded_address("203.0.113.7"), ip("203.0.113.7"));
+        assert_eq!(forwarded_address("203.0.113.7:51234"), ip("203.0.113.7"));
+        assert_eq!(forwarded_address("2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(forwarded_address("[2001:db8::1]:443"), ip("2001:db8::1"));
+        assert_eq!(forwarded_address("[2001:db8::1]"), ip("2001:db8::1"));
+        assert_eq!(forwarded_address("[::ffff:192.0.2.1]:80"), ip("192.0.2.1"));
+        assert_eq!(forwarded_address("::ffff:192.0.2.1"), ip("192.0.2.1"));
+        for garbage in [
+            "",
+            "unknown",
+            "_hidden",
+            "203.0.113.7:",
+            "203.0.113.7:99999",
+            "[203.0.113.7]",
+            "[203.0.113.7]:80",
+            "[2001:db8::1",
+            "2001:db8::1]",
+            "[2001:db8::1]:",
+            "[[2001:db8::1]]",
+            "203.0.113.7 :80",
+        ] {
+            assert_eq!(forwarded_address(garbage), None, "{garbage:?}");
+        }
+    }
+
+    /// Behind a trusted proxy, entries with ports are read too: the client is told apart by
+    /// its address, and an entry that is no address still stops the walk.
+    #[test]
+    fn the_client_address_is_read_from_entries_with_ports() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let client = |forwarded: &str| {
+            let request = axum::http::Request::builder()
+                .header("x-forwarded-for", forwarded)
+                .extension(ConnectInfo("127.0.0.1:5000".parse::<SocketAddr>().unwrap()))
+                .extension(TrustedProxies::new([
+                    "127.0.0.1".parse().unwrap(),
+                    "10.0.0.1".parse().unwrap(),
+                ]))
+                .body(())
+                .unwrap();
+            let (mut parts, ()) = request.into_parts();
+            let ClientAddr(client) = runtime
+                .block_on(ClientAddr::from_request_parts(&mut parts, &()))
+                .unwrap();
+            client.map(|ip| ip.to_string())
+        };
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(client("198.51.100.1:5000"), some("198.51.100.1"));
+        assert_eq!(
+            client("198.51.100.1, [2001:db8::7]:443, 10.0.0.1:80"),
+            some("2001:db8::7")
+        );
+        assert_eq!(client("[2001:db8::7]"), some("2001:db8::7"));
+        // Garbage stops the walk at the last address read, as before.
+        assert_eq!(
+            client("198.51.100.1, garbage, 10.0.0.1:80"),
+            some("10.0.0.1")
+        );
+        assert_eq!(client("garbage"), some("127.0.0.1"));
     }
 
     #[test]

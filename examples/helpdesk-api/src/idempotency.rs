@@ -33,7 +33,7 @@ where
     Fut: Future<Output = Result<(StatusCode, T), ApiError>>,
 {
     let Some(key) = parse_key(headers)? else {
-        let (status, body) = work().await?;
+        let (status, body) = work().await.map_err(with_key_advice)?;
         return Ok((status, Json(body)).into_response());
     };
     let scope = format!("user:{}", user.id);
@@ -41,7 +41,7 @@ where
     match store.claim(&scope, key, &fingerprint, ttl).await {
         Ok(Claim::Replay(stored)) => Ok(replay(stored)),
         Ok(Claim::New(guard)) => {
-            let (status, body) = work().await?;
+            let (status, body) = work().await.map_err(with_key_advice)?;
             // A 500 that says only that the server failed: the serializer's text, which may
             // quote the body, is logged by the conversion, never sent.
             let body = serde_json::to_value(body)
@@ -78,7 +78,11 @@ where
     C::Output: Serialize,
 {
     let Some(key) = parse_key(headers)? else {
-        let output = executor.bus().dispatch_with(command, metadata).await?;
+        let output = executor
+            .bus()
+            .dispatch_with(command, metadata)
+            .await
+            .map_err(|e| with_key_advice(e.into()))?;
         return Ok((status, Json(output)).into_response());
     };
     let key = IdempotencyKey::new(
@@ -97,7 +101,7 @@ where
         .await
         .map_err(|e| match e.handler_error() {
             Some(h) if h.code() == "idempotency_key_reused" => reused(),
-            _ => ApiError::from(e),
+            _ => with_key_advice(ApiError::from(e)),
         })?;
     Ok(match done {
         Idempotent::Replayed(stored) => replay(stored),
@@ -123,6 +127,15 @@ fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
                 "Idempotency-Key must be 1 to 255 visible ASCII characters",
             )
         })
+}
+
+/// A time-out on a route that takes an `Idempotency-Key` tells the client to retry with it.
+fn with_key_advice(error: ApiError) -> ApiError {
+    if error.is_timeout() {
+        ApiError::timeout(true)
+    } else {
+        error
+    }
 }
 
 fn reused() -> ApiError {
@@ -167,6 +180,50 @@ mod tests {
     impl Serialize for Unserializable {
         fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
             Err(serde::ser::Error::custom("secret_column of db-7.internal"))
+        }
+    }
+
+    /// A dispatch that runs past its budget is a 503 `timeout` telling the client to retry
+    /// with the same `Idempotency-Key` here, on a route that takes one, and not elsewhere.
+    #[test]
+    fn a_time_out_advises_the_idempotency_key_only_where_the_route_takes_one() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let timed_out = || {
+            ApiError::from(cqrs_core::DispatchError::Timeout {
+                kind: cqrs_core::MessageKind::Command,
+                name: "tickets.open",
+                after: Duration::from_secs(1),
+            })
+        };
+        let elsewhere = timed_out();
+        assert!(elsewhere.is_timeout(), "{elsewhere}");
+        assert!(
+            !elsewhere.message.contains("Idempotency-Key"),
+            "{elsewhere}"
+        );
+        let user = User {
+            id: Uuid::nil(),
+            role: crate::Role::Customer,
+        };
+        let store = InMemoryIdempotencyStore::new();
+        let mut with_key = HeaderMap::new();
+        with_key.insert(HEADER, "key-2".parse().unwrap());
+        for headers in [HeaderMap::new(), with_key] {
+            let error = runtime
+                .block_on(once(
+                    &store,
+                    &headers,
+                    &user,
+                    b"request",
+                    Duration::from_secs(60),
+                    || async { Err::<(StatusCode, ()), _>(timed_out()) },
+                ))
+                .unwrap_err();
+            assert!(error.is_timeout(), "{error}");
+            assert_eq!(error.retry_after, Some(1));
+            assert!(error.message.contains("Idempotency-Key"), "{error}");
         }
     }
 

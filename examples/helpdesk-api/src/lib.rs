@@ -24,8 +24,8 @@ pub use backends::{
 };
 pub use error::{ApiError, ErrorBody};
 pub use extract::{
-    ApiJson, ApiPath, ApiQuery, Authenticated, ClientAddr, RequestMetadata, TrustedProxies,
-    bearer_token,
+    ApiJson, ApiPath, ApiQuery, Authenticated, BodyDeadlineElapsed, ClientAddr, RequestMetadata,
+    TrustedProxies, bearer_token,
 };
 pub use validation::{
     has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi, reject_nul,

@@ -3,7 +3,7 @@
 use crate::agents::AgentList;
 use crate::client::client_key;
 use crate::hashing::Hashing;
-use crate::throttle::LoginThrottle;
+use crate::throttle::{CountedAttempts, LoginThrottle};
 use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
@@ -305,6 +305,16 @@ fn too_many_attempts(seconds: u64, message: &'static str) -> HandlerError {
         .with_details(json!({ "retry_after": seconds }))
 }
 
+/// What a login's check found, when the server could finish it.
+enum Checked {
+    /// The pair or the address is blocked for this many seconds: no password was checked.
+    Blocked(u64),
+    /// The email is unknown or the password wrong.
+    Wrong,
+    /// The password is right.
+    Right(UserRecord),
+}
+
 #[async_trait]
 impl CommandHandler<LogIn> for LogInHandler {
     async fn handle(
@@ -327,25 +337,55 @@ impl CommandHandler<LogIn> for LogInHandler {
         let address_key = format!("address|{client}");
         // The turn to hash comes first: a login refused as `busy` is no attempt.
         let turn = self.hashing.turn(cmd.client).await?;
-        if let Some(seconds) = self.address_throttle.attempt(&address_key).await? {
-            return Err(too_many_attempts(seconds, FAILED_LOGINS));
+        // Counted now, in the same step as the check of the limit, so concurrent guesses
+        // cannot all pass it; kept only once the password is checked and found wrong.
+        let mut counted = CountedAttempts::new();
+        let checked = async {
+            if let Some(seconds) = counted
+                .attempt(&self.address_throttle, &address_key)
+                .await?
+            {
+                return Ok(Checked::Blocked(seconds));
+            }
+            // Once blocked, not checked: no failure of the address's either.
+            if let Some(seconds) = counted.attempt(&self.throttle, &key).await? {
+                return Ok(Checked::Blocked(seconds));
+            }
+            let user = self.users.by_email(&email).await?;
+            let hash = user
+                .as_ref()
+                .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
+            let ok = Hashing::verify_password(turn, cmd.password, hash).await? && user.is_some();
+            Ok::<_, HandlerError>(match user.filter(|_| ok) {
+                Some(user) => Checked::Right(user),
+                None => Checked::Wrong,
+            })
         }
-        if let Some(seconds) = self.throttle.attempt(&key).await? {
-            // Not checked, so no failure of the address's either.
-            self.address_throttle.succeeded(&address_key).await?;
-            return Err(too_many_attempts(seconds, FAILED_LOGINS));
-        }
-        let user = self.users.by_email(&email).await?;
-        let hash = user
-            .as_ref()
-            .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
-        let ok = Hashing::verify_password(turn, cmd.password, hash).await? && user.is_some();
-        // A failure stays counted, for the pair and for the address.
-        let Some(user) = user.filter(|_| ok) else {
-            return Err(invalid_credentials());
+        .await;
+        let user = match checked {
+            // Checked and wrong: a failure, for the pair and for the address.
+            Ok(Checked::Wrong) => {
+                counted.keep();
+                return Err(invalid_credentials());
+            }
+            Ok(Checked::Right(user)) => {
+                counted.take_back().await?;
+                user
+            }
+            Ok(Checked::Blocked(seconds)) => {
+                if let Err(e) = counted.take_back().await {
+                    tracing::warn!(error = %e, "a blocked login's attempt stays counted");
+                }
+                return Err(too_many_attempts(seconds, FAILED_LOGINS));
+            }
+            // The server could not tell: no failure of the client's.
+            Err(e) => {
+                if let Err(undo) = counted.take_back().await {
+                    tracing::warn!(error = %undo, "a failed login's attempt stays counted");
+                }
+                return Err(e);
+            }
         };
-        self.throttle.succeeded(&key).await?;
-        self.address_throttle.succeeded(&address_key).await?;
         let principal = User {
             id: user.id,
             role: self.agents.role_of(&user.email, user.role),
@@ -390,6 +430,8 @@ mod tests {
     use crate::users::InMemoryUserStore;
     use cqrs_core::Metadata;
     use cqrs_core::clock::ManualClock;
+    use cqrs_core::ports::StoreError;
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     const PASSWORD: &str = "correct horse battery";
@@ -463,6 +505,158 @@ mod tests {
                 "{refused:?}"
             );
         }
+    }
+
+    /// Users in memory that fail (as an unreachable database would) or hang on demand.
+    #[derive(Clone, Default)]
+    struct FlakyUsers {
+        users: InMemoryUserStore,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+        hanging: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FlakyUsers {
+        async fn check(&self) -> Result<(), StoreError> {
+            if self.hanging.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable {
+                    backend: "postgres",
+                    source: "connection refused".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl UserStore for FlakyUsers {
+        async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
+            self.check().await?;
+            self.users.create(user).await
+        }
+
+        async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+            self.check().await?;
+            self.users.by_email(email).await
+        }
+
+        async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+            self.check().await?;
+            self.users.by_id(id).await
+        }
+    }
+
+    /// A throttle in memory whose `attempt` fails on demand.
+    struct FlakyThrottle {
+        inner: InMemoryLoginThrottle,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[async_trait]
+    impl LoginThrottle for FlakyThrottle {
+        async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable {
+                    backend: "postgres",
+                    source: "connection refused".into(),
+                });
+            }
+            self.inner.attempt(key).await
+        }
+
+        async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.succeeded(key).await
+        }
+    }
+
+    /// Logins the server could not finish (the user store failed, the throttle failed after
+    /// the address was counted, the login was dropped part-way) count as no failure, for the
+    /// email and address or for the address: with a limit of one, a single one counted would
+    /// block the correct password that follows each.
+    #[tokio::test]
+    async fn logins_the_server_could_not_finish_are_not_failures() {
+        cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+            let clock = Arc::new(ManualClock::new());
+            let users = FlakyUsers::default();
+            users
+                .users
+                .create(UserRecord {
+                    id: Uuid::now_v7(),
+                    email: "c@example.com".into(),
+                    role: Role::Customer,
+                    display_name: None,
+                    password_hash: argon2_hash(PASSWORD.as_bytes()).unwrap(),
+                    created_at: clock.now(),
+                })
+                .await
+                .unwrap();
+            let throttle_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let one_failure =
+                || InMemoryLoginThrottle::new(clock.clone(), 1, Duration::from_secs(60));
+            let handler = LogInHandler {
+                users: Arc::new(users.clone()),
+                hashing: Hashing::new(2, Duration::from_secs(5)),
+                throttle: Arc::new(FlakyThrottle {
+                    inner: one_failure(),
+                    failing: throttle_failing.clone(),
+                }),
+                address_throttle: Arc::new(one_failure()),
+                tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
+                dummy_hash: Arc::new(dummy_hash().unwrap()),
+                agents: AgentList::new(Arc::default(), None),
+            };
+            let login = |password: &str| {
+                let login = LogIn {
+                    email: "c@example.com".into(),
+                    password: password.into(),
+                    client: Some([192, 0, 2, 9].into()),
+                };
+                let handler = &handler;
+                async move {
+                    handler
+                        .handle(login, &mut CommandContext::new(Metadata::new()))
+                        .await
+                }
+            };
+
+            users.failing.store(true, Ordering::SeqCst);
+            let failed = login(PASSWORD).await.unwrap_err();
+            assert_eq!(failed.kind(), ErrorKind::Unavailable, "{failed:?}");
+            users.failing.store(false, Ordering::SeqCst);
+            login(PASSWORD).await.expect("a store error is no failure");
+
+            throttle_failing.store(true, Ordering::SeqCst);
+            let failed = login(PASSWORD).await.unwrap_err();
+            assert_eq!(failed.kind(), ErrorKind::Unavailable, "{failed:?}");
+            throttle_failing.store(false, Ordering::SeqCst);
+            login(PASSWORD)
+                .await
+                .expect("the address's count is taken back when the pair's fails");
+
+            users.hanging.store(true, Ordering::SeqCst);
+            let dropped = tokio::time::timeout(Duration::from_millis(50), login(PASSWORD)).await;
+            assert!(dropped.is_err(), "the login hangs until it is dropped");
+            users.hanging.store(false, Ordering::SeqCst);
+            // The dropped login's counts are taken back on a task of their own.
+            loop {
+                match login(PASSWORD).await {
+                    Ok(_) => break,
+                    Err(e) if e.code() == "too_many_attempts" => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+
+            // A wrong password still counts.
+            let wrong = login("a wrong password").await.unwrap_err();
+            assert_eq!(wrong.code(), "invalid_credentials");
+            let blocked = login(PASSWORD).await.unwrap_err();
+            assert_eq!(blocked.code(), "too_many_attempts", "{blocked:?}");
+        })
+        .await;
     }
 
     fn register(email: &str, code: &str, client: [u8; 4]) -> RegisterUser {

@@ -164,7 +164,10 @@ async fn me(
         .queries
         .dispatch_with(GetUser(user.id), metadata)
         .await?
-        .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
+        .ok_or_else(|| {
+            ApiError::unauthorized("the token's user no longer exists")
+                .with_bearer_error("invalid_token")
+        })?;
     Ok(Json(Me {
         user_id: record.id,
         email: record.email,

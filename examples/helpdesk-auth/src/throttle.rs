@@ -22,6 +22,82 @@ pub trait LoginThrottle: Send + Sync + 'static {
     async fn succeeded(&self, key: &str) -> Result<(), StoreError>;
 }
 
+/// The attempts one login counted, taken back unless the login is found to be a failure.
+///
+/// Only a login whose password was checked and found wrong (or whose email is unknown) is a
+/// failed attempt. One the server could not finish (a store error, a throttle error after the
+/// first count, or a future dropped at an `.await`: a time-out, a client gone) must not count,
+/// or an outage would lock clients out. [`keep`](Self::keep) says the login failed; otherwise
+/// [`take_back`](Self::take_back) undoes the counts, and a guard dropped before either (the
+/// login was cancelled) takes them back on a task of its own.
+#[must_use = "dropping it takes the counts back on a task; say what happened instead"]
+pub(crate) struct CountedAttempts {
+    counted: Vec<(Arc<dyn LoginThrottle>, String)>,
+}
+
+impl CountedAttempts {
+    /// Nothing counted yet.
+    pub(crate) fn new() -> Self {
+        Self {
+            counted: Vec::new(),
+        }
+    }
+
+    /// Counts an attempt for `key` on `throttle`, unless the key is blocked: then returns the
+    /// seconds until it may try again, as [`LoginThrottle::attempt`] does.
+    pub(crate) async fn attempt(
+        &mut self,
+        throttle: &Arc<dyn LoginThrottle>,
+        key: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let blocked = throttle.attempt(key).await?;
+        if blocked.is_none() {
+            self.counted.push((throttle.clone(), key.to_owned()));
+        }
+        Ok(blocked)
+    }
+
+    /// The password was checked and found wrong: the counts stay.
+    pub(crate) fn keep(mut self) {
+        self.counted.clear();
+    }
+
+    /// Takes every count back (the login succeeded, or the server could not finish it). Tries
+    /// each, and returns the first error.
+    pub(crate) async fn take_back(mut self) -> Result<(), StoreError> {
+        let mut first_error = None;
+        // Popped before it is awaited: a take-back cancelled part-way is not repeated by the
+        // drop, which would take back a failure of another login.
+        while let Some((throttle, key)) = self.counted.pop() {
+            if let Err(e) = throttle.succeeded(&key).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for CountedAttempts {
+    fn drop(&mut self) {
+        if self.counted.is_empty() {
+            return;
+        }
+        let counted = std::mem::take(&mut self.counted);
+        // A drop cannot wait: the login's future was dropped, so the take-back runs on its own.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("a cancelled login's attempts stay counted: no runtime to undo them");
+            return;
+        };
+        runtime.spawn(async move {
+            for (throttle, key) in counted {
+                if let Err(e) = throttle.succeeded(&key).await {
+                    tracing::warn!(error = %e, "a cancelled login's attempt stays counted");
+                }
+            }
+        });
+    }
+}
+
 /// How many attempts between two sweeps of keys whose attempts all left the window.
 const SWEEP_EVERY: u64 = 1024;
 

@@ -307,6 +307,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let runtime = Arc::new(runtime.start());
 
     let (plugin_router, paths, schemas) = api.into_all();
+    let idempotent_routes = http::IdempotentRoutes::documented_in(&paths);
     let openapi = openapi_document(paths, schemas);
     let router = http::router(http::State {
         plugin_router: plugin_router.route("/ws", hub.route()),
@@ -315,6 +316,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         authenticator,
         request_timeout: budget,
         trusted_proxies: TrustedProxies::new(config.trusted_proxies.iter().copied()),
+        idempotent_routes,
     });
     Ok(App {
         router,

@@ -1,5 +1,6 @@
 //! The gateway's router: plugin routes, operations routes, JSON fallbacks and the layers.
 
+use crate::body_deadline::BodyDeadlineLayer;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
@@ -8,16 +9,16 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use cqrs_core::runtime::{Health, Runtime};
-use helpdesk_api::{ApiError, Authenticator, TrustedProxies};
+use helpdesk_api::{ApiError, Authenticator, TrustedProxies, idempotency};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -34,6 +35,45 @@ pub(crate) struct State {
     pub(crate) authenticator: Arc<dyn Authenticator>,
     pub(crate) request_timeout: Duration,
     pub(crate) trusted_proxies: TrustedProxies,
+    pub(crate) idempotent_routes: IdempotentRoutes,
+}
+
+/// The routes that take an `Idempotency-Key`, as (method, route template): those whose
+/// OpenAPI operation documents the header. A request that runs past its budget is told to
+/// retry with the same key only on these; another route has no key to send.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct IdempotentRoutes(Arc<HashSet<(String, String)>>);
+
+impl IdempotentRoutes {
+    /// The operations of the OpenAPI `paths` object that take the header.
+    pub(crate) fn documented_in(paths: &serde_json::Map<String, Value>) -> Self {
+        let takes_the_key = |operation: &Value| {
+            operation["parameters"].as_array().is_some_and(|params| {
+                params.iter().any(|p| {
+                    p["in"] == "header"
+                        && p["name"]
+                            .as_str()
+                            .is_some_and(|n| n.eq_ignore_ascii_case(idempotency::HEADER))
+                })
+            })
+        };
+        let routes = paths
+            .iter()
+            .filter_map(|(path, operations)| Some((path, operations.as_object()?)))
+            .flat_map(|(path, operations)| {
+                operations
+                    .iter()
+                    .filter(|(_, operation)| takes_the_key(operation))
+                    .map(|(method, _)| (method.to_ascii_uppercase(), path.clone()))
+            })
+            .collect();
+        Self(Arc::new(routes))
+    }
+
+    /// Whether `method` on the route `template` takes the key.
+    fn take_a_key(&self, method: &Method, template: Option<&str>) -> bool {
+        template.is_some_and(|t| self.0.contains(&(method.as_str().to_owned(), t.to_owned())))
+    }
 }
 
 /// How long each of `/ready`'s checks may take: half the request timeout, so the report is
@@ -99,7 +139,10 @@ pub(crate) fn router(state: State) -> Router {
                         .on_response(DefaultOnResponse::new().level(Level::INFO)),
                 )
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
-                .layer(middleware::from_fn(json_errors))
+                .layer(middleware::from_fn_with_state(
+                    state.idempotent_routes.clone(),
+                    json_errors,
+                ))
                 // Inside the layers above, so that the request id, the access log line and the
                 // metrics see the 500 it makes of a panic, as of any answer.
                 .layer(middleware::from_fn(catch_panics))
@@ -107,9 +150,10 @@ pub(crate) fn router(state: State) -> Router {
                     StatusCode::SERVICE_UNAVAILABLE,
                     state.request_timeout,
                 ))
-                // A body that stops arriving for half the budget is answered 408 by the JSON
-                // extractor, before the budget's 503 (which tells clients to retry).
-                .layer(RequestBodyTimeoutLayer::new(state.request_timeout / 2))
+                // A body not all arrived within half the budget (it stopped, or trickles in)
+                // is answered 408 by the JSON extractor, before the budget's 503 (which tells
+                // clients to retry).
+                .layer(BodyDeadlineLayer::new(state.request_timeout / 2))
                 .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
                 .layer(Extension(state.authenticator.clone()))
@@ -213,7 +257,18 @@ async fn catch_panics(request: Request, next: Next) -> Response {
 /// (axum's rejections, tower-http's 413, the handlers), and turns a time-out into 503. Not
 /// hyper's own refusals (431 for too many or too large headers, 414, 400 for an unparsable
 /// request): hyper writes those before any request reaches the router, bodiless.
-async fn json_errors(request: Request, next: Next) -> Response {
+async fn json_errors(
+    axum::extract::State(idempotent): axum::extract::State<IdempotentRoutes>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let takes_a_key = idempotent.take_a_key(
+        request.method(),
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    );
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
@@ -232,10 +287,9 @@ async fn json_errors(request: Request, next: Next) -> Response {
             "payload_too_large",
             "the body is larger than the 64 KiB limit",
         ),
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => (
-            "timeout",
-            "the request ran past its time budget; a change may have been applied: retry with the same Idempotency-Key to be safe",
-        ),
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
+            return with_parts(response, ApiError::timeout(takes_a_key));
+        }
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => {
             ("method_not_allowed", "this route does not take that method")
@@ -248,15 +302,11 @@ async fn json_errors(request: Request, next: Next) -> Response {
         s if s.is_client_error() => ("bad_request", "the request was refused"),
         _ => ("internal", "the server failed; the error is logged"),
     };
-    let status = if status == StatusCode::REQUEST_TIMEOUT {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        status
-    };
-    let mut error = ApiError::new(status, code, message);
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        error = error.with_retry_after(1);
-    }
+    with_parts(response, ApiError::new(status, code, message))
+}
+
+/// `error`'s answer, with the headers of `response` it does not set itself.
+fn with_parts(response: Response, error: ApiError) -> Response {
     let (mut parts, _) = response.into_parts();
     let mut fresh = error.into_response();
     // Keep headers such as `Allow` and the request id; replace the body and its type.

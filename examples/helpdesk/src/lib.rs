@@ -10,6 +10,7 @@ use helpdesk_auth as _;
 use helpdesk_tickets as _;
 
 mod app;
+mod body_deadline;
 mod config;
 mod discard;
 mod http;

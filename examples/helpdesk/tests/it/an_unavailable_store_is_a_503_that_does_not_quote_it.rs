@@ -16,15 +16,20 @@ use uuid::Uuid;
 
 const SECRET: &str = "pool timed out on db-7.internal: relation auth_secret_users";
 
-/// Users in memory, or, once `down`, a store that fails as Postgres would, quoting `SECRET`.
+/// Users in memory, or, once `down`, a store that fails as Postgres would, quoting `SECRET`;
+/// once `hung`, one that never answers (a database that stopped responding).
 #[derive(Clone, Default)]
-struct FailingUsers {
-    users: InMemoryUserStore,
-    down: Arc<AtomicBool>,
+pub struct FailingUsers {
+    pub users: InMemoryUserStore,
+    pub down: Arc<AtomicBool>,
+    pub hung: Arc<AtomicBool>,
 }
 
 impl FailingUsers {
-    fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.hung.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.down.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable {
                 backend: "postgres",
@@ -34,22 +39,33 @@ impl FailingUsers {
             Ok(())
         }
     }
+
+    /// The hooks that make a server use these users.
+    pub fn hooks(&self) -> Hooks {
+        let provided: Arc<dyn UserStore> = Arc::new(self.clone());
+        Hooks {
+            provide: vec![Arc::new(move |registrar| {
+                registrar.provide(provided.clone());
+            })],
+            ..Hooks::default()
+        }
+    }
 }
 
 #[async_trait]
 impl UserStore for FailingUsers {
     async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
-        self.check()?;
+        self.check().await?;
         self.users.create(user).await
     }
 
     async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.users.by_email(email).await
     }
 
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.users.by_id(id).await
     }
 }
@@ -67,14 +83,8 @@ fn assert_unavailable_without_the_secret(r: &Response) {
 async fn the_503s_of_a_failing_user_store_do_not_quote_it() {
     within(async {
         let users = FailingUsers::default();
-        let provided: Arc<dyn UserStore> = Arc::new(users.clone());
-        let hooks = Hooks {
-            provide: vec![Arc::new(move |registrar| {
-                registrar.provide(provided.clone());
-            })],
-            ..Hooks::default()
-        };
-        let s = TestServer::start_with_hooks(Backend::from_env().await, hooks, |_| {}).await;
+        let s =
+            TestServer::start_with_hooks(Backend::from_env().await, users.hooks(), |_| {}).await;
         let (token, _) = s.customer().await;
         let mut ws = connect(&s, &token).await;
 

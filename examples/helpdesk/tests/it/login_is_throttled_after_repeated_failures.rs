@@ -235,3 +235,30 @@ async fn ipv6_clients_are_counted_by_their_64() {
     })
     .await;
 }
+
+/// Proxies that write the client's port into `X-Forwarded-For` (`198.51.100.1:5000`,
+/// `[2001:db8::1]:443`) still tell clients apart: one client's failures do not block another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_addresses_with_ports_are_told_apart() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        })
+        .await;
+        let address = email("ported");
+        s.user(&address).await;
+        fail_ten_times_from(&s, &address, "198.51.100.1:5000").await;
+        let blocked = login_via_proxy(&s, &address, PASSWORD, "198.51.100.1:5001").await;
+        assert_eq!(
+            blocked.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "same client"
+        );
+        let other = login_via_proxy(&s, &address, PASSWORD, "198.51.100.2:6000").await;
+        assert_eq!(other.status(), StatusCode::OK, "another client");
+        let v6 = login_via_proxy(&s, &address, PASSWORD, "[2001:db8::1]:443").await;
+        assert_eq!(v6.status(), StatusCode::OK, "an IPv6 client");
+        s.stop().await;
+    })
+    .await;
+}

@@ -80,6 +80,50 @@ async fn a_body_that_stops_arriving_gets_408() {
     .await;
 }
 
+/// A body that keeps trickling in, each byte well within the wait allowed between two, is the
+/// client's doing too: once half the budget has passed it gets 408 `request_timeout`, not the
+/// budget's 503 `timeout` with `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_in_gets_408() {
+    within(async {
+        let s = TestServer::start_with(|c| c.request_timeout_ms = 2_000).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        let stream = TcpStream::connect(&addr).await.unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        writer
+            .write_all(
+                b"POST /auth/register HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+                  content-length: 100\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        // The client's part of the scenario: a byte every 600 ms, never finishing in time.
+        let trickle = tokio::spawn(async move {
+            for _ in 0..50 {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                if writer.write_all(b" ").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut answer = vec![0; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        trickle.abort();
+        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"request_timeout\""), "{answer}");
+        assert!(
+            !answer.to_ascii_lowercase().contains("retry-after"),
+            "{answer}"
+        );
+        s.stop().await;
+    })
+    .await;
+}
+
 /// A client that sends requests and never reads the answers cannot hold its connection: once
 /// the socket's buffers are full, a write that makes no progress for the header timeout ends
 /// the connection (hyper waits to write with no timer of its own). Reading afterwards gets

@@ -1,0 +1,67 @@
+//! Every 401 carries `WWW-Authenticate: Bearer` (RFC 7235 requires a challenge), naming
+//! `error="invalid_token"` when the token sent was refused (RFC 6750), as the WebSocket
+//! handshake's 401 does.
+
+use crate::support::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[track_caller]
+fn assert_challenge(r: &Response, challenge: &str) {
+    r.assert_error(
+        StatusCode::UNAUTHORIZED,
+        r.body["error"]["code"].as_str().unwrap_or(""),
+    );
+    let header = r
+        .headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap());
+    assert_eq!(header, Some(challenge), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_401_challenges_with_www_authenticate_bearer() {
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+
+        let missing = s.send(Method::GET, "/auth/me", None, None).await;
+        assert_challenge(&missing, "Bearer");
+        assert_eq!(missing.body["error"]["code"], "unauthorized");
+
+        // The right header and payload, signed with another key.
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0], parts[1], "c2lnbmVkLWJ5LXNvbWVvbmUtZWxzZQ"
+        );
+        let refused = s.get("/auth/me", &forged).await;
+        assert_challenge(&refused, "Bearer error=\"invalid_token\"");
+
+        let tickets = s.send(Method::GET, "/tickets", Some("garbage"), None).await;
+        assert_challenge(&tickets, "Bearer error=\"invalid_token\"");
+
+        let not_bearer = s
+            .http
+            .get(s.url("/auth/me"))
+            .header("authorization", format!("Basic {token}"))
+            .send()
+            .await
+            .unwrap();
+        let not_bearer = Response::from(not_bearer).await;
+        assert_challenge(&not_bearer, "Bearer error=\"invalid_request\"");
+
+        let wrong_password = s
+            .send(
+                Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({ "email": email("nobody"), "password": "a guess" })),
+            )
+            .await;
+        assert_challenge(&wrong_password, "Bearer");
+        assert_eq!(wrong_password.body["error"]["code"], "invalid_credentials");
+        s.stop().await;
+    })
+    .await;
+}
