@@ -112,6 +112,27 @@ impl PgDatabase {
         &self.pool
     }
 
+    /// Begins a transaction of your own on the pool, at READ COMMITTED (what
+    /// [`PgEventStore::append_in`](crate::PgEventStore::append_in) needs), as this crate begins
+    /// its own: use it instead of `pool().begin()`.
+    ///
+    /// A caller that gives up while sqlx's `pool.begin()` waits for the server to confirm the
+    /// `BEGIN` (a timeout, a client gone) leaves the connection inside a transaction that sqlx
+    /// does not know of (sqlx 0.9 counts it only once confirmed): the pool hands it out again,
+    /// and the next user's writes stay uncommitted while reported as stored. This one sends
+    /// the `BEGIN` from a task of its own, which rolls an abandoned transaction back.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), sqlx::Error> {
+    /// let mut tx = db.begin().await?;
+    /// sqlx::query("SELECT 1").execute(&mut *tx).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        crate::sql::begin(&self.pool).await
+    }
+
     /// The schema that holds this crate's tables.
     pub fn schema(&self) -> &str {
         &self.sql.schema

@@ -108,8 +108,8 @@ impl PgEventStore {
     /// that transaction ends, so append last and commit soon. Conflicts are reported without
     /// aborting the transaction.
     ///
-    /// The transaction must be READ COMMITTED (what `pool.begin()` gives on a pool made by
-    /// [`PgOptions`](crate::PgOptions)): the append reads the stream's version after taking
+    /// The transaction must be READ COMMITTED (what [`PgDatabase::begin`](crate::PgDatabase::begin)
+    /// gives): the append reads the stream's version after taking
     /// the append lock, and under REPEATABLE READ or SERIALIZABLE it would read it from the
     /// transaction's first snapshot, missing appends that committed since (an `Any` append
     /// would fail). At another level the append does nothing and fails with
@@ -337,7 +337,7 @@ async fn not_read_committed(conn: &mut PgConnection, stream_id: &str) -> StoreEr
              `{level}`, and appends need `read committed` (under a transaction-wide snapshot \
              the append cannot see appends that committed since, so even an `Any` append would \
              fail); begin the transaction with `BEGIN ISOLATION LEVEL READ COMMITTED` \
-             (`pool.begin_with(..)`), or leave the pool's default, READ COMMITTED"
+             (`PgDatabase::begin` does)"
         )
         .into(),
     }

@@ -19,9 +19,10 @@ pub(crate) const PURGE_BATCH: i64 = 5_000;
 /// session's default, since its statements rely on each seeing what committed before it (a
 /// fresh snapshot after the append lock).
 ///
-/// The `BEGIN` runs in a task of its own, so it always completes: sqlx (0.9) counts a
-/// transaction only once the server confirmed its `BEGIN`, and a caller that gave up while
-/// the `BEGIN` was on the wire (a client gone, a timeout) left the connection inside a
+/// The wait for a connection runs on the caller's task (a caller that gives up leaves the
+/// pool's queue), and the `BEGIN` in a task of its own, so it always completes: sqlx (0.9)
+/// counts a transaction only once the server confirmed its `BEGIN`, and a caller that gave up
+/// while the `BEGIN` was on the wire (a client gone, a timeout) left the connection inside a
 /// transaction nothing would end. The pool then handed it out as clean, and the next user's
 /// writes were reported as stored while they stayed uncommitted, holding their locks. Now a
 /// transaction no one waits for any more is dropped in that task, which rolls it back before
@@ -29,14 +30,22 @@ pub(crate) const PURGE_BATCH: i64 = 5_000;
 pub(crate) async fn begin(
     pool: &sqlx::PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
-            .await
-    })
-    .await
-    // A panic in sqlx, or the runtime shutting down.
-    .unwrap_or(Err(sqlx::Error::WorkerCrashed))
+    use sqlx::SqlSafeStr;
+    use tracing::Instrument;
+    let connection = pool.acquire().await?;
+    // `Transaction::begin` on a connection the caller owns is what `Pool::begin_with` runs
+    // after its acquire; sqlx hides it from its docs, and offers no other way to begin on an
+    // owned connection (a compile error here after an upgrade means: find its successor).
+    let begin = sqlx::Transaction::begin(
+        connection,
+        Some("BEGIN ISOLATION LEVEL READ COMMITTED".into_sql_str()),
+    );
+    match tokio::spawn(begin.in_current_span()).await {
+        Ok(began) => began,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down.
+        Err(_) => Err(sqlx::Error::WorkerCrashed),
+    }
 }
 
 /// Runs a purge statement that deletes at most [`PURGE_BATCH`] rows until one deletes fewer,

@@ -223,7 +223,7 @@ impl LoginThrottle for PgLoginThrottle {
     async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
         let since = self.since(now);
-        let mut tx = self.db.pool().begin().await.map_err(store_error)?;
+        let mut tx = self.db.begin().await.map_err(store_error)?;
         // One key's attempts are counted one at a time, across instances. The two-key lock
         // space does not overlap the `bigint` one cqrs-postgres uses.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('helpdesk.login'), hashtext($1))")

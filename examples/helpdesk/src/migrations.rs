@@ -89,11 +89,7 @@ async fn locked(
     db: &PgDatabase,
     lock_key: &str,
 ) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-    let mut tx = db
-        .pool()
-        .begin()
-        .await
-        .context("cannot begin a migration")?;
+    let mut tx = db.begin().await.context("cannot begin a migration")?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(lock_key)
         .execute(&mut *tx)
