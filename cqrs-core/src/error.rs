@@ -219,7 +219,7 @@ pub enum DispatchError {
     /// No handler is registered for the message. A server bug: register the handler, or check
     /// the bus at start-up with [`CommandBus::check`](crate::CommandBus::check).
     #[error(
-        "no {kind} handler is registered for `{name}`; register one on the bus builder or through a plugin"
+        "no {kind} handler is registered for `{name}`; register one on the bus builder or through a plugin (is the plugin's crate linked with `use its_crate as _;`?)"
     )]
     NoHandler {
         /// Which bus.

@@ -16,9 +16,10 @@
 //! impl CommandHandler<OpenTicket> for OpenTicketHandler {
 //!     async fn handle(&self, cmd: OpenTicket, ctx: &mut CommandContext) -> Result<String, HandlerError> {
 //!         // The command's transaction: the handler's writes, its events and the outbox
-//!         // commit together, or not at all.
+//!         // commit together, or not at all. The application's table is named with its
+//!         // schema (here `cqrs`, beside this crate's tables): nothing sets `search_path`.
 //!         let uow = PgUnitOfWork::from_context(ctx)?;
-//!         sqlx::query("INSERT INTO tickets (id, title) VALUES ('t1', $1)")
+//!         sqlx::query("INSERT INTO cqrs.tickets (id, title) VALUES ('t1', $1)")
 //!             .bind(&cmd.title)
 //!             .execute(uow.connection().await?)
 //!             .await
@@ -62,8 +63,9 @@
 //! | [`PgIdempotencyStore`] | [`IdempotencyStore`](cqrs_core::ports::IdempotencyStore) |
 //! | [`PgProjectionStore`] | [`ProjectionStore`](cqrs_core::ports::ProjectionStore): inbox and checkpoints in the consumer's transaction |
 //!
-//! Every table lives in one Postgres schema, beside the application's own tables; tests use
-//! one schema each. `docs/postgres.md` describes each table, the guarantees, the global-order
+//! Every table of this crate lives in one Postgres schema; tests use one schema each. The
+//! application's own tables may sit beside them, created by the application (`migrate`
+//! creates only this crate's) and named with the schema, since nothing sets `search_path`. `docs/postgres.md` describes each table, the guarantees, the global-order
 //! mechanism, the round trips per command, and how several instances share one database.
 //!
 //! Errors are the core's [`StoreError`](cqrs_core::ports::StoreError): a version conflict is
