@@ -1,5 +1,6 @@
 //! Aggregates: state rebuilt from a stream's events, which decides on commands.
 
+use crate::clock::{Clock, SystemClock};
 use crate::ports::{EventStore, ExpectedVersion, Snapshot, SnapshotStore, StoreError};
 use crate::{DecodeError, EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata};
 use chrono::{DateTime, Utc};
@@ -282,6 +283,8 @@ pub struct AggregateRepository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     types: Arc<EventTypes>,
     snapshots: Option<SnapshotConfig<A>>,
+    /// Stamps the events `decide` and `execute` make.
+    clock: Arc<dyn Clock>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -309,8 +312,42 @@ impl<A: Aggregate> AggregateRepository<A> {
             store,
             types,
             snapshots: None,
+            clock: Arc::new(SystemClock),
             _aggregate: PhantomData,
         }
+    }
+
+    /// Stamps the events [`decide`](Self::decide) and [`execute`](Self::execute) make with
+    /// `clock`'s now (the system clock by default), so a server with an injected clock (a
+    /// test's [`ManualClock`](crate::clock::ManualClock)) records its events at its time. A
+    /// caller of [`decide_on`](Self::decide_on) passes the time itself, with
+    /// [`decide_on_at`](Self::decide_on_at) and [`now`](Self::now).
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand};
+    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::clock::{Clock, ManualClock};
+    /// use cqrs_core::{AggregateRepository, Metadata, memory::InMemoryEventStore};
+    /// use std::sync::Arc;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let clock = ManualClock::at(Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap());
+    /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()))
+    ///     .with_clock(Arc::new(clock.clone()));
+    /// let committed = repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await?;
+    /// assert_eq!(committed.records[0].metadata.occurred_at, clock.now());
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now, by the repository's clock (see [`with_clock`](Self::with_clock)): the time to
+    /// pass [`decide_on_at`](Self::decide_on_at).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
     }
 
     /// Saves a snapshot every `every` versions and loads from the latest one.
@@ -458,12 +495,16 @@ impl<A: Aggregate> AggregateRepository<A> {
         metadata: &Metadata,
     ) -> Result<Decided<A>, AggregateError<A::Error>> {
         let loaded = self.load(id).await?;
-        Self::decide_on(loaded, expected_version, command, metadata)
+        Self::decide_on_at(loaded, expected_version, command, metadata, self.now())
     }
 
     /// Lets an already loaded aggregate decide on `command` (a caller that loaded it to check
     /// something first does not load it twice). No I/O: returns what [`decide`](Self::decide)
     /// returns. A new aggregate is `Loaded { id, state: A::default(), version: 0 }`.
+    ///
+    /// The events are stamped with the system clock's now, whatever the repository's clock:
+    /// with an injected clock, call [`decide_on_at`](Self::decide_on_at) with
+    /// [`repo.now()`](Self::now).
     pub fn decide_on(
         loaded: Loaded<A>,
         expected_version: Option<u64>,
@@ -505,7 +546,7 @@ impl<A: Aggregate> AggregateRepository<A> {
         for (i, event) in events.into_iter().enumerate() {
             let envelope = event
                 .clone()
-                .into_envelope(metadata.caused().with_timestamp(at))
+                .into_envelope(metadata.caused_at(at))
                 .with_partition_key(id.as_str())
                 .with_stored(stream.as_str(), version + 1 + i as u64, None);
             state.apply_with(&event, &envelope);

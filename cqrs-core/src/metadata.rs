@@ -65,11 +65,26 @@ impl Metadata {
     /// Metadata for a message caused by this one: a new id, the same correlation id, principal
     /// and trace context, and this message's id as causation id.
     pub fn caused(&self) -> Self {
+        self.caused_at(Utc::now())
+    }
+
+    /// [`caused`](Self::caused), created at `at` rather than the system clock's now: for a
+    /// caller with an injected clock ([`Clock`](crate::clock::Clock)).
+    ///
+    /// ```
+    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::Metadata;
+    ///
+    /// let at = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+    /// let caused = Metadata::new().caused_at(at);
+    /// assert_eq!(caused.timestamp, at);
+    /// ```
+    pub fn caused_at(&self, at: DateTime<Utc>) -> Self {
         Self {
             message_id: Uuid::now_v7(),
             correlation_id: self.correlation_id,
             causation_id: Some(self.message_id),
-            timestamp: Utc::now(),
+            timestamp: at,
             principal: self.principal.clone(),
             actor: self.actor.clone(),
             trace_context: self.trace_context.clone(),

@@ -5,7 +5,7 @@ use crate::ports::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventStore, EventTransport, ProjectionStore,
     StoreError, TransportError,
 };
-use crate::runtime::{Health, Shutdown, Worker, WorkerContext};
+use crate::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
 use crate::{
     BoxError, DecodeError, DispatchError, ErrorKind, EventBus, EventEnvelope, EventRecord,
     EventTypes, HandlerError, Position,
@@ -169,8 +169,12 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     name: String,
     /// Set while running as a worker: a fetch waiting for events gives up when it fires.
     stop: Option<Shutdown>,
+    /// Set while running as a worker: where a stalled batch is reported.
+    health: Option<HealthReporter>,
     inbox_retention: Duration,
     inbox_purge_interval: Duration,
+    apply_timeout: Option<Duration>,
+    stall_after: Duration,
 }
 
 /// How long a runner keeps inbox entries by default: far longer than any redelivery.
@@ -210,8 +214,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             idle: Duration::from_millis(200),
             name,
             stop: None,
+            health: None,
             inbox_retention: INBOX_RETENTION,
             inbox_purge_interval: INBOX_PURGE_INTERVAL,
+            apply_timeout: None,
+            stall_after: STALL_AFTER,
         }
     }
 
@@ -244,8 +251,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             idle: Duration::from_millis(200),
             name,
             stop: None,
+            health: None,
             inbox_retention: INBOX_RETENTION,
             inbox_purge_interval: INBOX_PURGE_INTERVAL,
+            apply_timeout: None,
+            stall_after: STALL_AFTER,
         }
     }
 
@@ -289,6 +299,64 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         self
     }
 
+    /// How long the projection's [`apply`](Projection::apply) of one event may take (no limit
+    /// by default; at least 1 ms). Past it, the call is dropped (cancelled) and the batch fails
+    /// on that event with a [`Timeout`](ErrorKind::Timeout) error, as if `apply` had refused
+    /// it: the batch is rolled back and, fed by a transport, that event is handed back as an
+    /// attempt and the others deferred, so an event too slow every time is dead-lettered after
+    /// `max_deliveries` and its batch mates then take effect. Cancelling `apply` midway is
+    /// safe as far as the unit of work goes (it is rolled back), not for effects `apply` has
+    /// outside it. It applies to [`rebuild`](Self::rebuild) too.
+    ///
+    /// ```
+    /// # use async_trait::async_trait;
+    /// # use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
+    /// # use cqrs_core::projection::{Projection, ProjectionRunner};
+    /// # use cqrs_core::{EventEnvelope, EventTypes, HandlerError};
+    /// # use std::sync::Arc;
+    /// # struct Noop;
+    /// # #[async_trait]
+    /// # impl Projection<InMemoryProjectionStore> for Noop {
+    /// #     fn name(&self) -> &str { "noop" }
+    /// #     async fn apply(&self, _: &mut InMemoryUnit, _: &EventEnvelope) -> Result<(), HandlerError> { Ok(()) }
+    /// #     async fn reset(&self, _: &mut InMemoryUnit) -> Result<(), HandlerError> { Ok(()) }
+    /// # }
+    /// use std::time::Duration;
+    ///
+    /// let runner = ProjectionRunner::from_store(
+    ///     Arc::new(InMemoryProjectionStore::new()),
+    ///     Arc::new(Noop),
+    ///     Arc::new(InMemoryEventStore::new()),
+    ///     Arc::new(EventTypes::new()),
+    /// )
+    /// .apply_timeout(Duration::from_secs(30))
+    /// .stall_after(Duration::from_secs(120));
+    /// ```
+    pub fn apply_timeout(mut self, timeout: Duration) -> Self {
+        self.apply_timeout = Some(timeout.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// How long a batch may run before the running worker reports [`Health::Unhealthy`],
+    /// naming how long it has been running (default 5 minutes, as
+    /// [`ConsumeLoop::stall_after`]; `Duration::MAX` never reports; at least 1 ms). A
+    /// transport-fed batch keeps its deliveries alive while it runs, so without this a hung
+    /// `apply` would stop the projection for good while it looked healthy. The batch's outcome
+    /// replaces the report when it ends.
+    pub fn stall_after(mut self, after: Duration) -> Self {
+        self.stall_after = after.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Where a stalled batch is reported: only while running as a worker.
+    fn stall(&self) -> Option<Stall<'_>> {
+        self.health.as_ref().map(|health| Stall {
+            health,
+            after: self.stall_after,
+            what: "a projection batch",
+        })
+    }
+
     /// Deletes this projection's inbox entries older than its
     /// [`inbox_retention`](Self::inbox_retention) now, and returns how many. The worker calls
     /// it once per [`inbox_purge_interval`](Self::inbox_purge_interval).
@@ -309,6 +377,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             &*self.projection,
             &self.types,
             &self.name,
+            self.apply_timeout,
             unit,
             records,
         )
@@ -325,7 +394,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// (a batch of skipped types or duplicates still moves on: it is not "caught up").
     async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
         match &self.source {
-            Source::Store => self.run_once_from_store().await,
+            Source::Store => {
+                keep_alive_while(None, &[], self.stall(), self.run_once_from_store()).await
+            }
             Source::Transport { .. } => {
                 let applied = self.run_once_from_transport().await?;
                 Ok((applied, applied == 0))
@@ -367,6 +438,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             batch,
             name,
             stop,
+            health,
+            apply_timeout,
+            stall_after,
             ..
         } = self;
         let Source::Transport {
@@ -402,8 +476,16 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let work = async {
             let (store, name) = (&**store, name.as_str());
             let mut unit = store.begin(name).await?;
-            let applied =
-                apply_records(store, &**projection, types, name, &mut unit, &records).await?;
+            let applied = apply_records(
+                store,
+                &**projection,
+                types,
+                name,
+                *apply_timeout,
+                &mut unit,
+                &records,
+            )
+            .await?;
             if let Some(last) = records.iter().filter_map(|r| r.position).max() {
                 let current = store.checkpoint(&mut unit, name).await?;
                 if current.is_none_or(|c| c < last) {
@@ -414,7 +496,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Ok::<_, ProjectionError>(applied)
         };
         let consumer = consumer.as_mut();
-        match keep_alive_while(consumer, &ids, work).await {
+        let stall = health.as_ref().map(|health| Stall {
+            health,
+            after: *stall_after,
+            what: "a projection batch",
+        });
+        match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
             Ok(applied) => {
                 consumer.ack(&ids).await?;
                 Ok(applied)
@@ -490,8 +577,10 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
         // that needs the missing one.
         self.types.validate()?;
         self.stop = Some(ctx.shutdown.clone());
+        self.health = Some(ctx.health.clone());
         let result = self.run_until_shutdown(&ctx).await;
         self.stop = None;
+        self.health = None;
         if let Source::Transport {
             consumer: Some(consumer),
             ..
@@ -549,7 +638,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
-                    ctx.health.set(Health::Degraded(e.to_string()));
+                    // Retried either way (a consumer name in use frees up when its holder
+                    // stops), but only what can pass by itself is merely degraded.
+                    ctx.health.set(if passes(&e) {
+                        Health::Degraded(e.to_string())
+                    } else {
+                        Health::Unhealthy(e.to_string())
+                    });
                     // From the idle interval, but from 10 ms at least: a transport-fed runner
                     // does not otherwise use `idle`, and a zero one retried every millisecond.
                     let backoff = self
@@ -622,6 +717,7 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     projection: &P,
     types: &EventTypes,
     name: &str,
+    timeout: Option<Duration>,
     unit: &mut S::Unit,
     records: &[EventRecord],
 ) -> Result<usize, ProjectionError> {
@@ -656,8 +752,22 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
             .increment(1);
             // The call inside the guarded future: a hand-written (not `#[async_trait]`) `apply`
             // may panic before it returns its future.
-            crate::panic::CatchUnwind::new(async { projection.apply(unit, &envelope).await })
+            let applying =
+                crate::panic::CatchUnwind::new(async { projection.apply(unit, &envelope).await });
+            bounded(timeout, applying)
                 .await
+                .unwrap_or_else(|| {
+                    // The event's fault as far as the runner can tell: handed back as an
+                    // attempt, so one too slow every time ends in the dead letters.
+                    Ok(Err(HandlerError::new(
+                        ErrorKind::Timeout,
+                        "apply_timeout",
+                        format!(
+                            "apply did not finish within {:?} (the runner's apply_timeout) and was cancelled",
+                            rounded(timeout.unwrap_or_default())
+                        ),
+                    )))
+                })
                 .map_err(|message| panicked(record, message))?
                 .map_err(|source| ProjectionError::Apply {
                     projection: name.to_owned(),
@@ -678,6 +788,22 @@ fn waits(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::Unavailable | ErrorKind::RateLimited)
 }
 
+/// Whether a failed batch may pass by itself, so the runner is only degraded: an event's
+/// failure (redelivered, dead-lettered, or waiting for the build that knows it), a backend
+/// away or slow, a conflict that a retry resolves. Not a refusal that comes again unchanged
+/// until someone acts (a consumer name in use in the group, a misconfigured or broken
+/// backend, no event store to rebuild from): the runner is then unhealthy, as an
+/// [`EventBusConsumer`] whose run fails is.
+fn passes(error: &ProjectionError) -> bool {
+    let passes = |kind: ErrorKind| kind.is_retryable() || kind == ErrorKind::Conflict;
+    match error {
+        ProjectionError::Store(e) => passes(e.kind()),
+        ProjectionError::Transport(e) => passes(e.kind()),
+        ProjectionError::Decode { .. } | ProjectionError::Apply { .. } => true,
+        ProjectionError::NoEventStore(_) => false,
+    }
+}
+
 /// The event a failed batch is blamed on, if any: one the projection refused or that cannot
 /// be decoded (a missing upcaster included). Not one a newer build must decode
 /// ([`DecodeError::waits_for_another_build`]), nor one whose failure [`waits`], nor any for a
@@ -692,35 +818,93 @@ fn at_fault(error: &ProjectionError) -> Option<Uuid> {
     }
 }
 
+/// `work`'s output, or `None` when it ran past `timeout` (and was dropped).
+async fn bounded<T>(
+    timeout: Option<Duration>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+/// A duration cut to the millisecond, for messages (`1.5s`, not `1.500000042s`, with `{:?}`).
+fn rounded(duration: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where a batch that runs too long is reported, and after how long.
+struct Stall<'a> {
+    health: &'a HealthReporter,
+    after: Duration,
+    /// What runs, for the message ("a batch").
+    what: &'static str,
+}
+
 /// Runs `work` while calling [`Consumer::keep_alive`] for `ids` every
 /// [`keep_alive_interval`](Consumer::keep_alive_interval), so deliveries whose handling takes
-/// longer than the redelivery delay are not handed out again elsewhere meanwhile.
+/// longer than the redelivery delay are not handed out again elsewhere meanwhile; and, once it
+/// has run `stall.after`, reporting the worker unhealthy (refreshed while it runs on), since a
+/// batch kept alive is otherwise invisible however long it hangs.
 async fn keep_alive_while<T>(
-    consumer: &mut dyn Consumer,
+    mut consumer: Option<&mut dyn Consumer>,
     ids: &[DeliveryId],
+    stall: Option<Stall<'_>>,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    let Some(every) = consumer.keep_alive_interval() else {
-        return work.await;
+    let started = tokio::time::Instant::now();
+    // A period too long for the clock (a redelivery delay or a stall bound of `Duration::MAX`,
+    // "never") asks for ticks that never come due; `Instant + every` would overflow.
+    let ticker = |every: Duration, first: Duration| {
+        let first = started.checked_add(first)?;
+        let mut ticks = tokio::time::interval_at(first, every.max(Duration::from_millis(1)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Some(ticks)
     };
-    let every = every.max(Duration::from_millis(1));
-    // A redelivery delay of `Duration::MAX` ("never by time") asks for keep-alives that never
-    // come due; `Instant + every` would overflow.
-    let Some(first) = tokio::time::Instant::now().checked_add(every) else {
-        return work.await;
-    };
+    let mut keep = consumer
+        .as_ref()
+        .and_then(|c| c.keep_alive_interval())
+        .map(|every| every.max(Duration::from_millis(1)))
+        .and_then(|every| ticker(every, every));
+    let mut stalled = stall
+        .as_ref()
+        .and_then(|s| ticker(s.after.min(STALL_REPORT_EVERY), s.after));
     tokio::pin!(work);
-    let mut ticks = tokio::time::interval_at(first, every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             done = &mut work => return done,
-            _ = ticks.tick() => {
-                if let Err(error) = consumer.keep_alive(ids).await {
+            _ = next_tick(&mut keep) => {
+                if let Some(consumer) = consumer.as_deref_mut()
+                    && let Err(error) = consumer.keep_alive(ids).await
+                {
                     tracing::warn!(%error, "could not keep a long batch's deliveries; they may be redelivered");
                 }
             }
+            _ = next_tick(&mut stalled) => {
+                if let Some(stall) = &stall {
+                    let reason = format!(
+                        "{} of {} deliveries has been running for {:?}, past the stall bound of {:?}: a handler may be hung",
+                        stall.what,
+                        ids.len(),
+                        rounded(started.elapsed()),
+                        rounded(stall.after),
+                    );
+                    tracing::warn!(%reason, "a batch is stalled");
+                    stall.health.set(Health::Unhealthy(reason));
+                }
+            }
         }
+    }
+}
+
+/// The next tick of `ticks`; never, without.
+async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
+    match ticks {
+        Some(ticks) => {
+            ticks.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -741,6 +925,19 @@ pub enum Handled {
 }
 
 /// How [`consume_until_shutdown`] fetches and handles.
+///
+/// ```
+/// use cqrs_core::projection::ConsumeLoop;
+/// use std::time::Duration;
+///
+/// let consume = ConsumeLoop::default()
+///     .concurrency(4)
+///     .handler_timeout(Duration::from_secs(60))
+///     .stall_after(Duration::from_secs(120));
+/// assert_eq!(consume.handler_timeout, Some(Duration::from_secs(60)));
+/// assert_eq!(ConsumeLoop::default().handler_timeout, None, "no limit by default");
+/// assert_eq!(ConsumeLoop::default().stall_after, Duration::from_secs(300));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConsumeLoop {
@@ -749,13 +946,33 @@ pub struct ConsumeLoop {
     /// Chains (deliveries of one [`order_key`](Delivery::order_key)) handled at once; within
     /// a chain, one delivery after another. Default 8.
     pub concurrency: usize,
+    /// How long the handling of one delivery may take. Past it, the handler's future is
+    /// dropped (cancelled) and the delivery fails like a [`Handled::Retry`]: handed back as an
+    /// attempt, so it is redelivered and, every time too slow, dead-lettered after
+    /// `max_deliveries`; the rest of its chain is handed back, and the batch's other chains are
+    /// acknowledged. `None` (the default): no limit, since cancelling a handler midway is only
+    /// safe for handlers that tolerate it; a hung handler is then reported by
+    /// [`stall_after`](Self::stall_after) but holds its batch, kept alive, until the process
+    /// stops.
+    pub handler_timeout: Option<Duration>,
+    /// How long a batch may run before the worker reports [`Health::Unhealthy`], naming how
+    /// long it has been running (the report is refreshed while it runs on, and the batch's
+    /// outcome replaces it when it ends). Default 5 minutes; `Duration::MAX` never reports.
+    pub stall_after: Duration,
 }
+
+/// How long a batch runs before its worker reports a stall, by default.
+const STALL_AFTER: Duration = Duration::from_secs(300);
+/// How often a stall report is refreshed, at most (and at least once per `stall_after`).
+const STALL_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 impl Default for ConsumeLoop {
     fn default() -> Self {
         Self {
             batch: 64,
             concurrency: 8,
+            handler_timeout: None,
+            stall_after: STALL_AFTER,
         }
     }
 }
@@ -771,6 +988,21 @@ impl ConsumeLoop {
     /// at a time).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Sets how long the handling of one delivery may take before it is cancelled and handed
+    /// back as a failed attempt (see [`handler_timeout`](Self#structfield.handler_timeout);
+    /// no limit by default). At least 1 ms.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Sets how long a batch may run before the worker reports itself unhealthy (see
+    /// [`stall_after`](Self#structfield.stall_after); 5 minutes by default). At least 1 ms.
+    pub fn stall_after(mut self, after: Duration) -> Self {
+        self.stall_after = after.max(Duration::from_millis(1));
         self
     }
 }
@@ -800,6 +1032,11 @@ enum Outcome {
 /// Deliveries already fetched are finished and acknowledged even when shutdown comes. A
 /// retried delivery is logged and marks the worker degraded until the next batch that
 /// succeeds.
+///
+/// A batch that runs longer than [`ConsumeLoop::stall_after`] marks the worker unhealthy,
+/// naming how long it has been running, until it ends. A handler that runs longer than
+/// [`ConsumeLoop::handler_timeout`] (when set) is cancelled and its delivery handed back as a
+/// failed attempt, so one hung handler does not hold its batch mates, kept alive, for ever.
 pub async fn consume_until_shutdown<F, Fut>(
     consumer: &mut dyn Consumer,
     ctx: &WorkerContext,
@@ -825,10 +1062,20 @@ where
         // Each delivery's id, cloned once: for keeping the batch alive, then for the answers
         // (outcomes name their delivery by index).
         let mut ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
-        let batch = handle_batch(deliveries, options.concurrency, &handle);
+        let batch = handle_batch(
+            deliveries,
+            options.concurrency,
+            options.handler_timeout,
+            &handle,
+        );
         // The batch is acknowledged when it is all done, so it may take longer than the
         // redelivery delay in total.
-        let outcomes = keep_alive_while(consumer, &ids, batch).await;
+        let stall = Stall {
+            health: &ctx.health,
+            after: options.stall_after,
+            what: "a batch",
+        };
+        let outcomes = keep_alive_while(Some(consumer), &ids, Some(stall), batch).await;
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
         for (index, event_id, attempt, outcome) in outcomes {
@@ -876,6 +1123,7 @@ where
 async fn handle_batch<F, Fut>(
     deliveries: Vec<Delivery>,
     concurrency: usize,
+    timeout: Option<Duration>,
     handle: &F,
 ) -> Vec<(usize, Uuid, u32, Outcome)>
 where
@@ -900,7 +1148,7 @@ where
     }
     let mut outcomes = Vec::with_capacity(count);
     let mut runs = futures_util::stream::iter(chains)
-        .map(|chain| run_chain(chain, handle))
+        .map(|chain| run_chain(chain, timeout, handle))
         .buffer_unordered(concurrency.max(1));
     while let Some(chain) = runs.next().await {
         outcomes.extend(chain);
@@ -910,6 +1158,7 @@ where
 
 async fn run_chain<F, Fut>(
     chain: Vec<(usize, Delivery)>,
+    timeout: Option<Duration>,
     handle: &F,
 ) -> Vec<(usize, Uuid, u32, Outcome)>
 where
@@ -920,26 +1169,38 @@ where
     let mut failed = None;
     for (index, delivery) in chain {
         let (event_id, attempt) = (delivery.record.event_id, delivery.attempt);
-        let outcome = match failed {
-            Some(first) => Outcome::Skipped(first),
-            // A handler that panics fails its own delivery, as an error would: unwinding past
-            // the loop would hand nothing back, and the whole batch would come back counted.
-            // The call inside the guarded future: a closure may panic before its `async` block.
-            None => match crate::panic::CatchUnwind::new(async { handle(delivery).await })
-                .await
-                .unwrap_or_else(|message| {
-                    Handled::Retry(format!("the handler panicked: {message}"))
-                }) {
-                Handled::Done => Outcome::Done,
-                Handled::Retry(reason) => {
-                    failed = Some(event_id);
-                    Outcome::Retry(reason)
-                }
-                Handled::Later(reason) => {
-                    failed = Some(event_id);
-                    Outcome::Later(reason)
-                }
-            },
+        if let Some(first) = failed {
+            out.push((index, event_id, attempt, Outcome::Skipped(first)));
+            continue;
+        }
+        // A handler that panics fails its own delivery, as an error would: unwinding past
+        // the loop would hand nothing back, and the whole batch would come back counted.
+        // The call inside the guarded future: a closure may panic before its `async` block.
+        let handled = bounded(
+            timeout,
+            crate::panic::CatchUnwind::new(async { handle(delivery).await }),
+        )
+        .await;
+        let outcome = match handled {
+            Some(Ok(handled)) => handled,
+            Some(Err(message)) => Handled::Retry(format!("the handler panicked: {message}")),
+            // Cancelled: it counts as an attempt, so a delivery too slow every time ends in
+            // the dead letters instead of holding its key for ever.
+            None => Handled::Retry(format!(
+                "the handler did not finish within {:?} (the consume loop's handler_timeout) and was cancelled",
+                rounded(timeout.unwrap_or_default())
+            )),
+        };
+        let outcome = match outcome {
+            Handled::Done => Outcome::Done,
+            Handled::Retry(reason) => {
+                failed = Some(event_id);
+                Outcome::Retry(reason)
+            }
+            Handled::Later(reason) => {
+                failed = Some(event_id);
+                Outcome::Later(reason)
+            }
         };
         out.push((index, event_id, attempt, outcome));
     }
@@ -1014,7 +1275,8 @@ impl EventBusConsumer {
         self
     }
 
-    /// How deliveries are fetched and handled: batch size and concurrency.
+    /// How deliveries are fetched and handled: batch size, concurrency, a handler timeout
+    /// and the bound past which a running batch is reported as stalled (see [`ConsumeLoop`]).
     pub fn consume_loop(mut self, consume: ConsumeLoop) -> Self {
         self.consume = consume;
         self
