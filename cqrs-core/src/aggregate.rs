@@ -149,6 +149,14 @@ pub trait Aggregate: Default + Send + Sync + 'static {
 
     /// Decides what a command does: the events to record, or a refusal.
     fn decide(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// The version of the state's shape and logic in snapshots (see
+    /// [`AggregateRepository::with_snapshots`]). Raise it when a snapshot saved before would
+    /// load another state than a replay of the stream now gives: a field added (which old
+    /// snapshots still decode, with its default), `apply` changed, an upcaster changed. A
+    /// snapshot of another version is passed over (the stream is replayed) until one of this
+    /// version replaces it. Default 1.
+    const SNAPSHOT_VERSION: u32 = 1;
 }
 
 /// An aggregate's state and the stream version it includes.
@@ -257,7 +265,59 @@ struct SnapshotConfig<A> {
     store: Arc<dyn SnapshotStore>,
     every: u64,
     encode: fn(&A) -> Result<serde_json::Value, serde_json::Error>,
-    decode: fn(serde_json::Value) -> Result<A, serde_json::Error>,
+    decode: fn(serde_json::Value) -> Result<A, SnapshotMismatch>,
+}
+
+/// The key under which a snapshot of [`Aggregate::SNAPSHOT_VERSION`] 2 or more records its
+/// version: `{"cqrs_snapshot_version": 2, "state": ..}`. A snapshot of version 1 is the state
+/// alone, as builds before the version existed saved it (and still read it).
+const SNAPSHOT_VERSION_KEY: &str = "cqrs_snapshot_version";
+
+/// Why a stored snapshot is not used.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotMismatch {
+    #[error("it is of snapshot version {found}, and the aggregate's is {wanted}")]
+    Version { found: u64, wanted: u32 },
+    #[error("it no longer decodes: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// `state` as stored: alone at snapshot version 1, else under its version.
+fn encode_snapshot<A: Aggregate + Serialize>(
+    state: &A,
+) -> Result<serde_json::Value, serde_json::Error> {
+    let state = serde_json::to_value(state)?;
+    Ok(match A::SNAPSHOT_VERSION {
+        1 => state,
+        version => serde_json::json!({ SNAPSHOT_VERSION_KEY: version, "state": state }),
+    })
+}
+
+/// The state of a stored snapshot of the aggregate's snapshot version.
+fn decode_snapshot<A: Aggregate + DeserializeOwned>(
+    stored: serde_json::Value,
+) -> Result<A, SnapshotMismatch> {
+    let (found, state) = match stored {
+        serde_json::Value::Object(mut object)
+            if object.len() == 2
+                && object.contains_key("state")
+                && object.get(SNAPSHOT_VERSION_KEY).is_some_and(|v| v.is_u64()) =>
+        {
+            let found = object
+                .remove(SNAPSHOT_VERSION_KEY)
+                .and_then(|v| v.as_u64())
+                .unwrap_or_default();
+            (found, object.remove("state").unwrap_or_default())
+        }
+        state => (1, state),
+    };
+    if found != u64::from(A::SNAPSHOT_VERSION) {
+        return Err(SnapshotMismatch::Version {
+            found,
+            wanted: A::SNAPSHOT_VERSION,
+        });
+    }
+    Ok(serde_json::from_value(state)?)
 }
 
 /// Loads aggregates from an [`EventStore`], runs commands on them, and appends the events with
@@ -350,7 +410,9 @@ impl<A: Aggregate> AggregateRepository<A> {
         self.clock.now()
     }
 
-    /// Saves a snapshot every `every` versions and loads from the latest one.
+    /// Saves a snapshot every `every` versions and loads from the latest one. A snapshot
+    /// records its [`Aggregate::SNAPSHOT_VERSION`]; one of another version (or one that no
+    /// longer decodes) is passed over: the stream is replayed.
     pub fn with_snapshots(mut self, store: Arc<dyn SnapshotStore>, every: u64) -> Self
     where
         A: Serialize + DeserializeOwned,
@@ -358,8 +420,8 @@ impl<A: Aggregate> AggregateRepository<A> {
         self.snapshots = Some(SnapshotConfig {
             store,
             every: every.max(1),
-            encode: |a| serde_json::to_value(a),
-            decode: serde_json::from_value::<A>,
+            encode: encode_snapshot::<A>,
+            decode: decode_snapshot::<A>,
         });
         self
     }
@@ -394,9 +456,9 @@ impl<A: Aggregate> AggregateRepository<A> {
                     (state, version) = (s, snapshot.version);
                     last_event_id = snapshot.last_event_id;
                 }
-                // A snapshot of an older shape is not an error: replay the whole stream.
+                // A snapshot of another shape is not an error: replay the whole stream.
                 Err(e) => {
-                    tracing::warn!(stream = %stream, error = %e, "ignoring a snapshot that no longer decodes")
+                    tracing::warn!(stream = %stream, reason = %e, "ignoring a snapshot; replaying the whole stream")
                 }
             }
         }
