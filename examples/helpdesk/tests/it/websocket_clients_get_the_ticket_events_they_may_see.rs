@@ -377,6 +377,77 @@ async fn a_client_that_resumes_from_its_last_position_misses_nothing_and_gets_no
     .await;
 }
 
+/// A customer that resumes on `tickets` gets, of the events it missed, only those of its own
+/// tickets: the replay from the store is filtered like the live events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_resuming_gets_none_of_the_other_customers_events() {
+    within(async {
+        let s = TestServer::start().await;
+        let (alice, _) = s.customer().await;
+        let (bob, _) = s.customer().await;
+        let mut ws = connect(&s, &alice).await;
+        subscribe(&mut ws, "tickets").await;
+        let mine = s.ticket(&alice, "mine").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let opened = next(&mut ws).await;
+        let position = opened["position"].as_str().expect("a position").to_owned();
+        drop(ws);
+
+        // While Alice is away: Bob's ticket and comment, then Alice's comment.
+        let theirs = s.ticket(&bob, "theirs").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        s.post(
+            &format!("/tickets/{theirs}/comments"),
+            &bob,
+            json!({ "body": "bob's" }),
+        )
+        .await;
+        s.post(
+            &format!("/tickets/{mine}/comments"),
+            &alice,
+            json!({ "body": "missed" }),
+        )
+        .await;
+
+        let mut ws = connect(&s, &alice).await;
+        send(
+            &mut ws,
+            json!({ "type": "subscribe", "topic": "tickets", "since": position }),
+        )
+        .await;
+        assert_eq!(next(&mut ws).await["type"], "subscribed");
+        let replayed = next(&mut ws).await;
+        assert_eq!(
+            (
+                &replayed["event"]["ticket_id"],
+                &replayed["event"]["version"]
+            ),
+            (&json!(mine), &json!(2)),
+            "the missed comment, and none of Bob's events before it: {replayed}"
+        );
+        // A live marker: had the replay leaked Bob's events, they would come before it.
+        let marker = s
+            .post(
+                &format!("/tickets/{mine}/comments"),
+                &alice,
+                json!({ "body": "marker" }),
+            )
+            .await;
+        let live = next(&mut ws).await;
+        assert_eq!(
+            (&live["event"]["ticket_id"], &live["event"]["version"]),
+            (&json!(mine), &marker.body["version"]),
+            "{live}"
+        );
+        s.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_the_server_down_closes_websockets_with_1001() {
     within(async {
