@@ -342,7 +342,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// [`ConsumeLoop::stall_after`]; `Duration::MAX` never reports; at least 1 ms). A
     /// transport-fed batch keeps its deliveries alive while it runs, so without this a hung
     /// `apply` would stop the projection for good while it looked healthy. The batch's outcome
-    /// replaces the report when it ends.
+    /// replaces the report when it ends. Batches that keep failing, none succeeding for this
+    /// long, are reported unhealthy too (a store-fed runner retries an event whose `apply`
+    /// fails or times out every time for ever: it has no dead letters).
     pub fn stall_after(mut self, after: Duration) -> Self {
         self.stall_after = after.max(Duration::from_millis(1));
         self
@@ -595,6 +597,8 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
+        // When the batches started failing without one succeeding since.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         let mut purge = InboxPurge {
             store: self.store.clone(),
             name: self.name.clone(),
@@ -620,6 +624,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             match stepped {
                 Ok((_, caught_up)) => {
                     failures = 0;
+                    failing_since = None;
                     ctx.health.set(Health::Healthy);
                     match self.source {
                         Source::Store if caught_up => {
@@ -639,9 +644,18 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     failures += 1;
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     // Retried either way (a consumer name in use frees up when its holder
-                    // stops), but only what can pass by itself is merely degraded.
-                    ctx.health.set(if passes(&e) {
+                    // stops), but only what can pass by itself is merely degraded, and only
+                    // for `stall_after`: a store-fed runner has no dead letters, so an event
+                    // whose `apply` fails (or times out) every time holds it for good.
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    let stuck = since.elapsed() >= self.stall_after;
+                    ctx.health.set(if passes(&e) && !stuck {
                         Health::Degraded(e.to_string())
+                    } else if stuck {
+                        Health::Unhealthy(format!(
+                            "no batch has succeeded for {:?} ({failures} failed): {e}",
+                            rounded(since.elapsed())
+                        ))
                     } else {
                         Health::Unhealthy(e.to_string())
                     });
@@ -819,13 +833,31 @@ fn at_fault(error: &ProjectionError) -> Option<Uuid> {
 }
 
 /// `work`'s output, or `None` when it ran past `timeout` (and was dropped).
+///
+/// The cancelled future is dropped inside a panic guard: a handler's guard that checks, on
+/// drop, that its work finished would otherwise panic out of the consume loop, and the whole
+/// batch would come back, every delivery counted.
 async fn bounded<T>(
     timeout: Option<Duration>,
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
-    match timeout {
-        Some(limit) => tokio::time::timeout(limit, work).await.ok(),
-        None => Some(work.await),
+    let Some(limit) = timeout else {
+        return Some(work.await);
+    };
+    let mut work = Box::pin(work);
+    match tokio::time::timeout(limit, &mut work).await {
+        Ok(done) => Some(done),
+        Err(_) => {
+            let dropped =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(work)));
+            if let Err(payload) = dropped {
+                tracing::error!(
+                    panic = %crate::panic::panic_message(payload.as_ref()),
+                    "a handler cancelled at its timeout panicked when it was dropped; the panic stops here"
+                );
+            }
+            None
+        }
     }
 }
 
@@ -883,10 +915,12 @@ async fn keep_alive_while<T>(
             }
             _ = next_tick(&mut stalled) => {
                 if let Some(stall) = &stall {
+                    let what = match ids.len() {
+                        0 => stall.what.to_owned(),
+                        n => format!("{} of {n} deliveries", stall.what),
+                    };
                     let reason = format!(
-                        "{} of {} deliveries has been running for {:?}, past the stall bound of {:?}: a handler may be hung",
-                        stall.what,
-                        ids.len(),
+                        "{what} has been running for {:?}, past the stall bound of {:?}: a handler may be hung, or waiting (for a lock, a backend)",
                         rounded(started.elapsed()),
                         rounded(stall.after),
                     );

@@ -292,3 +292,42 @@ fn a_handler_that_panics_before_its_future_fails_only_its_own_delivery() {
         assert_eq!(nacked.lock().unwrap().len(), 1);
     });
 }
+
+/// Panics when dropped: a guard that checks, on drop, that its work finished.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("dropped before the work was finished");
+        }
+    }
+}
+
+/// A handler cancelled at its timeout whose future panics when dropped: the panic stays with
+/// its delivery (nacked), the loop goes on, and the batch's other chain is acknowledged.
+#[test]
+fn a_handler_that_panics_when_cancelled_at_its_timeout_fails_only_its_delivery() {
+    run(async {
+        let batch = vec![delivery("a1", Some("a")), delivery("b1", Some("b"))];
+        let (mut consumer, ctx, (acked, nacked, _)) = scripted(vec![batch]);
+        consume_until_shutdown(
+            &mut consumer,
+            &ctx,
+            ConsumeLoop::default().handler_timeout(Duration::from_millis(20)),
+            |d| async move {
+                if d.id.0 == "a1" {
+                    let _armed = PanicsWhenDropped;
+                    std::future::pending::<()>().await;
+                }
+                Handled::Done
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(*acked.lock().unwrap(), ["b1"]);
+        let nacked = nacked.lock().unwrap();
+        assert_eq!(nacked.len(), 1, "{nacked:?}");
+        assert_eq!(nacked[0].0, "a1");
+    });
+}

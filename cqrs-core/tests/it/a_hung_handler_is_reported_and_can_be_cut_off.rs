@@ -183,6 +183,56 @@ fn a_bus_handler_past_its_timeout_is_retried_and_its_batch_mates_acknowledged() 
     });
 }
 
+/// A store-fed runner has no dead letters: an `apply` that times out every time holds it on
+/// that event for good, so once no batch has succeeded for `stall_after` it is unhealthy,
+/// not merely degraded.
+#[test]
+fn a_store_fed_runner_stuck_on_an_event_that_times_out_becomes_unhealthy() {
+    run_paused(|| async {
+        let hangs = Hangs::default();
+        let events = Arc::new(cqrs_core::memory::InMemoryEventStore::new());
+        for record in published() {
+            cqrs_core::ports::EventStore::append(
+                &*events,
+                "adds",
+                cqrs_core::ports::ExpectedVersion::Any,
+                vec![record],
+            )
+            .await
+            .unwrap();
+        }
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        let runner = ProjectionRunner::from_store(
+            Arc::new(InMemoryProjectionStore::new()),
+            Arc::new(hangs.clone()),
+            events,
+            Arc::new(types),
+        )
+        .apply_timeout(Duration::from_millis(200))
+        .stall_after(Duration::from_secs(2));
+        let runtime = Runtime::builder().worker(runner).start();
+        let reason = eventually(
+            Duration::from_secs(10),
+            "the runner reports that no batch succeeds",
+            || async {
+                match &runtime.health().await.components["hangs"].0 {
+                    Health::Unhealthy(reason) if reason.contains("no batch has succeeded") => {
+                        Some(reason.clone())
+                    }
+                    _ => None,
+                }
+            },
+        )
+        .await;
+        assert!(
+            reason.contains("apply_timeout") || reason.contains("apply did not finish"),
+            "{reason}"
+        );
+        let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
 /// A transport-fed projection whose `apply` hangs turns the runner unhealthy once its batch
 /// runs past `stall_after`.
 #[test]
