@@ -296,7 +296,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             Ok(token) => token,
             Err(message) => {
                 inner.metrics.refused("unauthorized");
-                return unauthorized(message);
+                return unauthorized(message, false);
             }
         };
         let principal = match inner.authenticator.authenticate(&token).await {
@@ -315,7 +315,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             }
             Err(refusal) => {
                 inner.metrics.refused("unauthorized");
-                return unauthorized(refusal.message());
+                return unauthorized(refusal.message(), true);
             }
         };
         // Asked once; the connection is closed then. Credentials already expired would be
@@ -323,7 +323,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
         let expires_at = inner.authenticator.expires_at(&principal);
         if expires_at.is_some_and(|at| at <= inner.clock.now()) {
             inner.metrics.refused("unauthorized");
-            return unauthorized("the credentials have expired");
+            return unauthorized("the credentials have expired", true);
         }
         let upgrade = match upgrade {
             Ok(upgrade) => upgrade,
@@ -651,11 +651,18 @@ fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, &'static str> 
     }
 }
 
-fn unauthorized(message: &str) -> Response {
+/// 401 with its `WWW-Authenticate: Bearer` challenge (RFC 6750): with `error="invalid_token"`
+/// when a token was sent and refused, bare when none was.
+fn unauthorized(message: &str, token_refused: bool) -> Response {
     let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    let challenge = if token_refused {
+        HeaderValue::from_static("Bearer error=\"invalid_token\"")
+    } else {
+        HeaderValue::from_static("Bearer")
+    };
     response
         .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        .insert(header::WWW_AUTHENTICATE, challenge);
     response
 }
 

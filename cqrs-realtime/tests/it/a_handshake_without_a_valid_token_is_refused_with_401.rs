@@ -97,12 +97,23 @@ async fn refusals_are_json_over_plain_http() {
                 .to_ascii_lowercase()
                 .contains("content-type: application/json")
         );
+        // No token: the bare challenge (RFC 6750).
         assert!(
             response
                 .to_ascii_lowercase()
-                .contains("www-authenticate: bearer")
+                .contains("www-authenticate: bearer\r\n"),
+            "{response}"
         );
         assert!(response.contains(r#""code":"unauthorized""#), "{response}");
+        // A token refused: the challenge names it.
+        let response = get("/ws?token=nobody").await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer error=\"invalid_token\""),
+            "{response}"
+        );
 
         let response = get("/ws?token=user-u1").await;
         let status: u16 = response[9..12].parse().unwrap();

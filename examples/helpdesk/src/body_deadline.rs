@@ -12,15 +12,17 @@ use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-/// Gives every request body a deadline, `after` from when the request comes in: a body still
-/// awaited then, whether it stopped arriving or trickles in a byte at a time, fails with
+/// Gives every request body a deadline, `after` from when the handler first reads it: a body
+/// still awaited then, whether it stopped arriving or trickles in a byte at a time, fails with
 /// [`BodyDeadlineElapsed`], which [`ApiJson`](helpdesk_api::ApiJson) answers 408
 /// `request_timeout`. tower-http's `RequestBodyTimeoutLayer` times only the gap between two
 /// chunks: a client sending a byte just within each gap kept its body coming until the
 /// request's budget ran out, and was answered 503 `timeout`, telling it to retry.
 ///
-/// What arrived in time is read whenever the handler likes: only a read that has to wait for
-/// the client past the deadline fails, so a server slow to read a body is not blamed on it.
+/// Counted from the first read, not from the request's arrival: hyper takes one chunk at a
+/// time (and answers `Expect: 100-continue` only then), so a body the server starts reading
+/// late, after a slow authentication say, still arrives while it is read, and its client is
+/// not blamed for the server's delay.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BodyDeadlineLayer {
     after: Duration,
@@ -61,7 +63,7 @@ impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let deadline = Instant::now() + self.after;
+        let after = self.after;
         self.inner.call(request.map(|body| {
             if body.is_end_stream() {
                 // Nothing to wait for: no timer.
@@ -69,17 +71,20 @@ impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
             } else {
                 Body::new(DeadlineBody {
                     inner: body,
-                    deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                    after,
+                    deadline: None,
                 })
             }
         }))
     }
 }
 
-/// A body that fails with [`BodyDeadlineElapsed`] when a read waits past its deadline.
+/// A body that fails with [`BodyDeadlineElapsed`] when a read waits past its deadline, `after`
+/// from its first read.
 struct DeadlineBody {
     inner: Body,
-    deadline: Pin<Box<Sleep>>,
+    after: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl HttpBody for DeadlineBody {
@@ -90,10 +95,19 @@ impl HttpBody for DeadlineBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|frame| frame.map_err(Into::into))),
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyDeadlineElapsed)))),
+        let after = self.after;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + after)))
+            .as_mut();
+        match deadline.poll(cx) {
+            // Past the deadline, what has arrived is still read; only a wait fails.
+            Poll::Ready(()) => match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|frame| frame.map_err(Into::into))),
+                Poll::Pending => Poll::Ready(Some(Err(Box::new(BodyDeadlineElapsed)))),
+            },
+            Poll::Pending => match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(frame) => Poll::Ready(frame.map(|frame| frame.map_err(Into::into))),
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -105,5 +119,62 @@ impl HttpBody for DeadlineBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+    use tower::ServiceExt;
+
+    /// A body of `chunks` one-byte chunks, each after a wait of `gap` (none: a bare yield), as
+    /// hyper's come: one at a time, read from the socket when the body is polled.
+    fn body(chunks: usize, gap: Option<Duration>) -> Body {
+        Body::from_stream(stream::unfold(0, move |n| async move {
+            if n == chunks {
+                return None;
+            }
+            match gap {
+                Some(gap) => tokio::time::sleep(gap).await,
+                None => tokio::task::yield_now().await,
+            }
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"x")), n + 1))
+        }))
+    }
+
+    /// The body's length, read by a handler that first waits `before`.
+    async fn read(body: Body, before: Duration) -> Result<usize, axum::Error> {
+        let service = tower::service_fn(move |request: Request| async move {
+            tokio::time::sleep(before).await;
+            axum::body::to_bytes(request.into_body(), 1024)
+                .await
+                .map(|bytes| bytes.len())
+        });
+        let request = Request::new(body);
+        BodyDeadlineLayer::new(Duration::from_millis(100))
+            .layer(service)
+            .oneshot(request)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_body_read_late_but_sent_in_time_is_read_whole() {
+        let read = read(body(3, None), Duration::from_millis(300)).await;
+        assert_eq!(read.expect("the body is read"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_trickles_past_the_deadline_fails() {
+        let error = read(body(5, Some(Duration::from_millis(40))), Duration::ZERO)
+            .await
+            .expect_err("the body is past its deadline");
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        let mut found = false;
+        while let Some(e) = next {
+            found |= e.is::<BodyDeadlineElapsed>();
+            next = e.source();
+        }
+        assert!(found, "{error}");
     }
 }
