@@ -1,6 +1,7 @@
 //! Building fred clients with a reconnect policy and a command timeout, and the start-up
-//! version check.
+//! checks of the server (its version, its eviction policy).
 
+use crate::entry;
 use crate::error::{ConnectError, transport_error};
 use crate::options::ConnectionOptions;
 use cqrs_core::ports::TransportError;
@@ -213,6 +214,46 @@ pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
     }
 }
 
+/// Warns when the server may evict any key to free memory (`maxmemory-policy` `allkeys-*`):
+/// the stream transport's keys must never be evicted. A stream evicted loses its entries; a
+/// lanes hash evicted (a quiet topic's, the least recently used) starts every lane over, and
+/// the next event of each key is handed out without waiting for the ones before it. The
+/// `volatile-*` policies evict only keys with a TTL, and these have none. Best effort: a
+/// server that refuses `CONFIG GET` (managed Redis often does, or the user's ACL) is only
+/// logged at debug level; on a cluster one node is asked.
+pub(crate) async fn check_eviction(client: &Client) {
+    let reply: Result<Value, _> = client
+        .custom(
+            CustomCommand::new("CONFIG", ClusterHash::Random, false),
+            vec!["GET", "maxmemory-policy"],
+        )
+        .await;
+    let items = match reply {
+        Ok(reply) => entry::array(reply),
+        Err(error) => {
+            tracing::debug!(%error, "could not read the server's maxmemory-policy");
+            return;
+        }
+    };
+    let policy = entry::info_field(&items, "maxmemory-policy").and_then(Value::as_string);
+    match policy {
+        Some(policy) if evicts_any_key(&policy) => tracing::warn!(
+            %policy,
+            "Redis may evict any key to free memory (maxmemory-policy {policy}): a stream or \
+             lanes hash of the stream transport evicted loses entries or breaks per-key \
+             order; set maxmemory-policy noeviction (or a volatile-* policy)"
+        ),
+        Some(_) => {}
+        None => tracing::debug!("the server did not report its maxmemory-policy"),
+    }
+}
+
+/// Whether a `maxmemory-policy` may evict keys without a TTL (`allkeys-lru`, `allkeys-lfu`,
+/// `allkeys-random`, and any later `allkeys-*`).
+fn evicts_any_key(policy: &str) -> bool {
+    policy.trim().to_ascii_lowercase().starts_with("allkeys-")
+}
+
 fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
     match (parts.next().flatten(), parts.next().flatten()) {
@@ -296,6 +337,28 @@ mod tests {
         assert!(version_at_least("8.0.0", REQUIRED_VERSION));
         assert!(!version_at_least("6.2.14", REQUIRED_VERSION));
         assert!(!version_at_least("unknown", REQUIRED_VERSION));
+    }
+
+    #[test]
+    fn only_allkeys_policies_may_evict_the_transports_keys() {
+        for policy in [
+            "allkeys-lru",
+            "allkeys-lfu",
+            "allkeys-random",
+            "ALLKEYS-LRU",
+        ] {
+            assert!(evicts_any_key(policy), "{policy}");
+        }
+        for policy in [
+            "noeviction",
+            "volatile-lru",
+            "volatile-lfu",
+            "volatile-random",
+            "volatile-ttl",
+            "",
+        ] {
+            assert!(!evicts_any_key(policy), "{policy}");
+        }
     }
 
     /// Both are off in fred by default, and without them a connection that dies silently is

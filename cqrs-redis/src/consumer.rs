@@ -8,11 +8,11 @@ use crate::scripts::Script;
 use crate::transport::{Shared, forget_name};
 use async_trait::async_trait;
 use cqrs_core::ports::{Consumer, ConsumerOptions, Delivery, DeliveryId, TransportError};
-use fred::clients::Client;
+use fred::clients::{Client, Pipeline};
 use fred::error::ErrorKind as FredKind;
-use fred::interfaces::{ClientLike, StreamsInterface};
+use fred::interfaces::{ClientLike, HashesInterface, StreamsInterface};
 use fred::prelude::Options;
-use fred::types::{ClusterHash, CustomCommand, Value};
+use fred::types::{ClusterHash, CustomCommand, FromValue, Value};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
@@ -56,8 +56,8 @@ use tokio::time::Instant;
 /// one merely handed out in the same batch is held, with the rest of its lane, until that one
 /// is done.
 ///
-/// [`ack`](Consumer::ack) is one `XACK` (with the recorded errors of redelivered entries
-/// removed in the same script). [`nack`](Consumer::nack) restarts the entry's idle clock, so it
+/// [`ack`](Consumer::ack) is one `XACK`, pipelined with an `HDEL` of the errors recorded for
+/// the entries (one round trip). [`nack`](Consumer::nack) restarts the entry's idle clock, so it
 /// is reclaimed after the redelivery delay, by this consumer or another.
 /// [`defer`](Consumer::defer) does the same and takes back the delivery count this handing
 /// out added.
@@ -79,9 +79,8 @@ pub struct RedisConsumer {
     /// Every held entry has been idle at most since then (read, or refreshed by the gate
     /// script): the local gate hands held entries out only while that is recent.
     held_since: Instant,
-    /// Entries handed out and not acknowledged, with their lane (empty for none) and whether
-    /// this is their first delivery (see [`Ready::first`]).
-    in_flight: HashMap<String, (String, bool)>,
+    /// Entries handed out and not acknowledged, with their lane (empty for none).
+    in_flight: HashMap<String, String>,
     /// Entries handed back (nacked or deferred, or released by `close`) and still pending to
     /// this consumer: they come back after the redelivery delay (at once when released), so
     /// neither `close` nor a recovery may take them as stranded.
@@ -129,7 +128,8 @@ struct Ready {
     /// Reclaimed by this step: the claim counted a delivery.
     claimed: bool,
     /// Read by this consumer's `XREADGROUP` and neither handed out nor reclaimed since: its
-    /// first delivery in the group, so no nack can have recorded an error for it.
+    /// first delivery in the group, so held back again, its release takes that read's count
+    /// back (see [`Released`]).
     first: bool,
 }
 
@@ -416,6 +416,8 @@ impl RedisConsumer {
                 self.held.clear();
                 self.known.clear();
                 self.adopted.clear();
+                // A new group delivers everything again: what was acknowledged here is not.
+                self.acked.clear();
                 self.try_step(max).await.map_err(transport_error)
             }
             other => other.map_err(transport_error),
@@ -464,7 +466,7 @@ impl RedisConsumer {
                 &self.keys.stream,
                 &self.group,
                 &self.options,
-                Duration::ZERO,
+                Some(Duration::ZERO),
                 false,
                 stranded.clone(),
             )
@@ -495,21 +497,34 @@ impl RedisConsumer {
             .saturating_sub(self.held.len())
             .min(max.saturating_sub(self.held.len()));
         // A plain `XREADGROUP` from the client: the entries' fields never go through Lua.
+        // With entries acknowledged here to go by, the local gate needs to know that they are
+        // still done with (see `gate_locally`): the group's oldest pending entry, asked in the
+        // same round trip, right after the read.
+        let mut floor = None;
         let mut fresh = if room > 0 {
-            let reply = self
-                .shared
-                .client
-                .with_options(&self.shared.patient())
-                .xreadgroup::<Value, _, _, _, _>(
-                    self.group.as_str(),
-                    self.options.consumer_name.as_str(),
-                    Some(room as u64),
-                    None,
-                    false,
-                    self.keys.stream.as_str(),
-                    ">",
-                )
-                .await?;
+            let client = self.shared.client.with_options(&self.shared.patient());
+            let reply = if !claim && !self.acked.is_empty() {
+                let pipeline = Pipeline::from(client);
+                self.read_new::<()>(&pipeline, room).await?;
+                pipeline
+                    .custom::<(), _>(
+                        CustomCommand::new("XPENDING", ClusterHash::FirstKey, false),
+                        vec![
+                            Value::from(self.keys.stream.as_str()),
+                            Value::from(self.group.as_str()),
+                            Value::from("-"),
+                            Value::from("+"),
+                            Value::from(1),
+                        ],
+                    )
+                    .await?;
+                let mut replies = pipeline.all::<Vec<Value>>().await?.into_iter();
+                let reply = replies.next().unwrap_or(Value::Null);
+                floor = Some(pending_floor(replies.next().unwrap_or(Value::Null)));
+                reply
+            } else {
+                self.read_new(&client, room).await?
+            };
             read_entries(reply)
         } else {
             Vec::new()
@@ -521,7 +536,7 @@ impl RedisConsumer {
             if self.held.is_empty() && fresh.is_empty() {
                 return Ok(Vec::new());
             }
-            match self.gate_locally(fresh, max, now) {
+            match self.gate_locally(fresh, max, now, floor) {
                 Ok(ready) => return Ok(ready),
                 Err(undecided) => fresh = undecided,
             }
@@ -529,7 +544,7 @@ impl RedisConsumer {
         let mut args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
-            Value::from(millis(self.options.redelivery_delay)),
+            Value::from(claim_idle(self.options.redelivery_delay)),
             Value::from(if claim { max as i64 } else { 0 }),
             Value::from(self.cursor.as_str()),
             Value::from(i64::from(self.options.max_deliveries)),
@@ -674,6 +689,25 @@ impl RedisConsumer {
         Ok(out)
     }
 
+    /// Reads up to `count` new entries (`XREADGROUP >`) on `client`, without blocking.
+    async fn read_new<R: FromValue>(
+        &self,
+        client: &(impl StreamsInterface + Sync),
+        count: usize,
+    ) -> Result<R, fred::error::Error> {
+        client
+            .xreadgroup(
+                self.group.as_str(),
+                self.options.consumer_name.as_str(),
+                Some(count as u64),
+                None,
+                false,
+                self.keys.stream.as_str(),
+                ">",
+            )
+            .await
+    }
+
     /// Runs one of the transport's scripts on the shared connection (waiting for a reconnect,
     /// up to the command timeout).
     async fn run_script(
@@ -729,10 +763,17 @@ impl RedisConsumer {
     /// It knows a candidate is ready when it was delivered once, to this consumer (read by its
     /// `XREADGROUP`, not reclaimed), is meant for every group, has its `lane`, `prev` and
     /// `group` fields (those present) in UTF-8, and either is in no lane, or is
-    /// the first entry of its lane, or follows an entry this consumer acknowledged itself, or
-    /// follows an entry handed out earlier in this batch (a chain, in order). That is what the
-    /// script would decide: the group acknowledged the predecessor, and nobody else handled
-    /// the entry. A candidate that follows one held back here is held back too. Held entries
+    /// the first entry of its lane, or follows an entry this consumer acknowledged itself that
+    /// is still not pending, or follows an entry handed out earlier in this batch (a chain, in
+    /// order). That is what the script would decide: the group acknowledged the predecessor,
+    /// and nobody else handled the entry.
+    ///
+    /// An acknowledged entry can be pending again: a group set back (`XGROUP SETID`) or
+    /// created again delivers it anew, maybe to another consumer. So the acknowledgement counts
+    /// only with `floor`, the group's oldest pending entry asked right after this step's read,
+    /// newer than it: the predecessor was not pending then, and this is the same one check the
+    /// script would make. Without `floor` (no read this step), or with an older entry pending
+    /// anywhere in the group, the script decides. A candidate that follows one held back here is held back too. Held entries
     /// are decided here only while they are recent (their idle time well under the
     /// redelivery delay, so no one else reclaims them and the handler has nearly the whole
     /// delay); after that the script, which also resets their idle time.
@@ -741,6 +782,7 @@ impl RedisConsumer {
         fresh: Vec<(String, Fields)>,
         max: usize,
         now: Instant,
+        floor: Option<(u64, u64)>,
     ) -> Result<Vec<Ready>, Vec<(String, Fields)>> {
         if self.options.max_deliveries < 1
             || (!self.held.is_empty()
@@ -777,7 +819,10 @@ impl RedisConsumer {
                 None => true,
                 Some(lane) => {
                     let prev = prev.unwrap_or("");
-                    if prev.is_empty() || self.acked.get(lane).is_some_and(|a| a == prev) {
+                    let done = |acked: &String| {
+                        acked == prev && floor.is_some_and(|floor| entry_id(acked) < floor)
+                    };
+                    if prev.is_empty() || self.acked.get(lane).is_some_and(done) {
                         true
                     } else if let Some(&before) = decided.get(prev) {
                         // A chain: ready when its predecessor is handed out in this batch.
@@ -906,6 +951,8 @@ impl RedisConsumer {
                 // Refused: it read nothing.
                 self.reader_unsure = false;
                 self.shared.create_group(&self.keys, &self.group).await?;
+                // A new group delivers everything again: what was acknowledged here is not.
+                self.acked.clear();
                 return Ok(());
             }
             Err(e) => {
@@ -942,6 +989,16 @@ impl RedisConsumer {
     }
 }
 
+/// Every entry pending in the group is at least this id, by an `XPENDING key group - + 1`
+/// reply (its oldest pending entry); `(u64::MAX, u64::MAX)` when none is pending.
+fn pending_floor(reply: Value) -> (u64, u64) {
+    entry::array(reply)
+        .into_iter()
+        .next()
+        .and_then(|oldest| entry::array(oldest).into_iter().next()?.into_string())
+        .map_or((u64::MAX, u64::MAX), |id| entry_id(&id))
+}
+
 /// The entries of an `XREADGROUP` reply on one stream.
 fn read_entries(reply: Value) -> Vec<(String, Fields)> {
     let mut out = Vec::new();
@@ -964,8 +1021,22 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Releases entries this consumer held but never handed out: idle for the redelivery delay,
-/// so another consumer reclaims them at once.
+/// The longest idle time a claim waits for: ten years. Redis counts idle times from an entry's
+/// last delivery time, which an `XCLAIM` can set no earlier than the epoch, so a longer
+/// redelivery delay (`Duration::MAX`: "never by time") would be one no entry ever reaches,
+/// released ones included (see [`release`]). Capped, such a delay still never redelivers in
+/// practice, and a release, which makes entries idle since the epoch, is claimed at once.
+const MAX_CLAIM_IDLE: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// The min-idle time of this consumer's claims: its redelivery delay, at most
+/// [`MAX_CLAIM_IDLE`].
+fn claim_idle(delay: Duration) -> i64 {
+    millis(delay.min(MAX_CLAIM_IDLE))
+}
+
+/// Releases entries this consumer held but never handed out: idle since the epoch, longer
+/// than any consumer's claim waits for (whatever its redelivery delay, `Duration::MAX`
+/// included: see [`MAX_CLAIM_IDLE`]), so another consumer reclaims them at once.
 async fn release(
     shared: &Shared,
     stream: &str,
@@ -973,10 +1044,9 @@ async fn release(
     options: &ConsumerOptions,
     entries: Released,
 ) -> Result<(), TransportError> {
-    let delay = options.redelivery_delay;
     let (counted, read_unhanded) = (entries.counted, entries.read_unhanded);
-    set_idle(shared, stream, group, options, delay, false, counted).await?;
-    set_idle(shared, stream, group, options, delay, true, read_unhanded).await
+    set_idle(shared, stream, group, options, None, false, counted).await?;
+    set_idle(shared, stream, group, options, None, true, read_unhanded).await
 }
 
 /// Entries a consumer lets go of without handing them out.
@@ -991,13 +1061,14 @@ struct Released {
     counted: Vec<String>,
 }
 
-/// Sets the idle time of the entries among `ids` still pending to this consumer.
+/// Sets the idle time of the entries among `ids` still pending to this consumer: `idle`, or
+/// with `None` released (idle since the epoch).
 async fn set_idle(
     shared: &Shared,
     stream: &str,
     group: &str,
     options: &ConsumerOptions,
-    idle: Duration,
+    idle: Option<Duration>,
     take_back: bool,
     ids: Vec<String>,
 ) -> Result<(), TransportError> {
@@ -1006,7 +1077,7 @@ async fn set_idle(
         args.extend([
             Value::from(group),
             Value::from(options.consumer_name.as_str()),
-            Value::from(millis(idle)),
+            idle.map_or_else(|| Value::from("released"), |idle| Value::from(millis(idle))),
             Value::from(if take_back { "1" } else { "0" }),
         ]);
         args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
@@ -1060,7 +1131,6 @@ impl Consumer for RedisConsumer {
         loop {
             let ready = self.step(max).await?;
             let mut deliveries = Vec::with_capacity(ready.len());
-            let mut first = Vec::with_capacity(ready.len());
             let mut undecodable = Vec::new();
             // Lanes cut at an undecodable entry, and the entries held back from there on.
             let mut cut_lanes = HashSet::new();
@@ -1075,7 +1145,6 @@ impl Consumer for RedisConsumer {
                 }
                 match entry::decode(&ready.fields) {
                     Ok(record) => {
-                        first.push(ready.first);
                         // The lane orders the chain: keys sharing one wait for each other.
                         deliveries.push(
                             Delivery::new(DeliveryId(ready.id), record, ready.count)
@@ -1114,11 +1183,11 @@ impl Consumer for RedisConsumer {
                 // `close` releases them at once instead of after the redelivery delay.
                 self.dead_letter(undecodable).await?;
             }
-            for (delivery, first) in deliveries.iter().zip(first) {
+            for delivery in &deliveries {
                 let lane = delivery.order_key.clone().unwrap_or_default();
                 self.returned.remove(&delivery.id.0);
                 self.adopted.remove(&delivery.id.0);
-                self.in_flight.insert(delivery.id.0.clone(), (lane, first));
+                self.in_flight.insert(delivery.id.0.clone(), lane);
             }
             // Everything the step returned is in a list now.
             self.unsure = false;
@@ -1158,34 +1227,33 @@ impl Consumer for RedisConsumer {
             return Ok(());
         }
         for chunk in ids.chunks(512) {
-            // Only an entry delivered before (nacked then) can have an error recorded: when
-            // every one is on its first delivery, a plain `XACK` does. (A delivery count of 1
-            // does not say so: a held entry's count is taken back after a reclaim.)
-            let first_deliveries = chunk
-                .iter()
-                .all(|id| self.in_flight.get(&id.0).is_some_and(|(_, first)| *first));
-            if first_deliveries {
-                let ids: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
-                self.shared
-                    .client
-                    .with_options(&self.shared.patient())
-                    .xack::<i64, _, _, _>(self.keys.stream.as_str(), self.group.as_str(), ids)
-                    .await
-                    .map_err(transport_error)?;
-            } else {
-                let mut args = Vec::with_capacity(chunk.len() + 1);
-                args.push(Value::from(self.group.as_str()));
-                args.extend(chunk.iter().map(|id| Value::from(id.0.as_str())));
-                self.run_script(
-                    &self.shared.scripts.ack,
-                    &[self.keys.stream.as_str(), self.errors.as_str()],
-                    args,
-                )
-                .await?;
+            // The `XACK` and an `HDEL` of the errors recorded for the entries, pipelined: one
+            // round trip, no script. Any delivery may have an error recorded, a first one
+            // included: another consumer may have reclaimed the entry meanwhile (this one was
+            // slower than the redelivery delay) and nacked it with an error. The `HDEL` comes
+            // after the `XACK`: a nack that runs between them finds the entry no longer
+            // pending and records nothing.
+            let ids: Vec<&str> = chunk.iter().map(|id| id.0.as_str()).collect();
+            let pipeline = Pipeline::from(self.shared.client.with_options(&self.shared.patient()));
+            let queued: Result<(), _> = async {
+                pipeline
+                    .xack::<(), _, _, _>(
+                        self.keys.stream.as_str(),
+                        self.group.as_str(),
+                        ids.clone(),
+                    )
+                    .await?;
+                pipeline.hdel::<(), _, _>(self.errors.as_str(), ids).await
             }
+            .await;
+            queued.map_err(transport_error)?;
+            pipeline
+                .all::<Vec<Value>>()
+                .await
+                .map_err(transport_error)?;
             for id in chunk {
                 self.returned.remove(&id.0);
-                if let Some((lane, _)) = self.in_flight.remove(&id.0)
+                if let Some(lane) = self.in_flight.remove(&id.0)
                     && !lane.is_empty()
                 {
                     self.remember_acked(lane, &id.0);
@@ -1214,7 +1282,7 @@ impl Consumer for RedisConsumer {
             &self.keys.stream,
             &self.group,
             &self.options,
-            Duration::ZERO,
+            Some(Duration::ZERO),
             false,
             ids,
         )

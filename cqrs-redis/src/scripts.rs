@@ -199,6 +199,7 @@ for i = 8, #ARGV, 5 do
       else
         -- Deleted from the stream: nothing left to deliver.
         redis.call('XACK', keys.stream, group, id)
+        redis.call('HDEL', keys.errors, id)
       end
     else
       local fresh = kind == 'f'
@@ -274,6 +275,7 @@ for _, c in ipairs(cands) do
           malformed = malformed + 1
         else
           redis.call('XACK', keys.stream, group, c.id)
+          redis.call('HDEL', keys.errors, c.id)
         end
       elseif state == 'ready' and over then
         local reason = redis.call('HGET', keys.errors, c.id)
@@ -285,6 +287,7 @@ for _, c in ipairs(cands) do
           dead = dead + 1
         else
           redis.call('XACK', keys.stream, group, c.id)
+          redis.call('HDEL', keys.errors, c.id)
         end
       elseif state ~= 'wait' and not over and #ready < limit * 4 then
         handed[c.id] = true
@@ -315,16 +318,6 @@ for _, c in ipairs(cands) do
 end
 refresh(keys.stream, group, me, stale_refresh)
 return {next_cursor, ready, held, dead, malformed}
-"#;
-
-/// KEYS: stream, errors. ARGV: group, ids. Acknowledges the ids and forgets the errors
-/// recorded for them. Returns how many were pending.
-const ACK: &str = r#"
-if #ARGV < 2 then return 0 end
-local ids = {unpack(ARGV, 2)}
-local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-redis.call('HDEL', KEYS[2], unpack(ids))
-return acked
 "#;
 
 /// KEYS: stream, errors. ARGV: group, consumer, id, error (may be empty). Restarts the
@@ -371,28 +364,35 @@ for i = 3, #ARGV, 2 do
     n = n + 1
   else
     redis.call('XACK', keys.stream, ARGV[1], id)
+    redis.call('HDEL', keys.errors, id)
   end
 end
 return n
 "#;
 
-/// KEYS: stream. ARGV: group, consumer, idle (ms), take back (`1` or `0`), ids. Sets the idle
-/// time of the entries still pending to this consumer (others' are left alone): the redelivery
-/// delay, to release entries it held but never handed out, so another consumer reclaims them
-/// at once; 0, to keep entries it is still handling. With take back `1`, the delivery count
-/// also goes back by one: for entries whose last read counted a delivery that never reached a
-/// handler (the next consumer's claim counts it again); otherwise the count is unchanged.
+/// KEYS: stream. ARGV: group, consumer, idle (ms, or `released`), take back (`1` or `0`),
+/// ids. Sets the idle time of the entries still pending to this consumer (others' are left
+/// alone): `released`, to release entries it held but never handed out, so another consumer
+/// reclaims them at once; 0, to keep entries it is still handling. A release sets their last
+/// delivery to the epoch (`TIME 0`): idle longer than any consumer's claim waits for (those are
+/// capped well below, see `consumer::MAX_CLAIM_IDLE`), whatever its redelivery delay; an
+/// `IDLE` of the delay would not do for a delay longer than Redis's clock, which Redis takes
+/// for bogus and turns into 0. With take back `1`, the delivery count also goes back by one:
+/// for entries whose last read counted a delivery that never reached a handler (the next
+/// consumer's claim counts it again); otherwise the count is unchanged.
 const SET_IDLE: &str = r#"
+local when, at = 'IDLE', ARGV[3]
+if at == 'released' then when, at = 'TIME', '0' end
 local n = 0
 for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
     if ARGV[4] == '1' then
       local count = math.max(tonumber(p[1][4]) - 1, 0)
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3],
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], when, at,
         'RETRYCOUNT', count, 'JUSTID')
     else
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], when, at, 'JUSTID')
     end
     n = n + 1
   end
@@ -597,7 +597,6 @@ pub(crate) struct Scripts {
     pub(crate) publish: Script,
     pub(crate) publish_one: Script,
     pub(crate) step: Script,
-    pub(crate) ack: Script,
     pub(crate) nack: Script,
     pub(crate) defer: Script,
     pub(crate) dead_letter: Script,
@@ -614,7 +613,6 @@ impl Scripts {
             publish: Script::bare(PUBLISH),
             publish_one: Script::bare(PUBLISH_ONE),
             step: Script::new(STEP),
-            ack: Script::new(ACK),
             nack: Script::new(NACK),
             defer: Script::new(DEFER),
             dead_letter: Script::new(DEAD_LETTER),
@@ -627,7 +625,6 @@ impl Scripts {
             &mut scripts.publish,
             &mut scripts.publish_one,
             &mut scripts.step,
-            &mut scripts.ack,
             &mut scripts.nack,
             &mut scripts.defer,
             &mut scripts.dead_letter,

@@ -168,12 +168,14 @@ impl fmt::Debug for RedisStreamTransport {
 
 impl RedisStreamOptions {
     /// Validates the options (reporting every problem at once), connects, checks that the
-    /// server is Redis 7.0 or later, and loads the scripts.
+    /// server is Redis 7.0 or later, warns when its `maxmemory-policy` may evict the
+    /// transport's keys (`allkeys-*`; see the crate's guide), and loads the scripts.
     pub async fn connect(self) -> Result<RedisStreamTransport, ConnectError> {
         self.validate()?;
         let client = connection::client(&self.connection).await?;
         let ready = async {
             connection::check_version(&client).await?;
+            connection::check_eviction(&client).await;
             Scripts::load(&client)
                 .await
                 .map_err(|e| ConnectError::Redis(transport_error(e)))

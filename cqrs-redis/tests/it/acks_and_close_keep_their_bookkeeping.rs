@@ -68,6 +68,58 @@ async fn an_ack_removes_the_error_of_an_entry_back_on_its_first_count() {
     env.cleanup().await;
 }
 
+/// An entry reclaimed by `b` and nacked there with an error, then acknowledged by `a` (slower
+/// than the redelivery delay, on what it took for the entry's first delivery) leaves no error
+/// behind: the errors hash grew without end that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_by_a_slow_consumer_removes_the_error_another_recorded() {
+    let Some(env) = Env::new("slow-ack-error").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let errors = format!(
+                "{}:{{{topic}}}:errors:g",
+                crate::support::key_prefix(&env.id)
+            );
+            let delay = Duration::from_millis(500);
+            let mut a = env.join(&topic, "a", |o| o.redelivery_delay(delay)).await;
+            let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
+            env.publish_one(&topic, "k", 1).await;
+            let first = a.fetch(10).await.unwrap();
+            assert_eq!(first.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            let x = first[0].id.clone();
+            // `a` takes longer than the delay: `b` reclaims the entry, and fails it.
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let taken = loop {
+                let got = b.fetch(10).await.unwrap();
+                if !got.is_empty() {
+                    break got;
+                }
+                assert!(tokio::time::Instant::now() < until, "never reclaimed");
+            };
+            assert_eq!(
+                taken.iter().map(|d| d.id.0.as_str()).collect::<Vec<_>>(),
+                [x.0.as_str()]
+            );
+            b.nack_with_reason(&x, "boom").await.unwrap();
+            let hlen = || env.command("HLEN", vec![errors.as_str().into()]);
+            assert_eq!(hlen().await.as_u64(), Some(1));
+
+            a.ack(std::slice::from_ref(&x)).await.unwrap();
+            assert_eq!(
+                hlen().await.as_u64(),
+                Some(0),
+                "the error outlived its entry"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_keeps_a_nacked_entry_after_many_returns() {
     let Some(env) = Env::new("many-returns").await else {

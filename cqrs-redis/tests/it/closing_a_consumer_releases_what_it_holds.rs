@@ -3,8 +3,9 @@
 //! them due (idle for the redelivery delay) and never delivered, and another consumer takes
 //! them as a first delivery.
 
-use crate::support::{Env, event, n_of, within};
-use cqrs_core::ports::EventTransport;
+use crate::support::{Env, consumer_options, event, n_of, within};
+use cqrs_core::ports::{Consumer, EventTransport};
+use cqrs_redis::RedisConsumer;
 use fred::types::Value;
 use std::time::Duration;
 
@@ -234,6 +235,56 @@ async fn closing_releases_every_stranded_entry_past_a_page() {
                 .count();
             assert_eq!(held_on, 0, "entries close did not release");
             drop(a);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// A redelivery delay of `Duration::MAX` ("never by time") does not stop `close` from
+/// releasing what the consumer held back: Redis cannot hold an idle time that long (an
+/// `XCLAIM … IDLE` past its clock counts as 0, an `XAUTOCLAIM` min-idle that long claims
+/// nothing), and the released entry used to stay pending to the closed consumer for good,
+/// its lane blocked behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_releases_held_entries_with_a_redelivery_delay_of_duration_max() {
+    let Some(env) = Env::new("close-delay-max").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let never = |o: cqrs_core::ports::ConsumerOptions| o.redelivery_delay(Duration::MAX);
+            let options = consumer_options(&format!("{}-a", env.id));
+            let mut a: RedisConsumer = env
+                .transport
+                .redis_consumer(&topic, "g", never(options))
+                .await
+                .unwrap();
+            let mut b = env.join(&topic, "b", never).await;
+            env.publish_one(&topic, "k", 1).await;
+            env.publish_one(&topic, "k", 2).await;
+            let first = b.fetch(1).await.unwrap();
+            assert_eq!(first.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            // Read behind its predecessor, pending to `b`: held back.
+            assert!(a.fetch(10).await.unwrap().is_empty());
+            assert_eq!(a.held(), 1);
+            a.close().await.unwrap();
+            b.ack(std::slice::from_ref(&first[0].id)).await.unwrap();
+
+            let mut c = env.join(&topic, "c", never).await;
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut got = Vec::new();
+            while got.is_empty() {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "the entry `a` held back was not released within 10 s"
+                );
+                got = c.fetch(10).await.unwrap();
+            }
+            assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [2]);
+            assert_eq!(got[0].attempt, 1, "released unhandled: its first delivery");
         }),
     )
     .await;
