@@ -597,8 +597,8 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
-        // When the batches started failing without one succeeding since.
-        let mut failing_since: Option<tokio::time::Instant> = None;
+        // When a batch last succeeded (or the run started).
+        let mut progressed = tokio::time::Instant::now();
         let mut purge = InboxPurge {
             store: self.store.clone(),
             name: self.name.clone(),
@@ -624,7 +624,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             match stepped {
                 Ok((_, caught_up)) => {
                     failures = 0;
-                    failing_since = None;
+                    progressed = tokio::time::Instant::now();
                     ctx.health.set(Health::Healthy);
                     match self.source {
                         Source::Store if caught_up => {
@@ -647,14 +647,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // stops), but only what can pass by itself is merely degraded, and only
                     // for `stall_after`: a store-fed runner has no dead letters, so an event
                     // whose `apply` fails (or times out) every time holds it for good.
-                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                    let stuck = since.elapsed() >= self.stall_after;
+                    let stuck = progressed.elapsed() >= self.stall_after;
                     ctx.health.set(if passes(&e) && !stuck {
                         Health::Degraded(e.to_string())
                     } else if stuck {
                         Health::Unhealthy(format!(
                             "no batch has succeeded for {:?} ({failures} failed): {e}",
-                            rounded(since.elapsed())
+                            rounded(progressed.elapsed())
                         ))
                     } else {
                         Health::Unhealthy(e.to_string())

@@ -520,7 +520,7 @@ impl RedisConsumer {
                     .await?;
                 let mut replies = pipeline.all::<Vec<Value>>().await?.into_iter();
                 let reply = replies.next().unwrap_or(Value::Null);
-                floor = Some(pending_floor(replies.next().unwrap_or(Value::Null)));
+                floor = replies.next().and_then(pending_floor);
                 reply
             } else {
                 self.read_new(&client, room).await?
@@ -990,13 +990,22 @@ impl RedisConsumer {
 }
 
 /// Every entry pending in the group is at least this id, by an `XPENDING key group - + 1`
-/// reply (its oldest pending entry); `(u64::MAX, u64::MAX)` when none is pending.
-fn pending_floor(reply: Value) -> (u64, u64) {
-    entry::array(reply)
-        .into_iter()
-        .next()
-        .and_then(|oldest| entry::array(oldest).into_iter().next()?.into_string())
-        .map_or((u64::MAX, u64::MAX), |id| entry_id(&id))
+/// reply (its oldest pending entry); `(u64::MAX, u64::MAX)` when none is pending (an empty
+/// array). `None` for a reply of another shape: the script then decides, rather than taking
+/// it for "nothing pending" and trusting every acknowledgement remembered here.
+fn pending_floor(reply: Value) -> Option<(u64, u64)> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let Some(oldest) = entries.into_iter().next() else {
+        return Some((u64::MAX, u64::MAX));
+    };
+    let Value::Array(fields) = oldest else {
+        return None;
+    };
+    let id = fields.into_iter().next()?.into_string()?;
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// The entries of an `XREADGROUP` reply on one stream.
@@ -1354,5 +1363,35 @@ impl Consumer for RedisConsumer {
         reason: &str,
     ) -> Result<(), TransportError> {
         self.nack_with_error(id, reason).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_pending_entry_is_read_and_any_other_reply_leaves_the_decision_to_the_script() {
+        assert_eq!(
+            pending_floor(Value::Array(Vec::new())),
+            Some((u64::MAX, u64::MAX)),
+            "nothing pending"
+        );
+        let oldest = Value::Array(vec![Value::Array(vec![
+            Value::from("1700000000000-12"),
+            Value::from("consumer-a"),
+            Value::from(1500),
+            Value::from(1),
+        ])]);
+        assert_eq!(pending_floor(oldest), Some((1_700_000_000_000, 12)));
+        for unexpected in [
+            Value::Null,
+            Value::from(1),
+            Value::Array(vec![Value::from("1-1")]),
+            Value::Array(vec![Value::Array(vec![Value::from("not an id")])]),
+            Value::Array(vec![Value::Array(Vec::new())]),
+        ] {
+            assert_eq!(pending_floor(unexpected.clone()), None, "{unexpected:?}");
+        }
     }
 }

@@ -233,6 +233,62 @@ fn a_store_fed_runner_stuck_on_an_event_that_times_out_becomes_unhealthy() {
     });
 }
 
+/// An `apply_timeout` longer than `stall_after`: the stall report (the batch runs past its
+/// bound) is followed, when the batch times out, by "no batch has succeeded" counted from the
+/// run's start, never by a merely degraded report in between.
+#[test]
+fn a_store_fed_runner_reported_stalled_stays_unhealthy_when_its_batch_times_out() {
+    run_paused(|| async {
+        let hangs = Hangs::default();
+        let events = Arc::new(cqrs_core::memory::InMemoryEventStore::new());
+        cqrs_core::ports::EventStore::append(
+            &*events,
+            "adds",
+            cqrs_core::ports::ExpectedVersion::Any,
+            published(),
+        )
+        .await
+        .unwrap();
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        let runner = ProjectionRunner::from_store(
+            Arc::new(InMemoryProjectionStore::new()),
+            Arc::new(hangs.clone()),
+            events,
+            Arc::new(types),
+        )
+        .apply_timeout(Duration::from_secs(3))
+        .stall_after(Duration::from_secs(2));
+        let runtime = Runtime::builder().worker(runner).start();
+        let stalled = std::sync::atomic::AtomicBool::new(false);
+        eventually(
+            Duration::from_secs(20),
+            "the timed-out batch is reported as no batch succeeding",
+            || async {
+                match &runtime.health().await.components["hangs"].0 {
+                    Health::Unhealthy(reason) if reason.contains("no batch has succeeded") => {
+                        Some(())
+                    }
+                    Health::Unhealthy(_) => {
+                        stalled.store(true, Ordering::SeqCst);
+                        None
+                    }
+                    Health::Degraded(reason) if stalled.load(Ordering::SeqCst) => {
+                        panic!("degraded after the stall report: {reason}")
+                    }
+                    _ => None,
+                }
+            },
+        )
+        .await;
+        assert!(
+            stalled.load(Ordering::SeqCst),
+            "the stall was reported first"
+        );
+        let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
 /// A transport-fed projection whose `apply` hangs turns the runner unhealthy once its batch
 /// runs past `stall_after`.
 #[test]

@@ -12,8 +12,20 @@ use cqrs_postgres::{PgDatabase, PgUnitOfWork};
 use helpdesk_api::postgres::store_error;
 use helpdesk_api::{Migration, Role};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
+
+/// Runs its closure when dropped during a panic.
+struct OnPanic<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnPanic<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)();
+        }
+    }
+}
 
 /// The auth plugin's tables in `schema`: users (email unique) and failed logins.
 pub(crate) fn migration(schema: &str) -> Migration {
@@ -168,6 +180,9 @@ pub struct PgLoginThrottle {
     limit: u32,
     window: Duration,
     schema: Arc<str>,
+    /// Sweeps asked for and not yet done. One task does them, one after another, so a burst
+    /// of attempts does not queue a sweep each on the pool ahead of the next logins.
+    sweeps_owed: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for PgLoginThrottle {
@@ -189,6 +204,7 @@ impl PgLoginThrottle {
             limit,
             window,
             schema,
+            sweeps_owed: Arc::default(),
         }
     }
 
@@ -199,7 +215,8 @@ impl PgLoginThrottle {
         const SWEEP: i64 = 64;
         let sql = format!(
             "DELETE FROM {s}.login_failures WHERE ctid = ANY(ARRAY(
-                SELECT ctid FROM {s}.login_failures WHERE at <= $1 LIMIT $2))",
+                SELECT ctid FROM {s}.login_failures WHERE at <= $1 LIMIT $2
+                FOR UPDATE SKIP LOCKED))",
             s = self.schema
         );
         let swept = sqlx::query(AssertSqlSafe(sql))
@@ -271,9 +288,21 @@ impl LoginThrottle for PgLoginThrottle {
             .map_err(store_error)?;
         tx.commit().await.map_err(store_error)?;
         // In a task of its own: the attempt is counted, and a login given up from here on
-        // must learn that (its guard takes the count back), not be dropped in the sweep.
-        let this = self.clone();
-        tokio::spawn(async move { this.sweep(since).await });
+        // must learn that (its guard takes the count back), not be dropped in the sweep. The
+        // task that finds none owed does them all, one at a time.
+        if self.sweeps_owed.fetch_add(1, Ordering::AcqRel) == 0 {
+            let this = self.clone();
+            tokio::spawn(async move {
+                // Should the task panic, the next attempt starts another.
+                let _reset = OnPanic(|| this.sweeps_owed.store(0, Ordering::Release));
+                loop {
+                    this.sweep(this.since(this.clock.now())).await;
+                    if this.sweeps_owed.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        break;
+                    }
+                }
+            });
+        }
         Ok(None)
     }
 

@@ -23,15 +23,20 @@ use tower::{Layer, Service};
 /// time (and answers `Expect: 100-continue` only then), so a body the server starts reading
 /// late, after a slow authentication say, still arrives while it is read, and its client is
 /// not blamed for the server's delay.
+///
+/// Never later than `latest` from the request's arrival, though: the request's own time
+/// budget runs from then, and a body still trickling in when it ends would get its 503.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BodyDeadlineLayer {
     after: Duration,
+    latest: Duration,
 }
 
 impl BodyDeadlineLayer {
-    /// Bodies must have arrived `after` from the start of their request.
-    pub(crate) fn new(after: Duration) -> Self {
-        Self { after }
+    /// Bodies must have arrived `after` from their first read, and `latest` from their
+    /// request's arrival.
+    pub(crate) fn new(after: Duration, latest: Duration) -> Self {
+        Self { after, latest }
     }
 }
 
@@ -42,6 +47,7 @@ impl<S> Layer<S> for BodyDeadlineLayer {
         BodyDeadline {
             inner,
             after: self.after,
+            latest: self.latest,
         }
     }
 }
@@ -51,6 +57,7 @@ impl<S> Layer<S> for BodyDeadlineLayer {
 pub(crate) struct BodyDeadline<S> {
     inner: S,
     after: Duration,
+    latest: Duration,
 }
 
 impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
@@ -63,7 +70,7 @@ impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let after = self.after;
+        let (after, latest) = (self.after, Instant::now() + self.latest);
         self.inner.call(request.map(|body| {
             if body.is_end_stream() {
                 // Nothing to wait for: no timer.
@@ -72,6 +79,7 @@ impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
                 Body::new(DeadlineBody {
                     inner: body,
                     after,
+                    latest,
                     deadline: None,
                 })
             }
@@ -80,10 +88,11 @@ impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
 }
 
 /// A body that fails with [`BodyDeadlineElapsed`] when a read waits past its deadline, `after`
-/// from its first read.
+/// from its first read but no later than `latest`.
 struct DeadlineBody {
     inner: Body,
     after: Duration,
+    latest: Instant,
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
@@ -95,10 +104,10 @@ impl HttpBody for DeadlineBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let after = self.after;
+        let at = (Instant::now() + self.after).min(self.latest);
         let deadline = self
             .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + after)))
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
             .as_mut();
         match deadline.poll(cx) {
             // Past the deadline, what has arrived is still read; only a wait fails.
@@ -128,6 +137,10 @@ mod tests {
     use futures_util::stream;
     use tower::ServiceExt;
 
+    /// 100 ms from the first read, at most 400 ms from arrival.
+    const DEADLINES: (Duration, Duration) =
+        (Duration::from_millis(100), Duration::from_millis(400));
+
     /// A body of `chunks` one-byte chunks, each after a wait of `gap` (none: a bare yield), as
     /// hyper's come: one at a time, read from the socket when the body is polled.
     fn body(chunks: usize, gap: Option<Duration>) -> Body {
@@ -143,8 +156,13 @@ mod tests {
         }))
     }
 
-    /// The body's length, read by a handler that first waits `before`.
-    async fn read(body: Body, before: Duration) -> Result<usize, axum::Error> {
+    /// The body's length, read by a handler that first waits `before`, with a deadline of
+    /// `after` from the first read and at most `latest` from the request's arrival.
+    async fn read(
+        body: Body,
+        before: Duration,
+        (after, latest): (Duration, Duration),
+    ) -> Result<usize, axum::Error> {
         let service = tower::service_fn(move |request: Request| async move {
             tokio::time::sleep(before).await;
             axum::body::to_bytes(request.into_body(), 1024)
@@ -152,7 +170,7 @@ mod tests {
                 .map(|bytes| bytes.len())
         });
         let request = Request::new(body);
-        BodyDeadlineLayer::new(Duration::from_millis(100))
+        BodyDeadlineLayer::new(after, latest)
             .layer(service)
             .oneshot(request)
             .await
@@ -160,15 +178,37 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_read_late_but_sent_in_time_is_read_whole() {
-        let read = read(body(3, None), Duration::from_millis(300)).await;
+        let read = read(body(3, None), Duration::from_millis(300), DEADLINES).await;
         assert_eq!(read.expect("the body is read"), 3);
+    }
+
+    /// Read late, and trickling: the deadline is the request's `latest`, not the first read
+    /// plus `after`, which would fall after the request's own budget.
+    #[tokio::test]
+    async fn a_body_read_late_that_trickles_fails_within_the_request_budget() {
+        let started = Instant::now();
+        let error = read(
+            body(20, Some(Duration::from_millis(40))),
+            Duration::from_millis(300),
+            (Duration::from_millis(500), Duration::from_millis(400)),
+        )
+        .await
+        .expect_err("the body is past its deadline");
+        assert!(error.to_string().contains("deadline"), "{error}");
+        // Capped at 400 ms from arrival; from the first read it would be 800 ms.
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(650), "{took:?}");
     }
 
     #[tokio::test]
     async fn a_body_that_trickles_past_the_deadline_fails() {
-        let error = read(body(5, Some(Duration::from_millis(40))), Duration::ZERO)
-            .await
-            .expect_err("the body is past its deadline");
+        let error = read(
+            body(5, Some(Duration::from_millis(40))),
+            Duration::ZERO,
+            DEADLINES,
+        )
+        .await
+        .expect_err("the body is past its deadline");
         let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         let mut found = false;
         while let Some(e) = next {

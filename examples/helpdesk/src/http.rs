@@ -150,10 +150,14 @@ pub(crate) fn router(state: State) -> Router {
                     StatusCode::SERVICE_UNAVAILABLE,
                     state.request_timeout,
                 ))
-                // A body not all arrived within half the budget (it stopped, or trickles in)
-                // is answered 408 by the JSON extractor, before the budget's 503 (which tells
+                // A body not all arrived within half the budget from its first read (it
+                // stopped, or trickles in), and in any case by nine tenths of the budget, is
+                // answered 408 by the JSON extractor, before the budget's 503 (which tells
                 // clients to retry).
-                .layer(BodyDeadlineLayer::new(state.request_timeout / 2))
+                .layer(BodyDeadlineLayer::new(
+                    state.request_timeout / 2,
+                    state.request_timeout * 9 / 10,
+                ))
                 .layer(RequestBodyLimitLayer::new(BODY_LIMIT))
                 .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
                 .layer(Extension(state.authenticator.clone()))
