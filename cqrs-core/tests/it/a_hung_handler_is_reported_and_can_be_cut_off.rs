@@ -128,6 +128,33 @@ async fn runner(
     (runtime, transport)
 }
 
+/// A runtime running a store-fed runner of [`Hangs`] over the published events, in one
+/// stream, configured by `configure`.
+async fn store_fed(
+    configure: impl FnOnce(
+        ProjectionRunner<InMemoryProjectionStore, Hangs>,
+    ) -> ProjectionRunner<InMemoryProjectionStore, Hangs>,
+) -> Runtime {
+    let events = Arc::new(cqrs_core::memory::InMemoryEventStore::new());
+    cqrs_core::ports::EventStore::append(
+        &*events,
+        "adds",
+        cqrs_core::ports::ExpectedVersion::Any,
+        published(),
+    )
+    .await
+    .unwrap();
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    let runner = ProjectionRunner::from_store(
+        Arc::new(InMemoryProjectionStore::new()),
+        Arc::new(Hangs::default()),
+        events,
+        Arc::new(types),
+    );
+    Runtime::builder().worker(configure(runner)).start()
+}
+
 /// The worker's health once it is unhealthy with a stall report, within a deadline.
 async fn reports_a_stall(runtime: &Runtime, worker: &str) -> String {
     eventually(
@@ -189,29 +216,11 @@ fn a_bus_handler_past_its_timeout_is_retried_and_its_batch_mates_acknowledged() 
 #[test]
 fn a_store_fed_runner_stuck_on_an_event_that_times_out_becomes_unhealthy() {
     run_paused(|| async {
-        let hangs = Hangs::default();
-        let events = Arc::new(cqrs_core::memory::InMemoryEventStore::new());
-        for record in published() {
-            cqrs_core::ports::EventStore::append(
-                &*events,
-                "adds",
-                cqrs_core::ports::ExpectedVersion::Any,
-                vec![record],
-            )
-            .await
-            .unwrap();
-        }
-        let mut types = EventTypes::new();
-        types.register::<Added>();
-        let runner = ProjectionRunner::from_store(
-            Arc::new(InMemoryProjectionStore::new()),
-            Arc::new(hangs.clone()),
-            events,
-            Arc::new(types),
-        )
-        .apply_timeout(Duration::from_millis(200))
-        .stall_after(Duration::from_secs(2));
-        let runtime = Runtime::builder().worker(runner).start();
+        let runtime = store_fed(|r| {
+            r.apply_timeout(Duration::from_millis(200))
+                .stall_after(Duration::from_secs(2))
+        })
+        .await;
         let reason = eventually(
             Duration::from_secs(10),
             "the runner reports that no batch succeeds",
@@ -239,27 +248,11 @@ fn a_store_fed_runner_stuck_on_an_event_that_times_out_becomes_unhealthy() {
 #[test]
 fn a_store_fed_runner_reported_stalled_stays_unhealthy_when_its_batch_times_out() {
     run_paused(|| async {
-        let hangs = Hangs::default();
-        let events = Arc::new(cqrs_core::memory::InMemoryEventStore::new());
-        cqrs_core::ports::EventStore::append(
-            &*events,
-            "adds",
-            cqrs_core::ports::ExpectedVersion::Any,
-            published(),
-        )
-        .await
-        .unwrap();
-        let mut types = EventTypes::new();
-        types.register::<Added>();
-        let runner = ProjectionRunner::from_store(
-            Arc::new(InMemoryProjectionStore::new()),
-            Arc::new(hangs.clone()),
-            events,
-            Arc::new(types),
-        )
-        .apply_timeout(Duration::from_secs(3))
-        .stall_after(Duration::from_secs(2));
-        let runtime = Runtime::builder().worker(runner).start();
+        let runtime = store_fed(|r| {
+            r.apply_timeout(Duration::from_secs(3))
+                .stall_after(Duration::from_secs(2))
+        })
+        .await;
         let stalled = std::sync::atomic::AtomicBool::new(false);
         eventually(
             Duration::from_secs(20),

@@ -3,7 +3,7 @@
 //! shipped, and the worker is degraded and backs off, yet never gives up while it moves.
 
 use crate::proxy::Proxy;
-use crate::support::{database_url, pg_test, record};
+use crate::support::{pg_test, record};
 use async_trait::async_trait;
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{
@@ -15,8 +15,7 @@ use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_core::{EventRecord, Position};
 use cqrs_postgres::{PgDatabase, PgOutboxRelay, RelayBatch, RelayError};
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use std::str::FromStr;
+use sqlx::postgres::PgPoolOptions;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -250,20 +249,9 @@ pg_test! {
     /// starts after it, instead of rolling back and shipping the first run again for ever.
     async fn a_batch_out_of_time_during_its_lease_check_commits_what_it_shipped(db: PgDatabase) {
         let positions = append(&db, 3).await;
-        let direct = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL parses");
-        let proxy = Arc::new(
-            Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await,
-        );
-        let pool = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(
-                direct
-                    .host("127.0.0.1")
-                    .port(proxy.addr.port())
-                    .ssl_mode(PgSslMode::Disable),
-            )
-            .await
-            .expect("connect through the proxy");
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+        let proxy = Arc::new(proxy);
         let slow = PgDatabase::from_pool(pool, db.schema()).unwrap();
         let publish_timeout = Duration::from_millis(300);
         let transport = Arc::new(StallsTheLeaseCheck {

@@ -10,27 +10,17 @@ use cqrs_core::Position;
 use cqrs_core::ports::{EventStore, ExpectedVersion, ProjectionStore};
 use cqrs_postgres::{PgDatabase, PgProjectionStore};
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use std::str::FromStr;
+use sqlx::postgres::PgPoolOptions;
 use std::time::Duration;
 
 pg_test! {
     async fn a_transaction_given_up_while_it_begins_leaves_the_pool_clean(db: PgDatabase) {
-        let direct = PgConnectOptions::from_str(&database_url()).expect("DATABASE_URL parses");
-        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
         // One connection, so whatever the abandoned `BEGIN` left on it, the next user gets.
         // No ping before each acquire: the stall below must hold back the `BEGIN`, not a ping.
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(
-                direct
-                    .host("127.0.0.1")
-                    .port(proxy.addr.port())
-                    .ssl_mode(PgSslMode::Disable),
-            )
-            .await
-            .expect("connect through the proxy");
+        let (proxy, pool) = Proxy::in_front_of_the_database(
+            PgPoolOptions::new().max_connections(1).test_before_acquire(false),
+        )
+        .await;
         let slow = PgDatabase::from_pool(pool, db.schema()).unwrap();
         // The connection is open before the stall, so the stall holds back the `BEGIN` itself.
         let one: i32 = sqlx::query_scalar(AssertSqlSafe("SELECT 1".to_owned()))

@@ -43,6 +43,27 @@ impl Proxy {
         }
     }
 
+    /// A proxy in front of the test database (`DATABASE_URL`), and a pool made by `options`
+    /// that connects through it.
+    pub(crate) async fn in_front_of_the_database(
+        options: sqlx::postgres::PgPoolOptions,
+    ) -> (Proxy, sqlx::PgPool) {
+        use std::str::FromStr;
+        let direct = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+            .expect("DATABASE_URL parses");
+        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let pool = options
+            .connect_with(
+                direct
+                    .host("127.0.0.1")
+                    .port(proxy.addr.port())
+                    .ssl_mode(sqlx::postgres::PgSslMode::Disable),
+            )
+            .await
+            .expect("connect through the proxy");
+        (proxy, pool)
+    }
+
     /// Holds back every message clients send from now on for `duration` after now, then
     /// forwards them in order: the server sees nothing before then.
     pub(crate) fn stall_for(&self, duration: Duration) {
