@@ -559,14 +559,19 @@ where
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(Ok(out))) => Ok(out),
             Ok(Poll::Ready(Err(e))) => Err(DispatchError::Handler(e)),
-            Err(payload) => Err(DispatchError::Panicked {
-                kind: this.kind,
-                name: this.name,
-                message: crate::panic::panic_message(payload.as_ref()),
-            }),
+            Err(payload) => {
+                // A future that panicked may still hold what it had (a hand-written one keeps
+                // its fields): dropped inside the guard.
+                this.release();
+                return Poll::Ready(Err(DispatchError::Panicked {
+                    kind: this.kind,
+                    name: this.name,
+                    message: crate::panic::panic_message(payload.as_ref()),
+                }));
+            }
         };
-        // Finished: what a future holds is dropped when it returns, so dropping it now cannot
-        // panic, and needs no guard (`release`), which would cost the fast path a call.
+        // Returned: a future drops what it holds before it returns, so dropping it now does
+        // not panic and needs no guard (`release`), which would cost the fast path a call.
         this.inner = None;
         Poll::Ready(output)
     }

@@ -175,6 +175,8 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     inbox_purge_interval: Duration,
     apply_timeout: Option<Duration>,
     stall_after: Duration,
+    /// Set when a batch ran past `stall_after` (and was reported), until the next outcome.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 /// How long a runner keeps inbox entries by default: far longer than any redelivery.
@@ -219,6 +221,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             inbox_purge_interval: INBOX_PURGE_INTERVAL,
             apply_timeout: None,
             stall_after: STALL_AFTER,
+            stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -256,6 +259,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             inbox_purge_interval: INBOX_PURGE_INTERVAL,
             apply_timeout: None,
             stall_after: STALL_AFTER,
+            stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -356,6 +360,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             health,
             after: self.stall_after,
             what: "a projection batch",
+            reported: Some(&self.stalled),
         })
     }
 
@@ -443,6 +448,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             health,
             apply_timeout,
             stall_after,
+            stalled,
             ..
         } = self;
         let Source::Transport {
@@ -502,6 +508,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             health,
             after: *stall_after,
             what: "a projection batch",
+            reported: Some(&*stalled),
         });
         match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
             Ok(applied) => {
@@ -597,8 +604,8 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
-        // When a batch last succeeded (or the run started).
-        let mut progressed = tokio::time::Instant::now();
+        // When the batches started failing, none succeeding since.
+        let mut failing_since: Option<tokio::time::Instant> = None;
         let mut purge = InboxPurge {
             store: self.store.clone(),
             name: self.name.clone(),
@@ -624,7 +631,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             match stepped {
                 Ok((_, caught_up)) => {
                     failures = 0;
-                    progressed = tokio::time::Instant::now();
+                    failing_since = None;
+                    self.stalled
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                     ctx.health.set(Health::Healthy);
                     match self.source {
                         Source::Store if caught_up => {
@@ -647,13 +656,20 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // stops), but only what can pass by itself is merely degraded, and only
                     // for `stall_after`: a store-fed runner has no dead letters, so an event
                     // whose `apply` fails (or times out) every time holds it for good.
-                    let stuck = progressed.elapsed() >= self.stall_after;
+                    // A batch that ran past `stall_after` before it failed is stuck already
+                    // (the stall was reported; a merely degraded report would hide it again).
+                    // Time spent waiting for events before a failure (a long blocking fetch,
+                    // the idle interval) is not counted.
+                    let stalled = self
+                        .stalled
+                        .swap(false, std::sync::atomic::Ordering::Relaxed);
+                    let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    let stuck = stalled || since.elapsed() >= self.stall_after;
                     ctx.health.set(if passes(&e) && !stuck {
                         Health::Degraded(e.to_string())
                     } else if stuck {
                         Health::Unhealthy(format!(
-                            "no batch has succeeded for {:?} ({failures} failed): {e}",
-                            rounded(progressed.elapsed())
+                            "batches keep failing ({failures} since the last success): {e}",
                         ))
                     } else {
                         Health::Unhealthy(e.to_string())
@@ -871,6 +887,8 @@ struct Stall<'a> {
     after: Duration,
     /// What runs, for the message ("a batch").
     what: &'static str,
+    /// Set once the stall is reported, for a caller that reports the batch's outcome itself.
+    reported: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// Runs `work` while calling [`Consumer::keep_alive`] for `ids` every
@@ -925,6 +943,9 @@ async fn keep_alive_while<T>(
                     );
                     tracing::warn!(%reason, "a batch is stalled");
                     stall.health.set(Health::Unhealthy(reason));
+                    if let Some(reported) = stall.reported {
+                        reported.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -1107,6 +1128,7 @@ where
             health: &ctx.health,
             after: options.stall_after,
             what: "a batch",
+            reported: None,
         };
         let outcomes = keep_alive_while(Some(consumer), &ids, Some(stall), batch).await;
         let mut done = Vec::with_capacity(outcomes.len());

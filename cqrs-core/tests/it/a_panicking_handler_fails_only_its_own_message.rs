@@ -205,3 +205,51 @@ fn a_handler_that_panics_before_returning_its_future_is_caught_too() {
     });
     assert_eq!(counter.seen(), 1, "the other handler ran");
 }
+
+/// Panics when dropped outside a panic: a guard that checks, on drop, that its work finished.
+struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("dropped before the work was finished");
+        }
+    }
+}
+
+/// Its future is written by hand: it holds a [`PanicsWhenDropped`] and panics when polled,
+/// keeping the guard (an `async` block would have dropped it while unwinding).
+struct PanicsHoldingAGuard;
+
+impl CommandHandler<Add> for PanicsHoldingAGuard {
+    fn handle<'a, 'b, 'c>(&'a self, _: Add, _: &'b mut CommandContext) -> Boxed<'c, u64>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        let guard = PanicsWhenDropped;
+        Box::pin(std::future::poll_fn(move |_| {
+            let _held = &guard;
+            panic!("hand-written handler")
+        }))
+    }
+}
+
+#[test]
+fn a_hand_written_future_that_panics_and_then_panics_when_dropped_fails_only_its_dispatch() {
+    for layered in [false, true] {
+        let commands = CommandBus::builder().handler(PanicsHoldingAGuard);
+        let commands = if layered {
+            commands.layer(TracingLayer::new()).build().unwrap()
+        } else {
+            commands.build().unwrap()
+        };
+        run(async {
+            eager_panic(
+                commands.dispatch(Add::default()).await.unwrap_err(),
+                "hand-written handler",
+            );
+        });
+    }
+}

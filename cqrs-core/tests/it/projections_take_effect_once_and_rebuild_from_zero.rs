@@ -1202,3 +1202,45 @@ fn a_projection_that_panics_before_its_future_fails_only_its_event() {
         assert_eq!(dead, [13], "only the panicking event is dead-lettered");
     });
 }
+
+/// A runner idle for longer than `stall_after` (caught up, waiting for events) whose store
+/// then fails once is degraded, not unhealthy: the time it waited for events is no stall.
+#[test]
+fn an_idle_runner_whose_store_fails_once_is_only_degraded() {
+    run_paused(|| async {
+        let store = Arc::new(Flaky::default());
+        let runner = ProjectionRunner::from_store(
+            store.clone(),
+            Arc::new(Sum::default()),
+            Arc::new(InMemoryEventStore::new()),
+            types(),
+        )
+        .idle_interval(Duration::from_secs(60))
+        .stall_after(Duration::from_secs(2));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        // Caught up once: then it waits out its idle interval.
+        cqrs_core::testing::eventually(Duration::from_secs(5), "a first step", || async {
+            (store.begins.load(Ordering::SeqCst) >= 1).then_some(())
+        })
+        .await;
+        store.down.store(true, Ordering::SeqCst);
+        let health = cqrs_core::testing::eventually(
+            Duration::from_secs(120),
+            "the failed step is reported",
+            || async {
+                match &runtime.health().await.components["sum"].0 {
+                    cqrs_core::runtime::Health::Healthy => None,
+                    other => Some(other.clone()),
+                }
+            },
+        )
+        .await;
+        assert!(
+            matches!(health, cqrs_core::runtime::Health::Degraded(_)),
+            "{health:?}"
+        );
+        let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}

@@ -16,13 +16,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Runs its closure when dropped during a panic.
-struct OnPanic<F: FnMut()>(F);
+/// The sweeps owed, while the task that does them runs: set to none when the task ends before
+/// it finished (a panic, the runtime shutting down), so the next attempt starts another.
+struct Owed<'a> {
+    count: &'a AtomicUsize,
+    finished: bool,
+}
 
-impl<F: FnMut()> Drop for OnPanic<F> {
+impl Drop for Owed<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            (self.0)();
+        if !self.finished {
+            self.count.store(0, Ordering::Release);
         }
     }
 }
@@ -210,8 +214,9 @@ impl PgLoginThrottle {
 
     /// Deletes a few attempts of any key that left the window: keys of many different emails
     /// would otherwise stay forever. Each attempt adds one row and sweeps up to `SWEEP` (by the
-    /// `at` index), so the table stays about as large as the attempts in the window.
-    async fn sweep(&self, since: DateTime<Utc>) {
+    /// `at` index), so the table stays about as large as the attempts in the window. Returns
+    /// whether it found as many as it may delete (so there may be more).
+    async fn sweep(&self, since: DateTime<Utc>) -> bool {
         const SWEEP: i64 = 64;
         let sql = format!(
             "DELETE FROM {s}.login_failures WHERE ctid = ANY(ARRAY(
@@ -224,9 +229,13 @@ impl PgLoginThrottle {
             .bind(SWEEP)
             .execute(self.db.pool())
             .await;
-        // Only housekeeping: the next attempt sweeps again.
-        if let Err(error) = swept {
-            tracing::debug!(%error, "could not sweep expired login failures");
+        match swept {
+            Ok(done) => done.rows_affected() >= SWEEP as u64,
+            // Only housekeeping: the next attempt sweeps again.
+            Err(error) => {
+                tracing::debug!(%error, "could not sweep expired login failures");
+                false
+            }
         }
     }
 
@@ -293,14 +302,22 @@ impl LoginThrottle for PgLoginThrottle {
         if self.sweeps_owed.fetch_add(1, Ordering::AcqRel) == 0 {
             let this = self.clone();
             tokio::spawn(async move {
-                // Should the task panic, the next attempt starts another.
-                let _reset = OnPanic(|| this.sweeps_owed.store(0, Ordering::Release));
+                // Should the task end early (a panic, the runtime shutting down), the next
+                // attempt starts another.
+                let mut owed = Owed {
+                    count: &this.sweeps_owed,
+                    finished: false,
+                };
                 loop {
-                    this.sweep(this.since(this.clock.now())).await;
-                    if this.sweeps_owed.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    if !this.sweep(this.since(this.clock.now())).await {
+                        // Nothing more to sweep now: the sweeps owed are done, but this one.
+                        owed.count.store(1, Ordering::Release);
+                    }
+                    if owed.count.fetch_sub(1, Ordering::AcqRel) == 1 {
                         break;
                     }
                 }
+                owed.finished = true;
             });
         }
         Ok(None)

@@ -104,7 +104,14 @@ impl HttpBody for DeadlineBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let at = (Instant::now() + self.after).min(self.latest);
+        // Capped by `latest`, unless the first read comes after it: the delay is then the
+        // server's, and the request's own budget answers it (503), not a 408 at once.
+        let now = Instant::now();
+        let at = if now < self.latest {
+            (now + self.after).min(self.latest)
+        } else {
+            now + self.after
+        };
         let deadline = self
             .deadline
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
@@ -178,8 +185,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_read_late_but_sent_in_time_is_read_whole() {
-        let read = read(body(3, None), Duration::from_millis(300), DEADLINES).await;
-        assert_eq!(read.expect("the body is read"), 3);
+        // First read after `after`, and after `latest` too.
+        for before in [300, 500] {
+            let read = read(body(3, None), Duration::from_millis(before), DEADLINES).await;
+            assert_eq!(read.expect("the body is read"), 3, "read after {before} ms");
+        }
     }
 
     /// Read late, and trickling: the deadline is the request's `latest`, not the first read
