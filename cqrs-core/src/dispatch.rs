@@ -510,7 +510,8 @@ where
 }
 
 /// The handler's future is boxed (`async_trait`), so it is `Unpin` and held in an `Option`:
-/// dropped inside a panic guard, on completion or when the dispatch is dropped.
+/// dropped inside a panic guard when it panicked or when the dispatch is dropped before it
+/// returned, and plainly once it returned.
 pub(crate) struct Guarded<F: Unpin> {
     inner: Option<F>,
     kind: MessageKind,
