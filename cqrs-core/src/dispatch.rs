@@ -571,8 +571,10 @@ where
                 }));
             }
         };
-        // Returned: a future drops what it holds before it returns, so dropping it now does
-        // not panic and needs no guard (`release`), which would cost the fast path a call.
+        // Returned: an `async` future (every `#[async_trait]` handler's) drops what it holds
+        // before it returns, so dropping it now does not panic, and the fast path keeps no
+        // guard (`release`), which cost a bare dispatch ~25 ns. A hand-written future that
+        // keeps a guard past returning is not covered here.
         this.inner = None;
         Poll::Ready(output)
     }

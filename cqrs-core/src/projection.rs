@@ -512,6 +512,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         });
         match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
             Ok(applied) => {
+                // The batch took effect, however long it ran: a failed ack is no stall.
+                stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                 consumer.ack(&ids).await?;
                 Ok(applied)
             }
@@ -604,7 +606,10 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn run_until_shutdown(&mut self, ctx: &WorkerContext) -> Result<(), BoxError> {
         let mut failures = 0u32;
-        // When the batches started failing, none succeeding since.
+        // A stall reported before a restart (the batch then panicked) is not this run's.
+        self.stalled
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        // When the first of the batches failing since the last success ended.
         let mut failing_since: Option<tokio::time::Instant> = None;
         let mut purge = InboxPurge {
             store: self.store.clone(),

@@ -17,13 +17,21 @@ use std::time::Duration;
 use uuid::Uuid;
 
 /// The sweeps owed, while the task that does them runs: set to none when the task ends before
-/// it finished (a panic, the runtime shutting down), so the next attempt starts another.
-struct Owed<'a> {
-    count: &'a AtomicUsize,
+/// it finished (a panic, the runtime shutting down, also before it first ran), so the next
+/// attempt starts another.
+struct Owed {
+    count: Arc<AtomicUsize>,
     finished: bool,
 }
 
-impl Drop for Owed<'_> {
+impl Owed {
+    /// The task did what was owed.
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Owed {
     fn drop(&mut self) {
         if !self.finished {
             self.count.store(0, Ordering::Release);
@@ -301,13 +309,12 @@ impl LoginThrottle for PgLoginThrottle {
         // task that finds none owed does them all, one at a time.
         if self.sweeps_owed.fetch_add(1, Ordering::AcqRel) == 0 {
             let this = self.clone();
+            // Made before the task: dropped with it, should it never run.
+            let owed = Owed {
+                count: self.sweeps_owed.clone(),
+                finished: false,
+            };
             tokio::spawn(async move {
-                // Should the task end early (a panic, the runtime shutting down), the next
-                // attempt starts another.
-                let mut owed = Owed {
-                    count: &this.sweeps_owed,
-                    finished: false,
-                };
                 loop {
                     if !this.sweep(this.since(this.clock.now())).await {
                         // Nothing more to sweep now: the sweeps owed are done, but this one.
@@ -317,7 +324,7 @@ impl LoginThrottle for PgLoginThrottle {
                         break;
                     }
                 }
-                owed.finished = true;
+                owed.finish();
             });
         }
         Ok(None)
