@@ -356,12 +356,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
 
     /// Where a stalled batch is reported: only while running as a worker.
     fn stall(&self) -> Option<Stall<'_>> {
-        self.health.as_ref().map(|health| Stall {
-            health,
-            after: self.stall_after,
-            what: "a projection batch",
-            reported: Some(&self.stalled),
-        })
+        Stall::of_projection(self.health.as_ref(), self.stall_after, &self.stalled)
     }
 
     /// Deletes this projection's inbox entries older than its
@@ -504,12 +499,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Ok::<_, ProjectionError>(applied)
         };
         let consumer = consumer.as_mut();
-        let stall = health.as_ref().map(|health| Stall {
-            health,
-            after: *stall_after,
-            what: "a projection batch",
-            reported: Some(&*stalled),
-        });
+        let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
         match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
             Ok(applied) => {
                 // The batch took effect, however long it ran: a failed ack is no stall.
@@ -894,6 +884,22 @@ struct Stall<'a> {
     what: &'static str,
     /// Set once the stall is reported, for a caller that reports the batch's outcome itself.
     reported: Option<&'a std::sync::atomic::AtomicBool>,
+}
+
+impl<'a> Stall<'a> {
+    /// A projection runner's: reported only while it runs as a worker (with a `health`).
+    fn of_projection(
+        health: Option<&'a HealthReporter>,
+        after: Duration,
+        reported: &'a std::sync::atomic::AtomicBool,
+    ) -> Option<Self> {
+        health.map(|health| Stall {
+            health,
+            after,
+            what: "a projection batch",
+            reported: Some(reported),
+        })
+    }
 }
 
 /// Runs `work` while calling [`Consumer::keep_alive`] for `ids` every

@@ -1003,9 +1003,7 @@ fn pending_floor(reply: Value) -> Option<(u64, u64)> {
     let Value::Array(fields) = oldest else {
         return None;
     };
-    let id = fields.into_iter().next()?.into_string()?;
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
+    parse_entry_id(&fields.into_iter().next()?.into_string()?)
 }
 
 /// The entries of an `XREADGROUP` reply on one stream.
@@ -1021,9 +1019,13 @@ fn read_entries(reply: Value) -> Vec<(String, Fields)> {
 
 /// A stream entry id as `(milliseconds, sequence)`, for comparing; `(0, 0)` when malformed.
 fn entry_id(id: &str) -> (u64, u64) {
-    id.split_once('-')
-        .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)))
-        .unwrap_or((0, 0))
+    parse_entry_id(id).unwrap_or((0, 0))
+}
+
+/// A stream entry id's `(milliseconds, sequence)`, if it is one.
+fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 fn millis(d: Duration) -> i64 {

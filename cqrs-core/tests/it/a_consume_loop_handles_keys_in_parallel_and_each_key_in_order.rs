@@ -1,7 +1,7 @@
 //! `consume_until_shutdown` against a consumer that hands out scripted batches: the loop's own
 //! rules (chains, concurrency, what it acknowledges and hands back), apart from any transport.
 
-use crate::fixtures::run;
+use crate::fixtures::{PanicsWhenDropped, run};
 use async_trait::async_trait;
 use cqrs_core::ports::{Consumer, Delivery, DeliveryId, TransportError};
 use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
@@ -291,17 +291,6 @@ fn a_handler_that_panics_before_its_future_fails_only_its_own_delivery() {
         assert_eq!(*acked.lock().unwrap(), ["b1"]);
         assert_eq!(nacked.lock().unwrap().len(), 1);
     });
-}
-
-/// Panics when dropped: a guard that checks, on drop, that its work finished.
-struct PanicsWhenDropped;
-
-impl Drop for PanicsWhenDropped {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            panic!("dropped before the work was finished");
-        }
-    }
 }
 
 /// A handler cancelled at its timeout whose future panics when dropped: the panic stays with

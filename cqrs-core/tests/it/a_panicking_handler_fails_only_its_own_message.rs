@@ -206,17 +206,6 @@ fn a_handler_that_panics_before_returning_its_future_is_caught_too() {
     assert_eq!(counter.seen(), 1, "the other handler ran");
 }
 
-/// Panics when dropped outside a panic: a guard that checks, on drop, that its work finished.
-struct PanicsWhenDropped;
-
-impl Drop for PanicsWhenDropped {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            panic!("dropped before the work was finished");
-        }
-    }
-}
-
 /// Its future is written by hand: it holds a [`PanicsWhenDropped`] and panics when polled,
 /// keeping the guard (an `async` block would have dropped it while unwinding).
 struct PanicsHoldingAGuard;

@@ -215,3 +215,15 @@ where
         ),
     }
 }
+
+/// Panics when dropped outside a panic: a guard that checks, on drop, that its work finished
+/// (a handler's future holding one panics when it is cancelled).
+pub struct PanicsWhenDropped;
+
+impl Drop for PanicsWhenDropped {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("dropped before the work was finished");
+        }
+    }
+}

@@ -39,17 +39,6 @@ fn a_handler_that_never_finishes_times_out_with_a_typed_error() {
     });
 }
 
-/// Panics when dropped: a guard that checks, on drop, that its work was finished.
-struct PanicsWhenDropped;
-
-impl Drop for PanicsWhenDropped {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            panic!("dropped before the work was finished");
-        }
-    }
-}
-
 /// Waits for ever holding a [`PanicsWhenDropped`]: its future panics when it is dropped.
 struct HangArmed;
 
