@@ -177,8 +177,12 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     stall_after: Duration,
     /// Set when a batch ran past `stall_after` (and was reported), until the next outcome.
     stalled: std::sync::atomic::AtomicBool,
+    /// The store's checkpoint as this runner last saw it: where its next batch is read.
+    read_from: std::sync::Mutex<Option<Position>>,
 }
 
+/// How many times a step reads its batch ahead of its unit before it reads inside the unit.
+const READ_AHEAD_ATTEMPTS: usize = 3;
 /// How long a runner keeps inbox entries by default: far longer than any redelivery.
 const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a running runner purges its inbox by default.
@@ -222,6 +226,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout: None,
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
+            read_from: std::sync::Mutex::new(None),
         }
     }
 
@@ -260,6 +265,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout: None,
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
+            read_from: std::sync::Mutex::new(None),
         }
     }
 
@@ -411,6 +417,34 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             .events
             .as_ref()
             .ok_or_else(|| ProjectionError::NoEventStore(self.name.clone()))?;
+        // The batch is read before the unit is opened, from where the checkpoint was last
+        // seen: a runner that read while holding its unit would hold two connections of a
+        // Postgres pool at once, and runners each holding one while waiting for a second can
+        // starve a small or busy pool. The unit then confirms the checkpoint is still there
+        // (another instance, or a rebuild, may have moved it) and the batch is read again if
+        // it is not.
+        for _ in 0..READ_AHEAD_ATTEMPTS {
+            let seen = *self.lock_read_from();
+            let records = match seen {
+                Some(after) => Some(events.read_all(after, self.batch).await?),
+                None => None,
+            };
+            let mut unit = self.store.begin(&self.name).await?;
+            let after = self
+                .store
+                .checkpoint(&mut unit, &self.name)
+                .await?
+                .unwrap_or(Position::START);
+            *self.lock_read_from() = Some(after);
+            if let Some(records) = records
+                && seen == Some(after)
+            {
+                return self.apply_batch(unit, &records).await;
+            }
+            self.store.commit(unit).await?;
+        }
+        // The checkpoint kept moving under this runner (other instances are faster): read
+        // inside the unit this once, so the step makes progress.
         let mut unit = self.store.begin(&self.name).await?;
         let after = self
             .store
@@ -418,16 +452,32 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             .await?
             .unwrap_or(Position::START);
         let records = events.read_all(after, self.batch).await?;
+        self.apply_batch(unit, &records).await
+    }
+
+    /// Applies `records` (read after the unit's checkpoint) in `unit`, moves the checkpoint
+    /// past them and commits.
+    async fn apply_batch(
+        &self,
+        mut unit: S::Unit,
+        records: &[EventRecord],
+    ) -> Result<(usize, bool), ProjectionError> {
         let caught_up = records.len() < self.batch;
         let Some(last) = records.last().and_then(|r| r.position) else {
             return Ok((0, true));
         };
-        let applied = self.apply_records(&mut unit, &records).await?;
+        let applied = self.apply_records(&mut unit, records).await?;
         self.store
             .save_checkpoint(&mut unit, &self.name, last)
             .await?;
         self.store.commit(unit).await?;
+        *self.lock_read_from() = Some(last);
         Ok((applied, caught_up))
+    }
+
+    /// Where the next batch from the store is read: the checkpoint as last seen.
+    fn lock_read_from(&self) -> std::sync::MutexGuard<'_, Option<Position>> {
+        self.read_from.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn run_once_from_transport(&mut self) -> Result<usize, ProjectionError> {
@@ -563,6 +613,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 .await?;
         }
         self.store.commit(unit).await?;
+        *self.lock_read_from() = Some(after);
         Ok(applied)
     }
 }

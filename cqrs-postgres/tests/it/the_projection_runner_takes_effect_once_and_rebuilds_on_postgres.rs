@@ -3,12 +3,12 @@
 //! rebuild from zero waits for a unit that holds the projection's lock, then holds it itself
 //! until it commits, so the live runner waits for the rebuild.
 
-use crate::support::pg_test;
 use crate::support::tickets::TicketOpened;
+use crate::support::{database_url, pg_test};
 use cqrs_core::ports::{EventStore, ExpectedVersion, ProjectionStore};
 use cqrs_core::projection::{Projection, ProjectionRunner};
 use cqrs_core::{EventEnvelope, EventRecord, EventTypes, HandlerError, Metadata, async_trait};
-use cqrs_postgres::{PgDatabase, PgProjectionStore, PgProjectionUnit};
+use cqrs_postgres::{PgDatabase, PgOptions, PgProjectionStore, PgProjectionUnit};
 use sqlx::AssertSqlSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -168,6 +168,41 @@ pg_test! {
         assert_eq!(applied.unwrap(), 0, "the live runner continues after the rebuild, from its checkpoint");
         assert_eq!(count(&db).await, 2, "rebuilt from zero, not doubled");
         assert_eq!(live.run_once().await.unwrap(), 0, "caught up");
+    }
+}
+
+pg_test! {
+    /// A runner never holds its unit's connection while it waits for another to read events
+    /// with: on a pool of one connection it makes progress (reading inside the unit, it
+    /// waited for a second connection until the pool's acquire timeout, every batch).
+    async fn a_runner_needs_one_connection_at_a_time(db: PgDatabase) {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE \"{0}\".opened (n bigint NOT NULL); INSERT INTO \"{0}\".opened VALUES (0)",
+            db.schema()
+        )))
+        .execute(db.pool())
+        .await
+        .expect("create the read model");
+        let one = PgOptions::new(database_url())
+            .schema(db.schema())
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .expect("connect with a pool of one");
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        let projection = Arc::new(OpenedCount { schema: db.schema().to_owned(), poisoned: AtomicBool::new(false), resetting: AtomicBool::new(false), reset_gate: tokio::sync::Mutex::new(()) });
+        let mut runner = ProjectionRunner::from_store(Arc::new(one.projection_store()), projection, Arc::new(one.event_store()), Arc::new(types));
+
+        open(&db, "t1", "first").await;
+        open(&db, "t2", "second").await;
+        assert_eq!(runner.run_once().await.expect("a batch on one connection"), 2);
+        open(&db, "t3", "third").await;
+        assert_eq!(runner.run_once().await.expect("the next batch"), 1);
+        assert_eq!(runner.run_once().await.expect("caught up"), 0);
+        assert_eq!(count(&db).await, 3);
+        one.pool().close().await;
     }
 }
 
