@@ -445,15 +445,24 @@ impl fmt::Debug for Runtime {
     }
 }
 
-/// Some workers did not stop within the grace period and were aborted.
+/// Some workers did not stop within the grace period and were aborted (or, when another
+/// [`shutdown`](Runtime::shutdown) call was stopping them, are left to that call).
 #[derive(Debug, thiserror::Error)]
-#[error("{} worker(s) did not stop within {grace:?} and were aborted: {}", workers.len(), workers.join(", "))]
+#[error(
+    "{} worker(s) did not stop within {grace:?} and {}: {}",
+    workers.len(),
+    if *aborted { "were aborted" } else { "are left to the shutdown already stopping them" },
+    workers.join(", ")
+)]
 #[non_exhaustive]
 pub struct ShutdownError {
     /// The grace period.
     pub grace: Duration,
     /// The workers that were still running.
     pub workers: Vec<String>,
+    /// Whether this call aborted them (`false`: another `shutdown` call was stopping them and
+    /// aborts them at its own deadline).
+    pub aborted: bool,
 }
 
 impl Runtime {
@@ -523,10 +532,31 @@ impl Runtime {
     /// rolling back) has happened when this returns. A run that blocks its thread cannot be
     /// dropped until it gives the thread back: this returns without waiting for it past
     /// `grace`. A `grace` of [`Duration::MAX`] waits as long as the workers take.
+    ///
+    /// Each call honours its own `grace`, however many run at once: while another call is
+    /// stopping the workers (one with a longer grace, say), this one waits for it until its
+    /// own deadline and no longer. If that call is still running then, this one returns a
+    /// [`ShutdownError`] naming the workers not yet stopped, without aborting them: they are
+    /// left to the other call, which aborts them at its own deadline.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
-        let mut tasks = self.tasks.lock().await;
-        let Some(deadline) = tokio::time::Instant::now().checked_add(grace) else {
+        // The deadline before the wait for the workers: a call already stopping them (with a
+        // longer grace) must not stretch this one's.
+        let deadline = tokio::time::Instant::now().checked_add(grace);
+        let mut tasks = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, self.tasks.lock()).await {
+                Ok(tasks) => tasks,
+                Err(_) => {
+                    return Err(ShutdownError {
+                        grace,
+                        workers: self.still_running(),
+                        aborted: false,
+                    });
+                }
+            },
+            None => self.tasks.lock().await,
+        };
+        let Some(deadline) = deadline else {
             // A grace too long for the clock (`Duration::MAX`): as long as it takes.
             while tasks.join_next().await.is_some() {}
             return Ok(());
@@ -539,14 +569,7 @@ impl Runtime {
                 Ok(_) => {}
                 Err(_) => {
                     tasks.abort_all();
-                    let workers: Vec<String> = self
-                        .health
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .filter(|(_, (h, _))| *h != Health::Stopped)
-                        .map(|(n, _)| n.clone())
-                        .collect();
+                    let workers = self.still_running();
                     // Aborting only asks: wait until each aborted run is dropped. A run at an
                     // `.await` is dropped at once; one blocking its thread is waited for until
                     // the deadline, no longer.
@@ -561,10 +584,25 @@ impl Runtime {
                             *state = Health::Stopped;
                         }
                     }
-                    return Err(ShutdownError { grace, workers });
+                    return Err(ShutdownError {
+                        grace,
+                        workers,
+                        aborted: true,
+                    });
                 }
             }
         }
         Ok(())
+    }
+
+    /// The workers not reported stopped.
+    fn still_running(&self) -> Vec<String> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, (h, _))| *h != Health::Stopped)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 }

@@ -182,8 +182,9 @@ const PROMPTLY: Duration = Duration::from_secs(10);
 
 /// While a claim of `(k, fp-1)` is held, eight concurrent claims of `k` with `fp-2` all fail
 /// with [`StoreError::FingerprintMismatch`] without waiting for it (within 10 s, the
-/// guard still held); concurrent claims with `fp-1`, started before them, are still waiting
-/// once they have all answered, and replay the response after the guard completes.
+/// guard still held); four concurrent claims with `fp-1`, waiting for it before those start
+/// (as the harness tells, see [`IdempotencyHarness::waiting_claims`]), are still waiting once
+/// they have all answered, and replay the response after the guard completes.
 pub async fn claims_with_another_fingerprint_fail_at_once_while_the_key_is_held<
     H: IdempotencyHarness,
 >(
@@ -197,6 +198,9 @@ pub async fn claims_with_another_fingerprint_fail_at_once_while_the_key_is_held<
         tokio::spawn(async move { store.claim(&scope, "k", fingerprint, DAY).await })
     };
     let duplicates: Vec<_> = (0..4).map(|_| claim("fp-1")).collect();
+    // The duplicates wait for the holder before the others come: the others then fail past
+    // claims that wait, not merely before them.
+    until_waiting(h, &scope, "k", 4).await;
     let others: Vec<_> = (0..8).map(|_| claim("fp-2")).collect();
     let deadline = tokio::time::Instant::now() + PROMPTLY;
     for (i, other) in others.into_iter().enumerate() {

@@ -262,7 +262,12 @@ fn a_store_fed_runner_reported_stalled_stays_unhealthy_when_its_batch_times_out(
                     Health::Unhealthy(reason) if reason.contains("batches keep failing") => {
                         Some(())
                     }
-                    Health::Unhealthy(_) => {
+                    // The stall report's own wording (the runner's), not any other
+                    // unhealthy report.
+                    Health::Unhealthy(reason)
+                        if reason.contains("has been running for")
+                            && reason.contains("past the stall bound of 2s") =>
+                    {
                         stalled.store(true, Ordering::SeqCst);
                         None
                     }

@@ -44,7 +44,9 @@ mod event_store {
         })
     }
 
-    cqrs_core::event_store_conformance!(harness);
+    // The in-memory store has no transactions: it cannot hold an append open, so the
+    // late-commit scenario is left out (not generated), not passed without testing.
+    cqrs_core::event_store_conformance!(harness, without_held_appends);
 }
 
 mod transport {

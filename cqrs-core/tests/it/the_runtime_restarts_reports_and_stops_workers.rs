@@ -121,6 +121,7 @@ fn a_worker_that_ignores_shutdown_is_aborted_and_named() {
             .await
             .unwrap_err();
         assert_eq!(err.workers, ["stuck"]);
+        assert!(err.aborted);
         assert!(
             dropped.load(Ordering::SeqCst),
             "the aborted worker's run was dropped before shutdown returned"
@@ -238,6 +239,49 @@ fn a_grace_of_duration_max_waits_for_the_workers() {
             .start();
         runtime.shutdown(Duration::MAX).await.unwrap();
         assert!(finished.load(Ordering::SeqCst));
+    });
+}
+
+/// Each `shutdown` call honours its own grace: while a first call waits as long as the workers
+/// take (a worker that ignores shutdown: for ever), a second one with a grace of 100 ms
+/// returns after 100 ms (on tokio's paused clock, so the time is exact), naming the worker
+/// still running, instead of waiting behind the first.
+#[test]
+fn a_second_shutdown_returns_within_its_own_grace() {
+    run_paused(|| async {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let runtime = Runtime::builder()
+            .worker(Stuck {
+                dropped: dropped.clone(),
+            })
+            .start();
+        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        let first = runtime.shutdown(Duration::MAX);
+        tokio::pin!(first);
+        let started = tokio::time::Instant::now();
+        let second = tokio::time::timeout(
+            Duration::from_secs(10),
+            runtime.shutdown(Duration::from_millis(100)),
+        );
+        // `biased`: the first call is polled first, so it holds the workers when the second
+        // one asks for them.
+        let second = tokio::select! {
+            biased;
+            first = &mut first => panic!("the first shutdown returned: {first:?}"),
+            second = second => second,
+        };
+        let err = second
+            .expect("the second shutdown waited as long as the first")
+            .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        assert_eq!(err.grace, Duration::from_millis(100));
+        assert_eq!(err.workers, ["stuck"], "the worker still running");
+        assert!(!err.aborted, "left to the first call");
+        assert!(err.to_string().contains("left to the shutdown"), "{err}");
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "the first call still waits for the worker"
+        );
     });
 }
 

@@ -48,26 +48,41 @@ pg_test! {
 }
 
 pg_test! {
-    /// A relay still waiting for a connection (its pool exhausted, a server slow to accept)
-    /// stops as soon as shutdown is requested, not when the connection finally comes.
+    /// A relay still waiting for a connection (a server slow to accept, a pool exhausted)
+    /// stops as soon as shutdown is requested, not when the connection finally comes. The
+    /// pool's connections never finish opening: its `after_connect` hook counts them and
+    /// never returns, so once one is counted the relay is inside its wait.
     async fn a_relay_waiting_for_a_connection_stops_at_shutdown(db: PgDatabase) {
-        let small = crate::support::options(db.schema())
+        use std::str::FromStr;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let opening = Arc::new(AtomicUsize::new(0));
+        let counted = opening.clone();
+        let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(60))
-            .connect()
-            .await
-            .unwrap();
-        let held = small.pool().acquire().await.unwrap();
-        let mut worker = PgOutboxRelay::new(small.clone(), Arc::new(InMemoryTransport::new()));
+            .after_connect(move |_conn, _meta| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Box::pin(std::future::pending())
+            })
+            .connect_lazy_with(
+                sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+                    .expect("DATABASE_URL parses"),
+            );
+        let slow = cqrs_postgres::PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let mut worker = PgOutboxRelay::new(slow, Arc::new(InMemoryTransport::new()));
         let (trigger, shutdown) = Shutdown::new();
         let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
         let running = tokio::spawn(async move { worker.run(ctx).await });
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+        eventually(Duration::from_secs(10), "the relay waits for a connection", || async {
+            (opening.load(Ordering::SeqCst) > 0).then_some(())
+        })
+        .await;
         trigger.trigger();
-        let stopped = tokio::time::timeout(Duration::from_secs(5), running).await;
-        assert!(stopped.is_ok(), "the relay waited for its connection instead of stopping");
-        drop(held);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("the relay waited for its connection instead of stopping");
+        stopped
+            .expect("the relay did not panic")
+            .expect("the relay stopped cleanly");
     }
 }

@@ -63,7 +63,7 @@ impl Server {
             // signal), and when both were ready an unbiased pick sometimes took that branch,
             // skipping the hub's shutdown: WebSockets got no 1001 and the stop waited out the
             // grace period for them.
-            let deadline = tokio::select! {
+            let (deadline, served) = tokio::select! {
                 biased;
                 _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
                     // One deadline for the whole stop, as the setting promises: requests,
@@ -74,18 +74,21 @@ impl Server {
                     // In-flight requests get until the workers' share is all that is left,
                     // then are cut off.
                     match tokio::time::timeout_at(requests_by(deadline, grace), &mut serve).await {
-                        Ok(served) => served??,
+                        Ok(served) => (deadline, served),
                         Err(_) => {
                             tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
                             serve.abort();
+                            (deadline, Ok(Ok(())))
                         }
                     }
-                    deadline
                 }
-                // Serving ended on its own: an error.
+                // Serving ended on its own (it only does by panicking): its error is returned
+                // once the WebSockets and the workers are stopped as gracefully as on a stop,
+                // not by dropping the runtime, which would cut the relay and the consumers off
+                // mid-batch.
                 served = &mut serve => {
-                    served??;
-                    deadline_after(grace)
+                    hub.shutdown();
+                    (deadline_after(grace), served)
                 }
             };
             // The WebSockets' close frames (1001) go out before the process may exit, also
@@ -97,6 +100,7 @@ impl Server {
                 tracing::warn!(?grace, "WebSocket connections did not close in time");
             }
             stop_runtime(runtime, deadline.saturating_duration_since(Instant::now())).await;
+            served??;
             Ok(())
         });
         tracing::info!(%addr, "helpdesk listening");
