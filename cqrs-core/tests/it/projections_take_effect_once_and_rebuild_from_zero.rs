@@ -235,32 +235,42 @@ fn a_rebuild_pauses_the_live_runner() {
         let unit = cqrs_core::ports::ProjectionStore::begin(store.as_ref(), "sum")
             .await
             .unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let live = {
-            let (store, sum, events, done) =
-                (store.clone(), sum.clone(), events.clone(), done.clone());
-            tokio::spawn(async move {
-                let mut runner = ProjectionRunner::from_store(
-                    store,
-                    sum,
-                    events as Arc<dyn EventStore>,
-                    types(),
-                );
-                let n = runner.run_once().await.unwrap();
-                done.store(true, Ordering::SeqCst);
-                n
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut runner = ProjectionRunner::from_store(
+            store.clone(),
+            sum,
+            events as Arc<dyn EventStore>,
+            types(),
+        );
+        let mut live = Box::pin(runner.run_once());
+        // Polled by hand, many times, with the runtime free to run anything else in between:
+        // a runner that did not wait for the lock would finish (the store has no I/O). The
+        // control: a unit of another consumer begins at once meanwhile.
+        for _ in 0..1_000 {
+            assert!(
+                poll_once(&mut live).await.is_pending(),
+                "the live runner ran during the rebuild"
+            );
+            tokio::task::yield_now().await;
+        }
+        let mut other = Box::pin(cqrs_core::ports::ProjectionStore::begin(
+            store.as_ref(),
+            "other",
+        ));
         assert!(
-            !done.load(Ordering::SeqCst),
-            "the live runner ran during the rebuild"
+            poll_once(&mut other).await.is_ready(),
+            "a unit of another consumer waits too: the polls above prove nothing"
         );
         cqrs_core::ports::ProjectionStore::commit(store.as_ref(), unit)
             .await
             .unwrap();
         assert_eq!(live.await.unwrap(), 1);
     });
+}
+
+/// One poll of `future`, with the task's own waker.
+async fn poll_once<F: std::future::Future + Unpin>(future: &mut F) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *future).poll(cx)))
+        .await
 }
 
 /// A poison event fails every batch it is in; the events it shares batches with are handed

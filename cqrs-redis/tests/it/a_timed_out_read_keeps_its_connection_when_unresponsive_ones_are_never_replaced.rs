@@ -8,25 +8,25 @@ use cqrs_core::ports::{Consumer, TransportError};
 use cqrs_redis::ConnectionOptions;
 use std::time::Duration;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_read_keeps_its_connection_when_unresponsive_ones_are_never_replaced() {
-    let Some(host) = plain_redis_host() else {
-        return;
-    };
+/// Loses the reply to one blocking read of a consumer whose connection has `unresponsive`
+/// as its unresponsive timeout, then fetches once more (the window a replacement would fall
+/// in). Returns the connections the proxy accepted during it, and the second fetch's result.
+async fn lose_one_read(
+    name: &str,
+    unresponsive: Duration,
+) -> Option<(usize, Result<usize, TransportError>)> {
+    let host = plain_redis_host()?;
     let proxy = Proxy::start(&host).await;
-    let Some(env) = Env::with("never-replaced", |o| {
+    let env = Env::with(name, |o| {
         o.connection(
             ConnectionOptions::new(proxy.url())
                 .command_timeout(Duration::from_millis(200))
                 .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
-                .unresponsive_timeout(Duration::MAX),
+                .unresponsive_timeout(unresponsive),
         )
     })
-    .await
-    else {
-        return;
-    };
-    within(
+    .await?;
+    let outcome = within(
         60,
         Box::pin(async {
             let topic = env.topic("events");
@@ -41,13 +41,36 @@ async fn a_timed_out_read_keeps_its_connection_when_unresponsive_ones_are_never_
             let error = consumer.fetch(10).await.expect_err("the read times out");
             assert!(matches!(error, TransportError::Timeout { .. }), "{error:?}");
             assert!(proxy.reply_lost(), "the read went through the proxy");
-            // A reconnect forced by the timeout would be done long before this fetch is: it
-            // first waits up to the command timeout for a PING on the consumer's connection.
-            let _ = consumer.fetch(10).await;
-            assert_eq!(proxy.accepted(), accepted, "no connection replaced");
+            let second = consumer.fetch(10).await.map(|batch| batch.len());
+            let replaced = proxy.accepted() - accepted;
             drop(consumer);
+            (replaced, second)
         }),
     )
     .await;
     env.cleanup().await;
+    Some(outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_read_keeps_its_connection_when_unresponsive_ones_are_never_replaced() {
+    let Some((replaced, second)) = lose_one_read("never-replaced", Duration::MAX).await else {
+        return;
+    };
+    assert_eq!(replaced, 0, "no connection replaced");
+    assert_eq!(
+        second.expect("the next read works on the same connection"),
+        0
+    );
+}
+
+/// The control: with a finite unresponsive timeout the same lost reply does get the
+/// connection replaced within the same window, so the test above, which sees none, would see
+/// one if `Duration::MAX` did not turn the replacement off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_read_replaces_its_connection_with_a_finite_unresponsive_timeout() {
+    let Some((replaced, _)) = lose_one_read("replaced", Duration::from_millis(300)).await else {
+        return;
+    };
+    assert!(replaced > 0, "the unanswered connection was replaced");
 }
