@@ -17,6 +17,10 @@ fn decode_as<E: Event>(
     Ok(Arc::new(E::deserialize(payload)?))
 }
 
+/// The `event_type` labels of `cqrs_events_unknown_total`: 64 distinct unknown names at most,
+/// then `other`.
+static UNKNOWN_TYPE_LABELS: crate::record::TypeLabels<128> = crate::record::TypeLabels::new();
+
 /// What to do with an event whose type this build does not know, such as one written by a
 /// newer instance during a rolling deploy.
 ///
@@ -27,7 +31,9 @@ fn decode_as<E: Event>(
 #[non_exhaustive]
 pub enum UnknownEventPolicy {
     /// Skip it, log a warning and count it in the `cqrs_events_unknown_total` metric
-    /// (label `event_type`). The consumer moves on.
+    /// (label `event_type`: the type's name for the first 64 distinct unknown names this
+    /// process sees, `other` for later ones, `invalid` for a name that does not look like a
+    /// wire name). The consumer moves on.
     #[default]
     Skip,
     /// Fail with [`DecodeError::UnknownType`]; the consumer stops at this event (and retries it)
@@ -319,7 +325,7 @@ impl EventTypes {
                         event_id = %record.event_id,
                         "skipping an event of a type this build does not know"
                     );
-                    metrics::counter!("cqrs_events_unknown_total", "event_type" => crate::record::bounded_label(&record.event_type)).increment(1);
+                    metrics::counter!("cqrs_events_unknown_total", "event_type" => UNKNOWN_TYPE_LABELS.label(&record.event_type)).increment(1);
                     Ok(None)
                 }
                 UnknownEventPolicy::Fail => Err(DecodeError::UnknownType {

@@ -167,7 +167,9 @@ impl HandlerError {
         Self::new(ErrorKind::Unavailable, "unavailable", message).with_source(source)
     }
 
-    /// An unexpected failure ([`ErrorKind::Internal`]); keeps the cause as source.
+    /// An unexpected failure ([`ErrorKind::Internal`]); keeps the cause as source. The
+    /// message is the cause's own text (a driver's error, with table or host names): for
+    /// logs, not for clients; see [`message`](Self::message).
     pub fn internal(source: impl Into<BoxError>) -> Self {
         let source = source.into();
         Self::new(ErrorKind::Internal, "internal", source.to_string()).with_source(source)
@@ -201,7 +203,13 @@ impl HandlerError {
         &self.inner.code
     }
 
-    /// The message for humans.
+    /// The message for humans. For the client-facing kinds ([`ErrorKind::Invalid`],
+    /// [`ErrorKind::Forbidden`], [`ErrorKind::Conflict`] and the like) a handler wrote it for
+    /// the client; for
+    /// [`ErrorKind::Internal`], [`ErrorKind::Unavailable`] and [`ErrorKind::Timeout`] it may
+    /// be a backend's own text ([`internal`](Self::internal), and the conversion from a
+    /// store's error, copy it): log it, and answer clients with a fixed text for those kinds
+    /// (the helpdesk's API error does).
     pub fn message(&self) -> &str {
         &self.inner.message
     }

@@ -106,7 +106,7 @@ macro_rules! register_plugin {
 pub enum PluginError {
     /// Two plugins share a name. Rename one, or link only one of them.
     #[error(
-        "two plugins are named `{name}` (versions {first} and {second}); plugin names must be unique"
+        "two plugins are named `{name}` (versions {first} and {second}); plugin names must be unique: rename one (its `name()`), or link only one of them (two versions of one plugin crate in the dependency tree: check `cargo tree -d`)"
     )]
     Duplicate {
         /// The shared name.
@@ -116,18 +116,27 @@ pub enum PluginError {
         /// The second one's version.
         second: String,
     },
-    /// A plugin depends on one that is not linked.
+    /// A plugin depends on one that is not linked, or names it wrongly. Link the dependency,
+    /// or fix the name in the dependent plugin's [`depends_on()`](Plugin::depends_on).
     #[error(
-        "plugin `{plugin}` depends on `{dependency}`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line"
+        "plugin `{plugin}` depends on `{dependency}`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line, or fix the name in `depends_on()` of `{plugin}` (found: {})",
+        found.join(", ")
     )]
     MissingDependency {
         /// The dependent plugin.
         plugin: String,
         /// The missing plugin.
         dependency: String,
+        /// The plugins that were found, by name.
+        found: Vec<String>,
     },
-    /// Plugins depend on each other in a cycle.
-    #[error("plugins depend on each other in a cycle: {}", plugins.join(" -> "))]
+    /// Plugins depend on each other in a cycle. Remove one of the dependencies from its
+    /// plugin's [`depends_on()`](Plugin::depends_on), for instance by moving what both need
+    /// into a plugin of its own.
+    #[error(
+        "plugins depend on each other in a cycle: {}; remove one of these dependencies from its plugin's `depends_on()` (move what both need into a plugin of its own)",
+        plugins.join(" -> ")
+    )]
     Cycle {
         /// The plugins in the cycle.
         plugins: Vec<String>,
@@ -209,6 +218,7 @@ impl Plugins {
                 return Err(PluginError::MissingDependency {
                     plugin: plugin.name().to_owned(),
                     dependency: (*missing).to_owned(),
+                    found: by_name.keys().map(|name| (*name).to_owned()).collect(),
                 });
             }
         }

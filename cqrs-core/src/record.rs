@@ -218,16 +218,126 @@ impl RecordMetadata {
     }
 }
 
-/// Event type names come from storage and may be anything: metric labels take only names that
-/// look like wire names and are short, so a bad record cannot blow up label cardinality.
-pub(crate) fn bounded_label(name: &str) -> String {
-    if name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        name.to_owned()
-    } else {
-        "invalid".to_owned()
+/// Metric labels for event type names, which come from storage and may be anything: a name
+/// becomes a label only if it looks like a wire name and is short (else `invalid`), and only
+/// the first [`CAP`](Self::CAP) distinct such names do; later ones share the label `other`.
+/// So neither a bad record nor a producer writing ever new names (`E1`, `E2`, ...) makes
+/// unbounded metric series.
+///
+/// Thread-safe without a lock on the normal path: a name already kept is found with atomic
+/// loads (an open-addressing table of `OnceLock`s, twice as many slots as names kept, so a
+/// probe always ends at an empty slot). Names are never forgotten, so a name keeps its label.
+/// Under a race for the last free places a name may get `other` once and its own label later.
+pub(crate) struct TypeLabels<const SLOTS: usize> {
+    slots: [std::sync::OnceLock<Box<str>>; SLOTS],
+    kept: std::sync::atomic::AtomicUsize,
+}
+
+/// The label of the event type names past a [`TypeLabels`]' cap.
+pub(crate) const OTHER_TYPE_LABEL: &str = "other";
+
+impl<const SLOTS: usize> TypeLabels<SLOTS> {
+    /// How many distinct names keep a label of their own.
+    pub(crate) const CAP: usize = SLOTS / 2;
+
+    pub(crate) const fn new() -> Self {
+        Self {
+            slots: [const { std::sync::OnceLock::new() }; SLOTS],
+            kept: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The label for `name`: itself, `invalid`, or [`OTHER_TYPE_LABEL`].
+    pub(crate) fn label(&self, name: &str) -> String {
+        use std::hash::BuildHasher;
+        use std::sync::atomic::Ordering::Relaxed;
+        let wire_like = name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !wire_like {
+            return "invalid".to_owned();
+        }
+        let hash =
+            std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(name);
+        // The remainder is below SLOTS: it fits a usize.
+        let start = (hash % SLOTS as u64) as usize;
+        for i in 0..SLOTS {
+            let slot = &self.slots[(start + i) % SLOTS];
+            if let Some(kept) = slot.get() {
+                if **kept == *name {
+                    return name.to_owned();
+                }
+                continue;
+            }
+            // A free slot: the name is not kept (none is ever removed, so a kept name sits
+            // before the first free slot of its probe). Keep it if the cap allows.
+            if self.kept.fetch_add(1, Relaxed) >= Self::CAP {
+                self.kept.fetch_sub(1, Relaxed);
+                return OTHER_TYPE_LABEL.to_owned();
+            }
+            if slot.set(name.into()).is_ok() {
+                return name.to_owned();
+            }
+            // Another thread took the slot first, maybe for this very name.
+            self.kept.fetch_sub(1, Relaxed);
+            if slot.get().is_some_and(|kept| **kept == *name) {
+                return name.to_owned();
+            }
+        }
+        OTHER_TYPE_LABEL.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{OTHER_TYPE_LABEL, TypeLabels};
+    use std::collections::HashSet;
+
+    #[test]
+    fn the_first_distinct_names_keep_their_labels_and_the_rest_share_one() {
+        let labels = TypeLabels::<128>::new();
+        let seen: HashSet<String> = (0..10_000)
+            .map(|n| labels.label(&format!("E{n}")))
+            .collect();
+        assert_eq!(seen.len(), TypeLabels::<128>::CAP + 1, "{seen:?}");
+        assert!(seen.contains(OTHER_TYPE_LABEL));
+        // The first names keep theirs, also when they come again; later ones stay `other`.
+        for n in 0..TypeLabels::<128>::CAP {
+            assert_eq!(labels.label(&format!("E{n}")), format!("E{n}"));
+        }
+        assert_eq!(labels.label("E9999"), OTHER_TYPE_LABEL);
+        assert_eq!(labels.label("not a wire name"), "invalid");
+        assert_eq!(labels.label(&"x".repeat(65)), "invalid");
+    }
+
+    #[test]
+    fn threads_racing_with_new_names_keep_at_most_the_cap() {
+        let labels = TypeLabels::<16>::new();
+        let seen: Vec<HashSet<String>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..8)
+                .map(|t| {
+                    let labels = &labels;
+                    scope.spawn(move || {
+                        // Every thread labels the same names, in a different order.
+                        (0..1_000)
+                            .map(|n| labels.label(&format!("E{}", (n * 7 + t * 131) % 1_000)))
+                            .collect::<HashSet<_>>()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let all: HashSet<&String> = seen.iter().flatten().collect();
+        assert!(all.len() <= TypeLabels::<16>::CAP + 1, "{all:?}");
+        // Each kept name is kept once: labelled again, it keeps its label.
+        let kept: Vec<&&String> = all
+            .iter()
+            .filter(|l| l.as_str() != OTHER_TYPE_LABEL)
+            .collect();
+        assert!(!kept.is_empty());
+        for name in kept {
+            assert_eq!(labels.label(name), **name);
+        }
     }
 }

@@ -14,8 +14,16 @@ pub enum PgError {
     #[error("invalid postgres options: {}", .0.join("; "))]
     InvalidOptions(Vec<String>),
     /// A migration failed, or the schema was migrated by a newer or different version of this
-    /// crate. Usually a deployment problem: check the migration table in the schema.
-    #[error("could not migrate schema `{schema}`: {source}")]
+    /// crate. Usually a deployment problem: check the migration table in the schema
+    /// (`{schema}._sqlx_migrations`). A version mismatch, or a migration missing or newer than
+    /// this version knows, means another version of this crate migrated the schema: run that
+    /// version (or a newer one) everywhere, or use a new schema. A dirty migration (a row with
+    /// `success = false`) failed half-way: fix its cause, delete its row and migrate again. The
+    /// message says which applies.
+    #[error(
+        "could not migrate schema `{schema}`: {source}; {}",
+        migrate_advice(schema, source)
+    )]
     Migrate {
         /// The schema.
         schema: String,
@@ -27,6 +35,44 @@ pub enum PgError {
     /// [`ErrorKind::Unavailable`]).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What to do about a failed migration, by its cause.
+fn migrate_advice(schema: &str, error: &sqlx::migrate::MigrateError) -> String {
+    use sqlx::migrate::MigrateError as M;
+    let table = format!("`{schema}._sqlx_migrations`");
+    match error {
+        M::Execute(e) | M::ExecuteMigration(e, _)
+            if matches!(classify(e), Class::Unavailable | Class::Timeout) =>
+        {
+            "the server could not be reached or did not answer: migrate again once it is back"
+                .to_owned()
+        }
+        M::VersionMismatch(version) => format!(
+            "a deployment problem: migration {version} recorded in {table} differs from this \
+             version's, so another version of cqrs-postgres migrated this schema: run the \
+             version that migrated it everywhere the schema is used, or use a new schema \
+             (do not edit the recorded checksum)"
+        ),
+        M::Dirty(version) => format!(
+            "a deployment problem: migration {version} failed half-way: fix its cause, delete \
+             its row (`success = false`) from {table}, and migrate again"
+        ),
+        M::VersionMissing(_)
+        | M::VersionNotPresent(_)
+        | M::VersionTooOld(..)
+        | M::VersionTooNew(..) => format!(
+            "a deployment problem: the schema was migrated by a newer or different version of \
+             cqrs-postgres (check {table}): run that version (or a newer one), or use a new \
+             schema"
+        ),
+        _ => format!(
+            "usually a deployment problem: check {table} (a version mismatch means another \
+             version of cqrs-postgres migrated this schema: run that version, or use a new \
+             schema; a row with `success = false` is a migration that failed half-way: fix \
+             its cause, delete the row, and migrate again)"
+        ),
+    }
 }
 
 impl PgError {
@@ -65,23 +111,53 @@ impl PgError {
 /// assert_eq!(err.kind(), ErrorKind::Unavailable);
 /// ```
 pub fn store_error(error: sqlx::Error) -> StoreError {
-    match classify(&error) {
+    let class = classify(&error);
+    store_error_from_class(class, Box::new(error))
+}
+
+/// A failed connect, classified like [`store_error`], whose message says where it tried to
+/// connect (`target`: host, port and database, never the password).
+pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
+    let class = classify(&error);
+    store_error_from_class(
+        class,
+        Box::new(ConnectFailed {
+            target,
+            source: error,
+        }),
+    )
+}
+
+/// A connect that failed, and where it went.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not connect to {target}: {source}; check that the server runs there and that the \
+     URL's host, port, database and credentials are right"
+)]
+struct ConnectFailed {
+    target: String,
+    #[source]
+    source: sqlx::Error,
+}
+
+fn store_error_from_class(class: Class, source: cqrs_core::BoxError) -> StoreError {
+    match class {
         Class::Unavailable => StoreError::Unavailable {
             backend: BACKEND,
-            source: Box::new(error),
+            source,
         },
         Class::Timeout => StoreError::Timeout {
             backend: BACKEND,
-            source: Box::new(error),
+            source,
         },
-        Class::Codec => StoreError::Codec(Box::new(error)),
+        Class::Codec => StoreError::Codec(source),
         Class::Rejected => StoreError::Rejected {
             backend: BACKEND,
-            source: Box::new(error),
+            source,
         },
         Class::Backend => StoreError::Backend {
             backend: BACKEND,
-            source: Box::new(error),
+            source,
         },
     }
 }
@@ -147,6 +223,75 @@ pub(crate) fn codec(error: impl Into<cqrs_core::BoxError>) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed migration says what to do, by its cause (it only quoted sqlx's error).
+    #[test]
+    fn a_failed_migration_says_what_to_do() {
+        use sqlx::migrate::MigrateError as M;
+        let message = |source| {
+            PgError::Migrate {
+                schema: "app".to_owned(),
+                source,
+            }
+            .to_string()
+        };
+        let mismatch = message(M::VersionMismatch(3));
+        for part in [
+            "could not migrate schema `app`: migration 3 was previously applied but has been \
+             modified; a deployment problem",
+            "`app._sqlx_migrations`",
+            "another version of cqrs-postgres migrated this schema",
+            "or use a new schema",
+        ] {
+            assert!(mismatch.contains(part), "{part:?} in {mismatch}");
+        }
+        let dirty = message(M::Dirty(4));
+        for part in [
+            "migration 4 failed half-way",
+            "delete its row (`success = false`) from `app._sqlx_migrations`",
+            "migrate again",
+        ] {
+            assert!(dirty.contains(part), "{part:?} in {dirty}");
+        }
+        let newer = message(M::VersionTooNew(5, 7));
+        assert!(newer.contains("check `app._sqlx_migrations`"), "{newer}");
+        let other = message(M::Source("no migrations".into()));
+        assert!(
+            other.contains("usually a deployment problem: check `app._sqlx_migrations`"),
+            "{other}"
+        );
+        let down = PgError::Migrate {
+            schema: "app".to_owned(),
+            source: M::Execute(sqlx::Error::PoolTimedOut),
+        };
+        assert_eq!(down.kind(), ErrorKind::Unavailable);
+        assert!(
+            down.to_string().ends_with("migrate again once it is back"),
+            "{down}"
+        );
+    }
+
+    /// A failed connect says where it went, and keeps the kind and the cause.
+    #[test]
+    fn a_connect_error_names_its_target_and_keeps_its_kind() {
+        let io = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        let error = connect_error(io, "postgres at db:5432, database `app`".to_owned());
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        let message = error.to_string();
+        assert!(
+            message.starts_with("postgres is unavailable: could not connect to postgres at db:5432, database `app`: "),
+            "{message}"
+        );
+        assert!(message.contains("refused"), "{message}");
+        let cause = std::error::Error::source(&error).expect("the cause");
+        assert!(
+            std::error::Error::source(cause).is_some(),
+            "sqlx's error is kept"
+        );
+    }
 
     #[test]
     fn connection_failures_are_unavailable_and_keep_their_source() {

@@ -108,6 +108,12 @@ impl PgEventStore {
     /// that transaction ends, so append last and commit soon. Conflicts are reported without
     /// aborting the transaction.
     ///
+    /// An empty append at [`ExpectedVersion::Exactly`] is a guard ("commit my writes only if
+    /// the stream is still at v"): it takes the append lock too (one more round trip), so an
+    /// append to the stream from elsewhere waits until your transaction ends and cannot slip
+    /// in between the check and your `COMMIT`. An empty append at `Any` checks nothing and
+    /// takes no lock.
+    ///
     /// The transaction must be READ COMMITTED (what [`PgDatabase::begin`](crate::PgDatabase::begin)
     /// gives): the append reads the stream's version after taking
     /// the append lock, and under REPEATABLE READ or SERIALIZABLE it would read it from the
@@ -161,6 +167,19 @@ pub(crate) async fn append_on(
         ExpectedVersion::Any => None,
         ExpectedVersion::Exactly(v) => Some(to_i64(v)),
     };
+    // An empty append at a version is a guard: the caller's transaction commits only if the
+    // stream is still at that version. `append_events` takes no lock for an empty batch, so
+    // an append could commit between its check and the caller's `COMMIT`, and the guard pass
+    // on a stale version. Inside a transaction it takes the append lock first, in a statement
+    // of its own (the function's read of the version then sees every append committed
+    // before): an append elsewhere waits until the caller's transaction ends. Outside one,
+    // the check is its own transaction and a lock would end with it.
+    if events.is_empty() && expected_param.is_some() && conn.is_in_transaction() {
+        sqlx::query(AssertSqlSafe(sql.append_guard_lock.clone()))
+            .execute(&mut *conn)
+            .await
+            .map_err(store_error)?;
+    }
     // One event (what a command records more often than not) goes through `append_event`,
     // which takes scalars: unnesting one-element arrays and aggregating the positions back
     // cost almost as much as everything else the function does (docs/benchmarks.md).

@@ -2,7 +2,7 @@
 
 use crate::error::PgError;
 use crate::{PgDatabase, sql};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -47,6 +47,9 @@ pub struct PgOptions {
     session_settings: bool,
     application_name: String,
     test_before_acquire: bool,
+    /// Whether [`from_env`](PgOptions::from_env) fell back to [`DEFAULT_URL`] because
+    /// `DATABASE_URL` was unset: a failed connect says so.
+    default_url: bool,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -62,6 +65,7 @@ impl std::fmt::Debug for PgOptions {
                 "idle_in_transaction_timeout",
                 &self.idle_in_transaction_timeout,
             )
+            .field("default_url", &self.default_url)
             .finish_non_exhaustive()
     }
 }
@@ -83,12 +87,21 @@ impl PgOptions {
             session_settings: true,
             application_name: "cqrs".to_owned(),
             test_before_acquire: false,
+            default_url: false,
         }
     }
 
-    /// Options from the `DATABASE_URL` environment variable, or [`DEFAULT_URL`].
+    /// Options from the `DATABASE_URL` environment variable, or [`DEFAULT_URL`] when it is
+    /// unset (or not Unicode): a convenience for local development. A failed
+    /// [`connect`](Self::connect) then says that the default was used.
     pub fn from_env() -> Self {
-        Self::new(std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned()))
+        match std::env::var("DATABASE_URL") {
+            Ok(url) => Self::new(url),
+            Err(_) => Self {
+                default_url: true,
+                ..Self::new(DEFAULT_URL)
+            },
+        }
     }
 
     /// The Postgres schema that holds this crate's tables. Default `cqrs`. Lower-case ASCII
@@ -216,6 +229,17 @@ impl PgOptions {
                 );
                 None
             }
+            Ok(o) if wants_tls(o.get_ssl_mode()) => {
+                problems.push(format!(
+                    "the database URL (or PGSSLMODE) asks for TLS with sslmode={}, but this \
+                     version of cqrs-postgres is built without TLS support: connect without \
+                     TLS on a private network (sslmode=disable or prefer, or no sslmode), or \
+                     terminate TLS in a local proxy (such as stunnel) and connect to it; TLS \
+                     support is a planned feature",
+                    ssl_mode_name(o.get_ssl_mode())
+                ));
+                None
+            }
             Ok(o) => Some(o),
             Err(e) => {
                 // sqlx's message does not repeat the URL, which may hold a password.
@@ -333,14 +357,40 @@ impl PgOptions {
     /// Fails with [`PgError::InvalidOptions`], or with an unavailable
     /// [`StoreError`](cqrs_core::ports::StoreError) when the server cannot be reached in
     /// `acquire_timeout`.
+    ///
+    /// A connect error names the host, port and database it tried (never the password), and
+    /// says when [`from_env`](Self::from_env) used [`DEFAULT_URL`] because `DATABASE_URL`
+    /// was unset.
     pub async fn connect(self) -> Result<PgDatabase, PgError> {
         let connect = self.checked()?;
+        let target = self.target(&connect);
         let pool = self
             .pool_options()
             .connect_with(connect)
             .await
-            .map_err(crate::error::store_error)?;
+            .map_err(|e| crate::error::connect_error(e, target))?;
         Ok(PgDatabase::new(pool, &self.schema))
+    }
+
+    /// Where `connect` goes, for its error: host and port (or socket) and database, and
+    /// whether the URL was the default one.
+    fn target(&self, connect: &PgConnectOptions) -> String {
+        let place = match connect.get_socket() {
+            Some(socket) => format!("socket {}", socket.display()),
+            None => format!("{}:{}", connect.get_host(), connect.get_port()),
+        };
+        let database = match connect.get_database() {
+            Some(database) => format!("database `{database}`"),
+            None => format!("database `{}` (the user's name)", connect.get_username()),
+        };
+        let mut target = format!("postgres at {place}, {database}");
+        if self.default_url {
+            target.push_str(&format!(
+                " (DATABASE_URL is unset, so the default URL {DEFAULT_URL} was used: set \
+                 DATABASE_URL to your server's URL)"
+            ));
+        }
+        target
     }
 
     /// Makes the pool without connecting: the first operation connects.
@@ -348,6 +398,26 @@ impl PgOptions {
         let connect = self.checked()?;
         let pool = self.pool_options().connect_lazy_with(connect);
         Ok(PgDatabase::new(pool, &self.schema))
+    }
+}
+
+/// Whether `mode` insists on TLS, which this build cannot do (`prefer` and `allow` fall back
+/// to a plain connection).
+fn wants_tls(mode: PgSslMode) -> bool {
+    matches!(
+        mode,
+        PgSslMode::Require | PgSslMode::VerifyCa | PgSslMode::VerifyFull
+    )
+}
+
+fn ssl_mode_name(mode: PgSslMode) -> &'static str {
+    match mode {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
     }
 }
 
@@ -394,6 +464,91 @@ mod tests {
             .checked()
             .unwrap();
         assert_eq!(timed.get_options(), Some("-c statement_timeout=5000"));
+    }
+
+    /// A URL that insists on TLS is refused as invalid options (it failed at connect as a
+    /// retryable `Unavailable`), saying this build has no TLS and what to do; the modes that
+    /// fall back to a plain connection stay accepted.
+    #[test]
+    fn an_sslmode_that_insists_on_tls_is_refused_saying_what_to_do() {
+        let url = "postgres://app:s3cret@db.internal:5432/app";
+        for mode in ["require", "verify-ca", "verify-full", "REQUIRE"] {
+            let error = PgOptions::new(format!("{url}?sslmode={mode}"))
+                .validate()
+                .unwrap_err();
+            assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
+            let message = error.to_string();
+            for part in [
+                &format!("asks for TLS with sslmode={}", mode.to_ascii_lowercase()),
+                "built without TLS support",
+                "sslmode=disable or prefer",
+                "local proxy (such as stunnel)",
+                "TLS support is a planned feature",
+            ] {
+                assert!(message.contains(part), "{part:?} in {message}");
+            }
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+        for mode in ["prefer", "allow", "disable"] {
+            let options = PgOptions::new(format!("{url}?sslmode={mode}"));
+            assert!(options.validate().is_ok(), "sslmode={mode}");
+        }
+        // No sslmode: sqlx's default, `prefer` (unless PGSSLMODE says otherwise).
+        if std::env::var_os("PGSSLMODE").is_none() {
+            assert!(PgOptions::new(url).validate().is_ok());
+        }
+    }
+
+    /// A failed connect names the host, port and database it tried, never the password, and
+    /// says when the default URL was used because DATABASE_URL was unset (it reported only
+    /// the I/O error).
+    #[tokio::test]
+    async fn a_failed_connect_says_where_it_went() {
+        let url = "postgres://app:s3cret@127.0.0.1:1/orders";
+        let message = |options: PgOptions| async move {
+            match options
+                .acquire_timeout(Duration::from_millis(300))
+                .connect()
+                .await
+            {
+                Ok(_) => panic!("nothing listens on port 1"),
+                Err(error) => {
+                    assert_eq!(error.kind(), cqrs_core::ErrorKind::Unavailable, "{error}");
+                    error.to_string()
+                }
+            }
+        };
+        let given = message(PgOptions::new(url)).await;
+        assert!(
+            given.contains("could not connect to postgres at 127.0.0.1:1, database `orders`"),
+            "{given}"
+        );
+        assert!(
+            given.contains("check that the server runs there"),
+            "{given}"
+        );
+        assert!(!given.contains("s3cret"), "{given}");
+        assert!(!given.contains("DATABASE_URL"), "{given}");
+        let defaulted = message(PgOptions {
+            default_url: true,
+            ..PgOptions::new(url)
+        })
+        .await;
+        assert!(
+            defaulted.contains(
+                "(DATABASE_URL is unset, so the default URL \
+                 postgres://postgres@127.0.0.1:5432/postgres was used: set DATABASE_URL"
+            ),
+            "{defaulted}"
+        );
+        let no_database = PgOptions::new("postgres://app@127.0.0.1:1");
+        let target = no_database.target(&no_database.checked().unwrap());
+        if std::env::var_os("PGDATABASE").is_none() {
+            assert_eq!(
+                target,
+                "postgres at 127.0.0.1:1, database `app` (the user's name)"
+            );
+        }
     }
 
     /// Timeouts past what sqlx or the server take are refused, naming the setter and the

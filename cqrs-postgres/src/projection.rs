@@ -142,13 +142,23 @@ impl ProjectionStore for PgProjectionStore {
         Ok(())
     }
 
+    /// In the unit's transaction, a batch of inbox entries per statement (as many as a purge
+    /// statement deletes), repeated until the inbox is empty: a rebuild of a consumer with
+    /// millions of entries runs statements that each stay inside a `statement_timeout`, and
+    /// still forgets all or nothing.
     async fn reset(&self, unit: &mut PgProjectionUnit, consumer: &str) -> Result<(), StoreError> {
-        sqlx::query(AssertSqlSafe(self.db.sql.consumer_reset.clone()))
-            .bind(consumer)
-            .execute(&mut *unit.tx)
-            .await
-            .map_err(store_error)?;
-        Ok(())
+        loop {
+            let deleted = sqlx::query(AssertSqlSafe(self.db.sql.consumer_reset.clone()))
+                .bind(consumer)
+                .bind(crate::sql::PURGE_BATCH)
+                .execute(&mut *unit.tx)
+                .await
+                .map_err(store_error)?
+                .rows_affected();
+            if deleted < crate::sql::PURGE_BATCH as u64 {
+                return Ok(());
+            }
+        }
     }
 
     async fn commit(&self, unit: PgProjectionUnit) -> Result<(), StoreError> {

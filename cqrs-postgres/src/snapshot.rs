@@ -7,7 +7,17 @@ use async_trait::async_trait;
 use cqrs_core::ports::{Snapshot, SnapshotStore, StoreError};
 use sqlx::{AssertSqlSafe, Row};
 
-/// Aggregate snapshots in Postgres: one row per stream, replaced only by a newer version.
+/// Aggregate snapshots in Postgres: one row per stream, replaced by a newer version, or by an
+/// older one when the stream's events back the older one and not the stored one.
+///
+/// A snapshot is backed when the stream has an event at its version (the event it names, if
+/// it names one). After events were restored from a backup older than the snapshots, a stored
+/// snapshot can be ahead of the stream or of another history: no load can use it, so the next
+/// save of a snapshot the stream backs replaces it instead of being ignored (else every load
+/// would replay the whole stream until a save got past it). A stale save never replaces a
+/// backed snapshot with an older one, bar a race with a newer save whose append committed
+/// while the stale save ran (it then stores a backed, older snapshot: a load replays a longer
+/// tail until the next save).
 ///
 /// Pass it to [`AggregateRepository::with_snapshots`](cqrs_core::AggregateRepository::with_snapshots)
 /// so loading a long stream reads only its tail.

@@ -12,7 +12,8 @@ use std::sync::Arc;
 /// identifiers and channel names hold 63 bytes.
 pub(crate) const MAX_SCHEMA_LEN: usize = 56;
 
-/// Rows one purge statement deletes at most; a purge repeats it until fewer come back.
+/// Rows one purge statement (or one statement of a consumer's reset) deletes at most; a purge
+/// repeats it until fewer come back.
 pub(crate) const PURGE_BATCH: i64 = 5_000;
 
 /// Begins a transaction the way this crate begins every one: at READ COMMITTED, whatever the
@@ -102,6 +103,7 @@ pub(crate) struct Sql {
     pub(crate) append_completing: Arc<str>,
     pub(crate) append_one: Arc<str>,
     pub(crate) append_one_completing: Arc<str>,
+    pub(crate) append_guard_lock: Arc<str>,
     pub(crate) load: Arc<str>,
     pub(crate) read_all: Arc<str>,
     pub(crate) stream_version: Arc<str>,
@@ -157,15 +159,22 @@ impl Sql {
             )
         };
         let f = |text: String| -> Arc<str> { Arc::from(text) };
+        let append_lock = lock::key(&[schema, "append"]);
         Self {
             schema: schema.to_owned(),
             channel: format!("{schema}_events"),
-            append_lock: lock::key(&[schema, "append"]),
+            append_lock,
 
             append_completing: f(completing(&append_call)),
             append: f(append_call),
             append_one_completing: f(completing(&append_one_call)),
             append_one: f(append_one_call),
+            // Taken before an empty append at a version inside a transaction (the function
+            // takes no lock for an empty batch): see `append_on`. Gated like the call, so
+            // outside READ COMMITTED it takes nothing and the call reports the level.
+            append_guard_lock: f(format!(
+                "SELECT pg_advisory_xact_lock({append_lock}) {read_committed}"
+            )),
             load: f(format!(
                 "SELECT {EVENT_COLUMNS} FROM {s}.events WHERE stream_id = $1 AND stream_version > $2 \
                  ORDER BY stream_version"
@@ -182,6 +191,15 @@ impl Sql {
                  CASE WHEN last_event_version = version THEN last_event_id END \
                  FROM {s}.snapshots WHERE stream_id = $1"
             )),
+            // A newer snapshot replaces the stored one; an older one only when the stream
+            // backs it (has an event at its version, the one it names if it names one) and
+            // not the stored one (no event at its version: ahead of a stream restored from an
+            // older backup; or another event than the one it names: another history). Else a
+            // snapshot no load can use would keep every later save out and every load would
+            // replay the whole stream. Checked on the unique index, by the statement's
+            // snapshot: an append and a newer save committed while it ran can still be
+            // replaced by a stale save, which the stream does back (a load replays a longer
+            // tail until the next save).
             snapshot_save: f(format!(
                 "INSERT INTO {s}.snapshots AS t \
                  (stream_id, version, state, last_event_id, last_event_version) \
@@ -189,7 +207,14 @@ impl Sql {
                  ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, \
                  state = EXCLUDED.state, last_event_id = EXCLUDED.last_event_id, \
                  last_event_version = EXCLUDED.last_event_version, \
-                 updated_at = now() WHERE t.version < EXCLUDED.version"
+                 updated_at = now() WHERE t.version < EXCLUDED.version \
+                 OR (EXISTS (SELECT 1 FROM {s}.events e WHERE e.stream_id = EXCLUDED.stream_id \
+                 AND e.stream_version = EXCLUDED.version \
+                 AND (EXCLUDED.last_event_id IS NULL OR e.event_id = EXCLUDED.last_event_id)) \
+                 AND NOT EXISTS (SELECT 1 FROM {s}.events e WHERE e.stream_id = t.stream_id \
+                 AND e.stream_version = t.version AND (t.last_event_id IS NULL \
+                 OR t.last_event_version IS DISTINCT FROM t.version \
+                 OR e.event_id = t.last_event_id)))"
             )),
 
             // `idempotency_claim` (migration 3, applied and checksummed, so unchanged) decides
@@ -235,9 +260,15 @@ impl Sql {
                 "INSERT INTO {s}.checkpoints (consumer, position) VALUES ($1, $2) \
                  ON CONFLICT (consumer) DO UPDATE SET position = EXCLUDED.position, updated_at = now()"
             )),
+            // A batch of the consumer's inbox at a time ($2), like the purges: a rebuild runs
+            // it until fewer come back, in its unit, so a large inbox is forgotten in
+            // statements that each finish inside a `statement_timeout`. The checkpoint goes
+            // with the first batch (the later ones find none): a small inbox costs one round
+            // trip. Reports the inbox entries it deleted.
             consumer_reset: f(format!(
-                "WITH forgotten AS (DELETE FROM {s}.inbox WHERE consumer = $1) \
-                 DELETE FROM {s}.checkpoints WHERE consumer = $1"
+                "WITH forgotten AS (DELETE FROM {s}.checkpoints WHERE consumer = $1) \
+                 DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id IN ( \
+                 SELECT message_id FROM {s}.inbox WHERE consumer = $1 LIMIT $2)"
             )),
             inbox_purge: f(format!(
                 "DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id IN ( \

@@ -232,7 +232,9 @@ impl PgUnitOfWork {
     ///
     /// Round trips: none when nothing was written; one when the only writes are events of one
     /// stream (a single statement, its own transaction); otherwise one per stream's batch (the
-    /// first also stores the idempotency response) and `COMMIT`.
+    /// first also stores the idempotency response), one more per empty batch at a version (a
+    /// guard: it takes the append lock, see [`PgEventStore::append_in`](crate::PgEventStore::append_in)),
+    /// and `COMMIT`.
     pub async fn commit(mut self) -> Result<(), StoreError> {
         let (pool, sql, clock) = (
             self.db.pool.clone(),

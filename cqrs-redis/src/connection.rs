@@ -32,7 +32,10 @@ pub(crate) fn builder(
     broadcast_capacity: usize,
 ) -> Result<Builder, ConnectError> {
     let config = Config::from_url(&options.url).map_err(|e| ConnectError::Invalid {
-        problems: vec![format!("url `{}` is not a redis url: {e}", options.url)],
+        problems: vec![format!(
+            "url `{}` is not a redis url: {e}",
+            crate::options::redacted_url(&options.url)
+        )],
     })?;
     let mut builder = Builder::from_config(config);
     builder

@@ -2,6 +2,7 @@
 //! defaults, validated all at once by `connect`.
 
 use crate::error::ConnectError;
+use std::fmt;
 use std::time::Duration;
 
 /// The default server: a local Redis.
@@ -25,7 +26,9 @@ const MAX_KEEPALIVE: Duration = Duration::from_secs(32767);
 ///     .reconnect_delays(Duration::from_millis(50), Duration::from_secs(2));
 /// assert_eq!(connection.url(), "redis://127.0.0.1:6379/2");
 /// ```
-#[derive(Clone, Debug)]
+///
+/// Its `Debug`, and every error that shows the URL, hide the password.
+#[derive(Clone)]
 pub struct ConnectionOptions {
     pub(crate) url: String,
     pub(crate) command_timeout: Duration,
@@ -36,6 +39,69 @@ pub struct ConnectionOptions {
     pub(crate) unresponsive_timeout: Option<Duration>,
     pub(crate) ping_interval: Duration,
     pub(crate) tcp_keepalive: Option<Duration>,
+}
+
+impl fmt::Debug for ConnectionOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionOptions")
+            .field("url", &redacted_url(&self.url))
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_min_delay", &self.reconnect_min_delay)
+            .field("reconnect_max_delay", &self.reconnect_max_delay)
+            .field("unresponsive_timeout", &self.unresponsive_timeout)
+            .field("ping_interval", &self.ping_interval)
+            .field("tcp_keepalive", &self.tcp_keepalive)
+            .finish()
+    }
+}
+
+/// `url` as it may be shown: the password in the user info (`user:***@`; a user info without
+/// `:` is hidden whole, as it may be a password put in the wrong place) and in query
+/// parameters whose name holds `password` (`sentinelPassword`) replaced by `***`. Works on
+/// URLs that do not parse, as an error shows them: everything up to the last `@` is taken
+/// for the user info.
+pub(crate) fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => url.split_at(at + 3),
+        None => ("", url),
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = match userinfo.split_once(':') {
+                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:***"),
+                _ => "***".to_owned(),
+            };
+            format!("{scheme}{user}@{}", redacted_query(host))
+        }
+        None => format!("{scheme}{}", redacted_query(rest)),
+    }
+}
+
+/// `rest` with the value of every query parameter whose name holds `password` replaced.
+fn redacted_query(rest: &str) -> String {
+    let Some((before, query)) = rest.split_once('?') else {
+        return rest.to_owned();
+    };
+    let query = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                format!("{key}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{before}?{query}")
+}
+
+/// Whether `url` asks for TLS: `rediss://` or `valkeys://`, and their `-cluster` and
+/// `-sentinel` forms (fred's URL schemes).
+fn asks_for_tls(url: &str) -> bool {
+    let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    let scheme = scheme.to_ascii_lowercase();
+    scheme.starts_with("rediss") || scheme.starts_with("valkeys")
 }
 
 impl Default for ConnectionOptions {
@@ -63,7 +129,7 @@ impl ConnectionOptions {
         }
     }
 
-    /// The server's URL.
+    /// The server's URL, as given (with its password: do not log it).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -156,7 +222,18 @@ impl ConnectionOptions {
 
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
         if let Err(e) = fred::types::config::Config::from_url(&self.url) {
-            problems.push(format!("url `{}` is not a redis url: {e}", self.url));
+            problems.push(format!(
+                "url `{}` is not a redis url: {e}",
+                redacted_url(&self.url)
+            ));
+        } else if asks_for_tls(&self.url) {
+            problems.push(format!(
+                "url `{}` asks for TLS, but this version of cqrs-redis is built without TLS \
+                 support: connect with a plain `redis://` URL on a private network, or \
+                 terminate TLS in a local proxy (such as stunnel) and connect to it with \
+                 `redis://`; TLS support is a planned feature",
+                redacted_url(&self.url)
+            ));
         }
         if self.command_timeout.is_zero() {
             problems.push(format!(
@@ -591,6 +668,116 @@ mod tests {
         assert!(problems(edges).is_empty());
         let edges = ConnectionOptions::new(DEFAULT_URL).tcp_keepalive(Some(Duration::from_secs(1)));
         assert!(problems(edges).is_empty());
+    }
+
+    /// A URL that is not valid, with a password in it, is reported without the password
+    /// (the whole URL was in the message), wherever the URL breaks.
+    #[test]
+    fn an_invalid_url_is_reported_without_its_password() {
+        for (url, shown) in [
+            (
+                "redis://admin:s3cret@127.0.0.1:notaport",
+                "redis://admin:***@127.0.0.1:notaport",
+            ),
+            (
+                "redis://admin:s3/cret@127.0.0.1:6379",
+                "redis://admin:***@127.0.0.1:6379",
+            ),
+            (
+                "redis://:s3cret@127.0.0.1:6379/x/y",
+                "redis://:***@127.0.0.1:6379/x/y",
+            ),
+            ("redis:admin:s3cret@127.0.0.1", "redis:***@127.0.0.1"),
+        ] {
+            let mut problems = Vec::new();
+            ConnectionOptions::new(url).problems(&mut problems);
+            let [problem] = problems.as_slice() else {
+                panic!("{url}: {problems:?}");
+            };
+            assert!(!problem.contains("s3"), "{problem}");
+            assert!(
+                problem.starts_with(&format!("url `{shown}` is not a redis url: ")),
+                "{problem}"
+            );
+        }
+    }
+
+    /// The `Debug` of every option type shows the URL without its password (it printed the
+    /// URL as given).
+    #[test]
+    fn debug_hides_the_password() {
+        let url = "redis://app:s3cret@cache.internal:6379/2";
+        let connection = ConnectionOptions::new(url);
+        let shown = [
+            format!("{connection:?}"),
+            format!("{:?}", RedisStreamOptions::new(url)),
+            format!("{:?}", RedisPubSubOptions::new(url)),
+            format!(
+                "{:#?}",
+                RedisPubSubOptions::with_connection(connection.clone())
+            ),
+        ];
+        for debug in shown {
+            assert!(!debug.contains("s3cret"), "{debug}");
+            assert!(
+                debug.contains("redis://app:***@cache.internal:6379/2"),
+                "{debug}"
+            );
+        }
+        assert_eq!(connection.url(), url, "the accessor keeps the URL as given");
+    }
+
+    #[test]
+    fn redaction_keeps_what_is_not_secret() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379/2", "redis://127.0.0.1:6379/2"),
+            ("redis://user@host:6379", "redis://***@host:6379"),
+            (
+                "redis-sentinel://:pw@a:26379/0?sentinelServiceName=m&sentinelPassword=pw2",
+                "redis-sentinel://:***@a:26379/0?sentinelServiceName=m&sentinelPassword=***",
+            ),
+            (
+                "redis-cluster://u:pw@a:30001?node=b:30002",
+                "redis-cluster://u:***@a:30001?node=b:30002",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted_url(url), shown);
+        }
+    }
+
+    /// A TLS URL is refused as a configuration error saying this build has no TLS and what
+    /// to do (fred only logged a warning, and then connected without TLS or failed).
+    #[test]
+    fn a_tls_url_is_refused_saying_what_to_do() {
+        for url in [
+            "rediss://app:s3cret@cache.internal:6380",
+            "rediss-cluster://cache.internal:30001",
+            "valkeys://cache.internal:6380",
+            "REDISS://cache.internal:6380",
+        ] {
+            let options = RedisStreamOptions::new(url);
+            let Err(error @ ConnectError::Invalid { .. }) = options.validate() else {
+                panic!("{url} passes");
+            };
+            assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid);
+            let message = error.to_string();
+            for part in [
+                "asks for TLS, but this version of cqrs-redis is built without TLS support",
+                "plain `redis://` URL on a private network",
+                "local proxy (such as stunnel)",
+                "TLS support is a planned feature",
+            ] {
+                assert!(message.contains(part), "{part:?} in {message}");
+            }
+            assert!(!message.contains("s3cret"), "{message}");
+            assert!(RedisPubSubOptions::new(url).validate().is_err(), "{url}");
+        }
+        assert!(
+            RedisStreamOptions::new("redis://cache.internal:6379")
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

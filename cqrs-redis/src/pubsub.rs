@@ -84,7 +84,10 @@ impl Drop for Inner {
 impl fmt::Debug for RedisPubSub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisPubSub")
-            .field("url", &self.inner.options.connection.url)
+            .field(
+                "url",
+                &crate::options::redacted_url(&self.inner.options.connection.url),
+            )
             .field("channel_prefix", &self.inner.prefix)
             .field("fanout", &self.inner.fanout)
             .finish_non_exhaustive()

@@ -159,7 +159,10 @@ pub struct RedisStreamTransport {
 impl fmt::Debug for RedisStreamTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStreamTransport")
-            .field("url", &self.shared.options.connection.url)
+            .field(
+                "url",
+                &crate::options::redacted_url(&self.shared.options.connection.url),
+            )
             .field("key_prefix", &self.shared.options.key_prefix)
             .field("key_ordering", &self.shared.options.key_ordering)
             .finish_non_exhaustive()
@@ -242,7 +245,10 @@ impl RedisStreamTransport {
             if !names.insert(name) {
                 return Err(TransportError::Invalid(format!(
                     "consumer name `{}` is already in use in group `{group}` of topic `{topic}` \
-                     in this process",
+                     in this process; the usual cause is one `ConsumerOptions` reused for two \
+                     consumers (its default name is drawn once, when it is built): build a \
+                     fresh `ConsumerOptions::default()` for each consumer, or give each a \
+                     distinct `.consumer_name(..)`",
                     options.consumer_name
                 )));
             }

@@ -71,6 +71,14 @@ type Effect = Box<dyn FnOnce() + Send>;
 /// Memory has no rollback, so a projection stages its effects with
 /// [`on_commit`](InMemoryUnit::on_commit): they run when the unit commits, together with its
 /// inbox entries and checkpoint, and are dropped with an uncommitted unit.
+///
+/// The effects run first, in the order staged, and the inbox entries and checkpoint are
+/// committed only after the last one returned. If one panics, the panic propagates out of
+/// `commit` and the unit's inbox entries, checkpoint and reset are not committed: its events
+/// are processed again, as after a rolled-back Postgres transaction, instead of being marked
+/// processed with their read-model change lost. (The effects staged before the panicking one
+/// have run and stay: memory cannot undo them.) The `ProjectionRunner` does not catch a panic
+/// in `commit`: its worker fails and the runtime restarts it.
 pub struct InMemoryUnit {
     _lock: tokio::sync::OwnedMutexGuard<()>,
     reset: HashSet<String>,
@@ -163,22 +171,33 @@ impl ProjectionStore for InMemoryProjectionStore {
         Ok(())
     }
 
+    /// Runs the staged effects first, then makes the inbox entries and checkpoints visible,
+    /// all while the unit still holds the consumer's lock. An effect that panics stops the
+    /// commit there: the panic reaches the caller and nothing of the unit is committed (see
+    /// [`InMemoryUnit`]).
     async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        let InMemoryUnit {
+            _lock,
+            reset,
+            processed,
+            checkpoints,
+            effects,
+        } = unit;
+        // Not under `committed`: an effect may read this store.
+        for effect in effects {
+            effect();
+        }
         let now = self.clock.now();
         let mut committed = self.committed();
-        for consumer in &unit.reset {
+        for consumer in &reset {
             committed.processed.remove(consumer);
             committed.checkpoints.remove(consumer);
         }
-        for (consumer, ids) in unit.processed {
+        for (consumer, ids) in processed {
             let inbox = committed.processed.entry(consumer).or_default();
             inbox.extend(ids.into_iter().map(|id| (id, now)));
         }
-        committed.checkpoints.extend(unit.checkpoints);
-        drop(committed);
-        for effect in unit.effects {
-            effect();
-        }
+        committed.checkpoints.extend(checkpoints);
         Ok(())
     }
 
@@ -201,5 +220,55 @@ impl ProjectionStore for InMemoryProjectionStore {
             committed.processed.remove(consumer);
         }
         Ok(purged as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A staged effect that panics fails the commit like a rolled-back transaction: the
+    /// panic reaches the caller, and neither the inbox entry nor the checkpoint is committed,
+    /// so the event is processed again (as on Postgres) instead of being marked processed
+    /// with its read-model change lost.
+    #[tokio::test]
+    async fn a_panicking_effect_commits_neither_the_inbox_nor_the_checkpoint() {
+        let store = InMemoryProjectionStore::new();
+        let id = Uuid::now_v7();
+        let mut unit = store.begin("c").await.unwrap();
+        assert!(store.mark_processed(&mut unit, "c", id).await.unwrap());
+        store
+            .save_checkpoint(&mut unit, "c", Position::new(5))
+            .await
+            .unwrap();
+        unit.on_commit(|| panic!("the read model refused the change"));
+        let committed = crate::panic::CatchUnwind::new(async { store.commit(unit).await }).await;
+        match committed {
+            Err(message) => assert_eq!(message, "the read model refused the change"),
+            Ok(result) => panic!("the panic did not reach the caller: {result:?}"),
+        }
+
+        // The consumer's lock was released with the unit.
+        let mut unit = tokio::time::timeout(Duration::from_secs(5), store.begin("c"))
+            .await
+            .expect("the consumer's lock is free")
+            .unwrap();
+        assert_eq!(store.checkpoint(&mut unit, "c").await.unwrap(), None);
+        assert!(
+            store.mark_processed(&mut unit, "c", id).await.unwrap(),
+            "the event was marked processed though its effect never took place"
+        );
+        let applied = Arc::new(AtomicUsize::new(0));
+        unit.on_commit({
+            let applied = applied.clone();
+            move || {
+                applied.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        store.commit(unit).await.unwrap();
+        assert_eq!(applied.load(Ordering::SeqCst), 1);
+        let mut unit = store.begin("c").await.unwrap();
+        assert!(!store.mark_processed(&mut unit, "c", id).await.unwrap());
     }
 }

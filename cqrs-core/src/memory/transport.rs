@@ -212,7 +212,10 @@ impl EventTransport for InMemoryTransport {
             if !g.consumers.insert(options.consumer_name.clone()) {
                 return Err(TransportError::Invalid(format!(
                     "consumer name `{}` is already in use in group `{group}` of topic `{topic}` \
-                     in this process",
+                     in this process; the usual cause is one `ConsumerOptions` reused for two \
+                     consumers (its default name is drawn once, when it is built): build a \
+                     fresh `ConsumerOptions::default()` for each consumer, or give each a \
+                     distinct `.consumer_name(..)`",
                     options.consumer_name
                 )));
             }

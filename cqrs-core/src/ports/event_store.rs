@@ -109,7 +109,10 @@ impl Snapshot {
 /// The contract (checked by [`testing::snapshot_store`](crate::testing::snapshot_store)): a
 /// stream without a snapshot loads `None`; the state loads as it was saved; a save replaces
 /// the stored snapshot only with a newer version (one at the same or an older version is
-/// ignored, also when writers race), so a stream's snapshot never goes back in time.
+/// ignored, also when writers race), so a stream's snapshot never goes back in time. An adapter
+/// that sees the stream's events may also replace a snapshot the stream no longer has events
+/// for (one ahead of a stream restored from an older backup) with one it has: see
+/// `cqrs_postgres::PgSnapshotStore`.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + 'static {
     /// The latest snapshot of a stream.

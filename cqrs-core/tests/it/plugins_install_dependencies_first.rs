@@ -53,6 +53,7 @@ fn dependencies_come_first_then_names_in_order() {
     assert_eq!(names, ["auth", "audit", "beta", "tickets", "zeta"]);
 }
 
+/// A duplicate name says what to do: rename one, or link only one.
 #[test]
 fn a_duplicate_name_is_an_error() {
     let err = Plugins::from_plugins(plugins(&[("auth", &[]), ("auth", &[])])).unwrap_err();
@@ -60,14 +61,21 @@ fn a_duplicate_name_is_an_error() {
         matches!(err, PluginError::Duplicate { ref name, .. } if name == "auth"),
         "{err}"
     );
+    let message = err.to_string();
+    assert!(
+        message.contains("rename one (its `name()`), or link only one of them"),
+        "{message}"
+    );
 }
 
+/// A missing dependency lists the plugins found, so a misspelt name shows next to the right
+/// one, and says to fix the name in `depends_on()`.
 #[test]
 fn a_missing_dependency_is_an_error_naming_both() {
-    let err = Plugins::from_plugins(plugins(&[("tickets", &["auth"])])).unwrap_err();
+    let err = Plugins::from_plugins(plugins(&[("tickets", &["auht"]), ("auth", &[])])).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "plugin `tickets` depends on `auth`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line"
+        "plugin `tickets` depends on `auht`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line, or fix the name in `depends_on()` of `tickets` (found: auth, tickets)"
     );
 }
 
@@ -82,7 +90,7 @@ fn a_cycle_is_an_error_naming_it() {
     .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "plugins depend on each other in a cycle: a -> b -> c -> a"
+        "plugins depend on each other in a cycle: a -> b -> c -> a; remove one of these dependencies from its plugin's `depends_on()` (move what both need into a plugin of its own)"
     );
 }
 

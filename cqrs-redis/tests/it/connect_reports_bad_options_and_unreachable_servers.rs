@@ -1,5 +1,6 @@
 //! `connect` reports every problem of the options at once, an unreachable server as a
-//! retryable error, and refuses a consumer name already in use in the process.
+//! retryable error, a TLS URL as a configuration error, and refuses a consumer name already
+//! in use in the process, saying how to fix it.
 
 use crate::support::{Env, consumer_options, unreachable, within};
 use cqrs_core::ErrorKind;
@@ -42,6 +43,28 @@ async fn connect_reports_bad_options_and_unreachable_servers() {
     .await;
 }
 
+/// A TLS URL is refused before any connect, as a configuration error (not retryable) that
+/// says the build has no TLS and what to do; the password stays out of the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_url_is_refused_as_configuration() {
+    let url = "rediss://app:s3cret@127.0.0.1:6380";
+    let stream = RedisStreamOptions::new(url)
+        .connect()
+        .await
+        .expect_err("TLS is not built in");
+    let pubsub = cqrs_redis::RedisPubSubOptions::new(url)
+        .connect()
+        .await
+        .expect_err("TLS is not built in");
+    for error in [stream, pubsub] {
+        assert_eq!(error.kind(), ErrorKind::Invalid, "{error}");
+        let message = error.to_string();
+        assert!(message.contains("built without TLS support"), "{message}");
+        assert!(message.contains("stunnel"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_name_in_use_in_the_process_is_refused() {
     let Some(env) = Env::new("names").await else {
@@ -61,7 +84,19 @@ async fn a_consumer_name_in_use_in_the_process_is_refused() {
                 .transport
                 .consumer(&topic, "g", consumer_options(&name))
                 .await;
-            assert!(second.is_err(), "two live consumers with one name");
+            let Err(error) = second else {
+                panic!("two live consumers with one name");
+            };
+            // It says the usual cause and the fix, not only that the name is taken.
+            let message = error.to_string();
+            for part in [
+                name.as_str(),
+                "one `ConsumerOptions` reused for two consumers",
+                "build a fresh `ConsumerOptions::default()` for each consumer",
+                "distinct `.consumer_name(..)`",
+            ] {
+                assert!(message.contains(part), "{part:?} in {message}");
+            }
             drop(first);
             env.transport
                 .consumer(&topic, "g", consumer_options(&name))

@@ -30,10 +30,13 @@ async fn connections_are_refused_while_the_app_is_built_then_served() {
         let backend = Backend::from_env().await;
         let mut config = test_config(&backend);
         // A port known in advance: the server's address is known only once it has started.
-        config.bind = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        // Held bound (not listening, with SO_REUSEADDR, as the server binds) until the server
+        // has it: a port merely picked and released could be handed to a parallel test's
+        // outgoing connection meanwhile, and the server's bind would fail.
+        let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+        reserved.set_reuseaddr(true).unwrap();
+        reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        config.bind = reserved.local_addr().unwrap();
         let addr = config.bind;
         // The build stops at the test's worker (blocking the thread that builds, which runs
         // nothing else meanwhile) while a prober connects; then it goes on.
@@ -65,6 +68,7 @@ async fn connections_are_refused_while_the_app_is_built_then_served() {
         )
         .await
         .expect("the server starts");
+        drop(reserved);
         match prober.join().unwrap() {
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
             Ok(_) => panic!("{addr} accepted a connection while the app was being built"),
