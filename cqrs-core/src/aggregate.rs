@@ -98,8 +98,13 @@ macro_rules! event_set {
 /// Keep what `apply` reads in the serialized form.
 ///
 /// ```
-/// # use cqrs_core::doc::{TicketOpened};
-/// use cqrs_core::{Aggregate, HandlerError, event_set};
+/// use cqrs_core::{Aggregate, Event, HandlerError, Message, event_set};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// pub struct TicketOpened { pub ticket_id: String }
+/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
+/// impl Event for TicketOpened {}
 ///
 /// event_set! { pub enum Events { Opened(TicketOpened) } }
 ///
@@ -323,21 +328,59 @@ fn decode_snapshot<A: Aggregate + DeserializeOwned>(
 /// Loads aggregates from an [`EventStore`], runs commands on them, and appends the events with
 /// the loaded version as the expected one.
 ///
+/// With the ticket of the [`Aggregate`] example:
+///
 /// ```
-/// # use cqrs_core::doc::{Ticket, TicketCommand};
-/// use cqrs_core::{AggregateRepository, Metadata, memory::InMemoryEventStore};
+/// use cqrs_core::memory::InMemoryEventStore;
+/// use cqrs_core::{Aggregate, AggregateRepository, Event, HandlerError, Message, Metadata, event_set};
+/// use serde::{Deserialize, Serialize};
 /// use std::sync::Arc;
 ///
-/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-/// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
-/// let committed = repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await?;
-/// assert_eq!(committed.records[0].stream_version, Some(1));
-/// assert!(committed.state.open);
-/// assert_eq!(repo.load("t1").await?.version, 1);
-/// // Opening again is refused by the aggregate.
-/// assert!(repo.execute("t1", None, TicketCommand::Open, &Metadata::new()).await.is_err());
-/// # Ok::<_, Box<dyn std::error::Error>>(())
-/// # }).unwrap();
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// pub struct TicketOpened { pub ticket_id: String }
+/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
+/// impl Event for TicketOpened {}
+///
+/// event_set! { pub enum Events { Opened(TicketOpened) } }
+///
+/// #[derive(Default)]
+/// struct Ticket { open: bool }
+///
+/// enum TicketCommand { Open { id: String } }
+///
+/// impl Aggregate for Ticket {
+///     const TYPE: &'static str = "ticket";
+///     type Event = Events;
+///     type Command = TicketCommand;
+///     type Error = HandlerError;
+///
+///     fn apply(&mut self, event: &Events) {
+///         match event { Events::Opened(_) => self.open = true }
+///     }
+///
+///     fn decide(&self, command: TicketCommand) -> Result<Vec<Events>, HandlerError> {
+///         match command {
+///             TicketCommand::Open { .. } if self.open => Err(HandlerError::conflict("already_open", "the ticket is open")),
+///             TicketCommand::Open { id } => Ok(vec![TicketOpened { ticket_id: id }.into()]),
+///         }
+///     }
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
+///     let open = || TicketCommand::Open { id: "t1".into() };
+///
+///     // Loads stream `ticket-t1` (empty), decides, appends at the loaded version.
+///     let committed = repo.execute("t1", None, open(), &Metadata::new()).await?;
+///     assert_eq!(committed.records[0].stream_version, Some(1));
+///     assert!(committed.state.open);
+///     assert_eq!(repo.load("t1").await?.version, 1);
+///
+///     // Opening again is refused by the aggregate.
+///     assert!(repo.execute("t1", None, open(), &Metadata::new()).await.is_err());
+///     Ok(())
+/// }
 /// ```
 pub struct AggregateRepository<A: Aggregate> {
     store: Arc<dyn EventStore>,

@@ -1330,6 +1330,79 @@ where
 ///
 /// Events of different keys are published to the bus concurrently (see [`ConsumeLoop`]:
 /// 8 at a time by default), events of one key in order.
+///
+/// It is a runtime [`Worker`]: give it to a [`Runtime`](crate::runtime::Runtime), next to the
+/// relay that feeds its topic (a [`StoreRelay`](crate::relay::StoreRelay), or an adapter's
+/// outbox relay). Here in one process, on the in-memory transport (a Redis stream transport
+/// across instances), with the event published by hand where a relay would ship it:
+///
+/// ```
+/// use cqrs_core::memory::InMemoryTransport;
+/// use cqrs_core::ports::{ConsumerOptions, EventTransport};
+/// use cqrs_core::projection::EventBusConsumer;
+/// use cqrs_core::runtime::Runtime;
+/// use cqrs_core::{
+///     Event, EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, HandlerError,
+///     Message, Metadata,
+/// };
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::time::Duration;
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// pub struct TicketOpened { pub ticket_id: String }
+/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
+/// impl Event for TicketOpened {}
+///
+/// /// Counts the tickets opened. Delivery is at least once: a handler with effects dedupes
+/// /// by the event's id, `ctx.metadata().message_id`.
+/// #[derive(Clone, Default)]
+/// struct NotifyAgents(Arc<AtomicUsize>);
+///
+/// #[cqrs_core::async_trait]
+/// impl EventHandler<TicketOpened> for NotifyAgents {
+///     async fn handle(&self, _event: &TicketOpened, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+///         self.0.fetch_add(1, Ordering::SeqCst);
+///         Ok(())
+///     }
+///
+///     fn name(&self) -> &str {
+///         "notify_agents"
+///     }
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let transport = Arc::new(InMemoryTransport::new());
+///     let notify = NotifyAgents::default();
+///     let events = EventBus::builder().handler(notify.clone()).build()?;
+///
+///     // Group `notifications` of topic `tickets` feeds the bus's handlers.
+///     let runtime = Runtime::builder()
+///         .worker(EventBusConsumer::new(
+///             events,
+///             transport.clone(),
+///             "tickets",
+///             "notifications",
+///             ConsumerOptions::default(),
+///         ))
+///         .start();
+///
+///     let opened = TicketOpened { ticket_id: "t1".into() };
+///     let record = EventRecord::from_envelope(&EventEnvelope::new(opened, Metadata::new()))?;
+///     transport.publish("tickets", &[record]).await?;
+///
+///     tokio::time::timeout(Duration::from_secs(5), async {
+///         while notify.0.load(Ordering::SeqCst) == 0 {
+///             tokio::time::sleep(Duration::from_millis(10)).await;
+///         }
+///     })
+///     .await?;
+///     runtime.shutdown(Duration::from_secs(5)).await?;
+///     Ok(())
+/// }
+/// ```
 pub struct EventBusConsumer {
     name: String,
     bus: EventBus,

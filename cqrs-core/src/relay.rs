@@ -101,6 +101,9 @@ enum PublishFailure {
     Refused(TransportError),
 }
 
+/// The `event_type` labels of the relays' metrics: 256 distinct names at most, then `other`.
+static EVENT_TYPE_LABELS: crate::record::TypeLabels<512> = crate::record::TypeLabels::new();
+
 /// Ships every event of an [`EventStore`], in global order, to a topic of an
 /// [`EventTransport`], recording how far it got as a checkpoint in a [`ProjectionStore`].
 ///
@@ -138,10 +141,95 @@ enum PublishFailure {
 /// `PgOutboxRelay` reads rows itself and skips it.
 ///
 /// Metrics (`metrics` facade, labels `relay` and `event_type`): `cqrs_events_published_total`,
-/// and `cqrs_events_skipped_total` (with `reason` = `refused`).
+/// and `cqrs_events_skipped_total` (with `reason` = `refused`). `event_type` is the type's
+/// name for the first 256 distinct names the process's relays ship, then `other` (and
+/// `invalid` for a name that does not look like a wire name): names come from storage, and
+/// ever new ones must not make ever new metric series.
 ///
 /// Servers whose events live in an event store without a separate outbox use this; an adapter
 /// may ship its own outbox relay instead.
+///
+/// A runtime [`Worker`]: run it next to the consumers of its topic, such as an
+/// [`EventBusConsumer`](crate::projection::EventBusConsumer) that hands the events to an
+/// [`EventBus`](crate::EventBus). Here all in one process, in memory:
+///
+/// ```
+/// use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryTransport};
+/// use cqrs_core::ports::{ConsumerOptions, EventStore};
+/// use cqrs_core::projection::EventBusConsumer;
+/// use cqrs_core::relay::StoreRelay;
+/// use cqrs_core::runtime::Runtime;
+/// use cqrs_core::{
+///     Event, EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, ExpectedVersion,
+///     HandlerError, Message, Metadata,
+/// };
+/// use serde::{Deserialize, Serialize};
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::time::Duration;
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// pub struct TicketOpened { pub ticket_id: String }
+/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
+/// impl Event for TicketOpened {}
+///
+/// #[derive(Clone, Default)]
+/// struct NotifyAgents(Arc<AtomicUsize>);
+///
+/// #[cqrs_core::async_trait]
+/// impl EventHandler<TicketOpened> for NotifyAgents {
+///     async fn handle(&self, _event: &TicketOpened, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+///         self.0.fetch_add(1, Ordering::SeqCst);
+///         Ok(())
+///     }
+///
+///     fn name(&self) -> &str {
+///         "notify_agents"
+///     }
+/// }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let store = Arc::new(InMemoryEventStore::new());
+///     let transport = Arc::new(InMemoryTransport::new());
+///     let notify = NotifyAgents::default();
+///     let events = EventBus::builder().handler(notify.clone()).build()?;
+///
+///     let runtime = Runtime::builder()
+///         // The store's events go to topic `tickets`; the relay keeps its checkpoint, under
+///         // its name `tickets-relay`, in the projection store.
+///         .worker(StoreRelay::new(
+///             "tickets-relay",
+///             store.clone(),
+///             Arc::new(InMemoryProjectionStore::new()),
+///             transport.clone(),
+///             "tickets",
+///         ))
+///         // Group `notifications` of that topic feeds the bus's handlers.
+///         .worker(EventBusConsumer::new(
+///             events,
+///             transport.clone(),
+///             "tickets",
+///             "notifications",
+///             ConsumerOptions::default(),
+///         ))
+///         .start();
+///
+///     // What a command appends (through an `AggregateRepository`, for instance).
+///     let opened = TicketOpened { ticket_id: "t1".into() };
+///     let record = EventRecord::from_envelope(&EventEnvelope::new(opened, Metadata::new()))?;
+///     store.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![record]).await?;
+///
+///     tokio::time::timeout(Duration::from_secs(5), async {
+///         while notify.0.load(Ordering::SeqCst) == 0 {
+///             tokio::time::sleep(Duration::from_millis(10)).await;
+///         }
+///     })
+///     .await?;
+///     runtime.shutdown(Duration::from_secs(5)).await?;
+///     Ok(())
+/// }
+/// ```
 pub struct StoreRelay<S: ProjectionStore> {
     name: String,
     events: Arc<dyn EventStore>,
@@ -291,7 +379,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         // Logged and counted once committed: a batch that fails earlier finds them again.
         let mut refused = pass.refused.into_iter().peekable();
         for (i, record) in handled.iter().enumerate() {
-            let event_type = crate::record::bounded_label(&record.event_type);
+            let event_type = EVENT_TYPE_LABELS.label(&record.event_type);
             if let Some((_, error)) = refused.next_if(|(r, _)| *r == i) {
                 tracing::error!(
                     relay = %self.name,

@@ -33,23 +33,86 @@ use tokio::sync::Notify;
 /// publish) does not make clients see its events twice. Events without a position are always
 /// pushed.
 ///
-/// ```
-/// # use cqrs_realtime::doc::{TicketRouting, TicketRules, tokens};
-/// use axum::Router;
-/// use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
-/// use cqrs_realtime::{Hub, HubOptions};
-/// use std::sync::{Arc, OnceLock};
+/// A hub for tickets: a principal made of the bearer token, rules for who sees which ticket,
+/// and a routing from event records to topics.
 ///
-/// let hub = Hub::builder(tokens())
-///     .authorizer(TicketRules)
-///     .routing(TicketRouting)
-///     .pubsub(Arc::new(InMemoryPubSub::new()))
-///     .event_store(Arc::new(InMemoryEventStore::new()))
-///     .options(HubOptions::new().max_subscriptions(8))
-///     .build()?;
-/// let app: Router = Router::new().route("/ws", hub.route());
-/// # let _ = app;
-/// # Ok::<_, cqrs_realtime::BuildError>(())
+/// ```
+/// use axum::Router;
+/// use cqrs_core::EventRecord;
+/// use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
+/// use cqrs_realtime::{
+///     AuthenticateFn, Authorizer, BuildError, EventRouting, Hub, HubOptions, PushedEvent,
+///     Refusal, Routed, Topic, Unauthenticated,
+/// };
+/// use std::sync::Arc;
+///
+/// /// The principal: who is connected.
+/// #[derive(Clone, Debug)]
+/// struct User { id: String, agent: bool }
+///
+/// /// Tokens `agent-<id>` and `user-<id>`; a real server checks a JWT or a session here.
+/// async fn authenticate(token: String) -> Result<User, Unauthenticated> {
+///     if let Some(id) = token.strip_prefix("agent-") {
+///         Ok(User { id: id.to_owned(), agent: true })
+///     } else if let Some(id) = token.strip_prefix("user-") {
+///         Ok(User { id: id.to_owned(), agent: false })
+///     } else {
+///         Err(Unauthenticated::new("invalid token"))
+///     }
+/// }
+///
+/// /// Anyone may follow `tickets` and sees the tickets they reported there; agents may follow
+/// /// one ticket (`ticket:<id>`) and see everything.
+/// struct TicketRules;
+///
+/// #[cqrs_realtime::async_trait]
+/// impl Authorizer<User> for TicketRules {
+///     async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+///         match topic.family() {
+///             "tickets" => Ok(()),
+///             _ if user.agent => Ok(()),
+///             _ => Err(Refusal::forbidden("only agents may follow one ticket")),
+///         }
+///     }
+///
+///     fn may_see(&self, user: &User, _topic: &Topic, event: &PushedEvent) -> bool {
+///         user.agent || event.routing_str("reporter_id") == Some(user.id.as_str())
+///     }
+/// }
+///
+/// /// Topics `tickets` and `ticket:<id>`, both carried on one pub/sub channel, `tickets`; the
+/// /// routing field `reporter_id` is what `may_see` reads.
+/// struct TicketRouting;
+///
+/// impl EventRouting for TicketRouting {
+///     fn channel(&self, topic: &Topic) -> Option<String> {
+///         matches!((topic.family(), topic.key()), ("tickets", None) | ("ticket", Some(_)))
+///             .then(|| "tickets".to_owned())
+///     }
+///
+///     fn route(&self, record: &EventRecord) -> Option<Routed> {
+///         let id = record.payload["ticket_id"].as_str()?;
+///         Some(
+///             Routed::new(serde_json::json!({ "type": record.event_type, "ticket_id": id }))
+///                 .topic(Topic::parse("tickets").ok()?)
+///                 .topic(Topic::with_key("ticket", id).ok()?)
+///                 .routing("reporter_id", record.payload["reporter_id"].clone()),
+///         )
+///     }
+/// }
+///
+/// fn main() -> Result<(), BuildError> {
+///     let hub = Hub::builder(AuthenticateFn::new(authenticate))
+///         .authorizer(TicketRules)
+///         .routing(TicketRouting)
+///         .pubsub(Arc::new(InMemoryPubSub::new()))
+///         .event_store(Arc::new(InMemoryEventStore::new()))
+///         .options(HubOptions::new().max_subscriptions(8))
+///         .build()?;
+///     let app: Router = Router::new().route("/ws", hub.route());
+///     # let _ = app;
+///     Ok(())
+/// }
 /// ```
 pub struct Hub<P> {
     pub(crate) inner: Arc<HubInner<P>>,
@@ -460,7 +523,11 @@ impl<P: Send + Sync + 'static> Hub<P> {
     }
 }
 
-/// Builds a [`Hub`]; see [`Hub::builder`].
+/// Builds a [`Hub`]: [`Hub::builder`] with an [`Authenticator`], then an
+/// [`authorizer`](Self::authorizer), a [`routing`](Self::routing) and a
+/// [`pubsub`](Self::pubsub), which are required, and whichever of the other settings apply.
+/// [`build`](Self::build) lists every problem at once. The [`Hub`] example builds one
+/// completely, with its authenticate function, authorizer and routing.
 pub struct HubBuilder<P> {
     authenticator: Arc<dyn Authenticator<Principal = P>>,
     authorizer: Option<Arc<dyn Authorizer<P>>>,

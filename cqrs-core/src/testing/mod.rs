@@ -1,11 +1,12 @@
 //! Conformance suites for every port, and helpers for testing code built on the core.
 //!
-//! Enabled by the `testing` feature; add it in `[dev-dependencies]`:
+//! Enabled by the `testing` feature; add it in `[dev-dependencies]`, with tokio as a
+//! dependency of the test crate's own (the suites' macros expand to `#[::tokio::test]`):
 //!
 //! ```toml
 //! [dev-dependencies]
-//! cqrs-core = { version = "0.1", features = ["testing"] }
-//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! cqrs-core = { path = "../cqrs/cqrs-core", features = ["testing"] }   # not published yet
+//! tokio = { version = "1.47", features = ["macros", "rt-multi-thread"] }
 //! ```
 //!
 //! # Conformance suites
@@ -18,9 +19,53 @@
 //! schema, stream, topic, group and channel name the harness makes, so tests run in parallel
 //! against one server and a log can be grepped by it.
 //!
-//! ```ignore
-//! async fn harness(test_id: String) -> Option<MyStoreHarness> { MyStoreHarness::new(&test_id).await }
-//! cqrs_core::event_store_conformance!(harness);
+//! A test file of an adapter's crate (`tests/snapshot_store.rs`), here for the in-memory
+//! snapshot store. The test crate needs tokio with the `macros` and `rt-multi-thread`
+//! features, since the macro's tests are `#[tokio::test]`s; `cargo test` runs them, one test
+//! a scenario. The `main` is only there so this example runs as it is: a scenario is a plain
+//! `async fn`, which can also be called by hand.
+//!
+//! ```
+//! use cqrs_core::memory::InMemorySnapshotStore;
+//! use cqrs_core::ports::SnapshotStore;
+//! use cqrs_core::testing::Harness;
+//! use cqrs_core::testing::snapshot_store::{self, SnapshotStoreHarness};
+//! use std::sync::Arc;
+//!
+//! /// One fresh store per test. A store on a server would also keep `test_id` to name what
+//! /// it creates, and drop that in `teardown`.
+//! struct MyStoreHarness {
+//!     test_id: String,
+//!     store: InMemorySnapshotStore,
+//! }
+//!
+//! impl Harness for MyStoreHarness {
+//!     fn test_id(&self) -> &str {
+//!         &self.test_id
+//!     }
+//! }
+//!
+//! impl SnapshotStoreHarness for MyStoreHarness {
+//!     fn store(&self) -> Arc<dyn SnapshotStore> {
+//!         Arc::new(self.store.clone())
+//!     }
+//! }
+//!
+//! /// `None` skips the test (after saying why: its server is unreachable). Memory is always there.
+//! async fn harness(test_id: String) -> Option<MyStoreHarness> {
+//!     Some(MyStoreHarness { test_id, store: InMemorySnapshotStore::default() })
+//! }
+//!
+//! // One `#[tokio::test]` per scenario of the snapshot store suite.
+//! cqrs_core::snapshot_store_conformance!(harness);
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let h = harness(cqrs_core::testing::test_id("by_hand")).await.unwrap();
+//!     snapshot_store::the_latest_snapshot_is_loaded_whole(&h).await;
+//!     snapshot_store::an_older_or_equal_snapshot_is_ignored(&h).await;
+//!     h.teardown().await;
+//! }
 //! ```
 //!
 //! Scenarios skip or relax by the capabilities a harness declares, and assertions name the
