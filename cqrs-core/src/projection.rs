@@ -429,12 +429,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Some(after) => Some(events.read_all(after, self.batch).await?),
                 None => None,
             };
-            let mut unit = self.store.begin(&self.name).await?;
-            let after = self
-                .store
-                .checkpoint(&mut unit, &self.name)
-                .await?
-                .unwrap_or(Position::START);
+            let (unit, after) = self.begin_at_checkpoint().await?;
             *self.lock_read_from() = Some(after);
             if let Some(records) = records
                 && seen == Some(after)
@@ -445,14 +440,20 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         // The checkpoint kept moving under this runner (other instances are faster): read
         // inside the unit this once, so the step makes progress.
+        let (unit, after) = self.begin_at_checkpoint().await?;
+        let records = events.read_all(after, self.batch).await?;
+        self.apply_batch(unit, &records).await
+    }
+
+    /// A unit of work (holding the projection's lock) and the checkpoint it reads.
+    async fn begin_at_checkpoint(&self) -> Result<(S::Unit, Position), ProjectionError> {
         let mut unit = self.store.begin(&self.name).await?;
         let after = self
             .store
             .checkpoint(&mut unit, &self.name)
             .await?
             .unwrap_or(Position::START);
-        let records = events.read_all(after, self.batch).await?;
-        self.apply_batch(unit, &records).await
+        Ok((unit, after))
     }
 
     /// Applies `records` (read after the unit's checkpoint) in `unit`, moves the checkpoint

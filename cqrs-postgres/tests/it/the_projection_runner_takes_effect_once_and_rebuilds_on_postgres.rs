@@ -89,15 +89,20 @@ async fn open(db: &PgDatabase, id: &str, title: &str) {
         .unwrap();
 }
 
+/// `OpenedCount`'s table, at zero.
+async fn create_read_model(db: &PgDatabase) {
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE TABLE \"{0}\".opened (n bigint NOT NULL); INSERT INTO \"{0}\".opened VALUES (0)",
+        db.schema()
+    )))
+    .execute(db.pool())
+    .await
+    .expect("create the read model");
+}
+
 pg_test! {
     async fn a_projection_applies_each_event_once_and_rebuilds_while_the_live_runner_waits(db: PgDatabase) {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE TABLE \"{0}\".opened (n bigint NOT NULL); INSERT INTO \"{0}\".opened VALUES (0)",
-            db.schema()
-        )))
-        .execute(db.pool())
-        .await
-        .expect("create the read model");
+        create_read_model(&db).await;
         let mut types = EventTypes::new();
         types.register::<TicketOpened>();
         let types = Arc::new(types);
@@ -176,13 +181,7 @@ pg_test! {
     /// with: on a pool of one connection it makes progress (reading inside the unit, it
     /// waited for a second connection until the pool's acquire timeout, every batch).
     async fn a_runner_needs_one_connection_at_a_time(db: PgDatabase) {
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "CREATE TABLE \"{0}\".opened (n bigint NOT NULL); INSERT INTO \"{0}\".opened VALUES (0)",
-            db.schema()
-        )))
-        .execute(db.pool())
-        .await
-        .expect("create the read model");
+        create_read_model(&db).await;
         let one = PgOptions::new(database_url())
             .schema(db.schema())
             .max_connections(1)
