@@ -504,7 +504,8 @@ mod tests {
     /// the I/O error).
     #[tokio::test]
     async fn a_failed_connect_says_where_it_went() {
-        let url = "postgres://app:s3cret@127.0.0.1:1/orders";
+        // `sslmode=disable`: a `PGSSLMODE` in the environment would otherwise apply.
+        let url = "postgres://app:s3cret@127.0.0.1:1/orders?sslmode=disable";
         let message = |options: PgOptions| async move {
             match options
                 .acquire_timeout(Duration::from_millis(300))

@@ -147,16 +147,21 @@ impl ProjectionStore for PgProjectionStore {
     /// millions of entries runs statements that each stay inside a `statement_timeout`, and
     /// still forgets all or nothing.
     async fn reset(&self, unit: &mut PgProjectionUnit, consumer: &str) -> Result<(), StoreError> {
+        // From the smallest id on (the nil UUID sorts first), then from where each batch
+        // ended.
+        let mut from = uuid::Uuid::nil();
         loop {
-            let deleted = sqlx::query(AssertSqlSafe(self.db.sql.consumer_reset.clone()))
-                .bind(consumer)
-                .bind(crate::sql::PURGE_BATCH)
-                .execute(&mut *unit.tx)
-                .await
-                .map_err(store_error)?
-                .rows_affected();
-            if deleted < crate::sql::PURGE_BATCH as u64 {
-                return Ok(());
+            let (deleted, last): (i64, Option<uuid::Uuid>) =
+                sqlx::query_as(AssertSqlSafe(self.db.sql.consumer_reset.clone()))
+                    .bind(consumer)
+                    .bind(crate::sql::PURGE_BATCH)
+                    .bind(from)
+                    .fetch_one(&mut *unit.tx)
+                    .await
+                    .map_err(store_error)?;
+            match last {
+                Some(last) if deleted >= crate::sql::PURGE_BATCH => from = last,
+                _ => return Ok(()),
             }
         }
     }

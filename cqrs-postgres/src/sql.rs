@@ -262,13 +262,20 @@ impl Sql {
             )),
             // A batch of the consumer's inbox at a time ($2), like the purges: a rebuild runs
             // it until fewer come back, in its unit, so a large inbox is forgotten in
-            // statements that each finish inside a `statement_timeout`. The checkpoint goes
-            // with the first batch (the later ones find none): a small inbox costs one round
-            // trip. Reports the inbox entries it deleted.
+            // statements that each finish inside a `statement_timeout`. Each batch starts at
+            // the message id the previous one ended at ($3, by the primary key): the entries
+            // deleted earlier in the same transaction are still in the index until it
+            // commits, and a scan from the start would walk past all of them every time. The
+            // checkpoint goes with the first batch (the later ones find none): a small inbox
+            // costs one round trip. Returns how many entries it deleted and the last id.
             consumer_reset: f(format!(
-                "WITH forgotten AS (DELETE FROM {s}.checkpoints WHERE consumer = $1) \
-                 DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id IN ( \
-                 SELECT message_id FROM {s}.inbox WHERE consumer = $1 LIMIT $2)"
+                "WITH forgotten AS (DELETE FROM {s}.checkpoints WHERE consumer = $1), \
+                 batch AS (SELECT message_id FROM {s}.inbox WHERE consumer = $1 \
+                 AND message_id >= $3 ORDER BY message_id LIMIT $2), \
+                 deleted AS (DELETE FROM {s}.inbox WHERE consumer = $1 \
+                 AND message_id IN (SELECT message_id FROM batch) RETURNING message_id) \
+                 SELECT (SELECT count(*) FROM deleted), \
+                 (SELECT message_id FROM deleted ORDER BY message_id DESC LIMIT 1)"
             )),
             inbox_purge: f(format!(
                 "DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id IN ( \

@@ -56,34 +56,41 @@ impl fmt::Debug for ConnectionOptions {
     }
 }
 
-/// `url` as it may be shown: the password in the user info (`user:***@`; a user info without
-/// `:` is hidden whole, as it may be a password put in the wrong place) and in query
-/// parameters whose name holds `password` (`sentinelPassword`) replaced by `***`. Works on
-/// URLs that do not parse, as an error shows them: everything up to the last `@` is taken
-/// for the user info.
+/// `url` as it may be shown: the password in the user info replaced (`user:***@`; a user
+/// name without a password is hidden whole, as it may be a password put in the wrong place)
+/// and in query parameters whose name holds `password` (`sentinelPassword=***`). A URL that
+/// does not parse is not shown past its scheme: where its user info ends cannot be told (a
+/// password may hold `/`, `@` or `:`), so no part of it is safe to show.
 pub(crate) fn redacted_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(at) => url.split_at(at + 3),
-        None => ("", url),
+    let Ok(parsed) = url::Url::parse(url) else {
+        let scheme = url
+            .split_once("://")
+            .map_or(String::new(), |(scheme, _)| format!("{scheme}://"));
+        return format!("{scheme}(not shown: it does not parse, and may hold a password)");
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = match userinfo.split_once(':') {
-                Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:***"),
-                _ => "***".to_owned(),
-            };
-            format!("{scheme}{user}@{}", redacted_query(host))
-        }
-        None => format!("{scheme}{}", redacted_query(rest)),
+    let mut shown = format!("{}://", parsed.scheme());
+    match (parsed.username(), parsed.password()) {
+        ("", None) => {}
+        (user, Some(_)) => shown.push_str(&format!("{user}:***@")),
+        (_, None) => shown.push_str("***@"),
     }
+    if let Some(host) = parsed.host_str() {
+        shown.push_str(host);
+    }
+    if let Some(port) = parsed.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(parsed.path());
+    if let Some(query) = parsed.query() {
+        shown.push('?');
+        shown.push_str(&redacted_query(query));
+    }
+    shown
 }
 
-/// `rest` with the value of every query parameter whose name holds `password` replaced.
-fn redacted_query(rest: &str) -> String {
-    let Some((before, query)) = rest.split_once('?') else {
-        return rest.to_owned();
-    };
-    let query = query
+/// `query` with the value of every parameter whose name holds `password` replaced.
+fn redacted_query(query: &str) -> String {
+    query
         .split('&')
         .map(|pair| match pair.split_once('=') {
             Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
@@ -92,8 +99,7 @@ fn redacted_query(rest: &str) -> String {
             _ => pair.to_owned(),
         })
         .collect::<Vec<_>>()
-        .join("&");
-    format!("{before}?{query}")
+        .join("&")
 }
 
 /// Whether `url` asks for TLS: `rediss://` or `valkeys://`, and their `-cluster` and
@@ -677,17 +683,20 @@ mod tests {
         for (url, shown) in [
             (
                 "redis://admin:s3cret@127.0.0.1:notaport",
-                "redis://admin:***@127.0.0.1:notaport",
+                "redis://(not shown: it does not parse, and may hold a password)",
             ),
             (
                 "redis://admin:s3/cret@127.0.0.1:6379",
-                "redis://admin:***@127.0.0.1:6379",
+                "redis://(not shown: it does not parse, and may hold a password)",
+            ),
+            (
+                "redis://admin:s3cret:127.0.0.1",
+                "redis://(not shown: it does not parse, and may hold a password)",
             ),
             (
                 "redis://:s3cret@127.0.0.1:6379/x/y",
                 "redis://:***@127.0.0.1:6379/x/y",
             ),
-            ("redis:admin:s3cret@127.0.0.1", "redis:***@127.0.0.1"),
         ] {
             let mut problems = Vec::new();
             ConnectionOptions::new(url).problems(&mut problems);
@@ -740,7 +749,14 @@ mod tests {
                 "redis-cluster://u:pw@a:30001?node=b:30002",
                 "redis-cluster://u:***@a:30001?node=b:30002",
             ),
-            ("not a url", "not a url"),
+            (
+                "redis-sentinel://:pw@a:26379/0?sentinelServiceName=m&sentinelPassword=pw2@yz",
+                "redis-sentinel://:***@a:26379/0?sentinelServiceName=m&sentinelPassword=***",
+            ),
+            (
+                "not a url",
+                "(not shown: it does not parse, and may hold a password)",
+            ),
         ] {
             assert_eq!(redacted_url(url), shown);
         }
