@@ -40,12 +40,22 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         read: 0,
         sent: 0,
         flushed: BTreeSet::new(),
+        since_in_log: since == Position::START,
     };
     let failure = loop {
         match replay.read_up().await {
             Ok(()) => {}
             Err(End::Closed) => return hub.metrics.replayed(replay.sent),
-            Err(End::Failed(message)) => break Some(message),
+            Err(End::Failed(message)) => {
+                // Failed before any read showed `since` is in the log: it may be past the end
+                // (a reset log), and going live from it would drop every live event up to it
+                // without a word. Live from the start instead: at worst a held event the
+                // client had comes again, after it was told the resume failed.
+                if !replay.since_in_log {
+                    replay.cursor = Position::START;
+                }
+                break Some(message);
+            }
         }
         match replay.flush(true).await {
             Flush::Live => break None,
@@ -94,6 +104,8 @@ struct Replay<'a, P> {
     sent: u64,
     /// Positions above the cursor already sent from the hold buffer: a later read skips them.
     flushed: BTreeSet<Position>,
+    /// A read showed that `since` is in the log (an event follows it, or is at it).
+    since_in_log: bool,
 }
 
 impl<P: Send + Sync + 'static> Replay<'_, P> {
@@ -116,6 +128,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             if batch.is_empty() && self.read == 0 && self.cursor > Position::START {
                 self.check_within_log().await?;
             }
+            self.since_in_log = true;
             let caught_up = batch.len() < want;
             for record in &batch {
                 self.read += 1;
@@ -364,6 +377,8 @@ mod tests {
         inner: InMemoryEventStore,
         visible: AtomicU64,
         blind: AtomicUsize,
+        /// The next reads that fail (the log unavailable).
+        failing: AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -386,6 +401,15 @@ mod tests {
             after: Position,
             limit: usize,
         ) -> Result<Vec<EventRecord>, StoreError> {
+            let failing = self
+                .failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return Err(StoreError::Unavailable {
+                    backend: "test",
+                    source: "down".into(),
+                });
+            }
             let blind = self
                 .blind
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -419,6 +443,7 @@ mod tests {
                 inner: InMemoryEventStore::new(),
                 visible: AtomicU64::new(u64::MAX),
                 blind: AtomicUsize::new(0),
+                failing: AtomicUsize::new(0),
             });
             let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
                 Err::<(), _>(Unauthenticated::new("not used"))
@@ -550,6 +575,32 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::task::yield_now().await;
         }
+    }
+
+    /// A replay whose first read fails, before any read showed `since` is in the log, goes
+    /// live from the start: with `since` past the end of a reset log, going live there
+    /// dropped every live event up to it, after a `resume_failed` that says live events
+    /// follow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_failing_before_its_first_read_drops_no_live_event() {
+        let f = Fixture::new(HubOptions::new(), 64, 64);
+        for n in 1..=3 {
+            f.store(n).await;
+        }
+        f.store.failing.store(1, Ordering::SeqCst);
+        f.replay(5000).await.unwrap();
+        let Some(Outgoing::Frame(frame)) = f.conn.queue.try_pop() else {
+            panic!("no frame after the failed replay");
+        };
+        let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        assert_eq!(frame["code"], "resume_failed", "{frame}");
+        assert!(f.conn.queue.try_pop().is_none());
+        let fourth = f.store(4).await;
+        f.publish(&fourth);
+        assert!(
+            matches!(f.conn.queue.try_pop(), Some(Outgoing::Frame(_))),
+            "the live event at position 4 was dropped as covered by `since` 5000"
+        );
     }
 
     /// Live events overflow the hold buffer while the held ones are being flushed at the
