@@ -220,37 +220,31 @@ impl RecordMetadata {
 
 /// Metric labels for event type names, which come from storage and may be anything: a name
 /// becomes a label only if it looks like a wire name and is short (else `invalid`), and only
-/// the first [`CAP`](Self::CAP) distinct such names do; later ones share the label `other`.
-/// So neither a bad record nor a producer writing ever new names (`E1`, `E2`, ...) makes
-/// unbounded metric series.
-///
-/// Thread-safe without a lock on the normal path: a name already kept is found with atomic
-/// loads (an open-addressing table of `OnceLock`s, twice as many slots as names kept, so a
-/// probe always ends at an empty slot). Names are never forgotten, so a name keeps its label.
-/// Under a race for the last free places a name may get `other` once and its own label later.
-pub(crate) struct TypeLabels<const SLOTS: usize> {
-    slots: [std::sync::OnceLock<Box<str>>; SLOTS],
-    kept: std::sync::atomic::AtomicUsize,
+/// the first `CAP` distinct such names do; later ones share the label `other`. So neither a
+/// bad record nor a producer writing ever new names (`E1`, `E2`, ...) makes unbounded metric
+/// series. Names are never forgotten, so a name keeps its label; a name already kept is found
+/// under the read lock, shared by every caller.
+pub(crate) struct TypeLabels<const CAP: usize> {
+    kept: std::sync::RwLock<std::collections::BTreeSet<Box<str>>>,
 }
 
 /// The label of the event type names past a [`TypeLabels`]' cap.
 pub(crate) const OTHER_TYPE_LABEL: &str = "other";
 
-impl<const SLOTS: usize> TypeLabels<SLOTS> {
-    /// How many distinct names keep a label of their own.
-    pub(crate) const CAP: usize = SLOTS / 2;
+impl<const CAP: usize> TypeLabels<CAP> {
+    /// How many distinct names keep a label of their own (for the tests: the code uses
+    /// `CAP` itself).
+    #[cfg(test)]
+    pub(crate) const CAP: usize = CAP;
 
     pub(crate) const fn new() -> Self {
         Self {
-            slots: [const { std::sync::OnceLock::new() }; SLOTS],
-            kept: std::sync::atomic::AtomicUsize::new(0),
+            kept: std::sync::RwLock::new(std::collections::BTreeSet::new()),
         }
     }
 
     /// The label for `name`: itself, `invalid`, or [`OTHER_TYPE_LABEL`].
     pub(crate) fn label(&self, name: &str) -> String {
-        use std::hash::BuildHasher;
-        use std::sync::atomic::Ordering::Relaxed;
         let wire_like = name.len() <= 64
             && name
                 .chars()
@@ -258,34 +252,21 @@ impl<const SLOTS: usize> TypeLabels<SLOTS> {
         if !wire_like {
             return "invalid".to_owned();
         }
-        let hash =
-            std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().hash_one(name);
-        // The remainder is below SLOTS: it fits a usize.
-        let start = (hash % SLOTS as u64) as usize;
-        for i in 0..SLOTS {
-            let slot = &self.slots[(start + i) % SLOTS];
-            if let Some(kept) = slot.get() {
-                if **kept == *name {
-                    return name.to_owned();
-                }
-                continue;
-            }
-            // A free slot: the name is not kept (none is ever removed, so a kept name sits
-            // before the first free slot of its probe). Keep it if the cap allows.
-            if self.kept.fetch_add(1, Relaxed) >= Self::CAP {
-                self.kept.fetch_sub(1, Relaxed);
-                return OTHER_TYPE_LABEL.to_owned();
-            }
-            if slot.set(name.into()).is_ok() {
-                return name.to_owned();
-            }
-            // Another thread took the slot first, maybe for this very name.
-            self.kept.fetch_sub(1, Relaxed);
-            if slot.get().is_some_and(|kept| **kept == *name) {
-                return name.to_owned();
-            }
+        if self
+            .kept
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+        {
+            return name.to_owned();
         }
-        OTHER_TYPE_LABEL.to_owned()
+        let mut kept = self.kept.write().unwrap_or_else(|p| p.into_inner());
+        // Looked at again under the write lock: another caller may have kept it meanwhile.
+        if kept.contains(name) || (kept.len() < CAP && kept.insert(name.into())) {
+            name.to_owned()
+        } else {
+            OTHER_TYPE_LABEL.to_owned()
+        }
     }
 }
 

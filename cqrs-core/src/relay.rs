@@ -102,7 +102,7 @@ enum PublishFailure {
 }
 
 /// The `event_type` labels of the relays' metrics: 256 distinct names at most, then `other`.
-static EVENT_TYPE_LABELS: crate::record::TypeLabels<512> = crate::record::TypeLabels::new();
+static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLabels::new();
 
 /// Ships every event of an [`EventStore`], in global order, to a topic of an
 /// [`EventTransport`], recording how far it got as a checkpoint in a [`ProjectionStore`].
