@@ -119,23 +119,47 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
 /// connect (`target`: host, port and database, never the password).
 pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
     let class = classify(&error);
+    let advice = match error {
+        _ if is_tls_failure(&error) => {
+            "check that the server accepts TLS, that a CA this client trusts signed its \
+             certificate (the one in the URL's sslrootcert, else the system's root \
+             certificates), and, with sslmode=verify-full, that the certificate names the URL's \
+             host"
+        }
+        _ => {
+            "check that the server runs there and that the URL's host, port, database and \
+             credentials are right"
+        }
+    };
     store_error_from_class(
         class,
         Box::new(ConnectFailed {
             target,
+            advice,
             source: error,
         }),
     )
 }
 
+/// Whether `error` is a failed TLS handshake: sqlx's own TLS error, or what rustls reported
+/// during the handshake (a refused certificate), which sqlx passes on as an I/O error.
+fn is_tls_failure(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Tls(_) => true,
+        #[cfg(feature = "tls")]
+        sqlx::Error::Io(io) => io
+            .get_ref()
+            .is_some_and(|inner| inner.is::<rustls::Error>()),
+        _ => false,
+    }
+}
+
 /// A connect that failed, and where it went.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "could not connect to {target}: {source}; check that the server runs there and that the \
-     URL's host, port, database and credentials are right"
-)]
+#[error("could not connect to {target}: {source}; {advice}")]
 struct ConnectFailed {
     target: String,
+    advice: &'static str,
     #[source]
     source: sqlx::Error,
 }

@@ -229,14 +229,14 @@ impl PgOptions {
                 );
                 None
             }
-            Ok(o) if wants_tls(o.get_ssl_mode()) => {
+            Ok(o) if wants_tls(o.get_ssl_mode()) && !cfg!(feature = "tls") => {
                 problems.push(format!(
-                    "the database URL (or PGSSLMODE) asks for TLS with sslmode={}, but this \
-                     version of cqrs-postgres is built without TLS support: connect without \
-                     TLS on a private network (sslmode=disable or prefer, or no sslmode), or \
-                     terminate TLS in a local proxy (such as stunnel) and connect to it; TLS \
-                     support is a planned feature",
-                    ssl_mode_name(o.get_ssl_mode())
+                    "the database URL (or PGSSLMODE) asks for TLS with sslmode={}, but \
+                     cqrs-postgres is built without its `tls` feature: enable it (add \
+                     `features = [\"tls\"]` to the cqrs-postgres dependency in Cargo.toml), \
+                     or connect without TLS on a private network (sslmode=disable or prefer, \
+                     or no sslmode)",
+                    ssl_mode_name(o.get_ssl_mode()),
                 ));
                 None
             }
@@ -401,8 +401,8 @@ impl PgOptions {
     }
 }
 
-/// Whether `mode` insists on TLS, which this build cannot do (`prefer` and `allow` fall back
-/// to a plain connection).
+/// Whether `mode` insists on TLS, which a build without the `tls` feature cannot do
+/// (`prefer` and `allow` fall back to a plain connection).
 fn wants_tls(mode: PgSslMode) -> bool {
     matches!(
         mode,
@@ -466,24 +466,27 @@ mod tests {
         assert_eq!(timed.get_options(), Some("-c statement_timeout=5000"));
     }
 
-    /// A URL that insists on TLS is refused as invalid options (it failed at connect as a
-    /// retryable `Unavailable`), saying this build has no TLS and what to do; the modes that
-    /// fall back to a plain connection stay accepted.
+    /// Without the `tls` feature a URL that insists on TLS is refused as invalid options (it
+    /// failed at connect as a retryable `Unavailable`), saying how to turn TLS on; with it,
+    /// every mode is accepted. The modes that fall back to a plain connection are accepted
+    /// either way.
     #[test]
-    fn an_sslmode_that_insists_on_tls_is_refused_saying_what_to_do() {
+    fn an_sslmode_that_insists_on_tls_needs_the_tls_feature() {
         let url = "postgres://app:s3cret@db.internal:5432/app";
         for mode in ["require", "verify-ca", "verify-full", "REQUIRE"] {
-            let error = PgOptions::new(format!("{url}?sslmode={mode}"))
-                .validate()
-                .unwrap_err();
+            let result = PgOptions::new(format!("{url}?sslmode={mode}")).validate();
+            if cfg!(feature = "tls") {
+                assert!(result.is_ok(), "sslmode={mode}: {result:?}");
+                continue;
+            }
+            let error = result.unwrap_err();
             assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
             let message = error.to_string();
             for part in [
                 &format!("asks for TLS with sslmode={}", mode.to_ascii_lowercase()),
-                "built without TLS support",
+                "built without its `tls` feature",
+                "features = [\"tls\"]",
                 "sslmode=disable or prefer",
-                "local proxy (such as stunnel)",
-                "TLS support is a planned feature",
             ] {
                 assert!(message.contains(part), "{part:?} in {message}");
             }

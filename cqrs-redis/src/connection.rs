@@ -31,12 +31,16 @@ pub(crate) fn builder(
     options: &ConnectionOptions,
     broadcast_capacity: usize,
 ) -> Result<Builder, ConnectError> {
-    let config = Config::from_url(&options.url).map_err(|e| ConnectError::Invalid {
+    let url = crate::options::plain_scheme_url(&options.url);
+    let config = Config::from_url(&url).map_err(|e| ConnectError::Invalid {
         problems: vec![format!(
             "url `{}` is not a redis url: {e}",
             crate::options::redacted_url(&options.url)
         )],
     })?;
+    // Without the feature, `connect` refused the TLS URL before this.
+    #[cfg(feature = "tls")]
+    let config = crate::tls::applied(config, options)?;
     let mut builder = Builder::from_config(config);
     builder
         .with_config(|config| {
@@ -177,8 +181,38 @@ where
 /// A connected client.
 pub(crate) async fn client(options: &ConnectionOptions) -> Result<Client, ConnectError> {
     let client = builder(options, 32)?.build().map_err(transport_error)?;
-    client.init().await.map_err(transport_error)?;
+    client.init().await.map_err(|e| init_error(options, e))?;
     Ok(client)
+}
+
+/// Why the first connection failed: a refused TLS handshake says so and what to check (fred
+/// reports it as an I/O error, which would read as a server that is away), anything else
+/// maps as usual.
+#[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> ConnectError {
+    #[cfg(feature = "tls")]
+    if let Some(reason) = crate::tls::failure(&error)
+        && crate::options::asks_for_tls(&options.url)
+    {
+        return ConnectError::Tls {
+            server: server_of(&options.url),
+            reason,
+        };
+    }
+    transport_error(error).into()
+}
+
+/// `host:port` of `url`, for messages (never the credentials).
+#[cfg(feature = "tls")]
+fn server_of(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => format!(
+            "{}:{}",
+            parsed.host_str().unwrap_or("?"),
+            parsed.port().unwrap_or(6379)
+        ),
+        Err(_) => "(the URL's server)".to_owned(),
+    }
 }
 
 /// A connected subscriber client, whose message channel buffers `capacity` messages.
@@ -189,7 +223,7 @@ pub(crate) async fn subscriber(
     let client = builder(options, capacity.max(32))?
         .build_subscriber_client()
         .map_err(transport_error)?;
-    client.init().await.map_err(transport_error)?;
+    client.init().await.map_err(|e| init_error(options, e))?;
     Ok(client)
 }
 

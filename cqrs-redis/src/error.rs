@@ -26,6 +26,20 @@ pub enum ConnectError {
         /// The oldest version that works.
         required: &'static str,
     },
+    /// The TLS handshake failed: the server's certificate was refused (signed by a CA this
+    /// client does not trust, or not naming the URL's host), or the server does not speak TLS
+    /// on that port. Fix the configuration (`tls_ca_file`, the URL); retrying does not help.
+    #[error(
+        "TLS to redis at {server} failed: {reason}; check that the server speaks TLS on that \
+         port, that a CA this client trusts signed its certificate (the one in tls_ca_file, \
+         else the system's root certificates), and that the certificate names the URL's host"
+    )]
+    Tls {
+        /// The server, `host:port`.
+        server: String,
+        /// What the TLS library reported.
+        reason: String,
+    },
     /// The server could not be reached or refused a setup command. Retryable when its
     /// [`kind`](TransportError::kind) is `Unavailable` or `Timeout`.
     #[error(transparent)]
@@ -33,13 +47,13 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// The class of this error: `Invalid` for bad options and old servers, else the class of the
-    /// Redis error.
+    /// The class of this error: `Invalid` for bad options, old servers and refused TLS
+    /// handshakes, else the class of the Redis error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ConnectError::Invalid { .. } | ConnectError::UnsupportedServer { .. } => {
-                ErrorKind::Invalid
-            }
+            ConnectError::Invalid { .. }
+            | ConnectError::UnsupportedServer { .. }
+            | ConnectError::Tls { .. } => ErrorKind::Invalid,
             ConnectError::Redis(e) => e.kind(),
         }
     }

@@ -62,7 +62,11 @@
 //!
 //! # Features
 //!
-//! This crate has no feature flags. It needs Redis 7.0 or later, checked at connect.
+//! * `tls` (off by default): TLS connections for `rediss://` URLs, with rustls and ring,
+//!   trusting the system's root certificates or
+//!   [`ConnectionOptions::tls_ca_file`]. Without it a TLS URL is refused at connect.
+//!
+//! It needs Redis 7.0 or later, checked at connect.
 
 #![deny(missing_docs)]
 
@@ -77,6 +81,8 @@ mod options;
 mod pubsub;
 mod scripts;
 mod stats;
+#[cfg(feature = "tls")]
+mod tls;
 mod transport;
 
 pub use consumer::RedisConsumer;

@@ -3,6 +3,7 @@
 
 use crate::error::ConnectError;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The default server: a local Redis.
@@ -39,6 +40,7 @@ pub struct ConnectionOptions {
     pub(crate) unresponsive_timeout: Option<Duration>,
     pub(crate) ping_interval: Duration,
     pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) tls_ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ConnectionOptions {
@@ -52,6 +54,7 @@ impl fmt::Debug for ConnectionOptions {
             .field("unresponsive_timeout", &self.unresponsive_timeout)
             .field("ping_interval", &self.ping_interval)
             .field("tcp_keepalive", &self.tcp_keepalive)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -104,10 +107,27 @@ fn redacted_query(query: &str) -> String {
 
 /// Whether `url` asks for TLS: `rediss://` or `valkeys://`, and their `-cluster` and
 /// `-sentinel` forms (fred's URL schemes).
-fn asks_for_tls(url: &str) -> bool {
+pub(crate) fn asks_for_tls(url: &str) -> bool {
     let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
     let scheme = scheme.to_ascii_lowercase();
     scheme.starts_with("rediss") || scheme.starts_with("valkeys")
+}
+
+/// `url` with its TLS scheme made the plain one (`rediss-cluster://` becomes
+/// `redis-cluster://`): what fred parses. The TLS configuration is built here instead of by
+/// fred's URL parser, whose default asks rustls for the process-wide crypto provider, which
+/// panics in a program that links a second one.
+pub(crate) fn plain_scheme_url(url: &str) -> String {
+    match url.split_once(':') {
+        Some((scheme, rest)) if asks_for_tls(url) => {
+            let lower = scheme.to_ascii_lowercase();
+            let plain = lower
+                .replacen("rediss", "redis", 1)
+                .replacen("valkeys", "valkey", 1);
+            format!("{plain}:{rest}")
+        }
+        _ => url.to_owned(),
+    }
 }
 
 impl Default for ConnectionOptions {
@@ -132,6 +152,7 @@ impl ConnectionOptions {
             unresponsive_timeout: None,
             ping_interval: Duration::from_secs(5),
             tcp_keepalive: Some(Duration::from_secs(15)),
+            tls_ca_file: None,
         }
     }
 
@@ -212,6 +233,29 @@ impl ConnectionOptions {
         self
     }
 
+    /// Trusts only the CA certificates in the PEM file at `path` for a TLS URL (`rediss://`),
+    /// instead of the system's root certificates: for a server whose certificate a private CA
+    /// signed (a self-hosted Redis, a test server). Read when connecting; a file that cannot be
+    /// read or holds no certificate fails the connect as invalid options, naming the path.
+    /// Needs the crate's `tls` feature and a TLS URL.
+    ///
+    /// ```
+    /// use cqrs_redis::ConnectionOptions;
+    ///
+    /// let connection = ConnectionOptions::new("rediss://cache.internal:6380")
+    ///     .tls_ca_file("/etc/ssl/private-ca.pem");
+    /// # let _ = connection;
+    /// ```
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// The CA file set with [`tls_ca_file`](Self::tls_ca_file), if any.
+    pub fn tls_ca_path(&self) -> Option<&Path> {
+        self.tls_ca_file.as_deref()
+    }
+
     /// The unresponsive timeout in force: the one set, or twice the command timeout.
     pub(crate) fn unresponsive(&self) -> Duration {
         self.unresponsive_timeout
@@ -227,17 +271,22 @@ impl ConnectionOptions {
     }
 
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
-        if let Err(e) = fred::types::config::Config::from_url(&self.url) {
+        if let Err(e) = fred::types::config::Config::from_url(&plain_scheme_url(&self.url)) {
             problems.push(format!(
                 "url `{}` is not a redis url: {e}",
                 redacted_url(&self.url)
             ));
-        } else if asks_for_tls(&self.url) {
+        } else if asks_for_tls(&self.url) && !cfg!(feature = "tls") {
             problems.push(format!(
-                "url `{}` asks for TLS, but this version of cqrs-redis is built without TLS \
-                 support: connect with a plain `redis://` URL on a private network, or \
-                 terminate TLS in a local proxy (such as stunnel) and connect to it with \
-                 `redis://`; TLS support is a planned feature",
+                "url `{}` asks for TLS, but cqrs-redis is built without its `tls` feature: \
+                 enable it (add `features = [\"tls\"]` to the cqrs-redis dependency in \
+                 Cargo.toml), or connect with a plain `redis://` URL on a private network",
+                redacted_url(&self.url),
+            ));
+        } else if self.tls_ca_file.is_some() && !asks_for_tls(&self.url) {
+            problems.push(format!(
+                "tls_ca_file is set, but url `{}` does not ask for TLS: use `rediss://` (or \
+                 `valkeys://`), or drop tls_ca_file",
                 redacted_url(&self.url)
             ));
         }
@@ -762,10 +811,11 @@ mod tests {
         }
     }
 
-    /// A TLS URL is refused as a configuration error saying this build has no TLS and what
-    /// to do (fred only logged a warning, and then connected without TLS or failed).
+    /// Without the `tls` feature a TLS URL is refused as a configuration error saying how to
+    /// turn TLS on (fred only logged a warning, and then connected without TLS or failed);
+    /// with it, the URL is accepted.
     #[test]
-    fn a_tls_url_is_refused_saying_what_to_do() {
+    fn a_tls_url_needs_the_tls_feature_and_says_so() {
         for url in [
             "rediss://app:s3cret@cache.internal:6380",
             "rediss-cluster://cache.internal:30001",
@@ -773,16 +823,24 @@ mod tests {
             "REDISS://cache.internal:6380",
         ] {
             let options = RedisStreamOptions::new(url);
+            if cfg!(feature = "tls") {
+                assert!(
+                    options.validate().is_ok(),
+                    "{url}: {:?}",
+                    options.validate()
+                );
+                assert!(RedisPubSubOptions::new(url).validate().is_ok(), "{url}");
+                continue;
+            }
             let Err(error @ ConnectError::Invalid { .. }) = options.validate() else {
                 panic!("{url} passes");
             };
             assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid);
             let message = error.to_string();
             for part in [
-                "asks for TLS, but this version of cqrs-redis is built without TLS support",
+                "asks for TLS, but cqrs-redis is built without its `tls` feature",
+                "features = [\"tls\"]",
                 "plain `redis://` URL on a private network",
-                "local proxy (such as stunnel)",
-                "TLS support is a planned feature",
             ] {
                 assert!(message.contains(part), "{part:?} in {message}");
             }
@@ -794,6 +852,38 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+    }
+
+    /// A CA file with a plain URL would silently go unused: refused, saying what to do.
+    #[test]
+    fn a_tls_ca_file_with_a_plain_url_is_refused() {
+        let connection =
+            ConnectionOptions::new("redis://app:s3cret@cache.internal:6379").tls_ca_file("ca.pem");
+        let Err(error) = RedisStreamOptions::with_connection(connection).validate() else {
+            panic!("a CA file with a plain URL passes");
+        };
+        let message = error.to_string();
+        assert!(message.contains("tls_ca_file is set, but url"), "{message}");
+        assert!(message.contains("use `rediss://`"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+    }
+
+    /// fred parses the plain form of every TLS scheme; the rest of the URL is kept as given.
+    #[test]
+    fn tls_schemes_are_handed_to_fred_in_their_plain_form() {
+        for (tls, plain) in [
+            ("rediss://u:p@h:1/2", "redis://u:p@h:1/2"),
+            ("REDISS://h:1", "redis://h:1"),
+            (
+                "rediss-cluster://h:1?node=h:2",
+                "redis-cluster://h:1?node=h:2",
+            ),
+            ("rediss-sentinel://h:1", "redis-sentinel://h:1"),
+            ("valkeys://h:1", "valkey://h:1"),
+            ("redis://h:1", "redis://h:1"),
+        ] {
+            assert_eq!(plain_scheme_url(tls), plain, "{tls}");
+        }
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! skipped, or fail when `CQRS_REQUIRE_SERVICES=1`.
 
 mod support;
+#[cfg(feature = "tls")]
+#[path = "../../../testdata/tls/proxy.rs"]
+mod tls_proxy;
 
 mod a_command_commits_its_writes_and_events_together;
 mod a_failing_or_panicking_handler_leaves_no_rows_and_no_outbox_entries;
@@ -35,4 +38,6 @@ mod the_adapters_hold_their_guarantees_whatever_the_server_settings;
 mod the_postgres_adapters_pass_every_conformance_suite;
 mod the_projection_runner_takes_effect_once_and_rebuilds_on_postgres;
 mod the_relay_wakes_on_notify_and_reports_its_backlog;
+#[cfg(feature = "tls")]
+mod tls_connections_verify_the_server;
 mod transport;

@@ -5,6 +5,9 @@
 
 mod proxy;
 mod support;
+#[cfg(feature = "tls")]
+#[path = "../../../testdata/tls/proxy.rs"]
+mod tls_proxy;
 
 mod a_batch_over_one_script_stores_each_keys_events_in_order;
 mod a_consume_loop_recovers_when_its_connections_are_killed;
@@ -42,5 +45,7 @@ mod replayed_dead_letters_of_one_key_are_handed_out_in_their_order;
 mod settings_at_their_extremes_neither_stall_nor_panic;
 mod the_pubsub_passes_the_conformance_suite;
 mod the_stream_transport_passes_the_conformance_suite;
+#[cfg(feature = "tls")]
+mod tls_connections_verify_the_server_and_carry_streams_and_pubsub;
 mod trimming_keeps_unacknowledged_entries;
 mod two_consumers_split_a_stream_with_nothing_handled_twice;

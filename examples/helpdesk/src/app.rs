@@ -16,7 +16,7 @@ use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
-use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
+use cqrs_redis::{ConnectionOptions, RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
 use helpdesk_api::{
     Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
     RealtimeFeed, Settings, TrustedProxies, User,
@@ -512,12 +512,16 @@ async fn postgres_backends(
     let shipped_to: Arc<dyn EventTransport>;
     let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
         Some(redis) => {
-            let transport = RedisStreamOptions::new(redis.clone())
+            let mut connection = ConnectionOptions::new(redis.clone());
+            if let Some(ca) = &config.redis_tls_ca_file {
+                connection = connection.tls_ca_file(ca);
+            }
+            let transport = RedisStreamOptions::with_connection(connection.clone())
                 .key_prefix(config.redis_prefix.clone())
                 .connect()
                 .await
                 .context("cannot connect to Redis (REDIS_URL) for the event transport")?;
-            let pubsub = RedisPubSubOptions::new(redis.clone())
+            let pubsub = RedisPubSubOptions::with_connection(connection)
                 .channel_prefix(config.redis_prefix.clone())
                 .connect()
                 .await

@@ -50,6 +50,12 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// A PEM file of the CA certificates to trust for a `rediss://` REDIS_URL, instead of the
+    /// system's root certificates (a private CA). Postgres takes its CA in the URL
+    /// (`sslrootcert=`).
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<String>,
+
     /// The Postgres schema holding every table (the framework's and the plugins'). Instances
     /// serving one helpdesk share it; another schema is another, independent helpdesk.
     #[arg(long, env = "HELPDESK_DATABASE_SCHEMA", default_value = "helpdesk")]
@@ -209,6 +215,7 @@ impl std::fmt::Debug for Config {
                 &self.database_url.as_deref().map(redacted_url),
             )
             .field("redis_url", &self.redis_url.as_deref().map(redacted_url))
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
             .field("database_schema", &self.database_schema)
             .field("redis_prefix", &self.redis_prefix)
             .field(
@@ -309,6 +316,7 @@ impl Config {
         for value in [
             &mut config.database_url,
             &mut config.redis_url,
+            &mut config.redis_tls_ca_file,
             &mut config.jwt_secret,
             &mut config.agent_code,
         ] {
@@ -343,6 +351,9 @@ impl Config {
             && self.agent_code.is_none()
         {
             problems.push("HELPDESK_AGENT_EMAILS is set without HELPDESK_AGENT_CODE: the list alone proves nothing, as anyone may register any address; set HELPDESK_AGENT_CODE to a secret of at least 16 bytes (try `openssl rand -hex 16`) and give it to the agents, who send it as `agent_code` when they register".into());
+        }
+        if self.redis_tls_ca_file.is_some() && self.redis_url.is_none() {
+            problems.push("REDIS_TLS_CA_FILE is set without REDIS_URL: set REDIS_URL to a rediss:// URL, or unset REDIS_TLS_CA_FILE".into());
         }
         if self.redis_url.is_some() && self.database_url.is_none() {
             problems.push("REDIS_URL is set without DATABASE_URL: durable events need durable state; set DATABASE_URL too, or unset REDIS_URL".into());

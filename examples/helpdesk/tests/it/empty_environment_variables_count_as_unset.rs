@@ -181,3 +181,42 @@ fn the_binary_takes_empty_variables_as_unset() {
     );
     assert_eq!(status.code(), Some(1), "{stderr}");
 }
+
+/// `REDIS_TLS_CA_FILE` goes with a Redis URL: alone it is refused, saying what to do; empty it
+/// is unset; with `REDIS_URL` it is taken.
+#[test]
+fn a_redis_ca_file_needs_a_redis_url() {
+    let alone = Config::try_parse_with_env(
+        ["helpdesk"],
+        [
+            ("DATABASE_URL", "postgres://db/helpdesk"),
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("REDIS_TLS_CA_FILE", "/etc/ssl/private-ca.pem"),
+        ],
+    )
+    .unwrap();
+    let problems = alone.validate().unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("REDIS_TLS_CA_FILE is set without REDIS_URL")),
+        "{problems:?}"
+    );
+    let empty = Config::try_parse_with_env(["helpdesk"], [("REDIS_TLS_CA_FILE", "")]).unwrap();
+    assert_eq!(empty.redis_tls_ca_file, None);
+    let with_url = Config::try_parse_with_env(
+        ["helpdesk"],
+        [
+            ("DATABASE_URL", "postgres://db/helpdesk"),
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("REDIS_URL", "rediss://cache.internal:6380"),
+            ("REDIS_TLS_CA_FILE", "/etc/ssl/private-ca.pem"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        with_url.redis_tls_ca_file.as_deref(),
+        Some("/etc/ssl/private-ca.pem")
+    );
+    with_url.validate().unwrap();
+}

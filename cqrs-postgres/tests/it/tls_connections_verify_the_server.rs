@@ -1,0 +1,99 @@
+//! With the `tls` feature, `sslmode=verify-full` with `sslrootcert` connects over TLS and
+//! checks the server: the adapters work through a TLS-terminating proxy in front of the real
+//! Postgres whose certificate the test CA signed, and a server the trusted CA did not sign is
+//! refused with a message that says what to check.
+
+use crate::support::{database_url, postgres_available};
+use crate::tls_proxy::{Preamble, TlsProxy, tls_file};
+use cqrs_core::ErrorKind;
+use cqrs_core::Position;
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_postgres::{PgEventStore, PgOptions};
+use std::time::Duration;
+
+/// A TLS proxy in front of `DATABASE_URL`'s server, and that URL pointed at it with
+/// `sslmode=verify-full` and `sslrootcert={ca}`; `None` to skip.
+async fn tls_server(ca: &str) -> Option<(TlsProxy, String)> {
+    if !postgres_available().await {
+        return None;
+    }
+    let mut url = url::Url::parse(&database_url()).expect("DATABASE_URL is a URL");
+    let upstream = format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    );
+    let proxy = TlsProxy::start(upstream, Preamble::Postgres).await;
+    url.set_host(Some("127.0.0.1")).expect("a host");
+    url.set_port(Some(proxy.addr.port())).expect("a port");
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(key, _)| !key.starts_with("ssl"))
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    url.query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("sslmode", "verify-full")
+        .append_pair("sslrootcert", &tls_file(ca).display().to_string());
+    Some((proxy, url.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_with_a_private_ca_carries_the_adapters() {
+    let Some((proxy, url)) = tls_server("ca.pem").await else {
+        return;
+    };
+    let id = cqrs_core::testing::test_id("tls");
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let db = PgOptions::new(url)
+            .schema(&id)
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect with verify-full through the TLS proxy");
+        db.migrate().await.expect("migrate over TLS");
+        let store = PgEventStore::new(db.clone());
+        let record = crate::support::record(1);
+        store
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![record.clone()])
+            .await
+            .expect("append over TLS");
+        let read = store
+            .read_all(Position::START, 10)
+            .await
+            .expect("read over TLS");
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].event_id, record.event_id);
+        assert!(proxy.handshakes() >= 1, "the connections went through TLS");
+        db.drop_schema().await.expect("drop the test schema");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_the_trusted_ca_did_not_sign_is_refused_saying_what_to_check() {
+    let Some((proxy, url)) = tls_server("other-ca.pem").await else {
+        return;
+    };
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        let error = PgOptions::new(url)
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect_err("the server's certificate is not signed by other-ca");
+        let message = error.to_string();
+        for part in [
+            "UnknownIssuer",
+            "a CA this client trusts signed its certificate",
+            "sslrootcert",
+        ] {
+            assert!(message.contains(part), "{part:?} in {message}");
+        }
+        assert_ne!(error.kind(), ErrorKind::Invalid, "{error}");
+        assert_eq!(proxy.handshakes(), 0, "no handshake completed");
+    })
+    .await;
+}

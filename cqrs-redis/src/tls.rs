@@ -1,0 +1,113 @@
+//! The TLS configuration of a `rediss://` connection (the `tls` feature): rustls with ring,
+//! trusting the system's root certificates or the CA file of
+//! [`ConnectionOptions::tls_ca_file`](crate::ConnectionOptions::tls_ca_file).
+
+use crate::{ConnectError, ConnectionOptions};
+use fred::error::{Error as FredError, ErrorKind as FredKind};
+use fred::types::config::{Config, TlsConfig, TlsConnector};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::{ClientConfig, RootCertStore};
+use std::path::Path;
+use std::sync::Arc;
+
+/// `config` with TLS set up when the options' URL asks for it.
+pub(crate) fn applied(
+    mut config: Config,
+    options: &ConnectionOptions,
+) -> Result<Config, ConnectError> {
+    if crate::options::asks_for_tls(&options.url) {
+        let tls = self::config(options.tls_ca_file.as_deref()).map_err(|problem| {
+            ConnectError::Invalid {
+                problems: vec![problem],
+            }
+        })?;
+        config.tls = Some(tls);
+    }
+    Ok(config)
+}
+
+/// A client configuration with ring as its crypto provider, named here rather than taken
+/// from the process default: rustls panics when asked for the default in a program that
+/// links two providers (another dependency may bring aws-lc-rs).
+pub(crate) fn config(ca_file: Option<&Path>) -> Result<TlsConfig, String> {
+    let roots = match ca_file {
+        Some(path) => roots_from_file(path)?,
+        None => system_roots()?,
+    };
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS cannot be set up: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(TlsConnector::from(config).into())
+}
+
+fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+    let shown = path.display();
+    let pem =
+        std::fs::read(path).map_err(|e| format!("tls_ca_file `{shown}` cannot be read: {e}"))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls_ca_file `{shown}` is not a PEM certificate file: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "tls_ca_file `{shown}` holds no certificate (expected PEM blocks that begin with \
+             `-----BEGIN CERTIFICATE-----`)"
+        ));
+    }
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates {
+        roots.add(certificate).map_err(|e| {
+            format!("tls_ca_file `{shown}` holds a certificate rustls refuses: {e}")
+        })?;
+    }
+    Ok(roots)
+}
+
+/// The system's root certificates. A store with some unreadable entries still counts: the
+/// ones that load are used (fred's own default fails on the first bad file).
+fn system_roots() -> Result<RootCertStore, String> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(loaded.certs);
+    if added == 0 {
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "TLS needs root certificates, and none were found in the system's store{}: install \
+             the system's CA certificates (`ca-certificates` on Debian), point SSL_CERT_FILE at \
+             a PEM bundle, or set tls_ca_file",
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", errors.join("; "))
+            }
+        ));
+    }
+    if !loaded.errors.is_empty() {
+        tracing::warn!(
+            errors = ?loaded.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "some of the system's root certificates could not be loaded; using the {added} that could"
+        );
+    }
+    Ok(roots)
+}
+
+/// What rustls reported, when `error` is a failed TLS handshake: fred reports those as I/O
+/// errors whose details name the rustls error.
+pub(crate) fn failure(error: &FredError) -> Option<String> {
+    const RUSTLS_ERRORS: [&str; 7] = [
+        "InvalidCertificate",
+        "InvalidMessage",
+        "AlertReceived",
+        "PeerIncompatible",
+        "PeerMisbehaved",
+        "InappropriateMessage",
+        "UnsupportedNameType",
+    ];
+    let details = error.details();
+    let tls = *error.kind() == FredKind::Tls
+        || (*error.kind() == FredKind::IO && RUSTLS_ERRORS.iter().any(|e| details.contains(e)));
+    tls.then(|| details.to_owned())
+}

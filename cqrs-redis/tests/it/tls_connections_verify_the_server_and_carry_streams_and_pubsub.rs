@@ -1,0 +1,152 @@
+//! With the `tls` feature, a `rediss://` URL connects over TLS: the stream transport, its
+//! consumers and the pub/sub work through a TLS-terminating proxy in front of the real Redis,
+//! trusting the test CA (`tls_ca_file`). A server whose certificate the trusted CA did not
+//! sign is refused, and a CA file that cannot be used is a configuration error naming it.
+
+use crate::support::{
+    consumer_options, event, key_prefix, n_of, plain_redis_host, reachable, redis_userinfo, within,
+};
+use crate::tls_proxy::{Preamble, TlsProxy, tls_file};
+use cqrs_core::ErrorKind;
+use cqrs_core::ports::{EventTransport, PubSub};
+use cqrs_core::testing::test_id;
+use cqrs_redis::{ConnectError, ConnectionOptions, RedisPubSubOptions, RedisStreamOptions};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A TLS proxy in front of `REDIS_URL`'s server and the `rediss://` URL (with its
+/// credentials and database) that reaches the server through it; `None` to skip.
+async fn tls_server() -> Option<(TlsProxy, String)> {
+    if !reachable().await {
+        return None;
+    }
+    let host = plain_redis_host()?;
+    let (address, database) = host.split_once('/').unwrap_or((host.as_str(), ""));
+    let proxy = TlsProxy::start(address.to_owned(), Preamble::None).await;
+    let url = format!(
+        "rediss://{}127.0.0.1:{}/{database}",
+        redis_userinfo(),
+        proxy.addr.port()
+    );
+    Some((proxy, url))
+}
+
+/// The tests' connection settings, on `url`, trusting the test CA.
+fn over(url: &str) -> ConnectionOptions {
+    ConnectionOptions::new(url)
+        .command_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+        .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
+        .tls_ca_file(tls_file("ca.pem"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_and_pubsub_work_over_tls_with_a_private_ca() {
+    let Some((proxy, url)) = tls_server().await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let id = test_id("tls");
+            let transport = RedisStreamOptions::with_connection(over(&url))
+                .key_prefix(key_prefix(&id))
+                .gate_poll(Duration::from_millis(10))
+                .connect()
+                .await
+                .expect("connect over TLS");
+            transport
+                .publish("t", &[event(Some("k"), 1), event(Some("k"), 2)])
+                .await
+                .expect("publish over TLS");
+            transport
+                .publish("t", &[event(Some("k"), 3)])
+                .await
+                .expect("publish one event over TLS");
+            let mut consumer = transport
+                .consumer("t", "g", consumer_options(&format!("{id}-c")))
+                .await
+                .expect("join over TLS");
+            let mut seen = Vec::new();
+            while seen.len() < 3 {
+                let batch = consumer.fetch(10).await.expect("fetch over TLS");
+                seen.extend(batch.iter().map(n_of));
+                let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
+                consumer.ack(&ids).await.expect("ack over TLS");
+            }
+            assert_eq!(seen, [1, 2, 3]);
+
+            let pubsub = RedisPubSubOptions::with_connection(over(&url))
+                .channel_prefix(key_prefix(&id))
+                .connect()
+                .await
+                .expect("connect the pub/sub over TLS");
+            let mut subscription = pubsub.subscribe("news").await.expect("subscribe");
+            pubsub
+                .publish("news", Arc::from("over tls"))
+                .await
+                .expect("publish on the channel");
+            let message = tokio::time::timeout(Duration::from_secs(5), subscription.recv())
+                .await
+                .expect("the message arrives")
+                .expect("the subscription is open");
+            assert_eq!(&*message.payload, "over tls");
+
+            // Every connection went through the proxy's TLS: the transport's, the consumer's
+            // own, the pub/sub's publisher and subscriber.
+            assert!(proxy.handshakes() >= 4, "{} handshakes", proxy.handshakes());
+            drop(consumer);
+            let admin = crate::support::connect_admin().await.expect("admin");
+            crate::support::delete_prefix(&admin, &key_prefix(&id)).await;
+        }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_the_trusted_ca_did_not_sign_is_refused() {
+    let Some((proxy, url)) = tls_server().await else {
+        return;
+    };
+    within(30, async {
+        let error =
+            RedisStreamOptions::with_connection(over(&url).tls_ca_file(tls_file("other-ca.pem")))
+                .connect()
+                .await
+                .expect_err("the server's certificate is not signed by other-ca");
+        let ConnectError::Tls { server, reason } = &error else {
+            panic!("not a TLS error: {error:?}");
+        };
+        assert_eq!(server, &format!("127.0.0.1:{}", proxy.addr.port()));
+        assert!(reason.contains("UnknownIssuer"), "{reason}");
+        // Not retryable: it says what to check instead.
+        assert_eq!(error.kind(), ErrorKind::Invalid);
+        let message = error.to_string();
+        assert!(message.contains("tls_ca_file"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+        assert_eq!(proxy.handshakes(), 0, "no handshake completed");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_that_cannot_be_used_is_invalid_options_naming_it() {
+    let missing = tls_file("no-such-ca.pem");
+    let not_pem = tls_file("generate.sh");
+    for (path, says) in [
+        (&missing, "cannot be read"),
+        (&not_pem, "holds no certificate"),
+    ] {
+        let error = RedisStreamOptions::with_connection(
+            ConnectionOptions::new("rediss://127.0.0.1:1").tls_ca_file(path),
+        )
+        .connect()
+        .await
+        .expect_err("the CA file is unusable");
+        assert!(matches!(error, ConnectError::Invalid { .. }), "{error:?}");
+        assert_eq!(error.kind(), ErrorKind::Invalid);
+        let message = error.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(says), "{says:?} in {message}");
+    }
+}

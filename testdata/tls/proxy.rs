@@ -1,0 +1,97 @@
+//! A TLS-terminating proxy for the adapters' TLS tests: it accepts TLS with the test server
+//! certificate (`server.pem`, signed by `ca.pem`, for `localhost` and 127.0.0.1) and forwards
+//! the plain bytes to the real server, so a client's whole TLS path (handshake, certificate
+//! and host name checks) runs against a real Postgres or Redis behind it. Shared by the test
+//! binaries of `cqrs-postgres` and `cqrs-redis` (included with `#[path]`).
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+/// A file of `testdata/tls`.
+pub(crate) fn tls_file(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/tls")).join(name)
+}
+
+/// What the client sends before its TLS handshake.
+#[derive(Clone, Copy, Debug)]
+#[allow(dead_code)] // Each test binary uses one of them.
+pub(crate) enum Preamble {
+    /// Nothing: TLS from the first byte (Redis).
+    None,
+    /// Postgres's `SSLRequest`, answered `S`; a client that starts without it is refused.
+    Postgres,
+}
+
+pub(crate) struct TlsProxy {
+    pub(crate) addr: SocketAddr,
+    handshakes: Arc<AtomicUsize>,
+}
+
+impl TlsProxy {
+    /// Accepts TLS on a free local port and forwards each connection to `upstream`.
+    pub(crate) async fn start(upstream: String, preamble: Preamble) -> TlsProxy {
+        let certificates = CertificateDer::pem_file_iter(tls_file("server.pem"))
+            .expect("read server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("parse server.pem");
+        let key = PrivateKeyDer::from_pem_file(tls_file("server.key")).expect("read server.key");
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(certificates, key)
+                .expect("the test certificate and key");
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let counted = handshakes.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, counted, upstream) =
+                    (acceptor.clone(), counted.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let _ = serve(client, acceptor, preamble, &counted, &upstream).await;
+                });
+            }
+        });
+        TlsProxy { addr, handshakes }
+    }
+
+    /// How many TLS handshakes completed.
+    pub(crate) fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve(
+    mut client: TcpStream,
+    acceptor: TlsAcceptor,
+    preamble: Preamble,
+    handshakes: &AtomicUsize,
+    upstream: &str,
+) -> std::io::Result<()> {
+    if let Preamble::Postgres = preamble {
+        // `SSLRequest`: length 8, code 80877103.
+        let mut request = [0u8; 8];
+        client.read_exact(&mut request).await?;
+        if request != [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f] {
+            return Ok(());
+        }
+        client.write_all(b"S").await?;
+    }
+    let mut tls = acceptor.accept(client).await?;
+    handshakes.fetch_add(1, Ordering::SeqCst);
+    let mut server = TcpStream::connect(upstream).await?;
+    tokio::io::copy_bidirectional(&mut tls, &mut server).await?;
+    Ok(())
+}
