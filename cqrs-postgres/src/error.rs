@@ -122,8 +122,8 @@ pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
     let advice = match error {
         _ if is_tls_failure(&error) => {
             "check that the server accepts TLS, that a CA this client trusts signed its \
-             certificate (the one in the URL's sslrootcert, else the system's root \
-             certificates), and, with sslmode=verify-full, that the certificate names the URL's \
+             certificate (one of the system's root certificates, or the one in the URL's \
+             sslrootcert), and, with sslmode=verify-full, that the certificate names the URL's \
              host"
         }
         _ => {

@@ -77,7 +77,7 @@
 //! # Feature flags
 //!
 //! * `tls` (off by default): TLS connections (`sslmode=require`, `verify-ca`, `verify-full`)
-//!   with rustls and ring, trusting the system's root certificates or the URL's `sslrootcert`.
+//!   with rustls and ring, trusting the system's root certificates and the URL's `sslrootcert`.
 //!   Without it a URL whose `sslmode` insists on TLS is refused as invalid options.
 
 #![deny(missing_docs)]

@@ -240,7 +240,11 @@ impl PgOptions {
                 ));
                 None
             }
-            Ok(o) => Some(o),
+            Ok(o) => {
+                #[cfg(feature = "tls")]
+                tls_file_problems(&o, &mut problems);
+                Some(o)
+            }
             Err(e) => {
                 // sqlx's message does not repeat the URL, which may hold a password.
                 problems.push(format!("the database URL is not a postgres URL: {e}"));
@@ -401,6 +405,34 @@ impl PgOptions {
     }
 }
 
+/// The certificate and key files TLS would read (`sslrootcert`, `sslcert`, `sslkey`, from the
+/// URL or `PGSSLROOTCERT` / `PGSSLCERT` / `PGSSLKEY`) that cannot be read: sqlx reads them
+/// only at connect, and reports a missing one as an I/O error that reads like an unreachable
+/// server.
+#[cfg(feature = "tls")]
+fn tls_file_problems(connect: &PgConnectOptions, problems: &mut Vec<String>) {
+    use sqlx::ConnectOptions;
+    if matches!(connect.get_ssl_mode(), PgSslMode::Disable) {
+        return;
+    }
+    // sqlx keeps the settings private; its URL form shows a file as `file: {path}` (an inline
+    // PEM as itself, which needs no file).
+    for (key, value) in connect.to_url_lossy().query_pairs() {
+        if !matches!(&*key, "sslrootcert" | "sslcert" | "sslkey") {
+            continue;
+        }
+        let Some(path) = value.strip_prefix("file: ") else {
+            continue;
+        };
+        if let Err(e) = std::fs::File::open(path) {
+            problems.push(format!(
+                "{key} `{path}` (from the database URL or PG{}) cannot be read: {e}",
+                key.to_ascii_uppercase()
+            ));
+        }
+    }
+}
+
 /// Whether `mode` insists on TLS, which a build without the `tls` feature cannot do
 /// (`prefer` and `allow` fall back to a plain connection).
 fn wants_tls(mode: PgSslMode) -> bool {
@@ -500,6 +532,35 @@ mod tests {
         if std::env::var_os("PGSSLMODE").is_none() {
             assert!(PgOptions::new(url).validate().is_ok());
         }
+    }
+
+    /// A certificate file TLS would read that is not there is invalid options naming it
+    /// (sqlx reported it only at connect, as an I/O error like an unreachable server's); with
+    /// `sslmode=disable` nothing is read, so nothing is checked.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_tls_file_that_cannot_be_read_is_invalid_options_naming_it() {
+        let url = "postgres://app:s3cret@db.internal:5432/app";
+        for (key, mode) in [
+            ("sslrootcert", "verify-full"),
+            ("sslcert", "require"),
+            ("sslkey", "prefer"),
+        ] {
+            let error =
+                PgOptions::new(format!("{url}?sslmode={mode}&{key}=/nonexistent/{key}.pem"))
+                    .validate()
+                    .unwrap_err();
+            assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("{key} `/nonexistent/{key}.pem`")),
+                "{message}"
+            );
+            assert!(message.contains("cannot be read"), "{message}");
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+        let unused = format!("{url}?sslmode=disable&sslrootcert=/nonexistent/ca.pem");
+        assert!(PgOptions::new(unused).validate().is_ok());
     }
 
     /// A failed connect names the host, port and database it tried, never the password, and

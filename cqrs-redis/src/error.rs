@@ -27,12 +27,13 @@ pub enum ConnectError {
         required: &'static str,
     },
     /// The TLS handshake failed: the server's certificate was refused (signed by a CA this
-    /// client does not trust, or not naming the URL's host), or the server does not speak TLS
-    /// on that port. Fix the configuration (`tls_ca_file`, the URL); retrying does not help.
+    /// client does not trust, or not naming the URL's host), or the server broke the protocol.
+    /// Fix the configuration (`tls_ca_file`, the URL); retrying does not help. (A server that
+    /// speaks plain RESP on the port does not answer the handshake: that connect times out.)
     #[error(
-        "TLS to redis at {server} failed: {reason}; check that the server speaks TLS on that \
-         port, that a CA this client trusts signed its certificate (the one in tls_ca_file, \
-         else the system's root certificates), and that the certificate names the URL's host"
+        "TLS to redis at {server} failed: {reason}; check that a CA this client trusts signed \
+         the server's certificate (the one in tls_ca_file, else the system's root \
+         certificates) and that the certificate names the URL's host"
     )]
     Tls {
         /// The server, `host:port`.

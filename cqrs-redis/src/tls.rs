@@ -94,20 +94,13 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// What rustls reported, when `error` is a failed TLS handshake: fred reports those as I/O
-/// errors whose details name the rustls error.
+/// What rustls reported, when `error` (on a connection that asked for TLS) is a failed TLS
+/// handshake. fred reports those as I/O errors of kind `InvalidData` (how tokio-rustls passes
+/// every rustls error on), whose details name the rustls error; a refused or reset connection
+/// is another I/O kind.
 pub(crate) fn failure(error: &FredError) -> Option<String> {
-    const RUSTLS_ERRORS: [&str; 7] = [
-        "InvalidCertificate",
-        "InvalidMessage",
-        "AlertReceived",
-        "PeerIncompatible",
-        "PeerMisbehaved",
-        "InappropriateMessage",
-        "UnsupportedNameType",
-    ];
     let details = error.details();
     let tls = *error.kind() == FredKind::Tls
-        || (*error.kind() == FredKind::IO && RUSTLS_ERRORS.iter().any(|e| details.contains(e)));
+        || (*error.kind() == FredKind::IO && details.contains("kind: InvalidData"));
     tls.then(|| details.to_owned())
 }

@@ -36,8 +36,15 @@ pub(crate) struct TlsProxy {
 }
 
 impl TlsProxy {
-    /// Accepts TLS on a free local port and forwards each connection to `upstream`.
+    /// Accepts TLS on a free port of 127.0.0.1 and forwards each connection to `upstream`.
+    #[allow(dead_code)] // Each test binary uses what it needs.
     pub(crate) async fn start(upstream: String, preamble: Preamble) -> TlsProxy {
+        Self::start_on("127.0.0.1", upstream, preamble).await
+    }
+
+    /// The same on `ip` (another loopback address, 127.0.0.2, is one the test certificate
+    /// does not name).
+    pub(crate) async fn start_on(ip: &str, upstream: String, preamble: Preamble) -> TlsProxy {
         let certificates = CertificateDer::pem_file_iter(tls_file("server.pem"))
             .expect("read server.pem")
             .collect::<Result<Vec<_>, _>>()
@@ -51,7 +58,7 @@ impl TlsProxy {
                 .with_single_cert(certificates, key)
                 .expect("the test certificate and key");
         let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let handshakes = Arc::new(AtomicUsize::new(0));
         let counted = handshakes.clone();

@@ -8,12 +8,18 @@ use crate::tls_proxy::{Preamble, TlsProxy, tls_file};
 use cqrs_core::ErrorKind;
 use cqrs_core::Position;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_postgres::{PgEventStore, PgOptions};
 use std::time::Duration;
 
 /// A TLS proxy in front of `DATABASE_URL`'s server, and that URL pointed at it with
 /// `sslmode=verify-full` and `sslrootcert={ca}`; `None` to skip.
 async fn tls_server(ca: &str) -> Option<(TlsProxy, String)> {
+    tls_server_on("127.0.0.1", "verify-full", ca).await
+}
+
+/// The same with the proxy on `ip` and `sslmode={mode}`.
+async fn tls_server_on(ip: &str, mode: &str, ca: &str) -> Option<(TlsProxy, String)> {
     if !postgres_available().await {
         return None;
     }
@@ -23,8 +29,8 @@ async fn tls_server(ca: &str) -> Option<(TlsProxy, String)> {
         url.host_str().unwrap_or("127.0.0.1"),
         url.port().unwrap_or(5432)
     );
-    let proxy = TlsProxy::start(upstream, Preamble::Postgres).await;
-    url.set_host(Some("127.0.0.1")).expect("a host");
+    let proxy = TlsProxy::start_on(ip, upstream, Preamble::Postgres).await;
+    url.set_host(Some(ip)).expect("a host");
     url.set_port(Some(proxy.addr.port())).expect("a port");
     let kept: Vec<(String, String)> = url
         .query_pairs()
@@ -34,7 +40,7 @@ async fn tls_server(ca: &str) -> Option<(TlsProxy, String)> {
     url.query_pairs_mut()
         .clear()
         .extend_pairs(kept)
-        .append_pair("sslmode", "verify-full")
+        .append_pair("sslmode", mode)
         .append_pair("sslrootcert", &tls_file(ca).display().to_string());
     Some((proxy, url.to_string()))
 }
@@ -94,6 +100,40 @@ async fn a_server_the_trusted_ca_did_not_sign_is_refused_saying_what_to_check() 
         }
         assert_ne!(error.kind(), ErrorKind::Invalid, "{error}");
         assert_eq!(proxy.handshakes(), 0, "no handshake completed");
+    })
+    .await;
+}
+
+/// The certificate names `localhost` and 127.0.0.1: reached as 127.0.0.2, `verify-full`
+/// refuses the server, while `verify-ca`, which checks only who signed it, connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_refuses_a_certificate_that_does_not_name_the_host_and_verify_ca_does_not() {
+    let Some((full, full_url)) = tls_server_on("127.0.0.2", "verify-full", "ca.pem").await else {
+        return;
+    };
+    let Some((ca, ca_url)) = tls_server_on("127.0.0.2", "verify-ca", "ca.pem").await else {
+        return;
+    };
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        let error = PgOptions::new(full_url)
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect_err("the certificate does not name 127.0.0.2");
+        let message = error.to_string();
+        assert!(message.contains("not valid for name"), "{message}");
+        assert!(message.contains("names the URL's host"), "{message}");
+        assert_eq!(full.handshakes(), 0, "no handshake completed");
+
+        let db = PgOptions::new(ca_url)
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("verify-ca does not check the name");
+        assert_eq!(db.check().await, Health::Healthy, "a query over TLS");
+        assert!(ca.handshakes() >= 1);
     })
     .await;
 }

@@ -17,14 +17,19 @@ use std::time::Duration;
 /// A TLS proxy in front of `REDIS_URL`'s server and the `rediss://` URL (with its
 /// credentials and database) that reaches the server through it; `None` to skip.
 async fn tls_server() -> Option<(TlsProxy, String)> {
+    tls_server_on("127.0.0.1").await
+}
+
+/// The same with the proxy on `ip`.
+async fn tls_server_on(ip: &str) -> Option<(TlsProxy, String)> {
     if !reachable().await {
         return None;
     }
     let host = plain_redis_host()?;
     let (address, database) = host.split_once('/').unwrap_or((host.as_str(), ""));
-    let proxy = TlsProxy::start(address.to_owned(), Preamble::None).await;
+    let proxy = TlsProxy::start_on(ip, address.to_owned(), Preamble::None).await;
     let url = format!(
-        "rediss://{}127.0.0.1:{}/{database}",
+        "rediss://{}{ip}:{}/{database}",
         redis_userinfo(),
         proxy.addr.port()
     );
@@ -124,6 +129,27 @@ async fn a_server_the_trusted_ca_did_not_sign_is_refused() {
         let message = error.to_string();
         assert!(message.contains("tls_ca_file"), "{message}");
         assert!(!message.contains("s3cret"), "{message}");
+        assert_eq!(proxy.handshakes(), 0, "no handshake completed");
+    })
+    .await;
+}
+
+/// The certificate names `localhost` and 127.0.0.1: reached as 127.0.0.2, the server is
+/// refused although the trusted CA signed its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_does_not_name_the_host_is_refused() {
+    let Some((proxy, url)) = tls_server_on("127.0.0.2").await else {
+        return;
+    };
+    within(30, async {
+        let error = RedisStreamOptions::with_connection(over(&url))
+            .connect()
+            .await
+            .expect_err("the certificate does not name 127.0.0.2");
+        let ConnectError::Tls { reason, .. } = &error else {
+            panic!("not a TLS error: {error:?}");
+        };
+        assert!(reason.contains("NotValidForName"), "{reason}");
         assert_eq!(proxy.handshakes(), 0, "no handshake completed");
     })
     .await;
