@@ -182,9 +182,6 @@ export CQRS_REQUIRE_SERVICES=1
 log "DATABASE_URL=$(redact "$DATABASE_URL") REDIS_URL=$(redact "$REDIS_URL") CQRS_REQUIRE_SERVICES=1"
 
 cargo test --workspace "$@"
-# The adapters as users get them by default: the workspace build above has their `tls` feature
-# on (the helpdesk turns it on), so their own suites run once more without it.
-cargo test -p cqrs-postgres -p cqrs-redis "$@"
 # Benches compile and run once each in test mode; timings are never asserted.
 cargo test --workspace --benches "$@"
 # The helpdesk's HTTP and WebSocket contract once more, on Postgres + Redis (each test server in

@@ -229,15 +229,8 @@ impl PgOptions {
                 );
                 None
             }
-            Ok(o) if wants_tls(o.get_ssl_mode()) && !cfg!(feature = "tls") => {
-                problems.push(format!(
-                    "the database URL (or PGSSLMODE) asks for TLS with sslmode={}, but \
-                     cqrs-postgres is built without its `tls` feature: enable it (add \
-                     `features = [\"tls\"]` to the cqrs-postgres dependency in Cargo.toml), \
-                     or connect without TLS on a private network (sslmode=disable or prefer, \
-                     or no sslmode)",
-                    ssl_mode_name(o.get_ssl_mode()),
-                ));
+            Ok(o) if let Some(problem) = tls_support_problem(o.get_ssl_mode(), TLS_BUILT) => {
+                problems.push(problem);
                 None
             }
             Ok(o) => {
@@ -433,6 +426,23 @@ fn tls_file_problems(connect: &PgConnectOptions, problems: &mut Vec<String>) {
     }
 }
 
+/// Whether this build has TLS (the `tls` feature).
+const TLS_BUILT: bool = cfg!(feature = "tls");
+
+/// Why `mode` cannot be had in a build with TLS (`tls_built`) or without: a parameter, so the
+/// tests of either build check both.
+fn tls_support_problem(mode: PgSslMode, tls_built: bool) -> Option<String> {
+    (wants_tls(mode) && !tls_built).then(|| {
+        format!(
+            "the database URL (or PGSSLMODE) asks for TLS with sslmode={}, but cqrs-postgres is \
+             built without its `tls` feature: enable it (add `features = [\"tls\"]` to the \
+             cqrs-postgres dependency in Cargo.toml), or connect without TLS on a private \
+             network (sslmode=disable or prefer, or no sslmode)",
+            ssl_mode_name(mode)
+        )
+    })
+}
+
 /// Whether `mode` insists on TLS, which a build without the `tls` feature cannot do
 /// (`prefer` and `allow` fall back to a plain connection).
 fn wants_tls(mode: PgSslMode) -> bool {
@@ -504,25 +514,37 @@ mod tests {
     /// either way.
     #[test]
     fn an_sslmode_that_insists_on_tls_needs_the_tls_feature() {
-        let url = "postgres://app:s3cret@db.internal:5432/app";
-        for mode in ["require", "verify-ca", "verify-full", "REQUIRE"] {
-            let result = PgOptions::new(format!("{url}?sslmode={mode}")).validate();
-            if cfg!(feature = "tls") {
-                assert!(result.is_ok(), "sslmode={mode}: {result:?}");
-                continue;
-            }
-            let error = result.unwrap_err();
-            assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
-            let message = error.to_string();
+        for (mode, parsed) in [
+            ("require", PgSslMode::Require),
+            ("verify-ca", PgSslMode::VerifyCa),
+            ("verify-full", PgSslMode::VerifyFull),
+        ] {
+            assert_eq!(tls_support_problem(parsed, true), None, "sslmode={mode}");
+            let message = tls_support_problem(parsed, false).expect("refused without TLS");
             for part in [
-                &format!("asks for TLS with sslmode={}", mode.to_ascii_lowercase()),
+                &format!("asks for TLS with sslmode={mode}"),
                 "built without its `tls` feature",
                 "features = [\"tls\"]",
                 "sslmode=disable or prefer",
             ] {
                 assert!(message.contains(part), "{part:?} in {message}");
             }
-            assert!(!message.contains("s3cret"), "{message}");
+        }
+        for mode in [PgSslMode::Prefer, PgSslMode::Allow, PgSslMode::Disable] {
+            assert_eq!(tls_support_problem(mode, false), None);
+        }
+        // This build, through `validate`: the URL's mode (any case) is what counts, and the
+        // message never shows the password.
+        let url = "postgres://app:s3cret@db.internal:5432/app";
+        for mode in ["require", "verify-ca", "verify-full", "REQUIRE"] {
+            let result = PgOptions::new(format!("{url}?sslmode={mode}")).validate();
+            assert_eq!(result.is_ok(), TLS_BUILT, "sslmode={mode}: {result:?}");
+            if let Err(error) = result {
+                assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
+                let message = error.to_string();
+                assert!(message.contains("without its `tls` feature"), "{message}");
+                assert!(!message.contains("s3cret"), "{message}");
+            }
         }
         for mode in ["prefer", "allow", "disable"] {
             let options = PgOptions::new(format!("{url}?sslmode={mode}"));

@@ -271,12 +271,18 @@ impl ConnectionOptions {
     }
 
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
+        self.problems_in_build(cfg!(feature = "tls"), problems);
+    }
+
+    /// Every problem, for a build with TLS (`tls_built`) or without: a parameter, so the tests
+    /// of either build check both.
+    fn problems_in_build(&self, tls_built: bool, problems: &mut Vec<String>) {
         if let Err(e) = fred::types::config::Config::from_url(&plain_scheme_url(&self.url)) {
             problems.push(format!(
                 "url `{}` is not a redis url: {e}",
                 redacted_url(&self.url)
             ));
-        } else if asks_for_tls(&self.url) && !cfg!(feature = "tls") {
+        } else if asks_for_tls(&self.url) && !tls_built {
             problems.push(format!(
                 "url `{}` asks for TLS, but cqrs-redis is built without its `tls` feature: \
                  enable it (add `features = [\"tls\"]` to the cqrs-redis dependency in \
@@ -822,21 +828,15 @@ mod tests {
             "valkeys://cache.internal:6380",
             "REDISS://cache.internal:6380",
         ] {
-            let options = RedisStreamOptions::new(url);
-            if cfg!(feature = "tls") {
-                assert!(
-                    options.validate().is_ok(),
-                    "{url}: {:?}",
-                    options.validate()
-                );
-                assert!(RedisPubSubOptions::new(url).validate().is_ok(), "{url}");
-                continue;
-            }
-            let Err(error @ ConnectError::Invalid { .. }) = options.validate() else {
-                panic!("{url} passes");
+            let connection = ConnectionOptions::new(url);
+            let mut with_tls = Vec::new();
+            connection.problems_in_build(true, &mut with_tls);
+            assert!(with_tls.is_empty(), "{url}: {with_tls:?}");
+            let mut without_tls = Vec::new();
+            connection.problems_in_build(false, &mut without_tls);
+            let [message] = without_tls.as_slice() else {
+                panic!("{url}: {without_tls:?}");
             };
-            assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid);
-            let message = error.to_string();
             for part in [
                 "asks for TLS, but cqrs-redis is built without its `tls` feature",
                 "features = [\"tls\"]",
@@ -845,7 +845,15 @@ mod tests {
                 assert!(message.contains(part), "{part:?} in {message}");
             }
             assert!(!message.contains("s3cret"), "{message}");
-            assert!(RedisPubSubOptions::new(url).validate().is_err(), "{url}");
+            // This build: the stream transport and the pub/sub check the same way.
+            let built = cfg!(feature = "tls");
+            let stream = RedisStreamOptions::new(url).validate();
+            assert_eq!(stream.is_ok(), built, "{url}: {stream:?}");
+            if let Err(error) = stream {
+                assert!(matches!(error, ConnectError::Invalid { .. }), "{error:?}");
+                assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid);
+            }
+            assert_eq!(RedisPubSubOptions::new(url).validate().is_ok(), built);
         }
         assert!(
             RedisStreamOptions::new("redis://cache.internal:6379")
