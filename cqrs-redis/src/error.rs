@@ -27,14 +27,11 @@ pub enum ConnectError {
         required: &'static str,
     },
     /// The TLS handshake failed: the server's certificate was refused (signed by a CA this
-    /// client does not trust, or not naming the URL's host), or the server broke the protocol.
+    /// client does not trust, or not naming the URL's host), the server refused this client
+    /// (no client certificate, or one it does not accept), or the server broke the protocol.
     /// Fix the configuration (`tls_ca_file`, the URL); retrying does not help. (A server that
     /// speaks plain RESP on the port does not answer the handshake: that connect times out.)
-    #[error(
-        "TLS to redis at {server} failed: {reason}; check that a CA this client trusts signed \
-         the server's certificate (the one in tls_ca_file, else the system's root \
-         certificates) and that the certificate names the URL's host"
-    )]
+    #[error("TLS to redis at {server} failed: {reason}; {}", tls_advice(reason))]
     Tls {
         /// The server, `host:port`.
         server: String,
@@ -57,6 +54,29 @@ impl ConnectError {
             | ConnectError::Tls { .. } => ErrorKind::Invalid,
             ConnectError::Redis(e) => e.kind(),
         }
+    }
+}
+
+/// What to check after a failed TLS handshake, by what failed.
+fn tls_advice(reason: &str) -> &'static str {
+    // The server's alerts about the client's certificate (TLS 1.3 `certificate_required`,
+    // and the older alerts a server sends for one it refuses).
+    let client_refused = [
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "AccessDenied",
+    ]
+    .iter()
+    .any(|alert| reason.contains(&format!("AlertReceived({alert})")));
+    if client_refused {
+        "the server wants a client certificate it accepts: set tls_client_cert to a \
+         certificate (and its key) that a CA the server trusts signed"
+    } else {
+        "check that a CA this client trusts signed the server's certificate (the one in \
+         tls_ca_file, else the system's root certificates) and that the certificate names the \
+         URL's host"
     }
 }
 

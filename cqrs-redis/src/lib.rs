@@ -64,7 +64,9 @@
 //!
 //! * `tls` (off by default): TLS connections for `rediss://` URLs, with rustls and ring,
 //!   trusting the system's root certificates or
-//!   [`ConnectionOptions::tls_ca_file`]. Without it a TLS URL is refused at connect.
+//!   [`ConnectionOptions::tls_ca_file`], with a client certificate from
+//!   [`ConnectionOptions::tls_client_cert`] for servers that ask for one. Without it a TLS URL
+//!   is refused at connect.
 //!
 //! It needs Redis 7.0 or later, checked at connect.
 

@@ -41,6 +41,8 @@ pub struct ConnectionOptions {
     pub(crate) ping_interval: Duration,
     pub(crate) tcp_keepalive: Option<Duration>,
     pub(crate) tls_ca_file: Option<PathBuf>,
+    /// The client's certificate chain and its private key, both PEM files.
+    pub(crate) tls_client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl fmt::Debug for ConnectionOptions {
@@ -55,6 +57,7 @@ impl fmt::Debug for ConnectionOptions {
             .field("ping_interval", &self.ping_interval)
             .field("tcp_keepalive", &self.tcp_keepalive)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client_cert", &self.tls_client_cert)
             .finish()
     }
 }
@@ -153,6 +156,7 @@ impl ConnectionOptions {
             ping_interval: Duration::from_secs(5),
             tcp_keepalive: Some(Duration::from_secs(15)),
             tls_ca_file: None,
+            tls_client_cert: None,
         }
     }
 
@@ -256,6 +260,26 @@ impl ConnectionOptions {
         self.tls_ca_file.as_deref()
     }
 
+    /// Presents a client certificate in the TLS handshake, for a server that asks for one
+    /// (Redis's `tls-auth-clients`, on by default when Redis serves TLS): `cert` is a PEM file
+    /// of the certificate and any intermediates, `key` a PEM file of its private key (PKCS#8,
+    /// PKCS#1 or SEC1). Read when connecting; a file that cannot be read, or a key that does
+    /// not match, fails the connect as invalid options naming the file. Needs the crate's
+    /// `tls` feature and a TLS URL.
+    ///
+    /// ```
+    /// use cqrs_redis::ConnectionOptions;
+    ///
+    /// let connection = ConnectionOptions::new("rediss://cache.internal:6380")
+    ///     .tls_ca_file("/etc/ssl/private-ca.pem")
+    ///     .tls_client_cert("/etc/app/redis-client.pem", "/etc/app/redis-client.key");
+    /// # let _ = connection;
+    /// ```
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
     /// The unresponsive timeout in force: the one set, or twice the command timeout.
     pub(crate) fn unresponsive(&self) -> Duration {
         self.unresponsive_timeout
@@ -289,12 +313,19 @@ impl ConnectionOptions {
                  Cargo.toml), or connect with a plain `redis://` URL on a private network",
                 redacted_url(&self.url),
             ));
-        } else if self.tls_ca_file.is_some() && !asks_for_tls(&self.url) {
-            problems.push(format!(
-                "tls_ca_file is set, but url `{}` does not ask for TLS: use `rediss://` (or \
-                 `valkeys://`), or drop tls_ca_file",
-                redacted_url(&self.url)
-            ));
+        } else if !asks_for_tls(&self.url) {
+            for (set, name) in [
+                (self.tls_ca_file.is_some(), "tls_ca_file"),
+                (self.tls_client_cert.is_some(), "tls_client_cert"),
+            ] {
+                if set {
+                    problems.push(format!(
+                        "{name} is set, but url `{}` does not ask for TLS: use `rediss://` (or \
+                         `valkeys://`), or drop {name}",
+                        redacted_url(&self.url)
+                    ));
+                }
+            }
         }
         if self.command_timeout.is_zero() {
             problems.push(format!(
@@ -862,18 +893,26 @@ mod tests {
         );
     }
 
-    /// A CA file with a plain URL would silently go unused: refused, saying what to do.
+    /// A CA file or client certificate with a plain URL would silently go unused: refused,
+    /// saying what to do.
     #[test]
-    fn a_tls_ca_file_with_a_plain_url_is_refused() {
-        let connection =
-            ConnectionOptions::new("redis://app:s3cret@cache.internal:6379").tls_ca_file("ca.pem");
-        let Err(error) = RedisStreamOptions::with_connection(connection).validate() else {
-            panic!("a CA file with a plain URL passes");
-        };
-        let message = error.to_string();
-        assert!(message.contains("tls_ca_file is set, but url"), "{message}");
-        assert!(message.contains("use `rediss://`"), "{message}");
-        assert!(!message.contains("s3cret"), "{message}");
+    fn tls_files_with_a_plain_url_are_refused() {
+        let plain = || ConnectionOptions::new("redis://app:s3cret@cache.internal:6379");
+        for (connection, name) in [
+            (plain().tls_ca_file("ca.pem"), "tls_ca_file"),
+            (plain().tls_client_cert("c.pem", "c.key"), "tls_client_cert"),
+        ] {
+            let Err(error) = RedisStreamOptions::with_connection(connection).validate() else {
+                panic!("{name} with a plain URL passes");
+            };
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("{name} is set, but url")),
+                "{message}"
+            );
+            assert!(message.contains("use `rediss://`"), "{message}");
+            assert!(!message.contains("s3cret"), "{message}");
+        }
     }
 
     /// fred parses the plain form of every TLS scheme; the rest of the URL is kept as given.

@@ -1,12 +1,14 @@
 //! The TLS configuration of a `rediss://` connection (the `tls` feature): rustls with ring,
 //! trusting the system's root certificates or the CA file of
-//! [`ConnectionOptions::tls_ca_file`](crate::ConnectionOptions::tls_ca_file).
+//! [`ConnectionOptions::tls_ca_file`](crate::ConnectionOptions::tls_ca_file), with the client
+//! certificate of
+//! [`ConnectionOptions::tls_client_cert`](crate::ConnectionOptions::tls_client_cert) if set.
 
 use crate::{ConnectError, ConnectionOptions};
 use fred::error::{Error as FredError, ErrorKind as FredKind};
 use fred::types::config::{Config, TlsConfig, TlsConnector};
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +19,11 @@ pub(crate) fn applied(
     options: &ConnectionOptions,
 ) -> Result<Config, ConnectError> {
     if crate::options::asks_for_tls(&options.url) {
-        let tls = self::config(options.tls_ca_file.as_deref()).map_err(|problem| {
+        let client_cert = options
+            .tls_client_cert
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        let tls = self::config(options.tls_ca_file.as_deref(), client_cert).map_err(|problem| {
             ConnectError::Invalid {
                 problems: vec![problem],
             }
@@ -30,37 +36,69 @@ pub(crate) fn applied(
 /// A client configuration with ring as its crypto provider, named here rather than taken
 /// from the process default: rustls panics when asked for the default in a program that
 /// links two providers (another dependency may bring aws-lc-rs).
-pub(crate) fn config(ca_file: Option<&Path>) -> Result<TlsConfig, String> {
+pub(crate) fn config(
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<TlsConfig, String> {
     let roots = match ca_file {
         Some(path) => roots_from_file(path)?,
         None => system_roots()?,
     };
-    let config =
+    let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS cannot be set up: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certificates(cert, "tls_client_cert")?;
+            let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                format!(
+                    "tls_client_cert key `{}` cannot be used: {e} (expected a PEM private key: \
+                     PKCS#8, PKCS#1 or SEC1)",
+                    key.display()
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, private_key)
+                .map_err(|e| {
+                    format!(
+                        "tls_client_cert `{}` with key `{}` cannot be used: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?
+        }
+    };
     Ok(TlsConnector::from(config).into())
 }
 
-fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
+/// The certificates in the PEM file at `path` (given with the option `setting`), at least one.
+fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let shown = path.display();
     let pem =
-        std::fs::read(path).map_err(|e| format!("tls_ca_file `{shown}` cannot be read: {e}"))?;
+        std::fs::read(path).map_err(|e| format!("{setting} `{shown}` cannot be read: {e}"))?;
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls_ca_file `{shown}` is not a PEM certificate file: {e}"))?;
+        .map_err(|e| format!("{setting} `{shown}` is not a PEM certificate file: {e}"))?;
     if certificates.is_empty() {
         return Err(format!(
-            "tls_ca_file `{shown}` holds no certificate (expected PEM blocks that begin with \
+            "{setting} `{shown}` holds no certificate (expected PEM blocks that begin with \
              `-----BEGIN CERTIFICATE-----`)"
         ));
     }
+    Ok(certificates)
+}
+
+fn roots_from_file(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    for certificate in certificates {
+    for certificate in certificates(path, "tls_ca_file")? {
         roots.add(certificate).map_err(|e| {
-            format!("tls_ca_file `{shown}` holds a certificate rustls refuses: {e}")
+            format!(
+                "tls_ca_file `{}` holds a certificate rustls refuses: {e}",
+                path.display()
+            )
         })?;
     }
     Ok(roots)

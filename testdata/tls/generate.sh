@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes the certificates the TLS tests use: a test CA, a server certificate it signed for
-# `localhost` and 127.0.0.1, and a second CA that signed nothing here (a client that trusts
-# only it must refuse the server). Valid for 100 years; test-only keys, never for real use.
+# `localhost` and 127.0.0.1, a client certificate it signed (for servers that ask clients for
+# one), and a second CA that signed nothing here (a client that trusts only it must refuse the
+# server). Valid for 100 years; test-only keys, never for real use.
 # Run from this directory: `bash generate.sh` (needs the openssl command).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,4 +25,11 @@ openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha25
         "keyUsage=critical,digitalSignature" \
         "extendedKeyUsage=serverAuth" \
         "subjectAltName=DNS:localhost,IP:127.0.0.1") 2>/dev/null
-rm -f server.csr ca.srl ca.key other-ca.key
+key client.key
+openssl req -new -key client.key -subj "/CN=cqrs test client" -out client.csr
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
+    -days "$days" -out client.pem -extfile <(printf '%s\n' \
+        "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" \
+        "extendedKeyUsage=clientAuth") 2>/dev/null
+rm -f server.csr client.csr ca.srl ca.key other-ca.key

@@ -2,11 +2,13 @@
 //! certificate (`server.pem`, signed by `ca.pem`, for `localhost` and 127.0.0.1) and forwards
 //! the plain bytes to the real server, so a client's whole TLS path (handshake, certificate
 //! and host name checks) runs against a real Postgres or Redis behind it. Shared by the test
-//! binaries of `cqrs-postgres` and `cqrs-redis` (included with `#[path]`).
+//! binaries of `cqrs-postgres` and `cqrs-redis` (included with `#[path]`). It can also ask
+//! clients for a certificate the test CA signed (`client.pem`).
 
-use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,18 +47,48 @@ impl TlsProxy {
     /// The same on `ip` (another loopback address, 127.0.0.2, is one the test certificate
     /// does not name).
     pub(crate) async fn start_on(ip: &str, upstream: String, preamble: Preamble) -> TlsProxy {
+        Self::launch(ip, upstream, preamble, false).await
+    }
+
+    /// On 127.0.0.1, accepting only clients that present a certificate the test CA signed.
+    #[allow(dead_code)] // Each test binary uses what it needs.
+    pub(crate) async fn start_requiring_client_certs(
+        upstream: String,
+        preamble: Preamble,
+    ) -> TlsProxy {
+        Self::launch("127.0.0.1", upstream, preamble, true).await
+    }
+
+    async fn launch(
+        ip: &str,
+        upstream: String,
+        preamble: Preamble,
+        client_certs: bool,
+    ) -> TlsProxy {
         let certificates = CertificateDer::pem_file_iter(tls_file("server.pem"))
             .expect("read server.pem")
             .collect::<Result<Vec<_>, _>>()
             .expect("parse server.pem");
         let key = PrivateKeyDer::from_pem_file(tls_file("server.key")).expect("read server.key");
-        let config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("TLS versions")
-                .with_no_client_auth()
-                .with_single_cert(certificates, key)
-                .expect("the test certificate and key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions");
+        let builder = if client_certs {
+            let mut roots = RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(tls_file("ca.pem")).expect("read ca.pem") {
+                roots.add(ca.expect("parse ca.pem")).expect("the test CA");
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .expect("a client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = builder
+            .with_single_cert(certificates, key)
+            .expect("the test certificate and key");
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind((ip, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");

@@ -128,6 +128,7 @@ async fn a_server_the_trusted_ca_did_not_sign_is_refused() {
         assert_eq!(error.kind(), ErrorKind::Invalid);
         let message = error.to_string();
         assert!(message.contains("tls_ca_file"), "{message}");
+        assert!(!message.contains("set tls_client_cert"), "{message}");
         assert!(!message.contains("s3cret"), "{message}");
         assert_eq!(proxy.handshakes(), 0, "no handshake completed");
     })
@@ -155,6 +156,59 @@ async fn a_certificate_that_does_not_name_the_host_is_refused() {
     .await;
 }
 
+/// A server that asks clients for a certificate (Redis's `tls-auth-clients`) takes one the
+/// test CA signed, given with `tls_client_cert`; without it the connect is a TLS error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_presented_when_the_server_asks_for_one() {
+    if !reachable().await {
+        return;
+    }
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    let (address, database) = host.split_once('/').unwrap_or((host.as_str(), ""));
+    let proxy = TlsProxy::start_requiring_client_certs(address.to_owned(), Preamble::None).await;
+    let url = format!(
+        "rediss://{}127.0.0.1:{}/{database}",
+        redis_userinfo(),
+        proxy.addr.port()
+    );
+    within(30, async {
+        let without = RedisPubSubOptions::with_connection(over(&url))
+            .connect()
+            .await
+            .expect_err("the server wants a client certificate");
+        let ConnectError::Tls { reason, .. } = &without else {
+            panic!("not a TLS error: {without:?}");
+        };
+        assert!(reason.contains("CertificateRequired"), "{reason}");
+        let message = without.to_string();
+        assert!(message.contains("set tls_client_cert"), "{message}");
+        assert_eq!(proxy.handshakes(), 0);
+
+        let id = test_id("tls-client-cert");
+        let pubsub = RedisPubSubOptions::with_connection(
+            over(&url).tls_client_cert(tls_file("client.pem"), tls_file("client.key")),
+        )
+        .channel_prefix(key_prefix(&id))
+        .connect()
+        .await
+        .expect("connect with a client certificate");
+        let mut subscription = pubsub.subscribe("news").await.expect("subscribe");
+        pubsub
+            .publish("news", Arc::from("signed"))
+            .await
+            .expect("publish");
+        let message = tokio::time::timeout(Duration::from_secs(5), subscription.recv())
+            .await
+            .expect("the message arrives")
+            .expect("the subscription is open");
+        assert_eq!(&*message.payload, "signed");
+        assert!(proxy.handshakes() >= 2, "{} handshakes", proxy.handshakes());
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_file_that_cannot_be_used_is_invalid_options_naming_it() {
     let missing = tls_file("no-such-ca.pem");
@@ -174,5 +228,24 @@ async fn a_ca_file_that_cannot_be_used_is_invalid_options_naming_it() {
         let message = error.to_string();
         assert!(message.contains(&path.display().to_string()), "{message}");
         assert!(message.contains(says), "{says:?} in {message}");
+    }
+    // The same for a client certificate or key.
+    let missing_key = tls_file("no-such-client.key");
+    for (cert, key, names) in [
+        (&missing, &tls_file("client.key"), &missing),
+        (&tls_file("client.pem"), &missing_key, &missing_key),
+    ] {
+        let error = RedisStreamOptions::with_connection(
+            ConnectionOptions::new("rediss://127.0.0.1:1")
+                .tls_ca_file(tls_file("ca.pem"))
+                .tls_client_cert(cert, key),
+        )
+        .connect()
+        .await
+        .expect_err("the client certificate is unusable");
+        assert!(matches!(error, ConnectError::Invalid { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains(&names.display().to_string()), "{message}");
+        assert!(message.contains("tls_client_cert"), "{message}");
     }
 }

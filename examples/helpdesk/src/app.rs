@@ -516,6 +516,11 @@ async fn postgres_backends(
             if let Some(ca) = &config.redis_tls_ca_file {
                 connection = connection.tls_ca_file(ca);
             }
+            if let (Some(cert), Some(key)) =
+                (&config.redis_tls_cert_file, &config.redis_tls_key_file)
+            {
+                connection = connection.tls_client_cert(cert, key);
+            }
             let transport = RedisStreamOptions::with_connection(connection.clone())
                 .key_prefix(config.redis_prefix.clone())
                 .connect()

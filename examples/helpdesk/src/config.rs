@@ -56,6 +56,15 @@ pub struct Config {
     #[arg(long, env = "REDIS_TLS_CA_FILE")]
     pub redis_tls_ca_file: Option<String>,
 
+    /// A PEM file of the client certificate to present to a `rediss://` server that asks for
+    /// one (Redis's `tls-auth-clients`). Needs REDIS_TLS_KEY_FILE.
+    #[arg(long, env = "REDIS_TLS_CERT_FILE")]
+    pub redis_tls_cert_file: Option<String>,
+
+    /// A PEM file of the private key of REDIS_TLS_CERT_FILE.
+    #[arg(long, env = "REDIS_TLS_KEY_FILE")]
+    pub redis_tls_key_file: Option<String>,
+
     /// The Postgres schema holding every table (the framework's and the plugins'). Instances
     /// serving one helpdesk share it; another schema is another, independent helpdesk.
     #[arg(long, env = "HELPDESK_DATABASE_SCHEMA", default_value = "helpdesk")]
@@ -216,6 +225,8 @@ impl std::fmt::Debug for Config {
             )
             .field("redis_url", &self.redis_url.as_deref().map(redacted_url))
             .field("redis_tls_ca_file", &self.redis_tls_ca_file)
+            .field("redis_tls_cert_file", &self.redis_tls_cert_file)
+            .field("redis_tls_key_file", &self.redis_tls_key_file)
             .field("database_schema", &self.database_schema)
             .field("redis_prefix", &self.redis_prefix)
             .field(
@@ -317,6 +328,8 @@ impl Config {
             &mut config.database_url,
             &mut config.redis_url,
             &mut config.redis_tls_ca_file,
+            &mut config.redis_tls_cert_file,
+            &mut config.redis_tls_key_file,
             &mut config.jwt_secret,
             &mut config.agent_code,
         ] {
@@ -352,8 +365,20 @@ impl Config {
         {
             problems.push("HELPDESK_AGENT_EMAILS is set without HELPDESK_AGENT_CODE: the list alone proves nothing, as anyone may register any address; set HELPDESK_AGENT_CODE to a secret of at least 16 bytes (try `openssl rand -hex 16`) and give it to the agents, who send it as `agent_code` when they register".into());
         }
-        if self.redis_tls_ca_file.is_some() && self.redis_url.is_none() {
-            problems.push("REDIS_TLS_CA_FILE is set without REDIS_URL: set REDIS_URL to a rediss:// URL, or unset REDIS_TLS_CA_FILE".into());
+        for (set, name) in [
+            (self.redis_tls_ca_file.is_some(), "REDIS_TLS_CA_FILE"),
+            (self.redis_tls_cert_file.is_some(), "REDIS_TLS_CERT_FILE"),
+            (self.redis_tls_key_file.is_some(), "REDIS_TLS_KEY_FILE"),
+        ] {
+            if set && self.redis_url.is_none() {
+                problems.push(format!("{name} is set without REDIS_URL: set REDIS_URL to a rediss:// URL, or unset {name}"));
+            }
+        }
+        if self.redis_tls_cert_file.is_some() != self.redis_tls_key_file.is_some() {
+            problems.push(
+                "REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE go together: set both, or neither"
+                    .into(),
+            );
         }
         if self.redis_url.is_some() && self.database_url.is_none() {
             problems.push("REDIS_URL is set without DATABASE_URL: durable events need durable state; set DATABASE_URL too, or unset REDIS_URL".into());

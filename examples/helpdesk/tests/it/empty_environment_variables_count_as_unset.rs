@@ -183,7 +183,7 @@ fn the_binary_takes_empty_variables_as_unset() {
 }
 
 /// `REDIS_TLS_CA_FILE` goes with a Redis URL: alone it is refused, saying what to do; empty it
-/// is unset; with `REDIS_URL` it is taken.
+/// is unset; with `REDIS_URL` it is taken. A client certificate needs its key.
 #[test]
 fn a_redis_ca_file_needs_a_redis_url() {
     let alone = Config::try_parse_with_env(
@@ -219,4 +219,22 @@ fn a_redis_ca_file_needs_a_redis_url() {
         Some("/etc/ssl/private-ca.pem")
     );
     with_url.validate().unwrap();
+    // A client certificate needs its key, and the other way round.
+    let half = Config::try_parse_with_env(
+        ["helpdesk"],
+        [
+            ("DATABASE_URL", "postgres://db/helpdesk"),
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("REDIS_URL", "rediss://cache.internal:6380"),
+            ("REDIS_TLS_CERT_FILE", "/etc/app/client.pem"),
+        ],
+    )
+    .unwrap();
+    let problems = half.validate().unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE go together")),
+        "{problems:?}"
+    );
 }
