@@ -123,8 +123,9 @@ pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
         _ if is_tls_failure(&error) => {
             "check that the server accepts TLS, that a CA this client trusts signed its \
              certificate (one of the system's root certificates, or the one in the URL's \
-             sslrootcert), and, with sslmode=verify-full, that the certificate names the URL's \
-             host"
+             sslrootcert), with sslmode=verify-full that the certificate names the URL's host, \
+             and, if the server asks for a client certificate, that the URL's sslcert and \
+             sslkey give one it accepts"
         }
         _ => {
             "check that the server runs there and that the URL's host, port, database and \

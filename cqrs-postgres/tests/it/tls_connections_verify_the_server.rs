@@ -1,7 +1,8 @@
 //! With the `tls` feature, `sslmode=verify-full` with `sslrootcert` connects over TLS and
 //! checks the server: the adapters work through a TLS-terminating proxy in front of the real
 //! Postgres whose certificate the test CA signed, and a server the trusted CA did not sign is
-//! refused with a message that says what to check.
+//! refused with a message that says what to check; a client certificate from `sslcert` and
+//! `sslkey` is presented when the server asks for one.
 
 use crate::support::{database_url, postgres_available};
 use crate::tls_proxy::{Preamble, TlsProxy, tls_file};
@@ -11,6 +12,16 @@ use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_postgres::{PgEventStore, PgOptions};
 use std::time::Duration;
+
+/// `host:port` of `DATABASE_URL`'s server.
+fn upstream() -> String {
+    let url = url::Url::parse(&database_url()).expect("DATABASE_URL is a URL");
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or("127.0.0.1"),
+        url.port().unwrap_or(5432)
+    )
+}
 
 /// A TLS proxy in front of `DATABASE_URL`'s server, and that URL pointed at it with
 /// `sslmode=verify-full` and `sslrootcert={ca}`; `None` to skip.
@@ -24,12 +35,7 @@ async fn tls_server_on(ip: &str, mode: &str, ca: &str) -> Option<(TlsProxy, Stri
         return None;
     }
     let mut url = url::Url::parse(&database_url()).expect("DATABASE_URL is a URL");
-    let upstream = format!(
-        "{}:{}",
-        url.host_str().unwrap_or("127.0.0.1"),
-        url.port().unwrap_or(5432)
-    );
-    let proxy = TlsProxy::start_on(ip, upstream, Preamble::Postgres).await;
+    let proxy = TlsProxy::start_on(ip, upstream(), Preamble::Postgres).await;
     url.set_host(Some(ip)).expect("a host");
     url.set_port(Some(proxy.addr.port())).expect("a port");
     let kept: Vec<(String, String)> = url
@@ -134,6 +140,41 @@ async fn verify_full_refuses_a_certificate_that_does_not_name_the_host_and_verif
             .expect("verify-ca does not check the name");
         assert_eq!(db.check().await, Health::Healthy, "a query over TLS");
         assert!(ca.handshakes() >= 1);
+    })
+    .await;
+}
+
+/// A server that asks for a client certificate takes the one in the URL's `sslcert` and
+/// `sslkey`; without them the connect fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_sslcert_and_sslkey_is_presented_when_asked() {
+    let Some((_, url)) = tls_server("ca.pem").await else {
+        return;
+    };
+    let mut url = url::Url::parse(&url).expect("a URL");
+    let proxy = TlsProxy::start_requiring_client_certs(upstream(), Preamble::Postgres).await;
+    url.set_port(Some(proxy.addr.port())).expect("a port");
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        let connect = |url: String| {
+            PgOptions::new(url)
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect()
+        };
+        let without = connect(url.to_string())
+            .await
+            .expect_err("the server wants a client certificate");
+        let message = without.to_string();
+        assert!(message.contains("CertificateRequired"), "{message}");
+        assert!(message.contains("sslcert and sslkey"), "{message}");
+        url.query_pairs_mut()
+            .append_pair("sslcert", &tls_file("client.pem").display().to_string())
+            .append_pair("sslkey", &tls_file("client.key").display().to_string());
+        let db = connect(url.to_string())
+            .await
+            .expect("connect with a client certificate");
+        assert_eq!(db.check().await, Health::Healthy, "a query over TLS");
+        assert!(proxy.handshakes() >= 1);
     })
     .await;
 }
