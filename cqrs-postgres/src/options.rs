@@ -235,7 +235,7 @@ impl PgOptions {
             }
             Ok(o) => {
                 #[cfg(feature = "tls")]
-                tls_file_problems(&o, &mut problems);
+                tls_file_problems(&self.url, o.get_ssl_mode(), &mut problems);
                 Some(o)
             }
             Err(e) => {
@@ -399,29 +399,53 @@ impl PgOptions {
 }
 
 /// The certificate and key files TLS would read (`sslrootcert`, `sslcert`, `sslkey`, from the
-/// URL or `PGSSLROOTCERT` / `PGSSLCERT` / `PGSSLKEY`) that cannot be read: sqlx reads them
-/// only at connect, and reports a missing one as an I/O error that reads like an unreachable
-/// server.
+/// URL, else `PGSSLROOTCERT` / `PGSSLCERT` / `PGSSLKEY`, as sqlx takes them) that cannot be
+/// read, and a certificate without its key or the other way round: sqlx finds these only at
+/// connect, and reports a missing file as an I/O error that reads like an unreachable server.
+/// Nothing is read with `sslmode=disable` or `allow` (sqlx never uses TLS then).
 #[cfg(feature = "tls")]
-fn tls_file_problems(connect: &PgConnectOptions, problems: &mut Vec<String>) {
-    use sqlx::ConnectOptions;
-    if matches!(connect.get_ssl_mode(), PgSslMode::Disable) {
+fn tls_file_problems(url: &str, mode: PgSslMode, problems: &mut Vec<String>) {
+    if matches!(mode, PgSslMode::Disable | PgSslMode::Allow) {
         return;
     }
-    // sqlx keeps the settings private; its URL form shows a file as `file: {path}` (an inline
-    // PEM as itself, which needs no file).
-    for (key, value) in connect.to_url_lossy().query_pairs() {
-        if !matches!(&*key, "sslrootcert" | "sslcert" | "sslkey") {
+    // The URL's parameters (sqlx's spellings), else the environment.
+    let in_url: Vec<(String, String)> = url::Url::parse(url)
+        .map(|parsed| {
+            parsed
+                .query_pairs()
+                .map(|(key, value)| (key.into_owned(), value.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let setting = |names: &[&str], variable: &str| -> Option<(String, String)> {
+        let from_url = in_url
+            .iter()
+            .rev()
+            .find(|(key, _)| names.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()));
+        from_url.or_else(|| {
+            std::env::var(variable)
+                .ok()
+                .map(|value| (variable.to_owned(), value))
+        })
+    };
+    let root = setting(&["sslrootcert", "ssl-root-cert", "ssl-ca"], "PGSSLROOTCERT");
+    let cert = setting(&["sslcert", "ssl-cert"], "PGSSLCERT");
+    let key = setting(&["sslkey", "ssl-key"], "PGSSLKEY");
+    if cert.is_some() != key.is_some() {
+        problems.push(
+            "a client certificate (sslcert / PGSSLCERT) and its key (sslkey / PGSSLKEY) go \
+             together: give both, or neither"
+                .to_owned(),
+        );
+    }
+    for (name, value) in [root, cert, key].into_iter().flatten() {
+        // An inline PEM (sqlx takes one in place of a path) needs no file.
+        if value.trim().starts_with("-----BEGIN") {
             continue;
         }
-        let Some(path) = value.strip_prefix("file: ") else {
-            continue;
-        };
-        if let Err(e) = std::fs::File::open(path) {
-            problems.push(format!(
-                "{key} `{path}` (from the database URL or PG{}) cannot be read: {e}",
-                key.to_ascii_uppercase()
-            ));
+        if let Err(e) = std::fs::File::open(&value) {
+            problems.push(format!("{name} `{value}` cannot be read: {e}"));
         }
     }
 }
@@ -575,14 +599,26 @@ mod tests {
             assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
             let message = error.to_string();
             assert!(
-                message.contains(&format!("{key} `/nonexistent/{key}.pem`")),
+                message.contains(&format!("{key} `/nonexistent/{key}.pem` cannot be read")),
                 "{message}"
             );
             assert!(message.contains("cannot be read"), "{message}");
             assert!(!message.contains("s3cret"), "{message}");
         }
-        let unused = format!("{url}?sslmode=disable&sslrootcert=/nonexistent/ca.pem");
-        assert!(PgOptions::new(unused).validate().is_ok());
+        for mode in ["disable", "allow"] {
+            let unused = format!("{url}?sslmode={mode}&sslrootcert=/nonexistent/ca.pem");
+            assert!(PgOptions::new(unused).validate().is_ok(), "sslmode={mode}");
+        }
+        // A client certificate needs its key.
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/tls/ca.pem");
+        let error = PgOptions::new(format!("{url}?sslmode=require&sslcert={ca}"))
+            .validate()
+            .unwrap_err();
+        assert!(error.to_string().contains("go together"), "{error}");
+        // A host sqlx cannot write back into a URL (an IPv6 address in `host=`) is checked
+        // without building one (sqlx's URL form panicked on it).
+        let ipv6 = "postgres://app@localhost/app?host=::1&sslmode=prefer";
+        assert!(PgOptions::new(ipv6).validate().is_ok());
     }
 
     /// A failed connect names the host, port and database it tried, never the password, and

@@ -202,15 +202,23 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
     transport_error(error).into()
 }
 
-/// `host:port` of `url`, for messages (never the credentials).
+/// `host:port` of `url`, for messages (never the credentials): the server the first
+/// connection goes to (a sentinel's default port is 26379).
 #[cfg(feature = "tls")]
 fn server_of(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(parsed) => format!(
-            "{}:{}",
-            parsed.host_str().unwrap_or("?"),
-            parsed.port().unwrap_or(6379)
-        ),
+        Ok(parsed) => {
+            let default_port = if parsed.scheme().ends_with("-sentinel") {
+                26379
+            } else {
+                6379
+            };
+            format!(
+                "{}:{}",
+                parsed.host_str().unwrap_or("?"),
+                parsed.port().unwrap_or(default_port)
+            )
+        }
         Err(_) => "(the URL's server)".to_owned(),
     }
 }

@@ -1,6 +1,6 @@
 //! `connect` reports every problem of the options at once, an unreachable server as a
-//! retryable error, a TLS URL as a configuration error, and refuses a consumer name already
-//! in use in the process, saying how to fix it.
+//! retryable error, and refuses a consumer name already in use in the process, saying how to
+//! fix it. (A TLS URL in a build without TLS: the options' unit tests, for both builds.)
 
 use crate::support::{Env, consumer_options, unreachable, within};
 use cqrs_core::ErrorKind;
@@ -41,29 +41,6 @@ async fn connect_reports_bad_options_and_unreachable_servers() {
         }),
     )
     .await;
-}
-
-/// Without the `tls` feature, a TLS URL is refused before any connect, as a configuration
-/// error (not retryable) that says how to turn TLS on; the password stays out of the message.
-#[cfg(not(feature = "tls"))]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_url_is_refused_as_configuration() {
-    let url = "rediss://app:s3cret@127.0.0.1:6380";
-    let stream = RedisStreamOptions::new(url)
-        .connect()
-        .await
-        .expect_err("TLS is not built in");
-    let pubsub = cqrs_redis::RedisPubSubOptions::new(url)
-        .connect()
-        .await
-        .expect_err("TLS is not built in");
-    for error in [stream, pubsub] {
-        assert_eq!(error.kind(), ErrorKind::Invalid, "{error}");
-        let message = error.to_string();
-        assert!(message.contains("without its `tls` feature"), "{message}");
-        assert!(message.contains("features = [\"tls\"]"), "{message}");
-        assert!(!message.contains("s3cret"), "{message}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -182,8 +182,9 @@ fn the_binary_takes_empty_variables_as_unset() {
     assert_eq!(status.code(), Some(1), "{stderr}");
 }
 
-/// `REDIS_TLS_CA_FILE` goes with a Redis URL: alone it is refused, saying what to do; empty it
-/// is unset; with `REDIS_URL` it is taken. A client certificate needs its key.
+/// `REDIS_TLS_CA_FILE` goes with a TLS Redis URL: alone or with a plain `redis://` URL it is
+/// refused, saying what to do; empty it is unset; with a `rediss://` URL it is taken. A client
+/// certificate needs its key.
 #[test]
 fn a_redis_ca_file_needs_a_redis_url() {
     let alone = Config::try_parse_with_env(
@@ -200,6 +201,23 @@ fn a_redis_ca_file_needs_a_redis_url() {
         problems
             .iter()
             .any(|p| p.contains("REDIS_TLS_CA_FILE is set without REDIS_URL")),
+        "{problems:?}"
+    );
+    let plain = Config::try_parse_with_env(
+        ["helpdesk"],
+        [
+            ("DATABASE_URL", "postgres://db/helpdesk"),
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("REDIS_URL", "redis://cache.internal:6379"),
+            ("REDIS_TLS_CA_FILE", "/etc/ssl/private-ca.pem"),
+        ],
+    )
+    .unwrap();
+    let problems = plain.validate().unwrap_err();
+    assert!(
+        problems.iter().any(|p| p.contains(
+            "REDIS_TLS_CA_FILE is set, but REDIS_URL does not ask for TLS: use a rediss:// URL"
+        )),
         "{problems:?}"
     );
     let empty = Config::try_parse_with_env(["helpdesk"], [("REDIS_TLS_CA_FILE", "")]).unwrap();
