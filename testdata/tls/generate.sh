@@ -17,19 +17,16 @@ for ca in ca other-ca; do
         -addext "keyUsage=critical,keyCertSign,cRLSign"
 done
 
-key server.key
-openssl req -new -key server.key -subj "/CN=localhost" -out server.csr
-openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
-    -days "$days" -out server.pem -extfile <(printf '%s\n' \
-        "basicConstraints=critical,CA:FALSE" \
-        "keyUsage=critical,digitalSignature" \
-        "extendedKeyUsage=serverAuth" \
-        "subjectAltName=DNS:localhost,IP:127.0.0.1") 2>/dev/null
-key client.key
-openssl req -new -key client.key -subj "/CN=cqrs test client" -out client.csr
-openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
-    -days "$days" -out client.pem -extfile <(printf '%s\n' \
-        "basicConstraints=critical,CA:FALSE" \
-        "keyUsage=critical,digitalSignature" \
-        "extendedKeyUsage=clientAuth") 2>/dev/null
+# sign NAME CN EXTENSIONS...: a key and a certificate for NAME that the test CA signed.
+sign() {
+    local name=$1 cn=$2; shift 2
+    key "$name.key"
+    openssl req -new -key "$name.key" -subj "/CN=$cn" -out "$name.csr"
+    openssl x509 -req -in "$name.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -sha256 \
+        -days "$days" -out "$name.pem" -extfile <(printf '%s\n' \
+            "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" "$@") \
+        2>/dev/null
+}
+sign server localhost "extendedKeyUsage=serverAuth" "subjectAltName=DNS:localhost,IP:127.0.0.1"
+sign client "cqrs test client" "extendedKeyUsage=clientAuth"
 rm -f server.csr client.csr ca.srl ca.key other-ca.key
