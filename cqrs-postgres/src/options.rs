@@ -229,15 +229,17 @@ impl PgOptions {
                 );
                 None
             }
-            Ok(o) if let Some(problem) = tls_support_problem(o.get_ssl_mode(), TLS_BUILT) => {
-                problems.push(problem);
-                None
-            }
-            Ok(o) => {
-                #[cfg(feature = "tls")]
-                tls_file_problems(&self.url, o.get_ssl_mode(), &mut problems);
-                Some(o)
-            }
+            Ok(o) => match tls_support_problem(o.get_ssl_mode(), TLS_BUILT) {
+                Some(problem) => {
+                    problems.push(problem);
+                    None
+                }
+                None => {
+                    #[cfg(feature = "tls")]
+                    tls_file_problems(&self.url, o.get_ssl_mode(), &mut problems);
+                    Some(o)
+                }
+            },
             Err(e) => {
                 // sqlx's message does not repeat the URL, which may hold a password.
                 problems.push(format!("the database URL is not a postgres URL: {e}"));

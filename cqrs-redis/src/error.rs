@@ -29,8 +29,9 @@ pub enum ConnectError {
     /// The TLS handshake failed: the server's certificate was refused (signed by a CA this
     /// client does not trust, or not naming the URL's host), the server refused this client
     /// (no client certificate, or one it does not accept), or the server broke the protocol.
-    /// Fix the configuration (`tls_ca_file`, the URL); retrying does not help. (A server that
-    /// speaks plain RESP on the port does not answer the handshake: that connect times out.)
+    /// Fix the configuration (`tls_ca_file`, `tls_client_cert`, the URL); retrying does not
+    /// help. Only with the crate's `tls` feature. (A server that speaks plain RESP on the port
+    /// does not answer the handshake: that connect times out.)
     #[error("TLS to redis at {server} failed: {reason}; {}", tls_advice(reason))]
     Tls {
         /// The server, `host:port`.
