@@ -43,6 +43,11 @@ pub struct ConnectionOptions {
     pub(crate) tls_ca_file: Option<PathBuf>,
     /// The client's certificate chain and its private key, both PEM files.
     pub(crate) tls_client_cert: Option<(PathBuf, PathBuf)>,
+    /// The TLS configuration built from the files above, once, for every client made with
+    /// these options (and their clones): a transport's consumers and a pub/sub's two clients
+    /// do not read the files and the system's store again. A TLS setter starts a new one.
+    #[cfg(feature = "tls")]
+    pub(crate) tls_config: std::sync::Arc<std::sync::OnceLock<fred::types::config::TlsConfig>>,
 }
 
 impl fmt::Debug for ConnectionOptions {
@@ -157,6 +162,8 @@ impl ConnectionOptions {
             tcp_keepalive: Some(Duration::from_secs(15)),
             tls_ca_file: None,
             tls_client_cert: None,
+            #[cfg(feature = "tls")]
+            tls_config: Default::default(),
         }
     }
 
@@ -252,7 +259,21 @@ impl ConnectionOptions {
     /// ```
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_ca_file = Some(path.into());
+        self.tls_settings_changed();
         self
+    }
+
+    /// Whether the URL asks for TLS: `rediss://` or `valkeys://`, and their `-cluster` and
+    /// `-sentinel` forms.
+    ///
+    /// ```
+    /// use cqrs_redis::ConnectionOptions;
+    ///
+    /// assert!(ConnectionOptions::new("rediss://cache.internal:6380").uses_tls());
+    /// assert!(!ConnectionOptions::new("redis://127.0.0.1:6379").uses_tls());
+    /// ```
+    pub fn uses_tls(&self) -> bool {
+        asks_for_tls(&self.url)
     }
 
     /// The CA file set with [`tls_ca_file`](Self::tls_ca_file), if any.
@@ -277,7 +298,17 @@ impl ConnectionOptions {
     /// ```
     pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.tls_client_cert = Some((cert.into(), key.into()));
+        self.tls_settings_changed();
         self
+    }
+
+    /// A TLS setting changed: the configuration built from the old ones (shared with clones
+    /// made before) no longer applies to these options.
+    fn tls_settings_changed(&mut self) {
+        #[cfg(feature = "tls")]
+        {
+            self.tls_config = Default::default();
+        }
     }
 
     /// The unresponsive timeout in force: the one set, or twice the command timeout.

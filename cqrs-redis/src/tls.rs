@@ -13,23 +13,34 @@ use rustls::{ClientConfig, RootCertStore};
 use std::path::Path;
 use std::sync::Arc;
 
-/// `config` with TLS set up when the options' URL asks for it.
+/// `config` with TLS set up when the options' URL asks for it, built once per options.
 pub(crate) fn applied(
     mut config: Config,
     options: &ConnectionOptions,
 ) -> Result<Config, ConnectError> {
-    if crate::options::asks_for_tls(&options.url) {
-        let client_cert = options
-            .tls_client_cert
-            .as_ref()
-            .map(|(cert, key)| (cert.as_path(), key.as_path()));
-        let tls = self::config(options.tls_ca_file.as_deref(), client_cert).map_err(|problem| {
-            ConnectError::Invalid {
-                problems: vec![problem],
-            }
-        })?;
-        config.tls = Some(tls);
+    if !crate::options::asks_for_tls(&options.url) {
+        return Ok(config);
     }
+    let tls = match options.tls_config.get() {
+        Some(tls) => tls.clone(),
+        None => {
+            let client_cert = options
+                .tls_client_cert
+                .as_ref()
+                .map(|(cert, key)| (cert.as_path(), key.as_path()));
+            let tls =
+                self::config(options.tls_ca_file.as_deref(), client_cert).map_err(|problem| {
+                    ConnectError::Invalid {
+                        problems: vec![problem],
+                    }
+                })?;
+            // Only a configuration that was built is kept: a file fixed after a failed
+            // connect is read on the next.
+            let _ = options.tls_config.set(tls.clone());
+            tls
+        }
+    };
+    config.tls = Some(tls);
     Ok(config)
 }
 
@@ -141,4 +152,35 @@ pub(crate) fn failure(error: &FredError) -> Option<String> {
     let tls = *error.kind() == FredKind::Tls
         || (*error.kind() == FredKind::IO && details.contains("kind: InvalidData"));
     tls.then(|| details.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration is built once per options and their clones: a CA file gone after the
+    /// first connect is not read again; setting a CA file anew builds anew.
+    #[test]
+    fn the_configuration_is_built_once_per_options() {
+        let ca = std::env::temp_dir().join(format!("cqrs-redis-ca-{}.pem", uuid::Uuid::new_v4()));
+        std::fs::copy(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/tls/ca.pem"),
+            &ca,
+        )
+        .unwrap();
+        let options = ConnectionOptions::new("rediss://127.0.0.1:6380").tls_ca_file(&ca);
+        let config = || Config::from_url("redis://127.0.0.1:6380").unwrap();
+        assert!(applied(config(), &options).unwrap().tls.is_some());
+        std::fs::remove_file(&ca).unwrap();
+        let clone = options.clone();
+        assert!(
+            applied(config(), &clone).unwrap().tls.is_some(),
+            "built once"
+        );
+        let Err(ConnectError::Invalid { problems }) = applied(config(), &clone.tls_ca_file(&ca))
+        else {
+            panic!("a CA file set anew is read anew");
+        };
+        assert!(problems[0].contains("cannot be read"), "{problems:?}");
+    }
 }

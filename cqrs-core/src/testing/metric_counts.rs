@@ -60,6 +60,30 @@ impl MetricCounts {
             .map_or(0, |c| c.0.load(Ordering::SeqCst))
     }
 
+    /// Every series recorded so far, as `name{k=v,...}`, in order.
+    ///
+    /// ```
+    /// use cqrs_core::testing::MetricCounts;
+    ///
+    /// let counts = MetricCounts::default();
+    /// metrics::with_local_recorder(&counts, || {
+    ///     metrics::counter!("orders_total", "outcome" => "ok").increment(1);
+    ///     metrics::counter!("orders_total", "outcome" => "failed").increment(1);
+    /// });
+    /// assert_eq!(
+    ///     counts.series(),
+    ///     ["orders_total{outcome=failed}", "orders_total{outcome=ok}"]
+    /// );
+    /// ```
+    pub fn series(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     fn slot(&self, key: &Key) -> Arc<Count> {
         let labels: Vec<String> = key
             .labels()

@@ -10,8 +10,17 @@ use cqrs_core::ErrorKind;
 use cqrs_core::Position;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::runtime::{Health, HealthCheck};
-use cqrs_postgres::{PgEventStore, PgOptions};
+use cqrs_postgres::{PgDatabase, PgError, PgEventStore, PgOptions};
 use std::time::Duration;
+
+/// A pool of one connection to `url`, connected (or the error of trying, within 5 s).
+async fn connect_one(url: String) -> Result<PgDatabase, PgError> {
+    PgOptions::new(url)
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
 
 /// `host:port` of `DATABASE_URL`'s server.
 fn upstream() -> String {
@@ -90,10 +99,7 @@ async fn a_server_the_trusted_ca_did_not_sign_is_refused_saying_what_to_check() 
         return;
     };
     cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
-        let error = PgOptions::new(url)
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect()
+        let error = connect_one(url)
             .await
             .expect_err("the server's certificate is not signed by other-ca");
         let message = error.to_string();
@@ -121,10 +127,7 @@ async fn verify_full_refuses_a_certificate_that_does_not_name_the_host_and_verif
         return;
     };
     cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
-        let error = PgOptions::new(full_url)
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect()
+        let error = connect_one(full_url)
             .await
             .expect_err("the certificate does not name 127.0.0.2");
         let message = error.to_string();
@@ -132,10 +135,7 @@ async fn verify_full_refuses_a_certificate_that_does_not_name_the_host_and_verif
         assert!(message.contains("names the URL's host"), "{message}");
         assert_eq!(full.handshakes(), 0, "no handshake completed");
 
-        let db = PgOptions::new(ca_url)
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect()
+        let db = connect_one(ca_url)
             .await
             .expect("verify-ca does not check the name");
         assert_eq!(db.check().await, Health::Healthy, "a query over TLS");
@@ -155,13 +155,7 @@ async fn a_client_certificate_from_sslcert_and_sslkey_is_presented_when_asked() 
     let proxy = TlsProxy::start_requiring_client_certs(upstream(), Preamble::Postgres).await;
     url.set_port(Some(proxy.addr.port())).expect("a port");
     cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
-        let connect = |url: String| {
-            PgOptions::new(url)
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect()
-        };
-        let without = connect(url.to_string())
+        let without = connect_one(url.to_string())
             .await
             .expect_err("the server wants a client certificate");
         let message = without.to_string();
@@ -170,7 +164,7 @@ async fn a_client_certificate_from_sslcert_and_sslkey_is_presented_when_asked() 
         url.query_pairs_mut()
             .append_pair("sslcert", &tls_file("client.pem").display().to_string())
             .append_pair("sslkey", &tls_file("client.key").display().to_string());
-        let db = connect(url.to_string())
+        let db = connect_one(url.to_string())
             .await
             .expect("connect with a client certificate");
         assert_eq!(db.check().await, Health::Healthy, "a query over TLS");

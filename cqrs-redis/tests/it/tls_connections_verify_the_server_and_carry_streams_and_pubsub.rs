@@ -36,6 +36,26 @@ async fn tls_server_on(ip: &str) -> Option<(TlsProxy, String)> {
     Some((proxy, url))
 }
 
+/// Connects a pub/sub with `connection` under test `id`'s prefix, and checks that `text`
+/// published on a channel reaches a subscriber of it.
+async fn publish_and_receive(connection: ConnectionOptions, id: &str, text: &str) {
+    let pubsub = RedisPubSubOptions::with_connection(connection)
+        .channel_prefix(key_prefix(id))
+        .connect()
+        .await
+        .expect("connect the pub/sub over TLS");
+    let mut subscription = pubsub.subscribe("news").await.expect("subscribe");
+    pubsub
+        .publish("news", Arc::from(text))
+        .await
+        .expect("publish on the channel");
+    let message = tokio::time::timeout(Duration::from_secs(5), subscription.recv())
+        .await
+        .expect("the message arrives")
+        .expect("the subscription is open");
+    assert_eq!(&*message.payload, text);
+}
+
 /// The tests' connection settings, on `url`, trusting the test CA.
 fn over(url: &str) -> ConnectionOptions {
     ConnectionOptions::new(url)
@@ -81,21 +101,7 @@ async fn streams_and_pubsub_work_over_tls_with_a_private_ca() {
             }
             assert_eq!(seen, [1, 2, 3]);
 
-            let pubsub = RedisPubSubOptions::with_connection(over(&url))
-                .channel_prefix(key_prefix(&id))
-                .connect()
-                .await
-                .expect("connect the pub/sub over TLS");
-            let mut subscription = pubsub.subscribe("news").await.expect("subscribe");
-            pubsub
-                .publish("news", Arc::from("over tls"))
-                .await
-                .expect("publish on the channel");
-            let message = tokio::time::timeout(Duration::from_secs(5), subscription.recv())
-                .await
-                .expect("the message arrives")
-                .expect("the subscription is open");
-            assert_eq!(&*message.payload, "over tls");
+            publish_and_receive(over(&url), &id, "over tls").await;
 
             // Every connection went through the proxy's TLS: the transport's, the consumer's
             // own, the pub/sub's publisher and subscriber.
@@ -185,24 +191,8 @@ async fn a_client_certificate_is_presented_when_the_server_asks_for_one() {
         assert!(message.contains("set tls_client_cert"), "{message}");
         assert_eq!(proxy.handshakes(), 0);
 
-        let id = test_id("tls-client-cert");
-        let pubsub = RedisPubSubOptions::with_connection(
-            over(&url).tls_client_cert(tls_file("client.pem"), tls_file("client.key")),
-        )
-        .channel_prefix(key_prefix(&id))
-        .connect()
-        .await
-        .expect("connect with a client certificate");
-        let mut subscription = pubsub.subscribe("news").await.expect("subscribe");
-        pubsub
-            .publish("news", Arc::from("signed"))
-            .await
-            .expect("publish");
-        let message = tokio::time::timeout(Duration::from_secs(5), subscription.recv())
-            .await
-            .expect("the message arrives")
-            .expect("the subscription is open");
-        assert_eq!(&*message.payload, "signed");
+        let signed = over(&url).tls_client_cert(tls_file("client.pem"), tls_file("client.key"));
+        publish_and_receive(signed, &test_id("tls-client-cert"), "signed").await;
         assert!(proxy.handshakes() >= 2, "{} handshakes", proxy.handshakes());
     })
     .await;

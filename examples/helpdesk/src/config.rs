@@ -370,11 +370,10 @@ impl Config {
             (self.redis_tls_cert_file.is_some(), "REDIS_TLS_CERT_FILE"),
             (self.redis_tls_key_file.is_some(), "REDIS_TLS_KEY_FILE"),
         ] {
-            let tls_url = self.redis_url.as_deref().map(|url| {
-                let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
-                let scheme = scheme.to_ascii_lowercase();
-                scheme.starts_with("rediss") || scheme.starts_with("valkeys")
-            });
+            let tls_url = self
+                .redis_url
+                .as_deref()
+                .map(|url| cqrs_redis::ConnectionOptions::new(url).uses_tls());
             match tls_url {
                 _ if !set => {}
                 None => problems.push(format!("{name} is set without REDIS_URL: set REDIS_URL to a rediss:// URL, or unset {name}")),
