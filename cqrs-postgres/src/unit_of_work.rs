@@ -317,7 +317,8 @@ pub(crate) type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// the layer returns the unit of work through it instead of committing, and the executor
 /// commits after it has staged the idempotency response.
 ///
-/// The reply's extensions do not come back from the bus, hence a shared slot. Layers clone it
+/// The layer takes the unit of work out of the dispatch's extensions to run the handler in
+/// it, so it does not ride back in the reply: the shared slot is its way back. Layers clone it
 /// rather than take it, so every [`PgCommandLayer`](crate::PgCommandLayer) on the path hands
 /// back and none commits the claim early.
 #[derive(Clone, Default)]
