@@ -359,7 +359,12 @@ impl<P: Send + Sync + 'static> Hub<P> {
             Ok(token) => token,
             Err(message) => {
                 inner.metrics.refused("unauthorized");
-                return unauthorized(message, false);
+                let challenge = if message == NO_TOKEN {
+                    Challenge::Bare
+                } else {
+                    Challenge::InvalidRequest
+                };
+                return unauthorized(message, challenge);
             }
         };
         let principal = match inner.authenticator.authenticate(&token).await {
@@ -378,7 +383,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             }
             Err(refusal) => {
                 inner.metrics.refused("unauthorized");
-                return unauthorized(refusal.message(), true);
+                return unauthorized(refusal.message(), Challenge::InvalidToken);
             }
         };
         // Asked once; the connection is closed then. Credentials already expired would be
@@ -386,7 +391,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
         let expires_at = inner.authenticator.expires_at(&principal);
         if expires_at.is_some_and(|at| at <= inner.clock.now()) {
             inner.metrics.refused("unauthorized");
-            return unauthorized("the credentials have expired", true);
+            return unauthorized("the credentials have expired", Challenge::InvalidToken);
         }
         let upgrade = match upgrade {
             Ok(upgrade) => upgrade,
@@ -712,21 +717,34 @@ fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, &'static str> 
     match from_query {
         Some(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
         Some(_) => Err("the token query parameter is empty"),
-        None => Err(
-            "a bearer token is required: send `Authorization: Bearer <token>` or `?token=<token>`",
-        ),
+        None => Err(NO_TOKEN),
     }
 }
 
-/// 401 with its `WWW-Authenticate: Bearer` challenge (RFC 6750): with `error="invalid_token"`
-/// when a token was sent and refused, bare when none was.
-fn unauthorized(message: &str, token_refused: bool) -> Response {
+/// Why a handshake without a token is refused; any other refusal of [`bearer_token`] is of a
+/// token sent in the wrong shape.
+const NO_TOKEN: &str =
+    "a bearer token is required: send `Authorization: Bearer <token>` or `?token=<token>`";
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 6750, section 3.1).
+#[derive(Clone, Copy)]
+enum Challenge {
+    /// No token was sent.
+    Bare,
+    /// A token was sent in the wrong shape (not `Bearer`, empty).
+    InvalidRequest,
+    /// A token was sent and refused, or has expired.
+    InvalidToken,
+}
+
+/// 401 with its `WWW-Authenticate: Bearer` challenge (RFC 6750).
+fn unauthorized(message: &str, challenge: Challenge) -> Response {
     let mut response = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    let challenge = if token_refused {
-        HeaderValue::from_static("Bearer error=\"invalid_token\"")
-    } else {
-        HeaderValue::from_static("Bearer")
-    };
+    let challenge = HeaderValue::from_static(match challenge {
+        Challenge::Bare => "Bearer",
+        Challenge::InvalidRequest => "Bearer error=\"invalid_request\"",
+        Challenge::InvalidToken => "Bearer error=\"invalid_token\"",
+    });
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, challenge);

@@ -105,6 +105,15 @@ async fn refusals_are_json_over_plain_http() {
             "{response}"
         );
         assert!(response.contains(r#""code":"unauthorized""#), "{response}");
+        // A token in the wrong shape: the request is named.
+        let response = get("/ws?token=").await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer error=\"invalid_request\""),
+            "{response}"
+        );
         // A token refused: the challenge names it.
         let response = get("/ws?token=nobody").await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");

@@ -50,6 +50,20 @@ async fn every_401_challenges_with_www_authenticate_bearer() {
             .unwrap();
         let not_bearer = Response::from(not_bearer).await;
         assert_challenge(&not_bearer, "Bearer error=\"invalid_request\"");
+        // The WebSocket handshake challenges the same way.
+        let ws_not_bearer = s
+            .http
+            .get(s.url("/ws"))
+            .header("authorization", format!("Basic {token}"))
+            .send()
+            .await
+            .unwrap();
+        let ws_not_bearer = Response::from(ws_not_bearer).await;
+        assert_challenge(&ws_not_bearer, "Bearer error=\"invalid_request\"");
+        let ws_refused = s.send(Method::GET, "/ws", Some("garbage"), None).await;
+        assert_challenge(&ws_refused, "Bearer error=\"invalid_token\"");
+        let ws_missing = s.send(Method::GET, "/ws", None, None).await;
+        assert_challenge(&ws_missing, "Bearer");
 
         let wrong_password = s
             .send(
