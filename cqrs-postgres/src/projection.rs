@@ -151,7 +151,7 @@ impl ProjectionStore for PgProjectionStore {
         // ended.
         let mut from = uuid::Uuid::nil();
         loop {
-            let (deleted, last): (i64, Option<uuid::Uuid>) =
+            let (selected, last): (i64, Option<uuid::Uuid>) =
                 sqlx::query_as(AssertSqlSafe(self.db.sql.consumer_reset.clone()))
                     .bind(consumer)
                     .bind(crate::sql::PURGE_BATCH)
@@ -160,7 +160,7 @@ impl ProjectionStore for PgProjectionStore {
                     .await
                     .map_err(store_error)?;
             match last {
-                Some(last) if deleted >= crate::sql::PURGE_BATCH => from = last,
+                Some(last) if selected >= crate::sql::PURGE_BATCH => from = last,
                 _ => return Ok(()),
             }
         }

@@ -267,20 +267,26 @@ impl Sql {
             // deleted earlier in the same transaction are still in the index until it
             // commits, and a scan from the start would walk past all of them every time. The
             // checkpoint goes with the first batch (the later ones find none): a small inbox
-            // costs one round trip. Returns how many entries it deleted and the last id.
+            // costs one round trip. Returns how many entries the batch selected and the last
+            // id: not how many it deleted, which a purge deleting some of them at the same
+            // time makes fewer, and a full batch that looked short would end the reset early.
             consumer_reset: f(format!(
                 "WITH forgotten AS (DELETE FROM {s}.checkpoints WHERE consumer = $1), \
                  batch AS (SELECT message_id FROM {s}.inbox WHERE consumer = $1 \
                  AND message_id >= $3 ORDER BY message_id LIMIT $2), \
                  deleted AS (DELETE FROM {s}.inbox WHERE consumer = $1 \
-                 AND message_id IN (SELECT message_id FROM batch) RETURNING message_id) \
-                 SELECT (SELECT count(*) FROM deleted), \
-                 (SELECT message_id FROM deleted ORDER BY message_id DESC LIMIT 1)"
+                 AND message_id IN (SELECT message_id FROM batch)) \
+                 SELECT (SELECT count(*) FROM batch), \
+                 (SELECT message_id FROM batch ORDER BY message_id DESC LIMIT 1)"
             )),
+            // `SKIP LOCKED`: the entries a rebuild is forgetting are locked until it commits,
+            // and a purge that waited for them would hold the locks it took meanwhile, which
+            // the rebuild may wait for in turn (a deadlock). They are gone once it commits.
             inbox_purge: f(format!(
                 "DELETE FROM {s}.inbox WHERE consumer = $1 AND message_id IN ( \
                  SELECT message_id FROM {s}.inbox WHERE consumer = $1 \
-                 AND processed_at < now() - make_interval(secs => $2) LIMIT $3)"
+                 AND processed_at < now() - make_interval(secs => $2) LIMIT $3 \
+                 FOR UPDATE SKIP LOCKED)"
             )),
 
             relay_ensure: f(format!(

@@ -1,10 +1,12 @@
 //! A rebuild (`reset`) forgets a consumer's whole inbox, however large, in statements that
 //! each delete a bounded batch, so each finishes inside a `statement_timeout`; it leaves other
-//! consumers' entries alone, and all of it is one unit (a dropped unit forgets nothing).
+//! consumers' entries alone, and all of it is one unit (a dropped unit forgets nothing). A
+//! purge deleting some of the same entries meanwhile neither ends it early nor waits for it.
 
 use crate::support::pg_test;
 use cqrs_core::ports::ProjectionStore;
 use sqlx::AssertSqlSafe;
+use std::time::Duration;
 
 /// The batch the crate deletes per statement (`PURGE_BATCH`).
 const BATCH: i64 = 5_000;
@@ -81,5 +83,90 @@ pg_test! {
         let logged = r#"SELECT coalesce(sum(deleted), 0)::bigint FROM "{s}".inbox_deletes"#;
         // The dropped unit's statements rolled back with their log rows.
         assert_eq!(count(&db, logged).await, ENTRIES);
+    }
+}
+
+/// Fills consumer `big`'s inbox with `ENTRIES` entries.
+async fn fill(db: &cqrs_postgres::PgDatabase) {
+    let s = db.schema();
+    sqlx::query(AssertSqlSafe(format!(
+        r#"INSERT INTO "{s}".inbox (consumer, message_id)
+           SELECT 'big', gen_random_uuid() FROM generate_series(1, {ENTRIES})"#
+    )))
+    .execute(db.pool())
+    .await
+    .expect("fill the inbox");
+}
+
+/// Whether one of this test's sessions waits on a lock another holds.
+async fn someone_waits(db: &cqrs_postgres::PgDatabase) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+         WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1)",
+    )
+    .bind(format!("cqrs-test {}", db.schema()))
+    .fetch_one(db.pool())
+    .await
+    .expect("ask whether a session waits")
+}
+
+pg_test! {
+    async fn a_purge_deleting_the_same_entries_does_not_end_a_reset_early(db: PgDatabase) {
+        fill(&db).await;
+        // A purge in flight: it holds the ten smallest ids, the start of the reset's first
+        // batch, deleted but not committed.
+        let s = db.schema().to_owned();
+        let mut purge = db.pool().begin().await.unwrap();
+        sqlx::query(AssertSqlSafe(format!(
+            r#"DELETE FROM "{s}".inbox WHERE consumer = 'big' AND message_id IN
+               (SELECT message_id FROM "{s}".inbox WHERE consumer = 'big'
+                ORDER BY message_id LIMIT 10)"#
+        )))
+        .execute(&mut *purge)
+        .await
+        .unwrap();
+
+        let store = db.projection_store();
+        let resetting = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let mut unit = store.begin("big").await?;
+                store.reset(&mut unit, "big").await?;
+                store.commit(unit).await
+            }
+        });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the reset waits for the purge", || {
+            let db = db.clone();
+            async move { someone_waits(&db).await.then_some(()) }
+        })
+        .await;
+        // The purge commits: the reset's first batch deletes ten entries fewer than it read.
+        purge.commit().await.unwrap();
+        resetting.await.unwrap().unwrap();
+
+        let big = r#"SELECT count(*) FROM "{s}".inbox WHERE consumer = 'big'"#;
+        assert_eq!(count(&db, big).await, 0, "the reset stopped after its first batch");
+    }
+}
+
+pg_test! {
+    async fn a_purge_passes_over_the_entries_a_reset_holds(db: PgDatabase) {
+        fill(&db).await;
+        let store = db.projection_store();
+        let mut unit = store.begin("big").await.unwrap();
+        store.reset(&mut unit, "big").await.unwrap();
+        // Every entry is deleted in the open unit: a purge of them all neither waits for it
+        // nor deletes anything.
+        let purged = tokio::time::timeout(
+            Duration::from_secs(10),
+            store.purge_inbox("big", Duration::ZERO),
+        )
+        .await
+        .expect("the purge waited for the reset's unit")
+        .unwrap();
+        assert_eq!(purged, 0);
+        store.commit(unit).await.unwrap();
+        let big = r#"SELECT count(*) FROM "{s}".inbox WHERE consumer = 'big'"#;
+        assert_eq!(count(&db, big).await, 0);
     }
 }
