@@ -81,7 +81,8 @@ impl PgError {
         match self {
             PgError::InvalidOptions(_) => ErrorKind::Invalid,
             PgError::Migrate { source, .. } => match source {
-                sqlx::migrate::MigrateError::Execute(e) => match classify(e) {
+                sqlx::migrate::MigrateError::Execute(e)
+                | sqlx::migrate::MigrateError::ExecuteMigration(e, _) => match classify(e) {
                     Class::Unavailable => ErrorKind::Unavailable,
                     Class::Timeout => ErrorKind::Timeout,
                     // A migration is our own SQL: a value it cannot store is a bug too.
@@ -293,6 +294,19 @@ mod tests {
         assert!(
             down.to_string().ends_with("migrate again once it is back"),
             "{down}"
+        );
+        // The same cause while one migration's script runs: retryable too, with the same
+        // advice.
+        let down_midway = PgError::Migrate {
+            schema: "app".to_owned(),
+            source: M::ExecuteMigration(sqlx::Error::PoolTimedOut, 6),
+        };
+        assert_eq!(down_midway.kind(), ErrorKind::Unavailable);
+        assert!(
+            down_midway
+                .to_string()
+                .ends_with("migrate again once it is back"),
+            "{down_midway}"
         );
     }
 
