@@ -204,6 +204,7 @@ impl StreamMaintenance {
                 }
                 Err(error) => {
                     tracing::warn!(%topic, %error, "could not delete old dead letters");
+                    first_failure.get_or_insert(error);
                 }
             }
         }

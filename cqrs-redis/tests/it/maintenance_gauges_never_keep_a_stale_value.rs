@@ -1,7 +1,8 @@
 //! `StreamMaintenance`'s gauges show what is known, never a stale value: a group's lag that
 //! Redis cannot tell (Redis 7.0, after an entry in the middle of the stream was deleted), and
 //! the gauges of a group deleted since the last round, become NaN; and a trim that fails (a
-//! user not allowed to run scripts) neither skips the topic's gauges nor hides the failure.
+//! user not allowed to run scripts) neither skips the topic's gauges nor hides the failure,
+//! nor does a failed trim of the dead letters alone.
 
 use crate::support::{
     Env, acl_user, delete_stale_users, plain_redis_host, raw, stream_options, within,
@@ -192,6 +193,35 @@ async fn scenario(gauges: &Gauges) {
                 Some(3.0),
                 "the gauges are recorded despite the failed trim"
             );
+
+            // A user who may trim the stream but only read its dead letters: every step
+            // but the dead letters' trim succeeds, and the round still reports the failure.
+            let base = stream.strip_suffix(":stream").expect("{prefix}:{topic}:stream");
+            let acl: Vec<Value> = ["SETUSER", &user, "reset", "on", "nopass", "+@all", "&*"]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(
+                    ["stream", "lanes", "ordering", "errors:*"]
+                        .map(|key| format!("~{base}:{key}")),
+                )
+                .chain([format!("%R~{base}:dead")])
+                .map(Value::from)
+                .collect();
+            raw(&env.admin, "ACL", acl).await;
+            let read_only_dead_letters = stream_options(&env.id)
+                .connection(
+                    ConnectionOptions::new(format!("redis://{user}:x@{host}"))
+                        .command_timeout(Duration::from_secs(2))
+                        .connect_timeout(Duration::from_secs(2)),
+                )
+                .connect()
+                .await
+                .expect("connect as the user who may only read dead letters");
+            let ok = read_only_dead_letters.trim(&topic).await;
+            assert!(ok.is_ok(), "this user may trim the stream: {ok:?}");
+            let maintenance = StreamMaintenance::new(read_only_dead_letters, [topic.clone()]);
+            let failure = maintenance.run_once().await;
+            assert!(failure.is_err(), "a failed dead-letter trim is reported");
         }),
     )
     .await;
