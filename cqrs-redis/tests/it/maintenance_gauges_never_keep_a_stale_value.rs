@@ -196,13 +196,14 @@ async fn scenario(gauges: &Gauges) {
 
             // A user who may trim the stream but only read its dead letters: every step
             // but the dead letters' trim succeeds, and the round still reports the failure.
-            let base = stream.strip_suffix(":stream").expect("{prefix}:{topic}:stream");
+            let base = stream
+                .strip_suffix(":stream")
+                .expect("{prefix}:{topic}:stream");
             let acl: Vec<Value> = ["SETUSER", &user, "reset", "on", "nopass", "+@all", "&*"]
                 .into_iter()
                 .map(str::to_owned)
                 .chain(
-                    ["stream", "lanes", "ordering", "errors:*"]
-                        .map(|key| format!("~{base}:{key}")),
+                    ["stream", "lanes", "ordering", "errors:*"].map(|key| format!("~{base}:{key}")),
                 )
                 .chain([format!("%R~{base}:dead")])
                 .map(Value::from)

@@ -317,6 +317,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         request_timeout: budget,
         trusted_proxies: TrustedProxies::new(config.trusted_proxies.iter().copied()),
         idempotent_routes,
+        ready_details: config.ready_details,
+        ready_logged: Arc::default(),
     });
     Ok(App {
         router,

@@ -148,6 +148,23 @@ pub struct Config {
     /// event stream is trimmed of what every consumer group acknowledged, in milliseconds.
     #[arg(long, env = "HELPDESK_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
+
+    /// Show in /ready why a component is not healthy. Off by default: the reasons quote the
+    /// backends (a driver's error, a user name) and /ready answers anyone; they are logged
+    /// instead. For a server whose /ready only operators can reach.
+    /// `--ready-details` alone turns it on; `false`, `no`, `off` or `0` as its value (or its
+    /// variable's) leave it off.
+    #[arg(
+        long,
+        env = "HELPDESK_READY_DETAILS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    pub ready_details: bool,
 }
 
 /// Empty or only whitespace (`REDIS_URL=" "`): as good as unset.
@@ -248,6 +265,7 @@ impl std::fmt::Debug for Config {
             .field("poll_ms", &self.poll_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("purge_interval_ms", &self.purge_interval_ms)
+            .field("ready_details", &self.ready_details)
             .finish()
     }
 }

@@ -12,8 +12,8 @@ use cqrs_core::runtime::{Health, Runtime};
 use helpdesk_api::{ApiError, Authenticator, TrustedProxies, idempotency};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
-use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -36,6 +36,13 @@ pub(crate) struct State {
     pub(crate) request_timeout: Duration,
     pub(crate) trusted_proxies: TrustedProxies,
     pub(crate) idempotent_routes: IdempotentRoutes,
+    /// Whether `/ready` shows why a component is not healthy (`--ready-details`). Off by
+    /// default: the reasons quote backends (a driver's error, a user name) and `/ready` is
+    /// for anyone who can reach the server; they are logged instead.
+    pub(crate) ready_details: bool,
+    /// The reason last logged per component, so a load balancer polling `/ready` during an
+    /// outage logs each reason once, not once a poll.
+    pub(crate) ready_logged: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// The routes that take an `Idempotency-Key`, as (method, route template): those whose
@@ -173,14 +180,16 @@ async fn ready(Extension(state): Extension<State>) -> Response {
         .runtime
         .health_within(check_budget(state.request_timeout))
         .await;
+    log_ready_reasons(&state, &report.components);
     let components: serde_json::Map<String, Value> = report
         .components
         .iter()
         .map(|(name, (health, critical))| {
-            (
-                name.clone(),
-                json!({ "status": health.as_str(), "critical": critical, "reason": health.reason() }),
-            )
+            let mut component = json!({ "status": health.as_str(), "critical": critical });
+            if state.ready_details {
+                component["reason"] = json!(health.reason());
+            }
+            (name.clone(), component)
         })
         .collect();
     let status = if report.ready {
@@ -203,6 +212,30 @@ async fn ready(Extension(state): Extension<State>) -> Response {
         "components": components,
     });
     (status, Json(body)).into_response()
+}
+
+/// Logs why each component is not healthy, once per reason: when it first shows, and again
+/// when it changes, or after the component was healthy in between.
+fn log_ready_reasons(
+    state: &State,
+    components: &std::collections::BTreeMap<String, (Health, bool)>,
+) {
+    let mut logged = state
+        .ready_logged
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (name, (health, critical)) in components {
+        match health.reason() {
+            Some(reason) if logged.get(name).map(String::as_str) != Some(reason) => {
+                tracing::warn!(component = %name, status = health.as_str(), critical, %reason, "not healthy");
+                logged.insert(name.clone(), reason.to_owned());
+            }
+            Some(_) => {}
+            None => {
+                logged.remove(name);
+            }
+        }
+    }
 }
 
 async fn openapi(Extension(state): Extension<State>) -> Json<Value> {

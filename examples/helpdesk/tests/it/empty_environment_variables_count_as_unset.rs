@@ -256,3 +256,32 @@ fn a_redis_ca_file_needs_a_redis_url() {
         "{problems:?}"
     );
 }
+
+/// `--ready-details` is a switch: alone it turns on, a falsey value (flag or variable) keeps
+/// it off, and the variable never overrides the flag.
+#[test]
+fn ready_details_is_a_switch_with_a_variable() {
+    let ready_details = |args: &[&str], env: &[(&str, &str)]| {
+        Config::try_parse_with_env(
+            std::iter::once("helpdesk").chain(args.iter().copied()),
+            env.iter().copied(),
+        )
+        .unwrap_or_else(|e| panic!("{args:?} {env:?}: {e}"))
+        .ready_details
+    };
+    assert!(!ready_details(&[], &[]));
+    assert!(ready_details(&["--ready-details"], &[]));
+    assert!(!ready_details(&["--ready-details=false"], &[]));
+    assert!(ready_details(&[], &[("HELPDESK_READY_DETAILS", "1")]));
+    assert!(ready_details(&[], &[("HELPDESK_READY_DETAILS", "true")]));
+    assert!(!ready_details(&[], &[("HELPDESK_READY_DETAILS", "0")]));
+    assert!(!ready_details(&[], &[("HELPDESK_READY_DETAILS", "off")]));
+    assert!(!ready_details(
+        &["--ready-details=no"],
+        &[("HELPDESK_READY_DETAILS", "1")]
+    ));
+    assert!(ready_details(
+        &["--ready-details"],
+        &[("HELPDESK_READY_DETAILS", "0")]
+    ));
+}
