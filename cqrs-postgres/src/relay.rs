@@ -7,9 +7,11 @@ use async_trait::async_trait;
 use cqrs_core::ports::{EventTransport, StoreError, TransportError};
 use cqrs_core::runtime::{Health, Worker, WorkerContext};
 use cqrs_core::{BoxError, ErrorKind, EventRecord, Position};
+use futures_util::FutureExt;
 use sqlx::postgres::{PgConnection, PgListener, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -99,6 +101,12 @@ pub struct PgOutboxRelay {
     metrics_interval: Duration,
     start_from: Position,
     listen: bool,
+    /// The most events published in one call: `batch_size` until a run of one topic that had
+    /// the whole `publish_timeout` to itself ran out of it with nothing through; then half
+    /// that run, and so on down to one, so a broker too slow for a whole batch still takes
+    /// part of each. Doubles again, up to `batch_size`, after a run that took under a quarter
+    /// of the timeout.
+    run_limit: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for PgOutboxRelay {
@@ -235,6 +243,7 @@ impl PgOutboxRelay {
             metrics_interval: Duration::from_secs(10),
             start_from: Position::START,
             listen: true,
+            run_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -588,10 +597,15 @@ impl PgOutboxRelay {
         let mut failure = None;
         while handled < events.len() {
             let topic = (self.topic_for)(&events[handled]);
+            let limit = self.run_limit.load(Ordering::Relaxed).min(self.batch_size);
             let mut end = handled + 1;
-            while end < events.len() && (self.topic_for)(&events[end]) == topic {
+            while end < events.len()
+                && end - handled < limit
+                && (self.topic_for)(&events[end]) == topic
+            {
                 end += 1;
             }
+            let started = tokio::time::Instant::now();
             // A lost hold stops the batch uncommitted (`?`): another relay may be shipping.
             let (done, stopped) = self
                 .publish_run(
@@ -602,6 +616,7 @@ impl PgOutboxRelay {
                     &mut refused,
                 )
                 .await?;
+            self.adapt_run_limit(handled == 0, end - handled, done, &stopped, started);
             handled += done;
             if stopped.is_some() {
                 failure = stopped;
@@ -631,6 +646,40 @@ impl PgOutboxRelay {
         };
         self.advance(tx, reach).await?;
         Ok(Some(shipped))
+    }
+
+    /// Halves the run limit when a run of `len` events that had the whole timeout to itself
+    /// (`first`: the batch's first) got nothing through before it ran out; doubles it, up to
+    /// the batch size, after a run that went through in under a quarter of the timeout.
+    fn adapt_run_limit(
+        &self,
+        first: bool,
+        len: usize,
+        done: usize,
+        stopped: &Option<RelayError>,
+        started: tokio::time::Instant,
+    ) {
+        let limit = self.run_limit.load(Ordering::Relaxed).min(self.batch_size);
+        match stopped {
+            Some(RelayError::PublishTimeout { .. }) if first && done == 0 && len > 1 => {
+                let halved = len / 2;
+                self.run_limit.store(halved, Ordering::Relaxed);
+                tracing::warn!(
+                    relay = %self.relay,
+                    events = len,
+                    after = ?self.publish_timeout,
+                    "a run of events did not go out within the publish timeout; publishing at most {halved} at a time"
+                );
+            }
+            None if done == len
+                && limit < self.batch_size
+                && started.elapsed() < self.publish_timeout / 4 =>
+            {
+                self.run_limit
+                    .store((limit * 2).min(self.batch_size), Ordering::Relaxed);
+            }
+            _ => {}
+        }
     }
 
     /// Publishes `events` (one run of `topic`) by `deadline`. When the transport refuses them
@@ -767,8 +816,13 @@ impl PgOutboxRelay {
                     _ = ctx.shutdown.requested() => {}
                     received = tokio::time::timeout(self.poll_interval, l.recv()) => {
                         match received {
-                            // One batch serves every notification that came with it.
-                            Ok(Ok(_)) => while l.next_buffered().is_some() {},
+                            // One batch serves every notification already here: those
+                            // sqlx has buffered and those waiting on the socket (each polled
+                            // once, none waited for). Left there, each would start a batch of
+                            // its own that finds nothing new: one per append under load.
+                            Ok(Ok(_)) => {
+                                while let Some(Ok(_)) = l.recv().now_or_never() {}
+                            }
                             Ok(Err(e)) => {
                                 tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
                                 *listener = None;
