@@ -56,12 +56,12 @@ where
     }
 }
 
-/// [`once`] for Postgres mode: the command runs through `executor`, and the response is
-/// stored by the command's own transaction, so the state change, its events and the
-/// idempotency record commit together (or not at all), before the response is sent. The HTTP
-/// behaviour is [`once`]'s: a replay returns the stored status and body, the same key with
-/// another request is 422 `idempotency_key_reused`, a concurrent duplicate waits for the first
-/// and replays its response, failed work is not stored.
+/// [`once`] for Postgres mode: the command runs through `executor`, and the response (`body`
+/// of the command's output) is stored by the command's own transaction, so the state change,
+/// its events and the idempotency record commit together (or not at all), before the response
+/// is sent. The HTTP behaviour is [`once`]'s: a replay returns the stored status and body, the
+/// same key with another request is 422 `idempotency_key_reused`, a concurrent duplicate waits
+/// for the first and replays its response, failed work is not stored.
 #[allow(clippy::too_many_arguments)]
 pub async fn once_in_command<C>(
     executor: &PgCommandExecutor,
@@ -72,10 +72,10 @@ pub async fn once_in_command<C>(
     status: StatusCode,
     command: C,
     metadata: Metadata,
+    body: impl FnOnce(&C::Output) -> serde_json::Value,
 ) -> Result<Response, ApiError>
 where
     C: Command,
-    C::Output: Serialize,
 {
     let Some(key) = parse_key(headers)? else {
         let output = executor
@@ -83,7 +83,7 @@ where
             .dispatch_with(command, metadata)
             .await
             .map_err(|e| with_key_advice(e.into()))?;
-        return Ok((status, Json(output)).into_response());
+        return Ok((status, Json(body(&output))).into_response());
     };
     let key = IdempotencyKey::new(
         format!("user:{}", user.id),
@@ -93,10 +93,7 @@ where
     );
     let done = executor
         .execute_idempotent(&key, command, metadata, |output| {
-            StoredResponse::new(
-                status.as_u16(),
-                serde_json::to_value(output).unwrap_or_default(),
-            )
+            StoredResponse::new(status.as_u16(), body(output))
         })
         .await
         .map_err(|e| match e.handler_error() {

@@ -55,6 +55,7 @@ async fn run<C, F>(
     retry: bool,
     expected_version: Option<u64>,
     make: F,
+    respond: fn(&Ticket) -> Value,
 ) -> Result<Response, ApiError>
 where
     C: Command<Output = Ticket>,
@@ -73,7 +74,7 @@ where
                     .commands
                     .dispatch_with(make(), actor(headers, user))
                     .await?;
-                Ok((status, ticket))
+                Ok((status, respond(&ticket)))
             },
         )
         .await;
@@ -90,6 +91,7 @@ where
             status,
             make(),
             actor(headers, user),
+            respond,
         )
         .await;
         match result {
@@ -182,6 +184,7 @@ async fn open(
             description: body.description.clone(),
             priority: body.priority,
         },
+        |ticket| json!(ticket),
     )
     .await
 }
@@ -195,6 +198,10 @@ trait ChangeBody: Serialize + serde::de::DeserializeOwned + Send + 'static {
     const STATUS: StatusCode;
     /// The client's expected version and the change.
     fn into_change(self) -> (Option<u64>, Change);
+    /// The answer, from the ticket as the change left it: the whole ticket.
+    fn respond(ticket: &Ticket) -> Value {
+        json!(ticket)
+    }
 }
 
 impl ChangeBody for AssignBody {
@@ -215,6 +222,16 @@ impl ChangeBody for CommentBody {
     const STATUS: StatusCode = StatusCode::CREATED;
     fn into_change(self) -> (Option<u64>, Change) {
         (self.expected_version, Change::Comment { body: self.body })
+    }
+    /// The new comment and the ticket's version, not the whole ticket: an answer that grew
+    /// with every comment would be stored whole for each `Idempotency-Key`, which a client
+    /// commenting many times could make grow with the square of what it sends.
+    fn respond(ticket: &Ticket) -> Value {
+        json!({
+            "ticket_id": ticket.id,
+            "version": ticket.version,
+            "comment": ticket.comments.last(),
+        })
     }
 }
 
@@ -255,6 +272,7 @@ async fn change<B: ChangeBody>(
             expected_version,
             change: change.clone(),
         },
+        B::respond,
     )
     .await
 }
@@ -449,18 +467,25 @@ pub(crate) fn api(http: Http) -> HttpApi {
             "updated_at": { "type": "string", "format": "date-time" }
         }
     });
+    let comment = json!({
+        "type": "object",
+        "required": ["id", "author_id", "body", "created_at"],
+        "properties": {
+            "id": { "type": "string", "format": "uuid" },
+            "author_id": { "type": "string", "format": "uuid" },
+            "body": { "type": "string" },
+            "created_at": { "type": "string", "format": "date-time" }
+        }
+    });
     let mut ticket = ticket_without_comments.clone();
-    ticket["properties"]["comments"] = json!({
-        "type": "array",
-        "items": {
-            "type": "object",
-            "required": ["id", "author_id", "body", "created_at"],
-            "properties": {
-                "id": { "type": "string", "format": "uuid" },
-                "author_id": { "type": "string", "format": "uuid" },
-                "body": { "type": "string" },
-                "created_at": { "type": "string", "format": "date-time" }
-            }
+    ticket["properties"]["comments"] = json!({ "type": "array", "items": comment.clone() });
+    let comment_added = json!({
+        "type": "object",
+        "required": ["ticket_id", "version", "comment"],
+        "properties": {
+            "ticket_id": { "type": "string", "format": "uuid" },
+            "version": { "type": "integer" },
+            "comment": comment
         }
     });
     let conflict = |op: Operation| {
@@ -473,6 +498,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
     HttpApi::new()
         .schema("Ticket", ticket)
         .schema("TicketSummary", ticket_without_comments)
+        .schema("CommentAdded", comment_added)
         .route(
             "/tickets",
             post(open).get(list).with_state(http.clone()),
@@ -566,7 +592,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "required": ["body"],
                     "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000 }, "expected_version": expected_version() }
                 }))
-                .response(201, "the ticket with its comments", Some(ticket_schema()))
+                .response(201, "the new comment, and the ticket's version after it", Some(json!({ "$ref": "#/components/schemas/CommentAdded" })))
                 .response(422, "an empty, invisible or too long body, or one with bidirectional controls", None)],
         )
         .route(

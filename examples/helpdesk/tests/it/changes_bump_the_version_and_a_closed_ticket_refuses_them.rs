@@ -74,10 +74,15 @@ async fn assign_comment_and_close_each_add_one_to_the_version() {
             )
             .await;
         assert_eq!(commented.status, StatusCode::CREATED, "{commented:?}");
+        // The new comment and the version, not the whole ticket.
         assert_eq!(commented.body["version"], 3);
-        let comment = &commented.body["comments"][0];
+        assert_eq!(commented.body["ticket_id"], id.as_str());
+        assert!(commented.body.get("comments").is_none(), "{commented:?}");
+        let comment = &commented.body["comment"];
         assert_eq!(comment["body"], "  <i>thanks</i>  ");
         assert_eq!(comment["author_id"], customer_id);
+        let ticket = s.get(&format!("/tickets/{id}"), &customer).await;
+        assert_eq!(&ticket.body["comments"][0], comment);
         for bad in [
             json!({ "body": "" }),
             json!({ "body": "   " }),

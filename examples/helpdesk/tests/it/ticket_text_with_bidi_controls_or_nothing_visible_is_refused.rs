@@ -85,7 +85,7 @@ async fn comments_with_bidi_controls_or_nothing_visible_are_refused() {
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
         assert_eq!(r.body["version"], 2, "only the good comment was stored");
-        assert_eq!(r.body["comments"][0]["body"], "line one\n\tline two");
+        assert_eq!(r.body["comment"]["body"], "line one\n\tline two");
         s.stop().await;
     })
     .await;
