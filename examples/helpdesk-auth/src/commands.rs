@@ -163,6 +163,11 @@ pub(crate) struct RegisterHandler {
     /// Counts wrong agent codes by client address (`agentcode|{client}`), with the limit and
     /// window of failed logins: without it one address could guess codes without end.
     pub(crate) code_throttle: Arc<dyn LoginThrottle>,
+    /// Counts registrations by client address (`register|{client}`), taken or not, with the
+    /// limit of failed logins from one address: without it one address could make accounts
+    /// without end (each may hold WebSocket connections), or learn which emails have one
+    /// (409 `email_taken`) at database speed.
+    pub(crate) register_throttle: Arc<dyn LoginThrottle>,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -202,6 +207,15 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         let role = self
             .role(&email, cmd.agent_code.as_deref(), cmd.client)
             .await?;
+        // No `@`: never an email key of the login throttle. Never taken back: a registration
+        // that went through counts as much as one refused.
+        let key = format!("register|{}", client_key(cmd.client));
+        if let Some(seconds) = self.register_throttle.attempt(&key).await? {
+            return Err(too_many_attempts(
+                seconds,
+                "too many registrations from this address; try again later",
+            ));
+        }
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
             return Err(email_taken());
@@ -693,6 +707,11 @@ mod tests {
                 3,
                 Duration::from_secs(60),
             )),
+            register_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                100,
+                Duration::from_secs(60),
+            )),
             clock: clock.clone(),
         };
         let handle = |cmd| {
@@ -725,5 +744,53 @@ mod tests {
         clock.advance(Duration::from_secs(61));
         let later = handle(register(emails[2], CODE, a)).await.unwrap();
         assert_eq!(later.role, Role::Agent, "the window has passed");
+    }
+
+    /// Registrations from one address are counted, taken emails and new accounts alike: past
+    /// the limit that address gets 429 `too_many_attempts`, even for a new email, so it can
+    /// neither make accounts without end nor learn which emails have one at database speed;
+    /// another address is not affected, and the window passes.
+    #[tokio::test]
+    async fn registrations_from_one_address_are_throttled() {
+        let clock = Arc::new(ManualClock::new());
+        let handler = RegisterHandler {
+            users: Arc::new(InMemoryUserStore::default()),
+            hashing: Hashing::new(4, Duration::from_secs(30)),
+            agents: AgentList::new(Arc::default(), None),
+            code_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                100,
+                Duration::from_secs(60),
+            )),
+            register_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                3,
+                Duration::from_secs(60),
+            )),
+            clock: clock.clone(),
+        };
+        let handle = |email: &str, client: [u8; 4]| {
+            let handler = &handler;
+            let cmd = register(email, "", client);
+            async move {
+                handler
+                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
+        handle("one@example.com", a).await.unwrap();
+        for _ in 0..2 {
+            let taken = handle("one@example.com", a).await.unwrap_err();
+            assert_eq!(taken.code(), "email_taken");
+        }
+        let blocked = handle("two@example.com", a).await.unwrap_err();
+        assert_eq!(blocked.code(), "too_many_attempts", "{blocked:?}");
+        assert_eq!(blocked.kind(), ErrorKind::RateLimited);
+        handle("two@example.com", b).await.expect("another address");
+        clock.advance(Duration::from_secs(61));
+        handle("three@example.com", a)
+            .await
+            .expect("the window has passed");
     }
 }

@@ -116,6 +116,8 @@ impl Plugin for AuthPlugin {
             agents: agents.clone(),
             // Its keys (`agentcode|...`) never meet the logins' in the one table.
             code_throttle: throttle.clone(),
+            // Its keys (`register|...`) never meet the logins' either.
+            register_throttle: address_throttle.clone(),
             clock: backends.clock.clone(),
         });
         registrar.commands().add(commands::LogInHandler {

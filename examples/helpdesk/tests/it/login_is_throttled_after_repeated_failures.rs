@@ -262,3 +262,32 @@ async fn forwarded_addresses_with_ports_are_told_apart() {
     })
     .await;
 }
+
+/// Registrations from one client address are counted, taken emails and new accounts alike,
+/// with the address's budget (five times the limit): past it, 429 even for a new email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_from_one_address_are_throttled() {
+    within(async {
+        let s = TestServer::start_with(|c| c.login_attempts = 1).await;
+        let taken = email("taken");
+        let first = s.register(&taken).await;
+        assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+        for _ in 0..4 {
+            s.register(&taken)
+                .await
+                .assert_error(StatusCode::CONFLICT, "email_taken");
+        }
+        s.register(&email("new"))
+            .await
+            .assert_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+        s.clock.advance(Duration::from_secs(15 * 60 + 1));
+        let later = s.register(&email("new")).await;
+        assert_eq!(
+            later.status,
+            StatusCode::CREATED,
+            "the window has passed: {later:?}"
+        );
+        s.stop().await;
+    })
+    .await;
+}
