@@ -502,7 +502,13 @@ impl<P: Send + Sync + 'static> Pump<P> {
                     tracing::debug!(channel = %full, position = ?event.position(), "dropped a copy of an event already pushed");
                 }
                 Err(error) => {
-                    tracing::warn!(channel = %full, %error, "ignored a realtime channel message")
+                    // An event the hub cannot read (one from a publisher on another wire
+                    // version during a rolling deploy, a damaged message) is lost to its
+                    // subscribers as surely as one that never came: they are told to resume.
+                    let told = registry.missed(channel);
+                    tracing::warn!(channel = %full, %error, subscriptions = told, "could not read a realtime channel message; subscribers were told to resume");
+                    count(|| metrics.upstream_missed(1));
+                    count(|| metrics.missed_notices(told));
                 }
             }
         }

@@ -115,3 +115,25 @@ async fn a_hub_that_missed_events_tells_its_subscribers() {
     })
     .await;
 }
+
+/// A channel message the hub cannot read (a publisher on another wire version, a damaged
+/// message) is a loss the hub sees: the topic's subscriptions are told, and stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_hub_cannot_read_is_told_as_missed() {
+    with_timeout(TEST_LIMIT, async {
+        let (fanout, _idle) = Fanout::new(64);
+        let pubsub = Arc::new(Lossy {
+            fanout: fanout.clone(),
+        });
+        let t = TestHub::start_on(pubsub, HubOptions::new(), |b| b).await;
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("tickets").await;
+        let channel = format!("{}tickets", HubOptions::new().get_channel_prefix());
+        fanout.deliver(&channel, Arc::from(r#"{"v": 99, "what": "a newer wire version"}"#));
+        expect_missed(&mut client, "tickets").await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(client.event().await.seq, 1, "the subscription stays open");
+        assert_eq!(t.hub.stats().upstream_missed, 1);
+    })
+    .await;
+}
