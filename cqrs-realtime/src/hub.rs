@@ -6,7 +6,7 @@ use crate::metrics::{HubStats, Metrics};
 use crate::registry::Registry;
 use crate::signal::Ending;
 use crate::upstream::Upstreams;
-use crate::{Authenticator, Authorizer, EventRouting, HubOptions, Publisher};
+use crate::{Authenticator, Authorizer, EventRouting, HubOptions, Publisher, Unauthenticated};
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -367,7 +367,19 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(message, challenge);
             }
         };
-        let principal = match inner.authenticator.authenticate(&token).await {
+        // Bounded: a hook whose backend hangs would hold every handshake, uncounted by
+        // `max_connections` (a handshake has no place yet), and past a shutdown.
+        let authenticated = tokio::time::timeout(
+            inner.options.operation_timeout,
+            inner.authenticator.authenticate(&token),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(Unauthenticated::unavailable(
+                "the credentials could not be checked in time; try again",
+            ))
+        });
+        let principal = match authenticated {
             Ok(principal) => principal,
             Err(refusal) if refusal.is_unavailable() => {
                 inner.metrics.refused("unavailable");

@@ -163,7 +163,8 @@ impl HubOptions {
         self
     }
 
-    /// The time budget of one backend call made for a client frame: the authorizer's
+    /// The time budget of one backend call made for a client: the handshake's `authenticate`
+    /// (past it the handshake gets 503 `unavailable`), the authorizer's
     /// `authorize_subscribe`, the upstream subscription, one event store read of a replay.
     /// Default 10 s.
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {

@@ -210,8 +210,22 @@ async fn credentials_that_cannot_be_checked_now_get_503() {
         }
     }
 
-    with_timeout(TEST_LIMIT, async {
-        let t = TestHub::start_with_authenticator(StoreDown, HubOptions::new(), |b| b).await;
+    /// The store hangs: the check is cut off at the operation timeout.
+    struct StoreHangs;
+
+    #[async_trait::async_trait]
+    impl cqrs_realtime::Authenticator for StoreHangs {
+        type Principal = crate::support::User;
+
+        async fn authenticate(
+            &self,
+            _token: &str,
+        ) -> Result<crate::support::User, cqrs_realtime::Unauthenticated> {
+            std::future::pending().await
+        }
+    }
+
+    async fn expect_503(t: &TestHub) {
         match tokio_tungstenite::connect_async(t.url("user-u1")).await {
             Err(tungstenite::Error::Http(response)) => {
                 assert_eq!(response.status().as_u16(), 503);
@@ -229,6 +243,14 @@ async fn credentials_that_cannot_be_checked_now_get_503() {
             other => panic!("expected 503, got {other:?}"),
         }
         assert_eq!(t.hub.stats().connections, 0);
+    }
+
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start_with_authenticator(StoreDown, HubOptions::new(), |b| b).await;
+        expect_503(&t).await;
+        let options = HubOptions::new().operation_timeout(std::time::Duration::from_millis(100));
+        let t = TestHub::start_with_authenticator(StoreHangs, options, |b| b).await;
+        expect_503(&t).await;
     })
     .await;
 }
