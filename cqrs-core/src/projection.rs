@@ -1504,6 +1504,11 @@ impl Worker for EventBusConsumer {
                         {
                             Handled::Later(e.to_string())
                         }
+                        // The same refusal from a layer (a rate limiter, a layer whose backend
+                        // is away), before any handler ran.
+                        Err(e) if !matches!(e, DispatchError::Publish(_)) && waits(e.kind()) => {
+                            Handled::Later(e.to_string())
+                        }
                         Err(e) => Handled::Retry(e.to_string()),
                     },
                     Ok(None) => Handled::Done,

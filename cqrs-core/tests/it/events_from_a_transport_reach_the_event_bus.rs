@@ -105,6 +105,97 @@ fn an_unavailable_handler_waits_without_using_up_deliveries() {
     });
 }
 
+/// A layer that refuses every dispatch with `Unavailable` while `down` is set: a rate limiter,
+/// or a layer whose backend (a transaction's database) is away.
+#[derive(Clone)]
+struct AwayLayer {
+    down: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct AwayService<S> {
+    inner: S,
+    down: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl<S> tower::Layer<S> for AwayLayer {
+    type Service = AwayService<S>;
+    fn layer(&self, inner: S) -> AwayService<S> {
+        AwayService {
+            inner,
+            down: self.down.clone(),
+            refused: self.refused.clone(),
+        }
+    }
+}
+
+impl<S> tower::Service<cqrs_core::Dispatch> for AwayService<S>
+where
+    S: tower::Service<cqrs_core::Dispatch, Response = cqrs_core::Reply>,
+    S::Error: Into<cqrs_core::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = cqrs_core::Reply;
+    type Error = cqrs_core::BoxError;
+    type Future = futures_util::future::BoxFuture<'static, Result<cqrs_core::Reply, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dispatch: cqrs_core::Dispatch) -> Self::Future {
+        if self.down.load(Ordering::SeqCst) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            let away = HandlerError::unavailable("backend_away", "the layer's backend is away");
+            return Box::pin(std::future::ready(Err(away.into())));
+        }
+        let call = self.inner.call(dispatch);
+        Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+/// The same when a layer, not the handler, refuses because its backend is away: the refusal
+/// uses up no delivery, and the event is handled once the backend is back.
+#[test]
+fn a_layer_refusing_as_unavailable_waits_without_using_up_deliveries() {
+    run(async {
+        let away = Away::default();
+        let down = Arc::new(AtomicBool::new(true));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let bus = EventBus::builder()
+            .layer(AwayLayer {
+                down: down.clone(),
+                refused: refused.clone(),
+            })
+            .handler(away.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        transport.publish("adds", &[added(1)]).await.unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(10));
+        eventually(
+            Duration::from_secs(5),
+            "twice max_deliveries tries",
+            || async { (refused.load(Ordering::SeqCst) >= 6).then_some(()) },
+        )
+        .await;
+        assert!(transport.dead_letters("adds", "bus").is_empty());
+        down.store(false, Ordering::SeqCst);
+        eventually(Duration::from_secs(5), "handled once back", || async {
+            (transport.backlog("adds", "bus") == 0).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(away.seen.load(Ordering::SeqCst), 1);
+        assert!(transport.dead_letters("adds", "bus").is_empty());
+    });
+}
+
 /// An `Added` event as the transport carries it.
 fn added(sum: u64) -> EventRecord {
     EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()

@@ -129,7 +129,10 @@ async fn a_message_the_hub_cannot_read_is_told_as_missed() {
         let mut client = t.connect("agent-a1").await;
         client.subscribe("tickets").await;
         let channel = format!("{}tickets", HubOptions::new().get_channel_prefix());
-        fanout.deliver(&channel, Arc::from(r#"{"v": 99, "what": "a newer wire version"}"#));
+        fanout.deliver(
+            &channel,
+            Arc::from(r#"{"v": 99, "what": "a newer wire version"}"#),
+        );
         expect_missed(&mut client, "tickets").await;
         t.publish("t1", "u1", 1).await;
         assert_eq!(client.event().await.seq, 1, "the subscription stays open");
