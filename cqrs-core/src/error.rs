@@ -282,7 +282,7 @@ impl DispatchError {
             DispatchError::Middleware(e) => e
                 .downcast_ref::<HandlerError>()
                 .map_or(ErrorKind::Internal, HandlerError::kind),
-            DispatchError::Publish(_) => ErrorKind::Internal,
+            DispatchError::Publish(e) => e.kind(),
         }
     }
 
@@ -349,6 +349,30 @@ pub struct PublishError {
     pub failures: Vec<HandlerFailure>,
 }
 
+impl PublishError {
+    /// The failures' kind when they share one; when they differ, `Unavailable` if each may
+    /// pass by retrying (a timeout, a backend away, a rate limit), else `Internal`. So a
+    /// caller that publishes with `?` (a projection, a handler) keeps a retryable failure
+    /// retryable.
+    pub fn kind(&self) -> ErrorKind {
+        let mut kinds = self.failures.iter().map(|f| f.error.kind());
+        let Some(first) = kinds.next() else {
+            return ErrorKind::Internal;
+        };
+        let mut same = true;
+        let mut retryable = first.is_retryable();
+        for kind in kinds {
+            same &= kind == first;
+            retryable &= kind.is_retryable();
+        }
+        match (same, retryable) {
+            (true, _) => first,
+            (false, true) => ErrorKind::Unavailable,
+            (false, false) => ErrorKind::Internal,
+        }
+    }
+}
+
 fn first_failure(failures: &[HandlerFailure]) -> String {
     failures
         .first()
@@ -373,4 +397,44 @@ pub struct HandlerFailure {
 pub struct BuildError {
     /// One line per problem.
     pub problems: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_error<const N: usize>(errors: [HandlerError; N]) -> DispatchError {
+        DispatchError::Publish(PublishError {
+            event: "ticket_opened",
+            handlers: N + 1,
+            failures: errors
+                .into_iter()
+                .map(|e| HandlerFailure {
+                    handler: "h".into(),
+                    error: DispatchError::Handler(e),
+                })
+                .collect(),
+        })
+    }
+
+    /// A publish keeps its handlers' kind: the shared one, else retryable when each is.
+    #[test]
+    fn a_publish_error_keeps_its_handlers_kind() {
+        let away = || HandlerError::unavailable("down", "the backend is away");
+        let slow = || HandlerError::new(ErrorKind::Timeout, "slow", "too slow");
+        let stale = || HandlerError::conflict("stale", "a stale version");
+        assert_eq!(
+            publish_error([away(), away()]).kind(),
+            ErrorKind::Unavailable
+        );
+        assert_eq!(publish_error([stale()]).kind(), ErrorKind::Conflict);
+        assert_eq!(
+            publish_error([away(), slow()]).kind(),
+            ErrorKind::Unavailable
+        );
+        assert_eq!(publish_error([away(), stale()]).kind(), ErrorKind::Internal);
+        assert_eq!(publish_error([]).kind(), ErrorKind::Internal);
+        let retryable = HandlerError::from(publish_error([away()]));
+        assert!(retryable.kind().is_retryable(), "{retryable:?}");
+    }
 }
