@@ -73,6 +73,10 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
     }
 }
 
+/// Batches a flush sends before it queues what it holds without waiting for room (see
+/// [`Replay::flush`]).
+const MAX_FLUSH_ROUNDS: usize = 64;
+
 /// Why a replay stopped reading.
 enum End {
     /// The connection is closing.
@@ -219,41 +223,79 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     /// the ones it drops came after every event flushed so far (the buffer stayed full from
     /// the first drop until it was taken), so the next batch is flushed and then, with
     /// `read_back`, the store is read again for the dropped ones.
+    ///
+    /// Without `read_back` (after `resume_failed`) events dropped meanwhile are not read
+    /// again: the subscription is told `events_missed` after the events held before them.
+    ///
+    /// Live events that keep arriving as fast as the client takes them would keep the buffer
+    /// from ever being empty here: after `MAX_FLUSH_ROUNDS` batches, what is held goes to the
+    /// send queue at once, without waiting for room, and the subscription goes live; a queue
+    /// too full for it closes the client as slow, as a live push would.
     async fn flush(&mut self, read_back: bool) -> Flush {
-        loop {
-            let (held, overflowed) = {
+        for round in 1.. {
+            let (held, overflowed, lost) = {
                 let mut buffer = self.slot.lock();
                 let overflowed = read_back && self.dropped_above_cursor(&mut buffer);
-                if buffer.frames.is_empty() && !overflowed {
+                let lost = !read_back && buffer.dropped.take().is_some();
+                if buffer.frames.is_empty() && !overflowed && !lost {
                     self.slot.go_live(self.cursor);
                     return Flush::Live;
                 }
-                (std::mem::take(&mut buffer.frames), overflowed)
-            };
-            for (position, frame) in held {
-                if position.is_some_and(|p| p <= self.cursor) {
-                    continue;
+                let held = std::mem::take(&mut buffer.frames);
+                if round >= MAX_FLUSH_ROUNDS && !overflowed {
+                    // Under the lock, so no live event passes these.
+                    for (frame, notice) in self.frames_of(held, lost) {
+                        self.conn.push(frame);
+                        if notice {
+                            self.hub.metrics.missed_notices(1);
+                        }
+                    }
+                    self.slot.go_live(self.cursor);
+                    return Flush::Live;
                 }
-                // A live event without a position was dropped here: told at this point.
-                let (frame, notice) = match frame {
-                    Some(frame) => (frame, false),
-                    None if self.slot.claim_missed() => (missed_frame(self.topic), true),
-                    None => continue,
-                };
+                (held, overflowed, lost)
+            };
+            for (frame, notice) in self.frames_of(held, lost) {
                 if !self.sender.send(frame).await {
                     return Flush::Closed;
                 }
                 if notice {
                     self.hub.metrics.missed_notices(1);
                 }
-                if let Some(position) = position {
-                    self.flushed.insert(position);
-                }
             }
             if overflowed {
                 return Flush::ReadBack;
             }
         }
+        unreachable!("`1..` does not end")
+    }
+
+    /// The frames to send for `held` (then, when `lost`, an `events_missed`), each with
+    /// whether it is that notice: events at or below the cursor are skipped (read from the
+    /// store already), the others are recorded as flushed, and a marker of a dropped event
+    /// without a position becomes `events_missed` (once per subscription).
+    fn frames_of(
+        &mut self,
+        held: Vec<(Option<Position>, Option<Utf8Bytes>)>,
+        lost: bool,
+    ) -> Vec<(Utf8Bytes, bool)> {
+        let mut frames = Vec::with_capacity(held.len() + usize::from(lost));
+        let markers = held.into_iter().chain(lost.then_some((None, None)));
+        for (position, frame) in markers {
+            if position.is_some_and(|p| p <= self.cursor) {
+                continue;
+            }
+            match frame {
+                Some(frame) => frames.push((frame, false)),
+                // A live event dropped here: told at this point.
+                None if self.slot.claim_missed() => frames.push((missed_frame(self.topic), true)),
+                None => continue,
+            }
+            if let Some(position) = position {
+                self.flushed.insert(position);
+            }
+        }
+        frames
     }
 }
 
@@ -714,5 +756,128 @@ mod tests {
             .unwrap();
         assert_eq!(f.conn.close.get(), Some(Ending::SLOW));
         assert!(f.slot.lock().frames.is_empty());
+    }
+
+    /// Every frame queued until `replay` ends, as the event's `n` or the error's code.
+    async fn drain_all(f: &Fixture, replay: JoinHandle<()>) -> Vec<String> {
+        let mut got = Vec::new();
+        let mut replay = std::pin::pin!(replay);
+        loop {
+            tokio::select! {
+                item = f.conn.queue.pop() => got.push(item),
+                done = &mut replay => {
+                    done.unwrap();
+                    break;
+                }
+            }
+        }
+        while let Some(item) = f.conn.queue.try_pop() {
+            got.push(item);
+        }
+        got.into_iter()
+            .map(|item| match item {
+                Outgoing::Frame(frame) => {
+                    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                    match frame["event"]["n"].as_u64() {
+                        Some(n) => n.to_string(),
+                        None => frame["code"].as_str().unwrap().to_owned(),
+                    }
+                }
+                Outgoing::Ping => "ping".to_owned(),
+            })
+            .collect()
+    }
+
+    /// After `resume_failed` the held events are flushed without reading the store again: live
+    /// events dropped from the full buffer meanwhile are told as `events_missed` after the
+    /// events held before them, not lost without a word.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_dropped_while_flushing_after_a_failed_resume_are_told() {
+        // One event may be replayed: the three stored ones are too many.
+        let options = HubOptions::new().replay_batch(1).replay_limit(1);
+        let f = Fixture::new(options, 4, 2);
+        let mut stored = Vec::new();
+        for n in 1..=5 {
+            stored.push(f.store(n).await);
+        }
+        f.store.visible.store(3, Ordering::SeqCst);
+        // 4 and 5 are held.
+        f.publish(&stored[3]);
+        f.publish(&stored[4]);
+        let replay = f.replay(0);
+        // The flush took 4 and 5 and waits for room: 1, the failure and 4 fill the queue.
+        until("the flush to take the held events", || {
+            f.slot.lock().frames.is_empty()
+        })
+        .await;
+        // 6 and 7 are held; 8 is dropped from the full buffer.
+        for n in 6..=8 {
+            stored.push(f.store(n).await);
+        }
+        for record in &stored[5..] {
+            f.publish(record);
+        }
+        assert!(f.slot.lock().dropped.is_some());
+        assert_eq!(
+            drain_all(&f, replay).await,
+            ["1", "resume_failed", "4", "5", "6", "7", "events_missed"]
+        );
+        assert_eq!(f.inner.metrics.snapshot().missed_notices, 1);
+        f.assert_live().await;
+    }
+
+    /// Live events that keep coming as fast as the client takes them would keep the seam's
+    /// buffer from ever being empty: after `MAX_FLUSH_ROUNDS` batches, what is held is queued
+    /// at once and the subscription goes live; here the queue has no room for it, so the
+    /// client is closed as slow, as a live push would close it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_seam_that_never_empties_ends_after_its_rounds() {
+        let f = Fixture::new(HubOptions::new(), 1, 16);
+        // The queue is full: the seam waits for room for each event it flushes.
+        assert!(f.conn.queue.try_push(Outgoing::Ping).is_ok());
+        // The store shows the replay nothing: every event comes live.
+        f.store.visible.store(0, Ordering::SeqCst);
+        let first = f.store(1).await;
+        f.publish(&first);
+        let replay = f.replay(0);
+        let mut n = 1;
+        let mut taken = Vec::new();
+        while n < 4 * MAX_FLUSH_ROUNDS as u64 {
+            // The seam took what was held and waits for room (or went live).
+            until("the seam to take the held event", || {
+                f.slot.lock().frames.is_empty() || replay.is_finished()
+            })
+            .await;
+            if replay.is_finished() {
+                break;
+            }
+            // Another event arrives before the client takes the next frame.
+            n += 1;
+            let record = f.store(n).await;
+            f.publish(&record);
+            taken.push(f.conn.queue.pop().await);
+        }
+        assert!(
+            replay.is_finished(),
+            "the seam still flushes after {n} events"
+        );
+        replay.await.unwrap();
+        assert_eq!(f.conn.close.get(), Some(Ending::SLOW));
+        let events = taken
+            .iter()
+            .filter_map(|item| match item {
+                Outgoing::Frame(frame) => {
+                    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                    frame["event"]["n"].as_u64()
+                }
+                Outgoing::Ping => None,
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(
+            events,
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "in order, once"
+        );
+        assert!(events.len() >= MAX_FLUSH_ROUNDS - 2, "{}", events.len());
     }
 }
