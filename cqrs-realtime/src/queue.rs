@@ -10,6 +10,7 @@ use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 
 /// What a connection's writer takes from its queue.
@@ -31,6 +32,8 @@ pub(crate) struct SendQueue {
     writer: AtomicWaker,
     /// The replay, waiting for room.
     room: AtomicWaker,
+    /// Items taken so far (wrapping): whether the client makes progress.
+    popped: AtomicU32,
 }
 
 impl SendQueue {
@@ -40,6 +43,7 @@ impl SendQueue {
             capacity: capacity.max(1),
             writer: AtomicWaker::new(),
             room: AtomicWaker::new(),
+            popped: AtomicU32::new(0),
         }
     }
 
@@ -92,9 +96,16 @@ impl SendQueue {
             item
         };
         if item.is_some() {
+            self.popped.fetch_add(1, Ordering::Relaxed);
             self.room.wake();
         }
         item
+    }
+
+    /// How many items were taken so far (wrapping): a count that moved means the client
+    /// took something in between.
+    pub(crate) fn popped(&self) -> u32 {
+        self.popped.load(Ordering::Relaxed)
     }
 
     /// Completes once at least `free` slots are free (at most the capacity).

@@ -330,7 +330,9 @@ fn replay_frame<P: Send + Sync + 'static>(
 /// A client that takes nothing for `stall_limit` (the idle timeout) while the replay waits
 /// is closed as slow: the replay runs in the connection's reader task, so the idle timeout
 /// that guards reads does not run meanwhile, and without this a client that stopped reading
-/// would hold its connection until shutdown.
+/// would hold its connection until shutdown. A client that takes frames all along, while live
+/// events on its other subscriptions keep half the queue from ever being free, is not: the
+/// replay then takes any free slot, like live traffic does.
 struct ReplaySender<'a, P> {
     conn: &'a Conn<P>,
     /// Frames this replay may still queue before waiting for room again.
@@ -365,13 +367,25 @@ impl<'a, P> ReplaySender<'a, P> {
                     }
                 }
             }
-            tokio::select! {
-                biased;
-                _ = self.conn.close.reader_closed() => return false,
-                room = timeout(self.stall_limit, queue.room_for((queue.capacity() / 2).max(1))) => {
-                    if room.is_err() {
-                        self.conn.close_slow();
-                        return false;
+            let mut want = (queue.capacity() / 2).max(1);
+            let mut taken = queue.popped();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = self.conn.close.reader_closed() => return false,
+                    room = timeout(self.stall_limit, queue.room_for(want)) => {
+                        if room.is_ok() {
+                            break;
+                        }
+                        let now = queue.popped();
+                        if now == taken {
+                            self.conn.close_slow();
+                            return false;
+                        }
+                        // Taking frames, but never freeing half the queue: live traffic
+                        // holds it. Any free slot will do from now on.
+                        taken = now;
+                        want = 1;
                     }
                 }
             }
@@ -879,5 +893,54 @@ mod tests {
             "in order, once"
         );
         assert!(events.len() >= MAX_FLUSH_ROUNDS - 2, "{}", events.len());
+    }
+
+    /// A client that takes frames all along, while live traffic on its other subscriptions
+    /// keeps more than half its queue full, is not closed as slow by a replay that waits for
+    /// half the queue: the replay takes single free slots instead, and finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_beside_busy_live_traffic_to_a_reading_client_finishes() {
+        let f = Fixture::new(
+            HubOptions::new()
+                .ping_interval(Duration::from_millis(50))
+                .idle_timeout(Duration::from_millis(200)),
+            4,
+            2,
+        );
+        for n in 1..=5 {
+            f.store(n).await;
+        }
+        for _ in 0..4 {
+            assert!(f.conn.queue.try_push(Outgoing::Ping).is_ok());
+        }
+        let replay = f.replay(0);
+        // The client: takes a frame every 10 ms; live traffic puts a ping back 2 ms after.
+        let mut events = Vec::new();
+        while !replay.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            match f.conn.queue.try_pop() {
+                Some(Outgoing::Frame(frame)) => {
+                    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                    events.push(frame["event"]["n"].as_u64().unwrap());
+                }
+                Some(Outgoing::Ping) | None => {}
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let _ = f.conn.queue.try_push(Outgoing::Ping);
+            assert!(
+                events.len() <= 5 && f.conn.close.get().is_none(),
+                "closed: {:?}",
+                f.conn.close.get()
+            );
+        }
+        replay.await.unwrap();
+        while let Some(item) = f.conn.queue.try_pop() {
+            if let Outgoing::Frame(frame) = item {
+                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                events.push(frame["event"]["n"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(f.conn.close.get(), None, "closed as slow");
+        assert_eq!(events, [1, 2, 3, 4, 5]);
     }
 }
