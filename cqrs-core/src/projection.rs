@@ -1134,8 +1134,9 @@ enum Outcome {
 }
 
 /// The loop of a consuming worker: fetch up to `batch` deliveries, hand each to `handle`,
-/// acknowledge or hand back what it decided, until shutdown is requested; then close the
-/// consumer.
+/// acknowledge or hand back what it decided, until shutdown is requested or the consumer
+/// fails; then close the consumer (after a failure too, best effort, and return the
+/// failure).
 ///
 /// Deliveries of one [`order_key`](Delivery::order_key) form a chain, handled one after
 /// another in batch order; up to `concurrency` chains run at once, so events of different keys
@@ -1165,6 +1166,33 @@ where
     Fut: std::future::Future<Output = Handled> + Send,
 {
     ctx.health.set(Health::Healthy);
+    let consumed = consume(consumer, ctx, options, &handle).await;
+    // Closed on an error too (best effort): what the consumer holds is released at once,
+    // instead of waiting out the redelivery delay, its lane behind it, to be reclaimed with a
+    // delivery counted that no handler got.
+    let closed = consumer.close().await;
+    match consumed {
+        Ok(()) => closed,
+        Err(error) => {
+            if let Err(close_error) = closed {
+                tracing::debug!(%close_error, "could not close the consumer after its error");
+            }
+            Err(error)
+        }
+    }
+}
+
+/// The loop of [`consume_until_shutdown`], without the close.
+async fn consume<F, Fut>(
+    consumer: &mut dyn Consumer,
+    ctx: &WorkerContext,
+    options: ConsumeLoop,
+    handle: &F,
+) -> Result<(), TransportError>
+where
+    F: Fn(Delivery) -> Fut + Sync,
+    Fut: std::future::Future<Output = Handled> + Send,
+{
     while !ctx.shutdown.is_requested() {
         let deliveries = tokio::select! {
             d = consumer.fetch(options.batch.max(1)) => d?,
@@ -1183,7 +1211,7 @@ where
             deliveries,
             options.concurrency,
             options.handler_timeout,
-            &handle,
+            handle,
         );
         // The batch is acknowledged when it is all done, so it may take longer than the
         // redelivery delay in total.
@@ -1233,7 +1261,7 @@ where
             None => ctx.health.set(Health::Healthy),
         }
     }
-    consumer.close().await
+    Ok(())
 }
 
 /// Handles one batch: its chains concurrently, each chain in order. Returns every delivery's

@@ -202,13 +202,7 @@ impl RedisConsumer {
             returned_limit: MAX_RETURNED,
             acked: HashMap::new(),
             adopted: HashSet::new(),
-            // Its first step takes over what is pending to its name: a consumer made again
-            // under the name of one dropped without closing (a consume loop that returned on
-            // an error, then restarted with the same options) would otherwise leave those
-            // entries to wait out the redelivery delay, their lanes behind them, and to be
-            // reclaimed with a delivery counted that no handler got. A name no consumer has
-            // used has nothing pending: one `XPENDING` more, once.
-            unsure: true,
+            unsure: false,
             reader_unsure: false,
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at

@@ -23,6 +23,10 @@ struct Scripted {
     /// `keep_alive_interval`, and the ids of each `keep_alive` call.
     keep_every: Option<Duration>,
     kept: Arc<Mutex<Vec<Vec<String>>>>,
+    /// Fail every ack, as a consumer whose connection is gone.
+    ack_fails: bool,
+    /// How many times `close` was called.
+    closed: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -38,6 +42,12 @@ impl Consumer for Scripted {
     }
 
     async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        if self.ack_fails {
+            return Err(TransportError::Unavailable {
+                backend: "scripted",
+                source: "the connection is gone".into(),
+            });
+        }
         let mut acked = self.acked.lock().unwrap();
         acked.extend(ids.iter().map(|id| id.0.clone()));
         Ok(())
@@ -72,6 +82,11 @@ impl Consumer for Scripted {
     fn keep_alive_interval(&self) -> Option<Duration> {
         self.keep_every
     }
+
+    async fn close(&mut self) -> Result<(), TransportError> {
+        self.closed.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// A delivery named `name` (its id), in chain `key`.
@@ -96,6 +111,8 @@ fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
         deferred: log.2.clone(),
         keep_every: None,
         kept: Arc::default(),
+        ack_fails: false,
+        closed: Arc::default(),
     };
     let ctx = WorkerContext {
         shutdown,
@@ -318,5 +335,27 @@ fn a_handler_that_panics_when_cancelled_at_its_timeout_fails_only_its_delivery()
         let nacked = nacked.lock().unwrap();
         assert_eq!(nacked.len(), 1, "{nacked:?}");
         assert_eq!(nacked[0].0, "a1");
+    });
+}
+
+/// A loop that ends on an error (its ack failed: the connection is gone) closes its consumer
+/// first, as a loop that ends at shutdown does: what the consumer holds is released at once,
+/// instead of waiting out the redelivery delay under a consumer nobody reads for.
+#[test]
+fn a_loop_that_fails_closes_its_consumer() {
+    run(async {
+        let (mut consumer, ctx, _) = scripted(vec![vec![delivery("a1", Some("a"))]]);
+        consumer.ack_fails = true;
+        let closed = consumer.closed.clone();
+        let result =
+            consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |_| async {
+                Handled::Done
+            })
+            .await;
+        assert!(
+            matches!(result, Err(TransportError::Unavailable { .. })),
+            "{result:?}"
+        );
+        assert_eq!(closed.load(Ordering::SeqCst), 1);
     });
 }
