@@ -104,8 +104,8 @@ pub struct PgOutboxRelay {
     /// The most events published in one call: `batch_size` until a run of one topic that had
     /// the whole `publish_timeout` to itself ran out of it with nothing through; then half
     /// that run, and so on down to one, so a broker too slow for a whole batch still takes
-    /// part of each. Doubles again, up to `batch_size`, after a run that took under a quarter
-    /// of the timeout.
+    /// part of each. Doubles again, up to `batch_size`, after a run of that many that took
+    /// under a quarter of the timeout.
     run_limit: std::sync::atomic::AtomicUsize,
 }
 
@@ -650,7 +650,8 @@ impl PgOutboxRelay {
 
     /// Halves the run limit when a run of `len` events that had the whole timeout to itself
     /// (`first`: the batch's first) got nothing through before it ran out; doubles it, up to
-    /// the batch size, after a run that went through in under a quarter of the timeout.
+    /// the batch size, after a run of the limit's length that went through in under a
+    /// quarter of the timeout.
     fn adapt_run_limit(
         &self,
         first: bool,
@@ -671,7 +672,9 @@ impl PgOutboxRelay {
                     "a run of events did not go out within the publish timeout; publishing at most {halved} at a time"
                 );
             }
+            // A full run: a short one (a trickle) says nothing about a backlog's.
             None if done == len
+                && len == limit
                 && limit < self.batch_size
                 && started.elapsed() < self.publish_timeout / 4 =>
             {

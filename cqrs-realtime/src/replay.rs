@@ -236,13 +236,13 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             let (held, overflowed, lost) = {
                 let mut buffer = self.slot.lock();
                 let overflowed = read_back && self.dropped_above_cursor(&mut buffer);
-                let lost = !read_back && buffer.dropped.take().is_some();
+                let lost = !read_back && self.dropped_above_cursor(&mut buffer);
                 if buffer.frames.is_empty() && !overflowed && !lost {
                     self.slot.go_live(self.cursor);
                     return Flush::Live;
                 }
                 let held = std::mem::take(&mut buffer.frames);
-                if round >= MAX_FLUSH_ROUNDS && !overflowed {
+                if round > MAX_FLUSH_ROUNDS && !overflowed {
                     // Under the lock, so no live event passes these.
                     for (frame, notice) in self.frames_of(held, lost) {
                         self.conn.push(frame);
@@ -338,6 +338,9 @@ struct ReplaySender<'a, P> {
     /// Frames this replay may still queue before waiting for room again.
     budget: usize,
     stall_limit: Duration,
+    /// The client took frames while half the queue never came free (live traffic holds it):
+    /// from then on this replay waits for any free slot, not for half the queue.
+    starved: bool,
 }
 
 impl<'a, P> ReplaySender<'a, P> {
@@ -346,6 +349,7 @@ impl<'a, P> ReplaySender<'a, P> {
             conn,
             budget: 0,
             stall_limit,
+            starved: false,
         }
     }
 
@@ -367,9 +371,13 @@ impl<'a, P> ReplaySender<'a, P> {
                     }
                 }
             }
-            let mut want = (queue.capacity() / 2).max(1);
             let mut taken = queue.popped();
             loop {
+                let want = if self.starved {
+                    1
+                } else {
+                    (queue.capacity() / 2).max(1)
+                };
                 tokio::select! {
                     biased;
                     _ = self.conn.close.reader_closed() => return false,
@@ -383,9 +391,9 @@ impl<'a, P> ReplaySender<'a, P> {
                             return false;
                         }
                         // Taking frames, but never freeing half the queue: live traffic
-                        // holds it. Any free slot will do from now on.
+                        // holds it. Any free slot will do for the rest of this replay.
                         taken = now;
-                        want = 1;
+                        self.starved = true;
                     }
                 }
             }
@@ -897,7 +905,8 @@ mod tests {
 
     /// A client that takes frames all along, while live traffic on its other subscriptions
     /// keeps more than half its queue full, is not closed as slow by a replay that waits for
-    /// half the queue: the replay takes single free slots instead, and finishes.
+    /// half the queue: the replay takes single free slots instead, for the rest of the replay
+    /// (not one idle timeout per frame), and finishes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replay_beside_busy_live_traffic_to_a_reading_client_finishes() {
         let f = Fixture::new(
@@ -907,12 +916,13 @@ mod tests {
             4,
             2,
         );
-        for n in 1..=5 {
+        for n in 1..=20 {
             f.store(n).await;
         }
         for _ in 0..4 {
             assert!(f.conn.queue.try_push(Outgoing::Ping).is_ok());
         }
+        let started = Instant::now();
         let replay = f.replay(0);
         // The client: takes a frame every 10 ms; live traffic puts a ping back 2 ms after.
         let mut events = Vec::new();
@@ -928,11 +938,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(2)).await;
             let _ = f.conn.queue.try_push(Outgoing::Ping);
             assert!(
-                events.len() <= 5 && f.conn.close.get().is_none(),
+                f.conn.close.get().is_none(),
                 "closed: {:?}",
                 f.conn.close.get()
             );
         }
+        // One idle timeout (200 ms) to find the client starved, not one per frame (4 s).
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
         replay.await.unwrap();
         while let Some(item) = f.conn.queue.try_pop() {
             if let Outgoing::Frame(frame) = item {
@@ -941,6 +957,6 @@ mod tests {
             }
         }
         assert_eq!(f.conn.close.get(), None, "closed as slow");
-        assert_eq!(events, [1, 2, 3, 4, 5]);
+        assert_eq!(events, (1..=20).collect::<Vec<_>>());
     }
 }

@@ -207,8 +207,9 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         let role = self
             .role(&email, cmd.agent_code.as_deref(), cmd.client)
             .await?;
-        // No `@`: never an email key of the login throttle. Never taken back: a registration
-        // that went through counts as much as one refused.
+        // No `@`: never an email key of the login throttle. Taken back only when the server
+        // could not finish the registration (below): one that went through counts as much as
+        // one refused.
         let key = format!("register|{}", client_key(cmd.client));
         if let Some(seconds) = self.register_throttle.attempt(&key).await? {
             return Err(too_many_attempts(
@@ -216,6 +217,30 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
                 "too many registrations from this address; try again later",
             ));
         }
+        let created = self
+            .create(email, role, display_name, cmd.password, cmd.client)
+            .await;
+        // One the server could not finish (its store away, no hashing slot free) used up no
+        // registration of the address: an outage must not lock clients out.
+        if created.as_ref().is_err_and(|e| e.kind().is_retryable())
+            && let Err(error) = self.register_throttle.succeeded(&key).await
+        {
+            tracing::warn!(%error, "could not take back a registration's count");
+        }
+        created
+    }
+}
+
+impl RegisterHandler {
+    /// Creates the account, once its registration was counted.
+    async fn create(
+        &self,
+        email: String,
+        role: Role,
+        display_name: Option<String>,
+        password: String,
+        client: Option<IpAddr>,
+    ) -> Result<UserRecord, HandlerError> {
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
             return Err(email_taken());
@@ -225,7 +250,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             email,
             role,
             display_name,
-            password_hash: self.hashing.hash_password(cmd.password, cmd.client).await?,
+            password_hash: self.hashing.hash_password(password, client).await?,
             created_at: self.clock.now(),
         };
         match self.users.create(user.clone()).await {
@@ -234,9 +259,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             Err(CreateUserError::Store(e)) => Err(e.into()),
         }
     }
-}
 
-impl RegisterHandler {
     /// The role `email` registers with: an agent for a listed email with the agent code; a
     /// listed email without it (or with another) is refused, so nobody can take an agent's
     /// address, as an agent or as a customer; a code for an unlisted email is refused too, as
@@ -792,5 +815,50 @@ mod tests {
         handle("three@example.com", a)
             .await
             .expect("the window has passed");
+    }
+
+    /// A registration the server could not finish (the user store away) uses up none of the
+    /// address's registrations: an outage does not lock clients out afterwards.
+    #[tokio::test]
+    async fn registrations_the_server_could_not_finish_do_not_count() {
+        let clock = Arc::new(ManualClock::new());
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let handler = RegisterHandler {
+            users: Arc::new(FlakyUsers {
+                users: InMemoryUserStore::default(),
+                failing: failing.clone(),
+                hanging: Arc::default(),
+            }),
+            hashing: Hashing::new(4, Duration::from_secs(30)),
+            agents: AgentList::new(Arc::default(), None),
+            code_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                100,
+                Duration::from_secs(60),
+            )),
+            register_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                3,
+                Duration::from_secs(60),
+            )),
+            clock: clock.clone(),
+        };
+        let handle = |email: &str| {
+            let handler = &handler;
+            let cmd = register(email, "", [192, 0, 2, 1]);
+            async move {
+                handler
+                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        for _ in 0..5 {
+            let failed = handle("one@example.com").await.unwrap_err();
+            assert_eq!(failed.kind(), ErrorKind::Unavailable, "{failed:?}");
+        }
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        handle("one@example.com")
+            .await
+            .expect("the failed registrations were not counted");
     }
 }
