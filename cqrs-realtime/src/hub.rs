@@ -284,10 +284,17 @@ impl<P: Send + Sync + 'static> HubInner<P> {
         ));
         if let Some(external) = self.external.clone() {
             let hub = Arc::downgrade(self);
+            let stopped = self.stopped.clone();
+            // Ends with the hub's own stop too: a hub stopped before the server's signal
+            // (tests, a hub replaced at run time) leaves no task behind.
             tokio::spawn(async move {
-                external.requested().await;
-                if let Some(hub) = hub.upgrade() {
-                    hub.shut_down();
+                tokio::select! {
+                    _ = external.requested() => {
+                        if let Some(hub) = hub.upgrade() {
+                            hub.shut_down();
+                        }
+                    }
+                    _ = stopped.requested() => {}
                 }
             });
         }
