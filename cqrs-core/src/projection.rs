@@ -549,6 +549,21 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             store.commit(unit).await?;
             Ok::<_, ProjectionError>(applied)
         };
+        // A panic outside the projection's own `apply` (which `apply_records` guards per
+        // event), in the store's commit say, fails the batch like a store error: every
+        // delivery is handed back without an attempt, instead of the panic escaping with the
+        // batch unanswered, so each came back later with a delivery counted that no handler
+        // finished (with `max_deliveries(1)`: dead-lettered, never applied).
+        let work = async {
+            crate::panic::CatchUnwind::new(work)
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(ProjectionError::Store(StoreError::Backend {
+                        backend: "projection store",
+                        source: format!("panicked: {panic}").into(),
+                    }))
+                })
+        };
         let consumer = consumer.as_mut();
         let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
         match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {

@@ -1256,3 +1256,79 @@ fn an_idle_runner_whose_store_fails_once_is_only_degraded() {
         let _ = runtime.shutdown(Duration::from_secs(1)).await;
     });
 }
+
+/// A projection whose read model's commit panics once (an `on_commit` effect's bug, a
+/// backend's driver panicking).
+#[derive(Default)]
+struct PanicsOnCommitOnce {
+    seen: Arc<Mutex<Vec<u64>>>,
+    armed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Projection<InMemoryProjectionStore> for PanicsOnCommitOnce {
+    fn name(&self) -> &str {
+        "sum"
+    }
+
+    async fn apply(
+        &self,
+        unit: &mut InMemoryUnit,
+        event: &EventEnvelope,
+    ) -> Result<(), HandlerError> {
+        let Some(sum) = event.downcast_ref::<Added>().map(|added| added.sum) else {
+            return Ok(());
+        };
+        let (seen, armed) = (self.seen.clone(), self.armed.clone());
+        unit.on_commit(move || {
+            assert!(!armed.swap(false, Ordering::SeqCst), "the commit panics");
+            seen.lock().unwrap().push(sum);
+        });
+        Ok(())
+    }
+
+    async fn reset(&self, _: &mut InMemoryUnit) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// A panic in a transport-fed batch outside the projection's `apply` (here in the store's
+/// commit) fails the batch like a store error: its deliveries are handed back without an
+/// attempt, so with one delivery allowed nothing is dead-lettered, and the batch takes effect
+/// once the commit works.
+#[test]
+fn a_batch_whose_commit_panics_is_handed_back_without_an_attempt() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        transport
+            .publish("sums", &[record(1), record(2)])
+            .await
+            .unwrap();
+        let projection = Arc::new(PanicsOnCommitOnce::default());
+        projection.armed.store(true, Ordering::SeqCst);
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            projection.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts().max_deliveries(1),
+            types(),
+        );
+        let mut failures = 0;
+        for _ in 0..200 {
+            // A panic here fails the test: the runner must turn it into an error.
+            if runner.run_once().await.is_err() {
+                failures += 1;
+            }
+            if transport.backlog("sums", "sum") == 0 {
+                break;
+            }
+        }
+        assert_eq!(failures, 1, "the batch whose commit panicked failed");
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+        let mut seen = projection.seen.lock().unwrap().clone();
+        seen.sort_unstable();
+        assert_eq!(seen, [1, 2]);
+    });
+}
