@@ -2,10 +2,9 @@
 //! the key's new, completed record: a retry with that key replays instead of running the work
 //! again.
 
-use crate::support::pg_test;
+use crate::support::{pg_test, someone_waits};
 use cqrs_core::clock::ManualClock;
 use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoredResponse};
-use cqrs_postgres::PgDatabase;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,18 +16,6 @@ fn new(claim: Claim) -> Box<dyn IdempotencyGuard> {
         Claim::New(guard) => guard,
         Claim::Replay(r) => panic!("expected a new claim, got a replay of {r:?}"),
     }
-}
-
-/// Whether one of this test's sessions waits on a lock another holds.
-async fn someone_waits(db: &PgDatabase) -> bool {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-         WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1)",
-    )
-    .bind(format!("cqrs-test {}", db.schema()))
-    .fetch_one(db.pool())
-    .await
-    .expect("ask whether a session waits")
 }
 
 pg_test! {

@@ -3,7 +3,7 @@
 //! consumers' entries alone, and all of it is one unit (a dropped unit forgets nothing). A
 //! purge deleting some of the same entries meanwhile neither ends it early nor waits for it.
 
-use crate::support::pg_test;
+use crate::support::{pg_test, someone_waits};
 use cqrs_core::ports::ProjectionStore;
 use sqlx::AssertSqlSafe;
 use std::time::Duration;
@@ -96,18 +96,6 @@ async fn fill(db: &cqrs_postgres::PgDatabase) {
     .execute(db.pool())
     .await
     .expect("fill the inbox");
-}
-
-/// Whether one of this test's sessions waits on a lock another holds.
-async fn someone_waits(db: &cqrs_postgres::PgDatabase) -> bool {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-         WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1)",
-    )
-    .bind(format!("cqrs-test {}", db.schema()))
-    .fetch_one(db.pool())
-    .await
-    .expect("ask whether a session waits")
 }
 
 pg_test! {

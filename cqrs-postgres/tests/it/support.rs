@@ -215,6 +215,19 @@ pub(crate) mod tickets {
 }
 
 /// How many events the schema's store holds.
+/// Whether one of this test's sessions (its schema's `application_name`) waits on a lock
+/// another holds.
+pub(crate) async fn someone_waits(db: &PgDatabase) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+         WHERE cardinality(pg_blocking_pids(pid)) > 0 AND application_name = $1)",
+    )
+    .bind(format!("cqrs-test {}", db.schema()))
+    .fetch_one(db.pool())
+    .await
+    .expect("ask whether a session waits")
+}
+
 pub(crate) async fn event_count(db: &PgDatabase) -> usize {
     use cqrs_core::ports::EventStore;
     let mut after = cqrs_core::Position::START;

@@ -769,6 +769,29 @@ mod tests {
         assert_eq!(later.role, Role::Agent, "the window has passed");
     }
 
+    /// Customer registrations on `users`, at most `limit` from one address a minute.
+    fn registrations(
+        users: Arc<dyn UserStore>,
+        clock: &Arc<ManualClock>,
+        limit: u32,
+    ) -> RegisterHandler {
+        let throttle = |limit| {
+            Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                limit,
+                Duration::from_secs(60),
+            ))
+        };
+        RegisterHandler {
+            users,
+            hashing: Hashing::new(4, Duration::from_secs(30)),
+            agents: AgentList::new(Arc::default(), None),
+            code_throttle: throttle(100),
+            register_throttle: throttle(limit),
+            clock: clock.clone(),
+        }
+    }
+
     /// Registrations from one address are counted, taken emails and new accounts alike: past
     /// the limit that address gets 429 `too_many_attempts`, even for a new email, so it can
     /// neither make accounts without end nor learn which emails have one at database speed;
@@ -776,22 +799,7 @@ mod tests {
     #[tokio::test]
     async fn registrations_from_one_address_are_throttled() {
         let clock = Arc::new(ManualClock::new());
-        let handler = RegisterHandler {
-            users: Arc::new(InMemoryUserStore::default()),
-            hashing: Hashing::new(4, Duration::from_secs(30)),
-            agents: AgentList::new(Arc::default(), None),
-            code_throttle: Arc::new(InMemoryLoginThrottle::new(
-                clock.clone(),
-                100,
-                Duration::from_secs(60),
-            )),
-            register_throttle: Arc::new(InMemoryLoginThrottle::new(
-                clock.clone(),
-                3,
-                Duration::from_secs(60),
-            )),
-            clock: clock.clone(),
-        };
+        let handler = registrations(Arc::new(InMemoryUserStore::default()), &clock, 3);
         let handle = |email: &str, client: [u8; 4]| {
             let handler = &handler;
             let cmd = register(email, "", client);
@@ -823,26 +831,12 @@ mod tests {
     async fn registrations_the_server_could_not_finish_do_not_count() {
         let clock = Arc::new(ManualClock::new());
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let handler = RegisterHandler {
-            users: Arc::new(FlakyUsers {
-                users: InMemoryUserStore::default(),
-                failing: failing.clone(),
-                hanging: Arc::default(),
-            }),
-            hashing: Hashing::new(4, Duration::from_secs(30)),
-            agents: AgentList::new(Arc::default(), None),
-            code_throttle: Arc::new(InMemoryLoginThrottle::new(
-                clock.clone(),
-                100,
-                Duration::from_secs(60),
-            )),
-            register_throttle: Arc::new(InMemoryLoginThrottle::new(
-                clock.clone(),
-                3,
-                Duration::from_secs(60),
-            )),
-            clock: clock.clone(),
-        };
+        let users = Arc::new(FlakyUsers {
+            users: InMemoryUserStore::default(),
+            failing: failing.clone(),
+            hanging: Arc::default(),
+        });
+        let handler = registrations(users, &clock, 3);
         let handle = |email: &str| {
             let handler = &handler;
             let cmd = register(email, "", [192, 0, 2, 1]);
