@@ -668,6 +668,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             .store(false, std::sync::atomic::Ordering::Relaxed);
         // When the first of the batches failing since the last success ended.
         let mut failing_since: Option<tokio::time::Instant> = None;
+        // When the last failing batch ended.
+        let mut last_failure: Option<tokio::time::Instant> = None;
         let mut purge = InboxPurge {
             store: self.store.clone(),
             name: self.name.clone(),
@@ -691,12 +693,29 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
             };
             match stepped {
-                Ok((_, caught_up)) => {
-                    failures = 0;
-                    failing_since = None;
-                    self.stalled
-                        .store(false, std::sync::atomic::Ordering::Relaxed);
-                    ctx.health.set(Health::Healthy);
+                Ok((applied, caught_up)) => {
+                    // An empty fetch proves the transport, not the store: a batch that failed
+                    // comes back only after the redelivery delay. Until then (twice it, so a
+                    // late redelivery is not missed) health and the failure count stay as
+                    // they are, so a store that stays down is reported, not hidden by the
+                    // empty fetches in between. After that the failed batch is gone (handled
+                    // elsewhere, or dead-lettered): healthy again.
+                    let awaiting_redelivery = match &self.source {
+                        Source::Transport { options, .. } if caught_up && applied == 0 => {
+                            last_failure.is_some_and(|at: tokio::time::Instant| {
+                                at.elapsed() < options.redelivery_delay.saturating_mul(2)
+                            })
+                        }
+                        _ => false,
+                    };
+                    if !awaiting_redelivery {
+                        failures = 0;
+                        failing_since = None;
+                        last_failure = None;
+                        self.stalled
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                        ctx.health.set(Health::Healthy);
+                    }
                     match self.source {
                         Source::Store if caught_up => {
                             tokio::select! {
@@ -713,6 +732,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
                 Err(e) => {
                     failures += 1;
+                    last_failure = Some(tokio::time::Instant::now());
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     // Retried either way (a consumer name in use frees up when its holder
                     // stops), but only what can pass by itself is merely degraded, and only

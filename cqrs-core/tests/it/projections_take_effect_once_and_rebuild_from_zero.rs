@@ -1332,3 +1332,64 @@ fn a_batch_whose_commit_panics_is_handed_back_without_an_attempt() {
         assert_eq!(seen, [1, 2]);
     });
 }
+
+/// A transport-fed runner whose store stays down: its batch fails and waits out the
+/// redelivery delay (the fetches meanwhile come back empty), then fails again. Health is never
+/// Healthy in between (an empty fetch proves the transport, not the store) and turns Unhealthy
+/// once the batches have kept failing for `stall_after`; with the store back, the event takes
+/// effect and the runner is healthy again.
+#[test]
+fn a_transport_fed_runner_whose_store_stays_down_is_reported() {
+    run_paused(|| async {
+        let store = Arc::new(Flaky::default());
+        store.down.store(true, Ordering::SeqCst);
+        let sum = Arc::new(Sum::default());
+        let transport = Arc::new(InMemoryTransport::new());
+        transport.publish("sums", &[record(1)]).await.unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(100))
+            .redelivery_delay(Duration::from_secs(10))
+            .max_deliveries(3);
+        let runner = sums_runner(store.clone(), &sum, &transport, options)
+            .stall_after(Duration::from_secs(25));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        let health = || async { runtime.health().await.components["sum"].0.clone() };
+        cqrs_core::testing::eventually(Duration::from_secs(30), "the failed batch", || async {
+            matches!(health().await, cqrs_core::runtime::Health::Degraded(_)).then_some(())
+        })
+        .await;
+        let failed_at = tokio::time::Instant::now();
+        loop {
+            let now = health().await;
+            assert_ne!(
+                now,
+                cqrs_core::runtime::Health::Healthy,
+                "healthy {:?} after the failure, with the store down",
+                failed_at.elapsed()
+            );
+            if matches!(now, cqrs_core::runtime::Health::Unhealthy(_)) {
+                break;
+            }
+            assert!(
+                failed_at.elapsed() < Duration::from_secs(120),
+                "never unhealthy: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        store.down.store(false, Ordering::SeqCst);
+        cqrs_core::testing::eventually(
+            Duration::from_secs(60),
+            "healthy, the event applied",
+            || async {
+                (health().await == cqrs_core::runtime::Health::Healthy
+                    && *sum.total.lock().unwrap() == 1)
+                    .then_some(())
+            },
+        )
+        .await;
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+        let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}
