@@ -848,6 +848,37 @@ mod tests {
         f.assert_live().await;
     }
 
+    /// After `resume_failed`, a live event dropped from the full buffer that the replay had
+    /// already sent (at or below its cursor: a late copy) is no loss: no `events_missed`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_copy_of_a_replayed_event_is_no_loss_after_a_failed_resume() {
+        let options = HubOptions::new().replay_batch(1).replay_limit(1);
+        let f = Fixture::new(options, 4, 2);
+        let mut stored = Vec::new();
+        for n in 1..=7 {
+            stored.push(f.store(n).await);
+        }
+        f.store.visible.store(3, Ordering::SeqCst);
+        f.publish(&stored[3]);
+        f.publish(&stored[4]);
+        let replay = f.replay(0);
+        until("the flush to take the held events", || {
+            f.slot.lock().frames.is_empty()
+        })
+        .await;
+        // 6 and 7 are held; a late copy of 1, which the replay sent, is dropped.
+        f.publish(&stored[5]);
+        f.publish(&stored[6]);
+        f.publish(&stored[0]);
+        assert_eq!(f.slot.lock().dropped, stored[0].position);
+        assert_eq!(
+            drain_all(&f, replay).await,
+            ["1", "resume_failed", "4", "5", "6", "7"]
+        );
+        assert_eq!(f.inner.metrics.snapshot().missed_notices, 0);
+        f.assert_live().await;
+    }
+
     /// Live events that keep coming as fast as the client takes them would keep the seam's
     /// buffer from ever being empty: after `MAX_FLUSH_ROUNDS` batches, what is held is queued
     /// at once and the subscription goes live; here the queue has no room for it, so the
