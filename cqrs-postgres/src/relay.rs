@@ -616,7 +616,7 @@ impl PgOutboxRelay {
                     &mut refused,
                 )
                 .await?;
-            self.adapt_run_limit(handled == 0, end - handled, done, &stopped, started);
+            self.adapt_run_limit(limit, handled == 0, end - handled, done, &stopped, started);
             handled += done;
             if stopped.is_some() {
                 failure = stopped;
@@ -648,19 +648,19 @@ impl PgOutboxRelay {
         Ok(Some(shipped))
     }
 
-    /// Halves the run limit when a run of `len` events that had the whole timeout to itself
-    /// (`first`: the batch's first) got nothing through before it ran out; doubles it, up to
-    /// the batch size, after a run of the limit's length that went through in under a
-    /// quarter of the timeout.
+    /// Halves the run limit (`limit` when the run started) when a run of `len` events that
+    /// had the whole timeout to itself (`first`: the batch's first) got nothing through before
+    /// it ran out; doubles it, up to the batch size, after a run of the limit's length that
+    /// went through in under a quarter of the timeout.
     fn adapt_run_limit(
         &self,
+        limit: usize,
         first: bool,
         len: usize,
         done: usize,
         stopped: &Option<RelayError>,
         started: tokio::time::Instant,
     ) {
-        let limit = self.run_limit.load(Ordering::Relaxed).min(self.batch_size);
         match stopped {
             Some(RelayError::PublishTimeout { .. }) if first && done == 0 && len > 1 => {
                 let halved = len / 2;

@@ -364,13 +364,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
         }
         let token = match bearer_token(headers, uri) {
             Ok(token) => token,
-            Err(message) => {
+            Err((challenge, message)) => {
                 inner.metrics.refused("unauthorized");
-                let challenge = if message == NO_TOKEN {
-                    Challenge::Bare
-                } else {
-                    Challenge::InvalidRequest
-                };
                 return unauthorized(message, challenge);
             }
         };
@@ -711,22 +706,25 @@ struct TokenParam {
 }
 
 /// The bearer token of a handshake: the `Authorization` header when present (a malformed one
-/// is refused, not skipped), else the `token` query parameter.
-fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, &'static str> {
+/// is refused, not skipped), else the `token` query parameter. A refusal comes with its
+/// challenge: bare when no token was sent, `invalid_request` for one in the wrong shape.
+fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, (Challenge, &'static str)> {
+    let malformed = |message| (Challenge::InvalidRequest, message);
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value
             .to_str()
-            .map_err(|_| "the Authorization header is not valid text")?;
-        let (scheme, token) = value
-            .trim()
-            .split_once(' ')
-            .ok_or("the Authorization header must be `Bearer <token>`")?;
+            .map_err(|_| malformed("the Authorization header is not valid text"))?;
+        let (scheme, token) = value.trim().split_once(' ').ok_or(malformed(
+            "the Authorization header must be `Bearer <token>`",
+        ))?;
         if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err("the Authorization header must be `Bearer <token>`");
+            return Err(malformed(
+                "the Authorization header must be `Bearer <token>`",
+            ));
         }
         let token = token.trim();
         if token.is_empty() {
-            return Err("the bearer token is empty");
+            return Err(malformed("the bearer token is empty"));
         }
         return Ok(token.to_owned());
     }
@@ -735,15 +733,13 @@ fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, &'static str> 
         .and_then(|q| q.0.token);
     match from_query {
         Some(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
-        Some(_) => Err("the token query parameter is empty"),
-        None => Err(NO_TOKEN),
+        Some(_) => Err(malformed("the token query parameter is empty")),
+        None => Err((
+            Challenge::Bare,
+            "a bearer token is required: send `Authorization: Bearer <token>` or `?token=<token>`",
+        )),
     }
 }
-
-/// Why a handshake without a token is refused; any other refusal of [`bearer_token`] is of a
-/// token sent in the wrong shape.
-const NO_TOKEN: &str =
-    "a bearer token is required: send `Authorization: Bearer <token>` or `?token=<token>`";
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 6750, section 3.1).
 #[derive(Clone, Copy)]

@@ -591,6 +591,21 @@ mod tests {
 
         /// Like [`drain`](Self::drain), with `None` for an `events_missed` frame.
         async fn drain_marked(&self, replay: JoinHandle<()>) -> Vec<Option<u64>> {
+            self.drain_all(replay)
+                .await
+                .into_iter()
+                .map(|frame| match frame.parse() {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        assert_eq!(frame, "events_missed");
+                        None
+                    }
+                })
+                .collect()
+        }
+
+        /// Every frame queued until `replay` ends, as the event's `n` or the error's code.
+        async fn drain_all(&self, replay: JoinHandle<()>) -> Vec<String> {
             let mut got = Vec::new();
             let mut replay = std::pin::pin!(replay);
             loop {
@@ -610,11 +625,10 @@ mod tests {
                     Outgoing::Frame(frame) => {
                         let frame: serde_json::Value =
                             serde_json::from_str(frame.as_str()).unwrap();
-                        if frame["type"] == "error" {
-                            assert_eq!(frame["code"], "events_missed", "{frame}");
-                            return None;
+                        match frame["event"]["n"].as_u64() {
+                            Some(n) => n.to_string(),
+                            None => frame["code"].as_str().unwrap().to_owned(),
                         }
-                        Some(frame["event"]["n"].as_u64().unwrap())
                     }
                     Outgoing::Ping => panic!("a ping"),
                 })
@@ -780,34 +794,25 @@ mod tests {
         assert!(f.slot.lock().frames.is_empty());
     }
 
-    /// Every frame queued until `replay` ends, as the event's `n` or the error's code.
-    async fn drain_all(f: &Fixture, replay: JoinHandle<()>) -> Vec<String> {
-        let mut got = Vec::new();
-        let mut replay = std::pin::pin!(replay);
-        loop {
-            tokio::select! {
-                item = f.conn.queue.pop() => got.push(item),
-                done = &mut replay => {
-                    done.unwrap();
-                    break;
-                }
-            }
+    /// A replay that fails (one event may be replayed, three are stored) with events 1 to 8
+    /// stored, 4 and 5 held live, and its flush of them waiting for room: 1, the failure and
+    /// 4 fill the queue.
+    async fn flushing_after_a_failed_resume() -> (Fixture, Vec<EventRecord>, JoinHandle<()>) {
+        let options = HubOptions::new().replay_batch(1).replay_limit(1);
+        let f = Fixture::new(options, 4, 2);
+        let mut stored = Vec::new();
+        for n in 1..=8 {
+            stored.push(f.store(n).await);
         }
-        while let Some(item) = f.conn.queue.try_pop() {
-            got.push(item);
-        }
-        got.into_iter()
-            .map(|item| match item {
-                Outgoing::Frame(frame) => {
-                    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                    match frame["event"]["n"].as_u64() {
-                        Some(n) => n.to_string(),
-                        None => frame["code"].as_str().unwrap().to_owned(),
-                    }
-                }
-                Outgoing::Ping => "ping".to_owned(),
-            })
-            .collect()
+        f.store.visible.store(3, Ordering::SeqCst);
+        f.publish(&stored[3]);
+        f.publish(&stored[4]);
+        let replay = f.replay(0);
+        until("the flush to take the held events", || {
+            f.slot.lock().frames.is_empty()
+        })
+        .await;
+        (f, stored, replay)
     }
 
     /// After `resume_failed` the held events are flushed without reading the store again: live
@@ -815,33 +820,14 @@ mod tests {
     /// events held before them, not lost without a word.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn events_dropped_while_flushing_after_a_failed_resume_are_told() {
-        // One event may be replayed: the three stored ones are too many.
-        let options = HubOptions::new().replay_batch(1).replay_limit(1);
-        let f = Fixture::new(options, 4, 2);
-        let mut stored = Vec::new();
-        for n in 1..=5 {
-            stored.push(f.store(n).await);
-        }
-        f.store.visible.store(3, Ordering::SeqCst);
-        // 4 and 5 are held.
-        f.publish(&stored[3]);
-        f.publish(&stored[4]);
-        let replay = f.replay(0);
-        // The flush took 4 and 5 and waits for room: 1, the failure and 4 fill the queue.
-        until("the flush to take the held events", || {
-            f.slot.lock().frames.is_empty()
-        })
-        .await;
+        let (f, stored, replay) = flushing_after_a_failed_resume().await;
         // 6 and 7 are held; 8 is dropped from the full buffer.
-        for n in 6..=8 {
-            stored.push(f.store(n).await);
-        }
         for record in &stored[5..] {
             f.publish(record);
         }
         assert!(f.slot.lock().dropped.is_some());
         assert_eq!(
-            drain_all(&f, replay).await,
+            f.drain_all(replay).await,
             ["1", "resume_failed", "4", "5", "6", "7", "events_missed"]
         );
         assert_eq!(f.inner.metrics.snapshot().missed_notices, 1);
@@ -852,27 +838,14 @@ mod tests {
     /// already sent (at or below its cursor: a late copy) is no loss: no `events_missed`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_copy_of_a_replayed_event_is_no_loss_after_a_failed_resume() {
-        let options = HubOptions::new().replay_batch(1).replay_limit(1);
-        let f = Fixture::new(options, 4, 2);
-        let mut stored = Vec::new();
-        for n in 1..=7 {
-            stored.push(f.store(n).await);
-        }
-        f.store.visible.store(3, Ordering::SeqCst);
-        f.publish(&stored[3]);
-        f.publish(&stored[4]);
-        let replay = f.replay(0);
-        until("the flush to take the held events", || {
-            f.slot.lock().frames.is_empty()
-        })
-        .await;
+        let (f, stored, replay) = flushing_after_a_failed_resume().await;
         // 6 and 7 are held; a late copy of 1, which the replay sent, is dropped.
         f.publish(&stored[5]);
         f.publish(&stored[6]);
         f.publish(&stored[0]);
         assert_eq!(f.slot.lock().dropped, stored[0].position);
         assert_eq!(
-            drain_all(&f, replay).await,
+            f.drain_all(replay).await,
             ["1", "resume_failed", "4", "5", "6", "7"]
         );
         assert_eq!(f.inner.metrics.snapshot().missed_notices, 0);

@@ -24,6 +24,10 @@ pub(crate) struct ControlledTransport {
     pub(crate) published: Mutex<Vec<EventRecord>>,
     /// How long each publish takes (a slow broker).
     pub(crate) delay: Mutex<Duration>,
+    /// How long each publish takes per event it carries, on top of `delay`.
+    pub(crate) delay_per_event: Mutex<Duration>,
+    /// How many events each publish that went through carried, in order.
+    pub(crate) runs: Mutex<Vec<usize>>,
 }
 
 impl ControlledTransport {
@@ -47,6 +51,14 @@ impl ControlledTransport {
         Arc::new(t)
     }
 
+    /// A broker that takes `delay` for each event of a publish, and none of them when the
+    /// publish is given up before that.
+    pub(crate) fn slow_per_event(delay: Duration) -> Arc<Self> {
+        let t = Self::default();
+        *t.delay_per_event.lock().unwrap() = delay;
+        Arc::new(t)
+    }
+
     pub(crate) fn hanging_on_call(n: usize) -> Arc<Self> {
         let t = Self::default();
         t.hang_on_call.store(n, Ordering::SeqCst);
@@ -62,7 +74,12 @@ impl EventTransport for ControlledTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        let delay = *self.delay.lock().unwrap_or_else(|p| p.into_inner());
+        let per_event = *self
+            .delay_per_event
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let delay = *self.delay.lock().unwrap_or_else(|p| p.into_inner())
+            + per_event * u32::try_from(events.len()).unwrap_or(u32::MAX);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
@@ -82,6 +99,10 @@ impl EventTransport for ControlledTransport {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend_from_slice(events);
+        self.runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(events.len());
         if self.hang_on_call.load(Ordering::SeqCst) == call {
             // The broker has the batch; the relay never hears back.
             std::future::pending::<()>().await;
