@@ -211,21 +211,25 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         // could not finish the registration (below): one that went through counts as much as
         // one refused.
         let key = format!("register|{}", client_key(cmd.client));
-        if let Some(seconds) = self.register_throttle.attempt(&key).await? {
+        let mut counted = CountedAttempts::new();
+        if let Some(seconds) = counted.attempt(&self.register_throttle, &key).await? {
             return Err(too_many_attempts(
                 seconds,
                 "too many registrations from this address; try again later",
             ));
         }
+        // Dropped here (a time-out, a client gone), the guard takes the count back on a task.
         let created = self
             .create(email, role, display_name, cmd.password, cmd.client)
             .await;
         // One the server could not finish (its store away, no hashing slot free) used up no
         // registration of the address: an outage must not lock clients out.
-        if created.as_ref().is_err_and(|e| e.kind().is_retryable())
-            && let Err(error) = self.register_throttle.succeeded(&key).await
-        {
-            tracing::warn!(%error, "could not take back a registration's count");
+        if created.as_ref().is_err_and(|e| e.kind().is_retryable()) {
+            if let Err(error) = counted.take_back().await {
+                tracing::warn!(%error, "could not take back a registration's count");
+            }
+        } else {
+            counted.keep();
         }
         created
     }
@@ -825,16 +829,18 @@ mod tests {
             .expect("the window has passed");
     }
 
-    /// A registration the server could not finish (the user store away) uses up none of the
-    /// address's registrations: an outage does not lock clients out afterwards.
+    /// A registration the server could not finish (the user store away, or so slow that the
+    /// registration was dropped: a time-out, a client gone) uses up none of the address's
+    /// registrations: an outage does not lock clients out afterwards.
     #[tokio::test]
     async fn registrations_the_server_could_not_finish_do_not_count() {
         let clock = Arc::new(ManualClock::new());
         let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let hanging = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let users = Arc::new(FlakyUsers {
             users: InMemoryUserStore::default(),
             failing: failing.clone(),
-            hanging: Arc::default(),
+            hanging: hanging.clone(),
         });
         let handler = registrations(users, &clock, 3);
         let handle = |email: &str| {
@@ -851,8 +857,26 @@ mod tests {
             assert_eq!(failed.kind(), ErrorKind::Unavailable, "{failed:?}");
         }
         failing.store(false, std::sync::atomic::Ordering::SeqCst);
-        handle("one@example.com")
-            .await
-            .expect("the failed registrations were not counted");
+        hanging.store(true, std::sync::atomic::Ordering::SeqCst);
+        // As many as the limit: counted, they would block the next one.
+        for _ in 0..3 {
+            let dropped =
+                tokio::time::timeout(Duration::from_millis(20), handle("one@example.com")).await;
+            assert!(dropped.is_err(), "the registration hangs until it is dropped");
+        }
+        hanging.store(false, std::sync::atomic::Ordering::SeqCst);
+        // The dropped registrations' counts are taken back on tasks of their own.
+        cqrs_core::testing::with_timeout(Duration::from_secs(10), async {
+            loop {
+                match handle("one@example.com").await {
+                    Ok(_) => break,
+                    Err(e) if e.code() == "too_many_attempts" => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => panic!("the failed registrations were counted: {e:?}"),
+                }
+            }
+        })
+        .await;
     }
 }

@@ -331,10 +331,12 @@ impl LoginThrottle for PgLoginThrottle {
     }
 
     async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+        // `SKIP LOCKED`: two take-backs of one key at once (a double-clicked login) would
+        // otherwise pick the same row, and the second, finding it deleted, would delete none.
         let sql = format!(
             "DELETE FROM {schema}.login_failures WHERE ctid = (
                  SELECT ctid FROM {schema}.login_failures WHERE key = $1
-                 ORDER BY at DESC LIMIT 1)",
+                 ORDER BY at DESC LIMIT 1 FOR UPDATE SKIP LOCKED)",
             schema = self.schema
         );
         sqlx::query(AssertSqlSafe(sql))
@@ -352,28 +354,33 @@ mod tests {
     use cqrs_core::clock::ManualClock;
     use cqrs_postgres::PgOptions;
 
-    /// Attempts of keys nobody tries again are swept once they left the window.
-    #[tokio::test]
-    async fn expired_attempts_of_other_keys_are_swept() {
+    /// A database in a schema of its own with the plugin's tables, or `None` (the test skips)
+    /// when Postgres is not there and not required.
+    async fn database(name: &str, connections: u32) -> Option<PgDatabase> {
         let url = std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-        let schema = cqrs_core::testing::test_id("auth_sweep");
         let db = PgOptions::new(url.clone())
-            .schema(&schema)
-            .max_connections(2)
+            .schema(cqrs_core::testing::test_id(name))
+            .max_connections(connections)
             .connect()
             .await;
-        let Some(db) = cqrs_core::testing::require_services("postgres", &url, db.is_ok())
+        let db = cqrs_core::testing::require_services("postgres", &url, db.is_ok())
             .then(|| db.ok())
-            .flatten()
-        else {
-            return;
-        };
+            .flatten()?;
         db.migrate().await.unwrap();
         sqlx::raw_sql(AssertSqlSafe(migration(db.schema()).sql))
             .execute(db.pool())
             .await
             .unwrap();
+        Some(db)
+    }
+
+    /// Attempts of keys nobody tries again are swept once they left the window.
+    #[tokio::test]
+    async fn expired_attempts_of_other_keys_are_swept() {
+        let Some(db) = database("auth_sweep", 2).await else {
+            return;
+        };
         let clock = Arc::new(ManualClock::new());
         let window = Duration::from_secs(60);
         let throttle = PgLoginThrottle::new(db.clone(), clock.clone(), 10, window);
@@ -397,6 +404,45 @@ mod tests {
             },
         )
         .await;
+        db.drop_schema().await.unwrap();
+    }
+
+    /// Take-backs of one key at the same moment (a double-clicked login with the right
+    /// password) each take back an attempt of their own: none is left as a failure.
+    #[tokio::test]
+    async fn concurrent_take_backs_each_remove_an_attempt() {
+        let Some(db) = database("auth_take_back", 8).await else {
+            return;
+        };
+        let throttle = PgLoginThrottle::new(
+            db.clone(),
+            Arc::new(ManualClock::new()),
+            100,
+            Duration::from_secs(60),
+        );
+        const KEY: &str = "someone@x|ip";
+        for round in 0..5 {
+            for _ in 0..16 {
+                assert_eq!(throttle.attempt(KEY).await.unwrap(), None);
+            }
+            let mut take_backs = tokio::task::JoinSet::new();
+            for _ in 0..16 {
+                let throttle = throttle.clone();
+                take_backs.spawn(async move { throttle.succeeded(KEY).await });
+            }
+            for result in take_backs.join_all().await {
+                result.unwrap();
+            }
+            let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT count(*) FROM {}.login_failures WHERE key = $1",
+                db.schema()
+            )))
+            .bind(KEY)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            assert_eq!(left, 0, "attempts left after round {round}'s take-backs");
+        }
         db.drop_schema().await.unwrap();
     }
 }
