@@ -116,6 +116,30 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
     store_error_from_class(class, Box::new(error))
 }
 
+/// A failed `COMMIT`. When the server answered with an error, nothing committed, and it is
+/// classified like [`store_error`]; when the connection failed instead (reset, closed, a
+/// broken stream), the server may have committed before it went: the outcome is unknown, so
+/// it is `Timeout` ("may or may not have taken effect"), never `Unavailable` ("retry"), which
+/// would invite a retry that runs the command twice.
+pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    match error {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => StoreError::Timeout {
+            backend: BACKEND,
+            source: Box::new(CommitUnknown(error)),
+        },
+        error => store_error(error),
+    }
+}
+
+/// A `COMMIT` whose answer was lost.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the connection failed during COMMIT, so whether it committed is unknown (retry with the \
+     same idempotency key, which replays if it did, or check before retrying): {0}"
+)]
+struct CommitUnknown(#[source] sqlx::Error);
+
 /// A failed connect, classified like [`store_error`], whose message says where it tried to
 /// connect (`target`: host, port and database, never the password).
 pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {

@@ -105,8 +105,12 @@ impl PgEventStore {
     }
 
     /// Appends inside a transaction you hold (`&mut *tx`). The append lock is then held until
-    /// that transaction ends, so append last and commit soon. Conflicts are reported without
-    /// aborting the transaction.
+    /// that transaction ends, so append last and commit soon. A version conflict found by the
+    /// append functions' check leaves the transaction usable; one found by the unique
+    /// constraint (an event inserted around the functions took the version) and any other
+    /// failed statement abort it, as in Postgres any failed statement does: roll back then
+    /// (a `COMMIT` would roll back too, without an error), or append in a savepoint
+    /// (`tx.begin()`) to go on after a failure.
     ///
     /// An empty append at [`ExpectedVersion::Exactly`] is a guard ("commit my writes only if
     /// the stream is still at v"): it takes the append lock too (one more round trip), so an

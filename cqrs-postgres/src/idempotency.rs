@@ -1,7 +1,7 @@
 //! The idempotency store.
 
 use crate::PgDatabase;
-use crate::error::{BACKEND, store_error};
+use crate::error::{BACKEND, commit_error, store_error};
 use crate::sql::{IdempotencyLocks, Sql};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -213,7 +213,7 @@ impl IdempotencyGuard for PgIdempotencyGuard {
         } = *self;
         let expires_at = expiry(db.clock.now(), ttl);
         complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
-        tx.commit().await.map_err(store_error)
+        tx.commit().await.map_err(commit_error)
     }
 }
 

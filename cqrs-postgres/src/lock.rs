@@ -12,8 +12,9 @@
 //! * the `bigint` space holds the system's locks, named by the deployment alone: the schema's
 //!   append lock, projection consumers (named in code), sqlx's migration lock;
 //! * the two-`int4` space ([`pair`]) holds every lock a client's text names: idempotency keys
-//!   and their fingerprint marks. A crafted key can at worst make claims of other keys wait,
-//!   never an append.
+//!   and their fingerprint marks. A crafted key can at worst make claims of other keys wait
+//!   (or, aimed at a key its author knows, fail that key's first claim as a fingerprint
+//!   mismatch while it holds its own), never an append.
 
 /// The byte between two parts.
 const SEPARATOR: u8 = 0x1f;

@@ -1,7 +1,7 @@
 //! The transaction of one command, as its handler sees it.
 
 use crate::PgDatabase;
-use crate::error::store_error;
+use crate::error::{commit_error, store_error};
 use crate::event_store::{Completion, append_on};
 use crate::idempotency::{self, Outcome, claim_on, complete_on};
 use cqrs_core::ports::{ExpectedVersion, StoreError, StoredResponse};
@@ -234,7 +234,12 @@ impl PgUnitOfWork {
     /// stream (a single statement, its own transaction); otherwise one per stream's batch (the
     /// first also stores the idempotency response), one more per empty batch at a version (a
     /// guard: it takes the append lock, see [`PgEventStore::append_in`](crate::PgEventStore::append_in)),
-    /// and `COMMIT`.
+    /// and `COMMIT`. A transaction with the handler's own writes and no events or response
+    /// costs one more (`SELECT`), which fails if one of its statements failed.
+    ///
+    /// Fails, and commits nothing, when a statement in the transaction failed (Postgres then
+    /// rolls the whole transaction back), even if the handler went on: a handler must return
+    /// such an error, or run the statement in a savepoint of its own.
     pub async fn commit(mut self) -> Result<(), StoreError> {
         let (pool, sql, clock) = (
             self.db.pool.clone(),
@@ -286,6 +291,9 @@ impl PgUnitOfWork {
             }
             None => crate::sql::begin(&pool).await.map_err(store_error)?,
         };
+        // Whether a statement of ours runs in the transaction before `COMMIT`: it fails if a
+        // statement of the handler's failed (SQLSTATE 25P02), where `COMMIT` would not.
+        let checked = !pending.is_empty() || completion.is_some();
         for p in pending {
             // A conflict returns early: the transaction is dropped and rolls back.
             append_on(
@@ -304,7 +312,30 @@ impl PgUnitOfWork {
                 StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
             complete_on(&mut tx, &sql, c.scope, c.key, &response, c.expires_at).await?;
         }
-        tx.commit().await.map_err(store_error)
+        if !checked {
+            ensure_not_aborted(&mut tx).await?;
+        }
+        tx.commit().await.map_err(commit_error)
+    }
+}
+
+/// Fails when a statement in `tx` failed. Postgres answers `COMMIT` in such a transaction
+/// with a rollback and no error, and sqlx reports that as a commit: a handler that went on
+/// after a failed statement of its own (a unique violation taken as "already there") would
+/// see its command succeed with nothing stored. Any statement there fails (SQLSTATE 25P02).
+async fn ensure_not_aborted(tx: &mut PgConnection) -> Result<(), StoreError> {
+    match sqlx::raw_sql("SELECT").execute(tx).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("25P02") => {
+            Err(StoreError::Backend {
+                backend: crate::error::BACKEND,
+                source: "the command's transaction was aborted by a statement that failed \
+                         earlier, so nothing was committed: a handler must return the error \
+                         of a failed statement (or run it in a savepoint), not go on"
+                    .into(),
+            })
+        }
+        Err(e) => Err(store_error(e)),
     }
 }
 

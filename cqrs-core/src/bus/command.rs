@@ -425,6 +425,30 @@ impl CommandBus {
         })
     }
 
+    /// Hands `events` to the bus's [`EventSink`], as [`dispatch`](Self::dispatch) does with a
+    /// command's recorded events once its handler succeeded: for callers that run a command
+    /// with [`execute`](Self::execute) and finish it themselves (commit its transaction
+    /// first). Does nothing without a sink or without events.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
+    /// use cqrs_core::{CommandBus, Metadata};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let bus = CommandBus::builder().handler(OpenTicketHandler).build()?;
+    /// let executed = bus.execute(OpenTicket { title: "Printer on fire".into() }, Metadata::new()).await?;
+    /// // .. store the events with the command's other writes, then:
+    /// bus.sink_events(executed.events).await?;
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn sink_events(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
+        match &self.inner.sink {
+            Some(sink) if !events.is_empty() => sink.accept(events).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Whether a handler for `C` is registered.
     pub fn handles<C: Command>(&self) -> bool {
         self.inner

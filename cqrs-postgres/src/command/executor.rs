@@ -52,7 +52,8 @@ pub enum Idempotent<O> {
         /// The response stored for the key.
         response: StoredResponse,
         /// The recorded events, when the layer keeps them (see
-        /// [`PgCommandLayer::keep_events`](crate::PgCommandLayer::keep_events)).
+        /// [`PgCommandLayer::keep_events`](crate::PgCommandLayer::keep_events)); the bus's
+        /// event sink, if it has one, was given them after the commit.
         events: Vec<EventEnvelope>,
     },
     /// The key was used before by the same request: its stored response, and nothing ran.
@@ -175,6 +176,9 @@ impl PgCommandExecutor {
         let response = respond(&executed.output);
         uow.set_response(response.clone());
         uow.commit().await.map_err(store_failure)?;
+        // As `dispatch` does (`execute_with_extensions` leaves it to the caller): after the
+        // commit, the events the layer kept go to the bus's sink. They are also returned.
+        self.bus.sink_events(executed.events.clone()).await?;
         Ok(Idempotent::Executed {
             output: executed.output,
             response,

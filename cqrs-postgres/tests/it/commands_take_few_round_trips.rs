@@ -1,6 +1,6 @@
 //! The round trips a command costs, counted at the wire on a warm connection: a handler that
-//! only records events costs 1, one that runs `n` statements `n + 3`, an idempotent one
-//! `n + 4`, a replay 3, a plain append 1.
+//! only records events costs 1, one that runs `n` statements `n + 3` (with events or
+//! without), an idempotent one `n + 4`, a replay 3, a plain append 1.
 
 use crate::proxy::Proxy;
 use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then, TicketOpened};
@@ -10,7 +10,8 @@ use cqrs_core::{
     Command, CommandBus, CommandContext, CommandHandler, HandlerError, Message, Metadata,
     async_trait,
 };
-use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase, PgUnitOfWork};
+use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use std::str::FromStr;
 use std::time::Duration;
@@ -39,6 +40,37 @@ impl CommandHandler<Note> for NoteHandler {
                 title: String::new(),
             },
         );
+        Ok(())
+    }
+}
+
+/// Inserts a ticket and records nothing.
+#[derive(Debug)]
+struct Touch(String);
+
+impl Message for Touch {
+    const NAME: &'static str = "test.touch";
+}
+
+impl Command for Touch {
+    type Output = ();
+}
+
+struct TouchHandler;
+
+#[async_trait]
+impl CommandHandler<Touch> for TouchHandler {
+    async fn handle(&self, cmd: Touch, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        let uow = PgUnitOfWork::from_context(ctx)?;
+        let insert = format!(
+            "INSERT INTO \"{}\".tickets (id, title) VALUES ($1, '')",
+            uow.database().schema()
+        );
+        sqlx::query(AssertSqlSafe(insert))
+            .bind(cmd.0)
+            .execute(uow.connection().await?)
+            .await
+            .map_err(HandlerError::internal)?;
         Ok(())
     }
 }
@@ -86,6 +118,7 @@ async fn each_command_costs_the_documented_round_trips() {
                 .layer(db.command_layer())
                 .handler(OpenTicketHandler::default())
                 .handler(NoteHandler)
+                .handler(TouchHandler)
                 .build()
                 .unwrap();
             let executor = PgCommandExecutor::new(bus.clone(), db.clone());
@@ -98,6 +131,7 @@ async fn each_command_costs_the_documented_round_trips() {
             bus.dispatch(OpenTicket::new("warm", Then::Succeed))
                 .await
                 .unwrap();
+            bus.dispatch(Touch("warm-touch".into())).await.unwrap();
             executor
                 .execute_idempotent(
                     &key("warm"),
@@ -133,6 +167,12 @@ async fn each_command_costs_the_documented_round_trips() {
             assert_eq!(
                 n, 4,
                 "one statement of its own: BEGIN, INSERT, append, COMMIT"
+            );
+
+            let (n, _) = measure(&proxy, bus.dispatch(Touch("t0".into()))).await;
+            assert_eq!(
+                n, 4,
+                "one statement of its own and no events: BEGIN, INSERT, SELECT (none failed), COMMIT"
             );
 
             let (n, done) = measure(

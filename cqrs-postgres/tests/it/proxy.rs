@@ -1,9 +1,10 @@
 //! A TCP proxy in front of Postgres that counts round trips: every `Sync` (the end of an
 //! extended-protocol exchange) and every simple `Query` the client sends is one. It can also
-//! hold back what clients send for a while: a slow network, on cue.
+//! hold back what clients send for a while: a slow network, on cue; and cut a connection
+//! once the server answered a `COMMIT`, before the client hears it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +18,7 @@ pub(crate) struct Proxy {
     pub(crate) addr: SocketAddr,
     round_trips: Arc<AtomicUsize>,
     stall: Stall,
+    cut_commit: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -28,18 +30,26 @@ impl Proxy {
         let counter = round_trips.clone();
         let stall = Stall::default();
         let stalled = stall.clone();
+        let cut_commit = Arc::new(AtomicBool::new(false));
+        let cut = cut_commit.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
-                tokio::spawn(pipe(client, server, counter.clone(), stalled.clone()));
+                let cues = Cues {
+                    counter: counter.clone(),
+                    stall: stalled.clone(),
+                    cut_commit: cut.clone(),
+                };
+                tokio::spawn(pipe(client, server, cues));
             }
         });
         Proxy {
             addr,
             round_trips,
             stall,
+            cut_commit,
         }
     }
 
@@ -70,6 +80,13 @@ impl Proxy {
         *self.stall.lock().unwrap() = Some(Instant::now() + duration);
     }
 
+    /// The next `COMMIT` a client sends (as a simple query, as sqlx sends it) reaches the
+    /// server, which commits; once its answer comes back, the proxy closes that connection
+    /// on both sides instead of passing the answer on.
+    pub(crate) fn cut_after_next_commit(&self) {
+        self.cut_commit.store(true, Ordering::SeqCst);
+    }
+
     pub(crate) fn round_trips(&self) -> usize {
         self.round_trips.load(Ordering::SeqCst)
     }
@@ -92,14 +109,24 @@ impl Proxy {
     }
 }
 
-async fn pipe(
-    mut client: TcpStream,
-    mut server: TcpStream,
+/// What a connection's pipe counts and obeys.
+struct Cues {
     counter: Arc<AtomicUsize>,
     stall: Stall,
-) {
+    cut_commit: Arc<AtomicBool>,
+}
+
+async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
+    let Cues {
+        counter,
+        stall,
+        cut_commit,
+    } = cues;
     let (mut client_rx, mut client_tx) = client.split();
     let (mut server_rx, mut server_tx) = server.split();
+    // Set once this connection's `COMMIT` went to the server with a cut armed.
+    let commit_sent = AtomicBool::new(false);
+    let cut = tokio::sync::Notify::new();
     let upstream = async {
         // Untyped messages (an SSL request, the startup message) until the startup is sent,
         // then `type byte, i32 length including itself, body`.
@@ -142,10 +169,33 @@ async fn pipe(
                 if let Some(until) = until {
                     tokio::time::sleep_until(until).await;
                 }
+                let commit = started && message[0] == b'Q' && message[5..].starts_with(b"COMMIT");
+                if commit && cut_commit.swap(false, Ordering::SeqCst) {
+                    commit_sent.store(true, Ordering::SeqCst);
+                }
                 server_tx.write_all(&message).await?;
             }
         }
     };
-    let downstream = tokio::io::copy(&mut server_rx, &mut client_tx);
-    let _ = tokio::join!(upstream, downstream);
+    let downstream = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            let n = server_rx.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            // The server answered the `COMMIT` (it answers once it committed): the client
+            // never hears it.
+            if commit_sent.load(Ordering::SeqCst) {
+                cut.notify_one();
+                return Ok(());
+            }
+            client_tx.write_all(&chunk[..n]).await?;
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(upstream, downstream) } => {}
+        // Both sockets are dropped: the client reads the end of its connection.
+        () = cut.notified() => {}
+    }
 }

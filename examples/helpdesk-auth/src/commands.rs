@@ -862,7 +862,10 @@ mod tests {
         for _ in 0..3 {
             let dropped =
                 tokio::time::timeout(Duration::from_millis(20), handle("one@example.com")).await;
-            assert!(dropped.is_err(), "the registration hangs until it is dropped");
+            assert!(
+                dropped.is_err(),
+                "the registration hangs until it is dropped"
+            );
         }
         hanging.store(false, std::sync::atomic::Ordering::SeqCst);
         // The dropped registrations' counts are taken back on tasks of their own.

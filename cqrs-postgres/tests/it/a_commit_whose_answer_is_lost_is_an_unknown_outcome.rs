@@ -1,0 +1,50 @@
+//! A command whose `COMMIT` reached the server but whose answer never came back (the
+//! connection cut then) may have committed: it fails as `Timeout` ("may or may not have taken
+//! effect"), not as `Unavailable`, which told callers to retry and so ran it twice. Retried
+//! with its idempotency key, it replays.
+
+use crate::proxy::Proxy;
+use crate::support::pg_test;
+use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then};
+use cqrs_core::ports::StoredResponse;
+use cqrs_core::{CommandBus, ErrorKind, Metadata};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
+use sqlx::postgres::PgPoolOptions;
+use std::time::Duration;
+
+pg_test! {
+    async fn a_commit_whose_answer_is_lost_is_an_unknown_outcome(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+        let cut = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let bus = CommandBus::builder()
+            .layer(cut.command_layer())
+            .handler(OpenTicketHandler::default())
+            .build()
+            .unwrap();
+
+        proxy.cut_after_next_commit();
+        let lost = bus.dispatch(OpenTicket::new("t1", Then::Succeed)).await.unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        assert!(lost.to_string().contains("unknown"), "{lost}");
+        assert_eq!(tickets::count(&db).await, 1, "it did commit");
+
+        let executor = PgCommandExecutor::new(bus, cut.clone());
+        let key = IdempotencyKey::new("POST /tickets", "k1", "fp", Duration::from_secs(60));
+        let respond = |id: &String| StoredResponse::new(201, serde_json::json!({ "id": id }));
+        let run = || executor.execute_idempotent(
+            &key,
+            OpenTicket::new("t2", Then::Succeed),
+            Metadata::new(),
+            respond,
+        );
+        proxy.cut_after_next_commit();
+        let lost = run().await.unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        let retried = run().await.unwrap();
+        assert!(matches!(retried, Idempotent::Replayed(_)), "{retried:?}");
+        assert_eq!(tickets::count(&db).await, 2, "the retry ran nothing");
+        cut.pool().close().await;
+    }
+}

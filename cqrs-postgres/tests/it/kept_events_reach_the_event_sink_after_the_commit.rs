@@ -1,0 +1,83 @@
+//! `keep_events(true)`: the events a command recorded go to the bus's event sink once they
+//! are committed, through `dispatch` and through `PgCommandExecutor::execute_idempotent`
+//! alike (the executor used to return them and give the sink none); without it the sink gets
+//! none, and the relay is their only way out.
+
+use crate::support::pg_test;
+use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then};
+use cqrs_core::ports::StoredResponse;
+use cqrs_core::{CommandBus, DispatchError, EventEnvelope, EventSink, Metadata, async_trait};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Keeps the partition key of each event it gets, and the number of tickets committed then.
+struct Seen {
+    db: PgDatabase,
+    events: Mutex<Vec<(String, i64)>>,
+}
+
+#[async_trait]
+impl EventSink for Seen {
+    async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
+        let committed = tickets::count(&self.db).await;
+        let mut seen = self.events.lock().unwrap();
+        for event in events {
+            seen.push((
+                event.partition_key().unwrap_or_default().to_owned(),
+                committed,
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn respond(id: &String) -> StoredResponse {
+    StoredResponse::new(201, serde_json::json!({ "id": id }))
+}
+
+pg_test! {
+    async fn kept_events_reach_the_sink_once_committed(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        for keep in [true, false] {
+            let sink = Arc::new(Seen { db: db.clone(), events: Mutex::default() });
+            let bus = CommandBus::builder()
+                .layer(db.command_layer().keep_events(keep))
+                .handler(OpenTicketHandler::default())
+                .event_sink(sink.clone())
+                .build()
+                .unwrap();
+            let executor = PgCommandExecutor::new(bus.clone(), db.clone());
+            let (plain, keyed) = if keep { ("k1", "k2") } else { ("n1", "n2") };
+            let before = tickets::count(&db).await;
+
+            bus.dispatch(OpenTicket::new(plain, Then::Succeed)).await.unwrap();
+            let key = IdempotencyKey::new("POST /tickets", keyed, "fp", Duration::from_secs(60));
+            let done = executor
+                .execute_idempotent(&key, OpenTicket::new(keyed, Then::Succeed), Metadata::new(), respond)
+                .await
+                .unwrap();
+            let Idempotent::Executed { events, .. } = done else {
+                panic!("the first request runs");
+            };
+            assert_eq!(events.len(), usize::from(keep), "the events the layer kept are returned too");
+            // A replay runs nothing and hands nothing on.
+            let again = executor
+                .execute_idempotent(&key, OpenTicket::new(keyed, Then::Succeed), Metadata::new(), respond)
+                .await
+                .unwrap();
+            assert!(matches!(again, Idempotent::Replayed(_)), "{again:?}");
+
+            let seen = sink.events.lock().unwrap().clone();
+            if keep {
+                assert_eq!(
+                    seen,
+                    [(plain.to_owned(), before + 1), (keyed.to_owned(), before + 2)],
+                    "each event once, after its command's row committed"
+                );
+            } else {
+                assert_eq!(seen, [], "the layer took them: the relay ships them");
+            }
+        }
+    }
+}
