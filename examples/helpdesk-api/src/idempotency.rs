@@ -110,9 +110,18 @@ where
 }
 
 fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(key) = headers.get(HEADER) else {
+    let mut keys = headers.get_all(HEADER).iter();
+    let Some(key) = keys.next() else {
         return Ok(None);
     };
+    // Two keys name two requests: taking one would make a retry that sends the other first
+    // run the command again.
+    if keys.next().is_some() {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "send one Idempotency-Key header, not several",
+        ));
+    }
     // `to_str` lets spaces and tabs through; a key is visible characters only.
     key.to_str()
         .ok()

@@ -230,6 +230,33 @@ async fn the_api_describes_the_key_as_visible_ascii() {
         let (token, _) = s.customer().await;
         let spaced = post_with_key(&s, "/tickets", &token, "a b", json!({ "title": "t" })).await;
         spaced.assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        // Two keys on one request: refused, not stored under one of them.
+        let twice = s
+            .http
+            .post(s.url("/tickets"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "k-a")
+            .header("idempotency-key", "k-b")
+            .json(&json!({ "title": "t" }))
+            .send()
+            .await
+            .unwrap();
+        let twice = Response::from(twice).await;
+        twice.assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        let message = twice.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("one Idempotency-Key"), "{twice:?}");
+        for key in ["k-a", "k-b"] {
+            let fresh = post_with_key(&s, "/tickets", &token, key, json!({ "title": key })).await;
+            assert_eq!(
+                fresh.status,
+                StatusCode::CREATED,
+                "{key} was not used: {fresh:?}"
+            );
+            assert!(
+                fresh.headers.get("idempotency-replayed").is_none(),
+                "{fresh:?}"
+            );
+        }
         let visible: String = ('!'..='~').collect();
         let ok = post_with_key(&s, "/tickets", &token, &visible, json!({ "title": "t" })).await;
         assert_eq!(ok.status, StatusCode::CREATED, "{ok:?}");
