@@ -44,6 +44,10 @@ impl fmt::Display for ExpectedVersion {
 ///   `after`, in position order, at most `limit`. A reader never skips an event that commits
 ///   late: once `read_all` has returned position `p`, no event with a position at or below `p`
 ///   can appear later.
+/// * **One copy per event id.** An append holding an event id already stored (in any stream)
+///   or twice in its batch fails whole, and never as [`StoreError::Conflict`]: a conflict
+///   says "load and decide again", and a retry of an append whose outcome was unclear must not
+///   be decided again with fresh ids (it would take effect twice).
 /// * Returned records carry `stream_id`, `stream_version` and `position`.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {

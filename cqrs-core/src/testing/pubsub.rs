@@ -50,6 +50,7 @@ macro_rules! pubsub_conformance {
             pubsub,
             [
                 a_subscription_is_live_when_subscribe_returns,
+                subscribers_that_subscribe_together_are_each_live_when_subscribe_returns,
                 every_subscriber_of_a_channel_gets_each_message_and_no_other,
                 messages_arrive_in_publish_order,
                 a_dropped_subscription_stops_and_a_new_one_works,
@@ -77,6 +78,34 @@ pub async fn a_subscription_is_live_when_subscribe_returns<H: PubSubHarness>(h: 
             .await
             .expect("publish");
         assert_eq!(next(&mut sub).await, format!("m{i}"));
+    }
+}
+
+/// Subscribers of one channel that subscribe at the same moment (the first one's upstream
+/// subscription still on its way when the others ask for theirs) are each live when their
+/// `subscribe` returns: a message each publishes right after reaches it. An adapter that
+/// hands a later subscriber the channel's local fan-out before the broker confirmed it fails.
+pub async fn subscribers_that_subscribe_together_are_each_live_when_subscribe_returns<
+    H: PubSubHarness,
+>(
+    h: &H,
+) {
+    let ps = h.pubsub();
+    for round in 0..3 {
+        let channel = format!("{}-together-{round}", h.test_id());
+        let subscribers = (0..8).map(|i| {
+            let (ps, channel) = (ps.clone(), channel.clone());
+            async move {
+                let mut sub = ps.subscribe(&channel).await.expect("subscribe");
+                let mine = format!("from-{i}");
+                ps.publish(&channel, mine.clone().into())
+                    .await
+                    .expect("publish");
+                // The others' messages may come first; its own must come.
+                while next(&mut sub).await != mine {}
+            }
+        });
+        futures_util::future::join_all(subscribers).await;
     }
 }
 

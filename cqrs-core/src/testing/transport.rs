@@ -47,6 +47,7 @@ macro_rules! transport_conformance {
                 a_group_created_later_sees_earlier_events,
                 every_group_sees_every_event,
                 two_consumers_in_one_group_split_the_events,
+                two_consumers_fetching_at_once_never_share_an_event,
                 a_nacked_event_comes_back_after_the_delay,
                 an_unacknowledged_event_is_redelivered_to_another_consumer,
                 events_of_one_key_keep_their_order_across_two_consumers,
@@ -231,6 +232,47 @@ pub async fn two_consumers_in_one_group_split_the_events<H: TransportHarness>(h:
             got_b.len()
         );
     }
+}
+
+/// Two consumers of one group fetching at the same time (both fetches in flight at once) never
+/// get the same event when nothing fails, and together get every one: an adapter whose
+/// hand-out is not atomic (reads its cursor, hands the event out, advances the cursor after
+/// an `.await`) gives both the events they raced for.
+pub async fn two_consumers_fetching_at_once_never_share_an_event<H: TransportHarness>(h: &H) {
+    const EVENTS: usize = 200;
+    let topic = format!("{}-t4c", h.test_id());
+    let a = consumer(h, &topic, "g", "a").await;
+    let b = consumer(h, &topic, "g", "b").await;
+    let events: Vec<_> = (1..=EVENTS as u64)
+        .map(|n| event(&format!("k{n}"), n))
+        .collect();
+    h.transport().publish(&topic, &events).await.unwrap();
+    let taken = std::sync::atomic::AtomicUsize::new(0);
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    let run = |mut c: Box<dyn Consumer>| {
+        let taken = &taken;
+        async move {
+            let mut got = Vec::new();
+            while taken.load(std::sync::atomic::Ordering::SeqCst) < EVENTS
+                && tokio::time::Instant::now() < until
+            {
+                let batch = c.fetch(5).await.unwrap();
+                c.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+                    .await
+                    .unwrap();
+                taken.fetch_add(batch.len(), std::sync::atomic::Ordering::SeqCst);
+                got.extend(batch);
+            }
+            got
+        }
+    };
+    let (got_a, got_b) = tokio::join!(run(a), run(b));
+    let all: Vec<Delivery> = got_a.into_iter().chain(got_b).collect();
+    let (missing, twice) = missing_and_twice(&events, &all);
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "missing {missing:?}, twice {twice:?}"
+    );
 }
 
 /// A nacked event is delivered again, after the redelivery delay, with a higher attempt.
