@@ -532,22 +532,24 @@ pub async fn a_fetch_of_zero_takes_nothing<H: TransportHarness>(h: &H) {
 pub async fn a_fetch_may_block_without_limit<H: TransportHarness>(h: &H) {
     let topic = format!("{}-t9", h.test_id());
     let mut c = consumer_with(h, &topic, "g", "c", |o| o.block(Duration::MAX)).await;
-    let transport = h.transport();
-    let publish_topic = topic.clone();
-    // Published while the fetch waits (or before it starts: the fetch returns either way).
-    let publisher = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        transport
-            .publish(&publish_topic, &[event("k", 1)])
-            .await
-            .expect("publish");
-    });
-    let got = tokio::time::timeout(Duration::from_secs(10), c.fetch(10))
+    let fetch = c.fetch(10);
+    tokio::pin!(fetch);
+    // With nothing published it waits: no early empty answer, no error from a deadline
+    // that overflowed. (Not dropped: a dropped read may leave what it got pending.)
+    tokio::select! {
+        answer = &mut fetch => panic!("a fetch with nothing to fetch returned: {answer:?}"),
+        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+    }
+    // Published while the fetch waits.
+    h.transport()
+        .publish(&topic, &[event("k", 1)])
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(10), fetch)
         .await
         .expect("the fetch returns once an event is published")
         .expect("fetch");
     assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), [1]);
-    publisher.await.expect("the publisher task");
 }
 
 /// A delivery its consumer keeps alive ([`Consumer::keep_alive`]) is not handed out to
