@@ -478,7 +478,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// [`AggregateError::UnknownEvent`] or [`AggregateError::ForeignEvent`] on an event it
     /// cannot apply. A snapshot that cannot be loaded or decoded, or whose last event the
     /// stream no longer has at its version (events restored from a backup older than the
-    /// snapshots), is logged and passed over: the whole stream is replayed.
+    /// snapshots; for a snapshot that names no event, a stream shorter than its version), is
+    /// logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
         let stream = Self::stream_id(id);
         let (mut state, mut version) = (A::default(), 0);
@@ -505,29 +506,32 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
             }
         }
-        let records = match last_event_id {
-            // Read from the snapshot's own last event: the stream must still have that event
-            // at that version. After events were restored from a backup older than the
-            // snapshots, it has another there or none, and the snapshot is of a history the
-            // stream no longer has (trusted, it would load a version the stream lacks, or
-            // once new events caught up, decide on lost history).
-            Some(id) if version > 0 => {
-                let mut records = self.store.load(&stream, version - 1).await?;
-                match records.first() {
-                    Some(first)
-                        if first.stream_version == Some(version) && first.event_id == id =>
-                    {
-                        records.remove(0);
-                        records
-                    }
-                    _ => {
-                        tracing::warn!(stream = %stream, snapshot_version = version, "ignoring a snapshot of another history than the stream's (were events restored without their snapshots?); replaying the whole stream");
-                        (state, version) = (A::default(), 0);
-                        self.store.load(&stream, 0).await?
-                    }
+        let records = if version > 0 {
+            // Read from the snapshot's own last event: the stream must still have an event at
+            // that version, and the snapshot's own when it names it. After events were
+            // restored from a backup older than the snapshots, it has another there or none,
+            // and the snapshot is of a history the stream no longer has (trusted, it would
+            // load a version the stream lacks, so every append would conflict and no newer
+            // snapshot would replace it; or once new events caught up, decide on lost
+            // history). A snapshot that names no event (saved by an older build, or by a
+            // store that keeps no id) is checked as far as it can be: the version.
+            let mut records = self.store.load(&stream, version - 1).await?;
+            match records.first() {
+                Some(first)
+                    if first.stream_version == Some(version)
+                        && last_event_id.is_none_or(|id| first.event_id == id) =>
+                {
+                    records.remove(0);
+                    records
+                }
+                _ => {
+                    tracing::warn!(stream = %stream, snapshot_version = version, "ignoring a snapshot of another history than the stream's (were events restored without their snapshots?); replaying the whole stream");
+                    (state, version) = (A::default(), 0);
+                    self.store.load(&stream, 0).await?
                 }
             }
-            _ => self.store.load(&stream, version).await?,
+        } else {
+            self.store.load(&stream, 0).await?
         };
         self.apply_records(
             Loaded {

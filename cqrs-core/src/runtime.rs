@@ -363,15 +363,23 @@ impl RuntimeBuilder {
                 loop {
                     let started = tokio::time::Instant::now();
                     let result = crate::panic::CatchUnwind::new(worker.run(ctx.clone())).await;
+                    let failure = match result {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(panic) => Some(format!("panicked: {panic}")),
+                    };
                     if ctx.shutdown.is_requested() {
+                        // A run that failed while it stopped (its last acknowledgements, its
+                        // last commit) is not stopped quietly: what it had in flight may come
+                        // back (redelivered) or be missing, and only the log can say so now.
+                        if let Some(reason) = failure {
+                            tracing::error!(worker = %name, %reason, "worker failed while stopping; its in-flight work may not be finished");
+                        }
                         reporter.set(Health::Stopped);
                         return;
                     }
-                    let reason = match result {
-                        Ok(Ok(())) => "returned before shutdown".to_owned(),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(panic) => format!("panicked: {panic}"),
-                    };
+                    let reason =
+                        failure.unwrap_or_else(|| "returned before shutdown".to_owned());
                     // A run that lasted longer than the longest backoff was a recovery: the
                     // next failure is a new incident, not the next of a streak.
                     if started.elapsed() >= max {

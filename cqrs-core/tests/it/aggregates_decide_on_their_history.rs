@@ -114,6 +114,48 @@ fn a_snapshot_of_another_history_is_passed_over() {
     });
 }
 
+/// A snapshot that names no last event (saved by an older build, or by a store that keeps
+/// none) ahead of its stream is passed over: trusted, it gave the aggregate a version the
+/// stream lacks, so every append conflicted and no newer snapshot ever replaced it. One at a
+/// version the stream has is used.
+#[test]
+fn a_snapshot_that_names_no_event_ahead_of_its_stream_is_passed_over() {
+    run(async {
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let store = Arc::new(InMemoryEventStore::new());
+        let repo =
+            AggregateRepository::<Total>::new(store.clone()).with_snapshots(snapshots.clone(), 100);
+        for _ in 0..3 {
+            repo.execute("s", None, 1, &Metadata::new()).await.unwrap();
+        }
+        let state =
+            |total: u64, applied: u64| serde_json::to_value(Total { total, applied }).unwrap();
+        snapshots
+            .save("total-s", Snapshot::new(5, state(50, 5)))
+            .await
+            .unwrap();
+        let loaded = repo.load("s").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (3, 3), "replayed");
+        repo.execute("s", None, 1, &Metadata::new())
+            .await
+            .expect("appends at the stream's own version");
+
+        // At a version the stream has, it stands for the events up to there.
+        let at_four = Arc::new(InMemorySnapshotStore::new());
+        at_four
+            .save("total-s", Snapshot::new(4, state(40, 4)))
+            .await
+            .unwrap();
+        let repo = AggregateRepository::<Total>::new(store).with_snapshots(at_four, 100);
+        let loaded = repo.load("s").await.unwrap();
+        assert_eq!(
+            (loaded.state.total, loaded.version),
+            (40, 4),
+            "from the snapshot"
+        );
+    });
+}
+
 #[test]
 fn snapshots_are_saved_every_n_versions_and_loading_reads_only_the_tail() {
     run(async {

@@ -578,3 +578,78 @@ fn a_worker_blocking_its_thread_does_not_stretch_the_shutdown_past_its_grace() {
     // The blocked thread is left to finish its sleep on its own.
     runtime.shutdown_background();
 }
+
+/// Its last step, after shutdown was requested, fails (acknowledging what it handled, say).
+struct FailsWhileStopping;
+
+#[async_trait]
+impl Worker for FailsWhileStopping {
+    fn name(&self) -> &str {
+        "fails-while-stopping"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        ctx.health.set(Health::Healthy);
+        ctx.shutdown.requested().await;
+        Err("the last acknowledgement failed".into())
+    }
+}
+
+/// Keeps the message of every ERROR event, with its fields.
+#[derive(Default)]
+struct Errors(std::sync::Mutex<Vec<String>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={value:?} ", field.name()));
+    }
+}
+
+impl tracing::Subscriber for Errors {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        *metadata.level() == tracing::Level::ERROR
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// A worker whose run fails after shutdown was requested is logged at error level, naming it
+/// and the error: its in-flight work may come back or be missing. It used to stop without a
+/// word.
+#[test]
+fn a_worker_failing_while_it_stops_is_logged() {
+    let errors = Arc::new(Errors::default());
+    let dispatch = tracing::Dispatch::from(errors.clone());
+    tracing::dispatcher::with_default(&dispatch, || {
+        run(async {
+            let runtime = Runtime::builder().worker(FailsWhileStopping).start();
+            eventually(Duration::from_secs(5), "the worker runs", || async {
+                (runtime.health().await.components["fails-while-stopping"].0 == Health::Healthy)
+                    .then_some(())
+            })
+            .await;
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+            let report = runtime.health().await;
+            assert_eq!(report.components["fails-while-stopping"].0, Health::Stopped);
+        });
+    });
+    let logged = errors.0.lock().unwrap().clone();
+    assert!(
+        logged.iter().any(|e| e.contains("failed while stopping")
+            && e.contains("fails-while-stopping")
+            && e.contains("the last acknowledgement failed")),
+        "{logged:?}"
+    );
+}
