@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Instructions per dispatch of one criterion case of the `dispatch` bench, under callgrind:
+# the difference between a 1 s and a 3 s `--profile-time` run (so the bench's start-up cancels
+# out), divided by the difference in calls to the handler (one per dispatch). Deterministic,
+# unlike time on a shared machine.
+#
+#   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/bus_bare$'
+#   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/boxed_async_trait$' local
+#
+# The second argument `local` counts calls to the baseline's handler (`LocalCommandHandler`)
+# instead of the bus's. Needs valgrind; builds the bench first.
+set -euo pipefail
+case_regex=$1
+trait='cqrs_core::handler::CommandHandler<cqrs_benches::fixtures::Increment>'
+[[ "${2:-}" == local ]] && trait='cqrs_benches::baseline::LocalCommandHandler'
+handler="^<cqrs_benches::fixtures::IncrementHandler as ${trait}>::handle\$"
+cargo bench -p cqrs-benches --bench dispatch --no-run 2>/dev/null
+bin=$(ls -t target/release/deps/dispatch-* | grep -v '\.d$' | head -1)
+out=$(mktemp -d)
+for seconds in 1 3; do
+  valgrind --tool=callgrind --callgrind-out-file="$out/$seconds.out" \
+    "$bin" --bench --profile-time "$seconds" "$case_regex" >/dev/null 2>&1
+done
+python3 - "$out" "$handler" <<'PY'
+import re, sys
+out, handler = sys.argv[1], re.compile(sys.argv[2])
+
+def totals(path):
+    """Total instructions, and calls into functions whose name matches `handler`."""
+    names, total, calls, callee, pending = {}, 0, 0, "", None
+    for line in open(path, errors="replace"):
+        line = line.rstrip("\n")
+        m = re.match(r"^(c?fn)=\((\d+)\)(?: (.*))?$", line)
+        if m:
+            kind, ident, name = m.groups()
+            if name:
+                names[ident] = name
+            if kind == "cfn":
+                callee = names.get(ident, "")
+            continue
+        if line.startswith("calls="):
+            pending = int(line.split()[0][len("calls="):])
+        elif line.startswith(("summary:", "totals:")):
+            total = int(line.split()[1])
+        elif pending is not None and (line[:1].isdigit() or line[:1] in "+-*"):
+            # The cost line of the call: it counts once `pending` says how many calls.
+            if handler.search(callee):
+                calls += pending
+            pending = None
+    return total, calls
+
+(i1, c1), (i3, c3) = totals(f"{out}/1.out"), totals(f"{out}/3.out")
+if c3 == c1:
+    sys.exit("no calls to the handler counted: is the case name right?")
+print(f"{(i3 - i1) / (c3 - c1):.0f} instructions per dispatch ({c3 - c1} dispatches)")
+PY
+rm -r "$out"
