@@ -7,13 +7,20 @@
 #   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/bus_bare$'
 #   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/boxed_async_trait$' local
 #
-# The second argument `local` counts calls to the baseline's handler (`LocalCommandHandler`)
-# instead of the bus's. Needs valgrind; builds the bench first.
+# The second argument `local` counts calls to the baseline's handler (`LocalCommandHandler`,
+# `LocalQueryHandler` for the `query_dispatch` cases) instead of the bus's. Needs valgrind; builds the bench first.
 set -euo pipefail
 case_regex=$1
-trait='cqrs_core::handler::CommandHandler<cqrs_benches::fixtures::Increment>'
-[[ "${2:-}" == local ]] && trait='cqrs_benches::baseline::LocalCommandHandler'
-handler="^<cqrs_benches::fixtures::IncrementHandler as ${trait}>::handle\$"
+if [[ "$case_regex" == query_* ]]; then
+  fixture=LookupHandler
+  trait='cqrs_core::handler::QueryHandler<cqrs_benches::fixtures::Lookup>'
+  [[ "${2:-}" == local ]] && trait='cqrs_benches::baseline::LocalQueryHandler'
+else
+  fixture=IncrementHandler
+  trait='cqrs_core::handler::CommandHandler<cqrs_benches::fixtures::Increment>'
+  [[ "${2:-}" == local ]] && trait='cqrs_benches::baseline::LocalCommandHandler'
+fi
+handler="^<cqrs_benches::fixtures::${fixture} as ${trait}>::handle\$"
 cargo bench -p cqrs-benches --bench dispatch --no-run 2>/dev/null
 bin=$(ls -t target/release/deps/dispatch-* | grep -v '\.d$' | head -1)
 out=$(mktemp -d)

@@ -537,6 +537,9 @@ impl<F: Unpin> Guarded<F> {
 }
 
 impl<F: Unpin> Drop for Guarded<F> {
+    // As `poll`: `catch_unwind`'s landing pad keeps a plain `#[inline]` from being taken, and
+    // on the fast path (the future already released) this is one check.
+    #[inline(always)]
     fn drop(&mut self) {
         self.release();
     }

@@ -51,8 +51,8 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
             let handler = handler_of::<C>(registries)?.clone();
             // The same steps as `execute_direct`, written out: an `async fn` shared by both
             // adds a future level that costs the layered path ~100 instructions a dispatch.
+            let mut ctx = CommandContext::with_extensions(metadata, extensions);
             Ok(async move {
-                let mut ctx = CommandContext::with_extensions(metadata, extensions);
                 let output = guarded(
                     MessageKind::Command,
                     C::NAME,
@@ -349,8 +349,10 @@ impl CommandBus {
         command: C,
         metadata: Metadata,
     ) -> Result<C::Output, DispatchError> {
-        let handler = handler_of::<C>(&self.inner.registries)?;
+        // The context first: the metadata then moves once, from the arguments into it, not
+        // through the stack (about 20 instructions a dispatch, callgrind).
         let mut ctx = CommandContext::new(metadata);
+        let handler = handler_of::<C>(&self.inner.registries)?;
         let output = guarded(
             MessageKind::Command,
             C::NAME,
@@ -423,8 +425,8 @@ impl CommandBus {
         metadata: Metadata,
         extensions: Extensions,
     ) -> Result<Executed<C::Output>, DispatchError> {
-        let handler = handler_of::<C>(&self.inner.registries)?;
         let mut ctx = CommandContext::with_extensions(metadata, extensions);
+        let handler = handler_of::<C>(&self.inner.registries)?;
         let output = guarded(
             MessageKind::Command,
             C::NAME,

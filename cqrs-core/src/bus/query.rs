@@ -48,8 +48,8 @@ fn query_call<Q: Query>(query: Q) -> Pin<Box<dyn Call>> {
     typed_call(
         move |registries: &Registries, metadata: Metadata, extensions: Extensions| {
             let handler = handler_of::<Q>(registries)?.clone();
+            let ctx = QueryContext::with_extensions(metadata, extensions);
             Ok(async move {
-                let ctx = QueryContext::with_extensions(metadata, extensions);
                 let output = guarded(
                     MessageKind::Query,
                     Q::NAME,
@@ -253,8 +253,9 @@ impl QueryBus {
         query: Q,
         metadata: Metadata,
     ) -> Result<Q::Output, DispatchError> {
-        let handler = handler_of::<Q>(&self.inner.registries)?;
+        // The context first: the metadata then moves once, from the arguments into it.
         let ctx = QueryContext::new(metadata);
+        let handler = handler_of::<Q>(&self.inner.registries)?;
         guarded(
             MessageKind::Query,
             Q::NAME,
