@@ -123,11 +123,9 @@ redis_ask() {
 
 redis_up() { [[ $(redis_ask PING) == +PONG* ]]; }
 
-# The redis-server binary (one test runs a server of its own), without starting the package's
-# service: a Redis may already listen on 6379 (in a container, say), and the service would
-# fail to bind it.
-install_redis_server() {
-    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and a Redis test runs one of its own: install it (apt-get install redis-server), or run as root so this script can"
+# Installs packages without starting their services: a server may already listen on their
+# port (in a container, say), and the service would fail to bind it.
+install_without_service() {
     local policy=/usr/sbin/policy-rc.d created=""
     if [[ ! -e $policy ]]; then
         # Debian's way of telling a package's scripts not to start its service.
@@ -136,11 +134,25 @@ install_redis_server() {
         created=1
         trap 'rm -f /usr/sbin/policy-rc.d' EXIT
     fi
-    apt_install redis-server
+    apt_install "$@"
     if [[ -n $created ]]; then
         rm -f "$policy"
         trap - EXIT
     fi
+}
+
+# The redis-server binary (one test runs a server of its own).
+install_redis_server() {
+    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and a Redis test runs one of its own: install it (apt-get install redis-server), or run as root so this script can"
+    install_without_service redis-server
+}
+
+# The Postgres server binaries (one helpdesk test runs a cluster of its own, to stop it and
+# start it again), also when the server the tests use is elsewhere (DATABASE_URL, a container).
+ensure_postgres_server_binaries() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && return
+    [[ $(id -u) == 0 ]] || die "the PostgreSQL server binaries (initdb) are not installed, and a helpdesk test runs a cluster of its own: install them (apt-get install postgresql), or run as root so this script can"
+    install_without_service postgresql
 }
 
 ensure_redis() {
@@ -177,6 +189,7 @@ ensure_redis() {
 }
 
 ensure_postgres
+ensure_postgres_server_binaries
 ensure_redis
 export CQRS_REQUIRE_SERVICES=1
 log "DATABASE_URL=$(redact "$DATABASE_URL") REDIS_URL=$(redact "$REDIS_URL") CQRS_REQUIRE_SERVICES=1"
