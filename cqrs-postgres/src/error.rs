@@ -116,27 +116,48 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
     store_error_from_class(class, Box::new(error))
 }
 
-/// A failed `COMMIT`. When the server answered with an error, nothing committed, and it is
-/// classified like [`store_error`]; when the connection failed instead (reset, closed, a
-/// broken stream), the server may have committed before it went: the outcome is unknown, so
-/// it is `Timeout` ("may or may not have taken effect"), never `Unavailable` ("retry"), which
-/// would invite a retry that runs the command twice.
+/// A failed `COMMIT`, or a failed statement that was its own transaction. When the
+/// connection failed (reset, closed, a broken stream) or the session was ended under it (an
+/// administrator's or a crash shutdown, 57P01 / 57P02: a backend ended while waiting for a
+/// synchronous standby has already committed locally), the server may have committed: the
+/// outcome is unknown, so it is `Timeout` ("may or may not have taken effect"), never
+/// `Unavailable` ("retry"), which would invite a retry that runs the command twice. Other
+/// errors the server answered with (a serialization failure, a deadlock, a full disk) mean
+/// nothing committed, and are classified like [`store_error`].
 pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
-    match error {
-        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => StoreError::Timeout {
+    let unknown = match &error {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
+        E::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02")),
+        _ => false,
+    };
+    if unknown {
+        StoreError::Timeout {
             backend: BACKEND,
             source: Box::new(CommitUnknown(error)),
+        }
+    } else {
+        store_error(error)
+    }
+}
+
+/// [`commit_error`] for an error already made a [`StoreError`] (by code shared with other
+/// callers): an `Unavailable` whose cause is a lost connection becomes the unknown outcome.
+pub(crate) fn commit_store_error(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Unavailable { backend, source } => match source.downcast::<sqlx::Error>() {
+            Ok(sqlx_error) => commit_error(*sqlx_error),
+            Err(source) => StoreError::Unavailable { backend, source },
         },
-        error => store_error(error),
+        other => other,
     }
 }
 
 /// A `COMMIT` whose answer was lost.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the connection failed during COMMIT, so whether it committed is unknown (retry with the \
-     same idempotency key, which replays if it did, or check before retrying): {0}"
+    "the connection failed while committing, so whether it committed is unknown (retry with \
+     the same idempotency key, which replays if it did, or check before retrying): {0}"
 )]
 struct CommitUnknown(#[source] sqlx::Error);
 

@@ -1,7 +1,7 @@
 //! The transaction of one command, as its handler sees it.
 
 use crate::PgDatabase;
-use crate::error::{commit_error, store_error};
+use crate::error::{commit_error, commit_store_error, store_error};
 use crate::event_store::{Completion, append_on};
 use crate::idempotency::{self, Outcome, claim_on, complete_on};
 use cqrs_core::ports::{ExpectedVersion, StoreError, StoredResponse};
@@ -279,13 +279,15 @@ impl PgUnitOfWork {
             Some(tx) => tx,
             None if pending.is_empty() => return Ok(()),
             None if pending.len() == 1 && completion.is_none() => {
-                // One statement is its own transaction: no BEGIN, no COMMIT.
+                // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
+                // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
                 let mut conn = pool.acquire().await.map_err(store_error)?;
                 for p in pending {
                     append_on(
                         &mut conn, &pool, &sql, &p.stream, p.expected, p.events, None,
                     )
-                    .await?;
+                    .await
+                    .map_err(commit_store_error)?;
                 }
                 return Ok(());
             }

@@ -241,8 +241,11 @@ pub async fn two_consumers_in_one_group_split_the_events<H: TransportHarness>(h:
 pub async fn two_consumers_fetching_at_once_never_share_an_event<H: TransportHarness>(h: &H) {
     const EVENTS: usize = 200;
     let topic = format!("{}-t4c", h.test_id());
-    let a = consumer(h, &topic, "g", "a").await;
-    let b = consumer(h, &topic, "g", "b").await;
+    // A redelivery delay no stall of a loaded machine reaches: an event fetched and not yet
+    // acknowledged must not be handed to the other consumer as a redelivery.
+    let long = |o: ConsumerOptions| o.redelivery_delay(Duration::from_secs(60));
+    let a = consumer_with(h, &topic, "g", "a", long).await;
+    let b = consumer_with(h, &topic, "g", "b", long).await;
     let events: Vec<_> = (1..=EVENTS as u64)
         .map(|n| event(&format!("k{n}"), n))
         .collect();

@@ -126,7 +126,11 @@ impl PgCommandExecutor {
     ///
     /// Fails with the handler's error, with a [`StoreError::FingerprintMismatch`] as a handler
     /// error of kind `Invalid` when the key was used for another request, and with an
-    /// unavailable error when Postgres is down.
+    /// unavailable error when Postgres is down. A commit whose answer was lost is a `Timeout`
+    /// (it may have committed: retry with the key). When the bus's event sink refuses the
+    /// events a `keep_events(true)` layer kept, this fails with the sink's error although the
+    /// command and its response are stored: a retry with the key replays the response, and
+    /// the sink does not get those events again (the relay still ships them).
     pub async fn execute_idempotent<C, F>(
         &self,
         key: &IdempotencyKey,

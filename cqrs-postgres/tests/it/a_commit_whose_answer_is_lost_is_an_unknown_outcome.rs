@@ -48,3 +48,64 @@ pg_test! {
         cut.pool().close().await;
     }
 }
+
+/// Records an event and touches nothing else: its append is one statement, its own
+/// transaction, with no `COMMIT` of its own.
+#[derive(Debug)]
+struct Note(&'static str);
+
+impl cqrs_core::Message for Note {
+    const NAME: &'static str = "test.note";
+}
+
+impl cqrs_core::Command for Note {
+    type Output = ();
+}
+
+struct NoteHandler;
+
+#[cqrs_core::async_trait]
+impl cqrs_core::CommandHandler<Note> for NoteHandler {
+    async fn handle(
+        &self,
+        cmd: Note,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<(), cqrs_core::HandlerError> {
+        ctx.record_keyed(
+            cmd.0,
+            tickets::TicketOpened {
+                id: cmd.0.to_owned(),
+                title: String::new(),
+            },
+        );
+        Ok(())
+    }
+}
+
+pg_test! {
+    /// The same for a command whose only write is its events' append: that statement is its
+    /// own commit, and its lost answer was `Unavailable` too.
+    async fn an_append_that_was_its_own_commit_and_lost_its_answer_is_an_unknown_outcome(db: PgDatabase) {
+        // One connection, no ping before a checkout: the statement is prepared on the
+        // connection the cut one runs on, and nothing else is sent between.
+        let (proxy, pool) = Proxy::in_front_of_the_database(
+            PgPoolOptions::new().max_connections(1).test_before_acquire(false),
+        )
+        .await;
+        let cut = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let bus = CommandBus::builder()
+            .layer(cut.command_layer())
+            .handler(NoteHandler)
+            .build()
+            .unwrap();
+        bus.dispatch(Note("warm")).await.expect("prepares the append");
+        proxy.settle().await;
+
+        proxy.cut_after_next_statement();
+        let lost = bus.dispatch(Note("n1")).await.unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        assert!(lost.to_string().contains("unknown"), "{lost}");
+        assert_eq!(crate::support::event_count(&db).await, 2, "it did commit");
+        cut.pool().close().await;
+    }
+}

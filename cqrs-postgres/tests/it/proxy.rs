@@ -1,10 +1,11 @@
 //! A TCP proxy in front of Postgres that counts round trips: every `Sync` (the end of an
 //! extended-protocol exchange) and every simple `Query` the client sends is one. It can also
 //! hold back what clients send for a while: a slow network, on cue; and cut a connection
-//! once the server answered a `COMMIT`, before the client hears it.
+//! once the server answered a `COMMIT` (or an extended-protocol statement), before the
+//! client hears it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,7 +19,7 @@ pub(crate) struct Proxy {
     pub(crate) addr: SocketAddr,
     round_trips: Arc<AtomicUsize>,
     stall: Stall,
-    cut_commit: Arc<AtomicBool>,
+    cut: Arc<AtomicU8>,
 }
 
 impl Proxy {
@@ -30,8 +31,8 @@ impl Proxy {
         let counter = round_trips.clone();
         let stall = Stall::default();
         let stalled = stall.clone();
-        let cut_commit = Arc::new(AtomicBool::new(false));
-        let cut = cut_commit.clone();
+        let cut_armed = Arc::new(AtomicU8::new(CUT_NONE));
+        let cut = cut_armed.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else {
@@ -40,7 +41,7 @@ impl Proxy {
                 let cues = Cues {
                     counter: counter.clone(),
                     stall: stalled.clone(),
-                    cut_commit: cut.clone(),
+                    cut: cut.clone(),
                 };
                 tokio::spawn(pipe(client, server, cues));
             }
@@ -49,7 +50,7 @@ impl Proxy {
             addr,
             round_trips,
             stall,
-            cut_commit,
+            cut: cut_armed,
         }
     }
 
@@ -84,7 +85,14 @@ impl Proxy {
     /// server, which commits; once its answer comes back, the proxy closes that connection
     /// on both sides instead of passing the answer on.
     pub(crate) fn cut_after_next_commit(&self) {
-        self.cut_commit.store(true, Ordering::SeqCst);
+        self.cut.store(CUT_COMMIT, Ordering::SeqCst);
+    }
+
+    /// Like [`cut_after_next_commit`](Self::cut_after_next_commit), for the next
+    /// extended-protocol exchange (its `Sync`): a prepared statement that is its own
+    /// transaction. Warm the statement up first, or its `Parse` round trip is the one cut.
+    pub(crate) fn cut_after_next_statement(&self) {
+        self.cut.store(CUT_SYNC, Ordering::SeqCst);
     }
 
     pub(crate) fn round_trips(&self) -> usize {
@@ -109,23 +117,28 @@ impl Proxy {
     }
 }
 
+/// No cut armed; the next `COMMIT`; the next `Sync`.
+const CUT_NONE: u8 = 0;
+const CUT_COMMIT: u8 = 1;
+const CUT_SYNC: u8 = 2;
+
 /// What a connection's pipe counts and obeys.
 struct Cues {
     counter: Arc<AtomicUsize>,
     stall: Stall,
-    cut_commit: Arc<AtomicBool>,
+    cut: Arc<AtomicU8>,
 }
 
 async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
     let Cues {
         counter,
         stall,
-        cut_commit,
+        cut: cut_armed,
     } = cues;
     let (mut client_rx, mut client_tx) = client.split();
     let (mut server_rx, mut server_tx) = server.split();
-    // Set once this connection's `COMMIT` went to the server with a cut armed.
-    let commit_sent = AtomicBool::new(false);
+    // Set once the message a cut was armed for went to the server on this connection.
+    let cut_sent = AtomicBool::new(false);
     let cut = tokio::sync::Notify::new();
     let upstream = async {
         // Untyped messages (an SSL request, the startup message) until the startup is sent,
@@ -169,9 +182,21 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
                 if let Some(until) = until {
                     tokio::time::sleep_until(until).await;
                 }
-                let commit = started && message[0] == b'Q' && message[5..].starts_with(b"COMMIT");
-                if commit && cut_commit.swap(false, Ordering::SeqCst) {
-                    commit_sent.store(true, Ordering::SeqCst);
+                let armed_for = if !started {
+                    CUT_NONE
+                } else if message[0] == b'Q' && message[5..].starts_with(b"COMMIT") {
+                    CUT_COMMIT
+                } else if message[0] == b'S' {
+                    CUT_SYNC
+                } else {
+                    CUT_NONE
+                };
+                if armed_for != CUT_NONE
+                    && cut_armed
+                        .compare_exchange(armed_for, CUT_NONE, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    cut_sent.store(true, Ordering::SeqCst);
                 }
                 server_tx.write_all(&message).await?;
             }
@@ -186,7 +211,7 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
             }
             // The server answered the `COMMIT` (it answers once it committed): the client
             // never hears it.
-            if commit_sent.load(Ordering::SeqCst) {
+            if cut_sent.load(Ordering::SeqCst) {
                 cut.notify_one();
                 return Ok(());
             }

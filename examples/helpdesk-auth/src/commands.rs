@@ -211,27 +211,107 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         // could not finish the registration (below): one that went through counts as much as
         // one refused.
         let key = format!("register|{}", client_key(cmd.client));
-        let mut counted = CountedAttempts::new();
-        if let Some(seconds) = counted.attempt(&self.register_throttle, &key).await? {
+        if let Some(seconds) = self.register_throttle.attempt(&key).await? {
             return Err(too_many_attempts(
                 seconds,
                 "too many registrations from this address; try again later",
             ));
         }
-        // Dropped here (a time-out, a client gone), the guard takes the count back on a task.
+        // Dropped from here on (a time-out, a client gone), the guard takes the count back on
+        // a task, unless the account was stored.
+        let counted = RegistrationCount {
+            throttle: self.register_throttle.clone(),
+            key,
+            users: self.users.clone(),
+            email: email.clone(),
+            settled: false,
+        };
         let created = self
             .create(email, role, display_name, cmd.password, cmd.client)
             .await;
         // One the server could not finish (its store away, no hashing slot free) used up no
         // registration of the address: an outage must not lock clients out.
         if created.as_ref().is_err_and(|e| e.kind().is_retryable()) {
-            if let Err(error) = counted.take_back().await {
-                tracing::warn!(%error, "could not take back a registration's count");
-            }
+            counted.take_back_unless_created().await;
         } else {
             counted.keep();
         }
         created
+    }
+}
+
+/// A registration's count on the address's throttle. Kept once the registration went through
+/// or was refused; taken back when the server could not finish it, unless the account was
+/// stored all the same (an answer lost after the insert committed, or a registration dropped
+/// while its insert was on its way): a client must not make uncounted accounts by hanging up
+/// at the right moment. An insert still running on the server when the check reads may go
+/// uncounted, and so may one when the check cannot read (the store away: then the insert
+/// most likely failed too); the check narrows the window to its own round trip.
+#[must_use = "dropping it takes the count back on a task; say what happened instead"]
+struct RegistrationCount {
+    throttle: Arc<dyn LoginThrottle>,
+    key: String,
+    users: Arc<dyn UserStore>,
+    email: String,
+    settled: bool,
+}
+
+impl RegistrationCount {
+    /// The registration went through, or was refused: the count stays.
+    fn keep(mut self) {
+        self.settled = true;
+    }
+
+    /// The server could not finish the registration.
+    async fn take_back_unless_created(mut self) {
+        self.settled = true;
+        undo_registration(
+            self.throttle.clone(),
+            std::mem::take(&mut self.key),
+            self.users.clone(),
+            std::mem::take(&mut self.email),
+        )
+        .await;
+    }
+}
+
+impl Drop for RegistrationCount {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("a cancelled registration stays counted: no runtime to undo it");
+            return;
+        };
+        runtime.spawn(undo_registration(
+            self.throttle.clone(),
+            std::mem::take(&mut self.key),
+            self.users.clone(),
+            std::mem::take(&mut self.email),
+        ));
+    }
+}
+
+/// Takes a registration's count back unless its account exists.
+async fn undo_registration(
+    throttle: Arc<dyn LoginThrottle>,
+    key: String,
+    users: Arc<dyn UserStore>,
+    email: String,
+) {
+    match users.by_email(&email).await {
+        // Stored after all: it counts.
+        Ok(Some(_)) => return,
+        Ok(None) => {}
+        // The user store is away, so the insert most likely never went through: an outage
+        // must not lock clients out.
+        Err(error) => {
+            tracing::debug!(%error, "could not tell whether a registration's account was stored; taking its count back");
+        }
+    }
+    if let Err(error) = throttle.succeeded(&key).await {
+        tracing::warn!(%error, "could not take back a registration's count");
     }
 }
 
@@ -881,5 +961,113 @@ mod tests {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod registration_count_tests {
+    use super::*;
+    use crate::users::InMemoryUserStore;
+    use cqrs_core::Metadata;
+    use cqrs_core::clock::ManualClock;
+    use cqrs_core::ports::StoreError;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Stores the user, then never answers (an answer lost after the insert committed); counts
+    /// the reads by email.
+    #[derive(Default)]
+    struct StoresThenHangs {
+        users: InMemoryUserStore,
+        reads: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl UserStore for StoresThenHangs {
+        async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
+            self.users.create(user).await?;
+            std::future::pending().await
+        }
+
+        async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.users.by_email(email).await
+        }
+
+        async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+            self.users.by_id(id).await
+        }
+    }
+
+    /// A registration dropped after its account was stored (the client hung up while the
+    /// answer was on its way) stays counted: hanging up at the right moment makes no
+    /// uncounted accounts. (It was taken back like any cancelled registration.)
+    #[tokio::test]
+    async fn a_registration_dropped_after_its_account_was_stored_stays_counted() {
+        let clock = Arc::new(ManualClock::new());
+        let users = Arc::new(StoresThenHangs::default());
+        let throttle = |limit| {
+            Arc::new(crate::throttle::InMemoryLoginThrottle::new(
+                clock.clone(),
+                limit,
+                Duration::from_secs(60),
+            ))
+        };
+        let handler = RegisterHandler {
+            users: users.clone(),
+            hashing: Hashing::new(4, Duration::from_secs(30)),
+            agents: AgentList::new(Arc::default(), None),
+            code_throttle: throttle(100),
+            register_throttle: throttle(1),
+            clock: clock.clone(),
+        };
+        let register = |email: &str| RegisterUser {
+            email: email.into(),
+            password: "a long enough password".into(),
+            display_name: None,
+            agent_code: None,
+            client: Some([192, 0, 2, 7].into()),
+        };
+        let mut ctx = CommandContext::new(Metadata::new());
+        let dropped = tokio::time::timeout(
+            Duration::from_secs(5),
+            handler.handle(register("one@example.com"), &mut ctx),
+        );
+        // The insert went through; the registration waits for its answer until it is dropped.
+        let waiting = async {
+            cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "the account is stored",
+                || async {
+                    users
+                        .users
+                        .by_email("one@example.com")
+                        .await
+                        .unwrap()
+                        .map(|_| ())
+                },
+            )
+            .await;
+        };
+        tokio::select! {
+            answer = dropped => panic!("the registration answered: {answer:?}"),
+            () = waiting => {}
+        }
+        // The guard's task read the account (the create's own check was the first read), on
+        // this one thread, and decided.
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the guard checked", || async {
+            (users.reads.load(Ordering::SeqCst) >= 2).then_some(())
+        })
+        .await;
+        // Counted, it blocks the next one at once; taken back, the next one would reach the
+        // store, which never answers.
+        let mut ctx = CommandContext::new(Metadata::new());
+        let next = cqrs_core::testing::with_timeout(
+            Duration::from_secs(5),
+            handler.handle(register("two@example.com"), &mut ctx),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(next.code(), "too_many_attempts", "{next:?}");
     }
 }
