@@ -1,6 +1,6 @@
 //! Configuration: flags, each with its environment variable.
 
-use clap::error::ErrorKind;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use cqrs_postgres::{PgError, PgOptions};
@@ -327,6 +327,7 @@ impl Config {
         // Then each variable of a flag not given, as that flag, ahead of the given ones (a
         // variable never overrides a flag; a list in a variable splits as on the command line).
         let mut full = vec![args[0].clone()];
+        let mut from_env: Vec<(&str, &OsString)> = Vec::new();
         for (id, long, name) in &variables {
             if given.value_source(id.as_str()) == Some(ValueSource::CommandLine) {
                 continue;
@@ -335,11 +336,40 @@ impl Config {
                 let mut flag = OsString::from(format!("--{long}="));
                 flag.push(value);
                 full.push(flag);
+                from_env.push((long, name));
             }
         }
         full.extend(args.into_iter().skip(1));
-        let matches = command.try_get_matches_from_mut(full)?;
-        let mut config = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        // An error about a value that came from a variable names the variable: whoever set
+        // only `HELPDESK_TOKEN_TTL` (in a compose file, say) never typed the flag.
+        let name_the_variable = |error: clap::Error, command: &mut clap::Command| {
+            let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+                return error;
+            };
+            let Some((_, name)) = from_env.iter().find(|(long, _)| {
+                arg.strip_prefix("--")
+                    .and_then(|rest| rest.strip_prefix(long))
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '=']))
+            }) else {
+                return error;
+            };
+            let rendered = error.to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            let message = first.strip_prefix("error: ").unwrap_or(first);
+            clap::Error::raw(
+                error.kind(),
+                format!(
+                    "{message} (the value of the environment variable {})",
+                    name.to_string_lossy()
+                ),
+            )
+            .format(command)
+        };
+        let matches = command
+            .try_get_matches_from_mut(full)
+            .map_err(|e| name_the_variable(e, &mut command.clone()))?;
+        let mut config = Self::from_arg_matches(&matches)
+            .map_err(|e| name_the_variable(e.format(&mut command), &mut command.clone()))?;
         // `--database-url ""` (a script passing an empty variable along) is unset too, and so
         // is one of only whitespace.
         for value in [

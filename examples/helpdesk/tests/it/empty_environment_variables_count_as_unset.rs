@@ -94,6 +94,25 @@ fn an_empty_flag_value_is_unset_too_and_a_bad_value_is_an_error_not_an_exit() {
         .expect_err("abc is no number");
     assert_eq!(err.kind(), ErrorKind::ValueValidation);
     assert!(err.to_string().contains("'abc'"), "{err}");
+    // Named by the variable that set it, not only by the flag nobody typed.
+    assert!(err.to_string().contains("HELPDESK_TOKEN_TTL"), "{err}");
+    // A list variable whose second entry is no address.
+    let err = Config::try_parse_with_env(
+        ["helpdesk"],
+        [("HELPDESK_TRUSTED_PROXIES", "127.0.0.1,not-an-address")],
+    )
+    .expect_err("not an address");
+    assert!(
+        err.to_string().contains("HELPDESK_TRUSTED_PROXIES"),
+        "{err}"
+    );
+    // The same value given as a flag is named by the flag alone.
+    let err = Config::try_parse_with_env(
+        ["helpdesk", "--token-ttl-seconds", "abc"],
+        [("HELPDESK_BIND", "127.0.0.1:8080")],
+    )
+    .expect_err("abc is no number");
+    assert!(!err.to_string().contains("HELPDESK_TOKEN_TTL"), "{err}");
 }
 
 /// Blank is empty: `REDIS_URL=" "` (a quoted empty value gone wrong) is not a Redis URL set
