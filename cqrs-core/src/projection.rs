@@ -405,10 +405,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Source::Store => {
                 keep_alive_while(None, &[], self.stall(), self.run_once_from_store()).await
             }
-            Source::Transport { .. } => {
-                let applied = self.run_once_from_transport().await?;
-                Ok((applied, applied == 0))
-            }
+            // A batch that brought events, all duplicates or skipped, is not "caught up": it
+            // proves the store works (its unit committed), so it clears a failure's health.
+            Source::Transport { .. } => self.run_once_from_transport().await,
         }
     }
 
@@ -481,7 +480,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         self.read_from.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn run_once_from_transport(&mut self) -> Result<usize, ProjectionError> {
+    /// One fetched batch: how many events took effect, and whether the fetch brought nothing.
+    async fn run_once_from_transport(&mut self) -> Result<(usize, bool), ProjectionError> {
         // Field by field: the consumer is borrowed mutably while the batch is applied.
         let Self {
             store,
@@ -505,24 +505,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             consumer,
         } = source
         else {
-            return Ok(0);
+            return Ok((0, true));
         };
         if consumer.is_none() {
             *consumer = Some(transport.consumer(topic, group, options.clone()).await?);
         }
         let Some(consumer) = consumer.as_mut() else {
-            return Ok(0);
+            return Ok((0, true));
         };
         // A fetch may wait long (its `block`, up to forever): shutdown does not wait for it.
         let deliveries = match stop {
             Some(stop) => tokio::select! {
                 deliveries = consumer.fetch(*batch) => deliveries?,
-                _ = stop.requested() => return Ok(0),
+                _ = stop.requested() => return Ok((0, true)),
             },
             None => consumer.fetch(*batch).await?,
         };
         if deliveries.is_empty() {
-            return Ok(0);
+            return Ok((0, true));
         }
         let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
         let event_ids: Vec<Uuid> = deliveries.iter().map(|d| d.record.event_id).collect();
@@ -571,7 +571,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 // The batch took effect, however long it ran: a failed ack is no stall.
                 stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                 consumer.ack(&ids).await?;
-                Ok(applied)
+                Ok((applied, false))
             }
             Err(e) => {
                 // The batch is rolled back. Only an event at fault is handed back as an

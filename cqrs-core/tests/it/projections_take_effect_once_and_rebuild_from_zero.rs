@@ -1333,6 +1333,65 @@ fn a_batch_whose_commit_panics_is_handed_back_without_an_attempt() {
     });
 }
 
+/// A transport-fed runner whose store came back takes a batch of duplicates (a relay that
+/// shipped again): nothing applies, but its unit committed, so the store works and the runner
+/// is healthy at once, not degraded until the failed batch's redelivery (a batch that applied
+/// nothing was taken for an empty fetch).
+#[test]
+fn a_batch_of_duplicates_after_a_failure_clears_the_runners_health() {
+    run_paused(|| async {
+        let store = Arc::new(Flaky::default());
+        let sum = Arc::new(Sum::default());
+        let transport = Arc::new(InMemoryTransport::new());
+        let applied_once = record(2);
+        transport
+            .publish("sums", std::slice::from_ref(&applied_once))
+            .await
+            .unwrap();
+        let redelivery_delay = Duration::from_secs(10);
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(100))
+            .redelivery_delay(redelivery_delay)
+            .max_deliveries(3);
+        let runner = sums_runner(store.clone(), &sum, &transport, options);
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        let health = || async { runtime.health().await.components["sum"].0.clone() };
+        cqrs_core::testing::eventually(Duration::from_secs(30), "the first event", || async {
+            (*sum.total.lock().unwrap() == 2).then_some(())
+        })
+        .await;
+        store.down.store(true, Ordering::SeqCst);
+        transport.publish("sums", &[record(3)]).await.unwrap();
+        cqrs_core::testing::eventually(Duration::from_secs(30), "the failed batch", || async {
+            matches!(health().await, cqrs_core::runtime::Health::Degraded(_)).then_some(())
+        })
+        .await;
+        let failed_at = tokio::time::Instant::now();
+        store.down.store(false, Ordering::SeqCst);
+        transport
+            .publish("sums", std::slice::from_ref(&applied_once))
+            .await
+            .unwrap();
+        cqrs_core::testing::eventually(Duration::from_secs(30), "healthy", || async {
+            (health().await == cqrs_core::runtime::Health::Healthy).then_some(())
+        })
+        .await;
+        assert!(
+            failed_at.elapsed() < redelivery_delay,
+            "healthy only {:?} after the failure, with the failed batch's redelivery",
+            failed_at.elapsed()
+        );
+        assert_eq!(
+            *sum.total.lock().unwrap(),
+            2,
+            "the duplicate took no effect"
+        );
+        let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
 /// A transport-fed runner whose store stays down: its batch fails and waits out the
 /// redelivery delay (the fetches meanwhile come back empty), then fails again. Health is never
 /// Healthy in between (an empty fetch proves the transport, not the store) and turns Unhealthy
