@@ -86,7 +86,10 @@ ensure_postgres() {
         if psql_ok "postgres://postgres:postgres@127.0.0.1:5432/postgres"; then
             :
         elif [[ $(id -u) == 0 && -n $local_cluster ]]; then
-            su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null
+            # Over the local cluster's socket: the server on 5432 may be another one (in a
+            # container), and this cluster stopped.
+            su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null ||
+                die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password, nor set one through the local cluster; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
         else
             die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
         fi
