@@ -5,6 +5,9 @@
 //!   partition keys) through `InMemoryTransport`, `fetch(100)` then `ack` of each batch; the
 //!   backlog is published and the group created outside the clock. A fetch used to pop and
 //!   re-queue the group's whole backlog, so a drain grew with the square of the backlog;
+//! * `memory_consume/fetch_behind_a_busy_key/n`: publish, fetch and acknowledge one message
+//!   while `n` messages of another key wait behind one of theirs in flight: flat in `n` once
+//!   held-back messages are parked under their key;
 //! * `decode`: `EventTypes::decode` of a stored record (what a projection or an aggregate load
 //!   does for each event), next to `serde_json::from_value` of a clone of the payload, the
 //!   least a decode of an owned payload costs.
@@ -91,6 +94,67 @@ fn memory_consume(c: &mut Criterion) {
     group.finish();
 }
 
+/// A group whose key `busy` has `held` messages waiting behind one in flight (fetched, not
+/// acknowledged): each iteration publishes one message of another key, fetches it and
+/// acknowledges it. A fetch that looked at every waiting message of the busy key grew with
+/// `held`; parked under their key, they are looked at once.
+fn fetch_behind_a_busy_key(c: &mut Criterion) {
+    let rt = runtime();
+    let mut group = c.benchmark_group("memory_consume");
+    for held in [0_u64, 10_000] {
+        let transport = InMemoryTransport::new();
+        let topic = format!("busy-{held}");
+        let busy = |n: u64| {
+            let envelope = EventEnvelope::new(Incremented { value: n }, Metadata::new())
+                .with_partition_key("busy");
+            EventRecord::from_envelope(&envelope).expect("the event serializes")
+        };
+        let records: Vec<EventRecord> = (0..=held).map(busy).collect();
+        let mut consumer = rt.block_on(async {
+            transport.publish(&topic, &records).await.expect("publish");
+            let mut consumer = transport
+                .consumer(
+                    &topic,
+                    "g",
+                    ConsumerOptions::default().block(Duration::ZERO),
+                )
+                .await
+                .expect("a consumer");
+            // The first of the busy key goes in flight and stays there; the rest wait.
+            let first = consumer.fetch(1).await.expect("fetch");
+            assert_eq!(first.len(), 1);
+            consumer
+        });
+        let sequence = Cell::new(0_u64);
+        group.bench_with_input(
+            BenchmarkId::new("fetch_behind_a_busy_key", held),
+            &held,
+            |b, _| {
+                // `block_on` inside: the async body borrows the consumer only while it runs.
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            let n = sequence.get();
+                            sequence.set(n + 1);
+                            transport
+                                .publish(&topic, &[record(n)])
+                                .await
+                                .expect("publish");
+                            let batch = consumer.fetch(10).await.expect("fetch");
+                            assert_eq!(batch.len(), 1, "only the new message is free");
+                            let ids: Vec<DeliveryId> = batch.into_iter().map(|d| d.id).collect();
+                            consumer.ack(&ids).await.expect("ack");
+                        }
+                        start.elapsed()
+                    })
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
 fn decode(c: &mut Criterion) {
     let mut types = EventTypes::new();
     types.register::<Incremented>();
@@ -110,5 +174,5 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, memory_consume, decode);
+criterion_group!(benches, memory_consume, fetch_behind_a_busy_key, decode);
 criterion_main!(benches);

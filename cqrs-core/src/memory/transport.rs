@@ -26,6 +26,10 @@ struct InFlight {
 struct Group {
     /// Indexes into the topic's log never delivered to this group, in order.
     waiting: VecDeque<usize>,
+    /// Never delivered either, moved out of `waiting` because a message of their key was in
+    /// flight: by key, in order. A fetch looks at each waiting message once, not at the whole
+    /// backlog of a busy key on every fetch.
+    parked: HashMap<String, VecDeque<usize>>,
     /// Delivered, not acknowledged, by index.
     in_flight: BTreeMap<usize, InFlight>,
     /// The newest dead letters, as many as the transport keeps.
@@ -139,8 +143,9 @@ impl InMemoryTransport {
             .values()
             .map(|g| {
                 let waiting = g.waiting.iter().min().copied().unwrap_or(end);
+                let parked = g.parked.values().filter_map(|q| q.front()).min().copied();
                 let in_flight = g.in_flight.keys().next().copied().unwrap_or(end);
-                waiting.min(in_flight)
+                waiting.min(in_flight).min(parked.unwrap_or(end))
             })
             .min()
         else {
@@ -161,7 +166,11 @@ impl InMemoryTransport {
         let state = self.lock();
         match state.topics.get(topic) {
             Some(t) => match t.groups.get(group) {
-                Some(g) => g.waiting.len() + g.in_flight.len(),
+                Some(g) => {
+                    g.waiting.len()
+                        + g.parked.values().map(VecDeque::len).sum::<usize>()
+                        + g.in_flight.len()
+                }
                 None => t.log.len(),
             },
             None => 0,
@@ -301,22 +310,7 @@ impl InMemoryConsumer {
         // New messages whose key has nothing in flight from an earlier batch. Successive
         // messages of one key may go out together, in order: a chain (see `Consumer::fetch`).
         let busy: HashSet<&str> = first_of_key.into_keys().flatten().collect();
-        let mut kept = Vec::new();
-        let mut held_back: HashSet<&str> = HashSet::new();
-        // Until the batch is full: what is left after it stays as it is, so a fetch costs the
-        // entries it looks at, not the whole backlog.
-        while out.len() < max {
-            let Some(i) = group.waiting.pop_front() else {
-                break;
-            };
-            let key = key_of(i);
-            if key.is_some_and(|k| busy.contains(k) || held_back.contains(k)) {
-                if let Some(k) = key {
-                    held_back.insert(k);
-                }
-                kept.push(i);
-                continue;
-            }
+        let deliver = |group: &mut Group, i: usize, out: &mut Vec<Delivery>| {
             group.in_flight.insert(
                 i,
                 InFlight {
@@ -330,10 +324,41 @@ impl InMemoryConsumer {
                 record(i).clone(),
                 1,
             ));
+        };
+        // First the parked messages of keys free again, oldest key first: they are older than
+        // anything of their key still waiting.
+        let mut free: Vec<(usize, String)> = group
+            .parked
+            .iter()
+            .filter(|(key, _)| !busy.contains(key.as_str()))
+            .filter_map(|(key, queue)| Some((*queue.front()?, key.clone())))
+            .collect();
+        free.sort_unstable();
+        for (_, key) in free {
+            while out.len() < max {
+                let Some(i) = group.parked.get_mut(&key).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                deliver(group, i, &mut out);
+            }
+            if group.parked.get(&key).is_some_and(VecDeque::is_empty) {
+                group.parked.remove(&key);
+            }
         }
-        // Held-back entries go back in front, in their order.
-        for i in kept.into_iter().rev() {
-            group.waiting.push_front(i);
+        // Until the batch is full: what is left after it stays as it is, so a fetch costs the
+        // messages it looks at, and a message held back is parked under its key, looked at
+        // again only once its key is free.
+        while out.len() < max {
+            let Some(i) = group.waiting.pop_front() else {
+                break;
+            };
+            if let Some(key) = key_of(i)
+                && (busy.contains(key) || group.parked.contains_key(key))
+            {
+                group.parked.entry(key.to_owned()).or_default().push_back(i);
+                continue;
+            }
+            deliver(group, i, &mut out);
         }
         // The next redelivery that can happen: only the first in flight of a key is handed
         // out again, so a later one's due time (past, after a `defer`) is no reason to wake.
