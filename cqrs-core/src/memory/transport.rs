@@ -325,25 +325,29 @@ impl InMemoryConsumer {
                 1,
             ));
         };
-        // First the parked messages of keys free again, oldest key first: they are older than
-        // anything of their key still waiting.
-        let mut free: Vec<(usize, String)> = group
+        // First the parked messages of keys free again, in log order across those keys (as
+        // if they had stayed in `waiting`): they are older than anything still waiting.
+        let mut free: std::collections::BinaryHeap<std::cmp::Reverse<(usize, String)>> = group
             .parked
             .iter()
             .filter(|(key, _)| !busy.contains(key.as_str()))
-            .filter_map(|(key, queue)| Some((*queue.front()?, key.clone())))
+            .filter_map(|(key, queue)| Some(std::cmp::Reverse((*queue.front()?, key.clone()))))
             .collect();
-        free.sort_unstable();
-        for (_, key) in free {
-            while out.len() < max {
-                let Some(i) = group.parked.get_mut(&key).and_then(VecDeque::pop_front) else {
-                    break;
-                };
-                deliver(group, i, &mut out);
+        while out.len() < max {
+            let Some(std::cmp::Reverse((i, key))) = free.pop() else {
+                break;
+            };
+            let Some(queue) = group.parked.get_mut(&key) else {
+                continue;
+            };
+            queue.pop_front();
+            match queue.front() {
+                Some(&next) => free.push(std::cmp::Reverse((next, key))),
+                None => {
+                    group.parked.remove(&key);
+                }
             }
-            if group.parked.get(&key).is_some_and(VecDeque::is_empty) {
-                group.parked.remove(&key);
-            }
+            deliver(group, i, &mut out);
         }
         // Until the batch is full: what is left after it stays as it is, so a fetch costs the
         // messages it looks at, and a message held back is parked under its key, looked at
