@@ -122,3 +122,47 @@ async fn a_subscribe_in_progress_does_not_delay_the_shutdown() {
     })
     .await;
 }
+
+/// A hub stopped by itself (`Hub::shutdown`) before the server's shutdown signal comes leaves
+/// no task behind: the one that waits for the signal ends with the hub (it waited for the
+/// signal, which a hub replaced at run time may never see). Counted with the runtime's alive
+/// tasks, back to what they were before the hub's first connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_stopped_before_the_signal_leaves_no_task_behind() {
+    with_timeout(TEST_LIMIT, async {
+        let (_trigger, signal) = Shutdown::new();
+        // Pings often, so the keepalive task notices the stop soon after it.
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_millis(20))
+            .idle_timeout(Duration::from_secs(10));
+        let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), options, |b| {
+            b.shutdown_on(signal)
+        })
+        .await;
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = tasks();
+        let mut client = t.connect("user-u1").await;
+        client.ping_pong().await;
+        assert!(
+            tasks() > before,
+            "the hub runs tasks of its own once started"
+        );
+        t.hub.shutdown();
+        assert_eq!(client.closed_with(10).await, close_code::GOING_AWAY);
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("every connection closed");
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the hub's tasks end with it",
+            || async { (tasks() <= before).then_some(()) },
+        )
+        .await;
+    })
+    .await;
+}
