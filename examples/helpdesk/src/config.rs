@@ -342,7 +342,7 @@ impl Config {
         full.extend(args.into_iter().skip(1));
         // An error about a value that came from a variable names the variable: whoever set
         // only `HELPDESK_TOKEN_TTL` (in a compose file, say) never typed the flag.
-        let name_the_variable = |error: clap::Error, command: &mut clap::Command| {
+        let name_the_variable = |mut error: clap::Error| {
             let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
                 return error;
             };
@@ -353,23 +353,24 @@ impl Config {
             }) else {
                 return error;
             };
-            let rendered = error.to_string();
-            let first = rendered.lines().next().unwrap_or_default();
-            let message = first.strip_prefix("error: ").unwrap_or(first);
-            clap::Error::raw(
-                error.kind(),
-                format!(
-                    "{message} (the value of the environment variable {})",
-                    name.to_string_lossy()
-                ),
-            )
-            .format(command)
+            // A `tip:` line beside clap's own (the allowed values, a similar one), all kept.
+            let tip = format!(
+                "the value comes from the environment variable {}",
+                name.to_string_lossy()
+            );
+            let mut tips = match error.get(ContextKind::Suggested) {
+                Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+                _ => Vec::new(),
+            };
+            tips.push(tip.into());
+            error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+            error
         };
         let matches = command
             .try_get_matches_from_mut(full)
-            .map_err(|e| name_the_variable(e, &mut command.clone()))?;
+            .map_err(name_the_variable)?;
         let mut config = Self::from_arg_matches(&matches)
-            .map_err(|e| name_the_variable(e.format(&mut command), &mut command.clone()))?;
+            .map_err(|e| name_the_variable(e.format(&mut command)))?;
         // `--database-url ""` (a script passing an empty variable along) is unset too, and so
         // is one of only whitespace.
         for value in [

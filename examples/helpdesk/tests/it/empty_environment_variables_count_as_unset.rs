@@ -106,6 +106,13 @@ fn an_empty_flag_value_is_unset_too_and_a_bad_value_is_an_error_not_an_exit() {
         err.to_string().contains("HELPDESK_TRUSTED_PROXIES"),
         "{err}"
     );
+    // What clap says beside it stays: the allowed values, a similar one.
+    let err = Config::try_parse_with_env(["helpdesk"], [("HELPDESK_LOG_FORMAT", "jsn")])
+        .expect_err("no such format");
+    let message = err.to_string();
+    assert!(message.contains("HELPDESK_LOG_FORMAT"), "{message}");
+    assert!(message.contains("possible values"), "{message}");
+    assert!(message.contains("'json'"), "{message}");
     // The same value given as a flag is named by the flag alone.
     let err = Config::try_parse_with_env(
         ["helpdesk", "--token-ttl-seconds", "abc"],
