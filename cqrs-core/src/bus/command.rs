@@ -237,17 +237,10 @@ async fn execute_layered<C: Command>(
     metadata: Metadata,
     extensions: Extensions,
 ) -> Result<Executed<C::Output>, DispatchError> {
-    let mut dispatch = Dispatch::message(
-        MessageKind::Command,
-        C::NAME,
-        metadata,
-        command_call(command),
-    );
+    let mut dispatch = command_dispatch(command, metadata);
     *dispatch.extensions_mut() = extensions;
     let mut reply = service.call(dispatch).await?;
-    let output = reply
-        .take_output::<C::Output>()
-        .ok_or_else(|| replaced_reply::<C>())?;
+    let output = output_of::<C>(&mut reply)?;
     Ok(Executed {
         output,
         events: reply.events,
@@ -255,9 +248,23 @@ async fn execute_layered<C: Command>(
     })
 }
 
-/// A layer answered with a reply that does not hold `C`'s output.
-fn replaced_reply<C: Command>() -> DispatchError {
-    DispatchError::Middleware(format!("a layer replaced the reply of command `{}`", C::NAME).into())
+/// A command as the layers see it.
+fn command_dispatch<C: Command>(command: C, metadata: Metadata) -> Dispatch {
+    Dispatch::message(
+        MessageKind::Command,
+        C::NAME,
+        metadata,
+        command_call(command),
+    )
+}
+
+/// The handler's output in `reply`, or the error saying a layer replaced the reply.
+fn output_of<C: Command>(reply: &mut Reply) -> Result<C::Output, DispatchError> {
+    reply.take_output::<C::Output>().ok_or_else(|| {
+        DispatchError::Middleware(
+            format!("a layer replaced the reply of command `{}`", C::NAME).into(),
+        )
+    })
 }
 
 struct Inner {
@@ -367,24 +374,16 @@ impl CommandBus {
         Ok(output)
     }
 
-    /// `execute_layered`'s steps written out, with the sink after them: a future level less
-    /// (about 100 instructions a dispatch, measured with callgrind).
+    /// `execute_layered`'s steps, with the sink after them, in one future: awaiting
+    /// `execute_layered` here cost a future level (about 60 instructions a dispatch).
     async fn dispatch_layered<C: Command>(
         &self,
         service: &Arc<dyn ErasedService>,
         command: C,
         metadata: Metadata,
     ) -> Result<C::Output, DispatchError> {
-        let dispatch = Dispatch::message(
-            MessageKind::Command,
-            C::NAME,
-            metadata,
-            command_call(command),
-        );
-        let mut reply = service.call(dispatch).await?;
-        let output = reply
-            .take_output::<C::Output>()
-            .ok_or_else(|| replaced_reply::<C>())?;
+        let mut reply = service.call(command_dispatch(command, metadata)).await?;
+        let output = output_of::<C>(&mut reply)?;
         if !reply.events.is_empty()
             && let Some(sink) = &self.inner.sink
         {

@@ -5,7 +5,7 @@
 
 use crate::proxy::Proxy;
 use crate::support::pg_test;
-use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then};
+use crate::support::tickets::{self, Note, NoteHandler, OpenTicket, OpenTicketHandler, Then};
 use cqrs_core::ports::StoredResponse;
 use cqrs_core::{CommandBus, ErrorKind, Metadata};
 use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
@@ -46,39 +46,6 @@ pg_test! {
         assert!(matches!(retried, Idempotent::Replayed(_)), "{retried:?}");
         assert_eq!(tickets::count(&db).await, 2, "the retry ran nothing");
         cut.pool().close().await;
-    }
-}
-
-/// Records an event and touches nothing else: its append is one statement, its own
-/// transaction, with no `COMMIT` of its own.
-#[derive(Debug)]
-struct Note(&'static str);
-
-impl cqrs_core::Message for Note {
-    const NAME: &'static str = "test.note";
-}
-
-impl cqrs_core::Command for Note {
-    type Output = ();
-}
-
-struct NoteHandler;
-
-#[cqrs_core::async_trait]
-impl cqrs_core::CommandHandler<Note> for NoteHandler {
-    async fn handle(
-        &self,
-        cmd: Note,
-        ctx: &mut cqrs_core::CommandContext,
-    ) -> Result<(), cqrs_core::HandlerError> {
-        ctx.record_keyed(
-            cmd.0,
-            tickets::TicketOpened {
-                id: cmd.0.to_owned(),
-                title: String::new(),
-            },
-        );
-        Ok(())
     }
 }
 

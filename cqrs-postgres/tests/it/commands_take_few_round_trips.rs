@@ -3,7 +3,7 @@
 //! without), an idempotent one `n + 4`, a replay 3, a plain append 1.
 
 use crate::proxy::Proxy;
-use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then, TicketOpened};
+use crate::support::tickets::{self, Note, NoteHandler, OpenTicket, OpenTicketHandler, Then};
 use crate::support::{database_url, postgres_available, record};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoredResponse};
 use cqrs_core::{
@@ -15,34 +15,6 @@ use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use std::str::FromStr;
 use std::time::Duration;
-
-/// Records an event and touches nothing else.
-#[derive(Debug)]
-struct Note(String);
-
-impl Message for Note {
-    const NAME: &'static str = "test.note";
-}
-
-impl Command for Note {
-    type Output = ();
-}
-
-struct NoteHandler;
-
-#[async_trait]
-impl CommandHandler<Note> for NoteHandler {
-    async fn handle(&self, cmd: Note, ctx: &mut CommandContext) -> Result<(), HandlerError> {
-        ctx.record_keyed(
-            cmd.0.clone(),
-            TicketOpened {
-                id: cmd.0,
-                title: String::new(),
-            },
-        );
-        Ok(())
-    }
-}
 
 /// Inserts a ticket and records nothing.
 #[derive(Debug)]
@@ -127,7 +99,7 @@ async fn each_command_costs_the_documented_round_trips() {
             let key = |k: &str| IdempotencyKey::new("rt", k, "fp", Duration::from_secs(60));
 
             // Warm up: prepare every statement on the connection.
-            bus.dispatch(Note("warm".into())).await.unwrap();
+            bus.dispatch(Note("warm")).await.unwrap();
             bus.dispatch(OpenTicket::new("warm", Then::Succeed))
                 .await
                 .unwrap();
@@ -160,7 +132,7 @@ async fn each_command_costs_the_documented_round_trips() {
                 .await
                 .unwrap();
 
-            let (n, _) = measure(&proxy, bus.dispatch(Note("n1".into()))).await;
+            let (n, _) = measure(&proxy, bus.dispatch(Note("n1"))).await;
             assert_eq!(n, 1, "a handler that only records events: the append");
 
             let (n, _) = measure(&proxy, bus.dispatch(OpenTicket::new("t1", Then::Succeed))).await;

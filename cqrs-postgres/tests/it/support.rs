@@ -192,6 +192,35 @@ pub(crate) mod tickets {
         }
     }
 
+    /// Records `TicketOpened` keyed by its id and touches nothing else: its append is the
+    /// command's only statement, its own transaction.
+    #[derive(Debug)]
+    pub(crate) struct Note(pub &'static str);
+
+    impl Message for Note {
+        const NAME: &'static str = "test.note";
+    }
+
+    impl Command for Note {
+        type Output = ();
+    }
+
+    pub(crate) struct NoteHandler;
+
+    #[async_trait]
+    impl CommandHandler<Note> for NoteHandler {
+        async fn handle(&self, cmd: Note, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+            ctx.record_keyed(
+                cmd.0,
+                TicketOpened {
+                    id: cmd.0.to_owned(),
+                    title: String::new(),
+                },
+            );
+            Ok(())
+        }
+    }
+
     /// Creates the application's table beside the framework's.
     pub(crate) async fn create_table(db: &PgDatabase) {
         let create = format!(
