@@ -5,6 +5,7 @@ use crate::sql::Sql;
 use crate::{PgCommandLayer, PgEventStore, PgIdempotencyStore, PgProjectionStore, PgSnapshotStore};
 use async_trait::async_trait;
 use cqrs_core::clock::{Clock, SystemClock};
+use cqrs_core::ports::StoreError;
 use cqrs_core::runtime::{Health, HealthCheck};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::PgPool;
@@ -70,6 +71,8 @@ pub struct PgDatabase {
     pub(crate) pool: PgPool,
     pub(crate) sql: Arc<Sql>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Where the pool connects (host, port, database), for errors.
+    target: Arc<str>,
 }
 
 impl std::fmt::Debug for PgDatabase {
@@ -82,11 +85,12 @@ impl std::fmt::Debug for PgDatabase {
 }
 
 impl PgDatabase {
-    pub(crate) fn new(pool: PgPool, schema: &str) -> Self {
+    pub(crate) fn new(pool: PgPool, schema: &str, target: String) -> Self {
         Self {
             pool,
             sql: Arc::new(Sql::new(schema)),
             clock: Arc::new(SystemClock),
+            target: target.into(),
         }
     }
 
@@ -97,7 +101,8 @@ impl PgDatabase {
     /// otherwise): [`migrate`](Self::migrate) refuses a pool that does not.
     pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, PgError> {
         crate::sql::valid_schema(schema).map_err(|p| PgError::InvalidOptions(vec![p]))?;
-        Ok(Self::new(pool, schema))
+        let target = crate::options::target_of(&pool.connect_options());
+        Ok(Self::new(pool, schema, target))
     }
 
     /// Uses `clock` for idempotency expiry (tests pass a
@@ -110,6 +115,24 @@ impl PgDatabase {
     /// The pool, for the application's own queries.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Maps an error of an operation on this handle's pool to the core's [`StoreError`], as
+    /// [`store_error`](crate::store_error) does, except that a pool that gave no connection
+    /// within its `acquire_timeout` (sqlx's bare "pool timed out") says where it connects,
+    /// what the pool looked like, and what to do: whether the server was unreachable or every
+    /// connection was in use.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), cqrs_core::ports::StoreError> {
+    /// let open: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets")
+    ///     .fetch_one(db.pool())
+    ///     .await
+    ///     .map_err(|e| db.store_error(e))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn store_error(&self, error: sqlx::Error) -> StoreError {
+        crate::error::pool_error(error, &self.pool, &self.target)
     }
 
     /// Begins a transaction of your own on the pool, at READ COMMITTED (what
@@ -186,7 +209,7 @@ impl PgDatabase {
         // error (or is cancelled) without releasing it; a pooled connection would keep it and
         // leave every other instance's `migrate` waiting. A connection that is closed after
         // the run takes the lock with it.
-        let mut conn = self.pool.acquire().await.map_err(store_error)?;
+        let mut conn = self.pool.acquire().await.map_err(|e| self.store_error(e))?;
         conn.close_on_drop();
         // Statements outside an explicit transaction (a single append, a read) take the
         // session's default level; a pool made elsewhere must make it READ COMMITTED, as one
@@ -215,7 +238,7 @@ impl PgDatabase {
         )))
         .execute(&self.pool)
         .await
-        .map_err(store_error)?;
+        .map_err(|e| self.store_error(e))?;
         Ok(())
     }
 
@@ -258,15 +281,19 @@ impl HealthCheck for PgDatabase {
         let deadline = tokio::time::Instant::now() + BUDGET;
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Health::Unhealthy(format!("postgres: {}", store_error(e))),
+            Ok(Err(e)) => return Health::Unhealthy(format!("postgres: {}", self.store_error(e))),
             Err(_) => {
                 let max = self.pool.options().get_max_connections();
                 return if self.pool.size() >= max && self.pool.num_idle() == 0 {
                     Health::Degraded(format!(
-                        "postgres: all {max} pooled connections stayed busy for 2 s"
+                        "{}: all {max} pooled connections stayed busy for 2 s",
+                        self.target
                     ))
                 } else {
-                    Health::Unhealthy("postgres: no connection within 2 s".to_owned())
+                    Health::Unhealthy(format!(
+                        "{}: no connection within 2 s (is the server up and reachable?)",
+                        self.target
+                    ))
                 };
             }
         };

@@ -103,7 +103,8 @@ impl PgError {
 /// that run their own SQL in a [`PgUnitOfWork`](crate::PgUnitOfWork).
 ///
 /// Unique violations are not special here: callers that expect one (a taken name, a version
-/// conflict) check for SQLSTATE 23505 first.
+/// conflict) check for SQLSTATE 23505 first. For errors of statements run on a pool,
+/// [`PgDatabase::store_error`](crate::PgDatabase::store_error) says more about a pool timeout.
 ///
 /// ```
 /// use cqrs_core::ErrorKind;
@@ -114,6 +115,54 @@ impl PgError {
 pub fn store_error(error: sqlx::Error) -> StoreError {
     let class = classify(&error);
     store_error_from_class(class, Box::new(error))
+}
+
+/// [`store_error`] for an operation on `pool`: a pool timeout (sqlx says only "pool timed
+/// out while waiting for an open connection") names where the pool connects (`target`), what
+/// the pool looked like, and what to do.
+pub(crate) fn pool_error(error: sqlx::Error, pool: &sqlx::PgPool, target: &str) -> StoreError {
+    if !matches!(error, sqlx::Error::PoolTimedOut) {
+        return store_error(error);
+    }
+    let options = pool.options();
+    let (max, size, idle) = (options.get_max_connections(), pool.size(), pool.num_idle());
+    let (state, advice) = if size >= max && idle == 0 {
+        (
+            format!("all {max} of the pool's connections were in use"),
+            "the server answers, but the load needs more connections than the pool has, or \
+             some are held for long (long transactions: see pg_stat_activity): raise the \
+             pool's max_connections (within the server's) or its acquire_timeout, or shorten \
+             what holds them",
+        )
+    } else {
+        (
+            format!("{size} of the pool's {max} connections were open and none came free"),
+            "no new connection could be opened in time: check that the server runs there and \
+             is reachable, and that the URL's host, port, database and credentials are right",
+        )
+    };
+    StoreError::Unavailable {
+        backend: BACKEND,
+        source: Box::new(NoConnection {
+            target: target.to_owned(),
+            waited: options.get_acquire_timeout(),
+            state,
+            advice,
+            source: error,
+        }),
+    }
+}
+
+/// The pool gave no connection within its `acquire_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection to {target} within {waited:?} ({state}): {advice}")]
+struct NoConnection {
+    target: String,
+    waited: std::time::Duration,
+    state: String,
+    advice: &'static str,
+    #[source]
+    source: sqlx::Error,
 }
 
 /// A failed `COMMIT`, or a failed statement that was its own transaction. When the

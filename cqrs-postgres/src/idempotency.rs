@@ -228,7 +228,7 @@ impl IdempotencyStore for PgIdempotencyStore {
     ) -> Result<Claim, StoreError> {
         let mut tx = crate::sql::begin(&self.db.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         // A new claim's transaction stays open, idle, while the caller does the work outside
         // it: under `idle_in_transaction_session_timeout` the server would end it mid-work,
         // and a waiting duplicate would take the key and run the work a second time. It holds
@@ -265,7 +265,7 @@ impl IdempotencyStore for PgIdempotencyStore {
     /// [`PgProjectionStore`](crate::PgProjectionStore)'s `purge_inbox`).
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = self.db.clock.now();
-        crate::sql::purge_in_batches(|| {
+        crate::sql::purge_in_batches(&self.db, || {
             sqlx::query(AssertSqlSafe(self.db.sql.idempotency_purge.clone()))
                 .bind(now)
                 .bind(crate::sql::PURGE_BATCH)

@@ -367,22 +367,14 @@ impl PgOptions {
             .pool_options()
             .connect_with(connect)
             .await
-            .map_err(|e| crate::error::connect_error(e, target))?;
-        Ok(PgDatabase::new(pool, &self.schema))
+            .map_err(|e| crate::error::connect_error(e, target.clone()))?;
+        Ok(PgDatabase::new(pool, &self.schema, target))
     }
 
     /// Where `connect` goes, for its error: host and port (or socket) and database, and
     /// whether the URL was the default one.
     fn target(&self, connect: &PgConnectOptions) -> String {
-        let place = match connect.get_socket() {
-            Some(socket) => format!("socket {}", socket.display()),
-            None => format!("{}:{}", connect.get_host(), connect.get_port()),
-        };
-        let database = match connect.get_database() {
-            Some(database) => format!("database `{database}`"),
-            None => format!("database `{}` (the user's name)", connect.get_username()),
-        };
-        let mut target = format!("postgres at {place}, {database}");
+        let mut target = target_of(connect);
         if self.default_url {
             target.push_str(&format!(
                 " (DATABASE_URL is unset, so the default URL {DEFAULT_URL} was used: set \
@@ -395,8 +387,9 @@ impl PgOptions {
     /// Makes the pool without connecting: the first operation connects.
     pub fn connect_lazy(self) -> Result<PgDatabase, PgError> {
         let connect = self.checked()?;
+        let target = self.target(&connect);
         let pool = self.pool_options().connect_lazy_with(connect);
-        Ok(PgDatabase::new(pool, &self.schema))
+        Ok(PgDatabase::new(pool, &self.schema, target))
     }
 }
 
@@ -487,6 +480,20 @@ fn ssl_mode_name(mode: PgSslMode) -> &'static str {
         PgSslMode::VerifyCa => "verify-ca",
         PgSslMode::VerifyFull => "verify-full",
     }
+}
+
+/// Where a pool connects, for errors: host and port (or socket) and database, never the
+/// password.
+pub(crate) fn target_of(connect: &PgConnectOptions) -> String {
+    let place = match connect.get_socket() {
+        Some(socket) => format!("socket {}", socket.display()),
+        None => format!("{}:{}", connect.get_host(), connect.get_port()),
+    };
+    let database = match connect.get_database() {
+        Some(database) => format!("database `{database}`"),
+        None => format!("database `{}` (the user's name)", connect.get_username()),
+    };
+    format!("postgres at {place}, {database}")
 }
 
 #[cfg(test)]

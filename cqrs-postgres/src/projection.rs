@@ -85,7 +85,7 @@ impl ProjectionStore for PgProjectionStore {
     async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
         let mut tx = crate::sql::begin(&self.db.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         // The key is a number computed here, not text from the caller: safe to inline.
         let lock = format!(
             "SELECT pg_advisory_xact_lock({})",
@@ -180,7 +180,7 @@ impl ProjectionStore for PgProjectionStore {
         consumer: &str,
         older_than: std::time::Duration,
     ) -> Result<u64, StoreError> {
-        crate::sql::purge_in_batches(|| {
+        crate::sql::purge_in_batches(&self.db, || {
             sqlx::query(AssertSqlSafe(self.db.sql.inbox_purge.clone()))
                 .bind(consumer)
                 // About 3,000 years at most: further back is out of `timestamptz`'s range.

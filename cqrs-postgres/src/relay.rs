@@ -362,7 +362,7 @@ impl PgOutboxRelay {
             .bind(to_i64(self.start_from.get()))
             .execute(&self.db.pool)
             .await
-            .map_err(|e| self.store_error(store_error(e)))?;
+            .map_err(|e| self.store_error(self.db.store_error(e)))?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -382,7 +382,7 @@ impl PgOutboxRelay {
         )
         .fetch_all(&self.db.pool)
         .await
-        .map_err(|e| self.store_error(store_error(e)))?;
+        .map_err(|e| self.store_error(self.db.store_error(e)))?;
         let problems: Vec<String> = settings
             .into_iter()
             // Both are in milliseconds; zero turns them off.
@@ -420,7 +420,7 @@ impl PgOutboxRelay {
                 .bind(&self.relay)
                 .fetch_optional(&self.db.pool)
                 .await
-                .map_err(store_error)?;
+                .map_err(|e| self.db.store_error(e))?;
         Ok(Position::new(position.map_or(0, to_u64)))
     }
 
@@ -430,7 +430,7 @@ impl PgOutboxRelay {
             .bind(&self.relay)
             .fetch_one(&self.db.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         let count: i64 = row.try_get(0).map_err(store_error)?;
         let age: Option<f64> = row.try_get(1).map_err(store_error)?;
         Ok(Backlog {
@@ -493,7 +493,7 @@ impl PgOutboxRelay {
     async fn batch_once(&self) -> BatchOutcome {
         let mut tx = match crate::sql::begin(&self.db.pool).await {
             Ok(tx) => tx,
-            Err(e) => return BatchOutcome::failed(self.store_error(store_error(e))),
+            Err(e) => return BatchOutcome::failed(self.store_error(self.db.store_error(e))),
         };
         let shipped = match self.ship(&mut tx).await {
             Ok(Some(shipped)) if shipped.passed() > 0 => shipped,

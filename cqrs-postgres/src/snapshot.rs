@@ -53,7 +53,7 @@ impl SnapshotStore for PgSnapshotStore {
             .bind(stream_id)
             .fetch_optional(&self.db.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         row.map(|row| {
             let version: i64 = row.try_get(0).map_err(store_error)?;
             let state: serde_json::Value = row.try_get(1).map_err(store_error)?;
@@ -75,7 +75,7 @@ impl SnapshotStore for PgSnapshotStore {
             .bind(snapshot.last_event_id)
             .execute(&self.db.pool)
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         Ok(())
     }
 }

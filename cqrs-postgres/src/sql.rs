@@ -50,9 +50,10 @@ pub(crate) async fn begin(
 }
 
 /// Runs a purge statement that deletes at most [`PURGE_BATCH`] rows until one deletes fewer,
-/// and returns how many it deleted in all. Each statement commits on its own, so an error
+/// and returns how many it deleted in all, with `db`'s errors. Each statement commits on its own, so an error
 /// (a `statement_timeout`) keeps what the earlier batches deleted.
 pub(crate) async fn purge_in_batches<F, Fut>(
+    db: &crate::PgDatabase,
     mut batch: F,
 ) -> Result<u64, cqrs_core::ports::StoreError>
 where
@@ -63,7 +64,7 @@ where
     loop {
         let deleted = batch()
             .await
-            .map_err(crate::error::store_error)?
+            .map_err(|e| db.store_error(e))?
             .rows_affected();
         total += deleted;
         if deleted < PURGE_BATCH as u64 {

@@ -148,10 +148,14 @@ impl PgUnitOfWork {
     /// The transaction's connection, for the handler's own SQL. Begins the transaction on
     /// first use (one round trip).
     pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
-        let pool = self.db.pool.clone();
+        let db = &self.db;
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if state.tx.is_none() {
-            state.tx = Some(crate::sql::begin(&pool).await.map_err(store_error)?);
+            state.tx = Some(
+                crate::sql::begin(&db.pool)
+                    .await
+                    .map_err(|e| db.store_error(e))?,
+            );
         }
         match state.tx.as_mut() {
             Some(tx) => Ok(&mut **tx),
@@ -241,11 +245,6 @@ impl PgUnitOfWork {
     /// rolls the whole transaction back), even if the handler went on: a handler must return
     /// such an error, or run the statement in a savepoint of its own.
     pub async fn commit(mut self) -> Result<(), StoreError> {
-        let (pool, sql, clock) = (
-            self.db.pool.clone(),
-            self.db.sql.clone(),
-            self.db.clock.clone(),
-        );
         let State {
             tx,
             claim,
@@ -253,6 +252,8 @@ impl PgUnitOfWork {
             pending,
             ..
         } = std::mem::take(self.state());
+        let db = &self.db;
+        let (pool, sql, clock) = (&db.pool, &db.sql, &db.clock);
         let mut completion = match (&claim, &response) {
             (Some(c), Some(r)) => Some(Completion {
                 scope: &c.scope,
@@ -281,17 +282,17 @@ impl PgUnitOfWork {
             None if pending.len() == 1 && completion.is_none() => {
                 // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
                 // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
-                let mut conn = pool.acquire().await.map_err(store_error)?;
+                let mut conn = pool.acquire().await.map_err(|e| db.store_error(e))?;
                 for p in pending {
-                    append_on(
-                        &mut conn, &pool, &sql, &p.stream, p.expected, p.events, None,
-                    )
-                    .await
-                    .map_err(commit_store_error)?;
+                    append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
+                        .await
+                        .map_err(commit_store_error)?;
                 }
                 return Ok(());
             }
-            None => crate::sql::begin(&pool).await.map_err(store_error)?,
+            None => crate::sql::begin(pool)
+                .await
+                .map_err(|e| db.store_error(e))?,
         };
         // Whether a statement of ours runs in the transaction before `COMMIT`: it fails if a
         // statement of the handler's failed (SQLSTATE 25P02), where `COMMIT` would not.
@@ -300,8 +301,8 @@ impl PgUnitOfWork {
             // A conflict returns early: the transaction is dropped and rolls back.
             append_on(
                 &mut tx,
-                &pool,
-                &sql,
+                pool,
+                sql,
                 &p.stream,
                 p.expected,
                 p.events,
@@ -312,7 +313,7 @@ impl PgUnitOfWork {
         if let Some(c) = completion {
             let response =
                 StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
-            complete_on(&mut tx, &sql, c.scope, c.key, &response, c.expires_at).await?;
+            complete_on(&mut tx, sql, c.scope, c.key, &response, c.expires_at).await?;
         }
         if !checked {
             ensure_not_aborted(&mut tx).await?;

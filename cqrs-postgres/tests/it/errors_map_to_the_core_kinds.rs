@@ -27,23 +27,42 @@ async fn an_unreachable_server_is_unavailable_with_its_cause() {
             std::error::Error::source(&append).is_some(),
             "the cause is kept"
         );
-        assert_eq!(
-            store
-                .read_all(Position::START, 10)
-                .await
-                .unwrap_err()
-                .kind(),
-            ErrorKind::Unavailable
-        );
+        // sqlx says only "pool timed out while waiting for an open connection": each error
+        // names the server and says what to check.
+        let says_where_and_what = |error: &dyn std::error::Error| {
+            let message = error.to_string();
+            assert!(
+                message.contains("no connection to postgres at 127.0.0.1:1, database `none` within 300ms")
+                    && message.contains("none came free")
+                    && message.contains("check that the server runs there"),
+                "{message}"
+            );
+        };
+        says_where_and_what(&append);
+        let read = store.read_all(Position::START, 10).await.unwrap_err();
+        assert_eq!(read.kind(), ErrorKind::Unavailable);
+        says_where_and_what(&read);
         let claim = db
             .idempotency_store()
             .claim("s", "k", "fp", Duration::from_secs(1))
             .await
             .unwrap_err();
         assert_eq!(claim.kind(), ErrorKind::Unavailable);
+        says_where_and_what(&claim);
         let begin = db.projection_store().begin("c").await.unwrap_err();
         assert_eq!(begin.kind(), ErrorKind::Unavailable);
-        assert!(matches!(db.check().await, Health::Unhealthy(_)));
+        says_where_and_what(&begin);
+        let purge = db
+            .projection_store()
+            .purge_inbox("c", Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        says_where_and_what(&purge);
+        let health = db.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains("127.0.0.1:1, database `none`")),
+            "{health:?}"
+        );
 
         let connect = PgOptions::new("postgres://postgres@127.0.0.1:1/none")
             .acquire_timeout(Duration::from_millis(300))
@@ -133,6 +152,24 @@ pg_test! {
         let held = busy.pool().acquire().await.unwrap();
         let health = busy.check().await;
         assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy")), "{health:?}");
+        // An operation that waits out the pool's acquire_timeout says the pool was full, and
+        // what to do, rather than sqlx's bare "pool timed out".
+        let impatient = crate::support::options(db.schema())
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(200))
+            .connect()
+            .await
+            .unwrap();
+        let held_too = impatient.pool().acquire().await.unwrap();
+        let error = impatient.event_store().stream_version("s").await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("within 200ms (all 1 of the pool's connections were in use)")
+                && message.contains("raise the pool's max_connections"),
+            "{message}"
+        );
+        drop(held_too);
         drop(held);
         assert_eq!(busy.check().await, Health::Healthy);
     }

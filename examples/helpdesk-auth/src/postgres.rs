@@ -110,7 +110,10 @@ impl PgUserStore {
                 sqlx::query(AssertSqlSafe(format!("{} WHERE id = $1", self.select))).bind(id)
             }
         };
-        let row = query.fetch_optional(executor).await.map_err(store_error)?;
+        let row = query
+            .fetch_optional(executor)
+            .await
+            .map_err(|e| self.db.store_error(e))?;
         row.map(|row| {
             let role: String = row.try_get("role").map_err(store_error)?;
             Ok(UserRecord {
@@ -154,7 +157,7 @@ impl UserStore for PgUserStore {
             {
                 Err(CreateUserError::EmailTaken)
             }
-            Err(e) => Err(store_error(e).into()),
+            Err(e) => Err(self.db.store_error(e).into()),
         }
     }
 
@@ -257,7 +260,7 @@ impl LoginThrottle for PgLoginThrottle {
     async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let now = self.clock.now();
         let since = self.since(now);
-        let mut tx = self.db.begin().await.map_err(store_error)?;
+        let mut tx = self.db.begin().await.map_err(|e| self.db.store_error(e))?;
         // One key's attempts are counted one at a time, across instances. The two-key lock
         // space does not overlap the `bigint` one cqrs-postgres uses.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('helpdesk.login'), hashtext($1))")
@@ -343,7 +346,7 @@ impl LoginThrottle for PgLoginThrottle {
             .bind(key)
             .execute(self.db.pool())
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         Ok(())
     }
 }

@@ -103,7 +103,12 @@ impl PgTicketIndex {
 #[async_trait]
 impl TicketIndex for PgTicketIndex {
     async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError> {
-        let mut conn = self.db.pool().acquire().await.map_err(store_error)?;
+        let mut conn = self
+            .db
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| self.db.store_error(e))?;
         self.upsert_in(&mut conn, ticket).await
     }
 
@@ -142,7 +147,7 @@ impl TicketIndex for PgTicketIndex {
             .build()
             .fetch_all(self.db.pool())
             .await
-            .map_err(store_error)?;
+            .map_err(|e| self.db.store_error(e))?;
         rows.into_iter()
             .map(|row| {
                 let summary: serde_json::Value = row.try_get(0).map_err(store_error)?;
@@ -229,7 +234,7 @@ impl StatsReader for PgStats {
         )))
         .fetch_all(self.db.pool())
         .await
-        .map_err(|e| HandlerError::from(store_error(e)))?;
+        .map_err(|e| HandlerError::from(self.db.store_error(e)))?;
         let mut stats = Stats::default();
         for row in rows {
             let status: String = row
