@@ -627,8 +627,9 @@ impl RedisPubSubOptions {
 
     /// How many messages each local subscriber buffers; a subscriber further behind misses
     /// messages (counted in `Subscription::missed`). Default 1024; from 1 to
-    /// [`Fanout::MAX_CAPACITY`](cqrs_core::ports::Fanout::MAX_CAPACITY) (2^20: each channel
-    /// allocates its buffer up front).
+    /// [`Fanout::MAX_CAPACITY`](cqrs_core::ports::Fanout::MAX_CAPACITY) (2^20). Each
+    /// subscribed channel allocates its buffer up front, about 56 bytes per message: 56 KiB
+    /// per channel at the default, so lower it for thousands of channels per instance.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self

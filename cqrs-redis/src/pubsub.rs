@@ -1,7 +1,7 @@
 //! [`RedisPubSub`]: the core's pub/sub port on Redis pub/sub.
 
 use crate::connection::{self, quit_later};
-use crate::error::{ConnectError, client_error, transport_error};
+use crate::error::{ConnectError, client_error};
 use crate::options::RedisPubSubOptions;
 use async_trait::async_trait;
 use cqrs_core::ports::{Fanout, PubSub, Subscription, TransportError};
@@ -12,6 +12,7 @@ use fred::prelude::Options;
 use fred::types::{ClusterHash, Value};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -27,7 +28,10 @@ const MAX_WARNED_CHANNELS: usize = 1024;
 ///   subscriber client), however many local subscribers: [`Fanout`] shares it and unsubscribes
 ///   once the last local subscriber is gone.
 /// * [`subscribe`](PubSub::subscribe) returns once Redis confirmed the subscription, so every
-///   message published after it returns reaches the subscriber.
+///   message published after it returns reaches the subscriber (on Redis Cluster, and for a
+///   refusal fred drops, it confirms less: see `docs/redis.md`). A channel that already has a
+///   local subscriber is joined without asking Redis. While the subscriber connection is down
+///   it fails at once with `Unavailable`.
 /// * After a reconnect every channel with local subscribers is subscribed again by itself,
 ///   and once it is, every subscription counts one possible loss in
 ///   [`Subscription::missed`]: messages published while the connection was down are gone.
@@ -38,8 +42,8 @@ const MAX_WARNED_CHANNELS: usize = 1024;
 /// * Channel names are `{prefix}:{channel}`: pub/sub ignores the database number, so the
 ///   prefix is what keeps applications and tests apart on one server.
 /// * Payloads are text. A message whose payload is not UTF-8 (published by another client) is
-///   not delivered: it is counted in [`Subscription::missed`] (like every message the adapter
-///   drops, by every subscription of the process) and logged at `warn`, once per channel.
+///   not delivered: it is counted in [`Subscription::missed`] by the subscriptions of its
+///   channel and logged at `warn`, once per channel.
 ///
 /// # Why at-most-once is right here
 ///
@@ -68,6 +72,8 @@ struct Inner {
     upstream: Arc<tokio::sync::Mutex<()>>,
     /// How many upstream subscriptions each channel has (0 or 1).
     subscribed: Arc<Mutex<HashMap<String, usize>>>,
+    /// How many channels Redis refused at the last resubscription (0 once it succeeded).
+    refused: Arc<AtomicUsize>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -131,11 +137,10 @@ impl RedisPubSubOptions {
                         };
                         if let Some(payload) = message.value.as_str() {
                             deliver_to.deliver(channel, Arc::from(&*payload));
-                        } else if deliver_to.is_subscribed(channel) {
+                        } else if deliver_to.lost_on(channel, 1) {
                             // The port carries text: a payload that is not UTF-8 (another
-                            // client published bytes) cannot be delivered. Counted as missed,
-                            // like every message the adapter drops, so the loss is seen.
-                            deliver_to.lost(1);
+                            // client published bytes) cannot be delivered. Counted as missed
+                            // by the channel's subscriptions, so the loss is seen.
                             if warned.len() >= MAX_WARNED_CHANNELS {
                                 warned.clear();
                             }
@@ -182,7 +187,20 @@ impl RedisPubSubOptions {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&name);
-                if let Err(e) = client.unsubscribe(name.as_str()).await {
+                // A connection that is down has no subscriptions left to end, and fred would
+                // hold the UNSUBSCRIBE (and the lock, and every subscribe behind it) until a
+                // reconnect or the command timeout.
+                if !client.is_connected() {
+                    continue;
+                }
+                // Confirmed like a subscribe: a refusal (an ACL) has no command of its own to
+                // answer in fred, and would otherwise be taken as the reply to the next one
+                // (another channel's confirming PING).
+                let unsubscribed = async {
+                    client.unsubscribe(name.as_str()).await?;
+                    client.ping::<Value>(None).await
+                };
+                if let Err(e) = unsubscribed.await {
                     tracing::debug!(channel = %name, error = %e, "unsubscribe failed");
                 }
             }
@@ -194,18 +212,21 @@ impl RedisPubSubOptions {
         // that arrives before the confirming PING is queued is lost, so success is checked
         // with Redis's own count of the connection's subscriptions (`CLIENT LIST`, `sub=`).
         let mut reconnects = subscriber.reconnect_rx();
-        let (client, checker, watch, lock, full) = (
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (client, checker, watch, lock, full, refused_too) = (
             subscriber.clone(),
             publisher.clone(),
             fanout.clone(),
             upstream.clone(),
             prefix.clone(),
+            refused.clone(),
         );
         let (min_delay, max_delay) = (
             self.connection.reconnect_min_delay,
             self.connection.reconnect_max_delay,
         );
         tasks.push(tokio::spawn(async move {
+            let refused = refused_too;
             // Failed attempts since the last success; a retry is due while it is above 0.
             let mut failures = 0u32;
             loop {
@@ -227,6 +248,7 @@ impl RedisPubSubOptions {
                 let channels = watch.channels();
                 if channels.is_empty() {
                     failures = 0;
+                    refused.store(0, Ordering::Relaxed);
                     continue;
                 }
                 if failures == 0 {
@@ -236,16 +258,14 @@ impl RedisPubSubOptions {
                     watch.lost(1);
                 }
                 // Every channel, also on a retry: subscribing again to a live one is harmless.
-                let outcome = match confirmed_subscribe(&client, names(&full, &channels)).await {
-                    Ok(()) => match subscription_count(&checker, &client).await {
-                        Some(n) if n < channels.len() => Err(format!(
-                            "Redis holds {n} of the {} subscriptions (refused: an ACL?)",
-                            channels.len()
-                        )),
-                        _ => Ok(()),
+                let outcome = resubscribe(&client, &checker, &full, &channels).await;
+                refused.store(
+                    match &outcome {
+                        Err(Resubscribe::Refused { held, .. }) => channels.len() - held,
+                        _ => 0,
                     },
-                    Err(e) => Err(e.to_string()),
-                };
+                    Ordering::Relaxed,
+                );
                 match outcome {
                     Ok(()) => {
                         failures = 0;
@@ -288,6 +308,7 @@ impl RedisPubSubOptions {
                 options: self,
                 upstream,
                 subscribed,
+                refused,
                 tasks,
             }),
         })
@@ -355,13 +376,23 @@ impl PubSub for RedisPubSub {
                 channel,
                 Box::pin(async {
                     let _guard = inner.upstream.lock().await;
+                    // fred would queue the SUBSCRIBE until a reconnect or the command
+                    // timeout, with the lock held: each new channel's subscribe would wait a
+                    // whole timeout behind the one before.
+                    if !inner.subscriber.is_connected() {
+                        return Err(TransportError::Unavailable {
+                            backend: "redis",
+                            source: "the pub/sub's subscriber connection is down (reconnecting)"
+                                .into(),
+                        });
+                    }
                     // A reconnect while SUBSCRIBE is in flight loses it, while the PING behind
                     // it is resent and answered on the new connection: subscribe again then.
                     let mut reconnects = inner.subscriber.reconnect_rx();
                     loop {
                         confirmed_subscribe(&inner.subscriber, vec![name.clone()])
                             .await
-                            .map_err(transport_error)?;
+                            .map_err(|e| client_error(&inner.subscriber, e))?;
                         match reconnects.try_recv() {
                             Err(TryRecvError::Empty) => break,
                             Err(TryRecvError::Closed) => return Err(TransportError::Closed),
@@ -398,6 +429,81 @@ async fn confirmed_subscribe(
     Ok(())
 }
 
+/// Why a resubscription failed.
+enum Resubscribe {
+    /// Redis holds `held` of the channels: it refused the others (an ACL).
+    Refused { held: usize, of: usize },
+    /// The connection failed or timed out.
+    Failed(fred::error::Error),
+}
+
+impl fmt::Display for Resubscribe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Resubscribe::Refused { held, of } => {
+                write!(
+                    f,
+                    "Redis holds {held} of the {of} subscriptions (refused: an ACL?)"
+                )
+            }
+            Resubscribe::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Subscribes the connection to every channel, in one `SUBSCRIBE`, and checks Redis's count.
+/// Redis refuses a whole `SUBSCRIBE` when it refuses one of its channels, so when it fell
+/// short each channel is subscribed by itself: one refused channel leaves the others live.
+async fn resubscribe(
+    client: &SubscriberClient,
+    checker: &Client,
+    prefix: &str,
+    channels: &[Arc<str>],
+) -> Result<(), Resubscribe> {
+    let all = names(prefix, channels);
+    let of = all.len();
+    match confirmed_subscribe(client, all.clone()).await {
+        Ok(()) => match held_all(client, checker, of).await {
+            Ok(()) => return Ok(()),
+            Err(refused) if of == 1 => return Err(refused),
+            Err(_) => {}
+        },
+        // The refusal came back as the PING's reply.
+        Err(e) if is_refusal(&e) && of > 1 => {}
+        Err(e) => return Err(Resubscribe::Failed(e)),
+    }
+    for name in all {
+        match confirmed_subscribe(client, vec![name]).await {
+            Ok(()) => {}
+            Err(e) if is_refusal(&e) => {}
+            Err(e) => return Err(Resubscribe::Failed(e)),
+        }
+    }
+    held_all(client, checker, of).await
+}
+
+/// Whether Redis holds `of` subscriptions for the connection (or cannot tell).
+async fn held_all(
+    client: &SubscriberClient,
+    checker: &Client,
+    of: usize,
+) -> Result<(), Resubscribe> {
+    match subscription_count(checker, client).await {
+        Some(held) if held < of => Err(Resubscribe::Refused { held, of }),
+        _ => Ok(()),
+    }
+}
+
+/// Whether Redis answered with an error (a refusal), rather than the connection failing.
+fn is_refusal(error: &fred::error::Error) -> bool {
+    !matches!(
+        error.kind(),
+        fred::error::ErrorKind::IO
+            | fred::error::ErrorKind::Timeout
+            | fred::error::ErrorKind::Canceled
+    )
+}
+
 /// How many channels the subscriber's connection is subscribed to, as Redis counts them
 /// (`CLIENT LIST`, `sub=`); `None` when it cannot tell (the connection is not listed, or the
 /// user may not run `CLIENT LIST`). On a cluster it asks the node fred sends the subscriber's
@@ -427,10 +533,16 @@ impl HealthCheck for RedisPubSub {
     /// Healthy while both connections are up. Pub/sub is at-most-once, so a runtime usually
     /// registers this check as not critical.
     async fn check(&self) -> Health {
-        if self.inner.publisher.is_connected() && self.inner.subscriber.is_connected() {
-            Health::Healthy
-        } else {
-            Health::Unhealthy("redis pub/sub is reconnecting".into())
+        if !(self.inner.publisher.is_connected() && self.inner.subscriber.is_connected()) {
+            return Health::Unhealthy("redis pub/sub is reconnecting".into());
+        }
+        match self.inner.refused.load(Ordering::Relaxed) {
+            0 => Health::Healthy,
+            refused => Health::Unhealthy(format!(
+                "redis refused {refused} pub/sub channel subscription(s) after a reconnect \
+                 (an ACL? give the user its channels, `&{}*`); retrying",
+                self.inner.prefix
+            )),
         }
     }
 }

@@ -49,6 +49,10 @@ pub struct Subscription {
     /// when this subscription began.
     lost: Arc<AtomicU64>,
     lost_before: u64,
+    /// The channel's count of messages the adapter dropped on it, and its value when this
+    /// subscription began.
+    channel_lost: Arc<AtomicU64>,
+    channel_lost_before: u64,
     _guard: Arc<SubscriberGuard>,
 }
 
@@ -79,12 +83,14 @@ impl Subscription {
         &self.channel
     }
 
-    /// How many messages this subscriber missed because it fell behind, or because the
-    /// adapter dropped them before it could tell their channel (those are counted by every
-    /// subscription of the process, so some may have been other channels').
+    /// How many messages this subscriber missed: because it fell behind, because the adapter
+    /// dropped them on its channel, or because the adapter dropped them before it could tell
+    /// their channel (those are counted by every subscription of the process, so some may
+    /// have been other channels').
     pub fn missed(&self) -> u64 {
         let lost = self.lost.load(Ordering::Relaxed) - self.lost_before;
-        self.missed + lost
+        let channel_lost = self.channel_lost.load(Ordering::Relaxed) - self.channel_lost_before;
+        self.missed + lost + channel_lost
     }
 }
 
@@ -92,6 +98,8 @@ struct ChannelState {
     sender: broadcast::Sender<PubSubMessage>,
     live: Arc<OnceCell<()>>,
     subscribers: usize,
+    /// Messages of this channel the adapter dropped ([`Fanout::lost_on`]).
+    lost: Arc<AtomicU64>,
 }
 
 struct FanoutInner {
@@ -200,7 +208,7 @@ impl Fanout {
         F: Future<Output = Result<(), TransportError>>,
     {
         let channel: Arc<str> = Arc::from(channel);
-        let (live, receiver) = {
+        let (live, receiver, channel_lost) = {
             // A std mutex: nothing awaits while it is held.
             let mut channels = self
                 .inner
@@ -212,11 +220,16 @@ impl Fanout {
                     sender: broadcast::channel(self.inner.capacity).0,
                     live: Arc::new(OnceCell::new()),
                     subscribers: 0,
+                    lost: Arc::default(),
                 }))
             });
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             state.subscribers += 1;
-            (state.live.clone(), state.sender.subscribe())
+            (
+                state.live.clone(),
+                state.sender.subscribe(),
+                state.lost.clone(),
+            )
         };
         let guard = Arc::new(SubscriberGuard {
             channel: channel.clone(),
@@ -233,6 +246,8 @@ impl Fanout {
             missed: 0,
             lost_before: lost.load(Ordering::Relaxed),
             lost,
+            channel_lost_before: channel_lost.load(Ordering::Relaxed),
+            channel_lost,
             _guard: guard,
         })
     }
@@ -242,6 +257,26 @@ impl Fanout {
     /// is seen, at the price of counting other channels' messages too.
     pub fn lost(&self, count: u64) {
         self.inner.lost.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Records `count` messages of `channel` the adapter dropped (a payload it could not
+    /// deliver): that channel's subscriptions count them as missed, others do not. Returns
+    /// whether `channel` has local subscribers (nothing is recorded otherwise).
+    pub fn lost_on(&self, channel: &str, count: u64) -> bool {
+        let state = {
+            let channels = self
+                .inner
+                .channels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            channels.get(channel).cloned()
+        };
+        let Some(state) = state else {
+            return false;
+        };
+        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        state.lost.fetch_add(count, Ordering::Relaxed);
+        true
     }
 
     /// Hands a message that arrived from upstream to every local subscriber of `channel`.
@@ -304,5 +339,29 @@ mod tests {
         assert_eq!(fanout.inner.capacity, 1 << 20);
         let (zero, _idle) = Fanout::new(0);
         assert_eq!(zero.inner.capacity, 1);
+    }
+
+    /// A message dropped on one channel is missed by that channel's subscriptions only (one
+    /// bad payload on one channel made every subscription of the process report a loss);
+    /// losses of no known channel still reach everyone.
+    #[tokio::test]
+    async fn a_loss_on_one_channel_is_missed_there_only() {
+        let (fanout, _idle) = Fanout::new(8);
+        let news = fanout.subscribe("news", async { Ok(()) }).await.unwrap();
+        let also_news = fanout.subscribe("news", async { Ok(()) }).await.unwrap();
+        let sport = fanout.subscribe("sport", async { Ok(()) }).await.unwrap();
+        assert!(fanout.lost_on("news", 2));
+        assert!(
+            !fanout.lost_on("weather", 1),
+            "no subscriber, nothing recorded"
+        );
+        assert_eq!(
+            (news.missed(), also_news.missed(), sport.missed()),
+            (2, 2, 0)
+        );
+        let later = fanout.subscribe("news", async { Ok(()) }).await.unwrap();
+        assert_eq!(later.missed(), 0, "a loss before it began is not its own");
+        fanout.lost(1);
+        assert_eq!((news.missed(), sport.missed(), later.missed()), (3, 1, 1));
     }
 }

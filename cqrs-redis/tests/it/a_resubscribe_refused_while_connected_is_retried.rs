@@ -1,14 +1,18 @@
 //! A resubscription that Redis refuses on a live connection is tried again, not left for a
-//! reconnect that may never come. The test's own ACL user loses the right to its channels,
-//! which makes Redis drop its subscribed connection; fred reconnects, the resubscription is
-//! refused (`NOPERM`, seen in `ACL LOG`), the right comes back, and the channel is subscribed
-//! again without another reconnect. (The refusal is seen in Redis's count of the connection's
-//! subscriptions: fred may drop the `NOPERM` reply.)
+//! reconnect that may never come. The test's own ACL user loses the right to one of its two
+//! channels, which makes Redis drop its subscribed connection; fred reconnects, the
+//! resubscription is refused (`NOPERM`, seen in `ACL LOG`) for that channel, while the other
+//! is subscribed again and keeps delivering (Redis refuses a whole `SUBSCRIBE` for one
+//! channel it refuses: one channel took every other down with it), and the health check says
+//! so; the right comes back, and the channel is subscribed again without another reconnect.
+//! (The refusal is seen in Redis's count of the connection's subscriptions: fred may drop the
+//! `NOPERM` reply.)
 
 use crate::support::{
     acl_user, connect_admin, delete_stale_users, plain_redis_host, raw, reachable, within,
 };
 use cqrs_core::ports::PubSub;
+use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_core::testing::{eventually, test_id};
 use cqrs_redis::{ConnectionOptions, RedisPubSubOptions};
 use fred::clients::Client;
@@ -60,10 +64,13 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
             let full = format!("cqrs-test:{id}:{channel}");
             let mut sub = pubsub.subscribe(channel).await.unwrap();
             assert_eq!(numsub(&admin, &full).await, Some(1));
+            let other = "sport";
+            let other_full = format!("cqrs-test:{id}:{other}");
+            let mut other_sub = pubsub.subscribe(other).await.unwrap();
 
             // Redis 7 closes a subscribed connection whose user loses the channel; kill it
             // as well, in case this server does not.
-            acl(&["SETUSER", &user, "resetchannels"]).await;
+            acl(&["SETUSER", &user, "resetchannels", &format!("&{other_full}")]).await;
             let _ = raw(
                 &admin,
                 "CLIENT",
@@ -80,6 +87,44 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
             )
             .await;
             assert_eq!(numsub(&admin, &full).await, Some(0));
+            // The other channel is live again, and delivers, while this one is refused.
+            eventually(
+                Duration::from_secs(10),
+                "the allowed channel subscribed again",
+                || {
+                    let (admin, other_full) = (admin.clone(), other_full.clone());
+                    async move { (numsub(&admin, &other_full).await == Some(1)).then_some(()) }
+                },
+            )
+            .await;
+            eventually(
+                Duration::from_secs(10),
+                "a publish on the allowed channel",
+                || {
+                    let pubsub = pubsub.clone();
+                    async move { pubsub.publish(other, "still here".into()).await.ok() }
+                },
+            )
+            .await;
+            let message = tokio::time::timeout(Duration::from_secs(5), other_sub.recv())
+                .await
+                .expect("a message on the allowed channel")
+                .expect("open");
+            assert_eq!(&*message.payload, "still here");
+            eventually(
+                Duration::from_secs(10),
+                "the health check to report the refused channel",
+                || {
+                    let pubsub = pubsub.clone();
+                    async move {
+                        match pubsub.check().await {
+                            Health::Unhealthy(why) if why.contains("refused 1") => Some(()),
+                            _ => None,
+                        }
+                    }
+                },
+            )
+            .await;
 
             acl(&["SETUSER", &user, &channels]).await;
             eventually(
@@ -105,6 +150,11 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
                 .expect("a message after the resubscription")
                 .expect("open");
             assert_eq!(&*message.payload, "after");
+            eventually(Duration::from_secs(10), "healthy again", || {
+                let pubsub = pubsub.clone();
+                async move { (pubsub.check().await == Health::Healthy).then_some(()) }
+            })
+            .await;
         }),
     )
     .await;

@@ -3,7 +3,9 @@
 //! a connection or the host vanishes (no FIN, no RST). Connections opened while it is a black
 //! hole are accepted and forward nothing either; once it forwards again, new connections pass
 //! through, and the black-holed ones stay dead. It can also lose the reply to one command:
-//! the connection that sends it forwards it to Redis, which runs it, and then goes dead.
+//! the connection that sends it forwards it to Redis, which runs it, and then goes dead. And
+//! it can hold Redis's replies back for a while (commands still go through), and tell what
+//! the clients sent.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +27,11 @@ struct State {
     black_hole: AtomicBool,
     /// An argument (as sent: `\r\nWORD\r\n`) of the command whose reply is to be lost, once.
     trap: Mutex<Option<Vec<u8>>>,
+    /// Replies are held back (not forwarded to the clients) while set.
+    hold: AtomicBool,
+    released: tokio::sync::Notify,
+    /// Everything the clients sent through the proxy.
+    sent: Mutex<Vec<u8>>,
     /// Per connection accepted: whether it is dead (forwards nothing, for good).
     connections: Mutex<Vec<Arc<AtomicBool>>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
@@ -67,7 +74,7 @@ impl Proxy {
                                 dead.clone(),
                                 Some(&*shared)
                             ),
-                            pump(server_read, Some(client_write), dead, None),
+                            pump_replies(server_read, client_write, dead, &shared),
                         );
                     });
                     state.pumps.lock().unwrap().push(pump);
@@ -114,6 +121,22 @@ impl Proxy {
         self.state.connections.lock().unwrap().len()
     }
 
+    /// Redis's replies wait in the proxy until [`release_replies`](Self::release_replies).
+    pub(crate) fn hold_replies(&self) {
+        self.state.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards the replies held back, and those after them.
+    pub(crate) fn release_replies(&self) {
+        self.state.hold.store(false, Ordering::SeqCst);
+        self.state.released.notify_waiters();
+    }
+
+    /// Everything the clients sent through the proxy so far.
+    pub(crate) fn sent(&self) -> Vec<u8> {
+        self.state.sent.lock().unwrap().clone()
+    }
+
     /// New connections pass through again; the dead ones stay dead.
     pub(crate) fn forward(&self) {
         self.state.black_hole.store(false, Ordering::SeqCst);
@@ -154,6 +177,7 @@ async fn pump(
             continue;
         }
         if let Some(state) = trap {
+            state.sent.lock().unwrap().extend_from_slice(&buffer[..n]);
             let mut armed = state.trap.lock().unwrap();
             let sprung = armed
                 .as_ref()
@@ -181,4 +205,60 @@ async fn pump(
         // Closed by the peer after the connection died: the other side hears nothing of it.
         std::future::pending::<()>().await;
     }
+}
+
+/// [`pump`] from Redis to a client, holding the replies back while the proxy holds them.
+async fn pump_replies(
+    from: OwnedReadHalf,
+    to: OwnedWriteHalf,
+    dead: Arc<AtomicBool>,
+    state: &State,
+) {
+    let (held, mut to_held) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let forward = async move {
+        while let Some(chunk) = to_held.recv().await {
+            loop {
+                let released = state.released.notified();
+                if !state.hold.load(Ordering::SeqCst) {
+                    break;
+                }
+                released.await;
+            }
+            let mut written = 0;
+            while written < chunk.len() {
+                if to.writable().await.is_err() {
+                    return;
+                }
+                match to.try_write(&chunk[written..]) {
+                    Ok(k) => written += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    let read = async move {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            if from.readable().await.is_err() {
+                break;
+            }
+            let n = match from.try_read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            };
+            if dead.load(Ordering::SeqCst) {
+                continue;
+            }
+            if held.send(buffer[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+        if dead.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::join!(read, forward);
 }

@@ -1,10 +1,12 @@
 //! With its server stopped, publishing fails fast with `Unavailable` (the outbox relay
-//! retries); when a server is back on the address (empty: no persistence), the consumer
-//! recreates its group and handles what is published then. Runs its own `redis-server`.
+//! retries), and so does a pub/sub subscribe to a new channel (it waited a whole command
+//! timeout, behind every other channel's, and then said `Timeout`); when a server is back on
+//! the address (empty: no persistence), the consumer recreates its group and handles what is
+//! published then, and subscribing works again. Runs its own `redis-server`.
 
 use crate::support::{consumer_options, event, publish_until_ok, within};
-use cqrs_core::ports::{EventTransport, TransportError};
-use cqrs_redis::{ConnectionOptions, RedisStreamOptions};
+use cqrs_core::ports::{EventTransport, PubSub, TransportError};
+use cqrs_redis::{ConnectionOptions, RedisPubSubOptions, RedisStreamOptions};
 use fred::interfaces::ClientLike;
 use fred::prelude::{Builder, Config};
 use fred::types::{ClusterHash, CustomCommand, Value};
@@ -194,6 +196,19 @@ async fn publish_fails_fast_while_redis_is_down_and_consumers_resume() {
             .connect()
             .await
             .expect("connect");
+            let pubsub = RedisPubSubOptions::with_connection(
+                ConnectionOptions::new(server.url())
+                    .command_timeout(Duration::from_millis(500))
+                    .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
+            )
+            .channel_prefix(format!("cqrs-test:{id}"))
+            .connect()
+            .await
+            .expect("connect the pub/sub");
+            let _before = pubsub
+                .subscribe("before")
+                .await
+                .expect("subscribe while up");
             let mut consumer = transport
                 .consumer("events", "g", consumer_options("c"))
                 .await
@@ -262,6 +277,43 @@ async fn publish_fails_fast_while_redis_is_down_and_consumers_resume() {
                     "{result:?}"
                 );
             }
+            // Once fred knows the subscriber connection is gone, each new channel's subscribe
+            // fails at once, not one command timeout after the one before.
+            cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "subscribe to fail with Unavailable",
+                || {
+                    let pubsub = pubsub.clone();
+                    async move {
+                        match pubsub.subscribe("probe").await {
+                            Err(TransportError::Unavailable { .. }) => Some(()),
+                            Err(TransportError::Timeout { .. }) => None,
+                            other => {
+                                panic!("a retryable error while the server is down, got {other:?}")
+                            }
+                        }
+                    }
+                },
+            )
+            .await;
+            let subscribes = async {
+                let (a, b, c, d) = tokio::join!(
+                    pubsub.subscribe("a"),
+                    pubsub.subscribe("b"),
+                    pubsub.subscribe("c"),
+                    pubsub.subscribe("d")
+                );
+                [a, b, c, d]
+            };
+            let results = tokio::time::timeout(Duration::from_millis(400), subscribes)
+                .await
+                .expect("four subscribes fail within one command timeout, together");
+            for result in results {
+                assert!(
+                    matches!(result, Err(TransportError::Unavailable { .. })),
+                    "{result:?}"
+                );
+            }
 
             let log = logs
                 .create(&id, port)
@@ -279,6 +331,15 @@ async fn publish_fails_fast_while_redis_is_down_and_consumers_resume() {
                 || {
                     let done = handled.lock().unwrap().contains(&back.event_id);
                     async move { done.then_some(()) }
+                },
+            )
+            .await;
+            cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "a subscribe once the server is back",
+                || {
+                    let pubsub = pubsub.clone();
+                    async move { pubsub.subscribe("after").await.ok() }
                 },
             )
             .await;
