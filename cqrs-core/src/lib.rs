@@ -6,7 +6,7 @@
 //! through its own bus: [`CommandBus`], [`QueryBus`], [`EventBus`].
 //!
 //! ```
-//! use async_trait::async_trait;
+//! use cqrs_core::async_trait; // re-exported: no dependency of your own needed
 //! use cqrs_core::{Command, CommandBus, CommandContext, CommandHandler, HandlerError, Message};
 //!
 //! struct Greet {

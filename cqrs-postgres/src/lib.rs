@@ -16,10 +16,12 @@
 //! impl CommandHandler<OpenTicket> for OpenTicketHandler {
 //!     async fn handle(&self, cmd: OpenTicket, ctx: &mut CommandContext) -> Result<String, HandlerError> {
 //!         // The command's transaction: the handler's writes, its events and the outbox
-//!         // commit together, or not at all. The application's table is named with its
-//!         // schema (here `cqrs`, beside this crate's tables): nothing sets `search_path`.
+//!         // commit together, or not at all. The application's table (which its own
+//!         // migration creates) is named with its schema (here `cqrs`, beside this crate's
+//!         // tables): nothing sets `search_path`. sqlx as re-exported here, so the versions
+//!         // match.
 //!         let uow = PgUnitOfWork::from_context(ctx)?;
-//!         sqlx::query("INSERT INTO cqrs.tickets (id, title) VALUES ('t1', $1)")
+//!         cqrs_postgres::sqlx::query("INSERT INTO cqrs.tickets (id, title) VALUES ('t1', $1)")
 //!             .bind(&cmd.title)
 //!             .execute(uow.connection().await?)
 //!             .await
