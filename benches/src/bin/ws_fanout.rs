@@ -95,19 +95,49 @@ fn parse_args() -> Result<Args, BoxError> {
             other => return Err(format!("unknown option {other}").into()),
         }
     }
+    let mut problems = Vec::new();
+    if args.connections == 0 {
+        problems.push("--connections must be at least 1");
+    }
+    if !(1..=1_000_000).contains(&args.rate) {
+        problems.push("--rate must be from 1 to 1000000 events a second");
+    }
+    if args.ramp == 0 {
+        problems.push("--ramp must be at least 1 (handshakes in flight at once)");
+    }
+    if args.threads == 0 || args.hub_threads == 0 {
+        problems.push("--threads and --hub-threads must be at least 1");
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; ").into());
+    }
     Ok(args)
 }
 
 fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
     let limit = rlimit::increase_nofile_limit(u64::MAX)?;
+    // Each client holds a socket here, and the hub one per client: short of that the ramp
+    // would stall on accept, with no error.
+    let needed = args.connections as u64 + 64;
+    if !args.serve && limit < needed {
+        return Err(format!(
+            "the open-file limit is {limit} (the hard limit), and {} connections need about \
+             {needed}: raise it (`ulimit -Hn`, or `LimitNOFILE=` for a service) or ask for \
+             fewer connections",
+            args.connections
+        )
+        .into());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
         .build()?;
     if args.serve && args.raw {
+        eprintln!("hub open-file limit: {limit}");
         runtime.block_on(serve_raw(args.payload))
     } else if args.serve {
+        eprintln!("hub open-file limit: {limit}");
         runtime.block_on(serve(args.payload))
     } else {
         eprintln!("open-file limit: {limit}");
@@ -367,6 +397,8 @@ struct Report {
     /// `error` frames, and the first one's code.
     errors: usize,
     first_error: Option<String>,
+    /// Frames neither `event` nor `error` (an unexpected `subscribed`, `unsubscribed`).
+    other: usize,
     /// Why it failed, before or after subscribing.
     failure: Option<String>,
     /// Still waiting for events at the deadline.
@@ -381,6 +413,7 @@ struct Summary {
     malformed: usize,
     errors: usize,
     error_codes: std::collections::BTreeSet<String>,
+    other: usize,
     failed_mid_run: usize,
     timed_out: usize,
 }
@@ -392,6 +425,7 @@ impl Summary {
         self.malformed += report.malformed;
         self.errors += report.errors;
         self.error_codes.extend(report.first_error);
+        self.other += report.other;
         if report.subscribed && report.failure.is_some() {
             self.failed_mid_run += 1;
         }
@@ -447,6 +481,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         .to_owned();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let baseline = rss_kib(pid)?;
+    let kernel_before = kernel_memory();
 
     // Ramp up: every client connects, subscribes, and waits for `subscribed`.
     let url = format!("ws://{addr}/ws?token=bench");
@@ -500,6 +535,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         }));
         if last_progress.elapsed() > Duration::from_millis(250) {
             last_progress = Instant::now();
+            hub_alive(&mut child)?;
             eprint!(
                 "\rsubscribed {}/{}",
                 subscribed.load(Ordering::Relaxed),
@@ -512,6 +548,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     while subscribed.load(Ordering::Relaxed) + ramp_failed.load(Ordering::Relaxed)
         < args.connections
     {
+        hub_alive(&mut child)?;
         eprint!(
             "\rsubscribed {}/{}",
             subscribed.load(Ordering::Relaxed),
@@ -529,6 +566,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = rss_kib(pid)?;
+    let kernel_idle = kernel_memory();
 
     // Publish at the rate, and wait for every client's report.
     eprintln!(
@@ -565,14 +603,21 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     // Every client has its events (or gave up), and none has closed its socket yet: the
     // memory, CPU and stats of the publishing phase, without the teardown.
     let unreported = args.connections - reports;
-    let after = rss_kib(pid)?;
+    // A hub that died meanwhile has no memory or CPU left to read: the deliveries are still
+    // reported below (that is when they matter most).
+    let exited = child.try_wait()?;
+    if let Some(status) = exited {
+        eprintln!("the hub exited while publishing ({status}): its figures are missing below");
+    }
+    let after = rss_kib(pid).ok();
     let elapsed = publishing.elapsed().as_secs_f64();
     let cpu = (
-        cpu_seconds(&pid.to_string())? - cpu_before.0,
+        cpu_seconds(&pid.to_string())
+            .ok()
+            .map(|hub| hub - cpu_before.0),
         cpu_seconds("self")? - cpu_before.1,
     );
-    writeln!(stdin, "stats")?;
-    stdin.flush()?;
+    let _ = writeln!(stdin, "stats").and_then(|()| stdin.flush());
     while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await {
         if line.starts_with("published") {
             println!("{line}");
@@ -591,8 +636,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     {
         eprintln!("some clients were still closing after 30 s");
     }
-    writeln!(stdin, "quit")?;
-    stdin.flush()?;
+    let _ = writeln!(stdin, "quit").and_then(|()| stdin.flush());
     let _ = child.wait();
 
     let all = &mut summary.latencies;
@@ -643,21 +687,81 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         pct(0.99),
         pct(1.0)
     );
+    println!("other frames            {}", summary.other);
+    let hub_cpu = cpu.0.map_or("-".to_owned(), |hub| {
+        format!("{:.0}", 100.0 * hub / elapsed)
+    });
     println!(
-        "CPU while publishing    hub {:.0} %, clients {:.0} % of one core ({elapsed:.1} s)",
-        100.0 * cpu.0 / elapsed,
+        "CPU while publishing    hub {hub_cpu} %, clients {:.0} % of one core ({elapsed:.1} s)",
         100.0 * cpu.1 / elapsed
     );
-    println!("hub RSS KiB             baseline {baseline}, idle {idle}, after publishing {after}");
+    let after_kib = after.map_or("-".to_owned(), |after| after.to_string());
     println!(
-        "hub memory / connection {:.1} KiB idle, {:.1} KiB after publishing",
-        (idle.saturating_sub(baseline)) as f64 / held.max(1) as f64,
-        (after.saturating_sub(baseline)) as f64 / held.max(1) as f64
+        "hub RSS KiB             baseline {baseline}, idle {idle}, after publishing {after_kib}"
     );
+    let per_connection = |kib: u64| (kib.saturating_sub(baseline)) as f64 / held.max(1) as f64;
+    println!(
+        "hub memory / connection {:.1} KiB idle, {} KiB after publishing (user space: the \
+         hub's resident memory)",
+        per_connection(idle),
+        after.map_or("-".to_owned(), |after| format!(
+            "{:.1}",
+            per_connection(after)
+        ))
+    );
+    match (kernel_before, kernel_idle) {
+        (Some(before), Some(idle)) => println!(
+            "kernel memory / pair    {:.1} KiB TCP buffers, {:.1} KiB slab (sockets, their \
+             files and epoll entries), per connection with both of its ends (client and hub \
+             share this kernel); the hub's share is about half",
+            idle.tcp_kib.saturating_sub(before.tcp_kib) as f64 / held.max(1) as f64,
+            idle.slab_kib.saturating_sub(before.slab_kib) as f64 / held.max(1) as f64,
+        ),
+        _ => println!("kernel memory / pair    - (/proc/net/sockstat or /proc/meminfo unreadable)"),
+    }
     Ok(())
 }
 
+/// Fails when the hub process has exited (the ramp would otherwise wait for it for ever).
+fn hub_alive(child: &mut std::process::Child) -> Result<(), BoxError> {
+    match child.try_wait()? {
+        Some(status) => Err(format!("the hub process exited during the ramp ({status})").into()),
+        None => Ok(()),
+    }
+}
+
+/// The kernel's memory for sockets, machine-wide: what connections cost beyond a process's
+/// resident memory.
+#[derive(Clone, Copy)]
+struct KernelMemory {
+    /// TCP buffer memory (`/proc/net/sockstat`, `TCP: ... mem`, in pages).
+    tcp_kib: u64,
+    /// Kernel slab memory (`/proc/meminfo`, `Slab`): socket structures, files, epoll entries.
+    slab_kib: u64,
+}
+
+fn kernel_memory() -> Option<KernelMemory> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    let pages: u64 = loop {
+        if words.next()? == "mem" {
+            break words.next()?.parse().ok()?;
+        }
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let slab = meminfo.lines().find(|l| l.starts_with("Slab:"))?;
+    let slab_kib = slab.split_whitespace().nth(1)?.parse().ok()?;
+    Some(KernelMemory {
+        tcp_kib: pages * 4,
+        slab_kib,
+    })
+}
+
 type Socket = WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// How long a client may take to connect and be subscribed.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// After the last event arrives, how long a client waits for the ones before it: the hub
 /// sends a connection's frames in order, so one still missing then was lost, not late.
@@ -674,10 +778,16 @@ async fn client(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> (Report, Option<Socket>) {
     let mut report = Report::default();
-    let mut ws = match subscribe(url).await {
-        Ok(ws) => ws,
-        Err(error) => {
+    // Bounded: a hub that stopped accepting (out of file descriptors) would hold the ramp.
+    let subscribing = tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe(url)).await;
+    let mut ws = match subscribing {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(error)) => {
             report.failure = Some(error.to_string());
+            return (report, None);
+        }
+        Err(_) => {
+            report.failure = Some(format!("not subscribed within {SUBSCRIBE_TIMEOUT:?}"));
             return (report, None);
         }
     };
@@ -787,7 +897,7 @@ where
                         report.first_error = Some(frame.code.unwrap_or_default());
                     }
                 }
-                Ok(_) => {}
+                Ok(_) => report.other += 1,
                 Err(_) => report.malformed += 1,
             }
             continue;
@@ -848,6 +958,7 @@ mod tests {
             event(1),
             Message::Text(r#"{"type":"error","code":"event_too_large","message":"m"}"#.into()),
             event(9),
+            Message::Text(r#"{"type":"unsubscribed","topic":"bench"}"#.into()),
             Message::Text(r#"{"type":"event","topic":"bench","event":{}}"#.into()),
             event(3),
         ];
@@ -865,6 +976,7 @@ mod tests {
         assert_eq!(report.malformed, 2);
         assert_eq!(report.errors, 1);
         assert_eq!(report.first_error.as_deref(), Some("event_too_large"));
+        assert_eq!(report.other, 1, "an unexpected frame is counted");
         assert!(!report.timed_out);
     }
 
