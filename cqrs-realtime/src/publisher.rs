@@ -184,6 +184,10 @@ impl Publisher {
     }
 }
 
+/// Publishes a command's recorded events as they are handed over. They have no position yet
+/// (the store gives one when it appends), so their pushes carry none: clients cannot resume
+/// from them, and a resume racing one may push it twice. For hubs with an event store, publish
+/// the stored records instead (`docs/realtime.md`, "Publishing").
 #[async_trait]
 impl EventSink for Publisher {
     async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {

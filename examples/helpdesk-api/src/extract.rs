@@ -71,7 +71,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
-                    "the body is larger than the 64 KiB limit",
+                    crate::BODY_TOO_LARGE,
                 )
             }
             other if stalled(&other) => ApiError::new(
@@ -90,13 +90,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
 /// Parses JSON with the contract's error codes.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::unprocessable(
-            "invalid_body",
-            format!("the body does not match the expected shape: {e}"),
-        ),
-        _ => ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}")),
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde quotes what it refused (an unknown field's name, a variant, a string): a
+        // client's 100 KB name must not come back whole.
+        let why = clipped(&e.to_string(), MAX_QUOTED);
+        match e.classify() {
+            serde_json::error::Category::Data => ApiError::unprocessable(
+                "invalid_body",
+                format!("the body does not match the expected shape: {why}"),
+            ),
+            _ => ApiError::bad_request(
+                "malformed_json",
+                format!("the body is not valid JSON: {why}"),
+            ),
+        }
     })
+}
+
+/// How much of a parser's message an error quotes.
+const MAX_QUOTED: usize = 300;
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn clipped(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut)", &text[..end])
 }
 
 /// Path parameters; a malformed one is 400 `invalid_path`.

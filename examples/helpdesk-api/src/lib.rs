@@ -23,6 +23,14 @@ pub use backends::{
     RealtimeFeed, Settings,
 };
 pub use error::{ApiError, ErrorBody};
+
+/// The largest request body the gateway takes: room for the longest valid request (a
+/// 10,000-character description or comment beside a 200-character title) with every character
+/// outside the BMP escaped as JSON encoders may (`\ud83d\ude00`, 12 bytes each), about 123 KB.
+pub const BODY_LIMIT: usize = 128 * 1024;
+
+/// The message of a `payload_too_large` error.
+pub const BODY_TOO_LARGE: &str = "the body is larger than the 128 KiB limit";
 pub use extract::{
     ApiJson, ApiPath, ApiQuery, Authenticated, BodyDeadlineElapsed, ClientAddr, RequestMetadata,
     TrustedProxies, bearer_token,

@@ -118,10 +118,15 @@ impl std::fmt::Debug for Cursors {
 const TAG_LEN: usize = 12;
 
 impl Cursors {
-    /// Cursors signed with `key`.
-    pub fn new(key: &[u8]) -> Self {
+    /// Cursors signed with a key derived from `secret` (the server's token secret): one key
+    /// per purpose, so a cursor's tag is never computed with the key that signs tokens.
+    pub fn new(secret: &[u8]) -> Self {
+        // HMAC takes keys of any length, so this cannot fail.
+        let mut mac =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+        mac.update(b"helpdesk: the key of list cursors");
         Self {
-            key: Arc::from(key),
+            key: Arc::from(&mac.finalize().into_bytes()[..]),
         }
     }
 

@@ -31,7 +31,8 @@ pub trait StatsReader: Send + Sync + 'static {
 
 #[derive(Default)]
 struct State {
-    status: HashMap<Uuid, Status>,
+    /// Each ticket's status and the stream version of the event that set it.
+    status: HashMap<Uuid, (Status, u64)>,
     stats: Stats,
 }
 
@@ -45,16 +46,22 @@ impl State {
         *slot = slot.saturating_add_signed(delta);
     }
 
-    fn apply(&mut self, event: &TicketEvent) {
+    /// Applies `event`, the `version`th of its ticket's stream (`u64::MAX` when unknown). A
+    /// version guard on top of the transport's per-ticket order, as the Postgres projection
+    /// has: an older event never overwrites a newer status, so both backends count alike.
+    fn apply(&mut self, event: &TicketEvent, version: u64) {
         let (id, to) = match event {
             TicketEvent::Opened(e) => (e.ticket_id, Status::Open),
             TicketEvent::Assigned(e) => (e.ticket_id, Status::Assigned),
             TicketEvent::Closed(e) => (e.ticket_id, Status::Closed),
             TicketEvent::Commented(_) => return,
         };
-        if let Some(from) = self.status.insert(id, to) {
-            self.count(from, -1);
+        match self.status.get(&id) {
+            Some(&(_, newer)) if newer >= version => return,
+            Some(&(from, _)) => self.count(from, -1),
+            None => {}
         }
+        self.status.insert(id, (to, version));
         self.count(to, 1);
     }
 }
@@ -84,12 +91,13 @@ impl Projection<InMemoryProjectionStore> for InMemoryStats {
     ) -> Result<(), HandlerError> {
         if let Some(event) = TicketEvent::from_envelope(envelope) {
             let state = self.state.clone();
+            let version = envelope.stream_version().unwrap_or(u64::MAX);
             // Applied when the unit commits, with the inbox entry: exactly once.
             unit.on_commit(move || {
                 state
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .apply(&event)
+                    .apply(&event, version)
             });
         }
         Ok(())
@@ -106,5 +114,52 @@ impl Projection<InMemoryProjectionStore> for InMemoryStats {
 impl StatsReader for InMemoryStats {
     async fn stats(&self) -> Result<Stats, HandlerError> {
         Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{TicketAssigned, TicketClosed, TicketOpened};
+
+    /// An event older than the one that set a ticket's status (redelivered late) changes no
+    /// count, as in the Postgres projection: the backends counted differently.
+    #[test]
+    fn an_older_event_does_not_move_a_ticket_back() {
+        let (ticket_id, reporter_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let opened = TicketEvent::Opened(TicketOpened {
+            ticket_id,
+            reporter_id,
+            title: "t".into(),
+            description: "d".into(),
+            priority: Default::default(),
+        });
+        let assigned = TicketEvent::Assigned(TicketAssigned {
+            ticket_id,
+            reporter_id,
+            assignee_id: Uuid::now_v7(),
+        });
+        let closed = TicketEvent::Closed(TicketClosed {
+            ticket_id,
+            reporter_id,
+            resolution: None,
+        });
+        let mut state = State::default();
+        state.apply(&opened, 1);
+        state.apply(&assigned, 2);
+        state.apply(&closed, 3);
+        let after_close = Stats {
+            open: 0,
+            assigned: 0,
+            closed: 1,
+        };
+        assert_eq!(state.stats, after_close);
+        state.apply(&assigned, 2);
+        state.apply(&opened, 1);
+        state.apply(&closed, 3);
+        assert_eq!(
+            state.stats, after_close,
+            "late and repeated events change nothing"
+        );
     }
 }

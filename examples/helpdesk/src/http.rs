@@ -23,8 +23,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-/// The largest request body.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub use helpdesk_api::BODY_LIMIT;
 
 /// What the gateway's own routes need.
 #[derive(Clone)]
@@ -320,10 +319,7 @@ async fn json_errors(
         return response;
     }
     let (code, message) = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => (
-            "payload_too_large",
-            "the body is larger than the 64 KiB limit",
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", helpdesk_api::BODY_TOO_LARGE),
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
             return with_parts(response, ApiError::timeout(takes_a_key));
         }

@@ -32,7 +32,7 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             // The server answers before reading the body, then drops the connection: keep it
             // out of the client's pool, or the next request may go out on it and fail.
             .header("connection", "close")
-            .body(vec![b' '; 70 * 1024])
+            .body(vec![b' '; helpdesk::BODY_LIMIT + 1024])
             .send()
             .await
             .unwrap();

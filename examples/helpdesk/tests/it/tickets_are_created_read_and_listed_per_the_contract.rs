@@ -86,6 +86,28 @@ async fn invalid_tickets_are_refused() {
             StatusCode::CREATED,
             "the limits themselves are accepted"
         );
+        // The limits in characters outside the BMP, each escaped as a client's JSON encoder
+        // may (`\ud83d\ude00`, 12 bytes): a valid ticket of about 123 KB, which the 64 KiB
+        // body limit refused with 413.
+        let emoji = |n: usize| "\\ud83d\\ude00".repeat(n);
+        let escaped = format!(
+            r#"{{"title":"{}","description":"{}"}}"#,
+            emoji(200),
+            emoji(10_000)
+        );
+        let r = reqwest::Client::new()
+            .post(s.url("/tickets"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(escaped)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "the limits in escaped astral characters are accepted"
+        );
         s.stop().await;
     })
     .await;
