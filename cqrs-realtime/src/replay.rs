@@ -307,10 +307,14 @@ fn replay_frame<P: Send + Sync + 'static>(
     topic: &Topic,
     record: &EventRecord,
 ) -> Option<Utf8Bytes> {
-    let routed = hub.routing.route(record)?;
+    let mut routed = hub.routing.route(record)?;
     if !routed.topics().contains(topic) {
         return None;
     }
+    // As the publisher sends it on the subscription's channel: with the topics of that channel
+    // only, so the authorizer decides on the event it sees live.
+    let channel = hub.routing.channel(topic);
+    routed.retain_topics(|t| hub.routing.channel(t) == channel);
     let event = match PushedEvent::new(routed, record.position) {
         Ok(event) => event,
         Err(error) => {

@@ -99,6 +99,11 @@ impl Routed {
     pub fn topics(&self) -> &[Topic] {
         &self.topics
     }
+
+    /// Keeps the topics `keep` says yes to.
+    pub(crate) fn retain_topics(&mut self, keep: impl FnMut(&Topic) -> bool) {
+        self.topics.retain(keep);
+    }
 }
 
 /// An event as the hub pushes it: what the authorizer sees for each subscriber.
