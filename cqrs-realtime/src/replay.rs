@@ -41,6 +41,7 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         sent: 0,
         flushed: BTreeSet::new(),
         since_in_log: since == Position::START,
+        read_back_to: None,
     };
     let failure = loop {
         match replay.read_up().await {
@@ -66,6 +67,9 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
     };
     hub.metrics.replayed(replay.sent);
     if let Some(message) = failure {
+        // Live events dropped from the full buffer that the failed read did not get back are
+        // lost: marked again, so the flush below tells the client where.
+        replay.mark_unread_drops();
         let frame = ServerFrame::error(ErrorCode::ResumeFailed, message, Some(topic.as_str()));
         if replay.sender.send(Utf8Bytes::from(frame.to_json())).await {
             replay.flush(false).await;
@@ -110,6 +114,9 @@ struct Replay<'a, P> {
     flushed: BTreeSet<Position>,
     /// A read showed that `since` is in the log (an event follows it, or is at it).
     since_in_log: bool,
+    /// The highest position of a live event dropped from the full buffer that a read is to
+    /// get back from the store.
+    read_back_to: Option<Position>,
 }
 
 impl<P: Send + Sync + 'static> Replay<'_, P> {
@@ -157,7 +164,8 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 // published: read on until the cursor passes the last of them. Each further
                 // read returns at least that one, so this ends (or hits the limit).
                 let behind = {
-                    let mut buffer = self.slot.lock();
+                    let slot = self.slot;
+                    let mut buffer = slot.lock();
                     let cursor = self.cursor;
                     buffer.frames.retain(|(p, _)| p.is_none_or(|p| p > cursor));
                     self.dropped_above_cursor(&mut buffer)
@@ -210,9 +218,25 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     }
 
     /// Whether live events above the cursor were dropped from the full buffer since the
-    /// last look (then the store must be read again); resets the mark.
-    fn dropped_above_cursor(&self, buffer: &mut ReplayBuffer) -> bool {
-        buffer.dropped.take().is_some_and(|p| p > self.cursor)
+    /// last look (then the store must be read again); resets the mark, remembering it until a
+    /// read passes it.
+    fn dropped_above_cursor(&mut self, buffer: &mut ReplayBuffer) -> bool {
+        match buffer.dropped.take() {
+            Some(dropped) if dropped > self.cursor => {
+                self.read_back_to = self.read_back_to.max(Some(dropped));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the buffer again with the drops no read has got back (after a failed read), so
+    /// the flush without read-back tells `events_missed` for them.
+    fn mark_unread_drops(&mut self) {
+        if let Some(dropped) = self.read_back_to.filter(|p| *p > self.cursor) {
+            let mut buffer = self.slot.lock();
+            buffer.dropped = buffer.dropped.max(Some(dropped));
+        }
     }
 
     /// The seam. Held events are sent in batches without the lock (sending may wait for the
@@ -234,7 +258,8 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     async fn flush(&mut self, read_back: bool) -> Flush {
         for round in 1.. {
             let (held, overflowed, lost) = {
-                let mut buffer = self.slot.lock();
+                let slot = self.slot;
+                let mut buffer = slot.lock();
                 let overflowed = read_back && self.dropped_above_cursor(&mut buffer);
                 let lost = !read_back && self.dropped_above_cursor(&mut buffer);
                 if buffer.frames.is_empty() && !overflowed && !lost {
@@ -717,6 +742,51 @@ mod tests {
         assert_eq!(f.slot.lock().dropped, stored[7].position);
         assert_eq!(f.drain(replay).await, [1, 2, 3, 4, 5, 6, 7, 8]);
         f.assert_live().await;
+    }
+
+    /// As above, but the read that would get the dropped event back fails: the client is told
+    /// `resume_failed`, then `events_missed` for the one dropped.
+    /// The drop's mark was taken by the seam that asked for the read back, so nothing told
+    /// the client of it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drop_whose_read_back_fails_is_told() {
+        let f = Fixture::new(HubOptions::new().replay_batch(100), 4, 2);
+        f.store.visible.store(3, Ordering::SeqCst);
+        let mut stored = Vec::new();
+        for n in 1..=5 {
+            stored.push(f.store(n).await);
+        }
+        f.publish(&stored[3]);
+        f.publish(&stored[4]);
+        let replay = f.replay(0);
+        until("the seam to take the held events", || {
+            f.slot.lock().frames.is_empty()
+        })
+        .await;
+        f.store.visible.store(u64::MAX, Ordering::SeqCst);
+        for n in 6..=8 {
+            stored.push(f.store(n).await);
+        }
+        for record in &stored[5..] {
+            f.publish(record);
+        }
+        assert_eq!(f.slot.lock().dropped, stored[7].position);
+        // The read back, the next read, fails.
+        f.store.failing.store(1, Ordering::SeqCst);
+        assert_eq!(
+            f.drain_all(replay).await,
+            [
+                "1",
+                "2",
+                "3",
+                "4",
+                "5",
+                "6",
+                "7",
+                "resume_failed",
+                "events_missed"
+            ]
+        );
     }
 
     /// A live event without a position is dropped from the full hold buffer: it cannot be
