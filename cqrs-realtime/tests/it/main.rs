@@ -3,6 +3,7 @@
 mod support;
 
 mod a_burst_of_client_frames_is_answered_in_full;
+mod a_client_gone_during_its_replay_leaves_nothing_behind;
 mod a_client_subscribes_receives_and_unsubscribes;
 mod a_handshake_that_outlasts_the_shutdown_is_refused_with_503;
 mod a_handshake_without_a_valid_token_is_refused_with_401;
