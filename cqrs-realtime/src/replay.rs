@@ -710,11 +710,10 @@ mod tests {
         );
     }
 
-    /// Live events overflow the hold buffer while the held ones are being flushed at the
-    /// seam (the replay waits there for room in the send queue): the dropped ones are read
-    /// back from the store, and every event arrives once, in order.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_overflow_during_the_seam_is_read_back() {
+    /// A replay at its seam with a live event dropped from the full hold buffer: 1-3 read, 4
+    /// and 5 held and taken by the seam, which waits for room (1-3 fill the queue, nothing
+    /// drains it), while 6 and 7 are held and 8 is dropped.
+    async fn overflowing_seam() -> (Fixture, JoinHandle<()>) {
         // Four frames: the replay waits for two free slots once it has used its share.
         let f = Fixture::new(HubOptions::new().replay_batch(100), 4, 2);
         // 1-3 are read; 4 and 5 are stored after the read and published: held.
@@ -726,7 +725,6 @@ mod tests {
         f.publish(&stored[3]);
         f.publish(&stored[4]);
         let replay = f.replay(0);
-        // The seam took 4 and 5 and waits for room: 1-3 fill the queue, nothing drains it.
         until("the seam to take the held events", || {
             f.slot.lock().frames.is_empty()
         })
@@ -740,53 +738,40 @@ mod tests {
             f.publish(record);
         }
         assert_eq!(f.slot.lock().dropped, stored[7].position);
+        (f, replay)
+    }
+
+    /// Live events overflow the hold buffer while the held ones are being flushed at the
+    /// seam (the replay waits there for room in the send queue): the dropped ones are read
+    /// back from the store, and every event arrives once, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_overflow_during_the_seam_is_read_back() {
+        let (f, replay) = overflowing_seam().await;
         assert_eq!(f.drain(replay).await, [1, 2, 3, 4, 5, 6, 7, 8]);
         f.assert_live().await;
     }
 
     /// As above, but the read that would get the dropped event back fails: the client is told
-    /// `resume_failed`, then `events_missed` for the one dropped.
-    /// The drop's mark was taken by the seam that asked for the read back, so nothing told
-    /// the client of it.
+    /// `resume_failed`, then `events_missed` for the one dropped. The drop's mark was taken
+    /// by the seam that asked for the read back, so nothing told the client of it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_drop_whose_read_back_fails_is_told() {
-        let f = Fixture::new(HubOptions::new().replay_batch(100), 4, 2);
-        f.store.visible.store(3, Ordering::SeqCst);
-        let mut stored = Vec::new();
-        for n in 1..=5 {
-            stored.push(f.store(n).await);
-        }
-        f.publish(&stored[3]);
-        f.publish(&stored[4]);
-        let replay = f.replay(0);
-        until("the seam to take the held events", || {
-            f.slot.lock().frames.is_empty()
-        })
-        .await;
-        f.store.visible.store(u64::MAX, Ordering::SeqCst);
-        for n in 6..=8 {
-            stored.push(f.store(n).await);
-        }
-        for record in &stored[5..] {
-            f.publish(record);
-        }
-        assert_eq!(f.slot.lock().dropped, stored[7].position);
+        let (f, replay) = overflowing_seam().await;
         // The read back, the next read, fails.
         f.store.failing.store(1, Ordering::SeqCst);
-        assert_eq!(
-            f.drain_all(replay).await,
-            [
-                "1",
-                "2",
-                "3",
-                "4",
-                "5",
-                "6",
-                "7",
-                "resume_failed",
-                "events_missed"
-            ]
-        );
+        let frames = f.drain_all(replay).await;
+        let expected = [
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+            "resume_failed",
+            "events_missed",
+        ];
+        assert_eq!(frames, expected);
     }
 
     /// A live event without a position is dropped from the full hold buffer: it cannot be

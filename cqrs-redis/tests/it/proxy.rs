@@ -189,16 +189,8 @@ async fn pump(
             }
         }
         let Some(to) = to.as_mut() else { continue };
-        let mut written = 0;
-        while written < n {
-            if to.writable().await.is_err() {
-                break 'copy;
-            }
-            match to.try_write(&buffer[written..n]) {
-                Ok(k) => written += k,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => break 'copy,
-            }
+        if !write_all(to, &buffer[..n]).await {
+            break 'copy;
         }
     }
     if dead.load(Ordering::SeqCst) {
@@ -224,16 +216,8 @@ async fn pump_replies(
                 }
                 released.await;
             }
-            let mut written = 0;
-            while written < chunk.len() {
-                if to.writable().await.is_err() {
-                    return;
-                }
-                match to.try_write(&chunk[written..]) {
-                    Ok(k) => written += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
-                }
+            if !write_all(&to, &chunk).await {
+                return;
             }
         }
     };
@@ -261,4 +245,20 @@ async fn pump_replies(
         }
     };
     tokio::join!(read, forward);
+}
+
+/// Writes all of `bytes`; false once the socket fails.
+async fn write_all(to: &OwnedWriteHalf, bytes: &[u8]) -> bool {
+    let mut written = 0;
+    while written < bytes.len() {
+        if to.writable().await.is_err() {
+            return false;
+        }
+        match to.try_write(&bytes[written..]) {
+            Ok(k) => written += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
