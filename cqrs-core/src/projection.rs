@@ -1184,7 +1184,9 @@ enum Outcome {
 /// the redelivery delay is not handed out again elsewhere.
 /// Deliveries already fetched are finished and acknowledged even when shutdown comes. A
 /// retried delivery is logged and marks the worker degraded until the next batch that
-/// succeeds.
+/// succeeds, or, for a consumer that reports its
+/// [`redelivery_delay`](Consumer::redelivery_delay), until twice that passed with nothing to
+/// fetch (the delivery was dead-lettered or handled elsewhere: it will not come back).
 ///
 /// A batch that runs longer than [`ConsumeLoop::stall_after`] marks the worker unhealthy,
 /// naming how long it has been running, until it ends. A handler that runs longer than
@@ -1228,12 +1230,26 @@ where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
 {
+    // When a batch last left the worker degraded.
+    let mut degraded_at: Option<tokio::time::Instant> = None;
     while !ctx.shutdown.is_requested() {
         let deliveries = tokio::select! {
             d = consumer.fetch(options.batch.max(1)) => d?,
             _ = ctx.shutdown.requested() => break,
         };
         if deliveries.is_empty() {
+            // A failed delivery comes back within the redelivery delay; one that has not in
+            // twice that was dead-lettered or handled elsewhere: the failure is over. (On an
+            // idle topic no batch would ever come to say so.)
+            let over = |at: tokio::time::Instant| {
+                consumer
+                    .redelivery_delay()
+                    .is_some_and(|delay| at.elapsed() >= delay.saturating_mul(2))
+            };
+            if degraded_at.is_some_and(over) {
+                degraded_at = None;
+                ctx.health.set(Health::Healthy);
+            }
             // A fetch that returns at once when there is nothing (`block` of zero) must not
             // keep the other tasks of this thread, the shutdown among them, from running.
             tokio::task::yield_now().await;
@@ -1278,22 +1294,33 @@ where
                 }
             }
         }
+        // Every answer is tried, the first error returned after: a failed ack must not keep
+        // the deferred deliveries from being handed back without an attempt (they would come
+        // back by timeout, each counted as one, towards the dead letters).
+        let mut answered = Ok(());
         if !done.is_empty() {
-            consumer.ack(&done).await?;
+            answered = answered.and(consumer.ack(&done).await);
         }
         for (id, reason) in &failed {
-            consumer.nack_with_reason(id, reason).await?;
+            answered = answered.and(consumer.nack_with_reason(id, reason).await);
         }
         if !skipped.is_empty() {
-            consumer.defer(&skipped).await?;
+            answered = answered.and(consumer.defer(&skipped).await);
         }
+        answered?;
         match failed
             .first()
             .map(|(_, reason)| reason)
             .or(waiting.as_ref())
         {
-            Some(reason) => ctx.health.set(Health::Degraded(reason.clone())),
-            None => ctx.health.set(Health::Healthy),
+            Some(reason) => {
+                degraded_at = Some(tokio::time::Instant::now());
+                ctx.health.set(Health::Degraded(reason.clone()));
+            }
+            None => {
+                degraded_at = None;
+                ctx.health.set(Health::Healthy);
+            }
         }
     }
     Ok(())

@@ -1304,6 +1304,10 @@ impl Consumer for RedisConsumer {
         Some(self.options.redelivery_delay / 3)
     }
 
+    fn redelivery_delay(&self) -> Option<Duration> {
+        Some(self.options.redelivery_delay)
+    }
+
     /// Releases the entries held back at once, like [`RedisConsumer::close`]; the consumer
     /// stays usable (a later fetch reads on).
     async fn close(&mut self) -> Result<(), TransportError> {

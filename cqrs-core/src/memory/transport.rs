@@ -513,4 +513,8 @@ impl Consumer for InMemoryConsumer {
     fn keep_alive_interval(&self) -> Option<Duration> {
         Some(self.options.redelivery_delay / 3)
     }
+
+    fn redelivery_delay(&self) -> Option<Duration> {
+        Some(self.options.redelivery_delay)
+    }
 }

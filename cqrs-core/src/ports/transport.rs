@@ -363,6 +363,16 @@ pub trait Consumer: Send + Sync + 'static {
         None
     }
 
+    /// How long a delivery handed out and not acknowledged (or nacked) waits before it is
+    /// handed out again. `None` (the default) for transports that do not redeliver by time.
+    /// [`consume_until_shutdown`](crate::projection::consume_until_shutdown) uses it to tell
+    /// when a failed delivery can no longer come back (it was dead-lettered, or handled
+    /// elsewhere), and reports the worker healthy again; without it, only a batch that
+    /// succeeds does.
+    fn redelivery_delay(&self) -> Option<Duration> {
+        None
+    }
+
     /// Leaves the group cleanly at shutdown: releases what this consumer read but never
     /// handed out (messages held back behind an earlier one of their key, or read by a fetch
     /// that was cancelled), so other consumers take them at once. Messages handed out and not

@@ -359,3 +359,38 @@ fn a_loop_that_fails_closes_its_consumer() {
         assert_eq!(closed.load(Ordering::SeqCst), 1);
     });
 }
+
+/// An ack that fails does not keep the batch's other answers from going out: the failed
+/// delivery is nacked and the rest of its chain deferred (no attempt counted), and the loop
+/// then ends with the ack's error. They were skipped, so the deferred deliveries came back
+/// by timeout, each counted as an attempt.
+#[test]
+fn a_failed_ack_still_sends_the_nacks_and_defers() {
+    run(async {
+        let batch = vec![
+            delivery("a1", Some("a")),
+            delivery("b1", Some("b")),
+            delivery("b2", Some("b")),
+        ];
+        let (mut consumer, ctx, (_, nacked, deferred)) = scripted(vec![batch]);
+        consumer.ack_fails = true;
+        let result = consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |d| {
+            let name = d.id.0.clone();
+            async move {
+                if name == "b1" {
+                    Handled::Retry("b1 broke".into())
+                } else {
+                    Handled::Done
+                }
+            }
+        })
+        .await;
+        assert!(
+            matches!(result, Err(TransportError::Unavailable { .. })),
+            "{result:?}"
+        );
+        let nacked: Vec<String> = nacked.lock().unwrap().iter().map(|n| n.0.clone()).collect();
+        assert_eq!(nacked, ["b1"]);
+        assert_eq!(*deferred.lock().unwrap(), ["b2"]);
+    });
+}

@@ -6,6 +6,7 @@ mod fixtures;
 
 mod a_command_has_exactly_one_handler;
 mod a_consume_loop_handles_keys_in_parallel_and_each_key_in_order;
+mod a_consumer_degraded_by_a_dead_lettered_event_recovers;
 mod a_hung_handler_is_reported_and_can_be_cut_off;
 mod a_panicking_handler_fails_only_its_own_message;
 mod a_panicking_layer_fails_only_its_own_dispatch;
