@@ -179,10 +179,17 @@ impl PgCommandExecutor {
         };
         let response = respond(&executed.output);
         uow.set_response(response.clone());
-        uow.commit().await.map_err(store_failure)?;
-        // As `dispatch` does (`execute_with_extensions` leaves it to the caller): after the
-        // commit, the events the layer kept go to the bus's sink. They are also returned.
-        self.bus.sink_events(executed.events.clone()).await?;
+        // In a task of its own, as the layer commits: the handler succeeded, so the commit
+        // finishes, and the events the layer kept reach the bus's sink (as `dispatch` hands
+        // them on), even if the caller stops waiting (a timeout, a client gone). They are
+        // also returned.
+        let (bus, events) = (self.bus.clone(), executed.events.clone());
+        tokio::spawn(async move {
+            uow.commit().await.map_err(store_failure)?;
+            bus.sink_events(events).await
+        })
+        .await
+        .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))??;
         Ok(Idempotent::Executed {
             output: executed.output,
             response,

@@ -81,3 +81,63 @@ pg_test! {
         }
     }
 }
+
+/// Holds each `accept` until released, after saying it was entered; then keeps the events'
+/// partition keys.
+#[derive(Default)]
+struct Held {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    events: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl EventSink for Held {
+    async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        let mut seen = self.events.lock().unwrap();
+        seen.extend(
+            events
+                .iter()
+                .map(|e| e.partition_key().unwrap_or_default().to_owned()),
+        );
+        Ok(())
+    }
+}
+
+pg_test! {
+    /// A caller of `execute_idempotent` that stops waiting once the command committed (a
+    /// timeout, a client gone) does not take the kept events away from the sink: the commit
+    /// and the hand-over finish in a task of their own, as the layer's commit does. They ran
+    /// on the caller's task, so the sink's `accept` was dropped half-way.
+    async fn kept_events_reach_the_sink_when_the_caller_stops_waiting(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let sink = Arc::new(Held::default());
+        let bus = CommandBus::builder()
+            .layer(db.command_layer().keep_events(true))
+            .handler(OpenTicketHandler::default())
+            .event_sink(sink.clone())
+            .build()
+            .unwrap();
+        let executor = PgCommandExecutor::new(bus, db.clone());
+        let key = IdempotencyKey::new("POST /tickets", "gone", "fp", Duration::from_secs(60));
+        let execute = executor.execute_idempotent(
+            &key,
+            OpenTicket::new("gone", Then::Succeed),
+            Metadata::new(),
+            respond,
+        );
+        tokio::select! {
+            done = execute => panic!("the sink holds the command: {done:?}"),
+            () = sink.entered.notified() => {}
+        }
+        // The caller gave up (its future is dropped); the sink is released.
+        sink.release.notify_one();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event in the sink", || {
+            let seen = sink.events.lock().unwrap().clone();
+            async move { (seen == ["gone"]).then_some(()) }
+        })
+        .await;
+    }
+}
