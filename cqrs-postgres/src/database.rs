@@ -125,7 +125,7 @@ impl PgDatabase {
     ///
     /// ```no_run
     /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), cqrs_core::ports::StoreError> {
-    /// let open: i64 = sqlx::query_scalar("SELECT count(*) FROM tickets")
+    /// let open: i64 = cqrs_postgres::sqlx::query_scalar("SELECT count(*) FROM app.tickets")
     ///     .fetch_one(db.pool())
     ///     .await
     ///     .map_err(|e| db.store_error(e))?;
@@ -281,7 +281,8 @@ impl HealthCheck for PgDatabase {
         let deadline = tokio::time::Instant::now() + BUDGET;
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Health::Unhealthy(format!("postgres: {}", self.store_error(e))),
+            // The error names the server ("postgres is unavailable: no connection to ...").
+            Ok(Err(e)) => return Health::Unhealthy(self.store_error(e).to_string()),
             Err(_) => {
                 let max = self.pool.options().get_max_connections();
                 return if self.pool.size() >= max && self.pool.num_idle() == 0 {
@@ -300,7 +301,7 @@ impl HealthCheck for PgDatabase {
         let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn);
         match tokio::time::timeout_at(deadline, ping).await {
             Ok(Ok(_)) => Health::Healthy,
-            Ok(Err(e)) => Health::Unhealthy(format!("postgres: {}", store_error(e))),
+            Ok(Err(e)) => Health::Unhealthy(store_error(e).to_string()),
             Err(_) => Health::Unhealthy("postgres did not answer within 2 s".to_owned()),
         }
     }

@@ -126,13 +126,15 @@ pub(crate) fn pool_error(error: sqlx::Error, pool: &sqlx::PgPool, target: &str) 
     }
     let options = pool.options();
     let (max, size, idle) = (options.get_max_connections(), pool.size(), pool.num_idle());
+    // sqlx counts connections being opened in `size`: a full pool may be one whose every
+    // slot waits on a server that does not answer, so that case gives both pieces of advice.
     let (state, advice) = if size >= max && idle == 0 {
         (
-            format!("all {max} of the pool's connections were in use"),
-            "the server answers, but the load needs more connections than the pool has, or \
+            format!("all {max} of the pool's connections were in use or being opened"),
+            "if the server answers, the load needs more connections than the pool has, or \
              some are held for long (long transactions: see pg_stat_activity): raise the \
              pool's max_connections (within the server's) or its acquire_timeout, or shorten \
-             what holds them",
+             what holds them; if it does not, check that it runs there and is reachable",
         )
     } else {
         (

@@ -50,8 +50,8 @@ pub(crate) async fn begin(
 }
 
 /// Runs a purge statement that deletes at most [`PURGE_BATCH`] rows until one deletes fewer,
-/// and returns how many it deleted in all, with `db`'s errors. Each statement commits on its own, so an error
-/// (a `statement_timeout`) keeps what the earlier batches deleted.
+/// and returns how many it deleted in all, with `db`'s errors. Each statement commits on its
+/// own, so an error (a `statement_timeout`) keeps what the earlier batches deleted.
 pub(crate) async fn purge_in_batches<F, Fut>(
     db: &crate::PgDatabase,
     mut batch: F,

@@ -259,13 +259,14 @@ impl RedisPubSubOptions {
                 }
                 // Every channel, also on a retry: subscribing again to a live one is harmless.
                 let outcome = resubscribe(&client, &checker, &full, &channels).await;
-                refused.store(
-                    match &outcome {
-                        Err(Resubscribe::Refused { held, .. }) => channels.len() - held,
-                        _ => 0,
-                    },
-                    Ordering::Relaxed,
-                );
+                // A connection that failed meanwhile says nothing new about refusals.
+                match &outcome {
+                    Ok(()) => refused.store(0, Ordering::Relaxed),
+                    Err(Resubscribe::Refused { held, of }) => {
+                        refused.store(of - held, Ordering::Relaxed);
+                    }
+                    Err(Resubscribe::Failed(_)) => {}
+                }
                 match outcome {
                     Ok(()) => {
                         failures = 0;
@@ -463,34 +464,42 @@ async fn resubscribe(
     let all = names(prefix, channels);
     let of = all.len();
     match confirmed_subscribe(client, all.clone()).await {
-        Ok(()) => match held_all(client, checker, of).await {
+        Ok(()) => match held_all(client, checker, of, 0).await {
             Ok(()) => return Ok(()),
             Err(refused) if of == 1 => return Err(refused),
             Err(_) => {}
         },
         // The refusal came back as the PING's reply.
-        Err(e) if is_refusal(&e) && of > 1 => {}
+        Err(e) if is_refusal(&e) && of == 1 => return held_all(client, checker, 1, 1).await,
+        Err(e) if is_refusal(&e) => {}
         Err(e) => return Err(Resubscribe::Failed(e)),
     }
+    let mut refusals = 0;
     for name in all {
         match confirmed_subscribe(client, vec![name]).await {
             Ok(()) => {}
-            Err(e) if is_refusal(&e) => {}
+            Err(e) if is_refusal(&e) => refusals += 1,
             Err(e) => return Err(Resubscribe::Failed(e)),
         }
     }
-    held_all(client, checker, of).await
+    held_all(client, checker, of, refusals).await
 }
 
-/// Whether Redis holds `of` subscriptions for the connection (or cannot tell).
+/// Whether Redis holds `of` subscriptions for the connection, by its own count; when it
+/// cannot tell (the user may not run `CLIENT LIST`), by the `refusals` seen.
 async fn held_all(
     client: &SubscriberClient,
     checker: &Client,
     of: usize,
+    refusals: usize,
 ) -> Result<(), Resubscribe> {
-    match subscription_count(checker, client).await {
-        Some(held) if held < of => Err(Resubscribe::Refused { held, of }),
-        _ => Ok(()),
+    let held = subscription_count(checker, client)
+        .await
+        .unwrap_or(of.saturating_sub(refusals));
+    if held < of {
+        Err(Resubscribe::Refused { held, of })
+    } else {
+        Ok(())
     }
 }
 
@@ -530,8 +539,9 @@ fn retry_delay(min: Duration, max: Duration, failures: u32) -> Duration {
 
 #[async_trait]
 impl HealthCheck for RedisPubSub {
-    /// Healthy while both connections are up. Pub/sub is at-most-once, so a runtime usually
-    /// registers this check as not critical.
+    /// Healthy while both connections are up and Redis took every channel at the last
+    /// resubscription (unhealthy while it refuses some, naming how many). Pub/sub is
+    /// at-most-once, so a runtime usually registers this check as not critical.
     async fn check(&self) -> Health {
         if !(self.inner.publisher.is_connected() && self.inner.subscriber.is_connected()) {
             return Health::Unhealthy("redis pub/sub is reconnecting".into());

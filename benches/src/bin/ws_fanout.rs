@@ -753,6 +753,7 @@ fn kernel_memory() -> Option<KernelMemory> {
     let slab = meminfo.lines().find(|l| l.starts_with("Slab:"))?;
     let slab_kib = slab.split_whitespace().nth(1)?.parse().ok()?;
     Some(KernelMemory {
+        // 4 KiB pages (x86-64, most arm64 kernels): a 16 or 64 KiB page kernel reads low.
         tcp_kib: pages * 4,
         slab_kib,
     })

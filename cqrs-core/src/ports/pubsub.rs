@@ -208,7 +208,7 @@ impl Fanout {
         F: Future<Output = Result<(), TransportError>>,
     {
         let channel: Arc<str> = Arc::from(channel);
-        let (live, receiver, channel_lost) = {
+        let (live, receiver, channel_lost, channel_lost_before) = {
             // A std mutex: nothing awaits while it is held.
             let mut channels = self
                 .inner
@@ -225,10 +225,13 @@ impl Fanout {
             });
             let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
             state.subscribers += 1;
+            // The loss count as the receiver starts, under the lock `lost_on` takes: a loss
+            // is either before it (not this subscription's) or counted.
             (
                 state.live.clone(),
                 state.sender.subscribe(),
                 state.lost.clone(),
+                state.lost.load(Ordering::Relaxed),
             )
         };
         let guard = Arc::new(SubscriberGuard {
@@ -246,7 +249,7 @@ impl Fanout {
             missed: 0,
             lost_before: lost.load(Ordering::Relaxed),
             lost,
-            channel_lost_before: channel_lost.load(Ordering::Relaxed),
+            channel_lost_before,
             channel_lost,
             _guard: guard,
         })

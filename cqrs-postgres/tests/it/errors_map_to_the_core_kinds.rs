@@ -165,7 +165,7 @@ pg_test! {
         assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
         let message = error.to_string();
         assert!(
-            message.contains("within 200ms (all 1 of the pool's connections were in use)")
+            message.contains("within 200ms (all 1 of the pool's connections were in use or being opened)")
                 && message.contains("raise the pool's max_connections"),
             "{message}"
         );

@@ -110,16 +110,21 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
 /// How much of a parser's message an error quotes.
 const MAX_QUOTED: usize = 300;
 
-/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+/// `text` cut to about `max` bytes, on character boundaries: its start and its end (serde
+/// puts what was expected and where last), with what was cut out marked.
 fn clipped(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
+    let mut head = max * 2 / 3;
+    while !text.is_char_boundary(head) {
+        head -= 1;
     }
-    format!("{}… (cut)", &text[..end])
+    let mut tail = text.len() - max / 3;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} [… cut …] {}", &text[..head], &text[tail..])
 }
 
 /// Path parameters; a malformed one is 400 `invalid_path`.

@@ -46,9 +46,11 @@ impl State {
         *slot = slot.saturating_add_signed(delta);
     }
 
-    /// Applies `event`, the `version`th of its ticket's stream (`u64::MAX` when unknown). A
-    /// version guard on top of the transport's per-ticket order, as the Postgres projection
-    /// has: an older event never overwrites a newer status, so both backends count alike.
+    /// Applies `event`, the `version`th of its ticket's stream. A version guard on top of the
+    /// transport's per-ticket order, as the Postgres projection has: an older event never
+    /// overwrites a newer status, so both backends count alike. Every stored event has a
+    /// version; one without counts as the newest (`u64::MAX`, as Postgres's `i64::MAX`), and
+    /// the ticket's later events are then ignored in both.
     fn apply(&mut self, event: &TicketEvent, version: u64) {
         let (id, to) = match event {
             TicketEvent::Opened(e) => (e.ticket_id, Status::Open),
