@@ -77,8 +77,9 @@ type Effect = Box<dyn FnOnce() + Send>;
 /// `commit` and the unit's inbox entries, checkpoint and reset are not committed: its events
 /// are processed again, as after a rolled-back Postgres transaction, instead of being marked
 /// processed with their read-model change lost. (The effects staged before the panicking one
-/// have run and stay: memory cannot undo them.) The `ProjectionRunner` does not catch a panic
-/// in `commit`: its worker fails and the runtime restarts it.
+/// have run and stay: memory cannot undo them.) A `ProjectionRunner` fed by a transport
+/// catches a panic in `commit` and hands the batch back without counting an attempt; one fed
+/// by the event store does not: its worker fails and the runtime restarts it.
 pub struct InMemoryUnit {
     _lock: tokio::sync::OwnedMutexGuard<()>,
     reset: HashSet<String>,
