@@ -70,11 +70,6 @@ pub(crate) struct ReplayBuffer {
     /// subscription is told `events_missed` at that point of its stream, before any event
     /// that came after the loss. One marker at most: a subscription is told once.
     pub(crate) lost: bool,
-    /// The hub may have missed live events upstream while the replay ran. They were stored
-    /// before they were published, so the replay reads the store once more before it goes
-    /// live, instead of telling the client `events_missed` (which would make it resume
-    /// again for a gap this replay closes).
-    pub(crate) reread: bool,
 }
 
 impl<P> Slot<P> {
@@ -137,17 +132,8 @@ impl<P> Slot<P> {
         !self.told_missed.swap(true, Ordering::Relaxed)
     }
 
-    /// Queues `frame` (an `events_missed`) unless this subscription was told already; while
-    /// it replays, has the replay read the store once more instead (see `reread`).
+    /// Queues `frame` (an `events_missed`) unless this subscription was told already.
     fn tell_missed(&self, frame: &Utf8Bytes) -> bool {
-        if self.replaying.load(Ordering::Acquire) {
-            let mut buffer = self.lock();
-            // Checked again under the lock: the replay ends by clearing the flag under it.
-            if self.replaying.load(Ordering::Acquire) {
-                buffer.reread = true;
-                return false;
-            }
-        }
         if !self.claim_missed() {
             return false;
         }
