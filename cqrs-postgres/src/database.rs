@@ -135,6 +135,13 @@ impl PgDatabase {
         crate::error::pool_error(error, &self.pool, &self.target)
     }
 
+    /// A connection from the pool, its failure mapped by [`store_error`](Self::store_error).
+    pub(crate) async fn acquire(
+        &self,
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
+        self.pool.acquire().await.map_err(|e| self.store_error(e))
+    }
+
     /// Begins a transaction of your own on the pool, at READ COMMITTED (what
     /// [`PgEventStore::append_in`](crate::PgEventStore::append_in) needs), as this crate begins
     /// its own: use it instead of `pool().begin()`.
@@ -209,7 +216,7 @@ impl PgDatabase {
         // error (or is cancelled) without releasing it; a pooled connection would keep it and
         // leave every other instance's `migrate` waiting. A connection that is closed after
         // the run takes the lock with it.
-        let mut conn = self.pool.acquire().await.map_err(|e| self.store_error(e))?;
+        let mut conn = self.acquire().await?;
         conn.close_on_drop();
         // Statements outside an explicit transaction (a single append, a read) take the
         // session's default level; a pool made elsewhere must make it READ COMMITTED, as one

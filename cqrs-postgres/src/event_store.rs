@@ -374,12 +374,7 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<EventRecord>,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut conn = self
-            .db
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))?;
+        let mut conn = self.db.acquire().await?;
         append_on(
             &mut conn,
             &self.db.pool,
@@ -397,12 +392,7 @@ impl EventStore for PgEventStore {
         stream_id: &str,
         after_version: u64,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut conn = self
-            .db
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))?;
+        let mut conn = self.db.acquire().await?;
         self.load_in(&mut conn, stream_id, after_version).await
     }
 
@@ -414,22 +404,12 @@ impl EventStore for PgEventStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut conn = self
-            .db
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))?;
+        let mut conn = self.db.acquire().await?;
         self.read_all_in(&mut conn, after, limit).await
     }
 
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
-        let mut conn = self
-            .db
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))?;
+        let mut conn = self.db.acquire().await?;
         read_version(&mut conn, &self.db.sql, stream_id).await
     }
 }

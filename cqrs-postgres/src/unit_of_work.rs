@@ -282,7 +282,7 @@ impl PgUnitOfWork {
             None if pending.len() == 1 && completion.is_none() => {
                 // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
                 // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
-                let mut conn = pool.acquire().await.map_err(|e| db.store_error(e))?;
+                let mut conn = db.acquire().await?;
                 for p in pending {
                     append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
                         .await

@@ -2,12 +2,12 @@
 //! back. Once it was dead-lettered (tried `max_deliveries` times) and nothing else comes, it
 //! is healthy again: the loop was left degraded for good, as no batch came to clear it.
 
+use crate::events_from_a_transport_reach_the_event_bus::consume_adds_with;
 use crate::fixtures::*;
 use async_trait::async_trait;
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{ConsumerOptions, EventTransport};
-use cqrs_core::projection::EventBusConsumer;
-use cqrs_core::runtime::{Health, Runtime};
+use cqrs_core::runtime::Health;
 use cqrs_core::testing::eventually;
 use cqrs_core::{
     EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, HandlerError, Metadata,
@@ -47,15 +47,7 @@ fn a_consumer_degraded_by_a_dead_lettered_event_recovers() {
             .block(Duration::from_millis(50))
             .redelivery_delay(Duration::from_millis(300))
             .max_deliveries(2);
-        let runtime = Runtime::builder()
-            .worker(EventBusConsumer::new(
-                bus,
-                transport.clone(),
-                "adds",
-                "bus",
-                options,
-            ))
-            .start();
+        let runtime = consume_adds_with(bus, &transport, options);
         let worker = "event-bus:adds:bus";
         let health = || async { runtime.health().await.components[worker].0.clone() };
         eventually(

@@ -215,7 +215,8 @@ fn consume_adds(
     consume_adds_with(bus, transport, options)
 }
 
-fn consume_adds_with(
+/// A runtime with an event-bus consumer of `adds` (group `bus`) feeding `bus`.
+pub(crate) fn consume_adds_with(
     bus: EventBus,
     transport: &Arc<InMemoryTransport>,
     options: ConsumerOptions,

@@ -163,16 +163,7 @@ async fn pump(
     trap: Option<&State>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
-    'copy: loop {
-        if from.readable().await.is_err() {
-            break;
-        }
-        let n = match from.try_read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => break,
-        };
+    'copy: while let Some(n) = read_some(&from, &mut buffer).await {
         if dead.load(Ordering::SeqCst) {
             continue;
         }
@@ -223,16 +214,7 @@ async fn pump_replies(
     };
     let read = async move {
         let mut buffer = vec![0u8; 16 * 1024];
-        loop {
-            if from.readable().await.is_err() {
-                break;
-            }
-            let n = match from.try_read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => break,
-            };
+        while let Some(n) = read_some(&from, &mut buffer).await {
             if dead.load(Ordering::SeqCst) {
                 continue;
             }
@@ -261,4 +243,18 @@ async fn write_all(to: &OwnedWriteHalf, bytes: &[u8]) -> bool {
         }
     }
     true
+}
+
+/// Reads what has arrived into `buffer`: how many bytes, or `None` once the peer closed or the
+/// socket failed.
+async fn read_some(from: &OwnedReadHalf, buffer: &mut [u8]) -> Option<usize> {
+    loop {
+        from.readable().await.ok()?;
+        match from.try_read(buffer) {
+            Ok(0) => return None,
+            Ok(n) => return Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
+        }
+    }
 }
