@@ -67,7 +67,14 @@ impl PubSub for RedisTestPubSub {
             // Boxed: fred's subscribe future is over 20 KB.
             .subscribe(
                 channel,
-                Box::pin(async move { subscriber.subscribe(name).await.map_err(redis_error) }),
+                Box::pin(async move {
+                    // fred completes SUBSCRIBE once written; the PING behind it is answered
+                    // once Redis ran it, as the port's "returns once live" asks. Without it a
+                    // publish right after could reach Redis first (seen under CI load).
+                    subscriber.subscribe(name).await.map_err(redis_error)?;
+                    subscriber.ping::<Value>(None).await.map_err(redis_error)?;
+                    Ok(())
+                }),
             )
             .await
     }
