@@ -89,7 +89,7 @@
 //! # Limits
 //!
 //! Each connection has a bounded send queue; a client that does not drain it is closed with
-//! 1008. Buffers and frame sizes are set on the upgrade (4 KiB read buffer, 4 KiB messages),
+//! 1008. Buffers and frame sizes are set on the upgrade (512-byte read buffer, 4 KiB messages),
 //! subscriptions per connection are capped, idle connections are pinged and closed, and
 //! [`Hub::shutdown`] (or the runtime's [`Shutdown`](cqrs_core::runtime::Shutdown)) closes
 //! everything with 1001.

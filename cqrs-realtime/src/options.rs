@@ -47,7 +47,7 @@ impl Default for HubOptions {
     fn default() -> Self {
         Self {
             send_queue: 128,
-            read_buffer_size: 4 * 1024,
+            read_buffer_size: 512,
             write_buffer_size: 0,
             max_write_buffer_size: 256 * 1024,
             max_message_size: 4 * 1024,
@@ -83,7 +83,11 @@ impl HubOptions {
     }
 
     /// The read buffer of each connection, allocated up front (tungstenite's default is
-    /// 128 KiB). Default 4 KiB.
+    /// 128 KiB). Default 512 bytes: client frames are small (a `subscribe` with the longest
+    /// topic and a position fits), and a larger message, up to
+    /// [`max_message_size`](Self::max_message_size), still arrives whole: the buffer grows to
+    /// hold it (and may stay grown). Each connection keeps the buffer for its whole life, so it is a large share of
+    /// an idle connection's memory.
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.read_buffer_size = bytes;
         self

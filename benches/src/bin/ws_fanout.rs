@@ -24,7 +24,8 @@
 //! `--pin` (hub on CPU 0, clients on CPU 1, with `taskset`), `--threads 2` (the clients'
 //! tokio worker threads), `--hub-threads 2` (the hub's), `--raw` (the baseline: the same
 //! clients and frames served by a hand-written axum + tokio `broadcast` fan-out instead of the
-//! hub, see `serve_raw`).
+//! hub, see `serve_raw`), `--hub-read-buffer 512` (bytes: each server connection's read buffer,
+//! the hub's default; the raw server uses it too).
 
 use axum::Router;
 use axum::serve::ListenerExt;
@@ -48,6 +49,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// `HubOptions`' default `read_buffer_size`, the default of `--hub-read-buffer`.
+const HUB_READ_BUFFER: usize = 512;
+
 struct Args {
     connections: usize,
     events: usize,
@@ -59,6 +63,7 @@ struct Args {
     raw: bool,
     threads: usize,
     hub_threads: usize,
+    hub_read_buffer: usize,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -73,6 +78,7 @@ fn parse_args() -> Result<Args, BoxError> {
         raw: false,
         threads: 2,
         hub_threads: 2,
+        hub_read_buffer: HUB_READ_BUFFER,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,6 +96,7 @@ fn parse_args() -> Result<Args, BoxError> {
             "--raw" => args.raw = true,
             "--threads" => args.threads = value()?.parse()?,
             "--hub-threads" => args.hub_threads = value()?.parse()?,
+            "--hub-read-buffer" => args.hub_read_buffer = value()?.parse()?,
             "--pin" => args.pin = true,
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown option {other}").into()),
@@ -107,6 +114,9 @@ fn parse_args() -> Result<Args, BoxError> {
     }
     if args.threads == 0 || args.hub_threads == 0 {
         problems.push("--threads and --hub-threads must be at least 1");
+    }
+    if args.hub_read_buffer < 256 {
+        problems.push("--hub-read-buffer must be at least 256 bytes (the hub's least)");
     }
     if !problems.is_empty() {
         return Err(problems.join("; ").into());
@@ -135,10 +145,10 @@ fn main() -> Result<(), BoxError> {
         .build()?;
     if args.serve && args.raw {
         eprintln!("hub open-file limit: {limit}");
-        runtime.block_on(serve_raw(args.payload))
+        runtime.block_on(serve_raw(args.payload, args.hub_read_buffer))
     } else if args.serve {
         eprintln!("hub open-file limit: {limit}");
-        runtime.block_on(serve(args.payload))
+        runtime.block_on(serve(args.payload, args.hub_read_buffer))
     } else {
         eprintln!("open-file limit: {limit}");
         runtime.block_on(drive(args))
@@ -165,7 +175,7 @@ impl EventRouting for BenchRouting {
 }
 
 /// The hub process: serves, then obeys `publish N RATE`, `stats` and `quit` on stdin.
-async fn serve(payload: usize) -> Result<(), BoxError> {
+async fn serve(payload: usize, read_buffer: usize) -> Result<(), BoxError> {
     let hub = Hub::builder(AuthenticateFn::new(|token: String| async move {
         if token.is_empty() {
             Err(Unauthenticated::new("token required"))
@@ -176,7 +186,11 @@ async fn serve(payload: usize) -> Result<(), BoxError> {
     .authorizer(AllowAll)
     .routing(BenchRouting)
     .pubsub(Arc::new(InMemoryPubSub::new()))
-    .options(HubOptions::new().max_connections(50_000))
+    .options(
+        HubOptions::new()
+            .max_connections(50_000)
+            .read_buffer_size(read_buffer),
+    )
     .build()?;
     listen(Router::new().route("/ws", hub.route())).await?;
 
@@ -207,7 +221,7 @@ async fn serve(payload: usize) -> Result<(), BoxError> {
 /// channel, and per connection one task that answers `subscribe` and forwards every frame. No
 /// authentication, authorization, registry, send queue, keepalive or limits; the socket has
 /// the hub's buffer settings. Obeys the same stdin commands as [`serve`].
-async fn serve_raw(payload: usize) -> Result<(), BoxError> {
+async fn serve_raw(payload: usize, read_buffer: usize) -> Result<(), BoxError> {
     use axum::extract::ws::{Message as WsMessage, Utf8Bytes, WebSocket, WebSocketUpgrade};
     let (events, _) = tokio::sync::broadcast::channel::<Utf8Bytes>(1024);
     let connections = Arc::new(AtomicUsize::new(0));
@@ -215,8 +229,8 @@ async fn serve_raw(payload: usize) -> Result<(), BoxError> {
     let accept = {
         let (events, connections, lagged) = (events.clone(), connections.clone(), lagged.clone());
         move |ws: WebSocketUpgrade| async move {
-            // The hub's default buffer settings (`HubOptions`).
-            ws.read_buffer_size(4 * 1024)
+            // The hub's buffer settings (`HubOptions`: its defaults, or `--hub-read-buffer`).
+            ws.read_buffer_size(read_buffer)
                 .write_buffer_size(0)
                 .max_write_buffer_size(256 * 1024)
                 .on_upgrade(move |mut socket: WebSocket| async move {
@@ -459,6 +473,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         .args(["--serve", "--payload", &args.payload.to_string()])
         .args(args.raw.then_some("--raw"))
         .args(["--threads", &args.hub_threads.to_string()])
+        .args(["--hub-read-buffer", &args.hub_read_buffer.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;

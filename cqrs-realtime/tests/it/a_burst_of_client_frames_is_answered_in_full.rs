@@ -34,3 +34,30 @@ async fn a_burst_of_pings_gets_every_pong() {
     })
     .await;
 }
+
+/// The default read buffer (512 bytes) is far smaller than the largest client message
+/// (4 KiB): a message as large as the limit, sent between small ones in one write, is read
+/// whole and answered in order, and the connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_as_large_as_the_limit_is_read_through_the_small_default_buffer() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        let mut client = t.connect("user-u1").await;
+        // JSON allows whitespace: pad a subscribe to exactly the default `max_message_size`.
+        let head = r#"{"type":"subscribe","topic":"tickets""#;
+        let large = format!("{head}{}}}", " ".repeat(4 * 1024 - head.len() - 1));
+        assert_eq!(large.len(), 4 * 1024);
+        let ping = || Message::Text(r#"{"type":"ping"}"#.into());
+        client.ws.feed(ping()).await.unwrap();
+        client.ws.feed(Message::Text(large.into())).await.unwrap();
+        client.ws.feed(ping()).await.unwrap();
+        client.ws.flush().await.unwrap();
+        assert_eq!(client.frame().await, ServerFrame::Pong);
+        client.expect_subscribed("tickets").await;
+        assert_eq!(client.frame().await, ServerFrame::Pong);
+        t.publish("t1", "u1", 1).await;
+        let event = client.event().await;
+        assert_eq!(event.topic, "tickets");
+    })
+    .await;
+}
