@@ -313,8 +313,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// by default; at least 1 ms). Past it, the call is dropped (cancelled) and the batch fails
     /// on that event with a [`Timeout`](ErrorKind::Timeout) error, as if `apply` had refused
     /// it: the batch is rolled back and, fed by a transport, that event is handed back as an
-    /// attempt and the others deferred, so an event too slow every time is dead-lettered after
-    /// `max_deliveries` and its batch mates then take effect. Cancelling `apply` midway is
+    /// attempt, the later events of its chain (its key) are deferred, and the rest of the batch
+    /// is applied again at once, so an event too slow every time is dead-lettered after
+    /// `max_deliveries` and holds up only its own key. Cancelling `apply` midway is
     /// safe as far as the unit of work goes (it is rolled back), not for effects `apply` has
     /// outside it. It applies to [`rebuild`](Self::rebuild) too.
     ///
@@ -394,6 +395,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
 
     /// Applies one batch. Returns how many events took effect (0 when caught up, or when
     /// every event was a duplicate).
+    ///
+    /// Fed by a transport, an event the projection refuses (or cannot decode) is set aside
+    /// with the later events of its chain, and the rest of the batch is applied again at once:
+    /// the error is still returned, although those other events took effect.
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
         self.step().await.map(|(applied, _)| applied)
     }
@@ -524,73 +529,136 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         if deliveries.is_empty() {
             return Ok((0, true));
         }
-        let ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
-        let event_ids: Vec<Uuid> = deliveries.iter().map(|d| d.record.event_id).collect();
-        let records: Vec<EventRecord> = deliveries.into_iter().map(|d| d.record).collect();
-        let work = async {
-            let (store, name) = (&**store, name.as_str());
-            let mut unit = store.begin(name).await?;
-            let applied = apply_records(
-                store,
-                &**projection,
-                types,
-                name,
-                *apply_timeout,
-                &mut unit,
-                &records,
-            )
-            .await?;
-            if let Some(last) = records.iter().filter_map(|r| r.position).max() {
-                let current = store.checkpoint(&mut unit, name).await?;
-                if current.is_none_or(|c| c < last) {
-                    store.save_checkpoint(&mut unit, name, last).await?;
+        let mut ids: Vec<DeliveryId> = Vec::with_capacity(deliveries.len());
+        let mut order_keys: Vec<Option<String>> = Vec::with_capacity(deliveries.len());
+        let mut records: Vec<EventRecord> = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
+            ids.push(d.id);
+            order_keys.push(d.order_key);
+            records.push(d.record);
+        }
+        // The error of the first event set aside, returned once the rest took effect.
+        let mut set_aside: Option<ProjectionError> = None;
+        let mut passes = 0;
+        let consumer = consumer.as_mut();
+        loop {
+            passes += 1;
+            let work = async {
+                let (store, name) = (&**store, name.as_str());
+                let mut unit = store.begin(name).await?;
+                let applied = apply_records(
+                    store,
+                    &**projection,
+                    types,
+                    name,
+                    *apply_timeout,
+                    &mut unit,
+                    &records,
+                )
+                .await?;
+                if let Some(last) = records.iter().filter_map(|r| r.position).max() {
+                    let current = store.checkpoint(&mut unit, name).await?;
+                    if current.is_none_or(|c| c < last) {
+                        store.save_checkpoint(&mut unit, name, last).await?;
+                    }
+                }
+                store.commit(unit).await?;
+                Ok::<_, ProjectionError>(applied)
+            };
+            // A panic outside the projection's own `apply` (which `apply_records` guards per
+            // event), in the store's commit say, fails the batch like a store error: every
+            // delivery is handed back without an attempt, instead of the panic escaping with
+            // the batch unanswered, so each came back later with a delivery counted that no
+            // handler finished (with `max_deliveries(1)`: dead-lettered, never applied).
+            let work = async {
+                crate::panic::CatchUnwind::new(work)
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(ProjectionError::Store(StoreError::Backend {
+                            backend: "projection store",
+                            source: format!("panicked: {panic}").into(),
+                        }))
+                    })
+            };
+            let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
+            let e = match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
+                Ok(applied) => {
+                    // The batch took effect, however long it ran: a failed ack is no stall.
+                    stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                    consumer.ack(&ids).await?;
+                    return match set_aside {
+                        None => Ok((applied, false)),
+                        // The others took effect; the worker still reports the failure.
+                        Some(e) => Err(e),
+                    };
+                }
+                Err(e) => e,
+            };
+            // The batch is rolled back. Only an event at fault is handed back as an attempt,
+            // so a poison event does not use up (and dead-letter) the deliveries of its batch
+            // mates, and a store that is down or busy (a rebuild holding the lock)
+            // dead-letters nothing.
+            let reason = e.to_string();
+            let blamed = blamed(&e);
+            let mut failed = vec![false; ids.len()];
+            // The later deliveries of a failed one's chain wait with it: acknowledging them
+            // first would break their key's order.
+            let mut failed_chains: Vec<&String> = Vec::new();
+            let mut held = vec![false; ids.len()];
+            for (i, record) in records.iter().enumerate() {
+                if let Some(key) = &order_keys[i]
+                    && failed_chains.contains(&key)
+                {
+                    held[i] = true;
+                } else if blamed.is_some_and(|(event_id, _)| event_id == record.event_id) {
+                    failed[i] = true;
+                    failed_chains.extend(order_keys[i].as_ref());
                 }
             }
-            store.commit(unit).await?;
-            Ok::<_, ProjectionError>(applied)
-        };
-        // A panic outside the projection's own `apply` (which `apply_records` guards per
-        // event), in the store's commit say, fails the batch like a store error: every
-        // delivery is handed back without an attempt, instead of the panic escaping with the
-        // batch unanswered, so each came back later with a delivery counted that no handler
-        // finished (with `max_deliveries(1)`: dead-lettered, never applied).
-        let work = async {
-            crate::panic::CatchUnwind::new(work)
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(ProjectionError::Store(StoreError::Backend {
-                        backend: "projection store",
-                        source: format!("panicked: {panic}").into(),
-                    }))
-                })
-        };
-        let consumer = consumer.as_mut();
-        let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
-        match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
-            Ok(applied) => {
-                // The batch took effect, however long it ran: a failed ack is no stall.
-                stalled.store(false, std::sync::atomic::Ordering::Relaxed);
-                consumer.ack(&ids).await?;
-                Ok((applied, false))
-            }
-            Err(e) => {
-                // The batch is rolled back. Only an event at fault is handed back as an
-                // attempt, so a poison event does not use up (and dead-letter) the deliveries
-                // of its batch mates, and a store that is down or busy (a rebuild holding the
-                // lock) dead-letters nothing.
-                let reason = e.to_string();
+            let attempt = blamed.is_some_and(|(_, attempt)| attempt);
+            let isolate = failed.contains(&true)
+                && passes < MAX_PASSES_PER_BATCH
+                && held.iter().zip(&failed).any(|(h, f)| !h && !f);
+            if !isolate {
                 let mut innocent = Vec::new();
-                let culprit = at_fault(&e);
-                for (id, event_id) in ids.iter().zip(&event_ids) {
-                    if culprit == Some(*event_id) {
+                for (i, id) in ids.iter().enumerate() {
+                    if failed[i] && attempt {
                         let _ = consumer.nack_with_reason(id, &reason).await;
                     } else {
                         innocent.push(id.clone());
                     }
                 }
                 let _ = consumer.defer(&innocent).await;
-                Err(e)
+                // The first event's error names the cause; a later failure that is no event's
+                // (the store went down) says more about now.
+                return Err(match (set_aside, blamed) {
+                    (Some(first), Some(_)) => first,
+                    _ => e,
+                });
             }
+            // Set the failed event (and its chain's later deliveries) aside, and apply the
+            // others again at once, in a new unit: other keys' events do not wait with it
+            // for its redeliveries (or, for an event only a newer build can read, for that
+            // build).
+            let mut waiting = Vec::new();
+            let mut kept = 0;
+            for i in 0..ids.len() {
+                if failed[i] && attempt {
+                    let _ = consumer.nack_with_reason(&ids[i], &reason).await;
+                } else if failed[i] || held[i] {
+                    waiting.push(ids[i].clone());
+                } else {
+                    ids.swap(kept, i);
+                    order_keys.swap(kept, i);
+                    records.swap(kept, i);
+                    kept += 1;
+                }
+            }
+            ids.truncate(kept);
+            order_keys.truncate(kept);
+            records.truncate(kept);
+            let _ = consumer.defer(&waiting).await;
+            set_aside.get_or_insert(e);
         }
     }
 
@@ -912,6 +980,24 @@ fn passes(error: &ProjectionError) -> bool {
         ProjectionError::Transport(e) => passes(e.kind()),
         ProjectionError::Decode { .. } | ProjectionError::Apply { .. } => true,
         ProjectionError::NoEventStore(_) => false,
+    }
+}
+
+/// How many times one fetched batch is applied: after a pass fails on an event at fault, the
+/// event (and its chain's later deliveries) is set aside and the rest applied again at once.
+/// Bounded, since each pass applies the rest anew: a batch with more failing events than this
+/// hands the rest back to wait, as a failed batch does.
+const MAX_PASSES_PER_BATCH: usize = 8;
+
+/// The event a failed batch can go on without, and whether its failure counts as an attempt
+/// on it: one [`at_fault`] (an attempt), or one only a newer build can decode (no attempt: it
+/// waits for that build, without its batch mates of other keys).
+fn blamed(error: &ProjectionError) -> Option<(Uuid, bool)> {
+    match error {
+        ProjectionError::Decode {
+            source, event_id, ..
+        } if source.waits_for_another_build() => Some((*event_id, false)),
+        _ => at_fault(error).map(|event_id| (event_id, true)),
     }
 }
 

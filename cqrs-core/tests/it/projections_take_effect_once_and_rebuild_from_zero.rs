@@ -107,6 +107,14 @@ fn record(sum: u64) -> EventRecord {
     EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
 }
 
+/// `record(sum)` with partition key `key`.
+fn keyed(key: &str, sum: u64) -> EventRecord {
+    EventRecord::from_envelope(
+        &EventEnvelope::new(Added { sum }, Metadata::new()).with_partition_key(key),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
     run(async {
@@ -197,19 +205,18 @@ fn a_transport_fed_projection_counts_a_redelivered_event_once() {
             .redelivery_delay(Duration::from_millis(50));
         let mut runner = sums_runner(store, &sum, &transport, options);
         *sum.fail_once_on.lock().unwrap() = Some(10);
+        // The failing batch sets 10 aside and applies 3 (once) in the same run; 10 is
+        // redelivered and succeeds.
+        assert!(runner.run_once().await.is_err(), "10 fails once");
+        assert_eq!(*sum.seen.lock().unwrap(), [3]);
         let mut applied = 0;
-        let mut failures = 0;
         for _ in 0..50 {
-            match runner.run_once().await {
-                Ok(n) => applied += n,
-                Err(_) => failures += 1,
-            }
+            applied += runner.run_once().await.expect("no other failure");
             if transport.backlog("sums", "sum") == 0 {
                 break;
             }
         }
-        assert_eq!(failures, 1, "the failing batch was retried");
-        assert_eq!(applied, 2);
+        assert_eq!(applied, 1, "10, once");
         let mut seen = sum.seen.lock().unwrap().clone();
         seen.sort();
         assert_eq!(seen, [3, 10], "each event took effect once");
@@ -308,6 +315,57 @@ async fn poison_with_a_batch_mate(panics: bool) {
         .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
         .collect();
     assert_eq!(dead, [13], "only the poison is dead-lettered");
+}
+
+/// A poison event is set aside within the batch it fails: the events of other keys, and its
+/// own key's events before it, take effect in that same batch instead of waiting for the
+/// poison's redeliveries; its key's later events wait until it is dead-lettered. (They all
+/// waited: the whole batch was handed back on every failure.)
+#[test]
+fn a_poison_event_is_set_aside_and_other_keys_take_effect_at_once() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            poison: Some(13),
+            ..Sum::default()
+        });
+        transport
+            .publish(
+                "sums",
+                &[keyed("a", 1), keyed("a", 13), keyed("b", 2), keyed("a", 4)],
+            )
+            .await
+            .unwrap();
+        let mut runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            three_attempts(),
+        );
+        let failed = runner.run_once().await;
+        assert!(
+            matches!(failed, Err(ProjectionError::Apply { .. })),
+            "the poison's failure is reported: {failed:?}"
+        );
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [1, 2],
+            "the first batch applied what the poison does not hold back"
+        );
+        assert_eq!(
+            transport.backlog("sums", "sum"),
+            2,
+            "13 and the 4 behind it"
+        );
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(*sum.seen.lock().unwrap(), [1, 2, 4]);
+        let dead: Vec<u64> = transport
+            .dead_letters("sums", "sum")
+            .iter()
+            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
+            .collect();
+        assert_eq!(dead, [13], "only the poison is dead-lettered");
+    });
 }
 
 /// A transport-fed runner whose fetch waits without limit still stops at shutdown, within the
@@ -626,6 +684,54 @@ fn an_event_of_a_newer_schema_version_waits_for_a_build_that_knows_it() {
     let mut newer = record(1);
     newer.schema_version = 99;
     waits_for_a_newer_build(newer, UnknownEventPolicy::Skip);
+}
+
+/// An event only a newer build can read waits for it without holding up other keys: set
+/// aside within its batch, with its own key's later events, while the rest take effect. Nothing
+/// is dead-lettered however often it comes back.
+#[test]
+fn an_event_waiting_for_a_newer_build_holds_up_only_its_own_key() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let counted = Counted::new(&transport);
+        let sum = Arc::new(Sum::default());
+        let mut newer = keyed("a", 1);
+        newer.schema_version = 99;
+        let id = newer.event_id;
+        transport
+            .publish("sums", &[newer, keyed("b", 2), keyed("a", 4)])
+            .await
+            .unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            counted.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
+        let first = runner.run_once().await;
+        assert!(
+            matches!(&first, Err(ProjectionError::Decode { event_id, .. }) if *event_id == id),
+            "{first:?}"
+        );
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [2],
+            "the other key's event took effect"
+        );
+        // Past the 3 deliveries it may use up.
+        let handed_out = run_until_handed_out(&mut runner, &counted, &[id], 5).await;
+        assert!(handed_out > 3, "handed out {handed_out} times");
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+        assert_eq!(
+            transport.backlog("sums", "sum"),
+            2,
+            "1 and the 4 behind it wait"
+        );
+        assert_eq!(*sum.seen.lock().unwrap(), [2]);
+    });
 }
 
 /// An event of an old schema version no upcaster takes further (a type whose version went up
