@@ -362,7 +362,12 @@ impl RuntimeBuilder {
                 let mut backoff = min;
                 loop {
                     let started = tokio::time::Instant::now();
-                    let result = crate::panic::CatchUnwind::new(worker.run(ctx.clone())).await;
+                    // The call inside the guard: a hand-written `run` may panic before it
+                    // returns its future. (`Box<dyn Worker>`'s own impl defers the call into
+                    // its future today; the guard should not rest on that.)
+                    let result =
+                        crate::panic::CatchUnwind::new(async { worker.run(ctx.clone()).await })
+                            .await;
                     let failure = match result {
                         Ok(Ok(())) => None,
                         Ok(Err(e)) => Some(e.to_string()),

@@ -107,6 +107,54 @@ fn a_failing_or_panicking_worker_is_restarted_and_stops_gracefully() {
     });
 }
 
+/// A worker written without `#[async_trait]` whose `run` panics before it returns its future:
+/// the panic is caught like one in the future (so the supervisor lives on and restarts it).
+struct EagerPanic {
+    runs: Arc<AtomicUsize>,
+}
+
+impl Worker for EagerPanic {
+    fn name(&self) -> &str {
+        "eager"
+    }
+
+    fn run<'a: 'f, 'f>(
+        &'a mut self,
+        ctx: WorkerContext,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), BoxError>> + Send + 'f>>
+    {
+        if self.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("the first run panics before its future");
+        }
+        Box::pin(async move {
+            ctx.health.set(Health::Healthy);
+            ctx.shutdown.requested().await;
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn a_worker_panicking_before_its_future_is_restarted() {
+    run(async {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .worker(EagerPanic { runs: runs.clone() })
+            .start();
+        eventually(
+            Duration::from_secs(5),
+            "the worker is healthy after a restart",
+            || async {
+                (runtime.health().await.components["eager"].0 == Health::Healthy).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 #[test]
 fn a_worker_that_ignores_shutdown_is_aborted_and_named() {
     run(async {
