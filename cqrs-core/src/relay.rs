@@ -81,6 +81,8 @@ impl Pass {
 /// short (what was passed before it is committed).
 struct Batch {
     passed: usize,
+    /// Whether the read brought as many events as it asked for (more may be waiting).
+    full: bool,
     failure: Option<RelayError>,
 }
 
@@ -88,6 +90,7 @@ impl Batch {
     fn failed(failure: RelayError) -> Self {
         Self {
             passed: 0,
+            full: false,
             failure: Some(failure),
         }
     }
@@ -107,9 +110,11 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 /// Ships every event of an [`EventStore`], in global order, to a topic of an
 /// [`EventTransport`], recording how far it got as a checkpoint in a [`ProjectionStore`].
 ///
-/// Each batch: take the relay's lease (`ProjectionStore::begin`, so only one relay of a name
-/// ships at a time, even across instances sharing the store), read the events after the
-/// checkpoint, publish them in order, then commit the new checkpoint. Hence:
+/// Each batch: read the events after the checkpoint as the relay last saw it, take the relay's
+/// lease (`ProjectionStore::begin`, so only one relay of a name ships at a time, even across
+/// instances sharing the store) and confirm the checkpoint is still there (read again, under
+/// the lease, if another instance moved it), publish them in order, then commit the new
+/// checkpoint. Hence:
 ///
 /// * **At least once.** A relay that dies after publishing and before committing publishes
 ///   the batch again; consumers dedupe by event id.
@@ -123,6 +128,10 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 ///   the checkpoint past the events it already published or skipped, so a transport too slow
 ///   to take a whole batch one event at a time within the timeout still gets through it, a
 ///   part per batch (degraded, the worker goes on after its idle interval, without backoff).
+///   A batch that runs out of the timeout with nothing through makes the next ones half as
+///   large, down to one event, and they grow back, up to the batch size, once a full batch
+///   goes through in under a quarter of the timeout: a transport too slow for a whole batch
+///   still gets through the backlog, instead of being sent the same batch on every retry.
 /// * **An event the transport cannot encode** (a [`TransportError::Codec`] error) would stop
 ///   the relay for ever, so it is skipped: the relay publishes the batch's events one at a
 ///   time, in order, to find it, logs it at error level (position, stream, id, reason),
@@ -240,6 +249,14 @@ pub struct StoreRelay<S: ProjectionStore> {
     idle: Duration,
     max_backoff: Duration,
     publish_timeout: Duration,
+    /// The most events one batch reads and publishes: `batch` until a batch that got nothing
+    /// through ran out of the publish timeout; then half that batch, and so on down to one,
+    /// so a transport too slow for a whole batch still takes part of each. Doubles again, up
+    /// to `batch`, after a full batch that took under a quarter of the timeout.
+    limit: std::sync::atomic::AtomicUsize,
+    /// The checkpoint as this relay last saw it: where its next batch is read, before it
+    /// takes the lease.
+    read_from: std::sync::Mutex<Option<Position>>,
 }
 
 impl<S: ProjectionStore> fmt::Debug for StoreRelay<S> {
@@ -270,6 +287,8 @@ impl<S: ProjectionStore> StoreRelay<S> {
             idle: Duration::from_millis(50),
             max_backoff: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
+            limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            read_from: std::sync::Mutex::new(None),
         }
     }
 
@@ -320,6 +339,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
             Batch {
                 passed,
                 failure: None,
+                ..
             } => Ok(passed),
             Batch {
                 failure: Some(failure),
@@ -328,7 +348,28 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
     }
 
+    fn lock_read_from(&self) -> std::sync::MutexGuard<'_, Option<Position>> {
+        self.read_from.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn ship(&self) -> Batch {
+        let limit = self
+            .limit
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(self.batch);
+        // The batch is read before the lease is taken, from where the checkpoint was last
+        // seen: read under the lease, it would hold two connections of a pool at once (the
+        // lease's and the read's), and the lease would sit idle while the read waited for
+        // one. The lease then confirms the checkpoint is still there; if another instance
+        // moved it, the batch is read again, under the lease.
+        let seen = *self.lock_read_from();
+        let ahead = match seen {
+            Some(after) => match self.events.read_all(after, limit).await {
+                Ok(records) => Some(records),
+                Err(e) => return Batch::failed(self.store_error(e)),
+            },
+            None => None,
+        };
         let mut unit = match self.checkpoints.begin(&self.name).await {
             Ok(unit) => unit,
             Err(e) => return Batch::failed(self.store_error(e)),
@@ -337,16 +378,22 @@ impl<S: ProjectionStore> StoreRelay<S> {
             Ok(after) => after.unwrap_or(Position::START),
             Err(e) => return Batch::failed(self.store_error(e)),
         };
-        let mut records = match self.events.read_all(after, self.batch).await {
-            Ok(records) => records,
-            Err(e) => return Batch::failed(self.store_error(e)),
+        *self.lock_read_from() = Some(after);
+        let mut records = match ahead {
+            Some(records) if seen == Some(after) => records,
+            _ => match self.events.read_all(after, limit).await {
+                Ok(records) => records,
+                Err(e) => return Batch::failed(self.store_error(e)),
+            },
         };
         if records.last().and_then(|r| r.position).is_none() {
             return Batch {
                 passed: 0,
+                full: false,
                 failure: None,
             };
         }
+        let full = records.len() >= limit;
         for record in &mut records {
             // An aggregate's events keep their order on an ordered transport, and consumers
             // handle them one after another, even when the handler recorded no key.
@@ -356,13 +403,16 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
         // One deadline for the whole batch, the one-at-a-time pass included: the lease waits
         // idle meanwhile.
-        let deadline = Instant::now().checked_add(self.publish_timeout);
+        let started = Instant::now();
+        let deadline = started.checked_add(self.publish_timeout);
         let pass = self.publish(&records, deadline).await;
+        self.adapt_limit(limit, records.len(), &pass, started);
         // What was handled stays handled, in order: the checkpoint moves past the last of it.
         let handled = &records[..pass.handled];
         let Some(through) = handled.last().and_then(|r| r.position) else {
             return Batch {
                 passed: 0,
+                full,
                 failure: pass.failure,
             };
         };
@@ -376,6 +426,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         if let Err(e) = self.checkpoints.commit(unit).await {
             return Batch::failed(self.store_error(e));
         }
+        *self.lock_read_from() = Some(through);
         // Logged and counted once committed: a batch that fails earlier finds them again.
         let mut refused = pass.refused.into_iter().peekable();
         for (i, record) in handled.iter().enumerate() {
@@ -412,7 +463,36 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
         Batch {
             passed: handled.len(),
+            full,
             failure: pass.failure,
+        }
+    }
+
+    /// Halves the limit (`limit` when the batch was read, `len` events long) when the batch
+    /// got nothing through before the publish timeout ran out; doubles it, up to the batch
+    /// size, after a full batch that went through in under a quarter of the timeout.
+    fn adapt_limit(&self, limit: usize, len: usize, pass: &Pass, started: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &pass.failure {
+            Some(RelayError::PublishTimeout { .. }) if pass.handled == 0 && len > 1 => {
+                let halved = len / 2;
+                self.limit.store(halved, Relaxed);
+                tracing::warn!(
+                    relay = %self.name,
+                    events = len,
+                    after = ?self.publish_timeout,
+                    "a batch did not go out within the publish timeout; publishing at most {halved} at a time"
+                );
+            }
+            // A full batch: a short one (a trickle) says nothing about a backlog's.
+            None if pass.handled == len
+                && len == limit
+                && limit < self.batch
+                && started.elapsed() < self.publish_timeout / 4 =>
+            {
+                self.limit.store((limit * 2).min(self.batch), Relaxed);
+            }
+            _ => {}
         }
     }
 
@@ -536,7 +616,7 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
                 None => {
                     ctx.health.set(Health::Healthy);
                     backoff = self.idle;
-                    if batch.passed == self.batch {
+                    if batch.full {
                         continue;
                     }
                     self.idle

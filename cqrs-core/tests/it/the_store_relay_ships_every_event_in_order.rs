@@ -134,3 +134,143 @@ fn a_failing_relay_with_zero_intervals_pauses_between_retries() {
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
+
+/// An event store that counts the reads made while the relay's lease (its unit in
+/// `checkpoints`) is held.
+struct LeaseWatcher {
+    inner: InMemoryEventStore,
+    checkpoints: Arc<InMemoryProjectionStore>,
+    reads_under_lease: AtomicUsize,
+}
+
+#[async_trait]
+impl EventStore for LeaseWatcher {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.load(stream_id, after_version).await
+    }
+    async fn read_all(
+        &self,
+        after: cqrs_core::Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        // Units of one name never overlap: a `begin` that cannot go ahead at once means the
+        // relay holds its lease.
+        let begin = cqrs_core::ports::ProjectionStore::begin(&*self.checkpoints, "relay");
+        if tokio::time::timeout(Duration::from_millis(1), begin)
+            .await
+            .is_err()
+        {
+            self.reads_under_lease.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.read_all(after, limit).await
+    }
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, cqrs_core::ports::StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// The relay reads a batch before it takes its lease (from the checkpoint it last saw), so
+/// the lease does not sit idle while the read waits, nor hold a second connection of a pool;
+/// only its first batch, with no checkpoint seen yet, is read under the lease.
+#[test]
+fn the_relay_reads_its_batch_before_it_takes_its_lease() {
+    run(async {
+        let checkpoints = Arc::new(InMemoryProjectionStore::new());
+        let events = Arc::new(LeaseWatcher {
+            inner: InMemoryEventStore::new(),
+            checkpoints: checkpoints.clone(),
+            reads_under_lease: AtomicUsize::new(0),
+        });
+        let transport = Arc::new(Switchable::default());
+        let relay = StoreRelay::new(
+            "relay",
+            events.clone(),
+            checkpoints,
+            transport.clone(),
+            "out",
+        );
+        for (stream, sum) in [("a", 1), ("b", 2), ("c", 3)] {
+            events
+                .append(stream, ExpectedVersion::NO_STREAM, vec![record(sum)])
+                .await
+                .unwrap();
+            assert_eq!(relay.relay_once().await.unwrap(), 1);
+        }
+        assert_eq!(relay.relay_once().await.unwrap(), 0);
+        assert_eq!(
+            events.reads_under_lease.load(Ordering::SeqCst),
+            1,
+            "the first only"
+        );
+        assert_eq!(shipped(&transport.inner).await, [1, 2, 3]);
+    });
+}
+
+/// A relay whose checkpoint another instance moved since it last looked reads again under
+/// its lease, from the new checkpoint: nothing is shipped twice.
+#[test]
+fn a_relay_behind_another_instance_reads_again_from_its_checkpoint() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let checkpoints = Arc::new(InMemoryProjectionStore::new());
+        let transport = Arc::new(Switchable::default());
+        let relay = |_| {
+            StoreRelay::new(
+                "relay",
+                events.clone(),
+                checkpoints.clone(),
+                transport.clone(),
+                "out",
+            )
+        };
+        let (first, second) = (relay(1), relay(2));
+        let append = |stream: &'static str, sums: Vec<u64>| {
+            let events = events.clone();
+            async move {
+                events
+                    .append(
+                        stream,
+                        ExpectedVersion::NO_STREAM,
+                        sums.into_iter().map(record).collect(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        append("a", vec![1, 2, 3]).await;
+        assert_eq!(first.relay_once().await.unwrap(), 3);
+        append("b", vec![4, 5]).await;
+        assert_eq!(second.relay_once().await.unwrap(), 2);
+        append("c", vec![6]).await;
+        // `first` last saw the checkpoint after 3, and reads 4, 5, 6 ahead of its lease.
+        assert_eq!(first.relay_once().await.unwrap(), 1, "only 6 is new");
+        assert_eq!(shipped(&transport.inner).await, [1, 2, 3, 4, 5, 6]);
+    });
+}
+
+async fn shipped(transport: &InMemoryTransport) -> Vec<u64> {
+    let mut consumer = transport
+        .consumer(
+            "out",
+            "check",
+            ConsumerOptions::default().block(Duration::from_millis(10)),
+        )
+        .await
+        .unwrap();
+    let got = consumer.fetch(100).await.unwrap();
+    got.iter()
+        .map(|d| d.record.payload["sum"].as_u64().unwrap())
+        .collect()
+}

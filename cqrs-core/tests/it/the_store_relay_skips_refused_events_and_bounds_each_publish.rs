@@ -360,3 +360,90 @@ async fn shipped_sums(transport: &InMemoryTransport) -> Vec<u64> {
         .map(|d| d.record.payload["sum"].as_u64().unwrap())
         .collect()
 }
+
+/// A transport that never answers a publish of more than `most` events (too slow for them),
+/// and takes smaller ones at once. Records every event it took, duplicates included.
+struct SlowForMany {
+    inner: InMemoryTransport,
+    most: usize,
+    taken: Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl EventTransport for SlowForMany {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if events.len() > self.most {
+            std::future::pending::<()>().await;
+        }
+        self.inner.publish(topic, events).await?;
+        let mut taken = self.taken.lock().unwrap();
+        taken.extend(events.iter().map(|e| e.payload["sum"].as_u64().unwrap()));
+        Ok(())
+    }
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// A transport too slow for a whole batch within the publish timeout gets smaller batches:
+/// after a batch that got nothing through, the relay reads and publishes at most half of it,
+/// down to what the transport takes, so it gets through the backlog, each event once and in
+/// order. (It sent the same whole batch again on every retry, and never got past it.)
+#[test]
+fn a_transport_too_slow_for_a_whole_batch_gets_smaller_ones() {
+    run_paused(|| async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let transport = Arc::new(SlowForMany {
+            inner: InMemoryTransport::new(),
+            most: 3,
+            taken: Mutex::new(Vec::new()),
+        });
+        let relay = StoreRelay::new(
+            "relay",
+            events.clone(),
+            Arc::new(InMemoryProjectionStore::new()),
+            transport.clone(),
+            "out",
+        )
+        .batch_size(16)
+        .publish_timeout(Duration::from_secs(1));
+        events
+            .append(
+                "a",
+                ExpectedVersion::NO_STREAM,
+                (1..=20).map(record).collect(),
+            )
+            .await
+            .unwrap();
+        let mut outcomes = Vec::new();
+        while relay.backlog().await.unwrap() > 0 {
+            assert!(outcomes.len() < 30, "no progress: {outcomes:?}");
+            let outcome = relay.relay_once().await;
+            outcomes.push(outcome.as_ref().map_err(|e| e.kind()).copied());
+        }
+        use cqrs_core::ErrorKind::Timeout;
+        // 16 and 8 time out; 4 times out too; then 2 at a time, trying 4 again after each
+        // quick full batch of 2.
+        assert_eq!(
+            outcomes[..4],
+            [Err(Timeout), Err(Timeout), Err(Timeout), Ok(2)]
+        );
+        assert_eq!(
+            *transport.taken.lock().unwrap(),
+            (1..=20).collect::<Vec<_>>(),
+            "each published once, in order"
+        );
+        assert_eq!(
+            shipped_sums(&transport.inner).await,
+            (1..=20).collect::<Vec<_>>()
+        );
+    });
+}
