@@ -7,6 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# No psql connection waits for ever on a host that drops packets.
+export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-10}
+# Where a run as root keeps the password it gave the local postgres role.
+PG_PASSWORD_FILE=${XDG_STATE_HOME:-${HOME:-/root}/.local/state}/cqrs-test/postgres-password
+
 log() { printf '\033[1m[test.sh]\033[0m %s\n' "$*" >&2; }
 # A URL with its password (user info) hidden, for the log.
 redact() { sed -E 's#//[^@/]*@#//***@#' <<<"$1"; }
@@ -75,33 +80,50 @@ ensure_postgres() {
             fi
             log "starting PostgreSQL $version/$cluster"
             pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" start ||
-                die "could not start PostgreSQL $version/$cluster"
+                die "could not start PostgreSQL $version/$cluster$([[ $(id -u) == 0 ]] || echo " (starting a cluster takes root: run this as root, or start it with sudo pg_ctlcluster $version $cluster start)")"
             wait_for 60 pg_up || die "PostgreSQL did not accept connections within 60 s"
         fi
     fi
     local admin="postgres://postgres@127.0.0.1:5432/postgres"
     if ! psql_ok "$admin"; then
-        # Debian's package asks for a password on TCP. A run as root gives the postgres role
-        # the password `postgres`; a later run (as anyone) uses it.
-        if psql_ok "postgres://postgres:postgres@127.0.0.1:5432/postgres"; then
-            :
+        # Debian's package asks for a password on TCP. A run as root gives the postgres role a
+        # random password, kept in a file only root can read ($PG_PASSWORD_FILE); later runs
+        # as root use it. (A known password would make every local user a superuser.)
+        local password=""
+        if [[ -r $PG_PASSWORD_FILE ]] &&
+            psql_ok "postgres://postgres:$(<"$PG_PASSWORD_FILE")@127.0.0.1:5432/postgres"; then
+            password=$(<"$PG_PASSWORD_FILE")
+        elif psql_ok "postgres://postgres:postgres@127.0.0.1:5432/postgres"; then
+            password=postgres
+            log "warning: the postgres role's password is \`postgres\` (an earlier version of this script set it): any local user can log in as a superuser; change it (ALTER USER postgres PASSWORD ...) and set DATABASE_URL"
         elif [[ $(id -u) == 0 && -n $local_cluster ]]; then
+            password=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+            (umask 077 && mkdir -p "$(dirname "$PG_PASSWORD_FILE")" &&
+                printf '%s' "$password" >"$PG_PASSWORD_FILE") ||
+                die "cannot write $PG_PASSWORD_FILE"
+            log "giving the postgres role a random password (kept in $PG_PASSWORD_FILE)"
             # Over the local cluster's socket: the server on 5432 may be another one (in a
-            # container), and this cluster stopped.
-            su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null ||
+            # container), and this cluster stopped. `-w` and no terminal: a password prompt
+            # here would stop the run, not fail it.
+            su postgres -c "psql -w -q -c \"ALTER USER postgres PASSWORD '$password'\"" >/dev/null </dev/null ||
                 die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password, nor set one through the local cluster; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
         else
             die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
         fi
-        admin="postgres://postgres:postgres@127.0.0.1:5432/postgres"
-        export DATABASE_URL="postgres://postgres:postgres@127.0.0.1:5432/test"
+        admin="postgres://postgres:$password@127.0.0.1:5432/postgres"
+        export DATABASE_URL="postgres://postgres:$password@127.0.0.1:5432/test"
         psql_ok "$admin" || die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres; set DATABASE_URL"
     fi
     local exists
     exists=$(psql -w "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" </dev/null)
     if [[ $exists != 1 ]]; then
         log "creating database test"
-        psql -w "$admin" -q -c "CREATE DATABASE test" >/dev/null </dev/null
+        # Another run may create it meanwhile: that is as good.
+        local created
+        if ! created=$(psql -w "$admin" -q -c "CREATE DATABASE test" 2>&1 </dev/null) &&
+            [[ $created != *"already exists"* ]]; then
+            die "could not create database test: $created"
+        fi
     fi
 }
 

@@ -141,7 +141,10 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             .map_err(|e| {
                 ApiError::bad_request(
                     "invalid_path",
-                    format!("invalid path parameter: {}", e.body_text()),
+                    format!(
+                        "invalid path parameter: {}",
+                        clipped(&e.body_text(), MAX_QUOTED)
+                    ),
                 )
             })
     }
@@ -161,7 +164,10 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
             .map_err(|e| {
                 ApiError::bad_request(
                     "invalid_query",
-                    format!("invalid query parameter: {}", e.body_text()),
+                    format!(
+                        "invalid query parameter: {}",
+                        clipped(&e.body_text(), MAX_QUOTED)
+                    ),
                 )
             })
     }
@@ -379,18 +385,20 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
         let Some(peer) = peer.filter(|ip| proxies.trusts(*ip)) else {
             return Ok(ClientAddr(peer));
         };
-        let hops: Vec<&str> = parts
+        // Entry by entry, not header by header: a proxy appends the real address to the
+        // client's own header, so a byte that is no text in the client's part must not hide
+        // the entries after it (it stops the walk where it is, as any garbage does).
+        let hops: Vec<Option<&str>> = parts
             .headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(|hop| std::str::from_utf8(hop).ok().map(str::trim))
             .collect();
         let mut client = peer;
         for hop in hops.iter().rev() {
             // An address we cannot read: nothing to its left can be believed either.
-            let Some(ip) = forwarded_address(hop) else {
+            let Some(ip) = hop.and_then(forwarded_address) else {
                 break;
             };
             client = ip;
@@ -485,6 +493,25 @@ mod tests {
                 .unwrap();
             client.map(|ip| ip.to_string())
         };
+        let client_bytes = |forwarded: &'static [u8]| {
+            let request = axum::http::Request::builder()
+                .header(
+                    "x-forwarded-for",
+                    axum::http::HeaderValue::from_bytes(forwarded).unwrap(),
+                )
+                .extension(ConnectInfo("127.0.0.1:5000".parse::<SocketAddr>().unwrap()))
+                .extension(TrustedProxies::new([
+                    "127.0.0.1".parse().unwrap(),
+                    "10.0.0.1".parse().unwrap(),
+                ]))
+                .body(())
+                .unwrap();
+            let (mut parts, ()) = request.into_parts();
+            let ClientAddr(client) = runtime
+                .block_on(ClientAddr::from_request_parts(&mut parts, &()))
+                .unwrap();
+            client.map(|ip| ip.to_string())
+        };
         let some = |s: &str| Some(s.to_owned());
         assert_eq!(client("198.51.100.1:5000"), some("198.51.100.1"));
         assert_eq!(
@@ -498,6 +525,14 @@ mod tests {
             some("10.0.0.1")
         );
         assert_eq!(client("garbage"), some("127.0.0.1"));
+        // A byte that is no text in the client's own part does not hide the address the
+        // proxy appended (it hid the whole header: the client became the proxy); it stops
+        // the walk like garbage.
+        assert_eq!(client_bytes(b"\x80, 203.0.113.7"), some("203.0.113.7"));
+        assert_eq!(
+            client_bytes(b"198.51.100.1, \x80, 10.0.0.1"),
+            some("10.0.0.1")
+        );
     }
 
     #[test]

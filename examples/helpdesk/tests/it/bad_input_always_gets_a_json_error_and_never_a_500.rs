@@ -53,6 +53,17 @@ async fn routing_and_body_errors_use_the_json_contract() {
         raw(&s, Method::GET, "/no/such/route", t, None, vec![])
             .await
             .assert_error(StatusCode::NOT_FOUND, "not_found");
+        // A long path or query value is not quoted back whole.
+        let long = "x".repeat(10_000);
+        for (uri, code) in [
+            (format!("/tickets/{long}"), "invalid_path"),
+            (format!("/tickets?status={long}"), "invalid_query"),
+        ] {
+            let refused = raw(&s, Method::GET, &uri, t, None, vec![]).await;
+            refused.assert_error(StatusCode::BAD_REQUEST, code);
+            let message = refused.body["error"]["message"].as_str().unwrap();
+            assert!(message.len() < 500, "{code}: {} bytes", message.len());
+        }
         let wrong_method = raw(&s, Method::DELETE, "/tickets", t, None, vec![]).await;
         wrong_method.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
         assert!(wrong_method.headers.get("allow").is_some());
