@@ -456,10 +456,13 @@ impl CommandHandler<LogIn> for LogInHandler {
         // Email keys hold an `@`, address keys none: the two never meet in one table.
         let key = format!("{email}|{client}");
         let address_key = format!("address|{client}");
-        // The turn to hash comes first: a login refused as `busy` is no attempt.
-        let turn = self.hashing.turn(cmd.client).await?;
+        // The client's own bound comes first (a refusal there is no attempt); the shared
+        // permit to hash only once the throttles and the lookup are done, so their round
+        // trips to a slow store do not hold one of the few permits every client needs.
+        let slot = self.hashing.client_slot(cmd.client)?;
         // Counted now, in the same step as the check of the limit, so concurrent guesses
-        // cannot all pass it; kept only once the password is checked and found wrong.
+        // cannot all pass it; kept only once the password is checked and found wrong (a
+        // login refused as `busy` is taken back, as any the server could not finish).
         let mut counted = CountedAttempts::new();
         let checked = async {
             if let Some(seconds) = counted
@@ -476,6 +479,7 @@ impl CommandHandler<LogIn> for LogInHandler {
             let hash = user
                 .as_ref()
                 .map_or_else(|| self.dummy_hash.to_string(), |u| u.password_hash.clone());
+            let turn = slot.turn(&self.hashing).await?;
             let ok = Hashing::verify_password(turn, cmd.password, hash).await? && user.is_some();
             Ok::<_, HandlerError>(match user.filter(|_| ok) {
                 Some(user) => Checked::Right(user),
@@ -490,7 +494,10 @@ impl CommandHandler<LogIn> for LogInHandler {
                 return Err(invalid_credentials());
             }
             Ok(Checked::Right(user)) => {
-                counted.take_back().await?;
+                // The right password is let in, whether or not its count could be taken back.
+                if let Err(e) = counted.take_back().await {
+                    tracing::warn!(error = %e, "a successful login's attempt stays counted");
+                }
                 user
             }
             Ok(Checked::Blocked(seconds)) => {
@@ -634,10 +641,13 @@ mod tests {
         users: InMemoryUserStore,
         failing: Arc<std::sync::atomic::AtomicBool>,
         hanging: Arc<std::sync::atomic::AtomicBool>,
+        /// Calls that began.
+        calls: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl FlakyUsers {
         async fn check(&self) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
             if self.hanging.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
@@ -669,10 +679,12 @@ mod tests {
         }
     }
 
-    /// A throttle in memory whose `attempt` fails on demand.
+    /// A throttle in memory whose `attempt` (`failing`) or `succeeded` (`failing_back`) fails
+    /// on demand.
     struct FlakyThrottle {
         inner: InMemoryLoginThrottle,
         failing: Arc<std::sync::atomic::AtomicBool>,
+        failing_back: Arc<std::sync::atomic::AtomicBool>,
     }
 
     #[async_trait]
@@ -688,8 +700,139 @@ mod tests {
         }
 
         async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+            if self.failing_back.load(Ordering::SeqCst) {
+                return Err(StoreError::Unavailable {
+                    backend: "postgres",
+                    source: "connection reset".into(),
+                });
+            }
             self.inner.succeeded(key).await
         }
+    }
+
+    /// A handler of logins to `c@example.com` (password [`PASSWORD`]) with the given store,
+    /// throttle and hashing bound.
+    fn login_handler(
+        users: &FlakyUsers,
+        throttle: Arc<dyn LoginThrottle>,
+        hashing: Hashing,
+        clock: &Arc<ManualClock>,
+    ) -> LogInHandler {
+        LogInHandler {
+            users: Arc::new(users.clone()),
+            hashing,
+            throttle,
+            address_throttle: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                100,
+                Duration::from_secs(60),
+            )),
+            tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
+            dummy_hash: Arc::new(dummy_hash().unwrap()),
+            agents: AgentList::new(Arc::default(), None),
+        }
+    }
+
+    async fn with_user_c(clock: &ManualClock) -> FlakyUsers {
+        let users = FlakyUsers::default();
+        users
+            .users
+            .create(UserRecord {
+                id: Uuid::now_v7(),
+                email: "c@example.com".into(),
+                role: Role::Customer,
+                display_name: None,
+                password_hash: argon2_hash(PASSWORD.as_bytes()).unwrap(),
+                created_at: clock.now(),
+            })
+            .await
+            .unwrap();
+        users
+    }
+
+    fn log_in(password: &str, client: [u8; 4]) -> LogIn {
+        LogIn {
+            email: "c@example.com".into(),
+            password: password.into(),
+            client: Some(client.into()),
+        }
+    }
+
+    /// A login waiting on a slow store holds no permit to hash: with a single permit, another
+    /// client's login goes through meanwhile instead of hearing `busy` (the permit was taken
+    /// before the throttles and the lookup, and held through them).
+    #[tokio::test]
+    async fn a_login_waiting_on_the_store_holds_no_permit_to_hash() {
+        cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+            let clock = Arc::new(ManualClock::new());
+            let users = with_user_c(&clock).await;
+            let throttle = Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                100,
+                Duration::from_secs(60),
+            ));
+            let handler = Arc::new(login_handler(
+                &users,
+                throttle,
+                Hashing::new(1, Duration::from_millis(200)),
+                &clock,
+            ));
+            users.hanging.store(true, Ordering::SeqCst);
+            let stuck = tokio::spawn({
+                let handler = handler.clone();
+                async move {
+                    handler
+                        .handle(
+                            log_in(PASSWORD, [192, 0, 2, 1]),
+                            &mut CommandContext::new(Metadata::new()),
+                        )
+                        .await
+                }
+            });
+            while users.calls.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+            users.hanging.store(false, Ordering::SeqCst);
+            handler
+                .handle(
+                    log_in(PASSWORD, [192, 0, 2, 2]),
+                    &mut CommandContext::new(Metadata::new()),
+                )
+                .await
+                .expect("the other client's login is not refused as busy");
+            stuck.abort();
+        })
+        .await;
+    }
+
+    /// The right password is let in even when its count cannot be taken back (it was refused
+    /// with 503, and the count stayed as a failure).
+    #[tokio::test]
+    async fn a_right_password_is_let_in_when_its_count_cannot_be_taken_back() {
+        cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+            let clock = Arc::new(ManualClock::new());
+            let users = with_user_c(&clock).await;
+            let failing_back = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let handler = login_handler(
+                &users,
+                Arc::new(FlakyThrottle {
+                    inner: InMemoryLoginThrottle::new(clock.clone(), 5, Duration::from_secs(60)),
+                    failing: Arc::default(),
+                    failing_back,
+                }),
+                Hashing::new(2, Duration::from_secs(5)),
+                &clock,
+            );
+            let logged_in = handler
+                .handle(
+                    log_in(PASSWORD, [192, 0, 2, 3]),
+                    &mut CommandContext::new(Metadata::new()),
+                )
+                .await
+                .expect("the right password");
+            assert!(!logged_in.token.is_empty());
+        })
+        .await;
     }
 
     /// Logins the server could not finish (the user store failed, the throttle failed after
@@ -722,6 +865,7 @@ mod tests {
                 throttle: Arc::new(FlakyThrottle {
                     inner: one_failure(),
                     failing: throttle_failing.clone(),
+                    failing_back: Arc::default(),
                 }),
                 address_throttle: Arc::new(one_failure()),
                 tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
@@ -921,6 +1065,7 @@ mod tests {
             users: InMemoryUserStore::default(),
             failing: failing.clone(),
             hanging: hanging.clone(),
+            calls: Arc::default(),
         });
         let handler = registrations(users, &clock, 3);
         let handle = |email: &str| {

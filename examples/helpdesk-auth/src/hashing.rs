@@ -42,11 +42,35 @@ pub(crate) struct Turn {
     _slot: ClientSlot,
 }
 
-/// One of a client's turns; gives it back when dropped.
+/// One of a client's turns; gives it back when dropped. Taken before a login's other work
+/// (its throttle counts, the user's lookup), so one client's logins are bounded all along;
+/// the shared permit ([`ClientSlot::turn`]) only for the hash itself.
 #[derive(Debug)]
-struct ClientSlot {
+pub(crate) struct ClientSlot {
     clients: Arc<Mutex<HashMap<String, usize>>>,
     key: String,
+}
+
+impl ClientSlot {
+    /// The turn to hash: this slot and a permit of `hashing`'s shared bound, waited for up to
+    /// its bound, `busy` past it.
+    pub(crate) async fn turn(self, hashing: &Hashing) -> Result<Turn, HandlerError> {
+        let permit = tokio::time::timeout(hashing.wait, hashing.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                HandlerError::new(
+                    ErrorKind::Unavailable,
+                    "busy",
+                    "the server is checking too many passwords at once; try again in a moment",
+                )
+            })?;
+        Ok(Turn {
+            _permit: permit,
+            _slot: self,
+        })
+    }
 }
 
 impl Drop for ClientSlot {
@@ -83,22 +107,13 @@ impl Hashing {
     /// it. A login takes its turn before it counts an attempt, so a refusal for either reason
     /// never counts as a failed login.
     pub(crate) async fn turn(&self, client: Option<IpAddr>) -> Result<Turn, HandlerError> {
-        let slot = self.slot(client_key(client))?;
-        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                HandlerError::new(
-                    ErrorKind::Unavailable,
-                    "busy",
-                    "the server is checking too many passwords at once; try again in a moment",
-                )
-            })?;
-        Ok(Turn {
-            _permit: permit,
-            _slot: slot,
-        })
+        self.client_slot(client)?.turn(self).await
+    }
+
+    /// One of `client`'s turns, without the shared permit yet: refused at once
+    /// (`too_many_attempts`) when the client holds or waits for its share already.
+    pub(crate) fn client_slot(&self, client: Option<IpAddr>) -> Result<ClientSlot, HandlerError> {
+        self.slot(client_key(client))
     }
 
     fn slot(&self, key: String) -> Result<ClientSlot, HandlerError> {
