@@ -404,6 +404,19 @@ impl RedisConsumer {
     /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
     /// restarted without persistence) and tries once more. After a read or step whose outcome
     /// is unknown, first takes over what it may have left pending here.
+    /// Forgets what this consumer knew of a group that is gone (deleted, or lost with a
+    /// restarted server): the group made again at `0` delivers everything again, so what was
+    /// held, known, adopted or acknowledged here is not, and its reclaim cursor means nothing.
+    /// (The read path kept its held entries, and handed an entry out twice in one batch: held,
+    /// and read again.)
+    fn forget_the_old_group(&mut self) {
+        self.held.clear();
+        self.known.clear();
+        self.adopted.clear();
+        self.acked.clear();
+        self.cursor = "0-0".to_owned();
+    }
+
     async fn step(&mut self, max: usize) -> Result<Vec<Ready>, TransportError> {
         if self.unsure || self.reader_unsure {
             self.adopt_stranded().await?;
@@ -413,11 +426,7 @@ impl RedisConsumer {
         match self.try_step(max).await {
             Err(e) if is_nogroup(&e) => {
                 self.shared.create_group(&self.keys, &self.group).await?;
-                self.held.clear();
-                self.known.clear();
-                self.adopted.clear();
-                // A new group delivers everything again: what was acknowledged here is not.
-                self.acked.clear();
+                self.forget_the_old_group();
                 self.try_step(max).await.map_err(transport_error)
             }
             other => other.map_err(transport_error),
@@ -951,8 +960,7 @@ impl RedisConsumer {
                 // Refused: it read nothing.
                 self.reader_unsure = false;
                 self.shared.create_group(&self.keys, &self.group).await?;
-                // A new group delivers everything again: what was acknowledged here is not.
-                self.acked.clear();
+                self.forget_the_old_group();
                 return Ok(());
             }
             Err(e) => {

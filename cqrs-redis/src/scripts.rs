@@ -188,6 +188,9 @@ if claim_count > 0 then
       add(c)
     end
   end
+  -- Pending entries deleted from the stream, which the claim dropped from the pending list:
+  -- their recorded errors go with them.
+  for _, id in ipairs(r[3] or {}) do redis.call('HDEL', keys.errors, id) end
 end
 for i = 8, #ARGV, 5 do
   local id, kind = ARGV[i], ARGV[i + 1]
@@ -244,8 +247,11 @@ for _, c in ipairs(cands) do
         -- The predecessor was delivered to the group before this entry (groups read in stream
         -- order), so it is done with exactly when it is no longer pending: wait while it is.
         -- `pcall`: a `prev` Redis refuses as an id must not fail the step for every entry;
-        -- any other error (the group deleted meanwhile, say) fails the step as usual.
-        local p = parse_id(prev) and redis.pcall('XPENDING', keys.stream, group, prev, prev, 1)
+        -- any other error (the group deleted meanwhile, say) fails the step as usual. A
+        -- `prev` not older than the entry itself (its own id, or a later one's) is malformed
+        -- too: waiting for it could wait for ever (for itself, or for an entry waiting for it).
+        local p = parse_id(prev) and idlt(prev, c.id)
+          and redis.pcall('XPENDING', keys.stream, group, prev, prev, 1)
         if not p then
           state = 'malformed'
         elseif p.err then
@@ -271,7 +277,7 @@ for _, c in ipairs(cands) do
             return string.format('\\x%02x', string.byte(ch))
           end)
           deadletter(keys, group, me, c.id, fields, count,
-            'malformed entry: its `prev` field `' .. shown .. '` is not a stream id')
+            'malformed entry: its `prev` field `' .. shown .. '` is not the id of an earlier entry')
           malformed = malformed + 1
         else
           redis.call('XACK', keys.stream, group, c.id)
@@ -326,8 +332,10 @@ return {next_cursor, ready, held, dead, malformed}
 const NACK: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if p[1] and p[1][2] == ARGV[2] then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
+  -- An entry deleted from the stream meanwhile leaves the pending list here (the claim does
+  -- not return it): its error is not recorded, or nothing would ever remove it.
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+  if claimed[1] and ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
   return 1
 end
 return 0

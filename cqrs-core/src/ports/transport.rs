@@ -99,7 +99,10 @@ impl ConsumerOptions {
         self
     }
 
-    /// Sets the redelivery delay.
+    /// Sets the redelivery delay. Give every consumer of a group the same one: a transport
+    /// that reclaims by idle time (Redis) hands another consumer what has been idle for the
+    /// reclaiming consumer's delay, so one with a shorter delay takes entries a consumer with a
+    /// longer one is still handling.
     pub fn redelivery_delay(mut self, delay: Duration) -> Self {
         self.redelivery_delay = delay;
         self

@@ -120,6 +120,66 @@ async fn an_ack_by_a_slow_consumer_removes_the_error_another_recorded() {
     env.cleanup().await;
 }
 
+/// An entry deleted from the stream while pending (`XDEL`, an operator's trim) takes its
+/// recorded error with it when it leaves the pending list: nacked before the delete (the
+/// reclaim drops it), or after (the nack's claim drops it). (Both errors stayed for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_deleted_while_pending_leaves_no_error_behind() {
+    let Some(env) = Env::new("deleted-error").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let errors = format!(
+                "{}:{{{topic}}}:errors:g",
+                crate::support::key_prefix(&env.id)
+            );
+            let mut c = env
+                .join(&topic, "c", |o| {
+                    o.redelivery_delay(Duration::from_millis(200))
+                })
+                .await;
+            env.publish_one(&topic, "a", 1).await;
+            env.publish_one(&topic, "b", 2).await;
+            let mut got = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.len() < 2 {
+                got.extend(c.fetch(10).await.unwrap());
+                assert!(tokio::time::Instant::now() < until, "not both fetched");
+            }
+            let id = |n: u64| got.iter().find(|d| n_of(d) == n).unwrap().id.clone();
+            let (first, second) = (id(1), id(2));
+            let xdel = |id: DeliveryId| {
+                env.command("XDEL", vec![stream.as_str().into(), id.0.as_str().into()])
+            };
+            c.nack_with_reason(&first, "boom").await.unwrap();
+            xdel(first).await;
+            xdel(second.clone()).await;
+            c.nack_with_reason(&second, "bang").await.unwrap();
+            let hlen = || env.command("HLEN", vec![errors.as_str().into()]);
+            // The reclaim of the first comes once its redelivery delay has passed.
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = c.fetch(10).await.unwrap();
+                assert!(left.is_empty(), "a deleted entry handed out");
+                if hlen().await.as_u64() == Some(0) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "errors of deleted entries stayed: {:?}",
+                    env.command("HGETALL", vec![errors.as_str().into()]).await
+                );
+            }
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_keeps_a_nacked_entry_after_many_returns() {
     let Some(env) = Env::new("many-returns").await else {

@@ -56,6 +56,44 @@ async fn an_entry_with_a_malformed_prev_is_dead_lettered() {
     env.cleanup().await;
 }
 
+/// `prev` is a stream id, but not one of an earlier entry: here the entry's own, which the
+/// gate found pending (the entry itself) on every step, so the entry and its lane waited for
+/// ever, and so did every later malformed entry and the trimming behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_prev_is_its_own_id_is_dead_lettered() {
+    let Some(env) = Env::with("bad-prev-self", |o| o.key_ordering(KeyOrdering::Exact)).await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            env.publish_one(&topic, "k", 1).await;
+            // An id far ahead of the clock, so it is later than the first entry's.
+            let own = "99999999999999-7";
+            let bad = add_bad_entry_at(&env, &topic, own, own.into(), 2).await;
+            assert_eq!(bad, own);
+            env.publish_one(&topic, "k", 3).await;
+            env.publish_one(&topic, "q", 4).await;
+
+            let mut consumer = env.join(&topic, "c", |o| o).await;
+            let mut got = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.len() < 3 && tokio::time::Instant::now() < until {
+                let batch = consumer.fetch(10).await.expect("fetch keeps working");
+                got.extend(batch.iter().map(n_of));
+                let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
+                consumer.ack(&ids).await.unwrap();
+            }
+            got.sort_unstable();
+            assert_eq!(got, [1, 3, 4], "everything but the malformed entry");
+            assert_one_malformed_dead_letter(&env, &topic, &bad, own).await;
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 /// `prev` is no stream id at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_entry_waits_for_a_nacked_predecessor() {
@@ -203,6 +241,11 @@ async fn a_gate_check_failing_otherwise_fails_the_fetch_and_dead_letters_nothing
 /// Appends an entry of key `k` (lane `k:k`) with event `n` and the given `prev`, and makes it
 /// the lane's last entry, as a publisher would. Returns its id.
 async fn add_bad_entry(env: &Env, topic: &str, prev: Value, n: u64) -> String {
+    add_bad_entry_at(env, topic, "*", prev, n).await
+}
+
+/// [`add_bad_entry`] with entry id `id` (`*`: Redis picks it).
+async fn add_bad_entry_at(env: &Env, topic: &str, id: &str, prev: Value, n: u64) -> String {
     let stream = env.transport.stream_key(topic).unwrap();
     let lanes = format!("{}:{{{topic}}}:lanes", key_prefix(&env.id));
     let record = serde_json::to_string(&event(Some("k"), n)).unwrap();
@@ -211,7 +254,7 @@ async fn add_bad_entry(env: &Env, topic: &str, prev: Value, n: u64) -> String {
             "XADD",
             vec![
                 stream.as_str().into(),
-                "*".into(),
+                id.into(),
                 "key".into(),
                 "k".into(),
                 "lane".into(),
