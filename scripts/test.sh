@@ -89,11 +89,13 @@ ensure_postgres() {
         # Debian's package asks for a password on TCP. A run as root gives the postgres role a
         # random password, kept in a file only root can read ($PG_PASSWORD_FILE); later runs
         # as root use it. (A known password would make every local user a superuser.)
+        # Passwords go to psql in PGPASSWORD, never in its arguments (which `ps` shows to
+        # every user).
         local password=""
         if [[ -r $PG_PASSWORD_FILE ]] &&
-            psql_ok "postgres://postgres:$(<"$PG_PASSWORD_FILE")@127.0.0.1:5432/postgres"; then
+            PGPASSWORD=$(<"$PG_PASSWORD_FILE") psql_ok "$admin"; then
             password=$(<"$PG_PASSWORD_FILE")
-        elif psql_ok "postgres://postgres:postgres@127.0.0.1:5432/postgres"; then
+        elif PGPASSWORD=postgres psql_ok "$admin"; then
             password=postgres
             log "warning: the postgres role's password is \`postgres\` (an earlier version of this script set it): any local user can log in as a superuser; change it (ALTER USER postgres PASSWORD ...) and set DATABASE_URL"
         elif [[ $(id -u) == 0 && -n $local_cluster ]]; then
@@ -103,14 +105,16 @@ ensure_postgres() {
                 die "cannot write $PG_PASSWORD_FILE"
             log "giving the postgres role a random password (kept in $PG_PASSWORD_FILE)"
             # Over the local cluster's socket: the server on 5432 may be another one (in a
-            # container), and this cluster stopped. `-w` and no terminal: a password prompt
-            # here would stop the run, not fail it.
-            su postgres -c "psql -w -q -c \"ALTER USER postgres PASSWORD '$password'\"" >/dev/null </dev/null ||
+            # container), and this cluster stopped. `-w`, and the statement on stdin (not in
+            # the arguments): a password prompt here would stop the run, not fail it.
+            printf "ALTER USER postgres PASSWORD '%s';\n" "$password" |
+                su postgres -c "psql -w -q" >/dev/null ||
                 die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password, nor set one through the local cluster; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
         else
             die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres without a password; set DATABASE_URL (postgres://USER:PASSWORD@127.0.0.1:5432/test)"
         fi
-        admin="postgres://postgres:$password@127.0.0.1:5432/postgres"
+        export PGPASSWORD=$password
+        # The tests' URL carries it (their environment is their own user's to read).
         export DATABASE_URL="postgres://postgres:$password@127.0.0.1:5432/test"
         psql_ok "$admin" || die "cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres; set DATABASE_URL"
     fi
@@ -118,10 +122,11 @@ ensure_postgres() {
     exists=$(psql -w "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" </dev/null)
     if [[ $exists != 1 ]]; then
         log "creating database test"
-        # Another run may create it meanwhile: that is as good.
+        # Another run may create it meanwhile (Postgres then says "already exists", or, when
+        # the two overlap, a duplicate key): that is as good.
         local created
         if ! created=$(psql -w "$admin" -q -c "CREATE DATABASE test" 2>&1 </dev/null) &&
-            [[ $created != *"already exists"* ]]; then
+            [[ $(psql -w "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" </dev/null) != 1 ]]; then
             die "could not create database test: $created"
         fi
     fi

@@ -181,6 +181,23 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     read_from: std::sync::Mutex<Option<Position>>,
 }
 
+/// What one batch did: how many events took effect, whether the source had no more to give,
+/// and, fed by a transport, the failure of an event set aside while the rest of its batch took
+/// effect.
+struct Stepped {
+    applied: usize,
+    caught_up: bool,
+    set_aside: Option<ProjectionError>,
+}
+
+impl Stepped {
+    const CAUGHT_UP: Stepped = Stepped {
+        applied: 0,
+        caught_up: true,
+        set_aside: None,
+    };
+}
+
 /// How many times a step reads its batch ahead of its unit before it reads inside the unit.
 const READ_AHEAD_ATTEMPTS: usize = 3;
 /// How long a runner keeps inbox entries by default: far longer than any redelivery.
@@ -400,16 +417,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// with the later events of its chain, and the rest of the batch is applied again at once:
     /// the error is still returned, although those other events took effect.
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
-        self.step().await.map(|(applied, _)| applied)
+        let stepped = self.step().await?;
+        match stepped.set_aside {
+            None => Ok(stepped.applied),
+            Some(e) => Err(e),
+        }
     }
 
     /// One batch: how many events took effect, and whether the source had no more to give
     /// (a batch of skipped types or duplicates still moves on: it is not "caught up").
-    async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
+    async fn step(&mut self) -> Result<Stepped, ProjectionError> {
         match &self.source {
-            Source::Store => {
-                keep_alive_while(None, &[], self.stall(), self.run_once_from_store()).await
-            }
+            Source::Store => keep_alive_while(None, &[], self.stall(), self.run_once_from_store())
+                .await
+                .map(|(applied, caught_up)| Stepped {
+                    applied,
+                    caught_up,
+                    set_aside: None,
+                }),
             // A batch that brought events, all duplicates or skipped, is not "caught up": it
             // proves the store works (its unit committed), so it clears a failure's health.
             Source::Transport { .. } => self.run_once_from_transport().await,
@@ -486,7 +511,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 
     /// One fetched batch: how many events took effect, and whether the fetch brought nothing.
-    async fn run_once_from_transport(&mut self) -> Result<(usize, bool), ProjectionError> {
+    async fn run_once_from_transport(&mut self) -> Result<Stepped, ProjectionError> {
         // Field by field: the consumer is borrowed mutably while the batch is applied.
         let Self {
             store,
@@ -510,24 +535,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             consumer,
         } = source
         else {
-            return Ok((0, true));
+            return Ok(Stepped::CAUGHT_UP);
         };
         if consumer.is_none() {
             *consumer = Some(transport.consumer(topic, group, options.clone()).await?);
         }
         let Some(consumer) = consumer.as_mut() else {
-            return Ok((0, true));
+            return Ok(Stepped::CAUGHT_UP);
         };
         // A fetch may wait long (its `block`, up to forever): shutdown does not wait for it.
         let deliveries = match stop {
             Some(stop) => tokio::select! {
                 deliveries = consumer.fetch(*batch) => deliveries?,
-                _ = stop.requested() => return Ok((0, true)),
+                _ = stop.requested() => return Ok(Stepped::CAUGHT_UP),
             },
             None => consumer.fetch(*batch).await?,
         };
         if deliveries.is_empty() {
-            return Ok((0, true));
+            return Ok(Stepped::CAUGHT_UP);
         }
         let mut ids: Vec<DeliveryId> = Vec::with_capacity(deliveries.len());
         let mut order_keys: Vec<Option<String>> = Vec::with_capacity(deliveries.len());
@@ -586,11 +611,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // The batch took effect, however long it ran: a failed ack is no stall.
                     stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                     consumer.ack(&ids).await?;
-                    return match set_aside {
-                        None => Ok((applied, false)),
-                        // The others took effect; the worker still reports the failure.
-                        Some(e) => Err(e),
-                    };
+                    // The others took effect; the worker still reports what was set aside.
+                    return Ok(Stepped {
+                        applied,
+                        caught_up: false,
+                        set_aside,
+                    });
                 }
                 Err(e) => e,
             };
@@ -761,7 +787,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
             };
             match stepped {
-                Ok((applied, caught_up)) => {
+                Ok(Stepped {
+                    set_aside: Some(e), ..
+                }) => {
+                    // The rest of the batch took effect: progress, so no backoff and no
+                    // failure count (a run of such batches is not "failing"), but degraded
+                    // until a batch passes whole (or, with nothing to fetch, twice the
+                    // redelivery delay later, as after a failed batch).
+                    tracing::warn!(projection = %self.name, error = %e, "projection set an event aside; the rest of its batch took effect");
+                    failures = 0;
+                    failing_since = None;
+                    last_failure = Some(tokio::time::Instant::now());
+                    self.stalled
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    ctx.health.set(Health::Degraded(e.to_string()));
+                }
+                Ok(Stepped {
+                    applied, caught_up, ..
+                }) => {
                     // An empty fetch proves the transport, not the store: a batch that failed
                     // comes back only after the redelivery delay. Until then (twice it, so a
                     // late redelivery is not missed) health and the failure count stay as

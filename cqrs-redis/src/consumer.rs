@@ -290,6 +290,7 @@ impl RedisConsumer {
         release(
             &self.shared,
             &self.keys.stream,
+            &self.errors,
             &self.group,
             &self.options,
             entries,
@@ -401,14 +402,10 @@ impl RedisConsumer {
         }
     }
 
-    /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
-    /// restarted without persistence) and tries once more. After a read or step whose outcome
-    /// is unknown, first takes over what it may have left pending here.
     /// Forgets what this consumer knew of a group that is gone (deleted, or lost with a
     /// restarted server): the group made again at `0` delivers everything again, so what was
     /// held, known, adopted or acknowledged here is not, and its reclaim cursor means nothing.
-    /// (The read path kept its held entries, and handed an entry out twice in one batch: held,
-    /// and read again.)
+    /// (The read path kept its held entries, which the new group delivers again.)
     fn forget_the_old_group(&mut self) {
         self.held.clear();
         self.known.clear();
@@ -417,6 +414,9 @@ impl RedisConsumer {
         self.cursor = "0-0".to_owned();
     }
 
+    /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
+    /// restarted without persistence) and tries once more. After a read or step whose outcome
+    /// is unknown, first takes over what it may have left pending here.
     async fn step(&mut self, max: usize) -> Result<Vec<Ready>, TransportError> {
         if self.unsure || self.reader_unsure {
             self.adopt_stranded().await?;
@@ -473,6 +473,7 @@ impl RedisConsumer {
             set_idle(
                 &self.shared,
                 &self.keys.stream,
+                &self.errors,
                 &self.group,
                 &self.options,
                 Some(Duration::ZERO),
@@ -893,7 +894,7 @@ impl RedisConsumer {
         if args.len() > 2 {
             self.run_script(
                 &self.shared.scripts.defer,
-                &[self.keys.stream.as_str()],
+                &[self.keys.stream.as_str(), self.errors.as_str()],
                 args,
             )
             .await?;
@@ -1059,13 +1060,24 @@ fn claim_idle(delay: Duration) -> i64 {
 async fn release(
     shared: &Shared,
     stream: &str,
+    errors: &str,
     group: &str,
     options: &ConsumerOptions,
     entries: Released,
 ) -> Result<(), TransportError> {
     let (counted, read_unhanded) = (entries.counted, entries.read_unhanded);
-    set_idle(shared, stream, group, options, None, false, counted).await?;
-    set_idle(shared, stream, group, options, None, true, read_unhanded).await
+    set_idle(shared, stream, errors, group, options, None, false, counted).await?;
+    set_idle(
+        shared,
+        stream,
+        errors,
+        group,
+        options,
+        None,
+        true,
+        read_unhanded,
+    )
+    .await
 }
 
 /// Entries a consumer lets go of without handing them out.
@@ -1082,9 +1094,11 @@ struct Released {
 
 /// Sets the idle time of the entries among `ids` still pending to this consumer: `idle`, or
 /// with `None` released (idle since the epoch).
+#[allow(clippy::too_many_arguments)]
 async fn set_idle(
     shared: &Shared,
     stream: &str,
+    errors: &str,
     group: &str,
     options: &ConsumerOptions,
     idle: Option<Duration>,
@@ -1103,7 +1117,7 @@ async fn set_idle(
         shared
             .scripts
             .set_idle
-            .run(&shared.client, &shared.patient(), &[stream], args)
+            .run(&shared.client, &shared.patient(), &[stream, errors], args)
             .await
             .map_err(transport_error)?;
     }
@@ -1126,10 +1140,12 @@ impl Drop for RedisConsumer {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let shared = self.shared.clone();
             let stream = self.keys.stream.clone();
+            let errors = self.errors.clone();
             let group = self.group.clone();
             let options = self.options.clone();
             handle.spawn(async move {
-                if let Err(e) = release(&shared, &stream, &group, &options, held).await {
+                if let Err(e) = release(&shared, &stream, &errors, &group, &options, held).await
+                {
                     tracing::debug!(error = %e, "could not release held entries; they come back after the redelivery delay");
                 }
             });
@@ -1299,6 +1315,7 @@ impl Consumer for RedisConsumer {
         set_idle(
             &self.shared,
             &self.keys.stream,
+            &self.errors,
             &self.group,
             &self.options,
             Some(Duration::ZERO),
@@ -1363,7 +1380,7 @@ impl Consumer for RedisConsumer {
                 .await;
             self.run_script(
                 &self.shared.scripts.defer,
-                &[self.keys.stream.as_str()],
+                &[self.keys.stream.as_str(), self.errors.as_str()],
                 args,
             )
             .await?;

@@ -53,13 +53,19 @@ local function deadletter(keys, group, me, id, fields, count, reason)
   redis.call('XACK', keys.stream, group, id)
   redis.call('HDEL', keys.errors, id)
 end
--- Resets the idle time of entries this consumer keeps, so no one reclaims them.
-local function refresh(stream, group, me, ids)
+-- Resets the idle time of entries this consumer keeps, so no one reclaims them. An entry
+-- deleted from the stream leaves the pending list in the claim, which does not return it: its
+-- recorded error (in `errors`) goes with it.
+local function refresh(stream, errors, group, me, ids)
   for i = 1, #ids, 100 do
     local args = {stream, group, me, 0}
     for j = i, math.min(i + 99, #ids) do args[#args + 1] = ids[j] end
     args[#args + 1] = 'JUSTID'
-    redis.call('XCLAIM', unpack(args))
+    local kept = {}
+    for _, id in ipairs(redis.call('XCLAIM', unpack(args))) do kept[id] = true end
+    for j = i, math.min(i + 99, #ids) do
+      if not kept[ids[j]] then redis.call('HDEL', errors, ids[j]) end
+    end
   end
 end
 "#;
@@ -322,7 +328,7 @@ for _, c in ipairs(cands) do
     end
   end
 end
-refresh(keys.stream, group, me, stale_refresh)
+refresh(keys.stream, keys.errors, group, me, stale_refresh)
 return {next_cursor, ready, held, dead, malformed}
 "#;
 
@@ -341,7 +347,7 @@ end
 return 0
 "#;
 
-/// KEYS: stream. ARGV: group, consumer, ids. Hands back entries this consumer did not handle
+/// KEYS: stream, errors. ARGV: group, consumer, ids. Hands back entries this consumer did not handle
 /// (an earlier entry of their chain failed): their idle clock restarts, as with a nack, and
 /// their delivery count goes back by one (`RETRYCOUNT`; `JUSTID` does not count the claim), so
 /// this handing out was no attempt. Returns how many it still owned.
@@ -351,7 +357,10 @@ for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
     local count = math.max(tonumber(p[1][4]) - 1, 0)
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'RETRYCOUNT', count, 'JUSTID')
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+      'RETRYCOUNT', count, 'JUSTID')
+    -- Deleted from the stream: gone from the pending list with the claim, its error too.
+    if not claimed[1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
     n = n + 1
   end
 end
@@ -378,7 +387,7 @@ end
 return n
 "#;
 
-/// KEYS: stream. ARGV: group, consumer, idle (ms, or `released`), take back (`1` or `0`),
+/// KEYS: stream, errors. ARGV: group, consumer, idle (ms, or `released`), take back (`1` or `0`),
 /// ids. Sets the idle time of the entries still pending to this consumer (others' are left
 /// alone): `released`, to release entries it held but never handed out, so another consumer
 /// reclaims them at once; 0, to keep entries it is still handling. A release sets their last
@@ -395,13 +404,16 @@ local n = 0
 for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
+    local claimed
     if ARGV[4] == '1' then
       local count = math.max(tonumber(p[1][4]) - 1, 0)
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], when, at,
+      claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], when, at,
         'RETRYCOUNT', count, 'JUSTID')
     else
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], when, at, 'JUSTID')
+      claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], when, at, 'JUSTID')
     end
+    -- Deleted from the stream: gone from the pending list with the claim, its error too.
+    if not claimed[1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
     n = n + 1
   end
 end

@@ -368,6 +368,63 @@ fn a_poison_event_is_set_aside_and_other_keys_take_effect_at_once() {
     });
 }
 
+/// A batch whose other events took effect while one was set aside is progress: the worker
+/// reports itself degraded and goes on at once, instead of backing off as after a failed
+/// batch (each such batch counted as a failure: the waits grew, and after `stall_after` the
+/// worker said it was stuck while it moved).
+#[test]
+fn a_batch_with_an_event_set_aside_is_progress_not_a_failure() {
+    use cqrs_core::runtime::{Health, Runtime};
+    use cqrs_core::testing::eventually;
+    run_paused(|| async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            poison: Some(13),
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[keyed("p", 13), keyed("a", 1)])
+            .await
+            .unwrap();
+        let runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            ConsumerOptions::default()
+                .block(Duration::from_millis(20))
+                .redelivery_delay(Duration::from_secs(60)),
+        )
+        // A failed batch backs off for at least this long.
+        .idle_interval(Duration::from_secs(1));
+        let runtime = Runtime::builder().worker(runner).start();
+        let seen = |expected: &'static [u64]| {
+            let sum = sum.clone();
+            move || {
+                let sum = sum.clone();
+                async move { (*sum.seen.lock().unwrap() == expected).then_some(()) }
+            }
+        };
+        eventually(Duration::from_secs(5), "1 applied", seen(&[1])).await;
+        eventually(Duration::from_secs(5), "degraded", || async {
+            matches!(
+                runtime.health().await.components["sum"].0,
+                Health::Degraded(_)
+            )
+            .then_some(())
+        })
+        .await;
+        let published = tokio::time::Instant::now();
+        transport.publish("sums", &[keyed("b", 2)]).await.unwrap();
+        eventually(Duration::from_secs(5), "2 applied", seen(&[1, 2])).await;
+        assert!(
+            published.elapsed() < Duration::from_millis(500),
+            "the worker backed off: 2 applied after {:?}",
+            published.elapsed()
+        );
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 /// A transport-fed runner whose fetch waits without limit still stops at shutdown, within the
 /// grace period.
 #[test]

@@ -180,6 +180,65 @@ async fn an_entry_deleted_while_pending_leaves_no_error_behind() {
     env.cleanup().await;
 }
 
+/// The same when the entry, back after its nack and deleted while handed out, is deferred or
+/// kept alive: the claim that drops it takes its error with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_deleted_while_handed_out_again_leaves_no_error_behind() {
+    let Some(env) = Env::new("deleted-error-again").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let errors = format!(
+                "{}:{{{topic}}}:errors:g",
+                crate::support::key_prefix(&env.id)
+            );
+            let hlen = || env.command("HLEN", vec![errors.as_str().into()]);
+            let mut c = env
+                .join(&topic, "c", |o| {
+                    o.redelivery_delay(Duration::from_millis(200))
+                })
+                .await;
+            env.publish_one(&topic, "a", 1).await;
+            env.publish_one(&topic, "b", 2).await;
+            let fetch_both = async |c: &mut Box<dyn Consumer>| {
+                let mut got = Vec::new();
+                let until = tokio::time::Instant::now() + Duration::from_secs(10);
+                while got.len() < 2 {
+                    got.extend(c.fetch(10).await.unwrap());
+                    assert!(tokio::time::Instant::now() < until, "not both fetched");
+                }
+                got.sort_by_key(n_of);
+                got.into_iter().map(|d| d.id).collect::<Vec<_>>()
+            };
+            let ids = fetch_both(&mut c).await;
+            for id in &ids {
+                c.nack_with_reason(id, "boom").await.unwrap();
+            }
+            assert_eq!(hlen().await.as_u64(), Some(2));
+            // Back after the redelivery delay, handed out again.
+            assert_eq!(fetch_both(&mut c).await, ids);
+            for id in &ids {
+                env.command("XDEL", vec![stream.as_str().into(), id.0.as_str().into()])
+                    .await;
+            }
+            c.defer(&ids[..1]).await.unwrap();
+            c.keep_alive(&ids[1..]).await.unwrap();
+            assert_eq!(
+                hlen().await.as_u64(),
+                Some(0),
+                "errors of deleted entries stayed: {:?}",
+                env.command("HGETALL", vec![errors.as_str().into()]).await
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_keeps_a_nacked_entry_after_many_returns() {
     let Some(env) = Env::new("many-returns").await else {
