@@ -325,6 +325,7 @@ fn retryable_sqlstate(code: &str) -> bool {
             code,
             "57P01" | "57P02" | "57P03" // admin / crash shutdown, cannot connect now
                 | "25P03" | "57P05" // the server ended an idle (in-transaction) session
+                | "25P04" // the server ended a transaction past `transaction_timeout` (PG 17)
                 | "40001" | "40P01" // serialization failure, deadlock
                 | "25006" // read-only transaction (a failover promoted nothing yet)
         )
@@ -345,6 +346,19 @@ pub(crate) fn codec(error: impl Into<cqrs_core::BoxError>) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sessions the server ends under a transaction (idle, idle in it, or past Postgres 17's
+    /// `transaction_timeout`, 25P04, which was an internal error) are retryable; a refused
+    /// statement is not.
+    #[test]
+    fn sessions_the_server_ended_are_retryable() {
+        for code in ["25P03", "25P04", "57P05", "57P01", "08006", "40001"] {
+            assert!(retryable_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "25P02", "22012"] {
+            assert!(!retryable_sqlstate(code), "{code}");
+        }
+    }
 
     /// A failed migration says what to do, by its cause (it only quoted sqlx's error).
     #[test]

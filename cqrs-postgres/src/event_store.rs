@@ -266,6 +266,9 @@ pub(crate) async fn append_on(
                 source: format!("an event of this batch for stream {stream_id} is already stored (same event id): {e}").into(),
             });
         }
+        // Outside a transaction the statement was its own: a connection lost with it leaves
+        // its outcome unknown (`Timeout`), not "retry" (`Unavailable`).
+        Err(e) if !conn.is_in_transaction() => return Err(crate::error::commit_error(e)),
         Err(e) => return Err(store_error(e)),
     };
     let actual: i64 = row.try_get(0).map_err(store_error)?;
@@ -277,6 +280,12 @@ pub(crate) async fn append_on(
     };
     let actual = to_u64(actual);
     let Some(positions) = positions else {
+        // The version check comes first in the functions: a retry of an append whose answer
+        // was lost meets the version its first try moved the stream to. Such a batch is a
+        // duplicate, never a conflict (which would have the caller decide again).
+        if let Some(duplicate) = already_stored(conn, sql, stream_id, &events).await? {
+            return Err(duplicate);
+        }
         return Err(StoreError::Conflict {
             stream: stream_id.to_owned(),
             expected,
@@ -332,6 +341,34 @@ async fn other_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, Str
     pool.acquire()
         .await
         .map_err(|e| format!("no connection could be opened ({e})"))
+}
+
+/// The error of a batch holding an event id twice or one already stored, if it does.
+async fn already_stored(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    stream_id: &str,
+    events: &[EventRecord],
+) -> Result<Option<StoreError>, StoreError> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    let twice = ids.iter().enumerate().any(|(i, id)| ids[..i].contains(id));
+    let stored = twice
+        || sqlx::query_scalar::<_, bool>(AssertSqlSafe(sql.events_stored.clone()))
+            .bind(&ids)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(store_error)?;
+    Ok(stored.then(|| StoreError::Backend {
+        backend: BACKEND,
+        source: format!(
+            "an event of this batch for stream {stream_id} is already stored, or twice in the \
+             batch (same event id): an event id is stored once"
+        )
+        .into(),
+    }))
 }
 
 async fn read_version(

@@ -166,7 +166,16 @@ impl ProjectionStore for PgProjectionStore {
         }
     }
 
-    async fn commit(&self, unit: PgProjectionUnit) -> Result<(), StoreError> {
+    async fn commit(&self, mut unit: PgProjectionUnit) -> Result<(), StoreError> {
+        // Postgres answers `COMMIT` in an aborted transaction with a rollback, which sqlx
+        // reports as a commit: the runner would acknowledge a batch that left nothing.
+        crate::unit_of_work::ensure_not_aborted(
+            &mut unit.tx,
+            "the projection's unit of work was aborted by a statement that failed earlier, so \
+             nothing was committed: a projection must return the error of a failed statement \
+             (or run it in a savepoint), not go on",
+        )
+        .await?;
         unit.tx.commit().await.map_err(store_error)
     }
 

@@ -108,6 +108,7 @@ pub(crate) struct Sql {
     pub(crate) load: Arc<str>,
     pub(crate) read_all: Arc<str>,
     pub(crate) stream_version: Arc<str>,
+    pub(crate) events_stored: Arc<str>,
 
     pub(crate) snapshot_load: Arc<str>,
     pub(crate) snapshot_save: Arc<str>,
@@ -185,6 +186,9 @@ impl Sql {
             )),
             stream_version: f(format!(
                 "SELECT coalesce(max(stream_version), 0) FROM {s}.events WHERE stream_id = $1"
+            )),
+            events_stored: f(format!(
+                "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE event_id = ANY($1))"
             )),
 
             snapshot_load: f(format!(

@@ -316,7 +316,13 @@ impl PgUnitOfWork {
             complete_on(&mut tx, sql, c.scope, c.key, &response, c.expires_at).await?;
         }
         if !checked {
-            ensure_not_aborted(&mut tx).await?;
+            ensure_not_aborted(
+                &mut tx,
+                "the command's transaction was aborted by a statement that failed earlier, so \
+                 nothing was committed: a handler must return the error of a failed statement \
+                 (or run it in a savepoint), not go on",
+            )
+            .await?;
         }
         tx.commit().await.map_err(commit_error)
     }
@@ -325,17 +331,18 @@ impl PgUnitOfWork {
 /// Fails when a statement in `tx` failed. Postgres answers `COMMIT` in such a transaction
 /// with a rollback and no error, and sqlx reports that as a commit: a handler that went on
 /// after a failed statement of its own (a unique violation taken as "already there") would
-/// see its command succeed with nothing stored. Any statement there fails (SQLSTATE 25P02).
-async fn ensure_not_aborted(tx: &mut PgConnection) -> Result<(), StoreError> {
+/// see its command succeed with nothing stored. Any statement there fails (SQLSTATE 25P02):
+/// then the error says `why`.
+pub(crate) async fn ensure_not_aborted(
+    tx: &mut PgConnection,
+    why: &'static str,
+) -> Result<(), StoreError> {
     match sqlx::raw_sql("SELECT").execute(tx).await {
         Ok(_) => Ok(()),
         Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("25P02") => {
             Err(StoreError::Backend {
                 backend: crate::error::BACKEND,
-                source: "the command's transaction was aborted by a statement that failed \
-                         earlier, so nothing was committed: a handler must return the error \
-                         of a failed statement (or run it in a savepoint), not go on"
-                    .into(),
+                source: why.into(),
             })
         }
         Err(e) => Err(store_error(e)),

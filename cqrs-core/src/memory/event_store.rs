@@ -101,15 +101,8 @@ impl EventStore for InMemoryEventStore {
         let stored = {
             let mut state = self.lock();
             let current = state.streams.get(stream_id).map_or(0, Vec::len) as u64;
-            if let ExpectedVersion::Exactly(v) = expected
-                && v != current
-            {
-                return Err(StoreError::Conflict {
-                    stream: stream_id.to_owned(),
-                    expected,
-                    actual: current,
-                });
-            }
+            // Ids first: a retry of an append that went through meets the version it moved
+            // the stream to, and must hear "duplicate", never "conflict" (decide again).
             let mut batch = HashSet::with_capacity(events.len());
             if let Some(duplicate) = events
                 .iter()
@@ -122,6 +115,15 @@ impl EventStore for InMemoryEventStore {
                         duplicate.event_id
                     )
                     .into(),
+                });
+            }
+            if let ExpectedVersion::Exactly(v) = expected
+                && v != current
+            {
+                return Err(StoreError::Conflict {
+                    stream: stream_id.to_owned(),
+                    expected,
+                    actual: current,
                 });
             }
             state.ids.extend(batch);

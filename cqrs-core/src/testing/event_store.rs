@@ -222,6 +222,7 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
     let store = h.store();
     let (first, second) = (format!("{}-a", h.test_id()), format!("{}-b", h.test_id()));
     let again = record(1);
+    let again_first = again.clone();
     store
         .append(&first, ExpectedVersion::NO_STREAM, vec![again.clone()])
         .await
@@ -245,10 +246,45 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
     refused(error, "another stream");
     let twice = record(3);
     let error = store
-        .append(&second, ExpectedVersion::Any, vec![twice.clone(), twice])
+        .append(
+            &second,
+            ExpectedVersion::Any,
+            vec![twice.clone(), twice.clone()],
+        )
         .await
         .expect_err("one id twice in a batch");
     refused(error, "twice in a batch");
+    // A retry of an append that went through (its answer lost): the stream has moved past
+    // the expected version since, and still it is a duplicate, not a conflict.
+    let error = store
+        .append(
+            &first,
+            ExpectedVersion::NO_STREAM,
+            vec![again_first.clone()],
+        )
+        .await
+        .expect_err("a retry of one event at the version before it");
+    refused(error, "a retry of one event");
+    let (third, pair) = (format!("{}-c", h.test_id()), vec![record(4), record(5)]);
+    store
+        .append(&third, ExpectedVersion::NO_STREAM, pair.clone())
+        .await
+        .unwrap();
+    let error = store
+        .append(&third, ExpectedVersion::NO_STREAM, pair)
+        .await
+        .expect_err("a retry of a batch at the version before it");
+    refused(error, "a retry of a batch");
+    let error = store
+        .append(
+            &third,
+            ExpectedVersion::NO_STREAM,
+            vec![twice.clone(), twice],
+        )
+        .await
+        .expect_err("one id twice in a batch at a stale version");
+    refused(error, "twice in a batch at a stale version");
+    assert_eq!(store.stream_version(&third).await.unwrap(), 2);
     assert_eq!(numbers(&store.load(&first, 0).await.unwrap()), [1]);
     assert_eq!(store.stream_version(&second).await.unwrap(), 0);
 }

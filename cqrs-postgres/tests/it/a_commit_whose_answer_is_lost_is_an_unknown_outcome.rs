@@ -76,3 +76,45 @@ pg_test! {
         cut.pool().close().await;
     }
 }
+
+pg_test! {
+    /// A plain `EventStore::append`, outside any transaction, is its own commit too: its lost
+    /// answer is an unknown outcome (it was `Unavailable`, "retry"), and the retry of the same
+    /// records, which meets the version the first try moved the stream to, is refused as a
+    /// duplicate, never as a conflict (which would have the caller decide again).
+    async fn a_plain_append_that_lost_its_answer_is_an_unknown_outcome(db: PgDatabase) {
+        use cqrs_core::ExpectedVersion;
+        use cqrs_core::ports::{EventStore, StoreError};
+        let (proxy, pool) = Proxy::in_front_of_the_database(
+            PgPoolOptions::new().max_connections(1).test_before_acquire(false),
+        )
+        .await;
+        let cut = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let store = cut.event_store();
+        store
+            .append("warm", ExpectedVersion::NO_STREAM, vec![crate::support::record(0)])
+            .await
+            .expect("prepares the append");
+        proxy.settle().await;
+
+        let first = crate::support::record(1);
+        proxy.cut_after_next_statement();
+        let lost = store
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![first.clone()])
+            .await
+            .unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        assert!(lost.to_string().contains("unknown"), "{lost}");
+        assert_eq!(crate::support::event_count(&db).await, 2, "it did commit");
+        let retried = store
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![first])
+            .await
+            .unwrap_err();
+        assert!(
+            !matches!(retried, StoreError::Conflict { .. }),
+            "a retry of a stored event is no conflict: {retried}"
+        );
+        assert_eq!(crate::support::event_count(&db).await, 2);
+        cut.pool().close().await;
+    }
+}

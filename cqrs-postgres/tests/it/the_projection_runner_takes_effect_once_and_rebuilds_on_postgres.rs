@@ -278,3 +278,26 @@ pg_test! {
         assert_eq!(left, 3);
     }
 }
+
+pg_test! {
+    /// A unit in which a statement failed (a projection that went on after it, taking a
+    /// unique violation for "already there") does not commit: Postgres answers `COMMIT` there
+    /// with a rollback, which sqlx reports as a commit, so the runner acknowledged a batch
+    /// that left nothing (not its effects, nor its inbox entries, nor its checkpoint).
+    async fn a_unit_aborted_by_a_failed_statement_does_not_commit(db: PgDatabase) {
+        let store = db.projection_store();
+        let mut unit = store.begin("aborted").await.unwrap();
+        store
+            .save_checkpoint(&mut unit, "aborted", cqrs_core::Position::new(7))
+            .await
+            .unwrap();
+        let failed = sqlx::query("SELECT 1 / 0")
+            .execute(unit.connection())
+            .await;
+        assert!(failed.is_err(), "the statement fails");
+        let error = store.commit(unit).await.expect_err("nothing committed");
+        assert!(error.to_string().contains("aborted"), "{error}");
+        let mut unit = store.begin("aborted").await.unwrap();
+        assert_eq!(store.checkpoint(&mut unit, "aborted").await.unwrap(), None);
+    }
+}
