@@ -661,9 +661,12 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
             return Err(BuildError { problems });
         };
         let metrics = Arc::new(Metrics::new());
-        // What the write buffer takes besides the buffered bytes, less a frame header.
+        // What the write buffer takes besides the buffered bytes, less a frame header, and less
+        // room for a control frame tungstenite may have left in it (its automatic pong to a
+        // client's ping, when the socket was full: 2 + 125 bytes at most), which would make an
+        // event frame at the limit fail to buffer and drop the connection without a close.
         let max_event_frame = (self.options.max_write_buffer_size - self.options.write_buffer_size)
-            .saturating_sub(14);
+            .saturating_sub(14 + 2 + 125);
         let registry = Arc::new(Registry::new(authorizer, max_event_frame));
         let (stop, stopped) = Shutdown::new();
         let upstreams = Upstreams::new(

@@ -38,7 +38,6 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         sender: ReplaySender::new(conn, hub.options.idle_timeout),
         cursor: since,
         read: 0,
-        sent: 0,
         flushed: BTreeSet::new(),
         since_in_log: since == Position::START,
         read_back_to: None,
@@ -46,7 +45,7 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
     let failure = loop {
         match replay.read_up().await {
             Ok(()) => {}
-            Err(End::Closed) => return hub.metrics.replayed(replay.sent),
+            Err(End::Closed) => return,
             Err(End::Failed(message)) => {
                 // Failed before any read showed `since` is in the log: it may be past the end
                 // (a reset log), and going live from it would drop every live event up to it
@@ -60,12 +59,11 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         }
         match replay.flush(true).await {
             Flush::Live => break None,
-            Flush::Closed => return hub.metrics.replayed(replay.sent),
+            Flush::Closed => return,
             // Live events were dropped while held ones were flushed: read them back.
             Flush::ReadBack => {}
         }
     };
-    hub.metrics.replayed(replay.sent);
     if let Some(message) = failure {
         // Live events dropped from the full buffer that the failed read did not get back are
         // lost: marked again, so the flush below tells the client where.
@@ -109,7 +107,6 @@ struct Replay<'a, P> {
     /// The highest position read from the store.
     cursor: Position,
     read: usize,
-    sent: u64,
     /// Positions above the cursor already sent from the hold buffer: a later read skips them.
     flushed: BTreeSet<Position>,
     /// A read showed that `since` is in the log (an event follows it, or is at it).
@@ -156,7 +153,9 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     if !self.sender.send(frame).await {
                         return Err(End::Closed);
                     }
-                    self.sent += 1;
+                    // Counted as it is queued: a replay cut short (the connection closed
+                    // from outside, which drops it at its next wait) counts what it sent.
+                    self.hub.metrics.replayed(1);
                 }
             }
             if caught_up {

@@ -61,3 +61,42 @@ async fn a_client_gone_during_its_replay_leaves_nothing_behind() {
     })
     .await;
 }
+
+/// A replay cut short from outside its connection (here the hub's shutdown) still counts the
+/// events it sent in `replayed_events`: it counted them only when it ended by itself, and a
+/// replay dropped at a wait counted none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_short_by_shutdown_counts_what_it_sent() {
+    with_timeout(TEST_LIMIT, async {
+        // The client answers no close handshake: the hub waits `close_timeout` for it.
+        let t = TestHub::start(
+            HubOptions::new()
+                .replay_batch(10)
+                .send_queue(8)
+                .close_timeout(Duration::from_millis(200)),
+        )
+        .await;
+        for seq in 1..=STORED {
+            t.store("t1", "u1", seq).await;
+        }
+        let mut client = t.connect_small_buffer("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        client.expect_subscribed("tickets").await;
+        for seq in 1..=3 {
+            assert_eq!(client.event().await.seq, seq);
+        }
+        // The client reads no more: the replay waits for room, far from its end.
+        t.hub.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("the hub closed");
+        let replayed = t.hub.stats().replayed_events;
+        assert!(
+            (3..STORED).contains(&replayed),
+            "{replayed} counted, at least the 3 read"
+        );
+    })
+    .await;
+}
