@@ -412,7 +412,7 @@ where
             Poll::Ready(Ok(())) => {
                 match catch_unwind(AssertUnwindSafe(|| service.call(dispatch))) {
                     Ok(future) => Box::pin(LayerGuard {
-                        inner: future,
+                        inner: Some(future),
                         kind,
                         name,
                     }),
@@ -424,10 +424,10 @@ where
                 Box::pin(std::future::ready(Err(error)))
             }
             Poll::Pending => Box::pin(LayerGuard {
-                inner: async move {
+                inner: Some(async move {
                     poll_fn(|cx| service.poll_ready(cx)).await?;
                     service.call(dispatch).await
-                },
+                }),
                 kind,
                 name,
             }),
@@ -452,11 +452,36 @@ fn layer_panicked(
 
 pin_project_lite::pin_project! {
     /// A layer stack's future, polled inside `catch_unwind`, its error made a [`DispatchError`].
+    /// The future is also dropped inside `catch_unwind` (once it returned or panicked, or
+    /// when the dispatch is dropped before: a timeout, a caller gone), so a layer holding a
+    /// guard that panics on drop fails nothing but its own dispatch.
     struct LayerGuard<F> {
         #[pin]
-        inner: F,
+        inner: Option<F>,
         kind: MessageKind,
         name: &'static str,
+    }
+
+    impl<F> PinnedDrop for LayerGuard<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            drop_layer_future(this.inner, *this.kind, this.name);
+        }
+    }
+}
+
+/// Drops a layer stack's future in place, keeping a panic in its drop here (logged).
+fn drop_layer_future<F>(mut inner: Pin<&mut Option<F>>, kind: MessageKind, name: &'static str) {
+    if inner.is_none() {
+        return;
+    }
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(|| inner.set(None))) {
+        tracing::error!(
+            %kind,
+            message = name,
+            panic = %crate::panic::panic_message(payload.as_ref()),
+            "a layer's future panicked when it was dropped; the panic stops here"
+        );
     }
 }
 
@@ -468,17 +493,22 @@ where
     type Output = Result<Reply, DispatchError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let inner = this.inner;
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            // Polled after it returned: a caller's bug, answered without touching the stack.
+            return Poll::Ready(Err(DispatchError::Middleware(
+                "a dispatch's future was polled after it completed".into(),
+            )));
+        };
         // After a panic the future is dropped, never polled again: asserting unwind safety is
         // sound (as for handlers).
-        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(result)) => {
-                Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())))
-            }
-            Err(payload) => Poll::Ready(Err(layer_panicked(*this.kind, this.name, &*payload))),
-        }
+        let outcome = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(result)) => result.map_err(|e| DispatchError::from_layer(e.into())),
+            Err(payload) => Err(layer_panicked(*this.kind, this.name, &*payload)),
+        };
+        drop_layer_future(this.inner, *this.kind, this.name);
+        Poll::Ready(outcome)
     }
 }
 

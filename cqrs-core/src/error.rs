@@ -338,7 +338,7 @@ impl From<DispatchError> for HandlerError {
 
 /// Some handlers of a published event failed; the others ran.
 #[derive(Debug, thiserror::Error)]
-#[error("{} of {handlers} handlers of event `{event}` failed: {}", failures.len(), first_failure(failures))]
+#[error("{} of {handlers} handlers of event `{event}` failed: {}", failures.len(), every_failure(failures))]
 #[non_exhaustive]
 pub struct PublishError {
     /// The event's wire name.
@@ -373,11 +373,14 @@ impl PublishError {
     }
 }
 
-fn first_failure(failures: &[HandlerFailure]) -> String {
+/// Every failure, each with its handler's name: one that always fails must not hide the
+/// others (the text is what a sink logs and what a consumer records as the retry's reason).
+fn every_failure(failures: &[HandlerFailure]) -> String {
     failures
-        .first()
+        .iter()
         .map(|f| format!("{}: {}", f.handler, f.error))
-        .unwrap_or_default()
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One event handler that failed.

@@ -5,6 +5,14 @@ use async_trait::async_trait;
 
 /// Handles one command type. Exactly one handler per command type may be registered.
 ///
+/// A panic in `handle` or while its future runs fails that one dispatch
+/// ([`DispatchError::Panicked`](crate::DispatchError::Panicked)), and so does one while the
+/// future is dropped unfinished (a timeout, a caller gone: logged, the dispatch already
+/// failed). One exception, kept for speed: a hand-written future that returned and then
+/// panics while it is dropped (a guard it still held) is dropped plainly, and the panic
+/// reaches the caller (on a layered bus, it is reported as a layer's). Futures written with
+/// `async` never do: their locals are gone when they return.
+///
 /// ```
 /// # use cqrs_core::doc::{OpenTicket, TicketOpened};
 /// use async_trait::async_trait;
@@ -31,7 +39,8 @@ pub trait CommandHandler<C: Command>: Send + Sync + 'static {
     -> Result<C::Output, HandlerError>;
 }
 
-/// Handles one query type. Exactly one handler per query type may be registered.
+/// Handles one query type. Exactly one handler per query type may be registered. Panics are
+/// caught as for a [`CommandHandler`] (with the same exception).
 #[async_trait]
 pub trait QueryHandler<Q: Query>: Send + Sync + 'static {
     /// Answers the query.

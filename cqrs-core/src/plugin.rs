@@ -119,8 +119,8 @@ pub enum PluginError {
     /// A plugin depends on one that is not linked, or names it wrongly. Link the dependency,
     /// or fix the name in the dependent plugin's [`depends_on()`](Plugin::depends_on).
     #[error(
-        "plugin `{plugin}` depends on `{dependency}`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line, or fix the name in `depends_on()` of `{plugin}` (found: {})",
-        found.join(", ")
+        "plugin `{plugin}` depends on `{dependency}`, which {}, or fix the name in `depends_on()` of `{plugin}` (found: {})",
+        missing_advice(*given, "is"), found.join(", ")
     )]
     MissingDependency {
         /// The dependent plugin.
@@ -129,6 +129,9 @@ pub enum PluginError {
         dependency: String,
         /// The plugins that were found, by name.
         found: Vec<String>,
+        /// Whether the plugins were given ([`Plugins::from_plugins`]) rather than collected
+        /// from the binary ([`Plugins::collect`]).
+        given: bool,
     },
     /// Plugins depend on each other in a cycle. Remove one of the dependencies from its
     /// plugin's [`depends_on()`](Plugin::depends_on), for instance by moving what both need
@@ -141,13 +144,16 @@ pub enum PluginError {
         /// The plugins in the cycle.
         plugins: Vec<String>,
     },
-    /// A plugin the server expects is not linked.
-    #[error("expected plugin(s) {} are not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (found: {})", missing.join(", "), found.join(", "))]
+    /// A plugin the server expects is not linked (or not in the list given).
+    #[error("expected plugin(s) {} {} (found: {})", missing.join(", "), missing_advice(*given, "are"), found.join(", "))]
     NotLinked {
         /// The expected plugins that are missing.
         missing: Vec<String>,
         /// The plugins that were found.
         found: Vec<String>,
+        /// Whether the plugins were given ([`Plugins::from_plugins`]) rather than collected
+        /// from the binary ([`Plugins::collect`]).
+        given: bool,
     },
     /// A plugin's `register` failed.
     #[error("plugin `{plugin}` failed to register: {source}")]
@@ -170,10 +176,25 @@ pub enum PluginError {
     },
 }
 
+/// What to do about a plugin that was not found: link its crate, or, when the plugins were
+/// given in a list, add it there. `verb` agrees with the subject ("is", "are").
+fn missing_advice(given: bool, verb: &str) -> String {
+    if given {
+        format!("{verb} not in the list given to `Plugins::from_plugins`; add it there")
+    } else {
+        format!(
+            "{verb} not linked into this binary; each needs its crate as a dependency and a \
+             `use <crate> as _;` line in the crate root"
+        )
+    }
+}
+
 /// The plugins linked into this binary, in installation order: each after its dependencies,
 /// and otherwise by name.
 pub struct Plugins {
     ordered: Vec<Box<dyn Plugin>>,
+    /// Given to `from_plugins`, not collected from the binary: what a missing one needs.
+    given: bool,
 }
 
 impl fmt::Debug for Plugins {
@@ -188,16 +209,21 @@ impl Plugins {
     /// Every plugin registered with [`register_plugin!`](crate::register_plugin) in the crates
     /// linked into this binary, ordered.
     pub fn collect() -> Result<Self, PluginError> {
-        Self::from_plugins(
+        Self::order(
             inventory::iter::<PluginRegistration>
                 .into_iter()
                 .map(|r| (r.make)())
                 .collect(),
+            false,
         )
     }
 
     /// Orders an explicit list of plugins (tests, or servers that do not use inventory).
     pub fn from_plugins(plugins: Vec<Box<dyn Plugin>>) -> Result<Self, PluginError> {
+        Self::order(plugins, true)
+    }
+
+    fn order(plugins: Vec<Box<dyn Plugin>>, given: bool) -> Result<Self, PluginError> {
         let mut by_name: BTreeMap<&'static str, Box<dyn Plugin>> = BTreeMap::new();
         for plugin in plugins {
             if let Some(first) = by_name.get(plugin.name()) {
@@ -219,6 +245,7 @@ impl Plugins {
                     plugin: plugin.name().to_owned(),
                     dependency: (*missing).to_owned(),
                     found: by_name.keys().map(|name| (*name).to_owned()).collect(),
+                    given,
                 });
             }
         }
@@ -249,7 +276,7 @@ impl Plugins {
                 plugins: find_cycle(&waiting_on),
             });
         }
-        Ok(Self { ordered })
+        Ok(Self { ordered, given })
     }
 
     /// Fails, naming them, when any of the expected plugins is not linked.
@@ -258,7 +285,7 @@ impl Plugins {
     /// use cqrs_core::Plugins;
     ///
     /// let err = Plugins::from_plugins(vec![]).unwrap().expect(&["tickets"]).unwrap_err();
-    /// assert!(err.to_string().contains("`use <crate> as _;`"));
+    /// assert!(err.to_string().contains("not in the list given to `Plugins::from_plugins`"));
     /// ```
     pub fn expect(self, names: &[&str]) -> Result<Self, PluginError> {
         let missing: Vec<String> = names
@@ -272,6 +299,7 @@ impl Plugins {
             Err(PluginError::NotLinked {
                 missing,
                 found: self.names().map(str::to_owned).collect(),
+                given: self.given,
             })
         }
     }

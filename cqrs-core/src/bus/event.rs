@@ -362,8 +362,18 @@ impl EventBus {
 impl EventSink for EventBus {
     async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
         for envelope in events {
+            // Named by ids, so the failed event can be traced back to its command.
+            let (message_id, correlation_id) = (
+                envelope.metadata.message_id,
+                envelope.metadata.correlation_id,
+            );
             if let Err(error) = self.publish(envelope).await {
-                tracing::error!(%error, "an event handler failed after the command succeeded");
+                tracing::error!(
+                    %error,
+                    %message_id,
+                    %correlation_id,
+                    "an event handler failed after the command succeeded"
+                );
             }
         }
         Ok(())

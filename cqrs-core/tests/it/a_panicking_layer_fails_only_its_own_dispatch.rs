@@ -55,12 +55,52 @@ where
         match dispatch.metadata().actor.as_deref() {
             Some("panic in call") => panic!("the layer panics in call"),
             Some("panic in poll") => Box::pin(async { panic!("the layer panics in its future") }),
+            // Never done, and its guard panics when the future is dropped unfinished.
+            Some("panic on drop") => Box::pin(async {
+                let _guard = PanicOnDrop;
+                std::future::pending::<()>().await;
+                Err("unreachable".into())
+            }),
             _ => {
                 let inner = self.inner.call(dispatch);
                 Box::pin(async move { inner.await.map_err(Into::into) })
             }
         }
     }
+}
+
+/// Panics when dropped, as a guard that checks its work finished would.
+struct PanicOnDrop;
+
+impl Drop for PanicOnDrop {
+    fn drop(&mut self) {
+        panic!("the layer's guard panics: dropped before its work finished");
+    }
+}
+
+/// A dispatch dropped while a layer's future is pending (a timeout outside the bus, a caller
+/// gone) drops that future inside the bus's guard: a panic in its drop stops there (it
+/// reached the caller's task), and the bus keeps working.
+#[test]
+fn a_layer_future_that_panics_when_dropped_does_not_reach_the_caller() {
+    let bus = CommandBus::builder()
+        .layer(FaultyLayer::default())
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let add = || Add {
+        a: 2,
+        b: 3,
+        ..Add::default()
+    };
+    run(async {
+        let mut pending = Box::pin(bus.dispatch_with(add(), as_actor("panic on drop")));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(pending.as_mut().poll(cx))).await;
+        assert!(polled.is_pending());
+        let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(pending)));
+        assert!(dropped.is_ok(), "the drop's panic reached the caller");
+        assert_eq!(bus.dispatch(add()).await.unwrap(), 5);
+    });
 }
 
 fn as_actor(actor: &str) -> Metadata {

@@ -24,6 +24,15 @@ fn every_handler_runs_even_when_one_fails_and_one_panics() {
             .publish_event(Added { sum: 7 }, Metadata::new())
             .await
             .unwrap_err();
+        // The text names every failed handler (what a sink logs, what a consumer records
+        // as its retry's reason), not only the first.
+        let text = err.to_string();
+        assert!(
+            text.starts_with("2 of 3 handlers of event `test.added` failed: ")
+                && text.contains("failing: ")
+                && text.contains("panicking: "),
+            "{text}"
+        );
         let DispatchError::Publish(publish) = err else {
             panic!("expected a publish error");
         };

@@ -75,7 +75,7 @@ fn a_missing_dependency_is_an_error_naming_both() {
     let err = Plugins::from_plugins(plugins(&[("tickets", &["auht"]), ("auth", &[])])).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "plugin `tickets` depends on `auht`, which is not linked into this binary; add its crate as a dependency and a `use <crate> as _;` line, or fix the name in `depends_on()` of `tickets` (found: auth, tickets)"
+        "plugin `tickets` depends on `auht`, which is not in the list given to `Plugins::from_plugins`; add it there, or fix the name in `depends_on()` of `tickets` (found: auth, tickets)"
     );
 }
 
