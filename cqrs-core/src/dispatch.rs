@@ -452,9 +452,9 @@ fn layer_panicked(
 
 pin_project_lite::pin_project! {
     /// A layer stack's future, polled inside `catch_unwind`, its error made a [`DispatchError`].
-    /// The future is also dropped inside `catch_unwind` (once it returned or panicked, or
-    /// when the dispatch is dropped before: a timeout, a caller gone), so a layer holding a
-    /// guard that panics on drop fails nothing but its own dispatch.
+    /// The future is also dropped inside `catch_unwind` (with this guard: once it returned or
+    /// panicked, or when the dispatch is dropped before, a timeout, a caller gone), so a layer
+    /// holding a guard that panics on drop fails nothing but its own dispatch.
     struct LayerGuard<F> {
         #[pin]
         inner: Option<F>,
@@ -493,22 +493,20 @@ where
     type Output = Result<Reply, DispatchError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
-            // Polled after it returned: a caller's bug, answered without touching the stack.
-            return Poll::Ready(Err(DispatchError::Middleware(
-                "a dispatch's future was polled after it completed".into(),
-            )));
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            // Only `drop` empties it.
+            return Poll::Pending;
         };
-        // After a panic the future is dropped, never polled again: asserting unwind safety is
-        // sound (as for handlers).
-        let outcome = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(result)) => result.map_err(|e| DispatchError::from_layer(e.into())),
-            Err(payload) => Err(layer_panicked(*this.kind, this.name, &*payload)),
-        };
-        drop_layer_future(this.inner, *this.kind, this.name);
-        Poll::Ready(outcome)
+        // After a panic the future is never polled again (and dropped in the guard with this
+        // one): asserting unwind safety is sound (as for handlers).
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => {
+                Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())))
+            }
+            Err(payload) => Poll::Ready(Err(layer_panicked(*this.kind, this.name, &*payload))),
+        }
     }
 }
 
