@@ -113,6 +113,11 @@ impl RedisStreamTransport {
     ///
     /// An undecodable entry is replayed as it was (a consumer that now understands it can take
     /// it); it is dead-lettered again otherwise.
+    ///
+    /// An error (`Unavailable`, `Timeout`) may come after the script ran, its reply lost: the
+    /// dead letters were then replayed, and a retry with the same ids answers with none (not
+    /// found). Each replayed entry carries the dead letter's id in its `replayed` field: look
+    /// for it in the topic's stream to tell.
     pub async fn replay_dead_letters(
         &self,
         topic: &str,

@@ -191,7 +191,7 @@ impl ConnectionOptions {
 
     /// The delays between reconnection attempts: exponential from `min` to `max`, without a
     /// limit on attempts, so consumers and subscriptions resume by themselves whenever Redis
-    /// is back. Default 100 ms to 5 s.
+    /// is back. Default 100 ms to 5 s; `min` at least 1 ms (fred counts whole milliseconds).
     pub fn reconnect_delays(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min_delay = min;
         self.reconnect_max_delay = max;
@@ -370,10 +370,13 @@ impl ConnectionOptions {
                 self.connect_timeout
             ));
         }
-        if self.reconnect_min_delay.is_zero() || self.reconnect_min_delay > self.reconnect_max_delay
+        // fred counts the delays in whole milliseconds: a minimum under 1 ms would be 0, and
+        // the delays would never grow (a retry every few milliseconds for a whole outage).
+        if self.reconnect_min_delay < Duration::from_millis(1)
+            || self.reconnect_min_delay > self.reconnect_max_delay
         {
             problems.push(format!(
-                "reconnect_delays must satisfy 0 < min <= max, got min {:?} and max {:?}",
+                "reconnect_delays must satisfy 1ms <= min <= max, got min {:?} and max {:?}",
                 self.reconnect_min_delay, self.reconnect_max_delay
             ));
         }
@@ -713,7 +716,7 @@ mod tests {
             [
                 "command_timeout must be above zero, got 0ns",
                 "connect_timeout must be above zero, got 0ns",
-                "reconnect_delays must satisfy 0 < min <= max, got min 2s and max 1s",
+                "reconnect_delays must satisfy 1ms <= min <= max, got min 2s and max 1s",
                 "unresponsive_timeout must be above zero, got 0ns",
                 "ping_interval must be at least 10ms, got 0ns",
                 "tcp_keepalive must be from 1s to 32767s (or None), got 500ms",
@@ -722,6 +725,18 @@ mod tests {
                 "max_held must be at least 1, got 0",
                 "gate_poll must be above zero, got 0ns",
             ]
+        );
+        // Under a millisecond fred's delays are 0 and never grow.
+        let sub_ms = ConnectionOptions::new(DEFAULT_URL)
+            .reconnect_delays(Duration::from_micros(500), Duration::from_secs(5));
+        let Err(ConnectError::Invalid { problems }) =
+            RedisStreamOptions::with_connection(sub_ms).validate()
+        else {
+            panic!("a sub-millisecond reconnect delay passes");
+        };
+        assert_eq!(
+            problems,
+            ["reconnect_delays must satisfy 1ms <= min <= max, got min 500µs and max 5s"]
         );
         let pubsub = RedisPubSubOptions::new(DEFAULT_URL)
             .channel_prefix("a}b")

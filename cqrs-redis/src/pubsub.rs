@@ -74,6 +74,9 @@ struct Inner {
     subscribed: Arc<Mutex<HashMap<String, usize>>>,
     /// How many channels Redis refused at the last resubscription (0 once it succeeded).
     refused: Arc<AtomicUsize>,
+    /// A resubscription after a reconnect has not gone through yet (one failed, say a timeout
+    /// on a connection still up): the channels may be unsubscribed with both connections up.
+    resubscribing: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -213,6 +216,8 @@ impl RedisPubSubOptions {
         // with Redis's own count of the connection's subscriptions (`CLIENT LIST`, `sub=`).
         let mut reconnects = subscriber.reconnect_rx();
         let refused = Arc::new(AtomicUsize::new(0));
+        let resubscribing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pending = resubscribing.clone();
         let (client, checker, watch, lock, full, refused_too) = (
             subscriber.clone(),
             publisher.clone(),
@@ -249,8 +254,10 @@ impl RedisPubSubOptions {
                 if channels.is_empty() {
                     failures = 0;
                     refused.store(0, Ordering::Relaxed);
+                    pending.store(false, Ordering::Relaxed);
                     continue;
                 }
+                pending.store(true, Ordering::Relaxed);
                 if failures == 0 {
                     // A reconnect: what was published while the connection was down never
                     // arrives. Recorded before the channels are live again, so the hub's
@@ -261,10 +268,16 @@ impl RedisPubSubOptions {
                 let outcome = resubscribe(&client, &checker, &full, &channels).await;
                 // A connection that failed meanwhile says nothing new about refusals.
                 match &outcome {
-                    Ok(()) => refused.store(0, Ordering::Relaxed),
+                    Ok(()) => {
+                        refused.store(0, Ordering::Relaxed);
+                        pending.store(false, Ordering::Relaxed);
+                    }
                     Err(Resubscribe::Refused { held, of }) => {
                         refused.store(of - held, Ordering::Relaxed);
+                        // Redis answered: the count says what is missing.
+                        pending.store(false, Ordering::Relaxed);
                     }
+                    // Still pending: health says so until an attempt goes through.
                     Err(Resubscribe::Failed(_)) => {}
                 }
                 match outcome {
@@ -310,6 +323,7 @@ impl RedisPubSubOptions {
                 upstream,
                 subscribed,
                 refused,
+                resubscribing,
                 tasks,
             }),
         })
@@ -540,11 +554,18 @@ fn retry_delay(min: Duration, max: Duration, failures: u32) -> Duration {
 #[async_trait]
 impl HealthCheck for RedisPubSub {
     /// Healthy while both connections are up and Redis took every channel at the last
-    /// resubscription (unhealthy while it refuses some, naming how many). Pub/sub is
-    /// at-most-once, so a runtime usually registers this check as not critical.
+    /// resubscription (unhealthy while it refuses some, naming how many, or while a
+    /// resubscription after a reconnect has not gone through). Pub/sub is at-most-once, so a
+    /// runtime usually registers this check as not critical.
     async fn check(&self) -> Health {
         if !(self.inner.publisher.is_connected() && self.inner.subscriber.is_connected()) {
             return Health::Unhealthy("redis pub/sub is reconnecting".into());
+        }
+        if self.inner.resubscribing.load(Ordering::Relaxed) {
+            return Health::Unhealthy(
+                "redis pub/sub has not subscribed its channels again since a reconnect; retrying"
+                    .into(),
+            );
         }
         match self.inner.refused.load(Ordering::Relaxed) {
             0 => Health::Healthy,

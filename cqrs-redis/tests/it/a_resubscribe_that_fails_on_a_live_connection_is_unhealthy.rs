@@ -1,0 +1,78 @@
+//! A resubscription after a reconnect that fails without a refusal (its `SUBSCRIBE` goes
+//! unanswered on a connection fred still takes for up: a server stalled short of the
+//! unresponsive timeout, here a proxy that loses every reply) leaves the channels unsubscribed
+//! with both connections up. Health says so until a resubscription goes through; it said
+//! Healthy, and messages published meanwhile were dropped with health green.
+
+use crate::proxy::Proxy;
+use crate::support::{connect_admin, plain_redis_host, raw, reachable, within};
+use cqrs_core::ports::PubSub;
+use cqrs_core::runtime::{Health, HealthCheck};
+use cqrs_core::testing::{eventually, test_id};
+use cqrs_redis::{ConnectionOptions, RedisPubSubOptions};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resubscribe_that_fails_on_a_live_connection_is_unhealthy() {
+    if !reachable().await {
+        return;
+    }
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    let id = test_id("resubscribe-failed");
+    within(
+        60,
+        Box::pin(async {
+            let proxy = Proxy::start(&host).await;
+            // Short commands, no watchdog ping and no replacing of a quiet connection: the
+            // dead one stays "connected".
+            let connection = ConnectionOptions::new(proxy.url())
+                .command_timeout(Duration::from_millis(300))
+                .ping_interval(Duration::from_secs(3600))
+                .unresponsive_timeout(Duration::MAX);
+            let pubsub = RedisPubSubOptions::with_connection(connection)
+                .channel_prefix(format!("cqrs-test:{id}"))
+                .connect()
+                .await
+                .expect("connect through the proxy");
+            let _subscription = pubsub.subscribe("news").await.expect("subscribe");
+            assert_eq!(pubsub.check().await, Health::Healthy);
+
+            // The resubscription's SUBSCRIBE reaches Redis, and its connection then goes
+            // dead (nothing closes it).
+            proxy.lose_reply_to("SUBSCRIBE");
+            let admin = connect_admin().await.unwrap();
+            // Both connections (`client_ids` does not say which is which).
+            for id in pubsub.client_ids().await.unwrap() {
+                let killed = raw(
+                    &admin,
+                    "CLIENT",
+                    vec!["KILL".into(), "ID".into(), id.into()],
+                )
+                .await;
+                assert_eq!(killed.as_u64(), Some(1), "killed connection {id}");
+            }
+            eventually(
+                Duration::from_secs(20),
+                "the lost resubscription reported",
+                || {
+                    let pubsub = pubsub.clone();
+                    async move {
+                        match pubsub.check().await {
+                            Health::Unhealthy(why)
+                                if why.contains("not subscribed its channels again") =>
+                            {
+                                Some(())
+                            }
+                            _ => None,
+                        }
+                    }
+                },
+            )
+            .await;
+            assert!(proxy.reply_lost(), "the SUBSCRIBE went out");
+        }),
+    )
+    .await;
+}
