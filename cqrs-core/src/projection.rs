@@ -179,10 +179,6 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     stalled: std::sync::atomic::AtomicBool,
     /// The store's checkpoint as this runner last saw it: where its next batch is read.
     read_from: std::sync::Mutex<Option<Position>>,
-    /// Fed by a transport: first catch up from the event store at each start.
-    catch_up: bool,
-    /// Still catching up from the store (see `catch_up_from_store`).
-    catching_up: bool,
 }
 
 /// What one batch did: how many events took effect, whether the source had no more to give,
@@ -248,8 +244,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             read_from: std::sync::Mutex::new(None),
-            catch_up: false,
-            catching_up: false,
         }
     }
 
@@ -289,29 +283,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             read_from: std::sync::Mutex::new(None),
-            catch_up: false,
-            catching_up: false,
         }
     }
 
     /// The event store to rebuild from (for a runner fed by a transport).
     pub fn with_event_store(mut self, events: Arc<dyn EventStore>) -> Self {
         self.events = Some(events);
-        self
-    }
-
-    /// Fed by a transport, first applies what the event store ([`with_event_store`]) holds
-    /// after the projection's checkpoint, at each start, and only then reads the transport.
-    /// Events the transport never carried are not missed: a projection that was fed by the
-    /// store before (a server that ran without a broker and now has one, whose relay ships
-    /// only new events), or whose relay started past it. Those the transport carries too are
-    /// skipped by the inbox. Without an event store, each start fails with
-    /// [`ProjectionError::NoEventStore`].
-    ///
-    /// [`with_event_store`]: Self::with_event_store
-    pub fn catch_up_from_store(mut self) -> Self {
-        self.catch_up = true;
-        self.catching_up = true;
         self
     }
 
@@ -458,17 +435,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     caught_up,
                     set_aside: None,
                 }),
-            // Catching up from the store: never "caught up" until the transport is read.
-            Source::Transport { .. } if self.catching_up => {
-                let (applied, caught_up) =
-                    keep_alive_while(None, &[], self.stall(), self.run_once_from_store()).await?;
-                self.catching_up = !caught_up;
-                Ok(Stepped {
-                    applied,
-                    caught_up: false,
-                    set_aside: None,
-                })
-            }
             // A batch that brought events, all duplicates or skipped, is not "caught up": it
             // proves the store works (its unit committed), so it clears a failure's health.
             Source::Transport { .. } => self.run_once_from_transport().await,
@@ -772,7 +738,6 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
         // A gap in the upcasters is this build's bug: say so at start, not at the first event
         // that needs the missing one.
         self.types.validate()?;
-        self.catching_up = self.catch_up;
         self.stop = Some(ctx.shutdown.clone());
         self.health = Some(ctx.health.clone());
         let result = self.run_until_shutdown(&ctx).await;
