@@ -102,7 +102,8 @@ impl HubOptions {
     }
 
     /// The most bytes the write buffer may hold; must exceed `write_buffer_size`. An event
-    /// frame larger than the difference (less a frame header) is not sent: an
+    /// frame larger than the difference (less a frame header and room for a control frame,
+    /// 141 bytes in all) is not sent: an
     /// `event_too_large` error frame takes its place. Default 256 KiB.
     pub fn max_write_buffer_size(mut self, bytes: usize) -> Self {
         self.max_write_buffer_size = bytes;
