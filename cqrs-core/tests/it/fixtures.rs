@@ -227,3 +227,21 @@ impl Drop for PanicsWhenDropped {
         }
     }
 }
+
+/// The `sum` of each event on topic `out` of `transport`, in order, as a fresh group reads
+/// them (what a relay under test shipped).
+pub async fn shipped_sums(transport: &cqrs_core::memory::InMemoryTransport) -> Vec<u64> {
+    use cqrs_core::ports::{ConsumerOptions, EventTransport};
+    let mut consumer = transport
+        .consumer(
+            "out",
+            "check",
+            ConsumerOptions::default().block(std::time::Duration::from_millis(10)),
+        )
+        .await
+        .unwrap();
+    let got = consumer.fetch(100).await.unwrap();
+    got.iter()
+        .map(|d| d.record.payload["sum"].as_u64().unwrap())
+        .collect()
+}

@@ -346,21 +346,6 @@ fn a_batch_too_slow_to_publish_one_at_a_time_still_makes_progress() {
     });
 }
 
-async fn shipped_sums(transport: &InMemoryTransport) -> Vec<u64> {
-    let mut consumer = transport
-        .consumer(
-            "out",
-            "check",
-            ConsumerOptions::default().block(Duration::from_millis(10)),
-        )
-        .await
-        .unwrap();
-    let got = consumer.fetch(100).await.unwrap();
-    got.iter()
-        .map(|d| d.record.payload["sum"].as_u64().unwrap())
-        .collect()
-}
-
 /// A transport that never answers a publish of more than `most` events (too slow for them),
 /// and takes smaller ones at once. Records every event it took, duplicates included.
 struct SlowForMany {

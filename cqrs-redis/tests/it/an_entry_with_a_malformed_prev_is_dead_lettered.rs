@@ -30,15 +30,7 @@ async fn an_entry_with_a_malformed_prev_is_dead_lettered() {
             env.publish_one(&topic, "q", 4).await;
 
             let mut consumer = env.join(&topic, "c", |o| o).await;
-            let mut got = Vec::new();
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            while got.len() < 3 && tokio::time::Instant::now() < until {
-                let batch = consumer.fetch(10).await.expect("fetch keeps working");
-                got.extend(batch.iter().map(n_of));
-                let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
-                consumer.ack(&ids).await.unwrap();
-            }
-            got.sort_unstable();
+            let got = handle_at_least(consumer.as_mut(), 3).await;
             assert_eq!(got, [1, 3, 4], "everything but the malformed entry");
 
             // Later entries keep flowing.
@@ -77,15 +69,7 @@ async fn an_entry_whose_prev_is_its_own_id_is_dead_lettered() {
             env.publish_one(&topic, "q", 4).await;
 
             let mut consumer = env.join(&topic, "c", |o| o).await;
-            let mut got = Vec::new();
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            while got.len() < 3 && tokio::time::Instant::now() < until {
-                let batch = consumer.fetch(10).await.expect("fetch keeps working");
-                got.extend(batch.iter().map(n_of));
-                let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
-                consumer.ack(&ids).await.unwrap();
-            }
-            got.sort_unstable();
+            let got = handle_at_least(consumer.as_mut(), 3).await;
             assert_eq!(got, [1, 3, 4], "everything but the malformed entry");
             assert_one_malformed_dead_letter(&env, &topic, &bad, own).await;
         }),
@@ -292,6 +276,21 @@ async fn assert_one_malformed_dead_letter(env: &Env, topic: &str, bad: &str, sho
         dead[0].record.as_ref().map(|r| r.payload["n"].clone()),
         Some(2.into())
     );
+}
+
+/// Fetches and acknowledges until `n` events were handed out (or 10 s passed); their event
+/// numbers, sorted.
+async fn handle_at_least(consumer: &mut dyn Consumer, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < n && tokio::time::Instant::now() < until {
+        let batch = consumer.fetch(10).await.expect("fetch keeps working");
+        got.extend(batch.iter().map(n_of));
+        let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
+        consumer.ack(&ids).await.unwrap();
+    }
+    got.sort_unstable();
+    got
 }
 
 /// Fetches until a batch is not empty, for up to 10 s.
