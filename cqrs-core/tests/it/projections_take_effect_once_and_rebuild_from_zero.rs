@@ -425,6 +425,85 @@ fn a_batch_with_an_event_set_aside_is_progress_not_a_failure() {
     });
 }
 
+/// A projection fed by the store, then by a transport whose relay ships only what comes
+/// after (a server that ran without a broker and now has one): told to catch up from the
+/// store first, it applies what lies between its checkpoint and what the transport carries,
+/// then goes on from the transport, each event once (it missed those events for good), and
+/// never reads the store again once a transport-fed batch took effect.
+#[test]
+fn a_transport_fed_runner_catches_up_from_the_store_first() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2)],
+            )
+            .await
+            .unwrap();
+        let mut from_store =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+        assert_eq!(from_store.run_once().await.unwrap(), 2);
+        // Stored while the projection stood still; the transport never carries them.
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::Exactly(2),
+                vec![record(4), record(8)],
+            )
+            .await
+            .unwrap();
+        // Stored and shipped: the relay starts here.
+        let shipped = events
+            .append("s-1", ExpectedVersion::Exactly(4), vec![record(16)])
+            .await
+            .unwrap();
+        transport.publish("sums", &shipped).await.unwrap();
+
+        let mut runner = sums_runner(
+            store.clone(),
+            &sum,
+            &transport,
+            ConsumerOptions::default().block(Duration::from_millis(20)),
+        )
+        .with_event_store(events.clone())
+        .catch_up_from_store();
+        for _ in 0..10 {
+            runner.run_once().await.unwrap();
+        }
+        assert_eq!(transport.backlog("sums", "sum"), 0, "16 acknowledged");
+        assert_eq!(*sum.seen.lock().unwrap(), [1, 2, 4, 8, 16], "each once");
+
+        // Once a batch from the transport took effect, a restart reads the transport only:
+        // its checkpoint no longer says that everything before it took effect, and an event
+        // stored past it may wait in the transport behind an earlier one of its key.
+        events
+            .append("s-1", ExpectedVersion::Exactly(5), vec![record(32)])
+            .await
+            .unwrap();
+        let mut restarted = sums_runner(
+            store.clone(),
+            &sum,
+            &transport,
+            ConsumerOptions::default().block(Duration::from_millis(20)),
+        )
+        .with_event_store(events.clone())
+        .catch_up_from_store();
+        for _ in 0..3 {
+            restarted.run_once().await.unwrap();
+        }
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [1, 2, 4, 8, 16],
+            "32, not shipped, is not read from the store"
+        );
+    });
+}
+
 /// A transport-fed runner whose fetch waits without limit still stops at shutdown, within the
 /// grace period.
 #[test]
