@@ -92,7 +92,8 @@ impl Plugin for TicketsPlugin {
                         .unwrap_or_else(|| Arc::new(InMemoryTicketIndex::default()));
                     let stats = InMemoryStats::default();
                     registrar.contribute(stats_worker(
-                        InMemoryProjectionStore::new(),
+                        // The server's clock dates the inbox entries its purge ages out.
+                        InMemoryProjectionStore::with_clock(backends.clock.clone()),
                         stats.clone(),
                         &backends,
                         &settings,
