@@ -179,13 +179,6 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     stalled: std::sync::atomic::AtomicBool,
     /// The store's checkpoint as this runner last saw it: where its next batch is read.
     read_from: std::sync::Mutex<Option<Position>>,
-    /// Fed by a transport: first catch up from the event store, until a transport-fed batch
-    /// took effect (see `catch_up_from_store`).
-    catch_up: bool,
-    /// Still catching up from the store.
-    catching_up: bool,
-    /// The store is known to record that a transport-fed batch took effect.
-    transport_marked: bool,
 }
 
 /// What one batch did: how many events took effect, whether the source had no more to give,
@@ -251,9 +244,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             read_from: std::sync::Mutex::new(None),
-            catch_up: false,
-            catching_up: false,
-            transport_marked: false,
         }
     }
 
@@ -293,35 +283,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             read_from: std::sync::Mutex::new(None),
-            catch_up: false,
-            catching_up: false,
-            transport_marked: false,
         }
     }
 
     /// The event store to rebuild from (for a runner fed by a transport).
     pub fn with_event_store(mut self, events: Arc<dyn EventStore>) -> Self {
         self.events = Some(events);
-        self
-    }
-
-    /// Fed by a transport, first applies what the event store ([`with_event_store`]) holds
-    /// after the projection's checkpoint, and only then reads the transport, until a
-    /// transport-fed batch has taken effect (recorded with the projection's checkpoint, under
-    /// `<name>#transport`). So a projection that was fed by the store until now (a server
-    /// that ran without a broker and now has one, whose relay ships only new events) misses
-    /// nothing in between; the events the transport carries too are skipped by the inbox.
-    /// After that first transport-fed batch it never reads the store again: its checkpoint is
-    /// then the last position a batch reached, not a mark below which every event took effect,
-    /// and reading the store past it could apply a key's events before an earlier one the
-    /// transport still holds. An event the catch-up cannot apply stops it, as it stops a
-    /// runner fed by the store, until it is fixed. Without an event store, each step fails
-    /// with [`ProjectionError::NoEventStore`].
-    ///
-    /// [`with_event_store`]: Self::with_event_store
-    pub fn catch_up_from_store(mut self) -> Self {
-        self.catch_up = true;
-        self.catching_up = true;
         self
     }
 
@@ -468,17 +435,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     caught_up,
                     set_aside: None,
                 }),
-            // Catching up from the store: never "caught up" until the transport is read.
-            Source::Transport { .. } if self.catching_up => {
-                let (applied, done) =
-                    keep_alive_while(None, &[], self.stall(), self.catch_up_once()).await?;
-                self.catching_up = !done;
-                Ok(Stepped {
-                    applied,
-                    caught_up: false,
-                    set_aside: None,
-                })
-            }
             // A batch that brought events, all duplicates or skipped, is not "caught up": it
             // proves the store works (its unit committed), so it clears a failure's health.
             Source::Transport { .. } => self.run_once_from_transport().await,
@@ -549,30 +505,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         Ok((applied, caught_up))
     }
 
-    /// One batch of the catch-up from the store, read in the unit that holds the projection's
-    /// lock (the catch-up runs at start only): how many events took effect, and whether the
-    /// catch-up is over (the store had no more, or a transport-fed batch took effect, which
-    /// it checks in that unit, so no transport-fed batch commits in between).
-    async fn catch_up_once(&self) -> Result<(usize, bool), ProjectionError> {
-        let events = self
-            .events
-            .as_ref()
-            .ok_or_else(|| ProjectionError::NoEventStore(self.name.clone()))?;
-        let mut unit = self.store.begin(&self.name).await?;
-        let marker = transport_marker(&self.name);
-        if self.store.checkpoint(&mut unit, &marker).await?.is_some() {
-            return Ok((0, true));
-        }
-        let after = self
-            .store
-            .checkpoint(&mut unit, &self.name)
-            .await?
-            .unwrap_or(Position::START);
-        let records = events.read_all(after, self.batch).await?;
-        let (applied, caught_up) = self.apply_batch(unit, &records).await?;
-        Ok((applied, caught_up))
-    }
-
     /// Where the next batch from the store is read: the checkpoint as last seen.
     fn lock_read_from(&self) -> std::sync::MutexGuard<'_, Option<Position>> {
         self.read_from.lock().unwrap_or_else(|p| p.into_inner())
@@ -593,8 +525,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout,
             stall_after,
             stalled,
-            catch_up,
-            transport_marked,
             ..
         } = self;
         let Source::Transport {
@@ -651,19 +581,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     &records,
                 )
                 .await?;
-                let last = records.iter().filter_map(|r| r.position).max();
-                if let Some(last) = last {
+                if let Some(last) = records.iter().filter_map(|r| r.position).max() {
                     let current = store.checkpoint(&mut unit, name).await?;
                     if current.is_none_or(|c| c < last) {
                         store.save_checkpoint(&mut unit, name, last).await?;
                     }
-                }
-                // A catch-up from the store must not run again once this batch took effect
-                // (see `catch_up_from_store`).
-                if *catch_up && !*transport_marked {
-                    let marker = transport_marker(name);
-                    let at = last.unwrap_or(Position::START).max(Position::new(1));
-                    store.save_checkpoint(&mut unit, &marker, at).await?;
                 }
                 store.commit(unit).await?;
                 Ok::<_, ProjectionError>(applied)
@@ -686,7 +608,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
             let e = match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
                 Ok(applied) => {
-                    *transport_marked |= *catch_up;
                     // The batch took effect, however long it ran: a failed ack is no stall.
                     stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                     consumer.ack(&ids).await?;
@@ -817,7 +738,6 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
         // A gap in the upcasters is this build's bug: say so at start, not at the first event
         // that needs the missing one.
         self.types.validate()?;
-        self.catching_up = self.catch_up;
         self.stop = Some(ctx.shutdown.clone());
         self.health = Some(ctx.health.clone());
         let result = self.run_until_shutdown(&ctx).await;
@@ -1104,12 +1024,6 @@ fn passes(error: &ProjectionError) -> bool {
         ProjectionError::Decode { .. } | ProjectionError::Apply { .. } => true,
         ProjectionError::NoEventStore(_) => false,
     }
-}
-
-/// The checkpoint key under which a runner told to `catch_up_from_store` records that a
-/// transport-fed batch took effect.
-fn transport_marker(name: &str) -> String {
-    format!("{name}#transport")
 }
 
 /// How many times one fetched batch is applied: after a pass fails on an event at fault, the

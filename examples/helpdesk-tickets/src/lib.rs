@@ -175,10 +175,6 @@ fn stats_worker<S: ProjectionStore, P: Projection<S>>(
             types,
         )
         .with_event_store(backends.events.clone())
-        // What the store holds past the stats' checkpoint first: a server that ran on
-        // Postgres alone (stats fed by the store) and now has Redis ships only new events,
-        // and those between would be missed for good.
-        .catch_up_from_store()
     };
     let runner = runner
         .idle_interval(settings.poll_interval)
