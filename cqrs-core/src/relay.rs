@@ -113,8 +113,9 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 /// Each batch: read the events after the checkpoint as the relay last saw it, take the relay's
 /// lease (`ProjectionStore::begin`, so only one relay of a name ships at a time, even across
 /// instances sharing the store) and confirm the checkpoint is still there (read again, under
-/// the lease, if another instance moved it), publish them in order, then commit the new
-/// checkpoint. Hence:
+/// the lease, if another instance moved it; the relay's first batch, with no checkpoint seen
+/// yet, is read under the lease), publish them in order, then commit the new checkpoint.
+/// Hence:
 ///
 /// * **At least once.** A relay that dies after publishing and before committing publishes
 ///   the batch again; consumers dedupe by event id.

@@ -31,7 +31,9 @@ const MAX_WARNED_CHANNELS: usize = 1024;
 ///   message published after it returns reaches the subscriber (on Redis Cluster, and for a
 ///   refusal fred drops, it confirms less: see `docs/redis.md`). A channel that already has a
 ///   local subscriber is joined without asking Redis. While the subscriber connection is down
-///   it fails at once with `Unavailable`.
+///   it fails with `Unavailable`: at once, or, when the connection dropped under a
+///   resubscription or an unsubscribe holding the subscribe lock, after that (about one or two
+///   command timeouts).
 /// * After a reconnect every channel with local subscribers is subscribed again by itself,
 ///   and once it is, every subscription counts one possible loss in
 ///   [`Subscription::missed`]: messages published while the connection was down are gone.

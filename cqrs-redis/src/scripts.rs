@@ -339,9 +339,14 @@ const NACK: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if p[1] and p[1][2] == ARGV[2] then
   -- An entry deleted from the stream meanwhile leaves the pending list here (the claim does
-  -- not return it): its error is not recorded, or nothing would ever remove it.
+  -- not return it): its error is not recorded, and one recorded before goes, or nothing
+  -- would ever remove them.
   local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-  if claimed[1] and ARGV[4] ~= '' then redis.call('HSET', KEYS[2], ARGV[3], ARGV[4]) end
+  if not claimed[1] then
+    redis.call('HDEL', KEYS[2], ARGV[3])
+  elseif ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  end
   return 1
 end
 return 0

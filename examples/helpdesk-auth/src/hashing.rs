@@ -104,8 +104,10 @@ impl Hashing {
 
     /// A turn to hash for `client`: refused at once (`too_many_attempts`) when the client
     /// holds or waits for its share already; otherwise waiting up to the bound, `busy` past
-    /// it. A login takes its turn before it counts an attempt, so a refusal for either reason
-    /// never counts as a failed login.
+    /// it. A registration takes its turn this way; a login takes its client's slot
+    /// ([`client_slot`](Self::client_slot)) before it counts an attempt and the shared permit
+    /// only for the hash, taking the count back when that permit is `busy`, so a refusal for
+    /// either reason never counts as a failed login.
     pub(crate) async fn turn(&self, client: Option<IpAddr>) -> Result<Turn, HandlerError> {
         self.client_slot(client)?.turn(self).await
     }
