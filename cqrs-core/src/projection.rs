@@ -645,33 +645,16 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let isolate = failed.contains(&true)
                 && passes < MAX_PASSES_PER_BATCH
                 && held.iter().zip(&failed).any(|(h, f)| !h && !f);
-            if !isolate {
-                let mut innocent = Vec::new();
-                for (i, id) in ids.iter().enumerate() {
-                    if failed[i] && attempt {
-                        let _ = consumer.nack_with_reason(id, &reason).await;
-                    } else {
-                        innocent.push(id.clone());
-                    }
-                }
-                let _ = consumer.defer(&innocent).await;
-                // The first event's error names the cause; a later failure that is no event's
-                // (the store went down) says more about now.
-                return Err(match (set_aside, blamed) {
-                    (Some(first), Some(_)) => first,
-                    _ => e,
-                });
-            }
-            // Set the failed event (and its chain's later deliveries) aside, and apply the
-            // others again at once, in a new unit: other keys' events do not wait with it
-            // for its redeliveries (or, for an event only a newer build can read, for that
-            // build).
+            // The failed event is handed back (as an attempt, unless only a newer build can
+            // read it), and so are its chain's later deliveries. Isolated, the others are kept
+            // and applied again at once, in a new unit: other keys' events do not wait with it
+            // for its redeliveries (or for that build). Otherwise they are handed back too.
             let mut waiting = Vec::new();
             let mut kept = 0;
             for i in 0..ids.len() {
                 if failed[i] && attempt {
                     let _ = consumer.nack_with_reason(&ids[i], &reason).await;
-                } else if failed[i] || held[i] {
+                } else if failed[i] || held[i] || !isolate {
                     waiting.push(ids[i].clone());
                 } else {
                     ids.swap(kept, i);
@@ -680,10 +663,18 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     kept += 1;
                 }
             }
+            let _ = consumer.defer(&waiting).await;
+            if !isolate {
+                // The first event's error names the cause; a later failure that is no event's
+                // (the store went down) says more about now.
+                return Err(match (set_aside, blamed) {
+                    (Some(first), Some(_)) => first,
+                    _ => e,
+                });
+            }
             ids.truncate(kept);
             order_keys.truncate(kept);
             records.truncate(kept);
-            let _ = consumer.defer(&waiting).await;
             set_aside.get_or_insert(e);
         }
     }

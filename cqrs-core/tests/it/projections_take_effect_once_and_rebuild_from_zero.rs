@@ -107,6 +107,15 @@ fn record(sum: u64) -> EventRecord {
     EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
 }
 
+/// The sums of the events group `sum` dead-lettered on topic `sums`, in order.
+fn dead_sums(transport: &InMemoryTransport) -> Vec<u64> {
+    transport
+        .dead_letters("sums", "sum")
+        .iter()
+        .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
+        .collect()
+}
+
 /// `record(sum)` with partition key `key`.
 fn keyed(key: &str, sum: u64) -> EventRecord {
     EventRecord::from_envelope(
@@ -309,11 +318,7 @@ async fn poison_with_a_batch_mate(panics: bool) {
     );
     run_until_drained(&mut runner, &transport).await;
     assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
-    let dead: Vec<u64> = transport
-        .dead_letters("sums", "sum")
-        .iter()
-        .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
-        .collect();
+    let dead = dead_sums(&transport);
     assert_eq!(dead, [13], "only the poison is dead-lettered");
 }
 
@@ -359,11 +364,7 @@ fn a_poison_event_is_set_aside_and_other_keys_take_effect_at_once() {
         );
         run_until_drained(&mut runner, &transport).await;
         assert_eq!(*sum.seen.lock().unwrap(), [1, 2, 4]);
-        let dead: Vec<u64> = transport
-            .dead_letters("sums", "sum")
-            .iter()
-            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
-            .collect();
+        let dead = dead_sums(&transport);
         assert_eq!(dead, [13], "only the poison is dead-lettered");
     });
 }
@@ -1369,11 +1370,7 @@ fn a_projection_that_panics_before_its_future_fails_only_its_event() {
         let mut seen = projection.seen.lock().unwrap().clone();
         seen.sort_unstable();
         assert_eq!(seen, [1, 2], "the batch mates took effect");
-        let dead: Vec<u64> = transport
-            .dead_letters("sums", "sum")
-            .iter()
-            .map(|(r, _)| r.payload["sum"].as_u64().unwrap())
-            .collect();
+        let dead = dead_sums(&transport);
         assert_eq!(dead, [13], "only the panicking event is dead-lettered");
     });
 }

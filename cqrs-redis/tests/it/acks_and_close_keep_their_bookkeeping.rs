@@ -17,10 +17,7 @@ async fn an_ack_removes_the_error_of_an_entry_back_on_its_first_count() {
         60,
         Box::pin(async {
             let topic = env.topic("orders");
-            let errors = format!(
-                "{}:{{{topic}}}:errors:g",
-                crate::support::key_prefix(&env.id)
-            );
+            let errors = errors_key(&env, &topic);
             // Well over a fetch (up to twice its 100 ms `block` on Redis 7.0): the first entry,
             // kept alive between fetches, is not reclaimed meanwhile.
             let delay = Duration::from_millis(500);
@@ -80,10 +77,7 @@ async fn an_ack_by_a_slow_consumer_removes_the_error_another_recorded() {
         60,
         Box::pin(async {
             let topic = env.topic("orders");
-            let errors = format!(
-                "{}:{{{topic}}}:errors:g",
-                crate::support::key_prefix(&env.id)
-            );
+            let errors = errors_key(&env, &topic);
             let delay = Duration::from_millis(500);
             let mut a = env.join(&topic, "a", |o| o.redelivery_delay(delay)).await;
             let mut b = env.join(&topic, "b", |o| o.redelivery_delay(delay)).await;
@@ -133,10 +127,7 @@ async fn an_entry_deleted_while_pending_leaves_no_error_behind() {
         Box::pin(async {
             let topic = env.topic("orders");
             let stream = env.transport.stream_key(&topic).unwrap();
-            let errors = format!(
-                "{}:{{{topic}}}:errors:g",
-                crate::support::key_prefix(&env.id)
-            );
+            let errors = errors_key(&env, &topic);
             let mut c = env
                 .join(&topic, "c", |o| {
                     o.redelivery_delay(Duration::from_millis(200))
@@ -144,14 +135,8 @@ async fn an_entry_deleted_while_pending_leaves_no_error_behind() {
                 .await;
             env.publish_one(&topic, "a", 1).await;
             env.publish_one(&topic, "b", 2).await;
-            let mut got = Vec::new();
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            while got.len() < 2 {
-                got.extend(c.fetch(10).await.unwrap());
-                assert!(tokio::time::Instant::now() < until, "not both fetched");
-            }
-            let id = |n: u64| got.iter().find(|d| n_of(d) == n).unwrap().id.clone();
-            let (first, second) = (id(1), id(2));
+            let [first, second] =
+                <[DeliveryId; 2]>::try_from(fetch_both(c.as_mut()).await).expect("two entries");
             let xdel = |id: DeliveryId| {
                 env.command("XDEL", vec![stream.as_str().into(), id.0.as_str().into()])
             };
@@ -194,10 +179,7 @@ async fn an_entry_deleted_while_handed_out_again_leaves_no_error_behind() {
         Box::pin(async {
             let topic = env.topic("orders");
             let stream = env.transport.stream_key(&topic).unwrap();
-            let errors = format!(
-                "{}:{{{topic}}}:errors:g",
-                crate::support::key_prefix(&env.id)
-            );
+            let errors = errors_key(&env, &topic);
             let hlen = || env.command("HLEN", vec![errors.as_str().into()]);
             let mut c = env
                 .join(&topic, "c", |o| {
@@ -206,23 +188,13 @@ async fn an_entry_deleted_while_handed_out_again_leaves_no_error_behind() {
                 .await;
             env.publish_one(&topic, "a", 1).await;
             env.publish_one(&topic, "b", 2).await;
-            let fetch_both = async |c: &mut Box<dyn Consumer>| {
-                let mut got = Vec::new();
-                let until = tokio::time::Instant::now() + Duration::from_secs(10);
-                while got.len() < 2 {
-                    got.extend(c.fetch(10).await.unwrap());
-                    assert!(tokio::time::Instant::now() < until, "not both fetched");
-                }
-                got.sort_by_key(n_of);
-                got.into_iter().map(|d| d.id).collect::<Vec<_>>()
-            };
-            let ids = fetch_both(&mut c).await;
+            let ids = fetch_both(c.as_mut()).await;
             for id in &ids {
                 c.nack_with_reason(id, "boom").await.unwrap();
             }
             assert_eq!(hlen().await.as_u64(), Some(2));
             // Back after the redelivery delay, handed out again.
-            assert_eq!(fetch_both(&mut c).await, ids);
+            assert_eq!(fetch_both(c.as_mut()).await, ids);
             for id in &ids {
                 env.command("XDEL", vec![stream.as_str().into(), id.0.as_str().into()])
                     .await;
@@ -239,6 +211,27 @@ async fn an_entry_deleted_while_handed_out_again_leaves_no_error_behind() {
     )
     .await;
     env.cleanup().await;
+}
+
+/// The group `g`'s errors hash of `topic`.
+fn errors_key(env: &Env, topic: &str) -> String {
+    format!(
+        "{}:{{{topic}}}:errors:g",
+        crate::support::key_prefix(&env.id)
+    )
+}
+
+/// Fetches until the two entries published (events 1 and 2) are handed out, for up to 10 s;
+/// their ids, in event order.
+async fn fetch_both(c: &mut dyn Consumer) -> Vec<DeliveryId> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 2 {
+        got.extend(c.fetch(10).await.unwrap());
+        assert!(tokio::time::Instant::now() < until, "not both fetched");
+    }
+    got.sort_by_key(n_of);
+    got.into_iter().map(|d| d.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

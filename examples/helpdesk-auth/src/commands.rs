@@ -843,41 +843,25 @@ mod tests {
     async fn logins_the_server_could_not_finish_are_not_failures() {
         cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
             let clock = Arc::new(ManualClock::new());
-            let users = FlakyUsers::default();
-            users
-                .users
-                .create(UserRecord {
-                    id: Uuid::now_v7(),
-                    email: "c@example.com".into(),
-                    role: Role::Customer,
-                    display_name: None,
-                    password_hash: argon2_hash(PASSWORD.as_bytes()).unwrap(),
-                    created_at: clock.now(),
-                })
-                .await
-                .unwrap();
+            let users = with_user_c(&clock).await;
             let throttle_failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let one_failure =
                 || InMemoryLoginThrottle::new(clock.clone(), 1, Duration::from_secs(60));
             let handler = LogInHandler {
-                users: Arc::new(users.clone()),
-                hashing: Hashing::new(2, Duration::from_secs(5)),
-                throttle: Arc::new(FlakyThrottle {
-                    inner: one_failure(),
-                    failing: throttle_failing.clone(),
-                    failing_back: Arc::default(),
-                }),
                 address_throttle: Arc::new(one_failure()),
-                tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
-                dummy_hash: Arc::new(dummy_hash().unwrap()),
-                agents: AgentList::new(Arc::default(), None),
+                ..login_handler(
+                    &users,
+                    Arc::new(FlakyThrottle {
+                        inner: one_failure(),
+                        failing: throttle_failing.clone(),
+                        failing_back: Arc::default(),
+                    }),
+                    Hashing::new(2, Duration::from_secs(5)),
+                    &clock,
+                )
             };
             let login = |password: &str| {
-                let login = LogIn {
-                    email: "c@example.com".into(),
-                    password: password.into(),
-                    client: Some([192, 0, 2, 9].into()),
-                };
+                let login = log_in(password, [192, 0, 2, 9]);
                 let handler = &handler;
                 async move {
                     handler
