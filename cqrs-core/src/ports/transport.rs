@@ -32,7 +32,7 @@ impl TransportCapabilities {
         redelivery_delay: true,
     };
 
-    /// Everything but exactly-once and persistence: an at-least-once broker kept in memory.
+    /// The capabilities named one by one, in the order of the fields.
     pub const fn new(
         persistent: bool,
         consumer_groups: bool,

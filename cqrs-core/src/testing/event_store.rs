@@ -109,22 +109,51 @@ fn numbers(records: &[EventRecord]) -> Vec<u64> {
 pub async fn append_then_load_returns_events_in_order_with_versions<H: EventStoreHarness>(h: &H) {
     let store = h.store();
     let stream = format!("{}-a", h.test_id());
-    let stored = store
-        .append(
-            &stream,
-            ExpectedVersion::NO_STREAM,
-            vec![record(1), record(2)],
-        )
+    let batch = vec![record(1), record(2)];
+    let ids: Vec<_> = batch.iter().map(|r| r.event_id).collect();
+    let mut stored = store
+        .append(&stream, ExpectedVersion::NO_STREAM, batch)
         .await
         .expect("first append");
+    stored.extend(
+        store
+            .append(&stream, ExpectedVersion::Exactly(2), vec![record(3)])
+            .await
+            .expect("second append at version 2"),
+    );
+    // What `append` returns is what was stored: the events in order, each with its stream,
+    // version and position.
+    assert_eq!(
+        stored
+            .iter()
+            .map(|r| r.event_id)
+            .take(2)
+            .collect::<Vec<_>>(),
+        ids,
+        "append returns the appended events, in order"
+    );
+    assert_eq!(numbers(&stored), [1, 2, 3]);
     assert_eq!(
         stored.iter().map(|r| r.stream_version).collect::<Vec<_>>(),
-        [Some(1), Some(2)]
+        [Some(1), Some(2), Some(3)]
     );
-    store
-        .append(&stream, ExpectedVersion::Exactly(2), vec![record(3)])
-        .await
-        .expect("second append at version 2");
+    assert!(
+        stored
+            .iter()
+            .all(|r| r.stream_id.as_deref() == Some(stream.as_str())),
+        "append returns records with their stream id"
+    );
+    let returned: Vec<Position> = stored
+        .iter()
+        .map(|r| {
+            r.position
+                .expect("append returns records with their position")
+        })
+        .collect();
+    assert!(
+        returned.windows(2).all(|w| w[0] < w[1]),
+        "returned positions grow: {returned:?}"
+    );
     let loaded = store.load(&stream, 0).await.expect("load");
     assert_eq!(numbers(&loaded), [1, 2, 3]);
     assert_eq!(
@@ -143,6 +172,10 @@ pub async fn append_then_load_returns_events_in_order_with_versions<H: EventStor
     assert!(
         positions.windows(2).all(|w| w[0] < w[1]),
         "positions grow: {positions:?}"
+    );
+    assert_eq!(
+        positions, returned,
+        "load reads back the positions append returned"
     );
     assert_eq!(store.stream_version(&stream).await.unwrap(), 3);
     assert_eq!(

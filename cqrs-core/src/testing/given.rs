@@ -56,12 +56,15 @@ fn replayed<A: Aggregate>(
         ),
         Err(e) => panic!("event `{}` does not decode: {e}", record.event_type),
     };
-    let event = A::Event::from_envelope(&decoded).unwrap_or_else(|| {
-        panic!(
+    // A `match`, not `unwrap_or_else`: a panic in a closure would name this file, not the
+    // caller's test (`#[track_caller]` does not reach into closures).
+    let event = match A::Event::from_envelope(&decoded) {
+        Some(event) => event,
+        None => panic!(
             "event `{}` decodes to no member of the aggregate's event set",
             record.event_type
-        )
-    });
+        ),
+    };
     (event, decoded)
 }
 

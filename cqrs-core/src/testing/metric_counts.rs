@@ -60,7 +60,7 @@ impl MetricCounts {
             .map_or(0, |c| c.0.load(Ordering::SeqCst))
     }
 
-    /// Every series recorded so far, as `name{k=v,...}`, in order.
+    /// Every series recorded so far, as `name{k=v,...}`, sorted (not in the order recorded).
     ///
     /// ```
     /// use cqrs_core::testing::MetricCounts;

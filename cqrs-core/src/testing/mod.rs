@@ -23,7 +23,7 @@
 //! snapshot store. The test crate needs tokio with the `macros` and `rt-multi-thread`
 //! features, since the macro's tests are `#[tokio::test]`s; `cargo test` runs them, one test
 //! a scenario. The `main` is only there so this example runs as it is: a scenario is a plain
-//! `async fn`, which can also be called by hand.
+//! `async fn`, which can also be called by hand, each with a harness of its own.
 //!
 //! ```
 //! use cqrs_core::memory::InMemorySnapshotStore;
@@ -61,8 +61,12 @@
 //!
 //! #[tokio::main]
 //! async fn main() {
-//!     let h = harness(cqrs_core::testing::test_id("by_hand")).await.unwrap();
+//!     // A fresh harness per scenario, as the macro gives each test: scenarios name what they
+//!     // make from the test id alone, so two of them on one harness may meet each other's.
+//!     let h = harness(cqrs_core::testing::test_id("latest")).await.unwrap();
 //!     snapshot_store::the_latest_snapshot_is_loaded_whole(&h).await;
+//!     h.teardown().await;
+//!     let h = harness(cqrs_core::testing::test_id("older")).await.unwrap();
 //!     snapshot_store::an_older_or_equal_snapshot_is_ignored(&h).await;
 //!     h.teardown().await;
 //! }

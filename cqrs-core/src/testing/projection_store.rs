@@ -3,7 +3,7 @@
 //!
 //! Run it with [`projection_store_conformance!`](crate::projection_store_conformance).
 
-use super::Harness;
+use super::{Harness, with_timeout};
 use crate::Position;
 use crate::clock::ManualClock;
 use crate::ports::ProjectionStore;
@@ -108,7 +108,7 @@ pub async fn an_uncommitted_unit_leaves_no_trace<H: ProjectionStoreHarness>(h: &
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
 }
 
-/// The checkpoint reads back as committed, and moves with later commits.
+/// The checkpoint reads back as committed, and moves with later commits, backwards too.
 pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarness>(h: &H) {
     let store = h.store();
     let c = h.test_id();
@@ -133,6 +133,18 @@ pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarnes
     assert_eq!(
         store.checkpoint(&mut unit, c).await.unwrap(),
         Some(Position::new(8))
+    );
+    // The last save counts, not the highest: a consumer rewound by hand reads from there.
+    store
+        .save_checkpoint(&mut unit, c, Position::new(3))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+    let mut unit = store.begin(c).await.unwrap();
+    assert_eq!(
+        store.checkpoint(&mut unit, c).await.unwrap(),
+        Some(Position::new(3)),
+        "the checkpoint is the last one saved"
     );
 }
 
@@ -347,5 +359,27 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
     assert!(
         !store.mark_processed(&mut unit, &other, old).await.unwrap(),
         "another consumer's inbox is untouched"
+    );
+    drop(unit);
+
+    // A purge deletes committed entries only: one a unit of work holds, not yet committed,
+    // is there once that unit commits.
+    let pending = Uuid::now_v7();
+    let mut unit = store.begin(&c).await.unwrap();
+    assert!(store.mark_processed(&mut unit, &c, pending).await.unwrap());
+    if let Some(clock) = h.clock() {
+        clock.advance(2 * hour);
+    }
+    with_timeout(
+        Duration::from_secs(10),
+        store.purge_inbox(&c, Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    store.commit(unit).await.unwrap();
+    let mut unit = store.begin(&c).await.unwrap();
+    assert!(
+        !store.mark_processed(&mut unit, &c, pending).await.unwrap(),
+        "a purge while {pending} was uncommitted deleted it"
     );
 }

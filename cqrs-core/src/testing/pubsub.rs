@@ -2,7 +2,7 @@
 //!
 //! Run it with [`pubsub_conformance!`](crate::pubsub_conformance).
 
-use super::{Harness, eventually, with_timeout};
+use super::{Harness, eventually};
 use crate::ports::{PubSub, Subscription};
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -62,10 +62,11 @@ macro_rules! pubsub_conformance {
 }
 
 async fn next(sub: &mut Subscription) -> String {
-    with_timeout(Duration::from_secs(5), sub.recv())
-        .await
-        .map(|m| m.payload.to_string())
-        .expect("the pub/sub is open")
+    match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+        Ok(Some(message)) => message.payload.to_string(),
+        Ok(None) => panic!("the subscription to {} closed", sub.channel()),
+        Err(_) => panic!("no message on {} within 5 s", sub.channel()),
+    }
 }
 
 /// A message published right after `subscribe` returns is received.

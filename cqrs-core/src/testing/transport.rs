@@ -66,6 +66,8 @@ macro_rules! transport_conformance {
                 a_due_redelivery_comes_before_new_messages,
                 a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back,
                 a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back,
+                a_consumer_tells_its_redelivery_delay_and_keep_alive_interval,
+                a_closed_consumer_releases_what_it_never_handed_out,
             ]
         );
     };
@@ -533,7 +535,7 @@ pub async fn a_fetch_of_zero_takes_nothing<H: TransportHarness>(h: &H) {
 /// `block(Duration::MAX)` means "wait as long as it takes": a fetch waiting that way returns
 /// once an event is published (it must not overflow the clock computing its deadline).
 pub async fn a_fetch_may_block_without_limit<H: TransportHarness>(h: &H) {
-    let topic = format!("{}-t9", h.test_id());
+    let topic = format!("{}-t20", h.test_id());
     let mut c = consumer_with(h, &topic, "g", "c", |o| o.block(Duration::MAX)).await;
     let fetch = c.fetch(10);
     tokio::pin!(fetch);
@@ -635,7 +637,7 @@ async fn drain_unacked(c: &mut dyn Consumer, count: usize) -> Vec<Delivery> {
 /// consumer name, no delivery allowed) are refused with `Invalid`, naming the problem, by
 /// every adapter alike: a test on the in-memory transport fails where production would.
 pub async fn consumer_options_that_break_the_port_rules_are_refused<H: TransportHarness>(h: &H) {
-    let topic = format!("{}-t12", h.test_id());
+    let topic = format!("{}-t21", h.test_id());
     let transport = h.transport();
     for (what, options) in [
         (
@@ -1065,4 +1067,94 @@ pub async fn a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back<
     slow.nack(&first.id)
         .await
         .expect("a nack of an acknowledged delivery is no error");
+}
+
+/// A consumer of a transport that redelivers by time tells its redelivery delay (the one it
+/// was given) and a keep-alive interval shorter than it, which
+/// [`consume_until_shutdown`](crate::projection::consume_until_shutdown) relies on to keep a
+/// long batch its own and to tell when a failed delivery can no longer come back.
+pub async fn a_consumer_tells_its_redelivery_delay_and_keep_alive_interval<H: TransportHarness>(
+    h: &H,
+) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t22", h.test_id());
+    let delay = Duration::from_millis(1_234);
+    let c = consumer_with(h, &topic, "g", "c", |o| o.redelivery_delay(delay)).await;
+    assert_eq!(c.redelivery_delay(), Some(delay), "the delay it was given");
+    let interval = c
+        .keep_alive_interval()
+        .expect("a consumer that redelivers by time tells how often to keep deliveries alive");
+    assert!(
+        !interval.is_zero() && interval < delay,
+        "keep-alive interval {interval:?}: more than zero, less than the delay {delay:?}"
+    );
+}
+
+/// [`Consumer::close`] releases what the consumer read but never handed out, so another
+/// consumer of the group takes it at once, not after the redelivery delay: here an event
+/// published while a fetch waited and was dropped (a shutdown). A delivery handed out and not
+/// acknowledged is not released: it stays the closed consumer's until the delay passes.
+pub async fn a_closed_consumer_releases_what_it_never_handed_out<H: TransportHarness>(h: &H) {
+    let caps = h.transport().capabilities();
+    if !caps.redelivery_delay || !caps.consumer_groups {
+        eprintln!("skipped: no redelivery delay or no consumer groups");
+        return;
+    }
+    let topic = format!("{}-t23", h.test_id());
+    // Far longer than the test: whatever another consumer gets, it got by a release.
+    let delay = Duration::from_secs(120);
+    let mut a = consumer_with(h, &topic, "g", "a", |o| {
+        o.redelivery_delay(delay).block(Duration::from_secs(10))
+    })
+    .await;
+    let kept = event("kept", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&kept))
+        .await
+        .unwrap();
+    let handed = fetch_one(a.as_mut(), "the delivery a keeps").await;
+    assert_eq!(handed.record.event_id, kept.event_id);
+    // A fetch that waits and is dropped, as at a shutdown; an event published then may have
+    // been read for it.
+    let dropped = tokio::time::timeout(Duration::from_millis(300), a.fetch(10)).await;
+    assert!(
+        dropped.is_err(),
+        "a fetch with nothing new returned: {dropped:?}"
+    );
+    let released = event("free", 2);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&released))
+        .await
+        .unwrap();
+    a.close().await.expect("close");
+    drop(a);
+
+    let mut b = consumer_with(h, &topic, "g", "b", |o| o.redelivery_delay(delay)).await;
+    let got = fetch_one(
+        b.as_mut(),
+        "the event a never handed out, released by close",
+    )
+    .await;
+    assert_eq!(
+        got.record.event_id,
+        released.event_id,
+        "b got {} (n = {}) first",
+        got.record.event_id,
+        n_of(&got)
+    );
+    b.ack(std::slice::from_ref(&got.id)).await.unwrap();
+    // Fetches for a moment (each blocks for the harness's `block`): the delivery a kept does
+    // not come, since its redelivery delay is far from over.
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < until {
+        let batch = b.fetch(10).await.expect("fetch");
+        assert!(
+            batch.is_empty(),
+            "the delivery a kept was handed out again before its redelivery delay: {:?}",
+            batch.iter().map(n_of).collect::<Vec<_>>()
+        );
+    }
 }
