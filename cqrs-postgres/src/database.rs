@@ -73,6 +73,8 @@ pub struct PgDatabase {
     pub(crate) clock: Arc<dyn Clock>,
     /// Where the pool connects (host, port, database), for errors.
     target: Arc<str>,
+    /// How long the health check waits for a connection and its `SELECT 1`.
+    health_wait: Duration,
 }
 
 impl std::fmt::Debug for PgDatabase {
@@ -91,6 +93,7 @@ impl PgDatabase {
             sql: Arc::new(Sql::new(schema)),
             clock: Arc::new(SystemClock),
             target: target.into(),
+            health_wait: DEFAULT_HEALTH_WAIT,
         }
     }
 
@@ -109,6 +112,28 @@ impl PgDatabase {
     /// [`ManualClock`](cqrs_core::clock::ManualClock)). Default: the system clock.
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// How long the [health check](#impl-HealthCheck-for-PgDatabase) waits for a pooled
+    /// connection and its `SELECT 1` (default 2 s): past it, a pool whose every connection is
+    /// busy is degraded, and anything else unhealthy. Give it less than whatever bounds the
+    /// check from outside (a readiness endpoint's own time limit), or a loaded instance is
+    /// cut off as if Postgres were down. Zero counts as a millisecond.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cqrs_postgres::PgError> {
+    /// use std::time::Duration;
+    ///
+    /// // A readiness probe that gives up after one second.
+    /// let db = cqrs_postgres::PgOptions::from_env()
+    ///     .connect()
+    ///     .await?
+    ///     .with_health_wait(Duration::from_millis(800));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_health_wait(mut self, wait: Duration) -> Self {
+        self.health_wait = wait.max(Duration::from_millis(1));
         self
     }
 
@@ -275,17 +300,24 @@ impl PgDatabase {
     }
 }
 
-/// `SELECT 1` within 2 seconds: healthy, or unhealthy with the reason. Register it as a
-/// critical check of the runtime.
+/// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
+const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
+
+/// `SELECT 1` within the health wait (2 seconds unless set with
+/// [`with_health_wait`](PgDatabase::with_health_wait)): healthy, or unhealthy with the reason.
+/// Register it as a critical check of the runtime.
 ///
-/// A pool whose every connection stays busy for the 2 seconds is degraded, not unhealthy: the
+/// A pool whose every connection stays busy for the whole wait is degraded, not unhealthy: the
 /// server answers, the instance is just loaded, and a load balancer that took every busy
 /// instance out of rotation at once would turn a peak into an outage.
 #[async_trait]
 impl HealthCheck for PgDatabase {
     async fn check(&self) -> Health {
-        const BUDGET: Duration = Duration::from_secs(2);
-        let deadline = tokio::time::Instant::now() + BUDGET;
+        let wait = self.health_wait;
+        // Saturating: a wait too long for the clock waits as long as it can.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(wait)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
         let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
             Ok(Ok(conn)) => conn,
             // The error names the server ("postgres is unavailable: no connection to ...").
@@ -294,12 +326,12 @@ impl HealthCheck for PgDatabase {
                 let max = self.pool.options().get_max_connections();
                 return if self.pool.size() >= max && self.pool.num_idle() == 0 {
                     Health::Degraded(format!(
-                        "{}: all {max} pooled connections stayed busy for 2 s",
+                        "{}: all {max} pooled connections stayed busy for {wait:?}",
                         self.target
                     ))
                 } else {
                     Health::Unhealthy(format!(
-                        "{}: no connection within 2 s (is the server up and reachable?)",
+                        "{}: no connection within {wait:?} (is the server up and reachable?)",
                         self.target
                     ))
                 };
@@ -309,7 +341,7 @@ impl HealthCheck for PgDatabase {
         match tokio::time::timeout_at(deadline, ping).await {
             Ok(Ok(_)) => Health::Healthy,
             Ok(Err(e)) => Health::Unhealthy(store_error(e).to_string()),
-            Err(_) => Health::Unhealthy("postgres did not answer within 2 s".to_owned()),
+            Err(_) => Health::Unhealthy(format!("postgres did not answer within {wait:?}")),
         }
     }
 }

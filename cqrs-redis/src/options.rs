@@ -325,6 +325,41 @@ impl ConnectionOptions {
             .is_some()
     }
 
+    /// Checks the options without connecting, listing every problem: what a `connect` of
+    /// [`RedisStreamOptions`] or [`RedisPubSubOptions`] would refuse before dialing (a URL that
+    /// is not a Redis URL, TLS asked of a build without the `tls` feature, a timeout of zero)
+    /// and, for a `rediss://` URL, the TLS files, read and parsed as the connect would. For a
+    /// server's start-up check, so that a typo is reported before anything else connects.
+    ///
+    /// ```
+    /// use cqrs_redis::{ConnectError, ConnectionOptions};
+    ///
+    /// assert!(ConnectionOptions::new("redis://127.0.0.1:6379").validate().is_ok());
+    /// let Err(ConnectError::Invalid { problems }) =
+    ///     ConnectionOptions::new("redis://127.0.0.1:99999").validate()
+    /// else {
+    ///     panic!("not a redis url")
+    /// };
+    /// assert!(problems[0].contains("is not a redis url"), "{problems:?}");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConnectError> {
+        let mut problems = Vec::new();
+        self.problems(&mut problems);
+        // The files only once the rest holds: a URL that does not ask for TLS reads none.
+        #[cfg(feature = "tls")]
+        if problems.is_empty()
+            && let Err(ConnectError::Invalid { problems: tls }) =
+                crate::tls::applied(fred::types::config::Config::default(), self)
+        {
+            problems.extend(tls);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConnectError::Invalid { problems })
+        }
+    }
+
     pub(crate) fn problems(&self, problems: &mut Vec<String>) {
         self.problems_in_build(cfg!(feature = "tls"), problems);
     }
@@ -935,6 +970,36 @@ mod tests {
         }
         assert!(
             RedisStreamOptions::new("redis://cache.internal:6379")
+                .validate()
+                .is_ok()
+        );
+    }
+
+    /// `ConnectionOptions::validate` reads the TLS files of a `rediss://` URL, as a connect
+    /// would, and names the one it cannot read; with a plain URL it reads none.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn validate_reads_the_tls_files_a_connect_would() {
+        let missing = "/nonexistent/cqrs-redis-test/ca.pem";
+        let Err(ConnectError::Invalid { problems }) =
+            ConnectionOptions::new("rediss://cache.internal:6380")
+                .tls_ca_file(missing)
+                .validate()
+        else {
+            panic!("an unreadable CA file passes");
+        };
+        assert!(
+            problems.len() == 1
+                && problems[0].contains(&format!("tls_ca_file `{missing}` cannot be read")),
+            "{problems:?}"
+        );
+        assert!(
+            ConnectionOptions::new("rediss://cache.internal:6380")
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            ConnectionOptions::new("redis://cache.internal:6379")
                 .validate()
                 .is_ok()
         );

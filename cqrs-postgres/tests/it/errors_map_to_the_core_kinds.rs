@@ -151,7 +151,10 @@ pg_test! {
             .unwrap();
         let held = busy.pool().acquire().await.unwrap();
         let health = busy.check().await;
-        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy")), "{health:?}");
+        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy for 2s")), "{health:?}");
+        // A shorter wait, for a readiness endpoint with a shorter time limit of its own.
+        let health = busy.clone().with_health_wait(Duration::from_millis(300)).check().await;
+        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy for 300ms")), "{health:?}");
         // An operation that waits out the pool's acquire_timeout says the pool was full, and
         // what to do, rather than sqlx's bare "pool timed out".
         let impatient = crate::support::options(db.schema())

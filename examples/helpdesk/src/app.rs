@@ -16,7 +16,7 @@ use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
-use cqrs_redis::{ConnectionOptions, RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
+use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
 use helpdesk_api::{
     Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
     RealtimeFeed, Settings, TrustedProxies, User,
@@ -127,6 +127,21 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // The metrics recorder first, so every component's metrics land in it.
     let _ = http::prometheus();
     validated(config)?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    match &config.database_url {
+        None => tracing::info!(
+            "backends: in memory (DATABASE_URL is unset): nothing survives a restart, and one instance only"
+        ),
+        Some(url) => tracing::info!(
+            database = %crate::config::redacted_url(url),
+            schema = %config.database_schema,
+            redis = %config.redis_url.as_deref().map_or("none (one instance only)".into(), crate::config::redacted_url),
+            "backends: Postgres{}",
+            if config.redis_url.is_some() { " and Redis" } else { "" }
+        ),
+    }
     let clock = hooks.clock.unwrap_or_else(|| Arc::new(SystemClock));
     let secret = match &config.jwt_secret {
         Some(s) => s.clone(),
@@ -319,6 +334,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         idempotent_routes,
         ready_details: config.ready_details,
         ready_logged: Arc::default(),
+        ready_checks: Arc::default(),
     });
     Ok(App {
         router,
@@ -501,10 +517,12 @@ async fn postgres_backends(
     let db = PgOptions::new(url)
         .schema(config.database_schema.clone())
         .application_name("helpdesk")
+        .max_connections(config.database_max_connections)
         .connect()
         .await
         .context("cannot connect to Postgres (DATABASE_URL)")?
-        .with_clock(clock.clone());
+        .with_clock(clock.clone())
+        .with_health_wait(http::postgres_health_wait(config.request_timeout()));
     db.migrate()
         .await
         .context("cannot run the framework's migrations")?;
@@ -512,55 +530,47 @@ async fn postgres_backends(
         vec![("postgres", Arc::new(db.clone()), true)];
     let maintenance: Option<Box<dyn cqrs_core::runtime::Worker>>;
     let shipped_to: Arc<dyn EventTransport>;
-    let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) = match &config.redis_url {
-        Some(redis) => {
-            let mut connection = ConnectionOptions::new(redis.clone());
-            if let Some(ca) = &config.redis_tls_ca_file {
-                connection = connection.tls_ca_file(ca);
+    let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) =
+        match config.redis_connection() {
+            Some(connection) => {
+                let transport = RedisStreamOptions::with_connection(connection.clone())
+                    .key_prefix(config.redis_prefix.clone())
+                    .connect()
+                    .await
+                    .context("cannot connect to Redis (REDIS_URL) for the event transport")?;
+                let pubsub = RedisPubSubOptions::with_connection(connection)
+                    .channel_prefix(config.redis_prefix.clone())
+                    .connect()
+                    .await
+                    .context("cannot connect to Redis (REDIS_URL) for pub/sub")?;
+                // Not critical: commands still commit into the outbox while Redis is away.
+                checks.push(("redis", Arc::new(transport.clone()), false));
+                checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
+                // Without it the stream keeps every event ever published.
+                maintenance = Some(Box::new(
+                    StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
+                        .interval(config.purge_interval()),
+                ));
+                let transport: Arc<dyn EventTransport> = Arc::new(transport);
+                shipped_to = Arc::new(crate::metered::MeteredTransport::new(
+                    transport.clone(),
+                    "relay",
+                ));
+                (transport, Arc::new(pubsub))
             }
-            if let (Some(cert), Some(key)) =
-                (&config.redis_tls_cert_file, &config.redis_tls_key_file)
-            {
-                connection = connection.tls_client_cert(cert, key);
+            None => {
+                // Nothing reads a transport (the stats read the event store, the WebSockets get
+                // the realtime relay's pushes), but the relay still runs, to one that discards:
+                // its checkpoint then follows the store, and Redis added later gets only the
+                // events committed from then on, not the whole history again (which the stats,
+                // deduping through an inbox that keeps a week, would count again). Not counted
+                // as published: nothing is.
+                maintenance = None;
+                let transport: Arc<dyn EventTransport> = Arc::new(crate::discard::DiscardTransport);
+                shipped_to = transport.clone();
+                (transport, Arc::new(InMemoryPubSub::new()))
             }
-            let transport = RedisStreamOptions::with_connection(connection.clone())
-                .key_prefix(config.redis_prefix.clone())
-                .connect()
-                .await
-                .context("cannot connect to Redis (REDIS_URL) for the event transport")?;
-            let pubsub = RedisPubSubOptions::with_connection(connection)
-                .channel_prefix(config.redis_prefix.clone())
-                .connect()
-                .await
-                .context("cannot connect to Redis (REDIS_URL) for pub/sub")?;
-            // Not critical: commands still commit into the outbox while Redis is away.
-            checks.push(("redis", Arc::new(transport.clone()), false));
-            checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
-            // Without it the stream keeps every event ever published.
-            maintenance = Some(Box::new(
-                StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
-                    .interval(config.purge_interval()),
-            ));
-            let transport: Arc<dyn EventTransport> = Arc::new(transport);
-            shipped_to = Arc::new(crate::metered::MeteredTransport::new(
-                transport.clone(),
-                "relay",
-            ));
-            (transport, Arc::new(pubsub))
-        }
-        None => {
-            // Nothing reads a transport (the stats read the event store, the WebSockets get
-            // the realtime relay's pushes), but the relay still runs, to one that discards:
-            // its checkpoint then follows the store, and Redis added later gets only the
-            // events committed from then on, not the whole history again (which the stats,
-            // deduping through an inbox that keeps a week, would count again). Not counted
-            // as published: nothing is.
-            maintenance = None;
-            let transport: Arc<dyn EventTransport> = Arc::new(crate::discard::DiscardTransport);
-            shipped_to = transport.clone();
-            (transport, Arc::new(InMemoryPubSub::new()))
-        }
-    };
+        };
     let relay = PgOutboxRelay::new(db.clone(), shipped_to)
         .topic(EVENTS_TOPIC)
         .poll_interval(poll.max(Duration::from_millis(50)));

@@ -70,7 +70,13 @@ impl<S: Service<Request>> Service<Request> for BodyDeadline<S> {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let (after, latest) = (self.after, Instant::now() + self.latest);
+        // Checked: a budget too long for the clock (a huge request timeout) is no deadline,
+        // not a panic on every request.
+        let now = Instant::now();
+        let latest = now
+            .checked_add(self.latest)
+            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 24 * 3600));
+        let after = self.after;
         self.inner.call(request.map(|body| {
             if body.is_end_stream() {
                 // Nothing to wait for: no timer.

@@ -36,8 +36,9 @@ pub enum LogFormat {
     after_help = "Each flag's environment variable is read when the flag is not given; one set to the empty string (or only whitespace) counts as unset."
 )]
 pub struct Config {
-    /// The address to listen on.
-    #[arg(long, env = "HELPDESK_BIND", default_value = "127.0.0.1:8080")]
+    /// The address to listen on: an IP address and a port (0.0.0.0:8080 for every IPv4
+    /// interface, [::]:8080 for every IPv6 one); host names are not resolved.
+    #[arg(long, env = "HELPDESK_BIND", default_value = "127.0.0.1:8080", value_parser = bind_address)]
     pub bind: SocketAddr,
 
     /// Postgres for state, events, outbox and idempotency (for example
@@ -69,6 +70,12 @@ pub struct Config {
     /// serving one helpdesk share it; another schema is another, independent helpdesk.
     #[arg(long, env = "HELPDESK_DATABASE_SCHEMA", default_value = "helpdesk")]
     pub database_schema: String,
+
+    /// The most Postgres connections this instance opens, at least 8 (commands, queries,
+    /// /ready and the background workers share them; the workers hold up to 6 at once). Mind
+    /// the server's `max_connections` across instances.
+    #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
 
     /// The prefix of every Redis key and pub/sub channel. Instances serving one helpdesk share
     /// it.
@@ -114,7 +121,7 @@ pub struct Config {
     /// quarter, at most 2 s), which is kept for the workers to stop in; what still runs at the
     /// end is cut off. A second signal exits at once, with code 130 after SIGINT (Ctrl-C), 143
     /// after SIGTERM.
-    #[arg(long, env = "HELPDESK_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    #[arg(long, env = "HELPDESK_SHUTDOWN_GRACE_MS", default_value_t = 15_000)]
     pub shutdown_grace_ms: u64,
 
     /// Failed logins per email and client address before 429.
@@ -129,7 +136,7 @@ pub struct Config {
     /// 127.0.0.1 for an nginx on the same host). For requests from them, the client address
     /// (login throttling) is taken from X-Forwarded-For; from anyone else that header is
     /// ignored.
-    #[arg(long, env = "HELPDESK_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[arg(long, env = "HELPDESK_TRUSTED_PROXIES", value_delimiter = ',', value_parser = proxy_address)]
     pub trusted_proxies: Vec<std::net::IpAddr>,
 
     /// How often background consumers poll, in milliseconds.
@@ -152,8 +159,8 @@ pub struct Config {
     /// Show in /ready why a component is not healthy. Off by default: the reasons quote the
     /// backends (a driver's error, a user name) and /ready answers anyone; they are logged
     /// instead. For a server whose /ready only operators can reach.
-    /// `--ready-details` alone turns it on; `false`, `no`, `off` or `0` as its value (or its
-    /// variable's) leave it off.
+    /// `--ready-details` alone turns it on, as do `true`, `yes`, `on` or `1` as its value (or
+    /// its variable's); `false`, `no`, `off` or `0` leave it off; anything else is refused.
     #[arg(
         long,
         env = "HELPDESK_READY_DETAILS",
@@ -162,10 +169,46 @@ pub struct Config {
         default_value = "false",
         default_missing_value = "true",
         action = clap::ArgAction::Set,
-        value_parser = clap::builder::FalseyValueParser::new()
+        value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub ready_details: bool,
+
+    /// The secret-bearing flags given on the command line rather than in their variables, as
+    /// [`Config::try_parse_with_env`] found them: other users of the machine can read a
+    /// process's arguments (`ps`), so the server warns about each at start.
+    #[arg(skip)]
+    pub secrets_on_command_line: Vec<&'static str>,
 }
+
+/// `HELPDESK_BIND`: an IP address and a port, with what is expected in the error.
+fn bind_address(value: &str) -> Result<SocketAddr, String> {
+    value.trim().parse().map_err(|_| {
+        "expected an IP address and a port, like 127.0.0.1:8080, 0.0.0.0:8080 or [::]:8080 \
+         (host names such as localhost are not resolved)"
+            .to_owned()
+    })
+}
+
+/// One address of `HELPDESK_TRUSTED_PROXIES`, spaces around it allowed (`127.0.0.1, ::1`).
+fn proxy_address(value: &str) -> Result<std::net::IpAddr, String> {
+    value.trim().parse().map_err(|_| {
+        "expected IP addresses separated by commas, like 127.0.0.1,::1 (ranges such as \
+         10.0.0.0/8 are not supported: list each proxy)"
+            .to_owned()
+    })
+}
+
+/// The fewest Postgres connections a server works with: the background workers hold up to six
+/// at once (docs/postgres.md sizes the pool), and requests need some too.
+const MIN_DATABASE_CONNECTIONS: u32 = 8;
+
+/// The flags whose values are secrets, or URLs that may hold one, with their variables.
+const SECRET_FLAGS: [(&str, &str); 4] = [
+    ("database_url", "DATABASE_URL"),
+    ("redis_url", "REDIS_URL"),
+    ("jwt_secret", "HELPDESK_JWT_SECRET"),
+    ("agent_code", "HELPDESK_AGENT_CODE"),
+];
 
 /// Empty or only whitespace (`REDIS_URL=" "`): as good as unset.
 fn is_blank(value: &std::ffi::OsStr) -> bool {
@@ -195,7 +238,7 @@ impl Default for Config {
 
 /// A URL with its password, if any (in the user info, or a `password=` query parameter as
 /// Postgres URLs may carry), replaced by `***`.
-fn redacted_url(url: &str) -> String {
+pub(crate) fn redacted_url(url: &str) -> String {
     let (url, query) = url
         .split_once('?')
         .map_or((url, None), |(u, q)| (u, Some(q)));
@@ -266,6 +309,8 @@ impl std::fmt::Debug for Config {
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("purge_interval_ms", &self.purge_interval_ms)
             .field("ready_details", &self.ready_details)
+            .field("database_max_connections", &self.database_max_connections)
+            .field("secrets_on_command_line", &self.secrets_on_command_line)
             .finish()
     }
 }
@@ -349,7 +394,7 @@ impl Config {
             let Some((_, name)) = from_env.iter().find(|(long, _)| {
                 arg.strip_prefix("--")
                     .and_then(|rest| rest.strip_prefix(long))
-                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '=']))
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '=', '[']))
             }) else {
                 return error;
             };
@@ -386,7 +431,68 @@ impl Config {
                 *value = None;
             }
         }
+        for (id, variable) in SECRET_FLAGS {
+            let value = match id {
+                "database_url" => config.database_url.as_deref(),
+                "redis_url" => config.redis_url.as_deref(),
+                "jwt_secret" => config.jwt_secret.as_deref(),
+                _ => config.agent_code.as_deref(),
+            };
+            // A URL is a secret only when it holds a password.
+            let secret = match id {
+                "database_url" | "redis_url" => value.is_some_and(|url| redacted_url(url) != url),
+                _ => value.is_some(),
+            };
+            if secret && given.value_source(id) == Some(ValueSource::CommandLine) {
+                config.secrets_on_command_line.push(variable);
+            }
+        }
         Ok(config)
+    }
+
+    /// What is allowed but likely a mistake, in words, for the server to log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (id, variable) in SECRET_FLAGS {
+            if !self.secrets_on_command_line.contains(&variable) {
+                continue;
+            }
+            let flag = format!("--{}", id.replace('_', "-"));
+            warnings.push(format!(
+                "{flag} was given on the command line, where other users of this machine can \
+                 read it (ps, /proc); set the environment variable {variable} instead"
+            ));
+        }
+        if self.database_url.is_none() {
+            for (set, name) in [
+                (self.jwt_secret.is_some(), "HELPDESK_JWT_SECRET"),
+                (self.agent_code.is_some(), "HELPDESK_AGENT_CODE"),
+                (!self.trusted_proxies.is_empty(), "HELPDESK_TRUSTED_PROXIES"),
+            ] {
+                if set {
+                    warnings.push(format!(
+                        "{name} is set, but DATABASE_URL is not (or is empty): the server runs \
+                         in memory, and nothing it is told survives a restart; set DATABASE_URL \
+                         for durable state"
+                    ));
+                }
+            }
+        }
+        let grace = self.shutdown_grace();
+        let for_requests = grace.saturating_sub(crate::server::workers_share(grace));
+        if for_requests < self.request_timeout() {
+            warnings.push(format!(
+                "HELPDESK_SHUTDOWN_GRACE_MS ({} ms) leaves in-flight requests {} ms at a stop \
+                 (the background workers keep the rest), less than HELPDESK_REQUEST_TIMEOUT_MS \
+                 ({} ms): a slow request still running at a stop is cut off without an \
+                 answer; give the grace period at least {} ms",
+                grace.as_millis(),
+                for_requests.as_millis(),
+                self.request_timeout_ms,
+                self.request_timeout_ms.saturating_add(2_000),
+            ));
+        }
+        warnings
     }
 
     /// Checks the configuration, listing every problem at once.
@@ -445,8 +551,11 @@ impl Config {
         // cqrs-postgres's own checks, so that what it would refuse at connect (a schema
         // `pg_x`, a URL it cannot parse) is listed here with the rest, before anything binds.
         // Each checked with a known-good other half, so every problem names its setting.
+        // The other half names no TLS (`sslmode=disable`): a `PGSSLROOTCERT` left in the shell
+        // is DATABASE_URL's business, not the schema's.
         if let Err(problem) = postgres_problems(
-            PgOptions::new(cqrs_postgres::DEFAULT_URL).schema(self.database_schema.clone()),
+            PgOptions::new("postgres://localhost/helpdesk?sslmode=disable")
+                .schema(self.database_schema.clone()),
         ) {
             problems.push(format!(
                 "HELPDESK_DATABASE_SCHEMA {:?} is refused: {problem}",
@@ -490,6 +599,25 @@ impl Config {
         if self.request_timeout_ms == 0 {
             problems.push("HELPDESK_REQUEST_TIMEOUT_MS must be at least 1".into());
         }
+        if !(MIN_DATABASE_CONNECTIONS..=10_000).contains(&self.database_max_connections) {
+            problems.push(format!(
+                "HELPDESK_DATABASE_MAX_CONNECTIONS must be {MIN_DATABASE_CONNECTIONS} to 10000 \
+                 (the background workers hold up to 6 connections at once: each of the two \
+                 relays its batch and its LISTEN, the stats projection its batch and its inbox \
+                 purge; requests need the rest); it is {}",
+                self.database_max_connections
+            ));
+        }
+        // cqrs-redis's own checks (the URL, the TLS files read as a connect would), before
+        // Postgres is connected and migrated. The TLS settings without a `rediss://` URL are
+        // reported above, by their variables.
+        if let Some(connection) = self.redis_connection()
+            && let Err(e) = connection.validate()
+        {
+            problems.push(format!(
+                "REDIS_URL (with its REDIS_TLS_* files) is refused: {e}"
+            ));
+        }
         if self.login_attempts == 0 {
             problems.push("HELPDESK_LOGIN_ATTEMPTS must be at least 1".into());
         }
@@ -510,6 +638,22 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// The Redis connection REDIS_URL and the REDIS_TLS_* files describe, when REDIS_URL is set.
+    /// The TLS files count only with a `rediss://` URL (otherwise `validate` refuses them).
+    pub(crate) fn redis_connection(&self) -> Option<cqrs_redis::ConnectionOptions> {
+        let mut connection = cqrs_redis::ConnectionOptions::new(self.redis_url.clone()?);
+        if !connection.uses_tls() {
+            return Some(connection);
+        }
+        if let Some(ca) = &self.redis_tls_ca_file {
+            connection = connection.tls_ca_file(ca);
+        }
+        if let (Some(cert), Some(key)) = (&self.redis_tls_cert_file, &self.redis_tls_key_file) {
+            connection = connection.tls_client_cert(cert, key);
+        }
+        Some(connection)
     }
 
     /// The agent emails, trimmed and lower-cased, without empty entries.

@@ -8,7 +8,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use cqrs_core::runtime::{Health, Runtime};
+use cqrs_core::runtime::{Health, HealthReport, Runtime};
 use helpdesk_api::{ApiError, Authenticator, TrustedProxies, idempotency};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
@@ -42,6 +42,8 @@ pub(crate) struct State {
     /// The reason last logged per component, so a load balancer polling `/ready` during an
     /// outage logs each reason once, not once a poll.
     pub(crate) ready_logged: Arc<Mutex<HashMap<String, String>>>,
+    /// `/ready`'s checks, run one at a time and shared (see [`SharedRun`]).
+    pub(crate) ready_checks: Arc<SharedRun<HealthReport>>,
 }
 
 /// The routes that take an `Idempotency-Key`, as (method, route template): those whose
@@ -82,11 +84,20 @@ impl IdempotentRoutes {
     }
 }
 
-/// How long each of `/ready`'s checks may take: half the request timeout, so the report is
-/// answered well within the request's budget (whose generic 503 `timeout` would not say
-/// which backend is down), however many backends hang.
+/// How long each of `/ready`'s checks may take: a third of the request timeout, so the report
+/// is answered within the request's budget (whose generic 503 `timeout` would not say which
+/// backend is down), however many backends hang, also by a request that first waited for
+/// another's checks to end (see [`SharedRun`]).
 pub(crate) fn check_budget(request_timeout: Duration) -> Duration {
-    request_timeout / 2
+    request_timeout / 3
+}
+
+/// How long the Postgres check waits for a pooled connection: cqrs-postgres's 2 s, or four
+/// fifths of the check's budget when that is shorter, so that a pool kept busy by a load peak
+/// is reported as degraded within the budget, rather than cut off by it as unhealthy (which
+/// would take every loaded instance out of a load balancer at once).
+pub(crate) fn postgres_health_wait(request_timeout: Duration) -> Duration {
+    (check_budget(request_timeout) * 4 / 5).min(Duration::from_secs(2))
 }
 
 /// The process-wide Prometheus recorder: `metrics` has one global recorder, so every app built
@@ -174,10 +185,55 @@ pub(crate) fn router(state: State) -> Router {
         .layer(middleware::from_fn(record_metrics))
 }
 
+/// A run (`/ready`'s health checks) that callers share: runs go one at a time, and a caller
+/// takes the result of the first run that began after it arrived, its own or one that began
+/// while it waited. A flood of callers (`/ready` answers anyone) thus costs at most two runs
+/// in a row, not a run (a pooled connection) each, and no caller gets a result older than
+/// itself.
+pub(crate) struct SharedRun<T> {
+    last: tokio::sync::Mutex<Option<(Instant, T)>>,
+}
+
+impl<T> Default for SharedRun<T> {
+    fn default() -> Self {
+        Self {
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl<T: Clone> SharedRun<T> {
+    /// The result of a run that began after this call: `run`'s, or another caller's.
+    pub(crate) async fn get<F>(&self, run: impl FnOnce() -> F) -> T
+    where
+        F: std::future::Future<Output = T>,
+    {
+        self.get_since(Instant::now(), run).await
+    }
+
+    /// The result of a run that began at `arrived` or later.
+    async fn get_since<F>(&self, arrived: Instant, run: impl FnOnce() -> F) -> T
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((began, result)) = &*last
+            && *began >= arrived
+        {
+            return result.clone();
+        }
+        let began = Instant::now();
+        let result = run().await;
+        *last = Some((began, result.clone()));
+        result
+    }
+}
+
 async fn ready(Extension(state): Extension<State>) -> Response {
+    let budget = check_budget(state.request_timeout);
     let report = state
-        .runtime
-        .health_within(check_budget(state.request_timeout))
+        .ready_checks
+        .get(|| state.runtime.health_within(budget))
         .await;
     log_ready_reasons(&state, &report.components);
     let components: serde_json::Map<String, Value> = report
@@ -407,7 +463,67 @@ fn percent_decoded(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted_uri;
+    use super::{SharedRun, redacted_uri};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// Twenty callers at once share the runs: two, one after the other (the one under way
+    /// when they came, and the next), and each caller's result began after it arrived.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_at_once_share_runs_that_began_after_them() {
+        let shared = Arc::new(SharedRun::<Instant>::default());
+        let (runs, arrived) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        // The first run ends once all twenty have arrived, so that they all wait for it.
+        let first = {
+            let (shared, runs, arrived) = (shared.clone(), runs.clone(), arrived.clone());
+            tokio::spawn(async move {
+                shared
+                    .get(|| async move {
+                        let began = Instant::now();
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        while arrived.load(Ordering::SeqCst) < 20 {
+                            tokio::task::yield_now().await;
+                        }
+                        began
+                    })
+                    .await
+            })
+        };
+        while runs.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let (shared, runs, arrived) = (shared.clone(), runs.clone(), arrived.clone());
+                tokio::spawn(async move {
+                    let at = Instant::now();
+                    arrived.fetch_add(1, Ordering::SeqCst);
+                    let began = shared
+                        .get_since(at, || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            Instant::now()
+                        })
+                        .await;
+                    (at, began)
+                })
+            })
+            .collect();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            first.await.unwrap();
+            for caller in callers {
+                let (arrived, began) = caller.await.unwrap();
+                assert!(began >= arrived, "a result older than its caller");
+            }
+        })
+        .await
+        .expect("every caller is answered");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "the first run and one shared by the rest"
+        );
+    }
 
     #[test]
     fn a_token_in_the_query_is_redacted() {

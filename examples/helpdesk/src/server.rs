@@ -226,7 +226,7 @@ fn bound(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
 }
 
 /// The workers' share of the grace period: a quarter, at most 2 s.
-fn workers_share(grace: Duration) -> Duration {
+pub(crate) fn workers_share(grace: Duration) -> Duration {
     (grace / 4).min(Duration::from_secs(2))
 }
 

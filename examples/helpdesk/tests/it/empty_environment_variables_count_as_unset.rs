@@ -262,7 +262,12 @@ fn a_redis_ca_file_needs_a_redis_url() {
         with_url.redis_tls_ca_file.as_deref(),
         Some("/etc/ssl/private-ca.pem")
     );
-    with_url.validate().unwrap();
+    // Taken with a `rediss://` URL: the one problem left is that the file is not there.
+    let problems = with_url.validate().unwrap_err();
+    assert!(
+        problems.len() == 1 && problems[0].contains("`/etc/ssl/private-ca.pem` cannot be read"),
+        "{problems:?}"
+    );
     // A client certificate needs its key, and the other way round.
     let half = Config::try_parse_with_env(
         ["helpdesk"],

@@ -309,3 +309,110 @@ async fn postgres_down_makes_the_server_unready_until_it_returns() {
     })
     .await;
 }
+
+/// A pool whose every connection is busy (a load peak) is `degraded`, and `/ready` stays 200,
+/// also with a request timeout under 4 s: the Postgres check waits for a connection less
+/// than `/ready`'s own budget. (It once waited its fixed 2 s while `/ready` gave it half the
+/// request timeout: with 3 s the check was cut off at 1.5 s and read as `unhealthy`, a 503
+/// that takes every loaded instance out of a load balancer at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() {
+    use cqrs_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let Backend::Postgres {
+            database_url,
+            namespace: schema,
+            ..
+        } = &backend
+        else {
+            unreachable!()
+        };
+        let (database_url, schema) = (database_url.clone(), schema.clone());
+        // The customer registers on an instance with the default budget (a debug build's
+        // password hashing alone may take seconds); the instance under test shares its schema.
+        let (customer, _) = {
+            let other = TestServer::start_on(backend.shared(), |_| {}).await;
+            let customer = other.customer().await;
+            other.ticket(&customer.0, "listed").await;
+            other.stop().await;
+            customer
+        };
+        let s = TestServer::start_on(backend, |c| {
+            c.database_max_connections = 8;
+            c.request_timeout_ms = 3_000;
+            // The workers poll as in production (not every 10 ms as in the other tests), so
+            // that the listings below get their connections soon.
+            c.poll_ms = 100;
+        })
+        .await;
+        let r = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(
+            r.body["components"]["postgres"]["status"], "healthy",
+            "{r:?}"
+        );
+
+        // The ticket list locked, as by a long migration: the six listings below wait on the
+        // lock, each holding one of the pool's eight connections; the two relays hold the
+        // other two for their LISTEN.
+        let mut lock = PgConnection::connect(&database_url).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "BEGIN; LOCK TABLE {schema}.ticket_index IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut lock)
+        .await
+        .unwrap();
+        let listings: Vec<_> = (0..6)
+            .map(|_| {
+                let (http, url, token) = (s.http.clone(), s.url("/tickets"), customer.clone());
+                tokio::spawn(async move { http.get(url).bearer_auth(token).send().await })
+            })
+            .collect();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "six helpdesk sessions wait for the lock on the ticket list",
+            || {
+                let (database_url, schema) = (database_url.clone(), schema.clone());
+                async move {
+                    let mut conn = PgConnection::connect(&database_url).await.ok()?;
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                         AND application_name = 'helpdesk' AND strpos(query, $1) > 0",
+                    )
+                    .bind(format!("{schema}.ticket_index"))
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok()?;
+                    (waiting == 6).then_some(())
+                }
+            },
+        )
+        .await;
+
+        let r = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        assert_eq!(
+            r.body["components"]["postgres"]["status"], "degraded",
+            "{r:?}"
+        );
+
+        sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+        for listing in listings {
+            let _ = listing.await;
+        }
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "Postgres is healthy once the pool's connection is free",
+            || async {
+                let r = s.send(Method::GET, "/ready", None, None).await;
+                (r.body["components"]["postgres"]["status"] == "healthy").then_some(())
+            },
+        )
+        .await;
+        s.stop().await;
+    })
+    .await;
+}

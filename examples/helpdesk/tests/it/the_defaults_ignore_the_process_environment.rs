@@ -11,7 +11,7 @@ fn the_defaults_are_the_built_in_ones() {
     assert_eq!(config.redis_url, None);
     assert_eq!(config.jwt_secret, None);
     assert_eq!(config.token_ttl_seconds, 3600);
-    assert_eq!(config.shutdown_grace_ms, 10_000);
+    assert_eq!(config.shutdown_grace_ms, 15_000);
 }
 
 /// The test above, in a copy of this test binary whose environment holds stray and bad values

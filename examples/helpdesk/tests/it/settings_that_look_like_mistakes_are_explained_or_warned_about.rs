@@ -1,0 +1,204 @@
+//! Settings a deployment gets wrong in practice: each refused with what is expected, or
+//! accepted with a warning the server logs at start (`Config::warnings`).
+
+use helpdesk::Config;
+
+const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
+
+fn parsed(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+    let args = std::iter::once("helpdesk").chain(args.iter().copied());
+    Config::try_parse_with_env(args, env.iter().copied()).map_err(|e| e.to_string())
+}
+
+fn config(args: &[&str], env: &[(&str, &str)]) -> Config {
+    parsed(args, env).unwrap_or_else(|e| panic!("{args:?} {env:?}: {e}"))
+}
+
+#[test]
+fn ready_details_takes_yes_or_no_words_and_refuses_others() {
+    for (value, on) in [("true", true), ("yes", true), ("on", true), ("1", true)] {
+        assert_eq!(
+            config(&[], &[("HELPDESK_READY_DETAILS", value)]).ready_details,
+            on
+        );
+    }
+    for value in ["false", "no", "off", "0"] {
+        assert!(!config(&[], &[("HELPDESK_READY_DETAILS", value)]).ready_details);
+    }
+    assert!(config(&["--ready-details"], &[]).ready_details);
+    // Once any word but `false`, `no`, `off` and `0` turned the details on: `disabled` too.
+    for value in ["disabled", "nope"] {
+        let error = parsed(&[], &[("HELPDESK_READY_DETAILS", value)]).unwrap_err();
+        assert!(error.contains("HELPDESK_READY_DETAILS"), "{value}: {error}");
+    }
+}
+
+#[test]
+fn an_address_without_an_ip_says_what_is_expected() {
+    for bind in ["localhost:8080", "8080", ":8080"] {
+        let error = parsed(&[], &[("HELPDESK_BIND", bind)]).unwrap_err();
+        assert!(
+            error.contains("like 127.0.0.1:8080") && error.contains("HELPDESK_BIND"),
+            "{bind}: {error}"
+        );
+    }
+    assert_eq!(
+        config(&[], &[("HELPDESK_BIND", "[::1]:9000")]).bind,
+        "[::1]:9000".parse().unwrap()
+    );
+}
+
+#[test]
+fn trusted_proxies_may_be_listed_with_spaces_and_ranges_are_explained() {
+    let c = config(&[], &[("HELPDESK_TRUSTED_PROXIES", "127.0.0.1, ::1")]);
+    assert_eq!(
+        c.trusted_proxies,
+        [
+            "127.0.0.1".parse::<std::net::IpAddr>().unwrap(),
+            "::1".parse().unwrap()
+        ]
+    );
+    let error = parsed(&[], &[("HELPDESK_TRUSTED_PROXIES", "10.0.0.0/8")]).unwrap_err();
+    assert!(
+        error.contains("ranges such as 10.0.0.0/8 are not supported"),
+        "{error}"
+    );
+}
+
+#[test]
+fn redis_settings_are_checked_before_anything_connects() {
+    let postgres = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+    let problems = config(
+        &[],
+        &[
+            postgres,
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("REDIS_URL", "redis://cache:99999"),
+        ],
+    )
+    .validate()
+    .unwrap_err();
+    assert!(
+        problems.len() == 1
+            && problems[0].contains("REDIS_URL")
+            && problems[0].contains("not a redis url"),
+        "{problems:?}"
+    );
+    let missing = "/nonexistent/helpdesk-test/ca.pem";
+    let problems = config(
+        &[],
+        &[
+            postgres,
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("REDIS_URL", "rediss://cache:6380"),
+            ("REDIS_TLS_CA_FILE", missing),
+        ],
+    )
+    .validate()
+    .unwrap_err();
+    assert!(
+        problems.len() == 1 && problems[0].contains(&format!("`{missing}` cannot be read")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn the_pool_size_is_a_setting_with_room_for_the_workers() {
+    assert_eq!(config(&[], &[]).database_max_connections, 10);
+    let c = config(&[], &[("HELPDESK_DATABASE_MAX_CONNECTIONS", "8")]);
+    assert_eq!(c.database_max_connections, 8);
+    c.validate().unwrap();
+    // Two relays each hold a connection for LISTEN for good: a pool of two serves nothing.
+    for size in ["0", "2", "7"] {
+        let problems = config(&[], &[("HELPDESK_DATABASE_MAX_CONNECTIONS", size)])
+            .validate()
+            .unwrap_err();
+        assert!(
+            problems.len() == 1
+                && problems[0].contains("HELPDESK_DATABASE_MAX_CONNECTIONS must be 8 to 10000")
+                && problems[0].contains("LISTEN"),
+            "{size}: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn the_defaults_give_no_warning() {
+    assert_eq!(config(&[], &[]).warnings(), Vec::<String>::new());
+}
+
+#[test]
+fn secrets_given_as_flags_are_warned_about_and_as_variables_are_not() {
+    let c = config(
+        &[
+            "--jwt-secret",
+            SECRET,
+            "--database-url",
+            "postgres://app:hunter2@db/helpdesk",
+        ],
+        &[],
+    );
+    let warnings = c.warnings().join("\n");
+    for flag in ["--jwt-secret", "--database-url"] {
+        assert!(
+            warnings.contains(&format!("{flag} was given on the command line")),
+            "{flag}: {warnings}"
+        );
+    }
+    assert!(
+        !warnings.contains("hunter2") && !warnings.contains(SECRET),
+        "{warnings}"
+    );
+    // A URL without a password is no secret; the same secret from its variable is fine.
+    let c = config(
+        &["--database-url", "postgres://app@db/helpdesk"],
+        &[("HELPDESK_JWT_SECRET", SECRET)],
+    );
+    assert!(
+        !c.warnings().iter().any(|w| w.contains("command line")),
+        "{:?}",
+        c.warnings()
+    );
+}
+
+#[test]
+fn deployment_settings_without_a_database_warn_that_it_runs_in_memory() {
+    // `DATABASE_URL=` (an empty variable from a compose file) counts as unset.
+    let c = config(
+        &[],
+        &[("HELPDESK_JWT_SECRET", SECRET), ("DATABASE_URL", "")],
+    );
+    let warnings = c.warnings();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("HELPDESK_JWT_SECRET is set, but DATABASE_URL is not")
+            && warnings[0].contains("nothing it is told survives a restart"),
+        "{warnings:?}"
+    );
+}
+
+#[test]
+fn a_grace_period_shorter_than_a_request_is_warned_about() {
+    let c = config(
+        &[],
+        &[
+            ("HELPDESK_SHUTDOWN_GRACE_MS", "10000"),
+            ("HELPDESK_REQUEST_TIMEOUT_MS", "10000"),
+        ],
+    );
+    let warnings = c.warnings();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("leaves in-flight requests 8000 ms")
+            && warnings[0].contains("at least 12000 ms"),
+        "{warnings:?}"
+    );
+    let c = config(
+        &[],
+        &[
+            ("HELPDESK_SHUTDOWN_GRACE_MS", "12000"),
+            ("HELPDESK_REQUEST_TIMEOUT_MS", "10000"),
+        ],
+    );
+    assert_eq!(c.warnings(), Vec::<String>::new());
+}
