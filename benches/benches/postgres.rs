@@ -18,8 +18,11 @@
 //!
 //! Each case times its own loop (`iter_custom`) with the events built before its clock starts,
 //! the same way on both sides of a comparison. The n-th append goes to stream `s{n % 64}` at the
-//! version the n-th raw insert writes, so both tables get the same rows and indexes of the same
-//! shape.
+//! version the n-th raw insert writes (with eight writers, the n-th of either side goes to the
+//! same writer's stream), so the rows a side wrote depend only on how many it wrote. Criterion
+//! runs the two sides for different iteration counts, so their tables differ in size after
+//! its cases; before the paired rounds (below), the side behind writes the difference,
+//! untimed, and both tables enter the rounds with the same rows and indexes of the same shape.
 //!
 //! The machine these run on is shared, and its load drifts over the seconds between two
 //! criterion cases. So after each comparison, `cargo bench` also measures the two sides in
@@ -37,7 +40,6 @@ use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Postgres, QueryBuilder};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Runtime;
@@ -250,6 +252,12 @@ fn assert_rows(rt: &Runtime, db: &PgDatabase, raw: &Raw, store_rows: u64, raw_ro
 /// One criterion group comparing two ways of doing the same work, each a function timing `n`
 /// operations of its own (inputs built before its clock starts); then, under `cargo bench`, the
 /// paired ratio of the two (see [`paired`]), printed as `paired:` lines.
+///
+/// The paired rounds run only when criterion measured both cases: it calls a case's routine
+/// (always with `n` of at least 1) only when its filter selects the case. Criterion gives the
+/// two cases different iteration counts, so before the rounds the side that did fewer
+/// operations does the difference, in blocks of `block`, its time thrown away: the two tables
+/// enter the rounds with the same rows, and the rounds add the same to each.
 #[allow(clippy::too_many_arguments)]
 fn compare<A, B>(
     c: &mut Criterion,
@@ -263,12 +271,40 @@ fn compare<A, B>(
     A: AsyncFn(u64) -> Duration,
     B: AsyncFn(u64) -> Duration,
 {
+    // Operations each side was asked for by criterion.
+    let (done_a, done_b) = (Cell::new(0u64), Cell::new(0u64));
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(elements));
-    g.bench_function(name_a, |bench| bench.to_async(rt).iter_custom(|n| a(n)));
-    g.bench_function(name_b, |bench| bench.to_async(rt).iter_custom(|n| b(n)));
+    g.bench_function(name_a, |bench| {
+        bench.to_async(rt).iter_custom(|n| {
+            done_a.set(done_a.get() + n);
+            a(n)
+        })
+    });
+    g.bench_function(name_b, |bench| {
+        bench.to_async(rt).iter_custom(|n| {
+            done_b.set(done_b.get() + n);
+            b(n)
+        })
+    });
     g.finish();
-    if measuring(group) {
+    if measuring() && done_a.get() > 0 && done_b.get() > 0 {
+        rt.block_on(async {
+            let (mut behind_a, mut behind_b) = (
+                done_b.get().saturating_sub(done_a.get()),
+                done_a.get().saturating_sub(done_b.get()),
+            );
+            while behind_a > 0 {
+                let n = behind_a.min(block);
+                a(n).await;
+                behind_a -= n;
+            }
+            while behind_b > 0 {
+                let n = behind_b.min(block);
+                b(n).await;
+                behind_b -= n;
+            }
+        });
         const ROUNDS: usize = 20;
         let ([q1, median, q3], per_a, per_b) = rt.block_on(paired(&a, &b, block, ROUNDS));
         println!(
@@ -329,23 +365,23 @@ fn append_one_event(c: &mut Criterion) {
     drop_schema(&rt, &db);
 }
 
-/// Runs `iters` appends spread over [`WRITERS`] tasks; writer `w` owns the streams `w{w}-s*`
-/// and counts its own appends in `counters[w]`.
-async fn concurrently<F, Fut>(iters: u64, counters: &[AtomicU64], append: F) -> Duration
+/// Runs `iters` appends spread over [`WRITERS`] tasks. The side's k-th append (`counter`
+/// counts them) is writer `k % 8`'s j-th, `j = k / 8`, and goes to its stream `w{k % 8}-s{j % 64}`
+/// after version `j / 64`: which rows a side wrote depends only on how many, not on how
+/// criterion split them into calls.
+async fn concurrently<F, Fut>(iters: u64, counter: &Cell<u64>, append: F) -> Duration
 where
     F: Fn(String, u64, EventRecord) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    let first = counter.get();
+    counter.set(first + iters);
     // Built before the clock starts, like the single-writer cases' events.
-    let work: Vec<Vec<(String, u64, EventRecord)>> = (0..WRITERS)
-        .map(|w| {
-            let share = iters / WRITERS + u64::from(w < iters % WRITERS);
-            let first = counters[w as usize].fetch_add(share, Ordering::Relaxed);
-            (first..first + share)
-                .map(|k| (format!("w{w}-{}", stream(k)), k / STREAMS, record(k)))
-                .collect()
-        })
-        .collect();
+    let mut work: Vec<Vec<(String, u64, EventRecord)>> = (0..WRITERS).map(|_| Vec::new()).collect();
+    for k in first..first + iters {
+        let (w, j) = (k % WRITERS, k / WRITERS);
+        work[w as usize].push((format!("w{w}-{}", stream(j)), j / STREAMS, record(k)));
+    }
     let start = Instant::now();
     let writers: Vec<_> = work
         .into_iter()
@@ -371,8 +407,7 @@ fn append_one_event_8_writers(c: &mut Criterion) {
     };
     let raw = Arc::new(Raw::create(&rt, &db));
     let store = db.event_store();
-    let counters = || (0..WRITERS).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
-    let (raw_n, store_n) = (counters(), counters());
+    let (raw_n, store_n) = (Cell::new(0u64), Cell::new(0u64));
     compare(
         c,
         &rt,
@@ -396,8 +431,7 @@ fn append_one_event_8_writers(c: &mut Criterion) {
             .await
         }),
     );
-    let total = |n: &[AtomicU64]| n.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-    assert_rows(&rt, &db, &raw, total(&store_n), total(&raw_n));
+    assert_rows(&rt, &db, &raw, store_n.get(), raw_n.get());
     drop_schema(&rt, &db);
 }
 

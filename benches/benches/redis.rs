@@ -307,7 +307,9 @@ struct Spec<'a> {
 
 /// One criterion group comparing a raw baseline with the transport, ordered and unordered,
 /// each a function timing `n` operations of its own; then, under `cargo bench`, the paired
-/// ratio of the baseline to each (see [`paired`]), printed as `paired:` lines.
+/// ratio of the baseline to each (see [`paired`]), printed as `paired:` lines. A pair is
+/// measured only when criterion measured both its cases: criterion calls a case's routine only
+/// when its filter (a regex or `--exact`) selects the case.
 fn compare<A, B, C>(
     c: &mut Criterion,
     rt: &Runtime,
@@ -324,7 +326,9 @@ fn compare<A, B, C>(
 }
 
 /// [`compare`], with `a_for_c` as the baseline `c` is paired with (the raw side doing what
-/// `c` does, where that differs from what `b` does); criterion's report still lists `a`.
+/// `c` does, where that differs from what `b` does); criterion's report still lists `a`, and
+/// `c`'s pair is measured when criterion measured `a` and `c`. Returns which of the three
+/// cases criterion measured (none unless [`measuring`]).
 fn compare_with_baselines<A, B, C, D>(
     c: &mut Criterion,
     rt: &Runtime,
@@ -333,7 +337,8 @@ fn compare_with_baselines<A, B, C, D>(
     (name_b, b): (&str, B),
     (name_c, cc): (&str, C),
     a_for_c: &D,
-) where
+) -> [bool; 3]
+where
     A: AsyncFn(u64) -> Duration,
     B: AsyncFn(u64) -> Duration,
     C: AsyncFn(u64) -> Duration,
@@ -342,13 +347,21 @@ fn compare_with_baselines<A, B, C, D>(
     let mut g = c.benchmark_group(spec.group);
     g.throughput(Throughput::Elements(spec.elements));
     g.sample_size(spec.samples);
-    g.bench_function(name_a, |bench| bench.to_async(rt).iter_custom(|n| a(n)));
-    g.bench_function(name_b, |bench| bench.to_async(rt).iter_custom(|n| b(n)));
-    g.bench_function(name_c, |bench| bench.to_async(rt).iter_custom(|n| cc(n)));
+    let ran = [Cell::new(false), Cell::new(false), Cell::new(false)];
+    g.bench_function(name_a, |bench| {
+        ran[0].set(true);
+        bench.to_async(rt).iter_custom(|n| a(n))
+    });
+    g.bench_function(name_b, |bench| {
+        ran[1].set(true);
+        bench.to_async(rt).iter_custom(|n| b(n))
+    });
+    g.bench_function(name_c, |bench| {
+        ran[2].set(true);
+        bench.to_async(rt).iter_custom(|n| cc(n))
+    });
     g.finish();
-    if !measuring(spec.group) {
-        return;
-    }
+    let measured = ran.map(|r| measuring() && r.get());
     let report = |name_x: &str, result: Paired| {
         let ([q1, median, q3], per_a, per_x) = result;
         println!(
@@ -359,8 +372,13 @@ fn compare_with_baselines<A, B, C, D>(
         );
     };
     let (block, rounds) = (spec.block, spec.rounds);
-    report(name_b, rt.block_on(paired(a, &b, block, rounds)));
-    report(name_c, rt.block_on(paired(a_for_c, &cc, block, rounds)));
+    if measured[0] && measured[1] {
+        report(name_b, rt.block_on(paired(a, &b, block, rounds)));
+    }
+    if measured[0] && measured[2] {
+        report(name_c, rt.block_on(paired(a_for_c, &cc, block, rounds)));
+    }
+    measured
 }
 
 /// `publish_one_event` and `publish_100_events`: the same comparison with batches of 1 and 100.
@@ -649,7 +667,7 @@ fn consume(c: &mut Criterion, group: &'static str, keys: u64) {
         (Cell::new(0), Cell::new(0), Cell::new(0), Cell::new(0));
     let raw_on_ordered = async |n| raw_consume(n, raw, &ordered_stream, &groups).await;
     let raw_on_unordered = async |n| raw_consume(n, raw, &unordered_stream, &groups).await;
-    compare_with_baselines(
+    let measured = compare_with_baselines(
         c,
         rt,
         &Spec {
@@ -670,10 +688,10 @@ fn consume(c: &mut Criterion, group: &'static str, keys: u64) {
         }),
         &raw_on_unordered,
     );
-    if measuring(group) {
-        let per = |fetches: &Cell<u64>, drains: &Cell<u64>| {
-            fetches.get() as f64 / drains.get().max(1) as f64
-        };
+    if measured[1] || measured[2] {
+        // NaN for a transport criterion did not measure (filtered out).
+        let per =
+            |fetches: &Cell<u64>, drains: &Cell<u64>| fetches.get() as f64 / drains.get() as f64;
         println!(
             "{group}: fetches per {BACKLOG} entries: transport {:.1}, \
              transport_unordered {:.1}, raw {} (by construction: batches of {BATCH})",

@@ -7,11 +7,22 @@
 #   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/bus_bare$'
 #   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/boxed_async_trait$' local
 #
-# The second argument `local` counts calls to the baseline's handler (`LocalCommandHandler`,
-# `LocalQueryHandler` for the `query_dispatch` cases) instead of the bus's. Needs valgrind; builds the bench first.
+# The first argument is criterion's filter for one case, group included: it must start with
+# `command_dispatch/` or `query_dispatch/`, end in `$` and hold no `|`. Otherwise the script
+# refuses it: `bus_bare$` would profile both groups' cases and `command_dispatch/bus_bare` also
+# `bus_bare_yielding`, while the dispatches counted are one case's. The second argument `local`
+# counts calls to the baseline's handler (`LocalCommandHandler`, `LocalQueryHandler` for the
+# `query_dispatch` cases) instead of the bus's. Needs valgrind; builds the bench first.
 set -euo pipefail
-case_regex=$1
-if [[ "$case_regex" == query_* ]]; then
+case_regex=${1:-}
+if [[ ("$case_regex" != command_dispatch/* && "$case_regex" != query_dispatch/*) ||
+      "$case_regex" == *'|'* || "$case_regex" != *'$' ]]; then
+  echo "usage: $0 'command_dispatch/<case>\$' [local]  (or 'query_dispatch/<case>\$')" >&2
+  echo "one case: starting with command_dispatch/ or query_dispatch/, ending in \$, no '|';" \
+    "got: '$case_regex'" >&2
+  exit 2
+fi
+if [[ "$case_regex" == query_dispatch/* ]]; then
   fixture=LookupHandler
   trait='cqrs_core::handler::QueryHandler<cqrs_benches::fixtures::Lookup>'
   [[ "${2:-}" == local ]] && trait='cqrs_benches::baseline::LocalQueryHandler'

@@ -3,64 +3,30 @@
 
 use std::time::Duration;
 
-/// Whether this is `cargo bench` (criterion passes `--bench`) rather than `cargo test
-/// --benches`, and no criterion filter on the command line excludes `group`. A filter is
-/// matched as a substring either way, which is coarser than criterion's regex.
-pub fn measuring(group: &str) -> bool {
+/// Whether criterion measures in this run: `cargo bench` (criterion gets `--bench`) without
+/// `--test` (each case run once), `--list` (nothing run) or `--profile-time` (cases iterated,
+/// nothing measured). `cargo test --benches` passes no `--bench`. These are the flags criterion
+/// picks its mode from; whether a filter selects a group is for its cases to tell (criterion
+/// runs a case's routine only when its filter, a regex or `--exact`, selects the case's id, and
+/// none under `--ignored` or `--load-baseline`): see the benches' `compare`.
+pub fn measuring() -> bool {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if !args.iter().any(|a| a == "--bench") {
-        return false;
-    }
-    let filters = filters(&args);
-    filters.is_empty()
-        || filters
-            .iter()
-            .any(|f| group.contains(f) || f.contains(group))
+    measuring_with(&args)
 }
 
-/// Criterion's options that take a value (criterion 0.8's `configure_from_args`); every other
-/// option is a flag (`--bench`, `--discard-baseline`, `--ignored`, ...), so the argument after
-/// it is a filter, not its value.
-const TAKE_A_VALUE: [&str; 20] = [
-    "--color",
-    "--colour",
-    "-c",
-    "--save-baseline",
-    "-s",
-    "--baseline",
-    "-b",
-    "--baseline-lenient",
-    "--format",
-    "--profile-time",
-    "--load-baseline",
-    "--sample-size",
-    "--warm-up-time",
-    "--measurement-time",
-    "--nresamples",
-    "--noise-threshold",
-    "--confidence-level",
-    "--significance-level",
-    "--plotting-backend",
-    "--output-format",
-];
-
-/// The filters (positional arguments) among criterion's arguments.
-fn filters(args: &[String]) -> Vec<&str> {
-    let mut filters = Vec::new();
-    let mut args = args.iter();
-    while let Some(arg) = args.next() {
-        if arg == "--" {
-            filters.extend(args.map(String::as_str));
-            break;
-        }
-        if !arg.starts_with('-') {
-            filters.push(arg.as_str());
-        } else if TAKE_A_VALUE.contains(&arg.as_str()) {
-            // `--name value`; `--name=value` is one argument and takes nothing after it.
-            args.next();
+fn measuring_with(args: &[String]) -> bool {
+    // After `--` every argument is a filter.
+    let options = args.iter().take_while(|a| *a != "--");
+    let (mut bench, mut other_mode) = (false, false);
+    for arg in options {
+        match arg.as_str() {
+            "--bench" => bench = true,
+            "--test" | "--list" | "--profile-time" => other_mode = true,
+            a if a.starts_with("--profile-time=") => other_mode = true,
+            _ => {}
         }
     }
-    filters
+    bench && !other_mode
 }
 
 /// The quartiles of the rounds' ratios, and each side's median time per operation.
@@ -121,7 +87,7 @@ fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{filters, quantile};
+    use super::{measuring_with, quantile};
 
     #[test]
     fn quantiles_interpolate_between_neighbours_for_odd_and_even_counts() {
@@ -148,36 +114,28 @@ mod tests {
         assert!(quantile(Vec::new(), 0.5).is_nan());
     }
 
-    fn filters_of(args: &str) -> Vec<String> {
+    fn measuring_of(args: &str) -> bool {
         let args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
-        filters(&args).into_iter().map(str::to_owned).collect()
+        measuring_with(&args)
     }
 
     #[test]
-    fn a_filter_after_a_flag_is_kept_and_an_option_value_is_not_a_filter() {
-        assert_eq!(
-            filters_of("--bench --discard-baseline consume"),
-            ["consume"]
-        );
-        assert_eq!(filters_of("--bench --ignored consume"), ["consume"]);
-        assert_eq!(
-            filters_of("--bench --exact publish_one_event"),
-            ["publish_one_event"]
-        );
-        assert_eq!(
-            filters_of("--bench --save-baseline main consume"),
-            ["consume"]
-        );
-        assert_eq!(filters_of("--bench --baseline=main consume"), ["consume"]);
-        assert_eq!(
-            filters_of("--bench -s main --sample-size 10 consume"),
-            ["consume"]
-        );
-        assert_eq!(
-            filters_of("--bench --output-format bencher"),
-            Vec::<String>::new()
-        );
-        assert_eq!(filters_of("--bench -- --odd"), ["--odd"]);
-        assert!(filters_of("--bench --noplot --quick").is_empty());
+    fn only_a_bench_run_without_test_list_or_profile_time_measures() {
+        assert!(measuring_of("--bench"));
+        assert!(measuring_of("consume --bench --warm-up-time 1"));
+        assert!(measuring_of(
+            "--bench --save-baseline main publish_(one|100)"
+        ));
+        // `cargo test --benches`: no `--bench`.
+        assert!(!measuring_of(""));
+        assert!(!measuring_of("consume"));
+        assert!(!measuring_of("--bench --test"));
+        assert!(!measuring_of("--test --bench"));
+        assert!(!measuring_of("--bench --list"));
+        assert!(!measuring_of("--bench --list --format terse"));
+        assert!(!measuring_of("--bench --profile-time 5"));
+        assert!(!measuring_of("--bench --profile-time=5 bus_bare"));
+        // After `--` an argument is a filter, even one spelled like a flag.
+        assert!(measuring_of("--bench -- --test"));
     }
 }

@@ -1,8 +1,12 @@
 //! WebSocket fan-out load harness for `cqrs-realtime`.
 //!
 //! Opens N WebSocket clients to one hub on loopback, all subscribed to one topic, publishes
-//! events at a fixed rate, and reports the delivery latency (publish call to receipt: p50, p99,
-//! max) and the hub's memory per connection.
+//! events at a fixed rate, and reports the delivery latency (p50, p99, max) and the hub's memory
+//! per connection. The latency runs from the time each publish was due (its slot in the
+//! schedule, `start + seq / rate`, so a publish that starts late counts), stamped in the hub
+//! process before `Publisher::publish` (under `--raw`, in the raw server before its send), to
+//! the client's receipt: a command's dispatch, the event store and the relay hop are not on
+//! this path.
 //!
 //! Every event carries its sequence number, and each client records which ones it received, so
 //! the report counts missing and duplicate deliveries, `error` frames, and the clients that
