@@ -2,7 +2,7 @@
 
 use crate::agents::AgentList;
 use crate::client::client_key;
-use crate::hashing::Hashing;
+use crate::hashing::{ClientSlot, Hashing};
 use crate::throttle::{CountedAttempts, LoginThrottle};
 use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserRecord, UserStore};
@@ -202,6 +202,11 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         if let Some(name) = &display_name {
             reject_nul("display_name", name)?;
         }
+        // The client's own bound first, as for a login: every step below takes a pooled
+        // connection (the throttles' transactions wait on a lock per address), so one address
+        // with many registrations at once would otherwise hold the pool; a refusal here is
+        // no attempt. The shared permit to hash comes only once the checks are done.
+        let slot = self.hashing.client_slot(cmd.client)?;
         // Before the check of a taken email: without the code, nobody learns whether an
         // agent's email has an account.
         let role = self
@@ -227,7 +232,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             settled: false,
         };
         let created = self
-            .create(email, role, display_name, cmd.password, cmd.client)
+            .create(email, role, display_name, cmd.password, slot)
             .await;
         // One the server could not finish (its store away, no hashing slot free) used up no
         // registration of the address: an outage must not lock clients out.
@@ -323,7 +328,7 @@ impl RegisterHandler {
         role: Role,
         display_name: Option<String>,
         password: String,
-        client: Option<IpAddr>,
+        slot: ClientSlot,
     ) -> Result<UserRecord, HandlerError> {
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
@@ -334,7 +339,7 @@ impl RegisterHandler {
             email,
             role,
             display_name,
-            password_hash: self.hashing.hash_password(password, client).await?,
+            password_hash: self.hashing.hash_password(password, slot).await?,
             created_at: self.clock.now(),
         };
         match self.users.create(user.clone()).await {
@@ -1001,6 +1006,74 @@ mod tests {
             code_throttle: throttle(100),
             register_throttle: throttle(limit),
             clock: clock.clone(),
+        }
+    }
+
+    /// A throttle whose attempts never answer (its store waits on a lock held elsewhere),
+    /// counting them.
+    #[derive(Default)]
+    struct StuckThrottle(std::sync::atomic::AtomicUsize);
+
+    #[async_trait]
+    impl LoginThrottle for StuckThrottle {
+        async fn attempt(&self, _key: &str) -> Result<Option<u64>, StoreError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            std::future::pending().await
+        }
+
+        async fn succeeded(&self, _key: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// One address's registrations beyond its share of hashing turns are refused at once,
+    /// before they reach the throttle's store: each one there holds a pooled connection (on
+    /// Postgres, waiting on the address's lock), so a burst from one address would otherwise
+    /// hold the pool that every other client needs.
+    #[tokio::test]
+    async fn one_address_cannot_queue_more_registrations_than_its_share() {
+        let clock = Arc::new(ManualClock::new());
+        let stuck = Arc::new(StuckThrottle::default());
+        let handler = Arc::new(RegisterHandler {
+            register_throttle: stuck.clone(),
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
+        });
+        let register = |i: usize| {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let cmd = RegisterUser {
+                    email: format!("user{i}@example.com"),
+                    password: "a long enough password".into(),
+                    display_name: None,
+                    agent_code: None,
+                    client: Some([192, 0, 2, 9].into()),
+                };
+                handler
+                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                    .await
+            })
+        };
+        // `Hashing::new(4, ..)` gives each address two turns: both wait in the throttle.
+        let waiting: Vec<_> = (0..2).map(register).collect();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "two reach the throttle", || {
+            let stuck = stuck.clone();
+            async move { (stuck.0.load(Ordering::SeqCst) == 2).then_some(()) }
+        })
+        .await;
+        for i in 2..6 {
+            let refused = cqrs_core::testing::with_timeout(Duration::from_secs(10), register(i))
+                .await
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
+        }
+        assert_eq!(
+            stuck.0.load(Ordering::SeqCst),
+            2,
+            "a refused registration reached the throttle"
+        );
+        for w in waiting {
+            w.abort();
         }
     }
 

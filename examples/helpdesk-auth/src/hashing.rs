@@ -104,10 +104,11 @@ impl Hashing {
 
     /// A turn to hash for `client`: refused at once (`too_many_attempts`) when the client
     /// holds or waits for its share already; otherwise waiting up to the bound, `busy` past
-    /// it. A registration takes its turn this way; a login takes its client's slot
-    /// ([`client_slot`](Self::client_slot)) before it counts an attempt and the shared permit
-    /// only for the hash, taking the count back when that permit is `busy`, so a refusal for
-    /// either reason never counts as a failed login.
+    /// it. (For the tests: registrations and logins take their client's slot
+    /// ([`client_slot`](Self::client_slot)) when they begin, before any store round trip, and
+    /// the shared permit only for the hash; a login takes its count back when that permit is
+    /// `busy`, so a refusal for either reason never counts as a failed login.)
+    #[cfg(test)]
     pub(crate) async fn turn(&self, client: Option<IpAddr>) -> Result<Turn, HandlerError> {
         self.client_slot(client)?.turn(self).await
     }
@@ -151,13 +152,14 @@ impl Hashing {
         .map_err(HandlerError::internal)
     }
 
-    /// Hashes `password` in a turn of `client`'s.
+    /// Hashes `password` in a turn taken with `slot` (the client's, taken when its request
+    /// began).
     pub(crate) async fn hash_password(
         &self,
         password: String,
-        client: Option<IpAddr>,
+        slot: ClientSlot,
     ) -> Result<String, HandlerError> {
-        let turn = self.turn(client).await?;
+        let turn = slot.turn(self).await?;
         Self::run(turn, move || argon2_hash(password.as_bytes())).await?
     }
 
