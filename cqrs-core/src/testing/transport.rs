@@ -1096,7 +1096,9 @@ pub async fn a_consumer_tells_its_redelivery_delay_and_keep_alive_interval<H: Tr
 /// [`Consumer::close`] releases what the consumer read but never handed out, so another
 /// consumer of the group takes it at once, not after the redelivery delay: here an event
 /// published while a fetch waited and was dropped (a shutdown). A delivery handed out and not
-/// acknowledged is not released: it stays the closed consumer's until the delay passes.
+/// acknowledged is not released: it stays the closed consumer's until the delay passes. (An
+/// adapter that reads nothing ahead, the in-memory one, passes without releasing anything:
+/// the scenario tests those that do, as Redis's blocking read.)
 pub async fn a_closed_consumer_releases_what_it_never_handed_out<H: TransportHarness>(h: &H) {
     let caps = h.transport().capabilities();
     if !caps.redelivery_delay || !caps.consumer_groups {

@@ -118,10 +118,12 @@ impl HttpBody for DeadlineBody {
                 // (the server read late): the delay is then the server's, and the request's
                 // own budget answers it (503), not a 408 blaming the client.
                 let now = Instant::now();
+                // Checked, as `latest` is: past the clock's end, `latest` is the later bound.
+                let after_now = now.checked_add(after).unwrap_or(latest.max(now));
                 let at = if latest.saturating_duration_since(now) >= after / 2 {
-                    (now + after).min(latest)
+                    after_now.min(latest)
                 } else {
-                    now + after
+                    after_now
                 };
                 Box::pin(tokio::time::sleep_until(at))
             })

@@ -36,8 +36,8 @@ pub enum LogFormat {
     after_help = "Each flag's environment variable is read when the flag is not given; one set to the empty string (or only whitespace) counts as unset."
 )]
 pub struct Config {
-    /// The address to listen on: an IP address and a port (0.0.0.0:8080 for every IPv4
-    /// interface, [::]:8080 for every IPv6 one); host names are not resolved.
+    /// The address to listen on: an IP address and a port (`0.0.0.0:8080` for every IPv4
+    /// interface, `[::]:8080` for every IPv6 one); host names are not resolved.
     #[arg(long, env = "HELPDESK_BIND", default_value = "127.0.0.1:8080", value_parser = bind_address)]
     pub bind: SocketAddr,
 
@@ -71,8 +71,8 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_DATABASE_SCHEMA", default_value = "helpdesk")]
     pub database_schema: String,
 
-    /// The most Postgres connections this instance opens, at least 8 (commands, queries,
-    /// /ready and the background workers share them; the workers hold up to 6 at once). Mind
+    /// The most Postgres connections this instance opens, at least 10 (commands, queries,
+    /// /ready and the background workers share them; the workers hold up to 8 at once). Mind
     /// the server's `max_connections` across instances.
     #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
@@ -159,8 +159,9 @@ pub struct Config {
     /// Show in /ready why a component is not healthy. Off by default: the reasons quote the
     /// backends (a driver's error, a user name) and /ready answers anyone; they are logged
     /// instead. For a server whose /ready only operators can reach.
-    /// `--ready-details` alone turns it on, as do `true`, `yes`, `on` or `1` as its value (or
-    /// its variable's); `false`, `no`, `off` or `0` leave it off; anything else is refused.
+    /// `--ready-details` alone turns it on, as do `true`, `yes`, `on` or `1` (or `y`, `t`) as
+    /// its value (or its variable's); `false`, `no`, `off` or `0` (or `n`, `f`) leave it off;
+    /// anything else is refused.
     #[arg(
         long,
         env = "HELPDESK_READY_DETAILS",
@@ -198,9 +199,9 @@ fn proxy_address(value: &str) -> Result<std::net::IpAddr, String> {
     })
 }
 
-/// The fewest Postgres connections a server works with: the background workers hold up to six
-/// at once (docs/postgres.md sizes the pool), and requests need some too.
-const MIN_DATABASE_CONNECTIONS: u32 = 8;
+/// The fewest Postgres connections a server works with: the background workers hold up to
+/// eight at once (docs/postgres.md sizes the pool), and requests need some too.
+const MIN_DATABASE_CONNECTIONS: u32 = 10;
 
 /// The flags whose values are secrets, or URLs that may hold one, with their variables.
 const SECRET_FLAGS: [(&str, &str); 4] = [
@@ -599,12 +600,16 @@ impl Config {
         if self.request_timeout_ms == 0 {
             problems.push("HELPDESK_REQUEST_TIMEOUT_MS must be at least 1".into());
         }
-        if !(MIN_DATABASE_CONNECTIONS..=10_000).contains(&self.database_max_connections) {
+        // Only Postgres uses the pool: in memory the setting is unused.
+        if self.database_url.is_some()
+            && !(MIN_DATABASE_CONNECTIONS..=10_000).contains(&self.database_max_connections)
+        {
             problems.push(format!(
                 "HELPDESK_DATABASE_MAX_CONNECTIONS must be {MIN_DATABASE_CONNECTIONS} to 10000 \
-                 (the background workers hold up to 6 connections at once: each of the two \
-                 relays its batch and its LISTEN, the stats projection its batch and its inbox \
-                 purge; requests need the rest); it is {}",
+                 (the background workers hold up to 8 connections at once: each of the two \
+                 relays its batch and its LISTEN, the stats projection its batch, two while \
+                 it rebuilds, and its inbox purge, and the idempotency purge; requests need \
+                 the rest); it is {}",
                 self.database_max_connections
             ));
         }

@@ -9,6 +9,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use cqrs_core::runtime::{Health, HealthReport, Runtime};
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use helpdesk_api::{ApiError, Authenticator, TrustedProxies, idempotency};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
@@ -186,27 +188,42 @@ pub(crate) fn router(state: State) -> Router {
 }
 
 /// A run (`/ready`'s health checks) that callers share: runs go one at a time, and a caller
-/// takes the result of the first run that began after it arrived, its own or one that began
-/// while it waited. A flood of callers (`/ready` answers anyone) thus costs at most two runs
-/// in a row, not a run (a pooled connection) each, and no caller gets a result older than
-/// itself.
+/// takes the result of the first run that began after it arrived, one under way or its own.
+/// A flood of callers (`/ready` answers anyone) thus costs at most two runs in a row (the one
+/// under way when they came, and the next), not a run (a pooled connection) each, and no
+/// caller gets a result older than itself. A run is a task of its own: a caller that goes
+/// away (a probe that gave up, a client gone) does not cut it short for the others.
 pub(crate) struct SharedRun<T> {
-    last: tokio::sync::Mutex<Option<(Instant, T)>>,
+    runs: Mutex<Runs<T>>,
+}
+
+/// A run under way, which any caller may await: `None` when its task panicked.
+type Running<T> = Shared<BoxFuture<'static, Option<T>>>;
+
+struct Runs<T> {
+    /// The last run that ended, with when it began.
+    last: Option<(Instant, T)>,
+    /// The run under way, with when it began.
+    running: Option<(Instant, Running<T>)>,
 }
 
 impl<T> Default for SharedRun<T> {
     fn default() -> Self {
         Self {
-            last: tokio::sync::Mutex::new(None),
+            runs: Mutex::new(Runs {
+                last: None,
+                running: None,
+            }),
         }
     }
 }
 
-impl<T: Clone> SharedRun<T> {
-    /// The result of a run that began after this call: `run`'s, or another caller's.
+impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
+    /// The result of a run that began after this call: one under way, or `run`'s. Must be
+    /// called in a tokio runtime (the run is spawned).
     pub(crate) async fn get<F>(&self, run: impl FnOnce() -> F) -> T
     where
-        F: std::future::Future<Output = T>,
+        F: std::future::Future<Output = T> + Send + 'static,
     {
         self.get_since(Instant::now(), run).await
     }
@@ -214,26 +231,56 @@ impl<T: Clone> SharedRun<T> {
     /// The result of a run that began at `arrived` or later.
     async fn get_since<F>(&self, arrived: Instant, run: impl FnOnce() -> F) -> T
     where
-        F: std::future::Future<Output = T>,
+        F: std::future::Future<Output = T> + Send + 'static,
     {
-        let mut last = self.last.lock().await;
-        if let Some((began, result)) = &*last
-            && *began >= arrived
-        {
-            return result.clone();
+        let mut run = Some(run);
+        loop {
+            let (began, running) = {
+                let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((began, result)) = &runs.last
+                    && *began >= arrived
+                {
+                    return result.clone();
+                }
+                match &runs.running {
+                    Some((began, running)) => (*began, running.clone()),
+                    None => {
+                        // Taken at most once: the run this starts began after `arrived`, so
+                        // the loop ends with it.
+                        let run = run.take().expect("a caller starts one run at most");
+                        let began = Instant::now();
+                        let task = tokio::spawn(run());
+                        let running = async move { task.await.ok() }.boxed().shared();
+                        runs.running = Some((began, running.clone()));
+                        (began, running)
+                    }
+                }
+            };
+            let result = running.await;
+            {
+                let mut runs = self.runs.lock().unwrap_or_else(|p| p.into_inner());
+                if runs.running.as_ref().is_some_and(|(b, _)| *b == began) {
+                    runs.running = None;
+                    if let Some(result) = &result {
+                        runs.last = Some((began, result.clone()));
+                    }
+                }
+            }
+            match result {
+                Some(result) if began >= arrived => return result,
+                Some(_) => {}
+                None => panic!("the health checks panicked"),
+            }
         }
-        let began = Instant::now();
-        let result = run().await;
-        *last = Some((began, result.clone()));
-        result
     }
 }
 
 async fn ready(Extension(state): Extension<State>) -> Response {
     let budget = check_budget(state.request_timeout);
+    let runtime = state.runtime.clone();
     let report = state
         .ready_checks
-        .get(|| state.runtime.health_within(budget))
+        .get(move || async move { runtime.health_within(budget).await })
         .await;
     log_ready_reasons(&state, &report.components);
     let components: serde_json::Map<String, Value> = report
@@ -467,6 +514,53 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
+
+    /// A caller that goes away while its run is under way (a probe that gave up) does not cut
+    /// the run short: a caller waiting for it gets its result, and no second run starts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_outlives_the_caller_that_started_it() {
+        let shared = Arc::new(SharedRun::<Instant>::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let go = Arc::new(tokio::sync::Notify::new());
+        let run = |runs: Arc<AtomicUsize>, go: Arc<tokio::sync::Notify>| {
+            move || async move {
+                let began = Instant::now();
+                runs.fetch_add(1, Ordering::SeqCst);
+                go.notified().await;
+                began
+            }
+        };
+        let waiter_arrived = Instant::now();
+        let starter = {
+            let (shared, run) = (shared.clone(), run(runs.clone(), go.clone()));
+            tokio::spawn(async move { shared.get(run).await })
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while runs.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the run starts");
+        let waiter = {
+            let (shared, run) = (shared.clone(), run(runs.clone(), go.clone()));
+            tokio::spawn(async move { shared.get_since(waiter_arrived, run).await })
+        };
+        starter.abort();
+        assert!(starter.await.unwrap_err().is_cancelled());
+        go.notify_waiters();
+        go.notify_one();
+        let began = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter is answered")
+            .unwrap();
+        assert!(began >= waiter_arrived);
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "the run went on; no second one"
+        );
+    }
 
     /// Twenty callers at once share the runs: two, one after the other (the one under way
     /// when they came, and the next), and each caller's result began after it arrived.

@@ -313,7 +313,7 @@ async fn postgres_down_makes_the_server_unready_until_it_returns() {
 /// A pool whose every connection is busy (a load peak) is `degraded`, and `/ready` stays 200,
 /// also with a request timeout under 4 s: the Postgres check waits for a connection less
 /// than `/ready`'s own budget. (It once waited its fixed 2 s while `/ready` gave it half the
-/// request timeout: with 3 s the check was cut off at 1.5 s and read as `unhealthy`, a 503
+/// request timeout: with 3.5 s the check was cut off at 1.75 s and read as `unhealthy`, a 503
 /// that takes every loaded instance out of a load balancer at once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() {
@@ -341,8 +341,8 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
             customer
         };
         let s = TestServer::start_on(backend, |c| {
-            c.database_max_connections = 8;
-            c.request_timeout_ms = 3_000;
+            c.database_max_connections = 10;
+            c.request_timeout_ms = 3_500;
             // The workers poll as in production (not every 10 ms as in the other tests), so
             // that the listings below get their connections soon.
             c.poll_ms = 100;
@@ -355,9 +355,10 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
             "{r:?}"
         );
 
-        // The ticket list locked, as by a long migration: the six listings below wait on the
-        // lock, each holding one of the pool's eight connections; the two relays hold the
-        // other two for their LISTEN.
+        // The ticket list locked, as by a long migration: the eight listings below wait on
+        // the lock, each holding one of the pool's ten connections; the two relays hold the
+        // other two for their LISTEN. (They time out after the request timeout, 3.5 s: what
+        // follows until `/ready` answered takes well under that.)
         let mut lock = PgConnection::connect(&database_url).await.unwrap();
         sqlx::raw_sql(AssertSqlSafe(format!(
             "BEGIN; LOCK TABLE {schema}.ticket_index IN ACCESS EXCLUSIVE MODE"
@@ -365,7 +366,7 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
         .execute(&mut lock)
         .await
         .unwrap();
-        let listings: Vec<_> = (0..6)
+        let listings: Vec<_> = (0..8)
             .map(|_| {
                 let (http, url, token) = (s.http.clone(), s.url("/tickets"), customer.clone());
                 tokio::spawn(async move { http.get(url).bearer_auth(token).send().await })
@@ -373,7 +374,7 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
             .collect();
         cqrs_core::testing::eventually(
             Duration::from_secs(10),
-            "six helpdesk sessions wait for the lock on the ticket list",
+            "eight helpdesk sessions wait for the lock on the ticket list",
             || {
                 let (database_url, schema) = (database_url.clone(), schema.clone());
                 async move {
@@ -386,7 +387,7 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
                     .fetch_one(&mut conn)
                     .await
                     .ok()?;
-                    (waiting == 6).then_some(())
+                    (waiting == 8).then_some(())
                 }
             },
         )

@@ -104,22 +104,43 @@ fn redis_settings_are_checked_before_anything_connects() {
 
 #[test]
 fn the_pool_size_is_a_setting_with_room_for_the_workers() {
+    let postgres = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+    let secret = ("HELPDESK_JWT_SECRET", SECRET);
     assert_eq!(config(&[], &[]).database_max_connections, 10);
-    let c = config(&[], &[("HELPDESK_DATABASE_MAX_CONNECTIONS", "8")]);
-    assert_eq!(c.database_max_connections, 8);
+    let c = config(
+        &[],
+        &[
+            postgres,
+            secret,
+            ("HELPDESK_DATABASE_MAX_CONNECTIONS", "25"),
+        ],
+    );
+    assert_eq!(c.database_max_connections, 25);
     c.validate().unwrap();
-    // Two relays each hold a connection for LISTEN for good: a pool of two serves nothing.
-    for size in ["0", "2", "7"] {
-        let problems = config(&[], &[("HELPDESK_DATABASE_MAX_CONNECTIONS", size)])
-            .validate()
-            .unwrap_err();
+    // Two relays each hold a connection for LISTEN for good, and the other workers up to six
+    // more: a smaller pool leaves requests waiting.
+    for size in ["0", "2", "9"] {
+        let problems = config(
+            &[],
+            &[
+                postgres,
+                secret,
+                ("HELPDESK_DATABASE_MAX_CONNECTIONS", size),
+            ],
+        )
+        .validate()
+        .unwrap_err();
         assert!(
             problems.len() == 1
-                && problems[0].contains("HELPDESK_DATABASE_MAX_CONNECTIONS must be 8 to 10000")
+                && problems[0].contains("HELPDESK_DATABASE_MAX_CONNECTIONS must be 10 to 10000")
                 && problems[0].contains("LISTEN"),
             "{size}: {problems:?}"
         );
     }
+    // In memory there is no pool: the setting is not checked.
+    config(&[], &[("HELPDESK_DATABASE_MAX_CONNECTIONS", "2")])
+        .validate()
+        .unwrap();
 }
 
 #[test]
