@@ -25,3 +25,9 @@ pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;
 pub use logging::{DEFAULT_FILTER, log_filter, log_subscriber};
 pub use server::Server;
+
+/// The user guide's Rust examples (`docs/guide.md`), compiled and run as doc tests so they
+/// cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/guide.md")]
+pub struct GuideDoctests;
