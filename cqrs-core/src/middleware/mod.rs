@@ -6,8 +6,14 @@
 //! * [`TracingLayer`]: a span per dispatch with the message's kind, name and ids.
 //! * [`TimeoutLayer`]: a time budget per dispatch.
 //! * [`MetricsLayer`]: dispatch counts by outcome and latency histograms, through `metrics`.
+//! * [`CheckLayer`]: a synchronous check of every dispatch (an authorization rule), written
+//!   as one closure.
 //!
 //! # Writing your own: an authorization check
+//!
+//! A rule that needs only the dispatch is a [`CheckLayer`]. A layer of your own is a tower
+//! `Service` over [`Dispatch`](crate::Dispatch), for what a closure cannot do (await a lookup,
+//! change the reply):
 //!
 //! ```
 //! # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
@@ -70,10 +76,12 @@
 //! # }).unwrap();
 //! ```
 
+mod check;
 mod metrics;
 mod timeout;
 mod trace;
 
+pub use check::{Check, CheckFuture, CheckLayer};
 pub use metrics::{Metrics, MetricsFuture, MetricsLayer};
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 pub use trace::{Trace, TracingLayer};

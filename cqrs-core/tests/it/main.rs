@@ -4,6 +4,7 @@
 
 mod fixtures;
 
+mod a_check_layer_refuses_before_the_handler_runs;
 mod a_command_has_exactly_one_handler;
 mod a_consume_loop_handles_keys_in_parallel_and_each_key_in_order;
 mod a_consumer_degraded_by_a_dead_lettered_event_recovers;

@@ -1,0 +1,158 @@
+//! A check before every dispatch, written as one closure.
+
+use crate::{BoxError, Dispatch, DispatchError, HandlerError, Reply};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+/// Runs `check` on every dispatch before the layers inside it and the handler, and refuses the
+/// dispatch with the check's error: an authorization rule, a tenant or feature check, without
+/// writing a tower `Service`. The caller gets the [`HandlerError`] as from a handler's refusal
+/// ([`DispatchError::Handler`], its kind and code kept), and layers outside this one see it
+/// like any outcome (traced, counted).
+///
+/// The check is synchronous and sees the [`Dispatch`]: its kind, name, metadata (the
+/// principal a gateway put there) and extensions. A check that needs I/O (a permission lookup)
+/// belongs in the handler, or in a layer of your own (see [the module docs](super)).
+///
+/// ```
+/// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
+/// use cqrs_core::middleware::{CheckLayer, TracingLayer};
+/// use cqrs_core::{CommandBus, Dispatch, ErrorKind, HandlerError, Metadata, Principal};
+///
+/// /// The caller, as the gateway authenticated them.
+/// struct Agent;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let bus = CommandBus::builder()
+///     .layer(TracingLayer::new())
+///     .layer(CheckLayer::new(|dispatch: &Dispatch| {
+///         match dispatch.metadata().principal_as::<Agent>() {
+///             Some(_) => Ok(()),
+///             None => Err(HandlerError::forbidden(format!("`{}` is for agents", dispatch.name()))),
+///         }
+///     }))
+///     .handler(OpenTicketHandler)
+///     .build()?;
+///
+/// let refused = bus.dispatch(OpenTicket { title: "hi".into() }).await.unwrap_err();
+/// assert_eq!(refused.kind(), ErrorKind::Forbidden);
+///
+/// let agent = Metadata::new().with_principal(Principal::new(Agent));
+/// assert!(bus.dispatch_with(OpenTicket { title: "hi".into() }, agent).await.is_ok());
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone, Copy)]
+pub struct CheckLayer<F> {
+    check: F,
+}
+
+impl<F> CheckLayer<F>
+where
+    F: Fn(&Dispatch) -> Result<(), HandlerError>,
+{
+    /// A layer that runs `check` on every dispatch.
+    pub fn new(check: F) -> Self {
+        Self { check }
+    }
+}
+
+impl<F> fmt::Debug for CheckLayer<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckLayer").finish_non_exhaustive()
+    }
+}
+
+impl<S, F: Clone> Layer<S> for CheckLayer<F> {
+    type Service = Check<S, F>;
+
+    fn layer(&self, inner: S) -> Check<S, F> {
+        Check {
+            inner,
+            check: self.check.clone(),
+        }
+    }
+}
+
+/// The service made by [`CheckLayer`].
+#[derive(Clone)]
+pub struct Check<S, F> {
+    inner: S,
+    check: F,
+}
+
+impl<S: fmt::Debug, F> fmt::Debug for Check<S, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Check")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, F> Service<Dispatch> for Check<S, F>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+    F: Fn(&Dispatch) -> Result<(), HandlerError>,
+{
+    type Response = Reply;
+    type Error = DispatchError;
+    type Future = CheckFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| DispatchError::from_layer(e.into()))
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        // Refused without a call to the inner service: the handler never runs, and nothing
+        // is allocated for the refusal beyond the error itself.
+        match (self.check)(&dispatch) {
+            Ok(()) => CheckFuture {
+                inner: Some(self.inner.call(dispatch)),
+                refused: None,
+            },
+            Err(refused) => CheckFuture {
+                inner: None,
+                refused: Some(refused),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`Check`] dispatch.
+    #[derive(Debug)]
+    pub struct CheckFuture<F> {
+        // The inner dispatch, when the check passed.
+        #[pin]
+        inner: Option<F>,
+        // The check's refusal, until polled.
+        refused: Option<HandlerError>,
+    }
+}
+
+impl<F, E> Future for CheckFuture<F>
+where
+    F: Future<Output = Result<Reply, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Reply, DispatchError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Some(refused) = this.refused.take() {
+            return Poll::Ready(Err(DispatchError::Handler(refused)));
+        }
+        match this.inner.as_pin_mut() {
+            Some(inner) => inner
+                .poll(cx)
+                .map_err(|e| DispatchError::from_layer(e.into())),
+            None => panic!("a refused dispatch polled after it completed"),
+        }
+    }
+}
