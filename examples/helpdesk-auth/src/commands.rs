@@ -153,7 +153,7 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     }
 }
 
-use helpdesk_api::{invalid_field as invalid, is_invisible, reject_nul};
+use helpdesk_api::{has_visible, invalid_field as invalid, is_invisible, reject_bidi, reject_nul};
 
 /// Handles [`RegisterUser`].
 pub(crate) struct RegisterHandler {
@@ -201,20 +201,26 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         }
         if let Some(name) = &display_name {
             reject_nul("display_name", name)?;
+            // Shown to others (agents see who reported a ticket): no text that reorders what
+            // follows it, and something visible.
+            reject_bidi("display_name", name)?;
+            if !has_visible(name) {
+                return Err(invalid(
+                    "display_name",
+                    "the display name must have a visible character, not only blank or invisible ones",
+                ));
+            }
         }
         // The client's own bound first, as for a login: every step below takes a pooled
         // connection (the throttles' transactions wait on a lock per address), so one address
         // with many registrations at once would otherwise hold the pool; a refusal here is
         // no attempt. The shared permit to hash comes only once the checks are done.
         let slot = self.hashing.client_slot(cmd.client)?;
-        // Before the check of a taken email: without the code, nobody learns whether an
-        // agent's email has an account.
-        let role = self
-            .role(&email, cmd.agent_code.as_deref(), cmd.client)
-            .await?;
-        // No `@`: never an email key of the login throttle. Taken back only when the server
-        // could not finish the registration (below): one that went through counts as much as
-        // one refused.
+        // Counted before anything is checked against the agent list or the accounts, so
+        // every answer that tells something (an email on the agent list, a taken email) is
+        // one of the address's few registrations a window, not free. No `@`: never an email
+        // key of the login throttle. Taken back only when the server could not finish the
+        // registration (below): one that went through counts as much as one refused.
         let key = format!("register|{}", client_key(cmd.client));
         if let Some(seconds) = self.register_throttle.attempt(&key).await? {
             return Err(too_many_attempts(
@@ -231,9 +237,16 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             email: email.clone(),
             settled: false,
         };
-        let created = self
-            .create(email, role, display_name, cmd.password, slot)
-            .await;
+        let created = async {
+            // Before the check of a taken email: without the code, nobody learns whether an
+            // agent's email has an account.
+            let role = self
+                .role(&email, cmd.agent_code.as_deref(), cmd.client)
+                .await?;
+            self.create(email.clone(), role, display_name, cmd.password, slot)
+                .await
+        }
+        .await;
         // One the server could not finish (its store away, no hashing slot free) used up no
         // registration of the address: an outage must not lock clients out.
         if created.as_ref().is_err_and(|e| e.kind().is_retryable()) {
@@ -1108,6 +1121,76 @@ mod tests {
         handle("three@example.com", a)
             .await
             .expect("the window has passed");
+    }
+
+    /// What tells whether an email is on the agent list (a code for an email that is not, no
+    /// code for one that is) is counted like any registration: past the limit, 429, so the
+    /// list cannot be read off one address at database speed.
+    #[tokio::test]
+    async fn answers_about_the_agent_list_are_counted_registrations() {
+        let clock = Arc::new(ManualClock::new());
+        let handler = RegisterHandler {
+            agents: AgentList::new(
+                Arc::new(["agent@example.com".to_owned()].into_iter().collect()),
+                Some(crate::AgentCode::new("the-right-agent-code")),
+            ),
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
+        };
+        let handle = |email: &str, code: &str| {
+            let handler = &handler;
+            let cmd = register(email, code, [192, 0, 2, 3]);
+            async move {
+                handler
+                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        let unlisted = handle("someone@example.com", "a-guess").await.unwrap_err();
+        assert_eq!(unlisted.code(), "validation_failed", "{unlisted:?}");
+        let listed = handle("agent@example.com", "").await.unwrap_err();
+        assert_eq!(listed.code(), "agent_code_required", "{listed:?}");
+        let listed = handle("agent@example.com", "").await.unwrap_err();
+        assert_eq!(listed.code(), "agent_code_required", "{listed:?}");
+        for email in ["other@example.com", "agent@example.com"] {
+            let blocked = handle(email, "a-guess").await.unwrap_err();
+            assert_eq!(blocked.code(), "too_many_attempts", "{email}: {blocked:?}");
+        }
+    }
+
+    /// A display name others may see has something visible and nothing that reorders the
+    /// text after it.
+    #[tokio::test]
+    async fn a_display_name_without_anything_visible_or_with_bidi_controls_is_refused() {
+        let clock = Arc::new(ManualClock::new());
+        let handler = registrations(Arc::new(InMemoryUserStore::default()), &clock, 100);
+        for (i, name) in ["Ada\u{202E}lovelace", "\u{200B}\u{200B}", "\u{2066}x\u{2069}"]
+            .into_iter()
+            .enumerate()
+        {
+            let cmd = RegisterUser {
+                display_name: Some(name.into()),
+                ..register(&format!("user{i}@example.com"), "", [192, 0, 2, 4])
+            };
+            let refused = handler
+                .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), "validation_failed", "{name:?}: {refused:?}");
+            assert_eq!(
+                refused.details().and_then(|d| d["field"].as_str()),
+                Some("display_name"),
+                "{name:?}: {refused:?}"
+            );
+        }
+        let cmd = RegisterUser {
+            display_name: Some("Ada Lovelace".into()),
+            ..register("ada@example.com", "", [192, 0, 2, 4])
+        };
+        let user = handler
+            .handle(cmd, &mut CommandContext::new(Metadata::new()))
+            .await
+            .unwrap();
+        assert_eq!(user.display_name.as_deref(), Some("Ada Lovelace"));
     }
 
     /// A registration the server could not finish (the user store away, or so slow that the
