@@ -19,6 +19,11 @@ pub const HEADER: &str = "idempotency-key";
 /// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first. Without the
 /// header, `work` just runs. Failed work (an error status) is not stored, so the client may
 /// retry it.
+///
+/// With a key, the work and the record of its answer run in a task of their own: a request
+/// dropped in between (its time budget spent, the client gone) would drop the claim, freeing
+/// the key, and the retry its 503 advises would run the work a second time. The task runs to
+/// the end; the retry waits for it and replays its answer.
 pub async fn once<T, F, Fut>(
     store: &dyn IdempotencyStore,
     headers: &HeaderMap,
@@ -28,9 +33,9 @@ pub async fn once<T, F, Fut>(
     work: F,
 ) -> Result<Response, ApiError>
 where
-    T: Serialize,
+    T: Serialize + Send + 'static,
     F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(StatusCode, T), ApiError>>,
+    Fut: Future<Output = Result<(StatusCode, T), ApiError>> + Send + 'static,
 {
     let Some(key) = parse_key(headers)? else {
         let (status, body) = work().await.map_err(with_key_advice)?;
@@ -41,14 +46,22 @@ where
     match store.claim(&scope, key, &fingerprint, ttl).await {
         Ok(Claim::Replay(stored)) => Ok(replay(stored)),
         Ok(Claim::New(guard)) => {
-            let (status, body) = work().await.map_err(with_key_advice)?;
-            // A 500 that says only that the server failed: the serializer's text, which may
-            // quote the body, is logged by the conversion, never sent.
-            let body = serde_json::to_value(body)
-                .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))?;
-            guard
-                .complete(StoredResponse::new(status.as_u16(), body.clone()))
-                .await?;
+            let work = work();
+            let task = tokio::spawn(async move {
+                let (status, body) = work.await.map_err(with_key_advice)?;
+                // A 500 that says only that the server failed: the serializer's text, which
+                // may quote the body, is logged by the conversion, never sent.
+                let body = serde_json::to_value(body)
+                    .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))?;
+                guard
+                    .complete(StoredResponse::new(status.as_u16(), body.clone()))
+                    .await?;
+                Ok::<_, ApiError>((status, body))
+            });
+            // A task that panicked is a 500, as a panicking handler is.
+            let (status, body) = task
+                .await
+                .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))??;
             Ok((status, Json(body)).into_response())
         }
         Err(cqrs_core::ports::StoreError::FingerprintMismatch { .. }) => Err(reused()),
@@ -224,13 +237,80 @@ mod tests {
                     &user,
                     b"request",
                     Duration::from_secs(60),
-                    || async { Err::<(StatusCode, ()), _>(timed_out()) },
+                    move || async move { Err::<(StatusCode, ()), _>(timed_out()) },
                 ))
                 .unwrap_err();
             assert!(error.is_timeout(), "{error}");
             assert_eq!(error.retry_after, Some(1));
             assert!(error.message.contains("Idempotency-Key"), "{error}");
         }
+    }
+
+    /// A request dropped after its work took effect and before the answer was recorded (its
+    /// budget spent, the client gone) leaves the work to finish in its task: the retry with
+    /// the same key replays its answer instead of running the work again.
+    #[test]
+    fn a_request_dropped_mid_work_leaves_its_answer_for_the_retry() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER, "key-3".parse().unwrap());
+        let user = User {
+            id: Uuid::nil(),
+            role: crate::Role::Customer,
+        };
+        let store = InMemoryIdempotencyStore::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let tail = Arc::new(tokio::sync::Notify::new());
+        let work = |runs: Arc<AtomicUsize>, tail: Arc<tokio::sync::Notify>| {
+            move || async move {
+                // The work takes effect, then has more to do before it answers.
+                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                tail.notified().await;
+                Ok((StatusCode::CREATED, serde_json::json!({ "run": n })))
+            }
+        };
+        runtime.block_on(async {
+            let first = once(
+                &store,
+                &headers,
+                &user,
+                b"request",
+                Duration::from_secs(60),
+                work(runs.clone(), tail.clone()),
+            );
+            // Dropped once the work took effect.
+            tokio::select! {
+                answer = first => panic!("the first request answered: {answer:?}"),
+                () = async {
+                    while runs.load(Ordering::SeqCst) == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                } => {}
+            }
+            tail.notify_one();
+            let retry = tokio::time::timeout(
+                Duration::from_secs(10),
+                once(
+                    &store,
+                    &headers,
+                    &user,
+                    b"request",
+                    Duration::from_secs(60),
+                    work(runs.clone(), tail.clone()),
+                ),
+            )
+            .await
+            .expect("the retry is answered")
+            .unwrap();
+            assert_eq!(retry.status(), StatusCode::CREATED);
+            assert_eq!(retry.headers()["idempotency-replayed"], "true");
+            assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran once");
+        });
     }
 
     /// A response body that fails to serialize is a 500 whose body does not quote the error.

@@ -1163,9 +1163,13 @@ mod tests {
     async fn a_display_name_without_anything_visible_or_with_bidi_controls_is_refused() {
         let clock = Arc::new(ManualClock::new());
         let handler = registrations(Arc::new(InMemoryUserStore::default()), &clock, 100);
-        for (i, name) in ["Ada\u{202E}lovelace", "\u{200B}\u{200B}", "\u{2066}x\u{2069}"]
-            .into_iter()
-            .enumerate()
+        for (i, name) in [
+            "Ada\u{202E}lovelace",
+            "\u{200B}\u{200B}",
+            "\u{2066}x\u{2069}",
+        ]
+        .into_iter()
+        .enumerate()
         {
             let cmd = RegisterUser {
                 display_name: Some(name.into()),

@@ -63,17 +63,15 @@ where
 {
     let buses = http.buses.get()?;
     let Some(db) = &http.postgres else {
+        let (commands, command, metadata) = (buses.commands.clone(), make(), actor(headers, user));
         return idempotency::once(
             http.idempotency.as_ref(),
             headers,
             user,
             fingerprint,
             http.ttl,
-            || async {
-                let ticket = buses
-                    .commands
-                    .dispatch_with(make(), actor(headers, user))
-                    .await?;
+            move || async move {
+                let ticket = commands.dispatch_with(command, metadata).await?;
                 Ok((status, respond(&ticket)))
             },
         )
