@@ -65,11 +65,16 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         }
     });
     let resumes = hub.resume_budget(slot.key.as_deref());
+    let changes = {
+        let per_second = hub.options.subscription_changes_per_second;
+        TokenBucket::new(per_second, f64::from(per_second))
+    };
     let mut session = Session {
         hub,
         conn,
         subscriptions: HashMap::new(),
         resumes,
+        changes,
         expires_at,
     };
 
@@ -139,38 +144,52 @@ struct Session<P: Send + Sync + 'static> {
     /// Resumes (`since`) this connection may still start now, refilled over time.
     /// Shared by the principal's connections (see [`HubInner::resume_budget`]).
     resumes: Arc<std::sync::Mutex<ResumeBudget>>,
+    /// The subscribes and unsubscribes this connection may still make now: each takes the
+    /// registry's lock and may ask the authorizer, so a client that keeps changing its
+    /// subscriptions must not be able to do so as fast as it can send.
+    changes: TokenBucket,
     /// When the principal's credentials expire; the keepalive closes the connection then.
     expires_at: Option<DateTime<Utc>>,
 }
 
-/// A token bucket of `per_minute` resumes: full at first, one back every `60 s / per_minute`.
-pub(crate) struct ResumeBudget {
-    per_minute: u32,
+/// A token bucket: `capacity` tokens, full at first, refilled at `per_second`.
+pub(crate) struct TokenBucket {
+    capacity: u32,
+    per_second: f64,
     tokens: f64,
     at: tokio::time::Instant,
 }
 
-impl ResumeBudget {
-    pub(crate) fn new(per_minute: u32) -> Self {
+/// The resumes (`since`) a principal may start: `resumes_per_minute`, one back every
+/// `60 s / resumes_per_minute`.
+pub(crate) type ResumeBudget = TokenBucket;
+
+impl TokenBucket {
+    pub(crate) fn new(capacity: u32, per_second: f64) -> Self {
         Self {
-            per_minute,
-            tokens: f64::from(per_minute),
+            capacity,
+            per_second,
+            tokens: f64::from(capacity),
             at: tokio::time::Instant::now(),
         }
+    }
+
+    /// `per_minute` tokens, one back every `60 s / per_minute`.
+    pub(crate) fn per_minute(per_minute: u32) -> Self {
+        Self::new(per_minute, f64::from(per_minute) / 60.0)
     }
 
     /// Tops the bucket up for the time since the last look.
     fn refill(&mut self) {
         let now = tokio::time::Instant::now();
-        let per_second = f64::from(self.per_minute) / 60.0;
-        let refill = (now - self.at).as_secs_f64() * per_second;
-        self.tokens = (self.tokens + refill).min(f64::from(self.per_minute));
+        let refill = (now - self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(f64::from(self.capacity));
         self.at = now;
     }
 
-    /// Takes one resume if one is available now. Checked and taken under one lock, so the
-    /// principal's connections racing for the last one get it once between them: the budget
-    /// is exact. The caller gives it back ([`ResumeTicket`]) when the `since` is refused.
+    /// Takes one token if one is available now. For a bucket shared by a principal's
+    /// connections, checked and taken under one lock, so connections racing for the last
+    /// one get it once between them: the budget is exact.
     fn try_take(&mut self) -> bool {
         self.refill();
         if self.tokens < 1.0 {
@@ -180,15 +199,15 @@ impl ResumeBudget {
         true
     }
 
-    /// Gives back a resume taken for a `since` that was refused.
+    /// Gives back a token taken for something that was refused (a resume's `since`).
     fn give_back(&mut self) {
-        self.tokens = (self.tokens + 1.0).min(f64::from(self.per_minute));
+        self.tokens = (self.tokens + 1.0).min(f64::from(self.capacity));
     }
 
     /// Whether it is full again (nothing to remember once no connection holds it).
     pub(crate) fn is_full(&mut self) -> bool {
         self.refill();
-        self.tokens >= f64::from(self.per_minute)
+        self.tokens >= f64::from(self.capacity)
     }
 }
 
@@ -321,6 +340,18 @@ impl<P: Send + Sync + 'static> Session<P> {
                     // is registered with no await between, and `unsubscribe_all` releases it.
                     // Not an unsubscribe: it has taken the subscription out before it
                     // releases the channel, and dropped there it would never be released.
+                    Ok(
+                        ClientFrame::Subscribe { topic, .. } | ClientFrame::Unsubscribe { topic },
+                    ) if !self.changes.try_take() => {
+                        let per_second = self.hub.options.subscription_changes_per_second;
+                        self.send_error(
+                            ErrorCode::TooManySubscriptionChanges,
+                            &format!(
+                                "at most {per_second} subscribes and unsubscribes a second: this one is ignored; wait, then send it again"
+                            ),
+                            Some(&topic),
+                        );
+                    }
                     Ok(ClientFrame::Subscribe { topic, since }) => {
                         let conn = self.conn.clone();
                         // Boxed: the subscribe path is large and rare; the idle connection's

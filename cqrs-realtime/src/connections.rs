@@ -2,7 +2,7 @@
 //! and closes those whose credentials expired.
 
 use crate::metrics::Metrics;
-use crate::queue::{Outgoing, SendQueue};
+use crate::queue::SendQueue;
 use crate::signal::{CloseSignal, Ending};
 use chrono::{DateTime, Utc};
 use cqrs_core::clock::Clock;
@@ -59,8 +59,9 @@ impl Connections {
     }
 
     /// Closes with 1008 every connection whose credentials expired at or before `now`, and
-    /// queues a WebSocket ping to every other one. A connection whose queue is full is not
-    /// pinged: it has frames to write, and the next event decides whether it is too slow.
+    /// queues a WebSocket ping to every other one. A connection whose queue is full, or has
+    /// one slot left, is not pinged: it has frames to write, and the next event (which the
+    /// ping must not leave without room) decides whether it is too slow.
     /// Returns how many connections this call closed.
     pub(crate) fn tick(&self, now: DateTime<Utc>) -> u64 {
         let mut expired = 0;
@@ -72,7 +73,7 @@ impl Connections {
                 }
                 continue;
             }
-            let _ = handle.queue.try_push(Outgoing::Ping);
+            handle.queue.try_push_ping();
         }
         expired
     }

@@ -183,9 +183,9 @@ impl<P> HubInner<P> {
         key: Option<&str>,
     ) -> Arc<std::sync::Mutex<crate::connection::ResumeBudget>> {
         let fresh = || {
-            Arc::new(std::sync::Mutex::new(crate::connection::ResumeBudget::new(
-                self.options.resumes_per_minute,
-            )))
+            Arc::new(std::sync::Mutex::new(
+                crate::connection::ResumeBudget::per_minute(self.options.resumes_per_minute),
+            ))
         };
         let Some(key) = key else {
             return fresh();

@@ -38,6 +38,7 @@ pub struct HubOptions {
     pub(crate) replay_batch: usize,
     pub(crate) replay_limit: usize,
     pub(crate) resumes_per_minute: u32,
+    pub(crate) subscription_changes_per_second: u32,
     pub(crate) replay_buffer: usize,
     pub(crate) upstream_linger: Duration,
     pub(crate) channel_prefix: String,
@@ -62,6 +63,7 @@ impl Default for HubOptions {
             replay_batch: 256,
             replay_limit: 10_000,
             resumes_per_minute: 10,
+            subscription_changes_per_second: 64,
             replay_buffer: 1024,
             upstream_linger: Duration::from_secs(5),
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_owned(),
@@ -205,6 +207,18 @@ impl HubOptions {
         self
     }
 
+    /// How many `subscribe` and `unsubscribe` frames one connection may send per second (a
+    /// burst of that many, then one every `1 s / n`): each takes the registry's lock, which
+    /// the fan-out of every event takes too, and a subscribe may ask the authorizer, so a
+    /// client looping over `subscribe` / `unsubscribe` must not slow the hub for every other
+    /// connection. Past it, the frame is ignored and answered `too_many_subscription_changes`.
+    /// Default 64 (a connection may take all of its `max_subscriptions` at once, and drop
+    /// them).
+    pub fn subscription_changes_per_second(mut self, changes: u32) -> Self {
+        self.subscription_changes_per_second = changes;
+        self
+    }
+
     /// Live events held for one subscription while its replay runs. When more arrive, the
     /// replay reads them back from the store instead. Default 1024.
     pub fn replay_buffer(mut self, events: usize) -> Self {
@@ -262,6 +276,11 @@ impl HubOptions {
         at_least("replay_batch", self.replay_batch, 1);
         at_least("replay_limit", self.replay_limit, 1);
         at_least("resumes_per_minute", self.resumes_per_minute as usize, 1);
+        at_least(
+            "subscription_changes_per_second",
+            self.subscription_changes_per_second as usize,
+            1,
+        );
         at_least("replay_buffer", self.replay_buffer, 1);
         if self.max_write_buffer_size <= self.write_buffer_size {
             problems.push(format!(

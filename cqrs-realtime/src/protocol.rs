@@ -213,6 +213,10 @@ pub enum ErrorCode {
     /// [`resumes_per_minute`](crate::HubOptions::resumes_per_minute) allows: subscribe without
     /// `since` (and reload the state another way), or wait.
     TooManyResumes,
+    /// The connection sent more `subscribe` and `unsubscribe` frames than
+    /// [`subscription_changes_per_second`](crate::HubOptions::subscription_changes_per_second)
+    /// allows: this one was ignored; wait, then send it again.
+    TooManySubscriptionChanges,
     /// A backend (the pub/sub, the authorizer's) failed or timed out; try again.
     Unavailable,
     /// An event on a subscribed topic is larger than the hub sends (its frame would not fit
@@ -244,6 +248,7 @@ impl ErrorCode {
             ErrorCode::InvalidPosition => "invalid_position",
             ErrorCode::ResumeFailed => "resume_failed",
             ErrorCode::TooManyResumes => "too_many_resumes",
+            ErrorCode::TooManySubscriptionChanges => "too_many_subscription_changes",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::EventTooLarge => "event_too_large",
             ErrorCode::EventsMissed => "events_missed",

@@ -68,6 +68,21 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Queues a keepalive ping unless that would take the queue's last free slot: a ping must
+    /// never be what leaves no room for the next event (which would close the client as slow
+    /// one frame early). Returns whether it was queued.
+    pub(crate) fn try_push_ping(&self) -> bool {
+        {
+            let mut items = self.lock();
+            if items.len() + 1 >= self.capacity {
+                return false;
+            }
+            items.push_back(Outgoing::Ping);
+        }
+        self.writer.wake();
+        true
+    }
+
     /// The next item, for the writer.
     pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<Outgoing> {
         if let Some(item) = self.try_pop() {
@@ -123,5 +138,21 @@ impl SendQueue {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Outgoing, SendQueue};
+
+    /// A ping never takes the last free slot: the event after it still fits.
+    #[test]
+    fn a_ping_leaves_room_for_the_next_event() {
+        let queue = SendQueue::new(3);
+        assert!(queue.try_push_ping(), "room for a ping and an event");
+        assert!(queue.try_push(Outgoing::Frame("a".into())).is_ok());
+        assert!(!queue.try_push_ping(), "a ping would take the last slot");
+        assert!(queue.try_push(Outgoing::Frame("b".into())).is_ok());
+        assert!(queue.try_push(Outgoing::Frame("c".into())).is_err());
     }
 }

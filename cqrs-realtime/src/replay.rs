@@ -137,7 +137,9 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 self.check_within_log().await?;
             }
             self.since_in_log = true;
-            let caught_up = batch.len() < want;
+            // Only an empty page is the end of the log: the port promises at most `limit`
+            // events a read, not that a shorter page is the last (a store may page by size).
+            let caught_up = batch.is_empty();
             for record in &batch {
                 self.read += 1;
                 if self.read > options.replay_limit {
@@ -170,6 +172,17 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     self.dropped_above_cursor(&mut buffer)
                 };
                 if !behind {
+                    // Live events dropped from the full buffer that the log, read to its end,
+                    // did not give back (a live position this log does not hold): lost.
+                    // Failed, so the client is told so (`resume_failed`, then
+                    // `events_missed` where they were), rather than going live over a gap.
+                    if self.read_back_to.is_some_and(|p| p > self.cursor) {
+                        return Err(End::Failed(
+                            "events published during the replay could not be read back from \
+                             the event log: reload the state over HTTP; live events follow"
+                                .to_owned(),
+                        ));
+                    }
                     return Ok(());
                 }
             }
@@ -471,6 +484,9 @@ mod tests {
         blind: AtomicUsize,
         /// The next reads that fail (the log unavailable).
         failing: AtomicUsize,
+        /// The most events a read returns, whatever its limit (0: no cap): a store that
+        /// pages by size.
+        max_page: AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -509,6 +525,10 @@ mod tests {
                 return Ok(Vec::new());
             }
             let visible = self.visible.load(Ordering::SeqCst);
+            let limit = match self.max_page.load(Ordering::SeqCst) {
+                0 => limit,
+                cap => limit.min(cap),
+            };
             let mut batch = self.inner.read_all(after, limit).await?;
             batch.retain(|r| r.position.is_some_and(|p| p.get() <= visible));
             Ok(batch)
@@ -536,6 +556,7 @@ mod tests {
                 visible: AtomicU64::new(u64::MAX),
                 blind: AtomicUsize::new(0),
                 failing: AtomicUsize::new(0),
+                max_page: AtomicUsize::new(0),
             });
             let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
                 Err::<(), _>(Unauthenticated::new("not used"))
@@ -771,6 +792,42 @@ mod tests {
             "events_missed",
         ];
         assert_eq!(frames, expected);
+    }
+
+    /// The dropped event is one the log never gives back (a live position it does not hold):
+    /// read to its end, the replay fails and tells `events_missed` for it, rather than going
+    /// live over the gap. (It went live without a word: the read back's mark was taken.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drop_the_log_never_gives_back_is_told() {
+        let (f, replay) = overflowing_seam().await;
+        f.store.visible.store(7, Ordering::SeqCst);
+        let frames = f.drain_all(replay).await;
+        let expected = [
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "7",
+            "resume_failed",
+            "events_missed",
+        ];
+        assert_eq!(frames, expected);
+    }
+
+    /// A store whose reads return fewer events than asked while more follow (it pages by
+    /// size): only an empty read ends the replay, so none is skipped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_pages_are_not_the_end_of_the_log() {
+        let f = Fixture::new(HubOptions::new().replay_batch(100), 64, 64);
+        for n in 1..=10 {
+            f.store(n).await;
+        }
+        f.store.max_page.store(3, Ordering::SeqCst);
+        let replay = f.replay(0);
+        assert_eq!(f.drain(replay).await, (1..=10).collect::<Vec<_>>());
+        f.assert_live().await;
     }
 
     /// A live event without a position is dropped from the full hold buffer: it cannot be
