@@ -675,6 +675,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
             registry.clone(),
             metrics.clone(),
             self.options.upstream_linger,
+            self.options.max_lingering_channels,
             stopped.clone(),
         );
         Ok(Hub {

@@ -41,6 +41,7 @@ pub struct HubOptions {
     pub(crate) subscription_changes_per_second: u32,
     pub(crate) replay_buffer: usize,
     pub(crate) upstream_linger: Duration,
+    pub(crate) max_lingering_channels: usize,
     pub(crate) channel_prefix: String,
 }
 
@@ -66,6 +67,7 @@ impl Default for HubOptions {
             subscription_changes_per_second: 64,
             replay_buffer: 1024,
             upstream_linger: Duration::from_secs(5),
+            max_lingering_channels: 1024,
             channel_prefix: DEFAULT_CHANNEL_PREFIX.to_owned(),
         }
     }
@@ -234,6 +236,17 @@ impl HubOptions {
     /// Default 5 s.
     pub fn upstream_linger(mut self, linger: Duration) -> Self {
         self.upstream_linger = linger;
+        self
+    }
+
+    /// How many channels may linger (see [`upstream_linger`](Self::upstream_linger)) at once:
+    /// past it, a channel whose last subscription goes is unsubscribed at once. With coarse
+    /// channels (one per topic family) the hub never comes near it; it bounds what clients
+    /// looping over many topics cost a hub whose routing gives each topic a channel of its
+    /// own (each lingering channel is a pub/sub subscription and a task). `0`: nothing
+    /// lingers. Default 1024.
+    pub fn max_lingering_channels(mut self, channels: usize) -> Self {
+        self.max_lingering_channels = channels;
         self
     }
 

@@ -53,6 +53,9 @@ pub(crate) struct Upstreams<P> {
     shared: Arc<Shared>,
     /// How long a channel stays subscribed after its last reference went.
     linger: Duration,
+    /// How many channels may linger at once; past it, one whose last reference goes is
+    /// unsubscribed at once.
+    max_lingering: usize,
     /// The hub's shutdown: from then on nothing lingers.
     stopped: Shutdown,
 }
@@ -63,6 +66,8 @@ struct Shared {
     /// Held only to look a channel up (a std mutex: never across an await).
     channels: std::sync::Mutex<HashMap<String, Channel>>,
     live: AtomicUsize,
+    /// Channels within their linger (with a linger task).
+    lingering: AtomicUsize,
 }
 
 impl<P: Send + Sync + 'static> Upstreams<P> {
@@ -74,6 +79,7 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         registry: Arc<Registry<P>>,
         metrics: Arc<Metrics>,
         linger: Duration,
+        max_lingering: usize,
         stopped: Shutdown,
     ) -> Self {
         Self {
@@ -83,6 +89,7 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             metrics,
             shared: Arc::default(),
             linger,
+            max_lingering,
             stopped,
         }
     }
@@ -110,7 +117,7 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             }
             if state.live.is_some() {
                 // Within its linger: reused, and kept.
-                if let Some(linger) = state.linger.take() {
+                if let Some(linger) = self.shared.take_linger(&mut state) {
                     linger.abort();
                 }
                 state.refs += 1;
@@ -153,7 +160,18 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         if state.refs > 0 {
             return;
         }
-        if self.linger.is_zero() || self.stopped.is_requested() {
+        // Counted up front, so releases racing for the last lingering place get it once.
+        let full = self
+            .shared
+            .lingering
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max_lingering).then_some(n + 1)
+            })
+            .is_err();
+        if self.linger.is_zero() || self.stopped.is_requested() || full {
+            if !full {
+                self.shared.lingering.fetch_sub(1, Ordering::SeqCst);
+            }
             self.shared.unsubscribe(&mut state, channel, &slot);
             return;
         }
@@ -220,9 +238,18 @@ impl Shared {
         }
     }
 
+    /// Takes the channel's linger task out, uncounting it: the channel no longer lingers.
+    fn take_linger(&self, state: &mut ChannelState) -> Option<JoinHandle<()>> {
+        let linger = state.linger.take();
+        if linger.is_some() {
+            self.lingering.fetch_sub(1, Ordering::SeqCst);
+        }
+        linger
+    }
+
     /// Ends the upstream subscription of a channel that no one holds, and forgets it.
     fn unsubscribe(&self, state: &mut ChannelState, channel: &str, slot: &Channel) {
-        if let Some(linger) = state.linger.take() {
+        if let Some(linger) = self.take_linger(state) {
             linger.abort();
         }
         if let Some(live) = state.live.take() {
@@ -252,7 +279,7 @@ async fn linger(
     let mut state = slot.lock().await;
     if state.refs == 0 && state.idle_epoch == epoch && !state.removed {
         // Not this task's own handle to abort: it is ending anyway.
-        state.linger = None;
+        drop(shared.take_linger(&mut state));
         shared.unsubscribe(&mut state, &channel, &slot);
     }
 }
@@ -598,6 +625,7 @@ mod tests {
             Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
             Arc::new(Metrics::new()),
             Duration::ZERO,
+            1024,
             Shutdown::new().1,
         ));
         upstreams.acquire("live").await.unwrap();

@@ -207,3 +207,70 @@ async fn subscription_changes_past_the_rate_are_refused_and_ignored() {
     })
     .await;
 }
+
+/// Each ticket on a channel of its own: what `max_lingering_channels` is for.
+struct ChannelPerTicket;
+
+impl cqrs_realtime::EventRouting for ChannelPerTicket {
+    fn channel(&self, topic: &cqrs_realtime::Topic) -> Option<String> {
+        topic.key().map(|key| format!("ticket-{key}"))
+    }
+
+    fn route(&self, record: &cqrs_core::EventRecord) -> Option<cqrs_realtime::Routed> {
+        crate::support::TicketRouting.route(record)
+    }
+}
+
+/// A client looping over many topics, each on a channel of its own, leaves at most
+/// `max_lingering_channels` of them subscribed upstream for the linger; the others are
+/// unsubscribed as their last subscription goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_max_lingering_channels_linger() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub = Arc::new(InMemoryPubSub::new());
+        let t = TestHub::start_on(
+            pubsub.clone(),
+            HubOptions::new()
+                .upstream_linger(Duration::from_secs(3600))
+                .max_lingering_channels(2),
+            |b| b.routing(ChannelPerTicket),
+        )
+        .await;
+        let mut client = t.connect("agent-a1").await;
+        for i in 1..=5 {
+            let topic = format!("ticket:{i}");
+            client.subscribe(&topic).await;
+            unsubscribe(&mut client, &topic).await;
+        }
+        assert_eq!(
+            pubsub.upstream_subscribes(),
+            5,
+            "one upstream subscribe per channel"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "two channels linger, no more",
+            || async { (t.hub.upstream_channels().await == 2).then_some(()) },
+        )
+        .await;
+        // A lingering one is reused; its place is free again once it is taken.
+        client.subscribe("ticket:1").await;
+        assert_eq!(
+            pubsub.upstream_subscribes(),
+            5,
+            "ticket:1 lingered and is reused"
+        );
+        client.subscribe("ticket:9").await;
+        unsubscribe(&mut client, "ticket:9").await;
+        eventually(
+            Duration::from_secs(10),
+            "ticket:9 lingers in ticket:1's place",
+            || async {
+                // ticket:1 in use, ticket:2 and ticket:9 lingering.
+                (t.hub.upstream_channels().await == 3).then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
