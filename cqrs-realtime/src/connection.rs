@@ -681,3 +681,30 @@ async fn finish<P>(hub: &HubInner<P>, sink: &mut SplitSink<WebSocket, Message>, 
         }
     }
 }
+
+#[cfg(test)]
+mod token_bucket_tests {
+    use super::TokenBucket;
+    use std::time::Duration;
+
+    /// Full at first, one back every `1 / per_second` s, never above its capacity.
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_refills_at_its_rate_up_to_its_capacity() {
+        let mut bucket = TokenBucket::new(2, 2.0);
+        assert!(bucket.try_take() && bucket.try_take());
+        assert!(!bucket.try_take(), "spent");
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert!(!bucket.try_take(), "not yet one back");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(bucket.try_take(), "one back after half a second");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(bucket.is_full());
+        assert!(bucket.try_take() && bucket.try_take());
+        assert!(
+            !bucket.try_take(),
+            "a minute refills no more than the capacity"
+        );
+        bucket.give_back();
+        assert!(bucket.try_take());
+    }
+}

@@ -68,13 +68,14 @@ impl SendQueue {
         Ok(())
     }
 
-    /// Queues a keepalive ping unless that would take the queue's last free slot: a ping must
-    /// never be what leaves no room for the next event (which would close the client as slow
-    /// one frame early). Returns whether it was queued.
+    /// Queues a keepalive ping into an empty queue, or one that keeps a free slot after it: a
+    /// ping must not be what leaves no room for the next event (which would close the client
+    /// as slow one frame early), but an idle connection is pinged whatever the capacity.
+    /// Returns whether it was queued.
     pub(crate) fn try_push_ping(&self) -> bool {
         {
             let mut items = self.lock();
-            if items.len() + 1 >= self.capacity {
+            if !items.is_empty() && items.len() + 1 >= self.capacity {
                 return false;
             }
             items.push_back(Outgoing::Ping);
@@ -154,5 +155,14 @@ mod tests {
         assert!(!queue.try_push_ping(), "a ping would take the last slot");
         assert!(queue.try_push(Outgoing::Frame("b".into())).is_ok());
         assert!(queue.try_push(Outgoing::Frame("c".into())).is_err());
+    }
+
+    /// An idle connection is pinged whatever its capacity, one of a single slot too (else it
+    /// would be closed at every idle timeout).
+    #[test]
+    fn an_empty_queue_takes_a_ping_whatever_its_capacity() {
+        let queue = SendQueue::new(1);
+        assert!(queue.try_push_ping());
+        assert!(!queue.try_push_ping(), "full");
     }
 }

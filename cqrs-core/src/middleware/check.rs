@@ -17,6 +17,11 @@ use tower::{Layer, Service};
 /// principal a gateway put there) and extensions. A check that needs I/O (a permission lookup)
 /// belongs in the handler, or in a layer of your own (see [the module docs](super)).
 ///
+/// On an [`EventBus`](crate::EventBus) fed by a transport, mind that the principal is not
+/// stored with events (it lives in the process that dispatched the command; events carry the
+/// `actor` string): a check on the principal refuses every such event, and a consumer sends a
+/// refused event to the dead letters once its deliveries are spent.
+///
 /// ```
 /// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
 /// use cqrs_core::middleware::{CheckLayer, TracingLayer};

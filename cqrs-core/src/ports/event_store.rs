@@ -41,7 +41,9 @@ impl fmt::Display for ExpectedVersion {
 /// * **Load.** `load(stream, after)` returns the stream's events with a version greater than
 ///   `after`, in version order.
 /// * **Global order.** `read_all(after, limit)` returns events with a position greater than
-///   `after`, in position order, at most `limit`. A reader never skips an event that commits
+///   `after`, in position order, at most `limit`, and fewer only when it reached the end of
+///   what it may show now (readers take a short page as caught up: a store that pages by
+///   size must fill the page, or its readers stop early). A reader never skips an event that commits
 ///   late: once `read_all` has returned position `p`, no event with a position at or below `p`
 ///   can appear later.
 /// * **One copy per event id.** An append holding an event id already stored (in any stream)

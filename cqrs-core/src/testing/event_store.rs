@@ -459,7 +459,8 @@ pub async fn load_after_a_version_returns_the_tail<H: EventStoreHarness>(h: &H) 
 }
 
 /// Read-all from a position returns later events of every stream in position order, within
-/// the limit, and paging through it visits each event once.
+/// the limit and filling it while there are events to fill it, and paging through it visits
+/// each event once.
 pub async fn read_all_returns_every_stream_in_one_global_order<H: EventStoreHarness>(h: &H) {
     let store = h.store();
     let (a, b) = (format!("{}-g1", h.test_id()), format!("{}-g2", h.test_id()));
@@ -478,6 +479,14 @@ pub async fn read_all_returns_every_stream_in_one_global_order<H: EventStoreHarn
         .await
         .unwrap();
 
+    // A page is full while there are events to fill it: readers take a short one as the end.
+    for limit in [1, 2, 3, 4] {
+        assert_eq!(
+            store.read_all(start, limit).await.unwrap().len(),
+            limit,
+            "a read of {limit} with 4 events after it returns {limit}"
+        );
+    }
     let mut seen = Vec::new();
     let mut after = start;
     loop {

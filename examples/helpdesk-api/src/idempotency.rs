@@ -47,17 +47,21 @@ where
         Ok(Claim::Replay(stored)) => Ok(replay(stored)),
         Ok(Claim::New(guard)) => {
             let work = work();
-            let task = tokio::spawn(async move {
-                let (status, body) = work.await.map_err(with_key_advice)?;
-                // A 500 that says only that the server failed: the serializer's text, which
-                // may quote the body, is logged by the conversion, never sent.
-                let body = serde_json::to_value(body)
-                    .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))?;
-                guard
-                    .complete(StoredResponse::new(status.as_u16(), body.clone()))
-                    .await?;
-                Ok::<_, ApiError>((status, body))
-            });
+            // In the request's span: the command's logs keep the request id and route.
+            let task = tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let (status, body) = work.await.map_err(with_key_advice)?;
+                    // A 500 that says only that the server failed: the serializer's text, which
+                    // may quote the body, is logged by the conversion, never sent.
+                    let body = serde_json::to_value(body)
+                        .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))?;
+                    guard
+                        .complete(StoredResponse::new(status.as_u16(), body.clone()))
+                        .await?;
+                    Ok::<_, ApiError>((status, body))
+                },
+                tracing::Span::current(),
+            ));
             // A task that panicked is a 500, as a panicking handler is.
             let (status, body) = task
                 .await

@@ -249,7 +249,12 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         .await;
         // One the server could not finish (its store away, no hashing slot free) used up no
         // registration of the address: an outage must not lock clients out.
-        if created.as_ref().is_err_and(|e| e.kind().is_retryable()) {
+        // Not a 429 (the agent-code throttle's): that answer tells something too, and a
+        // retry is not the server's to make good.
+        if created
+            .as_ref()
+            .is_err_and(|e| matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout))
+        {
             counted.take_back_unless_created().await;
         } else {
             counted.keep();
@@ -1155,6 +1160,53 @@ mod tests {
             let blocked = handle(email, "a-guess").await.unwrap_err();
             assert_eq!(blocked.code(), "too_many_attempts", "{email}: {blocked:?}");
         }
+    }
+
+    /// Once an address spent its wrong agent codes, a listed email with a code gets 429 from
+    /// the code's throttle: that answer tells the email is listed, so it is a counted
+    /// registration too, not one taken back as the server's failure.
+    #[tokio::test]
+    async fn a_refusal_by_the_agent_code_throttle_is_a_counted_registration() {
+        let clock = Arc::new(ManualClock::new());
+        let throttle = |limit| {
+            Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                limit,
+                Duration::from_secs(60),
+            ))
+        };
+        let handler = RegisterHandler {
+            agents: AgentList::new(
+                Arc::new(["agent@example.com".to_owned()].into_iter().collect()),
+                Some(crate::AgentCode::new("the-right-agent-code")),
+            ),
+            code_throttle: throttle(1),
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
+        };
+        let handle = |email: &str, code: &str| {
+            let handler = &handler;
+            let cmd = register(email, code, [192, 0, 2, 5]);
+            async move {
+                handler
+                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        // The code budget spent: one wrong code.
+        let wrong = handle("agent@example.com", "a-guess").await.unwrap_err();
+        assert_eq!(wrong.code(), "agent_code_required", "{wrong:?}");
+        // Refused by the code's throttle: 429, and counted.
+        for _ in 0..2 {
+            let refused = handle("agent@example.com", "a-guess").await.unwrap_err();
+            assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
+        }
+        // Three registrations counted: the address's budget is spent, for any email.
+        let blocked = handle("someone@example.com", "").await.unwrap_err();
+        assert_eq!(blocked.code(), "too_many_attempts", "{blocked:?}");
+        assert!(
+            blocked.message().contains("registrations"),
+            "the registration throttle's refusal: {blocked:?}"
+        );
     }
 
     /// A display name others may see has something visible and nothing that reorders the
