@@ -764,6 +764,20 @@ mod tests {
         f.assert_live().await;
     }
 
+    /// What [`overflowing_seam`]'s client gets when the dropped event is not read back: the
+    /// events before it, `resume_failed`, then `events_missed` where it was.
+    const SEAM_WITH_THE_DROP_LOST: [&str; 9] = [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+        "7",
+        "resume_failed",
+        "events_missed",
+    ];
+
     /// As above, but the read that would get the dropped event back fails: the client is told
     /// `resume_failed`, then `events_missed` for the one dropped. The drop's mark was taken
     /// by the seam that asked for the read back, so nothing told the client of it.
@@ -773,18 +787,7 @@ mod tests {
         // The read back, the next read, fails.
         f.store.failing.store(1, Ordering::SeqCst);
         let frames = f.drain_all(replay).await;
-        let expected = [
-            "1",
-            "2",
-            "3",
-            "4",
-            "5",
-            "6",
-            "7",
-            "resume_failed",
-            "events_missed",
-        ];
-        assert_eq!(frames, expected);
+        assert_eq!(frames, SEAM_WITH_THE_DROP_LOST);
     }
 
     /// The dropped event is one the log never gives back (a live position it does not hold):
@@ -795,18 +798,7 @@ mod tests {
         let (f, replay) = overflowing_seam().await;
         f.store.visible.store(7, Ordering::SeqCst);
         let frames = f.drain_all(replay).await;
-        let expected = [
-            "1",
-            "2",
-            "3",
-            "4",
-            "5",
-            "6",
-            "7",
-            "resume_failed",
-            "events_missed",
-        ];
-        assert_eq!(frames, expected);
+        assert_eq!(frames, SEAM_WITH_THE_DROP_LOST);
     }
 
     /// A live event without a position is dropped from the full hold buffer: it cannot be
