@@ -214,8 +214,8 @@ impl HubOptions {
     /// the fan-out of every event takes too, and a subscribe may ask the authorizer, so a
     /// client looping over `subscribe` / `unsubscribe` must not slow the hub for every other
     /// connection. Past it, the frame is ignored and answered `too_many_subscription_changes`.
-    /// Default 64 (a connection may take all of its `max_subscriptions` at once, and drop
-    /// them).
+    /// At least 1. Default 64 (a connection may take all of its `max_subscriptions` at once,
+    /// and drop them).
     pub fn subscription_changes_per_second(mut self, changes: u32) -> Self {
         self.subscription_changes_per_second = changes;
         self

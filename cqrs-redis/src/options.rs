@@ -328,7 +328,8 @@ impl ConnectionOptions {
     /// Checks the options without connecting, listing every problem: what a `connect` of
     /// [`RedisStreamOptions`] or [`RedisPubSubOptions`] would refuse before dialing (a URL that
     /// is not a Redis URL, TLS asked of a build without the `tls` feature, a timeout of zero)
-    /// and, for a `rediss://` URL, the TLS files, read and parsed as the connect would. For a
+    /// and, for a `rediss://` URL, the TLS files, read and parsed as the connect would once
+    /// the rest holds (their problems are listed then). For a
     /// server's start-up check, so that a typo is reported before anything else connects.
     ///
     /// ```

@@ -71,9 +71,9 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_DATABASE_SCHEMA", default_value = "helpdesk")]
     pub database_schema: String,
 
-    /// The most Postgres connections this instance opens, at least 10 (commands, queries,
+    /// The most Postgres connections this instance opens, 10 to 10000 (commands, queries,
     /// /ready and the background workers share them; the workers hold up to 8 at once). Mind
-    /// the server's `max_connections` across instances.
+    /// the server's `max_connections` across instances. Unused in memory.
     #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
 
@@ -151,8 +151,9 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_timeout_ms: u64,
 
-    /// How often expired idempotency records (kept 24 hours) are deleted and, on Redis, the
-    /// event stream is trimmed of what every consumer group acknowledged, in milliseconds.
+    /// How often expired idempotency records (kept 24 hours) and the stats projection's inbox
+    /// entries older than 7 days are deleted and, on Redis, the event stream is trimmed of
+    /// what every consumer group acknowledged, in milliseconds.
     #[arg(long, env = "HELPDESK_PURGE_INTERVAL_MS", default_value_t = 3_600_000)]
     pub purge_interval_ms: u64,
 
