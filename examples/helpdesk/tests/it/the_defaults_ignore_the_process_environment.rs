@@ -12,6 +12,9 @@ fn the_defaults_are_the_built_in_ones() {
     assert_eq!(config.jwt_secret, None);
     assert_eq!(config.token_ttl_seconds, 3600);
     assert_eq!(config.shutdown_grace_ms, 15_000);
+    // And they pass the check, whatever `PG*` variables the shell holds (below): the schema
+    // is checked against a URL of its own, not the environment's TLS settings.
+    config.validate().expect("the built-in defaults are valid");
 }
 
 /// The test above, in a copy of this test binary whose environment holds stray and bad values
@@ -26,6 +29,9 @@ fn stray_variables_change_nothing() {
         .env("HELPDESK_BIND", "not an address")
         .env("DATABASE_URL", "postgres://stray@nowhere/helpdesk")
         .env("HELPDESK_SHUTDOWN_GRACE_MS", "5")
+        // Left in a shell for another database: not the schema's business.
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", "/nonexistent/helpdesk-test/root.crt")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
