@@ -172,6 +172,11 @@ where
 /// Tests a command handler without a bus: when this command (with this metadata), then these
 /// recorded events, or this error.
 ///
+/// The events compared are those the handler records on its context (`ctx.record`). A
+/// handler that appends through an [`AggregateRepository`] records none: test its decisions
+/// with [`AggregateTest`], and its successes by loading the aggregate back from the
+/// repository's (in-memory) store.
+///
 /// ```
 /// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler, TicketOpened};
 /// use cqrs_core::testing::CommandTest;
