@@ -160,18 +160,12 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
         if state.refs > 0 {
             return;
         }
-        // Counted up front, so releases racing for the last lingering place get it once.
-        let full = self
-            .shared
-            .lingering
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.max_lingering).then_some(n + 1)
-            })
-            .is_err();
-        if self.linger.is_zero() || self.stopped.is_requested() || full {
-            if !full {
-                self.shared.lingering.fetch_sub(1, Ordering::SeqCst);
-            }
+        // The lingering place is taken last (in one step, so releases racing for the last
+        // one get it once), and only when the channel may linger at all.
+        if self.linger.is_zero()
+            || self.stopped.is_requested()
+            || !self.shared.take_lingering_place(self.max_lingering)
+        {
             self.shared.unsubscribe(&mut state, channel, &slot);
             return;
         }
@@ -236,6 +230,15 @@ impl Shared {
         if map.get(channel).is_some_and(|c| Arc::ptr_eq(c, slot)) {
             map.remove(channel);
         }
+    }
+
+    /// Counts one more lingering channel, unless `max` already linger.
+    fn take_lingering_place(&self, max: usize) -> bool {
+        self.lingering
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Takes the channel's linger task out, uncounting it: the channel no longer lingers.

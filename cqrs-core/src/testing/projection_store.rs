@@ -114,38 +114,21 @@ pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarnes
     let c = h.test_id();
     let mut unit = store.begin(c).await.unwrap();
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
-    store
-        .save_checkpoint(&mut unit, c, Position::new(5))
-        .await
-        .unwrap();
-    store.commit(unit).await.unwrap();
-    let mut unit = store.begin(c).await.unwrap();
-    assert_eq!(
-        store.checkpoint(&mut unit, c).await.unwrap(),
-        Some(Position::new(5))
-    );
-    store
-        .save_checkpoint(&mut unit, c, Position::new(8))
-        .await
-        .unwrap();
-    store.commit(unit).await.unwrap();
-    let mut unit = store.begin(c).await.unwrap();
-    assert_eq!(
-        store.checkpoint(&mut unit, c).await.unwrap(),
-        Some(Position::new(8))
-    );
-    // The last save counts, not the highest: a consumer rewound by hand reads from there.
-    store
-        .save_checkpoint(&mut unit, c, Position::new(3))
-        .await
-        .unwrap();
-    store.commit(unit).await.unwrap();
-    let mut unit = store.begin(c).await.unwrap();
-    assert_eq!(
-        store.checkpoint(&mut unit, c).await.unwrap(),
-        Some(Position::new(3)),
-        "the checkpoint is the last one saved"
-    );
+    // Up, then down: the last save counts, not the highest (a consumer rewound by hand
+    // reads from there).
+    for saved in [5, 8, 3] {
+        store
+            .save_checkpoint(&mut unit, c, Position::new(saved))
+            .await
+            .unwrap();
+        store.commit(unit).await.unwrap();
+        unit = store.begin(c).await.unwrap();
+        assert_eq!(
+            store.checkpoint(&mut unit, c).await.unwrap(),
+            Some(Position::new(saved)),
+            "the checkpoint is the last one saved"
+        );
+    }
 }
 
 /// A second unit of a consumer waits until the first ends.

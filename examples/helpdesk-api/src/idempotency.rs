@@ -197,6 +197,20 @@ mod tests {
     use cqrs_core::memory::InMemoryIdempotencyStore;
     use uuid::Uuid;
 
+    /// Headers with this `Idempotency-Key`.
+    fn with_key(key: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER, key.parse().unwrap());
+        headers
+    }
+
+    fn customer() -> User {
+        User {
+            id: Uuid::nil(),
+            role: crate::Role::Customer,
+        }
+    }
+
     /// A body that cannot be serialized, whose error quotes what it holds.
     struct Unserializable;
 
@@ -226,14 +240,9 @@ mod tests {
             !elsewhere.message.contains("Idempotency-Key"),
             "{elsewhere}"
         );
-        let user = User {
-            id: Uuid::nil(),
-            role: crate::Role::Customer,
-        };
+        let user = customer();
         let store = InMemoryIdempotencyStore::new();
-        let mut with_key = HeaderMap::new();
-        with_key.insert(HEADER, "key-2".parse().unwrap());
-        for headers in [HeaderMap::new(), with_key] {
+        for headers in [HeaderMap::new(), with_key("key-2")] {
             let error = runtime
                 .block_on(once(
                     &store,
@@ -261,12 +270,8 @@ mod tests {
             .enable_time()
             .build()
             .unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER, "key-3".parse().unwrap());
-        let user = User {
-            id: Uuid::nil(),
-            role: crate::Role::Customer,
-        };
+        let headers = with_key("key-3");
+        let user = customer();
         let store = InMemoryIdempotencyStore::new();
         let runs = Arc::new(AtomicUsize::new(0));
         let tail = Arc::new(tokio::sync::Notify::new());
@@ -323,12 +328,8 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER, "key-1".parse().unwrap());
-        let user = User {
-            id: Uuid::nil(),
-            role: crate::Role::Customer,
-        };
+        let headers = with_key("key-1");
+        let user = customer();
         let store = InMemoryIdempotencyStore::new();
         let error = runtime
             .block_on(once(

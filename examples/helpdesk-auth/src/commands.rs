@@ -931,6 +931,16 @@ mod tests {
         .await;
     }
 
+    /// Runs `cmd` through `handler` with fresh metadata.
+    async fn register_with(
+        handler: &RegisterHandler,
+        cmd: RegisterUser,
+    ) -> Result<UserRecord, HandlerError> {
+        handler
+            .handle(cmd, &mut CommandContext::new(Metadata::new()))
+            .await
+    }
+
     fn register(email: &str, code: &str, client: [u8; 4]) -> RegisterUser {
         RegisterUser {
             email: email.into(),
@@ -972,14 +982,7 @@ mod tests {
             )),
             clock: clock.clone(),
         };
-        let handle = |cmd| {
-            let handler = &handler;
-            async move {
-                handler
-                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
-                    .await
-            }
-        };
+        let handle = |cmd| register_with(&handler, cmd);
         let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
         // Right codes, before and between the wrong ones, are not failures.
         let registered = handle(register(emails[0], CODE, a)).await.unwrap();
@@ -1103,15 +1106,8 @@ mod tests {
     async fn registrations_from_one_address_are_throttled() {
         let clock = Arc::new(ManualClock::new());
         let handler = registrations(Arc::new(InMemoryUserStore::default()), &clock, 3);
-        let handle = |email: &str, client: [u8; 4]| {
-            let handler = &handler;
-            let cmd = register(email, "", client);
-            async move {
-                handler
-                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
-                    .await
-            }
-        };
+        let handle =
+            |email: &str, client: [u8; 4]| register_with(&handler, register(email, "", client));
         let (a, b) = ([192, 0, 2, 1], [192, 0, 2, 2]);
         handle("one@example.com", a).await.unwrap();
         for _ in 0..2 {
@@ -1142,13 +1138,7 @@ mod tests {
             ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
         };
         let handle = |email: &str, code: &str| {
-            let handler = &handler;
-            let cmd = register(email, code, [192, 0, 2, 3]);
-            async move {
-                handler
-                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
-                    .await
-            }
+            register_with(&handler, register(email, code, [192, 0, 2, 3]))
         };
         let unlisted = handle("someone@example.com", "a-guess").await.unwrap_err();
         assert_eq!(unlisted.code(), "validation_failed", "{unlisted:?}");
@@ -1184,13 +1174,7 @@ mod tests {
             ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
         };
         let handle = |email: &str, code: &str| {
-            let handler = &handler;
-            let cmd = register(email, code, [192, 0, 2, 5]);
-            async move {
-                handler
-                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
-                    .await
-            }
+            register_with(&handler, register(email, code, [192, 0, 2, 5]))
         };
         // The code budget spent: one wrong code.
         let wrong = handle("agent@example.com", "a-guess").await.unwrap_err();
@@ -1227,10 +1211,7 @@ mod tests {
                 display_name: Some(name.into()),
                 ..register(&format!("user{i}@example.com"), "", [192, 0, 2, 4])
             };
-            let refused = handler
-                .handle(cmd, &mut CommandContext::new(Metadata::new()))
-                .await
-                .unwrap_err();
+            let refused = register_with(&handler, cmd).await.unwrap_err();
             assert_eq!(refused.code(), "validation_failed", "{name:?}: {refused:?}");
             assert_eq!(
                 refused.details().and_then(|d| d["field"].as_str()),
@@ -1242,10 +1223,7 @@ mod tests {
             display_name: Some("Ada Lovelace".into()),
             ..register("ada@example.com", "", [192, 0, 2, 4])
         };
-        let user = handler
-            .handle(cmd, &mut CommandContext::new(Metadata::new()))
-            .await
-            .unwrap();
+        let user = register_with(&handler, cmd).await.unwrap();
         assert_eq!(user.display_name.as_deref(), Some("Ada Lovelace"));
     }
 
@@ -1264,15 +1242,7 @@ mod tests {
             calls: Arc::default(),
         });
         let handler = registrations(users, &clock, 3);
-        let handle = |email: &str| {
-            let handler = &handler;
-            let cmd = register(email, "", [192, 0, 2, 1]);
-            async move {
-                handler
-                    .handle(cmd, &mut CommandContext::new(Metadata::new()))
-                    .await
-            }
-        };
+        let handle = |email: &str| register_with(&handler, register(email, "", [192, 0, 2, 1]));
         for _ in 0..5 {
             let failed = handle("one@example.com").await.unwrap_err();
             assert_eq!(failed.kind(), ErrorKind::Unavailable, "{failed:?}");

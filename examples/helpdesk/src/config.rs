@@ -204,13 +204,29 @@ fn proxy_address(value: &str) -> Result<std::net::IpAddr, String> {
 /// eight at once (docs/postgres.md sizes the pool), and requests need some too.
 const MIN_DATABASE_CONNECTIONS: u32 = 10;
 
-/// The flags whose values are secrets, or URLs that may hold one, with their variables.
-const SECRET_FLAGS: [(&str, &str); 4] = [
-    ("database_url", "DATABASE_URL"),
-    ("redis_url", "REDIS_URL"),
-    ("jwt_secret", "HELPDESK_JWT_SECRET"),
-    ("agent_code", "HELPDESK_AGENT_CODE"),
+/// A flag, its variable, and whether the configuration holds a secret there.
+type SecretFlag = (&'static str, &'static str, fn(&Config) -> bool);
+
+/// The flags whose values are secrets, or URLs that may hold one (a secret only with a
+/// password).
+const SECRET_FLAGS: [SecretFlag; 4] = [
+    ("database_url", "DATABASE_URL", |c| {
+        holds_password(c.database_url.as_deref())
+    }),
+    ("redis_url", "REDIS_URL", |c| {
+        holds_password(c.redis_url.as_deref())
+    }),
+    ("jwt_secret", "HELPDESK_JWT_SECRET", |c| {
+        c.jwt_secret.is_some()
+    }),
+    ("agent_code", "HELPDESK_AGENT_CODE", |c| {
+        c.agent_code.is_some()
+    }),
 ];
+
+fn holds_password(url: Option<&str>) -> bool {
+    url.is_some_and(|url| redacted_url(url) != url)
+}
 
 /// Empty or only whitespace (`REDIS_URL=" "`): as good as unset.
 fn is_blank(value: &std::ffi::OsStr) -> bool {
@@ -433,19 +449,8 @@ impl Config {
                 *value = None;
             }
         }
-        for (id, variable) in SECRET_FLAGS {
-            let value = match id {
-                "database_url" => config.database_url.as_deref(),
-                "redis_url" => config.redis_url.as_deref(),
-                "jwt_secret" => config.jwt_secret.as_deref(),
-                _ => config.agent_code.as_deref(),
-            };
-            // A URL is a secret only when it holds a password.
-            let secret = match id {
-                "database_url" | "redis_url" => value.is_some_and(|url| redacted_url(url) != url),
-                _ => value.is_some(),
-            };
-            if secret && given.value_source(id) == Some(ValueSource::CommandLine) {
+        for (id, variable, holds_secret) in SECRET_FLAGS {
+            if holds_secret(&config) && given.value_source(id) == Some(ValueSource::CommandLine) {
                 config.secrets_on_command_line.push(variable);
             }
         }
@@ -455,7 +460,7 @@ impl Config {
     /// What is allowed but likely a mistake, in words, for the server to log at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        for (id, variable) in SECRET_FLAGS {
+        for (id, variable, _) in SECRET_FLAGS {
             if !self.secrets_on_command_line.contains(&variable) {
                 continue;
             }
