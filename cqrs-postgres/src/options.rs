@@ -13,6 +13,9 @@ pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// its timeout settings.
 const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
+/// [`PgOptions::ping_after_idle`]'s default.
+const DEFAULT_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// How to reach Postgres and where this crate's tables live. Build it, then
 /// [`connect`](PgOptions::connect).
 ///
@@ -47,6 +50,7 @@ pub struct PgOptions {
     session_settings: bool,
     application_name: String,
     test_before_acquire: bool,
+    ping_after_idle: Option<Duration>,
     /// Whether [`from_env`](PgOptions::from_env) fell back to [`DEFAULT_URL`] because
     /// `DATABASE_URL` was unset: a failed connect says so.
     default_url: bool,
@@ -87,6 +91,7 @@ impl PgOptions {
             session_settings: true,
             application_name: "cqrs".to_owned(),
             test_before_acquire: false,
+            ping_after_idle: Some(DEFAULT_PING_AFTER_IDLE),
             default_url: false,
         }
     }
@@ -198,12 +203,28 @@ impl PgOptions {
         self
     }
 
-    /// Whether the pool pings a connection before handing it out. Default `false`: it saves a
-    /// round trip per command, and a connection that died while idle fails its first
-    /// statement as [`Unavailable`](cqrs_core::ports::StoreError::Unavailable), which callers
-    /// retry. Turn it on where the network drops idle connections silently.
+    /// Whether the pool pings every connection before handing it out. Default `false`: it
+    /// saves a round trip per command; a connection that sat idle for
+    /// [`ping_after_idle`](Self::ping_after_idle) is pinged anyway. Turn it on where the
+    /// network drops connections silently within seconds.
     pub fn test_before_acquire(mut self, test: bool) -> Self {
         self.test_before_acquire = test;
+        self
+    }
+
+    /// A connection idle for at least this long is pinged before it is handed out, and
+    /// replaced when the ping fails. Default 1 s; `None` never pings.
+    ///
+    /// Why: when the server restarts (or fails over), every pooled connection is dead, and a
+    /// command's first statement on one fails. When that statement is the command's whole
+    /// transaction (an [`EventStore::append`](cqrs_core::ports::EventStore::append), the
+    /// commit of a unit that only recorded events), the error cannot tell whether the server
+    /// committed it, so it is a [`Timeout`](cqrs_core::ports::StoreError::Timeout) ("outcome
+    /// unknown"), not a retryable [`Unavailable`](cqrs_core::ports::StoreError::Unavailable).
+    /// The ping finds those connections first. A busy pool reuses its connections within
+    /// the second and pays nothing; a quiet one pays a round trip per command.
+    pub fn ping_after_idle(mut self, idle: Option<Duration>) -> Self {
+        self.ping_after_idle = idle;
         self
     }
 
@@ -273,6 +294,7 @@ impl PgOptions {
         // settings above `i32::MAX` ms at connect.
         at_most("acquire_timeout", Some(self.acquire_timeout));
         at_most("idle_timeout", self.idle_timeout);
+        at_most("ping_after_idle", self.ping_after_idle);
         at_most("max_lifetime", self.max_lifetime);
         at_most("statement_timeout", self.statement_timeout);
         at_most(
@@ -341,13 +363,35 @@ impl PgOptions {
     }
 
     fn pool_options(&self) -> PgPoolOptions {
-        PgPoolOptions::new()
+        let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .min_connections(self.min_connections)
             .acquire_timeout(self.acquire_timeout)
             .idle_timeout(self.idle_timeout)
             .max_lifetime(self.max_lifetime)
-            .test_before_acquire(self.test_before_acquire)
+            .test_before_acquire(self.test_before_acquire);
+        match self.ping_after_idle {
+            // sqlx already pings every connection.
+            _ if self.test_before_acquire => pool,
+            None => pool,
+            Some(after) => pool.before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= after
+                        && let Err(error) = sqlx::Connection::ping(conn).await
+                    {
+                        // A server restart ends every idle connection: expected, not a
+                        // warning (`Ok(false)` replaces the connection without sqlx's).
+                        tracing::info!(
+                            %error,
+                            idle_for = ?meta.idle_for,
+                            "a pooled connection failed its ping after sitting idle; it is replaced"
+                        );
+                        return Ok(false);
+                    }
+                    Ok(true)
+                })
+            }),
+        }
     }
 
     /// Opens the pool and checks that the server answers. Does not migrate: call
