@@ -2,7 +2,7 @@
 
 use crate::connection::{self, quit_later};
 use crate::entry::{self, Fields};
-use crate::error::{is_nogroup, transport_error};
+use crate::error::{is_nogroup, is_unblocked, transport_error};
 use crate::keys::TopicKeys;
 use crate::scripts::Script;
 use crate::transport::{Shared, forget_name};
@@ -962,6 +962,19 @@ impl RedisConsumer {
                 self.reader_unsure = false;
                 self.shared.create_group(&self.keys, &self.group).await?;
                 self.forget_the_old_group();
+                // Should the group be there after all (created again by another consumer
+                // meanwhile, or a reply taken for gone that was not), what is still pending to
+                // this consumer is taken over again by the next step instead of waiting out
+                // the redelivery delay.
+                self.unsure = true;
+                return Ok(());
+            }
+            // Ended by Redis with an error and served nothing (`CLIENT UNBLOCK <id> ERROR`, a
+            // master turned replica): the group is still there, and so is what this consumer
+            // holds. A read of nothing: the next step goes on (and reports what Redis says).
+            Err(e) if is_unblocked(&e) => {
+                tracing::debug!(topic = %self.topic, group = %self.group, error = %e, "the consumer's blocking read was ended by the server");
+                self.reader_unsure = false;
                 return Ok(());
             }
             Err(e) => {

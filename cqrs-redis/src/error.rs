@@ -144,11 +144,30 @@ pub(crate) fn is_noscript(error: &FredError) -> bool {
     error.details().starts_with("NOSCRIPT")
 }
 
-/// The group is gone: `NOGROUP`, or `UNBLOCKED` for a blocking read whose stream was deleted
-/// (`DEL`, `FLUSHDB`) while it waited. Either way the group is created again.
+/// The group is gone: `NOGROUP` (no such group; for a blocking read, `NOGROUP the consumer
+/// group this client was blocked on no longer exists`), or `UNBLOCKED the stream key no longer
+/// exists` for a blocking read whose stream was deleted (`DEL`, `FLUSHDB`) while it waited.
+/// Either way the group is created again.
+///
+/// Not any `UNBLOCKED`: Redis also ends a blocking read with `UNBLOCKED client unblocked via
+/// CLIENT UNBLOCK` (`CLIENT UNBLOCK <id> ERROR`) and `UNBLOCKED force unblock from blocking
+/// operation, instance state changed` (a master turned replica), and the group is still
+/// there then: taking those for a group gone would forget the entries the consumer holds.
 pub(crate) fn is_nogroup(error: &FredError) -> bool {
     let details = error.details();
-    details.contains("NOGROUP") || details.contains("UNBLOCKED")
+    details.contains("NOGROUP") || is_stream_gone(details)
+}
+
+/// `UNBLOCKED the stream key no longer exists`: a blocking read whose stream was deleted.
+fn is_stream_gone(details: &str) -> bool {
+    details.contains("UNBLOCKED") && details.contains("no longer exists")
+}
+
+/// Any other `UNBLOCKED`: Redis ended a blocking read with an error, having served it nothing
+/// (`CLIENT UNBLOCK <id> ERROR`, a master turned replica).
+pub(crate) fn is_unblocked(error: &FredError) -> bool {
+    let details = error.details();
+    details.contains("UNBLOCKED") && !is_stream_gone(details)
 }
 
 pub(crate) fn is_busygroup(error: &FredError) -> bool {
