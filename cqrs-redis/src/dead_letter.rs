@@ -31,6 +31,10 @@ pub struct DeadLetter {
     pub record: Option<EventRecord>,
     /// The entry's fields as they were in the topic's stream (values as lossy UTF-8).
     pub fields: Vec<(String, String)>,
+    /// How many of the entry's fields the dead letter left out: 0, unless the entry had more
+    /// than 1,000 fields (written by hand: Redis's scripts cannot copy an entry that large),
+    /// when only the transport's own fields (`id`, `type`, `record`, ...) were kept.
+    pub dropped_fields: u64,
 }
 
 impl DeadLetter {
@@ -47,6 +51,7 @@ impl DeadLetter {
             consumer: text("dead.consumer"),
             deliveries: text("dead.deliveries").parse().unwrap_or(0),
             error: text("dead.error"),
+            dropped_fields: text("dead.dropped").parse().unwrap_or(0),
             record: entry::decode(&original).ok(),
             fields: original
                 .into_iter()

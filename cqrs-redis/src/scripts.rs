@@ -39,15 +39,45 @@ local function field(fields, name)
   end
   return nil
 end
--- Copies an entry to the dead-letter stream and acknowledges it (its lane moves on).
+-- The most fields a copy of an entry (a dead letter, a replay) takes over as they are. A
+-- command's arguments go through Lua's C stack, which holds about 8,000 values (`unpack`
+-- fails past that): an entry with more fields (a hand-written `XADD`) could never be copied,
+-- and a consumer would fail on it at every step. Past this, only the transport's own fields
+-- are copied, the first of each name.
+local MAX_COPIED_FIELDS = 1000
+local OWN_FIELDS = {id = true, type = true, v = true, key = true, lane = true, prev = true,
+                    record = true, group = true, replayed = true, origin = true}
+-- Appends to `f` the fields of `fields` whose name `keep` keeps, all of them while there are
+-- at most MAX_COPIED_FIELDS such; returns how many of those it left out.
+local function copy_fields(f, fields, keep)
+  local kept = 0
+  for i = 1, #fields, 2 do
+    if keep(fields[i]) then kept = kept + 1 end
+  end
+  local all, seen, dropped = kept <= MAX_COPIED_FIELDS, {}, 0
+  for i = 1, #fields, 2 do
+    local name = fields[i]
+    if keep(name) then
+      if all or (OWN_FIELDS[name] and not seen[name]) then
+        seen[name] = true
+        f[#f + 1] = name
+        f[#f + 1] = fields[i + 1]
+      else
+        dropped = dropped + 1
+      end
+    end
+  end
+  return dropped
+end
+-- Copies an entry to the dead-letter stream and acknowledges it (its lane moves on). An entry
+-- with too many fields keeps the transport's own only, and `dead.dropped` says how many went.
 local function deadletter(keys, group, me, id, fields, count, reason)
   local f = {'dead.entry', id, 'dead.group', group, 'dead.consumer', me,
              'dead.deliveries', tostring(count), 'dead.error', reason}
-  for i = 1, #fields, 2 do
-    if string.sub(fields[i], 1, 5) ~= 'dead.' then
-      f[#f + 1] = fields[i]
-      f[#f + 1] = fields[i + 1]
-    end
+  local dropped = copy_fields(f, fields, function(name) return string.sub(name, 1, 5) ~= 'dead.' end)
+  if dropped > 0 then
+    f[#f + 1] = 'dead.dropped'
+    f[#f + 1] = tostring(dropped)
   end
   redis.call('XADD', keys.dead, '*', unpack(f))
   redis.call('XACK', keys.stream, group, id)
@@ -491,14 +521,11 @@ local out = {}
 for _, d in ipairs(found) do
   local fields = d.fields
   local f = {}
-  for j = 1, #fields, 2 do
-    local name = fields[j]
-    if string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev' and name ~= 'group'
-       and name ~= 'replayed' and name ~= 'origin' then
-      f[#f + 1] = name
-      f[#f + 1] = fields[j + 1]
-    end
-  end
+  -- Bounded like a dead letter's copy (a dead letter written by hand may have any number).
+  copy_fields(f, fields, function(name)
+    return string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev'
+      and name ~= 'group' and name ~= 'replayed' and name ~= 'origin'
+  end)
   local group = field(fields, 'dead.group') or ''
   local lane = field(fields, 'lane')
   local chain = nil
