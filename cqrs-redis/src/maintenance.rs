@@ -292,9 +292,18 @@ impl Worker for StreamMaintenance {
         "redis-stream-maintenance"
     }
 
+    /// Returns as soon as shutdown is requested, in the middle of a round too: with Redis
+    /// away each of a round's commands waits up to the command timeout, and a round could
+    /// outlast the runtime's shutdown grace. A round cut short loses nothing: each trim and
+    /// prune is one script, run whole or not at all, and the next start does a full round.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         loop {
-            match self.run_once().await {
+            let round = tokio::select! {
+                biased;
+                _ = ctx.shutdown.requested() => return Ok(()),
+                round = self.run_once() => round,
+            };
+            match round {
                 Ok(()) => ctx.health.set(Health::Healthy),
                 // Redis away: say so and try again next round; the runtime need not restart us.
                 Err(e) => ctx.health.set(Health::Degraded(e.to_string())),
