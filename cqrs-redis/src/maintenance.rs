@@ -32,6 +32,12 @@ impl RedisStreamTransport {
     ///
     /// Bounded by the groups that exist: a group created later starts at the oldest entry
     /// left. A stream without groups is not trimmed.
+    ///
+    /// Approximate trimming (the default) removes whole stream nodes only, and at most
+    /// [`trim_limit`](crate::RedisStreamOptions::trim_limit) entries a call (10,000 by
+    /// default), so one call does not block Redis for long: call it again while it removes
+    /// entries ([`StreamMaintenance`] does). Exact trimming removes everything below the bound
+    /// at once.
     pub async fn trim(&self, topic: &str) -> Result<TrimReport, TransportError> {
         let keys = self.shared.keys(topic)?;
         let mode = if self.shared.options.trim_approximate {
@@ -47,7 +53,10 @@ impl RedisStreamTransport {
                 &self.shared.client,
                 &self.shared.patient(),
                 &[keys.stream.as_str()],
-                vec![Value::from(mode)],
+                vec![
+                    Value::from(mode),
+                    Value::from(i64::try_from(self.shared.options.trim_limit).unwrap_or(i64::MAX)),
+                ],
             )
             .await
             .map_err(transport_error)?;
@@ -93,7 +102,8 @@ impl RedisStreamTransport {
 }
 
 /// A [`Worker`] that keeps topics tidy: every interval it trims each topic
-/// ([`trim`](RedisStreamTransport::trim)), trims its dead letters older than
+/// ([`trim`](RedisStreamTransport::trim), called again while it removes entries, up to 100
+/// times a topic each round: with the default limit, a million entries a round), trims its dead letters older than
 /// `dead_letter_retention` ([`trim_dead_letters`](RedisStreamTransport::trim_dead_letters)),
 /// prunes consumers idle for a day
 /// ([`prune_consumers`](RedisStreamTransport::prune_consumers)), and records gauges:
@@ -134,6 +144,11 @@ pub struct StreamMaintenance {
 /// The value of a gauge whose value is unknown: NaN, which Prometheus exports as such and which
 /// no comparison (an alert's threshold) matches, instead of a stale value.
 const UNKNOWN: f64 = f64::NAN;
+
+/// The most [`trim`](RedisStreamTransport::trim) calls a round makes on one topic: each
+/// removes up to the transport's `trim_limit`, and a backlog is worked off over rounds, none of
+/// which runs for ever.
+const MAX_TRIMS_PER_ROUND: u32 = 100;
 
 /// The shortest [`StreamMaintenance::dead_letter_retention`].
 const MIN_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(60);
@@ -208,17 +223,9 @@ impl StreamMaintenance {
                 }
             }
         }
-        match self.transport.trim(topic).await {
-            Ok(report) if report.removed > 0 => {
-                tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
-                metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
-                    .increment(report.removed);
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%topic, %error, "could not trim the stream");
-                first_failure.get_or_insert(error);
-            }
+        if let Err(error) = self.trim(topic).await {
+            tracing::warn!(%topic, %error, "could not trim the stream");
+            first_failure.get_or_insert(error);
         }
         let groups = match self.transport.topic_stats(topic).await {
             Ok(stats) => {
@@ -244,6 +251,35 @@ impl StreamMaintenance {
             }
         }
         first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Trims `topic`, again while a call removes entries (one approximate call removes at most
+    /// the transport's `trim_limit`), up to [`MAX_TRIMS_PER_ROUND`] calls. Exact trimming
+    /// removes everything it may in one call.
+    async fn trim(&self, topic: &str) -> Result<(), TransportError> {
+        let again = self.transport.shared.options.trim_approximate;
+        let mut removed = 0;
+        let mut outcome = Ok(());
+        for _ in 0..MAX_TRIMS_PER_ROUND {
+            match self.transport.trim(topic).await {
+                Ok(report) => {
+                    removed += report.removed;
+                    if !again || report.removed == 0 {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::debug!(topic = %topic, removed, "trimmed");
+            metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
+                .increment(removed);
+        }
+        outcome
     }
 
     /// Sets `topic`'s gauges from `stats`, and to NaN ([`UNKNOWN`]) those whose value is

@@ -491,6 +491,12 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
+/// The default [`RedisStreamOptions::trim_limit`].
+const DEFAULT_TRIM_LIMIT: usize = 10_000;
+
+/// The smallest [`RedisStreamOptions::trim_limit`]: Redis's default `stream-node-max-entries`.
+const MIN_TRIM_LIMIT: usize = 100;
+
 /// Options of a [`RedisStreamTransport`](crate::RedisStreamTransport).
 ///
 /// ```no_run
@@ -512,12 +518,13 @@ pub struct RedisStreamOptions {
     pub(crate) max_held: usize,
     pub(crate) gate_poll: Duration,
     pub(crate) trim_approximate: bool,
+    pub(crate) trim_limit: usize,
 }
 
 impl RedisStreamOptions {
     /// Options for the server at `url` (see [`ConnectionOptions::new`]), with the defaults: key
     /// prefix `cqrs`, [`KeyOrdering::Lanes(1024)`](KeyOrdering::Lanes), 256 held entries per
-    /// consumer, a 50 ms gate poll, approximate trimming.
+    /// consumer, a 50 ms gate poll, approximate trimming of at most 10,000 entries a call.
     pub fn new(url: impl Into<String>) -> Self {
         Self::with_connection(ConnectionOptions::new(url))
     }
@@ -531,6 +538,7 @@ impl RedisStreamOptions {
             max_held: 256,
             gate_poll: Duration::from_millis(50),
             trim_approximate: true,
+            trim_limit: DEFAULT_TRIM_LIMIT,
         }
     }
 
@@ -585,6 +593,20 @@ impl RedisStreamOptions {
         self
     }
 
+    /// The most entries one approximate [`trim`](crate::RedisStreamTransport::trim) removes
+    /// (`XTRIM … MINID ~ … LIMIT`), so that a large backlog does not block Redis in one call;
+    /// [`StreamMaintenance`](crate::StreamMaintenance) calls `trim` again while it removes
+    /// entries. Default 10,000 (what Redis takes without a `LIMIT`, with its default stream
+    /// nodes). Exact trimming (`trim_approximate(false)`) has no limit: Redis refuses one.
+    ///
+    /// At least 100: approximate trimming removes whole stream nodes only, and a node bigger
+    /// than the limit is never removed, so the limit must be at least the server's
+    /// `stream-node-max-entries` (100 by default; keep it at least that if you raise it).
+    pub fn trim_limit(mut self, limit: usize) -> Self {
+        self.trim_limit = limit;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConnectError> {
         let mut problems = Vec::new();
         self.connection.problems(&mut problems);
@@ -605,6 +627,13 @@ impl RedisStreamOptions {
             problems.push(format!(
                 "gate_poll must be above zero, got {:?}",
                 self.gate_poll
+            ));
+        }
+        if self.trim_limit < MIN_TRIM_LIMIT {
+            problems.push(format!(
+                "trim_limit must be at least {MIN_TRIM_LIMIT} (a stream node of Redis's default \
+                 size), got {}",
+                self.trim_limit
             ));
         }
         if problems.is_empty() {
@@ -743,7 +772,8 @@ mod tests {
             .key_prefix("")
             .key_ordering(KeyOrdering::Lanes(0))
             .max_held(0)
-            .gate_poll(Duration::ZERO);
+            .gate_poll(Duration::ZERO)
+            .trim_limit(99);
         let Err(ConnectError::Invalid { problems }) = stream.validate() else {
             panic!("invalid options pass");
         };
@@ -760,6 +790,7 @@ mod tests {
                 "key_ordering must have at least one lane, got Lanes(0)",
                 "max_held must be at least 1, got 0",
                 "gate_poll must be above zero, got 0ns",
+                "trim_limit must be at least 100 (a stream node of Redis's default size), got 99",
             ]
         );
         // Under a millisecond fred's delays are 0 and never grow.

@@ -455,9 +455,10 @@ end
 return n
 "#;
 
-/// KEYS: stream. ARGV: `~` or `=`. Trims by `MINID` below the oldest entry that some group
-/// still needs (pending, or not delivered yet). Returns `{removed, bound}`; bound is empty when
-/// nothing could be trimmed.
+/// KEYS: stream. ARGV: `~` or `=`, the most entries to remove (with `~` only: Redis refuses a
+/// `LIMIT` with `=`, and `~` without one stops at 100 stream nodes). Trims by `MINID` below
+/// the oldest entry that some group still needs (pending, or not delivered yet). Returns
+/// `{removed, bound}`; bound is empty when nothing could be trimmed.
 const TRIM: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, ''} end
 local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
@@ -473,7 +474,12 @@ for _, g in ipairs(groups) do
   if not bound or idlt(need, bound) then bound = need end
 end
 if not bound or bound == '0-0' then return {0, ''} end
-local removed = redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1], bound)
+local removed
+if ARGV[1] == '~' then
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', '~', bound, 'LIMIT', ARGV[2])
+else
+  removed = redis.call('XTRIM', KEYS[1], 'MINID', '=', bound)
+end
 return {removed, bound}
 "#;
 

@@ -53,4 +53,5 @@ mod the_stream_transport_passes_the_conformance_suite;
 #[cfg(feature = "tls")]
 mod tls_connections_verify_the_server_and_carry_streams_and_pubsub;
 mod trimming_keeps_unacknowledged_entries;
+mod trimming_works_off_a_backlog_past_one_calls_limit;
 mod two_consumers_split_a_stream_with_nothing_handled_twice;
