@@ -75,6 +75,8 @@ pub struct PgDatabase {
     target: Arc<str>,
     /// How long the health check waits for a connection and its `SELECT 1`.
     health_wait: Duration,
+    /// How long an idempotency claim waits for a duplicate's holder.
+    pub(crate) claim_wait: Duration,
 }
 
 impl std::fmt::Debug for PgDatabase {
@@ -94,6 +96,7 @@ impl PgDatabase {
             clock: Arc::new(SystemClock),
             target: target.into(),
             health_wait: DEFAULT_HEALTH_WAIT,
+            claim_wait: DEFAULT_CLAIM_WAIT,
         }
     }
 
@@ -134,6 +137,22 @@ impl PgDatabase {
     /// ```
     pub fn with_health_wait(mut self, wait: Duration) -> Self {
         self.health_wait = wait.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a [`PgIdempotencyStore::claim`](crate::PgIdempotencyStore) waits while
+    /// another request with the same key and fingerprint holds the key (default 5 s), before
+    /// it fails as [`Unavailable`](StoreError::Unavailable): "still running, retry once it has
+    /// finished" (the retry then replays its response). Zero counts as a millisecond.
+    ///
+    /// The wait is on the server (the key's lock). A caller that gives up cannot stop it, so
+    /// the claim runs in a task of its own, which holds a pooled connection until the wait
+    /// ends: unbounded, clients retrying a slow request could take every connection of the
+    /// pool. A claim inside a command's own transaction
+    /// ([`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor)) has no bound of
+    /// its own: it waits as long as the key's holder, another command's transaction, runs.
+    pub fn with_claim_wait(mut self, wait: Duration) -> Self {
+        self.claim_wait = wait.max(Duration::from_millis(1));
         self
     }
 
@@ -302,6 +321,9 @@ impl PgDatabase {
 
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
+
+/// [`PgDatabase::with_claim_wait`]'s default.
+const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 
 /// `SELECT 1` within the health wait (2 seconds unless set with
 /// [`with_health_wait`](PgDatabase::with_health_wait)): healthy, or unhealthy with the reason.

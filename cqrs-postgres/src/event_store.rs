@@ -483,7 +483,7 @@ mod tests {
             ] {
                 // A key claimed and left in progress (status NULL).
                 let mut claim = crate::sql::begin(&db.pool).await.unwrap();
-                let outcome = claim_on(&mut claim, sql, "s", key, "fp", db.clock.now(), day)
+                let outcome = claim_on(&mut claim, sql, None, "s", key, "fp", db.clock.now(), day)
                     .await
                     .unwrap();
                 assert!(matches!(outcome, Outcome::New));

@@ -10,6 +10,7 @@ use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row, Transaction};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Idempotency keys in Postgres, held by the transaction that does the work.
 ///
@@ -77,11 +78,14 @@ pub(crate) fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
-/// Claims a key in the transaction on `conn`. With [`Outcome::New`], the transaction holds
-/// the key until it ends.
+/// Claims a key in the transaction on `conn`, waiting at most `wait` (`None`: as the session's
+/// `lock_timeout` allows) for a duplicate's holder. With [`Outcome::New`], the transaction
+/// holds the key until it ends.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn claim_on(
     conn: &mut PgConnection,
     sql: &Sql,
+    wait: Option<Duration>,
     scope: &str,
     key: &str,
     fingerprint: &str,
@@ -89,7 +93,7 @@ pub(crate) async fn claim_on(
     ttl: Duration,
 ) -> Result<Outcome, StoreError> {
     let locks = sql.idempotency_locks(scope, key, fingerprint);
-    claim_with(conn, sql, &locks, scope, key, fingerprint, now, ttl).await
+    claim_with(conn, sql, wait, &locks, scope, key, fingerprint, now, ttl).await
 }
 
 /// [`claim_on`] with the locks given.
@@ -97,6 +101,7 @@ pub(crate) async fn claim_on(
 async fn claim_with(
     conn: &mut PgConnection,
     sql: &Sql,
+    wait: Option<Duration>,
     locks: &IdempotencyLocks,
     scope: &str,
     key: &str,
@@ -115,9 +120,11 @@ async fn claim_with(
         .bind(locks.claimer)
         .bind(locks.owner_key)
         .bind(locks.owner_fingerprint)
+        // `lock_timeout`, in milliseconds, for the claim's own lock waits only.
+        .bind(wait.map(|wait| wait.as_millis().clamp(1, i32::MAX as u128).to_string()))
         .fetch_one(&mut *conn)
         .await
-        .map_err(store_error)?;
+        .map_err(|e| claim_error(e, wait))?;
     let outcome: String = row.try_get(0).map_err(store_error)?;
     match outcome.as_str() {
         "new" => Ok(Outcome::New),
@@ -148,6 +155,35 @@ async fn claim_with(
             .into(),
         }),
     }
+}
+
+/// A claim's error: its wait for the key's holder running out is a busy key, which a retry
+/// (after the holder finished) replays; anything else as [`store_error`].
+fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03") && wait.is_some() => {
+            StoreError::Unavailable {
+                backend: BACKEND,
+                source: Box::new(StillRunning {
+                    wait: wait.unwrap_or_default(),
+                    error,
+                }),
+            }
+        }
+        _ => store_error(error),
+    }
+}
+
+/// A claim that waited its whole `claim_wait` for a duplicate's holder.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another request with this idempotency key and the same content is still running after \
+     {wait:?} of waiting for it: retry once it has finished (the retry then gets its response)"
+)]
+struct StillRunning {
+    wait: Duration,
+    #[source]
+    error: sqlx::Error,
 }
 
 /// A stored response, from its `status` and `body` columns.
@@ -226,20 +262,30 @@ impl IdempotencyStore for PgIdempotencyStore {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
-        let mut tx = crate::sql::begin(&self.db.pool)
-            .await
-            .map_err(|e| self.db.store_error(e))?;
-        // A new claim's transaction stays open, idle, while the caller does the work outside
-        // it: under `idle_in_transaction_session_timeout` the server would end it mid-work,
-        // and a waiting duplicate would take the key and run the work a second time. It holds
-        // no append lock, only this key's, and a vanished client still ends it (TCP
-        // keepalives); the caller's guard bounds it otherwise.
-        sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        let now = self.db.clock.now();
-        match claim_on(&mut tx, &self.db.sql, scope, key, fingerprint, now, ttl).await? {
+        // The claim runs in a task of its own, which the caller's giving up does not stop:
+        // the statement may wait on the server for the key's holder (up to the claim wait),
+        // and a statement given up mid-wait left sqlx unable, now and then, to give its
+        // connection back to the pool at all. Finished, the task's transaction is dropped
+        // between statements (rolled back), the way every dropped claim ends.
+        let claimed = tokio::spawn(
+            claim_in_a_transaction(
+                self.db.clone(),
+                (scope.to_owned(), key.to_owned(), fingerprint.to_owned()),
+                ttl,
+            )
+            .in_current_span(),
+        );
+        let (tx, outcome) = match claimed.await {
+            Ok(claimed) => claimed?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                return Err(StoreError::Unavailable {
+                    backend: BACKEND,
+                    source: format!("the runtime is shutting down: {e}").into(),
+                });
+            }
+        };
+        match outcome {
             Outcome::New => Ok(Claim::New(Box::new(PgIdempotencyGuard {
                 tx,
                 db: self.db.clone(),
@@ -275,6 +321,29 @@ impl IdempotencyStore for PgIdempotencyStore {
     }
 }
 
+/// [`PgIdempotencyStore::claim`]'s transaction and claim, owned, for its task.
+async fn claim_in_a_transaction(
+    db: PgDatabase,
+    (scope, key, fingerprint): (String, String, String),
+    ttl: Duration,
+) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
+    let mut tx = crate::sql::begin(&db.pool)
+        .await
+        .map_err(|e| db.store_error(e))?;
+    // A new claim's transaction stays open, idle, while the caller does the work outside
+    // it: under `idle_in_transaction_session_timeout` the server would end it mid-work,
+    // and a waiting duplicate would take the key and run the work a second time. It holds
+    // no append lock, only this key's, and a vanished client still ends it (TCP
+    // keepalives); the caller's guard bounds it otherwise.
+    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+    let (now, wait) = (db.clock.now(), Some(db.claim_wait));
+    let outcome = claim_on(&mut tx, &db.sql, wait, &scope, &key, &fingerprint, now, ttl).await?;
+    Ok((tx, outcome))
+}
+
 #[cfg(test)]
 mod tests {
     //! Needs private access: the key lock a client's key hashes to is handed in, so a test
@@ -303,7 +372,7 @@ mod tests {
             let mut claim = crate::sql::begin(&db.pool).await.unwrap();
             let now = db.clock.now();
             let day = Duration::from_secs(24 * 3600);
-            let outcome = claim_with(&mut claim, sql, &aimed, "s", "k", "fp", now, day)
+            let outcome = claim_with(&mut claim, sql, None, &aimed, "s", "k", "fp", now, day)
                 .await
                 .unwrap();
             assert!(matches!(outcome, Outcome::New), "the claim takes the key");
@@ -321,6 +390,60 @@ mod tests {
                 .unwrap();
             assert_eq!(stored[0].stream_version, Some(1));
             claim.rollback().await.unwrap();
+        })
+        .await;
+        db.drop_schema().await.expect("drop the test schema");
+    }
+
+    async fn lock_timeout(tx: &mut Transaction<'static, Postgres>) -> String {
+        sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(&mut **tx)
+            .await
+            .unwrap()
+    }
+
+    /// A claim bounds its own lock waits with `lock_timeout` and sets it back, on each of its
+    /// paths, so the command's statements after it in the transaction keep their setting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_leaves_the_transaction_lock_timeout_as_it_found_it() {
+        let Some(db) = crate::test_support::migrated_schema("claim_lock_timeout").await else {
+            return;
+        };
+        cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+            let (sql, now) = (&db.sql, db.clock.now());
+            let (wait, day) = (
+                Some(Duration::from_millis(250)),
+                Duration::from_secs(24 * 3600),
+            );
+            // Taking the key (the function's path).
+            let mut holder = crate::sql::begin(&db.pool).await.unwrap();
+            sqlx::query("SET LOCAL lock_timeout = '7s'")
+                .execute(&mut *holder)
+                .await
+                .unwrap();
+            let outcome = claim_on(&mut holder, sql, wait, "s", "k", "fp-1", now, day).await;
+            assert!(matches!(outcome, Ok(Outcome::New)));
+            assert_eq!(lock_timeout(&mut holder).await, "7s");
+
+            // Another fingerprint while the key is held (the `differs` path).
+            let mut other = crate::sql::begin(&db.pool).await.unwrap();
+            let outcome = claim_on(&mut other, sql, wait, "s", "k", "fp-2", now, day).await;
+            assert!(matches!(outcome, Ok(Outcome::Mismatch)));
+            assert_eq!(lock_timeout(&mut other).await, "0", "the server's default");
+            other.rollback().await.unwrap();
+
+            // The same fingerprint waits for the holder, at most `wait`.
+            let mut duplicate = crate::sql::begin(&db.pool).await.unwrap();
+            let outcome = claim_on(&mut duplicate, sql, wait, "s", "k", "fp-1", now, day).await;
+            let Err(error) = outcome else {
+                panic!("a duplicate of a held key answered before its holder ended");
+            };
+            assert_eq!(error.kind(), cqrs_core::ErrorKind::Unavailable, "{error}");
+            assert!(
+                error.to_string().contains("still running after 250ms"),
+                "{error}"
+            );
+            holder.rollback().await.unwrap();
         })
         .await;
         db.drop_schema().await.expect("drop the test schema");

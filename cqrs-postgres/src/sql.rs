@@ -419,11 +419,19 @@ impl IdempotencyLocks {
 /// while a claim is open, or a replay running at the same moment), and briefly holds every
 /// lock-manager partition: fine for retries, not for a hot loop.
 ///
+/// With `$11` (milliseconds; `PgIdempotencyStore`'s claim wait), every lock wait of the claim
+/// is bounded by `lock_timeout`, set first and set back on the way out, so statements after it
+/// in the same transaction keep theirs. `NULL` (a claim in a command's unit of work) leaves
+/// `lock_timeout` as it is.
+///
 /// Instances of a build that took the key lock in the `bigint` space do not exclude claims of
 /// this build (see "Rolling upgrades" in `docs/postgres.md`).
-const IDEMPOTENCY_CLAIM: &str = "WITH pre AS MATERIALIZED (\
+const IDEMPOTENCY_CLAIM: &str = "WITH saved AS MATERIALIZED (\
+     SELECT current_setting('lock_timeout') AS lock_timeout), \
+     pre AS MATERIALIZED (\
      SELECT $8::bigint # pg_backend_pid() AS claimer, \
-       pg_advisory_xact_lock_shared($9::int4, $10::int4) AS marked), \
+       set_config('lock_timeout', coalesce($11::text, saved.lock_timeout), true) AS bounded, \
+       pg_advisory_xact_lock_shared($9::int4, $10::int4) AS marked FROM saved), \
      decided AS MATERIALIZED (\
      SELECT pre.claimer, CASE \
      WHEN pg_try_advisory_xact_lock($6::int4, $7::int4) THEN 'own'::text \
@@ -440,11 +448,14 @@ const IDEMPOTENCY_CLAIM: &str = "WITH pre AS MATERIALIZED (\
      ELSE (SELECT 'own'::text FROM (SELECT pg_advisory_xact_lock($6::int4, $7::int4) OFFSET 0) AS wait) \
      END AS took \
      FROM pre) \
-     SELECT c.outcome, c.status, c.body FROM decided d \
+     SELECT c.outcome, c.status, c.body, set_config('lock_timeout', s.lock_timeout, true) \
+     FROM decided d \
      CROSS JOIN LATERAL {s}.idempotency_claim($1, $2, $3, $4, $5, d.claimer, d.claimer) c \
-     WHERE d.took = 'own' \
+     CROSS JOIN saved s WHERE d.took = 'own' \
      UNION ALL \
-     SELECT 'differs'::text, NULL::integer, NULL::jsonb FROM decided d WHERE d.took = 'differs'";
+     SELECT 'differs'::text, NULL::integer, NULL::jsonb, \
+       set_config('lock_timeout', s.lock_timeout, true) \
+     FROM decided d CROSS JOIN saved s WHERE d.took = 'differs'";
 
 #[cfg(test)]
 mod tests {

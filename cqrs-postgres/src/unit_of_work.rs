@@ -187,9 +187,10 @@ impl PgUnitOfWork {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Outcome, StoreError> {
-        let (sql, now) = (self.db.sql.clone(), self.db.clock.now());
+        // No bound of its own: the command's time limit is the caller's.
+        let (sql, now, wait) = (self.db.sql.clone(), self.db.clock.now(), None);
         let conn = self.connection().await?;
-        let outcome = claim_on(conn, &sql, scope, key, fingerprint, now, ttl).await?;
+        let outcome = claim_on(conn, &sql, wait, scope, key, fingerprint, now, ttl).await?;
         if let Outcome::New = outcome {
             self.state().claim = Some(ClaimedKey {
                 scope: scope.to_owned(),

@@ -5,7 +5,6 @@
 use crate::support::{options, pg_test, record};
 use cqrs_core::ExpectedVersion;
 use cqrs_core::ports::EventStore;
-use cqrs_postgres::PgDatabase;
 use sqlx::Connection as _;
 use std::time::Duration;
 

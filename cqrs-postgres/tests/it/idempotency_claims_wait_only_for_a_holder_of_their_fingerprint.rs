@@ -1,10 +1,13 @@
 //! While a claim holds an idempotency key, only claims with its fingerprint wait for it (on the
 //! server, seen by `pg_blocking_pids`); any number of concurrent claims with another fingerprint
 //! fail at once, before the holder ends, and when the holder is dropped exactly one waiting
-//! duplicate takes the key while the others go on waiting for that one.
+//! duplicate takes the key while the others go on waiting for that one. A duplicate waits at
+//! most its claim wait, so one given up by its caller frees its connection soon.
 
 use crate::support::pg_test;
-use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
+use cqrs_core::ports::{
+    Claim, EventStore, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse,
+};
 use cqrs_postgres::{PgDatabase, PgIdempotencyStore};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +65,8 @@ fn new(claim: Claim) -> Box<dyn IdempotencyGuard> {
 
 pg_test! {
     async fn claims_wait_only_for_a_holder_of_their_fingerprint(db: PgDatabase) {
+        // Waiting as long as the test needs, on a slow machine too.
+        let db = db.with_claim_wait(Duration::from_secs(60));
         let store = Arc::new(db.idempotency_store());
         let guard = new(store.claim("s", "k", "fp-1", DAY).await.unwrap());
         assert_eq!(waiting(&db).await, 0);
@@ -103,5 +108,53 @@ pg_test! {
             }
         }
         assert_eq!(waiting(&db).await, 0);
+    }
+}
+
+pg_test! {
+    async fn a_duplicate_given_up_while_it_waits_frees_its_connection_within_the_claim_wait(
+        db: PgDatabase
+    ) {
+        // Two connections: the holder's, and the one the duplicate waits on.
+        let small = crate::support::options(db.schema())
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+            .with_claim_wait(Duration::from_millis(300));
+        let store = small.idempotency_store();
+        let guard = new(store.claim("s", "k", "fp-1", DAY).await.unwrap());
+
+        // A duplicate waits its whole claim wait, then says why it gives up.
+        let busy = match store.claim("s", "k", "fp-1", DAY).await {
+            Err(error) => error,
+            Ok(claim) => panic!("a duplicate answered while the key was held: {claim:?}"),
+        };
+        assert_eq!(busy.kind(), cqrs_core::ErrorKind::Unavailable, "{busy}");
+        assert!(busy.to_string().contains("still running"), "{busy}");
+
+        // A duplicate whose caller gives up while it waits: its statement goes on waiting on
+        // the server, holding the second connection, but only for the claim wait, and then
+        // gives the connection back. Unbounded, it would hold it until the holder ends, and
+        // the read below would find no connection.
+        let store = Arc::new(store);
+        let duplicate = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim("s", "k", "fp-1", DAY).await.map(|_| ()) }
+        });
+        until_waiting(&db, 1, "the duplicate waits for the holder").await;
+        duplicate.abort();
+        assert!(duplicate.await.unwrap_err().is_cancelled());
+        let read = small.event_store().read_all(cqrs_core::Position::START, 10).await;
+        assert!(read.is_ok(), "the connection came back while the key was held: {read:?}");
+
+        let response = StoredResponse::new(201, serde_json::json!({"made": "once"}));
+        guard.complete(response.clone()).await.unwrap();
+        match store.claim("s", "k", "fp-1", DAY).await.unwrap() {
+            Claim::Replay(r) => assert_eq!(r, response),
+            Claim::New(_) => panic!("a completed key was taken again"),
+        }
+        small.pool().close().await;
     }
 }

@@ -38,7 +38,11 @@ impl Harness for PgHarness {
 async fn harness(id: String) -> Option<PgHarness> {
     let db = crate::support::schema(&id).await?;
     let clock = ManualClock::new();
-    let db = db.with_clock(Arc::new(clock.clone()));
+    // The scenarios hold a key for as long as they need: no claim gives up waiting on a slow
+    // machine (the bound is tested on its own).
+    let db = db
+        .with_clock(Arc::new(clock.clone()))
+        .with_claim_wait(std::time::Duration::from_secs(60));
     Some(PgHarness { id, db, clock })
 }
 
