@@ -167,6 +167,11 @@ pub(crate) async fn append_on(
     events: Vec<EventRecord>,
     completion: Option<&Completion<'_>>,
 ) -> Result<Vec<EventRecord>, StoreError> {
+    for event in &events {
+        row::readable_json(&event.payload, || {
+            format!("event {}'s payload", event.event_id)
+        })?;
+    }
     let expected_param = match expected {
         ExpectedVersion::Any => None,
         ExpectedVersion::Exactly(v) => Some(to_i64(v)),

@@ -41,6 +41,45 @@ impl<'a> Columns<'a> {
     }
 }
 
+/// The deepest nesting of arrays and objects a stored JSON value may have: what sqlx's decoding
+/// (`serde_json`, with its recursion limit) reads back. `jsonb` takes deeper values; stored,
+/// they could never be loaded again.
+pub(crate) const MAX_JSON_DEPTH: usize = 127;
+
+/// Refuses a value nested deeper than [`MAX_JSON_DEPTH`] as
+/// [`Rejected`](StoreError::Rejected), saying what (`what`) and why. A value with client
+/// data inside (a form's JSON in an event) could otherwise be appended, and then its stream
+/// would fail every load, and `read_all` every page with it, for good.
+pub(crate) fn readable_json(
+    value: &serde_json::Value,
+    what: impl FnOnce() -> String,
+) -> Result<(), StoreError> {
+    // A loop with a stack of its own: the value may be nested far deeper than the thread's
+    // stack would take in a recursive walk.
+    let mut pending = vec![(value, 0usize)];
+    while let Some((value, depth)) = pending.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
+            serde_json::Value::Array(items) => Box::new(items.iter()),
+            serde_json::Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        let depth = depth + 1;
+        if depth > MAX_JSON_DEPTH {
+            return Err(StoreError::Rejected {
+                backend: crate::error::BACKEND,
+                source: format!(
+                    "{} nests arrays and objects more than {MAX_JSON_DEPTH} deep: it could be \
+                     stored but never read back; flatten it or check the depth of client data",
+                    what()
+                )
+                .into(),
+            });
+        }
+        pending.extend(children.map(|child| (child, depth)));
+    }
+    Ok(())
+}
+
 /// An event's schema version as a Postgres integer.
 pub(crate) fn schema_version(record: &EventRecord) -> Result<i32, StoreError> {
     i32::try_from(record.schema_version).map_err(|_| {
@@ -127,4 +166,54 @@ pub(crate) fn to_u64(value: i64) -> u64 {
 /// A position or version as a bigint parameter: past `i64::MAX` nothing is stored anyway.
 pub(crate) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `levels` arrays, one inside the other, around a number.
+    fn nested(levels: usize) -> serde_json::Value {
+        // Built by hand: past its limit, `serde_json` reads no such text.
+        let mut value = serde_json::json!(1);
+        for _ in 0..levels {
+            value = serde_json::Value::Array(vec![value]);
+        }
+        value
+    }
+
+    /// The limit is exactly what decoding reads back: one level more fails both.
+    #[test]
+    fn the_depth_limit_is_what_serde_json_reads_back() {
+        for levels in [1, MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH] {
+            let value = nested(levels);
+            assert!(readable_json(&value, || "v".into()).is_ok(), "{levels}");
+            let text = value.to_string();
+            assert_eq!(
+                text,
+                format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+            );
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&text).is_ok(),
+                "{levels}"
+            );
+        }
+        let too_deep = nested(MAX_JSON_DEPTH + 1);
+        let refused = readable_json(&too_deep, || "event e's payload".into()).unwrap_err();
+        assert_eq!(refused.kind(), cqrs_core::ErrorKind::Invalid);
+        let why = std::error::Error::source(&refused).unwrap().to_string();
+        assert!(
+            why.contains("event e's payload nests arrays and objects more than 127"),
+            "{why}"
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&too_deep.to_string()).is_err());
+        // Objects count as arrays do, and a value far deeper than a recursive walk would take
+        // is refused without overflowing the stack.
+        let object = serde_json::json!({ "a": nested(MAX_JSON_DEPTH) });
+        assert!(readable_json(&object, || "v".into()).is_err());
+        let abyss = nested(200_000);
+        assert!(readable_json(&abyss, || "v".into()).is_err());
+        // Dropping it recursively would overflow the test thread's stack.
+        std::mem::forget(abyss);
+    }
 }

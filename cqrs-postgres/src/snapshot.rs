@@ -68,6 +68,9 @@ impl SnapshotStore for PgSnapshotStore {
     }
 
     async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError> {
+        crate::row::readable_json(&snapshot.state, || {
+            format!("the snapshot of stream `{stream_id}`")
+        })?;
         sqlx::query(AssertSqlSafe(self.db.sql.snapshot_save.clone()))
             .bind(stream_id)
             .bind(to_i64(snapshot.version))

@@ -177,3 +177,45 @@ pg_test! {
         assert_eq!(busy.check().await, Health::Healthy);
     }
 }
+
+pg_test! {
+    async fn a_value_too_deep_to_read_back_is_refused_before_it_is_stored(db: PgDatabase) {
+        use cqrs_core::ports::{Snapshot, SnapshotStore};
+        // 128 arrays, one inside the other: `jsonb` takes it, sqlx's decoding would not.
+        let deep = serde_json::from_str::<serde_json::Value>(&format!(
+            "{}1{}",
+            "[".repeat(127),
+            "]".repeat(127)
+        ))
+        .unwrap();
+        let too_deep = serde_json::Value::Array(vec![deep.clone()]);
+        let store = db.event_store();
+        let mut record = crate::support::record(1);
+        record.payload = too_deep.clone();
+        // Alone (the one-event statement) and in a batch.
+        for batch in [vec![record.clone()], vec![crate::support::record(2), record]] {
+            let refused = store
+                .append("s-1", ExpectedVersion::Any, batch)
+                .await
+                .unwrap_err();
+            assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
+            let why = std::error::Error::source(&refused).unwrap().to_string();
+            assert!(why.contains("more than 127 deep"), "{why}");
+        }
+        assert_eq!(crate::support::event_count(&db).await, 0, "nothing of either batch");
+
+        // The deepest value that reads back is stored and loaded.
+        let mut record = crate::support::record(3);
+        record.payload = deep.clone();
+        store.append("s-1", ExpectedVersion::Any, vec![record]).await.unwrap();
+        assert_eq!(store.load("s-1", 0).await.unwrap()[0].payload, deep);
+
+        let snapshots = db.snapshot_store();
+        let refused = snapshots
+            .save("s-1", Snapshot::new(1, too_deep))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
+        assert!(snapshots.load("s-1").await.unwrap().is_none());
+    }
+}
