@@ -250,6 +250,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// Feeds the projection from consumer group `group` of `topic`, decoding with `types` (see
     /// [`EventTypes::of`]). Under [`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)
     /// an event of a type `types` lacks is acknowledged without being applied.
+    ///
+    /// The checkpoint such a runner saves is the highest position it has applied, not a
+    /// watermark: deliveries arrive out of global order (other keys, other instances of the
+    /// group, an event set aside for redelivery), so events below it may not have taken effect
+    /// yet. Its inbox, not its checkpoint, makes redeliveries take effect once; do not start a
+    /// store-fed runner of the same name from it.
     pub fn from_transport(
         store: Arc<S>,
         projection: Arc<P>,
@@ -610,7 +616,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Ok(applied) => {
                     // The batch took effect, however long it ran: a failed ack is no stall.
                     stalled.store(false, std::sync::atomic::Ordering::Relaxed);
-                    consumer.ack(&ids).await?;
+                    if let Err(error) = consumer.ack(&ids).await {
+                        // The ack's error is the step's; the set-aside event's would be lost.
+                        if let Some(first) = &set_aside {
+                            tracing::warn!(projection = %name, error = %first, "projection set an event aside; the rest of its batch took effect");
+                        }
+                        return Err(error.into());
+                    }
                     // The others took effect; the worker still reports what was set aside.
                     return Ok(Stepped {
                         applied,
@@ -653,7 +665,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let mut kept = 0;
             for i in 0..ids.len() {
                 if failed[i] && attempt {
-                    let _ = consumer.nack_with_reason(&ids[i], &reason).await;
+                    if let Err(error) = consumer.nack_with_reason(&ids[i], &reason).await {
+                        tracing::warn!(projection = %name, %error, "could not hand a failed event back; it comes back after its redelivery delay");
+                    }
                 } else if failed[i] || held[i] || !isolate {
                     waiting.push(ids[i].clone());
                 } else {
@@ -663,7 +677,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     kept += 1;
                 }
             }
-            let _ = consumer.defer(&waiting).await;
+            if let Err(error) = consumer.defer(&waiting).await {
+                // They come back after the redelivery delay, each counted as an attempt.
+                tracing::warn!(projection = %name, %error, deliveries = waiting.len(), "could not hand back the deliveries of a failed batch; they come back after their redelivery delay");
+            }
             if !isolate {
                 // The first event's error names the cause; a later failure that is no event's
                 // (the store went down) says more about now.

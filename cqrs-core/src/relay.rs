@@ -574,6 +574,10 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// How many events the relay has not shipped yet.
+    ///
+    /// It reads the checkpoint in a unit of the checkpoint store, which holds the relay's
+    /// lease (a lock, on Postgres): while a batch is publishing, this waits for it, up to the
+    /// publish timeout. Bound it with a timeout of your own where it feeds a readiness check.
     pub async fn backlog(&self) -> Result<u64, RelayError> {
         let mut unit = self
             .checkpoints

@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 /// Storage for projections and other consumers: a unit of work that holds the consumer's own
 /// effects together with its inbox entries (message ids it has processed) and its checkpoint
-/// (the last position it has applied), so a redelivered event takes effect once.
+/// (the last position it has applied; for a consumer fed from a transport, out of global
+/// order, the highest), so a redelivered event takes effect once.
 ///
 /// The contract (checked by [`testing::projection_store`](crate::testing::projection_store)):
 ///
