@@ -375,16 +375,14 @@ impl CommandHandler<ChangeTicket> for Tickets {
         ctx: &mut CommandContext,
     ) -> Result<Ticket, HandlerError> {
         let user = &cmd.user;
-        // Checks that need no ticket come first.
+        // Checks that need neither the ticket nor another lookup come first.
         match &cmd.change {
             Change::Assign { .. } if !user.is_agent() => {
                 return Err(HandlerError::forbidden("only agents assign tickets"));
             }
-            Change::Assign { assignee_id } => {
-                if self.directory.role_of_in(*assignee_id, ctx).await? != Some(Role::Agent) {
-                    return Err(invalid("assignee_id", "the assignee must be an agent"));
-                }
-            }
+            // The assignee is checked once the ticket is loaded (below): a missing ticket is
+            // 404, whoever the body names.
+            Change::Assign { .. } => {}
             Change::Comment { body } => {
                 if body.trim().is_empty() || body.chars().count() > 10_000 {
                     return Err(invalid("body", "the comment must be 1 to 10000 characters"));
@@ -419,6 +417,16 @@ impl CommandHandler<ChangeTicket> for Tickets {
         let mut attempt = 1;
         loop {
             let loaded = self.load_for_change(ctx, user, cmd.id).await?;
+            // After the load, so a missing ticket is 404 and not a 422 about the assignee; once,
+            // as before (the retries after a conflict do not ask again); and before deciding, so
+            // an existing ticket answers as before (422 ahead of `ticket_closed` or a stale
+            // `expected_version`).
+            if let Change::Assign { assignee_id } = &cmd.change
+                && attempt == 1
+                && self.directory.role_of_in(*assignee_id, ctx).await? != Some(Role::Agent)
+            {
+                return Err(invalid("assignee_id", "the assignee must be an agent"));
+            }
             let expected = cmd.expected_version.unwrap_or(loaded.version);
             let command = match &cmd.change {
                 Change::Assign { assignee_id } => TicketCommand::Assign {

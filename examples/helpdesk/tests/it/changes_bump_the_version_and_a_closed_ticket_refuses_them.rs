@@ -166,3 +166,63 @@ async fn a_stale_expected_version_is_a_conflict_and_changes_nothing() {
     })
     .await;
 }
+
+/// A ticket that does not exist is 404 whoever the assignment names: the assignee is checked
+/// against the directory only for a ticket there is, where a non-agent is still a 422 (also on
+/// a closed ticket, and ahead of a stale `expected_version`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assigning_a_missing_ticket_is_404_whoever_the_assignee_is() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, customer_id) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let missing = uuid::Uuid::now_v7();
+        for assignee in [
+            customer_id.clone(),
+            uuid::Uuid::now_v7().to_string(),
+            agent_id.clone(),
+        ] {
+            s.post(
+                &format!("/tickets/{missing}/assign"),
+                &agent,
+                json!({ "assignee_id": assignee }),
+            )
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+        }
+        // A body of the wrong shape is still refused as such, ahead of the ticket.
+        s.post(
+            &format!("/tickets/{missing}/assign"),
+            &agent,
+            json!({ "assignee_id": "not-a-uuid" }),
+        )
+        .await
+        .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+
+        let id = s.ticket(&customer, "assign me").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/tickets/{id}/assign");
+        for body in [
+            json!({ "assignee_id": customer_id }),
+            json!({ "assignee_id": customer_id, "expected_version": 7 }),
+        ] {
+            let r = s.post(&path, &agent, body).await;
+            r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+            assert_eq!(r.body["error"]["details"]["field"], "assignee_id", "{r:?}");
+        }
+        let closed = s
+            .post(&format!("/tickets/{id}/close"), &customer, json!({}))
+            .await;
+        assert_eq!(closed.status, StatusCode::OK, "{closed:?}");
+        s.post(&path, &agent, json!({ "assignee_id": customer_id }))
+            .await
+            .assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        s.post(&path, &agent, json!({ "assignee_id": agent_id }))
+            .await
+            .assert_error(StatusCode::CONFLICT, "ticket_closed");
+        s.stop().await;
+    })
+    .await;
+}
