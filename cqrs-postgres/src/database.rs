@@ -150,7 +150,8 @@ impl PgDatabase {
     /// ends: unbounded, clients retrying a slow request could take every connection of the
     /// pool. A claim inside a command's own transaction
     /// ([`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor)) has no bound of
-    /// its own: it waits as long as the key's holder, another command's transaction, runs.
+    /// its own: it waits as long as the key's holder, another command's transaction, runs,
+    /// and a caller that gives up leaves its connection waiting that long.
     pub fn with_claim_wait(mut self, wait: Duration) -> Self {
         self.claim_wait = wait.max(Duration::from_millis(1));
         self

@@ -168,8 +168,13 @@ pub(crate) async fn append_on(
     completion: Option<&Completion<'_>>,
 ) -> Result<Vec<EventRecord>, StoreError> {
     for event in &events {
-        row::readable_json(&event.payload, || {
+        row::readable_json(&event.payload, row::MAX_EVENT_PAYLOAD_DEPTH, || {
             format!("event {}'s payload", event.event_id)
+        })?;
+    }
+    if let Some(c) = completion {
+        row::readable_json(c.body, row::MAX_JSON_DEPTH, || {
+            format!("the response stored for idempotency key `{}`", c.key)
         })?;
     }
     let expected_param = match expected {

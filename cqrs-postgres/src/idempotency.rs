@@ -177,8 +177,9 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
 /// A claim that waited its whole `claim_wait` for a duplicate's holder.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "another request with this idempotency key and the same content is still running after \
-     {wait:?} of waiting for it: retry once it has finished (the retry then gets its response)"
+    "waited {wait:?} for a lock, usually another request with this idempotency key and the same \
+     content that is still running: retry once it has finished (the retry then gets its \
+     response)"
 )]
 struct StillRunning {
     wait: Duration,
@@ -209,6 +210,9 @@ pub(crate) async fn complete_on(
     response: &StoredResponse,
     expires_at: DateTime<Utc>,
 ) -> Result<(), StoreError> {
+    crate::row::readable_json(&response.body, crate::row::MAX_JSON_DEPTH, || {
+        format!("the response stored for idempotency key `{key}`")
+    })?;
     sqlx::query(AssertSqlSafe(sql.idempotency_complete.clone()))
         .bind(i32::from(response.status))
         .bind(Json(&response.body))
@@ -440,7 +444,7 @@ mod tests {
             };
             assert_eq!(error.kind(), cqrs_core::ErrorKind::Unavailable, "{error}");
             assert!(
-                error.to_string().contains("still running after 250ms"),
+                error.to_string().contains("waited 250ms for a lock"),
                 "{error}"
             );
             holder.rollback().await.unwrap();

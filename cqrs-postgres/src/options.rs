@@ -13,6 +13,32 @@ pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// its timeout settings.
 const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
+/// The pool's `before_acquire` under [`PgOptions::ping_after_idle`]: pings a connection idle
+/// for `after` or longer, waiting at most `patience`; `Ok(false)` replaces one that fails.
+async fn ping_if_idle(
+    conn: &mut sqlx::PgConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+    after: Duration,
+    patience: Duration,
+) -> Result<bool, sqlx::Error> {
+    if meta.idle_for < after {
+        return Ok(true);
+    }
+    let error = match tokio::time::timeout(patience, sqlx::Connection::ping(conn)).await {
+        Ok(Ok(())) => return Ok(true),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {patience:?}"),
+    };
+    // A server restart ends every idle connection: expected, not a warning (`Ok(false)`
+    // replaces the connection without sqlx's).
+    tracing::info!(
+        %error,
+        idle_for = ?meta.idle_for,
+        "a pooled connection failed its ping after sitting idle; it is replaced"
+    );
+    Ok(false)
+}
+
 /// [`PgOptions::ping_after_idle`]'s default.
 const DEFAULT_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
@@ -374,23 +400,14 @@ impl PgOptions {
             // sqlx already pings every connection.
             _ if self.test_before_acquire => pool,
             None => pool,
-            Some(after) => pool.before_acquire(move |conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= after
-                        && let Err(error) = sqlx::Connection::ping(conn).await
-                    {
-                        // A server restart ends every idle connection: expected, not a
-                        // warning (`Ok(false)` replaces the connection without sqlx's).
-                        tracing::info!(
-                            %error,
-                            idle_for = ?meta.idle_for,
-                            "a pooled connection failed its ping after sitting idle; it is replaced"
-                        );
-                        return Ok(false);
-                    }
-                    Ok(true)
+            Some(after) => {
+                // A connection that died silently (a network that drops packets) would spend
+                // the whole acquire on its ping: past a quarter of it, the ping failed.
+                let patience = (self.acquire_timeout / 4).max(Duration::from_millis(1));
+                pool.before_acquire(move |conn, meta| {
+                    Box::pin(ping_if_idle(conn, meta, after, patience))
                 })
-            }),
+            }
         }
     }
 

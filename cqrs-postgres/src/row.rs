@@ -41,17 +41,25 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// The deepest nesting of arrays and objects a stored JSON value may have: what sqlx's decoding
-/// (`serde_json`, with its recursion limit) reads back. `jsonb` takes deeper values; stored,
-/// they could never be loaded again.
+/// The deepest nesting of arrays and objects a JSON value this crate alone reads back may
+/// have (a snapshot's state, a stored response): what sqlx's decoding (`serde_json`, with its
+/// recursion limit of 128) reads. `jsonb` takes deeper values; stored, they could never be
+/// loaded again.
 pub(crate) const MAX_JSON_DEPTH: usize = 127;
 
-/// Refuses a value nested deeper than [`MAX_JSON_DEPTH`] as
-/// [`Rejected`](StoreError::Rejected), saying what (`what`) and why. A value with client
-/// data inside (a form's JSON in an event) could otherwise be appended, and then its stream
-/// would fail every load, and `read_all` every page with it, for good.
+/// The deepest nesting an event payload may have: less than [`MAX_JSON_DEPTH`], for the
+/// envelopes other readers wrap around a payload and decode with the same limit (the Redis
+/// transport's entry holds the whole record, one level more; a pub/sub message or a realtime
+/// frame a level or two more).
+pub(crate) const MAX_EVENT_PAYLOAD_DEPTH: usize = 100;
+
+/// Refuses a value nested deeper than `max_depth` as [`Rejected`](StoreError::Rejected),
+/// saying what (`what`) and why. A value with client data inside (a form's JSON in an
+/// event) could otherwise be appended, and then its stream would fail every load, and
+/// `read_all` every page with it, for good.
 pub(crate) fn readable_json(
     value: &serde_json::Value,
+    max_depth: usize,
     what: impl FnOnce() -> String,
 ) -> Result<(), StoreError> {
     // A loop with a stack of its own: the value may be nested far deeper than the thread's
@@ -64,11 +72,11 @@ pub(crate) fn readable_json(
             _ => continue,
         };
         let depth = depth + 1;
-        if depth > MAX_JSON_DEPTH {
+        if depth > max_depth {
             return Err(StoreError::Rejected {
                 backend: crate::error::BACKEND,
                 source: format!(
-                    "{} nests arrays and objects more than {MAX_JSON_DEPTH} deep: it could be \
+                    "{} nests arrays and objects more than {max_depth} deep: it could be \
                      stored but never read back; flatten it or check the depth of client data",
                     what()
                 )
@@ -187,7 +195,10 @@ mod tests {
     fn the_depth_limit_is_what_serde_json_reads_back() {
         for levels in [1, MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH] {
             let value = nested(levels);
-            assert!(readable_json(&value, || "v".into()).is_ok(), "{levels}");
+            assert!(
+                readable_json(&value, MAX_JSON_DEPTH, || "v".into()).is_ok(),
+                "{levels}"
+            );
             let text = value.to_string();
             assert_eq!(
                 text,
@@ -199,7 +210,8 @@ mod tests {
             );
         }
         let too_deep = nested(MAX_JSON_DEPTH + 1);
-        let refused = readable_json(&too_deep, || "event e's payload".into()).unwrap_err();
+        let refused =
+            readable_json(&too_deep, MAX_JSON_DEPTH, || "event e's payload".into()).unwrap_err();
         assert_eq!(refused.kind(), cqrs_core::ErrorKind::Invalid);
         let why = std::error::Error::source(&refused).unwrap().to_string();
         assert!(
@@ -207,12 +219,21 @@ mod tests {
             "{why}"
         );
         assert!(serde_json::from_str::<serde_json::Value>(&too_deep.to_string()).is_err());
+        // An event payload at its limit still reads back inside a few envelopes.
+        let payload = nested(MAX_EVENT_PAYLOAD_DEPTH);
+        assert!(readable_json(&payload, MAX_EVENT_PAYLOAD_DEPTH, || "v".into()).is_ok());
+        assert!(readable_json(&nested(101), MAX_EVENT_PAYLOAD_DEPTH, || "v".into()).is_err());
+        let mut wrapped = payload;
+        for _ in 0..MAX_JSON_DEPTH - MAX_EVENT_PAYLOAD_DEPTH {
+            wrapped = serde_json::json!({ "event": wrapped });
+        }
+        assert!(serde_json::from_str::<serde_json::Value>(&wrapped.to_string()).is_ok());
         // Objects count as arrays do, and a value far deeper than a recursive walk would take
         // is refused without overflowing the stack.
         let object = serde_json::json!({ "a": nested(MAX_JSON_DEPTH) });
-        assert!(readable_json(&object, || "v".into()).is_err());
+        assert!(readable_json(&object, MAX_JSON_DEPTH, || "v".into()).is_err());
         let abyss = nested(200_000);
-        assert!(readable_json(&abyss, || "v".into()).is_err());
+        assert!(readable_json(&abyss, MAX_JSON_DEPTH, || "v".into()).is_err());
         // Taken apart level by level: dropping it whole recurses past the thread's stack.
         let mut value = abyss;
         while let serde_json::Value::Array(mut items) = value {

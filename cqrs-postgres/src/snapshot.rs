@@ -68,7 +68,7 @@ impl SnapshotStore for PgSnapshotStore {
     }
 
     async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError> {
-        crate::row::readable_json(&snapshot.state, || {
+        crate::row::readable_json(&snapshot.state, crate::row::MAX_JSON_DEPTH, || {
             format!("the snapshot of stream `{stream_id}`")
         })?;
         sqlx::query(AssertSqlSafe(self.db.sql.snapshot_save.clone()))

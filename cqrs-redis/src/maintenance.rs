@@ -258,28 +258,19 @@ impl StreamMaintenance {
     /// removes everything it may in one call.
     async fn trim(&self, topic: &str) -> Result<(), TransportError> {
         let again = self.transport.shared.options.trim_approximate;
-        let mut removed = 0;
-        let mut outcome = Ok(());
         for _ in 0..MAX_TRIMS_PER_ROUND {
-            match self.transport.trim(topic).await {
-                Ok(report) => {
-                    removed += report.removed;
-                    if !again || report.removed == 0 {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    outcome = Err(error);
-                    break;
-                }
+            let report = self.transport.trim(topic).await?;
+            // Counted call by call: shutdown may end the round between two calls.
+            if report.removed > 0 {
+                tracing::debug!(topic = %topic, removed = report.removed, "trimmed");
+                metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
+                    .increment(report.removed);
+            }
+            if !again || report.removed == 0 {
+                break;
             }
         }
-        if removed > 0 {
-            tracing::debug!(topic = %topic, removed, "trimmed");
-            metrics::counter!("cqrs_transport_trimmed_total", "topic" => topic.to_owned(), "transport" => "redis")
-                .increment(removed);
-        }
-        outcome
+        Ok(())
     }
 
     /// Sets `topic`'s gauges from `stats`, and to NaN ([`UNKNOWN`]) those whose value is

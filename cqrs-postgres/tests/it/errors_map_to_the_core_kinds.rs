@@ -181,17 +181,15 @@ pg_test! {
 pg_test! {
     async fn a_value_too_deep_to_read_back_is_refused_before_it_is_stored(db: PgDatabase) {
         use cqrs_core::ports::{Snapshot, SnapshotStore};
-        // 128 arrays, one inside the other: `jsonb` takes it, sqlx's decoding would not.
-        let deep = serde_json::from_str::<serde_json::Value>(&format!(
-            "{}1{}",
-            "[".repeat(127),
-            "]".repeat(127)
-        ))
-        .unwrap();
-        let too_deep = serde_json::Value::Array(vec![deep.clone()]);
+        // `levels` arrays, one inside the other: `jsonb` takes any depth, sqlx's decoding
+        // (`serde_json`) reads 127, and a payload must leave room for the envelopes a
+        // transport wraps around it.
+        let nested = |levels: usize| {
+            (0..levels).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]))
+        };
         let store = db.event_store();
         let mut record = crate::support::record(1);
-        record.payload = too_deep.clone();
+        record.payload = nested(101);
         // Alone (the one-event statement) and in a batch.
         for batch in [vec![record.clone()], vec![crate::support::record(2), record]] {
             let refused = store
@@ -200,22 +198,38 @@ pg_test! {
                 .unwrap_err();
             assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
             let why = std::error::Error::source(&refused).unwrap().to_string();
-            assert!(why.contains("more than 127 deep"), "{why}");
+            assert!(why.contains("more than 100 deep"), "{why}");
         }
         assert_eq!(crate::support::event_count(&db).await, 0, "nothing of either batch");
 
-        // The deepest value that reads back is stored and loaded.
+        // The deepest payload allowed is stored and loaded.
         let mut record = crate::support::record(3);
-        record.payload = deep.clone();
+        record.payload = nested(100);
         store.append("s-1", ExpectedVersion::Any, vec![record]).await.unwrap();
-        assert_eq!(store.load("s-1", 0).await.unwrap()[0].payload, deep);
+        assert_eq!(store.load("s-1", 0).await.unwrap()[0].payload, nested(100));
 
+        // A snapshot is read by this crate alone: 127 levels, not 128.
         let snapshots = db.snapshot_store();
         let refused = snapshots
-            .save("s-1", Snapshot::new(1, too_deep))
+            .save("s-1", Snapshot::new(1, nested(128)))
             .await
             .unwrap_err();
         assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
         assert!(snapshots.load("s-1").await.unwrap().is_none());
+        snapshots.save("s-1", Snapshot::new(1, nested(127))).await.unwrap();
+        assert_eq!(snapshots.load("s-1").await.unwrap().unwrap().state, nested(127));
+
+        // So is a stored response: a retry of the key would fail to read it back.
+        let idempotency = db.idempotency_store();
+        let cqrs_core::ports::Claim::New(guard) = idempotency
+            .claim("s", "k", "fp", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("a new key replayed");
+        };
+        let body = cqrs_core::ports::StoredResponse::new(200, nested(128));
+        let refused = guard.complete(body).await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
     }
 }

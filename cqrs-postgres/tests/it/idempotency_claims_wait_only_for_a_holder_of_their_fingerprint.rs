@@ -122,7 +122,7 @@ pg_test! {
             .connect()
             .await
             .expect("connect")
-            .with_claim_wait(Duration::from_millis(300));
+            .with_claim_wait(Duration::from_secs(2));
         let store = small.idempotency_store();
         let guard = new(store.claim("s", "k", "fp-1", DAY).await.unwrap());
 
