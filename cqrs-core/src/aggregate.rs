@@ -132,7 +132,10 @@ macro_rules! event_set {
 /// }
 /// ```
 pub trait Aggregate: Default + Send + Sync + 'static {
-    /// The aggregate type; streams are named `{TYPE}-{id}`.
+    /// The aggregate type; streams are named `{TYPE}-{id}`. Keep one type's name from being
+    /// another's followed by a dash (`ticket` and `ticket-comment`): the `ticket` with id
+    /// `comment-1` and the `ticket-comment` with id `1` would share the stream
+    /// `ticket-comment-1`.
     const TYPE: &'static str;
     /// Its events.
     type Event: EventSet;

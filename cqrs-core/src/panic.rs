@@ -8,9 +8,11 @@ use std::task::{Context, Poll};
 
 pin_project_lite::pin_project! {
     /// Polls the inner future inside `catch_unwind`. No task is spawned and nothing is
-    /// allocated: a panic while polling becomes `Err(message)` ([`panic_message`]). What the
-    /// buses, the runtime and the projection runner guard their handlers with; a server can
-    /// guard its own request handlers the same way.
+    /// allocated: a panic while polling becomes `Err(message)` ([`panic_message`]). A panic
+    /// while the future is dropped unfinished (a guard in it that panics on drop, when a
+    /// timeout or a gone client drops it) is not caught: the buses guard their handlers with
+    /// a guard of their own that also covers that; a server guarding its request handlers
+    /// with this one covers panics while they run.
     ///
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
