@@ -38,7 +38,9 @@ impl Operation {
 
     /// The JSON request body's schema. An object schema gets `"additionalProperties": false`:
     /// request bodies refuse fields they do not know (`deny_unknown_fields`), and the spec
-    /// says so.
+    /// says so. The answers of [`ApiJson`](crate::ApiJson), which reads such a body, are added
+    /// too (400, 408, 413, 415 and 422), each unless the operation describes it itself (before
+    /// or after).
     pub fn body(mut self, mut schema: Value) -> Self {
         if schema["type"] == "object"
             && let Some(object) = schema.as_object_mut()
@@ -51,6 +53,9 @@ impl Operation {
             "requestBody".into(),
             json!({ "required": true, "content": { "application/json": { "schema": schema } } }),
         );
+        for (status, description) in JSON_BODY_ERRORS {
+            self = self.default_response(status, description);
+        }
         self
     }
 
@@ -73,6 +78,16 @@ impl Operation {
         self
     }
 
+    /// A response with the shared `Error` schema, unless the operation has one for `status`.
+    fn default_response(self, status: u16, description: &str) -> Self {
+        let described = self.doc["responses"].get(status.to_string()).is_some();
+        if described {
+            self
+        } else {
+            self.response(status, description, None)
+        }
+    }
+
     /// A response; `schema` is for a JSON body (errors use the shared `Error` schema).
     pub fn response(mut self, status: u16, description: &str, schema: Option<Value>) -> Self {
         let schema = schema
@@ -87,6 +102,24 @@ impl Operation {
         self
     }
 }
+
+/// What [`ApiJson`](crate::ApiJson) answers for a body it cannot take, whatever the route.
+const JSON_BODY_ERRORS: [(u16, &str); 5] = [
+    (
+        400,
+        "malformed JSON (`malformed_json`), or a body that could not be read (`unreadable_body`)",
+    ),
+    (
+        408,
+        "the body did not all arrive in time (`request_timeout`)",
+    ),
+    (413, "a body over 128 KiB (`payload_too_large`)"),
+    (415, "not JSON (`unsupported_media_type`)"),
+    (
+        422,
+        "JSON of the wrong shape, or with a field the route does not know (`invalid_body`)",
+    ),
+];
 
 /// Routes a plugin contributes, each with its OpenAPI operation.
 ///

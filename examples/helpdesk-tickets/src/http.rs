@@ -430,8 +430,31 @@ fn id_param(op: Operation) -> Operation {
         json!({ "type": "string", "format": "uuid" }),
         "the ticket's id",
     )
-    .response(400, "a malformed id or body", None)
+    .response(400, "a malformed id (`invalid_path`)", None)
     .response(404, "no such ticket, or not visible to the caller", None)
+}
+
+/// A POST under `/tickets`: a JSON body (whose schema is given here, so the answers of a body
+/// that cannot be read are documented, see [`Operation::body`]) and an `Idempotency-Key`.
+/// `invalid` says what its 422 `validation_failed` refuses.
+fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation {
+    let id = if path_id {
+        "a malformed id (`invalid_path`), "
+    } else {
+        ""
+    };
+    idempotent(op)
+        .response(
+            400,
+            &format!("{id}malformed JSON (`malformed_json`), a body that could not be read (`unreadable_body`), or a malformed Idempotency-Key or two of them (`invalid_idempotency_key`)"),
+            None,
+        )
+        .response(
+            422,
+            &format!("{invalid} (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`); or an Idempotency-Key already used with another body (`idempotency_key_reused`)"),
+            None,
+        )
+        .body(body)
 }
 
 fn idempotent(op: Operation) -> Operation {
@@ -501,8 +524,10 @@ pub(crate) fn api(http: Http) -> HttpApi {
             "/tickets",
             post(open).get(list).with_state(http.clone()),
             [
-                idempotent(Operation::new("post", "Open a ticket").tag("tickets").bearer())
-                    .body(json!({
+                posted(
+                    Operation::new("post", "Open a ticket").tag("tickets").bearer(),
+                    false,
+                    json!({
                         "type": "object",
                         "required": ["title"],
                         "properties": {
@@ -510,9 +535,10 @@ pub(crate) fn api(http: Http) -> HttpApi {
                             "description": { "type": "string", "maxLength": 10000 },
                             "priority": { "type": "string", "enum": ["low", "normal", "high", "urgent"] }
                         }
-                    }))
-                    .response(201, "the new ticket", Some(ticket_schema()))
-                    .response(422, "invalid title, description or priority (a title needs a visible character; bidirectional controls are refused)", None),
+                    }),
+                    "an invalid title or description (a title needs a visible character; NUL and bidirectional controls are refused)",
+                )
+                    .response(201, "the new ticket", Some(ticket_schema())),
                 Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
                     .param("status", "query", false, json!({ "type": "string", "enum": ["open", "assigned", "closed"] }), "filter")
                     .param("priority", "query", false, json!({ "type": "string", "enum": ["low", "normal", "high", "urgent"] }), "filter")
@@ -571,36 +597,46 @@ pub(crate) fn api(http: Http) -> HttpApi {
         .route(
             "/tickets/{id}/assign",
             post(change::<AssignBody>).with_state(http.clone()),
-            [conflict(idempotent(id_param(Operation::new("post", "Assign a ticket to an agent (agents only)").tag("tickets").bearer())))
-                .body(json!({
+            [conflict(posted(
+                id_param(Operation::new("post", "Assign a ticket to an agent (agents only)").tag("tickets").bearer()),
+                true,
+                json!({
                     "type": "object",
                     "required": ["assignee_id"],
                     "properties": { "assignee_id": { "type": "string", "format": "uuid" }, "expected_version": expected_version() }
-                }))
+                }),
+                "the assignee is not an agent (checked for a ticket there is: a missing one is 404)",
+            ))
                 .response(200, "the ticket (as it was, with no new version, when it is already the assignee's)", Some(ticket_schema()))
-                .response(403, "not an agent", None)
-                .response(422, "the assignee is not an agent", None)],
+                .response(403, "not an agent", None)],
         )
         .route(
             "/tickets/{id}/comments",
             post(change::<CommentBody>).with_state(http.clone()),
-            [conflict(idempotent(id_param(Operation::new("post", "Comment on a ticket").tag("tickets").bearer())))
-                .body(json!({
+            [conflict(posted(
+                id_param(Operation::new("post", "Comment on a ticket").tag("tickets").bearer()),
+                true,
+                json!({
                     "type": "object",
                     "required": ["body"],
                     "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000 }, "expected_version": expected_version() }
-                }))
-                .response(201, "the new comment, and the ticket's version after it", Some(json!({ "$ref": "#/components/schemas/CommentAdded" })))
-                .response(422, "an empty, invisible or too long body, or one with bidirectional controls", None)],
+                }),
+                "an empty, invisible or too long body, or one with NUL or bidirectional controls",
+            ))
+                .response(201, "the new comment, and the ticket's version after it", Some(json!({ "$ref": "#/components/schemas/CommentAdded" })))],
         )
         .route(
             "/tickets/{id}/close",
             post(change::<CloseBody>).with_state(http),
-            [conflict(idempotent(id_param(Operation::new("post", "Close a ticket").tag("tickets").bearer())))
-                .body(json!({
+            [conflict(posted(
+                id_param(Operation::new("post", "Close a ticket").tag("tickets").bearer()),
+                true,
+                json!({
                     "type": "object",
                     "properties": { "resolution": { "type": "string", "maxLength": 10000 }, "expected_version": expected_version() }
-                }))
+                }),
+                "a resolution over 10000 characters, or one with NUL or bidirectional controls",
+            ))
                 .response(200, "the ticket", Some(ticket_schema()))],
         )
 }

@@ -1,5 +1,6 @@
 use crate::support::*;
 use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_metrics_openapi_and_the_home_page_answer() {
@@ -135,4 +136,204 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
         s.stop().await;
     })
     .await;
+}
+
+/// Every documented operation lists what it answers to a request it cannot take: the API
+/// document is read, and each operation is sent such requests (no token, a malformed id, a body
+/// that is not JSON, broken JSON, JSON of the wrong shape, a body over the limit, a malformed
+/// Idempotency-Key); each answer must be the expected status and one the operation documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_documents_what_it_answers_to_a_request_it_cannot_take() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let id = s.ticket(&customer, "documented").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let api = s.send(Method::GET, "/openapi.json", None, None).await;
+        assert_eq!(api.status, StatusCode::OK, "{api:?}");
+        let paths = api.body["paths"].as_object().unwrap();
+        let mut probed = Vec::new();
+        for (path, operations) in paths {
+            for (method, op) in operations.as_object().unwrap() {
+                let secured = op.get("security").is_some();
+                let takes_body = op.get("requestBody").is_some();
+                let takes_key = op["parameters"]
+                    .as_array()
+                    .is_some_and(|params| params.iter().any(|p| p["name"] == "Idempotency-Key"));
+                let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let mut cases: Vec<Probe<'_>> = Vec::new();
+                let at = |id: &str| path.replace("{id}", id);
+                let json = "application/json";
+                let valid_looking = b"{}".to_vec();
+                if secured {
+                    cases.push((
+                        "no token",
+                        at(&id),
+                        None,
+                        json,
+                        valid_looking.clone(),
+                        StatusCode::UNAUTHORIZED,
+                    ));
+                }
+                if path.contains("{id}") {
+                    cases.push((
+                        "a malformed id",
+                        at("not-a-uuid"),
+                        None,
+                        json,
+                        valid_looking.clone(),
+                        StatusCode::BAD_REQUEST,
+                    ));
+                }
+                if takes_body {
+                    cases.push((
+                        "not JSON",
+                        at(&id),
+                        None,
+                        "text/plain",
+                        valid_looking.clone(),
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    ));
+                    cases.push((
+                        "broken JSON",
+                        at(&id),
+                        None,
+                        json,
+                        b"{".to_vec(),
+                        StatusCode::BAD_REQUEST,
+                    ));
+                    cases.push((
+                        "JSON of the wrong shape",
+                        at(&id),
+                        None,
+                        json,
+                        br#"{"no_such_field": 1}"#.to_vec(),
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                    ));
+                    // Declared, not sent: the server answers before reading it.
+                    let token = secured.then_some(agent.as_str());
+                    let (status, code) = oversize(&s, &method, &at(&id), token).await;
+                    assert_eq!(status, 413, "{method} {path} with a body over the limit");
+                    documented(op, &method, path, "a body over the limit", status, &code);
+                    probed.push(format!("{method} {path} {status}"));
+                }
+                if takes_key {
+                    // A body the route takes, so the key is what it refuses.
+                    let valid = match path.as_str() {
+                        "/tickets" => json!({ "title": "never opened" }),
+                        "/tickets/{id}/assign" => json!({ "assignee_id": agent_id }),
+                        "/tickets/{id}/comments" => json!({ "body": "never sent" }),
+                        "/tickets/{id}/close" => json!({}),
+                        other => panic!("give {other} a valid body here"),
+                    };
+                    cases.push((
+                        "a malformed Idempotency-Key",
+                        at(&id),
+                        Some("a b"),
+                        json,
+                        valid.to_string().into_bytes(),
+                        StatusCode::BAD_REQUEST,
+                    ));
+                }
+                for (what, url, key, content_type, body, expected) in cases {
+                    let mut request = s.http.request(method.clone(), s.url(&url));
+                    if secured && what != "no token" {
+                        request = request.bearer_auth(&agent);
+                    }
+                    if let Some(key) = key {
+                        request = request.header("idempotency-key", key);
+                    }
+                    if method != Method::GET {
+                        request = request.header("content-type", content_type).body(body);
+                    }
+                    let r = Response::from(request.send().await.unwrap()).await;
+                    assert_eq!(r.status, expected, "{method} {url} with {what}: {r:?}");
+                    let status = r.status.as_u16();
+                    let code = r.body["error"]["code"].as_str().unwrap_or_default();
+                    documented(op, &method, path, what, status, code);
+                    probed.push(format!("{method} {path} {status}"));
+                }
+            }
+        }
+        // The probes reached the routes with bodies, not only the gateway's own.
+        for probe in [
+            "POST /tickets 413",
+            "POST /tickets 415",
+            "POST /tickets 400",
+            "POST /tickets/{id}/assign 415",
+            "POST /tickets/{id}/comments 413",
+            "POST /tickets/{id}/close 422",
+            "POST /auth/login 415",
+            "GET /tickets/{id} 400",
+        ] {
+            assert!(
+                probed.iter().any(|p| p == probe),
+                "{probe} not probed: {probed:?}"
+            );
+        }
+        // Nothing the probes sent changed the ticket.
+        let t = s.get(&format!("/tickets/{id}"), &customer).await;
+        assert_eq!(t.body["version"], 1, "{t:?}");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A request that cannot be taken: what it is, its path, its Idempotency-Key, its content type,
+/// its body and the status it must get.
+type Probe<'a> = (
+    &'a str,
+    String,
+    Option<&'a str>,
+    &'a str,
+    Vec<u8>,
+    StatusCode,
+);
+
+/// Asserts that `op` documents the `status` it answered to `what`.
+fn documented(op: &Value, method: &Method, path: &str, what: &str, status: u16, code: &str) {
+    assert!(
+        op["responses"][status.to_string()].is_object(),
+        "{method} {path} answers {status} ({code}) to {what}, undocumented: {}",
+        op["responses"]
+    );
+}
+
+/// Sends `method path` declaring a body over the limit and waiting for `100 Continue` before
+/// sending it (which the server never asks for): its status and error code.
+async fn oversize(
+    s: &TestServer,
+    method: &Method,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = s.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        helpdesk::BODY_LIMIT + 1024
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body: Value =
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap_or_default();
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code)
 }
