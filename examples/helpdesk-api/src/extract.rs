@@ -88,9 +88,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Parses JSON with the contract's error codes.
+/// Parses JSON with the contract's error codes. Every body of the API is an object: serde
+/// would also take a struct's fields from an array, in order (`["<id>"]` for
+/// `{"assignee_id": "<id>"}`, `[]` for a body of optional fields), so an array is refused.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(json_error)?;
+        return Err(ApiError::unprocessable(
+            "invalid_body",
+            "the body must be a JSON object, not an array",
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(json_error)
+}
+
+/// A parser's error with the contract's codes.
+fn json_error(e: serde_json::Error) -> ApiError {
+    {
         // serde quotes what it refused (an unknown field's name, a variant, a string): a
         // client's 100 KB name must not come back whole.
         let why = clipped(&e.to_string(), MAX_QUOTED);
@@ -104,7 +118,7 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
                 format!("the body is not valid JSON: {why}"),
             ),
         }
-    })
+    }
 }
 
 /// How much of a parser's message an error quotes.

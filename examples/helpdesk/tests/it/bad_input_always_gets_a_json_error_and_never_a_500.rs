@@ -349,6 +349,35 @@ async fn unknown_fields_are_refused_not_ignored() {
         );
         let after = s.get(&format!("/tickets/{id}"), &agent).await;
         assert_eq!(after.body["status"], "open", "nothing changed");
+        // An array is no object, though serde would read a struct's fields from one in order.
+        let (_, customer_id) = s.customer().await;
+        for (path, body) in [
+            (format!("/tickets/{id}/close"), json!([])),
+            (
+                format!("/tickets/{id}/assign"),
+                json!([customer_id.as_str()]),
+            ),
+            ("/tickets".to_owned(), json!(["Printer on fire"])),
+        ] {
+            let refused = s.post(&path, &agent, body).await;
+            refused.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+            let message = refused.body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("must be a JSON object"), "{message}");
+        }
+        let after = s.get(&format!("/tickets/{id}"), &agent).await;
+        assert_eq!(after.body["status"], "open", "nothing changed");
+        assert_eq!(after.body["version"], 1, "nothing changed");
+        // A broken array is still broken JSON.
+        raw(
+            &s,
+            Method::POST,
+            &format!("/tickets/{id}/close"),
+            Some(&agent),
+            Some("application/json"),
+            b"[1,".to_vec(),
+        )
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "malformed_json");
         s.post(
             "/tickets",
             &agent,
