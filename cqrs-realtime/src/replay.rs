@@ -132,6 +132,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             let want = options
                 .replay_batch
                 .min(options.replay_limit.saturating_add(1) - self.read);
+            self.sender.look_again();
             let batch = self.read(self.cursor, want).await?;
             if batch.is_empty() && self.read == 0 && self.cursor > Position::START {
                 self.check_within_log().await?;
@@ -381,7 +382,9 @@ struct ReplaySender<'a, P> {
     budget: usize,
     stall_limit: Duration,
     /// The client took frames while half the queue never came free (live traffic holds it):
-    /// from then on this replay waits for any free slot, not for half the queue.
+    /// from then on this replay waits for two free slots, not for half the queue, and takes
+    /// one, leaving the last free slot to live traffic (which closes a client whose queue it
+    /// finds full).
     starved: bool,
 }
 
@@ -416,7 +419,7 @@ impl<'a, P> ReplaySender<'a, P> {
             let mut taken = queue.popped();
             loop {
                 let want = if self.starved {
-                    1
+                    2.min(queue.capacity())
                 } else {
                     (queue.capacity() / 2).max(1)
                 };
@@ -439,8 +442,18 @@ impl<'a, P> ReplaySender<'a, P> {
                     }
                 }
             }
-            self.budget = (queue.capacity() / 4).max(1);
+            self.budget = if self.starved {
+                1
+            } else {
+                (queue.capacity() / 4).max(1)
+            };
         }
+    }
+
+    /// Forgets the frames this replay may still queue without looking: before a read of the
+    /// log, during which live traffic may take the room it had found.
+    fn look_again(&mut self) {
+        self.budget = 0;
     }
 }
 
@@ -996,37 +1009,49 @@ mod tests {
     /// A client that takes frames all along, while live traffic on its other subscriptions
     /// keeps more than half its queue full, is not closed as slow by a replay that waits for
     /// half the queue: the replay takes single free slots instead, for the rest of the replay
-    /// (not one idle timeout per frame), and finishes.
+    /// (not one idle timeout per frame), and finishes; and it never takes the last free slot,
+    /// so the live traffic (which closes a client whose queue it finds full) still fits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replay_beside_busy_live_traffic_to_a_reading_client_finishes() {
         let f = Fixture::new(
             HubOptions::new()
                 .ping_interval(Duration::from_millis(50))
                 .idle_timeout(Duration::from_millis(200)),
-            4,
+            8,
             2,
         );
         for n in 1..=20 {
             f.store(n).await;
         }
-        for _ in 0..4 {
-            assert!(f.conn.queue.try_push(Outgoing::Ping).is_ok());
+        let live = || Utf8Bytes::from(r#"{"type":"event","live":true}"#);
+        for _ in 0..8 {
+            f.conn.push(live());
         }
         let started = Instant::now();
         let replay = f.replay(0);
-        // The client: takes a frame every 10 ms; live traffic puts a ping back 2 ms after.
+        // The client takes a frame every 10 ms. Live traffic, pushed as the fan-out does (a
+        // full queue closes the client), takes every slot the client frees for 300 ms, past
+        // the idle timeout (the replay finds itself starved), then every other one.
         let mut events = Vec::new();
-        while !replay.is_finished() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            match f.conn.queue.try_pop() {
-                Some(Outgoing::Frame(frame)) => {
-                    let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                    events.push(frame["event"]["n"].as_u64().unwrap());
+        let take = |item: Outgoing, events: &mut Vec<u64>| {
+            if let Outgoing::Frame(frame) = item {
+                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                if let Some(n) = frame["event"]["n"].as_u64() {
+                    events.push(n);
                 }
-                Some(Outgoing::Ping) | None => {}
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            let _ = f.conn.queue.try_push(Outgoing::Ping);
+        };
+        for round in 0.. {
+            if replay.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(item) = f.conn.queue.try_pop() {
+                take(item, &mut events);
+            }
+            if round < 30 || round % 2 == 0 {
+                f.conn.push(live());
+            }
             assert!(
                 f.conn.close.get().is_none(),
                 "closed: {:?}",
@@ -1041,10 +1066,7 @@ mod tests {
         );
         replay.await.unwrap();
         while let Some(item) = f.conn.queue.try_pop() {
-            if let Outgoing::Frame(frame) = item {
-                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                events.push(frame["event"]["n"].as_u64().unwrap());
-            }
+            take(item, &mut events);
         }
         assert_eq!(f.conn.close.get(), None, "closed as slow");
         assert_eq!(events, (1..=20).collect::<Vec<_>>());
