@@ -151,6 +151,13 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_timeout_ms: u64,
 
+    /// The most client connections (HTTP and WebSocket) served at once; past it, new ones wait
+    /// in the listen backlog until one closes, instead of the process running out of file
+    /// descriptors (which would also stop it reaching Postgres and Redis). Default: the
+    /// open-file limit, raised to its hard limit at start, less 256 and the database pool.
+    #[arg(long, env = "HELPDESK_MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+
     /// How often expired idempotency records (kept 24 hours) and the stats projection's inbox
     /// entries older than 7 days are deleted and, on Redis, the event stream is trimmed of
     /// what every consumer group acknowledged, in milliseconds.
@@ -325,6 +332,7 @@ impl std::fmt::Debug for Config {
             .field("trusted_proxies", &self.trusted_proxies)
             .field("poll_ms", &self.poll_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("max_connections", &self.max_connections)
             .field("purge_interval_ms", &self.purge_interval_ms)
             .field("ready_details", &self.ready_details)
             .field("database_max_connections", &self.database_max_connections)
@@ -631,6 +639,13 @@ impl Config {
         }
         if self.login_attempts == 0 {
             problems.push("HELPDESK_LOGIN_ATTEMPTS must be at least 1".into());
+        }
+        if self.max_connections == Some(0) {
+            problems.push(
+                "HELPDESK_MAX_CONNECTIONS must be at least 1 (unset, it follows the open-file \
+                 limit)"
+                    .into(),
+            );
         }
         // Zero is no "off" for these: each would become a millisecond, closing every
         // connection at once, or running housekeeping and polls a thousand times a second.

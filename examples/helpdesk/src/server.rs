@@ -54,10 +54,11 @@ impl Server {
         let closing = app.hub.clone();
         let grace = config.shutdown_grace();
         let header_timeout = config.header_timeout();
+        let max_connections = connection_limit(&config);
         let router = app.router;
         let task = tokio::spawn(async move {
             let mut stop_seen = stopped.clone();
-            let connections = serve(listener, router, stopped, header_timeout);
+            let connections = serve(listener, router, stopped, header_timeout, max_connections);
             let mut serve = tokio::spawn(connections);
             // Biased, the stop first: serving also ends because of the stop (it watches the same
             // signal), and when both were ready an unbiased pick sometimes took that branch,
@@ -133,17 +134,74 @@ impl Server {
     }
 }
 
-/// Accepts connections until `stopped`, serving each with HTTP/1.1 (upgrades included, for
-/// WebSockets) and a header-read timeout; then asks every open connection to finish its
-/// in-flight request and close, and returns once they all have.
+/// What a server keeps of its open-file limit for itself: the database pool, Redis, the
+/// listener, logs and files it opens.
+const RESERVED_FILES: u64 = 256;
+
+/// The most connections served at once: `HELPDESK_MAX_CONNECTIONS`, or the open-file limit
+/// (raised to its hard limit first) less what the server keeps for itself.
+fn connection_limit(config: &Config) -> usize {
+    if let Some(limit) = config.max_connections {
+        return limit as usize;
+    }
+    let files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => files,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open-file limit; assuming 1024");
+            1024
+        }
+    };
+    let kept = RESERVED_FILES + u64::from(config.database_max_connections);
+    let limit = files.saturating_sub(kept).max(16);
+    tracing::info!(
+        open_files = files,
+        max_connections = limit,
+        "serving at most max_connections client connections at once (HELPDESK_MAX_CONNECTIONS)"
+    );
+    usize::try_from(limit).unwrap_or(usize::MAX)
+}
+
+/// Accepts connections until `stopped`, at most `max_connections` open at once (the others
+/// wait in the backlog), serving each with HTTP/1.1 (upgrades included, for WebSockets) and a
+/// header-read timeout; then asks every open connection to finish its in-flight request and
+/// close, and returns once they all have.
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     mut stopped: watch::Receiver<bool>,
     header_timeout: Duration,
+    max_connections: usize,
 ) -> anyhow::Result<()> {
     let mut connections = tokio::task::JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
+    let mut full_since: Option<Instant> = None;
     loop {
+        // A slot before the accept: at the limit, new clients wait in the backlog (and time
+        // out there, or fail over) instead of taking the file descriptors the pool needs.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if full_since.is_none() {
+                    tracing::warn!(
+                        max_connections,
+                        "at the connection limit: new connections wait until one closes"
+                    );
+                    full_since = Some(Instant::now());
+                }
+                tokio::select! {
+                    () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        if let Some(since) = full_since.take() {
+            tracing::info!(waited = ?since.elapsed(), "below the connection limit again");
+        }
         let (tcp, remote) = tokio::select! {
             () = async { let _ = stopped.wait_for(|s| *s).await; } => break,
             accepted = listener.accept() => match accepted {
@@ -169,6 +227,8 @@ async fn serve(
             });
         let mut stop = stopped.clone();
         connections.spawn(async move {
+            // Held while the connection is open.
+            let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);

@@ -165,3 +165,37 @@ async fn a_client_that_never_reads_its_answers_is_disconnected() {
     })
     .await;
 }
+
+/// Past `HELPDESK_MAX_CONNECTIONS` open connections, a new one waits in the backlog (it is
+/// not served) until one of them closes: idle clients cannot take every file descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    within(async {
+        let s = TestServer::start_with(|c| c.max_connections = Some(2)).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        // Two idle connections take both slots (the header timeout would close them in 30 s).
+        let first = TcpStream::connect(&addr).await.unwrap();
+        let _second = TcpStream::connect(&addr).await.unwrap();
+
+        let mut third = TcpStream::connect(&addr).await.unwrap();
+        third
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+        assert!(waited.is_err(), "served past the limit: {answer:?}");
+
+        // One closes: the waiting connection is accepted and served.
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+            .await
+            .expect("served once a slot came free")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        s.stop().await;
+    })
+    .await;
+}
