@@ -20,30 +20,6 @@ async fn raw(
     Response::from(r.send().await.unwrap()).await
 }
 
-/// Sends a body 1 KiB over the limit the way careful clients do (curl among them), with
-/// `Expect: 100-continue`, and returns the status and body of the answer: the server refuses
-/// from the `Content-Length` alone, before the body is sent.
-async fn oversize(s: &TestServer, token: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = s.base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /tickets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
-        helpdesk::BODY_LIMIT + 1024
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_and_body_errors_use_the_json_contract() {
     within(async {
@@ -151,7 +127,7 @@ async fn routing_and_body_errors_use_the_json_contract() {
             );
             assert!(message.contains("line 1 column"), "where it is: {message}");
         }
-        let (status, body) = oversize(&s, &token).await;
+        let (status, body) = s.oversize(&Method::POST, "/tickets", Some(&token)).await;
         assert_eq!(status, 413, "{body}");
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["error"]["code"], "payload_too_large");

@@ -302,35 +302,15 @@ fn documented(op: &Value, method: &Method, path: &str, what: &str, status: u16, 
     );
 }
 
-/// Sends `method path` declaring a body over the limit and waiting for `100 Continue` before
-/// sending it (which the server never asks for): its status and error code.
+/// [`TestServer::oversize`]'s status and error code.
 async fn oversize(
     s: &TestServer,
     method: &Method,
     path: &str,
     token: Option<&str>,
 ) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = s.base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
-        helpdesk::BODY_LIMIT + 1024
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body: Value =
-        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap_or_default();
+    let (status, body) = s.oversize(method, path, token).await;
+    let body: Value = serde_json::from_str(&body).unwrap_or_default();
     let code = body["error"]["code"]
         .as_str()
         .unwrap_or_default()

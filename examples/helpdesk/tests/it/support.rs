@@ -228,6 +228,38 @@ pub async fn wait_until(what: &str, deadline: Duration, mut condition: impl FnMu
 }
 
 impl TestServer {
+    /// Sends `method path` declaring a body 1 KiB over the limit the way careful clients do
+    /// (curl among them), with `Expect: 100-continue`, and returns the status and body of the
+    /// answer: the server refuses from the `Content-Length` alone, before the body is sent.
+    pub async fn oversize(
+        &self,
+        method: &Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+            helpdesk::BODY_LIMIT + 1024
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
