@@ -239,7 +239,9 @@ impl PgOptions {
     }
 
     /// A connection idle for at least this long is pinged before it is handed out, and
-    /// replaced when the ping fails. Default 1 s; `None` never pings.
+    /// replaced when the ping fails or gets no answer within a quarter of `acquire_timeout`.
+    /// Default 1 s; `None` never pings; no effect under
+    /// [`test_before_acquire(true)`](Self::test_before_acquire), which pings every connection.
     ///
     /// Why: when the server restarts (or fails over), every pooled connection is dead, and a
     /// command's first statement on one fails. When that statement is the command's whole

@@ -375,7 +375,7 @@ fn replay_frame<P: Send + Sync + 'static>(
 /// that guards reads does not run meanwhile, and without this a client that stopped reading
 /// would hold its connection until shutdown. A client that takes frames all along, while live
 /// events on its other subscriptions keep half the queue from ever being free, is not: the
-/// replay then takes any free slot, like live traffic does.
+/// replay then waits for two free slots and takes one, leaving the last to live traffic.
 struct ReplaySender<'a, P> {
     conn: &'a Conn<P>,
     /// Frames this replay may still queue before waiting for room again.
@@ -436,7 +436,7 @@ impl<'a, P> ReplaySender<'a, P> {
                             return false;
                         }
                         // Taking frames, but never freeing half the queue: live traffic
-                        // holds it. Any free slot will do for the rest of this replay.
+                        // holds it. Two free slots will do for the rest of this replay.
                         taken = now;
                         self.starved = true;
                     }

@@ -546,10 +546,12 @@ async fn postgres_backends(
                 // Not critical: commands still commit into the outbox while Redis is away.
                 checks.push(("redis", Arc::new(transport.clone()), false));
                 checks.push(("redis-pubsub", Arc::new(pubsub.clone()), false));
-                // Without it the stream keeps every event ever published.
+                // Without it the stream keeps every event ever published. Every minute at least:
+                // a round trims up to a million entries (hourly, a stream taking more than
+                // about 280 events a second would grow), and it reads the groups' gauges.
                 maintenance = Some(Box::new(
                     StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
-                        .interval(config.purge_interval()),
+                        .interval(config.purge_interval().min(Duration::from_secs(60))),
                 ));
                 let transport: Arc<dyn EventTransport> = Arc::new(transport);
                 shipped_to = Arc::new(crate::metered::MeteredTransport::new(

@@ -141,9 +141,6 @@ const RESERVED_FILES: u64 = 256;
 /// The most connections served at once: `HELPDESK_MAX_CONNECTIONS`, or the open-file limit
 /// (raised to its hard limit first) less what the server keeps for itself.
 fn connection_limit(config: &Config) -> usize {
-    if let Some(limit) = config.max_connections {
-        return limit as usize;
-    }
     let files = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(files) => files,
         Err(error) => {
@@ -152,7 +149,10 @@ fn connection_limit(config: &Config) -> usize {
         }
     };
     let kept = RESERVED_FILES + u64::from(config.database_max_connections);
-    let limit = files.saturating_sub(kept).max(16);
+    let limit = match config.max_connections {
+        Some(limit) => u64::from(limit),
+        None => files.saturating_sub(kept).max(16),
+    };
     tracing::info!(
         open_files = files,
         max_connections = limit,
