@@ -160,14 +160,11 @@ async fn claim_with(
 /// A claim's error: its wait for the key's holder running out is a busy key, which a retry
 /// (after the holder finished) replays; anything else as [`store_error`].
 fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
-    match &error {
-        sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03") && wait.is_some() => {
+    match (&error, wait) {
+        (sqlx::Error::Database(db), Some(wait)) if db.code().as_deref() == Some("55P03") => {
             StoreError::Unavailable {
                 backend: BACKEND,
-                source: Box::new(StillRunning {
-                    wait: wait.unwrap_or_default(),
-                    error,
-                }),
+                source: Box::new(StillRunning { wait, error }),
             }
         }
         _ => store_error(error),

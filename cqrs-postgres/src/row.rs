@@ -62,16 +62,15 @@ pub(crate) fn readable_json(
     max_depth: usize,
     what: impl FnOnce() -> String,
 ) -> Result<(), StoreError> {
+    use serde_json::Value;
+    let container = |value: &&Value| value.is_array() || value.is_object();
     // A loop with a stack of its own: the value may be nested far deeper than the thread's
-    // stack would take in a recursive walk.
-    let mut pending = vec![(value, 0usize)];
+    // stack would take in a recursive walk. Only containers go on it, with their depth.
+    let mut pending: Vec<(&Value, usize)> = Vec::new();
+    if container(&value) {
+        pending.push((value, 1));
+    }
     while let Some((value, depth)) = pending.pop() {
-        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match value {
-            serde_json::Value::Array(items) => Box::new(items.iter()),
-            serde_json::Value::Object(fields) => Box::new(fields.values()),
-            _ => continue,
-        };
-        let depth = depth + 1;
         if depth > max_depth {
             return Err(StoreError::Rejected {
                 backend: crate::error::BACKEND,
@@ -83,7 +82,21 @@ pub(crate) fn readable_json(
                 .into(),
             });
         }
-        pending.extend(children.map(|child| (child, depth)));
+        let depth = depth + 1;
+        match value {
+            Value::Array(items) => {
+                pending.extend(items.iter().filter(container).map(|child| (child, depth)));
+            }
+            Value::Object(fields) => {
+                pending.extend(
+                    fields
+                        .values()
+                        .filter(container)
+                        .map(|child| (child, depth)),
+                );
+            }
+            _ => {}
+        }
     }
     Ok(())
 }

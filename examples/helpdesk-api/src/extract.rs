@@ -104,20 +104,18 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
 
 /// A parser's error with the contract's codes.
 fn json_error(e: serde_json::Error) -> ApiError {
-    {
-        // serde quotes what it refused (an unknown field's name, a variant, a string): a
-        // client's 100 KB name must not come back whole.
-        let why = clipped(&e.to_string(), MAX_QUOTED);
-        match e.classify() {
-            serde_json::error::Category::Data => ApiError::unprocessable(
-                "invalid_body",
-                format!("the body does not match the expected shape: {why}"),
-            ),
-            _ => ApiError::bad_request(
-                "malformed_json",
-                format!("the body is not valid JSON: {why}"),
-            ),
-        }
+    // serde quotes what it refused (an unknown field's name, a variant, a string): a
+    // client's 100 KB name must not come back whole.
+    let why = clipped(&e.to_string(), MAX_QUOTED);
+    match e.classify() {
+        serde_json::error::Category::Data => ApiError::unprocessable(
+            "invalid_body",
+            format!("the body does not match the expected shape: {why}"),
+        ),
+        _ => ApiError::bad_request(
+            "malformed_json",
+            format!("the body is not valid JSON: {why}"),
+        ),
     }
 }
 
