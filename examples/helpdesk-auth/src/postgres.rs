@@ -16,25 +16,56 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use uuid::Uuid;
 
-/// The sweeps owed, while the task that does them runs: set to none when the task ends before
-/// it finished (a panic, the runtime shutting down, also before it first ran), so the next
-/// attempt starts another.
-struct Owed {
-    count: Arc<AtomicUsize>,
+/// Sweeps asked for and not yet done, shared by the attempts that ask and the one task that
+/// does them, one after another.
+#[derive(Debug, Default)]
+struct SweepsOwed(AtomicUsize);
+
+impl SweepsOwed {
+    /// Asks for one sweep; true when no task is sweeping, so the caller starts one.
+    fn ask(&self) -> bool {
+        self.0.fetch_add(1, Ordering::AcqRel) == 0
+    }
+
+    /// Called by the task before a sweep: how many are owed as it starts.
+    fn starting(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Called by the task after a sweep that started when `asked` were owed; true when none
+    /// is owed any more and the task ends. A sweep that left nothing to sweep did what every
+    /// ask before it wanted; a sweep cut short by its batch size did one ask's worth. Asks
+    /// made while it ran wanted rows that may have left the window after it began (a later
+    /// `since`), so they stay owed.
+    fn swept(&self, asked: usize, more_left: bool) -> bool {
+        let done = if more_left { 1 } else { asked };
+        self.0.fetch_sub(done, Ordering::AcqRel) == done
+    }
+
+    /// The task ended without finishing (a panic, the runtime shutting down, also before it
+    /// first ran): forget what was owed, so the next ask starts another.
+    fn abandoned(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+/// The sweeping task's claim on [`SweepsOwed`]: abandons it when the task ends unfinished.
+struct Sweeping {
+    owed: Arc<SweepsOwed>,
     finished: bool,
 }
 
-impl Owed {
+impl Sweeping {
     /// The task did what was owed.
     fn finish(mut self) {
         self.finished = true;
     }
 }
 
-impl Drop for Owed {
+impl Drop for Sweeping {
     fn drop(&mut self) {
         if !self.finished {
-            self.count.store(0, Ordering::Release);
+            self.owed.abandoned();
         }
     }
 }
@@ -197,7 +228,7 @@ pub struct PgLoginThrottle {
     schema: Arc<str>,
     /// Sweeps asked for and not yet done. One task does them, one after another, so a burst
     /// of attempts does not queue a sweep each on the pool ahead of the next logins.
-    sweeps_owed: Arc<AtomicUsize>,
+    sweeps_owed: Arc<SweepsOwed>,
 }
 
 impl std::fmt::Debug for PgLoginThrottle {
@@ -309,25 +340,23 @@ impl LoginThrottle for PgLoginThrottle {
         tx.commit().await.map_err(store_error)?;
         // In a task of its own: the attempt is counted, and a login given up from here on
         // must learn that (its guard takes the count back), not be dropped in the sweep. The
-        // task that finds none owed does them all, one at a time.
-        if self.sweeps_owed.fetch_add(1, Ordering::AcqRel) == 0 {
+        // ask that finds none owed starts the task that does them all, one at a time.
+        if self.sweeps_owed.ask() {
             let this = self.clone();
             // Made before the task: dropped with it, should it never run.
-            let owed = Owed {
-                count: self.sweeps_owed.clone(),
+            let sweeping = Sweeping {
+                owed: self.sweeps_owed.clone(),
                 finished: false,
             };
             tokio::spawn(async move {
                 loop {
-                    if !this.sweep(this.since(this.clock.now())).await {
-                        // Nothing more to sweep now: the sweeps owed are done, but this one.
-                        owed.count.store(1, Ordering::Release);
-                    }
-                    if owed.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let asked = sweeping.owed.starting();
+                    let more_left = this.sweep(this.since(this.clock.now())).await;
+                    if sweeping.owed.swept(asked, more_left) {
                         break;
                     }
                 }
-                owed.finish();
+                sweeping.finish();
             });
         }
         Ok(None)
@@ -376,6 +405,37 @@ mod tests {
             .await
             .unwrap();
         Some(db)
+    }
+
+    /// An ask made while a sweep runs stays owed when that sweep finds nothing more: it
+    /// wants the rows that left the window after the sweep began.
+    #[test]
+    fn an_ask_made_during_a_sweep_is_owed_another() {
+        let owed = SweepsOwed::default();
+        assert!(owed.ask(), "the first ask starts the task");
+        let asked = owed.starting();
+        assert!(!owed.ask(), "the task is running");
+        assert!(!owed.swept(asked, false), "the second ask is still owed");
+        let asked = owed.starting();
+        assert!(owed.swept(asked, false));
+        assert!(owed.ask(), "the task ended: the next ask starts another");
+    }
+
+    /// A sweep that found nothing more settles every ask made before it; a full batch settles
+    /// one ask (each attempt sweeps one batch at most).
+    #[test]
+    fn a_partial_sweep_settles_the_asks_before_it_and_a_full_one_settles_one() {
+        let owed = SweepsOwed::default();
+        assert!(owed.ask());
+        assert!(!owed.ask());
+        assert!(!owed.ask());
+        let asked = owed.starting();
+        assert!(!owed.swept(asked, true), "two asks left");
+        let asked = owed.starting();
+        assert!(
+            owed.swept(asked, false),
+            "nothing more to sweep: both settled"
+        );
     }
 
     /// Attempts of keys nobody tries again are swept once they left the window.
