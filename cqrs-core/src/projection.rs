@@ -756,7 +756,15 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
             ..
         } = &mut self.source
         {
-            let _ = consumer.close().await;
+            // What a failed close keeps (entries held back for their keys' turn) comes back
+            // after the redelivery delay; the failure is reported, not the run's own error
+            // replaced.
+            if let Err(e) = consumer.close().await {
+                if result.is_ok() {
+                    return Err(e.into());
+                }
+                tracing::warn!(projection = %self.name, error = %e, "closing the projection's consumer failed");
+            }
         }
         result
     }
@@ -782,7 +790,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         };
         while !ctx.shutdown.is_requested() {
             // The purge runs in a task of its own when due, also while a fetch waits, and
-            // without holding up the batch.
+            // without holding up the batch. Checked here too: a step that never waits (stores
+            // in memory, a fetch that returns at once) wins the biased race below every time.
+            purge.start_if_due();
             let stepped = {
                 let step = self.step();
                 tokio::pin!(step);
@@ -837,9 +847,14 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     }
                     match self.source {
                         Source::Store if caught_up => {
-                            tokio::select! {
-                                _ = tokio::time::sleep(self.idle) => {}
-                                _ = ctx.shutdown.requested() => {}
+                            let idle = tokio::time::sleep(self.idle);
+                            tokio::pin!(idle);
+                            loop {
+                                tokio::select! {
+                                    _ = &mut idle => break,
+                                    _ = ctx.shutdown.requested() => break,
+                                    _ = tokio::time::sleep_until(purge.next) => purge.start(),
+                                }
                             }
                         }
                         // A fetch that returns at once when there is nothing (`block` of zero)
@@ -913,6 +928,13 @@ impl<S> Drop for InboxPurge<S> {
 }
 
 impl<S: ProjectionStore> InboxPurge<S> {
+    /// Starts a purge when one is due.
+    fn start_if_due(&mut self) {
+        if tokio::time::Instant::now() >= self.next {
+            self.start();
+        }
+    }
+
     /// Starts a purge unless the last one is still running, and schedules the next.
     fn start(&mut self) {
         let now = tokio::time::Instant::now();

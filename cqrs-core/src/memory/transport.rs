@@ -20,7 +20,13 @@ struct InFlight {
     consumer: String,
     attempt: u32,
     due: Instant,
+    /// Why the last attempt failed, when its consumer said (`nack_with_reason`).
+    error: Option<String>,
 }
+
+/// A message a group gave up on: the record, how often it was handed out, and the last
+/// failure reported for it.
+type DeadLetter = (EventRecord, u32, Option<String>);
 
 #[derive(Default)]
 struct Group {
@@ -33,7 +39,7 @@ struct Group {
     /// Delivered, not acknowledged, by index.
     in_flight: BTreeMap<usize, InFlight>,
     /// The newest dead letters, as many as the transport keeps.
-    dead: VecDeque<(EventRecord, u32)>,
+    dead: VecDeque<DeadLetter>,
     /// The names of the group's live consumers: a name in use is refused.
     consumers: HashSet<String>,
 }
@@ -102,6 +108,20 @@ impl InMemoryTransport {
     /// delivery counts: the newest ones kept ([`dead_letters_kept`](Self::dead_letters_kept)),
     /// oldest first.
     pub fn dead_letters(&self, topic: &str, group: &str) -> Vec<(EventRecord, u32)> {
+        self.dead_letters_with_errors(topic, group)
+            .into_iter()
+            .map(|(record, deliveries, _)| (record, deliveries))
+            .collect()
+    }
+
+    /// As [`dead_letters`](Self::dead_letters), each with the last failure its consumer
+    /// reported ([`Consumer::nack_with_reason`]); `None` when none did (the message was
+    /// handed out and never acknowledged nor nacked with a reason, as after a crash).
+    pub fn dead_letters_with_errors(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Vec<(EventRecord, u32, Option<String>)> {
         self.lock()
             .topics
             .get(topic)
@@ -110,11 +130,17 @@ impl InMemoryTransport {
             .unwrap_or_default()
     }
 
-    /// Drops the messages of `topic` that every group has acknowledged or dead-lettered, and
-    /// returns how many. The transport keeps every message until then, so a long-running
-    /// process calls this periodically (as `cqrs_redis::StreamMaintenance` trims a Redis
-    /// stream). A group made afterwards starts after them; with no group at all, nothing is
-    /// dropped (a group made later still sees every message).
+    /// Drops the messages of `topic` older than the oldest one any group still holds
+    /// (waiting, held back behind its key, or in flight), and returns how many: every group
+    /// acknowledged or dead-lettered those. The transport keeps every message until then, so a
+    /// long-running process calls this periodically (as `cqrs_redis::StreamMaintenance` trims
+    /// a Redis stream). A group made afterwards starts after them; with no group at all,
+    /// nothing is dropped (a group made later still sees every message).
+    ///
+    /// One message still held keeps every message after it, as in Redis: a delivery its
+    /// handler never finishes, or a group nobody consumes any more, which keeps the whole log
+    /// from its first unread message on. Remove a group that is gone for good with
+    /// [`delete_group`](Self::delete_group).
     ///
     /// ```
     /// use cqrs_core::memory::InMemoryTransport;
@@ -159,6 +185,48 @@ impl InMemoryTransport {
                 .increment(dropped as u64);
         }
         dropped
+    }
+
+    /// Removes group `group` of `topic` with its dead letters and what it had not acknowledged,
+    /// so [`trim`](Self::trim) no longer keeps messages for it (Redis's `XGROUP DESTROY`).
+    /// Returns whether there was such a group. A group with a live consumer is refused:
+    /// drop its consumers first.
+    ///
+    /// ```
+    /// use cqrs_core::memory::InMemoryTransport;
+    /// use cqrs_core::ports::{ConsumerOptions, EventTransport};
+    /// # use cqrs_core::{EventEnvelope, EventRecord, Metadata};
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// # let record = EventRecord::from_envelope(&EventEnvelope::new(cqrs_core::doc::TicketOpened { ticket_id: "t1".into() }, Metadata::new()))?;
+    /// let transport = InMemoryTransport::new();
+    /// let mut stats = transport.consumer("tickets", "stats", ConsumerOptions::default()).await?;
+    /// drop(transport.consumer("tickets", "retired", ConsumerOptions::default()).await?);
+    /// transport.publish("tickets", &[record]).await?;
+    /// let batch = stats.fetch(10).await?;
+    /// stats.ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>()).await?;
+    /// assert_eq!(transport.trim("tickets"), 0, "kept for the group that never read it");
+    /// assert!(transport.delete_group("tickets", "retired")?);
+    /// assert_eq!(transport.trim("tickets"), 1);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn delete_group(&self, topic: &str, group: &str) -> Result<bool, TransportError> {
+        let mut state = self.lock();
+        let Some(t) = state.topics.get_mut(topic) else {
+            return Ok(false);
+        };
+        match t.groups.get(group) {
+            None => Ok(false),
+            Some(g) if !g.consumers.is_empty() => Err(TransportError::Invalid(format!(
+                "group `{group}` of topic `{topic}` has {} live consumer(s) in this process; \
+                 drop them before deleting the group",
+                g.consumers.len()
+            ))),
+            Some(_) => {
+                t.groups.remove(group);
+                Ok(true)
+            }
+        }
     }
 
     /// Messages of `topic` that group `group` has not acknowledged yet (waiting or in flight).
@@ -272,10 +340,21 @@ impl InMemoryConsumer {
             .collect();
         for i in exhausted {
             if let Some(f) = group.in_flight.remove(&i) {
+                let dead = record(i);
+                // As loud as the Redis transport: the event leaves the group's read models.
+                tracing::warn!(
+                    topic = %self.topic,
+                    group = %self.group,
+                    event_id = %dead.event_id,
+                    event_type = %dead.event_type,
+                    deliveries = f.attempt,
+                    error = f.error.as_deref().unwrap_or("(none reported)"),
+                    "dead-lettered an event after its last delivery"
+                );
                 while group.dead.len() >= self.transport.dead_letters_kept {
                     group.dead.pop_front();
                 }
-                group.dead.push_back((record(i).clone(), f.attempt));
+                group.dead.push_back((dead.clone(), f.attempt, f.error));
             }
         }
 
@@ -317,6 +396,7 @@ impl InMemoryConsumer {
                     consumer: self.options.consumer_name.clone(),
                     attempt: 1,
                     due: due_after(now, self.options.redelivery_delay),
+                    error: None,
                 },
             );
             out.push(Delivery::new(
@@ -489,6 +569,19 @@ impl Consumer for InMemoryConsumer {
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(std::slice::from_ref(id), |f| f.due = due);
+        Ok(())
+    }
+
+    async fn nack_with_reason(
+        &mut self,
+        id: &DeliveryId,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        let due = due_after(Instant::now(), self.options.redelivery_delay);
+        self.in_flight(std::slice::from_ref(id), |f| {
+            f.due = due;
+            f.error = Some(reason.to_owned());
+        });
         Ok(())
     }
 

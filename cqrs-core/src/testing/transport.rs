@@ -26,10 +26,12 @@ pub trait TransportHarness: Harness {
     }
 
     /// The messages group `group` of `topic` dead-lettered, as event ids with how many times
-    /// each was handed out, when the adapter keeps dead letters (the port does not expose
-    /// them). `None` (the default) leaves the dead-letter check out: the scenario then only
-    /// checks that the message stops coming back.
-    async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(Uuid, u32)>> {
+    /// each was handed out and the failure the adapter kept for it (the reason of the last
+    /// [`nack_with_reason`](crate::ports::Consumer::nack_with_reason), where the adapter keeps
+    /// it), when the adapter keeps dead letters (the port does not expose them). `None` (the
+    /// default) leaves the dead-letter check out: the scenario then only checks that the
+    /// message stops coming back.
+    async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(Uuid, u32, String)>> {
         let _ = (topic, group);
         None
     }
@@ -861,10 +863,16 @@ pub async fn a_message_is_dead_lettered_after_max_deliveries<H: TransportHarness
             .unwrap();
     }
     if let Some(dead) = h.dead_letters(&topic, "g").await {
+        let found: Vec<_> = dead.iter().map(|(id, n, _)| (*id, *n)).collect();
         assert_eq!(
-            dead,
+            found,
             [(poison.event_id, 2)],
             "dead-lettered once, after its 2 deliveries; nothing else"
+        );
+        assert!(
+            dead[0].2.contains("poison"),
+            "the dead letter keeps the last nack's reason: {:?}",
+            dead[0].2
         );
     } else {
         eprintln!("the harness cannot list dead letters: checked only that it stops coming");
@@ -1002,8 +1010,9 @@ pub async fn a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back<
                 "not dead-lettered within 10 s of its second delivery's nack"
             ),
             Some(dead) => {
+                let found: Vec<_> = dead.iter().map(|(id, n, _)| (*id, *n)).collect();
                 assert_eq!(
-                    dead,
+                    found,
                     [(e.event_id, 2)],
                     "dead-lettered once, after its 2 deliveries; nothing else"
                 );

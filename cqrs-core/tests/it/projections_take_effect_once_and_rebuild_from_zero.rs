@@ -560,6 +560,8 @@ async fn run_until_drained<S: ProjectionStore<Unit = InMemoryUnit>>(
 struct Counted {
     inner: Arc<InMemoryTransport>,
     handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
+    /// Its consumers' `close` fails.
+    close_fails: std::sync::atomic::AtomicBool,
 }
 
 impl Counted {
@@ -567,6 +569,7 @@ impl Counted {
         Arc::new(Self {
             inner: inner.clone(),
             handed_out: Arc::default(),
+            close_fails: Default::default(),
         })
     }
 
@@ -600,6 +603,7 @@ impl EventTransport for Counted {
         Ok(Box::new(CountedConsumer {
             inner: self.inner.consumer(topic, group, options).await?,
             handed_out: self.handed_out.clone(),
+            close_fails: self.close_fails.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 }
@@ -607,6 +611,7 @@ impl EventTransport for Counted {
 struct CountedConsumer {
     inner: Box<dyn Consumer>,
     handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
+    close_fails: bool,
 }
 
 #[async_trait]
@@ -649,6 +654,12 @@ impl Consumer for CountedConsumer {
     }
 
     async fn close(&mut self) -> Result<(), TransportError> {
+        if self.close_fails {
+            return Err(TransportError::Backend {
+                backend: "test",
+                source: "told to fail its close".into(),
+            });
+        }
         self.inner.close().await
     }
 }
@@ -886,6 +897,48 @@ fn the_event_bus_consumer_dead_letters_an_event_missing_its_upcaster() {
     });
 }
 
+/// A run that ends cleanly but cannot close its consumer says so: what the consumer held back
+/// waits for the redelivery delay.
+#[test]
+fn a_runner_whose_consumer_fails_to_close_returns_the_error() {
+    use cqrs_core::runtime::{HealthReporter, Shutdown, Worker, WorkerContext};
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let counted = Counted::new(&transport);
+        counted
+            .close_fails
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let sum = Arc::new(Sum::default());
+        transport.publish("sums", &[record(4)]).await.unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            counted.clone(),
+            "sums",
+            "sum",
+            ConsumerOptions::default().block(Duration::from_millis(10)),
+            types(),
+        );
+        let (stop, shutdown) = Shutdown::new();
+        let running = tokio::spawn(async move {
+            runner
+                .run(WorkerContext {
+                    shutdown,
+                    health: HealthReporter::detached("test"),
+                })
+                .await
+                .map_err(|e| e.to_string())
+        });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
+            (*sum.seen.lock().unwrap() == [4]).then_some(())
+        })
+        .await;
+        stop.trigger();
+        let error = running.await.unwrap().unwrap_err();
+        assert!(error.contains("told to fail its close"), "{error}");
+    });
+}
+
 /// Runs a transport-fed `sum` past its deliveries with `event` in the topic, and checks the
 /// event is neither dead-lettered nor applied, but still waiting.
 fn waits_for_a_newer_build(event: EventRecord, policy: UnknownEventPolicy) {
@@ -1109,6 +1162,46 @@ fn a_running_runner_purges_its_old_inbox_entries() {
         })
         .await;
         assert!(processed(young.event_id).await, "the young entry stays");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A store-fed runner purges its inbox too, though with stores in memory none of its steps
+/// ever waits.
+#[test]
+fn a_store_fed_runner_purges_its_old_inbox_entries() {
+    run(async {
+        let clock = cqrs_core::clock::ManualClock::new();
+        let store = Arc::new(InMemoryProjectionStore::with_clock(Arc::new(clock.clone())));
+        let events = Arc::new(InMemoryEventStore::new());
+        let sum = Arc::new(Sum::default());
+        let old = record(2);
+        events
+            .append("s-1", ExpectedVersion::NO_STREAM, vec![old.clone()])
+            .await
+            .unwrap();
+        let hour = Duration::from_secs(3600);
+        let runner = ProjectionRunner::from_store(store.clone(), sum.clone(), events, types())
+            .idle_interval(Duration::from_millis(5))
+            .inbox_retention(hour)
+            .inbox_purge_interval(Duration::from_millis(5));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
+            (*sum.seen.lock().unwrap() == [2]).then_some(())
+        })
+        .await;
+        clock.advance(hour * 2);
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the old entry purged", || async {
+            let mut unit = store.begin("sum").await.unwrap();
+            store
+                .mark_processed(&mut unit, "sum", old.event_id)
+                .await
+                .unwrap()
+                .then_some(())
+        })
+        .await;
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }

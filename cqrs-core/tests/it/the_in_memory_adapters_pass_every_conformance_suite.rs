@@ -58,12 +58,18 @@ mod transport {
             Arc::new(self.adapter.clone())
         }
 
-        async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(uuid::Uuid, u32)>> {
+        async fn dead_letters(
+            &self,
+            topic: &str,
+            group: &str,
+        ) -> Option<Vec<(uuid::Uuid, u32, String)>> {
             Some(
                 self.adapter
-                    .dead_letters(topic, group)
+                    .dead_letters_with_errors(topic, group)
                     .into_iter()
-                    .map(|(record, deliveries)| (record.event_id, deliveries))
+                    .map(|(record, deliveries, error)| {
+                        (record.event_id, deliveries, error.unwrap_or_default())
+                    })
                     .collect(),
             )
         }
@@ -286,6 +292,41 @@ async fn the_in_memory_transport_keeps_the_newest_dead_letters() {
         .map(|(r, _)| r.payload["n"].as_u64().unwrap())
         .collect();
     assert_eq!(kept, [2, 3], "the newest two");
+}
+
+/// A group gone for good no longer holds back trimming once deleted; one with a live
+/// consumer is not deleted.
+#[tokio::test]
+async fn a_deleted_group_no_longer_holds_back_trimming() {
+    use cqrs_core::ports::ConsumerOptions;
+    let transport = InMemoryTransport::new();
+    let options = ConsumerOptions::default().block(std::time::Duration::ZERO);
+    let mut reader = transport
+        .consumer("t", "read", options.clone())
+        .await
+        .unwrap();
+    let stuck = transport.consumer("t", "stuck", options).await.unwrap();
+    let records: Vec<_> = (1..=3)
+        .map(cqrs_core::testing::event_store::record)
+        .collect();
+    transport.publish("t", &records).await.unwrap();
+    let batch = reader.fetch(10).await.unwrap();
+    assert_eq!(batch.len(), 3);
+    reader
+        .ack(&batch.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(transport.trim("t"), 0, "kept for the group that never read");
+    let refused = transport.delete_group("t", "stuck").unwrap_err();
+    assert!(refused.to_string().contains("live consumer"), "{refused}");
+    drop(stuck);
+    assert!(transport.delete_group("t", "stuck").unwrap());
+    assert!(
+        !transport.delete_group("t", "stuck").unwrap(),
+        "already gone"
+    );
+    assert_eq!(transport.trim("t"), 3);
+    assert_eq!(transport.backlog("t", "read"), 0);
 }
 
 /// The in-memory pub/sub counts its stand-in upstream subscriptions live and per channel: one

@@ -32,7 +32,11 @@ impl TransportHarness for RedisTransportHarness {
     }
 
     /// The topic's dead-letter stream, the group's entries.
-    async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(uuid::Uuid, u32)>> {
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Option<Vec<(uuid::Uuid, u32, String)>> {
         let dead = self
             .transport
             .dead_letters(topic, None, 1000)
@@ -43,7 +47,7 @@ impl TransportHarness for RedisTransportHarness {
                 .filter(|d| d.group == group)
                 .map(|d| {
                     let record = d.record.expect("a dead letter that decodes");
-                    (record.event_id, d.deliveries)
+                    (record.event_id, d.deliveries, d.error)
                 })
                 .collect(),
         )
