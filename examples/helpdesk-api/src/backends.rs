@@ -82,6 +82,9 @@ pub struct Settings {
     /// How often housekeeping runs: expired idempotency records, old inbox entries, stream
     /// trimming.
     pub purge_interval: Duration,
+    /// The most passwords hashed at once; `None`: the auth plugin's default (two per core, at
+    /// most 16).
+    pub max_concurrent_hashes: Option<usize>,
 }
 
 /// The shortest redelivery delay a consumer gets: the Redis transport refuses shorter ones
@@ -108,6 +111,7 @@ impl fmt::Debug for Settings {
             .field("agent_emails", &self.agent_emails.len())
             .field("login_attempts", &self.login_attempts)
             .field("login_window", &self.login_window)
+            .field("max_concurrent_hashes", &self.max_concurrent_hashes)
             .finish_non_exhaustive()
     }
 }
@@ -207,6 +211,7 @@ mod tests {
             idempotency_ttl: Duration::from_secs(86_400),
             poll_interval: Duration::from_millis(poll_ms),
             purge_interval: Duration::from_secs(3600),
+            max_concurrent_hashes: None,
         }
     }
 

@@ -247,14 +247,17 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
                 .await
         }
         .await;
-        // One the server could not finish (its store away, no hashing slot free) used up no
-        // registration of the address: an outage must not lock clients out.
+        // One the server could not finish (its store away) used up no registration of the
+        // address: an outage must not lock clients out. Except `busy` (no hashing slot came
+        // free), which comes only after the lookup found the email free: taken back, it would
+        // tell a client which emails are free at no cost whenever the slots are full, while a
+        // taken email's 409 is counted.
         // Not a 429 (the agent-code throttle's): that answer tells something too, and a
         // retry is not the server's to make good.
-        if created
-            .as_ref()
-            .is_err_and(|e| matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout))
-        {
+        if created.as_ref().is_err_and(|e| {
+            matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout)
+                && e.code() != crate::hashing::BUSY
+        }) {
             counted.take_back_unless_created().await;
         } else {
             counted.keep();
@@ -1096,6 +1099,35 @@ mod tests {
         for w in waiting {
             w.abort();
         }
+    }
+
+    /// While every hashing slot is taken, a registration of a free email hears `busy` and
+    /// its count stays, as a taken email's 409 does: a full server must not tell which emails
+    /// are free at no cost.
+    #[tokio::test]
+    async fn a_busy_registration_of_a_free_email_is_counted() {
+        let clock = Arc::new(ManualClock::new());
+        let handler = RegisterHandler {
+            hashing: Hashing::new(1, Duration::from_millis(10)),
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 2)
+        };
+        let held = handler
+            .hashing
+            .turn(Some([198, 51, 100, 1].into()))
+            .await
+            .unwrap();
+        let a = [192, 0, 2, 1];
+        for email in ["free1@example.com", "free2@example.com"] {
+            let busy = register_with(&handler, register(email, "", a))
+                .await
+                .unwrap_err();
+            assert_eq!(busy.code(), "busy", "{busy:?}");
+        }
+        let blocked = register_with(&handler, register("free3@example.com", "", a))
+            .await
+            .unwrap_err();
+        assert_eq!(blocked.code(), "too_many_attempts", "{blocked:?}");
+        drop(held);
     }
 
     /// Registrations from one address are counted, taken emails and new accounts alike: past

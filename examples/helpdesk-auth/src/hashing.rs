@@ -1,6 +1,6 @@
 //! Password hashing, bounded in total and per client address.
 
-use crate::client::client_key;
+use crate::client::{client_key, site_key};
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use cqrs_core::{ErrorKind, HandlerError};
 use serde_json::json;
@@ -14,6 +14,13 @@ use uuid::Uuid;
 /// The most turns one client address holds or waits for at once.
 const PER_CLIENT: usize = 2;
 
+/// The most hashes at once by default: two per core up to this many (argon2 takes ~19 MiB a
+/// hash, so ~300 MiB), whatever the core count a container reports.
+pub(crate) const DEFAULT_MAX_PERMITS: usize = 16;
+
+/// The code of the answer when no turn to hash came free in time.
+pub(crate) const BUSY: &str = "busy";
+
 /// Password hashing and checking, on blocking threads (argon2 takes tens of milliseconds and
 /// ~19 MiB on purpose), at most `permits` at a time. Login and registration need no token, so
 /// without a bound a burst of them would queue hundreds of hashes (gigabytes) on the blocking
@@ -24,13 +31,16 @@ const PER_CLIENT: usize = 2;
 /// and fewer than all of them (half, when there are fewer than four): past that its request is
 /// refused at once with 429 `too_many_attempts`, before it waits in the shared queue. So one
 /// client sending logins as fast as it can cannot take every turn, nor fill the queue ahead of
-/// everyone else with its own requests.
+/// everyone else with its own requests. The /64s of one IPv6 /48 (one site, which can use
+/// thousands of /64s) hold half the turns together, at most (and at least a client's share).
 #[derive(Clone, Debug)]
 pub(crate) struct Hashing {
     permits: Arc<Semaphore>,
     wait: Duration,
     per_client: usize,
-    /// Turns held or waited for, by client key; a key leaves the map when its count is zero.
+    per_site: usize,
+    /// Turns held or waited for, by client key and by site key (an IPv6 /48, `…::/48`, which
+    /// no client key ends with); a key leaves the map when its count is zero.
     // A `std::sync::Mutex`: no `.await` while it is held.
     clients: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -49,6 +59,7 @@ pub(crate) struct Turn {
 pub(crate) struct ClientSlot {
     clients: Arc<Mutex<HashMap<String, usize>>>,
     key: String,
+    site: Option<String>,
 }
 
 impl ClientSlot {
@@ -62,7 +73,7 @@ impl ClientSlot {
             .ok_or_else(|| {
                 HandlerError::new(
                     ErrorKind::Unavailable,
-                    "busy",
+                    BUSY,
                     "the server is checking too many passwords at once; try again in a moment",
                 )
             })?;
@@ -76,10 +87,12 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = clients.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                clients.remove(&self.key);
+        for key in std::iter::once(&self.key).chain(&self.site) {
+            if let Some(count) = clients.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    clients.remove(key);
+                }
             }
         }
     }
@@ -88,18 +101,23 @@ impl Drop for ClientSlot {
 impl Hashing {
     pub(crate) fn new(permits: usize, wait: Duration) -> Self {
         let permits = permits.max(1);
+        let per_client = (permits / 2).clamp(1, PER_CLIENT);
         Self {
             permits: Arc::new(Semaphore::new(permits)),
             wait,
-            per_client: (permits / 2).clamp(1, PER_CLIENT),
+            per_client,
+            per_site: (permits / 2).max(per_client),
             clients: Arc::default(),
         }
     }
 
-    /// Two hashes per core, waiting up to 2 s for a turn.
-    pub(crate) fn for_this_machine() -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self::new(2 * cores, Duration::from_secs(2))
+    /// `permits` hashes at once (by default two per core, at most [`DEFAULT_MAX_PERMITS`]),
+    /// waiting up to 2 s for a turn.
+    pub(crate) fn for_this_machine(permits: Option<usize>) -> Self {
+        Self::new(
+            permits.unwrap_or_else(|| default_permits(std::thread::available_parallelism().ok())),
+            Duration::from_secs(2),
+        )
     }
 
     /// A turn to hash for `client`: refused at once (`too_many_attempts`) when the client
@@ -116,13 +134,14 @@ impl Hashing {
     /// One of `client`'s turns, without the shared permit yet: refused at once
     /// (`too_many_attempts`) when the client holds or waits for its share already.
     pub(crate) fn client_slot(&self, client: Option<IpAddr>) -> Result<ClientSlot, HandlerError> {
-        self.slot(client_key(client))
+        self.slot(client_key(client), site_key(client))
     }
 
-    fn slot(&self, key: String) -> Result<ClientSlot, HandlerError> {
+    fn slot(&self, key: String, site: Option<String>) -> Result<ClientSlot, HandlerError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        let count = clients.entry(key.clone()).or_insert(0);
-        if *count >= self.per_client {
+        let held = |k: &String| clients.get(k).copied().unwrap_or(0);
+        if held(&key) >= self.per_client || site.as_ref().is_some_and(|s| held(s) >= self.per_site)
+        {
             return Err(HandlerError::new(
                 ErrorKind::RateLimited,
                 "too_many_attempts",
@@ -131,10 +150,13 @@ impl Hashing {
             )
             .with_details(json!({ "retry_after": 1 })));
         }
-        *count += 1;
+        for k in std::iter::once(&key).chain(&site) {
+            *clients.entry(k.clone()).or_insert(0) += 1;
+        }
         Ok(ClientSlot {
             clients: self.clients.clone(),
             key,
+            site,
         })
     }
 
@@ -176,6 +198,13 @@ impl Hashing {
         })
         .await
     }
+}
+
+/// Two hashes per core, at most [`DEFAULT_MAX_PERMITS`]; two when the core count is unknown.
+fn default_permits(cores: Option<std::num::NonZeroUsize>) -> usize {
+    cores
+        .map_or(2, |n| n.get().saturating_mul(2))
+        .min(DEFAULT_MAX_PERMITS)
 }
 
 /// A hash of a random password, made once at start-up.
@@ -266,11 +295,60 @@ mod tests {
         );
     }
 
-    /// With fewer than four permits a client gets half of them, so never all.
+    /// With fewer than four permits a client gets half of them, so never all; an IPv6 site
+    /// half of them, at least a client's share.
     #[test]
     fn a_client_never_gets_every_permit() {
-        for (permits, share) in [(1, 1), (2, 1), (3, 1), (4, 2), (16, 2)] {
-            assert_eq!(Hashing::new(permits, Duration::ZERO).per_client, share);
+        for (permits, share, site) in [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 2, 2), (16, 2, 8)] {
+            let hashing = Hashing::new(permits, Duration::ZERO);
+            assert_eq!((hashing.per_client, hashing.per_site), (share, site));
         }
+    }
+
+    /// The default is two hashes per core, but never past the cap (each takes ~19 MiB): a
+    /// container that sees 64 cores and has 1 GiB must not be able to run 128.
+    #[test]
+    fn the_default_hashes_at_once_are_capped() {
+        let cores = |n| std::num::NonZeroUsize::new(n);
+        assert_eq!(default_permits(cores(2)), 4);
+        assert_eq!(default_permits(cores(8)), 16);
+        assert_eq!(default_permits(cores(64)), DEFAULT_MAX_PERMITS);
+        assert_eq!(default_permits(None), 2);
+        assert_eq!(
+            Hashing::for_this_machine(Some(3))
+                .permits
+                .available_permits(),
+            3
+        );
+    }
+
+    /// The /64s of one IPv6 /48 share half the turns: a party with a /48 cannot take every
+    /// turn by spreading its logins over its /64s; another site and an IPv4 client still get
+    /// theirs.
+    #[tokio::test]
+    async fn the_64s_of_one_48_share_half_the_turns() {
+        let hashing = Hashing::new(8, Duration::from_secs(30));
+        let in_site = |n: u16| -> Option<IpAddr> {
+            Some(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, n, 0, 0, 0, 1).into())
+        };
+        let mut held = Vec::new();
+        for n in 0..4 {
+            held.push(hashing.turn(in_site(n)).await.unwrap());
+        }
+        let refused = hashing.turn(in_site(9)).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            "too_many_attempts",
+            "the site holds its half"
+        );
+        let other_site: Option<IpAddr> = Some("2001:db8:8:1::1".parse().unwrap());
+        held.push(hashing.turn(other_site).await.unwrap());
+        held.push(hashing.turn(Some([192, 0, 2, 1].into())).await.unwrap());
+        drop(held);
+        assert!(
+            hashing.clients.lock().unwrap().is_empty(),
+            "no entry is kept"
+        );
+        assert!(hashing.turn(in_site(9)).await.is_ok(), "turns given back");
     }
 }

@@ -108,7 +108,7 @@ impl Plugin for AuthPlugin {
             backends.clock.clone(),
         )?;
         let dummy_hash = Arc::new(hashing::dummy_hash()?);
-        let hashing = hashing::Hashing::for_this_machine();
+        let hashing = hashing::Hashing::for_this_machine(settings.max_concurrent_hashes);
 
         registrar.commands().add(commands::RegisterHandler {
             users: users.clone(),

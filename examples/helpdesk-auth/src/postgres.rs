@@ -325,7 +325,7 @@ impl LoginThrottle for PgLoginThrottle {
             tx.commit().await.map_err(store_error)?;
             // Blocked until the oldest attempt in the window leaves it.
             let until = oldest.map_or(now, |t| t + (now - since));
-            return Ok(Some((until - now).num_seconds().max(1) as u64));
+            return Ok(Some(crate::throttle::retry_after(until - now)));
         }
         let sql = format!(
             "INSERT INTO {}.login_failures (key, at) VALUES ($1, $2)",

@@ -162,7 +162,7 @@ impl LoginThrottle for InMemoryLoginThrottle {
         if list.len() >= self.limit as usize {
             // Blocked until the oldest attempt in the window leaves it.
             let until = list.front().map_or(now, |t| *t + window);
-            return Ok(Some((until - now).num_seconds().max(1) as u64));
+            return Ok(Some(retry_after(until - now)));
         }
         list.push_back(now);
         Ok(None)
@@ -178,6 +178,13 @@ impl LoginThrottle for InMemoryLoginThrottle {
         }
         Ok(())
     }
+}
+
+/// Whole seconds to wait for `left` to pass, rounded up (a client that waits what it is told
+/// must not be refused again), at least 1.
+pub(crate) fn retry_after(left: chrono::Duration) -> u64 {
+    let ms = left.num_milliseconds().max(0) as u64;
+    ms.div_ceil(1000).max(1)
 }
 
 #[cfg(test)]
@@ -216,5 +223,19 @@ mod tests {
         throttle.attempt("last").await.unwrap();
         let keys = throttle.attempts.lock().unwrap().by_key.len();
         assert_eq!(keys, 1, "only the key tried within the window is kept");
+    }
+
+    /// `retry_after` rounds up: a client that waits exactly what it was told is let through.
+    #[tokio::test]
+    async fn waiting_the_retry_after_is_enough() {
+        let clock = ManualClock::new();
+        let throttle =
+            InMemoryLoginThrottle::new(Arc::new(clock.clone()), 1, Duration::from_secs(60));
+        assert_eq!(throttle.attempt("k").await.unwrap(), None);
+        clock.advance(Duration::from_millis(58_500));
+        let wait = throttle.attempt("k").await.unwrap().expect("blocked");
+        assert_eq!(wait, 2, "1.5 s left");
+        clock.advance(Duration::from_secs(wait));
+        assert_eq!(throttle.attempt("k").await.unwrap(), None);
     }
 }

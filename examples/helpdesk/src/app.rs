@@ -189,6 +189,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         idempotency_ttl: Duration::from_secs(24 * 3600),
         poll_interval: poll,
         purge_interval: config.purge_interval(),
+        max_concurrent_hashes: config.max_concurrent_hashes.map(|n| n as usize),
     };
     let bus_handle = BusHandle::new();
 

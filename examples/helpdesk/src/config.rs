@@ -158,6 +158,13 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
 
+    /// The most passwords hashed or checked at once (logins and registrations); past it a
+    /// request waits up to 2 s for a turn, then gets 503 `busy`. Each takes ~19 MiB for tens
+    /// of milliseconds of a core. Default: two per core, at most 16; set it lower in a
+    /// container with little memory, higher on a large machine.
+    #[arg(long, env = "HELPDESK_MAX_CONCURRENT_HASHES")]
+    pub max_concurrent_hashes: Option<u32>,
+
     /// How often expired idempotency records (kept 24 hours) and the stats projection's inbox
     /// entries older than 7 days are deleted and, on Redis, the event stream is trimmed of
     /// what every consumer group acknowledged, in milliseconds.
@@ -333,6 +340,7 @@ impl std::fmt::Debug for Config {
             .field("poll_ms", &self.poll_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("max_connections", &self.max_connections)
+            .field("max_concurrent_hashes", &self.max_concurrent_hashes)
             .field("purge_interval_ms", &self.purge_interval_ms)
             .field("ready_details", &self.ready_details)
             .field("database_max_connections", &self.database_max_connections)
@@ -639,6 +647,16 @@ impl Config {
         }
         if self.login_attempts == 0 {
             problems.push("HELPDESK_LOGIN_ATTEMPTS must be at least 1".into());
+        }
+        if self
+            .max_concurrent_hashes
+            .is_some_and(|n| !(1..=1024).contains(&n))
+        {
+            problems.push(format!(
+                "HELPDESK_MAX_CONCURRENT_HASHES must be 1 to 1024 (each hash takes ~19 MiB); \
+                 it is {}",
+                self.max_concurrent_hashes.unwrap_or_default()
+            ));
         }
         if self.max_connections == Some(0) {
             problems.push(

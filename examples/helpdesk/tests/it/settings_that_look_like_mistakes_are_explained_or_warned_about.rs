@@ -143,6 +143,26 @@ fn the_pool_size_is_a_setting_with_room_for_the_workers() {
         .unwrap();
 }
 
+/// The hashes at once are a setting (default: the auth plugin's, two per core up to 16); zero
+/// and absurd figures are refused with what to set.
+#[test]
+fn the_hashes_at_once_are_a_bounded_setting() {
+    assert_eq!(config(&[], &[]).max_concurrent_hashes, None);
+    let c = config(&[], &[("HELPDESK_MAX_CONCURRENT_HASHES", "3")]);
+    assert_eq!(c.max_concurrent_hashes, Some(3));
+    c.validate().unwrap();
+    for n in ["0", "1025"] {
+        let problems = config(&[], &[("HELPDESK_MAX_CONCURRENT_HASHES", n)])
+            .validate()
+            .unwrap_err();
+        assert!(
+            problems.len() == 1
+                && problems[0].contains("HELPDESK_MAX_CONCURRENT_HASHES must be 1 to 1024"),
+            "{n}: {problems:?}"
+        );
+    }
+}
+
 #[test]
 fn the_defaults_give_no_warning() {
     assert_eq!(config(&[], &[]).warnings(), Vec::<String>::new());
