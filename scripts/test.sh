@@ -32,10 +32,21 @@ apt_install() {
     log "installing $* with apt-get"
     if [[ -z ${APT_UPDATED:-} ]]; then
         # A fresh VM's unattended upgrades may hold the dpkg lock for a while: wait for it.
-        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq
+        # `Lock::Timeout` does not cover the package lists' lock, which a first boot's own
+        # `apt-get update` holds: try again for up to 10 minutes.
+        local tries=0
+        until DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq </dev/null; do
+            ((++tries < 60)) || die "apt-get update kept failing for 10 minutes (its error is above)"
+            log "apt-get update failed (another apt may hold its lock); trying again in 10 s"
+            sleep 10
+        done
         APT_UPDATED=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
+    # Never a prompt (a changed config file of an upgraded dependency would otherwise stop
+    # the run until the stage's timeout): keep the local version.
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        install -y -qq "$@" >/dev/null </dev/null
 }
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
@@ -57,6 +68,9 @@ ensure_postgres() {
         return
     fi
     export DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
+    # libpq (psql) and sqlx take defaults from these; inherited, they would send this
+    # script's checks elsewhere or ask the local server for TLS it does not have.
+    unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGSSLMODE PGOPTIONS
     local local_cluster=""
     ls /etc/postgresql/*/main/postgresql.conf >/dev/null 2>&1 && local_cluster=1
     if port_open 5432; then
@@ -75,7 +89,12 @@ ensure_postgres() {
             # second one 5433. (Columns: version, cluster, port, ...)
             read -r version cluster < <(pg_lsclusters -h 2>/dev/null | awk '$3 == 5432 { print $1, $2; exit }') || true
             if [[ -z ${version:-} ]]; then
-                version=$(ls /etc/postgresql | sort -V | tail -n1)
+                # Clusters on other ports only: starting one would not serve 5432.
+                local others
+                others=$(pg_lsclusters -h 2>/dev/null | awk '{ printf "%s/%s on port %s (%s); ", $1, $2, $3, $4 }')
+                [[ -z $others ]] || die "no PostgreSQL cluster is set to port 5432 (found: ${others%; }); start one and set DATABASE_URL to its port, or move one to 5432"
+                version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
+                [[ -n $version ]] || die "PostgreSQL is installed but has no cluster (/etc/postgresql is empty); create one (pg_createcluster --start VERSION main) or set DATABASE_URL"
                 cluster=main
             fi
             log "starting PostgreSQL $version/$cluster"
@@ -203,8 +222,9 @@ ensure_redis() {
         # A daemonized Redis logs nowhere unless told: keep its log to show why it did not start.
         local redis_log
         redis_log=$(mktemp)
+        # `--dir`: nothing it might write (a SAVE) lands in the checkout.
         redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
-            --logfile "$redis_log" >/dev/null
+            --dir "${TMPDIR:-/tmp}" --logfile "$redis_log" >/dev/null
         if ! wait_for 30 redis_up; then
             cat "$redis_log" >&2 || true
             die "Redis did not answer PING within 30 s (its log is above)"
