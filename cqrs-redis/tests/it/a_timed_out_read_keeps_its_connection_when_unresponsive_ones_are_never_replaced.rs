@@ -25,8 +25,11 @@ async fn lose_one_read(
     let proxy = Proxy::start(&host).await;
     let env = Env::with(name, |o| {
         o.connection(
+            // Not short: a step's command through the proxy on a loaded machine must not
+            // time out (the second fetch must work); the lost read times out after its block
+            // and this.
             ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_millis(200))
+                .command_timeout(Duration::from_secs(2))
                 .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
                 .unresponsive_timeout(unresponsive),
         )
@@ -44,11 +47,20 @@ async fn lose_one_read(
             let accepted = proxy.accepted();
             // The blocking read on the consumer's own connection (`BLOCK`), not the step's.
             // On a loaded machine a fetch may spend its block on the step and not read at
-            // all (an empty batch): fetched again until the read is the one that went.
+            // all (an empty batch), or a step's command may fail (the control's 300 ms
+            // unresponsive timeout can replace a slow connection): fetched again until the
+            // read is the one that went.
             proxy.lose_reply_to("BLOCK");
             let error = loop {
                 match consumer.fetch(10).await {
-                    Err(error) => break error,
+                    Err(error) if proxy.reply_lost() => break error,
+                    Err(error) => assert!(
+                        matches!(
+                            error,
+                            TransportError::Timeout { .. } | TransportError::Unavailable { .. }
+                        ),
+                        "before the read: {error:?}"
+                    ),
                     Ok(batch) if batch.is_empty() && !proxy.reply_lost() => continue,
                     Ok(batch) => panic!("the read was answered: {} entries", batch.len()),
                 }

@@ -9,9 +9,10 @@ use cqrs_redis::{KeyOrdering, RedisConsumer};
 use fred::types::Value;
 use std::time::Duration;
 
-/// Well over a fetch (its 100 ms `block` can take twice that on Redis 7.0), so the entry kept
-/// alive between fetches is not reclaimed meanwhile.
-const DELAY: Duration = Duration::from_millis(500);
+/// Well over a fetch and a keep-alive (its 100 ms `block` can take twice that on Redis 7.0),
+/// even on a loaded machine, so the entry kept alive between fetches is not reclaimed
+/// meanwhile.
+const DELAY: Duration = Duration::from_secs(2);
 
 /// `P` (n = 1), then an undecodable `U` chained by hand behind it, then `F` (n = 3), all of key
 /// `k`.

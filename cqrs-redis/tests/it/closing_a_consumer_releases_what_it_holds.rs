@@ -3,8 +3,11 @@
 //! them due (idle for the redelivery delay) and never delivered, and another consumer takes
 //! them as a first delivery.
 
-use crate::support::{Env, consumer_options, event, n_of, within};
+use crate::support::{
+    Env, blocked_connections, blocked_now, consumer_options, event, n_of, within,
+};
 use cqrs_core::ports::{Consumer, EventTransport};
+use cqrs_core::testing::eventually;
 use cqrs_redis::RedisConsumer;
 use fred::types::Value;
 use std::time::Duration;
@@ -45,22 +48,37 @@ async fn closing_releases_what_a_dropped_blocking_read_was_served() {
         return;
     };
     within(
-        30,
+        90,
         Box::pin(async {
-            let topic = env.topic("tickets");
             let delay = Duration::from_secs(30);
-            let mut a = env
-                .join(&topic, "a", |o| {
-                    o.redelivery_delay(delay).block(Duration::from_secs(10))
-                })
-                .await;
-            // Waiting in its blocking read when the fetch is dropped.
-            let dropped = tokio::time::timeout(Duration::from_millis(500), a.fetch(10)).await;
-            assert!(dropped.is_err(), "nothing to fetch yet");
-            env.publish_one(&topic, "k", 1).await;
-            a.close().await.unwrap();
+            // Each read blocks for a claim interval at most (here 1 s): one may end before the
+            // publish reaches it, on a machine stalled that long. Then again, on a new topic
+            // (the entry it missed would be read at once by the next fetch).
+            let mut attempt = 0;
+            let (topic, name, mut a) = loop {
+                attempt += 1;
+                let topic = env.topic(&format!("tickets-{attempt}"));
+                let name = format!("a{attempt}");
+                // A fetch that goes on reading well past the wait for its read to block.
+                let options = consumer_options(&format!("{}-{name}", env.id))
+                    .redelivery_delay(delay)
+                    .block(Duration::from_secs(30));
+                let mut a: RedisConsumer = env
+                    .transport
+                    .redis_consumer(&topic, "g", options)
+                    .await
+                    .unwrap();
+                if served_to_a_dropped_read(&env, &topic, &name, &mut a).await {
+                    break (topic, name, a);
+                }
+                assert!(
+                    attempt < 5,
+                    "in {attempt} tries, no blocking read waited until the publish reached it"
+                );
+            };
+            Consumer::close(&mut a).await.unwrap();
 
-            assert_released(&env, &topic, "a", 1, delay).await;
+            assert_released(&env, &topic, &name, 1, delay).await;
             assert_eq!(taken_over(&env, &topic, delay).await, [1]);
             drop(a);
         }),
@@ -69,29 +87,74 @@ async fn closing_releases_what_a_dropped_blocking_read_was_served() {
     env.cleanup().await;
 }
 
+/// Drops a `fetch` of `a` (consumer `name` of `topic`) once its read waits on the server
+/// (`CLIENT LIST`), then publishes event 1 of key `k`. Returns whether that read was served
+/// the entry, which is then pending to `a`; `false` when the read ended, served nothing,
+/// before the publish reached it.
+async fn served_to_a_dropped_read(
+    env: &Env,
+    topic: &str,
+    name: &str,
+    a: &mut RedisConsumer,
+) -> bool {
+    let ids = a.client_ids().await.unwrap();
+    {
+        let fetch = Consumer::fetch(&mut *a, 10);
+        tokio::pin!(fetch);
+        tokio::select! {
+            result = &mut fetch => panic!("the fetch returned before it blocked: {result:?}"),
+            _ = blocked_connections(&env.admin, &ids) => {}
+        }
+    }
+    env.publish_one(topic, "k", 1).await;
+    // Served, the read ends at once; ended unserved, it reads nothing more (its fetch is
+    // gone). Blocked first, then pending: a read seen ended has had whatever it was served.
+    let ids = &ids;
+    eventually(
+        Duration::from_secs(15),
+        "the dropped fetch's read is served the entry, or ends",
+        || async move {
+            let blocked = !blocked_now(&env.admin, ids).await.is_empty();
+            if !pending_to(env, topic, name).await.is_empty() {
+                Some(true)
+            } else {
+                (!blocked).then_some(false)
+            }
+        },
+    )
+    .await
+}
+
+/// The rows of `XPENDING` for consumer `name` of group `g` of `topic`.
+async fn pending_to(env: &Env, topic: &str, name: &str) -> Vec<Vec<Value>> {
+    let stream = env.transport.stream_key(topic).unwrap();
+    let consumer = format!("{}-{name}", env.id);
+    env.command(
+        "XPENDING",
+        vec![
+            stream.as_str().into(),
+            "g".into(),
+            "-".into(),
+            "+".into(),
+            100.into(),
+            consumer.as_str().into(),
+        ],
+    )
+    .await
+    .into_array()
+    .into_iter()
+    .map(Value::into_array)
+    .collect()
+}
+
 /// Asserts that consumer `name` of group `g` holds `count` pending entries, every one released:
 /// idle for at least the redelivery delay (due to the next consumer that looks) and with a
 /// delivery count of 0 (its read taken back). Checked on the server right after `close`, so
 /// how fast another consumer then takes them does not matter.
 async fn assert_released(env: &Env, topic: &str, name: &str, count: usize, delay: Duration) {
-    let stream = env.transport.stream_key(topic).unwrap();
-    let consumer = format!("{}-{name}", env.id);
-    let pending = env
-        .command(
-            "XPENDING",
-            vec![
-                stream.as_str().into(),
-                "g".into(),
-                "-".into(),
-                "+".into(),
-                100.into(),
-                consumer.as_str().into(),
-            ],
-        )
-        .await
-        .into_array();
-    assert_eq!(pending.len(), count, "pending at {consumer}: {pending:?}");
-    for row in pending.into_iter().map(Value::into_array) {
+    let pending = pending_to(env, topic, name).await;
+    assert_eq!(pending.len(), count, "pending at {name}: {pending:?}");
+    for row in pending {
         assert!(
             row[2]
                 .as_u64()
