@@ -3,13 +3,20 @@
 
 use crate::support::{pg_test, record};
 use crate::transport::receive;
+use async_trait::async_trait;
+use cqrs_core::EventRecord;
 use cqrs_core::memory::InMemoryTransport;
-use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::ports::{
+    Consumer, ConsumerOptions, EventStore, EventTransport, ExpectedVersion, TransportCapabilities,
+    TransportError,
+};
 use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
 use cqrs_core::testing::eventually;
 use cqrs_postgres::PgOutboxRelay;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 pg_test! {
     async fn an_append_wakes_an_idle_relay_and_the_backlog_drains(db: PgDatabase) {
@@ -94,7 +101,6 @@ pg_test! {
     /// that finds nothing new. Counted at the wire: the relay's pool goes through a proxy.
     async fn a_burst_of_notifications_wakes_the_relay_once(db: PgDatabase) {
         use crate::proxy::Proxy;
-        use crate::transport::ControlledTransport;
         const BURST: u64 = 20;
         let (proxy, pool) =
             Proxy::in_front_of_the_database(sqlx::postgres::PgPoolOptions::new().max_connections(3))
@@ -102,8 +108,8 @@ pg_test! {
         let counted = cqrs_postgres::PgDatabase::from_pool(pool, db.schema()).unwrap();
         let store = db.event_store();
         store.append("early", ExpectedVersion::NO_STREAM, vec![record(0)]).await.unwrap();
-        // The first publish (of "early") takes two seconds: the burst lands meanwhile.
-        let transport = ControlledTransport::slow(Duration::from_secs(2));
+        // The first publish (of "early") waits until the burst has landed.
+        let transport = Arc::new(GatedTransport::new());
         let mut worker = PgOutboxRelay::new(counted, transport.clone())
             .poll_interval(Duration::from_secs(3600))
             .metrics_interval(Duration::from_secs(3600));
@@ -113,10 +119,9 @@ pg_test! {
 
         // It listens before its first batch: from its first publish on, every append notifies it.
         eventually(Duration::from_secs(10), "the relay publishes its first batch", || async {
-            (transport.calls.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+            (transport.calls.load(Ordering::SeqCst) == 1).then_some(())
         })
         .await;
-        *transport.delay.lock().unwrap() = Duration::ZERO;
         for n in 1..=BURST {
             store.append(&format!("burst-{n}"), ExpectedVersion::NO_STREAM, vec![record(n)]).await.unwrap();
         }
@@ -125,7 +130,8 @@ pg_test! {
             "the burst was appended while the first publish was still under way"
         );
         let started = proxy.round_trips();
-        eventually(Duration::from_secs(10), "the relay ships the burst", || async {
+        transport.gate.add_permits(1);
+        eventually(Duration::from_secs(15), "the relay ships the burst", || async {
             (transport.published().len() == 1 + BURST as usize).then_some(())
         })
         .await;
@@ -135,9 +141,61 @@ pg_test! {
         // the connections it gets back: 12 when this test was written. One batch per
         // notification added about 5 for each of the other 19 (107 then).
         assert!(round_trips <= 40, "{round_trips} round trips after the first publish");
-        assert_eq!(transport.calls.load(std::sync::atomic::Ordering::SeqCst), 2, "one publish for the burst");
+        assert_eq!(transport.calls.load(Ordering::SeqCst), 2, "one publish for the burst");
 
         trigger.trigger();
         running.await.unwrap().expect("a clean stop");
+    }
+}
+
+/// A broker whose first publish waits until the test lets it through; the others go at once.
+struct GatedTransport {
+    inner: InMemoryTransport,
+    gate: Semaphore,
+    calls: AtomicUsize,
+    published: Mutex<Vec<EventRecord>>,
+}
+
+impl GatedTransport {
+    fn new() -> Self {
+        Self {
+            inner: InMemoryTransport::new(),
+            gate: Semaphore::new(0),
+            calls: AtomicUsize::new(0),
+            published: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn published(&self) -> Vec<EventRecord> {
+        self.published.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl EventTransport for GatedTransport {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.gate
+                .acquire()
+                .await
+                .expect("the gate stays open")
+                .forget();
+        }
+        self.inner.publish(topic, events).await?;
+        self.published.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
     }
 }
