@@ -150,13 +150,14 @@ async fn a_writer_that_panics_closes_its_connection() {
         static RECORDER: PanicsOnSent = PanicsOnSent;
         // The hub takes its metric handles when it is built, from this thread's recorder.
         let guard = metrics::set_default_local_recorder(&RECORDER);
-        let t = TestHub::start(HubOptions::new()).await;
+        // A close timeout well past the wait below: closed within that wait is closed at once.
+        let t = TestHub::start(HubOptions::new().close_timeout(Duration::from_secs(30))).await;
         drop(guard);
         let mut client = t.connect("agent-a1").await;
         // The `subscribed` frame is written, then the writer panics counting it: the client
         // gets a close frame at once, not a dropped connection after the close timeout.
         client.subscribe("tickets").await;
-        let closed = tokio::time::timeout(Duration::from_secs(1), client.closed_with(4)).await;
+        let closed = tokio::time::timeout(Duration::from_secs(10), client.closed_with(4)).await;
         assert_eq!(closed.ok(), Some(close_code::INTERNAL_ERROR));
         eventually(
             Duration::from_secs(10),

@@ -80,12 +80,16 @@ impl PubSub for RedisTestPubSub {
     }
 }
 
+/// How long connecting may take before Redis counts as unreachable (a failure under
+/// `CQRS_REQUIRE_SERVICES=1`): generous, for a loaded machine.
+const CONNECT: Duration = Duration::from_secs(15);
+
 fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
 async fn minimal(url: &str) -> Option<Arc<RedisTestPubSub>> {
-    let connected = tokio::time::timeout(Duration::from_secs(3), RedisTestPubSub::connect(url))
+    let connected = tokio::time::timeout(CONNECT, RedisTestPubSub::connect(url))
         .await
         .ok()
         .and_then(Result::ok);
@@ -98,7 +102,7 @@ async fn minimal(url: &str) -> Option<Arc<RedisTestPubSub>> {
 
 async fn adapter(url: &str, prefix: &str) -> Option<Arc<dyn PubSub>> {
     let connected = tokio::time::timeout(
-        Duration::from_secs(3),
+        CONNECT,
         cqrs_redis::RedisPubSubOptions::new(url)
             .channel_prefix(prefix)
             .connect(),
