@@ -131,7 +131,7 @@ async fn postgres_alone_runs_one_instance_with_in_process_events() {
         assert!(ready.body["components"].get("redis").is_none(), "{ready:?}");
         let (agent, _) = s.agent().await;
         s.ticket(&agent, "no redis").await;
-        cqrs_core::testing::eventually(Duration::from_secs(5), "the stats count it", || async {
+        cqrs_core::testing::eventually(Duration::from_secs(15), "the stats count it", || async {
             let r = s.get("/tickets/stats", &agent).await;
             (r.body == json!({ "open": 1, "assigned": 0, "closed": 0 })).then_some(())
         })

@@ -125,7 +125,8 @@ async fn report_while_postgres_hangs(details: bool) {
     let (proxied, _) = via(database_url, proxy.addr);
     let s = TestServer::start_on(backend, |c| {
         c.database_url = Some(proxied);
-        c.request_timeout_ms = 1_000;
+        // Each check gets a third: 2 s, ample for a healthy backend on a loaded machine.
+        c.request_timeout_ms = 6_000;
         c.ready_details = details;
     })
     .await;
@@ -150,7 +151,7 @@ async fn report_while_postgres_hangs(details: bool) {
 
     proxy.stall(false);
     cqrs_core::testing::eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         "/ready is 200 once Postgres answers again",
         || async {
             let r = s.send(Method::GET, "/ready", None, None).await;

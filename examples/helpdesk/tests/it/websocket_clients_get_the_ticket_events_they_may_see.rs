@@ -26,13 +26,14 @@ pub async fn send(ws: &mut Ws, frame: Value) {
     ws.send(Message::text(frame.to_string())).await.unwrap();
 }
 
-/// The next JSON text frame (skipping pings), within 5 s.
+/// The next JSON text frame (skipping pings), within 15 s: an event crosses the relay and
+/// Redis, on a machine that may be loaded.
 pub async fn next(ws: &mut Ws) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .expect("a frame within 5 s")
+            .expect("a frame within 15 s")
             .expect("the socket is open")
             .unwrap();
         match msg {
