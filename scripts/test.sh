@@ -68,9 +68,13 @@ ensure_postgres() {
         return
     fi
     export DATABASE_URL="postgres://postgres@127.0.0.1:5432/test"
-    # libpq (psql) and sqlx take defaults from these; inherited, they would send this
-    # script's checks elsewhere or ask the local server for TLS it does not have.
-    unset PGHOST PGHOSTADDR PGPORT PGUSER PGDATABASE PGSERVICE PGSSLMODE PGOPTIONS
+    # libpq (psql) and sqlx take defaults from PG* variables; inherited, they would send this
+    # script's checks elsewhere or ask the local server for TLS or GSSAPI it does not have.
+    # The password is kept: it may be the local server's.
+    local variable
+    for variable in $(compgen -e PG); do
+        [[ $variable == PGCONNECT_TIMEOUT || $variable == PGPASSWORD ]] || unset "$variable"
+    done
     local local_cluster=""
     ls /etc/postgresql/*/main/postgresql.conf >/dev/null 2>&1 && local_cluster=1
     if port_open 5432; then
@@ -91,9 +95,9 @@ ensure_postgres() {
             if [[ -z ${version:-} ]]; then
                 # Clusters on other ports only: starting one would not serve 5432.
                 local others
-                others=$(pg_lsclusters -h 2>/dev/null | awk '{ printf "%s/%s on port %s (%s); ", $1, $2, $3, $4 }')
+                others=$(pg_lsclusters -h 2>/dev/null | awk '{ printf "%s/%s on port %s (%s); ", $1, $2, $3, $4 }') || true
                 [[ -z $others ]] || die "no PostgreSQL cluster is set to port 5432 (found: ${others%; }); start one and set DATABASE_URL to its port, or move one to 5432"
-                version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1)
+                version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1) || true
                 [[ -n $version ]] || die "PostgreSQL is installed but has no cluster (/etc/postgresql is empty); create one (pg_createcluster --start VERSION main) or set DATABASE_URL"
                 cluster=main
             fi

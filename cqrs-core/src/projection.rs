@@ -751,22 +751,17 @@ impl<S: ProjectionStore, P: Projection<S>> Worker for ProjectionRunner<S, P> {
         let result = self.run_until_shutdown(&ctx).await;
         self.stop = None;
         self.health = None;
-        if let Source::Transport {
-            consumer: Some(consumer),
-            ..
-        } = &mut self.source
-        {
-            // What a failed close keeps (entries held back for their keys' turn) comes back
-            // after the redelivery delay; the failure is reported, not the run's own error
-            // replaced.
-            if let Err(e) = consumer.close().await {
-                if result.is_ok() {
-                    return Err(e.into());
-                }
-                tracing::warn!(projection = %self.name, error = %e, "closing the projection's consumer failed");
-            }
-        }
-        result
+        let closed = match &mut self.source {
+            Source::Transport {
+                consumer: Some(consumer),
+                ..
+            } => consumer.close().await,
+            _ => Ok(()),
+        };
+        result?;
+        // What a failed close keeps (entries held back for their keys' turn) comes back after
+        // the redelivery delay: the worker reports it.
+        Ok(closed?)
     }
 }
 

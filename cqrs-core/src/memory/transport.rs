@@ -114,9 +114,10 @@ impl InMemoryTransport {
             .collect()
     }
 
-    /// As [`dead_letters`](Self::dead_letters), each with the last failure its consumer
-    /// reported ([`Consumer::nack_with_reason`]); `None` when none did (the message was
-    /// handed out and never acknowledged nor nacked with a reason, as after a crash).
+    /// As [`dead_letters`](Self::dead_letters), each with the last reason a consumer handed it
+    /// back with ([`Consumer::nack_with_reason`]), in whichever attempt (as the Redis
+    /// transport's dead letters); `None` when no attempt gave one (plain `nack`s, or no answer
+    /// at all, as after a crash).
     pub fn dead_letters_with_errors(
         &self,
         topic: &str,

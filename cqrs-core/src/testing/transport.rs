@@ -26,12 +26,18 @@ pub trait TransportHarness: Harness {
     }
 
     /// The messages group `group` of `topic` dead-lettered, as event ids with how many times
-    /// each was handed out and the failure the adapter kept for it (the reason of the last
-    /// [`nack_with_reason`](crate::ports::Consumer::nack_with_reason), where the adapter keeps
-    /// it), when the adapter keeps dead letters (the port does not expose them). `None` (the
-    /// default) leaves the dead-letter check out: the scenario then only checks that the
-    /// message stops coming back.
-    async fn dead_letters(&self, topic: &str, group: &str) -> Option<Vec<(Uuid, u32, String)>> {
+    /// each was handed out and, where the adapter keeps it, the failure it kept (`Some`: the
+    /// scenario checks it holds the reason of the last
+    /// [`nack_with_reason`](crate::ports::Consumer::nack_with_reason)), when the adapter keeps
+    /// dead letters (the port does not expose them). `None` (the default) leaves the
+    /// dead-letter check out: the scenario then only checks that the message stops coming
+    /// back.
+    #[allow(clippy::type_complexity)]
+    async fn dead_letters(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Option<Vec<(Uuid, u32, Option<String>)>> {
         let _ = (topic, group);
         None
     }
@@ -869,11 +875,12 @@ pub async fn a_message_is_dead_lettered_after_max_deliveries<H: TransportHarness
             [(poison.event_id, 2)],
             "dead-lettered once, after its 2 deliveries; nothing else"
         );
-        assert!(
-            dead[0].2.contains("poison"),
-            "the dead letter keeps the last nack's reason: {:?}",
-            dead[0].2
-        );
+        if let Some(error) = &dead[0].2 {
+            assert!(
+                error.contains("poison"),
+                "the dead letter keeps the last nack's reason: {error:?}"
+            );
+        }
     } else {
         eprintln!("the harness cannot list dead letters: checked only that it stops coming");
     }

@@ -62,13 +62,14 @@ mod transport {
             &self,
             topic: &str,
             group: &str,
-        ) -> Option<Vec<(uuid::Uuid, u32, String)>> {
+        ) -> Option<Vec<(uuid::Uuid, u32, Option<String>)>> {
             Some(
                 self.adapter
                     .dead_letters_with_errors(topic, group)
                     .into_iter()
                     .map(|(record, deliveries, error)| {
-                        (record.event_id, deliveries, error.unwrap_or_default())
+                        // Always kept here: a missing reason is a failure.
+                        (record.event_id, deliveries, Some(error.unwrap_or_default()))
                     })
                     .collect(),
             )

@@ -36,7 +36,7 @@ impl TransportHarness for RedisTransportHarness {
         &self,
         topic: &str,
         group: &str,
-    ) -> Option<Vec<(uuid::Uuid, u32, String)>> {
+    ) -> Option<Vec<(uuid::Uuid, u32, Option<String>)>> {
         let dead = self
             .transport
             .dead_letters(topic, None, 1000)
@@ -47,7 +47,7 @@ impl TransportHarness for RedisTransportHarness {
                 .filter(|d| d.group == group)
                 .map(|d| {
                     let record = d.record.expect("a dead letter that decodes");
-                    (record.event_id, d.deliveries, d.error)
+                    (record.event_id, d.deliveries, Some(d.error))
                 })
                 .collect(),
         )

@@ -32,13 +32,16 @@ pub(crate) const BUSY: &str = "busy";
 /// refused at once with 429 `too_many_attempts`, before it waits in the shared queue. So one
 /// client sending logins as fast as it can cannot take every turn, nor fill the queue ahead of
 /// everyone else with its own requests. The /64s of one IPv6 /48 (one site, which can use
-/// thousands of /64s) hold half the turns together, at most (and at least a client's share).
+/// thousands of /64s) hold half the turns together, at most, and never all of them; but always
+/// more than one /64's share, so one busy /64 does not lock out the others of its /48 (with
+/// fewer than three turns there is no such room, and no cap per site).
 #[derive(Clone, Debug)]
 pub(crate) struct Hashing {
     permits: Arc<Semaphore>,
     wait: Duration,
     per_client: usize,
-    per_site: usize,
+    /// `None`: too few turns for a share per site larger than a client's.
+    per_site: Option<usize>,
     /// Turns held or waited for, by client key and by site key (an IPv6 /48, `…::/48`, which
     /// no client key ends with); a key leaves the map when its count is zero.
     // A `std::sync::Mutex`: no `.await` while it is held.
@@ -106,7 +109,12 @@ impl Hashing {
             permits: Arc::new(Semaphore::new(permits)),
             wait,
             per_client,
-            per_site: (permits / 2).max(per_client),
+            per_site: Some(
+                (permits / 2)
+                    .max(per_client + 1)
+                    .min(permits.saturating_sub(1)),
+            )
+            .filter(|&site| site > per_client),
             clients: Arc::default(),
         }
     }
@@ -140,15 +148,26 @@ impl Hashing {
     fn slot(&self, key: String, site: Option<String>) -> Result<ClientSlot, HandlerError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let held = |k: &String| clients.get(k).copied().unwrap_or(0);
-        if held(&key) >= self.per_client || site.as_ref().is_some_and(|s| held(s) >= self.per_site)
-        {
-            return Err(HandlerError::new(
-                ErrorKind::RateLimited,
-                "too_many_attempts",
-                "this client address has too many logins or registrations in progress; \
-                 wait for them to finish",
+        let refused = |message| {
+            Err(
+                HandlerError::new(ErrorKind::RateLimited, "too_many_attempts", message)
+                    .with_details(json!({ "retry_after": 1 })),
             )
-            .with_details(json!({ "retry_after": 1 })));
+        };
+        if held(&key) >= self.per_client {
+            return refused(
+                "this client address has too many logins or registrations in progress; wait \
+                 for them to finish",
+            );
+        }
+        let site = site.filter(|_| self.per_site.is_some());
+        if let (Some(site), Some(limit)) = (&site, self.per_site)
+            && held(site) >= limit
+        {
+            return refused(
+                "this client's network (its IPv6 /48) has too many logins or registrations in \
+                 progress; wait for them to finish",
+            );
         }
         for k in std::iter::once(&key).chain(&site) {
             *clients.entry(k.clone()).or_insert(0) += 1;
@@ -299,10 +318,38 @@ mod tests {
     /// half of them, at least a client's share.
     #[test]
     fn a_client_never_gets_every_permit() {
-        for (permits, share, site) in [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 2, 2), (16, 2, 8)] {
+        for (permits, share, site) in [
+            (1, 1, None),
+            (2, 1, None),
+            (3, 1, Some(2)),
+            (4, 2, Some(3)),
+            (8, 2, Some(4)),
+            (16, 2, Some(8)),
+        ] {
             let hashing = Hashing::new(permits, Duration::ZERO);
             assert_eq!((hashing.per_client, hashing.per_site), (share, site));
         }
+    }
+
+    /// On a small machine (4 turns, a client's share 2) one /64 holding its share leaves
+    /// another /64 of its /48 a turn.
+    #[tokio::test]
+    async fn a_busy_64_does_not_lock_out_its_48_on_a_small_machine() {
+        let hashing = Hashing::new(4, Duration::from_secs(30));
+        let one: Option<IpAddr> = Some("2001:db8:5:1::1".parse().unwrap());
+        let other: Option<IpAddr> = Some("2001:db8:5:2::1".parse().unwrap());
+        let held = [
+            hashing.turn(one).await.unwrap(),
+            hashing.turn(one).await.unwrap(),
+        ];
+        let theirs = hashing.turn(other).await.unwrap();
+        assert_eq!(
+            hashing.turn(other).await.unwrap_err().code(),
+            "too_many_attempts",
+            "the site's three turns are taken; the fourth stays for everyone else"
+        );
+        assert!(hashing.turn(Some([192, 0, 2, 1].into())).await.is_ok());
+        drop((held, theirs));
     }
 
     /// The default is two hashes per core, but never past the cap (each takes ~19 MiB): a
@@ -324,7 +371,7 @@ mod tests {
 
     /// The /64s of one IPv6 /48 share half the turns: a party with a /48 cannot take every
     /// turn by spreading its logins over its /64s; another site and an IPv4 client still get
-    /// theirs.
+    /// theirs, and so does another /64 of a site where one /64 holds its share.
     #[tokio::test]
     async fn the_64s_of_one_48_share_half_the_turns() {
         let hashing = Hashing::new(8, Duration::from_secs(30));
@@ -341,6 +388,7 @@ mod tests {
             "too_many_attempts",
             "the site holds its half"
         );
+        assert!(refused.to_string().contains("/48"), "{refused}");
         let other_site: Option<IpAddr> = Some("2001:db8:8:1::1".parse().unwrap());
         held.push(hashing.turn(other_site).await.unwrap());
         held.push(hashing.turn(Some([192, 0, 2, 1].into())).await.unwrap());

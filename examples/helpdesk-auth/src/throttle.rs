@@ -183,8 +183,12 @@ impl LoginThrottle for InMemoryLoginThrottle {
 /// Whole seconds to wait for `left` to pass, rounded up (a client that waits what it is told
 /// must not be refused again), at least 1.
 pub(crate) fn retry_after(left: chrono::Duration) -> u64 {
-    let ms = left.num_milliseconds().max(0) as u64;
-    ms.div_ceil(1000).max(1)
+    // Microseconds: what Postgres keeps of a timestamp (past ~292,000 years, milliseconds).
+    match left.num_microseconds() {
+        Some(us) => (us.max(0) as u64).div_ceil(1_000_000),
+        None => (left.num_milliseconds().max(0) as u64).div_ceil(1000),
+    }
+    .max(1)
 }
 
 #[cfg(test)]
@@ -237,5 +241,8 @@ mod tests {
         assert_eq!(wait, 2, "1.5 s left");
         clock.advance(Duration::from_secs(wait));
         assert_eq!(throttle.attempt("k").await.unwrap(), None);
+        assert_eq!(retry_after(chrono::Duration::microseconds(59_000_400)), 60);
+        assert_eq!(retry_after(chrono::Duration::seconds(59)), 59);
+        assert_eq!(retry_after(chrono::Duration::zero()), 1);
     }
 }
