@@ -571,11 +571,21 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // The error of the first event set aside, returned once the rest took effect.
         let mut set_aside: Option<ProjectionError> = None;
         let mut passes = 0;
+        // One event per unit, after a panic no event was blamed for (a commit's effect, say):
+        // the one at fault is then found, and each other event takes effect once more at most.
+        let mut one_by_one = false;
+        // Applied by the units of this batch that committed (one by one).
+        let mut applied_before = 0;
         let consumer = consumer.as_mut();
         loop {
-            passes += 1;
+            // One by one, each failing pass hands one event back: that bounds the passes.
+            if !one_by_one {
+                passes += 1;
+            }
+            let taken = if one_by_one { 1 } else { records.len() };
             let work = async {
                 let (store, name) = (&**store, name.as_str());
+                let records = &records[..taken];
                 let mut unit = store.begin(name).await?;
                 let applied = apply_records(
                     store,
@@ -584,7 +594,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     name,
                     *apply_timeout,
                     &mut unit,
-                    &records,
+                    records,
                 )
                 .await?;
                 if let Some(last) = records.iter().filter_map(|r| r.position).max() {
@@ -602,18 +612,33 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             // the batch unanswered, so each came back later with a delivery counted that no
             // handler finished (with `max_deliveries(1)`: dead-lettered, never applied).
             let work = async {
-                crate::panic::CatchUnwind::new(work)
-                    .await
-                    .unwrap_or_else(|panic| {
+                match crate::panic::CatchUnwind::new(work).await {
+                    Ok(result) => (result, false),
+                    Err(panic) => (
                         Err(ProjectionError::Store(StoreError::Backend {
                             backend: "projection store",
                             source: format!("panicked: {panic}").into(),
-                        }))
-                    })
+                        })),
+                        true,
+                    ),
+                }
             };
             let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
-            let e = match keep_alive_while(Some(&mut *consumer), &ids, stall, work).await {
+            let (result, panicked) =
+                keep_alive_while(Some(&mut *consumer), &ids[..taken], stall, work).await;
+            let e = match result {
+                Ok(applied) if taken < ids.len() => {
+                    // One of a batch taken one by one: acknowledged, and on to the next.
+                    stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                    consumer.ack(&ids[..taken]).await?;
+                    applied_before += applied;
+                    ids.drain(..taken);
+                    order_keys.drain(..taken);
+                    records.drain(..taken);
+                    continue;
+                }
                 Ok(applied) => {
+                    let applied = applied_before + applied;
                     // The batch took effect, however long it ran: a failed ack is no stall.
                     stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                     if let Err(error) = consumer.ack(&ids).await {
@@ -632,12 +657,24 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
                 Err(e) => e,
             };
+            // A panic that no event was blamed for (the projection's own panics are, per
+            // event), in a unit of several events: which one's (a commit that runs each
+            // event's staged effect) is found by taking them one by one. Their effects may
+            // have run before the panic: each takes effect once more at most.
+            if panicked && taken > 1 && blamed(&e).is_none() {
+                tracing::warn!(projection = %name, error = %e, deliveries = taken, "a batch's unit panicked outside the projection's apply; taking its events one by one");
+                one_by_one = true;
+                // Reported (the worker is degraded) once the rest took effect.
+                set_aside.get_or_insert(e);
+                continue;
+            }
             // The batch is rolled back. Only an event at fault is handed back as an attempt,
             // so a poison event does not use up (and dead-letter) the deliveries of its batch
             // mates, and a store that is down or busy (a rebuild holding the lock)
-            // dead-letters nothing.
+            // dead-letters nothing. A unit of one event that panicked is that event's fault.
             let reason = e.to_string();
-            let blamed = blamed(&e);
+            let blamed = blamed(&e)
+                .or_else(|| (panicked && taken == 1).then(|| (records[0].event_id, true)));
             let mut failed = vec![false; ids.len()];
             // The later deliveries of a failed one's chain wait with it: acknowledging them
             // first would break their key's order.

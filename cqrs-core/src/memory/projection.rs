@@ -78,8 +78,10 @@ type Effect = Box<dyn FnOnce() + Send>;
 /// are processed again, as after a rolled-back Postgres transaction, instead of being marked
 /// processed with their read-model change lost. (The effects staged before the panicking one
 /// have run and stay: memory cannot undo them.) A `ProjectionRunner` fed by a transport
-/// catches a panic in `commit` and hands the batch back without counting an attempt; one fed
-/// by the event store does not: its worker fails and the runtime restarts it.
+/// catches a panic in `commit` and takes the batch's events one per unit, to find the one
+/// whose effect panics: that one is handed back as an attempt (and dead-lettered after its
+/// deliveries), and each of the others takes effect once more at most. One fed by the event
+/// store does not: its worker fails and the runtime restarts it.
 pub struct InMemoryUnit {
     _lock: tokio::sync::OwnedMutexGuard<()>,
     reset: HashSet<String>,

@@ -30,6 +30,8 @@ struct Sum {
     panics: bool,
     /// While set, every event fails with a retryable `Unavailable`.
     unavailable: AtomicBool,
+    /// A sum whose staged effect panics when the unit commits.
+    effect_panics_on: Option<u64>,
 }
 
 #[async_trait]
@@ -55,6 +57,11 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
                 "read model away",
                 "the read model's server is down",
             ));
+        }
+        if self.effect_panics_on == Some(added.sum) {
+            let sum = added.sum;
+            unit.on_commit(move || panic!("the effect of {sum} panics"));
+            return Ok(());
         }
         let mut fail = self.fail_once_on.lock().unwrap();
         if *fail == Some(added.sum) {
@@ -320,6 +327,41 @@ async fn poison_with_a_batch_mate(panics: bool) {
     assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
     let dead = dead_sums(&transport);
     assert_eq!(dead, [13], "only the poison is dead-lettered");
+}
+
+/// An effect that panics when its unit commits (after the effects staged before it ran) is
+/// found by taking the batch one event per unit: it is dead-lettered after its deliveries,
+/// and each batch mate takes effect once more at most, instead of the whole batch coming back
+/// (and its first effects running again) every redelivery delay for good.
+#[test]
+fn a_panicking_effect_is_found_and_its_batch_mates_take_effect_once_more_at_most() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            effect_panics_on: Some(7),
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[record(1), record(7), record(2)])
+            .await
+            .unwrap();
+        let mut runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            ConsumerOptions::default()
+                .block(Duration::from_millis(20))
+                .redelivery_delay(Duration::from_millis(10))
+                .max_deliveries(2),
+        );
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [1, 1, 2],
+            "1's effect ran before the panic, and once more alone; 2's once"
+        );
+        assert_eq!(dead_sums(&transport), [7], "the panicking effect's event");
+    });
 }
 
 /// A poison event is set aside within the batch it fails: the events of other keys, and its
@@ -1546,9 +1588,9 @@ impl Projection<InMemoryProjectionStore> for PanicsOnCommitOnce {
 }
 
 /// A panic in a transport-fed batch outside the projection's `apply` (here in the store's
-/// commit) fails the batch like a store error: its deliveries are handed back without an
-/// attempt, so with one delivery allowed nothing is dead-lettered, and the batch takes effect
-/// once the commit works.
+/// commit) is reported, and the batch is taken one event per unit: the panic gone, each event
+/// takes effect, no attempt is counted against any (with one delivery allowed, nothing is
+/// dead-lettered), and the panic is the step's error.
 #[test]
 fn a_batch_whose_commit_panics_is_handed_back_without_an_attempt() {
     run(async {
