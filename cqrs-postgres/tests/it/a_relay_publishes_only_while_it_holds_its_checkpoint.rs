@@ -6,22 +6,16 @@
 //! gone: nothing is shipped twice, or out of order, but the one publish in flight.
 
 use crate::support::{options, pg_test, record};
-use crate::transport::ControlledTransport;
-use async_trait::async_trait;
-use cqrs_core::memory::InMemoryTransport;
-use cqrs_core::ports::{
-    Consumer, ConsumerOptions, EventStore, EventTransport, ExpectedVersion, TransportCapabilities,
-    TransportError,
-};
+use crate::transport::{ControlledTransport, GatedTransport};
+use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::runtime::{Health, HealthReporter, Runtime, Shutdown, Worker, WorkerContext};
 use cqrs_core::testing::eventually;
 use cqrs_core::{ErrorKind, EventRecord};
 use cqrs_postgres::{PgDatabase, PgOutboxRelay, RelayBatch, RelayError};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -159,54 +153,6 @@ pg_test! {
     }
 }
 
-/// Records what it takes; the first publish waits for a permit.
-struct GatedTransport {
-    inner: InMemoryTransport,
-    gate: Semaphore,
-    calls: AtomicUsize,
-    published: Mutex<Vec<EventRecord>>,
-}
-
-impl GatedTransport {
-    fn new() -> Self {
-        Self {
-            inner: InMemoryTransport::new(),
-            gate: Semaphore::new(0),
-            calls: AtomicUsize::new(0),
-            published: Mutex::new(Vec::new()),
-        }
-    }
-}
-
-#[async_trait]
-impl EventTransport for GatedTransport {
-    fn capabilities(&self) -> TransportCapabilities {
-        self.inner.capabilities()
-    }
-
-    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.gate
-                .acquire()
-                .await
-                .expect("the gate stays open")
-                .forget();
-        }
-        self.inner.publish(topic, events).await?;
-        self.published.lock().unwrap().extend_from_slice(events);
-        Ok(())
-    }
-
-    async fn consumer(
-        &self,
-        topic: &str,
-        group: &str,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>, TransportError> {
-        self.inner.consumer(topic, group, options).await
-    }
-}
-
 pg_test! {
     /// The server ends a relay's session while its first run is at the broker: the relay
     /// publishes no further run of that batch (a standby may own the checkpoint by now) and
@@ -250,13 +196,13 @@ pg_test! {
         let outcome = tokio::time::timeout(DEADLINE, batch).await.unwrap().unwrap();
         assert!(matches!(outcome, Err(RelayError::LeaseLost { .. })), "{outcome:?}");
         let ids = |events: Vec<EventRecord>| events.iter().map(|e| e.event_id).collect::<Vec<_>>();
-        let published = transport.published.lock().unwrap().clone();
+        let published = transport.published();
         assert_eq!(ids(published), ids(stored[..1].to_vec()), "only the run in flight went out");
         assert_eq!(relay.checkpoint().await.unwrap(), cqrs_core::Position::START);
 
         // The next batch ships everything from the old checkpoint: the one in flight again.
         assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(4));
-        let published = transport.published.lock().unwrap().clone();
+        let published = transport.published();
         assert_once_and_in_order(&published[1..]);
         assert_eq!(ids(published[1..].to_vec()), ids(stored));
     }

@@ -2,21 +2,15 @@
 //! backlog says how many events wait and for how long.
 
 use crate::support::{pg_test, record};
-use crate::transport::receive;
-use async_trait::async_trait;
-use cqrs_core::EventRecord;
+use crate::transport::{GatedTransport, receive};
 use cqrs_core::memory::InMemoryTransport;
-use cqrs_core::ports::{
-    Consumer, ConsumerOptions, EventStore, EventTransport, ExpectedVersion, TransportCapabilities,
-    TransportError,
-};
+use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
 use cqrs_core::testing::eventually;
 use cqrs_postgres::PgOutboxRelay;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 
 pg_test! {
     async fn an_append_wakes_an_idle_relay_and_the_backlog_drains(db: PgDatabase) {
@@ -145,57 +139,5 @@ pg_test! {
 
         trigger.trigger();
         running.await.unwrap().expect("a clean stop");
-    }
-}
-
-/// A broker whose first publish waits until the test lets it through; the others go at once.
-struct GatedTransport {
-    inner: InMemoryTransport,
-    gate: Semaphore,
-    calls: AtomicUsize,
-    published: Mutex<Vec<EventRecord>>,
-}
-
-impl GatedTransport {
-    fn new() -> Self {
-        Self {
-            inner: InMemoryTransport::new(),
-            gate: Semaphore::new(0),
-            calls: AtomicUsize::new(0),
-            published: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn published(&self) -> Vec<EventRecord> {
-        self.published.lock().unwrap().clone()
-    }
-}
-
-#[async_trait]
-impl EventTransport for GatedTransport {
-    fn capabilities(&self) -> TransportCapabilities {
-        self.inner.capabilities()
-    }
-
-    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
-            self.gate
-                .acquire()
-                .await
-                .expect("the gate stays open")
-                .forget();
-        }
-        self.inner.publish(topic, events).await?;
-        self.published.lock().unwrap().extend_from_slice(events);
-        Ok(())
-    }
-
-    async fn consumer(
-        &self,
-        topic: &str,
-        group: &str,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>, TransportError> {
-        self.inner.consumer(topic, group, options).await
     }
 }

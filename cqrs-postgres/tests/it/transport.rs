@@ -151,3 +151,57 @@ pub(crate) async fn receive(
     }
     received
 }
+
+/// A broker whose first publish waits until the test lets it through; the others go at once.
+pub(crate) struct GatedTransport {
+    inner: InMemoryTransport,
+    /// Let the first publish through with `gate.add_permits(1)`.
+    pub(crate) gate: tokio::sync::Semaphore,
+    pub(crate) calls: AtomicUsize,
+    published: Mutex<Vec<EventRecord>>,
+}
+
+impl GatedTransport {
+    pub(crate) fn new() -> Self {
+        Self {
+            inner: InMemoryTransport::new(),
+            gate: tokio::sync::Semaphore::new(0),
+            calls: AtomicUsize::new(0),
+            published: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Every event the broker took, in publish order.
+    pub(crate) fn published(&self) -> Vec<EventRecord> {
+        self.published.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl EventTransport for GatedTransport {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.gate
+                .acquire()
+                .await
+                .expect("the gate stays open")
+                .forget();
+        }
+        self.inner.publish(topic, events).await?;
+        self.published.lock().unwrap().extend_from_slice(events);
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
