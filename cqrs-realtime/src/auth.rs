@@ -259,3 +259,32 @@ impl Refusal {
         &self.message
     }
 }
+
+/// Who a handshake comes from, for
+/// [`max_connections_per_client`](crate::HubOptions::max_connections_per_client): a stable
+/// key such as the client's IP address (or an IPv6 address's /64). Only the server knows
+/// which proxies to believe, so its middleware puts this in the request's extensions; the
+/// hub's [`route`](crate::Hub::route) reads it from there, and a handshake without one is not
+/// counted per client.
+///
+/// ```
+/// use axum::{Router, extract::Request, middleware::Next};
+/// use cqrs_realtime::{AllowAll, ClientKey, Hub};
+/// # fn demo(hub: Hub<String>) -> Router {
+/// async fn client_key(mut request: Request, next: Next) -> axum::response::Response {
+///     // Here the peer address; behind a proxy, the address it forwarded.
+///     let peer = request
+///         .extensions()
+///         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+///         .map(|info| info.0.ip().to_string());
+///     if let Some(peer) = peer {
+///         request.extensions_mut().insert(ClientKey(peer));
+///     }
+///     next.run(request).await
+/// }
+/// Router::new().route("/ws", hub.route().layer(axum::middleware::from_fn(client_key)))
+/// # }
+/// # let _ = AllowAll;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey(pub String);

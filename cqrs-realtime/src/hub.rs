@@ -6,7 +6,9 @@ use crate::metrics::{HubStats, Metrics};
 use crate::registry::Registry;
 use crate::signal::Ending;
 use crate::upstream::Upstreams;
-use crate::{Authenticator, Authorizer, EventRouting, HubOptions, Publisher, Unauthenticated};
+use crate::{
+    Authenticator, Authorizer, ClientKey, EventRouting, HubOptions, Publisher, Unauthenticated,
+};
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +17,7 @@ use cqrs_core::clock::{Clock, SystemClock};
 use cqrs_core::ports::{EventStore, PubSub};
 use cqrs_core::runtime::{Shutdown, ShutdownTrigger};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -158,6 +161,8 @@ pub(crate) struct HubInner<P> {
     open: AtomicUsize,
     /// Open connections per principal key (`Authenticator::connection_key`).
     per_principal: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+    /// Open connections per client key ([`ClientKey`]).
+    per_client: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Resume budgets per principal key: reconnecting does not refill one.
     resume_budgets: std::sync::Mutex<ResumeBudgets>,
     all_closed: Notify,
@@ -229,24 +234,45 @@ pub(crate) struct ConnectionSlot<P> {
     hub: Arc<HubInner<P>>,
     /// The principal's key, counted in `per_principal`.
     pub(crate) key: Option<String>,
+    /// The client's key, counted in `per_client`.
+    client: Option<String>,
     /// Whether the connection holds a place in the hub (`open`).
     placed: bool,
+}
+
+/// Counts one more connection under `key` unless it holds `limit` already.
+fn count_in(counts: &std::sync::Mutex<HashMap<String, usize>>, key: &str, limit: usize) -> bool {
+    let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+    let open = counts.entry(key.to_owned()).or_insert(0);
+    if *open >= limit {
+        // A key refused before it held any connection (a limit of zero) leaves no entry.
+        if *open == 0 {
+            counts.remove(key);
+        }
+        return false;
+    }
+    *open += 1;
+    true
+}
+
+/// Counts one connection under `key` less; a key with none left leaves the map.
+fn count_out(counts: &std::sync::Mutex<HashMap<String, usize>>, key: &str) {
+    let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
 }
 
 impl<P> Drop for ConnectionSlot<P> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            let mut counts = self
-                .hub
-                .per_principal
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = counts.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(&key);
-                }
-            }
+            count_out(&self.hub.per_principal, &key);
+        }
+        if let Some(client) = self.client.take() {
+            count_out(&self.hub.per_client, &client);
         }
         if !self.placed {
             return;
@@ -320,7 +346,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
     }
 
     /// The route to mount, at any path: `Router::new().route("/ws", hub.route())`. Answers
-    /// `GET` (other methods get the router's 405).
+    /// `GET` (other methods get the router's 405). A [`ClientKey`] in the request's extensions
+    /// (put there by the server's middleware) counts the connection against
+    /// [`max_connections_per_client`](HubOptions::max_connections_per_client).
     pub fn route<S>(&self) -> MethodRouter<S>
     where
         S: Clone + Send + Sync + 'static,
@@ -329,9 +357,11 @@ impl<P: Send + Sync + 'static> Hub<P> {
         axum::routing::get(
             move |upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
                   headers: HeaderMap,
-                  uri: Uri| {
+                  uri: Uri,
+                  client: Option<axum::Extension<ClientKey>>| {
+                let client = client.map(|axum::Extension(client)| client);
                 let hub = hub.clone();
-                async move { hub.handle(upgrade, &headers, &uri).await }
+                async move { hub.handle_for_client(upgrade, &headers, &uri, client).await }
             },
         )
     }
@@ -345,12 +375,26 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// `unavailable` with `Retry-After` (credentials that cannot be checked now), 400/426 from axum's upgrade checks as
     /// `websocket_upgrade_required` (not a WebSocket handshake), 503 `too_many_connections`
     /// past `max_connections`, and 429 `too_many_connections` past
-    /// `max_connections_per_principal`.
+    /// `max_connections_per_principal` (or, by [`handle_for_client`](Self::handle_for_client),
+    /// `max_connections_per_client`).
     pub async fn handle(
         &self,
         upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
         headers: &HeaderMap,
         uri: &Uri,
+    ) -> Response {
+        self.handle_for_client(upgrade, headers, uri, None).await
+    }
+
+    /// [`handle`](Self::handle) for a connection from `client`: past
+    /// [`max_connections_per_client`](HubOptions::max_connections_per_client) of its
+    /// connections, the handshake gets 429 `too_many_connections`.
+    pub async fn handle_for_client(
+        &self,
+        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+        headers: &HeaderMap,
+        uri: &Uri,
+        client: Option<ClientKey>,
     ) -> Response {
         let inner = &self.inner;
         inner.start();
@@ -420,16 +464,16 @@ impl<P: Send + Sync + 'static> Hub<P> {
         };
         // Counted before the hub-wide limit, so a principal past its own limit does not take a
         // place in the hub's.
-        let key = inner.authenticator.connection_key(&principal);
-        if let Some(key) = &key {
+        // From here the slot owns what it counted (and, once taken, the hub's place).
+        let mut slot = ConnectionSlot {
+            hub: inner.clone(),
+            key: None,
+            client: None,
+            placed: false,
+        };
+        if let Some(key) = inner.authenticator.connection_key(&principal) {
             let per_principal = inner.options.max_connections_per_principal;
-            let mut counts = inner
-                .per_principal
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let open = counts.entry(key.clone()).or_insert(0);
-            if *open >= per_principal {
-                drop(counts);
+            if !count_in(&inner.per_principal, &key, per_principal) {
                 inner.metrics.refused("too_many_connections_for_principal");
                 return error_response(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -439,14 +483,25 @@ impl<P: Send + Sync + 'static> Hub<P> {
                     ),
                 );
             }
-            *open += 1;
+            slot.key = Some(key);
         }
-        // From here the slot owns the principal's count (and, once taken, the hub's place).
-        let mut slot = ConnectionSlot {
-            hub: inner.clone(),
-            key,
-            placed: false,
-        };
+        // Principals are cheap to make where accounts are (a registration each): one client
+        // holding many of them is bounded here.
+        if let Some(ClientKey(client)) = client {
+            let per_client = inner.options.max_connections_per_client;
+            if !count_in(&inner.per_client, &client, per_client) {
+                drop(slot);
+                inner.metrics.refused("too_many_connections_for_client");
+                return error_response(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_connections",
+                    &format!(
+                        "this client address holds {per_client} WebSocket connections, as many as one may; close one first"
+                    ),
+                );
+            }
+            slot.client = Some(client);
+        }
         let max = inner.options.max_connections;
         if inner
             .open
@@ -697,6 +752,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 next_id: AtomicU64::new(1),
                 open: AtomicUsize::new(0),
                 per_principal: std::sync::Mutex::default(),
+                per_client: std::sync::Mutex::default(),
                 resume_budgets: std::sync::Mutex::default(),
                 all_closed: Notify::new(),
             }),

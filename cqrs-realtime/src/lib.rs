@@ -121,7 +121,9 @@ mod transport;
 mod upstream;
 mod worker;
 
-pub use auth::{AllowAll, AuthenticateFn, Authenticator, Authorizer, Refusal, Unauthenticated};
+pub use auth::{
+    AllowAll, AuthenticateFn, Authenticator, Authorizer, ClientKey, Refusal, Unauthenticated,
+};
 pub use hub::{BuildError, Hub, HubBuilder};
 pub use metrics::HubStats;
 pub use options::{DEFAULT_CHANNEL_PREFIX, HubOptions};

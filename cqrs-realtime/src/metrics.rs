@@ -18,7 +18,8 @@ pub mod names {
     /// Counter: connections closed with 1008 because their principal's credentials expired.
     pub const EXPIRED_CLOSES: &str = "realtime_expired_closes_total";
     /// Counter: handshakes refused, labelled `reason` = `unauthorized`, `not_websocket`,
-    /// `too_many_connections`, `too_many_connections_for_principal`, `shutting_down` or
+    /// `too_many_connections`, `too_many_connections_for_principal`,
+    /// `too_many_connections_for_client`, `shutting_down` or
     /// `unavailable` (the authenticator could not check the credentials).
     pub const HANDSHAKES_REFUSED: &str = "realtime_handshakes_refused_total";
     /// Counter: channel messages the hub missed because it fell behind the pub/sub.

@@ -31,6 +31,7 @@ pub struct HubOptions {
     pub(crate) max_subscriptions: usize,
     pub(crate) max_connections: usize,
     pub(crate) max_connections_per_principal: usize,
+    pub(crate) max_connections_per_client: usize,
     pub(crate) ping_interval: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) close_timeout: Duration,
@@ -57,6 +58,7 @@ impl Default for HubOptions {
             max_subscriptions: 32,
             max_connections: 20_000,
             max_connections_per_principal: 16,
+            max_connections_per_client: 1_000,
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             close_timeout: Duration::from_secs(5),
@@ -144,6 +146,16 @@ impl HubOptions {
     /// handshakes of that principal get 429. Default 16 (tabs and devices of one user).
     pub fn max_connections_per_principal(mut self, connections: usize) -> Self {
         self.max_connections_per_principal = connections;
+        self
+    }
+
+    /// Connections one client holds at once, for handshakes that carry a
+    /// [`ClientKey`](crate::ClientKey) (its address, as the server's middleware tells it);
+    /// further handshakes of that client get 429. Where accounts are cheap to make, the
+    /// per-principal limit alone lets one client fill the hub with many principals. Default
+    /// 1,000 (room for a network behind one NAT address).
+    pub fn max_connections_per_client(mut self, connections: usize) -> Self {
+        self.max_connections_per_client = connections;
         self
     }
 
@@ -284,6 +296,11 @@ impl HubOptions {
         at_least(
             "max_connections_per_principal",
             self.max_connections_per_principal,
+            1,
+        );
+        at_least(
+            "max_connections_per_client",
+            self.max_connections_per_client,
             1,
         );
         at_least("replay_batch", self.replay_batch, 1);

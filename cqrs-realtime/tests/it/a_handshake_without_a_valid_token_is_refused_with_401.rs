@@ -166,6 +166,56 @@ async fn one_user_holds_at_most_its_share_of_connections() {
     .await;
 }
 
+/// One client address cannot take the hub's connections with many principals (accounts are
+/// cheap where anyone may register): past `max_connections_per_client`, its handshakes get
+/// 429 while other clients still connect, and a closed connection gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holds_at_most_its_share_of_connections() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().max_connections_per_client(2)).await;
+        let from = |client: &str, user: &str| {
+            let mut request = t.url(user).into_client_request().unwrap();
+            request
+                .headers_mut()
+                .insert("x-test-client", client.parse().unwrap());
+            request
+        };
+        let _a = tokio_tungstenite::connect_async(from("10.0.0.1", "user-u1"))
+            .await
+            .unwrap();
+        let (mut b, _) = tokio_tungstenite::connect_async(from("10.0.0.1", "user-u2"))
+            .await
+            .unwrap();
+        match tokio_tungstenite::connect_async(from("10.0.0.1", "user-u3")).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 429);
+                let body: serde_json::Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "too_many_connections");
+                let message = body["error"]["message"].as_str().unwrap();
+                assert!(message.contains("client address"), "{message}");
+            }
+            other => panic!("a third connection from one client: {other:?}"),
+        }
+        // Another client, and a handshake naming none, are not held back.
+        let _c = tokio_tungstenite::connect_async(from("10.0.0.2", "user-u3"))
+            .await
+            .unwrap();
+        let _d = t.connect("user-u4").await;
+        b.close(None).await.unwrap();
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(10),
+            "the closed connection is released",
+            || async { (t.hub.stats().connections == 3).then_some(()) },
+        )
+        .await;
+        tokio_tungstenite::connect_async(from("10.0.0.1", "user-u5"))
+            .await
+            .expect("the client's place was given back");
+    })
+    .await;
+}
+
 /// Handshakes beyond `max_connections` get 503 `too_many_connections`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_beyond_the_connection_limit_get_503() {

@@ -144,6 +144,23 @@ impl Drop for TestHub {
     }
 }
 
+/// The client key a test handshake names in `x-test-client` (a server would take its
+/// address), as a server's middleware gives it to the hub.
+async fn client_key_from_header(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let key = request
+        .headers()
+        .get("x-test-client")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| cqrs_realtime::ClientKey(v.to_owned()));
+    if let Some(key) = key {
+        request.extensions_mut().insert(key);
+    }
+    next.run(request).await
+}
+
 impl TestHub {
     /// A hub on an in-memory pub/sub and event store.
     pub(crate) async fn start(options: HubOptions) -> Self {
@@ -228,7 +245,11 @@ impl TestHub {
         let hub = configure(builder).build().expect("valid hub");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().route("/ws", hub.route());
+        let app = Router::new().route(
+            "/ws",
+            hub.route()
+                .layer(axum::middleware::from_fn(client_key_from_header)),
+        );
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });

@@ -10,6 +10,7 @@
 mod api;
 mod auth;
 mod backends;
+mod client;
 mod error;
 mod extract;
 pub mod idempotency;
@@ -22,6 +23,7 @@ pub use backends::{
     Backends, BackgroundWorker, BusHandle, Buses, MIN_REDELIVERY_DELAY, Migration, Mode,
     RealtimeFeed, Settings,
 };
+pub use client::{client_key, site_key};
 pub use error::{ApiError, ErrorBody};
 
 /// The largest request body the gateway takes: room for the longest valid request (a

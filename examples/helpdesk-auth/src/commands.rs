@@ -1,7 +1,6 @@
 //! The auth plugin's messages and handlers.
 
 use crate::agents::AgentList;
-use crate::client::client_key;
 use crate::hashing::{ClientSlot, Hashing};
 use crate::throttle::{CountedAttempts, LoginThrottle};
 use crate::tokens::JwtTokens;
@@ -12,6 +11,7 @@ use cqrs_core::{
     Command, CommandContext, CommandHandler, ErrorKind, HandlerError, Message, Query, QueryContext,
     QueryHandler,
 };
+use helpdesk_api::client_key;
 use helpdesk_api::{Role, User};
 use serde_json::json;
 use std::net::IpAddr;

@@ -1,8 +1,8 @@
 //! Password hashing, bounded in total and per client address.
 
-use crate::client::{client_key, site_key};
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use cqrs_core::{ErrorKind, HandlerError};
+use helpdesk_api::{client_key, site_key};
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -15,7 +15,6 @@
 //! A server links it with `use helpdesk_auth as _;`; it registers through `inventory`.
 
 mod agents;
-mod client;
 mod commands;
 mod hashing;
 mod http;

@@ -312,6 +312,10 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .pubsub(backends.pubsub.clone())
         .event_store(backends.events.clone())
         .clock(backends.clock.clone())
+        .options(
+            cqrs_realtime::HubOptions::new()
+                .max_connections_per_client(config.ws_connections_per_address),
+        )
         .build()?;
     // Published by a relay, in the store's position order, one instance at a time: a client
     // resuming `tickets` from the last position it saw then misses nothing (a consumer group
@@ -326,7 +330,11 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let idempotent_routes = http::IdempotentRoutes::documented_in(&paths);
     let openapi = openapi_document(paths, schemas);
     let router = http::router(http::State {
-        plugin_router: plugin_router.route("/ws", hub.route()),
+        plugin_router: plugin_router.route(
+            "/ws",
+            hub.route()
+                .layer(axum::middleware::from_fn(websocket_client_key)),
+        ),
         openapi: Arc::new(openapi),
         runtime: runtime.clone(),
         authenticator,
@@ -653,6 +661,19 @@ impl cqrs_realtime::Authenticator for HubAuthenticator {
     fn expires_at(&self, session: &Session) -> Option<chrono::DateTime<chrono::Utc>> {
         session.expires_at
     }
+}
+
+/// Tells the hub who a handshake comes from (as the login throttle counts clients, behind
+/// `--trusted-proxies` too), for `--ws-connections-per-address`.
+async fn websocket_client_key(
+    helpdesk_api::ClientAddr(ip): helpdesk_api::ClientAddr,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    request
+        .extensions_mut()
+        .insert(cqrs_realtime::ClientKey(helpdesk_api::client_key(ip)));
+    next.run(request).await
 }
 
 /// The hub asks the feed's rules.

@@ -165,6 +165,16 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_MAX_CONCURRENT_HASHES")]
     pub max_concurrent_hashes: Option<u32>,
 
+    /// The most WebSocket connections one client address (an IPv4 address or an IPv6 /64)
+    /// holds at once, whatever accounts they belong to; past it a handshake gets 429. Anyone
+    /// may register accounts, so the limit per user alone would let one client fill the hub.
+    #[arg(
+        long,
+        env = "HELPDESK_WS_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 1_000
+    )]
+    pub ws_connections_per_address: usize,
+
     /// How often expired idempotency records (kept 24 hours) and the stats projection's inbox
     /// entries older than 7 days are deleted and, on Redis, the event stream is trimmed of
     /// what every consumer group acknowledged, in milliseconds.
@@ -341,6 +351,10 @@ impl std::fmt::Debug for Config {
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("max_connections", &self.max_connections)
             .field("max_concurrent_hashes", &self.max_concurrent_hashes)
+            .field(
+                "ws_connections_per_address",
+                &self.ws_connections_per_address,
+            )
             .field("purge_interval_ms", &self.purge_interval_ms)
             .field("ready_details", &self.ready_details)
             .field("database_max_connections", &self.database_max_connections)
@@ -657,6 +671,9 @@ impl Config {
                  it is {}",
                 self.max_concurrent_hashes.unwrap_or_default()
             ));
+        }
+        if self.ws_connections_per_address == 0 {
+            problems.push("HELPDESK_WS_CONNECTIONS_PER_ADDRESS must be at least 1".into());
         }
         if self.max_connections == Some(0) {
             problems.push(

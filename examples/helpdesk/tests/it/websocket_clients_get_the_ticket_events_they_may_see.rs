@@ -449,6 +449,43 @@ async fn a_customer_resuming_gets_none_of_the_other_customers_events() {
     .await;
 }
 
+/// One client address holds at most `--ws-connections-per-address` WebSockets, whatever
+/// accounts they belong to (anyone may register more): past it, 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_websocket_connections() {
+    within(async {
+        let s = TestServer::start_with(|c| c.ws_connections_per_address = 2).await;
+        let (first, _) = s.customer().await;
+        let (second, _) = s.customer().await;
+        let _a = connect(&s, &first).await;
+        let mut b = connect(&s, &second).await;
+        let url = format!("{}/ws?token={first}", s.base.replace("http://", "ws://"));
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+            }
+            other => panic!("a third WebSocket from one address: {other:?}"),
+        }
+        b.close(None).await.unwrap();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the closed connection gives its place back",
+            || async {
+                tokio_tungstenite::connect_async(url.as_str())
+                    .await
+                    .ok()
+                    .map(drop)
+            },
+        )
+        .await;
+        s.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_the_server_down_closes_websockets_with_1001() {
     within(async {

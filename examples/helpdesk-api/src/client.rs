@@ -1,14 +1,22 @@
-//! Telling clients apart by their address.
+//! Telling clients apart by their address: the login throttle, the hashing cap and the
+//! WebSocket hub's per-client limit count by the same keys.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// The part of a client's address that the login throttle and the hashing cap count by: an
-/// IPv4 address, or an IPv6 address's /64 (one host can pick any address in its /64, so
-/// counting whole addresses would give it as many turns as it likes). An IPv4 client reaching
+/// The part of a client's address that the login throttle, the hashing cap and the WebSocket
+/// connections per client count by: an IPv4 address, or an IPv6 address's /64 (one host can
+/// pick any address in its /64, so counting whole addresses would give it as many turns as it
+/// likes). An IPv4 client reaching
 /// the server through NAT64 (`64:ff9b::/96`, the well-known prefix) counts as its IPv4
 /// address, not as one /64 shared by every such client. Requests whose address is unknown
 /// (dispatched on the bus without one) share one key.
-pub(crate) fn client_key(ip: Option<IpAddr>) -> String {
+///
+/// ```
+/// use helpdesk_api::client_key;
+/// assert_eq!(client_key(Some("2001:db8:1:2::9".parse().unwrap())), "2001:db8:1:2::/64");
+/// assert_eq!(client_key(Some("64:ff9b::c000:201".parse().unwrap())), "192.0.2.1");
+/// ```
+pub fn client_key(ip: Option<IpAddr>) -> String {
     match ip.map(unwrap_ip) {
         None => "unknown".to_owned(),
         Some(IpAddr::V4(v4)) => v4.to_string(),
@@ -22,7 +30,7 @@ pub(crate) fn client_key(ip: Option<IpAddr>) -> String {
 /// The site an IPv6 client's /64 belongs to, its /48 (what one organisation or one customer
 /// of a provider usually holds: one party can use thousands of /64s), or `None` for an IPv4 or
 /// unknown address, whose [`client_key`] is the site already.
-pub(crate) fn site_key(ip: Option<IpAddr>) -> Option<String> {
+pub fn site_key(ip: Option<IpAddr>) -> Option<String> {
     match ip.map(unwrap_ip)? {
         IpAddr::V4(_) => None,
         IpAddr::V6(v6) => {
