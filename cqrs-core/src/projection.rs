@@ -11,7 +11,7 @@ use crate::{
     EventTypes, HandlerError, Position,
 };
 use async_trait::async_trait;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -177,6 +177,9 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     stall_after: Duration,
     /// Set when a batch ran past `stall_after` (and was reported), until the next outcome.
     stalled: std::sync::atomic::AtomicBool,
+    /// Events whose unit of their own panicked (outside `apply`): the next such panic of one
+    /// is its fault, counted as an attempt. The newest [`MAX_SUSPECTS`].
+    suspects: VecDeque<Uuid>,
     /// The store's checkpoint as this runner last saw it: where its next batch is read.
     read_from: std::sync::Mutex<Option<Position>>,
 }
@@ -243,6 +246,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout: None,
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
+            suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
         }
     }
@@ -288,6 +292,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout: None,
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
+            suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
         }
     }
@@ -531,6 +536,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout,
             stall_after,
             stalled,
+            suspects,
             ..
         } = self;
         let Source::Transport {
@@ -576,6 +582,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let mut one_by_one = false;
         // Applied by the units of this batch that committed (one by one).
         let mut applied_before = 0;
+        // Whether a unit of one event panicked in this step already.
+        let mut lone_panic = false;
         let consumer = consumer.as_mut();
         loop {
             // One by one, each failing pass hands one event back: that bounds the passes.
@@ -607,10 +615,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Ok::<_, ProjectionError>(applied)
             };
             // A panic outside the projection's own `apply` (which `apply_records` guards per
-            // event), in the store's commit say, fails the batch like a store error: every
-            // delivery is handed back without an attempt, instead of the panic escaping with
-            // the batch unanswered, so each came back later with a delivery counted that no
-            // handler finished (with `max_deliveries(1)`: dead-lettered, never applied).
+            // event), in the store's commit say, fails the unit like a store error (below:
+            // which event's it is, if any), instead of the panic escaping with the batch
+            // unanswered, so each came back later with a delivery counted that no handler
+            // finished (with `max_deliveries(1)`: dead-lettered, never applied).
             let work = async {
                 match crate::panic::CatchUnwind::new(work).await {
                     Ok(result) => (result, false),
@@ -624,13 +632,23 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
             };
             let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
+            // All the batch's deliveries are kept, those waiting their turn one by one too.
             let (result, panicked) =
-                keep_alive_while(Some(&mut *consumer), &ids[..taken], stall, work).await;
+                keep_alive_while(Some(&mut *consumer), &ids, stall, work).await;
             let e = match result {
                 Ok(applied) if taken < ids.len() => {
                     // One of a batch taken one by one: acknowledged, and on to the next.
                     stalled.store(false, std::sync::atomic::Ordering::Relaxed);
-                    consumer.ack(&ids[..taken]).await?;
+                    if let Err(error) = consumer.ack(&ids[..taken]).await {
+                        // The rest goes back without an attempt; the panic is still told.
+                        if let Err(error) = consumer.defer(&ids[taken..]).await {
+                            tracing::warn!(projection = %name, %error, "could not hand back the rest of a batch taken one by one; it comes back after its redelivery delay");
+                        }
+                        if let Some(first) = &set_aside {
+                            tracing::warn!(projection = %name, error = %first, "a batch's unit panicked; taking its events one by one stopped at a failed acknowledgement");
+                        }
+                        return Err(error.into());
+                    }
                     applied_before += applied;
                     ids.drain(..taken);
                     order_keys.drain(..taken);
@@ -657,11 +675,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
                 Err(e) => e,
             };
-            // A panic that no event was blamed for (the projection's own panics are, per
-            // event), in a unit of several events: which one's (a commit that runs each
-            // event's staged effect) is found by taking them one by one. Their effects may
-            // have run before the panic: each takes effect once more at most.
-            if panicked && taken > 1 && blamed(&e).is_none() {
+            // A panic outside the projection's `apply` (its own panics are blamed per event),
+            // in a unit of several events: which one's (a commit that runs each event's staged
+            // effect) is found by taking them one by one. Their effects may have run before
+            // the panic: in this step each takes effect once more at most.
+            if panicked && taken > 1 {
                 tracing::warn!(projection = %name, error = %e, deliveries = taken, "a batch's unit panicked outside the projection's apply; taking its events one by one");
                 one_by_one = true;
                 // Reported (the worker is degraded) once the rest took effect.
@@ -671,10 +689,27 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             // The batch is rolled back. Only an event at fault is handed back as an attempt,
             // so a poison event does not use up (and dead-letter) the deliveries of its batch
             // mates, and a store that is down or busy (a rebuild holding the lock)
-            // dead-letters nothing. A unit of one event that panicked is that event's fault.
+            // dead-letters nothing. A unit of one event that panicked is that event's fault
+            // when it panicked before: alone already, or in a unit of several in this step (the
+            // first lone panic of the step only: a second says the store panics, not an event).
+            // A single panic of a lone event may be the store's passing fault: no attempt.
             let reason = e.to_string();
-            let blamed = blamed(&e)
-                .or_else(|| (panicked && taken == 1).then(|| (records[0].event_id, true)));
+            let blamed = blamed(&e).or_else(|| {
+                if !panicked || taken != 1 {
+                    return None;
+                }
+                let id = records[0].event_id;
+                let suspect = suspects.contains(&id);
+                let at_fault = suspect || (one_by_one && !lone_panic);
+                lone_panic = true;
+                if !suspect {
+                    if suspects.len() == MAX_SUSPECTS {
+                        suspects.pop_front();
+                    }
+                    suspects.push_back(id);
+                }
+                at_fault.then_some((id, true))
+            });
             let mut failed = vec![false; ids.len()];
             // The later deliveries of a failed one's chain wait with it: acknowledging them
             // first would break their key's order.
@@ -1093,6 +1128,9 @@ fn passes(error: &ProjectionError) -> bool {
 /// Bounded, since each pass applies the rest anew: a batch with more failing events than this
 /// hands the rest back to wait, as a failed batch does.
 const MAX_PASSES_PER_BATCH: usize = 8;
+
+/// Events a runner remembers whose unit of their own panicked.
+const MAX_SUSPECTS: usize = 1024;
 
 /// The event a failed batch can go on without, and whether its failure counts as an attempt
 /// on it: one [`at_fault`] (an attempt), or one only a newer build can decode (no attempt: it

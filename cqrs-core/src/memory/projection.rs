@@ -80,7 +80,10 @@ type Effect = Box<dyn FnOnce() + Send>;
 /// have run and stay: memory cannot undo them.) A `ProjectionRunner` fed by a transport
 /// catches a panic in `commit` and takes the batch's events one per unit, to find the one
 /// whose effect panics: that one is handed back as an attempt (and dead-lettered after its
-/// deliveries), and each of the others takes effect once more at most. One fed by the event
+/// deliveries), and each of the others takes effect once more in that step (a step cut short,
+/// by an outage or a restart, may run them again when the batch comes back). A lone event
+/// whose unit panics once is handed back without an attempt (the store's passing fault, for
+/// all the runner can tell); from its next such panic on, each counts. One fed by the event
 /// store does not: its worker fails and the runtime restarts it.
 pub struct InMemoryUnit {
     _lock: tokio::sync::OwnedMutexGuard<()>,

@@ -1628,6 +1628,36 @@ fn a_batch_whose_commit_panics_is_handed_back_without_an_attempt() {
     });
 }
 
+/// A lone event whose unit panics once (the store's passing fault, as far as the runner can
+/// tell) is handed back without an attempt: with one delivery allowed, it is not
+/// dead-lettered, and takes effect once the commit works.
+#[test]
+fn a_lone_event_whose_commit_panics_once_is_not_dead_lettered() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        transport.publish("sums", &[record(3)]).await.unwrap();
+        let projection = Arc::new(PanicsOnCommitOnce::default());
+        projection.armed.store(true, Ordering::SeqCst);
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            projection.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts().max_deliveries(1),
+            types(),
+        );
+        for _ in 0..200 {
+            let _ = runner.run_once().await;
+            if transport.backlog("sums", "sum") == 0 {
+                break;
+            }
+        }
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+        assert_eq!(*projection.seen.lock().unwrap(), [3]);
+    });
+}
+
 /// A transport-fed runner whose store came back takes a batch of duplicates (a relay that
 /// shipped again): nothing applies, but its unit committed, so the store works and the runner
 /// is healthy at once, not degraded until the failed batch's redelivery (a batch that applied

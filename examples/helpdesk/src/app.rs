@@ -670,9 +670,13 @@ async fn websocket_client_key(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    request
-        .extensions_mut()
-        .insert(cqrs_realtime::ClientKey(helpdesk_api::client_key(ip)));
+    // An unknown address (no peer, served some other way) is not counted: it would put every
+    // such client under one key.
+    if ip.is_some() {
+        request
+            .extensions_mut()
+            .insert(cqrs_realtime::ClientKey(helpdesk_api::client_key(ip)));
+    }
     next.run(request).await
 }
 
