@@ -584,6 +584,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let mut applied_before = 0;
         // Whether a unit of one event panicked in this step already.
         let mut lone_panic = false;
+        // Whether a unit of one event committed in this step.
+        let mut committed_alone = false;
         let consumer = consumer.as_mut();
         loop {
             // One by one, each failing pass hands one event back: that bounds the passes.
@@ -650,6 +652,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                         return Err(error.into());
                     }
                     applied_before += applied;
+                    committed_alone = true;
                     ids.drain(..taken);
                     order_keys.drain(..taken);
                     records.drain(..taken);
@@ -754,6 +757,15 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 tracing::warn!(projection = %name, %error, deliveries = waiting.len(), "could not hand back the deliveries of a failed batch; they come back after their redelivery delay");
             }
             if !isolate {
+                // Taken one by one, the last event found at fault while others took effect:
+                // as when it is set aside before them (the worker is degraded, not failing).
+                if one_by_one && blamed.is_some() && committed_alone {
+                    return Ok(Stepped {
+                        applied: applied_before,
+                        caught_up: false,
+                        set_aside: set_aside.or(Some(e)),
+                    });
+                }
                 // The first event's error names the cause; a later failure that is no event's
                 // (the store went down) says more about now.
                 return Err(match (set_aside, blamed) {

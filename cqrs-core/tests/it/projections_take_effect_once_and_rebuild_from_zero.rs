@@ -1628,6 +1628,48 @@ fn a_batch_whose_commit_panics_is_handed_back_without_an_attempt() {
     });
 }
 
+/// The event whose effect panics found last in its batch leaves the worker degraded, as
+/// when it is found first: the others took effect (not a failing step).
+#[test]
+fn a_panicking_effect_found_last_leaves_the_worker_degraded() {
+    use cqrs_core::runtime::{Health, Runtime};
+    use cqrs_core::testing::eventually;
+    run_paused(|| async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            effect_panics_on: Some(7),
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[record(1), record(7)])
+            .await
+            .unwrap();
+        let runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            ConsumerOptions::default()
+                .block(Duration::from_millis(20))
+                .redelivery_delay(Duration::from_secs(3600)),
+        );
+        let runtime = Runtime::builder().worker(runner).start();
+        eventually(Duration::from_secs(5), "1 applied alone", || async {
+            (*sum.seen.lock().unwrap() == [1, 1]).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(5), "degraded", || async {
+            let health = runtime.health().await.components["sum"].0.clone();
+            match health {
+                Health::Degraded(_) => Some(()),
+                Health::Unhealthy(reason) => panic!("unhealthy: {reason}"),
+                _ => None,
+            }
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 /// A lone event whose unit panics once (the store's passing fault, as far as the runner can
 /// tell) is handed back without an attempt: with one delivery allowed, it is not
 /// dead-lettered, and takes effect once the commit works.
