@@ -6,7 +6,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use cqrs_core::ports::StoreError;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
@@ -56,24 +57,79 @@ pub(crate) fn sort_key(ticket: &Ticket) -> SortKey {
     (ticket.created_at.trunc_subsecs(6), ticket.id)
 }
 
-/// The index in process memory.
+/// The index in process memory: the tickets in list order, and for each reporter, assignee,
+/// status and priority the keys of its tickets, so a filtered page walks the smallest of the
+/// lists its filter names instead of every ticket (a customer's page costs their own tickets,
+/// not everyone's).
 #[derive(Clone, Debug, Default)]
 pub struct InMemoryTicketIndex {
-    tickets: Arc<Mutex<BTreeMap<SortKey, Ticket>>>,
+    inner: Arc<Mutex<Lists>>,
+}
+
+/// A list a ticket is on besides the whole one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Facet {
+    Reporter(Uuid),
+    Assignee(Uuid),
+    Status(Status),
+    Priority(Priority),
+}
+
+impl Facet {
+    /// The lists `ticket` is on.
+    fn of(ticket: &Ticket) -> impl Iterator<Item = Facet> {
+        [
+            Some(Facet::Reporter(ticket.reporter_id)),
+            ticket.assignee_id.map(Facet::Assignee),
+            Some(Facet::Status(ticket.status)),
+            Some(Facet::Priority(ticket.priority)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The lists a page under `filter` may walk: every ticket it shows is on each of them.
+    fn named_by(filter: &ListFilter) -> impl Iterator<Item = Facet> {
+        [
+            filter.reporter_id.map(Facet::Reporter),
+            filter.assignee_id.map(Facet::Assignee),
+            filter.status.map(Facet::Status),
+            filter.priority.map(Facet::Priority),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Lists {
+    tickets: BTreeMap<SortKey, Ticket>,
+    facets: HashMap<Facet, BTreeSet<SortKey>>,
 }
 
 #[async_trait]
 impl TicketIndex for InMemoryTicketIndex {
     async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError> {
-        let mut tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Lists { tickets, facets } = &mut *lists;
         let key = sort_key(ticket);
         // Two changes of one ticket may reach the index in either order: keep the newer, as
         // the Postgres index does (`WHERE version < EXCLUDED.version`).
-        if tickets
-            .get(&key)
-            .is_some_and(|t| t.version >= ticket.version)
-        {
-            return Ok(());
+        if let Some(old) = tickets.get(&key) {
+            if old.version >= ticket.version {
+                return Ok(());
+            }
+            for facet in Facet::of(old) {
+                if let Some(keys) = facets.get_mut(&facet) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        facets.remove(&facet);
+                    }
+                }
+            }
+        }
+        for facet in Facet::of(ticket) {
+            facets.entry(facet).or_default().insert(key);
         }
         let mut summary = ticket.clone();
         summary.comments.clear();
@@ -87,18 +143,36 @@ impl TicketIndex for InMemoryTicketIndex {
         after: Option<SortKey>,
         limit: usize,
     ) -> Result<Vec<Ticket>, StoreError> {
-        let tickets = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
-        let range = match after {
-            Some(key) => tickets.range(..key),
-            None => tickets.range(..),
+        let lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let page = |keys: &mut dyn Iterator<Item = &SortKey>| -> Vec<Ticket> {
+            keys.filter_map(|key| lists.tickets.get(key))
+                .filter(|t| filter.matches(t))
+                .take(limit)
+                .cloned()
+                .collect()
         };
-        Ok(range
-            .rev()
-            .map(|(_, t)| t)
-            .filter(|t| filter.matches(t))
-            .take(limit)
-            .cloned()
-            .collect())
+        let upper = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut shortest: Option<&BTreeSet<SortKey>> = None;
+        for facet in Facet::named_by(filter) {
+            match lists.facets.get(&facet) {
+                // No ticket is on this list, so none matches the filter.
+                None => return Ok(Vec::new()),
+                Some(keys) if shortest.is_none_or(|s| keys.len() < s.len()) => {
+                    shortest = Some(keys)
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(match shortest {
+            Some(keys) => page(&mut keys.range((Bound::Unbounded, upper)).rev()),
+            None => page(
+                &mut lists
+                    .tickets
+                    .range((Bound::Unbounded, upper))
+                    .rev()
+                    .map(|(key, _)| key),
+            ),
+        })
     }
 }
 
@@ -204,6 +278,150 @@ mod tests {
         let listed = index.list(&ListFilter::default(), None, 10).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].version, listed[0].title.as_str()), (3, "closed"));
+    }
+
+    /// Every page under every filter is what a scan of all tickets gives, while tickets move
+    /// between statuses, assignees and priorities (arriving in any order, older versions
+    /// late): the lists a page walks follow each change, and a ticket leaves the lists it left.
+    #[tokio::test]
+    async fn filtered_pages_match_a_scan_of_every_ticket() {
+        let index = InMemoryTicketIndex::default();
+        let people: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+        let statuses = [Status::Open, Status::Assigned, Status::Closed];
+        let priorities = [
+            Priority::Low,
+            Priority::Normal,
+            Priority::High,
+            Priority::Urgent,
+        ];
+        // A fixed sequence of pseudo-random choices: the test is the same on every run.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let at = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let mut latest: HashMap<Uuid, Ticket> = HashMap::new();
+        let mut ids = Vec::new();
+        for step in 0..400 {
+            let ticket = if ids.is_empty() || next(3) == 0 {
+                let id = Uuid::now_v7();
+                ids.push(id);
+                Ticket {
+                    id,
+                    reporter_id: people[next(people.len())],
+                    // Some tickets share a creation time: the id orders them.
+                    created_at: at + chrono::Duration::seconds(next(50) as i64),
+                    version: 1,
+                    ..Ticket::default()
+                }
+            } else {
+                let old = &latest[&ids[next(ids.len())]];
+                Ticket {
+                    status: statuses[next(statuses.len())],
+                    priority: priorities[next(priorities.len())],
+                    assignee_id: [None, Some(people[next(people.len())])][next(2)],
+                    // Sometimes a version older than the one held: it must change nothing.
+                    version: if next(5) == 0 {
+                        old.version
+                    } else {
+                        old.version + 1
+                    },
+                    ..old.clone()
+                }
+            };
+            index.upsert(&ticket).await.unwrap();
+            let held = latest.entry(ticket.id).or_insert_with(|| ticket.clone());
+            if held.version < ticket.version {
+                *held = ticket;
+            }
+            if step % 40 != 39 {
+                continue;
+            }
+            {
+                // Each ticket is on exactly the lists of its current version, and no list is
+                // kept empty: a ticket that moved left its old lists.
+                let lists = index.inner.lock().unwrap();
+                for (facet, keys) in &lists.facets {
+                    assert!(!keys.is_empty(), "{facet:?} is kept empty");
+                    for key in keys {
+                        assert!(
+                            Facet::of(&lists.tickets[key]).any(|f| f == *facet),
+                            "{key:?} is still on {facet:?}"
+                        );
+                    }
+                }
+                for (key, ticket) in &lists.tickets {
+                    for facet in Facet::of(ticket) {
+                        assert!(
+                            lists.facets[&facet].contains(key),
+                            "{key:?} not on {facet:?}"
+                        );
+                    }
+                }
+            }
+            let mut scan: Vec<&Ticket> = latest.values().collect();
+            scan.sort_by_key(|t| std::cmp::Reverse(sort_key(t)));
+            let mut filters = vec![ListFilter::default()];
+            for &person in &people {
+                filters.push(ListFilter {
+                    reporter_id: Some(person),
+                    ..Default::default()
+                });
+                filters.push(ListFilter {
+                    assignee_id: Some(person),
+                    ..Default::default()
+                });
+                for status in statuses {
+                    filters.push(ListFilter {
+                        reporter_id: Some(person),
+                        status: Some(status),
+                        ..Default::default()
+                    });
+                }
+            }
+            for status in statuses {
+                filters.push(ListFilter {
+                    status: Some(status),
+                    ..Default::default()
+                });
+            }
+            for priority in priorities {
+                filters.push(ListFilter {
+                    priority: Some(priority),
+                    assignee_id: Some(people[0]),
+                    ..Default::default()
+                });
+            }
+            // Someone with no ticket at all.
+            filters.push(ListFilter {
+                reporter_id: Some(Uuid::now_v7()),
+                ..Default::default()
+            });
+            for filter in &filters {
+                let expected: Vec<(Uuid, u64)> = scan
+                    .iter()
+                    .filter(|t| filter.matches(t))
+                    .map(|t| (t.id, t.version))
+                    .collect();
+                let (mut listed, mut after) = (Vec::new(), None);
+                loop {
+                    let page = index.list(filter, after, 3).await.unwrap();
+                    listed.extend(page.iter().map(|t| (t.id, t.version)));
+                    match page.last() {
+                        Some(last) if page.len() == 3 => after = Some(sort_key(last)),
+                        _ => break,
+                    }
+                    assert!(
+                        listed.len() <= expected.len(),
+                        "{filter:?}: paging past the end"
+                    );
+                }
+                assert_eq!(listed, expected, "{filter:?} at step {step}");
+            }
+        }
     }
 
     /// Two tickets created within one microsecond are both on the pages: the cursor (to the

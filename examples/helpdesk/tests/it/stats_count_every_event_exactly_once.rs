@@ -103,3 +103,96 @@ async fn on_postgres_without_redis_the_stats_read_the_event_store() {
     })
     .await;
 }
+
+/// On Postgres the counts per status are a table a trigger keeps. A database written before
+/// it existed (or by an instance of such a build meanwhile) is recounted when the migration
+/// runs, and from then on every write to the statuses, a delete included, moves the counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_start() {
+    use cqrs_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let Backend::Postgres {
+        database_url,
+        namespace: schema,
+        ..
+    } = &backend
+    else {
+        unreachable!("a Postgres backend")
+    };
+    let (database_url, schema) = (database_url.clone(), schema.clone());
+    within(async {
+        let a = TestServer::start_on(backend.shared(), |_| {}).await;
+        let (customer, _) = a.customer().await;
+        let (agent, agent_id) = a.agent().await;
+        let mut ids = Vec::new();
+        for title in ["assigned", "closed", "open"] {
+            ids.push(
+                a.ticket(&customer, title).await["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        a.post(
+            &format!("/tickets/{}/assign", ids[0]),
+            &agent,
+            json!({ "assignee_id": agent_id }),
+        )
+        .await;
+        a.post(&format!("/tickets/{}/close", ids[1]), &agent, json!({}))
+            .await;
+        let counted = json!({ "open": 1, "assigned": 1, "closed": 1 });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats catch up", || async {
+            (a.get("/tickets/stats", &agent).await.body == counted).then_some(())
+        })
+        .await;
+        a.stop().await;
+
+        // As the database of an older build: no counts, no trigger, an older migration text,
+        // and a status written without the trigger (a ticket closed meanwhile elsewhere).
+        let mut conn = PgConnection::connect(&database_url).await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP TRIGGER ticket_stats_counted ON {schema}.ticket_stats;
+             DROP FUNCTION {schema}.ticket_stats_counted();
+             DROP TABLE {schema}.ticket_status_counts;
+             UPDATE {schema}.helpdesk_migrations
+                 SET sql = 'an older text', sql_md5 = md5('an older text')
+                 WHERE name LIKE 'tickets/%';
+             INSERT INTO {schema}.ticket_stats (ticket_id, status, version)
+                 VALUES ('00000000-0000-7000-8000-000000000001', 'closed', 2)"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+        let b = TestServer::start_on(backend, |_| {}).await;
+        assert_eq!(
+            b.get("/tickets/stats", &agent).await.body,
+            json!({ "open": 1, "assigned": 1, "closed": 2 }),
+            "the start recounted every status, the one written without the trigger too"
+        );
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DELETE FROM {schema}.ticket_stats
+                 WHERE ticket_id = '00000000-0000-7000-8000-000000000001'"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            b.get("/tickets/stats", &agent).await.body,
+            counted,
+            "a deleted status leaves its count"
+        );
+        b.post(&format!("/tickets/{}/close", ids[2]), &agent, json!({}))
+            .await;
+        let moved = json!({ "open": 0, "assigned": 1, "closed": 2 });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the close is counted", || async {
+            (b.get("/tickets/stats", &agent).await.body == moved).then_some(())
+        })
+        .await;
+        b.stop().await;
+    })
+    .await;
+}
