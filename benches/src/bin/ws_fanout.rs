@@ -381,14 +381,33 @@ fn cpu_seconds(pid: &str) -> Result<f64, BoxError> {
     Ok(ticks / 100.0)
 }
 
-/// Resident memory of a process, from `/proc/<pid>/status`.
-fn rss_kib(pid: u32) -> Result<u64, BoxError> {
+/// A process's resident memory, KiB, from `/proc/<pid>/status`.
+#[derive(Clone, Copy)]
+struct Resident {
+    /// `VmRSS`: everything resident, the binary's pages included.
+    all: u64,
+    /// `RssAnon`: heap, stacks and other anonymous memory, what connections allocate; code
+    /// paged in while serving them does not count.
+    anonymous: u64,
+}
+
+fn resident(pid: u32) -> Result<Resident, BoxError> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+    let field = |name: &str| -> Result<u64, BoxError> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .ok_or_else(|| format!("no {name} in /proc/{pid}/status"))?;
+        Ok(line
+            .split_whitespace()
+            .nth(1)
+            .ok_or_else(|| format!("bad {name} line {line:?}"))?
+            .parse()?)
+    };
+    Ok(Resident {
+        all: field("VmRSS:")?,
+        anonymous: field("RssAnon:")?,
+    })
 }
 
 /// A non-event frame, read in full (they are few).
@@ -499,7 +518,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         .ok_or_else(|| format!("unexpected hub output {first:?}"))?
         .to_owned();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let baseline = rss_kib(pid)?;
+    let baseline = resident(pid)?;
     let kernel_before = kernel_memory();
 
     // Ramp up: every client connects, subscribes, and waits for `subscribed`.
@@ -584,7 +603,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         ramp.as_secs_f64(),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = rss_kib(pid)?;
+    let idle = resident(pid)?;
     let kernel_idle = kernel_memory();
 
     // Publish at the rate, and wait for every client's report.
@@ -628,7 +647,7 @@ async fn drive(args: Args) -> Result<(), BoxError> {
     if let Some(status) = exited {
         eprintln!("the hub exited while publishing ({status}): its figures are missing below");
     }
-    let after = rss_kib(pid).ok();
+    let after = resident(pid).ok();
     let elapsed = publishing.elapsed().as_secs_f64();
     let cpu = (
         cpu_seconds(&pid.to_string())
@@ -714,18 +733,32 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         "CPU while publishing    hub {hub_cpu} %, clients {:.0} % of one core ({elapsed:.1} s)",
         100.0 * cpu.1 / elapsed
     );
-    let after_kib = after.map_or("-".to_owned(), |after| after.to_string());
+    let after_kib = |kib: fn(Resident) -> u64| after.map_or("-".to_owned(), |r| kib(r).to_string());
     println!(
-        "hub RSS KiB             baseline {baseline}, idle {idle}, after publishing {after_kib}"
+        "hub RSS KiB             baseline {}, idle {}, after publishing {}; of it anonymous \
+         (RssAnon) {}, {}, {}",
+        baseline.all,
+        idle.all,
+        after_kib(|r| r.all),
+        baseline.anonymous,
+        idle.anonymous,
+        after_kib(|r| r.anonymous),
     );
-    let per_connection = |kib: u64| (kib.saturating_sub(baseline)) as f64 / held.max(1) as f64;
+    let per_connection = |r: Resident| {
+        let per = |now: u64, then: u64| now.saturating_sub(then) as f64 / held.max(1) as f64;
+        (
+            per(r.anonymous, baseline.anonymous),
+            per(r.all, baseline.all),
+        )
+    };
+    let (idle_anonymous, idle_all) = per_connection(idle);
     println!(
-        "hub memory / connection {:.1} KiB idle, {} KiB after publishing (user space: the \
-         hub's resident memory)",
-        per_connection(idle),
+        "hub memory / connection {idle_anonymous:.1} KiB idle, {} KiB after publishing (user \
+         space: the growth of the hub's anonymous resident memory; of all of it, code pages \
+         included, {idle_all:.1} KiB idle)",
         after.map_or("-".to_owned(), |after| format!(
             "{:.1}",
-            per_connection(after)
+            per_connection(after).0
         ))
     );
     match (kernel_before, kernel_idle) {
