@@ -788,9 +788,12 @@ fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, (Challenge, &'
         }
         return Ok(token.to_owned());
     }
+    // A query that does not parse holds a token in a wrong shape (`?token=a&token=b`): say
+    // so, instead of that no token was sent.
     let from_query = axum::extract::Query::<TokenParam>::try_from_uri(uri)
-        .ok()
-        .and_then(|q| q.0.token);
+        .map_err(|_| malformed("send one `token` query parameter, percent-encoded"))?
+        .0
+        .token;
     match from_query {
         Some(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
         Some(_) => Err(malformed("the token query parameter is empty")),

@@ -114,6 +114,19 @@ async fn refusals_are_json_over_plain_http() {
                 .contains("www-authenticate: bearer error=\"invalid_request\""),
             "{response}"
         );
+        // Two tokens are a request in the wrong shape too, not a missing token.
+        let response = get("/ws?token=user-u1&token=user-u1").await;
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer error=\"invalid_request\""),
+            "{response}"
+        );
+        assert!(
+            response.contains("send one `token` query parameter"),
+            "{response}"
+        );
         // A token refused: the challenge names it.
         let response = get("/ws?token=nobody").await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");

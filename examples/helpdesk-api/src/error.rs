@@ -25,6 +25,21 @@ pub struct ErrorDetail {
     pub details: Option<serde_json::Value>,
 }
 
+/// What a client whose request ran past its time budget can safely do next: the advice of
+/// [`ApiError::timeout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterTimeout {
+    /// Try again: the route takes no `Idempotency-Key` (a read, or a change a second try
+    /// cannot make twice).
+    TryAgain,
+    /// Check before sending it again: the route changes state and takes an `Idempotency-Key`,
+    /// but the request carried none, so there is no key to retry with.
+    CheckFirst,
+    /// Retry with the same `Idempotency-Key`: the server answers a retry with the first
+    /// request's outcome, never applying it twice.
+    RetrySameKey,
+}
+
 /// An HTTP error with the JSON body of the contract.
 #[derive(Debug)]
 pub struct ApiError {
@@ -81,16 +96,20 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// 503 `timeout` with `Retry-After`: the request ran past its time budget. Its advice
-    /// depends on the route: one that takes an `Idempotency-Key` (`idempotency_key`) is told
-    /// to retry with the same key, since a change may have been applied; any other only to
-    /// try again, as it has no key to send.
-    pub fn timeout(idempotency_key: bool) -> Self {
-        let message = if idempotency_key {
-            "the request ran past its time budget; a change may have been applied: retry with \
-             the same Idempotency-Key to be safe"
-        } else {
-            "the request ran past its time budget; try again shortly"
+    /// 503 `timeout` with `Retry-After`: the request ran past its time budget, with the advice
+    /// `after` gives: what the client can safely do next depends on the route and on whether
+    /// the request carried an `Idempotency-Key`.
+    pub fn timeout(after: AfterTimeout) -> Self {
+        let message = match after {
+            AfterTimeout::TryAgain => "the request ran past its time budget; try again shortly",
+            AfterTimeout::CheckFirst => {
+                "the request ran past its time budget; a change may have been applied: check \
+                 before sending it again (with an Idempotency-Key, a retry is safe)"
+            }
+            AfterTimeout::RetrySameKey => {
+                "the request ran past its time budget; a change may have been applied: retry \
+                 with the same Idempotency-Key to be safe"
+            }
         };
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message).with_retry_after(1)
     }
@@ -211,15 +230,18 @@ impl From<&HandlerError> for ApiError {
         let message = if !status.is_server_error() {
             e.message()
         } else {
-            tracing::error!(error = %e, code = e.code(), source = ?std::error::Error::source(e), "request failed");
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                if written_for_clients(e) {
-                    e.message()
-                } else {
-                    unavailable_message(e.kind())
-                }
-            } else {
+            let source = std::error::Error::source(e);
+            if status != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::error!(error = %e, code = e.code(), source = ?source, "request failed");
                 INTERNAL
+            } else if written_for_clients(e) {
+                // A refusal the server chose (too busy, shutting down): load shed as designed,
+                // not a fault, so a flood of them is no flood of errors in the log.
+                tracing::warn!(error = %e, code = e.code(), "request refused");
+                e.message()
+            } else {
+                tracing::error!(error = %e, code = e.code(), source = ?source, "request failed");
+                unavailable_message(e.kind())
             }
         };
         let mut error = ApiError::new(status, e.code(), message);
@@ -246,7 +268,7 @@ impl From<DispatchError> for ApiError {
         match e {
             DispatchError::Handler(h) => h.into(),
             // Advice for any route; one that takes an `Idempotency-Key` gives its own.
-            DispatchError::Timeout { .. } => ApiError::timeout(false),
+            DispatchError::Timeout { .. } => ApiError::timeout(AfterTimeout::TryAgain),
             other => match other.handler_error() {
                 Some(h) => h.into(),
                 None => {

@@ -1,6 +1,6 @@
 //! The `Idempotency-Key` header on POST routes.
 
-use crate::{ApiError, User};
+use crate::{AfterTimeout, ApiError, User};
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -38,7 +38,9 @@ where
     Fut: Future<Output = Result<(StatusCode, T), ApiError>> + Send + 'static,
 {
     let Some(key) = parse_key(headers)? else {
-        let (status, body) = work().await.map_err(with_key_advice)?;
+        let (status, body) = work()
+            .await
+            .map_err(|e| advise(e, AfterTimeout::CheckFirst))?;
         return Ok((status, Json(body)).into_response());
     };
     let scope = format!("user:{}", user.id);
@@ -50,7 +52,9 @@ where
             // In the request's span: the command's logs keep the request id and route.
             let task = tokio::spawn(tracing::Instrument::instrument(
                 async move {
-                    let (status, body) = work.await.map_err(with_key_advice)?;
+                    let (status, body) = work
+                        .await
+                        .map_err(|e| advise(e, AfterTimeout::RetrySameKey))?;
                     // A 500 that says only that the server failed: the serializer's text, which
                     // may quote the body, is logged by the conversion, never sent.
                     let body = serde_json::to_value(body)
@@ -99,7 +103,7 @@ where
             .bus()
             .dispatch_with(command, metadata)
             .await
-            .map_err(|e| with_key_advice(e.into()))?;
+            .map_err(|e| advise(e.into(), AfterTimeout::CheckFirst))?;
         return Ok((status, Json(body(&output))).into_response());
     };
     let key = IdempotencyKey::new(
@@ -115,7 +119,7 @@ where
         .await
         .map_err(|e| match e.handler_error() {
             Some(h) if h.code() == "idempotency_key_reused" => reused(),
-            _ => with_key_advice(ApiError::from(e)),
+            _ => advise(ApiError::from(e), AfterTimeout::RetrySameKey),
         })?;
     Ok(match done {
         Idempotent::Replayed(stored) => replay(stored),
@@ -152,10 +156,11 @@ fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         })
 }
 
-/// A time-out on a route that takes an `Idempotency-Key` tells the client to retry with it.
-fn with_key_advice(error: ApiError) -> ApiError {
+/// A time-out on a route that takes an `Idempotency-Key` tells the client to retry with the
+/// key it sent, or, having sent none, to check before sending the request again.
+fn advise(error: ApiError, after: AfterTimeout) -> ApiError {
     if error.is_timeout() {
-        ApiError::timeout(true)
+        ApiError::timeout(after)
     } else {
         error
     }
@@ -220,10 +225,11 @@ mod tests {
         }
     }
 
-    /// A dispatch that runs past its budget is a 503 `timeout` telling the client to retry
-    /// with the same `Idempotency-Key` here, on a route that takes one, and not elsewhere.
+    /// A dispatch that runs past its budget is a 503 `timeout`: on a route that takes an
+    /// `Idempotency-Key`, the advice is to retry with the key sent, or, with none sent, to
+    /// check before sending the request again; elsewhere it names no key.
     #[test]
-    fn a_time_out_advises_the_idempotency_key_only_where_the_route_takes_one() {
+    fn a_time_out_advises_the_key_sent_or_a_check_without_one() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -255,7 +261,15 @@ mod tests {
                 .unwrap_err();
             assert!(error.is_timeout(), "{error}");
             assert_eq!(error.retry_after, Some(1));
-            assert!(error.message.contains("Idempotency-Key"), "{error}");
+            let keyed = headers.contains_key(HEADER);
+            assert_eq!(
+                error
+                    .message
+                    .contains("retry with the same Idempotency-Key"),
+                keyed,
+                "{error}"
+            );
+            assert_eq!(error.message.contains("check before"), !keyed, "{error}");
         }
     }
 

@@ -24,7 +24,7 @@ pub use backends::{
     RealtimeFeed, Settings,
 };
 pub use client::{client_key, site_key};
-pub use error::{ApiError, ErrorBody};
+pub use error::{AfterTimeout, ApiError, ErrorBody};
 
 /// The largest request body the gateway takes: room for the longest valid request (a
 /// 10,000-character description or comment beside a 200-character title) with every character
@@ -38,5 +38,6 @@ pub use extract::{
     TrustedProxies, bearer_token,
 };
 pub use validation::{
-    has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi, reject_nul,
+    MULTILINE, has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi,
+    reject_controls, reject_nul,
 };

@@ -186,7 +186,9 @@ impl Query for GetStats {
     type Output = Stats;
 }
 
-use helpdesk_api::{has_visible, invalid_field as invalid, reject_bidi, reject_nul};
+use helpdesk_api::{
+    MULTILINE, has_visible, invalid_field as invalid, reject_bidi, reject_controls, reject_nul,
+};
 
 fn not_found() -> HandlerError {
     HandlerError::not_found("no such ticket")
@@ -325,6 +327,7 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         reject_nul("title", &title)?;
+        reject_controls("title", &title, &[])?;
         reject_bidi("title", &title)?;
         if !has_visible(&title) {
             return Err(invalid(
@@ -340,6 +343,7 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         reject_nul("description", &description)?;
+        reject_controls("description", &description, MULTILINE)?;
         reject_bidi("description", &description)?;
         let id = Uuid::now_v7();
         let metadata = metadata(ctx, &cmd.user);
@@ -388,6 +392,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                     return Err(invalid("body", "the comment must be 1 to 10000 characters"));
                 }
                 reject_nul("body", body)?;
+                reject_controls("body", body, MULTILINE)?;
                 reject_bidi("body", body)?;
                 if !has_visible(body) {
                     return Err(invalid(
@@ -408,6 +413,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 }
                 if let Some(resolution) = resolution {
                     reject_nul("resolution", resolution)?;
+                    reject_controls("resolution", resolution, MULTILINE)?;
                     reject_bidi("resolution", resolution)?;
                 }
             }

@@ -20,8 +20,10 @@ pub(crate) struct TicketRouting;
 impl EventRouting for TicketRouting {
     fn channel(&self, topic: &Topic) -> Option<String> {
         match (topic.family(), topic.key()) {
-            ("tickets", None) => Some(CHANNEL.to_owned()),
-            ("ticket", Some(id)) if ticket_id(id).is_some() => Some(CHANNEL.to_owned()),
+            // Any `ticket:<key>`: the authorizer refuses a key that is not a ticket id as the
+            // API spells it, saying how to spell it (here the hub could only say that there
+            // is no such topic).
+            ("tickets", None) | ("ticket", Some(_)) => Some(CHANNEL.to_owned()),
             _ => None,
         }
     }

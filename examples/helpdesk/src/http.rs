@@ -11,7 +11,7 @@ use axum::{Extension, Json, Router};
 use cqrs_core::runtime::{Health, HealthReport, Runtime};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
-use helpdesk_api::{ApiError, Authenticator, TrustedProxies, idempotency};
+use helpdesk_api::{AfterTimeout, ApiError, Authenticator, TrustedProxies, idempotency};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
@@ -155,7 +155,12 @@ pub(crate) fn router(state: State) -> Router {
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(request_span)
-                        .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                        .on_response(DefaultOnResponse::new().level(Level::INFO))
+                        // The access line above has every status; a 5xx is logged where it is
+                        // made, with its cause (an error, a refusal as a warning, a panic, a
+                        // time-out), not once more here as an error without one: a failed
+                        // readiness probe or a shed login is no error.
+                        .on_failure(()),
                 )
                 .layer(PropagateRequestIdLayer::new(X_REQUEST_ID))
                 .layer(middleware::from_fn_with_state(
@@ -401,13 +406,19 @@ async fn json_errors(
     request: Request,
     next: Next,
 ) -> Response {
-    let takes_a_key = idempotent.take_a_key(
+    let after_timeout = if !idempotent.take_a_key(
         request.method(),
         request
             .extensions()
             .get::<MatchedPath>()
             .map(MatchedPath::as_str),
-    );
+    ) {
+        AfterTimeout::TryAgain
+    } else if request.headers().contains_key(idempotency::HEADER) {
+        AfterTimeout::RetrySameKey
+    } else {
+        AfterTimeout::CheckFirst
+    };
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
@@ -424,7 +435,11 @@ async fn json_errors(
     let (code, message) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", helpdesk_api::BODY_TOO_LARGE),
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
-            return with_parts(response, ApiError::timeout(takes_a_key));
+            tracing::warn!(
+                status = status.as_u16(),
+                "the request ran past its time budget"
+            );
+            return with_parts(response, ApiError::timeout(after_timeout));
         }
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => {

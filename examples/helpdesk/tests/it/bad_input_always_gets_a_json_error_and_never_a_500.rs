@@ -73,6 +73,33 @@ async fn routing_and_body_errors_use_the_json_contract() {
         )
         .await
         .assert_error(StatusCode::BAD_REQUEST, "malformed_json");
+        // A compressed body is refused for its coding, not as broken JSON; `identity` is no
+        // coding at all.
+        for (coding, expected) in [
+            ("gzip", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ("identity, br", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ("identity", StatusCode::CREATED),
+        ] {
+            let r = s
+                .http
+                .post(s.url("/tickets"))
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .header("content-encoding", coding)
+                .body(b"{\"title\":\"encoded\"}".to_vec())
+                .send()
+                .await
+                .unwrap();
+            let r = Response::from(r).await;
+            if expected == StatusCode::CREATED {
+                assert_eq!(r.status, expected, "{coding}: {r:?}");
+                continue;
+            }
+            r.assert_error(expected, "unsupported_media_type");
+            let message = r.body["error"]["message"].as_str().unwrap();
+            let named = coding.rsplit(", ").next().unwrap();
+            assert!(message.contains(named), "{coding}: {message}");
+        }
         raw(
             &s,
             Method::POST,

@@ -49,6 +49,8 @@ async fn invalid_registrations_are_refused_with_the_field_named() {
             (json!({ "email": email("short"), "password": "1234567" }), "password"),
             (json!({ "email": email("long"), "password": "x".repeat(129) }), "password"),
             (json!({ "email": email("name"), "password": PASSWORD, "display_name": "n".repeat(101) }), "display_name"),
+            (json!({ "email": email("line"), "password": PASSWORD, "display_name": "Ada\nAdmin" }), "display_name"),
+            (json!({ "email": email("esc"), "password": PASSWORD, "display_name": "Ada \u{1b}[2J" }), "display_name"),
         ] {
             let r = s.send(Method::POST, "/auth/register", None, Some(body.clone())).await;
             r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");

@@ -124,3 +124,65 @@ async fn descriptions_and_resolutions_with_bidi_controls_are_refused() {
     })
     .await;
 }
+
+/// A title is one line: no control character at all (a newline would make one list row look
+/// like two, an escape sequence rewrites the terminal the title is printed on). Text of several
+/// lines takes line ends and tabs, and no other control.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_are_refused_but_line_ends_and_tabs_in_text() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        for title in [
+            "Printer\r\nURGENT",
+            "Printer\nURGENT",
+            "tab\there",
+            "clear \u{1b}[2J",
+            "bell\u{7}",
+            "c1 \u{9b}2J",
+        ] {
+            let r = s
+                .post("/tickets", &customer, json!({ "title": title }))
+                .await;
+            assert_refused(&r, "title");
+        }
+        let r = s
+            .post(
+                "/tickets",
+                &customer,
+                json!({ "title": "fine", "description": "cleared \u{1b}[2J" }),
+            )
+            .await;
+        assert_refused(&r, "description");
+        let list = s.get("/tickets", &customer).await;
+        assert_eq!(list.body["items"], json!([]), "nothing was stored");
+
+        let id = s.ticket(&customer, "controls").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/tickets/{id}/comments");
+        let r = s
+            .post(&path, &customer, json!({ "body": "backspace\u{8}\u{8}" }))
+            .await;
+        assert_refused(&r, "body");
+        let r = s
+            .post(
+                &path,
+                &customer,
+                json!({ "body": "a Windows\r\nline end\tand a tab" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let r = s
+            .post(
+                &format!("/tickets/{id}/close"),
+                &customer,
+                json!({ "resolution": "done\u{7f}" }),
+            )
+            .await;
+        assert_refused(&r, "resolution");
+        s.stop().await;
+    })
+    .await;
+}

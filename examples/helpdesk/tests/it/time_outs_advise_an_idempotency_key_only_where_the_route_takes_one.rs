@@ -1,6 +1,7 @@
 //! A request that runs past its time budget gets 503 `timeout` with `Retry-After`, whose
-//! message tells the client to retry with the same `Idempotency-Key` only on a route that
-//! takes one (the POSTs under `/tickets`); `/auth/*` and reads take none.
+//! message says what is safe next: on a route that takes an `Idempotency-Key` (the POSTs under
+//! `/tickets`), to retry with the key the request sent, or, when it sent none, to check before
+//! sending it again; `/auth/*` and reads only to try again.
 
 use crate::an_unavailable_store_is_a_503_that_does_not_quote_it::FailingUsers;
 use crate::support::*;
@@ -21,32 +22,62 @@ async fn time_outs_advise_an_idempotency_key_only_where_the_route_takes_one() {
 
         // Every request looks its user up: a store that never answers holds each to the end.
         users.hung.store(true, Ordering::SeqCst);
+        // (method, path, body, Idempotency-Key sent, advice expected)
         let requests = [
             (
                 Method::POST,
                 "/tickets",
                 Some(json!({ "title": "late" })),
-                true,
+                Some("late-1"),
+                "retry with the same Idempotency-Key",
+            ),
+            (
+                Method::POST,
+                "/tickets",
+                Some(json!({ "title": "late" })),
+                None,
+                "check before sending it again",
             ),
             (
                 Method::POST,
                 "/auth/register",
                 Some(credentials.clone()),
-                false,
+                None,
+                "try again shortly",
             ),
-            (Method::POST, "/auth/login", Some(credentials), false),
-            (Method::GET, "/auth/me", None, false),
-            (Method::GET, "/tickets", None, false),
+            (
+                Method::POST,
+                "/auth/login",
+                Some(credentials),
+                None,
+                "try again shortly",
+            ),
+            (Method::GET, "/auth/me", None, None, "try again shortly"),
+            (Method::GET, "/tickets", None, None, "try again shortly"),
         ];
-        for (method, path, body, takes_a_key) in requests {
-            let r = s.send(method.clone(), path, Some(&token), body).await;
+        for (method, path, body, key, advice) in requests {
+            let mut request = s
+                .http
+                .request(method.clone(), s.url(path))
+                .bearer_auth(&token);
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let r = Response::from(request.send().await.unwrap()).await;
             r.assert_error(StatusCode::SERVICE_UNAVAILABLE, "timeout");
             assert_eq!(r.headers["retry-after"], "1", "{method} {path}: {r:?}");
             let message = r.body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(advice),
+                "{method} {path} (key {key:?}): {message}"
+            );
             assert_eq!(
-                message.contains("Idempotency-Key"),
-                takes_a_key,
-                "{method} {path}: {message}"
+                message.contains("retry with the same Idempotency-Key"),
+                key.is_some(),
+                "{method} {path} (key {key:?}): {message}"
             );
         }
         users.hung.store(false, Ordering::SeqCst);

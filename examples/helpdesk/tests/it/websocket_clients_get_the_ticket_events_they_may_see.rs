@@ -299,6 +299,12 @@ async fn malformed_and_unknown_frames_get_error_frames_and_the_connection_stays_
             (Some("error"), Some("unknown_topic")),
             "{answer}"
         );
+        assert!(
+            answer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("lower-case, hyphenated UUID")),
+            "the refusal says how to spell the id: {answer}"
+        );
         subscribe(&mut agent_ws, &format!("ticket:{id}")).await;
         s.stop().await;
     })
