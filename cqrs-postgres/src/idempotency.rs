@@ -248,9 +248,25 @@ impl IdempotencyGuard for PgIdempotencyGuard {
             key,
             ttl,
         } = *self;
-        let expires_at = expiry(db.clock.now(), ttl);
-        complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
-        tx.commit().await.map_err(commit_error)
+        // In a task of its own, as the command layer's commit: the work the key guards has
+        // run, so a caller that gives up mid-`COMMIT` (its time budget spent) must not roll
+        // the key back, which would let a retry run the work a second time.
+        let completed = tokio::spawn(
+            async move {
+                let expires_at = expiry(db.clock.now(), ttl);
+                complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
+                tx.commit().await.map_err(commit_error)
+            }
+            .in_current_span(),
+        );
+        match completed.await {
+            Ok(completed) => completed,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StoreError::Unavailable {
+                backend: BACKEND,
+                source: format!("the runtime is shutting down: {e}").into(),
+            }),
+        }
     }
 }
 

@@ -805,6 +805,27 @@ impl PgOutboxRelay {
         }
     }
 
+    /// Reads, without waiting, the notifications that arrived while the relay was busy: the
+    /// batch about to run ships what they announce. A relay that keeps shipping full batches
+    /// (a backlog, failures after partial progress) never idles, and unread notifications would
+    /// fill its LISTEN connection's socket; the server backend that cannot send them then holds
+    /// up the cleanup of the server's whole notification queue, and once that is full (8 GB by
+    /// default) every transaction that notifies, every append of every instance, fails.
+    fn read_notifications(&self, listener: &mut Option<PgListener>) {
+        let Some(l) = listener else { return };
+        loop {
+            match l.recv().now_or_never() {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
+                    *listener = None;
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
     /// Waits for a notification, the poll interval, or shutdown.
     async fn idle(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
         if listener.is_none() {
@@ -1009,6 +1030,7 @@ impl Worker for PgOutboxRelay {
                 self.report_backlog().await;
                 next_metrics = Instant::now().checked_add(self.metrics_interval);
             }
+            self.read_notifications(&mut listener);
             let BatchOutcome { result, passed } = self.batch().await;
             match result {
                 Ok(batch) => {

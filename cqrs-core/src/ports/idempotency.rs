@@ -50,6 +50,10 @@ impl fmt::Debug for Claim {
 #[async_trait]
 pub trait IdempotencyGuard: Send {
     /// Stores the response; later requests with the key replay it.
+    ///
+    /// Once called, the completion finishes even if the caller stops waiting for it (its time
+    /// budget ran out): the work the key guards has run, and a key released then would let a
+    /// retry run it again. An adapter that needs a round trip runs it in a task of its own.
     async fn complete(self: Box<Self>, response: StoredResponse) -> Result<(), StoreError>;
 }
 

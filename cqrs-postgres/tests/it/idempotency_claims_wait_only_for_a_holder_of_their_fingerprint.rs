@@ -158,3 +158,43 @@ pg_test! {
         small.pool().close().await;
     }
 }
+
+pg_test! {
+    async fn a_completion_whose_caller_gives_up_mid_way_still_commits(db: PgDatabase) {
+        // The duplicate below waits for the completion as long as the test needs.
+        let db = db.with_claim_wait(Duration::from_secs(60));
+        let store = db.idempotency_store();
+        let guard = new(store.claim("s", "k", "fp-1", DAY).await.unwrap());
+        let response = StoredResponse::new(201, serde_json::json!({"made": "once"}));
+
+        // The caller polls its completion once (the statement goes out) and gives up, as one
+        // whose time budget ran out in the middle of it. The work the key guards has run, so
+        // the key must end completed: rolled back, a retry would run the work again.
+        let mut completing = Box::pin(guard.complete(response.clone()));
+        assert!(
+            futures_util::FutureExt::now_or_never(completing.as_mut()).is_none(),
+            "a completion needs a round trip to the server"
+        );
+        drop(completing);
+        // Once the completion's session is done (committed, or rolled back as it was before
+        // the fix), a claim tells which: asked at once, it could share the completion's
+        // connection, handed back to the pool mid-transaction, and see its uncommitted write.
+        cqrs_core::testing::eventually(DEADLINE, "the completion's session ends", || async {
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND state <> 'idle' AND pid <> pg_backend_pid()",
+            )
+            .bind(format!("cqrs-test {}", db.schema()))
+            .fetch_one(db.pool())
+            .await
+            .expect("read the sessions");
+            (busy == 0).then_some(())
+        })
+        .await;
+
+        match store.claim("s", "k", "fp-1", DAY).await.unwrap() {
+            Claim::Replay(r) => assert_eq!(r, response),
+            Claim::New(_) => panic!("the key was rolled back: a retry would run the work again"),
+        }
+    }
+}
