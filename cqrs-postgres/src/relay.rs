@@ -805,6 +805,30 @@ impl PgOutboxRelay {
         }
     }
 
+    /// A batch, reported degraded while it runs past twice the publish timeout. Its statements
+    /// take milliseconds and its publishes end by the publish timeout, so a batch still running
+    /// then waits on a server that accepted a statement and never answered (a hung server, a
+    /// network that drops packets silently): the client has no deadline of its own on a
+    /// statement's answer, and without this the relay would look healthy, shipping nothing,
+    /// until the connection's TCP gives up. The batch is not cut short: cancelled mid-statement
+    /// its transaction could not be ended on that connection either.
+    async fn watched_batch(&self, ctx: &WorkerContext) -> BatchOutcome {
+        let batch = self.batch();
+        tokio::pin!(batch);
+        let stalled_after = self.publish_timeout.saturating_mul(2);
+        tokio::select! {
+            outcome = &mut batch => return outcome,
+            () = tokio::time::sleep(stalled_after) => {}
+        }
+        let reason = format!(
+            "a batch has run for over {stalled_after:?} (twice the publish timeout): Postgres or \
+             the network to it is not answering"
+        );
+        tracing::warn!(relay = %self.relay, "{reason}");
+        ctx.health.set(Health::Degraded(reason));
+        batch.await
+    }
+
     /// Reads, without waiting, the notifications that arrived while the relay was busy: the
     /// batch about to run ships what they announce. A relay that keeps shipping full batches
     /// (a backlog, failures after partial progress) never idles, and unread notifications would
@@ -1031,7 +1055,7 @@ impl Worker for PgOutboxRelay {
                 next_metrics = Instant::now().checked_add(self.metrics_interval);
             }
             self.read_notifications(&mut listener);
-            let BatchOutcome { result, passed } = self.batch().await;
+            let BatchOutcome { result, passed } = self.watched_batch(&ctx).await;
             match result {
                 Ok(batch) => {
                     failures = 0;

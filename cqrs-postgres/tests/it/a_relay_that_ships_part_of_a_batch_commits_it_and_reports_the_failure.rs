@@ -283,3 +283,90 @@ pg_test! {
         slow.pool().close().await;
     }
 }
+
+/// Takes every publish, keeping the events' numbers in order.
+#[derive(Default)]
+struct Recording {
+    inner: InMemoryTransport,
+    taken: std::sync::Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl EventTransport for Recording {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        self.inner.publish(topic, events).await?;
+        self.taken
+            .lock()
+            .unwrap()
+            .extend(events.iter().map(|e| e.payload["n"].as_u64().unwrap()));
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+pg_test! {
+    /// A batch whose statement the server never answers (here the network holds it back for
+    /// a while) is reported degraded once it has run twice the publish timeout, instead of the
+    /// relay looking healthy while it ships nothing; once the answer comes, it ships and is
+    /// healthy again.
+    async fn a_batch_the_server_does_not_answer_is_reported_degraded(db: PgDatabase) {
+        append(&db, 1).await;
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+        let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let transport = Arc::new(Recording::default());
+        let mut relay = PgOutboxRelay::new(through_proxy.clone(), transport.clone())
+            .publish_timeout(Duration::from_millis(200))
+            .poll_interval(Duration::from_millis(20))
+            .listen(false);
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+        eventually(Duration::from_secs(10), "the first event is shipped", || async {
+            (transport.taken.lock().unwrap().len() == 1 && health.get() == Health::Healthy)
+                .then_some(())
+        })
+        .await;
+
+        // Everything the relay sends from now on waits 3 s: its next batch's first statement
+        // goes unanswered for far longer than twice the publish timeout.
+        proxy.stall_for(Duration::from_secs(3));
+        let store = db.event_store();
+        store
+            .append("s", ExpectedVersion::Exactly(1), vec![record(2)])
+            .await
+            .unwrap();
+        let reason = eventually(Duration::from_secs(10), "the stalled batch is reported", || async {
+            match health.get() {
+                Health::Degraded(reason) => Some(reason),
+                _ => None,
+            }
+        })
+        .await;
+        assert!(reason.contains("twice the publish timeout"), "{reason}");
+        assert_eq!(transport.taken.lock().unwrap().len(), 1, "nothing shipped meanwhile");
+
+        eventually(Duration::from_secs(15), "the batch ships once answered", || async {
+            (transport.taken.lock().unwrap().len() == 2 && health.get() == Health::Healthy)
+                .then_some(())
+        })
+        .await;
+        assert_eq!(*transport.taken.lock().unwrap(), vec![1, 2]);
+        trigger.trigger();
+        worker.await.unwrap().unwrap();
+        through_proxy.pool().close().await;
+    }
+}
