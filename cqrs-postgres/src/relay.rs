@@ -99,6 +99,7 @@ pub struct PgOutboxRelay {
     max_attempts: u32,
     publish_timeout: Duration,
     metrics_interval: Duration,
+    backlog_count_limit: u64,
     start_from: Position,
     listen: bool,
     /// The most events published in one call: `batch_size` until a run of one topic that had
@@ -135,8 +136,13 @@ pub enum RelayBatch {
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Backlog {
-    /// Committed events not shipped yet.
+    /// Committed events not shipped yet: counted up to the relay's
+    /// [`backlog_count_limit`](PgOutboxRelay::backlog_count_limit), estimated beyond it.
     pub unpublished: u64,
+    /// Whether [`unpublished`](Self::unpublished) was counted. A backlog longer than the
+    /// count limit is estimated as the span of positions past the checkpoint, an upper bound
+    /// (appends that rolled back leave gaps in the positions).
+    pub exact: bool,
     /// How long the oldest of them has been stored; `None` when there is none.
     pub oldest_age: Option<Duration>,
 }
@@ -241,6 +247,7 @@ impl PgOutboxRelay {
             max_attempts: 10,
             publish_timeout: Duration::from_secs(30),
             metrics_interval: Duration::from_secs(10),
+            backlog_count_limit: 100_000,
             start_from: Position::START,
             listen: true,
             run_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -314,10 +321,20 @@ impl PgOutboxRelay {
         self
     }
 
-    /// How often the backlog gauges are refreshed (a `count(*)` over the backlog). Default
-    /// 10 s; at least 1 ms.
+    /// How often the backlog gauges are refreshed (a `count(*)` over the backlog, up to
+    /// [`backlog_count_limit`](Self::backlog_count_limit)). Default 10 s; at least 1 ms.
     pub fn metrics_interval(mut self, interval: Duration) -> Self {
         self.metrics_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many events [`backlog`](Self::backlog) counts at most; past them it estimates the
+    /// backlog from the span of positions. Every relay of a name measures its backlog, the
+    /// standbys too, so an uncapped count over a backlog of millions (a long catch-up) would
+    /// scan them in every instance every [`metrics_interval`](Self::metrics_interval). Default
+    /// 100,000; at least 1.
+    pub fn backlog_count_limit(mut self, limit: u64) -> Self {
+        self.backlog_count_limit = limit.max(1);
         self
     }
 
@@ -424,17 +441,27 @@ impl PgOutboxRelay {
         Ok(Position::new(position.map_or(0, to_u64)))
     }
 
-    /// How far this relay is behind: one query, a count over the backlog.
+    /// How far this relay is behind: one query, a count over the backlog up to
+    /// [`backlog_count_limit`](Self::backlog_count_limit) events, an estimate past them.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let row = sqlx::query(AssertSqlSafe(self.db.sql.relay_backlog.clone()))
             .bind(&self.relay)
+            .bind(to_i64(self.backlog_count_limit))
             .fetch_one(&self.db.pool)
             .await
             .map_err(|e| self.db.store_error(e))?;
         let count: i64 = row.try_get(0).map_err(store_error)?;
         let age: Option<f64> = row.try_get(1).map_err(store_error)?;
+        let span: Option<i64> = row.try_get(2).map_err(store_error)?;
+        let exact = to_u64(count) < self.backlog_count_limit;
+        let unpublished = if exact {
+            to_u64(count)
+        } else {
+            to_u64(count).max(span.map_or(0, to_u64))
+        };
         Ok(Backlog {
-            unpublished: to_u64(count),
+            unpublished,
+            exact,
             // An infinite or absurd age (a row written around the functions with
             // `recorded_at = '-infinity'`) is no panic: it reads as the longest age there is.
             oldest_age: age

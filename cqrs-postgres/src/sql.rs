@@ -310,10 +310,16 @@ impl Sql {
             relay_advance: f(format!(
                 "UPDATE {s}.relay_checkpoints SET position = $2, updated_at = now() WHERE relay = $1"
             )),
+            // The first $2 events past the checkpoint, counted (an index range, bounded), and
+            // the span of positions past it, for a backlog longer than that.
             relay_backlog: f(format!(
-                "SELECT count(e.position), extract(epoch FROM now() - min(e.recorded_at))::float8 \
-                 FROM {s}.events e WHERE e.position > \
-                 coalesce((SELECT position FROM {s}.relay_checkpoints WHERE relay = $1), 0)"
+                "WITH checkpoint AS (SELECT coalesce((SELECT position FROM {s}.relay_checkpoints \
+                 WHERE relay = $1), 0) AS position), \
+                 first AS (SELECT e.recorded_at FROM {s}.events e, checkpoint c \
+                 WHERE e.position > c.position ORDER BY e.position LIMIT $2) \
+                 SELECT (SELECT count(*) FROM first), \
+                 (SELECT extract(epoch FROM now() - min(recorded_at))::float8 FROM first), \
+                 (SELECT max(position) FROM {s}.events) - (SELECT position FROM checkpoint)"
             )),
             relay_checkpoint: f(format!(
                 "SELECT position FROM {s}.relay_checkpoints WHERE relay = $1"

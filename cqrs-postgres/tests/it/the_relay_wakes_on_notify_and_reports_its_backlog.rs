@@ -141,3 +141,47 @@ pg_test! {
         running.await.unwrap().expect("a clean stop");
     }
 }
+
+pg_test! {
+    /// The backlog is counted up to the relay's limit and estimated past it, from the span of
+    /// positions: a relay (or each standby) does not scan a backlog of millions to report it.
+    async fn a_backlog_past_the_count_limit_is_estimated_from_the_positions(db: PgDatabase) {
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = |limit| PgOutboxRelay::new(db.clone(), transport.clone()).backlog_count_limit(limit);
+        relay(1).ensure_checkpoint().await.unwrap();
+        let store = db.event_store();
+        store.append("a", ExpectedVersion::NO_STREAM, (1..=5).map(record).collect()).await.unwrap();
+        let counted = relay(6).backlog().await.unwrap();
+        assert_eq!((counted.unpublished, counted.exact), (5, true));
+        let estimated = relay(2).backlog().await.unwrap();
+        assert_eq!((estimated.unpublished, estimated.exact), (5, false));
+        assert!(estimated.oldest_age.is_some());
+        // At the limit exactly, the count cannot tell whether more wait: an estimate.
+        let at_limit = relay(5).backlog().await.unwrap();
+        assert_eq!((at_limit.unpublished, at_limit.exact), (5, false));
+
+        // A write that rolls back after drawing a position leaves a gap, which the estimate
+        // spans and the count does not.
+        let mut tx = db.pool().begin().await.unwrap();
+        let gap: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {}.events (stream_id, stream_version, event_id, event_type, schema_version, payload, metadata) \
+             SELECT stream_id, 99, gen_random_uuid(), event_type, schema_version, payload, metadata \
+             FROM {0}.events ORDER BY position LIMIT 1 RETURNING position",
+            db.schema()
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.rollback().await.unwrap();
+        assert!(gap > 5, "the rolled-back row drew position {gap}");
+        store.append("b", ExpectedVersion::NO_STREAM, vec![record(6)]).await.unwrap();
+        let counted = relay(100).backlog().await.unwrap();
+        assert_eq!((counted.unpublished, counted.exact), (6, true));
+        let estimated = relay(2).backlog().await.unwrap();
+        assert_eq!(
+            (estimated.unpublished, estimated.exact),
+            (7, false),
+            "the estimate spans the gap: an upper bound"
+        );
+    }
+}
