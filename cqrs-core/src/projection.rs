@@ -32,6 +32,15 @@ pub trait Projection<S: ProjectionStore>: Send + Sync + 'static {
 
     /// Clears the read model, before a rebuild from zero.
     async fn reset(&self, unit: &mut S::Unit) -> Result<(), HandlerError>;
+
+    /// Finishes a rebuild: called once after [`reset`](Self::reset) and the replay of every
+    /// event, in the same unit, before it commits. For a read model that keeps totals (counts
+    /// per status, sums) cheaper to compute once from its rows than to move event by event
+    /// while thousands of events replay in one transaction. Does nothing by default.
+    async fn rebuilt(&self, unit: &mut S::Unit) -> Result<(), HandlerError> {
+        let _ = unit;
+        Ok(())
+    }
 }
 
 /// Why a projection batch failed. The batch is rolled back; the runner retries it.
@@ -809,6 +818,15 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             applied += self.apply_records(&mut unit, &records).await?;
             after = last;
         }
+        self.projection
+            .rebuilt(&mut unit)
+            .await
+            .map_err(|source| ProjectionError::Apply {
+                projection: self.name.clone(),
+                event_id: uuid::Uuid::nil(),
+                event_type: "(rebuilt)".to_owned(),
+                source,
+            })?;
         if after > Position::START {
             self.store
                 .save_checkpoint(&mut unit, &self.name, after)

@@ -862,11 +862,20 @@ impl PgOutboxRelay {
     /// fill its LISTEN connection's socket; the server backend that cannot send them then holds
     /// up the cleanup of the server's whole notification queue, and once that is full (8 GB by
     /// default) every transaction that notifies, every append of every instance, fails.
+    ///
+    /// `try_recv`, not `recv`: on a lost connection `recv` reconnects, and a reconnection
+    /// polled once and dropped would start again at every batch without ever finishing. A lost
+    /// connection drops the listener instead; the next idle wait connects a new one.
     fn read_notifications(&self, listener: &mut Option<PgListener>) {
         let Some(l) = listener else { return };
         loop {
-            match l.recv().now_or_never() {
-                Some(Ok(_)) => {}
+            match l.try_recv().now_or_never() {
+                Some(Ok(Some(_))) => {}
+                Some(Ok(None)) => {
+                    tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects");
+                    *listener = None;
+                    return;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
                     *listener = None;
@@ -895,9 +904,7 @@ impl PgOutboxRelay {
                             // sqlx has buffered and those waiting on the socket (each polled
                             // once, none waited for). Left there, each would start a batch of
                             // its own that finds nothing new: one per append under load.
-                            Ok(Ok(_)) => {
-                                while let Some(Ok(_)) = l.recv().now_or_never() {}
-                            }
+                            Ok(Ok(_)) => self.read_notifications(listener),
                             Ok(Err(e)) => {
                                 tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
                                 *listener = None;
@@ -1078,7 +1085,20 @@ impl Worker for PgOutboxRelay {
         let mut next_metrics = Some(Instant::now());
         while !ctx.shutdown.is_requested() {
             if next_metrics.is_some_and(|at| Instant::now() >= at) {
-                self.report_backlog().await;
+                // Bounded like a batch: a server that does not answer it is reported, not
+                // waited on for ever by a relay that looks healthy.
+                let limit = self.publish_timeout.saturating_mul(2);
+                if tokio::time::timeout(limit, self.report_backlog())
+                    .await
+                    .is_err()
+                {
+                    let reason = format!(
+                        "measuring the backlog took over {limit:?} (twice the publish timeout): \
+                         Postgres or the network to it is not answering"
+                    );
+                    tracing::warn!(relay = %self.relay, "{reason}");
+                    ctx.health.set(Health::Degraded(reason));
+                }
                 next_metrics = Instant::now().checked_add(self.metrics_interval);
             }
             self.read_notifications(&mut listener);

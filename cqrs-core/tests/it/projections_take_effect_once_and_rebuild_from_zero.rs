@@ -32,6 +32,10 @@ struct Sum {
     unavailable: AtomicBool,
     /// A sum whose staged effect panics when the unit commits.
     effect_panics_on: Option<u64>,
+    /// Events applied since the last reset.
+    since_reset: AtomicUsize,
+    /// At each `rebuilt`, how many events had been applied since the reset.
+    rebuilt_after: Mutex<Vec<usize>>,
 }
 
 #[async_trait]
@@ -68,6 +72,7 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
             *fail = None;
             return Err(HandlerError::invalid("told_to_fail", "failing once"));
         }
+        self.since_reset.fetch_add(1, Ordering::SeqCst);
         let (total, seen, sum) = (self.total.clone(), self.seen.clone(), added.sum);
         unit.on_commit(move || {
             *total.lock().unwrap() += sum;
@@ -76,7 +81,16 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
         Ok(())
     }
 
+    async fn rebuilt(&self, _unit: &mut InMemoryUnit) -> Result<(), HandlerError> {
+        self.rebuilt_after
+            .lock()
+            .unwrap()
+            .push(self.since_reset.load(Ordering::SeqCst));
+        Ok(())
+    }
+
     async fn reset(&self, unit: &mut InMemoryUnit) -> Result<(), HandlerError> {
+        self.since_reset.store(0, Ordering::SeqCst);
         let (total, seen) = (self.total.clone(), self.seen.clone());
         unit.on_commit(move || {
             *total.lock().unwrap() = 0;
@@ -168,6 +182,11 @@ fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
             *sum.total.lock().unwrap(),
             7,
             "rebuilt from zero to the same total"
+        );
+        assert_eq!(
+            *sum.rebuilt_after.lock().unwrap(),
+            vec![3],
+            "`rebuilt` ran once, after the reset and every event's replay"
         );
         assert_eq!(
             runner.run_once().await.unwrap(),

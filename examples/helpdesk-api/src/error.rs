@@ -268,7 +268,11 @@ impl From<DispatchError> for ApiError {
         match e {
             DispatchError::Handler(h) => h.into(),
             // Advice for any route; one that takes an `Idempotency-Key` gives its own.
-            DispatchError::Timeout { .. } => ApiError::timeout(AfterTimeout::TryAgain),
+            DispatchError::Timeout { .. } => {
+                // A refusal the server chose, not a fault: a warning (see `From<&HandlerError>`).
+                tracing::warn!(error = %e, "request refused: its dispatch ran past its time budget");
+                ApiError::timeout(AfterTimeout::TryAgain)
+            }
             other => match other.handler_error() {
                 Some(h) => h.into(),
                 None => {

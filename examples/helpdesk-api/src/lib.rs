@@ -38,6 +38,6 @@ pub use extract::{
     TrustedProxies, bearer_token,
 };
 pub use validation::{
-    MULTILINE, has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi,
-    reject_controls, reject_nul,
+    Lines, has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi, reject_controls,
+    reject_nul,
 };

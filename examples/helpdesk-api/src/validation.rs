@@ -33,44 +33,56 @@ pub fn reject_nul(field: &str, value: &str) -> Result<(), HandlerError> {
     }
 }
 
-/// Refuses control characters (422 `validation_failed` naming `field`) but those in `allowed`:
-/// pass `&[]` for a one-line field (a title, a name), [`MULTILINE`] for text (a description, a
-/// comment). An escape sequence (`ESC [ 2 J`) or a carriage return in a title rewrites the
-/// terminal or the log line it is printed to, and a newline makes one list row look like two.
+/// How many lines a text field may hold, for [`reject_controls`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lines {
+    /// One line (a title, a name): no control character at all.
+    One,
+    /// Text (a description, a comment): line ends (`\n`, or `\r\n`) and tabs, no other
+    /// control; a `\r` alone returns the cursor to the line's start on a terminal, printing
+    /// what follows over what came before.
+    Many,
+}
+
+/// Refuses control characters (422 `validation_failed` naming `field`) but the line ends and
+/// tabs of [`Lines::Many`]. An escape sequence (`ESC [ 2 J`) or a carriage return in a title
+/// rewrites the terminal or the log line it is printed to, and a newline makes one list row
+/// look like two.
 ///
 /// ```
-/// use helpdesk_api::{MULTILINE, reject_controls};
-/// assert!(reject_controls("title", "Printer on fire", &[]).is_ok());
-/// assert!(reject_controls("title", "Printer\r\nURGENT", &[]).is_err());
-/// assert!(reject_controls("body", "line one\r\n\tline two", MULTILINE).is_ok());
-/// assert!(reject_controls("body", "\u{1b}[2J", MULTILINE).is_err());
+/// use helpdesk_api::{Lines, reject_controls};
+/// assert!(reject_controls("title", "Printer on fire", Lines::One).is_ok());
+/// assert!(reject_controls("title", "Printer\r\nURGENT", Lines::One).is_err());
+/// assert!(reject_controls("body", "line one\r\n\tline two", Lines::Many).is_ok());
+/// assert!(reject_controls("body", "overwritten\rline", Lines::Many).is_err());
+/// assert!(reject_controls("body", "\u{1b}[2J", Lines::Many).is_err());
 /// ```
-pub fn reject_controls(field: &str, text: &str, allowed: &[char]) -> Result<(), HandlerError> {
-    match text
-        .chars()
-        .find(|c| c.is_control() && !allowed.contains(c))
-    {
-        Some(c) if allowed.is_empty() => Err(invalid_field(
-            field,
-            &format!(
+pub fn reject_controls(field: &str, text: &str, lines: Lines) -> Result<(), HandlerError> {
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if !c.is_control() {
+            continue;
+        }
+        let allowed = lines == Lines::Many
+            && (c == '\n' || c == '\t' || (c == '\r' && chars.peek() == Some(&'\n')));
+        if allowed {
+            continue;
+        }
+        let problem = match lines {
+            Lines::One => format!(
                 "must be one line without control characters (found U+{:04X})",
                 u32::from(c)
             ),
-        )),
-        Some(c) => Err(invalid_field(
-            field,
-            &format!(
-                "must not contain control characters other than newlines and tabs (found U+{:04X})",
+            Lines::Many => format!(
+                "must not contain control characters other than line ends (\\n, \\r\\n) and \
+                 tabs (found U+{:04X})",
                 u32::from(c)
             ),
-        )),
-        None => Ok(()),
+        };
+        return Err(invalid_field(field, &problem));
     }
+    Ok(())
 }
-
-/// The control characters text of several lines may hold: line feed, carriage return (a
-/// Windows line end) and tab.
-pub const MULTILINE: &[char] = &['\n', '\r', '\t'];
 
 /// Whether `c` is a bidirectional control: it reorders the text around it when displayed
 /// (U+202E shows what follows right to left), so a title could read as something it is not.
@@ -176,18 +188,20 @@ mod tests {
     #[test]
     fn one_line_fields_take_no_control_and_text_only_line_ends_and_tabs() {
         for c in ['\n', '\r', '\t', '\u{1b}', '\u{7f}', '\u{85}', '\u{9b}'] {
-            let error = reject_controls("title", &format!("a{c}b"), &[]).unwrap_err();
+            let error = reject_controls("title", &format!("a{c}b"), Lines::One).unwrap_err();
             assert!(
                 error.message().contains(&format!("U+{:04X}", u32::from(c))),
                 "{c:?}: {error}"
             );
         }
-        assert!(reject_controls("title", "ünïcödé 日本語 — fine", &[]).is_ok());
-        assert!(reject_controls("body", "one\r\ntwo\n\tthree", MULTILINE).is_ok());
-        for c in ['\u{1b}', '\u{7}', '\u{8}', '\u{7f}', '\u{9b}'] {
+        assert!(reject_controls("title", "ünïcödé 日本語 — fine", Lines::One).is_ok());
+        assert!(reject_controls("body", "one\r\ntwo\n\tthree\r\n", Lines::Many).is_ok());
+        for text in [
+            "a\u{1b}b", "a\u{7}b", "a\u{8}b", "a\u{7f}b", "a\u{9b}b", "a\rb", "a\r", "a\r\rb\n",
+        ] {
             assert!(
-                reject_controls("body", &format!("a{c}b"), MULTILINE).is_err(),
-                "{c:?}"
+                reject_controls("body", text, Lines::Many).is_err(),
+                "{text:?}"
             );
         }
     }

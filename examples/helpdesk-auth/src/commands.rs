@@ -154,7 +154,8 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
 }
 
 use helpdesk_api::{
-    has_visible, invalid_field as invalid, is_invisible, reject_bidi, reject_controls, reject_nul,
+    Lines, has_visible, invalid_field as invalid, is_invisible, reject_bidi, reject_controls,
+    reject_nul,
 };
 
 /// Handles [`RegisterUser`].
@@ -203,7 +204,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         }
         if let Some(name) = &display_name {
             reject_nul("display_name", name)?;
-            reject_controls("display_name", name, &[])?;
+            reject_controls("display_name", name, Lines::One)?;
             // Shown to others (agents see who reported a ticket): no text that reorders what
             // follows it, and something visible.
             reject_bidi("display_name", name)?;

@@ -187,7 +187,7 @@ impl Query for GetStats {
 }
 
 use helpdesk_api::{
-    MULTILINE, has_visible, invalid_field as invalid, reject_bidi, reject_controls, reject_nul,
+    Lines, has_visible, invalid_field as invalid, reject_bidi, reject_controls, reject_nul,
 };
 
 fn not_found() -> HandlerError {
@@ -327,7 +327,7 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         reject_nul("title", &title)?;
-        reject_controls("title", &title, &[])?;
+        reject_controls("title", &title, Lines::One)?;
         reject_bidi("title", &title)?;
         if !has_visible(&title) {
             return Err(invalid(
@@ -343,7 +343,7 @@ impl CommandHandler<OpenTicket> for Tickets {
             ));
         }
         reject_nul("description", &description)?;
-        reject_controls("description", &description, MULTILINE)?;
+        reject_controls("description", &description, Lines::Many)?;
         reject_bidi("description", &description)?;
         let id = Uuid::now_v7();
         let metadata = metadata(ctx, &cmd.user);
@@ -392,7 +392,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                     return Err(invalid("body", "the comment must be 1 to 10000 characters"));
                 }
                 reject_nul("body", body)?;
-                reject_controls("body", body, MULTILINE)?;
+                reject_controls("body", body, Lines::Many)?;
                 reject_bidi("body", body)?;
                 if !has_visible(body) {
                     return Err(invalid(
@@ -413,7 +413,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 }
                 if let Some(resolution) = resolution {
                     reject_nul("resolution", resolution)?;
-                    reject_controls("resolution", resolution, MULTILINE)?;
+                    reject_controls("resolution", resolution, Lines::Many)?;
                     reject_bidi("resolution", resolution)?;
                 }
             }

@@ -536,7 +536,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                             "priority": { "type": "string", "enum": ["low", "normal", "high", "urgent"] }
                         }
                     }),
-                    "an invalid title or description (a title needs a visible character; NUL and bidirectional controls are refused)",
+                    "an invalid title or description (a title is one line with a visible character and no control character; a description takes line ends and tabs but no other control; NUL and bidirectional controls are refused in both)",
                 )
                     .response(201, "the new ticket", Some(ticket_schema())),
                 Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
@@ -621,7 +621,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "required": ["body"],
                     "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000 }, "expected_version": expected_version() }
                 }),
-                "an empty, invisible or too long body, or one with NUL or bidirectional controls",
+                "an empty, invisible or too long body, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))
                 .response(201, "the new comment, and the ticket's version after it", Some(json!({ "$ref": "#/components/schemas/CommentAdded" })))],
         )
@@ -635,7 +635,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "type": "object",
                     "properties": { "resolution": { "type": "string", "maxLength": 10000 }, "expected_version": expected_version() }
                 }),
-                "a resolution over 10000 characters, or one with NUL or bidirectional controls",
+                "a resolution over 10000 characters, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))
                 .response(200, "the ticket", Some(ticket_schema()))],
         )

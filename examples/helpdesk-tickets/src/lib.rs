@@ -71,7 +71,9 @@ impl Plugin for TicketsPlugin {
         let (index, pg_index, stats): (Arc<dyn TicketIndex>, _, Arc<dyn StatsReader>) =
             match &backends.postgres {
                 Some(db) => {
-                    registrar.contribute(postgres::migration(db.schema()));
+                    for migration in postgres::migrations(db.schema()) {
+                        registrar.contribute(migration);
+                    }
                     let index = PgTicketIndex::new(db.clone());
                     let stats = PgStats::new(db.clone());
                     // Inbox, checkpoint and counts in one transaction per batch, and the

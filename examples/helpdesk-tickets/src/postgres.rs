@@ -14,19 +14,15 @@ use helpdesk_api::Migration;
 use helpdesk_api::postgres::store_error;
 use std::sync::Arc;
 
-/// The tickets plugin's tables in `schema`: the list index and the stats read model.
-///
-/// The list has an index for each way it is read: everyone's newest first, a reporter's (a
-/// customer's own list), and agents' lists by status or by assignee. A filter on priority alone
-/// walks the newest-first index (four values: a page is found after about four times its size).
-///
-/// The stats keep each ticket's status in `ticket_stats` (the version guard needs it) and the
-/// count per status in `ticket_status_counts`, which a trigger on `ticket_stats` keeps, so
-/// `GET /tickets/stats` reads three rows instead of counting every ticket. Being a trigger, it
-/// also counts the writes of an instance built before the counts existed (a rolling upgrade).
-/// The migration recounts under a lock on `ticket_stats` each time its text changes: counts
-/// and statuses agree from the commit on.
-pub(crate) fn migration(schema: &str) -> Migration {
+/// The tickets plugin's migrations in `schema`, in order: the tables, the list's filter
+/// indexes, the counts per status. Each is recorded by its text and runs once per schema (a
+/// new text runs again), so a change is a new migration, not an edit of an applied one.
+pub(crate) fn migrations(schema: &str) -> [Migration; 3] {
+    [tables(schema), list_filters(schema), status_counts(schema)]
+}
+
+/// The list index and the stats read model.
+fn tables(schema: &str) -> Migration {
     Migration {
         name: "tickets.index_and_stats",
         sql: format!(
@@ -42,14 +38,49 @@ pub(crate) fn migration(schema: &str) -> Migration {
             );
             CREATE INDEX IF NOT EXISTS ticket_index_newest ON {schema}.ticket_index (created_at DESC, id DESC);
             CREATE INDEX IF NOT EXISTS ticket_index_reporter ON {schema}.ticket_index (reporter_id, created_at DESC, id DESC);
-            CREATE INDEX IF NOT EXISTS ticket_index_status ON {schema}.ticket_index (status, created_at DESC, id DESC);
-            CREATE INDEX IF NOT EXISTS ticket_index_assignee ON {schema}.ticket_index (assignee_id, created_at DESC, id DESC);
             CREATE TABLE IF NOT EXISTS {schema}.ticket_stats (
                 ticket_id uuid PRIMARY KEY,
                 status text NOT NULL,
                 version bigint NOT NULL
-            );
-            CREATE TABLE IF NOT EXISTS {schema}.ticket_status_counts (
+            );"
+        ),
+    }
+}
+
+/// Agents' lists by status and by assignee, newest first, without walking the whole list (a
+/// filter on priority alone walks the newest-first index: four values, so a page is found
+/// after about four times its size). Only tickets with an assignee are in the assignee's
+/// index: a filter on one never matches the others.
+///
+/// Built in the migration's transaction, the indexes hold up writes to the list while they
+/// build: seconds for a million tickets. On a large list, build them beforehand with
+/// `CREATE INDEX CONCURRENTLY` and these names; the migration then finds them.
+fn list_filters(schema: &str) -> Migration {
+    Migration {
+        name: "tickets.list_filters",
+        sql: format!(
+            "CREATE INDEX IF NOT EXISTS ticket_index_status ON {schema}.ticket_index (status, created_at DESC, id DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_assignee ON {schema}.ticket_index (assignee_id, created_at DESC, id DESC)
+                WHERE assignee_id IS NOT NULL;"
+        ),
+    }
+}
+
+/// The transaction-local setting under which the counts trigger does nothing: a rebuild
+/// replays every event in one transaction and recounts once at its end.
+const RECOUNTING: &str = "helpdesk.ticket_stats_recounting";
+
+/// The count per status, kept by a trigger on `ticket_stats`, so `GET /tickets/stats` reads
+/// three rows instead of counting every ticket. Being a trigger, it also counts the writes of
+/// an instance built before the counts existed (a rolling upgrade). The migration recounts
+/// under a lock that holds up writes to `ticket_stats` (not reads) for the count: counts and
+/// statuses agree from its commit on. The trigger is created only where it is missing, so the
+/// migration takes no lock that would hold up readers.
+fn status_counts(schema: &str) -> Migration {
+    Migration {
+        name: "tickets.status_counts",
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.ticket_status_counts (
                 status text PRIMARY KEY,
                 tickets bigint NOT NULL
             );
@@ -59,11 +90,12 @@ pub(crate) fn migration(schema: &str) -> Migration {
                 added text;
                 removed text;
             BEGIN
+                IF current_setting('{RECOUNTING}', true) = 'on' THEN RETURN NULL; END IF;
                 IF TG_OP <> 'DELETE' THEN added := NEW.status; END IF;
                 IF TG_OP <> 'INSERT' THEN removed := OLD.status; END IF;
                 IF added IS NOT DISTINCT FROM removed THEN RETURN NULL; END IF;
-                -- The rows in status order: two transactions moving tickets between the same
-                -- statuses lock them in one order, so neither waits for the other in a cycle.
+                -- The projection's lock serializes its units, and the rows go in status
+                -- order all the same: two writers of statuses never wait in a cycle.
                 INSERT INTO {schema}.ticket_status_counts AS c (status, tickets)
                 SELECT m.status, m.delta
                 FROM (VALUES (added, 1::bigint), (removed, -1::bigint)) AS m (status, delta)
@@ -74,10 +106,17 @@ pub(crate) fn migration(schema: &str) -> Migration {
             END
             $$;
             LOCK TABLE {schema}.ticket_stats IN SHARE ROW EXCLUSIVE MODE;
-            DROP TRIGGER IF EXISTS ticket_stats_counted ON {schema}.ticket_stats;
-            CREATE TRIGGER ticket_stats_counted
-                AFTER INSERT OR DELETE OR UPDATE OF status ON {schema}.ticket_stats
-                FOR EACH ROW EXECUTE FUNCTION {schema}.ticket_stats_counted();
+            DO $$
+            BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                               WHERE tgrelid = '{schema}.ticket_stats'::regclass
+                                 AND tgname = 'ticket_stats_counted') THEN
+                    CREATE TRIGGER ticket_stats_counted
+                        AFTER INSERT OR DELETE OR UPDATE OF status ON {schema}.ticket_stats
+                        FOR EACH ROW EXECUTE FUNCTION {schema}.ticket_stats_counted();
+                END IF;
+            END
+            $$;
             DELETE FROM {schema}.ticket_status_counts;
             INSERT INTO {schema}.ticket_status_counts (status, tickets)
                 SELECT status, count(*) FROM {schema}.ticket_stats GROUP BY status;"
@@ -262,10 +301,27 @@ impl Projection<PgProjectionStore> for PgStats {
     }
 
     async fn reset(&self, unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
-        // The trigger takes each deleted ticket off its count; the second statement removes
-        // the counts, zero by then.
+        // The counts trigger stands aside for the rest of the rebuild's transaction: moved
+        // event by event, the three count rows would take a new version per event in one
+        // transaction, which Postgres cannot clean up before it ends, and each move would
+        // step over all the earlier ones. `rebuilt` counts once instead.
         sqlx::raw_sql(AssertSqlSafe(format!(
-            "DELETE FROM {schema}.ticket_stats; DELETE FROM {schema}.ticket_status_counts",
+            "SET LOCAL {RECOUNTING} = 'on';
+             DELETE FROM {schema}.ticket_stats;
+             DELETE FROM {schema}.ticket_status_counts",
+            schema = self.db.schema()
+        )))
+        .execute(unit.connection())
+        .await
+        .map_err(|e| HandlerError::from(store_error(e)))?;
+        Ok(())
+    }
+
+    async fn rebuilt(&self, unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "INSERT INTO {schema}.ticket_status_counts (status, tickets)
+                 SELECT status, count(*) FROM {schema}.ticket_stats GROUP BY status;
+             SET LOCAL {RECOUNTING} = 'off'",
             schema = self.db.schema()
         )))
         .execute(unit.connection())

@@ -127,7 +127,8 @@ async fn descriptions_and_resolutions_with_bidi_controls_are_refused() {
 
 /// A title is one line: no control character at all (a newline would make one list row look
 /// like two, an escape sequence rewrites the terminal the title is printed on). Text of several
-/// lines takes line ends and tabs, and no other control.
+/// lines takes line ends (`\n`, `\r\n`) and tabs, and no other control: a `\r` alone prints
+/// what follows over the line before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_are_refused_but_line_ends_and_tabs_in_text() {
     within(async {
@@ -162,10 +163,13 @@ async fn control_characters_are_refused_but_line_ends_and_tabs_in_text() {
             .unwrap()
             .to_owned();
         let path = format!("/tickets/{id}/comments");
-        let r = s
-            .post(&path, &customer, json!({ "body": "backspace\u{8}\u{8}" }))
-            .await;
-        assert_refused(&r, "body");
+        for body in [
+            "backspace\u{8}\u{8}",
+            "a carriage return\rwrites over the line",
+        ] {
+            let r = s.post(&path, &customer, json!({ "body": body })).await;
+            assert_refused(&r, "body");
+        }
         let r = s
             .post(
                 &path,
