@@ -512,7 +512,7 @@ impl RedisConsumer {
         // same round trip, right after the read.
         let mut floor = None;
         let mut fresh = if room > 0 {
-            let client = self.shared.client.with_options(&self.shared.patient());
+            let client = self.shared.client.with_options(&self.shared.once());
             let reply = if !claim && !self.acked.is_empty() {
                 let pipeline = Pipeline::from(client);
                 self.read_new::<()>(&pipeline, room).await?;
@@ -597,7 +597,7 @@ impl RedisConsumer {
             .step
             .run(
                 &self.shared.client,
-                &self.shared.patient(),
+                &self.shared.once(),
                 &[
                     self.keys.stream.as_str(),
                     self.keys.dead.as_str(),
@@ -935,8 +935,11 @@ impl RedisConsumer {
     ) -> Result<(), TransportError> {
         // Saturating: a `block` or command timeout of `Duration::MAX` means "as long as it
         // takes", and fred (through tokio) takes a timeout too long for the clock as none.
+        // Written once (see `once`): sent again after a reconnect, a read Redis served before
+        // the connection closed would wait for new entries, its entries stranded here.
         let options = Options {
             timeout: Some(wait.saturating_add(self.shared.options.connection.command_timeout)),
+            max_attempts: Some(1),
             ..Options::default()
         };
         let started = Instant::now();

@@ -112,6 +112,19 @@ impl Shared {
         }
     }
 
+    /// [`patient`](Self::patient), written to Redis at most once: for a command that delivers
+    /// entries to its consumer (a read, a step). fred sends the commands in flight on a
+    /// connection that closed again on the new one; one Redis ran before the close would then
+    /// be run twice, and the second reply would stand in for the first, whose entries stay
+    /// pending to the consumer in none of its lists. Written once, such a command fails, and
+    /// the consumer, unsure, takes over what it may have been served.
+    pub(crate) fn once(&self) -> Options {
+        Options {
+            max_attempts: Some(1),
+            ..self.patient()
+        }
+    }
+
     /// Creates `group` at the start of the stream (`0`, so entries published before the group
     /// existed are delivered too), and the stream with it; an existing group is left alone.
     pub(crate) async fn create_group(

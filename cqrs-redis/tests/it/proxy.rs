@@ -27,6 +27,9 @@ struct State {
     black_hole: AtomicBool,
     /// An argument (as sent: `\r\nWORD\r\n`) of the command whose reply is to be lost, once.
     trap: Mutex<Option<Vec<u8>>>,
+    /// An argument of the command whose connection is to be closed once Redis answers it,
+    /// the answer not passed on, once.
+    cut: Mutex<Option<Vec<u8>>>,
     /// Replies are held back (not forwarded to the clients) while set.
     hold: AtomicBool,
     released: tokio::sync::Notify,
@@ -67,14 +70,15 @@ impl Proxy {
                             return;
                         };
                         let (server_read, server_write) = server.into_split();
+                        let cut = AtomicBool::new(false);
                         tokio::join!(
                             pump(
                                 client_read,
                                 Some(server_write),
                                 dead.clone(),
-                                Some(&*shared)
+                                Some((&*shared, &cut))
                             ),
-                            pump_replies(server_read, client_write, dead, &shared),
+                            pump_replies(server_read, client_write, dead, &shared, &cut),
                         );
                     });
                     state.pumps.lock().unwrap().push(pump);
@@ -109,6 +113,20 @@ impl Proxy {
     /// connections go on.
     pub(crate) fn lose_reply_to(&self, word: &str) {
         *self.state.trap.lock().unwrap() = Some(format!("\r\n{word}\r\n").into_bytes());
+    }
+
+    /// The next command with the argument `word` sent through the proxy reaches Redis, which
+    /// runs it; once Redis answers, the proxy closes that connection (the client reads its
+    /// end) instead of passing the answer on: the command ran, and its client, which sees the
+    /// connection close, cannot know. Other connections go on.
+    pub(crate) fn close_after_reply_to(&self, word: &str) {
+        *self.state.cut.lock().unwrap() = Some(format!("\r\n{word}\r\n").into_bytes());
+    }
+
+    /// Whether the command [`close_after_reply_to`](Self::close_after_reply_to) waits for went
+    /// through.
+    pub(crate) fn cut_sprung(&self) -> bool {
+        self.state.cut.lock().unwrap().is_none()
     }
 
     /// Whether the command [`lose_reply_to`](Self::lose_reply_to) waits for went through.
@@ -160,15 +178,24 @@ async fn pump(
     from: OwnedReadHalf,
     mut to: Option<OwnedWriteHalf>,
     dead: Arc<AtomicBool>,
-    trap: Option<&State>,
+    trap: Option<(&State, &AtomicBool)>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     'copy: while let Some(n) = read_some(&from, &mut buffer).await {
         if dead.load(Ordering::SeqCst) {
             continue;
         }
-        if let Some(state) = trap {
+        if let Some((state, cut)) = trap {
             state.sent.lock().unwrap().extend_from_slice(&buffer[..n]);
+            let mut cut_armed = state.cut.lock().unwrap();
+            if cut_armed
+                .as_ref()
+                .is_some_and(|needle| buffer[..n].windows(needle.len()).any(|w| w == &needle[..]))
+            {
+                *cut_armed = None;
+                cut.store(true, Ordering::SeqCst);
+            }
+            drop(cut_armed);
             let mut armed = state.trap.lock().unwrap();
             let sprung = armed
                 .as_ref()
@@ -196,6 +223,7 @@ async fn pump_replies(
     to: OwnedWriteHalf,
     dead: Arc<AtomicBool>,
     state: &State,
+    cut: &AtomicBool,
 ) {
     let (held, mut to_held) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let forward = async move {
@@ -218,10 +246,16 @@ async fn pump_replies(
             if dead.load(Ordering::SeqCst) {
                 continue;
             }
+            if cut.load(Ordering::SeqCst) {
+                // The answer to the command cut after: not passed on. Dropping the sender ends
+                // the forwarding, whose end of the client's socket closes.
+                break;
+            }
             if held.send(buffer[..n].to_vec()).is_err() {
                 break;
             }
         }
+        drop(held);
         if dead.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }

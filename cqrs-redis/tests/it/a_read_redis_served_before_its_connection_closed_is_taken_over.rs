@@ -1,0 +1,113 @@
+//! A blocking read that Redis served, whose connection then closed before the reply reached the
+//! consumer (a reset, a failover, a connection replaced), is not sent again on the new
+//! connection: sent again, it would wait for new entries while what the first one was served
+//! sat pending to the consumer, in none of its lists, until a reclaim counted a second
+//! delivery (dead-lettering it, unhandled, under `max_deliveries(1)`). Failed instead, it
+//! leaves the consumer unsure, and its next step takes the entry over: handed out once, as
+//! its first delivery.
+
+use crate::proxy::Proxy;
+use crate::support::{Env, blocked_connections, event, n_of, plain_redis_host, raw, within};
+use cqrs_core::ports::{Consumer, EventTransport, TransportError};
+use cqrs_redis::ConnectionOptions;
+use fred::types::Value;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_redis_served_before_its_connection_closed_is_taken_over() {
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    let proxy = Proxy::start(&host).await;
+    let Some(env) = Env::with("cut-read", |o| {
+        o.connection(
+            ConnectionOptions::new(proxy.url())
+                .command_timeout(Duration::from_secs(2))
+                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    within(
+        90,
+        Box::pin(async {
+            let delay = Duration::from_secs(4);
+            let events = [event(Some("k"), 1)];
+            // A blocking read may end (after a claim interval, 1 s) before the publish reaches
+            // it, on a stalled machine: then again, on a new topic.
+            let mut attempt = 0;
+            let (topic, mut consumer, mut handed) = loop {
+                attempt += 1;
+                let topic = env.topic(&format!("events-{attempt}"));
+                let mut consumer = env
+                    .transport
+                    .redis_consumer(
+                        &topic,
+                        "g",
+                        crate::support::consumer_options(&format!("{}-c{attempt}", env.id))
+                            .max_deliveries(1)
+                            .block(Duration::from_secs(3))
+                            .redelivery_delay(delay),
+                    )
+                    .await
+                    .unwrap();
+                let ids = consumer.client_ids().await.unwrap();
+                // The blocking read on the consumer's own connection (`BLOCK`).
+                proxy.close_after_reply_to("BLOCK");
+                let (read, ()) = tokio::join!(consumer.fetch(10), async {
+                    blocked_connections(&env.admin, &ids).await;
+                    env.transport.publish(&topic, &events).await.unwrap();
+                });
+                let handed: Vec<(u64, u32)> = match read {
+                    Ok(batch) => batch.iter().map(|d| (n_of(d), d.attempt)).collect(),
+                    Err(e) => {
+                        assert!(retryable(&e), "retryable, got {e:?}");
+                        Vec::new()
+                    }
+                };
+                let stream = env.transport.stream_key(&topic).unwrap();
+                let pending = raw(
+                    &env.admin,
+                    "XPENDING",
+                    vec![stream.as_str().into(), "g".into()],
+                )
+                .await;
+                // Redis served the read whose connection was cut.
+                if proxy.cut_sprung()
+                    && pending.into_array().first().and_then(Value::as_u64) == Some(1)
+                {
+                    break (topic, consumer, handed);
+                }
+                assert!(
+                    attempt < 5,
+                    "in {attempt} tries, no blocking read waited until the publish reached it"
+                );
+            };
+
+            // Two redelivery delays: enough for a reclaim to dead-letter it.
+            let until = Instant::now() + 2 * delay;
+            while handed.is_empty() && Instant::now() < until {
+                match consumer.fetch(10).await {
+                    Ok(batch) => handed.extend(batch.iter().map(|d| (n_of(d), d.attempt))),
+                    Err(e) => assert!(retryable(&e), "retryable, got {e:?}"),
+                }
+            }
+            assert_eq!(handed, [(1, 1)], "handed out once, as its first delivery");
+            let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert!(dead.is_empty(), "nothing dead-lettered: {dead:?}");
+            drop(consumer);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+fn retryable(error: &TransportError) -> bool {
+    matches!(
+        error,
+        TransportError::Unavailable { .. } | TransportError::Timeout { .. }
+    )
+}
