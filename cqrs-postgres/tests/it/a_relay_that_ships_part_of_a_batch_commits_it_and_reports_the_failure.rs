@@ -4,6 +4,7 @@
 
 use crate::proxy::Proxy;
 use crate::support::{pg_test, record};
+use crate::transport::ControlledTransport;
 use async_trait::async_trait;
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{
@@ -284,38 +285,6 @@ pg_test! {
     }
 }
 
-/// Takes every publish, keeping the events' numbers in order.
-#[derive(Default)]
-struct Recording {
-    inner: InMemoryTransport,
-    taken: std::sync::Mutex<Vec<u64>>,
-}
-
-#[async_trait]
-impl EventTransport for Recording {
-    fn capabilities(&self) -> TransportCapabilities {
-        self.inner.capabilities()
-    }
-
-    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
-        self.inner.publish(topic, events).await?;
-        self.taken
-            .lock()
-            .unwrap()
-            .extend(events.iter().map(|e| e.payload["n"].as_u64().unwrap()));
-        Ok(())
-    }
-
-    async fn consumer(
-        &self,
-        topic: &str,
-        group: &str,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>, TransportError> {
-        self.inner.consumer(topic, group, options).await
-    }
-}
-
 pg_test! {
     /// A batch whose statement the server never answers (here the network holds it back for
     /// a while) is reported degraded once it has run twice the publish timeout, instead of the
@@ -326,7 +295,10 @@ pg_test! {
         let (proxy, pool) =
             Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
-        let transport = Arc::new(Recording::default());
+        let transport = Arc::new(ControlledTransport::default());
+        let shipped = || -> Vec<u64> {
+            transport.published().iter().map(|e| e.payload["n"].as_u64().unwrap()).collect()
+        };
         let mut relay = PgOutboxRelay::new(through_proxy.clone(), transport.clone())
             .publish_timeout(Duration::from_millis(200))
             .poll_interval(Duration::from_millis(20))
@@ -336,7 +308,7 @@ pg_test! {
         let ctx = WorkerContext { shutdown, health: health.clone() };
         let worker = tokio::spawn(async move { relay.run(ctx).await });
         eventually(Duration::from_secs(10), "the first event is shipped", || async {
-            (transport.taken.lock().unwrap().len() == 1 && health.get() == Health::Healthy)
+            (shipped().len() == 1 && health.get() == Health::Healthy)
                 .then_some(())
         })
         .await;
@@ -357,14 +329,14 @@ pg_test! {
         })
         .await;
         assert!(reason.contains("twice the publish timeout"), "{reason}");
-        assert_eq!(transport.taken.lock().unwrap().len(), 1, "nothing shipped meanwhile");
+        assert_eq!(shipped().len(), 1, "nothing shipped meanwhile");
 
         eventually(Duration::from_secs(15), "the batch ships once answered", || async {
-            (transport.taken.lock().unwrap().len() == 2 && health.get() == Health::Healthy)
+            (shipped().len() == 2 && health.get() == Health::Healthy)
                 .then_some(())
         })
         .await;
-        assert_eq!(*transport.taken.lock().unwrap(), vec![1, 2]);
+        assert_eq!(shipped(), vec![1, 2]);
         trigger.trigger();
         worker.await.unwrap().unwrap();
         through_proxy.pool().close().await;

@@ -7,10 +7,9 @@
 //! its first delivery.
 
 use crate::proxy::Proxy;
-use crate::support::{Env, blocked_connections, event, n_of, plain_redis_host, raw, within};
-use cqrs_core::ports::{Consumer, EventTransport, TransportError};
+use crate::support::{Env, n_of, plain_redis_host, within};
+use cqrs_core::ports::{Consumer, TransportError};
 use cqrs_redis::ConnectionOptions;
-use fred::types::Value;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,56 +34,22 @@ async fn a_read_redis_served_before_its_connection_closed_is_taken_over() {
         90,
         Box::pin(async {
             let delay = Duration::from_secs(4);
-            let events = [event(Some("k"), 1)];
-            // A blocking read may end (after a claim interval, 1 s) before the publish reaches
-            // it, on a stalled machine: then again, on a new topic.
-            let mut attempt = 0;
-            let (topic, mut consumer, mut handed) = loop {
-                attempt += 1;
-                let topic = env.topic(&format!("events-{attempt}"));
-                let mut consumer = env
-                    .transport
-                    .redis_consumer(
-                        &topic,
-                        "g",
-                        crate::support::consumer_options(&format!("{}-c{attempt}", env.id))
-                            .max_deliveries(1)
-                            .block(Duration::from_secs(3))
-                            .redelivery_delay(delay),
-                    )
-                    .await
-                    .unwrap();
-                let ids = consumer.client_ids().await.unwrap();
+            let (topic, mut consumer, read) = crate::proxy::a_served_blocking_read(
+                &env,
+                &proxy,
+                Duration::from_secs(3),
+                delay,
                 // The blocking read on the consumer's own connection (`BLOCK`).
-                proxy.close_after_reply_to("BLOCK");
-                let (read, ()) = tokio::join!(consumer.fetch(10), async {
-                    blocked_connections(&env.admin, &ids).await;
-                    env.transport.publish(&topic, &events).await.unwrap();
-                });
-                let handed: Vec<(u64, u32)> = match read {
-                    Ok(batch) => batch.iter().map(|d| (n_of(d), d.attempt)).collect(),
-                    Err(e) => {
-                        assert!(retryable(&e), "retryable, got {e:?}");
-                        Vec::new()
-                    }
-                };
-                let stream = env.transport.stream_key(&topic).unwrap();
-                let pending = raw(
-                    &env.admin,
-                    "XPENDING",
-                    vec![stream.as_str().into(), "g".into()],
-                )
-                .await;
-                // Redis served the read whose connection was cut.
-                if proxy.cut_sprung()
-                    && pending.into_array().first().and_then(Value::as_u64) == Some(1)
-                {
-                    break (topic, consumer, handed);
+                |proxy| proxy.close_after_reply_to("BLOCK"),
+                Proxy::cut_sprung,
+            )
+            .await;
+            let mut handed: Vec<(u64, u32)> = match read {
+                Ok(batch) => batch.iter().map(|d| (n_of(d), d.attempt)).collect(),
+                Err(e) => {
+                    assert!(retryable(&e), "retryable, got {e:?}");
+                    Vec::new()
                 }
-                assert!(
-                    attempt < 5,
-                    "in {attempt} tries, no blocking read waited until the publish reached it"
-                );
             };
 
             // Two redelivery delays: enough for a reclaim to dead-letter it.

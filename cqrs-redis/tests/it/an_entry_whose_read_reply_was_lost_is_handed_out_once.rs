@@ -5,10 +5,9 @@
 //! (`max_deliveries(1)`).
 
 use crate::proxy::Proxy;
-use crate::support::{Env, blocked_connections, event, n_of, plain_redis_host, raw, within};
-use cqrs_core::ports::{Consumer, EventTransport, TransportError};
+use crate::support::{Env, n_of, plain_redis_host, within};
+use cqrs_core::ports::{Consumer, TransportError};
 use cqrs_redis::ConnectionOptions;
-use fred::types::Value;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,57 +34,22 @@ async fn an_entry_whose_read_reply_was_lost_is_handed_out_once() {
         90,
         Box::pin(async {
             let delay = Duration::from_secs(4);
-            let events = [event(Some("k"), 1)];
-            // Each read blocks for a claim interval at most (1 s): one may end before the
-            // publish reaches it, on a machine stalled that long, and is served nothing. Then
-            // again, on a new topic (the entry it missed would be read by the next step).
-            let mut attempt = 0;
-            let (topic, mut consumer) = loop {
-                attempt += 1;
-                let topic = env.topic(&format!("events-{attempt}"));
-                let mut consumer = env
-                    .transport
-                    .redis_consumer(
-                        &topic,
-                        "g",
-                        crate::support::consumer_options(&format!("{}-c{attempt}", env.id))
-                            .max_deliveries(1)
-                            // Reading for up to 10 s, each blocking read up to a second (the
-                            // claim interval's cap): a slow step does not use up the fetch
-                            // before it reads.
-                            .block(Duration::from_secs(10))
-                            .redelivery_delay(delay),
-                    )
-                    .await
-                    .unwrap();
-                let ids = consumer.client_ids().await.unwrap();
-                // The blocking read on the consumer's own connection (`BLOCK`), not the step's.
-                proxy.lose_reply_to("BLOCK");
-                // The consumer's blocking read reaches Redis, which serves it the event
-                // published meanwhile; the reply is lost, so the read times out.
-                let (read, ()) = tokio::join!(consumer.fetch(10), async {
-                    blocked_connections(&env.admin, &ids).await;
-                    env.transport.publish(&topic, &events).await.unwrap();
-                });
-                assert!(proxy.reply_lost(), "the read went through the proxy");
-                let error = read.expect_err("the read whose reply was lost times out");
-                assert!(retryable(&error), "retryable, got {error:?}");
-                let stream = env.transport.stream_key(&topic).unwrap();
-                let pending = raw(
-                    &env.admin,
-                    "XPENDING",
-                    vec![stream.as_str().into(), "g".into()],
-                )
-                .await;
-                // Redis served the lost read.
-                if pending.into_array().first().and_then(Value::as_u64) == Some(1) {
-                    break (topic, consumer);
-                }
-                assert!(
-                    attempt < 5,
-                    "in {attempt} tries, no blocking read waited until the publish reached it"
-                );
-            };
+            // Reading for up to 10 s, each blocking read up to a second (the claim interval's
+            // cap): a slow step does not use up the fetch before it reads.
+            let (topic, mut consumer, read) = crate::proxy::a_served_blocking_read(
+                &env,
+                &proxy,
+                Duration::from_secs(10),
+                delay,
+                // The blocking read on the consumer's own connection (`BLOCK`), not the
+                // step's: Redis serves it the event published meanwhile; the reply is lost, so
+                // the read times out.
+                |proxy| proxy.lose_reply_to("BLOCK"),
+                Proxy::reply_lost,
+            )
+            .await;
+            let error = read.expect_err("the read whose reply was lost times out");
+            assert!(retryable(&error), "retryable, got {error:?}");
 
             let mut handed = Vec::new();
             // Two redelivery delays: enough for a reclaim to dead-letter it.

@@ -292,3 +292,64 @@ async fn read_some(from: &OwnedReadHalf, buffer: &mut [u8]) -> Option<usize> {
         }
     }
 }
+
+/// A consumer of a new topic of `env` (group `g`, `max_deliveries(1)`, blocking reads of up to
+/// `block`, redelivery delay `delay`) whose blocking read, with the proxy armed by `arm` for
+/// that read (the commands with `BLOCK`), Redis served the event `n = 1` published while it
+/// waited: the topic, the consumer and what that fetch returned. A read that ended before the
+/// publish reached it (a machine stalled for a claim interval) is tried again on a new topic,
+/// at most five times; `went_through` tells whether the armed command passed the proxy.
+pub(crate) async fn a_served_blocking_read(
+    env: &crate::support::Env,
+    proxy: &Proxy,
+    block: std::time::Duration,
+    delay: std::time::Duration,
+    arm: impl Fn(&Proxy),
+    went_through: impl Fn(&Proxy) -> bool,
+) -> (
+    String,
+    cqrs_redis::RedisConsumer,
+    Result<Vec<cqrs_core::ports::Delivery>, cqrs_core::ports::TransportError>,
+) {
+    use cqrs_core::ports::{Consumer, EventTransport};
+    let events = [crate::support::event(Some("k"), 1)];
+    for attempt in 1..=5 {
+        let topic = env.topic(&format!("events-{attempt}"));
+        let mut consumer = env
+            .transport
+            .redis_consumer(
+                &topic,
+                "g",
+                crate::support::consumer_options(&format!("{}-c{attempt}", env.id))
+                    .max_deliveries(1)
+                    .block(block)
+                    .redelivery_delay(delay),
+            )
+            .await
+            .unwrap();
+        let ids = consumer.client_ids().await.unwrap();
+        arm(proxy);
+        let (read, ()) = tokio::join!(consumer.fetch(10), async {
+            crate::support::blocked_connections(&env.admin, &ids).await;
+            env.transport.publish(&topic, &events).await.unwrap();
+        });
+        let stream = env.transport.stream_key(&topic).unwrap();
+        let pending = crate::support::raw(
+            &env.admin,
+            "XPENDING",
+            vec![stream.as_str().into(), "g".into()],
+        )
+        .await;
+        // Redis served the armed read.
+        if went_through(proxy)
+            && pending
+                .into_array()
+                .first()
+                .and_then(fred::types::Value::as_u64)
+                == Some(1)
+        {
+            return (topic, consumer, read);
+        }
+    }
+    panic!("in 5 tries, no blocking read waited until the publish reached it");
+}
