@@ -308,8 +308,14 @@ impl RedisConsumer {
 
     /// What releasing the held entries means, leaving them held.
     fn held_released(&self) -> Released {
+        self.released(&self.held)
+    }
+
+    /// What releasing `ids`, held entries, means: split by whether their delivery count still
+    /// counts the read that brought them here.
+    fn released<'a>(&self, ids: impl IntoIterator<Item = &'a String>) -> Released {
         let mut released = Released::default();
-        for id in &self.held {
+        for id in ids {
             if self.known.get(id).is_some_and(|known| known.read_here) || self.adopted.contains(id)
             {
                 released.read_unhanded.push(id.clone());
@@ -1320,14 +1326,40 @@ impl Consumer for RedisConsumer {
 
     /// Restarts the idle clock of these deliveries while they are pending to this consumer
     /// (`XCLAIM … IDLE 0 JUSTID`, which leaves the delivery count alone), so no other
-    /// consumer reclaims them; and of the entries it holds back, which each fetch refreshes
-    /// otherwise, so a long batch does not get them reclaimed either.
+    /// consumer reclaims them; and of the entries it holds back in a lane with an entry in
+    /// flight here, which wait for that one. The other held entries (their predecessor is
+    /// another consumer's, acknowledged by now perhaps, or they did not fit the batch) are
+    /// released, as [`close`](Consumer::close) releases them: kept while a long batch runs,
+    /// they and the rest of their lanes would wait for it although any consumer could take
+    /// them.
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let ids = ids
-            .iter()
-            .map(|id| id.0.clone())
-            .chain(self.held.iter().cloned())
+        let busy: HashSet<&str> = self
+            .in_flight
+            .values()
+            .filter(|lane| !lane.is_empty())
+            .map(String::as_str)
             .collect();
+        let waits_here = |id: &String| {
+            self.known.get(id).is_some_and(|known| {
+                entry::raw_field(&known.fields, "lane")
+                    .is_some_and(|lane| busy.contains(String::from_utf8_lossy(lane).as_ref()))
+            })
+        };
+        let (kept, free): (Vec<String>, Vec<String>) =
+            self.held.iter().cloned().partition(waits_here);
+        if !free.is_empty() {
+            let released = self.released(&free);
+            // Out of the lists first: a release that fails leaves them pending here, idle
+            // since their last refresh, so another consumer reclaims them after the delay.
+            let gone: HashSet<&String> = free.iter().collect();
+            self.held.retain(|id| !gone.contains(id));
+            for id in &free {
+                self.known.remove(id);
+                self.adopted.remove(id);
+            }
+            self.release(released).await?;
+        }
+        let ids = ids.iter().map(|id| id.0.clone()).chain(kept).collect();
         set_idle(
             &self.shared,
             &self.keys.stream,

@@ -109,6 +109,68 @@ async fn keep_alive_keeps_the_entries_held_back_too() {
     env.cleanup().await;
 }
 
+/// `keep_alive` keeps only the held entries that wait for an entry this consumer is handling:
+/// one held behind another consumer's entry, acknowledged meanwhile, is released while the
+/// batch runs, and that consumer takes it at once, as its first delivery, instead of after the
+/// batch (or, with a hung handler, never).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_releases_the_held_entries_that_wait_for_no_entry_here() {
+    let Some(env) = Env::new("held-free").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            // Long: only a release lets c2 take the entry within the test.
+            let delay = Duration::from_secs(60);
+            let mut c1 = env.join(&topic, "c1", |o| o.redelivery_delay(delay)).await;
+            let mut c2 = env.join(&topic, "c2", |o| o.redelivery_delay(delay)).await;
+            env.publish_one(&topic, "k2", 1).await;
+            let first = c2.fetch(10).await.unwrap();
+            assert_eq!(first.iter().map(n_of).collect::<Vec<_>>(), [1]);
+            env.publish_one(&topic, "k1", 2).await;
+            env.publish_one(&topic, "k2", 3).await;
+            // c1 reads both: 2 is handed out, 3 held behind 1, which c2 is handling.
+            let mut handling = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while handling.is_empty() {
+                assert!(tokio::time::Instant::now() < until, "2 was not handed out");
+                handling = c1.fetch(10).await.unwrap();
+            }
+            assert_eq!(handling.iter().map(n_of).collect::<Vec<_>>(), [2]);
+            c2.ack(&[first[0].id.clone()]).await.unwrap();
+
+            // c1's batch goes on (its handler of 2 is slow): 3 waits for nothing of c1's.
+            c1.keep_alive(&[handling[0].id.clone()]).await.unwrap();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let taken = loop {
+                let batch = c2.fetch(10).await.unwrap();
+                if !batch.is_empty() {
+                    break batch;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "c2 did not get 3 while c1's batch ran"
+                );
+            };
+            assert_eq!(taken.iter().map(n_of).collect::<Vec<_>>(), [3]);
+            assert_eq!(
+                taken[0].attempt, 1,
+                "the held read's delivery was taken back"
+            );
+            c1.ack(&[handling[0].id.clone()]).await.unwrap();
+            c2.ack(&[taken[0].id.clone()]).await.unwrap();
+            assert!(
+                c1.fetch(10).await.unwrap().is_empty(),
+                "nothing handed out twice"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 /// The consumer the second entry of the stream is pending to.
 async fn owner_of_second(env: &Env, stream: &str) -> Option<String> {
     let pending = env
