@@ -250,6 +250,9 @@ pub struct StoreRelay<S: ProjectionStore> {
     idle: Duration,
     max_backoff: Duration,
     publish_timeout: Duration,
+    /// Batches in a row that passed nothing, failing, after which the relay reports itself
+    /// unhealthy.
+    unhealthy_after: u32,
     /// The most events one batch reads and publishes: `batch` until a batch that got nothing
     /// through ran out of the publish timeout; then half that batch, and so on down to one,
     /// so a transport too slow for a whole batch still takes part of each. Doubles again, up
@@ -288,6 +291,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
             idle: Duration::from_millis(50),
             max_backoff: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
+            unhealthy_after: 10,
             limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
             read_from: std::sync::Mutex::new(None),
         }
@@ -317,6 +321,16 @@ impl<S: ProjectionStore> StoreRelay<S> {
     /// pass already published or skipped. At least 1 ms (zero would never ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// After how many failed batches in a row, none of which passed an event, the relay
+    /// reports itself [`Unhealthy`](Health::Unhealthy) instead of `Degraded` (default 10; at
+    /// least 1). It keeps retrying with its backoff either way: a store or transport that
+    /// comes back is caught up with. A batch that passes anything, or one that finds nothing
+    /// to ship, ends the streak.
+    pub fn unhealthy_after(mut self, failures: u32) -> Self {
+        self.unhealthy_after = failures.max(1);
         self
     }
 
@@ -615,11 +629,13 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         let mut backoff = self.idle;
+        let mut failures = 0u32;
         while !ctx.shutdown.is_requested() {
             let batch = self.ship().await;
             let wait = match batch.failure {
                 None => {
                     ctx.health.set(Health::Healthy);
+                    failures = 0;
                     backoff = self.idle;
                     if batch.full {
                         continue;
@@ -629,12 +645,22 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
                 // Cut short after passing some: degraded, but moving, so no backoff.
                 Some(e) if batch.passed > 0 => {
                     ctx.health.set(Health::Degraded(e.to_string()));
+                    failures = 0;
                     backoff = self.idle;
                     self.idle
                 }
                 Some(e) => {
-                    tracing::warn!(relay = %self.name, error = %e, ?backoff, "relay batch failed; retrying");
-                    ctx.health.set(Health::Degraded(e.to_string()));
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(relay = %self.name, error = %e, ?backoff, failures, "relay batch failed; retrying");
+                    // A relay stuck for good (a permission gone, a store away) is not merely
+                    // degraded: the events it should ship wait until someone acts.
+                    ctx.health.set(if failures >= self.unhealthy_after {
+                        Health::Unhealthy(format!(
+                            "{failures} batches in a row failed with nothing shipped; the last: {e}"
+                        ))
+                    } else {
+                        Health::Degraded(e.to_string())
+                    });
                     let wait = backoff;
                     // At least 1 ms: a zero start would never slow down.
                     backoff = backoff

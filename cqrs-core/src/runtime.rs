@@ -329,7 +329,9 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Starts every worker on the current tokio runtime.
+    /// Starts every worker on the current tokio runtime. Keep the [`Runtime`] and call
+    /// [`shutdown`](Runtime::shutdown): dropping it aborts every worker where it is.
+    #[must_use = "dropping the Runtime aborts every worker at once; keep it and call `shutdown`"]
     pub fn start(self) -> Runtime {
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthMap::default();
@@ -404,14 +406,34 @@ impl RuntimeBuilder {
                     }
                     // At least 1 ms to double from: a zero start would never grow.
                     backoff = backoff.saturating_mul(2).max(Duration::from_millis(1)).min(max);
+                    // A new run: the last one's failure no longer describes it (a worker that
+                    // reports nothing itself would stay unhealthy for good after recovering).
+                    reporter.set(Health::Starting);
                 }
             });
         }
+        // A check under a worker's name (or another check's) would hide it in the report.
+        let checks = self
+            .checks
+            .into_iter()
+            .map(|(name, check, critical)| {
+                let mut reported = name.clone();
+                if taken.contains(&reported) {
+                    reported = (1..)
+                        .map(|n| if n == 1 { format!("{name} (check)") } else { format!("{name} (check #{n})") })
+                        .find(|candidate| !taken.contains(candidate))
+                        .unwrap_or_default();
+                    tracing::warn!(check = %name, health = %reported, "a health check shares a name with a worker or another check; reporting it under another");
+                }
+                taken.insert(reported.clone());
+                (reported, check, critical)
+            })
+            .collect();
         Runtime {
             trigger,
             shutdown,
             health,
-            checks: Arc::new(self.checks),
+            checks: Arc::new(checks),
             tasks: tokio::sync::Mutex::new(tasks),
         }
     }
@@ -444,6 +466,11 @@ impl RuntimeBuilder {
 /// runtime.shutdown(Duration::from_secs(5)).await.unwrap();
 /// # });
 /// ```
+///
+/// Keep it for as long as the workers should run, and end it with
+/// [`shutdown`](Self::shutdown): dropping it aborts every worker where it is (mid-batch, no
+/// grace period), with a warning in the log.
+#[must_use = "dropping the Runtime aborts every worker at once; keep it and call `shutdown`"]
 pub struct Runtime {
     trigger: ShutdownTrigger,
     shutdown: Shutdown,
@@ -455,6 +482,17 @@ pub struct Runtime {
 impl fmt::Debug for Runtime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // The task set aborts every worker as it is dropped: mid-batch, no grace period.
+        if !self.shutdown.is_requested() {
+            tracing::warn!(
+                "a Runtime was dropped without `shutdown`: its workers were aborted where they were, with no grace period"
+            );
+        }
     }
 }
 

@@ -701,3 +701,66 @@ fn a_worker_failing_while_it_stops_is_logged() {
         "{logged:?}"
     );
 }
+
+/// Fails its first run, then runs until shutdown without reporting any health of its own.
+struct QuietAfterAFailure {
+    runs: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Worker for QuietAfterAFailure {
+    fn name(&self) -> &str {
+        "quiet"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        if self.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err("the first run fails".into());
+        }
+        ctx.shutdown.requested().await;
+        Ok(())
+    }
+}
+
+/// A restarted worker reports `Starting`, not the failure of the run before it: one that
+/// reports nothing itself stayed unhealthy for good after it recovered.
+#[test]
+fn a_restarted_worker_no_longer_reports_the_last_runs_failure() {
+    run_paused(|| async {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let runtime = Runtime::builder()
+            .worker(QuietAfterAFailure { runs: runs.clone() })
+            .restart_backoff(Duration::from_millis(10), Duration::from_millis(10))
+            .start();
+        while runs.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        health_becomes(&runtime, "quiet", Health::Starting).await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A health check named like a worker is reported beside it, not over it.
+#[test]
+fn a_check_named_like_a_worker_does_not_hide_it() {
+    run(async {
+        let runtime = Runtime::builder()
+            .worker(Stuck {
+                dropped: Arc::new(AtomicBool::new(false)),
+            })
+            .check(
+                "stuck",
+                Arc::new(Fixed(Health::Unhealthy("the check's view".into()))),
+                false,
+            )
+            .start();
+        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        let report = runtime.health().await;
+        assert_eq!(
+            report.components["stuck (check)"].0.reason(),
+            Some("the check's view"),
+            "{report:?}"
+        );
+        let _ = runtime.shutdown(Duration::from_millis(100)).await;
+    });
+}

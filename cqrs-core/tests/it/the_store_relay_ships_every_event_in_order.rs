@@ -5,6 +5,7 @@ use cqrs_core::ports::{
     Consumer, ConsumerOptions, EventStore, EventTransport, TransportCapabilities, TransportError,
 };
 use cqrs_core::relay::StoreRelay;
+use cqrs_core::runtime::Health;
 use cqrs_core::{EventEnvelope, EventRecord, ExpectedVersion, Metadata};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -131,6 +132,58 @@ fn a_failing_relay_with_zero_intervals_pauses_between_retries() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let tries = transport.publishes.load(Ordering::SeqCst);
         assert!((100..=1001).contains(&tries), "{tries} tries in 1 s");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A relay whose batches keep failing with nothing shipped is degraded, then unhealthy after
+/// `unhealthy_after` failures in a row (it looked merely degraded for ever), and healthy again
+/// once a batch goes through.
+#[test]
+fn a_relay_failing_batch_after_batch_turns_unhealthy_and_recovers() {
+    run_paused(|| async {
+        let events = Arc::new(InMemoryEventStore::new());
+        events
+            .append("a", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        let transport = Arc::new(Switchable::default());
+        transport.down.store(true, Ordering::SeqCst);
+        let relay = StoreRelay::new(
+            "relay",
+            events,
+            Arc::new(InMemoryProjectionStore::new()),
+            transport.clone(),
+            "out",
+        )
+        .intervals(Duration::from_millis(10), Duration::from_millis(10))
+        .unhealthy_after(3);
+        let runtime = cqrs_core::runtime::Runtime::builder().worker(relay).start();
+        let health = || async { runtime.health().await.components["relay"].0.clone() };
+        while transport.publishes.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            matches!(health().await, Health::Degraded(_)),
+            "{:?}",
+            health().await
+        );
+        while transport.publishes.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        match health().await {
+            Health::Unhealthy(reason) => {
+                assert!(reason.contains("3 batches in a row"), "{reason}");
+                assert!(reason.contains("switched off"), "{reason}");
+            }
+            other => panic!("unhealthy after 3 failures, got {other:?}"),
+        }
+        transport.down.store(false, Ordering::SeqCst);
+        while health().await != Health::Healthy {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
