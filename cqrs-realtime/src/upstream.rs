@@ -527,6 +527,11 @@ impl<P: Send + Sync + 'static> Pump<P> {
                 Ok(event) if state.recent.first_time(event.position()) => {
                     registry.dispatch(&event);
                     state.dispatched = true;
+                    // The writers drain their queues before the next event is pushed: a
+                    // burst (a relay catching up, a batch published at once) would otherwise
+                    // fill a prompt reader's queue before its writer ran once (on one thread,
+                    // up to the scheduler's budget of events) and close it as slow.
+                    tokio::task::yield_now().await;
                 }
                 Ok(event) => {
                     tracing::debug!(channel = %full, position = ?event.position(), "dropped a copy of an event already pushed");

@@ -51,3 +51,33 @@ async fn a_client_that_never_reads_is_closed_and_the_fast_one_gets_everything() 
     })
     .await;
 }
+
+/// A burst (a relay catching up, a batch of events published at once) is no slow client: the
+/// hub lets the writers drain between events, so a client that reads promptly gets every
+/// frame of it, two per event with two matching subscriptions, through a send queue that
+/// holds a few. (On one thread the fan-out pushed the whole burst before any writer ran, and
+/// closed the client with 1008.)
+#[tokio::test]
+async fn a_burst_does_not_close_a_client_that_reads_promptly() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().send_queue(8)).await;
+        let mut client = t.connect("agent-a").await;
+        client.subscribe("tickets").await;
+        client.subscribe("ticket:t1").await;
+        let mut records = Vec::new();
+        for seq in 1..=40 {
+            records.push(t.store("t1", "u1", seq).await);
+        }
+        for record in &records {
+            t.hub.publisher().publish(record).await.unwrap();
+        }
+        for seq in 1..=40 {
+            for _ in 0..2 {
+                assert_eq!(client.event().await.seq, seq);
+            }
+        }
+        assert_eq!(t.hub.stats().slow_client_closes, 0);
+        client.ping_pong().await;
+    })
+    .await;
+}
