@@ -107,7 +107,9 @@ impl HubOptions {
         self
     }
 
-    /// The most bytes the write buffer may hold; must exceed `write_buffer_size`. An event
+    /// The most bytes the write buffer may hold; at least `write_buffer_size` + 1024 (room
+    /// for the frames the hub writes itself: an error echoing a topic, `event_too_large`,
+    /// under 1 KiB with a frame's overhead). An event
     /// frame larger than the difference (less a frame header and room for a control frame,
     /// 141 bytes in all) is not sent: an
     /// `event_too_large` error frame takes its place. Default 256 KiB.
@@ -312,9 +314,15 @@ impl HubOptions {
             1,
         );
         at_least("replay_buffer", self.replay_buffer, 1);
-        if self.max_write_buffer_size <= self.write_buffer_size {
+        if self
+            .write_buffer_size
+            .checked_add(MIN_WRITE_ROOM)
+            .is_none_or(|least| self.max_write_buffer_size < least)
+        {
             problems.push(format!(
-                "max_write_buffer_size ({}) must be greater than write_buffer_size ({})",
+                "max_write_buffer_size ({}) must be at least write_buffer_size ({}) + \
+                 {MIN_WRITE_ROOM}: the frames the hub writes itself (an error, `event_too_large`) \
+                 must fit, or the write fails and the client is dropped without a close",
                 self.max_write_buffer_size, self.write_buffer_size
             ));
         }
@@ -343,9 +351,52 @@ impl HubOptions {
     }
 }
 
+/// The least room between `write_buffer_size` and `max_write_buffer_size`: the largest frame
+/// the hub writes itself (an error frame echoing a 200-byte topic, an `event_too_large` frame:
+/// under 600 bytes), a frame header and a control frame tungstenite may queue (141 bytes),
+/// with margin.
+const MIN_WRITE_ROOM: usize = 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write buffer too small for the hub's own frames was accepted: every event became an
+    /// `event_too_large` frame the buffer could not take either, the write failed, and the
+    /// client, dropped without a close, reconnected in a loop.
+    #[test]
+    fn a_write_buffer_too_small_for_the_hubs_own_frames_is_refused() {
+        assert_eq!(
+            HubOptions::new().max_write_buffer_size(300).problems(),
+            [
+                "max_write_buffer_size (300) must be at least write_buffer_size (0) + 1024: the \
+              frames the hub writes itself (an error, `event_too_large`) must fit, or the \
+              write fails and the client is dropped without a close"
+            ]
+        );
+        assert_eq!(
+            HubOptions::new()
+                .write_buffer_size(4096)
+                .max_write_buffer_size(4096 + 1023)
+                .problems()
+                .len(),
+            1
+        );
+        assert!(
+            HubOptions::new()
+                .max_write_buffer_size(1024)
+                .problems()
+                .is_empty()
+        );
+        assert!(
+            HubOptions::new()
+                .write_buffer_size(usize::MAX)
+                .max_write_buffer_size(usize::MAX)
+                .problems()
+                .iter()
+                .any(|p| p.starts_with("max_write_buffer_size"))
+        );
+    }
 
     /// A replay limit of zero, or below the batch, was accepted: the limit became one batch,
     /// and clients were told of a gap of "more than 0 events".
