@@ -342,10 +342,7 @@ impl RuntimeBuilder {
         for mut worker in self.workers {
             let mut name = worker.name().to_owned();
             if taken.contains(&name) {
-                let renamed = (2..)
-                    .map(|n| format!("{name}#{n}"))
-                    .find(|candidate| !taken.contains(candidate))
-                    .unwrap_or_default();
+                let renamed = free_name(&taken, (2..).map(|n| format!("{name}#{n}")));
                 tracing::warn!(worker = %name, health = %renamed, "two workers share a name; reporting this one's health under another");
                 name = renamed;
             }
@@ -419,10 +416,11 @@ impl RuntimeBuilder {
             .map(|(name, check, critical)| {
                 let mut reported = name.clone();
                 if taken.contains(&reported) {
-                    reported = (1..)
-                        .map(|n| if n == 1 { format!("{name} (check)") } else { format!("{name} (check #{n})") })
-                        .find(|candidate| !taken.contains(candidate))
-                        .unwrap_or_default();
+                    reported = free_name(
+                        &taken,
+                        std::iter::once(format!("{name} (check)"))
+                            .chain((2..).map(|n| format!("{name} (check #{n})"))),
+                    );
                     tracing::warn!(check = %name, health = %reported, "a health check shares a name with a worker or another check; reporting it under another");
                 }
                 taken.insert(reported.clone());
@@ -437,6 +435,15 @@ impl RuntimeBuilder {
             tasks: tokio::sync::Mutex::new(tasks),
         }
     }
+}
+
+/// The first of `candidates` not in `taken`: a health report's name for a component whose
+/// own name another one has.
+fn free_name(taken: &HashSet<String>, candidates: impl Iterator<Item = String>) -> String {
+    candidates
+        .into_iter()
+        .find(|candidate| !taken.contains(candidate))
+        .unwrap_or_default()
 }
 
 /// Running workers and checks. See [`RuntimeBuilder`].

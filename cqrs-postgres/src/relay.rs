@@ -842,18 +842,30 @@ impl PgOutboxRelay {
     async fn watched_batch(&self, ctx: &WorkerContext) -> BatchOutcome {
         let batch = self.batch();
         tokio::pin!(batch);
-        let stalled_after = self.publish_timeout.saturating_mul(2);
         tokio::select! {
             outcome = &mut batch => return outcome,
-            () = tokio::time::sleep(stalled_after) => {}
+            () = tokio::time::sleep(self.stalled_after()) => {}
         }
+        self.report_stall(ctx, "a batch has run");
+        batch.await
+    }
+
+    /// How long a batch or a backlog measurement may take before the relay reports Postgres
+    /// as not answering: twice the publish timeout.
+    fn stalled_after(&self) -> Duration {
+        self.publish_timeout.saturating_mul(2)
+    }
+
+    /// Reports the relay degraded: `what` (a batch, a backlog measurement) took longer than
+    /// [`stalled_after`](Self::stalled_after).
+    fn report_stall(&self, ctx: &WorkerContext, what: &str) {
         let reason = format!(
-            "a batch has run for over {stalled_after:?} (twice the publish timeout): Postgres or \
-             the network to it is not answering"
+            "{what} for over {:?} (twice the publish timeout): Postgres or the network to it \
+             is not answering",
+            self.stalled_after()
         );
         tracing::warn!(relay = %self.relay, "{reason}");
         ctx.health.set(Health::Degraded(reason));
-        batch.await
     }
 
     /// Reads, without waiting, the notifications that arrived while the relay was busy: the
@@ -1087,17 +1099,11 @@ impl Worker for PgOutboxRelay {
             if next_metrics.is_some_and(|at| Instant::now() >= at) {
                 // Bounded like a batch: a server that does not answer it is reported, not
                 // waited on for ever by a relay that looks healthy.
-                let limit = self.publish_timeout.saturating_mul(2);
-                if tokio::time::timeout(limit, self.report_backlog())
+                if tokio::time::timeout(self.stalled_after(), self.report_backlog())
                     .await
                     .is_err()
                 {
-                    let reason = format!(
-                        "measuring the backlog took over {limit:?} (twice the publish timeout): \
-                         Postgres or the network to it is not answering"
-                    );
-                    tracing::warn!(relay = %self.relay, "{reason}");
-                    ctx.health.set(Health::Degraded(reason));
+                    self.report_stall(&ctx, "measuring the backlog has run");
                 }
                 next_metrics = Instant::now().checked_add(self.metrics_interval);
             }

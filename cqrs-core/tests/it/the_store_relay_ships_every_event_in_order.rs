@@ -108,26 +108,33 @@ fn events_are_shipped_in_order_once_and_a_failed_batch_loses_nothing() {
     });
 }
 
+/// A relay named `relay` with one event to ship, and its transport, switched off.
+async fn a_relay_behind_a_transport_that_is_down()
+-> (Arc<Switchable>, StoreRelay<InMemoryProjectionStore>) {
+    let events = Arc::new(InMemoryEventStore::new());
+    events
+        .append("a", ExpectedVersion::NO_STREAM, vec![record(1)])
+        .await
+        .unwrap();
+    let transport = Arc::new(Switchable::default());
+    transport.down.store(true, Ordering::SeqCst);
+    let relay = StoreRelay::new(
+        "relay",
+        events,
+        Arc::new(InMemoryProjectionStore::new()),
+        transport.clone(),
+        "out",
+    );
+    (transport, relay)
+}
+
 /// A relay whose transport is down retries once per millisecond at most, even with intervals
 /// of zero (it retried in a tight loop: under a paused clock, time never moved).
 #[test]
 fn a_failing_relay_with_zero_intervals_pauses_between_retries() {
     run_paused(|| async {
-        let events = Arc::new(InMemoryEventStore::new());
-        events
-            .append("a", ExpectedVersion::NO_STREAM, vec![record(1)])
-            .await
-            .unwrap();
-        let transport = Arc::new(Switchable::default());
-        transport.down.store(true, Ordering::SeqCst);
-        let relay = StoreRelay::new(
-            "relay",
-            events,
-            Arc::new(InMemoryProjectionStore::new()),
-            transport.clone(),
-            "out",
-        )
-        .intervals(Duration::ZERO, Duration::ZERO);
+        let (transport, relay) = a_relay_behind_a_transport_that_is_down().await;
+        let relay = relay.intervals(Duration::ZERO, Duration::ZERO);
         let runtime = cqrs_core::runtime::Runtime::builder().worker(relay).start();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let tries = transport.publishes.load(Ordering::SeqCst);
@@ -142,22 +149,10 @@ fn a_failing_relay_with_zero_intervals_pauses_between_retries() {
 #[test]
 fn a_relay_failing_batch_after_batch_turns_unhealthy_and_recovers() {
     run_paused(|| async {
-        let events = Arc::new(InMemoryEventStore::new());
-        events
-            .append("a", ExpectedVersion::NO_STREAM, vec![record(1)])
-            .await
-            .unwrap();
-        let transport = Arc::new(Switchable::default());
-        transport.down.store(true, Ordering::SeqCst);
-        let relay = StoreRelay::new(
-            "relay",
-            events,
-            Arc::new(InMemoryProjectionStore::new()),
-            transport.clone(),
-            "out",
-        )
-        .intervals(Duration::from_millis(10), Duration::from_millis(10))
-        .unhealthy_after(3);
+        let (transport, relay) = a_relay_behind_a_transport_that_is_down().await;
+        let relay = relay
+            .intervals(Duration::from_millis(10), Duration::from_millis(10))
+            .unhealthy_after(3);
         let runtime = cqrs_core::runtime::Runtime::builder().worker(relay).start();
         let health = || async { runtime.health().await.components["relay"].0.clone() };
         while transport.publishes.load(Ordering::SeqCst) < 1 {
