@@ -2,7 +2,7 @@
 
 use crate::agents::AgentList;
 use crate::hashing::{ClientSlot, Hashing};
-use crate::throttle::{CountedAttempts, LoginThrottle};
+use crate::throttle::{AddressLimit, CountedAttempts, LoginThrottle};
 use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
@@ -163,14 +163,14 @@ pub(crate) struct RegisterHandler {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) hashing: Hashing,
     pub(crate) agents: AgentList,
-    /// Counts wrong agent codes by client address (`agentcode|{client}`), with the limit and
-    /// window of failed logins: without it one address could guess codes without end.
-    pub(crate) code_throttle: Arc<dyn LoginThrottle>,
-    /// Counts registrations by client address (`register|{client}`), taken or not, with the
-    /// limit of failed logins from one address: without it one address could make accounts
-    /// without end (each may hold WebSocket connections), or learn which emails have one
-    /// (409 `email_taken`) at database speed.
-    pub(crate) register_throttle: Arc<dyn LoginThrottle>,
+    /// Counts wrong agent codes by client address and IPv6 site (`agentcode|...`), with the
+    /// limit and window of failed logins: without it one address could guess codes without end.
+    pub(crate) code_limit: AddressLimit,
+    /// Counts registrations by client address and IPv6 site (`register|...`), taken or not,
+    /// with the limit of failed logins from one address: without it one address could make
+    /// accounts without end (each may hold WebSocket connections), or learn which emails have
+    /// one (409 `email_taken`) at database speed.
+    pub(crate) register_limit: AddressLimit,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -225,18 +225,22 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         // one of the address's few registrations a window, not free. No `@`: never an email
         // key of the login throttle. Taken back only when the server could not finish the
         // registration (below): one that went through counts as much as one refused.
-        let key = format!("register|{}", client_key(cmd.client));
-        if let Some(seconds) = self.register_throttle.attempt(&key).await? {
+        // Dropped before both keys are counted, the guard takes back what was.
+        let mut attempts = CountedAttempts::new();
+        if let Some(seconds) = self
+            .register_limit
+            .attempt("register", cmd.client, &mut attempts)
+            .await?
+        {
             return Err(too_many_attempts(
                 seconds,
                 "too many registrations from this address; try again later",
             ));
         }
-        // Dropped from here on (a time-out, a client gone), the guard takes the count back on
+        // Dropped from here on (a time-out, a client gone), the guard takes the counts back on
         // a task, unless the account was stored.
         let counted = RegistrationCount {
-            throttle: self.register_throttle.clone(),
-            key,
+            counts: attempts.into_counts(),
             users: self.users.clone(),
             email: email.clone(),
             settled: false,
@@ -279,8 +283,8 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
 /// most likely failed too); the check narrows the window to its own round trip.
 #[must_use = "dropping it takes the count back on a task; say what happened instead"]
 struct RegistrationCount {
-    throttle: Arc<dyn LoginThrottle>,
-    key: String,
+    /// The client's count, and its site's for IPv6.
+    counts: Vec<(Arc<dyn LoginThrottle>, String)>,
     users: Arc<dyn UserStore>,
     email: String,
     settled: bool,
@@ -296,8 +300,7 @@ impl RegistrationCount {
     async fn take_back_unless_created(mut self) {
         self.settled = true;
         undo_registration(
-            self.throttle.clone(),
-            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.counts),
             self.users.clone(),
             std::mem::take(&mut self.email),
         )
@@ -315,18 +318,16 @@ impl Drop for RegistrationCount {
             return;
         };
         runtime.spawn(undo_registration(
-            self.throttle.clone(),
-            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.counts),
             self.users.clone(),
             std::mem::take(&mut self.email),
         ));
     }
 }
 
-/// Takes a registration's count back unless its account exists.
+/// Takes a registration's counts back unless its account exists.
 async fn undo_registration(
-    throttle: Arc<dyn LoginThrottle>,
-    key: String,
+    counts: Vec<(Arc<dyn LoginThrottle>, String)>,
     users: Arc<dyn UserStore>,
     email: String,
 ) {
@@ -340,8 +341,10 @@ async fn undo_registration(
             tracing::debug!(%error, "could not tell whether a registration's account was stored; taking its count back");
         }
     }
-    if let Err(error) = throttle.succeeded(&key).await {
-        tracing::warn!(%error, "could not take back a registration's count");
+    for (throttle, key) in counts {
+        if let Err(error) = throttle.succeeded(&key).await {
+            tracing::warn!(%error, "could not take back a registration's count");
+        }
     }
 }
 
@@ -392,17 +395,22 @@ impl RegisterHandler {
         match (self.agents.lists(email), code) {
             (true, Some(code)) => {
                 // No `@`: never an email key of the login throttle.
-                let key = format!("agentcode|{}", client_key(client));
-                if let Some(seconds) = self.code_throttle.attempt(&key).await? {
+                let mut counted = CountedAttempts::new();
+                if let Some(seconds) = self
+                    .code_limit
+                    .attempt("agentcode", client, &mut counted)
+                    .await?
+                {
                     return Err(too_many_attempts(
                         seconds,
                         "too many wrong agent codes from this address; try again later",
                     ));
                 }
                 if self.agents.code_matches(code) {
-                    self.code_throttle.succeeded(&key).await?;
+                    counted.take_back().await?;
                     Ok(Role::Agent)
                 } else {
+                    counted.keep();
                     Err(agent_code_required())
                 }
             }
@@ -440,9 +448,9 @@ pub(crate) struct LogInHandler {
     pub(crate) hashing: Hashing,
     /// Counts failed logins by email and client address.
     pub(crate) throttle: Arc<dyn LoginThrottle>,
-    /// Counts failed logins by client address alone, whatever the email, with a larger limit:
-    /// one address trying a few passwords on each of many emails.
-    pub(crate) address_throttle: Arc<dyn LoginThrottle>,
+    /// Counts failed logins by client address and IPv6 site alone, whatever the email, with a
+    /// larger limit: one address trying a few passwords on each of many emails.
+    pub(crate) address_limit: AddressLimit,
     pub(crate) tokens: JwtTokens,
     /// Verified against when the email is unknown, so both failures take as long.
     pub(crate) dummy_hash: Arc<String>,
@@ -485,7 +493,6 @@ impl CommandHandler<LogIn> for LogInHandler {
         let client = client_key(cmd.client);
         // Email keys hold an `@`, address keys none: the two never meet in one table.
         let key = format!("{email}|{client}");
-        let address_key = format!("address|{client}");
         // The client's own bound comes first (a refusal there is no attempt); the shared
         // permit to hash only once the throttles and the lookup are done, so their round
         // trips to a slow store do not hold one of the few permits every client needs.
@@ -495,8 +502,9 @@ impl CommandHandler<LogIn> for LogInHandler {
         // login refused as `busy` is taken back, as any the server could not finish).
         let mut counted = CountedAttempts::new();
         let checked = async {
-            if let Some(seconds) = counted
-                .attempt(&self.address_throttle, &address_key)
+            if let Some(seconds) = self
+                .address_limit
+                .attempt("address", cmd.client, &mut counted)
                 .await?
             {
                 return Ok(Checked::Blocked(seconds));
@@ -594,6 +602,14 @@ mod tests {
 
     const PASSWORD: &str = "correct horse battery";
 
+    /// One throttle for a client's keys and its site's (tests from IPv4 addresses have none).
+    pub(super) fn by_address(throttle: Arc<dyn LoginThrottle>) -> AddressLimit {
+        AddressLimit {
+            client: throttle.clone(),
+            site: throttle,
+        }
+    }
+
     /// Many concurrent logins from one address, each for another email, leave another address
     /// a turn to hash: its correct login is not refused as `busy`. (Without a cap per address
     /// the flood fills the queue ahead of it, and it waits out the bound.)
@@ -623,7 +639,7 @@ mod tests {
             users: Arc::new(users),
             hashing: Hashing::new(2, Duration::from_millis(200)),
             throttle: throttle(),
-            address_throttle: throttle(),
+            address_limit: by_address(throttle()),
             tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
             dummy_hash: Arc::new(dummy_hash().unwrap()),
             agents: AgentList::new(Arc::default(), None),
@@ -752,11 +768,11 @@ mod tests {
             users: Arc::new(users.clone()),
             hashing,
             throttle,
-            address_throttle: Arc::new(InMemoryLoginThrottle::new(
+            address_limit: by_address(Arc::new(InMemoryLoginThrottle::new(
                 clock.clone(),
                 100,
                 Duration::from_secs(60),
-            )),
+            ))),
             tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
             dummy_hash: Arc::new(dummy_hash().unwrap()),
             agents: AgentList::new(Arc::default(), None),
@@ -878,7 +894,7 @@ mod tests {
             let one_failure =
                 || InMemoryLoginThrottle::new(clock.clone(), 1, Duration::from_secs(60));
             let handler = LogInHandler {
-                address_throttle: Arc::new(one_failure()),
+                address_limit: by_address(Arc::new(one_failure())),
                 ..login_handler(
                     &users,
                     Arc::new(FlakyThrottle {
@@ -977,16 +993,16 @@ mod tests {
                 Arc::new(emails.iter().map(|e| (*e).to_owned()).collect()),
                 Some(crate::AgentCode::new(CODE)),
             ),
-            code_throttle: Arc::new(InMemoryLoginThrottle::new(
+            code_limit: by_address(Arc::new(InMemoryLoginThrottle::new(
                 clock.clone(),
                 3,
                 Duration::from_secs(60),
-            )),
-            register_throttle: Arc::new(InMemoryLoginThrottle::new(
+            ))),
+            register_limit: by_address(Arc::new(InMemoryLoginThrottle::new(
                 clock.clone(),
                 100,
                 Duration::from_secs(60),
-            )),
+            ))),
             clock: clock.clone(),
         };
         let handle = |cmd| register_with(&handler, cmd);
@@ -1031,10 +1047,115 @@ mod tests {
             users,
             hashing: Hashing::new(4, Duration::from_secs(30)),
             agents: AgentList::new(Arc::default(), None),
-            code_throttle: throttle(100),
-            register_throttle: throttle(limit),
+            code_limit: by_address(throttle(100)),
+            register_limit: by_address(throttle(limit)),
             clock: clock.clone(),
         }
+    }
+
+    fn v6(ip: &str) -> Option<IpAddr> {
+        Some(ip.parse().expect("an IPv6 address"))
+    }
+
+    /// A throttle of `limit` a minute on `clock`.
+    fn limit_of(clock: &Arc<ManualClock>, limit: u32) -> Arc<InMemoryLoginThrottle> {
+        Arc::new(InMemoryLoginThrottle::new(
+            clock.clone(),
+            limit,
+            Duration::from_secs(60),
+        ))
+    }
+
+    /// One IPv6 site (a /48) spreading failed logins over its /64s is blocked at the site's
+    /// budget, though each /64 is under its own; the refused login's count of its /64 is taken
+    /// back (a refusal is no attempt); another site is not affected.
+    #[tokio::test]
+    async fn one_ipv6_site_cannot_spread_failed_logins_over_its_64s() {
+        let clock = Arc::new(ManualClock::new());
+        let users = with_user_c(&clock).await;
+        let client = limit_of(&clock, 2);
+        let handler = LogInHandler {
+            address_limit: AddressLimit {
+                client: client.clone(),
+                site: limit_of(&clock, 3),
+            },
+            ..login_handler(
+                &users,
+                limit_of(&clock, 100),
+                Hashing::new(4, Duration::from_secs(30)),
+                &clock,
+            )
+        };
+        let guess = |ip: &str| LogIn {
+            email: "c@example.com".into(),
+            password: "a guess".into(),
+            client: v6(ip),
+        };
+        let handle = |login: LogIn| {
+            let handler = &handler;
+            async move {
+                handler
+                    .handle(login, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        for i in 1..=3 {
+            let refused = handle(guess(&format!("2001:db8:1:{i}::1")))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), "invalid_credentials", "{refused:?}");
+        }
+        let refused = handle(guess("2001:db8:1:4::1")).await.unwrap_err();
+        assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
+        for _ in 0..2 {
+            assert_eq!(
+                client.attempt("address|2001:db8:1:4::/64").await.unwrap(),
+                None,
+                "the refused login's count of its /64 was taken back"
+            );
+        }
+        let elsewhere = handle(guess("2001:db8:2:1::1")).await.unwrap_err();
+        assert_eq!(elsewhere.code(), "invalid_credentials", "{elsewhere:?}");
+    }
+
+    /// Likewise registrations: one IPv6 site spreading them over its /64s gets 429 past the
+    /// site's budget, the refused one's /64 count is taken back, and another site registers.
+    #[tokio::test]
+    async fn one_ipv6_site_cannot_spread_registrations_over_its_64s() {
+        let clock = Arc::new(ManualClock::new());
+        let client = limit_of(&clock, 1);
+        let handler = RegisterHandler {
+            register_limit: AddressLimit {
+                client: client.clone(),
+                site: limit_of(&clock, 2),
+            },
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 100)
+        };
+        let from = |n: u32, ip: &str| RegisterUser {
+            email: format!("user{n}@example.com"),
+            password: PASSWORD.into(),
+            display_name: None,
+            agent_code: None,
+            client: v6(ip),
+        };
+        register_with(&handler, from(1, "2001:db8:1:1::1"))
+            .await
+            .unwrap();
+        register_with(&handler, from(2, "2001:db8:1:2::1"))
+            .await
+            .unwrap();
+        let refused = register_with(&handler, from(3, "2001:db8:1:3::1"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
+        assert_eq!(
+            client.attempt("register|2001:db8:1:3::/64").await.unwrap(),
+            None,
+            "the refused registration's count of its /64 was taken back"
+        );
+        register_with(&handler, from(4, "2001:db8:2:1::1"))
+            .await
+            .unwrap();
     }
 
     /// A throttle whose attempts never answer (its store waits on a lock held elsewhere),
@@ -1063,7 +1184,7 @@ mod tests {
         let clock = Arc::new(ManualClock::new());
         let stuck = Arc::new(StuckThrottle::default());
         let handler = Arc::new(RegisterHandler {
-            register_throttle: stuck.clone(),
+            register_limit: by_address(stuck.clone()),
             ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
         });
         let register = |i: usize| {
@@ -1206,7 +1327,7 @@ mod tests {
                 Arc::new(["agent@example.com".to_owned()].into_iter().collect()),
                 Some(crate::AgentCode::new("the-right-agent-code")),
             ),
-            code_throttle: throttle(1),
+            code_limit: by_address(throttle(1)),
             ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 3)
         };
         let handle = |email: &str, code: &str| {
@@ -1313,6 +1434,7 @@ mod tests {
 
 #[cfg(test)]
 mod registration_count_tests {
+    use super::tests::by_address;
     use super::*;
     use crate::users::InMemoryUserStore;
     use cqrs_core::Metadata;
@@ -1364,8 +1486,8 @@ mod registration_count_tests {
             users: users.clone(),
             hashing: Hashing::new(4, Duration::from_secs(30)),
             agents: AgentList::new(Arc::default(), None),
-            code_throttle: throttle(100),
-            register_throttle: throttle(1),
+            code_limit: by_address(throttle(100)),
+            register_limit: by_address(throttle(1)),
             clock: clock.clone(),
         };
         let register = |email: &str| RegisterUser {

@@ -35,6 +35,7 @@ use cqrs_core::ports::StoreError;
 use cqrs_core::{BoxError, CommandContext, Plugin, PluginRegistrar, register_plugin};
 use helpdesk_api::{Authenticator, Backends, BusHandle, HttpApi, Role, Settings, UserDirectory};
 use std::sync::Arc;
+use throttle::AddressLimit;
 use uuid::Uuid;
 
 /// The auth plugin.
@@ -88,11 +89,17 @@ impl Plugin for AuthPlugin {
             }
         };
         let throttle = throttle_of(settings.login_attempts);
-        let address_throttle = throttle_of(
+        // By client and, for IPv6, by site (a /48) with a larger limit (`AddressLimit`).
+        let address_limit = |limit: u32| AddressLimit {
+            client: throttle_of(limit),
+            site: throttle_of(limit.saturating_mul(throttle::SITE_BUDGET_FACTOR)),
+        };
+        let address = address_limit(
             settings
                 .login_attempts
                 .saturating_mul(commands::ADDRESS_BUDGET_FACTOR),
         );
+        let code_limit = address_limit(settings.login_attempts);
         let code = registrar.try_resource::<AgentCode>();
         if !settings.agent_emails.is_empty() && code.is_none() {
             return Err("agent emails are configured without an agent code: set \
@@ -114,16 +121,16 @@ impl Plugin for AuthPlugin {
             hashing: hashing.clone(),
             agents: agents.clone(),
             // Its keys (`agentcode|...`) never meet the logins' in the one table.
-            code_throttle: throttle.clone(),
+            code_limit,
             // Its keys (`register|...`) never meet the logins' either.
-            register_throttle: address_throttle.clone(),
+            register_limit: address.clone(),
             clock: backends.clock.clone(),
         });
         registrar.commands().add(commands::LogInHandler {
             users: users.clone(),
             hashing,
             throttle,
-            address_throttle,
+            address_limit: address,
             tokens: tokens.clone(),
             dummy_hash,
             agents: agents.clone(),

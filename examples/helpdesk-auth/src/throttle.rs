@@ -4,7 +4,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::clock::Clock;
 use cqrs_core::ports::StoreError;
+use helpdesk_api::{client_key, site_key};
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +22,60 @@ pub trait LoginThrottle: Send + Sync + 'static {
     async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError>;
     /// An attempt counted for this key succeeded: it is not a failure.
     async fn succeeded(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// How many times a client's limit one IPv6 site (a /48) may use across all its /64s.
+pub(crate) const SITE_BUDGET_FACTOR: u32 = 4;
+
+/// A limit on what one client address may try, at two grains: the client itself
+/// ([`client_key`]: an IPv4 address, an IPv6 /64), and for IPv6 its site ([`site_key`], the
+/// /48) with [`SITE_BUDGET_FACTOR`] times the limit. Without the site's count, a party holding
+/// a /48 (what a provider hands one customer, a tunnel broker one user, for free) would get
+/// 65,536 clients' worth of attempts; with it, the /48 gets a few. Not the site's limit
+/// alone: unrelated clients can share a /48 (a mobile carrier's), and one of them must not
+/// use up the others' attempts by itself.
+#[derive(Clone)]
+pub(crate) struct AddressLimit {
+    pub(crate) client: Arc<dyn LoginThrottle>,
+    pub(crate) site: Arc<dyn LoginThrottle>,
+}
+
+impl AddressLimit {
+    /// The (throttle, key) pairs an attempt of `kind` from `ip` counts under, the client's
+    /// first. Keys are `{kind}|{client}` and `{kind}|{site}`: a /64's key ends in `/64` and a
+    /// site's in `/48`, so the two never meet in one table.
+    pub(crate) fn keys(
+        &self,
+        kind: &str,
+        ip: Option<IpAddr>,
+    ) -> Vec<(Arc<dyn LoginThrottle>, String)> {
+        let mut keys = vec![(self.client.clone(), format!("{kind}|{}", client_key(ip)))];
+        if let Some(site) = site_key(ip) {
+            keys.push((self.site.clone(), format!("{kind}|{site}")));
+        }
+        keys
+    }
+
+    /// Counts an attempt of `kind` from `ip` under each of its keys into `counted`, unless one
+    /// is blocked: then returns the seconds until it may try again, and takes back what this
+    /// call counted (a refusal is no attempt), or returns the error of a throttle that failed,
+    /// with the same take-back.
+    pub(crate) async fn attempt(
+        &self,
+        kind: &str,
+        ip: Option<IpAddr>,
+        counted: &mut CountedAttempts,
+    ) -> Result<Option<u64>, StoreError> {
+        let before = counted.counted.len();
+        for (throttle, key) in self.keys(kind, ip) {
+            let outcome = counted.attempt(&throttle, &key).await;
+            if !matches!(outcome, Ok(None)) {
+                counted.take_back_since(before).await;
+                return outcome;
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// The attempts one login counted, taken back unless the login is found to be a failure.
@@ -60,6 +116,24 @@ impl CountedAttempts {
     /// The password was checked and found wrong: the counts stay.
     pub(crate) fn keep(mut self) {
         self.counted.clear();
+    }
+
+    /// The counts, handed over to a guard of another kind: this one no longer takes them back.
+    pub(crate) fn into_counts(mut self) -> Vec<(Arc<dyn LoginThrottle>, String)> {
+        std::mem::take(&mut self.counted)
+    }
+
+    /// Takes back the counts made after the first `len`, logging a failure to.
+    async fn take_back_since(&mut self, len: usize) {
+        // Popped before it is awaited, as in `take_back`.
+        while self.counted.len() > len {
+            let Some((throttle, key)) = self.counted.pop() else {
+                break;
+            };
+            if let Err(e) = throttle.succeeded(&key).await {
+                tracing::warn!(error = %e, "a refused attempt stays counted");
+            }
+        }
     }
 
     /// Takes every count back (the login succeeded, or the server could not finish it). Tries
