@@ -351,8 +351,15 @@ async fn claim_in_a_transaction(
     // it: under `idle_in_transaction_session_timeout` the server would end it mid-work,
     // and a waiting duplicate would take the key and run the work a second time. It holds
     // no append lock, only this key's, and a vanished client still ends it (TCP
-    // keepalives); the caller's guard bounds it otherwise.
-    sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+    // keepalives); the caller's guard bounds it otherwise. Postgres 17's
+    // `transaction_timeout` would end it alike; older servers refuse the name.
+    let lift_timeouts = if tx.server_version_num().is_some_and(|v| v >= 170_000) {
+        "SELECT set_config('idle_in_transaction_session_timeout', '0', true), \
+         set_config('transaction_timeout', '0', true)"
+    } else {
+        "SELECT set_config('idle_in_transaction_session_timeout', '0', true)"
+    };
+    sqlx::query(lift_timeouts)
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;

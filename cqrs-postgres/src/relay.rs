@@ -1148,3 +1148,105 @@ impl Worker for PgOutboxRelay {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::PgOptions;
+    use serde_json::Value;
+    use sqlx::AssertSqlSafe;
+    use std::time::Duration;
+
+    /// Rows a plan node and those under it read from `relation`: what each node returned over
+    /// all its loops, and what its own filter threw away.
+    fn rows_read(node: &Value, relation: &str) -> f64 {
+        let own = if node["Relation Name"] == relation {
+            let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
+            node["Actual Rows"].as_f64().unwrap_or(0.0) * loops
+                + node["Rows Removed by Filter"].as_f64().unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let below = node["Plans"].as_array().map_or(0.0, |plans| {
+            plans.iter().map(|p| rows_read(p, relation)).sum()
+        });
+        own + below
+    }
+
+    /// The backlog's statement, run every few seconds by each relay (and each standby), reads
+    /// the events past the checkpoint up to the count limit, not the table: with 20,000 events,
+    /// a few rows more than a backlog of 10, or than the limit of 1,000 for a backlog of
+    /// 10,000. (Comparing the checkpoint to each event in a join made Postgres walk the whole
+    /// table in order, filtering row by row: 20,001 rows read to report a backlog of 10.)
+    #[tokio::test]
+    async fn the_backlog_reads_only_the_events_past_the_checkpoint() {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = cqrs_core::testing::test_id("backlog_plan");
+        let connected = PgOptions::new(url.clone())
+            .schema(&schema)
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect()
+            .await;
+        let db = match connected {
+            Ok(db) => db,
+            Err(e) => {
+                cqrs_core::testing::require_services("postgres", &url, false);
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        db.migrate().await.expect("migrate the test schema");
+        let s = format!("\"{schema}\"");
+        for statement in [
+            format!(
+                "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type, \
+                 schema_version, payload, metadata) SELECT 'plan', g, gen_random_uuid(), \
+                 'Noted', 1, '{{}}', '{{}}' FROM generate_series(1, 20000) g"
+            ),
+            format!("ANALYZE {s}.events"),
+        ] {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&db.pool)
+                .await
+                .expect("fill the events table");
+        }
+        let last: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT max(position) FROM {s}.events"
+        )))
+        .fetch_one(&db.pool)
+        .await
+        .expect("the last position");
+        // Caught up but for 10 events, then 10,000 events behind: either way at most a few
+        // rows more than the backlog, or than the count limit of 1,000, are read.
+        let mut failures = Vec::new();
+        for (checkpoint, most) in [(last - 10, 100.0), (last - 10_000, 1_100.0)] {
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO {s}.relay_checkpoints (relay, position) VALUES ('plan', $1) \
+                 ON CONFLICT (relay) DO UPDATE SET position = excluded.position"
+            )))
+            .bind(checkpoint)
+            .execute(&db.pool)
+            .await
+            .expect("set the checkpoint");
+            let plan: Value = sqlx::query_scalar(AssertSqlSafe(format!(
+                "EXPLAIN (ANALYZE, FORMAT JSON) {}",
+                db.sql.relay_backlog
+            )))
+            .bind("plan")
+            .bind(1_000_i64)
+            .fetch_one(&db.pool)
+            .await
+            .expect("explain the backlog's statement");
+            let read = rows_read(&plan[0]["Plan"], "events");
+            if read > most {
+                failures.push(format!(
+                    "{} events behind, it read {read} rows of events: {plan}",
+                    last - checkpoint
+                ));
+            }
+        }
+        db.drop_schema().await.expect("drop the test schema");
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+}

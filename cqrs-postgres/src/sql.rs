@@ -311,12 +311,16 @@ impl Sql {
                 "UPDATE {s}.relay_checkpoints SET position = $2, updated_at = now() WHERE relay = $1"
             )),
             // The first $2 events past the checkpoint, counted (an index range, bounded), and
-            // the span of positions past it, for a backlog longer than that.
+            // the span of positions past it, for a backlog longer than that. The checkpoint
+            // is a scalar subquery, computed once, that starts the index range: compared in a
+            // join, it made Postgres walk the whole table in order and filter row by row, or
+            // read the whole backlog and sort it.
             relay_backlog: f(format!(
                 "WITH checkpoint AS (SELECT coalesce((SELECT position FROM {s}.relay_checkpoints \
                  WHERE relay = $1), 0) AS position), \
-                 first AS (SELECT e.recorded_at FROM {s}.events e, checkpoint c \
-                 WHERE e.position > c.position ORDER BY e.position LIMIT $2) \
+                 first AS (SELECT e.recorded_at FROM {s}.events e \
+                 WHERE e.position > (SELECT position FROM checkpoint) \
+                 ORDER BY e.position LIMIT $2) \
                  SELECT (SELECT count(*) FROM first), \
                  (SELECT extract(epoch FROM now() - min(recorded_at))::float8 FROM first), \
                  (SELECT max(position) FROM {s}.events) - (SELECT position FROM checkpoint)"
