@@ -448,13 +448,22 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// (a batch of skipped types or duplicates still moves on: it is not "caught up").
     async fn step(&mut self) -> Result<Stepped, ProjectionError> {
         match &self.source {
-            Source::Store => keep_alive_while(None, &[], self.stall(), self.run_once_from_store())
+            Source::Store => {
+                let mut kept = tokio::time::Instant::now();
+                keep_alive_while(
+                    None,
+                    &[],
+                    &mut kept,
+                    self.stall(),
+                    self.run_once_from_store(),
+                )
                 .await
                 .map(|(applied, caught_up)| Stepped {
                     applied,
                     caught_up,
                     set_aside: None,
-                }),
+                })
+            }
             // A batch that brought events, all duplicates or skipped, is not "caught up": it
             // proves the store works (its unit committed), so it clears a failure's health.
             Source::Transport { .. } => self.run_once_from_transport().await,
@@ -575,6 +584,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         if deliveries.is_empty() {
             return Ok(Stepped::CAUGHT_UP);
         }
+        // When the deliveries were fetched, then last kept alive: across every pass below.
+        let mut kept = tokio::time::Instant::now();
         let mut ids: Vec<DeliveryId> = Vec::with_capacity(deliveries.len());
         let mut order_keys: Vec<Option<String>> = Vec::with_capacity(deliveries.len());
         let mut records: Vec<EventRecord> = Vec::with_capacity(deliveries.len());
@@ -645,7 +656,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
             // All the batch's deliveries are kept, those waiting their turn one by one too.
             let (result, panicked) =
-                keep_alive_while(Some(&mut *consumer), &ids, stall, work).await;
+                keep_alive_while(Some(&mut *consumer), &ids, &mut kept, stall, work).await;
             let e = match result {
                 Ok(applied) if taken < ids.len() => {
                     // One of a batch taken one by one: acknowledged, and on to the next.
@@ -1253,17 +1264,23 @@ impl<'a> Stall<'a> {
 /// longer than the redelivery delay are not handed out again elsewhere meanwhile; and, once it
 /// has run `stall.after`, reporting the worker unhealthy (refreshed while it runs on), since a
 /// batch kept alive is otherwise invisible however long it hangs.
+///
+/// `kept` is when the deliveries were fetched or last kept alive, and is moved on by each
+/// keep-alive: a batch worked through in several calls (pass after pass, unit after unit) is
+/// kept alive on time across them, though no single call lasts an interval. The stall bound
+/// counts from this call: each call is one unit of the batch's progress.
 async fn keep_alive_while<T>(
     mut consumer: Option<&mut dyn Consumer>,
     ids: &[DeliveryId],
+    kept: &mut tokio::time::Instant,
     stall: Option<Stall<'_>>,
     work: impl std::future::Future<Output = T>,
 ) -> T {
     let started = tokio::time::Instant::now();
     // A period too long for the clock (a redelivery delay or a stall bound of `Duration::MAX`,
     // "never") asks for ticks that never come due; `Instant + every` would overflow.
-    let ticker = |every: Duration, first: Duration| {
-        let first = started.checked_add(first)?;
+    let ticker = |since: tokio::time::Instant, every: Duration, first: Duration| {
+        let first = since.checked_add(first)?;
         let mut ticks = tokio::time::interval_at(first, every.max(Duration::from_millis(1)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Some(ticks)
@@ -1272,15 +1289,16 @@ async fn keep_alive_while<T>(
         .as_ref()
         .and_then(|c| c.keep_alive_interval())
         .map(|every| every.max(Duration::from_millis(1)))
-        .and_then(|every| ticker(every, every));
+        .and_then(|every| ticker(*kept, every, every));
     let mut stalled = stall
         .as_ref()
-        .and_then(|s| ticker(s.after.min(STALL_REPORT_EVERY), s.after));
+        .and_then(|s| ticker(started, s.after.min(STALL_REPORT_EVERY), s.after));
     tokio::pin!(work);
     loop {
         tokio::select! {
             done = &mut work => return done,
             _ = next_tick(&mut keep) => {
+                *kept = tokio::time::Instant::now();
                 if let Some(consumer) = consumer.as_deref_mut()
                     && let Err(error) = consumer.keep_alive(ids).await
                 {
@@ -1531,7 +1549,8 @@ where
             what: "a batch",
             reported: None,
         };
-        let outcomes = keep_alive_while(Some(consumer), &ids, Some(stall), batch).await;
+        let mut kept = tokio::time::Instant::now();
+        let outcomes = keep_alive_while(Some(consumer), &ids, &mut kept, Some(stall), batch).await;
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
         for (index, event_id, attempt, outcome) in outcomes {

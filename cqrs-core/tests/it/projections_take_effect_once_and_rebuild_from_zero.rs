@@ -36,6 +36,8 @@ struct Sum {
     since_reset: AtomicUsize,
     /// At each `rebuilt`, how many events had been applied since the reset.
     rebuilt_after: Mutex<Vec<usize>>,
+    /// Sums whose `apply` never finishes.
+    hangs_on: Vec<u64>,
 }
 
 #[async_trait]
@@ -52,6 +54,9 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
         let Some(added) = event.downcast_ref::<Added>() else {
             return Ok(());
         };
+        if self.hangs_on.contains(&added.sum) {
+            std::future::pending::<()>().await;
+        }
         if self.poison == Some(added.sum) {
             assert!(!self.panics, "the projection panics on {}", added.sum);
             return Err(HandlerError::invalid("poison", "this event always fails"));
@@ -1836,5 +1841,73 @@ fn a_transport_fed_runner_whose_store_stays_down_is_reported() {
         .await;
         assert!(transport.dead_letters("sums", "sum").is_empty());
         let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
+/// A batch that takes many passes keeps its deliveries for the whole step, not for one pass
+/// at a time: five events hang, each is cut off by the apply timeout (2 s) and set aside, the
+/// rest retried at once. No pass lasts the keep-alive interval (3 s), the step outlasts the
+/// redelivery delay (9 s), and another consumer of the group gets none of the batch before the
+/// step is over (the last event's effect taken, the others handed back).
+#[test]
+fn a_batch_of_many_short_passes_is_kept_alive_for_the_whole_step() {
+    run_paused(|| async {
+        let sum = Arc::new(Sum {
+            hangs_on: vec![1, 2, 3, 4, 5],
+            ..Sum::default()
+        });
+        let transport = Arc::new(InMemoryTransport::new());
+        let records: Vec<_> = (1..=6).map(record).collect();
+        transport.publish("sums", &records).await.unwrap();
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(100))
+            .redelivery_delay(Duration::from_secs(9))
+            .max_deliveries(10);
+        // The runner's hand-outs counted, so the other consumer starts once it has the batch.
+        let counted = Counted::new(&transport);
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            counted.clone(),
+            "sums",
+            "sum",
+            options.clone(),
+            types(),
+        )
+        .apply_timeout(Duration::from_secs(2));
+        let started = tokio::time::Instant::now();
+        let step = tokio::spawn(async move { runner.run_once().await });
+        let ids: Vec<Uuid> = records.iter().map(|r| r.event_id).collect();
+        cqrs_core::testing::eventually(Duration::from_secs(1), "the runner fetches", || async {
+            (counted.handed_out(&ids) == 1).then_some(())
+        })
+        .await;
+        let mut other = transport
+            .consumer("sums", "sum", options.consumer_name("other"))
+            .await
+            .unwrap();
+        let mut early = Vec::new();
+        while !step.is_finished() {
+            for delivery in other.fetch(10).await.unwrap() {
+                if *sum.total.lock().unwrap() != 6 {
+                    early.push((delivery.record.payload["sum"].clone(), started.elapsed()));
+                }
+            }
+        }
+        let _ = step.await.unwrap();
+        assert!(
+            started.elapsed() > Duration::from_secs(9),
+            "the step took {:?}, less than the redelivery delay: the test proves nothing",
+            started.elapsed()
+        );
+        assert_eq!(
+            *sum.total.lock().unwrap(),
+            6,
+            "the event that does not hang took effect"
+        );
+        assert!(
+            early.is_empty(),
+            "handed to another consumer while the step ran (sum, when): {early:?}"
+        );
     });
 }
