@@ -70,10 +70,18 @@ impl Operation {
     ) -> Self {
         let params = self.doc.entry("parameters").or_insert_with(|| json!([]));
         if let Some(list) = params.as_array_mut() {
-            list.push(json!({
+            let mut param = json!({
                 "name": name, "in": location, "required": required,
                 "schema": schema, "description": description,
-            }));
+            });
+            // The gateway takes `?status=` (an empty form field) as the parameter left out.
+            if location == "query" && !required {
+                param["allowEmptyValue"] = json!(true);
+                param["description"] = json!(format!(
+                    "{description}; an empty value is the same as leaving it out"
+                ));
+            }
+            list.push(param);
         }
         self
     }

@@ -203,10 +203,10 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     "properties": {
                         "email": { "type": "string", "maxLength": 254 },
                         "password": { "type": "string", "minLength": 8, "maxLength": 128 },
-                        "display_name": { "type": "string", "maxLength": 100 },
+                        "display_name": { "type": ["string", "null"], "maxLength": 100 },
                         "agent_code": {
-                            "type": "string",
-                            "description": "the agent code (HELPDESK_AGENT_CODE): required for an email on the agent list, refused for any other; empty counts as absent"
+                            "type": ["string", "null"],
+                            "description": "the agent code (HELPDESK_AGENT_CODE): required for an email on the agent list, refused for any other; empty or null counts as absent"
                         }
                     }
                 }))

@@ -468,7 +468,7 @@ fn idempotent(op: Operation) -> Operation {
 }
 
 fn expected_version() -> Value {
-    json!({ "type": "integer", "minimum": 0, "description": "the version the client saw; another is 409 `version_conflict`" })
+    json!({ "type": ["integer", "null"], "minimum": 0, "description": "the version the client saw; another is 409 `version_conflict`; null or left out: no check" })
 }
 
 pub(crate) fn api(http: Http) -> HttpApi {
@@ -532,8 +532,8 @@ pub(crate) fn api(http: Http) -> HttpApi {
                         "required": ["title"],
                         "properties": {
                             "title": { "type": "string", "minLength": 1, "maxLength": 200 },
-                            "description": { "type": "string", "maxLength": 10000 },
-                            "priority": { "type": "string", "enum": ["low", "normal", "high", "urgent"] }
+                            "description": { "type": ["string", "null"], "maxLength": 10000 },
+                            "priority": { "type": ["string", "null"], "enum": ["low", "normal", "high", "urgent", null], "description": "null or left out: normal" }
                         }
                     }),
                     "an invalid title or description (a title is one line with a visible character and no control character; a description takes line ends and tabs but no other control; NUL and bidirectional controls are refused in both)",
@@ -633,7 +633,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 true,
                 json!({
                     "type": "object",
-                    "properties": { "resolution": { "type": "string", "maxLength": 10000 }, "expected_version": expected_version() }
+                    "properties": { "resolution": { "type": ["string", "null"], "maxLength": 10000 }, "expected_version": expected_version() }
                 }),
                 "a resolution over 10000 characters, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))

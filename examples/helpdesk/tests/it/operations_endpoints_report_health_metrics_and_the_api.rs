@@ -317,3 +317,90 @@ async fn oversize(
         .to_owned();
     (status, code)
 }
+
+/// What the API document allows is taken: an optional body field it types as nullable may be
+/// `null` (the field left out), and a query parameter it marks `allowEmptyValue` may be empty
+/// (the parameter left out). Read from the document, so a field or parameter added later is
+/// checked too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_api_document_allows_as_null_or_empty_is_taken() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let api = s.send(Method::GET, "/openapi.json", None, None).await;
+        assert_eq!(api.status, StatusCode::OK, "{api:?}");
+        let mut checked = Vec::new();
+        for (path, operations) in api.body["paths"].as_object().unwrap() {
+            for (method, op) in operations.as_object().unwrap() {
+                let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+                let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+                let required = schema["required"].as_array().cloned().unwrap_or_default();
+                let nullable = schema["properties"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, p)| {
+                        p["type"]
+                            .as_array()
+                            .is_some_and(|t| t.contains(&json!("null")))
+                    });
+                for (field, _) in nullable {
+                    assert!(
+                        !required.contains(&json!(field)),
+                        "{method} {path}: `{field}` is required, yet typed as nullable"
+                    );
+                    // A ticket of its own each time: a close takes one only once.
+                    let id = s.ticket(&customer, "nullable").await["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    let (mut body, token) = match path.as_str() {
+                        "/auth/register" => (
+                            json!({ "email": email("nullable"), "password": PASSWORD }),
+                            None,
+                        ),
+                        "/tickets" => (json!({ "title": "nullable" }), Some(&customer)),
+                        "/tickets/{id}/assign" => {
+                            (json!({ "assignee_id": agent_id }), Some(&agent))
+                        }
+                        "/tickets/{id}/comments" => (json!({ "body": "nullable" }), Some(&agent)),
+                        "/tickets/{id}/close" => (json!({}), Some(&agent)),
+                        other => panic!("give {other} a valid body here"),
+                    };
+                    body[field] = Value::Null;
+                    let at = path.replace("{id}", &id);
+                    let answer = s
+                        .send(method.clone(), &at, token.map(String::as_str), Some(body))
+                        .await;
+                    assert!(
+                        answer.status.is_success(),
+                        "{method} {path} with `{field}: null`: {answer:?}"
+                    );
+                    checked.push(format!("{method} {path} {field}"));
+                }
+                let params = op["parameters"].as_array().cloned().unwrap_or_default();
+                for param in params.iter().filter(|p| p["allowEmptyValue"] == true) {
+                    let name = param["name"].as_str().unwrap();
+                    assert_eq!(
+                        method,
+                        Method::GET,
+                        "{path}: give a {method} a request here"
+                    );
+                    let id = s.ticket(&customer, "empty").await["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    let at = format!("{}?{name}=", path.replace("{id}", &id));
+                    let answer = s.send(Method::GET, &at, Some(&agent), None).await;
+                    assert!(answer.status.is_success(), "GET {at}: {answer:?}");
+                    checked.push(format!("GET {path} {name}="));
+                }
+            }
+        }
+        // Those of today; more is fine.
+        assert!(checked.len() >= 10, "only {checked:?}");
+        s.stop().await;
+    })
+    .await;
+}
