@@ -383,16 +383,11 @@ impl<P: Send + Sync + 'static> Session<P> {
     }
 
     fn send_error(&self, code: ErrorCode, message: &str, topic: Option<&str>) {
-        // The client's topic is echoed back, cut to the longest a topic can be: an invalid one
-        // may be as long as a client message, and a frame longer than the write buffer takes
-        // would fail the write and drop a connection that an error frame leaves open.
-        let topic = topic.map(|name| {
-            let mut end = name.len().min(crate::MAX_TOPIC_LEN);
-            while !name.is_char_boundary(end) {
-                end -= 1;
-            }
-            &name[..end]
-        });
+        // The client's topic is echoed back, cut to the longest a topic can be, as JSON writes
+        // it (escapes included): an invalid one may be as long as a client message, and a
+        // frame longer than the write buffer takes would fail the write and drop a connection
+        // that an error frame leaves open.
+        let topic = topic.map(|name| crate::topic::cut_for_json(name, crate::MAX_TOPIC_LEN));
         self.send(&ServerFrame::error(code, message, topic));
     }
 

@@ -46,10 +46,31 @@ pub struct InvalidTopic {
 impl InvalidTopic {
     fn new(name: &str, why: &'static str) -> Self {
         Self {
-            shown: name.chars().take(64).collect(),
+            shown: cut_for_json(name, SHOWN_LEN).to_owned(),
             why,
         }
     }
+}
+
+/// The most bytes of an invalid name an [`InvalidTopic`] shows, as JSON writes them.
+const SHOWN_LEN: usize = 128;
+
+/// The longest start of `text` that JSON writes in at most `max` bytes (a control character
+/// takes six, `\u0001`; a quote or a backslash two), cut between characters. What the hub
+/// echoes of a client's input must fit its write buffer once escaped, not only as sent.
+pub(crate) fn cut_for_json(text: &str, max: usize) -> &str {
+    let mut written = 0;
+    for (at, c) in text.char_indices() {
+        written += match c {
+            '"' | '\\' => 2,
+            c if c.is_control() => 6,
+            c => c.len_utf8(),
+        };
+        if written > max {
+            return &text[..at];
+        }
+    }
+    text
 }
 
 fn allowed(c: char) -> bool {
