@@ -206,12 +206,14 @@ local function add(c)
     cands[#cands + 1] = c
   end
 end
+-- An empty field is none, as the client reads it: a replay of a dead letter written without
+-- `dead.group` has `group` empty, meant for every group.
+local function opt(s) if s == '' then return nil end return s end
 local function from_fields(id, fields, count, fresh)
   return {id = id, fields = fields, count = count, fresh = fresh,
-          lane = field(fields, 'lane'), prev = field(fields, 'prev') or '',
-          target = field(fields, 'group')}
+          lane = opt(field(fields, 'lane')), prev = field(fields, 'prev') or '',
+          target = opt(field(fields, 'group'))}
 end
-local function opt(s) if s == '' then return nil end return s end
 
 local next_cursor = cursor
 if claim_count > 0 then

@@ -179,3 +179,84 @@ async fn drain(consumer: &mut RedisConsumer, count: usize) -> Vec<u64> {
     }
     got
 }
+
+/// A dead letter written by hand without `dead.group` is replayed to every group, and a
+/// delivery of it that fails comes back like any other: the entry read back from the stream
+/// (after a nack, or reclaimed) is not taken for a replay meant for another group and
+/// acknowledged unhandled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_written_without_its_group_is_replayed_and_retried() {
+    let Some(env) = Env::new("dead-no-group").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("payments");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let dead = env.transport.dead_letter_key(&topic).unwrap();
+            let options = consumer_options(&format!("{}-c", env.id))
+                .redelivery_delay(Duration::from_millis(200))
+                .max_deliveries(5);
+            let mut consumer = env
+                .transport
+                .redis_consumer(&topic, "g", options)
+                .await
+                .unwrap();
+            // An entry as a publish writes it, handled; its fields make the dead letter.
+            env.transport
+                .publish(&topic, &[event(None, 7)])
+                .await
+                .unwrap();
+            let first = drain(&mut consumer, 1).await;
+            assert_eq!(first, [7]);
+            let entries = env
+                .command(
+                    "XRANGE",
+                    vec![stream.as_str().into(), "-".into(), "+".into()],
+                )
+                .await
+                .into_array();
+            let entry = entries[0].clone().into_array();
+            let mut fields: Vec<Value> = vec![
+                dead.as_str().into(),
+                "*".into(),
+                "dead.entry".into(),
+                entry[0].clone(),
+                "dead.error".into(),
+                "written by hand".into(),
+            ];
+            fields.extend(entry[1].clone().into_array());
+            env.command("XADD", fields).await;
+            let letters = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert_eq!(letters.len(), 1, "{letters:#?}");
+            env.transport
+                .replay_dead_letters(&topic, std::slice::from_ref(&letters[0].id))
+                .await
+                .unwrap();
+
+            // Handed out, failed, and handed out again after the delay.
+            let mut attempts = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(15);
+            while attempts.len() < 2 {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "the replay came back {} time(s) of 2",
+                    attempts.len()
+                );
+                for d in consumer.fetch(10).await.unwrap() {
+                    assert_eq!(n_of(&d), 7);
+                    attempts.push(d.attempt);
+                    if attempts.len() == 1 {
+                        consumer.nack_with_reason(&d.id, "failed").await.unwrap();
+                    } else {
+                        consumer.ack(&[d.id]).await.unwrap();
+                    }
+                }
+            }
+            assert_eq!(attempts, [1, 2]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
