@@ -78,14 +78,24 @@ impl Plugin for TicketsPlugin {
                     let stats = PgStats::new(db.clone());
                     // Inbox, checkpoint and counts in one transaction per batch, and the
                     // projection's lock in Postgres: exactly once across instances.
-                    registrar.contribute(stats_worker(
+                    let runner = stats_runner(
                         db.projection_store(),
                         stats.clone(),
                         &backends,
                         &settings,
                         options,
                         types.clone(),
-                    ));
+                    );
+                    let feed = if stats_read_the_store(&backends) {
+                        "store"
+                    } else {
+                        "stream"
+                    };
+                    registrar.contribute(BackgroundWorker(Box::new(postgres::StatsWorker::new(
+                        db.clone(),
+                        runner,
+                        feed,
+                    ))));
                     (Arc::new(index.clone()), Some(index), Arc::new(stats))
                 }
                 None => {
@@ -93,7 +103,7 @@ impl Plugin for TicketsPlugin {
                         .try_resource::<Arc<dyn TicketIndex>>()
                         .unwrap_or_else(|| Arc::new(InMemoryTicketIndex::default()));
                     let stats = InMemoryStats::default();
-                    registrar.contribute(stats_worker(
+                    registrar.contribute(BackgroundWorker(Box::new(stats_runner(
                         // The server's clock dates the inbox entries its purge ages out.
                         InMemoryProjectionStore::with_clock(backends.clock.clone()),
                         stats.clone(),
@@ -101,7 +111,7 @@ impl Plugin for TicketsPlugin {
                         &settings,
                         options,
                         types.clone(),
-                    ));
+                    ))));
                     (index, None, Arc::new(stats))
                 }
             };
@@ -144,22 +154,25 @@ impl Plugin for TicketsPlugin {
     }
 }
 
-/// The stats projection's worker: fed by the topic when the transport keeps what it is given
-/// (Redis), else by the event store's global order; rebuilt from the event store.
-///
-/// On Postgres without Redis the transport discards every event (it is not persistent), so
-/// the stats read the event store, and the projection's own checkpoint commits with its
-/// counts.
-fn stats_worker<S: ProjectionStore, P: Projection<S>>(
+/// Whether the stats read the event store: on Postgres without Redis the transport discards
+/// every event (it is not persistent), so the stats read the store's global order, and the
+/// projection's own checkpoint commits with its counts.
+fn stats_read_the_store(backends: &Backends) -> bool {
+    backends.postgres.is_some() && !backends.transport.capabilities().persistent
+}
+
+/// The stats projection's runner: fed by the topic when the transport keeps what it is given
+/// (Redis), else by the event store's global order (see [`stats_read_the_store`]); rebuilt
+/// from the event store.
+fn stats_runner<S: ProjectionStore, P: Projection<S>>(
     store: S,
     stats: P,
     backends: &Backends,
     settings: &Settings,
     options: ConsumerOptions,
     types: Arc<EventTypes>,
-) -> BackgroundWorker {
-    let durable_log = backends.postgres.is_some();
-    let runner = if durable_log && !backends.transport.capabilities().persistent {
+) -> ProjectionRunner<S, P> {
+    let runner = if stats_read_the_store(backends) {
         ProjectionRunner::from_store(
             Arc::new(store),
             Arc::new(stats),
@@ -178,11 +191,10 @@ fn stats_worker<S: ProjectionStore, P: Projection<S>>(
         )
         .with_event_store(backends.events.clone())
     };
-    let runner = runner
+    runner
         .idle_interval(settings.poll_interval)
         // The inbox keeps its default week: far beyond any redelivery.
-        .inbox_purge_interval(settings.purge_interval);
-    BackgroundWorker(Box::new(runner))
+        .inbox_purge_interval(settings.purge_interval)
 }
 
 register_plugin!(TicketsPlugin);

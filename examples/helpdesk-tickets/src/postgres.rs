@@ -5,8 +5,9 @@ use crate::index::{ListFilter, SortKey, TicketIndex, sort_key};
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
 use cqrs_core::ports::StoreError;
-use cqrs_core::projection::Projection;
-use cqrs_core::{EventEnvelope, EventSet, HandlerError};
+use cqrs_core::projection::{Projection, ProjectionRunner};
+use cqrs_core::runtime::{Worker, WorkerContext};
+use cqrs_core::{BoxError, EventEnvelope, EventSet, HandlerError};
 use cqrs_postgres::sqlx::postgres::PgConnection;
 use cqrs_postgres::sqlx::{self, AssertSqlSafe, QueryBuilder, Row};
 use cqrs_postgres::{PgDatabase, PgProjectionStore, PgProjectionUnit};
@@ -15,10 +16,108 @@ use helpdesk_api::postgres::store_error;
 use std::sync::Arc;
 
 /// The tickets plugin's migrations in `schema`, in order: the tables, the list's filter
-/// indexes, the counts per status. Each is recorded by its text and runs once per schema (a
+/// indexes, the counts per status, the record of what feeds the stats. Each is recorded by its text and runs once per schema (a
 /// new text runs again), so a change is a new migration, not an edit of an applied one.
-pub(crate) fn migrations(schema: &str) -> [Migration; 3] {
-    [tables(schema), list_filters(schema), status_counts(schema)]
+pub(crate) fn migrations(schema: &str) -> [Migration; 4] {
+    [
+        tables(schema),
+        list_filters(schema),
+        status_counts(schema),
+        stats_feed(schema),
+    ]
+}
+
+/// Which source fed the stats at the last start (`store` or `stream`): one row.
+fn stats_feed(schema: &str) -> Migration {
+    Migration {
+        name: "tickets.stats_feed",
+        sql: format!(
+            "CREATE TABLE IF NOT EXISTS {schema}.ticket_stats_feed (
+                one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                feed text NOT NULL
+            );"
+        ),
+    }
+}
+
+/// The stats' worker on Postgres: before it runs, a start fed from another source than the
+/// last start rebuilds the stats from the event store.
+///
+/// The two feeds leave the projection's checkpoint in different states. Fed by the event
+/// store, it is a watermark: every event up to it took effect. Fed by the stream, it is the
+/// highest position applied, with events below it perhaps still on their way (held back,
+/// set aside for redelivery); and the stream carries only what the outbox relay shipped to
+/// it. So a server started without Redis after running with it would read the store after a
+/// checkpoint that skips what the stream had not delivered yet, and one started with Redis
+/// after running without it would never see the events between the stats' checkpoint and
+/// where the relay began shipping. Either way some events never reach the stats; the rebuild
+/// replays them all (in one transaction, under the projection's lock), and the new source
+/// goes on from there. The first start that finds no record takes its source as the last one.
+pub(crate) struct StatsWorker {
+    db: PgDatabase,
+    runner: ProjectionRunner<PgProjectionStore, PgStats>,
+    feed: &'static str,
+}
+
+impl StatsWorker {
+    /// `runner`, fed from the event store (`"store"`) or from the stream (`"stream"`).
+    pub(crate) fn new(
+        db: PgDatabase,
+        runner: ProjectionRunner<PgProjectionStore, PgStats>,
+        feed: &'static str,
+    ) -> Self {
+        Self { db, runner, feed }
+    }
+
+    /// Rebuilds the stats if the last start had another source, and records this one. Stops
+    /// early, the rebuild rolled back, when shutdown is requested: the next start does it.
+    async fn switch_feed(&self, ctx: &WorkerContext) -> Result<(), BoxError> {
+        let schema = self.db.schema();
+        let last: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT feed FROM {schema}.ticket_stats_feed"
+        )))
+        .fetch_optional(self.db.pool())
+        .await?;
+        if last.as_deref() == Some(self.feed) {
+            return Ok(());
+        }
+        if let Some(last) = &last {
+            tracing::warn!(
+                from = %last,
+                to = self.feed,
+                "the stats were fed from another source at the last start: rebuilding them from the event store"
+            );
+            tokio::select! {
+                replayed = self.runner.rebuild() => {
+                    tracing::info!(replayed = replayed?, "the stats are rebuilt");
+                }
+                () = ctx.shutdown.requested() => return Ok(()),
+            }
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {schema}.ticket_stats_feed (feed) VALUES ($1)
+             ON CONFLICT (one) DO UPDATE SET feed = excluded.feed"
+        )))
+        .bind(self.feed)
+        .execute(self.db.pool())
+        .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Worker for StatsWorker {
+    fn name(&self) -> &str {
+        self.runner.name()
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        self.switch_feed(&ctx).await?;
+        if ctx.shutdown.is_requested() {
+            return Ok(());
+        }
+        self.runner.run(ctx).await
+    }
 }
 
 /// The list index and the stats read model.
