@@ -1358,6 +1358,10 @@ impl Consumer for RedisConsumer {
                 self.adopted.remove(id);
             }
             self.release(released).await?;
+            // Pending here until another consumer takes them: not stranded, as after `close`
+            // (a `close` or a recovery that took them for stranded would release them again
+            // and take a delivery back twice, or hold them again).
+            self.remember_returned(free).await;
         }
         let ids = ids.iter().map(|id| id.0.clone()).chain(kept).collect();
         set_idle(
