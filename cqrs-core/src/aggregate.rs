@@ -149,7 +149,9 @@ pub trait Aggregate: Default + Send + Sync + 'static {
 
     /// Applies one event, knowing its envelope: when it happened, who caused it, its stream
     /// version. Defaults to [`apply`](Aggregate::apply); override it when the state keeps
-    /// timestamps or actors.
+    /// timestamps or actors. Not its global position: an event just decided has none yet
+    /// (`envelope.position()` is `None`), so a state that kept it would differ between the
+    /// command's answer (and its snapshot) and a later load.
     fn apply_with(&mut self, event: &Self::Event, envelope: &EventEnvelope) {
         let _ = envelope;
         self.apply(event);

@@ -391,9 +391,7 @@ where
     fn call(&self, dispatch: Dispatch) -> BoxFuture<'static, Result<Reply, DispatchError>> {
         let (kind, name) = (dispatch.kind(), dispatch.name());
         let failed = |payload: Box<dyn Any + Send>| -> BoxFuture<'static, _> {
-            Box::pin(std::future::ready(Err(layer_panicked(
-                kind, name, &*payload,
-            ))))
+            Box::pin(std::future::ready(Err(layer_panicked(kind, name, payload))))
         };
         let mut service = self.0.clone();
         // A layer is code like a handler: one that panics fails this dispatch, not the caller
@@ -439,12 +437,12 @@ where
 fn layer_panicked(
     kind: MessageKind,
     name: &'static str,
-    payload: &(dyn Any + Send),
+    payload: Box<dyn Any + Send>,
 ) -> DispatchError {
     DispatchError::Middleware(
         format!(
             "a layer of the {kind} bus panicked while dispatching `{name}`: {}",
-            crate::panic::panic_message(payload)
+            crate::panic::into_message(payload)
         )
         .into(),
     )
@@ -479,7 +477,7 @@ fn drop_layer_future<F>(mut inner: Pin<&mut Option<F>>, kind: MessageKind, name:
         tracing::error!(
             %kind,
             message = name,
-            panic = %crate::panic::panic_message(payload.as_ref()),
+            panic = %crate::panic::into_message(payload),
             "a layer's future panicked when it was dropped; the panic stops here"
         );
     }
@@ -505,7 +503,7 @@ where
             Ok(Poll::Ready(result)) => {
                 Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())))
             }
-            Err(payload) => Poll::Ready(Err(layer_panicked(*this.kind, this.name, &*payload))),
+            Err(payload) => Poll::Ready(Err(layer_panicked(*this.kind, this.name, payload))),
         }
     }
 }
@@ -557,7 +555,7 @@ impl<F: Unpin> Guarded<F> {
             tracing::error!(
                 kind = %self.kind,
                 message = self.name,
-                panic = %crate::panic::panic_message(payload.as_ref()),
+                panic = %crate::panic::into_message(payload),
                 "a handler's future panicked when it was dropped; the panic stops here"
             );
         }
@@ -598,7 +596,7 @@ where
                 return Poll::Ready(Err(DispatchError::Panicked {
                     kind: this.kind,
                     name: this.name,
-                    message: crate::panic::panic_message(payload.as_ref()),
+                    message: crate::panic::into_message(payload),
                 }));
             }
         };

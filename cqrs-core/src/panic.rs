@@ -44,9 +44,20 @@ impl<F: Future> Future for CatchUnwind<F> {
         match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
-            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+            Err(payload) => Poll::Ready(Err(into_message(payload))),
         }
     }
+}
+
+/// The message of a caught panic's payload ([`panic_message`]), the payload dropped inside a
+/// guard of its own: a handler may `panic_any` a value whose `Drop` panics too, and that second
+/// panic must not unwind through the guard that caught the first. Such a payload is leaked.
+pub(crate) fn into_message(payload: Box<dyn Any + Send>) -> String {
+    let message = panic_message(payload.as_ref());
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
+    message
 }
 
 /// The message of a panic's payload: the `&str` or `String` given to `panic!`, or a fixed

@@ -1098,7 +1098,7 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
         }
         let envelope =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| types.decode(record)))
-                .map_err(|payload| panicked(record, crate::panic::panic_message(payload.as_ref())))?
+                .map_err(|payload| panicked(record, crate::panic::into_message(payload)))?
                 .map_err(|source| ProjectionError::Decode {
                     event_id: record.event_id,
                     source,
@@ -1219,7 +1219,7 @@ async fn bounded<T>(
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(work)));
             if let Err(payload) = dropped {
                 tracing::error!(
-                    panic = %crate::panic::panic_message(payload.as_ref()),
+                    panic = %crate::panic::into_message(payload),
                     "a handler cancelled at its timeout panicked when it was dropped; the panic stops here"
                 );
             }

@@ -9,7 +9,8 @@ use std::str::FromStr;
 use uuid::Uuid;
 
 /// A place in an event store's global order. Positions only grow: an event appended later in
-/// the order has a greater position. Clients see it as an opaque, ordered string.
+/// the order has a greater position. Clients see it as an opaque string; its order is the
+/// parsed value's, not the text's (`"9"` comes before `"10"`): compare positions, not strings.
 ///
 /// ```
 /// use cqrs_core::Position;

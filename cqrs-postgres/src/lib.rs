@@ -1,4 +1,6 @@
-//! Postgres adapters for `cqrs-core`: an event store with a gap-free global order,
+//! Postgres adapters for `cqrs-core`: an event store with a global order in commit order
+//! (a reader never skips an event that commits late; positions may have holes, left by
+//! appends that rolled back),
 //! transactional command execution with an outbox, an outbox relay, idempotency keys held by
 //! the command's transaction, and inbox and checkpoints for projections.
 //!

@@ -73,7 +73,8 @@
 //!
 //! JSON text frames. From the client: `subscribe` `{topic, since?}`, `unsubscribe` `{topic}`,
 //! `ping`. From the server: `subscribed`, `unsubscribed`, `pong`, `event`
-//! `{topic, event, position}` and `error` `{code, message}` ([`ClientFrame`],
+//! `{topic, event, position}` and `error` `{code, message, topic?}` (the topic of the
+//! subscription it is about, if any) ([`ClientFrame`],
 //! [`ServerFrame`], [`ErrorCode`]). `subscribed` is sent once the subscription is live; a
 //! connection gets one `event` frame per matching subscription. `docs/realtime.md` has every
 //! frame, the limits and their defaults ([`HubOptions`]), and the guarantees:
@@ -81,8 +82,8 @@
 //! * live push is at-most-once (the pub/sub is), but a loss the hub sees (its subscription
 //!   fell behind, or the pub/sub reconnected) is told to every subscription of the channel's
 //!   topics with an `error` frame `events_missed`, so the client resumes with `since`;
-//!   events arrive in the order they were published, and a position a channel delivered
-//!   again (a relay re-shipping a batch) is not pushed twice;
+//!   events arrive in the order they were published, and a position among the last 1,024 a
+//!   channel delivered, delivered again (a relay re-shipping a batch), is not pushed twice;
 //! * a client that resumes with `since` gets, from the event store, every event after that
 //!   position it may see, then the live ones, with no gap and no duplicate at the seam.
 //!

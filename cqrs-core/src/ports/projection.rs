@@ -18,7 +18,8 @@ use uuid::Uuid;
 ///   uncommitted unit of work discards it.
 /// * `mark_processed(consumer, id)` returns `true` the first time for a pair, `false` after that
 ///   pair was committed.
-/// * `checkpoint` returns the last committed `save_checkpoint` of the consumer.
+/// * `checkpoint` returns the consumer's checkpoint as the unit sees it: its own
+///   `save_checkpoint` or `reset`, else the last committed one.
 /// * `begin(consumer)` holds the consumer's lock until the unit ends: two units of one
 ///   consumer never overlap (a rebuild pauses the live projection this way).
 /// * `reset(consumer)` removes its inbox entries and checkpoint, in the unit.
@@ -41,7 +42,8 @@ pub trait ProjectionStore: Send + Sync + 'static {
         id: Uuid,
     ) -> Result<bool, StoreError>;
 
-    /// The consumer's checkpoint, as committed.
+    /// The consumer's checkpoint as this unit sees it: what the unit saved or reset, else the
+    /// last committed one.
     async fn checkpoint(
         &self,
         unit: &mut Self::Unit,

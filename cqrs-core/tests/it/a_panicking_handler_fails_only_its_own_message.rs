@@ -242,3 +242,48 @@ fn a_hand_written_future_that_panics_and_then_panics_when_dropped_fails_only_its
         });
     }
 }
+
+/// A panic payload whose own `Drop` panics (a handler may `panic_any` any value) is dropped
+/// inside a guard too: the dispatch fails with `Panicked` on the bare and the layered bus, and
+/// the caller's task does not unwind.
+#[test]
+fn a_panic_whose_payload_panics_when_dropped_is_still_an_error() {
+    struct Bomb;
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("the payload's drop panics");
+        }
+    }
+    struct BombHandler;
+    #[cqrs_core::async_trait]
+    impl QueryHandler<Double> for BombHandler {
+        async fn handle(&self, _: Double, _: &QueryContext) -> Result<u64, HandlerError> {
+            std::panic::panic_any(Bomb)
+        }
+    }
+    for bus in [
+        QueryBus::builder().handler(BombHandler).build().unwrap(),
+        QueryBus::builder()
+            .layer(TracingLayer::new())
+            .handler(BombHandler)
+            .build()
+            .unwrap(),
+    ] {
+        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(async { bus.dispatch(Double(1)).await })
+        }));
+        let Ok(answer) = answer else {
+            panic!("the payload's panic unwound through the bus");
+        };
+        assert!(
+            matches!(
+                answer,
+                Err(DispatchError::Panicked {
+                    name: "test.double",
+                    ..
+                })
+            ),
+            "{answer:?}"
+        );
+    }
+}
