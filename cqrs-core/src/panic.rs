@@ -55,7 +55,8 @@ impl<F: Future> Future for CatchUnwind<F> {
 pub(crate) fn into_message(payload: Box<dyn Any + Send>) -> String {
     let message = panic_message(payload.as_ref());
     if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
-        std::mem::forget(again);
+        // Its payload may panic when dropped as well: leaked, not dropped.
+        let _ = std::mem::ManuallyDrop::new(again);
     }
     message
 }
