@@ -307,8 +307,14 @@ impl Sql {
                  (SELECT {EVENT_COLUMNS} FROM {s}.events WHERE position > cp.position \
                  ORDER BY position LIMIT $2) e ON true ORDER BY e.position"
             )),
+            // The batch's commit does not wait for its WAL to reach the disk
+            // (`synchronous_commit` off for this transaction, set in the same statement: no
+            // round trip more). A crash of the server may then lose the last advances, and the
+            // relay ships those events again: at least once, as it promises anyway. Meanwhile
+            // its commits no longer queue their own flushes among the appends' own.
             relay_advance: f(format!(
-                "UPDATE {s}.relay_checkpoints SET position = $2, updated_at = now() WHERE relay = $1"
+                "UPDATE {s}.relay_checkpoints SET position = $2, updated_at = now() \
+                 WHERE relay = $1 AND set_config('synchronous_commit', 'off', true) = 'off'"
             )),
             // The first $2 events past the checkpoint, counted (an index range, bounded), and
             // the span of positions past it, for a backlog longer than that. The checkpoint

@@ -32,6 +32,12 @@ pub const EXPECTED_PLUGINS: &[&str] = &["auth", "tickets"];
 /// The transport topic every event is relayed to.
 pub const EVENTS_TOPIC: &str = "helpdesk.events";
 
+/// How often, at most, the outbox relay of Postgres without Redis moves its checkpoint (it
+/// discards what it reads: every fifty `--poll-ms`, up to this), and the most events it passes
+/// a batch.
+const DISCARD_INTERVAL: Duration = Duration::from_secs(5);
+const DISCARD_BATCH: usize = 10_000;
+
 /// The name of the relay that publishes every event to the WebSocket hubs (its checkpoint's
 /// name), and the topic it is given (the routing chooses the channels).
 const REALTIME_RELAY: &str = "realtime";
@@ -582,9 +588,21 @@ async fn postgres_backends(
                 (transport, Arc::new(InMemoryPubSub::new()))
             }
         };
-    let relay = PgOutboxRelay::new(db.clone(), shipped_to)
-        .topic(EVENTS_TOPIC)
-        .poll_interval(poll.max(Duration::from_millis(50)));
+    let relay = PgOutboxRelay::new(db.clone(), shipped_to).topic(EVENTS_TOPIC);
+    let relay = if config.redis_url.is_some() {
+        relay.poll_interval(poll.max(Duration::from_millis(50)))
+    } else {
+        // Discarding, it only keeps its checkpoint near the store's head: woken by no append,
+        // it moves it every few seconds in one batch, instead of a transaction (and its commit)
+        // for every append. Redis added later then re-ships at most those seconds of events.
+        relay
+            .listen(false)
+            .poll_interval(
+                poll.saturating_mul(50)
+                    .clamp(Duration::from_millis(50), DISCARD_INTERVAL),
+            )
+            .batch_size(DISCARD_BATCH)
+    };
     // A database that had events before this relay existed: it starts where the transport's
     // relay is, not at the beginning (which would push every old event to the WebSockets as
     // new). Read once here; used only if the realtime relay has no checkpoint yet.
