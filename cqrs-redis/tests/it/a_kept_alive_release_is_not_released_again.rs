@@ -13,7 +13,7 @@
 //! a delivery back: count 0. Once P is done, `b` reclaims X and hands it out as attempt 2
 //! (`c`'s delivery and this one), not 1.
 
-use crate::support::{Env, consumer_options, event, n_of, within};
+use crate::support::{Env, consumer_options, event, fetch_some, n_of, within};
 use cqrs_core::ports::{Consumer, EventTransport};
 use cqrs_redis::RedisConsumer;
 use fred::types::Value;
@@ -49,14 +49,7 @@ async fn a_kept_alive_release_is_not_released_again() {
             // One publish, one read: `c` is handed both as a chain, one delivery each.
             let events = [1, 2].map(|n| event(Some("k"), n));
             env.transport.publish(&topic, &events).await.unwrap();
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            let chain = loop {
-                let got = c.fetch(10).await.unwrap();
-                if !got.is_empty() {
-                    break got;
-                }
-                assert!(tokio::time::Instant::now() < until, "c got nothing");
-            };
+            let chain = fetch_some(c.as_mut(), 10, "c's chain").await;
             assert_eq!(chain.iter().map(n_of).collect::<Vec<_>>(), [1, 2]);
             assert!(chain.iter().all(|d| d.attempt == 1));
             let (p, x) = (chain[0].id.clone(), chain[1].id.clone());
@@ -64,14 +57,7 @@ async fn a_kept_alive_release_is_not_released_again() {
             drop(c);
 
             // `b` takes P over (one claim a fetch of one) and handles it slowly.
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            let handling = loop {
-                let got = b.fetch(1).await.unwrap();
-                if !got.is_empty() {
-                    break got;
-                }
-                assert!(tokio::time::Instant::now() < until, "b never reclaimed P");
-            };
+            let handling = fetch_some(b.as_mut(), 1, "b reclaiming P").await;
             assert_eq!(handling.iter().map(n_of).collect::<Vec<_>>(), [1]);
 
             // `a` takes X over and holds it behind P, the claim's count taken back.
@@ -109,14 +95,7 @@ async fn a_kept_alive_release_is_not_released_again() {
 
             // P done: X is handed out with every delivery counted.
             b.ack(std::slice::from_ref(&p)).await.unwrap();
-            let until = tokio::time::Instant::now() + Duration::from_secs(10);
-            let taken = loop {
-                let got = b.fetch(10).await.unwrap();
-                if !got.is_empty() {
-                    break got;
-                }
-                assert!(tokio::time::Instant::now() < until, "b never got X");
-            };
+            let taken = fetch_some(b.as_mut(), 10, "b getting X").await;
             assert_eq!(taken.iter().map(n_of).collect::<Vec<_>>(), [2]);
             assert_eq!(taken[0].attempt, 2, "c's delivery and this one");
             b.ack(std::slice::from_ref(&x)).await.unwrap();

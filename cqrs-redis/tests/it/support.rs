@@ -277,6 +277,26 @@ pub(crate) fn event(key: Option<&str>, n: u64) -> EventRecord {
     cqrs_core::testing::event_store::record(n).with_partition_key(key.map(str::to_owned))
 }
 
+/// Fetches up to `max` until a batch is not empty, for up to 10 s; fails saying `what` was
+/// awaited.
+pub(crate) async fn fetch_some(
+    consumer: &mut dyn Consumer,
+    max: usize,
+    what: &str,
+) -> Vec<Delivery> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = consumer.fetch(max).await.expect("fetch");
+        if !got.is_empty() {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{what}: nothing fetched in 10 s"
+        );
+    }
+}
+
 pub(crate) fn n_of(d: &Delivery) -> u64 {
     d.record.payload["n"].as_u64().unwrap_or(u64::MAX)
 }

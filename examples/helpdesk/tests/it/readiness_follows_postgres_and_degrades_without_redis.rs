@@ -322,15 +322,7 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
         let Some(backend) = Backend::postgres().await else {
             return;
         };
-        let Backend::Postgres {
-            database_url,
-            namespace: schema,
-            ..
-        } = &backend
-        else {
-            unreachable!()
-        };
-        let (database_url, schema) = (database_url.clone(), schema.clone());
+        let (database_url, schema) = backend.database().expect("a Postgres backend");
         // The customer registers on an instance with the default budget (a debug build's
         // password hashing alone may take seconds); the instance under test shares its schema.
         let (customer, _) = {

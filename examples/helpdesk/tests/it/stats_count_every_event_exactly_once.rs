@@ -114,15 +114,7 @@ async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_
     let Some(backend) = Backend::postgres().await else {
         return;
     };
-    let Backend::Postgres {
-        database_url,
-        namespace: schema,
-        ..
-    } = &backend
-    else {
-        unreachable!("a Postgres backend")
-    };
-    let (database_url, schema) = (database_url.clone(), schema.clone());
+    let (database_url, schema) = backend.database().expect("a Postgres backend");
     within(async {
         let a = TestServer::start_on(backend.shared(), |_| {}).await;
         let (customer, _) = a.customer().await;
@@ -249,15 +241,7 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
     let Some(backend) = Backend::postgres().await else {
         return;
     };
-    let Backend::Postgres {
-        database_url,
-        namespace: schema,
-        ..
-    } = &backend
-    else {
-        unreachable!("a Postgres backend")
-    };
-    let (database_url, schema) = (database_url.clone(), schema.clone());
+    let (database_url, schema) = backend.database().expect("a Postgres backend");
     within(async {
         let a = TestServer::start_on(backend.shared(), |_| {}).await;
         let (customer, _) = a.customer().await;

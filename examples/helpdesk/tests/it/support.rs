@@ -98,6 +98,19 @@ impl Backend {
         }
     }
 
+    /// The database URL and the schema (also the Redis prefix) of a Postgres backend; `None`
+    /// in memory.
+    pub fn database(&self) -> Option<(String, String)> {
+        match self {
+            Backend::Memory => None,
+            Backend::Postgres {
+                database_url,
+                namespace,
+                ..
+            } => Some((database_url.clone(), namespace.clone())),
+        }
+    }
+
     /// The health component that decides readiness.
     pub fn critical_component(&self) -> &'static str {
         match self {
