@@ -69,14 +69,20 @@ impl StatsWorker {
         Self { db, runner, feed }
     }
 
-    /// Rebuilds the stats if the last start had another source, and records this one. Stops
-    /// early, the rebuild rolled back, when shutdown is requested: the next start does it.
-    async fn switch_feed(&self, ctx: &WorkerContext) -> Result<(), BoxError> {
+    /// Rebuilds the stats if the last start had another source, and records this one, in one
+    /// transaction that holds the record's row: instances started together wait for the first
+    /// one's rebuild, then find the record matching and go on without one of their own.
+    async fn switch_feed(&self) -> Result<(), BoxError> {
         let schema = self.db.schema();
+        let mut tx = self.db.pool().begin().await?;
+        // Idle while the rebuild runs on other connections: not ended by the server meanwhile.
+        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
+            .execute(&mut *tx)
+            .await?;
         let last: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT feed FROM {schema}.ticket_stats_feed"
+            "SELECT feed FROM {schema}.ticket_stats_feed FOR UPDATE"
         )))
-        .fetch_optional(self.db.pool())
+        .fetch_optional(&mut *tx)
         .await?;
         if last.as_deref() == Some(self.feed) {
             return Ok(());
@@ -87,20 +93,17 @@ impl StatsWorker {
                 to = self.feed,
                 "the stats were fed from another source at the last start: rebuilding them from the event store"
             );
-            tokio::select! {
-                replayed = self.runner.rebuild() => {
-                    tracing::info!(replayed = replayed?, "the stats are rebuilt");
-                }
-                () = ctx.shutdown.requested() => return Ok(()),
-            }
+            let replayed = self.runner.rebuild().await?;
+            tracing::info!(replayed, "the stats are rebuilt");
         }
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {schema}.ticket_stats_feed (feed) VALUES ($1)
              ON CONFLICT (one) DO UPDATE SET feed = excluded.feed"
         )))
         .bind(self.feed)
-        .execute(self.db.pool())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -112,9 +115,10 @@ impl Worker for StatsWorker {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
-        self.switch_feed(&ctx).await?;
-        if ctx.shutdown.is_requested() {
-            return Ok(());
+        // A stop during the check or the rebuild rolls both back: the next start does them.
+        tokio::select! {
+            switched = self.switch_feed() => switched?,
+            () = ctx.shutdown.requested() => return Ok(()),
         }
         self.runner.run(ctx).await
     }

@@ -36,7 +36,7 @@ pub const EVENTS_TOPIC: &str = "helpdesk.events";
 /// discards what it reads: every fifty `--poll-ms`, up to this), and the most events it passes
 /// a batch.
 const DISCARD_INTERVAL: Duration = Duration::from_secs(5);
-const DISCARD_BATCH: usize = 10_000;
+const DISCARD_BATCH: usize = 1_000;
 
 /// The name of the relay that publishes every event to the WebSocket hubs (its checkpoint's
 /// name), and the topic it is given (the routing chooses the channels).
