@@ -31,9 +31,12 @@ pub fn log_filter() -> EnvFilter {
 }
 
 /// The filter of a `RUST_LOG` value (`None`: unset), and a warning naming each invalid
-/// directive when it has any (then the whole value is set aside for [`DEFAULT_FILTER`]).
+/// directive when it has any (then the whole value is set aside for [`DEFAULT_FILTER`]). A
+/// value of only spaces counts as unset, as the server's other variables do (`RUST_LOG=`
+/// from a compose file's `${RUST_LOG:-}`): parsed, it would be a filter of no directive, which
+/// logs nothing at all, errors included.
 fn filter_from(value: Option<&str>) -> (EnvFilter, Option<String>) {
-    let Some(value) = value else {
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
         return (EnvFilter::new(DEFAULT_FILTER), None);
     };
     match EnvFilter::builder().parse(value) {
@@ -103,6 +106,20 @@ mod tests {
             filter.to_string(),
             super::EnvFilter::new(DEFAULT_FILTER).to_string()
         );
+    }
+
+    /// An empty `RUST_LOG` is the default filter, not one that logs nothing.
+    #[test]
+    fn an_empty_rust_log_is_the_default_filter() {
+        for empty in ["", "  "] {
+            let (filter, warning) = filter_from(Some(empty));
+            assert_eq!(
+                filter.to_string(),
+                super::EnvFilter::new(DEFAULT_FILTER).to_string(),
+                "{empty:?}"
+            );
+            assert!(warning.is_none());
+        }
     }
 
     #[test]

@@ -227,14 +227,17 @@ async fn serve(
             });
         let mut stop = stopped.clone();
         connections.spawn(async move {
-            // Held while the connection is open.
-            let _slot = slot;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
             let connection = http
                 .serve_connection(
-                    TokioIo::new(crate::stalled::StalledWrites::new(tcp, header_timeout)),
+                    // The connection's place is held by its socket: through an upgrade too.
+                    TokioIo::new(crate::stalled::StalledWrites::new(
+                        tcp,
+                        header_timeout,
+                        slot,
+                    )),
                     TowerToHyperService::new(service),
                 )
                 .with_upgrades();

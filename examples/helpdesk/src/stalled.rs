@@ -6,6 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 /// A TCP stream whose writes fail with `TimedOut` once they have made no progress for
@@ -14,19 +15,25 @@ use tokio::time::Sleep;
 /// are full, hyper waits to write with no timer running, and the connection, its buffers
 /// and its task would be held for as long as the client likes (and a shutdown would wait
 /// out its grace period for it).
+///
+/// It also holds the connection's place under the server's connection limit, for as long as
+/// the socket lives: a WebSocket keeps this stream after its upgrade, when hyper's connection
+/// task has ended, so a place held by that task would come free while the socket stays open.
 pub(crate) struct StalledWrites {
     inner: TcpStream,
     limit: Duration,
     /// Running while a write waits.
     stalled: Option<Pin<Box<Sleep>>>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl StalledWrites {
-    pub(crate) fn new(inner: TcpStream, limit: Duration) -> Self {
+    pub(crate) fn new(inner: TcpStream, limit: Duration, slot: OwnedSemaphorePermit) -> Self {
         Self {
             inner,
             limit,
             stalled: None,
+            _slot: slot,
         }
     }
 

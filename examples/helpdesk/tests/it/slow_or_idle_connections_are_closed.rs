@@ -199,3 +199,64 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     })
     .await;
 }
+
+/// A WebSocket holds its place under the connection limit for as long as it is open, not
+/// only until its upgrade (when hyper's connection task ends and hands the socket on): with a
+/// limit of 2, one WebSocket and one idle connection leave a third waiting until the
+/// WebSocket closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_holds_its_connection_slot_until_it_closes() {
+    within(async {
+        let s = TestServer::start_with(|c| c.max_connections = Some(2)).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        // Registered and logged in over connections that close after their answer, so no
+        // pooled connection holds a place.
+        let user = serde_json::json!({ "email": email("ws-slot"), "password": PASSWORD });
+        assert!(
+            once(&addr, "/auth/register", &user)
+                .await
+                .starts_with("HTTP/1.1 201")
+        );
+        let login = once(&addr, "/auth/login", &user).await;
+        let body = login.split_once("\r\n\r\n").expect("a body").1;
+        let token: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        let token = token["token"].as_str().expect("a token").to_owned();
+
+        let ws =
+            crate::websocket_clients_get_the_ticket_events_they_may_see::connect(&s, &token).await;
+        let _idle = TcpStream::connect(&addr).await.unwrap();
+        let mut third = TcpStream::connect(&addr).await.unwrap();
+        third
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+        assert!(waited.is_err(), "served past the limit: {answer:?}");
+
+        drop(ws);
+        tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+            .await
+            .expect("served once the WebSocket closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// One POST of `body` on a connection of its own, closed after the answer: the whole answer.
+async fn once(addr: &str, path: &str, body: &serde_json::Value) -> String {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
