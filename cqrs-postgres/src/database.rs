@@ -208,6 +208,36 @@ impl PgDatabase {
         crate::sql::begin(&self.pool).await
     }
 
+    /// Begins a transaction as [`begin`](Self::begin) does, for one that stays open, idle,
+    /// while work runs elsewhere (holding a lock or a row until that work is done): the
+    /// server's timeouts that end a transaction left idle are turned off for it,
+    /// `idle_in_transaction_session_timeout` (which [`PgOptions`](crate::PgOptions) sets) and,
+    /// on Postgres 17 and later, `transaction_timeout`. A vanished client still ends it (TCP
+    /// keepalives); bounding it otherwise is the caller's.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), sqlx::Error> {
+    /// let mut tx = db.begin_held_open().await?;
+    /// sqlx::query("SELECT pg_advisory_xact_lock(42)").execute(&mut *tx).await?;
+    /// // .. long work on other connections ..
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn begin_held_open(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        let mut tx = self.begin().await?;
+        // Older servers refuse the name `transaction_timeout`.
+        let lift = if tx.server_version_num().is_some_and(|v| v >= 170_000) {
+            "SELECT set_config('idle_in_transaction_session_timeout', '0', true), \
+             set_config('transaction_timeout', '0', true)"
+        } else {
+            "SELECT set_config('idle_in_transaction_session_timeout', '0', true)"
+        };
+        sqlx::query(lift).execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
     /// The schema that holds this crate's tables.
     pub fn schema(&self) -> &str {
         &self.sql.schema

@@ -344,25 +344,11 @@ async fn claim_in_a_transaction(
     (scope, key, fingerprint): (String, String, String),
     ttl: Duration,
 ) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
-    let mut tx = crate::sql::begin(&db.pool)
-        .await
-        .map_err(|e| db.store_error(e))?;
     // A new claim's transaction stays open, idle, while the caller does the work outside
-    // it: under `idle_in_transaction_session_timeout` the server would end it mid-work,
-    // and a waiting duplicate would take the key and run the work a second time. It holds
-    // no append lock, only this key's, and a vanished client still ends it (TCP
-    // keepalives); the caller's guard bounds it otherwise. Postgres 17's
-    // `transaction_timeout` would end it alike; older servers refuse the name.
-    let lift_timeouts = if tx.server_version_num().is_some_and(|v| v >= 170_000) {
-        "SELECT set_config('idle_in_transaction_session_timeout', '0', true), \
-         set_config('transaction_timeout', '0', true)"
-    } else {
-        "SELECT set_config('idle_in_transaction_session_timeout', '0', true)"
-    };
-    sqlx::query(lift_timeouts)
-        .execute(&mut *tx)
-        .await
-        .map_err(store_error)?;
+    // it: ended by the server's idle timeouts mid-work, it would let a waiting duplicate take
+    // the key and run the work a second time. It holds no append lock, only this key's; the
+    // caller's guard bounds it.
+    let mut tx = db.begin_held_open().await.map_err(|e| db.store_error(e))?;
     let (now, wait) = (db.clock.now(), Some(db.claim_wait));
     let outcome = claim_on(&mut tx, &db.sql, wait, &scope, &key, &fingerprint, now, ttl).await?;
     Ok((tx, outcome))

@@ -74,11 +74,8 @@ impl StatsWorker {
     /// one's rebuild, then find the record matching and go on without one of their own.
     async fn switch_feed(&self) -> Result<(), BoxError> {
         let schema = self.db.schema();
-        let mut tx = self.db.pool().begin().await?;
         // Idle while the rebuild runs on other connections: not ended by the server meanwhile.
-        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = self.db.begin_held_open().await?;
         let last: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT feed FROM {schema}.ticket_stats_feed FOR UPDATE"
         )))

@@ -177,24 +177,8 @@ async fn connections_past_the_limit_wait_until_one_closes() {
         let first = TcpStream::connect(&addr).await.unwrap();
         let _second = TcpStream::connect(&addr).await.unwrap();
 
-        let mut third = TcpStream::connect(&addr).await.unwrap();
-        third
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let waited =
-            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
-        assert!(waited.is_err(), "served past the limit: {answer:?}");
-
         // One closes: the waiting connection is accepted and served.
-        drop(first);
-        tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
-            .await
-            .expect("served once a slot came free")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        served_only_after(&addr, || drop(first), "a slot came free").await;
         s.stop().await;
     })
     .await;
@@ -225,26 +209,31 @@ async fn a_websocket_holds_its_connection_slot_until_it_closes() {
         let ws =
             crate::websocket_clients_get_the_ticket_events_they_may_see::connect(&s, &token).await;
         let _idle = TcpStream::connect(&addr).await.unwrap();
-        let mut third = TcpStream::connect(&addr).await.unwrap();
-        third
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        let waited =
-            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
-        assert!(waited.is_err(), "served past the limit: {answer:?}");
-
-        drop(ws);
-        tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
-            .await
-            .expect("served once the WebSocket closed")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
-        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        served_only_after(&addr, || drop(ws), "the WebSocket closed").await;
         s.stop().await;
     })
     .await;
+}
+
+/// A request on a connection of its own to a server at its connection limit: not answered
+/// within 500 ms, then answered 200 once `free` (which closes a connection) has run.
+async fn served_only_after(addr: &str, free: impl FnOnce(), freed: &str) {
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+    assert!(waited.is_err(), "served past the limit: {answer:?}");
+    free();
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("not served once {freed}"))
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
 /// One POST of `body` on a connection of its own, closed after the answer: the whole answer.

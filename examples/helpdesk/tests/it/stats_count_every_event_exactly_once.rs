@@ -119,15 +119,7 @@ async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_
         let a = TestServer::start_on(backend.shared(), |_| {}).await;
         let (customer, _) = a.customer().await;
         let (agent, agent_id) = a.agent().await;
-        let mut ids = Vec::new();
-        for title in ["assigned", "closed", "open"] {
-            ids.push(
-                a.ticket(&customer, title).await["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
-            );
-        }
+        let ids = ticket_ids(&a, &customer, &["assigned", "closed", "open"]).await;
         a.post(
             &format!("/tickets/{}/assign", ids[0]),
             &agent,
@@ -137,10 +129,7 @@ async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_
         a.post(&format!("/tickets/{}/close", ids[1]), &agent, json!({}))
             .await;
         let counted = json!({ "open": 1, "assigned": 1, "closed": 1 });
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats catch up", || async {
-            (a.get("/tickets/stats", &agent).await.body == counted).then_some(())
-        })
-        .await;
+        stats_become(&a, &agent, &counted, "the stats catch up").await;
         a.stop().await;
 
         // As the database of an older build: no counts, no trigger, no record of their
@@ -180,10 +169,7 @@ async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_
         b.post(&format!("/tickets/{}/close", ids[2]), &agent, json!({}))
             .await;
         let moved = json!({ "open": 0, "assigned": 1, "closed": 2 });
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the close is counted", || async {
-            (b.get("/tickets/stats", &agent).await.body == moved).then_some(())
-        })
-        .await;
+        stats_become(&b, &agent, &moved, "the close is counted").await;
 
         // A rebuild replays every event in one transaction with the trigger standing aside,
         // and counts once at its end: the same counts.
@@ -218,12 +204,7 @@ async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_
         b.post(&format!("/tickets/{}/close", ids[0]), &agent, json!({}))
             .await;
         let closed = json!({ "open": 0, "assigned": 0, "closed": 3 });
-        cqrs_core::testing::eventually(
-            Duration::from_secs(10),
-            "the next close is counted",
-            || async { (b.get("/tickets/stats", &agent).await.body == closed).then_some(()) },
-        )
-        .await;
+        stats_become(&b, &agent, &closed, "the next close is counted").await;
         b.stop().await;
     })
     .await;
@@ -246,15 +227,7 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
         let a = TestServer::start_on(backend.shared(), |_| {}).await;
         let (customer, _) = a.customer().await;
         let (agent, agent_id) = a.agent().await;
-        let mut ids = Vec::new();
-        for title in ["assigned", "open"] {
-            ids.push(
-                a.ticket(&customer, title).await["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
-            );
-        }
+        let ids = ticket_ids(&a, &customer, &["assigned", "open"]).await;
         a.post(
             &format!("/tickets/{}/assign", ids[0]),
             &agent,
@@ -262,10 +235,7 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
         )
         .await;
         let counted = json!({ "open": 1, "assigned": 1, "closed": 0 });
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats catch up", || async {
-            (a.get("/tickets/stats", &agent).await.body == counted).then_some(())
-        })
-        .await;
+        stats_become(&a, &agent, &counted, "the stats catch up").await;
         a.stop().await;
 
         let mut conn = PgConnection::connect(&database_url).await.unwrap();
@@ -289,10 +259,7 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
 
         // Postgres alone: fed by the store, rebuilt first.
         let b = TestServer::start_on(backend.shared(), |c| c.redis_url = None).await;
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats rebuilt", || async {
-            (b.get("/tickets/stats", &agent).await.body == counted).then_some(())
-        })
-        .await;
+        stats_become(&b, &agent, &counted, "the stats rebuilt").await;
         b.stop().await;
         assert_eq!(fed_by(&mut conn, &schema).await, "store");
 
@@ -306,25 +273,39 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
         // would have brought the forgotten one back by then.
         c.ticket(&customer, "later").await;
         let one_open = json!({ "open": 1, "assigned": 1, "closed": 0 });
-        cqrs_core::testing::eventually(
-            Duration::from_secs(10),
-            "the new ticket counted",
-            || async { (c.get("/tickets/stats", &agent).await.body == one_open).then_some(()) },
-        )
-        .await;
+        stats_become(&c, &agent, &one_open, "the new ticket counted").await;
         c.stop().await;
 
         // And back to Redis: rebuilt again.
         let d = TestServer::start_on(backend.shared(), |_| {}).await;
         let all = json!({ "open": 2, "assigned": 1, "closed": 0 });
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats rebuilt", || async {
-            (d.get("/tickets/stats", &agent).await.body == all).then_some(())
-        })
-        .await;
+        stats_become(&d, &agent, &all, "the stats rebuilt").await;
         // Stopped first: its worker has recorded the source by then.
         d.stop().await;
         assert_eq!(fed_by(&mut conn, &schema).await, "stream");
         backend.clean_up().await;
     })
     .await;
+}
+
+/// Waits (10 s at most) until `s`'s stats, as `agent` reads them, are `expected`.
+async fn stats_become(s: &TestServer, agent: &str, expected: &serde_json::Value, what: &str) {
+    cqrs_core::testing::eventually(Duration::from_secs(10), what, || async {
+        (s.get("/tickets/stats", agent).await.body == *expected).then_some(())
+    })
+    .await;
+}
+
+/// Opens a ticket of each title as `customer`: their ids, in order.
+async fn ticket_ids(s: &TestServer, customer: &str, titles: &[&str]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for title in titles {
+        ids.push(
+            s.ticket(customer, title).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    ids
 }
