@@ -201,14 +201,29 @@ impl<P: Send + Sync + 'static> Registry<P> {
         then();
     }
 
-    /// Pushes a live event to every subscription of its topics whose principal may see it.
-    /// The frame is encoded once per topic and shared by every connection.
-    pub(crate) fn dispatch(&self, event: &PushedEvent) {
+    /// Pushes a live event that `channel`'s task received to every subscription of its topics
+    /// whose principal may see it. The frame is encoded once per topic and shared by every
+    /// connection.
+    ///
+    /// A topic that `channel` does not carry is skipped: a message naming it comes from a
+    /// publisher that maps topics to channels otherwise (during a rolling deploy), and the
+    /// topic's own channel task serves its subscriptions, in its order and without copies.
+    /// Nothing is pushed once `released` is set. It is read under the lock a subscribe takes
+    /// to register: a subscription made after its channel was released is served by the
+    /// channel's next task, and must not get an older message the released task still holds
+    /// (after events the next task already pushed).
+    pub(crate) fn dispatch(&self, channel: &str, released: &AtomicBool, event: &PushedEvent) {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        if released.load(Ordering::SeqCst) {
+            return;
+        }
         for topic in event.topics() {
             let Some(slots) = topics.get(topic) else {
                 continue;
             };
+            if &*slots.channel != channel {
+                continue;
+            }
             let mut frame: Option<Utf8Bytes> = None;
             for slot in slots.slots.values() {
                 if !self.may_see(&slot.conn.principal, topic, event) {
@@ -225,9 +240,14 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// missed live events on it: an `error` frame `events_missed` naming the topic, queued
     /// like an event (before the events that come after the gap). The subscriptions stay.
     /// Returns how many frames were queued. Runs only when a loss was seen: one frame is
-    /// encoded per topic of the channel, none on the path of a normal event.
-    pub(crate) fn missed(&self, channel: &str) -> u64 {
+    /// encoded per topic of the channel, none on the path of a normal event. Nothing is told
+    /// once `released` is set (see [`dispatch`](Self::dispatch)): the subscriptions made since
+    /// belong to the channel's next task, which missed nothing.
+    pub(crate) fn missed(&self, channel: &str, released: &AtomicBool) -> u64 {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        if released.load(Ordering::SeqCst) {
+            return 0;
+        }
         let mut told = 0;
         for (topic, slots) in topics.iter().filter(|(_, s)| &*s.channel == channel) {
             let frame = missed_frame(topic);

@@ -472,7 +472,7 @@ mod tests {
     use crate::{AllowAll, AuthenticateFn, EventRouting, Hub, HubOptions, Routed, Unauthenticated};
     use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
     use cqrs_core::ports::{ExpectedVersion, StoreError};
-    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     use tokio::task::JoinHandle;
     use tokio::time::Instant;
 
@@ -608,9 +608,11 @@ mod tests {
         /// Publishes a stored event live, as the upstream dispatcher does.
         fn publish(&self, record: &EventRecord) {
             let routed = OneTopic.route(record).unwrap();
-            self.inner
-                .registry
-                .dispatch(&PushedEvent::new(routed, record.position).unwrap());
+            self.inner.registry.dispatch(
+                "t",
+                &AtomicBool::new(false),
+                &PushedEvent::new(routed, record.position).unwrap(),
+            );
         }
 
         fn replay(&self, since: u64) -> JoinHandle<()> {
@@ -630,9 +632,11 @@ mod tests {
         fn publish_without_position(&self, n: u64) {
             let record = cqrs_core::testing::event_store::record(n);
             let routed = OneTopic.route(&record).unwrap();
-            self.inner
-                .registry
-                .dispatch(&PushedEvent::new(routed, None).unwrap());
+            self.inner.registry.dispatch(
+                "t",
+                &AtomicBool::new(false),
+                &PushedEvent::new(routed, None).unwrap(),
+            );
         }
 
         /// Drains the send queue until the replay ends, then returns each frame's `n`.

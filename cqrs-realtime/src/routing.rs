@@ -188,7 +188,8 @@ impl PushedEvent {
         })
     }
 
-    /// A message from a channel. Topics that are not well-formed are dropped.
+    /// A message from a channel. Topics that are not well-formed are dropped, and so is a
+    /// topic named again (its subscribers would get the event twice).
     pub(crate) fn decode(payload: &str) -> Result<Self, DecodeError> {
         let wire: WireEventOwned = serde_json::from_str(payload).map_err(DecodeError::Json)?;
         if wire.v != WIRE_VERSION {
@@ -198,12 +199,15 @@ impl PushedEvent {
             Some(p) => Some(p.parse().map_err(|_| DecodeError::Position(p.clone()))?),
             None => None,
         };
+        let mut topics: Vec<Topic> = Vec::with_capacity(wire.topics.len());
+        for topic in wire.topics.iter().filter_map(|t| Topic::parse(t).ok()) {
+            // A handful of topics per event: a linear check costs less than a set.
+            if !topics.contains(&topic) {
+                topics.push(topic);
+            }
+        }
         Ok(Self {
-            topics: wire
-                .topics
-                .iter()
-                .filter_map(|t| Topic::parse(t).ok())
-                .collect(),
+            topics,
             position,
             routing: wire.routing,
             event: wire.event,
@@ -266,5 +270,16 @@ mod tests {
             text.contains("version 9") && text.contains("reads version 1"),
             "{text}"
         );
+    }
+
+    /// A message naming a topic twice (a publisher's bug) pushes the event once per topic.
+    #[test]
+    fn a_topic_named_twice_in_a_message_is_read_once() {
+        let event = PushedEvent::decode(
+            r#"{"v":1,"topics":["t","u","t","bad topic","u"],"routing":{},"event":{}}"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = event.topics().iter().map(Topic::as_str).collect();
+        assert_eq!(names, ["t", "u"]);
     }
 }

@@ -106,8 +106,19 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
                 .entry(channel.to_owned())
                 .or_default()
                 .clone();
+            // Cancelled while it waits for the lock (even an uncontended lock can make the
+            // task yield, when its budget is spent), the slot it may have just put in the map
+            // must not stay there empty.
+            let mut waiting = Waiting {
+                upstreams: self,
+                channel,
+                slot: &slot,
+                locked: false,
+            };
+            let locked = slot.clone().lock_owned().await;
+            waiting.locked = true;
             let mut state = Pending {
-                state: slot.clone().lock_owned().await,
+                state: locked,
                 upstreams: self,
                 channel,
                 slot: &slot,
@@ -320,6 +331,32 @@ impl<P> Drop for Pending<'_, P> {
     }
 }
 
+/// An `acquire` waiting for its channel's lock. Dropped before it got it (the `acquire` was
+/// cancelled), it takes the slot out of the map if the slot is empty and unlocked: no one
+/// else uses it (a holder of the lock makes it live, or takes it out itself).
+struct Waiting<'a, P> {
+    upstreams: &'a Upstreams<P>,
+    channel: &'a str,
+    slot: &'a Channel,
+    locked: bool,
+}
+
+impl<P> Drop for Waiting<'_, P> {
+    fn drop(&mut self) {
+        if self.locked {
+            return;
+        }
+        if let Ok(mut state) = self.slot.try_lock()
+            && state.live.is_none()
+            && state.refs == 0
+            && !state.removed
+        {
+            state.removed = true;
+            self.upstreams.shared.forget(self.channel, self.slot);
+        }
+    }
+}
+
 /// How many of a channel's latest positions the hub remembers, to push each once.
 pub(crate) const RECENT_POSITIONS: usize = 1024;
 
@@ -420,9 +457,10 @@ async fn pump<P: Send + Sync + 'static>(
         }
         // The message being dispatched (maybe to some subscriptions only) is lost: tell them
         // all before anything else, then count it (the recorder may be what panicked).
-        let told =
-            std::panic::catch_unwind(AssertUnwindSafe(|| pump.registry.missed(&pump.channel)))
-                .unwrap_or(0);
+        let told = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pump.registry.missed(&pump.channel, &pump.stopped)
+        }))
+        .unwrap_or(0);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
             pump.metrics.missed_notices(told);
         }));
@@ -492,14 +530,7 @@ impl<P: Send + Sync + 'static> Pump<P> {
                 Some(Some(message)) => message,
                 // The periodic check.
                 None => {
-                    notice_missed(
-                        subscription,
-                        &mut state.missed,
-                        channel,
-                        full,
-                        registry,
-                        metrics,
-                    );
+                    notice_missed(self, subscription, &mut state.missed);
                     continue;
                 }
                 Some(None) => {
@@ -510,22 +541,15 @@ impl<P: Send + Sync + 'static> Pump<P> {
                         return;
                     }
                     // Whatever was published while there was no subscription is lost.
-                    let told = registry.missed(channel);
+                    let told = registry.missed(channel, &self.stopped);
                     count(|| metrics.missed_notices(told));
                     continue;
                 }
             };
-            notice_missed(
-                subscription,
-                &mut state.missed,
-                channel,
-                full,
-                registry,
-                metrics,
-            );
+            notice_missed(self, subscription, &mut state.missed);
             match PushedEvent::decode(&message.payload) {
                 Ok(event) if state.recent.first_time(event.position()) => {
-                    registry.dispatch(&event);
+                    registry.dispatch(channel, &self.stopped, &event);
                     state.dispatched = true;
                     // The writers drain their queues before the next event is pushed: a
                     // burst (a relay catching up, a batch published at once) would otherwise
@@ -540,7 +564,7 @@ impl<P: Send + Sync + 'static> Pump<P> {
                     // An event the hub cannot read (one from a publisher on another wire
                     // version during a rolling deploy, a damaged message) is lost to its
                     // subscribers as surely as one that never came: they are told to resume.
-                    let told = registry.missed(channel);
+                    let told = registry.missed(channel, &self.stopped);
                     tracing::warn!(channel = %full, %error, subscriptions = told, "could not read a realtime channel message; subscribers were told to resume");
                     count(|| metrics.upstream_missed(1));
                     count(|| metrics.missed_notices(told));
@@ -556,12 +580,9 @@ impl<P: Send + Sync + 'static> Pump<P> {
 /// metrics set-up) neither makes the same loss handled again, nor costs the message being
 /// received (its panic is caught here).
 fn notice_missed<P: Send + Sync + 'static>(
+    pump: &Pump<P>,
     subscription: &Subscription,
     missed: &mut u64,
-    channel: &str,
-    full: &str,
-    registry: &Registry<P>,
-    metrics: &Metrics,
 ) {
     let now = subscription.missed();
     if now <= *missed {
@@ -569,10 +590,10 @@ fn notice_missed<P: Send + Sync + 'static>(
     }
     let lost = now - *missed;
     *missed = now;
-    let told = registry.missed(channel);
-    tracing::warn!(channel = %full, missed = lost, subscriptions = told, "realtime hub missed pub/sub messages; subscribers were told to resume");
-    count(|| metrics.upstream_missed(lost));
-    count(|| metrics.missed_notices(told));
+    let told = pump.registry.missed(&pump.channel, &pump.stopped);
+    tracing::warn!(channel = %pump.full, missed = lost, subscriptions = told, "realtime hub missed pub/sub messages; subscribers were told to resume");
+    count(|| pump.metrics.upstream_missed(lost));
+    count(|| pump.metrics.missed_notices(told));
 }
 
 /// Runs `record` (calls into the metrics recorder) and catches its panic: the hub's own
@@ -666,6 +687,99 @@ mod tests {
             upstreams.shared.map().is_empty(),
             "no empty slot is left in the map"
         );
+    }
+
+    /// An `acquire` cancelled while its first poll of the channel's lock yields (the task's
+    /// budget spent, the lock free) leaves no empty slot in the map.
+    #[tokio::test]
+    async fn an_acquire_cancelled_at_the_lock_leaves_no_slot() {
+        let upstreams = Upstreams::new(
+            Arc::new(InMemoryPubSub::new()),
+            String::new(),
+            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
+            Arc::new(Metrics::new()),
+            Duration::ZERO,
+            1024,
+            Shutdown::new().1,
+        );
+        let yielded = std::future::poll_fn(|cx| {
+            // Spend the task's budget: the lock's first poll then yields, as it may at any
+            // time on a busy runtime.
+            let mut spent = false;
+            for _ in 0..10_000 {
+                let spend = std::pin::pin!(tokio::task::consume_budget());
+                if spend.poll(cx).is_pending() {
+                    spent = true;
+                    break;
+                }
+            }
+            assert!(spent, "the budget was spent");
+            let mut acquire = std::pin::pin!(upstreams.acquire("c"));
+            std::task::Poll::Ready(acquire.as_mut().poll(cx).is_pending())
+            // Dropped here: cancelled.
+        })
+        .await;
+        assert!(yielded, "the acquire waited for the lock");
+        assert!(
+            upstreams.shared.map().is_empty(),
+            "the cancelled acquire left its slot in the map"
+        );
+        assert_eq!(upstreams.len().await, 0);
+    }
+
+    /// A channel's task, once released, pushes nothing to a subscription registered after
+    /// (the channel's next task serves it), and tells it nothing; and a message naming a
+    /// topic of another channel pushes nothing to that topic's subscriptions.
+    #[test]
+    fn a_released_or_foreign_channel_pushes_nothing() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::<()>::new(Arc::new(AllowAll), usize::MAX);
+        let (mine, theirs) = (
+            Topic::parse("mine").unwrap(),
+            Topic::parse("theirs").unwrap(),
+        );
+        let conn = Arc::new(Conn {
+            id: 1,
+            principal: (),
+            queue: Arc::new(crate::queue::SendQueue::new(16)),
+            close: Default::default(),
+            metrics,
+        });
+        registry.insert(
+            &mine,
+            "c",
+            Arc::new(Slot::new(conn.clone(), false, 4)),
+            || {},
+        );
+        registry.insert(
+            &theirs,
+            "d",
+            Arc::new(Slot::new(conn.clone(), false, 4)),
+            || {},
+        );
+        let event = PushedEvent::new(
+            Routed::new(serde_json::json!({}))
+                .topic(mine.clone())
+                .topic(theirs.clone()),
+            Some(Position::new(1)),
+        )
+        .unwrap();
+
+        let released = AtomicBool::new(true);
+        registry.dispatch("c", &released, &event);
+        assert_eq!(registry.missed("c", &released), 0);
+        assert!(conn.queue.try_pop().is_none(), "a released channel pushed");
+
+        let live = AtomicBool::new(false);
+        registry.dispatch("c", &live, &event);
+        let mut pushed = Vec::new();
+        while let Some(item) = conn.queue.try_pop() {
+            if let crate::queue::Outgoing::Frame(frame) = item {
+                pushed.push(frame.as_str().to_owned());
+            }
+        }
+        assert_eq!(pushed.len(), 1, "one frame, on `mine` only: {pushed:?}");
+        assert!(pushed[0].contains("mine"), "{pushed:?}");
     }
 
     /// Each position is new once; the memory keeps the latest `RECENT_POSITIONS` only.
