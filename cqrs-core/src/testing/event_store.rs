@@ -515,10 +515,13 @@ pub async fn read_all_returns_every_stream_in_one_global_order<H: EventStoreHarn
     assert_eq!(ids.len(), seen.len(), "no event twice");
 }
 
-/// The payload, event type, schema version, partition key and metadata round-trip.
+/// The payload, event type, schema version, partition key and metadata round-trip, read
+/// through `load` and `read_all` alike.
 pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H) {
     let store = h.store();
     let stream = format!("{}-h", h.test_id());
+    // Other tests share the store: `read_all` from the current end.
+    let start = last_position(store.as_ref()).await;
     let metadata = Metadata::new()
         .caused()
         .with_actor("user-7")
@@ -536,26 +539,43 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
         .await
         .unwrap();
     let loaded = store.load(&stream, 0).await.unwrap().remove(0);
-    assert_eq!(loaded.event_id, original.event_id);
-    assert_eq!(loaded.event_type, "Detailed");
-    assert_eq!(loaded.schema_version, 3);
-    assert_eq!(loaded.payload, original.payload);
-    assert_eq!(loaded.partition_key.as_deref(), Some("key-1"));
-    assert_eq!(
-        loaded.metadata.correlation_id,
-        original.metadata.correlation_id
-    );
-    assert_eq!(loaded.metadata.causation_id, original.metadata.causation_id);
-    assert_eq!(loaded.metadata.actor.as_deref(), Some("user-7"));
-    assert_eq!(
-        loaded.metadata.trace_context,
-        original.metadata.trace_context
-    );
-    let drift = (loaded.metadata.occurred_at - original.metadata.occurred_at).num_microseconds();
-    assert!(
-        drift.is_some_and(|d| d.abs() < 1_000),
-        "timestamp kept to the millisecond"
-    );
+    // Projections and relays read through `read_all`, which an adapter may decode apart.
+    let (mut read, _) = read_ours(store.as_ref(), start, &[stream.as_str()]).await;
+    assert_eq!(read.len(), 1, "read_all returns the one record of {stream}");
+    let read = read.remove(0);
+    for (how, got) in [("load", &loaded), ("read_all", &read)] {
+        assert_eq!(got.event_id, original.event_id, "{how}: event id");
+        assert_eq!(got.event_type, "Detailed", "{how}: event type");
+        assert_eq!(got.schema_version, 3, "{how}: schema version");
+        assert_eq!(got.payload, original.payload, "{how}: payload");
+        assert_eq!(
+            got.partition_key.as_deref(),
+            Some("key-1"),
+            "{how}: partition key"
+        );
+        assert_eq!(
+            got.metadata.correlation_id, original.metadata.correlation_id,
+            "{how}: correlation id"
+        );
+        assert_eq!(
+            got.metadata.causation_id, original.metadata.causation_id,
+            "{how}: causation id"
+        );
+        assert_eq!(
+            got.metadata.actor.as_deref(),
+            Some("user-7"),
+            "{how}: actor"
+        );
+        assert_eq!(
+            got.metadata.trace_context, original.metadata.trace_context,
+            "{how}: trace context"
+        );
+        let drift = (got.metadata.occurred_at - original.metadata.occurred_at).num_microseconds();
+        assert!(
+            drift.is_some_and(|d| d.abs() < 1_000),
+            "{how}: timestamp kept to the millisecond"
+        );
+    }
 }
 
 /// The late-commit trap, made deterministic: writer A begins and stays open, B appends after

@@ -108,7 +108,8 @@ pub async fn an_uncommitted_unit_leaves_no_trace<H: ProjectionStoreHarness>(h: &
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
 }
 
-/// The checkpoint reads back as committed, and moves with later commits, backwards too.
+/// The checkpoint reads back as committed, and moves with later commits, backwards too; inside
+/// its unit, a save reads back before the commit.
 pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarness>(h: &H) {
     let store = h.store();
     let c = h.test_id();
@@ -121,6 +122,13 @@ pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarnes
             .save_checkpoint(&mut unit, c, Position::new(saved))
             .await
             .unwrap();
+        // Each save differs from what was committed before it, so a store that reads only
+        // committed checkpoints fails here.
+        assert_eq!(
+            store.checkpoint(&mut unit, c).await.unwrap(),
+            Some(Position::new(saved)),
+            "the unit reads back its own uncommitted save_checkpoint({saved})"
+        );
         store.commit(unit).await.unwrap();
         unit = store.begin(c).await.unwrap();
         assert_eq!(
