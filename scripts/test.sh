@@ -249,8 +249,10 @@ export CQRS_REQUIRE_SERVICES=1
 log "DATABASE_URL=$(redact "$DATABASE_URL") REDIS_URL=$(redact "$REDIS_URL") CQRS_REQUIRE_SERVICES=1"
 
 cargo test --workspace "$@"
-# Benches compile and run once each in test mode; timings are never asserted.
-cargo test --workspace --benches "$@"
+# The criterion benches compile and run once each in test mode; timings are never asserted.
+# `--bench '*'`, not `--benches`: that also picks every library and binary (`bench = true` by
+# default) and would run all their unit tests a second time.
+cargo test --workspace --bench '*' "$@"
 # The helpdesk's HTTP and WebSocket contract once more, on Postgres + Redis (each test server in
 # its own schema and Redis prefix). Without arguments (CI), the test binary the first run built
 # is run again as it is: `cargo test -p helpdesk` would resolve features for that package alone
