@@ -118,7 +118,9 @@ impl Snapshot {
 /// ignored, also when writers race), so a stream's snapshot never goes back in time. An adapter
 /// that sees the stream's events may also replace a snapshot the stream no longer has events
 /// for (one ahead of a stream restored from an older backup) with one it has: see
-/// `cqrs_postgres::PgSnapshotStore`.
+/// `cqrs_postgres::PgSnapshotStore`. Such an adapter can, in a race with the append that backs
+/// a newer snapshot, take that snapshot for unbacked and store an older one: loads stay
+/// correct (they replay a longer tail) until the next save.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + 'static {
     /// The latest snapshot of a stream.
