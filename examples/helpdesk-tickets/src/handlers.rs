@@ -1,7 +1,7 @@
 //! The tickets plugin's commands, queries and their handlers.
 
 use crate::domain::{Priority, Status, Ticket, TicketCommand, TicketState};
-use crate::index::{Cursors, ListFilter, TicketIndex, sort_key};
+use crate::index::{Cursors, ListFilter, TicketIndex};
 use crate::postgres::PgTicketIndex;
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
@@ -511,7 +511,11 @@ impl QueryHandler<ListTickets> for Tickets {
     async fn handle(&self, q: ListTickets, _ctx: &QueryContext) -> Result<Page, HandlerError> {
         let after = match &q.cursor {
             Some(c) => Some(self.cursors.decode(c).ok_or_else(|| {
-                HandlerError::invalid("invalid_cursor", "the cursor is not one this server issued")
+                HandlerError::invalid(
+                    "invalid_cursor",
+                    "the cursor is not one this server issued (or one an older version of it \
+                     issued): list again from the first page",
+                )
             })?),
             None => None,
         };
@@ -524,12 +528,12 @@ impl QueryHandler<ListTickets> for Tickets {
         let mut items = self.index.list(&filter, after, q.limit + 1).await?;
         let next_cursor = if items.len() > q.limit {
             items.truncate(q.limit);
-            items.last().map(|t| self.cursors.encode(sort_key(t)))
+            items.last().map(|l| self.cursors.encode(l.key))
         } else {
             None
         };
         Ok(Page {
-            items: items.iter().map(summary_json).collect(),
+            items: items.iter().map(|l| summary_json(&l.ticket)).collect(),
             next_cursor,
         })
     }

@@ -410,9 +410,11 @@ async fn list(
         )
         .await
         .map_err(|e| match e.handler_error() {
-            Some(h) if h.code() == "invalid_cursor" => {
-                bad_query("cursor", "is not a cursor this server issued")
-            }
+            Some(h) if h.code() == "invalid_cursor" => bad_query(
+                "cursor",
+                "is not a cursor this server issued (nor is one from an older version of \
+                     it): list again from the first page",
+            ),
             _ => ApiError::from(e),
         })?;
     Ok(Json(json!(page)))

@@ -2,7 +2,6 @@
 
 use crate::domain::{Priority, Status, Ticket};
 use async_trait::async_trait;
-use chrono::{DateTime, SubsecRound, Utc};
 use cqrs_core::ports::StoreError;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -33,13 +32,29 @@ impl ListFilter {
     }
 }
 
-/// The key tickets are ordered by, newest first.
-pub type SortKey = (DateTime<Utc>, Uuid);
+/// A ticket's place in the list, newest first: the order in which tickets entered it. On
+/// Postgres it is the position of the ticket's first event, which the event store gives out
+/// in commit order; in memory a counter the index advances as each ticket enters it. Either
+/// way a ticket that becomes visible after a client read a page is above that page, never
+/// between pages the client has yet to read (a creation time, stamped before the command
+/// commits, would put a ticket stamped earlier but committed later below a cursor already
+/// handed out, and a client walking the pages would miss it).
+pub type SortKey = u64;
+
+/// A ticket on a page of the list, with its place (what the next page's cursor holds).
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// Its place in the list.
+    pub key: SortKey,
+    /// The ticket, without comments.
+    pub ticket: Ticket,
+}
 
 /// Tickets for listing (without comments).
 #[async_trait]
 pub trait TicketIndex: Send + Sync + 'static {
-    /// Adds or replaces a ticket.
+    /// Adds or replaces a ticket. A ticket takes its place in the list when it first enters
+    /// it; a change keeps it there.
     async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError>;
     /// Up to `limit` tickets matching `filter`, newest first, strictly after `after`.
     async fn list(
@@ -47,14 +62,7 @@ pub trait TicketIndex: Send + Sync + 'static {
         filter: &ListFilter,
         after: Option<SortKey>,
         limit: usize,
-    ) -> Result<Vec<Ticket>, StoreError>;
-}
-
-/// A ticket's place in the list: its creation time to the microsecond (what a cursor and a
-/// Postgres `timestamptz` hold; finer, two tickets of one microsecond would compare apart in
-/// the index and equal in a cursor, and a page could skip one), then its id.
-pub(crate) fn sort_key(ticket: &Ticket) -> SortKey {
-    (ticket.created_at.trunc_subsecs(6), ticket.id)
+    ) -> Result<Vec<Listed>, StoreError>;
 }
 
 /// The index in process memory: the tickets in list order, and for each reporter, assignee,
@@ -104,30 +112,48 @@ impl Facet {
 #[derive(Debug, Default)]
 struct Lists {
     tickets: BTreeMap<SortKey, Ticket>,
+    /// Each ticket's place.
+    keys: HashMap<Uuid, SortKey>,
     facets: HashMap<Facet, BTreeSet<SortKey>>,
+    /// The place of the ticket that entered last.
+    entered: SortKey,
 }
 
 #[async_trait]
 impl TicketIndex for InMemoryTicketIndex {
     async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError> {
         let mut lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Lists { tickets, facets } = &mut *lists;
-        let key = sort_key(ticket);
-        // Two changes of one ticket may reach the index in either order: keep the newer, as
-        // the Postgres index does (`WHERE version < EXCLUDED.version`).
-        if let Some(old) = tickets.get(&key) {
-            if old.version >= ticket.version {
-                return Ok(());
-            }
-            for facet in Facet::of(old) {
-                if let Some(keys) = facets.get_mut(&facet) {
-                    keys.remove(&key);
-                    if keys.is_empty() {
-                        facets.remove(&facet);
+        let Lists {
+            tickets,
+            keys,
+            facets,
+            entered,
+        } = &mut *lists;
+        let key = match keys.get(&ticket.id) {
+            Some(&key) => {
+                // Two changes of one ticket may reach the index in either order: keep the
+                // newer, as the Postgres index does (`WHERE version < EXCLUDED.version`).
+                let old = &tickets[&key];
+                if old.version >= ticket.version {
+                    return Ok(());
+                }
+                for facet in Facet::of(old) {
+                    if let Some(keys) = facets.get_mut(&facet) {
+                        keys.remove(&key);
+                        if keys.is_empty() {
+                            facets.remove(&facet);
+                        }
                     }
                 }
+                key
             }
-        }
+            None => {
+                // Placed as it becomes visible, under the lock every page is read under.
+                *entered += 1;
+                keys.insert(ticket.id, *entered);
+                *entered
+            }
+        };
         for facet in Facet::of(ticket) {
             facets.entry(facet).or_default().insert(key);
         }
@@ -142,13 +168,16 @@ impl TicketIndex for InMemoryTicketIndex {
         filter: &ListFilter,
         after: Option<SortKey>,
         limit: usize,
-    ) -> Result<Vec<Ticket>, StoreError> {
+    ) -> Result<Vec<Listed>, StoreError> {
         let lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let page = |keys: &mut dyn Iterator<Item = &SortKey>| -> Vec<Ticket> {
-            keys.filter_map(|key| lists.tickets.get(key))
-                .filter(|t| filter.matches(t))
+        let page = |keys: &mut dyn Iterator<Item = &SortKey>| -> Vec<Listed> {
+            keys.filter_map(|&key| Some((key, lists.tickets.get(&key)?)))
+                .filter(|(_, t)| filter.matches(t))
                 .take(limit)
-                .cloned()
+                .map(|(key, t)| Listed {
+                    key,
+                    ticket: t.clone(),
+                })
                 .collect()
         };
         let upper = after.map_or(Bound::Unbounded, Bound::Excluded);
@@ -190,6 +219,7 @@ impl std::fmt::Debug for Cursors {
 }
 
 const TAG_LEN: usize = 12;
+const KEY_LEN: usize = std::mem::size_of::<SortKey>();
 
 impl Cursors {
     /// Cursors signed with a key derived from `secret` (the server's token secret): one key
@@ -208,7 +238,8 @@ impl Cursors {
         // HMAC takes keys of any length, so this cannot fail.
         let mut mac =
             <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        mac.update(b"helpdesk-cursor-v1");
+        // v2: the place in the list (v1 cursors held a creation time and an id).
+        mac.update(b"helpdesk-cursor-v2");
         mac.update(payload);
         let full = mac.finalize().into_bytes();
         let mut tag = [0; TAG_LEN];
@@ -218,9 +249,8 @@ impl Cursors {
 
     /// The cursor after `key`.
     pub fn encode(&self, key: SortKey) -> String {
-        let mut bytes = Vec::with_capacity(24 + TAG_LEN);
-        bytes.extend_from_slice(&key.0.timestamp_micros().to_be_bytes());
-        bytes.extend_from_slice(key.1.as_bytes());
+        let mut bytes = Vec::with_capacity(KEY_LEN + TAG_LEN);
+        bytes.extend_from_slice(&key.to_be_bytes());
         let tag = self.tag(&bytes);
         bytes.extend_from_slice(&tag);
         bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -228,7 +258,8 @@ impl Cursors {
 
     /// The sort key of a cursor this server issued, or `None`.
     pub fn decode(&self, cursor: &str) -> Option<SortKey> {
-        if cursor.len() != 2 * (24 + TAG_LEN) || !cursor.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if cursor.len() != 2 * (KEY_LEN + TAG_LEN) || !cursor.bytes().all(|b| b.is_ascii_hexdigit())
+        {
             return None;
         }
         let bytes: Vec<u8> = (0..cursor.len())
@@ -236,7 +267,7 @@ impl Cursors {
             .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16))
             .collect::<Result<_, _>>()
             .ok()?;
-        let (payload, tag) = bytes.split_at(24);
+        let (payload, tag) = bytes.split_at(KEY_LEN);
         // Compare in constant time, as a MAC check should.
         let expected = self.tag(payload);
         if expected
@@ -247,10 +278,7 @@ impl Cursors {
         {
             return None;
         }
-        let micros = i64::from_be_bytes(payload[..8].try_into().ok()?);
-        let at = DateTime::<Utc>::from_timestamp_micros(micros)?;
-        let id = Uuid::from_slice(&payload[8..]).ok()?;
-        Some((at, id))
+        Some(SortKey::from_be_bytes(payload.try_into().ok()?))
     }
 }
 
@@ -277,7 +305,8 @@ mod tests {
         index.upsert(&assigned).await.unwrap();
         let listed = index.list(&ListFilter::default(), None, 10).await.unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!((listed[0].version, listed[0].title.as_str()), (3, "closed"));
+        let listed = &listed[0].ticket;
+        assert_eq!((listed.version, listed.title.as_str()), (3, "closed"));
     }
 
     /// Every page under every filter is what a scan of all tickets gives, while tickets move
@@ -302,7 +331,6 @@ mod tests {
             seed ^= seed << 17;
             (seed % n as u64) as usize
         };
-        let at = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
         let mut latest: HashMap<Uuid, Ticket> = HashMap::new();
         let mut ids = Vec::new();
         for step in 0..400 {
@@ -312,8 +340,6 @@ mod tests {
                 Ticket {
                     id,
                     reporter_id: people[next(people.len())],
-                    // Some tickets share a creation time: the id orders them.
-                    created_at: at + chrono::Duration::seconds(next(50) as i64),
                     version: 1,
                     ..Ticket::default()
                 }
@@ -362,8 +388,8 @@ mod tests {
                     }
                 }
             }
-            let mut scan: Vec<&Ticket> = latest.values().collect();
-            scan.sort_by_key(|t| std::cmp::Reverse(sort_key(t)));
+            // Newest first: in the order they entered the index, the last first.
+            let scan: Vec<&Ticket> = ids.iter().rev().map(|id| &latest[id]).collect();
             let mut filters = vec![ListFilter::default()];
             for &person in &people {
                 filters.push(ListFilter {
@@ -409,9 +435,9 @@ mod tests {
                 let (mut listed, mut after) = (Vec::new(), None);
                 loop {
                     let page = index.list(filter, after, 3).await.unwrap();
-                    listed.extend(page.iter().map(|t| (t.id, t.version)));
+                    listed.extend(page.iter().map(|t| (t.ticket.id, t.ticket.version)));
                     match page.last() {
-                        Some(last) if page.len() == 3 => after = Some(sort_key(last)),
+                        Some(last) if page.len() == 3 => after = Some(last.key),
                         _ => break,
                     }
                     assert!(
@@ -424,34 +450,43 @@ mod tests {
         }
     }
 
-    /// Two tickets created within one microsecond are both on the pages: the cursor (to the
-    /// microsecond) and the index agree on their order.
+    /// A ticket that enters the list after a client read its first page (stamped before the
+    /// tickets on it, committed after) is above that page, not between the pages the client
+    /// walks next; and cursors this server issued decode to the place they hold.
     #[tokio::test]
-    async fn paging_skips_no_ticket_of_the_same_microsecond() {
+    async fn a_ticket_entering_after_a_page_was_read_is_above_it() {
         let index = InMemoryTicketIndex::default();
         let cursors = Cursors::new(b"test key");
-        let at = DateTime::<Utc>::from_timestamp(1_800_000_000, 1_000).unwrap();
-        for nanos in [100, 500] {
-            index
-                .upsert(&Ticket {
-                    id: Uuid::now_v7(),
-                    created_at: at + chrono::Duration::nanoseconds(nanos),
-                    ..Ticket::default()
-                })
-                .await
-                .unwrap();
-        }
-        let (filter, mut after, mut seen) = (ListFilter::default(), None, Vec::new());
-        // Two tickets, a page each, then an empty page: a cursor that does not move would
-        // page forever, so more pages than that fail the test instead.
-        for pages in 1.. {
-            assert!(pages <= 3, "still paging after 3 pages of one: {seen:?}");
-            let page = index.list(&filter, after, 1).await.unwrap();
-            let Some(last) = page.last() else { break };
-            seen.push(last.id);
-            after = cursors.decode(&cursors.encode(sort_key(last)));
-            assert!(after.is_some(), "a cursor this server issued decodes");
-        }
-        assert_eq!(seen.len(), 2, "both tickets listed: {seen:?}");
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp(1_800_000_000, 0).unwrap();
+        let ticket = |title: &str, seconds: i64| Ticket {
+            id: Uuid::now_v7(),
+            title: title.into(),
+            created_at: at + chrono::Duration::seconds(seconds),
+            ..Ticket::default()
+        };
+        let (oldest, later, stamped_between) = (ticket("x", 0), ticket("b", 20), ticket("a", 10));
+        index.upsert(&oldest).await.unwrap();
+        index.upsert(&later).await.unwrap();
+        let filter = ListFilter::default();
+        let first = index.list(&filter, None, 2).await.unwrap();
+        let titles = |page: &[Listed]| -> Vec<String> {
+            page.iter().map(|l| l.ticket.title.clone()).collect()
+        };
+        assert_eq!(titles(&first), ["b", "x"]);
+        index.upsert(&stamped_between).await.unwrap();
+        let cursor = cursors.encode(first[1].key);
+        let after = cursors.decode(&cursor);
+        assert_eq!(
+            after,
+            Some(first[1].key),
+            "a cursor this server issued decodes"
+        );
+        assert!(
+            index.list(&filter, after, 2).await.unwrap().is_empty(),
+            "nothing is below the page already read"
+        );
+        let again = index.list(&filter, None, 3).await.unwrap();
+        assert_eq!(titles(&again), ["a", "b", "x"], "the late ticket is on top");
+        assert_eq!(Cursors::new(b"another key").decode(&cursor), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The list index and the stats read model in Postgres, for the Postgres mode.
 
 use crate::domain::{Status, Ticket, TicketEvent};
-use crate::index::{ListFilter, SortKey, TicketIndex, sort_key};
+use crate::index::{ListFilter, Listed, SortKey, TicketIndex};
 use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
 use cqrs_core::ports::StoreError;
@@ -16,15 +16,72 @@ use helpdesk_api::postgres::store_error;
 use std::sync::Arc;
 
 /// The tickets plugin's migrations in `schema`, in order: the tables, the list's filter
-/// indexes, the counts per status, the record of what feeds the stats. Each is recorded by its text and runs once per schema (a
-/// new text runs again), so a change is a new migration, not an edit of an applied one.
-pub(crate) fn migrations(schema: &str) -> [Migration; 4] {
+/// indexes, the counts per status, the record of what feeds the stats, the list's order by
+/// entry. Each is recorded by its text and runs once per schema (a new text runs again), so a
+/// change is a new migration, not an edit of an applied one.
+pub(crate) fn migrations(schema: &str) -> [Migration; 5] {
     [
         tables(schema),
         list_filters(schema),
         status_counts(schema),
         stats_feed(schema),
+        list_order(schema),
     ]
+}
+
+/// The list's order: `listed`, the position of the ticket's first event. The event store
+/// gives positions out in commit order, so a ticket that becomes visible after a client read
+/// a page is above that page: ordered by creation time, stamped before the commit, a ticket
+/// stamped earlier but committed later could land below a cursor already handed out, and a
+/// client walking the pages missed it.
+///
+/// The command writes the list row before its events (they are appended last, at commit), so
+/// a trigger on `events` sets `listed` when the ticket's first event is appended, in the same
+/// statement: no round trip more under the append lock. It also sets it for an instance of an
+/// older build during a rolling upgrade (which still lists by creation time, without its
+/// index, until replaced). The migration fills `listed` for the tickets already listed,
+/// builds the indexes (holding up writes to the list while they build: on a large list build
+/// them first with `CREATE INDEX CONCURRENTLY` and these names), and drops the creation-time
+/// ones.
+fn list_order(schema: &str) -> Migration {
+    Migration {
+        name: "tickets.list_order",
+        sql: format!(
+            "ALTER TABLE {schema}.ticket_index ADD COLUMN IF NOT EXISTS listed bigint;
+            CREATE OR REPLACE FUNCTION {schema}.ticket_listed() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE {schema}.ticket_index SET listed = NEW.position
+                WHERE id = substr(NEW.stream_id, 8)::uuid AND listed IS NULL;
+                RETURN NULL;
+            END
+            $$;
+            DO $$
+            BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                               WHERE tgrelid = '{schema}.events'::regclass
+                                 AND tgname = 'ticket_listed') THEN
+                    CREATE TRIGGER ticket_listed
+                        AFTER INSERT ON {schema}.events
+                        FOR EACH ROW
+                        WHEN (NEW.stream_version = 1
+                              AND NEW.stream_id ~ '^ticket-[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}$')
+                        EXECUTE FUNCTION {schema}.ticket_listed();
+                END IF;
+            END
+            $$;
+            UPDATE {schema}.ticket_index t SET listed = e.position
+            FROM {schema}.events e
+            WHERE t.listed IS NULL AND e.stream_id = 'ticket-' || t.id::text AND e.stream_version = 1;
+            CREATE INDEX IF NOT EXISTS ticket_index_listed ON {schema}.ticket_index (listed DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_reporter_listed ON {schema}.ticket_index (reporter_id, listed DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_status_listed ON {schema}.ticket_index (status, listed DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_assignee_listed ON {schema}.ticket_index (assignee_id, listed DESC)
+                WHERE assignee_id IS NOT NULL;
+            DROP INDEX IF EXISTS {schema}.ticket_index_newest, {schema}.ticket_index_reporter,
+                {schema}.ticket_index_status, {schema}.ticket_index_assignee;"
+        ),
+    }
 }
 
 /// Which source fed the stats at the last start (`store` or `stream`): one row.
@@ -154,7 +211,8 @@ fn tables(schema: &str) -> Migration {
 ///
 /// Built in the migration's transaction, the indexes hold up writes to the list while they
 /// build: seconds for a million tickets. On a large list, build them beforehand with
-/// `CREATE INDEX CONCURRENTLY` and these names; the migration then finds them.
+/// `CREATE INDEX CONCURRENTLY` and these names; the migration then finds them. (Ordered by
+/// creation time: [`list_order`] replaces them with indexes by place in the list.)
 fn list_filters(schema: &str) -> Migration {
     Migration {
         name: "tickets.list_filters",
@@ -231,9 +289,10 @@ fn text<T: serde::Serialize>(value: &T) -> String {
     }
 }
 
-/// The ticket list in the `ticket_index` table, newest first by `(created_at, id)`. The
-/// command handlers write it in the command's transaction ([`upsert_in`](Self::upsert_in)), so
-/// the list and the event store never disagree.
+/// The ticket list in the `ticket_index` table, newest first by `listed`, the position of each
+/// ticket's first event (see [`SortKey`]). The command handlers write it in the command's
+/// transaction ([`upsert_in`](Self::upsert_in)), so the list and the event store never
+/// disagree.
 #[derive(Clone, Debug)]
 pub struct PgTicketIndex {
     db: PgDatabase,
@@ -246,8 +305,12 @@ impl PgTicketIndex {
         let schema = db.schema();
         let upsert = format!(
             "INSERT INTO {schema}.ticket_index
-                 (id, created_at, reporter_id, status, priority, assignee_id, version, summary)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 (id, created_at, reporter_id, status, priority, assignee_id, version, summary, listed)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+                     -- None yet in the command that opens the ticket: the trigger on `events`
+                     -- sets it when the first event is appended, at commit.
+                     (SELECT position FROM {schema}.events
+                      WHERE stream_id = 'ticket-' || $1::text AND stream_version = 1))
              ON CONFLICT (id) DO UPDATE SET
                  status = EXCLUDED.status, priority = EXCLUDED.priority,
                  assignee_id = EXCLUDED.assignee_id, version = EXCLUDED.version,
@@ -270,7 +333,7 @@ impl PgTicketIndex {
         let summary = serde_json::to_value(&summary).map_err(|e| StoreError::Codec(e.into()))?;
         sqlx::query(AssertSqlSafe(self.upsert.to_string()))
             .bind(ticket.id)
-            .bind(sort_key(ticket).0)
+            .bind(ticket.created_at)
             .bind(ticket.reporter_id)
             .bind(text(&ticket.status))
             .bind(text(&ticket.priority))
@@ -301,9 +364,11 @@ impl TicketIndex for PgTicketIndex {
         filter: &ListFilter,
         after: Option<SortKey>,
         limit: usize,
-    ) -> Result<Vec<Ticket>, StoreError> {
+    ) -> Result<Vec<Listed>, StoreError> {
+        // A row without its place yet is one whose command has not committed (or a row
+        // written outside a command before its events): not listed.
         let mut q = QueryBuilder::new(format!(
-            "SELECT summary FROM {}.ticket_index WHERE true",
+            "SELECT listed, summary FROM {}.ticket_index WHERE listed IS NOT NULL",
             self.db.schema()
         ));
         if let Some(reporter) = filter.reporter_id {
@@ -318,14 +383,11 @@ impl TicketIndex for PgTicketIndex {
         if let Some(assignee) = filter.assignee_id {
             q.push(" AND assignee_id = ").push_bind(assignee);
         }
-        if let Some((at, id)) = after {
-            q.push(" AND (created_at, id) < (")
-                .push_bind(at)
-                .push(", ")
-                .push_bind(id)
-                .push(")");
+        if let Some(after) = after {
+            q.push(" AND listed < ")
+                .push_bind(i64::try_from(after).unwrap_or(i64::MAX));
         }
-        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        q.push(" ORDER BY listed DESC LIMIT ")
             .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let rows = q
             .build()
@@ -334,8 +396,13 @@ impl TicketIndex for PgTicketIndex {
             .map_err(|e| self.db.store_error(e))?;
         rows.into_iter()
             .map(|row| {
-                let summary: serde_json::Value = row.try_get(0).map_err(store_error)?;
-                serde_json::from_value(summary).map_err(|e| StoreError::Codec(e.into()))
+                let listed: i64 = row.try_get(0).map_err(store_error)?;
+                let summary: serde_json::Value = row.try_get(1).map_err(store_error)?;
+                Ok(Listed {
+                    key: SortKey::try_from(listed).unwrap_or_default(),
+                    ticket: serde_json::from_value(summary)
+                        .map_err(|e| StoreError::Codec(e.into()))?,
+                })
             })
             .collect()
     }

@@ -264,6 +264,8 @@ async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
             "assignee_id=42",
             "cursor=abc",
             "cursor=00000000000000000000000000000000000000000000000000000000000000000000000000",
+            // A cursor of the length this server issues, with a tag it did not compute.
+            "cursor=0000000000000000000000000000000000000000",
             // A misspelled or unsupported filter is refused, not ignored.
             "stauts=closed",
             "reporter_id=00000000-0000-0000-0000-000000000000",
@@ -377,6 +379,44 @@ async fn the_history_lists_every_event_oldest_first() {
                 chrono::DateTime::parse_from_rfc3339(item["occurred_at"].as_str().unwrap()).is_ok()
             );
         }
+        s.stop().await;
+    })
+    .await;
+}
+
+/// The list is ordered by when tickets entered it, not by their creation time: a ticket
+/// stamped before the tickets of a page a client already read, but committed after it (its
+/// command was slower), is on top of the list, not below that page's cursor, where a client
+/// walking on from the cursor would never see it. The clock going back stands in for the
+/// slower command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_committed_after_a_page_was_read_is_not_hidden_below_its_cursor() {
+    use std::time::Duration;
+    within(async {
+        let s = TestServer::start().await;
+        let (token, _) = s.customer().await;
+        let id = |ticket: &Value| ticket["id"].as_str().unwrap().to_owned();
+        let start = cqrs_core::clock::Clock::now(&s.clock);
+        let first = s.ticket(&token, "first").await;
+        s.clock.advance(Duration::from_secs(10));
+        let second = s.ticket(&token, "second").await;
+        s.clock.advance(Duration::from_secs(20));
+        let third = s.ticket(&token, "third").await;
+        let page = s.get("/tickets?limit=2", &token).await;
+        assert_eq!(ids(&page.body), [id(&third), id(&second)]);
+        let cursor = page.body["next_cursor"].as_str().unwrap().to_owned();
+        // Stamped between the page's two, committed after the page was read.
+        s.clock.set(start + chrono::Duration::seconds(20));
+        let late = s.ticket(&token, "stamped earlier, committed later").await;
+        let rest = s.get(&format!("/tickets?cursor={cursor}"), &token).await;
+        assert_eq!(rest.status, StatusCode::OK, "{rest:?}");
+        assert_eq!(ids(&rest.body), [id(&first)], "the rest of the walk");
+        let again = s.get("/tickets", &token).await;
+        assert_eq!(
+            ids(&again.body),
+            [id(&late), id(&third), id(&second), id(&first)],
+            "the ticket that entered the list last is on top, where a new walk finds it"
+        );
         s.stop().await;
     })
     .await;
