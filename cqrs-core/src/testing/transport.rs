@@ -61,6 +61,7 @@ macro_rules! transport_conformance {
                 events_of_one_key_keep_their_order_across_two_consumers,
                 a_keys_events_in_one_batch_come_in_order_with_one_order_key,
                 an_acknowledged_event_is_not_delivered_again,
+                events_without_a_partition_key_are_delivered_once_each,
                 a_fetch_of_zero_takes_nothing,
                 a_fetch_may_block_without_limit,
                 a_delivery_kept_alive_is_not_handed_out_again,
@@ -530,6 +531,47 @@ pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h
             again.is_empty(),
             "delivered again after ack: {:?}",
             again.iter().map(|d| d.record.event_id).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Events without a partition key (ordered by nothing, in no lane) are delivered like keyed
+/// ones, batched or alone: each once, unchanged (still without a key), and not again once
+/// acknowledged.
+pub async fn events_without_a_partition_key_are_delivered_once_each<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t-nokey", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    let mut events: Vec<_> = (1..=4).map(crate::testing::event_store::record).collect();
+    assert!(events.iter().all(|e| e.partition_key.is_none()));
+    events.push(event("k", 5));
+    h.transport()
+        .publish(&topic, &events)
+        .await
+        .expect("publish");
+    let alone = crate::testing::event_store::record(6);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&alone))
+        .await
+        .expect("publish one");
+    events.push(alone);
+    let got = drain(c.as_mut(), events.len(), Duration::from_secs(10)).await;
+    let (missing, twice) = missing_and_twice(&events, &got);
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "missing {missing:?}, twice {twice:?}"
+    );
+    for d in &got {
+        let sent = events.iter().find(|e| e.event_id == d.record.event_id);
+        assert_eq!(Some(&d.record), sent, "the record arrives unchanged");
+    }
+    let delay = h.options().redelivery_delay;
+    let until = tokio::time::Instant::now() + delay * 2 + Duration::from_millis(200);
+    while tokio::time::Instant::now() < until {
+        let again = fetch_up_to(c.as_mut(), 10).await;
+        assert!(
+            again.is_empty(),
+            "delivered again after ack: {:?}",
+            again.iter().map(n_of).collect::<Vec<_>>()
         );
     }
 }

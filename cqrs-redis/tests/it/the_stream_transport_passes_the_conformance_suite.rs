@@ -5,7 +5,7 @@ use crate::support::{connect_admin, delete_prefix, key_prefix, reachable, stream
 use cqrs_core::ports::EventTransport;
 use cqrs_core::testing::Harness;
 use cqrs_core::testing::transport::TransportHarness;
-use cqrs_redis::RedisStreamTransport;
+use cqrs_redis::{KeyOrdering, RedisStreamTransport};
 use std::sync::Arc;
 
 pub(crate) struct RedisTransportHarness {
@@ -55,15 +55,44 @@ impl TransportHarness for RedisTransportHarness {
 }
 
 /// `None` (the scenario is skipped) when Redis is unreachable and not required.
-async fn harness(id: String) -> Option<RedisTransportHarness> {
+async fn harness_with(id: String, ordering: KeyOrdering) -> Option<RedisTransportHarness> {
     if !reachable().await {
         return None;
     }
     let transport = stream_options(&id)
+        .key_ordering(ordering)
         .connect()
         .await
         .expect("connect the transport");
     Some(RedisTransportHarness { id, transport })
 }
 
+/// The default ordering: keys hashed into 1,024 lanes.
+async fn harness(id: String) -> Option<RedisTransportHarness> {
+    harness_with(id, KeyOrdering::Lanes(1024)).await
+}
+
 cqrs_core::transport_conformance!(harness);
+
+/// The suite again with one lane per key: the chains and the lanes hash take other keys.
+mod with_one_lane_per_key {
+    use super::*;
+
+    async fn harness(id: String) -> Option<RedisTransportHarness> {
+        harness_with(id, KeyOrdering::Exact).await
+    }
+
+    cqrs_core::transport_conformance!(harness);
+}
+
+/// The suite again without per-key order: every entry is in no lane, handed out at once, and
+/// the transport says so (`ordered_per_key` is false), which the scenarios on order skip.
+mod without_key_order {
+    use super::*;
+
+    async fn harness(id: String) -> Option<RedisTransportHarness> {
+        harness_with(id, KeyOrdering::Unordered).await
+    }
+
+    cqrs_core::transport_conformance!(harness);
+}
