@@ -6,6 +6,7 @@ use super::Harness;
 use crate::clock::ManualClock;
 use crate::ports::{Claim, IdempotencyStore, StoreError, StoredResponse};
 use serde_json::json;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -69,7 +70,14 @@ async fn until_waiting<H: IdempotencyHarness>(h: &H, scope: &str, key: &str, cou
 macro_rules! idempotency_conformance {
     ($make:path) => {
         $crate::idempotency_conformance!($make, without_clock, without_waiting_claims);
-        $crate::__conformance!($make, idempotency, [keys_expire_after_their_ttl]);
+        $crate::__conformance!(
+            $make,
+            idempotency,
+            [
+                keys_expire_after_their_ttl,
+                a_claim_in_progress_is_never_purged
+            ]
+        );
         $crate::__conformance!(
             $make,
             idempotency,
@@ -92,7 +100,14 @@ macro_rules! idempotency_conformance {
     };
     ($make:path, without_waiting_claims) => {
         $crate::idempotency_conformance!($make, without_clock, without_waiting_claims);
-        $crate::__conformance!($make, idempotency, [keys_expire_after_their_ttl]);
+        $crate::__conformance!(
+            $make,
+            idempotency,
+            [
+                keys_expire_after_their_ttl,
+                a_claim_in_progress_is_never_purged
+            ]
+        );
     };
     ($make:path, without_clock, without_waiting_claims) => {
         $crate::__conformance!(
@@ -105,6 +120,7 @@ macro_rules! idempotency_conformance {
                 a_dropped_claim_releases_the_key,
                 scopes_are_independent,
                 a_ttl_of_duration_max_keeps_the_response,
+                a_completion_finishes_when_its_caller_stops_waiting,
             ]
         );
     };
@@ -386,6 +402,56 @@ pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
         "the renewed key is kept"
     );
     new(store.claim(scope, "purged", "other-fp", DAY).await.unwrap());
+}
+
+/// A claim still in progress long past its TTL (slow work) is never purged: its completion
+/// is kept and replays. A purge that took it would let a retry run the work again.
+pub async fn a_claim_in_progress_is_never_purged<H: IdempotencyHarness>(h: &H) {
+    let Some(clock) = h.clock() else {
+        panic!(
+            "the harness has no manual clock (`clock` returned None): run the suite with \
+             `idempotency_conformance!(harness, without_clock)`"
+        );
+    };
+    let store = h.store();
+    let scope = h.test_id();
+    let guard = new(store.claim(scope, "slow", "fp", DAY).await.unwrap());
+    clock.advance(DAY * 3);
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        0,
+        "a purge took a claim still in progress"
+    );
+    guard
+        .complete(StoredResponse::new(201, json!("done")))
+        .await
+        .unwrap();
+    assert_eq!(
+        replay(store.claim(scope, "slow", "fp", DAY).await.unwrap()).body,
+        json!("done"),
+        "the completion of the claim the purge left is kept"
+    );
+}
+
+/// A completion whose caller stops waiting for it (its time budget ran out: the future is
+/// polled once, then dropped) still finishes: the work the key guards has run, and a key
+/// released then would let a retry run it again.
+pub async fn a_completion_finishes_when_its_caller_stops_waiting<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = h.test_id();
+    let guard = new(store.claim(scope, "k", "fp", DAY).await.unwrap());
+    {
+        let mut completing = guard.complete(StoredResponse::new(200, json!("kept")));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Finished at once or not, it is dropped here.
+        let _ = completing.as_mut().poll(&mut cx);
+    }
+    // A duplicate waits for the completion in flight, then replays it; one that gets the key
+    // (a new claim) means the completion was lost.
+    match store.claim(scope, "k", "fp", DAY).await.unwrap() {
+        Claim::Replay(r) => assert_eq!(r.body, json!("kept")),
+        Claim::New(_) => panic!("the completion was lost when its caller stopped waiting"),
+    }
 }
 
 /// A ttl too long for any calendar (`Duration::MAX`, "keep it") is no error and no panic: the
