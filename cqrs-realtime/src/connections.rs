@@ -6,6 +6,7 @@ use crate::queue::SendQueue;
 use crate::signal::{CloseSignal, Ending};
 use chrono::{DateTime, Utc};
 use cqrs_core::clock::Clock;
+use cqrs_core::runtime::Shutdown;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,14 +80,15 @@ impl Connections {
     }
 }
 
-/// Every `interval`, until the hub is gone or `stopped` says so: pings every connection of
-/// `connections` and closes those whose credentials expired by `clock`.
+/// Every `interval`, until the hub is gone or `stopped` is requested (it ends then, not at its
+/// next tick): pings every connection of `connections` and closes those whose credentials
+/// expired by `clock`.
 pub(crate) async fn keepalive(
     connections: std::sync::Weak<Connections>,
     interval: Duration,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    stopped: impl Fn() -> bool,
+    stopped: Shutdown,
 ) {
     // An interval too long for the clock (near `Duration::MAX`) never comes round: no ticks.
     let Some(first) = tokio::time::Instant::now().checked_add(interval) else {
@@ -95,11 +97,14 @@ pub(crate) async fn keepalive(
     let mut tick = tokio::time::interval_at(first, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stopped.requested() => return,
+        }
         let Some(connections) = connections.upgrade() else {
             return;
         };
-        if stopped() {
+        if stopped.is_requested() {
             return;
         }
         let expired = connections.tick(clock.now());
@@ -110,5 +115,31 @@ pub(crate) async fn keepalive(
                 "closed connections whose credentials expired"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::clock::SystemClock;
+
+    /// The keepalive ends when the hub stops, not at its next tick a ping interval later.
+    #[tokio::test(start_paused = true)]
+    async fn the_keepalive_ends_when_the_hub_stops() {
+        let connections = Arc::new(Connections::default());
+        let (trigger, stopped) = Shutdown::new();
+        let task = tokio::spawn(keepalive(
+            Arc::downgrade(&connections),
+            Duration::from_secs(3600),
+            Arc::new(SystemClock),
+            Arc::new(Metrics::new()),
+            stopped,
+        ));
+        tokio::task::yield_now().await;
+        trigger.trigger();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the keepalive ended with the hub, before its next tick")
+            .unwrap();
     }
 }

@@ -300,13 +300,12 @@ impl<P: Send + Sync + 'static> HubInner<P> {
         if self.started.set(()).is_err() {
             return;
         }
-        let stopped = self.stopped.clone();
         tokio::spawn(crate::connections::keepalive(
             Arc::downgrade(&self.connections),
             self.options.ping_interval,
             self.clock.clone(),
             self.metrics.clone(),
-            move || stopped.is_requested(),
+            self.stopped.clone(),
         ));
         if let Some(external) = self.external.clone() {
             let hub = Arc::downgrade(self);

@@ -205,23 +205,36 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// whose principal may see it. The frame is encoded once per topic and shared by every
     /// connection.
     ///
-    /// A topic that `channel` does not carry is skipped: a message naming it comes from a
-    /// publisher that maps topics to channels otherwise (during a rolling deploy), and the
-    /// topic's own channel task serves its subscriptions, in its order and without copies.
-    /// Nothing is pushed once `released` is set. It is read under the lock a subscribe takes
+    /// A topic that `channel` does not carry is not pushed: a message naming it comes from a
+    /// publisher that maps topics to channels otherwise (during a rolling deploy), outside the
+    /// order and the copy check of the topic's own channel, which may never carry the event.
+    /// Its subscriptions are told `events_missed` instead (once each), to resume from the log;
+    /// returns how many were told. Nothing is pushed once `released` is set. It is read under the lock a subscribe takes
     /// to register: a subscription made after its channel was released is served by the
     /// channel's next task, and must not get an older message the released task still holds
     /// (after events the next task already pushed).
-    pub(crate) fn dispatch(&self, channel: &str, released: &AtomicBool, event: &PushedEvent) {
+    pub(crate) fn dispatch(
+        &self,
+        channel: &str,
+        released: &AtomicBool,
+        event: &PushedEvent,
+    ) -> u64 {
         let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
         if released.load(Ordering::SeqCst) {
-            return;
+            return 0;
         }
+        let mut told = 0;
         for topic in event.topics() {
             let Some(slots) = topics.get(topic) else {
                 continue;
             };
             if &*slots.channel != channel {
+                let frame = missed_frame(topic);
+                for slot in slots.slots.values() {
+                    if slot.tell_missed(&frame) {
+                        told += 1;
+                    }
+                }
                 continue;
             }
             let mut frame: Option<Utf8Bytes> = None;
@@ -234,6 +247,7 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 slot.deliver(event.position(), frame);
             }
         }
+        told
     }
 
     /// Tells every subscription of a topic that `channel` carries that the hub may have

@@ -177,7 +177,8 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             || self.stopped.is_requested()
             || !self.shared.take_lingering_place(self.max_lingering)
         {
-            self.shared.unsubscribe(&mut state, channel, &slot);
+            // The task ends by itself once aborted.
+            drop(self.shared.unsubscribe(&mut state, channel, &slot));
             return;
         }
         state.idle_epoch += 1;
@@ -192,13 +193,20 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
     }
 
     /// Ends, now, the upstream subscription of every channel that no one holds (those within
-    /// their linger): for a hub that stopped, whose `closed()` must leave none behind.
+    /// their linger): for a hub that stopped, whose `closed()` must leave none behind. Returns
+    /// once their tasks are gone, and with them the subscriptions they held (an aborted task
+    /// is dropped, subscription included, by the runtime a moment later).
     pub(crate) async fn end_lingering(&self) {
+        let mut ended = Vec::new();
         for (channel, slot) in self.shared.slots() {
             let mut state = slot.lock().await;
             if state.refs == 0 && !state.removed {
-                self.shared.unsubscribe(&mut state, &channel, &slot);
+                ended.extend(self.shared.unsubscribe(&mut state, &channel, &slot));
             }
+        }
+        for task in ended {
+            // Aborted: it ends as cancelled (or had ended already).
+            let _ = task.await;
         }
     }
 
@@ -216,7 +224,7 @@ impl<P> Drop for Upstreams<P> {
         for (channel, slot) in self.shared.slots() {
             // Held only by a linger task that is ending its channel already.
             if let Ok(mut state) = slot.try_lock() {
-                self.shared.unsubscribe(&mut state, &channel, &slot);
+                drop(self.shared.unsubscribe(&mut state, &channel, &slot));
             }
         }
     }
@@ -261,18 +269,26 @@ impl Shared {
         linger
     }
 
-    /// Ends the upstream subscription of a channel that no one holds, and forgets it.
-    fn unsubscribe(&self, state: &mut ChannelState, channel: &str, slot: &Channel) {
+    /// Ends the upstream subscription of a channel that no one holds, and forgets it. Returns
+    /// the channel's task, aborted, for a caller that must wait until it is gone.
+    fn unsubscribe(
+        &self,
+        state: &mut ChannelState,
+        channel: &str,
+        slot: &Channel,
+    ) -> Option<JoinHandle<()>> {
         if let Some(linger) = self.take_linger(state) {
             linger.abort();
         }
-        if let Some(live) = state.live.take() {
+        let task = state.live.take().map(|live| {
             live.stopped.store(true, Ordering::SeqCst);
             live.task.abort();
             self.live.fetch_sub(1, Ordering::SeqCst);
-        }
+            live.task
+        });
         state.removed = true;
         self.forget(channel, slot);
+        task
     }
 }
 
@@ -294,7 +310,7 @@ async fn linger(
     if state.refs == 0 && state.idle_epoch == epoch && !state.removed {
         // Not this task's own handle to abort: it is ending anyway.
         drop(shared.take_linger(&mut state));
-        shared.unsubscribe(&mut state, &channel, &slot);
+        drop(shared.unsubscribe(&mut state, &channel, &slot));
     }
 }
 
@@ -549,8 +565,12 @@ impl<P: Send + Sync + 'static> Pump<P> {
             notice_missed(self, subscription, &mut state.missed);
             match PushedEvent::decode(&message.payload) {
                 Ok(event) if state.recent.first_time(event.position()) => {
-                    registry.dispatch(channel, &self.stopped, &event);
+                    let told = registry.dispatch(channel, &self.stopped, &event);
                     state.dispatched = true;
+                    if told > 0 {
+                        tracing::debug!(channel = %full, subscriptions = told, "a message named topics of another channel; their subscribers were told to resume");
+                        count(|| metrics.missed_notices(told));
+                    }
                     // The writers drain their queues before the next event is pushed: a
                     // burst (a relay catching up, a batch published at once) would otherwise
                     // fill a prompt reader's queue before its writer ran once (on one thread,
@@ -729,7 +749,8 @@ mod tests {
 
     /// A channel's task, once released, pushes nothing to a subscription registered after
     /// (the channel's next task serves it), and tells it nothing; and a message naming a
-    /// topic of another channel pushes nothing to that topic's subscriptions.
+    /// topic of another channel pushes nothing to that topic's subscriptions but tells them,
+    /// once, to resume.
     #[test]
     fn a_released_or_foreign_channel_pushes_nothing() {
         let metrics = Arc::new(Metrics::new());
@@ -778,8 +799,50 @@ mod tests {
                 pushed.push(frame.as_str().to_owned());
             }
         }
-        assert_eq!(pushed.len(), 1, "one frame, on `mine` only: {pushed:?}");
-        assert!(pushed[0].contains("mine"), "{pushed:?}");
+        assert_eq!(pushed.len(), 2, "one event, one notice: {pushed:?}");
+        assert!(
+            pushed[0].contains(r#""type":"event""#) && pushed[0].contains(r#""topic":"mine""#),
+            "{pushed:?}"
+        );
+        assert!(
+            pushed[1].contains("events_missed") && pushed[1].contains(r#""topic":"theirs""#),
+            "the subscription of the other channel's topic is told to resume: {pushed:?}"
+        );
+        // Told once: the next such message adds nothing for it.
+        registry.dispatch("c", &live, &event);
+        let mut again = Vec::new();
+        while let Some(item) = conn.queue.try_pop() {
+            if let crate::queue::Outgoing::Frame(frame) = item {
+                again.push(frame.as_str().to_owned());
+            }
+        }
+        assert_eq!(again.len(), 1, "{again:?}");
+    }
+
+    /// Ending the lingering channels returns once their upstream subscriptions are gone, not
+    /// merely once their tasks were told to end: what `Hub::closed` promises.
+    #[tokio::test(flavor = "current_thread")]
+    async fn ending_the_lingering_channels_waits_until_their_subscriptions_are_gone() {
+        let pubsub = InMemoryPubSub::new();
+        let upstreams = Upstreams::new(
+            Arc::new(pubsub.clone()),
+            String::new(),
+            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
+            Arc::new(Metrics::new()),
+            Duration::from_secs(3600),
+            1024,
+            Shutdown::new().1,
+        );
+        upstreams.acquire("c").await.unwrap();
+        upstreams.release("c").await;
+        assert_eq!(pubsub.upstream_subscriptions_to("c"), 1, "lingering");
+        upstreams.end_lingering().await;
+        assert_eq!(
+            pubsub.upstream_subscriptions_to("c"),
+            0,
+            "still subscribed upstream once the lingering channels were ended"
+        );
+        assert_eq!(upstreams.len().await, 0);
     }
 
     /// Each position is new once; the memory keeps the latest `RECENT_POSITIONS` only.

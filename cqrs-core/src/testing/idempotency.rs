@@ -6,7 +6,6 @@ use super::Harness;
 use crate::clock::ManualClock;
 use crate::ports::{Claim, IdempotencyStore, StoreError, StoredResponse};
 use serde_json::json;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

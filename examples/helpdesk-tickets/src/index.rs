@@ -206,7 +206,10 @@ impl TicketIndex for InMemoryTicketIndex {
 }
 
 /// Opaque, URL-safe list cursors that only this server can issue: the sort key of the last
-/// item, authenticated with an HMAC so a made-up cursor is refused.
+/// item, authenticated with an HMAC so a made-up cursor is refused, and hidden (the key is
+/// XORed with a mask derived from the tag), since on Postgres it is a position in the event
+/// store's global order, which would tell any client how many events the whole system
+/// stores, and how fast they come.
 #[derive(Clone)]
 pub struct Cursors {
     key: Arc<[u8]>,
@@ -234,24 +237,42 @@ impl Cursors {
         }
     }
 
-    fn tag(&self, payload: &[u8]) -> [u8; TAG_LEN] {
+    fn mac(&self, purpose: &[u8], data: &[u8]) -> [u8; 32] {
         // HMAC takes keys of any length, so this cannot fail.
         let mut mac =
             <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        mac.update(purpose);
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    fn tag(&self, key: SortKey) -> [u8; TAG_LEN] {
         // v2: the place in the list (v1 cursors held a creation time and an id).
-        mac.update(b"helpdesk-cursor-v2");
-        mac.update(payload);
-        let full = mac.finalize().into_bytes();
+        let full = self.mac(b"helpdesk-cursor-v2", &key.to_be_bytes());
         let mut tag = [0; TAG_LEN];
         tag.copy_from_slice(&full[..TAG_LEN]);
         tag
     }
 
+    /// What hides the key of the cursor with `tag` (a deterministic cipher: the tag is the
+    /// synthetic IV, and the key's own HMAC, so no two keys share a mask but by a collision).
+    fn mask(&self, tag: &[u8]) -> [u8; KEY_LEN] {
+        let full = self.mac(b"helpdesk-cursor-v2-mask", tag);
+        let mut mask = [0; KEY_LEN];
+        mask.copy_from_slice(&full[..KEY_LEN]);
+        mask
+    }
+
     /// The cursor after `key`.
     pub fn encode(&self, key: SortKey) -> String {
+        let tag = self.tag(key);
         let mut bytes = Vec::with_capacity(KEY_LEN + TAG_LEN);
-        bytes.extend_from_slice(&key.to_be_bytes());
-        let tag = self.tag(&bytes);
+        bytes.extend(
+            key.to_be_bytes()
+                .iter()
+                .zip(self.mask(&tag))
+                .map(|(b, m)| b ^ m),
+        );
         bytes.extend_from_slice(&tag);
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -267,9 +288,14 @@ impl Cursors {
             .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16))
             .collect::<Result<_, _>>()
             .ok()?;
-        let (payload, tag) = bytes.split_at(KEY_LEN);
+        let (hidden, tag) = bytes.split_at(KEY_LEN);
+        let mut plain = [0; KEY_LEN];
+        for ((p, h), m) in plain.iter_mut().zip(hidden).zip(self.mask(tag)) {
+            *p = h ^ m;
+        }
+        let key = SortKey::from_be_bytes(plain);
         // Compare in constant time, as a MAC check should.
-        let expected = self.tag(payload);
+        let expected = self.tag(key);
         if expected
             .iter()
             .zip(tag)
@@ -278,7 +304,7 @@ impl Cursors {
         {
             return None;
         }
-        Some(SortKey::from_be_bytes(payload.try_into().ok()?))
+        Some(key)
     }
 }
 
@@ -488,5 +514,11 @@ mod tests {
         let again = index.list(&filter, None, 3).await.unwrap();
         assert_eq!(titles(&again), ["a", "b", "x"], "the late ticket is on top");
         assert_eq!(Cursors::new(b"another key").decode(&cursor), None);
+        // The place is not readable in the cursor: two neighbours' cursors share no prefix a
+        // client could count with.
+        let (one, two) = (cursors.encode(1), cursors.encode(2));
+        assert!(!one.starts_with("0000000000000001") && !two.starts_with("0000000000000002"));
+        assert_ne!(one[..16], two[..16]);
+        assert_eq!(cursors.decode(&two), Some(2));
     }
 }

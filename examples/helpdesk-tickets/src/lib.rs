@@ -28,7 +28,7 @@ pub use handlers::{
     Change, ChangeTicket, GetStats, GetTicket, HistoryItem, ListTickets, OpenTicket, Page,
     TicketHistory, event_types,
 };
-pub use index::{Cursors, InMemoryTicketIndex, ListFilter, SortKey, TicketIndex};
+pub use index::{Cursors, InMemoryTicketIndex, ListFilter, Listed, SortKey, TicketIndex};
 pub use postgres::{PgStats, PgTicketIndex};
 pub use stats::{InMemoryStats, Stats, StatsReader};
 

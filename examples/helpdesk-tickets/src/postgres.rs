@@ -37,17 +37,33 @@ pub(crate) fn migrations(schema: &str) -> [Migration; 5] {
 ///
 /// The command writes the list row before its events (they are appended last, at commit), so
 /// a trigger on `events` sets `listed` when the ticket's first event is appended, in the same
-/// statement: no round trip more under the append lock. It also sets it for an instance of an
-/// older build during a rolling upgrade (which still lists by creation time, without its
-/// index, until replaced). The migration fills `listed` for the tickets already listed,
-/// builds the indexes (holding up writes to the list while they build: on a large list build
-/// them first with `CREATE INDEX CONCURRENTLY` and these names), and drops the creation-time
-/// ones.
+/// statement: no round trip more under the append lock (an update of the list row, whose
+/// indexes it touches). It also sets it for an instance of an older build during a rolling
+/// upgrade (which still lists by creation time, without its index, until replaced).
+///
+/// The migration's `ALTER TABLE` locks the list (reads too) until it commits: it fills
+/// `listed` for the tickets already listed, builds the indexes, drops the creation-time ones,
+/// and creates the trigger last, so appends to the event store (every plugin's) wait only for
+/// that step and the commit. (Ticket commands wait for the list's lock meanwhile, so none
+/// appends a first event between the fill and the trigger.) On a large list, cut the time it
+/// holds the list: add the column (`ALTER TABLE ... ADD COLUMN listed bigint`, no rewrite),
+/// fill it in batches, and build the indexes with `CREATE INDEX CONCURRENTLY` and these names
+/// beforehand; the migration then finds them, and fills only what came since.
 fn list_order(schema: &str) -> Migration {
     Migration {
         name: "tickets.list_order",
         sql: format!(
             "ALTER TABLE {schema}.ticket_index ADD COLUMN IF NOT EXISTS listed bigint;
+            UPDATE {schema}.ticket_index t SET listed = e.position
+            FROM {schema}.events e
+            WHERE t.listed IS NULL AND e.stream_id = 'ticket-' || t.id::text AND e.stream_version = 1;
+            CREATE INDEX IF NOT EXISTS ticket_index_listed ON {schema}.ticket_index (listed DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_reporter_listed ON {schema}.ticket_index (reporter_id, listed DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_status_listed ON {schema}.ticket_index (status, listed DESC);
+            CREATE INDEX IF NOT EXISTS ticket_index_assignee_listed ON {schema}.ticket_index (assignee_id, listed DESC)
+                WHERE assignee_id IS NOT NULL;
+            DROP INDEX IF EXISTS {schema}.ticket_index_newest, {schema}.ticket_index_reporter,
+                {schema}.ticket_index_status, {schema}.ticket_index_assignee;
             CREATE OR REPLACE FUNCTION {schema}.ticket_listed() RETURNS trigger
             LANGUAGE plpgsql AS $$
             BEGIN
@@ -69,17 +85,7 @@ fn list_order(schema: &str) -> Migration {
                         EXECUTE FUNCTION {schema}.ticket_listed();
                 END IF;
             END
-            $$;
-            UPDATE {schema}.ticket_index t SET listed = e.position
-            FROM {schema}.events e
-            WHERE t.listed IS NULL AND e.stream_id = 'ticket-' || t.id::text AND e.stream_version = 1;
-            CREATE INDEX IF NOT EXISTS ticket_index_listed ON {schema}.ticket_index (listed DESC);
-            CREATE INDEX IF NOT EXISTS ticket_index_reporter_listed ON {schema}.ticket_index (reporter_id, listed DESC);
-            CREATE INDEX IF NOT EXISTS ticket_index_status_listed ON {schema}.ticket_index (status, listed DESC);
-            CREATE INDEX IF NOT EXISTS ticket_index_assignee_listed ON {schema}.ticket_index (assignee_id, listed DESC)
-                WHERE assignee_id IS NOT NULL;
-            DROP INDEX IF EXISTS {schema}.ticket_index_newest, {schema}.ticket_index_reporter,
-                {schema}.ticket_index_status, {schema}.ticket_index_assignee;"
+            $$;"
         ),
     }
 }
@@ -314,7 +320,10 @@ impl PgTicketIndex {
              ON CONFLICT (id) DO UPDATE SET
                  status = EXCLUDED.status, priority = EXCLUDED.priority,
                  assignee_id = EXCLUDED.assignee_id, version = EXCLUDED.version,
-                 summary = EXCLUDED.summary
+                 summary = EXCLUDED.summary,
+                 -- A row written without its place (outside a command, before its first
+                 -- event committed) takes it at the next change.
+                 listed = coalesce({schema}.ticket_index.listed, EXCLUDED.listed)
              WHERE {schema}.ticket_index.version < EXCLUDED.version"
         )
         .into();
