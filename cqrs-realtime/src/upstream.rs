@@ -791,14 +791,18 @@ mod tests {
         assert_eq!(registry.missed("c", &released), 0);
         assert!(conn.queue.try_pop().is_none(), "a released channel pushed");
 
+        let queued = || {
+            let mut frames = Vec::new();
+            while let Some(item) = conn.queue.try_pop() {
+                if let crate::queue::Outgoing::Frame(frame) = item {
+                    frames.push(frame.as_str().to_owned());
+                }
+            }
+            frames
+        };
         let live = AtomicBool::new(false);
         registry.dispatch("c", &live, &event);
-        let mut pushed = Vec::new();
-        while let Some(item) = conn.queue.try_pop() {
-            if let crate::queue::Outgoing::Frame(frame) = item {
-                pushed.push(frame.as_str().to_owned());
-            }
-        }
+        let pushed = queued();
         assert_eq!(pushed.len(), 2, "one event, one notice: {pushed:?}");
         assert!(
             pushed[0].contains(r#""type":"event""#) && pushed[0].contains(r#""topic":"mine""#),
@@ -810,12 +814,7 @@ mod tests {
         );
         // Told once: the next such message adds nothing for it.
         registry.dispatch("c", &live, &event);
-        let mut again = Vec::new();
-        while let Some(item) = conn.queue.try_pop() {
-            if let crate::queue::Outgoing::Frame(frame) = item {
-                again.push(frame.as_str().to_owned());
-            }
-        }
+        let again = queued();
         assert_eq!(again.len(), 1, "{again:?}");
     }
 

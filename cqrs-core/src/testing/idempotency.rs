@@ -55,6 +55,16 @@ async fn until_waiting<H: IdempotencyHarness>(h: &H, scope: &str, key: &str, cou
     .await;
 }
 
+/// The harness's manual clock; fails, saying how to run the suite, when it has none.
+fn manual_clock<H: IdempotencyHarness>(h: &H) -> ManualClock {
+    h.clock().unwrap_or_else(|| {
+        panic!(
+            "the harness has no manual clock (`clock` returned None): run the suite with \
+             `idempotency_conformance!(harness, without_clock)`"
+        )
+    })
+}
+
 /// Expands to one `#[tokio::test]` per idempotency scenario.
 ///
 /// Two hooks of [`IdempotencyHarness`] have no answer for some stores, and the suite is then
@@ -355,12 +365,7 @@ pub async fn scopes_are_independent<H: IdempotencyHarness>(h: &H) {
 /// A key is replayed until its TTL passes, counted from its completion (not its claim), then
 /// is new again, and purging removes it.
 pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
-    let Some(clock) = h.clock() else {
-        panic!(
-            "the harness has no manual clock (`clock` returned None): run the suite with \
-             `idempotency_conformance!(harness, without_clock)`"
-        );
-    };
+    let clock = manual_clock(h);
     let store = h.store();
     let scope = h.test_id();
     let mut guards = Vec::new();
@@ -406,12 +411,7 @@ pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
 /// A claim still in progress long past its TTL (slow work) is never purged: its completion
 /// is kept and replays. A purge that took it would let a retry run the work again.
 pub async fn a_claim_in_progress_is_never_purged<H: IdempotencyHarness>(h: &H) {
-    let Some(clock) = h.clock() else {
-        panic!(
-            "the harness has no manual clock (`clock` returned None): run the suite with \
-             `idempotency_conformance!(harness, without_clock)`"
-        );
-    };
+    let clock = manual_clock(h);
     let store = h.store();
     let scope = h.test_id();
     let guard = new(store.claim(scope, "slow", "fp", DAY).await.unwrap());

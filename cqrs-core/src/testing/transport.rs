@@ -931,34 +931,47 @@ pub async fn a_message_is_dead_lettered_after_max_deliveries<H: TransportHarness
         if !got_next || tokio::time::Instant::now() < quiet {
             continue;
         }
-        match h.dead_letters(&topic, "g").await {
-            None => {
-                eprintln!(
-                    "the harness cannot list dead letters: checked only that it stops coming"
-                );
-                break;
-            }
-            Some(dead) if dead.is_empty() => assert!(
-                tokio::time::Instant::now() < until,
-                "not dead-lettered within 10 s of its last nack"
-            ),
-            Some(dead) => {
-                let found: Vec<_> = dead.iter().map(|(id, n, _)| (*id, *n)).collect();
-                assert_eq!(
-                    found,
-                    [(poison.event_id, 2)],
-                    "dead-lettered once, after its 2 deliveries; nothing else"
-                );
-                if let Some(error) = &dead[0].2 {
-                    assert!(
-                        error.contains("poison"),
-                        "the dead letter keeps the last nack's reason: {error:?}"
-                    );
-                }
-                break;
-            }
+        if dead_lettered(h, &topic, poison.event_id, until, "its last nack").await {
+            break;
         }
     }
+}
+
+/// Whether group `g` of `topic` has dead-lettered the event `expected`, after its 2
+/// deliveries, and it alone (keeping the last nack's reason, `poison`, where the adapter keeps
+/// reasons): `false` while nothing is dead-lettered yet (a failure past `until`, naming
+/// `after`), `true` once it is, or when the harness cannot list dead letters.
+async fn dead_lettered<H: TransportHarness>(
+    h: &H,
+    topic: &str,
+    expected: Uuid,
+    until: tokio::time::Instant,
+    after: &str,
+) -> bool {
+    let Some(dead) = h.dead_letters(topic, "g").await else {
+        eprintln!("the harness cannot list dead letters: checked only that it stops coming");
+        return true;
+    };
+    if dead.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "not dead-lettered within 10 s of {after}"
+        );
+        return false;
+    }
+    let found: Vec<_> = dead.iter().map(|(id, n, _)| (*id, *n)).collect();
+    assert_eq!(
+        found,
+        [(expected, 2)],
+        "dead-lettered once, after its 2 deliveries; nothing else"
+    );
+    if let Some(error) = &dead[0].2 {
+        assert!(
+            error.contains("poison"),
+            "the dead letter keeps the last nack's reason: {error:?}"
+        );
+    }
+    true
 }
 
 /// A redelivery comes before new messages once it has been due for the
@@ -1080,26 +1093,8 @@ pub async fn a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back<
         if tokio::time::Instant::now() < quiet {
             continue;
         }
-        match h.dead_letters(&topic, "g").await {
-            None => {
-                eprintln!(
-                    "the harness cannot list dead letters: checked only that it stops coming"
-                );
-                break;
-            }
-            Some(dead) if dead.is_empty() => assert!(
-                tokio::time::Instant::now() < until,
-                "not dead-lettered within 10 s of its second delivery's nack"
-            ),
-            Some(dead) => {
-                let found: Vec<_> = dead.iter().map(|(id, n, _)| (*id, *n)).collect();
-                assert_eq!(
-                    found,
-                    [(e.event_id, 2)],
-                    "dead-lettered once, after its 2 deliveries; nothing else"
-                );
-                break;
-            }
+        if dead_lettered(h, &topic, e.event_id, until, "its second delivery's nack").await {
+            break;
         }
     }
 }
