@@ -647,6 +647,19 @@ mod tests {
     use crate::{AllowAll, Routed, Topic};
     use cqrs_core::memory::InMemoryPubSub;
 
+    /// Upstreams on `pubsub`, without a prefix, for subscriptions of no principal.
+    fn upstreams_on(pubsub: Arc<dyn PubSub>, linger: Duration) -> Upstreams<()> {
+        Upstreams::new(
+            pubsub,
+            String::new(),
+            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
+            Arc::new(Metrics::new()),
+            linger,
+            1024,
+            Shutdown::new().1,
+        )
+    }
+
     /// An in-memory pub/sub whose subscribes to `slow` never answer.
     struct SlowOnOne(InMemoryPubSub);
 
@@ -668,14 +681,9 @@ mod tests {
     /// acquired and released meanwhile, and a second subscriber of the slow one waits.
     #[tokio::test]
     async fn a_slow_upstream_subscribe_holds_up_its_channel_only() {
-        let upstreams = Arc::new(Upstreams::new(
+        let upstreams = Arc::new(upstreams_on(
             Arc::new(SlowOnOne(InMemoryPubSub::new())),
-            String::new(),
-            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
-            Arc::new(Metrics::new()),
             Duration::ZERO,
-            1024,
-            Shutdown::new().1,
         ));
         upstreams.acquire("live").await.unwrap();
         let slow = tokio::spawn({
@@ -713,15 +721,7 @@ mod tests {
     /// budget spent, the lock free) leaves no empty slot in the map.
     #[tokio::test]
     async fn an_acquire_cancelled_at_the_lock_leaves_no_slot() {
-        let upstreams = Upstreams::new(
-            Arc::new(InMemoryPubSub::new()),
-            String::new(),
-            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
-            Arc::new(Metrics::new()),
-            Duration::ZERO,
-            1024,
-            Shutdown::new().1,
-        );
+        let upstreams = upstreams_on(Arc::new(InMemoryPubSub::new()), Duration::ZERO);
         let yielded = std::future::poll_fn(|cx| {
             // Spend the task's budget: the lock's first poll then yields, as it may at any
             // time on a busy runtime.
@@ -823,15 +823,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn ending_the_lingering_channels_waits_until_their_subscriptions_are_gone() {
         let pubsub = InMemoryPubSub::new();
-        let upstreams = Upstreams::new(
-            Arc::new(pubsub.clone()),
-            String::new(),
-            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
-            Arc::new(Metrics::new()),
-            Duration::from_secs(3600),
-            1024,
-            Shutdown::new().1,
-        );
+        let upstreams = upstreams_on(Arc::new(pubsub.clone()), Duration::from_secs(3600));
         upstreams.acquire("c").await.unwrap();
         upstreams.release("c").await;
         assert_eq!(pubsub.upstream_subscriptions_to("c"), 1, "lingering");

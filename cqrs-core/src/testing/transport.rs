@@ -157,6 +157,20 @@ async fn fetch_one(c: &mut dyn Consumer, what: &str) -> Delivery {
     }
 }
 
+/// Fetches for two redelivery delays and a margin, failing with `what` if anything comes.
+async fn nothing_comes_again<H: TransportHarness>(h: &H, c: &mut dyn Consumer, what: &str) {
+    let delay = h.options().redelivery_delay;
+    let until = tokio::time::Instant::now() + delay * 2 + Duration::from_millis(200);
+    while tokio::time::Instant::now() < until {
+        let again = fetch_up_to(c, 10).await;
+        assert!(
+            again.is_empty(),
+            "{what}: {:?}",
+            again.iter().map(|d| d.record.event_id).collect::<Vec<_>>()
+        );
+    }
+}
+
 fn missing_and_twice(expected: &[EventRecord], got: &[Delivery]) -> (Vec<Uuid>, Vec<Uuid>) {
     let mut counts: HashMap<Uuid, usize> = HashMap::new();
     for d in got {
@@ -523,16 +537,7 @@ pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h
     let got = drain(c.as_mut(), 1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1);
     // Wait past the redelivery delay, then look again.
-    let delay = h.options().redelivery_delay;
-    let until = tokio::time::Instant::now() + delay * 2 + Duration::from_millis(200);
-    while tokio::time::Instant::now() < until {
-        let again = fetch_up_to(c.as_mut(), 10).await;
-        assert!(
-            again.is_empty(),
-            "delivered again after ack: {:?}",
-            again.iter().map(|d| d.record.event_id).collect::<Vec<_>>()
-        );
-    }
+    nothing_comes_again(h, c.as_mut(), "delivered again after ack").await;
 }
 
 /// Events without a partition key (ordered by nothing, in no lane) are delivered like keyed
@@ -564,16 +569,7 @@ pub async fn events_without_a_partition_key_are_delivered_once_each<H: Transport
         let sent = events.iter().find(|e| e.event_id == d.record.event_id);
         assert_eq!(Some(&d.record), sent, "the record arrives unchanged");
     }
-    let delay = h.options().redelivery_delay;
-    let until = tokio::time::Instant::now() + delay * 2 + Duration::from_millis(200);
-    while tokio::time::Instant::now() < until {
-        let again = fetch_up_to(c.as_mut(), 10).await;
-        assert!(
-            again.is_empty(),
-            "delivered again after ack: {:?}",
-            again.iter().map(n_of).collect::<Vec<_>>()
-        );
-    }
+    nothing_comes_again(h, c.as_mut(), "delivered again after ack").await;
 }
 
 /// `fetch(0)` asks for nothing and takes nothing: it returns an empty batch without counting a
@@ -675,16 +671,7 @@ pub async fn a_redelivery_delay_of_duration_max_never_redelivers<H: TransportHar
     c.defer(&ids[1..]).await.unwrap();
     // Nothing is due, even well past the delay every other scenario runs with (one fetch
     // would return before a redelivery by that delay came due).
-    let delay = h.options().redelivery_delay;
-    let until = tokio::time::Instant::now() + delay * 2 + Duration::from_millis(200);
-    while tokio::time::Instant::now() < until {
-        let again = fetch_up_to(c.as_mut(), 10).await;
-        assert!(
-            again.is_empty(),
-            "nothing is due, but got: {:?}",
-            again.iter().map(n_of).collect::<Vec<_>>()
-        );
-    }
+    nothing_comes_again(h, c.as_mut(), "nothing is due, but got").await;
     if let Some(every) = c.keep_alive_interval() {
         assert!(every > Duration::ZERO);
     }
