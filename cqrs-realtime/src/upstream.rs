@@ -251,6 +251,15 @@ impl Shared {
         }
     }
 
+    /// Takes `slot` out of the map if no one uses it: not live, no reference, not taken out
+    /// already (an `acquire` that failed or was cancelled before it made the channel live).
+    fn forget_if_unused(&self, state: &mut ChannelState, channel: &str, slot: &Channel) {
+        if state.live.is_none() && state.refs == 0 && !state.removed {
+            state.removed = true;
+            self.forget(channel, slot);
+        }
+    }
+
     /// Counts one more lingering channel, unless `max` already linger.
     fn take_lingering_place(&self, max: usize) -> bool {
         self.lingering
@@ -340,10 +349,8 @@ impl<P> std::ops::DerefMut for Pending<'_, P> {
 
 impl<P> Drop for Pending<'_, P> {
     fn drop(&mut self) {
-        if self.state.live.is_none() && self.state.refs == 0 && !self.state.removed {
-            self.state.removed = true;
-            self.upstreams.shared.forget(self.channel, self.slot);
-        }
+        let shared = &self.upstreams.shared;
+        shared.forget_if_unused(&mut self.state, self.channel, self.slot);
     }
 }
 
@@ -362,13 +369,9 @@ impl<P> Drop for Waiting<'_, P> {
         if self.locked {
             return;
         }
-        if let Ok(mut state) = self.slot.try_lock()
-            && state.live.is_none()
-            && state.refs == 0
-            && !state.removed
-        {
-            state.removed = true;
-            self.upstreams.shared.forget(self.channel, self.slot);
+        if let Ok(mut state) = self.slot.try_lock() {
+            let shared = &self.upstreams.shared;
+            shared.forget_if_unused(&mut state, self.channel, self.slot);
         }
     }
 }
