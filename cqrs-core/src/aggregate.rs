@@ -147,11 +147,12 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// Applies one event to the state. Must not fail: the event happened.
     fn apply(&mut self, event: &Self::Event);
 
-    /// Applies one event, knowing its envelope: when it happened, who caused it, its stream
-    /// version. Defaults to [`apply`](Aggregate::apply); override it when the state keeps
-    /// timestamps or actors. Not its global position: an event just decided has none yet
+    /// Applies one event, knowing its envelope: when it happened, who caused it (its `actor`),
+    /// its stream version. Defaults to [`apply`](Aggregate::apply); override it when the state
+    /// keeps timestamps or actors. Not its global position: an event just decided has none yet
     /// (`envelope.position()` is `None`), so a state that kept it would differ between the
-    /// command's answer (and its snapshot) and a later load.
+    /// command's answer (and its snapshot) and a later load. Nor the in-process `principal`,
+    /// which is not stored: it is `None` here, also for an event just decided.
     fn apply_with(&mut self, event: &Self::Event, envelope: &EventEnvelope) {
         let _ = envelope;
         self.apply(event);
@@ -658,9 +659,13 @@ impl<A: Aggregate> AggregateRepository<A> {
         let events = state.decide(command).map_err(AggregateError::Rejected)?;
         let mut records = Vec::with_capacity(events.len());
         for (i, event) in events.into_iter().enumerate() {
+            // As a load will see it: the principal stays in process and is not stored, so a
+            // state (and its snapshot) that kept it would differ from the replayed one.
+            let mut caused = metadata.caused_at(at);
+            caused.principal = None;
             let envelope = event
                 .clone()
-                .into_envelope(metadata.caused_at(at))
+                .into_envelope(caused)
                 .with_partition_key(id.as_str())
                 .with_stored(stream.as_str(), version + 1 + i as u64, None);
             state.apply_with(&event, &envelope);

@@ -259,6 +259,52 @@ fn the_test_kit_replays_events_with_their_metadata() {
     assert_eq!(err.code(), "forbidden");
 }
 
+/// Counts the events it was handed with a principal, which is never stored.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PrincipalSeen {
+    seen: u64,
+}
+
+impl Aggregate for PrincipalSeen {
+    const TYPE: &'static str = "principal_seen";
+    type Event = CounterEvent;
+    type Command = ();
+    type Error = HandlerError;
+
+    fn apply(&mut self, _event: &CounterEvent) {}
+
+    fn apply_with(&mut self, _event: &CounterEvent, envelope: &cqrs_core::EventEnvelope) {
+        self.seen += u64::from(envelope.metadata.principal.is_some());
+    }
+
+    fn decide(&self, (): ()) -> Result<Vec<CounterEvent>, HandlerError> {
+        Ok(vec![Added { sum: 1 }.into()])
+    }
+}
+
+/// The state a command returns, and the snapshot saved from it, equal the state a replay
+/// builds: the events just decided are applied without the command's principal, as a load
+/// finds them.
+#[test]
+fn a_decided_state_and_its_snapshot_match_a_replay_without_the_principal() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let repo = AggregateRepository::<PrincipalSeen>::new(store.clone())
+            .with_snapshots(snapshots.clone(), 1);
+        let acting = Metadata::new().with_principal(cqrs_core::Principal::new("ada"));
+        let committed = repo.execute("p", None, (), &acting).await.unwrap();
+        assert_eq!(committed.state.seen, 0, "decided");
+        let from_snapshot = repo.load("p").await.unwrap();
+        assert_eq!(from_snapshot.state.seen, 0, "loaded from the snapshot");
+        let replayed = AggregateRepository::<PrincipalSeen>::new(store)
+            .load("p")
+            .await
+            .unwrap();
+        assert_eq!(replayed.state.seen, 0, "replayed");
+    });
+}
+
 /// Subtracts; an event type of the same domain that `Total` does not take.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Subtracted {
