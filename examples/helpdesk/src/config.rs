@@ -248,6 +248,30 @@ const SECRET_FLAGS: [SecretFlag; 4] = [
     }),
 ];
 
+/// Why `secret`, the value of the setting `name`, cannot be used: shorter than `min_len`
+/// bytes, or made of fewer than `min_len / 4` distinct bytes, like a placeholder or a word
+/// repeated (`aaaa…`, `abcabc…`), which a dictionary finds. `None` when it can. A random
+/// value of the minimum length in hex digits falls short of that less than once in 10^7 (32
+/// digits, 8 distinct) or 10^8 (16 digits, 4 distinct).
+fn weak_secret(name: &str, secret: &str, min_len: usize) -> Option<String> {
+    let advice = format!("try `openssl rand -hex {min_len}`");
+    if secret.len() < min_len {
+        return Some(format!(
+            "{name} is {} bytes; it must be at least {min_len} ({advice})",
+            secret.len()
+        ));
+    }
+    let mut seen = [false; 256];
+    secret.bytes().for_each(|b| seen[usize::from(b)] = true);
+    let distinct = seen.iter().filter(|&&s| s).count();
+    (distinct < min_len / 4).then(|| {
+        format!(
+            "{name} is made of only {distinct} distinct characters, like a placeholder or a \
+             repeated word; use a random value ({advice})"
+        )
+    })
+}
+
 fn holds_password(url: Option<&str>) -> bool {
     url.is_some_and(|url| redacted_url(url) != url)
 }
@@ -279,7 +303,9 @@ impl Default for Config {
 }
 
 /// A URL with its password, if any (in the user info, or a `password=` query parameter as
-/// Postgres URLs may carry), replaced by `***`.
+/// Postgres URLs may carry), replaced by `***`. A query key is compared once decoded, as the
+/// client decodes it (`pass%77ord=` is a password too), and any key naming a password is
+/// redacted (`sslpassword=`).
 pub(crate) fn redacted_url(url: &str) -> String {
     let (url, query) = url
         .split_once('?')
@@ -287,7 +313,7 @@ pub(crate) fn redacted_url(url: &str) -> String {
     let query = query.map(|q| {
         q.split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                Some((key, _)) if names_a_password(key) => format!("{key}=***"),
                 _ => pair.to_owned(),
             })
             .collect::<Vec<_>>()
@@ -298,6 +324,31 @@ pub(crate) fn redacted_url(url: &str) -> String {
         Some(query) => format!("{redacted}?{query}"),
         None => redacted,
     }
+}
+
+/// Whether a URL query key, percent-decoded, names a password.
+fn names_a_password(key: &str) -> bool {
+    let mut decoded = Vec::with_capacity(key.len());
+    let mut bytes = key.bytes();
+    while let Some(b) = bytes.next() {
+        let escaped = (b == b'%')
+            .then(|| {
+                let hex = [bytes.clone().next()?, bytes.clone().nth(1)?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()
+            })
+            .flatten();
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                bytes.nth(1);
+            }
+            None => decoded.push(b),
+        }
+    }
+    decoded
+        .to_ascii_lowercase()
+        .windows(8)
+        .any(|w| w == b"password")
 }
 
 fn redacted_authority(url: &str) -> String {
@@ -535,21 +586,11 @@ impl Config {
     /// Checks the configuration, listing every problem at once.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        if let Some(secret) = &self.jwt_secret
-            && secret.len() < 32
-        {
-            problems.push(format!(
-                "HELPDESK_JWT_SECRET is {} bytes; it must be at least 32 (try `openssl rand -hex 32`)",
-                secret.len()
-            ));
+        if let Some(secret) = &self.jwt_secret {
+            problems.extend(weak_secret("HELPDESK_JWT_SECRET", secret, 32));
         }
-        if let Some(code) = &self.agent_code
-            && code.len() < 16
-        {
-            problems.push(format!(
-                "HELPDESK_AGENT_CODE is {} bytes; it must be at least 16 (try `openssl rand -hex 16`)",
-                code.len()
-            ));
+        if let Some(code) = &self.agent_code {
+            problems.extend(weak_secret("HELPDESK_AGENT_CODE", code, 16));
         }
         if self.database_url.is_some()
             && !self.agent_email_set().is_empty()

@@ -1,6 +1,7 @@
 //! `Config::validate` finds, before anything binds or connects, every problem the backends
 //! would only find later, and lists them all at once: a schema name cqrs-postgres refuses
-//! (`pg_x`), a `DATABASE_URL` that is no Postgres URL (without quoting its password).
+//! (`pg_x`), a `DATABASE_URL` that is no Postgres URL (without quoting its password), a
+//! secret too short or too plain to be random.
 
 use helpdesk::Config;
 
@@ -90,5 +91,43 @@ fn every_problem_is_listed_at_once() {
             problems.iter().any(|p| p.starts_with(name)),
             "{name}: {problems:?}"
         );
+    }
+}
+
+#[test]
+fn secrets_too_short_or_too_plain_to_be_random_are_refused() {
+    for (name, value, says) in [
+        ("HELPDESK_JWT_SECRET", "short", "it must be at least 32"),
+        ("HELPDESK_JWT_SECRET", &"a".repeat(64), "only 1 distinct"),
+        (
+            "HELPDESK_JWT_SECRET",
+            &"password".repeat(4),
+            "only 7 distinct",
+        ),
+        (
+            "HELPDESK_AGENT_CODE",
+            "fifteen-bytes!!",
+            "it must be at least 16",
+        ),
+        ("HELPDESK_AGENT_CODE", &"abc".repeat(6), "only 3 distinct"),
+    ] {
+        let problems = config(&[(name, value)]).validate().expect_err(value);
+        assert_eq!(problems.len(), 1, "{value:?}: {problems:?}");
+        assert!(
+            problems[0].starts_with(name) && problems[0].contains(says),
+            "{value:?}: {problems:?}"
+        );
+        assert!(!problems[0].contains(value), "not quoted: {problems:?}");
+    }
+    for (name, value) in [
+        SECRET,
+        // `openssl rand -hex 16` and `-hex 8`: random, though made of hex digits only.
+        ("HELPDESK_JWT_SECRET", "9f86d081884c7d659a2feaa0c55ad015"),
+        ("HELPDESK_AGENT_CODE", "2c26b46b68ffc68f"),
+        ("HELPDESK_AGENT_CODE", "the-test-agent-code"),
+    ] {
+        config(&[(name, value)])
+            .validate()
+            .unwrap_or_else(|p| panic!("{value:?}: {p:?}"));
     }
 }

@@ -108,6 +108,19 @@ fn debug_output_leaves_secrets_out() {
     let shown = format!("{in_query:?}");
     assert!(!shown.contains("hunter3secret"), "{shown}");
     assert!(shown.contains("sslmode=require&password=***"), "{shown}");
+    // The client decodes the key: `pass%77ord` is `password`; and `sslpassword` is one too.
+    let encoded = helpdesk::Config {
+        database_url: Some(
+            "postgres://app@db/helpdesk?pass%77ord=hunter4secret&sslpassword=hunter5secret".into(),
+        ),
+        ..helpdesk::Config::default()
+    };
+    let shown = format!("{encoded:?}");
+    assert!(
+        !shown.contains("hunter4secret") && !shown.contains("hunter5secret"),
+        "{shown}"
+    );
+    assert!(shown.contains("pass%77ord=***&sslpassword=***"), "{shown}");
     let login = helpdesk_auth::LogIn {
         email: "ada@example.com".into(),
         password: "correct horse battery".into(),
