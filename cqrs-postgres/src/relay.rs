@@ -898,6 +898,34 @@ impl PgOutboxRelay {
         }
     }
 
+    /// Waits out the poll interval (or shutdown) while another relay holds the checkpoint:
+    /// its appends' notifications say nothing about whether it is gone. Each of them would
+    /// otherwise run a batch that finds the row held, on every standby instance. They are
+    /// read and dropped meanwhile, so the server's notification queue does not wait on this
+    /// listener.
+    async fn stand_by(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
+        let until = tokio::time::Instant::now() + self.poll_interval;
+        loop {
+            let Some(l) = listener else {
+                tokio::select! {
+                    () = ctx.shutdown.requested() => {}
+                    () = tokio::time::sleep_until(until) => {}
+                }
+                return;
+            };
+            tokio::select! {
+                () = ctx.shutdown.requested() => return,
+                () = tokio::time::sleep_until(until) => return,
+                received = l.recv() => {
+                    if let Err(e) = received {
+                        tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
+                        *listener = None;
+                    }
+                }
+            }
+        }
+    }
+
     /// Waits for a notification, the poll interval, or shutdown.
     async fn idle(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
         if listener.is_none() {
@@ -1116,6 +1144,10 @@ impl Worker for PgOutboxRelay {
                     ctx.health.set(Health::Healthy);
                     if batch == RelayBatch::Shipped(self.batch_size) {
                         // More may be waiting: no pause.
+                        continue;
+                    }
+                    if batch == RelayBatch::Standby {
+                        self.stand_by(&mut listener, &ctx).await;
                         continue;
                     }
                 }

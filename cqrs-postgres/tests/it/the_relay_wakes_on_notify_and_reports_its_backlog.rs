@@ -143,6 +143,66 @@ pg_test! {
 }
 
 pg_test! {
+    /// A relay standing by (another holds the checkpoint) checks again once per poll
+    /// interval, not at each append's notification: every standby instance would otherwise
+    /// run a batch per burst of appends that finds the row held. Counted at the wire: the
+    /// standby's pool goes through a proxy.
+    async fn appends_do_not_wake_a_standby_relay(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(sqlx::postgres::PgPoolOptions::new().max_connections(3))
+                .await;
+        let counted = cqrs_postgres::PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let relay = PgOutboxRelay::new(db.clone(), Arc::new(InMemoryTransport::new()));
+        relay.ensure_checkpoint().await.unwrap();
+        // The active relay's batch, as far as the standby can tell.
+        let mut active = db.pool().begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM {}.relay_checkpoints FOR UPDATE",
+            db.schema()
+        )))
+        .execute(&mut *active)
+        .await
+        .unwrap();
+
+        let mut standby = PgOutboxRelay::new(counted, Arc::new(InMemoryTransport::new()))
+            .poll_interval(Duration::from_secs(3600))
+            .metrics_interval(Duration::from_secs(3600));
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let running = tokio::spawn(async move { standby.run(ctx).await });
+        eventually(Duration::from_secs(10), "the relay stands by", || async {
+            (health.get() == Health::Healthy).then_some(())
+        })
+        .await;
+        proxy.settle().await;
+        let started = proxy.round_trips();
+
+        // A listener of the test's own, on the standby's channel: once it has every
+        // notification, the server has sent the standby its own.
+        let mut witness = sqlx::postgres::PgListener::connect_with(db.pool()).await.unwrap();
+        witness.listen(db.channel()).await.unwrap();
+        let store = db.event_store();
+        for n in 1..=10 {
+            store.append(&format!("s-{n}"), ExpectedVersion::NO_STREAM, vec![record(n)]).await.unwrap();
+        }
+        for _ in 1..=10 {
+            tokio::time::timeout(Duration::from_secs(10), witness.recv()).await.unwrap().unwrap();
+        }
+        proxy.settle().await;
+        // One batch per wake-up was 5 or more (begin, lock and read, rollback, the
+        // checkpoint's insert, the pool's ping).
+        let round_trips = proxy.round_trips() - started;
+        assert_eq!(round_trips, 0, "the standby ran batches on notifications");
+
+        trigger.trigger();
+        running.await.unwrap().expect("a clean stop");
+        active.rollback().await.unwrap();
+    }
+}
+
+pg_test! {
     /// The backlog is counted up to the relay's limit and estimated past it, from the span of
     /// positions: a relay (or each standby) does not scan a backlog of millions to report it.
     async fn a_backlog_past_the_count_limit_is_estimated_from_the_positions(db: PgDatabase) {
