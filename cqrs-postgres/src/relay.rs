@@ -4,7 +4,7 @@ use crate::PgDatabase;
 use crate::error::store_error;
 use crate::row::{self, RowError, to_i64, to_u64};
 use async_trait::async_trait;
-use cqrs_core::ports::{EventTransport, StoreError, TransportError};
+use cqrs_core::ports::{EventTransport, StoreError, TransportError, validate_topic};
 use cqrs_core::runtime::{Health, Worker, WorkerContext};
 use cqrs_core::{BoxError, ErrorKind, EventRecord, Position};
 use futures_util::FutureExt;
@@ -35,7 +35,8 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///   not what an event needs: written around the append function, say, without the metadata
 ///   an event needs), or an event the transport cannot encode (a
 ///   `TransportError::Codec` error; to find it, the relay publishes the run the transport
-///   refused one event at a time, in order). It is logged at error level (position, stream,
+///   refused one event at a time, in order), or an event whose topic, chosen from its data
+///   by [`topic_for`](Self::topic_for), no transport takes. It is logged at error level (position, stream,
 ///   id, reason), counted, and the checkpoint moves past it; it stays in the event store, to
 ///   be replayed once the cause is fixed, and consumers of its stream see a gap. Other errors
 ///   that are not retryable (`Invalid`, `Backend`: a missing permission, a full server) would
@@ -92,6 +93,8 @@ pub struct PgOutboxRelay {
     relay: String,
     worker_name: String,
     topic_for: Arc<TopicFor>,
+    /// The topic of every event, when not chosen per event: checked when `run` starts.
+    fixed_topic: Option<String>,
     batch_size: usize,
     poll_interval: Duration,
     min_backoff: Duration,
@@ -206,8 +209,8 @@ pub enum RelayError {
     },
     /// The relay's settings do not fit the server's: `publish_timeout` is not below a
     /// timeout that ends the batch's session while it publishes (which would let a second
-    /// relay ship the same events at the same time). Fix the configuration; `run` returns it
-    /// at start.
+    /// relay ship the same events at the same time); or its fixed topic is one no transport
+    /// takes ([`validate_topic`]). Fix the configuration; `run` returns it at start.
     #[error("outbox relay `{relay}` refuses to start: {problem}")]
     Settings {
         /// The relay's name.
@@ -240,6 +243,7 @@ impl PgOutboxRelay {
             relay: "default".to_owned(),
             worker_name: "outbox-relay-default".to_owned(),
             topic_for: Arc::new(|_| "events".to_owned()),
+            fixed_topic: Some("events".to_owned()),
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
             min_backoff: Duration::from_millis(100),
@@ -263,16 +267,25 @@ impl PgOutboxRelay {
         self
     }
 
-    /// Publishes every event on this topic. Default `events`.
+    /// Publishes every event on this topic. Default `events`. `run` refuses to start with one
+    /// that [`validate_topic`] refuses.
     pub fn topic(self, topic: impl Into<String>) -> Self {
         let topic = topic.into();
-        self.topic_for(move |_| topic.clone())
+        let mut relay = self.topic_for({
+            let topic = topic.clone();
+            move |_| topic.clone()
+        });
+        relay.fixed_topic = Some(topic);
+        relay
     }
 
     /// Chooses each event's topic (by event type, by stream prefix, ...). Events of one
-    /// stream should share a topic, or their order holds only per topic.
+    /// stream should share a topic, or their order holds only per topic. An event whose topic
+    /// [`validate_topic`] refuses (empty, or with a brace: from a stream id a client chose,
+    /// say) is skipped like one the transport cannot encode, with the reason `invalid_topic`.
     pub fn topic_for(mut self, f: impl Fn(&EventRecord) -> String + Send + Sync + 'static) -> Self {
         self.topic_for = Arc::new(f);
+        self.fixed_topic = None;
         self
     }
 
@@ -381,6 +394,18 @@ impl PgOutboxRelay {
             .await
             .map_err(|e| self.store_error(self.db.store_error(e)))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    /// A fixed topic ([`topic`](Self::topic)) that [`validate_topic`] refuses is a
+    /// configuration error.
+    fn check_fixed_topic(&self) -> Result<(), RelayError> {
+        match &self.fixed_topic {
+            Some(topic) => validate_topic(topic).map_err(|e| RelayError::Settings {
+                relay: self.relay.clone(),
+                problem: e.to_string(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Checks that [`publish_timeout`](Self::publish_timeout) is below the timeouts after which
@@ -518,6 +543,10 @@ impl PgOutboxRelay {
     }
 
     async fn batch_once(&self) -> BatchOutcome {
+        // Refused for every event alike: not a reason to skip them all.
+        if let Err(e) = self.check_fixed_topic() {
+            return BatchOutcome::failed(e);
+        }
         let mut tx = match crate::sql::begin(&self.db.pool).await {
             Ok(tx) => tx,
             Err(e) => return BatchOutcome::failed(self.store_error(self.db.store_error(e))),
@@ -624,6 +653,13 @@ impl PgOutboxRelay {
         let mut failure = None;
         while handled < events.len() {
             let topic = (self.topic_for)(&events[handled]);
+            // Chosen per event (`topic_for`), from its data: no transport takes it, so it
+            // would stop the relay for ever. (A fixed topic was checked before the batch.)
+            if let Err(e) = validate_topic(&topic) {
+                refused.push(Skip::invalid_topic(&events[handled], e));
+                handled += 1;
+                continue;
+            }
             let limit = self.run_limit.load(Ordering::Relaxed).min(self.batch_size);
             let mut end = handled + 1;
             while end < events.len()
@@ -1020,7 +1056,7 @@ struct Skip {
     position: Position,
     stream_id: Option<String>,
     event_id: Option<Uuid>,
-    /// `undecodable` or `refused`: the metric's label.
+    /// `undecodable`, `refused` or `invalid_topic`: the metric's label.
     reason: &'static str,
     error: BoxError,
 }
@@ -1038,11 +1074,19 @@ impl Skip {
     }
 
     fn refused(event: &EventRecord, error: TransportError) -> Self {
+        Self::passed(event, "refused", error)
+    }
+
+    fn invalid_topic(event: &EventRecord, error: TransportError) -> Self {
+        Self::passed(event, "invalid_topic", error)
+    }
+
+    fn passed(event: &EventRecord, reason: &'static str, error: TransportError) -> Self {
         Self {
             position: event.position.unwrap_or_default(),
             stream_id: event.stream_id.clone(),
             event_id: Some(event.event_id),
-            reason: "refused",
+            reason,
             error: Box::new(error),
         }
     }
@@ -1111,6 +1155,7 @@ impl Worker for PgOutboxRelay {
         // Both need a connection, which a busy pool or a slow server may not give for a
         // while: shutdown must not wait for it.
         let started = async {
+            self.check_fixed_topic()?;
             self.check_session_settings().await?;
             self.ensure_checkpoint().await?;
             Ok::<_, BoxError>(self.listener().await)

@@ -1,6 +1,8 @@
-//! One event the relay cannot decode (a row written around the append function) or that the
-//! transport refuses for good does not stop it: it is logged, counted and passed, and every
-//! other event is shipped in order. It stays in the event store.
+//! One event the relay cannot decode (a row written around the append function), that the
+//! transport refuses for good, or whose topic no transport takes does not stop it: it is
+//! logged, counted and passed, and every other event is shipped in order. It stays in the
+//! event store. A fixed topic no transport takes refuses every event alike: a configuration
+//! error, and nothing is skipped.
 
 use crate::support::{pg_test, record};
 use crate::transport::receive;
@@ -124,6 +126,53 @@ pg_test! {
         assert_eq!(high[0].payload["n"], 5);
         assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=refused}"), 1);
         assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 4);
+    }
+}
+
+pg_test! {
+    /// The topic comes from the stream id, which a client chose: one with a brace is no
+    /// topic the transports take (the Redis transport's hash tag).
+    async fn an_event_whose_topic_is_invalid_is_skipped_and_the_rest_shipped(db: PgDatabase) {
+        let store = db.event_store();
+        for (n, stream) in [(1, "a"), (2, "b{x}"), (3, "a")] {
+            let version = if n == 3 { ExpectedVersion::Exactly(1) } else { ExpectedVersion::NO_STREAM };
+            store.append(stream, version, vec![record(n)]).await.unwrap();
+        }
+        let last = last_position(&db).await;
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .topic_for(|e| e.stream_id.clone().unwrap_or_default());
+        relay.ensure_checkpoint().await.unwrap();
+        let counts = MetricCounts::default();
+        let batch = {
+            let _recorder = metrics::set_default_local_recorder(&counts);
+            relay.relay_once().await
+        };
+        assert_eq!(batch.expect("the topic does not fail the batch"), RelayBatch::Shipped(3));
+        assert_eq!(relay.checkpoint().await.unwrap(), last);
+        let shipped: Vec<u64> = receive(transport.as_ref(), "a", "readers", 2)
+            .await
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shipped, [1, 3]);
+        assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=invalid_topic}"), 1);
+        assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 2);
+    }
+}
+
+pg_test! {
+    async fn a_fixed_topic_no_transport_takes_fails_the_batch_and_skips_nothing(db: PgDatabase) {
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, (1..=2).map(record).collect())
+            .await
+            .unwrap();
+        let relay = PgOutboxRelay::new(db.clone(), Arc::new(InMemoryTransport::new())).topic("a{b}");
+        relay.ensure_checkpoint().await.unwrap();
+        let error = relay.relay_once().await.expect_err("a configuration error");
+        assert!(matches!(error, cqrs_postgres::RelayError::Settings { .. }), "{error:?}");
+        assert!(error.to_string().contains("topic `a{b}`"), "{error}");
+        assert_eq!(relay.checkpoint().await.unwrap(), Position::START, "nothing skipped");
     }
 }
 
