@@ -235,8 +235,9 @@ pub(crate) async fn subscriber(
     Ok(client)
 }
 
-/// Fails unless the server is Redis 7.0 or later.
-pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
+/// Fails unless the server is Redis 7.0 or later; returns its `run_id` (on a cluster, one
+/// node's), which tells one server from another whatever address reached it.
+pub(crate) async fn check_version(client: &Client) -> Result<String, ConnectError> {
     let info: String = client
         .custom(
             CustomCommand::new("INFO", ClusterHash::Random, false),
@@ -250,7 +251,11 @@ pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     if version_at_least(&found, REQUIRED_VERSION) {
-        Ok(())
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map_or_else(String::new, |id| id.trim().to_owned());
+        Ok(run_id)
     } else {
         Err(ConnectError::UnsupportedServer {
             found,

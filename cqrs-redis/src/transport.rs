@@ -16,7 +16,7 @@ use fred::clients::Client;
 use fred::interfaces::{ClientLike, KeysInterface, StreamsInterface};
 use fred::prelude::Options;
 use fred::types::{ClusterHash, SetOptions, Value};
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,8 +31,8 @@ pub(crate) struct Shared {
     pub(crate) client: Client,
     pub(crate) scripts: Scripts,
     pub(crate) options: RedisStreamOptions,
-    /// `(stream key, group, consumer name)` of the live consumers of this process.
-    pub(crate) names: Mutex<HashSet<(String, String, String)>>,
+    /// The server's `run_id`: consumer names are unique per server across the process.
+    pub(crate) server: String,
     /// The topics whose recorded key ordering this transport found to be its own (checked
     /// once per topic and process, at its first publish).
     pub(crate) ordering_checked: Mutex<HashSet<String>>,
@@ -190,15 +190,16 @@ impl RedisStreamOptions {
         self.validate()?;
         let client = connection::client(&self.connection).await?;
         let ready = async {
-            connection::check_version(&client).await?;
+            let server = connection::check_version(&client).await?;
             connection::check_eviction(&client).await;
-            Scripts::load(&client)
+            let scripts = Scripts::load(&client)
                 .await
-                .map_err(|e| ConnectError::Redis(transport_error(e)))
+                .map_err(|e| ConnectError::Redis(transport_error(e)))?;
+            Ok::<_, ConnectError>((server, scripts))
         }
         .await;
-        let scripts = match ready {
-            Ok(scripts) => scripts,
+        let (server, scripts) = match ready {
+            Ok(ready) => ready,
             Err(e) => {
                 quit_later(client);
                 return Err(e);
@@ -210,7 +211,7 @@ impl RedisStreamOptions {
                 client,
                 scripts,
                 options: self,
-                names: Mutex::new(HashSet::new()),
+                server,
                 ordering_checked: Mutex::new(HashSet::new()),
             }),
         })
@@ -237,7 +238,8 @@ impl RedisStreamTransport {
     /// concrete consumer with its extra operations (nack with an error, close).
     ///
     /// The consumer name must be unique in its group; the default of [`ConsumerOptions`] is a
-    /// random one. A name already used by a live consumer of this process is refused.
+    /// random one. A name already used by a live consumer of this process, on the same server
+    /// (through this transport or another), is refused.
     pub async fn redis_consumer(
         &self,
         topic: &str,
@@ -247,15 +249,15 @@ impl RedisStreamTransport {
         let keys = self.shared.keys(topic)?;
         consumer_option_problems(&options)?;
         self.shared.create_group(&keys, group).await?;
-        let name = (
-            keys.stream.clone(),
-            group.to_owned(),
-            options.consumer_name.clone(),
-        );
         {
             // A std mutex: nothing awaits while it is held.
-            let mut names = self.shared.names.lock().unwrap_or_else(|p| p.into_inner());
-            if !names.insert(name) {
+            let mut names = LIVE_NAMES.lock().unwrap_or_else(|p| p.into_inner());
+            if !names.insert(name_key(
+                &self.shared,
+                &keys.stream,
+                group,
+                &options.consumer_name,
+            )) {
                 return Err(TransportError::Invalid(format!(
                     "consumer name `{}` is already in use in group `{group}` of topic `{topic}` \
                      in this process; the usual cause is one `ConsumerOptions` reused for two \
@@ -344,9 +346,28 @@ impl Drop for NameClaim<'_> {
     }
 }
 
+/// `(server, stream key, group, consumer name)` of the live consumers of this process, of
+/// every transport: two consumers of one name, each of its own transport, would each release
+/// the other's entries as stranded when it closes (its own lists are all it knows).
+static LIVE_NAMES: Mutex<BTreeSet<(String, String, String, String)>> = Mutex::new(BTreeSet::new());
+
+fn name_key(
+    shared: &Shared,
+    stream: &str,
+    group: &str,
+    name: &str,
+) -> (String, String, String, String) {
+    (
+        shared.server.clone(),
+        stream.to_owned(),
+        group.to_owned(),
+        name.to_owned(),
+    )
+}
+
 pub(crate) fn forget_name(shared: &Shared, stream: &str, group: &str, name: &str) {
-    let mut names = shared.names.lock().unwrap_or_else(|p| p.into_inner());
-    names.remove(&(stream.to_owned(), group.to_owned(), name.to_owned()));
+    let mut names = LIVE_NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    names.remove(&name_key(shared, stream, group, name));
 }
 
 #[async_trait]

@@ -75,6 +75,13 @@ async fn a_consumer_name_in_use_in_the_process_is_refused() {
             ] {
                 assert!(message.contains(part), "{part:?} in {message}");
             }
+            // Through another transport of the process, to the same server, too: each
+            // would release the other's entries when it closes.
+            let other = env.transport.options().clone().connect().await.unwrap();
+            let Err(error) = other.consumer(&topic, "g", consumer_options(&name)).await else {
+                panic!("two live consumers with one name, on two transports");
+            };
+            assert!(error.to_string().contains(&name), "{error}");
             drop(first);
             env.transport
                 .consumer(&topic, "g", consumer_options(&name))
