@@ -138,7 +138,9 @@ impl PgOptions {
     /// The Postgres schema that holds this crate's tables. Default `cqrs`. Lower-case ASCII
     /// letters, digits and `_`, starting with a letter or `_` and not with `pg_`, at most 56
     /// bytes. Instances that share a schema share one
-    /// event store; tests use one schema each.
+    /// event store; tests use one schema each. Keep it apart from the schema your own sqlx
+    /// migrations record their history in (`public`, usually): both histories are a
+    /// `_sqlx_migrations` table, and each migrator would find the other's versions there.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
         self
