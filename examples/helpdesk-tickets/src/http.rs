@@ -8,8 +8,9 @@ use crate::handlers::{
 use crate::index::ListFilter;
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::http::header::LOCATION;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use cqrs_core::ports::IdempotencyStore;
 use cqrs_core::{Command, Metadata};
@@ -168,7 +169,7 @@ async fn open(
     ApiJson(body): ApiJson<OpenBody>,
 ) -> Result<Response, ApiError> {
     let print = fingerprint("POST /tickets", &body);
-    run(
+    let created = run(
         &http,
         &headers,
         &user,
@@ -184,7 +185,31 @@ async fn open(
         },
         |ticket| json!(ticket),
     )
-    .await
+    .await?;
+    Ok(with_location(created).await)
+}
+
+/// A `201 Created` names the ticket it created in `Location`, also when it is replayed for an
+/// `Idempotency-Key` (whose record keeps the status and the body only, so the id is read
+/// from the body: a few hundred bytes, once per ticket).
+async fn with_location(response: Response) -> Response {
+    if response.status() != StatusCode::CREATED {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        // The body is in memory: reading it cannot fail.
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let id = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|ticket| ticket["id"].as_str().and_then(|id| id.parse::<Uuid>().ok()));
+    if let Some(id) = id
+        && let Ok(location) = HeaderValue::from_str(&format!("/tickets/{id}"))
+    {
+        parts.headers.insert(LOCATION, location);
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The body of a route that changes one ticket: which action it is, the status a success
@@ -540,7 +565,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     }),
                     "an invalid title or description (a title is one line with a visible character and no control character; a description takes line ends and tabs but no other control; NUL and bidirectional controls are refused in both)",
                 )
-                    .response(201, "the new ticket", Some(ticket_schema())),
+                    .response(201, "the new ticket; `Location` names it (`/tickets/{id}`)", Some(ticket_schema())),
                 Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
                     .param("status", "query", false, json!({ "type": "string", "enum": ["open", "assigned", "closed"] }), "filter")
                     .param("priority", "query", false, json!({ "type": "string", "enum": ["low", "normal", "high", "urgent"] }), "filter")

@@ -42,6 +42,13 @@ async fn a_replay_returns_the_same_response_without_a_second_effect() {
         );
 
         let id = first.body["id"].as_str().unwrap();
+        // The replay names the ticket too, though the record keeps only status and body.
+        for answer in [&first, &again] {
+            assert_eq!(
+                answer.headers.get("location").map(|l| l.to_str().unwrap()),
+                Some(format!("/tickets/{id}").as_str())
+            );
+        }
         let c1 = post_with_key(
             &s,
             &format!("/tickets/{id}/comments"),

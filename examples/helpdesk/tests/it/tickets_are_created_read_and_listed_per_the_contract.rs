@@ -32,6 +32,8 @@ async fn a_new_ticket_has_the_defaults_and_reads_back_with_comments() {
             );
         }
         let id = t["id"].as_str().unwrap();
+        let location = r.headers.get("location").expect("a Location").to_str();
+        assert_eq!(location.unwrap(), format!("/tickets/{id}"));
         let read = s.get(&format!("/tickets/{id}"), &token).await;
         assert_eq!(read.status, StatusCode::OK);
         assert_eq!(&read.body, t);
