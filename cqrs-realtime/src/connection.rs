@@ -319,12 +319,15 @@ impl<P: Send + Sync + 'static> Session<P> {
                 // are decoded without waiting on the socket, so wait for room for the answer
                 // instead of filling the queue: a client that reads everything must not be
                 // closed as slow for the answers to its own frames. It waits, unread, in TCP.
+                // Room for two, so the answer leaves a slot for the next event (as a keepalive
+                // ping and a replay do): taking the last one, a burst of answers would keep
+                // the queue full, and the next event would close the client as slow.
                 // A client that takes nothing for the idle timeout meanwhile is slow after all
                 // (as during a replay): closed, not waited for without end.
                 tokio::select! {
                     biased;
                     ending = self.conn.close.reader_closed() => return (ending, true),
-                    room = timeout(idle, self.conn.queue.room_for(1)) => {
+                    room = timeout(idle, self.conn.queue.room_for(2)) => {
                         if room.is_err() {
                             self.conn.close_slow();
                             return (Ending::SLOW, true);
@@ -334,6 +337,8 @@ impl<P: Send + Sync + 'static> Session<P> {
             }
             match message {
                 Message::Text(text) => match ClientFrame::parse(text.as_str()) {
+                    // Before the rate limit: stale credentials close at once, limited or not.
+                    Ok(ClientFrame::Subscribe { .. }) if self.expired() => self.close_expired(),
                     // A subscribe may wait on the authorizer and the pub/sub (up to the
                     // operation timeout each): an ending (shutdown, expiry, slow) stops it
                     // rather than waiting for it. Dropping it there is safe: the subscription
@@ -391,14 +396,22 @@ impl<P: Send + Sync + 'static> Session<P> {
         self.send(&ServerFrame::error(code, message, topic));
     }
 
+    /// Whether the principal's credentials have expired.
+    fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= self.hub.clock.now())
+    }
+
+    fn close_expired(&self) {
+        if self.conn.close.close(Ending::EXPIRED) {
+            self.hub.metrics.expired(1);
+        }
+    }
+
     async fn subscribe(&mut self, name: String, since: Option<String>) {
         // The keepalive closes an expired connection within a ping interval; a subscribe
         // before that must not add to what the stale credentials reach.
-        if self.expires_at.is_some_and(|at| at <= self.hub.clock.now()) {
-            if self.conn.close.close(Ending::EXPIRED) {
-                self.hub.metrics.expired(1);
-            }
-            return;
+        if self.expired() {
+            return self.close_expired();
         }
         let topic = match Topic::parse(&name) {
             Ok(topic) => topic,

@@ -35,6 +35,50 @@ async fn a_burst_of_pings_gets_every_pong() {
     .await;
 }
 
+/// The answers to a burst leave a slot free for events: a client that reads everything,
+/// sending a burst of frames while events come (one at a time), is not closed as slow. Taking
+/// the last slot, the answers kept the queue full, and an event found no room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answers_to_a_burst_leave_room_for_events() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new().send_queue(4)).await;
+        let mut client = t.connect("agent-burst").await;
+        client.subscribe("tickets").await;
+        const BURST: usize = 50;
+        const EVENTS: u64 = 50;
+        let mut pongs = 0;
+        for seq in 1..=EVENTS {
+            for _ in 0..BURST {
+                client
+                    .ws
+                    .feed(Message::Text(r#"{"type":"ping"}"#.into()))
+                    .await
+                    .unwrap();
+            }
+            client.ws.flush().await.unwrap();
+            // The next event only once the last one arrived: at most one is queued at a time,
+            // among the answers to the burst.
+            t.publish("t1", "u1", seq).await;
+            loop {
+                match client.frame().await {
+                    ServerFrame::Pong => pongs += 1,
+                    ServerFrame::Event { event, .. } => {
+                        assert_eq!(event["data"]["seq"], seq);
+                        break;
+                    }
+                    other => panic!("expected a pong or event {seq}, got {other:?}"),
+                }
+            }
+        }
+        while pongs < BURST * EVENTS as usize {
+            assert_eq!(client.frame().await, ServerFrame::Pong);
+            pongs += 1;
+        }
+        assert_eq!(t.hub.stats().slow_client_closes, 0);
+    })
+    .await;
+}
+
 /// The default read buffer (512 bytes) is far smaller than the largest client message
 /// (4 KiB): a message as large as the limit, sent between small ones in one write, is read
 /// whole and answered in order, and the connection keeps working.

@@ -156,6 +156,40 @@ async fn a_subscribe_after_the_expiry_closes_the_connection_instead() {
     .await;
 }
 
+/// Past its limit of subscription changes too: the expiry is checked first, and the
+/// connection closes at once instead of answering `too_many_subscription_changes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_after_the_expiry_closes_the_connection_past_the_change_limit_too() {
+    with_timeout(TEST_LIMIT, async {
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_secs(600))
+            .idle_timeout(Duration::from_secs(1200))
+            .subscription_changes_per_second(1);
+        let clock = ManualClock::new();
+        let t = hub(&clock, options).await;
+        let mut temp = t.connect("agent-temp1").await;
+        // The one change of this second.
+        temp.subscribe("tickets").await;
+        clock.advance(Duration::from_secs(61));
+        temp.send(json!({"type": "subscribe", "topic": "ticket:t1"}))
+            .await;
+        match temp.read().await {
+            Read::Closed(Some(close)) => {
+                assert_eq!(
+                    (u16::from(close.code), close.reason.as_str()),
+                    (close_code::POLICY_VIOLATION, REASON)
+                );
+            }
+            other => panic!("expected the 1008 close, got {other:?}"),
+        }
+        eventually(Duration::from_secs(10), "the close is counted", || async {
+            (t.hub.stats().expired_closes == 1).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
 /// A principal without expiry stays open however far the clock moves, while an expiring one
 /// on the same hub is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
