@@ -133,6 +133,9 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 .replay_batch
                 .min(options.replay_limit.saturating_add(1) - self.read);
             self.sender.look_again();
+            // Dropped before this read began: stored before they were published, so this
+            // read finds them, unless the log does not hold them.
+            let dropped_before = self.read_back_to;
             let batch = self.read(self.cursor, want).await?;
             if batch.is_empty() && self.read == 0 && self.cursor > Position::START {
                 self.check_within_log().await?;
@@ -166,6 +169,15 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 // Live events dropped from a full buffer were stored before they were
                 // published: read on until the cursor passes the last of them. Each further
                 // read returns at least that one, so this ends (or hits the limit).
+                // Live events dropped from the full buffer that the log, read to its end,
+                // did not give back (a live position this log does not hold): lost. Failed,
+                // so the client is told so (`resume_failed`, then `events_missed` where they
+                // were), rather than going live over a gap; and at once, not after the drops
+                // stop: while live events keep overflowing the buffer, each read would find
+                // a new one to read back, and the replay would read the log without end.
+                if dropped_before.is_some_and(|p| p > self.cursor) {
+                    return Err(not_read_back());
+                }
                 let behind = {
                     let slot = self.slot;
                     let mut buffer = slot.lock();
@@ -174,16 +186,8 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     self.dropped_above_cursor(&mut buffer)
                 };
                 if !behind {
-                    // Live events dropped from the full buffer that the log, read to its end,
-                    // did not give back (a live position this log does not hold): lost.
-                    // Failed, so the client is told so (`resume_failed`, then
-                    // `events_missed` where they were), rather than going live over a gap.
                     if self.read_back_to.is_some_and(|p| p > self.cursor) {
-                        return Err(End::Failed(
-                            "events published during the replay could not be read back from \
-                             the event log: reload the state over HTTP; live events follow"
-                                .to_owned(),
-                        ));
+                        return Err(not_read_back());
                     }
                     return Ok(());
                 }
@@ -457,6 +461,15 @@ impl<'a, P> ReplaySender<'a, P> {
     }
 }
 
+/// The replay's end when live events dropped from the hold buffer are not in the log.
+fn not_read_back() -> End {
+    End::Failed(
+        "events published during the replay could not be read back from the event log: reload \
+         the state over HTTP; live events follow"
+            .to_owned(),
+    )
+}
+
 /// The replay's end when more than `limit` events follow `since`.
 fn too_many(limit: usize) -> End {
     End::Failed(format!(
@@ -498,6 +511,8 @@ mod tests {
         blind: AtomicUsize,
         /// The next reads that fail (the log unavailable).
         failing: AtomicUsize,
+        /// Whether each read takes a millisecond, as a real store's round trip does.
+        slow: AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -535,6 +550,9 @@ mod tests {
             if blind.is_ok() {
                 return Ok(Vec::new());
             }
+            if self.slow.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let visible = self.visible.load(Ordering::SeqCst);
             let mut batch = self.inner.read_all(after, limit).await?;
             batch.retain(|r| r.position.is_some_and(|p| p.get() <= visible));
@@ -563,6 +581,7 @@ mod tests {
                 visible: AtomicU64::new(u64::MAX),
                 blind: AtomicUsize::new(0),
                 failing: AtomicUsize::new(0),
+                slow: AtomicBool::new(false),
             });
             let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
                 Err::<(), _>(Unauthenticated::new("not used"))
@@ -816,6 +835,36 @@ mod tests {
         f.store.visible.store(7, Ordering::SeqCst);
         let frames = f.drain_all(replay).await;
         assert_eq!(frames, SEAM_WITH_THE_DROP_LOST);
+    }
+
+    /// Live events the log does not hold keep overflowing the hold buffer while the replay
+    /// reads: each read found a new drop to read back, and the replay read the log for as
+    /// long as they came. A drop known before a read that reached the log's end without it
+    /// now fails the replay at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drops_the_log_never_gives_back_end_the_replay_while_they_keep_coming() {
+        const PUBLISHES: usize = 100_000;
+        let f = Fixture::new(HubOptions::new(), 4096, 2);
+        f.store.visible.store(3, Ordering::SeqCst);
+        // Live events come faster than the log answers a read: each read ends with a new drop.
+        f.store.slow.store(true, Ordering::SeqCst);
+        let mut stored = Vec::new();
+        for n in 1..=8 {
+            stored.push(f.store(n).await);
+        }
+        let replay = f.replay(0);
+        let mut published = 0;
+        while !replay.is_finished() && published < PUBLISHES {
+            f.publish(&stored[3 + published % 5]);
+            published += 1;
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            published < PUBLISHES,
+            "the replay still read the log after {PUBLISHES} live events"
+        );
+        let frames = f.drain_all(replay).await;
+        assert!(frames.contains(&"resume_failed".to_owned()), "{frames:?}");
     }
 
     /// A live event without a position is dropped from the full hold buffer: it cannot be
