@@ -68,6 +68,23 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Queues `item` if a slot stays free after it (a queue of one: if it is empty), or hands
+    /// it back: for the replay, which must not be what leaves no room for the next live event
+    /// (that would close a client that reads as slow). Checked under the lock, so a live push
+    /// between a wait for room and this push cannot make it take the last slot.
+    pub(crate) fn try_push_keeping_a_slot(&self, item: Outgoing) -> Result<(), Outgoing> {
+        {
+            let mut items = self.lock();
+            let keep = usize::from(self.capacity > 1);
+            if items.len() + 1 + keep > self.capacity {
+                return Err(item);
+            }
+            items.push_back(item);
+        }
+        self.writer.wake();
+        Ok(())
+    }
+
     /// Queues a keepalive ping into an empty queue, or one that keeps a free slot after it: a
     /// ping must not be what leaves no room for the next event (which would close the client
     /// as slow one frame early), but an idle connection is pinged whatever the capacity.

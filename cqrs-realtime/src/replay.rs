@@ -408,7 +408,7 @@ impl<'a, P> ReplaySender<'a, P> {
         let mut item = Outgoing::Frame(frame);
         loop {
             if self.budget > 0 {
-                match queue.try_push(item) {
+                match queue.try_push_keeping_a_slot(item) {
                     Ok(()) => {
                         self.budget -= 1;
                         return true;
@@ -422,10 +422,12 @@ impl<'a, P> ReplaySender<'a, P> {
             }
             let mut taken = queue.popped();
             loop {
+                // At least two free (one for the frame, one left for a live event), however
+                // small the queue.
                 let want = if self.starved {
-                    2.min(queue.capacity())
+                    2
                 } else {
-                    (queue.capacity() / 2).max(1)
+                    (queue.capacity() / 2).max(2)
                 };
                 tokio::select! {
                     biased;
@@ -835,6 +837,25 @@ mod tests {
         f.store.visible.store(7, Ordering::SeqCst);
         let frames = f.drain_all(replay).await;
         assert_eq!(frames, SEAM_WITH_THE_DROP_LOST);
+    }
+
+    /// However small the send queue, the replay never takes its last free slot, which the
+    /// next live event would find gone and close a reading client as slow for: with two slots
+    /// and a client that takes nothing, it queues one event and waits (then closes the client
+    /// as slow, after the idle timeout), where it used to fill the queue.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_never_takes_the_last_slot_of_a_small_queue() {
+        let f = Fixture::new(HubOptions::new(), 2, 64);
+        for n in 1..=2 {
+            f.store(n).await;
+        }
+        f.replay(0).await.unwrap();
+        let mut queued = 0;
+        while f.conn.queue.try_pop().is_some() {
+            queued += 1;
+        }
+        assert_eq!(queued, 1, "the replay filled the queue");
+        assert_eq!(f.conn.close.get(), Some(crate::signal::Ending::SLOW));
     }
 
     /// Live events the log does not hold keep overflowing the hold buffer while the replay
