@@ -350,6 +350,18 @@ impl PgDatabase {
     }
 }
 
+impl PgDatabase {
+    /// Connects outside the pool, with the pool's options, and runs `SELECT 1`.
+    async fn answers_outside_the_pool(&self) -> Result<(), sqlx::Error> {
+        use sqlx::{ConnectOptions, Connection};
+        let mut conn = self.pool.connect_options().connect().await?;
+        sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&mut conn)
+            .await?;
+        conn.close().await
+    }
+}
+
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
 
@@ -362,32 +374,60 @@ const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 ///
 /// A pool whose every connection stays busy for the whole wait is degraded, not unhealthy: the
 /// server answers, the instance is just loaded, and a load balancer that took every busy
-/// instance out of rotation at once would turn a peak into an outage.
+/// instance out of rotation at once would turn a peak into an outage. Whether the server
+/// answers is asked on a connection of the check's own, outside the pool, once the pool has
+/// given none for half the wait (its other half, racing the pool): sqlx counts a connection
+/// in the pool from the start of its connect, so a pool whose places are all taken by
+/// connects to a server that is down (requests retrying until their acquire timeout) looks as
+/// full as one under load.
 #[async_trait]
 impl HealthCheck for PgDatabase {
     async fn check(&self) -> Health {
         let wait = self.health_wait;
+        let now = tokio::time::Instant::now();
         // Saturating: a wait too long for the clock waits as long as it can.
-        let deadline = tokio::time::Instant::now()
-            .checked_add(wait)
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
-        let mut conn = match tokio::time::timeout_at(deadline, self.pool.acquire()).await {
-            Ok(Ok(conn)) => conn,
-            // The error names the server ("postgres is unavailable: no connection to ...").
-            Ok(Err(e)) => return Health::Unhealthy(self.store_error(e).to_string()),
+        let far = now + Duration::from_secs(86_400 * 365);
+        let deadline = now.checked_add(wait).unwrap_or(far);
+        let half = wait / 2;
+        let halfway = now.checked_add(half).unwrap_or(far);
+        let acquired = match tokio::time::timeout_at(halfway, self.pool.acquire()).await {
+            Ok(acquired) => Some(acquired),
             Err(_) => {
-                let max = self.pool.options().get_max_connections();
-                return if self.pool.size() >= max && self.pool.num_idle() == 0 {
-                    Health::Degraded(format!(
-                        "{}: all {max} pooled connections stayed busy for {wait:?}",
-                        self.target
-                    ))
-                } else {
-                    Health::Unhealthy(format!(
-                        "{}: no connection within {wait:?} (is the server up and reachable?)",
-                        self.target
-                    ))
+                let outside = async {
+                    tokio::select! {
+                        acquired = self.pool.acquire() => Ok(Some(acquired)),
+                        answered = self.answers_outside_the_pool() => answered.map(|()| None),
+                    }
                 };
+                match tokio::time::timeout_at(deadline, outside).await {
+                    Ok(Ok(acquired)) => acquired,
+                    Ok(Err(e)) => {
+                        return Health::Unhealthy(format!(
+                            "{}: the pool gave no connection for {half:?}, and a connection of \
+                             the check's own failed: {e}",
+                            self.target
+                        ));
+                    }
+                    Err(_) => {
+                        return Health::Unhealthy(format!(
+                            "{}: no connection within {wait:?} (is the server up and reachable?)",
+                            self.target
+                        ));
+                    }
+                }
+            }
+        };
+        let mut conn = match acquired {
+            Some(Ok(conn)) => conn,
+            // The error names the server ("postgres is unavailable: no connection to ...").
+            Some(Err(e)) => return Health::Unhealthy(self.store_error(e).to_string()),
+            // The server answers; the pool gave no connection for half the wait.
+            None => {
+                let max = self.pool.options().get_max_connections();
+                return Health::Degraded(format!(
+                    "{}: all {max} pooled connections stayed busy for {half:?}",
+                    self.target
+                ));
             }
         };
         let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn);

@@ -140,6 +140,44 @@ crate::support::pg_test! {
     }
 }
 
+/// A pool whose places are all taken by connects to a server that is down (requests
+/// retrying until their acquire timeout) is unhealthy, not "busy": sqlx counts a connection
+/// from the start of its connect, so the pool looks as full as one under load, and `/ready`
+/// answered 200 for an instance cut off from its database as soon as it had some traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_full_of_failing_connects_is_unhealthy_not_busy() {
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        // Nothing listens on port 1.
+        let db = PgOptions::new("postgres://postgres@127.0.0.1:1/none")
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(20))
+            .connect_lazy()
+            .expect("valid options")
+            .with_health_wait(Duration::from_millis(400));
+        let retrying: Vec<_> = (0..2)
+            .map(|_| {
+                let pool = db.pool().clone();
+                tokio::spawn(async move { pool.acquire().await.map(drop) })
+            })
+            .collect();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the connects fill the pool",
+            || async { (db.pool().size() == 2).then_some(()) },
+        )
+        .await;
+        let health = db.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains("127.0.0.1:1")),
+            "{health:?}"
+        );
+        for task in retrying {
+            task.abort();
+        }
+    })
+    .await;
+}
+
 pg_test! {
     /// A pool whose every connection is busy (a load peak) is degraded, not unhealthy: the
     /// server answers, and a load balancer must not take every busy instance out at once.
@@ -151,10 +189,10 @@ pg_test! {
             .unwrap();
         let held = busy.pool().acquire().await.unwrap();
         let health = busy.check().await;
-        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy for 2s")), "{health:?}");
+        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy for 1s")), "{health:?}");
         // A shorter wait, for a readiness endpoint with a shorter time limit of its own.
         let health = busy.clone().with_health_wait(Duration::from_millis(300)).check().await;
-        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy for 300ms")), "{health:?}");
+        assert!(matches!(health, Health::Degraded(ref why) if why.contains("busy for 150ms")), "{health:?}");
         // An operation that waits out the pool's acquire_timeout says the pool was full, and
         // what to do, rather than sqlx's bare "pool timed out".
         let impatient = crate::support::options(db.schema())
