@@ -99,7 +99,7 @@ impl PgError {
 /// a lost connection, an exhausted pool, a server shutting down, a serialization failure or a
 /// deadlock are `Unavailable` (retryable); `statement_timeout` and `lock_timeout` are
 /// `Timeout`; a row that does not decode is `Codec`; a value the server cannot hold (U+0000
-/// in text or jsonb) is `Rejected`; anything else `Backend`. For applications
+/// in text or jsonb, a key too large for its index) is `Rejected`; anything else `Backend`. For applications
 /// that run their own SQL in a [`PgUnitOfWork`](crate::PgUnitOfWork).
 ///
 /// Unique violations are not special here: callers that expect one (a taken name, a version
@@ -298,8 +298,9 @@ fn classify(error: &sqlx::Error) -> Class {
             // statement_timeout, lock_timeout, an administrator's cancel.
             Some("57014") | Some("55P03") => Class::Timeout,
             Some(code) if retryable_sqlstate(code) => Class::Unavailable,
-            // Text the server cannot hold: U+0000 in `text` (22021) or `jsonb` (22P05).
-            Some("22021") | Some("22P05") => Class::Rejected,
+            // Text the server cannot hold: U+0000 in `text` (22021) or `jsonb` (22P05); a
+            // value too large for an index (54000, program_limit_exceeded: a key of 20 KB).
+            Some("22021") | Some("22P05") | Some("54000") => Class::Rejected,
             _ => Class::Backend,
         },
         E::ColumnDecode { .. } | E::Decode(_) | E::Encode(_) => Class::Codec,

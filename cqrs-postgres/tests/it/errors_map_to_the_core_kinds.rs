@@ -107,6 +107,21 @@ crate::support::pg_test! {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        // Too large for an index (SQLSTATE 54000): an idempotency key or a stream id a client
+        // made 32 KB long (random, so compression does not bring it under the limit).
+        let huge: String = (0..1000).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+        let err = store
+            .append(&huge, ExpectedVersion::Any, vec![crate::support::record(3)])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        let err = db
+            .idempotency_store()
+            .claim("s", &huge, "fp", Duration::from_secs(60))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
         assert!(store.read_all(Position::START, 10).await.unwrap().is_empty());
     }
 }
