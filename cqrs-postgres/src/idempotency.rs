@@ -32,8 +32,11 @@ use tracing::Instrument;
 /// ([`PgDatabase::with_clock`]); [`purge_expired`](IdempotencyStore::purge_expired)
 /// deletes expired keys.
 ///
-/// A waiting claim holds a pool connection while it waits: size the pool for the duplicates
-/// you expect at once.
+/// A claim holds a pool connection until it is completed or dropped, and a waiting duplicate
+/// one while it waits: a request that claims here and then runs its command in a transaction
+/// of its own (through [`PgCommandLayer`](crate::PgCommandLayer)) holds two at once. Size the
+/// pool for that, or claim in the command's own transaction with
+/// [`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor::execute_idempotent).
 ///
 /// ```no_run
 /// use cqrs_core::ports::{Claim, IdempotencyStore, StoredResponse};

@@ -147,8 +147,9 @@ impl PgOptions {
     }
 
     /// The most connections the pool opens. Default 10. Each command holds one for its
-    /// transaction, each waiting idempotent duplicate one, each relay one per batch plus one
-    /// for `LISTEN`, each projection batch one and each projection rebuild two.
+    /// transaction, each claim of the idempotency store one until it completes (beside its
+    /// command's) and each duplicate waiting on it one, each relay one per batch plus one for
+    /// `LISTEN`, each projection batch one and each projection rebuild two.
     pub fn max_connections(mut self, max: u32) -> Self {
         self.max_connections = max;
         self
