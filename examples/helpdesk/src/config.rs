@@ -566,6 +566,19 @@ impl Config {
                 }
             }
         }
+        // A value meant as seconds (15) leaves `/ready`'s Postgres check milliseconds, within
+        // which a remote server never answers: unready for good, and most requests 503.
+        if self.database_url.is_some() && self.request_timeout() < Duration::from_secs(1) {
+            let wait = crate::http::postgres_health_wait(self.request_timeout());
+            warnings.push(format!(
+                "HELPDESK_REQUEST_TIMEOUT_MS is {} ms (milliseconds): each request, and each of \
+                 /ready's checks ({} ms for Postgres to hand out a connection), must finish \
+                 within it, which a Postgres server across a network may never do; give at \
+                 least 1000",
+                self.request_timeout_ms,
+                wait.as_millis()
+            ));
+        }
         let grace = self.shutdown_grace();
         let for_requests = grace.saturating_sub(crate::server::workers_share(grace));
         if for_requests < self.request_timeout() {

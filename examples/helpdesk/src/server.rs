@@ -153,6 +153,17 @@ fn connection_limit(config: &Config) -> usize {
         Some(limit) => u64::from(limit),
         None => files.saturating_sub(kept).max(16),
     };
+    if config.max_connections.is_some() && limit.saturating_add(kept) > files {
+        tracing::warn!(
+            open_files = files,
+            max_connections = limit,
+            "HELPDESK_MAX_CONNECTIONS is more than the open-file limit leaves for clients \
+             ({} of {files}, the rest kept for the server's own files and its Postgres pool): \
+             once the files run out, accepting fails, and so do new Postgres and Redis \
+             connections; lower it, or raise the limit (ulimit -n)",
+            files.saturating_sub(kept)
+        );
+    }
     tracing::info!(
         open_files = files,
         max_connections = limit,

@@ -1,6 +1,7 @@
 //! Settings a deployment gets wrong in practice: each refused with what is expected, or
 //! accepted with a warning the server logs at start (`Config::warnings`).
 
+use crate::support::{Running, helpdesk_command, line_with, stdout_lines};
 use helpdesk::Config;
 
 const SECRET: &str = "a-test-secret-that-is-at-least-32-bytes-long";
@@ -242,4 +243,80 @@ fn a_grace_period_shorter_than_a_request_is_warned_about() {
         ],
     );
     assert_eq!(c.warnings(), Vec::<String>::new());
+}
+
+/// A request timeout meant as seconds leaves `/ready`'s Postgres check a few milliseconds:
+/// warned about, with what the check gets; not in memory, where nothing is across a network.
+#[test]
+fn a_request_timeout_too_short_for_postgres_is_warned_about() {
+    let database = ("DATABASE_URL", "postgres://postgres@db/helpdesk");
+    let secret = ("HELPDESK_JWT_SECRET", SECRET);
+    let c = config(
+        &[],
+        &[database, secret, ("HELPDESK_REQUEST_TIMEOUT_MS", "15")],
+    );
+    let warnings = c.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("HELPDESK_REQUEST_TIMEOUT_MS is 15 ms")
+                && w.contains("4 ms for Postgres")),
+        "{warnings:?}"
+    );
+    let c = config(
+        &[],
+        &[database, secret, ("HELPDESK_REQUEST_TIMEOUT_MS", "1000")],
+    );
+    assert!(
+        !c.warnings()
+            .iter()
+            .any(|w| w.contains("HELPDESK_REQUEST_TIMEOUT_MS is")),
+        "{:?}",
+        c.warnings()
+    );
+    let in_memory = config(&[], &[("HELPDESK_REQUEST_TIMEOUT_MS", "15")]);
+    assert!(
+        !in_memory
+            .warnings()
+            .iter()
+            .any(|w| w.contains("HELPDESK_REQUEST_TIMEOUT_MS is")),
+        "{:?}",
+        in_memory.warnings()
+    );
+}
+
+/// A connection limit above what the open-file limit leaves is warned about at start-up:
+/// past it, accepting (and every new Postgres or Redis connection) fails.
+#[cfg(unix)]
+#[test]
+fn a_connection_limit_above_the_open_files_is_warned_about() {
+    let mut child = Running(
+        helpdesk_command(
+            &[
+                "--bind",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--max-connections",
+                "4000000000",
+            ],
+            &[],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let lines = stdout_lines(&mut child);
+    let warning: serde_json::Value = serde_json::from_str(&line_with(
+        &lines,
+        "HELPDESK_MAX_CONNECTIONS is more than the open-file limit leaves",
+    ))
+    .unwrap();
+    assert_eq!(warning["level"], "WARN", "{warning}");
+    assert!(
+        warning["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ulimit -n"),
+        "{warning}"
+    );
 }
