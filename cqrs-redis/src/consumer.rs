@@ -501,7 +501,20 @@ impl RedisConsumer {
 
     async fn try_step(&mut self, max: usize) -> Result<Vec<Ready>, fred::error::Error> {
         let now = Instant::now();
+        // Reclaimed entries count against `max_held` too: those of a key whose first entry is
+        // still pending wait behind it, and each entry held costs every step an `XPENDING`
+        // and an `XCLAIM` in the script. Without the bound, a scan of a long backlog of one
+        // key (released by consumers closing during a deploy) claimed `max` more at each
+        // step until it held all of it. A full set ends the scan in progress and claims one
+        // entry per claim interval from the start of the pending list: enough to take over
+        // an entry the held ones wait for, once its consumer died.
+        let held_room = self.shared.options.max_held.saturating_sub(self.held.len());
+        if held_room == 0 && self.cursor != "0-0" {
+            self.cursor = "0-0".to_owned();
+            self.next_claim = now + self.claim_interval;
+        }
         let claim = self.cursor != "0-0" || now >= self.next_claim;
+        let claim_count = if claim { max.min(held_room).max(1) } else { 0 };
         // Read only what the batch has room for beside the entries already held: the held set
         // then stays about one batch (each step re-examines all of it). When none of them is
         // ready, `fetch` waits for new entries up to `max_held`, so blocked entries do not
@@ -561,7 +574,7 @@ impl RedisConsumer {
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
             Value::from(claim_idle(self.options.redelivery_delay)),
-            Value::from(if claim { max as i64 } else { 0 }),
+            Value::from(claim_count as i64),
             Value::from(self.cursor.as_str()),
             Value::from(i64::from(self.options.max_deliveries)),
             Value::from(max as i64),

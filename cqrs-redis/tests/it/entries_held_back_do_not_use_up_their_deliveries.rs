@@ -4,7 +4,7 @@
 //! first held it counts as one delivery: it comes out as attempt 1 or 2.)
 
 use crate::support::{Env, n_of, within};
-use cqrs_core::ports::{Consumer, ConsumerOptions};
+use cqrs_core::ports::{Consumer, ConsumerOptions, EventTransport};
 use fred::types::Value;
 use std::time::Duration;
 
@@ -188,4 +188,85 @@ async fn owner_of_second(env: &Env, stream: &str) -> Option<String> {
         .into_array();
     let second = pending.into_iter().nth(1)?.into_array();
     second.into_iter().nth(1)?.into_string()
+}
+
+/// Entries a consumer reclaims count against `max_held`: a backlog of one key left pending by
+/// a consumer that died is taken over a few at a time while its first entry is in flight, not
+/// all at once (each entry held costs every step of the gate). The set grew by a batch at
+/// every step, to the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaimed_entries_waiting_for_their_turn_are_bounded_by_max_held() {
+    const BACKLOG: u64 = 200;
+    const MAX_HELD: usize = 16;
+    let Some(env) = Env::with("held-reclaim", |o| o.max_held(MAX_HELD)).await else {
+        return;
+    };
+    within(
+        90,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            // A claim interval of a second (a quarter of the delay, at most a second).
+            let mut consumer = env
+                .transport
+                .redis_consumer(
+                    &topic,
+                    "g",
+                    crate::support::consumer_options(&format!("{}-heir", env.id))
+                        .redelivery_delay(Duration::from_secs(4)),
+                )
+                .await
+                .unwrap();
+            let events: Vec<_> = (1..=BACKLOG)
+                .map(|n| crate::support::event(Some("k"), n))
+                .collect();
+            env.transport.publish(&topic, &events).await.unwrap();
+            // A consumer read the whole backlog and died.
+            env.command(
+                "XREADGROUP",
+                vec![
+                    "GROUP".into(),
+                    "g".into(),
+                    "ghost".into(),
+                    "COUNT".into(),
+                    (BACKLOG as i64).into(),
+                    "STREAMS".into(),
+                    stream.as_str().into(),
+                    ">".into(),
+                ],
+            )
+            .await;
+            // The first entries come once the delay has passed (a chain, in order); they stay
+            // in flight, and the rest of the key waits behind them.
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            let first = loop {
+                let batch = consumer.fetch(8).await.unwrap();
+                if !batch.is_empty() {
+                    break batch;
+                }
+                assert!(tokio::time::Instant::now() < until, "nothing reclaimed");
+            };
+            let numbers: Vec<u64> = first.iter().map(n_of).collect();
+            assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+            // Two seconds of steps: two claim intervals.
+            let until = tokio::time::Instant::now() + Duration::from_secs(2);
+            while tokio::time::Instant::now() < until {
+                assert!(consumer.fetch(8).await.unwrap().is_empty(), "held back");
+                assert!(
+                    consumer.held() <= MAX_HELD + 4,
+                    "{} entries held",
+                    consumer.held()
+                );
+            }
+            let ids: Vec<_> = first.iter().map(|d| d.id.clone()).collect();
+            consumer.ack(&ids).await.unwrap();
+            // Their successors follow, in order.
+            let next: Vec<u64> = consumer.fetch(8).await.unwrap().iter().map(n_of).collect();
+            assert_eq!(next.first(), Some(&(numbers.len() as u64 + 1)), "{next:?}");
+            assert!(next.windows(2).all(|w| w[1] == w[0] + 1), "{next:?}");
+            drop(consumer);
+        }),
+    )
+    .await;
+    env.cleanup().await;
 }
