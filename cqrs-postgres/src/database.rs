@@ -350,6 +350,15 @@ impl PgDatabase {
     }
 }
 
+/// How the second half of the health check's wait ended.
+enum Outside {
+    /// The pool handed out a connection (or failed).
+    Pooled(Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error>),
+    /// The server answered a connection outside the pool: with the error it refused it with,
+    /// if it did.
+    Answers(Option<String>),
+}
+
 impl PgDatabase {
     /// Connects outside the pool, with the pool's options, and runs `SELECT 1`.
     async fn answers_outside_the_pool(&self) -> Result<(), sqlx::Error> {
@@ -376,7 +385,8 @@ const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 /// server answers, the instance is just loaded, and a load balancer that took every busy
 /// instance out of rotation at once would turn a peak into an outage. Whether the server
 /// answers is asked on a connection of the check's own, outside the pool, once the pool has
-/// given none for half the wait (its other half, racing the pool): sqlx counts a connection
+/// given none for half the wait (its other half, racing the pool; a refusal, such as too many
+/// clients, is an answer too): sqlx counts a connection
 /// in the pool from the start of its connect, so a pool whose places are all taken by
 /// connects to a server that is down (requests retrying until their acquire timeout) looks as
 /// full as one under load.
@@ -391,24 +401,51 @@ impl HealthCheck for PgDatabase {
         let half = wait / 2;
         let halfway = now.checked_add(half).unwrap_or(far);
         let acquired = match tokio::time::timeout_at(halfway, self.pool.acquire()).await {
-            Ok(acquired) => Some(acquired),
+            Ok(acquired) => acquired,
             Err(_) => {
+                // What the check's own connection found when it got no answer (refused,
+                // unreachable): the pool may still hand out a connection meanwhile.
+                let mut unanswered: Option<sqlx::Error> = None;
                 let outside = async {
-                    tokio::select! {
-                        acquired = self.pool.acquire() => Ok(Some(acquired)),
-                        answered = self.answers_outside_the_pool() => answered.map(|()| None),
+                    let acquire = self.pool.acquire();
+                    let answers = self.answers_outside_the_pool();
+                    tokio::pin!(acquire, answers);
+                    loop {
+                        tokio::select! {
+                            acquired = &mut acquire => return Outside::Pooled(acquired),
+                            answered = &mut answers, if unanswered.is_none() => match answered {
+                                Ok(()) => return Outside::Answers(None),
+                                // An answer all the same (too many clients, a role's
+                                // connection limit): the server is up, and loaded.
+                                Err(sqlx::Error::Database(e)) => {
+                                    return Outside::Answers(Some(e.to_string()));
+                                }
+                                Err(e) => unanswered = Some(e),
+                            },
+                        }
                     }
                 };
-                match tokio::time::timeout_at(deadline, outside).await {
-                    Ok(Ok(acquired)) => acquired,
-                    Ok(Err(e)) => {
-                        return Health::Unhealthy(format!(
-                            "{}: the pool gave no connection for {half:?}, and a connection of \
-                             the check's own failed: {e}",
+                let outcome = tokio::time::timeout_at(deadline, outside).await;
+                match (outcome, unanswered) {
+                    (Ok(Outside::Pooled(acquired)), _) => acquired,
+                    (Ok(Outside::Answers(refused)), _) => {
+                        let max = self.pool.options().get_max_connections();
+                        let refused = refused
+                            .map(|e| format!(", and the server refused one more: {e}"))
+                            .unwrap_or_default();
+                        return Health::Degraded(format!(
+                            "{}: all {max} pooled connections stayed busy for {half:?}{refused}",
                             self.target
                         ));
                     }
-                    Err(_) => {
+                    (Err(_), Some(e)) => {
+                        return Health::Unhealthy(format!(
+                            "{}: no connection within {wait:?}, from the pool or of the check's \
+                             own: {e}",
+                            self.target
+                        ));
+                    }
+                    (Err(_), None) => {
                         return Health::Unhealthy(format!(
                             "{}: no connection within {wait:?} (is the server up and reachable?)",
                             self.target
@@ -418,17 +455,9 @@ impl HealthCheck for PgDatabase {
             }
         };
         let mut conn = match acquired {
-            Some(Ok(conn)) => conn,
+            Ok(conn) => conn,
             // The error names the server ("postgres is unavailable: no connection to ...").
-            Some(Err(e)) => return Health::Unhealthy(self.store_error(e).to_string()),
-            // The server answers; the pool gave no connection for half the wait.
-            None => {
-                let max = self.pool.options().get_max_connections();
-                return Health::Degraded(format!(
-                    "{}: all {max} pooled connections stayed busy for {half:?}",
-                    self.target
-                ));
-            }
+            Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
         let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn);
         match tokio::time::timeout_at(deadline, ping).await {

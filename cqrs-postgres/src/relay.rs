@@ -940,7 +940,11 @@ impl PgOutboxRelay {
     /// read and dropped meanwhile, so the server's notification queue does not wait on this
     /// listener.
     async fn stand_by(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
-        let until = tokio::time::Instant::now() + self.poll_interval;
+        let now = tokio::time::Instant::now();
+        // Saturating: an interval too long for the clock waits as long as it can.
+        let until = now
+            .checked_add(self.poll_interval)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
         loop {
             let Some(l) = listener else {
                 tokio::select! {

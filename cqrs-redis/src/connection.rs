@@ -235,9 +235,8 @@ pub(crate) async fn subscriber(
     Ok(client)
 }
 
-/// Fails unless the server is Redis 7.0 or later; returns its `run_id` (on a cluster, one
-/// node's), which tells one server from another whatever address reached it.
-pub(crate) async fn check_version(client: &Client) -> Result<String, ConnectError> {
+/// Fails unless the server is Redis 7.0 or later.
+pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
     let info: String = client
         .custom(
             CustomCommand::new("INFO", ClusterHash::Random, false),
@@ -251,11 +250,7 @@ pub(crate) async fn check_version(client: &Client) -> Result<String, ConnectErro
         .map(|v| v.trim().to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     if version_at_least(&found, REQUIRED_VERSION) {
-        let run_id = info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map_or_else(String::new, |id| id.trim().to_owned());
-        Ok(run_id)
+        Ok(())
     } else {
         Err(ConnectError::UnsupportedServer {
             found,

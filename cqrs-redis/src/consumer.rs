@@ -505,15 +505,15 @@ impl RedisConsumer {
         // still pending wait behind it, and each entry held costs every step an `XPENDING`
         // and an `XCLAIM` in the script. Without the bound, a scan of a long backlog of one
         // key (released by consumers closing during a deploy) claimed `max` more at each
-        // step until it held all of it. A full set ends the scan in progress and claims one
-        // entry per claim interval from the start of the pending list: enough to take over
-        // an entry the held ones wait for, once its consumer died.
+        // step until it held all of it. A full set claims one entry per claim interval, its
+        // scan going on where the last claim stopped: it still walks the whole pending list,
+        // so an entry the held ones wait for is taken over once its consumer died.
         let held_room = self.shared.options.max_held.saturating_sub(self.held.len());
-        if held_room == 0 && self.cursor != "0-0" {
-            self.cursor = "0-0".to_owned();
-            self.next_claim = now + self.claim_interval;
-        }
-        let claim = self.cursor != "0-0" || now >= self.next_claim;
+        let claim = if held_room == 0 {
+            now >= self.next_claim
+        } else {
+            self.cursor != "0-0" || now >= self.next_claim
+        };
         let claim_count = if claim { max.min(held_room).max(1) } else { 0 };
         // Read only what the batch has room for beside the entries already held: the held set
         // then stays about one batch (each step re-examines all of it). When none of them is
@@ -633,7 +633,7 @@ impl RedisConsumer {
         let malformed = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
         if claim {
             self.cursor = cursor.unwrap_or_else(|| "0-0".to_owned());
-            if self.cursor == "0-0" {
+            if self.cursor == "0-0" || held_room == 0 {
                 self.next_claim = now + self.claim_interval;
             }
         }

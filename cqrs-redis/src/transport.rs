@@ -31,8 +31,6 @@ pub(crate) struct Shared {
     pub(crate) client: Client,
     pub(crate) scripts: Scripts,
     pub(crate) options: RedisStreamOptions,
-    /// The server's `run_id`: consumer names are unique per server across the process.
-    pub(crate) server: String,
     /// The topics whose recorded key ordering this transport found to be its own (checked
     /// once per topic and process, at its first publish).
     pub(crate) ordering_checked: Mutex<HashSet<String>>,
@@ -190,16 +188,15 @@ impl RedisStreamOptions {
         self.validate()?;
         let client = connection::client(&self.connection).await?;
         let ready = async {
-            let server = connection::check_version(&client).await?;
+            connection::check_version(&client).await?;
             connection::check_eviction(&client).await;
-            let scripts = Scripts::load(&client)
+            Scripts::load(&client)
                 .await
-                .map_err(|e| ConnectError::Redis(transport_error(e)))?;
-            Ok::<_, ConnectError>((server, scripts))
+                .map_err(|e| ConnectError::Redis(transport_error(e)))
         }
         .await;
-        let (server, scripts) = match ready {
-            Ok(ready) => ready,
+        let scripts = match ready {
+            Ok(scripts) => scripts,
             Err(e) => {
                 quit_later(client);
                 return Err(e);
@@ -211,7 +208,6 @@ impl RedisStreamOptions {
                 client,
                 scripts,
                 options: self,
-                server,
                 ordering_checked: Mutex::new(HashSet::new()),
             }),
         })
@@ -238,8 +234,8 @@ impl RedisStreamTransport {
     /// concrete consumer with its extra operations (nack with an error, close).
     ///
     /// The consumer name must be unique in its group; the default of [`ConsumerOptions`] is a
-    /// random one. A name already used by a live consumer of this process, on the same server
-    /// (through this transport or another), is refused.
+    /// random one. A name already used by a live consumer of this process, through this
+    /// transport or another connected with the same URL, is refused.
     pub async fn redis_consumer(
         &self,
         topic: &str,
@@ -346,9 +342,11 @@ impl Drop for NameClaim<'_> {
     }
 }
 
-/// `(server, stream key, group, consumer name)` of the live consumers of this process, of
+/// `(Redis URL, stream key, group, consumer name)` of the live consumers of this process, of
 /// every transport: two consumers of one name, each of its own transport, would each release
-/// the other's entries as stranded when it closes (its own lists are all it knows).
+/// the other's entries as stranded when it closes (its own lists are all it knows). Keyed by
+/// the URL as given: a server's own id (`INFO`'s `run_id`) changes when it restarts, and on a
+/// cluster it is one node's, a random one.
 static LIVE_NAMES: Mutex<BTreeSet<(String, String, String, String)>> = Mutex::new(BTreeSet::new());
 
 fn name_key(
@@ -358,7 +356,7 @@ fn name_key(
     name: &str,
 ) -> (String, String, String, String) {
     (
-        shared.server.clone(),
+        shared.options.connection.url.clone(),
         stream.to_owned(),
         group.to_owned(),
         name.to_owned(),

@@ -194,6 +194,42 @@ async fn a_pool_full_of_failing_connects_is_unhealthy_not_busy() {
 }
 
 pg_test! {
+    /// A busy pool whose server refuses one more connection (its role's connection limit, or
+    /// the server's, reached at a peak) is still degraded: the server answered.
+    async fn a_busy_pool_whose_server_refuses_one_more_connection_is_degraded(db: PgDatabase) {
+        use std::str::FromStr;
+        let role = format!("cqrs_limited_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let options = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+            .unwrap()
+            .username(&role);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let limited = cqrs_postgres::PgDatabase::from_pool(pool, db.schema())
+            .unwrap()
+            .with_health_wait(Duration::from_millis(400));
+        let held = limited.pool().acquire().await.unwrap();
+        let health = limited.check().await;
+        drop(held);
+        limited.pool().close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&health, Health::Degraded(why) if why.contains("busy for 200ms") && why.contains("refused one more")),
+            "{health:?}"
+        );
+    }
+}
+
+pg_test! {
     /// A pool whose every connection is busy (a load peak) is degraded, not unhealthy: the
     /// server answers, and a load balancer must not take every busy instance out at once.
     async fn a_busy_pool_is_degraded_not_unhealthy(db: PgDatabase) {
