@@ -81,6 +81,8 @@ pub struct RedisConsumer {
     held_since: Instant,
     /// Entries handed out and not acknowledged, with their lane (empty for none).
     in_flight: HashMap<String, String>,
+    /// The size of `in_flight` at which it is pruned next.
+    in_flight_limit: usize,
     /// Entries handed back (nacked or deferred, or released by `close`) and still pending to
     /// this consumer: they come back after the redelivery delay (at once when released), so
     /// neither `close` nor a recovery may take them as stranded.
@@ -170,6 +172,12 @@ const MAX_ACKED_LANES: usize = 65_536;
 /// longer pending to it (entries another consumer reclaimed are never seen again here).
 const MAX_RETURNED: usize = 65_536;
 
+/// Deliveries remembered in [`RedisConsumer::in_flight`] before it forgets those no longer
+/// pending to it: a caller of `fetch` may drop a delivery without answering it (the port allows
+/// it: it comes again after the redelivery delay), and another consumer then reclaims and
+/// acknowledges it, which this one never hears of.
+const MIN_IN_FLIGHT_PRUNE: usize = 1024;
+
 /// The most deliveries one `fetch` hands out, whatever it is asked for: the limit goes to
 /// Redis as a count, and the held-back entries are bounded anyway.
 pub(crate) const MAX_FETCH: usize = 10_000;
@@ -198,6 +206,7 @@ impl RedisConsumer {
             known: HashMap::new(),
             held_since: Instant::now(),
             in_flight: HashMap::new(),
+            in_flight_limit: MIN_IN_FLIGHT_PRUNE,
             returned: HashSet::new(),
             returned_limit: MAX_RETURNED,
             acked: HashMap::new(),
@@ -771,6 +780,22 @@ impl RedisConsumer {
         self.returned_limit = (self.returned.len() * 2).max(MAX_RETURNED);
     }
 
+    /// Forgets the deliveries no longer pending to this consumer (dropped unanswered, then
+    /// reclaimed and acknowledged elsewhere), asking Redis. Kept, they would grow without
+    /// bound, and their lanes would count as busy here, keeping the entries held behind them
+    /// instead of releasing them to other consumers.
+    async fn prune_in_flight(&mut self) {
+        match self.pending_ids().await {
+            Ok(pending) => {
+                let pending: HashSet<String> = pending.into_iter().collect();
+                self.in_flight.retain(|id, _| pending.contains(id));
+            }
+            Err(error) => tracing::debug!(%error, "could not prune the deliveries in flight"),
+        }
+        // However many are still in flight, look again only once that many more are.
+        self.in_flight_limit = (self.in_flight.len() * 2).max(MIN_IN_FLIGHT_PRUNE);
+    }
+
     /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
     fn remember_acked(&mut self, lane: String, id: &str) {
         if self.acked.len() >= MAX_ACKED_LANES && !self.acked.contains_key(&lane) {
@@ -1258,6 +1283,9 @@ impl Consumer for RedisConsumer {
                 self.returned.remove(&delivery.id.0);
                 self.adopted.remove(&delivery.id.0);
                 self.in_flight.insert(delivery.id.0.clone(), lane);
+            }
+            if self.in_flight.len() >= self.in_flight_limit {
+                self.prune_in_flight().await;
             }
             // Everything the step returned is in a list now.
             self.unsure = false;

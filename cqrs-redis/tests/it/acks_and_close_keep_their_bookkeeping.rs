@@ -1,7 +1,8 @@
 //! What a consumer remembers about its deliveries stays right in the corners: an entry
 //! reclaimed and held back with its delivery count taken back to 1 still has its recorded
-//! error removed when acknowledged; and a nacked entry is not taken for a stranded one at
-//! `close` however many entries were handed back before it.
+//! error removed when acknowledged; a nacked entry is not taken for a stranded one at
+//! `close` however many entries were handed back before it; and deliveries dropped unanswered
+//! and taken over elsewhere are forgotten.
 
 use crate::support::{Env, consumer_options, event, n_of, within};
 use cqrs_core::ports::{Consumer, DeliveryId, EventTransport};
@@ -300,4 +301,89 @@ async fn fetch_some(consumer: &mut RedisConsumer) -> Vec<cqrs_core::ports::Deliv
         }
         assert!(tokio::time::Instant::now() < until, "nothing fetched");
     }
+}
+
+/// How many deliveries `c` remembers in flight (its `Debug` output says).
+fn in_flight(c: &RedisConsumer) -> usize {
+    let shown = format!("{c:?}");
+    let (_, rest) = shown
+        .split_once("in_flight: ")
+        .expect("in_flight in the Debug output");
+    rest.split(|ch: char| !ch.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Fetches from `c` until it has handed out `n` deliveries; returns them.
+async fn fetch_n(c: &mut RedisConsumer, n: usize) -> Vec<cqrs_core::ports::Delivery> {
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < n {
+        assert!(tokio::time::Instant::now() < until, "{} of {n}", got.len());
+        got.extend(c.fetch(256).await.unwrap());
+    }
+    got
+}
+
+/// A caller of `fetch` may drop deliveries without answering them; another consumer then
+/// reclaims and acknowledges them, which this one never hears of. Once it has many in
+/// flight, it forgets those no longer pending to it: they were kept for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_dropped_unanswered_and_taken_over_are_forgotten() {
+    const FIRST: u64 = 1100;
+    const SECOND: u64 = 1000;
+    let Some(env) = Env::with("in-flight", |o| o.key_ordering(KeyOrdering::Unordered)).await else {
+        return;
+    };
+    within(
+        90,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let options = |name: &str| {
+                consumer_options(&format!("{}-{name}", env.id))
+                    .redelivery_delay(Duration::from_millis(300))
+            };
+            let mut dropping: RedisConsumer = env
+                .transport
+                .redis_consumer(&topic, "g", options("dropping"))
+                .await
+                .unwrap();
+            let first: Vec<_> = (1..=FIRST).map(|n| event(None, n)).collect();
+            env.transport.publish(&topic, &first).await.unwrap();
+            drop(fetch_n(&mut dropping, FIRST as usize).await);
+            assert_eq!(in_flight(&dropping), FIRST as usize);
+
+            // Another consumer takes them over once idle, and acknowledges them.
+            let mut heir = env
+                .transport
+                .consumer(&topic, "g", options("heir"))
+                .await
+                .unwrap();
+            let mut taken = 0;
+            let until = tokio::time::Instant::now() + Duration::from_secs(60);
+            while taken < FIRST as usize {
+                assert!(tokio::time::Instant::now() < until, "{taken} taken over");
+                let batch = heir.fetch(256).await.unwrap();
+                let ids: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+                heir.ack(&ids).await.unwrap();
+                taken += batch.len();
+            }
+
+            let second: Vec<_> = (FIRST + 1..=FIRST + SECOND)
+                .map(|n| event(None, n))
+                .collect();
+            env.transport.publish(&topic, &second).await.unwrap();
+            let kept = fetch_n(&mut dropping, SECOND as usize).await;
+            assert!(kept.iter().all(|d| n_of(d) > FIRST));
+            assert_eq!(
+                in_flight(&dropping),
+                SECOND as usize,
+                "only the deliveries still pending to it"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
 }
