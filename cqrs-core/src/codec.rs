@@ -83,6 +83,21 @@ pub enum DecodeError {
         /// The version with no upcaster.
         found: u32,
     },
+    /// An upcaster is registered from a version at or above the type's current one: it never
+    /// runs (an upcaster takes version `from` to `from + 1`, up to the current version). The
+    /// type's `VERSION` did not go up with the change it was written for, or the upcaster's
+    /// `from` is off by one. Found by [`EventTypes::validate`].
+    #[error(
+        "the upcaster of event `{event_type}` from schema version {from} never runs: the type's current version is {current}, and upcasters take older versions up to it; raise the type's VERSION to {next} if the upcaster is for a new version, or register it from the version it reads", next = from + 1
+    )]
+    UnreachableUpcaster {
+        /// The wire name.
+        event_type: String,
+        /// The version the upcaster reads.
+        from: u32,
+        /// The type's current version.
+        current: u32,
+    },
     /// An upcaster failed on this event.
     #[error("upcasting event `{event_type}` from schema version {from} failed: {source}")]
     Upcast {
@@ -287,12 +302,27 @@ impl EventTypes {
     /// It cannot tell which old versions are stored: a type with no upcaster at all passes,
     /// whatever its version (a type first written at version 2 needs none).
     ///
-    /// Fails with [`DecodeError::MissingUpcaster`] naming the first gap.
+    /// Fails with [`DecodeError::MissingUpcaster`] naming the first gap, or with
+    /// [`DecodeError::UnreachableUpcaster`] for an upcaster from the current version or above
+    /// (it would never run). Upcasters of types not registered here are not checked: a
+    /// catalogue shared by several consumers may hold some for types one of them skips.
     pub fn validate(&self) -> Result<(), DecodeError> {
         let mut names: Vec<&String> = self.entries.keys().collect();
         names.sort();
         for name in names {
             let current = self.entries[name].current;
+            if let Some(&(_, from)) = self
+                .upcasters
+                .keys()
+                .filter(|(event_type, from)| event_type == name && *from >= current)
+                .min_by_key(|(_, from)| *from)
+            {
+                return Err(DecodeError::UnreachableUpcaster {
+                    event_type: name.clone(),
+                    from,
+                    current,
+                });
+            }
             let Some(lowest) = self
                 .upcasters
                 .keys()

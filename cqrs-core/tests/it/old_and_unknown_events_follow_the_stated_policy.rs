@@ -180,6 +180,18 @@ fn validate_finds_a_gap_in_an_upcaster_chain() {
         Ok(v)
     });
     types.validate().expect("complete from 1 to 3");
+    // One from the current version never runs: VERSION did not go up with it.
+    let mut ahead = types.clone();
+    ahead.upcaster("test.noted", 3, Ok);
+    let err = ahead.validate().unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::UnreachableUpcaster { event_type, from: 3, current: 3 } if event_type == "test.noted"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("raise the type's VERSION to 4"),
+        "{err}"
+    );
     let envelope = types
         .decode(&stored("test.noted", 1, json!({"text": "hi"})))
         .unwrap()
