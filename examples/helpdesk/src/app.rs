@@ -15,7 +15,7 @@ use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
 use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
-use cqrs_realtime::{Hub, Publisher, PushedEvent, Refusal, Topic, Unauthenticated};
+use cqrs_realtime::{Hub, PushedEvent, Refusal, Topic, Unauthenticated};
 use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
 use helpdesk_api::{
     Authenticator, Backends, BackgroundWorker, BusHandle, Buses, HttpApi, Migration, Mode,
@@ -327,7 +327,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // resuming `tickets` from the last position it saw then misses nothing (a consumer group
     // publishing tickets in parallel, on every instance, would publish out of order).
     if !hooks.without_relay {
-        let publisher = Publisher::new(backends.pubsub.clone(), feed.routing.clone());
+        // The hub's own: its pub/sub, routing and channel prefix, whatever they are set to.
+        let publisher = hub.publisher();
         runtime = runtime.worker(realtime_relay(Arc::new(publisher.into_transport())));
     }
     let runtime = Arc::new(runtime.start());
