@@ -2,11 +2,24 @@
 //! the hub waits for room for its answers instead of closing a client that reads everything
 //! as slow.
 
-use crate::support::{TEST_LIMIT, TestHub};
+use crate::support::{Client, TEST_LIMIT, TestHub};
 use cqrs_core::testing::with_timeout;
 use cqrs_realtime::{HubOptions, ServerFrame};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Sends `n` pings, queued on the client and written together, so they reach the hub in few
+/// reads.
+async fn send_pings(client: &mut Client, n: usize) {
+    for _ in 0..n {
+        client
+            .ws
+            .feed(Message::Text(r#"{"type":"ping"}"#.into()))
+            .await
+            .unwrap();
+    }
+    client.ws.flush().await.unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_pings_gets_every_pong() {
@@ -14,15 +27,7 @@ async fn a_burst_of_pings_gets_every_pong() {
         let t = TestHub::start(HubOptions::new().send_queue(4)).await;
         let mut client = t.connect("agent-burst").await;
         const BURST: usize = 500;
-        // Queued on the client and written together, so they reach the hub in few reads.
-        for _ in 0..BURST {
-            client
-                .ws
-                .feed(Message::Text(r#"{"type":"ping"}"#.into()))
-                .await
-                .unwrap();
-        }
-        client.ws.flush().await.unwrap();
+        send_pings(&mut client, BURST).await;
         for n in 0..BURST {
             match client.frame().await {
                 ServerFrame::Pong => {}
@@ -48,14 +53,7 @@ async fn the_answers_to_a_burst_leave_room_for_events() {
         const EVENTS: u64 = 50;
         let mut pongs = 0;
         for seq in 1..=EVENTS {
-            for _ in 0..BURST {
-                client
-                    .ws
-                    .feed(Message::Text(r#"{"type":"ping"}"#.into()))
-                    .await
-                    .unwrap();
-            }
-            client.ws.flush().await.unwrap();
+            send_pings(&mut client, BURST).await;
             // The next event only once the last one arrived: at most one is queued at a time,
             // among the answers to the burst.
             t.publish("t1", "u1", seq).await;

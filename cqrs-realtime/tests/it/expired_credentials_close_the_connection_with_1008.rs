@@ -106,6 +106,22 @@ async fn a_connection_is_closed_at_the_first_tick_after_its_credentials_expire()
     .await;
 }
 
+/// The next thing `client` reads is the close for expired credentials, not `subscribed`.
+async fn closed_as_expired(client: &mut Client) {
+    match client.read().await {
+        Read::Closed(Some(close)) => {
+            assert_eq!(
+                (u16::from(close.code), close.reason.as_str()),
+                (close_code::POLICY_VIOLATION, REASON)
+            );
+        }
+        Read::Frame(ServerFrame::Subscribed { topic }) => {
+            panic!("an expired principal got `subscribed` to {topic}")
+        }
+        other => panic!("expected the 1008 close, got {other:?}"),
+    }
+}
+
 /// A `subscribe` after the expiry closes the connection at once, before the next tick, and is
 /// never answered with `subscribed`; a principal without expiry subscribes as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,18 +140,7 @@ async fn a_subscribe_after_the_expiry_closes_the_connection_instead() {
         clock.advance(Duration::from_secs(61));
         temp.send(json!({"type": "subscribe", "topic": "ticket:t1"}))
             .await;
-        match temp.read().await {
-            Read::Closed(Some(close)) => {
-                assert_eq!(
-                    (u16::from(close.code), close.reason.as_str()),
-                    (close_code::POLICY_VIOLATION, REASON)
-                );
-            }
-            Read::Frame(ServerFrame::Subscribed { topic }) => {
-                panic!("an expired principal got `subscribed` to {topic}")
-            }
-            other => panic!("expected the 1008 close, got {other:?}"),
-        }
+        closed_as_expired(&mut temp).await;
         // Reading on answers the close.
         let _ = tokio::time::timeout(FRAME_DEADLINE, temp.ws.next()).await;
 
@@ -173,15 +178,7 @@ async fn a_subscribe_after_the_expiry_closes_the_connection_past_the_change_limi
         clock.advance(Duration::from_secs(61));
         temp.send(json!({"type": "subscribe", "topic": "ticket:t1"}))
             .await;
-        match temp.read().await {
-            Read::Closed(Some(close)) => {
-                assert_eq!(
-                    (u16::from(close.code), close.reason.as_str()),
-                    (close_code::POLICY_VIOLATION, REASON)
-                );
-            }
-            other => panic!("expected the 1008 close, got {other:?}"),
-        }
+        closed_as_expired(&mut temp).await;
         eventually(Duration::from_secs(10), "the close is counted", || async {
             (t.hub.stats().expired_closes == 1).then_some(())
         })

@@ -28,20 +28,7 @@ async fn a_crashed_consumers_entries_are_reclaimed_by_another() {
             env.transport.publish(&topic, &events).await.unwrap();
 
             // A process read three entries and died.
-            env.command(
-                "XREADGROUP",
-                vec![
-                    "GROUP".into(),
-                    "g".into(),
-                    "ghost".into(),
-                    "COUNT".into(),
-                    3.into(),
-                    "STREAMS".into(),
-                    stream.as_str().into(),
-                    ">".into(),
-                ],
-            )
-            .await;
+            env.read_as(&stream, "ghost", 3).await;
             // Another took the rest and was dropped without acknowledging.
             let mut crashed = env
                 .transport

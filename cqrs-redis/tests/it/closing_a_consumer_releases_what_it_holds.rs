@@ -252,21 +252,7 @@ async fn closing_releases_every_stranded_entry_past_a_page() {
             // Read as `a` behind its back, like a blocking read whose fetch was dropped: pending
             // to `a`, handed to no one.
             let consumer = format!("{}-a", env.id);
-            let read = env
-                .command(
-                    "XREADGROUP",
-                    vec![
-                        "GROUP".into(),
-                        "g".into(),
-                        consumer.as_str().into(),
-                        "COUNT".into(),
-                        (STRANDED as i64 + 1).into(),
-                        "STREAMS".into(),
-                        stream.as_str().into(),
-                        ">".into(),
-                    ],
-                )
-                .await;
+            let read = env.read_as(&stream, &consumer, STRANDED + 1).await;
             drop(read);
             a.close().await.unwrap();
 

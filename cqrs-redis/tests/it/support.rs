@@ -145,6 +145,26 @@ impl Env {
         raw(&self.admin, name, args).await
     }
 
+    /// Reads up to `count` new entries of `stream` in group `g` as `consumer`, with a raw
+    /// `XREADGROUP` (a process that then died, or a read whose reply a consumer never got):
+    /// they are pending to `consumer`, delivered once.
+    pub(crate) async fn read_as(&self, stream: &str, consumer: &str, count: usize) -> Value {
+        self.command(
+            "XREADGROUP",
+            vec![
+                "GROUP".into(),
+                "g".into(),
+                consumer.into(),
+                "COUNT".into(),
+                (count as i64).into(),
+                "STREAMS".into(),
+                stream.into(),
+                ">".into(),
+            ],
+        )
+        .await
+    }
+
     /// Deletes every key under this test's prefix.
     pub(crate) async fn cleanup(self) {
         delete_prefix(&self.admin, &key_prefix(&self.id)).await;

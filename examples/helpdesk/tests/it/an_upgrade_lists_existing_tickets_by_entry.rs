@@ -35,15 +35,6 @@ async fn downgrade(conn: &mut PgConnection, schema: &str) {
     assert_eq!(forgotten, 1, "the migration was recorded");
 }
 
-fn ids(page: &Value) -> Vec<String> {
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn id(ticket: &Value) -> String {
     ticket["id"].as_str().unwrap().to_owned()
 }

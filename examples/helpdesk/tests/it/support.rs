@@ -212,6 +212,16 @@ pub fn email(prefix: &str) -> String {
     )
 }
 
+/// The ticket ids of a list page, in its order.
+pub fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// The configuration a test server runs with on `backend`, on a free loopback port.
 pub fn test_config(backend: &Backend) -> Config {
     let mut config = Config {

@@ -173,15 +173,6 @@ async fn customers_see_only_their_own_tickets_and_agents_see_all() {
     .await;
 }
 
-fn ids(page: &Value) -> Vec<String> {
-    page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
     within(async {
