@@ -226,7 +226,13 @@ impl PgDatabase {
     pub async fn begin_held_open(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        let mut tx = self.begin().await?;
+        Self::held_open(self.begin().await?).await
+    }
+
+    /// Lifts `tx`'s idle timeouts, as [`begin_held_open`](Self::begin_held_open) does.
+    pub(crate) async fn held_open(
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
         // Older servers refuse the name `transaction_timeout`.
         let lift = if tx.server_version_num().is_some_and(|v| v >= 170_000) {
             "SELECT set_config('idle_in_transaction_session_timeout', '0', true), \

@@ -282,6 +282,15 @@ impl IdempotencyStore for PgIdempotencyStore {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
+        // The wait for a connection runs here: a caller that gives up meanwhile leaves the
+        // pool's queue, instead of its claim taking the key for no one once a connection
+        // frees up (and running four statements ahead of the callers still waiting).
+        let connection = self
+            .db
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.db.store_error(e))?;
         // The claim runs in a task of its own, which the caller's giving up does not stop:
         // the statement may wait on the server for the key's holder (up to the claim wait),
         // and a statement given up mid-wait left sqlx unable, now and then, to give its
@@ -290,6 +299,7 @@ impl IdempotencyStore for PgIdempotencyStore {
         let claimed = tokio::spawn(
             claim_in_a_transaction(
                 self.db.clone(),
+                connection,
                 (scope.to_owned(), key.to_owned(), fingerprint.to_owned()),
                 ttl,
             )
@@ -344,6 +354,7 @@ impl IdempotencyStore for PgIdempotencyStore {
 /// [`PgIdempotencyStore::claim`]'s transaction and claim, owned, for its task.
 async fn claim_in_a_transaction(
     db: PgDatabase,
+    connection: sqlx::pool::PoolConnection<Postgres>,
     (scope, key, fingerprint): (String, String, String),
     ttl: Duration,
 ) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
@@ -351,7 +362,12 @@ async fn claim_in_a_transaction(
     // it: ended by the server's idle timeouts mid-work, it would let a waiting duplicate take
     // the key and run the work a second time. It holds no append lock, only this key's; the
     // caller's guard bounds it.
-    let mut tx = db.begin_held_open().await.map_err(|e| db.store_error(e))?;
+    let began = crate::sql::begin_on(connection).await;
+    let tx = match began {
+        Ok(tx) => PgDatabase::held_open(tx).await,
+        Err(e) => Err(e),
+    };
+    let mut tx = tx.map_err(|e| db.store_error(e))?;
     let (now, wait) = (db.clock.now(), Some(db.claim_wait));
     let outcome = claim_on(&mut tx, &db.sql, wait, &scope, &key, &fingerprint, now, ttl).await?;
     Ok((tx, outcome))

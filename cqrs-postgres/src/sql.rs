@@ -31,9 +31,16 @@ pub(crate) const PURGE_BATCH: i64 = 5_000;
 pub(crate) async fn begin(
     pool: &sqlx::PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    begin_on(pool.acquire().await?).await
+}
+
+/// [`begin`] on a connection the caller already has (acquired on its own task, so that a
+/// caller that gives up leaves the pool's queue).
+pub(crate) async fn begin_on(
+    connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     use sqlx::SqlSafeStr;
     use tracing::Instrument;
-    let connection = pool.acquire().await?;
     // `Transaction::begin` on a connection the caller owns is what `Pool::begin_with` runs
     // after its acquire; sqlx hides it from its docs, and offers no other way to begin on an
     // owned connection (a compile error here after an upgrade means: find its successor).

@@ -113,3 +113,46 @@ pg_test! {
         slow.pool().close().await;
     }
 }
+
+pg_test! {
+    /// The same for an idempotency claim: one given up while it waits for a connection does
+    /// not, once one frees up, take the key for no one (four statements ahead of the callers
+    /// still waiting, and the key held meanwhile against another fingerprint).
+    async fn a_claim_given_up_while_it_waits_for_a_connection_leaves_the_queue(db: PgDatabase) {
+        use cqrs_core::ports::IdempotencyStore;
+        let slow = PgDatabase::from_pool(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&database_url())
+                .await
+                .expect("connect"),
+            db.schema(),
+        )
+        .unwrap();
+        let pid: i32 = sqlx::query_scalar(AssertSqlSafe("SELECT pg_backend_pid()".to_owned()))
+            .fetch_one(slow.pool())
+            .await
+            .expect("the session's pid");
+        let holder = slow.begin().await.expect("begin");
+        let store = slow.idempotency_store();
+        let claim = store.claim("s", "k", "fp", Duration::from_secs(60));
+        let gave_up = tokio::time::timeout(Duration::from_millis(100), claim).await;
+        assert!(gave_up.is_err(), "the only connection is taken");
+        holder.commit().await.expect("commit");
+
+        let last_statement = || async {
+            let sql = "SELECT query FROM pg_stat_activity WHERE pid = $1".to_owned();
+            sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+                .bind(pid)
+                .fetch_one(db.pool())
+                .await
+                .expect("the session's last statement")
+        };
+        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(300);
+        while tokio::time::Instant::now() < quiet_until {
+            assert_eq!(last_statement().await, "COMMIT", "a claim ran for no one");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slow.pool().close().await;
+    }
+}
