@@ -131,6 +131,13 @@ impl PgCommandExecutor {
     /// events a `keep_events(true)` layer kept, this fails with the sink's error although the
     /// command and its response are stored: a retry with the key replays the response, and
     /// the sink does not get those events again (the relay still ships them).
+    ///
+    /// The key is held by the command's own transaction, so it is released when that ends.
+    /// A handler that keeps the transaction idle longer than the server's
+    /// `idle_in_transaction_timeout` (60 s from [`PgOptions`](crate::PgOptions)), waiting on a
+    /// slow call to another service, loses it: its writes roll back, and a duplicate waiting
+    /// on the key runs the handler again, so that other service sees the call twice. Make
+    /// such calls before or after the command, or raise the timeout.
     pub async fn execute_idempotent<C, F>(
         &self,
         key: &IdempotencyKey,
