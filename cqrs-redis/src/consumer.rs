@@ -760,6 +760,18 @@ impl RedisConsumer {
             .map_err(transport_error)
     }
 
+    /// The entries pending to this consumer, for pruning `what` it remembers; `None` (logged)
+    /// when Redis cannot tell, and nothing is pruned.
+    async fn still_pending(&self, what: &str) -> Option<HashSet<String>> {
+        match self.pending_ids().await {
+            Ok(pending) => Some(pending.into_iter().collect()),
+            Err(error) => {
+                tracing::debug!(%error, "could not prune {what}");
+                None
+            }
+        }
+    }
+
     /// Notes that this consumer handed `ids` back (nacked or deferred). Once it remembers
     /// many, it forgets those no longer pending to it (acknowledged or reclaimed elsewhere),
     /// asking Redis: forgetting one still pending would make `close` release it early, with a
@@ -769,12 +781,8 @@ impl RedisConsumer {
         if self.returned.len() < self.returned_limit {
             return;
         }
-        match self.pending_ids().await {
-            Ok(pending) => {
-                let pending: HashSet<String> = pending.into_iter().collect();
-                self.returned.retain(|id| pending.contains(id));
-            }
-            Err(error) => tracing::debug!(%error, "could not prune the entries handed back"),
+        if let Some(pending) = self.still_pending("the entries handed back").await {
+            self.returned.retain(|id| pending.contains(id));
         }
         // However many are still pending, look again only once that many more came back.
         self.returned_limit = (self.returned.len() * 2).max(MAX_RETURNED);
@@ -785,12 +793,8 @@ impl RedisConsumer {
     /// bound, and their lanes would count as busy here, keeping the entries held behind them
     /// instead of releasing them to other consumers.
     async fn prune_in_flight(&mut self) {
-        match self.pending_ids().await {
-            Ok(pending) => {
-                let pending: HashSet<String> = pending.into_iter().collect();
-                self.in_flight.retain(|id, _| pending.contains(id));
-            }
-            Err(error) => tracing::debug!(%error, "could not prune the deliveries in flight"),
+        if let Some(pending) = self.still_pending("the deliveries in flight").await {
+            self.in_flight.retain(|id, _| pending.contains(id));
         }
         // However many are still in flight, look again only once that many more are.
         self.in_flight_limit = (self.in_flight.len() * 2).max(MIN_IN_FLIGHT_PRUNE);

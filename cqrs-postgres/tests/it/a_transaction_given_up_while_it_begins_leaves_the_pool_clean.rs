@@ -72,44 +72,55 @@ pg_test! {
     }
 }
 
+/// A handle on `db`'s schema whose pool has one connection, open, and that session's pid.
+async fn one_connection(db: &PgDatabase) -> (PgDatabase, i32) {
+    let slow = PgDatabase::from_pool(
+        PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&database_url())
+            .await
+            .expect("connect"),
+        db.schema(),
+    )
+    .unwrap();
+    let pid: i32 = sqlx::query_scalar(AssertSqlSafe("SELECT pg_backend_pid()".to_owned()))
+        .fetch_one(slow.pool())
+        .await
+        .expect("the session's pid");
+    (slow, pid)
+}
+
+/// The session `pid`'s last statement stays the holder's `COMMIT` (`what` ran after it
+/// otherwise), for long enough for a waiter left in the queue to take the connection and use
+/// it.
+async fn nothing_ran_after_the_commit(db: &PgDatabase, pid: i32, what: &str) {
+    let last_statement = || async {
+        let sql = "SELECT query FROM pg_stat_activity WHERE pid = $1".to_owned();
+        sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
+            .bind(pid)
+            .fetch_one(db.pool())
+            .await
+            .expect("the session's last statement")
+    };
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(300);
+    while tokio::time::Instant::now() < quiet_until {
+        assert_eq!(last_statement().await, "COMMIT", "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pg_test! {
     /// A caller that gives up while it waits for a connection leaves the pool's queue: the
     /// connection, once free, does not run a `BEGIN` and a `ROLLBACK` for no one, ahead of
     /// the callers still waiting.
     async fn a_transaction_given_up_while_it_waits_for_a_connection_leaves_the_queue(db: PgDatabase) {
-        let slow = PgDatabase::from_pool(
-            PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&database_url())
-                .await
-                .expect("connect"),
-            db.schema(),
-        )
-        .unwrap();
-        let pid: i32 = sqlx::query_scalar(AssertSqlSafe("SELECT pg_backend_pid()".to_owned()))
-            .fetch_one(slow.pool())
-            .await
-            .expect("the session's pid");
+        let (slow, pid) = one_connection(&db).await;
         let holder = slow.begin().await.expect("begin");
         let gave_up = tokio::time::timeout(Duration::from_millis(100), slow.begin()).await;
         assert!(gave_up.is_err(), "the only connection is taken");
         holder.commit().await.expect("commit");
 
-        // The session's last statement stays the holder's `COMMIT`: nothing ran after it.
-        let last_statement = || async {
-            let sql = "SELECT query FROM pg_stat_activity WHERE pid = $1".to_owned();
-            sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-                .bind(pid)
-                .fetch_one(db.pool())
-                .await
-                .expect("the session's last statement")
-        };
-        // Long enough for a waiter left in the queue to take the connection and use it.
-        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while tokio::time::Instant::now() < quiet_until {
-            assert_eq!(last_statement().await, "COMMIT", "a statement ran for no one");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        nothing_ran_after_the_commit(&db, pid, "a statement ran for no one").await;
         slow.pool().close().await;
     }
 }
@@ -120,19 +131,7 @@ pg_test! {
     /// still waiting, and the key held meanwhile against another fingerprint).
     async fn a_claim_given_up_while_it_waits_for_a_connection_leaves_the_queue(db: PgDatabase) {
         use cqrs_core::ports::IdempotencyStore;
-        let slow = PgDatabase::from_pool(
-            PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&database_url())
-                .await
-                .expect("connect"),
-            db.schema(),
-        )
-        .unwrap();
-        let pid: i32 = sqlx::query_scalar(AssertSqlSafe("SELECT pg_backend_pid()".to_owned()))
-            .fetch_one(slow.pool())
-            .await
-            .expect("the session's pid");
+        let (slow, pid) = one_connection(&db).await;
         let holder = slow.begin().await.expect("begin");
         let store = slow.idempotency_store();
         let claim = store.claim("s", "k", "fp", Duration::from_secs(60));
@@ -140,19 +139,7 @@ pg_test! {
         assert!(gave_up.is_err(), "the only connection is taken");
         holder.commit().await.expect("commit");
 
-        let last_statement = || async {
-            let sql = "SELECT query FROM pg_stat_activity WHERE pid = $1".to_owned();
-            sqlx::query_scalar::<_, String>(AssertSqlSafe(sql))
-                .bind(pid)
-                .fetch_one(db.pool())
-                .await
-                .expect("the session's last statement")
-        };
-        let quiet_until = tokio::time::Instant::now() + Duration::from_millis(300);
-        while tokio::time::Instant::now() < quiet_until {
-            assert_eq!(last_statement().await, "COMMIT", "a claim ran for no one");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        nothing_ran_after_the_commit(&db, pid, "a claim ran for no one").await;
         slow.pool().close().await;
     }
 }

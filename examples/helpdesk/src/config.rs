@@ -326,29 +326,11 @@ pub(crate) fn redacted_url(url: &str) -> String {
     }
 }
 
-/// Whether a URL query key, percent-decoded, names a password.
+/// Whether a URL query key, decoded as the clients decode it (`form_urlencoded`, as sqlx's
+/// `query_pairs`), names a password.
 fn names_a_password(key: &str) -> bool {
-    let mut decoded = Vec::with_capacity(key.len());
-    let mut bytes = key.bytes();
-    while let Some(b) = bytes.next() {
-        let escaped = (b == b'%')
-            .then(|| {
-                let hex = [bytes.clone().next()?, bytes.clone().nth(1)?];
-                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()
-            })
-            .flatten();
-        match escaped {
-            Some(byte) => {
-                decoded.push(byte);
-                bytes.nth(1);
-            }
-            None => decoded.push(b),
-        }
-    }
-    decoded
-        .to_ascii_lowercase()
-        .windows(8)
-        .any(|w| w == b"password")
+    url::form_urlencoded::parse(key.as_bytes())
+        .any(|(name, _)| name.to_ascii_lowercase().contains("password"))
 }
 
 fn redacted_authority(url: &str) -> String {
