@@ -236,14 +236,18 @@ pub async fn a_conflicting_batch_writes_nothing<H: EventStoreHarness>(h: &H) {
         .append(&stream, ExpectedVersion::NO_STREAM, vec![record(1)])
         .await
         .unwrap();
-    let _ = store
+    // A conflict, not any error: a caller reloads and decides again only on a conflict.
+    match store
         .append(
             &stream,
             ExpectedVersion::NO_STREAM,
             vec![record(2), record(3), record(4)],
         )
         .await
-        .expect_err("a stale batch");
+    {
+        Err(StoreError::Conflict { actual: 1, .. }) => {}
+        other => panic!("a stale batch is a conflict at version 1, got {other:?}"),
+    }
     assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
     assert_eq!(store.stream_version(&stream).await.unwrap(), 1);
 }
@@ -545,6 +549,13 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
     let read = read.remove(0);
     for (how, got) in [("load", &loaded), ("read_all", &read)] {
         assert_eq!(got.event_id, original.event_id, "{how}: event id");
+        assert_eq!(
+            got.stream_id.as_deref(),
+            Some(stream.as_str()),
+            "{how}: stream id"
+        );
+        assert_eq!(got.stream_version, Some(1), "{how}: stream version");
+        assert!(got.position.is_some(), "{how}: position");
         assert_eq!(got.event_type, "Detailed", "{how}: event type");
         assert_eq!(got.schema_version, 3, "{how}: schema version");
         assert_eq!(got.payload, original.payload, "{how}: payload");

@@ -40,6 +40,9 @@ pub async fn with_timeout<F: Future>(limit: Duration, future: F) -> F::Output {
 
 /// Polls `condition` every 10 ms until it returns `Some`, or panics after `deadline` with
 /// `what` in the message. For conditions that become true eventually; never sleep and hope.
+///
+/// The deadline bounds the checks too: a check that hangs (a query against a server that
+/// stopped answering) fails with `what` at the deadline instead of stalling the test.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut condition: F) -> T
 where
     F: FnMut() -> Fut,
@@ -47,8 +50,12 @@ where
 {
     let until = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(value) = condition().await {
-            return value;
+        match tokio::time::timeout_at(until, condition()).await {
+            Ok(Some(value)) => return value,
+            Ok(None) => {}
+            Err(_) => panic!(
+                "timed out after {deadline:?} waiting for: {what} (its last check did not finish)"
+            ),
         }
         if tokio::time::Instant::now() >= until {
             panic!("timed out after {deadline:?} waiting for: {what}");

@@ -637,13 +637,24 @@ pub async fn a_delivery_kept_alive_is_not_handed_out_again<H: TransportHarness>(
     let d = fetch_one(c1.as_mut(), "the event").await;
     let until = tokio::time::Instant::now() + delay * 3;
     while tokio::time::Instant::now() < until {
+        let kept_from = tokio::time::Instant::now();
         c1.keep_alive(std::slice::from_ref(&d.id)).await.unwrap();
         let again = fetch_up_to(c2.as_mut(), 10).await;
+        if again.is_empty() {
+            continue;
+        }
+        // Sound, whatever the timing: the keep-alive took effect after `kept_from`, so a
+        // delivery to `c2` before a whole delay after it broke the keep-alive. Later, the
+        // machine stalled this loop for a delay: the delivery was due again, rightly.
         assert!(
-            again.is_empty(),
+            tokio::time::Instant::now() >= kept_from + delay,
             "handed out again while kept alive: {:?}",
             again.iter().map(n_of).collect::<Vec<_>>()
         );
+        eprintln!(
+            "inconclusive: this test stalled for the whole redelivery delay between two keep-alives"
+        );
+        return;
     }
     c1.ack(std::slice::from_ref(&d.id)).await.unwrap();
     let until = tokio::time::Instant::now() + delay + Duration::from_millis(500);
