@@ -44,8 +44,9 @@ pub enum Lines {
     Many,
 }
 
-/// Refuses control characters (422 `validation_failed` naming `field`) but the line ends and
-/// tabs of [`Lines::Many`]. An escape sequence (`ESC [ 2 J`) or a carriage return in a title
+/// Refuses control characters and the Unicode line and paragraph separators (U+2028,
+/// U+2029) (422 `validation_failed` naming `field`), but the line ends and tabs of
+/// [`Lines::Many`]. An escape sequence (`ESC [ 2 J`) or a carriage return in a title
 /// rewrites the terminal or the log line it is printed to, and a newline makes one list row
 /// look like two.
 ///
@@ -56,11 +57,15 @@ pub enum Lines {
 /// assert!(reject_controls("body", "line one\r\n\tline two", Lines::Many).is_ok());
 /// assert!(reject_controls("body", "overwritten\rline", Lines::Many).is_err());
 /// assert!(reject_controls("body", "\u{1b}[2J", Lines::Many).is_err());
+/// assert!(reject_controls("title", "Printer\u{2028}URGENT", Lines::One).is_err());
+/// assert!(reject_controls("body", "one\u{2029}two", Lines::Many).is_err());
 /// ```
 pub fn reject_controls(field: &str, text: &str, lines: Lines) -> Result<(), HandlerError> {
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
-        if !c.is_control() {
+        // The line and paragraph separators are no controls to Unicode, but break the line
+        // wherever they are drawn as Unicode says.
+        if !c.is_control() && c != '\u{2028}' && c != '\u{2029}' {
             continue;
         }
         let allowed = lines == Lines::Many

@@ -423,9 +423,10 @@ impl CommandHandler<ChangeTicket> for Tickets {
         let mut attempt = 1;
         loop {
             let loaded = self.load_for_change(ctx, user, cmd.id).await?;
-            // After the load, so a missing ticket is 404 and not a 422 about the assignee; once,
-            // as before (the retries after a conflict do not ask again); and before deciding, so
-            // an existing ticket answers as before (422 ahead of `ticket_closed` or a stale
+            // After the load, so a missing ticket is 404 and not a 422 about the assignee; once
+            // per command (the retries in this loop do not ask again; on Postgres a conflict
+            // at commit is retried with a new command, which asks again); and before deciding,
+            // so an existing ticket answers as before (422 ahead of `ticket_closed` or a stale
             // `expected_version`).
             if let Change::Assign { assignee_id } = &cmd.change
                 && attempt == 1

@@ -527,6 +527,10 @@ pub(crate) fn api(http: Http) -> HttpApi {
     });
     let mut ticket = ticket_without_comments.clone();
     ticket["properties"]["comments"] = json!({ "type": "array", "items": comment.clone() });
+    // Always sent with a whole ticket: required, so generated clients need not guess.
+    if let Some(required) = ticket["required"].as_array_mut() {
+        required.push(json!("comments"));
+    }
     let comment_added = json!({
         "type": "object",
         "required": ["ticket_id", "version", "comment"],

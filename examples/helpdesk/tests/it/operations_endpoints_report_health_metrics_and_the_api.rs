@@ -404,3 +404,69 @@ async fn what_the_api_document_allows_as_null_or_empty_is_taken() {
     })
     .await;
 }
+
+/// The objects the server sends have exactly the fields their schemas in the API document
+/// list as required: a client generated from the document can rely on each (none is left
+/// optional that is always there), and none is sent undocumented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_document_requires_every_field_the_answers_carry() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        let api = s.send(Method::GET, "/openapi.json", None, None).await;
+        assert_eq!(api.status, StatusCode::OK, "{api:?}");
+        let schemas = &api.body["components"]["schemas"];
+        let id = s.ticket(&customer, "schema").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let comment = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &customer,
+                json!({ "body": "hello" }),
+            )
+            .await;
+        assert_eq!(comment.status, StatusCode::CREATED, "{comment:?}");
+        let ticket = s.get(&format!("/tickets/{id}"), &customer).await;
+        assert_eq!(ticket.status, StatusCode::OK, "{ticket:?}");
+        let list = s.get("/tickets", &customer).await;
+        assert_eq!(list.status, StatusCode::OK, "{list:?}");
+        for (name, schema, answer) in [
+            ("Ticket", &schemas["Ticket"], &ticket.body),
+            (
+                "a ticket's comment",
+                &schemas["Ticket"]["properties"]["comments"]["items"],
+                &ticket.body["comments"][0],
+            ),
+            ("CommentAdded", &schemas["CommentAdded"], &comment.body),
+            (
+                "TicketSummary",
+                &schemas["TicketSummary"],
+                &list.body["items"][0],
+            ),
+        ] {
+            let keys = |v: &Value| -> Vec<String> {
+                let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+                keys.sort();
+                keys
+            };
+            let sent = keys(answer);
+            let mut required: Vec<String> = schema["required"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name} has no required list: {schema}"))
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect();
+            required.sort();
+            assert_eq!(sent, required, "{name}: sent vs required");
+            assert_eq!(
+                sent,
+                keys(&schema["properties"]),
+                "{name}: sent vs properties"
+            );
+        }
+        s.stop().await;
+    })
+    .await;
+}

@@ -141,6 +141,9 @@ async fn control_characters_are_refused_but_line_ends_and_tabs_in_text() {
             "clear \u{1b}[2J",
             "bell\u{7}",
             "c1 \u{9b}2J",
+            // No controls to Unicode, but line breaks wherever they are drawn.
+            "Printer on fire\u{2028}URGENT",
+            "paragraph\u{2029}break",
         ] {
             let r = s
                 .post("/tickets", &customer, json!({ "title": title }))
@@ -166,6 +169,7 @@ async fn control_characters_are_refused_but_line_ends_and_tabs_in_text() {
         for body in [
             "backspace\u{8}\u{8}",
             "a carriage return\rwrites over the line",
+            "a line separator\u{2028}is no line end here",
         ] {
             let r = s.post(&path, &customer, json!({ "body": body })).await;
             assert_refused(&r, "body");
