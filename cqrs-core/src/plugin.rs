@@ -516,12 +516,17 @@ impl PluginRegistrar {
 
     /// Takes the command handlers out, to build a [`CommandBus`](crate::CommandBus).
     pub fn take_commands(&mut self) -> CommandHandlers {
-        std::mem::take(&mut self.commands)
+        let mut commands = std::mem::take(&mut self.commands);
+        // What the server adds from here on is its own, not the last plugin's.
+        commands.plugin = "";
+        commands
     }
 
     /// Takes the query handlers out, to build a [`QueryBus`](crate::QueryBus).
     pub fn take_queries(&mut self) -> QueryHandlers {
-        std::mem::take(&mut self.queries)
+        let mut queries = std::mem::take(&mut self.queries);
+        queries.plugin = "";
+        queries
     }
 
     /// Takes the event handlers out, to build an [`EventBus`](crate::EventBus).

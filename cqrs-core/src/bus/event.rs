@@ -193,10 +193,12 @@ impl<L> EventBusBuilder<L> {
         let mut problems = Vec::new();
         let mut registries = Registries::default();
         let mut names: HashMap<&'static str, MessageType> = HashMap::new();
+        let mut told = std::collections::HashSet::new();
         for (ty, handler) in self.handlers.entries {
-            if let Some(other) = names.insert(ty.name(), ty)
-                && other.type_id() != ty.type_id()
-            {
+            // Compared with the first type of the name, so a collision is told once however
+            // many handlers its types have.
+            let first = *names.entry(ty.name()).or_insert(ty);
+            if first.type_id() != ty.type_id() && told.insert(ty.type_id()) {
                 problems.push(format!(
                     "two event types share the wire name `{}`; give each a unique NAME",
                     ty.name()

@@ -7,11 +7,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
-/// Runs `check` on every dispatch before the layers inside it and the handler, and refuses the
-/// dispatch with the check's error: an authorization rule, a tenant or feature check, without
+/// Runs `check` on every dispatch before the layers inside it and the handler see it, and
+/// refuses the dispatch with the check's error: an authorization rule, a tenant or feature check, without
 /// writing a tower `Service`. The caller gets the [`HandlerError`] as from a handler's refusal
 /// ([`DispatchError::Handler`], its kind and code kept), and layers outside this one see it
 /// like any outcome (traced, counted).
+///
+/// The layers inside are asked whether they are ready (tower's `poll_ready`) before the check
+/// runs, as tower's contract has it: with a `ConcurrencyLimitLayer` on the bus, inside this
+/// one or outside, a dispatch the check refuses waits for a slot first.
 ///
 /// The check is synchronous and sees the [`Dispatch`]: its kind, name, metadata (the
 /// principal a gateway put there) and extensions. A check that needs I/O (a permission lookup)

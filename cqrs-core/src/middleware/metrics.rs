@@ -16,6 +16,12 @@ use tower::{Layer, Service};
 ///   it finished (a timeout layer outside this one fired, or the caller gave up);
 /// * `cqrs_dispatch_duration_seconds{kind, message}`: a histogram.
 ///
+/// A dispatch is counted from the moment it reaches this layer's `call`: one that fails or is
+/// given up while a layer inside is not ready yet (tower's `poll_ready`: a
+/// `ConcurrencyLimitLayer` inside this one, full) has no message yet here and is not counted.
+/// Put this layer inside such layers to count only what they let through, or outside to count
+/// everything else.
+///
 /// Label values are the message's wire name and fixed words, never ids, so cardinality stays
 /// bounded. Install any `metrics` recorder (a Prometheus exporter, say) to collect them.
 ///
@@ -70,12 +76,21 @@ where
     }
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let (kind, name, start) = (dispatch.kind(), dispatch.name(), Instant::now());
+        // A layer inside that panics in `call` (not in its future) is counted too, as
+        // `internal`, like a panic in its future; the bus then fails the dispatch with it.
+        let inner =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.call(dispatch)))
+                .unwrap_or_else(|payload| {
+                    record(kind, name, Outcome::Failed(ErrorKind::Internal), start);
+                    std::panic::resume_unwind(payload)
+                });
         MetricsFuture {
-            kind: dispatch.kind(),
-            name: dispatch.name(),
-            start: Instant::now(),
+            kind,
+            name,
+            start,
             recorded: false,
-            inner: self.inner.call(dispatch),
+            inner,
         }
     }
 }

@@ -10,13 +10,14 @@ use tower::{Layer, Service};
 /// Fails a dispatch that runs longer than its budget with [`DispatchError::Timeout`]; the
 /// handler's future is dropped at its next `.await`.
 ///
-/// The budget starts when the dispatch first waits: a handler that finishes without waiting
-/// never touches the timer, which keeps the common, fast path free of clock reads. The
-/// runtime must have tokio's time driver (`enable_time`, or `enable_all`, as `#[tokio::main]`
-/// has): without it, the first dispatch that waits panics in tokio.
+/// The budget starts when the dispatch first waits (unlike tower's own `Timeout`, which starts
+/// it at `call`): a handler that finishes without waiting never touches the timer, which keeps
+/// the common, fast path free of clock reads, and work done before the first `.await` is not
+/// counted. The runtime must have tokio's time driver (`enable_time`, or `enable_all`, as
+/// `#[tokio::main]` has): without it, tokio panics in each dispatch that waits, and the bus
+/// fails that dispatch with the panic (kind `internal`).
 ///
-/// What the budget covers, as with tower's own `Timeout`: the dispatch through the layers
-/// inside this one and the handler. Not covered: waiting for those layers to be ready
+/// What the budget covers: the dispatch through the layers inside this one and the handler. Not covered: waiting for those layers to be ready
 /// (`poll_ready`: a concurrency limit's queue, for instance; put such a layer outside this
 /// one, or bound it itself), and a command's [`EventSink`](crate::EventSink), which runs
 /// after the layers: a sink that is an [`EventBus`](crate::EventBus) takes a `TimeoutLayer` of

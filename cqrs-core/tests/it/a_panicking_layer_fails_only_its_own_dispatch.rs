@@ -178,7 +178,8 @@ fn an_event_bus_layer_that_panics_fails_that_publish() {
 }
 
 /// A metrics layer outside a layer that panics counts the dispatch as `internal`, the kind of
-/// the error the caller gets, not as `cancelled`.
+/// the error the caller gets, not as `cancelled`: a panic in the layer's future and one in its
+/// `call` alike.
 #[test]
 fn a_metrics_layer_outside_counts_the_panic_as_internal() {
     let counts = MetricCounts::default();
@@ -190,14 +191,20 @@ fn a_metrics_layer_outside_counts_the_panic_as_internal() {
         .unwrap();
     metrics::with_local_recorder(&counts, || {
         run(async {
-            bus.dispatch_with(Add::default(), as_actor("panic in poll"))
-                .await
-                .unwrap_err();
+            for actor in ["panic in poll", "panic in call"] {
+                bus.dispatch_with(Add::default(), as_actor(actor))
+                    .await
+                    .unwrap_err();
+            }
         })
     });
     assert_eq!(
         counts.get("cqrs_dispatch_total{kind=command,message=test.add,outcome=internal}"),
-        1
+        2
+    );
+    assert_eq!(
+        counts.get("cqrs_dispatch_duration_seconds{kind=command,message=test.add}"),
+        2
     );
     assert_eq!(
         counts.get("cqrs_dispatch_total{kind=command,message=test.add,outcome=cancelled}"),

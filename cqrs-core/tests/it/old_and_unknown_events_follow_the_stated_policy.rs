@@ -269,3 +269,34 @@ fn ever_new_unknown_event_types_make_a_bounded_number_of_metric_labels() {
     );
     assert!(labels.contains("other"), "{labels:?}");
 }
+
+struct ImpostorHandler;
+
+#[async_trait::async_trait]
+impl cqrs_core::EventHandler<Impostor> for ImpostorHandler {
+    async fn handle(
+        &self,
+        _event: &Impostor,
+        _ctx: cqrs_core::EventContext<'_>,
+    ) -> Result<(), cqrs_core::HandlerError> {
+        Ok(())
+    }
+}
+
+/// An event bus with handlers of two types under one wire name refuses to build, telling the
+/// collision once however many handlers each type has.
+#[test]
+fn an_event_bus_tells_a_shared_wire_name_once() {
+    let err = cqrs_core::EventBus::builder()
+        .handler::<Added, _>(Counter::named("first"))
+        .handler::<Impostor, _>(ImpostorHandler)
+        .handler::<Added, _>(Counter::named("second"))
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err.matches("share the wire name `test.added`").count(),
+        1,
+        "{err}"
+    );
+}

@@ -179,3 +179,27 @@ fn a_command_handled_by_two_plugins_names_both() {
         "{message}"
     );
 }
+
+/// A handler the server adds to the handlers it took from the plugins is the server's: a
+/// duplicate names the plugin and the server's own registration, not the plugin twice.
+#[test]
+fn a_handler_added_to_the_taken_handlers_is_not_blamed_on_the_last_plugin() {
+    let plugins = Plugins::from_plugins(plugins(&[("adder", &[])])).unwrap();
+    let mut registrar = PluginRegistrar::new();
+    plugins.install(&mut registrar).unwrap();
+    let mut commands = registrar.take_commands();
+    commands.add(OtherAddHandler);
+    let err = CommandBus::builder()
+        .handlers(commands)
+        .build()
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("AddHandler` (plugin `adder`)"),
+        "{message}"
+    );
+    assert!(
+        message.contains("OtherAddHandler` (on the bus builder)"),
+        "{message}"
+    );
+}
