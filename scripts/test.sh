@@ -34,9 +34,11 @@ apt_install() {
         # A fresh VM's unattended upgrades may hold the dpkg lock for a while: wait for it.
         # `Lock::Timeout` does not cover the package lists' lock, which a first boot's own
         # `apt-get update` holds: try again for up to 10 minutes.
-        local tries=0
+        # Bounded by the clock, not by a count of tries: one failing try (a network that does
+        # not answer) may itself take minutes.
+        local since=$SECONDS
         until DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -qq </dev/null; do
-            ((++tries < 60)) || die "apt-get update kept failing for 10 minutes (its error is above)"
+            ((SECONDS - since < 600)) || die "apt-get update kept failing for 10 minutes (its error is above)"
             log "apt-get update failed (another apt may hold its lock); trying again in 10 s"
             sleep 10
         done
@@ -102,7 +104,10 @@ ensure_postgres() {
                 cluster=main
             fi
             log "starting PostgreSQL $version/$cluster"
+            # A cluster that is starting already (at boot) is refused as "already running",
+            # and is then waited for like one this script started.
             pg_ctlcluster --skip-systemctl-redirect "$version" "$cluster" start ||
+                pg_lsclusters -h 2>/dev/null | awk -v v="$version" -v c="$cluster" '$1 == v && $2 == c && $4 ~ /^online/ { found = 1 } END { exit !found }' ||
                 die "could not start PostgreSQL $version/$cluster$([[ $(id -u) == 0 ]] || echo " (starting a cluster takes root: run this as root, or start it with sudo pg_ctlcluster $version $cluster start)")"
             wait_for 60 pg_up || die "PostgreSQL did not accept connections within 60 s"
         fi

@@ -90,7 +90,29 @@ fn reachable(rt: &Runtime) -> bool {
             .connect();
         let why = rt.block_on(async {
             match tokio::time::timeout(Duration::from_secs(5), probe).await {
-                Ok(Ok(_)) => None,
+                Ok(Ok(db)) => {
+                    // The bench crate builds with the adapters' `tls` feature (the helpdesk,
+                    // which `http_load` runs, turns it on): against a server with `ssl = on`
+                    // and a URL without `sslmode`, sqlx encrypts. Both sides of each ratio
+                    // share the connection settings; said here so runs compare like with like.
+                    let tls: Option<bool> = sqlx::query_scalar(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    )
+                    .fetch_optional(db.pool())
+                    .await
+                    .ok()
+                    .flatten();
+                    eprintln!(
+                        "postgres benches: connections {} (`sslmode=disable` or `require` in \
+                         DATABASE_URL decides)",
+                        match tls {
+                            Some(true) => "encrypted (TLS)",
+                            Some(false) => "in plain text",
+                            None => "of unknown encryption",
+                        }
+                    );
+                    None
+                }
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("no answer within 5 s".to_owned()),
             }

@@ -771,7 +771,32 @@ async fn drive(args: Args) -> Result<(), BoxError> {
         ),
         _ => println!("kernel memory / pair    - (/proc/net/sockstat or /proc/meminfo unreadable)"),
     }
-    Ok(())
+    // A run that lost, duplicated or garbled deliveries, or lost clients or the hub, fails
+    // (exit status 1), so a script reading only the status does not take it for a pass.
+    let problems: Vec<String> = [
+        (ramp_failed, "failed to subscribe"),
+        (missing, "deliveries missing"),
+        (summary.duplicates, "duplicates"),
+        (summary.errors, "error frames"),
+        (summary.malformed, "malformed event frames"),
+        (summary.failed_mid_run, "clients failed mid-run"),
+        (summary.timed_out, "clients timed out"),
+        (unreported, "clients unreported"),
+        (usize::from(exited.is_some()), "hub exits"),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the run was not clean: {} (figures above)",
+            problems.join(", ")
+        )
+        .into())
+    }
 }
 
 /// Fails when the hub process has exited (the ramp would otherwise wait for it for ever).

@@ -14,3 +14,4 @@ mod cqrs_cores_metrics_layer_adds_no_allocation;
 mod publishing_an_event_stays_within_its_allocation_budget;
 mod the_http_load_harness_runs_both_servers_without_failures;
 mod the_metrics_layer_counts_each_outcome;
+mod the_ws_fanout_harness_runs_clean_on_a_small_load;
