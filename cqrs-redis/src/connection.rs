@@ -10,7 +10,7 @@ use fred::error::ErrorKind as FredKind;
 use fred::interfaces::{ClientLike, EventInterface};
 use fred::prelude::{Builder, Options, ReconnectPolicy};
 use fred::socket2::TcpKeepalive;
-use fred::types::config::{Config, UnresponsiveConfig};
+use fred::types::config::{Config, ReconnectError, UnresponsiveConfig};
 use fred::types::{ClusterHash, CustomCommand, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +57,16 @@ pub(crate) fn builder(
             // look connected until the kernel gives up on it (~15 min).
             config.tcp.keepalive = options.tcp_keepalive.map(keepalive);
             config.unresponsive = unresponsive(options.unresponsive());
+            // Replies that say this connection's server cannot serve it any more, though the
+            // connection is up: a primary demoted to replica under its clients by a failover
+            // (`READONLY`: the DNS name now leads to the new primary, which a new connection
+            // reaches), a server loading its data, a cluster that is down. fred reconnects on
+            // them and retries the command; without this every write would fail for good.
+            config.reconnect_errors = vec![
+                ReconnectError::ReadOnly,
+                ReconnectError::Loading,
+                ReconnectError::ClusterDown,
+            ];
         })
         .with_performance_config(|config| {
             // fred's default of 0 queues commands for as long as a reconnect takes.
@@ -237,18 +247,31 @@ pub(crate) async fn subscriber(
 
 /// Fails unless the server is Redis 7.0 or later.
 pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
-    let info: String = client
+    let info: Result<String, _> = client
         .custom(
             CustomCommand::new("INFO", ClusterHash::Random, false),
             vec!["server"],
         )
-        .await
-        .map_err(transport_error)?;
-    let found = info
-        .lines()
-        .find_map(|line| line.strip_prefix("redis_version:"))
-        .map(|v| v.trim().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned());
+        .await;
+    let found = match info {
+        Ok(info) => info
+            .lines()
+            .find_map(|line| line.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| "unknown".to_owned()),
+        // `INFO` is `@dangerous`: a least-privilege user (`+@all -@dangerous`) may not run
+        // it. `HELLO` without arguments (which keeps the protocol) tells the version too.
+        Err(e) if e.details().starts_with("NOPERM") => match hello_version(client).await {
+            Some(version) => version,
+            None => {
+                tracing::warn!(
+                    "cannot check the Redis server's version: the user may run neither INFO                      nor HELLO; Redis 7.0 or later is required (older servers fail later, at                      the first command they lack)"
+                );
+                return Ok(());
+            }
+        },
+        Err(e) => return Err(transport_error(e).into()),
+    };
     if version_at_least(&found, REQUIRED_VERSION) {
         Ok(())
     } else {
@@ -257,6 +280,20 @@ pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
             required: "7.0",
         })
     }
+}
+
+/// The server's version from `HELLO` (no arguments: the connection's protocol stays as it is),
+/// if the user may run it and it names one.
+async fn hello_version(client: &Client) -> Option<String> {
+    let reply: Value = client
+        .custom(
+            CustomCommand::new("HELLO", ClusterHash::Random, false),
+            Vec::<Value>::new(),
+        )
+        .await
+        .ok()?;
+    let items = entry::array(reply);
+    entry::info_field(&items, "version").and_then(Value::as_string)
 }
 
 /// Warns when the server may evict any key to free memory (`maxmemory-policy` `allkeys-*`):

@@ -92,6 +92,11 @@ pub(crate) fn transport_error(error: FredError) -> TransportError {
         "TRYAGAIN",
         "CLUSTERDOWN",
         "OOM",
+        // A demoted primary (reconnected away from), a primary short of replicas, one whose
+        // snapshots fail: each refuses writes until it is fixed or replaced.
+        "READONLY",
+        "NOREPLICAS",
+        "MISCONF",
     ]
     .iter()
     .any(|prefix| details.starts_with(prefix));

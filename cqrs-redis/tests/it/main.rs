@@ -3,6 +3,7 @@
 //! test id, and deletes its keys when it passes. Without Redis they skip, unless
 //! `CQRS_REQUIRE_SERVICES=1`.
 
+mod own_server;
 mod proxy;
 mod support;
 #[cfg(feature = "tls")]
@@ -18,6 +19,7 @@ mod a_group_gone_after_a_failed_read_is_created_again;
 mod a_group_set_back_still_hands_out_each_key_in_order;
 mod a_kept_alive_release_is_not_released_again;
 mod a_message_that_is_not_utf8_is_counted_as_missed;
+mod a_primary_demoted_under_its_connections_is_left_for_the_new_one;
 mod a_read_ended_by_client_unblock_error_keeps_what_the_consumer_holds;
 mod a_read_in_flight_when_its_connection_dies_is_not_sent_again;
 mod a_read_redis_served_before_its_connection_closed_is_taken_over;
@@ -28,6 +30,7 @@ mod a_single_event_in_a_lane_is_chained_like_a_batch;
 mod a_single_event_outside_any_lane_is_stored_like_a_batch;
 mod a_stream_deleted_during_a_blocking_read_is_recreated;
 mod a_timed_out_read_keeps_its_connection_when_unresponsive_ones_are_never_replaced;
+mod a_user_without_dangerous_commands_connects_and_works;
 mod acks_and_close_keep_their_bookkeeping;
 mod an_entry_dead_lettered_in_a_chain_keeps_its_lane_in_order;
 mod an_entry_whose_read_reply_was_lost_is_handed_out_once;

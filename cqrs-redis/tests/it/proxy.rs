@@ -24,6 +24,8 @@ pub(crate) struct Proxy {
 
 #[derive(Default)]
 struct State {
+    /// Where new connections go (`host:port`); [`Proxy::redirect`] changes it.
+    upstream: Mutex<String>,
     black_hole: AtomicBool,
     /// An argument (as sent: `\r\nWORD\r\n`) of the command whose reply is to be lost, once.
     trap: Mutex<Option<Vec<u8>>>,
@@ -49,14 +51,17 @@ impl Proxy {
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            upstream: Mutex::new(host),
+            ..State::default()
+        });
         let accept = {
             let state = state.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let dead = Arc::new(AtomicBool::new(state.black_hole.load(Ordering::SeqCst)));
                     state.connections.lock().unwrap().push(dead.clone());
-                    let host = host.clone();
+                    let host = state.upstream.lock().unwrap().clone();
                     let shared = state.clone();
                     let pump = tokio::spawn(async move {
                         let (client_read, client_write) = client.into_split();
@@ -153,6 +158,12 @@ impl Proxy {
     /// Everything the clients sent through the proxy so far.
     pub(crate) fn sent(&self) -> Vec<u8> {
         self.state.sent.lock().unwrap().clone()
+    }
+
+    /// New connections go to `upstream` (`host:port`) from now on; those held stay where they
+    /// are, as when a failover moves a DNS name to another server.
+    pub(crate) fn redirect(&self, upstream: &str) {
+        *self.state.upstream.lock().unwrap() = upstream.to_owned();
     }
 
     /// New connections pass through again; the dead ones stay dead.
