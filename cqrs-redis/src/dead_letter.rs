@@ -102,7 +102,10 @@ impl RedisStreamTransport {
     /// Publishes dead letters again, each to the group that gave up on it only (the other
     /// groups skip the entry), and removes them from the dead-letter stream, in one script.
     /// Ids not found are left out of the answer, which lists the others in the order they
-    /// were published again.
+    /// were published again. So are, left in the dead-letter stream with a warning, dead
+    /// letters whose group no longer exists on the topic (deleted, or renamed): published
+    /// for it, every other group would acknowledge the entry unhandled and the event would
+    /// be gone. Create the group again (or consume under its name) to replay them.
     ///
     /// Order: the dead letters of one call are published again in the order of their
     /// original entries (where each event was first published, also for one dead-lettered
@@ -144,8 +147,23 @@ impl RedisStreamTransport {
             )
             .await
             .map_err(transport_error)?;
+        let mut parts = entry::array(reply).into_iter();
+        let (replayed, gone) = (
+            entry::array(parts.next().unwrap_or(Value::Null)),
+            entry::array(parts.next().unwrap_or(Value::Null)),
+        );
+        let mut gone = gone.into_iter();
+        while let (Some(dead), Some(group)) = (gone.next(), gone.next()) {
+            tracing::warn!(
+                topic,
+                dead_letter = dead.as_str().as_deref().unwrap_or("?"),
+                group = group.as_str().as_deref().unwrap_or("?"),
+                "dead letter not replayed: its group no longer exists on the topic (no \
+                 consumer would handle it); it stays in the dead-letter stream"
+            );
+        }
         let mut out = Vec::new();
-        let mut items = entry::array(reply).into_iter();
+        let mut items = replayed.into_iter();
         while let (Some(dead), Some(entry)) = (items.next(), items.next()) {
             if let (Some(dead_letter_id), Some(entry_id)) =
                 (dead.into_string(), entry.into_string())

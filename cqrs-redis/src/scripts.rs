@@ -486,8 +486,10 @@ return {removed, bound}
 "#;
 
 /// KEYS: stream, dead. ARGV: dead-letter ids. Publishes each dead letter's entry again, for its
-/// group only, and deletes the dead letter. Returns `{dead id, new id, ...}` for those found,
-/// in the order they were published again.
+/// group only, and deletes the dead letter. Returns `{{dead id, new id, ...}, {dead id, group,
+/// ...}}`: first those found and published again, in that order, then those left as they are
+/// because their group no longer exists on the stream (deleted, or renamed): published for it,
+/// every other group would acknowledge the entry unhandled, and the event would be gone.
 ///
 /// They are published in the order of their original entries (`dead.entry`; the dead letter's
 /// own id breaks ties and stands in for a missing one), not the order of the arguments. The
@@ -498,6 +500,11 @@ return {removed, bound}
 /// lane's live entries (the lanes hash is left alone): they follow no published event, and
 /// none waits for them. Entries in no lane stay in none.
 const REPLAY: &str = r#"
+local groups = {}
+local info = redis.pcall('XINFO', 'GROUPS', KEYS[1])
+if type(info) == 'table' and not info.err then
+  for _, g in ipairs(info) do groups[field(g, 'name')] = true end
+end
 local found, seen = {}, {}
 for i = 1, #ARGV do
   local dead = ARGV[i]
@@ -525,38 +532,44 @@ table.sort(found, function(a, b)
 end)
 -- Per group and lane, the entry replayed last by this call.
 local last = {}
-local out = {}
+local out, gone = {}, {}
 for _, d in ipairs(found) do
   local fields = d.fields
-  local f = {}
-  -- Bounded like a dead letter's copy (a dead letter written by hand may have any number).
-  copy_fields(f, fields, function(name)
-    return string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev'
-      and name ~= 'group' and name ~= 'replayed' and name ~= 'origin'
-  end)
   local group = field(fields, 'dead.group') or ''
-  local lane = field(fields, 'lane')
-  local chain = nil
-  if lane and lane ~= '' then
-    chain = group .. '\n' .. lane
-    f[#f + 1] = 'lane'
-    f[#f + 1] = lane
-    f[#f + 1] = 'prev'
-    f[#f + 1] = last[chain] or ''
+  -- No group named: any group takes the entry.
+  if group ~= '' and not groups[group] then
+    gone[#gone + 1] = d.dead
+    gone[#gone + 1] = group
+  else
+    local f = {}
+    -- Bounded like a dead letter's copy (a dead letter written by hand may have any number).
+    copy_fields(f, fields, function(name)
+      return string.sub(name, 1, 5) ~= 'dead.' and name ~= 'lane' and name ~= 'prev'
+        and name ~= 'group' and name ~= 'replayed' and name ~= 'origin'
+    end)
+    local lane = field(fields, 'lane')
+    local chain = nil
+    if lane and lane ~= '' then
+      chain = group .. '\n' .. lane
+      f[#f + 1] = 'lane'
+      f[#f + 1] = lane
+      f[#f + 1] = 'prev'
+      f[#f + 1] = last[chain] or ''
+    end
+    f[#f + 1] = 'group'
+    f[#f + 1] = group
+    f[#f + 1] = 'replayed'
+    f[#f + 1] = d.dead
+    f[#f + 1] = 'origin'
+    f[#f + 1] = d.origin
+    local id = redis.call('XADD', KEYS[1], '*', unpack(f))
+    if chain then last[chain] = id end
+    redis.call('XDEL', KEYS[2], d.dead)
+    out[#out + 1] = d.dead
+    out[#out + 1] = id
   end
-  f[#f + 1] = 'group'
-  f[#f + 1] = group
-  f[#f + 1] = 'replayed'
-  f[#f + 1] = d.dead
-  f[#f + 1] = 'origin'
-  f[#f + 1] = d.origin
-  local id = redis.call('XADD', KEYS[1], '*', unpack(f))
-  if chain then last[chain] = id end
-  redis.call('XDEL', KEYS[2], d.dead)
-  out[#out + 1] = d.dead
-  out[#out + 1] = id
 end
-return out
+return {out, gone}
 "#;
 
 /// KEYS: stream. ARGV: group, minimum idle (ms). Deletes the group's consumers that hold no

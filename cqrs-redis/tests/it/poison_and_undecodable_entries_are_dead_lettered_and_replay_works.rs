@@ -260,3 +260,110 @@ async fn a_dead_letter_written_without_its_group_is_replayed_and_retried() {
     .await;
     env.cleanup().await;
 }
+
+/// A dead letter whose group no longer exists (the projection was renamed, its group
+/// destroyed) is not replayed: published for it, every other group would acknowledge the
+/// entry unhandled and the event would be gone. It stays in the dead-letter stream, and once
+/// the group exists again, replaying it reaches the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_group_that_is_gone_stays_until_the_group_is_back() {
+    let Some(env) = Env::new("dead-gone").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("payments");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let options = |name: &str| {
+                consumer_options(&format!("{}-{name}", env.id))
+                    .redelivery_delay(Duration::from_millis(200))
+                    .max_deliveries(1)
+            };
+            let mut old = env
+                .transport
+                .redis_consumer(&topic, "proj-v1", options("old"))
+                .await
+                .unwrap();
+            let mut other = env
+                .transport
+                .redis_consumer(&topic, "audit", options("audit"))
+                .await
+                .unwrap();
+            env.transport
+                .publish(&topic, &[event(None, 7)])
+                .await
+                .unwrap();
+            let d = old.fetch(10).await.unwrap().pop().expect("the event");
+            old.nack_with_error(&d.id, "handler exploded")
+                .await
+                .unwrap();
+            assert_eq!(
+                drain(&mut other, 1).await,
+                [7],
+                "the audit group handles it"
+            );
+            // Its deliveries spent, the next fetch dead-letters it.
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            let letters = loop {
+                assert!(old.fetch(10).await.unwrap().is_empty(), "handed out again");
+                let letters = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+                if !letters.is_empty() {
+                    break letters;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "not dead-lettered in 10 s"
+                );
+            };
+            assert_eq!(letters.len(), 1, "{letters:#?}");
+            assert_eq!(letters[0].group, "proj-v1");
+
+            // The projection is renamed: its group destroyed.
+            drop(old);
+            env.command(
+                "XGROUP",
+                vec!["DESTROY".into(), stream.as_str().into(), "proj-v1".into()],
+            )
+            .await;
+            let replayed = env
+                .transport
+                .replay_dead_letters(&topic, std::slice::from_ref(&letters[0].id))
+                .await
+                .unwrap();
+            assert!(
+                replayed.is_empty(),
+                "replayed for a group that is gone: {replayed:?}"
+            );
+            let kept = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert_eq!(
+                kept.iter().map(|l| &l.id).collect::<Vec<_>>(),
+                [&letters[0].id],
+                "the dead letter stays"
+            );
+            assert!(drain(&mut other, 1).await.is_empty(), "audit got a replay");
+
+            // The group is back: the replay reaches it.
+            let mut back = env
+                .transport
+                .redis_consumer(&topic, "proj-v1", options("back"))
+                .await
+                .unwrap();
+            // A new group reads the stream from its start: the original entry first.
+            assert_eq!(drain(&mut back, 1).await, [7], "the original entry");
+            let replayed = env
+                .transport
+                .replay_dead_letters(&topic, std::slice::from_ref(&letters[0].id))
+                .await
+                .unwrap();
+            assert_eq!(replayed.len(), 1);
+            assert_eq!(
+                drain(&mut back, 1).await,
+                [7],
+                "the replay reaches the group"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
