@@ -19,6 +19,11 @@ use std::sync::Arc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite;
 
+/// The longest error message sent, as JSON writes it: with the longest topic and the frame's
+/// own fields, an error frame stays within the write room the options keep free
+/// (`MIN_WRITE_ROOM`).
+const MAX_ERROR_MESSAGE_LEN: usize = 256;
+
 /// Frames the writer takes from the queue per flush.
 const WRITE_BATCH: u64 = 64;
 
@@ -393,6 +398,9 @@ impl<P: Send + Sync + 'static> Session<P> {
         // frame longer than the write buffer takes would fail the write and drop a connection
         // that an error frame leaves open.
         let topic = topic.map(|name| crate::topic::cut_for_json(name, crate::MAX_TOPIC_LEN));
+        // So is the message: an authorizer's refusal may quote anything at any length (a
+        // database error), and the hub's own room for its frames is bounded.
+        let message = crate::topic::cut_for_json(message, MAX_ERROR_MESSAGE_LEN);
         self.send(&ServerFrame::error(code, message, topic));
     }
 

@@ -314,6 +314,21 @@ impl HubOptions {
             1,
         );
         at_least("replay_buffer", self.replay_buffer, 1);
+        // tungstenite reserves what a frame header declares, up to the limit: a limit of
+        // `usize::MAX` ("none") would let one client's header make the process abort on
+        // a failed allocation, and a read buffer that large fails every upgrade.
+        for (name, value) in [
+            ("read_buffer_size", self.read_buffer_size),
+            ("max_message_size", self.max_message_size),
+            ("max_frame_size", self.max_frame_size),
+        ] {
+            if value > MAX_CLIENT_MESSAGE {
+                problems.push(format!(
+                    "{name} must be at most {MAX_CLIENT_MESSAGE} (16 MiB; client frames are \
+                     small), got {value}"
+                ));
+            }
+        }
         if self
             .write_buffer_size
             .checked_add(MIN_WRITE_ROOM)
@@ -351,6 +366,9 @@ impl HubOptions {
     }
 }
 
+/// The most `read_buffer_size`, `max_message_size` and `max_frame_size` may be.
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024 * 1024;
+
 /// The least room between `write_buffer_size` and `max_write_buffer_size`: the largest frame
 /// the hub writes itself (an error frame echoing a 200-byte topic, an `event_too_large` frame:
 /// under 600 bytes), a frame header and a control frame tungstenite may queue (141 bytes),
@@ -364,6 +382,32 @@ mod tests {
     /// A write buffer too small for the hub's own frames was accepted: every event became an
     /// `event_too_large` frame the buffer could not take either, the write failed, and the
     /// client, dropped without a close, reconnected in a loop.
+    /// "No limit" as `usize::MAX` was accepted: one client's frame header declaring a
+    /// terabyte then made tungstenite reserve it, and the process aborted; a read buffer that
+    /// large failed every upgrade.
+    #[test]
+    fn client_message_limits_past_16_mib_are_refused() {
+        let problems = HubOptions::new()
+            .max_frame_size(usize::MAX)
+            .max_message_size(usize::MAX)
+            .read_buffer_size(usize::MAX)
+            .problems();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for name in ["read_buffer_size", "max_message_size", "max_frame_size"] {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.starts_with(&format!("{name} must be at most"))),
+                "{name}: {problems:?}"
+            );
+        }
+        let at_the_limit = HubOptions::new()
+            .max_frame_size(MAX_CLIENT_MESSAGE)
+            .max_message_size(MAX_CLIENT_MESSAGE)
+            .read_buffer_size(MAX_CLIENT_MESSAGE);
+        assert_eq!(at_the_limit.problems(), Vec::<String>::new());
+    }
+
     #[test]
     fn a_write_buffer_too_small_for_the_hubs_own_frames_is_refused() {
         assert_eq!(

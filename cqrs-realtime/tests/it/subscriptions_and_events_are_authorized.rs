@@ -72,3 +72,57 @@ async fn each_event_reaches_only_the_subscribers_that_may_see_it() {
     })
     .await;
 }
+
+/// Refuses every subscription with a long message, as one quoting a database error might.
+struct Verbose;
+
+#[async_trait::async_trait]
+impl cqrs_realtime::Authorizer<crate::support::User> for Verbose {
+    async fn authorize_subscribe(
+        &self,
+        _: &crate::support::User,
+        _: &cqrs_realtime::Topic,
+    ) -> Result<(), cqrs_realtime::Refusal> {
+        Err(cqrs_realtime::Refusal::forbidden(
+            "the rule says no. ".repeat(500),
+        ))
+    }
+
+    fn may_see(
+        &self,
+        _: &crate::support::User,
+        _: &cqrs_realtime::Topic,
+        _: &cqrs_realtime::PushedEvent,
+    ) -> bool {
+        true
+    }
+}
+
+/// A refusal's message is cut to fit the error frame: with the write buffer at its least, a
+/// 9 KB message used to fail the write and drop the connection instead of an error frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_refusal_is_cut_to_fit_and_the_connection_stays_open() {
+    with_timeout(TEST_LIMIT, async {
+        let options = HubOptions::new().max_write_buffer_size(1024);
+        let t = TestHub::start_on(
+            std::sync::Arc::new(cqrs_core::memory::InMemoryPubSub::new()),
+            options,
+            |b| b.authorizer(Verbose),
+        )
+        .await;
+        let mut client = t.connect("user-u1").await;
+        client
+            .send(json!({"type": "subscribe", "topic": "ticket:t1"}))
+            .await;
+        match client.frame().await {
+            ServerFrame::Error { code, message, .. } => {
+                assert_eq!(code, "forbidden");
+                assert!(message.starts_with("the rule says no."), "{message}");
+                assert!(message.len() <= 512, "{} bytes", message.len());
+            }
+            other => panic!("expected forbidden, got {other:?}"),
+        }
+        client.ping_pong().await;
+    })
+    .await;
+}
