@@ -100,6 +100,9 @@ impl std::fmt::Debug for PgOptions {
     }
 }
 
+/// The most connections a pool may open: PostgreSQL's own bound on `max_connections`.
+const MAX_CONNECTIONS: u32 = 262_143;
+
 impl PgOptions {
     /// Options for the server at `url` (`postgres://user:password@host:port/database`), with
     /// every other setting at its default.
@@ -304,6 +307,15 @@ impl PgOptions {
         if self.max_connections == 0 {
             problems.push("max_connections must be at least 1".to_owned());
         }
+        // sqlx allocates a slot per connection when the pool is made: a huge bound (a stray
+        // environment variable) would abort the process instead of failing here. PostgreSQL
+        // itself takes at most this many.
+        if self.max_connections > MAX_CONNECTIONS {
+            problems.push(format!(
+                "max_connections must be at most {MAX_CONNECTIONS} (PostgreSQL's own limit), got {}",
+                self.max_connections
+            ));
+        }
         if self.min_connections > self.max_connections {
             problems.push(format!(
                 "min_connections ({}) is more than max_connections ({})",
@@ -332,33 +344,33 @@ impl PgOptions {
             "idle_in_transaction_timeout",
             self.idle_in_transaction_timeout,
         );
-        // Zero would close every connection on release, and sqlx's reaper would check the
-        // pool without pause.
-        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
-            problems.push(
-                "idle_timeout must be more than zero (`None` keeps idle connections)".to_owned(),
-            );
-        }
-        if self.max_lifetime.is_some_and(|t| t.is_zero()) {
-            problems.push(
-                "max_lifetime must be more than zero (`None` keeps connections without limit)"
-                    .to_owned(),
-            );
-        }
-        if self
-            .idle_in_transaction_timeout
-            .is_some_and(|t| t.is_zero())
-        {
-            problems.push(
-                "idle_in_transaction_timeout must be more than zero (`None` leaves the server's \
-                 setting)"
-                    .to_owned(),
-            );
-        }
-        // Zero means "no limit" to Postgres but would be sent as 1 ms here: refuse it.
-        if self.statement_timeout.is_some_and(|t| t.is_zero()) {
-            problems
-                .push("statement_timeout must be more than zero (`None` sets no limit)".to_owned());
+        // Under a millisecond (zero included) is refused: the two reaper intervals would have
+        // sqlx's reaper check the pool without pause (and zero close every connection on
+        // release); the two session timeouts go to the server in whole milliseconds, at least
+        // 1, so they would end every transaction or statement almost at once (zero means "no
+        // limit" to Postgres, and would be sent as 1 ms).
+        let under_a_millisecond =
+            |t: Option<Duration>| t.is_some_and(|t| t < Duration::from_millis(1));
+        for (name, value, none) in [
+            ("idle_timeout", self.idle_timeout, "keeps idle connections"),
+            (
+                "max_lifetime",
+                self.max_lifetime,
+                "keeps connections without limit",
+            ),
+            (
+                "idle_in_transaction_timeout",
+                self.idle_in_transaction_timeout,
+                "leaves the server's setting",
+            ),
+            ("statement_timeout", self.statement_timeout, "sets no limit"),
+        ] {
+            if under_a_millisecond(value) {
+                problems.push(format!(
+                    "{name} must be at least 1 ms, got {:?} (`None` {none})",
+                    value.unwrap_or_default()
+                ));
+            }
         }
         match connect {
             Some(connect) if problems.is_empty() => {
@@ -607,6 +619,44 @@ mod tests {
         assert_eq!(timed.get_options(), Some("-c statement_timeout=5000"));
     }
 
+    /// Durations under a millisecond acted as the zero that is refused (sent as 1 ms, or a
+    /// reaper without pause), and a huge pool bound made sqlx allocate a slot per connection
+    /// and abort the process: all refused, each named.
+    #[test]
+    fn sub_millisecond_durations_and_huge_pools_are_refused() {
+        let url = "postgres://postgres@127.0.0.1:5432/test";
+        let tiny = Some(Duration::from_micros(500));
+        let err = PgOptions::new(url)
+            .idle_timeout(tiny)
+            .max_lifetime(tiny)
+            .idle_in_transaction_timeout(tiny)
+            .statement_timeout(tiny)
+            .max_connections(u32::MAX)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for name in [
+            "idle_timeout must be at least 1 ms",
+            "max_lifetime must be at least 1 ms",
+            "idle_in_transaction_timeout must be at least 1 ms",
+            "statement_timeout must be at least 1 ms",
+            "max_connections must be at most 262143",
+        ] {
+            assert!(err.contains(name), "{name} in {err}");
+        }
+        let ms = Some(Duration::from_millis(1));
+        assert!(
+            PgOptions::new(url)
+                .idle_timeout(ms)
+                .max_lifetime(ms)
+                .idle_in_transaction_timeout(ms)
+                .statement_timeout(ms)
+                .max_connections(MAX_CONNECTIONS)
+                .validate()
+                .is_ok()
+        );
+    }
+
     /// Without the `tls` feature a URL that insists on TLS is refused as invalid options (it
     /// failed at connect as a retryable `Unavailable`), saying how to turn TLS on; with it,
     /// every mode is accepted. The modes that fall back to a plain connection are accepted
@@ -825,8 +875,8 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "idle_timeout must be more than zero (`None` keeps idle connections)",
-                "max_lifetime must be more than zero (`None` keeps connections without limit)",
+                "idle_timeout must be at least 1 ms, got 0ns (`None` keeps idle connections)",
+                "max_lifetime must be at least 1 ms, got 0ns (`None` keeps connections without limit)",
             ]
         );
         assert!(

@@ -94,8 +94,122 @@ pub(crate) fn valid_schema(schema: &str) -> Result<(), String> {
             schema.chars().take(80).collect::<String>()
         ));
     }
+    // This crate quotes the name, but the application's own SQL qualifies its tables with it
+    // as it is (`{schema}.tickets`, as the docs show): a keyword there is a syntax error.
+    if KEYWORDS_NOT_A_SCHEMA.contains(&schema) {
+        return Err(format!(
+            "schema `{schema}` is an SQL keyword, which unquoted SQL (`{schema}.tickets`) cannot \
+             name: pick another name (say `{schema}_data`)"
+        ));
+    }
     Ok(())
 }
+
+/// PostgreSQL's keywords that may not qualify a table name unquoted: the reserved ones and
+/// those reserved but for functions and types (PostgreSQL 17's list, Appendix C).
+const KEYWORDS_NOT_A_SCHEMA: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
 
 /// The columns of an event row, in the order [`crate::row`] reads them.
 const EVENT_COLUMNS: &str = "position, stream_id, stream_version, event_id, event_type, \
@@ -496,9 +610,48 @@ mod tests {
             "a\"b",
             "pg_catalog",
             &"a".repeat(57),
+            "order",
+            "user",
+            "end",
+            "left",
         ] {
             assert!(valid_schema(bad).is_err(), "{bad:?} was accepted");
         }
+        // Unreserved keywords qualify a table name unquoted.
+        assert!(valid_schema("data").is_ok());
+        assert!(valid_schema("orders").is_ok());
+    }
+
+    /// Every keyword that breaks unquoted SQL on the server at hand (`pg_get_keywords`) is
+    /// refused. The list may hold more: keywords newer servers reserve (`system_user`, 16).
+    #[tokio::test]
+    async fn the_refused_keywords_are_the_servers_reserved_ones() {
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            let required = std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1");
+            assert!(
+                !required,
+                "DATABASE_URL is not set and CQRS_REQUIRE_SERVICES=1"
+            );
+            eprintln!("skipping: DATABASE_URL is not set");
+            return;
+        };
+        let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+        let mut reserved: Vec<String> = sqlx::query_scalar(
+            "SELECT word FROM pg_get_keywords() WHERE catcode IN ('R', 'T') ORDER BY word",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("pg_get_keywords");
+        pool.close().await;
+        reserved.sort();
+        let ours: Vec<String> = KEYWORDS_NOT_A_SCHEMA
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        let missing: Vec<_> = reserved.iter().filter(|k| !ours.contains(k)).collect();
+        assert!(missing.is_empty(), "not refused: {missing:?}");
+        // And what the server reserves breaks a qualified name, as the list says.
+        assert!(reserved.iter().any(|k| k == "order"), "{reserved:?}");
     }
 
     #[test]
