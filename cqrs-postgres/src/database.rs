@@ -249,6 +249,32 @@ impl PgDatabase {
         &self.sql.schema
     }
 
+    /// Whether `other` holds its tables in the same place: the same schema of the same
+    /// database on the same server (as the connect options name them; two pools to one
+    /// database are the same store). A unit of work of one store must not run a command meant
+    /// for the other: its events would land where the other's relay never ships them.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), cqrs_postgres::PgError> {
+    /// use cqrs_postgres::PgOptions;
+    ///
+    /// let a = PgOptions::new("postgres://postgres@db-a/app").connect().await?;
+    /// let b = PgOptions::new("postgres://postgres@db-b/app").connect().await?;
+    /// assert!(a.is_same_store(&a.clone()));
+    /// assert!(!a.is_same_store(&b)); // both in schema `cqrs`, on two servers
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn is_same_store(&self, other: &PgDatabase) -> bool {
+        self.sql.schema == other.sql.schema && self.target == other.target
+    }
+
+    /// The schema and where it is, for messages: ``schema `cqrs` of postgres at host:5432,
+    /// database `app` ``.
+    pub(crate) fn place(&self) -> String {
+        format!("schema `{}` of {}", self.sql.schema, self.target)
+    }
+
     /// The LISTEN/NOTIFY channel that every append notifies at commit: `{schema}_events`.
     pub fn channel(&self) -> &str {
         &self.sql.channel

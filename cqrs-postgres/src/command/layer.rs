@@ -171,12 +171,12 @@ where
             .get::<PgUnitOfWork>()
             .filter(|uow| uow.is_layered())
         {
-            if outer.database().schema() != self.config.db.schema() {
+            if !outer.database().is_same_store(&self.config.db) {
                 let message = format!(
-                    "two PgCommandLayers on one bus, for schemas `{}` and `{}`: a command runs in \
+                    "two PgCommandLayers on one bus, for the {} and the {}: a command runs in \
                      one transaction, so keep one layer",
-                    outer.database().schema(),
-                    self.config.db.schema()
+                    outer.database().place(),
+                    self.config.db.place()
                 );
                 return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
             }
@@ -186,13 +186,13 @@ where
         // (`CommandBus::execute_with_extensions`): the command runs in it, if it is for this
         // layer's schema (the relay of another would never ship its events).
         let uow = match dispatch.extensions_mut().remove::<PgUnitOfWork>() {
-            Some(uow) if uow.database().schema() != self.config.db.schema() => {
+            Some(uow) if !uow.database().is_same_store(&self.config.db) => {
                 let message = format!(
-                    "the unit of work given with the command is for schema `{}`, but the bus's \
-                     PgCommandLayer is for `{}`: make the PgCommandExecutor (or the unit of \
+                    "the unit of work given with the command is for the {}, but the bus's \
+                     PgCommandLayer is for the {}: make the PgCommandExecutor (or the unit of \
                      work) with the same PgDatabase as the layer",
-                    uow.database().schema(),
-                    self.config.db.schema()
+                    uow.database().place(),
+                    self.config.db.place()
                 );
                 return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
             }

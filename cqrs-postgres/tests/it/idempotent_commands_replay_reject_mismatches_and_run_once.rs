@@ -159,6 +159,44 @@ pg_test! {
 }
 
 pg_test! {
+    /// The same check across databases: an executor whose database is another one (another
+    /// server, or another database on it) under the same schema name (the default `cqrs`,
+    /// likely) would run the command there, where this layer's relay never ships its events.
+    /// Refused, naming both places, before anything is written.
+    async fn an_executor_for_another_database_with_the_same_schema_is_refused(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        // The same schema name in the server's `postgres` database.
+        let mut url = url::Url::parse(&crate::support::database_url()).unwrap();
+        url.set_path("/postgres");
+        let other = cqrs_postgres::PgOptions::new(url.as_str())
+            .schema(db.schema())
+            .connect()
+            .await
+            .unwrap();
+        other.migrate().await.unwrap();
+        tickets::create_table(&other).await;
+        let handler = OpenTicketHandler::default();
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(handler.clone())
+            .build()
+            .unwrap();
+        let executor = PgCommandExecutor::new(bus, other.clone());
+        let key = IdempotencyKey::new("POST /tickets", "k1", "fp-1", DAY);
+        let refused = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        let message = refused.to_string();
+        assert!(message.contains("database `postgres`"), "{message}");
+        assert!(!db.is_same_store(&other) && db.is_same_store(&db.clone()));
+        assert_eq!(handler.runs.load(Ordering::SeqCst), 0, "the handler did not run");
+        other.drop_schema().await.unwrap();
+    }
+}
+
+pg_test! {
     /// A claim's transaction stays open while the caller works outside it. Under the pool's
     /// `idle_in_transaction_timeout` the server used to end it mid-work, so a duplicate took
     /// the key and ran the work a second time and the first `complete` failed; the claim now

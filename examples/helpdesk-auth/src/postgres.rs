@@ -209,7 +209,7 @@ impl UserStore for PgUserStore {
         // On the command's transaction when it runs on this database: one pool connection per
         // command, however many commands are in flight.
         match PgUnitOfWork::from_context(ctx) {
-            Ok(uow) if uow.database().schema() == self.db.schema() => {
+            Ok(uow) if uow.database().is_same_store(&self.db) => {
                 let conn = uow.connection().await?;
                 self.one_on(conn, Key::Id(id)).await
             }
