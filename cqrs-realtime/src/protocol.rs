@@ -61,8 +61,27 @@ impl ClientFrame {
             code: ErrorCode::MalformedFrame,
             message,
         };
-        let value: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| malformed(format!("the frame is not valid JSON: {e}")))?;
+        // An object, its keys checked for repeats on the way: JSON readers disagree on which
+        // of two `type`s or `topic`s counts (serde_json keeps the last), so a proxy or log
+        // could read another frame than the hub. Anything else is parsed again as a value,
+        // for the messages below.
+        let value = match serde_json::from_str::<UniqueKeys>(text) {
+            Ok(UniqueKeys {
+                map,
+                repeated: None,
+            }) => serde_json::Value::Object(map),
+            Ok(UniqueKeys {
+                repeated: Some(key),
+                ..
+            }) => {
+                return Err(malformed(format!(
+                    "the field `{}` appears twice: send each field once",
+                    key.chars().take(64).collect::<String>()
+                )));
+            }
+            Err(_) => serde_json::from_str(text)
+                .map_err(|e| malformed(format!("the frame is not valid JSON: {e}")))?,
+        };
         let Some(kind) = value.get("type") else {
             return Err(malformed(
                 "the frame is not a JSON object with a string `type`".into(),
@@ -106,6 +125,44 @@ impl ClientFrame {
             ));
         }
         serde_json::from_value(value).map_err(|e| malformed(format!("invalid `{kind}` frame: {e}")))
+    }
+}
+
+/// A JSON object read with the first key it repeats, if any (`serde_json::Value` keeps the
+/// last of two silently).
+struct UniqueKeys {
+    map: serde_json::Map<String, serde_json::Value>,
+    repeated: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut map = serde_json::Map::new();
+                let mut repeated = None;
+                while let Some(key) = access.next_key::<String>()? {
+                    let value = access.next_value()?;
+                    if map.contains_key(&key) {
+                        repeated.get_or_insert(key);
+                    } else {
+                        map.insert(key, value);
+                    }
+                }
+                Ok(UniqueKeys { map, repeated })
+            }
+        }
+        deserializer.deserialize_map(Keys)
     }
 }
 
@@ -300,6 +357,37 @@ mod tests {
                 topic: "t".into(),
                 since: Some("1".into())
             }
+        );
+    }
+
+    /// A field sent twice was taken from its last copy (serde_json's choice; other readers
+    /// take the first): `{"type":"ping","type":"subscribe",...}` subscribed. Refused, naming
+    /// the field; what is not an object keeps its own message.
+    #[test]
+    fn a_repeated_field_is_refused() {
+        for frame in [
+            r#"{"type":"ping","type":"subscribe","topic":"x"}"#,
+            r#"{"type":"subscribe","topic":"a","topic":"b"}"#,
+            r#"{"type":"subscribe","topic":"a","since":"1","since":"2"}"#,
+        ] {
+            let refused = ClientFrame::parse(frame).unwrap_err();
+            assert_eq!(refused.code(), ErrorCode::MalformedFrame, "{frame}");
+            assert!(
+                refused.to_string().contains("appears twice"),
+                "{frame}: {refused}"
+            );
+        }
+        let not_json = ClientFrame::parse("{").unwrap_err();
+        assert!(
+            not_json
+                .to_string()
+                .starts_with("the frame is not valid JSON"),
+            "{not_json}"
+        );
+        let not_an_object = ClientFrame::parse("[1]").unwrap_err();
+        assert!(
+            not_an_object.to_string().contains("not a JSON object"),
+            "{not_an_object}"
         );
     }
 }
