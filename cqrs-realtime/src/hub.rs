@@ -168,6 +168,14 @@ pub(crate) struct HubInner<P> {
     all_closed: Notify,
 }
 
+impl<P> Drop for HubInner<P> {
+    /// The hub's own stop, so its background tasks end with it: the watch on the server's
+    /// signal waits on both, and that signal may outlive the hub (one replaced at run time).
+    fn drop(&mut self) {
+        self.stop.trigger();
+    }
+}
+
 impl<P> HubInner<P> {
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopped.is_requested() || self.external.as_ref().is_some_and(|s| s.is_requested())

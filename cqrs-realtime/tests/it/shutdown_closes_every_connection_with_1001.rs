@@ -166,3 +166,34 @@ async fn a_hub_stopped_before_the_signal_leaves_no_task_behind() {
     })
     .await;
 }
+
+/// A hub watching the server's shutdown signal, dropped without a shutdown (replaced at run
+/// time, a test's): its tasks end with it. The watch on the signal used to wait for a signal
+/// that outlives the hub, one task per hub so dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_dropped_without_a_shutdown_leaves_no_task_behind() {
+    with_timeout(TEST_LIMIT, async {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        // The server's signal, never triggered while the hub lives.
+        let (_trigger, signal) = Shutdown::new();
+        let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), HubOptions::new(), |b| {
+            b.shutdown_on(signal)
+        })
+        .await;
+        let mut client = t.connect("user-u1").await;
+        client.ping_pong().await;
+        drop(client);
+        drop(t);
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "every task of the dropped hub ended",
+            || {
+                let alive = metrics.num_alive_tasks();
+                async move { (alive <= before).then_some(()) }
+            },
+        )
+        .await;
+    })
+    .await;
+}
