@@ -187,9 +187,28 @@ impl RedisStreamTransport {
         older_than: std::time::Duration,
     ) -> Result<u64, TransportError> {
         let keys = self.shared.keys(topic)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        // The server's clock, which gave the dead letters their ids: this host's may be ahead
+        // (deleting them early) or behind. Asked of the node that holds the key.
+        let node =
+            fred::types::ClusterHash::Custom(fred::util::redis_keyslot(keys.dead.as_bytes()));
+        let time: Value = self
+            .shared
+            .client
+            .with_options(&self.shared.patient())
+            .custom(
+                fred::types::CustomCommand::new("TIME", node, false),
+                Vec::<Value>::new(),
+            )
+            .await
+            .map_err(transport_error)?;
+        let seconds = entry::array(time)
+            .first()
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TransportError::Backend {
+                backend: "redis",
+                source: "TIME answered without seconds".into(),
+            })?;
+        let now = std::time::Duration::from_secs(seconds);
         let Some(bound) = now.checked_sub(older_than) else {
             return Ok(0);
         };
