@@ -119,6 +119,8 @@ impl EventTransport for PublisherTransport {
         _group: &str,
         _options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
+        // A topic that breaks the port's rules is refused for that, as by every transport.
+        validate_topic(topic)?;
         Err(TransportError::Invalid(format!(
             "cannot consume `{topic}`: the realtime publisher transport only publishes (to the \
              hubs' pub/sub channels); consume the event store or a durable transport instead"

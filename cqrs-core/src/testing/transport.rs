@@ -51,6 +51,7 @@ macro_rules! transport_conformance {
             $make,
             transport,
             [
+                a_transport_declares_the_capabilities_the_contract_requires,
                 published_events_reach_a_consumer_in_order,
                 a_group_created_later_sees_earlier_events,
                 every_group_sees_every_event,
@@ -187,6 +188,21 @@ fn missing_and_twice(expected: &[EventRecord], got: &[Delivery]) -> (Vec<Uuid>, 
         .map(|(id, _)| id)
         .collect();
     (missing, twice)
+}
+
+/// The transport declares what the port's contract requires of every transport: consumer
+/// groups and redelivery. Scenarios skip what a transport declares it lacks, and a skipped
+/// test passes: without this one, a transport declaring no redelivery would pass the suite
+/// without a redelivery checked. (Per-key order is the one optional capability.)
+pub async fn a_transport_declares_the_capabilities_the_contract_requires<H: TransportHarness>(
+    h: &H,
+) {
+    let caps = h.transport().capabilities();
+    assert!(
+        caps.consumer_groups && caps.redelivery_delay,
+        "the port's contract includes consumer groups and redelivery, but the transport \
+         declares {caps:?}: the scenarios that skip without them would pass unchecked"
+    );
 }
 
 /// A consumer receives published events, in publish order, with their content.

@@ -169,3 +169,27 @@ async fn the_publisher_transport_only_publishes_and_its_failures_are_retryable()
         Err(TransportError::Invalid(_))
     ));
 }
+
+/// The hub's publisher as a transport only publishes: a consumer is refused, and a topic
+/// against the port's rules is refused for that, as every transport refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_transport_refuses_consumers_and_bad_topics() {
+    use cqrs_core::ports::validate_topic;
+    let t = TestHub::start(cqrs_realtime::HubOptions::new()).await;
+    let transport = t.hub.publisher().into_transport();
+    let refused = transport
+        .consumer("events", "g", ConsumerOptions::default())
+        .await
+        .err()
+        .expect("no consumer");
+    assert!(refused.to_string().contains("only publishes"), "{refused}");
+    let broken = transport
+        .consumer("a{b", "g", ConsumerOptions::default())
+        .await
+        .err()
+        .expect("no consumer");
+    assert_eq!(
+        broken.to_string(),
+        validate_topic("a{b").unwrap_err().to_string()
+    );
+}

@@ -34,6 +34,8 @@ impl EventTransport for DiscardTransport {
         group: &str,
         _options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
+        // A topic that breaks the port's rules is refused for that, as by every transport.
+        validate_topic(topic)?;
         Err(TransportError::Invalid(format!(
             "cannot consume topic `{topic}` as group `{group}`: on Postgres without Redis events \
              go to no transport (the relay discards them); consumers must read the event store"
@@ -77,6 +79,16 @@ mod tests {
                 .to_string()
                 .contains("consumers must read the event store"),
             "{refused}"
+        );
+        // A topic against the port's rules is refused for that, as every transport does.
+        let broken = transport
+            .consumer("a{b", "g", ConsumerOptions::default())
+            .await
+            .err()
+            .expect("no consumer");
+        assert_eq!(
+            broken.to_string(),
+            validate_topic("a{b").unwrap_err().to_string()
         );
     }
 }
