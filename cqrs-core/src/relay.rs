@@ -147,7 +147,8 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 ///   timeout stops that.
 ///
 /// An event the store cannot decode fails `read_all` for its whole page, and the port does
-/// not say which position it is at, so this relay stops there (degraded, retrying);
+/// not say which position it is at, so this relay stops there, retrying (degraded, then
+/// unhealthy after [`unhealthy_after`](Self::unhealthy_after) failed batches);
 /// `PgOutboxRelay` reads rows itself and skips it.
 ///
 /// Metrics (`metrics` facade, labels `relay` and `event_type`): `cqrs_events_published_total`,
@@ -250,6 +251,8 @@ pub struct StoreRelay<S: ProjectionStore> {
     idle: Duration,
     max_backoff: Duration,
     publish_timeout: Duration,
+    /// How long one call to the event store or the checkpoint store may take.
+    store_timeout: Duration,
     /// Batches in a row that passed nothing, failing, after which the relay reports itself
     /// unhealthy.
     unhealthy_after: u32,
@@ -291,6 +294,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
             idle: Duration::from_millis(50),
             max_backoff: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(30),
             unhealthy_after: 10,
             limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
             read_from: std::sync::Mutex::new(None),
@@ -324,6 +328,16 @@ impl<S: ProjectionStore> StoreRelay<S> {
         self
     }
 
+    /// How long one call to the event store or the checkpoint store (a read, the lease, the
+    /// checkpoint's save and commit) may take (default 30 s, at least 1 ms). Past it the batch
+    /// fails as a `Timeout` and is retried, and the relay's health says so: a store that
+    /// stopped answering (a network path that drops packets, with no statement timeout)
+    /// would otherwise hold the relay for ever while its health still read healthy.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
     /// After how many failed batches in a row, none of which passed an event, the relay
     /// reports itself [`Unhealthy`](Health::Unhealthy) instead of `Degraded` (default 10; at
     /// least 1). It keeps retrying with its backoff either way: a store or transport that
@@ -338,6 +352,21 @@ impl<S: ProjectionStore> StoreRelay<S> {
         RelayError::Store {
             relay: self.name.clone(),
             source,
+        }
+    }
+
+    /// A store call bounded by the store timeout; `what` names it in the timeout's error.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, RelayError> {
+        match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(result) => result.map_err(|e| self.store_error(e)),
+            Err(_) => Err(self.store_error(StoreError::Timeout {
+                backend: "store",
+                source: format!("{what} took longer than {:?}", self.store_timeout).into(),
+            })),
         }
     }
 
@@ -379,26 +408,47 @@ impl<S: ProjectionStore> StoreRelay<S> {
         // moved it, the batch is read again, under the lease.
         let seen = *self.lock_read_from();
         let ahead = match seen {
-            Some(after) => match self.events.read_all(after, limit).await {
+            Some(after) => match self
+                .bounded(
+                    "reading the event store",
+                    self.events.read_all(after, limit),
+                )
+                .await
+            {
                 Ok(records) => Some(records),
-                Err(e) => return Batch::failed(self.store_error(e)),
+                Err(e) => return Batch::failed(e),
             },
             None => None,
         };
-        let mut unit = match self.checkpoints.begin(&self.name).await {
+        let mut unit = match self
+            .bounded("taking the lease", self.checkpoints.begin(&self.name))
+            .await
+        {
             Ok(unit) => unit,
-            Err(e) => return Batch::failed(self.store_error(e)),
+            Err(e) => return Batch::failed(e),
         };
-        let after = match self.checkpoints.checkpoint(&mut unit, &self.name).await {
+        let after = match self
+            .bounded(
+                "reading the checkpoint",
+                self.checkpoints.checkpoint(&mut unit, &self.name),
+            )
+            .await
+        {
             Ok(after) => after.unwrap_or(Position::START),
-            Err(e) => return Batch::failed(self.store_error(e)),
+            Err(e) => return Batch::failed(e),
         };
         *self.lock_read_from() = Some(after);
         let mut records = match ahead {
             Some(records) if seen == Some(after) => records,
-            _ => match self.events.read_all(after, limit).await {
+            _ => match self
+                .bounded(
+                    "reading the event store",
+                    self.events.read_all(after, limit),
+                )
+                .await
+            {
                 Ok(records) => records,
-                Err(e) => return Batch::failed(self.store_error(e)),
+                Err(e) => return Batch::failed(e),
             },
         };
         if records.last().and_then(|r| r.position).is_none() {
@@ -432,14 +482,20 @@ impl<S: ProjectionStore> StoreRelay<S> {
             };
         };
         if let Err(e) = self
-            .checkpoints
-            .save_checkpoint(&mut unit, &self.name, through)
+            .bounded(
+                "saving the checkpoint",
+                self.checkpoints
+                    .save_checkpoint(&mut unit, &self.name, through),
+            )
             .await
         {
-            return Batch::failed(self.store_error(e));
+            return Batch::failed(e);
         }
-        if let Err(e) = self.checkpoints.commit(unit).await {
-            return Batch::failed(self.store_error(e));
+        if let Err(e) = self
+            .bounded("committing the checkpoint", self.checkpoints.commit(unit))
+            .await
+        {
+            return Batch::failed(e);
         }
         *self.lock_read_from() = Some(through);
         // Logged and counted once committed: a batch that fails earlier finds them again.

@@ -432,3 +432,83 @@ fn a_transport_too_slow_for_a_whole_batch_gets_smaller_ones() {
         );
     });
 }
+
+/// An event store whose reads never answer while `hang` is set.
+#[derive(Default)]
+struct Stalling {
+    inner: InMemoryEventStore,
+    hang: AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for Stalling {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.load(stream_id, after_version).await
+    }
+    async fn read_all(
+        &self,
+        after: cqrs_core::Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.read_all(after, limit).await
+    }
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, cqrs_core::ports::StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// A store call that never answers (a network path dropping packets, no statement timeout)
+/// ends after the store timeout as a retryable failure, saying which call; the relay used
+/// to wait on it for ever, its health still reading healthy.
+#[test]
+fn a_store_that_never_answers_times_out_after_the_store_timeout() {
+    run_paused(|| async {
+        let events = Arc::new(Stalling::default());
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = StoreRelay::new(
+            "relay",
+            events.clone(),
+            Arc::new(InMemoryProjectionStore::new()),
+            transport.clone(),
+            "out",
+        )
+        .store_timeout(Duration::from_secs(3));
+        events
+            .append("a", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        events.hang.store(true, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let error = relay
+            .relay_once()
+            .await
+            .expect_err("the store never answers");
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert_eq!(error.kind(), cqrs_core::ErrorKind::Timeout);
+        assert!(
+            error
+                .to_string()
+                .contains("reading the event store took longer than 3s"),
+            "{error}"
+        );
+
+        events.hang.store(false, Ordering::SeqCst);
+        assert_eq!(relay.relay_once().await.unwrap(), 1);
+        assert_eq!(shipped_sums(&transport).await, [1]);
+    });
+}
