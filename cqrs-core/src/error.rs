@@ -318,21 +318,25 @@ impl DispatchError {
 ///
 /// let refused = HandlerError::not_found("no such ticket").with_code("no_ticket");
 /// assert_eq!(HandlerError::from(DispatchError::Handler(refused)).code(), "no_ticket");
+///
+/// // A layer's refusal keeps its details.
+/// let layer = HandlerError::conflict("stale", "the ticket changed")
+///     .with_details(serde_json::json!({"current_version": 3}));
+/// let back = HandlerError::from(DispatchError::Middleware(Box::new(layer)));
+/// assert_eq!(back.details(), Some(&serde_json::json!({"current_version": 3})));
 /// ```
 impl From<DispatchError> for HandlerError {
     fn from(error: DispatchError) -> Self {
-        match error {
-            DispatchError::Handler(handler) => handler,
-            other => match other.handler_error() {
-                Some(handler) => HandlerError::new(
-                    handler.kind(),
-                    handler.code().to_owned(),
-                    handler.message().to_owned(),
-                ),
-                None => HandlerError::new(other.kind(), "dispatch_failed", other.to_string())
-                    .with_source(other),
+        let other = match error {
+            DispatchError::Handler(handler) => return handler,
+            // A layer's refusal (a `CheckLayer`'s), whole: its details too.
+            DispatchError::Middleware(error) => match error.downcast::<HandlerError>() {
+                Ok(handler) => return *handler,
+                Err(error) => DispatchError::Middleware(error),
             },
-        }
+            other => other,
+        };
+        HandlerError::new(other.kind(), "dispatch_failed", other.to_string()).with_source(other)
     }
 }
 

@@ -9,8 +9,10 @@ use std::str::FromStr;
 use uuid::Uuid;
 
 /// A place in an event store's global order. Positions only grow: an event appended later in
-/// the order has a greater position. Clients see it as an opaque string; its order is the
-/// parsed value's, not the text's (`"9"` comes before `"10"`): compare positions, not strings.
+/// the order has a greater position. Clients (of the realtime hub) see it as an opaque string,
+/// one text per position (`"42"`, never `"042"` or `"+42"`); its order is the parsed value's,
+/// not the text's (`"9"` comes before `"10"`): compare positions, not strings. Serialized
+/// with serde (an [`EventRecord`]'s `position`), it is a JSON number.
 ///
 /// ```
 /// use cqrs_core::Position;
@@ -19,6 +21,7 @@ use uuid::Uuid;
 /// assert!(p > Position::START);
 /// assert_eq!(p.to_string(), "42");
 /// assert!("forty-two".parse::<Position>().is_err());
+/// assert!("042".parse::<Position>().is_err() && "+42".parse::<Position>().is_err());
 /// ```
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -56,9 +59,13 @@ impl FromStr for Position {
     type Err = InvalidPosition;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Only the text `Display` writes: one string per position, as the docs promise.
+        let canonical = s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
         s.parse::<u64>()
+            .ok()
+            .filter(|_| canonical)
             .map(Position)
-            .map_err(|_| InvalidPosition(s.chars().take(64).collect()))
+            .ok_or_else(|| InvalidPosition(s.chars().take(64).collect()))
     }
 }
 
@@ -246,7 +253,8 @@ impl<const CAP: usize> TypeLabels<CAP> {
 
     /// The label for `name`: itself, `invalid`, or [`OTHER_TYPE_LABEL`].
     pub(crate) fn label(&self, name: &str) -> String {
-        let wire_like = name.len() <= 64
+        let wire_like = !name.is_empty()
+            && name.len() <= 64
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -291,6 +299,8 @@ mod tests {
         assert_eq!(labels.label("E9999"), OTHER_TYPE_LABEL);
         assert_eq!(labels.label("not a wire name"), "invalid");
         assert_eq!(labels.label(&"x".repeat(65)), "invalid");
+        // An empty label reads as no label to Prometheus, merging series.
+        assert_eq!(labels.label(""), "invalid");
     }
 
     #[test]
