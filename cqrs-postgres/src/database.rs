@@ -250,9 +250,11 @@ impl PgDatabase {
     }
 
     /// Whether `other` holds its tables in the same place: the same schema of the same
-    /// database on the same server (as the connect options name them; two pools to one
-    /// database are the same store). A unit of work of one store must not run a command meant
-    /// for the other: its events would land where the other's relay never ships them.
+    /// database on the same server, as the connect options name them (host, port, database).
+    /// Clones of one `PgDatabase` always are; two handles made apart are when their URLs name
+    /// the server alike (`localhost` and `127.0.0.1` do not). A unit of work of one store must
+    /// not run a command meant for the other: its events would land where the other's relay
+    /// never ships them.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), cqrs_postgres::PgError> {

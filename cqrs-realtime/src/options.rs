@@ -379,9 +379,6 @@ const MIN_WRITE_ROOM: usize = 1024;
 mod tests {
     use super::*;
 
-    /// A write buffer too small for the hub's own frames was accepted: every event became an
-    /// `event_too_large` frame the buffer could not take either, the write failed, and the
-    /// client, dropped without a close, reconnected in a loop.
     /// "No limit" as `usize::MAX` was accepted: one client's frame header declaring a
     /// terabyte then made tungstenite reserve it, and the process aborted; a read buffer that
     /// large failed every upgrade.
@@ -408,6 +405,9 @@ mod tests {
         assert_eq!(at_the_limit.problems(), Vec::<String>::new());
     }
 
+    /// A write buffer too small for the hub's own frames was accepted: every event became an
+    /// `event_too_large` frame the buffer could not take either, the write failed, and the
+    /// client, dropped without a close, reconnected in a loop.
     #[test]
     fn a_write_buffer_too_small_for_the_hubs_own_frames_is_refused() {
         assert_eq!(

@@ -265,7 +265,9 @@ pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
             Some(version) => version,
             None => {
                 tracing::warn!(
-                    "cannot check the Redis server's version: the user may run neither INFO                      nor HELLO; Redis 7.0 or later is required (older servers fail later, at                      the first command they lack)"
+                    "cannot check the Redis server's version: the user may run neither INFO \
+                     nor HELLO; Redis 7.0 or later is required (older servers fail later, at \
+                     the first command they lack)"
                 );
                 return Ok(());
             }

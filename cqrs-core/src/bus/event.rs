@@ -195,10 +195,10 @@ impl<L> EventBusBuilder<L> {
         let mut names: HashMap<&'static str, MessageType> = HashMap::new();
         let mut told = std::collections::HashSet::new();
         for (ty, handler) in self.handlers.entries {
-            // Compared with the first type of the name, so a collision is told once however
-            // many handlers its types have.
+            // Compared with the first type of the name, and told once per name however many
+            // types and handlers share it.
             let first = *names.entry(ty.name()).or_insert(ty);
-            if first.type_id() != ty.type_id() && told.insert(ty.type_id()) {
+            if first.type_id() != ty.type_id() && told.insert(ty.name()) {
                 problems.push(format!(
                     "two event types share the wire name `{}`; give each a unique NAME",
                     ty.name()
