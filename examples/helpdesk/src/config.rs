@@ -72,7 +72,7 @@ pub struct Config {
     pub database_schema: String,
 
     /// The most Postgres connections this instance opens, 10 to 10000 (commands, queries,
-    /// /ready and the background workers share them; the workers hold up to 8 at once). Mind
+    /// /ready and the background workers share them; the workers hold up to 9 at once). Mind
     /// the server's `max_connections` across instances. Unused in memory.
     #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
@@ -534,9 +534,15 @@ impl Config {
             ));
         }
         if self.database_url.is_none() {
+            // Not the agent code with agent emails: that is how an in-memory run chooses its
+            // code (the docs' own walk-through), not a sign of a lost DATABASE_URL.
+            let chosen_code = self.agent_code.is_some() && !self.agent_email_set().is_empty();
             for (set, name) in [
                 (self.jwt_secret.is_some(), "HELPDESK_JWT_SECRET"),
-                (self.agent_code.is_some(), "HELPDESK_AGENT_CODE"),
+                (
+                    self.agent_code.is_some() && !chosen_code,
+                    "HELPDESK_AGENT_CODE",
+                ),
                 (!self.trusted_proxies.is_empty(), "HELPDESK_TRUSTED_PROXIES"),
             ] {
                 if set {
@@ -678,8 +684,8 @@ impl Config {
         {
             problems.push(format!(
                 "HELPDESK_DATABASE_MAX_CONNECTIONS must be {MIN_DATABASE_CONNECTIONS} to 10000 \
-                 (the background workers hold up to 8 connections at once: each of the two \
-                 relays its batch and its LISTEN, the stats projection its batch, two while \
+                 (the background workers hold up to 9 connections at once: each of the two \
+                 relays its batch and its LISTEN, the stats projection its batch, three while \
                  it rebuilds, and its inbox purge, and the idempotency purge; requests need \
                  the rest); it is {}",
                 self.database_max_connections

@@ -1,7 +1,7 @@
 //! `cargo run --release -p helpdesk`: the helpdesk server on 127.0.0.1:8080, in memory, or on
 //! Postgres (and Redis) when `DATABASE_URL` (and `REDIS_URL`) are set.
 
-use helpdesk::{Config, Hooks, Server, log_filter, log_subscriber};
+use helpdesk::{Config, Hooks, LogFormat, Server, log_filter, log_subscriber};
 use std::io::IsTerminal;
 use tokio::sync::mpsc;
 
@@ -15,10 +15,19 @@ async fn main() {
     if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
         eprintln!("helpdesk: cannot install the logger: {e}");
     }
+    let json_logs = config.log_format == LogFormat::Json;
     match run(config).await {
         Ok(None) => {}
         Ok(Some(signal)) => std::process::exit(signal.exit_code()),
         Err(e) => {
+            // JSON logs go to a collector, which reads standard output only: the reason the
+            // process exits belongs there too, not on standard error alone.
+            if json_logs {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "the server failed; exiting with 1"
+                );
+            }
             eprintln!("helpdesk: {e:#}");
             std::process::exit(1);
         }

@@ -90,11 +90,25 @@ async fn locked(
     lock_key: &str,
 ) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let mut tx = db.begin().await.context("cannot begin a migration")?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+    // Tried first, so that an instance waiting behind another's migration (a backfill of a
+    // large table may take minutes) says why it does not start yet.
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")
         .bind(lock_key)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .context("cannot take the migration lock")?;
+    if !taken {
+        tracing::info!(
+            lock = lock_key,
+            "waiting for the migration lock: another instance is migrating this schema"
+        );
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(lock_key)
+            .execute(&mut *tx)
+            .await
+            .context("cannot take the migration lock")?;
+        tracing::info!(lock = lock_key, "took the migration lock");
+    }
     Ok(tx)
 }
 

@@ -74,3 +74,37 @@ fn the_binary_names_the_taken_port_and_exits_with_1() {
         "{stderr}"
     );
 }
+
+/// With JSON logs (read by a collector from standard output), the reason the process exits is
+/// logged there too, as a JSON line: it used to go to standard error alone.
+#[test]
+fn with_json_logs_the_failure_is_logged_on_standard_output() {
+    use std::io::Read;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = Running(
+        helpdesk_command(&["--bind", &addr, "--log-format", "json"], &[])
+            .spawn()
+            .unwrap(),
+    );
+    let (status, stderr) = exit_of(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let mut stdout = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let logged = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no ERROR line on stdout:\n{stdout}"));
+    let error = logged["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("cannot listen on {addr}")),
+        "{logged}"
+    );
+}

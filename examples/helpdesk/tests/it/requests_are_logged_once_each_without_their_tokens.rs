@@ -104,3 +104,54 @@ async fn requests_are_logged_once_each_without_their_tokens() {
         answered[1]
     );
 }
+
+/// An instance that starts while another migrates the schema (a backfill may take minutes)
+/// says it waits for the migration lock, instead of hanging without a word; it starts once
+/// the lock is free. Postgres only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_waiting_for_the_migration_lock_says_so() {
+    let captured = captured();
+    within(async {
+        let backend = Backend::from_env().await;
+        let Some((url, schema)) = backend.database() else {
+            eprintln!("skipped: Postgres only (HELPDESK_TEST_BACKEND=postgres)");
+            return;
+        };
+        // Another instance's migration, holding the lock.
+        let other = cqrs_postgres::sqlx::PgPool::connect(&url)
+            .await
+            .expect("connect");
+        let mut holding = other.begin().await.unwrap();
+        let key = format!("helpdesk-migrations:{schema}");
+        cqrs_postgres::sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(&key)
+            .execute(&mut *holding)
+            .await
+            .unwrap();
+        let config = test_config(&backend);
+        let starting = helpdesk::Server::start(config, helpdesk::Hooks::default());
+        tokio::pin!(starting);
+        let logged = cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(20),
+            "the waiting start's log line",
+            || {
+                let logged = captured.text().lines().any(|line| {
+                    line.contains("waiting for the migration lock") && line.contains(&key)
+                });
+                async move { logged.then_some(()) }
+            },
+        );
+        tokio::select! {
+            started = &mut starting => {
+                panic!("started while the lock was held: {:?}", started.map(|_| ()))
+            }
+            () = logged => {}
+        }
+        holding.rollback().await.unwrap();
+        let server = starting.await.expect("starts once the lock is free");
+        server.shutdown().await.unwrap();
+        other.close().await;
+        backend.clean_up().await;
+    })
+    .await;
+}

@@ -219,6 +219,40 @@ fn deployment_settings_without_a_database_warn_that_it_runs_in_memory() {
     );
 }
 
+/// The docs' walk-through chooses the agent code in memory mode, with agent emails: no
+/// warning that a DATABASE_URL may be missing. Without agent emails the code has no use in
+/// memory, and is warned about as before.
+#[test]
+fn an_agent_code_chosen_for_agent_emails_in_memory_is_not_warned_about() {
+    let chosen = config(
+        &[],
+        &[
+            ("HELPDESK_AGENT_EMAILS", "agent@example.com"),
+            ("HELPDESK_AGENT_CODE", "0123456789abcdef0123456789abcdef"),
+        ],
+    );
+    assert!(
+        !chosen
+            .warnings()
+            .iter()
+            .any(|w| w.contains("HELPDESK_AGENT_CODE")),
+        "{:?}",
+        chosen.warnings()
+    );
+    let stray = config(
+        &[],
+        &[("HELPDESK_AGENT_CODE", "0123456789abcdef0123456789abcdef")],
+    );
+    assert!(
+        stray
+            .warnings()
+            .iter()
+            .any(|w| w.contains("HELPDESK_AGENT_CODE is set, but DATABASE_URL is not")),
+        "{:?}",
+        stray.warnings()
+    );
+}
+
 #[test]
 fn a_grace_period_shorter_than_a_request_is_warned_about() {
     let c = config(
