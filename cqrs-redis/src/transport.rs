@@ -36,6 +36,10 @@ pub(crate) struct Shared {
     pub(crate) ordering_checked: Mutex<HashSet<String>>,
     /// Pings `client`, replacing its connection when it died silently.
     pub(crate) watchdog: tokio::task::JoinHandle<()>,
+    /// Whether the last publish failed for a reason of the server's (out of memory, a demoted
+    /// primary, a missing permission), and why: `PING` still answers then.
+    pub(crate) publish_failing: std::sync::atomic::AtomicBool,
+    pub(crate) publish_failure: Mutex<String>,
 }
 
 impl Drop for Shared {
@@ -209,6 +213,8 @@ impl RedisStreamOptions {
                 scripts,
                 options: self,
                 ordering_checked: Mutex::new(HashSet::new()),
+                publish_failing: std::sync::atomic::AtomicBool::new(false),
+                publish_failure: Mutex::new(String::new()),
             }),
         })
     }
@@ -376,6 +382,45 @@ impl EventTransport for RedisStreamTransport {
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        let outcome = self.publish_batch(topic, events).await;
+        let failing = &self.shared.publish_failing;
+        match &outcome {
+            // One relaxed load on the usual path.
+            Ok(()) => {
+                if failing.load(std::sync::atomic::Ordering::Relaxed) {
+                    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            // The caller's mistakes, not the server's state.
+            Err(TransportError::Invalid(_) | TransportError::Codec(_)) => {}
+            Err(error) => {
+                *self
+                    .shared
+                    .publish_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = error.to_string();
+                failing.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        outcome
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        Ok(Box::new(self.redis_consumer(topic, group, options).await?))
+    }
+}
+
+impl RedisStreamTransport {
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        events: &[EventRecord],
+    ) -> Result<(), TransportError> {
         // The topic first: an empty batch to a topic no consumer could join is refused too.
         let keys = self.shared.keys(topic)?;
         if events.is_empty() {
@@ -442,20 +487,14 @@ impl EventTransport for RedisStreamTransport {
             .map_err(|e| client_error(&self.shared.client, e))?;
         Ok(())
     }
-
-    async fn consumer(
-        &self,
-        topic: &str,
-        group: &str,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>, TransportError> {
-        Ok(Box::new(self.redis_consumer(topic, group, options).await?))
-    }
 }
 
 #[async_trait]
 impl HealthCheck for RedisStreamTransport {
-    /// `PING` within the command timeout: healthy, or unhealthy with the reason.
+    /// `PING` within the command timeout: unhealthy with the reason when it fails; degraded,
+    /// naming why, while the last publish failed although Redis answers (out of memory under
+    /// `noeviction`, a demoted primary, `MISCONF`, a missing permission: the outbox then
+    /// backs up); else healthy.
     async fn check(&self) -> Health {
         match self
             .shared
@@ -464,6 +503,20 @@ impl HealthCheck for RedisStreamTransport {
             .ping::<String>(None)
             .await
         {
+            Ok(_)
+                if self
+                    .shared
+                    .publish_failing
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                let why = self
+                    .shared
+                    .publish_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                Health::Degraded(format!("redis answers, but the last publish failed: {why}"))
+            }
             Ok(_) => Health::Healthy,
             Err(e) => Health::Unhealthy(format!("redis: {e}")),
         }
