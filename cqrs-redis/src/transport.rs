@@ -25,6 +25,21 @@ use std::time::Duration;
 /// each sent once the one before succeeded (see [`send_in_order`]).
 const PUBLISH_CHUNK: usize = 256;
 
+/// The most record bytes one publish script carries: a chunk of large events past Redis's
+/// query buffer limit (1 GiB by default) would have Redis close the shared connection, and
+/// each retry do it again.
+const PUBLISH_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+
+/// The largest encoded record: Redis's default `proto-max-bulk-len` (512 MiB), less room for
+/// the command around it.
+const MAX_RECORD_BYTES: usize = 512 * 1024 * 1024 - 64 * 1024;
+
+/// Whether an event of `size` record bytes starts a new chunk after one of `count` events and
+/// `bytes` record bytes (a chunk holds at least one event, whatever its size).
+fn starts_a_chunk(count: usize, bytes: usize, size: usize) -> bool {
+    count >= PUBLISH_CHUNK || bytes.saturating_add(size) > PUBLISH_CHUNK_BYTES
+}
+
 /// What every handle on one transport shares.
 pub(crate) struct Shared {
     /// For everything but blocking reads: publishes, scripts, acks, admin.
@@ -310,8 +325,22 @@ impl RedisStreamTransport {
         .await
     }
 
-    fn encode(&self, event: &EventRecord, args: &mut Vec<Value>) -> Result<(), TransportError> {
+    /// Appends the six script arguments of `event`; returns the size of its record, in bytes.
+    fn encode(&self, event: &EventRecord, args: &mut Vec<Value>) -> Result<usize, TransportError> {
         let record = serde_json::to_string(event).map_err(|e| TransportError::Codec(e.into()))?;
+        let size = record.len();
+        if size > MAX_RECORD_BYTES {
+            // Redis refuses an argument this large by closing the connection: every retry of
+            // the batch would do the same. A `Codec` error lets the relay skip the event.
+            return Err(TransportError::Codec(
+                format!(
+                    "event {} ({}) is {size} bytes encoded, over the {MAX_RECORD_BYTES} one \
+                     Redis argument takes",
+                    event.event_id, event.event_type
+                )
+                .into(),
+            ));
+        }
         let key = event.partition_key.as_deref();
         let lane = self
             .shared
@@ -327,7 +356,7 @@ impl RedisStreamTransport {
             Value::from(key.unwrap_or_default()),
             Value::from(record),
         ]);
-        Ok(())
+        Ok(size)
     }
 }
 
@@ -473,13 +502,21 @@ impl RedisStreamTransport {
             return Ok(());
         }
         let mut chunks = Vec::with_capacity(events.len().div_ceil(PUBLISH_CHUNK));
-        for chunk in events.chunks(PUBLISH_CHUNK) {
-            let mut args = Vec::with_capacity(chunk.len() * 6);
-            for event in chunk {
-                self.encode(event, &mut args)?;
+        let mut args = Vec::with_capacity(events.len().min(PUBLISH_CHUNK) * 6);
+        let mut bytes = 0;
+        for event in events {
+            let size = self.encode(event, &mut args)?;
+            // The events before this one, in the chunk being filled.
+            let count = args.len() / 6 - 1;
+            if count > 0 && starts_a_chunk(count, bytes, size) {
+                // Moved to a chunk of its own (the only allocation a split costs).
+                let this_one = args.split_off(args.len() - 6);
+                chunks.push(std::mem::replace(&mut args, this_one));
+                bytes = 0;
             }
-            chunks.push(args);
+            bytes += size;
         }
+        chunks.push(args);
         let script = &self.shared.scripts.publish;
         let client = &self.shared.client;
         send_in_order(chunks, |args| script.run(client, &options, &key_list, args))
@@ -564,6 +601,19 @@ fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportEr
 
 #[cfg(test)]
 mod tests {
+
+    /// A batch is cut at 256 events, or where its records would pass 64 MiB (a chunk of
+    /// large events past Redis's query buffer limit had Redis close the connection, at every
+    /// retry); one event larger than that still goes, alone.
+    #[test]
+    fn chunks_are_cut_by_count_and_by_bytes() {
+        assert!(!starts_a_chunk(1, 10, 10));
+        assert!(starts_a_chunk(PUBLISH_CHUNK, 10, 10));
+        assert!(!starts_a_chunk(3, PUBLISH_CHUNK_BYTES - 10, 10));
+        assert!(starts_a_chunk(3, PUBLISH_CHUNK_BYTES - 10, 11));
+        assert!(starts_a_chunk(1, usize::MAX, 1), "no overflow");
+    }
+
     use super::*;
 
     /// The chunks of a batch are sent one after another, each only once the one before
