@@ -11,7 +11,6 @@ use crate::support::{consumer_options, event, fetch_some, publish_until_ok, raw,
 use cqrs_core::ports::EventTransport;
 use cqrs_redis::{ConnectionOptions, RedisStreamOptions};
 use fred::interfaces::ClientLike;
-use fred::prelude::{Builder, Config};
 use fred::types::Value;
 use std::time::Duration;
 
@@ -44,10 +43,7 @@ async fn a_primary_demoted_under_its_connections_is_left_for_the_new_one() {
 
             // The failover: the old primary turns into a replica of the new one and keeps
             // its connections; new connections reach the new primary.
-            let admin = Builder::from_config(Config::from_url(&old.url()).unwrap())
-                .build()
-                .unwrap();
-            admin.init().await.expect("connect to the old primary");
+            let admin = old.admin().await;
             raw(
                 &admin,
                 "REPLICAOF",

@@ -9,7 +9,6 @@ use cqrs_core::ports::{EventTransport, TransportError};
 use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_redis::{ConnectionOptions, RedisStreamOptions};
 use fred::interfaces::ClientLike;
-use fred::prelude::{Builder, Config};
 use fred::types::Value;
 use std::time::Duration;
 
@@ -35,10 +34,7 @@ async fn health_reports_publishes_a_server_refuses() {
                 .expect("publish");
             assert_eq!(transport.check().await, Health::Healthy);
 
-            let admin = Builder::from_config(Config::from_url(&server.url()).unwrap())
-                .build()
-                .unwrap();
-            admin.init().await.expect("connect the admin client");
+            let admin = server.admin().await;
             let set = |limit: &'static str| {
                 let admin = admin.clone();
                 async move {

@@ -43,12 +43,13 @@ async fn maintenance_stops_at_shutdown_in_the_middle_of_a_round() {
             let mut maintenance = StreamMaintenance::new(proxied, [topic]);
             let worker = tokio::spawn(async move { maintenance.run(ctx).await });
 
-            // The round's first command (the dead letters' `XTRIM`) went out: the round waits
-            // for its reply.
+            // The round's first command (the dead letters' `TIME`, read for their retention)
+            // went out: the round waits for its reply.
             let until = Instant::now() + Duration::from_secs(10);
+            let first = b"\r\nTIME\r\n";
             while !proxy.sent()[sent_before..]
-                .windows(5)
-                .any(|w| w.eq_ignore_ascii_case(b"XTRIM"))
+                .windows(first.len())
+                .any(|w| w.eq_ignore_ascii_case(first))
             {
                 assert!(Instant::now() < until, "the round sent nothing within 10 s");
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -89,6 +89,15 @@ impl Server {
         }
     }
 
+    /// A client of this server's own, connected, for the test's admin commands.
+    pub(crate) async fn admin(&self) -> fred::clients::Client {
+        let client = Builder::from_config(Config::from_url(&self.url()).expect("a redis url"))
+            .build()
+            .expect("a client");
+        client.init().await.expect("connect the admin client");
+        client
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
