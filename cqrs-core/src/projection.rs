@@ -1620,6 +1620,10 @@ where
     let count = deliveries.len();
     let mut chains: Vec<Vec<(usize, Delivery)>> = Vec::new();
     let mut chain_of: HashMap<String, usize> = HashMap::new();
+    // Copies of one event without an order key (a relay shipped it twice) go in one chain,
+    // one after the other: run at once, two copies would both pass a handler's "seen this
+    // id?" check, and the event would take effect twice.
+    let mut copies_of: HashMap<Uuid, usize> = HashMap::new();
     for (index, delivery) in deliveries.into_iter().enumerate() {
         match delivery.order_key.as_ref() {
             Some(key) => match chain_of.get(key) {
@@ -1629,7 +1633,13 @@ where
                     chains.push(vec![(index, delivery)]);
                 }
             },
-            None => chains.push(vec![(index, delivery)]),
+            None => match copies_of.get(&delivery.record.event_id) {
+                Some(&i) => chains[i].push((index, delivery)),
+                None => {
+                    copies_of.insert(delivery.record.event_id, chains.len());
+                    chains.push(vec![(index, delivery)]);
+                }
+            },
         }
     }
     let mut outcomes = Vec::with_capacity(count);
@@ -1890,5 +1900,48 @@ impl Worker for EventBusConsumer {
         )
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::DeliveryId;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Two copies of one event without an order key (a relay shipped it twice, both in one
+    /// batch) used to run at once, each in a chain of its own: both passed a handler's "seen
+    /// this id?" check. They now run one after the other.
+    #[tokio::test]
+    async fn copies_of_one_event_in_a_batch_run_one_after_the_other() {
+        let record = crate::testing::event_store::record(1).with_partition_key(None);
+        let other = crate::testing::event_store::record(2).with_partition_key(None);
+        let deliveries = vec![
+            Delivery::new(DeliveryId("1".into()), record.clone(), 1),
+            Delivery::new(DeliveryId("2".into()), other, 1),
+            Delivery::new(DeliveryId("3".into()), record.clone(), 1),
+        ];
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let handle = |delivery: Delivery| {
+            let copy = delivery.record.event_id == record.event_id;
+            let (running, most) = (&running, &most);
+            async move {
+                if copy {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                }
+                // Let the other chains run meanwhile.
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                if copy {
+                    running.fetch_sub(1, Ordering::SeqCst);
+                }
+                Handled::Done
+            }
+        };
+        let outcomes = handle_batch(deliveries, 8, None, &handle).await;
+        assert_eq!(outcomes.len(), 3);
+        assert_eq!(most.load(Ordering::SeqCst), 1, "two copies ran at once");
     }
 }

@@ -158,6 +158,9 @@ use helpdesk_api::{
     reject_nul,
 };
 
+/// The longest password registration takes, in characters.
+const MAX_PASSWORD_CHARS: usize = 128;
+
 /// Handles [`RegisterUser`].
 pub(crate) struct RegisterHandler {
     pub(crate) users: Arc<dyn UserStore>,
@@ -183,7 +186,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
     ) -> Result<UserRecord, HandlerError> {
         let email = normalize_email(&cmd.email).map_err(|p| invalid("email", p))?;
         let chars = cmd.password.chars().count();
-        if !(8..=128).contains(&chars) {
+        if !(8..=MAX_PASSWORD_CHARS).contains(&chars) {
             return Err(invalid(
                 "password",
                 "the password must be 8 to 128 characters",
@@ -490,6 +493,12 @@ impl CommandHandler<LogIn> for LogInHandler {
         let Ok(email) = normalize_email(&cmd.email) else {
             return Err(invalid_credentials());
         };
+        // No account has a password over registration's 128 characters: refused before any
+        // hashing (argon2 would first digest the whole of it) and without counting an attempt
+        // (it reveals nothing of the account, and guesses nothing).
+        if cmd.password.chars().count() > MAX_PASSWORD_CHARS {
+            return Err(invalid_credentials());
+        }
         let client = client_key(cmd.client);
         // Email keys hold an `@`, address keys none: the two never meet in one table.
         let key = format!("{email}|{client}");

@@ -291,3 +291,36 @@ async fn registrations_from_one_address_are_throttled() {
     })
     .await;
 }
+
+/// A password longer than any account can have (over 128 characters) is refused at once, like
+/// a wrong one, but is no guess: it does not count towards the throttle (and is not hashed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlong_password_is_refused_without_counting_an_attempt() {
+    within(async {
+        let s = TestServer::start().await;
+        let address = email("overlong");
+        s.user(&address).await;
+        let overlong = "x".repeat(129);
+        for _ in 0..12 {
+            s.send(
+                Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({ "email": address.clone(), "password": overlong.clone() })),
+            )
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "invalid_credentials");
+        }
+        let r = s
+            .send(
+                Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({ "email": address, "password": PASSWORD })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        s.stop().await;
+    })
+    .await;
+}
