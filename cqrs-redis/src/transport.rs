@@ -34,6 +34,29 @@ const PUBLISH_CHUNK_BYTES: usize = 64 * 1024 * 1024;
 /// the command around it.
 const MAX_RECORD_BYTES: usize = 512 * 1024 * 1024 - 64 * 1024;
 
+/// The record an entry carries: the event as JSON, refused as a `Codec` error past
+/// [`MAX_RECORD_BYTES`] (Redis refuses an argument that large by closing the connection, and
+/// every retry would do the same; a `Codec` error lets the relay skip the event).
+fn encoded(event: &EventRecord) -> Result<String, TransportError> {
+    let record = serde_json::to_string(event).map_err(|e| TransportError::Codec(e.into()))?;
+    check_record_size(event, record.len())?;
+    Ok(record)
+}
+
+fn check_record_size(event: &EventRecord, size: usize) -> Result<(), TransportError> {
+    if size > MAX_RECORD_BYTES {
+        return Err(TransportError::Codec(
+            format!(
+                "event {} ({}) is {size} bytes encoded, over the {MAX_RECORD_BYTES} one Redis \
+                 argument takes",
+                event.event_id, event.event_type
+            )
+            .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether an event of `size` record bytes starts a new chunk after one of `count` events and
 /// `bytes` record bytes (a chunk holds at least one event, whatever its size).
 fn starts_a_chunk(count: usize, bytes: usize, size: usize) -> bool {
@@ -51,10 +74,11 @@ pub(crate) struct Shared {
     pub(crate) ordering_checked: Mutex<HashSet<String>>,
     /// Pings `client`, replacing its connection when it died silently.
     pub(crate) watchdog: tokio::task::JoinHandle<()>,
-    /// Whether the last publish failed for a reason of the server's (out of memory, a demoted
-    /// primary, a missing permission), and why: `PING` still answers then.
+    /// The topics whose last publish failed for a reason of the server's (out of memory, a
+    /// demoted primary, a missing permission: `PING` still answers then), with the reason;
+    /// `publish_failing` says whether there is any, for one load on the usual path.
     pub(crate) publish_failing: std::sync::atomic::AtomicBool,
-    pub(crate) publish_failure: Mutex<String>,
+    pub(crate) publish_failures: Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Drop for Shared {
@@ -229,7 +253,7 @@ impl RedisStreamOptions {
                 options: self,
                 ordering_checked: Mutex::new(HashSet::new()),
                 publish_failing: std::sync::atomic::AtomicBool::new(false),
-                publish_failure: Mutex::new(String::new()),
+                publish_failures: Mutex::new(std::collections::HashMap::new()),
             }),
         })
     }
@@ -327,20 +351,8 @@ impl RedisStreamTransport {
 
     /// Appends the six script arguments of `event`; returns the size of its record, in bytes.
     fn encode(&self, event: &EventRecord, args: &mut Vec<Value>) -> Result<usize, TransportError> {
-        let record = serde_json::to_string(event).map_err(|e| TransportError::Codec(e.into()))?;
+        let record = encoded(event)?;
         let size = record.len();
-        if size > MAX_RECORD_BYTES {
-            // Redis refuses an argument this large by closing the connection: every retry of
-            // the batch would do the same. A `Codec` error lets the relay skip the event.
-            return Err(TransportError::Codec(
-                format!(
-                    "event {} ({}) is {size} bytes encoded, over the {MAX_RECORD_BYTES} one \
-                     Redis argument takes",
-                    event.event_id, event.event_type
-                )
-                .into(),
-            ));
-        }
         let key = event.partition_key.as_deref();
         let lane = self
             .shared
@@ -413,21 +425,28 @@ impl EventTransport for RedisStreamTransport {
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         let outcome = self.publish_batch(topic, events).await;
         let failing = &self.shared.publish_failing;
+        let failures = || {
+            self.shared
+                .publish_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
         match &outcome {
+            // Nothing sent, nothing learnt.
+            Ok(()) if events.is_empty() => {}
             // One relaxed load on the usual path.
             Ok(()) => {
                 if failing.load(std::sync::atomic::Ordering::Relaxed) {
-                    failing.store(false, std::sync::atomic::Ordering::Relaxed);
+                    let mut failures = failures();
+                    failures.remove(topic);
+                    failing.store(!failures.is_empty(), std::sync::atomic::Ordering::Relaxed);
                 }
             }
             // The caller's mistakes, not the server's state.
             Err(TransportError::Invalid(_) | TransportError::Codec(_)) => {}
             Err(error) => {
-                *self
-                    .shared
-                    .publish_failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = error.to_string();
+                let mut failures = failures();
+                failures.insert(topic.to_owned(), error.to_string());
                 failing.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
@@ -466,8 +485,7 @@ impl RedisStreamTransport {
         {
             // One event in no lane: nothing to chain, so a plain `XADD` does (a script call
             // costs Redis several times an `XADD`). The fields are the publish script's.
-            let record =
-                serde_json::to_string(event).map_err(|e| TransportError::Codec(e.into()))?;
+            let record = encoded(event)?;
             let mut fields: Vec<(&str, Value)> = vec![
                 ("id", Value::from(event.event_id.to_string())),
                 ("type", Value::from(event.event_type.as_str())),
@@ -509,7 +527,7 @@ impl RedisStreamTransport {
             // The events before this one, in the chunk being filled.
             let count = args.len() / 6 - 1;
             if count > 0 && starts_a_chunk(count, bytes, size) {
-                // Moved to a chunk of its own (the only allocation a split costs).
+                // This event starts the next chunk.
                 let this_one = args.split_off(args.len() - 6);
                 chunks.push(std::mem::replace(&mut args, this_one));
                 bytes = 0;
@@ -546,13 +564,29 @@ impl HealthCheck for RedisStreamTransport {
                     .publish_failing
                     .load(std::sync::atomic::Ordering::Relaxed) =>
             {
-                let why = self
+                let failures = self
                     .shared
-                    .publish_failure
+                    .publish_failures
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                Health::Degraded(format!("redis answers, but the last publish failed: {why}"))
+                    .unwrap_or_else(|p| p.into_inner());
+                let mut topics: Vec<_> = failures.iter().collect();
+                topics.sort();
+                let why: Vec<String> = topics
+                    .iter()
+                    .take(3)
+                    .map(|(topic, why)| format!("`{topic}`: {why}"))
+                    .collect();
+                let more = topics.len().saturating_sub(3);
+                Health::Degraded(format!(
+                    "redis answers, but the last publish to {} topic(s) failed: {}{}",
+                    topics.len(),
+                    why.join("; "),
+                    if more > 0 {
+                        format!(" (and {more} more)")
+                    } else {
+                        String::new()
+                    }
+                ))
             }
             Ok(_) => Health::Healthy,
             Err(e) => Health::Unhealthy(format!("redis: {e}")),
@@ -612,6 +646,19 @@ mod tests {
         assert!(!starts_a_chunk(3, PUBLISH_CHUNK_BYTES - 10, 10));
         assert!(starts_a_chunk(3, PUBLISH_CHUNK_BYTES - 10, 11));
         assert!(starts_a_chunk(1, usize::MAX, 1), "no overflow");
+    }
+
+    /// A record past Redis's argument limit is a `Codec` error on every path (the relay skips
+    /// it), the plain `XADD` of one event in no lane included: sent, it made Redis close the
+    /// connection at every retry.
+    #[test]
+    fn a_record_past_the_argument_limit_is_a_codec_error() {
+        let event = cqrs_core::testing::event_store::record(1);
+        assert!(check_record_size(&event, MAX_RECORD_BYTES).is_ok());
+        assert!(matches!(
+            check_record_size(&event, MAX_RECORD_BYTES + 1),
+            Err(TransportError::Codec(_))
+        ));
     }
 
     use super::*;

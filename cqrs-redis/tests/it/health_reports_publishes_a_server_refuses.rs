@@ -1,6 +1,7 @@
 //! A server that answers `PING` but refuses every write (out of memory under `noeviction`,
-//! here) reads as degraded, naming why, while publishes fail: the health check said healthy
-//! while the outbox backed up. Healthy again after a publish goes through. Runs its own
+//! here) reads as degraded, naming the topics and why, while publishes fail: the health check
+//! said healthy while the outbox backed up. Healthy again once each such topic's publish goes
+//! through. Runs its own
 //! `redis-server` (its memory limit is changed).
 
 use crate::own_server::{Logs, Server};
@@ -65,8 +66,17 @@ async fn health_reports_publishes_a_server_refuses() {
             }
 
             set("0").await;
+            // Per topic: another topic's success says nothing of this one.
             transport
-                .publish("events", &[event(Some("k"), 3)])
+                .publish("other", &[event(Some("k"), 3)])
+                .await
+                .expect("publish once the limit is gone");
+            assert!(
+                matches!(transport.check().await, Health::Degraded(why) if why.contains("`events`")),
+                "still degraded for `events`"
+            );
+            transport
+                .publish("events", &[event(Some("k"), 4)])
                 .await
                 .expect("publish once the limit is gone");
             assert_eq!(transport.check().await, Health::Healthy);

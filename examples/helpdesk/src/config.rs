@@ -225,7 +225,7 @@ fn proxy_address(value: &str) -> Result<std::net::IpAddr, String> {
 }
 
 /// The fewest Postgres connections a server works with: the background workers hold up to
-/// eight at once (docs/postgres.md sizes the pool), and requests need some too.
+/// nine at once (docs/helpdesk.md counts them), and requests need some too.
 const MIN_DATABASE_CONNECTIONS: u32 = 10;
 
 /// A flag, its variable, and whether the configuration holds a secret there.

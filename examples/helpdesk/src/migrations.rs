@@ -27,8 +27,10 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let schema = db.schema();
     let lock_key = format!("helpdesk-migrations:{schema}");
+    // Said once per start, not once per migration.
+    let mut told = false;
     // Once, under the lock, so two instances do not both create it.
-    let mut tx = locked(db, &lock_key).await?;
+    let mut tx = locked(db, &lock_key, &mut told).await?;
     sqlx::raw_sql(AssertSqlSafe(format!(
         "CREATE TABLE IF NOT EXISTS {schema}.helpdesk_migrations (
              name text NOT NULL,
@@ -44,7 +46,7 @@ pub(crate) async fn run(
     tx.commit().await.context("cannot commit a migration")?;
     for &(plugin, ref migration) in migrations {
         let key = format!("{plugin}/{}", migration.name);
-        let mut tx = locked(db, &lock_key).await?;
+        let mut tx = locked(db, &lock_key, &mut told).await?;
         let applied: bool = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT EXISTS (SELECT 1 FROM {schema}.helpdesk_migrations
                  WHERE name = $1 AND sql_md5 = md5($2) AND sql = $2)"
@@ -88,6 +90,7 @@ pub(crate) async fn run(
 async fn locked(
     db: &PgDatabase,
     lock_key: &str,
+    told: &mut bool,
 ) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let mut tx = db.begin().await.context("cannot begin a migration")?;
     // Tried first, so that an instance waiting behind another's migration (a backfill of a
@@ -98,16 +101,21 @@ async fn locked(
         .await
         .context("cannot take the migration lock")?;
     if !taken {
-        tracing::info!(
-            lock = lock_key,
-            "waiting for the migration lock: another instance is migrating this schema"
-        );
+        if !*told {
+            tracing::info!(
+                lock = lock_key,
+                "waiting for the migration lock: another instance is migrating this schema"
+            );
+        }
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(lock_key)
             .execute(&mut *tx)
             .await
             .context("cannot take the migration lock")?;
-        tracing::info!(lock = lock_key, "took the migration lock");
+        if !*told {
+            tracing::info!(lock = lock_key, "took the migration lock");
+            *told = true;
+        }
     }
     Ok(tx)
 }
