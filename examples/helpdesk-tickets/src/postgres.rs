@@ -6,7 +6,7 @@ use crate::stats::{Stats, StatsReader};
 use async_trait::async_trait;
 use cqrs_core::ports::StoreError;
 use cqrs_core::projection::{Projection, ProjectionRunner};
-use cqrs_core::runtime::{Worker, WorkerContext};
+use cqrs_core::runtime::{Shutdown, Worker, WorkerContext};
 use cqrs_core::{BoxError, EventEnvelope, EventSet, HandlerError};
 use cqrs_postgres::sqlx::postgres::PgConnection;
 use cqrs_postgres::sqlx::{self, AssertSqlSafe, QueryBuilder, Row};
@@ -135,27 +135,44 @@ impl StatsWorker {
     /// Rebuilds the stats if the last start had another source, and records this one, in one
     /// transaction that holds the record's row: instances started together wait for the first
     /// one's rebuild, then find the record matching and go on without one of their own.
-    async fn switch_feed(&self) -> Result<(), BoxError> {
+    ///
+    /// A stop during the check or the rebuild abandons the switch (the next start does it);
+    /// once the rebuild is done (its transaction committed), the record is written whatever
+    /// comes: abandoned then, the record would name the old source over rebuilt stats, and
+    /// the next start would rebuild again for nothing. Returns `false` when stopped.
+    async fn switch_feed(&self, shutdown: &Shutdown) -> Result<bool, BoxError> {
         let schema = self.db.schema();
         // Idle while the rebuild runs on other connections: not ended by the server meanwhile.
-        let mut tx = self.db.begin_held_open().await?;
-        let last: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-            "SELECT feed FROM {schema}.ticket_stats_feed FOR UPDATE"
-        )))
-        .fetch_optional(&mut *tx)
-        .await?;
-        if last.as_deref() == Some(self.feed) {
-            return Ok(());
-        }
-        if let Some(last) = &last {
-            tracing::warn!(
-                from = %last,
-                to = self.feed,
-                "the stats were fed from another source at the last start: rebuilding them from the event store"
-            );
-            let replayed = self.runner.rebuild().await?;
-            tracing::info!(replayed, "the stats are rebuilt");
-        }
+        let checked = async {
+            let mut tx = self.db.begin_held_open().await?;
+            let last: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT feed FROM {schema}.ticket_stats_feed FOR UPDATE"
+            )))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if last.as_deref() == Some(self.feed) {
+                return Ok::<_, BoxError>(None);
+            }
+            if let Some(last) = &last {
+                tracing::warn!(
+                    from = %last,
+                    to = self.feed,
+                    "the stats were fed from another source at the last start: rebuilding them from the event store"
+                );
+                let replayed = self.runner.rebuild().await?;
+                tracing::info!(replayed, "the stats are rebuilt");
+            }
+            Ok(Some(tx))
+        };
+        // Biased: a rebuild that committed in this poll wins over a stop that came with it.
+        let mut tx = tokio::select! {
+            biased;
+            checked = checked => match checked? {
+                Some(tx) => tx,
+                None => return Ok(true),
+            },
+            () = shutdown.requested() => return Ok(false),
+        };
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {schema}.ticket_stats_feed (feed) VALUES ($1)
              ON CONFLICT (one) DO UPDATE SET feed = excluded.feed"
@@ -164,7 +181,7 @@ impl StatsWorker {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -175,10 +192,8 @@ impl Worker for StatsWorker {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
-        // A stop during the check or the rebuild rolls both back: the next start does them.
-        tokio::select! {
-            switched = self.switch_feed() => switched?,
-            () = ctx.shutdown.requested() => return Ok(()),
+        if !self.switch_feed(&ctx.shutdown).await? {
+            return Ok(());
         }
         self.runner.run(ctx).await
     }
