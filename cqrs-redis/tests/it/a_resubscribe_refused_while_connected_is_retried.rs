@@ -9,7 +9,7 @@
 //! `NOPERM` reply.)
 
 use crate::support::{
-    acl_user, connect_admin, delete_stale_users, plain_redis_host, raw, reachable, within,
+    acl, acl_user, connect_admin, delete_stale_users, plain_redis_host, raw, reachable, within,
 };
 use cqrs_core::ports::PubSub;
 use cqrs_core::runtime::{Health, HealthCheck};
@@ -31,22 +31,20 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
     let channels = format!("&cqrs-test:{id}:*");
     let admin = connect_admin().await.unwrap();
     let user = acl_user(&admin, &id).await;
-    let acl = |args: &[&str]| {
-        let admin = admin.clone();
-        let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();
-        async move { raw(&admin, "ACL", args).await }
-    };
     delete_stale_users(&admin, "cqrs-test-resubscribe_refused_").await;
-    acl(&[
-        "SETUSER",
-        &user,
-        "on",
-        "nopass",
-        "+@all",
-        "~*",
-        "resetchannels",
-        &channels,
-    ])
+    acl(
+        &admin,
+        &[
+            "SETUSER",
+            &user,
+            "on",
+            "nopass",
+            "+@all",
+            "~*",
+            "resetchannels",
+            &channels,
+        ],
+    )
     .await;
 
     within(
@@ -70,7 +68,11 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
 
             // Redis 7 closes a subscribed connection whose user loses the channel; kill it
             // as well, in case this server does not.
-            acl(&["SETUSER", &user, "resetchannels", &format!("&{other_full}")]).await;
+            acl(
+                &admin,
+                &["SETUSER", &user, "resetchannels", &format!("&{other_full}")],
+            )
+            .await;
             let _ = raw(
                 &admin,
                 "CLIENT",
@@ -126,7 +128,7 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
             )
             .await;
 
-            acl(&["SETUSER", &user, &channels]).await;
+            acl(&admin, &["SETUSER", &user, &channels]).await;
             eventually(
                 Duration::from_secs(10),
                 "the channel subscribed again once allowed",
@@ -158,7 +160,7 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
         }),
     )
     .await;
-    acl(&["DELUSER", &user]).await;
+    acl(&admin, &["DELUSER", &user]).await;
 }
 
 async fn numsub(admin: &Client, full: &str) -> Option<u64> {

@@ -3,15 +3,15 @@
 //! version check reads `HELLO` when `INFO` is refused (it refused to connect before).
 
 use crate::support::{
-    acl_user, connect_admin, consumer_options, delete_stale_users, event, fetch_some, key_prefix,
-    plain_redis_host, raw, reachable, within,
+    acl, acl_user, connect_admin, consumer_options, delete_stale_users, event, fetch_some,
+    key_prefix, plain_redis_host, reachable, within,
 };
 use cqrs_core::ports::{EventTransport, PubSub};
 use cqrs_core::testing::test_id;
 use cqrs_redis::{ConnectionOptions, RedisPubSubOptions, RedisStreamOptions};
 use fred::interfaces::ClientLike;
 use fred::prelude::{Builder, Config};
-use fred::types::{ClusterHash, CustomCommand, Value};
+use fred::types::{ClusterHash, CustomCommand};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,22 +26,20 @@ async fn a_user_without_dangerous_commands_connects_and_works() {
     let id = test_id("least-privilege");
     let admin = connect_admin().await.unwrap();
     let user = acl_user(&admin, &id).await;
-    let acl = |args: &[&str]| {
-        let admin = admin.clone();
-        let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();
-        async move { raw(&admin, "ACL", args).await }
-    };
     delete_stale_users(&admin, "cqrs-test-least_privilege_").await;
-    acl(&[
-        "SETUSER",
-        &user,
-        "on",
-        "nopass",
-        "+@all",
-        "-@dangerous",
-        "~*",
-        "&*",
-    ])
+    acl(
+        &admin,
+        &[
+            "SETUSER",
+            &user,
+            "on",
+            "nopass",
+            "+@all",
+            "-@dangerous",
+            "~*",
+            "&*",
+        ],
+    )
     .await;
     let url = format!("redis://{user}:x@{host}");
 
@@ -105,5 +103,5 @@ async fn a_user_without_dangerous_commands_connects_and_works() {
         }),
     )
     .await;
-    acl(&["DELUSER", &user]).await;
+    acl(&admin, &["DELUSER", &user]).await;
 }

@@ -250,6 +250,12 @@ pub(crate) async fn delete_stale_users(client: &Client, prefix: &str) {
     }
 }
 
+/// `ACL` with `args` (`SETUSER ...`, `DELUSER ...`) on the admin client.
+pub(crate) async fn acl(admin: &Client, args: &[&str]) -> Value {
+    let args: Vec<Value> = args.iter().map(|a| Value::from(*a)).collect();
+    raw(admin, "ACL", args).await
+}
+
 pub(crate) async fn raw(client: &Client, name: &str, args: Vec<Value>) -> Value {
     client
         .custom(
