@@ -417,7 +417,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         &self,
         unit: &mut S::Unit,
         records: &[EventRecord],
-    ) -> Result<usize, ProjectionError> {
+    ) -> Result<Applied, ProjectionError> {
         apply_records(
             &*self.store,
             &*self.projection,
@@ -531,7 +531,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             .await?;
         self.store.commit(unit).await?;
         *self.lock_read_from() = Some(last);
-        Ok((applied, caught_up))
+        Ok((applied.committed(&self.name), caught_up))
     }
 
     /// Where the next batch from the store is read: the checkpoint as last seen.
@@ -634,7 +634,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     }
                 }
                 store.commit(unit).await?;
-                Ok::<_, ProjectionError>(applied)
+                Ok::<_, ProjectionError>(applied.committed(name))
             };
             // A panic outside the projection's own `apply` (which `apply_records` guards per
             // event), in the store's commit say, fails the unit like a store error (below:
@@ -820,13 +820,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 source,
             })?;
         let mut after = Position::START;
-        let mut applied = 0;
+        let mut applied = Applied::default();
         loop {
             let records = events.read_all(after, self.batch).await?;
             let Some(last) = records.last().and_then(|r| r.position) else {
                 break;
             };
-            applied += self.apply_records(&mut unit, &records).await?;
+            applied.merge(self.apply_records(&mut unit, &records).await?);
             after = last;
         }
         self.projection
@@ -845,7 +845,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         self.store.commit(unit).await?;
         *self.lock_read_from() = Some(after);
-        Ok(applied)
+        Ok(applied.committed(&self.name))
     }
 }
 
@@ -1071,7 +1071,7 @@ impl<S: ProjectionStore> InboxPurge<S> {
 }
 
 /// Applies records in `unit`: each one not yet processed is decoded and handed to the
-/// projection. Returns how many took effect.
+/// projection. Returns those that took effect, to be counted once the unit commits.
 async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     store: &S,
     projection: &P,
@@ -1080,8 +1080,8 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     timeout: Option<Duration>,
     unit: &mut S::Unit,
     records: &[EventRecord],
-) -> Result<usize, ProjectionError> {
-    let mut applied = 0;
+) -> Result<Applied, ProjectionError> {
+    let mut applied = Applied::default();
     // A panic (in an upcaster or in the projection) is this event's fault, like an error: it
     // must fail the batch with the event named, so that only it is handed back as an attempt.
     // Unwinding past the runner instead would hand none back, and the whole batch would reach
@@ -1104,12 +1104,6 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
                     source,
                 })?;
         if let Some(envelope) = envelope {
-            metrics::counter!(
-                "cqrs_events_handled_total",
-                "consumer" => name.to_owned(),
-                "event_type" => envelope.name()
-            )
-            .increment(1);
             // The call inside the guarded future: a hand-written (not `#[async_trait]`) `apply`
             // may panic before it returns its future.
             let applying =
@@ -1135,10 +1129,53 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
                     event_type: record.event_type.clone(),
                     source,
                 })?;
-            applied += 1;
+            applied.add(envelope.name());
         }
     }
     Ok(applied)
+}
+
+/// The events a unit of work applied, by type: counted in `cqrs_events_handled_total` only
+/// once the unit committed, since a unit rolled back (and applied again) took no effect.
+#[derive(Debug, Default)]
+struct Applied {
+    total: usize,
+    // A batch holds a handful of types: a scan beats a map, and nothing is allocated for a
+    // unit that applied nothing.
+    by_type: Vec<(&'static str, u64)>,
+}
+
+impl Applied {
+    fn add(&mut self, event_type: &'static str) {
+        self.total += 1;
+        match self.by_type.iter_mut().find(|(t, _)| *t == event_type) {
+            Some((_, n)) => *n += 1,
+            None => self.by_type.push((event_type, 1)),
+        }
+    }
+
+    fn merge(&mut self, other: Applied) {
+        self.total += other.total;
+        for (event_type, n) in other.by_type {
+            match self.by_type.iter_mut().find(|(t, _)| *t == event_type) {
+                Some((_, m)) => *m += n,
+                None => self.by_type.push((event_type, n)),
+            }
+        }
+    }
+
+    /// Counts them for `projection`, once their unit committed; returns how many.
+    fn committed(self, projection: &str) -> usize {
+        for (event_type, n) in self.by_type {
+            metrics::counter!(
+                "cqrs_events_handled_total",
+                "consumer" => projection.to_owned(),
+                "event_type" => event_type
+            )
+            .increment(n);
+        }
+        self.total
+    }
 }
 
 /// Whether a failure of this kind says "not now" rather than anything about the event: a

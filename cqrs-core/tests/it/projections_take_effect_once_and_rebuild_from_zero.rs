@@ -8,6 +8,7 @@ use cqrs_core::ports::{
     StoreError, TransportCapabilities, TransportError,
 };
 use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner};
+use cqrs_core::testing::MetricCounts;
 use cqrs_core::{
     DecodeError, EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata,
 };
@@ -201,70 +202,96 @@ fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
     });
 }
 
+/// The name `cqrs_events_handled_total` of `sum` for `Added` events goes by.
+const HANDLED: &str = "cqrs_events_handled_total{consumer=sum,event_type=test.added}";
+
 #[test]
 fn a_failed_batch_is_rolled_back_and_retried() {
-    run(async {
-        let events = Arc::new(InMemoryEventStore::new());
-        let store = Arc::new(InMemoryProjectionStore::new());
-        let sum = Arc::new(Sum::default());
-        *sum.fail_once_on.lock().unwrap() = Some(5);
-        events
-            .append("s-1", ExpectedVersion::NO_STREAM, vec![record(5)])
-            .await
-            .unwrap();
-        let mut runner = ProjectionRunner::from_store(store, sum.clone(), events, types());
-        let err = runner.run_once().await.unwrap_err();
-        assert!(matches!(err, ProjectionError::Apply { .. }), "{err}");
-        assert!(
-            err.to_string().contains("projection `sum` failed on event"),
-            "{err}"
-        );
-        assert_eq!(
-            runner.run_once().await.unwrap(),
-            1,
-            "the event is retried after the rollback"
-        );
-        assert_eq!(*sum.seen.lock().unwrap(), [5]);
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let events = Arc::new(InMemoryEventStore::new());
+            let store = Arc::new(InMemoryProjectionStore::new());
+            let sum = Arc::new(Sum::default());
+            *sum.fail_once_on.lock().unwrap() = Some(5);
+            events
+                .append(
+                    "s-1",
+                    ExpectedVersion::NO_STREAM,
+                    vec![record(1), record(5)],
+                )
+                .await
+                .unwrap();
+            let mut runner = ProjectionRunner::from_store(store, sum.clone(), events, types());
+            let err = runner.run_once().await.unwrap_err();
+            assert!(matches!(err, ProjectionError::Apply { .. }), "{err}");
+            assert!(
+                err.to_string().contains("projection `sum` failed on event"),
+                "{err}"
+            );
+            assert_eq!(counts.get(HANDLED), 0, "a rolled-back unit counts nothing");
+            assert_eq!(
+                runner.run_once().await.unwrap(),
+                2,
+                "the batch is retried after the rollback"
+            );
+            assert_eq!(*sum.seen.lock().unwrap(), [1, 5]);
+            assert_eq!(
+                counts.get(HANDLED),
+                2,
+                "each event counted once it took effect"
+            );
+            assert_eq!(runner.rebuild().await.unwrap(), 2);
+            assert_eq!(counts.get(HANDLED), 4, "a rebuild counts what it replayed");
+        })
     });
 }
 
 #[test]
 fn a_transport_fed_projection_counts_a_redelivered_event_once() {
-    run(async {
-        let transport = Arc::new(InMemoryTransport::new());
-        let store = Arc::new(InMemoryProjectionStore::new());
-        let sum = Arc::new(Sum::default());
-        let once = record(3);
-        // The same event published twice, as a relay that died mid-batch would.
-        transport
-            .publish("sums", &[once.clone(), record(10), once])
-            .await
-            .unwrap();
-        let options = ConsumerOptions::default()
-            .block(Duration::from_millis(50))
-            .redelivery_delay(Duration::from_millis(50));
-        let mut runner = sums_runner(store, &sum, &transport, options);
-        *sum.fail_once_on.lock().unwrap() = Some(10);
-        // The failing batch sets 10 aside and applies 3 (once) in the same run; 10 is
-        // redelivered and succeeds.
-        assert!(runner.run_once().await.is_err(), "10 fails once");
-        assert_eq!(*sum.seen.lock().unwrap(), [3]);
-        let mut applied = 0;
-        for _ in 0..50 {
-            applied += runner.run_once().await.expect("no other failure");
-            if transport.backlog("sums", "sum") == 0 {
-                break;
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let transport = Arc::new(InMemoryTransport::new());
+            let store = Arc::new(InMemoryProjectionStore::new());
+            let sum = Arc::new(Sum::default());
+            let once = record(3);
+            // The same event published twice, as a relay that died mid-batch would.
+            transport
+                .publish("sums", &[once.clone(), record(10), once])
+                .await
+                .unwrap();
+            let options = ConsumerOptions::default()
+                .block(Duration::from_millis(50))
+                .redelivery_delay(Duration::from_millis(50));
+            let mut runner = sums_runner(store, &sum, &transport, options);
+            *sum.fail_once_on.lock().unwrap() = Some(10);
+            // The failing batch sets 10 aside and applies 3 (once) in the same run; 10 is
+            // redelivered and succeeds.
+            assert!(runner.run_once().await.is_err(), "10 fails once");
+            assert_eq!(*sum.seen.lock().unwrap(), [3]);
+            let mut applied = 0;
+            for _ in 0..50 {
+                applied += runner.run_once().await.expect("no other failure");
+                if transport.backlog("sums", "sum") == 0 {
+                    break;
+                }
             }
-        }
-        assert_eq!(applied, 1, "10, once");
-        let mut seen = sum.seen.lock().unwrap().clone();
-        seen.sort();
-        assert_eq!(seen, [3, 10], "each event took effect once");
-        assert_eq!(
-            transport.backlog("sums", "sum"),
-            0,
-            "everything was acknowledged"
-        );
+            assert_eq!(applied, 1, "10, once");
+            let mut seen = sum.seen.lock().unwrap().clone();
+            seen.sort();
+            assert_eq!(seen, [3, 10], "each event took effect once");
+            assert_eq!(
+                transport.backlog("sums", "sum"),
+                0,
+                "everything was acknowledged"
+            );
+            assert_eq!(
+                counts.get(HANDLED),
+                2,
+                "counted once each, not again when 3 was applied anew beside 10 set aside"
+            );
+        })
     });
 }
 
