@@ -183,7 +183,10 @@ impl<W: Worker + ?Sized> Worker for Box<W> {
 ///
 /// A failed run is logged and reported as [`Health::Degraded`] (housekeeping that fails does
 /// not make a server unready); the next run tries again, and a run that succeeds reports
-/// [`Health::Healthy`]. Shutdown waits for a run in progress.
+/// [`Health::Healthy`]. A run still going after [`stall_after`](Self::stall_after) is reported
+/// as degraded too, instead of the last run's health standing for a job that hangs; with a
+/// [`timeout`](Self::timeout) it is cancelled and counts as failed. Shutdown waits for a run in
+/// progress.
 ///
 /// ```
 /// use cqrs_core::memory::InMemoryIdempotencyStore;
@@ -197,7 +200,9 @@ impl<W: Worker + ?Sized> Worker for Box<W> {
 /// let purge = Periodic::new("idempotency-purge", Duration::from_secs(3600), move || {
 ///     let store = store.clone();
 ///     async move { store.purge_expired().await.map(drop).map_err(Into::into) }
-/// });
+/// })
+/// // A purge cut short loses nothing: the next one deletes the rest.
+/// .timeout(Duration::from_secs(600));
 /// let runtime = Runtime::builder().worker(purge).start();
 /// runtime.shutdown(Duration::from_secs(5)).await.unwrap();
 /// # });
@@ -205,8 +210,14 @@ impl<W: Worker + ?Sized> Worker for Box<W> {
 pub struct Periodic<F> {
     name: String,
     every: Duration,
+    stall_after: Option<Duration>,
+    timeout: Option<Duration>,
     job: F,
 }
+
+/// The shortest time a run goes on before [`Periodic`] reports it by default, so that a job run
+/// every few milliseconds does not flap to degraded whenever one run is slower than the rest.
+const MIN_PERIODIC_STALL: Duration = Duration::from_secs(60);
 
 impl<F, Fut> Periodic<F>
 where
@@ -218,8 +229,54 @@ where
         Self {
             name: name.into(),
             every: every.max(Duration::from_millis(1)),
+            stall_after: None,
+            timeout: None,
             job,
         }
+    }
+
+    /// After how long a run still going is reported ([`Health::Degraded`], and a warning);
+    /// it goes on, and its outcome is reported when it ends. By default the longer of the
+    /// interval and one minute; at least 1 ms.
+    pub fn stall_after(mut self, after: Duration) -> Self {
+        self.stall_after = Some(after.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// Cancels a run that takes longer than `limit` (at least 1 ms); it counts as a failed
+    /// run. No limit by default: set one for a job that is safe to cut short, one that a
+    /// lock or a silent network could otherwise hold for good.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// One run, reported as stalled once it goes on past `stall_after`, cancelled at the
+    /// timeout.
+    async fn run_once(&mut self, health: &HealthReporter) -> Result<(), BoxError> {
+        let run = (self.job)();
+        let limit = self.timeout;
+        let run = async move {
+            match limit {
+                None => run.await,
+                Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+                    Err(format!("the run did not finish within {limit:?} and was cancelled").into())
+                }),
+            }
+        };
+        let mut run = std::pin::pin!(run);
+        let stall_after = self
+            .stall_after
+            .unwrap_or_else(|| self.every.max(MIN_PERIODIC_STALL));
+        tokio::select! {
+            biased;
+            outcome = &mut run => return outcome,
+            () = tokio::time::sleep(stall_after) => {}
+        }
+        let reason = format!("a run has been going for over {stall_after:?}");
+        tracing::warn!(worker = %self.name, "{reason}; still waiting for it");
+        health.set(Health::Degraded(reason));
+        run.await
     }
 }
 
@@ -228,6 +285,8 @@ impl<F> fmt::Debug for Periodic<F> {
         f.debug_struct("Periodic")
             .field("name", &self.name)
             .field("every", &self.every)
+            .field("stall_after", &self.stall_after)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
@@ -244,7 +303,7 @@ where
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         loop {
-            match (self.job)().await {
+            match self.run_once(&ctx.health).await {
                 Ok(()) => ctx.health.set(Health::Healthy),
                 Err(error) => {
                     tracing::warn!(worker = %self.name, %error, "periodic job failed; trying again at the next interval");

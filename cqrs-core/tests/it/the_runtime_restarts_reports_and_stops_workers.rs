@@ -455,6 +455,121 @@ fn a_periodic_job_runs_every_interval_and_reports_failures() {
     });
 }
 
+/// The health `runtime` reports for `worker`, once it is `expected`, letting (paused) time
+/// pass meanwhile.
+async fn health_turns(runtime: &Runtime, worker: &str, expected: Health) {
+    eventually(
+        Duration::from_secs(7200),
+        &format!("{worker} {expected:?}"),
+        || async { (runtime.health().await.components[worker].0 == expected).then_some(()) },
+    )
+    .await;
+}
+
+/// A run that hangs is reported once it goes on past `stall_after`, instead of the last run's
+/// health standing; when it ends at last, its outcome is reported.
+#[test]
+fn a_periodic_run_that_hangs_is_reported() {
+    run_paused(|| async {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (runs_tx, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let mut count = 0;
+        let job = {
+            let release = release.clone();
+            move || {
+                count += 1;
+                let _ = runs_tx.send(count);
+                let release = release.clone();
+                let hangs = count == 2;
+                async move {
+                    if hangs {
+                        release.notified().await;
+                    }
+                    Ok::<(), BoxError>(())
+                }
+            }
+        };
+        let every = Duration::from_secs(10);
+        let runtime = Runtime::builder()
+            .worker(Periodic::new("purge", every, job))
+            .start();
+        assert_eq!(runs.recv().await, Some(1));
+        health_turns(&runtime, "purge", Health::Healthy).await;
+        assert_eq!(
+            runs.recv().await,
+            Some(2),
+            "the second run starts, and hangs"
+        );
+        let started = tokio::time::Instant::now();
+        health_turns(
+            &runtime,
+            "purge",
+            Health::Degraded("a run has been going for over 60s".into()),
+        )
+        .await;
+        assert!(
+            started.elapsed() >= Duration::from_secs(60),
+            "by default, reported after the longer of the interval and a minute"
+        );
+        release.notify_one();
+        health_turns(&runtime, "purge", Health::Healthy).await;
+        assert_eq!(runs.recv().await, Some(3), "and the job goes on");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// With a timeout, a run that hangs is cancelled and counts as failed; the next run comes at
+/// the next interval.
+#[test]
+fn a_periodic_run_past_its_timeout_is_cancelled() {
+    run_paused(|| async {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let (runs_tx, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let mut count = 0;
+        let job = {
+            let cancelled = cancelled.clone();
+            move || {
+                count += 1;
+                let _ = runs_tx.send(count);
+                let hangs = count == 1;
+                // Dropped only when the run is: it never finishes.
+                let on_drop = hangs.then(|| SetOnDrop(cancelled.clone()));
+                async move {
+                    let _on_drop = on_drop;
+                    if hangs {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<(), BoxError>(())
+                }
+            }
+        };
+        let runtime = Runtime::builder()
+            .worker(
+                Periodic::new("purge", Duration::from_secs(10), job)
+                    .stall_after(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(30)),
+            )
+            .start();
+        assert_eq!(runs.recv().await, Some(1));
+        health_turns(
+            &runtime,
+            "purge",
+            Health::Degraded("a run has been going for over 5s".into()),
+        )
+        .await;
+        health_turns(
+            &runtime,
+            "purge",
+            Health::Degraded("the run did not finish within 30s and was cancelled".into()),
+        )
+        .await;
+        assert!(cancelled.load(Ordering::SeqCst), "the hung run was dropped");
+        assert_eq!(runs.recv().await, Some(2), "the next run comes");
+        health_turns(&runtime, "purge", Health::Healthy).await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 /// Fails every run, recording when each started.
 struct AlwaysFails {
     name: &'static str,

@@ -272,10 +272,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // Saved idempotent responses expire after a day but stay stored until purged: without
     // this, every `Idempotency-Key` ever sent would be kept (a full ticket each).
     let idempotency = backends.idempotency.clone();
-    runtime = runtime.worker(Periodic::new(
-        "idempotency-purge",
-        config.purge_interval(),
-        move || {
+    runtime = runtime.worker(
+        Periodic::new("idempotency-purge", config.purge_interval(), move || {
             let idempotency = idempotency.clone();
             async move {
                 let purged = idempotency.purge_expired().await?;
@@ -284,8 +282,11 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
                 }
                 Ok(())
             }
-        },
-    ));
+        })
+        // The purge deletes in batches, each committed: cut short by a lock held for good, it
+        // loses nothing, and the next run goes on from there.
+        .timeout(Duration::from_secs(600)),
+    );
 
     // The recorder keeps every histogram sample until something drains it: a scrape of
     // /metrics does, and so does this, so memory stays flat with no scraper (a request's
