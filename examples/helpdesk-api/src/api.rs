@@ -33,7 +33,7 @@ impl Operation {
     pub fn bearer(mut self) -> Self {
         self.doc
             .insert("security".into(), json!([{ "bearer": [] }]));
-        self.response(401, "missing or invalid token", None)
+        self.response(401, "missing or invalid token (`unauthorized`)", None)
     }
 
     /// The JSON request body's schema. An object schema gets `"additionalProperties": false`:

@@ -96,9 +96,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// 503 `timeout` with `Retry-After`: the request ran past its time budget, with the advice
-    /// `after` gives: what the client can safely do next depends on the route and on whether
-    /// the request carried an `Idempotency-Key`.
+    /// 503 `timeout`: the request ran past its time budget, with the advice `after` gives:
+    /// what the client can safely do next depends on the route and on whether the request
+    /// carried an `Idempotency-Key`. With `Retry-After`, except when the advice is to check
+    /// first: a generic client that retries any 503 with `Retry-After` would otherwise send a
+    /// change again that may have been applied.
     pub fn timeout(after: AfterTimeout) -> Self {
         let message = match after {
             AfterTimeout::TryAgain => "the request ran past its time budget; try again shortly",
@@ -111,7 +113,11 @@ impl ApiError {
                  with the same Idempotency-Key to be safe"
             }
         };
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message).with_retry_after(1)
+        let error = Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message);
+        match after {
+            AfterTimeout::CheckFirst => error,
+            AfterTimeout::TryAgain | AfterTimeout::RetrySameKey => error.with_retry_after(1),
+        }
     }
 
     /// Whether this is the 503 `timeout` of a request that ran past its time budget.

@@ -105,7 +105,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             other if stalled(&other) => ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                "the body did not arrive in time (it stopped, or came too slowly): send it whole",
+                crate::BODY_TOO_SLOW,
             ),
             other => ApiError::bad_request(
                 "unreadable_body",

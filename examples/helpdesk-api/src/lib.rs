@@ -33,6 +33,10 @@ pub const BODY_LIMIT: usize = 128 * 1024;
 
 /// The message of a `payload_too_large` error.
 pub const BODY_TOO_LARGE: &str = "the body is larger than the 128 KiB limit";
+
+/// The message of a 408 `request_timeout`: the client's body stopped or came too slowly.
+pub const BODY_TOO_SLOW: &str =
+    "the body did not arrive in time (it stopped, or came too slowly): send it whole";
 pub use extract::{
     ApiJson, ApiPath, ApiQuery, Authenticated, BodyDeadlineElapsed, ClientAddr, RequestMetadata,
     TrustedProxies, bearer_token,

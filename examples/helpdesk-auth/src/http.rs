@@ -211,11 +211,9 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     }
                 }))
                 .response(201, "registered", Some(schema_user()))
-                .response(400, "malformed JSON", None)
                 .response(403, "the email is on the agent list and the agent code is missing or wrong (`agent_code_required`)", None)
                 .response(409, "the email is taken (`email_taken`)", None)
-                .response(415, "not JSON", None)
-                .response(422, "invalid email, password, display name, or an agent code for an email not on the agent list", None)
+                .response(422, "an invalid email, password or display name, or an agent code for an email not on the agent list (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
                 .response(429, "this client address has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
                 .response(503, "every password-hashing slot stayed taken for 2 s (`busy`), with Retry-After", None)],
         )

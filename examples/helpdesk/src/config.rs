@@ -555,16 +555,27 @@ impl Config {
             }
         }
         // A value meant as seconds (15) leaves `/ready`'s Postgres check milliseconds, within
-        // which a remote server never answers: unready for good, and most requests 503.
-        if self.database_url.is_some() && self.request_timeout() < Duration::from_secs(1) {
-            let wait = crate::http::postgres_health_wait(self.request_timeout());
+        // which a remote server never answers: unready for good, and most requests 503. In
+        // memory too, every login and registration hashes a password for tens of milliseconds
+        // (more while others wait for a hashing slot): each would 503 for good.
+        if self.request_timeout() < Duration::from_secs(1) {
+            let checks = if self.database_url.is_some() {
+                let wait = crate::http::postgres_health_wait(self.request_timeout());
+                format!(
+                    ", and each of /ready's checks ({} ms for Postgres to hand out a \
+                     connection), must finish within it, which a Postgres server across a \
+                     network may never do",
+                    wait.as_millis()
+                )
+            } else {
+                ", a login or a registration with its password hashing (tens of milliseconds \
+                 each, more while others wait for a slot) among them, must finish within it"
+                    .to_owned()
+            };
             warnings.push(format!(
-                "HELPDESK_REQUEST_TIMEOUT_MS is {} ms (milliseconds): each request, and each of \
-                 /ready's checks ({} ms for Postgres to hand out a connection), must finish \
-                 within it, which a Postgres server across a network may never do; give at \
-                 least 1000",
+                "HELPDESK_REQUEST_TIMEOUT_MS is {} ms (milliseconds): each request{checks}; \
+                 give at least 1000",
                 self.request_timeout_ms,
-                wait.as_millis()
             ));
         }
         let grace = self.shutdown_grace();

@@ -434,13 +434,13 @@ async fn json_errors(
     }
     let (code, message) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", helpdesk_api::BODY_TOO_LARGE),
-        StatusCode::SERVICE_UNAVAILABLE | StatusCode::REQUEST_TIMEOUT => {
-            // The budget's 503 is the server's; a 408 (the client's body too slow) adds no line.
-            if status == StatusCode::SERVICE_UNAVAILABLE {
-                tracing::warn!("the request ran past its time budget");
-            }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            tracing::warn!("the request ran past its time budget");
             return with_parts(response, ApiError::timeout(after_timeout));
         }
+        // The client's body too slow (as `ApiJson` answers it): its 408 stays, with no line
+        // and no retry advice.
+        StatusCode::REQUEST_TIMEOUT => ("request_timeout", helpdesk_api::BODY_TOO_SLOW),
         StatusCode::NOT_FOUND => ("not_found", "no such route"),
         StatusCode::METHOD_NOT_ALLOWED => {
             ("method_not_allowed", "this route does not take that method")
@@ -653,6 +653,35 @@ mod tests {
             redacted("/ws?tok%65n=eyJ.secret.sig&x=1"),
             "/ws?token=[redacted]&x=1"
         );
+    }
+
+    /// A plain 408 (a body-timeout layer's, say) gets the contract's JSON and keeps its
+    /// status: the client's doing, with no retry advice; it is no 503 `timeout`.
+    #[tokio::test]
+    async fn a_plain_408_stays_a_408_request_timeout() {
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode};
+        use tower::ServiceExt;
+
+        let app = axum::Router::new()
+            .route(
+                "/slow",
+                axum::routing::post(|| async { (StatusCode::REQUEST_TIMEOUT, "too slow") }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                super::IdempotentRoutes::default(),
+                super::json_errors,
+            ));
+        let request = Request::post("/slow").body(Body::empty()).unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(response.headers().get("retry-after").is_none());
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+        assert_eq!(body["error"]["message"], helpdesk_api::BODY_TOO_SLOW);
     }
 
     /// The gateway's consumers never get a redelivery delay the Redis transport refuses.

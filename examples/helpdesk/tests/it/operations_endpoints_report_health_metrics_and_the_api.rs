@@ -295,10 +295,16 @@ type Probe<'a> = (
 
 /// Asserts that `op` documents the `status` it answered to `what`.
 fn documented(op: &Value, method: &Method, path: &str, what: &str, status: u16, code: &str) {
+    let response = &op["responses"][status.to_string()];
     assert!(
-        op["responses"][status.to_string()].is_object(),
+        response.is_object(),
         "{method} {path} answers {status} ({code}) to {what}, undocumented: {}",
         op["responses"]
+    );
+    let description = response["description"].as_str().unwrap_or_default();
+    assert!(
+        description.contains(&format!("`{code}`")),
+        "{method} {path} answers {status} `{code}` to {what}; its description does not name it: {description}"
     );
 }
 
