@@ -251,6 +251,24 @@ impl IdempotencyGuard for PgIdempotencyGuard {
             key,
             ttl,
         } = *self;
+        // The work has run: a body too deep to read back is no reason to release the key,
+        // which would let a retry run it again. Its status is kept, with a note for a body.
+        let response = match crate::row::readable_json(
+            &response.body,
+            crate::row::MAX_JSON_DEPTH,
+            || format!("the response of idempotency key `{key}`"),
+        ) {
+            Ok(()) => response,
+            Err(refused) => {
+                let why = std::error::Error::source(&refused)
+                    .map_or_else(|| refused.to_string(), ToString::to_string);
+                tracing::warn!(scope = %scope, key = %key, %why, "stored a note in place of a response too deep to read back");
+                StoredResponse::new(
+                    response.status,
+                    serde_json::json!({ "response_not_stored": why }),
+                )
+            }
+        };
         // In a task of its own, as the command layer's commit: the work the key guards has
         // run, so a caller that gives up mid-`COMMIT` (its time budget spent) must not roll
         // the key back, which would let a retry run the work a second time.

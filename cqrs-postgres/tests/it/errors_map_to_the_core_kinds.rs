@@ -308,7 +308,8 @@ pg_test! {
         snapshots.save("s-1", Snapshot::new(1, nested(127))).await.unwrap();
         assert_eq!(snapshots.load("s-1").await.unwrap().unwrap().state, nested(127));
 
-        // So is a stored response: a retry of the key would fail to read it back.
+        // A response too deep to read back is not stored, but its key is not released either:
+        // its work has run, and a retry must not run it again. A note stands in for the body.
         let idempotency = db.idempotency_store();
         let cqrs_core::ports::Claim::New(guard) = idempotency
             .claim("s", "k", "fp", Duration::from_secs(60))
@@ -317,8 +318,17 @@ pg_test! {
         else {
             panic!("a new key replayed");
         };
-        let body = cqrs_core::ports::StoredResponse::new(200, nested(128));
-        let refused = guard.complete(body).await.unwrap_err();
-        assert_eq!(refused.kind(), ErrorKind::Invalid, "{refused}");
+        let body = cqrs_core::ports::StoredResponse::new(201, nested(128));
+        guard.complete(body).await.expect("completed, with a note");
+        let cqrs_core::ports::Claim::Replay(replayed) = idempotency
+            .claim("s", "k", "fp", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("the key was released: a retry would run the work again");
+        };
+        assert_eq!(replayed.status, 201);
+        let note = replayed.body["response_not_stored"].as_str().unwrap();
+        assert!(note.contains("more than 127 deep"), "{note}");
     }
 }
