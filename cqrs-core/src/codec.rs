@@ -88,7 +88,7 @@ pub enum DecodeError {
     /// type's `VERSION` did not go up with the change it was written for, or the upcaster's
     /// `from` is off by one. Found by [`EventTypes::validate`].
     #[error(
-        "the upcaster of event `{event_type}` from schema version {from} never runs: the type's current version is {current}, and upcasters take older versions up to it; raise the type's VERSION to {next} if the upcaster is for a new version, or register it from the version it reads", next = from + 1
+        "the upcaster of event `{event_type}` from schema version {from} never runs: the type's current version is {current}, and upcasters take older versions up to it; raise the type's VERSION to {next} if the upcaster is for a new version, or register it from the version it reads", next = u64::from(*from) + 1
     )]
     UnreachableUpcaster {
         /// The wire name.

@@ -69,7 +69,7 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///
 /// Metrics (`metrics` facade, label `relay`): `cqrs_outbox_published_total`,
 /// `cqrs_outbox_publish_failures_total`, `cqrs_outbox_skipped_total` (with `reason` =
-/// `undecodable` or `refused`), and every `metrics_interval` the gauges
+/// `undecodable`, `refused` or `invalid_topic`), and every `metrics_interval` the gauges
 /// `cqrs_outbox_unpublished` and `cqrs_outbox_oldest_unpublished_seconds`
 /// (see [`backlog`](Self::backlog)).
 ///

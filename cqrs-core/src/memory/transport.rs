@@ -605,7 +605,8 @@ impl Consumer for InMemoryConsumer {
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
-        Some(self.options.redelivery_delay / 3)
+        // Above zero, as the port promises, even for a zero redelivery delay.
+        Some((self.options.redelivery_delay / 3).max(Duration::from_millis(1)))
     }
 
     fn redelivery_delay(&self) -> Option<Duration> {

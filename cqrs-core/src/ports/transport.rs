@@ -108,7 +108,8 @@ impl ConsumerOptions {
         self
     }
 
-    /// Sets the maximum number of deliveries.
+    /// Sets the maximum number of deliveries. Give every consumer of a group the same one:
+    /// the consumer that fetches an entry past it is the one that dead-letters it.
     pub fn max_deliveries(mut self, max: u32) -> Self {
         self.max_deliveries = max;
         self

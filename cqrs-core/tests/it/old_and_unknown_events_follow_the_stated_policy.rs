@@ -192,6 +192,15 @@ fn validate_finds_a_gap_in_an_upcaster_chain() {
         err.to_string().contains("raise the type's VERSION to 4"),
         "{err}"
     );
+    // Told without overflowing, from the last version there is.
+    let mut last = types.clone();
+    last.upcaster("test.noted", u32::MAX, Ok);
+    let err = last.validate().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("raise the type's VERSION to 4294967296"),
+        "{err}"
+    );
     let envelope = types
         .decode(&stored("test.noted", 1, json!({"text": "hi"})))
         .unwrap()

@@ -45,3 +45,16 @@ fn a_deferred_delivery_behind_its_key_does_not_make_fetch_spin() {
         assert!(started.elapsed() >= Duration::from_millis(100));
     });
 }
+
+/// With no redelivery delay, the keep-alive interval is still above zero, as the port
+/// promises: a caller's `tokio::time::interval` of it would panic on zero.
+#[test]
+fn a_zero_redelivery_delay_still_gives_a_keep_alive_interval_above_zero() {
+    crate::fixtures::run(async {
+        let transport = InMemoryTransport::new();
+        let options = ConsumerOptions::default().redelivery_delay(Duration::ZERO);
+        let consumer = transport.consumer("t", "g", options).await.unwrap();
+        let interval = consumer.keep_alive_interval().unwrap();
+        assert!(!interval.is_zero(), "{interval:?}");
+    });
+}

@@ -233,10 +233,23 @@ where
                 // the caller stops waiting (a timeout, a client gone). Dropped half-way, the
                 // outcome would depend on whether COMMIT had reached the server; now a
                 // command whose handler succeeded commits, and its events ship.
-                None => tokio::spawn(uow.commit())
-                    .await
-                    .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?
-                    .map_err(store_failure)?,
+                None => match tokio::spawn(uow.commit()).await {
+                    Ok(committed) => committed.map_err(store_failure)?,
+                    Err(e) if e.is_panic() => {
+                        return Err(DispatchError::Handler(HandlerError::internal(e)));
+                    }
+                    // The runtime shutting down cancelled the commit: it may have reached the
+                    // server, so the outcome is unknown, as with a commit cut off mid-way.
+                    Err(e) => {
+                        return Err(store_failure(cqrs_core::ports::StoreError::Timeout {
+                            backend: crate::error::BACKEND,
+                            source: format!(
+                                "the commit was cancelled ({e}); it may have taken effect"
+                            )
+                            .into(),
+                        }));
+                    }
+                },
             }
             Ok(reply)
         })
