@@ -1306,8 +1306,12 @@ impl<'a> Stall<'a> {
 /// keep-alive: a batch worked through in several calls (pass after pass, unit after unit) is
 /// kept alive on time across them, though no single call lasts an interval. The stall bound
 /// counts from this call: each call is one unit of the batch's progress.
+///
+/// A keep-alive runs beside the work, which goes on meanwhile: one that takes its time (a
+/// backend slow to answer, up to its command timeout) must not pause the handlers. The next
+/// one starts once it is done; the work's outcome is returned once it is done too.
 async fn keep_alive_while<T>(
-    mut consumer: Option<&mut dyn Consumer>,
+    consumer: Option<&mut dyn Consumer>,
     ids: &[DeliveryId],
     kept: &mut tokio::time::Instant,
     stall: Option<Stall<'_>>,
@@ -1330,16 +1334,31 @@ async fn keep_alive_while<T>(
     let mut stalled = stall
         .as_ref()
         .and_then(|s| ticker(started, s.after.min(STALL_REPORT_EVERY), s.after));
+    // The consumer while no keep-alive runs; a keep-alive in flight holds it, and gives it back.
+    let mut idle = consumer;
+    let mut keeping: Option<KeepingAlive<'_>> = None;
     tokio::pin!(work);
     loop {
         tokio::select! {
-            done = &mut work => return done,
-            _ = next_tick(&mut keep) => {
+            done = &mut work => {
+                if let Some(keeping) = keeping {
+                    // Its outcome is only logged; the caller acknowledges next, after it.
+                    log_keep_alive(keeping.await.1);
+                }
+                return done;
+            }
+            (consumer, outcome) = in_flight(&mut keeping) => {
+                keeping = None;
+                idle = Some(consumer);
+                log_keep_alive(outcome);
+            }
+            _ = next_tick(&mut keep), if keeping.is_none() => {
                 *kept = tokio::time::Instant::now();
-                if let Some(consumer) = consumer.as_deref_mut()
-                    && let Err(error) = consumer.keep_alive(ids).await
-                {
-                    tracing::warn!(%error, "could not keep a long batch's deliveries; they may be redelivered");
+                if let Some(consumer) = idle.take() {
+                    keeping = Some(Box::pin(async move {
+                        let outcome = consumer.keep_alive(ids).await;
+                        (consumer, outcome)
+                    }));
                 }
             }
             _ = next_tick(&mut stalled) => {
@@ -1361,6 +1380,31 @@ async fn keep_alive_while<T>(
                 }
             }
         }
+    }
+}
+
+/// A keep-alive in flight: it gives the consumer back with its outcome.
+type KeepingAlive<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (&'a mut dyn Consumer, Result<(), TransportError>)>
+            + Send
+            + 'a,
+    >,
+>;
+
+/// The outcome of the keep-alive in flight; never, without one.
+async fn in_flight<'a>(
+    keeping: &mut Option<KeepingAlive<'a>>,
+) -> (&'a mut dyn Consumer, Result<(), TransportError>) {
+    match keeping {
+        Some(keeping) => keeping.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_keep_alive(outcome: Result<(), TransportError>) {
+    if let Err(error) = outcome {
+        tracing::warn!(%error, "could not keep a long batch's deliveries; they may be redelivered");
     }
 }
 

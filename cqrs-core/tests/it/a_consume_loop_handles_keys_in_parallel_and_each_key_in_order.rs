@@ -23,6 +23,8 @@ struct Scripted {
     /// `keep_alive_interval`, and the ids of each `keep_alive` call.
     keep_every: Option<Duration>,
     kept: Arc<Mutex<Vec<Vec<String>>>>,
+    /// When set, the first `keep_alive` waits for it (a backend slow to answer).
+    keep_waits_for: Option<Arc<tokio::sync::Notify>>,
     /// Fail every ack, as a consumer whose connection is gone.
     ack_fails: bool,
     /// How many times `close` was called.
@@ -74,8 +76,13 @@ impl Consumer for Scripted {
     }
 
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        let mut kept = self.kept.lock().unwrap();
-        kept.push(ids.iter().map(|id| id.0.clone()).collect());
+        self.kept
+            .lock()
+            .unwrap()
+            .push(ids.iter().map(|id| id.0.clone()).collect());
+        if let Some(answer) = self.keep_waits_for.take() {
+            answer.notified().await;
+        }
         Ok(())
     }
 
@@ -111,6 +118,7 @@ fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
         deferred: log.2.clone(),
         keep_every: None,
         kept: Arc::default(),
+        keep_waits_for: None,
         ack_fails: false,
         closed: Arc::default(),
     };
@@ -258,6 +266,35 @@ fn a_long_batch_is_kept_alive_until_it_is_acknowledged() {
         let mut acked = acked.lock().unwrap().clone();
         acked.sort();
         assert_eq!(acked, ["a1", "b1"]);
+    });
+}
+
+/// A keep-alive slow to answer does not pause the handlers: here the handler itself is what
+/// lets it answer, so a loop that waited for the keep-alive before polling the handlers again
+/// would never finish.
+#[test]
+fn a_slow_keep_alive_does_not_pause_the_handlers() {
+    run(async {
+        let (mut consumer, ctx, (acked, _, _)) = scripted(vec![vec![delivery("a1", None)]]);
+        consumer.keep_every = Some(Duration::from_millis(5));
+        let answer = Arc::new(tokio::sync::Notify::new());
+        consumer.keep_waits_for = Some(answer.clone());
+        let kept = consumer.kept.clone();
+        consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |_| {
+            let (kept, answer) = (kept.clone(), answer.clone());
+            async move {
+                // Once the keep-alive is under way, the handler goes on, and lets it answer.
+                while kept.lock().unwrap().is_empty() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                answer.notify_one();
+                Handled::Done
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(*acked.lock().unwrap(), ["a1"]);
     });
 }
 
