@@ -47,11 +47,11 @@ impl<'a> Columns<'a> {
 /// loaded again.
 pub(crate) const MAX_JSON_DEPTH: usize = 127;
 
-/// The deepest nesting an event payload may have: less than [`MAX_JSON_DEPTH`], for the
-/// envelopes other readers wrap around a payload and decode with the same limit (the Redis
-/// transport's entry holds the whole record, one level more; a pub/sub message or a realtime
-/// frame a level or two more).
-pub(crate) const MAX_EVENT_PAYLOAD_DEPTH: usize = 100;
+/// The deepest nesting an event payload may have: the core's bound for every store, less
+/// than [`MAX_JSON_DEPTH`] for the envelopes other readers wrap around a payload and decode with
+/// the same limit (the Redis transport's entry holds the whole record, one level more; a
+/// pub/sub message or a realtime frame a level or two more).
+pub(crate) const MAX_EVENT_PAYLOAD_DEPTH: usize = cqrs_core::ports::MAX_PAYLOAD_DEPTH;
 
 /// Refuses a value nested deeper than `max_depth` as [`Rejected`](StoreError::Rejected),
 /// saying what (`what`) and why. A value with client data inside (a form's JSON in an
@@ -62,43 +62,18 @@ pub(crate) fn readable_json(
     max_depth: usize,
     what: impl FnOnce() -> String,
 ) -> Result<(), StoreError> {
-    use serde_json::Value;
-    let container = |value: &&Value| value.is_array() || value.is_object();
-    // A loop with a stack of its own: the value may be nested far deeper than the thread's
-    // stack would take in a recursive walk. Only containers go on it, with their depth.
-    let mut pending: Vec<(&Value, usize)> = Vec::new();
-    if container(&value) {
-        pending.push((value, 1));
+    if !cqrs_core::ports::nests_deeper_than(value, max_depth) {
+        return Ok(());
     }
-    while let Some((value, depth)) = pending.pop() {
-        if depth > max_depth {
-            return Err(StoreError::Rejected {
-                backend: crate::error::BACKEND,
-                source: format!(
-                    "{} nests arrays and objects more than {max_depth} deep: it could be \
-                     stored but never read back; flatten it or check the depth of client data",
-                    what()
-                )
-                .into(),
-            });
-        }
-        let depth = depth + 1;
-        match value {
-            Value::Array(items) => {
-                pending.extend(items.iter().filter(container).map(|child| (child, depth)));
-            }
-            Value::Object(fields) => {
-                pending.extend(
-                    fields
-                        .values()
-                        .filter(container)
-                        .map(|child| (child, depth)),
-                );
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    Err(StoreError::Rejected {
+        backend: crate::error::BACKEND,
+        source: format!(
+            "{} nests arrays and objects more than {max_depth} deep: it could be stored but \
+             never read back; flatten it or check the depth of client data",
+            what()
+        )
+        .into(),
+    })
 }
 
 /// An event's schema version as a Postgres integer.

@@ -8,6 +8,56 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+/// Why an append cannot be stored (as Postgres could not hold it), if it cannot.
+fn unstorable(stream_id: &str, events: &[EventRecord]) -> Option<String> {
+    const NUL: char = '\0';
+    if stream_id.contains(NUL) {
+        return Some("the stream id holds U+0000, which Postgres cannot store".to_owned());
+    }
+    events.iter().find_map(|event| {
+        let id = event.event_id;
+        if crate::ports::nests_deeper_than(&event.payload, crate::ports::MAX_PAYLOAD_DEPTH) {
+            return Some(format!(
+                "event {id}'s payload nests arrays and objects more than {} deep: it could be \
+                 stored but never read back; flatten it or check the depth of client data",
+                crate::ports::MAX_PAYLOAD_DEPTH
+            ));
+        }
+        let m = &event.metadata;
+        let text_with_nul = event.event_type.contains(NUL)
+            || event
+                .partition_key
+                .as_deref()
+                .is_some_and(|k| k.contains(NUL))
+            || m.actor.as_deref().is_some_and(|a| a.contains(NUL))
+            || m.trace_context
+                .iter()
+                .any(|(k, v)| k.contains(NUL) || v.contains(NUL))
+            || json_holds_nul(&event.payload);
+        text_with_nul.then(|| format!("event {id} holds U+0000, which Postgres cannot store"))
+    })
+}
+
+/// Whether any text of `value`, or any key, holds U+0000.
+fn json_holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::String(text) if text.contains('\0') => return true,
+            Value::Array(items) => pending.extend(items),
+            Value::Object(fields) => {
+                if fields.keys().any(|k| k.contains('\0')) {
+                    return true;
+                }
+                pending.extend(fields.values());
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 #[derive(Default)]
 struct State {
     /// Every event in global order; position = index + 1.
@@ -20,6 +70,11 @@ struct State {
 
 /// An event store in process memory: for tests, examples, and single-process servers that
 /// need no durability. Appends are serialized by one lock, so positions follow commit order.
+///
+/// It refuses what the Postgres store refuses, so that tests meet the refusal before a server
+/// does: a payload nested more than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH)
+/// deep, and U+0000 in a stream id, an event type, a payload (its text or its keys), a
+/// partition key, an actor or a trace context, each as [`StoreError::Rejected`].
 ///
 /// ```
 /// use cqrs_core::{ExpectedVersion, Position, memory::InMemoryEventStore, ports::EventStore};
@@ -98,6 +153,12 @@ impl EventStore for InMemoryEventStore {
         expected: ExpectedVersion,
         events: Vec<EventRecord>,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        if let Some(why) = unstorable(stream_id, &events) {
+            return Err(StoreError::Rejected {
+                backend: "memory",
+                source: why.into(),
+            });
+        }
         let stored = {
             let mut state = self.lock();
             let current = state.streams.get(stream_id).map_or(0, Vec::len) as u64;

@@ -19,6 +19,57 @@ impl ExpectedVersion {
     pub const NO_STREAM: ExpectedVersion = ExpectedVersion::Exactly(0);
 }
 
+/// The deepest nesting of arrays and objects an event's payload may have: every event store
+/// refuses a deeper one as [`StoreError::Rejected`]. Stores, transports and the realtime hub
+/// decode JSON with `serde_json`, which reads at most 128 levels, and wrap a few levels of
+/// their own around a payload: a deeper one could be stored but never read back, and its
+/// stream would fail every load.
+pub const MAX_PAYLOAD_DEPTH: usize = 100;
+
+/// Whether `value` nests arrays and objects more than `max_depth` deep (a scalar is 0 deep,
+/// `[]` and `{}` are 1). It walks with a stack of its own, so a value of any depth is safe to
+/// check.
+///
+/// ```
+/// use cqrs_core::ports::{MAX_PAYLOAD_DEPTH, nests_deeper_than};
+/// use serde_json::json;
+///
+/// assert!(!nests_deeper_than(&json!({ "a": [1, 2] }), 2));
+/// assert!(nests_deeper_than(&json!({ "a": [[1]] }), 2));
+/// assert!(!nests_deeper_than(&json!("text"), 0));
+/// # let _ = MAX_PAYLOAD_DEPTH;
+/// ```
+pub fn nests_deeper_than(value: &serde_json::Value, max_depth: usize) -> bool {
+    use serde_json::Value;
+    let container = |value: &&Value| value.is_array() || value.is_object();
+    // Only containers go on the stack, with their depth.
+    let mut pending: Vec<(&Value, usize)> = Vec::new();
+    if container(&value) {
+        pending.push((value, 1));
+    }
+    while let Some((value, depth)) = pending.pop() {
+        if depth > max_depth {
+            return true;
+        }
+        let depth = depth + 1;
+        match value {
+            Value::Array(items) => {
+                pending.extend(items.iter().filter(container).map(|child| (child, depth)));
+            }
+            Value::Object(fields) => {
+                pending.extend(
+                    fields
+                        .values()
+                        .filter(container)
+                        .map(|child| (child, depth)),
+                );
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 impl fmt::Display for ExpectedVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -50,6 +101,10 @@ impl fmt::Display for ExpectedVersion {
 ///   or twice in its batch fails whole, and never as [`StoreError::Conflict`]: a conflict
 ///   says "load and decide again", and a retry of an append whose outcome was unclear must not
 ///   be decided again with fresh ids (it would take effect twice).
+/// * **Readable payloads.** An append holding a payload nested more than
+///   [`MAX_PAYLOAD_DEPTH`] deep fails whole with [`StoreError::Rejected`], before anything is
+///   stored. A store may refuse other values it cannot hold the same way (Postgres: text
+///   holding U+0000; the in-memory store refuses those too, so that tests meet the refusal).
 /// * Returned records carry `stream_id`, `stream_version` and `position`.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {

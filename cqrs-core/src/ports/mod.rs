@@ -12,7 +12,9 @@ mod pubsub;
 mod transport;
 
 pub use error::{StoreError, TransportError};
-pub use event_store::{EventStore, ExpectedVersion, Snapshot, SnapshotStore};
+pub use event_store::{
+    EventStore, ExpectedVersion, MAX_PAYLOAD_DEPTH, Snapshot, SnapshotStore, nests_deeper_than,
+};
 pub use idempotency::{Claim, IdempotencyGuard, IdempotencyStore, StoredResponse};
 pub use projection::ProjectionStore;
 pub use pubsub::{Fanout, PubSub, PubSubMessage, Subscription};

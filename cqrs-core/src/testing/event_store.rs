@@ -81,6 +81,7 @@ macro_rules! event_store_conformance {
                 load_after_a_version_returns_the_tail,
                 read_all_returns_every_stream_in_one_global_order,
                 records_keep_their_payload_and_metadata,
+                a_payload_too_deep_to_read_back_is_refused,
             ]
         );
     };
@@ -587,6 +588,45 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
             "{how}: timestamp kept to the millisecond"
         );
     }
+}
+
+/// `n` arrays, one inside the other.
+fn nested(n: usize) -> serde_json::Value {
+    (0..n).fold(json!(1), |inner, _| json!([inner]))
+}
+
+/// A payload nested more than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH) deep is
+/// refused as [`StoreError::Rejected`] (alone and in a batch, which stores nothing); one at the
+/// bound is stored and loads back.
+pub async fn a_payload_too_deep_to_read_back_is_refused<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-deep", h.test_id());
+    let depth = crate::ports::MAX_PAYLOAD_DEPTH;
+    let mut deep = record(1);
+    deep.payload = nested(depth + 1);
+    for batch in [vec![deep.clone()], vec![record(2), deep]] {
+        let refused = store
+            .append(&stream, ExpectedVersion::Any, batch)
+            .await
+            .expect_err("a payload too deep to read back is refused");
+        assert!(
+            matches!(refused, StoreError::Rejected { .. }),
+            "refused as `Rejected` (a client's data at fault), not: {refused:?}"
+        );
+    }
+    assert!(
+        store.load(&stream, 0).await.unwrap().is_empty(),
+        "nothing of either batch was stored"
+    );
+    let mut deepest = record(3);
+    deepest.payload = nested(depth);
+    store
+        .append(&stream, ExpectedVersion::Any, vec![deepest])
+        .await
+        .expect("a payload at the bound is stored");
+    let loaded = store.load(&stream, 0).await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].payload, nested(depth), "and loads back whole");
 }
 
 /// The late-commit trap, made deterministic: writer A begins and stays open, B appends after

@@ -107,6 +107,26 @@ crate::support::pg_test! {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        // Everywhere else the in-memory store refuses it too, so tests on memory meet it.
+        type Change = fn(&mut cqrs_core::EventRecord);
+        let nul_in: [(&str, Change); 5] = [
+            ("event type", |r| r.event_type = "No\u{0}ted".into()),
+            ("payload key", |r| r.payload = serde_json::json!({ "a\u{0}": 1 })),
+            ("partition key", |r| r.partition_key = Some("k\u{0}".into())),
+            ("actor", |r| r.metadata.actor = Some("u\u{0}".into())),
+            ("trace context", |r| {
+                r.metadata.trace_context.insert("traceparent".into(), "0\u{0}".into());
+            }),
+        ];
+        for (what, change) in nul_in {
+            let mut record = crate::support::record(4);
+            change(&mut record);
+            let err = store
+                .append("s", ExpectedVersion::Any, vec![record])
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Invalid, "{what}: {err}");
+        }
         // Too large for an index (SQLSTATE 54000): an idempotency key or a stream id a client
         // made 32 KB long (random, so compression does not bring it under the limit).
         let huge: String = (0..1000).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
