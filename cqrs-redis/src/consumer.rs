@@ -991,6 +991,10 @@ impl RedisConsumer {
             ..Options::default()
         };
         let started = Instant::now();
+        // An earlier read not known to be served (its `PING` unanswered in time) is served
+        // before this one, on the same connection: once this one is answered, what that one
+        // delivered is pending here, in no list, and the next step must look for it.
+        let earlier_unsure = self.reader_unsure;
         self.reader_unsure = true;
         let read = self
             .reader
@@ -1026,6 +1030,7 @@ impl RedisConsumer {
             Err(e) if is_unblocked(&e) => {
                 tracing::debug!(topic = %self.topic, group = %self.group, error = %e, "the consumer's blocking read was ended by the server");
                 self.reader_unsure = false;
+                self.unsure |= earlier_unsure;
                 return Ok(());
             }
             Err(e) => {
@@ -1058,6 +1063,7 @@ impl RedisConsumer {
             self.known.insert(id, Known::read_here(fields));
         }
         self.reader_unsure = false;
+        self.unsure |= earlier_unsure;
         Ok(())
     }
 }
@@ -1392,22 +1398,7 @@ impl Consumer for RedisConsumer {
         };
         let (kept, free): (Vec<String>, Vec<String>) =
             self.held.iter().cloned().partition(waits_here);
-        if !free.is_empty() {
-            let released = self.released(&free);
-            // Out of the lists first: a release that fails leaves them pending here, idle
-            // since their last refresh, so another consumer reclaims them after the delay.
-            let gone: HashSet<&String> = free.iter().collect();
-            self.held.retain(|id| !gone.contains(id));
-            for id in &free {
-                self.known.remove(id);
-                self.adopted.remove(id);
-            }
-            self.release(released).await?;
-            // Pending here until another consumer takes them: not stranded, as after `close`
-            // (a `close` or a recovery that took them for stranded would release them again
-            // and take a delivery back twice, or hold them again).
-            self.remember_returned(free).await;
-        }
+        // The batch's refresh first: a release that fails must not leave it unrefreshed.
         let ids = ids.iter().map(|id| id.0.clone()).chain(kept).collect();
         set_idle(
             &self.shared,
@@ -1419,7 +1410,25 @@ impl Consumer for RedisConsumer {
             false,
             ids,
         )
-        .await
+        .await?;
+        if !free.is_empty() {
+            let released = self.released(&free);
+            // Out of the lists first: a release that fails leaves them pending here, idle
+            // since their last refresh, so another consumer reclaims them after the delay.
+            let gone: HashSet<&String> = free.iter().collect();
+            self.held.retain(|id| !gone.contains(id));
+            for id in &free {
+                self.known.remove(id);
+                self.adopted.remove(id);
+            }
+            // Pending here until another consumer takes them, whether the release goes
+            // through or not (its reply lost, say): not stranded, as after `close` (a `close`
+            // or a recovery that took them for stranded would release them again and take a
+            // delivery back twice, or hold them again).
+            self.remember_returned(free).await;
+            self.release(released).await?;
+        }
+        Ok(())
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
