@@ -90,6 +90,9 @@ pub struct App {
     pub buses: Buses,
     /// The WebSocket hub at `/ws`.
     pub hub: Hub<Session>,
+    /// Set when a stop begins: `/ready` answers 503 `stopping` from then on, while requests
+    /// are still served (see `--shutdown-delay-ms`).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for App {
@@ -337,6 +340,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let (plugin_router, paths, schemas) = api.into_all();
     let idempotent_routes = http::IdempotentRoutes::documented_in(&paths);
     let openapi = openapi_document(paths, schemas);
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let router = http::router(http::State {
         plugin_router: plugin_router.route(
             "/ws",
@@ -352,6 +356,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         ready_details: config.ready_details,
         ready_logged: Arc::default(),
         ready_checks: Arc::default(),
+        stopping: stopping.clone(),
     });
     Ok(App {
         router,
@@ -359,6 +364,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         plugins: plugins.names().collect(),
         buses,
         hub,
+        stopping,
     })
 }
 
@@ -747,7 +753,7 @@ fn openapi_document(
         (
             "/ready",
             "Readiness, with each backend's status",
-            json!({ "200": { "description": "ready" }, "503": { "description": "not ready" } }),
+            json!({ "200": { "description": "ready" }, "503": { "description": "not ready: a critical backend is down (`unavailable`), or the server is stopping (`stopping`)" } }),
         ),
         (
             "/metrics",

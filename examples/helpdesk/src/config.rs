@@ -124,6 +124,14 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_SHUTDOWN_GRACE_MS", default_value_t = 15_000)]
     pub shutdown_grace_ms: u64,
 
+    /// How long a stop keeps serving before it begins, in milliseconds (at most 600000):
+    /// `/ready` answers 503 `stopping` at once, and every request is still served meanwhile,
+    /// so that a load balancer that polls `/ready` (or a Kubernetes endpoint update) stops
+    /// sending new requests before the listener closes. The grace period counts from its end.
+    /// 0 (the default) stops at once.
+    #[arg(long, env = "HELPDESK_SHUTDOWN_DELAY_MS", default_value_t = 0)]
+    pub shutdown_delay_ms: u64,
+
     /// Failed logins per email and client address before 429.
     #[arg(long, env = "HELPDESK_LOGIN_ATTEMPTS", default_value_t = 10)]
     pub login_attempts: u32,
@@ -377,6 +385,7 @@ impl std::fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("shutdown_delay_ms", &self.shutdown_delay_ms)
             .field("login_attempts", &self.login_attempts)
             .field("login_window_seconds", &self.login_window_seconds)
             .field("trusted_proxies", &self.trusted_proxies)
@@ -395,6 +404,9 @@ impl std::fmt::Debug for Config {
             .finish()
     }
 }
+
+/// The longest `HELPDESK_SHUTDOWN_DELAY_MS` taken.
+const MAX_SHUTDOWN_DELAY_MS: u64 = 600_000;
 
 impl Config {
     /// Reads the flags in `args` (the first is the program's name) and, for each flag not
@@ -747,6 +759,15 @@ impl Config {
                 problems.push(format!("{name} must be at least {least}; it is {value}"));
             }
         }
+        // Ten minutes is far past any load balancer's update: more is a slip (seconds meant
+        // as minutes, an extra zero), and a stop that long would look hung.
+        if self.shutdown_delay_ms > MAX_SHUTDOWN_DELAY_MS {
+            problems.push(format!(
+                "HELPDESK_SHUTDOWN_DELAY_MS must be at most {MAX_SHUTDOWN_DELAY_MS} (ten \
+                 minutes); it is {}",
+                self.shutdown_delay_ms
+            ));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -787,6 +808,11 @@ impl Config {
     /// The shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// How long a stop keeps serving, `/ready` answering 503, before it begins.
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
     }
 
     /// How often housekeeping runs (idempotency purge, stream trimming).

@@ -46,6 +46,9 @@ pub(crate) struct State {
     pub(crate) ready_logged: Arc<Mutex<HashMap<String, String>>>,
     /// `/ready`'s checks, run one at a time and shared (see [`SharedRun`]).
     pub(crate) ready_checks: Arc<SharedRun<HealthReport>>,
+    /// Set when a stop begins: `/ready` then answers 503 `stopping`, so that load balancers
+    /// send new requests elsewhere while this instance still serves them.
+    pub(crate) stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The routes that take an `Idempotency-Key`, as (method, route template): those whose
@@ -281,6 +284,10 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
 }
 
 async fn ready(Extension(state): Extension<State>) -> Response {
+    if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        let body = json!({ "status": "stopping", "components": {} });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     let budget = check_budget(state.request_timeout);
     let runtime = state.runtime.clone();
     let report = state

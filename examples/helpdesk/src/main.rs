@@ -53,7 +53,7 @@ async fn run(config: Config) -> anyhow::Result<Option<Signal>> {
         Some(signal) = signals.recv() => {
             tracing::info!(
                 ?signal,
-                "shutting down: no new connections; finishing in-flight requests (a second signal exits at once)"
+                "shutting down: /ready answers 503, then (after HELPDESK_SHUTDOWN_DELAY_MS) no new connections; finishing in-flight requests (a second signal exits at once)"
             );
             stop();
         }

@@ -52,21 +52,37 @@ impl Server {
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
         let closing = app.hub.clone();
+        let stopping = app.stopping.clone();
+        let delay = config.shutdown_delay();
         let grace = config.shutdown_grace();
         let header_timeout = config.header_timeout();
         let max_connections = connection_limit(&config);
         let router = app.router;
         let task = tokio::spawn(async move {
-            let mut stop_seen = stopped.clone();
-            let connections = serve(listener, router, stopped, header_timeout, max_connections);
+            let mut stop_seen = stopped;
+            // Serving stops at `close`: at the stop, or once its delay is over.
+            let (close, closing_signal) = watch::channel(false);
+            let connections = serve(
+                listener,
+                router,
+                closing_signal,
+                header_timeout,
+                max_connections,
+            );
             let mut serve = tokio::spawn(connections);
-            // Biased, the stop first: serving also ends because of the stop (it watches the same
-            // signal), and when both were ready an unbiased pick sometimes took that branch,
-            // skipping the hub's shutdown: WebSockets got no 1001 and the stop waited out the
-            // grace period for them.
+            // Biased, the stop first: when both were ready, an unbiased pick sometimes took
+            // the other branch, and WebSockets got no 1001 at a stop.
             let (deadline, served) = tokio::select! {
                 biased;
                 _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
+                    // Told unready first; serving on meanwhile, for the delay (see the
+                    // setting), while load balancers move new requests elsewhere.
+                    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if !delay.is_zero() {
+                        tracing::info!(?delay, "stopping: /ready answers 503; serving on until the delay is over");
+                        tokio::time::sleep(delay).await;
+                    }
+                    let _ = close.send(true);
                     // One deadline for the whole stop, as the setting promises: requests,
                     // WebSocket close frames and workers share the grace period, not one each.
                     let deadline = deadline_after(grace);

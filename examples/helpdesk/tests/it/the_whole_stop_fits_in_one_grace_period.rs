@@ -161,3 +161,62 @@ async fn stop_holding_a_request(server: Server) -> Duration {
     drop(held);
     took
 }
+
+/// With a shutdown delay, a stop turns `/ready` to 503 `stopping` at once and goes on serving,
+/// new connections too, until the delay is over: load balancers move traffic away first. (The
+/// delay here outlasts the test, whose runtime then drops the server.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_a_delay_turns_unready_and_serves_on_meanwhile() {
+    within(async {
+        let mut s = TestServer::start_with(|c| c.shutdown_delay_ms = 600_000).await;
+        let (token, _) = s.customer().await;
+        let ready = s.send(reqwest::Method::GET, "/ready", None, None).await;
+        assert_eq!(ready.status, reqwest::StatusCode::OK, "{ready:?}");
+        let server = s.server.take().unwrap();
+        server.stopper()();
+        let unready =
+            cqrs_core::testing::eventually(Duration::from_secs(10), "/ready turns 503", || async {
+                let r = s.send(reqwest::Method::GET, "/ready", None, None).await;
+                (r.status == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+            })
+            .await;
+        assert_eq!(unready.body["status"], "stopping", "{unready:?}");
+        // Still served, on a new connection too.
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = fresh.get(s.url("/health")).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+        let t = s.ticket(&token, "opened while draining").await;
+        assert_eq!(t["title"], "opened while draining");
+        drop(server);
+        s.stop().await;
+    })
+    .await;
+}
+
+/// The stop begins once the delay is over: it takes the delay at least, and then ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_a_delay_ends_after_it() {
+    within(async {
+        let delay = Duration::from_millis(1_500);
+        let mut s =
+            TestServer::start_with(|c| c.shutdown_delay_ms = delay.as_millis() as u64).await;
+        let server = s.server.take().unwrap();
+        let began = Instant::now();
+        server.shutdown().await.expect("a clean stop");
+        assert!(
+            began.elapsed() >= delay,
+            "stopped after {:?}",
+            began.elapsed()
+        );
+        let refused = s.http.get(s.url("/health")).send().await;
+        assert!(
+            refused.is_err(),
+            "still listening after the stop: {refused:?}"
+        );
+        s.stop().await;
+    })
+    .await;
+}
