@@ -360,9 +360,10 @@ pub(crate) type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// commits after it has staged the idempotency response.
 ///
 /// The layer takes the unit of work out of the dispatch's extensions to run the handler in
-/// it, so it does not ride back in the reply: the shared slot is its way back. Layers clone it
-/// rather than take it, so every [`PgCommandLayer`](crate::PgCommandLayer) on the path hands
-/// back and none commits the claim early.
+/// it, so it does not ride back in the reply: the shared slot is its way back. Only the
+/// outermost [`PgCommandLayer`](crate::PgCommandLayer) of the store takes the unit of work and
+/// the slot; inner ones of the same store pass the dispatch through, so none commits the claim
+/// early.
 #[derive(Clone, Default)]
 pub(crate) struct HandBack(Arc<Mutex<Option<PgUnitOfWork>>>);
 

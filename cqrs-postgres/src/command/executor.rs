@@ -9,6 +9,7 @@ use cqrs_core::{
     Command, CommandBus, DispatchError, EventEnvelope, Extensions, HandlerError, Metadata,
 };
 use std::time::Duration;
+use tracing::Instrument;
 
 /// An idempotency key, as a request carries it (an `Idempotency-Key` header, for instance).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,18 +186,44 @@ impl PgCommandExecutor {
             )));
         };
         let response = respond(&executed.output);
+        // Made by the server from the handler's output: a body too deep to store is this
+        // server's fault, not the client's (the store would refuse it as `Rejected`, a 4xx).
+        if cqrs_core::ports::nests_deeper_than(&response.body, crate::row::MAX_JSON_DEPTH) {
+            return Err(DispatchError::Handler(HandlerError::internal(format!(
+                "the response made of the command's output nests arrays and objects more than \
+                 {} deep, too deep to store for its idempotency key; nothing was committed",
+                crate::row::MAX_JSON_DEPTH
+            ))));
+        }
         uow.set_response(response.clone());
         // In a task of its own, as the layer commits: the handler succeeded, so the commit
         // finishes, and the events the layer kept reach the bus's sink (as `dispatch` hands
         // them on), even if the caller stops waiting (a timeout, a client gone). They are
         // also returned.
         let (bus, events) = (self.bus.clone(), executed.events.clone());
-        tokio::spawn(async move {
-            uow.commit().await.map_err(store_failure)?;
-            bus.sink_events(events).await
-        })
-        .await
-        .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))??;
+        let committed = tokio::spawn(
+            async move {
+                uow.commit().await.map_err(store_failure)?;
+                bus.sink_events(events).await
+            }
+            .in_current_span(),
+        )
+        .await;
+        match committed {
+            Ok(committed) => committed?,
+            Err(e) if e.is_panic() => {
+                return Err(DispatchError::Handler(HandlerError::internal(e)));
+            }
+            // The runtime shutting down cancelled the commit: it may have reached the server,
+            // so the outcome is unknown (a retry with the same key replays it if it committed).
+            Err(e) => {
+                return Err(store_failure(StoreError::Timeout {
+                    backend: crate::error::BACKEND,
+                    source: format!("the commit was cancelled ({e}); it may have taken effect")
+                        .into(),
+                }));
+            }
+        }
         Ok(Idempotent::Executed {
             output: executed.output,
             response,

@@ -250,3 +250,30 @@ pg_test! {
         }
     }
 }
+
+pg_test! {
+    /// A response the server made too deep to store is the server's fault, not the client's:
+    /// `Internal`, not the `Invalid` a stored value too deep is; nothing commits, and the key
+    /// stays free.
+    async fn a_response_too_deep_to_store_is_an_internal_error(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let handler = OpenTicketHandler::default();
+        let executor = executor(&db, handler.clone());
+        let key = IdempotencyKey::new("POST /tickets", "deep", "fp", DAY);
+        let deep = |_: &String| {
+            let body = (0..200).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]));
+            StoredResponse::new(201, body)
+        };
+        let err = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), deep)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+        assert_eq!(tickets::count(&db).await, 0);
+        let retried = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond)
+            .await
+            .unwrap();
+        assert!(matches!(retried, Idempotent::Executed { .. }), "the key was free");
+    }
+}
