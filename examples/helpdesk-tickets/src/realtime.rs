@@ -1,9 +1,10 @@
 //! How ticket events reach WebSocket clients: topics `tickets` (every ticket the user may see)
 //! and `ticket:<id>` (one ticket), both carried on one coarse pub/sub channel, `tickets`.
 
+use crate::domain::{TicketAssigned, TicketClosed, TicketCommented, TicketOpened};
 use crate::handlers::GetTicket;
 use async_trait::async_trait;
-use cqrs_core::{EventRecord, Metadata};
+use cqrs_core::{EventRecord, Message, Metadata};
 use cqrs_realtime::{Authorizer, EventRouting, PushedEvent, Refusal, Routed, Topic};
 use helpdesk_api::{BusHandle, User, UserDirectory};
 use serde_json::json;
@@ -12,6 +13,14 @@ use uuid::Uuid;
 
 /// The one pub/sub channel every ticket event travels on.
 const CHANNEL: &str = "tickets";
+
+/// The events pushed to clients: this plugin's own.
+const TICKET_EVENTS: [&str; 4] = [
+    <TicketOpened as Message>::NAME,
+    <TicketAssigned as Message>::NAME,
+    <TicketCommented as Message>::NAME,
+    <TicketClosed as Message>::NAME,
+];
 
 /// Maps ticket events to topics and to the `event` object clients receive.
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +38,12 @@ impl EventRouting for TicketRouting {
     }
 
     fn route(&self, record: &EventRecord) -> Option<Routed> {
+        // The ticket events alone, by name: the event store is shared with every plugin, and
+        // another plugin's event that happens to carry a `ticket_id` and a `reporter_id` must
+        // not reach customers with whatever else it holds.
+        if !TICKET_EVENTS.contains(&record.event_type.as_str()) {
+            return None;
+        }
         let ticket_id = record.payload.get("ticket_id")?.as_str()?;
         let reporter_id = record.payload.get("reporter_id")?.as_str()?;
         let event = json!({
@@ -149,5 +164,38 @@ impl Authorizer<User> for TicketRules {
         }
         let mut id = Uuid::encode_buffer();
         event.routing_str("reporter_id") == Some(user.id.as_hyphenated().encode_lower(&mut id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TicketRouting;
+    use cqrs_core::{EventRecord, Metadata, RecordMetadata};
+    use cqrs_realtime::EventRouting;
+    use serde_json::json;
+
+    fn record(event_type: &str) -> EventRecord {
+        let payload = json!({
+            "ticket_id": "0192a5d8-0000-7000-8000-000000000001",
+            "reporter_id": "0192a5d8-0000-7000-8000-000000000002",
+            "internal_note": "not for customers",
+        });
+        let metadata = Metadata::new();
+        EventRecord::new(
+            metadata.message_id,
+            event_type,
+            1,
+            payload,
+            RecordMetadata::from_metadata(&metadata),
+        )
+    }
+
+    /// Only this plugin's events are pushed: another plugin's event that carries a ticket id
+    /// and a reporter id is not, whatever else it holds.
+    #[test]
+    fn only_ticket_events_are_pushed() {
+        assert!(TicketRouting.route(&record("TicketOpened")).is_some());
+        assert!(TicketRouting.route(&record("TicketClosed")).is_some());
+        assert!(TicketRouting.route(&record("BillingNoted")).is_none());
     }
 }
