@@ -1337,22 +1337,24 @@ async fn keep_alive_while<T>(
     // The consumer while no keep-alive runs; a keep-alive in flight holds it, and gives it back.
     let mut idle = consumer;
     let mut keeping: Option<KeepingAlive<'_>> = None;
+    // The work's outcome, returned once no keep-alive is in flight: the caller acknowledges
+    // next, with the consumer back. A stall is still reported meanwhile.
+    let mut finished = None;
     tokio::pin!(work);
     loop {
+        if keeping.is_none()
+            && let Some(done) = finished.take()
+        {
+            return done;
+        }
         tokio::select! {
-            done = &mut work => {
-                if let Some(keeping) = keeping {
-                    // Its outcome is only logged; the caller acknowledges next, after it.
-                    log_keep_alive(keeping.await.1);
-                }
-                return done;
-            }
+            done = &mut work, if finished.is_none() => finished = Some(done),
             (consumer, outcome) = in_flight(&mut keeping) => {
                 keeping = None;
                 idle = Some(consumer);
                 log_keep_alive(outcome);
             }
-            _ = next_tick(&mut keep), if keeping.is_none() => {
+            _ = next_tick(&mut keep), if keeping.is_none() && finished.is_none() => {
                 *kept = tokio::time::Instant::now();
                 if let Some(consumer) = idle.take() {
                     keeping = Some(Box::pin(async move {

@@ -251,18 +251,13 @@ impl IdempotencyGuard for PgIdempotencyGuard {
             key,
             ttl,
         } = *self;
-        // The work has run: a body too deep to read back is no reason to release the key,
-        // which would let a retry run it again. Its status is kept, with a note for a body.
-        let response = match crate::row::readable_json(
-            &response.body,
-            crate::row::MAX_JSON_DEPTH,
-            || format!("the response of idempotency key `{key}`"),
-        ) {
-            Ok(()) => response,
-            Err(refused) => {
-                let why = std::error::Error::source(&refused)
-                    .map_or_else(|| refused.to_string(), ToString::to_string);
-                tracing::warn!(scope = %scope, key = %key, %why, "stored a note in place of a response too deep to read back");
+        // The work has run: a body Postgres cannot store (or could not read back) is no
+        // reason to release the key, which would let a retry run the work again. Its status
+        // is kept, with a note for a body.
+        let response = match crate::row::unstorable_response(&response.body) {
+            None => response,
+            Some(why) => {
+                tracing::warn!(scope = %scope, key = %key, %why, "stored a note in place of a response Postgres cannot store");
                 StoredResponse::new(
                     response.status,
                     serde_json::json!({ "response_not_stored": why }),
@@ -283,9 +278,15 @@ impl IdempotencyGuard for PgIdempotencyGuard {
         match completed.await {
             Ok(completed) => completed,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(StoreError::Unavailable {
+            // The work has run and the commit may have reached the server: the outcome is
+            // unknown, not "retry" (a retry with the key replays it if it committed).
+            Err(e) => Err(StoreError::Timeout {
                 backend: BACKEND,
-                source: format!("the runtime is shutting down: {e}").into(),
+                source: format!(
+                    "the runtime is shutting down: the commit was cancelled ({e}); it may have \
+                     taken effect"
+                )
+                .into(),
             }),
         }
     }

@@ -33,29 +33,9 @@ fn unstorable(stream_id: &str, events: &[EventRecord]) -> Option<String> {
             || m.trace_context
                 .iter()
                 .any(|(k, v)| k.contains(NUL) || v.contains(NUL))
-            || json_holds_nul(&event.payload);
+            || crate::ports::holds_nul(&event.payload);
         text_with_nul.then(|| format!("event {id} holds U+0000, which Postgres cannot store"))
     })
-}
-
-/// Whether any text of `value`, or any key, holds U+0000.
-fn json_holds_nul(value: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    let mut pending = vec![value];
-    while let Some(value) = pending.pop() {
-        match value {
-            Value::String(text) if text.contains('\0') => return true,
-            Value::Array(items) => pending.extend(items),
-            Value::Object(fields) => {
-                if fields.keys().any(|k| k.contains('\0')) {
-                    return true;
-                }
-                pending.extend(fields.values());
-            }
-            _ => {}
-        }
-    }
-    false
 }
 
 #[derive(Default)]
@@ -74,7 +54,8 @@ struct State {
 /// It refuses what the Postgres store refuses, so that tests meet the refusal before a server
 /// does: a payload nested more than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH)
 /// deep, and U+0000 in a stream id, an event type, a payload (its text or its keys), a
-/// partition key, an actor or a trace context, each as [`StoreError::Rejected`].
+/// partition key, an actor or a trace context, each as [`StoreError::Rejected`]; a schema
+/// version past `i32::MAX` as [`StoreError::Codec`].
 ///
 /// ```
 /// use cqrs_core::{ExpectedVersion, Position, memory::InMemoryEventStore, ports::EventStore};
@@ -158,6 +139,18 @@ impl EventStore for InMemoryEventStore {
                 backend: "memory",
                 source: why.into(),
             });
+        }
+        if let Some(event) = events
+            .iter()
+            .find(|e| i32::try_from(e.schema_version).is_err())
+        {
+            return Err(StoreError::Codec(
+                format!(
+                    "event {} has schema version {}, more than a Postgres integer holds",
+                    event.event_id, event.schema_version
+                )
+                .into(),
+            ));
         }
         let stored = {
             let mut state = self.lock();

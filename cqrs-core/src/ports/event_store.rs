@@ -70,6 +70,40 @@ pub fn nests_deeper_than(value: &serde_json::Value, max_depth: usize) -> bool {
     false
 }
 
+/// Whether any text of `value`, or any key, holds U+0000, which Postgres stores in neither
+/// `text` nor `jsonb`: its stores refuse such a value as [`StoreError::Rejected`], and the
+/// in-memory store does the same, so that tests meet the refusal.
+///
+/// ```
+/// use cqrs_core::ports::holds_nul;
+/// use serde_json::json;
+///
+/// assert!(holds_nul(&json!({ "a": ["x\u{0}y"] })));
+/// assert!(holds_nul(&json!({ "a\u{0}": 1 })));
+/// assert!(!holds_nul(&json!({ "a": "\u{1}" })));
+/// ```
+pub fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    const NUL: char = '\0';
+    // Containers only go on the stack: a scalar is answered without one.
+    let mut pending: Vec<&Value> = Vec::new();
+    let mut next = Some(value);
+    while let Some(value) = next.take().or_else(|| pending.pop()) {
+        match value {
+            Value::String(text) if text.contains(NUL) => return true,
+            Value::Array(items) => pending.extend(items),
+            Value::Object(fields) => {
+                if fields.keys().any(|k| k.contains(NUL)) {
+                    return true;
+                }
+                pending.extend(fields.values());
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
 impl fmt::Display for ExpectedVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -13,7 +13,8 @@ mod transport;
 
 pub use error::{StoreError, TransportError};
 pub use event_store::{
-    EventStore, ExpectedVersion, MAX_PAYLOAD_DEPTH, Snapshot, SnapshotStore, nests_deeper_than,
+    EventStore, ExpectedVersion, MAX_PAYLOAD_DEPTH, Snapshot, SnapshotStore, holds_nul,
+    nests_deeper_than,
 };
 pub use idempotency::{Claim, IdempotencyGuard, IdempotencyStore, StoredResponse};
 pub use projection::ProjectionStore;

@@ -68,6 +68,16 @@ fn text_holding_nul_is_rejected_wherever_it_is() {
                 .is_empty(),
             "nothing of any batch was stored"
         );
+        // A schema version past a Postgres integer cannot be stored either: a codec error.
+        let refused = store
+            .append(
+                "s",
+                ExpectedVersion::Any,
+                vec![with(|r| r.schema_version = u32::MAX)],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Codec(_)), "{refused:?}");
         // Other control characters are text like any other.
         store
             .append(

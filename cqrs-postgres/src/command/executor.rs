@@ -186,13 +186,12 @@ impl PgCommandExecutor {
             )));
         };
         let response = respond(&executed.output);
-        // Made by the server from the handler's output: a body too deep to store is this
+        // Made by the server from the handler's output: a body Postgres cannot store is this
         // server's fault, not the client's (the store would refuse it as `Rejected`, a 4xx).
-        if cqrs_core::ports::nests_deeper_than(&response.body, crate::row::MAX_JSON_DEPTH) {
+        if let Some(why) = crate::row::unstorable_response(&response.body) {
             return Err(DispatchError::Handler(HandlerError::internal(format!(
-                "the response made of the command's output nests arrays and objects more than \
-                 {} deep, too deep to store for its idempotency key; nothing was committed",
-                crate::row::MAX_JSON_DEPTH
+                "the response made of the command's output cannot be stored for its \
+                 idempotency key ({why}); nothing was committed"
             ))));
         }
         uow.set_response(response.clone());

@@ -350,5 +350,24 @@ pg_test! {
         assert_eq!(replayed.status, 201);
         let note = replayed.body["response_not_stored"].as_str().unwrap();
         assert!(note.contains("more than 127 deep"), "{note}");
+        // So is one holding U+0000, which `jsonb` refuses.
+        let cqrs_core::ports::Claim::New(guard) = idempotency
+            .claim("s", "k2", "fp", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("a new key replayed");
+        };
+        let body = cqrs_core::ports::StoredResponse::new(200, serde_json::json!({ "t": "a\u{0}" }));
+        guard.complete(body).await.expect("completed, with a note");
+        let cqrs_core::ports::Claim::Replay(replayed) = idempotency
+            .claim("s", "k2", "fp", Duration::from_secs(60))
+            .await
+            .unwrap()
+        else {
+            panic!("the key was released: a retry would run the work again");
+        };
+        let note = replayed.body["response_not_stored"].as_str().unwrap();
+        assert!(note.contains("U+0000"), "{note}");
     }
 }

@@ -252,9 +252,9 @@ pg_test! {
 }
 
 pg_test! {
-    /// A response the server made too deep to store is the server's fault, not the client's:
-    /// `Internal`, not the `Invalid` a stored value too deep is; nothing commits, and the key
-    /// stays free.
+    /// A response the server made that Postgres cannot store (too deep, or holding U+0000) is
+    /// the server's fault, not the client's: `Internal`, not the `Invalid` a stored value that
+    /// cannot be is; nothing commits, and the key stays free.
     async fn a_response_too_deep_to_store_is_an_internal_error(db: PgDatabase) {
         tickets::create_table(&db).await;
         let handler = OpenTicketHandler::default();
@@ -266,6 +266,12 @@ pg_test! {
         };
         let err = executor
             .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), deep)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
+        let nul = |_: &String| StoredResponse::new(201, serde_json::json!({ "t": "a\u{0}" }));
+        let err = executor
+            .execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), nul)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
