@@ -1,26 +1,21 @@
 //! How ticket events reach WebSocket clients: topics `tickets` (every ticket the user may see)
 //! and `ticket:<id>` (one ticket), both carried on one coarse pub/sub channel, `tickets`.
 
-use crate::domain::{TicketAssigned, TicketClosed, TicketCommented, TicketOpened};
+use crate::domain::TicketEvent;
 use crate::handlers::GetTicket;
 use async_trait::async_trait;
-use cqrs_core::{EventRecord, Message, Metadata};
+use cqrs_core::{EventRecord, EventTypes, Metadata};
 use cqrs_realtime::{Authorizer, EventRouting, PushedEvent, Refusal, Routed, Topic};
 use helpdesk_api::{BusHandle, User, UserDirectory};
 use serde_json::json;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use uuid::Uuid;
 
 /// The one pub/sub channel every ticket event travels on.
 const CHANNEL: &str = "tickets";
 
-/// The events pushed to clients: this plugin's own.
-const TICKET_EVENTS: [&str; 4] = [
-    <TicketOpened as Message>::NAME,
-    <TicketAssigned as Message>::NAME,
-    <TicketCommented as Message>::NAME,
-    <TicketClosed as Message>::NAME,
-];
+/// The events pushed to clients: this plugin's own, every member of [`TicketEvent`].
+static TICKET_EVENTS: LazyLock<EventTypes> = LazyLock::new(EventTypes::of::<TicketEvent>);
 
 /// Maps ticket events to topics and to the `event` object clients receive.
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +36,7 @@ impl EventRouting for TicketRouting {
         // The ticket events alone, by name: the event store is shared with every plugin, and
         // another plugin's event that happens to carry a `ticket_id` and a `reporter_id` must
         // not reach customers with whatever else it holds.
-        if !TICKET_EVENTS.contains(&record.event_type.as_str()) {
+        if !TICKET_EVENTS.knows(&record.event_type) {
             return None;
         }
         let ticket_id = record.payload.get("ticket_id")?.as_str()?;
@@ -194,8 +189,14 @@ mod tests {
     /// and a reporter id is not, whatever else it holds.
     #[test]
     fn only_ticket_events_are_pushed() {
-        assert!(TicketRouting.route(&record("TicketOpened")).is_some());
-        assert!(TicketRouting.route(&record("TicketClosed")).is_some());
+        for pushed in [
+            "TicketOpened",
+            "TicketAssigned",
+            "TicketCommented",
+            "TicketClosed",
+        ] {
+            assert!(TicketRouting.route(&record(pushed)).is_some(), "{pushed}");
+        }
         assert!(TicketRouting.route(&record("BillingNoted")).is_none());
     }
 }

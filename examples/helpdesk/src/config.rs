@@ -116,7 +116,8 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
 
-    /// How long a graceful stop (SIGINT or SIGTERM) may take, in milliseconds: in-flight
+    /// How long a graceful stop (SIGINT or SIGTERM) may take once its delay
+    /// (`HELPDESK_SHUTDOWN_DELAY_MS`) is over, in milliseconds: in-flight
     /// requests and WebSocket close frames get all of it but the background workers' share (a
     /// quarter, at most 2 s), which is kept for the workers to stop in; what still runs at the
     /// end is cut off. A second signal exits at once, with code 130 after SIGINT (Ctrl-C), 143
@@ -591,6 +592,20 @@ impl Config {
             ));
         }
         let grace = self.shutdown_grace();
+        // Past the deadline orchestrators give by default, the process is killed mid-stop
+        // with nothing said: workers cut off, WebSockets without their 1001.
+        let whole_stop = self.shutdown_delay().saturating_add(grace);
+        if !self.shutdown_delay().is_zero() && whole_stop > Duration::from_secs(30) {
+            warnings.push(format!(
+                "a stop takes up to {} ms (HELPDESK_SHUTDOWN_DELAY_MS {} and \
+                 HELPDESK_SHUTDOWN_GRACE_MS {}), more than the 30 s Kubernetes gives a pod by \
+                 default: raise terminationGracePeriodSeconds (or your orchestrator's stop \
+                 timeout) above it",
+                whole_stop.as_millis(),
+                self.shutdown_delay_ms,
+                self.shutdown_grace_ms,
+            ));
+        }
         let for_requests = grace.saturating_sub(crate::server::workers_share(grace));
         if for_requests < self.request_timeout() {
             warnings.push(format!(

@@ -18,7 +18,7 @@ use tower::ServiceExt;
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<u32>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -48,7 +48,8 @@ impl Server {
                 return Err(taken(e));
             }
         };
-        let (stop, stopped) = watch::channel(false);
+        // How many stops were asked for: the first begins the stop, a second cuts its delay.
+        let (stop, stopped) = watch::channel(0_u32);
         let runtime = app.runtime.clone();
         let hub = app.hub.clone();
         let closing = app.hub.clone();
@@ -74,13 +75,22 @@ impl Server {
             // the other branch, and WebSockets got no 1001 at a stop.
             let (deadline, served) = tokio::select! {
                 biased;
-                _ = async { let _ = stop_seen.wait_for(|s| *s).await; } => {
+                _ = async { let _ = stop_seen.wait_for(|n| *n >= 1).await; } => {
                     // Told unready first; serving on meanwhile, for the delay (see the
                     // setting), while load balancers move new requests elsewhere.
                     stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let mut served_early = None;
                     if !delay.is_zero() {
                         tracing::info!(?delay, "stopping: /ready answers 503; serving on until the delay is over");
-                        tokio::time::sleep(delay).await;
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            // A second stop (or the handle gone) cuts the delay short.
+                            _ = stop_seen.wait_for(|n| *n >= 2) => {
+                                tracing::info!("stopping now, before the delay is over");
+                            }
+                            // Serving ended by itself (a panic): nothing left to wait for.
+                            served = &mut serve => served_early = Some(served),
+                        }
                     }
                     let _ = close.send(true);
                     // One deadline for the whole stop, as the setting promises: requests,
@@ -90,12 +100,16 @@ impl Server {
                     hub.shutdown();
                     // In-flight requests get until the workers' share is all that is left,
                     // then are cut off.
-                    match tokio::time::timeout_at(requests_by(deadline, grace), &mut serve).await {
-                        Ok(served) => (deadline, served),
-                        Err(_) => {
-                            tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
-                            serve.abort();
-                            (deadline, Ok(Ok(())))
+                    if let Some(served) = served_early {
+                        (deadline, served)
+                    } else {
+                        match tokio::time::timeout_at(requests_by(deadline, grace), &mut serve).await {
+                            Ok(served) => (deadline, served),
+                            Err(_) => {
+                                tracing::warn!(?grace, "in-flight requests did not finish in time; closing them");
+                                serve.abort();
+                                (deadline, Ok(Ok(())))
+                            }
                         }
                     }
                 }
@@ -129,10 +143,13 @@ impl Server {
         self.addr
     }
 
-    /// Stops accepting, lets in-flight requests finish, stops the workers: all within the
-    /// grace period, past which what still runs is cut off.
+    /// Stops: `/ready` answers 503 at once and requests are still served for the shutdown
+    /// delay (none by default); then it stops accepting, lets in-flight requests finish and
+    /// stops the workers, all within the grace period, past which what still runs is cut off.
+    /// Called after a [`stopper`](Self::stopper) began a stop, it cuts that stop's delay short.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
+        self.stop
+            .send_modify(|asked| *asked = asked.saturating_add(1));
         self.task.await?
     }
 
@@ -141,12 +158,11 @@ impl Server {
         self.task.await?
     }
 
-    /// A handle that triggers shutdown.
+    /// A handle that triggers shutdown, as [`shutdown`](Self::shutdown) does without waiting
+    /// for it; called again, it cuts the shutdown delay short.
     pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
         let stop = self.stop.clone();
-        move || {
-            let _ = stop.send(true);
-        }
+        move || stop.send_modify(|asked| *asked = asked.saturating_add(1))
     }
 }
 

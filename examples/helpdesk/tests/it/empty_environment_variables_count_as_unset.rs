@@ -181,6 +181,7 @@ fn the_help_names_the_variables_and_the_second_signal() {
     assert_eq!(err.kind(), ErrorKind::DisplayHelp);
     let help = err.to_string();
     assert!(help.contains("HELPDESK_SHUTDOWN_GRACE_MS"), "{help}");
+    assert!(help.contains("HELPDESK_SHUTDOWN_DELAY_MS"), "{help}");
     assert!(help.contains("A second signal exits at once"), "{help}");
     assert!(help.contains("130 after SIGINT"), "{help}");
     assert!(help.contains("counts as unset"), "{help}");

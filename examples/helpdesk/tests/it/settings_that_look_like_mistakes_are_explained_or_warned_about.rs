@@ -279,6 +279,22 @@ fn a_grace_period_shorter_than_a_request_is_warned_about() {
     assert_eq!(c.warnings(), Vec::<String>::new());
 }
 
+/// A shutdown delay that, with the grace period, outlasts Kubernetes' default 30 s is warned
+/// about: the process would be killed mid-stop.
+#[test]
+fn a_stop_longer_than_the_usual_kill_deadline_is_warned_about() {
+    let c = config(&[], &[("HELPDESK_SHUTDOWN_DELAY_MS", "20000")]);
+    let warnings = c.warnings();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("a stop takes up to 35000 ms")
+            && warnings[0].contains("terminationGracePeriodSeconds"),
+        "{warnings:?}"
+    );
+    let c = config(&[], &[("HELPDESK_SHUTDOWN_DELAY_MS", "10000")]);
+    assert_eq!(c.warnings(), Vec::<String>::new());
+}
+
 /// A request timeout meant as seconds leaves `/ready`'s Postgres check a few milliseconds:
 /// warned about, with what the check gets; in memory too, where a login's password hashing
 /// alone may take longer.

@@ -46,6 +46,7 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
         purge_interval_ms: 0,
         poll_ms: 0,
         shutdown_grace_ms: 0,
+        shutdown_delay_ms: 600_001,
         ..helpdesk::Config::default()
     };
     let err = helpdesk::build(&config, helpdesk::Hooks::default())
@@ -81,6 +82,10 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
             "{name}: {err}"
         );
     }
+    assert!(
+        err.contains("HELPDESK_SHUTDOWN_DELAY_MS must be at most 600000"),
+        "{err}"
+    );
 }
 
 /// The configuration's and the auth commands' `Debug` output leave secrets out, so a

@@ -163,8 +163,8 @@ async fn stop_holding_a_request(server: Server) -> Duration {
 }
 
 /// With a shutdown delay, a stop turns `/ready` to 503 `stopping` at once and goes on serving,
-/// new connections too, until the delay is over: load balancers move traffic away first. (The
-/// delay here outlasts the test, whose runtime then drops the server.)
+/// new connections too, until the delay is over (load balancers move traffic away first); a
+/// second stop cuts the delay short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_a_delay_turns_unready_and_serves_on_meanwhile() {
     within(async {
@@ -190,26 +190,41 @@ async fn a_stop_with_a_delay_turns_unready_and_serves_on_meanwhile() {
         assert_eq!(r.status(), reqwest::StatusCode::OK);
         let t = s.ticket(&token, "opened while draining").await;
         assert_eq!(t["title"], "opened while draining");
-        drop(server);
+        // The second stop: well before the ten minutes are over.
+        server.shutdown().await.expect("a clean stop");
+        let refused = fresh.get(s.url("/health")).send().await;
+        assert!(
+            refused.is_err(),
+            "still listening after the stop: {refused:?}"
+        );
         s.stop().await;
     })
     .await;
 }
 
-/// The stop begins once the delay is over: it takes the delay at least, and then ends.
+/// The stop begins once the delay is over: it takes the delay, and then at most one grace
+/// period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_a_delay_ends_after_it() {
     within(async {
-        let delay = Duration::from_millis(1_500);
-        let mut s =
-            TestServer::start_with(|c| c.shutdown_delay_ms = delay.as_millis() as u64).await;
+        let (delay, grace) = (Duration::from_millis(1_500), Duration::from_millis(3_000));
+        let mut s = TestServer::start_with(|c| {
+            c.shutdown_delay_ms = delay.as_millis() as u64;
+            c.shutdown_grace_ms = grace.as_millis() as u64;
+        })
+        .await;
         let server = s.server.take().unwrap();
         let began = Instant::now();
         server.shutdown().await.expect("a clean stop");
+        let took = began.elapsed();
         assert!(
-            began.elapsed() >= delay,
-            "stopped after {:?}",
-            began.elapsed()
+            took >= delay,
+            "stopped after {took:?}, before the delay was over"
+        );
+        // The margin the grace-period test above gives a loaded machine.
+        assert!(
+            took < delay + grace * 7 / 4,
+            "the stop took {took:?}: more than the delay and one grace period"
         );
         let refused = s.http.get(s.url("/health")).send().await;
         assert!(
