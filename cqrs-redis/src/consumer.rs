@@ -295,6 +295,22 @@ impl RedisConsumer {
         Consumer::close(&mut self).await
     }
 
+    /// Restarts the idle clock of `ids`, pending to this consumer, leaving their delivery
+    /// counts alone: no other consumer reclaims them for a redelivery delay.
+    async fn refresh(&self, ids: Vec<String>) -> Result<(), TransportError> {
+        set_idle(
+            &self.shared,
+            &self.keys.stream,
+            &self.errors,
+            &self.group,
+            &self.options,
+            Some(Duration::ZERO),
+            false,
+            ids,
+        )
+        .await
+    }
+
     async fn release(&self, entries: Released) -> Result<(), TransportError> {
         release(
             &self.shared,
@@ -485,17 +501,7 @@ impl RedisConsumer {
                 "taking over entries whose read reply was lost"
             );
             let now = Instant::now();
-            set_idle(
-                &self.shared,
-                &self.keys.stream,
-                &self.errors,
-                &self.group,
-                &self.options,
-                Some(Duration::ZERO),
-                false,
-                stranded.clone(),
-            )
-            .await?;
+            self.refresh(stranded.clone()).await?;
             if self.held.is_empty() {
                 self.held_since = now;
             }
@@ -1399,18 +1405,8 @@ impl Consumer for RedisConsumer {
         let (kept, free): (Vec<String>, Vec<String>) =
             self.held.iter().cloned().partition(waits_here);
         // The batch's refresh first: a release that fails must not leave it unrefreshed.
-        let ids = ids.iter().map(|id| id.0.clone()).chain(kept).collect();
-        set_idle(
-            &self.shared,
-            &self.keys.stream,
-            &self.errors,
-            &self.group,
-            &self.options,
-            Some(Duration::ZERO),
-            false,
-            ids,
-        )
-        .await?;
+        self.refresh(ids.iter().map(|id| id.0.clone()).chain(kept).collect())
+            .await?;
         if !free.is_empty() {
             let released = self.released(&free);
             // Out of the lists first: a release that fails leaves them pending here, idle

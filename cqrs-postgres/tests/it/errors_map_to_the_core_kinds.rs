@@ -328,46 +328,33 @@ pg_test! {
         snapshots.save("s-1", Snapshot::new(1, nested(127))).await.unwrap();
         assert_eq!(snapshots.load("s-1").await.unwrap().unwrap().state, nested(127));
 
-        // A response too deep to read back is not stored, but its key is not released either:
-        // its work has run, and a retry must not run it again. A note stands in for the body.
+        // A response Postgres cannot store (too deep to read back, or holding U+0000) is not
+        // stored, but its key is not released either: its work has run, and a retry must not
+        // run it again. A note stands in for the body, with the status kept.
         let idempotency = db.idempotency_store();
-        let cqrs_core::ports::Claim::New(guard) = idempotency
-            .claim("s", "k", "fp", Duration::from_secs(60))
-            .await
-            .unwrap()
-        else {
-            panic!("a new key replayed");
-        };
-        let body = cqrs_core::ports::StoredResponse::new(201, nested(128));
-        guard.complete(body).await.expect("completed, with a note");
-        let cqrs_core::ports::Claim::Replay(replayed) = idempotency
-            .claim("s", "k", "fp", Duration::from_secs(60))
-            .await
-            .unwrap()
-        else {
-            panic!("the key was released: a retry would run the work again");
-        };
-        assert_eq!(replayed.status, 201);
-        let note = replayed.body["response_not_stored"].as_str().unwrap();
-        assert!(note.contains("more than 127 deep"), "{note}");
-        // So is one holding U+0000, which `jsonb` refuses.
-        let cqrs_core::ports::Claim::New(guard) = idempotency
-            .claim("s", "k2", "fp", Duration::from_secs(60))
-            .await
-            .unwrap()
-        else {
-            panic!("a new key replayed");
-        };
-        let body = cqrs_core::ports::StoredResponse::new(200, serde_json::json!({ "t": "a\u{0}" }));
-        guard.complete(body).await.expect("completed, with a note");
-        let cqrs_core::ports::Claim::Replay(replayed) = idempotency
-            .claim("s", "k2", "fp", Duration::from_secs(60))
-            .await
-            .unwrap()
-        else {
-            panic!("the key was released: a retry would run the work again");
-        };
-        let note = replayed.body["response_not_stored"].as_str().unwrap();
-        assert!(note.contains("U+0000"), "{note}");
+        for (key, body, why) in [
+            ("k", nested(128), "more than 127 deep"),
+            ("k2", serde_json::json!({ "t": "a\u{0}" }), "U+0000"),
+        ] {
+            let cqrs_core::ports::Claim::New(guard) = idempotency
+                .claim("s", key, "fp", Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
+                panic!("a new key replayed");
+            };
+            let body = cqrs_core::ports::StoredResponse::new(201, body);
+            guard.complete(body).await.expect("completed, with a note");
+            let cqrs_core::ports::Claim::Replay(replayed) = idempotency
+                .claim("s", key, "fp", Duration::from_secs(60))
+                .await
+                .unwrap()
+            else {
+                panic!("the key was released: a retry would run the work again");
+            };
+            assert_eq!(replayed.status, 201);
+            let note = replayed.body["response_not_stored"].as_str().unwrap();
+            assert!(note.contains(why), "{note}");
+        }
     }
 }
