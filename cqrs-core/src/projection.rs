@@ -1147,20 +1147,20 @@ struct Applied {
 
 impl Applied {
     fn add(&mut self, event_type: &'static str) {
-        self.total += 1;
-        match self.by_type.iter_mut().find(|(t, _)| *t == event_type) {
-            Some((_, n)) => *n += 1,
-            None => self.by_type.push((event_type, 1)),
-        }
+        self.count(event_type, 1);
     }
 
     fn merge(&mut self, other: Applied) {
-        self.total += other.total;
         for (event_type, n) in other.by_type {
-            match self.by_type.iter_mut().find(|(t, _)| *t == event_type) {
-                Some((_, m)) => *m += n,
-                None => self.by_type.push((event_type, n)),
-            }
+            self.count(event_type, n);
+        }
+    }
+
+    fn count(&mut self, event_type: &'static str, n: u64) {
+        self.total += n as usize;
+        match self.by_type.iter_mut().find(|(t, _)| *t == event_type) {
+            Some((_, m)) => *m += n,
+            None => self.by_type.push((event_type, n)),
         }
     }
 

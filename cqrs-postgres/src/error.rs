@@ -192,6 +192,15 @@ pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     }
 }
 
+/// The error of a commit whose task the runtime's shutdown cancelled: it may have
+/// reached the server, so the outcome is unknown (`Timeout`), never "retry".
+pub(crate) fn commit_cancelled(error: &tokio::task::JoinError) -> StoreError {
+    StoreError::Timeout {
+        backend: BACKEND,
+        source: format!("the commit was cancelled ({error}); it may have taken effect").into(),
+    }
+}
+
 /// [`commit_error`] for an error already made a [`StoreError`] (by code shared with other
 /// callers): an `Unavailable` whose cause is a lost connection becomes the unknown outcome.
 pub(crate) fn commit_store_error(error: StoreError) -> StoreError {

@@ -280,14 +280,7 @@ impl IdempotencyGuard for PgIdempotencyGuard {
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The work has run and the commit may have reached the server: the outcome is
             // unknown, not "retry" (a retry with the key replays it if it committed).
-            Err(e) => Err(StoreError::Timeout {
-                backend: BACKEND,
-                source: format!(
-                    "the runtime is shutting down: the commit was cancelled ({e}); it may have \
-                     taken effect"
-                )
-                .into(),
-            }),
+            Err(e) => Err(crate::error::commit_cancelled(&e)),
         }
     }
 }

@@ -215,13 +215,7 @@ impl PgCommandExecutor {
             }
             // The runtime shutting down cancelled the commit: it may have reached the server,
             // so the outcome is unknown (a retry with the same key replays it if it committed).
-            Err(e) => {
-                return Err(store_failure(StoreError::Timeout {
-                    backend: crate::error::BACKEND,
-                    source: format!("the commit was cancelled ({e}); it may have taken effect")
-                        .into(),
-                }));
-            }
+            Err(e) => return Err(store_failure(crate::error::commit_cancelled(&e))),
         }
         Ok(Idempotent::Executed {
             output: executed.output,

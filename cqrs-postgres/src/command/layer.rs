@@ -240,15 +240,7 @@ where
                     }
                     // The runtime shutting down cancelled the commit: it may have reached the
                     // server, so the outcome is unknown, as with a commit cut off mid-way.
-                    Err(e) => {
-                        return Err(store_failure(cqrs_core::ports::StoreError::Timeout {
-                            backend: crate::error::BACKEND,
-                            source: format!(
-                                "the commit was cancelled ({e}); it may have taken effect"
-                            )
-                            .into(),
-                        }));
-                    }
+                    Err(e) => return Err(store_failure(crate::error::commit_cancelled(&e))),
                 },
             }
             Ok(reply)
