@@ -476,7 +476,7 @@ fn drop_layer_future<F>(mut inner: Pin<&mut Option<F>>, kind: MessageKind, name:
     if let Err(payload) = catch_unwind(AssertUnwindSafe(|| inner.set(None))) {
         tracing::error!(
             %kind,
-            message = name,
+            message_name = name,
             panic = %crate::panic::into_message(payload),
             "a layer's future panicked when it was dropped; the panic stops here"
         );
@@ -554,7 +554,7 @@ impl<F: Unpin> Guarded<F> {
         {
             tracing::error!(
                 kind = %self.kind,
-                message = self.name,
+                message_name = self.name,
                 panic = %crate::panic::into_message(payload),
                 "a handler's future panicked when it was dropped; the panic stops here"
             );

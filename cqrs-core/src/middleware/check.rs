@@ -4,6 +4,7 @@ use crate::{BoxError, Dispatch, DispatchError, HandlerError, Reply};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
@@ -54,9 +55,18 @@ use tower::{Layer, Service};
 /// # Ok::<_, Box<dyn std::error::Error>>(())
 /// # }).unwrap();
 /// ```
-#[derive(Clone, Copy)]
 pub struct CheckLayer<F> {
-    check: F,
+    // Shared, so that the per-dispatch clone of the layer stack copies a reference count, not
+    // whatever the closure captured (a set of allowed names, say).
+    check: Arc<F>,
+}
+
+impl<F> Clone for CheckLayer<F> {
+    fn clone(&self) -> Self {
+        Self {
+            check: self.check.clone(),
+        }
+    }
 }
 
 impl<F> CheckLayer<F>
@@ -65,7 +75,9 @@ where
 {
     /// A layer that runs `check` on every dispatch.
     pub fn new(check: F) -> Self {
-        Self { check }
+        Self {
+            check: Arc::new(check),
+        }
     }
 }
 
@@ -75,7 +87,7 @@ impl<F> fmt::Debug for CheckLayer<F> {
     }
 }
 
-impl<S, F: Clone> Layer<S> for CheckLayer<F> {
+impl<S, F> Layer<S> for CheckLayer<F> {
     type Service = Check<S, F>;
 
     fn layer(&self, inner: S) -> Check<S, F> {
@@ -87,10 +99,18 @@ impl<S, F: Clone> Layer<S> for CheckLayer<F> {
 }
 
 /// The service made by [`CheckLayer`].
-#[derive(Clone)]
 pub struct Check<S, F> {
     inner: S,
-    check: F,
+    check: Arc<F>,
+}
+
+impl<S: Clone, F> Clone for Check<S, F> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            check: self.check.clone(),
+        }
+    }
 }
 
 impl<S: fmt::Debug, F> fmt::Debug for Check<S, F> {

@@ -7,7 +7,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::instrument::Instrumented;
 
-/// Wraps each dispatch in an `INFO` span named `dispatch` with the fields `kind`, `message`
+/// Wraps each dispatch in an `INFO` span named `dispatch` with the fields `kind`, `message_name`
 /// (the wire name), `message_id`, `correlation_id` and `causation_id`. It logs no events of its
 /// own: whatever the handler and the inner layers log falls inside the span, and a failure is
 /// the caller's to log (its `DispatchError` says what failed). The ids are formatted only if a
@@ -63,7 +63,7 @@ where
         let span = tracing::info_span!(
             "dispatch",
             kind = dispatch.kind().as_str(),
-            message = dispatch.name(),
+            message_name = dispatch.name(),
             message_id = %metadata.message_id,
             correlation_id = %metadata.correlation_id,
             causation_id = tracing::field::Empty,

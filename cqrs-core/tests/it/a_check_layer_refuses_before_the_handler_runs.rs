@@ -128,3 +128,36 @@ fn layers_outside_count_a_refusal_as_an_outcome() {
         "{series:?}"
     );
 }
+
+/// Counts its clones: what a check's closure captures (a set of allowed names, say).
+struct Allowed(Arc<AtomicUsize>);
+
+impl Clone for Allowed {
+    fn clone(&self) -> Self {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Self(self.0.clone())
+    }
+}
+
+/// The bus clones its layer stack for each dispatch; the check inside it is shared, so what
+/// its closure captured is not copied per dispatch (an allocation per copy, for a set).
+#[test]
+fn a_dispatch_does_not_clone_what_the_check_captured() {
+    let clones = Arc::new(AtomicUsize::new(0));
+    let allowed = Allowed(clones.clone());
+    let bus = CommandBus::builder()
+        .layer(CheckLayer::new(move |_: &Dispatch| {
+            let _ = &allowed;
+            Ok(())
+        }))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let built = clones.load(Ordering::SeqCst);
+    run(async {
+        for _ in 0..3 {
+            bus.dispatch(Add::default()).await.unwrap();
+        }
+    });
+    assert_eq!(clones.load(Ordering::SeqCst) - built, 0);
+}

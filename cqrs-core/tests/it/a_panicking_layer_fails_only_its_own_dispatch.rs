@@ -14,13 +14,13 @@ use tower::{Layer, Service};
 /// Where the layer panics: chosen per dispatch by the actor in its metadata, except for
 /// `poll_ready`, which sees no dispatch and panics once when `ready_panics` is set.
 #[derive(Clone)]
-struct Faulty<S> {
+pub(crate) struct Faulty<S> {
     inner: S,
     ready_panics: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Default)]
-struct FaultyLayer {
+pub(crate) struct FaultyLayer {
     ready_panics: Arc<AtomicBool>,
 }
 
@@ -103,7 +103,7 @@ fn a_layer_future_that_panics_when_dropped_does_not_reach_the_caller() {
     });
 }
 
-fn as_actor(actor: &str) -> Metadata {
+pub(crate) fn as_actor(actor: &str) -> Metadata {
     Metadata::new().with_actor(actor)
 }
 

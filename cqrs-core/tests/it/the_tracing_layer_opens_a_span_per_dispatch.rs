@@ -1,7 +1,9 @@
+use crate::a_panicking_layer_fails_only_its_own_dispatch::{FaultyLayer, as_actor};
 use crate::fixtures::*;
 use cqrs_core::middleware::TracingLayer;
 use cqrs_core::{CommandBus, Metadata};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -126,7 +128,7 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     assert_eq!(dispatch.len(), 1, "{spans:?}");
     let fields = &dispatch[0].1;
     assert_eq!(fields["kind"], "command");
-    assert_eq!(fields["message"], "test.add");
+    assert_eq!(fields["message_name"], "test.add");
     assert_eq!(fields["correlation_id"], parent.correlation_id.to_string());
     assert_eq!(fields["causation_id"], parent.message_id.to_string());
 }
@@ -187,5 +189,38 @@ fn what_inner_layers_do_in_call_happens_inside_the_span() {
         logged[0].1,
         Some(span),
         "the inner layer's log is outside the dispatch span"
+    );
+}
+
+/// The bus's own error logs name the message in a field of its own: a field called `message`
+/// would collide with the log's text (which `tracing` records as `message`), and a JSON log
+/// would keep only one of the two.
+#[test]
+fn a_panic_in_a_dropped_layer_future_is_logged_with_its_text_and_the_message_name() {
+    let (_, events) = recorder();
+    let bus = CommandBus::builder()
+        .layer(FaultyLayer::default())
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    run(async {
+        let mut pending = Box::pin(bus.dispatch_with(Add::default(), as_actor("panic on drop")));
+        let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(pending.as_mut().poll(cx)));
+        assert!(polled.await.is_pending());
+        drop(pending);
+    });
+    let events = events.lock().unwrap();
+    let logged = events
+        .iter()
+        .find(|(fields, _)| {
+            fields
+                .get("message")
+                .is_some_and(|m| m.contains("a layer's future panicked when it was dropped"))
+        })
+        .unwrap_or_else(|| panic!("no log of the panic: {events:?}"));
+    assert_eq!(
+        logged.0.get("message_name").map(String::as_str),
+        Some("test.add"),
+        "{logged:?}"
     );
 }
