@@ -2,7 +2,7 @@
 
 use crate::agents::AgentList;
 use crate::hashing::{ClientSlot, Hashing};
-use crate::throttle::{AddressLimit, CountedAttempts, LoginThrottle};
+use crate::throttle::{AddressLimit, Count, CountedAttempts, LoginThrottle};
 use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
@@ -287,7 +287,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
 #[must_use = "dropping it takes the count back on a task; say what happened instead"]
 struct RegistrationCount {
     /// The client's count, and its site's for IPv6.
-    counts: Vec<(Arc<dyn LoginThrottle>, String)>,
+    counts: Vec<Count>,
     users: Arc<dyn UserStore>,
     email: String,
     settled: bool,
@@ -329,11 +329,7 @@ impl Drop for RegistrationCount {
 }
 
 /// Takes a registration's counts back unless its account exists.
-async fn undo_registration(
-    counts: Vec<(Arc<dyn LoginThrottle>, String)>,
-    users: Arc<dyn UserStore>,
-    email: String,
-) {
+async fn undo_registration(counts: Vec<Count>, users: Arc<dyn UserStore>, email: String) {
     match users.by_email(&email).await {
         // Stored after all: it counts.
         Ok(Some(_)) => return,
@@ -344,8 +340,8 @@ async fn undo_registration(
             tracing::debug!(%error, "could not tell whether a registration's account was stored; taking its count back");
         }
     }
-    for (throttle, key) in counts {
-        if let Err(error) = throttle.succeeded(&key).await {
+    for (throttle, key, counted) in counts {
+        if let Err(error) = throttle.take_back(&key, counted).await {
             tracing::warn!(%error, "could not take back a registration's count");
         }
     }
@@ -601,7 +597,7 @@ impl QueryHandler<GetUser> for GetUserHandler {
 mod tests {
     use super::*;
     use crate::hashing::{argon2_hash, dummy_hash};
-    use crate::throttle::InMemoryLoginThrottle;
+    use crate::throttle::{Attempt, Counted, InMemoryLoginThrottle};
     use crate::users::InMemoryUserStore;
     use cqrs_core::Metadata;
     use cqrs_core::clock::ManualClock;
@@ -744,7 +740,7 @@ mod tests {
 
     #[async_trait]
     impl LoginThrottle for FlakyThrottle {
-        async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        async fn attempt(&self, key: &str) -> Result<Attempt, StoreError> {
             if self.failing.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable {
                     backend: "postgres",
@@ -754,14 +750,14 @@ mod tests {
             self.inner.attempt(key).await
         }
 
-        async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+        async fn take_back(&self, key: &str, counted: Counted) -> Result<(), StoreError> {
             if self.failing_back.load(Ordering::SeqCst) {
                 return Err(StoreError::Unavailable {
                     backend: "postgres",
                     source: "connection reset".into(),
                 });
             }
-            self.inner.succeeded(key).await
+            self.inner.take_back(key, counted).await
         }
     }
 
@@ -1118,7 +1114,11 @@ mod tests {
         assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
         for _ in 0..2 {
             assert_eq!(
-                client.attempt("address|2001:db8:1:4::/64").await.unwrap(),
+                client
+                    .attempt("address|2001:db8:1:4::/64")
+                    .await
+                    .unwrap()
+                    .retry_after(),
                 None,
                 "the refused login's count of its /64 was taken back"
             );
@@ -1158,7 +1158,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
         assert_eq!(
-            client.attempt("register|2001:db8:1:3::/64").await.unwrap(),
+            client
+                .attempt("register|2001:db8:1:3::/64")
+                .await
+                .unwrap()
+                .retry_after(),
             None,
             "the refused registration's count of its /64 was taken back"
         );
@@ -1174,12 +1178,12 @@ mod tests {
 
     #[async_trait]
     impl LoginThrottle for StuckThrottle {
-        async fn attempt(&self, _key: &str) -> Result<Option<u64>, StoreError> {
+        async fn attempt(&self, _key: &str) -> Result<Attempt, StoreError> {
             self.0.fetch_add(1, Ordering::SeqCst);
             std::future::pending().await
         }
 
-        async fn succeeded(&self, _key: &str) -> Result<(), StoreError> {
+        async fn take_back(&self, _key: &str, _counted: Counted) -> Result<(), StoreError> {
             Ok(())
         }
     }

@@ -1,9 +1,9 @@
 //! Users and login throttling in Postgres, for the Postgres mode.
 
-use crate::throttle::LoginThrottle;
+use crate::throttle::{Attempt, Counted, LoginThrottle};
 use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use cqrs_core::CommandContext;
 use cqrs_core::clock::Clock;
 use cqrs_core::ports::StoreError;
@@ -288,8 +288,9 @@ impl PgLoginThrottle {
 
 #[async_trait]
 impl LoginThrottle for PgLoginThrottle {
-    async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let now = self.clock.now();
+    async fn attempt(&self, key: &str) -> Result<Attempt, StoreError> {
+        // Microseconds, as Postgres keeps them: the take-back finds the row by this instant.
+        let now = self.clock.now().trunc_subsecs(6);
         let since = self.since(now);
         let mut tx = self.db.begin().await.map_err(|e| self.db.store_error(e))?;
         // One key's attempts are counted one at a time, across instances. The two-key lock
@@ -325,7 +326,9 @@ impl LoginThrottle for PgLoginThrottle {
             tx.commit().await.map_err(store_error)?;
             // Blocked until the oldest attempt in the window leaves it.
             let until = oldest.map_or(now, |t| t + (now - since));
-            return Ok(Some(crate::throttle::retry_after(until - now)));
+            return Ok(Attempt::Blocked {
+                retry_after: crate::throttle::retry_after(until - now),
+            });
         }
         let sql = format!(
             "INSERT INTO {}.login_failures (key, at) VALUES ($1, $2)",
@@ -359,20 +362,24 @@ impl LoginThrottle for PgLoginThrottle {
                 sweeping.finish();
             });
         }
-        Ok(None)
+        Ok(Attempt::Counted(Counted::at(now)))
     }
 
-    async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
-        // `SKIP LOCKED`: two take-backs of one key at once (a double-clicked login) would
-        // otherwise pick the same row, and the second, finding it deleted, would delete none.
+    async fn take_back(&self, key: &str, counted: Counted) -> Result<(), StoreError> {
+        // The attempt's own row (one of those alike, counted at the same instant), not the
+        // key's latest: a failure counted meanwhile stays. `SKIP LOCKED`: two take-backs of
+        // alike rows at once (a double-clicked login) would otherwise pick the same row, and
+        // the second, finding it deleted, would delete none. A row the sweep holds has left
+        // the window: skipped, as it is gone already.
         let sql = format!(
             "DELETE FROM {schema}.login_failures WHERE ctid = (
-                 SELECT ctid FROM {schema}.login_failures WHERE key = $1
-                 ORDER BY at DESC LIMIT 1 FOR UPDATE SKIP LOCKED)",
+                 SELECT ctid FROM {schema}.login_failures WHERE key = $1 AND at = $2
+                 LIMIT 1 FOR UPDATE SKIP LOCKED)",
             schema = self.schema
         );
         sqlx::query(AssertSqlSafe(sql))
             .bind(key)
+            .bind(counted.instant())
             .execute(self.db.pool())
             .await
             .map_err(|e| self.db.store_error(e))?;
@@ -448,7 +455,14 @@ mod tests {
         let window = Duration::from_secs(60);
         let throttle = PgLoginThrottle::new(db.clone(), clock.clone(), 10, window);
         for n in 0..100 {
-            assert_eq!(throttle.attempt(&format!("a{n}@x|ip")).await.unwrap(), None);
+            assert_eq!(
+                throttle
+                    .attempt(&format!("a{n}@x|ip"))
+                    .await
+                    .unwrap()
+                    .retry_after(),
+                None
+            );
         }
         clock.advance(window + Duration::from_secs(1));
         throttle.attempt("someone-else@x|ip").await.unwrap();
@@ -470,6 +484,32 @@ mod tests {
         db.drop_schema().await.unwrap();
     }
 
+    /// A take-back deletes its own attempt's row, not the key's latest: a failure counted
+    /// while it was in flight keeps its place in the window.
+    #[tokio::test]
+    async fn a_take_back_deletes_its_own_attempt_not_a_later_failure() {
+        let Some(db) = database("auth_own_take_back", 2).await else {
+            return;
+        };
+        let clock = Arc::new(ManualClock::new());
+        // Below a microsecond too: the row keeps microseconds, and is found all the same.
+        clock.advance(Duration::from_nanos(1_234_567));
+        let throttle = PgLoginThrottle::new(db.clone(), clock.clone(), 2, Duration::from_secs(60));
+        let Attempt::Counted(first) = throttle.attempt("k").await.unwrap() else {
+            panic!("blocked")
+        };
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+        throttle.take_back("k", first).await.unwrap();
+        clock.advance(Duration::from_secs(31));
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+        assert!(
+            throttle.attempt("k").await.unwrap().retry_after().is_some(),
+            "the failure was taken back in place of the first attempt"
+        );
+        db.drop_schema().await.unwrap();
+    }
+
     /// Take-backs of one key at the same moment (a double-clicked login with the right
     /// password) each take back an attempt of their own: none is left as a failure.
     #[tokio::test]
@@ -485,13 +525,17 @@ mod tests {
         );
         const KEY: &str = "someone@x|ip";
         for round in 0..5 {
+            let mut counted = Vec::new();
             for _ in 0..16 {
-                assert_eq!(throttle.attempt(KEY).await.unwrap(), None);
+                match throttle.attempt(KEY).await.unwrap() {
+                    Attempt::Counted(c) => counted.push(c),
+                    blocked => panic!("{blocked:?}"),
+                }
             }
             let mut take_backs = tokio::task::JoinSet::new();
-            for _ in 0..16 {
+            for c in counted {
                 let throttle = throttle.clone();
-                take_backs.spawn(async move { throttle.succeeded(KEY).await });
+                take_backs.spawn(async move { throttle.take_back(KEY, c).await });
             }
             for result in take_backs.join_all().await {
                 result.unwrap();

@@ -19,10 +19,57 @@ use std::time::Duration;
 pub trait LoginThrottle: Send + Sync + 'static {
     /// Counts an attempt for this (email, client) key, unless the key is blocked: then
     /// returns the seconds until it may try again, and counts nothing.
-    async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError>;
-    /// An attempt counted for this key succeeded: it is not a failure.
-    async fn succeeded(&self, key: &str) -> Result<(), StoreError>;
+    async fn attempt(&self, key: &str) -> Result<Attempt, StoreError>;
+    /// The attempt `counted` for this key succeeded (or the server could not finish it): it
+    /// is not a failure. Takes back that attempt, not the key's latest: another failure of
+    /// the key counted meanwhile stays whole. An attempt that already left the window (or was
+    /// swept) is gone already; nothing else is taken back for it.
+    async fn take_back(&self, key: &str, counted: Counted) -> Result<(), StoreError>;
 }
+
+/// What [`LoginThrottle::attempt`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// Counted; [`LoginThrottle::take_back`] undoes it.
+    Counted(Counted),
+    /// The key is blocked: nothing was counted.
+    Blocked {
+        /// Whole seconds until the key may try again (at least 1).
+        retry_after: u64,
+    },
+}
+
+impl Attempt {
+    /// The seconds to wait when blocked, `None` when counted.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Counted(_) => None,
+            Self::Blocked { retry_after } => Some(*retry_after),
+        }
+    }
+}
+
+/// One counted attempt, as its throttle knows it: the instant it was counted at. Two attempts
+/// of one key at the same instant are alike, so taking back either undoes one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    at: DateTime<Utc>,
+}
+
+impl Counted {
+    /// The attempt a throttle counted at `at` (a throttle of your own makes these).
+    pub fn at(at: DateTime<Utc>) -> Self {
+        Self { at }
+    }
+
+    /// When it was counted.
+    pub fn instant(&self) -> DateTime<Utc> {
+        self.at
+    }
+}
+
+/// An attempt counted on a throttle under a key, to take back unless it is found a failure.
+pub(crate) type Count = (Arc<dyn LoginThrottle>, String, Counted);
 
 /// How many times a client's limit one IPv6 site (a /48) may use across all its /64s.
 pub(crate) const SITE_BUDGET_FACTOR: u32 = 4;
@@ -88,7 +135,7 @@ impl AddressLimit {
 /// login was cancelled) takes them back on a task of its own.
 #[must_use = "dropping it takes the counts back on a task; say what happened instead"]
 pub(crate) struct CountedAttempts {
-    counted: Vec<(Arc<dyn LoginThrottle>, String)>,
+    counted: Vec<Count>,
 }
 
 impl CountedAttempts {
@@ -106,11 +153,14 @@ impl CountedAttempts {
         throttle: &Arc<dyn LoginThrottle>,
         key: &str,
     ) -> Result<Option<u64>, StoreError> {
-        let blocked = throttle.attempt(key).await?;
-        if blocked.is_none() {
-            self.counted.push((throttle.clone(), key.to_owned()));
+        match throttle.attempt(key).await? {
+            Attempt::Counted(counted) => {
+                self.counted
+                    .push((throttle.clone(), key.to_owned(), counted));
+                Ok(None)
+            }
+            Attempt::Blocked { retry_after } => Ok(Some(retry_after)),
         }
-        Ok(blocked)
     }
 
     /// The password was checked and found wrong: the counts stay.
@@ -119,7 +169,7 @@ impl CountedAttempts {
     }
 
     /// The counts, handed over to a guard of another kind: this one no longer takes them back.
-    pub(crate) fn into_counts(mut self) -> Vec<(Arc<dyn LoginThrottle>, String)> {
+    pub(crate) fn into_counts(mut self) -> Vec<Count> {
         std::mem::take(&mut self.counted)
     }
 
@@ -127,10 +177,10 @@ impl CountedAttempts {
     async fn take_back_since(&mut self, len: usize) {
         // Popped before it is awaited, as in `take_back`.
         while self.counted.len() > len {
-            let Some((throttle, key)) = self.counted.pop() else {
+            let Some((throttle, key, counted)) = self.counted.pop() else {
                 break;
             };
-            if let Err(e) = throttle.succeeded(&key).await {
+            if let Err(e) = throttle.take_back(&key, counted).await {
                 tracing::warn!(error = %e, "a refused attempt stays counted");
             }
         }
@@ -142,8 +192,8 @@ impl CountedAttempts {
         let mut first_error = None;
         // Popped before it is awaited: a take-back cancelled part-way is not repeated by the
         // drop, which would take back a failure of another login.
-        while let Some((throttle, key)) = self.counted.pop() {
-            if let Err(e) = throttle.succeeded(&key).await {
+        while let Some((throttle, key, counted)) = self.counted.pop() {
+            if let Err(e) = throttle.take_back(&key, counted).await {
                 first_error.get_or_insert(e);
             }
         }
@@ -163,8 +213,8 @@ impl Drop for CountedAttempts {
             return;
         };
         runtime.spawn(async move {
-            for (throttle, key) in counted {
-                if let Err(e) = throttle.succeeded(&key).await {
+            for (throttle, key, counted) in counted {
+                if let Err(e) = throttle.take_back(&key, counted).await {
                     tracing::warn!(error = %e, "a cancelled login's attempt stays counted");
                 }
             }
@@ -217,7 +267,7 @@ impl InMemoryLoginThrottle {
 
 #[async_trait]
 impl LoginThrottle for InMemoryLoginThrottle {
-    async fn attempt(&self, key: &str) -> Result<Option<u64>, StoreError> {
+    async fn attempt(&self, key: &str) -> Result<Attempt, StoreError> {
         let now = self.clock.now();
         let window = self.window();
         let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
@@ -236,16 +286,21 @@ impl LoginThrottle for InMemoryLoginThrottle {
         if list.len() >= self.limit as usize {
             // Blocked until the oldest attempt in the window leaves it.
             let until = list.front().map_or(now, |t| *t + window);
-            return Ok(Some(retry_after(until - now)));
+            return Ok(Attempt::Blocked {
+                retry_after: retry_after(until - now),
+            });
         }
         list.push_back(now);
-        Ok(None)
+        Ok(Attempt::Counted(Counted::at(now)))
     }
 
-    async fn succeeded(&self, key: &str) -> Result<(), StoreError> {
+    async fn take_back(&self, key: &str, counted: Counted) -> Result<(), StoreError> {
         let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = attempts.by_key.get_mut(key) {
-            list.pop_back();
+            // The newest alike: the list is in the order attempts were counted.
+            if let Some(at) = list.iter().rposition(|t| *t == counted.at) {
+                list.remove(at);
+            }
             if list.is_empty() {
                 attempts.by_key.remove(key);
             }
@@ -275,15 +330,26 @@ mod tests {
         let clock = ManualClock::new();
         let throttle =
             InMemoryLoginThrottle::new(Arc::new(clock.clone()), 3, Duration::from_secs(60));
+        let mut counted = Vec::new();
         for _ in 0..3 {
-            assert_eq!(throttle.attempt("k").await.unwrap(), None);
+            match throttle.attempt("k").await.unwrap() {
+                Attempt::Counted(c) => counted.push(c),
+                blocked => panic!("{blocked:?}"),
+            }
         }
-        assert!(throttle.attempt("k").await.unwrap().is_some(), "blocked");
-        throttle.succeeded("k").await.unwrap();
-        assert_eq!(throttle.attempt("k").await.unwrap(), None, "one taken back");
+        assert!(
+            throttle.attempt("k").await.unwrap().retry_after().is_some(),
+            "blocked"
+        );
+        throttle.take_back("k", counted[2]).await.unwrap();
+        assert_eq!(
+            throttle.attempt("k").await.unwrap().retry_after(),
+            None,
+            "one taken back"
+        );
         clock.advance(Duration::from_secs(61));
         assert_eq!(
-            throttle.attempt("k").await.unwrap(),
+            throttle.attempt("k").await.unwrap().retry_after(),
             None,
             "the window passed"
         );
@@ -309,14 +375,57 @@ mod tests {
         let clock = ManualClock::new();
         let throttle =
             InMemoryLoginThrottle::new(Arc::new(clock.clone()), 1, Duration::from_secs(60));
-        assert_eq!(throttle.attempt("k").await.unwrap(), None);
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
         clock.advance(Duration::from_millis(58_500));
-        let wait = throttle.attempt("k").await.unwrap().expect("blocked");
+        let wait = throttle
+            .attempt("k")
+            .await
+            .unwrap()
+            .retry_after()
+            .expect("blocked");
         assert_eq!(wait, 2, "1.5 s left");
         clock.advance(Duration::from_secs(wait));
-        assert_eq!(throttle.attempt("k").await.unwrap(), None);
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
         assert_eq!(retry_after(chrono::Duration::microseconds(59_000_400)), 60);
         assert_eq!(retry_after(chrono::Duration::seconds(59)), 59);
         assert_eq!(retry_after(chrono::Duration::zero()), 1);
+    }
+
+    /// A take-back undoes its own attempt, not the key's latest: a failure counted while it
+    /// was in flight keeps its place in the window, and one whose attempt already left the
+    /// window takes back nothing else.
+    #[tokio::test]
+    async fn a_take_back_undoes_its_own_attempt_not_a_later_failure() {
+        let clock = ManualClock::new();
+        let throttle =
+            InMemoryLoginThrottle::new(Arc::new(clock.clone()), 2, Duration::from_secs(60));
+        let Attempt::Counted(first) = throttle.attempt("k").await.unwrap() else {
+            panic!("blocked")
+        };
+        clock.advance(Duration::from_secs(30));
+        // A failure, counted while the first attempt is still in flight.
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+        throttle.take_back("k", first).await.unwrap();
+        clock.advance(Duration::from_secs(31));
+        // The failure, counted at 30 s, stays in the window until 90 s.
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+        assert!(
+            throttle.attempt("k").await.unwrap().retry_after().is_some(),
+            "the failure was taken back in place of the first attempt"
+        );
+
+        // An attempt that left the window before its take-back: nothing else goes.
+        let throttle =
+            InMemoryLoginThrottle::new(Arc::new(clock.clone()), 1, Duration::from_secs(5));
+        let Attempt::Counted(late) = throttle.attempt("k").await.unwrap() else {
+            panic!("blocked")
+        };
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+        throttle.take_back("k", late).await.unwrap();
+        assert!(
+            throttle.attempt("k").await.unwrap().retry_after().is_some(),
+            "a failure was taken back for an attempt that had left the window"
+        );
     }
 }

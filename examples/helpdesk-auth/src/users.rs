@@ -81,7 +81,9 @@ pub struct InMemoryUserStore {
 
 #[async_trait]
 impl UserStore for InMemoryUserStore {
-    async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
+    async fn create(&self, mut user: UserRecord) -> Result<(), CreateUserError> {
+        // Lower-case, as the trait says and Postgres stores it, whatever the caller sent.
+        user.email = user.email.to_lowercase();
         let mut guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
         let (by_id, by_email) = &mut *guard;
         if by_email.contains_key(&user.email) {
@@ -94,11 +96,39 @@ impl UserStore for InMemoryUserStore {
 
     async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
         let guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(guard.1.get(email).and_then(|id| guard.0.get(id)).cloned())
+        let email = email.to_lowercase();
+        Ok(guard.1.get(&email).and_then(|id| guard.0.get(id)).cloned())
     }
 
     async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
         let guard = self.users.lock().unwrap_or_else(|p| p.into_inner());
         Ok(guard.0.get(&id).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Emails compare lower-case whatever case the caller gives, as in Postgres.
+    #[tokio::test]
+    async fn emails_compare_lower_case() {
+        let store = InMemoryUserStore::default();
+        let user = |email: &str| UserRecord {
+            id: Uuid::now_v7(),
+            email: email.to_owned(),
+            role: Role::Customer,
+            display_name: None,
+            password_hash: String::new(),
+            created_at: Utc::now(),
+        };
+        store.create(user("Ada@Example.com")).await.unwrap();
+        let found = store.by_email("ada@example.com").await.unwrap().unwrap();
+        assert_eq!(found.email, "ada@example.com");
+        assert!(store.by_email("ADA@EXAMPLE.COM").await.unwrap().is_some());
+        assert!(matches!(
+            store.create(user("ada@example.COM")).await,
+            Err(CreateUserError::EmailTaken)
+        ));
     }
 }
