@@ -98,8 +98,8 @@ pub(crate) fn transport_error(error: FredError) -> TransportError {
         "NOREPLICAS",
         "MISCONF",
     ]
-    .iter()
-    .any(|prefix| details.starts_with(prefix));
+    // The reply's first word is its code: `BUSY` is transient, `BUSYGROUP` and `BUSYKEY` are not.
+    .contains(&details.split_whitespace().next().unwrap_or_default());
     match error.kind() {
         FredKind::Timeout => TransportError::Timeout { backend: BACKEND },
         FredKind::IO
@@ -177,4 +177,41 @@ pub(crate) fn is_unblocked(error: &FredError) -> bool {
 
 pub(crate) fn is_busygroup(error: &FredError) -> bool {
     error.details().starts_with("BUSYGROUP")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(details: &str) -> TransportError {
+        transport_error(FredError::new(FredKind::Unknown, details.to_owned()))
+    }
+
+    /// A reply is transient by its code, its first word: `BUSY` is, `BUSYGROUP` is not.
+    #[test]
+    fn transient_replies_are_told_by_their_whole_code() {
+        for transient in [
+            "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica.",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+        ] {
+            assert!(
+                matches!(reply(transient), TransportError::Unavailable { .. }),
+                "{transient}"
+            );
+        }
+        for lasting in [
+            "BUSYGROUP Consumer Group name already exists",
+            "BUSYKEY Target key name already exists.",
+            "OOMPH not a code Redis sends",
+            "ERR unknown command",
+            "",
+        ] {
+            assert!(
+                matches!(reply(lasting), TransportError::Backend { .. }),
+                "{lasting}"
+            );
+        }
+    }
 }

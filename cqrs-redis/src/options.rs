@@ -497,6 +497,10 @@ const DEFAULT_TRIM_LIMIT: usize = 10_000;
 /// The smallest [`RedisStreamOptions::trim_limit`]: Redis's default `stream-node-max-entries`.
 const MIN_TRIM_LIMIT: usize = 100;
 
+/// The shortest `gate_poll`: each poll runs a script on Redis, and a consumer waits at least
+/// a millisecond between two anyway.
+const MIN_GATE_POLL: Duration = Duration::from_millis(1);
+
 /// Options of a [`RedisStreamTransport`](crate::RedisStreamTransport).
 ///
 /// ```no_run
@@ -579,7 +583,7 @@ impl RedisStreamOptions {
     }
 
     /// How often a consumer that holds entries back looks whether their predecessors were
-    /// acknowledged (by it or by another consumer of its group). Default 50 ms.
+    /// acknowledged (by it or by another consumer of its group). Default 50 ms, at least 1 ms.
     pub fn gate_poll(mut self, interval: Duration) -> Self {
         self.gate_poll = interval;
         self
@@ -623,9 +627,9 @@ impl RedisStreamOptions {
                 self.max_held
             ));
         }
-        if self.gate_poll.is_zero() {
+        if self.gate_poll < MIN_GATE_POLL {
             problems.push(format!(
-                "gate_poll must be above zero, got {:?}",
+                "gate_poll must be at least {MIN_GATE_POLL:?}, got {:?}",
                 self.gate_poll
             ));
         }
@@ -772,7 +776,7 @@ mod tests {
             .key_prefix("")
             .key_ordering(KeyOrdering::Lanes(0))
             .max_held(0)
-            .gate_poll(Duration::ZERO)
+            .gate_poll(Duration::from_micros(999))
             .trim_limit(99);
         let Err(ConnectError::Invalid { problems }) = stream.validate() else {
             panic!("invalid options pass");
@@ -789,7 +793,7 @@ mod tests {
                 "key_prefix must not be empty, got \"\"",
                 "key_ordering must have at least one lane, got Lanes(0)",
                 "max_held must be at least 1, got 0",
-                "gate_poll must be above zero, got 0ns",
+                "gate_poll must be at least 1ms, got 999µs",
                 "trim_limit must be at least 100 (a stream node of Redis's default size), got 99",
             ]
         );

@@ -491,7 +491,8 @@ impl RedisStreamTransport {
                 ("type", Value::from(event.event_type.as_str())),
                 ("v", Value::from(i64::from(event.schema_version))),
             ];
-            if let Some(key) = event.partition_key.as_deref() {
+            // An empty key is none, as the script has it.
+            if let Some(key) = event.partition_key.as_deref().filter(|k| !k.is_empty()) {
                 fields.push(("key", Value::from(key)));
             }
             fields.push(("record", Value::from(record)));

@@ -83,6 +83,39 @@ async fn a_batch_without_lanes_stores_each_event_as_it_is_keyed() {
     env.cleanup().await;
 }
 
+/// An empty partition key is no key: alone (a plain `XADD`) or in a batch (the script), the
+/// entry has no `key` field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_key_is_stored_alike_alone_and_in_a_batch() {
+    let Some(env) = Env::with("empty-key", |o| {
+        o.key_ordering(cqrs_redis::KeyOrdering::Unordered)
+    })
+    .await
+    else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("audit");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            env.transport
+                .publish(&topic, &[event(Some(""), 1)])
+                .await
+                .unwrap();
+            env.transport
+                .publish(&topic, &[event(Some(""), 2), event(None, 3)])
+                .await
+                .unwrap();
+            let fields = stored_fields(&env, &stream).await;
+            let names: Vec<Vec<String>> = fields.iter().map(|f| names_of(f)).collect();
+            assert_eq!(names, vec![vec!["id", "type", "v", "record"]; 3]);
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 /// Each entry of `stream`, in order, as its flat list of field names and values.
 async fn stored_fields(env: &Env, stream: &str) -> Vec<Vec<String>> {
     env.command("XRANGE", vec![stream.into(), "-".into(), "+".into()])
