@@ -162,17 +162,20 @@ impl HubOptions {
     }
 
     /// How often the hub sends a WebSocket ping to each connection (and closes those whose
-    /// credentials expired). Default 30 s. Must be above zero and shorter than
+    /// credentials expired). Default 30 s. At least 10 ms, and at most half the
     /// [`idle_timeout`](Self::idle_timeout); an interval too long for the clock (near
-    /// `Duration::MAX`) never comes round: no pings, expiry checked only at `subscribe`.
+    /// `Duration::MAX`) never comes round: no pings, expiry checked only at `subscribe`. A
+    /// connection whose send queue has at most one free slot is not pinged on a tick (the
+    /// slot is kept for an event).
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
     }
 
     /// A connection from which nothing (no frame, no pong) arrived for this long is closed
-    /// with code 1000. Must be longer than the ping interval. Default 75 s; up to
-    /// `Duration::MAX` (no idle limit).
+    /// with code 1000. At least twice the ping interval: a tick may skip a busy connection,
+    /// and pongs come late behind queued frames. Default 75 s; up to `Duration::MAX` (no idle
+    /// limit).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
@@ -347,12 +350,19 @@ impl HubOptions {
                 self.replay_limit, self.replay_batch
             ));
         }
-        if self.ping_interval.is_zero() {
-            problems.push("ping_interval must not be zero".to_owned());
-        }
-        if self.idle_timeout <= self.ping_interval {
+        if self.ping_interval < MIN_PING_INTERVAL {
             problems.push(format!(
-                "idle_timeout ({:?}) must be longer than ping_interval ({:?})",
+                "ping_interval must be at least {MIN_PING_INTERVAL:?}, got {:?}",
+                self.ping_interval
+            ));
+        }
+        // A healthy client's pongs come one interval apart give or take the queueing, and a
+        // tick skips a connection whose queue is nearly full: with less than two intervals, a
+        // client that is merely busy is closed as idle.
+        if self.idle_timeout < self.ping_interval.saturating_mul(2) {
+            problems.push(format!(
+                "idle_timeout ({:?}) must be at least twice ping_interval ({:?}): a ping may be \
+                 skipped while the connection's queue is nearly full",
                 self.idle_timeout, self.ping_interval
             ));
         }
@@ -374,6 +384,10 @@ const MAX_CLIENT_MESSAGE: usize = 16 * 1024 * 1024;
 /// under 600 bytes), a frame header and a control frame tungstenite may queue (141 bytes),
 /// with margin.
 const MIN_WRITE_ROOM: usize = 1024;
+
+/// The shortest `ping_interval`: each tick takes the connections' lock and queues a ping on
+/// every connection, so a tick at timer resolution would do little else.
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {
@@ -467,5 +481,39 @@ mod tests {
                 .problems()
                 .is_empty()
         );
+    }
+
+    /// A ping interval at timer resolution would spin the keepalive; an idle timeout under
+    /// two intervals closes a client whose ping was skipped or whose pong came late.
+    #[test]
+    fn the_ping_interval_has_a_floor_and_the_idle_timeout_a_margin() {
+        assert_eq!(
+            HubOptions::new()
+                .ping_interval(Duration::from_nanos(1))
+                .idle_timeout(Duration::from_nanos(2))
+                .problems(),
+            ["ping_interval must be at least 10ms, got 1ns"]
+        );
+        assert_eq!(
+            HubOptions::new()
+                .ping_interval(Duration::from_secs(30))
+                .idle_timeout(Duration::from_millis(30_001))
+                .problems(),
+            [
+                "idle_timeout (30.001s) must be at least twice ping_interval (30s): a ping may \
+                 be skipped while the connection's queue is nearly full"
+            ]
+        );
+        for (ping, idle) in [
+            (Duration::from_millis(10), Duration::from_millis(20)),
+            (Duration::from_secs(30), Duration::from_secs(75)),
+            (Duration::MAX - Duration::from_secs(1), Duration::MAX),
+        ] {
+            let problems = HubOptions::new()
+                .ping_interval(ping)
+                .idle_timeout(idle)
+                .problems();
+            assert!(problems.is_empty(), "{ping:?} / {idle:?}: {problems:?}");
+        }
     }
 }

@@ -68,6 +68,10 @@ struct Shared {
     live: AtomicUsize,
     /// Channels within their linger (with a linger task).
     lingering: AtomicUsize,
+    /// Pump tasks aborted and maybe not gone yet: each holds its channel's subscription until
+    /// the runtime drops it. `end_lingering` waits for them; finished ones are pruned as more
+    /// come.
+    ending: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl<P: Send + Sync + 'static> Upstreams<P> {
@@ -177,8 +181,8 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             || self.stopped.is_requested()
             || !self.shared.take_lingering_place(self.max_lingering)
         {
-            // The task ends by itself once aborted.
-            drop(self.shared.unsubscribe(&mut state, channel, &slot));
+            // The task ends by itself once aborted (`end_lingering` waits for it).
+            self.shared.unsubscribe(&mut state, channel, &slot);
             return;
         }
         state.idle_epoch += 1;
@@ -195,15 +199,16 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
     /// Ends, now, the upstream subscription of every channel that no one holds (those within
     /// their linger): for a hub that stopped, whose `closed()` must leave none behind. Returns
     /// once their tasks are gone, and with them the subscriptions they held (an aborted task
-    /// is dropped, subscription included, by the runtime a moment later).
+    /// is dropped, subscription included, by the runtime a moment later), as are the tasks of
+    /// channels unsubscribed before (a last subscription released while the hub stops).
     pub(crate) async fn end_lingering(&self) {
-        let mut ended = Vec::new();
         for (channel, slot) in self.shared.slots() {
             let mut state = slot.lock().await;
             if state.refs == 0 && !state.removed {
-                ended.extend(self.shared.unsubscribe(&mut state, &channel, &slot));
+                self.shared.unsubscribe(&mut state, &channel, &slot);
             }
         }
+        let ended = std::mem::take(&mut *self.shared.ending());
         for task in ended {
             // Aborted: it ends as cancelled (or had ended already).
             let _ = task.await;
@@ -224,7 +229,7 @@ impl<P> Drop for Upstreams<P> {
         for (channel, slot) in self.shared.slots() {
             // Held only by a linger task that is ending its channel already.
             if let Ok(mut state) = slot.try_lock() {
-                drop(self.shared.unsubscribe(&mut state, &channel, &slot));
+                self.shared.unsubscribe(&mut state, &channel, &slot);
             }
         }
     }
@@ -241,6 +246,10 @@ impl Shared {
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ending(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.ending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes `slot` out of the map, unless another already replaced it.
@@ -280,24 +289,22 @@ impl Shared {
 
     /// Ends the upstream subscription of a channel that no one holds, and forgets it. Returns
     /// the channel's task, aborted, for a caller that must wait until it is gone.
-    fn unsubscribe(
-        &self,
-        state: &mut ChannelState,
-        channel: &str,
-        slot: &Channel,
-    ) -> Option<JoinHandle<()>> {
+    /// Ends `channel`'s upstream subscription (its pump task aborted, kept in `ending` until
+    /// it is gone) and takes it out of the map.
+    fn unsubscribe(&self, state: &mut ChannelState, channel: &str, slot: &Channel) {
         if let Some(linger) = self.take_linger(state) {
             linger.abort();
         }
-        let task = state.live.take().map(|live| {
+        if let Some(live) = state.live.take() {
             live.stopped.store(true, Ordering::SeqCst);
             live.task.abort();
             self.live.fetch_sub(1, Ordering::SeqCst);
-            live.task
-        });
+            let mut ending = self.ending();
+            ending.retain(|task| !task.is_finished());
+            ending.push(live.task);
+        }
         state.removed = true;
         self.forget(channel, slot);
-        task
     }
 }
 
@@ -319,7 +326,7 @@ async fn linger(
     if state.refs == 0 && state.idle_epoch == epoch && !state.removed {
         // Not this task's own handle to abort: it is ending anyway.
         drop(shared.take_linger(&mut state));
-        drop(shared.unsubscribe(&mut state, &channel, &slot));
+        shared.unsubscribe(&mut state, &channel, &slot);
     }
 }
 
@@ -830,6 +837,34 @@ mod tests {
         upstreams.acquire("c").await.unwrap();
         upstreams.release("c").await;
         assert_eq!(pubsub.upstream_subscriptions_to("c"), 1, "lingering");
+        upstreams.end_lingering().await;
+        assert_eq!(
+            pubsub.upstream_subscriptions_to("c"),
+            0,
+            "still subscribed upstream once the lingering channels were ended"
+        );
+        assert_eq!(upstreams.len().await, 0);
+    }
+
+    /// Once the hub stops, a last subscription released unsubscribes at once; ending the
+    /// lingering channels waits for that subscription to be gone too, so `closed()` leaves
+    /// none behind.
+    #[tokio::test]
+    async fn ending_the_lingering_channels_waits_for_channels_released_while_stopping() {
+        let pubsub = InMemoryPubSub::new();
+        let (stop, stopped) = Shutdown::new();
+        let upstreams = Upstreams::new(
+            Arc::new(pubsub.clone()) as Arc<dyn PubSub>,
+            String::new(),
+            Arc::new(Registry::<()>::new(Arc::new(AllowAll), usize::MAX)),
+            Arc::new(Metrics::new()),
+            Duration::from_secs(3600),
+            1024,
+            stopped,
+        );
+        upstreams.acquire("c").await.unwrap();
+        stop.trigger();
+        upstreams.release("c").await;
         upstreams.end_lingering().await;
         assert_eq!(
             pubsub.upstream_subscriptions_to("c"),

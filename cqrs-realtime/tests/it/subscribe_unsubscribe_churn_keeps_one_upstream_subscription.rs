@@ -127,13 +127,41 @@ async fn closed_completes_after_the_lingering_subscriptions_ended() {
             .await
             .expect("the linger does not delay the shutdown");
         assert_eq!(t.hub.upstream_channels().await, 0, "none left by closed()");
-        // The subscription itself goes with its task, which the runtime drops next.
-        eventually(
-            Duration::from_secs(10),
-            "the upstream subscription ends",
-            || async { (pubsub.upstream_subscriptions_to(CHANNEL) == 0).then_some(()) },
-        )
-        .await;
+        // `closed()` waited for the channel's task, and with it the subscription, to go.
+        assert_eq!(pubsub.upstream_subscriptions_to(CHANNEL), 0);
+    })
+    .await;
+}
+
+/// The same for channels whose clients were still subscribed at the shutdown: their last
+/// subscriptions are released as the connections close, unsubscribing at once, and
+/// `closed()` waits until those subscriptions are gone upstream too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_completes_after_the_subscriptions_of_closed_connections_ended() {
+    with_timeout(TEST_LIMIT, async {
+        for round in 0..5 {
+            let pubsub = Arc::new(InMemoryPubSub::new());
+            let t = TestHub::start_on(
+                pubsub.clone(),
+                HubOptions::new()
+                    .upstream_linger(Duration::from_secs(3600))
+                    .close_timeout(Duration::from_millis(500)),
+                |b| b,
+            )
+            .await;
+            let mut client = t.connect("agent-a1").await;
+            client.subscribe("tickets").await;
+            t.hub.shutdown();
+            tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+                .await
+                .expect("closed() completes");
+            assert_eq!(
+                pubsub.upstream_subscriptions_to(CHANNEL),
+                0,
+                "still subscribed upstream after closed(), round {round}"
+            );
+            drop(client);
+        }
     })
     .await;
 }
