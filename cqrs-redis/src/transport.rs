@@ -121,19 +121,35 @@ impl Shared {
             .await
             .map_err(|e| client_error(&self.client, e))?;
         match recorded {
-            Some(theirs) if theirs != mine => Err(TransportError::Invalid(format!(
-                "topic `{topic}` is published with key ordering `{theirs}`, and this transport \
-                 uses `{mine}`: a key's events would lose their order. Give every publisher of \
-                 the topic the same `key_ordering`; to change it, see \"Changing \
-                 `key_ordering`\" in docs/redis.md (drain the topic, then delete `{}` and the \
-                 lanes hash)",
-                keys.ordering
-            ))),
+            Some(theirs) if theirs != mine => {
+                let error = TransportError::Invalid(format!(
+                    "topic `{topic}` is published with key ordering `{theirs}`, and this \
+                     transport uses `{mine}`: a key's events would lose their order. Give every \
+                     publisher of the topic the same `key_ordering`; to change it, see \
+                     \"Changing `key_ordering`\" in docs/redis.md (drain the topic, then \
+                     delete `{}` and the lanes hash)",
+                    keys.ordering
+                ));
+                self.record_failure(topic, &error);
+                Err(error)
+            }
             _ => {
                 checked().insert(topic.to_owned());
                 Ok(())
             }
         }
+    }
+
+    /// Records `error` as `topic`'s publish failure: the health check reports it until a
+    /// publish to the topic succeeds.
+    fn record_failure(&self, topic: &str, error: &TransportError) {
+        let mut failures = self
+            .publish_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        failures.insert(topic.to_owned(), error.to_string());
+        self.publish_failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Options for commands that must fail fast while Redis is unreachable.
@@ -442,13 +458,11 @@ impl EventTransport for RedisStreamTransport {
                     failing.store(!failures.is_empty(), std::sync::atomic::Ordering::Relaxed);
                 }
             }
-            // The caller's mistakes, not the server's state.
+            // The caller's mistakes, not the server's state; except a key ordering other
+            // than the topic's, which `check_ordering` recorded: every publish to the topic
+            // fails until the deployment agrees.
             Err(TransportError::Invalid(_) | TransportError::Codec(_)) => {}
-            Err(error) => {
-                let mut failures = failures();
-                failures.insert(topic.to_owned(), error.to_string());
-                failing.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+            Err(error) => self.shared.record_failure(topic, error),
         }
         outcome
     }

@@ -5,6 +5,7 @@
 
 use crate::support::{Env, event, stream_options, within};
 use cqrs_core::ports::{EventTransport, TransportError};
+use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_redis::KeyOrdering;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,6 +41,16 @@ async fn a_publisher_with_another_key_ordering_is_refused() {
                     other => panic!("refused, not {other:?}"),
                 }
             }
+            // Every publish of this one fails until the deployment agrees: its health says so
+            // (its outbox backs up meanwhile), naming the topic and why.
+            match other.check().await {
+                Health::Degraded(why) => assert!(
+                    why.contains(&format!("`{topic}`")) && why.contains("key ordering"),
+                    "{why}"
+                ),
+                health => panic!("degraded, not {health:?}"),
+            }
+            assert_eq!(env.transport.check().await, Health::Healthy);
             let unordered = stream_options(&env.id)
                 .key_ordering(KeyOrdering::Unordered)
                 .connect()
@@ -79,6 +90,9 @@ async fn a_publisher_with_another_key_ordering_is_refused() {
                 .publish(&topic, &[event(Some("k"), 8)])
                 .await
                 .expect("a new setting once the old one is deleted");
+            // The refused publisher's setting is the topic's now: it publishes, and is healthy.
+            other.publish(&topic, &[event(Some("k"), 9)]).await.unwrap();
+            assert_eq!(other.check().await, Health::Healthy);
         }),
     )
     .await;
