@@ -502,6 +502,11 @@ impl<A: Aggregate> AggregateRepository<A> {
             }
         {
             match (snapshots.decode)(snapshot.state) {
+                // Of no event: the repository never saves one, and its state would have the
+                // whole stream replayed on top of it.
+                Ok(_) if snapshot.version == 0 => {
+                    tracing::warn!(stream = %stream, "ignoring a snapshot at version 0; replaying the whole stream")
+                }
                 Ok(s) => {
                     (state, version) = (s, snapshot.version);
                     last_event_id = snapshot.last_event_id;

@@ -1056,14 +1056,20 @@ impl<S: ProjectionStore> InboxPurge<S> {
         let (store, name, retention) = (self.store.clone(), self.name.clone(), self.retention);
         self.running = Some(tokio::spawn(async move {
             // A failure is logged and tried again next interval: it does not stop the
-            // projection.
-            match store.purge_inbox(&name, retention).await {
-                Ok(0) => {}
-                Ok(purged) => {
+            // projection. Nobody awaits this task, so a panic in the store's purge is caught
+            // here to be logged like a failure, not only printed by the panic hook.
+            let purge = std::panic::AssertUnwindSafe(store.purge_inbox(&name, retention));
+            match futures_util::FutureExt::catch_unwind(purge).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(purged)) => {
                     tracing::debug!(projection = %name, purged, "purged old inbox entries");
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::warn!(projection = %name, error = %e, "inbox purge failed; trying again next interval");
+                }
+                Err(payload) => {
+                    let panic = crate::panic::into_message(payload);
+                    tracing::error!(projection = %name, %panic, "inbox purge panicked; trying again next interval");
                 }
             }
         }));

@@ -562,6 +562,8 @@ struct Flaky {
     /// Set when a purge starts, and when a purge is dropped.
     purge_started: Arc<AtomicBool>,
     purge_dropped: Arc<AtomicBool>,
+    /// Whether `purge_inbox` panics (a store's bug).
+    purge_panics: bool,
 }
 
 #[async_trait]
@@ -619,6 +621,9 @@ impl ProjectionStore for Flaky {
     async fn purge_inbox(&self, consumer: &str, older_than: Duration) -> Result<u64, StoreError> {
         let _dropped = SetOnDrop(self.purge_dropped.clone());
         self.purge_started.store(true, Ordering::SeqCst);
+        if self.purge_panics {
+            panic!("the store's purge has a bug");
+        }
         if self.hangs {
             std::future::pending::<()>().await;
         }
@@ -1255,6 +1260,54 @@ fn a_running_runner_purges_its_old_inbox_entries() {
         })
         .await;
         assert!(processed(young.event_id).await, "the young entry stays");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A purge runs on a task nobody awaits: a panic in the store's purge is logged with the
+/// projection's name (not only printed by the panic hook), and the projection goes on.
+#[test]
+fn a_purge_that_panics_is_logged_and_the_projection_goes_on() {
+    let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
+    run(async {
+        let store = Arc::new(Flaky {
+            purge_panics: true,
+            ..Flaky::default()
+        });
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        let runner = sums_runner(
+            store.clone(),
+            &sum,
+            &transport,
+            ConsumerOptions::default().block(Duration::from_millis(20)),
+        )
+        .inbox_purge_interval(Duration::from_millis(5));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the panic logged", || async {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(fields, _)| {
+                    fields.get("projection").is_some_and(|p| p == "sum")
+                        && fields
+                            .get("message")
+                            .is_some_and(|m| m.contains("inbox purge panicked"))
+                        && fields
+                            .get("panic")
+                            .is_some_and(|p| p.contains("the store's purge has a bug"))
+                })
+                .then_some(())
+        })
+        .await;
+        transport.publish("sums", &[record(2)]).await.unwrap();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
+            (*sum.seen.lock().unwrap() == [2]).then_some(())
+        })
+        .await;
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }

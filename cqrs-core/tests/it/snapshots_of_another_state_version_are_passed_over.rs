@@ -99,3 +99,29 @@ fn snapshots_of_another_state_version_are_passed_over() {
         assert_eq!((loaded.state.total, loaded.version), (10, 4));
     });
 }
+
+/// A snapshot at version 0 (the repository never saves one; another writer might) includes no
+/// event: its state is passed over, or the whole stream would be replayed on top of it.
+#[test]
+fn a_snapshot_at_version_zero_is_passed_over() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let repo =
+            AggregateRepository::<Tally>::new(events.clone()).with_snapshots(snapshots.clone(), 1);
+        repo.execute("t", None, 5, &Metadata::new()).await.unwrap();
+        let mut saved = snapshots
+            .load("tally-t")
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        saved.version = 0;
+        saved.last_event_id = None;
+        // In a store of its own: a store keeps the newest snapshot of a stream.
+        let zero = Arc::new(InMemorySnapshotStore::new());
+        zero.save("tally-t", saved).await.unwrap();
+        let repo = AggregateRepository::<Tally>::new(events.clone()).with_snapshots(zero, 1);
+        let loaded = repo.load("t").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (5, 1));
+    });
+}

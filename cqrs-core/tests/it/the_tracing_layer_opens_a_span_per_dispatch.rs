@@ -9,9 +9,9 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Metadata as TracingMetadata, Subscriber};
 
-type Spans = Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>;
+pub(crate) type Spans = Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>;
 /// Each event's fields, with the span it was emitted in (its index in `Spans`).
-type Events = Arc<Mutex<Vec<(BTreeMap<String, String>, Option<usize>)>>>;
+pub(crate) type Events = Arc<Mutex<Vec<(BTreeMap<String, String>, Option<usize>)>>>;
 
 /// A subscriber that remembers each span's name and fields, and each event's fields and the
 /// span it happened in.
@@ -83,7 +83,7 @@ fn recorded() -> &'static Spans {
     &recorder().0
 }
 
-fn recorder() -> &'static (Spans, Events) {
+pub(crate) fn recorder() -> &'static (Spans, Events) {
     static RECORDED: OnceLock<(Spans, Events)> = OnceLock::new();
     RECORDED.get_or_init(|| {
         let (spans, events) = (Spans::default(), Events::default());
