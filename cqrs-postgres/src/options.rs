@@ -39,6 +39,28 @@ async fn ping_if_idle(
     Ok(false)
 }
 
+/// How many errors of statements dropped in flight a connection given back to the pool may
+/// hold before it is closed instead (each dropped statement leaves one at most).
+const MAX_UNREAD_ERRORS: usize = 4;
+
+/// Reads, before sqlx checks a connection given back to the pool, the errors of statements
+/// dropped in flight (a request its client left, a timeout) that the server then failed: sqlx's
+/// check reads such an error, takes the connection for broken and closes it hard, and over TLS
+/// that close can hang for good, holding one of the pool's connections (seen with sqlx 0.9 and
+/// rustls: `a_statement_dropped_in_flight_that_fails_gives_its_connection_back`). Read here,
+/// the error is dropped like its statement's caller, and the connection goes back to the pool.
+/// A connection that fails otherwise is closed gracefully (`Ok(false)`), which does not hang.
+async fn read_unread_errors(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
+    for _ in 0..MAX_UNREAD_ERRORS {
+        match sqlx::Connection::ping(conn).await {
+            Ok(()) => return Ok(true),
+            Err(sqlx::Error::Database(_)) => continue,
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(false)
+}
+
 /// [`PgOptions::ping_after_idle`]'s default.
 const DEFAULT_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
@@ -405,14 +427,19 @@ impl PgOptions {
         }
     }
 
-    fn pool_options(&self) -> PgPoolOptions {
-        let pool = PgPoolOptions::new()
+    fn pool_options(&self, connect: &PgConnectOptions) -> PgPoolOptions {
+        let mut pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .min_connections(self.min_connections)
             .acquire_timeout(self.acquire_timeout)
             .idle_timeout(self.idle_timeout)
             .max_lifetime(self.max_lifetime)
             .test_before_acquire(self.test_before_acquire);
+        // Over TLS only: the extra round trip on every release is what it costs, and a plain
+        // connection's hard close does not hang.
+        if TLS_BUILT && !matches!(connect.get_ssl_mode(), PgSslMode::Disable) {
+            pool = pool.after_release(|conn, _| Box::pin(read_unread_errors(conn)));
+        }
         match self.ping_after_idle {
             // sqlx already pings every connection.
             _ if self.test_before_acquire => pool,
@@ -442,7 +469,7 @@ impl PgOptions {
         let connect = self.checked()?;
         let target = self.target(&connect);
         let pool = self
-            .pool_options()
+            .pool_options(&connect)
             .connect_with(connect)
             .await
             .map_err(|e| crate::error::connect_error(e, target.clone()))?;
@@ -466,7 +493,7 @@ impl PgOptions {
     pub fn connect_lazy(self) -> Result<PgDatabase, PgError> {
         let connect = self.checked()?;
         let target = self.target(&connect);
-        let pool = self.pool_options().connect_lazy_with(connect);
+        let pool = self.pool_options(&connect).connect_lazy_with(connect);
         Ok(PgDatabase::new(pool, &self.schema, target))
     }
 }

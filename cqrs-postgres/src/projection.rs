@@ -73,6 +73,69 @@ impl PgProjectionUnit {
     }
 }
 
+/// How long one slice of a wait for a consumer's lock lasts: how long a connection stays
+/// blocked on the server after its caller gave up.
+const LOCK_WAIT_SLICE_MS: u64 = 1000;
+
+/// Waits for the advisory lock `key` in `tx`, in statements that each wait at most
+/// [`LOCK_WAIT_SLICE_MS`] (`lock_timeout`, inside a savepoint that a slice which ran out rolls
+/// back to), until one gets it or the caller (`locked`'s receiver) is gone. A single statement
+/// waiting for the holder would keep the connection out of the pool until the holder ends,
+/// even after its caller gave up; and a statement dropped in flight leaves sqlx a connection
+/// it cannot take back while the server still runs it. Between two slices nothing is in
+/// flight. A `lock_timeout` of the session's own (not `0`) bounds one plain wait, as it did
+/// before; a `statement_timeout` shorter than a slice ends the wait with its error.
+async fn wait_for_lock<T>(
+    tx: &mut Transaction<'static, Postgres>,
+    key: i64,
+    locked: &tokio::sync::oneshot::Sender<T>,
+) -> Result<(), sqlx::Error> {
+    let own: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
+        .fetch_one(&mut **tx)
+        .await?;
+    let lock = format!("SELECT pg_advisory_xact_lock({key})");
+    if own != "0" {
+        sqlx::query(AssertSqlSafe(lock)).execute(&mut **tx).await?;
+        return Ok(());
+    }
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT set_config('lock_timeout', '{LOCK_WAIT_SLICE_MS}ms', true)"
+    )))
+    .execute(&mut **tx)
+    .await?;
+    loop {
+        sqlx::query("SAVEPOINT cqrs_consumer_lock")
+            .execute(&mut **tx)
+            .await?;
+        match sqlx::query(AssertSqlSafe(lock.clone()))
+            .execute(&mut **tx)
+            .await
+        {
+            Ok(_) => break,
+            // `lock_not_available`: the slice ran out; the holder still holds it.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                sqlx::query("ROLLBACK TO SAVEPOINT cqrs_consumer_lock")
+                    .execute(&mut **tx)
+                    .await?;
+                if locked.is_closed() {
+                    return Err(sqlx::Error::Protocol(
+                        "the caller stopped waiting for the consumer's lock".into(),
+                    ));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // The lock taken in the savepoint stays with the transaction once the savepoint is
+    // released; the projection's own statements get the session's `lock_timeout` back.
+    sqlx::raw_sql(
+        "RELEASE SAVEPOINT cqrs_consumer_lock; SELECT set_config('lock_timeout', '0', true)",
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl ProjectionStore for PgProjectionStore {
     type Unit = PgProjectionUnit;
@@ -82,19 +145,39 @@ impl ProjectionStore for PgProjectionStore {
     /// while it waits, sqlx rolls the transaction back before the connection goes back to
     /// the pool. (Sent as one `BEGIN; SELECT pg_advisory_xact_lock(..)` query, a failure
     /// there left the pooled connection inside an aborted or open transaction.)
+    ///
+    /// A lock another unit holds is waited for on a task of its own, in slices (see
+    /// [`wait_for_lock`]): a caller that gives up (a relay's store timeout, a readiness
+    /// probe's deadline) leaves the wait to end at the slice's end, and the connection then
+    /// goes back to the pool, instead of staying out of it until the holder commits.
     async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
         let mut tx = crate::sql::begin(&self.db.pool)
             .await
             .map_err(|e| self.db.store_error(e))?;
         // The key is a number computed here, not text from the caller: safe to inline.
-        let lock = format!(
-            "SELECT pg_advisory_xact_lock({})",
-            self.db.sql.consumer_lock(consumer)
-        );
-        sqlx::query(AssertSqlSafe(lock))
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
+        let key = self.db.sql.consumer_lock(consumer);
+        // Free (the usual case): taken in one round trip, as a plain wait would.
+        let taken: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT pg_try_advisory_xact_lock({key})"
+        )))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        if !taken {
+            use tracing::Instrument;
+            let (locked, caller) = tokio::sync::oneshot::channel();
+            let wait = async move {
+                let waited = wait_for_lock(&mut tx, key, &locked).await;
+                // A caller gone meanwhile drops the unit here: rolled back, lock released.
+                let _ = locked.send(waited.map(|()| tx));
+            };
+            tokio::spawn(wait.in_current_span());
+            tx = match caller.await {
+                Ok(waited) => waited.map_err(store_error)?,
+                // The runtime is shutting down.
+                Err(_) => return Err(store_error(sqlx::Error::WorkerCrashed)),
+            };
+        }
         Ok(PgProjectionUnit { tx })
     }
 

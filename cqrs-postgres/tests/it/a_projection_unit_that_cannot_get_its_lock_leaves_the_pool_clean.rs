@@ -1,6 +1,7 @@
 //! A projection unit whose lock wait fails (a statement timeout) or is given up (the caller
 //! drops it) leaves no aborted or open transaction on the pooled connection: the next user of
-//! that connection works normally.
+//! that connection works normally; one given up while the holder still works gives its
+//! connection back within a second.
 
 use crate::support::{database_url, pg_test};
 use cqrs_core::ports::ProjectionStore;
@@ -43,5 +44,65 @@ pg_test! {
             .expect("begin");
         holder_store.commit(unit).await.expect("commit");
         timed_db.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A caller that gives up waiting for the consumer's lock (a relay's store timeout, a
+    /// readiness probe's own deadline) gives its pooled connection back while the lock's
+    /// holder still works: given-up waits must not use up the pool.
+    async fn a_lock_wait_given_up_frees_its_connection_while_the_holder_works(db: PgDatabase) {
+        let holder_store = PgProjectionStore::new(db.clone());
+        let small = PgOptions::new(database_url())
+            .schema(db.schema())
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .expect("connect");
+        let waiting = PgProjectionStore::new(small.clone());
+        let holder = holder_store.begin("c").await.expect("begin");
+        for _ in 0..3 {
+            let gave_up =
+                tokio::time::timeout(Duration::from_millis(100), waiting.begin("c")).await;
+            assert!(gave_up.is_err(), "still waiting for the lock");
+        }
+        let one = sqlx::query_scalar::<_, i32>(AssertSqlSafe("SELECT 1".to_owned()))
+            .fetch_one(small.pool())
+            .await
+            .expect("a connection of the pool, while the holder still holds the lock");
+        assert_eq!(one, 1);
+        holder_store.commit(holder).await.expect("commit the holder");
+        small.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A wait longer than one slice still ends with the lock, once the holder commits; the
+    /// unit then holds it, and its own statements have the session's `lock_timeout` back.
+    async fn a_long_lock_wait_gets_the_lock_once_the_holder_commits(db: PgDatabase) {
+        let store = PgProjectionStore::new(db.clone());
+        let holder = store.begin("c").await.expect("begin");
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.begin("c").await }
+        });
+        // Past the first slice (a second), then the holder lets go.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert!(!waiter.is_finished(), "the waiter waits while the lock is held");
+        store.commit(holder).await.expect("commit the holder");
+        let mut unit = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter gets the lock")
+            .unwrap()
+            .expect("begin");
+        let lock_timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+            .fetch_one(unit.connection())
+            .await
+            .unwrap();
+        assert_eq!(lock_timeout, "0");
+        let third = tokio::time::timeout(Duration::from_millis(200), store.begin("c")).await;
+        assert!(third.is_err(), "the waiter holds the lock now");
+        store.commit(unit).await.expect("commit");
     }
 }
