@@ -342,6 +342,13 @@ impl PgDatabase {
                  options (`PgConnectOptions::options`), or build the pool with `PgOptions`"
             )]));
         }
+        // The pool's `statement_timeout` bounds commands, not a migration: the wait for another
+        // instance's (sqlx's lock) or an index built on a large table may take longer, and
+        // would fail every start. This session is closed after the run.
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut *conn)
+            .await
+            .map_err(store_error)?;
         migrator.run(&mut *conn).await.map_err(failed)
     }
 

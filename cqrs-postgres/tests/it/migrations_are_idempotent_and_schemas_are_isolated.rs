@@ -97,3 +97,64 @@ async fn a_failed_migration_does_not_keep_the_migration_lock() {
     })
     .await;
 }
+
+/// sqlx's migration lock: a database-wide advisory lock keyed by the CRC-32 of the database's
+/// name (`sqlx-postgres`'s `generate_lock_id`).
+fn migration_lock_id(database: &str) -> i64 {
+    let mut crc = !0u32;
+    for byte in database.bytes() {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    0x3d32_ad9e * i64::from(!crc)
+}
+
+/// The pool's `statement_timeout` bounds commands, not a migration: an instance that starts
+/// while another migrates waits for it, and then migrates, where it failed with a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_timeout_does_not_bound_the_wait_for_another_migration() {
+    if !postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let id = cqrs_core::testing::test_id("migrate_waits");
+        let db = options(&id)
+            .statement_timeout(Some(Duration::from_millis(300)))
+            .connect()
+            .await
+            .unwrap();
+        // Another instance's migration, as far as the lock goes: held for a second.
+        let mut other = db.pool().acquire().await.unwrap().detach();
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&mut other)
+            .await
+            .unwrap();
+        sqlx::query("SET statement_timeout = 0")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(migration_lock_id(&database))
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let lock = migration_lock_id(&database);
+        let (migrated, ()) = tokio::join!(db.migrate(), async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(lock)
+                .execute(&mut other)
+                .await
+                .unwrap();
+        });
+        migrated.expect("migrated once the other instance was done");
+        db.drop_schema().await.unwrap();
+    })
+    .await;
+}
