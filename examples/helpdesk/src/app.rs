@@ -146,7 +146,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         Some(url) => tracing::info!(
             database = %crate::config::redacted_url(url),
             schema = %config.database_schema,
-            redis = %config.redis_url.as_deref().map_or("none (one instance only)".into(), crate::config::redacted_url),
+            redis = %config.redis_url.as_deref().map_or("none (one instance only)".into(), crate::config::redacted_redis_url),
             "backends: Postgres{}",
             if config.redis_url.is_some() { " and Redis" } else { "" }
         ),

@@ -247,7 +247,9 @@ const SECRET_FLAGS: [SecretFlag; 4] = [
         holds_password(c.database_url.as_deref())
     }),
     ("redis_url", "REDIS_URL", |c| {
-        holds_password(c.redis_url.as_deref())
+        c.redis_url
+            .as_deref()
+            .is_some_and(|url| redacted_redis_url(url) != url)
     }),
     ("jwt_secret", "HELPDESK_JWT_SECRET", |c| {
         c.jwt_secret.is_some()
@@ -316,6 +318,17 @@ impl Default for Config {
 /// client decodes it (`pass%77ord=` is a password too), and any key naming a password is
 /// redacted (`sslpassword=`).
 pub(crate) fn redacted_url(url: &str) -> String {
+    redacted(url, false)
+}
+
+/// [`redacted_url`] for a Redis URL, which hides a lone user name too: `redis://secret@host`
+/// is a common slip for `redis://:secret@host` (a password with no user), as cqrs-redis's own
+/// logs take it.
+pub(crate) fn redacted_redis_url(url: &str) -> String {
+    redacted(url, true)
+}
+
+fn redacted(url: &str, lone_user_is_secret: bool) -> String {
     let (url, query) = url
         .split_once('?')
         .map_or((url, None), |(u, q)| (u, Some(q)));
@@ -328,10 +341,10 @@ pub(crate) fn redacted_url(url: &str) -> String {
             .collect::<Vec<_>>()
             .join("&")
     });
-    let redacted = redacted_authority(url);
+    let shown = redacted_authority(url, lone_user_is_secret);
     match query {
-        Some(query) => format!("{redacted}?{query}"),
-        None => redacted,
+        Some(query) => format!("{shown}?{query}"),
+        None => shown,
     }
 }
 
@@ -342,12 +355,15 @@ fn names_a_password(key: &str) -> bool {
         .any(|(name, _)| name.to_ascii_lowercase().contains("password"))
 }
 
-fn redacted_authority(url: &str) -> String {
+fn redacted_authority(url: &str, lone_user_is_secret: bool) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     match authority.rsplit_once('@') {
+        Some((userinfo, host)) if lone_user_is_secret && !userinfo.contains(':') => {
+            format!("{scheme}://***@{host}{path}")
+        }
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
             let password = if userinfo.contains(':') { ":***" } else { "" };
@@ -367,7 +383,10 @@ impl std::fmt::Debug for Config {
                 "database_url",
                 &self.database_url.as_deref().map(redacted_url),
             )
-            .field("redis_url", &self.redis_url.as_deref().map(redacted_url))
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(redacted_redis_url),
+            )
             .field("redis_tls_ca_file", &self.redis_tls_ca_file)
             .field("redis_tls_cert_file", &self.redis_tls_cert_file)
             .field("redis_tls_key_file", &self.redis_tls_key_file)

@@ -154,6 +154,7 @@ pub(crate) fn router(state: State) -> Router {
                     header::AUTHORIZATION,
                     header::COOKIE,
                 ]))
+                .layer(middleware::map_request(drop_unusable_request_id))
                 .layer(SetRequestIdLayer::new(X_REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -193,6 +194,24 @@ pub(crate) fn router(state: State) -> Router {
         )
         // Outermost: it sees every answer, the timeout's 503 and the body limit's 413 too.
         .layer(middleware::from_fn(record_metrics))
+}
+
+/// The longest `X-Request-Id` a client's request keeps (a UUID takes 36).
+pub(crate) const MAX_REQUEST_ID: usize = 128;
+
+/// Takes away a client's `X-Request-Id` that is too long or not printable ASCII, so that the
+/// server makes one: echoed on the response and written in each log line of the request, an
+/// 8 KB id would make a response header a proxy refuses (nginx answers 502 past its 4 – 8 KB
+/// header buffer), and its log lines as long.
+async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let unusable = request.headers().get(X_REQUEST_ID).is_some_and(|id| {
+        let id = id.as_bytes();
+        id.is_empty() || id.len() > MAX_REQUEST_ID || !id.iter().all(|b| b.is_ascii_graphic())
+    });
+    if unusable {
+        request.headers_mut().remove(X_REQUEST_ID);
+    }
+    request
 }
 
 /// A run (`/ready`'s health checks) that callers share: runs go one at a time, and a caller

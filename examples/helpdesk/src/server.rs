@@ -180,7 +180,13 @@ fn connection_limit(config: &Config) -> usize {
             1024
         }
     };
-    let kept = RESERVED_FILES + u64::from(config.database_max_connections);
+    // The pool's connections only on Postgres: in memory the setting is unused (and
+    // unchecked), and must not shrink the clients' share.
+    let pool = config
+        .database_url
+        .as_ref()
+        .map_or(0, |_| u64::from(config.database_max_connections));
+    let kept = RESERVED_FILES + pool;
     let limit = match config.max_connections {
         Some(limit) => u64::from(limit),
         None => files.saturating_sub(kept).max(16),
@@ -350,5 +356,31 @@ fn requests_by(deadline: Instant, grace: Duration) -> Instant {
 async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, left: Duration) {
     if let Err(e) = runtime.shutdown(left).await {
         tracing::warn!(error = %e, "workers did not stop in time");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In memory the Postgres pool's size is unused: it does not shrink the clients' share of
+    /// the open files; on Postgres it does.
+    #[test]
+    fn the_pool_size_counts_against_the_files_on_postgres_only() {
+        let files = rlimit::increase_nofile_limit(u64::MAX).unwrap();
+        let memory = Config {
+            database_max_connections: 1_000_000,
+            max_connections: None,
+            ..Config::default()
+        };
+        let expected = files.saturating_sub(RESERVED_FILES).max(16);
+        assert_eq!(connection_limit(&memory) as u64, expected);
+        let postgres = Config {
+            database_url: Some("postgres://app@db/helpdesk".into()),
+            database_max_connections: 100,
+            ..memory
+        };
+        let expected = files.saturating_sub(RESERVED_FILES + 100).max(16);
+        assert_eq!(connection_limit(&postgres) as u64, expected);
     }
 }

@@ -133,6 +133,30 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             generated.headers().get("x-request-id").is_some(),
             "and are made when missing"
         );
+        // Too long, or not printable: replaced by one the server makes (a UUID).
+        for unusable in ["a".repeat(129), "two words".to_owned()] {
+            let replaced = s
+                .http
+                .get(s.url("/health"))
+                .header("x-request-id", unusable.as_str())
+                .send()
+                .await
+                .unwrap();
+            let id = replaced.headers()["x-request-id"].to_str().unwrap();
+            assert!(
+                uuid::Uuid::parse_str(id).is_ok(),
+                "{unusable:?} answered with {id:?}"
+            );
+        }
+        let longest = "b".repeat(128);
+        let kept = s
+            .http
+            .get(s.url("/health"))
+            .header("x-request-id", longest.as_str())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(kept.headers()["x-request-id"], longest.as_str());
         s.stop().await;
     })
     .await;

@@ -104,6 +104,22 @@ fn debug_output_leaves_secrets_out() {
         shown.contains("postgres://app:***@db.internal:5432/helpdesk"),
         "{shown}"
     );
+    // A lone user name in a Redis URL is most often a password written in its place.
+    let redis = helpdesk::Config {
+        redis_url: Some("redis://hunter6secret@redis.internal:6379/2".into()),
+        database_url: Some("postgres://app@db.internal/helpdesk".into()),
+        ..helpdesk::Config::default()
+    };
+    let shown = format!("{redis:?}");
+    assert!(!shown.contains("hunter6secret"), "{shown}");
+    assert!(
+        shown.contains("redis://***@redis.internal:6379/2"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("postgres://app@db.internal/helpdesk"),
+        "{shown}"
+    );
     let in_query = helpdesk::Config {
         database_url: Some(
             "postgres://app@db/helpdesk?sslmode=require&password=hunter3secret".into(),
