@@ -96,7 +96,8 @@ pub struct PgOptions {
     statement_timeout: Option<Duration>,
     idle_in_transaction_timeout: Option<Duration>,
     session_settings: bool,
-    application_name: String,
+    /// `None`: the URL's `application_name`, else `cqrs`.
+    application_name: Option<String>,
     test_before_acquire: bool,
     ping_after_idle: Option<Duration>,
     /// Whether [`from_env`](PgOptions::from_env) fell back to [`DEFAULT_URL`] because
@@ -140,7 +141,7 @@ impl PgOptions {
             statement_timeout: None,
             idle_in_transaction_timeout: Some(Duration::from_secs(60)),
             session_settings: true,
-            application_name: "cqrs".to_owned(),
+            application_name: None,
             test_before_acquire: false,
             ping_after_idle: Some(DEFAULT_PING_AFTER_IDLE),
             default_url: false,
@@ -251,9 +252,10 @@ impl PgOptions {
         self
     }
 
-    /// The `application_name` the server shows in `pg_stat_activity`. Default `cqrs`.
+    /// The `application_name` the server shows in `pg_stat_activity`. Default: the URL's
+    /// `application_name` parameter, else `cqrs`.
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
-        self.application_name = name.into();
+        self.application_name = Some(name.into());
         self
     }
 
@@ -414,7 +416,12 @@ impl PgOptions {
                 if let Some(timeout) = self.statement_timeout {
                     settings.push(("statement_timeout", millis(timeout)));
                 }
-                let connect = connect.application_name(&self.application_name);
+                let name = match (&self.application_name, connect.get_application_name()) {
+                    (Some(name), _) => name.clone(),
+                    (None, Some(from_url)) => from_url.to_owned(),
+                    (None, None) => "cqrs".to_owned(),
+                };
+                let connect = connect.application_name(&name);
                 // No `options` parameter at all when there is nothing to set: some poolers
                 // refuse it outright.
                 Ok(if settings.is_empty() {
@@ -912,6 +919,28 @@ mod tests {
                 .max_lifetime(None)
                 .validate()
                 .is_ok()
+        );
+    }
+
+    /// The URL's `application_name` is kept unless one is set; without either, `cqrs`.
+    #[test]
+    fn the_urls_application_name_is_kept_unless_one_is_set() {
+        let name = |options: PgOptions| {
+            options
+                .checked()
+                .unwrap()
+                .get_application_name()
+                .map(str::to_owned)
+        };
+        let url = "postgres://u@h/db?application_name=billing";
+        assert_eq!(name(PgOptions::new(url)).as_deref(), Some("billing"));
+        assert_eq!(
+            name(PgOptions::new(url).application_name("set")).as_deref(),
+            Some("set")
+        );
+        assert_eq!(
+            name(PgOptions::new("postgres://u@h/db")).as_deref(),
+            Some("cqrs")
         );
     }
 }

@@ -157,16 +157,23 @@ pub(crate) fn checked_event(row: &PgRow) -> Result<EventRecord, RowError> {
     let payload: serde_json::Value = column(row, "payload")?;
     let Json(metadata): Json<RecordMetadata> = column(row, "metadata")?;
     let partition_key: Option<String> = column(row, "partition_key")?;
-    Ok(EventRecord::new(
-        event_id,
-        event_type,
-        u32::try_from(schema_version).unwrap_or(0),
-        payload,
-        metadata,
+    // Only a row written around the append functions holds a negative one: read as 0, it
+    // would be upcast from the wrong version.
+    let schema_version = u32::try_from(schema_version).map_err(|_| {
+        RowError::Content(StoreError::Codec(
+            format!(
+                "event {event_id} has the schema version {schema_version}, below zero: the row \
+                 was written around this crate's append functions"
+            )
+            .into(),
+        ))
+    })?;
+    Ok(
+        EventRecord::new(event_id, event_type, schema_version, payload, metadata)
+            .with_partition_key(partition_key)
+            .with_stream(stream_id, to_u64(stream_version))
+            .with_position(Position::new(to_u64(position))),
     )
-    .with_partition_key(partition_key)
-    .with_stream(stream_id, to_u64(stream_version))
-    .with_position(Position::new(to_u64(position))))
 }
 
 /// Positions, versions and counts are never negative in the tables; a negative one reads as 0.

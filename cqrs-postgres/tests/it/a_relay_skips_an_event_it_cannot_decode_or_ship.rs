@@ -220,3 +220,21 @@ pg_test! {
         assert_eq!(shipped, [1, 2]);
     }
 }
+
+pg_test! {
+    /// A negative schema version (a row changed around the append functions) is a row that
+    /// cannot be decoded, not version 0: read as 0, the event would be upcast from the wrong
+    /// version.
+    async fn a_negative_schema_version_cannot_be_decoded(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let update = format!("UPDATE \"{}\".events SET schema_version = -1", db.schema());
+        sqlx::query(AssertSqlSafe(update)).execute(db.pool()).await.unwrap();
+        let error = store.load("s", 0).await.unwrap_err();
+        assert!(
+            matches!(error, cqrs_core::ports::StoreError::Codec(_)),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("-1"), "{error}");
+    }
+}
