@@ -291,6 +291,8 @@ enum SnapshotMismatch {
     Version { found: u64, wanted: u32 },
     #[error("it no longer decodes: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("it is at stream version 0, so it includes no event")]
+    NoEvent,
 }
 
 /// `state` as stored: alone at snapshot version 1, else under its version.
@@ -482,10 +484,10 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Rebuilds the aggregate from its snapshot (if any) and events. Fails with
     /// [`AggregateError::UnknownEvent`] or [`AggregateError::ForeignEvent`] on an event it
-    /// cannot apply. A snapshot that cannot be loaded or decoded, or whose last event the
-    /// stream no longer has at its version (events restored from a backup older than the
-    /// snapshots; for a snapshot that names no event, a stream shorter than its version), is
-    /// logged and passed over: the whole stream is replayed.
+    /// cannot apply. A snapshot that cannot be loaded or decoded, one at version 0, or one
+    /// whose last event the stream no longer has at its version (events restored from a
+    /// backup older than the snapshots; for a snapshot that names no event, a stream shorter
+    /// than its version), is logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
         let stream = Self::stream_id(id);
         let (mut state, mut version) = (A::default(), 0);
@@ -501,12 +503,13 @@ impl<A: Aggregate> AggregateRepository<A> {
                 }
             }
         {
-            match (snapshots.decode)(snapshot.state) {
-                // Of no event: the repository never saves one, and its state would have the
-                // whole stream replayed on top of it.
-                Ok(_) if snapshot.version == 0 => {
-                    tracing::warn!(stream = %stream, "ignoring a snapshot at version 0; replaying the whole stream")
-                }
+            // Of no event (the repository never saves one): not even decoded, as its state
+            // would have the whole stream replayed on top of it.
+            let decoded = match snapshot.version {
+                0 => Err(SnapshotMismatch::NoEvent),
+                _ => (snapshots.decode)(snapshot.state),
+            };
+            match decoded {
                 Ok(s) => {
                     (state, version) = (s, snapshot.version);
                     last_event_id = snapshot.last_event_id;

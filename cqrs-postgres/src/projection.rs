@@ -174,7 +174,8 @@ impl ProjectionStore for PgProjectionStore {
             tokio::spawn(wait.in_current_span());
             tx = match caller.await {
                 Ok(waited) => waited.map_err(store_error)?,
-                // The runtime is shutting down.
+                // The task ended without an answer: the runtime is shutting down (or the
+                // wait panicked).
                 Err(_) => return Err(store_error(sqlx::Error::WorkerCrashed)),
             };
         }

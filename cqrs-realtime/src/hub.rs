@@ -579,8 +579,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// Completes once no connection is open (immediately when none is). After
     /// [`shutdown`](Self::shutdown), wait on this (with a deadline) so clients get their
     /// close frames before the process exits; once the hub is stopping, it also ends the
-    /// upstream subscriptions kept for [`upstream_linger`](HubOptions::upstream_linger)
-    /// before it completes, so none is left behind.
+    /// upstream subscriptions kept for [`upstream_linger`](HubOptions::upstream_linger), and
+    /// waits until every channel's upstream subscription is gone (those the closing
+    /// connections released too), so none is left behind. Any number of callers wait alike.
     pub async fn closed(&self) {
         self.connections_closed().await;
         if self.inner.is_stopping() {

@@ -68,10 +68,26 @@ struct Shared {
     live: AtomicUsize,
     /// Channels within their linger (with a linger task).
     lingering: AtomicUsize,
-    /// Pump tasks aborted and maybe not gone yet: each holds its channel's subscription until
-    /// the runtime drops it. `end_lingering` waits for them; finished ones are pruned as more
-    /// come.
-    ending: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// How many pump tasks exist: each holds its channel's upstream subscription until the
+    /// runtime drops it, which for an aborted one comes a moment after the abort.
+    /// `end_lingering` waits for none to be left.
+    pumps: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts a pump task for as long as its future exists (run, aborted or finished).
+struct PumpAlive(tokio::sync::watch::Sender<usize>);
+
+impl PumpAlive {
+    fn new(pumps: &tokio::sync::watch::Sender<usize>) -> Self {
+        pumps.send_modify(|n| *n += 1);
+        Self(pumps.clone())
+    }
+}
+
+impl Drop for PumpAlive {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl<P: Send + Sync + 'static> Upstreams<P> {
@@ -143,7 +159,8 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
             let subscription = self.pubsub.subscribe(&full).await?;
             tracing::debug!(channel = %full, "realtime hub subscribed upstream");
             let stopped = Arc::new(AtomicBool::new(false));
-            let task = tokio::spawn(pump(
+            let alive = PumpAlive::new(&self.shared.pumps);
+            let pumping = pump(
                 subscription,
                 self.pubsub.clone(),
                 full,
@@ -151,7 +168,11 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
                 self.registry.clone(),
                 self.metrics.clone(),
                 stopped.clone(),
-            ));
+            );
+            let task = tokio::spawn(async move {
+                let _alive = alive;
+                pumping.await;
+            });
             state.live = Some(Live { task, stopped });
             state.refs = 1;
             self.shared.live.fetch_add(1, Ordering::SeqCst);
@@ -198,9 +219,11 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
 
     /// Ends, now, the upstream subscription of every channel that no one holds (those within
     /// their linger): for a hub that stopped, whose `closed()` must leave none behind. Returns
-    /// once their tasks are gone, and with them the subscriptions they held (an aborted task
-    /// is dropped, subscription included, by the runtime a moment later), as are the tasks of
-    /// channels unsubscribed before (a last subscription released while the hub stops).
+    /// once no channel's task is left, and with them the subscriptions they held (an aborted
+    /// task is dropped, subscription included, by the runtime a moment later): those ended
+    /// here, those whose last subscription was released while the hub stopped, and those a
+    /// connection that ended by a panic still releases on a task of its own. Any number of
+    /// callers wait alike.
     pub(crate) async fn end_lingering(&self) {
         for (channel, slot) in self.shared.slots() {
             let mut state = slot.lock().await;
@@ -208,11 +231,9 @@ impl<P: Send + Sync + 'static> Upstreams<P> {
                 self.shared.unsubscribe(&mut state, &channel, &slot);
             }
         }
-        let ended = std::mem::take(&mut *self.shared.ending());
-        for task in ended {
-            // Aborted: it ends as cancelled (or had ended already).
-            let _ = task.await;
-        }
+        let mut pumps = self.shared.pumps.subscribe();
+        // The sender lives in `shared`, which `self` holds: the wait cannot fail.
+        let _ = pumps.wait_for(|alive| *alive == 0).await;
     }
 
     /// How many channels the hub is subscribed to (lingering ones included).
@@ -246,10 +267,6 @@ impl Shared {
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn ending(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
-        self.ending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes `slot` out of the map, unless another already replaced it.
@@ -287,10 +304,8 @@ impl Shared {
         linger
     }
 
-    /// Ends the upstream subscription of a channel that no one holds, and forgets it. Returns
-    /// the channel's task, aborted, for a caller that must wait until it is gone.
-    /// Ends `channel`'s upstream subscription (its pump task aborted, kept in `ending` until
-    /// it is gone) and takes it out of the map.
+    /// Ends `channel`'s upstream subscription (its pump task aborted: gone, and its
+    /// subscription with it, once the runtime drops it) and takes it out of the map.
     fn unsubscribe(&self, state: &mut ChannelState, channel: &str, slot: &Channel) {
         if let Some(linger) = self.take_linger(state) {
             linger.abort();
@@ -299,9 +314,6 @@ impl Shared {
             live.stopped.store(true, Ordering::SeqCst);
             live.task.abort();
             self.live.fetch_sub(1, Ordering::SeqCst);
-            let mut ending = self.ending();
-            ending.retain(|task| !task.is_finished());
-            ending.push(live.task);
         }
         state.removed = true;
         self.forget(channel, slot);

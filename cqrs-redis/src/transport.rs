@@ -505,7 +505,7 @@ impl RedisStreamTransport {
                 ("type", Value::from(event.event_type.as_str())),
                 ("v", Value::from(i64::from(event.schema_version))),
             ];
-            // An empty key is none, as the script has it.
+            // Here (no key ordering) an empty key is none, as the script has it.
             if let Some(key) = event.partition_key.as_deref().filter(|k| !k.is_empty()) {
                 fields.push(("key", Value::from(key)));
             }
@@ -563,8 +563,9 @@ impl RedisStreamTransport {
 impl HealthCheck for RedisStreamTransport {
     /// `PING` within the command timeout: unhealthy with the reason when it fails; degraded,
     /// naming why, while the last publish failed although Redis answers (out of memory under
-    /// `noeviction`, a demoted primary, `MISCONF`, a missing permission: the outbox then
-    /// backs up); else healthy.
+    /// `noeviction`, a demoted primary, `MISCONF`, a missing permission, a key ordering other
+    /// than the one the topic's first publisher recorded: the outbox then backs up); else
+    /// healthy.
     async fn check(&self) -> Health {
         match self
             .shared

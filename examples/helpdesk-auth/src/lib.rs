@@ -26,7 +26,7 @@ mod users;
 pub use agents::{AgentCode, AgentList};
 pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, normalize_email};
 pub use postgres::{PgLoginThrottle, PgUserStore};
-pub use throttle::{InMemoryLoginThrottle, LoginThrottle};
+pub use throttle::{Attempt, Counted, InMemoryLoginThrottle, LoginThrottle};
 pub use tokens::{JwtTokens, UserAuthenticator};
 pub use users::{CreateUserError, InMemoryUserStore, UserRecord, UserStore};
 

@@ -289,7 +289,8 @@ impl PgLoginThrottle {
 #[async_trait]
 impl LoginThrottle for PgLoginThrottle {
     async fn attempt(&self, key: &str) -> Result<Attempt, StoreError> {
-        // Microseconds, as Postgres keeps them: the take-back finds the row by this instant.
+        // Microseconds, as Postgres keeps them (sqlx would cut them so too): the instant the
+        // take-back finds the row by is the one stored.
         let now = self.clock.now().trunc_subsecs(6);
         let since = self.since(now);
         let mut tx = self.db.begin().await.map_err(|e| self.db.store_error(e))?;

@@ -166,8 +166,8 @@ impl Server {
     }
 }
 
-/// What a server keeps of its open-file limit for itself: the database pool, Redis, the
-/// listener, logs and files it opens.
+/// What a server keeps of its open-file limit for itself, besides the database pool (on
+/// Postgres): Redis, the listener, logs and files it opens.
 const RESERVED_FILES: u64 = 256;
 
 /// The most connections served at once: `HELPDESK_MAX_CONNECTIONS`, or the open-file limit
