@@ -265,11 +265,16 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
         .append(&first, ExpectedVersion::NO_STREAM, vec![again.clone()])
         .await
         .unwrap();
-    // Never a conflict, which would send the caller to decide again with fresh ids.
+    // Never a conflict, which would send the caller to decide again with fresh ids; nor
+    // retryable (`Unavailable`, `Timeout`), which would have it send the duplicate for ever.
     let refused = |error: StoreError, case: &str| {
         assert!(
             !matches!(error, StoreError::Conflict { .. }),
             "{case}: a duplicate event id is no version conflict: {error}"
+        );
+        assert!(
+            !error.kind().is_retryable(),
+            "{case}: a duplicate event id is refused for good, not as retryable: {error}"
         );
     };
     let error = store
@@ -595,6 +600,17 @@ fn nested(n: usize) -> serde_json::Value {
     (0..n).fold(json!(1), |inner, _| json!([inner]))
 }
 
+/// `n` levels, objects and arrays in turn, the outermost an object.
+fn nested_mixed(n: usize) -> serde_json::Value {
+    (0..n).fold(json!(1), |inner, level| {
+        if (n - level) % 2 == 1 {
+            json!({ "a": inner })
+        } else {
+            json!([inner])
+        }
+    })
+}
+
 /// A payload nested more than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH) deep is
 /// refused as [`StoreError::Rejected`] (alone and in a batch, which stores nothing); one at the
 /// bound is stored and loads back.
@@ -604,7 +620,14 @@ pub async fn a_payload_too_deep_to_read_back_is_refused<H: EventStoreHarness>(h:
     let depth = crate::ports::MAX_PAYLOAD_DEPTH;
     let mut deep = record(1);
     deep.payload = nested(depth + 1);
-    for batch in [vec![deep.clone()], vec![record(2), deep]] {
+    // Objects count as arrays do.
+    let mut deep_objects = record(4);
+    deep_objects.payload = nested_mixed(depth + 1);
+    for batch in [
+        vec![deep.clone()],
+        vec![record(2), deep],
+        vec![deep_objects],
+    ] {
         let refused = store
             .append(&stream, ExpectedVersion::Any, batch)
             .await
@@ -624,9 +647,16 @@ pub async fn a_payload_too_deep_to_read_back_is_refused<H: EventStoreHarness>(h:
         .append(&stream, ExpectedVersion::Any, vec![deepest])
         .await
         .expect("a payload at the bound is stored");
+    let mut deepest_objects = record(5);
+    deepest_objects.payload = nested_mixed(depth);
+    store
+        .append(&stream, ExpectedVersion::Any, vec![deepest_objects])
+        .await
+        .expect("a payload of objects and arrays at the bound is stored");
     let loaded = store.load(&stream, 0).await.unwrap();
-    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded.len(), 2);
     assert_eq!(loaded[0].payload, nested(depth), "and loads back whole");
+    assert_eq!(loaded[1].payload, nested_mixed(depth));
 }
 
 /// The late-commit trap, made deterministic: writer A begins and stays open, B appends after

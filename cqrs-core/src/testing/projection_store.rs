@@ -108,11 +108,41 @@ pub async fn an_uncommitted_unit_leaves_no_trace<H: ProjectionStoreHarness>(h: &
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
 }
 
+/// Another consumer beside `c`, with an inbox entry and a checkpoint committed: what `c`'s
+/// saves and resets must leave as it is ([`other_consumer_untouched`]).
+async fn another_consumer<S: ProjectionStore>(store: &S, c: &str) -> (String, Uuid) {
+    let other = format!("{c}-other");
+    let id = Uuid::now_v7();
+    let mut unit = store.begin(&other).await.unwrap();
+    assert!(store.mark_processed(&mut unit, &other, id).await.unwrap());
+    store
+        .save_checkpoint(&mut unit, &other, Position::new(42))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+    (other, id)
+}
+
+/// Whether the consumer [`another_consumer`] made still has its checkpoint and inbox entry.
+async fn other_consumer_untouched<S: ProjectionStore>(store: &S, (other, id): &(String, Uuid)) {
+    let mut unit = store.begin(other).await.unwrap();
+    assert_eq!(
+        store.checkpoint(&mut unit, other).await.unwrap(),
+        Some(Position::new(42)),
+        "another consumer's checkpoint moved"
+    );
+    assert!(
+        !store.mark_processed(&mut unit, other, *id).await.unwrap(),
+        "another consumer's inbox entry is gone"
+    );
+}
+
 /// The checkpoint reads back as committed, and moves with later commits, backwards too; inside
-/// its unit, a save reads back before the commit.
+/// its unit, a save reads back before the commit. It is the consumer's own: another's stays.
 pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarness>(h: &H) {
     let store = h.store();
     let c = h.test_id();
+    let other = another_consumer(&*store, c).await;
     let mut unit = store.begin(c).await.unwrap();
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
     // Up, then down: the last save counts, not the highest (a consumer rewound by hand
@@ -137,6 +167,8 @@ pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarnes
             "the checkpoint is the last one saved"
         );
     }
+    drop(unit);
+    other_consumer_untouched(&*store, &other).await;
 }
 
 /// A second unit of a consumer waits until the first ends.
@@ -233,10 +265,12 @@ async fn units_never_overlap_by_polling<S: ProjectionStore>(
     store.commit(unit).await.unwrap();
 }
 
-/// A committed reset forgets the consumer's inbox and checkpoint.
+/// A committed reset forgets the consumer's inbox and checkpoint, and only its own: rebuilding
+/// one projection must not make another's events take effect twice.
 pub async fn a_reset_forgets_the_inbox_and_the_checkpoint<H: ProjectionStoreHarness>(h: &H) {
     let store = h.store();
     let c = h.test_id();
+    let other = another_consumer(&*store, c).await;
     let id = Uuid::now_v7();
     let mut unit = store.begin(c).await.unwrap();
     store.mark_processed(&mut unit, c, id).await.unwrap();
@@ -251,6 +285,8 @@ pub async fn a_reset_forgets_the_inbox_and_the_checkpoint<H: ProjectionStoreHarn
     let mut unit = store.begin(c).await.unwrap();
     assert_eq!(store.checkpoint(&mut unit, c).await.unwrap(), None);
     assert!(store.mark_processed(&mut unit, c, id).await.unwrap());
+    drop(unit);
+    other_consumer_untouched(&*store, &other).await;
 }
 
 /// A reset is part of its unit: inside it the inbox and checkpoint are gone, and when the

@@ -236,17 +236,34 @@ pub async fn a_group_created_later_sees_earlier_events<H: TransportHarness>(h: &
     assert!(missing.is_empty(), "the late group missed {missing:?}");
 }
 
-/// Two groups each get every event.
+/// Two groups each get every event, and only their topic's.
 pub async fn every_group_sees_every_event<H: TransportHarness>(h: &H) {
     let topic = format!("{}-t3", h.test_id());
     let mut a = consumer(h, &topic, "ga", "a").await;
     let mut b = consumer(h, &topic, "gb", "b").await;
+    // Another topic's events, published first: a transport that mixed topics would hand
+    // them out ahead of this topic's.
+    let elsewhere: Vec<_> = (5..=6).map(|n| event(&format!("k{n}"), n)).collect();
+    h.transport()
+        .publish(&format!("{topic}-other"), &elsewhere)
+        .await
+        .unwrap();
     let events: Vec<_> = (1..=4).map(|n| event(&format!("k{n}"), n)).collect();
     h.transport().publish(&topic, &events).await.unwrap();
+    let ours: HashSet<Uuid> = events.iter().map(|e| e.event_id).collect();
     for (name, c) in [("ga", &mut a), ("gb", &mut b)] {
         let got = drain(c.as_mut(), 4, Duration::from_secs(10)).await;
         let (missing, _) = missing_and_twice(&events, &got);
         assert!(missing.is_empty(), "group {name} missed {missing:?}");
+        let foreign: Vec<u64> = got
+            .iter()
+            .filter(|d| !ours.contains(&d.record.event_id))
+            .map(n_of)
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "group {name} got events of another topic: {foreign:?}"
+        );
     }
 }
 
