@@ -116,6 +116,15 @@ async fn a_ticket_is_assigned_a_bounded_number_of_times() {
             )
             .await;
         assert_eq!(commented.status, StatusCode::CREATED, "{commented:?}");
+        let closed = s
+            .post(
+                &format!("/tickets/{id}/close"),
+                &agent,
+                json!({ "resolution": "settled" }),
+            )
+            .await;
+        assert_eq!(closed.status, StatusCode::OK, "{closed:?}");
+        assert_eq!(closed.body["status"], "closed", "{closed:?}");
         s.stop().await;
     })
     .await;

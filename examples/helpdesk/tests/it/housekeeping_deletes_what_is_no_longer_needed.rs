@@ -37,24 +37,41 @@ async fn expired_idempotency_records_are_purged() {
     };
     within(async {
         let s = TestServer::start_on(backend.clone(), |c| c.purge_interval_ms = 20).await;
-        let (token, _) = s.customer().await;
-        for key in ["k-1", "k-2"] {
-            let created = s
-                .http
-                .post(s.url("/tickets"))
-                .bearer_auth(&token)
-                .header("idempotency-key", key)
-                .json(&json!({ "title": key }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(created.status(), StatusCode::CREATED);
+        let (first_token, user_id) = s.customer().await;
+        let create = |key: &'static str, token: String| {
+            let s = &s;
+            async move {
+                let created = s
+                    .http
+                    .post(s.url("/tickets"))
+                    .bearer_auth(&token)
+                    .header("idempotency-key", key)
+                    .json(&json!({ "title": key }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(created.status(), StatusCode::CREATED);
+            }
+        };
+        create("k-old", first_token).await;
+        s.clock.advance(Duration::from_secs(23 * 3600));
+        // The first token has expired by now; the same user logs in again.
+        let token = s.token_of(&user_id).await;
+        create("k-1", token.clone()).await;
+        create("k-2", token).await;
+        assert_eq!(stored(&backend).await, 3);
+        // Past a day for the first key only: a purge takes it, and the same purge keeps the
+        // two that have not expired (`k-old` gone shows a purge ran).
+        s.clock.advance(Duration::from_secs(2 * 3600));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stored(&backend).await != 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the expired record still stored after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Several purges run meanwhile; nothing has expired yet.
-        let until = tokio::time::Instant::now() + Duration::from_millis(200);
-        while tokio::time::Instant::now() < until {
-            assert_eq!(stored(&backend).await, 2, "kept while not expired");
-        }
+        assert_eq!(stored(&backend).await, 2, "the unexpired records are kept");
         s.clock.advance(Duration::from_secs(25 * 3600));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while stored(&backend).await > 0 {

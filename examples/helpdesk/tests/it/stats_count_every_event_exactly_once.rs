@@ -271,10 +271,32 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
         let c = TestServer::start_on(backend.shared(), |c| c.redis_url = None).await;
         // A ticket opened now is counted once the stats run, past the feed's check: a rebuild
         // would have brought the forgotten one back by then.
-        c.ticket(&customer, "later").await;
+        let later = c.ticket(&customer, "later").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let one_open = json!({ "open": 1, "assigned": 1, "closed": 0 });
         stats_become(&c, &agent, &one_open, "the new ticket counted").await;
         c.stop().await;
+        // The same counts would come of a rebuild that read the store before the new ticket
+        // committed: the rows tell the two apart.
+        async fn has_row(conn: &mut PgConnection, schema: &str, id: &str) -> bool {
+            let row = format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.ticket_stats WHERE ticket_id = '{id}')"
+            );
+            sqlx::query_scalar(AssertSqlSafe(row))
+                .fetch_one(conn)
+                .await
+                .unwrap()
+        }
+        assert!(
+            !has_row(&mut conn, &schema, &ids[1]).await,
+            "the forgotten ticket came back: the stats were rebuilt"
+        );
+        assert!(
+            has_row(&mut conn, &schema, &later).await,
+            "the new ticket is counted"
+        );
 
         // And back to Redis: rebuilt again.
         let d = TestServer::start_on(backend.shared(), |_| {}).await;
