@@ -8,20 +8,32 @@
 #   benches/scripts/instructions_per_dispatch.sh 'command_dispatch/boxed_async_trait$' local
 #
 # The first argument is criterion's filter for one case, group included: it must start with
-# `command_dispatch/` or `query_dispatch/`, end in `$` and hold no `|`. Otherwise the script
+# `command_dispatch/` or `query_dispatch/`, end in `$`, and name the case with letters, digits
+# and `_` only (no other regex). Otherwise the script
 # refuses it: `bus_bare$` would profile both groups' cases and `command_dispatch/bus_bare` also
 # `bus_bare_yielding`, while the dispatches counted are one case's. The second argument `local`
 # counts calls to the baseline's handler (`LocalCommandHandler`, `LocalQueryHandler` for the
 # `query_dispatch` cases) instead of the bus's. Needs valgrind; builds the bench first.
 set -euo pipefail
 case_regex=${1:-}
+case_name=${case_regex#*/}
+case_name=${case_name%\$}
 if [[ ("$case_regex" != command_dispatch/* && "$case_regex" != query_dispatch/*) ||
-      "$case_regex" == *'|'* || "$case_regex" != *'$' ]]; then
+      "$case_regex" != *'$' || ! "$case_name" =~ ^[a-z0-9_]+$ ]]; then
   echo "usage: $0 'command_dispatch/<case>\$' [local]  (or 'query_dispatch/<case>\$')" >&2
-  echo "one case: starting with command_dispatch/ or query_dispatch/, ending in \$, no '|';" \
-    "got: '$case_regex'" >&2
+  echo "one case: starting with command_dispatch/ or query_dispatch/, ending in \$, its name" \
+    "letters, digits and '_' only; got: '$case_regex'" >&2
   exit 2
 fi
+# The script counts calls to the fixture's `handle`: the cases whose handler is another (the
+# `_yielding` ones) or that call the logic without it count none.
+case "$case_name" in
+  *_yielding | direct_await | tower_box_service | mpsc_oneshot_task)
+    echo "$case_name calls no \`handle\` of the counted handler: this script cannot count its" \
+      "dispatches" >&2
+    exit 2
+    ;;
+esac
 if [[ "$case_regex" == query_dispatch/* ]]; then
   fixture=LookupHandler
   trait='cqrs_core::handler::QueryHandler<cqrs_benches::fixtures::Lookup>'
