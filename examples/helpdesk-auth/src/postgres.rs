@@ -496,18 +496,7 @@ mod tests {
         // Below a microsecond too: the row keeps microseconds, and is found all the same.
         clock.advance(Duration::from_nanos(1_234_567));
         let throttle = PgLoginThrottle::new(db.clone(), clock.clone(), 2, Duration::from_secs(60));
-        let Attempt::Counted(first) = throttle.attempt("k").await.unwrap() else {
-            panic!("blocked")
-        };
-        clock.advance(Duration::from_secs(30));
-        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
-        throttle.take_back("k", first).await.unwrap();
-        clock.advance(Duration::from_secs(31));
-        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
-        assert!(
-            throttle.attempt("k").await.unwrap().retry_after().is_some(),
-            "the failure was taken back in place of the first attempt"
-        );
+        crate::throttle::a_take_back_keeps_a_later_failure(&throttle, &clock).await;
         db.drop_schema().await.unwrap();
     }
 

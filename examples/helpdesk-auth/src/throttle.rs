@@ -320,6 +320,29 @@ pub(crate) fn retry_after(left: chrono::Duration) -> u64 {
     .max(1)
 }
 
+/// With `throttle` allowing 2 attempts a minute on `clock`: an attempt taken back after a
+/// later failure was counted leaves that failure in the window. Run on every throttle.
+#[cfg(test)]
+pub(crate) async fn a_take_back_keeps_a_later_failure(
+    throttle: &dyn LoginThrottle,
+    clock: &cqrs_core::clock::ManualClock,
+) {
+    let Attempt::Counted(first) = throttle.attempt("k").await.unwrap() else {
+        panic!("blocked")
+    };
+    clock.advance(Duration::from_secs(30));
+    // A failure, counted while the first attempt is still in flight.
+    assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+    throttle.take_back("k", first).await.unwrap();
+    clock.advance(Duration::from_secs(31));
+    // The failure, counted at 30 s, stays in the window until 90 s.
+    assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
+    assert!(
+        throttle.attempt("k").await.unwrap().retry_after().is_some(),
+        "the failure was taken back in place of the first attempt"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,20 +422,7 @@ mod tests {
         let clock = ManualClock::new();
         let throttle =
             InMemoryLoginThrottle::new(Arc::new(clock.clone()), 2, Duration::from_secs(60));
-        let Attempt::Counted(first) = throttle.attempt("k").await.unwrap() else {
-            panic!("blocked")
-        };
-        clock.advance(Duration::from_secs(30));
-        // A failure, counted while the first attempt is still in flight.
-        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
-        throttle.take_back("k", first).await.unwrap();
-        clock.advance(Duration::from_secs(31));
-        // The failure, counted at 30 s, stays in the window until 90 s.
-        assert_eq!(throttle.attempt("k").await.unwrap().retry_after(), None);
-        assert!(
-            throttle.attempt("k").await.unwrap().retry_after().is_some(),
-            "the failure was taken back in place of the first attempt"
-        );
+        a_take_back_keeps_a_later_failure(&throttle, &clock).await;
 
         // An attempt that left the window before its take-back: nothing else goes.
         let throttle =
