@@ -33,7 +33,8 @@ pub const TEST_AGGREGATE_ID: &str = "test";
 /// `event` as the repository hands it to [`Aggregate::apply_with`]: serialized into a record,
 /// stored at `version` in the test aggregate's stream, decoded through the aggregate's event
 /// types. A member that does not survive the trip (a field serde skips, a name another member
-/// shares) fails the test here, not in production.
+/// shares) fails the test here, not in production. With no event store there is no global
+/// position: the envelope's `position()` is `None`, where the repository's has the store's.
 #[track_caller]
 fn replayed<A: Aggregate>(
     event: A::Event,

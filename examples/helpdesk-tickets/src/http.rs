@@ -389,8 +389,9 @@ async fn list(
     };
     let limit = match param("limit") {
         None => 20,
+        // Digits only: `parse` would also take a leading `+`.
         Some(raw) => match raw.parse::<usize>() {
-            Ok(n) if (1..=100).contains(&n) => n,
+            Ok(n) if (1..=100).contains(&n) && raw.bytes().all(|b| b.is_ascii_digit()) => n,
             _ => return Err(bad_query("limit", "must be a whole number from 1 to 100")),
         },
     };

@@ -251,6 +251,7 @@ async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
             "limit=101",
             "limit=ten",
             "limit=-1",
+            "limit=%2B5",
             "limit=1.5",
             "status=pending",
             "priority=meh",
