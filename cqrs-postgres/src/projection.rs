@@ -146,10 +146,11 @@ impl ProjectionStore for PgProjectionStore {
     /// the pool. (Sent as one `BEGIN; SELECT pg_advisory_xact_lock(..)` query, a failure
     /// there left the pooled connection inside an aborted or open transaction.)
     ///
-    /// A lock another unit holds is waited for on a task of its own, in slices (see
-    /// [`wait_for_lock`]): a caller that gives up (a relay's store timeout, a readiness
-    /// probe's deadline) leaves the wait to end at the slice's end, and the connection then
-    /// goes back to the pool, instead of staying out of it until the holder commits.
+    /// A lock another unit holds is waited for on a task of its own, in statements of a
+    /// second at most (`lock_timeout`, in a savepoint): a caller that gives up (a relay's
+    /// store timeout, a readiness probe's deadline) leaves the wait to end at the slice's
+    /// end, and the connection then goes back to the pool, instead of staying out of it until
+    /// the holder commits.
     async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
         let mut tx = crate::sql::begin(&self.db.pool)
             .await
