@@ -117,8 +117,12 @@ async fn wrong_agent_codes_from_one_address_get_429_but_not_another_address() {
 }
 
 /// A user store two servers share, so that a server restarted with another agent list sees
-/// the same users (in memory as on Postgres).
-fn sharing(users: &InMemoryUserStore) -> Hooks {
+/// the same users: in memory, `users`; on Postgres, the shared schema's own (`PgUserStore`),
+/// so nothing is provided.
+fn sharing(users: &InMemoryUserStore, backend: &Backend) -> Hooks {
+    if *backend != Backend::Memory {
+        return Hooks::default();
+    }
     let users: Arc<dyn UserStore> = Arc::new(users.clone());
     Hooks {
         provide: vec![Arc::new(move |registrar| {
@@ -134,15 +138,17 @@ fn sharing(users: &InMemoryUserStore) -> Hooks {
 async fn an_agent_taken_off_the_list_is_a_customer_at_the_next_request() {
     within(async {
         let users = InMemoryUserStore::default();
-        let before =
-            TestServer::start_with_hooks(Backend::from_env().await, sharing(&users), |_| {}).await;
+        let backend = Backend::from_env().await;
+        let hooks = sharing(&users, &backend);
+        let before = TestServer::start_with_hooks(backend, hooks, |_| {}).await;
         let (token, id) = before.agent_named("agent2@example.com").await;
         assert_eq!(
             before.get("/tickets/stats", &token).await.status,
             StatusCode::OK
         );
         let backend = before.backend.shared();
-        let after = TestServer::start_with_hooks(backend, sharing(&users), |c| {
+        let hooks = sharing(&users, &backend);
+        let after = TestServer::start_with_hooks(backend, hooks, |c| {
             c.agent_emails = vec!["agent@example.com".into()];
         })
         .await;
