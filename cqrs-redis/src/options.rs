@@ -276,6 +276,21 @@ impl ConnectionOptions {
         asks_for_tls(&self.url)
     }
 
+    /// The URL as this crate shows it in its logs and errors: a password (in the user info or
+    /// a query parameter) replaced by `***`, a user name without a password hidden whole (it
+    /// may be a password put in the wrong place), and nothing past the scheme of a URL that
+    /// does not parse.
+    ///
+    /// ```
+    /// use cqrs_redis::ConnectionOptions;
+    ///
+    /// let options = ConnectionOptions::new("redis://hunter2@cache.internal:6379/2");
+    /// assert_eq!(options.redacted_url(), "redis://***@cache.internal:6379/2");
+    /// ```
+    pub fn redacted_url(&self) -> String {
+        redacted_url(&self.url)
+    }
+
     /// The CA file set with [`tls_ca_file`](Self::tls_ca_file), if any.
     pub fn tls_ca_path(&self) -> Option<&Path> {
         self.tls_ca_file.as_deref()

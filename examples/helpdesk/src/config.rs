@@ -313,22 +313,17 @@ impl Default for Config {
     }
 }
 
+/// A Redis URL as cqrs-redis shows it, which hides a lone user name too:
+/// `redis://secret@host` is a common slip for `redis://:secret@host`.
+pub(crate) fn redacted_redis_url(url: &str) -> String {
+    cqrs_redis::ConnectionOptions::new(url).redacted_url()
+}
+
 /// A URL with its password, if any (in the user info, or a `password=` query parameter as
 /// Postgres URLs may carry), replaced by `***`. A query key is compared once decoded, as the
 /// client decodes it (`pass%77ord=` is a password too), and any key naming a password is
 /// redacted (`sslpassword=`).
 pub(crate) fn redacted_url(url: &str) -> String {
-    redacted(url, false)
-}
-
-/// [`redacted_url`] for a Redis URL, which hides a lone user name too: `redis://secret@host`
-/// is a common slip for `redis://:secret@host` (a password with no user), as cqrs-redis's own
-/// logs take it.
-pub(crate) fn redacted_redis_url(url: &str) -> String {
-    redacted(url, true)
-}
-
-fn redacted(url: &str, lone_user_is_secret: bool) -> String {
     let (url, query) = url
         .split_once('?')
         .map_or((url, None), |(u, q)| (u, Some(q)));
@@ -341,10 +336,10 @@ fn redacted(url: &str, lone_user_is_secret: bool) -> String {
             .collect::<Vec<_>>()
             .join("&")
     });
-    let shown = redacted_authority(url, lone_user_is_secret);
+    let redacted = redacted_authority(url);
     match query {
-        Some(query) => format!("{shown}?{query}"),
-        None => shown,
+        Some(query) => format!("{redacted}?{query}"),
+        None => redacted,
     }
 }
 
@@ -355,15 +350,12 @@ fn names_a_password(key: &str) -> bool {
         .any(|(name, _)| name.to_ascii_lowercase().contains("password"))
 }
 
-fn redacted_authority(url: &str, lone_user_is_secret: bool) -> String {
+fn redacted_authority(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     match authority.rsplit_once('@') {
-        Some((userinfo, host)) if lone_user_is_secret && !userinfo.contains(':') => {
-            format!("{scheme}://***@{host}{path}")
-        }
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
             let password = if userinfo.contains(':') { ":***" } else { "" };
@@ -857,5 +849,27 @@ impl Config {
     /// The time a client has to send a request's line and headers (at least 1 ms).
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Redis URL counts as holding a secret when cqrs-redis's redaction changes it: only for
+    /// a password or a lone user name, never by reshaping a URL without one.
+    #[test]
+    fn a_redis_url_holds_a_secret_only_with_a_password_or_a_lone_user() {
+        for plain in [
+            "redis://127.0.0.1:6379",
+            "redis://localhost:6379/0",
+            "rediss://Cache.Internal:6380",
+            "redis://default:***@cache:6379",
+        ] {
+            assert_eq!(redacted_redis_url(plain), plain);
+        }
+        for secret in ["redis://:hunter2@cache:6379", "redis://hunter2@cache:6379"] {
+            assert!(!redacted_redis_url(secret).contains("hunter2"), "{secret}");
+        }
     }
 }

@@ -197,7 +197,7 @@ pub(crate) fn router(state: State) -> Router {
 }
 
 /// The longest `X-Request-Id` a client's request keeps (a UUID takes 36).
-pub(crate) const MAX_REQUEST_ID: usize = 128;
+const MAX_REQUEST_ID: usize = 128;
 
 /// Takes away a client's `X-Request-Id` that is too long or not printable ASCII, so that the
 /// server makes one: echoed on the response and written in each log line of the request, an
