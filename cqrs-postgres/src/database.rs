@@ -140,18 +140,19 @@ impl PgDatabase {
         self
     }
 
-    /// How long a [`PgIdempotencyStore::claim`](crate::PgIdempotencyStore) waits while
-    /// another request with the same key and fingerprint holds the key (default 5 s), before
-    /// it fails as [`Unavailable`](StoreError::Unavailable): "still running, retry once it has
-    /// finished" (the retry then replays its response). Zero counts as a millisecond.
+    /// How long a claim of an idempotency key waits while another request with the same key
+    /// and fingerprint holds it (default 5 s), before it fails as
+    /// [`Unavailable`](StoreError::Unavailable) with a
+    /// [`ClaimWaitElapsed`](crate::ClaimWaitElapsed) source: "still running, retry once it has
+    /// finished" (the retry then replays its response). It bounds the claims of
+    /// [`PgIdempotencyStore::claim`](crate::PgIdempotencyStore) and of
+    /// [`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor::execute_idempotent)
+    /// alike. Zero counts as a millisecond.
     ///
     /// The wait is on the server (the key's lock). A caller that gives up cannot stop it, so
     /// the claim runs in a task of its own, which holds a pooled connection until the wait
     /// ends: unbounded, clients retrying a slow request could take every connection of the
-    /// pool. A claim inside a command's own transaction
-    /// ([`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor)) has no bound of
-    /// its own: it waits as long as the key's holder, another command's transaction, runs,
-    /// and a caller that gives up leaves its connection waiting that long.
+    /// pool.
     pub fn with_claim_wait(mut self, wait: Duration) -> Self {
         self.claim_wait = wait.max(Duration::from_millis(1));
         self

@@ -167,24 +167,53 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
         (sqlx::Error::Database(db), Some(wait)) if db.code().as_deref() == Some("55P03") => {
             StoreError::Unavailable {
                 backend: BACKEND,
-                source: Box::new(StillRunning { wait, error }),
+                source: Box::new(ClaimWaitElapsed { wait, error }),
             }
         }
         _ => store_error(error),
     }
 }
 
-/// A claim that waited its whole `claim_wait` for a duplicate's holder.
+/// Why a claim failed as [`StoreError::Unavailable`] after waiting its whole claim wait
+/// ([`PgDatabase::with_claim_wait`]) for the key's holder: usually another request with the
+/// same key and content, still running. A retry once that one has finished replays its
+/// response.
+///
+/// It is the `Unavailable` error's source, so a server can tell a busy key from an
+/// unreachable database by walking an error's sources:
+///
+/// ```
+/// use cqrs_postgres::ClaimWaitElapsed;
+///
+/// fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
+///     let mut next = Some(error);
+///     while let Some(e) = next {
+///         if e.is::<ClaimWaitElapsed>() {
+///             return true;
+///         }
+///         next = e.source();
+///     }
+///     false
+/// }
+/// # let _ = key_in_use;
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[error(
     "waited {wait:?} for a lock, usually another request with this idempotency key and the same \
      content that is still running: retry once it has finished (the retry then gets its \
      response)"
 )]
-struct StillRunning {
+pub struct ClaimWaitElapsed {
     wait: Duration,
     #[source]
     error: sqlx::Error,
+}
+
+impl ClaimWaitElapsed {
+    /// How long the claim waited.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
 }
 
 /// A stored response, from its `status` and `body` columns.

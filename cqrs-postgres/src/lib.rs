@@ -104,7 +104,7 @@ pub use command::{IdempotencyKey, Idempotent, PgCommand, PgCommandExecutor, PgCo
 pub use database::PgDatabase;
 pub use error::{PgError, store_error};
 pub use event_store::PgEventStore;
-pub use idempotency::PgIdempotencyStore;
+pub use idempotency::{ClaimWaitElapsed, PgIdempotencyStore};
 pub use options::{DEFAULT_URL, PgOptions};
 pub use projection::{PgProjectionStore, PgProjectionUnit};
 pub use relay::{Backlog, PgOutboxRelay, RelayBatch, RelayError};

@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnection, Postgres};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// One command's transaction, put in the handler's context by
@@ -179,7 +180,8 @@ impl PgUnitOfWork {
         });
     }
 
-    /// Claims an idempotency key in this transaction (begins it).
+    /// Claims an idempotency key in this transaction (begins it), waiting at most the
+    /// database's claim wait for a duplicate's holder.
     pub(crate) async fn claim(
         &mut self,
         scope: &str,
@@ -187,10 +189,58 @@ impl PgUnitOfWork {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Outcome, StoreError> {
-        // No bound of its own: the command's time limit is the caller's.
-        let (sql, now, wait) = (self.db.sql.clone(), self.db.clock.now(), None);
-        let conn = self.connection().await?;
-        let outcome = claim_on(conn, &sql, wait, scope, key, fingerprint, now, ttl).await?;
+        let db = self.db.clone();
+        // The wait for a connection runs here, so a caller that gives up leaves the pool's
+        // queue; the claim runs in a task of its own, which its caller giving up does not
+        // stop (as `PgIdempotencyStore::claim`'s): its statement may wait on the server for
+        // the key's holder, another command's transaction, and given up in the middle it
+        // would keep its connection busy until that ended. The task ends within the claim
+        // wait, and with nobody to take its transaction back, drops it (rolled back).
+        // `Ok`: the transaction already begun; `Err`: a connection to begin it on.
+        let start = match self.state().tx.take() {
+            Some(tx) => Ok(tx),
+            None => Err(db.pool.acquire().await.map_err(|e| db.store_error(e))?),
+        };
+        let (identity, task_db) = (
+            (scope.to_owned(), key.to_owned(), fingerprint.to_owned()),
+            db.clone(),
+        );
+        let claimed = tokio::spawn(
+            async move {
+                let (scope, key, fingerprint) = identity;
+                let mut tx = match start {
+                    Ok(tx) => tx,
+                    Err(connection) => crate::sql::begin_on(connection)
+                        .await
+                        .map_err(|e| task_db.store_error(e))?,
+                };
+                let (sql, now, wait) = (&task_db.sql, task_db.clock.now(), task_db.claim_wait);
+                let outcome = claim_on(
+                    &mut tx,
+                    sql,
+                    Some(wait),
+                    &scope,
+                    &key,
+                    &fingerprint,
+                    now,
+                    ttl,
+                )
+                .await?;
+                Ok((tx, outcome))
+            }
+            .in_current_span(),
+        );
+        let (tx, outcome) = match claimed.await {
+            Ok(claimed) => claimed?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                return Err(StoreError::Unavailable {
+                    backend: crate::error::BACKEND,
+                    source: format!("the runtime is shutting down: {e}").into(),
+                });
+            }
+        };
+        self.state().tx = Some(tx);
         if let Outcome::New = outcome {
             self.state().claim = Some(ClaimedKey {
                 scope: scope.to_owned(),

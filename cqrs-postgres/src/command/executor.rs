@@ -127,7 +127,9 @@ impl PgCommandExecutor {
     ///
     /// Fails with the handler's error, with a [`StoreError::FingerprintMismatch`] as a handler
     /// error of kind `Invalid` when the key was used for another request, and with an
-    /// unavailable error when Postgres is down. A commit whose answer was lost is a `Timeout`
+    /// unavailable error when Postgres is down, or when a duplicate still running held the key
+    /// for the whole claim wait ([`PgDatabase::with_claim_wait`], 5 s by default; the error's
+    /// source is then a [`ClaimWaitElapsed`](crate::ClaimWaitElapsed)). A commit whose answer was lost is a `Timeout`
     /// (it may have committed: retry with the key). When the bus's event sink refuses the
     /// events a `keep_events(true)` layer kept, this fails with the sink's error although the
     /// command and its response are stored: a retry with the key replays the response, and

@@ -8,6 +8,7 @@ use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 /// A tower layer for the [`CommandBus`](cqrs_core::CommandBus) that runs each command in one
 /// Postgres transaction.
@@ -26,8 +27,11 @@ use tower::{Layer, Service};
 /// or write in the transaction before the command runs.
 ///
 /// A second `PgCommandLayer` on the same path (a plugin's beside the server's) joins the
-/// first one's unit of work, which commits once; one for another schema fails the command with
-/// a [`DispatchError::Middleware`] naming both, before the handler runs.
+/// first one's unit of work, which commits once. One for another schema, or with other
+/// settings ([`stream_for`](Self::stream_for), [`keep_events`](Self::keep_events): only the
+/// first one's would apply), fails the command with a [`DispatchError::Middleware`] saying
+/// so, before the handler runs. Two layers made with `db.command_layer()` alone have the same
+/// settings; so have clones of one layer.
 ///
 /// Recorded events are appended at [`ExpectedVersion::Any`](cqrs_core::ExpectedVersion) to
 /// the stream [`stream_for`](Self::stream_for) names: by default their partition key (set by
@@ -60,9 +64,27 @@ pub struct PgCommandLayer {
 
 struct Config {
     db: PgDatabase,
-    stream_for: Arc<StreamFor>,
+    /// `None`: [`default_stream`].
+    stream_for: Option<Arc<StreamFor>>,
     keep_events: bool,
 }
+
+impl Config {
+    /// Whether a layer with `other` would stage and hand on recorded events as this one does:
+    /// the same `keep_events`, and the default stream rule or the same `stream_for` closure.
+    fn same_settings(&self, other: &Config) -> bool {
+        let same_streams = match (&self.stream_for, &other.stream_for) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        same_streams && self.keep_events == other.keep_events
+    }
+}
+
+/// The settings of the layer running a dispatch's unit of work, for a second layer joining it.
+#[derive(Clone)]
+struct Running(Arc<Config>);
 
 impl std::fmt::Debug for PgCommandLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,7 +108,7 @@ impl PgCommandLayer {
         Self {
             config: Arc::new(Config {
                 db,
-                stream_for: Arc::new(default_stream),
+                stream_for: None,
                 keep_events: false,
             }),
         }
@@ -107,7 +129,7 @@ impl PgCommandLayer {
     /// Names the stream each recorded event is appended to. Default: its partition key, else
     /// its event type.
     pub fn stream_for(self, f: impl Fn(&EventRecord) -> String + Send + Sync + 'static) -> Self {
-        self.with(|c| c.stream_for = Arc::new(f))
+        self.with(|c| c.stream_for = Some(Arc::new(f)))
     }
 
     /// Leaves the recorded events in the reply after storing them, so the bus hands them to
@@ -180,6 +202,15 @@ where
                 );
                 return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
             }
+            let outer_settings = dispatch.extensions().get::<Running>();
+            if !outer_settings.is_some_and(|outer| outer.0.same_settings(&self.config)) {
+                let message = "two PgCommandLayers on one bus with different settings \
+                               (`stream_for`, `keep_events`): the second joins the first one's \
+                               transaction, and only the first one's settings would apply to \
+                               the events the command records; keep one layer, or give both \
+                               the same settings (clones of one layer)";
+                return Box::pin(async move { Err(DispatchError::Middleware(message.into())) });
+            }
             return pass_through(&mut self.inner, dispatch);
         }
         // A unit of work already in the dispatch was opened by the caller
@@ -200,6 +231,9 @@ where
             None => PgUnitOfWork::new(self.config.db.clone()),
         };
         dispatch.extensions_mut().insert(uow.layered());
+        dispatch
+            .extensions_mut()
+            .insert(Running(self.config.clone()));
         let hand_back = dispatch.extensions().get::<HandBack>().cloned();
         // On a handler error or panic the context, and the unit of work with it, is dropped
         // inside the inner future: the transaction rolls back there.
@@ -225,7 +259,11 @@ where
                 .map(EventRecord::from_envelope)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?;
-            uow.stage_recorded(records, config.stream_for.as_ref());
+            let stream_for: &StreamFor = match &config.stream_for {
+                Some(f) => f.as_ref(),
+                None => &default_stream,
+            };
+            uow.stage_recorded(records, stream_for);
             match hand_back {
                 // The executor commits, after it has staged the idempotency response.
                 Some(hand_back) => hand_back.put(uow),
@@ -233,7 +271,7 @@ where
                 // the caller stops waiting (a timeout, a client gone). Dropped half-way, the
                 // outcome would depend on whether COMMIT had reached the server; now a
                 // command whose handler succeeded commits, and its events ship.
-                None => match tokio::spawn(uow.commit()).await {
+                None => match tokio::spawn(uow.commit().in_current_span()).await {
                     Ok(committed) => committed.map_err(store_failure)?,
                     Err(e) if e.is_panic() => {
                         return Err(DispatchError::Handler(HandlerError::internal(e)));

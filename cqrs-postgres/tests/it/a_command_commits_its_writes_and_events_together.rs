@@ -120,7 +120,8 @@ pg_test! {
 
 pg_test! {
     /// Two layers on one bus (a plugin's beside the server's) run the command in one
-    /// transaction; two for different schemas refuse it, and nothing is written.
+    /// transaction; two for different schemas, or with different settings, refuse it, and
+    /// nothing is written.
     async fn a_second_command_layer_joins_the_first(db: PgDatabase) {
         tickets::create_table(&db).await;
         let handler = tickets::OpenTicketHandler::default();
@@ -137,6 +138,39 @@ pg_test! {
         bus.dispatch(tickets::OpenTicket::new("t2", tickets::Then::Fail)).await.unwrap_err();
         assert_eq!(tickets::count(&db).await, 1, "a failure rolls back through both");
 
+        // A second layer with settings of its own would see them ignored: refused instead.
+        let custom = db.command_layer().stream_for(|r| format!("custom-{}", r.event_type));
+        let differing = [
+            (db.command_layer(), db.command_layer().keep_events(true)),
+            (db.command_layer(), custom.clone()),
+            (custom.clone(), db.command_layer().stream_for(|r| format!("custom-{}", r.event_type))),
+        ];
+        for (outer, inner) in differing {
+            let bus = CommandBus::builder()
+                .layer(outer)
+                .layer(inner)
+                .handler(handler.clone())
+                .build()
+                .unwrap();
+            let runs = handler.runs.load(std::sync::atomic::Ordering::SeqCst);
+            let err = bus.dispatch(tickets::OpenTicket::new("t3", tickets::Then::Succeed)).await.unwrap_err();
+            assert!(matches!(err, DispatchError::Middleware(_)), "{err:?}");
+            assert!(err.to_string().contains("different settings"), "{err}");
+            assert_eq!(handler.runs.load(std::sync::atomic::Ordering::SeqCst), runs, "the handler did not run");
+        }
+        // Clones of one layer agree.
+        let bus = CommandBus::builder()
+            .layer(custom.clone())
+            .layer(custom)
+            .handler(handler.clone())
+            .build()
+            .unwrap();
+        bus.dispatch(tickets::OpenTicket::new("t4", tickets::Then::Succeed)).await.unwrap();
+        let stored = db.event_store().load("custom-TicketOpened", 0).await.unwrap();
+        assert_eq!(stored.len(), 1, "the event is stored once, where the layers name");
+        assert_eq!(tickets::count(&db).await, 2);
+        assert_eq!(crate::support::event_count(&db).await, 2);
+
         let other_id = cqrs_core::testing::test_id("second_layer_other");
         let Some(other) = crate::support::schema(&other_id).await else {
             return;
@@ -152,8 +186,8 @@ pg_test! {
         assert!(matches!(err, DispatchError::Middleware(_)), "{err:?}");
         assert!(err.to_string().contains(other.schema()), "{err}");
         assert_eq!(handler.runs.load(std::sync::atomic::Ordering::SeqCst), runs, "the handler did not run");
-        assert_eq!(tickets::count(&db).await, 1);
-        assert_eq!(crate::support::event_count(&db).await, 1);
+        assert_eq!(tickets::count(&db).await, 2);
+        assert_eq!(crate::support::event_count(&db).await, 2);
         other.drop_schema().await.unwrap();
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::support::pg_test;
 use crate::support::tickets::{self, OpenTicket, OpenTicketHandler, Then};
-use cqrs_core::ports::StoredResponse;
+use cqrs_core::ports::{EventStore, StoredResponse};
 use cqrs_core::{CommandBus, ErrorKind, Metadata};
 use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
 use std::sync::Arc;
@@ -281,5 +281,78 @@ pg_test! {
             .await
             .unwrap();
         assert!(matches!(retried, Idempotent::Executed { .. }), "the key was free");
+    }
+}
+
+/// Whether one of this test's sessions is in a transaction, idle (a handler that hangs).
+async fn a_transaction_idles(db: &PgDatabase) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+         WHERE state = 'idle in transaction' AND application_name = $1)",
+    )
+    .bind(format!("cqrs-test {}", db.schema()))
+    .fetch_one(db.pool())
+    .await
+    .expect("ask whether a transaction idles")
+}
+
+pg_test! {
+    /// A duplicate of a command still running waits at most the claim wait, then says why it
+    /// gives up; one whose caller gives up while it waits frees its connection within the
+    /// claim wait. (Unbounded and in the caller's future, the duplicate waited as long as the
+    /// first command ran, and one given up kept its connection that long.)
+    async fn a_duplicate_of_a_running_command_waits_at_most_the_claim_wait(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        // Two connections: the running command's, and the one a duplicate waits on.
+        let small = crate::support::options(db.schema())
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+            .with_claim_wait(Duration::from_millis(500));
+        let executor = Arc::new(executor(&small, OpenTicketHandler::default()));
+        let key = IdempotencyKey::new("POST /tickets", "slow", "fp", DAY);
+        let running = tokio::spawn({
+            let (executor, key) = (executor.clone(), key.clone());
+            async move {
+                let hangs = OpenTicket::new("t1", Then::Hang);
+                executor.execute_idempotent(&key, hangs, Metadata::new(), respond).await
+            }
+        });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the first command runs", || async {
+            a_transaction_idles(&db).await.then_some(())
+        })
+        .await;
+
+        let busy = tokio::time::timeout(
+            Duration::from_secs(10),
+            executor.execute_idempotent(&key, OpenTicket::new("t1", Then::Succeed), Metadata::new(), respond),
+        )
+        .await
+        .expect("a duplicate answered within its claim wait")
+        .map(|_| ())
+        .unwrap_err();
+        assert_eq!(busy.kind(), ErrorKind::Unavailable, "{busy}");
+        assert!(busy.to_string().contains("still running"), "{busy}");
+
+        let duplicate = tokio::spawn({
+            let (executor, key) = (executor.clone(), key.clone());
+            async move {
+                let again = OpenTicket::new("t1", Then::Succeed);
+                executor.execute_idempotent(&key, again, Metadata::new(), respond).await.map(|_| ())
+            }
+        });
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the duplicate waits", || async {
+            crate::support::someone_waits(&db).await.then_some(())
+        })
+        .await;
+        duplicate.abort();
+        assert!(duplicate.await.unwrap_err().is_cancelled());
+        let read = small.event_store().read_all(cqrs_core::Position::START, 10).await;
+        assert!(read.is_ok(), "the connection came back while the key was held: {read:?}");
+
+        running.abort();
+        assert!(running.await.unwrap_err().is_cancelled());
     }
 }

@@ -9,6 +9,7 @@ mod support;
 mod tls_proxy;
 
 mod a_command_commits_its_writes_and_events_together;
+mod a_commands_statements_are_logged_inside_its_span;
 mod a_commit_whose_answer_is_lost_is_an_unknown_outcome;
 mod a_failing_or_panicking_handler_leaves_no_rows_and_no_outbox_entries;
 mod a_handler_that_goes_on_after_a_failed_statement_commits_nothing;

@@ -243,7 +243,6 @@ pub(crate) mod tickets {
     }
 }
 
-/// How many events the schema's store holds.
 /// Whether one of this test's sessions (its schema's `application_name`) waits on a lock
 /// another holds.
 pub(crate) async fn someone_waits(db: &PgDatabase) -> bool {
@@ -257,6 +256,7 @@ pub(crate) async fn someone_waits(db: &PgDatabase) -> bool {
     .expect("ask whether a session waits")
 }
 
+/// How many events the schema's store holds.
 pub(crate) async fn event_count(db: &PgDatabase) -> usize {
     use cqrs_core::ports::EventStore;
     let mut after = cqrs_core::Position::START;

@@ -6,7 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cqrs_core::ports::{Claim, IdempotencyStore, StoredResponse};
 use cqrs_core::{Command, Metadata};
-use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor};
+use cqrs_postgres::{ClaimWaitElapsed, IdempotencyKey, Idempotent, PgCommandExecutor};
 use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
@@ -16,9 +16,11 @@ pub const HEADER: &str = "idempotency-key";
 
 /// Runs `work` at most once per `(user, Idempotency-Key)`: a replay with the same key and the
 /// same request returns the stored status and body; the same key with a different request is
-/// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first. Without the
-/// header, `work` just runs. Failed work (an error status) is not stored, so the client may
-/// retry it.
+/// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first (a store that
+/// bounds the wait, as Postgres's does, answers 503 `idempotency_key_in_use` when it runs out).
+/// Without the header, `work` just runs. Failed work (an `Err`) is not stored, so the client
+/// may retry it; what `Ok` carries is stored, whatever its status, so return an error for
+/// work that did not take effect.
 ///
 /// With a key, the work and the record of its answer run in a task of their own: a request
 /// dropped in between (its time budget spent, the client gone) would drop the claim, freeing
@@ -55,14 +57,24 @@ where
                     let (status, body) = work
                         .await
                         .map_err(|e| advise(e, AfterTimeout::RetrySameKey))?;
-                    // A 500 that says only that the server failed: the serializer's text, which
-                    // may quote the body, is logged by the conversion, never sent.
-                    let body = serde_json::to_value(body)
-                        .map_err(|e| ApiError::from(cqrs_core::HandlerError::internal(e)))?;
-                    guard
-                        .complete(StoredResponse::new(status.as_u16(), body.clone()))
-                        .await?;
-                    Ok::<_, ApiError>((status, body))
+                    // The work has run, so its key must not be freed: a body that cannot be
+                    // serialized is stored as a 500 that says only that the server failed (the
+                    // serializer's text, which may quote the body, is logged, never sent), and
+                    // a retry replays that instead of running the work again.
+                    match serde_json::to_value(body) {
+                        Ok(body) => {
+                            let stored = StoredResponse::new(status.as_u16(), body.clone());
+                            guard.complete(stored).await?;
+                            Ok::<_, ApiError>((status, body))
+                        }
+                        Err(e) => {
+                            let error = ApiError::from(cqrs_core::HandlerError::internal(e));
+                            let body = serde_json::to_value(error.body()).unwrap_or_default();
+                            let stored = StoredResponse::new(error.status.as_u16(), body);
+                            guard.complete(stored).await?;
+                            Err(error)
+                        }
+                    }
                 },
                 tracing::Span::current(),
             ));
@@ -73,6 +85,7 @@ where
             Ok((status, Json(body)).into_response())
         }
         Err(cqrs_core::ports::StoreError::FingerprintMismatch { .. }) => Err(reused()),
+        Err(e) if key_in_use(&e) => Err(in_use()),
         Err(e) => Err(e.into()),
     }
 }
@@ -82,7 +95,8 @@ where
 /// its events and the idempotency record commit together (or not at all), before the response
 /// is sent. The HTTP behaviour is [`once`]'s: a replay returns the stored status and body, the
 /// same key with another request is 422 `idempotency_key_reused`, a concurrent duplicate waits
-/// for the first and replays its response, failed work is not stored.
+/// for the first and replays its response (at most the database's claim wait, 5 s by default,
+/// then 503 `idempotency_key_in_use`), failed work is not stored.
 #[allow(clippy::too_many_arguments)]
 pub async fn once_in_command<C>(
     executor: &PgCommandExecutor,
@@ -119,6 +133,7 @@ where
         .await
         .map_err(|e| match e.handler_error() {
             Some(h) if h.code() == "idempotency_key_reused" => reused(),
+            _ if key_in_use(&e) => in_use(),
             _ => advise(ApiError::from(e), AfterTimeout::RetrySameKey),
         })?;
     Ok(match done {
@@ -171,6 +186,31 @@ fn reused() -> ApiError {
         "idempotency_key_reused",
         "this Idempotency-Key was already used for a different request",
     )
+}
+
+/// Whether `error` is a claim that waited its whole claim wait for a duplicate still running
+/// (Postgres), rather than a backend out of reach.
+fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<ClaimWaitElapsed>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// 503 `idempotency_key_in_use`: the retry it advises, with the same key, replays the answer
+/// of the request that holds the key once that one has finished.
+fn in_use() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "idempotency_key_in_use",
+        "a request with this Idempotency-Key and the same content is still running; retry \
+         with the same key once it has finished, to get its answer",
+    )
+    .with_retry_after(1)
 }
 
 fn replay(stored: StoredResponse) -> Response {
@@ -338,7 +378,8 @@ mod tests {
         });
     }
 
-    /// A response body that fails to serialize is a 500 whose body does not quote the error.
+    /// A response body that fails to serialize is a 500 whose body does not quote the error,
+    /// stored for the key as any answer of work that ran.
     #[test]
     fn a_body_that_cannot_be_serialized_is_a_500_that_does_not_quote_it() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -361,5 +402,82 @@ mod tests {
         assert_eq!(error.code, "internal");
         let body = serde_json::to_string(&error.body()).unwrap();
         assert!(!body.contains("secret"), "{body}");
+
+        // The work ran, so the key is not freed: a retry replays the 500, and does not run
+        // the work again.
+        let retry = runtime
+            .block_on(once(
+                &store,
+                &headers,
+                &user,
+                b"request",
+                Duration::from_secs(60),
+                // Were it run again, the answer would be this 200.
+                || async { Ok((StatusCode::OK, ())) },
+            ))
+            .unwrap();
+        assert_eq!(retry.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(retry.headers()["idempotency-replayed"], "true");
+        let replayed = runtime
+            .block_on(axum::body::to_bytes(retry.into_body(), 1 << 16))
+            .unwrap();
+        assert_eq!(replayed, body.as_bytes(), "the replay is the first answer");
+    }
+
+    /// On Postgres, a duplicate that waits out the claim wait while the first request holds
+    /// the key is told so, 503 `idempotency_key_in_use` with `Retry-After`, not that a backend
+    /// is unreachable.
+    #[test]
+    fn a_duplicate_that_waits_out_the_claim_wait_is_told_the_key_is_in_use() {
+        use cqrs_core::ports::IdempotencyStore;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let url = std::env::var("DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+            let id = cqrs_core::testing::test_id("key_in_use");
+            let connect = cqrs_postgres::PgOptions::new(url.clone())
+                .schema(&id)
+                .max_connections(2)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect();
+            let connected = tokio::time::timeout(Duration::from_secs(10), connect).await;
+            let Ok(Ok(db)) = connected else {
+                cqrs_core::testing::require_services("postgres", &url, false);
+                return;
+            };
+            db.migrate().await.expect("migrate the test schema");
+            let db = db.with_claim_wait(Duration::from_millis(100));
+            let store = db.idempotency_store();
+            let user = customer();
+            let (scope, fingerprint) = (format!("user:{}", user.id), hex_digest(b"request"));
+            let day = Duration::from_secs(86_400);
+            let holder = store
+                .claim(&scope, "key-4", &fingerprint, day)
+                .await
+                .unwrap();
+            assert!(
+                matches!(holder, Claim::New(_)),
+                "the first claim takes the key"
+            );
+
+            let error = once(
+                &store,
+                &with_key("key-4"),
+                &user,
+                b"request",
+                day,
+                || async { Ok((StatusCode::CREATED, ())) },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+            assert_eq!(error.code, "idempotency_key_in_use", "{error}");
+            assert_eq!(error.retry_after, Some(1), "{error}");
+            drop(holder);
+            db.drop_schema().await.expect("drop the test schema");
+        });
     }
 }

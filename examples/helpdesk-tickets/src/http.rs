@@ -491,7 +491,7 @@ fn idempotent(op: Operation) -> Operation {
         "header",
         false,
         json!({ "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]{1,255}$" }),
-        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`",
+        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`; a duplicate sent while the first still runs waits for it (on Postgres at most 5 s, then 503 `idempotency_key_in_use`: retry with the key)",
     )
 }
 
