@@ -178,6 +178,9 @@ const MAX_RETURNED: usize = 65_536;
 /// acknowledges it, which this one never hears of.
 const MIN_IN_FLIGHT_PRUNE: usize = 1024;
 
+/// Entries per script call of a release.
+const RELEASE_CHUNK: usize = 512;
+
 /// The most deliveries one `fetch` hands out, whatever it is asked for: the limit goes to
 /// Redis as a count, and the held-back entries are bounded anyway.
 pub(crate) const MAX_FETCH: usize = 10_000;
@@ -1181,7 +1184,7 @@ async fn set_idle(
     take_back: bool,
     ids: Vec<String>,
 ) -> Result<(), TransportError> {
-    for chunk in ids.chunks(512) {
+    for chunk in ids.chunks(RELEASE_CHUNK) {
         let mut args = Vec::with_capacity(chunk.len() + 4);
         args.extend([
             Value::from(group),
@@ -1294,14 +1297,17 @@ impl Consumer for RedisConsumer {
                 // `close` releases them at once instead of after the redelivery delay.
                 self.dead_letter(undecodable).await?;
             }
+            // Before the deliveries count as handed out, as above: a fetch dropped in this
+            // round trip (a shutdown) leaves them in no list, and `close` releases them, where
+            // counted as handed out they would wait out the redelivery delay.
+            if self.in_flight.len() + deliveries.len() >= self.in_flight_limit {
+                self.prune_in_flight().await;
+            }
             for delivery in &deliveries {
                 let lane = delivery.order_key.clone().unwrap_or_default();
                 self.returned.remove(&delivery.id.0);
                 self.adopted.remove(&delivery.id.0);
                 self.in_flight.insert(delivery.id.0.clone(), lane);
-            }
-            if self.in_flight.len() >= self.in_flight_limit {
-                self.prune_in_flight().await;
             }
             // Everything the step returned is in a list now.
             self.unsure = false;
@@ -1458,7 +1464,25 @@ impl Consumer for RedisConsumer {
             .chain(&release.counted)
             .cloned()
             .collect();
-        self.release(release).await?;
+        // A chunk at a time, each no longer held once released: a close that fails part-way
+        // leaves `Drop` only the rest, instead of taking back the released ones' counts twice.
+        for (take_back, ids) in [(false, release.counted), (true, release.read_unhanded)] {
+            for chunk in ids.chunks(RELEASE_CHUNK) {
+                set_idle(
+                    &self.shared,
+                    &self.keys.stream,
+                    &self.errors,
+                    &self.group,
+                    &self.options,
+                    None,
+                    take_back,
+                    chunk.to_vec(),
+                )
+                .await?;
+                let chunk: HashSet<&String> = chunk.iter().collect();
+                self.held.retain(|id| !chunk.contains(id));
+            }
+        }
         self.held.clear();
         self.known.clear();
         self.adopted.clear();

@@ -195,7 +195,9 @@ pub struct Delivery {
     pub id: DeliveryId,
     /// The event.
     pub record: EventRecord,
-    /// How many times it has been delivered, this time included (1 the first time).
+    /// How many times it has been delivered, this time included (1 the first time). A
+    /// transport that holds entries back before handing them out may report one low for
+    /// some of them (its documentation says when).
     pub attempt: u32,
     /// The chain this delivery belongs to, where the transport orders per key: deliveries of
     /// one batch that share an order key must be handled one after another, in batch order,
