@@ -199,9 +199,9 @@ install_without_service() {
     fi
 }
 
-# The redis-server binary (three tests run servers of their own).
+# The redis-server binary (three Redis tests and one helpdesk test run servers of their own).
 install_redis_server() {
-    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and three Redis tests run servers of their own: install it (apt-get install redis-server), or run as root so this script can"
+    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and three Redis tests and one helpdesk test run servers of their own: install it (apt-get install redis-server), or run as root so this script can"
     install_without_service redis-server
 }
 
@@ -215,8 +215,8 @@ ensure_postgres_server_binaries() {
 
 ensure_redis() {
     # Every Redis test needs the server; three also run redis-servers of their own (to stop
-    # and restart one, to fill one, to demote one), so the binary must be on PATH even with
-    # REDIS_URL.
+    # and restart one, to fill one, to demote one), and so does one helpdesk test (to take
+    # Redis away), so the binary must be on PATH even with REDIS_URL.
     if [[ -n ${REDIS_URL:-} ]]; then
         log "using REDIS_URL from the environment"
         command -v redis-server >/dev/null || install_redis_server

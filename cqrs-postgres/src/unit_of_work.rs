@@ -30,6 +30,13 @@ use uuid::Uuid;
 /// [`PgEventStore`](crate::PgEventStore)). A version conflict found then fails the command
 /// with [`StoreError::Conflict`] and rolls everything back.
 ///
+/// Because events wait for the commit, a read in the same command does not see the ones it
+/// appended or recorded: a handler that changes one aggregate twice carries the state it
+/// decided on from the first change to the second, instead of loading it again (a second
+/// [`append`](Self::append) at the version it loaded again would conflict at commit, every
+/// time). At commit, the `append` batches go first, in the order made, then the recorded
+/// events, in the order recorded.
+///
 /// The transaction begins lazily, at the first [`connection`](Self::connection): a handler
 /// that only records events costs one round trip in all.
 ///

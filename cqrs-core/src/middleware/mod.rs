@@ -9,11 +9,12 @@
 //! * [`CheckLayer`]: a synchronous check of every dispatch (an authorization rule), written
 //!   as one closure.
 //!
-//! # Writing your own: an authorization check
+//! # Writing your own: an authorization check that awaits a lookup
 //!
 //! A rule that needs only the dispatch is a [`CheckLayer`]. A layer of your own is a tower
 //! `Service` over [`Dispatch`](crate::Dispatch), for what a closure cannot do (await a lookup,
-//! change the reply):
+//! change the reply). This one asks a permission store, asynchronously, before the handler
+//! runs:
 //!
 //! ```
 //! # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
@@ -23,13 +24,26 @@
 //! use std::task::{Context, Poll};
 //! use tower::{Layer, Service};
 //!
-//! /// Refuses every command that carries no principal.
+//! /// Who may send what: a database or a policy service in a real server.
 //! #[derive(Clone)]
-//! struct RequireUser<S>(S);
+//! struct Permissions;
 //!
-//! impl<S> Service<Dispatch> for RequireUser<S>
+//! impl Permissions {
+//!     async fn may(&self, user: &str, message: &str) -> bool {
+//!         user != "banned" && message.starts_with("tickets.")
+//!     }
+//! }
+//!
+//! /// Refuses a command without a user (401) or one its user may not send (403).
+//! #[derive(Clone)]
+//! struct Authorize<S> {
+//!     inner: S,
+//!     permissions: Permissions,
+//! }
+//!
+//! impl<S> Service<Dispatch> for Authorize<S>
 //! where
-//!     S: Service<Dispatch, Response = Reply>,
+//!     S: Service<Dispatch, Response = Reply> + Clone + Send + 'static,
 //!     S::Error: Into<BoxError>,
 //!     S::Future: Send + 'static,
 //! {
@@ -38,40 +52,56 @@
 //!     type Future = Pin<Box<dyn Future<Output = Result<Reply, BoxError>> + Send>>;
 //!
 //!     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-//!         self.0.poll_ready(cx).map_err(Into::into)
+//!         self.inner.poll_ready(cx).map_err(Into::into)
 //!     }
 //!
 //!     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
-//!         if dispatch.metadata().principal.is_none() {
-//!             let refused = HandlerError::unauthorized(format!("`{}` needs a signed-in user", dispatch.name()));
-//!             return Box::pin(std::future::ready(Err(refused.into())));
-//!         }
-//!         let fut = self.0.call(dispatch);
-//!         Box::pin(async move { fut.await.map_err(Into::into) })
+//!         // The future calls the inner service after an await: it takes the one
+//!         // `poll_ready` readied, and leaves a clone (reference counts) for the next call.
+//!         let clone = self.inner.clone();
+//!         let mut inner = std::mem::replace(&mut self.inner, clone);
+//!         let permissions = self.permissions.clone();
+//!         Box::pin(async move {
+//!             let user = dispatch.metadata().principal.as_ref().and_then(|p| p.downcast_ref::<&str>());
+//!             let Some(&user) = user else {
+//!                 let refused = format!("`{}` needs a signed-in user", dispatch.name());
+//!                 return Err(HandlerError::unauthorized(refused).into());
+//!             };
+//!             if !permissions.may(user, dispatch.name()).await {
+//!                 let refused = format!("{user} may not send `{}`", dispatch.name());
+//!                 return Err(HandlerError::forbidden(refused).into());
+//!             }
+//!             inner.call(dispatch).await.map_err(Into::into)
+//!         })
 //!     }
 //! }
 //!
 //! #[derive(Clone)]
-//! struct RequireUserLayer;
+//! struct AuthorizeLayer(Permissions);
 //!
-//! impl<S> Layer<S> for RequireUserLayer {
-//!     type Service = RequireUser<S>;
-//!     fn layer(&self, inner: S) -> RequireUser<S> {
-//!         RequireUser(inner)
+//! impl<S> Layer<S> for AuthorizeLayer {
+//!     type Service = Authorize<S>;
+//!     fn layer(&self, inner: S) -> Authorize<S> {
+//!         Authorize { inner, permissions: self.0.clone() }
 //!     }
 //! }
 //!
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! let bus = CommandBus::builder()
-//!     .layer(RequireUserLayer)
+//!     .layer(AuthorizeLayer(Permissions))
 //!     .handler(OpenTicketHandler)
 //!     .build()?;
 //!
-//! let anonymous = bus.dispatch(OpenTicket { title: "hi".into() }).await.unwrap_err();
+//! let open = || OpenTicket { title: "hi".into() };
+//! let anonymous = bus.dispatch(open()).await.unwrap_err();
 //! assert_eq!(anonymous.kind(), cqrs_core::ErrorKind::Unauthorized);
 //!
+//! let banned = Metadata::new().with_principal(Principal::new("banned"));
+//! let refused = bus.dispatch_with(open(), banned).await.unwrap_err();
+//! assert_eq!(refused.kind(), cqrs_core::ErrorKind::Forbidden);
+//!
 //! let signed_in = Metadata::new().with_principal(Principal::new("user-1"));
-//! assert!(bus.dispatch_with(OpenTicket { title: "hi".into() }, signed_in).await.is_ok());
+//! assert!(bus.dispatch_with(open(), signed_in).await.is_ok());
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```

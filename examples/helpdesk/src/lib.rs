@@ -31,3 +31,10 @@ pub use server::Server;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/guide.md")]
 pub struct GuideDoctests;
+
+/// The Rust examples of `docs/architecture.md` and `docs/ports.md`, compiled as doc tests
+/// for the same reason.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/architecture.md")]
+#[doc = include_str!("../../../docs/ports.md")]
+pub struct ArchitectureAndPortsDoctests;
