@@ -137,6 +137,12 @@ impl SendQueue {
 
     /// How many items were taken so far (wrapping): a count that moved means the client
     /// took something in between.
+    /// Items queued now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     pub(crate) fn popped(&self) -> u32 {
         self.popped.load(Ordering::Relaxed)
     }

@@ -421,6 +421,10 @@ impl<'a, P> ReplaySender<'a, P> {
                 }
             }
             let mut taken = queue.popped();
+            // How often a wait looks whether the client takes frames: a client that does, but
+            // never frees half the queue, is found starved within a probe, not an idle timeout.
+            let probe = (self.stall_limit / 4).min(STARVATION_PROBE);
+            let mut still = Duration::ZERO;
             loop {
                 // At least two free (one for the frame, one left for a live event), however
                 // small the queue.
@@ -432,18 +436,23 @@ impl<'a, P> ReplaySender<'a, P> {
                 tokio::select! {
                     biased;
                     _ = self.conn.close.reader_closed() => return false,
-                    room = timeout(self.stall_limit, queue.room_for(want)) => {
+                    room = timeout(probe, queue.room_for(want)) => {
                         if room.is_ok() {
                             break;
                         }
                         let now = queue.popped();
                         if now == taken {
-                            self.conn.close_slow();
-                            return false;
+                            still = still.saturating_add(probe);
+                            if still >= self.stall_limit {
+                                self.conn.close_slow();
+                                return false;
+                            }
+                            continue;
                         }
                         // Taking frames, but never freeing half the queue: live traffic
                         // holds it. Two free slots will do for the rest of this replay.
                         taken = now;
+                        still = Duration::ZERO;
                         self.starved = true;
                     }
                 }
@@ -462,6 +471,10 @@ impl<'a, P> ReplaySender<'a, P> {
         self.budget = 0;
     }
 }
+
+/// The longest a replay waiting for room goes without looking whether its client takes
+/// frames.
+const STARVATION_PROBE: Duration = Duration::from_secs(1);
 
 /// The replay's end when live events dropped from the hold buffer are not in the log.
 fn not_read_back() -> End {
@@ -1138,6 +1151,56 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        replay.await.unwrap();
+        while let Some(item) = f.conn.queue.try_pop() {
+            take(item, &mut events);
+        }
+        assert_eq!(f.conn.close.get(), None, "closed as slow");
+        assert_eq!(events, (1..=20).collect::<Vec<_>>());
+    }
+
+    /// With the default idle timeout (75 s) and live traffic that keeps the queue all but
+    /// full while the client takes a frame every 10 ms: the replay finds itself starved
+    /// within a probe of at most a second, not after the whole idle timeout, during which it
+    /// sent nothing and its connection answered no client frame.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_starved_by_live_traffic_is_found_so_within_a_second() {
+        let options = HubOptions::new();
+        assert_eq!(options.idle_timeout, Duration::from_secs(75));
+        let f = Fixture::new(options, 8, 2);
+        for n in 1..=20 {
+            f.store(n).await;
+        }
+        let live = || Utf8Bytes::from(r#"{"type":"event","live":true}"#);
+        for _ in 0..8 {
+            f.conn.push(live());
+        }
+        let started = Instant::now();
+        let replay = f.replay(0);
+        let mut events = Vec::new();
+        let take = |item: Outgoing, events: &mut Vec<u64>| {
+            if let Outgoing::Frame(frame) = item {
+                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                if let Some(n) = frame["event"]["n"].as_u64() {
+                    events.push(n);
+                }
+            }
+        };
+        while !replay.is_finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the replay still waits for half the queue; it sent {events:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Some(item) = f.conn.queue.try_pop() {
+                take(item, &mut events);
+            }
+            // Live traffic leaves at most two slots free: never half the queue.
+            while f.conn.queue.capacity() - f.conn.queue.len() > 2 {
+                f.conn.push(live());
+            }
+            assert_eq!(f.conn.close.get(), None, "closed");
+        }
         replay.await.unwrap();
         while let Some(item) = f.conn.queue.try_pop() {
             take(item, &mut events);
