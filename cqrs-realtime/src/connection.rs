@@ -541,6 +541,27 @@ impl<P: Send + Sync + 'static> Session<P> {
             channel: Some(channel.clone()),
             counted: false,
         };
+        // A replay runs only with one of the hub's permits, taken before the subscription
+        // registers (so no live event is held meanwhile) and kept until the replay ends.
+        // Refused, the resume is given back with the ticket, and the upstream with `held`.
+        let replay_permit = match since {
+            None => None,
+            Some(_) => {
+                let permit = self.hub.replays.clone().acquire_owned();
+                match timeout(budget, permit).await {
+                    Ok(Ok(permit)) => Some(permit),
+                    // Closed: never, the hub keeps its semaphore open.
+                    Ok(Err(_)) | Err(_) => {
+                        return self.send_error(
+                            ErrorCode::Unavailable,
+                            "too many resumes are replaying on this server: try again in a \
+                             moment (or subscribe without `since` and reload over HTTP)",
+                            Some(&name),
+                        );
+                    }
+                }
+            }
+        };
         // The resume is kept once the subscription is registered (below): refused or failed
         // before that (a panicking metrics recorder), the ticket gives it back.
         let (since, ticket) = match since {
@@ -580,6 +601,7 @@ impl<P: Send + Sync + 'static> Session<P> {
         if let Some(since) = since {
             crate::replay::replay(&self.hub, &self.conn, &slot, &topic, since).await;
         }
+        drop(replay_permit);
     }
 
     async fn unsubscribe(&mut self, name: String) {

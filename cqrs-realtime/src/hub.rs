@@ -165,6 +165,8 @@ pub(crate) struct HubInner<P> {
     per_client: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Resume budgets per principal key: reconnecting does not refill one.
     resume_budgets: std::sync::Mutex<ResumeBudgets>,
+    /// One permit per replay that may run at once (`max_concurrent_replays`).
+    pub(crate) replays: Arc<tokio::sync::Semaphore>,
     all_closed: Notify,
 }
 
@@ -741,6 +743,10 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
             self.options.max_lingering_channels,
             stopped.clone(),
         );
+        // Past tokio's most permits, the limit is as good as none.
+        let replays =
+            (self.options.max_concurrent_replays).min(tokio::sync::Semaphore::MAX_PERMITS);
+        let replays = Arc::new(tokio::sync::Semaphore::new(replays));
         Ok(Hub {
             inner: Arc::new(HubInner {
                 options: self.options,
@@ -762,6 +768,7 @@ impl<P: Send + Sync + 'static> HubBuilder<P> {
                 per_principal: std::sync::Mutex::default(),
                 per_client: std::sync::Mutex::default(),
                 resume_budgets: std::sync::Mutex::default(),
+                replays,
                 all_closed: Notify::new(),
             }),
         })

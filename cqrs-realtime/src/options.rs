@@ -39,6 +39,7 @@ pub struct HubOptions {
     pub(crate) replay_batch: usize,
     pub(crate) replay_limit: usize,
     pub(crate) resumes_per_minute: u32,
+    pub(crate) max_concurrent_replays: usize,
     pub(crate) subscription_changes_per_second: u32,
     pub(crate) replay_buffer: usize,
     pub(crate) upstream_linger: Duration,
@@ -66,6 +67,7 @@ impl Default for HubOptions {
             replay_batch: 256,
             replay_limit: 10_000,
             resumes_per_minute: 10,
+            max_concurrent_replays: 16,
             subscription_changes_per_second: 64,
             replay_buffer: 1024,
             upstream_linger: Duration::from_secs(5),
@@ -226,6 +228,17 @@ impl HubOptions {
         self
     }
 
+    /// How many replays (subscriptions with `since`) the hub runs at once, across all its
+    /// connections: each reads the event store, and after a pub/sub reconnect every client is
+    /// told to resume at about the same moment, which `resumes_per_minute` (a principal's
+    /// budget) does not spread out. A resume that finds them all busy waits up to
+    /// [`operation_timeout`](Self::operation_timeout) for one to end, then gets `unavailable`
+    /// ("try again"), which does not use up its principal's budget. At least 1. Default 16.
+    pub fn max_concurrent_replays(mut self, replays: usize) -> Self {
+        self.max_concurrent_replays = replays;
+        self
+    }
+
     /// How many `subscribe` and `unsubscribe` frames one connection may send per second (a
     /// burst of that many, then one every `1 s / n`): each takes the registry's lock, which
     /// the fan-out of every event takes too, and a subscribe may ask the authorizer, so a
@@ -311,6 +324,7 @@ impl HubOptions {
         at_least("replay_batch", self.replay_batch, 1);
         at_least("replay_limit", self.replay_limit, 1);
         at_least("resumes_per_minute", self.resumes_per_minute as usize, 1);
+        at_least("max_concurrent_replays", self.max_concurrent_replays, 1);
         at_least(
             "subscription_changes_per_second",
             self.subscription_changes_per_second as usize,
@@ -478,6 +492,21 @@ mod tests {
             HubOptions::new()
                 .replay_batch(64)
                 .replay_limit(64)
+                .problems()
+                .is_empty()
+        );
+    }
+
+    /// No replay could ever run with no permit: every `since` would wait out its timeout.
+    #[test]
+    fn a_replay_concurrency_of_zero_is_refused() {
+        assert_eq!(
+            HubOptions::new().max_concurrent_replays(0).problems(),
+            ["max_concurrent_replays must be at least 1, got 0"]
+        );
+        assert!(
+            HubOptions::new()
+                .max_concurrent_replays(1)
                 .problems()
                 .is_empty()
         );

@@ -274,7 +274,9 @@ pub enum ErrorCode {
     /// [`subscription_changes_per_second`](crate::HubOptions::subscription_changes_per_second)
     /// allows: this one was ignored; wait, then send it again.
     TooManySubscriptionChanges,
-    /// A backend (the pub/sub, the authorizer's) failed or timed out; try again.
+    /// A backend (the pub/sub, the authorizer's) failed or timed out, or a `since` found the
+    /// hub's [`max_concurrent_replays`](crate::HubOptions::max_concurrent_replays) busy for
+    /// the whole [`operation_timeout`](crate::HubOptions::operation_timeout); try again.
     Unavailable,
     /// An event on a subscribed topic is larger than the hub sends (its frame would not fit
     /// the write buffer, [`max_write_buffer_size`](crate::HubOptions::max_write_buffer_size)):

@@ -2,12 +2,13 @@ use crate::support::{Client, TEST_LIMIT, TestHub, TicketRouting, record};
 use async_trait::async_trait;
 use cqrs_core::memory::{InMemoryEventStore, InMemoryPubSub};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
-use cqrs_core::testing::with_timeout;
+use cqrs_core::testing::{eventually, with_timeout};
 use cqrs_core::{EventRecord, Position};
 use cqrs_realtime::{HubOptions, Publisher, ServerFrame};
 use futures_util::future::BoxFuture;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A client reconnects with `since` = the position of the last event it got: it receives the
 /// events stored in between (published while it was away, or never pushed at all) that it may
@@ -473,6 +474,69 @@ async fn reconnecting_does_not_refill_a_principals_resumes() {
             .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
             .await;
         other.expect_subscribed("tickets").await;
+    })
+    .await;
+}
+
+/// Replays run at most `max_concurrent_replays` at a time across the hub (after a pub/sub
+/// reconnect every client is told to resume at once): a resume that finds them all busy waits
+/// up to `operation_timeout`, then gets `unavailable`, which costs its principal nothing of
+/// its budget, and goes through once a replay has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_run_at_most_max_concurrent_replays_at_once() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(
+            HubOptions::new()
+                .max_concurrent_replays(1)
+                .operation_timeout(Duration::from_millis(300))
+                .resumes_per_minute(1)
+                .replay_batch(10)
+                .send_queue(8),
+        )
+        .await;
+        // 16 MiB of events, more than the sockets' buffers take.
+        for seq in 1..=2_000 {
+            t.publish_padded("t1", "u1", seq, 8 * 1024).await;
+        }
+        // u1's replay cannot finish: its client reads nothing (a 4 KiB socket buffer, an
+        // 8-frame queue), so it keeps the one permit.
+        let mut stuck = t.connect_small_buffer("user-u1").await;
+        stuck
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        eventually(Duration::from_secs(10), "u1's replay to start", || {
+            let stats = t.hub.stats();
+            async move { (stats.subscriptions == 1).then_some(()) }
+        })
+        .await;
+
+        let mut other = t.connect("user-u2").await;
+        let resume = json!({"type": "subscribe", "topic": "tickets", "since": "0"});
+        other.send(resume.clone()).await;
+        assert_eq!(other.error_code().await, "unavailable");
+        assert_eq!(
+            t.hub.stats().subscriptions,
+            1,
+            "u2's subscription was not made"
+        );
+
+        // u1 leaves: its replay stops and gives the permit back. u2's one resume a minute
+        // was not used up by the refusal.
+        drop(stuck);
+        eventually(
+            Duration::from_secs(10),
+            "u1's subscription released",
+            || {
+                let stats = t.hub.stats();
+                async move { (stats.subscriptions == 0).then_some(()) }
+            },
+        )
+        .await;
+        other.send(resume).await;
+        other.expect_subscribed("tickets").await;
+        // (None of u1's events is u2's to see: the replay reads them all and sends none.)
+        other.ping_pong().await;
+        assert_eq!(t.hub.stats().subscriptions, 1);
     })
     .await;
 }
