@@ -541,9 +541,9 @@ impl<P: Send + Sync + 'static> Session<P> {
             channel: Some(channel.clone()),
             counted: false,
         };
-        // A replay runs only with one of the hub's permits, taken before the subscription
-        // registers (so no live event is held meanwhile) and kept until the replay ends.
-        // Refused, the resume is given back with the ticket, and the upstream with `held`.
+        // A replay reads the store only with one of the hub's permits, the first taken before
+        // the subscription registers (so no live event is held meanwhile). Refused, the
+        // resume is given back with the ticket, and the upstream with `held`.
         let replay_permit = match since {
             None => None,
             Some(_) => {
@@ -599,9 +599,8 @@ impl<P: Send + Sync + 'static> Session<P> {
             ticket.keep();
         }
         if let Some(since) = since {
-            crate::replay::replay(&self.hub, &self.conn, &slot, &topic, since).await;
+            crate::replay::replay(&self.hub, &self.conn, &slot, &topic, since, replay_permit).await;
         }
-        drop(replay_permit);
     }
 
     async fn unsubscribe(&mut self, name: String) {

@@ -228,12 +228,15 @@ impl HubOptions {
         self
     }
 
-    /// How many replays (subscriptions with `since`) the hub runs at once, across all its
-    /// connections: each reads the event store, and after a pub/sub reconnect every client is
-    /// told to resume at about the same moment, which `resumes_per_minute` (a principal's
-    /// budget) does not spread out. A resume that finds them all busy waits up to
-    /// [`operation_timeout`](Self::operation_timeout) for one to end, then gets `unavailable`
-    /// ("try again"), which does not use up its principal's budget. At least 1. Default 16.
+    /// How many replays (subscriptions with `since`) read the event store at once, across
+    /// all the hub's connections: after a pub/sub reconnect every client is told to resume at
+    /// about the same moment, which `resumes_per_minute` (a principal's budget) does not
+    /// spread out. A replay holds its permit while it reads, not while it waits for its
+    /// client to take frames, so slow clients do not keep other resumes out. A resume that
+    /// finds every permit busy waits up to [`operation_timeout`](Self::operation_timeout),
+    /// then gets `unavailable` ("try again"), which does not use up its principal's budget;
+    /// a replay that cannot get one back for its next read in that time ends with
+    /// `resume_failed`. At least 1. Default 16.
     pub fn max_concurrent_replays(mut self, replays: usize) -> Self {
         self.max_concurrent_replays = replays;
         self

@@ -17,14 +17,20 @@ use cqrs_core::{EventRecord, Position};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::timeout;
 
+/// `permit` is one of the hub's `max_concurrent_replays`, taken before the subscription was
+/// registered. The replay holds one only while it reads the store: it lets it go while it
+/// waits for room in the send queue, so a client that reads slowly does not keep other
+/// resumes waiting, and takes one again before its next read.
 pub(crate) async fn replay<P: Send + Sync + 'static>(
     hub: &HubInner<P>,
     conn: &Arc<Conn<P>>,
     slot: &Slot<P>,
     topic: &Topic,
     since: Position,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
     let Some(store) = hub.store.as_ref() else {
         return;
@@ -35,7 +41,7 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         conn,
         slot,
         topic,
-        sender: ReplaySender::new(conn, hub.options.idle_timeout),
+        sender: ReplaySender::new(conn, hub.options.idle_timeout, permit),
         cursor: since,
         read: 0,
         flushed: BTreeSet::new(),
@@ -217,7 +223,21 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     }
 
     /// One read of the log, within the operation timeout; a failure ends the replay.
-    async fn read(&self, after: Position, limit: usize) -> Result<Vec<EventRecord>, End> {
+    async fn read(&mut self, after: Position, limit: usize) -> Result<Vec<EventRecord>, End> {
+        if self.sender.permit.is_none() {
+            let permit = self.hub.replays.clone().acquire_owned();
+            match timeout(self.hub.options.operation_timeout, permit).await {
+                Ok(Ok(permit)) => self.sender.permit = Some(permit),
+                // Closed: never, the hub keeps its semaphore open.
+                Ok(Err(_)) | Err(_) => {
+                    return Err(End::Failed(
+                        "too many resumes are replaying on this server to read the event log \
+                         in time"
+                            .to_owned(),
+                    ));
+                }
+            }
+        }
         match timeout(
             self.hub.options.operation_timeout,
             self.store.read_all(after, limit),
@@ -390,15 +410,19 @@ struct ReplaySender<'a, P> {
     /// one, leaving the last free slot to live traffic (which closes a client whose queue it
     /// finds full).
     starved: bool,
+    /// The hub's replay permit, held while the replay reads the store and let go while it
+    /// waits for room (see [`replay`]).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<'a, P> ReplaySender<'a, P> {
-    fn new(conn: &'a Conn<P>, stall_limit: Duration) -> Self {
+    fn new(conn: &'a Conn<P>, stall_limit: Duration, permit: Option<OwnedSemaphorePermit>) -> Self {
         Self {
             conn,
             budget: 0,
             stall_limit,
             starved: false,
+            permit,
         }
     }
 
@@ -420,6 +444,8 @@ impl<'a, P> ReplaySender<'a, P> {
                     }
                 }
             }
+            // The client sets how long this wait lasts: another resume may read meanwhile.
+            self.permit = None;
             let mut taken = queue.popped();
             // How often a wait looks whether the client takes frames: a client that does, but
             // never frees half the queue, is found starved within a probe, not an idle timeout.
@@ -657,7 +683,7 @@ mod tests {
                 self.topic.clone(),
             );
             tokio::spawn(async move {
-                replay(&inner, &conn, &slot, &topic, Position::new(since)).await;
+                replay(&inner, &conn, &slot, &topic, Position::new(since), None).await;
             })
         }
 

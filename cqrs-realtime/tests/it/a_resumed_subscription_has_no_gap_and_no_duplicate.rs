@@ -478,19 +478,113 @@ async fn reconnecting_does_not_refill_a_principals_resumes() {
     .await;
 }
 
-/// Replays run at most `max_concurrent_replays` at a time across the hub (after a pub/sub
-/// reconnect every client is told to resume at once): a resume that finds them all busy waits
-/// up to `operation_timeout`, then gets `unavailable`, which costs its principal nothing of
-/// its budget, and goes through once a replay has ended.
+/// An event store whose reads take `delay` each, and which counts how many run at once.
+struct SlowStore {
+    inner: Arc<InMemoryEventStore>,
+    delay: Duration,
+    reading: std::sync::atomic::AtomicUsize,
+    most_at_once: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl EventStore for SlowStore {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+
+    async fn load(&self, stream_id: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.load(stream_id, after).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.reading.fetch_add(1, SeqCst) + 1;
+        self.most_at_once.fetch_max(now, SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.reading.fetch_sub(1, SeqCst);
+        self.inner.read_all(after, limit).await
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// A hub over a [`SlowStore`] with `max_concurrent_replays` of `replays`.
+async fn slow_hub(
+    replays: usize,
+    delay: Duration,
+    options: HubOptions,
+) -> (TestHub, Arc<SlowStore>) {
+    let store = Arc::new(InMemoryEventStore::new());
+    let slow = Arc::new(SlowStore {
+        inner: store.clone(),
+        delay,
+        reading: Default::default(),
+        most_at_once: Default::default(),
+    });
+    let options = options.max_concurrent_replays(replays).replay_batch(10);
+    let hub = TestHub::start_full(
+        Arc::new(InMemoryPubSub::new()),
+        options,
+        store,
+        Some(slow.clone()),
+        |b| b,
+    )
+    .await;
+    (hub, slow)
+}
+
+/// After a pub/sub reconnect every client is told to resume at once: the hub's store reads
+/// for replays run at most `max_concurrent_replays` at a time, and every resume still goes
+/// through, each waiting its turn.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replays_run_at_most_max_concurrent_replays_at_once() {
+async fn replays_read_the_store_at_most_max_concurrent_replays_at_once() {
     with_timeout(TEST_LIMIT, async {
-        let t = TestHub::start(
+        let (t, slow) = slow_hub(2, Duration::from_millis(50), HubOptions::new()).await;
+        for seq in 1..=50 {
+            t.store("t1", "u1", seq).await;
+        }
+        let mut clients = Vec::new();
+        // None of them may see u1's events: each replay reads five batches and sends none.
+        for user in ["user-u2", "user-u3", "user-u4", "user-u5", "user-u6"] {
+            let mut client = t.connect(user).await;
+            client
+                .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+                .await;
+            clients.push(client);
+        }
+        for client in &mut clients {
+            client.expect_subscribed("tickets").await;
+            // Answered after the replay: it is over.
+            client.ping_pong().await;
+        }
+        let most = slow.most_at_once.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(most, 2, "reads at once");
+    })
+    .await;
+}
+
+/// A client that stops reading while it resumes keeps no replay permit while its replay
+/// waits for room: another resume goes through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_waiting_for_a_slow_client_lets_other_resumes_read() {
+    with_timeout(TEST_LIMIT, async {
+        let (t, _) = slow_hub(
+            1,
+            Duration::ZERO,
             HubOptions::new()
-                .max_concurrent_replays(1)
-                .operation_timeout(Duration::from_millis(300))
+                .operation_timeout(Duration::from_secs(5))
                 .resumes_per_minute(1)
-                .replay_batch(10)
                 .send_queue(8),
         )
         .await;
@@ -499,19 +593,58 @@ async fn replays_run_at_most_max_concurrent_replays_at_once() {
             t.publish_padded("t1", "u1", seq, 8 * 1024).await;
         }
         // u1's replay cannot finish: its client reads nothing (a 4 KiB socket buffer, an
-        // 8-frame queue), so it keeps the one permit.
+        // 8-frame queue).
         let mut stuck = t.connect_small_buffer("user-u1").await;
         stuck
             .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
             .await;
         eventually(Duration::from_secs(10), "u1's replay to start", || {
             let stats = t.hub.stats();
-            async move { (stats.subscriptions == 1).then_some(()) }
+            async move { (stats.replayed_events > 0).then_some(()) }
         })
         .await;
 
+        // u2 sees none of u1's events: its replay reads all 200 batches and sends none.
         let mut other = t.connect("user-u2").await;
+        other
+            .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
+            .await;
+        other.expect_subscribed("tickets").await;
+        other.ping_pong().await;
+        let stats = t.hub.stats();
+        assert!(
+            stats.replayed_events < 2_000,
+            "u1's replay is still running: {stats:?}"
+        );
+        drop(stuck);
+    })
+    .await;
+}
+
+/// A resume that waits out `operation_timeout` for a replay permit, all of them reading for
+/// other resumes, gets `unavailable` and is not registered; the refusal costs its principal
+/// nothing of its budget (one a minute here), so it goes through once the other replay ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_finds_every_permit_busy_is_told_to_try_again() {
+    with_timeout(TEST_LIMIT, async {
+        let (t, slow) = slow_hub(
+            1,
+            Duration::from_millis(50),
+            HubOptions::new()
+                .operation_timeout(Duration::from_secs(1))
+                .resumes_per_minute(1),
+        )
+        .await;
+        // Forty reads of 50 ms: a replay that holds the one permit for two seconds.
+        for seq in 1..=400 {
+            t.store("t1", "u1", seq).await;
+        }
         let resume = json!({"type": "subscribe", "topic": "tickets", "since": "0"});
+        let mut first = t.connect("user-u3").await;
+        first.send(resume.clone()).await;
+        first.expect_subscribed("tickets").await;
+
+        let mut other = t.connect("user-u2").await;
         other.send(resume.clone()).await;
         assert_eq!(other.error_code().await, "unavailable");
         assert_eq!(
@@ -520,23 +653,12 @@ async fn replays_run_at_most_max_concurrent_replays_at_once() {
             "u2's subscription was not made"
         );
 
-        // u1 leaves: its replay stops and gives the permit back. u2's one resume a minute
-        // was not used up by the refusal.
-        drop(stuck);
-        eventually(
-            Duration::from_secs(10),
-            "u1's subscription released",
-            || {
-                let stats = t.hub.stats();
-                async move { (stats.subscriptions == 0).then_some(()) }
-            },
-        )
-        .await;
+        first.ping_pong().await;
         other.send(resume).await;
         other.expect_subscribed("tickets").await;
-        // (None of u1's events is u2's to see: the replay reads them all and sends none.)
         other.ping_pong().await;
-        assert_eq!(t.hub.stats().subscriptions, 1);
+        let most = slow.most_at_once.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(most, 1, "reads at once");
     })
     .await;
 }
