@@ -109,7 +109,14 @@ pub(crate) async fn keepalive(
         }
         let expired = connections.tick(clock.now());
         if expired > 0 {
-            metrics.expired(expired);
+            // A recorder that panics must not end this task: every connection's pings and
+            // expiry depend on it.
+            let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                metrics.expired(expired);
+            }));
+            if counted.is_err() {
+                tracing::error!("the metrics recorder panicked counting expired connections");
+            }
             tracing::debug!(
                 connections = expired,
                 "closed connections whose credentials expired"

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// What the recorder's handle panics on.
 #[derive(Clone, Copy, PartialEq)]
-enum Op {
+pub(crate) enum Op {
     GaugeIncrement,
     GaugeDecrement,
     CounterIncrement,
@@ -20,12 +20,12 @@ enum Op {
 /// A recorder whose metrics `names` panic the first time `op` is done on them (every time
 /// with `always`): a bug in the metrics set-up, reached from wherever the hub counts those
 /// metrics. `calls` counts the times `op` was done on them.
-struct PanicsOnce {
-    names: Vec<&'static str>,
-    op: Op,
-    armed: Arc<AtomicBool>,
-    always: bool,
-    calls: Arc<AtomicUsize>,
+pub(crate) struct PanicsOnce {
+    pub(crate) names: Vec<&'static str>,
+    pub(crate) op: Op,
+    pub(crate) armed: Arc<AtomicBool>,
+    pub(crate) always: bool,
+    pub(crate) calls: Arc<AtomicUsize>,
 }
 
 struct Handle {

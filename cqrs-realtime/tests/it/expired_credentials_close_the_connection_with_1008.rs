@@ -250,3 +250,54 @@ async fn a_handshake_with_expired_credentials_is_refused_with_401() {
     })
     .await;
 }
+
+/// A metrics recorder that panics counting the connections a keepalive tick closed for
+/// expiry does not end the keepalive: the other connections are still pinged. (The task died
+/// with it, and every connection's pings and expiry with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorder_that_panics_counting_expiry_leaves_the_keepalive_running() {
+    use crate::a_metrics_recorder_that_panics_leaks_nothing::{Op, PanicsOnce};
+    with_timeout(TEST_LIMIT, async {
+        let clock = ManualClock::new();
+        let recorder = PanicsOnce {
+            names: vec![cqrs_realtime::metrics::names::EXPIRED_CLOSES],
+            op: Op::CounterIncrement,
+            armed: Arc::default(),
+            always: false,
+            calls: Arc::default(),
+        };
+        recorder
+            .armed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // The hub takes its metric handles when it is built, from this thread's recorder.
+        let guard = metrics::set_default_local_recorder(&recorder);
+        let t = hub(&clock, ticking()).await;
+        drop(guard);
+        let mut first = t.connect("agent-temp1").await;
+        first.subscribe("tickets").await;
+        let mut forever = t.connect("agent-forever").await;
+        forever.subscribe("tickets").await;
+
+        // The tick that closes the first panics counting it.
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(
+            closed_in_time(first.close_frame(100)).await,
+            (close_code::POLICY_VIOLATION, REASON.to_owned())
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the recorder was called",
+            || async {
+                (recorder.calls.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+            },
+        )
+        .await;
+        // The keepalive goes on: the pong follows every ping queued so far, and then ticks
+        // still come.
+        forever.ping_pong().await;
+        pings(&mut forever, 3).await;
+        t.publish("t1", "u1", 1).await;
+        assert_eq!(forever.event().await.seq, 1);
+    })
+    .await;
+}
