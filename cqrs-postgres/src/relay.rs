@@ -856,6 +856,13 @@ impl PgOutboxRelay {
         }
         let connect = async {
             let mut listener = PgListener::connect_with(&self.db.pool).await?;
+            // A lost connection is reported (`try_recv` answers `None`), not replaced inside
+            // the call: a reconnection cut off in the middle (the notifications read without
+            // waiting before each batch, a poll interval running out) would hand its pooled
+            // connection back with its LISTEN sent, and a pooled connection that listens fails
+            // the next query it runs once a notification arrives ("unexpected message").
+            // The relay connects a new listener itself, in its idle wait, to the end.
+            listener.eager_reconnect(false);
             listener.listen(self.db.channel()).await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -912,8 +919,9 @@ impl PgOutboxRelay {
     /// default) every transaction that notifies, every append of every instance, fails.
     ///
     /// `try_recv`, not `recv`: on a lost connection `recv` reconnects, and a reconnection
-    /// polled once and dropped would start again at every batch without ever finishing. A lost
-    /// connection drops the listener instead; the next idle wait connects a new one.
+    /// polled once and dropped would start again at every batch without ever finishing (and
+    /// leave a listening connection in the pool each time). A lost connection drops the
+    /// listener instead; the next idle wait connects a new one.
     fn read_notifications(&self, listener: &mut Option<PgListener>) {
         let Some(l) = listener else { return };
         loop {
@@ -956,12 +964,17 @@ impl PgOutboxRelay {
             tokio::select! {
                 () = ctx.shutdown.requested() => return,
                 () = tokio::time::sleep_until(until) => return,
-                received = l.recv() => {
-                    if let Err(e) = received {
+                received = l.try_recv() => match received {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects");
+                        *listener = None;
+                    }
+                    Err(e) => {
                         tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
                         *listener = None;
                     }
-                }
+                },
             }
         }
     }
@@ -978,13 +991,17 @@ impl PgOutboxRelay {
             Some(l) => {
                 tokio::select! {
                     _ = ctx.shutdown.requested() => {}
-                    received = tokio::time::timeout(self.poll_interval, l.recv()) => {
+                    received = tokio::time::timeout(self.poll_interval, l.try_recv()) => {
                         match received {
                             // One batch serves every notification already here: those
                             // sqlx has buffered and those waiting on the socket (each polled
                             // once, none waited for). Left there, each would start a batch of
                             // its own that finds nothing new: one per append under load.
-                            Ok(Ok(_)) => self.read_notifications(listener),
+                            Ok(Ok(Some(_))) => self.read_notifications(listener),
+                            Ok(Ok(None)) => {
+                                tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects");
+                                *listener = None;
+                            }
                             Ok(Err(e)) => {
                                 tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
                                 *listener = None;

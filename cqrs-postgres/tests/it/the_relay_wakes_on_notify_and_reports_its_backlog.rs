@@ -245,3 +245,80 @@ pg_test! {
         );
     }
 }
+
+pg_test! {
+    /// The relay's LISTEN connection is lost while it ships a backlog: it connects a new
+    /// listener at its next idle wait (appends wake it again, with an hour's poll interval),
+    /// and every other pooled connection still answers queries, none left listening. (sqlx
+    /// reconnected inside the relay's reads of notifications, which a read without waiting or
+    /// a poll interval can cut off half-way: cut off after its LISTEN went out, it handed a
+    /// listening connection back to the pool, which fails its next query once a notification
+    /// arrives. This test passed before that change too: here the pool's check of the
+    /// connection it hands out comes first, and the cut falls there.)
+    async fn a_lost_listen_connection_leaves_no_listening_connection_in_the_pool(db: PgDatabase) {
+        let relay_db = crate::support::options(db.schema())
+            .max_connections(4)
+            .connect()
+            .await
+            .expect("connect");
+        let store = db.event_store();
+        for n in 0..3 {
+            store.append(&format!("early-{n}"), ExpectedVersion::NO_STREAM, vec![record(n)]).await.unwrap();
+        }
+        // One event a batch: after each full batch the relay reads its notifications without
+        // waiting, and goes on at once. The first publish waits at the gate.
+        let transport = Arc::new(GatedTransport::new());
+        let mut worker = PgOutboxRelay::new(relay_db.clone(), transport.clone())
+            .batch_size(1)
+            .poll_interval(Duration::from_secs(3600))
+            .metrics_interval(Duration::from_secs(3600));
+        let (trigger, shutdown) = Shutdown::new();
+        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let running = tokio::spawn(async move { worker.run(ctx).await });
+        eventually(Duration::from_secs(10), "the relay publishes its first batch", || async {
+            (transport.calls.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
+
+        // The server ends the listener's session.
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) \
+             FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(format!("cqrs-test {}", db.schema()))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(ended, 1, "the relay's LISTEN session");
+        transport.gate.add_permits(1);
+        eventually(Duration::from_secs(15), "the relay ships the backlog", || async {
+            (transport.published().len() == 3).then_some(())
+        })
+        .await;
+
+        // Appends notify every session that listens, and wake the relay through its new one.
+        for n in 3..6 {
+            store.append(&format!("late-{n}"), ExpectedVersion::NO_STREAM, vec![record(n)]).await.unwrap();
+        }
+        eventually(Duration::from_secs(15), "the new listener wakes the relay", || async {
+            (transport.published().len() == 6).then_some(())
+        })
+        .await;
+        // Every pooled connection, all four at once, answers a query.
+        let queries = (0..4).map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(relay_db.pool()));
+        for answer in futures_util::future::join_all(queries).await {
+            assert!(answer.is_ok(), "a pooled connection failed a query: {answer:?}");
+        }
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(format!("cqrs-test {}", db.schema()))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(listening, 1, "sessions whose last statement was a LISTEN");
+
+        trigger.trigger();
+        running.await.unwrap().expect("a clean stop");
+    }
+}
