@@ -502,8 +502,10 @@ impl PgOutboxRelay {
                 metrics::gauge!("cqrs_outbox_oldest_unpublished_seconds", "relay" => self.relay.clone())
                     .set(backlog.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
             }
+            // At `warn`: the gauges keep their last values meanwhile, which may be small while
+            // the backlog grows (a `statement_timeout` too short for the count, say).
             Err(e) => {
-                tracing::debug!(relay = %self.relay, error = %e, "could not measure the outbox backlog")
+                tracing::warn!(relay = %self.relay, error = %e, "could not measure the outbox backlog; its gauges keep their last values")
             }
         }
     }
