@@ -233,12 +233,20 @@ fn server_of(url: &str) -> String {
     }
 }
 
-/// A connected subscriber client, whose message channel buffers `capacity` messages.
+/// The most messages the subscriber client's own channels buffer, whatever the local
+/// subscribers' `capacity`: fred sizes eight broadcast channels (messages, errors, reconnects,
+/// ...) with it and allocates them at connect, so `capacity`'s maximum (2^20) would cost
+/// hundreds of MiB up front. The reader drains the message channel into the per-channel
+/// buffers without waiting, so it needs no more.
+const MAX_SUBSCRIBER_BUFFER: usize = 65_536;
+
+/// A connected subscriber client, whose message channel buffers `capacity` messages (at least
+/// 32, at most [`MAX_SUBSCRIBER_BUFFER`]).
 pub(crate) async fn subscriber(
     options: &ConnectionOptions,
     capacity: usize,
 ) -> Result<SubscriberClient, ConnectError> {
-    let client = builder(options, capacity.max(32))?
+    let client = builder(options, capacity.clamp(32, MAX_SUBSCRIBER_BUFFER))?
         .build_subscriber_client()
         .map_err(transport_error)?;
     client.init().await.map_err(|e| init_error(options, e))?;
