@@ -988,6 +988,11 @@ impl PgOutboxRelay {
                 () = ctx.shutdown.requested() => return,
                 connected = self.listener() => *listener = connected,
             }
+            // Appends committed since the last batch and before the LISTEN notified no one:
+            // a batch first, then the wait.
+            if listener.is_some() {
+                return;
+            }
         }
         match listener {
             Some(l) => {

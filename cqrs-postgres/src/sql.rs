@@ -556,10 +556,10 @@ impl IdempotencyLocks {
 /// while a claim is open, or a replay running at the same moment), and briefly holds every
 /// lock-manager partition: fine for retries, not for a hot loop.
 ///
-/// With `$11` (milliseconds; `PgIdempotencyStore`'s claim wait), every lock wait of the claim
-/// is bounded by `lock_timeout`, set first and set back on the way out, so statements after it
-/// in the same transaction keep theirs. `NULL` (a claim in a command's unit of work) leaves
-/// `lock_timeout` as it is.
+/// With `$11` (milliseconds; the database's claim wait), every lock wait of the claim is
+/// bounded by `lock_timeout`, set first and set back on the way out, so statements after it
+/// in the same transaction keep theirs. `NULL` leaves `lock_timeout` as it is (every claim
+/// passes a wait now).
 ///
 /// Instances of a build that took the key lock in the `bigint` space do not exclude claims of
 /// this build (see "Rolling upgrades" in `docs/postgres.md`).

@@ -201,8 +201,9 @@ impl PgUnitOfWork {
         // queue; the claim runs in a task of its own, which its caller giving up does not
         // stop (as `PgIdempotencyStore::claim`'s): its statement may wait on the server for
         // the key's holder, another command's transaction, and given up in the middle it
-        // would keep its connection busy until that ended. The task ends within the claim
-        // wait, and with nobody to take its transaction back, drops it (rolled back).
+        // would keep its connection busy until that ended. Each of the task's lock waits ends
+        // within the claim wait, and with nobody to take its transaction back, it drops it
+        // (rolled back).
         // `Ok`: the transaction already begun; `Err`: a connection to begin it on.
         let start = match self.state().tx.take() {
             Some(tx) => Ok(tx),

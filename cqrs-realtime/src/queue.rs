@@ -135,14 +135,14 @@ impl SendQueue {
         item
     }
 
-    /// How many items were taken so far (wrapping): a count that moved means the client
-    /// took something in between.
     /// Items queued now.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 
+    /// How many items were taken so far (wrapping): a count that moved means the client
+    /// took something in between.
     pub(crate) fn popped(&self) -> u32 {
         self.popped.load(Ordering::Relaxed)
     }

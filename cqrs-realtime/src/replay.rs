@@ -14,6 +14,7 @@ use crate::{ErrorCode, PushedEvent, ServerFrame, Topic};
 use axum::extract::ws::Utf8Bytes;
 use cqrs_core::ports::EventStore;
 use cqrs_core::{EventRecord, Position};
+use futures_util::FutureExt;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -444,12 +445,11 @@ impl<'a, P> ReplaySender<'a, P> {
                     }
                 }
             }
-            // The client sets how long this wait lasts: another resume may read meanwhile.
-            self.permit = None;
-            let mut taken = queue.popped();
             // How often a wait looks whether the client takes frames: a client that does, but
             // never frees half the queue, is found starved within a probe, not an idle timeout.
             let probe = (self.stall_limit / 4).min(STARVATION_PROBE);
+            // Taken by the client since the wait began, and at the last look.
+            let (began, mut taken) = (queue.popped(), queue.popped());
             let mut still = Duration::ZERO;
             loop {
                 // At least two free (one for the frame, one left for a live event), however
@@ -459,6 +459,13 @@ impl<'a, P> ReplaySender<'a, P> {
                 } else {
                     (queue.capacity() / 2).max(2)
                 };
+                // Room already: no wait, and the permit stays (let go at every read's first
+                // send, the replay would queue behind newer resumes for each of its reads).
+                if queue.room_for(want).now_or_never().is_some() {
+                    break;
+                }
+                // The client sets how long this wait lasts: another resume may read meanwhile.
+                self.permit = None;
                 tokio::select! {
                     biased;
                     _ = self.conn.close.reader_closed() => return false,
@@ -475,11 +482,15 @@ impl<'a, P> ReplaySender<'a, P> {
                             }
                             continue;
                         }
-                        // Taking frames, but never freeing half the queue: live traffic
-                        // holds it. Two free slots will do for the rest of this replay.
                         taken = now;
                         still = Duration::ZERO;
-                        self.starved = true;
+                        // The client took as many frames as the wait wants free, and still
+                        // they are not: live traffic refills the queue. Two free slots will do
+                        // for the rest of this replay. (A client that takes fewer only reads
+                        // slowly: waiting for half the queue keeps room for live events.)
+                        if now.wrapping_sub(began) as usize >= want {
+                            self.starved = true;
+                        }
                     }
                 }
             }
@@ -1233,5 +1244,39 @@ mod tests {
         }
         assert_eq!(f.conn.close.get(), None, "closed as slow");
         assert_eq!(events, (1..=20).collect::<Vec<_>>());
+    }
+
+    /// A client that reads slowly, with no live traffic, takes fewer frames in a probe than
+    /// the replay waits to be free: it is slow, not starved, so the replay goes on waiting for
+    /// half the queue and never fills it past three quarters, leaving room for live events.
+    /// (Found starved by any progress, the replay filled all but the last slot.) The probe is
+    /// 500 ms; the client takes a frame every 350 ms, so a probe sees one taken where the
+    /// replay waits for two.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_client_without_live_traffic_is_not_taken_for_starved() {
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_secs(1))
+            .idle_timeout(Duration::from_secs(2));
+        let f = Fixture::new(options, 8, 2);
+        for n in 1..=10 {
+            f.store(n).await;
+        }
+        let replay = f.replay(0);
+        let (mut events, mut fullest) = (Vec::new(), 0);
+        while !replay.is_finished() || f.conn.queue.len() > 0 {
+            fullest = fullest.max(f.conn.queue.len());
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            fullest = fullest.max(f.conn.queue.len());
+            if let Some(Outgoing::Frame(frame)) = f.conn.queue.try_pop() {
+                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                if let Some(n) = frame["event"]["n"].as_u64() {
+                    events.push(n);
+                }
+            }
+        }
+        replay.await.unwrap();
+        assert_eq!(f.conn.close.get(), None, "closed as slow");
+        assert_eq!(events, (1..=10).collect::<Vec<_>>());
+        assert!(fullest <= 6, "the replay filled {fullest} of 8 slots");
     }
 }

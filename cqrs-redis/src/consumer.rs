@@ -805,8 +805,6 @@ impl RedisConsumer {
         if let Some(pending) = self.still_pending("the deliveries in flight").await {
             self.in_flight.retain(|id, _| pending.contains(id));
         }
-        // However many are still in flight, look again only once that many more are.
-        self.in_flight_limit = (self.in_flight.len() * 2).max(MIN_IN_FLIGHT_PRUNE);
     }
 
     /// Notes that this consumer acknowledged `id` of `lane` (the lane's highest so far).
@@ -1299,8 +1297,11 @@ impl Consumer for RedisConsumer {
             }
             // Before the deliveries count as handed out, as above: a fetch dropped in this
             // round trip (a shutdown) leaves them in no list, and `close` releases them, where
-            // counted as handed out they would wait out the redelivery delay.
-            if self.in_flight.len() + deliveries.len() >= self.in_flight_limit {
+            // counted as handed out they would wait out the redelivery delay. Nothing to
+            // prune when none is in flight (handlers that answer every batch).
+            let prune = !self.in_flight.is_empty()
+                && self.in_flight.len() + deliveries.len() >= self.in_flight_limit;
+            if prune {
                 self.prune_in_flight().await;
             }
             for delivery in &deliveries {
@@ -1308,6 +1309,10 @@ impl Consumer for RedisConsumer {
                 self.returned.remove(&delivery.id.0);
                 self.adopted.remove(&delivery.id.0);
                 self.in_flight.insert(delivery.id.0.clone(), lane);
+            }
+            if prune || self.in_flight.len() >= self.in_flight_limit {
+                // However many are in flight now, look again only once that many more are.
+                self.in_flight_limit = (self.in_flight.len() * 2).max(MIN_IN_FLIGHT_PRUNE);
             }
             // Everything the step returned is in a list now.
             self.unsure = false;
@@ -1460,10 +1465,6 @@ impl Consumer for RedisConsumer {
         // reclaim after the redelivery delay, a delivery counted twice.
         let mut release = self.held_released();
         release.read_unhanded.extend(stranded);
-        let released: Vec<String> = (release.read_unhanded.iter())
-            .chain(&release.counted)
-            .cloned()
-            .collect();
         // A chunk at a time, each no longer held once released: a close that fails part-way
         // leaves `Drop` only the rest, instead of taking back the released ones' counts twice.
         for (take_back, ids) in [(false, release.counted), (true, release.read_unhanded)] {
@@ -1479,17 +1480,18 @@ impl Consumer for RedisConsumer {
                     chunk.to_vec(),
                 )
                 .await?;
-                let chunk: HashSet<&String> = chunk.iter().collect();
-                self.held.retain(|id| !chunk.contains(id));
+                let released: HashSet<&String> = chunk.iter().collect();
+                self.held.retain(|id| !released.contains(id));
+                // Pending here until another consumer takes them: not stranded, should this
+                // one fetch or close again, after a failure here too (a second release would
+                // take a delivery back twice).
+                self.remember_returned(chunk.iter().cloned()).await;
             }
         }
         self.held.clear();
         self.known.clear();
         self.adopted.clear();
         self.unsure = false;
-        // Pending here until another consumer takes them: not stranded, should this one fetch
-        // or close again (a second release would take a delivery back twice).
-        self.remember_returned(released).await;
         Ok(())
     }
 

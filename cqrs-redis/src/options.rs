@@ -716,7 +716,9 @@ impl RedisPubSubOptions {
     /// messages (counted in `Subscription::missed`). Default 1024; from 1 to
     /// [`Fanout::MAX_CAPACITY`](cqrs_core::ports::Fanout::MAX_CAPACITY) (2^20). Each
     /// subscribed channel allocates its buffer up front, about 56 bytes per message: 56 KiB
-    /// per channel at the default, so lower it for thousands of channels per instance.
+    /// per channel at the default, so lower it for thousands of channels per instance. The
+    /// subscriber connection's own buffer, which the local ones are fed from, holds this many
+    /// too, at most 65,536.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self

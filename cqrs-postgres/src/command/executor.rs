@@ -77,7 +77,9 @@ impl<O> Idempotent<O> {
 /// the command in that same transaction (the layer takes it instead of beginning its own),
 /// turns the output into the response to store, and commits the handler's writes, its events
 /// and the response together. A concurrent request with the same key waits for that
-/// transaction and then replays the response; the work runs once. If the handler fails or
+/// transaction and then replays the response, or, still waiting after the claim wait
+/// ([`PgDatabase::with_claim_wait`], 5 s), fails as unavailable ("still running: retry"); the
+/// work runs once. If the handler fails or
 /// panics, everything rolls back, the key included, and a retry runs the work again.
 ///
 /// Round trips on a warm connection: `n + 4` for a handler running `n` statements (`BEGIN`,

@@ -310,7 +310,7 @@ pg_test! {
             .connect()
             .await
             .expect("connect")
-            .with_claim_wait(Duration::from_millis(500));
+            .with_claim_wait(Duration::from_secs(2));
         let executor = Arc::new(executor(&small, OpenTicketHandler::default()));
         let key = IdempotencyKey::new("POST /tickets", "slow", "fp", DAY);
         let running = tokio::spawn({
