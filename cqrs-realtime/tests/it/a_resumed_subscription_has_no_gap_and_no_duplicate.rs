@@ -629,13 +629,14 @@ async fn a_resume_that_finds_every_permit_busy_is_told_to_try_again() {
     with_timeout(TEST_LIMIT, async {
         let (t, slow) = slow_hub(
             1,
-            Duration::from_millis(50),
+            Duration::from_millis(100),
             HubOptions::new()
                 .operation_timeout(Duration::from_secs(1))
                 .resumes_per_minute(1),
         )
         .await;
-        // Forty reads of 50 ms: a replay that holds the one permit for two seconds.
+        // Forty reads of 100 ms: a replay that holds the one permit for four seconds, of which
+        // the second resume waits one.
         for seq in 1..=400 {
             t.store("t1", "u1", seq).await;
         }
