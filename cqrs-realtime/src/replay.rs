@@ -1130,6 +1130,17 @@ mod tests {
         assert!(events.len() >= MAX_FLUSH_ROUNDS - 2, "{}", events.len());
     }
 
+    /// Notes the number of the event `item` carries, if it is an event frame (not a live
+    /// filler or a ping).
+    fn take(item: Outgoing, events: &mut Vec<u64>) {
+        if let Outgoing::Frame(frame) = item {
+            let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+            if let Some(n) = frame["event"]["n"].as_u64() {
+                events.push(n);
+            }
+        }
+    }
+
     /// A client that takes frames all along, while live traffic on its other subscriptions
     /// keeps more than half its queue full, is not closed as slow by a replay that waits for
     /// half the queue: the replay takes single free slots instead, for the rest of the replay
@@ -1157,14 +1168,6 @@ mod tests {
         // full queue closes the client), takes every slot the client frees for 300 ms, past
         // the idle timeout (the replay finds itself starved), then every other one.
         let mut events = Vec::new();
-        let take = |item: Outgoing, events: &mut Vec<u64>| {
-            if let Outgoing::Frame(frame) = item {
-                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                if let Some(n) = frame["event"]["n"].as_u64() {
-                    events.push(n);
-                }
-            }
-        };
         for round in 0.. {
             if replay.is_finished() {
                 break;
@@ -1215,14 +1218,6 @@ mod tests {
         let started = Instant::now();
         let replay = f.replay(0);
         let mut events = Vec::new();
-        let take = |item: Outgoing, events: &mut Vec<u64>| {
-            if let Outgoing::Frame(frame) = item {
-                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                if let Some(n) = frame["event"]["n"].as_u64() {
-                    events.push(n);
-                }
-            }
-        };
         while !replay.is_finished() {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
@@ -1267,11 +1262,8 @@ mod tests {
             fullest = fullest.max(f.conn.queue.len());
             tokio::time::sleep(Duration::from_millis(350)).await;
             fullest = fullest.max(f.conn.queue.len());
-            if let Some(Outgoing::Frame(frame)) = f.conn.queue.try_pop() {
-                let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                if let Some(n) = frame["event"]["n"].as_u64() {
-                    events.push(n);
-                }
+            if let Some(item) = f.conn.queue.try_pop() {
+                take(item, &mut events);
             }
         }
         replay.await.unwrap();
