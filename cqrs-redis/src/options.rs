@@ -71,7 +71,8 @@ impl fmt::Debug for ConnectionOptions {
 /// name without a password is hidden whole, as it may be a password put in the wrong place)
 /// and in query parameters whose name holds `password` (`sentinelPassword=***`). A URL that
 /// does not parse is not shown past its scheme: where its user info ends cannot be told (a
-/// password may hold `/`, `@` or `:`), so no part of it is safe to show.
+/// password may hold `/`, `@` or `:`), so no part of it is safe to show. Nor is one without
+/// user info that holds an `@` further on.
 pub(crate) fn redacted_url(url: &str) -> String {
     let Ok(parsed) = url::Url::parse(url) else {
         let scheme = url
@@ -79,6 +80,15 @@ pub(crate) fn redacted_url(url: &str) -> String {
             .map_or(String::new(), |(scheme, _)| format!("{scheme}://"));
         return format!("{scheme}(not shown: it does not parse, and may hold a password)");
     };
+    // No user info, but an `@` further on: a password holding `/`, `?` or `#` unencoded
+    // (`redis://app:20/24@host` parses as host `app`, port 20, path `/24@host`).
+    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+    if parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@') {
+        return format!(
+            "{}://(not shown: an `@` outside its user info may end a password)",
+            parsed.scheme()
+        );
+    }
     let mut shown = format!("{}://", parsed.scheme());
     match (parsed.username(), parsed.password()) {
         ("", None) => {}
@@ -977,6 +987,15 @@ mod tests {
             (
                 "not a url",
                 "(not shown: it does not parse, and may hold a password)",
+            ),
+            // A password holding `/` or `?` unencoded parses as a port and a path or query.
+            (
+                "redis://app:2024/xyz@host",
+                "redis://(not shown: an `@` outside its user info may end a password)",
+            ),
+            (
+                "redis://app:2024?xyz@host",
+                "redis://(not shown: an `@` outside its user info may end a password)",
             ),
         ] {
             assert_eq!(redacted_url(url), shown);
