@@ -48,10 +48,16 @@ pub enum StoreError {
     /// Stored data could not be encoded or decoded.
     #[error("could not encode or decode stored data: {0}")]
     Codec(#[source] BoxError),
-    /// The backend cannot store a value the caller gave, such as text holding U+0000 in
-    /// Postgres. The caller's data is at fault, not the server: validate it earlier (422).
+    /// The backend cannot store a value the caller gave: text holding U+0000 in Postgres, a
+    /// key too large for an index, a payload nested more than
+    /// [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH) deep. The caller's data is at
+    /// fault, not the server: validate it earlier (422).
     // The source stays out of the message: clients see it, and it may quote server internals.
-    #[error("{backend} cannot store a value it was given (such as text holding U+0000)")]
+    #[error(
+        "{backend} cannot store a value it was given (text holding U+0000, a value too large \
+         to index, or arrays and objects nested more than {} deep)",
+        crate::ports::MAX_PAYLOAD_DEPTH
+    )]
     Rejected {
         /// Which backend.
         backend: &'static str,
