@@ -6,6 +6,7 @@ use crate::sql::{IdempotencyLocks, Sql};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Row, Transaction};
@@ -186,14 +187,7 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
 /// use cqrs_postgres::ClaimWaitElapsed;
 ///
 /// fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
-///     let mut next = Some(error);
-///     while let Some(e) = next {
-///         if e.is::<ClaimWaitElapsed>() {
-///             return true;
-///         }
-///         next = e.source();
-///     }
-///     false
+///     std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<ClaimWaitElapsed>())
 /// }
 /// # let _ = key_in_use;
 /// ```
@@ -332,30 +326,14 @@ impl IdempotencyStore for PgIdempotencyStore {
             .acquire()
             .await
             .map_err(|e| self.db.store_error(e))?;
-        // The claim runs in a task of its own, which the caller's giving up does not stop:
-        // the statement may wait on the server for the key's holder (up to the claim wait),
-        // and a statement given up mid-wait left sqlx unable, now and then, to give its
-        // connection back to the pool at all. Finished, the task's transaction is dropped
-        // between statements (rolled back), the way every dropped claim ends.
-        let claimed = tokio::spawn(
-            claim_in_a_transaction(
-                self.db.clone(),
-                connection,
-                (scope.to_owned(), key.to_owned(), fingerprint.to_owned()),
-                ttl,
-            )
-            .in_current_span(),
-        );
-        let (tx, outcome) = match claimed.await {
-            Ok(claimed) => claimed?,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => {
-                return Err(StoreError::Unavailable {
-                    backend: BACKEND,
-                    source: format!("the runtime is shutting down: {e}").into(),
-                });
-            }
-        };
+        let (tx, outcome) = claim_detached(
+            &self.db,
+            Err(connection),
+            true,
+            (scope, key, fingerprint),
+            ttl,
+        )
+        .await?;
         match outcome {
             Outcome::New => Ok(Claim::New(Box::new(PgIdempotencyGuard {
                 tx,
@@ -392,21 +370,55 @@ impl IdempotencyStore for PgIdempotencyStore {
     }
 }
 
-/// [`PgIdempotencyStore::claim`]'s transaction and claim, owned, for its task.
+/// Claims a key in a task of its own, which its caller giving up does not stop: the
+/// statement may wait on the server for the key's holder (up to the claim wait), and a
+/// statement given up mid-wait left sqlx unable, now and then, to give its connection back to
+/// the pool at all. Finished with nobody to take it, the task's transaction is dropped between
+/// statements (rolled back), the way every dropped claim ends.
+///
+/// `start`: a transaction already begun, or a connection to begin one on (acquired by the
+/// caller, so that a caller that gives up while it waits leaves the pool's queue instead of
+/// its claim taking the key for no one). `hold_open`: lift the server's idle timeouts for the
+/// transaction, whose work runs outside it (see [`PgDatabase::held_open`]).
+pub(crate) async fn claim_detached(
+    db: &PgDatabase,
+    start: Result<Transaction<'static, Postgres>, PoolConnection<Postgres>>,
+    hold_open: bool,
+    (scope, key, fingerprint): (&str, &str, &str),
+    ttl: Duration,
+) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
+    let identity = (scope.to_owned(), key.to_owned(), fingerprint.to_owned());
+    let claimed = tokio::spawn(
+        claim_in_a_transaction(db.clone(), start, hold_open, identity, ttl).in_current_span(),
+    );
+    match claimed.await {
+        Ok(claimed) => claimed,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StoreError::Unavailable {
+            backend: BACKEND,
+            source: format!("the runtime is shutting down: {e}").into(),
+        }),
+    }
+}
+
+/// [`claim_detached`]'s transaction and claim, owned, for its task.
 async fn claim_in_a_transaction(
     db: PgDatabase,
-    connection: sqlx::pool::PoolConnection<Postgres>,
+    start: Result<Transaction<'static, Postgres>, PoolConnection<Postgres>>,
+    hold_open: bool,
     (scope, key, fingerprint): (String, String, String),
     ttl: Duration,
 ) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
-    // A new claim's transaction stays open, idle, while the caller does the work outside
-    // it: ended by the server's idle timeouts mid-work, it would let a waiting duplicate take
-    // the key and run the work a second time. It holds no append lock, only this key's; the
-    // caller's guard bounds it.
-    let began = crate::sql::begin_on(connection).await;
-    let tx = match began {
-        Ok(tx) => PgDatabase::held_open(tx).await,
-        Err(e) => Err(e),
+    let tx = match start {
+        Ok(tx) => Ok(tx),
+        Err(connection) => match crate::sql::begin_on(connection).await {
+            // A store claim's transaction stays open, idle, while the caller does the work
+            // outside it: ended by the server's idle timeouts mid-work, it would let a waiting
+            // duplicate take the key and run the work a second time. It holds no append lock,
+            // only this key's; the caller's guard bounds it.
+            Ok(tx) if hold_open => PgDatabase::held_open(tx).await,
+            began => began,
+        },
     };
     let mut tx = tx.map_err(|e| db.store_error(e))?;
     let (now, wait) = (db.clock.now(), Some(db.claim_wait));

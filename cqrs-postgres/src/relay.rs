@@ -929,19 +929,27 @@ impl PgOutboxRelay {
         loop {
             match l.try_recv().now_or_never() {
                 Some(Ok(Some(_))) => {}
-                Some(Ok(None)) => {
-                    tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects");
-                    *listener = None;
-                    return;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
-                    *listener = None;
+                Some(lost) => {
+                    self.drop_listener(listener, lost.err());
                     return;
                 }
                 None => return,
             }
         }
+    }
+
+    /// Drops a listener whose connection was lost (`error`: or failed); the next idle wait
+    /// connects a new one, and until then the relay polls.
+    fn drop_listener(&self, listener: &mut Option<PgListener>, error: Option<sqlx::Error>) {
+        match error {
+            None => {
+                tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects")
+            }
+            Some(e) => {
+                tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects")
+            }
+        }
+        *listener = None;
     }
 
     /// Waits out the poll interval (or shutdown) while another relay holds the checkpoint:
@@ -968,14 +976,7 @@ impl PgOutboxRelay {
                 () = tokio::time::sleep_until(until) => return,
                 received = l.try_recv() => match received {
                     Ok(Some(_)) => {}
-                    Ok(None) => {
-                        tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects");
-                        *listener = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
-                        *listener = None;
-                    }
+                    lost => self.drop_listener(listener, lost.err()),
                 },
             }
         }
@@ -1005,14 +1006,7 @@ impl PgOutboxRelay {
                             // once, none waited for). Left there, each would start a batch of
                             // its own that finds nothing new: one per append under load.
                             Ok(Ok(Some(_))) => self.read_notifications(listener),
-                            Ok(Ok(None)) => {
-                                tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects");
-                                *listener = None;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects");
-                                *listener = None;
-                            }
+                            Ok(lost) => self.drop_listener(listener, lost.err()),
                             Err(_) => {}
                         }
                     }

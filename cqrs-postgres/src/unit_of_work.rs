@@ -3,7 +3,7 @@
 use crate::PgDatabase;
 use crate::error::{commit_error, commit_store_error, store_error};
 use crate::event_store::{Completion, append_on};
-use crate::idempotency::{self, Outcome, claim_on, complete_on};
+use crate::idempotency::{self, Outcome, complete_on};
 use cqrs_core::ports::{ExpectedVersion, StoreError, StoredResponse};
 use cqrs_core::{CommandContext, ErrorKind, EventRecord, HandlerError};
 use sqlx::Transaction;
@@ -11,7 +11,6 @@ use sqlx::postgres::{PgConnection, Postgres};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::Instrument;
 use uuid::Uuid;
 
 /// One command's transaction, put in the handler's context by
@@ -196,58 +195,22 @@ impl PgUnitOfWork {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Outcome, StoreError> {
-        let db = self.db.clone();
-        // The wait for a connection runs here, so a caller that gives up leaves the pool's
-        // queue; the claim runs in a task of its own, which its caller giving up does not
-        // stop (as `PgIdempotencyStore::claim`'s): its statement may wait on the server for
-        // the key's holder, another command's transaction, and given up in the middle it
-        // would keep its connection busy until that ended. Each of the task's lock waits ends
-        // within the claim wait, and with nobody to take its transaction back, it drops it
-        // (rolled back).
-        // `Ok`: the transaction already begun; `Err`: a connection to begin it on.
+        // On a task of its own, as `PgIdempotencyStore::claim`'s: the statement may wait on
+        // the server for the key's holder, another command's transaction, and given up in
+        // the middle it would keep its connection busy until that ended. Not held open: the
+        // command runs in this transaction.
         let start = match self.state().tx.take() {
             Some(tx) => Ok(tx),
-            None => Err(db.pool.acquire().await.map_err(|e| db.store_error(e))?),
+            None => Err(self
+                .db
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| self.db.store_error(e))?),
         };
-        let (identity, task_db) = (
-            (scope.to_owned(), key.to_owned(), fingerprint.to_owned()),
-            db.clone(),
-        );
-        let claimed = tokio::spawn(
-            async move {
-                let (scope, key, fingerprint) = identity;
-                let mut tx = match start {
-                    Ok(tx) => tx,
-                    Err(connection) => crate::sql::begin_on(connection)
-                        .await
-                        .map_err(|e| task_db.store_error(e))?,
-                };
-                let (sql, now, wait) = (&task_db.sql, task_db.clock.now(), task_db.claim_wait);
-                let outcome = claim_on(
-                    &mut tx,
-                    sql,
-                    Some(wait),
-                    &scope,
-                    &key,
-                    &fingerprint,
-                    now,
-                    ttl,
-                )
+        let (tx, outcome) =
+            idempotency::claim_detached(&self.db, start, false, (scope, key, fingerprint), ttl)
                 .await?;
-                Ok((tx, outcome))
-            }
-            .in_current_span(),
-        );
-        let (tx, outcome) = match claimed.await {
-            Ok(claimed) => claimed?,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => {
-                return Err(StoreError::Unavailable {
-                    backend: crate::error::BACKEND,
-                    source: format!("the runtime is shutting down: {e}").into(),
-                });
-            }
-        };
         self.state().tx = Some(tx);
         if let Outcome::New = outcome {
             self.state().claim = Some(ClaimedKey {

@@ -546,21 +546,17 @@ impl<P: Send + Sync + 'static> Session<P> {
         // resume is given back with the ticket, and the upstream with `held`.
         let replay_permit = match since {
             None => None,
-            Some(_) => {
-                let permit = self.hub.replays.clone().acquire_owned();
-                match timeout(budget, permit).await {
-                    Ok(Ok(permit)) => Some(permit),
-                    // Closed: never, the hub keeps its semaphore open.
-                    Ok(Err(_)) | Err(_) => {
-                        return self.send_error(
-                            ErrorCode::Unavailable,
-                            "too many resumes are replaying on this server: try again in a \
-                             moment (or subscribe without `since` and reload over HTTP)",
-                            Some(&name),
-                        );
-                    }
+            Some(_) => match self.hub.replay_permit().await {
+                Some(permit) => Some(permit),
+                None => {
+                    return self.send_error(
+                        ErrorCode::Unavailable,
+                        "too many resumes are replaying on this server: try again in a \
+                         moment (or subscribe without `since` and reload over HTTP)",
+                        Some(&name),
+                    );
                 }
-            }
+            },
         };
         // The resume is kept once the subscription is registered (below): refused or failed
         // before that (a panicking metrics recorder), the ticket gives it back.

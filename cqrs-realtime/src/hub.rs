@@ -166,7 +166,7 @@ pub(crate) struct HubInner<P> {
     /// Resume budgets per principal key: reconnecting does not refill one.
     resume_budgets: std::sync::Mutex<ResumeBudgets>,
     /// One permit per replay that may run at once (`max_concurrent_replays`).
-    pub(crate) replays: Arc<tokio::sync::Semaphore>,
+    replays: Arc<tokio::sync::Semaphore>,
     all_closed: Notify,
 }
 
@@ -181,6 +181,17 @@ impl<P> Drop for HubInner<P> {
 impl<P> HubInner<P> {
     pub(crate) fn is_stopping(&self) -> bool {
         self.stopped.is_requested() || self.external.as_ref().is_some_and(|s| s.is_requested())
+    }
+
+    /// One of the hub's `max_concurrent_replays` permits to read the store for a replay, or
+    /// `None` when none came free within `operation_timeout`.
+    pub(crate) async fn replay_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let permit = self.replays.clone().acquire_owned();
+        // `Err` from the semaphore: closed, which the hub never does.
+        tokio::time::timeout(self.options.operation_timeout, permit)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Refuses new handshakes and closes every connection with 1001.

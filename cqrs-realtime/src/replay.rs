@@ -226,17 +226,13 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
     /// One read of the log, within the operation timeout; a failure ends the replay.
     async fn read(&mut self, after: Position, limit: usize) -> Result<Vec<EventRecord>, End> {
         if self.sender.permit.is_none() {
-            let permit = self.hub.replays.clone().acquire_owned();
-            match timeout(self.hub.options.operation_timeout, permit).await {
-                Ok(Ok(permit)) => self.sender.permit = Some(permit),
-                // Closed: never, the hub keeps its semaphore open.
-                Ok(Err(_)) | Err(_) => {
-                    return Err(End::Failed(
-                        "too many resumes are replaying on this server to read the event log \
-                         in time"
-                            .to_owned(),
-                    ));
-                }
+            self.sender.permit = self.hub.replay_permit().await;
+            if self.sender.permit.is_none() {
+                return Err(End::Failed(
+                    "too many resumes are replaying on this server to read the event log in \
+                     time"
+                        .to_owned(),
+                ));
             }
         }
         match timeout(
@@ -449,7 +445,8 @@ impl<'a, P> ReplaySender<'a, P> {
             // never frees half the queue, is found starved within a probe, not an idle timeout.
             let probe = (self.stall_limit / 4).min(STARVATION_PROBE);
             // Taken by the client since the wait began, and at the last look.
-            let (began, mut taken) = (queue.popped(), queue.popped());
+            let began = queue.popped();
+            let mut taken = began;
             let mut still = Duration::ZERO;
             loop {
                 // At least two free (one for the frame, one left for a live event), however
@@ -1130,6 +1127,35 @@ mod tests {
         assert!(events.len() >= MAX_FLUSH_ROUNDS - 2, "{}", events.len());
     }
 
+    /// A live event of another subscription of the connection, as the fan-out pushes it.
+    fn live() -> Utf8Bytes {
+        Utf8Bytes::from(r#"{"type":"event","live":true}"#)
+    }
+
+    /// A replay of 20 stored events into a send queue of 8 that live traffic filled first.
+    async fn replay_into_a_full_queue(options: HubOptions) -> (Fixture, JoinHandle<()>) {
+        let f = Fixture::new(options, 8, 2);
+        for n in 1..=20 {
+            f.store(n).await;
+        }
+        for _ in 0..8 {
+            f.conn.push(live());
+        }
+        let replay = f.replay(0);
+        (f, replay)
+    }
+
+    /// Waits for `replay` to end and takes what is left in the queue: the client, never
+    /// closed, got the 20 events in order.
+    async fn all_twenty_arrived(f: &Fixture, replay: JoinHandle<()>, mut events: Vec<u64>) {
+        replay.await.unwrap();
+        while let Some(item) = f.conn.queue.try_pop() {
+            take(item, &mut events);
+        }
+        assert_eq!(f.conn.close.get(), None, "closed as slow");
+        assert_eq!(events, (1..=20).collect::<Vec<_>>());
+    }
+
     /// Notes the number of the event `item` carries, if it is an event frame (not a live
     /// filler or a ping).
     fn take(item: Outgoing, events: &mut Vec<u64>) {
@@ -1148,22 +1174,13 @@ mod tests {
     /// so the live traffic (which closes a client whose queue it finds full) still fits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replay_beside_busy_live_traffic_to_a_reading_client_finishes() {
-        let f = Fixture::new(
+        let started = Instant::now();
+        let (f, replay) = replay_into_a_full_queue(
             HubOptions::new()
                 .ping_interval(Duration::from_millis(50))
                 .idle_timeout(Duration::from_millis(200)),
-            8,
-            2,
-        );
-        for n in 1..=20 {
-            f.store(n).await;
-        }
-        let live = || Utf8Bytes::from(r#"{"type":"event","live":true}"#);
-        for _ in 0..8 {
-            f.conn.push(live());
-        }
-        let started = Instant::now();
-        let replay = f.replay(0);
+        )
+        .await;
         // The client takes a frame every 10 ms. Live traffic, pushed as the fan-out does (a
         // full queue closes the client), takes every slot the client frees for 300 ms, past
         // the idle timeout (the replay finds itself starved), then every other one.
@@ -1191,12 +1208,7 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        replay.await.unwrap();
-        while let Some(item) = f.conn.queue.try_pop() {
-            take(item, &mut events);
-        }
-        assert_eq!(f.conn.close.get(), None, "closed as slow");
-        assert_eq!(events, (1..=20).collect::<Vec<_>>());
+        all_twenty_arrived(&f, replay, events).await;
     }
 
     /// With the default idle timeout (75 s) and live traffic that keeps the queue all but
@@ -1207,16 +1219,8 @@ mod tests {
     async fn a_replay_starved_by_live_traffic_is_found_so_within_a_second() {
         let options = HubOptions::new();
         assert_eq!(options.idle_timeout, Duration::from_secs(75));
-        let f = Fixture::new(options, 8, 2);
-        for n in 1..=20 {
-            f.store(n).await;
-        }
-        let live = || Utf8Bytes::from(r#"{"type":"event","live":true}"#);
-        for _ in 0..8 {
-            f.conn.push(live());
-        }
         let started = Instant::now();
-        let replay = f.replay(0);
+        let (f, replay) = replay_into_a_full_queue(options).await;
         let mut events = Vec::new();
         while !replay.is_finished() {
             assert!(
@@ -1233,12 +1237,7 @@ mod tests {
             }
             assert_eq!(f.conn.close.get(), None, "closed");
         }
-        replay.await.unwrap();
-        while let Some(item) = f.conn.queue.try_pop() {
-            take(item, &mut events);
-        }
-        assert_eq!(f.conn.close.get(), None, "closed as slow");
-        assert_eq!(events, (1..=20).collect::<Vec<_>>());
+        all_twenty_arrived(&f, replay, events).await;
     }
 
     /// A client that reads slowly, with no live traffic, takes fewer frames in a probe than

@@ -5,7 +5,9 @@ use crate::support::{pg_test, record};
 use crate::transport::{GatedTransport, receive};
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
-use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
+use cqrs_core::runtime::{
+    Health, HealthReporter, Shutdown, ShutdownTrigger, Worker, WorkerContext,
+};
 use cqrs_core::testing::eventually;
 use cqrs_postgres::PgOutboxRelay;
 use std::sync::Arc;
@@ -104,18 +106,9 @@ pg_test! {
         store.append("early", ExpectedVersion::NO_STREAM, vec![record(0)]).await.unwrap();
         // The first publish (of "early") waits until the burst has landed.
         let transport = Arc::new(GatedTransport::new());
-        let mut worker = PgOutboxRelay::new(counted, transport.clone())
-            .poll_interval(Duration::from_secs(3600))
-            .metrics_interval(Duration::from_secs(3600));
-        let (trigger, shutdown) = Shutdown::new();
-        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
-        let running = tokio::spawn(async move { worker.run(ctx).await });
-
         // It listens before its first batch: from its first publish on, every append notifies it.
-        eventually(Duration::from_secs(10), "the relay publishes its first batch", || async {
-            (transport.calls.load(Ordering::SeqCst) == 1).then_some(())
-        })
-        .await;
+        let (trigger, running) =
+            run_until_first_publish(PgOutboxRelay::new(counted, transport.clone()), &transport).await;
         for n in 1..=BURST {
             store.append(&format!("burst-{n}"), ExpectedVersion::NO_STREAM, vec![record(n)]).await.unwrap();
         }
@@ -268,17 +261,8 @@ pg_test! {
         // One event a batch: after each full batch the relay reads its notifications without
         // waiting, and goes on at once. The first publish waits at the gate.
         let transport = Arc::new(GatedTransport::new());
-        let mut worker = PgOutboxRelay::new(relay_db.clone(), transport.clone())
-            .batch_size(1)
-            .poll_interval(Duration::from_secs(3600))
-            .metrics_interval(Duration::from_secs(3600));
-        let (trigger, shutdown) = Shutdown::new();
-        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
-        let running = tokio::spawn(async move { worker.run(ctx).await });
-        eventually(Duration::from_secs(10), "the relay publishes its first batch", || async {
-            (transport.calls.load(Ordering::SeqCst) == 1).then_some(())
-        })
-        .await;
+        let relay = PgOutboxRelay::new(relay_db.clone(), transport.clone()).batch_size(1);
+        let (trigger, running) = run_until_first_publish(relay, &transport).await;
 
         // The server ends the listener's session.
         let ended: i64 = sqlx::query_scalar(
@@ -322,4 +306,31 @@ pg_test! {
         trigger.trigger();
         running.await.unwrap().expect("a clean stop");
     }
+}
+
+/// Runs `relay`, polling once an hour and measuring its backlog as seldom, until the trigger
+/// returned fires; returns once its first publish is under way (waiting at `transport`'s gate).
+async fn run_until_first_publish(
+    relay: PgOutboxRelay,
+    transport: &GatedTransport,
+) -> (
+    ShutdownTrigger,
+    tokio::task::JoinHandle<Result<(), cqrs_core::BoxError>>,
+) {
+    let mut worker = relay
+        .poll_interval(Duration::from_secs(3600))
+        .metrics_interval(Duration::from_secs(3600));
+    let (trigger, shutdown) = Shutdown::new();
+    let ctx = WorkerContext {
+        shutdown,
+        health: HealthReporter::detached("relay"),
+    };
+    let running = tokio::spawn(async move { worker.run(ctx).await });
+    eventually(
+        Duration::from_secs(10),
+        "the relay publishes its first batch",
+        || async { (transport.calls.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    (trigger, running)
 }

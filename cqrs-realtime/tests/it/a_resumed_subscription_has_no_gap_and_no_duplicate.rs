@@ -299,15 +299,31 @@ async fn client_last_position(t: &TestHub) -> Position {
     all.last().and_then(|r| r.position).expect("a stored event")
 }
 
-/// An event store that runs a hook once, when a replay's read has caught up but before the
-/// read returns: what happens in that window is what the replay must not lose.
-struct HookStore {
+/// An event store around the hub's: its reads take `delay` each (counting how many run at
+/// once), and it runs `hook` once, when a replay's read has caught up but before the read
+/// returns: what happens in that window is what the replay must not lose.
+struct TestStore {
     inner: Arc<InMemoryEventStore>,
     hook: tokio::sync::Mutex<Option<BoxFuture<'static, ()>>>,
+    delay: Duration,
+    reading: std::sync::atomic::AtomicUsize,
+    most_at_once: std::sync::atomic::AtomicUsize,
+}
+
+impl TestStore {
+    fn new(inner: Arc<InMemoryEventStore>, delay: Duration) -> Self {
+        Self {
+            inner,
+            hook: tokio::sync::Mutex::new(None),
+            delay,
+            reading: Default::default(),
+            most_at_once: Default::default(),
+        }
+    }
 }
 
 #[async_trait]
-impl EventStore for HookStore {
+impl EventStore for TestStore {
     async fn append(
         &self,
         stream_id: &str,
@@ -326,6 +342,13 @@ impl EventStore for HookStore {
         after: Position,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.reading.fetch_add(1, SeqCst) + 1;
+        self.most_at_once.fetch_max(now, SeqCst);
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.reading.fetch_sub(1, SeqCst);
         let batch = self.inner.read_all(after, limit).await?;
         if batch.len() < limit {
             let hook = self.hook.lock().await.take();
@@ -348,10 +371,7 @@ async fn live_events_that_overflow_the_hold_buffer_are_read_back() {
     with_timeout(TEST_LIMIT, async {
         let pubsub = Arc::new(InMemoryPubSub::new());
         let store = Arc::new(InMemoryEventStore::new());
-        let hooked = Arc::new(HookStore {
-            inner: store.clone(),
-            hook: tokio::sync::Mutex::new(None),
-        });
+        let hooked = Arc::new(TestStore::new(store.clone(), Duration::ZERO));
         let t = TestHub::start_full(
             pubsub.clone(),
             HubOptions::new().replay_buffer(5).replay_batch(100),
@@ -478,60 +498,15 @@ async fn reconnecting_does_not_refill_a_principals_resumes() {
     .await;
 }
 
-/// An event store whose reads take `delay` each, and which counts how many run at once.
-struct SlowStore {
-    inner: Arc<InMemoryEventStore>,
-    delay: Duration,
-    reading: std::sync::atomic::AtomicUsize,
-    most_at_once: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait]
-impl EventStore for SlowStore {
-    async fn append(
-        &self,
-        stream_id: &str,
-        expected: ExpectedVersion,
-        events: Vec<EventRecord>,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.append(stream_id, expected, events).await
-    }
-
-    async fn load(&self, stream_id: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.load(stream_id, after).await
-    }
-
-    async fn read_all(
-        &self,
-        after: Position,
-        limit: usize,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now = self.reading.fetch_add(1, SeqCst) + 1;
-        self.most_at_once.fetch_max(now, SeqCst);
-        tokio::time::sleep(self.delay).await;
-        self.reading.fetch_sub(1, SeqCst);
-        self.inner.read_all(after, limit).await
-    }
-
-    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
-        self.inner.stream_version(stream_id).await
-    }
-}
-
-/// A hub over a [`SlowStore`] with `max_concurrent_replays` of `replays`.
+/// A hub whose replays read a [`TestStore`] with `delay`, and `max_concurrent_replays` of
+/// `replays`.
 async fn slow_hub(
     replays: usize,
     delay: Duration,
     options: HubOptions,
-) -> (TestHub, Arc<SlowStore>) {
+) -> (TestHub, Arc<TestStore>) {
     let store = Arc::new(InMemoryEventStore::new());
-    let slow = Arc::new(SlowStore {
-        inner: store.clone(),
-        delay,
-        reading: Default::default(),
-        most_at_once: Default::default(),
-    });
+    let slow = Arc::new(TestStore::new(store.clone(), delay));
     let options = options.max_concurrent_replays(replays).replay_batch(10);
     let hub = TestHub::start_full(
         Arc::new(InMemoryPubSub::new()),

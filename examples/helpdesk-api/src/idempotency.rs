@@ -191,14 +191,7 @@ fn reused() -> ApiError {
 /// Whether `error` is a claim that waited its whole claim wait for a duplicate still running
 /// (Postgres), rather than a backend out of reach.
 fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<ClaimWaitElapsed>() {
-            return true;
-        }
-        next = e.source();
-    }
-    false
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<ClaimWaitElapsed>())
 }
 
 /// 503 `idempotency_key_in_use`: the retry it advises, with the same key, replays the answer
