@@ -207,6 +207,19 @@ pub enum RelayError {
         #[source]
         source: StoreError,
     },
+    /// A batch got no answer from Postgres for four times the publish timeout (a hung
+    /// server, a network that drops packets silently) and was given up with its connection,
+    /// uncommitted: what it published goes out again (at least once). Retried like any failed
+    /// batch, on another connection.
+    #[error(
+        "outbox relay `{relay}` gave up on a batch after {after:?} (four times the publish timeout): Postgres or the network to it is not answering; retrying on another connection"
+    )]
+    Unresponsive {
+        /// The relay's name.
+        relay: String,
+        /// How long the batch ran.
+        after: Duration,
+    },
     /// The relay's settings do not fit the server's: `publish_timeout` is not below a
     /// timeout that ends the batch's session while it publishes (which would let a second
     /// relay ship the same events at the same time); or its fixed topic is one no transport
@@ -228,6 +241,8 @@ impl RelayError {
             RelayError::Transport { source, .. } => source.kind(),
             RelayError::PublishTimeout { .. } => ErrorKind::Timeout,
             RelayError::LeaseLost { source, .. } => source.kind(),
+            // The batch may have committed before its answer was lost.
+            RelayError::Unresponsive { .. } => ErrorKind::Timeout,
             RelayError::Settings { .. } => ErrorKind::Invalid,
         }
     }
@@ -877,13 +892,19 @@ impl PgOutboxRelay {
         }
     }
 
-    /// A batch, reported degraded while it runs past twice the publish timeout. Its statements
-    /// take milliseconds and its publishes end by the publish timeout, so a batch still running
-    /// then waits on a server that accepted a statement and never answered (a hung server, a
-    /// network that drops packets silently): the client has no deadline of its own on a
-    /// statement's answer, and without this the relay would look healthy, shipping nothing,
-    /// until the connection's TCP gives up. The batch is not cut short: cancelled mid-statement
-    /// its transaction could not be ended on that connection either.
+    /// A batch, reported degraded while it runs past twice the publish timeout, and given up
+    /// at four times. Its statements take milliseconds and its publishes end by the publish
+    /// timeout, so a batch still running then waits on a server that accepted a statement and
+    /// never answered (a hung server, a network that drops packets silently): the client has
+    /// no deadline of its own on a statement's answer, and without this the relay would look
+    /// healthy, shipping nothing, until the connection's TCP gives up, which, with nothing
+    /// left unacknowledged, it may never do.
+    ///
+    /// Given up, the batch is dropped with its connection, uncommitted: it fails as
+    /// [`RelayError::Unresponsive`], and the next batch runs on another connection (after a
+    /// failover, on the new server). The dropped one's transaction holds the checkpoint row
+    /// until its server ends the session (`idle_in_transaction_session_timeout`), and batches
+    /// meanwhile stand by; what it published goes out again (at least once).
     async fn watched_batch(&self, ctx: &WorkerContext) -> BatchOutcome {
         let batch = self.batch();
         tokio::pin!(batch);
@@ -892,7 +913,13 @@ impl PgOutboxRelay {
             () = tokio::time::sleep(self.stalled_after()) => {}
         }
         self.report_stall(ctx, "a batch has run");
-        batch.await
+        match tokio::time::timeout(self.stalled_after(), batch).await {
+            Ok(outcome) => outcome,
+            Err(_) => BatchOutcome::failed(RelayError::Unresponsive {
+                relay: self.relay.clone(),
+                after: self.stalled_after().saturating_mul(2),
+            }),
+        }
     }
 
     /// How long a batch or a backlog measurement may take before the relay reports Postgres

@@ -288,8 +288,8 @@ pg_test! {
 pg_test! {
     /// A batch whose statement the server never answers (here the network holds it back for
     /// a while) is reported degraded once it has run twice the publish timeout, instead of the
-    /// relay looking healthy while it ships nothing; once the answer comes, it ships and is
-    /// healthy again.
+    /// relay looking healthy while it ships nothing; once the network passes messages again,
+    /// the event ships and the relay is healthy again.
     async fn a_batch_the_server_does_not_answer_is_reported_degraded(db: PgDatabase) {
         append(&db, 1).await;
         let (proxy, pool) =
@@ -340,5 +340,58 @@ pg_test! {
         trigger.trigger();
         worker.await.unwrap().unwrap();
         through_proxy.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A batch whose connection went silent for good (a server that froze, a network that
+    /// drops packets: its TCP never gives up, since nothing is left unacknowledged) is given
+    /// up at four times the publish timeout, and the next batch ships on another connection,
+    /// instead of the relay waiting for ever.
+    async fn a_silent_batch_is_given_up_and_shipped_on_another_connection(db: PgDatabase) {
+        append(&db, 1).await;
+        // A session the silence caught inside a batch holds the checkpoint row until the
+        // server ends it: soon, here.
+        let options = PgPoolOptions::new().max_connections(3).after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query(AssertSqlSafe(
+                    "SET idle_in_transaction_session_timeout = '1s'".to_owned(),
+                ))
+                .execute(conn)
+                .await
+                .map(drop)
+            })
+        });
+        let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
+        let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let transport = Arc::new(ControlledTransport::default());
+        let shipped = || -> Vec<u64> {
+            transport.published().iter().map(|e| e.payload["n"].as_u64().unwrap()).collect()
+        };
+        let mut relay = PgOutboxRelay::new(through_proxy.clone(), transport.clone())
+            .publish_timeout(Duration::from_millis(200))
+            .poll_interval(Duration::from_millis(20))
+            .listen(false);
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+        eventually(Duration::from_secs(10), "the first event is shipped", || async {
+            (shipped().len() == 1 && health.get() == Health::Healthy).then_some(())
+        })
+        .await;
+
+        proxy.silence_open_connections();
+        db.event_store()
+            .append("s", ExpectedVersion::Exactly(1), vec![record(2)])
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(15), "the event ships on another connection", || async {
+            (shipped().contains(&2) && health.get() == Health::Healthy).then_some(())
+        })
+        .await;
+        assert_eq!(shipped(), vec![1, 2], "each event once: the silenced batch published nothing");
+        trigger.trigger();
+        worker.await.unwrap().unwrap();
     }
 }

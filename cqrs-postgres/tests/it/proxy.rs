@@ -2,7 +2,8 @@
 //! extended-protocol exchange) and every simple `Query` the client sends is one. It can also
 //! hold back what clients send for a while: a slow network, on cue; and cut a connection
 //! once the server answered a `COMMIT` (or an extended-protocol statement), before the
-//! client hears it.
+//! client hears it; and leave the connections open now silent for good, as a server that froze
+//! or a network that drops packets would, while new connections work.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -20,6 +21,10 @@ pub(crate) struct Proxy {
     round_trips: Arc<AtomicUsize>,
     stall: Stall,
     cut: Arc<AtomicU8>,
+    /// Connections numbered below this pass nothing on any more, either way.
+    silenced: Arc<AtomicUsize>,
+    /// How many connections were accepted: the next one's number.
+    accepted: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -33,8 +38,11 @@ impl Proxy {
         let stalled = stall.clone();
         let cut_armed = Arc::new(AtomicU8::new(CUT_NONE));
         let cut = cut_armed.clone();
+        let (silenced, accepted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (silence, count) = (silenced.clone(), accepted.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     continue;
                 };
@@ -42,6 +50,10 @@ impl Proxy {
                     counter: counter.clone(),
                     stall: stalled.clone(),
                     cut: cut.clone(),
+                    silenced: Silenced {
+                        number,
+                        below: silence.clone(),
+                    },
                 };
                 tokio::spawn(pipe(client, server, cues));
             }
@@ -51,7 +63,17 @@ impl Proxy {
             round_trips,
             stall,
             cut: cut_armed,
+            silenced,
+            accepted,
         }
+    }
+
+    /// Every connection open now passes nothing on from here on, in either direction, and is
+    /// never closed: its peers wait for an answer that never comes, as behind a server that
+    /// froze or a network that drops packets. Connections opened later work.
+    pub(crate) fn silence_open_connections(&self) {
+        self.silenced
+            .store(self.accepted.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     /// A proxy in front of the test database (`DATABASE_URL`), and a pool made by `options`
@@ -127,6 +149,22 @@ struct Cues {
     counter: Arc<AtomicUsize>,
     stall: Stall,
     cut: Arc<AtomicU8>,
+    silenced: Silenced,
+}
+
+/// A connection's number, and the number below which connections are silenced.
+struct Silenced {
+    number: usize,
+    below: Arc<AtomicUsize>,
+}
+
+impl Silenced {
+    /// Never returns once this connection is silenced.
+    async fn hold(&self) {
+        if self.number < self.below.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
@@ -134,6 +172,7 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
         counter,
         stall,
         cut: cut_armed,
+        silenced,
     } = cues;
     let (mut client_rx, mut client_tx) = client.split();
     let (mut server_rx, mut server_tx) = server.split();
@@ -149,6 +188,7 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
         loop {
             let n = client_rx.read(&mut chunk).await?;
             if n == 0 {
+                silenced.hold().await;
                 return server_tx.shutdown().await;
             }
             buffer.extend_from_slice(&chunk[..n]);
@@ -198,6 +238,7 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
                 {
                     cut_sent.store(true, Ordering::SeqCst);
                 }
+                silenced.hold().await;
                 server_tx.write_all(&message).await?;
             }
         }
@@ -215,6 +256,7 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
                 cut.notify_one();
                 return Ok(());
             }
+            silenced.hold().await;
             client_tx.write_all(&chunk[..n]).await?;
         }
     };
