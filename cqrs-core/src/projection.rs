@@ -802,7 +802,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
 
     /// Clears the read model, its inbox and its checkpoint, and replays every event of the
     /// store, in one unit of work that holds the projection's lock (the live runner waits).
-    /// Returns how many events took effect.
+    /// Returns how many events took effect. It replays up to the end of the store as it finds
+    /// it (a page shorter than the batch size); events appended later are the live runner's,
+    /// from the checkpoint the rebuild saves.
     pub async fn rebuild(&self) -> Result<usize, ProjectionError> {
         let events = self
             .events
@@ -828,6 +830,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             };
             applied.merge(self.apply_records(&mut unit, &records).await?);
             after = last;
+            // A short page reached the end of the store. Reading on until a page comes back
+            // empty would never end while events keep arriving (each read finding the few
+            // appended meanwhile), holding the lock and growing one unit of work; what comes
+            // after the checkpoint saved below is the live runner's.
+            if records.len() < self.batch {
+                break;
+            }
         }
         self.projection
             .rebuilt(&mut unit)

@@ -665,17 +665,25 @@ impl<S: ProjectionStore> StoreRelay<S> {
         loop {
             let page = self
                 .events
-                .read_all(after, 1000)
+                .read_all(after, BACKLOG_PAGE)
                 .await
                 .map_err(|e| self.store_error(e))?;
             let Some(last) = page.last().and_then(|r| r.position) else {
                 return Ok(count);
             };
             count += page.len() as u64;
+            // A short page is the end: reading until an empty one would count for as long as
+            // events keep arriving.
+            if page.len() < BACKLOG_PAGE {
+                return Ok(count);
+            }
             after = last;
         }
     }
 }
+
+/// How many events [`StoreRelay::backlog`] reads at a time.
+const BACKLOG_PAGE: usize = 1000;
 
 #[async_trait]
 impl<S: ProjectionStore> Worker for StoreRelay<S> {

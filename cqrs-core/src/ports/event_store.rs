@@ -159,7 +159,8 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Vec<EventRecord>, StoreError>;
 
     /// Events of every stream with a position greater than `after`, in global order, at most
-    /// `limit` of them.
+    /// `limit` of them; fewer only when no more were stored (committed) at the time of the
+    /// read. Readers take a page shorter than `limit` for the end of the store, and stop there.
     async fn read_all(&self, after: Position, limit: usize)
     -> Result<Vec<EventRecord>, StoreError>;
 

@@ -1,9 +1,12 @@
 //! Messages and handlers shared by the tests.
 
 use async_trait::async_trait;
+use cqrs_core::memory::InMemoryEventStore;
+use cqrs_core::ports::{EventStore, StoreError};
 use cqrs_core::{
-    Command, CommandContext, CommandHandler, Event, EventContext, EventHandler, HandlerError,
-    Message, Query, QueryContext, QueryHandler,
+    Command, CommandContext, CommandHandler, Event, EventContext, EventEnvelope, EventHandler,
+    EventRecord, ExpectedVersion, HandlerError, Message, Metadata, Position, Query, QueryContext,
+    QueryHandler,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -244,4 +247,58 @@ pub async fn shipped_sums(transport: &cqrs_core::memory::InMemoryTransport) -> V
     got.iter()
         .map(|d| d.record.payload["sum"].as_u64().unwrap())
         .collect()
+}
+
+/// An event store that gets one more event (an `Added { sum: 1 }`) after each of the first
+/// `arrivals` reads of the global order: events keep arriving while a reader pages through it.
+pub struct ArrivesWhileRead {
+    pub inner: Arc<InMemoryEventStore>,
+    pub arrivals: AtomicUsize,
+}
+
+#[async_trait]
+impl EventStore for ArrivesWhileRead {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.load(stream_id, after_version).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let page = self.inner.read_all(after, limit).await?;
+        let arrived = self
+            .arrivals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if arrived {
+            self.inner
+                .append("arrivals", ExpectedVersion::Any, vec![added(1)])
+                .await?;
+        }
+        Ok(page)
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// A stored `Added { sum }` with a fresh id.
+pub fn added(sum: u64) -> EventRecord {
+    EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()
 }

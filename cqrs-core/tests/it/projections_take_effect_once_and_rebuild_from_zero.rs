@@ -202,6 +202,50 @@ fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
     });
 }
 
+#[test]
+fn a_rebuild_ends_at_the_end_of_the_store_while_events_keep_arriving() {
+    run(async {
+        let inner = Arc::new(InMemoryEventStore::new());
+        inner
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(1), record(1)],
+            )
+            .await
+            .unwrap();
+        // Stands for events that never stop: a rebuild reading until an empty page would
+        // replay every one of them, in one unit of work, holding the live runner off.
+        let events = Arc::new(ArrivesWhileRead {
+            inner: inner.clone(),
+            arrivals: AtomicUsize::new(1_000),
+        });
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        let mut runner =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types())
+                .batch_size(2);
+        let replayed = runner.rebuild().await.unwrap();
+        assert!(
+            replayed < 10,
+            "the rebuild stopped at the end it found, not after {replayed} events"
+        );
+        // Nothing is lost: the live runner takes it from the rebuild's checkpoint.
+        events.arrivals.store(0, Ordering::SeqCst);
+        let stored = inner
+            .read_all(Position::START, usize::MAX)
+            .await
+            .unwrap()
+            .len();
+        while runner.run_once().await.unwrap() > 0 {}
+        assert_eq!(
+            *sum.total.lock().unwrap(),
+            stored as u64,
+            "every event counted once"
+        );
+    });
+}
+
 /// The name `cqrs_events_handled_total` of `sum` for `Added` events goes by.
 const HANDLED: &str = "cqrs_events_handled_total{consumer=sum,event_type=test.added}";
 

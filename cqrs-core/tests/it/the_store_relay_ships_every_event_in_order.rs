@@ -307,3 +307,35 @@ fn a_relay_behind_another_instance_reads_again_from_its_checkpoint() {
         assert_eq!(shipped_sums(&transport.inner).await, [1, 2, 3, 4, 5, 6]);
     });
 }
+
+#[test]
+fn the_backlog_is_counted_to_the_end_it_finds_while_events_keep_arriving() {
+    run(async {
+        let inner = Arc::new(InMemoryEventStore::new());
+        inner
+            .append(
+                "a",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2), record(3)],
+            )
+            .await
+            .unwrap();
+        // Stands for events that never stop: counting until an empty page would count them all.
+        let events = Arc::new(ArrivesWhileRead {
+            inner,
+            arrivals: AtomicUsize::new(5_000),
+        });
+        let relay = StoreRelay::new(
+            "relay",
+            events,
+            Arc::new(InMemoryProjectionStore::new()),
+            Arc::new(InMemoryTransport::new()),
+            "out",
+        );
+        let backlog = relay.backlog().await.unwrap();
+        assert_eq!(
+            backlog, 3,
+            "counted to the end of its first read, not {backlog}"
+        );
+    });
+}
