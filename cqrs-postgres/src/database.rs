@@ -345,11 +345,18 @@ impl PgDatabase {
         }
         // The pool's `statement_timeout` bounds commands, not a migration: the wait for another
         // instance's (sqlx's lock) or an index built on a large table may take longer, and
-        // would fail every start. This session is closed after the run.
-        sqlx::query("SET statement_timeout = 0")
-            .execute(&mut *conn)
-            .await
-            .map_err(store_error)?;
+        // would fail every start. So would a `lock_timeout` or (Postgres 17) a
+        // `transaction_timeout` the sessions get from the role, the database or the URL.
+        // This session is closed after the run.
+        sqlx::query(
+            "SELECT set_config('statement_timeout', '0', false), \
+                    set_config('lock_timeout', '0', false), \
+                    CASE WHEN current_setting('transaction_timeout', true) IS NOT NULL \
+                         THEN set_config('transaction_timeout', '0', false) END",
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(store_error)?;
         migrator.run(&mut *conn).await.map_err(failed)
     }
 

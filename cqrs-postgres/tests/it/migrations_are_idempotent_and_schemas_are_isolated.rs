@@ -122,23 +122,51 @@ async fn a_statement_timeout_does_not_bound_the_wait_for_another_migration() {
     if !postgres_available().await {
         return;
     }
-    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
-        let id = cqrs_core::testing::test_id("migrate_waits");
-        let db = options(&id)
-            .statement_timeout(Some(Duration::from_millis(300)))
+    let id = cqrs_core::testing::test_id("migrate_waits");
+    let db = options(&id)
+        .statement_timeout(Some(Duration::from_millis(300)))
+        .connect()
+        .await
+        .unwrap();
+    migrates_once_another_instance_is_done(db).await;
+}
+
+/// Nor does a `lock_timeout` the sessions get elsewhere (the role, the database, the URL's
+/// `options`): sqlx's wait for the migration lock is a lock wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_does_not_bound_the_wait_for_another_migration() {
+    if !postgres_available().await {
+        return;
+    }
+    let id = cqrs_core::testing::test_id("migrate_waits_lock");
+    let url = crate::support::database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let db =
+        cqrs_postgres::PgOptions::new(format!("{url}{separator}options=-c%20lock_timeout%3D300"))
+            .schema(&id)
             .connect()
             .await
             .unwrap();
+    let lock_timeout: String = sqlx::query_scalar("SHOW lock_timeout")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(lock_timeout, "300ms", "the URL's options reach the session");
+    migrates_once_another_instance_is_done(db).await;
+}
+
+/// `db` migrates once another instance's migration, holding sqlx's lock for a second, is done.
+async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
         // Another instance's migration, as far as the lock goes: held for a second.
         let mut other = db.pool().acquire().await.unwrap().detach();
         let database: String = sqlx::query_scalar("SELECT current_database()")
             .fetch_one(&mut other)
             .await
             .unwrap();
-        sqlx::query("SET statement_timeout = 0")
-            .execute(&mut other)
-            .await
-            .unwrap();
+        for unbounded in ["SET statement_timeout = 0", "SET lock_timeout = 0"] {
+            sqlx::query(unbounded).execute(&mut other).await.unwrap();
+        }
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(migration_lock_id(&database))
             .execute(&mut other)
