@@ -104,7 +104,10 @@ impl PgEventStore {
         rows.iter().map(row::event).collect()
     }
 
-    /// Appends inside a transaction you hold (`&mut *tx`). The append lock is then held until
+    /// Appends inside a transaction you hold (`&mut *tx`, of a sqlx
+    /// [`Transaction`](sqlx::Transaction): sqlx keeps track of it, and a `BEGIN` sent as plain
+    /// SQL is not seen as one, so the guard below would not take its lock and errors would be
+    /// read as those of a statement of its own). The append lock is then held until
     /// that transaction ends, so append last and commit soon. A version conflict found by the
     /// append functions' check leaves the transaction usable; one found by the unique
     /// constraint (an event inserted around the functions took the version) and any other

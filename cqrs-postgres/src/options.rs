@@ -188,7 +188,7 @@ impl PgOptions {
     }
 
     /// How long taking a connection from the pool may wait before the operation fails as
-    /// unavailable. Default 5 s; above zero and at most `i32::MAX` milliseconds (about 24.8
+    /// unavailable. Default 5 s; at least 1 ms and at most `i32::MAX` milliseconds (about 24.8
     /// days: sqlx adds it to the current `Instant`, which `Duration::MAX` overflows).
     pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
         self.acquire_timeout = timeout;
@@ -347,8 +347,12 @@ impl PgOptions {
                 self.min_connections, self.max_connections
             ));
         }
-        if self.acquire_timeout.is_zero() {
-            problems.push("acquire_timeout must be more than zero".to_owned());
+        // A few microseconds (a wrong unit) would fail nearly every acquire and connect.
+        if self.acquire_timeout < Duration::from_millis(1) {
+            problems.push(format!(
+                "acquire_timeout must be at least 1 ms, got {:?}",
+                self.acquire_timeout
+            ));
         }
         let mut at_most = |name: &str, timeout: Option<Duration>| {
             if let Some(timeout) = timeout.filter(|t| *t > MAX_TIMEOUT) {
@@ -662,6 +666,7 @@ mod tests {
         let url = "postgres://postgres@127.0.0.1:5432/test";
         let tiny = Some(Duration::from_micros(500));
         let err = PgOptions::new(url)
+            .acquire_timeout(Duration::from_micros(500))
             .idle_timeout(tiny)
             .max_lifetime(tiny)
             .idle_in_transaction_timeout(tiny)
@@ -671,6 +676,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         for name in [
+            "acquire_timeout must be at least 1 ms",
             "idle_timeout must be at least 1 ms",
             "max_lifetime must be at least 1 ms",
             "idle_in_transaction_timeout must be at least 1 ms",
@@ -682,6 +688,7 @@ mod tests {
         let ms = Some(Duration::from_millis(1));
         assert!(
             PgOptions::new(url)
+                .acquire_timeout(Duration::from_millis(1))
                 .idle_timeout(ms)
                 .max_lifetime(ms)
                 .idle_in_transaction_timeout(ms)

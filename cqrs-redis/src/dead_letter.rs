@@ -101,7 +101,8 @@ impl RedisStreamTransport {
 
     /// Publishes dead letters again, each to the group that gave up on it only (the other
     /// groups skip the entry), and removes them from the dead-letter stream, in one script.
-    /// Ids not found are left out of the answer, which lists the others in the order they
+    /// Ids not found, and strings that are no stream ids (`<ms>-<seq>`), are left out of the
+    /// answer, which lists the others in the order they
     /// were published again. So are, left in the dead-letter stream with a warning, dead
     /// letters whose group no longer exists on the topic (deleted, or renamed): published
     /// for it, every other group would acknowledge the entry unhandled and the event would
@@ -131,6 +132,7 @@ impl RedisStreamTransport {
         topic: &str,
         ids: &[String],
     ) -> Result<Vec<Replayed>, TransportError> {
+        let ids = stream_ids(ids);
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -143,7 +145,7 @@ impl RedisStreamTransport {
                 &self.shared.client,
                 &self.shared.fail_fast(),
                 &[keys.stream.as_str(), keys.dead.as_str()],
-                ids.iter().map(|id| Value::from(id.as_str())).collect(),
+                ids.iter().map(|id| Value::from(*id)).collect(),
             )
             .await
             .map_err(transport_error)?;
@@ -230,12 +232,14 @@ impl RedisStreamTransport {
         Ok(removed.as_u64().unwrap_or(0))
     }
 
-    /// Deletes dead letters for good. Returns how many existed.
+    /// Deletes dead letters for good. Returns how many existed (a string that is no stream
+    /// id, `<ms>-<seq>`, names none).
     pub async fn discard_dead_letters(
         &self,
         topic: &str,
         ids: &[String],
     ) -> Result<u64, TransportError> {
+        let ids = stream_ids(ids);
         if ids.is_empty() {
             return Ok(0);
         }
@@ -243,8 +247,26 @@ impl RedisStreamTransport {
         self.shared
             .client
             .with_options(&self.shared.patient())
-            .xdel(keys.dead.as_str(), ids.to_vec())
+            .xdel(keys.dead.as_str(), ids)
             .await
             .map_err(transport_error)
     }
+}
+
+/// The ids among `ids` that are stream entry ids (`<ms>-<seq>`, both decimal). Any other (a
+/// typo, a blank line of an operator's list) names no dead letter, and Redis would fail the
+/// whole call on it, so it is left out, as an id not found is.
+fn stream_ids(ids: &[String]) -> Vec<&str> {
+    ids.iter()
+        .map(String::as_str)
+        .filter(|id| {
+            id.split_once('-').is_some_and(|(ms, seq)| {
+                [ms, seq].iter().all(|part| {
+                    !part.is_empty()
+                        && part.bytes().all(|b| b.is_ascii_digit())
+                        && part.parse::<u64>().is_ok()
+                })
+            })
+        })
+        .collect()
 }

@@ -522,6 +522,9 @@ const DEFAULT_TRIM_LIMIT: usize = 10_000;
 /// The smallest [`RedisStreamOptions::trim_limit`]: Redis's default `stream-node-max-entries`.
 const MIN_TRIM_LIMIT: usize = 100;
 
+/// The most entries a consumer may hold back ([`RedisStreamOptions::max_held`]).
+const MAX_HELD: usize = 10_000;
+
 /// The shortest `gate_poll`: each poll runs a script on Redis, and a consumer waits at least
 /// a millisecond between two anyway.
 const MIN_GATE_POLL: Duration = Duration::from_millis(1);
@@ -601,7 +604,9 @@ impl RedisStreamOptions {
 
     /// How many read entries a consumer may hold back while they wait for their predecessor in
     /// the lane (they stay pending to it). When that many are held it reads nothing new until
-    /// some are handed out. Default 256.
+    /// some are handed out. Default 256; from 1 to 10,000: every
+    /// [`gate_poll`](Self::gate_poll) the consumer checks each held entry in one script (two
+    /// Redis calls per entry), which blocks Redis for as long as it runs.
     pub fn max_held(mut self, max: usize) -> Self {
         self.max_held = max;
         self
@@ -646,9 +651,9 @@ impl RedisStreamOptions {
                 self.key_ordering
             ));
         }
-        if self.max_held == 0 {
+        if !(1..=MAX_HELD).contains(&self.max_held) {
             problems.push(format!(
-                "max_held must be at least 1, got {}",
+                "max_held must be from 1 to {MAX_HELD}, got {}",
                 self.max_held
             ));
         }
@@ -788,6 +793,18 @@ mod tests {
         assert_eq!(problems.len(), 4, "{problems:?}");
     }
 
+    /// Every `gate_poll` a consumer checks each entry it holds in one script that blocks
+    /// Redis while it runs: `max_held` is bounded.
+    #[test]
+    fn max_held_is_bounded() {
+        let held = |n| RedisStreamOptions::new(DEFAULT_URL).max_held(n).validate();
+        assert!(held(MAX_HELD).is_ok());
+        let Err(ConnectError::Invalid { problems }) = held(MAX_HELD + 1) else {
+            panic!("max_held above the bound passes");
+        };
+        assert_eq!(problems, ["max_held must be from 1 to 10000, got 10001"]);
+    }
+
     /// Each problem names the setter and the value it was given, as the Postgres and realtime
     /// options do ("max held must be at least 1" named neither).
     #[test]
@@ -819,7 +836,7 @@ mod tests {
                 "tcp_keepalive must be from 1s to 32767s (or None), got 500ms",
                 "key_prefix must not be empty, got \"\"",
                 "key_ordering must have at least one lane, got Lanes(0)",
-                "max_held must be at least 1, got 0",
+                "max_held must be from 1 to 10000, got 0",
                 "gate_poll must be at least 1ms, got 999µs",
                 "trim_limit must be at least 100 (a stream node of Redis's default size), got 99",
             ]

@@ -113,10 +113,15 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
             let audited = drain(&mut audit, 3).await;
             assert_eq!(audited.len(), 3);
 
-            // The handler is fixed: replay the poison.
+            // The handler is fixed: replay the poison. Ids that are no stream ids (a typo, a
+            // blank line of an operator's list) are not found, and fail nothing.
+            let not_ids = ["not an id", "", "1-2-3", "+1-0", "12"].map(String::from);
+            let asked: Vec<String> = std::iter::once(poison.id.clone())
+                .chain(not_ids.iter().cloned())
+                .collect();
             let replayed = env
                 .transport
-                .replay_dead_letters(&topic, std::slice::from_ref(&poison.id))
+                .replay_dead_letters(&topic, &asked)
                 .await
                 .unwrap();
             assert_eq!(replayed.len(), 1);
@@ -149,9 +154,10 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
 
             // Discarding removes dead letters for good.
             let ids: Vec<_> = remaining.iter().map(|d| d.id.clone()).collect();
+            let with_not_ids: Vec<String> = ids.iter().chain(&not_ids).cloned().collect();
             let discarded = env
                 .transport
-                .discard_dead_letters(&topic, &ids)
+                .discard_dead_letters(&topic, &with_not_ids)
                 .await
                 .unwrap();
             assert_eq!(discarded, ids.len() as u64);
