@@ -25,10 +25,23 @@ use std::time::Duration;
 /// each sent once the one before succeeded (see [`send_in_order`]).
 const PUBLISH_CHUNK: usize = 256;
 
-/// The most record bytes one publish script carries: a chunk of large events past Redis's
-/// query buffer limit (1 GiB by default) would have Redis close the shared connection, and
-/// each retry do it again.
-const PUBLISH_CHUNK_BYTES: usize = 64 * 1024 * 1024;
+/// The most record bytes one publish script carries, so that a chunk goes out well within its
+/// timeout on a modest link (8 MiB take 0.7 s at 100 Mbit/s). A chunk whose timeout runs out
+/// while fred writes it is sent whole all the same and lands: its publish fails (`Timeout`),
+/// and every retry of the batch would append it again without ever succeeding.
+const PUBLISH_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+
+/// The slowest link to Redis a publish is given time for: a publish's timeout is the command
+/// timeout plus the time its records take to send at this rate (0.1 s a MiB). A single event
+/// larger than a chunk goes alone, with that much longer.
+const PUBLISH_BYTES_PER_SECOND: f64 = 10.0 * 1024.0 * 1024.0;
+
+/// How long a publish of `bytes` of records may take: see [`PUBLISH_BYTES_PER_SECOND`].
+fn publish_timeout(command_timeout: Duration, bytes: usize) -> Duration {
+    command_timeout.saturating_add(Duration::from_secs_f64(
+        bytes as f64 / PUBLISH_BYTES_PER_SECOND,
+    ))
+}
 
 /// The largest encoded record: Redis's default `proto-max-bulk-len` (512 MiB), less room for
 /// the command around it.
@@ -158,6 +171,18 @@ impl Shared {
             fail_fast: true,
             timeout: Some(self.options.connection.command_timeout),
             ..Options::default()
+        }
+    }
+
+    /// [`fail_fast`](Self::fail_fast) for a publish carrying `bytes` of records, with time to
+    /// send them ([`publish_timeout`]).
+    fn fail_fast_for(&self, bytes: usize) -> Options {
+        Options {
+            timeout: Some(publish_timeout(
+                self.options.connection.command_timeout,
+                bytes,
+            )),
+            ..self.fail_fast()
         }
     }
 
@@ -509,23 +534,24 @@ impl RedisStreamTransport {
             if let Some(key) = event.partition_key.as_deref().filter(|k| !k.is_empty()) {
                 fields.push(("key", Value::from(key)));
             }
+            let options = self.shared.fail_fast_for(record.len());
             fields.push(("record", Value::from(record)));
             let _: Value = self
                 .shared
                 .client
-                .with_options(&self.shared.fail_fast())
+                .with_options(&options)
                 .xadd(keys.stream.as_str(), false, None::<()>, "*", fields)
                 .await
                 .map_err(|e| client_error(&self.shared.client, e))?;
             return Ok(());
         }
-        let options = self.shared.fail_fast();
         let key_list = [keys.stream.as_str(), keys.lanes.as_str()];
         if let [event] = events {
             // One event in a lane: the batch script's loops and tables cost more than the
             // event's own work.
             let mut args = Vec::with_capacity(6);
-            self.encode(event, &mut args)?;
+            let size = self.encode(event, &mut args)?;
+            let options = self.shared.fail_fast_for(size);
             self.shared
                 .scripts
                 .publish_one
@@ -544,17 +570,20 @@ impl RedisStreamTransport {
             if count > 0 && starts_a_chunk(count, bytes, size) {
                 // This event starts the next chunk.
                 let this_one = args.split_off(args.len() - 6);
-                chunks.push(std::mem::replace(&mut args, this_one));
+                chunks.push((std::mem::replace(&mut args, this_one), bytes));
                 bytes = 0;
             }
             bytes += size;
         }
-        chunks.push(args);
+        chunks.push((args, bytes));
         let script = &self.shared.scripts.publish;
-        let client = &self.shared.client;
-        send_in_order(chunks, |args| script.run(client, &options, &key_list, args))
-            .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+        let (client, shared) = (&self.shared.client, &self.shared);
+        send_in_order(chunks, |(args, bytes)| async move {
+            let options = shared.fail_fast_for(bytes);
+            script.run(client, &options, &key_list, args).await
+        })
+        .await
+        .map_err(|e| client_error(&self.shared.client, e))?;
         Ok(())
     }
 }
@@ -652,9 +681,10 @@ fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportEr
 #[cfg(test)]
 mod tests {
 
-    /// A batch is cut at 256 events, or where its records would pass 64 MiB (a chunk of
-    /// large events past Redis's query buffer limit had Redis close the connection, at every
-    /// retry); one event larger than that still goes, alone.
+    /// A batch is cut at 256 events, or where its records would pass 8 MiB (a chunk of large
+    /// events past Redis's query buffer limit had Redis close the connection, at every retry,
+    /// and a large one outlasts its timeout on a slow link); one event larger than that still
+    /// goes, alone.
     #[test]
     fn chunks_are_cut_by_count_and_by_bytes() {
         assert!(!starts_a_chunk(1, 10, 10));
@@ -662,6 +692,20 @@ mod tests {
         assert!(!starts_a_chunk(3, PUBLISH_CHUNK_BYTES - 10, 10));
         assert!(starts_a_chunk(3, PUBLISH_CHUNK_BYTES - 10, 11));
         assert!(starts_a_chunk(1, usize::MAX, 1), "no overflow");
+    }
+
+    /// A publish has the command timeout plus 0.1 s a MiB of records: a chunk of 8 MiB 0.8 s
+    /// more, a small event next to nothing.
+    #[test]
+    fn a_publish_has_time_to_send_its_records() {
+        let command = Duration::from_secs(2);
+        assert_eq!(publish_timeout(command, 0), command);
+        assert_eq!(
+            publish_timeout(command, PUBLISH_CHUNK_BYTES),
+            command + Duration::from_millis(800)
+        );
+        assert!(publish_timeout(command, 1024) < command + Duration::from_micros(100));
+        assert_eq!(publish_timeout(Duration::MAX, usize::MAX), Duration::MAX);
     }
 
     /// A record past Redis's argument limit is a `Codec` error on every path (the relay skips

@@ -5,6 +5,7 @@
 use crate::support::{Env, event, n_of, within};
 use cqrs_core::ports::EventTransport;
 use fred::types::Value;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_over_one_script_stores_each_keys_events_in_order() {
@@ -91,6 +92,41 @@ async fn a_batch_over_one_script_stores_each_keys_events_in_order() {
                 .map(|(_, n)| *n)
                 .collect();
             assert_eq!(of_k, expected, "k's events handed out in publish order");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// A batch of large events is cut into chunks of at most 8 MiB, each with the command timeout
+/// plus time to send its bytes: with one 48 MiB script on a fixed timeout shorter than its
+/// sending, the publish failed (`Timeout`) and landed all the same, and every retry would
+/// have appended it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_large_events_has_time_to_go_and_lands_once() {
+    let Some(env) = Env::with("large-batch", |o| {
+        o.connection(crate::support::connection().command_timeout(Duration::from_millis(20)))
+    })
+    .await
+    else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("documents");
+            let page = "x".repeat(1024 * 1024);
+            let events: Vec<_> = (0..48u64)
+                .map(|n| {
+                    let mut e = event(Some(&format!("doc-{}", n % 4)), n);
+                    e.payload["page"] = serde_json::Value::from(page.as_str());
+                    e
+                })
+                .collect();
+            env.transport.publish(&topic, &events).await.unwrap();
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let stored = env.command("XLEN", vec![stream.as_str().into()]).await;
+            assert_eq!(stored.as_u64(), Some(48), "each event once");
         }),
     )
     .await;
