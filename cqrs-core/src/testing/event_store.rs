@@ -31,7 +31,8 @@ pub trait EventStoreHarness: Harness {
     /// The store under test, empty of this test's streams.
     fn store(&self) -> Arc<dyn EventStore>;
 
-    /// Starts appending `events` to `stream_id` as a writer whose transaction begins now and
+    /// Starts appending `events` to `stream_id` (expecting no stream) as a writer whose
+    /// transaction begins now and
     /// stays open until the returned handle commits it, so it commits after a writer that
     /// began later. (A store that draws positions at append time lets the late writer commit
     /// first; a store that serializes appends makes it wait, or draws positions at commit:
@@ -54,8 +55,9 @@ pub trait EventStoreHarness: Harness {
 ///
 /// `event_store_conformance!(harness, without_held_appends)` is for an adapter that cannot
 /// hold an append open (no transactions: see [`EventStoreHarness::begin_held_append`]): it
-/// leaves out [`a_reader_never_skips_an_event_that_commits_late`], so the test list shows it
-/// is not run, rather than a test that passes without testing.
+/// leaves out [`a_reader_never_skips_an_event_that_commits_late`] and
+/// [`an_append_at_the_version_of_one_in_flight_conflicts`], so the test list shows they are
+/// not run, rather than tests that pass without testing.
 #[macro_export]
 macro_rules! event_store_conformance {
     ($make:path) => {
@@ -63,7 +65,10 @@ macro_rules! event_store_conformance {
         $crate::__conformance!(
             $make,
             event_store,
-            [a_reader_never_skips_an_event_that_commits_late]
+            [
+                a_reader_never_skips_an_event_that_commits_late,
+                an_append_at_the_version_of_one_in_flight_conflicts,
+            ]
         );
     };
     ($make:path, without_held_appends) => {
@@ -679,27 +684,7 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
     };
     // B may have to wait for A (a store that serializes appends): append it in the background,
     // and wait until it has either committed ahead of A or is waiting for A.
-    let b_append = {
-        let (store, b) = (store.clone(), b.clone());
-        tokio::spawn(async move {
-            store
-                .append(&b, ExpectedVersion::NO_STREAM, vec![record(2)])
-                .await
-        })
-    };
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !b_append.is_finished()
-        && !held
-            .blocks_another_writer()
-            .await
-            .expect("ask whether B waits for A")
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "within 10 s, B neither committed nor waited for the held append A"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let b_append = append_beside(held.as_mut(), &store, &b, record(2)).await;
     // A is still open: the reader must not see it, and may hold B back until A commits.
     let (first_read, checkpoint) = read_ours(store.as_ref(), start, &[&a, &b]).await;
     assert!(
@@ -725,6 +710,60 @@ pub async fn a_reader_never_skips_an_event_that_commits_late<H: EventStoreHarnes
         numbers(&first_read),
         numbers(&second_read)
     );
+}
+
+/// Appends `event` to `stream` (expecting no stream) in the background, and waits until it
+/// has either finished or is waiting for `held`.
+async fn append_beside(
+    held: &mut dyn HeldAppend,
+    store: &Arc<dyn EventStore>,
+    stream: &str,
+    event: EventRecord,
+) -> tokio::task::JoinHandle<Result<Vec<EventRecord>, StoreError>> {
+    let append = {
+        let (store, stream) = (store.clone(), stream.to_owned());
+        tokio::spawn(async move {
+            store
+                .append(&stream, ExpectedVersion::NO_STREAM, vec![event])
+                .await
+        })
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !append.is_finished()
+        && !held
+            .blocks_another_writer()
+            .await
+            .expect("ask whether the append waits for the held one")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "within 10 s, an append neither finished nor waited for the held append"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    append
+}
+
+/// The version check is the store's, at the append, not a read before it: with an append to a
+/// new stream in flight (uncommitted), a second append expecting no stream either waits for it
+/// and then conflicts, or conflicts at once; it never also goes through. (Fifty racing appends
+/// catch a check made by reading first only when they happen to collide.)
+pub async fn an_append_at_the_version_of_one_in_flight_conflicts<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-in-flight", h.test_id());
+    let Some(mut held) = h.begin_held_append(&stream, vec![record(1)]).await else {
+        panic!(
+            "the harness cannot hold an append open (`begin_held_append` gave `None`): run the \
+             suite with `event_store_conformance!(harness, without_held_appends)`"
+        );
+    };
+    let second = append_beside(held.as_mut(), &store, &stream, record(2)).await;
+    held.commit().await.expect("commit the held append");
+    match second.await.expect("the second append's task ran") {
+        Err(StoreError::Conflict { .. }) => {}
+        other => panic!("the second append expecting no stream must conflict, got {other:?}"),
+    }
+    assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
 }
 
 /// The records of `streams` after `after`, and the last position read (of any stream): the

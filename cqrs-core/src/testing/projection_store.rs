@@ -58,6 +58,7 @@ macro_rules! projection_store_conformance {
                 an_uncommitted_unit_leaves_no_trace,
                 a_checkpoint_reads_back_what_was_committed,
                 units_of_one_consumer_never_overlap,
+                a_dropped_unit_lets_the_next_one_begin,
                 a_reset_forgets_the_inbox_and_the_checkpoint,
                 a_reset_in_a_dropped_unit_changes_nothing,
                 a_purge_forgets_old_inbox_entries_of_one_consumer,
@@ -173,11 +174,39 @@ pub async fn a_checkpoint_reads_back_what_was_committed<H: ProjectionStoreHarnes
 
 /// A second unit of a consumer waits until the first ends.
 pub async fn units_of_one_consumer_never_overlap<H: ProjectionStoreHarness>(h: &H) {
+    second_unit_waits_for_the_first(h, End::Commit).await;
+}
+
+/// A unit dropped without committing ends as a committed one does: a second unit of its
+/// consumer, waiting for it, begins (a runner whose batch failed must not hold its consumer
+/// for ever).
+pub async fn a_dropped_unit_lets_the_next_one_begin<H: ProjectionStoreHarness>(h: &H) {
+    second_unit_waits_for_the_first(h, End::Drop).await;
+}
+
+/// How the first unit of [`second_unit_waits_for_the_first`] ends.
+#[derive(Clone, Copy)]
+enum End {
+    Commit,
+    Drop,
+}
+
+impl End {
+    async fn end<S: ProjectionStore>(self, store: &S, unit: S::Unit) {
+        match self {
+            End::Commit => store.commit(unit).await.unwrap(),
+            End::Drop => drop(unit),
+        }
+    }
+}
+
+/// A second unit of a consumer waits until the first ends (as `end` says), then begins.
+async fn second_unit_waits_for_the_first<H: ProjectionStoreHarness>(h: &H, end: End) {
     let store = h.store();
     let c = h.test_id().to_owned();
     let first = store.begin(&c).await.unwrap();
     if h.a_unit_waits(&c).await.is_none() {
-        units_never_overlap_by_polling(store, &c, first).await;
+        units_never_overlap_by_polling(store, &c, first, end).await;
         return;
     }
     assert_eq!(
@@ -206,7 +235,7 @@ pub async fn units_of_one_consumer_never_overlap<H: ProjectionStoreHarness>(h: &
         !second_started.load(Ordering::SeqCst),
         "a second unit began while the first was open"
     );
-    store.commit(first).await.unwrap();
+    end.end(&*store, first).await;
     tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("the second unit began once the first ended")
@@ -230,6 +259,7 @@ async fn units_never_overlap_by_polling<S: ProjectionStore>(
     store: Arc<S>,
     c: &str,
     first: S::Unit,
+    end: End,
 ) {
     let other = format!("{c}-other");
     let mut free = store.begin(&other);
@@ -257,7 +287,7 @@ async fn units_never_overlap_by_polling<S: ProjectionStore>(
         );
         tokio::task::yield_now().await;
     }
-    store.commit(first).await.unwrap();
+    end.end(&*store, first).await;
     let unit = tokio::time::timeout(Duration::from_secs(10), second)
         .await
         .expect("the second unit began once the first ended")
