@@ -9,6 +9,14 @@ cd "$(dirname "$0")/.."
 
 # No psql connection waits for ever on a host that drops packets.
 export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-10}
+# A locale every system has: Debian's postgresql package creates its cluster in the caller's
+# locale, and fails to (apt-get still succeeding) when that one is not installed, as an ssh
+# client's LANG often is not; a helpdesk test's own `initdb` would fail the same way.
+if locale -a 2>/dev/null | grep -qixE 'c\.utf-?8'; then
+    export LC_ALL=C.UTF-8
+else
+    export LC_ALL=C
+fi
 # Where a run as root keeps the password it gave the local postgres role.
 PG_PASSWORD_FILE=${XDG_STATE_HOME:-${HOME:-/root}/.local/state}/cqrs-test/postgres-password
 
@@ -153,7 +161,8 @@ ensure_postgres() {
         # Another run may create it meanwhile (Postgres then says "already exists", or, when
         # the two overlap, a duplicate key): that is as good.
         local created
-        if ! created=$(psql -w "$admin" -q -c "CREATE DATABASE test" 2>&1 </dev/null) &&
+        # UTF-8 whatever the cluster's default (one created without a locale is SQL_ASCII).
+        if ! created=$(psql -w "$admin" -q -c "CREATE DATABASE test TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'" 2>&1 </dev/null) &&
             [[ $(psql -w "$admin" -tAc "SELECT 1 FROM pg_database WHERE datname = 'test'" </dev/null) != 1 ]]; then
             die "could not create database test: $created"
         fi
@@ -254,6 +263,14 @@ ensure_redis
 export CQRS_REQUIRE_SERVICES=1
 log "DATABASE_URL=$(redact "$DATABASE_URL") REDIS_URL=$(redact "$REDIS_URL") CQRS_REQUIRE_SERVICES=1"
 
+# A package named among the arguments (`-p cqrs-redis`): its tests alone, once, against the
+# services above (with `--workspace`, cargo would ignore the `-p`).
+for argument in "$@"; do
+    [[ $argument == -- ]] && break
+    if [[ $argument == -p || $argument == -p?* || $argument == --package || $argument == --package=* ]]; then
+        exec cargo test "$@"
+    fi
+done
 cargo test --workspace "$@"
 # The criterion benches compile and run once each in test mode; timings are never asserted.
 # `--bench '*'`, not `--benches`: that also picks every library and binary (`bench = true` by

@@ -71,6 +71,7 @@ pub fn require_services(service: &str, url: &str, reachable: bool) -> bool {
     if reachable {
         return true;
     }
+    let url = without_user_info(url);
     if std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1") {
         panic!(
             "{service} at {url} is unreachable and CQRS_REQUIRE_SERVICES=1: start it (scripts/test.sh does)"
@@ -82,6 +83,17 @@ pub fn require_services(service: &str, url: &str, reachable: bool) -> bool {
     false
 }
 
+/// `url` with what comes between its `://` and its last `@` (the user info: a password,
+/// maybe holding `/` or `?` unencoded) hidden, for messages.
+fn without_user_info(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Whether the long variants of tests (soak, stress) run: `CQRS_LONG=1`. `scripts/test.sh`
 /// and CI leave it unset, so what they run stays quick; a test picks its size with it.
 ///
@@ -91,4 +103,27 @@ pub fn require_services(service: &str, url: &str, reachable: bool) -> bool {
 /// ```
 pub fn long() -> bool {
     std::env::var("CQRS_LONG").as_deref() == Ok("1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_user_info;
+
+    /// A test that cannot reach a service names its URL, never its password (scripts/test.sh
+    /// puts a generated one in `DATABASE_URL`).
+    #[test]
+    fn messages_hide_a_urls_user_info() {
+        assert_eq!(
+            without_user_info("postgres://postgres:s3cret@127.0.0.1:5432/test"),
+            "postgres://***@127.0.0.1:5432/test"
+        );
+        assert_eq!(
+            without_user_info("redis://:pa/ss?w@host:6379"),
+            "redis://***@host:6379"
+        );
+        assert_eq!(
+            without_user_info("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
 }

@@ -197,7 +197,12 @@ impl OwnPostgres {
         let data = pg.dir.join("data");
         if pg.run(
             "initdb",
-            &format!("-D {} --auth=trust -U postgres", data.display()),
+            // No locale from the environment: one that is not installed (an ssh client's
+            // LANG) fails `initdb`.
+            &format!(
+                "-D {} --auth=trust -U postgres --no-locale -E UTF8",
+                data.display()
+            ),
         ) {
             Ok(pg)
         } else {
