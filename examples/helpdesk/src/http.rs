@@ -501,13 +501,31 @@ fn with_parts(response: Response, error: ApiError) -> Response {
 /// bearer token a WebSocket client may send as `/ws?token=`) redacted, as the
 /// `Authorization` header is, so debug logs never hold a live token.
 fn request_span(request: &Request) -> tracing::Span {
-    // At `info`, so the one line per answered request carries the method and the path.
+    // At `info`, so the one line per answered request carries the method and the path. Both
+    // are the client's, and hyper takes a method of hundreds of KiB and a URI of 64 KiB: cut
+    // to what a log line should hold (log shippers split lines past 16 KiB).
     tracing::info_span!(
         "request",
-        method = %request.method(),
-        uri = %redacted_uri(request.uri()),
+        method = %for_the_log(request.method().as_str(), MAX_LOGGED_METHOD),
+        uri = %for_the_log(&redacted_uri(request.uri()), MAX_LOGGED_URI),
         version = ?request.version(),
     )
+}
+
+/// The most bytes of a request's method and URI the request's log line holds.
+const MAX_LOGGED_METHOD: usize = 32;
+const MAX_LOGGED_URI: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how long it was.
+fn for_the_log(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}[… {} bytes in all]", &text[..end], text.len()).into()
 }
 
 /// The path and query of `uri`, each `token=` value replaced by `[redacted]`.

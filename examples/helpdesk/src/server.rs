@@ -67,6 +67,7 @@ impl Server {
                 listener,
                 router,
                 closing_signal,
+                stopping.clone(),
                 header_timeout,
                 max_connections,
             );
@@ -218,6 +219,7 @@ async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     mut stopped: watch::Receiver<bool>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     header_timeout: Duration,
     max_connections: usize,
 ) -> anyhow::Result<()> {
@@ -268,11 +270,27 @@ async fn serve(
         let _ = tcp.set_nodelay(true);
         // The client's address, for the login throttle, as `into_make_service_with_connect_info`
         // would give it.
+        let stopping = stopping.clone();
         let service = router
             .clone()
             .map_request(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(remote));
                 request
+            })
+            // During the shutdown delay, each answer closes its connection: a client on a
+            // kept-alive one (a proxy's pool) connects again, and the load balancer sends it
+            // elsewhere, instead of sending its next request here until the listener closes.
+            // Not an upgrade's 101, which the connection lives on.
+            .map_response(move |mut response: axum::response::Response| {
+                if stopping.load(std::sync::atomic::Ordering::Relaxed)
+                    && response.status() != axum::http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    response.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                response
             });
         let mut stop = stopped.clone();
         connections.spawn(async move {

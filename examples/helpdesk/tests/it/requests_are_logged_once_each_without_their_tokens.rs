@@ -70,6 +70,21 @@ async fn requests_are_logged_once_each_without_their_tokens() {
             .send(Method::GET, &format!("/tickets/nope-{probe}"), None, None)
             .await;
         assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+        // A client's method and URI are cut to what a log line should hold.
+        let long_path = s
+            .send(
+                Method::GET,
+                &format!("/long-{probe}/{}", "x".repeat(5000)),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(long_path.status, StatusCode::NOT_FOUND);
+        let long_method = Method::from_bytes(&[b'M'; 300]).unwrap();
+        let odd = s
+            .send(long_method, &format!("/method-{probe}"), None, None)
+            .await;
+        assert!(odd.status.is_client_error(), "{}", odd.status);
         s.stop().await;
     })
     .await;
@@ -88,7 +103,13 @@ async fn requests_are_logged_once_each_without_their_tokens() {
         .lines()
         .filter(|l| l.contains("finished processing request") && l.contains(&probe))
         .collect();
-    assert_eq!(answered.len(), 2, "one line per request:\n{log}");
+    assert_eq!(answered.len(), 4, "one line per request:\n{log}");
+    for line in &answered[2..] {
+        assert!(
+            line.len() < 1600 && line.contains(" bytes in all]"),
+            "a method or URI cut short: {line}"
+        );
+    }
     assert!(
         answered[0].contains(" INFO ")
             && answered[0].contains("method=GET")

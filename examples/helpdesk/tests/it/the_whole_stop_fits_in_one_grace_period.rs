@@ -163,8 +163,8 @@ async fn stop_holding_a_request(server: Server) -> Duration {
 }
 
 /// With a shutdown delay, a stop turns `/ready` to 503 `stopping` at once and goes on serving,
-/// new connections too, until the delay is over (load balancers move traffic away first); a
-/// second stop cuts the delay short.
+/// new connections too, until the delay is over (load balancers move traffic away first), each
+/// answer closing its connection; a second stop cuts the delay short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_with_a_delay_turns_unready_and_serves_on_meanwhile() {
     within(async {
@@ -188,6 +188,14 @@ async fn a_stop_with_a_delay_turns_unready_and_serves_on_meanwhile() {
             .unwrap();
         let r = fresh.get(s.url("/health")).send().await.unwrap();
         assert_eq!(r.status(), reqwest::StatusCode::OK);
+        // Each answer closes its connection, so a client that keeps connections alive (a
+        // proxy's pool) connects again, and the load balancer sends it elsewhere.
+        assert_eq!(
+            r.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{:?}",
+            r.headers()
+        );
         let t = s.ticket(&token, "opened while draining").await;
         assert_eq!(t["title"], "opened while draining");
         // The second stop: well before the ten minutes are over.
