@@ -324,7 +324,10 @@ impl Plugins {
         self.ordered.is_empty()
     }
 
-    /// Calls every plugin's `register`, in order.
+    /// Calls every plugin's `register`, in order, and stops at the first that fails. What the
+    /// plugins before it, and the failing one up to its failure, contributed stays in
+    /// `registrar`: a failed install is a start-up error, so discard the registrar (and do not
+    /// build buses from it).
     pub fn install(&self, registrar: &mut PluginRegistrar) -> Result<(), PluginError> {
         for plugin in &self.ordered {
             registrar.current = plugin.name();

@@ -492,6 +492,7 @@ impl RuntimeBuilder {
             health,
             checks: Arc::new(checks),
             tasks: tokio::sync::Mutex::new(tasks),
+            aborted: std::sync::Mutex::default(),
         }
     }
 }
@@ -543,6 +544,8 @@ pub struct Runtime {
     health: HealthMap,
     checks: Arc<Vec<Check>>,
     tasks: tokio::sync::Mutex<JoinSet<()>>,
+    /// The workers a `shutdown` aborted, so that a later call does not report a clean stop.
+    aborted: std::sync::Mutex<Vec<String>>,
 }
 
 impl fmt::Debug for Runtime {
@@ -654,7 +657,8 @@ impl Runtime {
     /// stopping the workers (one with a longer grace, say), this one waits for it until its
     /// own deadline and no longer. If that call is still running then, this one returns a
     /// [`ShutdownError`] naming the workers not yet stopped, without aborting them: they are
-    /// left to the other call, which aborts them at its own deadline.
+    /// left to the other call, which aborts them at its own deadline. A call after one that
+    /// aborted workers returns that call's error (with its own `grace`), not a clean stop.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         // The deadline before the wait for the workers: a call already stopping them (with a
@@ -676,7 +680,7 @@ impl Runtime {
         let Some(deadline) = deadline else {
             // A grace too long for the clock (`Duration::MAX`): as long as it takes.
             while tasks.join_next().await.is_some() {}
-            return Ok(());
+            return self.stopped(grace);
         };
         // One budget, split: the wait for aborted runs has its share of it, not a budget of its
         // own on top.
@@ -694,6 +698,10 @@ impl Runtime {
                     if tokio::time::timeout_at(deadline, drained).await.is_err() {
                         tracing::warn!(?grace, "aborted workers were not dropped in time");
                     }
+                    self.aborted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone_from(&workers);
                     // Aborted, they report nothing more themselves.
                     let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
                     for name in &workers {
@@ -709,7 +717,21 @@ impl Runtime {
                 }
             }
         }
-        Ok(())
+        self.stopped(grace)
+    }
+
+    /// The outcome of a `shutdown` that found every worker stopped: a clean stop, unless an
+    /// earlier call (one with a shorter grace, say) aborted some.
+    fn stopped(&self, grace: Duration) -> Result<(), ShutdownError> {
+        let aborted = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
+        if aborted.is_empty() {
+            return Ok(());
+        }
+        Err(ShutdownError {
+            grace,
+            workers: aborted.clone(),
+            aborted: true,
+        })
     }
 
     /// The workers not reported stopped.

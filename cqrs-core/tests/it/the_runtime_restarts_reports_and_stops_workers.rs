@@ -174,6 +174,14 @@ fn a_worker_that_ignores_shutdown_is_aborted_and_named() {
             dropped.load(Ordering::SeqCst),
             "the aborted worker's run was dropped before shutdown returned"
         );
+        // A later call finds nothing running, and still does not report a clean stop.
+        let again = runtime
+            .shutdown(Duration::from_secs(5))
+            .await
+            .expect_err("a stop that aborted a worker is not clean the second time asked");
+        assert_eq!(again.workers, ["stuck"]);
+        assert!(again.aborted);
+        assert_eq!(again.grace, Duration::from_secs(5));
     });
 }
 

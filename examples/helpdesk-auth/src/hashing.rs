@@ -28,7 +28,8 @@ pub(crate) const BUSY: &str = "busy";
 /// request waits up to `wait` for a turn, then gets 503 `busy` with `Retry-After`.
 ///
 /// One client address (an IPv4 address or an IPv6 /64) holds or waits for at most two turns,
-/// and fewer than all of them (half, when there are fewer than four): past that its request is
+/// and fewer than all of them (half, when there are fewer than four; with a single turn, that
+/// one, so one client can then keep it: give at least two): past that its request is
 /// refused at once with 429 `too_many_attempts`, before it waits in the shared queue. So one
 /// client sending logins as fast as it can cannot take every turn, nor fill the queue ahead of
 /// everyone else with its own requests. The /64s of one IPv6 /48 (one site, which can use
