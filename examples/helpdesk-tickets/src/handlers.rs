@@ -254,10 +254,16 @@ impl Tickets {
         }
         let Some(pg) = &self.pg_index else {
             let committed = self.repo.append_decided(decided).await?;
-            self.index
-                .upsert(&committed.state.ticket)
-                .await
-                .map_err(AggregateError::Store)?;
+            // The change is stored: failing the command now would have the client retry it,
+            // and the retry (no idempotency record is kept for an error) apply it twice. The
+            // list shows the ticket as it was until its next change.
+            if let Err(error) = self.index.upsert(&committed.state.ticket).await {
+                tracing::error!(
+                    ticket = %committed.state.ticket.id,
+                    %error,
+                    "the ticket changed, but the index did not take the change; lists show it as it was until its next change"
+                );
+            }
             return Ok(committed.state.ticket);
         };
         let uow = PgUnitOfWork::from_context(ctx).map_err(AggregateError::Rejected)?;
