@@ -103,10 +103,13 @@ async fn wait_for_lock<T>(
     )))
     .execute(&mut **tx)
     .await?;
+    // One savepoint for every slice: `ROLLBACK TO` keeps it, and a second `SAVEPOINT` of the
+    // name would nest a new one inside it, each slice one level deeper (past 64, every
+    // session's snapshots slow down while the unit is open).
+    sqlx::query("SAVEPOINT cqrs_consumer_lock")
+        .execute(&mut **tx)
+        .await?;
     loop {
-        sqlx::query("SAVEPOINT cqrs_consumer_lock")
-            .execute(&mut **tx)
-            .await?;
         match sqlx::query(AssertSqlSafe(lock.clone()))
             .execute(&mut **tx)
             .await

@@ -79,7 +79,8 @@ pg_test! {
 
 pg_test! {
     /// A wait longer than one slice still ends with the lock, once the holder commits; the
-    /// unit then holds it, and its own statements have the session's `lock_timeout` back.
+    /// unit then holds it, its own statements have the session's `lock_timeout` back, and no
+    /// savepoint of the wait is left open.
     async fn a_long_lock_wait_gets_the_lock_once_the_holder_commits(db: PgDatabase) {
         let store = PgProjectionStore::new(db.clone());
         let holder = store.begin("c").await.expect("begin");
@@ -103,6 +104,13 @@ pg_test! {
         assert_eq!(lock_timeout, "0");
         let third = tokio::time::timeout(Duration::from_millis(200), store.begin("c")).await;
         assert!(third.is_err(), "the waiter holds the lock now");
-        store.commit(unit).await.expect("commit");
+        // The slices left no savepoint open: each one nested inside the last would cost the
+        // unit's first write a transaction id per slice.
+        let error = sqlx::query("ROLLBACK TO SAVEPOINT cqrs_consumer_lock")
+            .execute(unit.connection())
+            .await
+            .expect_err("a savepoint of the lock wait is still open");
+        let code = error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("3B001"), "no such savepoint: {error}");
     }
 }
