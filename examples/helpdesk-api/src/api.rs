@@ -29,11 +29,18 @@ impl Operation {
         self
     }
 
-    /// Requires a bearer token.
+    /// Requires a bearer token. Adds its answers: 401, and 503 (the user store, which every
+    /// authenticated request asks, could not be asked), unless the operation describes a 503
+    /// itself (before or after).
     pub fn bearer(mut self) -> Self {
         self.doc
             .insert("security".into(), json!([{ "bearer": [] }]));
         self.response(401, "missing or invalid token (`unauthorized`)", None)
+            .default_response(
+                503,
+                "the user store could not be asked (`unavailable`, with `Retry-After`), or the \
+                 request ran past its time budget (`timeout`)",
+            )
     }
 
     /// The JSON request body's schema. An object schema gets `"additionalProperties": false`:

@@ -134,9 +134,14 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
 fn json_error(e: serde_json::Error) -> ApiError {
     // serde quotes what it refused (an unknown field's name, a variant, a string): a
     // client's 100 KB name must not come back whole.
-    let why = clipped(&e.to_string(), MAX_QUOTED);
-    match e.classify() {
-        serde_json::error::Category::Data => ApiError::unprocessable(
+    let why = clipped(&without_rust_types(&e.to_string()), MAX_QUOTED);
+    // serde_json files a number too large for any type it reads ("1e400") and nesting past
+    // its limit under syntax, but the body is valid JSON: a value out of bounds, 422.
+    let valid_json = matches!(e.classify(), serde_json::error::Category::Data)
+        || why.starts_with("number out of range")
+        || why.starts_with("recursion limit exceeded");
+    match valid_json {
+        true => ApiError::unprocessable(
             "invalid_body",
             format!("the body does not match the expected shape: {why}"),
         ),
@@ -145,6 +150,47 @@ fn json_error(e: serde_json::Error) -> ApiError {
             format!("the body is not valid JSON: {why}"),
         ),
     }
+}
+
+/// serde's message with the Rust types it names (`expected struct LoginBody`, `expected
+/// u64`) put in the API's words: they are the server's internals, and mean nothing to a
+/// client.
+fn without_rust_types(message: &str) -> String {
+    const NUMBERS: [(&str, &str); 10] = [
+        ("u8", "a whole number from 0 to 255"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number from 0 to 18446744073709551615"),
+        ("usize", "a whole number of at least 0"),
+        ("i8", "a whole number"),
+        ("i16", "a whole number"),
+        ("i32", "a whole number"),
+        ("i64", "a whole number"),
+        ("isize", "a whole number"),
+    ];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("expected ") {
+        let after = at + "expected ".len();
+        out.push_str(&rest[..after]);
+        rest = &rest[after..];
+        let word_end = |s: &str| {
+            s.find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(s.len())
+        };
+        if let Some(name) = rest.strip_prefix("struct ") {
+            out.push_str("an object");
+            rest = &name[word_end(name)..];
+        } else if let Some((_, words)) = NUMBERS
+            .iter()
+            .find(|(ty, _)| &rest[..word_end(rest)] == *ty)
+        {
+            out.push_str(words);
+            rest = &rest[word_end(rest)..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// How much of a parser's message an error quotes.
@@ -471,6 +517,50 @@ fn forwarded_address(hop: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct LoginBody {
+        email: String,
+        version: Option<u64>,
+    }
+
+    /// Valid JSON holding a number too large for any type, or nested past the parser's
+    /// limit, is a value out of bounds (422), not malformed JSON (400); and no message names
+    /// the server's Rust types.
+    #[test]
+    fn out_of_range_numbers_are_invalid_bodies_in_the_apis_words() {
+        let huge = parse_json::<LoginBody>(br#"{"email": "a@b.c", "version": 1e400}"#).unwrap_err();
+        assert_eq!(
+            huge.status,
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "{huge:?}"
+        );
+        let deep = format!("{{\"email\": {}1{}}}", "[".repeat(200), "]".repeat(200));
+        let deep = parse_json::<LoginBody>(deep.as_bytes()).unwrap_err();
+        assert_eq!(
+            deep.status,
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "{deep:?}"
+        );
+        for (body, says) in [
+            (&br#""x""#[..], "expected an object"),
+            (
+                br#"{"email": "a@b.c", "version": -1}"#,
+                "expected a whole number from 0 to",
+            ),
+        ] {
+            let error = parse_json::<LoginBody>(body).unwrap_err();
+            let message = error.body().error.message;
+            assert!(message.contains(says), "{message}");
+            assert!(
+                !message.contains("LoginBody") && !message.contains("u64"),
+                "{message}"
+            );
+        }
+        let broken = parse_json::<LoginBody>(b"{\"email\": ").unwrap_err();
+        assert_eq!(broken.status, axum::http::StatusCode::BAD_REQUEST);
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();

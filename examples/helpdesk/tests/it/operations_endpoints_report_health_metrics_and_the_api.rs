@@ -106,6 +106,13 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             if body.is_object() {
                 assert_eq!(body["additionalProperties"], false, "{method} {path}");
             }
+            // A route that asks the user store says it may be out of reach.
+            if operation["security"].is_array() {
+                assert!(
+                    operation["responses"]["503"].is_object(),
+                    "{method} {path} documents its 503"
+                );
+            }
         }
         let home = s.http.get(s.url("/")).send().await.unwrap();
         assert!(
