@@ -207,12 +207,13 @@ pub enum RelayError {
         #[source]
         source: StoreError,
     },
-    /// A batch got no answer from Postgres for four times the publish timeout (a hung
-    /// server, a network that drops packets silently) and was given up with its connection,
-    /// uncommitted: what it published goes out again (at least once). Retried like any failed
-    /// batch, on another connection.
+    /// A batch got no answer from Postgres for four times the publish timeout, plus the
+    /// pool's acquire timeout (a hung server, a network that drops packets silently), and was
+    /// given up, its connection closed: what it published goes out again (at least once),
+    /// unless it was given up in its `COMMIT` and that went through (the outcome is unknown,
+    /// hence the `Timeout` kind). Retried like any failed batch, on another connection.
     #[error(
-        "outbox relay `{relay}` gave up on a batch after {after:?} (four times the publish timeout): Postgres or the network to it is not answering; retrying on another connection"
+        "outbox relay `{relay}` gave up on a batch after {after:?} (four times the publish timeout, plus the pool's acquire timeout): Postgres or the network to it is not answering; retrying on another connection"
     )]
     Unresponsive {
         /// The relay's name.
@@ -564,7 +565,28 @@ impl PgOutboxRelay {
         if let Err(e) = self.check_fixed_topic() {
             return BatchOutcome::failed(e);
         }
-        let mut tx = match crate::sql::begin(&self.db.pool).await {
+        let connection = match self.db.pool.acquire().await {
+            Ok(connection) => connection,
+            Err(e) => return BatchOutcome::failed(self.store_error(self.db.store_error(e))),
+        };
+        let mut held = ClosedUnlessReturned {
+            connection,
+            returned: false,
+        };
+        let outcome = self.batch_on(&mut held.connection).await;
+        held.returned = true;
+        outcome
+    }
+
+    /// [`batch_once`](Self::batch_once) on `connection`, in a transaction of its own.
+    async fn batch_on(&self, connection: &mut PgConnection) -> BatchOutcome {
+        let begin = sqlx::Transaction::<'_, sqlx::Postgres>::begin(
+            connection,
+            Some(sqlx::SqlSafeStr::into_sql_str(
+                "BEGIN ISOLATION LEVEL READ COMMITTED",
+            )),
+        );
+        let mut tx = match begin.await {
             Ok(tx) => tx,
             Err(e) => return BatchOutcome::failed(self.store_error(self.db.store_error(e))),
         };
@@ -893,18 +915,20 @@ impl PgOutboxRelay {
     }
 
     /// A batch, reported degraded while it runs past twice the publish timeout, and given up
-    /// at four times. Its statements take milliseconds and its publishes end by the publish
+    /// at four times, plus the pool's acquire timeout. Its statements take milliseconds and its publishes end by the publish
     /// timeout, so a batch still running then waits on a server that accepted a statement and
     /// never answered (a hung server, a network that drops packets silently): the client has
     /// no deadline of its own on a statement's answer, and without this the relay would look
     /// healthy, shipping nothing, until the connection's TCP gives up, which, with nothing
     /// left unacknowledged, it may never do.
     ///
-    /// Given up, the batch is dropped with its connection, uncommitted: it fails as
-    /// [`RelayError::Unresponsive`], and the next batch runs on another connection (after a
-    /// failover, on the new server). The dropped one's transaction holds the checkpoint row
-    /// until its server ends the session (`idle_in_transaction_session_timeout`), and batches
-    /// meanwhile stand by; what it published goes out again (at least once).
+    /// Given up, the batch is dropped and its connection closed (not handed back to the pool:
+    /// see [`ClosedUnlessReturned`]): it fails as [`RelayError::Unresponsive`], and the next
+    /// batch runs on another connection (after a failover, on the new server). If it was not
+    /// committing, it committed nothing, and its transaction holds the checkpoint row until
+    /// its server ends the session (`idle_in_transaction_session_timeout`): batches stand by
+    /// meanwhile, then ship what it published again (at least once). One given up in its
+    /// `COMMIT` may have committed.
     async fn watched_batch(&self, ctx: &WorkerContext) -> BatchOutcome {
         let batch = self.batch();
         tokio::pin!(batch);
@@ -913,11 +937,16 @@ impl PgOutboxRelay {
             () = tokio::time::sleep(self.stalled_after()) => {}
         }
         self.report_stall(ctx, "a batch has run");
-        match tokio::time::timeout(self.stalled_after(), batch).await {
+        // The wait for a pooled connection is the pool's to bound (its acquire timeout): a
+        // busy pool is no silent server, and a batch that got its connection late still has
+        // the whole time to ship.
+        let acquire = self.db.pool.options().get_acquire_timeout();
+        let more = self.stalled_after().saturating_add(acquire);
+        match tokio::time::timeout(more, batch).await {
             Ok(outcome) => outcome,
             Err(_) => BatchOutcome::failed(RelayError::Unresponsive {
                 relay: self.relay.clone(),
-                after: self.stalled_after().saturating_mul(2),
+                after: self.stalled_after().saturating_add(more),
             }),
         }
     }
@@ -1272,6 +1301,24 @@ impl Worker for PgOutboxRelay {
             self.idle(&mut listener, &ctx).await;
         }
         Ok(())
+    }
+}
+
+/// A batch's pooled connection. Once the batch has returned (`returned`), it goes back to
+/// the pool as usual; dropped with a batch given up mid-statement (see
+/// [`PgOutboxRelay::watched_batch`]), it is closed instead, within sqlx's 5 s: handed back,
+/// the pool would first ping it, with no deadline, on a server that does not answer, and
+/// keep one of its connections for as long.
+struct ClosedUnlessReturned {
+    connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    returned: bool,
+}
+
+impl Drop for ClosedUnlessReturned {
+    fn drop(&mut self) {
+        if !self.returned {
+            self.connection.close_on_drop();
+        }
     }
 }
 

@@ -105,7 +105,13 @@ async fn a_batch_over_one_script_stores_each_keys_events_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_large_events_has_time_to_go_and_lands_once() {
     let Some(env) = Env::with("large-batch", |o| {
-        o.connection(crate::support::connection().command_timeout(Duration::from_millis(20)))
+        // The connection check keeps its usual patience: it is not what this test is about,
+        // and at twice 20 ms it would replace a connection busy with an 8 MiB script.
+        o.connection(
+            crate::support::connection()
+                .command_timeout(Duration::from_millis(20))
+                .unresponsive_timeout(Duration::from_secs(10)),
+        )
     })
     .await
     else {
