@@ -295,23 +295,7 @@ pg_test! {
         let (proxy, pool) =
             Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
-        let transport = Arc::new(ControlledTransport::default());
-        let shipped = || -> Vec<u64> {
-            transport.published().iter().map(|e| e.payload["n"].as_u64().unwrap()).collect()
-        };
-        let mut relay = PgOutboxRelay::new(through_proxy.clone(), transport.clone())
-            .publish_timeout(Duration::from_millis(200))
-            .poll_interval(Duration::from_millis(20))
-            .listen(false);
-        let (trigger, shutdown) = Shutdown::new();
-        let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
-        let worker = tokio::spawn(async move { relay.run(ctx).await });
-        eventually(Duration::from_secs(10), "the first event is shipped", || async {
-            (shipped().len() == 1 && health.get() == Health::Healthy)
-                .then_some(())
-        })
-        .await;
+        let relay = RunningRelay::shipping_the_first_event(&through_proxy).await;
 
         // Everything the relay sends from now on waits 3 s: its next batch's first statement
         // goes unanswered for far longer than twice the publish timeout.
@@ -322,23 +306,22 @@ pg_test! {
             .await
             .unwrap();
         let reason = eventually(Duration::from_secs(10), "the stalled batch is reported", || async {
-            match health.get() {
+            match relay.health.get() {
                 Health::Degraded(reason) => Some(reason),
                 _ => None,
             }
         })
         .await;
         assert!(reason.contains("twice the publish timeout"), "{reason}");
-        assert_eq!(shipped().len(), 1, "nothing shipped meanwhile");
+        assert_eq!(relay.shipped().len(), 1, "nothing shipped meanwhile");
 
         eventually(Duration::from_secs(15), "the batch ships once answered", || async {
-            (shipped().len() == 2 && health.get() == Health::Healthy)
+            (relay.shipped().len() == 2 && relay.health.get() == Health::Healthy)
                 .then_some(())
         })
         .await;
-        assert_eq!(shipped(), vec![1, 2]);
-        trigger.trigger();
-        worker.await.unwrap().unwrap();
+        assert_eq!(relay.shipped(), vec![1, 2]);
+        relay.stop().await;
         through_proxy.pool().close().await;
     }
 }
@@ -372,22 +355,7 @@ pg_test! {
         });
         let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
-        let transport = Arc::new(ControlledTransport::default());
-        let shipped = || -> Vec<u64> {
-            transport.published().iter().map(|e| e.payload["n"].as_u64().unwrap()).collect()
-        };
-        let mut relay = PgOutboxRelay::new(through_proxy.clone(), transport.clone())
-            .publish_timeout(Duration::from_millis(200))
-            .poll_interval(Duration::from_millis(20))
-            .listen(false);
-        let (trigger, shutdown) = Shutdown::new();
-        let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
-        let worker = tokio::spawn(async move { relay.run(ctx).await });
-        eventually(Duration::from_secs(10), "the first event is shipped", || async {
-            (shipped().len() == 1 && health.get() == Health::Healthy).then_some(())
-        })
-        .await;
+        let relay = RunningRelay::shipping_the_first_event(&through_proxy).await;
 
         proxy.silence_open_connections();
         db.event_store()
@@ -395,11 +363,68 @@ pg_test! {
             .await
             .unwrap();
         eventually(Duration::from_secs(15), "the event ships on another connection", || async {
-            (shipped().contains(&2) && health.get() == Health::Healthy).then_some(())
+            (relay.shipped().contains(&2) && relay.health.get() == Health::Healthy).then_some(())
         })
         .await;
-        assert_eq!(shipped(), vec![1, 2], "each event once: the silenced batch published nothing");
-        trigger.trigger();
-        worker.await.unwrap().unwrap();
+        assert_eq!(relay.shipped(), vec![1, 2], "each event once: the silenced batch published nothing");
+        relay.stop().await;
+    }
+}
+
+/// A relay through `db` (publish timeout 200 ms, polling every 20 ms, no `LISTEN`), run as a
+/// worker.
+struct RunningRelay {
+    transport: Arc<ControlledTransport>,
+    health: HealthReporter,
+    trigger: cqrs_core::runtime::ShutdownTrigger,
+    worker: tokio::task::JoinHandle<Result<(), cqrs_core::BoxError>>,
+}
+
+impl RunningRelay {
+    /// Started, once it has shipped the first event (appended before) and is healthy.
+    async fn shipping_the_first_event(db: &PgDatabase) -> Self {
+        let transport = Arc::new(ControlledTransport::default());
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .publish_timeout(Duration::from_millis(200))
+            .poll_interval(Duration::from_millis(20))
+            .listen(false);
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext {
+            shutdown,
+            health: health.clone(),
+        };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+        let running = Self {
+            transport,
+            health,
+            trigger,
+            worker,
+        };
+        eventually(
+            Duration::from_secs(10),
+            "the first event is shipped",
+            || async {
+                (running.shipped().len() == 1 && running.health.get() == Health::Healthy)
+                    .then_some(())
+            },
+        )
+        .await;
+        running
+    }
+
+    /// The `n` of every event shipped, in order.
+    fn shipped(&self) -> Vec<u64> {
+        self.transport
+            .published()
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Stops it, cleanly.
+    async fn stop(self) {
+        self.trigger.trigger();
+        self.worker.await.unwrap().unwrap();
     }
 }
