@@ -403,13 +403,18 @@ impl PgOutboxRelay {
 
     /// Creates the checkpoint row, at `start_from`, unless it exists; returns whether it did.
     async fn create_checkpoint(&self) -> Result<bool, RelayError> {
+        let fail = |e| self.store_error(self.db.store_error(e));
+        // Part of a batch, which may be given up mid-statement.
+        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+            .await
+            .map_err(fail)?;
         let done = sqlx::query(AssertSqlSafe(self.db.sql.relay_ensure.clone()))
             .bind(&self.relay)
             .bind(to_i64(self.start_from.get()))
-            .execute(&self.db.pool)
-            .await
-            .map_err(|e| self.store_error(self.db.store_error(e)))?;
-        Ok(done.rows_affected() > 0)
+            .execute(&mut *held.connection)
+            .await;
+        held.give_back();
+        Ok(done.map_err(fail)?.rows_affected() > 0)
     }
 
     /// A fixed topic ([`topic`](Self::topic)) that [`validate_topic`] refuses is a
@@ -485,12 +490,17 @@ impl PgOutboxRelay {
     /// How far this relay is behind: one query, a count over the backlog up to
     /// [`backlog_count_limit`](Self::backlog_count_limit) events, an estimate past them.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        // A measurement the relay gives up on (see `run`) leaves its connection closed.
+        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+            .await
+            .map_err(|e| self.db.store_error(e))?;
         let row = sqlx::query(AssertSqlSafe(self.db.sql.relay_backlog.clone()))
             .bind(&self.relay)
             .bind(to_i64(self.backlog_count_limit))
-            .fetch_one(&self.db.pool)
-            .await
-            .map_err(|e| self.db.store_error(e))?;
+            .fetch_one(&mut *held.connection)
+            .await;
+        held.give_back();
+        let row = row.map_err(|e| self.db.store_error(e))?;
         let count: i64 = row.try_get(0).map_err(store_error)?;
         let age: Option<f64> = row.try_get(1).map_err(store_error)?;
         let span: Option<i64> = row.try_get(2).map_err(store_error)?;
@@ -565,16 +575,12 @@ impl PgOutboxRelay {
         if let Err(e) = self.check_fixed_topic() {
             return BatchOutcome::failed(e);
         }
-        let connection = match self.db.pool.acquire().await {
-            Ok(connection) => connection,
+        let mut held = match ClosedUnlessReturned::acquire(&self.db.pool).await {
+            Ok(held) => held,
             Err(e) => return BatchOutcome::failed(self.store_error(self.db.store_error(e))),
         };
-        let mut held = ClosedUnlessReturned {
-            connection,
-            returned: false,
-        };
         let outcome = self.batch_on(&mut held.connection).await;
-        held.returned = true;
+        held.give_back();
         outcome
     }
 
@@ -915,12 +921,12 @@ impl PgOutboxRelay {
     }
 
     /// A batch, reported degraded while it runs past twice the publish timeout, and given up
-    /// at four times, plus the pool's acquire timeout. Its statements take milliseconds and its publishes end by the publish
-    /// timeout, so a batch still running then waits on a server that accepted a statement and
-    /// never answered (a hung server, a network that drops packets silently): the client has
-    /// no deadline of its own on a statement's answer, and without this the relay would look
-    /// healthy, shipping nothing, until the connection's TCP gives up, which, with nothing
-    /// left unacknowledged, it may never do.
+    /// at four times, plus the pool's acquire timeout. Its statements take milliseconds and
+    /// its publishes end by the publish timeout, so a batch still running then waits on a
+    /// server that accepted a statement and never answered (a hung server, a network that
+    /// drops packets silently): the client has no deadline of its own on a statement's
+    /// answer, and without this the relay would look healthy, shipping nothing, until the
+    /// connection's TCP gives up, which, with nothing left unacknowledged, it may never do.
     ///
     /// Given up, the batch is dropped and its connection closed (not handed back to the pool:
     /// see [`ClosedUnlessReturned`]): it fails as [`RelayError::Unresponsive`], and the next
@@ -1304,14 +1310,29 @@ impl Worker for PgOutboxRelay {
     }
 }
 
-/// A batch's pooled connection. Once the batch has returned (`returned`), it goes back to
-/// the pool as usual; dropped with a batch given up mid-statement (see
-/// [`PgOutboxRelay::watched_batch`]), it is closed instead, within sqlx's 5 s: handed back,
-/// the pool would first ping it, with no deadline, on a server that does not answer, and
-/// keep one of its connections for as long.
+/// A pooled connection for work the relay may give up mid-statement (a batch, see
+/// [`PgOutboxRelay::watched_batch`]; a backlog measurement). Given back
+/// ([`give_back`](Self::give_back)) once the work returned, it goes back to the pool as
+/// usual; dropped before, it is closed instead, within sqlx's 5 s: handed back, the pool
+/// would first ping it, with no deadline, on a server that does not answer, and keep one of
+/// its connections for as long.
 struct ClosedUnlessReturned {
     connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
     returned: bool,
+}
+
+impl ClosedUnlessReturned {
+    async fn acquire(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            connection: pool.acquire().await?,
+            returned: false,
+        })
+    }
+
+    /// The work returned: the connection goes back to the pool.
+    fn give_back(mut self) {
+        self.returned = true;
+    }
 }
 
 impl Drop for ClosedUnlessReturned {

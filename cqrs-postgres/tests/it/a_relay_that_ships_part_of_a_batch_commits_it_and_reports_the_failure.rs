@@ -295,7 +295,8 @@ pg_test! {
         let (proxy, pool) =
             Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
-        let relay = RunningRelay::shipping_the_first_event(&through_proxy).await;
+        let relay =
+            RunningRelay::shipping_the_first_event(&through_proxy, Duration::from_millis(20)).await;
 
         // Everything the relay sends from now on waits 3 s: its next batch's first statement
         // goes unanswered for far longer than twice the publish timeout.
@@ -355,8 +356,15 @@ pg_test! {
         });
         let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
-        let relay = RunningRelay::shipping_the_first_event(&through_proxy).await;
-
+        // Idle between polls, its connection back in the pool (pinged first, on a task of its
+        // own): the silence then catches the next batch, not that ping, which has no deadline.
+        let relay =
+            RunningRelay::shipping_the_first_event(&through_proxy, Duration::from_millis(500))
+                .await;
+        eventually(Duration::from_secs(10), "the connection is back in the pool", || async {
+            (through_proxy.pool().num_idle() == 1).then_some(())
+        })
+        .await;
         proxy.silence_open_connections();
         db.event_store()
             .append("s", ExpectedVersion::Exactly(1), vec![record(2)])
@@ -371,8 +379,37 @@ pg_test! {
     }
 }
 
-/// A relay through `db` (publish timeout 200 ms, polling every 20 ms, no `LISTEN`), run as a
-/// worker.
+pg_test! {
+    /// A backlog measurement given up mid-statement (the relay bounds it, as a batch) leaves
+    /// its connection closed, not handed back to the pool, whose ping of it would never end on
+    /// a silent server and hold one of its connections for good.
+    async fn a_backlog_measurement_given_up_holds_no_connection(db: PgDatabase) {
+        let options = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(false);
+        let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
+        let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let relay =
+            PgOutboxRelay::new(through_proxy.clone(), Arc::new(ControlledTransport::default()));
+        relay.ensure_checkpoint().await.unwrap();
+        // Back in the pool (it is pinged first, on a task of its own), so the measurement
+        // takes it and its statement is the one the silence holds.
+        eventually(Duration::from_secs(10), "the connection is back in the pool", || async {
+            (through_proxy.pool().num_idle() == 1).then_some(())
+        })
+        .await;
+        proxy.silence_open_connections();
+        let measured = tokio::time::timeout(Duration::from_millis(300), relay.backlog()).await;
+        assert!(measured.is_err(), "the silent server answered: {measured:?}");
+        tokio::time::timeout(Duration::from_secs(8), through_proxy.pool().acquire())
+            .await
+            .expect("the pool's one connection is free again")
+            .expect("a new connection through the proxy");
+    }
+}
+
+/// A relay through `db` (publish timeout 200 ms, no `LISTEN`), run as a worker.
 struct RunningRelay {
     transport: Arc<ControlledTransport>,
     health: HealthReporter,
@@ -381,12 +418,13 @@ struct RunningRelay {
 }
 
 impl RunningRelay {
-    /// Started, once it has shipped the first event (appended before) and is healthy.
-    async fn shipping_the_first_event(db: &PgDatabase) -> Self {
+    /// Started, polling every `poll`, once it has shipped the first event (appended before)
+    /// and is healthy.
+    async fn shipping_the_first_event(db: &PgDatabase, poll: Duration) -> Self {
         let transport = Arc::new(ControlledTransport::default());
         let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
             .publish_timeout(Duration::from_millis(200))
-            .poll_interval(Duration::from_millis(20))
+            .poll_interval(poll)
             .listen(false);
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");

@@ -121,26 +121,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// `{"assignee_id": "<id>"}`, `[]` for a body of optional fields), so an array is refused.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(json_error)?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| json_error(e, false))?;
         return Err(ApiError::unprocessable(
             "invalid_body",
             "the body must be a JSON object, not an array",
         ));
     }
-    serde_json::from_slice(bytes).map_err(json_error)
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde_json files some refusals of valid JSON under syntax: a number too large for
+        // the field's type (`1e400`), a value of the wrong kind for an enum (`"priority": 3`).
+        // Read as any JSON at all, the body tells them from JSON that is broken (this runs on
+        // the error path only).
+        let valid = matches!(e.classify(), serde_json::error::Category::Data)
+            || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
+        json_error(e, valid)
+    })
 }
 
-/// A parser's error with the contract's codes.
-fn json_error(e: serde_json::Error) -> ApiError {
+/// A parser's error with the contract's codes: 422 for a body that is valid JSON (`valid`)
+/// of the wrong shape, else 400.
+fn json_error(e: serde_json::Error, valid: bool) -> ApiError {
     // serde quotes what it refused (an unknown field's name, a variant, a string): a
     // client's 100 KB name must not come back whole.
     let why = clipped(&without_rust_types(&e.to_string()), MAX_QUOTED);
-    // serde_json files a number too large for any type it reads ("1e400") and nesting past
-    // its limit under syntax, but the body is valid JSON: a value out of bounds, 422.
-    let valid_json = matches!(e.classify(), serde_json::error::Category::Data)
-        || why.starts_with("number out of range")
-        || why.starts_with("recursion limit exceeded");
-    match valid_json {
+    match valid {
         true => ApiError::unprocessable(
             "invalid_body",
             format!("the body does not match the expected shape: {why}"),
@@ -168,29 +172,24 @@ fn without_rust_types(message: &str) -> String {
         ("i64", "a whole number"),
         ("isize", "a whole number"),
     ];
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(at) = rest.find("expected ") {
-        let after = at + "expected ".len();
-        out.push_str(&rest[..after]);
-        rest = &rest[after..];
-        let word_end = |s: &str| {
-            s.find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .unwrap_or(s.len())
-        };
-        if let Some(name) = rest.strip_prefix("struct ") {
-            out.push_str("an object");
-            rest = &name[word_end(name)..];
-        } else if let Some((_, words)) = NUMBERS
-            .iter()
-            .find(|(ty, _)| &rest[..word_end(rest)] == *ty)
-        {
-            out.push_str(words);
-            rest = &rest[word_end(rest)..];
-        }
+    // serde's own "expected ..." comes last, after anything of the client's it quotes (a
+    // field's name, a string), which is left as it is.
+    let Some(at) = message.rfind("expected ") else {
+        return message.to_owned();
+    };
+    let (head, rest) = message.split_at(at + "expected ".len());
+    let word_end = |s: &str| {
+        s.find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(s.len())
+    };
+    if let Some(name) = rest.strip_prefix("struct ") {
+        return format!("{head}an object{}", &name[word_end(name)..]);
     }
-    out.push_str(rest);
-    out
+    let word = &rest[..word_end(rest)];
+    match NUMBERS.iter().find(|(ty, _)| word == *ty) {
+        Some((_, words)) => format!("{head}{words}{}", &rest[word.len()..]),
+        None => message.to_owned(),
+    }
 }
 
 /// How much of a parser's message an error quotes.
@@ -520,29 +519,46 @@ mod tests {
 
     #[derive(Debug, serde::Deserialize)]
     #[allow(dead_code)]
+    enum Priority {
+        Low,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
     struct LoginBody {
         email: String,
         version: Option<u64>,
+        priority: Option<Priority>,
     }
 
-    /// Valid JSON holding a number too large for any type, or nested past the parser's
-    /// limit, is a value out of bounds (422), not malformed JSON (400); and no message names
-    /// the server's Rust types.
+    /// Valid JSON that serde_json refuses under "syntax" (a number too large for any type, a
+    /// value of the wrong kind for an enum) is a body of the wrong shape (422), not malformed
+    /// JSON (400); no message names the server's Rust types, and the client's own text it
+    /// quotes is left as it is.
     #[test]
     fn out_of_range_numbers_are_invalid_bodies_in_the_apis_words() {
-        let huge = parse_json::<LoginBody>(br#"{"email": "a@b.c", "version": 1e400}"#).unwrap_err();
+        for body in [
+            &br#"{"email": "a@b.c", "version": 1e400}"#[..],
+            br#"{"email": "a@b.c", "priority": 3}"#,
+        ] {
+            let error = parse_json::<LoginBody>(body).unwrap_err();
+            assert_eq!(
+                error.status,
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "{error:?}"
+            );
+        }
+        let broken =
+            parse_json::<LoginBody>(br#"{"email": "a@b.c", "version": 1e400,,}"#).unwrap_err();
         assert_eq!(
-            huge.status,
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "{huge:?}"
+            broken.status,
+            axum::http::StatusCode::BAD_REQUEST,
+            "{broken:?}"
         );
-        let deep = format!("{{\"email\": {}1{}}}", "[".repeat(200), "]".repeat(200));
-        let deep = parse_json::<LoginBody>(deep.as_bytes()).unwrap_err();
-        assert_eq!(
-            deep.status,
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "{deep:?}"
-        );
+        let quoted = parse_json::<LoginBody>(br#"{"expected u64": 1}"#).unwrap_err();
+        let message = quoted.body().error.message;
+        assert!(message.contains("`expected u64`"), "{message}");
         for (body, says) in [
             (&br#""x""#[..], "expected an object"),
             (
