@@ -322,8 +322,9 @@ impl<S: ProjectionStore> StoreRelay<S> {
     /// another instance's relay would ship the same batch concurrently. The lease also waits
     /// idle while the batch is read from the event store, when the relay could not read it
     /// ahead (its first batch, or after another instance moved the checkpoint), for up to
-    /// [`store_timeout`](Self::store_timeout): keep the two together below that timeout. The one-at-a-time
-    /// pass that looks for an event the transport cannot encode shares the batch's deadline.
+    /// [`store_timeout`](Self::store_timeout): keep the two together below that timeout.
+    /// The one-at-a-time pass that looks for an event the transport cannot encode shares the
+    /// batch's deadline.
     /// A publish that runs out fails the batch, which is retried, after committing what that
     /// pass already published or skipped. At least 1 ms (zero would never ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {

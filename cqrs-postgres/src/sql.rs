@@ -16,6 +16,9 @@ pub(crate) const MAX_SCHEMA_LEN: usize = 56;
 /// repeats it until fewer come back.
 pub(crate) const PURGE_BATCH: i64 = 5_000;
 
+/// How every transaction this crate opens begins (see [`begin`]).
+pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 /// Begins a transaction the way this crate begins every one: at READ COMMITTED, whatever the
 /// session's default, since its statements rely on each seeing what committed before it (a
 /// fresh snapshot after the append lock).
@@ -44,10 +47,7 @@ pub(crate) async fn begin_on(
     // `Transaction::begin` on a connection the caller owns is what `Pool::begin_with` runs
     // after its acquire; sqlx hides it from its docs, and offers no other way to begin on an
     // owned connection (a compile error here after an upgrade means: find its successor).
-    let begin = sqlx::Transaction::begin(
-        connection,
-        Some("BEGIN ISOLATION LEVEL READ COMMITTED".into_sql_str()),
-    );
+    let begin = sqlx::Transaction::begin(connection, Some(BEGIN_READ_COMMITTED.into_sql_str()));
     match tokio::spawn(begin.in_current_span()).await {
         Ok(began) => began,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),

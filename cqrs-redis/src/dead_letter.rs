@@ -102,8 +102,7 @@ impl RedisStreamTransport {
     /// Publishes dead letters again, each to the group that gave up on it only (the other
     /// groups skip the entry), and removes them from the dead-letter stream, in one script.
     /// Ids not found, and strings that are no stream ids (`<ms>-<seq>`), are left out of the
-    /// answer, which lists the others in the order they
-    /// were published again. So are, left in the dead-letter stream with a warning, dead
+    /// answer, which lists the others in the order they were published again. So are, left in the dead-letter stream with a warning, dead
     /// letters whose group no longer exists on the topic (deleted, or renamed): published
     /// for it, every other group would acknowledge the entry unhandled and the event would
     /// be gone. Create the group again (or consume under its name) to replay them.
@@ -261,10 +260,9 @@ fn stream_ids(ids: &[String]) -> Vec<&str> {
         .map(String::as_str)
         .filter(|id| {
             id.split_once('-').is_some_and(|(ms, seq)| {
+                // Digits only: `parse` would also take a sign, which Redis does not.
                 [ms, seq].iter().all(|part| {
-                    !part.is_empty()
-                        && part.bytes().all(|b| b.is_ascii_digit())
-                        && part.parse::<u64>().is_ok()
+                    part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
                 })
             })
         })

@@ -577,10 +577,10 @@ impl RedisStreamTransport {
         }
         chunks.push((args, bytes));
         let script = &self.shared.scripts.publish;
-        let (client, shared) = (&self.shared.client, &self.shared);
+        let shared = &self.shared;
         send_in_order(chunks, |(args, bytes)| async move {
             let options = shared.fail_fast_for(bytes);
-            script.run(client, &options, &key_list, args).await
+            script.run(&shared.client, &options, &key_list, args).await
         })
         .await
         .map_err(|e| client_error(&self.shared.client, e))?;

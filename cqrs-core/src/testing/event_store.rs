@@ -32,11 +32,11 @@ pub trait EventStoreHarness: Harness {
     fn store(&self) -> Arc<dyn EventStore>;
 
     /// Starts appending `events` to `stream_id` (expecting no stream) as a writer whose
-    /// transaction begins now and
-    /// stays open until the returned handle commits it, so it commits after a writer that
-    /// began later. (A store that draws positions at append time lets the late writer commit
-    /// first; a store that serializes appends makes it wait, or draws positions at commit:
-    /// either way the reader must not skip the held writer's events.) `None` when the adapter
+    /// transaction begins now and stays open until the returned handle commits it, so it
+    /// commits after a writer that began later. (A store that draws positions at append time
+    /// lets the late writer commit first; a store that serializes appends makes it wait, or
+    /// draws positions at commit: either way the reader must not skip the held writer's
+    /// events.) `None` when the adapter
     /// has no transactions: its suite must then be run with
     /// `event_store_conformance!(harness, without_held_appends)`, which leaves the late-commit
     /// scenario out; that scenario fails on `None`, so it never passes without testing.

@@ -144,15 +144,16 @@ fn json_error(e: serde_json::Error, valid: bool) -> ApiError {
     // serde quotes what it refused (an unknown field's name, a variant, a string): a
     // client's 100 KB name must not come back whole.
     let why = clipped(&without_rust_types(&e.to_string()), MAX_QUOTED);
-    match valid {
-        true => ApiError::unprocessable(
+    if valid {
+        ApiError::unprocessable(
             "invalid_body",
             format!("the body does not match the expected shape: {why}"),
-        ),
-        _ => ApiError::bad_request(
+        )
+    } else {
+        ApiError::bad_request(
             "malformed_json",
             format!("the body is not valid JSON: {why}"),
-        ),
+        )
     }
 }
 
