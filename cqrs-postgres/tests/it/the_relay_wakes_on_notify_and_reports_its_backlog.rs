@@ -247,7 +247,9 @@ pg_test! {
     /// a poll interval can cut off half-way: cut off after its LISTEN went out, it handed a
     /// listening connection back to the pool, which fails its next query once a notification
     /// arrives. This test passed before that change too: here the pool's check of the
-    /// connection it hands out comes first, and the cut falls there.)
+    /// connection it hands out comes first, and the cut falls there.) The late appends wait
+    /// for the new listener: with one event a batch the relay does not idle while events keep
+    /// coming, so appended earlier they would ship before it listens again.
     async fn a_lost_listen_connection_leaves_no_listening_connection_in_the_pool(db: PgDatabase) {
         let relay_db = crate::support::options(db.schema())
             .max_connections(4)
@@ -280,6 +282,10 @@ pg_test! {
         })
         .await;
 
+        eventually(Duration::from_secs(15), "the relay listens again", || async {
+            (listening_sessions(&db).await == 1).then_some(())
+        })
+        .await;
         // Appends notify every session that listens, and wake the relay through its new one.
         for n in 3..6 {
             store.append(&format!("late-{n}"), ExpectedVersion::NO_STREAM, vec![record(n)]).await.unwrap();
@@ -294,18 +300,22 @@ pg_test! {
         for answer in futures_util::future::join_all(queries).await {
             assert!(answer.is_ok(), "a pooled connection failed a query: {answer:?}");
         }
-        let listening: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
-        )
-        .bind(format!("cqrs-test {}", db.schema()))
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
-        assert_eq!(listening, 1, "sessions whose last statement was a LISTEN");
+        assert_eq!(listening_sessions(&db).await, 1, "sessions whose last statement was a LISTEN");
 
         trigger.trigger();
         running.await.unwrap().expect("a clean stop");
     }
+}
+
+/// How many of this test's sessions last ran a `LISTEN`: listen, that is.
+async fn listening_sessions(db: &cqrs_postgres::PgDatabase) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+    )
+    .bind(format!("cqrs-test {}", db.schema()))
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
 }
 
 /// Runs `relay`, polling once an hour and measuring its backlog as seldom, until the trigger
