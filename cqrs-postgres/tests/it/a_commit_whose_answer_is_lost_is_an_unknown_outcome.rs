@@ -66,7 +66,8 @@ pg_test! {
             .build()
             .unwrap();
         bus.dispatch(Note("warm")).await.expect("prepares the append");
-        proxy.settle().await;
+        // The warm-up connection's release ping is a `Sync` too: it must not be the one cut.
+        proxy.settle_with(cut.pool(), 0).await;
 
         proxy.cut_after_next_statement();
         let lost = bus.dispatch(Note("n1")).await.unwrap_err();
@@ -95,7 +96,8 @@ pg_test! {
             .append("warm", ExpectedVersion::NO_STREAM, vec![crate::support::record(0)])
             .await
             .expect("prepares the append");
-        proxy.settle().await;
+        // The warm-up connection's release ping is a `Sync` too: it must not be the one cut.
+        proxy.settle_with(cut.pool(), 0).await;
 
         let first = crate::support::record(1);
         proxy.cut_after_next_statement();

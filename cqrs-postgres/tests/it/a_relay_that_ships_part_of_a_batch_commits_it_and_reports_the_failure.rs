@@ -292,8 +292,10 @@ pg_test! {
     /// the event ships and the relay is healthy again.
     async fn a_batch_the_server_does_not_answer_is_reported_degraded(db: PgDatabase) {
         append(&db, 1).await;
+        // One connection: the relay's messages (its pool's pings too) go one after the other,
+        // each sent once the one before was answered.
         let (proxy, pool) =
-            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(1)).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
         let relay =
             RunningRelay::shipping_the_first_event(&through_proxy, Duration::from_millis(20)).await;
@@ -301,6 +303,13 @@ pg_test! {
         // Everything the relay sends from now on waits 3 s: its next batch's first statement
         // goes unanswered for far longer than twice the publish timeout.
         proxy.stall_for(Duration::from_secs(3));
+        // A statement sent just before the stall may still run after the append below, and
+        // ship it. Once the relay's next message is held, every earlier one was answered.
+        let before = proxy.round_trips();
+        eventually(Duration::from_secs(10), "the relay's next message is held", || async {
+            (proxy.round_trips() > before).then_some(())
+        })
+        .await;
         let store = db.event_store();
         store
             .append("s", ExpectedVersion::Exactly(1), vec![record(2)])

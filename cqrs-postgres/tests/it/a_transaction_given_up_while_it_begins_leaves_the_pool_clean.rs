@@ -30,7 +30,7 @@ pg_test! {
         assert_eq!(one, 1);
 
         // The pool pings the connection it gets back: once that is through, it is idle.
-        proxy.settle().await;
+        proxy.settle_with(slow.pool(), 0).await;
 
         let sent_before = proxy.round_trips();
         proxy.stall_for(Duration::from_secs(1));

@@ -65,6 +65,9 @@ pg_test! {
 pg_test! {
     async fn concurrent_duplicates_wait_for_the_first_and_replay_its_response(db: PgDatabase) {
         tickets::create_table(&db).await;
+        // The duplicates take the key one at a time: on a loaded machine the last ones can
+        // wait longer than the default claim wait.
+        let db = db.with_claim_wait(Duration::from_secs(60));
         let handler = OpenTicketHandler::default();
         let executor = Arc::new(executor(&db, handler.clone()));
         let key = IdempotencyKey::new("POST /tickets", "same", "fp", DAY);
@@ -311,7 +314,8 @@ pg_test! {
             .await
             .expect("connect")
             .with_claim_wait(Duration::from_secs(2));
-        let executor = Arc::new(executor(&small, OpenTicketHandler::default()));
+        let handler = OpenTicketHandler::default();
+        let executor = Arc::new(executor(&small, handler.clone()));
         let key = IdempotencyKey::new("POST /tickets", "slow", "fp", DAY);
         let running = tokio::spawn({
             let (executor, key) = (executor.clone(), key.clone());
@@ -320,8 +324,10 @@ pg_test! {
                 executor.execute_idempotent(&key, hangs, Metadata::new(), respond).await
             }
         });
+        // Its handler runs, so its claim holds the key (a transaction idles right after its
+        // `BEGIN` too, before the claim), and hangs.
         cqrs_core::testing::eventually(Duration::from_secs(10), "the first command runs", || async {
-            a_transaction_idles(&db).await.then_some(())
+            (handler.runs.load(Ordering::SeqCst) == 1 && a_transaction_idles(&db).await).then_some(())
         })
         .await;
 

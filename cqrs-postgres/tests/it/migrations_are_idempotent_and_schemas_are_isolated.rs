@@ -57,13 +57,15 @@ async fn concurrent_migrations_apply_once_and_schemas_do_not_mix() {
 
 /// A migration that fails (a table in its way) gives the migration lock back: another
 /// instance migrating another schema of the same database is not left waiting, and neither is
-/// a retry.
+/// a retry. (The lock is database-wide: the waits below also cover other tests' migrations,
+/// which take it as they start.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_migration_does_not_keep_the_migration_lock() {
     if !postgres_available().await {
         return;
     }
-    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+    // Room for both waits below.
+    cqrs_core::testing::with_timeout(Duration::from_secs(150), async {
         let broken_id = cqrs_core::testing::test_id("migrate_broken");
         let broken = options(&broken_id)
             .max_connections(2)
@@ -84,11 +86,11 @@ async fn a_failed_migration_does_not_keep_the_migration_lock() {
 
         let other_id = cqrs_core::testing::test_id("migrate_after_broken");
         let other = options(&other_id).connect().await.unwrap();
-        tokio::time::timeout(Duration::from_secs(15), other.migrate())
+        tokio::time::timeout(Duration::from_secs(60), other.migrate())
             .await
             .expect("another instance's migration was left waiting for the lock")
             .unwrap();
-        tokio::time::timeout(Duration::from_secs(15), broken.migrate())
+        tokio::time::timeout(Duration::from_secs(60), broken.migrate())
             .await
             .expect("a retry was left waiting")
             .unwrap_err();
@@ -156,6 +158,8 @@ async fn a_lock_timeout_does_not_bound_the_wait_for_another_migration() {
 }
 
 /// `db` migrates once another instance's migration, holding sqlx's lock for a second, is done.
+/// Its schema is then dropped on that other session, which has no statement or lock timeout:
+/// `db`'s short ones would bound the drop on a loaded server.
 async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
     cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
         // Another instance's migration, as far as the lock goes: held for a second.
@@ -182,7 +186,13 @@ async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
                 .unwrap();
         });
         migrated.expect("migrated once the other instance was done");
-        db.drop_schema().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            db.schema()
+        )))
+        .execute(&mut other)
+        .await
+        .expect("drop the test schema");
     })
     .await;
 }

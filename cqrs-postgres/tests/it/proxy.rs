@@ -137,6 +137,21 @@ impl Proxy {
             );
         }
     }
+
+    /// Like [`settle`](Self::settle), once every connection of `pool` but the `held` ones
+    /// (kept out on purpose, a listener's) is back in it. sqlx pings a connection it gets
+    /// back on a task of its own, with no deadline: on a loaded machine that ping can come
+    /// after 50 ms of quiet, and be counted (or cut) with what comes next. A connection is
+    /// idle only once its ping was answered.
+    pub(crate) async fn settle_with(&self, pool: &sqlx::PgPool, held: usize) {
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the pool's connections are back and idle",
+            || async { (pool.num_idle() + held == pool.size() as usize).then_some(()) },
+        )
+        .await;
+        self.settle().await;
+    }
 }
 
 /// No cut armed; the next `COMMIT`; the next `Sync`.

@@ -101,7 +101,7 @@ pg_test! {
         let (proxy, pool) =
             Proxy::in_front_of_the_database(sqlx::postgres::PgPoolOptions::new().max_connections(3))
                 .await;
-        let counted = cqrs_postgres::PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let counted = cqrs_postgres::PgDatabase::from_pool(pool.clone(), db.schema()).unwrap();
         let store = db.event_store();
         store.append("early", ExpectedVersion::NO_STREAM, vec![record(0)]).await.unwrap();
         // The first publish (of "early") waits until the burst has landed.
@@ -122,7 +122,8 @@ pg_test! {
             (transport.published().len() == 1 + BURST as usize).then_some(())
         })
         .await;
-        proxy.settle().await;
+        // All of it counted: every connection but the listener's back, pings included.
+        proxy.settle_with(&pool, 1).await;
         let round_trips = proxy.round_trips() - started;
         // The end of the first batch and one batch for the burst, with the pool's pings of
         // the connections it gets back: 12 when this test was written. One batch per
@@ -145,7 +146,7 @@ pg_test! {
         let (proxy, pool) =
             Proxy::in_front_of_the_database(sqlx::postgres::PgPoolOptions::new().max_connections(3))
                 .await;
-        let counted = cqrs_postgres::PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let counted = cqrs_postgres::PgDatabase::from_pool(pool.clone(), db.schema()).unwrap();
         let relay = PgOutboxRelay::new(db.clone(), Arc::new(InMemoryTransport::new()));
         relay.ensure_checkpoint().await.unwrap();
         // The active relay's batch, as far as the standby can tell.
@@ -169,7 +170,8 @@ pg_test! {
             (health.get() == Health::Healthy).then_some(())
         })
         .await;
-        proxy.settle().await;
+        // Every connection but its listener's is back, its release ping counted before the start.
+        proxy.settle_with(&pool, 1).await;
         let started = proxy.round_trips();
 
         // A listener of the test's own, on the standby's channel: once it has every
@@ -183,7 +185,8 @@ pg_test! {
         for _ in 1..=10 {
             tokio::time::timeout(Duration::from_secs(10), witness.recv()).await.unwrap().unwrap();
         }
-        proxy.settle().await;
+        // A batch run meanwhile is counted whole, its release ping too.
+        proxy.settle_with(&pool, 1).await;
         // One batch per wake-up was 5 or more (begin, lock and read, rollback, the
         // checkpoint's insert, the pool's ping).
         let round_trips = proxy.round_trips() - started;
