@@ -26,10 +26,12 @@ async fn a_consumer_replaces_connections_that_died_silently() {
         Box::pin(async {
             let proxy = Proxy::start(&host).await;
             let connection = ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(1))
-                .connect_timeout(Duration::from_secs(1))
+                .command_timeout(Duration::from_secs(2))
+                .connect_timeout(Duration::from_secs(2))
                 .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
-                .unresponsive_timeout(Duration::from_secs(1))
+                // Past a loaded machine's stalls: a watchdog ping taken for unanswered before
+                // the black hole would replace the connection early (and lose a message).
+                .unresponsive_timeout(Duration::from_secs(3))
                 .ping_interval(Duration::from_millis(100));
             let proxied = stream_options(&env.id)
                 .connection(connection)

@@ -28,7 +28,7 @@ async fn a_resubscribe_that_fails_on_a_live_connection_is_unhealthy() {
             // Short commands, no watchdog ping and no replacing of a quiet connection: the
             // dead one stays "connected".
             let connection = ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_millis(300))
+                .command_timeout(Duration::from_secs(2))
                 .ping_interval(Duration::from_secs(3600))
                 .unresponsive_timeout(Duration::MAX);
             let pubsub = RedisPubSubOptions::with_connection(connection)

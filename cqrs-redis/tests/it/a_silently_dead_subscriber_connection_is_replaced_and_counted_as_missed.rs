@@ -31,10 +31,12 @@ async fn a_silently_dead_subscriber_connection_is_replaced_and_counted_as_missed
         Box::pin(async {
             let proxy = Proxy::start(&host).await;
             let connection = ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(1))
-                .connect_timeout(Duration::from_secs(1))
+                .command_timeout(Duration::from_secs(2))
+                .connect_timeout(Duration::from_secs(2))
                 .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
-                .unresponsive_timeout(Duration::from_secs(1))
+                // Past a loaded machine's stalls: a watchdog ping taken for unanswered before
+                // the black hole would replace the connection early (and lose a message).
+                .unresponsive_timeout(Duration::from_secs(3))
                 .ping_interval(Duration::from_millis(100));
             let pubsub = RedisPubSubOptions::with_connection(connection)
                 .channel_prefix(prefix(&id))

@@ -341,13 +341,14 @@ async fn deliveries_dropped_unanswered_and_taken_over_are_forgotten() {
         90,
         Box::pin(async {
             let topic = env.topic("orders");
-            let options = |name: &str| {
-                consumer_options(&format!("{}-{name}", env.id))
-                    .redelivery_delay(Duration::from_millis(300))
+            let options = |name: &str, delay| {
+                consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
             };
+            // `dropping` never reclaims by time: fetches of a loaded machine taking longer
+            // than the delay would hand it its own deliveries again.
             let mut dropping: RedisConsumer = env
                 .transport
-                .redis_consumer(&topic, "g", options("dropping"))
+                .redis_consumer(&topic, "g", options("dropping", Duration::from_secs(3600)))
                 .await
                 .unwrap();
             let first: Vec<_> = (1..=FIRST).map(|n| event(None, n)).collect();
@@ -358,7 +359,7 @@ async fn deliveries_dropped_unanswered_and_taken_over_are_forgotten() {
             // Another consumer takes them over once idle, and acknowledges them.
             let mut heir = env
                 .transport
-                .consumer(&topic, "g", options("heir"))
+                .consumer(&topic, "g", options("heir", Duration::from_millis(300)))
                 .await
                 .unwrap();
             let mut taken = 0;

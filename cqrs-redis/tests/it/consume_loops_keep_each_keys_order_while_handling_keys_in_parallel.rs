@@ -61,9 +61,10 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
             let mut workers = Vec::new();
             for name in ["w1", "w2"] {
                 let mut consumer = env
-                    .join(&topic, name, |o| {
-                        o.redelivery_delay(Duration::from_millis(200))
-                    })
+                    // The loop keeps its batch alive every third of this; a loaded machine's
+                    // stall of two thirds would hand a key still being handled to the other
+                    // worker, so not a short one.
+                    .join(&topic, name, |o| o.redelivery_delay(Duration::from_secs(2)))
                     .await;
                 let ctx = WorkerContext {
                     shutdown: shutdown.clone(),

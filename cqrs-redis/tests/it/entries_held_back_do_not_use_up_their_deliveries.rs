@@ -78,7 +78,9 @@ async fn keep_alive_keeps_the_entries_held_back_too() {
         Box::pin(async {
             let topic = env.topic("tickets");
             let stream = env.transport.stream_key(&topic).unwrap();
-            let delay = Duration::from_secs(1);
+            // Long enough that a loaded machine's stall between a keep-alive and c2's next
+            // claim does not pass for an expired one.
+            let delay = Duration::from_secs(3);
             let mut c1 = env.join(&topic, "c1", |o| o.redelivery_delay(delay)).await;
             let mut c2 = env.join(&topic, "c2", |o| o.redelivery_delay(delay)).await;
             let one = env.one_pending_and_its_successor(&topic, c1.as_mut()).await;
@@ -89,8 +91,8 @@ async fn keep_alive_keeps_the_entries_held_back_too() {
                 owner_of_second(&env, &stream).await.as_deref(),
                 Some(c1_name.as_str())
             );
-            // c1 handles the first for three delays, keeping it alive; c2 keeps fetching.
-            let until = tokio::time::Instant::now() + delay * 3;
+            // c1 handles the first for two delays, keeping it alive; c2 keeps fetching.
+            let until = tokio::time::Instant::now() + delay * 2;
             while tokio::time::Instant::now() < until {
                 c1.keep_alive(std::slice::from_ref(&one.id)).await.unwrap();
                 assert!(c2.fetch(10).await.unwrap().is_empty());

@@ -44,8 +44,11 @@ async fn order_holds(ordering: KeyOrdering, name: &str) {
             let mut tasks = Vec::new();
             for consumer_name in ["a", "b"] {
                 let mut consumer = env
+                    // Long enough that a loaded machine's stall between a fetch and its
+                    // acks does not hand entries still being handled to the other consumer
+                    // (nothing here keeps them alive), short enough for the nacked ones.
                     .join(&topic, consumer_name, |o| {
-                        o.redelivery_delay(Duration::from_millis(500))
+                        o.redelivery_delay(Duration::from_secs(2))
                     })
                     .await;
                 let seen = seen.clone();
