@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-10}
 # A locale every system has: Debian's postgresql package creates its cluster in the caller's
 # locale, and fails to (apt-get still succeeding) when that one is not installed, as an ssh
-# client's LANG often is not; a helpdesk test's own `initdb` would fail the same way.
+# client's LANG often is not.
 if locale -a 2>/dev/null | grep -qixE 'c\.utf-?8'; then
     export LC_ALL=C.UTF-8
 else
@@ -214,14 +214,6 @@ install_redis_server() {
     install_without_service redis-server
 }
 
-# The Postgres server binaries (one helpdesk test runs a cluster of its own, to stop it and
-# start it again), also when the server the tests use is elsewhere (DATABASE_URL, a container).
-ensure_postgres_server_binaries() {
-    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null && return
-    [[ $(id -u) == 0 ]] || die "the PostgreSQL server binaries (initdb) are not installed, and a helpdesk test runs a cluster of its own: install them (apt-get install postgresql), or run as root so this script can"
-    install_without_service postgresql
-}
-
 ensure_redis() {
     # Every Redis test needs the server; three also run redis-servers of their own (to stop
     # and restart one, to fill one, to demote one), and so does one helpdesk test (to take
@@ -258,7 +250,6 @@ ensure_redis() {
 }
 
 ensure_postgres
-ensure_postgres_server_binaries
 ensure_redis
 export CQRS_REQUIRE_SERVICES=1
 log "DATABASE_URL=$(redact "$DATABASE_URL") REDIS_URL=$(redact "$REDIS_URL") CQRS_REQUIRE_SERVICES=1"

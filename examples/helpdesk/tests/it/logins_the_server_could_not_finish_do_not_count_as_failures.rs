@@ -37,14 +37,19 @@ async fn logins_refused_by_an_unavailable_store_are_not_failed_attempts() {
 async fn logins_cut_off_by_the_time_budget_are_not_failed_attempts() {
     within(async {
         let users = FailingUsers::default();
+        let address = email("hung");
+        // Registered on an instance with the default budget, sharing the users: a loaded
+        // machine's password hashing alone may take most of a second.
+        let other =
+            TestServer::start_with_hooks(Backend::from_env().await, users.hooks(), |_| {}).await;
+        let registered = other.register(&address).await;
+        assert_eq!(registered.status, StatusCode::CREATED, "{registered:?}");
+        other.stop().await;
         let s = TestServer::start_with_hooks(Backend::from_env().await, users.hooks(), |c| {
             c.request_timeout_ms = 1_000;
             c.login_attempts = 3;
         })
         .await;
-        let address = email("hung");
-        let registered = s.register(&address).await;
-        assert_eq!(registered.status, StatusCode::CREATED, "{registered:?}");
 
         users.hung.store(true, Ordering::SeqCst);
         for _ in 0..3 {
@@ -53,17 +58,22 @@ async fn logins_cut_off_by_the_time_budget_are_not_failed_attempts() {
                 .assert_error(StatusCode::SERVICE_UNAVAILABLE, "timeout");
         }
         users.hung.store(false, Ordering::SeqCst);
-        // The take-back runs on a task of its own once the login is dropped: poll for it.
-        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        // The take-back runs on a task of its own once the login is dropped: poll for it. A
+        // login cut off again by the budget (a loaded machine) counts for nothing either.
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let r = s.login(&address).await;
             if r.status == StatusCode::OK {
                 break;
             }
-            r.assert_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+            if r.status != StatusCode::SERVICE_UNAVAILABLE {
+                r.assert_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+            } else {
+                r.assert_error(StatusCode::SERVICE_UNAVAILABLE, "timeout");
+            }
             assert!(
                 tokio::time::Instant::now() < until,
-                "still locked out 5 s after the store answers again: {r:?}"
+                "still locked out 20 s after the store answers again: {r:?}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

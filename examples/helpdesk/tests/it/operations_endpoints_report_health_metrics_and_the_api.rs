@@ -59,7 +59,7 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
         assert!(metrics.contains("cqrs_dispatch_duration_seconds"));
         // Events published (by the relay) and handled (by the stats projection), by type.
         cqrs_core::testing::eventually(
-            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(30),
             "event metrics",
             || async {
                 let text = s

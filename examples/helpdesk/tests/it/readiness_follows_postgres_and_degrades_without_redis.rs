@@ -28,33 +28,77 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A throw-away Redis on `port`, killed on drop.
-struct OwnRedis(Child);
+/// A throw-away Redis on a free port, killed on drop.
+struct OwnRedis {
+    child: Child,
+    port: u16,
+}
 
 impl OwnRedis {
-    async fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (it is installed with Redis)");
-        cqrs_core::testing::eventually(Duration::from_secs(10), "redis listens", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
-        Self(child)
+    async fn start() -> Self {
+        // A free port may be taken before redis-server binds it (it then exits): another.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs (it is installed with Redis)");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if serves(port, child.id()).await {
+                    return Self { child, port };
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "redis-server did not answer on port {port} within 10 s"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        panic!("redis-server exited five times: are the ports taken?");
     }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// Whether the Redis answering on `port` runs as process `pid`: not whatever else took the port.
+async fn serves(port: u16, pid: u32) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        tcp.write_all(b"INFO server\r\n").await.ok()?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let wanted = format!("process_id:{pid}\r\n");
+        while !String::from_utf8_lossy(&answer).contains(&wanted) {
+            let n = tcp.read(&mut buf).await.ok()?;
+            if n == 0 || answer.len() > 64 * 1024 {
+                return None;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        Some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), ask).await,
+        Ok(Some(()))
+    )
 }
 
 impl Drop for OwnRedis {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -72,16 +116,18 @@ async fn redis_down_is_degraded_not_unavailable_and_nothing_committed_meanwhile_
             skip_unless_required("redis-server is not installed");
             return;
         }
-        let port = free_port();
-        let redis = OwnRedis::start(port).await;
+        // Behind a switch: the Redis that comes back has a port of its own.
+        let redis = OwnRedis::start().await;
+        let switch = Switch::start(redis.addr()).await;
         let s = TestServer::start_on(backend, |c| {
-            c.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+            c.redis_url = Some(format!("redis://{}", switch.addr));
         })
         .await;
         let (agent, _) = s.agent().await;
         let ready = s.send(Method::GET, "/ready", None, None).await;
         assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
 
+        switch.cut();
         drop(redis);
         cqrs_core::testing::eventually(
             Duration::from_secs(10),
@@ -102,7 +148,8 @@ async fn redis_down_is_degraded_not_unavailable_and_nothing_committed_meanwhile_
 
         // Redis comes back (empty: it kept nothing): the relay ships from its checkpoint and the
         // stats count the ticket.
-        let _redis = OwnRedis::start(port).await;
+        let redis = OwnRedis::start().await;
+        switch.forward(redis.addr());
         cqrs_core::testing::eventually(
             Duration::from_secs(30),
             "the ticket reaches the stats after Redis returns",
@@ -141,137 +188,24 @@ async fn postgres_alone_runs_one_instance_with_in_process_events() {
     .await;
 }
 
-/// A throw-away Postgres cluster on `port` with its socket in its own directory, stopped and
-/// removed on drop. `initdb` and `pg_ctl` refuse to run as root: they run as `postgres` then.
-struct OwnPostgres {
-    dir: std::path::PathBuf,
-    bin: std::path::PathBuf,
-    port: u16,
-}
-
-impl OwnPostgres {
-    fn run(&self, program: &str, args: &str) -> bool {
-        let command = format!("{}/{program} {args}", self.bin.display());
-        let as_root = std::env::var("USER").as_deref() == Ok("root")
-            || Command::new("id")
-                .arg("-u")
-                .output()
-                .is_ok_and(|o| o.stdout.starts_with(b"0"));
-        let mut cmd = if as_root {
-            let mut c = Command::new("su");
-            c.args(["postgres", "-c", &command]);
-            c
-        } else {
-            let mut c = Command::new("sh");
-            c.args(["-c", &command]);
-            c
-        };
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// A fresh cluster, not started yet; why not when the server binaries are missing or
-    /// `initdb` fails.
-    fn init() -> Result<Self, String> {
-        let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
-            .map_err(|e| format!("the Postgres server binaries are not installed: {e}"))?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|bin| bin.join("initdb").exists())
-            .collect();
-        versions.sort();
-        let bin = versions.pop().ok_or(
-            "the Postgres server binaries are not installed (no /usr/lib/postgresql/*/bin/initdb)",
-        )?;
-        let dir = std::env::temp_dir().join(cqrs_core::testing::test_id("helpdesk_pg"));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let _ = Command::new("chown")
-            .args(["postgres", &dir.display().to_string()])
-            .status();
-        let pg = Self {
-            dir,
-            bin,
-            port: free_port(),
-        };
-        let data = pg.dir.join("data");
-        if pg.run(
-            "initdb",
-            // No locale from the environment: one that is not installed (an ssh client's
-            // LANG) fails `initdb`.
-            &format!(
-                "-D {} --auth=trust -U postgres --no-locale -E UTF8",
-                data.display()
-            ),
-        ) {
-            Ok(pg)
-        } else {
-            Err(format!(
-                "initdb in {} failed (as root it runs as the user postgres)",
-                data.display()
-            ))
-        }
-    }
-
-    fn start(&self) {
-        let data = self.dir.join("data");
-        assert!(
-            self.run(
-                "pg_ctl",
-                &format!(
-                    "-D {} -l {}/log -w -o '-p {} -k {} -c listen_addresses=127.0.0.1' start",
-                    data.display(),
-                    self.dir.display(),
-                    self.port,
-                    self.dir.display()
-                ),
-            ),
-            "the own Postgres starts"
-        );
-    }
-
-    fn stop(&self) {
-        let data = self.dir.join("data");
-        self.run(
-            "pg_ctl",
-            &format!("-D {} -m immediate -w stop", data.display()),
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_makes_the_server_unready_until_it_returns() {
     within(async {
-        // The shared services provide Redis and the namespace; Postgres is this test's own.
+        // Postgres goes down behind a switch of this test's own: every connection of this
+        // server ends, and new ones are closed at once, until it forwards again.
         let Some(backend) = Backend::postgres().await else {
             return;
         };
-        let pg = match OwnPostgres::init() {
-            Ok(pg) => pg,
-            Err(why) => {
-                skip_unless_required(&why);
-                return;
-            }
-        };
-        pg.start();
-        let url = pg.url();
+        let (database_url, _) = backend.database().expect("a Postgres backend");
+        let (_, upstream) = via(&database_url, ([127, 0, 0, 1], 0).into());
+        let pg = Switch::start(upstream.clone()).await;
+        let (url, _) = via(&database_url, pg.addr);
         let s = TestServer::start_on(backend, |c| c.database_url = Some(url)).await;
         let (agent, _) = s.agent().await;
         let ready = s.send(Method::GET, "/ready", None, None).await;
         assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
 
-        pg.stop();
+        pg.cut();
         cqrs_core::testing::eventually(
             Duration::from_secs(10),
             "/ready is 503 while Postgres is down",
@@ -288,7 +222,7 @@ async fn postgres_down_makes_the_server_unready_until_it_returns() {
             .await;
         refused.assert_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
 
-        pg.start();
+        pg.forward(upstream);
         cqrs_core::testing::eventually(
             Duration::from_secs(15),
             "/ready is 200 once Postgres is back",
@@ -354,8 +288,9 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
 
         // The ticket list locked, as by a long migration: the eight listings below wait on
         // the lock, each holding one of the pool's ten connections; the two relays hold the
-        // other two for their LISTEN. (They time out after the request timeout, 3.5 s: what
-        // follows until `/ready` answered takes well under that.)
+        // other two for their LISTEN. Each listing ends at the request timeout (3.5 s), and
+        // is replaced as it ends, so the pool stays full for as long as a loaded machine
+        // takes to get there and to ask.
         let mut lock = PgConnection::connect(&database_url).await.unwrap();
         sqlx::raw_sql(AssertSqlSafe(format!(
             "BEGIN; LOCK TABLE {schema}.ticket_index IN ACCESS EXCLUSIVE MODE"
@@ -363,14 +298,28 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
         .execute(&mut lock)
         .await
         .unwrap();
-        let listings: Vec<_> = (0..8)
-            .map(|_| {
-                let (http, url, token) = (s.http.clone(), s.url("/tickets"), customer.clone());
-                tokio::spawn(async move { http.get(url).bearer_auth(token).send().await })
+        let (stop_listing, mut stopped) = tokio::sync::watch::channel(false);
+        let listings = {
+            let (http, url, token) = (s.http.clone(), s.url("/tickets"), customer.clone());
+            tokio::spawn(async move {
+                let list = || {
+                    let request = http.get(url.clone()).bearer_auth(token.clone());
+                    async move { request.send().await }
+                };
+                let mut running: tokio::task::JoinSet<_> = (0..8).map(|_| list()).collect();
+                loop {
+                    tokio::select! {
+                        _ = stopped.changed() => break,
+                        Some(_) = running.join_next() => {
+                            running.spawn(list());
+                        }
+                    }
+                }
+                running.join_all().await;
             })
-            .collect();
+        };
         cqrs_core::testing::eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(20),
             "eight helpdesk sessions wait for the lock on the ticket list",
             || {
                 let (database_url, schema) = (database_url.clone(), schema.clone());
@@ -384,23 +333,28 @@ async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() 
                     .fetch_one(&mut conn)
                     .await
                     .ok()?;
-                    (waiting == 8).then_some(())
+                    (waiting >= 8).then_some(())
                 }
             },
         )
         .await;
 
-        let r = s.send(Method::GET, "/ready", None, None).await;
-        assert_eq!(r.status, StatusCode::OK, "{r:?}");
-        assert_eq!(
-            r.body["components"]["postgres"]["status"], "degraded",
-            "{r:?}"
-        );
+        // Asked again while a listing just ended gave a connection back, the pool answers
+        // `healthy`; never `unhealthy`, a 503.
+        cqrs_core::testing::eventually(
+            Duration::from_secs(20),
+            "/ready reports the full pool as degraded",
+            || async {
+                let r = s.send(Method::GET, "/ready", None, None).await;
+                assert_eq!(r.status, StatusCode::OK, "{r:?}");
+                (r.body["components"]["postgres"]["status"] == "degraded").then_some(())
+            },
+        )
+        .await;
 
+        stop_listing.send(true).unwrap();
         sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
-        for listing in listings {
-            let _ = listing.await;
-        }
+        listings.await.unwrap();
         cqrs_core::testing::eventually(
             Duration::from_secs(10),
             "Postgres is healthy once the pool's connection is free",

@@ -87,22 +87,6 @@ async fn pass(
     }
 }
 
-/// `url` with its host and port replaced by `addr`, and the host and port it had.
-fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let (user, host) = match authority.rsplit_once('@') {
-        Some((user, host)) => (format!("{user}@"), host),
-        None => (String::new(), authority),
-    };
-    let upstream = if host.contains(':') {
-        host.to_owned()
-    } else {
-        format!("{host}:5432")
-    };
-    (format!("{scheme}://{user}{addr}{path}"), upstream)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_postgres_gets_the_component_report_within_the_request_timeout() {
     // Without `--ready-details` the report says what is down, not why (the reason quotes the

@@ -49,7 +49,7 @@ async fn the_stats_catch_up_and_count_each_ticket_in_its_current_status() {
 
         let expected = json!({ "open": 1, "assigned": 2, "closed": 2 });
         let stats = cqrs_core::testing::eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(30),
             "the stats catch up",
             || async {
                 let r = s.get("/tickets/stats", &agent).await;
@@ -62,7 +62,7 @@ async fn the_stats_catch_up_and_count_each_ticket_in_its_current_status() {
         // now is counted after every earlier event, and then the counts must be exact.
         s.ticket(&customer, "marker").await;
         let after_marker = cqrs_core::testing::eventually(
-            Duration::from_secs(5),
+            Duration::from_secs(30),
             "the stats count the marker ticket",
             || async {
                 let r = s.get("/tickets/stats", &agent).await;

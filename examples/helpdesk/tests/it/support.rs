@@ -681,3 +681,88 @@ pub fn exit_of(child: &mut Running, deadline: Duration) -> (std::process::ExitSt
     }
     (status, stderr)
 }
+
+/// `url` with its host and port replaced by `addr`, and the host and port it had (5432
+/// when it names none: a Postgres URL).
+pub fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), authority),
+    };
+    let upstream = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    (format!("{scheme}://{user}{addr}{path}"), upstream)
+}
+
+/// A TCP proxy a test owns, in front of a service: [`cut`](Self::cut) ends every connection
+/// through it and closes new ones at once, as a service that went down, until
+/// [`forward`](Self::forward) points it at a service again. The port stays the test's all
+/// along: a service restarted on a port of its own could find it taken meanwhile (every
+/// client connection of a parallel test takes a port from the same range).
+pub struct Switch {
+    pub addr: std::net::SocketAddr,
+    upstream: Arc<std::sync::Mutex<Option<String>>>,
+    /// Bumped by each cut: the connections forwarded before it end.
+    cuts: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Switch {
+    /// A switch forwarding to `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = Arc::new(std::sync::Mutex::new(Some(upstream)));
+        let (cuts, _) = tokio::sync::watch::channel(0);
+        let task = {
+            let (upstream, cuts) = (upstream.clone(), cuts.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    // Subscribed before the target is read: a cut after either ends this one.
+                    let mut cut = cuts.subscribe();
+                    let Some(target) = upstream.lock().unwrap().clone() else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            })
+        };
+        Self {
+            addr,
+            upstream,
+            cuts,
+            task,
+        }
+    }
+
+    /// Ends every connection and closes new ones until [`forward`](Self::forward).
+    pub fn cut(&self) {
+        *self.upstream.lock().unwrap() = None;
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Forwards new connections to `upstream` (`host:port`).
+    pub fn forward(&self, upstream: String) {
+        *self.upstream.lock().unwrap() = Some(upstream);
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cuts.send_modify(|n| *n += 1);
+    }
+}

@@ -29,8 +29,8 @@ impl Worker for Stubborn {
 async fn a_held_request_and_a_stubborn_worker_together_wait_one_grace_period() {
     within(async {
         let backend = Backend::from_env().await;
-        // Long enough that the bound below leaves a loaded machine a wide margin (2.25 s) while
-        // a grace period per phase (at least 6 s) still fails.
+        // Long enough that the bound below leaves a loaded machine a wide margin (3 s) while a
+        // grace period per phase (at least 6 s) still fails.
         let grace = Duration::from_millis(3_000);
         let mut config = test_config(&backend);
         config.shutdown_grace_ms = grace.as_millis() as u64;
@@ -60,8 +60,8 @@ async fn a_held_request_and_a_stubborn_worker_together_wait_one_grace_period() {
             "the stop took {took:?}: the request was not held"
         );
         assert!(
-            took < grace * 7 / 4,
-            "the stop took {took:?}, more than the grace period of {grace:?}"
+            took < grace * 2,
+            "the stop took {took:?}, a grace period per phase (of {grace:?})"
         );
         backend.clean_up().await;
     })
@@ -229,7 +229,7 @@ async fn a_stop_with_a_delay_ends_after_it() {
             took >= delay,
             "stopped after {took:?}, before the delay was over"
         );
-        // The margin the grace-period test above gives a loaded machine.
+        // A margin of three quarters of the grace period for a loaded machine.
         assert!(
             took < delay + grace * 7 / 4,
             "the stop took {took:?}: more than the delay and one grace period"

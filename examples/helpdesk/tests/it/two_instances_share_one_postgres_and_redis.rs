@@ -97,7 +97,7 @@ async fn stats_are_counted_once_although_both_instances_consume() {
         let expected = json!({ "open": 3, "assigned": 1, "closed": 2 });
         for s in [&a, &b] {
             cqrs_core::testing::eventually(
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 "both instances report the counts",
                 || async {
                     let r = s.get("/tickets/stats", &agent).await;
@@ -114,7 +114,7 @@ async fn stats_are_counted_once_although_both_instances_consume() {
         let expected = json!({ "open": 5, "assigned": 1, "closed": 2 });
         for s in [&a, &b] {
             let counted = cqrs_core::testing::eventually(
-                Duration::from_secs(5),
+                Duration::from_secs(30),
                 "both instances count the marker tickets",
                 || async {
                     let r = s.get("/tickets/stats", &agent).await;
