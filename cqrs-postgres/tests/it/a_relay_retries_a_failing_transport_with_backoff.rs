@@ -88,16 +88,17 @@ pg_test! {
 pg_test! {
     /// A broker too slow for a whole batch within `publish_timeout` still gets everything: the
     /// runs it took are shipped and the rest goes with the next batch. The batch's transaction
-    /// never sits idle past the server's idle-in-transaction timeout (1 s here), which would
-    /// end the session, lose the checkpoint row to a standby, and ship nothing, ever.
+    /// never sits idle past the server's idle-in-transaction timeout (2 s here, against runs of
+    /// 300 ms: room for a loaded machine's stalls), which would end the session, lose the
+    /// checkpoint row to a standby, and ship runs again.
     async fn a_broker_too_slow_for_a_whole_batch_still_gets_everything(db: PgDatabase) {
         let strict = crate::support::options(db.schema())
-            .idle_in_transaction_timeout(Some(Duration::from_secs(1)))
+            .idle_in_transaction_timeout(Some(Duration::from_secs(2)))
             .connect()
             .await
             .unwrap();
         // Alternating topics: every event is a run of its own, 300 ms each.
-        let events: Vec<_> = (1..=6).map(record).collect();
+        let events: Vec<_> = (1..=10).map(record).collect();
         db.event_store()
             .append("s", ExpectedVersion::NO_STREAM, events.clone())
             .await
@@ -113,16 +114,15 @@ pg_test! {
             assert!(tokio::time::Instant::now() < until, "the relay made no progress");
             let _ = relay.relay_once().await;
         }
-        // At least once: a batch whose session ended after all (a loaded machine) ships its
-        // runs again, after others. Each event where it first went out, in order.
-        let mut seen = std::collections::HashSet::new();
-        let shipped: Vec<u64> = transport
+        // A run cut off by the timeout may have reached the broker: it goes again, next to
+        // itself. A batch whose session ended would ship its runs again after others.
+        let mut shipped: Vec<u64> = transport
             .published()
             .iter()
             .map(|e| e.payload["n"].as_u64().unwrap())
-            .filter(|n| seen.insert(*n))
             .collect();
-        assert_eq!(shipped, [1, 2, 3, 4, 5, 6], "every event, in order");
+        shipped.dedup();
+        assert_eq!(shipped, (1..=10).collect::<Vec<_>>(), "every event, in order, once");
     }
 }
 

@@ -33,12 +33,12 @@ pg_test! {
         proxy.settle_with(slow.pool(), 0).await;
 
         let sent_before = proxy.round_trips();
-        proxy.stall_for(Duration::from_secs(1));
+        proxy.stall_for(Duration::from_secs(3));
         let store = PgProjectionStore::new(slow.clone());
         let mut begin = Box::pin(store.begin("c"));
         // Polled until the proxy holds its `BEGIN` (it cannot be answered before the stall
         // ends), then given up: the caller is gone while the `BEGIN` is on the wire.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while proxy.round_trips() == sent_before {
             assert!(tokio::time::Instant::now() < deadline, "the BEGIN was never sent");
             tokio::select! {

@@ -309,7 +309,7 @@ pg_test! {
         // Two connections: the running command's, and the one a duplicate waits on.
         let small = crate::support::options(db.schema())
             .max_connections(2)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(10))
             .connect()
             .await
             .expect("connect")

@@ -76,7 +76,9 @@ async fn resume_while_events_are_published_once() {
                 .replay_batch(7)
                 .replay_buffer(5)
                 .replay_limit(100_000)
-                .send_queue(64),
+                // Room for every live event: a loaded machine may leave this test's reader
+                // unscheduled while the publisher runs, and a full queue closes it as slow.
+                .send_queue(512),
         )
         .await,
     );
@@ -525,18 +527,21 @@ async fn slow_hub(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_read_the_store_at_most_max_concurrent_replays_at_once() {
     with_timeout(TEST_LIMIT, async {
-        let (t, slow) = slow_hub(2, Duration::from_millis(50), HubOptions::new()).await;
+        let (t, slow) = slow_hub(2, Duration::from_millis(100), HubOptions::new()).await;
         for seq in 1..=50 {
             t.store("t1", "u1", seq).await;
         }
         let mut clients = Vec::new();
         // None of them may see u1's events: each replay reads five batches and sends none.
+        // Connected first, then all asked at once: handshakes of a loaded machine could
+        // otherwise space the replays out so that none overlap.
         for user in ["user-u2", "user-u3", "user-u4", "user-u5", "user-u6"] {
-            let mut client = t.connect(user).await;
+            clients.push(t.connect(user).await);
+        }
+        for client in &mut clients {
             client
                 .send(json!({"type": "subscribe", "topic": "tickets", "since": "0"}))
                 .await;
-            clients.push(client);
         }
         for client in &mut clients {
             client.expect_subscribed("tickets").await;

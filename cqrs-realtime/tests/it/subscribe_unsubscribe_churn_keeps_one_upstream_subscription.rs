@@ -28,10 +28,10 @@ async fn churn_on_a_channel_subscribes_upstream_once() {
         let pubsub = Arc::new(InMemoryPubSub::new());
         let t = TestHub::start_on(
             pubsub.clone(),
-            // Far above the default: this client churns on purpose.
             HubOptions::new()
                 // Long enough that no stall of a loaded machine between two rounds outlasts it.
                 .upstream_linger(Duration::from_secs(4))
+                // Far above the default: this client churns on purpose.
                 .subscription_changes_per_second(100_000),
             |b| b,
         )

@@ -25,8 +25,8 @@ async fn a_resubscribe_that_fails_on_a_live_connection_is_unhealthy() {
         60,
         Box::pin(async {
             let proxy = Proxy::start(&host).await;
-            // Short commands, no watchdog ping and no replacing of a quiet connection: the
-            // dead one stays "connected".
+            // Commands that time out (after 2 s: room for a loaded machine), no watchdog ping
+            // and no replacing of a quiet connection: the dead one stays "connected".
             let connection = ConnectionOptions::new(proxy.url())
                 .command_timeout(Duration::from_secs(2))
                 .ping_interval(Duration::from_secs(3600))

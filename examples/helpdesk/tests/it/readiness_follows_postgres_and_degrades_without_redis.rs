@@ -15,7 +15,7 @@ fn skip_unless_required(why: &str) {
     assert!(
         std::env::var("CQRS_REQUIRE_SERVICES").as_deref() != Ok("1"),
         "{why}; CQRS_REQUIRE_SERVICES=1 makes that a failure, not a skip (scripts/test.sh \
-         installs the Postgres and Redis packages)"
+         installs redis-server)"
     );
     eprintln!("skipping: {why}");
 }
@@ -39,20 +39,22 @@ impl OwnRedis {
         // A free port may be taken before redis-server binds it (it then exits): another.
         for _ in 0..5 {
             let port = free_port();
-            let mut child = Command::new("redis-server")
+            let child = Command::new("redis-server")
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--save", "", "--appendonly", "no"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("redis-server runs (it is installed with Redis)");
+            // Killed on drop from here on, also when the wait below fails.
+            let mut redis = Self { child, port };
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
-                if child.try_wait().unwrap().is_some() {
+                if redis.child.try_wait().unwrap().is_some() {
                     break;
                 }
-                if serves(port, child.id()).await {
-                    return Self { child, port };
+                if serves(port, redis.child.id()).await {
+                    return redis;
                 }
                 assert!(
                     tokio::time::Instant::now() < deadline,
@@ -79,15 +81,23 @@ async fn serves(port: u16, pid: u32) -> bool {
         tcp.write_all(b"INFO server\r\n").await.ok()?;
         let mut answer = Vec::new();
         let mut buf = [0u8; 4096];
-        let wanted = format!("process_id:{pid}\r\n");
-        while !String::from_utf8_lossy(&answer).contains(&wanted) {
+        // A bulk reply: `$<length>\r\n`, then that many bytes and `\r\n`.
+        let whole = |answer: &[u8]| -> Option<bool> {
+            let text = std::str::from_utf8(answer).ok()?;
+            let (length, rest) = text.strip_prefix('$')?.split_once("\r\n")?;
+            Some(rest.len() >= length.parse::<usize>().ok()?)
+        };
+        while whole(&answer) != Some(true) {
             let n = tcp.read(&mut buf).await.ok()?;
             if n == 0 || answer.len() > 64 * 1024 {
                 return None;
             }
             answer.extend_from_slice(&buf[..n]);
         }
-        Some(())
+        let wanted = format!("process_id:{pid}\r\n");
+        String::from_utf8_lossy(&answer)
+            .contains(&wanted)
+            .then_some(())
     };
     matches!(
         tokio::time::timeout(Duration::from_secs(2), ask).await,

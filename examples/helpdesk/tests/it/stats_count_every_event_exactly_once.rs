@@ -94,7 +94,7 @@ async fn on_postgres_without_redis_the_stats_read_the_event_store() {
         let (customer, _) = s.customer().await;
         let (agent, _) = s.agent().await;
         s.ticket(&customer, "counted without the relay").await;
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the stats count it", || async {
+        cqrs_core::testing::eventually(Duration::from_secs(30), "the stats count it", || async {
             let r = s.get("/tickets/stats", &agent).await;
             (r.body["open"] == 1).then_some(())
         })
@@ -310,9 +310,9 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
     .await;
 }
 
-/// Waits (10 s at most) until `s`'s stats, as `agent` reads them, are `expected`.
+/// Waits (30 s at most) until `s`'s stats, as `agent` reads them, are `expected`.
 async fn stats_become(s: &TestServer, agent: &str, expected: &serde_json::Value, what: &str) {
-    cqrs_core::testing::eventually(Duration::from_secs(10), what, || async {
+    cqrs_core::testing::eventually(Duration::from_secs(30), what, || async {
         (s.get("/tickets/stats", agent).await.body == *expected).then_some(())
     })
     .await;

@@ -215,7 +215,7 @@ async fn events_committed_by_an_instance_that_stopped_before_shipping_them_are_n
         let b = TestServer::start_on(backend, |_| {}).await;
         let (agent, _) = b.agent().await;
         cqrs_core::testing::eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             "B counts every ticket A committed",
             || async {
                 let r = b.get("/tickets/stats", &agent).await;
@@ -305,7 +305,7 @@ async fn an_instance_stopped_right_after_a_commit_loses_nothing() {
         // A stops at once, its relay perhaps mid-batch: B's relay takes over the checkpoint.
         a.stop().await;
         cqrs_core::testing::eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(30),
             "B counts the ticket A committed",
             || async {
                 let r = b.get("/tickets/stats", &agent).await;
