@@ -18,7 +18,13 @@ fn the_http_load_harness_runs_both_servers_without_failures() {
             .find(|l| l.contains(server))
             .unwrap_or_else(|| panic!("no line for {server}\n{stdout}"));
         assert!(line.contains(", 0 failed)"), "{line}");
-        assert!(!line.contains(" 0 tickets/s"), "{line}");
+        // Tickets were made: "(N in", N above zero (the rate is rounded, and a loaded
+        // machine's few tickets over a long catch-up could print 0 tickets/s).
+        let made = line
+            .split_once(" tickets/s (")
+            .and_then(|(_, rest)| rest.split_once(" in "))
+            .and_then(|(n, _)| n.parse::<u64>().ok());
+        assert!(made.is_some_and(|n| n > 0), "{line}");
     }
     assert!(stdout.contains("median framework / baseline"), "{stdout}");
 }

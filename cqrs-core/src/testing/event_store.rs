@@ -728,7 +728,8 @@ async fn append_beside(
                 .await
         })
     };
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Wide: the append may first open a connection of its own, on a loaded machine.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     while !append.is_finished()
         && !held
             .blocks_another_writer()
@@ -737,7 +738,7 @@ async fn append_beside(
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "within 10 s, an append neither finished nor waited for the held append"
+            "within 30 s, an append neither finished nor waited for the held append"
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }

@@ -21,10 +21,12 @@ pub(crate) async fn postgres_available() -> bool {
             let url = database_url();
             let probe = PgOptions::new(url.clone())
                 .max_connections(1)
-                .acquire_timeout(Duration::from_secs(3))
+                // A loaded machine may take seconds to open a first session; a server that
+                // is down refuses at once.
+                .acquire_timeout(Duration::from_secs(20))
                 .connect();
             let reachable = matches!(
-                tokio::time::timeout(Duration::from_secs(5), probe).await,
+                tokio::time::timeout(Duration::from_secs(30), probe).await,
                 Ok(Ok(_))
             );
             cqrs_core::testing::require_services("postgres", &url, reachable)
