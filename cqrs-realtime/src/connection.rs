@@ -587,7 +587,7 @@ impl<P: Send + Sync + 'static> Session<P> {
         self.hub
             .registry
             .insert(&topic, &channel, slot.clone(), || {
-                self.conn.push(subscribed)
+                self.conn.push(subscribed);
             });
         self.subscriptions.insert(topic.clone(), held);
         // Registered: the resume is used from here on.
@@ -616,7 +616,10 @@ impl<P: Send + Sync + 'static> Session<P> {
         };
         // Queued under the registry lock: no event of this topic follows `unsubscribed`.
         let unsubscribed = Utf8Bytes::from(ServerFrame::Unsubscribed { topic: name }.to_json());
-        held.end(|| self.conn.push(unsubscribed)).await;
+        held.end(|| {
+            self.conn.push(unsubscribed);
+        })
+        .await;
     }
 
     /// Ends every subscription. Panicking part way (a metrics recorder's bug), the ones left

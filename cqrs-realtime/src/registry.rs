@@ -24,12 +24,15 @@ pub(crate) struct Conn<P> {
 }
 
 impl<P> Conn<P> {
-    /// Queues a frame without waiting. A full queue means the client does not keep up: the
-    /// connection is closed with 1008 rather than slowing the hub or growing memory.
-    pub(crate) fn push(&self, frame: Utf8Bytes) {
+    /// Queues a frame without waiting; whether it was queued. A full queue means the client
+    /// does not keep up: the connection is closed with 1008 rather than slowing the hub or
+    /// growing memory.
+    pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
         if self.queue.try_push(Outgoing::Frame(frame)).is_err() {
             self.close_slow();
+            return false;
         }
+        true
     }
 
     pub(crate) fn close_slow(&self) {
@@ -132,13 +135,13 @@ impl<P> Slot<P> {
         !self.told_missed.swap(true, Ordering::Relaxed)
     }
 
-    /// Queues `frame` (an `events_missed`) unless this subscription was told already.
+    /// Queues `frame` (an `events_missed`) unless this subscription was told already; whether
+    /// it was queued (a full queue closes the connection instead).
     fn tell_missed(&self, frame: &Utf8Bytes) -> bool {
         if !self.claim_missed() {
             return false;
         }
-        self.conn.push(frame.clone());
-        true
+        self.conn.push(frame.clone())
     }
 }
 

@@ -305,8 +305,8 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 if round > MAX_FLUSH_ROUNDS && !overflowed {
                     // Under the lock, so no live event passes these.
                     for (frame, notice) in self.frames_of(held, lost) {
-                        self.conn.push(frame);
-                        if notice {
+                        // Counted only when queued (not when a full queue closed the client).
+                        if self.conn.push(frame) && notice {
                             self.hub.metrics.missed_notices(1);
                         }
                     }
@@ -780,6 +780,23 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::task::yield_now().await;
         }
+    }
+
+    /// An `events_missed` that finds the send queue full is not sent (the client is closed as
+    /// slow instead): it is not counted among the subscriptions told, which the upstream
+    /// dispatcher adds to `missed_notices` ("frames queued").
+    #[tokio::test]
+    async fn a_missed_notice_that_finds_the_queue_full_is_not_counted() {
+        let f = Fixture::new(HubOptions::new(), 1, 64);
+        f.conn.push(Utf8Bytes::from_static("{}"));
+        let told = f.inner.registry.missed("t", &AtomicBool::new(false));
+        assert_eq!(told, 0, "nothing was queued");
+        assert_eq!(f.inner.metrics.snapshot().slow_client_closes, 1);
+        // With room, it is queued and counted.
+        let f = Fixture::new(HubOptions::new(), 1, 64);
+        let told = f.inner.registry.missed("t", &AtomicBool::new(false));
+        assert_eq!(told, 1);
+        assert!(f.conn.queue.try_pop().is_some());
     }
 
     /// A replay whose first read fails, before any read showed `since` is in the log, goes
