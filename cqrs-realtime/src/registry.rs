@@ -212,7 +212,8 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// publisher that maps topics to channels otherwise (during a rolling deploy), outside the
     /// order and the copy check of the topic's own channel, which may never carry the event.
     /// Its subscriptions are told `events_missed` instead (once each), to resume from the log;
-    /// returns how many were told. Nothing is pushed once `released` is set. It is read under the lock a subscribe takes
+    /// returns how many `events_missed` frames were queued (a full queue closes the
+    /// connection instead). Nothing is pushed once `released` is set. It is read under the lock a subscribe takes
     /// to register: a subscription made after its channel was released is served by the
     /// channel's next task, and must not get an older message the released task still holds
     /// (after events the next task already pushed).

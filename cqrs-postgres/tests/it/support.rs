@@ -21,8 +21,9 @@ pub(crate) async fn postgres_available() -> bool {
             let url = database_url();
             let probe = PgOptions::new(url.clone())
                 .max_connections(1)
-                // A loaded machine may take seconds to open a first session; a server that
-                // is down refuses at once.
+                // A loaded machine may take seconds to open a first session. (sqlx retries a
+                // refused connection until this runs out: a server that is down costs the
+                // test binary 20 s, once, before it skips or fails.)
                 .acquire_timeout(Duration::from_secs(20))
                 .connect();
             let reachable = matches!(

@@ -267,7 +267,7 @@ async fn postgres_down_makes_the_server_unready_until_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_pool_is_degraded_not_unavailable_with_a_short_request_timeout() {
     use cqrs_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some(backend) = Backend::postgres().await else {
             return;
         };

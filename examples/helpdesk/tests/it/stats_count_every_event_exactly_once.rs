@@ -5,7 +5,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stats_catch_up_and_count_each_ticket_in_its_current_status() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let s = TestServer::start().await;
         let (customer, _) = s.customer().await;
         let (agent, agent_id) = s.agent().await;
@@ -89,7 +89,7 @@ async fn on_postgres_without_redis_the_stats_read_the_event_store() {
     let Some(backend) = Backend::postgres().await else {
         return;
     };
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let s = TestServer::start_without_relay_with(backend, |c| c.redis_url = None).await;
         let (customer, _) = s.customer().await;
         let (agent, _) = s.agent().await;
@@ -115,7 +115,7 @@ async fn on_postgres_the_counts_of_a_database_from_before_them_are_recounted_at_
         return;
     };
     let (database_url, schema) = backend.database().expect("a Postgres backend");
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let a = TestServer::start_on(backend.shared(), |_| {}).await;
         let (customer, _) = a.customer().await;
         let (agent, agent_id) = a.agent().await;
@@ -223,7 +223,7 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
         return;
     };
     let (database_url, schema) = backend.database().expect("a Postgres backend");
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let a = TestServer::start_on(backend.shared(), |_| {}).await;
         let (customer, _) = a.customer().await;
         let (agent, agent_id) = a.agent().await;

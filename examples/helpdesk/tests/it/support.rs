@@ -576,7 +576,13 @@ impl Response {
 
 /// Runs a test body under a deadline.
 pub async fn within<F: std::future::Future>(f: F) -> F::Output {
-    cqrs_core::testing::with_timeout(Duration::from_secs(60), f).await
+    within_for(Duration::from_secs(60), f).await
+}
+
+/// Runs a test body under a deadline of `limit`: for a test whose waits, each wide enough
+/// for a loaded machine, add up to more than [`within`]'s minute.
+pub async fn within_for<F: std::future::Future>(limit: Duration, f: F) -> F::Output {
+    cqrs_core::testing::with_timeout(limit, f).await
 }
 
 /// Sends a request whose handler then waits for a body that never comes, and returns once the

@@ -25,7 +25,7 @@ async fn history(s: &TestServer, token: &str, id: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_client_on_b_receives_the_events_of_commands_sent_to_a() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some((a, b)) = two_instances().await else {
             return;
         };
@@ -62,7 +62,7 @@ async fn a_websocket_client_on_b_receives_the_events_of_commands_sent_to_a() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_are_counted_once_although_both_instances_consume() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some((a, b)) = two_instances().await else {
             return;
         };
@@ -135,7 +135,7 @@ async fn stats_are_counted_once_although_both_instances_consume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ticket_opened_on_a_and_closed_on_b_has_one_consistent_history() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some((a, b)) = two_instances().await else {
             return;
         };
@@ -193,7 +193,7 @@ async fn a_ticket_opened_on_a_and_closed_on_b_has_one_consistent_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_committed_by_an_instance_that_stopped_before_shipping_them_are_not_lost() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some(backend) = Backend::postgres().await else {
             return;
         };
@@ -249,7 +249,7 @@ fn change(frame: &Value) -> (String, String, String, u64) {
 /// and B replays them to a client resuming from the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b_pushes_to_its_websocket_clients_the_events_of_an_instance_running_no_relay() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some(backend) = Backend::postgres().await else {
             return;
         };
@@ -292,7 +292,7 @@ async fn b_pushes_to_its_websocket_clients_the_events_of_an_instance_running_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_stopped_right_after_a_commit_loses_nothing() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some((a, b)) = two_instances().await else {
             return;
         };
@@ -322,7 +322,7 @@ async fn an_instance_stopped_right_after_a_commit_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_on_both_instances_without_an_expected_version_all_land_once() {
-    within(async {
+    within_for(Duration::from_secs(150), async {
         let Some((a, b)) = two_instances().await else {
             return;
         };
