@@ -25,7 +25,8 @@ pub mod names {
     /// Counter: channel messages the hub missed because it fell behind the pub/sub.
     pub const UPSTREAM_MISSED: &str = "realtime_upstream_missed_total";
     /// Counter: `events_missed` error frames queued (one per subscription of a topic whose
-    /// channel missed messages).
+    /// channel missed messages, or told for another reason; not one that found the send
+    /// queue full, which closes the client instead).
     pub const MISSED_NOTICES: &str = "realtime_missed_notices_total";
     /// Counter: events sent by replays (resumed subscriptions).
     pub const REPLAYED_EVENTS: &str = "realtime_replayed_events_total";
