@@ -207,9 +207,9 @@ async fn postgres_down_makes_the_server_unready_until_it_returns() {
             return;
         };
         let (database_url, _) = backend.database().expect("a Postgres backend");
-        let (_, upstream) = via(&database_url, ([127, 0, 0, 1], 0).into());
+        let upstream = host_port(&database_url, 5432).expect("DATABASE_URL names a host");
         let pg = Switch::start(upstream.clone()).await;
-        let (url, _) = via(&database_url, pg.addr);
+        let url = via(&database_url, pg.addr);
         let s = TestServer::start_on(backend, |c| c.database_url = Some(url)).await;
         let (agent, _) = s.agent().await;
         let ready = s.send(Method::GET, "/ready", None, None).await;

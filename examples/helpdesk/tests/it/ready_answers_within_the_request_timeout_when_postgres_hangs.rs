@@ -103,10 +103,9 @@ async fn report_while_postgres_hangs(details: bool) {
     let Backend::Postgres { database_url, .. } = &backend else {
         unreachable!()
     };
-    let unused: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let (_, upstream) = via(database_url, unused);
+    let upstream = host_port(database_url, 5432).expect("DATABASE_URL names a host");
     let proxy = StallingProxy::start(upstream).await;
-    let (proxied, _) = via(database_url, proxy.addr);
+    let proxied = via(database_url, proxy.addr);
     let s = TestServer::start_on(backend, |c| {
         c.database_url = Some(proxied);
         // Each check gets a third: 2 s, ample for a healthy backend on a loaded machine.

@@ -178,7 +178,8 @@ async fn delete_redis_keys(url: &str, pattern: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(5), work).await;
 }
 
-fn host_port(url: &str, default_port: u16) -> Option<String> {
+/// The `host:port` a URL names, `default_port` when it names none.
+pub fn host_port(url: &str, default_port: u16) -> Option<String> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let host_port = rest.split(['/', '?']).next()?;
     let host_port = host_port.rsplit_once('@').map_or(host_port, |(_, h)| h);
@@ -688,21 +689,15 @@ pub fn exit_of(child: &mut Running, deadline: Duration) -> (std::process::ExitSt
     (status, stderr)
 }
 
-/// `url` with its host and port replaced by `addr`, and the host and port it had (5432
-/// when it names none: a Postgres URL).
-pub fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
+/// `url` with its host and port replaced by `addr` (the URL of a proxy in front of the
+/// service it names, found with [`host_port`]).
+pub fn via(url: &str, addr: std::net::SocketAddr) -> String {
     let (scheme, rest) = url.split_once("://").unwrap();
     let (authority, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    let (user, host) = match authority.rsplit_once('@') {
-        Some((user, host)) => (format!("{user}@"), host),
-        None => (String::new(), authority),
-    };
-    let upstream = if host.contains(':') {
-        host.to_owned()
-    } else {
-        format!("{host}:5432")
-    };
-    (format!("{scheme}://{user}{addr}{path}"), upstream)
+    let user = authority
+        .rsplit_once('@')
+        .map_or(String::new(), |(user, _)| format!("{user}@"));
+    format!("{scheme}://{user}{addr}{path}")
 }
 
 /// A TCP proxy a test owns, in front of a service: [`cut`](Self::cut) ends every connection
@@ -712,9 +707,9 @@ pub fn via(url: &str, addr: std::net::SocketAddr) -> (String, String) {
 /// client connection of a parallel test takes a port from the same range).
 pub struct Switch {
     pub addr: std::net::SocketAddr,
-    upstream: Arc<std::sync::Mutex<Option<String>>>,
-    /// Bumped by each cut: the connections forwarded before it end.
-    cuts: tokio::sync::watch::Sender<u64>,
+    /// Where new connections go (`None`: closed at once); each change ends those forwarded
+    /// before it.
+    upstream: tokio::sync::watch::Sender<Option<String>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -723,15 +718,13 @@ impl Switch {
     pub async fn start(upstream: String) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let upstream = Arc::new(std::sync::Mutex::new(Some(upstream)));
-        let (cuts, _) = tokio::sync::watch::channel(0);
+        let (upstream, _) = tokio::sync::watch::channel(Some(upstream));
         let task = {
-            let (upstream, cuts) = (upstream.clone(), cuts.clone());
+            let upstream = upstream.clone();
             tokio::spawn(async move {
                 while let Ok((mut client, _)) = listener.accept().await {
-                    // Subscribed before the target is read: a cut after either ends this one.
-                    let mut cut = cuts.subscribe();
-                    let Some(target) = upstream.lock().unwrap().clone() else {
+                    let mut changes = upstream.subscribe();
+                    let Some(target) = changes.borrow_and_update().clone() else {
                         continue;
                     };
                     tokio::spawn(async move {
@@ -740,7 +733,7 @@ impl Switch {
                         };
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = cut.changed() => {}
+                            _ = changes.changed() => {}
                         }
                     });
                 }
@@ -749,26 +742,24 @@ impl Switch {
         Self {
             addr,
             upstream,
-            cuts,
             task,
         }
     }
 
     /// Ends every connection and closes new ones until [`forward`](Self::forward).
     pub fn cut(&self) {
-        *self.upstream.lock().unwrap() = None;
-        self.cuts.send_modify(|n| *n += 1);
+        self.upstream.send_replace(None);
     }
 
     /// Forwards new connections to `upstream` (`host:port`).
     pub fn forward(&self, upstream: String) {
-        *self.upstream.lock().unwrap() = Some(upstream);
+        self.upstream.send_replace(Some(upstream));
     }
 }
 
 impl Drop for Switch {
     fn drop(&mut self) {
         self.task.abort();
-        self.cuts.send_modify(|n| *n += 1);
+        self.upstream.send_replace(None);
     }
 }
