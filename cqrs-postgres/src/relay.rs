@@ -8,6 +8,7 @@ use cqrs_core::ports::{EventTransport, StoreError, TransportError, validate_topi
 use cqrs_core::runtime::{Health, Worker, WorkerContext};
 use cqrs_core::{BoxError, ErrorKind, EventRecord, Position};
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use sqlx::postgres::{PgConnection, PgListener, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use std::sync::Arc;
@@ -65,7 +66,8 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///   `max_attempts`: it starts the count of failures in a row afresh.
 /// * **Wake-ups.** Every append notifies the schema's channel at commit; the relay listens on
 ///   it (one pooled connection) and also polls every `poll_interval`, so a lost notification
-///   only delays.
+///   only delays. A `LISTEN` the server does not answer (a pooled connection whose peer is
+///   gone, a frozen server) is left under way, and the relay polls meanwhile.
 ///
 /// Metrics (`metrics` facade, label `relay`): `cqrs_outbox_published_total`,
 /// `cqrs_outbox_publish_failures_total`, `cqrs_outbox_skipped_total` (with `reason` =
@@ -897,12 +899,19 @@ impl PgOutboxRelay {
         Ok(())
     }
 
-    async fn listener(&self) -> Option<PgListener> {
-        if !self.listen {
-            return None;
+    /// Starts connecting a listener, unless the relay does not listen or already listens or
+    /// connects one. The attempt owns what it needs, so it lives across the relay's waits and
+    /// batches: it is never dropped half-way (a `LISTEN` cut off after it went out would hand
+    /// a listening connection back to the pool, see `read_notifications`), and one the server
+    /// does not answer holds up only itself.
+    fn connect_listener(&self, wakeups: &mut Wakeups) {
+        if !self.listen || wakeups.listener.is_some() || wakeups.connecting.is_some() {
+            return;
         }
-        let connect = async {
-            let mut listener = PgListener::connect_with(&self.db.pool).await?;
+        let pool = self.db.pool.clone();
+        let channel = self.db.channel().to_owned();
+        let attempt = async move {
+            let mut listener = PgListener::connect_with(&pool).await?;
             // A lost connection is reported (`try_recv` answers `None`), not replaced inside
             // the call: a reconnection cut off in the middle (the notifications read without
             // waiting before each batch, a poll interval running out) would hand its pooled
@@ -910,15 +919,44 @@ impl PgOutboxRelay {
             // the next query it runs once a notification arrives ("unexpected message").
             // The relay connects a new listener itself, in its idle wait, to the end.
             listener.eager_reconnect(false);
-            listener.listen(self.db.channel()).await?;
-            Ok::<_, sqlx::Error>(listener)
+            listener.listen(&channel).await?;
+            Ok(listener)
         };
-        match connect.await {
-            Ok(listener) => Some(listener),
+        wakeups.connecting = Some(Connecting {
+            attempt: Box::pin(attempt),
+            started: Instant::now(),
+            reported: false,
+        });
+    }
+
+    /// Takes the finished attempt's listener, or reports why there is none; the next idle
+    /// wait tries again.
+    fn connected(&self, wakeups: &mut Wakeups, result: Result<PgListener, sqlx::Error>) {
+        wakeups.connecting = None;
+        match result {
+            Ok(listener) => wakeups.listener = Some(listener),
             Err(e) => {
                 tracing::warn!(relay = %self.relay, error = %e, "could not LISTEN; polling only");
-                None
             }
+        }
+    }
+
+    /// Warns, once an attempt, of a `LISTEN` still unanswered after a batch would be reported
+    /// stalled ([`stalled_after`](Self::stalled_after)). Health is the batches' to say: they
+    /// run on other connections, and ship by polling meanwhile.
+    fn report_slow_listen(&self, wakeups: &mut Wakeups) {
+        let stalled_after = self.stalled_after();
+        if let Some(connecting) = &mut wakeups.connecting
+            && !connecting.reported
+            && connecting.started.elapsed() >= stalled_after
+        {
+            connecting.reported = true;
+            tracing::warn!(
+                relay = %self.relay,
+                after = ?stalled_after,
+                poll_interval = ?self.poll_interval,
+                "LISTEN is not answered (Postgres or the network to it is not answering); polling every poll_interval meanwhile"
+            );
         }
     }
 
@@ -988,13 +1026,22 @@ impl PgOutboxRelay {
     /// polled once and dropped would start again at every batch without ever finishing (and
     /// leave a listening connection in the pool each time). A lost connection drops the
     /// listener instead; the next idle wait connects a new one.
-    fn read_notifications(&self, listener: &mut Option<PgListener>) {
-        let Some(l) = listener else { return };
+    fn read_notifications(&self, wakeups: &mut Wakeups) {
+        // An attempt whose `LISTEN` went through listens from then on: its notifications are
+        // read like those of a listener, not left to pile up while the relay is busy.
+        if let Some(connecting) = &mut wakeups.connecting
+            && let Some(result) = (&mut connecting.attempt).now_or_never()
+        {
+            self.connected(wakeups, result);
+        }
+        let Some(l) = &mut wakeups.listener else {
+            return;
+        };
         loop {
             match l.try_recv().now_or_never() {
                 Some(Ok(Some(_))) => {}
                 Some(lost) => {
-                    self.drop_listener(listener, lost.err());
+                    self.drop_listener(wakeups, lost.err());
                     return;
                 }
                 None => return,
@@ -1004,7 +1051,7 @@ impl PgOutboxRelay {
 
     /// Drops a listener whose connection was lost (`error`: or failed); the next idle wait
     /// connects a new one, and until then the relay polls.
-    fn drop_listener(&self, listener: &mut Option<PgListener>, error: Option<sqlx::Error>) {
+    fn drop_listener(&self, wakeups: &mut Wakeups, error: Option<sqlx::Error>) {
         match error {
             None => {
                 tracing::warn!(relay = %self.relay, "the LISTEN connection was lost; polling until it reconnects")
@@ -1013,7 +1060,7 @@ impl PgOutboxRelay {
                 tracing::warn!(relay = %self.relay, error = %e, "LISTEN failed; polling until it reconnects")
             }
         }
-        *listener = None;
+        wakeups.listener = None;
     }
 
     /// Waits out the poll interval (or shutdown) while another relay holds the checkpoint:
@@ -1021,56 +1068,63 @@ impl PgOutboxRelay {
     /// otherwise run a batch that finds the row held, on every standby instance. They are
     /// read and dropped meanwhile, so the server's notification queue does not wait on this
     /// listener.
-    async fn stand_by(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
-        let now = tokio::time::Instant::now();
-        // Saturating: an interval too long for the clock waits as long as it can.
-        let until = now
-            .checked_add(self.poll_interval)
-            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+    async fn stand_by(&self, wakeups: &mut Wakeups, ctx: &WorkerContext) {
+        let until = self.poll_due();
         loop {
-            let Some(l) = listener else {
-                tokio::select! {
-                    () = ctx.shutdown.requested() => {}
-                    () = tokio::time::sleep_until(until) => {}
-                }
-                return;
+            let Some(l) = &mut wakeups.listener else {
+                // A listener that connects meanwhile is read from then on.
+                let connected = tokio::select! {
+                    () = ctx.shutdown.requested() => return,
+                    () = tokio::time::sleep_until(until) => return,
+                    connected = Wakeups::attempt_done(&mut wakeups.connecting) => connected,
+                };
+                self.connected(wakeups, connected);
+                continue;
             };
             tokio::select! {
                 () = ctx.shutdown.requested() => return,
                 () = tokio::time::sleep_until(until) => return,
                 received = l.try_recv() => match received {
                     Ok(Some(_)) => {}
-                    lost => self.drop_listener(listener, lost.err()),
+                    lost => self.drop_listener(wakeups, lost.err()),
                 },
             }
         }
     }
 
     /// Waits for a notification, the poll interval, or shutdown.
-    async fn idle(&self, listener: &mut Option<PgListener>, ctx: &WorkerContext) {
-        if listener.is_none() {
-            tokio::select! {
+    async fn idle(&self, wakeups: &mut Wakeups, ctx: &WorkerContext) {
+        let until = self.poll_due();
+        if wakeups.listener.is_none() {
+            self.connect_listener(wakeups);
+            // Without a listener (the relay polls only) this is the poll interval's wait.
+            let connected = tokio::select! {
                 () = ctx.shutdown.requested() => return,
-                connected = self.listener() => *listener = connected,
-            }
+                () = tokio::time::sleep_until(until) => {
+                    self.report_slow_listen(wakeups);
+                    return;
+                }
+                connected = Wakeups::attempt_done(&mut wakeups.connecting) => connected,
+            };
+            self.connected(wakeups, connected);
             // Appends committed since the last batch and before the LISTEN notified no one:
             // a batch first, then the wait.
-            if listener.is_some() {
+            if wakeups.listener.is_some() {
                 return;
             }
         }
-        match listener {
+        match &mut wakeups.listener {
             Some(l) => {
                 tokio::select! {
                     _ = ctx.shutdown.requested() => {}
-                    received = tokio::time::timeout(self.poll_interval, l.try_recv()) => {
+                    received = tokio::time::timeout_at(until, l.try_recv()) => {
                         match received {
                             // One batch serves every notification already here: those
                             // sqlx has buffered and those waiting on the socket (each polled
                             // once, none waited for). Left there, each would start a batch of
                             // its own that finds nothing new: one per append under load.
-                            Ok(Ok(Some(_))) => self.read_notifications(listener),
-                            Ok(lost) => self.drop_listener(listener, lost.err()),
+                            Ok(Ok(Some(_))) => self.read_notifications(wakeups),
+                            Ok(lost) => self.drop_listener(wakeups, lost.err()),
                             Err(_) => {}
                         }
                     }
@@ -1079,9 +1133,43 @@ impl PgOutboxRelay {
             None => {
                 tokio::select! {
                     _ = ctx.shutdown.requested() => {}
-                    _ = tokio::time::sleep(self.poll_interval) => {}
+                    () = tokio::time::sleep_until(until) => {}
                 }
             }
+        }
+    }
+
+    /// When the next poll is due: a poll interval from now (as long as the clock goes, for
+    /// an interval too long for it).
+    fn poll_due(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_add(self.poll_interval)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+    }
+}
+
+/// What wakes the relay before its poll interval runs out: its listener, or the attempt under
+/// way to connect one.
+#[derive(Default)]
+struct Wakeups {
+    listener: Option<PgListener>,
+    connecting: Option<Connecting>,
+}
+
+/// A connection being taken and its `LISTEN` sent (see `PgOutboxRelay::connect_listener`).
+struct Connecting {
+    attempt: BoxFuture<'static, Result<PgListener, sqlx::Error>>,
+    started: Instant,
+    /// Whether `report_slow_listen` warned of this attempt.
+    reported: bool,
+}
+
+impl Wakeups {
+    /// The attempt's outcome once it has one; pending for ever without an attempt.
+    async fn attempt_done(connecting: &mut Option<Connecting>) -> Result<PgListener, sqlx::Error> {
+        match connecting {
+            Some(connecting) => (&mut connecting.attempt).await,
+            None => std::future::pending().await,
         }
     }
 }
@@ -1244,12 +1332,29 @@ impl Worker for PgOutboxRelay {
             self.check_fixed_topic()?;
             self.check_session_settings().await?;
             self.ensure_checkpoint().await?;
-            Ok::<_, BoxError>(self.listener().await)
+            Ok::<_, BoxError>(())
         };
-        let mut listener = tokio::select! {
+        tokio::select! {
             () = ctx.shutdown.requested() => return Ok(()),
             started = started => started?,
         };
+        // Listening before the first batch, so every append from then on wakes the relay; but
+        // a `LISTEN` the server does not answer is left under way, and the relay polls.
+        let mut wakeups = Wakeups::default();
+        self.connect_listener(&mut wakeups);
+        if wakeups.connecting.is_some() {
+            let connected = tokio::select! {
+                () = ctx.shutdown.requested() => return Ok(()),
+                connected = tokio::time::timeout(
+                    self.stalled_after(),
+                    Wakeups::attempt_done(&mut wakeups.connecting),
+                ) => connected,
+            };
+            match connected {
+                Ok(connected) => self.connected(&mut wakeups, connected),
+                Err(_) => self.report_slow_listen(&mut wakeups),
+            }
+        }
         let mut failures = 0u32;
         let mut backoff = self.min_backoff;
         // `None` once the interval is too long for the clock (`Duration::MAX`): never again.
@@ -1266,7 +1371,7 @@ impl Worker for PgOutboxRelay {
                 }
                 next_metrics = Instant::now().checked_add(self.metrics_interval);
             }
-            self.read_notifications(&mut listener);
+            self.read_notifications(&mut wakeups);
             let BatchOutcome { result, passed } = self.watched_batch(&ctx).await;
             match result {
                 Ok(batch) => {
@@ -1278,7 +1383,7 @@ impl Worker for PgOutboxRelay {
                         continue;
                     }
                     if batch == RelayBatch::Standby {
-                        self.stand_by(&mut listener, &ctx).await;
+                        self.stand_by(&mut wakeups, &ctx).await;
                         continue;
                     }
                 }
@@ -1306,7 +1411,7 @@ impl Worker for PgOutboxRelay {
                     continue;
                 }
             }
-            self.idle(&mut listener, &ctx).await;
+            self.idle(&mut wakeups, &ctx).await;
         }
         Ok(())
     }

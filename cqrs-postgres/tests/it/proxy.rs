@@ -3,7 +3,8 @@
 //! hold back what clients send for a while: a slow network, on cue; and cut a connection
 //! once the server answered a `COMMIT` (or an extended-protocol statement), before the
 //! client hears it; and leave the connections open now silent for good, as a server that froze
-//! or a network that drops packets would, while new connections work.
+//! or a network that drops packets would, while new connections work; or only the connection
+//! that next sends a `LISTEN`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -25,6 +26,14 @@ pub(crate) struct Proxy {
     silenced: Arc<AtomicUsize>,
     /// How many connections were accepted: the next one's number.
     accepted: Arc<AtomicUsize>,
+    listen: SwallowListen,
+}
+
+/// Whether the next `LISTEN` is swallowed, and how many were.
+#[derive(Clone, Default)]
+struct SwallowListen {
+    armed: Arc<AtomicBool>,
+    swallowed: Arc<AtomicUsize>,
 }
 
 impl Proxy {
@@ -40,6 +49,8 @@ impl Proxy {
         let cut = cut_armed.clone();
         let (silenced, accepted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (silence, count) = (silenced.clone(), accepted.clone());
+        let listen = SwallowListen::default();
+        let swallow = listen.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let number = count.fetch_add(1, Ordering::SeqCst);
@@ -54,6 +65,7 @@ impl Proxy {
                         number,
                         below: silence.clone(),
                     },
+                    listen: swallow.clone(),
                 };
                 tokio::spawn(pipe(client, server, cues));
             }
@@ -65,7 +77,20 @@ impl Proxy {
             cut: cut_armed,
             silenced,
             accepted,
+            listen,
         }
+    }
+
+    /// The next `LISTEN` a client sends never reaches the server, and its connection passes
+    /// nothing on from then on, left open: a statement whose answer never comes, on one
+    /// connection, as when a pooled connection's peer is gone without a word.
+    pub(crate) fn swallow_next_listen(&self) {
+        self.listen.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many `LISTEN`s were swallowed so far.
+    pub(crate) fn listens_swallowed(&self) -> usize {
+        self.listen.swallowed.load(Ordering::SeqCst)
     }
 
     /// Every connection open now passes nothing on from here on, in either direction, and is
@@ -165,6 +190,7 @@ struct Cues {
     stall: Stall,
     cut: Arc<AtomicU8>,
     silenced: Silenced,
+    listen: SwallowListen,
 }
 
 /// A connection's number, and the number below which connections are silenced.
@@ -188,6 +214,7 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
         stall,
         cut: cut_armed,
         silenced,
+        listen,
     } = cues;
     let (mut client_rx, mut client_tx) = client.split();
     let (mut server_rx, mut server_tx) = server.split();
@@ -253,6 +280,17 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
                 {
                     cut_sent.store(true, Ordering::SeqCst);
                 }
+                if started
+                    && message[0] == b'Q'
+                    && message[5..].starts_with(b"LISTEN")
+                    && listen
+                        .armed
+                        .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    listen.swallowed.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                }
                 silenced.hold().await;
                 server_tx.write_all(&message).await?;
             }
@@ -263,7 +301,9 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
         loop {
             let n = server_rx.read(&mut chunk).await?;
             if n == 0 {
-                return Ok::<_, std::io::Error>(());
+                // The server ended the session: the client reads the end of its connection.
+                silenced.hold().await;
+                return client_tx.shutdown().await;
             }
             // The server answered the `COMMIT` (it answers once it committed): the client
             // never hears it.

@@ -1,0 +1,141 @@
+//! A `LISTEN` whose answer never comes (a pooled connection whose peer is gone without a word,
+//! a server that froze) holds up only itself: the relay ships by polling meanwhile, at start-up
+//! and when it connects a new listener after losing one. It used to wait for that answer, and
+//! ship nothing, for as long as the connection stayed open.
+
+use crate::proxy::Proxy;
+use crate::support::{pg_test, record};
+use crate::transport::ControlledTransport;
+use cqrs_core::ports::{EventStore, ExpectedVersion};
+use cqrs_core::runtime::{
+    Health, HealthReporter, Shutdown, ShutdownTrigger, Worker, WorkerContext,
+};
+use cqrs_core::testing::eventually;
+use cqrs_postgres::{PgDatabase, PgOutboxRelay};
+use sqlx::postgres::PgPoolOptions;
+use std::sync::Arc;
+use std::time::Duration;
+
+pg_test! {
+    async fn a_listen_unanswered_at_start_up(db: PgDatabase) {
+        let (proxy, through_proxy) = relay_database(&db).await;
+        db.event_store().append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        proxy.swallow_next_listen();
+        let relay = RunningRelay::start(&through_proxy);
+        // Its LISTEN left unanswered: the relay goes on after 400 ms (a stalled batch's time).
+        eventually(Duration::from_secs(15), "the event ships by polling", || async {
+            (relay.shipped() == [1]
+                && relay.health.get() == Health::Healthy
+                && proxy.listens_swallowed() == 1)
+                .then_some(())
+        })
+        .await;
+        db.event_store().append("s", ExpectedVersion::Exactly(1), vec![record(2)]).await.unwrap();
+        eventually(Duration::from_secs(15), "the next event ships too", || async {
+            (relay.shipped() == [1, 2]).then_some(())
+        })
+        .await;
+        relay.stop().await;
+    }
+}
+
+pg_test! {
+    async fn a_listen_unanswered_after_the_listener_was_lost(db: PgDatabase) {
+        let (proxy, through_proxy) = relay_database(&db).await;
+        db.event_store().append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let relay = RunningRelay::start(&through_proxy);
+        eventually(Duration::from_secs(15), "the relay ships and listens", || async {
+            (relay.shipped() == [1] && listening_sessions(&db).await == 1).then_some(())
+        })
+        .await;
+        proxy.swallow_next_listen();
+        // The server ends the listener's session; the relay's next idle wait connects another.
+        let ended: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) \
+             FROM pg_stat_activity WHERE query = 'LISTEN \"' || $1 || '\"'",
+        )
+        .bind(db.channel())
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(ended, 1, "the relay's LISTEN session");
+        eventually(Duration::from_secs(15), "the relay's new LISTEN goes unanswered", || async {
+            (proxy.listens_swallowed() == 1).then_some(())
+        })
+        .await;
+        db.event_store().append("s", ExpectedVersion::Exactly(1), vec![record(2)]).await.unwrap();
+        eventually(Duration::from_secs(15), "the event ships by polling", || async {
+            (relay.shipped() == [1, 2] && relay.health.get() == Health::Healthy).then_some(())
+        })
+        .await;
+        relay.stop().await;
+    }
+}
+
+/// A pool on `db`'s schema through a proxy, without a check of each connection it hands out
+/// (as `PgOptions` pools are).
+async fn relay_database(db: &PgDatabase) -> (Proxy, PgDatabase) {
+    let options = PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(20))
+        .test_before_acquire(false);
+    let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
+    (proxy, PgDatabase::from_pool(pool, db.schema()).unwrap())
+}
+
+/// The sessions that listen on `db`'s channel.
+async fn listening_sessions(db: &PgDatabase) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN \"' || $1 || '\"'",
+    )
+    .bind(db.channel())
+    .fetch_one(db.pool())
+    .await
+    .unwrap()
+}
+
+/// A relay that listens, polls every 100 ms and counts a batch as stalled after 400 ms (its
+/// publish timeout is 200 ms), run as a worker.
+struct RunningRelay {
+    transport: Arc<ControlledTransport>,
+    health: HealthReporter,
+    trigger: ShutdownTrigger,
+    worker: tokio::task::JoinHandle<Result<(), cqrs_core::BoxError>>,
+}
+
+impl RunningRelay {
+    fn start(db: &PgDatabase) -> Self {
+        let transport = Arc::new(ControlledTransport::default());
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .publish_timeout(Duration::from_millis(200))
+            .poll_interval(Duration::from_millis(100));
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext {
+            shutdown,
+            health: health.clone(),
+        };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+        Self {
+            transport,
+            health,
+            trigger,
+            worker,
+        }
+    }
+
+    /// The `n` of every event shipped, in order.
+    fn shipped(&self) -> Vec<u64> {
+        self.transport
+            .published()
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Stops it, cleanly, with its `LISTEN` still unanswered.
+    async fn stop(self) {
+        self.trigger.trigger();
+        self.worker.await.unwrap().unwrap();
+    }
+}
