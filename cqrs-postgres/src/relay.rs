@@ -901,9 +901,12 @@ impl PgOutboxRelay {
 
     /// Starts connecting a listener, unless the relay does not listen or already listens or
     /// connects one. The attempt owns what it needs, so it lives across the relay's waits and
-    /// batches: it is never dropped half-way (a `LISTEN` cut off after it went out would hand
-    /// a listening connection back to the pool, see `read_notifications`), and one the server
-    /// does not answer holds up only itself.
+    /// batches: it is not dropped half-way while the relay runs (a `LISTEN` cut off after it
+    /// went out would hand a listening connection back to the pool, see
+    /// `read_notifications`), and one the server does not answer holds up only itself. When
+    /// `run` returns with one under way, sqlx's `PgListener` sends `UNLISTEN *` on a task of
+    /// its own before it gives the connection back: a server that never answers keeps that
+    /// connection out of the pool until TCP gives up.
     fn connect_listener(&self, wakeups: &mut Wakeups) {
         if !self.listen || wakeups.listener.is_some() || wakeups.connecting.is_some() {
             return;
@@ -1034,6 +1037,8 @@ impl PgOutboxRelay {
         {
             self.connected(wakeups, result);
         }
+        // A relay catching up on full batches never idles: it warns here.
+        self.report_slow_listen(wakeups);
         let Some(l) = &mut wakeups.listener else {
             return;
         };
@@ -1339,20 +1344,20 @@ impl Worker for PgOutboxRelay {
             started = started => started?,
         };
         // Listening before the first batch, so every append from then on wakes the relay; but
-        // a `LISTEN` the server does not answer is left under way, and the relay polls.
+        // a `LISTEN` not answered within a poll interval is left under way, and the relay
+        // polls.
         let mut wakeups = Wakeups::default();
         self.connect_listener(&mut wakeups);
         if wakeups.connecting.is_some() {
             let connected = tokio::select! {
                 () = ctx.shutdown.requested() => return Ok(()),
-                connected = tokio::time::timeout(
-                    self.stalled_after(),
+                connected = tokio::time::timeout_at(
+                    self.poll_due(),
                     Wakeups::attempt_done(&mut wakeups.connecting),
                 ) => connected,
             };
-            match connected {
-                Ok(connected) => self.connected(&mut wakeups, connected),
-                Err(_) => self.report_slow_listen(&mut wakeups),
+            if let Ok(connected) = connected {
+                self.connected(&mut wakeups, connected);
             }
         }
         let mut failures = 0u32;

@@ -22,7 +22,7 @@ pg_test! {
         db.event_store().append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
         proxy.swallow_next_listen();
         let relay = RunningRelay::start(&through_proxy);
-        // Its LISTEN left unanswered: the relay goes on after 400 ms (a stalled batch's time).
+        // Its LISTEN left unanswered: the relay goes on after a poll interval.
         eventually(Duration::from_secs(15), "the event ships by polling", || async {
             (relay.shipped() == [1]
                 && relay.health.get() == Health::Healthy
@@ -94,8 +94,8 @@ async fn listening_sessions(db: &PgDatabase) -> i64 {
     .unwrap()
 }
 
-/// A relay that listens, polls every 100 ms and counts a batch as stalled after 400 ms (its
-/// publish timeout is 200 ms), run as a worker.
+/// A relay that listens, polls every 100 ms and warns of a LISTEN still unanswered after
+/// 400 ms (twice its publish timeout of 200 ms), run as a worker.
 struct RunningRelay {
     transport: Arc<ControlledTransport>,
     health: HealthReporter,

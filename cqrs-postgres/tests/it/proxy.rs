@@ -81,9 +81,9 @@ impl Proxy {
         }
     }
 
-    /// The next `LISTEN` a client sends never reaches the server, and its connection passes
-    /// nothing on from then on, left open: a statement whose answer never comes, on one
-    /// connection, as when a pooled connection's peer is gone without a word.
+    /// The next `LISTEN` a client sends never reaches the server, nor anything that client
+    /// sends after it, and the connection is left open: a statement whose answer never comes,
+    /// on one connection, as when a pooled connection's peer is gone without a word.
     pub(crate) fn swallow_next_listen(&self) {
         self.listen.armed.store(true, Ordering::SeqCst);
     }
