@@ -230,7 +230,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             if self.sender.permit.is_none() {
                 return Err(End::Failed(
                     "too many resumes are replaying on this server to read the event log in \
-                     time"
+                     time: reload the state over HTTP; live events follow"
                         .to_owned(),
                 ));
             }
@@ -522,7 +522,7 @@ fn not_read_back() -> End {
 /// The replay's end when more than `limit` events follow `since`.
 fn too_many(limit: usize) -> End {
     End::Failed(format!(
-        "more than {limit} events to replay: reload the state and subscribe without `since`"
+        "more than {limit} events to replay: reload the state over HTTP; live events follow"
     ))
 }
 
