@@ -433,9 +433,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// Applies one batch. Returns how many events took effect (0 when caught up, or when
     /// every event was a duplicate).
     ///
-    /// Fed by a transport, an event the projection refuses (or cannot decode) is set aside
-    /// with the later events of its chain, and the rest of the batch is applied again at once:
-    /// the error is still returned, although those other events took effect.
+    /// Fed by a transport, an event the projection refuses, cannot decode, or answers
+    /// `Unavailable` or `RateLimited` for is set aside with the later events of its chain, and
+    /// the rest of the batch is applied again at once: the error is still returned, although
+    /// those other events took effect.
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
         let stepped = self.step().await?;
         match stepped.set_aside {
@@ -1226,13 +1227,18 @@ const MAX_PASSES_PER_BATCH: usize = 8;
 const MAX_SUSPECTS: usize = 1024;
 
 /// The event a failed batch can go on without, and whether its failure counts as an attempt
-/// on it: one [`at_fault`] (an attempt), or one only a newer build can decode (no attempt: it
-/// waits for that build, without its batch mates of other keys).
+/// on it: one [`at_fault`] (an attempt), one only a newer build can decode, or one whose
+/// `apply` answered that it [`waits`] (no attempt: it waits for that build, or for its
+/// backend, without its batch mates of other keys). When the backend is away for every event,
+/// they all fail in turn, and the batch is handed back as a whole, with no attempt counted.
 fn blamed(error: &ProjectionError) -> Option<(Uuid, bool)> {
     match error {
         ProjectionError::Decode {
             source, event_id, ..
         } if source.waits_for_another_build() => Some((*event_id, false)),
+        ProjectionError::Apply {
+            source, event_id, ..
+        } if waits(source.kind()) => Some((*event_id, false)),
         _ => at_fault(error).map(|event_id| (event_id, true)),
     }
 }

@@ -31,6 +31,8 @@ struct Sum {
     panics: bool,
     /// While set, every event fails with a retryable `Unavailable`.
     unavailable: AtomicBool,
+    /// A sum that fails with `Unavailable` every time.
+    unavailable_on: Option<u64>,
     /// A sum whose staged effect panics when the unit commits.
     effect_panics_on: Option<u64>,
     /// Events applied since the last reset.
@@ -62,7 +64,7 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
             assert!(!self.panics, "the projection panics on {}", added.sum);
             return Err(HandlerError::invalid("poison", "this event always fails"));
         }
-        if self.unavailable.load(Ordering::SeqCst) {
+        if self.unavailable.load(Ordering::SeqCst) || self.unavailable_on == Some(added.sum) {
             return Err(HandlerError::unavailable(
                 "read model away",
                 "the read model's server is down",
@@ -942,6 +944,61 @@ fn an_event_waiting_for_a_newer_build_holds_up_only_its_own_key() {
             "1 and the 4 behind it wait"
         );
         assert_eq!(*sum.seen.lock().unwrap(), [2]);
+    });
+}
+
+/// An event whose `apply` answers `Unavailable` every time (its part of the read model away,
+/// an aggregate only a newer build can load) waits without holding up other keys: set aside
+/// within its batch, with its own key's later events, while the rest take effect. Nothing is
+/// dead-lettered however often it comes back. (The whole batch waited with it, and the events
+/// of other keys fetched with it on every redelivery.)
+#[test]
+fn an_event_whose_apply_keeps_waiting_holds_up_only_its_own_key() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let counted = Counted::new(&transport);
+        let sum = Arc::new(Sum {
+            unavailable_on: Some(1),
+            ..Sum::default()
+        });
+        let waiting = keyed("a", 1);
+        let id = waiting.event_id;
+        transport
+            .publish(
+                "sums",
+                &[waiting, keyed("b", 2), keyed("a", 4), keyed("c", 8)],
+            )
+            .await
+            .unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            counted.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
+        let first = runner.run_once().await;
+        assert!(
+            matches!(&first, Err(ProjectionError::Apply { event_id, .. }) if *event_id == id),
+            "{first:?}"
+        );
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [2, 8],
+            "the other keys' events took effect"
+        );
+        // Past the 3 deliveries it may use up.
+        let handed_out = run_until_handed_out(&mut runner, &counted, &[id], 5).await;
+        assert!(handed_out > 3, "handed out {handed_out} times");
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+        assert_eq!(
+            transport.backlog("sums", "sum"),
+            2,
+            "1 and the 4 behind it wait"
+        );
+        assert_eq!(*sum.seen.lock().unwrap(), [2, 8]);
     });
 }
 
