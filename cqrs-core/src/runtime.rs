@@ -252,17 +252,30 @@ where
     }
 
     /// One run, reported as stalled once it goes on past `stall_after`, cancelled at the
-    /// timeout.
+    /// timeout. A panic in the job (making its future, or running it) is a failed run: the
+    /// next one comes at the next interval, not at the runtime's restart pace.
     async fn run_once(&mut self, health: &HealthReporter) -> Result<(), BoxError> {
-        let run = (self.job)();
+        let job = &mut self.job;
+        let run = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+            Ok(run) => run,
+            Err(payload) => return Err(panicked(crate::panic::into_message(payload))),
+        };
         let limit = self.timeout;
         let run = async move {
-            match limit {
+            let run = crate::CatchUnwind::new(run);
+            let outcome = match limit {
                 None => run.await,
-                Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
-                    Err(format!("the run did not finish within {limit:?} and was cancelled").into())
-                }),
-            }
+                Some(limit) => match tokio::time::timeout(limit, run).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        return Err(format!(
+                            "the run did not finish within {limit:?} and was cancelled"
+                        )
+                        .into());
+                    }
+                },
+            };
+            outcome.unwrap_or_else(|message| Err(panicked(message)))
         };
         let mut run = std::pin::pin!(run);
         let stall_after = self
@@ -278,6 +291,11 @@ where
         health.set(Health::Degraded(reason));
         run.await
     }
+}
+
+/// A job's panic as a failed run's error.
+fn panicked(message: String) -> BoxError {
+    format!("the run panicked: {message}").into()
 }
 
 impl<F> fmt::Debug for Periodic<F> {

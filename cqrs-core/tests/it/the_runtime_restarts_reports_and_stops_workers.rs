@@ -581,6 +581,53 @@ fn a_periodic_run_past_its_timeout_is_cancelled() {
     });
 }
 
+/// A job that panics, making its future or running it, fails that run: the worker is
+/// degraded and tries again at the next interval, as after an error. (The panic escaped the
+/// worker, which the runtime restarted at its own pace, running the job again at once.)
+#[test]
+fn a_periodic_job_that_panics_fails_that_run_only() {
+    run_paused(|| async {
+        let (runs_tx, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let mut count = 0;
+        let job = move || {
+            count += 1;
+            let _ = runs_tx.send((count, tokio::time::Instant::now()));
+            assert!(count != 1, "the job panics making run 1");
+            let panics = count == 2;
+            async move {
+                assert!(!panics, "the job panics running run 2");
+                Ok::<(), BoxError>(())
+            }
+        };
+        let every = Duration::from_secs(3600);
+        let runtime = Runtime::builder()
+            .worker(Periodic::new("purge", every, job))
+            .start();
+        let (first, at_start) = runs.recv().await.unwrap();
+        assert_eq!(first, 1);
+        health_turns(
+            &runtime,
+            "purge",
+            Health::Degraded("the run panicked: the job panics making run 1".into()),
+        )
+        .await;
+        let (second, at) = runs.recv().await.unwrap();
+        assert_eq!(second, 2);
+        assert!(at - at_start >= every, "one interval later, not restarted");
+        health_turns(
+            &runtime,
+            "purge",
+            Health::Degraded("the run panicked: the job panics running run 2".into()),
+        )
+        .await;
+        let (third, at_third) = runs.recv().await.unwrap();
+        assert_eq!(third, 3);
+        assert!(at_third - at >= every, "one interval later again");
+        health_turns(&runtime, "purge", Health::Healthy).await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 /// Fails every run, recording when each started.
 struct AlwaysFails {
     name: &'static str,
