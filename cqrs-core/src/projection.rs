@@ -905,6 +905,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             interval: self.inbox_purge_interval,
             next: tokio::time::Instant::now(),
             running: None,
+            started: tokio::time::Instant::now(),
         };
         while !ctx.shutdown.is_requested() {
             // The purge runs in a task of its own when due, also while a fetch waits, and
@@ -1033,6 +1034,8 @@ struct InboxPurge<S> {
     interval: Duration,
     next: tokio::time::Instant,
     running: Option<tokio::task::JoinHandle<()>>,
+    /// When the running purge started.
+    started: tokio::time::Instant,
 }
 
 /// A purge in flight stops with its worker's run, however that ends (returned, panicked,
@@ -1061,8 +1064,16 @@ impl<S: ProjectionStore> InboxPurge<S> {
             .checked_add(self.interval)
             .unwrap_or_else(|| now + Duration::from_secs(1 << 30));
         if self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            // Said at every interval it goes on: a purge that never ends (a lock it waits
+            // for, a silent server) would otherwise leave the inbox growing without a word.
+            tracing::warn!(
+                projection = %self.name,
+                running_for = ?now.duration_since(self.started),
+                "the last inbox purge is still running; no other starts until it ends"
+            );
             return;
         }
+        self.started = now;
         let (store, name, retention) = (self.store.clone(), self.name.clone(), self.retention);
         self.running = Some(tokio::spawn(async move {
             // A failure is logged and tried again next interval: it does not stop the

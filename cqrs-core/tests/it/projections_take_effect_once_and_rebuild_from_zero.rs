@@ -610,6 +610,8 @@ struct Flaky {
     purge_dropped: Arc<AtomicBool>,
     /// Whether `purge_inbox` panics (a store's bug).
     purge_panics: bool,
+    /// Whether `purge_inbox` alone never finishes (a lock it waits for).
+    purge_hangs: bool,
 }
 
 #[async_trait]
@@ -670,7 +672,7 @@ impl ProjectionStore for Flaky {
         if self.purge_panics {
             panic!("the store's purge has a bug");
         }
-        if self.hangs {
+        if self.hangs || self.purge_hangs {
             std::future::pending::<()>().await;
         }
         self.inner.purge_inbox(consumer, older_than).await
@@ -1404,6 +1406,61 @@ fn a_purge_that_panics_is_logged_and_the_projection_goes_on() {
                 .then_some(())
         })
         .await;
+        transport.publish("sums", &[record(2)]).await.unwrap();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
+            (*sum.seen.lock().unwrap() == [2]).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A purge that never ends (a lock it waits for) is said at every interval it goes on, while
+/// the projection goes on; no other purge starts meanwhile. (It was skipped without a word, and
+/// the inbox grew.)
+#[test]
+fn a_purge_still_running_at_the_next_interval_is_logged() {
+    let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
+    run(async {
+        let store = Arc::new(Flaky {
+            purge_hangs: true,
+            ..Flaky::default()
+        });
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        let runner = sums_runner(
+            store.clone(),
+            &sum,
+            &transport,
+            ConsumerOptions::default().block(Duration::from_millis(20)),
+        )
+        .inbox_purge_interval(Duration::from_millis(5));
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the hung purge logged",
+            || async {
+                events
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|(fields, _)| {
+                        fields.get("projection").is_some_and(|p| p == "sum")
+                            && fields.get("running_for").is_some()
+                            && fields
+                                .get("message")
+                                .is_some_and(|m| m.contains("inbox purge is still running"))
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+        assert!(
+            !store.purge_dropped.load(Ordering::SeqCst),
+            "the hung purge is left running, not started again"
+        );
         transport.publish("sums", &[record(2)]).await.unwrap();
         cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
             (*sum.seen.lock().unwrap() == [2]).then_some(())
