@@ -79,6 +79,21 @@ pub enum ProjectionError {
         #[source]
         source: HandlerError,
     },
+    /// The projection's [`reset`](Projection::reset) or [`rebuilt`](Projection::rebuilt)
+    /// failed during a [`rebuild`](ProjectionRunner::rebuild); the rebuild's unit of work is
+    /// rolled back, so nothing changed.
+    #[error(
+        "projection `{projection}`'s `{step}` failed during a rebuild, which changed nothing: {source}"
+    )]
+    Rebuild {
+        /// The projection.
+        projection: String,
+        /// `reset` or `rebuilt`.
+        step: &'static str,
+        /// The projection's error.
+        #[source]
+        source: HandlerError,
+    },
     /// A rebuild needs the event store, and the runner was built without one.
     #[error(
         "projection `{0}` has no event store to rebuild from; build the runner with `from_store` or `with_event_store`"
@@ -816,10 +831,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         self.projection
             .reset(&mut unit)
             .await
-            .map_err(|source| ProjectionError::Apply {
+            .map_err(|source| ProjectionError::Rebuild {
                 projection: self.name.clone(),
-                event_id: uuid::Uuid::nil(),
-                event_type: "(reset)".to_owned(),
+                step: "reset",
                 source,
             })?;
         let mut after = Position::START;
@@ -842,10 +856,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         self.projection
             .rebuilt(&mut unit)
             .await
-            .map_err(|source| ProjectionError::Apply {
+            .map_err(|source| ProjectionError::Rebuild {
                 projection: self.name.clone(),
-                event_id: uuid::Uuid::nil(),
-                event_type: "(rebuilt)".to_owned(),
+                step: "rebuilt",
                 source,
             })?;
         if after > Position::START {
@@ -1224,6 +1237,8 @@ fn passes(error: &ProjectionError) -> bool {
         ProjectionError::Store(e) => passes(e.kind()),
         ProjectionError::Transport(e) => passes(e.kind()),
         ProjectionError::Decode { .. } | ProjectionError::Apply { .. } => true,
+        // A rebuild's, never a batch's; as the batch's own would be, a retryable one passes.
+        ProjectionError::Rebuild { source, .. } => passes(source.kind()),
         ProjectionError::NoEventStore(_) => false,
     }
 }

@@ -41,6 +41,8 @@ struct Sum {
     rebuilt_after: Mutex<Vec<usize>>,
     /// Sums whose `apply` never finishes.
     hangs_on: Vec<u64>,
+    /// Whether `reset` refuses.
+    reset_fails: bool,
 }
 
 #[async_trait]
@@ -98,6 +100,12 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
     }
 
     async fn reset(&self, unit: &mut InMemoryUnit) -> Result<(), HandlerError> {
+        if self.reset_fails {
+            return Err(HandlerError::invalid(
+                "reset_refused",
+                "the read model refuses",
+            ));
+        }
         self.since_reset.store(0, Ordering::SeqCst);
         let (total, seen) = (self.total.clone(), self.seen.clone());
         unit.on_commit(move || {
@@ -200,6 +208,47 @@ fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
             runner.run_once().await.unwrap(),
             0,
             "the rebuild left the checkpoint at the end"
+        );
+    });
+}
+
+/// A rebuild whose `reset` fails says so, and that nothing changed (it named the nil event
+/// `(reset)`, as if an event had failed); the read model and the checkpoint stay.
+#[test]
+fn a_rebuild_whose_reset_fails_says_so_and_changes_nothing() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum {
+            reset_fails: true,
+            ..Sum::default()
+        });
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2)],
+            )
+            .await
+            .unwrap();
+        let mut runner =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+        assert_eq!(runner.run_once().await.unwrap(), 2);
+        let error = runner.rebuild().await.unwrap_err();
+        assert!(
+            matches!(&error, ProjectionError::Rebuild { step: "reset", .. }),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "projection `sum`'s `reset` failed during a rebuild, which changed nothing: \
+             the read model refuses"
+        );
+        assert_eq!(*sum.total.lock().unwrap(), 3, "the read model stays");
+        assert_eq!(
+            runner.run_once().await.unwrap(),
+            0,
+            "and so does the checkpoint"
         );
     });
 }
