@@ -532,22 +532,73 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
 
     /// Applies `records` (read after the unit's checkpoint) in `unit`, moves the checkpoint
     /// past them and commits.
+    ///
+    /// A commit that panics (an effect staged by one event's `apply`, run at commit) may have
+    /// run the effects of the events before it: they are committed one unit each, so each
+    /// takes effect once more at most, up to the event whose effect panics, which fails the
+    /// step. (The panic unwound out of the worker, and each restart ran the same batch, and
+    /// the effects before it once more, again and again.)
     async fn apply_batch(
         &self,
-        mut unit: S::Unit,
+        unit: S::Unit,
         records: &[EventRecord],
     ) -> Result<(usize, bool), ProjectionError> {
         let caught_up = records.len() < self.batch;
+        let panic = match self.apply_and_commit(unit, records).await? {
+            Committed::Applied(applied) => return Ok((applied, caught_up)),
+            Committed::Panicked(panic) if records.len() > 1 => panic,
+            Committed::Panicked(panic) => return Err(self.commit_panicked(&records[0], &panic)),
+        };
+        tracing::warn!(projection = %self.name, %panic, events = records.len(), "a batch's commit panicked; committing its events one by one");
+        let mut applied = 0;
+        for record in records {
+            let (unit, after) = self.begin_at_checkpoint().await?;
+            // Another instance (or a rebuild) may have moved on meanwhile.
+            if record.position.is_none_or(|p| p <= after) {
+                self.store.commit(unit).await?;
+                continue;
+            }
+            match self
+                .apply_and_commit(unit, std::slice::from_ref(record))
+                .await?
+            {
+                Committed::Applied(n) => applied += n,
+                Committed::Panicked(panic) => return Err(self.commit_panicked(record, &panic)),
+            }
+        }
+        Ok((applied, caught_up))
+    }
+
+    /// `apply_batch`'s work, with a commit that panics caught.
+    async fn apply_and_commit(
+        &self,
+        mut unit: S::Unit,
+        records: &[EventRecord],
+    ) -> Result<Committed, ProjectionError> {
         let Some(last) = records.last().and_then(|r| r.position) else {
-            return Ok((0, true));
+            return Ok(Committed::Applied(0));
         };
         let applied = self.apply_records(&mut unit, records).await?;
         self.store
             .save_checkpoint(&mut unit, &self.name, last)
             .await?;
-        self.store.commit(unit).await?;
+        let commit = crate::panic::CatchUnwind::new(async { self.store.commit(unit).await });
+        match commit.await {
+            Ok(committed) => committed?,
+            Err(panic) => return Ok(Committed::Panicked(panic)),
+        }
         *self.lock_read_from() = Some(last);
-        Ok((applied.committed(&self.name), caught_up))
+        Ok(Committed::Applied(applied.committed(&self.name)))
+    }
+
+    /// The error of a unit of `record` alone whose commit panicked.
+    fn commit_panicked(&self, record: &EventRecord, panic: &str) -> ProjectionError {
+        ProjectionError::Apply {
+            projection: self.name.clone(),
+            event_id: record.event_id,
+            event_type: record.event_type.clone(),
+            source: HandlerError::internal(format!("the commit panicked: {panic}")),
+        }
     }
 
     /// Where the next batch from the store is read: the checkpoint as last seen.
@@ -1173,6 +1224,12 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
         }
     }
     Ok(applied)
+}
+
+/// How a store-fed unit's commit ended: how many events took effect, or the panic's message.
+enum Committed {
+    Applied(usize),
+    Panicked(String),
 }
 
 /// The events a unit of work applied, by type: counted in `cqrs_events_handled_total` only

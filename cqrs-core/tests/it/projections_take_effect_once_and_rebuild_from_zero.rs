@@ -253,6 +253,52 @@ fn a_rebuild_whose_reset_fails_says_so_and_changes_nothing() {
     });
 }
 
+/// A store-fed batch whose commit panics (an effect staged by one event's `apply`) fails the
+/// step on that event, after committing the events before it one unit each: their effects,
+/// run by the failed commit already, run once more at most, however often the step is retried.
+/// (The panic unwound out of the runner, and every restart of the worker ran the effects
+/// before it again.)
+#[test]
+fn a_store_fed_batch_whose_commit_panics_repeats_no_effect_for_ever() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let sum = Arc::new(Sum {
+            effect_panics_on: Some(2),
+            ..Sum::default()
+        });
+        let recorded = vec![record(1), record(2), record(4)];
+        let panicking = recorded[1].event_id;
+        events
+            .append("s-1", ExpectedVersion::NO_STREAM, recorded)
+            .await
+            .unwrap();
+        let mut runner = ProjectionRunner::from_store(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            events.clone(),
+            types(),
+        );
+        for attempt in 1..=3 {
+            let error = runner.run_once().await.unwrap_err();
+            assert!(
+                matches!(&error, ProjectionError::Apply { event_id, .. } if *event_id == panicking),
+                "attempt {attempt}: {error:?}"
+            );
+            assert!(
+                error
+                    .to_string()
+                    .contains("the commit panicked: the effect of 2 panics"),
+                "{error}"
+            );
+        }
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [1, 1],
+            "1 took effect in the failed commit, and once more alone: no more"
+        );
+    });
+}
+
 #[test]
 fn a_rebuild_ends_at_the_end_of_the_store_while_events_keep_arriving() {
     run(async {
