@@ -449,9 +449,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// every event was a duplicate).
     ///
     /// Fed by a transport, an event the projection refuses, cannot decode, or answers
-    /// `Unavailable` or `RateLimited` for is set aside with the later events of its chain, and
-    /// the rest of the batch is applied again at once: the error is still returned, although
-    /// those other events took effect.
+    /// `Unavailable` or `RateLimited` for (the first such event of the batch) is set aside with
+    /// the later events of its chain, and the rest of the batch is applied again at once: the
+    /// error is still returned, although those other events took effect.
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
         let stepped = self.step().await?;
         match stepped.set_aside {
@@ -673,6 +673,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let mut lone_panic = false;
         // Whether a unit of one event committed in this step.
         let mut committed_alone = false;
+        // Whether an event was set aside because its `apply` waits (its backend away or
+        // busy): the step still fails once the rest took effect, so the worker backs off and
+        // reports it as failing, and a second such failure says the backend is away, not one
+        // event: the batch is then handed back whole.
+        let mut waited = false;
         let consumer = consumer.as_mut();
         loop {
             // One by one, each failing pass hands one event back: that bounds the passes.
@@ -756,6 +761,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                         }
                         return Err(error.into());
                     }
+                    if waited && let Some(first) = set_aside.take() {
+                        return Err(first);
+                    }
                     // The others took effect; the worker still reports what was set aside.
                     return Ok(Stepped {
                         applied,
@@ -784,7 +792,14 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             // first lone panic of the step only: a second says the store panics, not an event).
             // A single panic of a lone event may be the store's passing fault: no attempt.
             let reason = e.to_string();
-            let blamed = blamed(&e).or_else(|| {
+            let waits_now =
+                matches!(&e, ProjectionError::Apply { source, .. } if waits(source.kind()));
+            let blamed = if waits_now && waited {
+                None
+            } else {
+                blamed(&e)
+            };
+            let blamed = blamed.or_else(|| {
                 if !panicked || taken != 1 {
                     return None;
                 }
@@ -816,6 +831,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
             }
             let attempt = blamed.is_some_and(|(_, attempt)| attempt);
+            waited |= waits_now && blamed.is_some();
             let isolate = failed.contains(&true)
                 && passes < MAX_PASSES_PER_BATCH
                 && held.iter().zip(&failed).any(|(h, f)| !h && !f);
@@ -847,6 +863,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 // Taken one by one, the last event found at fault while others took effect:
                 // as when it is set aside before them (the worker is degraded, not failing).
                 if one_by_one && blamed.is_some() && committed_alone {
+                    if waited {
+                        return Err(set_aside.unwrap_or(e));
+                    }
                     return Ok(Stepped {
                         applied: applied_before,
                         caught_up: false,
@@ -1312,8 +1331,8 @@ const MAX_SUSPECTS: usize = 1024;
 /// The event a failed batch can go on without, and whether its failure counts as an attempt
 /// on it: one [`at_fault`] (an attempt), one only a newer build can decode, or one whose
 /// `apply` answered that it [`waits`] (no attempt: it waits for that build, or for its
-/// backend, without its batch mates of other keys). When the backend is away for every event,
-/// they all fail in turn, and the batch is handed back as a whole, with no attempt counted.
+/// backend, without its batch mates of other keys). The step blames no second event that
+/// waits: two say the backend is away, and the batch is handed back.
 fn blamed(error: &ProjectionError) -> Option<(Uuid, bool)> {
     match error {
         ProjectionError::Decode {

@@ -185,8 +185,8 @@ impl<W: Worker + ?Sized> Worker for Box<W> {
 /// not make a server unready); the next run tries again, and a run that succeeds reports
 /// [`Health::Healthy`]. A run still going after [`stall_after`](Self::stall_after) is reported
 /// as degraded too, instead of the last run's health standing for a job that hangs; with a
-/// [`timeout`](Self::timeout) it is cancelled and counts as failed. Shutdown waits for a run in
-/// progress.
+/// [`timeout`](Self::timeout) it is cancelled and counts as failed, and so does a run that
+/// panics. Shutdown waits for a run in progress.
 ///
 /// ```
 /// use cqrs_core::memory::InMemoryIdempotencyStore;

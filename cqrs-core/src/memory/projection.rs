@@ -84,7 +84,9 @@ type Effect = Box<dyn FnOnce() + Send>;
 /// by an outage or a restart, may run them again when the batch comes back). A lone event
 /// whose unit panics once is handed back without an attempt (the store's passing fault, for
 /// all the runner can tell); from its next such panic on, each counts. One fed by the event
-/// store does not: its worker fails and the runtime restarts it.
+/// store commits the batch's events one per unit too, up to the one whose effect panics,
+/// which fails the step: each earlier one takes effect once more at most, and the failing
+/// one's own effects staged before the one that panics run again at every retry.
 pub struct InMemoryUnit {
     _lock: tokio::sync::OwnedMutexGuard<()>,
     reset: HashSet<String>,

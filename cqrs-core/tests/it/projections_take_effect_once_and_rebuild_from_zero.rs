@@ -33,6 +33,8 @@ struct Sum {
     unavailable: AtomicBool,
     /// A sum that fails with `Unavailable` every time.
     unavailable_on: Option<u64>,
+    /// How many times it answered `Unavailable`.
+    unavailable_answers: AtomicUsize,
     /// A sum whose staged effect panics when the unit commits.
     effect_panics_on: Option<u64>,
     /// Events applied since the last reset.
@@ -67,6 +69,7 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
             return Err(HandlerError::invalid("poison", "this event always fails"));
         }
         if self.unavailable.load(Ordering::SeqCst) || self.unavailable_on == Some(added.sum) {
+            self.unavailable_answers.fetch_add(1, Ordering::SeqCst);
             return Err(HandlerError::unavailable(
                 "read model away",
                 "the read model's server is down",
@@ -1096,6 +1099,108 @@ fn an_event_whose_apply_keeps_waiting_holds_up_only_its_own_key() {
             "1 and the 4 behind it wait"
         );
         assert_eq!(*sum.seen.lock().unwrap(), [2, 8]);
+    });
+}
+
+/// A read model away answers `Unavailable` for every event: the second event that answers so
+/// says it is the backend, not one event, and the whole batch is handed back, without an
+/// attempt, the event of a type the projection skips with it, instead of every event being
+/// tried in a pass of its own.
+#[test]
+fn a_read_model_away_fails_the_batch_after_two_events() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        sum.unavailable.store(true, Ordering::SeqCst);
+        let mut skipped = keyed("x", 100);
+        skipped.event_type = "test.unknown".into();
+        transport
+            .publish(
+                "sums",
+                &[
+                    keyed("a", 1),
+                    keyed("b", 2),
+                    keyed("c", 4),
+                    skipped,
+                    keyed("d", 8),
+                ],
+            )
+            .await
+            .unwrap();
+        let mut runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            three_attempts(),
+        );
+        let failed = runner.run_once().await;
+        assert!(
+            matches!(failed, Err(ProjectionError::Apply { .. })),
+            "{failed:?}"
+        );
+        assert_eq!(sum.unavailable_answers.load(Ordering::SeqCst), 2);
+        assert!(sum.seen.lock().unwrap().is_empty());
+        assert_eq!(transport.backlog("sums", "sum"), 5, "the whole batch waits");
+        sum.unavailable.store(false, Ordering::SeqCst);
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(*sum.total.lock().unwrap(), 15, "each took effect once back");
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+    });
+}
+
+/// A batch whose other events took effect while one that waits (its `apply` answered
+/// `Unavailable`) was set aside still counts as failed: the worker backs off, as it does while
+/// its backend is away, instead of going on at once as after progress.
+#[test]
+fn a_batch_with_an_event_that_waits_set_aside_still_backs_off() {
+    use cqrs_core::runtime::{Health, Runtime};
+    use cqrs_core::testing::eventually;
+    run_paused(|| async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            unavailable_on: Some(13),
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[keyed("p", 13), keyed("a", 1)])
+            .await
+            .unwrap();
+        let runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            ConsumerOptions::default()
+                .block(Duration::from_millis(20))
+                .redelivery_delay(Duration::from_secs(60)),
+        )
+        // A failed batch backs off for at least this long.
+        .idle_interval(Duration::from_secs(1));
+        let runtime = Runtime::builder().worker(runner).start();
+        let seen = |expected: &'static [u64]| {
+            let sum = sum.clone();
+            move || {
+                let sum = sum.clone();
+                async move { (*sum.seen.lock().unwrap() == expected).then_some(()) }
+            }
+        };
+        eventually(Duration::from_secs(5), "1 applied", seen(&[1])).await;
+        eventually(Duration::from_secs(5), "degraded", || async {
+            matches!(
+                runtime.health().await.components["sum"].0,
+                Health::Degraded(_)
+            )
+            .then_some(())
+        })
+        .await;
+        let published = tokio::time::Instant::now();
+        transport.publish("sums", &[keyed("b", 2)]).await.unwrap();
+        eventually(Duration::from_secs(5), "2 applied", seen(&[1, 2])).await;
+        assert!(
+            published.elapsed() >= Duration::from_millis(500),
+            "the worker went on at once: 2 applied after {:?}",
+            published.elapsed()
+        );
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
 
