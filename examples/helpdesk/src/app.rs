@@ -316,16 +316,21 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .pop()
         .map(|(_, f)| f)
         .context("no plugin offers a realtime feed (the tickets plugin does)")?;
+    // WebSockets are client connections too: with `--max-connections` set, the hub takes the
+    // same limit (the server's own bounds them all anyway); unset, the hub's default, which
+    // keeps their memory bounded where the open-file limit is high.
+    let mut hub_options = cqrs_realtime::HubOptions::new()
+        .max_connections_per_client(config.ws_connections_per_address);
+    if let Some(limit) = config.max_connections {
+        hub_options = hub_options.max_connections(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     let hub = Hub::builder(HubAuthenticator(authenticator.clone()))
         .authorizer(HubRules(feed.authorizer.clone()))
         .routing_arc(feed.routing.clone())
         .pubsub(backends.pubsub.clone())
         .event_store(backends.events.clone())
         .clock(backends.clock.clone())
-        .options(
-            cqrs_realtime::HubOptions::new()
-                .max_connections_per_client(config.ws_connections_per_address),
-        )
+        .options(hub_options)
         .build()?;
     // Published by a relay, in the store's position order, one instance at a time: a client
     // resuming `tickets` from the last position it saw then misses nothing (a consumer group
