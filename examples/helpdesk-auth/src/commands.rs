@@ -2,7 +2,7 @@
 
 use crate::agents::AgentList;
 use crate::hashing::{ClientSlot, Hashing};
-use crate::throttle::{AddressLimit, Count, CountedAttempts, LoginThrottle};
+use crate::throttle::{AddressLimit, Count, CountedAttempts};
 use crate::tokens::JwtTokens;
 use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
@@ -11,7 +11,6 @@ use cqrs_core::{
     Command, CommandContext, CommandHandler, ErrorKind, HandlerError, Message, Query, QueryContext,
     QueryHandler,
 };
-use helpdesk_api::client_key;
 use helpdesk_api::{Role, User};
 use serde_json::json;
 use std::net::IpAddr;
@@ -445,8 +444,9 @@ pub(crate) const ADDRESS_BUDGET_FACTOR: u32 = 5;
 pub(crate) struct LogInHandler {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) hashing: Hashing,
-    /// Counts failed logins by email and client address.
-    pub(crate) throttle: Arc<dyn LoginThrottle>,
+    /// Counts failed logins by email and client address, and for IPv6 by email and site (a
+    /// /48) with a larger limit: one party spreading guesses at one account over its /64s.
+    pub(crate) email_limit: AddressLimit,
     /// Counts failed logins by client address and IPv6 site alone, whatever the email, with a
     /// larger limit: one address trying a few passwords on each of many emails.
     pub(crate) address_limit: AddressLimit,
@@ -495,9 +495,6 @@ impl CommandHandler<LogIn> for LogInHandler {
         if cmd.password.chars().count() > MAX_PASSWORD_CHARS {
             return Err(invalid_credentials());
         }
-        let client = client_key(cmd.client);
-        // Email keys hold an `@`, address keys none: the two never meet in one table.
-        let key = format!("{email}|{client}");
         // The client's own bound comes first (a refusal there is no attempt); the shared
         // permit to hash only once the throttles and the lookup are done, so their round
         // trips to a slow store do not hold one of the few permits every client needs.
@@ -514,8 +511,14 @@ impl CommandHandler<LogIn> for LogInHandler {
             {
                 return Ok(Checked::Blocked(seconds));
             }
-            // Once blocked, not checked: no failure of the address's either.
-            if let Some(seconds) = counted.attempt(&self.throttle, &key).await? {
+            // Once blocked, not checked: no failure of the address's either. Email keys
+            // (`{email}|{client or site}`) hold an `@`, address keys none: the two never meet
+            // in one table.
+            if let Some(seconds) = self
+                .email_limit
+                .attempt(&email, cmd.client, &mut counted)
+                .await?
+            {
                 return Ok(Checked::Blocked(seconds));
             }
             let user = self.users.by_email(&email).await?;
@@ -597,7 +600,7 @@ impl QueryHandler<GetUser> for GetUserHandler {
 mod tests {
     use super::*;
     use crate::hashing::{argon2_hash, dummy_hash};
-    use crate::throttle::{Attempt, Counted, InMemoryLoginThrottle};
+    use crate::throttle::{Attempt, Counted, InMemoryLoginThrottle, LoginThrottle};
     use crate::users::InMemoryUserStore;
     use cqrs_core::Metadata;
     use cqrs_core::clock::ManualClock;
@@ -643,7 +646,7 @@ mod tests {
         let handler = Arc::new(LogInHandler {
             users: Arc::new(users),
             hashing: Hashing::new(2, Duration::from_millis(200)),
-            throttle: throttle(),
+            email_limit: by_address(throttle()),
             address_limit: by_address(throttle()),
             tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
             dummy_hash: Arc::new(dummy_hash().unwrap()),
@@ -772,7 +775,7 @@ mod tests {
         LogInHandler {
             users: Arc::new(users.clone()),
             hashing,
-            throttle,
+            email_limit: by_address(throttle),
             address_limit: by_address(Arc::new(InMemoryLoginThrottle::new(
                 clock.clone(),
                 100,
@@ -1125,6 +1128,68 @@ mod tests {
         }
         let elsewhere = handle(guess("2001:db8:2:1::1")).await.unwrap_err();
         assert_eq!(elsewhere.code(), "invalid_credentials", "{elsewhere:?}");
+    }
+
+    /// One IPv6 site spreading guesses at one account over its /64s is blocked for that account
+    /// at the site's budget (`{email}|{site}`), though each /64 is under its own for the
+    /// account and the address budgets are far off; the refused guess's count is taken back,
+    /// and other accounts are not affected. (Only the address budget of the /48, for every
+    /// email together, stopped it.)
+    #[tokio::test]
+    async fn one_ipv6_site_cannot_spread_guesses_at_one_account_over_its_64s() {
+        let clock = Arc::new(ManualClock::new());
+        let users = with_user_c(&clock).await;
+        let client = limit_of(&clock, 2);
+        let handler = LogInHandler {
+            email_limit: AddressLimit {
+                client: client.clone(),
+                site: limit_of(&clock, 3),
+            },
+            ..login_handler(
+                &users,
+                limit_of(&clock, 100),
+                Hashing::new(4, Duration::from_secs(30)),
+                &clock,
+            )
+        };
+        let guess = |email: &str, ip: &str| LogIn {
+            email: email.into(),
+            password: "a guess".into(),
+            client: v6(ip),
+        };
+        let handle = |login: LogIn| {
+            let handler = &handler;
+            async move {
+                handler
+                    .handle(login, &mut CommandContext::new(Metadata::new()))
+                    .await
+            }
+        };
+        for i in 1..=3 {
+            let refused = handle(guess("c@example.com", &format!("2001:db8:1:{i}::1")))
+                .await
+                .unwrap_err();
+            assert_eq!(refused.code(), "invalid_credentials", "{refused:?}");
+        }
+        let refused = handle(guess("c@example.com", "2001:db8:1:4::1"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
+        for _ in 0..2 {
+            assert_eq!(
+                client
+                    .attempt("c@example.com|2001:db8:1:4::/64")
+                    .await
+                    .unwrap()
+                    .retry_after(),
+                None,
+                "the refused guess's count of its /64 was taken back"
+            );
+        }
+        let other = handle(guess("d@example.com", "2001:db8:1:5::1"))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), "invalid_credentials", "{other:?}");
     }
 
     /// Likewise registrations: one IPv6 site spreading them over its /64s gets 429 past the

@@ -88,7 +88,6 @@ impl Plugin for AuthPlugin {
                 )),
             }
         };
-        let throttle = throttle_of(settings.login_attempts);
         // By client and, for IPv6, by site (a /48) with a larger limit (`AddressLimit`).
         let address_limit = |limit: u32| AddressLimit {
             client: throttle_of(limit),
@@ -100,6 +99,8 @@ impl Plugin for AuthPlugin {
                 .saturating_mul(commands::ADDRESS_BUDGET_FACTOR),
         );
         let code_limit = address_limit(settings.login_attempts);
+        // By email and client, and for IPv6 by email and site: `{email}|...` keys.
+        let email_limit = address_limit(settings.login_attempts);
         let code = registrar.try_resource::<AgentCode>();
         if !settings.agent_emails.is_empty() && code.is_none() {
             return Err("agent emails are configured without an agent code: set \
@@ -129,7 +130,7 @@ impl Plugin for AuthPlugin {
         registrar.commands().add(commands::LogInHandler {
             users: users.clone(),
             hashing,
-            throttle,
+            email_limit,
             address_limit: address,
             tokens: tokens.clone(),
             dummy_hash,
