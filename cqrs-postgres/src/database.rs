@@ -149,6 +149,9 @@ impl PgDatabase {
     /// [`PgCommandExecutor::execute_idempotent`](crate::PgCommandExecutor::execute_idempotent)
     /// alike. Zero counts as a millisecond.
     ///
+    /// A `statement_timeout` shorter than the claim wait ([`PgOptions::statement_timeout`](crate::PgOptions::statement_timeout))
+    /// ends the wait at it, with the same error.
+    ///
     /// The wait is on the server (the key's lock). A caller that gives up cannot stop it, so
     /// the claim runs in a task of its own, which holds a pooled connection until the wait
     /// ends: unbounded, clients retrying a slow request could take every connection of the

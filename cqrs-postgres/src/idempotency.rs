@@ -162,15 +162,18 @@ async fn claim_with(
 }
 
 /// A claim's error: its wait for the key's holder running out is a busy key, which a retry
-/// (after the holder finished) replays; anything else as [`store_error`].
+/// (after the holder finished) replays; anything else as [`store_error`]. The wait ends at the
+/// claim wait (`lock_timeout`, 55P03), or earlier at a shorter `statement_timeout` (57014):
+/// the claim's statement does nothing else that takes time.
 fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
+    let busy = |db: &dyn sqlx::error::DatabaseError| {
+        matches!(db.code().as_deref(), Some("55P03" | "57014"))
+    };
     match (&error, wait) {
-        (sqlx::Error::Database(db), Some(wait)) if db.code().as_deref() == Some("55P03") => {
-            StoreError::Unavailable {
-                backend: BACKEND,
-                source: Box::new(ClaimWaitElapsed { wait, error }),
-            }
-        }
+        (sqlx::Error::Database(db), Some(wait)) if busy(db.as_ref()) => StoreError::Unavailable {
+            backend: BACKEND,
+            source: Box::new(ClaimWaitElapsed { wait, error }),
+        },
         _ => store_error(error),
     }
 }
@@ -193,9 +196,9 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
 /// ```
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "waited {wait:?} for a lock, usually another request with this idempotency key and the same \
-     content that is still running: retry once it has finished (the retry then gets its \
-     response)"
+    "waited up to {wait:?} for a lock, usually another request with this idempotency key and \
+     the same content that is still running: retry once it has finished (the retry then gets \
+     its response)"
 )]
 pub struct ClaimWaitElapsed {
     wait: Duration,
@@ -204,7 +207,8 @@ pub struct ClaimWaitElapsed {
 }
 
 impl ClaimWaitElapsed {
-    /// How long the claim waited.
+    /// The claim wait ([`PgDatabase::with_claim_wait`]); the session's `statement_timeout`,
+    /// when shorter, ended the wait sooner.
     pub fn wait(&self) -> Duration {
         self.wait
     }

@@ -198,3 +198,31 @@ pg_test! {
         }
     }
 }
+
+pg_test! {
+    /// A `statement_timeout` shorter than the claim wait ends the duplicate's wait at it, and
+    /// the duplicate says the key is busy, as at the end of the claim wait: a retry replays
+    /// the holder's response. (It was a plain timeout, which servers answer as such, not as a
+    /// key still in use.)
+    async fn a_statement_timeout_ending_a_claims_wait_says_the_key_is_busy(db: PgDatabase) {
+        let timed = crate::support::options(db.schema())
+            .statement_timeout(Some(Duration::from_secs(2)))
+            .connect()
+            .await
+            .expect("connect")
+            .with_claim_wait(Duration::from_secs(60));
+        let store = timed.idempotency_store();
+        let _guard = new(store.claim("s", "k", "fp-1", DAY).await.unwrap());
+        let busy = match store.claim("s", "k", "fp-1", DAY).await {
+            Err(error) => error,
+            Ok(claim) => panic!("a duplicate answered while the key was held: {claim:?}"),
+        };
+        assert_eq!(busy.kind(), cqrs_core::ErrorKind::Unavailable, "{busy}");
+        let elapsed = std::iter::successors(
+            Some(&busy as &(dyn std::error::Error + 'static)),
+            |e| e.source(),
+        )
+        .find_map(|e| e.downcast_ref::<cqrs_postgres::ClaimWaitElapsed>());
+        assert!(elapsed.is_some(), "no ClaimWaitElapsed among the sources of {busy}");
+    }
+}
