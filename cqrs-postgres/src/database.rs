@@ -334,10 +334,24 @@ impl PgDatabase {
         // Statements outside an explicit transaction (a single append, a read) take the
         // session's default level; a pool made elsewhere must make it READ COMMITTED, as one
         // made by `PgOptions` does. Checked here, the one call every server makes at start.
-        let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(store_error)?;
+        // And a server that takes no writes (a standby, `default_transaction_read_only`) is
+        // told as such here, not by the migration failing as if the server were away.
+        let (isolation, read_only): (String, String) = sqlx::query_as(
+            "SELECT current_setting('default_transaction_isolation'), \
+                    current_setting('transaction_read_only')",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(store_error)?;
+        if read_only == "on" {
+            return Err(PgError::InvalidOptions(vec![
+                "the server takes no writes (`transaction_read_only` is on: a standby, or \
+                 `default_transaction_read_only` set for the role, the database or in the URL): \
+                 point the URL at the primary, or turn the setting off (during a failover, start \
+                 again once a primary is promoted)"
+                    .to_owned(),
+            ]));
+        }
         if isolation != "read committed" {
             return Err(PgError::InvalidOptions(vec![format!(
                 "the pool's sessions run at `{isolation}`, but this crate needs `read committed` \

@@ -196,3 +196,36 @@ async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
     })
     .await;
 }
+
+/// A server that takes no writes (a standby; here `default_transaction_read_only`) is told as
+/// such when the schema is migrated, with what to do: the migration failed as if the server
+/// could not be reached ("migrate again once it is back").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_on_a_read_only_server_says_so() {
+    use std::str::FromStr;
+    if !postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let id = cqrs_core::testing::test_id("migrate_read_only");
+        let read_only = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+            .expect("DATABASE_URL parses")
+            .options([("default_transaction_read_only", "on")]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(read_only)
+            .await
+            .expect("connect");
+        let error = cqrs_postgres::PgDatabase::from_pool(pool, &id)
+            .unwrap()
+            .migrate()
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), cqrs_core::ErrorKind::Invalid, "{error}");
+        assert!(
+            error.to_string().contains("point the URL at the primary"),
+            "{error}"
+        );
+    })
+    .await;
+}
