@@ -357,7 +357,10 @@ impl PgDatabase {
                 "the pool's sessions run at `{isolation}`, but this crate needs `read committed` \
                  (a reader could skip events, and appends at `Any` could conflict): set \
                  `default_transaction_isolation` to `read committed` in the pool's connect \
-                 options (`PgConnectOptions::options`), or build the pool with `PgOptions`"
+                 options (`PgConnectOptions::options`), or build the pool with `PgOptions` \
+                 and its session settings on; behind a pooler that refuses them, on the role \
+                 or the database (`ALTER ROLE ... SET default_transaction_isolation = 'read \
+                 committed'`)"
             )]));
         }
         // The pool's `statement_timeout` bounds commands, not a migration: the wait for another

@@ -69,6 +69,8 @@ pg_test! {
         let message = error.to_string();
         assert!(message.contains("default_transaction_isolation"), "{message}");
         assert!(message.contains("read committed"), "{message}");
+        // Also for a pool behind a pooler that refuses session settings.
+        assert!(message.contains("ALTER ROLE"), "{message}");
         // A pool made by `PgOptions` is fine with the same server default.
         PgOptions::new(serializable_url())
             .schema(db.schema())
