@@ -205,8 +205,9 @@ pg_test! {
     /// the holder's response. (It was a plain timeout, which servers answer as such, not as a
     /// key still in use.)
     async fn a_statement_timeout_ending_a_claims_wait_says_the_key_is_busy(db: PgDatabase) {
+        // Long enough for the holder's own claim on a loaded machine.
         let timed = crate::support::options(db.schema())
-            .statement_timeout(Some(Duration::from_secs(2)))
+            .statement_timeout(Some(Duration::from_secs(3)))
             .connect()
             .await
             .expect("connect")
