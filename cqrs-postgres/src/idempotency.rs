@@ -526,7 +526,7 @@ mod tests {
             };
             assert_eq!(error.kind(), cqrs_core::ErrorKind::Unavailable, "{error}");
             assert!(
-                error.to_string().contains("waited 250ms for a lock"),
+                error.to_string().contains("waited up to 250ms for a lock"),
                 "{error}"
             );
             holder.rollback().await.unwrap();
