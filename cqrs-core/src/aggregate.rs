@@ -410,6 +410,11 @@ impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
 
 impl<A: Aggregate> AggregateRepository<A> {
     /// A repository over `store` that decodes the aggregate's own event types.
+    ///
+    /// # Panics
+    ///
+    /// When two of the aggregate's event types share a wire name (as
+    /// [`EventTypes::register`](crate::EventTypes::register) does): give each a unique `NAME`.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self::with_types(store, Arc::new(EventTypes::of::<A::Event>()))
     }

@@ -166,7 +166,7 @@ pub enum PluginError {
     },
     /// A plugin asked for a resource the server did not provide.
     #[error(
-        "plugin `{plugin}` needs a `{resource}`, which the server did not provide; call PluginRegistrar::provide before installing plugins"
+        "plugin `{plugin}` needs a `{resource}`, which the server did not provide: call `PluginRegistrar::provide::<{resource}>(..)` before installing plugins (resources are found by their exact type: an `Arc<InMemoryEventStore>` provided is no `Arc<dyn EventStore>`, so name the type)"
     )]
     MissingResource {
         /// The plugin.
@@ -395,7 +395,7 @@ pub struct PluginRegistrar {
 
 /// A plugin asked for a resource the server did not [`provide`](PluginRegistrar::provide).
 #[derive(Debug, thiserror::Error)]
-#[error("the server did not provide a `{resource}`")]
+#[error("the server did not provide a `{resource}` (resources are found by their exact type)")]
 pub struct MissingResource {
     /// The resource's type name.
     pub resource: &'static str,
@@ -425,7 +425,20 @@ impl PluginRegistrar {
         Self::default()
     }
 
-    /// Makes a value available to plugins through [`resource`](Self::resource).
+    /// Makes a value available to plugins through [`resource`](Self::resource), under its
+    /// exact type: a plugin that asks for `Arc<dyn EventStore>` finds only a value provided
+    /// as that type, so name it where the value is of another (`Arc<InMemoryEventStore>`):
+    ///
+    /// ```
+    /// use cqrs_core::PluginRegistrar;
+    /// use cqrs_core::memory::InMemoryEventStore;
+    /// use cqrs_core::ports::EventStore;
+    /// use std::sync::Arc;
+    ///
+    /// let mut registrar = PluginRegistrar::new();
+    /// registrar.provide::<Arc<dyn EventStore>>(Arc::new(InMemoryEventStore::new()));
+    /// assert!(registrar.resource::<Arc<dyn EventStore>>().is_ok());
+    /// ```
     pub fn provide<T: Clone + Send + Sync + 'static>(&mut self, resource: T) -> &mut Self {
         self.resources.insert(TypeId::of::<T>(), Box::new(resource));
         self

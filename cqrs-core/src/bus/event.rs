@@ -207,7 +207,9 @@ impl<L> EventBusBuilder<L> {
             let list = registries.events.entry(ty.type_id()).or_default();
             if list.iter().any(|h| h.name() == handler.name()) {
                 problems.push(format!(
-                    "event `{}` has two handlers named `{}`; give each a unique name()",
+                    "event `{}` has two handlers named `{}`: registered twice (by the server and a \
+                     plugin, or by two plugins), it would handle every event twice, so register it \
+                     once; two different handlers need each a unique name()",
                     ty.name(),
                     handler.name()
                 ));

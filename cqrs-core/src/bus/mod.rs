@@ -72,6 +72,8 @@ fn register_single<H>(
     let mut map = registry::TypeMap::default();
     let mut origins: HashMap<TypeId, Origin> = HashMap::new();
     let mut names: HashMap<&'static str, TypeId> = HashMap::new();
+    // Wire names already reported: three types on one name are one problem.
+    let mut told: std::collections::HashSet<&'static str> = std::collections::HashSet::new();
     for (ty, handler, origin) in entries {
         let kind = ty.kind();
         if let Some(first) = origins.get(&ty.type_id()) {
@@ -82,15 +84,21 @@ fn register_single<H>(
             ));
             continue;
         }
-        origins.insert(ty.type_id(), origin);
-        if let Some(other) = names.insert(ty.name(), ty.type_id())
+        if let Some(&other) = names.get(ty.name())
             && other != ty.type_id()
+            && told.insert(ty.name())
         {
+            let first = origins
+                .get(&other)
+                .map_or_else(String::new, ToString::to_string);
             problems.push(format!(
-                "two {kind} types share the wire name `{}`; give each a unique NAME",
+                "two {kind} types share the wire name `{}`, handled by {first} and {origin}; \
+                 give each type a unique NAME",
                 ty.name()
             ));
         }
+        names.entry(ty.name()).or_insert(ty.type_id());
+        origins.insert(ty.type_id(), origin);
         map.insert(ty.type_id(), handler);
     }
     into_result(problems)?;

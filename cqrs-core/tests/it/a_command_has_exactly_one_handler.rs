@@ -68,4 +68,13 @@ fn two_command_types_with_one_wire_name_fail_the_build() {
         err.to_string().contains("share the wire name `test.add`"),
         "{err}"
     );
+    // Both registrations are named, so the two types can be found.
+    assert!(
+        err.to_string()
+            .contains("AddHandler` (on the bus builder) and")
+            && err
+                .to_string()
+                .contains("ImpostorHandler` (on the bus builder)"),
+        "{err}"
+    );
 }

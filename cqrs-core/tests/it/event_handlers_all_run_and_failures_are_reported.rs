@@ -98,4 +98,7 @@ fn two_handlers_with_one_name_fail_the_build() {
         err.to_string().contains("two handlers named `same`"),
         "{err}"
     );
+    // One handler registered twice must not be told to take a second name: it would then
+    // handle every event twice.
+    assert!(err.to_string().contains("register it once"), "{err}");
 }

@@ -140,6 +140,12 @@ fn a_missing_resource_and_a_failing_plugin_are_named() {
         matches!(err, PluginError::MissingResource { ref plugin, resource } if plugin == "needs-db" && resource.contains("str")),
         "{err}"
     );
+    // A value provided under another type (`Arc<InMemoryEventStore>` for `Arc<dyn
+    // EventStore>`) is the usual cause: the message says how to name the type.
+    assert!(
+        err.to_string().contains("PluginRegistrar::provide::<"),
+        "{err}"
+    );
 
     let mut registrar = PluginRegistrar::new();
     registrar.provide::<std::sync::Arc<str>>("postgres://".into());
