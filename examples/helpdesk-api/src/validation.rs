@@ -141,15 +141,40 @@ pub fn is_invisible(c: char) -> bool {
     )
 }
 
-/// Whether `text` shows anything: a character that is not whitespace, a control or invisible.
+/// Whether `text` shows anything: a character that is not whitespace, a control, invisible,
+/// drawn blank (the blank Braille pattern, U+2800, a well-known fake blank) or a combining
+/// mark (which marks the character before it, and alone shows as a stray accent or nothing).
 ///
 /// ```
 /// assert!(!helpdesk_api::has_visible(" \u{200B}\n"));
+/// assert!(!helpdesk_api::has_visible("\u{2800}"));
+/// assert!(!helpdesk_api::has_visible("\u{0301}\u{0301}"));
+/// assert!(helpdesk_api::has_visible("e\u{0301}"));
 /// assert!(helpdesk_api::has_visible("日"));
 /// ```
 pub fn has_visible(text: &str) -> bool {
-    text.chars()
-        .any(|c| !c.is_whitespace() && !c.is_control() && !is_invisible(c))
+    text.chars().any(|c| {
+        !c.is_whitespace()
+            && !c.is_control()
+            && !is_invisible(c)
+            && c != '\u{2800}'
+            && !is_combining_mark(c)
+    })
+}
+
+/// Whether `c` is in one of the blocks of combining marks (diacritics for Latin, Greek and
+/// Cyrillic, for symbols, and half marks). Marks of other scripts (vowel signs) come with
+/// their letters, which count.
+fn is_combining_mark(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0300}'..='\u{036F}'
+            | '\u{0483}'..='\u{0489}'
+            | '\u{1AB0}'..='\u{1AFF}'
+            | '\u{1DC0}'..='\u{1DFF}'
+            | '\u{20D0}'..='\u{20FF}'
+            | '\u{FE20}'..='\u{FE2F}'
+    )
 }
 
 /// Refuses text holding a bidirectional control (422 `validation_failed` naming `field`):

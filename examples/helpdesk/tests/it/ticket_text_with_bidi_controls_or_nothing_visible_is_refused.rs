@@ -37,6 +37,10 @@ async fn titles_with_bidi_controls_or_nothing_visible_are_refused() {
             " \u{200B}\u{FEFF} ",
             "\u{2060}\u{00AD}",
             "\u{3164}",
+            // Drawn blank, and combining marks with nothing to mark.
+            "\u{2800}",
+            " \u{2800} ",
+            "\u{0301}\u{0301}",
         ] {
             let r = s
                 .post("/tickets", &customer, json!({ "title": title }))
@@ -51,6 +55,8 @@ async fn titles_with_bidi_controls_or_nothing_visible_are_refused() {
             "打印机着火了",
             "a\u{200B}b",
             "مرحبا",
+            "e\u{0301}",
+            "नमस्ते",
         ] {
             s.ticket(&customer, title).await;
         }
@@ -75,7 +81,7 @@ async fn comments_with_bidi_controls_or_nothing_visible_are_refused() {
                 .await;
             assert_refused(&r, "body");
         }
-        for body in ["\u{200B}", "\u{FEFF}\n\u{200B}\t"] {
+        for body in ["\u{200B}", "\u{FEFF}\n\u{200B}\t", "\u{2800}\n\u{2800}"] {
             let r = s.post(&path, &customer, json!({ "body": body })).await;
             assert_refused(&r, "body");
         }
