@@ -678,6 +678,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // reports it as failing, and a second such failure says the backend is away, not one
         // event: the batch is then handed back whole.
         let mut waited = false;
+        // That event's error: the step's, once the rest took effect (not the first error set
+        // aside, which may be of another kind, a panic's, that the worker reports otherwise).
+        let mut waited_error: Option<ProjectionError> = None;
         let consumer = consumer.as_mut();
         loop {
             // One by one, each failing pass hands one event back: that bounds the passes.
@@ -761,8 +764,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                         }
                         return Err(error.into());
                     }
-                    if waited && let Some(first) = set_aside.take() {
-                        return Err(first);
+                    if let Some(waiting) = waited_error.take() {
+                        if let Some(first) = &set_aside {
+                            tracing::warn!(projection = %name, error = %first, "projection set an event aside; the rest of its batch took effect");
+                        }
+                        return Err(waiting);
                     }
                     // The others took effect; the worker still reports what was set aside.
                     return Ok(Stepped {
@@ -864,7 +870,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 // as when it is set aside before them (the worker is degraded, not failing).
                 if one_by_one && blamed.is_some() && committed_alone {
                     if waited {
-                        return Err(set_aside.unwrap_or(e));
+                        return Err(waited_error.unwrap_or(e));
                     }
                     return Ok(Stepped {
                         applied: applied_before,
@@ -882,7 +888,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             ids.truncate(kept);
             order_keys.truncate(kept);
             records.truncate(kept);
-            set_aside.get_or_insert(e);
+            if waits_now && waited_error.is_none() {
+                waited_error = Some(e);
+            } else {
+                set_aside.get_or_insert(e);
+            }
         }
     }
 

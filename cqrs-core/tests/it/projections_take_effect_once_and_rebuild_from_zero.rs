@@ -1148,6 +1148,39 @@ fn a_read_model_away_fails_the_batch_after_two_events() {
     });
 }
 
+/// When a batch sets aside a refused event and then one that waits, the step fails with the
+/// wait's error, the one its health and backoff follow (it returned the first error set aside,
+/// which after a commit's panic is of a kind that turns the worker unhealthy at once).
+#[test]
+fn a_batch_that_sets_aside_a_wait_fails_with_the_waits_error() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            poison: Some(13),
+            unavailable_on: Some(1),
+            ..Sum::default()
+        });
+        let waiting = keyed("a", 1);
+        let id = waiting.event_id;
+        transport
+            .publish("sums", &[keyed("p", 13), waiting, keyed("b", 2)])
+            .await
+            .unwrap();
+        let mut runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            three_attempts(),
+        );
+        let failed = runner.run_once().await;
+        assert!(
+            matches!(&failed, Err(ProjectionError::Apply { event_id, .. }) if *event_id == id),
+            "{failed:?}"
+        );
+        assert_eq!(*sum.seen.lock().unwrap(), [2], "the rest took effect");
+    });
+}
+
 /// A batch whose other events took effect while one that waits (its `apply` answered
 /// `Unavailable`) was set aside still counts as failed: the worker backs off, as it does while
 /// its backend is away, instead of going on at once as after progress.
