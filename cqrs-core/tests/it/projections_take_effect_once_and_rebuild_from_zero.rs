@@ -612,55 +612,64 @@ fn a_poison_event_is_set_aside_and_other_keys_take_effect_at_once() {
 /// worker said it was stuck while it moved).
 #[test]
 fn a_batch_with_an_event_set_aside_is_progress_not_a_failure() {
-    use cqrs_core::runtime::{Health, Runtime};
-    use cqrs_core::testing::eventually;
     run_paused(|| async {
-        let transport = Arc::new(InMemoryTransport::new());
-        let sum = Arc::new(Sum {
+        let poison = Sum {
             poison: Some(13),
             ..Sum::default()
-        });
-        transport
-            .publish("sums", &[keyed("p", 13), keyed("a", 1)])
-            .await
-            .unwrap();
-        let runner = sums_runner(
-            Arc::new(InMemoryProjectionStore::new()),
-            &sum,
-            &transport,
-            ConsumerOptions::default()
-                .block(Duration::from_millis(20))
-                .redelivery_delay(Duration::from_secs(60)),
-        )
-        // A failed batch backs off for at least this long.
-        .idle_interval(Duration::from_secs(1));
-        let runtime = Runtime::builder().worker(runner).start();
-        let seen = |expected: &'static [u64]| {
-            let sum = sum.clone();
-            move || {
-                let sum = sum.clone();
-                async move { (*sum.seen.lock().unwrap() == expected).then_some(()) }
-            }
         };
-        eventually(Duration::from_secs(5), "1 applied", seen(&[1])).await;
-        eventually(Duration::from_secs(5), "degraded", || async {
-            matches!(
-                runtime.health().await.components["sum"].0,
-                Health::Degraded(_)
-            )
-            .then_some(())
-        })
-        .await;
-        let published = tokio::time::Instant::now();
-        transport.publish("sums", &[keyed("b", 2)]).await.unwrap();
-        eventually(Duration::from_secs(5), "2 applied", seen(&[1, 2])).await;
+        let waited = next_event_after_a_batch_with_13_set_aside(poison).await;
         assert!(
-            published.elapsed() < Duration::from_millis(500),
-            "the worker backed off: 2 applied after {:?}",
-            published.elapsed()
+            waited < Duration::from_millis(500),
+            "the worker backed off: 2 applied after {waited:?}"
         );
-        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
+}
+
+/// Runs `sum` as a worker (a failed batch backs off for at least a second) on a batch of 13
+/// (which `sum` sets aside) and 1; once 1 took effect and the worker is degraded, publishes 2
+/// and returns how long 2 took to take effect.
+async fn next_event_after_a_batch_with_13_set_aside(sum: Sum) -> Duration {
+    use cqrs_core::runtime::{Health, Runtime};
+    use cqrs_core::testing::eventually;
+    let sum = Arc::new(sum);
+    let transport = Arc::new(InMemoryTransport::new());
+    transport
+        .publish("sums", &[keyed("p", 13), keyed("a", 1)])
+        .await
+        .unwrap();
+    let runner = sums_runner(
+        Arc::new(InMemoryProjectionStore::new()),
+        &sum,
+        &transport,
+        ConsumerOptions::default()
+            .block(Duration::from_millis(20))
+            .redelivery_delay(Duration::from_secs(60)),
+    )
+    // A failed batch backs off for at least this long.
+    .idle_interval(Duration::from_secs(1));
+    let runtime = Runtime::builder().worker(runner).start();
+    let seen = |expected: &'static [u64]| {
+        let sum = sum.clone();
+        move || {
+            let sum = sum.clone();
+            async move { (*sum.seen.lock().unwrap() == expected).then_some(()) }
+        }
+    };
+    eventually(Duration::from_secs(5), "1 applied", seen(&[1])).await;
+    eventually(Duration::from_secs(5), "degraded", || async {
+        matches!(
+            runtime.health().await.components["sum"].0,
+            Health::Degraded(_)
+        )
+        .then_some(())
+    })
+    .await;
+    let published = tokio::time::Instant::now();
+    transport.publish("sums", &[keyed("b", 2)]).await.unwrap();
+    eventually(Duration::from_secs(5), "2 applied", seen(&[1, 2])).await;
+    let waited = published.elapsed();
+    runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    waited
 }
 
 /// A transport-fed runner whose fetch waits without limit still stops at shutdown, within the
@@ -1186,54 +1195,16 @@ fn a_batch_that_sets_aside_a_wait_fails_with_the_waits_error() {
 /// its backend is away, instead of going on at once as after progress.
 #[test]
 fn a_batch_with_an_event_that_waits_set_aside_still_backs_off() {
-    use cqrs_core::runtime::{Health, Runtime};
-    use cqrs_core::testing::eventually;
     run_paused(|| async {
-        let transport = Arc::new(InMemoryTransport::new());
-        let sum = Arc::new(Sum {
+        let waits = Sum {
             unavailable_on: Some(13),
             ..Sum::default()
-        });
-        transport
-            .publish("sums", &[keyed("p", 13), keyed("a", 1)])
-            .await
-            .unwrap();
-        let runner = sums_runner(
-            Arc::new(InMemoryProjectionStore::new()),
-            &sum,
-            &transport,
-            ConsumerOptions::default()
-                .block(Duration::from_millis(20))
-                .redelivery_delay(Duration::from_secs(60)),
-        )
-        // A failed batch backs off for at least this long.
-        .idle_interval(Duration::from_secs(1));
-        let runtime = Runtime::builder().worker(runner).start();
-        let seen = |expected: &'static [u64]| {
-            let sum = sum.clone();
-            move || {
-                let sum = sum.clone();
-                async move { (*sum.seen.lock().unwrap() == expected).then_some(()) }
-            }
         };
-        eventually(Duration::from_secs(5), "1 applied", seen(&[1])).await;
-        eventually(Duration::from_secs(5), "degraded", || async {
-            matches!(
-                runtime.health().await.components["sum"].0,
-                Health::Degraded(_)
-            )
-            .then_some(())
-        })
-        .await;
-        let published = tokio::time::Instant::now();
-        transport.publish("sums", &[keyed("b", 2)]).await.unwrap();
-        eventually(Duration::from_secs(5), "2 applied", seen(&[1, 2])).await;
+        let waited = next_event_after_a_batch_with_13_set_aside(waits).await;
         assert!(
-            published.elapsed() >= Duration::from_millis(500),
-            "the worker went on at once: 2 applied after {:?}",
-            published.elapsed()
+            waited >= Duration::from_millis(500),
+            "the worker went on at once: 2 applied after {waited:?}"
         );
-        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
 

@@ -1079,78 +1079,52 @@ mod tests {
     /// back (a refusal is no attempt); another site is not affected.
     #[tokio::test]
     async fn one_ipv6_site_cannot_spread_failed_logins_over_its_64s() {
-        let clock = Arc::new(ManualClock::new());
-        let users = with_user_c(&clock).await;
-        let client = limit_of(&clock, 2);
-        let handler = LogInHandler {
-            address_limit: AddressLimit {
-                client: client.clone(),
-                site: limit_of(&clock, 3),
-            },
-            ..login_handler(
-                &users,
-                limit_of(&clock, 100),
-                Hashing::new(4, Duration::from_secs(30)),
-                &clock,
-            )
-        };
-        let guess = |ip: &str| LogIn {
-            email: "c@example.com".into(),
-            password: "a guess".into(),
-            client: v6(ip),
-        };
-        let handle = |login: LogIn| {
-            let handler = &handler;
-            async move {
-                handler
-                    .handle(login, &mut CommandContext::new(Metadata::new()))
-                    .await
-            }
-        };
-        for i in 1..=3 {
-            let refused = handle(guess(&format!("2001:db8:1:{i}::1")))
-                .await
-                .unwrap_err();
-            assert_eq!(refused.code(), "invalid_credentials", "{refused:?}");
-        }
-        let refused = handle(guess("2001:db8:1:4::1")).await.unwrap_err();
-        assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
-        for _ in 0..2 {
-            assert_eq!(
-                client
-                    .attempt("address|2001:db8:1:4::/64")
-                    .await
-                    .unwrap()
-                    .retry_after(),
-                None,
-                "the refused login's count of its /64 was taken back"
-            );
-        }
-        let elsewhere = handle(guess("2001:db8:2:1::1")).await.unwrap_err();
-        assert_eq!(elsewhere.code(), "invalid_credentials", "{elsewhere:?}");
+        site_spreading_guesses_is_blocked(Grain::Address).await;
     }
 
-    /// One IPv6 site spreading guesses at one account over its /64s is blocked for that account
-    /// at the site's budget (`{email}|{site}`), though each /64 is under its own for the
-    /// account and the address budgets are far off; the refused guess's count is taken back,
-    /// and other accounts are not affected. (Only the address budget of the /48, for every
-    /// email together, stopped it.)
+    /// Likewise for one account (`{email}|{site}`), though each /64 is under its own budget for
+    /// the account and the address budgets are far off; other accounts are not affected. (Only
+    /// the /48's address budget, for every email together, stopped it.)
     #[tokio::test]
     async fn one_ipv6_site_cannot_spread_guesses_at_one_account_over_its_64s() {
+        site_spreading_guesses_is_blocked(Grain::Email).await;
+    }
+
+    /// Which limit a test sets at 2 a /64 and 3 a /48, the other far off.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Grain {
+        /// Every email's failures from an address: `address|...` keys.
+        Address,
+        /// One email's: `{email}|...` keys.
+        Email,
+    }
+
+    /// Guesses at `c@example.com` from three /64s of one /48 are refused as wrong, the fourth
+    /// as too many, with its /64's count taken back; then a guess the `grain`'s limit does not
+    /// count with them (another /48, or another email) is refused as wrong only.
+    async fn site_spreading_guesses_is_blocked(grain: Grain) {
         let clock = Arc::new(ManualClock::new());
         let users = with_user_c(&clock).await;
         let client = limit_of(&clock, 2);
-        let handler = LogInHandler {
-            email_limit: AddressLimit {
-                client: client.clone(),
-                site: limit_of(&clock, 3),
+        let limit = AddressLimit {
+            client: client.clone(),
+            site: limit_of(&clock, 3),
+        };
+        let others = login_handler(
+            &users,
+            limit_of(&clock, 100),
+            Hashing::new(4, Duration::from_secs(30)),
+            &clock,
+        );
+        let handler = match grain {
+            Grain::Address => LogInHandler {
+                address_limit: limit,
+                ..others
             },
-            ..login_handler(
-                &users,
-                limit_of(&clock, 100),
-                Hashing::new(4, Duration::from_secs(30)),
-                &clock,
-            )
+            Grain::Email => LogInHandler {
+                email_limit: limit,
+                ..others
+            },
         };
         let guess = |email: &str, ip: &str| LogIn {
             email: email.into(),
@@ -1175,21 +1149,23 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(refused.code(), "too_many_attempts", "{refused:?}");
+        let key = match grain {
+            Grain::Address => "address|2001:db8:1:4::/64",
+            Grain::Email => "c@example.com|2001:db8:1:4::/64",
+        };
         for _ in 0..2 {
             assert_eq!(
-                client
-                    .attempt("c@example.com|2001:db8:1:4::/64")
-                    .await
-                    .unwrap()
-                    .retry_after(),
+                client.attempt(key).await.unwrap().retry_after(),
                 None,
-                "the refused guess's count of its /64 was taken back"
+                "the refused login's count of its /64 was taken back"
             );
         }
-        let other = handle(guess("d@example.com", "2001:db8:1:5::1"))
-            .await
-            .unwrap_err();
-        assert_eq!(other.code(), "invalid_credentials", "{other:?}");
+        let elsewhere = match grain {
+            Grain::Address => guess("c@example.com", "2001:db8:2:1::1"),
+            Grain::Email => guess("d@example.com", "2001:db8:1:5::1"),
+        };
+        let elsewhere = handle(elsewhere).await.unwrap_err();
+        assert_eq!(elsewhere.code(), "invalid_credentials", "{elsewhere:?}");
     }
 
     /// Likewise registrations: one IPv6 site spreading them over its /64s gets 429 past the
