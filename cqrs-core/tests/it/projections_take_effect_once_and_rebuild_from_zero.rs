@@ -1575,47 +1575,17 @@ fn a_running_runner_purges_its_old_inbox_entries() {
 /// projection's name (not only printed by the panic hook), and the projection goes on.
 #[test]
 fn a_purge_that_panics_is_logged_and_the_projection_goes_on() {
-    let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
-    run(async {
-        let store = Arc::new(Flaky {
-            purge_panics: true,
-            ..Flaky::default()
-        });
-        let transport = Arc::new(InMemoryTransport::new());
-        let sum = Arc::new(Sum::default());
-        let runner = sums_runner(
-            store.clone(),
-            &sum,
-            &transport,
-            ConsumerOptions::default().block(Duration::from_millis(20)),
-        )
-        .inbox_purge_interval(Duration::from_millis(5));
-        let runtime = cqrs_core::runtime::Runtime::builder()
-            .worker(runner)
-            .start();
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the panic logged", || async {
-            events
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|(fields, _)| {
-                    fields.get("projection").is_some_and(|p| p == "sum")
-                        && fields
-                            .get("message")
-                            .is_some_and(|m| m.contains("inbox purge panicked"))
-                        && fields
-                            .get("panic")
-                            .is_some_and(|p| p.contains("the store's purge has a bug"))
-                })
-                .then_some(())
-        })
-        .await;
-        transport.publish("sums", &[record(2)]).await.unwrap();
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
-            (*sum.seen.lock().unwrap() == [2]).then_some(())
-        })
-        .await;
-        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    let store = Flaky {
+        purge_panics: true,
+        ..Flaky::default()
+    };
+    a_purge_gone_wrong_is_logged_and_the_projection_goes_on(store, "the panic logged", |fields| {
+        fields
+            .get("message")
+            .is_some_and(|m| m.contains("inbox purge panicked"))
+            && fields
+                .get("panic")
+                .is_some_and(|p| p.contains("the store's purge has a bug"))
     });
 }
 
@@ -1624,12 +1594,35 @@ fn a_purge_that_panics_is_logged_and_the_projection_goes_on() {
 /// the inbox grew.)
 #[test]
 fn a_purge_still_running_at_the_next_interval_is_logged() {
+    let store = Flaky {
+        purge_hangs: true,
+        ..Flaky::default()
+    };
+    // Left running, never dropped to start another.
+    let dropped = store.purge_dropped.clone();
+    a_purge_gone_wrong_is_logged_and_the_projection_goes_on(
+        store,
+        "the hung purge logged, and still running",
+        |fields| {
+            fields.get("running_for").is_some()
+                && fields
+                    .get("message")
+                    .is_some_and(|m| m.contains("inbox purge is still running"))
+                && !dropped.load(Ordering::SeqCst)
+        },
+    );
+}
+
+/// Runs `sum`'s runner on `store`, purging every 5 ms, until it logged, under the projection's
+/// name, a record `logged` accepts (`what`); then an event published still takes effect.
+fn a_purge_gone_wrong_is_logged_and_the_projection_goes_on(
+    store: Flaky,
+    what: &str,
+    logged: impl Fn(&std::collections::BTreeMap<String, String>) -> bool,
+) {
     let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
     run(async {
-        let store = Arc::new(Flaky {
-            purge_hangs: true,
-            ..Flaky::default()
-        });
+        let store = Arc::new(store);
         let transport = Arc::new(InMemoryTransport::new());
         let sum = Arc::new(Sum::default());
         let runner = sums_runner(
@@ -1642,29 +1635,17 @@ fn a_purge_still_running_at_the_next_interval_is_logged() {
         let runtime = cqrs_core::runtime::Runtime::builder()
             .worker(runner)
             .start();
-        cqrs_core::testing::eventually(
-            Duration::from_secs(10),
-            "the hung purge logged",
-            || async {
-                events
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .any(|(fields, _)| {
-                        fields.get("projection").is_some_and(|p| p == "sum")
-                            && fields.get("running_for").is_some()
-                            && fields
-                                .get("message")
-                                .is_some_and(|m| m.contains("inbox purge is still running"))
-                    })
-                    .then_some(())
-            },
-        )
+        cqrs_core::testing::eventually(Duration::from_secs(10), what, || async {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(fields, _)| {
+                    fields.get("projection").is_some_and(|p| p == "sum") && logged(fields)
+                })
+                .then_some(())
+        })
         .await;
-        assert!(
-            !store.purge_dropped.load(Ordering::SeqCst),
-            "the hung purge is left running, not started again"
-        );
         transport.publish("sums", &[record(2)]).await.unwrap();
         cqrs_core::testing::eventually(Duration::from_secs(10), "the event applied", || async {
             (*sum.seen.lock().unwrap() == [2]).then_some(())
