@@ -43,5 +43,5 @@ pub use extract::{
 };
 pub use validation::{
     Lines, has_visible, invalid_field, is_bidi_control, is_invisible, reject_bidi, reject_controls,
-    reject_nul,
+    reject_nul, reject_tags,
 };

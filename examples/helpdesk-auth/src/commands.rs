@@ -154,7 +154,7 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
 
 use helpdesk_api::{
     Lines, has_visible, invalid_field as invalid, is_invisible, reject_bidi, reject_controls,
-    reject_nul,
+    reject_nul, reject_tags,
 };
 
 /// The longest password registration takes, in characters.
@@ -210,6 +210,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             // Shown to others (agents see who reported a ticket): no text that reorders what
             // follows it, and something visible.
             reject_bidi("display_name", name)?;
+            reject_tags("display_name", name)?;
             if !has_visible(name) {
                 return Err(invalid(
                     "display_name",

@@ -188,6 +188,7 @@ impl Query for GetStats {
 
 use helpdesk_api::{
     Lines, has_visible, invalid_field as invalid, reject_bidi, reject_controls, reject_nul,
+    reject_tags,
 };
 
 fn not_found() -> HandlerError {
@@ -335,6 +336,7 @@ impl CommandHandler<OpenTicket> for Tickets {
         reject_nul("title", &title)?;
         reject_controls("title", &title, Lines::One)?;
         reject_bidi("title", &title)?;
+        reject_tags("title", &title)?;
         if !has_visible(&title) {
             return Err(invalid(
                 "title",
@@ -351,6 +353,7 @@ impl CommandHandler<OpenTicket> for Tickets {
         reject_nul("description", &description)?;
         reject_controls("description", &description, Lines::Many)?;
         reject_bidi("description", &description)?;
+        reject_tags("description", &description)?;
         let id = Uuid::now_v7();
         let metadata = metadata(ctx, &cmd.user);
         // A new ticket: nothing to load.
@@ -400,6 +403,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 reject_nul("body", body)?;
                 reject_controls("body", body, Lines::Many)?;
                 reject_bidi("body", body)?;
+                reject_tags("body", body)?;
                 if !has_visible(body) {
                     return Err(invalid(
                         "body",
@@ -421,6 +425,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                     reject_nul("resolution", resolution)?;
                     reject_controls("resolution", resolution, Lines::Many)?;
                     reject_bidi("resolution", resolution)?;
+                    reject_tags("resolution", resolution)?;
                 }
             }
         }
