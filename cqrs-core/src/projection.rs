@@ -673,13 +673,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let mut lone_panic = false;
         // Whether a unit of one event committed in this step.
         let mut committed_alone = false;
-        // Whether an event was set aside because its `apply` waits (its backend away or
-        // busy): the step still fails once the rest took effect, so the worker backs off and
-        // reports it as failing, and a second such failure says the backend is away, not one
-        // event: the batch is then handed back whole.
-        let mut waited = false;
-        // That event's error: the step's, once the rest took effect (not the first error set
-        // aside, which may be of another kind, a panic's, that the worker reports otherwise).
+        // The error of an event set aside because its `apply` waits (its backend away or
+        // busy): the step still fails with it once the rest took effect (not with the first
+        // error set aside, which may be of another kind, a panic's, that the worker reports
+        // otherwise), so the worker backs off and reports it as failing; and a second such
+        // failure says the backend is away, not one event: the batch is then handed back whole.
         let mut waited_error: Option<ProjectionError> = None;
         let consumer = consumer.as_mut();
         loop {
@@ -800,7 +798,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let reason = e.to_string();
             let waits_now =
                 matches!(&e, ProjectionError::Apply { source, .. } if waits(source.kind()));
-            let blamed = if waits_now && waited {
+            let blamed = if waits_now && waited_error.is_some() {
                 None
             } else {
                 blamed(&e)
@@ -837,7 +835,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
             }
             let attempt = blamed.is_some_and(|(_, attempt)| attempt);
-            waited |= waits_now && blamed.is_some();
             let isolate = failed.contains(&true)
                 && passes < MAX_PASSES_PER_BATCH
                 && held.iter().zip(&failed).any(|(h, f)| !h && !f);
@@ -869,7 +866,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 // Taken one by one, the last event found at fault while others took effect:
                 // as when it is set aside before them (the worker is degraded, not failing).
                 if one_by_one && blamed.is_some() && committed_alone {
-                    if waited {
+                    if waits_now || waited_error.is_some() {
                         return Err(waited_error.unwrap_or(e));
                     }
                     return Ok(Stepped {
@@ -888,7 +885,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             ids.truncate(kept);
             order_keys.truncate(kept);
             records.truncate(kept);
-            if waits_now && waited_error.is_none() {
+            // Isolated, a wait is the step's first: a second is blamed on no event.
+            if waits_now {
                 waited_error = Some(e);
             } else {
                 set_aside.get_or_insert(e);

@@ -1037,7 +1037,7 @@ impl PgOutboxRelay {
         {
             self.connected(wakeups, result);
         }
-        // A relay catching up on full batches never idles: it warns here.
+        // Before every batch, whether the relay idled before it or not.
         self.report_slow_listen(wakeups);
         let Some(l) = &mut wakeups.listener else {
             return;
@@ -1105,10 +1105,7 @@ impl PgOutboxRelay {
             // Without a listener (the relay polls only) this is the poll interval's wait.
             let connected = tokio::select! {
                 () = ctx.shutdown.requested() => return,
-                () = tokio::time::sleep_until(until) => {
-                    self.report_slow_listen(wakeups);
-                    return;
-                }
+                () = tokio::time::sleep_until(until) => return,
                 connected = Wakeups::attempt_done(&mut wakeups.connecting) => connected,
             };
             self.connected(wakeups, connected);

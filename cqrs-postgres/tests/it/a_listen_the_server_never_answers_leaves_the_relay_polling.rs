@@ -5,15 +5,12 @@
 
 use crate::proxy::Proxy;
 use crate::support::{pg_test, record};
-use crate::transport::ControlledTransport;
+use crate::transport::RunningRelay;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
-use cqrs_core::runtime::{
-    Health, HealthReporter, Shutdown, ShutdownTrigger, Worker, WorkerContext,
-};
+use cqrs_core::runtime::Health;
 use cqrs_core::testing::eventually;
 use cqrs_postgres::{PgDatabase, PgOutboxRelay};
 use sqlx::postgres::PgPoolOptions;
-use std::sync::Arc;
 use std::time::Duration;
 
 pg_test! {
@@ -21,7 +18,7 @@ pg_test! {
         let (proxy, through_proxy) = relay_database(&db).await;
         db.event_store().append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
         proxy.swallow_next_listen();
-        let relay = RunningRelay::start(&through_proxy);
+        let relay = listening_relay(&through_proxy);
         // Its LISTEN left unanswered: the relay goes on after a poll interval.
         eventually(Duration::from_secs(15), "the event ships by polling", || async {
             (relay.shipped() == [1]
@@ -43,7 +40,7 @@ pg_test! {
     async fn a_listen_unanswered_after_the_listener_was_lost(db: PgDatabase) {
         let (proxy, through_proxy) = relay_database(&db).await;
         db.event_store().append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
-        let relay = RunningRelay::start(&through_proxy);
+        let relay = listening_relay(&through_proxy);
         eventually(Duration::from_secs(15), "the relay ships and listens", || async {
             (relay.shipped() == [1] && listening_sessions(&db).await == 1).then_some(())
         })
@@ -94,48 +91,12 @@ async fn listening_sessions(db: &PgDatabase) -> i64 {
     .unwrap()
 }
 
-/// A relay that listens, polls every 100 ms and warns of a LISTEN still unanswered after
-/// 400 ms (twice its publish timeout of 200 ms), run as a worker.
-struct RunningRelay {
-    transport: Arc<ControlledTransport>,
-    health: HealthReporter,
-    trigger: ShutdownTrigger,
-    worker: tokio::task::JoinHandle<Result<(), cqrs_core::BoxError>>,
-}
-
-impl RunningRelay {
-    fn start(db: &PgDatabase) -> Self {
-        let transport = Arc::new(ControlledTransport::default());
-        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+/// A relay through `db` that listens, polls every 100 ms and warns of a LISTEN still
+/// unanswered after 400 ms (twice its publish timeout of 200 ms).
+fn listening_relay(db: &PgDatabase) -> RunningRelay {
+    RunningRelay::start(|transport| {
+        PgOutboxRelay::new(db.clone(), transport)
             .publish_timeout(Duration::from_millis(200))
-            .poll_interval(Duration::from_millis(100));
-        let (trigger, shutdown) = Shutdown::new();
-        let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext {
-            shutdown,
-            health: health.clone(),
-        };
-        let worker = tokio::spawn(async move { relay.run(ctx).await });
-        Self {
-            transport,
-            health,
-            trigger,
-            worker,
-        }
-    }
-
-    /// The `n` of every event shipped, in order.
-    fn shipped(&self) -> Vec<u64> {
-        self.transport
-            .published()
-            .iter()
-            .map(|e| e.payload["n"].as_u64().unwrap())
-            .collect()
-    }
-
-    /// Stops it, cleanly, with its `LISTEN` still unanswered.
-    async fn stop(self) {
-        self.trigger.trigger();
-        self.worker.await.unwrap().unwrap();
-    }
+            .poll_interval(Duration::from_millis(100))
+    })
 }

@@ -4,7 +4,7 @@
 
 use crate::proxy::Proxy;
 use crate::support::{pg_test, record};
-use crate::transport::ControlledTransport;
+use crate::transport::{ControlledTransport, RunningRelay};
 use async_trait::async_trait;
 use cqrs_core::memory::InMemoryTransport;
 use cqrs_core::ports::{
@@ -298,7 +298,7 @@ pg_test! {
             Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(1)).await;
         let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
         let relay =
-            RunningRelay::shipping_the_first_event(&through_proxy, Duration::from_millis(20)).await;
+            relay_shipping_the_first_event(&through_proxy, Duration::from_millis(20)).await;
 
         // Everything the relay sends from now on waits 3 s: its next batch's first statement
         // goes unanswered for far longer than twice the publish timeout.
@@ -368,7 +368,7 @@ pg_test! {
         // Idle between polls, its connection back in the pool (pinged first, on a task of its
         // own): the silence then catches the next batch, not that ping, which has no deadline.
         let relay =
-            RunningRelay::shipping_the_first_event(&through_proxy, Duration::from_millis(500))
+            relay_shipping_the_first_event(&through_proxy, Duration::from_millis(500))
                 .await;
         eventually(Duration::from_secs(10), "the connection is back in the pool", || async {
             (through_proxy.pool().num_idle() == 1).then_some(())
@@ -418,60 +418,22 @@ pg_test! {
     }
 }
 
-/// A relay through `db` (publish timeout 200 ms, no `LISTEN`), run as a worker.
-struct RunningRelay {
-    transport: Arc<ControlledTransport>,
-    health: HealthReporter,
-    trigger: cqrs_core::runtime::ShutdownTrigger,
-    worker: tokio::task::JoinHandle<Result<(), cqrs_core::BoxError>>,
-}
-
-impl RunningRelay {
-    /// Started, polling every `poll`, once it has shipped the first event (appended before)
-    /// and is healthy.
-    async fn shipping_the_first_event(db: &PgDatabase, poll: Duration) -> Self {
-        let transport = Arc::new(ControlledTransport::default());
-        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+/// A relay through `db` (publish timeout 200 ms, no `LISTEN`), polling every `poll`, once it
+/// has shipped the first event (appended before) and is healthy.
+async fn relay_shipping_the_first_event(db: &PgDatabase, poll: Duration) -> RunningRelay {
+    let running = RunningRelay::start(|transport| {
+        PgOutboxRelay::new(db.clone(), transport)
             .publish_timeout(Duration::from_millis(200))
             .poll_interval(poll)
-            .listen(false);
-        let (trigger, shutdown) = Shutdown::new();
-        let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext {
-            shutdown,
-            health: health.clone(),
-        };
-        let worker = tokio::spawn(async move { relay.run(ctx).await });
-        let running = Self {
-            transport,
-            health,
-            trigger,
-            worker,
-        };
-        eventually(
-            Duration::from_secs(10),
-            "the first event is shipped",
-            || async {
-                (running.shipped().len() == 1 && running.health.get() == Health::Healthy)
-                    .then_some(())
-            },
-        )
-        .await;
-        running
-    }
-
-    /// The `n` of every event shipped, in order.
-    fn shipped(&self) -> Vec<u64> {
-        self.transport
-            .published()
-            .iter()
-            .map(|e| e.payload["n"].as_u64().unwrap())
-            .collect()
-    }
-
-    /// Stops it, cleanly.
-    async fn stop(self) {
-        self.trigger.trigger();
-        self.worker.await.unwrap().unwrap();
-    }
+            .listen(false)
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the first event is shipped",
+        || async {
+            (running.shipped().len() == 1 && running.health.get() == Health::Healthy).then_some(())
+        },
+    )
+    .await;
+    running
 }

@@ -1,5 +1,5 @@
-//! An in-memory transport that fails, or takes a batch and never answers, on request; and a
-//! reader of everything published to a topic.
+//! An in-memory transport that fails, or takes a batch and never answers, on request; a relay
+//! running on one as a worker; and a reader of everything published to a topic.
 
 use async_trait::async_trait;
 use cqrs_core::EventRecord;
@@ -203,5 +203,52 @@ impl EventTransport for GatedTransport {
         options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
         self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// A relay publishing to a [`ControlledTransport`] of its own, run as a worker.
+pub(crate) struct RunningRelay {
+    pub(crate) transport: Arc<ControlledTransport>,
+    pub(crate) health: cqrs_core::runtime::HealthReporter,
+    trigger: cqrs_core::runtime::ShutdownTrigger,
+    worker: tokio::task::JoinHandle<Result<(), cqrs_core::BoxError>>,
+}
+
+impl RunningRelay {
+    /// Runs the relay `relay` makes on a new transport.
+    pub(crate) fn start(
+        relay: impl FnOnce(Arc<ControlledTransport>) -> cqrs_postgres::PgOutboxRelay,
+    ) -> Self {
+        use cqrs_core::runtime::{HealthReporter, Shutdown, Worker, WorkerContext};
+        let transport = Arc::new(ControlledTransport::default());
+        let mut relay = relay(transport.clone());
+        let (trigger, shutdown) = Shutdown::new();
+        let health = HealthReporter::detached("relay");
+        let ctx = WorkerContext {
+            shutdown,
+            health: health.clone(),
+        };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+        Self {
+            transport,
+            health,
+            trigger,
+            worker,
+        }
+    }
+
+    /// The `n` of every event shipped, in order.
+    pub(crate) fn shipped(&self) -> Vec<u64> {
+        self.transport
+            .published()
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Stops it, cleanly.
+    pub(crate) async fn stop(self) {
+        self.trigger.trigger();
+        self.worker.await.unwrap().unwrap();
     }
 }

@@ -177,60 +177,58 @@ fn is_combining_mark(c: char) -> bool {
     )
 }
 
-/// Refuses text holding a bidirectional control (422 `validation_failed` naming `field`):
-/// what an agent reads must look like what was stored.
+/// Refuses text holding what makes it read other than stored (422 `validation_failed` naming
+/// `field`): a bidirectional control, which reorders the text around it when shown, or a
+/// Unicode tag character (U+E0000 to U+E007F), drawn as nothing, a run of which spells hidden
+/// ASCII that an agent does not see and a program reading the text (a search, a language
+/// model) does. The three flags made of tags (England, Scotland, Wales) are fine.
 ///
 /// ```
-/// assert!(helpdesk_api::reject_bidi("title", "fine").is_ok());
-/// assert!(helpdesk_api::reject_bidi("title", "a\u{202E}b").is_err());
+/// assert!(helpdesk_api::reject_hidden("title", "fine").is_ok());
+/// assert!(helpdesk_api::reject_hidden("title", "a\u{202E}b").is_err());
+/// assert!(helpdesk_api::reject_hidden("body", "fine 🏴\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}").is_ok());
+/// assert!(helpdesk_api::reject_hidden("body", "fine\u{E0068}\u{E0069}").is_err());
 /// ```
-pub fn reject_bidi(field: &str, text: &str) -> Result<(), HandlerError> {
+pub fn reject_hidden(field: &str, text: &str) -> Result<(), HandlerError> {
     if text.chars().any(is_bidi_control) {
-        Err(invalid_field(
+        return Err(invalid_field(
             field,
             "must not contain bidirectional control characters \
              (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069)",
-        ))
-    } else {
-        Ok(())
+        ));
     }
-}
-
-/// Refuses text holding a Unicode tag character (U+E0000 to U+E007F; 422 `validation_failed`
-/// naming `field`): drawn as nothing, a run of them spells hidden ASCII that an agent does not
-/// see, and a program reading the text (a search, a language model) does. The three flags
-/// made of tags (England, Scotland, Wales) are fine.
-///
-/// ```
-/// assert!(helpdesk_api::reject_tags("body", "fine 🏴\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}").is_ok());
-/// assert!(helpdesk_api::reject_tags("body", "fine\u{E0068}\u{E0069}").is_err());
-/// ```
-pub fn reject_tags(field: &str, text: &str) -> Result<(), HandlerError> {
-    let is_tag = |c: char| ('\u{E0000}'..='\u{E007F}').contains(&c);
-    if !text.chars().any(is_tag) {
-        return Ok(());
-    }
-    // The flags: a black flag, a region's code in tags, a cancel tag.
-    let flags = ["gbeng", "gbsct", "gbwls"].map(|region| {
-        let tags: String = region
-            .chars()
-            .filter_map(|c| char::from_u32(0xE0000 + u32::from(c)))
-            .collect();
-        format!("\u{1F3F4}{tags}\u{E007F}")
-    });
-    let without_flags = flags.iter().fold(text.to_owned(), |text, flag| {
-        text.replace(flag.as_str(), "")
-    });
-    if without_flags.chars().any(is_tag) {
-        Err(invalid_field(
+    if has_hidden_tags(text) {
+        return Err(invalid_field(
             field,
             "must not contain Unicode tag characters (U+E0000 to U+E007F): they are drawn as \
              nothing and can carry hidden text (the flags of England, Scotland and Wales are \
              fine)",
-        ))
-    } else {
-        Ok(())
+        ));
     }
+    Ok(())
+}
+
+/// Whether `text` holds a tag character outside the three flags made of tags (a black flag,
+/// a region's code in tags, a cancel tag).
+fn has_hidden_tags(text: &str) -> bool {
+    let is_tag = |c: char| ('\u{E0000}'..='\u{E007F}').contains(&c);
+    if !text.chars().any(is_tag) {
+        return false;
+    }
+    let flags =
+        ["gbeng", "gbsct", "gbwls"].map(|region| format!("\u{1F3F4}{}\u{E007F}", in_tags(region)));
+    let without_flags = flags.iter().fold(text.to_owned(), |text, flag| {
+        text.replace(flag.as_str(), "")
+    });
+    without_flags.chars().any(is_tag)
+}
+
+/// `ascii` spelled in tag characters.
+fn in_tags(ascii: &str) -> String {
+    ascii
+        .chars()
+        .filter_map(|c| char::from_u32(0xE0000 + u32::from(c)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -239,16 +237,11 @@ mod tests {
 
     #[test]
     fn tag_characters_are_refused_but_the_three_tag_flags() {
-        let tags = |ascii: &str| -> String {
-            ascii
-                .chars()
-                .filter_map(|c| char::from_u32(0xE0000 + u32::from(c)))
-                .collect()
-        };
+        let tags = in_tags;
         for region in ["gbeng", "gbsct", "gbwls"] {
             let flag = format!("\u{1F3F4}{}\u{E007F}", tags(region));
             assert!(
-                reject_tags("title", &format!("go {flag}{flag}!")).is_ok(),
+                reject_hidden("title", &format!("go {flag}{flag}!")).is_ok(),
                 "{region}"
             );
         }
@@ -261,13 +254,13 @@ mod tests {
             format!("\u{1F3F4}{}", tags("gbeng")),
             "\u{E0001}en".to_owned(),
         ] {
-            let error = reject_tags("title", &text).unwrap_err();
+            let error = reject_hidden("title", &text).unwrap_err();
             assert!(
                 error.message().contains("tag characters"),
                 "{text:?}: {error}"
             );
         }
-        assert!(reject_tags("title", "plain text, 日本語, 🏴").is_ok());
+        assert!(reject_hidden("title", "plain text, 日本語, 🏴").is_ok());
     }
 
     #[test]
@@ -276,9 +269,9 @@ mod tests {
             '\u{061C}', '\u{200E}', '\u{200F}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}',
         ] {
             assert!(is_bidi_control(c), "{c:?}");
-            assert!(reject_bidi("title", &format!("a{c}b")).is_err());
+            assert!(reject_hidden("title", &format!("a{c}b")).is_err());
         }
-        assert!(reject_bidi("body", "line one\n\tline two, ünïcödé, 日本語").is_ok());
+        assert!(reject_hidden("body", "line one\n\tline two, ünïcödé, 日本語").is_ok());
         assert!(!has_visible("\u{200B}"));
         assert!(!has_visible(" \u{FEFF}\u{2060} \n"));
         assert!(has_visible("\u{200B}a"));

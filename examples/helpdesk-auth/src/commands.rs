@@ -153,8 +153,8 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
 }
 
 use helpdesk_api::{
-    Lines, has_visible, invalid_field as invalid, is_invisible, reject_bidi, reject_controls,
-    reject_nul, reject_tags,
+    Lines, has_visible, invalid_field as invalid, is_invisible, reject_controls, reject_hidden,
+    reject_nul,
 };
 
 /// The longest password registration takes, in characters.
@@ -209,8 +209,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             reject_controls("display_name", name, Lines::One)?;
             // Shown to others (agents see who reported a ticket): no text that reorders what
             // follows it, and something visible.
-            reject_bidi("display_name", name)?;
-            reject_tags("display_name", name)?;
+            reject_hidden("display_name", name)?;
             if !has_visible(name) {
                 return Err(invalid(
                     "display_name",

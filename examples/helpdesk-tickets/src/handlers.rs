@@ -187,8 +187,7 @@ impl Query for GetStats {
 }
 
 use helpdesk_api::{
-    Lines, has_visible, invalid_field as invalid, reject_bidi, reject_controls, reject_nul,
-    reject_tags,
+    Lines, has_visible, invalid_field as invalid, reject_controls, reject_hidden, reject_nul,
 };
 
 fn not_found() -> HandlerError {
@@ -335,8 +334,7 @@ impl CommandHandler<OpenTicket> for Tickets {
         }
         reject_nul("title", &title)?;
         reject_controls("title", &title, Lines::One)?;
-        reject_bidi("title", &title)?;
-        reject_tags("title", &title)?;
+        reject_hidden("title", &title)?;
         if !has_visible(&title) {
             return Err(invalid(
                 "title",
@@ -352,8 +350,7 @@ impl CommandHandler<OpenTicket> for Tickets {
         }
         reject_nul("description", &description)?;
         reject_controls("description", &description, Lines::Many)?;
-        reject_bidi("description", &description)?;
-        reject_tags("description", &description)?;
+        reject_hidden("description", &description)?;
         let id = Uuid::now_v7();
         let metadata = metadata(ctx, &cmd.user);
         // A new ticket: nothing to load.
@@ -402,8 +399,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 }
                 reject_nul("body", body)?;
                 reject_controls("body", body, Lines::Many)?;
-                reject_bidi("body", body)?;
-                reject_tags("body", body)?;
+                reject_hidden("body", body)?;
                 if !has_visible(body) {
                     return Err(invalid(
                         "body",
@@ -424,8 +420,7 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 if let Some(resolution) = resolution {
                     reject_nul("resolution", resolution)?;
                     reject_controls("resolution", resolution, Lines::Many)?;
-                    reject_bidi("resolution", resolution)?;
-                    reject_tags("resolution", resolution)?;
+                    reject_hidden("resolution", resolution)?;
                 }
             }
         }
