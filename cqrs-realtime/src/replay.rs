@@ -72,13 +72,21 @@ pub(crate) async fn replay<P: Send + Sync + 'static>(
         }
     };
     if let Some(message) = failure {
-        // Live events dropped from the full buffer that the failed read did not get back are
-        // lost: marked again, so the flush below tells the client where.
-        replay.mark_unread_drops();
         let frame = ServerFrame::error(ErrorCode::ResumeFailed, message, Some(topic.as_str()));
-        if replay.sender.send(Utf8Bytes::from(frame.to_json())).await {
-            replay.flush(false).await;
+        if !replay.sender.send(Utf8Bytes::from(frame.to_json())).await {
+            return;
         }
+        // Live events dropped from the full buffer that the failed read did not get back are
+        // lost, and what the buffer holds now may have come after them: told at once, so the
+        // client's `since` (its last event before the notice) is below every lost one. The
+        // held events that follow come again in the resume the notice asks for.
+        if replay.read_back_to.is_some_and(|p| p > replay.cursor) && slot.claim_missed() {
+            if !replay.sender.send(missed_frame(topic)).await {
+                return;
+            }
+            hub.metrics.missed_notices(1);
+        }
+        replay.flush(false).await;
     }
 }
 
@@ -262,15 +270,6 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                 true
             }
             _ => false,
-        }
-    }
-
-    /// Marks the buffer again with the drops no read has got back (after a failed read), so
-    /// the flush without read-back tells `events_missed` for them.
-    fn mark_unread_drops(&mut self) {
-        if let Some(dropped) = self.read_back_to.filter(|p| *p > self.cursor) {
-            let mut buffer = self.slot.lock();
-            buffer.dropped = buffer.dropped.max(Some(dropped));
         }
     }
 
@@ -562,6 +561,10 @@ mod tests {
         failing: AtomicUsize,
         /// Whether each read takes a millisecond, as a real store's round trip does.
         slow: AtomicBool,
+        /// Whether each read waits for a permit of `gate` (counted in `waiting` meanwhile).
+        gated: AtomicBool,
+        gate: tokio::sync::Semaphore,
+        waiting: AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -584,6 +587,10 @@ mod tests {
             after: Position,
             limit: usize,
         ) -> Result<Vec<EventRecord>, StoreError> {
+            if self.gated.load(Ordering::SeqCst) {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                self.gate.acquire().await.unwrap().forget();
+            }
             let failing = self
                 .failing
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -631,6 +638,9 @@ mod tests {
                 blind: AtomicUsize::new(0),
                 failing: AtomicUsize::new(0),
                 slow: AtomicBool::new(false),
+                gated: AtomicBool::new(false),
+                gate: tokio::sync::Semaphore::new(0),
+                waiting: AtomicUsize::new(0),
             });
             let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
                 Err::<(), _>(Unauthenticated::new("not used"))
@@ -890,6 +900,37 @@ mod tests {
         f.store.failing.store(1, Ordering::SeqCst);
         let frames = f.drain_all(replay).await;
         assert_eq!(frames, SEAM_WITH_THE_DROP_LOST);
+    }
+
+    /// A live event that arrives after a drop, while the read that would get the dropped one
+    /// back runs and then fails: `events_missed` comes straight after `resume_failed`, before
+    /// it. It came after the held event, so the client, resuming from its last event before
+    /// the notice (9), never got the dropped 8 back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drop_whose_read_back_fails_is_told_before_later_live_events() {
+        let (f, replay) = overflowing_seam().await;
+        f.store.gated.store(true, Ordering::SeqCst);
+        f.store.failing.store(1, Ordering::SeqCst);
+        let mut frames = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.store.waiting.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the read back"
+            );
+            frames.extend(std::iter::from_fn(|| f.conn.queue.try_pop()));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(frames.len(), 7, "1-7 were sent before the read back");
+        let ninth = f.store(9).await;
+        f.publish(&ninth);
+        f.store.gate.add_permits(1);
+        assert_eq!(
+            f.drain_all(replay).await,
+            ["resume_failed", "events_missed", "9"]
+        );
+        assert_eq!(f.inner.metrics.snapshot().missed_notices, 1);
+        f.assert_live().await;
     }
 
     /// The dropped event is one the log never gives back (a live position it does not hold):
