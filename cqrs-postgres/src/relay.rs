@@ -223,6 +223,20 @@ pub enum RelayError {
         /// How long the batch ran.
         after: Duration,
     },
+    /// Starting up (the check of the server's session settings, the creation of the
+    /// checkpoint row) got no answer from Postgres for four times the publish timeout, plus
+    /// the pool's acquire timeout, and was given up, its connection closed. Nothing was
+    /// written that a retry would not write again: `run` returns it, and the runtime's
+    /// restart starts again on another connection.
+    #[error(
+        "outbox relay `{relay}` gave up starting after {after:?} (four times the publish timeout, plus the pool's acquire timeout): Postgres or the network to it is not answering"
+    )]
+    StartUnresponsive {
+        /// The relay's name.
+        relay: String,
+        /// How long starting up ran.
+        after: Duration,
+    },
     /// The relay's settings do not fit the server's: `publish_timeout` is not below a
     /// timeout that ends the batch's session while it publishes (which would let a second
     /// relay ship the same events at the same time); or its fixed topic is one no transport
@@ -246,6 +260,8 @@ impl RelayError {
             RelayError::LeaseLost { source, .. } => source.kind(),
             // The batch may have committed before its answer was lost.
             RelayError::Unresponsive { .. } => ErrorKind::Timeout,
+            // Nothing to be unsure of: starting up only reads, or inserts what is not there.
+            RelayError::StartUnresponsive { .. } => ErrorKind::Unavailable,
             RelayError::Settings { .. } => ErrorKind::Invalid,
         }
     }
@@ -440,14 +456,20 @@ impl PgOutboxRelay {
     /// [`relay_once`](Self::relay_once) when driving the relay yourself. Fails with
     /// [`RelayError::Settings`] saying which setting to change.
     pub async fn check_session_settings(&self) -> Result<(), RelayError> {
-        let settings: Vec<(String, i64)> = sqlx::query_as(
+        let fail = |e| self.store_error(self.db.store_error(e));
+        // `run` may give it up mid-statement.
+        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+            .await
+            .map_err(fail)?;
+        let settings: Result<Vec<(String, i64)>, _> = sqlx::query_as(
             "SELECT name, setting::bigint FROM pg_catalog.pg_settings \
              WHERE name IN ('idle_in_transaction_session_timeout', 'transaction_timeout') \
              ORDER BY name",
         )
-        .fetch_all(&self.db.pool)
-        .await
-        .map_err(|e| self.store_error(self.db.store_error(e)))?;
+        .fetch_all(&mut *held.connection)
+        .await;
+        held.give_back();
+        let settings = settings.map_err(fail)?;
         let problems: Vec<String> = settings
             .into_iter()
             // Both are in milliseconds; zero turns them off.
@@ -478,14 +500,20 @@ impl PgOutboxRelay {
         })
     }
 
-    /// The position up to which this relay has shipped.
+    /// The position up to which this relay has shipped. Dropped before it returns (under a
+    /// timeout of the caller's), it closes its connection rather than hand it back to a pool
+    /// that would first ping it with no deadline.
     pub async fn checkpoint(&self) -> Result<Position, StoreError> {
-        let position: Option<i64> =
+        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+            .await
+            .map_err(|e| self.db.store_error(e))?;
+        let position: Result<Option<i64>, _> =
             sqlx::query_scalar(AssertSqlSafe(self.db.sql.relay_checkpoint.clone()))
                 .bind(&self.relay)
-                .fetch_optional(&self.db.pool)
-                .await
-                .map_err(|e| self.db.store_error(e))?;
+                .fetch_optional(&mut *held.connection)
+                .await;
+        held.give_back();
+        let position = position.map_err(|e| self.db.store_error(e))?;
         Ok(Position::new(position.map_or(0, to_u64)))
     }
 
@@ -1329,17 +1357,36 @@ impl Worker for PgOutboxRelay {
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         // Both need a connection, which a busy pool or a slow server may not give for a
-        // while: shutdown must not wait for it.
+        // while: shutdown must not wait for it. Bounded like a batch: a server that took the
+        // statement and went silent is reported, then given up on, not waited on for ever by
+        // a relay still `Starting`.
+        self.check_fixed_topic()?;
         let started = async {
-            self.check_fixed_topic()?;
             self.check_session_settings().await?;
-            self.ensure_checkpoint().await?;
-            Ok::<_, BoxError>(())
+            self.ensure_checkpoint().await
         };
-        tokio::select! {
+        tokio::pin!(started);
+        let first = tokio::select! {
             () = ctx.shutdown.requested() => return Ok(()),
-            started = started => started?,
+            started = tokio::time::timeout(self.stalled_after(), &mut started) => started,
         };
+        if let Ok(started) = first {
+            started?;
+        } else {
+            self.report_stall(&ctx, "starting up has run");
+            let more = self
+                .stalled_after()
+                .saturating_add(self.db.pool.options().get_acquire_timeout());
+            tokio::select! {
+                () = ctx.shutdown.requested() => return Ok(()),
+                started = tokio::time::timeout(more, &mut started) => {
+                    started.map_err(|_| RelayError::StartUnresponsive {
+                        relay: self.relay.clone(),
+                        after: self.stalled_after().saturating_add(more),
+                    })??;
+                }
+            }
+        }
         // Listening before the first batch, so every append from then on wakes the relay; but
         // a `LISTEN` not answered within a poll interval is left under way, and the relay
         // polls.

@@ -1,7 +1,8 @@
 //! A `LISTEN` whose answer never comes (a pooled connection whose peer is gone without a word,
 //! a server that froze) holds up only itself: the relay ships by polling meanwhile, at start-up
 //! and when it connects a new listener after losing one. It used to wait for that answer, and
-//! ship nothing, for as long as the connection stayed open.
+//! ship nothing, for as long as the connection stayed open. Start-up statements the server never
+//! answers are bounded the same way: reported, then given up.
 
 use crate::proxy::Proxy;
 use crate::support::{pg_test, record};
@@ -66,6 +67,42 @@ pg_test! {
         })
         .await;
         relay.stop().await;
+    }
+}
+
+pg_test! {
+    /// Starting up on a connection the server took a statement on and went silent: the relay
+    /// is reported `Degraded`, then gives up starting (the runtime's restart starts again on
+    /// another connection). It used to stay `Starting`, without a word, for good.
+    async fn a_start_up_the_server_never_answers_is_reported_then_given_up(db: PgDatabase) {
+        let options = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(Duration::from_secs(1))
+            .test_before_acquire(false);
+        let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
+        let through_proxy = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        proxy.settle_with(through_proxy.pool(), 0).await;
+        assert_eq!(through_proxy.pool().size(), 1, "one connection to silence");
+        proxy.silence_open_connections();
+        db.event_store().append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let relay = listening_relay(&through_proxy);
+        eventually(Duration::from_secs(10), "the silent start-up is reported", || async {
+            matches!(relay.health.get(), Health::Degraded(reason) if reason.contains("starting up"))
+                .then_some(())
+        })
+        .await;
+        let error = tokio::time::timeout(Duration::from_secs(20), relay.finished())
+            .await
+            .expect("the relay gives up starting")
+            .expect_err("starting up failed");
+        assert!(error.to_string().contains("gave up starting"), "{error}");
+        // The silent connection was closed, not handed back: a relay started again ships.
+        let again = listening_relay(&through_proxy);
+        eventually(Duration::from_secs(15), "the event ships after the restart", || async {
+            (again.shipped() == [1]).then_some(())
+        })
+        .await;
+        again.stop().await;
     }
 }
 

@@ -246,6 +246,11 @@ impl RunningRelay {
             .collect()
     }
 
+    /// What the relay's `run` returned, once it returns by itself.
+    pub(crate) async fn finished(self) -> Result<(), cqrs_core::BoxError> {
+        self.worker.await.unwrap()
+    }
+
     /// Stops it, cleanly.
     pub(crate) async fn stop(self) {
         self.trigger.trigger();
