@@ -43,8 +43,8 @@ use tokio::time::Instant;
 ///    meanwhile: the [`ConsumerOptions::redelivery_lag`] the port allows;
 /// 4. dead-letters entries delivered more than `max_deliveries` times, with the last error a
 ///    nack reported and the delivery count, and acknowledges them; and entries whose `prev`
-///    is no stream id, or not UTF-8 (their place in the lane is unknown), once no older entry
-///    is pending in the group.
+///    is no stream id, or not UTF-8, or an entry of the stream not older than themselves
+///    (their place in the lane is unknown), once no older entry is pending in the group.
 ///
 /// When nothing is ready it waits on its own connection with a blocking `XREADGROUP` (fred
 /// multiplexes one connection per client, so a blocking read would hold up everything else on

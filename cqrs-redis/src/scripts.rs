@@ -178,8 +178,11 @@ return id
 /// "No longer pending" means "done with" only while entries leave the pending list in lane
 /// order, so an entry is dead-lettered only once its predecessor is no longer pending: one
 /// over its deliveries behind a predecessor handed out in this very step is held (its count
-/// kept, so it is dead-lettered when its turn comes), not dead-lettered at once. An entry whose
-/// `prev` is no stream id (or not even text) cannot be gated at all: it is dead-lettered as
+/// kept, so it is dead-lettered when its turn comes), not dead-lettered at once. A `prev` not
+/// older than the entry that the stream does not hold (a lane's last entry in a stream deleted
+/// since, under a clock now behind it) has nothing to wait for: the entry is ready. An entry
+/// whose `prev` is no stream id (or not even text), or an entry not older than itself that the
+/// stream holds, cannot be gated at all: it is dead-lettered as
 /// malformed, but only once no older entry is pending in the group, its lane's among them (its
 /// successors are gated on it, so it must not leave the pending list before those); until then
 /// it is held like a waiting entry. An error of the gate's `XPENDING` other than an invalid id
@@ -288,8 +291,18 @@ for _, c in ipairs(cands) do
         -- any other error (the group deleted meanwhile, say) fails the step as usual. A
         -- `prev` not older than the entry itself (its own id, or a later one's) is malformed
         -- too: waiting for it could wait for ever (for itself, or for an entry waiting for it).
-        local p = parse_id(prev) and idlt(prev, c.id)
-          and redis.pcall('XPENDING', keys.stream, group, prev, prev, 1)
+        -- Unless the stream holds no such entry: then it is the last entry of the lane in a
+        -- stream deleted since (the lanes hash outlived it), under a server clock now behind
+        -- it, and there is nothing to wait for: the entry starts its lane again.
+        local p = false
+        if parse_id(prev) then
+          if idlt(prev, c.id) then
+            p = redis.pcall('XPENDING', keys.stream, group, prev, prev, 1)
+          else
+            local e = redis.pcall('XRANGE', keys.stream, prev, prev)
+            if not e.err and not e[1] then p = {} end
+          end
+        end
         if not p then
           state = 'malformed'
         elseif p.err then

@@ -78,6 +78,52 @@ async fn an_entry_whose_prev_is_its_own_id_is_dead_lettered() {
     env.cleanup().await;
 }
 
+/// The lanes hash outlived its stream (deleted by hand), and the server's clock is now behind
+/// the lane's last entry: the next entry's `prev` is later than itself, but no entry of the
+/// stream. It starts its lane again; it used to be dead-lettered as malformed, and the entry
+/// after it handed out without it (its `prev` no longer pending), out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_after_a_lane_of_a_deleted_stream_is_handed_out() {
+    let Some(env) = Env::with("stale-prev", |o| o.key_ordering(KeyOrdering::Exact)).await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("orders");
+            let lanes = format!("{}:{{{topic}}}:lanes", key_prefix(&env.id));
+            // The last entry of lane `k` in the deleted stream, "written" far ahead of the clock.
+            env.command(
+                "HSET",
+                vec![
+                    lanes.as_str().into(),
+                    "k:k".into(),
+                    "99999999999999-0".into(),
+                ],
+            )
+            .await;
+            env.publish_one(&topic, "k", 1).await;
+            env.publish_one(&topic, "k", 2).await;
+
+            let mut consumer = env.join(&topic, "c", |o| o).await;
+            // In the order handed out (`handle_at_least` sorts).
+            let mut got = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.len() < 2 && tokio::time::Instant::now() < until {
+                let batch = consumer.fetch(10).await.expect("fetch keeps working");
+                got.extend(batch.iter().map(n_of));
+                let ids: Vec<_> = batch.into_iter().map(|d| d.id).collect();
+                consumer.ack(&ids).await.unwrap();
+            }
+            assert_eq!(got, [1, 2], "the lane, whole and in order");
+            let dead = env.transport.dead_letters(&topic, None, 10).await.unwrap();
+            assert!(dead.is_empty(), "{dead:?}");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
 /// `prev` is no stream id at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_entry_waits_for_a_nacked_predecessor() {
