@@ -79,14 +79,16 @@ pub struct RedisConsumer {
     /// Every held entry has been idle at most since then (read, or refreshed by the gate
     /// script): the local gate hands held entries out only while that is recent.
     held_since: Instant,
-    /// Entries handed out and not acknowledged, with their lane (empty for none).
-    in_flight: HashMap<String, String>,
+    /// Entries handed out and not acknowledged, with their lane (empty for none) and
+    /// delivery count.
+    in_flight: HashMap<String, InFlight>,
     /// The size of `in_flight` at which it is pruned next.
     in_flight_limit: usize,
     /// Entries handed back (nacked or deferred, or released by `close`) and still pending to
-    /// this consumer: they come back after the redelivery delay (at once when released), so
-    /// neither `close` nor a recovery may take them as stranded.
-    returned: HashSet<String>,
+    /// this consumer, with the delivery count they were left with: they come back after the
+    /// redelivery delay (at once when released), so neither `close` nor a recovery may take
+    /// them as stranded, unless their count rose since (see [`RedisConsumer::stranded`]).
+    returned: HashMap<String, u32>,
     /// The size of `returned` at which it is pruned next.
     returned_limit: usize,
     /// Per lane, the highest entry this consumer acknowledged: an entry whose `prev` is that
@@ -172,6 +174,19 @@ const MAX_ACKED_LANES: usize = 65_536;
 /// longer pending to it (entries another consumer reclaimed are never seen again here).
 const MAX_RETURNED: usize = 65_536;
 
+/// The count remembered for an entry handed back whose count this consumer does not know (a
+/// release, a nack of an entry it does not have in flight): never taken for one a lost step
+/// claimed.
+const UNKNOWN_COUNT: u32 = u32::MAX;
+
+/// A delivery handed out and not acknowledged.
+struct InFlight {
+    /// Its lane, empty for none.
+    lane: String,
+    /// Its delivery count as handed out.
+    count: u32,
+}
+
 /// Deliveries remembered in [`RedisConsumer::in_flight`] before it forgets those no longer
 /// pending to it: a caller of `fetch` may drop a delivery without answering it (the port allows
 /// it: it comes again after the redelivery delay), and another consumer then reclaims and
@@ -210,7 +225,7 @@ impl RedisConsumer {
             held_since: Instant::now(),
             in_flight: HashMap::new(),
             in_flight_limit: MIN_IN_FLIGHT_PRUNE,
-            returned: HashSet::new(),
+            returned: HashMap::new(),
             returned_limit: MAX_RETURNED,
             acked: HashMap::new(),
             adopted: HashSet::new(),
@@ -272,8 +287,12 @@ impl RedisConsumer {
         id: &DeliveryId,
         error: &str,
     ) -> Result<(), TransportError> {
-        self.in_flight.remove(&id.0);
-        self.remember_returned([id.0.clone()]).await;
+        // A nack leaves the count alone.
+        let left = self
+            .in_flight
+            .remove(&id.0)
+            .map_or(UNKNOWN_COUNT, |f| f.count);
+        self.remember_returned([(id.0.clone(), left)]).await;
         let args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
@@ -379,24 +398,29 @@ impl RedisConsumer {
         }
     }
 
-    /// Entries pending to this consumer that it neither holds nor handed out.
+    /// Entries pending to this consumer that it neither holds nor handed out: among them
+    /// those it handed back whose delivery count rose since, which only a claim of its own
+    /// does (another consumer's claim takes them away): a step whose reply was lost claimed
+    /// them when they came due. Left, they would wait out another redelivery delay, and the
+    /// next claim would count a delivery no handler got.
     async fn stranded(&self) -> Result<Vec<String>, TransportError> {
         let held: HashSet<&str> = self.held.iter().map(String::as_str).collect();
         Ok(self
             .pending_ids()
             .await?
             .into_iter()
-            .filter(|id| {
+            .filter(|(id, count)| {
                 !self.in_flight.contains_key(id)
-                    && !self.returned.contains(id)
+                    && self.returned.get(id).is_none_or(|left| count > left)
                     && !held.contains(id.as_str())
             })
+            .map(|(id, _)| id)
             .collect())
     }
 
-    /// Every entry pending to this consumer, a page of `XPENDING` at a time; none when the
-    /// group is gone (the next step creates it again).
-    async fn pending_ids(&self) -> Result<Vec<String>, TransportError> {
+    /// Every entry pending to this consumer, with its delivery count, a page of `XPENDING` at
+    /// a time; none when the group is gone (the next step creates it again).
+    async fn pending_ids(&self) -> Result<Vec<(String, u32)>, TransportError> {
         const PAGE: usize = 10_000;
         let mut ids = Vec::new();
         let mut start = "-".to_owned();
@@ -422,15 +446,24 @@ impl RedisConsumer {
                 Err(e) if is_nogroup(&e) => return Ok(Vec::new()),
                 Err(e) => return Err(transport_error(e)),
             };
-            let page: Vec<String> = entry::array(reply)
+            // `[id, consumer, idle, count]` each.
+            let page: Vec<(String, u32)> = entry::array(reply)
                 .into_iter()
-                .filter_map(|pending| entry::array(pending).into_iter().next()?.into_string())
+                .filter_map(|pending| {
+                    let mut fields = entry::array(pending).into_iter();
+                    let id = fields.next()?.into_string()?;
+                    let count = fields.nth(2).and_then(|c| c.as_u64());
+                    Some((
+                        id,
+                        count.map_or(0, |c| u32::try_from(c).unwrap_or(u32::MAX)),
+                    ))
+                })
                 .collect();
             let full = page.len() == PAGE;
             ids.extend(page);
             match ids.last() {
                 // Exclusive: the page after the last id seen.
-                Some(last) if full => start = format!("({last}"),
+                Some((last, _)) if full => start = format!("({last}"),
                 _ => return Ok(ids),
             }
         }
@@ -773,7 +806,7 @@ impl RedisConsumer {
     /// when Redis cannot tell, and nothing is pruned.
     async fn still_pending(&self, what: &str) -> Option<HashSet<String>> {
         match self.pending_ids().await {
-            Ok(pending) => Some(pending.into_iter().collect()),
+            Ok(pending) => Some(pending.into_iter().map(|(id, _)| id).collect()),
             Err(error) => {
                 tracing::debug!(%error, "could not prune {what}");
                 None
@@ -785,13 +818,13 @@ impl RedisConsumer {
     /// many, it forgets those no longer pending to it (acknowledged or reclaimed elsewhere),
     /// asking Redis: forgetting one still pending would make `close` release it early, with a
     /// delivery a handler received taken back.
-    async fn remember_returned(&mut self, ids: impl IntoIterator<Item = String>) {
+    async fn remember_returned(&mut self, ids: impl IntoIterator<Item = (String, u32)>) {
         self.returned.extend(ids);
         if self.returned.len() < self.returned_limit {
             return;
         }
         if let Some(pending) = self.still_pending("the entries handed back").await {
-            self.returned.retain(|id| pending.contains(id));
+            self.returned.retain(|id, _| pending.contains(id));
         }
         // However many are still pending, look again only once that many more came back.
         self.returned_limit = (self.returned.len() * 2).max(MAX_RETURNED);
@@ -1308,7 +1341,9 @@ impl Consumer for RedisConsumer {
                 let lane = delivery.order_key.clone().unwrap_or_default();
                 self.returned.remove(&delivery.id.0);
                 self.adopted.remove(&delivery.id.0);
-                self.in_flight.insert(delivery.id.0.clone(), lane);
+                let count = delivery.attempt;
+                self.in_flight
+                    .insert(delivery.id.0.clone(), InFlight { lane, count });
             }
             if prune || self.in_flight.len() >= self.in_flight_limit {
                 // However many are in flight now, look again only once that many more are.
@@ -1378,7 +1413,7 @@ impl Consumer for RedisConsumer {
                 .map_err(transport_error)?;
             for id in chunk {
                 self.returned.remove(&id.0);
-                if let Some(lane) = self.in_flight.remove(&id.0)
+                if let Some(InFlight { lane, .. }) = self.in_flight.remove(&id.0)
                     && !lane.is_empty()
                 {
                     self.remember_acked(lane, &id.0);
@@ -1404,8 +1439,8 @@ impl Consumer for RedisConsumer {
         let busy: HashSet<&str> = self
             .in_flight
             .values()
-            .filter(|lane| !lane.is_empty())
-            .map(String::as_str)
+            .filter(|f| !f.lane.is_empty())
+            .map(|f| f.lane.as_str())
             .collect();
         let waits_here = |id: &String| {
             self.known.get(id).is_some_and(|known| {
@@ -1432,7 +1467,8 @@ impl Consumer for RedisConsumer {
             // through or not (its reply lost, say): not stranded, as after `close` (a `close`
             // or a recovery that took them for stranded would release them again and take a
             // delivery back twice, or hold them again).
-            self.remember_returned(free).await;
+            self.remember_returned(free.into_iter().map(|id| (id, UNKNOWN_COUNT)))
+                .await;
             self.release(released).await?;
         }
         Ok(())
@@ -1485,7 +1521,8 @@ impl Consumer for RedisConsumer {
                 // Pending here until another consumer takes them: not stranded, should this
                 // one fetch or close again, after a failure here too (a second release would
                 // take a delivery back twice).
-                self.remember_returned(chunk.iter().cloned()).await;
+                self.remember_returned(chunk.iter().map(|id| (id.clone(), UNKNOWN_COUNT)))
+                    .await;
             }
         }
         self.held.clear();
@@ -1500,12 +1537,17 @@ impl Consumer for RedisConsumer {
             let mut args = Vec::with_capacity(chunk.len() + 2);
             args.push(Value::from(self.group.as_str()));
             args.push(Value::from(self.options.consumer_name.as_str()));
+            let mut left = Vec::with_capacity(chunk.len());
             for id in chunk {
-                self.in_flight.remove(&id.0);
+                // A deferral takes the count back by one.
+                let count = self
+                    .in_flight
+                    .remove(&id.0)
+                    .map_or(UNKNOWN_COUNT, |f| f.count.saturating_sub(1));
+                left.push((id.0.clone(), count));
                 args.push(Value::from(id.0.as_str()));
             }
-            self.remember_returned(chunk.iter().map(|id| id.0.clone()))
-                .await;
+            self.remember_returned(left).await;
             self.run_script(
                 &self.shared.scripts.defer,
                 &[self.keys.stream.as_str(), self.errors.as_str()],
