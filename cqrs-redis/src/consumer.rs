@@ -472,7 +472,8 @@ impl RedisConsumer {
     /// Forgets what this consumer knew of a group that is gone (deleted, or lost with a
     /// restarted server): the group made again at `0` delivers everything again, so what was
     /// held, known, adopted or acknowledged here is not, and its reclaim cursor means nothing.
-    /// (The read path kept its held entries, which the new group delivers again.)
+    /// Deliveries in flight, and entries handed back, stay remembered until they are answered
+    /// or pruned: their handlers may still answer them.
     fn forget_the_old_group(&mut self) {
         self.held.clear();
         self.known.clear();
