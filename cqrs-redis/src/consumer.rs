@@ -287,7 +287,8 @@ impl RedisConsumer {
         id: &DeliveryId,
         error: &str,
     ) -> Result<(), TransportError> {
-        // A nack leaves the count alone.
+        // A nack leaves the count alone. The count as handed out, until Redis says which it
+        // left (higher, should a lost step of this consumer have reclaimed it meanwhile).
         let left = self
             .in_flight
             .remove(&id.0)
@@ -299,12 +300,14 @@ impl RedisConsumer {
             Value::from(id.0.as_str()),
             Value::from(error),
         ];
-        self.run_script(
-            &self.shared.scripts.nack,
-            &[self.keys.stream.as_str(), self.errors.as_str()],
-            args,
-        )
-        .await?;
+        let left = self
+            .run_script(
+                &self.shared.scripts.nack,
+                &[self.keys.stream.as_str(), self.errors.as_str()],
+                args,
+            )
+            .await?;
+        self.note_counts_left([id.0.as_str()], [left]);
         Ok(())
     }
 
@@ -831,6 +834,20 @@ impl RedisConsumer {
         self.returned_limit = (self.returned.len() * 2).max(MAX_RETURNED);
     }
 
+    /// Records the delivery counts the nack or defer script says it left for entries handed
+    /// back (-1: not this consumer's); those it does not say keep the count remembered before.
+    fn note_counts_left<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a str>,
+        counts: impl IntoIterator<Item = Value>,
+    ) {
+        for (id, count) in ids.into_iter().zip(counts) {
+            if let (Some(left), Some(count)) = (self.returned.get_mut(id), count.as_u64()) {
+                *left = u32::try_from(count).unwrap_or(UNKNOWN_COUNT);
+            }
+        }
+    }
+
     /// Forgets the deliveries no longer pending to this consumer (dropped unanswered, then
     /// reclaimed and acknowledged elsewhere), asking Redis. Kept, they would grow without
     /// bound, and their lanes would count as busy here, keeping the entries held behind them
@@ -981,6 +998,7 @@ impl RedisConsumer {
         // In stream order, as the gate takes them.
         self.held.sort_by_key(|id| entry_id(id));
         if args.len() > 2 {
+            // Held, not handed back: the counts it leaves are not remembered.
             self.run_script(
                 &self.shared.scripts.defer,
                 &[self.keys.stream.as_str(), self.errors.as_str()],
@@ -1549,12 +1567,14 @@ impl Consumer for RedisConsumer {
                 args.push(Value::from(id.0.as_str()));
             }
             self.remember_returned(left).await;
-            self.run_script(
-                &self.shared.scripts.defer,
-                &[self.keys.stream.as_str(), self.errors.as_str()],
-                args,
-            )
-            .await?;
+            let left = self
+                .run_script(
+                    &self.shared.scripts.defer,
+                    &[self.keys.stream.as_str(), self.errors.as_str()],
+                    args,
+                )
+                .await?;
+            self.note_counts_left(chunk.iter().map(|id| id.0.as_str()), entry::array(left));
         }
         Ok(())
     }

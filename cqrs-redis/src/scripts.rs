@@ -379,7 +379,8 @@ return {next_cursor, ready, held, dead, malformed}
 
 /// KEYS: stream, errors. ARGV: group, consumer, id, error (may be empty). Restarts the
 /// entry's idle clock if this consumer still owns it, so it comes back after the redelivery
-/// delay, and records the error for the dead-letter stream.
+/// delay, and records the error for the dead-letter stream. Returns the entry's delivery count
+/// (left as it was), or -1 when this consumer does not own it.
 const NACK: &str = r#"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if p[1] and p[1][2] == ARGV[2] then
@@ -392,29 +393,31 @@ if p[1] and p[1][2] == ARGV[2] then
   elseif ARGV[4] ~= '' then
     redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
   end
-  return 1
+  return tonumber(p[1][4])
 end
-return 0
+return -1
 "#;
 
 /// KEYS: stream, errors. ARGV: group, consumer, ids. Hands back entries this consumer did not handle
 /// (an earlier entry of their chain failed): their idle clock restarts, as with a nack, and
 /// their delivery count goes back by one (`RETRYCOUNT`; `JUSTID` does not count the claim), so
-/// this handing out was no attempt. Returns how many it still owned.
+/// this handing out was no attempt. Returns, per id, the delivery count it left, or -1 for an
+/// entry this consumer does not own.
 const DEFER: &str = r#"
-local n = 0
+local left = {}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  local count = -1
   if p[1] and p[1][2] == ARGV[2] then
-    local count = math.max(tonumber(p[1][4]) - 1, 0)
+    count = math.max(tonumber(p[1][4]) - 1, 0)
     local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
       'RETRYCOUNT', count, 'JUSTID')
     -- Deleted from the stream: gone from the pending list with the claim, its error too.
     if not claimed[1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
-    n = n + 1
   end
+  left[#left + 1] = count
 end
-return n
+return left
 "#;
 
 /// KEYS: stream, dead, errors. ARGV: group, consumer, then pairs `id, reason`.

@@ -45,31 +45,12 @@ async fn a_nacked_entry_a_lost_step_reclaimed_is_handed_out_once() {
             consumer.nack(&first.id).await.unwrap();
 
             // Due again, the next step reclaims it (counting delivery 2), and its reply is
-            // lost. A step that did not claim it yet (its claim interval not over) is retried.
-            let mut claimed = false;
-            for _ in 0..3 {
-                eventually(
-                    Duration::from_secs(10),
-                    "the nacked entry falls due",
-                    || async {
-                        (pending(&env, &stream).await.0 >= delay.as_millis() as u64).then_some(())
-                    },
-                )
-                .await;
-                proxy.close_after_reply_to("EVALSHA");
-                let lost = consumer.fetch(10).await;
-                assert!(proxy.cut_sprung(), "the step ran");
-                assert!(lost.is_err(), "the step's reply was lost: {lost:?}");
-                if pending(&env, &stream).await.1 == 2 {
-                    claimed = true;
-                    break;
-                }
-            }
-            assert!(claimed, "no lost step reclaimed the entry");
+            // lost.
+            lose_a_step_that_reclaims(&env, &proxy, consumer.as_mut(), &stream, delay).await;
 
             let mut handed = Vec::new();
-            // Two redelivery delays: enough for the next claim to dead-letter it.
-            let until = Instant::now() + 2 * delay;
+            // Five redelivery delays: the next claim, at one, would dead-letter it.
+            let until = Instant::now() + 5 * delay;
             while Instant::now() < until {
                 if let Ok(batch) = consumer.fetch(10).await {
                     handed.extend(batch.iter().map(|d| (n_of(d), d.attempt)));
@@ -89,8 +70,90 @@ async fn a_nacked_entry_a_lost_step_reclaimed_is_handed_out_once() {
     env.cleanup().await;
 }
 
+/// A delivery whose handler ran past the redelivery delay: a step of its own consumer whose
+/// reply was lost reclaimed it meanwhile (counting delivery 2). Its nack then hands it back
+/// for the delay, as any nack: the recovery must not take it for stranded, as it would with
+/// the count it was handed out with (1) remembered, and hand it out again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_after_a_lost_step_reclaimed_the_delivery_still_waits_the_delay() {
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    let proxy = Proxy::start(&host).await;
+    let Some(env) = Env::with("lost-step-nack", |o| {
+        o.connection(
+            ConnectionOptions::new(proxy.url())
+                .command_timeout(Duration::from_secs(2))
+                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    within(
+        90,
+        Box::pin(async {
+            // Long enough that the fetch below ends (its block is 100 ms) well before it.
+            let delay = Duration::from_secs(5);
+            let topic = env.topic("orders");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let mut consumer = env.join(&topic, "c", |o| o.redelivery_delay(delay)).await;
+            env.publish_one(&topic, "k", 1).await;
+            let first = fetch_one(consumer.as_mut()).await;
+            assert_eq!((n_of(&first), first.attempt), (1, 1));
+            lose_a_step_that_reclaims(&env, &proxy, consumer.as_mut(), &stream, delay).await;
+            consumer.nack(&first.id).await.unwrap();
+            let early = loop {
+                // A fetch that fails on the closed connection's reconnect is retried.
+                if let Ok(batch) = consumer.fetch(10).await {
+                    break batch;
+                }
+            };
+            assert!(
+                early.is_empty(),
+                "handed out again without the nack's delay: {:?}",
+                early
+                    .iter()
+                    .map(|d| (n_of(d), d.attempt))
+                    .collect::<Vec<_>>()
+            );
+            let again = fetch_one(consumer.as_mut()).await;
+            assert_eq!(n_of(&again), 1, "after the delay");
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// Waits until the one entry pending in group `g` has been idle for `delay`, then lets the
+/// next step of `consumer` run and loses its reply; until one of them reclaimed the entry
+/// (its delivery count 2): a step whose claim interval was not over yet claims nothing.
+async fn lose_a_step_that_reclaims(
+    env: &Env,
+    proxy: &Proxy,
+    consumer: &mut dyn Consumer,
+    stream: &str,
+    delay: Duration,
+) {
+    for _ in 0..3 {
+        eventually(Duration::from_secs(15), "the entry falls due", || async {
+            (pending(env, stream).await.0 >= delay.as_millis() as u64).then_some(())
+        })
+        .await;
+        proxy.close_after_reply_to("EVALSHA");
+        let lost = consumer.fetch(10).await;
+        assert!(proxy.cut_sprung(), "the step ran");
+        assert!(lost.is_err(), "the step's reply was lost: {lost:?}");
+        if pending(env, stream).await.1 == 2 {
+            return;
+        }
+    }
+    panic!("no lost step reclaimed the entry");
+}
+
 async fn fetch_one(consumer: &mut dyn Consumer) -> cqrs_core::ports::Delivery {
-    let until = Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + Duration::from_secs(15);
     loop {
         let mut got = consumer.fetch(10).await.expect("fetch");
         if let Some(delivery) = got.pop() {
