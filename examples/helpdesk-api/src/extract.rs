@@ -121,21 +121,41 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// `{"assignee_id": "<id>"}`, `[]` for a body of optional fields), so an array is refused.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| json_error(e, false))?;
+        check_json(bytes)?;
         return Err(ApiError::unprocessable(
             "invalid_body",
             "the body must be a JSON object, not an array",
         ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
-        // serde_json files some refusals of valid JSON under syntax: a number too large for
-        // the field's type (`1e400`), a value of the wrong kind for an enum (`"priority": 3`).
-        // Read as any JSON at all, the body tells them from JSON that is broken (this runs on
-        // the error path only).
-        let valid = matches!(e.classify(), serde_json::error::Category::Data)
-            || serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok();
-        json_error(e, valid)
+        // The typed parse stops at the first thing it refuses, which may be a value of the
+        // wrong shape before the syntax breaks further on, or valid JSON it files under
+        // syntax (a number too large for the field's type, `1e400`). Read as any JSON at all
+        // (this runs on the error path only), the body tells broken JSON, with where it
+        // breaks, from JSON of the wrong shape.
+        match check_json(bytes) {
+            Ok(()) => json_error(e, true),
+            Err(broken) => broken,
+        }
     })
+}
+
+/// 400 `malformed_json` unless `bytes` is JSON: UTF-8 text (RFC 8259 8.1; serde's
+/// `IgnoredAny` skips strings unread) of JSON's grammar. Not read into a `Value`, which would
+/// refuse numbers past `f64` (`1e400`), valid JSON.
+fn check_json(bytes: &[u8]) -> Result<(), ApiError> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            format!(
+                "the body is not valid JSON: it is not UTF-8 text (from byte {})",
+                e.valid_up_to()
+            ),
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        .map(drop)
+        .map_err(|e| json_error(e, false))
 }
 
 /// A parser's error with the contract's codes: 422 for a body that is valid JSON (`valid`)
@@ -143,7 +163,10 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
 fn json_error(e: serde_json::Error, valid: bool) -> ApiError {
     // serde quotes what it refused (an unknown field's name, a variant, a string): a
     // client's 100 KB name must not come back whole.
-    let why = clipped(&without_rust_types(&e.to_string()), MAX_QUOTED);
+    let why = clipped(
+        &in_json_words(&without_rust_types(&e.to_string())),
+        MAX_QUOTED,
+    );
     if valid {
         ApiError::unprocessable(
             "invalid_body",
@@ -191,6 +214,27 @@ fn without_rust_types(message: &str) -> String {
         Some((_, words)) => format!("{head}{words}{}", &rest[word.len()..]),
         None => message.to_owned(),
     }
+}
+
+/// serde's names for the kinds of value it found where another was expected (`invalid type:
+/// map, expected a string`) in JSON's words: object, array, null, number. Only the kind right
+/// after `invalid type: ` is renamed, not the client's text quoted after it.
+fn in_json_words(message: &str) -> String {
+    const PREFIX: &str = "invalid type: ";
+    const KINDS: [(&str, &str); 4] = [
+        ("map", "object"),
+        ("sequence", "array"),
+        ("unit value", "null"),
+        ("floating point", "number"),
+    ];
+    let Some(at) = message.find(PREFIX) else {
+        return message.to_owned();
+    };
+    let (head, found) = message.split_at(at + PREFIX.len());
+    KINDS
+        .iter()
+        .find_map(|(serde, json)| Some(format!("{head}{json}{}", found.strip_prefix(serde)?)))
+        .unwrap_or_else(|| message.to_owned())
 }
 
 /// How much of a parser's message an error quotes.
@@ -577,6 +621,67 @@ mod tests {
         }
         let broken = parse_json::<LoginBody>(b"{\"email\": ").unwrap_err();
         assert_eq!(broken.status, axum::http::StatusCode::BAD_REQUEST);
+    }
+
+    /// Broken JSON is 400 `malformed_json` whatever the typed parse met first: a field of
+    /// the wrong shape before the break, text that is not UTF-8. They were 422
+    /// `invalid_body`, and the message pointed at the field instead of the break. (A lone
+    /// surrogate, `"\ud800"`, is JSON's grammar, but no text: 422.)
+    #[test]
+    fn broken_json_is_malformed_whatever_comes_before_the_break() {
+        for body in [
+            &br#"{"bogus": 1,"#[..],
+            br#"{"email": 1,,,,"#,
+            b"{\"email\": \"\xff\"}",
+            b"[\"\xff\"]",
+        ] {
+            let error = parse_json::<LoginBody>(body).unwrap_err();
+            assert_eq!(
+                (error.status, error.body().error.code.as_str()),
+                (axum::http::StatusCode::BAD_REQUEST, "malformed_json"),
+                "{}: {error:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Where it breaks (the second comma), not where the typed parse stopped (the 3, column 32).
+        let error =
+            parse_json::<LoginBody>(br#"{"email": "a@b.c", "priority": 3,,,}"#).unwrap_err();
+        let message = error.body().error.message;
+        assert!(message.contains("column 34"), "{message}");
+        let error = parse_json::<LoginBody>(br#"{"email": "\ud800"}"#).unwrap_err();
+        assert_eq!(
+            error.status,
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "{error:?}"
+        );
+    }
+
+    /// A value of the wrong kind is named as JSON names it.
+    #[test]
+    fn kinds_of_value_are_named_in_jsons_words() {
+        for (body, says) in [
+            (
+                &br#"{"email": {}}"#[..],
+                "invalid type: object, expected a string",
+            ),
+            (
+                br#"{"email": []}"#,
+                "invalid type: array, expected a string",
+            ),
+            (br#"{"email": 1.5}"#, "invalid type: number `1.5`"),
+        ] {
+            let message = parse_json::<LoginBody>(body)
+                .unwrap_err()
+                .body()
+                .error
+                .message;
+            assert!(message.contains(says), "{message}");
+        }
+        // The client's own text is left as it is.
+        assert_eq!(
+            in_json_words("invalid type: string \"map\", expected u64"),
+            "invalid type: string \"map\", expected u64"
+        );
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

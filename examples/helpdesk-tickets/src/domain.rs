@@ -2,11 +2,11 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_core::{Aggregate, Event, HandlerError, Message, event_set};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
-/// A ticket's priority.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A ticket's priority: `"low"`, `"normal"`, `"high"` or `"urgent"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Low.
@@ -20,8 +20,8 @@ pub enum Priority {
     Urgent,
 }
 
-/// A ticket's status.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// A ticket's status: `"open"`, `"assigned"` or `"closed"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Not assigned yet.
@@ -31,6 +31,41 @@ pub enum Status {
     Assigned,
     /// Done; no more changes.
     Closed,
+}
+
+// Read from a string, and only from one: serde's derived form also takes a one-key object
+// (`{"low": null}`), which no client means, and says "expected unit" of anything else in it.
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        one_of(
+            deserializer,
+            &["low", "normal", "high", "urgent"],
+            [Self::Low, Self::Normal, Self::High, Self::Urgent],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        one_of(
+            deserializer,
+            &["open", "assigned", "closed"],
+            [Self::Open, Self::Assigned, Self::Closed],
+        )
+    }
+}
+
+/// The value of the word the string in `deserializer` is: `values[i]` for `words[i]`.
+fn one_of<'de, D: Deserializer<'de>, T: Copy, const N: usize>(
+    deserializer: D,
+    words: &'static [&'static str; N],
+    values: [T; N],
+) -> Result<T, D::Error> {
+    let word = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+    match words.iter().position(|w| *w == word) {
+        Some(i) => Ok(values[i]),
+        None => Err(serde::de::Error::unknown_variant(&word, words)),
+    }
 }
 
 /// A ticket was opened.
@@ -361,6 +396,35 @@ impl Aggregate for TicketState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A priority or status is a string, one of its words: serde's derived form also took a
+    /// one-key object, `{"low": null}`, and answered "expected unit" for anything else in it.
+    #[test]
+    fn priorities_and_statuses_are_words_only() {
+        assert_eq!(
+            serde_json::from_str::<Priority>(r#""urgent""#).unwrap(),
+            Priority::Urgent
+        );
+        assert_eq!(
+            serde_json::from_str::<Status>(r#""closed""#).unwrap(),
+            Status::Closed
+        );
+        for (json, says) in [
+            (r#"{"low": null}"#, "expected a string"),
+            (r#"{"urgent": 1}"#, "expected a string"),
+            ("3", "expected a string"),
+            (
+                r#""Low""#,
+                "expected one of `low`, `normal`, `high`, `urgent`",
+            ),
+        ] {
+            let error = serde_json::from_str::<Priority>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{json}: {error}");
+        }
+        assert!(serde_json::from_str::<Status>(r#"{"open": null}"#).is_err());
+    }
 
     fn open_ticket() -> TicketState {
         let mut state = TicketState::default();
