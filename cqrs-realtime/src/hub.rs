@@ -792,11 +792,16 @@ struct TokenParam {
 }
 
 /// The bearer token of a handshake: the `Authorization` header when present (a malformed one
-/// is refused, not skipped), else the `token` query parameter. A refusal comes with its
-/// challenge: bare when no token was sent, `invalid_request` for one in the wrong shape.
+/// is refused, not skipped, and so are two: a proxy in front that reads the other would take
+/// the connection for someone else's), else the `token` query parameter. A refusal comes with
+/// its challenge: bare when no token was sent, `invalid_request` for one in the wrong shape.
 fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, (Challenge, &'static str)> {
     let malformed = |message| (Challenge::InvalidRequest, message);
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
+    let mut authorizations = headers.get_all(header::AUTHORIZATION).iter();
+    if let Some(value) = authorizations.next() {
+        if authorizations.next().is_some() {
+            return Err(malformed("send one Authorization header, not several"));
+        }
         let value = value
             .to_str()
             .map_err(|_| malformed("the Authorization header is not valid text"))?;

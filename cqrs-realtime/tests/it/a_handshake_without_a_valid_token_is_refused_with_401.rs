@@ -137,6 +137,23 @@ async fn refusals_are_json_over_plain_http() {
             "{response}"
         );
 
+        // Two Authorization headers: refused, not the first taken (a proxy in front that
+        // reads the other would take the connection for another user's).
+        let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                       Authorization: Bearer user-u1\r\nAuthorization: Bearer user-u2\r\n\r\n";
+        let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer error=\"invalid_request\""),
+            "{response}"
+        );
+        assert!(response.contains("not several"), "{response}");
+
         let response = get("/ws?token=user-u1").await;
         let status: u16 = response[9..12].parse().unwrap();
         assert!((400..500).contains(&status), "{response}");

@@ -51,6 +51,10 @@ pub enum AuthError {
     /// Not a bearer token, or not a token at all.
     #[error("malformed authorization: expected `Authorization: Bearer <token>`")]
     Malformed,
+    /// More than one `Authorization` header: which one counts is not for the server to guess
+    /// (a proxy in front may read another one than it would).
+    #[error("send one `Authorization` header, not several")]
+    Repeated,
     /// The token is invalid: bad signature, wrong algorithm, or expired.
     #[error("invalid or expired token")]
     Invalid,

@@ -189,7 +189,9 @@ impl From<crate::AuthError> for ApiError {
             match e {
                 // No credentials: the bare challenge, as RFC 6750 asks.
                 crate::AuthError::Missing => error,
-                crate::AuthError::Malformed => error.with_bearer_error("invalid_request"),
+                crate::AuthError::Malformed | crate::AuthError::Repeated => {
+                    error.with_bearer_error("invalid_request")
+                }
                 _ => error.with_bearer_error("invalid_token"),
             }
         }

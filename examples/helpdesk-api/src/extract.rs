@@ -309,11 +309,13 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub User);
 
-/// Reads the bearer token of `Authorization`, if any.
+/// Reads the bearer token of `Authorization`, if any; two headers are refused.
 pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(AuthError::Missing)?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(AuthError::Missing)?;
+    if values.next().is_some() {
+        return Err(AuthError::Repeated);
+    }
     let value = value.to_str().map_err(|_| AuthError::Malformed)?;
     let (scheme, token) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
     let token = token.trim();

@@ -60,6 +60,23 @@ async fn every_401_challenges_with_www_authenticate_bearer() {
             .unwrap();
         let ws_not_bearer = Response::from(ws_not_bearer).await;
         assert_challenge(&ws_not_bearer, "Bearer error=\"invalid_request\"");
+        // Two Authorization headers are refused, not the first taken: a proxy in front that
+        // reads the other would take the request for another user's.
+        let (other, _) = s.customer().await;
+        for path in ["/auth/me", "/ws"] {
+            let two = s
+                .http
+                .get(s.url(path))
+                .header("authorization", format!("Bearer {token}"))
+                .header("authorization", format!("Bearer {other}"))
+                .send()
+                .await
+                .unwrap();
+            let two = Response::from(two).await;
+            assert_challenge(&two, "Bearer error=\"invalid_request\"");
+            let message = two.body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("not several"), "{path}: {message}");
+        }
         let ws_refused = s.send(Method::GET, "/ws", Some("garbage"), None).await;
         assert_challenge(&ws_refused, "Bearer error=\"invalid_token\"");
         let ws_missing = s.send(Method::GET, "/ws", None, None).await;
