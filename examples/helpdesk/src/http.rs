@@ -528,19 +528,43 @@ fn for_the_log(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}[… {} bytes in all]", &text[..end], text.len()).into()
 }
 
-/// The path and query of `uri`, each `token=` value replaced by `[redacted]`.
+/// The path and query of `uri`, each `token=` value replaced by `[redacted]`; so is the value
+/// of any other key that names a token (`TOKEN`, `access_token`, `;token`: a client's slip,
+/// which the hub refuses, still carries its live token) or that holds one (a JWT, under any
+/// key, or as a key).
 fn redacted_uri(uri: &Uri) -> String {
     let Some(query) = uri.query() else {
         return uri.path().to_owned();
     };
-    let query: Vec<&str> = query
+    let query: Vec<std::borrow::Cow<'_, str>> = query
         .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if percent_decoded(name) == "token" => "token=[redacted]",
-            _ => pair,
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let key = percent_decoded(name);
+            if key == "token" {
+                "token=[redacted]".into()
+            } else if key.to_ascii_lowercase().contains("token")
+                || holds_a_jwt(&key)
+                || holds_a_jwt(&percent_decoded(value))
+            {
+                if pair.contains('=') && !holds_a_jwt(&key) {
+                    format!("{name}=[redacted]").into()
+                } else {
+                    "[redacted]".into()
+                }
+            } else {
+                pair.into()
+            }
         })
         .collect();
     format!("{}?{}", uri.path(), query.join("&"))
+}
+
+/// Whether `text` holds something shaped like a JWT: a run of base64url and dots that starts
+/// with `eyJ` (the encoding of `{"`, every JWT header's start) and has a dot in it.
+fn holds_a_jwt(text: &str) -> bool {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        .any(|run| run.starts_with("eyJ") && run.contains('.'))
 }
 
 /// `text` with its `%XX` escapes and `+` decoded (enough to compare a query key).
@@ -696,6 +720,28 @@ mod tests {
         assert_eq!(
             redacted("/ws?tok%65n=eyJ.secret.sig&x=1"),
             "/ws?token=[redacted]&x=1"
+        );
+        // A token under a key the hub does not take (so it refuses the handshake) was logged
+        // in clear.
+        for (uri, logged) in [
+            ("/ws?TOKEN=eyJ.secret.sig", "/ws?TOKEN=[redacted]"),
+            ("/ws?;token=eyJ.secret.sig", "/ws?;token=[redacted]"),
+            ("/ws?token+=eyJ.secret.sig", "/ws?token+=[redacted]"),
+            ("/ws?access_token=abc", "/ws?access_token=[redacted]"),
+            ("/ws?jwt=eyJhbGc.eyJzdWI.c2ln&x=1", "/ws?jwt=[redacted]&x=1"),
+            (
+                "/ws?auth=Bearer%20eyJhbGc.eyJzdWI.c2ln",
+                "/ws?auth=[redacted]",
+            ),
+            ("/ws?eyJhbGc.eyJzdWI.c2ln", "/ws?[redacted]"),
+            ("/ws?eyJhbGc.eyJzdWI.c2ln=1", "/ws?[redacted]"),
+        ] {
+            assert_eq!(redacted(uri), logged, "{uri}");
+        }
+        // Cursors and other values are left alone.
+        assert_eq!(
+            redacted("/tickets?cursor=eyJpZCI6MX0&limit=5"),
+            "/tickets?cursor=eyJpZCI6MX0&limit=5"
         );
     }
 
