@@ -366,7 +366,9 @@ impl<P: Send + Sync + 'static> Hub<P> {
     }
 
     /// The route to mount, at any path: `Router::new().route("/ws", hub.route())`. Answers
-    /// `GET` (other methods get the router's 405). A [`ClientKey`] in the request's extensions
+    /// `GET` (other methods get the router's 405); a `HEAD`, which the router takes as a `GET`
+    /// without its body, is answered as a `GET` that is no handshake would be: 401 without a
+    /// valid token, else 400 `websocket_upgrade_required`. A [`ClientKey`] in the request's extensions
     /// (put there by the server's middleware) counts the connection against
     /// [`max_connections_per_client`](HubOptions::max_connections_per_client).
     pub fn route<S>(&self) -> MethodRouter<S>
@@ -375,13 +377,15 @@ impl<P: Send + Sync + 'static> Hub<P> {
     {
         let hub = self.clone();
         axum::routing::get(
-            move |upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+            move |method: axum::http::Method,
+                  upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
                   headers: HeaderMap,
                   uri: Uri,
                   client: Option<axum::Extension<ClientKey>>| {
                 let client = client.map(|axum::Extension(client)| client);
                 let hub = hub.clone();
-                async move { hub.handle_for_client(upgrade, &headers, &uri, client).await }
+                let head = method == axum::http::Method::HEAD;
+                async move { hub.handshake(upgrade, &headers, &uri, client, head).await }
             },
         )
     }
@@ -415,6 +419,20 @@ impl<P: Send + Sync + 'static> Hub<P> {
         headers: &HeaderMap,
         uri: &Uri,
         client: Option<ClientKey>,
+    ) -> Response {
+        self.handshake(upgrade, headers, uri, client, false).await
+    }
+
+    /// [`handle_for_client`](Self::handle_for_client), told whether the request is a `HEAD`
+    /// (which axum's upgrade check refuses as not a `GET`, with a 405 that would contradict
+    /// the route's `Allow: GET,HEAD`).
+    async fn handshake(
+        &self,
+        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+        headers: &HeaderMap,
+        uri: &Uri,
+        client: Option<ClientKey>,
+        head: bool,
     ) -> Response {
         let inner = &self.inner;
         inner.start();
@@ -473,13 +491,29 @@ impl<P: Send + Sync + 'static> Hub<P> {
         }
         let upgrade = match upgrade {
             Ok(upgrade) => upgrade,
-            Err(rejection) => {
+            Err(_) if head => {
                 inner.metrics.refused("not_websocket");
                 return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "websocket_upgrade_required",
+                    "a HEAD request is no WebSocket handshake: send the handshake as a GET",
+                );
+            }
+            Err(rejection) => {
+                inner.metrics.refused("not_websocket");
+                let mut response = error_response(
                     rejection.status(),
                     "websocket_upgrade_required",
                     &rejection.body_text(),
                 );
+                // A 405 names the methods that are (RFC 9110, 15.5.6): a handler of the
+                // server's own that calls `handle` with another method.
+                if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    response
+                        .headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+                }
+                return response;
             }
         };
         // Counted before the hub-wide limit, so a principal past its own limit does not take a

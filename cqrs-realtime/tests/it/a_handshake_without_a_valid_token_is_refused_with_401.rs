@@ -154,6 +154,22 @@ async fn refusals_are_json_over_plain_http() {
         );
         assert!(response.contains("not several"), "{response}");
 
+        // A HEAD is answered as a GET that is no handshake: 401 without a token, 400 with
+        // one. (It was a 405 with a good token, without the `Allow` a 405 must carry, which
+        // would have had to contradict the route's `Allow: GET,HEAD`.)
+        for (path, status) in [("/ws", "401"), ("/ws?token=user-u1", "400")] {
+            let request =
+                format!("HEAD {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+            let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status}")),
+                "{response}"
+            );
+        }
+
         let response = get("/ws?token=user-u1").await;
         let status: u16 = response[9..12].parse().unwrap();
         assert!((400..500).contains(&status), "{response}");
