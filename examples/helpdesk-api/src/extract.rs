@@ -12,8 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// A JSON body. Answers 415 for another content type or for a body in a content coding
-/// (`Content-Encoding: gzip`: the server reads bodies as sent), 400 `malformed_json` for broken JSON,
+/// A JSON body. Answers 415 for another content type, a charset other than UTF-8, or a body
+/// in a content or transfer coding (`Content-Encoding: gzip`, `Transfer-Encoding: gzip,
+/// chunked`: the server reads bodies as sent), 400 `malformed_json` for broken JSON,
 /// 422 `invalid_body` for JSON of the wrong shape (with serde's message), 413 for a body over
 /// the limit.
 #[derive(Debug, Clone, Copy, Default)]
@@ -27,9 +28,41 @@ fn is_json(parts: &HeaderMap) -> bool {
         .map(|mime| {
             let mime = mime.trim().to_ascii_lowercase();
             mime == "application/json"
-                || (mime.starts_with("application/") && mime.ends_with("+json"))
+                || mime
+                    .strip_prefix("application/")
+                    .is_some_and(|sub| sub.len() > "+json".len() && sub.ends_with("+json"))
         })
         .unwrap_or(false)
+}
+
+/// The `charset` of the content type when it is not UTF-8, clipped for quoting: JSON between
+/// systems is UTF-8 (RFC 8259 8.1), and a body in another is not read as sent.
+fn other_charset(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    value
+        .split(';')
+        .skip(1)
+        .filter_map(|param| param.split_once('='))
+        .filter(|(name, _)| name.trim().eq_ignore_ascii_case("charset"))
+        .map(|(_, charset)| charset.trim().trim_matches('"'))
+        .find(|charset| {
+            !charset.eq_ignore_ascii_case("utf-8") && !charset.eq_ignore_ascii_case("utf8")
+        })
+        .map(|charset| clipped(charset, 40))
+}
+
+/// The first transfer coding of the body other than `chunked` (which hyper takes off),
+/// clipped for quoting.
+fn transfer_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| {
+            let text = value.to_str().unwrap_or("(not ASCII)");
+            text.split(',').map(str::trim).collect::<Vec<_>>()
+        })
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
+        .map(|coding| clipped(coding, 40))
 }
 
 /// The first content coding of the body other than `identity`, clipped for quoting: a body
@@ -78,6 +111,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 "send the body as JSON with `Content-Type: application/json`",
+            ));
+        }
+        if let Some(charset) = other_charset(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "the body is in the charset {charset:?}; JSON is UTF-8: send it as UTF-8, \
+                     with `charset=utf-8` or no charset"
+                ),
+            ));
+        }
+        if let Some(coding) = transfer_coding(req.headers()) {
+            // RFC 9112 6.1: a transfer coding the server does not decode. Read as it is, the
+            // body would fail as "not valid JSON", or pass as JSON if the label lied.
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "the body is in the transfer coding {coding:?}, which this server does not \
+                     decode: send it with `Transfer-Encoding: chunked` alone, or a Content-Length"
+                ),
             ));
         }
         if let Some(coding) = content_coding(req.headers()) {

@@ -100,6 +100,65 @@ async fn routing_and_body_errors_use_the_json_contract() {
             let named = coding.rsplit(", ").next().unwrap();
             assert!(message.contains(named), "{coding}: {message}");
         }
+        // JSON is UTF-8: a body in another charset is refused, naming it (it was read as
+        // UTF-8); so is a media type with nothing before `+json`.
+        for (content_type, expected) in [
+            (
+                "application/json; charset=utf-16",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                "application/json; charset=\"latin1\"",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            ("application/+json", StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            ("application/json; charset=UTF-8", StatusCode::CREATED),
+            (
+                "application/merge-patch+json; charset=\"utf-8\"",
+                StatusCode::CREATED,
+            ),
+        ] {
+            let r = s
+                .http
+                .post(s.url("/tickets"))
+                .bearer_auth(&token)
+                .header("content-type", content_type)
+                .body(b"{\"title\":\"charset\"}".to_vec())
+                .send()
+                .await
+                .unwrap();
+            let r = Response::from(r).await;
+            if expected == StatusCode::CREATED {
+                assert_eq!(r.status, expected, "{content_type}: {r:?}");
+                continue;
+            }
+            r.assert_error(expected, "unsupported_media_type");
+        }
+        // A transfer coding other than chunked: hyper takes off the chunking, and the body
+        // was read as JSON whatever the label said.
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let addr = s
+                .url("")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let body = b"{\"title\":\"coded\"}";
+            let request = format!(
+                "POST /tickets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+                 Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\n\
+                 Connection: close\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+                body.len(),
+                String::from_utf8_lossy(body)
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+            assert!(answer.contains("gzip"), "{answer}");
+        }
         raw(
             &s,
             Method::POST,
