@@ -78,18 +78,16 @@ async fn a_valid_token_in_the_header_or_the_query_upgrades() {
 async fn refusals_are_json_over_plain_http() {
     with_timeout(TEST_LIMIT, async {
         let t = TestHub::start(HubOptions::new()).await;
-        let get = |path: &str| {
-            let addr = t.addr;
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-            async move {
-                let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.write_all(request.as_bytes()).await.unwrap();
-                let mut response = String::new();
-                stream.read_to_string(&mut response).await.unwrap();
-                response
-            }
+        // The whole answer to `head` (a request line and headers, each ending in CRLF).
+        let exchange = |head: String| async move {
+            let request = format!("{head}Host: localhost\r\nConnection: close\r\n\r\n");
+            let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
         };
+        let get = |path: &str| exchange(format!("GET {path} HTTP/1.1\r\n"));
         let response = get("/ws").await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");
         assert!(
@@ -139,12 +137,11 @@ async fn refusals_are_json_over_plain_http() {
 
         // Two Authorization headers: refused, not the first taken (a proxy in front that
         // reads the other would take the connection for another user's).
-        let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-                       Authorization: Bearer user-u1\r\nAuthorization: Bearer user-u2\r\n\r\n";
-        let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
+        let response = exchange(
+            "GET /ws HTTP/1.1\r\nAuthorization: Bearer user-u1\r\nAuthorization: Bearer user-u2\r\n"
+                .to_owned(),
+        )
+        .await;
         assert!(response.starts_with("HTTP/1.1 401"), "{response}");
         assert!(
             response
@@ -158,12 +155,7 @@ async fn refusals_are_json_over_plain_http() {
         // one. (It was a 405 with a good token, without the `Allow` a 405 must carry, which
         // would have had to contradict the route's `Allow: GET,HEAD`.)
         for (path, status) in [("/ws", "401"), ("/ws?token=user-u1", "400")] {
-            let request =
-                format!("HEAD {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-            let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-            stream.write_all(request.as_bytes()).await.unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.unwrap();
+            let response = exchange(format!("HEAD {path} HTTP/1.1\r\n")).await;
             assert!(
                 response.starts_with(&format!("HTTP/1.1 {status}")),
                 "{response}"

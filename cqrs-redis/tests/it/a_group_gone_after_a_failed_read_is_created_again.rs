@@ -3,30 +3,14 @@
 //! persistence), nothing is pending, and the step creates the group again, as it does after
 //! a successful read.
 
-use crate::proxy::Proxy;
-use crate::support::{Env, event, n_of, plain_redis_host, publish_until_ok, within};
+use crate::support::{event, n_of, publish_until_ok, within};
 use cqrs_core::ports::{EventTransport, TransportError};
-use cqrs_redis::ConnectionOptions;
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_gone_after_a_failed_read_is_created_again() {
-    let Some(host) = plain_redis_host() else {
-        return;
-    };
-    let proxy = Proxy::start(&host).await;
-    let Some(env) = Env::with("gone-after-lost-read", |o| {
-        o.connection(
-            // Not short: a step's command through the proxy on a loaded machine must not
-            // time out; the lost read times out after its block and this.
-            ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(2))
-                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
-        )
-    })
-    .await
-    else {
+    let Some((proxy, env)) = crate::proxy::env_behind_a_proxy("gone-after-lost-read").await else {
         return;
     };
     within(

@@ -5,29 +5,16 @@
 //! `max_deliveries(2)`, the entry was dead-lettered after one attempt.
 
 use crate::proxy::Proxy;
-use crate::support::{Env, n_of, plain_redis_host, within};
+use crate::support::{Env, n_of, within};
 use cqrs_core::ports::Consumer;
 use cqrs_core::testing::eventually;
-use cqrs_redis::ConnectionOptions;
 use fred::types::Value;
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_entry_a_lost_step_reclaimed_is_handed_out_once() {
-    let Some(host) = plain_redis_host() else {
-        return;
-    };
-    let proxy = Proxy::start(&host).await;
-    let Some(env) = Env::with("lost-step-claim", |o| {
-        o.connection(
-            ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(2))
-                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
-        )
-    })
-    .await
-    else {
+    let Some((proxy, env)) = crate::proxy::env_behind_a_proxy("lost-step-claim").await else {
         return;
     };
     within(
@@ -76,19 +63,7 @@ async fn a_nacked_entry_a_lost_step_reclaimed_is_handed_out_once() {
 /// the count it was handed out with (1) remembered, and hand it out again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_after_a_lost_step_reclaimed_the_delivery_still_waits_the_delay() {
-    let Some(host) = plain_redis_host() else {
-        return;
-    };
-    let proxy = Proxy::start(&host).await;
-    let Some(env) = Env::with("lost-step-nack", |o| {
-        o.connection(
-            ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(2))
-                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
-        )
-    })
-    .await
-    else {
+    let Some((proxy, env)) = crate::proxy::env_behind_a_proxy("lost-step-nack").await else {
         return;
     };
     within(

@@ -7,27 +7,14 @@
 //! its first delivery.
 
 use crate::proxy::Proxy;
-use crate::support::{Env, n_of, plain_redis_host, within};
+use crate::support::{n_of, within};
 use cqrs_core::ports::{Consumer, TransportError};
-use cqrs_redis::ConnectionOptions;
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_redis_served_before_its_connection_closed_is_taken_over() {
-    let Some(host) = plain_redis_host() else {
-        return;
-    };
-    let proxy = Proxy::start(&host).await;
-    let Some(env) = Env::with("cut-read", |o| {
-        o.connection(
-            ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(2))
-                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
-        )
-    })
-    .await
-    else {
+    let Some((proxy, env)) = crate::proxy::env_behind_a_proxy("cut-read").await else {
         return;
     };
     within(

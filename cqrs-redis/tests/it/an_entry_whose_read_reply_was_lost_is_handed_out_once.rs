@@ -5,29 +5,14 @@
 //! (`max_deliveries(1)`).
 
 use crate::proxy::Proxy;
-use crate::support::{Env, n_of, plain_redis_host, within};
+use crate::support::{n_of, within};
 use cqrs_core::ports::{Consumer, TransportError};
-use cqrs_redis::ConnectionOptions;
 use std::time::Duration;
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_whose_read_reply_was_lost_is_handed_out_once() {
-    let Some(host) = plain_redis_host() else {
-        return;
-    };
-    let proxy = Proxy::start(&host).await;
-    let Some(env) = Env::with("lost-read", |o| {
-        o.connection(
-            // Not short: a publish or step through the proxy on a loaded machine must not
-            // time out; the lost read times out after its block and this.
-            ConnectionOptions::new(proxy.url())
-                .command_timeout(Duration::from_secs(2))
-                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200)),
-        )
-    })
-    .await
-    else {
+    let Some((proxy, env)) = crate::proxy::env_behind_a_proxy("lost-read").await else {
         return;
     };
     within(

@@ -304,6 +304,27 @@ async fn read_some(from: &OwnedReadHalf, buffer: &mut [u8]) -> Option<usize> {
     }
 }
 
+/// A proxy in front of the test server, and a world `name` whose transport connects through
+/// it: commands time out after 2 s (not short: a step through the proxy on a loaded machine
+/// must not time out; a lost reply times out after its block and this), reconnects are quick.
+/// `None` (skip) without a plain server to put the proxy in front of.
+pub(crate) async fn env_behind_a_proxy(name: &str) -> Option<(Proxy, crate::support::Env)> {
+    let host = crate::support::plain_redis_host()?;
+    let proxy = Proxy::start(&host).await;
+    let env = crate::support::Env::with(name, |o| {
+        o.connection(
+            cqrs_redis::ConnectionOptions::new(proxy.url())
+                .command_timeout(std::time::Duration::from_secs(2))
+                .reconnect_delays(
+                    std::time::Duration::from_millis(20),
+                    std::time::Duration::from_millis(200),
+                ),
+        )
+    })
+    .await?;
+    Some((proxy, env))
+}
+
 /// A consumer of a new topic of `env` (group `g`, `max_deliveries(1)`, blocking reads of up to
 /// `block`, redelivery delay `delay`) whose blocking read, with the proxy armed by `arm` for
 /// that read (the commands with `BLOCK`), Redis served the event `n = 1` published while it

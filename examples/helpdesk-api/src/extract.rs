@@ -54,29 +54,26 @@ fn other_charset(headers: &HeaderMap) -> Option<String> {
 /// The first transfer coding of the body other than `chunked` (which hyper takes off),
 /// clipped for quoting.
 fn transfer_coding(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|value| {
-            let text = value.to_str().unwrap_or("(not ASCII)");
-            text.split(',').map(str::trim).collect::<Vec<_>>()
-        })
-        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("chunked"))
-        .map(|coding| clipped(coding, 40))
+    first_coding_but(headers, header::TRANSFER_ENCODING, "chunked")
 }
 
 /// The first content coding of the body other than `identity`, clipped for quoting: a body
 /// in one (compressed) is not JSON as sent.
 fn content_coding(headers: &HeaderMap) -> Option<String> {
+    first_coding_but(headers, header::CONTENT_ENCODING, "identity")
+}
+
+/// The first coding `name` lists other than `except`, clipped for quoting.
+fn first_coding_but(headers: &HeaderMap, name: header::HeaderName, except: &str) -> Option<String> {
     headers
-        .get_all(header::CONTENT_ENCODING)
+        .get_all(name)
         .iter()
         .flat_map(|value| {
             // A value that is not visible ASCII names no coding this server reads either.
             let text = value.to_str().unwrap_or("(not ASCII)");
             text.split(',').map(str::trim).collect::<Vec<_>>()
         })
-        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(except))
         .map(|coding| clipped(coding, 40))
 }
 
