@@ -220,6 +220,24 @@ fn json_error(e: serde_json::Error, valid: bool) -> ApiError {
         MAX_QUOTED,
     );
     if valid {
+        // JSON's grammar takes a `\u` escape of half a surrogate pair alone, but it is no
+        // text: serde_json says so in words about its parser ("unexpected end of hex escape").
+        if [
+            "unexpected end of hex escape",
+            "lone leading surrogate in hex escape",
+        ]
+        .iter()
+        .any(|says| why.starts_with(says))
+        {
+            let at = why.find(" at line").map_or("", |i| &why[i..]);
+            return ApiError::unprocessable(
+                "invalid_body",
+                format!(
+                    "a string holds half a surrogate pair (a `\\u` escape from D800 to DFFF \
+                     without its other half), which is no text{at}"
+                ),
+            );
+        }
         ApiError::unprocessable(
             "invalid_body",
             format!("the body does not match the expected shape: {why}"),
@@ -702,12 +720,17 @@ mod tests {
             parse_json::<LoginBody>(br#"{"email": "a@b.c", "priority": 3,,,}"#).unwrap_err();
         let message = error.body().error.message;
         assert!(message.contains("column 34"), "{message}");
-        let error = parse_json::<LoginBody>(br#"{"email": "\ud800"}"#).unwrap_err();
-        assert_eq!(
-            error.status,
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "{error:?}"
-        );
+        for body in [&br#"{"email": "\ud800"}"#[..], br#"{"email": "a\udc00b"}"#] {
+            let error = parse_json::<LoginBody>(body).unwrap_err();
+            assert_eq!(
+                error.status,
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "{error:?}"
+            );
+            let message = error.body().error.message;
+            assert!(message.contains("half a surrogate pair"), "{message}");
+            assert!(message.contains("at line 1 column"), "{message}");
+        }
     }
 
     /// A value of the wrong kind is named as JSON names it.
