@@ -367,8 +367,8 @@ impl<P: Send + Sync + 'static> Hub<P> {
 
     /// The route to mount, at any path: `Router::new().route("/ws", hub.route())`. Answers
     /// `GET` (other methods get the router's 405); a `HEAD`, which the router takes as a `GET`
-    /// without its body, is answered as a `GET` that is no handshake would be: 401 without a
-    /// valid token, else 400 `websocket_upgrade_required`. A [`ClientKey`] in the request's extensions
+    /// without its body, is answered as a `GET` that is no handshake would be (see
+    /// [`handle`](Self::handle)). A [`ClientKey`] in the request's extensions
     /// (put there by the server's middleware) counts the connection against
     /// [`max_connections_per_client`](HubOptions::max_connections_per_client).
     pub fn route<S>(&self) -> MethodRouter<S>
@@ -377,15 +377,13 @@ impl<P: Send + Sync + 'static> Hub<P> {
     {
         let hub = self.clone();
         axum::routing::get(
-            move |method: axum::http::Method,
-                  upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+            move |upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
                   headers: HeaderMap,
                   uri: Uri,
                   client: Option<axum::Extension<ClientKey>>| {
                 let client = client.map(|axum::Extension(client)| client);
                 let hub = hub.clone();
-                let head = method == axum::http::Method::HEAD;
-                async move { hub.handshake(upgrade, &headers, &uri, client, head).await }
+                async move { hub.handle_for_client(upgrade, &headers, &uri, client).await }
             },
         )
     }
@@ -419,20 +417,6 @@ impl<P: Send + Sync + 'static> Hub<P> {
         headers: &HeaderMap,
         uri: &Uri,
         client: Option<ClientKey>,
-    ) -> Response {
-        self.handshake(upgrade, headers, uri, client, false).await
-    }
-
-    /// [`handle_for_client`](Self::handle_for_client), told whether the request is a `HEAD`
-    /// (which axum's upgrade check refuses as not a `GET`, with a 405 that would contradict
-    /// the route's `Allow: GET,HEAD`).
-    async fn handshake(
-        &self,
-        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-        headers: &HeaderMap,
-        uri: &Uri,
-        client: Option<ClientKey>,
-        head: bool,
     ) -> Response {
         let inner = &self.inner;
         inner.start();
@@ -491,29 +475,25 @@ impl<P: Send + Sync + 'static> Hub<P> {
         }
         let upgrade = match upgrade {
             Ok(upgrade) => upgrade,
-            Err(_) if head => {
+            // Not a GET: a HEAD, which axum routes to a GET route, or, in a handler of the
+            // server's own mounted for more methods, another. No handshake, as a GET without
+            // its headers is: axum's 405 would need an `Allow` naming GET alone, where the
+            // route's own says `GET,HEAD`.
+            Err(WebSocketUpgradeRejection::MethodNotGet(_)) => {
                 inner.metrics.refused("not_websocket");
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     "websocket_upgrade_required",
-                    "a HEAD request is no WebSocket handshake: send the handshake as a GET",
+                    "only a GET can be a WebSocket handshake: send the handshake as a GET",
                 );
             }
             Err(rejection) => {
                 inner.metrics.refused("not_websocket");
-                let mut response = error_response(
+                return error_response(
                     rejection.status(),
                     "websocket_upgrade_required",
                     &rejection.body_text(),
                 );
-                // A 405 names the methods that are (RFC 9110, 15.5.6): a handler of the
-                // server's own that calls `handle` with another method.
-                if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-                    response
-                        .headers_mut()
-                        .insert(header::ALLOW, HeaderValue::from_static("GET"));
-                }
-                return response;
             }
         };
         // Counted before the hub-wide limit, so a principal past its own limit does not take a

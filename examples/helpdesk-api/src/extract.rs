@@ -288,22 +288,23 @@ fn without_rust_types(message: &str) -> String {
 
 /// serde's names for the kinds of value it found where another was expected (`invalid type:
 /// map, expected a string`) in JSON's words: object, array, null, number. Only the kind right
-/// after `invalid type: ` is renamed, not the client's text quoted after it.
+/// after the `invalid type: ` serde's message starts with is renamed, not the client's text
+/// quoted anywhere.
 fn in_json_words(message: &str) -> String {
     const PREFIX: &str = "invalid type: ";
-    const KINDS: [(&str, &str); 4] = [
+    const KINDS: [(&str, &str); 5] = [
         ("map", "object"),
         ("sequence", "array"),
         ("unit value", "null"),
         ("floating point", "number"),
+        ("integer", "number"),
     ];
-    let Some(at) = message.find(PREFIX) else {
+    let Some(found) = message.strip_prefix(PREFIX) else {
         return message.to_owned();
     };
-    let (head, found) = message.split_at(at + PREFIX.len());
     KINDS
         .iter()
-        .find_map(|(serde, json)| Some(format!("{head}{json}{}", found.strip_prefix(serde)?)))
+        .find_map(|(serde, json)| Some(format!("{PREFIX}{json}{}", found.strip_prefix(serde)?)))
         .unwrap_or_else(|| message.to_owned())
 }
 
@@ -746,6 +747,9 @@ mod tests {
                 "invalid type: array, expected a string",
             ),
             (br#"{"email": 1.5}"#, "invalid type: number `1.5`"),
+            (br#"{"email": 3}"#, "invalid type: number `3`"),
+            // The client's own text, quoted in serde's message, is left as it is.
+            (br#"{"invalid type: map": 1}"#, "`invalid type: map`"),
         ] {
             let message = parse_json::<LoginBody>(body)
                 .unwrap_err()

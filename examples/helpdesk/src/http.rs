@@ -531,10 +531,24 @@ fn for_the_log(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 /// The path and query of `uri`, each `token=` value replaced by `[redacted]`; so is the value
 /// of any other key that names a token (`TOKEN`, `access_token`, `;token`: a client's slip,
 /// which the hub refuses, still carries its live token) or that holds one (a JWT, under any
-/// key, or as a key).
+/// key, or as a key). A path segment that holds a JWT or a `token=` (a slip: `/ws&token=…`,
+/// `/ws;token=…`, which the router answers 404, but logs) is replaced whole.
 fn redacted_uri(uri: &Uri) -> String {
+    let path: Vec<&str> = uri
+        .path()
+        .split('/')
+        .map(|segment| {
+            let decoded = percent_decoded(segment);
+            if holds_a_jwt(&decoded) || decoded.to_ascii_lowercase().contains("token=") {
+                "[redacted]"
+            } else {
+                segment
+            }
+        })
+        .collect();
+    let path = path.join("/");
     let Some(query) = uri.query() else {
-        return uri.path().to_owned();
+        return path;
     };
     let query: Vec<std::borrow::Cow<'_, str>> = query
         .split('&')
@@ -557,7 +571,7 @@ fn redacted_uri(uri: &Uri) -> String {
             }
         })
         .collect();
-    format!("{}?{}", uri.path(), query.join("&"))
+    format!("{path}?{}", query.join("&"))
 }
 
 /// Whether `text` holds something shaped like a JWT: a run of base64url and dots that starts
@@ -738,7 +752,20 @@ mod tests {
         ] {
             assert_eq!(redacted(uri), logged, "{uri}");
         }
-        // Cursors and other values are left alone.
+        // A slip that puts the token in the path.
+        for (uri, logged) in [
+            ("/ws&token=eyJ.secret.sig", "/[redacted]"),
+            ("/ws;token=abc", "/[redacted]"),
+            ("/ws/eyJhbGc.eyJzdWI.c2ln", "/ws/[redacted]"),
+            ("/ws/eyJhbGc.eyJzdWI.c2ln?x=1", "/ws/[redacted]?x=1"),
+        ] {
+            assert_eq!(redacted(uri), logged, "{uri}");
+        }
+        // Cursors, ticket ids and other values are left alone.
+        assert_eq!(
+            redacted("/tickets/0193a5e4-7b2c-7d3e-8f4a-123456789abc/comments"),
+            "/tickets/0193a5e4-7b2c-7d3e-8f4a-123456789abc/comments"
+        );
         assert_eq!(
             redacted("/tickets?cursor=eyJpZCI6MX0&limit=5"),
             "/tickets?cursor=eyJpZCI6MX0&limit=5"
