@@ -398,12 +398,19 @@ pub struct HandlerFailure {
 }
 
 /// Why a bus could not be built, or a start-up check failed. Lists every problem at once.
-#[derive(Debug, thiserror::Error)]
+/// Its `Debug` is that list too: a `main` that returns the error prints the `Debug` form.
+#[derive(thiserror::Error)]
 #[error("{}", problems.join("; "))]
 #[non_exhaustive]
 pub struct BuildError {
     /// One line per problem.
     pub problems: Vec<String>,
+}
+
+impl std::fmt::Debug for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 #[cfg(test)]

@@ -101,7 +101,9 @@ macro_rules! register_plugin {
 }
 
 /// Why plugins could not be collected or installed. Each message names the plugins involved.
-#[derive(Debug, thiserror::Error)]
+/// Its `Debug` is that message too, which says what to do: a `main` that returns the error
+/// (`fn main() -> Result<(), Box<dyn Error>>`) prints the `Debug` form.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum PluginError {
     /// Two plugins share a name. Rename one, or link only one of them.
@@ -166,7 +168,9 @@ pub enum PluginError {
     },
     /// A plugin asked for a resource the server did not provide.
     #[error(
-        "plugin `{plugin}` needs a `{resource}`, which the server did not provide: call `PluginRegistrar::provide::<{resource}>(..)` before installing plugins (resources are found by their exact type: an `Arc<InMemoryEventStore>` provided is no `Arc<dyn EventStore>`, so name the type)"
+        "plugin `{plugin}` needs a `{}`, which the server did not provide: call `PluginRegistrar::provide::<{}>(..)` before installing plugins (resources are found by their exact type: an `Arc<InMemoryEventStore>` provided is no `Arc<dyn EventStore>`, so name the type)",
+        as_written(resource),
+        as_written(resource)
     )]
     MissingResource {
         /// The plugin.
@@ -174,6 +178,20 @@ pub enum PluginError {
         /// The resource's type name.
         resource: &'static str,
     },
+}
+
+impl fmt::Debug for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A type's name as its user writes it: `std::any::type_name` names the crates that define
+/// what `std` re-exports (`alloc::sync::Arc`, `core::time::Duration`).
+pub(crate) fn as_written(type_name: &str) -> String {
+    type_name
+        .replace("alloc::", "std::")
+        .replace("core::", "std::")
 }
 
 /// What to do about a plugin that was not found: link its crate, or, when the plugins were
@@ -395,7 +413,10 @@ pub struct PluginRegistrar {
 
 /// A plugin asked for a resource the server did not [`provide`](PluginRegistrar::provide).
 #[derive(Debug, thiserror::Error)]
-#[error("the server did not provide a `{resource}` (resources are found by their exact type)")]
+#[error(
+    "the server did not provide a `{}` (resources are found by their exact type)",
+    as_written(resource)
+)]
 pub struct MissingResource {
     /// The resource's type name.
     pub resource: &'static str,

@@ -30,6 +30,8 @@ fn the_start_up_check_names_every_command_without_a_handler() {
     assert_eq!(err.problems.len(), 2, "{err}");
     assert!(err.to_string().contains("`test.orphan`"), "{err}");
     assert!(err.to_string().contains("`test.hang`"), "{err}");
+    // What a `main` returning the error prints: the problems, not the struct.
+    assert_eq!(format!("{err:?}"), err.to_string());
 }
 
 #[test]

@@ -146,6 +146,14 @@ fn a_missing_resource_and_a_failing_plugin_are_named() {
         err.to_string().contains("PluginRegistrar::provide::<"),
         "{err}"
     );
+    // The type as its user writes it (`type_name` says `alloc::sync::Arc`), and the message
+    // also as the `Debug` a `main` returning the error prints.
+    assert!(
+        err.to_string()
+            .contains("PluginRegistrar::provide::<std::sync::Arc<str>>"),
+        "{err}"
+    );
+    assert_eq!(format!("{err:?}"), err.to_string());
 
     let mut registrar = PluginRegistrar::new();
     registrar.provide::<std::sync::Arc<str>>("postgres://".into());
