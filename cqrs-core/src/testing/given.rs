@@ -226,6 +226,82 @@ impl<H> CommandTest<H> {
     }
 }
 
+/// Runs `handler` on `event` with fresh metadata, as the event bus delivers it: a unit test of
+/// an event handler (a read model's, a reaction) without a bus. The event's type picks the
+/// handler's impl, so a handler of several event types needs no `EventHandler::<E>::handle`
+/// spelled out. [`deliver_with`] takes the metadata.
+///
+/// ```
+/// # use cqrs_core::doc::{CountOpened, TicketOpened};
+/// use cqrs_core::testing::deliver;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let counter = CountOpened::default();
+/// deliver(&counter, TicketOpened { ticket_id: "t1".into() }).await.unwrap();
+/// assert_eq!(counter.count(), 1);
+/// # });
+/// ```
+pub async fn deliver<E, H>(handler: &H, event: E) -> Result<(), crate::HandlerError>
+where
+    E: crate::Event,
+    H: crate::EventHandler<E>,
+{
+    deliver_with(handler, event, Metadata::new()).await
+}
+
+/// [`deliver`] with this metadata (a correlation id, a principal).
+pub async fn deliver_with<E, H>(
+    handler: &H,
+    event: E,
+    metadata: Metadata,
+) -> Result<(), crate::HandlerError>
+where
+    E: crate::Event,
+    H: crate::EventHandler<E>,
+{
+    let envelope = EventEnvelope::new(event, metadata);
+    let event = envelope
+        .downcast_ref::<E>()
+        .expect("an envelope holds the event it was made of");
+    handler
+        .handle(event, crate::EventContext::new(&envelope))
+        .await
+}
+
+/// Runs `handler` on `query` with fresh metadata, as the query bus would: a unit test of a
+/// query handler without a bus. [`ask_with`] takes the metadata.
+///
+/// ```
+/// # use cqrs_core::doc::{CountTickets, CountTicketsHandler};
+/// use cqrs_core::testing::ask;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// assert_eq!(ask(&CountTicketsHandler, CountTickets).await.unwrap(), 42);
+/// # });
+/// ```
+pub async fn ask<Q, H>(handler: &H, query: Q) -> Result<Q::Output, crate::HandlerError>
+where
+    Q: crate::Query,
+    H: crate::QueryHandler<Q>,
+{
+    ask_with(handler, query, Metadata::new()).await
+}
+
+/// [`ask`] with this metadata (the principal a query handler checks).
+pub async fn ask_with<Q, H>(
+    handler: &H,
+    query: Q,
+    metadata: Metadata,
+) -> Result<Q::Output, crate::HandlerError>
+where
+    Q: crate::Query,
+    H: crate::QueryHandler<Q>,
+{
+    handler
+        .handle(query, &crate::QueryContext::new(metadata))
+        .await
+}
+
 /// The outcome of [`CommandTest::when`].
 #[derive(Debug)]
 pub struct CommandOutcome<O> {
@@ -417,5 +493,60 @@ mod tests {
         AggregateTest::<Notes>::given([noted("a", None)])
             .when(NoteCommand::Note("b"))
             .then_expect_events([noted("b", None)]);
+    }
+
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct Erased;
+    impl Message for Erased {
+        const NAME: &'static str = "test.erased";
+    }
+    impl Event for Erased {}
+
+    /// A handler of two event types, recording what it got and the correlation id it saw.
+    #[derive(Default)]
+    struct Log(std::sync::Mutex<Vec<(String, uuid::Uuid)>>);
+
+    #[async_trait::async_trait]
+    impl crate::EventHandler<Noted> for Log {
+        async fn handle(
+            &self,
+            e: &Noted,
+            ctx: crate::EventContext<'_>,
+        ) -> Result<(), HandlerError> {
+            let id = ctx.metadata().correlation_id;
+            self.0.lock().unwrap().push((e.text.clone(), id));
+            Ok(())
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::EventHandler<Erased> for Log {
+        async fn handle(
+            &self,
+            _: &Erased,
+            ctx: crate::EventContext<'_>,
+        ) -> Result<(), HandlerError> {
+            let id = ctx.metadata().correlation_id;
+            self.0.lock().unwrap().push(("erased".into(), id));
+            Err(HandlerError::conflict("erased", "already erased"))
+        }
+    }
+
+    /// The event's type picks the impl, the metadata given reaches the handler, and the
+    /// handler's error comes back.
+    #[tokio::test]
+    async fn an_event_is_delivered_to_the_impl_of_its_type_with_its_metadata() {
+        let log = Log::default();
+        let metadata = Metadata::new();
+        deliver_with(&log, noted("a", None), metadata.clone())
+            .await
+            .unwrap();
+        let error = deliver(&log, Erased).await.unwrap_err();
+        assert_eq!(error.code(), "erased");
+        let got = log.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], ("a".to_owned(), metadata.correlation_id));
+        assert_eq!(got[1].0, "erased");
+        assert_ne!(got[1].1, metadata.correlation_id, "fresh metadata");
     }
 }

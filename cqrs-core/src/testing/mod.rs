@@ -87,7 +87,10 @@ pub mod transport;
 mod given;
 mod metric_counts;
 
-pub use given::{AggregateTest, CommandOutcome, CommandTest, TEST_AGGREGATE_ID, Then};
+pub use given::{
+    AggregateTest, CommandOutcome, CommandTest, TEST_AGGREGATE_ID, Then, ask, ask_with, deliver,
+    deliver_with,
+};
 pub use helpers::{eventually, long, require_services, test_id, with_timeout};
 pub use metric_counts::MetricCounts;
 
