@@ -182,16 +182,44 @@ pub enum PluginError {
 
 impl fmt::Debug for PluginError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        fmt::Display::fmt(self, f)?;
+        // `Register` shows its source in its message: its causes start one level deeper.
+        let mut cause = std::error::Error::source(self);
+        if matches!(self, PluginError::Register { .. }) {
+            cause = cause.and_then(std::error::Error::source);
+        }
+        while let Some(error) = cause {
+            write!(f, "\n  caused by: {error}")?;
+            cause = error.source();
+        }
+        Ok(())
     }
 }
 
 /// A type's name as its user writes it: `std::any::type_name` names the crates that define
-/// what `std` re-exports (`alloc::sync::Arc`, `core::time::Duration`).
+/// what `std` re-exports (`alloc::sync::Arc`, `core::time::Duration`). Only a path that starts
+/// with one of them is renamed, not a name that ends in one (`cqrs_core::`, `a::core::`).
 pub(crate) fn as_written(type_name: &str) -> String {
-    type_name
-        .replace("alloc::", "std::")
-        .replace("core::", "std::")
+    let mut written = String::with_capacity(type_name.len());
+    let mut rest = type_name;
+    while let Some(c) = rest.chars().next() {
+        let starts_a_path = written
+            .chars()
+            .next_back()
+            .is_none_or(|before| !(before.is_alphanumeric() || before == '_' || before == ':'));
+        if starts_a_path
+            && let Some(after) = ["alloc::", "core::"]
+                .iter()
+                .find_map(|krate| rest.strip_prefix(krate))
+        {
+            written.push_str("std::");
+            rest = after;
+            continue;
+        }
+        written.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    written
 }
 
 /// What to do about a plugin that was not found: link its crate, or, when the plugins were
@@ -412,7 +440,7 @@ pub struct PluginRegistrar {
 }
 
 /// A plugin asked for a resource the server did not [`provide`](PluginRegistrar::provide).
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error(
     "the server did not provide a `{}` (resources are found by their exact type)",
     as_written(resource)
@@ -420,6 +448,12 @@ pub struct PluginRegistrar {
 pub struct MissingResource {
     /// The resource's type name.
     pub resource: &'static str,
+}
+
+impl fmt::Debug for MissingResource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl fmt::Debug for PluginRegistrar {
@@ -601,5 +635,49 @@ impl PluginRegistrar {
         } else {
             Err(crate::BuildError { problems })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only paths that start with `alloc` or `core` are renamed: the framework's own crate is
+    /// `cqrs_core`, whose trait objects a missing resource often names.
+    #[test]
+    fn type_names_are_shown_as_written() {
+        for (name, written) in [
+            (
+                "alloc::sync::Arc<dyn cqrs_core::ports::EventStore>",
+                "std::sync::Arc<dyn cqrs_core::ports::EventStore>",
+            ),
+            ("core::time::Duration", "std::time::Duration"),
+            (
+                "(alloc::string::String, core::option::Option<u8>)",
+                "(std::string::String, std::option::Option<u8>)",
+            ),
+            ("my_core::Foo", "my_core::Foo"),
+            ("mycrate::core::Bar", "mycrate::core::Bar"),
+            ("sqlx_core::pool::Pool<x>", "sqlx_core::pool::Pool<x>"),
+            ("&[alloc::vec::Vec<u8>]", "&[std::vec::Vec<u8>]"),
+        ] {
+            assert_eq!(as_written(name), written, "{name}");
+        }
+    }
+
+    /// A failed registration's causes below the one its message shows are listed too.
+    #[test]
+    fn a_failed_registrations_debug_lists_its_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connecting")]
+        struct Connecting(#[source] std::io::Error);
+        let error = PluginError::Register {
+            plugin: "db".into(),
+            source: Box::new(Connecting(std::io::Error::other("refused"))),
+        };
+        assert_eq!(
+            format!("{error:?}"),
+            "plugin `db` failed to register: connecting\n  caused by: refused"
+        );
     }
 }

@@ -475,16 +475,20 @@ impl<P: Send + Sync + 'static> Hub<P> {
         }
         let upgrade = match upgrade {
             Ok(upgrade) => upgrade,
-            // Not a GET: a HEAD, which axum routes to a GET route, or, in a handler of the
-            // server's own mounted for more methods, another. No handshake, as a GET without
-            // its headers is: axum's 405 would need an `Allow` naming GET alone, where the
-            // route's own says `GET,HEAD`.
-            Err(WebSocketUpgradeRejection::MethodNotGet(_)) => {
+            // Not the handshake's method (GET on HTTP/1.1, CONNECT on HTTP/2): a HEAD, which
+            // axum routes to a GET route, or, in a handler of the server's own mounted for
+            // more methods, another. No handshake, as a GET without its headers is: axum's 405
+            // would need an `Allow` naming GET alone, where the route's own says `GET,HEAD`.
+            Err(
+                WebSocketUpgradeRejection::MethodNotGet(_)
+                | WebSocketUpgradeRejection::MethodNotConnect(_),
+            ) => {
                 inner.metrics.refused("not_websocket");
                 return error_response(
                     StatusCode::BAD_REQUEST,
                     "websocket_upgrade_required",
-                    "only a GET can be a WebSocket handshake: send the handshake as a GET",
+                    "this method cannot open a WebSocket: send the handshake as a GET \
+                     (HTTP/1.1) or an extended CONNECT (HTTP/2)",
                 );
             }
             Err(rejection) => {

@@ -287,11 +287,10 @@ fn without_rust_types(message: &str) -> String {
 }
 
 /// serde's names for the kinds of value it found where another was expected (`invalid type:
-/// map, expected a string`) in JSON's words: object, array, null, number. Only the kind right
-/// after the `invalid type: ` serde's message starts with is renamed, not the client's text
-/// quoted anywhere.
+/// map, expected a string`, `invalid value: integer `-1`, expected ...`) in JSON's words:
+/// object, array, null, number. Only the kind right after the `invalid type: ` or `invalid
+/// value: ` serde's message starts with is renamed, not the client's text quoted anywhere.
 fn in_json_words(message: &str) -> String {
-    const PREFIX: &str = "invalid type: ";
     const KINDS: [(&str, &str); 5] = [
         ("map", "object"),
         ("sequence", "array"),
@@ -299,12 +298,15 @@ fn in_json_words(message: &str) -> String {
         ("floating point", "number"),
         ("integer", "number"),
     ];
-    let Some(found) = message.strip_prefix(PREFIX) else {
+    let Some((prefix, found)) = ["invalid type: ", "invalid value: "]
+        .iter()
+        .find_map(|prefix| Some((*prefix, message.strip_prefix(prefix)?)))
+    else {
         return message.to_owned();
     };
     KINDS
         .iter()
-        .find_map(|(serde, json)| Some(format!("{PREFIX}{json}{}", found.strip_prefix(serde)?)))
+        .find_map(|(serde, json)| Some(format!("{prefix}{json}{}", found.strip_prefix(serde)?)))
         .unwrap_or_else(|| message.to_owned())
 }
 
@@ -748,6 +750,10 @@ mod tests {
             ),
             (br#"{"email": 1.5}"#, "invalid type: number `1.5`"),
             (br#"{"email": 3}"#, "invalid type: number `3`"),
+            (
+                br#"{"email": "a@b.c", "version": -1}"#,
+                "invalid value: number `-1`",
+            ),
             // The client's own text, quoted in serde's message, is left as it is.
             (br#"{"invalid type: map": 1}"#, "`invalid type: map`"),
         ] {

@@ -538,8 +538,12 @@ fn redacted_uri(uri: &Uri) -> String {
         .path()
         .split('/')
         .map(|segment| {
-            let decoded = percent_decoded(segment);
-            if holds_a_jwt(&decoded) || decoded.to_ascii_lowercase().contains("token=") {
+            let decoded = percent_decoded(segment).to_ascii_lowercase();
+            // `token` then an `=`, whatever comes between (`token+=`, `token%20=`).
+            let names_a_token = decoded
+                .find("token")
+                .is_some_and(|at| decoded[at..].contains('='));
+            if holds_a_jwt(&percent_decoded(segment)) || names_a_token {
                 "[redacted]"
             } else {
                 segment
@@ -756,6 +760,8 @@ mod tests {
         for (uri, logged) in [
             ("/ws&token=eyJ.secret.sig", "/[redacted]"),
             ("/ws;token=abc", "/[redacted]"),
+            ("/ws;token+=abc", "/[redacted]"),
+            ("/ws&token%20=abc", "/[redacted]"),
             ("/ws/eyJhbGc.eyJzdWI.c2ln", "/ws/[redacted]"),
             ("/ws/eyJhbGc.eyJzdWI.c2ln?x=1", "/ws/[redacted]?x=1"),
         ] {
