@@ -534,38 +534,43 @@ fn for_the_log(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 /// key, or as a key). A path segment that holds a JWT or a `token=` (a slip: `/ws&token=…`,
 /// `/ws;token=…`, which the router answers 404, but logs) is replaced whole.
 fn redacted_uri(uri: &Uri) -> String {
-    let path: Vec<&str> = uri
-        .path()
-        .split('/')
-        .map(|segment| {
-            let decoded = percent_decoded(segment).to_ascii_lowercase();
-            // `token` then an `=`, whatever comes between (`token+=`, `token%20=`).
-            let names_a_token = decoded
-                .find("token")
-                .is_some_and(|at| decoded[at..].contains('='));
-            if holds_a_jwt(&percent_decoded(segment)) || names_a_token {
-                "[redacted]"
-            } else {
-                segment
-            }
-        })
-        .collect();
-    let path = path.join("/");
-    let Some(query) = uri.query() else {
-        return path;
+    use std::borrow::Cow;
+    // Rebuilt only when a segment is redacted: most paths are logged as they came.
+    let redacted_segment = |segment: &str| {
+        let decoded = percent_decoded(segment);
+        // `token` then an `=`, whatever comes between (`token+=`, `token%20=`).
+        holds_a_jwt(&decoded) || find_token(&decoded).is_some_and(|at| decoded[at..].contains('='))
     };
-    let query: Vec<std::borrow::Cow<'_, str>> = query
+    let path: Cow<'_, str> = if uri.path().split('/').any(redacted_segment) {
+        let segments: Vec<&str> = uri
+            .path()
+            .split('/')
+            .map(|segment| {
+                if redacted_segment(segment) {
+                    "[redacted]"
+                } else {
+                    segment
+                }
+            })
+            .collect();
+        segments.join("/").into()
+    } else {
+        uri.path().into()
+    };
+    let Some(query) = uri.query() else {
+        return path.into_owned();
+    };
+    let query: Vec<Cow<'_, str>> = query
         .split('&')
         .map(|pair| {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let key = percent_decoded(name);
             if key == "token" {
                 "token=[redacted]".into()
-            } else if key.to_ascii_lowercase().contains("token")
-                || holds_a_jwt(&key)
-                || holds_a_jwt(&percent_decoded(value))
-            {
-                if pair.contains('=') && !holds_a_jwt(&key) {
+            } else if holds_a_jwt(&key) {
+                "[redacted]".into()
+            } else if find_token(&key).is_some() || holds_a_jwt(&percent_decoded(value)) {
+                if pair.contains('=') {
                     format!("{name}=[redacted]").into()
                 } else {
                     "[redacted]".into()
@@ -578,6 +583,13 @@ fn redacted_uri(uri: &Uri) -> String {
     format!("{path}?{}", query.join("&"))
 }
 
+/// Where `token` starts in `text`, in any case (`TOKEN`, `access_Token`).
+fn find_token(text: &str) -> Option<usize> {
+    text.as_bytes()
+        .windows(5)
+        .position(|w| w.eq_ignore_ascii_case(b"token"))
+}
+
 /// Whether `text` holds something shaped like a JWT: a run of base64url and dots that starts
 /// with `eyJ` (the encoding of `{"`, every JWT header's start) and has a dot in it.
 fn holds_a_jwt(text: &str) -> bool {
@@ -585,8 +597,12 @@ fn holds_a_jwt(text: &str) -> bool {
         .any(|run| run.starts_with("eyJ") && run.contains('.'))
 }
 
-/// `text` with its `%XX` escapes and `+` decoded (enough to compare a query key).
-fn percent_decoded(text: &str) -> String {
+/// `text` with its `%XX` escapes and `+` decoded (enough to compare a query key); borrowed when
+/// it has none.
+fn percent_decoded(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains(['%', '+']) {
+        return text.into();
+    }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -606,7 +622,7 @@ fn percent_decoded(text: &str) -> String {
         }
         i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&out).into_owned().into()
 }
 
 #[cfg(test)]
