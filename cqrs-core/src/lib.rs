@@ -7,18 +7,12 @@
 //!
 //! ```
 //! use cqrs_core::async_trait; // re-exported: no dependency of your own needed
-//! use cqrs_core::{Command, CommandBus, CommandContext, CommandHandler, HandlerError, Message};
+//! use cqrs_core::{Command, CommandBus, CommandContext, CommandHandler, HandlerError};
 //!
+//! #[derive(Command)]
+//! #[command(name = "hello.greet", output = String)] // the stable wire name, what handling returns
 //! struct Greet {
 //!     name: String,
-//! }
-//!
-//! impl Message for Greet {
-//!     const NAME: &'static str = "hello.greet";
-//! }
-//!
-//! impl Command for Greet {
-//!     type Output = String;
 //! }
 //!
 //! struct GreetHandler;
@@ -61,6 +55,7 @@
 //!
 //! | flag | what it adds |
 //! |------|--------------|
+//! | `derive` (default) | `#[derive(Command)]`, `#[derive(Query)]` and `#[derive(Event)]`, which implement [`Message`] and the trait of their name (written out by hand, see [`Command`]) |
 //! | `testing` | the conformance suites for every port, given/when/then for aggregates, and test helpers ([`testing`]) |
 
 #![deny(missing_docs)]
@@ -107,6 +102,9 @@ pub use error::{
 pub use extensions::Extensions;
 pub use handler::{CommandHandler, EventHandler, QueryHandler};
 pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
+// The derive macros, beside the traits of the same name: `use cqrs_core::Command;` brings both.
+#[cfg(feature = "derive")]
+pub use cqrs_macros::{Command, Event, Query};
 pub use metadata::{Metadata, Principal};
 pub use panic::{CatchUnwind, panic_message};
 pub use plugin::{MissingResource, Plugin, PluginError, PluginRegistrar, Plugins};

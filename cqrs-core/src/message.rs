@@ -8,6 +8,11 @@ use std::any::TypeId;
 /// `NAME` is the message's stable wire name: it identifies the type in logs, metrics, errors,
 /// stored events and on the network, so it must not change when the Rust type is renamed or
 /// moved. Prefer a dotted, namespaced form such as `"tickets.open_ticket"`.
+///
+/// The derives `#[derive(Command)]`, `#[derive(Query)]` and `#[derive(Event)]` implement this
+/// trait along with theirs (feature `derive`, on by default), and check at compile time that the
+/// name is 1 to 64 ASCII letters, digits, `.`, `_` and `-`: the form a metrics label keeps (a
+/// name outside it is counted under the label `invalid`).
 pub trait Message: Send + 'static {
     /// The stable wire name of this message type.
     const NAME: &'static str;
@@ -15,6 +20,20 @@ pub trait Message: Send + 'static {
 
 /// A request to change state. Exactly one [`CommandHandler`](crate::CommandHandler) handles each
 /// command type.
+///
+/// Derived, with the wire name and what the handler returns:
+///
+/// ```
+/// use cqrs_core::Command;
+///
+/// #[derive(Command)]
+/// #[command(name = "tickets.open_ticket", output = u64)] // leave `output` out for ()
+/// struct OpenTicket {
+///     title: String,
+/// }
+/// ```
+///
+/// Or by hand, which is the same:
 ///
 /// ```
 /// use cqrs_core::{Command, Message};
@@ -38,6 +57,19 @@ pub trait Command: Message {
 
 /// A request to read state. Exactly one [`QueryHandler`](crate::QueryHandler) handles each query
 /// type.
+///
+/// ```
+/// use cqrs_core::Query;
+///
+/// #[derive(Query)]
+/// #[query(name = "tickets.get_ticket", output = Option<String>)]
+/// struct GetTicket {
+///     id: u64,
+/// }
+/// ```
+///
+/// By hand: `impl Message for GetTicket { const NAME: &'static str = "tickets.get_ticket"; }`
+/// and `impl Query for GetTicket { type Output = Option<String>; }`.
 pub trait Query: Message {
     /// What the handler returns.
     type Output: Send + 'static;
@@ -49,6 +81,22 @@ pub trait Query: Message {
 /// Events are serializable because they are stored and shipped between processes. `VERSION` is the
 /// schema version of the payload: raise it when the shape changes and register an upcaster for the
 /// old versions (see [`EventTypes::upcaster`](crate::EventTypes::upcaster)).
+///
+/// Derived (`version` is 1 when left out):
+///
+/// ```
+/// use cqrs_core::Event;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[event(name = "tickets.ticket_opened", version = 1)]
+/// struct TicketOpened {
+///     ticket_id: String,
+///     title: String,
+/// }
+/// ```
+///
+/// Or by hand:
 ///
 /// ```
 /// use cqrs_core::{Event, Message};

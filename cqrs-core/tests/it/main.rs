@@ -16,6 +16,7 @@ mod a_reused_consumer_name_says_how_to_fix_it;
 mod aggregates_decide_on_their_history;
 mod aggregates_stamp_their_events_with_the_repositorys_clock;
 mod an_unhandled_message_is_a_typed_error_naming_it;
+mod derived_messages_travel_like_hand_written_ones;
 mod event_handlers_all_run_and_failures_are_reported;
 mod events_from_a_transport_reach_the_event_bus;
 mod layers_wrap_dispatch_outermost_first;

@@ -5,36 +5,24 @@
 //! [`PluginRegistrar::contribute`](cqrs_core::PluginRegistrar::contribute). The core knows
 //! nothing about routes: contributions are open.
 
-use cqrs_core::{Command, Event, Message};
+use cqrs_core::{Command, Event};
 use serde::{Deserialize, Serialize};
 
 /// Greets someone; answers with the greeting.
-#[derive(Debug)]
+#[derive(Debug, Command)]
+#[command(name = "hello.greet", output = String)]
 pub struct Greet {
     /// Who to greet.
     pub name: String,
 }
 
-impl Message for Greet {
-    const NAME: &'static str = "hello.greet";
-}
-
-impl Command for Greet {
-    type Output = String;
-}
-
 /// Someone was greeted.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Event)]
+#[event(name = "hello.greeted")]
 pub struct Greeted {
     /// Who was greeted.
     pub name: String,
 }
-
-impl Message for Greeted {
-    const NAME: &'static str = "hello.greeted";
-}
-
-impl Event for Greeted {}
 
 /// A server-defined contribution: an entry point a plugin offers. (A real server would carry an
 /// HTTP router here; this one only lists them.)

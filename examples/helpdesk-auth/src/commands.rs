@@ -8,7 +8,7 @@ use crate::users::{CreateUserError, UserRecord, UserStore};
 use async_trait::async_trait;
 use cqrs_core::clock::Clock;
 use cqrs_core::{
-    Command, CommandContext, CommandHandler, ErrorKind, HandlerError, Message, Query, QueryContext,
+    Command, CommandContext, CommandHandler, ErrorKind, HandlerError, Query, QueryContext,
     QueryHandler,
 };
 use helpdesk_api::{Role, User};
@@ -18,6 +18,8 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 /// Registers a user.
+#[derive(Command)]
+#[command(name = "auth.register_user", output = UserRecord)]
 pub struct RegisterUser {
     /// As sent; trimmed and lower-cased by the handler.
     pub email: String,
@@ -49,15 +51,9 @@ impl std::fmt::Debug for RegisterUser {
     }
 }
 
-impl Message for RegisterUser {
-    const NAME: &'static str = "auth.register_user";
-}
-
-impl Command for RegisterUser {
-    type Output = UserRecord;
-}
-
 /// Logs in: checks the password and issues a token.
+#[derive(Command)]
+#[command(name = "auth.log_in", output = LoggedIn)]
 pub struct LogIn {
     /// As sent.
     pub email: String,
@@ -75,10 +71,6 @@ impl std::fmt::Debug for LogIn {
             .field("client", &self.client)
             .finish()
     }
-}
-
-impl Message for LogIn {
-    const NAME: &'static str = "auth.log_in";
 }
 
 /// A successful login.
@@ -102,22 +94,11 @@ impl std::fmt::Debug for LoggedIn {
     }
 }
 
-impl Command for LogIn {
-    type Output = LoggedIn;
-}
-
 /// Reads a user by id, with the role they have now (an agent whose email left the agent
 /// list is a customer).
-#[derive(Debug)]
+#[derive(Debug, Query)]
+#[query(name = "auth.get_user", output = Option<UserRecord>)]
 pub struct GetUser(pub Uuid);
-
-impl Message for GetUser {
-    const NAME: &'static str = "auth.get_user";
-}
-
-impl Query for GetUser {
-    type Output = Option<UserRecord>;
-}
 
 /// Trims and lower-cases an email, or says why it is not one.
 pub fn normalize_email(raw: &str) -> Result<String, &'static str> {

@@ -1,7 +1,7 @@
 //! The ticket aggregate, its events, and the view it folds into.
 
 use chrono::{DateTime, Utc};
-use cqrs_core::{Aggregate, Event, HandlerError, Message, event_set};
+use cqrs_core::{Aggregate, Event, HandlerError, event_set};
 use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
@@ -69,7 +69,8 @@ fn one_of<'de, D: Deserializer<'de>, T: Copy, const N: usize>(
 }
 
 /// A ticket was opened.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "TicketOpened")]
 pub struct TicketOpened {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -85,7 +86,8 @@ pub struct TicketOpened {
 }
 
 /// A ticket was assigned to an agent.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "TicketAssigned")]
 pub struct TicketAssigned {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -96,7 +98,8 @@ pub struct TicketAssigned {
 }
 
 /// Someone commented on a ticket.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "TicketCommented")]
 pub struct TicketCommented {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -111,7 +114,8 @@ pub struct TicketCommented {
 }
 
 /// A ticket was closed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
+#[event(name = "TicketClosed")]
 pub struct TicketClosed {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -120,20 +124,6 @@ pub struct TicketClosed {
     /// Why, if given.
     pub resolution: Option<String>,
 }
-
-macro_rules! ticket_event {
-    ($ty:ident) => {
-        impl Message for $ty {
-            const NAME: &'static str = stringify!($ty);
-        }
-        impl Event for $ty {}
-    };
-}
-
-ticket_event!(TicketOpened);
-ticket_event!(TicketAssigned);
-ticket_event!(TicketCommented);
-ticket_event!(TicketClosed);
 
 event_set! {
     /// Everything that happens to a ticket.

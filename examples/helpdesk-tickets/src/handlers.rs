@@ -10,7 +10,7 @@ use cqrs_core::clock::Clock;
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{
     AggregateError, AggregateRepository, Command, CommandContext, CommandHandler, EventTypes,
-    HandlerError, Loaded, Message, Metadata, Query, QueryContext, QueryHandler,
+    HandlerError, Loaded, Metadata, Query, QueryContext, QueryHandler,
 };
 use cqrs_postgres::{PgEventStore, PgUnitOfWork};
 use helpdesk_api::{Role, User, UserDirectory};
@@ -45,7 +45,8 @@ pub enum Change {
 }
 
 /// Opens a ticket.
-#[derive(Debug)]
+#[derive(Debug, Command)]
+#[command(name = "tickets.open", output = Ticket)]
 pub struct OpenTicket {
     /// The reporter.
     pub user: User,
@@ -57,16 +58,9 @@ pub struct OpenTicket {
     pub priority: Option<Priority>,
 }
 
-impl Message for OpenTicket {
-    const NAME: &'static str = "tickets.open";
-}
-
-impl Command for OpenTicket {
-    type Output = Ticket;
-}
-
 /// Changes a ticket.
-#[derive(Debug)]
+#[derive(Debug, Command)]
+#[command(name = "tickets.change", output = Ticket)]
 pub struct ChangeTicket {
     /// Who.
     pub user: User,
@@ -78,16 +72,9 @@ pub struct ChangeTicket {
     pub change: Change,
 }
 
-impl Message for ChangeTicket {
-    const NAME: &'static str = "tickets.change";
-}
-
-impl Command for ChangeTicket {
-    type Output = Ticket;
-}
-
 /// Reads one ticket with its comments.
-#[derive(Debug)]
+#[derive(Debug, Query)]
+#[query(name = "tickets.get", output = Ticket)]
 pub struct GetTicket {
     /// Who asks.
     pub user: User,
@@ -95,16 +82,9 @@ pub struct GetTicket {
     pub id: Uuid,
 }
 
-impl Message for GetTicket {
-    const NAME: &'static str = "tickets.get";
-}
-
-impl Query for GetTicket {
-    type Output = Ticket;
-}
-
 /// Lists tickets.
-#[derive(Debug)]
+#[derive(Debug, Query)]
+#[query(name = "tickets.list", output = Page)]
 pub struct ListTickets {
     /// Who asks.
     pub user: User,
@@ -125,16 +105,9 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
-impl Message for ListTickets {
-    const NAME: &'static str = "tickets.list";
-}
-
-impl Query for ListTickets {
-    type Output = Page;
-}
-
 /// A ticket's events, oldest first.
-#[derive(Debug)]
+#[derive(Debug, Query)]
+#[query(name = "tickets.history", output = Vec<HistoryItem>)]
 pub struct TicketHistory {
     /// Who asks.
     pub user: User,
@@ -163,27 +136,12 @@ pub struct HistoryItem {
     pub data: serde_json::Value,
 }
 
-impl Message for TicketHistory {
-    const NAME: &'static str = "tickets.history";
-}
-
-impl Query for TicketHistory {
-    type Output = Vec<HistoryItem>;
-}
-
 /// The counts over all tickets.
-#[derive(Debug)]
+#[derive(Debug, Query)]
+#[query(name = "tickets.stats", output = Stats)]
 pub struct GetStats {
     /// Who asks (agents only).
     pub user: User,
-}
-
-impl Message for GetStats {
-    const NAME: &'static str = "tickets.stats";
-}
-
-impl Query for GetStats {
-    type Output = Stats;
 }
 
 use helpdesk_api::{

@@ -1,0 +1,611 @@
+//! Derive macros for [`cqrs-core`]'s message traits: `#[derive(Command)]`, `#[derive(Query)]`
+//! and `#[derive(Event)]`.
+//!
+//! Use them through `cqrs-core`, which re-exports each beside the trait of the same name (its
+//! `derive` feature, on by default); this crate is not meant as a dependency of its own.
+//!
+//! [`cqrs-core`]: https://docs.rs/cqrs-core
+
+#![deny(missing_docs)]
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::quote;
+use syn::{DeriveInput, Ident, LitInt, LitStr, Path, Type, parse_macro_input};
+
+/// Implements `Message` and `Command` for a type.
+///
+/// `name` is the command's stable wire name (`Message::NAME`): it names the command in logs,
+/// metrics and errors, so keep it when the Rust type is renamed or moved. `output` is what its
+/// handler returns (`Command::Output`); leave it out for `()`.
+///
+/// ```
+/// use cqrs_core::{Command, Message};
+///
+/// #[derive(Command)]
+/// #[command(name = "tickets.open_ticket", output = u64)]
+/// struct OpenTicket {
+///     title: String,
+/// }
+///
+/// #[derive(Command)]
+/// #[command(name = "tickets.close_ticket")] // the output is ()
+/// struct CloseTicket {
+///     id: u64,
+/// }
+///
+/// assert_eq!(<OpenTicket as Message>::NAME, "tickets.open_ticket");
+/// let _: <CloseTicket as Command>::Output = ();
+/// ```
+///
+/// A wire name is 1 to 64 ASCII letters, digits, `.`, `_` and `-`, the form a metrics label
+/// keeps; anything else does not compile:
+///
+/// ```compile_fail
+/// #[derive(cqrs_core::Command)]
+/// #[command(name = "open ticket")]
+/// struct OpenTicket;
+/// ```
+///
+/// The attribute takes `crate = "path"` too, for a `cqrs-core` renamed in `Cargo.toml` or
+/// re-exported by another crate: the generated impls then name the traits through that path.
+#[proc_macro_derive(Command, attributes(command))]
+pub fn derive_command(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand(Kind::Command, &input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Implements `Message` and `Query` for a type.
+///
+/// `name` is the query's stable wire name (`Message::NAME`); `output` is what its handler
+/// returns (`Query::Output`), and a query must name it.
+///
+/// ```
+/// use cqrs_core::{Message, Query};
+///
+/// #[derive(Query)]
+/// #[query(name = "tickets.get_ticket", output = Option<String>)]
+/// struct GetTicket {
+///     id: u64,
+/// }
+///
+/// assert_eq!(<GetTicket as Message>::NAME, "tickets.get_ticket");
+/// let _: <GetTicket as Query>::Output = Some("a title".to_owned());
+/// ```
+///
+/// ```compile_fail
+/// #[derive(cqrs_core::Query)]
+/// #[query(name = "tickets.get_ticket")] // no output
+/// struct GetTicket;
+/// ```
+///
+/// `crate = "path"` works as for [`Command`](derive@Command).
+#[proc_macro_derive(Query, attributes(query))]
+pub fn derive_query(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand(Kind::Query, &input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+/// Implements `Message` and `Event` for a type.
+///
+/// `name` is the event's stable wire name (`Message::NAME`): it is stored with every event, so
+/// it must never change. `version` is the payload's schema version (`Event::VERSION`), 1 when
+/// left out; raise it when the shape changes and register an upcaster for the older versions.
+/// An event is serialized, so derive serde's traits as well.
+///
+/// ```
+/// use cqrs_core::{Event, Message};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[event(name = "tickets.ticket_opened", version = 2)]
+/// struct TicketOpened {
+///     id: u64,
+///     title: String,
+/// }
+///
+/// assert_eq!(<TicketOpened as Message>::NAME, "tickets.ticket_opened");
+/// assert_eq!(<TicketOpened as Event>::VERSION, 2);
+/// ```
+///
+/// Versions start at 1:
+///
+/// ```compile_fail
+/// # use serde::{Deserialize, Serialize};
+/// #[derive(Serialize, Deserialize, cqrs_core::Event)]
+/// #[event(name = "tickets.ticket_opened", version = 0)]
+/// struct TicketOpened;
+/// ```
+///
+/// `crate = "path"` works as for [`Command`](derive@Command).
+#[proc_macro_derive(Event, attributes(event))]
+pub fn derive_event(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    expand(Kind::Event, &input)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Command,
+    Query,
+    Event,
+}
+
+impl Kind {
+    /// The derive's name, as written in `#[derive(..)]`.
+    fn derive(self) -> &'static str {
+        match self {
+            Kind::Command => "Command",
+            Kind::Query => "Query",
+            Kind::Event => "Event",
+        }
+    }
+
+    /// The helper attribute the derive reads.
+    fn attribute(self) -> &'static str {
+        match self {
+            Kind::Command => "command",
+            Kind::Query => "query",
+            Kind::Event => "event",
+        }
+    }
+
+    /// The keys its attribute takes, as an error message lists them.
+    fn keys(self) -> &'static str {
+        match self {
+            Kind::Command | Kind::Query => "`name`, `output` and `crate`",
+            Kind::Event => "`name`, `version` and `crate`",
+        }
+    }
+}
+
+/// What the helper attributes said.
+#[derive(Default)]
+struct Args {
+    name: Option<LitStr>,
+    output: Option<Type>,
+    version: Option<LitInt>,
+    krate: Option<Path>,
+}
+
+/// The longest wire name the derives take: the length a metrics label keeps (`cqrs-core`
+/// counts a longer one as `invalid`).
+const MAX_NAME_LEN: usize = 64;
+
+fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
+    let args = parse_args(kind, input)?;
+    let Some(name) = args.name else {
+        return Err(syn::Error::new_spanned(
+            &input.ident,
+            format!(
+                "`#[derive({derive})]` needs the message's wire name: add \
+                 `#[{attr}(name = \"...\")]`, a name such as \"tickets.open_ticket\" that stays \
+                 when the Rust type is renamed (see `Message::NAME`)",
+                derive = kind.derive(),
+                attr = kind.attribute(),
+            ),
+        ));
+    };
+    check_name(&name)?;
+
+    let krate = args.krate.unwrap_or_else(|| syn::parse_quote!(::cqrs_core));
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let kind_impl = match kind {
+        Kind::Command | Kind::Query => {
+            let output = match args.output {
+                Some(output) => output,
+                None if kind == Kind::Command => syn::parse_quote!(()),
+                None => {
+                    return Err(syn::Error::new_spanned(
+                        &input.ident,
+                        "`#[derive(Query)]` needs the type the query's handler returns: add \
+                         `output = Type` to `#[query(..)]`",
+                    ));
+                }
+            };
+            let kind_trait = Ident::new(kind.derive(), Span::call_site());
+            quote! {
+                #[automatically_derived]
+                impl #impl_generics #krate::#kind_trait for #ident #ty_generics #where_clause {
+                    type Output = #output;
+                }
+            }
+        }
+        Kind::Event => {
+            let version = match &args.version {
+                Some(version) => {
+                    let value: u32 = version.base10_parse().map_err(|_| {
+                        syn::Error::new_spanned(
+                            version,
+                            "an event's version is a whole number from 1 to 4294967295",
+                        )
+                    })?;
+                    if value == 0 {
+                        return Err(syn::Error::new_spanned(
+                            version,
+                            "event versions start at 1 (leave `version` out for 1)",
+                        ));
+                    }
+                    quote! { const VERSION: u32 = #value; }
+                }
+                None => TokenStream2::new(),
+            };
+            quote! {
+                #[automatically_derived]
+                impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
+                    #version
+                }
+            }
+        }
+    };
+    Ok(quote! {
+        #[automatically_derived]
+        impl #impl_generics #krate::Message for #ident #ty_generics #where_clause {
+            const NAME: &'static str = #name;
+        }
+        #kind_impl
+    })
+}
+
+/// Reads every `#[command(..)]` (or `query`, `event`) attribute on the type; a key may appear
+/// once over all of them.
+fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
+    let mut args = Args::default();
+    for attr in input
+        .attrs
+        .iter()
+        .filter(|attr| attr.path().is_ident(kind.attribute()))
+    {
+        attr.parse_nested_meta(|meta| {
+            let key = meta.path.get_ident().map(ToString::to_string);
+            let once = |taken: bool| {
+                if taken {
+                    Err(meta.error(format!(
+                        "`{}` is given twice",
+                        key.as_deref().unwrap_or_default()
+                    )))
+                } else {
+                    Ok(())
+                }
+            };
+            match key.as_deref() {
+                Some("name") => {
+                    once(args.name.is_some())?;
+                    args.name = Some(meta.value()?.parse()?);
+                }
+                Some("output") if kind != Kind::Event => {
+                    once(args.output.is_some())?;
+                    args.output = Some(meta.value()?.parse()?);
+                }
+                Some("version") if kind == Kind::Event => {
+                    once(args.version.is_some())?;
+                    args.version = Some(meta.value()?.parse()?);
+                }
+                Some("crate") => {
+                    once(args.krate.is_some())?;
+                    let path: LitStr = meta.value()?.parse()?;
+                    args.krate = Some(path.parse().map_err(|_| {
+                        syn::Error::new_spanned(
+                            &path,
+                            "`crate` takes the path of cqrs-core as a string, such as \
+                             \"::cqrs_core\" or \"my_framework::cqrs\"",
+                        )
+                    })?);
+                }
+                _ => {
+                    let hint = match (kind, key.as_deref()) {
+                        (Kind::Event, Some("output")) => {
+                            "; an event has no output (`output` is for commands and queries)"
+                        }
+                        (Kind::Command | Kind::Query, Some("version")) => {
+                            "; only events have a schema version"
+                        }
+                        _ => "",
+                    };
+                    return Err(meta.error(format!(
+                        "`#[{}(..)]` takes {}{hint}",
+                        kind.attribute(),
+                        kind.keys(),
+                    )));
+                }
+            }
+            Ok(())
+        })?;
+    }
+    Ok(args)
+}
+
+/// Refuses a wire name a metrics label would not keep, at compile time rather than as an
+/// `invalid` label in production.
+fn check_name(name: &LitStr) -> syn::Result<()> {
+    let value = name.value();
+    let problem = if value.is_empty() {
+        Some("a wire name cannot be empty".to_owned())
+    } else if value.len() > MAX_NAME_LEN {
+        Some(format!(
+            "a wire name is at most {MAX_NAME_LEN} bytes; this one has {}",
+            value.len()
+        ))
+    } else {
+        value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .map(|c| {
+                format!(
+                    "a wire name takes ASCII letters, digits, `.`, `_` and `-` only, not {c:?} \
+                     (a dotted form such as \"tickets.open_ticket\" reads best)"
+                )
+            })
+    };
+    match problem {
+        Some(problem) => Err(syn::Error::new_spanned(name, problem)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Kind, expand};
+    use syn::{DeriveInput, parse_quote};
+
+    fn error(kind: Kind, input: DeriveInput) -> String {
+        match expand(kind, &input) {
+            Ok(tokens) => panic!("expected an error, got {tokens}"),
+            Err(error) => error.to_string(),
+        }
+    }
+
+    fn expanded(kind: Kind, input: DeriveInput) -> String {
+        expand(kind, &input)
+            .unwrap_or_else(|error| panic!("{error}"))
+            .to_string()
+    }
+
+    #[test]
+    fn a_command_gets_its_name_and_output_and_unit_when_none_is_given() {
+        let code = expanded(
+            Kind::Command,
+            parse_quote! {
+                #[command(name = "tickets.open", output = Vec<u8>)]
+                struct Open;
+            },
+        );
+        assert!(
+            code.contains("impl :: cqrs_core :: Message for Open"),
+            "{code}"
+        );
+        assert!(code.contains("const NAME : & 'static str = \"tickets.open\""));
+        assert!(code.contains("impl :: cqrs_core :: Command for Open"));
+        assert!(code.contains("type Output = Vec < u8 >"), "{code}");
+
+        let code = expanded(
+            Kind::Command,
+            parse_quote! {
+                #[command(name = "tickets.close")]
+                struct Close;
+            },
+        );
+        assert!(code.contains("type Output = ()"), "{code}");
+    }
+
+    #[test]
+    fn keys_may_be_spread_over_several_attributes_and_generics_are_kept() {
+        let code = expanded(
+            Kind::Query,
+            parse_quote! {
+                #[query(name = "items.get")]
+                #[query(output = Option<T>)]
+                struct Get<T: Send + 'static> where T: Clone { id: T }
+            },
+        );
+        assert!(
+            code.contains(
+                "impl < T : Send + 'static > :: cqrs_core :: Query for Get < T > where T : Clone"
+            ),
+            "{code}"
+        );
+        assert!(code.contains("type Output = Option < T >"), "{code}");
+    }
+
+    #[test]
+    fn an_event_gets_its_version_or_the_traits_default() {
+        let code = expanded(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = "tickets.opened", version = 3)]
+                struct Opened;
+            },
+        );
+        assert!(
+            code.contains("impl :: cqrs_core :: Event for Opened"),
+            "{code}"
+        );
+        assert!(code.contains("const VERSION : u32 = 3u32"), "{code}");
+
+        let code = expanded(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = "tickets.opened")]
+                struct Opened;
+            },
+        );
+        assert!(!code.contains("VERSION"), "{code}");
+    }
+
+    #[test]
+    fn the_crate_key_names_the_traits_through_the_given_path() {
+        let code = expanded(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = "x.y", crate = "my_framework::cqrs")]
+                struct Y;
+            },
+        );
+        assert!(
+            code.contains("impl my_framework :: cqrs :: Message for Y"),
+            "{code}"
+        );
+        assert!(code.contains("impl my_framework :: cqrs :: Event for Y"));
+        assert!(!code.contains("cqrs_core"), "{code}");
+
+        let message = error(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = "x.y", crate = "not a path")]
+                struct Y;
+            },
+        );
+        assert!(
+            message.contains("`crate` takes the path of cqrs-core"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_missing_name_says_how_to_give_one() {
+        let message = error(Kind::Command, parse_quote! { struct Open; });
+        assert!(
+            message.contains("`#[derive(Command)]` needs the message's wire name"),
+            "{message}"
+        );
+        assert!(message.contains("#[command(name = \"...\")]"), "{message}");
+
+        // An attribute of another derive does not count.
+        let message = error(
+            Kind::Event,
+            parse_quote! {
+                #[command(name = "tickets.open")]
+                struct Open;
+            },
+        );
+        assert!(message.contains("#[event(name = \"...\")]"), "{message}");
+    }
+
+    #[test]
+    fn a_name_no_metrics_label_would_keep_is_refused() {
+        for (name, says) in [
+            ("", "cannot be empty"),
+            ("open ticket", "not ' '"),
+            ("tickets:open", "not ':'"),
+            ("tickets.öffnen", "not 'ö'"),
+        ] {
+            let message = error(
+                Kind::Command,
+                parse_quote! {
+                    #[command(name = #name)]
+                    struct Open;
+                },
+            );
+            assert!(message.contains(says), "{name:?}: {message}");
+        }
+        let long = "n".repeat(super::MAX_NAME_LEN + 1);
+        let message = error(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = #long)]
+                struct Open;
+            },
+        );
+        assert!(
+            message.contains("at most 64 bytes; this one has 65"),
+            "{message}"
+        );
+        let longest = "n".repeat(super::MAX_NAME_LEN);
+        expanded(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = #longest)]
+                struct Open;
+            },
+        );
+    }
+
+    #[test]
+    fn a_query_without_output_is_refused() {
+        let message = error(
+            Kind::Query,
+            parse_quote! {
+                #[query(name = "tickets.get")]
+                struct Get;
+            },
+        );
+        assert!(message.contains("add `output = Type`"), "{message}");
+    }
+
+    #[test]
+    fn a_version_of_zero_or_past_u32_is_refused() {
+        for (version, says) in [
+            (quote::quote!(0), "versions start at 1"),
+            (quote::quote!(4294967296), "from 1 to 4294967295"),
+            (quote::quote!(-1), "from 1 to 4294967295"),
+            (quote::quote!("2"), "expected integer literal"),
+        ] {
+            let message = error(
+                Kind::Event,
+                parse_quote! {
+                    #[event(name = "tickets.opened", version = #version)]
+                    struct Opened;
+                },
+            );
+            assert!(message.contains(says), "{version}: {message}");
+        }
+    }
+
+    #[test]
+    fn unknown_misplaced_and_repeated_keys_are_refused() {
+        let message = error(
+            Kind::Command,
+            parse_quote! {
+                #[command(name = "a.b", nmae = "c")]
+                struct A;
+            },
+        );
+        assert!(
+            message.contains("`#[command(..)]` takes `name`, `output` and `crate`"),
+            "{message}"
+        );
+        let message = error(
+            Kind::Event,
+            parse_quote! {
+                #[event(name = "a.b", output = u8)]
+                struct A;
+            },
+        );
+        assert!(message.contains("an event has no output"), "{message}");
+        let message = error(
+            Kind::Query,
+            parse_quote! {
+                #[query(name = "a.b", output = u8, version = 2)]
+                struct A;
+            },
+        );
+        assert!(
+            message.contains("only events have a schema version"),
+            "{message}"
+        );
+        let message = error(
+            Kind::Query,
+            parse_quote! {
+                #[query(name = "a.b", output = u8)]
+                #[query(name = "a.c")]
+                struct A;
+            },
+        );
+        assert!(message.contains("`name` is given twice"), "{message}");
+        let message = error(
+            Kind::Command,
+            parse_quote! {
+                #[command(name = a.b)]
+                struct A;
+            },
+        );
+        assert!(message.contains("expected string literal"), "{message}");
+    }
+}
