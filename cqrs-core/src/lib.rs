@@ -10,7 +10,7 @@
 //! use cqrs_core::{Command, CommandBus, CommandContext, CommandHandler, HandlerError};
 //!
 //! #[derive(Command)]
-//! #[command(name = "hello.greet", output = String)] // the stable wire name, what handling returns
+//! #[cqrs(name = "hello.greet", output = String)] // the stable wire name, what handling returns
 //! struct Greet {
 //!     name: String,
 //! }

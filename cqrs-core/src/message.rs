@@ -10,9 +10,10 @@ use std::any::TypeId;
 /// moved. Prefer a dotted, namespaced form such as `"tickets.open_ticket"`.
 ///
 /// The derives `#[derive(Command)]`, `#[derive(Query)]` and `#[derive(Event)]` implement this
-/// trait along with theirs (feature `derive`, on by default), and check at compile time that the
-/// name is 1 to 64 ASCII letters, digits, `.`, `_` and `-`: the form a metrics label keeps (a
-/// name outside it is counted under the label `invalid`).
+/// trait along with theirs (feature `derive`, on by default), from `#[cqrs(name = "...")]`, and
+/// check at compile time that the name is 1 to 64 ASCII letters, digits, `.`, `_` and `-`, so it
+/// needs no quoting in metrics labels, log fields or URLs. Implement it by hand for a name
+/// outside that rule, such as one events were already stored under.
 pub trait Message: Send + 'static {
     /// The stable wire name of this message type.
     const NAME: &'static str;
@@ -27,7 +28,7 @@ pub trait Message: Send + 'static {
 /// use cqrs_core::Command;
 ///
 /// #[derive(Command)]
-/// #[command(name = "tickets.open_ticket", output = u64)] // leave `output` out for ()
+/// #[cqrs(name = "tickets.open_ticket", output = u64)] // leave `output` out for ()
 /// struct OpenTicket {
 ///     title: String,
 /// }
@@ -62,7 +63,7 @@ pub trait Command: Message {
 /// use cqrs_core::Query;
 ///
 /// #[derive(Query)]
-/// #[query(name = "tickets.get_ticket", output = Option<String>)]
+/// #[cqrs(name = "tickets.get_ticket", output = Option<String>)]
 /// struct GetTicket {
 ///     id: u64,
 /// }
@@ -89,7 +90,7 @@ pub trait Query: Message {
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
-/// #[event(name = "tickets.ticket_opened", version = 1)]
+/// #[cqrs(name = "tickets.ticket_opened", version = 1)]
 /// struct TicketOpened {
 ///     ticket_id: String,
 ///     title: String,

@@ -4,6 +4,18 @@
 //! Use them through `cqrs-core`, which re-exports each beside the trait of the same name (its
 //! `derive` feature, on by default); this crate is not meant as a dependency of its own.
 //!
+//! All three read one attribute, `#[cqrs(..)]`: `name` (the wire name, required), `output`
+//! (commands and queries), `version` (events) and `crate`. It is not `#[command(..)]` because
+//! clap's derives take that one, and a type may well derive both.
+//!
+//! Each derive implements `Message` too, so a type takes one of them. Hand-written impls can
+//! make one type two kinds of message, or give it a wire name these derives refuse, such as
+//! the name of events already stored under one.
+//!
+//! A generic type gets one wire name for all its instantiations, so a bus takes only one of
+//! them, and its parameters need the bounds the traits ask for (`T: Send + 'static`; an
+//! event's also serde's): the derives add none.
+//!
 //! [`cqrs-core`]: https://docs.rs/cqrs-core
 
 #![deny(missing_docs)]
@@ -23,13 +35,13 @@ use syn::{DeriveInput, Ident, LitInt, LitStr, Path, Type, parse_macro_input};
 /// use cqrs_core::{Command, Message};
 ///
 /// #[derive(Command)]
-/// #[command(name = "tickets.open_ticket", output = u64)]
+/// #[cqrs(name = "tickets.open_ticket", output = u64)]
 /// struct OpenTicket {
 ///     title: String,
 /// }
 ///
 /// #[derive(Command)]
-/// #[command(name = "tickets.close_ticket")] // the output is ()
+/// #[cqrs(name = "tickets.close_ticket")] // the output is ()
 /// struct CloseTicket {
 ///     id: u64,
 /// }
@@ -38,18 +50,19 @@ use syn::{DeriveInput, Ident, LitInt, LitStr, Path, Type, parse_macro_input};
 /// let _: <CloseTicket as Command>::Output = ();
 /// ```
 ///
-/// A wire name is 1 to 64 ASCII letters, digits, `.`, `_` and `-`, the form a metrics label
-/// keeps; anything else does not compile:
+/// A wire name is 1 to 64 ASCII letters, digits, `.`, `_` and `-`, so it reads the same
+/// in a metrics label, a log field, a URL or a key of another tool; anything else does not
+/// compile:
 ///
 /// ```compile_fail
 /// #[derive(cqrs_core::Command)]
-/// #[command(name = "open ticket")]
+/// #[cqrs(name = "open ticket")]
 /// struct OpenTicket;
 /// ```
 ///
 /// The attribute takes `crate = "path"` too, for a `cqrs-core` renamed in `Cargo.toml` or
 /// re-exported by another crate: the generated impls then name the traits through that path.
-#[proc_macro_derive(Command, attributes(command))]
+#[proc_macro_derive(Command, attributes(cqrs))]
 pub fn derive_command(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     expand(Kind::Command, &input)
@@ -66,7 +79,7 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
 /// use cqrs_core::{Message, Query};
 ///
 /// #[derive(Query)]
-/// #[query(name = "tickets.get_ticket", output = Option<String>)]
+/// #[cqrs(name = "tickets.get_ticket", output = Option<String>)]
 /// struct GetTicket {
 ///     id: u64,
 /// }
@@ -77,12 +90,12 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
 ///
 /// ```compile_fail
 /// #[derive(cqrs_core::Query)]
-/// #[query(name = "tickets.get_ticket")] // no output
+/// #[cqrs(name = "tickets.get_ticket")] // no output
 /// struct GetTicket;
 /// ```
 ///
 /// `crate = "path"` works as for [`Command`](derive@Command).
-#[proc_macro_derive(Query, attributes(query))]
+#[proc_macro_derive(Query, attributes(cqrs))]
 pub fn derive_query(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     expand(Kind::Query, &input)
@@ -102,7 +115,7 @@ pub fn derive_query(input: TokenStream) -> TokenStream {
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
-/// #[event(name = "tickets.ticket_opened", version = 2)]
+/// #[cqrs(name = "tickets.ticket_opened", version = 2)]
 /// struct TicketOpened {
 ///     id: u64,
 ///     title: String,
@@ -117,12 +130,12 @@ pub fn derive_query(input: TokenStream) -> TokenStream {
 /// ```compile_fail
 /// # use serde::{Deserialize, Serialize};
 /// #[derive(Serialize, Deserialize, cqrs_core::Event)]
-/// #[event(name = "tickets.ticket_opened", version = 0)]
+/// #[cqrs(name = "tickets.ticket_opened", version = 0)]
 /// struct TicketOpened;
 /// ```
 ///
 /// `crate = "path"` works as for [`Command`](derive@Command).
-#[proc_macro_derive(Event, attributes(event))]
+#[proc_macro_derive(Event, attributes(cqrs))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
     expand(Kind::Event, &input)
@@ -147,15 +160,6 @@ impl Kind {
         }
     }
 
-    /// The helper attribute the derive reads.
-    fn attribute(self) -> &'static str {
-        match self {
-            Kind::Command => "command",
-            Kind::Query => "query",
-            Kind::Event => "event",
-        }
-    }
-
     /// The keys its attribute takes, as an error message lists them.
     fn keys(self) -> &'static str {
         match self {
@@ -174,8 +178,8 @@ struct Args {
     krate: Option<Path>,
 }
 
-/// The longest wire name the derives take: the length a metrics label keeps (`cqrs-core`
-/// counts a longer one as `invalid`).
+/// The longest wire name the derives take (as the labels of `cqrs-core`'s
+/// `cqrs_events_unknown_total` do).
 const MAX_NAME_LEN: usize = 64;
 
 fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
@@ -185,10 +189,9 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
             &input.ident,
             format!(
                 "`#[derive({derive})]` needs the message's wire name: add \
-                 `#[{attr}(name = \"...\")]`, a name such as \"tickets.open_ticket\" that stays \
+                 `#[cqrs(name = \"...\")]`, a name such as \"tickets.open_ticket\" that stays \
                  when the Rust type is renamed (see `Message::NAME`)",
                 derive = kind.derive(),
-                attr = kind.attribute(),
             ),
         ));
     };
@@ -206,7 +209,7 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
                     return Err(syn::Error::new_spanned(
                         &input.ident,
                         "`#[derive(Query)]` needs the type the query's handler returns: add \
-                         `output = Type` to `#[query(..)]`",
+                         `output = Type` to `#[cqrs(..)]`",
                     ));
                 }
             };
@@ -254,14 +257,14 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
     })
 }
 
-/// Reads every `#[command(..)]` (or `query`, `event`) attribute on the type; a key may appear
-/// once over all of them.
+/// Reads every `#[cqrs(..)]` attribute on the type; a key may appear once over all of them.
+/// Other attributes are left alone, `#[command(..)]` included (clap's derives take that one).
 fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
     let mut args = Args::default();
     for attr in input
         .attrs
         .iter()
-        .filter(|attr| attr.path().is_ident(kind.attribute()))
+        .filter(|attr| attr.path().is_ident("cqrs"))
     {
         attr.parse_nested_meta(|meta| {
             let key = meta.path.get_ident().map(ToString::to_string);
@@ -310,8 +313,8 @@ fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
                         _ => "",
                     };
                     return Err(meta.error(format!(
-                        "`#[{}(..)]` takes {}{hint}",
-                        kind.attribute(),
+                        "`#[derive({})]` takes {} in `#[cqrs(..)]`{hint}",
+                        kind.derive(),
                         kind.keys(),
                     )));
                 }
@@ -322,8 +325,8 @@ fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
     Ok(args)
 }
 
-/// Refuses a wire name a metrics label would not keep, at compile time rather than as an
-/// `invalid` label in production.
+/// Refuses, at compile time, a wire name that would need quoting or escaping somewhere it
+/// goes (the rule cqrs-core's label for unknown stored event types follows).
 fn check_name(name: &LitStr) -> syn::Result<()> {
     let value = name.value();
     let problem = if value.is_empty() {
@@ -373,7 +376,7 @@ mod tests {
         let code = expanded(
             Kind::Command,
             parse_quote! {
-                #[command(name = "tickets.open", output = Vec<u8>)]
+                #[cqrs(name = "tickets.open", output = Vec<u8>)]
                 struct Open;
             },
         );
@@ -388,7 +391,7 @@ mod tests {
         let code = expanded(
             Kind::Command,
             parse_quote! {
-                #[command(name = "tickets.close")]
+                #[cqrs(name = "tickets.close")]
                 struct Close;
             },
         );
@@ -400,8 +403,8 @@ mod tests {
         let code = expanded(
             Kind::Query,
             parse_quote! {
-                #[query(name = "items.get")]
-                #[query(output = Option<T>)]
+                #[cqrs(name = "items.get")]
+                #[cqrs(output = Option<T>)]
                 struct Get<T: Send + 'static> where T: Clone { id: T }
             },
         );
@@ -419,7 +422,7 @@ mod tests {
         let code = expanded(
             Kind::Event,
             parse_quote! {
-                #[event(name = "tickets.opened", version = 3)]
+                #[cqrs(name = "tickets.opened", version = 3)]
                 struct Opened;
             },
         );
@@ -432,7 +435,7 @@ mod tests {
         let code = expanded(
             Kind::Event,
             parse_quote! {
-                #[event(name = "tickets.opened")]
+                #[cqrs(name = "tickets.opened")]
                 struct Opened;
             },
         );
@@ -444,7 +447,7 @@ mod tests {
         let code = expanded(
             Kind::Event,
             parse_quote! {
-                #[event(name = "x.y", crate = "my_framework::cqrs")]
+                #[cqrs(name = "x.y", crate = "my_framework::cqrs")]
                 struct Y;
             },
         );
@@ -458,7 +461,7 @@ mod tests {
         let message = error(
             Kind::Event,
             parse_quote! {
-                #[event(name = "x.y", crate = "not a path")]
+                #[cqrs(name = "x.y", crate = "not a path")]
                 struct Y;
             },
         );
@@ -475,17 +478,20 @@ mod tests {
             message.contains("`#[derive(Command)]` needs the message's wire name"),
             "{message}"
         );
-        assert!(message.contains("#[command(name = \"...\")]"), "{message}");
+        assert!(message.contains("#[cqrs(name = \"...\")]"), "{message}");
 
-        // An attribute of another derive does not count.
+        // Another derive's attribute does not count (clap's `Parser` takes `command`).
         let message = error(
-            Kind::Event,
+            Kind::Command,
             parse_quote! {
-                #[command(name = "tickets.open")]
+                #[command(name = "tickets.open", version = "1")]
                 struct Open;
             },
         );
-        assert!(message.contains("#[event(name = \"...\")]"), "{message}");
+        assert!(
+            message.contains("needs the message's wire name"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -499,7 +505,7 @@ mod tests {
             let message = error(
                 Kind::Command,
                 parse_quote! {
-                    #[command(name = #name)]
+                    #[cqrs(name = #name)]
                     struct Open;
                 },
             );
@@ -509,7 +515,7 @@ mod tests {
         let message = error(
             Kind::Event,
             parse_quote! {
-                #[event(name = #long)]
+                #[cqrs(name = #long)]
                 struct Open;
             },
         );
@@ -521,7 +527,7 @@ mod tests {
         expanded(
             Kind::Event,
             parse_quote! {
-                #[event(name = #longest)]
+                #[cqrs(name = #longest)]
                 struct Open;
             },
         );
@@ -532,7 +538,7 @@ mod tests {
         let message = error(
             Kind::Query,
             parse_quote! {
-                #[query(name = "tickets.get")]
+                #[cqrs(name = "tickets.get")]
                 struct Get;
             },
         );
@@ -550,7 +556,7 @@ mod tests {
             let message = error(
                 Kind::Event,
                 parse_quote! {
-                    #[event(name = "tickets.opened", version = #version)]
+                    #[cqrs(name = "tickets.opened", version = #version)]
                     struct Opened;
                 },
             );
@@ -563,18 +569,20 @@ mod tests {
         let message = error(
             Kind::Command,
             parse_quote! {
-                #[command(name = "a.b", nmae = "c")]
+                #[cqrs(name = "a.b", nmae = "c")]
                 struct A;
             },
         );
         assert!(
-            message.contains("`#[command(..)]` takes `name`, `output` and `crate`"),
+            message.contains(
+                "`#[derive(Command)]` takes `name`, `output` and `crate` in `#[cqrs(..)]`"
+            ),
             "{message}"
         );
         let message = error(
             Kind::Event,
             parse_quote! {
-                #[event(name = "a.b", output = u8)]
+                #[cqrs(name = "a.b", output = u8)]
                 struct A;
             },
         );
@@ -582,7 +590,7 @@ mod tests {
         let message = error(
             Kind::Query,
             parse_quote! {
-                #[query(name = "a.b", output = u8, version = 2)]
+                #[cqrs(name = "a.b", output = u8, version = 2)]
                 struct A;
             },
         );
@@ -593,8 +601,8 @@ mod tests {
         let message = error(
             Kind::Query,
             parse_quote! {
-                #[query(name = "a.b", output = u8)]
-                #[query(name = "a.c")]
+                #[cqrs(name = "a.b", output = u8)]
+                #[cqrs(name = "a.c")]
                 struct A;
             },
         );
@@ -602,7 +610,7 @@ mod tests {
         let message = error(
             Kind::Command,
             parse_quote! {
-                #[command(name = a.b)]
+                #[cqrs(name = a.b)]
                 struct A;
             },
         );

@@ -11,34 +11,34 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Command)]
-#[command(name = "derived.deposit", output = u64)]
+#[cqrs(name = "derived.deposit", output = u64)]
 struct Deposit {
     cents: u64,
 }
 
 #[derive(Command)]
-#[command(name = "derived.reset")]
+#[cqrs(name = "derived.reset")]
 struct Reset;
 
 #[derive(Query)]
-#[query(name = "derived.balance", output = u64)]
+#[cqrs(name = "derived.balance", output = u64)]
 struct Balance;
 
 /// A generic query: the derive keeps the parameters and their bounds.
 #[derive(Query)]
-#[query(name = "derived.echo", output = Vec<T>)]
+#[cqrs(name = "derived.echo", output = Vec<T>)]
 struct Echo<T: Clone + Send + 'static> {
     value: T,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
-#[event(name = "derived.deposited", version = 2)]
+#[cqrs(name = "derived.deposited", version = 2)]
 struct Deposited {
     cents: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, Event)]
-#[event(name = "derived.reset_done")]
+#[cqrs(name = "derived.reset_done")]
 struct ResetDone;
 
 /// cqrs-core under another path, as a crate that re-exports it would offer it.
@@ -47,7 +47,7 @@ mod framework {
 }
 
 #[derive(Command)]
-#[command(name = "derived.through_a_path", crate = "framework::cqrs")]
+#[cqrs(name = "derived.through_a_path", crate = "framework::cqrs")]
 struct ThroughAPath;
 
 #[derive(Default)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Greets someone; answers with the greeting.
 #[derive(Debug, Command)]
-#[command(name = "hello.greet", output = String)]
+#[cqrs(name = "hello.greet", output = String)]
 pub struct Greet {
     /// Who to greet.
     pub name: String,
@@ -18,7 +18,7 @@ pub struct Greet {
 
 /// Someone was greeted.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Event)]
-#[event(name = "hello.greeted")]
+#[cqrs(name = "hello.greeted")]
 pub struct Greeted {
     /// Who was greeted.
     pub name: String,

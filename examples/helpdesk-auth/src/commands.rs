@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 /// Registers a user.
 #[derive(Command)]
-#[command(name = "auth.register_user", output = UserRecord)]
+#[cqrs(name = "auth.register_user", output = UserRecord)]
 pub struct RegisterUser {
     /// As sent; trimmed and lower-cased by the handler.
     pub email: String,
@@ -53,7 +53,7 @@ impl std::fmt::Debug for RegisterUser {
 
 /// Logs in: checks the password and issues a token.
 #[derive(Command)]
-#[command(name = "auth.log_in", output = LoggedIn)]
+#[cqrs(name = "auth.log_in", output = LoggedIn)]
 pub struct LogIn {
     /// As sent.
     pub email: String,
@@ -97,7 +97,7 @@ impl std::fmt::Debug for LoggedIn {
 /// Reads a user by id, with the role they have now (an agent whose email left the agent
 /// list is a customer).
 #[derive(Debug, Query)]
-#[query(name = "auth.get_user", output = Option<UserRecord>)]
+#[cqrs(name = "auth.get_user", output = Option<UserRecord>)]
 pub struct GetUser(pub Uuid);
 
 /// Trims and lower-cases an email, or says why it is not one.

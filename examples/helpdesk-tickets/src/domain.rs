@@ -70,7 +70,7 @@ fn one_of<'de, D: Deserializer<'de>, T: Copy, const N: usize>(
 
 /// A ticket was opened.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
-#[event(name = "TicketOpened")]
+#[cqrs(name = "TicketOpened")]
 pub struct TicketOpened {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -87,7 +87,7 @@ pub struct TicketOpened {
 
 /// A ticket was assigned to an agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
-#[event(name = "TicketAssigned")]
+#[cqrs(name = "TicketAssigned")]
 pub struct TicketAssigned {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -99,7 +99,7 @@ pub struct TicketAssigned {
 
 /// Someone commented on a ticket.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
-#[event(name = "TicketCommented")]
+#[cqrs(name = "TicketCommented")]
 pub struct TicketCommented {
     /// The ticket.
     pub ticket_id: Uuid,
@@ -115,7 +115,7 @@ pub struct TicketCommented {
 
 /// A ticket was closed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
-#[event(name = "TicketClosed")]
+#[cqrs(name = "TicketClosed")]
 pub struct TicketClosed {
     /// The ticket.
     pub ticket_id: Uuid,

@@ -46,7 +46,7 @@ pub enum Change {
 
 /// Opens a ticket.
 #[derive(Debug, Command)]
-#[command(name = "tickets.open", output = Ticket)]
+#[cqrs(name = "tickets.open", output = Ticket)]
 pub struct OpenTicket {
     /// The reporter.
     pub user: User,
@@ -60,7 +60,7 @@ pub struct OpenTicket {
 
 /// Changes a ticket.
 #[derive(Debug, Command)]
-#[command(name = "tickets.change", output = Ticket)]
+#[cqrs(name = "tickets.change", output = Ticket)]
 pub struct ChangeTicket {
     /// Who.
     pub user: User,
@@ -74,7 +74,7 @@ pub struct ChangeTicket {
 
 /// Reads one ticket with its comments.
 #[derive(Debug, Query)]
-#[query(name = "tickets.get", output = Ticket)]
+#[cqrs(name = "tickets.get", output = Ticket)]
 pub struct GetTicket {
     /// Who asks.
     pub user: User,
@@ -84,7 +84,7 @@ pub struct GetTicket {
 
 /// Lists tickets.
 #[derive(Debug, Query)]
-#[query(name = "tickets.list", output = Page)]
+#[cqrs(name = "tickets.list", output = Page)]
 pub struct ListTickets {
     /// Who asks.
     pub user: User,
@@ -107,7 +107,7 @@ pub struct Page {
 
 /// A ticket's events, oldest first.
 #[derive(Debug, Query)]
-#[query(name = "tickets.history", output = Vec<HistoryItem>)]
+#[cqrs(name = "tickets.history", output = Vec<HistoryItem>)]
 pub struct TicketHistory {
     /// Who asks.
     pub user: User,
@@ -138,7 +138,7 @@ pub struct HistoryItem {
 
 /// The counts over all tickets.
 #[derive(Debug, Query)]
-#[query(name = "tickets.stats", output = Stats)]
+#[cqrs(name = "tickets.stats", output = Stats)]
 pub struct GetStats {
     /// Who asks (agents only).
     pub user: User,
