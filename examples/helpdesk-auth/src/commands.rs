@@ -15,6 +15,7 @@ use helpdesk_api::{Role, User};
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
+use unicode_normalization::UnicodeNormalization;
 use uuid::Uuid;
 
 /// Registers a user.
@@ -100,9 +101,9 @@ impl std::fmt::Debug for LoggedIn {
 #[cqrs(name = "auth.get_user", output = Option<UserRecord>)]
 pub struct GetUser(pub Uuid);
 
-/// Trims and lower-cases an email, or says why it is not one.
+/// Trims, lower-cases and NFC-normalizes an email, or says why it is not one.
 pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
-    let email = raw.trim().to_lowercase();
+    let email = canonical_email(raw);
     if email.is_empty() {
         return Err("the email is empty");
     }
@@ -131,6 +132,14 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     } else {
         Err("the email does not look like an address")
     }
+}
+
+/// An email as accounts and the agent list key it: trimmed, lower-cased, then in Unicode's
+/// composed form (NFC), so `zoë` typed with a precomposed `ë` and with `e` plus a combining
+/// diaeresis, drawn alike, is one account. Lower-casing first: it can leave a letter in
+/// decomposed form, which NFC then composes.
+pub fn canonical_email(raw: &str) -> String {
+    raw.trim().to_lowercase().nfc().collect()
 }
 
 use helpdesk_api::{

@@ -24,7 +24,7 @@ mod tokens;
 mod users;
 
 pub use agents::{AgentCode, AgentList};
-pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, normalize_email};
+pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, canonical_email, normalize_email};
 pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{Attempt, Counted, InMemoryLoginThrottle, LoginThrottle};
 pub use tokens::{JwtTokens, UserAuthenticator};

@@ -817,11 +817,12 @@ impl Config {
         Some(connection)
     }
 
-    /// The agent emails, trimmed and lower-cased, without empty entries.
+    /// The agent emails, keyed as accounts are (trimmed, lower-cased, NFC), without empty
+    /// entries.
     pub fn agent_email_set(&self) -> HashSet<String> {
         self.agent_emails
             .iter()
-            .map(|e| e.trim().to_lowercase())
+            .map(|e| helpdesk_auth::canonical_email(e))
             .filter(|e| !e.is_empty())
             .collect()
     }
