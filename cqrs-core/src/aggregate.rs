@@ -12,6 +12,10 @@ use std::sync::Arc;
 
 /// The events of one aggregate: an enum with one variant per event type, each wrapping an
 /// [`Event`](crate::Event) struct. Declare it with [`event_set!`](crate::event_set).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an `EventSet`",
+    note = "declare an aggregate's events with `cqrs_core::event_set!`, which writes the enum and its `EventSet` impl"
+)]
 pub trait EventSet: Sized + Clone + Send + Sync + 'static {
     /// The member whose payload this envelope carries, if any.
     fn from_envelope(envelope: &EventEnvelope) -> Option<Self>;

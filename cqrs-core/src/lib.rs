@@ -127,6 +127,8 @@ pub mod reexports {
 pub mod __private {
     pub use crate::plugin::PluginRegistration;
     pub use inventory;
+    // For the derives' bounds on generic events.
+    pub use serde;
 }
 
 #[doc(hidden)]

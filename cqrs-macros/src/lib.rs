@@ -13,8 +13,9 @@
 //! the name of events already stored under one.
 //!
 //! A generic type gets one wire name for all its instantiations, so a bus takes only one of
-//! them, and its parameters need the bounds the traits ask for (`T: Send + 'static`; an
-//! event's also serde's): the derives add none.
+//! them. Its impls carry the bounds the traits ask for as `where` clauses (`Send + 'static`;
+//! an event's also `Sync` and serde's traits), so its parameters need none of their own. A
+//! lifetime parameter is refused: a message owns its data.
 //!
 //! [`cqrs-core`]: https://docs.rs/cqrs-core
 
@@ -183,14 +184,33 @@ struct Args {
 const MAX_NAME_LEN: usize = 64;
 
 fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
+    if let Some(lifetime) = input.generics.lifetimes().next() {
+        return Err(syn::Error::new_spanned(
+            lifetime,
+            "a message owns its data (the message traits ask for `'static`): hold a `String`, \
+             a `Vec` or an `Arc` instead of a reference, and drop this lifetime parameter",
+        ));
+    }
     let args = parse_args(kind, input)?;
     let Some(name) = args.name else {
+        // `#[command(..)]` is the likely slip: it reads well, and clap takes it.
+        let slip = input
+            .attrs
+            .iter()
+            .find(|attr| ["command", "query", "event"].iter().any(|n| attr.path().is_ident(n)))
+            .map(|attr| {
+                format!(
+                    " (`#[{}(..)]` is another derive's, clap's for one; this one reads `#[cqrs(..)]`)",
+                    attr.path().get_ident().map(ToString::to_string).unwrap_or_default()
+                )
+            })
+            .unwrap_or_default();
         return Err(syn::Error::new_spanned(
             &input.ident,
             format!(
                 "`#[derive({derive})]` needs the message's wire name: add \
                  `#[cqrs(name = \"...\")]`, a name such as \"tickets.open_ticket\" that stays \
-                 when the Rust type is renamed (see `Message::NAME`)",
+                 when the Rust type is renamed (see `Message::NAME`){slip}",
                 derive = kind.derive(),
             ),
         ));
@@ -198,21 +218,57 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
     check_name(&name)?;
 
     let krate = args.krate.unwrap_or_else(|| syn::parse_quote!(::cqrs_core));
+    let output = match kind {
+        Kind::Command => Some(args.output.unwrap_or_else(|| syn::parse_quote!(()))),
+        Kind::Query => Some(args.output.ok_or_else(|| {
+            syn::Error::new_spanned(
+                &input.ident,
+                "`#[derive(Query)]` needs the type the query's handler returns: add \
+                 `output = Type` to `#[cqrs(..)]`",
+            )
+        })?),
+        Kind::Event => None,
+    };
+    let version = match &args.version {
+        Some(version) => {
+            let value: u32 = version.base10_parse().map_err(|_| {
+                syn::Error::new_spanned(
+                    version,
+                    "an event's version is a whole number from 1 to 4294967295",
+                )
+            })?;
+            if value == 0 {
+                return Err(syn::Error::new_spanned(
+                    version,
+                    "event versions start at 1 (leave `version` out for 1)",
+                ));
+            }
+            quote! { const VERSION: u32 = #value; }
+        }
+        None => TokenStream2::new(),
+    };
+
+    // A generic type gets the bounds the traits ask for as `where` clauses on its impls, so
+    // its parameters need none of their own (serde's derives would copy them, and clash).
+    let mut generics = input.generics.clone();
+    if generics.type_params().next().is_some() {
+        let predicates = &mut generics.make_where_clause().predicates;
+        predicates.push(syn::parse_quote!(Self: ::core::marker::Send + 'static));
+        match &output {
+            Some(output) => {
+                predicates.push(syn::parse_quote!(#output: ::core::marker::Send + 'static));
+            }
+            None => predicates.push(syn::parse_quote!(
+                Self: ::core::marker::Sync
+                    + #krate::__private::serde::Serialize
+                    + #krate::__private::serde::de::DeserializeOwned
+            )),
+        }
+    }
     let ident = &input.ident;
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
-    let kind_impl = match kind {
-        Kind::Command | Kind::Query => {
-            let output = match args.output {
-                Some(output) => output,
-                None if kind == Kind::Command => syn::parse_quote!(()),
-                None => {
-                    return Err(syn::Error::new_spanned(
-                        &input.ident,
-                        "`#[derive(Query)]` needs the type the query's handler returns: add \
-                         `output = Type` to `#[cqrs(..)]`",
-                    ));
-                }
-            };
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
+    let kind_impl = match &output {
+        Some(output) => {
             let kind_trait = Ident::new(kind.derive(), Span::call_site());
             quote! {
                 #[automatically_derived]
@@ -221,32 +277,12 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
                 }
             }
         }
-        Kind::Event => {
-            let version = match &args.version {
-                Some(version) => {
-                    let value: u32 = version.base10_parse().map_err(|_| {
-                        syn::Error::new_spanned(
-                            version,
-                            "an event's version is a whole number from 1 to 4294967295",
-                        )
-                    })?;
-                    if value == 0 {
-                        return Err(syn::Error::new_spanned(
-                            version,
-                            "event versions start at 1 (leave `version` out for 1)",
-                        ));
-                    }
-                    quote! { const VERSION: u32 = #value; }
-                }
-                None => TokenStream2::new(),
-            };
-            quote! {
-                #[automatically_derived]
-                impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
-                    #version
-                }
+        None => quote! {
+            #[automatically_derived]
+            impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
+                #version
             }
-        }
+        },
     };
     Ok(quote! {
         #[automatically_derived]
@@ -285,11 +321,11 @@ fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
                 }
                 Some("output") if kind != Kind::Event => {
                     once(args.output.is_some())?;
-                    args.output = Some(meta.value()?.parse()?);
+                    args.output = Some(unquoted(meta.value()?, "output", "a type")?);
                 }
                 Some("version") if kind == Kind::Event => {
                     once(args.version.is_some())?;
-                    args.version = Some(meta.value()?.parse()?);
+                    args.version = Some(unquoted(meta.value()?, "version", "a number")?);
                 }
                 Some("crate") => {
                     once(args.krate.is_some())?;
@@ -323,6 +359,26 @@ fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
         })?;
     }
     Ok(args)
+}
+
+/// Parses a key's value, and says to drop the quotes from a string where the key takes a type
+/// or a number (`version = "2"`, as clap writes it).
+fn unquoted<T: syn::parse::Parse>(
+    value: syn::parse::ParseStream<'_>,
+    key: &str,
+    what: &str,
+) -> syn::Result<T> {
+    if value.peek(LitStr) {
+        let quoted: LitStr = value.parse()?;
+        return Err(syn::Error::new_spanned(
+            &quoted,
+            format!(
+                "`{key}` takes {what}, not a string: write `{key} = {}`",
+                quoted.value()
+            ),
+        ));
+    }
+    value.parse()
 }
 
 /// Refuses, at compile time, a wire name that would need quoting or escaping somewhere it
@@ -418,6 +474,61 @@ mod tests {
     }
 
     #[test]
+    fn a_generic_type_gets_the_traits_bounds_as_where_clauses() {
+        let code = expanded(
+            Kind::Command,
+            parse_quote! {
+                #[cqrs(name = "items.put", output = Vec<T>)]
+                struct Put<T> { value: T }
+            },
+        );
+        assert!(
+            code.contains(
+                "impl < T > :: cqrs_core :: Command for Put < T > where Self : :: core :: \
+                 marker :: Send + 'static , Vec < T > : :: core :: marker :: Send + 'static"
+            ),
+            "{code}"
+        );
+        let code = expanded(
+            Kind::Event,
+            parse_quote! {
+                #[cqrs(name = "items.put", crate = "fw::cqrs")]
+                struct Put<T> { value: T }
+            },
+        );
+        assert!(
+            code.contains(
+                "Self : :: core :: marker :: Sync + fw :: cqrs :: __private :: serde :: Serialize \
+                 + fw :: cqrs :: __private :: serde :: de :: DeserializeOwned"
+            ),
+            "{code}"
+        );
+        // Without type parameters, no bounds: rustc's own errors (a missing serde derive,
+        // say) stay as they are.
+        let code = expanded(
+            Kind::Event,
+            parse_quote! {
+                #[cqrs(name = "items.put")]
+                struct Put { value: u8 }
+            },
+        );
+        assert!(!code.contains("where"), "{code}");
+    }
+
+    #[test]
+    fn a_lifetime_parameter_is_refused_with_what_to_do() {
+        let message = error(
+            Kind::Command,
+            parse_quote! {
+                #[cqrs(name = "items.put")]
+                struct Put<'a> { value: &'a str }
+            },
+        );
+        assert!(message.contains("a message owns its data"), "{message}");
+        assert!(message.contains("hold a `String`"), "{message}");
+    }
+
+    #[test]
     fn an_event_gets_its_version_or_the_traits_default() {
         let code = expanded(
             Kind::Event,
@@ -492,6 +603,14 @@ mod tests {
             message.contains("needs the message's wire name"),
             "{message}"
         );
+        assert!(
+            message.contains(
+                "`#[command(..)]` is another derive's, clap's for one; this one reads `#[cqrs(..)]`"
+            ),
+            "{message}"
+        );
+        let message = error(Kind::Command, parse_quote! { struct Open; });
+        assert!(!message.contains("another derive's"), "{message}");
     }
 
     #[test]
@@ -551,7 +670,10 @@ mod tests {
             (quote::quote!(0), "versions start at 1"),
             (quote::quote!(4294967296), "from 1 to 4294967295"),
             (quote::quote!(-1), "from 1 to 4294967295"),
-            (quote::quote!("2"), "expected integer literal"),
+            (
+                quote::quote!("2"),
+                "`version` takes a number, not a string: write `version = 2`",
+            ),
         ] {
             let message = error(
                 Kind::Event,
@@ -607,6 +729,17 @@ mod tests {
             },
         );
         assert!(message.contains("`name` is given twice"), "{message}");
+        let message = error(
+            Kind::Query,
+            parse_quote! {
+                #[cqrs(name = "a.b", output = "u64")]
+                struct A;
+            },
+        );
+        assert!(
+            message.contains("`output` takes a type, not a string: write `output = u64`"),
+            "{message}"
+        );
         let message = error(
             Kind::Command,
             parse_quote! {

@@ -24,11 +24,18 @@ struct Reset;
 #[cqrs(name = "derived.balance", output = u64)]
 struct Balance;
 
-/// A generic query: the derive keeps the parameters and their bounds.
+/// A generic query, its parameter without bounds: the derive bounds its impls.
 #[derive(Query)]
 #[cqrs(name = "derived.echo", output = Vec<T>)]
-struct Echo<T: Clone + Send + 'static> {
+struct Echo<T> {
     value: T,
+}
+
+/// A generic event, its parameter without bounds (serde's derives add theirs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
+#[cqrs(name = "derived.wrapped")]
+struct Wrapped<T> {
+    inner: T,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Event)]
@@ -94,6 +101,18 @@ impl QueryHandler<Echo<String>> for EchoTwice {
 }
 
 #[async_trait]
+impl EventHandler<Wrapped<u64>> for Arc<Account> {
+    async fn handle(
+        &self,
+        event: &Wrapped<u64>,
+        _ctx: EventContext<'_>,
+    ) -> Result<(), HandlerError> {
+        self.seen.fetch_add(event.inner, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl EventHandler<Deposited> for Arc<Account> {
     async fn handle(&self, event: &Deposited, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
         self.seen.fetch_add(event.cents, Ordering::SeqCst);
@@ -107,6 +126,8 @@ fn the_derives_set_the_names_outputs_and_versions_given() {
     assert_eq!(Reset::NAME, "derived.reset");
     assert_eq!(Balance::NAME, "derived.balance");
     assert_eq!(<Echo<u8> as Message>::NAME, "derived.echo");
+    assert_eq!(<Wrapped<String> as Message>::NAME, "derived.wrapped");
+    assert_eq!(<Wrapped<String> as Event>::VERSION, 1);
     assert_eq!(Deposited::NAME, "derived.deposited");
     assert_eq!(<Deposited as Event>::VERSION, 2);
     assert_eq!(<ResetDone as Event>::VERSION, 1, "the trait's default");
@@ -125,7 +146,8 @@ fn the_derives_set_the_names_outputs_and_versions_given() {
 async fn derived_messages_are_dispatched_recorded_and_decoded() {
     let account = Arc::new(Account::default());
     let events = EventBus::builder()
-        .handler(account.clone())
+        .handler::<Deposited, _>(account.clone())
+        .handler::<Wrapped<u64>, _>(account.clone())
         .build()
         .expect("event bus");
     let commands = CommandBus::builder()
@@ -161,6 +183,15 @@ async fn derived_messages_are_dispatched_recorded_and_decoded() {
             .await
             .unwrap(),
         ["hi", "hi"]
+    );
+    events
+        .publish_event(Wrapped { inner: 1_000u64 }, cqrs_core::Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        account.seen.load(Ordering::SeqCst),
+        1_300,
+        "300 deposited, then 1,000"
     );
 
     // Recorded under the derived name and version, and decoded back into the type.
