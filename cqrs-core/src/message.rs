@@ -158,6 +158,7 @@ pub struct MessageType {
     kind: MessageKind,
     name: &'static str,
     type_id: TypeId,
+    type_name: &'static str,
 }
 
 impl MessageType {
@@ -167,6 +168,7 @@ impl MessageType {
             kind: MessageKind::Command,
             name: C::NAME,
             type_id: TypeId::of::<C>(),
+            type_name: std::any::type_name::<C>(),
         }
     }
 
@@ -176,6 +178,7 @@ impl MessageType {
             kind: MessageKind::Query,
             name: Q::NAME,
             type_id: TypeId::of::<Q>(),
+            type_name: std::any::type_name::<Q>(),
         }
     }
 
@@ -185,6 +188,7 @@ impl MessageType {
             kind: MessageKind::Event,
             name: E::NAME,
             type_id: TypeId::of::<E>(),
+            type_name: std::any::type_name::<E>(),
         }
     }
 
@@ -201,5 +205,11 @@ impl MessageType {
     /// The Rust type's id.
     pub fn type_id(&self) -> TypeId {
         self.type_id
+    }
+
+    /// The Rust type's name, as [`std::any::type_name`] gives it: for messages to people (it
+    /// may change between compiler versions), never for matching.
+    pub fn type_name(&self) -> &'static str {
+        self.type_name
     }
 }

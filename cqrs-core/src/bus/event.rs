@@ -200,8 +200,11 @@ impl<L> EventBusBuilder<L> {
             let first = *names.entry(ty.name()).or_insert(ty);
             if first.type_id() != ty.type_id() && told.insert(ty.name()) {
                 problems.push(format!(
-                    "two event types share the wire name `{}`; give each a unique NAME",
-                    ty.name()
+                    "two event types share the wire name `{}`: `{}` and `{}`; {}",
+                    ty.name(),
+                    crate::plugin::as_written(first.type_name()),
+                    crate::plugin::as_written(ty.type_name()),
+                    super::unique_name_advice(first.type_name(), ty.type_name()),
                 ));
             }
             let list = registries.events.entry(ty.type_id()).or_default();

@@ -14,6 +14,7 @@ pub(crate) use registry::Registries;
 
 use crate::BuildError;
 use crate::dispatch::{Dispatcher, ErasedService, Layered};
+use crate::plugin::as_written;
 use crate::{BoxError, Dispatch, MessageType, Reply};
 use std::any::TypeId;
 use std::collections::HashMap;
@@ -63,6 +64,19 @@ impl fmt::Display for Origin {
     }
 }
 
+/// What to do about two message types of one wire name: give each its own, unless they are
+/// instantiations of one generic type, which share its one name.
+pub(crate) fn unique_name_advice(first: &str, second: &str) -> &'static str {
+    let generic = |name: &str| name.split_once('<').map(|(base, _)| base.to_owned());
+    match (generic(first), generic(second)) {
+        (Some(a), Some(b)) if a == b => {
+            "both are one generic type, whose instantiations share its wire name: register one \
+             of them, or give each a type of its own"
+        }
+        _ => "give each type a unique NAME",
+    }
+}
+
 /// Puts each handler under its message type: one handler per type, one type per wire name.
 /// Returns the map and the wire names, or every problem found.
 fn register_single<H>(
@@ -71,7 +85,7 @@ fn register_single<H>(
     let mut problems = Vec::new();
     let mut map = registry::TypeMap::default();
     let mut origins: HashMap<TypeId, Origin> = HashMap::new();
-    let mut names: HashMap<&'static str, TypeId> = HashMap::new();
+    let mut names: HashMap<&'static str, MessageType> = HashMap::new();
     // Wire names already reported: three types on one name are one problem.
     let mut told: std::collections::HashSet<&'static str> = std::collections::HashSet::new();
     for (ty, handler, origin) in entries {
@@ -85,23 +99,30 @@ fn register_single<H>(
             continue;
         }
         if let Some(&other) = names.get(ty.name())
-            && other != ty.type_id()
+            && other.type_id() != ty.type_id()
             && told.insert(ty.name())
         {
             let first = origins
-                .get(&other)
+                .get(&other.type_id())
                 .map_or_else(String::new, ToString::to_string);
             problems.push(format!(
-                "two {kind} types share the wire name `{}`, handled by {first} and {origin}; \
-                 give each type a unique NAME",
-                ty.name()
+                "two {kind} types share the wire name `{}`: `{}`, handled by {first}, and `{}`, \
+                 handled by {origin}; {}",
+                ty.name(),
+                as_written(other.type_name()),
+                as_written(ty.type_name()),
+                unique_name_advice(other.type_name(), ty.type_name()),
             ));
         }
-        names.entry(ty.name()).or_insert(ty.type_id());
+        names.entry(ty.name()).or_insert(ty);
         origins.insert(ty.type_id(), origin);
         map.insert(ty.type_id(), handler);
     }
     into_result(problems)?;
+    let names = names
+        .into_iter()
+        .map(|(name, ty)| (name, ty.type_id()))
+        .collect();
     Ok((map, names))
 }
 

@@ -70,13 +70,14 @@ fn two_command_types_with_one_wire_name_fail_the_build() {
         err.to_string().contains("share the wire name `test.add`"),
         "{err}"
     );
-    // Both registrations are named, so the two types can be found.
+    // Both types and both registrations are named, so they can be found.
     assert!(
-        err.to_string()
-            .contains("AddHandler` (on the bus builder) and")
-            && err
-                .to_string()
-                .contains("ImpostorHandler` (on the bus builder)"),
+        err.to_string().contains(
+            "`it::fixtures::Add`, handled by `it::fixtures::AddHandler` (on the bus builder), and \
+             `it::a_command_has_exactly_one_handler::"
+        ) && err
+            .to_string()
+            .contains("ImpostorHandler` (on the bus builder); give each type a unique NAME"),
         "{err}"
     );
 }

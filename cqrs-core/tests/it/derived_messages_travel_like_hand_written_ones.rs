@@ -210,3 +210,61 @@ async fn derived_messages_are_dispatched_recorded_and_decoded() {
         Some(&Deposited { cents: 7 })
     );
 }
+
+#[test]
+fn two_instantiations_of_a_generic_message_on_one_bus_are_told_apart() {
+    let err = match QueryBus::builder()
+        .handler(EchoTwice)
+        .handler(EchoNumbers)
+        .build()
+    {
+        Ok(_) => panic!("two types of one wire name were taken"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains("share the wire name `derived.echo`"), "{err}");
+    assert!(
+        err.contains("Echo<std::string::String>`") && err.contains("Echo<u32>`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("both are one generic type, whose instantiations share its wire name"),
+        "{err}"
+    );
+
+    let err = match EventBus::builder()
+        .handler::<Wrapped<u64>, _>(Arc::new(Account::default()))
+        .handler(CountWrappedText)
+        .build()
+    {
+        Ok(_) => panic!("two types of one wire name were taken"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains("Wrapped<u64>` and `"), "{err}");
+    assert!(err.contains("both are one generic type"), "{err}");
+}
+
+struct EchoNumbers;
+
+#[async_trait]
+impl QueryHandler<Echo<u32>> for EchoNumbers {
+    async fn handle(
+        &self,
+        query: Echo<u32>,
+        _ctx: &QueryContext,
+    ) -> Result<Vec<u32>, HandlerError> {
+        Ok(vec![query.value])
+    }
+}
+
+struct CountWrappedText;
+
+#[async_trait]
+impl EventHandler<Wrapped<String>> for CountWrappedText {
+    async fn handle(
+        &self,
+        _event: &Wrapped<String>,
+        _ctx: EventContext<'_>,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
