@@ -149,7 +149,10 @@ pub fn is_invisible(c: char) -> bool {
 /// assert!(!helpdesk_api::has_visible(" \u{200B}\n"));
 /// assert!(!helpdesk_api::has_visible("\u{2800}"));
 /// assert!(!helpdesk_api::has_visible("\u{0301}\u{0301}"));
+/// assert!(!helpdesk_api::has_visible("\u{05B0}\u{05B1}")); // Hebrew points, no letter
+/// assert!(!helpdesk_api::has_visible("\u{0E31} \u{093E}")); // Thai and Devanagari vowel signs
 /// assert!(helpdesk_api::has_visible("e\u{0301}"));
+/// assert!(helpdesk_api::has_visible("\u{0915}\u{093E}")); // a Devanagari letter and its sign
 /// assert!(helpdesk_api::has_visible("日"));
 /// ```
 pub fn has_visible(text: &str) -> bool {
@@ -158,23 +161,10 @@ pub fn has_visible(text: &str) -> bool {
             && !c.is_control()
             && !is_invisible(c)
             && c != '\u{2800}'
-            && !is_combining_mark(c)
+            // A mark of any script (Unicode's category Mark: accents, vowel signs, points)
+            // marks a letter before it, which counts; alone, it marks nothing.
+            && !unicode_normalization::char::is_combining_mark(c)
     })
-}
-
-/// Whether `c` is in one of the blocks of combining marks (diacritics for Latin, Greek and
-/// Cyrillic, for symbols, and half marks). Marks of other scripts (vowel signs) come with
-/// their letters, which count.
-fn is_combining_mark(c: char) -> bool {
-    matches!(
-        c,
-        '\u{0300}'..='\u{036F}'
-            | '\u{0483}'..='\u{0489}'
-            | '\u{1AB0}'..='\u{1AFF}'
-            | '\u{1DC0}'..='\u{1DFF}'
-            | '\u{20D0}'..='\u{20FF}'
-            | '\u{FE20}'..='\u{FE2F}'
-    )
 }
 
 /// Refuses text holding what makes it read other than stored (422 `validation_failed` naming

@@ -41,6 +41,13 @@ async fn titles_with_bidi_controls_or_nothing_visible_are_refused() {
             "\u{2800}",
             " \u{2800} ",
             "\u{0301}\u{0301}",
+            // Marks of other scripts alone: Hebrew points, Arabic vowels, Thai, a
+            // Devanagari sign, a CJK tone mark.
+            "\u{05B0}\u{05B1}",
+            "\u{064B}\u{064C}",
+            "\u{0E31}",
+            " \u{093E} ",
+            "\u{302A}",
         ] {
             let r = s
                 .post("/tickets", &customer, json!({ "title": title }))
@@ -57,6 +64,8 @@ async fn titles_with_bidi_controls_or_nothing_visible_are_refused() {
             "مرحبا",
             "e\u{0301}",
             "नमस्ते",
+            "\u{05E9}\u{05B8}\u{05DC}\u{05D5}\u{05B9}\u{05DD}",
+            "สวัสดี",
         ] {
             s.ticket(&customer, title).await;
         }
