@@ -459,6 +459,10 @@ const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 /// in the pool from the start of its connect, so a pool whose places are all taken by
 /// connects to a server that is down (requests retrying until their acquire timeout) looks as
 /// full as one under load.
+///
+/// A pooled connection whose session the server ended (its backend terminated, a proxy that
+/// dropped it idle) fails the `SELECT 1`, which says nothing of the server: the check then asks
+/// on a connection of its own, degraded when that one answers.
 #[async_trait]
 impl HealthCheck for PgDatabase {
     async fn check(&self) -> Health {
@@ -531,9 +535,47 @@ impl HealthCheck for PgDatabase {
         let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn);
         match tokio::time::timeout_at(deadline, ping).await {
             Ok(Ok(_)) => Health::Healthy,
+            // A pooled connection whose session is gone (its backend was terminated, or a
+            // proxy dropped it while it sat idle) says nothing of the server: ask it on a
+            // connection of the check's own, and leave the pool to replace the lost one.
+            Ok(Err(e)) if session_lost(&e) => {
+                conn.close_on_drop();
+                drop(conn);
+                match tokio::time::timeout_at(deadline, self.answers_outside_the_pool()).await {
+                    Ok(Ok(())) => Health::Degraded(format!(
+                        "{}: a pooled connection was lost ({e}); the server answers a new one, \
+                         and the pool replaces lost connections as they fail",
+                        self.target
+                    )),
+                    Ok(Err(again)) => Health::Unhealthy(store_error(again).to_string()),
+                    Err(_) => Health::Unhealthy(format!(
+                        "{}: a pooled connection was lost ({e}), and a new one got no answer \
+                         within {wait:?}",
+                        self.target
+                    )),
+                }
+            }
             Ok(Err(e)) => Health::Unhealthy(store_error(e).to_string()),
             Err(_) => Health::Unhealthy(format!("postgres did not answer within {wait:?}")),
         }
+    }
+}
+
+/// Whether `error` ended the connection's session rather than failing one statement: the
+/// stream broke, or the server ended the session (a connection exception, an administrator's
+/// or a crash shutdown, a session ended for idling).
+fn session_lost(error: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match error {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
+        E::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "25P03" | "57P05"
+                )
+        }),
+        _ => false,
     }
 }
 

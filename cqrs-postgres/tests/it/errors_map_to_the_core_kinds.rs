@@ -360,3 +360,51 @@ pg_test! {
         }
     }
 }
+
+pg_test! {
+    /// A pooled connection whose session the server ended (its backend terminated, or a proxy
+    /// that dropped it idle) fails the check's `SELECT 1`, which said nothing of the server:
+    /// `/ready` answered 503 for an instance whose database was up. The check asks the server
+    /// on a connection of its own: degraded, and healthy again once the lost one is gone.
+    async fn a_lost_pooled_connection_is_degraded_not_a_server_down(db: PgDatabase) {
+        let pool = crate::support::options(db.schema())
+            .max_connections(1)
+            // Else a connection idle for a second is pinged, and replaced, before the check.
+            .ping_after_idle(None)
+            .connect()
+            .await
+            .unwrap();
+        let pid: i32 = {
+            let mut conn = pool.pool().acquire().await.unwrap();
+            sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+        };
+        let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert!(ended, "the pooled connection's backend is ended");
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the backend is gone", || async {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+            (left == 0).then_some(())
+        })
+        .await;
+
+        let health = pool.check().await;
+        assert!(
+            matches!(&health, Health::Degraded(why) if why.contains("a pooled connection was lost")
+                && why.contains("the server answers a new one")),
+            "{health:?}"
+        );
+        let health = pool.check().await;
+        assert!(matches!(health, Health::Healthy), "{health:?}");
+        pool.pool().close().await;
+    }
+}

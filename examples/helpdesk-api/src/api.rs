@@ -39,7 +39,8 @@ impl Operation {
             .default_response(
                 503,
                 "the user store could not be asked (`unavailable`, with `Retry-After`), or the \
-                 request ran past its time budget (`timeout`)",
+                 request ran past its time budget or the store did not answer in time \
+                 (`timeout`)",
             )
     }
 

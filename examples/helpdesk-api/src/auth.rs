@@ -63,7 +63,7 @@ pub enum AuthError {
     #[error("the token's user does not exist; log in again")]
     UnknownUser,
     /// The user could not be looked up (the user store is down): 503, try again.
-    #[error("the user store is unavailable; try again shortly")]
+    #[error("the user store is busy or unavailable; try again shortly")]
     Unavailable,
 }
 

@@ -56,6 +56,19 @@ pub struct ApiError {
     /// The `error` of a 401's `WWW-Authenticate: Bearer` challenge (RFC 6750), when the
     /// request's credentials were wrong rather than missing.
     bearer_error: Option<&'static str>,
+    /// What ran out of time, for a 503 `timeout`: the advice of a route that takes an
+    /// `Idempotency-Key` keeps it in its message.
+    timed_out: Option<TimedOut>,
+}
+
+/// What a 503 `timeout` is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimedOut {
+    /// The request ran past its time budget.
+    Budget,
+    /// A backend did not answer in time, or its answer was lost (a commit whose outcome is
+    /// unknown): the request itself was within its budget.
+    Backend,
 }
 
 impl ApiError {
@@ -68,6 +81,7 @@ impl ApiError {
             details: None,
             retry_after: None,
             bearer_error: None,
+            timed_out: None,
         }
     }
 
@@ -102,21 +116,58 @@ impl ApiError {
     /// first: a generic client that retries any 503 with `Retry-After` would otherwise send a
     /// change again that may have been applied.
     pub fn timeout(after: AfterTimeout) -> Self {
-        let message = match after {
-            AfterTimeout::TryAgain => "the request ran past its time budget; try again shortly",
-            AfterTimeout::CheckFirst => {
+        Self::timed_out(TimedOut::Budget, after)
+    }
+
+    /// 503 `timeout`: a backend did not answer in time, or its answer was lost (a commit
+    /// whose outcome is unknown), with the advice `after` gives, as [`ApiError::timeout`].
+    pub fn backend_timeout(after: AfterTimeout) -> Self {
+        Self::timed_out(TimedOut::Backend, after)
+    }
+
+    fn timed_out(what: TimedOut, after: AfterTimeout) -> Self {
+        let message = match (what, after) {
+            (TimedOut::Budget, AfterTimeout::TryAgain) => {
+                "the request ran past its time budget; try again shortly"
+            }
+            (TimedOut::Budget, AfterTimeout::CheckFirst) => {
                 "the request ran past its time budget; a change may have been applied: check \
                  before sending it again (with an Idempotency-Key, a retry is safe)"
             }
-            AfterTimeout::RetrySameKey => {
+            (TimedOut::Budget, AfterTimeout::RetrySameKey) => {
                 "the request ran past its time budget; a change may have been applied: retry \
                  with the same Idempotency-Key to be safe"
             }
+            (TimedOut::Backend, AfterTimeout::TryAgain) => {
+                "a backend did not answer in time; try again shortly"
+            }
+            (TimedOut::Backend, AfterTimeout::CheckFirst) => {
+                "a backend did not answer in time, or its answer was lost; a change may have \
+                 been applied: check before sending it again (with an Idempotency-Key, a retry \
+                 is safe)"
+            }
+            (TimedOut::Backend, AfterTimeout::RetrySameKey) => {
+                "a backend did not answer in time, or its answer was lost; a change may have \
+                 been applied: retry with the same Idempotency-Key to be safe"
+            }
         };
-        let error = Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message);
+        let mut error = Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message);
+        error.timed_out = Some(what);
         match after {
             AfterTimeout::CheckFirst => error,
             AfterTimeout::TryAgain | AfterTimeout::RetrySameKey => error.with_retry_after(1),
+        }
+    }
+
+    /// The same 503 `timeout`, with the advice `after` gives instead (a route that takes an
+    /// `Idempotency-Key` knows better than the place the time-out was found); any other error
+    /// as it is.
+    pub fn advised(self, after: AfterTimeout) -> Self {
+        match self.timed_out {
+            Some(what) if self.is_timeout() => Self::timed_out(what, after),
+            // A time-out some layer made without a cause: the request's own budget.
+            None if self.is_timeout() => Self::timeout(after),
+            _ => self,
         }
     }
 
@@ -253,6 +304,9 @@ impl From<&HandlerError> for ApiError {
             }
         };
         let mut error = ApiError::new(status, e.code(), message);
+        if status == StatusCode::SERVICE_UNAVAILABLE && e.kind() == ErrorKind::Timeout {
+            error.timed_out = Some(TimedOut::Backend);
+        }
         // A 500's details are no more for clients than its message.
         error.details = e
             .details()
@@ -341,6 +395,55 @@ mod tests {
 
     fn body_of(error: ApiError) -> String {
         serde_json::to_string(&error.body()).unwrap()
+    }
+
+    /// A route's advice on what to do after a time-out keeps what timed out: a backend (a
+    /// commit whose answer was lost, within the request's budget) is not told as the
+    /// request's budget running out, which would send an operator to the wrong setting.
+    #[test]
+    fn advice_after_a_time_out_keeps_what_timed_out() {
+        let lost_commit = ApiError::from(HandlerError::from(StoreError::Timeout {
+            backend: "postgres",
+            source: SECRET.into(),
+        }));
+        assert_eq!(
+            lost_commit.message,
+            "a backend did not answer in time; try again shortly"
+        );
+        let advised = lost_commit.advised(AfterTimeout::RetrySameKey);
+        assert!(advised.is_timeout());
+        assert_eq!(
+            advised.message,
+            "a backend did not answer in time, or its answer was lost; a change may have been \
+             applied: retry with the same Idempotency-Key to be safe"
+        );
+        assert_eq!(advised.retry_after, Some(1));
+        let advised = ApiError::from(HandlerError::from(StoreError::Timeout {
+            backend: "postgres",
+            source: SECRET.into(),
+        }))
+        .advised(AfterTimeout::CheckFirst);
+        assert!(
+            advised
+                .message
+                .starts_with("a backend did not answer in time, or its answer")
+        );
+        assert!(advised.message.contains("check before sending it again"));
+        assert_eq!(advised.retry_after, None, "no leave to send a change again");
+
+        let budget = ApiError::timeout(AfterTimeout::TryAgain).advised(AfterTimeout::RetrySameKey);
+        assert_eq!(
+            budget.message,
+            "the request ran past its time budget; a change may have been applied: retry with \
+             the same Idempotency-Key to be safe"
+        );
+        // Anything else passes as it is.
+        let conflict = ApiError::new(StatusCode::CONFLICT, "version_conflict", "stale")
+            .advised(AfterTimeout::RetrySameKey);
+        assert_eq!(
+            (conflict.status, conflict.message.as_str()),
+            (StatusCode::CONFLICT, "stale")
+        );
     }
 
     /// A store's or a broker's error, however it reaches the gateway, is a 503 (or 500) whose

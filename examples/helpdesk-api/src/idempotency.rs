@@ -174,11 +174,7 @@ fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
 /// A time-out on a route that takes an `Idempotency-Key` tells the client to retry with the
 /// key it sent, or, having sent none, to check before sending the request again.
 fn advise(error: ApiError, after: AfterTimeout) -> ApiError {
-    if error.is_timeout() {
-        ApiError::timeout(after)
-    } else {
-        error
-    }
+    error.advised(after)
 }
 
 fn reused() -> ApiError {

@@ -110,7 +110,7 @@ impl Authorizer<User> for TicketRules {
             .map_err(|e| {
                 // The store's text (a driver's, a host's) is for the log, not the client.
                 tracing::error!(error = %e, user = %user.id, "could not read a subscriber's role");
-                Refusal::unavailable("the user store is unavailable; try again shortly")
+                Refusal::unavailable("the user store is busy or unavailable; try again shortly")
             })?
             .ok_or_else(|| Refusal::forbidden("your account no longer exists"))?;
         // The connection's events are filtered with the role of its handshake (`may_see`
