@@ -65,10 +65,7 @@ use syn::{DeriveInput, Ident, LitInt, LitStr, Path, Type, parse_macro_input};
 /// re-exported by another crate: the generated impls then name the traits through that path.
 #[proc_macro_derive(Command, attributes(cqrs))]
 pub fn derive_command(input: TokenStream) -> TokenStream {
-    let input = parse_macro_input!(input as DeriveInput);
-    expand(Kind::Command, &input)
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    derive(Kind::Command, input)
 }
 
 /// Implements `Message` and `Query` for a type.
@@ -98,10 +95,7 @@ pub fn derive_command(input: TokenStream) -> TokenStream {
 /// `crate = "path"` works as for [`Command`](derive@Command).
 #[proc_macro_derive(Query, attributes(cqrs))]
 pub fn derive_query(input: TokenStream) -> TokenStream {
-    let input = parse_macro_input!(input as DeriveInput);
-    expand(Kind::Query, &input)
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    derive(Kind::Query, input)
 }
 
 /// Implements `Message` and `Event` for a type.
@@ -138,8 +132,13 @@ pub fn derive_query(input: TokenStream) -> TokenStream {
 /// `crate = "path"` works as for [`Command`](derive@Command).
 #[proc_macro_derive(Event, attributes(cqrs))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
+    derive(Kind::Event, input)
+}
+
+/// The impls of `kind` for the type `input` declares, or the errors that say why not.
+fn derive(kind: Kind, input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    expand(Kind::Event, &input)
+    expand(kind, &input)
         .unwrap_or_else(syn::Error::into_compile_error)
         .into()
 }
