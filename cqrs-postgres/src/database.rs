@@ -490,9 +490,11 @@ impl HealthCheck for PgDatabase {
                                 Ok(()) => return Outside::Answers(None),
                                 // An answer all the same (too many clients, a role's
                                 // connection limit): the server is up, and loaded.
-                                Err(sqlx::Error::Database(e)) => {
+                                Err(sqlx::Error::Database(e)) if refused_for_load(&*e) => {
                                     return Outside::Answers(Some(e.to_string()));
                                 }
+                                // Shutting down, in recovery, a login refused: no use to
+                                // this instance, however full its pool.
                                 Err(e) => unanswered = Some(e),
                             },
                         }
@@ -547,10 +549,22 @@ impl HealthCheck for PgDatabase {
                          and the pool replaces lost connections as they fail",
                         self.target
                     )),
-                    Ok(Err(again)) => Health::Unhealthy(store_error(again).to_string()),
+                    // Full (the lost connection's place taken meanwhile): up, and loaded.
+                    Ok(Err(sqlx::Error::Database(again))) if refused_for_load(&*again) => {
+                        Health::Degraded(format!(
+                            "{}: a pooled connection was lost ({e}), and the server refused a \
+                             new one: {again}",
+                            self.target
+                        ))
+                    }
+                    Ok(Err(again)) => Health::Unhealthy(format!(
+                        "{}: a pooled connection was lost ({e}), and a new one failed: {}",
+                        self.target,
+                        store_error(again)
+                    )),
                     Err(_) => Health::Unhealthy(format!(
                         "{}: a pooled connection was lost ({e}), and a new one got no answer \
-                         within {wait:?}",
+                         by the end of the check's {wait:?}",
                         self.target
                     )),
                 }
@@ -559,6 +573,13 @@ impl HealthCheck for PgDatabase {
             Err(_) => Health::Unhealthy(format!("postgres did not answer within {wait:?}")),
         }
     }
+}
+
+/// Whether a server that refused a connection did so for load (too many connections, the
+/// server's or a role's; a configuration limit): it is up, and full. Any other refusal
+/// (shutting down, in recovery, a login refused) leaves an instance without the database.
+fn refused_for_load(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.code().is_some_and(|code| code.starts_with("53"))
 }
 
 /// Whether `error` ended the connection's session rather than failing one statement: the

@@ -408,3 +408,66 @@ pg_test! {
         pool.pool().close().await;
     }
 }
+
+pg_test! {
+    /// The lost connection's place taken meanwhile (a role's connection limit, or the server's,
+    /// reached): the server refusing the check's new connection for load is up, and full.
+    async fn a_lost_pooled_connection_whose_place_was_taken_is_degraded(db: PgDatabase) {
+        use std::str::FromStr;
+        let role = format!("cqrs_limited_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let options = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+            .unwrap()
+            .username(&role);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            // As `PgOptions` sets it: else sqlx pings the lost connection and replaces it.
+            .test_before_acquire(false)
+            .connect_with(options.clone())
+            .await
+            .unwrap();
+        let limited = cqrs_postgres::PgDatabase::from_pool(pool, db.schema())
+            .unwrap()
+            .with_health_wait(Duration::from_secs(3));
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(limited.pool())
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        // The role's one place, taken by another client once the ended backend left it.
+        let taken = cqrs_core::testing::eventually(
+            Duration::from_secs(10),
+            "the role's place comes free",
+            || {
+                let options = options.clone();
+                async move {
+                    use sqlx::ConnectOptions;
+                    options.connect().await.ok()
+                }
+            },
+        )
+        .await;
+        let health = limited.check().await;
+        {
+            use sqlx::Connection;
+            taken.close().await.unwrap();
+        }
+        limited.pool().close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&health, Health::Degraded(why) if why.contains("a pooled connection was lost")
+                && why.contains("the server refused a new one")),
+            "{health:?}"
+        );
+    }
+}

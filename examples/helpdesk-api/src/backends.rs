@@ -69,7 +69,8 @@ pub struct Settings {
     pub jwt_secret: Arc<[u8]>,
     /// How long a token lives.
     pub token_ttl: Duration,
-    /// Emails (lower-case) that register as agents.
+    /// Emails that register as agents (in any case and Unicode form: the auth plugin keys them
+    /// as accounts).
     pub agent_emails: Arc<HashSet<String>>,
     /// Failed logins per email and client address before 429.
     pub login_attempts: u32,

@@ -171,7 +171,8 @@ impl ApiError {
         }
     }
 
-    /// Whether this is the 503 `timeout` of a request that ran past its time budget.
+    /// Whether this is a 503 `timeout`: the request ran past its time budget, or a backend did
+    /// not answer in time.
     pub fn is_timeout(&self) -> bool {
         self.status == StatusCode::SERVICE_UNAVAILABLE && self.code == "timeout"
     }

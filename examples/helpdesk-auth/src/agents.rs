@@ -43,7 +43,7 @@ impl AgentCode {
     }
 }
 
-/// The agent list (`--agent-emails`, lower-case) and the code that proves a registration of
+/// The agent list (`--agent-emails`, keyed as accounts are) and the code that proves a registration of
 /// one of its emails. An email decides the role twice: at registration (only a listed email,
 /// with the code, becomes an agent), and whenever a stored user is read to authenticate or
 /// authorize (a stored agent whose email left the list is a customer from the next request on).
@@ -54,9 +54,16 @@ pub struct AgentList {
 }
 
 impl AgentList {
-    /// The listed `emails` (lower-case, as `Settings::agent_emails` holds them), registering
-    /// with `code`. Without a code no email can register as an agent.
+    /// The listed `emails`, registering with `code`. Each is keyed as accounts are (trimmed,
+    /// lower-cased, NFC: [`canonical_email`](crate::canonical_email)), however it was written.
+    /// Without a code no email can register as an agent.
     pub fn new(emails: Arc<HashSet<String>>, code: Option<AgentCode>) -> Self {
+        let canonical = emails.iter().all(|e| crate::canonical_email(e) == *e);
+        let emails = if canonical {
+            emails
+        } else {
+            Arc::new(emails.iter().map(|e| crate::canonical_email(e)).collect())
+        };
         Self { emails, code }
     }
 
@@ -98,5 +105,16 @@ mod tests {
         }
         // A code with a trailing NUL is not the code either (padding is not equality).
         assert!(!AgentCode::new("ab").matches("ab\0"));
+    }
+
+    #[test]
+    fn listed_emails_are_keyed_as_accounts_however_they_were_written() {
+        let list = AgentList::new(
+            Arc::new(HashSet::from([" Rene\u{301}@Example.com ".to_owned()])),
+            None,
+        );
+        assert!(list.lists(&crate::canonical_email("ren\u{e9}@example.com")));
+        assert!(list.lists("ren\u{e9}@example.com"));
+        assert!(!list.lists("rene@example.com"));
     }
 }
