@@ -29,18 +29,16 @@ pub trait EventSet: Sized + Clone + Send + Sync + 'static {
 /// `Clone` / `Debug`.
 ///
 /// ```
-/// use cqrs_core::{event_set, Event, Message};
+/// use cqrs_core::{event_set, Event};
 /// use serde::{Deserialize, Serialize};
 ///
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "Opened")]
 /// pub struct Opened { pub title: String }
-/// impl Message for Opened { const NAME: &'static str = "Opened"; }
-/// impl Event for Opened {}
 ///
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "Closed")]
 /// pub struct Closed;
-/// impl Message for Closed { const NAME: &'static str = "Closed"; }
-/// impl Event for Closed {}
 ///
 /// event_set! {
 ///     /// Everything that happens to a ticket.
@@ -102,13 +100,12 @@ macro_rules! event_set {
 /// Keep what `apply` reads in the serialized form.
 ///
 /// ```
-/// use cqrs_core::{Aggregate, Event, HandlerError, Message, event_set};
+/// use cqrs_core::{Aggregate, Event, HandlerError, event_set};
 /// use serde::{Deserialize, Serialize};
 ///
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "TicketOpened")]
 /// pub struct TicketOpened { pub ticket_id: String }
-/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
-/// impl Event for TicketOpened {}
 ///
 /// event_set! { pub enum Events { Opened(TicketOpened) } }
 ///
@@ -344,14 +341,13 @@ fn decode_snapshot<A: Aggregate + DeserializeOwned>(
 ///
 /// ```
 /// use cqrs_core::memory::InMemoryEventStore;
-/// use cqrs_core::{Aggregate, AggregateRepository, Event, HandlerError, Message, Metadata, event_set};
+/// use cqrs_core::{Aggregate, AggregateRepository, Event, HandlerError, Metadata, event_set};
 /// use serde::{Deserialize, Serialize};
 /// use std::sync::Arc;
 ///
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "TicketOpened")]
 /// pub struct TicketOpened { pub ticket_id: String }
-/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
-/// impl Event for TicketOpened {}
 ///
 /// event_set! { pub enum Events { Opened(TicketOpened) } }
 ///

@@ -151,15 +151,14 @@ struct Entry {
 /// [`validate`](EventTypes::validate) at start-up to find a gap in the upcasters.
 ///
 /// ```
-/// use cqrs_core::{Event, EventRecord, EventTypes, Message, RecordMetadata, Metadata};
+/// use cqrs_core::{Event, EventRecord, EventTypes, RecordMetadata, Metadata};
 /// use serde::{Deserialize, Serialize};
 /// use serde_json::json;
 ///
 /// // Version 2 renamed `text` to `body`.
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "Commented", version = 2)]
 /// struct Commented { body: String }
-/// impl Message for Commented { const NAME: &'static str = "Commented"; }
-/// impl Event for Commented { const VERSION: u32 = 2; }
 ///
 /// let mut types = EventTypes::new();
 /// types.register::<Commented>();

@@ -1936,17 +1936,16 @@ where
 /// use cqrs_core::runtime::Runtime;
 /// use cqrs_core::{
 ///     Event, EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, HandlerError,
-///     Message, Metadata,
+///     Metadata,
 /// };
 /// use serde::{Deserialize, Serialize};
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use std::time::Duration;
 ///
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "TicketOpened")]
 /// pub struct TicketOpened { pub ticket_id: String }
-/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
-/// impl Event for TicketOpened {}
 ///
 /// /// Counts the tickets opened. Delivery is at least once: a handler with effects dedupes
 /// /// by the event's id, `ctx.metadata().message_id`.

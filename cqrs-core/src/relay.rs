@@ -172,17 +172,16 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 /// use cqrs_core::runtime::Runtime;
 /// use cqrs_core::{
 ///     Event, EventBus, EventContext, EventEnvelope, EventHandler, EventRecord, ExpectedVersion,
-///     HandlerError, Message, Metadata,
+///     HandlerError, Metadata,
 /// };
 /// use serde::{Deserialize, Serialize};
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use std::time::Duration;
 ///
-/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+/// #[cqrs(name = "TicketOpened")]
 /// pub struct TicketOpened { pub ticket_id: String }
-/// impl Message for TicketOpened { const NAME: &'static str = "TicketOpened"; }
-/// impl Event for TicketOpened {}
 ///
 /// #[derive(Clone, Default)]
 /// struct NotifyAgents(Arc<AtomicUsize>);
