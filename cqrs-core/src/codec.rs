@@ -352,7 +352,9 @@ impl EventTypes {
                     tracing::warn!(
                         event_type = %record.event_type,
                         event_id = %record.event_id,
-                        "skipping an event of a type this build does not know"
+                        "skipping an event of a type not registered here: no handler of this \
+                         consumer's event bus takes it (add one to handle it), or a newer build \
+                         wrote it"
                     );
                     metrics::counter!("cqrs_events_unknown_total", "event_type" => UNKNOWN_TYPE_LABELS.label(&record.event_type)).increment(1);
                     Ok(None)

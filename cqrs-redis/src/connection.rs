@@ -209,12 +209,25 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
             reason,
         };
     }
-    transport_error(error).into()
+    match transport_error(error) {
+        // Name the server, as a failed Postgres connect does: "connection refused" alone does
+        // not say which URL was tried, nor what to check.
+        TransportError::Unavailable { backend, source } => TransportError::Unavailable {
+            backend,
+            source: format!(
+                "no connection to {} ({source}); check that Redis runs there and that the URL \
+                 names it",
+                server_of(&options.url)
+            )
+            .into(),
+        },
+        other => other,
+    }
+    .into()
 }
 
 /// `host:port` of `url`, for messages (never the credentials): the server the first
 /// connection goes to (a sentinel's default port is 26379).
-#[cfg(feature = "tls")]
 fn server_of(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(parsed) => {

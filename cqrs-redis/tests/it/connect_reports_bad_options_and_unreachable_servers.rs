@@ -38,6 +38,15 @@ async fn connect_reports_bad_options_and_unreachable_servers() {
                 down.kind(),
                 ErrorKind::Unavailable | ErrorKind::Timeout
             ));
+            // A refused connection names the server and says what to check.
+            if down.kind() == ErrorKind::Unavailable {
+                let message = down.to_string();
+                assert!(
+                    message.contains("no connection to 127.0.0.1:1 (")
+                        && message.contains("check that Redis runs there"),
+                    "{message}"
+                );
+            }
         }),
     )
     .await;
