@@ -213,19 +213,30 @@ async fn a_pool_full_of_failing_connects_is_unhealthy_not_busy() {
     .await;
 }
 
+/// A role of its own that may hold one connection at a time (drop it when done), and the
+/// options to log in as it.
+async fn role_of_one_connection(
+    db: &cqrs_postgres::PgDatabase,
+) -> (String, sqlx::postgres::PgConnectOptions) {
+    use std::str::FromStr;
+    let role = format!("cqrs_limited_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 1"
+    )))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let options = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+        .unwrap()
+        .username(&role);
+    (role, options)
+}
+
 pg_test! {
     /// A busy pool whose server refuses one more connection (its role's connection limit, or
     /// the server's, reached at a peak) is still degraded: the server answered.
     async fn a_busy_pool_whose_server_refuses_one_more_connection_is_degraded(db: PgDatabase) {
-        use std::str::FromStr;
-        let role = format!("cqrs_limited_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")))
-            .execute(db.pool())
-            .await
-            .unwrap();
-        let options = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
-            .unwrap()
-            .username(&role);
+        let (role, options) = role_of_one_connection(&db).await;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .connect_with(options)
@@ -413,15 +424,7 @@ pg_test! {
     /// The lost connection's place taken meanwhile (a role's connection limit, or the server's,
     /// reached): the server refusing the check's new connection for load is up, and full.
     async fn a_lost_pooled_connection_whose_place_was_taken_is_degraded(db: PgDatabase) {
-        use std::str::FromStr;
-        let role = format!("cqrs_limited_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 1")))
-            .execute(db.pool())
-            .await
-            .unwrap();
-        let options = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
-            .unwrap()
-            .username(&role);
+        let (role, options) = role_of_one_connection(&db).await;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             // As `PgOptions` sets it: else sqlx pings the lost connection and replaces it.
