@@ -215,7 +215,7 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
         TransportError::Unavailable { backend, source } => TransportError::Unavailable {
             backend,
             source: format!(
-                "no connection to {} ({source}); check that Redis runs there and that the URL \
+                "could not connect to {} ({source}); check that Redis runs there and that the URL \
                  names it",
                 server_of(&options.url)
             )

@@ -42,7 +42,7 @@ async fn connect_reports_bad_options_and_unreachable_servers() {
             if down.kind() == ErrorKind::Unavailable {
                 let message = down.to_string();
                 assert!(
-                    message.contains("no connection to 127.0.0.1:1 (")
+                    message.contains("could not connect to 127.0.0.1:1 (")
                         && message.contains("check that Redis runs there"),
                     "{message}"
                 );
