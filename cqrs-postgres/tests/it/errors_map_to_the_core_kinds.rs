@@ -160,15 +160,7 @@ crate::support::pg_test! {
             .fetch_one(&mut *tx)
             .await
             .unwrap();
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the server ended the session", || async {
-            let alive: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_one(db.pool())
-                .await
-                .unwrap();
-            (alive == 0).then_some(())
-        })
-        .await;
+        backend_gone(&db, pid, "the server ended the session").await;
         let error = sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap_err();
         let error = cqrs_postgres::store_error(error);
         assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
@@ -209,6 +201,19 @@ async fn a_pool_full_of_failing_connects_is_unhealthy_not_busy() {
         for task in retrying {
             task.abort();
         }
+    })
+    .await;
+}
+
+/// Waits until the server no longer lists backend `pid` (ending a session is asynchronous).
+async fn backend_gone(db: &cqrs_postgres::PgDatabase, pid: i32, what: &str) {
+    cqrs_core::testing::eventually(Duration::from_secs(10), what, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(pid)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        (left == 0).then_some(())
     })
     .await;
 }
@@ -398,15 +403,7 @@ pg_test! {
             .await
             .unwrap();
         assert!(ended, "the pooled connection's backend is ended");
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the backend is gone", || async {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
-                .bind(pid)
-                .fetch_one(db.pool())
-                .await
-                .unwrap();
-            (left == 0).then_some(())
-        })
-        .await;
+        backend_gone(&db, pid, "the backend is gone").await;
 
         let health = pool.check().await;
         assert!(

@@ -31,6 +31,18 @@ async fn handshake(
     }
 }
 
+/// Asserts that `response` is a 401 whose `WWW-Authenticate: Bearer` challenge names `error`
+/// (RFC 6750).
+fn assert_challenged(response: &str, error: &str) {
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains(&format!("www-authenticate: bearer error=\"{error}\"")),
+        "{response}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_malformed_and_invalid_tokens_get_401_with_a_json_error() {
     with_timeout(TEST_LIMIT, async {
@@ -105,35 +117,17 @@ async fn refusals_are_json_over_plain_http() {
         assert!(response.contains(r#""code":"unauthorized""#), "{response}");
         // A token in the wrong shape: the request is named.
         let response = get("/ws?token=").await;
-        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-        assert!(
-            response
-                .to_ascii_lowercase()
-                .contains("www-authenticate: bearer error=\"invalid_request\""),
-            "{response}"
-        );
+        assert_challenged(&response, "invalid_request");
         // Two tokens are a request in the wrong shape too, not a missing token.
         let response = get("/ws?token=user-u1&token=user-u1").await;
-        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-        assert!(
-            response
-                .to_ascii_lowercase()
-                .contains("www-authenticate: bearer error=\"invalid_request\""),
-            "{response}"
-        );
+        assert_challenged(&response, "invalid_request");
         assert!(
             response.contains("send one `token` query parameter"),
             "{response}"
         );
         // A token refused: the challenge names it.
         let response = get("/ws?token=nobody").await;
-        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-        assert!(
-            response
-                .to_ascii_lowercase()
-                .contains("www-authenticate: bearer error=\"invalid_token\""),
-            "{response}"
-        );
+        assert_challenged(&response, "invalid_token");
 
         // Two Authorization headers: refused, not the first taken (a proxy in front that
         // reads the other would take the connection for another user's).
@@ -142,13 +136,7 @@ async fn refusals_are_json_over_plain_http() {
                 .to_owned(),
         )
         .await;
-        assert!(response.starts_with("HTTP/1.1 401"), "{response}");
-        assert!(
-            response
-                .to_ascii_lowercase()
-                .contains("www-authenticate: bearer error=\"invalid_request\""),
-            "{response}"
-        );
+        assert_challenged(&response, "invalid_request");
         assert!(response.contains("not several"), "{response}");
 
         // A HEAD is answered as a GET that is no handshake: 401 without a token, 400 with

@@ -58,12 +58,7 @@ impl AgentList {
     /// lower-cased, NFC: [`canonical_email`](crate::canonical_email)), however it was written.
     /// Without a code no email can register as an agent.
     pub fn new(emails: Arc<HashSet<String>>, code: Option<AgentCode>) -> Self {
-        let canonical = emails.iter().all(|e| crate::canonical_email(e) == *e);
-        let emails = if canonical {
-            emails
-        } else {
-            Arc::new(emails.iter().map(|e| crate::canonical_email(e)).collect())
-        };
+        let emails = Arc::new(emails.iter().map(|e| crate::canonical_email(e)).collect());
         Self { emails, code }
     }
 

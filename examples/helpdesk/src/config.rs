@@ -817,12 +817,12 @@ impl Config {
         Some(connection)
     }
 
-    /// The agent emails, keyed as accounts are (trimmed, lower-cased, NFC), without empty
-    /// entries.
+    /// The agent emails, trimmed, without empty entries (the auth plugin's `AgentList` keys
+    /// them as accounts: lower-cased, NFC).
     pub fn agent_email_set(&self) -> HashSet<String> {
         self.agent_emails
             .iter()
-            .map(|e| helpdesk_auth::canonical_email(e))
+            .map(|e| e.trim().to_owned())
             .filter(|e| !e.is_empty())
             .collect()
     }
