@@ -42,6 +42,6 @@ pub use extract::{
     TrustedProxies, bearer_token,
 };
 pub use validation::{
-    Lines, has_visible, invalid_field, is_bidi_control, is_invisible, reject_controls,
-    reject_hidden, reject_nul,
+    Lines, composed, has_visible, invalid_field, is_bidi_control, is_invisible, is_noncharacter,
+    reject_controls, reject_hidden, reject_nul,
 };

@@ -3,6 +3,7 @@
 
 use cqrs_core::HandlerError;
 use serde_json::json;
+use unicode_normalization::UnicodeNormalization;
 
 /// The error for a field that fails a check.
 ///
@@ -13,6 +14,18 @@ use serde_json::json;
 pub fn invalid_field(field: &str, problem: &str) -> HandlerError {
     HandlerError::invalid("validation_failed", format!("{field}: {problem}"))
         .with_details(json!({ "field": field, "problem": problem }))
+}
+
+/// `text` in Unicode's composed form (NFC), as the helpdesk stores what people write: `é`
+/// typed as one code point and as `e` followed by a combining acute accent are drawn alike,
+/// and become the same text, so length limits (in characters) and comparisons treat them alike.
+///
+/// ```
+/// assert_eq!(helpdesk_api::composed("Cafe\u{0301}"), "Caf\u{00E9}");
+/// assert_eq!(helpdesk_api::composed("Caf\u{00E9}"), "Caf\u{00E9}");
+/// ```
+pub fn composed(text: &str) -> String {
+    text.nfc().collect()
 }
 
 /// Refuses text holding U+0000. JSON may carry it (`"\u0000"`), but Postgres `text` and
@@ -141,6 +154,20 @@ pub fn is_invisible(c: char) -> bool {
     )
 }
 
+/// Whether `c` is a noncharacter: U+FDD0 to U+FDEF and the last two code points of every
+/// plane (U+FFFE, U+FFFF, U+1FFFE, ...). Unicode keeps them for a program's internal use,
+/// never for text sent to others; fonts draw them as nothing or as a box.
+///
+/// ```
+/// assert!(helpdesk_api::is_noncharacter('\u{FFFF}'));
+/// assert!(helpdesk_api::is_noncharacter('\u{10FFFE}'));
+/// assert!(!helpdesk_api::is_noncharacter('\u{FFFD}'));
+/// ```
+pub fn is_noncharacter(c: char) -> bool {
+    let c = u32::from(c);
+    (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
+}
+
 /// Whether `text` shows anything: a character that is not whitespace, a control, invisible,
 /// drawn blank (the blank Braille pattern, U+2800, a well-known fake blank) or a combining
 /// mark (which marks the character before it, and alone shows as a stray accent or nothing).
@@ -171,11 +198,15 @@ pub fn has_visible(text: &str) -> bool {
 /// `field`): a bidirectional control, which reorders the text around it when shown, or a
 /// Unicode tag character (U+E0000 to U+E007F), drawn as nothing, a run of which spells hidden
 /// ASCII that an agent does not see and a program reading the text (a search, a language
-/// model) does. The three flags made of tags (England, Scotland, Wales) are fine.
+/// model) does. The three flags made of tags (England, Scotland, Wales) are fine. And a
+/// [noncharacter](is_noncharacter), which is not meant for text sent to others at all.
+/// Private-use characters are fine: icon fonts and company logos live there.
 ///
 /// ```
 /// assert!(helpdesk_api::reject_hidden("title", "fine").is_ok());
 /// assert!(helpdesk_api::reject_hidden("title", "a\u{202E}b").is_err());
+/// assert!(helpdesk_api::reject_hidden("title", "a\u{FDD0}b").is_err());
+/// assert!(helpdesk_api::reject_hidden("title", "logo \u{E000}").is_ok());
 /// assert!(helpdesk_api::reject_hidden("body", "fine 🏴\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}").is_ok());
 /// assert!(helpdesk_api::reject_hidden("body", "fine\u{E0068}\u{E0069}").is_err());
 /// ```
@@ -185,6 +216,17 @@ pub fn reject_hidden(field: &str, text: &str) -> Result<(), HandlerError> {
             field,
             "must not contain bidirectional control characters \
              (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069)",
+        ));
+    }
+    if let Some(c) = text.chars().find(|&c| is_noncharacter(c)) {
+        return Err(invalid_field(
+            field,
+            &format!(
+                "must not contain noncharacters (found U+{:04X}; U+FDD0 to U+FDEF and the last \
+                 two code points of every plane, such as U+FFFE and U+FFFF): Unicode keeps \
+                 them for a program's internal use, not for text",
+                u32::from(c)
+            ),
         ));
     }
     if has_hidden_tags(text) {

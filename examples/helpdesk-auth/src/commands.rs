@@ -15,7 +15,6 @@ use helpdesk_api::{Role, User};
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
-use unicode_normalization::UnicodeNormalization;
 use uuid::Uuid;
 
 /// Registers a user.
@@ -122,6 +121,7 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
             c.is_whitespace()
                 || c.is_control()
                 || is_invisible(c)
+                || is_noncharacter(c)
                 || matches!(
                     c,
                     '<' | '>' | '(' | ')' | ',' | ';' | ':' | '\\' | '"' | '[' | ']'
@@ -139,12 +139,12 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
 /// diaeresis, drawn alike, is one account. Lower-casing first: it can leave a letter in
 /// decomposed form, which NFC then composes.
 pub fn canonical_email(raw: &str) -> String {
-    raw.trim().to_lowercase().nfc().collect()
+    composed(&raw.trim().to_lowercase())
 }
 
 use helpdesk_api::{
-    Lines, has_visible, invalid_field as invalid, is_invisible, reject_controls, reject_hidden,
-    reject_nul,
+    Lines, composed, has_visible, invalid_field as invalid, is_invisible, is_noncharacter,
+    reject_controls, reject_hidden, reject_nul,
 };
 
 /// The longest password registration takes, in characters.
@@ -183,7 +183,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         }
         let display_name = cmd
             .display_name
-            .map(|n| n.trim().to_owned())
+            .map(|n| composed(n.trim()))
             .filter(|n| !n.is_empty());
         if display_name
             .as_ref()

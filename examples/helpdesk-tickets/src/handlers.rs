@@ -145,7 +145,8 @@ pub struct GetStats {
 }
 
 use helpdesk_api::{
-    Lines, has_visible, invalid_field as invalid, reject_controls, reject_hidden, reject_nul,
+    Lines, composed, has_visible, invalid_field as invalid, reject_controls, reject_hidden,
+    reject_nul,
 };
 
 fn not_found() -> HandlerError {
@@ -282,7 +283,8 @@ impl CommandHandler<OpenTicket> for Tickets {
         cmd: OpenTicket,
         ctx: &mut CommandContext,
     ) -> Result<Ticket, HandlerError> {
-        let title = cmd.title.trim().to_owned();
+        // Composed (NFC) before anything is counted or stored: text drawn alike is one text.
+        let title = composed(cmd.title.trim());
         let len = title.chars().count();
         if !(1..=200).contains(&len) {
             return Err(invalid(
@@ -299,7 +301,7 @@ impl CommandHandler<OpenTicket> for Tickets {
                 "the title must have a visible character, not only blank or invisible ones",
             ));
         }
-        let description = cmd.description.unwrap_or_default();
+        let description = composed(&cmd.description.unwrap_or_default());
         if description.chars().count() > 10_000 {
             return Err(invalid(
                 "description",
@@ -339,9 +341,17 @@ impl CommandHandler<OpenTicket> for Tickets {
 impl CommandHandler<ChangeTicket> for Tickets {
     async fn handle(
         &self,
-        cmd: ChangeTicket,
+        mut cmd: ChangeTicket,
         ctx: &mut CommandContext,
     ) -> Result<Ticket, HandlerError> {
+        // Composed (NFC) before anything is counted or stored, as a ticket's title.
+        match &mut cmd.change {
+            Change::Comment { body } => *body = composed(body),
+            Change::Close {
+                resolution: Some(resolution),
+            } => *resolution = composed(resolution),
+            Change::Close { resolution: None } | Change::Assign { .. } => {}
+        }
         let user = &cmd.user;
         // Checks that need neither the ticket nor another lookup come first.
         match &cmd.change {

@@ -1,0 +1,168 @@
+//! Text people write is stored in Unicode's composed form (NFC): `é` sent as `e` plus a
+//! combining accent is drawn like the precomposed `é`, so it is stored as that, and counted as
+//! one character against the limits. Noncharacters (U+FDD0 to U+FDEF, U+FFFE, U+FFFF, ...),
+//! which Unicode keeps for a program's internal use, are refused; private-use characters are
+//! not.
+
+use crate::support::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[track_caller]
+fn assert_refused(r: &Response, field: &str) {
+    r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    assert_eq!(r.body["error"]["details"]["field"], field, "{r:?}");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("noncharacter")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_text_and_names_are_stored_composed_and_counted_so() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        // 200 characters as drawn, 400 code points as sent.
+        let decomposed = "e\u{0301}".repeat(200);
+        let composed = "\u{00E9}".repeat(200);
+        let r = s
+            .post(
+                "/tickets",
+                &customer,
+                json!({ "title": format!(" {decomposed} "), "description": "Cafe\u{0301}" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        assert_eq!(r.body["title"], composed);
+        assert_eq!(r.body["description"], "Caf\u{00E9}");
+        let id = r.body["id"].as_str().unwrap().to_owned();
+        // One more character is one too many, however it is encoded.
+        let r = s
+            .post(
+                "/tickets",
+                &customer,
+                json!({ "title": format!("{decomposed}e\u{0301}") }),
+            )
+            .await;
+        r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        assert_eq!(r.body["error"]["details"]["field"], "title", "{r:?}");
+
+        let r = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &customer,
+                json!({ "body": "n\u{0303}o\u{0308}" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        assert_eq!(r.body["comment"]["body"], "\u{00F1}\u{00F6}");
+        let r = s
+            .post(
+                &format!("/tickets/{id}/close"),
+                &customer,
+                json!({ "resolution": "A\u{030A}" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        let stored = s.get(&format!("/tickets/{id}"), &customer).await;
+        assert_eq!(stored.body["title"], composed, "{stored:?}");
+        let history = s.get(&format!("/tickets/{id}/history"), &customer).await;
+        let closed = &history.body["items"][2];
+        assert_eq!(closed["type"], "TicketClosed", "{history:?}");
+        assert_eq!(closed["data"]["resolution"], "\u{00C5}", "{history:?}");
+
+        let address = email("composed");
+        let r = s
+            .send(
+                Method::POST,
+                "/auth/register",
+                None,
+                Some(json!({ "email": address, "password": PASSWORD, "display_name": "Zoe\u{0308}" })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let login = s
+            .send(
+                Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({ "email": address, "password": PASSWORD })),
+            )
+            .await;
+        let me = s
+            .get("/auth/me", login.body["token"].as_str().unwrap())
+            .await;
+        assert_eq!(me.body["display_name"], "Zo\u{00EB}", "{me:?}");
+        s.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noncharacters_are_refused_and_private_use_characters_are_not() {
+    within(async {
+        let s = TestServer::start().await;
+        let (customer, _) = s.customer().await;
+        for c in ['\u{FDD0}', '\u{FDEF}', '\u{FFFE}', '\u{FFFF}', '\u{1FFFF}', '\u{10FFFE}'] {
+            let r = s
+                .post("/tickets", &customer, json!({ "title": format!("printer {c}") }))
+                .await;
+            assert_refused(&r, "title");
+        }
+        let r = s
+            .post(
+                "/tickets",
+                &customer,
+                json!({ "title": "fine", "description": "see \u{FFFF}" }),
+            )
+            .await;
+        assert_refused(&r, "description");
+        let list = s.get("/tickets", &customer).await;
+        assert_eq!(list.body["items"], json!([]), "nothing was stored");
+
+        let ticket = s.ticket(&customer, "logo \u{E000} \u{F8FF}").await;
+        assert_eq!(ticket["title"], "logo \u{E000} \u{F8FF}");
+        let id = ticket["id"].as_str().unwrap();
+        let r = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &customer,
+                json!({ "body": "x\u{FDD5}" }),
+            )
+            .await;
+        assert_refused(&r, "body");
+        let r = s
+            .post(
+                &format!("/tickets/{id}/close"),
+                &customer,
+                json!({ "resolution": "\u{2FFFE}" }),
+            )
+            .await;
+        assert_refused(&r, "resolution");
+
+        let r = s
+            .send(
+                Method::POST,
+                "/auth/register",
+                None,
+                Some(json!({ "email": email("nonchar"), "password": PASSWORD, "display_name": "Ada\u{FFFE}" })),
+            )
+            .await;
+        assert_refused(&r, "display_name");
+        let r = s
+            .send(
+                Method::POST,
+                "/auth/register",
+                None,
+                Some(json!({ "email": format!("a\u{FFFF}{}", email("nonchar")), "password": PASSWORD })),
+            )
+            .await;
+        r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+        assert_eq!(r.body["error"]["details"]["field"], "email", "{r:?}");
+        s.stop().await;
+    })
+    .await;
+}
