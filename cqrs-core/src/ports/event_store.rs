@@ -159,8 +159,10 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Vec<EventRecord>, StoreError>;
 
     /// Events of every stream with a position greater than `after`, in global order, at most
-    /// `limit` of them; fewer only when no more were stored (committed) at the time of the
-    /// read. Readers take a page shorter than `limit` for the end of the store, and stop there.
+    /// `limit` of them; fewer only at the end of what it may show now: no more were committed
+    /// at the time of the read, or those committed wait behind an earlier position whose append
+    /// is still open (see "Global order" above). Readers take a page shorter than `limit` for
+    /// the end of the store, and stop there.
     async fn read_all(&self, after: Position, limit: usize)
     -> Result<Vec<EventRecord>, StoreError>;
 

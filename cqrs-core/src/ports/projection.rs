@@ -9,20 +9,26 @@ use uuid::Uuid;
 
 /// Storage for projections and other consumers: a unit of work that holds the consumer's own
 /// effects together with its inbox entries (message ids it has processed) and its checkpoint
-/// (the last position it has applied; for a consumer fed from a transport, out of global
-/// order, the highest), so a redelivered event takes effect once.
+/// (a position: the store keeps the last one saved, lower or not; what to save is the
+/// consumer's choice, and a `ProjectionRunner` saves the last position it applied, or, fed
+/// from a transport out of global order, the highest), so a redelivered event takes effect
+/// once.
 ///
 /// The contract (checked by [`testing::projection_store`](crate::testing::projection_store)):
 ///
 /// * Nothing written through a unit of work is visible until `commit`, and dropping an
 ///   uncommitted unit of work discards it.
 /// * `mark_processed(consumer, id)` returns `true` the first time for a pair, `false` after that
-///   pair was committed.
+///   pair was committed, and `false` for a pair marked earlier in the same unit (a batch may
+///   hold one event twice: delivery is at least once).
+/// * The `consumer` of the other methods is the one the unit was begun for: the consumer
+///   whose lock it holds.
 /// * `checkpoint` returns the consumer's checkpoint as the unit sees it: its own
 ///   `save_checkpoint` or `reset`, else the last committed one.
 /// * `begin(consumer)` holds the consumer's lock until the unit ends: two units of one
 ///   consumer never overlap (a rebuild pauses the live projection this way).
-/// * `reset(consumer)` removes its inbox entries and checkpoint, in the unit.
+/// * `reset(consumer)` removes its inbox entries and checkpoint, in the unit: its later calls
+///   see them gone (a rebuild resets, then marks every event processed, in one unit).
 /// * `purge_inbox(consumer, older_than)` deletes the consumer's committed inbox entries
 ///   processed more than `older_than` ago, and no other consumer's.
 #[async_trait]
@@ -34,7 +40,8 @@ pub trait ProjectionStore: Send + Sync + 'static {
     /// Starts a unit of work for `consumer`, holding its lock.
     async fn begin(&self, consumer: &str) -> Result<Self::Unit, StoreError>;
 
-    /// Records that `consumer` processed message `id`. `true` if it had not before.
+    /// Records that `consumer` processed message `id`. `true` if it had not before: not in a
+    /// committed unit, nor earlier in this one.
     async fn mark_processed(
         &self,
         unit: &mut Self::Unit,

@@ -69,8 +69,9 @@ pub struct ConsumerOptions {
     /// in-memory one takes any, so keep test options at 100 ms or more if they must also run
     /// against Redis.
     pub redelivery_delay: Duration,
-    /// Deliveries after which a message is dead-lettered instead of retried, where the
-    /// transport supports it. Default 10; at least 1.
+    /// Deliveries after which a message is dead-lettered instead of retried. Default 10; at
+    /// least 1. Every transport must honour it (the conformance suite's
+    /// `a_message_is_dead_lettered_after_max_deliveries`).
     pub max_deliveries: u32,
 }
 
@@ -339,10 +340,11 @@ pub trait Consumer: Send + Sync + 'static {
     }
 
     /// Hands back deliveries that were not handled because an earlier delivery of their chain
-    /// failed (see [`fetch`](Consumer::fetch)). Like [`nack`](Consumer::nack), except that,
-    /// where the transport can, this handing out does not count as an attempt: a poison event
-    /// does not use up the `max_deliveries` of the events queued behind it. Deliveries this
-    /// consumer no longer owns are left alone, as by `nack`. Defaults to `nack` of each.
+    /// failed (see [`fetch`](Consumer::fetch)). Like [`nack`](Consumer::nack), except that
+    /// this handing out does not count as an attempt: a poison event does not use up the
+    /// `max_deliveries` of the events queued behind it. Deliveries this consumer no longer owns
+    /// are left alone, as by `nack`. The default, `nack` of each, counts an attempt: a
+    /// transport overrides it to pass the conformance suite (`a_deferred_delivery_is_no_attempt`).
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
         for id in ids {
             self.nack(id).await?;
@@ -354,7 +356,8 @@ pub trait Consumer: Send + Sync + 'static {
     /// their redelivery delay starts again, so a batch that takes longer than the delay in
     /// total is not handed out again elsewhere meanwhile. A delivery this consumer no longer
     /// owns (another consumer took it over, or it was acknowledged) is left alone. Defaults to
-    /// doing nothing, for transports that do not redeliver by time.
+    /// doing nothing; every transport redelivers by time (the contract), so overrides it to
+    /// pass the conformance suite (`a_delivery_kept_alive_is_not_handed_out_again`).
     ///
     /// [`consume_until_shutdown`](crate::projection::consume_until_shutdown) calls it every
     /// [`keep_alive_interval`](Consumer::keep_alive_interval) while a batch runs.
@@ -364,13 +367,17 @@ pub trait Consumer: Send + Sync + 'static {
     }
 
     /// How often a caller handling a batch should call [`keep_alive`](Consumer::keep_alive):
-    /// a fraction of the redelivery delay. `None` (the default) when it need not.
+    /// a fraction of the redelivery delay. `None` (the default) says it need not, which the
+    /// conformance suite refuses (`a_consumer_tells_its_redelivery_delay_and_keep_alive_interval`):
+    /// a transport overrides it.
     fn keep_alive_interval(&self) -> Option<Duration> {
         None
     }
 
     /// How long a delivery handed out and not acknowledged (or nacked) waits before it is
-    /// handed out again. `None` (the default) for transports that do not redeliver by time.
+    /// handed out again. `None` (the default) says it is not redelivered by time, which the
+    /// conformance suite refuses (as for [`keep_alive_interval`](Consumer::keep_alive_interval)):
+    /// a transport overrides it.
     /// [`consume_until_shutdown`](crate::projection::consume_until_shutdown) uses it to tell
     /// when a failed delivery can no longer come back (it was dead-lettered, or handled
     /// elsewhere), and reports the worker healthy again; without it, only a batch that

@@ -225,12 +225,13 @@ pub async fn a_stale_expected_version_is_a_conflict<H: EventStoreHarness>(h: &H)
         }
     }
     let missing = format!("{stream}-missing");
-    assert!(matches!(
-        store
-            .append(&missing, ExpectedVersion::Exactly(1), vec![record(1)])
-            .await,
-        Err(StoreError::Conflict { actual: 0, .. })
-    ));
+    let result = store
+        .append(&missing, ExpectedVersion::Exactly(1), vec![record(1)])
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict { actual: 0, .. })),
+        "an append expecting version 1 of a missing stream is a conflict at 0, not: {result:?}"
+    );
     assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
 }
 
@@ -545,7 +546,21 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
         metadata.message_id,
         "Detailed",
         3,
-        json!({"text": "ünïcødé \"quoted\" <b>", "list": [1, 2], "nested": {"a": null}}),
+        json!({
+            "text": "ünïcødé \"quoted\" <b> 🎫 日本語 \\ line\nbreak\ttab \u{1} \u{FFFF}",
+            "list": [1, 2, "three", true, null],
+            "nested": {"a": null, "b": {"c": [[]]}},
+            "empty_object": {},
+            "empty_array": [],
+            "empty_text": "",
+            "largest": u64::MAX,
+            "smallest": i64::MIN,
+            // Above 2^53: a store keeping numbers as doubles changes it.
+            "above_doubles": 9_007_199_254_740_993_u64,
+            "fraction": 0.1,
+            "negative": -1.5,
+            "ünïcødé key": 1,
+        }),
         RecordMetadata::from_metadata(&metadata),
     )
     .with_partition_key(Some("key-1".into()));

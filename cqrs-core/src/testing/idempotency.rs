@@ -19,8 +19,10 @@ pub trait IdempotencyHarness: Harness {
     /// The manual clock the store reads, when it takes one. The expiry scenario counts what a
     /// purge removes, so the store must then hold no keys but the scenario's own. `None` (the
     /// default) when the store reads a clock of its own: run the suite with
-    /// `idempotency_conformance!(harness, without_clock)`, which leaves the expiry scenario out;
-    /// that scenario fails on `None`, so it never passes without testing.
+    /// `idempotency_conformance!(harness, without_clock)`, which leaves out the two scenarios
+    /// that move the clock ([`keys_expire_after_their_ttl`] and
+    /// [`a_claim_in_progress_is_never_purged`]; they fail on `None`, so they never pass without
+    /// testing); [`a_ttl_of_duration_max_keeps_the_response`] then replays without moving it.
     fn clock(&self) -> Option<ManualClock> {
         None
     }
@@ -70,7 +72,8 @@ fn manual_clock<H: IdempotencyHarness>(h: &H) -> ManualClock {
 /// Two hooks of [`IdempotencyHarness`] have no answer for some stores, and the suite is then
 /// run with what the harness lacks named, so the test list shows what is not run rather than
 /// a test that passes without testing: `without_clock` (no [`IdempotencyHarness::clock`])
-/// leaves out [`keys_expire_after_their_ttl`]; `without_waiting_claims` (no
+/// leaves out [`keys_expire_after_their_ttl`] and [`a_claim_in_progress_is_never_purged`];
+/// `without_waiting_claims` (no
 /// [`IdempotencyHarness::waiting_claims`]) leaves out
 /// [`claims_with_another_fingerprint_fail_at_once_while_the_key_is_held`] and
 /// [`a_dropped_claim_hands_the_key_to_one_waiting_duplicate`]. Both, in that order:
@@ -137,6 +140,7 @@ macro_rules! idempotency_conformance {
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+#[track_caller]
 fn new(claim: Claim) -> Box<dyn crate::ports::IdempotencyGuard> {
     match claim {
         Claim::New(guard) => guard,
@@ -144,6 +148,7 @@ fn new(claim: Claim) -> Box<dyn crate::ports::IdempotencyGuard> {
     }
 }
 
+#[track_caller]
 fn replay(claim: Claim) -> StoredResponse {
     match claim {
         Claim::Replay(r) => r,
@@ -173,10 +178,19 @@ pub async fn a_key_reused_with_another_request_is_rejected<H: IdempotencyHarness
     let store = h.store();
     let scope = h.test_id();
     let guard = new(store.claim(scope, "k", "fp-1", DAY).await.unwrap());
-    assert!(matches!(
-        store.claim(scope, "k", "fp-2", DAY).await,
-        Err(StoreError::FingerprintMismatch { .. })
-    ));
+    let while_held = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.claim(scope, "k", "fp-2", DAY),
+    )
+    .await
+    .expect(
+        "a claim with another fingerprint is refused at once while the key is held, not waited for",
+    )
+    .map(|_| ());
+    assert!(
+        matches!(while_held, Err(StoreError::FingerprintMismatch { .. })),
+        "a claim with another fingerprint is refused while the key is held: {while_held:?}"
+    );
     guard
         .complete(StoredResponse::new(200, json!({})))
         .await
@@ -297,7 +311,7 @@ pub async fn claims_with_another_fingerprint_fail_at_once_while_the_key_is_held<
     for duplicate in duplicates {
         let answer = tokio::time::timeout(PROMPTLY, duplicate)
             .await
-            .expect("a waiting duplicate answered once the key completed");
+            .expect("a waiting duplicate did not answer promptly once the key completed");
         assert_eq!(replay(answer.unwrap().unwrap()), response);
     }
 }
@@ -334,7 +348,7 @@ pub async fn a_dropped_claim_hands_the_key_to_one_waiting_duplicate<H: Idempoten
     for duplicate in duplicates {
         if tokio::time::timeout(PROMPTLY, duplicate)
             .await
-            .expect("a duplicate answered after the first claim was dropped")
+            .expect("a duplicate did not answer promptly once the first claim was dropped (is the key freed when a claim's guard is dropped?)")
             .unwrap()
         {
             took += 1;
@@ -406,6 +420,34 @@ pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
         "the renewed key is kept"
     );
     new(store.claim(scope, "purged", "other-fp", DAY).await.unwrap());
+
+    // The TTL is the one given, not the store's own: ten minutes here.
+    let ten_minutes = Duration::from_secs(600);
+    new(store
+        .claim(scope, "short", "fp", ten_minutes)
+        .await
+        .unwrap())
+    .complete(StoredResponse::new(200, json!(3)))
+    .await
+    .unwrap();
+    clock.advance(Duration::from_secs(540));
+    replay(
+        store
+            .claim(scope, "short", "fp", ten_minutes)
+            .await
+            .unwrap(),
+    );
+    clock.advance(Duration::from_secs(120));
+    match store
+        .claim(scope, "short", "fp", ten_minutes)
+        .await
+        .unwrap()
+    {
+        Claim::New(_) => {}
+        Claim::Replay(r) => {
+            panic!("a key claimed with a TTL of ten minutes replays eleven minutes later: {r:?}")
+        }
+    }
 }
 
 /// A claim still in progress long past its TTL (slow work) is never purged: its completion
@@ -464,6 +506,11 @@ pub async fn a_ttl_of_duration_max_keeps_the_response<H: IdempotencyHarness>(h: 
         .unwrap());
     let response = StoredResponse::new(200, json!({"kept": true}));
     guard.complete(response.clone()).await.unwrap();
+    // A century on, where the harness can move the clock: a store that takes `Duration::MAX`
+    // for "no time at all", or lets it overflow, expires it.
+    if let Some(clock) = h.clock() {
+        clock.advance(Duration::from_secs(100 * 365 * 24 * 3600));
+    }
     assert_eq!(
         replay(
             store

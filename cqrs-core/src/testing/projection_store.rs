@@ -3,7 +3,7 @@
 //!
 //! Run it with [`projection_store_conformance!`](crate::projection_store_conformance).
 
-use super::{Harness, with_timeout};
+use super::Harness;
 use crate::Position;
 use crate::clock::ManualClock;
 use crate::ports::ProjectionStore;
@@ -74,6 +74,11 @@ pub async fn a_message_is_processed_once_per_consumer<H: ProjectionStoreHarness>
     let id = Uuid::now_v7();
     let mut unit = store.begin(&a).await.unwrap();
     assert!(store.mark_processed(&mut unit, &a, id).await.unwrap());
+    assert!(
+        !store.mark_processed(&mut unit, &a, id).await.unwrap(),
+        "{id} was processed already in this unit: a batch may hold one event twice (delivery \
+         is at least once), and the second must not take effect"
+    );
     store.commit(unit).await.unwrap();
     let mut unit = store.begin(&a).await.unwrap();
     assert!(
@@ -239,7 +244,7 @@ async fn second_unit_waits_for_the_first<H: ProjectionStoreHarness>(h: &H, end: 
     end.end(&*store, first).await;
     tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
-        .expect("the second unit began once the first ended")
+        .expect("the second unit did not begin once the first ended (is the consumer's lock freed by commit and by drop?)")
         .unwrap();
     assert!(second_started.load(Ordering::SeqCst));
 }
@@ -291,7 +296,7 @@ async fn units_never_overlap_by_polling<S: ProjectionStore>(
     end.end(&*store, first).await;
     let unit = tokio::time::timeout(Duration::from_secs(10), second)
         .await
-        .expect("the second unit began once the first ended")
+        .expect("the second unit did not begin once the first ended (is the consumer's lock freed by commit and by drop?)")
         .unwrap();
     store.commit(unit).await.unwrap();
 }
@@ -320,7 +325,8 @@ pub async fn a_reset_forgets_the_inbox_and_the_checkpoint<H: ProjectionStoreHarn
     other_consumer_untouched(&*store, &other).await;
 }
 
-/// A reset is part of its unit: inside it the inbox and checkpoint are gone, and when the
+/// A reset is part of its unit: inside it the inbox and checkpoint are gone (a rebuild resets
+/// and then marks every event processed in one unit), and when the
 /// unit is dropped without a commit, the committed inbox and checkpoint are as they were.
 pub async fn a_reset_in_a_dropped_unit_changes_nothing<H: ProjectionStoreHarness>(h: &H) {
     let store = h.store();
@@ -340,6 +346,11 @@ pub async fn a_reset_in_a_dropped_unit_changes_nothing<H: ProjectionStoreHarness
         store.checkpoint(&mut unit, c).await.unwrap(),
         None,
         "the reset is seen in its unit"
+    );
+    assert!(
+        store.mark_processed(&mut unit, c, id).await.unwrap(),
+        "the reset is seen in its unit: {id} is processed again, as a rebuild replays it \
+         after its reset, in the same unit"
     );
     drop(unit);
 
@@ -428,11 +439,12 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
     if let Some(clock) = h.clock() {
         clock.advance(2 * hour);
     }
-    with_timeout(
+    tokio::time::timeout(
         Duration::from_secs(10),
         store.purge_inbox(&c, Duration::ZERO),
     )
     .await
+    .expect("`purge_inbox` waited for the open unit of its consumer: it must not take the lock units take")
     .unwrap();
     store.commit(unit).await.unwrap();
     let mut unit = store.begin(&c).await.unwrap();
