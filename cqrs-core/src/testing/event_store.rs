@@ -107,8 +107,31 @@ pub fn record(n: u64) -> EventRecord {
 fn numbers(records: &[EventRecord]) -> Vec<u64> {
     records
         .iter()
-        .map(|r| r.payload["n"].as_u64().unwrap_or(u64::MAX))
+        .map(|r| {
+            r.payload["n"].as_u64().unwrap_or_else(|| {
+                panic!(
+                    "a payload came back as {}: its `n`, stored as an unsigned integer, is one no \
+                     longer",
+                    r.payload
+                )
+            })
+        })
         .collect()
+}
+
+/// Checks a page `read_all(after, ..)` returned: every position above `after` and growing. A
+/// store that returned `after` itself would have a paging reader read the same page for ever.
+#[track_caller]
+fn check_page(after: Position, page: &[EventRecord]) {
+    let positions: Vec<Option<Position>> = page.iter().map(|r| r.position).collect();
+    assert!(
+        positions.iter().all(|p| p.is_some_and(|p| p > after)),
+        "read_all({after:?}, ..) returned positions {positions:?}: each must be above `after`"
+    );
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "read_all({after:?}, ..) returned positions {positions:?}: they must grow"
+    );
 }
 
 /// Appended events load back in order with versions 1..=n, stream ids and positions.
@@ -286,12 +309,21 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
     let error = store
         .append(&first, ExpectedVersion::Any, vec![record(2), again.clone()])
         .await
-        .expect_err("an event id already stored, in the same stream");
+        .expect_err(
+            "accepted an event id already stored, in the same stream; the records it returned",
+        );
     refused(error, "the same stream");
+    assert_eq!(
+        numbers(&store.load(&first, 0).await.unwrap()),
+        [1],
+        "the refused batch stored none of its events"
+    );
     let error = store
         .append(&second, ExpectedVersion::NO_STREAM, vec![again])
         .await
-        .expect_err("an event id already stored, in another stream");
+        .expect_err(
+            "accepted an event id already stored, in another stream; the records it returned",
+        );
     refused(error, "another stream");
     let twice = record(3);
     let error = store
@@ -301,8 +333,13 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
             vec![twice.clone(), twice.clone()],
         )
         .await
-        .expect_err("one id twice in a batch");
+        .expect_err("accepted one id twice in a batch; the records it returned");
     refused(error, "twice in a batch");
+    assert_eq!(
+        numbers(&store.load(&second, 0).await.unwrap()),
+        [] as [u64; 0],
+        "the refused batches stored none of their events"
+    );
     // A retry of an append that went through (its answer lost): the stream has moved past
     // the expected version since, and still it is a duplicate, not a conflict.
     let error = store
@@ -312,7 +349,9 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
             vec![again_first.clone()],
         )
         .await
-        .expect_err("a retry of one event at the version before it");
+        .expect_err(
+            "accepted a retry of one event at the version before it; the records it returned",
+        );
     refused(error, "a retry of one event");
     let (third, pair) = (format!("{}-c", h.test_id()), vec![record(4), record(5)]);
     store
@@ -322,7 +361,9 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
     let error = store
         .append(&third, ExpectedVersion::NO_STREAM, pair)
         .await
-        .expect_err("a retry of a batch at the version before it");
+        .expect_err(
+            "accepted a retry of a batch at the version before it; the records it returned",
+        );
     refused(error, "a retry of a batch");
     let error = store
         .append(
@@ -331,7 +372,7 @@ pub async fn an_event_id_is_stored_once<H: EventStoreHarness>(h: &H) {
             vec![twice.clone(), twice],
         )
         .await
-        .expect_err("one id twice in a batch at a stale version");
+        .expect_err("accepted one id twice in a batch at a stale version; the records it returned");
     refused(error, "twice in a batch at a stale version");
     assert_eq!(store.stream_version(&third).await.unwrap(), 2);
     assert_eq!(numbers(&store.load(&first, 0).await.unwrap()), [1]);
@@ -503,11 +544,30 @@ pub async fn read_all_returns_every_stream_in_one_global_order<H: EventStoreHarn
             "a read of {limit} with 4 events after it returns {limit}"
         );
     }
+    // And one far wider than these: a store that caps its pages (at 50, say) fails here.
+    let wide = format!("{}-g3", h.test_id());
+    store
+        .append(
+            &wide,
+            ExpectedVersion::NO_STREAM,
+            (5..=124).map(record).collect(),
+        )
+        .await
+        .unwrap();
+    let page = store.read_all(start, 120).await.unwrap();
+    check_page(start, &page);
+    assert_eq!(
+        page.len(),
+        120,
+        "a read of 120 with 124 events after it returns 120: a store must not cap a page below \
+         the limit asked"
+    );
     let mut seen = Vec::new();
     let mut after = start;
     loop {
         let page = store.read_all(after, 2).await.unwrap();
         assert!(page.len() <= 2, "the limit holds");
+        check_page(after, &page);
         let Some(last) = page.last() else { break };
         after = last.position.expect("a position");
         seen.extend(page);
@@ -610,7 +670,9 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
         let drift = (got.metadata.occurred_at - original.metadata.occurred_at).num_microseconds();
         assert!(
             drift.is_some_and(|d| d.abs() < 1_000),
-            "{how}: timestamp kept to the millisecond"
+            "{how}: timestamp kept to the millisecond: stored {}, read back {}",
+            original.metadata.occurred_at,
+            got.metadata.occurred_at
         );
     }
 }
@@ -793,6 +855,7 @@ async fn read_ours(
     let mut after = after;
     loop {
         let page = store.read_all(after, 100).await.unwrap();
+        check_page(after, &page);
         let Some(last) = page.last() else { break };
         after = last.position.unwrap();
         out.extend(
@@ -807,6 +870,7 @@ async fn last_position(store: &dyn EventStore) -> Position {
     let mut after = Position::START;
     loop {
         let page = store.read_all(after, 1000).await.unwrap();
+        check_page(after, &page);
         match page.last() {
             Some(last) => after = last.position.unwrap(),
             None => return after,

@@ -145,7 +145,8 @@ pub async fn every_subscriber_of_a_channel_gets_each_message_and_no_other<H: Pub
         assert_eq!(
             next(sub).await,
             "after",
-            "a subscriber of {news} got only its channel's messages"
+            "a subscriber of {news} gets each of its channel's messages once, and no other \
+             channel's"
         );
     }
     assert_eq!(a.channel(), news);
@@ -273,6 +274,10 @@ pub async fn many_local_subscribers_share_one_upstream_subscription<H: PubSubHar
             "one local subscriber left: the upstream subscription stays"
         );
         ps.publish(&channel, "still there".into()).await.unwrap();
-        assert_eq!(next(&mut last).await, "still there");
+        assert_eq!(
+            next(&mut last).await,
+            "still there",
+            "the last local subscriber gets each message once"
+        );
     }
 }

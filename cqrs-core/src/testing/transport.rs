@@ -554,7 +554,8 @@ pub async fn a_keys_events_in_one_batch_come_in_order_with_one_order_key<H: Tran
             let key = d.record.partition_key.clone().unwrap_or_default();
             assert!(
                 d.order_key.is_some(),
-                "an ordered key's delivery has an order key"
+                "a delivery of key `{key}` came without an order key: on a transport that \
+                 orders per key, every keyed delivery names its chain"
             );
             let first = order_keys.entry(key.clone()).or_insert(d.order_key.clone());
             assert_eq!(
@@ -652,7 +653,12 @@ pub async fn a_fetch_of_zero_takes_nothing<H: TransportHarness>(h: &H) {
     if !h.transport().capabilities().ordered_per_key {
         attempts.sort_unstable();
     }
-    assert_eq!(attempts, [(1, 1), (2, 1)]);
+    assert_eq!(
+        attempts,
+        [(1, 1), (2, 1)],
+        "(event, attempt) of the two events after a fetch(0): each on its first delivery, so \
+         fetch(0) must not have taken one"
+    );
 }
 
 /// `block(Duration::MAX)` means "wait as long as it takes": a fetch waiting that way returns
@@ -736,11 +742,14 @@ async fn kept_alive_run<H: TransportHarness>(h: &H, run: usize) -> bool {
         return false;
     }
     c1.ack(std::slice::from_ref(&d.id)).await.unwrap();
+    // A keep-alive that raced the ack (a consume loop's timer) leaves the acknowledged
+    // delivery alone: it must not bring it back.
+    c1.keep_alive(std::slice::from_ref(&d.id)).await.unwrap();
     let until = tokio::time::Instant::now() + delay + Duration::from_millis(500);
     while tokio::time::Instant::now() < until {
         assert!(
             fetch_up_to(c2.as_mut(), 10).await.is_empty(),
-            "delivered after ack"
+            "delivered again after its ack (and a keep-alive after the ack)"
         );
     }
     true
@@ -926,7 +935,8 @@ pub async fn keep_alive_leaves_alone_a_delivery_another_consumer_took_over<H: Tr
 
 /// A [`defer`](Consumer::defer) is no attempt: a message deferred again and again keeps its
 /// attempt number and is never dead-lettered for it (with `max_deliveries` 2, a third
-/// counted delivery would dead-letter it); a nack counts.
+/// counted delivery would dead-letter it); a nack counts. Like a nack, a defer hands the
+/// message back for after the redelivery delay.
 pub async fn a_deferred_delivery_is_no_attempt<H: TransportHarness>(h: &H) {
     if !h.transport().capabilities().redelivery_delay {
         eprintln!("skipped: no redelivery delay");
@@ -939,14 +949,27 @@ pub async fn a_deferred_delivery_is_no_attempt<H: TransportHarness>(h: &H) {
         .publish(&topic, std::slice::from_ref(&e))
         .await
         .unwrap();
+    let delay = h.options().redelivery_delay;
+    let mut deferred = None;
     for round in 1..=3 {
         let d = fetch_one(c.as_mut(), "the deferred message").await;
+        // Like a nack, a defer hands the message back for after the redelivery delay (less
+        // a little: a server's clock in whole milliseconds), not at once.
+        if let Some(at) = deferred {
+            let waited = tokio::time::Instant::now() - at;
+            assert!(
+                waited + Duration::from_millis(10) >= delay,
+                "round {round}: deferred, then handed out again after {waited:?}, before the \
+                 redelivery delay of {delay:?}"
+            );
+        }
         assert_eq!(d.record.event_id, e.event_id);
         assert_eq!(d.attempt, 1, "round {round}: a defer took no attempt");
+        deferred = Some(tokio::time::Instant::now());
         c.defer(std::slice::from_ref(&d.id)).await.unwrap();
     }
     let d = fetch_one(c.as_mut(), "the message after its defers").await;
-    assert_eq!(d.attempt, 1);
+    assert_eq!(d.attempt, 1, "three defers took no attempt");
     c.nack(&d.id).await.unwrap();
     let d = fetch_one(c.as_mut(), "the nacked message").await;
     assert_eq!(d.attempt, 2, "a nack counts");
@@ -971,7 +994,10 @@ pub async fn a_message_is_dead_lettered_after_max_deliveries<H: TransportHarness
     for attempt in 1..=2 {
         let d = fetch_one(c.as_mut(), "the poison message").await;
         assert_eq!(d.record.event_id, poison.event_id);
-        assert_eq!(d.attempt, attempt);
+        assert_eq!(
+            d.attempt, attempt,
+            "delivery {attempt} of the poison message: each nack_with_reason counts an attempt"
+        );
         c.nack_with_reason(&d.id, "poison").await.unwrap();
     }
     let nacked = tokio::time::Instant::now();
@@ -1160,7 +1186,9 @@ pub async fn a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back<
             assert_ne!(
                 d.record.event_id, e.event_id,
                 "handed out a third time (attempt {}) with max_deliveries 2: a defer by a \
-                 consumer that no longer owned the delivery took back an attempt",
+                 consumer that no longer owned the delivery took back an attempt, or the \
+                 nack_with_reason of the second delivery was not counted, or a message past \
+                 max_deliveries is still handed out",
                 d.attempt
             );
         }
