@@ -63,6 +63,8 @@ use syn::{DeriveInput, Ident, LitInt, LitStr, Path, Type, parse_macro_input};
 ///
 /// The attribute takes `crate = "path"` too, for a `cqrs-core` renamed in `Cargo.toml` or
 /// re-exported by another crate: the generated impls then name the traits through that path.
+/// The path must name the whole crate (`pub use cqrs_core as cqrs;`), not a module that
+/// re-exports some of its items: the impls of a generic event also reach serde through it.
 #[proc_macro_derive(Command, attributes(cqrs))]
 pub fn derive_command(input: TokenStream) -> TokenStream {
     derive(Kind::Command, input)
