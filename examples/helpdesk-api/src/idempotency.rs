@@ -145,6 +145,24 @@ where
     })
 }
 
+/// Checks the request's `Idempotency-Key` (one, of 1 to 255 visible ASCII characters, or
+/// none) before the body is read: put it before the body's extractor, so a malformed key is
+/// answered as such (400 `invalid_idempotency_key`) whatever the body holds. [`once`] reads
+/// the key itself; this only moves the check ahead.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckedKey;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CheckedKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        parse_key(&parts.headers).map(|_| CheckedKey)
+    }
+}
+
 fn parse_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     let mut keys = headers.get_all(HEADER).iter();
     let Some(key) = keys.next() else {

@@ -166,6 +166,7 @@ async fn open(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
     headers: HeaderMap,
+    _: idempotency::CheckedKey,
     ApiJson(body): ApiJson<OpenBody>,
 ) -> Result<Response, ApiError> {
     let print = fingerprint("POST /tickets", &body);
@@ -277,6 +278,7 @@ async fn change<B: ChangeBody>(
     Authenticated(user): Authenticated,
     headers: HeaderMap,
     ApiPath(id): ApiPath<Uuid>,
+    _: idempotency::CheckedKey,
     ApiJson(body): ApiJson<B>,
 ) -> Result<Response, ApiError> {
     let print = fingerprint(&format!("POST /tickets/{id}/{}", B::ACTION), &body);

@@ -257,6 +257,27 @@ async fn the_api_describes_the_key_as_visible_ascii() {
             .unwrap();
         let twice = Response::from(twice).await;
         twice.assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        // The key is checked before the body is read: a bad key is reported as such whatever
+        // the body holds (here not JSON at all).
+        let id = s.ticket(&token, "keyed").await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for path in ["/tickets".to_owned(), format!("/tickets/{id}/comments")] {
+            let garbled = s
+                .http
+                .post(s.url(&path))
+                .bearer_auth(&token)
+                .header("idempotency-key", "a b")
+                .header("content-type", "application/json")
+                .body("{not json")
+                .send()
+                .await
+                .unwrap();
+            Response::from(garbled)
+                .await
+                .assert_error(StatusCode::BAD_REQUEST, "invalid_idempotency_key");
+        }
         let message = twice.body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("one Idempotency-Key"), "{twice:?}");
         for key in ["k-a", "k-b"] {
