@@ -409,7 +409,9 @@ impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
 }
 
 impl<A: Aggregate> AggregateRepository<A> {
-    /// A repository over `store` that decodes the aggregate's own event types.
+    /// A repository over `store` that decodes the aggregate's own event types, with no
+    /// upcasters: once an event's `VERSION` went up, build it with
+    /// [`with_types`](Self::with_types) and types holding the upcasters.
     ///
     /// # Panics
     ///
@@ -419,7 +421,9 @@ impl<A: Aggregate> AggregateRepository<A> {
         Self::with_types(store, Arc::new(EventTypes::of::<A::Event>()))
     }
 
-    /// A repository that decodes with `types` (to share upcasters). Its unknown-event policy
+    /// A repository that decodes with `types` (which hold the upcasters of old schema
+    /// versions: [`EventTypes::upcaster`], checked by [`EventTypes::validate`], which call at
+    /// start-up). Its unknown-event policy
     /// does not apply here: loading fails with [`AggregateError::UnknownEvent`] on an event of
     /// the stream that `types` does not know, and with [`AggregateError::ForeignEvent`] on one
     /// it knows that is not one of the aggregate's events.

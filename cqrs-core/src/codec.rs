@@ -75,7 +75,7 @@ pub enum DecodeError {
     /// replayed once a build with the upcaster runs; waiting instead would block its key for
     /// ever without a trace.
     #[error(
-        "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)` and deploy that build"
+        "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)` on the types this reader decodes with (`AggregateRepository::with_types`, the projection runner's or the event-bus consumer's) and deploy that build"
     )]
     MissingUpcaster {
         /// The wire name.
@@ -265,7 +265,7 @@ impl EventTypes {
     /// every version from the oldest stored one on ([`validate`](Self::validate) checks).
     ///
     /// An error fails the event's decoding with [`DecodeError::Upcast`], which keeps it as its
-    /// source; `?` on a serde error works.
+    /// source; `?` on a serde error works. So does a panic, with its message.
     pub fn upcaster<F>(&mut self, event_type: &str, from: u32, upcast: F) -> &mut Self
     where
         F: Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync + 'static,
@@ -384,7 +384,19 @@ impl EventTypes {
                     found: version,
                 })?;
             let payload = upcast.take().unwrap_or_else(|| record.payload.clone());
-            upcast = Some(upcaster(payload).map_err(|source| DecodeError::Upcast {
+            // An upcaster that panics (an `unwrap` on a field an old payload lacks) fails this
+            // event like one that returns an error: no panic reaches the aggregate's loader or
+            // a consumer, which would blame its handler.
+            let upcasted =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| upcaster(payload)))
+                    .unwrap_or_else(|panic| {
+                        Err(format!(
+                            "the upcaster panicked: {}",
+                            crate::panic::into_message(panic)
+                        )
+                        .into())
+                    });
+            upcast = Some(upcasted.map_err(|source| DecodeError::Upcast {
                 event_type: record.event_type.clone(),
                 from: version,
                 source,

@@ -508,7 +508,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             if let Some(records) = records
                 && seen == Some(after)
             {
-                return self.apply_batch(unit, &records).await;
+                return self.apply_batch(unit, after, &records).await;
             }
             self.store.commit(unit).await?;
         }
@@ -516,7 +516,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // inside the unit this once, so the step makes progress.
         let (unit, after) = self.begin_at_checkpoint().await?;
         let records = events.read_all(after, self.batch).await?;
-        self.apply_batch(unit, &records).await
+        self.apply_batch(unit, after, &records).await
     }
 
     /// A unit of work (holding the projection's lock) and the checkpoint it reads.
@@ -541,13 +541,17 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     async fn apply_batch(
         &self,
         unit: S::Unit,
+        after: Position,
         records: &[EventRecord],
     ) -> Result<(usize, bool), ProjectionError> {
         let caught_up = records.len() < self.batch;
-        let panic = match self.apply_and_commit(unit, records).await? {
-            Committed::Applied(applied) => return Ok((applied, caught_up)),
-            Committed::Panicked(panic) if records.len() > 1 => panic,
-            Committed::Panicked(panic) => return Err(self.commit_panicked(&records[0], &panic)),
+        let panic = match self.apply_and_commit(unit, records).await {
+            Ok(Committed::Applied(applied)) => return Ok((applied, caught_up)),
+            Ok(Committed::Panicked(panic)) if records.len() > 1 => panic,
+            Ok(Committed::Panicked(panic)) => {
+                return Err(self.commit_panicked(&records[0], &panic));
+            }
+            Err(error) => return Err(self.apply_before(after, records, error).await),
         };
         tracing::warn!(projection = %self.name, %panic, events = records.len(), "a batch's commit panicked; committing its events one by one");
         let mut applied = 0;
@@ -567,6 +571,50 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             }
         }
         Ok((applied, caught_up))
+    }
+
+    /// After `error` on one event of `records` (read after `after`), applies the events before
+    /// it in a unit of their own, so that an event the projection cannot take holds back only
+    /// itself and what follows it in the store's order, not the rest of its batch. Returns
+    /// `error` (the step fails at that event, and is retried from it).
+    async fn apply_before(
+        &self,
+        after: Position,
+        records: &[EventRecord],
+        error: ProjectionError,
+    ) -> ProjectionError {
+        let failed = match &error {
+            ProjectionError::Decode { event_id, .. } | ProjectionError::Apply { event_id, .. } => {
+                *event_id
+            }
+            _ => return error,
+        };
+        let before = match records.iter().position(|r| r.event_id == failed) {
+            Some(0) | None => return error,
+            Some(at) => &records[..at],
+        };
+        let (unit, now) = match self.begin_at_checkpoint().await {
+            Ok(begun) => begun,
+            Err(_) => return error,
+        };
+        // Another instance, or a rebuild, moved the checkpoint meanwhile: the next step reads
+        // from where it is now.
+        if now != after {
+            drop(unit);
+            return error;
+        }
+        match self.apply_and_commit(unit, before).await {
+            Ok(Committed::Applied(applied)) => {
+                tracing::debug!(projection = %self.name, applied, %failed, "applied the events before the one that failed");
+            }
+            Ok(Committed::Panicked(panic)) => {
+                tracing::warn!(projection = %self.name, %panic, %failed, "the commit of the events before the one that failed panicked");
+            }
+            Err(other) => {
+                tracing::warn!(projection = %self.name, error = %other, %failed, "the events before the one that failed could not be applied either");
+            }
+        }
+        error
     }
 
     /// `apply_batch`'s work, with a commit that panics caught.

@@ -235,6 +235,32 @@ fn a_failing_upcaster_keeps_its_error_as_the_source() {
     assert!(source.is::<serde_json::Error>(), "{source}");
 }
 
+/// An upcaster that panics fails its event as one that returns an error, naming the panic:
+/// nothing unwinds into the aggregate's loader or a consumer, which would blame its handler.
+#[test]
+fn a_panicking_upcaster_is_a_decode_error() {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    types.upcaster("test.added", 0, |v| {
+        let total = v["total"].as_u64().expect("an old payload has a total");
+        Ok(json!({ "sum": total }))
+    });
+    let err = types
+        .decode(&stored("test.added", 0, json!({})))
+        .unwrap_err();
+    assert!(matches!(err, DecodeError::Upcast { from: 0, .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the upcaster panicked: an old payload has a total"),
+        "{err}"
+    );
+    let ok = types
+        .decode(&stored("test.added", 0, json!({"total": 2})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(ok.downcast_ref::<Added>(), Some(&Added { sum: 2 }));
+}
+
 /// A projection's types come from the event sets it reads, not from a hand list.
 #[test]
 fn the_types_of_an_event_set_are_registered_together() {

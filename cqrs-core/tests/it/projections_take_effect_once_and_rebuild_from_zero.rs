@@ -350,7 +350,7 @@ fn a_rebuild_ends_at_the_end_of_the_store_while_events_keep_arriving() {
 const HANDLED: &str = "cqrs_events_handled_total{consumer=sum,event_type=test.added}";
 
 #[test]
-fn a_failed_batch_is_rolled_back_and_retried() {
+fn a_failed_batch_takes_effect_up_to_the_failed_event_which_is_retried() {
     let counts = MetricCounts::default();
     metrics::with_local_recorder(&counts, || {
         run(async {
@@ -373,11 +373,20 @@ fn a_failed_batch_is_rolled_back_and_retried() {
                 err.to_string().contains("projection `sum` failed on event"),
                 "{err}"
             );
-            assert_eq!(counts.get(HANDLED), 0, "a rolled-back unit counts nothing");
+            assert_eq!(
+                *sum.seen.lock().unwrap(),
+                [1],
+                "the event before the failed one took effect, in a unit of its own"
+            );
+            assert_eq!(
+                counts.get(HANDLED),
+                1,
+                "the rolled-back unit counted nothing, the one after it its one event"
+            );
             assert_eq!(
                 runner.run_once().await.unwrap(),
-                2,
-                "the batch is retried after the rollback"
+                1,
+                "the step is retried from the failed event"
             );
             assert_eq!(*sum.seen.lock().unwrap(), [1, 5]);
             assert_eq!(
@@ -388,6 +397,45 @@ fn a_failed_batch_is_rolled_back_and_retried() {
             assert_eq!(runner.rebuild().await.unwrap(), 2);
             assert_eq!(counts.get(HANDLED), 4, "a rebuild counts what it replayed");
         })
+    });
+}
+
+/// Fed from the store, an event the projection refuses every time stops the runner at that
+/// event: the events before it in its batch take effect (a stuck event holds back only itself
+/// and what follows it in the store's order, not up to a batch of others), those after it
+/// wait, and none takes effect twice however often the step is retried.
+#[test]
+fn a_store_fed_runner_stops_at_the_event_it_cannot_apply_not_at_its_batch() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let sum = Arc::new(Sum {
+            poison: Some(3),
+            ..Sum::default()
+        });
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2), record(3), record(4)],
+            )
+            .await
+            .unwrap();
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let mut runner =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+        for attempt in 1..=3 {
+            let err = runner.run_once().await.unwrap_err();
+            assert!(
+                matches!(&err, ProjectionError::Apply { source, .. } if source.code() == "poison"),
+                "attempt {attempt}: {err}"
+            );
+            assert_eq!(*sum.seen.lock().unwrap(), [1, 2], "attempt {attempt}");
+        }
+        let mut unit = store.begin("sum").await.unwrap();
+        let at = store.checkpoint(&mut unit, "sum").await.unwrap();
+        drop(unit);
+        let second = events.load("s-1", 0).await.unwrap()[1].position;
+        assert_eq!(at, second, "the checkpoint is the last event applied");
     });
 }
 
