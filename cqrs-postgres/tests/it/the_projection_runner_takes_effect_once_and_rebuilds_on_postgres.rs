@@ -113,10 +113,16 @@ pg_test! {
         open(&db, "t1", "fine").await;
         open(&db, "t2", "poison").await;
         assert!(live.run_once().await.is_err(), "the poisoned batch fails");
-        assert_eq!(count(&db).await, 0, "and leaves nothing: t1's update rolled back with it");
+        assert_eq!(
+            count(&db).await,
+            1,
+            "at the poisoned event: t1, before it, took effect in a unit of its own, once"
+        );
+        assert!(live.run_once().await.is_err(), "the poisoned event fails again");
+        assert_eq!(count(&db).await, 1, "and t1 takes effect once");
 
         projection.poisoned.store(false, Ordering::SeqCst);
-        assert_eq!(live.run_once().await.unwrap(), 2);
+        assert_eq!(live.run_once().await.unwrap(), 1, "from the poisoned event on");
         assert_eq!(live.run_once().await.unwrap(), 0, "caught up");
         assert_eq!(count(&db).await, 2);
 
