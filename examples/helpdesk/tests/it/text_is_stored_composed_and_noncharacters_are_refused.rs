@@ -84,14 +84,7 @@ async fn ticket_text_and_names_are_stored_composed_and_counted_so() {
             )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
-        let login = s
-            .send(
-                Method::POST,
-                "/auth/login",
-                None,
-                Some(json!({ "email": address, "password": PASSWORD })),
-            )
-            .await;
+        let login = s.login(&address).await;
         let me = s
             .get("/auth/me", login.body["token"].as_str().unwrap())
             .await;
