@@ -265,7 +265,8 @@ impl EventTypes {
     /// every version from the oldest stored one on ([`validate`](Self::validate) checks).
     ///
     /// An error fails the event's decoding with [`DecodeError::Upcast`], which keeps it as its
-    /// source; `?` on a serde error works. So does a panic, with its message.
+    /// source; `?` on a serde error works. So does a panic, with its message (unless the build
+    /// aborts on panic, `panic = "abort"`).
     pub fn upcaster<F>(&mut self, event_type: &str, from: u32, upcast: F) -> &mut Self
     where
         F: Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync + 'static,

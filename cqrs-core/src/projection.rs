@@ -43,7 +43,9 @@ pub trait Projection<S: ProjectionStore>: Send + Sync + 'static {
     }
 }
 
-/// Why a projection batch failed. The batch is rolled back; the runner retries it.
+/// Why a projection batch failed. The batch is rolled back; the runner retries it (fed from
+/// the store, from the event that failed: the events before it take effect first, in a unit
+/// of their own, unless the projection refused it as retryable).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProjectionError {
@@ -118,7 +120,9 @@ enum Source {
 /// Each batch runs in one unit of work: for each event, `mark_processed` (skip it if it was
 /// processed before), `apply`, then the checkpoint (the last position) and `commit`; transport
 /// deliveries are acknowledged after the commit. A failed batch is rolled back (and nacked) and
-/// retried. A [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live
+/// retried; fed from the store, the events before the one that failed are applied first, in a
+/// unit of their own (unless the projection refused it as retryable: `Unavailable`,
+/// `RateLimited`, `Timeout`), so the runner stops at that event. A [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live
 /// runner pauses until it is done.
 ///
 /// Run as a [`Worker`], it also deletes its inbox entries older than
@@ -554,6 +558,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Err(error) => return Err(self.apply_before(after, records, error).await),
         };
         tracing::warn!(projection = %self.name, %panic, events = records.len(), "a batch's commit panicked; committing its events one by one");
+        Ok((self.commit_one_by_one(records).await?, caught_up))
+    }
+
+    /// Applies `records` one unit each, after a commit of them together panicked: each event's
+    /// effects run once more at most, up to the event whose effect panics, which fails.
+    async fn commit_one_by_one(&self, records: &[EventRecord]) -> Result<usize, ProjectionError> {
         let mut applied = 0;
         for record in records {
             let (unit, after) = self.begin_at_checkpoint().await?;
@@ -570,7 +580,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Committed::Panicked(panic) => return Err(self.commit_panicked(record, &panic)),
             }
         }
-        Ok((applied, caught_up))
+        Ok(applied)
     }
 
     /// After `error` on one event of `records` (read after `after`), applies the events before
@@ -584,6 +594,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         error: ProjectionError,
     ) -> ProjectionError {
         let failed = match &error {
+            // A read model that is away or busy: the events before would most likely fail as
+            // well, and the step backs off anyway.
+            ProjectionError::Apply { source, .. } if source.kind().is_retryable() => {
+                return error;
+            }
             ProjectionError::Decode { event_id, .. } | ProjectionError::Apply { event_id, .. } => {
                 *event_id
             }
@@ -607,8 +622,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Ok(Committed::Applied(applied)) => {
                 tracing::debug!(projection = %self.name, applied, %failed, "applied the events before the one that failed");
             }
+            // As in `apply_batch`: one by one, so no effect runs again at every retry.
             Ok(Committed::Panicked(panic)) => {
-                tracing::warn!(projection = %self.name, %panic, %failed, "the commit of the events before the one that failed panicked");
+                tracing::warn!(projection = %self.name, %panic, %failed, "the commit of the events before the one that failed panicked; committing them one by one");
+                if let Err(other) = self.commit_one_by_one(before).await {
+                    tracing::warn!(projection = %self.name, error = %other, %failed, "an event before the one that failed could not be applied either");
+                }
             }
             Err(other) => {
                 tracing::warn!(projection = %self.name, error = %other, %failed, "the events before the one that failed could not be applied either");
@@ -1248,7 +1267,8 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     records: &[EventRecord],
 ) -> Result<Applied, ProjectionError> {
     let mut applied = Applied::default();
-    // A panic (in an upcaster or in the projection) is this event's fault, like an error: it
+    // A panic (in the projection; an upcaster's is a decode error) is this event's fault,
+    // like an error: it
     // must fail the batch with the event named, so that only it is handed back as an attempt.
     // Unwinding past the runner instead would hand none back, and the whole batch would reach
     // its maximum deliveries together and be dead-lettered, the innocent events with it.

@@ -404,6 +404,47 @@ fn a_failed_batch_takes_effect_up_to_the_failed_event_which_is_retried() {
 /// event: the events before it in its batch take effect (a stuck event holds back only itself
 /// and what follows it in the store's order, not up to a batch of others), those after it
 /// wait, and none takes effect twice however often the step is retried.
+/// The same with an event the projection refuses after the one whose effect panics: the
+/// events before the refused one are committed on their own, and when that commit panics,
+/// one by one, so no effect runs again at every retry.
+#[test]
+fn events_before_a_refused_one_whose_commit_panics_repeat_no_effect_for_ever() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let sum = Arc::new(Sum {
+            effect_panics_on: Some(2),
+            poison: Some(3),
+            ..Sum::default()
+        });
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2), record(3)],
+            )
+            .await
+            .unwrap();
+        let mut runner = ProjectionRunner::from_store(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            events.clone(),
+            types(),
+        );
+        for attempt in 1..=3 {
+            let error = runner.run_once().await.unwrap_err();
+            assert!(
+                matches!(&error, ProjectionError::Apply { source, .. } if source.code() == "poison"),
+                "attempt {attempt}: {error}"
+            );
+        }
+        assert_eq!(
+            *sum.seen.lock().unwrap(),
+            [1, 1],
+            "1 took effect in the commit that panicked, and once more alone: no more"
+        );
+    });
+}
+
 #[test]
 fn a_store_fed_runner_stops_at_the_event_it_cannot_apply_not_at_its_batch() {
     run(async {
