@@ -83,6 +83,23 @@ pub enum DecodeError {
         /// The version with no upcaster.
         found: u32,
     },
+    /// A registered chain of upcasters skips a version: none takes `missing` to the next one,
+    /// between the lowest version an upcaster is registered for and the type's current one.
+    /// Found by [`EventTypes::validate`] at start-up, before any event of that version comes
+    /// (which would then fail with [`DecodeError::MissingUpcaster`]).
+    #[error(
+        "the upcasters of event `{event_type}` have a gap: none takes schema version {missing} to the next (they start from version {lowest}, and the type is at version {current}); register `EventTypes::upcaster(\"{event_type}\", {missing}, ..)`"
+    )]
+    UpcasterGap {
+        /// The wire name.
+        event_type: String,
+        /// The version no upcaster takes further.
+        missing: u32,
+        /// The lowest version an upcaster is registered for.
+        lowest: u32,
+        /// The type's current version.
+        current: u32,
+    },
     /// An upcaster is registered from a version at or above the type's current one: it never
     /// runs (an upcaster takes version `from` to `from + 1`, up to the current version). The
     /// type's `VERSION` did not go up with the change it was written for, or the upcaster's
@@ -302,7 +319,7 @@ impl EventTypes {
     /// It cannot tell which old versions are stored: a type with no upcaster at all passes,
     /// whatever its version (a type first written at version 2 needs none).
     ///
-    /// Fails with [`DecodeError::MissingUpcaster`] naming the first gap, or with
+    /// Fails with [`DecodeError::UpcasterGap`] naming the first gap, or with
     /// [`DecodeError::UnreachableUpcaster`] for an upcaster from the current version or above
     /// (it would never run). Upcasters of types not registered here are not checked: a
     /// catalogue shared by several consumers may hold some for types one of them skips.
@@ -332,12 +349,14 @@ impl EventTypes {
             else {
                 continue;
             };
-            if let Some(found) =
+            if let Some(missing) =
                 (lowest..current).find(|&v| !self.upcasters.contains_key(&(name.clone(), v)))
             {
-                return Err(DecodeError::MissingUpcaster {
+                return Err(DecodeError::UpcasterGap {
                     event_type: name.clone(),
-                    found,
+                    missing,
+                    lowest,
+                    current,
                 });
             }
         }

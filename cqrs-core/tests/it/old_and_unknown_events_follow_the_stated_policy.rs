@@ -172,8 +172,14 @@ fn validate_finds_a_gap_in_an_upcaster_chain() {
     });
     let err = types.validate().unwrap_err();
     assert!(
-        matches!(&err, DecodeError::MissingUpcaster { event_type, found: 2 } if event_type == "test.noted"),
+        matches!(&err, DecodeError::UpcasterGap { event_type, missing: 2, lowest: 1, current: 3 } if event_type == "test.noted"),
         "{err}"
+    );
+    assert!(
+        err.to_string().starts_with(
+            "the upcasters of event `test.noted` have a gap: none takes schema version 2"
+        ),
+        "a gap found at start-up is told as one, not as a stored event's: {err}"
     );
     types.upcaster("test.noted", 2, |mut v| {
         v["edited"] = json!(false);

@@ -1944,8 +1944,9 @@ fn a_worker_with_a_gap_in_its_upcasters_fails_at_start() {
         );
         let err = runner.run(context()).await.unwrap_err();
         assert!(
-            err.to_string()
-                .contains("`test.noted3` has schema version 2 and no upcaster"),
+            err.to_string().contains(
+                "the upcasters of event `test.noted3` have a gap: none takes schema version 2"
+            ),
             "{err}"
         );
 
