@@ -122,8 +122,9 @@ enum Source {
 /// deliveries are acknowledged after the commit. A failed batch is rolled back (and nacked) and
 /// retried; fed from the store, the events before the one that failed are applied first, in a
 /// unit of their own (unless the projection refused it as retryable: `Unavailable`,
-/// `RateLimited`, `Timeout`), so the runner stops at that event. A [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live
-/// runner pauses until it is done.
+/// `RateLimited`, `Timeout`), so the runner stops at that event. A
+/// [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live runner
+/// pauses until it is done.
 ///
 /// Run as a [`Worker`], it also deletes its inbox entries older than
 /// [`inbox_retention`](ProjectionRunner::inbox_retention) (7 days by default) once per
@@ -618,20 +619,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             drop(unit);
             return error;
         }
-        match self.apply_and_commit(unit, before).await {
-            Ok(Committed::Applied(applied)) => {
-                tracing::debug!(projection = %self.name, applied, %failed, "applied the events before the one that failed");
-            }
-            // As in `apply_batch`: one by one, so no effect runs again at every retry.
-            Ok(Committed::Panicked(panic)) => {
-                tracing::warn!(projection = %self.name, %panic, %failed, "the commit of the events before the one that failed panicked; committing them one by one");
-                if let Err(other) = self.commit_one_by_one(before).await {
-                    tracing::warn!(projection = %self.name, error = %other, %failed, "an event before the one that failed could not be applied either");
-                }
-            }
-            Err(other) => {
-                tracing::warn!(projection = %self.name, error = %other, %failed, "the events before the one that failed could not be applied either");
-            }
+        // As a batch of their own: a commit that panics goes one by one, so no effect runs
+        // again at every retry. (Boxed: `apply_batch` calls back here.)
+        if let Err(other) = Box::pin(self.apply_batch(unit, after, before)).await {
+            tracing::warn!(projection = %self.name, error = %other, %failed, "the events before the one that failed could not be applied either");
         }
         error
     }
@@ -1268,8 +1259,8 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
 ) -> Result<Applied, ProjectionError> {
     let mut applied = Applied::default();
     // A panic (in the projection; an upcaster's is a decode error) is this event's fault,
-    // like an error: it
-    // must fail the batch with the event named, so that only it is handed back as an attempt.
+    // like an error: it must fail the batch with the event named, so that only it is handed
+    // back as an attempt.
     // Unwinding past the runner instead would hand none back, and the whole batch would reach
     // its maximum deliveries together and be dead-lettered, the innocent events with it.
     let panicked = |record: &EventRecord, message: String| ProjectionError::Apply {

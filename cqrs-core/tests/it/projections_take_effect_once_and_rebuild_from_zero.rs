@@ -400,83 +400,81 @@ fn a_failed_batch_takes_effect_up_to_the_failed_event_which_is_retried() {
     });
 }
 
+/// A runner of `sum` fed from a store holding `sums` in one stream `s-1`, with that store and
+/// the runner's projection store.
+async fn fed_from_a_store(
+    sum: &Arc<Sum>,
+    sums: &[u64],
+) -> (
+    ProjectionRunner<InMemoryProjectionStore, Sum>,
+    Arc<InMemoryEventStore>,
+    Arc<InMemoryProjectionStore>,
+) {
+    let events = Arc::new(InMemoryEventStore::new());
+    events
+        .append(
+            "s-1",
+            ExpectedVersion::NO_STREAM,
+            sums.iter().map(|&n| record(n)).collect(),
+        )
+        .await
+        .unwrap();
+    let store = Arc::new(InMemoryProjectionStore::new());
+    let runner = ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+    (runner, events, store)
+}
+
+/// Runs three steps of `runner`, each of which must fail on the poison event.
+async fn three_steps_fail_on_the_poison(
+    runner: &mut ProjectionRunner<InMemoryProjectionStore, Sum>,
+    sum: &Sum,
+    seen: &[u64],
+) {
+    for attempt in 1..=3 {
+        let err = runner.run_once().await.unwrap_err();
+        assert!(
+            matches!(&err, ProjectionError::Apply { source, .. } if source.code() == "poison"),
+            "attempt {attempt}: {err}"
+        );
+        assert_eq!(*sum.seen.lock().unwrap(), seen, "attempt {attempt}");
+    }
+}
+
 /// Fed from the store, an event the projection refuses every time stops the runner at that
 /// event: the events before it in its batch take effect (a stuck event holds back only itself
 /// and what follows it in the store's order, not up to a batch of others), those after it
 /// wait, and none takes effect twice however often the step is retried.
-/// The same with an event the projection refuses after the one whose effect panics: the
-/// events before the refused one are committed on their own, and when that commit panics,
-/// one by one, so no effect runs again at every retry.
-#[test]
-fn events_before_a_refused_one_whose_commit_panics_repeat_no_effect_for_ever() {
-    run(async {
-        let events = Arc::new(InMemoryEventStore::new());
-        let sum = Arc::new(Sum {
-            effect_panics_on: Some(2),
-            poison: Some(3),
-            ..Sum::default()
-        });
-        events
-            .append(
-                "s-1",
-                ExpectedVersion::NO_STREAM,
-                vec![record(1), record(2), record(3)],
-            )
-            .await
-            .unwrap();
-        let mut runner = ProjectionRunner::from_store(
-            Arc::new(InMemoryProjectionStore::new()),
-            sum.clone(),
-            events.clone(),
-            types(),
-        );
-        for attempt in 1..=3 {
-            let error = runner.run_once().await.unwrap_err();
-            assert!(
-                matches!(&error, ProjectionError::Apply { source, .. } if source.code() == "poison"),
-                "attempt {attempt}: {error}"
-            );
-        }
-        assert_eq!(
-            *sum.seen.lock().unwrap(),
-            [1, 1],
-            "1 took effect in the commit that panicked, and once more alone: no more"
-        );
-    });
-}
-
 #[test]
 fn a_store_fed_runner_stops_at_the_event_it_cannot_apply_not_at_its_batch() {
     run(async {
-        let events = Arc::new(InMemoryEventStore::new());
         let sum = Arc::new(Sum {
             poison: Some(3),
             ..Sum::default()
         });
-        events
-            .append(
-                "s-1",
-                ExpectedVersion::NO_STREAM,
-                vec![record(1), record(2), record(3), record(4)],
-            )
-            .await
-            .unwrap();
-        let store = Arc::new(InMemoryProjectionStore::new());
-        let mut runner =
-            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
-        for attempt in 1..=3 {
-            let err = runner.run_once().await.unwrap_err();
-            assert!(
-                matches!(&err, ProjectionError::Apply { source, .. } if source.code() == "poison"),
-                "attempt {attempt}: {err}"
-            );
-            assert_eq!(*sum.seen.lock().unwrap(), [1, 2], "attempt {attempt}");
-        }
+        let (mut runner, events, store) = fed_from_a_store(&sum, &[1, 2, 3, 4]).await;
+        three_steps_fail_on_the_poison(&mut runner, &sum, &[1, 2]).await;
         let mut unit = store.begin("sum").await.unwrap();
         let at = store.checkpoint(&mut unit, "sum").await.unwrap();
         drop(unit);
         let second = events.load("s-1", 0).await.unwrap()[1].position;
         assert_eq!(at, second, "the checkpoint is the last event applied");
+    });
+}
+
+/// The same with an event the projection refuses after the one whose effect panics: the
+/// events before the refused one are committed on their own, and when that commit panics,
+/// one by one, so no effect runs again at every retry: 1 took effect in the commit that
+/// panicked, and once more alone, no more.
+#[test]
+fn events_before_a_refused_one_whose_commit_panics_repeat_no_effect_for_ever() {
+    run(async {
+        let sum = Arc::new(Sum {
+            effect_panics_on: Some(2),
+            poison: Some(3),
+            ..Sum::default()
+        });
+        let (mut runner, _, _) = fed_from_a_store(&sum, &[1, 2, 3]).await;
+        three_steps_fail_on_the_poison(&mut runner, &sum, &[1, 1]).await;
     });
 }
 

@@ -119,40 +119,17 @@ async fn noncharacters_are_refused_and_private_use_characters_are_not() {
         let ticket = s.ticket(&customer, "logo \u{E000} \u{F8FF}").await;
         assert_eq!(ticket["title"], "logo \u{E000} \u{F8FF}");
         let id = ticket["id"].as_str().unwrap();
-        let r = s
-            .post(
-                &format!("/tickets/{id}/comments"),
-                &customer,
-                json!({ "body": "x\u{FDD5}" }),
-            )
-            .await;
-        assert_refused(&r, "body");
-        let r = s
-            .post(
-                &format!("/tickets/{id}/close"),
-                &customer,
-                json!({ "resolution": "\u{2FFFE}" }),
-            )
-            .await;
-        assert_refused(&r, "resolution");
+        for (action, field, text) in [("comments", "body", "x\u{FDD5}"), ("close", "resolution", "\u{2FFFE}")] {
+            let r = s
+                .post(&format!("/tickets/{id}/{action}"), &customer, json!({ field: text }))
+                .await;
+            assert_refused(&r, field);
+        }
 
-        let r = s
-            .send(
-                Method::POST,
-                "/auth/register",
-                None,
-                Some(json!({ "email": email("nonchar"), "password": PASSWORD, "display_name": "Ada\u{FFFE}" })),
-            )
-            .await;
+        let register = |body: serde_json::Value| s.send(Method::POST, "/auth/register", None, Some(body));
+        let r = register(json!({ "email": email("nonchar"), "password": PASSWORD, "display_name": "Ada\u{FFFE}" })).await;
         assert_refused(&r, "display_name");
-        let r = s
-            .send(
-                Method::POST,
-                "/auth/register",
-                None,
-                Some(json!({ "email": format!("a\u{FFFF}{}", email("nonchar")), "password": PASSWORD })),
-            )
-            .await;
+        let r = register(json!({ "email": format!("a\u{FFFF}{}", email("nonchar")), "password": PASSWORD })).await;
         r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
         assert_eq!(r.body["error"]["details"]["field"], "email", "{r:?}");
         s.stop().await;
