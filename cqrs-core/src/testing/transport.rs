@@ -58,6 +58,7 @@ macro_rules! transport_conformance {
             [
                 events_of_one_key_keep_their_order_across_two_consumers,
                 a_keys_events_in_one_batch_come_in_order_with_one_order_key,
+                a_closed_consumer_releases_what_it_held_behind_its_key,
             ]
         );
     };
@@ -1349,4 +1350,67 @@ pub async fn a_closed_consumer_releases_what_it_never_handed_out<H: TransportHar
             batch.iter().map(n_of).collect::<Vec<_>>()
         );
     }
+}
+
+/// [`Consumer::close`] releases the messages the consumer held back behind an earlier delivery
+/// of their key (read, and not handed out while that one was in flight), so another consumer
+/// of the group takes them at once, not after the redelivery delay. The closed consumer stays
+/// alive until then: what an adapter releases when a consumer is dropped does not count.
+pub async fn a_closed_consumer_releases_what_it_held_behind_its_key<H: TransportHarness>(h: &H) {
+    requires_key_order(h);
+    let topic = format!("{}-t24", h.test_id());
+    // Far longer than the test: whatever another consumer gets, it got by a release.
+    let delay = Duration::from_secs(120);
+    let mut a = consumer_with(h, &topic, "g", "a", |o| o.redelivery_delay(delay)).await;
+    let first = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let in_flight = fetch_one(a.as_mut(), "the first event of key k").await;
+    assert_eq!(in_flight.record.event_id, first.event_id);
+    // `held` before `other` in the stream: once `a` hands out `other`, it has read `held`,
+    // and keeps it back while the first of its key is in flight.
+    let held = event("k", 2);
+    let other = event("other", 3);
+    h.transport()
+        .publish(&topic, &[held.clone(), other.clone()])
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let batch = fetch_up_to(a.as_mut(), 10).await;
+        assert!(
+            batch.iter().all(|d| d.record.event_id != held.event_id),
+            "the second event of key k was handed out while the first was in flight"
+        );
+        let ids: Vec<_> = batch.iter().map(|d| d.id.clone()).collect();
+        a.ack(&ids).await.expect("ack");
+        if batch.iter().any(|d| d.record.event_id == other.event_id) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for the event of another key"
+        );
+    }
+    a.ack(std::slice::from_ref(&in_flight.id))
+        .await
+        .expect("ack");
+    a.close().await.expect("close");
+
+    let mut b = consumer_with(h, &topic, "g", "b", |o| o.redelivery_delay(delay)).await;
+    let got = fetch_one(
+        b.as_mut(),
+        "the event a held behind its key, released by close (a is still alive)",
+    )
+    .await;
+    assert_eq!(
+        got.record.event_id,
+        held.event_id,
+        "b got n = {} instead of the held event",
+        n_of(&got)
+    );
+    b.ack(std::slice::from_ref(&got.id)).await.unwrap();
+    drop(a);
 }
