@@ -41,7 +41,7 @@ use tokio::time::Instant;
 ///    left pending by a consumer that crashed. So a redelivery is found up to a quarter of the
 ///    delay (at most 1 s) after it fell due, and new entries may be handed out before it
 ///    meanwhile: the [`ConsumerOptions::redelivery_lag`] the port allows;
-/// 4. dead-letters entries delivered more than `max_deliveries` times, with the last error a
+/// 4. dead-letters entries handed out `max_deliveries` times, with the last error a
 ///    nack reported and the delivery count, and acknowledges them; and entries whose `prev`
 ///    is no stream id, or not UTF-8, or an entry of the stream not older than themselves
 ///    (their place in the lane is unknown), once no older entry is pending in the group.
@@ -697,7 +697,8 @@ impl RedisConsumer {
                 topic = %self.topic,
                 group = %self.group,
                 count = dead,
-                "dead-lettered entries delivered more than {} times",
+                "dead-lettered entries handed out {} times (max_deliveries) without success: \
+                 `dead_letters` lists them",
                 self.options.max_deliveries
             );
         }

@@ -8,7 +8,7 @@ use cqrs_core::ports::TransportError;
 use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::types::Value;
 
-/// An entry a consumer group gave up on: delivered more than `max_deliveries` times, or not
+/// An entry a consumer group gave up on: handed out `max_deliveries` times, or not
 /// decodable. It stays in the topic's dead-letter stream (`{prefix}:{topic}:dead`) until
 /// replayed or discarded.
 #[derive(Clone, Debug, PartialEq)]

@@ -335,12 +335,13 @@ for _, c in ipairs(cands) do
           redis.call('HDEL', keys.errors, c.id)
         end
       elseif state == 'ready' and over then
+        -- The times it was handed out: this reclaim's claim only found it over the limit.
+        local handed_out = count - 1
         local reason = redis.call('HGET', keys.errors, c.id)
-          or ('delivered ' .. count .. ' times without an acknowledgement')
+          or ('delivered ' .. handed_out .. ' times without an acknowledgement')
         local fields = fields_of(c)
         if fields then
-          -- Recorded as the times it was handed out: this reclaim only found it over the limit.
-          deadletter(keys, group, me, c.id, fields, count - 1, reason)
+          deadletter(keys, group, me, c.id, fields, handed_out, reason)
           dead = dead + 1
         else
           redis.call('XACK', keys.stream, group, c.id)
