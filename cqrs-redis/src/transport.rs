@@ -329,6 +329,7 @@ impl RedisStreamTransport {
         options: ConsumerOptions,
     ) -> Result<RedisConsumer, TransportError> {
         let keys = self.shared.keys(topic)?;
+        cqrs_core::ports::validate_group(group)?;
         consumer_option_problems(&options)?;
         self.shared.create_group(&keys, group).await?;
         {

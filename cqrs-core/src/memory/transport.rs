@@ -277,6 +277,7 @@ impl EventTransport for InMemoryTransport {
         options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
         crate::ports::validate_topic(topic)?;
+        crate::ports::validate_group(group)?;
         options.validate()?;
         {
             let mut state = self.lock();

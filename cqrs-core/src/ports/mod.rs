@@ -21,5 +21,5 @@ pub use projection::ProjectionStore;
 pub use pubsub::{Fanout, PubSub, PubSubMessage, Subscription};
 pub use transport::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventTransport, TransportCapabilities,
-    validate_topic,
+    validate_group, validate_topic,
 };

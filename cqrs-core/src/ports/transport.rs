@@ -234,7 +234,7 @@ impl Delivery {
 ///
 /// * Topic names follow [`validate_topic`]'s rules;
 ///   `publish` and `consumer` refuse others with [`TransportError::Invalid`]. `consumer`
-///   refuses options that break [`ConsumerOptions::validate`], and a consumer name already in
+///   refuses a group without a name ([`validate_group`]), options that break [`ConsumerOptions::validate`], and a consumer name already in
 ///   use in its group (see [`ConsumerOptions::consumer_name`]).
 /// * `publish` sends a batch to a topic; when it returns `Ok`, every message is stored.
 /// * Each consumer group sees every message published to its topic, including messages
@@ -257,7 +257,7 @@ pub trait EventTransport: Send + Sync + 'static {
 
     /// Joins consumer group `group` of `topic`, creating the group when it does not exist.
     /// Refuses, with [`TransportError::Invalid`], a topic that breaks
-    /// [`validate_topic`], options that break
+    /// [`validate_topic`], a group that breaks [`validate_group`], options that break
     /// [`ConsumerOptions::validate`] (or the transport's own rules), and a consumer name a live
     /// consumer of the group already has.
     async fn consumer(
@@ -293,6 +293,30 @@ pub fn validate_topic(topic: &str) -> Result<(), TransportError> {
             "topic `{topic}` must not contain `{{` or `}}`: the Redis transport makes the \
              topic the hash tag of its keys, which a brace would move"
         )));
+    }
+    Ok(())
+}
+
+/// The rule every transport holds consumer group names to: a group has a name (not empty).
+/// `consumer` refuses an empty one with [`TransportError::Invalid`]. An empty name would be
+/// no name to Redis's dead-letter replay, which sends an entry recorded without a group to
+/// every group, so a replay meant for one group would reach groups that had handled the
+/// event long before.
+///
+/// ```
+/// use cqrs_core::ports::validate_group;
+///
+/// assert!(validate_group("billing").is_ok());
+/// let err = validate_group("").unwrap_err();
+/// assert!(err.to_string().contains("consumer group `` must not be empty"));
+/// ```
+pub fn validate_group(group: &str) -> Result<(), TransportError> {
+    if group.is_empty() {
+        return Err(TransportError::Invalid(
+            "consumer group `` must not be empty: name the group after what its consumers do \
+             (one name per handler), for instance `billing`"
+                .to_owned(),
+        ));
     }
     Ok(())
 }

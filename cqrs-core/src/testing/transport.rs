@@ -83,6 +83,7 @@ macro_rules! transport_conformance {
                 a_redelivery_delay_of_duration_max_never_redelivers,
                 consumer_options_that_break_the_port_rules_are_refused,
                 topics_that_break_the_port_rules_are_refused,
+                a_group_without_a_name_is_refused,
                 a_consumer_name_in_use_in_its_group_is_refused,
                 keep_alive_leaves_alone_a_delivery_another_consumer_took_over,
                 a_deferred_delivery_is_no_attempt,
@@ -846,6 +847,30 @@ pub async fn topics_that_break_the_port_rules_are_refused<H: TransportHarness>(h
         .publish(&fine, &[event("k", 1)])
         .await
         .expect("a topic within the rules");
+}
+
+/// A group without a name ([`validate_group`](crate::ports::validate_group)) is refused with
+/// `Invalid` naming the rule, before anything joins: a group named `` would be no group to a
+/// Redis dead-letter replay, which then reaches every group.
+pub async fn a_group_without_a_name_is_refused<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t25", h.test_id());
+    let joined = h
+        .transport()
+        .consumer(
+            &topic,
+            "",
+            h.options().consumer_name(format!("{}-c", h.test_id())),
+        )
+        .await
+        .map(drop);
+    match joined {
+        Err(TransportError::Invalid(message)) => assert!(
+            message.contains("consumer group `` must not be empty"),
+            "the message names the rule: {message}"
+        ),
+        Err(other) => panic!("a group named ``: expected Invalid, got {other}"),
+        Ok(()) => panic!("a group named `` was joined"),
+    }
 }
 
 /// A consumer name a live consumer of the group already has is refused with `Invalid` naming
