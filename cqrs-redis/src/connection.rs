@@ -49,7 +49,11 @@ pub(crate) fn builder(
         })
         .with_connection_config(|config| {
             config.connection_timeout = options.connect_timeout;
-            config.internal_command_timeout = options.command_timeout;
+            // fred's `connection_timeout` ends with the TCP (and TLS) connect; the handshake's
+            // commands (`HELLO`, `AUTH`, `CLIENT SETNAME`) are internal ones. Bounded by the
+            // connect timeout too, a server that accepts and never answers fails the connect
+            // within it, not after a command timeout (which may be unbounded).
+            config.internal_command_timeout = options.command_timeout.min(options.connect_timeout);
             // `CLIENT SETNAME` with fred's client id, so `CLIENT LIST` shows whose each
             // connection is (and `client_ids` finds them).
             config.auto_client_setname = true;
@@ -218,6 +222,19 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
                 "could not connect to {} ({source}); check that Redis runs there and that the URL \
                  names it",
                 server_of(&options.url)
+            )
+            .into(),
+        },
+        // The connect or its handshake went unanswered: something else may listen there (or
+        // a TLS server, to a plain connection), or packets are dropped on the way.
+        TransportError::Timeout { backend } => TransportError::Unavailable {
+            backend,
+            source: format!(
+                "could not connect to {}: no answer within the connect timeout ({:?}); check \
+                 that Redis, not another service, listens there (a TLS server needs \
+                 `rediss://`) and that no firewall drops the packets",
+                server_of(&options.url),
+                options.connect_timeout
             )
             .into(),
         },

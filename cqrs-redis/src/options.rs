@@ -131,6 +131,40 @@ pub(crate) fn asks_for_tls(url: &str) -> bool {
     scheme.starts_with("rediss") || scheme.starts_with("valkeys")
 }
 
+/// Why `url`'s scheme is not one fred connects with, if it is not: fred takes any scheme for
+/// plain Redis, so `https://` (TLS expected) or `localhost:6379` (no scheme: parsed as scheme
+/// `localhost`) would connect in plain text, or to a server other than the one meant.
+fn scheme_problem(url: &str) -> Option<String> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        // Not shown: without `scheme://`, where a password would end cannot be told.
+        return Some(
+            "url has no scheme: write it as `redis://host:port` (`rediss://` for TLS)".to_owned(),
+        );
+    };
+    let lower = scheme.to_ascii_lowercase();
+    let base = lower
+        .strip_suffix("-cluster")
+        .or_else(|| lower.strip_suffix("-sentinel"))
+        .unwrap_or(&lower);
+    if matches!(base, "redis" | "rediss" | "valkey" | "valkeys") {
+        return None;
+    }
+    // Shown only when it is a scheme, not a pasted credential before a `://`.
+    let named = if !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        format!("`{scheme}` ")
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "url scheme {named}is not a redis scheme: use `redis://` (`rediss://` for TLS; \
+         `valkey://` and `valkeys://` work too, each also with `-cluster` or `-sentinel`)"
+    ))
+}
+
 /// `url` with its TLS scheme made the plain one (`rediss-cluster://` becomes
 /// `redis-cluster://`): what fred parses. The TLS configuration is built here instead of by
 /// fred's URL parser, whose default asks rustls for the process-wide crypto provider, which
@@ -193,7 +227,10 @@ impl ConnectionOptions {
         self
     }
 
-    /// How long opening a connection may take. Default 5 s.
+    /// How long each step of opening a connection may take: the TCP (and TLS) connect, then
+    /// each command of its handshake (`HELLO`, `AUTH`, `CLIENT SETNAME`; bounded by the
+    /// command timeout too, when that is shorter). So a server that accepts the connection and
+    /// never answers fails `connect` within about twice this, naming the server. Default 5 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -393,7 +430,9 @@ impl ConnectionOptions {
     /// Every problem, for a build with TLS (`tls_built`) or without: a parameter, so the tests
     /// of either build check both.
     fn problems_in_build(&self, tls_built: bool, problems: &mut Vec<String>) {
-        if let Err(e) = fred::types::config::Config::from_url(&plain_scheme_url(&self.url)) {
+        if let Some(problem) = scheme_problem(&self.url) {
+            problems.push(problem);
+        } else if let Err(e) = fred::types::config::Config::from_url(&plain_scheme_url(&self.url)) {
             problems.push(format!(
                 "url `{}` is not a redis url: {e}",
                 redacted_url(&self.url)
@@ -922,6 +961,51 @@ mod tests {
         assert!(problems(edges).is_empty());
         let edges = ConnectionOptions::new(DEFAULT_URL).tcp_keepalive(Some(Duration::from_secs(1)));
         assert!(problems(edges).is_empty());
+    }
+
+    /// fred connects in plain text whatever the scheme: `https://` (TLS expected),
+    /// `localhost:6379` (no `redis://`) and a typo were accepted. Only Redis's and Valkey's
+    /// schemes pass, and a credential pasted before `://` is not shown.
+    #[test]
+    fn only_redis_schemes_are_accepted() {
+        let problems = |url: &str| {
+            let mut problems = Vec::new();
+            ConnectionOptions::new(url).problems(&mut problems);
+            problems
+        };
+        for (url, named) in [
+            ("https://127.0.0.1:6379", "`https` "),
+            ("http://127.0.0.1:6379", "`http` "),
+            ("foo://127.0.0.1:6379", "`foo` "),
+            ("redis-clustr://127.0.0.1:6379", "`redis-clustr` "),
+            ("admin:s3cret@host://127.0.0.1", ""),
+        ] {
+            assert_eq!(
+                problems(url),
+                [format!(
+                    "url scheme {named}is not a redis scheme: use `redis://` (`rediss://` for \
+                     TLS; `valkey://` and `valkeys://` work too, each also with `-cluster` or \
+                     `-sentinel`)"
+                )],
+                "{url}"
+            );
+        }
+        for url in ["localhost:6379", "127.0.0.1:6379", "admin:s3cret@127.0.0.1"] {
+            assert_eq!(
+                problems(url),
+                ["url has no scheme: write it as `redis://host:port` (`rediss://` for TLS)"],
+                "{url}"
+            );
+        }
+        for url in [
+            "redis://127.0.0.1:6379",
+            "REDIS://127.0.0.1:6379",
+            "valkey://127.0.0.1:6379",
+            "redis-cluster://127.0.0.1:30001",
+            "redis-sentinel://127.0.0.1:26379/0?sentinelServiceName=main",
+        ] {
+            assert!(problems(url).is_empty(), "{url}: {:?}", problems(url));
+        }
     }
 
     /// A URL that is not valid, with a password in it, is reported without the password

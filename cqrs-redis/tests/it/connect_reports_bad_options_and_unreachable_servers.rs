@@ -148,3 +148,43 @@ async fn consumer_options_and_topics_that_break_guarantees_are_refused() {
     .await;
     env.cleanup().await;
 }
+
+/// A server that accepts connections and never answers (another service on the port, a
+/// stalled Redis) fails the connect within the connect timeout, naming the server: the
+/// handshake waited out the command timeout, and the error said only "redis did not answer in
+/// time". The command timeout here is far past the test's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_fails_the_connect_within_its_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts, reads nothing, answers nothing, keeps every connection open.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    within(
+        20,
+        Box::pin(async {
+            let error = RedisStreamOptions::with_connection(
+                ConnectionOptions::new(format!("redis://127.0.0.1:{port}"))
+                    .connect_timeout(Duration::from_millis(300))
+                    .command_timeout(Duration::from_secs(600)),
+            )
+            .connect()
+            .await
+            .expect_err("nothing answers");
+            assert_eq!(error.kind(), ErrorKind::Unavailable, "{error:?}");
+            let message = error.to_string();
+            for part in [
+                format!("could not connect to 127.0.0.1:{port}: no answer within the connect timeout (300ms)"),
+                "Redis, not another service, listens there".to_owned(),
+            ] {
+                assert!(message.contains(&part), "{part:?} in {message}");
+            }
+        }),
+    )
+    .await;
+    silent.abort();
+}
