@@ -262,9 +262,14 @@ pub enum DispatchError {
         after: Duration,
     },
     /// A middleware layer failed the dispatch with an error of its own (not a
-    /// [`HandlerError`], which is [`DispatchError::Handler`]). Its error is the source. A layer
-    /// that panicked is reported here too (kind `internal`); a handler's panic is
-    /// [`DispatchError::Panicked`].
+    /// [`HandlerError`], which is [`DispatchError::Handler`]). Its error is the source;
+    /// downcast it to match on your layer's error type. Its [`kind`](DispatchError::kind) is
+    /// `timeout` for tower's `Elapsed` (`tower::timeout::TimeoutLayer`), `unavailable` for
+    /// tower's `Overloaded` (`tower::load_shed::LoadShedLayer`), and `internal` for any other
+    /// (a 500 at a gateway): a layer that refuses a dispatch for the caller to see returns a
+    /// [`HandlerError`] of the kind it means, with its own error as the source if it wants it
+    /// matched. A layer that panicked is reported here too (kind `internal`); a handler's panic
+    /// is [`DispatchError::Panicked`].
     #[error("middleware failed the dispatch: {0}")]
     Middleware(#[source] BoxError),
     /// An event was published and some of its handlers failed.
@@ -279,9 +284,7 @@ impl DispatchError {
             DispatchError::NoHandler { .. } | DispatchError::Panicked { .. } => ErrorKind::Internal,
             DispatchError::Handler(e) => e.kind(),
             DispatchError::Timeout { .. } => ErrorKind::Timeout,
-            DispatchError::Middleware(e) => e
-                .downcast_ref::<HandlerError>()
-                .map_or(ErrorKind::Internal, HandlerError::kind),
+            DispatchError::Middleware(e) => middleware_kind(e.as_ref()),
             DispatchError::Publish(e) => e.kind(),
         }
     }
@@ -296,8 +299,8 @@ impl DispatchError {
     }
 
     /// Turns the error a tower layer produced back into a `DispatchError`: our own errors pass
-    /// through, tower's `Elapsed` cannot be told apart from other layer errors without its
-    /// feature, so everything else becomes [`DispatchError::Middleware`].
+    /// through, and everything else becomes [`DispatchError::Middleware`] (whose
+    /// [`kind`](DispatchError::kind) tells tower's own errors apart).
     pub(crate) fn from_layer(error: BoxError) -> Self {
         match error.downcast::<DispatchError>() {
             Ok(own) => *own,
@@ -306,6 +309,21 @@ impl DispatchError {
                 Err(other) => DispatchError::Middleware(other),
             },
         }
+    }
+}
+
+/// The kind of an error a layer failed a dispatch with: a [`HandlerError`]'s own; tower's
+/// `Elapsed` (`tower::timeout`) a timeout and `Overloaded` (`tower::load_shed`) unavailable,
+/// both retryable, as the core's own layers' would be; anything else internal.
+fn middleware_kind(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
+    if let Some(handler) = error.downcast_ref::<HandlerError>() {
+        handler.kind()
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        ErrorKind::Timeout
+    } else if error.is::<tower::load_shed::error::Overloaded>() {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Internal
     }
 }
 

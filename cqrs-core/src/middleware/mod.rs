@@ -12,9 +12,15 @@
 //! # Writing your own: an authorization check that awaits a lookup
 //!
 //! A rule that needs only the dispatch is a [`CheckLayer`]. A layer of your own is a tower
-//! `Service` over [`Dispatch`](crate::Dispatch), for what a closure cannot do (await a lookup,
-//! change the reply). This one asks a permission store, asynchronously, before the handler
-//! runs:
+//! `Service` over [`Dispatch`](crate::Dispatch), for what a closure cannot do: await a
+//! lookup, change the metadata or the extensions on the way in, read or take the recorded
+//! events and set extensions on the [`Reply`](crate::Reply) on the way out. (It cannot
+//! answer in the handler's place, nor send one dispatch twice: the message travels inside
+//! the `Dispatch`, which is neither built outside a bus nor cloned. So tower's retry layers
+//! do not apply; a retry belongs around `bus.dispatch`. Test a layer through a bus built
+//! with it and a handler.) Import tower from `cqrs_core::reexports::tower`, or depend on
+//! `tower` 0.5 yourself. This one asks a permission store, asynchronously, before the
+//! handler runs:
 //!
 //! ```
 //! # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
@@ -105,6 +111,27 @@
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! ```
+//!
+//! # What a layer's service must be
+//!
+//! `L: Layer<Dispatcher>`, and its service `Service<Dispatch, Response = Reply>`, `Clone +
+//! Send + Sync + 'static` (a bus clones the stack per dispatch: keep what it holds behind
+//! an `Arc`), with a `Send + 'static` future and an error that is `Into<BoxError>`. The bus
+//! builders' `build` states these bounds, so the compiler reports a layer that breaks them
+//! there, not at `.layer(..)`, and, under other layers, names the outer one (`Timeout<Mine<..>>:
+//! Clone` is not satisfied): look at the innermost type it names that is yours.
+//!
+//! # Errors
+//!
+//! A layer that refuses a dispatch for the caller to see returns a
+//! [`HandlerError`](crate::HandlerError) of the kind it means (`HandlerError::forbidden`,
+//! `unauthorized`, or `HandlerError::new` with any [`ErrorKind`](crate::ErrorKind)): the bus reports it as [`DispatchError::Handler`](crate::DispatchError::Handler),
+//! with its kind, as it would the handler's refusal. To keep an error type of yours
+//! matchable, make it the source: `HandlerError::forbidden(..).with_source(MyError)`, then
+//! `err.handler_error()` and its `source()` (`std::error::Error`). Any other error becomes
+//! [`DispatchError::Middleware`](crate::DispatchError::Middleware) of kind `internal` (a
+//! 500 at a gateway), except tower's own `Elapsed` (`tower::timeout`), a `timeout`, and
+//! `Overloaded` (`tower::load_shed`), `unavailable`: both retryable.
 
 mod check;
 mod metrics;

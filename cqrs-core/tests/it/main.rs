@@ -35,3 +35,4 @@ mod the_store_relay_ships_every_event_in_order;
 mod the_store_relay_skips_refused_events_and_bounds_each_publish;
 mod the_timeout_layer_fails_a_slow_dispatch;
 mod the_tracing_layer_opens_a_span_per_dispatch;
+mod towers_own_timeout_and_load_shed_keep_their_kind;
