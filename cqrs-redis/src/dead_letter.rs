@@ -1,7 +1,7 @@
 //! Dead letters: entries a group gave up on, listed and replayed.
 
 use crate::entry::{self, Fields};
-use crate::error::transport_error;
+use crate::error::client_error;
 use crate::transport::RedisStreamTransport;
 use cqrs_core::EventRecord;
 use cqrs_core::ports::TransportError;
@@ -92,7 +92,7 @@ impl RedisStreamTransport {
             .with_options(&self.shared.patient())
             .xrange(keys.dead.as_str(), start, "+", Some(count as u64))
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         Ok(entry::entries(reply)
             .into_iter()
             .map(|(id, fields)| DeadLetter::from_entry(id, fields))
@@ -147,7 +147,7 @@ impl RedisStreamTransport {
                 ids.iter().map(|id| Value::from(*id)).collect(),
             )
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         let mut parts = entry::array(reply).into_iter();
         let (replayed, gone) = (
             entry::array(parts.next().unwrap_or(Value::Null)),
@@ -201,7 +201,7 @@ impl RedisStreamTransport {
                 Vec::<Value>::new(),
             )
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         let seconds = entry::array(time)
             .first()
             .and_then(Value::as_u64)
@@ -227,7 +227,7 @@ impl RedisStreamTransport {
                 ],
             )
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         Ok(removed.as_u64().unwrap_or(0))
     }
 
@@ -248,7 +248,7 @@ impl RedisStreamTransport {
             .with_options(&self.shared.patient())
             .xdel(keys.dead.as_str(), ids)
             .await
-            .map_err(transport_error)
+            .map_err(|e| client_error(&self.shared.client, e))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Trimming, pruning idle consumers, and a worker that does both on a schedule and records
 //! the stats as metrics.
 
-use crate::error::transport_error;
+use crate::error::client_error;
 use crate::stats::TopicStats;
 use crate::transport::RedisStreamTransport;
 use async_trait::async_trait;
@@ -59,7 +59,7 @@ impl RedisStreamTransport {
                 ],
             )
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         let mut parts = crate::entry::array(reply).into_iter();
         let removed = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
         let bound = parts
@@ -93,7 +93,7 @@ impl RedisStreamTransport {
                 ],
             )
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         Ok(crate::entry::array(reply)
             .into_iter()
             .filter_map(Value::into_string)

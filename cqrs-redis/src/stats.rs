@@ -1,7 +1,7 @@
 //! Lag and pending counts per group, for metrics and operators.
 
 use crate::entry::{array, info_field};
-use crate::error::transport_error;
+use crate::error::client_error;
 use crate::transport::RedisStreamTransport;
 use cqrs_core::ports::TransportError;
 use fred::interfaces::{ClientLike, StreamsInterface};
@@ -49,13 +49,13 @@ impl RedisStreamTransport {
             client.xlen::<u64, _>(keys.stream.as_str()),
             client.xlen::<u64, _>(keys.dead.as_str()),
         )
-        .map_err(transport_error)?;
+        .map_err(|e| client_error(&self.shared.client, e))?;
         if length == 0 {
             // XINFO GROUPS fails on a missing key; an empty stream may still have groups.
             let exists: u64 =
                 fred::interfaces::KeysInterface::exists(&client, keys.stream.as_str())
                     .await
-                    .map_err(transport_error)?;
+                    .map_err(|e| client_error(&self.shared.client, e))?;
             if exists == 0 {
                 return Ok(TopicStats {
                     dead_letters,
@@ -66,7 +66,7 @@ impl RedisStreamTransport {
         let reply: Value = client
             .xinfo_groups(keys.stream.as_str())
             .await
-            .map_err(transport_error)?;
+            .map_err(|e| client_error(&self.shared.client, e))?;
         let groups = array(reply)
             .into_iter()
             .map(|group| {

@@ -1,6 +1,7 @@
 //! With its server stopped, publishing fails fast with `Unavailable` (the outbox relay
 //! retries), and so does a pub/sub subscribe to a new channel (it waited a whole command
-//! timeout, behind every other channel's, and then said `Timeout`); when a server is back on
+//! timeout, behind every other channel's, and then said `Timeout`), and `topic_stats`,
+//! `dead_letters` and `trim` report `Unavailable` with the cause; when a server is back on
 //! the address (empty: no persistence), the consumer recreates its group and handles what is
 //! published then, and subscribing works again. Runs its own `redis-server`.
 
@@ -115,6 +116,21 @@ async fn publish_fails_fast_while_redis_is_down_and_consumers_resume() {
                 assert!(
                     matches!(result, Err(TransportError::Unavailable { .. })),
                     "{result:?}"
+                );
+            }
+            // An operator's calls say the server is away too, with the cause (they waited the
+            // command timeout out and said `Timeout`, "redis did not answer in time").
+            let stats = transport.topic_stats("events").await.map(drop);
+            let dead = transport.dead_letters("events", None, 10).await.map(drop);
+            let trimmed = transport.trim("events").await.map(drop);
+            for (call, result) in [
+                ("topic_stats", stats),
+                ("dead_letters", dead),
+                ("trim", trimmed),
+            ] {
+                assert!(
+                    matches!(result, Err(TransportError::Unavailable { .. })),
+                    "{call} while the server is down: {result:?}"
                 );
             }
             // Once fred knows the subscriber connection is gone, each new channel's subscribe
