@@ -107,9 +107,7 @@ macro_rules! register_plugin {
 #[non_exhaustive]
 pub enum PluginError {
     /// Two plugins share a name. Rename one, or link only one of them.
-    #[error(
-        "two plugins are named `{name}` (versions {first} and {second}); plugin names must be unique: rename one (its `name()`), or link only one of them (two versions of one plugin crate in the dependency tree: check `cargo tree -d`)"
-    )]
+    #[error("{}", duplicate_message(name, first, second))]
     Duplicate {
         /// The shared name.
         name: String,
@@ -122,7 +120,7 @@ pub enum PluginError {
     /// or fix the name in the dependent plugin's [`depends_on()`](Plugin::depends_on).
     #[error(
         "plugin `{plugin}` depends on `{dependency}`, which {}, or fix the name in `depends_on()` of `{plugin}` (found: {})",
-        missing_advice(*given, "is"), found.join(", ")
+        missing_advice(*given, "is"), found_list(found)
     )]
     MissingDependency {
         /// The dependent plugin.
@@ -138,16 +136,13 @@ pub enum PluginError {
     /// Plugins depend on each other in a cycle. Remove one of the dependencies from its
     /// plugin's [`depends_on()`](Plugin::depends_on), for instance by moving what both need
     /// into a plugin of its own.
-    #[error(
-        "plugins depend on each other in a cycle: {}; remove one of these dependencies from its plugin's `depends_on()` (move what both need into a plugin of its own)",
-        plugins.join(" -> ")
-    )]
+    #[error("{}", cycle_message(plugins))]
     Cycle {
         /// The plugins in the cycle.
         plugins: Vec<String>,
     },
     /// A plugin the server expects is not linked (or not in the list given).
-    #[error("expected plugin(s) {} {} (found: {})", missing.join(", "), missing_advice(*given, "are"), found.join(", "))]
+    #[error("expected plugin(s) {} {} (found: {})", missing.join(", "), missing_advice(*given, "are"), found_list(found))]
     NotLinked {
         /// The expected plugins that are missing.
         missing: Vec<String>,
@@ -220,6 +215,53 @@ pub(crate) fn as_written(type_name: &str) -> String {
         rest = &rest[c.len_utf8()..];
     }
     written
+}
+
+/// The plugins found, by name, or "none".
+fn found_list(found: &[String]) -> String {
+    if found.is_empty() {
+        "none".to_owned()
+    } else {
+        found.join(", ")
+    }
+}
+
+/// Two plugins of one name: two versions of one crate linked (`cargo tree -d` shows them),
+/// or, of one version, a crate registered twice or two crates that chose one name.
+fn duplicate_message(name: &str, first: &str, second: &str) -> String {
+    let (versions, cause) = if first == second {
+        (
+            format!("both version {first}"),
+            "a crate registers it twice (`register_plugin!`, or twice in the list given to \
+             `Plugins::from_plugins`), or two crates chose the same name",
+        )
+    } else {
+        (
+            format!("versions {first} and {second}"),
+            "two versions of one plugin crate are linked (check `cargo tree -d`), or two \
+             crates chose the same name",
+        )
+    };
+    format!(
+        "two plugins are named `{name}` ({versions}); plugin names must be unique: rename one \
+         (its `name()`), or link only one of them ({cause})"
+    )
+}
+
+/// A cycle, `a -> b -> a`; a plugin that names itself is said so.
+fn cycle_message(plugins: &[String]) -> String {
+    if let [only, again] = plugins
+        && only == again
+    {
+        return format!(
+            "plugin `{only}` depends on itself; remove `{only}` from its own `depends_on()`"
+        );
+    }
+    format!(
+        "plugins depend on each other in a cycle: {}; remove one of these dependencies from its \
+         plugin's `depends_on()` (move what both need into a plugin of its own)",
+        plugins.join(" -> ")
+    )
 }
 
 /// What to do about a plugin that was not found: link its crate, or, when the plugins were

@@ -66,6 +66,34 @@ fn a_duplicate_name_is_an_error() {
         message.contains("rename one (its `name()`), or link only one of them"),
         "{message}"
     );
+    // Of one version, no `cargo tree -d` can tell them apart: it says what else it can be.
+    assert!(
+        message.contains("(both version 1.0.0)")
+            && message.contains("a crate registers it twice")
+            && !message.contains("cargo tree"),
+        "{message}"
+    );
+}
+
+/// A plugin that depends on itself is told so, not as a cycle of one with advice to move
+/// what "both" need.
+#[test]
+fn a_plugin_depending_on_itself_is_told_so() {
+    let err = Plugins::from_plugins(plugins(&[("selfish", &["selfish"])])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `selfish` depends on itself; remove `selfish` from its own `depends_on()`"
+    );
+}
+
+/// With nothing found, the list says "none" (it read `(found: )`).
+#[test]
+fn an_expected_plugin_among_none_says_none_were_found() {
+    let err = Plugins::from_plugins(Vec::new())
+        .unwrap()
+        .expect(&["auth"])
+        .unwrap_err();
+    assert!(err.to_string().ends_with("(found: none)"), "{err}");
 }
 
 /// A missing dependency lists the plugins found, so a misspelt name shows next to the right
