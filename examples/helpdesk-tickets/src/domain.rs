@@ -284,7 +284,7 @@ fn ticket_full(message: String) -> HandlerError {
     HandlerError::conflict("ticket_full", message)
 }
 
-fn closed() -> HandlerError {
+pub(crate) fn closed() -> HandlerError {
     HandlerError::conflict("ticket_closed", "the ticket is closed")
 }
 

@@ -1,6 +1,6 @@
 //! The tickets plugin's commands, queries and their handlers.
 
-use crate::domain::{Priority, Status, Ticket, TicketCommand, TicketState};
+use crate::domain::{Priority, Status, Ticket, TicketCommand, TicketState, closed};
 use crate::index::{Cursors, ListFilter, TicketIndex};
 use crate::postgres::PgTicketIndex;
 use crate::stats::{Stats, StatsReader};
@@ -407,6 +407,12 @@ impl CommandHandler<ChangeTicket> for Tickets {
                 && self.directory.role_of_in(*assignee_id, ctx).await? != Some(Role::Agent)
             {
                 return Err(invalid("assignee_id", "the assignee must be an agent"));
+            }
+            // Closed refuses every change, whatever version the client saw: checked on the
+            // version, a stale `expected_version` got `version_conflict`, and the retry at
+            // the new version only then `ticket_closed`.
+            if loaded.state.ticket.status == Status::Closed {
+                return Err(closed());
             }
             let expected = cmd.expected_version.unwrap_or(loaded.version);
             let command = match &cmd.change {

@@ -109,12 +109,25 @@ async fn assign_comment_and_close_each_add_one_to_the_version() {
             (Some("closed"), Some(4))
         );
 
+        // With or without the version the client saw, the current one or a stale one: closed
+        // is the answer (a stale one was `version_conflict`, and the retry at the new version
+        // only then `ticket_closed`).
         for (path, body) in [
             ("comments", json!({ "body": "again" })),
             ("assign", json!({ "assignee_id": agent_id })),
             ("close", json!({})),
+            ("close", json!({ "expected_version": 3 })),
+            ("close", json!({ "expected_version": 4 })),
+            (
+                "comments",
+                json!({ "body": "again", "expected_version": 1 }),
+            ),
+            (
+                "assign",
+                json!({ "assignee_id": agent_id, "expected_version": 2 }),
+            ),
         ] {
-            s.post(&format!("/tickets/{id}/{path}"), &agent, body)
+            s.post(&format!("/tickets/{id}/{path}"), &agent, body.clone())
                 .await
                 .assert_error(StatusCode::CONFLICT, "ticket_closed");
         }
