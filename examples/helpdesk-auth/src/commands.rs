@@ -174,7 +174,10 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         _ctx: &mut CommandContext,
     ) -> Result<UserRecord, HandlerError> {
         let email = normalize_email(&cmd.email).map_err(|p| invalid("email", p))?;
-        let chars = cmd.password.chars().count();
+        // Composed (NFC), as logins check it: `café` typed with a precomposed `é` on one
+        // keyboard and with `e` and a combining accent on another is one password.
+        let password = composed(&cmd.password);
+        let chars = password.chars().count();
         if !(8..=MAX_PASSWORD_CHARS).contains(&chars) {
             return Err(invalid(
                 "password",
@@ -243,7 +246,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             let role = self
                 .role(&email, cmd.agent_code.as_deref(), cmd.client)
                 .await?;
-            self.create(email.clone(), role, display_name, cmd.password, slot)
+            self.create(email.clone(), role, display_name, password, slot)
                 .await
         }
         .await;
@@ -482,7 +485,7 @@ impl CommandHandler<LogIn> for LogInHandler {
         // No account has a password over registration's 128 characters: refused before any
         // hashing (argon2 would first digest the whole of it) and without counting an attempt
         // (it reveals nothing of the account, and guesses nothing).
-        if cmd.password.chars().count() > MAX_PASSWORD_CHARS {
+        if composed(&cmd.password).chars().count() > MAX_PASSWORD_CHARS {
             return Err(invalid_credentials());
         }
         // The client's own bound comes first (a refusal there is no attempt); the shared

@@ -2,7 +2,7 @@
 
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use cqrs_core::{ErrorKind, HandlerError};
-use helpdesk_api::{client_key, site_key};
+use helpdesk_api::{client_key, composed, site_key};
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -205,16 +205,24 @@ impl Hashing {
         Self::run(turn, move || argon2_hash(password.as_bytes())).await?
     }
 
-    /// Checks `password` against `hash` in `turn`.
+    /// Checks `password` against `hash` in `turn`, in its composed form (NFC), as
+    /// registration hashes it; then as sent, when that differs: an account registered before
+    /// passwords were composed has its password hashed as it was typed.
     pub(crate) async fn verify_password(
         turn: Turn,
         password: String,
         hash: String,
     ) -> Result<bool, HandlerError> {
         Self::run(turn, move || {
-            Argon2::default()
-                .verify_password(password.as_bytes(), hash.as_str())
+            let argon2 = Argon2::default();
+            let composed = composed(&password);
+            argon2
+                .verify_password(composed.as_bytes(), hash.as_str())
                 .is_ok()
+                || (composed != password
+                    && argon2
+                        .verify_password(password.as_bytes(), hash.as_str())
+                        .is_ok())
         })
         .await
     }
@@ -277,6 +285,31 @@ mod tests {
             .await
             .unwrap();
         assert!(!checked, "a free permit lets the check run");
+    }
+
+    /// A password is checked composed (NFC), however its accents were typed, and as sent too
+    /// when that differs: a hash made before registration composed passwords still matches.
+    #[tokio::test]
+    async fn a_password_matches_however_its_accents_are_encoded() {
+        let hashing = Hashing::new(2, Duration::from_secs(30));
+        let (precomposed, decomposed) = ("caf\u{00E9} au lait", "cafe\u{0301} au lait");
+        let check = |password: &str, hash: &str| {
+            let (hashing, password, hash) = (hashing.clone(), password.to_owned(), hash.to_owned());
+            async move {
+                let turn = hashing.turn(None).await.unwrap();
+                Hashing::verify_password(turn, password, hash)
+                    .await
+                    .unwrap()
+            }
+        };
+        // What registration stores now: the composed form's hash.
+        let stored = argon2_hash(precomposed.as_bytes()).unwrap();
+        assert!(check(precomposed, &stored).await);
+        assert!(check(decomposed, &stored).await);
+        assert!(!check("cafe au lait", &stored).await, "the accent counts");
+        // An older account's hash, of the decomposed form as it was typed.
+        let legacy = argon2_hash(decomposed.as_bytes()).unwrap();
+        assert!(check(decomposed, &legacy).await);
     }
 
     /// A client holding its share of turns is refused at once (no wait in the queue), while

@@ -1,6 +1,7 @@
 //! The auth plugin's routes.
 
 use crate::commands::{GetUser, LogIn, RegisterUser};
+use crate::users::UserRecord;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -40,13 +41,6 @@ impl std::fmt::Debug for RegisterBody {
     }
 }
 
-#[derive(Debug, Serialize)]
-struct Registered {
-    user_id: Uuid,
-    email: String,
-    role: &'static str,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
@@ -73,12 +67,24 @@ struct Token {
     role: &'static str,
 }
 
+/// A user as `/auth/register` and `/auth/me` answer it (`schema_user`).
 #[derive(Debug, Serialize)]
-struct Me {
+struct UserView {
     user_id: Uuid,
     email: String,
     role: &'static str,
     display_name: Option<String>,
+}
+
+impl From<UserRecord> for UserView {
+    fn from(record: UserRecord) -> Self {
+        Self {
+            user_id: record.id,
+            email: record.email,
+            role: record.role.as_str(),
+            display_name: record.display_name,
+        }
+    }
 }
 
 async fn register(
@@ -86,7 +92,7 @@ async fn register(
     ClientAddr(client): ClientAddr,
     RequestMetadata(metadata): RequestMetadata,
     ApiJson(body): ApiJson<RegisterBody>,
-) -> Result<(StatusCode, Json<Registered>), ApiError> {
+) -> Result<(StatusCode, Json<UserView>), ApiError> {
     let user = buses
         .get()?
         .commands
@@ -102,14 +108,7 @@ async fn register(
         )
         .await
         .map_err(with_retry_after)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Registered {
-            user_id: user.id,
-            email: user.email,
-            role: user.role.as_str(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(UserView::from(user))))
 }
 
 async fn login(
@@ -157,7 +156,7 @@ async fn me(
     State(buses): State<BusHandle>,
     Authenticated(user): Authenticated,
     request: RequestMetadata,
-) -> Result<Json<Me>, ApiError> {
+) -> Result<Json<UserView>, ApiError> {
     let metadata = request.by(&user);
     let record = buses
         .get()?
@@ -168,12 +167,7 @@ async fn me(
             ApiError::unauthorized("the token's user no longer exists")
                 .with_bearer_error("invalid_token")
         })?;
-    Ok(Json(Me {
-        user_id: record.id,
-        email: record.email,
-        role: record.role.as_str(),
-        display_name: record.display_name,
-    }))
+    Ok(Json(UserView::from(record)))
 }
 
 fn schema_user() -> Value {

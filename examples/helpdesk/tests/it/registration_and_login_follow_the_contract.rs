@@ -11,6 +11,8 @@ async fn registering_normalizes_the_email_and_assigns_the_role() {
         assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
         assert_eq!(r.body["email"], address.to_lowercase());
         assert_eq!(r.body["role"], "customer");
+        // What the OpenAPI document promises of a 201, as `/auth/me` answers it.
+        assert_eq!(r.body["display_name"], "Ada <b>L</b>", "{r:?}");
         assert!(uuid::Uuid::parse_str(r.body["user_id"].as_str().unwrap()).is_ok());
 
         let agent = s.register_agent("AGENT2@example.com").await;

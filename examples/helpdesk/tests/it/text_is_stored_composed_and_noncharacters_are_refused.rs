@@ -1,6 +1,7 @@
 //! Text people write is stored in Unicode's composed form (NFC): `é` sent as `e` plus a
 //! combining accent is drawn like the precomposed `é`, so it is stored as that, and counted as
-//! one character against the limits. Noncharacters (U+FDD0 to U+FDEF, U+FFFE, U+FFFF, ...),
+//! one character against the limits; passwords are composed before they are hashed and
+//! checked. Noncharacters (U+FDD0 to U+FDEF, U+FFFE, U+FFFF, ...),
 //! which Unicode keeps for a program's internal use, are refused; private-use characters are
 //! not.
 
@@ -132,6 +133,61 @@ async fn noncharacters_are_refused_and_private_use_characters_are_not() {
         let r = register(json!({ "email": format!("a\u{FFFF}{}", email("nonchar")), "password": PASSWORD })).await;
         r.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
         assert_eq!(r.body["error"]["details"]["field"], "email", "{r:?}");
+        s.stop().await;
+    })
+    .await;
+}
+
+/// A password is one password however its accents are encoded: registered with a
+/// precomposed `é`, it logs in typed with `e` and a combining accent, and the other way round
+/// (each keyboard and platform sends its own form). Its length counts characters as drawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_is_one_however_its_accents_are_encoded() {
+    within(async {
+        let s = TestServer::start().await;
+        let (precomposed, decomposed) = ("caf\u{00E9} au lait", "cafe\u{0301} au lait");
+        for (registered, typed) in [(precomposed, decomposed), (decomposed, precomposed)] {
+            let address = email("accents");
+            let r = s
+                .send(
+                    Method::POST,
+                    "/auth/register",
+                    None,
+                    Some(json!({ "email": address, "password": registered })),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+            let login = s
+                .send(
+                    Method::POST,
+                    "/auth/login",
+                    None,
+                    Some(json!({ "email": address, "password": typed })),
+                )
+                .await;
+            assert_eq!(login.status, StatusCode::OK, "{login:?}");
+        }
+        // 128 characters as drawn, 256 code points as sent: within the limit.
+        let long = "e\u{0301}".repeat(128);
+        let address = email("long");
+        let r = s
+            .send(
+                Method::POST,
+                "/auth/register",
+                None,
+                Some(json!({ "email": address, "password": long })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+        let login = s
+            .send(
+                Method::POST,
+                "/auth/login",
+                None,
+                Some(json!({ "email": address, "password": "\u{00E9}".repeat(128) })),
+            )
+            .await;
+        assert_eq!(login.status, StatusCode::OK, "{login:?}");
         s.stop().await;
     })
     .await;
