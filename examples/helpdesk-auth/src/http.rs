@@ -183,6 +183,9 @@ fn schema_user() -> Value {
     })
 }
 
+/// The 503s of `/auth/register` and `/auth/login`: all three say to try again.
+const UNAVAILABLE: &str = "every password-hashing slot stayed taken for 2 s (`busy`), the user store could not be reached (`unavailable`), or the request ran past its time budget (`timeout`), with Retry-After";
+
 /// The routes, with their documentation.
 pub(crate) fn api(buses: BusHandle) -> HttpApi {
     HttpApi::new()
@@ -208,8 +211,8 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .response(403, "the email is on the agent list and the agent code is missing or wrong (`agent_code_required`)", None)
                 .response(409, "the email is taken (`email_taken`)", None)
                 .response(422, "an invalid email, password or display name, or an agent code for an email not on the agent list (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
-                .response(429, "this client address has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
-                .response(503, "every password-hashing slot stayed taken for 2 s (`busy`), with Retry-After", None)],
+                .response(429, "this client address registered too many accounts within the registration window, has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
+                .response(503, UNAVAILABLE, None)],
         )
         .route(
             "/auth/login",
@@ -234,7 +237,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 })))
                 .response(401, "wrong email or password (`invalid_credentials`)", None)
                 .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress (`too_many_attempts`), with Retry-After", None)
-                .response(503, "every password-hashing slot stayed taken for 2 s (`busy`), with Retry-After", None)],
+                .response(503, UNAVAILABLE, None)],
         )
         .route(
             "/auth/me",

@@ -773,13 +773,21 @@ fn openapi_document(
         (
             "/ws",
             "WebSocket for realtime ticket events (token in Authorization or ?token=)",
-            json!({ "101": { "description": "switching protocols" }, "401": { "description": "missing or invalid token" } }),
+            json!({
+                "101": { "description": "switching protocols" },
+                "400": { "description": "not a WebSocket handshake (`websocket_upgrade_required`; 426 for a wrong WebSocket version)" },
+                "401": { "description": "a missing, malformed, refused or expired token (`unauthorized`), with WWW-Authenticate" },
+                "429": { "description": "this user or this client address holds as many connections as it may (`too_many_connections`)" },
+                "503": { "description": "the server holds as many connections as it may (`too_many_connections`), is shutting down (`shutting_down`), or cannot check the token now (`unavailable`), with Retry-After" }
+            }),
         ),
     ] {
-        paths.insert(
-            path.into(),
-            json!({ "get": { "summary": summary, "tags": ["operations"], "responses": extra } }),
-        );
+        let mut get = json!({ "summary": summary, "tags": ["operations"], "responses": extra });
+        if path == "/ws" {
+            // Or the token as `?token=`, which OpenAPI's bearer scheme cannot say.
+            get["security"] = json!([{ "bearer": [] }]);
+        }
+        paths.insert(path.into(), json!({ "get": get }));
     }
     json!({
         "openapi": "3.1.0",
