@@ -122,7 +122,10 @@ enum Source {
 /// deliveries are acknowledged after the commit. A failed batch is rolled back (and nacked) and
 /// retried; fed from the store, the events before the one that failed are applied first, in a
 /// unit of their own (unless the projection refused it as retryable: `Unavailable`,
-/// `RateLimited`, `Timeout`), so the runner stops at that event. A
+/// `RateLimited`, `Timeout`), so the runner stops at that event. When the store refuses a
+/// batch's unit for good without naming an event (a projection that went on after a failed
+/// statement left it aborted, and a later statement failed), the events are applied one unit
+/// each, and the step fails as [`ProjectionError::Apply`] at the first that fails alone. A
 /// [`rebuild`](ProjectionRunner::rebuild) holds the projection's lock, so the live runner
 /// pauses until it is done.
 ///
@@ -556,6 +559,17 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Ok(Committed::Panicked(panic)) => {
                 return Err(self.commit_panicked(&records[0], &panic));
             }
+            // The store refused the unit for good, for no event it names (a projection went
+            // on after a failed statement, and the unit's later statements fail): one by one,
+            // the events before the one at fault take effect and the step fails naming it,
+            // instead of the whole batch rolling back at every retry.
+            Err(ProjectionError::Store(error)) if !error.kind().is_retryable() => {
+                if records.len() == 1 {
+                    return Err(self.store_failed(&records[0], error));
+                }
+                tracing::warn!(projection = %self.name, %error, events = records.len(), "the store refused a batch's unit; applying its events one by one to find the one at fault");
+                return Ok((self.commit_one_by_one(records).await?, caught_up));
+            }
             Err(error) => return Err(self.apply_before(after, records, error).await),
         };
         tracing::warn!(projection = %self.name, %panic, events = records.len(), "a batch's commit panicked; committing its events one by one");
@@ -575,10 +589,16 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             }
             match self
                 .apply_and_commit(unit, std::slice::from_ref(record))
-                .await?
+                .await
             {
-                Committed::Applied(n) => applied += n,
-                Committed::Panicked(panic) => return Err(self.commit_panicked(record, &panic)),
+                Ok(Committed::Applied(n)) => applied += n,
+                Ok(Committed::Panicked(panic)) => {
+                    return Err(self.commit_panicked(record, &panic));
+                }
+                Err(ProjectionError::Store(error)) if !error.kind().is_retryable() => {
+                    return Err(self.store_failed(record, error));
+                }
+                Err(error) => return Err(error),
             }
         }
         Ok(applied)
@@ -621,10 +641,19 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         // As a batch of their own: a commit that panics goes one by one, so no effect runs
         // again at every retry. (Boxed: `apply_batch` calls back here.)
-        if let Err(other) = Box::pin(self.apply_batch(unit, after, before)).await {
-            tracing::warn!(projection = %self.name, error = %other, %failed, "the events before the one that failed could not be applied either");
+        match Box::pin(self.apply_batch(unit, after, before)).await {
+            Ok(_) => error,
+            // Alone, an event before fails (a projection that went on after a failed
+            // statement broke the unit, and the next event's statement met it): the step is
+            // stuck there, not at the event that met the broken unit.
+            Err(earlier @ (ProjectionError::Apply { .. } | ProjectionError::Decode { .. })) => {
+                earlier
+            }
+            Err(other) => {
+                tracing::warn!(projection = %self.name, error = %other, %failed, "the events before the one that failed could not be applied either");
+                error
+            }
         }
-        error
     }
 
     /// `apply_batch`'s work, with a commit that panics caught.
@@ -647,6 +676,16 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         *self.lock_read_from() = Some(last);
         Ok(Committed::Applied(applied.committed(&self.name)))
+    }
+
+    /// The error of a unit of `record` alone that the store refused for good.
+    fn store_failed(&self, record: &EventRecord, error: StoreError) -> ProjectionError {
+        ProjectionError::Apply {
+            projection: self.name.clone(),
+            event_id: record.event_id,
+            event_type: record.event_type.clone(),
+            source: HandlerError::from(error),
+        }
     }
 
     /// The error of a unit of `record` alone whose commit panicked.

@@ -114,7 +114,45 @@ impl PgError {
 /// ```
 pub fn store_error(error: sqlx::Error) -> StoreError {
     let class = classify(&error);
-    store_error_from_class(class, Box::new(error))
+    let source: cqrs_core::BoxError = match sqlstate(&error).as_deref() {
+        Some("25P02") => Box::new(Explained {
+            explanation: ABORTED,
+            source: error,
+        }),
+        Some("42P01" | "3F000") => Box::new(Explained {
+            explanation: NOT_MIGRATED,
+            source: error,
+        }),
+        _ => Box::new(error),
+    };
+    store_error_from_class(class, source)
+}
+
+/// The SQLSTATE of a database error.
+fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    error.as_database_error().and_then(|db| db.code())
+}
+
+/// Postgres's "current transaction is aborted, commands ignored until end of transaction
+/// block" names neither the statement that failed nor what to do.
+const ABORTED: &str = "a statement earlier in this unit of work failed and its error was not \
+    returned, so the transaction is aborted and runs nothing more: return the error of a \
+    failed statement (a projection's `apply`, a handler) instead of going on, or run the \
+    statement in a savepoint";
+
+/// A table or schema that does not exist: most often a schema this crate's tables were never
+/// made in.
+const NOT_MIGRATED: &str = "if it is one of cqrs-postgres's tables (events, snapshots, \
+    relay_checkpoints, idempotency, inbox, checkpoints), run `PgDatabase::migrate()` on this schema at start-up; \
+    if it is one of yours, create it (in your own migrations)";
+
+/// A database error with what it means and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}; {explanation}")]
+struct Explained {
+    explanation: &'static str,
+    #[source]
+    source: sqlx::Error,
 }
 
 /// [`store_error`] for an operation on `pool`: a pool timeout (sqlx says only "pool timed

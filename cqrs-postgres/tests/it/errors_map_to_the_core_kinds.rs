@@ -471,3 +471,32 @@ pg_test! {
         );
     }
 }
+
+#[tokio::test]
+async fn a_schema_never_migrated_says_to_run_migrate() {
+    if !crate::support::postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        // A schema no one made: the adapters' first statement meets no table (it said only
+        // `schema "…" does not exist`).
+        let schema = format!("never_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let db = PgOptions::new(crate::support::database_url())
+            .schema(&schema)
+            .connect()
+            .await
+            .expect("connect");
+        let append = db
+            .event_store()
+            .append("s", ExpectedVersion::Any, vec![crate::support::record(1)])
+            .await
+            .unwrap_err();
+        let message = append.to_string();
+        assert!(
+            message.contains(&format!("schema \"{schema}\" does not exist"))
+                && message.contains("run `PgDatabase::migrate()` on this schema at start-up"),
+            "{message}"
+        );
+    })
+    .await;
+}

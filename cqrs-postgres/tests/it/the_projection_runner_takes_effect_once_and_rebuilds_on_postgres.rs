@@ -309,3 +309,85 @@ pg_test! {
         assert_eq!(store.checkpoint(&mut unit, "aborted").await.unwrap(), None);
     }
 }
+
+/// Counts opened tickets like `OpenedCount`, but on the tickets in `swallowing` runs a
+/// statement that fails and goes on as if it had not: the unit is aborted, and every later
+/// statement in it fails.
+struct GoesOnAfterAFailure {
+    schema: String,
+    swallowing: std::sync::Mutex<Vec<&'static str>>,
+}
+
+#[async_trait]
+impl Projection<PgProjectionStore> for GoesOnAfterAFailure {
+    fn name(&self) -> &str {
+        "goes-on"
+    }
+
+    async fn apply(
+        &self,
+        unit: &mut PgProjectionUnit,
+        event: &EventEnvelope,
+    ) -> Result<(), HandlerError> {
+        let Some(opened) = event.downcast_ref::<TicketOpened>() else {
+            return Ok(());
+        };
+        if self
+            .swallowing
+            .lock()
+            .unwrap()
+            .contains(&opened.id.as_str())
+        {
+            let _ignored = sqlx::query("SELECT 1 / 0").execute(unit.connection()).await;
+            return Ok(());
+        }
+        let update = format!("UPDATE \"{}\".opened SET n = n + 1", self.schema);
+        sqlx::query(AssertSqlSafe(update))
+            .execute(unit.connection())
+            .await
+            .map_err(HandlerError::internal)?;
+        Ok(())
+    }
+
+    async fn reset(&self, _unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+pg_test! {
+    /// A projection that goes on after a failed statement breaks its unit: the statements
+    /// after it fail, the next event's or the store's own. The runner stops at the event that
+    /// broke it, naming it and saying what to do, once the events before it took effect; it
+    /// rolled the whole batch back at every step with "current transaction is aborted", naming
+    /// the event after it or none.
+    async fn a_projection_that_goes_on_after_a_failed_statement_is_stopped_at_it(db: PgDatabase) {
+        create_read_model(&db).await;
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        // One in the middle of the batch, where the next event meets the broken unit; one
+        // last, where the checkpoint does.
+        let projection = Arc::new(GoesOnAfterAFailure { schema: db.schema().to_owned(), swallowing: std::sync::Mutex::new(vec!["t3", "t6"]) });
+        let mut runner = ProjectionRunner::from_store(Arc::new(db.projection_store()), projection.clone(), Arc::new(db.event_store()), Arc::new(types));
+        let store = db.event_store();
+        let mut ids = std::collections::HashMap::new();
+        for stream in ["t1", "t2", "t3", "t4", "t5", "t6"] {
+            open(&db, stream, "a title").await;
+            ids.insert(stream, store.load(stream, 0).await.unwrap()[0].event_id);
+        }
+        for (breaking, counted) in [("t3", 2), ("t6", 5)] {
+            for _ in 0..2 {
+                let error = runner.run_once().await.expect_err("stopped at the event that broke its unit");
+                let cqrs_core::projection::ProjectionError::Apply { event_id, .. } = &error else {
+                    panic!("expected the event named: {error}");
+                };
+                assert_eq!(*event_id, ids[breaking], "{breaking}: {error}");
+                let message = error.to_string();
+                assert!(message.contains("return the error of a failed statement"), "{message}");
+                assert_eq!(count(&db).await, counted, "the events before {breaking} took effect, once");
+            }
+            projection.swallowing.lock().unwrap().retain(|id| *id != breaking);
+        }
+        assert_eq!(runner.run_once().await.unwrap(), 1, "the last one, fixed");
+        assert_eq!(count(&db).await, 6);
+    }
+}
