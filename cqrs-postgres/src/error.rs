@@ -264,6 +264,13 @@ struct CommitUnknown(#[source] sqlx::Error);
 pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
     let class = classify(&error);
     let advice = match error {
+        // The server answered, and refused: no role, a wrong password, no such database.
+        sqlx::Error::Database(ref db)
+            if matches!(db.code().as_deref(), Some("28000" | "28P01" | "3D000")) =>
+        {
+            "the server answered and refused the connection: check the URL's user, password \
+             and database (and the server's pg_hba.conf); retrying does not help"
+        }
         _ if is_tls_failure(&error) => {
             "check that the server accepts TLS, that a CA this client trusts signed its \
              certificate (one of the system's root certificates, or the one in the URL's \

@@ -470,9 +470,12 @@ impl PgOptions {
     /// Opens the pool and checks that the server answers. Does not migrate: call
     /// [`PgDatabase::migrate`] once at start-up.
     ///
-    /// Fails with [`PgError::InvalidOptions`], or with an unavailable
+    /// Fails with [`PgError::InvalidOptions`]; with an unavailable (retryable)
     /// [`StoreError`](cqrs_core::ports::StoreError) when the server cannot be reached in
-    /// `acquire_timeout`.
+    /// `acquire_timeout`, with the cause (a refused port says so, not only that the pool
+    /// timed out); and with a backend error (kind `internal`, not retryable) when the server
+    /// answers and refuses the connection: an unknown role, a wrong password, no such
+    /// database.
     ///
     /// A connect error names the host, port and database it tried (never the password), and
     /// says when [`from_env`](Self::from_env) used [`DEFAULT_URL`] because `DATABASE_URL`
@@ -480,11 +483,26 @@ impl PgOptions {
     pub async fn connect(self) -> Result<PgDatabase, PgError> {
         let connect = self.checked()?;
         let target = self.target(&connect);
-        let pool = self
+        let pool = match self
             .pool_options(&connect)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
-            .map_err(|e| crate::error::connect_error(e, target.clone()))?;
+        {
+            Ok(pool) => pool,
+            // sqlx's pool retries a connect that fails on the way (a refused port) until its
+            // acquire timeout, then says only that it timed out: one connect of our own, no
+            // longer than that, tells why.
+            Err(sqlx::Error::PoolTimedOut) => {
+                use sqlx::ConnectOptions;
+                let cause =
+                    match tokio::time::timeout(self.acquire_timeout, connect.connect()).await {
+                        Ok(Err(cause)) => cause,
+                        _ => sqlx::Error::PoolTimedOut,
+                    };
+                return Err(crate::error::connect_error(cause, target).into());
+            }
+            Err(e) => return Err(crate::error::connect_error(e, target).into()),
+        };
         Ok(PgDatabase::new(pool, &self.schema, target))
     }
 

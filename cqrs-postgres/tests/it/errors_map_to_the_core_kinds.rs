@@ -70,6 +70,38 @@ async fn an_unreachable_server_is_unavailable_with_its_cause() {
             .await
             .unwrap_err();
         assert_eq!(connect.kind(), ErrorKind::Unavailable, "{connect}");
+        // The cause, not only that the pool timed out (sqlx's pool retries a refused connect
+        // until its acquire timeout and keeps no cause).
+        let message = connect.to_string();
+        assert!(
+            message.contains("could not connect to postgres at 127.0.0.1:1, database `none`")
+                && message.contains("refused")
+                && !message.contains("pool timed out"),
+            "{message}"
+        );
+    })
+    .await;
+}
+
+/// A server that answers and refuses the connection (no such database, role or password) is
+/// not retryable, and says what to check: the URL's user, password and database, not whether
+/// the server runs.
+#[tokio::test]
+async fn a_server_that_refuses_the_connection_says_to_check_the_url() {
+    if !crate::support::postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        let mut url = url::Url::parse(&crate::support::database_url()).unwrap();
+        url.set_path("/no_such_database_here");
+        let refused = PgOptions::new(url.as_str()).connect().await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Internal, "{refused}");
+        let message = refused.to_string();
+        assert!(
+            message.contains("database \"no_such_database_here\" does not exist")
+                && message.contains("check the URL's user, password and database"),
+            "{message}"
+        );
     })
     .await;
 }
