@@ -381,7 +381,9 @@ impl PgDatabase {
     }
 
     /// Drops the schema and everything in it. For tests and tear-down scripts only: the
-    /// events are gone.
+    /// events are gone. It waits for every transaction that holds a lock in the schema, for
+    /// as long as they last: drop live idempotency guards and units of work first (a claim's
+    /// transaction has the server's idle timeouts turned off, so it never ends by itself).
     pub async fn drop_schema(&self) -> Result<(), PgError> {
         sqlx::query(AssertSqlSafe(format!(
             "DROP SCHEMA IF EXISTS \"{}\" CASCADE",

@@ -48,6 +48,14 @@ fn migrate_advice(schema: &str, error: &sqlx::migrate::MigrateError) -> String {
             "the server could not be reached or did not answer: migrate again once it is back"
                 .to_owned()
         }
+        // 42P07, duplicate_table: a table of one of this crate's names that it did not make.
+        M::Execute(e) | M::ExecuteMigration(e, _) if sqlstate(e).as_deref() == Some("42P07") => {
+            format!(
+                "the schema `{schema}` already holds a table of that name that cqrs-postgres did \
+                 not make (its migrations record none in {table}): give cqrs-postgres a schema \
+                 of its own (`PgOptions::schema`), apart from your tables"
+            )
+        }
         M::VersionMismatch(version) => format!(
             "a deployment problem: migration {version} recorded in {table} differs from this \
              version's, so another version of cqrs-postgres migrated this schema: run the \

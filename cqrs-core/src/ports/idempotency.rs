@@ -54,6 +54,12 @@ pub trait IdempotencyGuard: Send {
     /// Once called, the completion finishes even if the caller stops waiting for it (its time
     /// budget ran out): the work the key guards has run, and a key released then would let a
     /// retry run it again. An adapter that needs a round trip runs it in a task of its own.
+    ///
+    /// When it fails (the store was lost meanwhile), the work has run and its response is not
+    /// stored: a retry with the key may run the work again. Answer the caller with the work's
+    /// response all the same and log the failure; a retryable error would invite that retry.
+    /// (An adapter that keeps the record in the command's own transaction has no such gap: the
+    /// record and the effects commit together, or neither.)
     async fn complete(self: Box<Self>, response: StoredResponse) -> Result<(), StoreError>;
 }
 

@@ -229,3 +229,34 @@ async fn migrating_on_a_read_only_server_says_so() {
     })
     .await;
 }
+
+/// A schema that already holds a table of one of the crate's names, made by someone else,
+/// fails the migration saying to give the crate a schema of its own (the advice was to look
+/// into `_sqlx_migrations`, which held nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_holding_a_foreign_events_table_says_to_use_another() {
+    if !postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let id = cqrs_core::testing::test_id("foreign_events");
+        let db = options(&id).connect().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA \"{id}\"; CREATE TABLE \"{id}\".events (id bigint)"
+        )))
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let error = db.migrate().await.unwrap_err().to_string();
+        db.drop_schema().await.unwrap();
+        assert!(
+            error.contains("relation \"events\" already exists")
+                && error.contains(&format!(
+                    "the schema `{id}` already holds a table of that name that cqrs-postgres did not make"
+                ))
+                && error.contains("give cqrs-postgres a schema of its own"),
+            "{error}"
+        );
+    })
+    .await;
+}

@@ -64,14 +64,14 @@ where
                     match serde_json::to_value(body) {
                         Ok(body) => {
                             let stored = StoredResponse::new(status.as_u16(), body.clone());
-                            guard.complete(stored).await?;
+                            completed(guard.complete(stored).await);
                             Ok::<_, ApiError>((status, body))
                         }
                         Err(e) => {
                             let error = ApiError::from(cqrs_core::HandlerError::internal(e));
                             let body = serde_json::to_value(error.body()).unwrap_or_default();
                             let stored = StoredResponse::new(error.status.as_u16(), body);
-                            guard.complete(stored).await?;
+                            completed(guard.complete(stored).await);
                             Err(error)
                         }
                     }
@@ -87,6 +87,15 @@ where
         Err(cqrs_core::ports::StoreError::FingerprintMismatch { .. }) => Err(reused()),
         Err(e) if key_in_use(&e) => Err(in_use()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Logs a response its key could not store. The work has run, so its answer is sent all the
+/// same: a 503 would have the client retry, and the retry (the key holding no response) run
+/// the work again.
+fn completed(stored: Result<(), cqrs_core::ports::StoreError>) {
+    if let Err(error) = stored {
+        tracing::error!(%error, "the work ran, but its response could not be stored under its Idempotency-Key; it is answered all the same, and a retry with the key would run the work again");
     }
 }
 
@@ -320,6 +329,55 @@ mod tests {
             );
             assert_eq!(error.message.contains("check before"), !keyed, "{error}");
         }
+    }
+
+    /// A store that cannot record the response once the work has run: the work's answer is
+    /// sent (it was a 503, which a client retries, running the work again).
+    #[test]
+    fn an_answer_its_key_cannot_store_is_sent_all_the_same() {
+        use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError};
+
+        struct Failing;
+        #[async_trait::async_trait]
+        impl IdempotencyGuard for Failing {
+            async fn complete(self: Box<Self>, _: StoredResponse) -> Result<(), StoreError> {
+                Err(StoreError::Unavailable {
+                    backend: "test",
+                    source: "the connection was lost".into(),
+                })
+            }
+        }
+        struct Store;
+        #[async_trait::async_trait]
+        impl IdempotencyStore for Store {
+            async fn claim(
+                &self,
+                _: &str,
+                _: &str,
+                _: &str,
+                _: Duration,
+            ) -> Result<Claim, StoreError> {
+                Ok(Claim::New(Box::new(Failing)))
+            }
+            async fn purge_expired(&self) -> Result<u64, StoreError> {
+                Ok(0)
+            }
+        }
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let response = runtime
+            .block_on(once(
+                &Store,
+                &with_key("key-1"),
+                &customer(),
+                b"request",
+                Duration::from_secs(60),
+                || async { Ok((StatusCode::CREATED, serde_json::json!({ "id": "t1" }))) },
+            ))
+            .expect("the work's answer");
+        assert_eq!(response.status(), StatusCode::CREATED);
     }
 
     /// A request dropped after its work took effect and before the answer was recorded (its
