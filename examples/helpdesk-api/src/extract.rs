@@ -2,7 +2,7 @@
 
 use crate::{ApiError, AuthError, Authenticator, User};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -342,14 +342,28 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             .await
             .map(|Path(v)| ApiPath(v))
             .map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_path",
-                    format!(
-                        "invalid path parameter: {}",
-                        clipped(&e.body_text(), MAX_QUOTED)
-                    ),
-                )
+                ApiError::bad_request("invalid_path", clipped(&path_problem(&e), MAX_QUOTED))
             })
+    }
+}
+
+/// What is wrong with a path, naming the parameter and the value (axum's text begins
+/// "Invalid URL:", though the URL is well formed).
+fn path_problem(rejection: &PathRejection) -> String {
+    use axum::extract::path::ErrorKind;
+    let PathRejection::FailedToDeserializePathParams(failed) = rejection else {
+        return format!("invalid path parameter: {}", rejection.body_text());
+    };
+    match failed.kind() {
+        ErrorKind::DeserializeError {
+            key,
+            value,
+            message,
+        } => format!("path parameter `{key}` is not valid ({message}): `{value}`"),
+        ErrorKind::ParseErrorAtKey { key, value, .. } => {
+            format!("path parameter `{key}` is not valid: `{value}`")
+        }
+        other => format!("invalid path parameter: {other}"),
     }
 }
 

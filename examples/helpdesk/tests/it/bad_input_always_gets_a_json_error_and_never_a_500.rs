@@ -40,6 +40,15 @@ async fn routing_and_body_errors_use_the_json_contract() {
             let message = refused.body["error"]["message"].as_str().unwrap();
             assert!(message.len() < 500, "{code}: {} bytes", message.len());
         }
+        // A malformed id names the parameter, in the API's words, not axum's "Invalid URL".
+        let refused = raw(&s, Method::GET, "/tickets/not-a-uuid", t, None, vec![]).await;
+        refused.assert_error(StatusCode::BAD_REQUEST, "invalid_path");
+        let message = refused.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("path parameter `id` is not valid (")
+                && message.ends_with("): `not-a-uuid`"),
+            "{message}"
+        );
         let wrong_method = raw(&s, Method::DELETE, "/tickets", t, None, vec![]).await;
         wrong_method.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
         assert!(wrong_method.headers.get("allow").is_some());
