@@ -49,10 +49,11 @@ pub(crate) fn builder(
         })
         .with_connection_config(|config| {
             config.connection_timeout = options.connect_timeout;
-            // fred's `connection_timeout` ends with the TCP (and TLS) connect; the handshake's
-            // commands (`HELLO`, `AUTH`, `CLIENT SETNAME`) are internal ones. Bounded by the
-            // connect timeout too, a server that accepts and never answers fails the connect
-            // within it, not after a command timeout (which may be unbounded).
+            // fred's `connection_timeout` ends with the TCP (and TLS) connect; the handshake
+            // (`HELLO`, `AUTH`, `CLIENT SETNAME`) is bounded by the internal command timeout.
+            // Bounded by the connect timeout too, a server that accepts and never answers
+            // fails the connect within it, not after a command timeout (which may be
+            // unbounded).
             config.internal_command_timeout = options.command_timeout.min(options.connect_timeout);
             // `CLIENT SETNAME` with fred's client id, so `CLIENT LIST` shows whose each
             // connection is (and `client_ids` finds them).
@@ -230,11 +231,16 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
         TransportError::Timeout { backend } => TransportError::Unavailable {
             backend,
             source: format!(
-                "could not connect to {}: no answer within the connect timeout ({:?}); check \
-                 that Redis, not another service, listens there (a TLS server needs \
-                 `rediss://`) and that no firewall drops the packets",
+                "could not connect to {}: no answer within {:?} (the connect timeout, or the \
+                 command timeout when shorter); check that Redis, not another service, listens \
+                 there{} and that no firewall drops the packets",
                 server_of(&options.url),
-                options.connect_timeout
+                options.command_timeout.min(options.connect_timeout),
+                if crate::options::asks_for_tls(&options.url) {
+                    ""
+                } else {
+                    " (a TLS server needs `rediss://`)"
+                }
             )
             .into(),
         },

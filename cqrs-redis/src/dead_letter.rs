@@ -1,7 +1,6 @@
 //! Dead letters: entries a group gave up on, listed and replayed.
 
 use crate::entry::{self, Fields};
-use crate::error::client_error;
 use crate::transport::RedisStreamTransport;
 use cqrs_core::EventRecord;
 use cqrs_core::ports::TransportError;
@@ -89,10 +88,10 @@ impl RedisStreamTransport {
         let reply: Value = self
             .shared
             .client
-            .with_options(&self.shared.patient())
+            .with_options(&self.shared.fail_fast())
             .xrange(keys.dead.as_str(), start, "+", Some(count as u64))
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         Ok(entry::entries(reply)
             .into_iter()
             .map(|(id, fields)| DeadLetter::from_entry(id, fields))
@@ -147,7 +146,7 @@ impl RedisStreamTransport {
                 ids.iter().map(|id| Value::from(*id)).collect(),
             )
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         let mut parts = entry::array(reply).into_iter();
         let (replayed, gone) = (
             entry::array(parts.next().unwrap_or(Value::Null)),
@@ -195,13 +194,13 @@ impl RedisStreamTransport {
         let time: Value = self
             .shared
             .client
-            .with_options(&self.shared.patient())
+            .with_options(&self.shared.fail_fast())
             .custom(
                 fred::types::CustomCommand::new("TIME", node, false),
                 Vec::<Value>::new(),
             )
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         let seconds = entry::array(time)
             .first()
             .and_then(Value::as_u64)
@@ -217,7 +216,7 @@ impl RedisStreamTransport {
         let removed: Value = self
             .shared
             .client
-            .with_options(&self.shared.patient())
+            .with_options(&self.shared.fail_fast())
             .custom(
                 fred::types::CustomCommand::new("XTRIM", fred::types::ClusterHash::FirstKey, false),
                 vec![
@@ -227,7 +226,7 @@ impl RedisStreamTransport {
                 ],
             )
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         Ok(removed.as_u64().unwrap_or(0))
     }
 
@@ -245,10 +244,10 @@ impl RedisStreamTransport {
         let keys = self.shared.keys(topic)?;
         self.shared
             .client
-            .with_options(&self.shared.patient())
+            .with_options(&self.shared.fail_fast())
             .xdel(keys.dead.as_str(), ids)
             .await
-            .map_err(|e| client_error(&self.shared.client, e))
+            .map_err(|e| self.shared.error(e))
     }
 }
 

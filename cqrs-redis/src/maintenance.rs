@@ -1,7 +1,6 @@
 //! Trimming, pruning idle consumers, and a worker that does both on a schedule and records
 //! the stats as metrics.
 
-use crate::error::client_error;
 use crate::stats::TopicStats;
 use crate::transport::RedisStreamTransport;
 use async_trait::async_trait;
@@ -51,7 +50,7 @@ impl RedisStreamTransport {
             .trim
             .run(
                 &self.shared.client,
-                &self.shared.patient(),
+                &self.shared.fail_fast(),
                 &[keys.stream.as_str()],
                 vec![
                     Value::from(mode),
@@ -59,7 +58,7 @@ impl RedisStreamTransport {
                 ],
             )
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         let mut parts = crate::entry::array(reply).into_iter();
         let removed = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
         let bound = parts
@@ -85,7 +84,7 @@ impl RedisStreamTransport {
             .prune
             .run(
                 &self.shared.client,
-                &self.shared.patient(),
+                &self.shared.fail_fast(),
                 &[keys.stream.as_str()],
                 vec![
                     Value::from(group),
@@ -93,7 +92,7 @@ impl RedisStreamTransport {
                 ],
             )
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         Ok(crate::entry::array(reply)
             .into_iter()
             .filter_map(Value::into_string)

@@ -227,9 +227,9 @@ impl ConnectionOptions {
         self
     }
 
-    /// How long each step of opening a connection may take: the TCP (and TLS) connect, then
-    /// each command of its handshake (`HELLO`, `AUTH`, `CLIENT SETNAME`; bounded by the
-    /// command timeout too, when that is shorter). So a server that accepts the connection and
+    /// How long each of the two steps of opening a connection may take: the TCP (and TLS)
+    /// connect, then its handshake (`HELLO`, `AUTH`, `CLIENT SETNAME`; bounded by the command
+    /// timeout instead, when that is shorter). So a server that accepts the connection and
     /// never answers fails `connect` within about twice this, naming the server. Default 5 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;

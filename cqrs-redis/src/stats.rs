@@ -1,7 +1,6 @@
 //! Lag and pending counts per group, for metrics and operators.
 
 use crate::entry::{array, info_field};
-use crate::error::client_error;
 use crate::transport::RedisStreamTransport;
 use cqrs_core::ports::TransportError;
 use fred::interfaces::{ClientLike, StreamsInterface};
@@ -44,18 +43,18 @@ impl RedisStreamTransport {
     /// all zeros and no group.
     pub async fn topic_stats(&self, topic: &str) -> Result<TopicStats, TransportError> {
         let keys = self.shared.keys(topic)?;
-        let client = self.shared.client.with_options(&self.shared.patient());
+        let client = self.shared.client.with_options(&self.shared.fail_fast());
         let (length, dead_letters) = tokio::try_join!(
             client.xlen::<u64, _>(keys.stream.as_str()),
             client.xlen::<u64, _>(keys.dead.as_str()),
         )
-        .map_err(|e| client_error(&self.shared.client, e))?;
+        .map_err(|e| self.shared.error(e))?;
         if length == 0 {
             // XINFO GROUPS fails on a missing key; an empty stream may still have groups.
             let exists: u64 =
                 fred::interfaces::KeysInterface::exists(&client, keys.stream.as_str())
                     .await
-                    .map_err(|e| client_error(&self.shared.client, e))?;
+                    .map_err(|e| self.shared.error(e))?;
             if exists == 0 {
                 return Ok(TopicStats {
                     dead_letters,
@@ -66,7 +65,7 @@ impl RedisStreamTransport {
         let reply: Value = client
             .xinfo_groups(keys.stream.as_str())
             .await
-            .map_err(|e| client_error(&self.shared.client, e))?;
+            .map_err(|e| self.shared.error(e))?;
         let groups = array(reply)
             .into_iter()
             .map(|group| {

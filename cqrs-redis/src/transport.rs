@@ -102,6 +102,12 @@ impl Drop for Shared {
 }
 
 impl Shared {
+    /// A failed command's error: a timeout while the client is not connected is reported as
+    /// `Unavailable` (see [`client_error`]).
+    pub(crate) fn error(&self, error: fred::error::Error) -> TransportError {
+        client_error(&self.client, error)
+    }
+
     pub(crate) fn keys(&self, topic: &str) -> Result<TopicKeys, TransportError> {
         TopicKeys::new(&self.options.key_prefix, topic)
     }
@@ -132,7 +138,7 @@ impl Shared {
                 true,
             )
             .await
-            .map_err(|e| client_error(&self.client, e))?;
+            .map_err(|e| self.error(e))?;
         match recorded {
             Some(theirs) if theirs != mine => {
                 let error = TransportError::Invalid(format!(
@@ -543,7 +549,7 @@ impl RedisStreamTransport {
                 .with_options(&options)
                 .xadd(keys.stream.as_str(), false, None::<()>, "*", fields)
                 .await
-                .map_err(|e| client_error(&self.shared.client, e))?;
+                .map_err(|e| self.shared.error(e))?;
             return Ok(());
         }
         let key_list = [keys.stream.as_str(), keys.lanes.as_str()];
@@ -558,7 +564,7 @@ impl RedisStreamTransport {
                 .publish_one
                 .run(&self.shared.client, &options, &key_list, args)
                 .await
-                .map_err(|e| client_error(&self.shared.client, e))?;
+                .map_err(|e| self.shared.error(e))?;
             return Ok(());
         }
         let mut chunks = Vec::with_capacity(events.len().div_ceil(PUBLISH_CHUNK));
@@ -584,7 +590,7 @@ impl RedisStreamTransport {
             script.run(&shared.client, &options, &key_list, args).await
         })
         .await
-        .map_err(|e| client_error(&self.shared.client, e))?;
+        .map_err(|e| self.shared.error(e))?;
         Ok(())
     }
 }
