@@ -545,7 +545,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// run the effects of the events before it: they are committed one unit each, so each
     /// takes effect once more at most, up to the event whose effect panics, which fails the
     /// step. (The panic unwound out of the worker, and each restart ran the same batch, and
-    /// the effects before it once more, again and again.)
+    /// the effects before it once more, again and again.) A unit the store refuses for good
+    /// goes one unit per event too, to find the event at fault.
     async fn apply_batch(
         &self,
         unit: S::Unit,
@@ -565,28 +566,42 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             // instead of the whole batch rolling back at every retry.
             Err(ProjectionError::Store(error)) if !error.kind().is_retryable() => {
                 if records.len() == 1 {
-                    return Err(self.store_failed(&records[0], error));
+                    return Err(self.refused_alone(&records[0], error).await);
                 }
                 tracing::warn!(projection = %self.name, %error, events = records.len(), "the store refused a batch's unit; applying its events one by one to find the one at fault");
-                return Ok((self.commit_one_by_one(records).await?, caught_up));
+                return Ok((self.commit_one_by_one(after, records).await?, caught_up));
             }
             Err(error) => return Err(self.apply_before(after, records, error).await),
         };
         tracing::warn!(projection = %self.name, %panic, events = records.len(), "a batch's commit panicked; committing its events one by one");
-        Ok((self.commit_one_by_one(records).await?, caught_up))
+        Ok((self.commit_one_by_one(after, records).await?, caught_up))
     }
 
-    /// Applies `records` one unit each, after a commit of them together panicked: each event's
-    /// effects run once more at most, up to the event whose effect panics, which fails.
-    async fn commit_one_by_one(&self, records: &[EventRecord]) -> Result<usize, ProjectionError> {
+    /// Applies `records` (read after `after`) one unit each, after a unit of them together
+    /// failed (its commit panicked, or the store refused it for good): each event's effects
+    /// run once more at most, up to the event at fault, which fails. Stops, with what it
+    /// applied, if the checkpoint went back meanwhile (a rebuild): the next step reads from
+    /// there, and no event is applied past a gap.
+    async fn commit_one_by_one(
+        &self,
+        after: Position,
+        records: &[EventRecord],
+    ) -> Result<usize, ProjectionError> {
         let mut applied = 0;
+        let mut expected = after;
         for record in records {
-            let (unit, after) = self.begin_at_checkpoint().await?;
-            // Another instance (or a rebuild) may have moved on meanwhile.
-            if record.position.is_none_or(|p| p <= after) {
+            let (unit, now) = self.begin_at_checkpoint().await?;
+            // Another instance may have moved on meanwhile.
+            if record.position.is_none_or(|p| p <= now) {
                 self.store.commit(unit).await?;
+                expected = now;
                 continue;
             }
+            if now != expected {
+                drop(unit);
+                return Ok(applied);
+            }
+            expected = record.position.unwrap_or(now);
             match self
                 .apply_and_commit(unit, std::slice::from_ref(record))
                 .await
@@ -596,7 +611,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     return Err(self.commit_panicked(record, &panic));
                 }
                 Err(ProjectionError::Store(error)) if !error.kind().is_retryable() => {
-                    return Err(self.store_failed(record, error));
+                    return Err(self.refused_alone(record, error).await);
                 }
                 Err(error) => return Err(error),
             }
@@ -643,10 +658,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // again at every retry. (Boxed: `apply_batch` calls back here.)
         match Box::pin(self.apply_batch(unit, after, before)).await {
             Ok(_) => error,
-            // Alone, an event before fails (a projection that went on after a failed
+            // Alone, an event before fails for good (a projection that went on after a failed
             // statement broke the unit, and the next event's statement met it): the step is
-            // stuck there, not at the event that met the broken unit.
-            Err(earlier @ (ProjectionError::Apply { .. } | ProjectionError::Decode { .. })) => {
+            // stuck there, not at the event that met the broken unit. (A passing failure
+            // there, a timeout, does not hide the refusal.)
+            Err(earlier @ ProjectionError::Decode { .. }) => earlier,
+            Err(earlier @ ProjectionError::Apply { .. }) if matches!(&earlier, ProjectionError::Apply { source, .. } if !source.kind().is_retryable()) => {
                 earlier
             }
             Err(other) => {
@@ -678,24 +695,31 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         Ok(Committed::Applied(applied.committed(&self.name)))
     }
 
-    /// The error of a unit of `record` alone that the store refused for good.
-    fn store_failed(&self, record: &EventRecord, error: StoreError) -> ProjectionError {
-        ProjectionError::Apply {
-            projection: self.name.clone(),
-            event_id: record.event_id,
-            event_type: record.event_type.clone(),
-            source: HandlerError::from(error),
+    /// The error of a unit of `record` alone that the store refused for good: the event's,
+    /// unless the store's own writes fail without it (a missing table, a permission), then
+    /// the store's. The trial unit is rolled back: it writes nothing.
+    async fn refused_alone(&self, record: &EventRecord, error: StoreError) -> ProjectionError {
+        let without_it = async {
+            let (mut unit, now) = self.begin_at_checkpoint().await?;
+            self.store
+                .mark_processed(&mut unit, &self.name, Uuid::now_v7())
+                .await?;
+            self.store
+                .save_checkpoint(&mut unit, &self.name, now)
+                .await?;
+            drop(unit);
+            Ok::<_, ProjectionError>(())
+        };
+        match without_it.await {
+            Ok(()) => event_error(&self.name, record, HandlerError::from(error)),
+            Err(_) => ProjectionError::Store(error),
         }
     }
 
     /// The error of a unit of `record` alone whose commit panicked.
     fn commit_panicked(&self, record: &EventRecord, panic: &str) -> ProjectionError {
-        ProjectionError::Apply {
-            projection: self.name.clone(),
-            event_id: record.event_id,
-            event_type: record.event_type.clone(),
-            source: HandlerError::internal(format!("the commit panicked: {panic}")),
-        }
+        let source = HandlerError::internal(format!("the commit panicked: {panic}"));
+        event_error(&self.name, record, source)
     }
 
     /// Where the next batch from the store is read: the checkpoint as last seen.
@@ -1287,6 +1311,16 @@ impl<S: ProjectionStore> InboxPurge<S> {
 
 /// Applies records in `unit`: each one not yet processed is decoded and handed to the
 /// projection. Returns those that took effect, to be counted once the unit commits.
+/// Projection `name` failed on `record`, for `source`.
+fn event_error(name: &str, record: &EventRecord, source: HandlerError) -> ProjectionError {
+    ProjectionError::Apply {
+        projection: name.to_owned(),
+        event_id: record.event_id,
+        event_type: record.event_type.clone(),
+        source,
+    }
+}
+
 async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     store: &S,
     projection: &P,
@@ -1302,11 +1336,12 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     // back as an attempt.
     // Unwinding past the runner instead would hand none back, and the whole batch would reach
     // its maximum deliveries together and be dead-lettered, the innocent events with it.
-    let panicked = |record: &EventRecord, message: String| ProjectionError::Apply {
-        projection: name.to_owned(),
-        event_id: record.event_id,
-        event_type: record.event_type.clone(),
-        source: HandlerError::internal(format!("panicked: {message}")),
+    let panicked = |record: &EventRecord, message: String| {
+        event_error(
+            name,
+            record,
+            HandlerError::internal(format!("panicked: {message}")),
+        )
     };
     for record in records {
         if !store.mark_processed(unit, name, record.event_id).await? {

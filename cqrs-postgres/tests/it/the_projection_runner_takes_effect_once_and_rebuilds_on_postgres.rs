@@ -391,3 +391,26 @@ pg_test! {
         assert_eq!(count(&db).await, 6);
     }
 }
+
+pg_test! {
+    /// A store that refuses the runner's own writes whatever the event (here its inbox table
+    /// is gone) fails the step as the store's error, not as the first event's.
+    async fn a_store_that_refuses_every_unit_is_not_blamed_on_an_event(db: PgDatabase) {
+        create_read_model(&db).await;
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        let projection = Arc::new(GoesOnAfterAFailure { schema: db.schema().to_owned(), swallowing: std::sync::Mutex::new(Vec::new()) });
+        let mut runner = ProjectionRunner::from_store(Arc::new(db.projection_store()), projection, Arc::new(db.event_store()), Arc::new(types));
+        for stream in ["t1", "t2", "t3"] {
+            open(&db, stream, "a title").await;
+        }
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE \"{}\".inbox", db.schema())))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let error = runner.run_once().await.expect_err("no inbox");
+        assert!(matches!(error, cqrs_core::projection::ProjectionError::Store(_)), "{error:?}");
+        assert!(error.to_string().contains("run `PgDatabase::migrate()`"), "{error}");
+        assert_eq!(count(&db).await, 0);
+    }
+}
