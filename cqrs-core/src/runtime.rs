@@ -677,6 +677,12 @@ impl Runtime {
     /// [`ShutdownError`] naming the workers not yet stopped, without aborting them: they are
     /// left to the other call, which aborts them at its own deadline. A call after one that
     /// aborted workers returns that call's error (with its own `grace`), not a clean stop.
+    ///
+    /// `Ok` means every worker returned within the grace, not that each stopped cleanly: a
+    /// worker whose run returned an error while stopping (its backend away, say) is logged at
+    /// `error` ("worker failed while stopping; its in-flight work may not be finished") and
+    /// reported by [`health`](Self::health), and its unfinished deliveries come back after
+    /// their redelivery delay, as after a crash.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         // The deadline before the wait for the workers: a call already stopping them (with a

@@ -51,9 +51,9 @@ fn migrate_advice(schema: &str, error: &sqlx::migrate::MigrateError) -> String {
         // 42P07, duplicate_table: a table of one of this crate's names that it did not make.
         M::Execute(e) | M::ExecuteMigration(e, _) if sqlstate(e).as_deref() == Some("42P07") => {
             format!(
-                "the schema `{schema}` already holds a table of that name that cqrs-postgres did \
-                 not make (its migrations record none in {table}): give cqrs-postgres a schema \
-                 of its own (`PgOptions::schema`), apart from your tables"
+                "the schema `{schema}` already holds a table of that name that this migration \
+                 did not make: give cqrs-postgres a schema of its own (`PgOptions::schema`), \
+                 apart from your tables"
             )
         }
         M::VersionMismatch(version) => format!(
@@ -225,7 +225,7 @@ pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
     let unknown = match &error {
         E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
-        E::Database(db) => matches!(db.code().as_deref(), Some("57P01" | "57P02")),
+        E::Database(_) => matches!(sqlstate(&error).as_deref(), Some("57P01" | "57P02")),
         _ => false,
     };
     if unknown {
@@ -273,8 +273,11 @@ pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
     let class = classify(&error);
     let advice = match error {
         // The server answered, and refused: no role, a wrong password, no such database.
-        sqlx::Error::Database(ref db)
-            if matches!(db.code().as_deref(), Some("28000" | "28P01" | "3D000")) =>
+        sqlx::Error::Database(_)
+            if matches!(
+                sqlstate(&error).as_deref(),
+                Some("28000" | "28P01" | "3D000")
+            ) =>
         {
             "the server answered and refused the connection: check the URL's user, password \
              and database (and the server's pg_hba.conf); retrying does not help"
@@ -356,7 +359,7 @@ fn classify(error: &sqlx::Error) -> Class {
         | E::Protocol(_)
         | E::WorkerCrashed
         | E::BeginFailed => Class::Unavailable,
-        E::Database(db) => match db.code().as_deref() {
+        E::Database(_) => match sqlstate(error).as_deref() {
             // statement_timeout, lock_timeout, an administrator's cancel.
             Some("57014") | Some("55P03") => Class::Timeout,
             Some(code) if retryable_sqlstate(code) => Class::Unavailable,

@@ -49,7 +49,11 @@ use tracing::Instrument;
 /// match store.claim("tickets", "key-1", "sha256-of-the-request", day).await? {
 ///     Claim::New(guard) => {
 ///         // ... do the work ...
-///         guard.complete(StoredResponse::new(201, serde_json::json!({ "id": "t1" }))).await?;
+///         let response = StoredResponse::new(201, serde_json::json!({ "id": "t1" }));
+///         if let Err(error) = guard.complete(response).await {
+///             // The work ran: answer it all the same (a retry with the key would run it again).
+///             eprintln!("the response was not stored under its key: {error}");
+///         }
 ///     }
 ///     Claim::Replay(response) => println!("again: {response:?}"),
 /// }

@@ -473,7 +473,7 @@ impl PgOptions {
     /// Fails with [`PgError::InvalidOptions`]; with an unavailable (retryable)
     /// [`StoreError`](cqrs_core::ports::StoreError) when the server cannot be reached in
     /// `acquire_timeout`, with the cause (a refused port says so, not only that the pool
-    /// timed out); and with a backend error (kind `internal`, not retryable) when the server
+    /// timed out: finding it takes one more connect, of at most 2 s); and with a backend error (kind `internal`, not retryable) when the server
     /// answers and refuses the connection: an unknown role, a wrong password, no such
     /// database.
     ///
@@ -490,16 +490,28 @@ impl PgOptions {
         {
             Ok(pool) => pool,
             // sqlx's pool retries a connect that fails on the way (a refused port) until its
-            // acquire timeout, then says only that it timed out: one connect of our own, no
-            // longer than that, tells why.
+            // acquire timeout, then says only that it timed out: one connect of our own, of
+            // at most 2 s more, tells why. Should it succeed (the server just came up), the
+            // pool is given one more try.
             Err(sqlx::Error::PoolTimedOut) => {
-                use sqlx::ConnectOptions;
-                let cause =
-                    match tokio::time::timeout(self.acquire_timeout, connect.connect()).await {
-                        Ok(Err(cause)) => cause,
-                        _ => sqlx::Error::PoolTimedOut,
-                    };
-                return Err(crate::error::connect_error(cause, target).into());
+                use sqlx::{ConnectOptions, Connection};
+                let wait = self.acquire_timeout.min(Duration::from_secs(2));
+                match tokio::time::timeout(wait, connect.connect()).await {
+                    Ok(Err(cause)) => {
+                        return Err(crate::error::connect_error(cause, target).into());
+                    }
+                    Ok(Ok(probe)) => {
+                        let _ = probe.close().await;
+                        self.pool_options(&connect)
+                            .connect_with(connect)
+                            .await
+                            .map_err(|e| crate::error::connect_error(e, target.clone()))?
+                    }
+                    Err(_) => {
+                        let timed_out = sqlx::Error::PoolTimedOut;
+                        return Err(crate::error::connect_error(timed_out, target).into());
+                    }
+                }
             }
             Err(e) => return Err(crate::error::connect_error(e, target).into()),
         };

@@ -247,12 +247,13 @@ async fn a_schema_holding_a_foreign_events_table_says_to_use_another() {
         .execute(db.pool())
         .await
         .unwrap();
-        let error = db.migrate().await.unwrap_err().to_string();
+        let migrated = db.migrate().await;
         db.drop_schema().await.unwrap();
+        let error = migrated.unwrap_err().to_string();
         assert!(
             error.contains("relation \"events\" already exists")
                 && error.contains(&format!(
-                    "the schema `{id}` already holds a table of that name that cqrs-postgres did not make"
+                    "the schema `{id}` already holds a table of that name that this migration did not make"
                 ))
                 && error.contains("give cqrs-postgres a schema of its own"),
             "{error}"

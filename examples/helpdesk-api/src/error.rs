@@ -338,6 +338,21 @@ impl From<DispatchError> for ApiError {
             }
             other => match other.handler_error() {
                 Some(h) => h.into(),
+                // A layer's timeout or load shedding (tower's own, whose kinds the core tells):
+                // retryable, as the core's own timeout is.
+                None if other.kind() == cqrs_core::ErrorKind::Timeout => {
+                    tracing::warn!(error = %other, "request refused: a layer timed its dispatch out");
+                    ApiError::timeout(AfterTimeout::TryAgain)
+                }
+                None if other.kind() == cqrs_core::ErrorKind::Unavailable => {
+                    tracing::warn!(error = %other, "request refused: a layer shed its dispatch");
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the server is too busy to take this request now: try again",
+                    )
+                    .with_retry_after(1)
+                }
                 None => {
                     tracing::error!(error = %other, "dispatch failed");
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", INTERNAL)
@@ -508,5 +523,28 @@ mod tests {
         );
         let conflict = HandlerError::conflict("ticket_closed", "the ticket is closed");
         assert_eq!(ApiError::from(conflict).message, "the ticket is closed");
+    }
+
+    /// tower's own timeout and load shedding fail a dispatch as middleware errors of kind
+    /// `timeout` and `unavailable`: a retryable 503, not a 500 `internal`.
+    #[test]
+    fn a_layers_timeout_or_shedding_is_a_retryable_503() {
+        let shed = cqrs_core::DispatchError::Middleware(Box::new(
+            cqrs_core::reexports::tower::load_shed::error::Overloaded::new(),
+        ));
+        let api = ApiError::from(shed);
+        assert_eq!(
+            (api.status, api.code.as_str(), api.retry_after),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Some(1))
+        );
+        let elapsed = cqrs_core::DispatchError::Middleware(Box::new(
+            cqrs_core::reexports::tower::timeout::error::Elapsed::new(),
+        ));
+        assert!(ApiError::from(elapsed).is_timeout());
+        let other = cqrs_core::DispatchError::Middleware("refused by a filter".into());
+        assert_eq!(
+            ApiError::from(other).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

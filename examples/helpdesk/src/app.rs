@@ -775,7 +775,8 @@ fn openapi_document(
             "WebSocket for realtime ticket events (token in Authorization or ?token=)",
             json!({
                 "101": { "description": "switching protocols" },
-                "400": { "description": "not a WebSocket handshake (`websocket_upgrade_required`; 426 for a wrong WebSocket version)" },
+                "400": { "description": "not a WebSocket handshake, or one of another WebSocket version than 13 (`websocket_upgrade_required`)" },
+                "426": { "description": "the request does not ask to upgrade its connection (`websocket_upgrade_required`)" },
                 "401": { "description": "a missing, malformed, refused or expired token (`unauthorized`), with WWW-Authenticate" },
                 "429": { "description": "this user or this client address holds as many connections as it may (`too_many_connections`)" },
                 "503": { "description": "the server holds as many connections as it may (`too_many_connections`), is shutting down (`shutting_down`), or cannot check the token now (`unavailable`), with Retry-After" }

@@ -116,7 +116,7 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
         }
         // The handshake's refusals, each a status of its own, and its token.
         let ws = &api.body["paths"]["/ws"]["get"];
-        for status in ["101", "400", "401", "429", "503"] {
+        for status in ["101", "400", "401", "426", "429", "503"] {
             assert!(
                 ws["responses"][status].is_object(),
                 "/ws documents {status}"
