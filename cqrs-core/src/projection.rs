@@ -696,8 +696,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 
     /// The error of a unit of `record` alone that the store refused for good: the event's,
-    /// unless the store's own writes fail without it (a missing table, a permission), then
-    /// the store's. The trial unit is rolled back: it writes nothing.
+    /// unless the store's own writes are refused for good without it too (a missing table, a
+    /// permission), then the store's. The trial unit is rolled back: it writes nothing, and a
+    /// store that refuses only at commit is still taken for the event's fault.
     async fn refused_alone(&self, record: &EventRecord, error: StoreError) -> ProjectionError {
         let without_it = async {
             let (mut unit, now) = self.begin_at_checkpoint().await?;
@@ -711,8 +712,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             Ok::<_, ProjectionError>(())
         };
         match without_it.await {
-            Ok(()) => event_error(&self.name, record, HandlerError::from(error)),
-            Err(_) => ProjectionError::Store(error),
+            Err(ProjectionError::Store(trial)) if !trial.kind().is_retryable() => {
+                ProjectionError::Store(error)
+            }
+            // The store's writes work, or failed only in passing: the event's.
+            _ => event_error(&self.name, record, HandlerError::from(error)),
         }
     }
 
@@ -1309,8 +1313,6 @@ impl<S: ProjectionStore> InboxPurge<S> {
     }
 }
 
-/// Applies records in `unit`: each one not yet processed is decoded and handed to the
-/// projection. Returns those that took effect, to be counted once the unit commits.
 /// Projection `name` failed on `record`, for `source`.
 fn event_error(name: &str, record: &EventRecord, source: HandlerError) -> ProjectionError {
     ProjectionError::Apply {
@@ -1321,6 +1323,8 @@ fn event_error(name: &str, record: &EventRecord, source: HandlerError) -> Projec
     }
 }
 
+/// Applies records in `unit`: each one not yet processed is decoded and handed to the
+/// projection. Returns those that took effect, to be counted once the unit commits.
 async fn apply_records<S: ProjectionStore, P: Projection<S>>(
     store: &S,
     projection: &P,

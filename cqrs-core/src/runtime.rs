@@ -680,9 +680,8 @@ impl Runtime {
     ///
     /// `Ok` means every worker returned within the grace, not that each stopped cleanly: a
     /// worker whose run returned an error while stopping (its backend away, say) is logged at
-    /// `error` ("worker failed while stopping; its in-flight work may not be finished") and
-    /// reported by [`health`](Self::health), and its unfinished deliveries come back after
-    /// their redelivery delay, as after a crash.
+    /// `error` ("worker failed while stopping; its in-flight work may not be finished"), and
+    /// its unfinished deliveries come back after their redelivery delay, as after a crash.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         // The deadline before the wait for the workers: a call already stopping them (with a

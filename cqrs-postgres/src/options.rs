@@ -492,7 +492,7 @@ impl PgOptions {
             // sqlx's pool retries a connect that fails on the way (a refused port) until its
             // acquire timeout, then says only that it timed out: one connect of our own, of
             // at most 2 s more, tells why. Should it succeed (the server just came up), the
-            // pool is given one more try.
+            // pool is made without connecting, and opens its connections as they are needed.
             Err(sqlx::Error::PoolTimedOut) => {
                 use sqlx::{ConnectOptions, Connection};
                 let wait = self.acquire_timeout.min(Duration::from_secs(2));
@@ -502,10 +502,7 @@ impl PgOptions {
                     }
                     Ok(Ok(probe)) => {
                         let _ = probe.close().await;
-                        self.pool_options(&connect)
-                            .connect_with(connect)
-                            .await
-                            .map_err(|e| crate::error::connect_error(e, target.clone()))?
+                        self.pool_options(&connect).connect_lazy_with(connect)
                     }
                     Err(_) => {
                         let timed_out = sqlx::Error::PoolTimedOut;

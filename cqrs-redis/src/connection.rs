@@ -231,10 +231,11 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
         TransportError::Timeout { backend } => TransportError::Unavailable {
             backend,
             source: format!(
-                "could not connect to {}: no answer within {:?} (the connect timeout, or the \
-                 command timeout when shorter); check that Redis, not another service, listens \
-                 there{} and that no firewall drops the packets",
+                "could not connect to {}: no answer (the connect waits at most {:?}, its \
+                 handshake {:?}); check that Redis, not another service, listens there{} and \
+                 that no firewall drops the packets",
                 server_of(&options.url),
+                options.connect_timeout,
                 options.command_timeout.min(options.connect_timeout),
                 if crate::options::asks_for_tls(&options.url) {
                     ""

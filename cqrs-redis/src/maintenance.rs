@@ -319,9 +319,13 @@ impl Worker for StreamMaintenance {
     }
 
     /// Returns as soon as shutdown is requested, in the middle of a round too: with Redis
-    /// away each of a round's commands waits up to the command timeout, and a round could
-    /// outlast the runtime's shutdown grace. A round cut short loses nothing: each trim and
-    /// prune is one script, run whole or not at all, and the next start does a full round.
+    /// unresponsive each of a round's commands may wait up to the command timeout, and a round
+    /// could outlast the runtime's shutdown grace. A round cut short loses nothing: each trim
+    /// and prune is one script, run whole or not at all, and the next start does a full round.
+    ///
+    /// Its commands fail at once while the connection is known to be down (a reconnect in
+    /// progress, the watchdog's forced one included): such a round leaves the worker
+    /// `Degraded` and its gauges unknown (NaN) until the next round, an `interval` later.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         loop {
             let round = tokio::select! {

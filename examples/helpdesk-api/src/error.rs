@@ -336,23 +336,23 @@ impl From<DispatchError> for ApiError {
                 tracing::warn!(error = %e, "request refused: its dispatch ran past its time budget");
                 ApiError::timeout(AfterTimeout::TryAgain)
             }
+            // A layer's timeout or load shedding (tower's own, whose kinds the core tells):
+            // retryable, as the core's own timeout is.
+            DispatchError::Middleware(_) if e.kind() == cqrs_core::ErrorKind::Timeout => {
+                tracing::warn!(error = %e, "request refused: a layer timed its dispatch out");
+                ApiError::timeout(AfterTimeout::TryAgain)
+            }
+            DispatchError::Middleware(_) if e.kind() == cqrs_core::ErrorKind::Unavailable => {
+                tracing::warn!(error = %e, "request refused: a layer shed its dispatch");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the server is too busy to take this request now: try again",
+                )
+                .with_retry_after(1)
+            }
             other => match other.handler_error() {
                 Some(h) => h.into(),
-                // A layer's timeout or load shedding (tower's own, whose kinds the core tells):
-                // retryable, as the core's own timeout is.
-                None if other.kind() == cqrs_core::ErrorKind::Timeout => {
-                    tracing::warn!(error = %other, "request refused: a layer timed its dispatch out");
-                    ApiError::timeout(AfterTimeout::TryAgain)
-                }
-                None if other.kind() == cqrs_core::ErrorKind::Unavailable => {
-                    tracing::warn!(error = %other, "request refused: a layer shed its dispatch");
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "unavailable",
-                        "the server is too busy to take this request now: try again",
-                    )
-                    .with_retry_after(1)
-                }
                 None => {
                     tracing::error!(error = %other, "dispatch failed");
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", INTERNAL)

@@ -776,7 +776,7 @@ fn openapi_document(
             json!({
                 "101": { "description": "switching protocols" },
                 "400": { "description": "not a WebSocket handshake, or one of another WebSocket version than 13 (`websocket_upgrade_required`)" },
-                "426": { "description": "the request does not ask to upgrade its connection (`websocket_upgrade_required`)" },
+                "426": { "description": "a handshake on a connection that cannot be upgraded (`websocket_upgrade_required`)" },
                 "401": { "description": "a missing, malformed, refused or expired token (`unauthorized`), with WWW-Authenticate" },
                 "429": { "description": "this user or this client address holds as many connections as it may (`too_many_connections`)" },
                 "503": { "description": "the server holds as many connections as it may (`too_many_connections`), is shutting down (`shutting_down`), or cannot check the token now (`unavailable`), with Retry-After" }
