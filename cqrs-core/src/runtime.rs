@@ -452,11 +452,16 @@ impl RuntimeBuilder {
                     if ctx.shutdown.is_requested() {
                         // A run that failed while it stopped (its last acknowledgements, its
                         // last commit) is not stopped quietly: what it had in flight may come
-                        // back (redelivered) or be missing, and only the log can say so now.
-                        if let Some(reason) = failure {
-                            tracing::error!(worker = %name, %reason, "worker failed while stopping; its in-flight work may not be finished");
+                        // back (redelivered) or be missing: the log and its health say so.
+                        match failure {
+                            Some(reason) => {
+                                tracing::error!(worker = %name, %reason, "worker failed while stopping; its in-flight work may not be finished");
+                                reporter.set(Health::Unhealthy(format!(
+                                    "failed while stopping: {reason}"
+                                )));
+                            }
+                            None => reporter.set(Health::Stopped),
                         }
-                        reporter.set(Health::Stopped);
                         return;
                     }
                     let reason =
@@ -680,8 +685,10 @@ impl Runtime {
     ///
     /// `Ok` means every worker returned within the grace, not that each stopped cleanly: a
     /// worker whose run returned an error while stopping (its backend away, say) is logged at
-    /// `error` ("worker failed while stopping; its in-flight work may not be finished"), and
-    /// its unfinished deliveries come back after their redelivery delay, as after a crash.
+    /// `error` ("worker failed while stopping; its in-flight work may not be finished") and
+    /// left `Unhealthy` ("failed while stopping: ...") in [`health`](Self::health), not
+    /// `Stopped`, and its unfinished deliveries come back after their redelivery delay, as
+    /// after a crash.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         // The deadline before the wait for the workers: a call already stopping them (with a

@@ -847,8 +847,8 @@ impl tracing::Subscriber for Errors {
 }
 
 /// A worker whose run fails after shutdown was requested is logged at error level, naming it
-/// and the error: its in-flight work may come back or be missing. It used to stop without a
-/// word.
+/// and the error, and left unhealthy, not stopped: its in-flight work may come back or be
+/// missing. It used to stop without a word, then read as stopped in the health report.
 #[test]
 fn a_worker_failing_while_it_stops_is_logged() {
     let errors = Arc::new(Errors::default());
@@ -863,7 +863,13 @@ fn a_worker_failing_while_it_stops_is_logged() {
             .await;
             runtime.shutdown(Duration::from_secs(5)).await.unwrap();
             let report = runtime.health().await;
-            assert_eq!(report.components["fails-while-stopping"].0, Health::Stopped);
+            assert_eq!(
+                report.components["fails-while-stopping"].0,
+                Health::Unhealthy(
+                    "failed while stopping: the last acknowledgement failed".to_owned()
+                ),
+                "{report:?}"
+            );
         });
     });
     let logged = errors.0.lock().unwrap().clone();
