@@ -137,7 +137,7 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
 }
 
 /// The SQLSTATE of a database error.
-fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+pub(crate) fn sqlstate(error: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     error.as_database_error().and_then(|db| db.code())
 }
 

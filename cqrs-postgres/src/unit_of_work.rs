@@ -361,7 +361,7 @@ pub(crate) async fn ensure_not_aborted(
 ) -> Result<(), StoreError> {
     match sqlx::raw_sql("SELECT").execute(tx).await {
         Ok(_) => Ok(()),
-        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("25P02") => {
+        Err(e) if crate::error::sqlstate(&e).as_deref() == Some("25P02") => {
             Err(StoreError::Backend {
                 backend: crate::error::BACKEND,
                 source: why.into(),

@@ -38,11 +38,7 @@ impl Projection<PgProjectionStore> for OpenedCount {
         let Some(opened) = event.downcast_ref::<TicketOpened>() else {
             return Ok(());
         };
-        let update = format!("UPDATE \"{}\".opened SET n = n + 1", self.schema);
-        sqlx::query(AssertSqlSafe(update))
-            .execute(unit.connection())
-            .await
-            .map_err(HandlerError::internal)?;
+        count_opened(&self.schema, unit).await?;
         if opened.title == "poison" && self.poisoned.load(Ordering::SeqCst) {
             return Err(HandlerError::internal("poisoned"));
         }
@@ -59,6 +55,16 @@ impl Projection<PgProjectionStore> for OpenedCount {
             .map_err(HandlerError::internal)?;
         Ok(())
     }
+}
+
+/// Adds one to `{schema}.opened` in the projection's unit.
+async fn count_opened(schema: &str, unit: &mut PgProjectionUnit) -> Result<(), HandlerError> {
+    let update = format!("UPDATE \"{schema}\".opened SET n = n + 1");
+    sqlx::query(AssertSqlSafe(update))
+        .execute(unit.connection())
+        .await
+        .map_err(HandlerError::internal)?;
+    Ok(())
 }
 
 async fn count(db: &PgDatabase) -> i64 {
@@ -341,11 +347,7 @@ impl Projection<PgProjectionStore> for GoesOnAfterAFailure {
             let _ignored = sqlx::query("SELECT 1 / 0").execute(unit.connection()).await;
             return Ok(());
         }
-        let update = format!("UPDATE \"{}\".opened SET n = n + 1", self.schema);
-        sqlx::query(AssertSqlSafe(update))
-            .execute(unit.connection())
-            .await
-            .map_err(HandlerError::internal)?;
+        count_opened(&self.schema, unit).await?;
         Ok(())
     }
 
