@@ -1,6 +1,6 @@
 //! The handle every adapter shares: a pool and a schema.
 
-use crate::error::{PgError, store_error};
+use crate::error::{PgError, sqlstate, store_error};
 use crate::sql::Sql;
 use crate::{PgCommandLayer, PgEventStore, PgIdempotencyStore, PgProjectionStore, PgSnapshotStore};
 use async_trait::async_trait;
@@ -73,7 +73,7 @@ pub struct PgDatabase {
     pub(crate) clock: Arc<dyn Clock>,
     /// Where the pool connects (host, port, database), for errors.
     target: Arc<str>,
-    /// How long the health check waits for a connection and its `SELECT 1`.
+    /// How long the health check waits for a connection and its query.
     health_wait: Duration,
     /// How long an idempotency claim waits for a duplicate's holder.
     pub(crate) claim_wait: Duration,
@@ -119,7 +119,7 @@ impl PgDatabase {
     }
 
     /// How long the [health check](#impl-HealthCheck-for-PgDatabase) waits for a pooled
-    /// connection and its `SELECT 1` (default 2 s): past it, a pool whose every connection is
+    /// connection and its query (default 2 s): past it, a pool whose every connection is
     /// busy is degraded, and anything else unhealthy. Give it less than whatever bounds the
     /// check from outside (a readiness endpoint's own time limit), or a loaded instance is
     /// cut off as if Postgres were down. Zero counts as a millisecond.
@@ -442,15 +442,24 @@ impl PgDatabase {
     }
 }
 
+/// The version of the last of [`MIGRATIONS`]: a schema migrated to less than this is not
+/// ready for this build.
+const LATEST_MIGRATION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
 
 /// [`PgDatabase::with_claim_wait`]'s default.
 const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 
-/// `SELECT 1` within the health wait (2 seconds unless set with
+/// One query within the health wait (2 seconds unless set with
 /// [`with_health_wait`](PgDatabase::with_health_wait)): healthy, or unhealthy with the reason.
 /// Register it as a critical check of the runtime.
+///
+/// The query reads the schema's migration history: a schema never migrated, or migrated by an
+/// older build than this one, is unhealthy and says to run [`migrate`](PgDatabase::migrate)
+/// (every statement of this build would fail on it); one a newer build migrated is healthy,
+/// as [`migrate`](PgDatabase::migrate) allows in a rolling upgrade.
 ///
 /// A pool whose every connection stays busy for the whole wait is degraded, not unhealthy: the
 /// server answers, the instance is just loaded, and a load balancer that took every busy
@@ -536,9 +545,23 @@ impl HealthCheck for PgDatabase {
             // The error names the server ("postgres is unavailable: no connection to ...").
             Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
-        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut *conn);
+        let ping = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.sql.migrated_version.clone()))
+            .fetch_one(&mut *conn);
         match tokio::time::timeout_at(deadline, ping).await {
-            Ok(Ok(_)) => Health::Healthy,
+            Ok(Ok(version)) if version >= LATEST_MIGRATION => Health::Healthy,
+            // Every statement of this build would fail on tables it has not made or changed.
+            Ok(Ok(version)) => Health::Unhealthy(format!(
+                "{}: migrated up to version {version}, and this build needs version \
+                 {LATEST_MIGRATION}: run `PgDatabase::migrate()` at start-up",
+                self.place()
+            )),
+            // Never migrated (no schema, or no history in it).
+            Ok(Err(e)) if matches!(sqlstate(&e).as_deref(), Some("42P01" | "3F000")) => {
+                Health::Unhealthy(format!(
+                    "{}: not migrated: run `PgDatabase::migrate()` at start-up",
+                    self.place()
+                ))
+            }
             // A pooled connection whose session is gone (its backend was terminated, or a
             // proxy dropped it while it sat idle) says nothing of the server: ask it on a
             // connection of the check's own, and leave the pool to replace the lost one.

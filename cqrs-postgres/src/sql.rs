@@ -250,6 +250,8 @@ pub(crate) struct Sql {
     pub(crate) relay_advance: Arc<str>,
     pub(crate) relay_backlog: Arc<str>,
     pub(crate) relay_checkpoint: Arc<str>,
+
+    pub(crate) migrated_version: Arc<str>,
 }
 
 impl Sql {
@@ -454,6 +456,11 @@ impl Sql {
             )),
             relay_checkpoint: f(format!(
                 "SELECT position FROM {s}.relay_checkpoints WHERE relay = $1"
+            )),
+            // The health check's query: the latest migration applied, 0 for none (a failed
+            // one leaves a row with `success` false).
+            migrated_version: f(format!(
+                "SELECT coalesce(max(version), 0) FROM {s}._sqlx_migrations WHERE success"
             )),
         }
     }

@@ -261,3 +261,85 @@ async fn a_schema_holding_a_foreign_events_table_says_to_use_another() {
     })
     .await;
 }
+
+/// The health check reads the schema's migration history: a server that answers is not
+/// enough when every statement of this build would fail on the schema. Never migrated, or
+/// migrated by an older build, it is unhealthy and says to migrate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_unhealthy_until_the_schema_is_migrated_for_this_build() {
+    use cqrs_core::runtime::{Health, HealthCheck};
+    if !postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let schema = cqrs_core::testing::test_id("health_migrated");
+        let db = options(&schema).connect().await.unwrap();
+        let health = db.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains(&format!("schema `{schema}`"))
+                && why.contains("not migrated: run `PgDatabase::migrate()`")),
+            "a schema that does not exist: {health:?}"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let health = db.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains("not migrated")),
+            "a schema without the migration history: {health:?}"
+        );
+
+        db.migrate().await.unwrap();
+        assert_eq!(db.check().await, Health::Healthy);
+
+        // As an older build leaves it: its last migration not applied.
+        let history = format!("\"{schema}\"._sqlx_migrations");
+        let latest: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {history} WHERE version = (SELECT max(version) FROM {history}) \
+             RETURNING version"
+        )))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        let health = db.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains(&format!(
+                "migrated up to version {}, and this build needs version {latest}", latest - 1
+            )) && why.contains("run `PgDatabase::migrate()`")),
+            "{health:?}"
+        );
+        // A failed migration counts for nothing.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {history} (version, description, success, checksum, execution_time) \
+             VALUES ($1, 'failed', false, '\\x00', 0)"
+        )))
+        .bind(latest)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        assert!(matches!(db.check().await, Health::Unhealthy(_)));
+
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {history} SET success = true WHERE version = $1"
+        )))
+        .bind(latest)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(db.check().await, Health::Healthy, "applied after all");
+
+        // A newer build's migration, unknown to this one, is fine (a rolling upgrade).
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {history} (version, description, success, checksum, execution_time) \
+             VALUES ($1 + 1, 'newer', true, '\\x00', 0)"
+        )))
+        .bind(latest)
+        .execute(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(db.check().await, Health::Healthy);
+        db.drop_schema().await.unwrap();
+    })
+    .await;
+}

@@ -9,7 +9,6 @@ use crate::tls_proxy::{Preamble, TlsProxy, tls_file};
 use cqrs_core::ErrorKind;
 use cqrs_core::Position;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
-use cqrs_core::runtime::{Health, HealthCheck};
 use cqrs_postgres::{PgDatabase, PgError, PgEventStore, PgOptions};
 use std::time::Duration;
 
@@ -20,6 +19,15 @@ async fn connect_one(url: String) -> Result<PgDatabase, PgError> {
         .acquire_timeout(Duration::from_secs(5))
         .connect()
         .await
+}
+
+/// Runs a query on `db`'s pool (over its connection's TLS).
+async fn answers_over_tls(db: &PgDatabase) {
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(db.pool())
+        .await
+        .expect("a query over TLS");
+    assert_eq!(one, 1);
 }
 
 /// `host:port` of `DATABASE_URL`'s server.
@@ -138,7 +146,7 @@ async fn verify_full_refuses_a_certificate_that_does_not_name_the_host_and_verif
         let db = connect_one(ca_url)
             .await
             .expect("verify-ca does not check the name");
-        assert_eq!(db.check().await, Health::Healthy, "a query over TLS");
+        answers_over_tls(&db).await;
         assert!(ca.handshakes() >= 1);
     })
     .await;
@@ -167,7 +175,7 @@ async fn a_client_certificate_from_sslcert_and_sslkey_is_presented_when_asked() 
         let db = connect_one(url.to_string())
             .await
             .expect("connect with a client certificate");
-        assert_eq!(db.check().await, Health::Healthy, "a query over TLS");
+        answers_over_tls(&db).await;
         assert!(proxy.handshakes() >= 1);
     })
     .await;
