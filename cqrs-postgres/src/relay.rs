@@ -70,7 +70,8 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///   gone, a frozen server) is left under way, and the relay polls meanwhile.
 ///
 /// Metrics (`metrics` facade, label `relay`): `cqrs_outbox_published_total`,
-/// `cqrs_outbox_publish_failures_total`, `cqrs_outbox_skipped_total` (with `reason` =
+/// `cqrs_outbox_publish_failures_total` (failed batches, with `cause` = `postgres` or
+/// `transport`), `cqrs_outbox_skipped_total` (with `reason` =
 /// `undecodable`, `refused` or `invalid_topic`), and every `metrics_interval` the gauges
 /// `cqrs_outbox_unpublished` and `cqrs_outbox_oldest_unpublished_seconds`
 /// (see [`backlog`](Self::backlog)).
@@ -263,6 +264,18 @@ impl RelayError {
             // Nothing to be unsure of: starting up only reads, or inserts what is not there.
             RelayError::StartUnresponsive { .. } => ErrorKind::Unavailable,
             RelayError::Settings { .. } => ErrorKind::Invalid,
+        }
+    }
+
+    /// Which side failed, the `cause` label of `cqrs_outbox_publish_failures_total`.
+    fn cause(&self) -> &'static str {
+        match self {
+            RelayError::Store { .. }
+            | RelayError::LeaseLost { .. }
+            | RelayError::Unresponsive { .. }
+            | RelayError::StartUnresponsive { .. } => "postgres",
+            RelayError::Transport { .. } | RelayError::PublishTimeout { .. } => "transport",
+            RelayError::Settings { .. } => "settings",
         }
     }
 }
@@ -1437,8 +1450,12 @@ impl Worker for PgOutboxRelay {
                     }
                 }
                 Err(e) => {
-                    metrics::counter!("cqrs_outbox_publish_failures_total", "relay" => self.relay.clone())
-                        .increment(1);
+                    metrics::counter!(
+                        "cqrs_outbox_publish_failures_total",
+                        "relay" => self.relay.clone(),
+                        "cause" => e.cause()
+                    )
+                    .increment(1);
                     if passed > 0 {
                         // Cut short after shipping some (committed): failing, so degraded and
                         // backing off, but moving, so no step toward giving up.

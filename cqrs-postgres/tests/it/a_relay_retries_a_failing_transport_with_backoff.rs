@@ -7,7 +7,7 @@ use crate::transport::{ControlledTransport, receive};
 use cqrs_core::Position;
 use cqrs_core::ports::{EventStore, ExpectedVersion};
 use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
-use cqrs_core::testing::eventually;
+use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_postgres::PgOutboxRelay;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -53,7 +53,17 @@ pg_test! {
         let (_trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
         let ctx = WorkerContext { shutdown, health: health.clone() };
-        let err = relay.run(ctx).await.expect_err("the relay gives up");
+        let counts = MetricCounts::default();
+        let err = {
+            // The body runs on the test's own thread: the local recorder sees the relay's counts.
+            let _recorder = metrics::set_default_local_recorder(&counts);
+            relay.run(ctx).await.expect_err("the relay gives up")
+        };
+        assert_eq!(
+            counts.get("cqrs_outbox_publish_failures_total{relay=default,cause=transport}"),
+            3,
+            "each failed batch counted, with its cause"
+        );
         assert!(err.to_string().contains("the broker is down"), "{err}");
         assert_eq!(transport.failures.load(Ordering::SeqCst), 3);
         assert!(matches!(health.get(), Health::Unhealthy(_)));
