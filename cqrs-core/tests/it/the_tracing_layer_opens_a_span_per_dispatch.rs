@@ -25,6 +25,17 @@ thread_local! {
     static ENTERED: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Every span ever entered, on any thread.
+static ENTERED_EVER: Mutex<std::collections::BTreeSet<u64>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+fn was_entered(span: u64) -> bool {
+    ENTERED_EVER
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&span)
+}
+
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
 
 impl Visit for Fields<'_> {
@@ -61,6 +72,10 @@ impl Subscriber for Recorder {
     }
     fn enter(&self, span: &Id) {
         ENTERED.with(|entered| entered.borrow_mut().push(span.into_u64()));
+        ENTERED_EVER
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(span.into_u64());
     }
     fn exit(&self, span: &Id) {
         ENTERED.with(|entered| {
@@ -131,6 +146,53 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     assert_eq!(fields["message_name"], "test.add");
     assert_eq!(fields["correlation_id"], parent.correlation_id.to_string());
     assert_eq!(fields["causation_id"], parent.message_id.to_string());
+}
+
+/// `on_span` is given each dispatch's span before the span is first entered (an OpenTelemetry
+/// parent can only be set then), with the message's metadata and its trace context.
+#[test]
+fn on_span_gets_each_span_before_it_is_entered_with_the_metadata() {
+    let spans = recorded();
+    type Seen = Arc<Mutex<Vec<(u64, bool, Option<String>)>>>;
+    let seen = Seen::default();
+    let hook_seen = seen.clone();
+    let bus = CommandBus::builder()
+        .layer(TracingLayer::new().on_span(move |span, metadata| {
+            let id = span.id().expect("a span the subscriber wants").into_u64();
+            let parent = metadata.trace_context.get("traceparent").cloned();
+            hook_seen
+                .lock()
+                .unwrap()
+                .push((id, was_entered(id), parent));
+        }))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let metadata = Metadata::new().with_trace_field("traceparent", traceparent);
+    run(bus.dispatch_with(
+        Add {
+            a: 1,
+            b: 1,
+            ..Add::default()
+        },
+        metadata.clone(),
+    ))
+    .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "once per dispatch");
+    let (id, entered, parent) = &seen[0];
+    assert!(!entered, "the hook runs before the span is entered");
+    assert!(was_entered(*id), "and the dispatch runs in it after");
+    assert_eq!(parent.as_deref(), Some(traceparent));
+    let spans = spans.lock().unwrap();
+    let (name, fields) = &spans[*id as usize - 1];
+    assert_eq!(name, "dispatch");
+    assert_eq!(
+        fields.get("message_id"),
+        Some(&metadata.message_id.to_string()),
+        "the span of this dispatch"
+    );
 }
 
 /// Logs from its `call` (the synchronous part of a layer's work, as a layer that begins a
