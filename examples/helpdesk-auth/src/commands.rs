@@ -112,15 +112,18 @@ pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     let Some((local, domain)) = email.split_once('@') else {
         return Err("the email has no @");
     };
-    let looks_right = !local.is_empty()
+    // Each part drawn as something: a local part of only combining marks, or of the blank
+    // Braille pattern (U+2800, not whitespace to Unicode), looks like no part at all.
+    let looks_right = has_visible(local)
         && local.len() <= 64
         && !domain.contains('@')
         && domain.contains('.')
-        && domain.split('.').all(|label| !label.is_empty())
+        && domain.split('.').all(has_visible)
         && !email.chars().any(|c| {
             c.is_whitespace()
                 || c.is_control()
                 || is_invisible(c)
+                || c == '\u{2800}'
                 || is_noncharacter(c)
                 || matches!(
                     c,

@@ -18,7 +18,15 @@ struct Claims {
     role: Role,
     exp: i64,
     iat: i64,
+    /// Not before: this server never sets it, but honours it in a token made elsewhere with
+    /// the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbf: Option<i64>,
 }
+
+/// How far ahead of this server's clock a token's `iat` or `nbf` may be: the clocks of the
+/// instances that share the secret differ a little.
+const CLOCK_SKEW_SECONDS: i64 = 60;
 
 /// Issues and verifies HS256 JWTs (`sub`, `role`, `exp`). Only HS256 is accepted: a token
 /// signed with another algorithm, or `none`, is invalid.
@@ -66,22 +74,30 @@ impl JwtTokens {
             role: user.role,
             iat: now,
             exp: now + self.ttl.as_secs() as i64,
+            nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
     }
 }
 
 impl JwtTokens {
-    /// Checks a token's signature, algorithm and expiry (against the injected clock, to the
-    /// second, with no leeway): the user it was issued to, and when it expires. The user store
-    /// is not asked; [`UserAuthenticator`] does that.
+    /// Checks a token's signature, algorithm and times against the injected clock: expired to
+    /// the second, with no leeway; issued (`iat`) or valid from (`nbf`) more than a minute in
+    /// the future, refused too (only a holder of the secret makes such a token, but one made
+    /// for later is not meant for now). Returns the user it was issued to, and when it
+    /// expires. The user store is not asked; [`UserAuthenticator`] does that.
     pub fn decode(&self, token: &str) -> Result<(User, DateTime<Utc>), AuthError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.validate_exp = false;
         validation.required_spec_claims = ["exp", "sub"].into_iter().map(String::from).collect();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .map_err(|_| AuthError::Invalid)?;
-        if data.claims.exp <= self.clock.now().timestamp() {
+        let now = self.clock.now().timestamp();
+        if data.claims.exp <= now {
+            return Err(AuthError::Invalid);
+        }
+        let too_early = |at: i64| at > now.saturating_add(CLOCK_SKEW_SECONDS);
+        if too_early(data.claims.iat) || data.claims.nbf.is_some_and(too_early) {
             return Err(AuthError::Invalid);
         }
         let expires_at = DateTime::from_timestamp(data.claims.exp, 0).ok_or(AuthError::Invalid)?;
@@ -146,5 +162,63 @@ impl Authenticator for UserAuthenticator {
             role: self.agents.role_of(&stored.email, stored.role),
         };
         Ok((user, Some(expires_at)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Claims, JwtTokens};
+    use cqrs_core::clock::{Clock, ManualClock};
+    use helpdesk_api::{AuthError, Role, User};
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A token signed with the secret, with these times relative to the clock's now.
+    fn signed(clock: &ManualClock, iat: i64, nbf: Option<i64>) -> String {
+        let now = clock.now().timestamp();
+        let claims = Claims {
+            sub: uuid::Uuid::now_v7(),
+            role: Role::Customer,
+            exp: now + 7200,
+            iat: now + iat,
+            nbf: nbf.map(|nbf| now + nbf),
+        };
+        let key = EncodingKey::from_secret(&[7; 32]).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    /// A token made for later (its `iat` or `nbf` past the clock skew) is refused until then;
+    /// one a minute ahead, an instance whose clock runs ahead, is taken.
+    #[test]
+    fn a_token_issued_or_valid_only_in_the_future_is_refused_until_then() {
+        let clock = Arc::new(ManualClock::default());
+        let tokens = JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap();
+        let cases = [
+            ("issued now", 0, None, true),
+            ("issued a minute ahead", 60, None, true),
+            ("issued an hour ahead", 3600, None, false),
+            ("valid from a minute ahead", 0, Some(60), true),
+            ("valid from an hour ahead", 0, Some(3600), false),
+            ("valid from before", 0, Some(-60), true),
+        ];
+        for (what, iat, nbf, taken) in cases {
+            let token = signed(&clock, iat, nbf);
+            let decoded = tokens.decode(&token);
+            assert_eq!(decoded.is_ok(), taken, "{what}: {decoded:?}");
+            if !taken {
+                assert!(matches!(decoded, Err(AuthError::Invalid)), "{what}");
+            }
+        }
+        let later = signed(&clock, 0, Some(3600));
+        clock.advance(Duration::from_secs(3600));
+        assert!(tokens.decode(&later).is_ok(), "taken once its time came");
+        // What this server issues decodes as it was issued.
+        let user = User {
+            id: uuid::Uuid::now_v7(),
+            role: Role::Agent,
+        };
+        let (decoded, _) = tokens.decode(&tokens.issue(&user).unwrap()).unwrap();
+        assert_eq!((decoded.id, decoded.role), (user.id, user.role));
     }
 }

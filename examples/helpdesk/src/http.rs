@@ -590,11 +590,27 @@ fn find_token(text: &str) -> Option<usize> {
         .position(|w| w.eq_ignore_ascii_case(b"token"))
 }
 
-/// Whether `text` holds something shaped like a JWT: a run of base64url and dots that starts
-/// with `eyJ` (the encoding of `{"`, every JWT header's start) and has a dot in it.
+/// Whether `text` holds something shaped like a JWT: in a run of base64url and dots, `eyJ` (the
+/// encoding of `{"`, every JWT header's start) with a dot after it, wherever it starts in the
+/// run (`a.eyJ...`, `xxeyJ...` hold one too). Checked after percent-decoding `text` up to three
+/// times, so a token encoded twice (`%252E` for its dots) is found as well.
 fn holds_a_jwt(text: &str) -> bool {
-    text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-        .any(|run| run.starts_with("eyJ") && run.contains('.'))
+    let shaped = |text: &str| {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            .any(|run| run.find("eyJ").is_some_and(|at| run[at..].contains('.')))
+    };
+    let mut text: std::borrow::Cow<'_, str> = text.into();
+    for _ in 0..3 {
+        if shaped(&text) {
+            return true;
+        }
+        let decoded = percent_decoded(&text).into_owned();
+        if decoded == *text {
+            return false;
+        }
+        text = decoded.into();
+    }
+    shaped(&text)
 }
 
 /// `text` with its `%XX` escapes and `+` decoded (enough to compare a query key); borrowed when
@@ -769,6 +785,11 @@ mod tests {
             ),
             ("/ws?eyJhbGc.eyJzdWI.c2ln", "/ws?[redacted]"),
             ("/ws?eyJhbGc.eyJzdWI.c2ln=1", "/ws?[redacted]"),
+            // Not at the start of its run, or encoded twice.
+            ("/ws?q=xxeyJhbGc.eyJzdWI.c2ln", "/ws?q=[redacted]"),
+            ("/ws?q=a.eyJhbGc.eyJzdWI.c2ln&x=1", "/ws?q=[redacted]&x=1"),
+            ("/ws?q=eyJhbGc%252EeyJzdWI%252Ec2ln", "/ws?q=[redacted]"),
+            ("/ws/a.eyJhbGc.eyJzdWI.c2ln", "/ws/[redacted]"),
         ] {
             assert_eq!(redacted(uri), logged, "{uri}");
         }

@@ -61,6 +61,21 @@ fn every_invisible_character_makes_an_email_invalid() {
             );
         }
     }
+    // Drawn as blank, or as nothing: a part that looks empty.
+    for email in [
+        "\u{2800}@example.com",
+        "\u{2800}\u{2800}@example.com",
+        "ada\u{2800}@example.com",
+        "\u{301}@example.com",
+        "ada@\u{301}.com",
+        "ada@example.\u{2800}",
+    ] {
+        assert_eq!(
+            normalize_email(email),
+            Err("the email does not look like an address"),
+            "{email:?}"
+        );
+    }
     // Visible non-ASCII letters are still fine.
     assert_eq!(
         normalize_email("Zoë@Exämple.com").as_deref(),
