@@ -385,6 +385,50 @@ impl RedisStreamTransport {
         ))
     }
 
+    /// Claims this transport's key prefix for `owner` (a name or id of the deployment: a
+    /// database and schema, a service): the first claim records `owner` under the key
+    /// `{prefix}:owner` (`SET NX`), a claim by the same owner passes, and one by another is
+    /// refused ([`TransportError::Invalid`], naming both and what to do). Two deployments that
+    /// share a prefix by mistake (a default left unchanged) would read each other's events;
+    /// call it at start-up to refuse that instead. It does not expire: a deployment gone for
+    /// good leaves its claim until the key is deleted. An empty `owner` is refused.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let transport = cqrs_redis::RedisStreamOptions::new("redis://127.0.0.1:6379")
+    ///     .key_prefix("orders")
+    ///     .connect()
+    ///     .await?;
+    /// transport.claim_prefix("postgres db orders, schema orders").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim_prefix(&self, owner: &str) -> Result<(), TransportError> {
+        if owner.is_empty() {
+            return Err(TransportError::Invalid(
+                "a key prefix's owner must not be empty: name the deployment that uses it"
+                    .to_owned(),
+            ));
+        }
+        let prefix = &self.shared.options.key_prefix;
+        // No topic's key: those all hold a hash tag (`{topic}`).
+        let key = format!("{prefix}:owner");
+        let recorded: Option<String> = self
+            .shared
+            .client
+            .with_options(&self.shared.fail_fast())
+            .set(key.as_str(), owner, None, Some(SetOptions::NX), true)
+            .await
+            .map_err(|e| self.shared.error(e))?;
+        match recorded {
+            Some(theirs) if theirs != owner => Err(TransportError::Invalid(format!(
+                "the Redis key prefix `{prefix}` belongs to `{theirs}`, not to `{owner}`: two \
+                 deployments sharing a prefix read each other's events. Give this one a prefix \
+                 of its own; if `{theirs}` is gone for good, delete the key `{key}`"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The server-side ids (`CLIENT ID`) of this transport's shared connection. Operators use
     /// them to find the transport in `CLIENT LIST`; tests kill them to simulate a network
     /// failure.

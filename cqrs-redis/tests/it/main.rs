@@ -3,6 +3,7 @@
 //! test id, and deletes its keys when it passes. Without Redis they skip, unless
 //! `CQRS_REQUIRE_SERVICES=1`.
 
+mod a_key_prefix_belongs_to_one_owner;
 mod own_server;
 mod proxy;
 mod support;

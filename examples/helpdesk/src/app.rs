@@ -185,6 +185,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         relay,
         realtime_relay,
         maintenance,
+        redis,
     } = match &config.database_url {
         None => memory_backends(clock.clone(), poll, config.purge_interval()),
         Some(url) => postgres_backends(config, url, clock.clone(), poll).await?,
@@ -216,9 +217,12 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     plugins.install(&mut registrar)?;
     // Before anything connects or starts: colliding routes are a build error, not a panic.
     let api = merged_api(registrar.take_contributions_by_plugin::<HttpApi>())?;
-    let migrations = registrar.take_contributions_by_plugin::<Migration>();
+    let mut migrations = registrar.take_contributions_by_plugin::<Migration>();
+    let mut instance = None;
     if let Some(db) = &backends.postgres {
+        migrations.insert(0, ("helpdesk", crate::deployment::migration(db.schema())));
         crate::migrations::run(db, &migrations).await?;
+        instance = Some(crate::deployment::join(db, redis.as_ref()).await?);
     }
 
     let budget = config.request_timeout();
@@ -259,6 +263,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let mut runtime = Runtime::builder();
     if !hooks.without_relay {
         runtime = runtime.worker(relay);
+    }
+    if let Some(instance) = instance {
+        runtime = runtime.worker(instance);
     }
     for (name, check, critical) in checks {
         runtime = runtime.check(name, check, critical);
@@ -471,6 +478,8 @@ struct Started {
     /// in-process transport, which otherwise keeps every event ever published); none when the
     /// transport keeps nothing.
     maintenance: Option<Box<dyn cqrs_core::runtime::Worker>>,
+    /// The Redis transport, on Redis: its key prefix is claimed for the schema.
+    redis: Option<cqrs_redis::RedisStreamTransport>,
 }
 
 /// Trims the in-process transport's topic every `interval`.
@@ -529,6 +538,7 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
         relay: Box::new(relay),
         realtime_relay,
         maintenance: Some(memory_trim(transport, purge_interval)),
+        redis: None,
     }
 }
 
@@ -557,6 +567,7 @@ async fn postgres_backends(
     let mut checks: Vec<(&'static str, Arc<dyn HealthCheck>, bool)> =
         vec![("postgres", Arc::new(db.clone()), true)];
     let maintenance: Option<Box<dyn cqrs_core::runtime::Worker>>;
+    let mut redis = None;
     let shipped_to: Arc<dyn EventTransport>;
     let (transport, pubsub): (Arc<dyn EventTransport>, Arc<dyn PubSub>) =
         match config.redis_connection() {
@@ -581,6 +592,7 @@ async fn postgres_backends(
                     StreamMaintenance::new(transport.clone(), [EVENTS_TOPIC])
                         .interval(config.purge_interval().min(Duration::from_secs(60))),
                 ));
+                redis = Some(transport.clone());
                 let transport: Arc<dyn EventTransport> = Arc::new(transport);
                 shipped_to = Arc::new(crate::metered::MeteredTransport::new(
                     transport.clone(),
@@ -653,6 +665,7 @@ async fn postgres_backends(
         relay: Box::new(relay),
         realtime_relay,
         maintenance,
+        redis,
     })
 }
 

@@ -12,6 +12,7 @@ use helpdesk_tickets as _;
 mod app;
 mod body_deadline;
 mod config;
+mod deployment;
 mod discard;
 mod http;
 mod logging;
