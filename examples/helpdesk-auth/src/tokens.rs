@@ -153,7 +153,8 @@ impl Authenticator for UserAuthenticator {
     ) -> Result<(User, Option<DateTime<Utc>>), AuthError> {
         let (claimed, expires_at) = self.tokens.decode(token)?;
         let stored = self.users.by_id(claimed.id).await.map_err(|e| {
-            tracing::warn!(error = %e, "could not look up a token's user");
+            // A failed backend, as the docs class it: the request gets a 503.
+            tracing::error!(error = %e, "could not look up a token's user");
             AuthError::Unavailable
         })?;
         let stored = stored.ok_or(AuthError::UnknownUser)?;

@@ -642,6 +642,17 @@ impl Config {
         if let Some(code) = &self.agent_code {
             problems.extend(weak_secret("HELPDESK_AGENT_CODE", code, 16));
         }
+        let mut agents: Vec<String> = self.agent_email_set().into_iter().collect();
+        agents.sort();
+        for email in agents {
+            if let Err(why) = helpdesk_auth::normalize_email(&email) {
+                problems.push(format!(
+                    "HELPDESK_AGENT_EMAILS lists `{}`, which is not an email address ({why}): \
+                     no account could ever match it; fix or remove the entry",
+                    email.chars().take(80).collect::<String>()
+                ));
+            }
+        }
         if self.database_url.is_some()
             && !self.agent_email_set().is_empty()
             && self.agent_code.is_none()

@@ -110,7 +110,12 @@ pub(crate) fn postgres_health_wait(request_timeout: Duration) -> Duration {
 pub(crate) fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // True histograms, not summaries: buckets add up across instances (a summary's
+        // quantiles do not), and they do not fall to 0 when a minute passes without samples.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(DURATION_BUCKETS)
+            .expect("the buckets are not empty")
+            .build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!(
@@ -120,6 +125,13 @@ pub(crate) fn prometheus() -> &'static PrometheusHandle {
         handle
     })
 }
+
+/// The buckets, in seconds, of the duration histograms (`http_request_duration_seconds`,
+/// `cqrs_dispatch_duration_seconds`): from a millisecond to the longest request budget worth
+/// having.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// The paths the gateway serves itself (`/ws` is the realtime hub's): no plugin may route
 /// them.
@@ -348,7 +360,8 @@ async fn ready(Extension(state): Extension<State>) -> Response {
 }
 
 /// Logs why each component is not healthy, once per reason: when it first shows, and again
-/// when it changes, or after the component was healthy in between.
+/// when it changes, or after the component was healthy in between; and, once, that it is
+/// healthy again, so the end of an outage shows in the log as its start does.
 fn log_ready_reasons(
     state: &State,
     components: &std::collections::BTreeMap<String, (Health, bool)>,
@@ -365,7 +378,9 @@ fn log_ready_reasons(
             }
             Some(_) => {}
             None => {
-                logged.remove(name);
+                if logged.remove(name).is_some() {
+                    tracing::info!(component = %name, critical, "healthy again");
+                }
             }
         }
     }
@@ -499,7 +514,9 @@ fn with_parts(response: Response, error: ApiError) -> Response {
 
 /// The span of a request: tower-http's default fields, with the `token` query parameter (the
 /// bearer token a WebSocket client may send as `/ws?token=`) redacted, as the
-/// `Authorization` header is, so debug logs never hold a live token.
+/// `Authorization` header is, so debug logs never hold a live token; and the request's
+/// `x-request-id` (the client's, or the one made for it), so every line a request logs can be
+/// told from its retry's.
 fn request_span(request: &Request) -> tracing::Span {
     // At `info`, so the one line per answered request carries the method and the path. Both
     // are the client's, and hyper takes a method of hundreds of KiB and a URI of 64 KiB: cut
@@ -509,6 +526,11 @@ fn request_span(request: &Request) -> tracing::Span {
         method = %for_the_log(request.method().as_str(), MAX_LOGGED_METHOD),
         uri = %for_the_log(&redacted_uri(request.uri()), MAX_LOGGED_URI),
         version = ?request.version(),
+        request_id = %request
+            .headers()
+            .get(&X_REQUEST_ID)
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or_default(),
     )
 }
 

@@ -17,7 +17,8 @@ async fn main() {
     }
     let json_logs = config.log_format == LogFormat::Json;
     match run(config).await {
-        Ok(None) => {}
+        // Said, so that a log shows the stop finished rather than the process vanishing.
+        Ok(None) => tracing::info!("stopped"),
         Ok(Some(signal)) => std::process::exit(signal.exit_code()),
         Err(e) => {
             // JSON logs go to a collector, which reads standard output only: the reason the

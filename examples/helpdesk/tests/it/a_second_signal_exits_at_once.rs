@@ -51,6 +51,25 @@ fn second_signal_exits_with(signal: &str, code: i32) {
     assert_eq!(status.code(), Some(code), "{status:?} {stderr}");
 }
 
+/// One signal, and nothing in flight: the stop finishes, says so, and exits with 0.
+#[test]
+fn a_graceful_stop_says_it_finished_and_exits_with_0() {
+    let mut child = Running(
+        helpdesk_command(&["--bind", "127.0.0.1:0", "--log-format", "json"], &[])
+            .spawn()
+            .unwrap(),
+    );
+    let lines = stdout_lines(&mut child);
+    line_with(&lines, "helpdesk listening");
+    kill(child.0.id(), "TERM");
+    line_with(&lines, "shutting down");
+    let stopped: serde_json::Value = serde_json::from_str(&line_with(&lines, "stopped")).unwrap();
+    assert_eq!(stopped["level"], "INFO", "{stopped}");
+    assert_eq!(stopped["fields"]["message"], "stopped", "{stopped}");
+    let (status, stderr) = exit_of(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status:?} {stderr}");
+}
+
 #[test]
 fn a_second_sigint_exits_with_130() {
     second_signal_exits_with("INT", 130);

@@ -57,6 +57,17 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
         );
         assert!(metrics.contains("message=\"tickets.open\""));
         assert!(metrics.contains("cqrs_dispatch_duration_seconds"));
+        // Histograms with buckets, which add up across instances (not summaries).
+        for name in [
+            "http_request_duration_seconds",
+            "cqrs_dispatch_duration_seconds",
+        ] {
+            assert!(
+                metrics.contains(&format!("# TYPE {name} histogram"))
+                    && metrics.contains(&format!("{name}_bucket{{")),
+                "{name}: {metrics}"
+            );
+        }
         // Events published (by the relay) and handled (by the stats projection), by type.
         cqrs_core::testing::eventually(
             std::time::Duration::from_secs(30),

@@ -85,6 +85,15 @@ async fn requests_are_logged_once_each_without_their_tokens() {
             .send(long_method, &format!("/method-{probe}"), None, None)
             .await;
         assert!(odd.status.is_client_error(), "{}", odd.status);
+        // The client's request id is in the line; one made for a request without it, too.
+        let traced = s
+            .http
+            .get(s.url(&format!("/traced-{probe}")))
+            .header("x-request-id", format!("trace-{probe}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(traced.status(), StatusCode::NOT_FOUND);
         s.stop().await;
     })
     .await;
@@ -103,8 +112,23 @@ async fn requests_are_logged_once_each_without_their_tokens() {
         .lines()
         .filter(|l| l.contains("finished processing request") && l.contains(&probe))
         .collect();
-    assert_eq!(answered.len(), 4, "one line per request:\n{log}");
-    for line in &answered[2..] {
+    assert_eq!(answered.len(), 5, "one line per request:\n{log}");
+    assert!(
+        answered[4].contains(&format!("request_id=trace-{probe}")),
+        "{}",
+        answered[4]
+    );
+    let made_id = answered[0]
+        .split("request_id=")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', '}', ':']).next())
+        .unwrap_or_default();
+    assert!(
+        uuid::Uuid::parse_str(made_id).is_ok(),
+        "a request id made for a request without one: {}",
+        answered[0]
+    );
+    for line in &answered[2..4] {
         assert!(
             line.len() < 1600 && line.contains(" bytes in all]"),
             "a method or URI cut short: {line}"
@@ -173,6 +197,90 @@ async fn a_start_waiting_for_the_migration_lock_says_so() {
         server.shutdown().await.unwrap();
         other.close().await;
         backend.clean_up().await;
+    })
+    .await;
+}
+
+/// A component's outage shows in the log at both ends: why it is not healthy, once, and that
+/// it is healthy again, once (as `/ready` finds them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_that_recovers_is_logged_healthy_again() {
+    use cqrs_core::runtime::{Health, Worker, WorkerContext};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Unhealthy while `down` is set, then healthy; named after the test's probe.
+    struct Flaky {
+        name: String,
+        down: Arc<AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl Worker for Flaky {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        async fn run(&mut self, ctx: WorkerContext) -> Result<(), cqrs_core::BoxError> {
+            while !ctx.shutdown.is_requested() {
+                ctx.health.set(if self.down.load(Ordering::SeqCst) {
+                    Health::Unhealthy("the flaky backend is away".into())
+                } else {
+                    Health::Healthy
+                });
+                tokio::select! {
+                    _ = ctx.shutdown.requested() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                }
+            }
+            Ok(())
+        }
+    }
+
+    let captured = captured();
+    let probe = format!("flaky-{}", uuid::Uuid::now_v7().simple());
+    let down = Arc::new(AtomicBool::new(true));
+    within(async {
+        let (name, flag) = (probe.clone(), down.clone());
+        let hooks = helpdesk::Hooks {
+            workers: vec![Arc::new(move || {
+                Box::new(Flaky {
+                    name: name.clone(),
+                    down: flag.clone(),
+                }) as Box<dyn Worker>
+            })],
+            ..helpdesk::Hooks::default()
+        };
+        let s = TestServer::start_with_hooks(Backend::from_env().await, hooks, |_| {}).await;
+        let lines = |what: &'static str| {
+            let probe = probe.clone();
+            move || {
+                let n = captured
+                    .text()
+                    .lines()
+                    .filter(|l| l.contains(what) && l.contains(&probe))
+                    .count();
+                async move { (n > 0).then_some(n) }
+            }
+        };
+        // Each poll of /ready looks; the first that sees the worker down logs it.
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(10),
+            "logged down",
+            || async {
+                s.send(Method::GET, "/ready", None, None).await;
+                lines("not healthy")().await
+            },
+        )
+        .await;
+        down.store(false, Ordering::SeqCst);
+        cqrs_core::testing::eventually(std::time::Duration::from_secs(10), "logged up", || async {
+            s.send(Method::GET, "/ready", None, None).await;
+            lines("healthy again")().await
+        })
+        .await;
+        s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(lines("not healthy")().await, Some(1), "once");
+        assert_eq!(lines("healthy again")().await, Some(1), "once");
+        s.stop().await;
     })
     .await;
 }

@@ -131,3 +131,25 @@ fn secrets_too_short_or_too_plain_to_be_random_are_refused() {
             .unwrap_or_else(|p| panic!("{value:?}: {p:?}"));
     }
 }
+
+/// An agent list entry that is no email address (a typo, a name) would match no account, and
+/// the agent it was meant for registers as a customer without a word: refused, naming it.
+#[test]
+fn an_agent_email_that_is_no_address_is_refused() {
+    let problems = config(&[("HELPDESK_AGENT_EMAILS", "not-an-email,,ada@example.com,x@y")])
+        .validate()
+        .expect_err("two entries are no addresses");
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems[0].contains("HELPDESK_AGENT_EMAILS lists `not-an-email`")
+            && problems[0].contains("the email has no @"),
+        "{problems:?}"
+    );
+    assert!(problems[1].contains("`x@y`"), "{problems:?}");
+    config(&[(
+        "HELPDESK_AGENT_EMAILS",
+        "ada@example.com, Grace@Example.com,",
+    )])
+    .validate()
+    .expect("addresses, spaces and an empty entry are fine");
+}
