@@ -238,7 +238,9 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
                 options.connect_timeout,
                 options.command_timeout.min(options.connect_timeout),
                 if crate::options::asks_for_tls(&options.url) {
-                    ""
+                    // A plain-text Redis reads the TLS hello as the start of a command and
+                    // waits for its end: no answer, rather than a refused handshake.
+                    " and speaks TLS there (a plain-text Redis needs `redis://`)"
                 } else {
                     " (a TLS server needs `rediss://`)"
                 }

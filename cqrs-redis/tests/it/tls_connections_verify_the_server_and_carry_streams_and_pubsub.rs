@@ -238,3 +238,33 @@ async fn a_ca_file_that_cannot_be_used_is_invalid_options_naming_it() {
         assert!(message.contains("tls_client_cert"), "{message}");
     }
 }
+
+/// A `rediss://` URL to a plain-text Redis: the server reads the TLS hello as the start of a
+/// command and waits for its end, so the connect gets no answer; the error says the server
+/// may not speak TLS there, not only that it may be away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_url_to_a_plain_text_redis_says_to_check_for_tls() {
+    if !reachable().await {
+        return;
+    }
+    let Some(host) = plain_redis_host() else {
+        return;
+    };
+    within(30, async {
+        let url = format!("rediss://{}{host}", redis_userinfo());
+        let error = RedisStreamOptions::with_connection(
+            over(&url)
+                .connect_timeout(Duration::from_millis(500))
+                .reconnect_delays(Duration::from_millis(20), Duration::from_millis(20)),
+        )
+        .connect()
+        .await
+        .expect_err("no TLS there");
+        let message = error.to_string();
+        assert!(
+            message.contains("speaks TLS there (a plain-text Redis needs `redis://`)"),
+            "{message}"
+        );
+    })
+    .await;
+}
