@@ -91,6 +91,35 @@ where
     }
 }
 
+/// `error` and its causes, joined with `: `, each cause left out when the text before already
+/// holds it. The framework's errors name their cause in their own message (so that one read
+/// alone says it all), and a plain `{error:#}` then repeats each cause once per level above it.
+///
+/// ```
+/// let error = anyhow::anyhow!("connection refused")
+///     .context("could not connect to postgres at db:5432: connection refused")
+///     .context("cannot connect to Postgres (DATABASE_URL)");
+/// assert_eq!(
+///     helpdesk::error_chain(&error),
+///     "cannot connect to Postgres (DATABASE_URL): could not connect to postgres at db:5432: \
+///      connection refused"
+/// );
+/// ```
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::{DEFAULT_FILTER, filter_from};

@@ -1,7 +1,7 @@
 //! `cargo run --release -p helpdesk`: the helpdesk server on 127.0.0.1:8080, in memory, or on
 //! Postgres (and Redis) when `DATABASE_URL` (and `REDIS_URL`) are set.
 
-use helpdesk::{Config, Hooks, LogFormat, Server, log_filter, log_subscriber};
+use helpdesk::{Config, Hooks, LogFormat, Server, error_chain, log_filter, log_subscriber};
 use std::io::IsTerminal;
 use tokio::sync::mpsc;
 
@@ -24,12 +24,9 @@ async fn main() {
             // JSON logs go to a collector, which reads standard output only: the reason the
             // process exits belongs there too, not on standard error alone.
             if json_logs {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    "the server failed; exiting with 1"
-                );
+                tracing::error!(error = error_chain(&e), "the server failed; exiting with 1");
             }
-            eprintln!("helpdesk: {e:#}");
+            eprintln!("helpdesk: {}", error_chain(&e));
             std::process::exit(1);
         }
     }

@@ -108,3 +108,38 @@ fn with_json_logs_the_failure_is_logged_on_standard_output() {
         "{logged}"
     );
 }
+
+/// The reason a start failed says each cause once: the framework's errors name their cause in
+/// their own message, and the whole chain printed as it was repeated it once per level (a
+/// refused Postgres connect read three times over).
+#[test]
+fn a_failed_start_says_each_cause_once() {
+    // Nothing listens on port 1: the connect is refused at once.
+    let mut child = Running(
+        helpdesk_command(
+            &["--bind", "127.0.0.1:0"],
+            &[
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/test"),
+                (
+                    "HELPDESK_JWT_SECRET",
+                    "a-test-secret-that-is-at-least-32-bytes-long",
+                ),
+            ],
+        )
+        .spawn()
+        .unwrap(),
+    );
+    let (status, stderr) = exit_of(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to Postgres (DATABASE_URL)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .matches("could not connect to postgres at 127.0.0.1:1")
+            .count(),
+        1,
+        "{stderr}"
+    );
+}
