@@ -184,6 +184,18 @@ pub struct Config {
     )]
     pub ws_connections_per_address: usize,
 
+    /// The most connections (HTTP and WebSocket alike) one client address (an IPv4 address or
+    /// an IPv6 /64) holds open at once; past it a new connection is closed as soon as it is
+    /// accepted, so one client cannot take every connection the server serves (idle or
+    /// half-sent requests, say). Addresses in --trusted-proxies are not limited: every client
+    /// behind a proxy shares its address.
+    #[arg(
+        long,
+        env = "HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 1_000
+    )]
+    pub http_connections_per_address: usize,
+
     /// How often expired idempotency records (kept 24 hours) and the stats projection's inbox
     /// entries older than 7 days are deleted and, on Redis, the event stream is trimmed of
     /// what every consumer group acknowledged, in milliseconds.
@@ -408,6 +420,10 @@ impl std::fmt::Debug for Config {
             .field(
                 "ws_connections_per_address",
                 &self.ws_connections_per_address,
+            )
+            .field(
+                "http_connections_per_address",
+                &self.http_connections_per_address,
             )
             .field("purge_interval_ms", &self.purge_interval_ms)
             .field("ready_details", &self.ready_details)
@@ -776,6 +792,9 @@ impl Config {
         }
         if self.ws_connections_per_address == 0 {
             problems.push("HELPDESK_WS_CONNECTIONS_PER_ADDRESS must be at least 1".into());
+        }
+        if self.http_connections_per_address == 0 {
+            problems.push("HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS must be at least 1".into());
         }
         if self.max_connections == Some(0) {
             problems.push(

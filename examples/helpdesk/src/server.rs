@@ -58,6 +58,10 @@ impl Server {
         let grace = config.shutdown_grace();
         let header_timeout = config.header_timeout();
         let max_connections = connection_limit(&config);
+        let per_address = PerAddress::new(
+            config.http_connections_per_address,
+            config.trusted_proxies.iter().copied(),
+        );
         let router = app.router;
         let task = tokio::spawn(async move {
             let mut stop_seen = stopped;
@@ -70,6 +74,7 @@ impl Server {
                 stopping.clone(),
                 header_timeout,
                 max_connections,
+                per_address,
             );
             let mut serve = tokio::spawn(connections);
             // Biased, the stop first: when both were ready, an unbiased pick sometimes took
@@ -222,8 +227,11 @@ async fn serve(
     stopping: Arc<std::sync::atomic::AtomicBool>,
     header_timeout: Duration,
     max_connections: usize,
+    per_address: PerAddress,
 ) -> anyhow::Result<()> {
     let mut connections = tokio::task::JoinSet::new();
+    let mut refused_since_warning: u64 = 0;
+    let mut warned_at: Option<Instant> = None;
     let slots = Arc::new(tokio::sync::Semaphore::new(
         max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
@@ -265,6 +273,25 @@ async fn serve(
                 }
             },
         };
+        // Closed at once past the address's share (its slot freed with it): a client that
+        // holds connections open must not take the others' places.
+        let Some(held) = per_address.take(remote.ip()) else {
+            metrics::counter!("http_connections_refused_total", "reason" => "per_address")
+                .increment(1);
+            refused_since_warning += 1;
+            if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                tracing::warn!(
+                    client = %helpdesk_api::client_key(Some(remote.ip())),
+                    refused = refused_since_warning,
+                    limit = per_address.limit,
+                    "closed connections of a client address past its share \
+                     (HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS); logged at most once a minute"
+                );
+                refused_since_warning = 0;
+                warned_at = Some(Instant::now());
+            }
+            continue;
+        };
         // Small frames (WebSocket events, JSON answers) go out at once instead of waiting
         // for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
@@ -294,6 +321,8 @@ async fn serve(
             });
         let mut stop = stopped.clone();
         connections.spawn(async move {
+            // The address's count goes down when the connection ends, upgraded or not.
+            let _held = held;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
@@ -328,6 +357,64 @@ async fn serve(
     drop(listener);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The connections each client address holds open, against a limit (trusted proxies have
+/// none: every client behind one shares its address).
+#[derive(Clone)]
+struct PerAddress {
+    limit: usize,
+    unlimited: Arc<std::collections::HashSet<std::net::IpAddr>>,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One connection counted against its address, until dropped.
+struct AddressHeld {
+    key: String,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl PerAddress {
+    fn new(limit: usize, unlimited: impl IntoIterator<Item = std::net::IpAddr>) -> Self {
+        Self {
+            limit,
+            // Compared as the XFF check compares them: an IPv4 proxy reaching a dual-stack
+            // listener shows as `::ffff:a.b.c.d`.
+            unlimited: Arc::new(unlimited.into_iter().map(|ip| ip.to_canonical()).collect()),
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for a connection from `ip`, or `None` when its address holds its share.
+    /// `Some(None)`: an unlimited address, not counted.
+    fn take(&self, ip: std::net::IpAddr) -> Option<Option<AddressHeld>> {
+        if self.unlimited.contains(&ip.to_canonical()) {
+            return Some(None);
+        }
+        let key = helpdesk_api::client_key(Some(ip));
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(key.clone()).or_insert(0);
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(Some(AddressHeld {
+            key,
+            open: self.open.clone(),
+        }))
+    }
+}
+
+impl Drop for AddressHeld {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// `grace` from now; a grace too long for the clock is as good as forever (30 years).

@@ -249,3 +249,70 @@ async fn once(addr: &str, path: &str, body: &serde_json::Value) -> String {
     stream.read_to_end(&mut answer).await.unwrap();
     String::from_utf8_lossy(&answer).into_owned()
 }
+
+/// Connects from `local` (a loopback address of its own) to `addr`.
+async fn connect_from(local: &str, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// Sends a `GET /health` on `stream` and reads the answer's status line.
+async fn health_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = closed_within(stream, Duration::from_secs(10)).await;
+    answer.lines().next().unwrap_or_default().to_owned()
+}
+
+/// One client address holds at most its share of connections: past it, a new connection is
+/// closed at once, while other addresses are served; a closed one frees a place. A trusted
+/// proxy, whose address every client behind it shares, is not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.http_connections_per_address = 2;
+            c.trusted_proxies = vec!["127.0.0.3".parse().unwrap()];
+        })
+        .await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        // Two idle connections: the address's share (a header timeout of 30 s holds them).
+        let mut held = vec![
+            connect_from("127.0.0.2", &addr).await,
+            connect_from("127.0.0.2", &addr).await,
+        ];
+        // Each is served before the next is accepted, so the order is kept: the third is
+        // accepted last and closed without a word.
+        let mut third = connect_from("127.0.0.2", &addr).await;
+        let _ = third
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let sent = closed_within(&mut third, Duration::from_secs(10)).await;
+        assert_eq!(sent, "", "closed at once, unanswered");
+        // Another address is served meanwhile, and so is the proxy, past the share.
+        let mut other = connect_from("127.0.0.4", &addr).await;
+        assert_eq!(health_on(&mut other).await, "HTTP/1.1 200 OK");
+        let mut behind_proxy = Vec::new();
+        for _ in 0..3 {
+            behind_proxy.push(connect_from("127.0.0.3", &addr).await);
+        }
+        for stream in &mut behind_proxy {
+            assert_eq!(health_on(stream).await, "HTTP/1.1 200 OK");
+        }
+        // One of the two closed: the address gets a place again, once the server saw it go.
+        let mut gone = held.pop().unwrap();
+        gone.shutdown().await.unwrap();
+        drop(gone);
+        cqrs_core::testing::eventually(Duration::from_secs(10), "a place again", || async {
+            let mut again = connect_from("127.0.0.2", &addr).await;
+            (health_on(&mut again).await == "HTTP/1.1 200 OK").then_some(())
+        })
+        .await;
+        drop(held);
+        s.stop().await;
+    })
+    .await;
+}
