@@ -178,7 +178,8 @@ impl<W: Worker + ?Sized> Worker for Box<W> {
     }
 }
 
-/// A job run at start and then every interval until shutdown: housekeeping such as
+/// A job run at start and then again one interval after each run ends (a fixed delay, not a
+/// fixed rate), until shutdown: housekeeping such as
 /// [`IdempotencyStore::purge_expired`](crate::ports::IdempotencyStore::purge_expired).
 ///
 /// A failed run is logged and reported as [`Health::Degraded`] (housekeeping that fails does
@@ -224,7 +225,7 @@ where
     F: FnMut() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), BoxError>> + Send,
 {
-    /// `job`, run at start and then every `every` (at least 1 ms).
+    /// `job`, run at start and then again `every` (at least 1 ms) after each run ends.
     pub fn new(name: impl Into<String>, every: Duration, job: F) -> Self {
         Self {
             name: name.into(),

@@ -38,8 +38,10 @@ pub trait EventStoreHarness: Harness {
     /// draws positions at commit: either way the reader must not skip the held writer's
     /// events.) `None` when the adapter
     /// has no transactions: its suite must then be run with
-    /// `event_store_conformance!(harness, without_held_appends)`, which leaves the late-commit
-    /// scenario out; that scenario fails on `None`, so it never passes without testing.
+    /// `event_store_conformance!(harness, without_held_appends)`, which leaves out the two
+    /// scenarios that hold an append open (the late-commit one and
+    /// `an_append_at_the_version_of_one_in_flight_conflicts`); both fail on `None`, so they
+    /// never pass without testing.
     async fn begin_held_append(
         &self,
         stream_id: &str,
