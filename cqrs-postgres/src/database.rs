@@ -472,7 +472,7 @@ const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 /// full as one under load.
 ///
 /// A pooled connection whose session the server ended (its backend terminated, a proxy that
-/// dropped it idle) fails the `SELECT 1`, which says nothing of the server: the check then asks
+/// dropped it idle) fails the check's query, which says nothing of the server: the check then asks
 /// on a connection of its own, degraded when that one answers.
 #[async_trait]
 impl HealthCheck for PgDatabase {

@@ -70,8 +70,9 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///   gone, a frozen server) is left under way, and the relay polls meanwhile.
 ///
 /// Metrics (`metrics` facade, label `relay`): `cqrs_outbox_published_total`,
-/// `cqrs_outbox_publish_failures_total` (failed batches, with `cause` = `postgres` or
-/// `transport`), `cqrs_outbox_skipped_total` (with `reason` =
+/// `cqrs_outbox_publish_failures_total` (failed batches, with `cause` = `postgres`,
+/// `transport`, or `timeout` for a batch that ran out of its publish timeout, waiting on the
+/// broker or on the check of its own session), `cqrs_outbox_skipped_total` (with `reason` =
 /// `undecodable`, `refused` or `invalid_topic`), and every `metrics_interval` the gauges
 /// `cqrs_outbox_unpublished` and `cqrs_outbox_oldest_unpublished_seconds`
 /// (see [`backlog`](Self::backlog)).
@@ -274,7 +275,9 @@ impl RelayError {
             | RelayError::LeaseLost { .. }
             | RelayError::Unresponsive { .. }
             | RelayError::StartUnresponsive { .. } => "postgres",
-            RelayError::Transport { .. } | RelayError::PublishTimeout { .. } => "transport",
+            RelayError::Transport { .. } => "transport",
+            // The broker's answer, or the check of the batch's own session, ran out of time.
+            RelayError::PublishTimeout { .. } => "timeout",
             RelayError::Settings { .. } => "settings",
         }
     }

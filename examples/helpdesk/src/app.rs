@@ -218,11 +218,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // Before anything connects or starts: colliding routes are a build error, not a panic.
     let api = merged_api(registrar.take_contributions_by_plugin::<HttpApi>())?;
     let mut migrations = registrar.take_contributions_by_plugin::<Migration>();
-    let mut instance = None;
     if let Some(db) = &backends.postgres {
         migrations.insert(0, ("helpdesk", crate::deployment::migration(db.schema())));
         crate::migrations::run(db, &migrations).await?;
-        instance = Some(crate::deployment::join(db, redis.as_ref()).await?);
     }
 
     let budget = config.request_timeout();
@@ -264,9 +262,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     if !hooks.without_relay {
         runtime = runtime.worker(relay);
     }
-    if let Some(instance) = instance {
-        runtime = runtime.worker(instance);
-    }
+
     for (name, check, critical) in checks {
         runtime = runtime.check(name, check, critical);
     }
@@ -346,6 +342,23 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         // The hub's own: its pub/sub, routing and channel prefix, whatever they are set to.
         let publisher = hub.publisher();
         runtime = runtime.worker(realtime_relay(Arc::new(publisher.into_transport())));
+    }
+    // Last before the workers start: a start that failed after it would leave its record.
+    if let Some(db) = &backends.postgres {
+        let target = redis
+            .as_ref()
+            .map(|transport| crate::deployment::RedisTarget {
+                transport,
+                url: config
+                    .redis_url
+                    .as_deref()
+                    .map(crate::config::redacted_redis_url)
+                    .unwrap_or_default(),
+                prefix: &config.redis_prefix,
+            });
+        if let Some(instance) = crate::deployment::join(db, target, !hooks.without_relay).await? {
+            runtime = runtime.worker(instance);
+        }
     }
     let runtime = Arc::new(runtime.start());
 

@@ -377,11 +377,12 @@ fn log_ready_reasons(
                 logged.insert(name.clone(), reason.to_owned());
             }
             Some(_) => {}
-            None => {
-                if logged.remove(name).is_some() {
-                    tracing::info!(component = %name, critical, "healthy again");
-                }
+            // Starting (a worker restarting after a failure) is no recovery: the outage goes
+            // on, and its next reason is logged only if it changed.
+            None if matches!(health, Health::Healthy) && logged.remove(name).is_some() => {
+                tracing::info!(component = %name, critical, "healthy again");
             }
+            None => {}
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Two mistakes of a deployment that lost or leaked events without an error: two helpdesks
-//! (two schemas) on one Redis key prefix read each other's events, and an instance without
-//! Redis among instances with it ran relays of the same names, shipping the events it took to
-//! its own process only. Both are refused at start.
+//! (two schemas) on one Redis key prefix read each other's events, and instances of one schema
+//! shipping events to different places (one without Redis among instances with it, or another
+//! prefix) ran relays of the same names, so the events one took never reached the others'
+//! WebSockets. Both are refused at start.
 
 use crate::support::*;
 use helpdesk::{Hooks, Server};
@@ -23,10 +24,11 @@ async fn a_second_helpdesk_on_a_redis_prefix_is_refused() {
             .expect_err("another schema on the same prefix");
         let err = format!("{err:#}");
         assert!(
-            err.contains("another helpdesk uses this Redis key prefix")
-                && err.contains(&format!("(schema `{prefix}` of database"))
-                && err.contains(&format!("(schema `{other_schema}` of database"))
-                && err.contains("HELPDESK_REDIS_PREFIX"),
+            err.contains(&format!(
+                "another helpdesk uses the Redis key prefix `{prefix}`"
+            )) && err.contains(&format!("this one is schema `{other_schema}` of database"))
+                && err.contains("HELPDESK_REDIS_PREFIX")
+                && err.contains("belongs to `helpdesk "),
             "{err}"
         );
         // Its own instances share it.
@@ -39,25 +41,43 @@ async fn a_second_helpdesk_on_a_redis_prefix_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instances_of_a_schema_run_in_one_mode() {
+async fn instances_of_a_schema_ship_events_to_one_place() {
     within(async {
         let Some(backend) = Backend::postgres().await else {
             return;
         };
+        let (_, prefix) = backend.database().expect("a Postgres backend");
         let with_redis = TestServer::start_on(backend.shared(), |_| {}).await;
         let mut config = test_config(&backend);
         config.redis_url = None;
-        let err = Server::start(config.clone(), Hooks::default())
+        let err = Server::start(config, Hooks::default())
             .await
             .expect_err("an instance without Redis among instances with it");
         let err = format!("{err:#}");
         assert!(
-            err.contains("1 instance(s) with Redis run on schema")
-                && err.contains("this one would run without Redis")
+            err.contains("1 instance(s) ship to redis://")
+                && err.contains(&format!("prefix `{prefix}`"))
+                && err.contains("this one would ship to nowhere (no REDIS_URL)")
                 && err.contains("Start every instance of a schema with the same REDIS_URL"),
             "{err}"
         );
-        // Once they stopped, the schema switches modes.
+        // Another prefix of the same Redis (under this test's keys, which clean-up deletes).
+        let mut config = test_config(&backend);
+        config.redis_prefix = format!("{prefix}:other");
+        let err = Server::start(config, Hooks::default())
+            .await
+            .expect_err("an instance shipping under another prefix");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("this one would ship to redis://")
+                && err.contains(&format!("prefix `{prefix}:other`")),
+            "{err}"
+        );
+        // A start that runs no relay ships nothing: not refused, not recorded.
+        let quiet =
+            TestServer::start_without_relay_with(backend.shared(), |c| c.redis_url = None).await;
+        quiet.stop().await;
+        // Once they stopped, the schema switches.
         with_redis.stop().await;
         let without = TestServer::start_on(backend.shared(), |c| c.redis_url = None).await;
         let err = Server::start(test_config(&backend), Hooks::default())
@@ -65,8 +85,8 @@ async fn instances_of_a_schema_run_in_one_mode() {
             .expect_err("and the other way round");
         let err = format!("{err:#}");
         assert!(
-            err.contains("1 instance(s) without Redis run on schema")
-                && err.contains("this one would run with Redis"),
+            err.contains("1 instance(s) ship to nowhere (no REDIS_URL)")
+                && err.contains("this one would ship to redis://"),
             "{err}"
         );
         without.stop().await;
