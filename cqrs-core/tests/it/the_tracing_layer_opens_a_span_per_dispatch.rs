@@ -122,15 +122,7 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
         .unwrap();
     let parent = Metadata::new();
     let metadata = parent.caused();
-    run(bus.dispatch_with(
-        Add {
-            a: 1,
-            b: 1,
-            ..Add::default()
-        },
-        metadata.clone(),
-    ))
-    .unwrap();
+    add_one_and_one(&bus, metadata.clone());
     let spans = spans.lock().unwrap();
     let message_id = metadata.message_id.to_string();
     // Every test's spans: this one's are those carrying the message id it dispatched with.
@@ -146,6 +138,19 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     assert_eq!(fields["message_name"], "test.add");
     assert_eq!(fields["correlation_id"], parent.correlation_id.to_string());
     assert_eq!(fields["causation_id"], parent.message_id.to_string());
+}
+
+/// Dispatches `1 + 1` on `bus` with `metadata`.
+fn add_one_and_one(bus: &CommandBus, metadata: Metadata) {
+    run(bus.dispatch_with(
+        Add {
+            a: 1,
+            b: 1,
+            ..Add::default()
+        },
+        metadata,
+    ))
+    .unwrap();
 }
 
 /// `on_span` is given each dispatch's span before the span is first entered (an OpenTelemetry
@@ -170,15 +175,7 @@ fn on_span_gets_each_span_before_it_is_entered_with_the_metadata() {
         .unwrap();
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let metadata = Metadata::new().with_trace_field("traceparent", traceparent);
-    run(bus.dispatch_with(
-        Add {
-            a: 1,
-            b: 1,
-            ..Add::default()
-        },
-        metadata.clone(),
-    ))
-    .unwrap();
+    add_one_and_one(&bus, metadata.clone());
     let seen = seen.lock().unwrap();
     assert_eq!(seen.len(), 1, "once per dispatch");
     let (id, entered, parent) = &seen[0];
