@@ -569,6 +569,7 @@ async fn postgres_backends(
         .schema(config.database_schema.clone())
         .application_name("helpdesk")
         .max_connections(config.database_max_connections)
+        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
         .connect()
         .await
         .context("cannot connect to Postgres (DATABASE_URL)")?

@@ -77,6 +77,17 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
 
+    /// How long a request waits for a Postgres connection before it is answered 503
+    /// `unavailable`, in milliseconds (1 to 600000): while Postgres refuses connections, every
+    /// request waits this long; under load, a wait shorter than a busy moment sheds requests.
+    /// Unused in memory.
+    #[arg(
+        long,
+        env = "HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub database_acquire_timeout_ms: u64,
+
     /// The prefix of every Redis key and pub/sub channel. Instances serving one helpdesk share
     /// it.
     #[arg(long, env = "HELPDESK_REDIS_PREFIX", default_value = "helpdesk")]
@@ -428,6 +439,10 @@ impl std::fmt::Debug for Config {
             .field("purge_interval_ms", &self.purge_interval_ms)
             .field("ready_details", &self.ready_details)
             .field("database_max_connections", &self.database_max_connections)
+            .field(
+                "database_acquire_timeout_ms",
+                &self.database_acquire_timeout_ms,
+            )
             .field("secrets_on_command_line", &self.secrets_on_command_line)
             .finish()
     }
@@ -765,6 +780,13 @@ impl Config {
                  it rebuilds, and its inbox purge, and the idempotency purge; requests need \
                  the rest); it is {}",
                 self.database_max_connections
+            ));
+        }
+        if self.database_url.is_some() && !(1..=600_000).contains(&self.database_acquire_timeout_ms)
+        {
+            problems.push(format!(
+                "HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS must be 1 to 600000 (milliseconds); it is {}",
+                self.database_acquire_timeout_ms
             ));
         }
         // cqrs-redis's own checks (the URL, the TLS files read as a connect would), before

@@ -153,3 +153,34 @@ fn an_agent_email_that_is_no_address_is_refused() {
     .validate()
     .expect("addresses, spaces and an empty entry are fine");
 }
+
+/// The wait for a Postgres connection is taken in milliseconds, 1 to 600000, and checked only
+/// on Postgres (unused in memory).
+#[test]
+fn the_database_acquire_timeout_is_bounded() {
+    let on_postgres = [("DATABASE_URL", "postgres://helpdesk@db/helpdesk"), SECRET];
+    for bad in ["0", "600001"] {
+        let mut env = on_postgres.to_vec();
+        env.push(("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS", bad));
+        let problems = config(&env).validate().expect_err(bad);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS must be 1 to 600000")),
+            "{bad}: {problems:?}"
+        );
+    }
+    let mut env = on_postgres.to_vec();
+    env.push(("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS", "250"));
+    let set = config(&env);
+    set.validate().expect("250 ms is fine");
+    assert_eq!(set.database_acquire_timeout_ms, 250);
+    assert_eq!(
+        config(&[]).database_acquire_timeout_ms,
+        5_000,
+        "the default"
+    );
+    config(&[("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS", "0")])
+        .validate()
+        .expect("unused in memory");
+}
