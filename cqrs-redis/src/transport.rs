@@ -391,7 +391,9 @@ impl RedisStreamTransport {
     /// refused ([`TransportError::Invalid`], naming both and what to do). Two deployments that
     /// share a prefix by mistake (a default left unchanged) would read each other's events;
     /// call it at start-up to refuse that instead. It does not expire: a deployment gone for
-    /// good leaves its claim until the key is deleted. An empty `owner` is refused.
+    /// good leaves its claim until the key is deleted. An empty `owner` is refused. The key
+    /// lives in the database the URL selects, while pub/sub channels span every database of
+    /// the server: deployments on different database numbers with one prefix are not caught.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {

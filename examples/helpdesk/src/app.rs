@@ -349,14 +349,12 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
             .as_ref()
             .map(|transport| crate::deployment::RedisTarget {
                 transport,
-                url: config
-                    .redis_url
-                    .as_deref()
-                    .map(crate::config::redacted_redis_url)
-                    .unwrap_or_default(),
+                url: config.redis_url.as_deref().unwrap_or_default(),
                 prefix: &config.redis_prefix,
             });
-        if let Some(instance) = crate::deployment::join(db, target, !hooks.without_relay).await? {
+        let instance =
+            crate::deployment::join(db, target, !hooks.without_relay, config.bind).await?;
+        if let Some(instance) = instance {
             runtime = runtime.worker(instance);
         }
     }

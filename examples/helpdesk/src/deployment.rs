@@ -46,19 +46,34 @@ pub(crate) fn migration(schema: &str) -> Migration {
              CREATE TABLE IF NOT EXISTS {schema}.helpdesk_instances (
                  instance uuid PRIMARY KEY,
                  events_to text NOT NULL,
+                 seen_as text NOT NULL,
                  seen_at timestamptz NOT NULL DEFAULT now()
              );"
         ),
     }
 }
 
-/// Where this instance ships its events, to Redis: the server (its URL without credentials)
-/// and the key prefix.
+/// Where this instance ships its events, to Redis: the server and the key prefix.
 pub(crate) struct RedisTarget<'a> {
     pub(crate) transport: &'a RedisStreamTransport,
-    /// The URL, without its credentials.
-    pub(crate) url: String,
+    /// `REDIS_URL`.
+    pub(crate) url: &'a str,
     pub(crate) prefix: &'a str,
+}
+
+/// A Redis server as instances compare it: scheme, host (lower case), port and database
+/// number, each with its default filled in; no credentials, no options. Two spellings of one
+/// server (`redis://Cache`, `redis://cache:6379/0/`) compare equal; a host name and its
+/// address (`localhost`, `127.0.0.1`) do not.
+pub(crate) fn redis_server(url: &str) -> String {
+    let Ok(parsed) = url::Url::parse(url.trim()) else {
+        return crate::config::redacted_redis_url(url);
+    };
+    let port = parsed.port().unwrap_or(6379);
+    let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
+    let database = parsed.path().trim_matches('/');
+    let database = if database.is_empty() { "0" } else { database };
+    format!("{}://{host}:{port}/{database}", parsed.scheme())
 }
 
 /// This instance's record in the schema; [`Worker`] that renews it and removes it at a stop.
@@ -66,18 +81,23 @@ pub(crate) struct Instance {
     db: PgDatabase,
     id: Uuid,
     events_to: String,
+    /// Where to find it: host name, process id, listening address.
+    seen_as: String,
 }
 
-/// Claims the Redis key prefix for this schema; then, unless `record` is false (an instance
-/// that runs no relay, in tests), records this instance, refusing to start when instances
-/// that ship elsewhere run on the schema. Run after the migrations, last before the workers
-/// start: a start that fails later would leave its record behind.
+/// Refuses to start when instances that ship elsewhere run on the schema, then claims the
+/// Redis key prefix for this helpdesk, then records this instance (unless `record` is false:
+/// an instance that runs no relay, in tests), all in one transaction under a lock. Run after
+/// the migrations, last before the workers start: a start that failed later would leave its
+/// record behind. `bind` is the listening address, for the record.
 pub(crate) async fn join(
     db: &PgDatabase,
     redis: Option<RedisTarget<'_>>,
     record: bool,
+    bind: std::net::SocketAddr,
 ) -> anyhow::Result<Option<Instance>> {
     let schema = db.schema();
+    let failed = "cannot record this instance in the schema";
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {schema}.helpdesk_schema_id (id) VALUES ($1) ON CONFLICT DO NOTHING"
     )))
@@ -85,97 +105,107 @@ pub(crate) async fn join(
     .execute(db.pool())
     .await
     .context("cannot record the schema's id")?;
+    let events_to = match &redis {
+        Some(target) => format!("{} prefix `{}`", redis_server(target.url), target.prefix),
+        None => NO_TRANSPORT.to_owned(),
+    };
+    // Checked, claimed and recorded under a lock: instances starting together see each other.
+    let mut tx = db.begin().await.context(failed)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("helpdesk-instances:{schema}"))
+        .execute(&mut *tx)
+        .await
+        .context(failed)?;
     let (schema_id, database): (Uuid, String) = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT id, current_database() FROM {schema}.helpdesk_schema_id"
     )))
-    .fetch_one(db.pool())
+    .fetch_one(&mut *tx)
     .await
     .context("cannot read the schema's id")?;
-    let events_to = match &redis {
-        Some(target) => {
-            // The id alone: the same helpdesk under a renamed database is still itself.
-            match target
-                .transport
-                .claim_prefix(&format!("helpdesk {schema_id}"))
-                .await
-            {
-                Ok(()) => {}
-                Err(error @ TransportError::Invalid(_)) => {
-                    return Err(anyhow::Error::new(error).context(format!(
-                        "another helpdesk uses the Redis key prefix `{}` (this one is schema \
-                         `{schema}` of database `{database}`, id {schema_id}): give each \
-                         helpdesk (each schema) its own HELPDESK_REDIS_PREFIX",
-                        target.prefix
-                    )));
-                }
-                Err(error) => {
-                    return Err(anyhow::Error::new(error)
-                        .context("cannot claim the Redis key prefix for this helpdesk"));
-                }
-            }
-            format!("{} prefix `{}`", target.url, target.prefix)
+    if record {
+        let stale = STALE_AFTER.as_secs();
+        let others: Vec<(String, i64, f64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT events_to, count(*), extract(epoch FROM now() - max(seen_at))::float8,
+                    string_agg(seen_as, ', ' ORDER BY seen_as)
+             FROM {schema}.helpdesk_instances
+             WHERE events_to <> $1 AND seen_at > now() - make_interval(secs => $2)
+             GROUP BY events_to ORDER BY events_to"
+        )))
+        .bind(&events_to)
+        .bind(stale as f64)
+        .fetch_all(&mut *tx)
+        .await
+        .context("cannot read the instances running on this schema")?;
+        if !others.is_empty() {
+            let theirs: Vec<String> = others
+                .iter()
+                .map(|(to, count, ago, seen_as)| {
+                    format!(
+                        "{count} instance(s) ship to {to} ({seen_as}; the last renewed its \
+                         record {ago:.0} s ago)"
+                    )
+                })
+                .collect();
+            anyhow::bail!(
+                "{} on schema `{schema}`, and this one would ship to {events_to}: instances of \
+                 a schema run relays of the same names, so each takes batches of events to \
+                 where it ships, and WebSocket clients of the others may never get them. \
+                 Start every instance of a schema with the same Redis server (REDIS_URL, set \
+                 or unset) and HELPDESK_REDIS_PREFIX; to change them, stop every instance \
+                 first (a record left by a crash counts for {stale} s after its last renewal)",
+                theirs.join("; ")
+            );
         }
-        None => NO_TRANSPORT.to_owned(),
-    };
+    }
+    if let Some(target) = &redis {
+        // Named by its id and where it lives: a copy of the database restored elsewhere (a
+        // staging copy of production's) is another helpdesk, which must not share the prefix.
+        let owner = format!("helpdesk {schema_id} (schema `{schema}` of database `{database}`)");
+        match target.transport.claim_prefix(&owner).await {
+            Ok(()) => {}
+            Err(error @ TransportError::Invalid(_)) => {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "another helpdesk uses the Redis key prefix `{}`: give each helpdesk (each \
+                     schema, and each copy of a database) its own HELPDESK_REDIS_PREFIX",
+                    target.prefix
+                )));
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context("cannot claim the Redis key prefix for this helpdesk"));
+            }
+        }
+    }
     if !record {
+        tx.commit().await.context(failed)?;
         return Ok(None);
     }
     let instance = Instance {
         db: db.clone(),
         id: Uuid::now_v7(),
         events_to,
+        seen_as: seen_as(bind),
     };
-    // Checked and recorded under a lock: instances starting together see each other.
-    let mut tx = db.begin().await.context("cannot record this instance")?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("helpdesk-instances:{schema}"))
-        .execute(&mut *tx)
-        .await
-        .context("cannot record this instance")?;
-    let stale = STALE_AFTER.as_secs();
-    let others: Vec<(String, i64, f64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT events_to, count(*), extract(epoch FROM now() - max(seen_at))::float8
-         FROM {schema}.helpdesk_instances
-         WHERE events_to <> $1 AND seen_at > now() - make_interval(secs => $2)
-         GROUP BY events_to ORDER BY events_to"
-    )))
-    .bind(&instance.events_to)
-    .bind(stale as f64)
-    .fetch_all(&mut *tx)
-    .await
-    .context("cannot read the instances running on this schema")?;
-    if !others.is_empty() {
-        let theirs: Vec<String> = others
-            .iter()
-            .map(|(to, count, ago)| {
-                format!(
-                    "{count} instance(s) ship to {to} (the last renewed its record {ago:.0} s ago)"
-                )
-            })
-            .collect();
-        anyhow::bail!(
-            "{} on schema `{schema}`, and this one would ship to {}: instances of a schema run \
-             relays of the same names, so the events one takes never reach the others' \
-             WebSockets. Start every instance of a schema with the same REDIS_URL (set or \
-             unset, spelled alike) and HELPDESK_REDIS_PREFIX; to change them, stop every \
-             instance first (a record left by a crash counts for {stale} s after its last \
-             renewal)",
-            theirs.join("; "),
-            instance.events_to
-        );
-    }
-    instance
-        .renew(&mut *tx)
-        .await
-        .context("cannot record this instance")?;
+    instance.renew(&mut *tx).await.context(failed)?;
     sqlx::query(AssertSqlSafe(format!(
         "DELETE FROM {schema}.helpdesk_instances WHERE seen_at < now() - interval '1 day'"
     )))
     .execute(&mut *tx)
     .await
     .context("cannot delete old instance records")?;
-    tx.commit().await.context("cannot record this instance")?;
+    tx.commit().await.context(failed)?;
     Ok(Some(instance))
+}
+
+/// How an operator finds this instance: `pid 123 on host-a, listening on 10.0.0.5:8080`.
+fn seen_as(bind: std::net::SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "an unknown host".to_owned());
+    format!("pid {} on {host}, listening on {bind}", std::process::id())
 }
 
 impl Instance {
@@ -184,12 +214,13 @@ impl Instance {
         E: sqlx::Executor<'c, Database = sqlx::Postgres>,
     {
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.helpdesk_instances (instance, events_to) VALUES ($1, $2)
+            "INSERT INTO {}.helpdesk_instances (instance, events_to, seen_as) VALUES ($1, $2, $3)
              ON CONFLICT (instance) DO UPDATE SET seen_at = now()",
             self.db.schema()
         )))
         .bind(self.id)
         .bind(&self.events_to)
+        .bind(&self.seen_as)
         .execute(executor)
         .await
         .map(drop)
@@ -213,8 +244,10 @@ impl Worker for Instance {
         "instance-record"
     }
 
-    /// Renews the record every [`RENEW_EVERY`]: degraded while a renewal fails (the next one
-    /// is well inside [`STALE_AFTER`]); removes it when asked to stop.
+    /// Renews the record every [`RENEW_EVERY`]; a failed renewal is logged (the next one is
+    /// well inside [`STALE_AFTER`]), not reported as its health: the `postgres` check reports
+    /// the outage that fails it, and a stale reason here would outlive that outage until the
+    /// next renewal. Removes the record when asked to stop.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         ctx.health.set(Health::Healthy);
         loop {
@@ -222,15 +255,8 @@ impl Worker for Instance {
                 _ = ctx.shutdown.requested() => break,
                 _ = tokio::time::sleep(RENEW_EVERY) => {}
             }
-            match self.renew(self.db.pool()).await {
-                Ok(()) => ctx.health.set(Health::Healthy),
-                Err(error) => {
-                    tracing::warn!(%error, "could not renew this instance's record in the schema");
-                    ctx.health.set(Health::Degraded(format!(
-                        "could not renew this instance's record in the schema: {}",
-                        self.db.store_error(error)
-                    )));
-                }
+            if let Err(error) = self.renew(self.db.pool()).await {
+                tracing::warn!(%error, "could not renew this instance's record in the schema");
             }
         }
         if let Err(error) = self.remove().await {
@@ -241,5 +267,29 @@ impl Worker for Instance {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_server;
+
+    /// Spellings of one server compare equal: defaults filled in, credentials and options
+    /// dropped, the host in lower case.
+    #[test]
+    fn a_redis_server_is_compared_without_its_spelling() {
+        for url in [
+            "redis://Cache",
+            "redis://cache:6379",
+            "redis://cache/0",
+            "redis://cache:6379/0/",
+            "redis://default:secret@cache:6379/0?protocol=resp3",
+            " redis://cache ",
+        ] {
+            assert_eq!(redis_server(url), "redis://cache:6379/0", "{url}");
+        }
+        assert_eq!(redis_server("redis://cache/2"), "redis://cache:6379/2");
+        assert_eq!(redis_server("rediss://cache:6380"), "rediss://cache:6380/0");
+        assert!(!redis_server("redis://:secret@cache").contains("secret"));
     }
 }

@@ -527,7 +527,9 @@ fn request_span(request: &Request) -> tracing::Span {
         method = %for_the_log(request.method().as_str(), MAX_LOGGED_METHOD),
         uri = %for_the_log(&redacted_uri(request.uri()), MAX_LOGGED_URI),
         version = ?request.version(),
-        request_id = %request
+        // Quoted (`?`): the client chose it, and `}: ERROR` in it must not read as the line's
+        // own structure in a text log.
+        request_id = ?request
             .headers()
             .get(&X_REQUEST_ID)
             .and_then(|id| id.to_str().ok())

@@ -38,6 +38,11 @@ impl Server {
         // elsewhere, instead of waiting in the backlog of a server that does not answer yet.
         let socket = bound(config.bind).map_err(taken)?;
         let addr = socket.local_addr()?;
+        // The address bound (a port of 0 got one), for what the app records of itself.
+        let config = Config {
+            bind: addr,
+            ..config
+        };
         let app = build(&config, hooks).await?;
         let listener = match socket.listen(BACKLOG) {
             Ok(listener) => listener,

@@ -26,7 +26,8 @@ async fn a_second_helpdesk_on_a_redis_prefix_is_refused() {
         assert!(
             err.contains(&format!(
                 "another helpdesk uses the Redis key prefix `{prefix}`"
-            )) && err.contains(&format!("this one is schema `{other_schema}` of database"))
+            )) && err.contains(&format!("(schema `{other_schema}` of database"))
+                && err.contains(&format!("(schema `{prefix}` of database"))
                 && err.contains("HELPDESK_REDIS_PREFIX")
                 && err.contains("belongs to `helpdesk "),
             "{err}"
@@ -58,7 +59,12 @@ async fn instances_of_a_schema_ship_events_to_one_place() {
             err.contains("1 instance(s) ship to redis://")
                 && err.contains(&format!("prefix `{prefix}`"))
                 && err.contains("this one would ship to nowhere (no REDIS_URL)")
-                && err.contains("Start every instance of a schema with the same REDIS_URL"),
+                && err.contains("(pid ")
+                && err.contains(&format!(
+                    "listening on {}",
+                    with_redis.url("").trim_start_matches("http://")
+                ))
+                && err.contains("Start every instance of a schema with the same Redis server"),
             "{err}"
         );
         // Another prefix of the same Redis (under this test's keys, which clean-up deletes).
@@ -73,6 +79,13 @@ async fn instances_of_a_schema_ship_events_to_one_place() {
                 && err.contains(&format!("prefix `{prefix}:other`")),
             "{err}"
         );
+        // The refused start left the prefix unclaimed: another helpdesk takes it.
+        let Some(elsewhere) = Backend::postgres().await else {
+            return;
+        };
+        let taker =
+            TestServer::start_on(elsewhere, |c| c.redis_prefix = format!("{prefix}:other")).await;
+        taker.stop().await;
         // A start that runs no relay ships nothing: not refused, not recorded.
         let quiet =
             TestServer::start_without_relay_with(backend.shared(), |c| c.redis_url = None).await;
