@@ -459,7 +459,8 @@ const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 /// The query reads the schema's migration history: a schema never migrated, or migrated by an
 /// older build than this one, is unhealthy and says to run [`migrate`](PgDatabase::migrate)
 /// (every statement of this build would fail on it); one a newer build migrated is healthy,
-/// as [`migrate`](PgDatabase::migrate) allows in a rolling upgrade.
+/// as [`migrate`](PgDatabase::migrate) allows in a rolling upgrade. The role needs `SELECT`
+/// on the schema's `_sqlx_migrations` table.
 ///
 /// A pool whose every connection stays busy for the whole wait is degraded, not unhealthy: the
 /// server answers, the instance is just loaded, and a load balancer that took every busy

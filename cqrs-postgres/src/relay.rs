@@ -278,6 +278,7 @@ impl RelayError {
             RelayError::Transport { .. } => "transport",
             // The broker's answer, or the check of the batch's own session, ran out of time.
             RelayError::PublishTimeout { .. } => "timeout",
+            // `run` refuses bad settings before its loop: never counted.
             RelayError::Settings { .. } => "settings",
         }
     }

@@ -44,8 +44,8 @@ mod event_store {
         })
     }
 
-    // The in-memory store has no transactions: it cannot hold an append open, so the
-    // late-commit scenario is left out (not generated), not passed without testing.
+    // The in-memory store has no transactions: it cannot hold an append open, so the two
+    // scenarios that need one are left out (not generated), not passed without testing.
     cqrs_core::event_store_conformance!(harness, without_held_appends);
 }
 

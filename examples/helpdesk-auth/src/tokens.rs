@@ -28,8 +28,8 @@ struct Claims {
 /// instances that share the secret differ a little.
 const CLOCK_SKEW_SECONDS: i64 = 60;
 
-/// Issues and verifies HS256 JWTs (`sub`, `role`, `exp`). Only HS256 is accepted: a token
-/// signed with another algorithm, or `none`, is invalid.
+/// Issues and verifies HS256 JWTs (`sub`, `role`, `exp`, `iat`; an `nbf` is honoured). Only
+/// HS256 is accepted: a token signed with another algorithm, or `none`, is invalid.
 #[derive(Clone)]
 pub struct JwtTokens {
     encoding: EncodingKey,

@@ -64,7 +64,8 @@ pub(crate) struct RedisTarget<'a> {
 /// A Redis server as instances compare it: scheme, host (lower case), port and database
 /// number, each with its default filled in; no credentials, no options. Two spellings of one
 /// server (`redis://Cache`, `redis://cache:6379/0/`) compare equal; a host name and its
-/// address (`localhost`, `127.0.0.1`) do not.
+/// address (`localhost`, `127.0.0.1`) do not. For a sentinel or cluster URL this is its first
+/// node, and the service name and other nodes are not compared.
 pub(crate) fn redis_server(url: &str) -> String {
     let Ok(parsed) = url::Url::parse(url.trim()) else {
         return crate::config::redacted_redis_url(url);
@@ -86,8 +87,9 @@ pub(crate) struct Instance {
 }
 
 /// Refuses to start when instances that ship elsewhere run on the schema, then claims the
-/// Redis key prefix for this helpdesk, then records this instance (unless `record` is false:
-/// an instance that runs no relay, in tests), all in one transaction under a lock. Run after
+/// Redis key prefix for this helpdesk, then records this instance, all in one transaction
+/// under a lock. With `record` false (an instance that runs no relay, in tests), the instance
+/// is neither checked nor recorded; the prefix is still claimed. Run after
 /// the migrations, last before the workers start: a start that failed later would leave its
 /// record behind. `bind` is the listening address, for the record.
 pub(crate) async fn join(
@@ -255,8 +257,18 @@ impl Worker for Instance {
                 _ = ctx.shutdown.requested() => break,
                 _ = tokio::time::sleep(RENEW_EVERY) => {}
             }
-            if let Err(error) = self.renew(self.db.pool()).await {
-                tracing::warn!(%error, "could not renew this instance's record in the schema");
+            // Bounded and raced with the stop: a hung Postgres must not keep the worker from
+            // removing its record when asked to stop (aborted at the grace's end, it would
+            // leave the record to go stale instead).
+            tokio::select! {
+                _ = ctx.shutdown.requested() => break,
+                renewed = tokio::time::timeout(RENEW_EVERY, self.renew(self.db.pool())) => {
+                    match renewed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::warn!(%error, "could not renew this instance's record in the schema"),
+                        Err(_) => tracing::warn!("renewing this instance's record in the schema got no answer"),
+                    }
+                }
             }
         }
         if let Err(error) = self.remove().await {

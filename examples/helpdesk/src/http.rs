@@ -211,14 +211,20 @@ pub(crate) fn router(state: State) -> Router {
 /// The longest `X-Request-Id` a client's request keeps (a UUID takes 36).
 const MAX_REQUEST_ID: usize = 128;
 
-/// Takes away a client's `X-Request-Id` that is too long or not printable ASCII, so that the
-/// server makes one: echoed on the response and written in each log line of the request, an
-/// 8 KB id would make a response header a proxy refuses (nginx answers 502 past its 4 – 8 KB
-/// header buffer), and its log lines as long.
+/// Takes away a client's `X-Request-Id` that is too long or holds anything but ASCII letters,
+/// digits and `-._:/+=` (what UUIDs, ULIDs, trace ids and base64 use), so that the server
+/// makes one: echoed on the response and written in each log line of the request, an 8 KB id
+/// would make a response header a proxy refuses (nginx answers 502 past its 4 – 8 KB header
+/// buffer), and its log lines as long; and `}` or `"` in it could pass for the structure of a
+/// text log line.
 async fn drop_unusable_request_id(mut request: Request) -> Request {
     let unusable = request.headers().get(X_REQUEST_ID).is_some_and(|id| {
         let id = id.as_bytes();
-        id.is_empty() || id.len() > MAX_REQUEST_ID || !id.iter().all(|b| b.is_ascii_graphic())
+        id.is_empty()
+            || id.len() > MAX_REQUEST_ID
+            || !id
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:/+=".contains(b))
     });
     if unusable {
         request.headers_mut().remove(X_REQUEST_ID);
@@ -527,9 +533,8 @@ fn request_span(request: &Request) -> tracing::Span {
         method = %for_the_log(request.method().as_str(), MAX_LOGGED_METHOD),
         uri = %for_the_log(&redacted_uri(request.uri()), MAX_LOGGED_URI),
         version = ?request.version(),
-        // Quoted (`?`): the client chose it, and `}: ERROR` in it must not read as the line's
-        // own structure in a text log.
-        request_id = ?request
+        // As it is: `drop_unusable_request_id` kept only ids of a safe character set.
+        request_id = %request
             .headers()
             .get(&X_REQUEST_ID)
             .and_then(|id| id.to_str().ok())

@@ -326,18 +326,19 @@ async fn serve(
             });
         let mut stop = stopped.clone();
         connections.spawn(async move {
-            // The address's count goes down when the connection ends, upgraded or not.
-            let _held = held;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
             let connection = http
                 .serve_connection(
                     // The connection's place is held by its socket: through an upgrade too.
+                    // The address's count goes down when the socket closes, upgraded or not
+                    // (hyper's connection future ends at an upgrade; the socket lives on).
                     TokioIo::new(crate::stalled::StalledWrites::new(
                         tcp,
                         header_timeout,
                         slot,
+                        held,
                     )),
                     TowerToHyperService::new(service),
                 )
@@ -374,7 +375,7 @@ struct PerAddress {
 }
 
 /// One connection counted against its address, until dropped.
-struct AddressHeld {
+pub(crate) struct AddressHeld {
     key: String,
     open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }

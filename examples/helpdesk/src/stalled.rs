@@ -25,15 +25,24 @@ pub(crate) struct StalledWrites {
     /// Running while a write waits.
     stalled: Option<Pin<Box<Sleep>>>,
     _slot: OwnedSemaphorePermit,
+    /// The connection's place in its client address's share, if it is counted: held, like
+    /// the slot, by the socket, through an upgrade too.
+    _held: Option<crate::server::AddressHeld>,
 }
 
 impl StalledWrites {
-    pub(crate) fn new(inner: TcpStream, limit: Duration, slot: OwnedSemaphorePermit) -> Self {
+    pub(crate) fn new(
+        inner: TcpStream,
+        limit: Duration,
+        slot: OwnedSemaphorePermit,
+        held: Option<crate::server::AddressHeld>,
+    ) -> Self {
         Self {
             inner,
             limit,
             stalled: None,
             _slot: slot,
+            _held: held,
         }
     }
 

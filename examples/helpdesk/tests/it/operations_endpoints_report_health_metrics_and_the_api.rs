@@ -160,8 +160,13 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             generated.headers().get("x-request-id").is_some(),
             "and are made when missing"
         );
-        // Too long, or not printable: replaced by one the server makes (a UUID).
-        for unusable in ["a".repeat(129), "two words".to_owned()] {
+        // Too long, or not of the safe characters: replaced by one the server makes (a UUID).
+        for unusable in [
+            "a".repeat(129),
+            "two words".to_owned(),
+            "x}:_ERROR".to_owned(),
+            "say\"so\"".to_owned(),
+        ] {
             let replaced = s
                 .http
                 .get(s.url("/health"))
@@ -175,6 +180,14 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
                 "{unusable:?} answered with {id:?}"
             );
         }
+        let kept = s
+            .http
+            .get(s.url("/health"))
+            .header("x-request-id", "01HZX3/trace+id=.:_-")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(kept.headers()["x-request-id"], "01HZX3/trace+id=.:_-");
         let longest = "b".repeat(128);
         let kept = s
             .http

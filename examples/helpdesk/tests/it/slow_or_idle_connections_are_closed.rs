@@ -316,3 +316,62 @@ async fn one_address_cannot_take_every_connection() {
     })
     .await;
 }
+
+/// [`once`] from `local` (a loopback address of its own).
+async fn once_from(local: &str, addr: &str, path: &str, body: &serde_json::Value) -> String {
+    let body = body.to_string();
+    let mut stream = connect_from(local, addr).await;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A WebSocket counts against its client address for as long as it is open, not only until
+/// its upgrade (when the HTTP connection's own work ends): with a share of one, an open
+/// WebSocket leaves its address no room for another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_counts_against_its_address_while_open() {
+    within(async {
+        let s = TestServer::start_with(|c| c.http_connections_per_address = 1).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        // Registered and logged in from another address, whose closed connections may still
+        // be counted for a moment.
+        let user = serde_json::json!({ "email": email("ws-share"), "password": PASSWORD });
+        let registered = once_from("127.0.0.6", &addr, "/auth/register", &user).await;
+        assert!(registered.starts_with("HTTP/1.1 201"), "{registered}");
+        let login = cqrs_core::testing::eventually(Duration::from_secs(10), "a login", || {
+            let (addr, user) = (addr.clone(), user.clone());
+            async move {
+                let answer = once_from("127.0.0.6", &addr, "/auth/login", &user).await;
+                answer.starts_with("HTTP/1.1 200").then_some(answer)
+            }
+        })
+        .await;
+        let body = login.split_once("\r\n\r\n").expect("a body").1;
+        let token: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        let token = token["token"].as_str().expect("a token").to_owned();
+
+        // From 127.0.0.1, the address the WebSocket client connects from.
+        let ws =
+            crate::websocket_clients_get_the_ticket_events_they_may_see::connect(&s, &token).await;
+        let mut another = connect_from("127.0.0.1", &addr).await;
+        let _ = another
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let sent = closed_within(&mut another, Duration::from_secs(10)).await;
+        assert_eq!(sent, "", "closed at once while the WebSocket is open");
+        drop(ws);
+        cqrs_core::testing::eventually(Duration::from_secs(10), "a place again", || async {
+            let mut again = connect_from("127.0.0.1", &addr).await;
+            (health_on(&mut again).await == "HTTP/1.1 200 OK").then_some(())
+        })
+        .await;
+        s.stop().await;
+    })
+    .await;
+}
