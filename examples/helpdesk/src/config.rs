@@ -567,6 +567,17 @@ impl Config {
                 *value = None;
             }
         }
+        // A URL holds no meaningful space at either end: one pasted with a leading space was
+        // refused as "not a redis scheme", while a trailing one passed (the URL parser drops
+        // it). Secrets are left as given.
+        for url in [&mut config.database_url, &mut config.redis_url] {
+            if let Some(value) = url.as_mut() {
+                let trimmed = value.trim();
+                if trimmed.len() != value.len() {
+                    *value = trimmed.to_owned();
+                }
+            }
+        }
         for (id, variable, holds_secret) in SECRET_FLAGS {
             if holds_secret(&config) && given.value_source(id) == Some(ValueSource::CommandLine) {
                 config.secrets_on_command_line.push(variable);

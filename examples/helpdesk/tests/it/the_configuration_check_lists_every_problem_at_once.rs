@@ -184,3 +184,20 @@ fn the_database_acquire_timeout_is_bounded() {
         .validate()
         .expect("unused in memory");
 }
+
+/// A URL pasted with spaces around it is taken without them: a leading space made the Redis
+/// URL "not a redis scheme", while a trailing one passed.
+#[test]
+fn urls_are_taken_without_surrounding_spaces() {
+    let set = config(&[
+        ("DATABASE_URL", "  postgres://helpdesk@db/helpdesk "),
+        ("REDIS_URL", " redis://cache:6379 "),
+        SECRET,
+    ]);
+    set.validate().expect("spaces around URLs are no problem");
+    assert_eq!(
+        set.database_url.as_deref(),
+        Some("postgres://helpdesk@db/helpdesk")
+    );
+    assert_eq!(set.redis_url.as_deref(), Some("redis://cache:6379"));
+}
