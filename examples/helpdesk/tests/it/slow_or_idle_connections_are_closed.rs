@@ -238,8 +238,17 @@ async fn served_only_after(addr: &str, free: impl FnOnce(), freed: &str) {
 
 /// One POST of `body` on a connection of its own, closed after the answer: the whole answer.
 async fn once(addr: &str, path: &str, body: &serde_json::Value) -> String {
+    post_on(TcpStream::connect(addr).await.unwrap(), path, body).await
+}
+
+/// [`once`] from `local` (a loopback address of its own).
+async fn once_from(local: &str, addr: &str, path: &str, body: &serde_json::Value) -> String {
+    post_on(connect_from(local, addr).await, path, body).await
+}
+
+/// POSTs `body` on `stream`, asking the server to close it after the answer: the whole answer.
+async fn post_on(mut stream: TcpStream, path: &str, body: &serde_json::Value) -> String {
     let body = body.to_string();
-    let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -315,20 +324,6 @@ async fn one_address_cannot_take_every_connection() {
         s.stop().await;
     })
     .await;
-}
-
-/// [`once`] from `local` (a loopback address of its own).
-async fn once_from(local: &str, addr: &str, path: &str, body: &serde_json::Value) -> String {
-    let body = body.to_string();
-    let mut stream = connect_from(local, addr).await;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// A WebSocket counts against its client address for as long as it is open, not only until
