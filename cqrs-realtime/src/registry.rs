@@ -27,7 +27,14 @@ impl<P> Conn<P> {
     /// Queues a frame without waiting; whether it was queued. A full queue means the client
     /// does not keep up: the connection is closed with 1008 rather than slowing the hub or
     /// growing memory.
+    ///
+    /// A connection that is closing takes nothing more, though its writer may have made room
+    /// meanwhile: an event queued after one was dropped could reach the client before the
+    /// close, and a client resuming from the last event it got would never get the dropped one.
     pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
+        if self.close.get().is_some() {
+            return false;
+        }
         if self.queue.try_push(Outgoing::Frame(frame)).is_err() {
             self.close_slow();
             return false;
@@ -344,4 +351,50 @@ pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent, max: usize) -> Utf
         )
         .to_json(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Conn;
+    use crate::metrics::Metrics;
+    use crate::queue::{Outgoing, SendQueue};
+    use crate::signal::Ending;
+    use std::sync::Arc;
+
+    fn conn(capacity: usize) -> Conn<()> {
+        Conn {
+            id: 1,
+            principal: (),
+            queue: Arc::new(SendQueue::new(capacity)),
+            close: Default::default(),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// Once an event found the queue full, no later one is queued, even after the writer took
+    /// a frame: the client must not get an event past the one it missed.
+    #[test]
+    fn nothing_is_queued_after_a_frame_was_dropped() {
+        let conn = conn(1);
+        assert!(conn.push("1".into()));
+        assert!(!conn.push("2".into()), "the queue is full");
+        assert_eq!(conn.close.get(), Some(Ending::SLOW));
+        assert!(matches!(conn.queue.try_pop(), Some(Outgoing::Frame(f)) if f.as_str() == "1"));
+        assert!(!conn.push("3".into()), "closed as slow");
+        assert!(conn.queue.try_pop().is_none());
+    }
+
+    /// A connection closing for any other reason takes nothing more either.
+    #[test]
+    fn a_closing_connection_takes_no_frame() {
+        let conn = conn(4);
+        assert!(conn.close.close(Ending::SHUTDOWN));
+        assert!(!conn.push("1".into()));
+        assert!(conn.queue.try_pop().is_none());
+        assert_eq!(
+            conn.close.get(),
+            Some(Ending::SHUTDOWN),
+            "still the first ending"
+        );
+    }
 }
