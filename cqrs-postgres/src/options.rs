@@ -195,7 +195,7 @@ impl PgOptions {
         self
     }
 
-    /// How long an idle connection stays open. Default 60 s; `None` keeps it. Above zero (zero
+    /// How long an idle connection stays open. Default 60 s; `None` keeps it. At least 1 ms (zero
     /// would close every connection on release, and sqlx's reaper would run without pause)
     /// and at most `i32::MAX` milliseconds (about 24.8 days).
     pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
@@ -204,7 +204,7 @@ impl PgOptions {
     }
 
     /// How long a connection lives before it is replaced. Default 30 min; `None` keeps it.
-    /// Above zero (zero would replace every connection on release, and sqlx's reaper would
+    /// At least 1 ms (zero would replace every connection on release, and sqlx's reaper would
     /// run without pause) and at most `i32::MAX` milliseconds (about 24.8 days).
     pub fn max_lifetime(mut self, lifetime: Option<Duration>) -> Self {
         self.max_lifetime = lifetime;
@@ -212,8 +212,8 @@ impl PgOptions {
     }
 
     /// The server-side `statement_timeout` of every connection; a statement that runs longer
-    /// fails as a timeout. Default none. Above zero and at most `i32::MAX` milliseconds (about
-    /// 24.8 days), the largest the server takes.
+    /// fails as a timeout. Default none. At least 1 ms and at most `i32::MAX` milliseconds
+    /// (about 24.8 days), the largest the server takes.
     pub fn statement_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.statement_timeout = timeout;
         self
@@ -223,7 +223,7 @@ impl PgOptions {
     /// that sits in an open transaction without sending anything for longer is ended by the
     /// server, and its locks released. Default 60 s, well above what a command or a relay
     /// batch holds its transaction idle (the relay's `publish_timeout` is 30 s by default);
-    /// `None` leaves the server's setting. Above zero and at most `i32::MAX` milliseconds
+    /// `None` leaves the server's setting. At least 1 ms and at most `i32::MAX` milliseconds
     /// (about 24.8 days), the largest the server takes.
     ///
     /// It matters when an instance dies, or its network is cut, between an append and its

@@ -26,7 +26,8 @@ use uuid::Uuid;
 /// let store = db.projection_store();
 /// let mut unit = store.begin("open-tickets").await?;
 /// if store.mark_processed(&mut unit, "open-tickets", event_id).await? {
-///     sqlx::query("UPDATE open_tickets SET count = count + 1")
+///     // Named with its schema (here `cqrs`): nothing sets `search_path`.
+///     sqlx::query("UPDATE cqrs.open_tickets SET count = count + 1")
 ///         .execute(unit.connection())
 ///         .await
 ///         // `store_error` keeps the kind: a lost connection is `Unavailable` (retried, not

@@ -50,7 +50,8 @@ use uuid::Uuid;
 /// impl CommandHandler<OpenTicket> for OpenTicketHandler {
 ///     async fn handle(&self, cmd: OpenTicket, ctx: &mut CommandContext) -> Result<String, HandlerError> {
 ///         let uow = PgUnitOfWork::from_context(ctx)?;
-///         sqlx::query("INSERT INTO tickets (id, title) VALUES ($1, $2)")
+///         // Named with its schema (here `cqrs`): nothing sets `search_path`.
+///         sqlx::query("INSERT INTO cqrs.tickets (id, title) VALUES ($1, $2)")
 ///             .bind("t1")
 ///             .bind(&cmd.title)
 ///             .execute(uow.connection().await?)
@@ -260,7 +261,8 @@ impl PgUnitOfWork {
     /// stream (a single statement, its own transaction); otherwise one per stream's batch (the
     /// first also stores the idempotency response), one more per empty batch at a version (a
     /// guard: it takes the append lock, see [`PgEventStore::append_in`](crate::PgEventStore::append_in)),
-    /// and `COMMIT`. A transaction with the handler's own writes and no events or response
+    /// and `COMMIT`, after a `BEGIN` when the handler opened no transaction (events of two
+    /// streams and nothing else: 4). A transaction with the handler's own writes and no events or response
     /// costs one more (`SELECT`), which fails if one of its statements failed.
     ///
     /// Fails, and commits nothing, when a statement in the transaction failed (Postgres then

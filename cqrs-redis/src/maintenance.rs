@@ -18,15 +18,16 @@ use std::time::Duration;
 pub struct TrimReport {
     /// Entries removed.
     pub removed: u64,
-    /// The bound: the oldest entry some group still needs. `None` when the stream has no group
+    /// The bound: the oldest entry some group still needs, or its last-delivered id (one entry
+    /// earlier than the first it was not delivered yet). `None` when the stream has no group
     /// or no group has read anything (nothing may go).
     pub bound: Option<String>,
 }
 
 impl RedisStreamTransport {
     /// Trims `topic`'s stream by `MINID` below the oldest entry that some group still needs:
-    /// the oldest pending one, or the first not delivered yet, whichever comes first, over
-    /// every group. Reading the groups and trimming is one script, so no group moves in
+    /// the oldest pending one, or its last-delivered id (one entry more than it needs: the
+    /// first not delivered yet comes after it), whichever comes first, over every group. Reading the groups and trimming is one script, so no group moves in
     /// between. Never a blind `MAXLEN`: an entry that some group has not acknowledged stays.
     ///
     /// Bounded by the groups that exist: a group created later starts at the oldest entry
@@ -107,7 +108,9 @@ impl RedisStreamTransport {
 /// prunes consumers idle for a day
 /// ([`prune_consumers`](RedisStreamTransport::prune_consumers)), and records gauges:
 /// `cqrs_redis_stream_length` and `cqrs_redis_dead_letters` by `topic`,
-/// `cqrs_redis_group_pending` and `cqrs_redis_group_lag` by `topic` and `group`.
+/// `cqrs_redis_group_pending` and `cqrs_redis_group_lag` by `topic` and `group`; and a
+/// counter of the entries its trims removed, `cqrs_transport_trimmed_total` by `topic` (with
+/// `transport="redis"`).
 ///
 /// A gauge whose value is unknown is set to NaN rather than left at a stale value (NaN matches
 /// no alert threshold): a group's lag while Redis cannot tell it (Redis 7.0 after an entry

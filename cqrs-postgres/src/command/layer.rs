@@ -43,7 +43,9 @@ use tracing::Instrument;
 /// statements of its own costs `n + 3` round trips: `BEGIN`, the handler's `n`, one append of
 /// the recorded events, `COMMIT`. A handler that only records events costs 1 (the append is
 /// its own transaction); one that records nothing and touches nothing costs 0. Each further
-/// stream among the recorded events adds one. The tests measure these numbers.
+/// stream among the recorded events adds one append, and, to a handler that ran no
+/// statement, a `BEGIN` and a `COMMIT` too (two streams and nothing else: 4). The tests
+/// measure these numbers.
 ///
 /// ```no_run
 /// use cqrs_core::CommandBus;

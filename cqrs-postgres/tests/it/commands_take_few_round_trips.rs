@@ -1,6 +1,8 @@
 //! The round trips a command costs, counted at the wire on a warm connection: a handler that
 //! only records events costs 1, one that runs `n` statements `n + 3` (with events or
-//! without), an idempotent one `n + 4`, a replay 3, a plain append 1.
+//! without), each further stream among its events 1 more (and, for a handler that ran no
+//! statement, `BEGIN` and `COMMIT` too), an idempotent one `n + 4`, a replay 3, a plain
+//! append 1.
 
 use crate::proxy::Proxy;
 use crate::support::tickets::{self, Note, NoteHandler, OpenTicket, OpenTicketHandler, Then};
@@ -43,6 +45,51 @@ impl CommandHandler<Touch> for TouchHandler {
             .execute(uow.connection().await?)
             .await
             .map_err(HandlerError::internal)?;
+        Ok(())
+    }
+}
+
+/// Records one event in each of two streams, after inserting a ticket when `insert` is set.
+#[derive(Debug)]
+struct TwoStreams {
+    key: String,
+    insert: bool,
+}
+
+impl TwoStreams {
+    fn new(key: &str, insert: bool) -> Self {
+        Self {
+            key: key.to_owned(),
+            insert,
+        }
+    }
+}
+
+impl Message for TwoStreams {
+    const NAME: &'static str = "test.two_streams";
+}
+
+impl Command for TwoStreams {
+    type Output = ();
+}
+
+struct TwoStreamsHandler;
+
+#[async_trait]
+impl CommandHandler<TwoStreams> for TwoStreamsHandler {
+    async fn handle(&self, cmd: TwoStreams, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        if cmd.insert {
+            TouchHandler.handle(Touch(cmd.key.clone()), ctx).await?;
+        }
+        for stream in ["a", "b"] {
+            ctx.record_keyed(
+                format!("{stream}-{}", cmd.key),
+                tickets::TicketOpened {
+                    id: cmd.key.clone(),
+                    title: String::new(),
+                },
+            );
+        }
         Ok(())
     }
 }
@@ -91,6 +138,7 @@ async fn each_command_costs_the_documented_round_trips() {
                 .handler(OpenTicketHandler::default())
                 .handler(NoteHandler)
                 .handler(TouchHandler)
+                .handler(TwoStreamsHandler)
                 .build()
                 .unwrap();
             let executor = PgCommandExecutor::new(bus.clone(), db.clone());
@@ -104,6 +152,9 @@ async fn each_command_costs_the_documented_round_trips() {
                 .await
                 .unwrap();
             bus.dispatch(Touch("warm-touch".into())).await.unwrap();
+            bus.dispatch(TwoStreams::new("warm-two", true))
+                .await
+                .unwrap();
             executor
                 .execute_idempotent(
                     &key("warm"),
@@ -145,6 +196,19 @@ async fn each_command_costs_the_documented_round_trips() {
             assert_eq!(
                 n, 4,
                 "one statement of its own and no events: BEGIN, INSERT, SELECT (none failed), COMMIT"
+            );
+
+            let (n, _) = measure(&proxy, bus.dispatch(TwoStreams::new("t3", false))).await;
+            assert_eq!(
+                n, 4,
+                "events in two streams and nothing else: BEGIN, append, append, COMMIT"
+            );
+
+            let (n, _) = measure(&proxy, bus.dispatch(TwoStreams::new("t4", true))).await;
+            assert_eq!(
+                n, 5,
+                "one statement of its own and events in two streams: BEGIN, INSERT, append, \
+                 append, COMMIT"
             );
 
             let (n, done) = measure(

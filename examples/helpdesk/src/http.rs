@@ -3,7 +3,7 @@
 use crate::body_deadline::BodyDeadlineLayer;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderName, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -515,7 +515,6 @@ fn with_parts(response: Response, error: ApiError) -> Response {
     }
     parts.status = fresh.status();
     let body = std::mem::replace(fresh.body_mut(), Body::empty());
-    let _: Option<HeaderValue> = None;
     Response::from_parts(parts, body)
 }
 
