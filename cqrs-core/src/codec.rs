@@ -36,6 +36,11 @@ pub enum UnknownEventPolicy {
     /// wire name). The consumer moves on.
     #[default]
     Skip,
+    /// Skip it like [`Skip`](Self::Skip), counted the same, but logged at `debug` only: for
+    /// a consumer of a topic that carries other plugins' events too, where an unknown type is
+    /// most often meant for someone else, and a warning per event would bury the real ones.
+    /// An event of a newer build is then skipped without a warning too.
+    Ignore,
     /// Fail with [`DecodeError::UnknownType`]; the consumer stops at this event (and retries it)
     /// until a build that knows it is deployed.
     Fail,
@@ -368,14 +373,23 @@ impl EventTypes {
     pub fn decode(&self, record: &EventRecord) -> Result<Option<EventEnvelope>, DecodeError> {
         let Some(entry) = self.entries.get(&record.event_type) else {
             return match self.policy {
-                UnknownEventPolicy::Skip => {
-                    tracing::warn!(
-                        event_type = %record.event_type,
-                        event_id = %record.event_id,
-                        "skipping an event of a type not registered here: no handler of this \
-                         consumer's event bus takes it (add one to handle it), or a newer build \
-                         wrote it"
-                    );
+                UnknownEventPolicy::Skip | UnknownEventPolicy::Ignore => {
+                    if self.policy == UnknownEventPolicy::Skip {
+                        tracing::warn!(
+                            event_type = %record.event_type,
+                            event_id = %record.event_id,
+                            "skipping an event of a type not registered here: no handler of this \
+                             consumer's event bus takes it (add one to handle it), or a newer \
+                             build wrote it (`UnknownEventPolicy::Ignore` skips without a \
+                             warning, for a topic that carries other plugins' events)"
+                        );
+                    } else {
+                        tracing::debug!(
+                            event_type = %record.event_type,
+                            event_id = %record.event_id,
+                            "ignoring an event of a type not registered here"
+                        );
+                    }
                     metrics::counter!("cqrs_events_unknown_total", "event_type" => UNKNOWN_TYPE_LABELS.label(&record.event_type)).increment(1);
                     Ok(None)
                 }

@@ -90,7 +90,7 @@ pub use aggregate::{
 pub use bus::command::Executed;
 pub use bus::{
     CommandBus, CommandBusBuilder, CommandHandlers, EventBus, EventBusBuilder, EventHandlers,
-    EventSink, Published, QueryBus, QueryBusBuilder, QueryHandlers,
+    EventSink, EventStoreSink, Published, QueryBus, QueryBusBuilder, QueryHandlers,
 };
 pub use codec::{DecodeError, EventTypes, UnknownEventPolicy};
 pub use context::{CommandContext, EventContext, QueryContext};

@@ -14,6 +14,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -189,7 +190,9 @@ impl<L> CommandBusBuilder<L> {
     }
 
     /// Where recorded events go after a handler succeeds. Without a sink, recorded events are
-    /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`]. A
+    /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`] (which
+    /// warns the first time). [`EventStoreSink`](crate::EventStoreSink) appends them to an
+    /// event store. A
     /// layer may take the events out of the [`Reply`] first (an outbox: `cqrs-postgres`'s
     /// command layer does unless told to keep them), and the sink then gets none.
     ///
@@ -224,6 +227,7 @@ impl<L> CommandBusBuilder<L> {
                 service,
                 sink: self.sink,
                 names,
+                told_dropped: AtomicBool::new(false),
             }),
         })
     }
@@ -272,6 +276,25 @@ struct Inner {
     service: Option<Arc<dyn ErasedService>>,
     sink: Option<Arc<dyn EventSink>>,
     names: HashMap<&'static str, TypeId>,
+    /// Whether `dispatch` warned that it dropped recorded events (once per bus).
+    told_dropped: AtomicBool,
+}
+
+impl Inner {
+    /// `dispatch` without a sink drops what a handler recorded: said once per bus, at `warn`,
+    /// since events that silently go nowhere are the costliest mistake to find.
+    #[cold]
+    fn dropped(&self, command: &'static str) {
+        if !self.told_dropped.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                command,
+                "a command recorded events and this bus has no event sink: `dispatch` dropped them; \
+                 give the bus an event sink (`CommandBusBuilder::event_sink`, such as an \
+                 `EventStoreSink`) or a layer that stores them (`cqrs-postgres`'s command layer), or \
+                 call `execute` to get them back (said once per bus)"
+            );
+        }
+    }
 }
 
 /// Sends each command to its one handler, through the bus's middleware.
@@ -366,10 +389,11 @@ impl CommandBus {
             started(|| handler.handle(command, &mut ctx)),
         )
         .await?;
-        if !ctx.recorded().is_empty()
-            && let Some(sink) = &self.inner.sink
-        {
-            sink.accept(ctx.take_recorded()).await?;
+        if !ctx.recorded().is_empty() {
+            match &self.inner.sink {
+                Some(sink) => sink.accept(ctx.take_recorded()).await?,
+                None => self.inner.dropped(C::NAME),
+            }
         }
         Ok(output)
     }
@@ -384,10 +408,11 @@ impl CommandBus {
     ) -> Result<C::Output, DispatchError> {
         let mut reply = service.call(command_dispatch(command, metadata)).await?;
         let output = output_of::<C>(&mut reply)?;
-        if !reply.events.is_empty()
-            && let Some(sink) = &self.inner.sink
-        {
-            sink.accept(std::mem::take(&mut reply.events)).await?;
+        if !reply.events.is_empty() {
+            match &self.inner.sink {
+                Some(sink) => sink.accept(std::mem::take(&mut reply.events)).await?,
+                None => self.inner.dropped(C::NAME),
+            }
         }
         Ok(output)
     }

@@ -4,10 +4,12 @@ pub(crate) mod command;
 mod event;
 mod query;
 mod registry;
+mod store_sink;
 
 pub use command::{CommandBus, CommandBusBuilder, CommandHandlers, EventSink};
 pub use event::{EventBus, EventBusBuilder, EventHandlers, Published};
 pub use query::{QueryBus, QueryBusBuilder, QueryHandlers};
+pub use store_sink::EventStoreSink;
 
 pub(crate) use event::run_event_handlers;
 pub(crate) use registry::Registries;

@@ -85,6 +85,50 @@ fn an_unknown_event_type_is_skipped_or_fails_by_policy() {
     );
 }
 
+/// `Skip` warns once per event; `Ignore` skips the same, saying so at `debug` only (a topic
+/// carrying other plugins' events would otherwise warn on each of theirs).
+#[test]
+fn ignore_skips_an_unknown_event_without_a_warning() {
+    let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
+    let said = |event_type: &str, what: &str| {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(fields, _)| {
+                fields.get("event_type").map(String::as_str) == Some(event_type)
+                    && fields.get("message").is_some_and(|m| m.starts_with(what))
+            })
+            .count()
+    };
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    let skipped = stored("test.skipped_here", 1, json!({}));
+    assert!(types.decode(&skipped).unwrap().is_none());
+    assert_eq!(said("test.skipped_here", "skipping an event"), 1);
+
+    types.unknown_events(UnknownEventPolicy::Ignore);
+    let ignored = stored("test.ignored_here", 1, json!({}));
+    assert!(types.decode(&ignored).unwrap().is_none(), "skipped");
+    assert_eq!(
+        said("test.ignored_here", "skipping an event"),
+        0,
+        "no warning"
+    );
+    assert_eq!(
+        said("test.ignored_here", "ignoring an event"),
+        1,
+        "a debug line"
+    );
+    // Known types decode as before.
+    assert!(
+        types
+            .decode(&stored("test.added", 1, json!({"sum": 1})))
+            .unwrap()
+            .is_some()
+    );
+}
+
 #[test]
 fn a_decoded_event_keeps_its_ids_and_where_it_is_stored() {
     let mut types = EventTypes::new();

@@ -271,6 +271,21 @@ fn written_for_clients(e: &HandlerError) -> bool {
     }
 }
 
+/// A store's version conflict, as a client is told it: the store's own text names the internal
+/// stream (`ticket_tags-…`), which no client needs; the version the stream is at is kept (it is
+/// also in the details, `current_version`). `None` for any other error, a conflict a handler
+/// wrote its own message for included.
+fn conflict_message(e: &HandlerError) -> Option<String> {
+    use cqrs_core::ports::StoreError;
+    let source = std::error::Error::source(e)?.downcast_ref::<StoreError>()?;
+    match source {
+        StoreError::Conflict { actual, .. } if e.message() == source.to_string() => Some(format!(
+            "it was changed meanwhile (it is now at version {actual}): read it again, then retry"
+        )),
+        _ => None,
+    }
+}
+
 /// The message a 503 sends when its own is not for clients.
 fn unavailable_message(kind: ErrorKind) -> &'static str {
     if kind == ErrorKind::Timeout {
@@ -287,7 +302,11 @@ impl From<&HandlerError> for ApiError {
     /// and its source, are logged instead.
     fn from(e: &HandlerError) -> Self {
         let status = Self::status_of(e.kind());
-        let message = if !status.is_server_error() {
+        let conflict;
+        let message = if let Some(written) = conflict_message(e) {
+            conflict = written;
+            &conflict
+        } else if !status.is_server_error() {
             e.message()
         } else {
             let source = std::error::Error::source(e);
@@ -460,6 +479,45 @@ mod tests {
             (conflict.status, conflict.message.as_str()),
             (StatusCode::CONFLICT, "stale")
         );
+    }
+
+    /// A store's version conflict (as the Postgres command layer meets it at commit, after a
+    /// plugin's handler returned) does not name the internal stream; it keeps the version.
+    #[test]
+    fn a_stores_conflict_does_not_name_the_stream() {
+        let conflict = StoreError::Conflict {
+            stream: "ticket_tags-0193".into(),
+            expected: cqrs_core::ExpectedVersion::Exactly(1),
+            actual: 2,
+        };
+        let through = [
+            ApiError::from(HandlerError::from(conflict)),
+            ApiError::from(DispatchError::Handler(HandlerError::from(
+                StoreError::Conflict {
+                    stream: "ticket_tags-0193".into(),
+                    expected: cqrs_core::ExpectedVersion::Any,
+                    actual: 2,
+                },
+            ))),
+        ];
+        for error in through {
+            assert_eq!(error.status, StatusCode::CONFLICT);
+            assert_eq!(error.code, "version_conflict");
+            assert!(!error.message.contains("ticket_tags"), "{}", error.message);
+            assert!(error.message.contains("version 2"), "{}", error.message);
+            assert_eq!(
+                error.details,
+                Some(serde_json::json!({ "current_version": 2 }))
+            );
+        }
+        // A handler's own message for a conflict stays.
+        let own = HandlerError::new(ErrorKind::Conflict, "version_conflict", "the ticket moved")
+            .with_source(StoreError::Conflict {
+                stream: "ticket-1".into(),
+                expected: cqrs_core::ExpectedVersion::Any,
+                actual: 3,
+            });
+        assert_eq!(ApiError::from(own).message, "the ticket moved");
     }
 
     /// A store's or a broker's error, however it reaches the gateway, is a 503 (or 500) whose

@@ -555,10 +555,12 @@ impl QueryHandler<GetStats> for Tickets {
     }
 }
 
-/// The event types the plugin's consumers decode.
+/// The event types the plugin's consumers decode. The helpdesk ships every plugin's events to
+/// one topic, so the others' events are ignored here without a warning each.
 pub fn event_types() -> EventTypes {
     let mut types = EventTypes::new();
     <crate::domain::TicketEvent as cqrs_core::EventSet>::register(&mut types);
+    types.unknown_events(cqrs_core::UnknownEventPolicy::Ignore);
     types
 }
 

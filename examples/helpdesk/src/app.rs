@@ -13,7 +13,7 @@ use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
 use cqrs_core::ports::{EventTransport, PubSub};
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
-use cqrs_core::{CommandBus, EventBus, PluginRegistrar, Plugins, QueryBus};
+use cqrs_core::{CommandBus, EventBus, EventStoreSink, PluginRegistrar, Plugins, QueryBus};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, PushedEvent, Refusal, Topic, Unauthenticated};
 use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
@@ -42,7 +42,7 @@ const DISCARD_BATCH: usize = 1_000;
 /// name), and the topic it is given (the routing chooses the channels).
 const REALTIME_RELAY: &str = "realtime";
 
-/// What tests may replace.
+/// What tests, and binaries of your own (see [`main_with`](crate::main_with)), add or replace.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// The clock (token expiry, login throttling, idempotency expiry).
@@ -58,6 +58,10 @@ pub struct Hooks {
     /// the server's own (a test's user store that fails on demand, as
     /// `Arc<dyn helpdesk_auth::UserStore>`, say).
     pub provide: Vec<ProvideResources>,
+    /// More plugins that must be linked, besides [`EXPECTED_PLUGINS`]: a binary that links
+    /// plugins of its own names them, so one left unlinked (its `use ... as _;` line lost)
+    /// fails the start naming it, instead of its routes answering 404.
+    pub expect_plugins: Vec<&'static str>,
 }
 
 /// Provides resources to the plugins; see [`Hooks::provide`].
@@ -74,6 +78,7 @@ impl std::fmt::Debug for Hooks {
             .field("without_relay", &self.without_relay)
             .field("workers", &self.workers.len())
             .field("provide", &self.provide.len())
+            .field("expect_plugins", &self.expect_plugins)
             .finish()
     }
 }
@@ -213,7 +218,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for provide in &hooks.provide {
         provide(&mut registrar);
     }
-    let plugins = Plugins::collect()?.expect(EXPECTED_PLUGINS)?;
+    let plugins = Plugins::collect()?
+        .expect(EXPECTED_PLUGINS)?
+        .expect(&hooks.expect_plugins)?;
     plugins.install(&mut registrar)?;
     // Before anything connects or starts: colliding routes are a build error, not a panic.
     let api = merged_api(registrar.take_contributions_by_plugin::<HttpApi>())?;
@@ -225,16 +232,21 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
 
     let budget = config.request_timeout();
     // In Postgres mode the innermost layer runs each command in one transaction: the
-    // handler's writes and its events (the outbox) commit together.
-    let commands = CommandBus::builder()
+    // handler's writes and its events (the outbox) commit together. In memory, the events a
+    // handler records go to the in-memory store the relay ships from, so a plugin's
+    // `ctx.record` reaches the consumers and the WebSocket clients on either backend.
+    let mut commands = CommandBus::builder()
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
         .layer(TimeoutLayer::new(budget))
         .layer(tower::util::option_layer(
             backends.postgres.as_ref().map(PgDatabase::command_layer),
         ))
-        .handlers(registrar.take_commands())
-        .build()?;
+        .handlers(registrar.take_commands());
+    if backends.postgres.is_none() {
+        commands = commands.event_sink(Arc::new(EventStoreSink::new(backends.events.clone())));
+    }
+    let commands = commands.build()?;
     let queries = QueryBus::builder()
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())

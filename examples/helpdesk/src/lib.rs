@@ -10,6 +10,7 @@ use helpdesk_auth as _;
 use helpdesk_tickets as _;
 
 mod app;
+mod binary;
 mod body_deadline;
 mod config;
 mod deployment;
@@ -22,6 +23,7 @@ mod server;
 mod stalled;
 
 pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, MakeWorker, Session, build};
+pub use binary::main_with;
 pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;
 pub use logging::{DEFAULT_FILTER, error_chain, log_filter, log_subscriber};

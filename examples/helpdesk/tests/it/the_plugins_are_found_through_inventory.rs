@@ -34,6 +34,35 @@ async fn a_plugin_that_is_not_linked_is_named_at_start_up() {
     );
 }
 
+/// A binary that links plugins of its own names them in `Hooks::expect_plugins`: one left
+/// unlinked fails the start, named, instead of its routes answering 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binarys_own_expected_plugins_are_checked_at_start() {
+    within(async {
+        let config = helpdesk::Config::default();
+        let hooks = |expect_plugins: Vec<&'static str>| helpdesk::Hooks {
+            expect_plugins,
+            ..helpdesk::Hooks::default()
+        };
+        let err = helpdesk::build(&config, hooks(vec!["tickets", "tags"]))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("expected plugin(s) tags are not linked into this binary"),
+            "{err}"
+        );
+        let app = helpdesk::build(&config, hooks(vec!["tickets"]))
+            .await
+            .unwrap();
+        app.runtime
+            .shutdown(std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn bad_configuration_is_refused_with_every_problem_named() {
     let config = helpdesk::Config {

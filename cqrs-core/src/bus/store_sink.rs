@@ -1,0 +1,113 @@
+//! An event sink that appends a command's recorded events to an event store.
+
+use super::command::EventSink;
+use crate::ports::{EventStore, ExpectedVersion};
+use crate::{DispatchError, EventEnvelope, EventRecord, HandlerError};
+use async_trait::async_trait;
+use std::fmt;
+use std::sync::Arc;
+
+type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
+
+/// An [`EventSink`] that appends the events a command recorded (`ctx.record`,
+/// `ctx.record_keyed`) to an [`EventStore`]: the in-process counterpart of `cqrs-postgres`'s
+/// command layer, for a server on in-memory backends whose relay ships from an
+/// [`InMemoryEventStore`](crate::memory::InMemoryEventStore). With it, a handler's recorded
+/// events reach the store, and from there the relay and its consumers, on either backend.
+///
+/// Each event goes to the stream [`stream_for`](Self::stream_for) names (by default its
+/// partition key, else its event type, as `cqrs-postgres` does), at [`ExpectedVersion::Any`]:
+/// one append per stream, in the order the streams first appear among the events. Unlike the
+/// Postgres layer, nothing is atomic: the appends run after the handler succeeded, one per
+/// stream, so a store that fails fails the dispatch with the store's error (its kind kept,
+/// `Unavailable` is retryable) once the handler's own effects and any earlier stream's events
+/// are in. As for every sink, a caller that drops the dispatch meanwhile drops the events not
+/// appended yet.
+///
+/// ```
+/// use cqrs_core::memory::InMemoryEventStore;
+/// use cqrs_core::ports::EventStore;
+/// use cqrs_core::{CommandBus, EventStoreSink};
+/// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
+/// use std::sync::Arc;
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let store = Arc::new(InMemoryEventStore::new());
+/// let bus = CommandBus::builder()
+///     .handler(OpenTicketHandler)
+///     .event_sink(Arc::new(EventStoreSink::new(store.clone())))
+///     .build()?;
+/// bus.dispatch(OpenTicket { title: "Printer on fire".into() }).await?;
+/// // The handler recorded `TicketOpened` keyed by the ticket's id: its stream.
+/// assert_eq!(store.load("t1", 0).await?.len(), 1);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct EventStoreSink {
+    store: Arc<dyn EventStore>,
+    stream_for: Option<Arc<StreamFor>>,
+}
+
+impl fmt::Debug for EventStoreSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventStoreSink")
+            .field("stream_for", &self.stream_for.as_ref().map(|_| "custom"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventStoreSink {
+    /// A sink appending to `store`.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            stream_for: None,
+        }
+    }
+
+    /// Names the stream each event is appended to. Default: its partition key, else its event
+    /// type.
+    pub fn stream_for(
+        mut self,
+        f: impl Fn(&EventRecord) -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.stream_for = Some(Arc::new(f));
+        self
+    }
+
+    fn stream_of(&self, record: &EventRecord) -> String {
+        match &self.stream_for {
+            Some(f) => f(record),
+            None => record
+                .partition_key
+                .clone()
+                .unwrap_or_else(|| record.event_type.clone()),
+        }
+    }
+}
+
+#[async_trait]
+impl EventSink for EventStoreSink {
+    async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
+        // Grouped by stream, in the order the streams first appear; each stream's events keep
+        // their order.
+        let mut streams: Vec<(String, Vec<EventRecord>)> = Vec::new();
+        for envelope in &events {
+            let record = EventRecord::from_envelope(envelope)
+                .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?;
+            let stream = self.stream_of(&record);
+            match streams.iter_mut().find(|(s, _)| *s == stream) {
+                Some((_, records)) => records.push(record),
+                None => streams.push((stream, vec![record])),
+            }
+        }
+        for (stream, records) in streams {
+            self.store
+                .append(&stream, ExpectedVersion::Any, records)
+                .await
+                .map_err(|e| DispatchError::Handler(HandlerError::from(e)))?;
+        }
+        Ok(())
+    }
+}

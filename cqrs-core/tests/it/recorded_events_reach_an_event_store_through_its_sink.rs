@@ -1,0 +1,181 @@
+//! `EventStoreSink`: what a command records lands in the event store, by stream, in order;
+//! and a bus without a sink says once that `dispatch` dropped recorded events.
+
+use crate::fixtures::*;
+use cqrs_core::Position;
+use cqrs_core::memory::InMemoryEventStore;
+use cqrs_core::ports::EventStore;
+use cqrs_core::{
+    Command, CommandBus, CommandContext, CommandHandler, ErrorKind, EventStoreSink, HandlerError,
+    Message, Metadata, async_trait,
+};
+use std::sync::Arc;
+
+/// Records one event per key, in order (`None`: no partition key).
+struct Spread(Vec<Option<&'static str>>);
+
+impl Message for Spread {
+    const NAME: &'static str = "test.spread";
+}
+
+impl Command for Spread {
+    type Output = ();
+}
+
+struct SpreadHandler;
+
+#[async_trait]
+impl CommandHandler<Spread> for SpreadHandler {
+    async fn handle(&self, cmd: Spread, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        for (sum, key) in (1..).zip(cmd.0) {
+            match key {
+                Some(key) => ctx.record_keyed(key, Added { sum }),
+                None => ctx.record(Added { sum }),
+            };
+        }
+        Ok(())
+    }
+}
+
+fn bus_into(sink: EventStoreSink) -> CommandBus {
+    CommandBus::builder()
+        .handler(SpreadHandler)
+        .event_sink(Arc::new(sink))
+        .build()
+        .unwrap()
+}
+
+async fn sums(store: &InMemoryEventStore, stream: &str) -> Vec<u64> {
+    store
+        .load(stream, 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.payload["sum"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn each_event_lands_in_its_keys_stream_in_order_with_its_metadata() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = bus_into(EventStoreSink::new(store.clone()));
+    let command = Metadata::new();
+    run(async {
+        bus.dispatch_with(
+            Spread(vec![Some("a"), Some("b"), Some("a"), None]),
+            command.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sums(&store, "a").await, [1, 3]);
+        assert_eq!(sums(&store, "b").await, [2]);
+        assert_eq!(
+            sums(&store, "test.added").await,
+            [4],
+            "no key: the event type"
+        );
+        let all = store.read_all(Position::START, 10).await.unwrap();
+        let in_order: Vec<_> = all
+            .iter()
+            .map(|r| r.payload["sum"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            in_order,
+            [1, 3, 2, 4],
+            "one append per stream, streams as they came"
+        );
+        for record in &all {
+            assert_eq!(record.metadata.correlation_id, command.correlation_id);
+            assert_eq!(record.metadata.causation_id, Some(command.message_id));
+        }
+    });
+}
+
+#[test]
+fn stream_for_names_the_streams() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = bus_into(
+        EventStoreSink::new(store.clone())
+            .stream_for(|r| format!("spread-{}", r.partition_key.as_deref().unwrap_or("none"))),
+    );
+    run(async {
+        bus.dispatch(Spread(vec![Some("a"), None])).await.unwrap();
+        assert_eq!(sums(&store, "spread-a").await, [1]);
+        assert_eq!(sums(&store, "spread-none").await, [2]);
+    });
+}
+
+/// A stream the store refuses fails the dispatch with the store's kind; the streams before it
+/// are in (nothing is atomic in memory), those after it are not.
+#[test]
+fn a_refused_append_fails_the_dispatch_with_the_stores_kind() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = bus_into(EventStoreSink::new(store.clone()));
+    run(async {
+        let error = bus
+            .dispatch(Spread(vec![Some("a"), Some("b\0"), Some("c")]))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Invalid, "{error}");
+        assert_eq!(sums(&store, "a").await, [1]);
+        assert!(sums(&store, "c").await.is_empty());
+    });
+}
+
+/// Records an event under a name no other test dispatches, so the warnings it causes can be
+/// told apart in the binary's global log.
+struct Forgotten;
+
+impl Message for Forgotten {
+    const NAME: &'static str = "test.forgotten";
+}
+
+impl Command for Forgotten {
+    type Output = ();
+}
+
+struct ForgottenHandler;
+
+#[async_trait]
+impl CommandHandler<Forgotten> for ForgottenHandler {
+    async fn handle(&self, _: Forgotten, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        ctx.record(Added { sum: 0 });
+        Ok(())
+    }
+}
+
+#[test]
+fn dispatch_without_a_sink_warns_once_per_bus_that_it_dropped_events() {
+    let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
+    let warnings = || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(fields, _)| {
+                fields.get("command").map(String::as_str) == Some(Forgotten::NAME)
+                    && fields
+                        .get("message")
+                        .is_some_and(|m| m.contains("no event sink"))
+            })
+            .count()
+    };
+    let bus = || {
+        CommandBus::builder()
+            .handler(ForgottenHandler)
+            .build()
+            .unwrap()
+    };
+    run(async {
+        let (first, second) = (bus(), bus());
+        first.dispatch(Forgotten).await.unwrap();
+        first.dispatch(Forgotten).await.unwrap();
+        assert_eq!(warnings(), 1, "once per bus");
+        // `execute` hands the events back: nothing dropped, nothing said.
+        let executed = second.execute(Forgotten, Metadata::new()).await.unwrap();
+        assert_eq!(executed.events.len(), 1);
+        assert_eq!(warnings(), 1);
+        second.dispatch(Forgotten).await.unwrap();
+        assert_eq!(warnings(), 2, "another bus says it too");
+    });
+}
