@@ -987,6 +987,12 @@ mod tests {
         for n in 1..=8 {
             stored.push(f.store(n).await);
         }
+        // A drop before the replay starts (two held, one dropped), so that it has one to read
+        // back however late this thread publishes the others.
+        for record in &stored[3..6] {
+            f.publish(record);
+        }
+        assert!(f.slot.lock().dropped.is_some());
         let replay = f.replay(0);
         let mut published = 0;
         while !replay.is_finished() && published < PUBLISHES {
@@ -1246,7 +1252,9 @@ mod tests {
     /// half the queue: the replay takes single free slots instead, for the rest of the replay
     /// (not one idle timeout per frame), and finishes; and it never takes the last free slot,
     /// so the live traffic (which closes a client whose queue it finds full) still fits.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // Paused time: the client's pace and the replay's probes are the test's, not the
+    // machine's (a descheduled thread could look like a client that stopped reading).
+    #[tokio::test(start_paused = true)]
     async fn a_replay_beside_busy_live_traffic_to_a_reading_client_finishes() {
         let started = Instant::now();
         let (f, replay) = replay_into_a_full_queue(
@@ -1289,7 +1297,9 @@ mod tests {
     /// full while the client takes a frame every 10 ms: the replay finds itself starved
     /// within a probe of at most a second, not after the whole idle timeout, during which it
     /// sent nothing and its connection answered no client frame.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // Paused time: the client's pace and the replay's probes are the test's, not the
+    // machine's (a descheduled thread could look like a client that stopped reading).
+    #[tokio::test(start_paused = true)]
     async fn a_replay_starved_by_live_traffic_is_found_so_within_a_second() {
         let options = HubOptions::new();
         assert_eq!(options.idle_timeout, Duration::from_secs(75));
@@ -1320,7 +1330,9 @@ mod tests {
     /// (Found starved by any progress, the replay filled all but the last slot.) The probe is
     /// 500 ms; the client takes a frame every 350 ms, so a probe sees one taken where the
     /// replay waits for two.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // Paused time: the client's pace and the replay's probes are the test's, not the
+    // machine's (a descheduled thread could look like a client that stopped reading).
+    #[tokio::test(start_paused = true)]
     async fn a_slow_client_without_live_traffic_is_not_taken_for_starved() {
         let options = HubOptions::new()
             .ping_interval(Duration::from_secs(1))
