@@ -16,7 +16,10 @@ pg_test! {
         let timed_db = PgOptions::new(database_url())
             .schema(db.schema())
             .max_connections(1)
-            .statement_timeout(Some(Duration::from_millis(300)))
+            // Below the lock wait's slice (1 s), so that it ends the wait; well above the
+            // give-up's 100 ms below, so that a test thread descheduled for a while still
+            // sees its own give-up, not the timeout's error.
+            .statement_timeout(Some(Duration::from_millis(800)))
             .connect()
             .await
             .expect("connect");

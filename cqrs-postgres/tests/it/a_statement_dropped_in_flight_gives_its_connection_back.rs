@@ -35,9 +35,10 @@ pg_test! {
                 .await
                 .expect("connect");
             for _ in 0..2 {
-                // Fails with a division by zero once its 300 ms sleep is over.
+                // Fails with a division by zero once its 1 s sleep is over: long after the
+                // give-up below, even for a test thread descheduled on a busy machine.
                 let failing = sqlx::query_scalar::<_, i32>(AssertSqlSafe(
-                    "SELECT 1 / (0 * (SELECT count(*) FROM pg_sleep(0.3)))::int".to_owned(),
+                    "SELECT 1 / (0 * (SELECT count(*) FROM pg_sleep(1)))::int".to_owned(),
                 ))
                 .fetch_one(one.pool());
                 let gave_up = tokio::time::timeout(Duration::from_millis(50), failing).await;
