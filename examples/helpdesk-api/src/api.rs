@@ -212,10 +212,13 @@ impl HttpApi {
     /// Adds another plugin's or module's routes, or says why it cannot: both serve one method
     /// at one path (documented or not), a path of one is a path of the other with its
     /// parameters named differently (`/tickets/{id}` and `/tickets/{ticket_id}`: one route to
-    /// the router, which refuses two names for it), or both define one named schema
-    /// differently (the same definition twice is fine). On an error both are dropped.
+    /// the router, which refuses two names for it), both define one named schema differently
+    /// (the same definition twice is fine), or an operation of `other` documents path
+    /// parameters other than its path's (`param("id", "path", ..)` on `/tickets/{ticket_id}`):
+    /// the OpenAPI document would describe a route that does not exist. On an error both are
+    /// dropped.
     pub fn try_merge(mut self, other: HttpApi) -> Result<Self, String> {
-        let mut problems = Vec::new();
+        let mut problems = other.path_parameter_problems();
         for theirs in other.routes.keys() {
             if let Some(mine) = self
                 .routes
@@ -267,6 +270,19 @@ impl HttpApi {
         Ok(self)
     }
 
+    /// How the path parameters its operations document differ from their paths' (a parameter
+    /// documented that the path does not have, or one the path has and no `param` names),
+    /// each said in a sentence; empty when they match.
+    pub fn path_parameter_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (path, ops) in &self.paths {
+            for (method, op) in ops {
+                documented_path_params(path, method, op, &mut problems);
+            }
+        }
+        problems
+    }
+
     /// The paths it has routes at.
     pub fn route_paths(&self) -> impl Iterator<Item = &str> {
         self.routes.keys().map(String::as_str)
@@ -305,6 +321,33 @@ impl HttpApi {
     }
 }
 
+/// Notes in `problems` how the path parameters `op` documents differ from `path`'s.
+fn documented_path_params(path: &str, method: &str, op: &Value, problems: &mut Vec<String>) {
+    let in_path: Vec<&str> = path
+        .split('/')
+        .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| name.trim_start_matches('*'))
+        .collect();
+    let documented: Vec<&str> = op["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["in"] == "path")
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let route = format!("{} {path}", method.to_uppercase());
+    for name in documented.iter().filter(|n| !in_path.contains(n)) {
+        problems.push(format!(
+            "{route} documents a path parameter `{name}` its path does not have"
+        ));
+    }
+    for name in in_path.iter().filter(|n| !documented.contains(n)) {
+        problems.push(format!(
+            "{route} does not document its path parameter `{name}` (`Operation::param(\"{name}\", \"path\", ..)`)"
+        ));
+    }
+}
+
 /// A route's path with its parameters' names left out (`/tickets/{}`, `/files/{*}`): two paths
 /// of one shape are one route to axum's router.
 fn route_shape(path: &str) -> String {
@@ -316,4 +359,38 @@ fn route_shape(path: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HttpApi, Operation};
+    use axum::routing::get;
+    use serde_json::json;
+
+    fn tags_api(documented: &str) -> HttpApi {
+        HttpApi::new().route(
+            "/tickets/{ticket_id}/tags",
+            get(|| async { "[]" }),
+            [Operation::new("get", "The ticket's tags").param(
+                documented,
+                "path",
+                true,
+                json!({ "type": "string" }),
+                "the ticket",
+            )],
+        )
+    }
+
+    /// An operation whose path parameters are not its path's is refused, naming both ways.
+    #[test]
+    fn documented_path_parameters_must_be_the_paths() {
+        let error = HttpApi::new().try_merge(tags_api("id")).unwrap_err();
+        assert_eq!(
+            error,
+            "GET /tickets/{ticket_id}/tags documents a path parameter `id` its path does not \
+             have; GET /tickets/{ticket_id}/tags does not document its path parameter \
+             `ticket_id` (`Operation::param(\"ticket_id\", \"path\", ..)`)"
+        );
+        assert!(HttpApi::new().try_merge(tags_api("ticket_id")).is_ok());
+    }
 }

@@ -444,6 +444,9 @@ fn merged_api(contributions: Vec<(&'static str, HttpApi)>) -> anyhow::Result<Htt
                 ));
             }
         }
+        for problem in api.path_parameter_problems() {
+            problems.push(format!("{who}: {problem}"));
+        }
         for (method, path) in api.operations() {
             if let Some(first) = operations.insert((method.clone(), path.to_owned()), plugin) {
                 problems.push(format!(

@@ -136,6 +136,35 @@ async fn a_schema_defined_differently_twice_is_an_error_and_alike_twice_is_not()
     .await;
 }
 
+/// A route whose operation documents a path parameter its path does not have (renamed in
+/// one place, not the other) fails the start, naming the contributor and both names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_documented_path_parameter_the_path_lacks_is_an_error() {
+    within(async {
+        let err = build_with(|| {
+            HttpApi::new().route(
+                "/tickets/{ticket_id}/tags",
+                axum::routing::get(|| async { "[]" }),
+                [Operation::new("get", "The ticket's tags").param(
+                    "id",
+                    "path",
+                    true,
+                    serde_json::json!({ "type": "string" }),
+                    "the ticket",
+                )],
+            )
+        })
+        .await
+        .expect_err("a parameter the path lacks");
+        assert!(
+            err.contains("GET /tickets/{ticket_id}/tags documents a path parameter `id`")
+                && err.contains("does not document its path parameter `ticket_id`"),
+            "{err}"
+        );
+    })
+    .await;
+}
+
 /// `/tickets/{ticket_id}` is `/tickets/{id}` to the router (which refuses two names for one
 /// route's parameter): an error naming both, not a panic when the router is built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +174,13 @@ async fn a_path_differing_only_in_a_parameters_name_is_an_error_naming_both() {
             HttpApi::new().route(
                 "/tickets/{ticket_id}",
                 axum::routing::delete(|| async { "gone" }),
-                [Operation::new("delete", "Delete a ticket")],
+                [Operation::new("delete", "Delete a ticket").param(
+                    "ticket_id",
+                    "path",
+                    true,
+                    serde_json::json!({ "type": "string" }),
+                    "the ticket",
+                )],
             )
         })
         .await
