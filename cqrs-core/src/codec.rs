@@ -369,7 +369,7 @@ impl EventTypes {
     }
 
     /// Decodes a record into an envelope, upcasting old versions. `Ok(None)` is an unknown type
-    /// skipped under [`UnknownEventPolicy::Skip`].
+    /// skipped under [`UnknownEventPolicy::Skip`] or [`UnknownEventPolicy::Ignore`].
     pub fn decode(&self, record: &EventRecord) -> Result<Option<EventEnvelope>, DecodeError> {
         let Some(entry) = self.entries.get(&record.event_type) else {
             return match self.policy {

@@ -254,7 +254,7 @@ impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P>
 impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// Feeds the projection from the event store's global order, decoding with `types` (see
     /// [`EventTypes::of`]). Under [`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)
-    /// the checkpoint moves past an event of a type `types` lacks.
+    /// (or `Ignore`) the checkpoint moves past an event of a type `types` lacks.
     pub fn from_store(
         store: Arc<S>,
         projection: Arc<P>,
@@ -285,7 +285,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
 
     /// Feeds the projection from consumer group `group` of `topic`, decoding with `types` (see
     /// [`EventTypes::of`]). Under [`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)
-    /// an event of a type `types` lacks is acknowledged without being applied.
+    /// (or `Ignore`) an event of a type `types` lacks is acknowledged without being applied.
     ///
     /// The checkpoint such a runner saves is the highest position it has applied, not a
     /// watermark: deliveries arrive out of global order (other keys, other instances of the

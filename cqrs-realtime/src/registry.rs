@@ -31,6 +31,8 @@ impl<P> Conn<P> {
     /// A connection that is closing takes nothing more, though its writer may have made room
     /// meanwhile: an event queued after one was dropped could reach the client before the
     /// close, and a client resuming from the last event it got would never get the dropped one.
+    /// (An event of another channel may still slip in between a failed push and its close:
+    /// harmless, as a topic's events all come through its one channel, in order.)
     pub(crate) fn push(&self, frame: Utf8Bytes) -> bool {
         if self.close.get().is_some() {
             return false;

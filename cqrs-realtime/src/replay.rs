@@ -427,6 +427,10 @@ impl<'a, P> ReplaySender<'a, P> {
         let queue = &self.conn.queue;
         let mut item = Outgoing::Frame(frame);
         loop {
+            // A closing connection takes nothing more (see `Conn::push`).
+            if self.conn.close.get().is_some() {
+                return false;
+            }
             if self.budget > 0 {
                 match queue.try_push_keeping_a_slot(item) {
                     Ok(()) => {

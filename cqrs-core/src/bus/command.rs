@@ -285,13 +285,18 @@ impl Inner {
     /// since events that silently go nowhere are the costliest mistake to find.
     #[cold]
     fn dropped(&self, command: &'static str) {
-        if !self.told_dropped.swap(true, Ordering::Relaxed) {
+        // Read first: after the one warning, dispatches only read the flag (no write to a line
+        // every dispatch reads).
+        if !self.told_dropped.load(Ordering::Relaxed)
+            && !self.told_dropped.swap(true, Ordering::Relaxed)
+        {
             tracing::warn!(
                 command,
-                "a command recorded events and this bus has no event sink: `dispatch` dropped them; \
-                 give the bus an event sink (`CommandBusBuilder::event_sink`, such as an \
-                 `EventStoreSink`) or a layer that stores them (`cqrs-postgres`'s command layer), or \
-                 call `execute` to get them back (said once per bus)"
+                "a command recorded events and this bus has no event sink: `dispatch` dropped them \
+                 (unless a layer stored them first and kept them in the reply); give the bus an \
+                 event sink (`CommandBusBuilder::event_sink`, such as an `EventStoreSink`) or a \
+                 layer that stores them (`cqrs-postgres`'s command layer), or call `execute` to \
+                 get them back (said once per bus)"
             );
         }
     }

@@ -17,11 +17,11 @@ type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///
 /// Each event goes to the stream [`stream_for`](Self::stream_for) names (by default its
 /// partition key, else its event type, as `cqrs-postgres` does), at [`ExpectedVersion::Any`]:
-/// one append per stream, in the order the streams first appear among the events. Unlike the
-/// Postgres layer, nothing is atomic: the appends run after the handler succeeded, one per
-/// stream, so a store that fails fails the dispatch with the store's error (its kind kept,
-/// `Unavailable` is retryable) once the handler's own effects and any earlier stream's events
-/// are in. As for every sink, a caller that drops the dispatch meanwhile drops the events not
+/// one append per run of consecutive events of one stream, in the order they were recorded,
+/// so the store's global order is the recording order. Unlike the Postgres layer, nothing is
+/// atomic: the appends run after the handler succeeded, one after the other, so a store that
+/// fails fails the dispatch with the store's error (its kind kept, `Unavailable` is
+/// retryable) once the handler's own effects and the events before are in. As for every sink, a caller that drops the dispatch meanwhile drops the events not
 /// appended yet.
 ///
 /// ```
@@ -90,16 +90,16 @@ impl EventStoreSink {
 #[async_trait]
 impl EventSink for EventStoreSink {
     async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
-        // Grouped by stream, in the order the streams first appear; each stream's events keep
-        // their order.
+        // One append per run of events of one stream, in recording order, so the store's
+        // global order is the order they were recorded in (as the Postgres layer keeps it).
         let mut streams: Vec<(String, Vec<EventRecord>)> = Vec::new();
         for envelope in &events {
             let record = EventRecord::from_envelope(envelope)
                 .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?;
             let stream = self.stream_of(&record);
-            match streams.iter_mut().find(|(s, _)| *s == stream) {
-                Some((_, records)) => records.push(record),
-                None => streams.push((stream, vec![record])),
+            match streams.last_mut() {
+                Some((last, records)) if *last == stream => records.push(record),
+                _ => streams.push((stream, vec![record])),
             }
         }
         for (stream, records) in streams {

@@ -81,8 +81,8 @@ fn each_event_lands_in_its_keys_stream_in_order_with_its_metadata() {
             .collect();
         assert_eq!(
             in_order,
-            [1, 3, 2, 4],
-            "one append per stream, streams as they came"
+            [1, 2, 3, 4],
+            "the recording order, across streams"
         );
         for record in &all {
             assert_eq!(record.metadata.correlation_id, command.correlation_id);

@@ -203,8 +203,9 @@ impl HttpApi {
     /// # Panics
     ///
     /// When [`try_merge`](Self::try_merge) would return an error (both serve one method at
-    /// one path, a path differs from one of the other's only in its parameters' names, or
-    /// both define one named schema differently): use `try_merge` to be told instead.
+    /// one path, a path differs from one of the other's only in its parameters' names, both
+    /// define one named schema differently, or an operation of `other` documents path
+    /// parameters other than its path's): use `try_merge` to be told instead.
     pub fn merge(self, other: HttpApi) -> Self {
         self.try_merge(other).unwrap_or_else(|e| panic!("{e}"))
     }

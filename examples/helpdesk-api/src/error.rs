@@ -279,9 +279,13 @@ fn conflict_message(e: &HandlerError) -> Option<String> {
     use cqrs_core::ports::StoreError;
     let source = std::error::Error::source(e)?.downcast_ref::<StoreError>()?;
     match source {
-        StoreError::Conflict { actual, .. } if e.message() == source.to_string() => Some(format!(
-            "it was changed meanwhile (it is now at version {actual}): read it again, then retry"
-        )),
+        StoreError::Conflict { actual, .. }
+            if e.kind() == ErrorKind::Conflict && e.message() == source.to_string() =>
+        {
+            Some(format!(
+                "it was changed meanwhile (it is now at version {actual}): read it again, then retry"
+            ))
+        }
         _ => None,
     }
 }
@@ -518,6 +522,15 @@ mod tests {
                 actual: 3,
             });
         assert_eq!(ApiError::from(own).message, "the ticket moved");
+        // A conflict a plugin passed on as internal stays a 500 that says only that.
+        let internal = HandlerError::internal(StoreError::Conflict {
+            stream: "ticket-1".into(),
+            expected: cqrs_core::ExpectedVersion::Any,
+            actual: 3,
+        });
+        let internal = ApiError::from(internal);
+        assert_eq!(internal.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.message, INTERNAL);
     }
 
     /// A store's or a broker's error, however it reaches the gateway, is a 503 (or 500) whose
