@@ -318,19 +318,17 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         },
     ));
 
-    // Realtime: the feed a plugin offers, pushed by a hub that reads the durable log for resume.
-    let mut feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();
-    if feeds.len() > 1 {
-        let names: Vec<&str> = feeds.iter().map(|(p, _)| *p).collect();
-        anyhow::bail!(
-            "plugins {} each offer a realtime feed; the hub takes one",
-            names.join(", ")
-        );
+    // Realtime: the feeds the plugins offer, as one, pushed by a hub that reads the durable log
+    // for resume.
+    let feeds: Vec<RealtimeFeed> = registrar
+        .take_contributions_by_plugin::<RealtimeFeed>()
+        .into_iter()
+        .map(|(_, feed)| feed)
+        .collect();
+    if feeds.is_empty() {
+        anyhow::bail!("no plugin offers a realtime feed (the tickets plugin does)");
     }
-    let feed = feeds
-        .pop()
-        .map(|(_, f)| f)
-        .context("no plugin offers a realtime feed (the tickets plugin does)")?;
+    let feeds = Arc::new(Feeds(feeds));
     // WebSockets are client connections too: with `--max-connections` set, the hub takes the
     // same limit (the server's own bounds them all anyway); unset, the hub's default, which
     // keeps their memory bounded where the open-file limit is high.
@@ -340,8 +338,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         hub_options = hub_options.max_connections(usize::try_from(limit).unwrap_or(usize::MAX));
     }
     let hub = Hub::builder(HubAuthenticator(authenticator.clone()))
-        .authorizer(HubRules(feed.authorizer.clone()))
-        .routing_arc(feed.routing.clone())
+        .authorizer(HubRules(feeds.clone()))
+        .routing_arc(feeds)
         .pubsub(backends.pubsub.clone())
         .event_store(backends.events.clone())
         .clock(backends.clock.clone())
@@ -753,6 +751,46 @@ async fn websocket_client_key(
 
 /// The hub asks the feed's rules.
 struct HubRules(Arc<dyn cqrs_realtime::Authorizer<User>>);
+
+/// Every plugin's realtime feed as one, in plugin order: a topic belongs to the first feed
+/// whose routing carries it, which decides who may subscribe to it and see its events; an
+/// event is pushed as the first feed that routes it says.
+struct Feeds(Vec<RealtimeFeed>);
+
+impl Feeds {
+    /// The feed `topic` belongs to.
+    fn owner(&self, topic: &Topic) -> Option<&RealtimeFeed> {
+        self.0
+            .iter()
+            .find(|feed| feed.routing.channel(topic).is_some())
+    }
+}
+
+impl cqrs_realtime::EventRouting for Feeds {
+    fn channel(&self, topic: &Topic) -> Option<String> {
+        self.0.iter().find_map(|feed| feed.routing.channel(topic))
+    }
+
+    fn route(&self, record: &cqrs_core::EventRecord) -> Option<cqrs_realtime::Routed> {
+        self.0.iter().find_map(|feed| feed.routing.route(record))
+    }
+}
+
+#[async_trait::async_trait]
+impl cqrs_realtime::Authorizer<User> for Feeds {
+    async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+        match self.owner(topic) {
+            Some(feed) => feed.authorizer.authorize_subscribe(user, topic).await,
+            // The hub refuses a topic no routing carries before it asks.
+            None => Err(Refusal::forbidden("no feed carries this topic")),
+        }
+    }
+
+    fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
+        self.owner(topic)
+            .is_some_and(|feed| feed.authorizer.may_see(user, topic, event))
+    }
+}
 
 #[async_trait::async_trait]
 impl cqrs_realtime::Authorizer<Session> for HubRules {
