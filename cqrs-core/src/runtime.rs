@@ -593,8 +593,9 @@ impl Drop for Runtime {
 /// [`shutdown`](Runtime::shutdown) call was stopping them, are left to that call).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{} worker(s) did not stop within {grace:?} and {}: {}",
+    "{} worker(s) did not stop within {:?} and {}: {}",
     workers.len(),
+    to_the_millisecond(*grace),
     if *aborted { "were aborted" } else { "are left to the shutdown already stopping them" },
     workers.join(", ")
 )]
@@ -607,6 +608,17 @@ pub struct ShutdownError {
     /// Whether this call aborted them (`false`: another `shutdown` call was stopping them and
     /// aborts them at its own deadline).
     pub aborted: bool,
+}
+
+/// `d` to the nearest millisecond: a grace period computed as what is left of a deadline
+/// (3.9995 s) reads as the one set (4 s).
+fn to_the_millisecond(d: Duration) -> Duration {
+    Duration::from_millis(
+        d.as_nanos()
+            .saturating_add(500_000)
+            .div_euclid(1_000_000)
+            .min(u64::MAX as u128) as u64,
+    )
 }
 
 impl Runtime {
@@ -774,5 +786,30 @@ impl Runtime {
             .filter(|(_, (h, _))| *h != Health::Stopped)
             .map(|(n, _)| n.clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShutdownError;
+    use std::time::Duration;
+
+    /// The grace period reads as it was set, not as what was left of a deadline.
+    #[test]
+    fn a_shutdown_error_gives_the_grace_to_the_millisecond() {
+        let error = ShutdownError {
+            grace: Duration::from_nanos(3_999_500_001),
+            workers: vec!["relay".into()],
+            aborted: true,
+        };
+        assert_eq!(
+            error.to_string(),
+            "1 worker(s) did not stop within 4s and were aborted: relay"
+        );
+        let error = ShutdownError {
+            grace: Duration::from_micros(1_250_400),
+            ..error
+        };
+        assert!(error.to_string().contains("within 1.25s"), "{error}");
     }
 }
