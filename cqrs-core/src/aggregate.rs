@@ -199,7 +199,8 @@ pub enum AggregateError<E> {
     Decode(#[from] DecodeError),
     /// The stream holds an event of a type the repository's [`EventTypes`] do not know: a newer
     /// build wrote it during a rolling deploy (or the type was removed from the aggregate's
-    /// event set, which the default types are made of). Loading fails rather than skip it: the
+    /// event set, which the default types are made of, or another handler recorded an event
+    /// keyed by this stream's id, which a retry will not mend). Loading fails rather than skip it: the
     /// aggregate would decide on incomplete state, and its append at the stream's version
     /// would succeed. `unavailable` as a handler error: retry once the newer build runs.
     #[error(

@@ -53,6 +53,11 @@ impl CommandContext {
     }
 
     /// Records an event with a partition key (normally the aggregate id).
+    ///
+    /// The key orders the event among those of its key on a transport, and names the stream it
+    /// is stored in by default (`cqrs-postgres`'s command layer, [`EventStoreSink`](crate::EventStoreSink)).
+    /// So key with an id of your own, not with another aggregate's stream id: an event of a
+    /// type that aggregate does not know, in its stream, stops it from loading.
     pub fn record_keyed<E: Event>(&mut self, key: impl Into<Arc<str>>, event: E) -> &EventEnvelope {
         let envelope = EventEnvelope::new(event, self.metadata.caused()).with_partition_key(key);
         self.push(envelope)

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 /// #[tokio::main]
 /// async fn main() {
 ///     helpdesk::main_with(helpdesk::Hooks {
-///         expect_plugins: vec!["auth", "tickets"], // and "tags"
+///         expect_plugins: vec!["tags"], // besides auth and tickets, always expected
 ///         ..helpdesk::Hooks::default()
 ///     })
 ///     .await
