@@ -3,50 +3,19 @@
 //! failed the start ("the hub takes one"), so only the tickets plugin's events could reach
 //! WebSocket clients.
 
+use crate::events_a_plugin_records_reach_the_store_on_either_backend::{
+    Remember, RememberHandler, Remembered,
+};
 use crate::support::*;
 use crate::websocket_clients_get_the_ticket_events_they_may_see::{connect, next, send, subscribe};
-use cqrs_core::{
-    Command, CommandContext, CommandHandler, Event, EventRecord, HandlerError, Message, async_trait,
-};
+use cqrs_core::{EventRecord, Message, async_trait};
 use cqrs_realtime::{Authorizer, EventRouting, PushedEvent, Refusal, Routed, Topic};
 use helpdesk::Hooks;
 use helpdesk_api::{BusHandle, RealtimeFeed, Role, User};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::{Arc, OnceLock};
 
-struct Note(String);
-
-impl Message for Note {
-    const NAME: &'static str = "test.note";
-}
-
-impl Command for Note {
-    type Output = ();
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Noted {
-    text: String,
-}
-
-impl Message for Noted {
-    const NAME: &'static str = "test.noted";
-}
-
-impl Event for Noted {}
-
-struct NoteHandler;
-
-#[async_trait]
-impl CommandHandler<Note> for NoteHandler {
-    async fn handle(&self, cmd: Note, ctx: &mut CommandContext) -> Result<(), HandlerError> {
-        ctx.record_keyed("notes", Noted { text: cmd.0 });
-        Ok(())
-    }
-}
-
-/// Topic `notes`, on a channel of its own, carrying `test.noted` events.
+/// Topic `notes`, on a channel of its own, carrying `test.remembered` events.
 struct NotesRouting;
 
 impl EventRouting for NotesRouting {
@@ -55,8 +24,8 @@ impl EventRouting for NotesRouting {
     }
 
     fn route(&self, record: &EventRecord) -> Option<Routed> {
-        (record.event_type == Noted::NAME).then(|| {
-            Routed::new(json!({ "text": record.payload["text"] }))
+        (record.event_type == Remembered::NAME).then(|| {
+            Routed::new(json!({ "text": record.payload["what"] }))
                 .topic(Topic::parse("notes").unwrap())
         })
     }
@@ -88,7 +57,7 @@ async fn a_second_plugins_feed_reaches_websocket_clients_under_its_own_rules() {
         let b = buses.clone();
         let hooks = Hooks {
             provide: vec![Arc::new(move |registrar| {
-                registrar.commands().add(NoteHandler);
+                registrar.commands().add(RememberHandler);
                 registrar.contribute(RealtimeFeed {
                     routing: Arc::new(NotesRouting),
                     authorizer: Arc::new(AgentsOnly),
@@ -118,7 +87,7 @@ async fn a_second_plugins_feed_reaches_websocket_clients_under_its_own_rules() {
         let dispatch = buses.get().expect("the hook ran").get().unwrap();
         dispatch
             .commands
-            .dispatch(Note("hello".into()))
+            .dispatch(Remember("hello".into()))
             .await
             .unwrap();
         let note = next(&mut agent_ws).await;

@@ -12,7 +12,7 @@ use helpdesk_api::{Backends, BusHandle};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, OnceLock};
 
-struct Remember(String);
+pub struct Remember(pub String);
 
 impl Message for Remember {
     const NAME: &'static str = "test.remember";
@@ -23,7 +23,7 @@ impl Command for Remember {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-struct Remembered {
+pub struct Remembered {
     what: String,
 }
 
@@ -33,7 +33,7 @@ impl Message for Remembered {
 
 impl Event for Remembered {}
 
-struct RememberHandler;
+pub struct RememberHandler;
 
 #[async_trait]
 impl CommandHandler<Remember> for RememberHandler {
