@@ -105,11 +105,15 @@ async fn a_batch_over_one_script_stores_each_keys_events_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_large_events_has_time_to_go_and_lands_once() {
     let Some(env) = Env::with("large-batch", |o| {
-        // The connection check keeps its usual patience: it is not what this test is about,
-        // and at twice 20 ms it would replace a connection busy with an 8 MiB script.
+        // 200 ms: far below what one 48 MiB script takes here (the chunks take about 1.1 s
+        // together), so a fixed timeout still fails it, while the connect's own commands,
+        // which get this timeout too, have room on a loaded machine (at 20 ms they might
+        // not). The connection check keeps its usual patience: it is not what this test is
+        // about, and at twice the command timeout it would replace a connection busy with an
+        // 8 MiB script.
         o.connection(
             crate::support::connection()
-                .command_timeout(Duration::from_millis(20))
+                .command_timeout(Duration::from_millis(200))
                 .unresponsive_timeout(Duration::from_secs(10)),
         )
     })
