@@ -610,15 +610,11 @@ pub struct ShutdownError {
     pub aborted: bool,
 }
 
-/// `d` to the nearest millisecond: a grace period computed as what is left of a deadline
-/// (3.9995 s) reads as the one set (4 s).
+/// `d` to the nearest millisecond, so that a grace period computed as what was left of a
+/// deadline reads as a person would write it (3.9995 s as 4 s).
 fn to_the_millisecond(d: Duration) -> Duration {
-    Duration::from_millis(
-        d.as_nanos()
-            .saturating_add(500_000)
-            .div_euclid(1_000_000)
-            .min(u64::MAX as u128) as u64,
-    )
+    let millis = (d.subsec_nanos() + 500_000) / 1_000_000;
+    Duration::from_secs(d.as_secs()).saturating_add(Duration::from_millis(u64::from(millis)))
 }
 
 impl Runtime {
@@ -811,5 +807,13 @@ mod tests {
             ..error
         };
         assert!(error.to_string().contains("within 1.25s"), "{error}");
+        let error = ShutdownError {
+            grace: Duration::MAX,
+            ..error
+        };
+        assert!(
+            error.to_string().contains("within 18446744073709551615"),
+            "{error}"
+        );
     }
 }

@@ -324,11 +324,7 @@ impl HttpApi {
 
 /// Notes in `problems` how the path parameters `op` documents differ from `path`'s.
 fn documented_path_params(path: &str, method: &str, op: &Value, problems: &mut Vec<String>) {
-    let in_path: Vec<&str> = path
-        .split('/')
-        .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
-        .map(|name| name.trim_start_matches('*'))
-        .collect();
+    let in_path = path_params(path);
     let documented: Vec<&str> = op["parameters"]
         .as_array()
         .into_iter()
@@ -347,6 +343,28 @@ fn documented_path_params(path: &str, method: &str, op: &Value, problems: &mut V
             "{route} does not document its path parameter `{name}` (`Operation::param(\"{name}\", \"path\", ..)`)"
         ));
     }
+}
+
+/// The names of `path`'s parameters (`{id}`, `{*rest}`, also after a prefix in a segment:
+/// `/user_{name}`), skipping escaped braces (`{{`, `}}`), as axum's router reads them.
+fn path_params(path: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = path;
+    while let Some(at) = rest.find(['{', '}']) {
+        let after = &rest[at + 1..];
+        if rest[at..].starts_with("{{") || rest[at..].starts_with("}}") {
+            rest = &after[1..];
+            continue;
+        }
+        if rest[at..].starts_with('}') {
+            rest = after;
+            continue;
+        }
+        let Some(end) = after.find('}') else { break };
+        names.push(after[..end].trim_start_matches('*'));
+        rest = &after[end + 1..];
+    }
+    names
 }
 
 /// A route's path with its parameters' names left out (`/tickets/{}`, `/files/{*}`): two paths
@@ -393,5 +411,15 @@ mod tests {
              `ticket_id` (`Operation::param(\"ticket_id\", \"path\", ..)`)"
         );
         assert!(HttpApi::new().try_merge(tags_api("ticket_id")).is_ok());
+    }
+
+    #[test]
+    fn path_parameters_are_read_as_the_router_reads_them() {
+        use super::path_params;
+        assert_eq!(path_params("/tickets/{id}/comments"), ["id"]);
+        assert_eq!(path_params("/files/{*rest}"), ["rest"]);
+        assert_eq!(path_params("/users/user_{name}/{id}"), ["name", "id"]);
+        assert!(path_params("/literal/{{braces}}").is_empty());
+        assert!(path_params("/plain").is_empty());
     }
 }

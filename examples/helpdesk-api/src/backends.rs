@@ -170,9 +170,10 @@ impl fmt::Debug for BackgroundWorker {
 
 /// What a plugin offers the realtime hub: how its events map to topics and frames, and who may
 /// see them. The gateway joins every plugin's feed into the one hub it mounts at `/ws`: a topic
-/// belongs to the first feed (in plugin order) whose routing carries it, and that feed's
-/// authorizer decides who may subscribe to it and see its events; an event is pushed as the
-/// first feed that routes it says. Give a feed topics of its own.
+/// belongs to the one feed whose routing carries it, and that feed's authorizer decides who
+/// may subscribe to it and see its events (a topic two feeds carry is refused to everyone); an
+/// event is pushed as the first feed that routes it says, onto that feed's own topics only
+/// (one it puts on another's topic is not pushed). Give a feed topics of its own.
 #[derive(Clone)]
 pub struct RealtimeFeed {
     /// Topics, channels and the pushed `event` object of each event.

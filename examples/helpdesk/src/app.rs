@@ -320,11 +320,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
 
     // Realtime: the feeds the plugins offer, as one, pushed by a hub that reads the durable log
     // for resume.
-    let feeds: Vec<RealtimeFeed> = registrar
-        .take_contributions_by_plugin::<RealtimeFeed>()
-        .into_iter()
-        .map(|(_, feed)| feed)
-        .collect();
+    let feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();
     if feeds.is_empty() {
         anyhow::bail!("no plugin offers a realtime feed (the tickets plugin does)");
     }
@@ -752,27 +748,61 @@ async fn websocket_client_key(
 /// The hub asks the feed's rules.
 struct HubRules(Arc<dyn cqrs_realtime::Authorizer<User>>);
 
-/// Every plugin's realtime feed as one, in plugin order: a topic belongs to the first feed
-/// whose routing carries it, which decides who may subscribe to it and see its events; an
-/// event is pushed as the first feed that routes it says.
-struct Feeds(Vec<RealtimeFeed>);
+/// Every plugin's realtime feed as one. A topic belongs to the one feed whose routing carries
+/// it, and that feed's authorizer decides who may subscribe to it and see its events. A topic
+/// two feeds carry belongs to neither: refused, and nothing is pushed on it (a plugin must not
+/// take over another's topics, whatever the plugin order). An event is pushed as the first
+/// feed that routes it says, and only onto that feed's own topics: one it puts on another
+/// feed's topic is not pushed, since that feed's authorizer would judge an event it does not
+/// know (a note of one plugin with a `reporter_id` of its own shown to a ticket's reporter).
+struct Feeds(Vec<(&'static str, RealtimeFeed)>);
+
+/// Two feeds carry a topic; the first one's channel for it.
+struct SharedTopic(String);
 
 impl Feeds {
-    /// The feed `topic` belongs to.
-    fn owner(&self, topic: &Topic) -> Option<&RealtimeFeed> {
-        self.0
-            .iter()
-            .find(|feed| feed.routing.channel(topic).is_some())
+    /// The index of the feed `topic` belongs to, and its channel.
+    fn owner(&self, topic: &Topic) -> Result<Option<(usize, String)>, SharedTopic> {
+        let mut owner = None;
+        for (index, (_, feed)) in self.0.iter().enumerate() {
+            if let Some(channel) = feed.routing.channel(topic) {
+                if let Some((_, first)) = owner {
+                    return Err(SharedTopic(first));
+                }
+                owner = Some((index, channel));
+            }
+        }
+        Ok(owner)
     }
 }
 
 impl cqrs_realtime::EventRouting for Feeds {
     fn channel(&self, topic: &Topic) -> Option<String> {
-        self.0.iter().find_map(|feed| feed.routing.channel(topic))
+        match self.owner(topic) {
+            Ok(owner) => owner.map(|(_, channel)| channel),
+            // Known, so that a subscribe reaches the authorizer, which says why it refuses.
+            Err(SharedTopic(first)) => Some(first),
+        }
     }
 
     fn route(&self, record: &cqrs_core::EventRecord) -> Option<cqrs_realtime::Routed> {
-        self.0.iter().find_map(|feed| feed.routing.route(record))
+        let (index, routed) = self
+            .0
+            .iter()
+            .enumerate()
+            .find_map(|(index, (_, feed))| Some((index, feed.routing.route(record)?)))?;
+        for topic in routed.topics() {
+            if !matches!(self.owner(topic), Ok(Some((owner, _))) if owner == index) {
+                tracing::warn!(
+                    plugin = self.0[index].0,
+                    event_type = %record.event_type,
+                    %topic,
+                    "not pushed: the plugin's realtime feed put the event on a topic that is not its own alone"
+                );
+                return None;
+            }
+        }
+        Some(routed)
     }
 }
 
@@ -780,15 +810,33 @@ impl cqrs_realtime::EventRouting for Feeds {
 impl cqrs_realtime::Authorizer<User> for Feeds {
     async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
         match self.owner(topic) {
-            Some(feed) => feed.authorizer.authorize_subscribe(user, topic).await,
+            Ok(Some((index, _))) => {
+                self.0[index]
+                    .1
+                    .authorizer
+                    .authorize_subscribe(user, topic)
+                    .await
+            }
             // The hub refuses a topic no routing carries before it asks.
-            None => Err(Refusal::forbidden("no feed carries this topic")),
+            Ok(None) => Err(Refusal::forbidden("no feed carries this topic")),
+            Err(SharedTopic(_)) => {
+                tracing::warn!(%topic, "refused: two plugins' realtime feeds carry the topic");
+                Err(Refusal::forbidden(
+                    "two plugins' realtime feeds carry this topic: the server serves it to no one",
+                ))
+            }
         }
     }
 
     fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
-        self.owner(topic)
-            .is_some_and(|feed| feed.authorizer.may_see(user, topic, event))
+        // One feed (the usual case): its topics are all it serves; no lookup per subscriber.
+        if let [(_, feed)] = self.0.as_slice() {
+            return feed.authorizer.may_see(user, topic, event);
+        }
+        match self.owner(topic) {
+            Ok(Some((index, _))) => self.0[index].1.authorizer.may_see(user, topic, event),
+            _ => false,
+        }
     }
 }
 
