@@ -204,7 +204,7 @@ pub enum AggregateError<E> {
     /// aggregate would decide on incomplete state, and its append at the stream's version
     /// would succeed. `unavailable` as a handler error: retry once the newer build runs.
     #[error(
-        "stream `{stream}` holds an event of type `{event_type}` at version {version} that this build does not know; deploy the build that wrote it here too (or add the type back to the aggregate's event set): deciding without it would decide on incomplete state"
+        "stream `{stream}` holds an event of type `{event_type}` at version {version} that this build does not know; deploy the build that wrote it here too (or add the type back to the aggregate's event set; if no build of this aggregate knows it, a handler recorded it keyed with this stream's id by mistake: repair the stream): deciding without it would decide on incomplete state"
     )]
     UnknownEvent {
         /// The stream.

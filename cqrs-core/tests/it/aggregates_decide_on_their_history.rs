@@ -352,6 +352,12 @@ fn loading_fails_on_an_event_of_a_type_this_build_does_not_know() {
             err.to_string().contains("deploy the build that wrote it"),
             "{err}"
         );
+        // The other way such an event gets there, which no deploy mends.
+        assert!(
+            err.to_string()
+                .contains("a handler recorded it keyed with this stream's id by mistake"),
+            "{err}"
+        );
         let refused = repo
             .execute("x", None, 1, &Metadata::new())
             .await
