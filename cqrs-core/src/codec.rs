@@ -372,32 +372,29 @@ impl EventTypes {
     /// skipped under [`UnknownEventPolicy::Skip`] or [`UnknownEventPolicy::Ignore`].
     pub fn decode(&self, record: &EventRecord) -> Result<Option<EventEnvelope>, DecodeError> {
         let Some(entry) = self.entries.get(&record.event_type) else {
-            return match self.policy {
-                UnknownEventPolicy::Skip | UnknownEventPolicy::Ignore => {
-                    if self.policy == UnknownEventPolicy::Skip {
-                        tracing::warn!(
-                            event_type = %record.event_type,
-                            event_id = %record.event_id,
-                            "skipping an event of a type not registered here: no handler of this \
-                             consumer's event bus takes it (add one to handle it), or a newer \
-                             build wrote it (`UnknownEventPolicy::Ignore` skips without a \
-                             warning, for a topic that carries other plugins' events)"
-                        );
-                    } else {
-                        tracing::debug!(
-                            event_type = %record.event_type,
-                            event_id = %record.event_id,
-                            "ignoring an event of a type not registered here"
-                        );
-                    }
-                    metrics::counter!("cqrs_events_unknown_total", "event_type" => UNKNOWN_TYPE_LABELS.label(&record.event_type)).increment(1);
-                    Ok(None)
+            match self.policy {
+                UnknownEventPolicy::Fail => {
+                    return Err(DecodeError::UnknownType {
+                        event_type: record.event_type.clone(),
+                        schema_version: record.schema_version,
+                    });
                 }
-                UnknownEventPolicy::Fail => Err(DecodeError::UnknownType {
-                    event_type: record.event_type.clone(),
-                    schema_version: record.schema_version,
-                }),
-            };
+                UnknownEventPolicy::Skip => tracing::warn!(
+                    event_type = %record.event_type,
+                    event_id = %record.event_id,
+                    "skipping an event of a type not registered here: no handler of this \
+                     consumer's event bus takes it (add one to handle it), or a newer build wrote \
+                     it (`UnknownEventPolicy::Ignore` skips without a warning, for a topic that \
+                     carries other plugins' events)"
+                ),
+                UnknownEventPolicy::Ignore => tracing::debug!(
+                    event_type = %record.event_type,
+                    event_id = %record.event_id,
+                    "ignoring an event of a type not registered here"
+                ),
+            }
+            metrics::counter!("cqrs_events_unknown_total", "event_type" => UNKNOWN_TYPE_LABELS.label(&record.event_type)).increment(1);
+            return Ok(None);
         };
         if record.schema_version > entry.current {
             return Err(DecodeError::FutureVersion {

@@ -108,7 +108,18 @@ impl From<StoreError> for HandlerError {
             }
             _ => None,
         };
-        let handler_error = HandlerError::new(error.kind(), code, error.to_string());
+        let message = match &error {
+            // For the caller's client: the stream's name is the server's own (the error, kept
+            // as the source, still names it for the log).
+            StoreError::Conflict {
+                expected, actual, ..
+            } => format!(
+                "version conflict: expected {expected}, found version {actual}; someone else \
+                 changed it first: reload it and try again"
+            ),
+            _ => error.to_string(),
+        };
+        let handler_error = HandlerError::new(error.kind(), code, message);
         let handler_error = match details {
             Some(details) => handler_error.with_details(details),
             None => handler_error,
@@ -198,6 +209,11 @@ mod tests {
         assert_eq!(
             error.details(),
             Some(&serde_json::json!({ "current_version": 3 }))
+        );
+        assert_eq!(
+            error.message(),
+            "version conflict: expected version 1, found version 3; someone else changed it \
+             first: reload it and try again"
         );
         let error = HandlerError::from(StoreError::Codec("bad".into()));
         assert_eq!(error.details(), None);

@@ -271,25 +271,6 @@ fn written_for_clients(e: &HandlerError) -> bool {
     }
 }
 
-/// A store's version conflict, as a client is told it: the store's own text names the internal
-/// stream (`ticket_tags-…`), which no client needs; the version the stream is at is kept (it is
-/// also in the details, `current_version`). `None` for any other error, a conflict a handler
-/// wrote its own message for included.
-fn conflict_message(e: &HandlerError) -> Option<String> {
-    use cqrs_core::ports::StoreError;
-    let source = std::error::Error::source(e)?.downcast_ref::<StoreError>()?;
-    match source {
-        StoreError::Conflict { actual, .. }
-            if e.kind() == ErrorKind::Conflict && e.message() == source.to_string() =>
-        {
-            Some(format!(
-                "it was changed meanwhile (it is now at version {actual}): read it again, then retry"
-            ))
-        }
-        _ => None,
-    }
-}
-
 /// The message a 503 sends when its own is not for clients.
 fn unavailable_message(kind: ErrorKind) -> &'static str {
     if kind == ErrorKind::Timeout {
@@ -306,11 +287,7 @@ impl From<&HandlerError> for ApiError {
     /// and its source, are logged instead.
     fn from(e: &HandlerError) -> Self {
         let status = Self::status_of(e.kind());
-        let conflict;
-        let message = if let Some(written) = conflict_message(e) {
-            conflict = written;
-            &conflict
-        } else if !status.is_server_error() {
+        let message = if !status.is_server_error() {
             e.message()
         } else {
             let source = std::error::Error::source(e);
