@@ -51,6 +51,11 @@
 //! A handler that panics does not take the bus down: the panic becomes
 //! [`DispatchError::Panicked`] for that one message.
 //!
+//! The events a command handler records (`ctx.record`) go to the bus's
+//! [`EventSink`]: `cqrs-postgres`'s command layer stores them with the
+//! handler's writes, and [`EventStoreSink`] appends them to an in-memory store. A bus with
+//! neither drops them, and warns once that it does.
+//!
 //! # Feature flags
 //!
 //! | flag | what it adds |

@@ -3,8 +3,9 @@
 //!
 //! A server plugs in three things and mounts one route:
 //!
-//! * an [`Authenticator`]: bearer token → principal, at the handshake (refusal: 401), and
-//!   when its credentials expire (the connection is then closed with 1008);
+//! * an [`Authenticator`]: bearer token → principal, at the handshake (refusal: 401; an
+//!   authenticator that cannot check, or takes longer than the operation timeout: 503 with
+//!   `Retry-After`), and when its credentials expire (the connection is then closed with 1008);
 //! * an [`Authorizer`]: may this principal subscribe to this topic, and see this event;
 //! * an [`EventRouting`]: which [`Topic`]s an [`EventRecord`](cqrs_core::EventRecord) goes to,
 //!   on which coarse pub/sub channel, as which JSON `event` object, with which routing fields.
@@ -100,7 +101,7 @@
 //! Through the `metrics` facade (install the recorder before building the hub), named in
 //! [`metrics::names`]: open connections, subscriptions, messages sent, slow-client closes,
 //! idle closes, expired-credential closes, refused handshakes, missed upstream messages,
-//! replayed events. [`Hub::stats`] reads the same counters directly.
+//! `events_missed` notices sent, replayed events. [`Hub::stats`] reads the same counters directly.
 
 #![deny(missing_docs)]
 
