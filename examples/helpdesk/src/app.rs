@@ -324,7 +324,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     if feeds.is_empty() {
         anyhow::bail!("no plugin offers a realtime feed (the tickets plugin does)");
     }
-    let feeds = Arc::new(Feeds(feeds));
+    let feeds = Arc::new(Feeds::new(feeds));
     // WebSockets are client connections too: with `--max-connections` set, the hub takes the
     // same limit (the server's own bounds them all anyway); unset, the hub's default, which
     // keeps their memory bounded where the open-file limit is high.
@@ -751,20 +751,35 @@ struct HubRules(Arc<dyn cqrs_realtime::Authorizer<User>>);
 /// Every plugin's realtime feed as one. A topic belongs to the one feed whose routing carries
 /// it, and that feed's authorizer decides who may subscribe to it and see its events. A topic
 /// two feeds carry belongs to neither: refused, and nothing is pushed on it (a plugin must not
-/// take over another's topics, whatever the plugin order). An event is pushed as the first
-/// feed that routes it says, and only onto that feed's own topics: one it puts on another
-/// feed's topic is not pushed, since that feed's authorizer would judge an event it does not
-/// know (a note of one plugin with a `reporter_id` of its own shown to a ticket's reporter).
-struct Feeds(Vec<(&'static str, RealtimeFeed)>);
+/// take over another's topics, whatever the plugin order). An event is pushed as the one feed
+/// that routes it says, and only onto that feed's own topics: one it puts on another feed's
+/// topic is not pushed, since that feed's authorizer would judge an event it does not know (a
+/// note of one plugin with a `reporter_id` of its own shown to a ticket's reporter); and an
+/// event two feeds route is not pushed either, whatever the plugin order, since either feed's
+/// rules could show it to someone the other's hide it from (a plugin routing every event with a
+/// `ticket_id` onto topics of its own would show ticket events under its rules).
+struct Feeds {
+    feeds: Vec<(&'static str, RealtimeFeed)>,
+    /// The event types already warned about, so a feed's mistake is logged once per type, not
+    /// once per event.
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
+}
 
 /// Two feeds carry a topic; the first one's channel for it.
 struct SharedTopic(String);
 
 impl Feeds {
+    fn new(feeds: Vec<(&'static str, RealtimeFeed)>) -> Self {
+        Self {
+            feeds,
+            warned: Default::default(),
+        }
+    }
+
     /// The index of the feed `topic` belongs to, and its channel.
     fn owner(&self, topic: &Topic) -> Result<Option<(usize, String)>, SharedTopic> {
         let mut owner = None;
-        for (index, (_, feed)) in self.0.iter().enumerate() {
+        for (index, (_, feed)) in self.feeds.iter().enumerate() {
             if let Some(channel) = feed.routing.channel(topic) {
                 if let Some((_, first)) = owner {
                     return Err(SharedTopic(first));
@@ -786,23 +801,50 @@ impl cqrs_realtime::EventRouting for Feeds {
     }
 
     fn route(&self, record: &cqrs_core::EventRecord) -> Option<cqrs_realtime::Routed> {
-        let (index, routed) = self
-            .0
-            .iter()
-            .enumerate()
-            .find_map(|(index, (_, feed))| Some((index, feed.routing.route(record)?)))?;
+        let mut chosen: Option<(usize, cqrs_realtime::Routed)> = None;
+        for (index, (plugin, feed)) in self.feeds.iter().enumerate() {
+            let Some(routed) = feed.routing.route(record) else {
+                continue;
+            };
+            if let Some((first, _)) = chosen {
+                self.warn_once(record, || {
+                    tracing::warn!(
+                        plugins = ?[self.feeds[first].0, plugin],
+                        event_type = %record.event_type,
+                        "not pushed: two plugins' realtime feeds route events of this type; a feed must route its own plugin's events alone (logged once per type)"
+                    )
+                });
+                return None;
+            }
+            chosen = Some((index, routed));
+        }
+        let (index, routed) = chosen?;
         for topic in routed.topics() {
             if !matches!(self.owner(topic), Ok(Some((owner, _))) if owner == index) {
-                tracing::warn!(
-                    plugin = self.0[index].0,
-                    event_type = %record.event_type,
-                    %topic,
-                    "not pushed: the plugin's realtime feed put the event on a topic that is not its own alone"
-                );
+                self.warn_once(record, || {
+                    tracing::warn!(
+                        plugin = self.feeds[index].0,
+                        event_type = %record.event_type,
+                        %topic,
+                        "not pushed: the plugin's realtime feed put the event on a topic that is not its own alone (logged once per type)"
+                    )
+                });
                 return None;
             }
         }
         Some(routed)
+    }
+}
+
+impl Feeds {
+    /// Runs `warn` the first time an event of this type is not pushed; at most 1,024 types are
+    /// remembered, so the names a store holds cannot grow the set without end.
+    #[cold]
+    fn warn_once(&self, record: &cqrs_core::EventRecord, warn: impl FnOnce()) {
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.len() < 1024 && warned.insert(record.event_type.clone()) {
+            warn();
+        }
     }
 }
 
@@ -811,7 +853,7 @@ impl cqrs_realtime::Authorizer<User> for Feeds {
     async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
         match self.owner(topic) {
             Ok(Some((index, _))) => {
-                self.0[index]
+                self.feeds[index]
                     .1
                     .authorizer
                     .authorize_subscribe(user, topic)
@@ -830,11 +872,11 @@ impl cqrs_realtime::Authorizer<User> for Feeds {
 
     fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
         // One feed (the usual case): its topics are all it serves; no lookup per subscriber.
-        if let [(_, feed)] = self.0.as_slice() {
+        if let [(_, feed)] = self.feeds.as_slice() {
             return feed.authorizer.may_see(user, topic, event);
         }
         match self.owner(topic) {
-            Ok(Some((index, _))) => self.0[index].1.authorizer.may_see(user, topic, event),
+            Ok(Some((index, _))) => self.feeds[index].1.authorizer.may_see(user, topic, event),
             _ => false,
         }
     }

@@ -1,7 +1,8 @@
 //! Every plugin's `RealtimeFeed` joins the one hub at `/ws`: a topic belongs to the one feed
 //! whose routing carries it, and that feed's authorizer decides who sees it. Before, a second
 //! feed failed the start ("the hub takes one"), so only the tickets plugin's events could reach
-//! WebSocket clients. A feed cannot push onto another feed's topics, nor take them over.
+//! WebSocket clients. A feed cannot push onto another feed's topics, nor take them over, nor
+//! push another plugin's events under its own rules.
 
 use crate::events_a_plugin_records_reach_the_store_on_either_backend::{
     Remember, RememberHandler, Remembered,
@@ -20,8 +21,12 @@ use std::sync::{Arc, OnceLock};
 /// Topic `notes`, on a channel of its own, carrying `test.remembered` events. With
 /// `greedy`, it says it carries every topic. An event remembering `intrude:<user id>` it also
 /// puts on `tickets`, with that user as the `reporter_id` the tickets feed's rules look at.
+/// With `grabby`, it also routes onto `notes` any event whose payload has a `title` starting
+/// with "grab" (as a feed that routes by payload fields without looking at the event's type
+/// would take the tickets plugin's events).
 struct NotesRouting {
     greedy: bool,
+    grabby: bool,
 }
 
 impl EventRouting for NotesRouting {
@@ -31,6 +36,14 @@ impl EventRouting for NotesRouting {
     }
 
     fn route(&self, record: &EventRecord) -> Option<Routed> {
+        if self.grabby
+            && let Some(title) = record.payload["title"].as_str()
+            && title.starts_with("grab")
+        {
+            return Some(
+                Routed::new(json!({ "text": title })).topic(Topic::parse("notes").unwrap()),
+            );
+        }
         if record.event_type != Remembered::NAME {
             return None;
         }
@@ -65,14 +78,18 @@ impl Authorizer<User> for AgentsOnly {
 
 /// A server with the notes feed (before the tickets plugin's: hooks provide first) and the
 /// handler that records `Remembered`; and the buses, to dispatch it.
-async fn notes_server(backend: &Backend, greedy: bool) -> (TestServer, Arc<OnceLock<BusHandle>>) {
+async fn notes_server(
+    backend: &Backend,
+    routing: NotesRouting,
+) -> (TestServer, Arc<OnceLock<BusHandle>>) {
+    let routing = Arc::new(routing);
     let buses: Arc<OnceLock<BusHandle>> = Arc::default();
     let b = buses.clone();
     let hooks = Hooks {
         provide: vec![Arc::new(move |registrar| {
             registrar.commands().add(RememberHandler);
             registrar.contribute(RealtimeFeed {
-                routing: Arc::new(NotesRouting { greedy }),
+                routing: routing.clone(),
                 authorizer: Arc::new(AgentsOnly),
             });
             let _ = b.set(registrar.resource::<BusHandle>().unwrap());
@@ -104,7 +121,11 @@ async fn next_event(ws: &mut Ws, topic: &str) -> Value {
 async fn a_second_plugins_feed_reaches_websocket_clients_under_its_own_rules() {
     within(async {
         let backend = Backend::from_env().await;
-        let (s, buses) = notes_server(&backend, false).await;
+        let routing = NotesRouting {
+            greedy: false,
+            grabby: false,
+        };
+        let (s, buses) = notes_server(&backend, routing).await;
         let (agent, _) = s.agent().await;
         let (customer, customer_id) = s.customer().await;
         let (other, _) = s.customer().await;
@@ -161,7 +182,11 @@ async fn a_second_plugins_feed_reaches_websocket_clients_under_its_own_rules() {
 async fn a_topic_two_feeds_carry_is_served_to_no_one() {
     within(async {
         let backend = Backend::from_env().await;
-        let (s, _) = notes_server(&backend, true).await;
+        let routing = NotesRouting {
+            greedy: true,
+            grabby: false,
+        };
+        let (s, _) = notes_server(&backend, routing).await;
         let (agent, _) = s.agent().await;
         let mut ws = connect(&s, &agent).await;
         send(&mut ws, json!({ "type": "subscribe", "topic": "tickets" })).await;
@@ -175,6 +200,46 @@ async fn a_topic_two_feeds_carry_is_served_to_no_one() {
         );
         subscribe(&mut ws, "notes").await;
         drop(ws);
+        s.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
+/// A feed that routes the tickets plugin's events (by their payload, not their type) cannot
+/// push them under its own rules, although it comes first in plugin order: an event two feeds
+/// route is pushed by neither. Before, the first feed to route an event took it: the ticket's
+/// events went to the notes feed's subscribers under its rules, and to no one on `tickets`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_two_feeds_route_is_pushed_by_neither() {
+    within(async {
+        let backend = Backend::from_env().await;
+        let routing = NotesRouting {
+            greedy: false,
+            grabby: true,
+        };
+        let (s, buses) = notes_server(&backend, routing).await;
+        let (agent, _) = s.agent().await;
+        let (customer, _) = s.customer().await;
+        let mut agent_ws = connect(&s, &agent).await;
+        let mut customer_ws = connect(&s, &customer).await;
+        subscribe(&mut agent_ws, "notes").await;
+        subscribe(&mut customer_ws, "tickets").await;
+
+        // Both feeds route this ticket's opening: neither pushes it.
+        s.ticket(&customer, "grab this one").await;
+        // Each topic's next event, published after it on the same channel, comes first.
+        let plain = s.ticket(&customer, "plain").await;
+        assert_eq!(
+            next_event(&mut customer_ws, "tickets").await["ticket_id"],
+            plain["id"]
+        );
+        remember(&buses, "after the grabbed ticket").await;
+        assert_eq!(
+            next_event(&mut agent_ws, "notes").await["text"],
+            "after the grabbed ticket"
+        );
+        drop((agent_ws, customer_ws));
         s.stop().await;
         backend.clean_up().await;
     })
