@@ -47,6 +47,9 @@ impl EventRouting for TicketRouting {
     }
 
     fn route(&self, record: &EventRecord) -> Option<Routed> {
+        if !record.event_type.starts_with("Ticket") {
+            return None;
+        }
         let ticket_id = record.payload.get("ticket_id")?.as_str()?;
         let reporter = record.payload.get("reporter_id").cloned();
         Some(

@@ -28,6 +28,11 @@ use std::fmt;
 ///     }
 ///
 ///     fn route(&self, record: &EventRecord) -> Option<Routed> {
+///         // The ticket events alone, by type: the log carries every event, and another type
+///         // with a `ticket_id` must not be pushed with whatever else it holds.
+///         if !record.event_type.starts_with("Ticket") {
+///             return None;
+///         }
 ///         let ticket_id = record.payload.get("ticket_id")?.as_str()?;
 ///         Some(
 ///             Routed::new(serde_json::json!({
