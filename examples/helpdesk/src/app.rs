@@ -62,6 +62,9 @@ pub struct Hooks {
     /// plugins of its own names them, so one left unlinked (its `use ... as _;` line lost)
     /// fails the start naming it, instead of its routes answering 404.
     pub expect_plugins: Vec<&'static str>,
+    /// How often a running instance on Postgres renews its record in the schema and its claim
+    /// on the Redis key prefix; every 30 s when `None` (tests shorten it).
+    pub deployment_checks_every: Option<Duration>,
 }
 
 /// Provides resources to the plugins; see [`Hooks::provide`].
@@ -79,6 +82,7 @@ impl std::fmt::Debug for Hooks {
             .field("workers", &self.workers.len())
             .field("provide", &self.provide.len())
             .field("expect_plugins", &self.expect_plugins)
+            .field("deployment_checks_every", &self.deployment_checks_every)
             .finish()
     }
 }
@@ -358,10 +362,16 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
                 url: config.redis_url.as_deref().unwrap_or_default(),
                 prefix: &config.redis_prefix,
             });
-        let instance =
-            crate::deployment::join(db, target, !hooks.without_relay, config.bind).await?;
-        if let Some(instance) = instance {
+        let every = hooks
+            .deployment_checks_every
+            .unwrap_or(crate::deployment::RENEW_EVERY);
+        let joined =
+            crate::deployment::join(db, target, !hooks.without_relay, config.bind, every).await?;
+        if let Some(instance) = joined.instance {
             runtime = runtime.worker(instance);
+        }
+        if let Some(claim) = joined.claim {
+            runtime = runtime.worker(claim);
         }
     }
     let runtime = Arc::new(runtime.start());

@@ -4,7 +4,9 @@
 //! Two mistakes lose or leak events without an error of their own:
 //! - two helpdesks (two schemas, or two databases) on one Redis with the same key prefix read
 //!   each other's events: each schema has an id, and its instances claim the prefix with it
-//!   ([`RedisStreamTransport::claim_prefix`]), so the second helpdesk is refused at start;
+//!   ([`RedisStreamTransport::claim_prefix`]), so the second helpdesk is refused at start; the
+//!   instances claim it again while they run ([`PrefixClaim`]), since a Redis that lost its
+//!   data forgets the claim;
 //! - instances of one schema that ship events to different places (one without Redis among
 //!   instances with it, a replica missing `REDIS_URL`; or another Redis server or prefix) run
 //!   the relays of the same names, so the events one takes never reach the others'
@@ -25,8 +27,9 @@ use helpdesk_api::Migration;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// How often a running instance renews its record.
-const RENEW_EVERY: Duration = Duration::from_secs(30);
+/// How often a running instance renews its record and its claim on the Redis key prefix,
+/// unless [`Hooks::deployment_checks_every`](crate::Hooks::deployment_checks_every) says.
+pub(crate) const RENEW_EVERY: Duration = Duration::from_secs(30);
 
 /// How long after its last renewal an instance's record counts as gone (a crash, a kill).
 pub(crate) const STALE_AFTER: Duration = Duration::from_secs(90);
@@ -84,6 +87,16 @@ pub(crate) struct Instance {
     events_to: String,
     /// Where to find it: host name, process id, listening address.
     seen_as: String,
+    /// How often the record is renewed.
+    every: Duration,
+}
+
+/// What keeps a running instance's place in its deployment: its record in the schema (none
+/// for an instance that is not recorded) and its claim on the Redis key prefix (none without
+/// Redis), each a [`Worker`] that renews it every [`RENEW_EVERY`] or as the hooks say.
+pub(crate) struct Joined {
+    pub(crate) instance: Option<Instance>,
+    pub(crate) claim: Option<PrefixClaim>,
 }
 
 /// Refuses to start when instances that ship elsewhere run on the schema, then claims the
@@ -91,13 +104,15 @@ pub(crate) struct Instance {
 /// under a lock. With `record` false (an instance that runs no relay, in tests), the instance
 /// is neither checked nor recorded; the prefix is still claimed. Run after
 /// the migrations, last before the workers start: a start that failed later would leave its
-/// record behind. `bind` is the listening address, for the record.
+/// record behind. `bind` is the listening address, for the record; `every`, how often the
+/// workers returned renew the record and the claim.
 pub(crate) async fn join(
     db: &PgDatabase,
     redis: Option<RedisTarget<'_>>,
     record: bool,
     bind: std::net::SocketAddr,
-) -> anyhow::Result<Option<Instance>> {
+    every: Duration,
+) -> anyhow::Result<Joined> {
     let schema = db.schema();
     let failed = "cannot record this instance in the schema";
     sqlx::query(AssertSqlSafe(format!(
@@ -159,12 +174,21 @@ pub(crate) async fn join(
             );
         }
     }
+    let mut claim = None;
     if let Some(target) = &redis {
         // Named by its id and where it lives: a copy of the database restored elsewhere (a
         // staging copy of production's) is another helpdesk, which must not share the prefix.
         let owner = format!("helpdesk {schema_id} (schema `{schema}` of database `{database}`)");
         match target.transport.claim_prefix(&owner).await {
-            Ok(()) => {}
+            Ok(()) => {
+                claim = Some(PrefixClaim {
+                    transport: target.transport.clone(),
+                    owner,
+                    prefix: target.prefix.to_owned(),
+                    every,
+                    taken_by_another: false,
+                });
+            }
             Err(error @ TransportError::Invalid(_)) => {
                 return Err(anyhow::Error::new(error).context(format!(
                     "another helpdesk uses the Redis key prefix `{}`: give each helpdesk (each \
@@ -180,13 +204,17 @@ pub(crate) async fn join(
     }
     if !record {
         tx.commit().await.context(failed)?;
-        return Ok(None);
+        return Ok(Joined {
+            instance: None,
+            claim,
+        });
     }
     let instance = Instance {
         db: db.clone(),
         id: Uuid::now_v7(),
         events_to,
         seen_as: seen_as(bind),
+        every,
     };
     instance.renew(&mut *tx).await.context(failed)?;
     sqlx::query(AssertSqlSafe(format!(
@@ -196,7 +224,10 @@ pub(crate) async fn join(
     .await
     .context("cannot delete old instance records")?;
     tx.commit().await.context(failed)?;
-    Ok(Some(instance))
+    Ok(Joined {
+        instance: Some(instance),
+        claim,
+    })
 }
 
 /// How an operator finds this instance: `pid 123 on host-a, listening on 10.0.0.5:8080`.
@@ -246,7 +277,7 @@ impl Worker for Instance {
         "instance-record"
     }
 
-    /// Renews the record every [`RENEW_EVERY`]; a failed renewal is logged (the next one is
+    /// Renews the record every [`RENEW_EVERY`] (or as the hooks say); a failed renewal is logged (the next one is
     /// well inside [`STALE_AFTER`]), not reported as its health: the `postgres` check reports
     /// the outage that fails it, and a stale reason here would outlive that outage until the
     /// next renewal. Removes the record when asked to stop.
@@ -255,14 +286,14 @@ impl Worker for Instance {
         loop {
             tokio::select! {
                 _ = ctx.shutdown.requested() => break,
-                _ = tokio::time::sleep(RENEW_EVERY) => {}
+                _ = tokio::time::sleep(self.every) => {}
             }
             // Bounded and raced with the stop: a hung Postgres must not keep the worker from
             // removing its record when asked to stop (aborted at the grace's end, it would
             // leave the record to go stale instead).
             tokio::select! {
                 _ = ctx.shutdown.requested() => break,
-                renewed = tokio::time::timeout(RENEW_EVERY, self.renew(self.db.pool())) => {
+                renewed = tokio::time::timeout(self.every, self.renew(self.db.pool())) => {
                     match renewed {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => tracing::warn!(%error, "could not renew this instance's record in the schema"),
@@ -277,6 +308,77 @@ impl Worker for Instance {
                 "could not remove this instance's record: an instance shipping elsewhere \
                  starts once it is stale"
             );
+        }
+        Ok(())
+    }
+}
+
+/// Holds this helpdesk's claim on the Redis key prefix while the instance runs: a Redis that
+/// lost its data (restarted without persistence, flushed, failed over to a replica that never
+/// had the key) forgets the claim, and another helpdesk could then start on the prefix, read
+/// this one's events and count them in its own stats. Each round claims the prefix again; one
+/// another helpdesk made meanwhile is reported (degraded, naming it, and logged at `error`),
+/// since nothing this instance can do undoes it: the operator stops the other helpdesk.
+pub(crate) struct PrefixClaim {
+    transport: RedisStreamTransport,
+    /// What the claim says: this helpdesk's schema id, schema and database.
+    owner: String,
+    prefix: String,
+    every: Duration,
+    /// Whether the last round found the prefix claimed by another helpdesk.
+    taken_by_another: bool,
+}
+
+#[async_trait]
+impl Worker for PrefixClaim {
+    fn name(&self) -> &str {
+        "redis-prefix-claim"
+    }
+
+    /// A round that cannot reach Redis is logged, not reported as its health: the `redis`
+    /// check reports the outage, and the next round claims the prefix again once Redis is
+    /// back (before another helpdesk's start could, unless it starts within `every`).
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        ctx.health.set(Health::Healthy);
+        loop {
+            tokio::select! {
+                _ = ctx.shutdown.requested() => break,
+                _ = tokio::time::sleep(self.every) => {}
+            }
+            let claimed = tokio::select! {
+                _ = ctx.shutdown.requested() => break,
+                claimed = tokio::time::timeout(self.every, self.transport.claim_prefix(&self.owner)) => claimed,
+            };
+            match claimed {
+                Ok(Ok(())) => {
+                    if std::mem::take(&mut self.taken_by_another) {
+                        tracing::info!(
+                            prefix = %self.prefix,
+                            "the Redis key prefix is this helpdesk's again"
+                        );
+                    }
+                    ctx.health.set(Health::Healthy);
+                }
+                Ok(Err(TransportError::Invalid(reason))) => {
+                    if !std::mem::replace(&mut self.taken_by_another, true) {
+                        tracing::error!(
+                            prefix = %self.prefix,
+                            %reason,
+                            "another helpdesk claimed this helpdesk's Redis key prefix (Redis                              lost the claim: restarted without persistence, flushed or failed                              over): it reads this helpdesk's events and its WebSocket clients                              see them. Stop it and give it a prefix of its own, then delete                              the key `<prefix>:owner`; this helpdesk claims it again within a                              round. Events it consumed are missing from this helpdesk's stats"
+                        );
+                    }
+                    ctx.health.set(Health::Degraded(format!(
+                        "another helpdesk claimed the Redis key prefix `{}`: {reason}",
+                        self.prefix
+                    )));
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "could not renew the claim on the Redis key prefix")
+                }
+                Err(_) => {
+                    tracing::warn!("renewing the claim on the Redis key prefix got no answer")
+                }
+            }
         }
         Ok(())
     }

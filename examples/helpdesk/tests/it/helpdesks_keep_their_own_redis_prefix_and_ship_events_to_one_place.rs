@@ -2,10 +2,16 @@
 //! (two schemas) on one Redis key prefix read each other's events, and instances of one schema
 //! shipping events to different places (one without Redis among instances with it, or another
 //! prefix) ran relays of the same names, so the events one took never reached the others'
-//! WebSockets. Both are refused at start.
+//! WebSockets. Both are refused at start. A Redis that lost its data forgot the prefix's
+//! claim, and nothing claimed it again: another helpdesk then started on the prefix and
+//! counted this one's events in its own stats, without a word from either. Running instances
+//! now claim it again, and report another helpdesk's claim.
 
 use crate::support::*;
 use helpdesk::{Hooks, Server};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_helpdesk_on_a_redis_prefix_is_refused() {
@@ -104,6 +110,97 @@ async fn instances_of_a_schema_ship_events_to_one_place() {
         );
         without.stop().await;
         backend.clean_up().await;
+    })
+    .await;
+}
+
+/// The claim's component in `/ready`, once it says `status`; panics after 10 s.
+async fn claim_status(s: &TestServer, status: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = s.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
+        let component = ready.body["components"]["redis-prefix-claim"].clone();
+        if component["status"] == status {
+            return component;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim not {status} within 10 s: {ready:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `key` holds a value containing `needle`; panics after 10 s.
+async fn key_holds(url: &str, key: &str, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = redis_command(url, &["GET", key]).await.unwrap_or_default();
+        if reply.contains(needle) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{key}` does not hold `{needle}` within 10 s: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_instances_hold_their_claim_on_the_redis_prefix() {
+    within(async {
+        let (Some(backend), Some(other)) = (Backend::postgres().await, Backend::postgres().await)
+        else {
+            return;
+        };
+        let hooks = Hooks {
+            deployment_checks_every: Some(Duration::from_millis(50)),
+            ..Hooks::default()
+        };
+        let a = TestServer::start_with_hooks(backend.clone(), hooks, |config| {
+            config.ready_details = true;
+        })
+        .await;
+        let (_, prefix) = backend.database().expect("a Postgres backend");
+        let url = test_config(&backend).redis_url.expect("a Redis backend");
+        let key = format!("{prefix}:owner");
+        assert_eq!(claim_status(&a, "healthy").await["critical"], false);
+
+        // Redis forgets the claim (restarted without persistence, say): the instance makes it
+        // again, so another helpdesk starting on the prefix is still refused.
+        assert!(redis_command(&url, &["DEL", &key]).await.is_some());
+        key_holds(&url, &key, &format!("(schema `{prefix}` of database")).await;
+        let mut config = test_config(&other);
+        config.redis_prefix = prefix.clone();
+        let err = Server::start(config, Hooks::default())
+            .await
+            .expect_err("another schema on the same prefix");
+        assert!(
+            format!("{err:#}").contains("another helpdesk uses the Redis key prefix"),
+            "{err:#}"
+        );
+
+        // Another helpdesk claimed it before the instance could: reported, naming it, and still
+        // ready (the instance serves; the operator stops the other helpdesk).
+        let theirs = "helpdesk 0190f3e2-7c1d-7c4e-9a57-2bd4d2f1a0c3 (schema `elsewhere` of database `other`)";
+        redis_command(&url, &["DEL", &key]).await;
+        redis_command(&url, &["SET", &key, theirs]).await;
+        let degraded = claim_status(&a, "degraded").await;
+        let reason = degraded["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with(&format!(
+                "another helpdesk claimed the Redis key prefix `{prefix}`"
+            )) && reason.contains(theirs),
+            "{degraded}"
+        );
+        // Given back (the other helpdesk stopped and its key deleted): claimed again, healthy.
+        redis_command(&url, &["DEL", &key]).await;
+        claim_status(&a, "healthy").await;
+        key_holds(&url, &key, &format!("(schema `{prefix}` of database")).await;
+        a.stop().await;
+        other.clean_up().await;
     })
     .await;
 }

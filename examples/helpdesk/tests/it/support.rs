@@ -155,27 +155,34 @@ impl Backend {
     }
 }
 
-/// Deletes the keys matching `pattern`, speaking RESP directly (the tests have no Redis
-/// client, and this is the only command they need).
+/// Deletes the keys matching `pattern`.
 async fn delete_redis_keys(url: &str, pattern: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let script =
         "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
-    let args = ["EVAL", script, "0", pattern];
+    redis_command(url, &["EVAL", script, "0", pattern]).await;
+}
+
+/// Sends one command to the Redis at `url`, speaking RESP directly (the tests have no Redis
+/// client, and need only a few commands); the start of the reply as text (`$-1` for nil,
+/// `$5\r\nvalue` for a bulk string), or `None` when Redis could not be reached within 5 s.
+pub async fn redis_command(url: &str, args: &[&str]) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut command = format!("*{}\r\n", args.len());
     for arg in args {
         command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
     }
-    let Some(addr) = host_port(url, 6379) else {
-        return;
-    };
+    let addr = host_port(url, 6379)?;
     let work = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         stream.write_all(command.as_bytes()).await.ok()?;
-        let mut reply = [0u8; 64];
-        stream.read(&mut reply).await.ok()
+        let mut reply = vec![0u8; 512];
+        let read = stream.read(&mut reply).await.ok()?;
+        Some(String::from_utf8_lossy(&reply[..read]).into_owned())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(5), work).await;
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// The `host:port` a URL names, `default_port` when it names none.
