@@ -811,14 +811,25 @@ struct TokenParam {
 
 /// The bearer token of a handshake: the `Authorization` header when present (a malformed one
 /// is refused, not skipped, and so are two: a proxy in front that reads the other would take
-/// the connection for someone else's), else the `token` query parameter. A refusal comes with
-/// its challenge: bare when no token was sent, `invalid_request` for one in the wrong shape.
+/// the connection for someone else's; and so is one beside a `token` query parameter, for the
+/// same reason, as RFC 6750 allows one way per request), else the `token` query parameter. A
+/// refusal comes with its challenge: bare when no token was sent, `invalid_request` for one in
+/// the wrong shape.
 fn bearer_token(headers: &HeaderMap, uri: &Uri) -> Result<String, (Challenge, &'static str)> {
     let malformed = |message| (Challenge::InvalidRequest, message);
     let mut authorizations = headers.get_all(header::AUTHORIZATION).iter();
     if let Some(value) = authorizations.next() {
         if authorizations.next().is_some() {
             return Err(malformed("send one Authorization header, not several"));
+        }
+        // A query that does not parse holds `token` twice: a token there too.
+        if !matches!(
+            axum::extract::Query::<TokenParam>::try_from_uri(uri),
+            Ok(axum::extract::Query(TokenParam { token: None }))
+        ) {
+            return Err(malformed(
+                "send the token in the Authorization header or the `token` query parameter, not both",
+            ));
         }
         let value = value
             .to_str()

@@ -139,6 +139,27 @@ async fn refusals_are_json_over_plain_http() {
         assert_challenged(&response, "invalid_request");
         assert!(response.contains("not several"), "{response}");
 
+        // A header and a query parameter: refused, whichever a proxy would read (it was the
+        // header's, silently), an empty parameter or two included.
+        for query in ["token=user-u2", "token=", "token=user-u2&token=user-u1"] {
+            let response = exchange(format!(
+                "GET /ws?{query} HTTP/1.1\r\nAuthorization: Bearer user-u1\r\n"
+            ))
+            .await;
+            assert_challenged(&response, "invalid_request");
+            assert!(
+                response.contains(
+                    "in the Authorization header or the `token` query parameter, not both"
+                ),
+                "{query}: {response}"
+            );
+        }
+        // Other query parameters beside the header are no token.
+        let response =
+            exchange("GET /ws?since=1 HTTP/1.1\r\nAuthorization: Bearer nobody\r\n".to_owned())
+                .await;
+        assert_challenged(&response, "invalid_token");
+
         // A HEAD is answered as a GET that is no handshake: 401 without a token, 400 with
         // one. (It was a 405 with a good token, without the `Allow` a 405 must carry, which
         // would have had to contradict the route's `Allow: GET,HEAD`.)
