@@ -12,7 +12,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use uuid::Uuid;
 
-/// A JSON body. Answers 415 for another content type, a charset other than UTF-8, or a body
+/// A JSON body. Answers 415 for another content type (or two `Content-Type` headers), a
+/// charset other than UTF-8, or a body
 /// in a content or transfer coding (`Content-Encoding: gzip`, `Transfer-Encoding: gzip,
 /// chunked`: the server reads bodies as sent), 400 `malformed_json` for broken JSON,
 /// 422 `invalid_body` for JSON of the wrong shape (with serde's message), 413 for a body over
@@ -103,6 +104,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // Two are refused, not the first taken: a proxy or filter in front that reads the
+        // other would judge the body as something else.
+        if req
+            .headers()
+            .get_all(header::CONTENT_TYPE)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send one `Content-Type` header, not several",
+            ));
+        }
         if !is_json(req.headers()) {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

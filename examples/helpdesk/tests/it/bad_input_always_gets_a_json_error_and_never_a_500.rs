@@ -143,6 +143,29 @@ async fn routing_and_body_errors_use_the_json_contract() {
             }
             r.assert_error(expected, "unsupported_media_type");
         }
+        // Two `Content-Type` headers, alike or not: refused, not the first taken.
+        for second in [
+            "text/plain",
+            "application/json; charset=latin1",
+            "application/json",
+        ] {
+            let r = s
+                .http
+                .post(s.url("/tickets"))
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .header("content-type", second)
+                .body(b"{\"title\":\"two types\"}".to_vec())
+                .send()
+                .await
+                .unwrap();
+            let r = Response::from(r).await;
+            r.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+            assert_eq!(
+                r.body["error"]["message"], "send one `Content-Type` header, not several",
+                "{second}: {r:?}"
+            );
+        }
         // A transfer coding other than chunked: hyper takes off the chunking, and the body
         // was read as JSON whatever the label said.
         {
