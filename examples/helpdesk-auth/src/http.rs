@@ -176,7 +176,7 @@ fn schema_user() -> Value {
         "required": ["user_id", "email", "role"],
         "properties": {
             "user_id": { "type": "string", "format": "uuid" },
-            "email": { "type": "string", "format": "email" },
+            "email": { "type": "string", "format": "idn-email" },
             "role": { "type": "string", "enum": ["agent", "customer"] },
             "display_name": { "type": ["string", "null"] }
         }
@@ -198,7 +198,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     "type": "object",
                     "required": ["email", "password"],
                     "properties": {
-                        "email": { "type": "string", "maxLength": 254 },
+                        "email": { "type": "string", "minLength": 1, "maxLength": 254, "description": "an address, internationalized ones included (`ünï@例え.jp`); stored lower-cased and in NFC" },
                         "password": { "type": "string", "minLength": 8, "maxLength": 128 },
                         "display_name": { "type": ["string", "null"], "maxLength": 100 },
                         "agent_code": {

@@ -368,9 +368,17 @@ async fn list(
     const KNOWN: [&str; 5] = ["limit", "status", "priority", "assignee_id", "cursor"];
     let mut params: HashMap<String, String> = HashMap::with_capacity(pairs.len());
     for (name, value) in pairs {
-        // An empty value is the same as leaving the parameter out (an empty form field).
-        if value.is_empty() && KNOWN.contains(&name.as_str()) {
+        // An empty value is the same as leaving the parameter out (an empty form field), and
+        // so is a lone `=` (`?&=&`).
+        if value.is_empty() && (name.is_empty() || KNOWN.contains(&name.as_str())) {
             continue;
+        }
+        if name.is_empty() {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "a parameter has no name (`=value`): name it (limit, status, priority, assignee_id, cursor) or leave it out",
+            )
+            .with_details(json!({ "parameter": "" })));
         }
         if !KNOWN.contains(&name.as_str()) {
             return Err(bad_query(
@@ -498,7 +506,7 @@ fn idempotent(op: Operation) -> Operation {
 }
 
 fn expected_version() -> Value {
-    json!({ "type": ["integer", "null"], "minimum": 0, "description": "the version the client saw; another is 409 `version_conflict`; null or left out: no check" })
+    json!({ "type": ["integer", "null"], "minimum": 0, "description": "the version the client saw, written as an integer (`3`, not `3.0`); another is 409 `version_conflict`; null or left out: no check" })
 }
 
 pub(crate) fn api(http: Http) -> HttpApi {
@@ -565,7 +573,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                         "type": "object",
                         "required": ["title"],
                         "properties": {
-                            "title": { "type": "string", "minLength": 1, "maxLength": 200 },
+                            "title": { "type": "string", "minLength": 1, "maxLength": 200, "description": "counted in characters of its NFC form, trimmed: a character NFC decomposes counts as two" },
                             "description": { "type": ["string", "null"], "maxLength": 10000 },
                             "priority": { "type": ["string", "null"], "enum": ["low", "normal", "high", "urgent", null], "description": "null or left out: normal" }
                         }

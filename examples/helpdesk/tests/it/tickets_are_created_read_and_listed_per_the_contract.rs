@@ -273,6 +273,17 @@ async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
         }
         let repeated = s.get("/tickets?status=open&status=closed", &token).await;
         assert_eq!(repeated.body["error"]["details"]["parameter"], "status");
+        // A value without a name says so (it read ": is not a parameter ..."); a lone `=`,
+        // like `&&`, is nothing.
+        let nameless = s.get("/tickets?=open", &token).await;
+        nameless.assert_error(StatusCode::BAD_REQUEST, "invalid_query");
+        assert!(
+            nameless.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("a parameter has no name (`=value`)")),
+            "{nameless:?}"
+        );
+        assert_eq!(s.get("/tickets?&&&=&", &token).await.status, StatusCode::OK);
         // A long unknown name is not echoed in full.
         let long = "x".repeat(10_000);
         let refused = s.get(&format!("/tickets?{long}=1"), &token).await;
