@@ -365,8 +365,16 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         let every = hooks
             .deployment_checks_every
             .unwrap_or(crate::deployment::RENEW_EVERY);
-        let joined =
-            crate::deployment::join(db, target, !hooks.without_relay, config.bind, every).await?;
+        let token_key = crate::deployment::token_key(secret.as_bytes())?;
+        let joined = crate::deployment::join(
+            db,
+            target,
+            !hooks.without_relay,
+            config.bind,
+            token_key,
+            every,
+        )
+        .await?;
         if let Some(instance) = joined.instance {
             runtime = runtime.worker(instance);
         }

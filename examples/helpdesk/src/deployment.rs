@@ -51,7 +51,8 @@ pub(crate) fn migration(schema: &str) -> Migration {
                  events_to text NOT NULL,
                  seen_as text NOT NULL,
                  seen_at timestamptz NOT NULL DEFAULT now()
-             );"
+             );
+             ALTER TABLE {schema}.helpdesk_instances ADD COLUMN IF NOT EXISTS token_key text;"
         ),
     }
 }
@@ -80,13 +81,28 @@ pub(crate) fn redis_server(url: &str) -> String {
     format!("{}://{host}:{port}/{database}", parsed.scheme())
 }
 
-/// This instance's record in the schema; [`Worker`] that renews it and removes it at a stop.
+/// An id of the token secret (`HELPDESK_JWT_SECRET`): an HMAC of a constant under it, so
+/// instances can tell whether they share it without the secret leaving the process.
+pub(crate) fn token_key(secret: &[u8]) -> anyhow::Result<String> {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret)?;
+    let mac = jsonwebtoken::crypto::sign(
+        b"helpdesk: the id of the token secret",
+        &key,
+        jsonwebtoken::Algorithm::HS256,
+    )?;
+    Ok(mac.chars().take(16).collect())
+}
+
+/// This instance's record in the schema; [`Worker`] that renews it and removes it at a stop,
+/// and reports instances that sign tokens with another secret.
 pub(crate) struct Instance {
     db: PgDatabase,
     id: Uuid,
     events_to: String,
     /// Where to find it: host name, process id, listening address.
     seen_as: String,
+    /// The id of its token secret ([`token_key`]).
+    token_key: String,
     /// How often the record is renewed.
     every: Duration,
 }
@@ -111,6 +127,7 @@ pub(crate) async fn join(
     redis: Option<RedisTarget<'_>>,
     record: bool,
     bind: std::net::SocketAddr,
+    token_key: String,
     every: Duration,
 ) -> anyhow::Result<Joined> {
     let schema = db.schema();
@@ -214,6 +231,7 @@ pub(crate) async fn join(
         id: Uuid::now_v7(),
         events_to,
         seen_as: seen_as(bind),
+        token_key,
         every,
     };
     instance.renew(&mut *tx).await.context(failed)?;
@@ -247,16 +265,68 @@ impl Instance {
         E: sqlx::Executor<'c, Database = sqlx::Postgres>,
     {
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO {}.helpdesk_instances (instance, events_to, seen_as) VALUES ($1, $2, $3)
+            "INSERT INTO {}.helpdesk_instances (instance, events_to, seen_as, token_key)
+             VALUES ($1, $2, $3, $4)
              ON CONFLICT (instance) DO UPDATE SET seen_at = now()",
             self.db.schema()
         )))
         .bind(self.id)
         .bind(&self.events_to)
         .bind(&self.seen_as)
+        .bind(&self.token_key)
         .execute(executor)
         .await
         .map(drop)
+    }
+
+    /// Why this instance's tokens do not work everywhere: the running instances of the schema
+    /// that sign tokens with another secret, or `None` when there are none. Instances of a
+    /// release before this one record no key, and are not counted.
+    async fn other_token_keys(&self) -> Result<Option<String>, sqlx::Error> {
+        let (count, seen_as): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(*), string_agg(seen_as, '; ' ORDER BY seen_as)
+             FROM {}.helpdesk_instances
+             WHERE token_key <> $1 AND seen_at > now() - make_interval(secs => $2)",
+            self.db.schema()
+        )))
+        .bind(&self.token_key)
+        .bind(STALE_AFTER.as_secs() as f64)
+        .fetch_one(self.db.pool())
+        .await?;
+        Ok((count > 0).then(|| {
+            format!(
+                "{count} other instance(s) of this schema sign tokens with another \
+                 HELPDESK_JWT_SECRET ({}): the tokens and list cursors each one issues are \
+                 refused by the others (401, 400) behind a shared address; give every \
+                 instance the same secret",
+                seen_as.unwrap_or_default()
+            )
+        }))
+    }
+
+    /// Reports [`other_token_keys`](Self::other_token_keys) as degraded, logging a change.
+    async fn check_token_keys(&self, ctx: &WorkerContext, last: &mut Option<String>) {
+        let found = match self.other_token_keys().await {
+            Ok(found) => found,
+            // The `postgres` check reports the outage; the next round looks again.
+            Err(error) => {
+                tracing::warn!(%error, "could not compare the token secrets of the instances");
+                return;
+            }
+        };
+        if found != *last {
+            match &found {
+                Some(reason) => {
+                    tracing::warn!(%reason, "instances sign tokens with different secrets")
+                }
+                None => tracing::info!("every running instance signs tokens with this secret"),
+            }
+        }
+        ctx.health.set(match &found {
+            Some(reason) => Health::Degraded(reason.clone()),
+            None => Health::Healthy,
+        });
+        *last = found;
     }
 
     async fn remove(&self) -> Result<(), sqlx::Error> {
@@ -277,13 +347,21 @@ impl Worker for Instance {
         "instance-record"
     }
 
-    /// Renews the record every [`RENEW_EVERY`] (or as the hooks say); a failed renewal is logged (the next one is
-    /// well inside [`STALE_AFTER`]), not reported as its health: the `postgres` check reports
-    /// the outage that fails it, and a stale reason here would outlive that outage until the
-    /// next renewal. Removes the record when asked to stop.
+    /// Renews the record every [`RENEW_EVERY`] (or as the hooks say); a failed renewal is
+    /// logged (the next one is well inside [`STALE_AFTER`]), not reported as its health: the
+    /// `postgres` check reports the outage that fails it, and a stale reason here would
+    /// outlive that outage until the next renewal. Before each renewal, reports running
+    /// instances that sign tokens with another secret as degraded (a rolling change of the
+    /// secret shows so until it is done). Removes the record when asked to stop.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         ctx.health.set(Health::Healthy);
+        let mut keys_differ = None;
         loop {
+            tokio::select! {
+                _ = ctx.shutdown.requested() => break,
+                // Bounded: a hung Postgres must not hold up the renewal below.
+                _ = tokio::time::timeout(self.every, self.check_token_keys(&ctx, &mut keys_differ)) => {}
+            }
             tokio::select! {
                 _ = ctx.shutdown.requested() => break,
                 _ = tokio::time::sleep(self.every) => {}

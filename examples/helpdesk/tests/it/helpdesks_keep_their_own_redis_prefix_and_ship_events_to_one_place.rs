@@ -116,17 +116,22 @@ async fn instances_of_a_schema_ship_events_to_one_place() {
 
 /// The claim's component in `/ready`, once it says `status`; panics after 10 s.
 async fn claim_status(s: &TestServer, status: &str) -> Value {
+    component_status(s, "redis-prefix-claim", status).await
+}
+
+/// `name`'s component in `/ready`, once it says `status`; panics after 10 s.
+async fn component_status(s: &TestServer, name: &str, status: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let ready = s.send(Method::GET, "/ready", None, None).await;
         assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
-        let component = ready.body["components"]["redis-prefix-claim"].clone();
+        let component = ready.body["components"][name].clone();
         if component["status"] == status {
             return component;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the claim not {status} within 10 s: {ready:?}"
+            "{name} not {status} within 10 s: {ready:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -201,6 +206,54 @@ async fn running_instances_hold_their_claim_on_the_redis_prefix() {
         key_holds(&url, &key, &format!("(schema `{prefix}` of database")).await;
         a.stop().await;
         other.clean_up().await;
+    })
+    .await;
+}
+
+/// Instances of one schema with different `HELPDESK_JWT_SECRET`s refuse each other's tokens
+/// and cursors behind one address: they started without a word. Each now reports the others
+/// in `/ready` (degraded, naming them), until they share the secret (a rolling change of the
+/// secret shows so while it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_signing_tokens_with_another_secret_are_reported() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let hooks = || Hooks {
+            deployment_checks_every: Some(Duration::from_millis(50)),
+            ..Hooks::default()
+        };
+        let a = TestServer::start_with_hooks(backend.shared(), hooks(), |config| {
+            config.ready_details = true;
+        })
+        .await;
+        // The same secret: nothing to report.
+        let same = TestServer::start_with_hooks(backend.shared(), hooks(), |_| {}).await;
+        component_status(&a, "instance-record", "healthy").await;
+        same.stop().await;
+        let b = TestServer::start_with_hooks(backend.shared(), hooks(), |config| {
+            config.jwt_secret = Some("another-secret-that-is-32-bytes-long!!".into());
+            config.ready_details = true;
+        })
+        .await;
+        let b_address = b.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let a_address = a.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
+        for (s, other) in [(&a, &b_address), (&b, &a_address)] {
+            let degraded = component_status(s, "instance-record", "degraded").await;
+            let reason = degraded["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.starts_with("1 other instance(s) of this schema sign tokens with another HELPDESK_JWT_SECRET")
+                    && reason.contains(&format!("listening on {other}"))
+                    && reason.contains("give every instance the same secret"),
+                "{degraded}"
+            );
+        }
+        // The other one gone, the report goes with it.
+        b.stop().await;
+        component_status(&a, "instance-record", "healthy").await;
+        a.stop().await;
+        backend.clean_up().await;
     })
     .await;
 }
