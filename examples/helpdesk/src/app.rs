@@ -262,6 +262,17 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .layer(MetricsLayer::new())
         .handlers(registrar.take_events())
         .build()?;
+    // Nothing publishes to this bus: the events reach the transport and the WebSockets, and
+    // the tickets plugin's read models run as workers of their own. Handlers registered on it
+    // by a plugin that follows the guide's step 6 would never run, without a word.
+    let mut unfed: Vec<&str> = events.names().collect();
+    if !unfed.is_empty() {
+        unfed.sort_unstable();
+        tracing::warn!(
+            event_types = ?unfed,
+            "plugins registered event handlers (`registrar.events()`), and the helpdesk publishes nothing to its event bus: they run only if a plugin's worker feeds `BusHandle`'s event bus; to react to events, contribute a `BackgroundWorker` instead (a `ProjectionRunner` as `stats_runner` in helpdesk-tickets, see docs/helpdesk.md)"
+        );
+    }
     registrar.check_required(&commands, &queries)?;
     let buses = Buses {
         commands,

@@ -284,3 +284,47 @@ async fn a_component_that_recovers_is_logged_healthy_again() {
     })
     .await;
 }
+
+/// Event handlers a plugin registers with `registrar.events()` never ran in the helpdesk
+/// (nothing publishes to its event bus), without a word: the start now warns, naming their
+/// event types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_handlers_nothing_feeds_are_warned_about_at_start() {
+    use crate::events_a_plugin_records_reach_the_store_on_either_backend::Remembered;
+    use cqrs_core::{EventContext, EventHandler, HandlerError, async_trait};
+
+    struct Unfed;
+
+    #[async_trait]
+    impl EventHandler<Remembered> for Unfed {
+        async fn handle(&self, _: &Remembered, _: EventContext<'_>) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    let captured = captured();
+    within(async {
+        let hooks = helpdesk::Hooks {
+            provide: vec![Arc::new(|registrar| {
+                registrar.events().add::<Remembered, _>(Unfed);
+            })],
+            ..helpdesk::Hooks::default()
+        };
+        let backend = Backend::from_env().await;
+        let s = TestServer::start_with_hooks(backend.clone(), hooks, |_| {}).await;
+        s.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+    let text = captured.text();
+    let line = text
+        .lines()
+        .find(|line| line.contains("plugins registered event handlers"))
+        .unwrap_or_else(|| panic!("no warning in:\n{text}"));
+    assert!(
+        line.contains("WARN")
+            && line.contains("test.remembered")
+            && line.contains("contribute a `BackgroundWorker` instead"),
+        "{line}"
+    );
+}
