@@ -37,7 +37,7 @@ impl Ending {
     };
     pub(crate) const INVALID_UTF8: Ending = Ending::Close {
         code: close_code::INVALID_PAYLOAD,
-        reason: "text frame is not valid UTF-8",
+        reason: "a text frame or a close reason is not valid UTF-8",
     };
     pub(crate) const INTERNAL: Ending = Ending::Close {
         code: close_code::INTERNAL_ERROR,
