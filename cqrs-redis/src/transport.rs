@@ -431,6 +431,19 @@ impl RedisStreamTransport {
         }
     }
 
+    /// Who claimed the key prefix ([`claim_prefix`](Self::claim_prefix)), or `None` when no
+    /// one has (or the claim was lost with Redis's data): a running deployment reads it to
+    /// name whoever took its prefix.
+    pub async fn prefix_owner(&self) -> Result<Option<String>, TransportError> {
+        let key = format!("{}:owner", self.shared.options.key_prefix);
+        self.shared
+            .client
+            .with_options(&self.shared.fail_fast())
+            .get(key.as_str())
+            .await
+            .map_err(|e| self.shared.error(e))
+    }
+
     /// The server-side ids (`CLIENT ID`) of this transport's shared connection. Operators use
     /// them to find the transport in `CLIENT LIST`; tests kill them to simulate a network
     /// failure.

@@ -23,6 +23,10 @@ async fn a_second_owner_of_a_key_prefix_is_refused() {
                 .expect("its owner claims it again (a restart, another instance)");
             let other = stream_options(&env.id).connect().await.unwrap();
             let key = format!("{}:owner", key_prefix(&env.id));
+            assert_eq!(
+                other.prefix_owner().await.unwrap().as_deref(),
+                Some("db one, schema a")
+            );
             match other.claim_prefix("db one, schema b").await {
                 Err(TransportError::Invalid(why)) => assert!(
                     why.contains("belongs to `db one, schema a`, not to `db one, schema b`")
@@ -37,6 +41,7 @@ async fn a_second_owner_of_a_key_prefix_is_refused() {
             ));
             // Released by deleting the key, as the error says.
             let _: i64 = env.admin.del(&key).await.unwrap();
+            assert_eq!(other.prefix_owner().await.unwrap(), None);
             other
                 .claim_prefix("db one, schema b")
                 .await

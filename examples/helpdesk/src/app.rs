@@ -63,7 +63,8 @@ pub struct Hooks {
     /// fails the start naming it, instead of its routes answering 404.
     pub expect_plugins: Vec<&'static str>,
     /// How often a running instance on Postgres renews its record in the schema and its claim
-    /// on the Redis key prefix; every 30 s when `None` (tests shorten it).
+    /// on the Redis key prefix; every 30 s when `None` (tests shorten it). More than zero and
+    /// at most 30 s, or the start fails: a record counts as gone 90 s after its last renewal.
     pub deployment_checks_every: Option<Duration>,
 }
 
@@ -373,9 +374,14 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
                 url: config.redis_url.as_deref().unwrap_or_default(),
                 prefix: &config.redis_prefix,
             });
-        let every = hooks
-            .deployment_checks_every
-            .unwrap_or(crate::deployment::RENEW_EVERY);
+        let every = match hooks.deployment_checks_every {
+            None => crate::deployment::RENEW_EVERY,
+            Some(every) if !every.is_zero() && every <= crate::deployment::RENEW_EVERY => every,
+            Some(every) => anyhow::bail!(
+                "Hooks::deployment_checks_every is {every:?}: give more than zero and at most \
+                 30 s (an instance's record counts as gone 90 s after its last renewal)"
+            ),
+        };
         let token_key = crate::deployment::token_key(secret.as_bytes())?;
         let joined = crate::deployment::join(
             db,
@@ -789,8 +795,8 @@ struct HubRules(Arc<dyn cqrs_realtime::Authorizer<User>>);
 /// `ticket_id` onto topics of its own would show ticket events under its rules).
 struct Feeds {
     feeds: Vec<(&'static str, RealtimeFeed)>,
-    /// The event types already warned about, so a feed's mistake is logged once per type, not
-    /// once per event.
+    /// The mistakes already warned about (kind, plugins, event type), so each is logged once,
+    /// not once per event.
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -836,11 +842,12 @@ impl cqrs_realtime::EventRouting for Feeds {
                 continue;
             };
             if let Some((first, _)) = chosen {
-                self.warn_once(record, || {
+                let plugins = [self.feeds[first].0, plugin];
+                self.warn_once(format!("both {plugins:?} {}", record.event_type), || {
                     tracing::warn!(
-                        plugins = ?[self.feeds[first].0, plugin],
+                        ?plugins,
                         event_type = %record.event_type,
-                        "not pushed: two plugins' realtime feeds route events of this type; a feed must route its own plugin's events alone (logged once per type)"
+                        "not pushed: two plugins' realtime feeds route events of this type; a feed must route its own plugin's events alone (logged once per type and plugins)"
                     )
                 });
                 return None;
@@ -850,12 +857,13 @@ impl cqrs_realtime::EventRouting for Feeds {
         let (index, routed) = chosen?;
         for topic in routed.topics() {
             if !matches!(self.owner(topic), Ok(Some((owner, _))) if owner == index) {
-                self.warn_once(record, || {
+                let plugin = self.feeds[index].0;
+                self.warn_once(format!("foreign {plugin} {}", record.event_type), || {
                     tracing::warn!(
-                        plugin = self.feeds[index].0,
+                        plugin,
                         event_type = %record.event_type,
                         %topic,
-                        "not pushed: the plugin's realtime feed put the event on a topic that is not its own alone (logged once per type)"
+                        "not pushed: the plugin's realtime feed put the event on a topic that is not its own alone (logged once per type and plugin)"
                     )
                 });
                 return None;
@@ -866,13 +874,20 @@ impl cqrs_realtime::EventRouting for Feeds {
 }
 
 impl Feeds {
-    /// Runs `warn` the first time an event of this type is not pushed; at most 1,024 types are
-    /// remembered, so the names a store holds cannot grow the set without end.
+    /// Runs `warn` the first time `mistake` (its kind, the plugins and the event type) is made;
+    /// at most 1,024 are remembered, so the names a store holds cannot grow the set without
+    /// end, and reaching that is logged once.
     #[cold]
-    fn warn_once(&self, record: &cqrs_core::EventRecord, warn: impl FnOnce()) {
+    fn warn_once(&self, mistake: String, warn: impl FnOnce()) {
         let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
-        if warned.len() < 1024 && warned.insert(record.event_type.clone()) {
+        if warned.len() < 1024 && warned.insert(mistake) {
             warn();
+        } else if warned.len() == 1024 {
+            // A mark of its own (no mistake is empty), so this is logged once.
+            warned.insert(String::new());
+            tracing::warn!(
+                "realtime feeds made 1,024 different routing mistakes: further ones are not logged"
+            );
         }
     }
 }

@@ -350,21 +350,29 @@ impl Worker for Instance {
     /// Renews the record every [`RENEW_EVERY`] (or as the hooks say); a failed renewal is
     /// logged (the next one is well inside [`STALE_AFTER`]), not reported as its health: the
     /// `postgres` check reports the outage that fails it, and a stale reason here would
-    /// outlive that outage until the next renewal. Before each renewal, reports running
-    /// instances that sign tokens with another secret as degraded (a rolling change of the
-    /// secret shows so until it is done). Removes the record when asked to stop.
+    /// outlive that outage until the next renewal. Meanwhile, reports running instances that
+    /// sign tokens with another secret as degraded (a rolling change of the secret shows so
+    /// until it is done); a check that fails keeps the last finding, which is about the other
+    /// instances, not this one's connection. Removes the record when asked to stop.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         ctx.health.set(Health::Healthy);
         let mut keys_differ = None;
         loop {
+            // The check runs while the wait for the renewal does, bounded to a third of it: it
+            // never delays a renewal (records must stay well inside `STALE_AFTER`).
+            let wait = async {
+                let check = self.check_token_keys(&ctx, &mut keys_differ);
+                let (_, checked) = tokio::join!(
+                    tokio::time::sleep(self.every),
+                    tokio::time::timeout(self.every / 3, check)
+                );
+                if checked.is_err() {
+                    tracing::warn!("comparing the token secrets of the instances got no answer");
+                }
+            };
             tokio::select! {
                 _ = ctx.shutdown.requested() => break,
-                // Bounded: a hung Postgres must not hold up the renewal below.
-                _ = tokio::time::timeout(self.every, self.check_token_keys(&ctx, &mut keys_differ)) => {}
-            }
-            tokio::select! {
-                _ = ctx.shutdown.requested() => break,
-                _ = tokio::time::sleep(self.every) => {}
+                () = wait => {}
             }
             // Bounded and raced with the stop: a hung Postgres must not keep the worker from
             // removing its record when asked to stop (aborted at the grace's end, it would
@@ -437,18 +445,28 @@ impl Worker for PrefixClaim {
                     }
                     ctx.health.set(Health::Healthy);
                 }
-                Ok(Err(TransportError::Invalid(reason))) => {
+                Ok(Err(TransportError::Invalid(refusal))) => {
+                    // The refusal is worded for a helpdesk refused at start ("give this one a
+                    // prefix of its own"); this one owns the prefix: name the other one.
+                    let theirs = match self.transport.prefix_owner().await {
+                        Ok(Some(theirs)) => format!("`{theirs}`"),
+                        _ => format!("another helpdesk ({refusal})"),
+                    };
+                    let reason = format!(
+                        "the Redis key prefix `{prefix}` is claimed by {theirs}, which reads this \
+                         helpdesk's events (Redis lost this helpdesk's claim: restarted without \
+                         persistence, flushed or failed over): stop that helpdesk and give it a \
+                         prefix of its own, then delete the key `{prefix}:owner`; this helpdesk \
+                         claims it again",
+                        prefix = self.prefix
+                    );
                     if !std::mem::replace(&mut self.taken_by_another, true) {
                         tracing::error!(
-                            prefix = %self.prefix,
                             %reason,
-                            "another helpdesk claimed this helpdesk's Redis key prefix (Redis                              lost the claim: restarted without persistence, flushed or failed                              over): it reads this helpdesk's events and its WebSocket clients                              see them. Stop it and give it a prefix of its own, then delete                              the key `<prefix>:owner`; this helpdesk claims it again within a                              round. Events it consumed are missing from this helpdesk's stats"
+                            "another helpdesk took this helpdesk's Redis key prefix: the events it read are missing from this helpdesk's stats (see \"Rebuilding the stats\" in docs/helpdesk.md)"
                         );
                     }
-                    ctx.health.set(Health::Degraded(format!(
-                        "another helpdesk claimed the Redis key prefix `{}`: {reason}",
-                        self.prefix
-                    )));
+                    ctx.health.set(Health::Degraded(reason));
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "could not renew the claim on the Redis key prefix")

@@ -175,7 +175,8 @@ async fn running_instances_hold_their_claim_on_the_redis_prefix() {
 
         // Redis forgets the claim (restarted without persistence, say): the instance makes it
         // again, so another helpdesk starting on the prefix is still refused.
-        assert!(redis_command(&url, &["DEL", &key]).await.is_some());
+        let deleted = redis_command(&url, &["DEL", &key]).await;
+        assert_eq!(deleted.as_deref(), Some(":1\r\n"), "the claim deleted");
         key_holds(&url, &key, &format!("(schema `{prefix}` of database")).await;
         let mut config = test_config(&other);
         config.redis_prefix = prefix.clone();
@@ -191,13 +192,14 @@ async fn running_instances_hold_their_claim_on_the_redis_prefix() {
         // ready (the instance serves; the operator stops the other helpdesk).
         let theirs = "helpdesk 0190f3e2-7c1d-7c4e-9a57-2bd4d2f1a0c3 (schema `elsewhere` of database `other`)";
         redis_command(&url, &["DEL", &key]).await;
-        redis_command(&url, &["SET", &key, theirs]).await;
+        let set = redis_command(&url, &["SET", &key, theirs]).await;
+        assert_eq!(set.as_deref(), Some("+OK\r\n"), "another claim set");
         let degraded = claim_status(&a, "degraded").await;
         let reason = degraded["reason"].as_str().unwrap_or_default();
         assert!(
             reason.starts_with(&format!(
-                "another helpdesk claimed the Redis key prefix `{prefix}`"
-            )) && reason.contains(theirs),
+                "the Redis key prefix `{prefix}` is claimed by `{theirs}`, which reads this helpdesk's events"
+            )) && reason.contains(&format!("then delete the key `{prefix}:owner`")),
             "{degraded}"
         );
         // Given back (the other helpdesk stopped and its key deleted): claimed again, healthy.
@@ -228,9 +230,17 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
             config.ready_details = true;
         })
         .await;
-        // The same secret: nothing to report.
+        // The same secret: nothing to report, by either, after rounds enough (at 50 ms each)
+        // to have seen the other.
         let same = TestServer::start_with_hooks(backend.shared(), hooks(), |_| {}).await;
-        component_status(&a, "instance-record", "healthy").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for s in [&a, &same] {
+            let ready = s.send(Method::GET, "/ready", None, None).await;
+            assert_eq!(
+                ready.body["components"]["instance-record"]["status"], "healthy",
+                "{ready:?}"
+            );
+        }
         same.stop().await;
         let b = TestServer::start_with_hooks(backend.shared(), hooks(), |config| {
             config.jwt_secret = Some("another-secret-that-is-32-bytes-long!!".into());
@@ -253,6 +263,34 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
         b.stop().await;
         component_status(&a, "instance-record", "healthy").await;
         a.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
+/// How often the deployment checks run is bounded: zero would spin, and more than 30 s would
+/// let a running instance's record go stale between renewals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_check_interval_out_of_bounds_fails_the_start() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        for every in [Duration::ZERO, Duration::from_secs(31)] {
+            let hooks = Hooks {
+                deployment_checks_every: Some(every),
+                ..Hooks::default()
+            };
+            let err = Server::start(test_config(&backend), hooks)
+                .await
+                .expect_err("out of bounds");
+            assert!(
+                format!("{err:#}").contains(&format!(
+                    "Hooks::deployment_checks_every is {every:?}: give more than zero and at most 30 s"
+                )),
+                "{err:#}"
+            );
+        }
         backend.clean_up().await;
     })
     .await;

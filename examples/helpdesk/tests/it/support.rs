@@ -162,20 +162,45 @@ async fn delete_redis_keys(url: &str, pattern: &str) {
     redis_command(url, &["EVAL", script, "0", pattern]).await;
 }
 
-/// Sends one command to the Redis at `url`, speaking RESP directly (the tests have no Redis
-/// client, and need only a few commands); the start of the reply as text (`$-1` for nil,
-/// `$5\r\nvalue` for a bulk string), or `None` when Redis could not be reached within 5 s.
+/// Sends one command to the Redis at `url` (after `AUTH` and `SELECT` when the URL names a
+/// password or a database), speaking RESP directly (the tests have no Redis client, and need
+/// only a few commands); the start of the command's reply as text (`:1` for an integer, `$-1`
+/// for nil, `$5\r\nvalue` for a bulk string), or `None` when Redis could not be reached within
+/// 5 s or refused the `AUTH` or `SELECT`.
 pub async fn redis_command(url: &str, args: &[&str]) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut command = format!("*{}\r\n", args.len());
-    for arg in args {
-        command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    fn resp(args: &[&str]) -> String {
+        let mut command = format!("*{}\r\n", args.len());
+        for arg in args {
+            command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        command
+    }
+    let parsed = url::Url::parse(url).ok()?;
+    let mut setup = Vec::new();
+    if let Some(password) = parsed.password() {
+        let user = parsed.username();
+        setup.push(match user {
+            "" => resp(&["AUTH", password]),
+            user => resp(&["AUTH", user, password]),
+        });
+    }
+    let database = parsed.path().trim_matches('/');
+    if !database.is_empty() && database != "0" {
+        setup.push(resp(&["SELECT", database]));
     }
     let addr = host_port(url, 6379)?;
     let work = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream.write_all(command.as_bytes()).await.ok()?;
         let mut reply = vec![0u8; 512];
+        for command in setup {
+            stream.write_all(command.as_bytes()).await.ok()?;
+            let read = stream.read(&mut reply).await.ok()?;
+            if !reply[..read].starts_with(b"+OK") {
+                return None;
+            }
+        }
+        stream.write_all(resp(args).as_bytes()).await.ok()?;
         let read = stream.read(&mut reply).await.ok()?;
         Some(String::from_utf8_lossy(&reply[..read]).into_owned())
     };
