@@ -358,13 +358,13 @@ impl Worker for Instance {
         ctx.health.set(Health::Healthy);
         let mut keys_differ = None;
         loop {
-            // The check runs while the wait for the renewal does, bounded to a third of it: it
+            // The check runs while the wait for the renewal does, and is bounded by it: it
             // never delays a renewal (records must stay well inside `STALE_AFTER`).
             let wait = async {
                 let check = self.check_token_keys(&ctx, &mut keys_differ);
                 let (_, checked) = tokio::join!(
                     tokio::time::sleep(self.every),
-                    tokio::time::timeout(self.every / 3, check)
+                    tokio::time::timeout(self.every, check)
                 );
                 if checked.is_err() {
                     tracing::warn!("comparing the token secrets of the instances got no answer");
@@ -448,8 +448,9 @@ impl Worker for PrefixClaim {
                 Ok(Err(TransportError::Invalid(refusal))) => {
                     // The refusal is worded for a helpdesk refused at start ("give this one a
                     // prefix of its own"); this one owns the prefix: name the other one.
-                    let theirs = match self.transport.prefix_owner().await {
-                        Ok(Some(theirs)) => format!("`{theirs}`"),
+                    let owner = tokio::time::timeout(self.every, self.transport.prefix_owner());
+                    let theirs = match owner.await {
+                        Ok(Ok(Some(theirs))) => format!("`{theirs}`"),
                         _ => format!("another helpdesk ({refusal})"),
                     };
                     let reason = format!(
