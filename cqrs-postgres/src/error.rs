@@ -125,15 +125,55 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
     let source: cqrs_core::BoxError = match sqlstate(&error).as_deref() {
         Some("25P02") => Box::new(Explained {
             explanation: ABORTED,
-            source: error,
+            source: Sqlx(error),
         }),
         Some("42P01" | "3F000") => Box::new(Explained {
             explanation: NOT_MIGRATED,
-            source: error,
+            source: Sqlx(error),
         }),
-        _ => Box::new(error),
+        _ => Box::new(Sqlx(error)),
     };
     store_error_from_class(class, source)
+}
+
+/// sqlx's error, with a Postgres server's error told as an operator reads it: its message and
+/// its SQLSTATE, without the ` at line N` sqlx appends (the line of the server's C source that
+/// raised it, which reads as a line of the caller's SQL), and once (sqlx's error and its source
+/// each print the server's message). Any other error reads as sqlx says, its causes kept.
+/// The detail, which may quote the row's values, is left out.
+#[derive(Debug)]
+pub(crate) struct Sqlx(pub(crate) sqlx::Error);
+
+impl std::fmt::Display for Sqlx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let server = self
+            .0
+            .as_database_error()
+            .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>());
+        let Some(server) = server else {
+            return self.0.fmt(f);
+        };
+        write!(
+            f,
+            "error returned from database: {} (SQLSTATE {})",
+            server.message(),
+            server.code()
+        )?;
+        if let Some(hint) = server.hint() {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Sqlx {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            // Told whole above.
+            sqlx::Error::Database(_) => None,
+            other => other.source(),
+        }
+    }
 }
 
 /// The SQLSTATE of a database error.
@@ -160,7 +200,7 @@ const NOT_MIGRATED: &str = "if it is one of cqrs-postgres's tables (events, snap
 struct Explained {
     explanation: &'static str,
     #[source]
-    source: sqlx::Error,
+    source: Sqlx,
 }
 
 /// [`store_error`] for an operation on `pool`: a pool timeout (sqlx says only "pool timed
@@ -231,7 +271,7 @@ pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     if unknown {
         StoreError::Timeout {
             backend: BACKEND,
-            source: Box::new(CommitUnknown(error)),
+            source: Box::new(CommitUnknown(Sqlx(error))),
         }
     } else {
         store_error(error)
@@ -251,8 +291,8 @@ pub(crate) fn commit_cancelled(error: &tokio::task::JoinError) -> StoreError {
 /// callers): an `Unavailable` whose cause is a lost connection becomes the unknown outcome.
 pub(crate) fn commit_store_error(error: StoreError) -> StoreError {
     match error {
-        StoreError::Unavailable { backend, source } => match source.downcast::<sqlx::Error>() {
-            Ok(sqlx_error) => commit_error(*sqlx_error),
+        StoreError::Unavailable { backend, source } => match source.downcast::<Sqlx>() {
+            Ok(sqlx_error) => commit_error(sqlx_error.0),
             Err(source) => StoreError::Unavailable { backend, source },
         },
         other => other,
@@ -265,7 +305,7 @@ pub(crate) fn commit_store_error(error: StoreError) -> StoreError {
     "the connection failed while committing, so whether it committed is unknown (retry with \
      the same idempotency key, which replays if it did, or check before retrying): {0}"
 )]
-struct CommitUnknown(#[source] sqlx::Error);
+struct CommitUnknown(#[source] Sqlx);
 
 /// A failed connect, classified like [`store_error`], whose message says where it tried to
 /// connect (`target`: host, port and database, never the password).
@@ -299,7 +339,7 @@ pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
         Box::new(ConnectFailed {
             target,
             advice,
-            source: error,
+            source: Sqlx(error),
         }),
     )
 }
@@ -324,7 +364,7 @@ struct ConnectFailed {
     target: String,
     advice: &'static str,
     #[source]
-    source: sqlx::Error,
+    source: Sqlx,
 }
 
 fn store_error_from_class(class: Class, source: cqrs_core::BoxError) -> StoreError {

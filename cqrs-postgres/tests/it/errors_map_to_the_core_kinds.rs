@@ -98,10 +98,11 @@ async fn a_server_that_refuses_the_connection_says_to_check_the_url() {
         assert_eq!(refused.kind(), ErrorKind::Internal, "{refused}");
         let message = refused.to_string();
         assert!(
-            message.contains("database \"no_such_database_here\" does not exist")
+            message.contains("database \"no_such_database_here\" does not exist (SQLSTATE 3D000)")
                 && message.contains("check the URL's user, password and database"),
             "{message}"
         );
+        assert_told_once(&refused);
     })
     .await;
 }
@@ -504,6 +505,25 @@ pg_test! {
     }
 }
 
+/// The server's message, in the error and its causes, comes without the ` at line N` sqlx
+/// adds (the line of the server's C source, which read as a line of the caller's SQL), and
+/// the chain ends with it: sqlx's own error and its source each repeated it.
+fn assert_told_once(error: &(dyn std::error::Error + 'static)) {
+    let mut chain = vec![error.to_string()];
+    let mut next = error.source();
+    while let Some(cause) = next {
+        chain.push(cause.to_string());
+        next = cause.source();
+    }
+    let all = chain.join(" | ");
+    assert!(!all.contains(" at line "), "{all}");
+    let last = chain.last().unwrap();
+    assert!(
+        last.starts_with("error returned from database: ") && last.contains("(SQLSTATE "),
+        "{all}"
+    );
+}
+
 #[tokio::test]
 async fn a_schema_never_migrated_says_to_run_migrate() {
     if !crate::support::postgres_available().await {
@@ -525,10 +545,12 @@ async fn a_schema_never_migrated_says_to_run_migrate() {
             .unwrap_err();
         let message = append.to_string();
         assert!(
-            message.contains(&format!("schema \"{schema}\" does not exist"))
-                && message.contains("run `PgDatabase::migrate()` on this schema at start-up"),
+            message.contains(&format!(
+                "schema \"{schema}\" does not exist (SQLSTATE 3F000)"
+            )) && message.contains("run `PgDatabase::migrate()` on this schema at start-up"),
             "{message}"
         );
+        assert_told_once(&append);
     })
     .await;
 }
