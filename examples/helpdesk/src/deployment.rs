@@ -310,6 +310,7 @@ impl Instance {
             Ok(found) => found,
             // The `postgres` check reports the outage; the next round looks again.
             Err(error) => {
+                let error = cqrs_postgres::store_error(error);
                 tracing::warn!(%error, "could not compare the token secrets of the instances");
                 return;
             }
@@ -382,13 +383,17 @@ impl Worker for Instance {
                 renewed = tokio::time::timeout(self.every, self.renew(self.db.pool())) => {
                     match renewed {
                         Ok(Ok(())) => {}
-                        Ok(Err(error)) => tracing::warn!(%error, "could not renew this instance's record in the schema"),
+                        Ok(Err(error)) => {
+                            let error = cqrs_postgres::store_error(error);
+                            tracing::warn!(%error, "could not renew this instance's record in the schema")
+                        }
                         Err(_) => tracing::warn!("renewing this instance's record in the schema got no answer"),
                     }
                 }
             }
         }
         if let Err(error) = self.remove().await {
+            let error = cqrs_postgres::store_error(error);
             tracing::warn!(
                 %error,
                 "could not remove this instance's record: an instance shipping elsewhere \

@@ -126,8 +126,10 @@ fn failed(plugin: &str, name: &str, e: sqlx::Error) -> anyhow::Error {
         .as_database_error()
         .and_then(|d| d.code())
         .is_some_and(|code| code == "55P03");
-    let failed =
-        anyhow::Error::new(e).context(format!("the {plugin} plugin's migration {name} failed"));
+    // Through the adapter's error: sqlx's text ends in " at line N", the server's source line,
+    // which would read as a line of the migration.
+    let failed = anyhow::Error::new(cqrs_postgres::store_error(e))
+        .context(format!("the {plugin} plugin's migration {name} failed"));
     if !waited {
         return failed;
     }
