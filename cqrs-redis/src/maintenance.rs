@@ -152,6 +152,16 @@ const UNKNOWN: f64 = f64::NAN;
 /// which runs for ever.
 const MAX_TRIMS_PER_ROUND: u32 = 100;
 
+/// How long after a round the next one comes: `interval`, or after `failures` failed rounds
+/// in a row, 1 s doubled for each failure but the first, at most `interval`.
+fn next_round_after(interval: Duration, failures: u32) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    let backoff = Duration::from_secs(1).saturating_mul(1 << (failures - 1).min(20));
+    backoff.min(interval)
+}
+
 /// The shortest [`StreamMaintenance::dead_letter_retention`].
 const MIN_DEAD_LETTER_RETENTION: Duration = Duration::from_secs(60);
 
@@ -328,8 +338,11 @@ impl Worker for StreamMaintenance {
     ///
     /// Its commands fail at once while the connection is known to be down (a reconnect in
     /// progress, the watchdog's forced one included): such a round leaves the worker
-    /// `Degraded` and its gauges unknown (NaN) until the next round, an `interval` later.
+    /// `Degraded` and its gauges unknown (NaN) until a round succeeds. After a failed round the
+    /// next comes sooner than `interval`: 1 s later, then twice as long after each failure in
+    /// a row, up to `interval`, so the worker is healthy again soon after Redis is back.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let mut failures = 0u32;
         loop {
             let round = tokio::select! {
                 biased;
@@ -337,14 +350,53 @@ impl Worker for StreamMaintenance {
                 round = self.run_once() => round,
             };
             match round {
-                Ok(()) => ctx.health.set(Health::Healthy),
-                // Redis away: say so and try again next round; the runtime need not restart us.
-                Err(e) => ctx.health.set(Health::Degraded(e.to_string())),
+                Ok(()) => {
+                    failures = 0;
+                    ctx.health.set(Health::Healthy);
+                }
+                // Redis away: say so and try again soon; the runtime need not restart us.
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    ctx.health.set(Health::Degraded(e.to_string()));
+                }
             }
             tokio::select! {
                 _ = ctx.shutdown.requested() => return Ok(()),
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep(next_round_after(self.interval, failures)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_round_after;
+    use std::time::Duration;
+
+    /// After a failed round the next comes after 1 s, then 2, 4, ... up to the interval; after
+    /// a good one, the interval.
+    #[test]
+    fn a_failed_round_is_tried_again_sooner() {
+        let minute = Duration::from_secs(60);
+        let secs = |s| Duration::from_secs(s);
+        assert_eq!(next_round_after(minute, 0), minute);
+        let waits: Vec<Duration> = (1..=8).map(|f| next_round_after(minute, f)).collect();
+        assert_eq!(
+            waits,
+            [
+                secs(1),
+                secs(2),
+                secs(4),
+                secs(8),
+                secs(16),
+                secs(32),
+                minute,
+                minute
+            ]
+        );
+        assert_eq!(next_round_after(minute, u32::MAX), minute);
+        // An interval shorter than the backoff's start is kept.
+        let short = Duration::from_millis(50);
+        assert_eq!(next_round_after(short, 1), short);
     }
 }
