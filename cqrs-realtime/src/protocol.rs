@@ -79,8 +79,7 @@ impl ClientFrame {
                     key.chars().take(64).collect::<String>()
                 )));
             }
-            Err(_) => serde_json::from_str(text)
-                .map_err(|e| malformed(format!("the frame is not valid JSON: {e}")))?,
+            Err(_) => serde_json::from_str(text).map_err(|e| malformed(not_json(&e)))?,
         };
         let Some(kind) = value.get("type") else {
             return Err(malformed(
@@ -340,6 +339,24 @@ pub mod close_code {
     pub const INTERNAL_ERROR: u16 = 1011;
 }
 
+/// Why `text` is no JSON value, with what the parser says in its own words (its recursion
+/// limit, a `\u` escape of half a surrogate pair) said in the protocol's, its position kept.
+fn not_json(error: &serde_json::Error) -> String {
+    let said = error.to_string();
+    let at = said.find(" at line ").map_or("", |i| &said[i..]);
+    let why = if said.starts_with("recursion limit exceeded") {
+        "the frame nests arrays or objects more than 128 deep"
+    } else if said.starts_with("unexpected end of hex escape")
+        || said.starts_with("lone leading surrogate in hex escape")
+    {
+        "a string holds half a surrogate pair (a `\\u` escape from D800 to DFFF without its \
+         other half), which is no text"
+    } else {
+        return format!("the frame is not valid JSON: {said}");
+    };
+    format!("the frame is not valid JSON: {why}{at}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{ClientFrame, ErrorCode};
@@ -377,6 +394,23 @@ mod tests {
             assert!(
                 refused.to_string().contains("appears twice"),
                 "{frame}: {refused}"
+            );
+        }
+        // What the parser says in its own words is said in the protocol's.
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        for (frame, says) in [
+            (deep.as_str(), "nests arrays or objects more than 128 deep"),
+            (r#"{"type":"ping","x":"\ud800"}"#, "half a surrogate pair"),
+            (r#"{"type":"ping","x":"\udc00"}"#, "half a surrogate pair"),
+        ] {
+            let refused = ClientFrame::parse(frame).unwrap_err();
+            assert_eq!(refused.code(), ErrorCode::MalformedFrame, "{frame}");
+            let message = refused.to_string();
+            assert!(
+                message.starts_with("the frame is not valid JSON: ")
+                    && message.contains(says)
+                    && message.contains(" at line 1 column "),
+                "{message}"
             );
         }
         let not_json = ClientFrame::parse("{").unwrap_err();
