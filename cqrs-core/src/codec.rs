@@ -382,10 +382,13 @@ impl EventTypes {
                 UnknownEventPolicy::Skip => tracing::warn!(
                     event_type = %record.event_type,
                     event_id = %record.event_id,
-                    "skipping an event of a type not registered here: no handler of this \
-                     consumer's event bus takes it (add one to handle it), or a newer build wrote \
-                     it (`UnknownEventPolicy::Ignore` skips without a warning, for a topic that \
-                     carries other plugins' events)"
+                    "skipping an event of a type these event types do not register: the \
+                     consumer or projection reading it takes no such type (give its bus a \
+                     handler, or its types the type, to handle it), or a newer build wrote it \
+                     (`UnknownEventPolicy::Ignore` skips without a warning, for a reader of a \
+                     log or topic that carries other types by design: a projection of one \
+                     aggregate over a store shared with others, a topic of other plugins' \
+                     events)"
                 ),
                 UnknownEventPolicy::Ignore => tracing::debug!(
                     event_type = %record.event_type,

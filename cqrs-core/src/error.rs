@@ -193,6 +193,38 @@ impl HandlerError {
         self
     }
 
+    /// The error this one was made from ([`with_source`](Self::with_source)), or one of its
+    /// causes, when it is an `E`: a caller that matches on a domain error's type, not on the
+    /// code, gets it back through a bus that carries only `HandlerError`s.
+    ///
+    /// ```
+    /// use cqrs_core::HandlerError;
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("insufficient funds: {missing} cents short")]
+    /// struct InsufficientFunds { missing: u64 }
+    ///
+    /// impl From<InsufficientFunds> for HandlerError {
+    ///     fn from(e: InsufficientFunds) -> Self {
+    ///         HandlerError::conflict("insufficient_funds", e.to_string()).with_source(e)
+    ///     }
+    /// }
+    ///
+    /// let error = HandlerError::from(InsufficientFunds { missing: 250 });
+    /// assert_eq!(error.code(), "insufficient_funds");
+    /// assert_eq!(error.source_as::<InsufficientFunds>().map(|e| e.missing), Some(250));
+    /// ```
+    pub fn source_as<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        let mut next = std::error::Error::source(self);
+        while let Some(error) = next {
+            if let Some(found) = error.downcast_ref::<E>() {
+                return Some(found);
+            }
+            next = error.source();
+        }
+        None
+    }
+
     /// The error's class.
     pub fn kind(&self) -> ErrorKind {
         self.inner.kind
