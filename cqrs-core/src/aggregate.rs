@@ -720,6 +720,48 @@ impl<A: Aggregate> AggregateRepository<A> {
         self.append_decided(decided).await
     }
 
+    /// [`execute`](Self::execute) without an expected version that, when another writer
+    /// appended first (a version conflict at the append), loads the aggregate again and lets
+    /// it decide `command()` anew on what the other writer did, up to `attempts` times in all
+    /// (at least once). Of writers racing on one aggregate, each then decides on the others'
+    /// effects: the loser of a race to spend the last of a balance gets the aggregate's
+    /// refusal, not a version conflict. After `attempts` conflicts the last one is returned.
+    ///
+    /// For a command that may be decided on state its caller did not see: a client that
+    /// pinned a version passes it to [`execute`](Self::execute) instead, and gets the conflict.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand};
+    /// # use cqrs_core::memory::InMemoryEventStore;
+    /// use cqrs_core::{AggregateRepository, Metadata};
+    /// use std::sync::Arc;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
+    /// let open = || TicketCommand::Open;
+    /// let committed = repo.execute_retrying("t-1", open, &Metadata::new(), 10).await?;
+    /// assert_eq!(committed.version, 1);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn execute_retrying(
+        &self,
+        id: &str,
+        command: impl Fn() -> A::Command,
+        metadata: &Metadata,
+        attempts: u32,
+    ) -> Result<Committed<A>, AggregateError<A::Error>> {
+        let mut attempt = 1;
+        loop {
+            match self.execute(id, None, command(), metadata).await {
+                Err(AggregateError::Store(StoreError::Conflict { .. })) if attempt < attempts => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Appends what [`decide`](Self::decide) or [`decide_on`](Self::decide_on) returned, at the
     /// version it was decided at, and saves a snapshot when one is due.
     pub async fn append_decided(

@@ -77,6 +77,115 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
     });
 }
 
+/// An event store where another writer appends `Added { sum }` to the stream just before each
+/// of the first `races` appends of this one.
+struct Racing {
+    inner: InMemoryEventStore,
+    races: std::sync::atomic::AtomicU32,
+    sum: u64,
+}
+
+#[async_trait]
+impl EventStore for Racing {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        use std::sync::atomic::Ordering;
+        let raced = self
+            .races
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if raced.is_ok() {
+            let theirs = EventEnvelope::new(Added { sum: self.sum }, Metadata::new());
+            let record = EventRecord::from_envelope(&theirs).unwrap();
+            self.inner
+                .append(stream_id, ExpectedVersion::Any, vec![record])
+                .await?;
+        }
+        self.inner.append(stream_id, expected, events).await
+    }
+
+    async fn load(&self, stream_id: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.load(stream_id, after).await
+    }
+
+    async fn read_all(
+        &self,
+        after: cqrs_core::Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.read_all(after, limit).await
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+fn racing(races: u32, sum: u64) -> Arc<Racing> {
+    Arc::new(Racing {
+        inner: InMemoryEventStore::new(),
+        races: races.into(),
+        sum,
+    })
+}
+
+/// A writer that lost a race decides again on what the winner did: it gets the aggregate's
+/// own refusal on the new state, or succeeds on it; it gets the conflict only when every
+/// attempt lost.
+#[test]
+fn execute_retrying_decides_again_on_what_the_winner_did() {
+    run(async {
+        let metadata = Metadata::new();
+        // Lost once, then added on top of the winner's 10.
+        let store = racing(1, 10);
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let committed = repo
+            .execute_retrying("a", || 30, &metadata, 3)
+            .await
+            .unwrap();
+        assert_eq!((committed.state.total, committed.version), (40, 2));
+
+        // The winner took 95 of the 100: deciding again, the loser is refused as the aggregate
+        // refuses, not with a version conflict.
+        let repo = AggregateRepository::<Total>::new(racing(1, 95));
+        let refused = repo
+            .execute_retrying("a", || 30, &metadata, 3)
+            .await
+            .unwrap_err();
+        let AggregateError::Rejected(e) = refused else {
+            panic!("the aggregate's refusal, not {refused:?}")
+        };
+        assert_eq!(e.code(), "too_much");
+
+        // Every attempt lost: the last conflict.
+        let repo = AggregateRepository::<Total>::new(racing(3, 1));
+        let lost = repo
+            .execute_retrying("a", || 30, &metadata, 3)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                lost,
+                AggregateError::Store(StoreError::Conflict { actual: 3, .. })
+            ),
+            "{lost:?}"
+        );
+        // Once, with one attempt, as `execute` does.
+        let repo = AggregateRepository::<Total>::new(racing(1, 1));
+        let once = repo
+            .execute_retrying("a", || 30, &metadata, 1)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(once, AggregateError::Store(StoreError::Conflict { .. })),
+            "{once:?}"
+        );
+    });
+}
+
 /// Events restored from a backup older than the snapshots: each snapshot names the stream's
 /// event at its version, and a load that does not find that event there passes the snapshot
 /// over, both while the stream is behind it and once new events have taken the stream past its
