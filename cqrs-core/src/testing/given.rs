@@ -114,7 +114,7 @@ impl<A: Aggregate> AggregateTest<A> {
                 state.apply_with(&event, &envelope);
             }
         }
-        Then { result }
+        Then { result, state }
     }
 }
 
@@ -122,6 +122,31 @@ impl<A: Aggregate> AggregateTest<A> {
 #[derive(Debug)]
 pub struct Then<A: Aggregate> {
     result: Result<Vec<A::Event>, A::Error>,
+    state: A,
+}
+
+impl<A: Aggregate> Then<A> {
+    /// The aggregate's state after the command: the given history with the decided events
+    /// applied, as a load would rebuild it (the history's state when the command was refused).
+    /// Look at it before `then_expect_events` or `then_expect_error`, which take the outcome.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand, TicketOpened};
+    /// use cqrs_core::testing::AggregateTest;
+    ///
+    /// let then = AggregateTest::<Ticket>::given_no_events().when(TicketCommand::Open);
+    /// assert!(then.state().open);
+    /// then.then_expect_events([TicketOpened { ticket_id: "t1".into() }]);
+    ///
+    /// // Refused: the history's state.
+    /// let opened = TicketOpened { ticket_id: "t1".into() };
+    /// let then = AggregateTest::<Ticket>::given([opened]).when(TicketCommand::Open);
+    /// assert!(then.state().open);
+    /// assert_eq!(then.then_expect_error().code(), "already_open");
+    /// ```
+    pub fn state(&self) -> &A {
+        &self.state
+    }
 }
 
 fn comparable<S: EventSet>(events: Vec<S>) -> Vec<(String, serde_json::Value)> {
