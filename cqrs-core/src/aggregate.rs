@@ -723,9 +723,11 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// [`execute`](Self::execute) without an expected version that, when another writer
     /// appended first (a version conflict at the append), loads the aggregate again and lets
     /// it decide `command()` anew on what the other writer did, up to `attempts` times in all
-    /// (at least once). Of writers racing on one aggregate, each then decides on the others'
-    /// effects: the loser of a race to spend the last of a balance gets the aggregate's
-    /// refusal, not a version conflict. After `attempts` conflicts the last one is returned.
+    /// (at least once), each after a short jittered pause (a few milliseconds, longer for each
+    /// attempt), so writers that collided do not collide again at once. Of writers racing on
+    /// one aggregate, each then decides on the others' effects: the loser of a race to spend
+    /// the last of a balance gets the aggregate's refusal, not a version conflict. After
+    /// `attempts` conflicts the last one is returned.
     ///
     /// For a command that may be decided on state its caller did not see: a client that
     /// pinned a version passes it to [`execute`](Self::execute) instead, and gets the conflict.
@@ -755,6 +757,9 @@ impl<A: Aggregate> AggregateRepository<A> {
         loop {
             match self.execute(id, None, command(), metadata).await {
                 Err(AggregateError::Store(StoreError::Conflict { .. })) if attempt < attempts => {
+                    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 8);
+                    let pause = std::time::Duration::from_millis(u64::from(attempt) + jitter);
+                    tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
                 other => return other,

@@ -503,7 +503,9 @@ impl HealthCheck for PgDatabase {
                                 // An answer all the same (too many clients, a role's
                                 // connection limit): the server is up, and loaded.
                                 Err(sqlx::Error::Database(e)) if refused_for_load(&*e) => {
-                                    return Outside::Answers(Some(e.to_string()));
+                                    return Outside::Answers(Some(
+                                        crate::error::ServerSaid(&*e).to_string(),
+                                    ));
                                 }
                                 // Shutting down, in recovery, a login refused: no use to
                                 // this instance, however full its pool.
@@ -528,8 +530,9 @@ impl HealthCheck for PgDatabase {
                     (Err(_), Some(e)) => {
                         return Health::Unhealthy(format!(
                             "{}: no connection within {wait:?}, from the pool or of the check's \
-                             own: {e}",
-                            self.target
+                             own: {}",
+                            self.target,
+                            crate::error::Described(&e)
                         ));
                     }
                     (Err(_), None) => {
@@ -571,27 +574,32 @@ impl HealthCheck for PgDatabase {
                 drop(conn);
                 match tokio::time::timeout_at(deadline, self.answers_outside_the_pool()).await {
                     Ok(Ok(())) => Health::Degraded(format!(
-                        "{}: a pooled connection was lost ({e}); the server answers a new one, \
+                        "{}: a pooled connection was lost ({}); the server answers a new one, \
                          and the pool replaces lost connections as they fail",
-                        self.target
+                        self.target,
+                        crate::error::Described(&e)
                     )),
                     // Full (the lost connection's place taken meanwhile): up, and loaded.
                     Ok(Err(sqlx::Error::Database(again))) if refused_for_load(&*again) => {
                         Health::Degraded(format!(
-                            "{}: a pooled connection was lost ({e}), and the server refused a \
-                             new one: {again}",
-                            self.target
+                            "{}: a pooled connection was lost ({}), and the server refused a \
+                             new one: {}",
+                            self.target,
+                            crate::error::Described(&e),
+                            crate::error::ServerSaid(&*again)
                         ))
                     }
                     Ok(Err(again)) => Health::Unhealthy(format!(
-                        "{}: a pooled connection was lost ({e}), and a new one failed: {}",
+                        "{}: a pooled connection was lost ({}), and a new one failed: {}",
                         self.target,
+                        crate::error::Described(&e),
                         store_error(again)
                     )),
                     Err(_) => Health::Unhealthy(format!(
-                        "{}: a pooled connection was lost ({e}), and a new one got no answer \
+                        "{}: a pooled connection was lost ({}), and a new one got no answer \
                          by the end of the check's {wait:?}",
-                        self.target
+                        self.target,
+                        crate::error::Described(&e)
                     )),
                 }
             }

@@ -125,54 +125,100 @@ pub fn store_error(error: sqlx::Error) -> StoreError {
     let source: cqrs_core::BoxError = match sqlstate(&error).as_deref() {
         Some("25P02") => Box::new(Explained {
             explanation: ABORTED,
-            source: Sqlx(error),
+            source: SqlxError(error),
         }),
         Some("42P01" | "3F000") => Box::new(Explained {
             explanation: NOT_MIGRATED,
-            source: Sqlx(error),
+            source: SqlxError(error),
         }),
-        _ => Box::new(Sqlx(error)),
+        _ => Box::new(SqlxError(error)),
     };
     store_error_from_class(class, source)
 }
 
-/// sqlx's error, with a Postgres server's error told as an operator reads it: its message and
-/// its SQLSTATE, without the ` at line N` sqlx appends (the line of the server's C source that
-/// raised it, which reads as a line of the caller's SQL), and once (sqlx's error and its source
-/// each print the server's message). Any other error reads as sqlx says, its causes kept.
-/// The detail, which may quote the row's values, is left out.
+/// sqlx's error, the source of the [`StoreError`]s and [`PgError`]s this crate returns, with a
+/// Postgres server's error told as an operator reads it: its message, its SQLSTATE, where in the
+/// statement it points and the server's hint, without the ` at line N` sqlx appends (the line
+/// of the server's C source that raised it, which reads as a line of the caller's SQL), and
+/// once (sqlx's error and its source each print the server's message). The detail, which may
+/// quote a row's values, is left out. Any other error reads as sqlx says, its causes kept.
+///
+/// [`get_ref`](Self::get_ref) gives sqlx's error itself, for its fields (the constraint, the
+/// table, the detail):
+///
+/// ```
+/// use cqrs_postgres::SqlxError;
+///
+/// let error = cqrs_postgres::store_error(sqlx::Error::PoolTimedOut);
+/// let source = std::error::Error::source(&error).and_then(|e| e.downcast_ref::<SqlxError>());
+/// assert!(matches!(source.map(SqlxError::get_ref), Some(sqlx::Error::PoolTimedOut)));
+/// ```
 #[derive(Debug)]
-pub(crate) struct Sqlx(pub(crate) sqlx::Error);
+pub struct SqlxError(pub(crate) sqlx::Error);
 
-impl std::fmt::Display for Sqlx {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let server = self
-            .0
-            .as_database_error()
-            .and_then(|e| e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>());
-        let Some(server) = server else {
-            return self.0.fmt(f);
-        };
-        write!(
-            f,
-            "error returned from database: {} (SQLSTATE {})",
-            server.message(),
-            server.code()
-        )?;
-        if let Some(hint) = server.hint() {
-            write!(f, "; hint: {hint}")?;
-        }
-        Ok(())
+impl SqlxError {
+    /// sqlx's error.
+    pub fn get_ref(&self) -> &sqlx::Error {
+        &self.0
+    }
+
+    /// sqlx's error, taken out.
+    pub fn into_inner(self) -> sqlx::Error {
+        self.0
     }
 }
 
-impl std::error::Error for Sqlx {
+impl From<sqlx::Error> for SqlxError {
+    fn from(error: sqlx::Error) -> Self {
+        Self(error)
+    }
+}
+
+impl std::fmt::Display for SqlxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        Described(&self.0).fmt(f)
+    }
+}
+
+impl std::error::Error for SqlxError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.0 {
             // Told whole above.
             sqlx::Error::Database(_) => None,
             other => other.source(),
         }
+    }
+}
+
+/// `error` as [`SqlxError`] tells it, borrowed: for messages that quote it.
+pub(crate) struct Described<'a>(pub(crate) &'a sqlx::Error);
+
+impl std::fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_database_error() {
+            Some(server) => write!(f, "error returned from database: {}", ServerSaid(server)),
+            None => self.0.fmt(f),
+        }
+    }
+}
+
+/// A server's error: its message and SQLSTATE, where in the statement it points, its hint.
+pub(crate) struct ServerSaid<'a>(pub(crate) &'a dyn sqlx::error::DatabaseError);
+
+impl std::fmt::Display for ServerSaid<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(pg) = self.0.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else {
+            return f.write_str(self.0.message());
+        };
+        write!(f, "{} (SQLSTATE {}", pg.message(), pg.code())?;
+        if let Some(sqlx::postgres::PgErrorPosition::Original(at)) = pg.position() {
+            write!(f, ", at character {at} of the statement")?;
+        }
+        f.write_str(")")?;
+        if let Some(hint) = pg.hint() {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
     }
 }
 
@@ -200,7 +246,7 @@ const NOT_MIGRATED: &str = "if it is one of cqrs-postgres's tables (events, snap
 struct Explained {
     explanation: &'static str,
     #[source]
-    source: Sqlx,
+    source: SqlxError,
 }
 
 /// [`store_error`] for an operation on `pool`: a pool timeout (sqlx says only "pool timed
@@ -271,7 +317,7 @@ pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     if unknown {
         StoreError::Timeout {
             backend: BACKEND,
-            source: Box::new(CommitUnknown(Sqlx(error))),
+            source: Box::new(CommitUnknown(SqlxError(error))),
         }
     } else {
         store_error(error)
@@ -291,7 +337,7 @@ pub(crate) fn commit_cancelled(error: &tokio::task::JoinError) -> StoreError {
 /// callers): an `Unavailable` whose cause is a lost connection becomes the unknown outcome.
 pub(crate) fn commit_store_error(error: StoreError) -> StoreError {
     match error {
-        StoreError::Unavailable { backend, source } => match source.downcast::<Sqlx>() {
+        StoreError::Unavailable { backend, source } => match source.downcast::<SqlxError>() {
             Ok(sqlx_error) => commit_error(sqlx_error.0),
             Err(source) => StoreError::Unavailable { backend, source },
         },
@@ -305,7 +351,7 @@ pub(crate) fn commit_store_error(error: StoreError) -> StoreError {
     "the connection failed while committing, so whether it committed is unknown (retry with \
      the same idempotency key, which replays if it did, or check before retrying): {0}"
 )]
-struct CommitUnknown(#[source] Sqlx);
+struct CommitUnknown(#[source] SqlxError);
 
 /// A failed connect, classified like [`store_error`], whose message says where it tried to
 /// connect (`target`: host, port and database, never the password).
@@ -339,7 +385,7 @@ pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
         Box::new(ConnectFailed {
             target,
             advice,
-            source: Sqlx(error),
+            source: SqlxError(error),
         }),
     )
 }
@@ -364,7 +410,7 @@ struct ConnectFailed {
     target: String,
     advice: &'static str,
     #[source]
-    source: Sqlx,
+    source: SqlxError,
 }
 
 fn store_error_from_class(class: Class, source: cqrs_core::BoxError) -> StoreError {

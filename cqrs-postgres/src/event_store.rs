@@ -256,7 +256,8 @@ pub(crate) async fn append_on(
                             source: format!(
                                 "stream {stream_id} got an event at the version this append \
                                  drew, inserted around the append functions, and {why} to \
-                                 read its version: {e}"
+                                 read its version: {}",
+                                crate::error::Described(&e)
                             )
                             .into(),
                         });
@@ -276,7 +277,7 @@ pub(crate) async fn append_on(
         Err(e) if is_unique_violation(&e, "events_event_id_key") => {
             return Err(StoreError::Backend {
                 backend: BACKEND,
-                source: format!("an event of this batch for stream {stream_id} is already stored (same event id): {e}").into(),
+                source: format!("an event of this batch for stream {stream_id} is already stored (same event id): {}", crate::error::Described(&e)).into(),
             });
         }
         // Outside a transaction the statement was its own: a connection lost with it leaves

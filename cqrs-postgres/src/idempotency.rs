@@ -176,7 +176,10 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
     match (&error, wait) {
         (sqlx::Error::Database(db), Some(wait)) if busy(db.as_ref()) => StoreError::Unavailable {
             backend: BACKEND,
-            source: Box::new(ClaimWaitElapsed { wait, error }),
+            source: Box::new(ClaimWaitElapsed {
+                wait,
+                error: crate::SqlxError(error),
+            }),
         },
         _ => store_error(error),
     }
@@ -207,7 +210,7 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
 pub struct ClaimWaitElapsed {
     wait: Duration,
     #[source]
-    error: sqlx::Error,
+    error: crate::SqlxError,
 }
 
 impl ClaimWaitElapsed {

@@ -102,7 +102,7 @@ mod unit_of_work;
 
 pub use command::{IdempotencyKey, Idempotent, PgCommand, PgCommandExecutor, PgCommandLayer};
 pub use database::PgDatabase;
-pub use error::{PgError, store_error};
+pub use error::{PgError, SqlxError, store_error};
 pub use event_store::PgEventStore;
 pub use idempotency::{ClaimWaitElapsed, PgIdempotencyStore};
 pub use options::{DEFAULT_URL, PgOptions};

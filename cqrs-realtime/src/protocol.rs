@@ -345,7 +345,7 @@ fn not_json(error: &serde_json::Error) -> String {
     let said = error.to_string();
     let at = said.find(" at line ").map_or("", |i| &said[i..]);
     let why = if said.starts_with("recursion limit exceeded") {
-        "the frame nests arrays or objects more than 128 deep"
+        "the frame nests arrays or objects more than 127 deep"
     } else if said.starts_with("unexpected end of hex escape")
         || said.starts_with("lone leading surrogate in hex escape")
     {
@@ -397,9 +397,17 @@ mod tests {
             );
         }
         // What the parser says in its own words is said in the protocol's.
-        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let deep = format!("{}{}", "[".repeat(128), "]".repeat(128));
+        let deepest = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        assert!(
+            !ClientFrame::parse(&deepest)
+                .unwrap_err()
+                .to_string()
+                .contains("deep"),
+            "127 levels are JSON the parser reads"
+        );
         for (frame, says) in [
-            (deep.as_str(), "nests arrays or objects more than 128 deep"),
+            (deep.as_str(), "nests arrays or objects more than 127 deep"),
             (r#"{"type":"ping","x":"\ud800"}"#, "half a surrogate pair"),
             (r#"{"type":"ping","x":"\udc00"}"#, "half a surrogate pair"),
         ] {

@@ -546,11 +546,45 @@ async fn a_schema_never_migrated_says_to_run_migrate() {
         let message = append.to_string();
         assert!(
             message.contains(&format!(
-                "schema \"{schema}\" does not exist (SQLSTATE 3F000)"
+                "schema \"{schema}\" does not exist (SQLSTATE 3F000, at character "
             )) && message.contains("run `PgDatabase::migrate()` on this schema at start-up"),
             "{message}"
         );
         assert_told_once(&append);
+    })
+    .await;
+}
+
+/// A statement's error says where in the statement it points, without sqlx's ` at line N`
+/// (the server's C source line), and sqlx's error stays at hand through `SqlxError`.
+#[tokio::test]
+async fn a_server_error_names_its_sqlstate_and_where_in_the_statement() {
+    if !crate::support::postgres_available().await {
+        return;
+    }
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        let db = PgOptions::new(crate::support::database_url())
+            .connect()
+            .await
+            .expect("connect");
+        let error = sqlx::query("SELECT 1 FROM nowhere_at_all_here")
+            .execute(db.pool())
+            .await
+            .unwrap_err();
+        let wrapped = cqrs_postgres::SqlxError::from(error);
+        let told = wrapped.to_string();
+        assert!(
+            told.starts_with("error returned from database: relation \"nowhere_at_all_here\" does not exist (SQLSTATE 42P01, at character 15 of the statement)")
+                && !told.contains(" at line "),
+            "{told}"
+        );
+        assert!(std::error::Error::source(&wrapped).is_none(), "told whole");
+        let code = wrapped
+            .get_ref()
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("42P01"));
     })
     .await;
 }

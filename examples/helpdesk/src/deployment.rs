@@ -310,7 +310,7 @@ impl Instance {
             Ok(found) => found,
             // The `postgres` check reports the outage; the next round looks again.
             Err(error) => {
-                let error = cqrs_postgres::store_error(error);
+                let error = cqrs_postgres::SqlxError::from(error);
                 tracing::warn!(%error, "could not compare the token secrets of the instances");
                 return;
             }
@@ -384,7 +384,7 @@ impl Worker for Instance {
                     match renewed {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => {
-                            let error = cqrs_postgres::store_error(error);
+                            let error = cqrs_postgres::SqlxError::from(error);
                             tracing::warn!(%error, "could not renew this instance's record in the schema")
                         }
                         Err(_) => tracing::warn!("renewing this instance's record in the schema got no answer"),
@@ -393,7 +393,7 @@ impl Worker for Instance {
             }
         }
         if let Err(error) = self.remove().await {
-            let error = cqrs_postgres::store_error(error);
+            let error = cqrs_postgres::SqlxError::from(error);
             tracing::warn!(
                 %error,
                 "could not remove this instance's record: an instance shipping elsewhere \
@@ -453,8 +453,11 @@ impl Worker for PrefixClaim {
                 Ok(Err(TransportError::Invalid(refusal))) => {
                     // The refusal is worded for a helpdesk refused at start ("give this one a
                     // prefix of its own"); this one owns the prefix: name the other one.
-                    let owner = tokio::time::timeout(self.every, self.transport.prefix_owner());
-                    let theirs = match owner.await {
+                    let owner = tokio::select! {
+                        _ = ctx.shutdown.requested() => break,
+                        owner = tokio::time::timeout(self.every, self.transport.prefix_owner()) => owner,
+                    };
+                    let theirs = match owner {
                         Ok(Ok(Some(theirs))) => format!("`{theirs}`"),
                         _ => format!("another helpdesk ({refusal})"),
                     };

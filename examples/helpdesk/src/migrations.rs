@@ -126,9 +126,10 @@ fn failed(plugin: &str, name: &str, e: sqlx::Error) -> anyhow::Error {
         .as_database_error()
         .and_then(|d| d.code())
         .is_some_and(|code| code == "55P03");
-    // Through the adapter's error: sqlx's text ends in " at line N", the server's source line,
-    // which would read as a line of the migration.
-    let failed = anyhow::Error::new(cqrs_postgres::store_error(e))
+    // Through the adapter's wrapper: sqlx's text ends in " at line N", the server's source
+    // line, which would read as a line of the migration; the wrapper says where in the
+    // migration's statement the error points instead.
+    let failed = anyhow::Error::new(cqrs_postgres::SqlxError::from(e))
         .context(format!("the {plugin} plugin's migration {name} failed"));
     if !waited {
         return failed;
