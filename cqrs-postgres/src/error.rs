@@ -21,7 +21,8 @@ pub enum PgError {
     /// `success = false`) failed half-way: fix its cause, delete its row and migrate again. The
     /// message says which applies.
     #[error(
-        "could not migrate schema `{schema}`: {source}; {}",
+        "could not migrate schema `{schema}`: {}; {}",
+        migrate_text(source),
         migrate_advice(schema, source)
     )]
     Migrate {
@@ -35,6 +36,19 @@ pub enum PgError {
     /// [`ErrorKind::Unavailable`]).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A failed migration as sqlx says it, but a server's error told as [`SqlxError`] tells it
+/// (without the ` at line N` of the server's C source).
+fn migrate_text(error: &sqlx::migrate::MigrateError) -> String {
+    use sqlx::migrate::MigrateError as M;
+    match error {
+        M::Execute(e) => format!("while executing migrations: {}", Described(e)),
+        M::ExecuteMigration(e, version) => {
+            format!("while executing migration {version}: {}", Described(e))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// What to do about a failed migration, by its cause.

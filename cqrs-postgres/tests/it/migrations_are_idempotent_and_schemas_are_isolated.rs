@@ -251,7 +251,8 @@ async fn a_schema_holding_a_foreign_events_table_says_to_use_another() {
         db.drop_schema().await.unwrap();
         let error = migrated.unwrap_err().to_string();
         assert!(
-            error.contains("relation \"events\" already exists")
+            error.contains("relation \"events\" already exists (SQLSTATE 42P07")
+                && !error.contains(" at line ")
                 && error.contains(&format!(
                     "the schema `{id}` already holds a table of that name that this migration did not make"
                 ))
