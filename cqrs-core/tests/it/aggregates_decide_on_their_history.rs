@@ -98,10 +98,8 @@ impl EventStore for Racing {
             .races
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if raced.is_ok() {
-            let theirs = EventEnvelope::new(Added { sum: self.sum }, Metadata::new());
-            let record = EventRecord::from_envelope(&theirs).unwrap();
             self.inner
-                .append(stream_id, ExpectedVersion::Any, vec![record])
+                .append(stream_id, ExpectedVersion::Any, vec![added(self.sum)])
                 .await?;
         }
         self.inner.append(stream_id, expected, events).await
