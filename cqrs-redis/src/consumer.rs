@@ -287,6 +287,7 @@ impl RedisConsumer {
         id: &DeliveryId,
         error: &str,
     ) -> Result<(), TransportError> {
+        delivery_ids(std::slice::from_ref(id))?;
         // A nack leaves the count alone. The count as handed out, until Redis says which it
         // left (higher, should a lost step of this consumer have reclaimed it meanwhile).
         let left = self
@@ -1161,6 +1162,19 @@ fn entry_id(id: &str) -> (u64, u64) {
     parse_entry_id(id).unwrap_or((0, 0))
 }
 
+/// Refuses a delivery id that is no stream entry id (made by hand, or another transport's):
+/// Redis would refuse the whole command with its own words, reported as a backend failure.
+fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
+    match ids.iter().find(|id| parse_entry_id(&id.0).is_none()) {
+        None => Ok(()),
+        Some(id) => Err(TransportError::Invalid(format!(
+            "`{}` is no delivery id of this transport (a stream entry id, `<ms>-<seq>`): ack, \
+             nack and keep_alive take the ids `fetch` returned",
+            id.0.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
 /// A stream entry id's `(milliseconds, sequence)`, if it is one.
 fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
@@ -1406,6 +1420,7 @@ impl Consumer for RedisConsumer {
         if ids.is_empty() {
             return Ok(());
         }
+        delivery_ids(ids)?;
         for chunk in ids.chunks(512) {
             // The `XACK` and an `HDEL` of the errors recorded for the entries, pipelined: one
             // round trip, no script. Any delivery may have an error recorded, a first one
@@ -1456,6 +1471,7 @@ impl Consumer for RedisConsumer {
     /// they and the rest of their lanes would wait for it although any consumer could take
     /// them.
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        delivery_ids(ids)?;
         let busy: HashSet<&str> = self
             .in_flight
             .values()
