@@ -24,7 +24,7 @@ async fn a_delivery_id_made_by_hand_is_refused_as_invalid() {
             let refused = [
                 consumer.ack(&[good.clone(), garbage.clone()]).await,
                 consumer.nack(&garbage).await,
-                consumer.keep_alive(&[garbage.clone()]).await,
+                consumer.keep_alive(std::slice::from_ref(&garbage)).await,
             ];
             for refused in refused {
                 match refused {
