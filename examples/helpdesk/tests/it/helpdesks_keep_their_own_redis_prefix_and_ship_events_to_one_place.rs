@@ -121,36 +121,24 @@ async fn claim_status(s: &TestServer, status: &str) -> Value {
 
 /// `name`'s component in `/ready`, once it says `status`; panics after 10 s.
 async fn component_status(s: &TestServer, name: &str, status: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("{name} {status} in /ready");
+    cqrs_core::testing::eventually(Duration::from_secs(10), &what, || async {
         let ready = s.send(Method::GET, "/ready", None, None).await;
         assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
         let component = ready.body["components"][name].clone();
-        if component["status"] == status {
-            return component;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} not {status} within 10 s: {ready:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (component["status"] == status).then_some(component)
+    })
+    .await
 }
 
 /// Waits until `key` holds a value containing `needle`; panics after 10 s.
 async fn key_holds(url: &str, key: &str, needle: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("`{key}` holding `{needle}`");
+    cqrs_core::testing::eventually(Duration::from_secs(10), &what, || async {
         let reply = redis_command(url, &["GET", key]).await.unwrap_or_default();
-        if reply.contains(needle) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "`{key}` does not hold `{needle}` within 10 s: {reply:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        reply.contains(needle).then_some(())
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
