@@ -2253,6 +2253,231 @@ impl Worker for EventBusConsumer {
     }
 }
 
+/// Hands the events a relay ships to an in-process [`EventBus`], one after the other in the
+/// order shipped: the feed for a bus whose handlers must see every committed event, in the
+/// store's order, on any backend, without a consumer group.
+///
+/// Give it to a relay of its own (a [`StoreRelay`](crate::relay::StoreRelay), or an adapter's
+/// outbox relay, under a name of its own, so with a checkpoint of its own). The relay brings
+/// what a consumer group would not: one relay of a name ships at a time, even across
+/// instances, in the event store's global order, from a checkpoint kept in the store's
+/// database, so the feed is the same with or without a broker and survives adding or removing
+/// one. What it gives up against an [`EventBusConsumer`]: events are handled one at a time, by
+/// one instance at a time, and there are no dead letters (an event whose handlers keep failing
+/// is given up, below).
+///
+/// * **At least once.** The relay moves its checkpoint after `publish` returned, so an event
+///   whose handlers ran just before a crash is handed to them again. Handlers dedupe by the
+///   event's id (`ctx.metadata().message_id`) where a repeat matters.
+/// * **A failure** of any handler fails the call: the relay retries from that event with its
+///   backoff, and its health says which handler failed and why. The events before it in the
+///   call are not handed to the bus again on that retry (this transport remembers them until a
+///   call succeeds); the handlers of the failed event all run again, as with an
+///   [`EventBusConsumer`].
+/// * **Given up.** A failure that says "not now" (every failed handler `Unavailable` or
+///   `RateLimited`: a backend away) is retried for as long as it lasts. Any other failure
+///   counts as an attempt, and after [`max_attempts`](Self::max_attempts) of them (10 by
+///   default) the event is given up: logged at error level with its id, type, position and
+///   the last error, counted in `cqrs_event_bus_given_up_total` (label `event_type`), and the
+///   feed goes on. It stays in the event store.
+/// * **Decoding.** Types no handler takes are passed over (the unknown-event policy of
+///   [`event_types`](Self::event_types), by default). An event written by a newer build (a
+///   schema version above this build's) fails the call as unavailable, so the feed waits for
+///   the newer build to take it; one that cannot be decoded at all (a payload that does not
+///   match its type, a missing upcaster) fails it with [`TransportError::Codec`], which the
+///   relays skip and log.
+/// * It only publishes: [`consumer`](EventTransport::consumer) fails with
+///   [`TransportError::Invalid`]. Its capabilities say so: not persistent, no consumer groups,
+///   ordered.
+///
+/// ```
+/// use cqrs_core::doc::{CountOpened, TicketOpened};
+/// use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore};
+/// use cqrs_core::ports::EventStore;
+/// use cqrs_core::projection::EventBusTransport;
+/// use cqrs_core::relay::StoreRelay;
+/// use cqrs_core::{EventBus, EventEnvelope, EventRecord, ExpectedVersion, Metadata};
+/// use std::sync::Arc;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let store = Arc::new(InMemoryEventStore::new());
+/// let count = CountOpened::default();
+/// let bus = EventBus::builder().handler(count.clone()).build()?;
+///
+/// // A relay of its own: the name `event-bus` keeps its checkpoint. Run it as a worker of a
+/// // `Runtime`; here one batch by hand.
+/// let relay = StoreRelay::new(
+///     "event-bus",
+///     store.clone(),
+///     Arc::new(InMemoryProjectionStore::new()),
+///     Arc::new(EventBusTransport::new(bus)),
+///     "event-bus",
+/// );
+///
+/// let opened = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new());
+/// store.append("ticket-t1", ExpectedVersion::NO_STREAM, vec![EventRecord::from_envelope(&opened)?]).await?;
+/// assert_eq!(relay.relay_once().await?, 1);
+/// assert_eq!(count.count(), 1);
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct EventBusTransport {
+    bus: EventBus,
+    types: Arc<EventTypes>,
+    max_attempts: u32,
+    retrying: Arc<std::sync::Mutex<Retrying>>,
+}
+
+/// What a failed call leaves for its retry.
+#[derive(Default)]
+struct Retrying {
+    /// Events of failed calls whose handlers all succeeded: not handed to the bus again.
+    handled: std::collections::HashSet<Uuid>,
+    /// Failed attempts that count, per event.
+    attempts: HashMap<Uuid, u32>,
+}
+
+impl fmt::Debug for EventBusTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBusTransport")
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventBusTransport {
+    /// Hands what it is given to `bus`, decoding every type the bus has handlers for
+    /// ([`EventBus::event_types`]).
+    pub fn new(bus: EventBus) -> Self {
+        Self {
+            types: Arc::new(bus.event_types()),
+            bus,
+            max_attempts: 10,
+            retrying: Arc::default(),
+        }
+    }
+
+    /// Decodes with `types` (its upcasters, its unknown-event policy) as well as the bus's own
+    /// types, which are added to it, as [`EventBusConsumer::event_types`] does.
+    ///
+    /// # Panics
+    ///
+    /// When `types` registers a wire name for another Rust type than the bus's handlers
+    /// take (see [`EventTypes::register`]).
+    pub fn event_types(mut self, mut types: EventTypes) -> Self {
+        types.merge(&self.bus.event_types());
+        self.types = Arc::new(types);
+        self
+    }
+
+    /// Failed attempts on one event after which it is given up (default 10, at least 1).
+    /// Failures that say "not now" do not count. The relay's backoff paces the attempts.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    fn retrying(&self) -> std::sync::MutexGuard<'_, Retrying> {
+        self.retrying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands one record to the bus. `Ok` when it is done with (handled, passed over or given
+    /// up).
+    async fn deliver(&self, record: &EventRecord) -> Result<(), TransportError> {
+        let envelope = match self.types.decode(record) {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => return Ok(()),
+            Err(e) if e.waits_for_another_build() => {
+                return Err(TransportError::Unavailable {
+                    backend: "event bus",
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => return Err(TransportError::Codec(Box::new(e))),
+        };
+        let name = envelope.name();
+        let error = match self.bus.publish(envelope).await {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        let waits_only = match &error {
+            DispatchError::Publish(e) => {
+                !e.failures.is_empty() && e.failures.iter().all(|f| waits(f.error.kind()))
+            }
+            other => waits(other.kind()),
+        };
+        if waits_only {
+            return Err(TransportError::Unavailable {
+                backend: "event bus",
+                source: Box::new(error),
+            });
+        }
+        let attempts = {
+            let mut retrying = self.retrying();
+            let attempts = retrying.attempts.entry(record.event_id).or_insert(0);
+            *attempts += 1;
+            *attempts
+        };
+        if attempts < self.max_attempts {
+            return Err(TransportError::Backend {
+                backend: "event bus",
+                source: Box::new(error),
+            });
+        }
+        tracing::error!(
+            event_id = %record.event_id,
+            event_type = name,
+            position = ?record.position.map(Position::get),
+            stream = record.stream_id.as_deref().unwrap_or(""),
+            attempts,
+            %error,
+            "the event bus's handlers failed on every attempt: the event is given up (it stays in the event store) and the feed goes on"
+        );
+        metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name).increment(1);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventTransport for EventBusTransport {
+    /// Not persistent, no consumer groups; delivers in the order given.
+    fn capabilities(&self) -> crate::ports::TransportCapabilities {
+        crate::ports::TransportCapabilities::new(false, false, true, false, false)
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        crate::ports::validate_topic(topic)?;
+        for record in events {
+            if self.retrying().handled.contains(&record.event_id) {
+                continue;
+            }
+            self.deliver(record).await?;
+            self.retrying().handled.insert(record.event_id);
+        }
+        // Everything went through: the relay moves past it, and nothing is retried.
+        let mut retrying = self.retrying();
+        retrying.handled.clear();
+        retrying.attempts.clear();
+        Ok(())
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        _group: &str,
+        _options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        crate::ports::validate_topic(topic)?;
+        Err(TransportError::Invalid(format!(
+            "cannot consume `{topic}`: an event bus transport only publishes (to its bus's \
+             handlers); consume the event store or a durable transport instead"
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ use cqrs_core::memory::{
 };
 use cqrs_core::middleware::{MetricsLayer, TimeoutLayer, TracingLayer};
 use cqrs_core::ports::{EventTransport, PubSub};
+use cqrs_core::projection::EventBusTransport;
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
 use cqrs_core::{CommandBus, EventBus, EventStoreSink, PluginRegistrar, Plugins, QueryBus};
@@ -41,6 +42,15 @@ const DISCARD_BATCH: usize = 1_000;
 /// The name of the relay that publishes every event to the WebSocket hubs (its checkpoint's
 /// name), and the topic it is given (the routing chooses the channels).
 const REALTIME_RELAY: &str = "realtime";
+
+/// The name of the relay that hands every event to the event bus's handlers (its checkpoint's
+/// name), and the topic it is given.
+const EVENT_BUS_RELAY: &str = "event-bus";
+
+/// How long the event bus's handlers of one event may take, together: past it the event fails
+/// as timed out, an attempt toward being given up. Below the relays' 30 s publish timeout, so
+/// a handler that hangs every time is given up on rather than holding the feed for good.
+const EVENT_HANDLERS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What tests, and binaries of your own (see [`main_with`](crate::main_with)), add or replace.
 #[derive(Clone, Default)]
@@ -194,6 +204,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         checks,
         relay,
         realtime_relay,
+        event_bus_relay,
         maintenance,
         redis,
     } = match &config.database_url {
@@ -261,19 +272,25 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let events = EventBus::builder()
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
+        .layer(TimeoutLayer::new(EVENT_HANDLERS_TIMEOUT))
         .handlers(registrar.take_events())
         .build()?;
-    // Nothing publishes to this bus: the events reach the transport and the WebSockets, and
-    // the tickets plugin's read models run as workers of their own. Handlers registered on it
-    // by a plugin that follows the guide's step 6 would never run, without a word.
-    let mut unfed: Vec<&str> = events.names().collect();
-    if !unfed.is_empty() {
-        unfed.sort_unstable();
-        tracing::warn!(
-            event_types = ?unfed,
-            "plugins registered event handlers (`registrar.events()`), and the helpdesk publishes nothing to its event bus: they run only if a plugin's worker feeds `BusHandle`'s event bus; to react to events, contribute a `BackgroundWorker` instead (a `ProjectionRunner` as `stats_runner` in helpdesk-tickets, see docs/helpdesk.md)"
+    // The handlers plugins registered (`registrar.events()`) get every committed event from a
+    // relay of their own. None registered: no relay, and no connection held for it.
+    let mut handled: Vec<&str> = events.names().collect();
+    let event_bus_relay = if handled.is_empty() || hooks.without_relay {
+        None
+    } else {
+        handled.sort_unstable();
+        tracing::info!(
+            event_types = ?handled,
+            relay = EVENT_BUS_RELAY,
+            "plugins registered event handlers: every committed event is handed to them, in store order, at least once, by one instance at a time"
         );
-    }
+        Some(event_bus_relay(Arc::new(EventBusTransport::new(
+            events.clone(),
+        ))))
+    };
     registrar.check_required(&commands, &queries)?;
     let buses = Buses {
         commands,
@@ -299,6 +316,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     }
     if let Some(maintenance) = maintenance {
         runtime = runtime.worker(maintenance);
+    }
+    if let Some(relay) = event_bus_relay {
+        runtime = runtime.worker(relay);
     }
     for make in &hooks.workers {
         runtime = runtime.worker(make());
@@ -529,6 +549,8 @@ struct Started {
     /// Like `relay`, with a name (and checkpoint) of its own: one is active at a time, reading
     /// the store in position order.
     realtime_relay: MakeRelay,
+    /// The same again, to the event bus's handlers (run only when plugins registered some).
+    event_bus_relay: MakeRelay,
     /// Trims the event transport of what every group acknowledged (a Redis stream, or the
     /// in-process transport, which otherwise keeps every event ever published); none when the
     /// transport keeps nothing.
@@ -574,24 +596,29 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
         EVENTS_TOPIC,
     )
     .intervals(poll / 2, Duration::from_secs(5));
-    let events = backends.events.clone();
-    let realtime_relay: MakeRelay = Box::new(move |hubs| {
-        Box::new(
-            StoreRelay::new(
-                REALTIME_RELAY,
-                events,
-                Arc::new(InMemoryProjectionStore::new()),
-                hubs,
-                REALTIME_RELAY,
+    let in_memory_relay = |name: &'static str| -> MakeRelay {
+        let events = backends.events.clone();
+        Box::new(move |to| {
+            Box::new(
+                StoreRelay::new(
+                    name,
+                    events,
+                    Arc::new(InMemoryProjectionStore::new()),
+                    to,
+                    name,
+                )
+                .intervals(poll / 2, Duration::from_secs(5)),
             )
-            .intervals(poll / 2, Duration::from_secs(5)),
-        )
-    });
+        })
+    };
+    let realtime_relay = in_memory_relay(REALTIME_RELAY);
+    let event_bus_relay = in_memory_relay(EVENT_BUS_RELAY);
     Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
         relay: Box::new(relay),
         realtime_relay,
+        event_bus_relay,
         maintenance: Some(memory_trim(transport, purge_interval)),
         redis: None,
     }
@@ -691,20 +718,25 @@ async fn postgres_backends(
         .checkpoint()
         .await
         .context("cannot read the outbox relay's checkpoint")?;
-    let realtime_db = db.clone();
-    // It LISTENs for appends, so events reach the hubs as soon as they commit.
-    let realtime_relay: MakeRelay = Box::new(move |hubs| {
-        Box::new(
-            PgOutboxRelay::new(
-                realtime_db,
-                Arc::new(crate::metered::MeteredTransport::new(hubs, REALTIME_RELAY)),
+    // They LISTEN for appends, so events reach the hubs and the handlers as soon as they
+    // commit.
+    let postgres_relay = |name: &'static str| -> MakeRelay {
+        let db = db.clone();
+        Box::new(move |to| {
+            Box::new(
+                PgOutboxRelay::new(
+                    db,
+                    Arc::new(crate::metered::MeteredTransport::new(to, name)),
+                )
+                .relay_name(name)
+                .topic(name)
+                .start_from(start_from)
+                .poll_interval(poll.max(Duration::from_millis(50))),
             )
-            .relay_name(REALTIME_RELAY)
-            .topic(REALTIME_RELAY)
-            .start_from(start_from)
-            .poll_interval(poll.max(Duration::from_millis(50))),
-        )
-    });
+        })
+    };
+    let realtime_relay = postgres_relay(REALTIME_RELAY);
+    let event_bus_relay = postgres_relay(EVENT_BUS_RELAY);
     let backends = Backends {
         mode: Mode::Postgres,
         events: Arc::new(db.event_store()),
@@ -720,6 +752,7 @@ async fn postgres_backends(
         checks,
         relay: Box::new(relay),
         realtime_relay,
+        event_bus_relay,
         maintenance,
         redis,
     })

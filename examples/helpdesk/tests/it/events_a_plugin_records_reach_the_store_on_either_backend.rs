@@ -24,7 +24,7 @@ impl Command for Remember {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Remembered {
-    what: String,
+    pub what: String,
 }
 
 impl Message for Remembered {

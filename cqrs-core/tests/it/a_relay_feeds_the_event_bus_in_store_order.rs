@@ -1,0 +1,212 @@
+//! A relay to an `EventBusTransport` hands every stored event to the bus's handlers in the
+//! store's order; a failed event is retried without handing the events before it to the bus
+//! again, given up after `max_attempts` failures that count (never for one that says "not
+//! now"), and events of a newer build wait for it while undecodable ones are skipped.
+
+use crate::fixtures::*;
+use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore};
+use cqrs_core::ports::{ConsumerOptions, EventStore, EventTransport, TransportError};
+use cqrs_core::projection::EventBusTransport;
+use cqrs_core::relay::StoreRelay;
+use cqrs_core::testing::MetricCounts;
+use cqrs_core::{
+    ErrorKind, EventBus, EventContext, EventHandler, EventRecord, ExpectedVersion, HandlerError,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Records the sums it handled, in order; fails on a sum with the kind it is told to, as many
+/// times as it is told to.
+#[derive(Clone, Default)]
+struct Recorder {
+    handled: Arc<Mutex<Vec<u64>>>,
+    calls: Arc<Mutex<Vec<u64>>>,
+    fail: Arc<Mutex<HashMap<u64, (ErrorKind, u32)>>>,
+}
+
+impl Recorder {
+    fn fail(&self, sum: u64, kind: ErrorKind, times: u32) {
+        self.fail.lock().unwrap().insert(sum, (kind, times));
+    }
+    fn handled(&self) -> Vec<u64> {
+        self.handled.lock().unwrap().clone()
+    }
+    fn calls(&self) -> Vec<u64> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for Recorder {
+    async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        self.calls.lock().unwrap().push(event.sum);
+        if let Some((kind, times)) = self.fail.lock().unwrap().get_mut(&event.sum)
+            && *times > 0
+        {
+            *times -= 1;
+            let message = format!("refuses {}", event.sum);
+            return Err(HandlerError::new(*kind, "refused", message));
+        }
+        self.handled.lock().unwrap().push(event.sum);
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "recorder"
+    }
+}
+
+struct Fed {
+    store: Arc<InMemoryEventStore>,
+    relay: StoreRelay<InMemoryProjectionStore>,
+    recorder: Recorder,
+}
+
+fn fed(configure: impl FnOnce(EventBusTransport) -> EventBusTransport) -> Fed {
+    let recorder = Recorder::default();
+    let bus = EventBus::builder()
+        .handler(recorder.clone())
+        .build()
+        .unwrap();
+    let store = Arc::new(InMemoryEventStore::new());
+    let relay = StoreRelay::new(
+        "event-bus",
+        store.clone(),
+        Arc::new(InMemoryProjectionStore::new()),
+        Arc::new(configure(EventBusTransport::new(bus))),
+        "event-bus",
+    );
+    Fed {
+        store,
+        relay,
+        recorder,
+    }
+}
+
+async fn append(store: &InMemoryEventStore, stream: &str, records: Vec<EventRecord>) {
+    store
+        .append(stream, ExpectedVersion::Any, records)
+        .await
+        .unwrap();
+}
+
+#[test]
+fn events_reach_the_handlers_in_store_order_and_a_retry_hands_on_only_what_failed() {
+    run(async {
+        let fed = fed(|t| t);
+        append(&fed.store, "a", vec![added(1), added(2)]).await;
+        append(&fed.store, "b", vec![added(3)]).await;
+        fed.recorder.fail(2, ErrorKind::Internal, 2);
+
+        fed.relay.relay_once().await.unwrap_err();
+        let error = fed.relay.relay_once().await.unwrap_err().to_string();
+        assert!(
+            error.contains("recorder") && error.contains("refuses 2"),
+            "{error}"
+        );
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 3);
+
+        assert_eq!(fed.recorder.handled(), vec![1, 2, 3]);
+        assert_eq!(
+            fed.recorder.calls(),
+            vec![1, 2, 2, 2, 3],
+            "1 is not handed on again"
+        );
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 0, "caught up");
+    });
+}
+
+#[test]
+fn an_event_failing_every_time_is_given_up_after_max_attempts_and_the_feed_goes_on() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let fed = fed(|t| t.max_attempts(3));
+            append(&fed.store, "a", vec![added(1), added(2)]).await;
+            fed.recorder.fail(1, ErrorKind::Invalid, u32::MAX);
+
+            fed.relay.relay_once().await.unwrap_err();
+            fed.relay.relay_once().await.unwrap_err();
+            assert_eq!(
+                counts.get("cqrs_event_bus_given_up_total{event_type=test.added}"),
+                0
+            );
+            assert_eq!(
+                fed.relay.relay_once().await.unwrap(),
+                2,
+                "given up on the third"
+            );
+
+            assert_eq!(fed.recorder.calls(), vec![1, 1, 1, 2]);
+            assert_eq!(fed.recorder.handled(), vec![2]);
+            assert_eq!(
+                counts.get("cqrs_event_bus_given_up_total{event_type=test.added}"),
+                1
+            );
+        });
+    });
+}
+
+#[test]
+fn failures_that_say_not_now_are_retried_for_as_long_as_they_last() {
+    run(async {
+        let fed = fed(|t| t.max_attempts(1));
+        append(&fed.store, "a", vec![added(1)]).await;
+        fed.recorder.fail(1, ErrorKind::Unavailable, 5);
+        for _ in 0..5 {
+            let error = fed.relay.relay_once().await.unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        }
+        assert_eq!(fed.recorder.handled(), Vec::<u64>::new(), "not given up");
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 1);
+        assert_eq!(fed.recorder.handled(), vec![1]);
+    });
+}
+
+#[test]
+fn a_newer_builds_event_waits_and_an_undecodable_one_is_skipped() {
+    run(async {
+        let fed = fed(|t| t);
+        let mut newer = added(1);
+        newer.schema_version += 1;
+        append(&fed.store, "a", vec![newer]).await;
+        let error = fed.relay.relay_once().await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        assert_eq!(fed.recorder.calls(), Vec::<u64>::new());
+
+        // A feed of its own: this one waits at the newer event.
+        let fed = self::fed(|t| t);
+        let mut broken = added(2);
+        broken.payload = serde_json::json!({"sum": "two"});
+        append(&fed.store, "b", vec![broken, added(3)]).await;
+        assert_eq!(
+            fed.relay.relay_once().await.unwrap(),
+            2,
+            "the broken one skipped"
+        );
+        assert_eq!(fed.recorder.handled(), vec![3]);
+    });
+}
+
+#[test]
+fn types_no_handler_takes_are_passed_over_and_nothing_consumes_it() {
+    run(async {
+        let fed = fed(|t| t);
+        let mut other = added(1);
+        other.event_type = "test.nobody_handles_this".into();
+        append(&fed.store, "a", vec![other, added(2)]).await;
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 2);
+        assert_eq!(fed.recorder.handled(), vec![2]);
+
+        let bus = EventBus::builder().build().unwrap();
+        let error = EventBusTransport::new(bus)
+            .consumer("event-bus", "g", ConsumerOptions::default())
+            .await
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(&error, TransportError::Invalid(m) if m.contains("only publishes")),
+            "{error}"
+        );
+    });
+}

@@ -1,0 +1,166 @@
+//! Event handlers a plugin registers with `registrar.events()` are handed every committed
+//! event, in store order, in memory, on Postgres + Redis and on Postgres alone; a handler that
+//! fails gets the event again (and the events before it are not handed on again); with two
+//! instances on one schema, each event is handed to the handlers once. Before, nothing fed the
+//! helpdesk's event bus: such handlers never ran (the start only warned).
+
+use crate::events_a_plugin_records_reach_the_store_on_either_backend::{
+    Remember, RememberHandler, Remembered,
+};
+use crate::support::*;
+use cqrs_core::{EventContext, EventHandler, HandlerError, async_trait};
+use helpdesk::Hooks;
+use helpdesk_api::BusHandle;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// Records what it handled, in order, and every call; fails once on what it is told to.
+#[derive(Clone, Default)]
+struct Seen {
+    handled: Arc<Mutex<Vec<String>>>,
+    calls: Arc<Mutex<Vec<String>>>,
+    fail_once: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Seen {
+    fn handled(&self) -> Vec<String> {
+        self.handled.lock().unwrap().clone()
+    }
+
+    fn calls_of(&self, what: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| *w == what)
+            .count()
+    }
+
+    /// Waits until `what` was handled.
+    async fn wait_for(&self, what: &str) {
+        cqrs_core::testing::eventually(Duration::from_secs(15), what, || async {
+            self.handled().iter().any(|w| w == what).then_some(())
+        })
+        .await;
+    }
+}
+
+#[async_trait]
+impl EventHandler<Remembered> for Seen {
+    async fn handle(&self, event: &Remembered, _: EventContext<'_>) -> Result<(), HandlerError> {
+        self.calls.lock().unwrap().push(event.what.clone());
+        if self.fail_once.lock().unwrap().remove(&event.what) {
+            return Err(HandlerError::internal(format!(
+                "refuses {} once",
+                event.what
+            )));
+        }
+        self.handled.lock().unwrap().push(event.what.clone());
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "test.seen"
+    }
+}
+
+/// Hooks that register the command recording `Remembered` and `seen` as its handler, and keep
+/// the server's buses.
+fn hooks(seen: &Seen, buses: &Arc<OnceLock<BusHandle>>) -> Hooks {
+    let (seen, buses) = (seen.clone(), buses.clone());
+    Hooks {
+        provide: vec![Arc::new(move |registrar| {
+            registrar.commands().add(RememberHandler);
+            registrar.events().add::<Remembered, _>(seen.clone());
+            let _ = buses.set(registrar.resource::<BusHandle>().unwrap());
+        })],
+        ..Hooks::default()
+    }
+}
+
+async fn remember(buses: &OnceLock<BusHandle>, what: &str) {
+    let buses = buses.get().expect("the hook ran").get().unwrap();
+    buses
+        .commands
+        .dispatch(Remember(what.to_owned()))
+        .await
+        .unwrap();
+}
+
+/// Runs on the backend the environment asks for, and on Postgres alone.
+async fn handed_in_order_and_again_after_a_failure(backend: Backend, redis: bool) {
+    let seen = Seen::default();
+    let buses = Arc::default();
+    let s = TestServer::start_with_hooks(backend.clone(), hooks(&seen, &buses), |c| {
+        if !redis {
+            c.redis_url = None;
+        }
+    })
+    .await;
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let whats: Vec<String> = (0..3).map(|i| format!("{tag}-{i}")).collect();
+    seen.fail_once.lock().unwrap().insert(whats[1].clone());
+    for what in &whats {
+        remember(&buses, what).await;
+    }
+    seen.wait_for(&whats[2]).await;
+    assert_eq!(seen.handled(), whats, "{backend:?}");
+    assert_eq!(seen.calls_of(&whats[0]), 1, "not handed on again");
+    assert_eq!(
+        seen.calls_of(&whats[1]),
+        2,
+        "handed again after its failure"
+    );
+    s.stop().await;
+    backend.clean_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_handlers_get_every_committed_event_in_order() {
+    within(async {
+        handed_in_order_and_again_after_a_failure(Backend::from_env().await, true).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_handlers_get_every_committed_event_on_postgres_alone() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        handed_in_order_and_again_after_a_failure(backend, false).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_hand_each_event_to_the_handlers_once() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let seen = Seen::default();
+        let (buses_a, buses_b) = (Arc::default(), Arc::default());
+        let a =
+            TestServer::start_with_hooks(backend.shared(), hooks(&seen, &buses_a), |_| {}).await;
+        let b = TestServer::start_with_hooks(backend.clone(), hooks(&seen, &buses_b), |_| {}).await;
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let whats: Vec<String> = (0..20).map(|i| format!("{tag}-{i}")).collect();
+        for (i, what) in whats.iter().enumerate() {
+            let buses = if i % 2 == 0 { &buses_a } else { &buses_b };
+            remember(buses, what).await;
+        }
+        // Handed on in store order: once the last is in, a repeat of any before it would be too.
+        seen.wait_for(&whats[19]).await;
+        assert_eq!(seen.handled(), whats);
+        for what in &whats {
+            assert_eq!(seen.calls_of(what), 1, "{what}");
+        }
+        a.stop().await;
+        b.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
