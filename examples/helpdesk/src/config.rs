@@ -72,8 +72,10 @@ pub struct Config {
     pub database_schema: String,
 
     /// The most Postgres connections this instance opens, 10 to 10000 (commands, queries,
-    /// /ready and the background workers share them; the workers hold up to 9 at once). Mind
-    /// the server's `max_connections` across instances. Unused in memory.
+    /// /ready and the background workers share them; the helpdesk's workers hold up to 9 at
+    /// once, plus the plugins' workers, and 2 for the relay to the event bus when plugins
+    /// registered event handlers). Mind the server's `max_connections` across instances.
+    /// Unused in memory.
     #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
 

@@ -12,15 +12,18 @@ use cqrs_core::{EventContext, EventHandler, HandlerError, async_trait};
 use helpdesk::Hooks;
 use helpdesk_api::BusHandle;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-/// Records what it handled, in order, and every call; fails once on what it is told to.
+/// Records what it handled, in order, and every call; fails once on what it is told to, and
+/// on everything while `down`.
 #[derive(Clone, Default)]
 struct Seen {
     handled: Arc<Mutex<Vec<String>>>,
     calls: Arc<Mutex<Vec<String>>>,
     fail_once: Arc<Mutex<HashSet<String>>>,
+    down: Arc<AtomicBool>,
 }
 
 impl Seen {
@@ -55,6 +58,12 @@ impl EventHandler<Remembered> for Seen {
                 "refuses {} once",
                 event.what
             )));
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(HandlerError::unavailable(
+                "its mail server is away",
+                "connection refused",
+            ));
         }
         self.handled.lock().unwrap().push(event.what.clone());
         Ok(())
@@ -160,6 +169,53 @@ async fn two_instances_hand_each_event_to_the_handlers_once() {
         }
         a.stop().await;
         b.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
+/// The relay's worker in `/ready`, once it has `status`.
+async fn relay_status(s: &TestServer, status: &str) -> serde_json::Value {
+    cqrs_core::testing::eventually(Duration::from_secs(15), status, || async {
+        let ready = s.send(reqwest::Method::GET, "/ready", None, None).await;
+        let components = ready.body["components"].as_object()?;
+        let (_, worker) = components
+            .iter()
+            .find(|(name, _)| name.ends_with("event-bus"))?;
+        (worker["status"] == status).then(|| worker.clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_shows_in_ready_and_its_event_is_handed_on_once_it_recovers() {
+    within(async {
+        let backend = Backend::from_env().await;
+        let seen = Seen::default();
+        let buses = Arc::default();
+        let s = TestServer::start_with_hooks(backend.clone(), hooks(&seen, &buses), |c| {
+            c.ready_details = true;
+        })
+        .await;
+        seen.down.store(true, Ordering::SeqCst);
+        let what = uuid::Uuid::now_v7().simple().to_string();
+        remember(&buses, &what).await;
+        let worker = relay_status(&s, "degraded").await;
+        let reason = worker["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("test.seen") && reason.contains("its mail server is away"),
+            "{worker}"
+        );
+        // Handed again while it fails (never given up for a failure that says "not now":
+        // cqrs-core's tests show that).
+        cqrs_core::testing::eventually(Duration::from_secs(15), "a second attempt", || async {
+            (seen.calls_of(&what) >= 2).then_some(())
+        })
+        .await;
+        seen.down.store(false, Ordering::SeqCst);
+        seen.wait_for(&what).await;
+        relay_status(&s, "healthy").await;
+        s.stop().await;
         backend.clean_up().await;
     })
     .await;
