@@ -121,6 +121,13 @@ async fn handed_in_order_and_again_after_a_failure(backend: Backend, redis: bool
         2,
         "handed again after its failure"
     );
+    let metrics = s.metrics().await;
+    for series in [
+        r#"cqrs_events_published_total{relay="event-bus",event_type="test.remembered"}"#,
+        r#"cqrs_dispatch_total{kind="event",message="test.remembered",outcome="ok"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
     s.stop().await;
     backend.clean_up().await;
 }
