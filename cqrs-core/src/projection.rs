@@ -2270,18 +2270,21 @@ impl Worker for EventBusConsumer {
 ///   whose handlers ran just before a crash is handed to them again. Handlers dedupe by the
 ///   event's id (`ctx.metadata().message_id`) where a repeat matters.
 /// * **A failure** of any handler fails the call: the relay retries from that event with its
-///   backoff, and its health says which handler failed and why. The events before it in the
-///   call are not handed to the bus again on that retry (this transport remembers them until a
-///   call succeeds); the handlers of the failed event all run again, as with an
-///   [`EventBusConsumer`].
+///   backoff, and its health says which handler failed and why. The events before it that
+///   this transport handed on are not handed on again by the retries (it remembers them, in
+///   memory, until the relay has moved past them); the handlers of the failed event all run
+///   again, as with an [`EventBusConsumer`].
 /// * **Given up.** A failure that says "not now" (every failed handler `Unavailable` or
 ///   `RateLimited`: a backend away) is retried for as long as it lasts. Any other failure
 ///   counts as an attempt, and after [`max_attempts`](Self::max_attempts) of them (10 by
-///   default) the event is given up: logged at error level with its id, type, position and
-///   the last error, counted in `cqrs_event_bus_given_up_total` (label `event_type`), and the
-///   feed goes on. It stays in the event store.
-/// * **Decoding.** Types no handler takes are passed over (the unknown-event policy of
-///   [`event_types`](Self::event_types), by default). An event written by a newer build (a
+///   default) the event is given up: counted in `cqrs_event_bus_given_up_total` (label
+///   `event_type`) and refused with [`TransportError::Refused`], so the relay skips it as it
+///   does an event it cannot encode (logged at error level with its position, stream, id and
+///   the last error, counted in the relay's skipped events) and the feed goes on. It stays in
+///   the event store. Attempts are counted in memory, by the process whose relay is active.
+/// * **Decoding.** Types no handler takes are passed over without a word
+///   ([`UnknownEventPolicy::Ignore`](crate::UnknownEventPolicy::Ignore), unless
+///   [`event_types`](Self::event_types) says otherwise). An event written by a newer build (a
 ///   schema version above this build's) fails the call as unavailable, so the feed waits for
 ///   the newer build to take it; one that cannot be decoded at all (a payload that does not
 ///   match its type, a missing upcaster) fails it with [`TransportError::Codec`], which the
@@ -2329,13 +2332,36 @@ pub struct EventBusTransport {
     retrying: Arc<std::sync::Mutex<Retrying>>,
 }
 
-/// What a failed call leaves for its retry.
+/// What calls that failed leave for their retries, by event id, with each event's position:
+/// an entry below the first position of a later call is one the relay has moved past.
 #[derive(Default)]
 struct Retrying {
-    /// Events of failed calls whose handlers all succeeded: not handed to the bus again.
-    handled: std::collections::HashSet<Uuid>,
+    /// Events whose handlers all succeeded in a call that failed after them: not handed on
+    /// again.
+    handled: HashMap<Uuid, Option<Position>>,
     /// Failed attempts that count, per event.
-    attempts: HashMap<Uuid, u32>,
+    attempts: HashMap<Uuid, (Option<Position>, u32)>,
+    /// Events given up, with why: refused again when the relay asks for them alone.
+    given_up: HashMap<Uuid, (Option<Position>, String)>,
+}
+
+impl Retrying {
+    /// Forgets what lies below `first`: the relay has moved its checkpoint past it.
+    fn forget_below(&mut self, first: Option<Position>) {
+        let Some(first) = first else { return };
+        let kept = |position: &Option<Position>| position.is_none_or(|p| p >= first);
+        self.handled.retain(|_, position| kept(position));
+        self.attempts.retain(|_, (position, _)| kept(position));
+        self.given_up.retain(|_, (position, _)| kept(position));
+    }
+}
+
+/// Why one event was not handed on.
+enum NotHanded {
+    /// The call fails with this; the relay retries it, or skips the event on a refusal.
+    Fails(TransportError),
+    /// Its handlers failed `max_attempts` times: given up, with why.
+    GivenUp(String),
 }
 
 impl fmt::Debug for EventBusTransport {
@@ -2348,10 +2374,14 @@ impl fmt::Debug for EventBusTransport {
 
 impl EventBusTransport {
     /// Hands what it is given to `bus`, decoding every type the bus has handlers for
-    /// ([`EventBus::event_types`]).
+    /// ([`EventBus::event_types`]) and passing over the others without a word
+    /// ([`UnknownEventPolicy::Ignore`](crate::UnknownEventPolicy::Ignore): a relay ships every
+    /// type of the store, most of them handled elsewhere).
     pub fn new(bus: EventBus) -> Self {
+        let mut types = bus.event_types();
+        types.unknown_events(crate::UnknownEventPolicy::Ignore);
         Self {
-            types: Arc::new(bus.event_types()),
+            types: Arc::new(types),
             bus,
             max_attempts: 10,
             retrying: Arc::default(),
@@ -2359,7 +2389,9 @@ impl EventBusTransport {
     }
 
     /// Decodes with `types` (its upcasters, its unknown-event policy) as well as the bus's own
-    /// types, which are added to it, as [`EventBusConsumer::event_types`] does.
+    /// types, which are added to it, as [`EventBusConsumer::event_types`] does. Under
+    /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail), the feed waits at an
+    /// event of a type `types` lacks until a build that knows it takes over.
     ///
     /// # Panics
     ///
@@ -2373,6 +2405,7 @@ impl EventBusTransport {
 
     /// Failed attempts on one event after which it is given up (default 10, at least 1).
     /// Failures that say "not now" do not count. The relay's backoff paces the attempts.
+    /// They are counted in memory: a process that restarts counts afresh.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
         self
@@ -2384,19 +2417,18 @@ impl EventBusTransport {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands one record to the bus. `Ok` when it is done with (handled, passed over or given
-    /// up).
-    async fn deliver(&self, record: &EventRecord) -> Result<(), TransportError> {
+    /// Hands one record to the bus: `Ok` when it is done with (handled, or passed over).
+    async fn deliver(&self, record: &EventRecord) -> Result<(), NotHanded> {
         let envelope = match self.types.decode(record) {
             Ok(Some(envelope)) => envelope,
             Ok(None) => return Ok(()),
             Err(e) if e.waits_for_another_build() => {
-                return Err(TransportError::Unavailable {
+                return Err(NotHanded::Fails(TransportError::Unavailable {
                     backend: "event bus",
                     source: Box::new(e),
-                });
+                }));
             }
-            Err(e) => return Err(TransportError::Codec(Box::new(e))),
+            Err(e) => return Err(NotHanded::Fails(TransportError::Codec(Box::new(e)))),
         };
         let name = envelope.name();
         let error = match self.bus.publish(envelope).await {
@@ -2410,34 +2442,31 @@ impl EventBusTransport {
             other => waits(other.kind()),
         };
         if waits_only {
-            return Err(TransportError::Unavailable {
+            return Err(NotHanded::Fails(TransportError::Unavailable {
                 backend: "event bus",
                 source: Box::new(error),
-            });
+            }));
         }
         let attempts = {
             let mut retrying = self.retrying();
-            let attempts = retrying.attempts.entry(record.event_id).or_insert(0);
-            *attempts += 1;
-            *attempts
+            let entry = retrying
+                .attempts
+                .entry(record.event_id)
+                .or_insert((record.position, 0));
+            entry.1 += 1;
+            entry.1
         };
         if attempts < self.max_attempts {
-            return Err(TransportError::Backend {
+            return Err(NotHanded::Fails(TransportError::Backend {
                 backend: "event bus",
                 source: Box::new(error),
-            });
+            }));
         }
-        tracing::error!(
-            event_id = %record.event_id,
-            event_type = name,
-            position = ?record.position.map(Position::get),
-            stream = record.stream_id.as_deref().unwrap_or(""),
-            attempts,
-            %error,
-            "the event bus's handlers failed on every attempt: the event is given up (it stays in the event store) and the feed goes on"
-        );
         metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name).increment(1);
-        Ok(())
+        Err(NotHanded::GivenUp(format!(
+            "the event bus's handlers failed on it {attempts} times, and it is given up (the \
+             feed goes on without it): {error}"
+        )))
     }
 }
 
@@ -2450,17 +2479,42 @@ impl EventTransport for EventBusTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         crate::ports::validate_topic(topic)?;
+        self.retrying()
+            .forget_below(events.first().and_then(|e| e.position));
         for record in events {
-            if self.retrying().handled.contains(&record.event_id) {
-                continue;
+            {
+                let retrying = self.retrying();
+                if let Some((_, why)) = retrying.given_up.get(&record.event_id) {
+                    return Err(TransportError::Refused(why.clone().into()));
+                }
+                if retrying.handled.contains_key(&record.event_id) {
+                    continue;
+                }
             }
-            self.deliver(record).await?;
-            self.retrying().handled.insert(record.event_id);
+            match self.deliver(record).await {
+                Ok(()) => {
+                    self.retrying()
+                        .handled
+                        .insert(record.event_id, record.position);
+                }
+                Err(NotHanded::Fails(error)) => return Err(error),
+                Err(NotHanded::GivenUp(why)) => {
+                    let mut retrying = self.retrying();
+                    retrying.attempts.remove(&record.event_id);
+                    retrying
+                        .given_up
+                        .insert(record.event_id, (record.position, why.clone()));
+                    return Err(TransportError::Refused(why.into()));
+                }
+            }
         }
-        // Everything went through: the relay moves past it, and nothing is retried.
+        // All through: the relay moves past them. Only this call's: the relay may be
+        // publishing a batch it found too large, or failing, one part at a time.
         let mut retrying = self.retrying();
-        retrying.handled.clear();
-        retrying.attempts.clear();
+        for record in events {
+            retrying.handled.remove(&record.event_id);
+            retrying.attempts.remove(&record.event_id);
+        }
         Ok(())
     }
 

@@ -133,7 +133,8 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 ///   large, down to one event, and they grow back, up to the batch size, once a full batch
 ///   goes through in under a quarter of the timeout: a transport too slow for a whole batch
 ///   still gets through the backlog, instead of being sent the same batch on every retry.
-/// * **An event the transport cannot encode** (a [`TransportError::Codec`] error) would stop
+/// * **An event the transport cannot encode** (a [`TransportError::Codec`] error), or refuses
+///   for good ([`TransportError::Refused`]), would stop
 ///   the relay for ever, so it is skipped: the relay publishes the batch's events one at a
 ///   time, in order, to find it, logs it at error level (position, stream, id, reason),
 ///   counts it, and moves the checkpoint past it. It stays in the event store, to be replayed
@@ -514,7 +515,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
                     event_id = %record.event_id,
                     event_type = %record.event_type,
                     error = %error,
-                    "the transport could not encode an event; skipped it (it stays in the event store)"
+                    "the transport refused an event for good (it cannot encode it, or its consumers gave up on it); skipped it (it stays in the event store)"
                 );
                 metrics::counter!(
                     "cqrs_events_skipped_total",
@@ -594,7 +595,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
         // The batch error does not say which event is at fault (or whether any is: a batch
         // too large for the broker): one at a time, in order, finds out.
-        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport could not encode a batch; publishing its events one at a time to find the culprit");
+        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport refused an event of a batch for good (it cannot encode it, or its consumers gave up on it); publishing its events one at a time to find which");
         let mut refused = Vec::new();
         for (i, record) in records.iter().enumerate() {
             match self

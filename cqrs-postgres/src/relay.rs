@@ -34,8 +34,8 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// * **Nothing stuck.** One event that can never be shipped would stop the relay for ever, so
 ///   it is skipped: a row whose content cannot be decoded (its `metadata` or `payload` JSON
 ///   not what an event needs: written around the append function, say, without the metadata
-///   an event needs), or an event the transport cannot encode (a
-///   `TransportError::Codec` error; to find it, the relay publishes the run the transport
+///   an event needs), or an event the transport cannot encode or refuses for good (a
+///   `TransportError::Codec` or `Refused` error; to find it, the relay publishes the run the transport
 ///   refused one event at a time, in order), or an event whose topic, chosen from its data
 ///   by [`topic_for`](Self::topic_for), no transport takes. It is logged at error level (position, stream,
 ///   id, reason), counted, and the checkpoint moves past it; it stays in the event store, to
@@ -867,7 +867,7 @@ impl PgOutboxRelay {
         }
         // The run's error does not say which event is at fault (or whether any is: a run too
         // large for the broker): one at a time, in order, finds out.
-        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport could not encode a run; publishing its events one at a time to find the culprit");
+        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport refused an event of a run for good (it cannot encode it, or its consumers gave up on it); publishing its events one at a time to find which");
         for (i, event) in events.iter().enumerate() {
             match self
                 .publish_by(lease, topic, std::slice::from_ref(event), deadline)

@@ -150,6 +150,12 @@ pub enum TransportError {
     /// A message could not be encoded or decoded.
     #[error("could not encode or decode a message: {0}")]
     Codec(#[source] BoxError),
+    /// The transport refuses this event for good, for a reason other than its encoding (its
+    /// consumers gave up on it: see
+    /// [`EventBusTransport`](crate::projection::EventBusTransport)). Like
+    /// [`Codec`](Self::Codec), it is about the event: the relays skip it.
+    #[error("the transport refuses this event for good: {0}")]
+    Refused(#[source] BoxError),
     /// The consumer or subscription was closed (shutdown).
     #[error("the transport is closed")]
     Closed,
@@ -175,16 +181,19 @@ impl TransportError {
             TransportError::Unavailable { .. } | TransportError::Closed => ErrorKind::Unavailable,
             TransportError::Timeout { .. } => ErrorKind::Timeout,
             TransportError::Invalid(_) => ErrorKind::Invalid,
-            TransportError::Codec(_) | TransportError::Backend { .. } => ErrorKind::Internal,
+            TransportError::Codec(_)
+            | TransportError::Refused(_)
+            | TransportError::Backend { .. } => ErrorKind::Internal,
         }
     }
 
-    /// Whether the error is about the published events themselves (one cannot be encoded), so
-    /// publishing the others alone may succeed. Every other error, retryable or not (a
-    /// permission, a topic the broker refuses, a full server), would refuse any event alike:
-    /// the relays skip an event only on this one, and retry on the rest.
+    /// Whether the error is about the published events themselves (one cannot be encoded, or
+    /// is refused for good), so publishing the others alone may succeed. Every other error,
+    /// retryable or not (a permission, a topic the broker refuses, a full server), would
+    /// refuse any event alike: the relays skip an event only on these two, and retry on the
+    /// rest.
     pub fn is_about_the_events(&self) -> bool {
-        matches!(self, TransportError::Codec(_))
+        matches!(self, TransportError::Codec(_) | TransportError::Refused(_))
     }
 }
 

@@ -131,11 +131,8 @@ fn an_event_failing_every_time_is_given_up_after_max_attempts_and_the_feed_goes_
                 counts.get("cqrs_event_bus_given_up_total{event_type=test.added}"),
                 0
             );
-            assert_eq!(
-                fed.relay.relay_once().await.unwrap(),
-                2,
-                "given up on the third"
-            );
+            // Refused on the third: the relay skips it, and hands on the next.
+            assert_eq!(fed.relay.relay_once().await.unwrap(), 2);
 
             assert_eq!(fed.recorder.calls(), vec![1, 1, 1, 2]);
             assert_eq!(fed.recorder.handled(), vec![2]);
@@ -143,7 +140,59 @@ fn an_event_failing_every_time_is_given_up_after_max_attempts_and_the_feed_goes_
                 counts.get("cqrs_event_bus_given_up_total{event_type=test.added}"),
                 1
             );
+            assert_eq!(
+                counts.get(
+                    "cqrs_events_skipped_total{relay=event-bus,event_type=test.added,reason=refused}"
+                ),
+                1
+            );
+            assert_eq!(fed.relay.relay_once().await.unwrap(), 0, "caught up");
         });
+    });
+}
+
+/// Runs the relay until it has caught up, failures and all; returns how many batches failed.
+async fn until_caught_up(relay: &StoreRelay<InMemoryProjectionStore>) -> usize {
+    let mut failed = 0;
+    for _ in 0..50 {
+        match relay.relay_once().await {
+            Ok(0) => return failed,
+            Ok(_) => {}
+            Err(_) => failed += 1,
+        }
+    }
+    panic!("not caught up after 50 batches");
+}
+
+#[test]
+fn two_events_failing_in_one_batch_are_each_given_up_and_nothing_is_handed_on_twice() {
+    run(async {
+        let fed = fed(|t| t.max_attempts(2));
+        append(
+            &fed.store,
+            "a",
+            vec![added(1), added(2), added(3), added(4)],
+        )
+        .await;
+        fed.recorder.fail(2, ErrorKind::Internal, u32::MAX);
+        fed.recorder.fail(3, ErrorKind::Internal, u32::MAX);
+        until_caught_up(&fed.relay).await;
+        assert_eq!(fed.recorder.calls(), vec![1, 2, 2, 3, 3, 4]);
+        assert_eq!(fed.recorder.handled(), vec![1, 4]);
+    });
+}
+
+#[test]
+fn the_relays_one_at_a_time_pass_around_an_undecodable_event_hands_nothing_on_twice() {
+    run(async {
+        let fed = fed(|t| t);
+        let mut broken = added(9);
+        broken.payload = serde_json::json!({"sum": "nine"});
+        append(&fed.store, "a", vec![added(1), added(5), broken, added(3)]).await;
+        // Its first call hands on 1 and 5, then fails on the broken event; the relay then
+        // publishes the batch one event at a time, and the calls of 1 and 5 succeed at once.
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 4);
+        assert_eq!(fed.recorder.calls(), vec![1, 5, 3]);
     });
 }
 

@@ -282,6 +282,12 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         None
     } else {
         handled.sort_unstable();
+        if backends.postgres.is_some() && config.database_max_connections < 12 {
+            tracing::warn!(
+                database_max_connections = config.database_max_connections,
+                "the relay to the plugins' event handlers holds two pooled connections (its batch and its LISTEN) besides the nine the helpdesk's workers may hold at once: with HELPDESK_DATABASE_MAX_CONNECTIONS below 12, requests may find none left; raise it"
+            );
+        }
         tracing::info!(
             event_types = ?handled,
             relay = EVENT_BUS_RELAY,

@@ -259,7 +259,9 @@ fn proxy_address(value: &str) -> Result<std::net::IpAddr, String> {
 }
 
 /// The fewest Postgres connections a server works with: the background workers hold up to
-/// nine at once (docs/helpdesk.md counts them), and requests need some too.
+/// nine at once (docs/helpdesk.md counts them), and requests need some too. Plugins' workers
+/// and the relay to their event handlers (two) come on top: the start warns when the pool
+/// leaves requests fewer than one with them.
 const MIN_DATABASE_CONNECTIONS: u32 = 10;
 
 /// A flag, its variable, and whether the configuration holds a secret there.
