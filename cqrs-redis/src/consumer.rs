@@ -685,29 +685,39 @@ impl RedisConsumer {
         let cursor = parts.next().and_then(Value::into_string);
         let ready = parts.next().map(entry::array).unwrap_or_default();
         let held = parts.next().map(entry::array).unwrap_or_default();
-        let dead = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
-        let malformed = parts.next().and_then(|v| v.as_u64()).unwrap_or(0);
+        let mut ids = || {
+            parts
+                .next()
+                .map(entry::array)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(Value::into_string)
+                .collect::<Vec<_>>()
+        };
+        let (dead, malformed) = (ids(), ids());
         if claim {
             self.cursor = cursor.unwrap_or_else(|| "0-0".to_owned());
             if self.cursor == "0-0" || held_room == 0 {
                 self.next_claim = now + self.claim_interval;
             }
         }
-        if dead > 0 {
+        if !dead.is_empty() {
             tracing::warn!(
                 topic = %self.topic,
                 group = %self.group,
-                count = dead,
+                count = dead.len(),
+                entries = %shown_ids(&dead),
                 "dead-lettered entries handed out {} times (max_deliveries) without success: \
-                 `dead_letters` lists them",
+                 `dead_letters` lists them, with their errors",
                 self.options.max_deliveries
             );
         }
-        if malformed > 0 {
+        if !malformed.is_empty() {
             tracing::warn!(
                 topic = %self.topic,
                 group = %self.group,
-                count = malformed,
+                count = malformed.len(),
+                entries = %shown_ids(&malformed),
                 "dead-lettered entries whose `prev` field is no stream id"
             );
         }
@@ -1158,6 +1168,17 @@ fn read_entries(reply: Value) -> Vec<(String, Fields)> {
 }
 
 /// A stream entry id as `(milliseconds, sequence)`, for comparing; `(0, 0)` when malformed.
+/// The first few of `ids` for a log line, with how many more there are: a step may
+/// dead-letter up to four batches' worth.
+fn shown_ids(ids: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut shown = ids[..ids.len().min(SHOWN)].join(", ");
+    if ids.len() > SHOWN {
+        shown.push_str(&format!(" and {} more", ids.len() - SHOWN));
+    }
+    shown
+}
+
 fn entry_id(id: &str) -> (u64, u64) {
     parse_entry_id(id).unwrap_or((0, 0))
 }
@@ -1608,6 +1629,16 @@ impl Consumer for RedisConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_line_shows_the_first_ten_ids_and_counts_the_rest() {
+        let ids: Vec<String> = (1..=12).map(|n| format!("{n}-0")).collect();
+        assert_eq!(shown_ids(&ids[..2]), "1-0, 2-0");
+        assert_eq!(
+            shown_ids(&ids),
+            "1-0, 2-0, 3-0, 4-0, 5-0, 6-0, 7-0, 8-0, 9-0, 10-0 and 2 more"
+        );
+    }
 
     #[test]
     fn the_oldest_pending_entry_is_read_and_any_other_reply_leaves_the_decision_to_the_script() {

@@ -188,7 +188,8 @@ return id
 /// it is held like a waiting entry. An error of the gate's `XPENDING` other than an invalid id
 /// fails the step.
 /// Returns `{next cursor, {id, deliveries, fields or '', claimed, ...} ready, {id, fields or
-/// '', ...} held, dead count, malformed count}`: fields only for the entries the script read
+/// '', ...} held, {id, ...} dead-lettered past max deliveries, {id, ...} dead-lettered as
+/// malformed}`: fields only for the entries the script read
 /// itself; claimed `1` for the entries this step reclaimed (the claim counted a delivery).
 const STEP: &str = r#"
 local keys = {stream = KEYS[1], dead = KEYS[2], errors = KEYS[3]}
@@ -262,7 +263,7 @@ end
 -- Entries handed out by this step: the next entry of a lane may follow its predecessor in one
 -- batch (a chain, which the consumer handles in order).
 local handed = {}
-local ready, held, stale_refresh, dead, malformed = {}, {}, {}, 0, 0
+local ready, held, stale_refresh, dead, malformed = {}, {}, {}, {}, {}
 -- The candidate's fields, read here when the client has them and the script does not.
 local function fields_of(c)
   if c.fields then return c.fields end
@@ -329,7 +330,7 @@ for _, c in ipairs(cands) do
           end)
           deadletter(keys, group, me, c.id, fields, count,
             'malformed entry: its `prev` field `' .. shown .. '` is not the id of an earlier entry')
-          malformed = malformed + 1
+          malformed[#malformed + 1] = c.id
         else
           redis.call('XACK', keys.stream, group, c.id)
           redis.call('HDEL', keys.errors, c.id)
@@ -342,7 +343,7 @@ for _, c in ipairs(cands) do
         local fields = fields_of(c)
         if fields then
           deadletter(keys, group, me, c.id, fields, handed_out, reason)
-          dead = dead + 1
+          dead[#dead + 1] = c.id
         else
           redis.call('XACK', keys.stream, group, c.id)
           redis.call('HDEL', keys.errors, c.id)
