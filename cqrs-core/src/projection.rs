@@ -2272,8 +2272,8 @@ impl Worker for EventBusConsumer {
 /// * **A failure** of any handler fails the call: the relay retries from that event with its
 ///   backoff, and its health says which handler failed and why. The events before it that
 ///   this transport handed on are not handed on again by the retries (it remembers them, in
-///   memory, until the relay has moved past them); the handlers of the failed event all run
-///   again, as with an [`EventBusConsumer`].
+///   memory, until a call that holds them succeeds or a later one starts past them); the
+///   handlers of the failed event all run again, as with an [`EventBusConsumer`].
 /// * **Given up.** A failure that says "not now" (every failed handler `Unavailable` or
 ///   `RateLimited`: a backend away) is retried for as long as it lasts. Any other failure
 ///   counts as an attempt, and after [`max_attempts`](Self::max_attempts) of them (10 by
@@ -2281,10 +2281,15 @@ impl Worker for EventBusConsumer {
 ///   `event_type`) and refused with [`TransportError::Refused`], so the relay skips it as it
 ///   does an event it cannot encode (logged at error level with its position, stream, id and
 ///   the last error, counted in the relay's skipped events) and the feed goes on. It stays in
-///   the event store. Attempts are counted in memory, by the process whose relay is active.
-/// * **Decoding.** Types no handler takes are passed over without a word
-///   ([`UnknownEventPolicy::Ignore`](crate::UnknownEventPolicy::Ignore), unless
-///   [`event_types`](Self::event_types) says otherwise). An event written by a newer build (a
+///   the event store, and a replay of it (the relay's checkpoint moved back) hands it on
+///   again. Attempts are counted in memory, by the process whose relay is active. An attempt
+///   the relay cuts short (its publish timeout) is not counted: give the bus a
+///   [`TimeoutLayer`](crate::middleware::TimeoutLayer) well below the relay's publish timeout,
+///   so a handler that hangs every time fails as timed out, an attempt like any other.
+/// * **Decoding.** Types no handler takes are passed over without a word, and not counted as
+///   unknown (unless [`event_types`](Self::event_types) gives the policy
+///   [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail): the feed then waits at
+///   them). An event written by a newer build (a
 ///   schema version above this build's) fails the call as unavailable, so the feed waits for
 ///   the newer build to take it; one that cannot be decoded at all (a payload that does not
 ///   match its type, a missing upcaster) fails it with [`TransportError::Codec`], which the
@@ -2333,9 +2338,14 @@ pub struct EventBusTransport {
 }
 
 /// What calls that failed leave for their retries, by event id, with each event's position:
-/// an entry below the first position of a later call is one the relay has moved past.
+/// an entry below the first position of a later call is one the relay has moved past (or is
+/// about to: a batch that fails to commit after that hands its events on again, which at
+/// least once allows).
 #[derive(Default)]
 struct Retrying {
+    /// The first position of the last call: a call starting below it is a replay (the
+    /// checkpoint moved back), which starts afresh.
+    first: Option<Position>,
     /// Events whose handlers all succeeded in a call that failed after them: not handed on
     /// again.
     handled: HashMap<Uuid, Option<Position>>,
@@ -2346,9 +2356,17 @@ struct Retrying {
 }
 
 impl Retrying {
-    /// Forgets what lies below `first`: the relay has moved its checkpoint past it.
+    /// Forgets what lies below `first`, the first position of a call: the relay has moved its
+    /// checkpoint past it. All of it, when the call starts below the last one's.
     fn forget_below(&mut self, first: Option<Position>) {
         let Some(first) = first else { return };
+        if self.first.replace(first).is_some_and(|last| first < last) {
+            *self = Retrying {
+                first: Some(first),
+                ..Retrying::default()
+            };
+            return;
+        }
         let kept = |position: &Option<Position>| position.is_none_or(|p| p >= first);
         self.handled.retain(|_, position| kept(position));
         self.attempts.retain(|_, (position, _)| kept(position));
@@ -2374,14 +2392,11 @@ impl fmt::Debug for EventBusTransport {
 
 impl EventBusTransport {
     /// Hands what it is given to `bus`, decoding every type the bus has handlers for
-    /// ([`EventBus::event_types`]) and passing over the others without a word
-    /// ([`UnknownEventPolicy::Ignore`](crate::UnknownEventPolicy::Ignore): a relay ships every
-    /// type of the store, most of them handled elsewhere).
+    /// ([`EventBus::event_types`]) and passing over the others without a word: a relay ships
+    /// every type of the store, most of them handled elsewhere.
     pub fn new(bus: EventBus) -> Self {
-        let mut types = bus.event_types();
-        types.unknown_events(crate::UnknownEventPolicy::Ignore);
         Self {
-            types: Arc::new(types),
+            types: Arc::new(bus.event_types()),
             bus,
             max_attempts: 10,
             retrying: Arc::default(),
@@ -2419,6 +2434,13 @@ impl EventBusTransport {
 
     /// Hands one record to the bus: `Ok` when it is done with (handled, or passed over).
     async fn deliver(&self, record: &EventRecord) -> Result<(), NotHanded> {
+        // Most types of a store are handled elsewhere: not worth a warning or the unknown
+        // events' metric, which says a newer build wrote one.
+        if !self.types.knows(&record.event_type)
+            && self.types.policy() != crate::UnknownEventPolicy::Fail
+        {
+            return Ok(());
+        }
         let envelope = match self.types.decode(record) {
             Ok(Some(envelope)) => envelope,
             Ok(None) => return Ok(()),
@@ -2483,9 +2505,15 @@ impl EventTransport for EventBusTransport {
             .forget_below(events.first().and_then(|e| e.position));
         for record in events {
             {
-                let retrying = self.retrying();
+                let mut retrying = self.retrying();
                 if let Some((_, why)) = retrying.given_up.get(&record.event_id) {
-                    return Err(TransportError::Refused(why.clone().into()));
+                    let why = why.clone();
+                    // Asked for alone: the relay skips it now, and a replay of it later (the
+                    // cause fixed, the checkpoint moved back) hands it on again.
+                    if events.len() == 1 {
+                        retrying.given_up.remove(&record.event_id);
+                    }
+                    return Err(TransportError::Refused(why.into()));
                 }
                 if retrying.handled.contains_key(&record.event_id) {
                     continue;

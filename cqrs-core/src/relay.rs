@@ -23,8 +23,8 @@ pub enum RelayError {
         #[source]
         source: StoreError,
     },
-    /// The transport failed with any error but `Codec`: retried, also when not retryable (it
-    /// would refuse every event alike); a `Codec` error skips that event instead.
+    /// The transport failed with any error but `Codec` or `Refused`: retried, also when not
+    /// retryable (it would refuse every event alike); those two skip that event instead.
     #[error("store relay `{relay}` could not publish to `{topic}`: {source}")]
     Transport {
         /// The relay's name.
@@ -122,7 +122,8 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 /// * **Order** holds per stream (the global order includes each stream's order); an event
 ///   without a partition key is published with its stream id as the key, so an ordered
 ///   transport keeps each aggregate's events in order.
-/// * **Retries.** When the transport fails (for any reason but an event it cannot encode) or
+/// * **Retries.** When the transport fails (for any reason but an event it cannot encode or
+///   refuses for good) or
 ///   runs past [`publish_timeout`](Self::publish_timeout), the batch fails and the worker retries with
 ///   exponential backoff; nothing is lost, since the checkpoint did not move past the event
 ///   that failed. A batch cut short while publishing one event at a time (below) first commits
@@ -323,7 +324,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
     /// idle while the batch is read from the event store, when the relay could not read it
     /// ahead (its first batch, or after another instance moved the checkpoint), for up to
     /// [`store_timeout`](Self::store_timeout): keep the two together below that timeout.
-    /// The one-at-a-time pass that looks for an event the transport cannot encode shares the
+    /// The one-at-a-time pass that looks for an event the transport refuses shares the
     /// batch's deadline.
     /// A publish that runs out fails the batch, which is retried, after committing what that
     /// pass already published or skipped. At least 1 ms (zero would never ship anything).
@@ -375,7 +376,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// Ships one batch. Returns how many events the checkpoint moved past (0 when caught up):
-    /// those published, and those the transport could not encode (skipped).
+    /// those published, and those the transport could not encode or refused (skipped).
     ///
     /// A batch cut short (a publish that fails retryably or runs past the publish timeout
     /// while the relay publishes a refused batch one event at a time) commits the checkpoint
@@ -571,8 +572,8 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
     }
 
-    /// Publishes `records` in order by `deadline`. When the transport cannot encode them,
-    /// publishes them one at a time, in order, to find those it cannot encode. Returns how far
+    /// Publishes `records` in order by `deadline`. When the transport cannot encode them or
+    /// refuses them, publishes them one at a time, in order, to find those it refuses. Returns how far
     /// it got (see [`Pass`]).
     async fn publish(&self, records: &[EventRecord], deadline: Option<Instant>) -> Pass {
         let error = match self.publish_by(records, deadline).await {
@@ -595,7 +596,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         }
         // The batch error does not say which event is at fault (or whether any is: a batch
         // too large for the broker): one at a time, in order, finds out.
-        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport refused an event of a batch for good (it cannot encode it, or its consumers gave up on it); publishing its events one at a time to find which");
+        tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport refused a batch as one it cannot encode or refuses for good (or too large for it); publishing its events one at a time to find which");
         let mut refused = Vec::new();
         for (i, record) in records.iter().enumerate() {
             match self

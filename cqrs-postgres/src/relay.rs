@@ -58,7 +58,7 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 ///   checkpoint where it was: the next relay ships that batch again. Consumers dedupe by event
 ///   id (the inbox of [`PgProjectionStore`](crate::PgProjectionStore) does).
 /// * **Retries.** A batch the transport failed (for any reason but an event it cannot
-///   encode), or that ran past the publish timeout, is retried with exponential backoff from `min` to `max`;
+///   encode or refuses for good), or that ran past the publish timeout, is retried with exponential backoff from `min` to `max`;
 ///   after `max_attempts` failures in a row, `run` returns the error and the runtime restarts
 ///   the relay with its own backoff. Health is degraded while retrying. A batch cut short
 ///   after it published or skipped some events commits the checkpoint past those, then fails
@@ -168,8 +168,8 @@ pub enum RelayError {
         #[source]
         source: StoreError,
     },
-    /// The transport failed with any error but `Codec`: retried, also when not retryable (it
-    /// would refuse every event alike); a `Codec` error skips that event instead.
+    /// The transport failed with any error but `Codec` or `Refused`: retried, also when not
+    /// retryable (it would refuse every event alike); those two skip that event instead.
     #[error("outbox relay `{relay}` could not publish to `{topic}`: {source}")]
     Transport {
         /// The relay's name.
@@ -843,7 +843,7 @@ impl PgOutboxRelay {
     }
 
     /// Publishes `events` (one run of `topic`) by `deadline`. When the transport refuses them
-    /// (a `Codec` error), publishes them one at a time, in order, to find those it refuses
+    /// (a `Codec` or `Refused` error), publishes them one at a time, in order, to find those it refuses
     /// (added to `refused`). Returns how many were handled (published or refused), and the failure
     /// that stopped it before the end; `Err` when the hold on the checkpoint is lost (the
     /// batch must stop without committing).
@@ -867,7 +867,7 @@ impl PgOutboxRelay {
         }
         // The run's error does not say which event is at fault (or whether any is: a run too
         // large for the broker): one at a time, in order, finds out.
-        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport refused an event of a run for good (it cannot encode it, or its consumers gave up on it); publishing its events one at a time to find which");
+        tracing::warn!(relay = %self.relay, topic, error = %error, "the transport refused a run as one it cannot encode or refuses for good (or too large for it); publishing its events one at a time to find which");
         for (i, event) in events.iter().enumerate() {
             match self
                 .publish_by(lease, topic, std::slice::from_ref(event), deadline)

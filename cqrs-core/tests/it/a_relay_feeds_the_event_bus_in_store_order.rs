@@ -238,7 +238,9 @@ fn a_newer_builds_event_waits_and_an_undecodable_one_is_skipped() {
 }
 
 #[test]
-fn types_no_handler_takes_are_passed_over_and_nothing_consumes_it() {
+fn types_no_handler_takes_are_passed_over_uncounted_and_nothing_consumes_it() {
+    let counts = MetricCounts::default();
+    let _recorder = metrics::set_default_local_recorder(&counts);
     run(async {
         let fed = fed(|t| t);
         let mut other = added(1);
@@ -246,6 +248,11 @@ fn types_no_handler_takes_are_passed_over_and_nothing_consumes_it() {
         append(&fed.store, "a", vec![other, added(2)]).await;
         assert_eq!(fed.relay.relay_once().await.unwrap(), 2);
         assert_eq!(fed.recorder.handled(), vec![2]);
+        assert_eq!(
+            counts.get("cqrs_events_unknown_total{event_type=test.nobody_handles_this}"),
+            0,
+            "not counted as unknown: handled elsewhere"
+        );
 
         let bus = EventBus::builder().build().unwrap();
         let error = EventBusTransport::new(bus)
@@ -257,5 +264,38 @@ fn types_no_handler_takes_are_passed_over_and_nothing_consumes_it() {
             matches!(&error, TransportError::Invalid(m) if m.contains("only publishes")),
             "{error}"
         );
+    });
+}
+
+#[test]
+fn a_given_up_event_replayed_once_its_cause_is_fixed_is_handed_on() {
+    run(async {
+        let recorder = Recorder::default();
+        let bus = EventBus::builder()
+            .handler(recorder.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(EventBusTransport::new(bus).max_attempts(1));
+        let store = Arc::new(InMemoryEventStore::new());
+        let relay = |checkpoints| {
+            StoreRelay::new(
+                "event-bus",
+                store.clone(),
+                checkpoints,
+                transport.clone(),
+                "event-bus",
+            )
+        };
+        append(&store, "a", vec![added(1), added(2)]).await;
+        recorder.fail(1, ErrorKind::Invalid, 1);
+        assert_eq!(
+            until_caught_up(&relay(Arc::new(InMemoryProjectionStore::new()))).await,
+            0
+        );
+        assert_eq!(recorder.handled(), vec![2], "1 given up");
+
+        // The cause fixed, the operator replays from the start: a relay with no checkpoint.
+        until_caught_up(&relay(Arc::new(InMemoryProjectionStore::new()))).await;
+        assert_eq!(recorder.handled(), vec![2, 1, 2], "1 handed on this time");
     });
 }
