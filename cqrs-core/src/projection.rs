@@ -2269,11 +2269,17 @@ impl Worker for EventBusConsumer {
 /// * **At least once.** The relay moves its checkpoint after `publish` returned, so an event
 ///   whose handlers ran just before a crash is handed to them again. Handlers dedupe by the
 ///   event's id (`ctx.metadata().message_id`) where a repeat matters.
-/// * **A failure** of any handler fails the call: the relay retries from that event with its
-///   backoff, and its health says which handler failed and why. The events before it that
-///   this transport handed on are not handed on again by the retries (it remembers them, in
-///   memory, until a call that holds them succeeds or a later one starts past them); the
-///   handlers of the failed event all run again, as with an [`EventBusConsumer`].
+/// * **A failure** of any handler is retried in the same call: the event is handed to the
+///   handlers again after a pause ([`backoff`](Self::backoff), logged at warn level), for up
+///   to [`retry_within`](Self::retry_within), while the relay holds its lease (on several
+///   instances the attempts stay with one instance). Past that the call fails: the relay
+///   retries from that event with its backoff, possibly on another instance, and its health
+///   says which handler failed and why. The events before it that this transport handed on
+///   are not handed on again by this process's retries (it remembers them, in memory, until
+///   a call that holds them succeeds or a later one starts past them), but another instance
+///   that takes the relay over hands them on again: with several instances, give the relay
+///   batches of one event where that matters. The handlers of the failed event all run
+///   again, as with an [`EventBusConsumer`].
 /// * **Given up.** A failure that says "not now" (every failed handler `Unavailable` or
 ///   `RateLimited`: a backend away) is retried for as long as it lasts. Any other failure
 ///   counts as an attempt, and after [`max_attempts`](Self::max_attempts) of them (10 by
@@ -2289,9 +2295,8 @@ impl Worker for EventBusConsumer {
 /// * **Decoding.** Types no handler takes are passed over without a word, and not counted as
 ///   unknown (unless [`event_types`](Self::event_types) gives the policy
 ///   [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail): the feed then waits at
-///   them). An event written by a newer build (a
-///   schema version above this build's) fails the call as unavailable, so the feed waits for
-///   the newer build to take it; one that cannot be decoded at all (a payload that does not
+///   them). An event written by a newer build (a schema version above this build's) fails
+///   the call as unavailable, so the feed waits for the newer build to take it; one that cannot be decoded at all (a payload that does not
 ///   match its type, a missing upcaster) fails it with [`TransportError::Codec`], which the
 ///   relays skip and log.
 /// * It only publishes: [`consumer`](EventTransport::consumer) fails with
@@ -2334,6 +2339,8 @@ pub struct EventBusTransport {
     bus: EventBus,
     types: Arc<EventTypes>,
     max_attempts: u32,
+    retry_within: Duration,
+    backoff: (Duration, Duration),
     retrying: Arc<std::sync::Mutex<Retrying>>,
 }
 
@@ -2386,6 +2393,7 @@ impl fmt::Debug for EventBusTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventBusTransport")
             .field("max_attempts", &self.max_attempts)
+            .field("retry_within", &self.retry_within)
             .finish_non_exhaustive()
     }
 }
@@ -2399,6 +2407,8 @@ impl EventBusTransport {
             types: Arc::new(bus.event_types()),
             bus,
             max_attempts: 10,
+            retry_within: Duration::from_secs(15),
+            backoff: (Duration::from_millis(100), Duration::from_secs(2)),
             retrying: Arc::default(),
         }
     }
@@ -2426,14 +2436,40 @@ impl EventBusTransport {
         self
     }
 
+    /// How long one call may keep handing a failing event to the handlers again, pausing
+    /// between attempts (default 15 s; zero: one attempt per call). Meanwhile the relay holds
+    /// its lease, so on several instances the attempts, their pauses and their count stay with
+    /// one instance, instead of the next call going to another instance, which would count
+    /// afresh and pause on its own. An attempt starts only within it, and may then run as long
+    /// as the handlers take: keep it below the relay's publish timeout (30 s by default, which
+    /// cuts the call short, uncounted) by more than the handlers' own timeout. Past it the
+    /// call fails, and the relay retries after its own backoff.
+    pub fn retry_within(mut self, within: Duration) -> Self {
+        self.retry_within = within;
+        self
+    }
+
+    /// The pause between two attempts within one call: from `min`, doubling up to `max`
+    /// (default 100 ms to 2 s: the default 10 attempts take about 11 s of pauses, within
+    /// [`retry_within`](Self::retry_within)'s 15 s when the handlers fail fast).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = (min, max.max(min));
+        self
+    }
+
     fn retrying(&self) -> std::sync::MutexGuard<'_, Retrying> {
         self.retrying
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands one record to the bus: `Ok` when it is done with (handled, or passed over).
-    async fn deliver(&self, record: &EventRecord) -> Result<(), NotHanded> {
+    /// Hands one record to the bus, again after a pause while it fails and `deadline` allows:
+    /// `Ok` when it is done with (handled, or passed over).
+    async fn deliver(
+        &self,
+        record: &EventRecord,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), NotHanded> {
         // Most types of a store are handled elsewhere: not worth a warning or the unknown
         // events' metric, which says a newer build wrote one.
         if !self.types.knows(&record.event_type)
@@ -2453,42 +2489,53 @@ impl EventBusTransport {
             Err(e) => return Err(NotHanded::Fails(TransportError::Codec(Box::new(e)))),
         };
         let name = envelope.name();
-        let error = match self.bus.publish(envelope).await {
-            Ok(_) => return Ok(()),
-            Err(error) => error,
-        };
-        let waits_only = match &error {
-            DispatchError::Publish(e) => {
-                !e.failures.is_empty() && e.failures.iter().all(|f| waits(f.error.kind()))
+        let mut pause = self.backoff.0;
+        loop {
+            let error = match self.bus.publish(envelope.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(error) => error,
+            };
+            let waits_only = match &error {
+                DispatchError::Publish(e) => {
+                    !e.failures.is_empty() && e.failures.iter().all(|f| waits(f.error.kind()))
+                }
+                other => waits(other.kind()),
+            };
+            let failure = if waits_only {
+                TransportError::Unavailable {
+                    backend: "event bus",
+                    source: Box::new(error),
+                }
+            } else {
+                let attempts = {
+                    let mut retrying = self.retrying();
+                    let entry = retrying
+                        .attempts
+                        .entry(record.event_id)
+                        .or_insert((record.position, 0));
+                    entry.1 += 1;
+                    entry.1
+                };
+                if attempts >= self.max_attempts {
+                    metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name)
+                        .increment(1);
+                    return Err(NotHanded::GivenUp(format!(
+                        "the event bus's handlers failed on it {attempts} times, and it is \
+                         given up (the feed goes on without it): {error}"
+                    )));
+                }
+                TransportError::Backend {
+                    backend: "event bus",
+                    source: Box::new(error),
+                }
+            };
+            if deadline.is_some_and(|deadline| tokio::time::Instant::now() + pause > deadline) {
+                return Err(NotHanded::Fails(failure));
             }
-            other => waits(other.kind()),
-        };
-        if waits_only {
-            return Err(NotHanded::Fails(TransportError::Unavailable {
-                backend: "event bus",
-                source: Box::new(error),
-            }));
+            tracing::warn!(event_id = %record.event_id, event_type = name, error = %failure, ?pause, "the event bus's handlers failed on an event; handing it to them again after a pause");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(self.backoff.1);
         }
-        let attempts = {
-            let mut retrying = self.retrying();
-            let entry = retrying
-                .attempts
-                .entry(record.event_id)
-                .or_insert((record.position, 0));
-            entry.1 += 1;
-            entry.1
-        };
-        if attempts < self.max_attempts {
-            return Err(NotHanded::Fails(TransportError::Backend {
-                backend: "event bus",
-                source: Box::new(error),
-            }));
-        }
-        metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name).increment(1);
-        Err(NotHanded::GivenUp(format!(
-            "the event bus's handlers failed on it {attempts} times, and it is given up (the \
-             feed goes on without it): {error}"
-        )))
     }
 }
 
@@ -2501,6 +2548,8 @@ impl EventTransport for EventBusTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         crate::ports::validate_topic(topic)?;
+        // `None`, a span too long for the clock: no limit.
+        let deadline = tokio::time::Instant::now().checked_add(self.retry_within);
         self.retrying()
             .forget_below(events.first().and_then(|e| e.position));
         for record in events {
@@ -2519,7 +2568,7 @@ impl EventTransport for EventBusTransport {
                     continue;
                 }
             }
-            match self.deliver(record).await {
+            match self.deliver(record, deadline).await {
                 Ok(()) => {
                     self.retrying()
                         .handled

@@ -14,6 +14,7 @@ use cqrs_core::{
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Records the sums it handled, in order; fails on a sum with the kind it is told to, as many
 /// times as it is told to.
@@ -73,7 +74,10 @@ fn fed(configure: impl FnOnce(EventBusTransport) -> EventBusTransport) -> Fed {
         "event-bus",
         store.clone(),
         Arc::new(InMemoryProjectionStore::new()),
-        Arc::new(configure(EventBusTransport::new(bus))),
+        // One attempt per call, unless the test says otherwise: each `relay_once` is one.
+        Arc::new(configure(
+            EventBusTransport::new(bus).retry_within(Duration::ZERO),
+        )),
         "event-bus",
     );
     Fed {
@@ -275,7 +279,11 @@ fn a_given_up_event_replayed_once_its_cause_is_fixed_is_handed_on() {
             .handler(recorder.clone())
             .build()
             .unwrap();
-        let transport = Arc::new(EventBusTransport::new(bus).max_attempts(1));
+        let transport = Arc::new(
+            EventBusTransport::new(bus)
+                .max_attempts(1)
+                .retry_within(Duration::ZERO),
+        );
         let store = Arc::new(InMemoryEventStore::new());
         let relay = |checkpoints| {
             StoreRelay::new(
@@ -297,5 +305,46 @@ fn a_given_up_event_replayed_once_its_cause_is_fixed_is_handed_on() {
         // The cause fixed, the operator replays from the start: a relay with no checkpoint.
         until_caught_up(&relay(Arc::new(InMemoryProjectionStore::new()))).await;
         assert_eq!(recorder.handled(), vec![2, 1, 2], "1 handed on this time");
+    });
+}
+
+#[test]
+fn a_call_hands_a_failing_event_on_again_after_pauses_until_it_passes_or_is_given_up() {
+    run_paused(|| async {
+        let fed = fed(|t| {
+            t.retry_within(Duration::from_secs(15))
+                .backoff(Duration::from_millis(100), Duration::from_secs(2))
+                .max_attempts(4)
+        });
+        append(&fed.store, "a", vec![added(1), added(2), added(3)]).await;
+        fed.recorder.fail(1, ErrorKind::Internal, 2);
+        fed.recorder.fail(2, ErrorKind::Internal, u32::MAX);
+        let started = tokio::time::Instant::now();
+        // One batch: 1 passes on its third attempt, 2 is given up on its fourth (refused, so
+        // the relay skips it in its one-at-a-time pass), 3 passes.
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 3);
+        assert_eq!(fed.recorder.calls(), vec![1, 1, 1, 2, 2, 2, 2, 3]);
+        assert_eq!(fed.recorder.handled(), vec![1, 3]);
+        // Paused 100 + 200 ms for 1, then 100 + 200 + 400 ms for 2.
+        assert_eq!(started.elapsed(), Duration::from_millis(1_000));
+    });
+}
+
+#[test]
+fn a_failure_that_lasts_past_retry_within_fails_the_call() {
+    run_paused(|| async {
+        let fed = fed(|t| {
+            t.retry_within(Duration::from_secs(1))
+                .backoff(Duration::from_millis(100), Duration::from_secs(2))
+        });
+        append(&fed.store, "a", vec![added(1)]).await;
+        fed.recorder.fail(1, ErrorKind::Unavailable, 5);
+        let error = fed.relay.relay_once().await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        // Attempts at 0, 100, 300 and 700 ms; the next would start past 1 s.
+        assert_eq!(fed.recorder.calls(), vec![1, 1, 1, 1]);
+        // The next call: its first attempt fails a fifth time, its second passes.
+        assert_eq!(fed.relay.relay_once().await.unwrap(), 1);
+        assert_eq!(fed.recorder.calls(), vec![1; 6]);
     });
 }

@@ -47,6 +47,10 @@ const REALTIME_RELAY: &str = "realtime";
 /// name), and the topic it is given.
 const EVENT_BUS_RELAY: &str = "event-bus";
 
+/// How long the relay to the event bus keeps handing a failing event on again within one
+/// batch, holding the relay (on several instances, the attempts then stay with one instance).
+const EVENT_RETRIES_WITHIN: Duration = Duration::from_secs(15);
+
 /// How long the event bus's handlers of one event may take, together: past it the event fails
 /// as timed out, an attempt toward being given up. Below the relays' 30 s publish timeout, so
 /// a handler that hangs every time is given up on rather than holding the feed for good.
@@ -76,6 +80,12 @@ pub struct Hooks {
     /// on the Redis key prefix; every 30 s when `None` (tests shorten it). More than zero and
     /// at most 30 s, or the start fails: a record counts as gone 90 s after its last renewal.
     pub deployment_checks_every: Option<Duration>,
+    /// How long the relay to the plugins' event handlers keeps handing a failing event to them
+    /// again within one batch, holding the relay, before the batch fails (see
+    /// `EventBusTransport::retry_within`); 15 s when `None` (tests shorten it). At most 15 s,
+    /// or the start fails: the relay's batch, one more attempt (up to 10 s) included, must
+    /// end within its 30 s publish timeout.
+    pub event_retries_within: Option<Duration>,
 }
 
 /// Provides resources to the plugins; see [`Hooks::provide`].
@@ -94,6 +104,7 @@ impl std::fmt::Debug for Hooks {
             .field("provide", &self.provide.len())
             .field("expect_plugins", &self.expect_plugins)
             .field("deployment_checks_every", &self.deployment_checks_every)
+            .field("event_retries_within", &self.event_retries_within)
             .finish()
     }
 }
@@ -293,9 +304,16 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
             relay = EVENT_BUS_RELAY,
             "plugins registered event handlers: every committed event is handed to them, in store order, at least once, by one instance at a time"
         );
-        Some(event_bus_relay(Arc::new(EventBusTransport::new(
-            events.clone(),
-        ))))
+        let within = match hooks.event_retries_within {
+            None => EVENT_RETRIES_WITHIN,
+            Some(within) if within <= EVENT_RETRIES_WITHIN => within,
+            Some(within) => anyhow::bail!(
+                "Hooks::event_retries_within is {within:?}: give at most 15 s (a relay's batch \
+                 must end within its 30 s publish timeout)"
+            ),
+        };
+        let transport = EventBusTransport::new(events.clone()).retry_within(within);
+        Some(event_bus_relay(Arc::new(transport)))
     };
     registrar.check_required(&commands, &queries)?;
     let buses = Buses {

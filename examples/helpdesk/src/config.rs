@@ -76,7 +76,7 @@ pub struct Config {
     /// once, plus the plugins' workers, and 2 for the relay to the event bus when plugins
     /// registered event handlers). Mind the server's `max_connections` across instances.
     /// Unused in memory.
-    #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 12)]
     pub database_max_connections: u32,
 
     /// How long a request waits for a Postgres connection before it is answered 503

@@ -200,7 +200,12 @@ async fn a_failing_handler_shows_in_ready_and_its_event_is_handed_on_once_it_rec
         let backend = Backend::from_env().await;
         let seen = Seen::default();
         let buses = Arc::default();
-        let s = TestServer::start_with_hooks(backend.clone(), hooks(&seen, &buses), |c| {
+        // Each batch retries for 300 ms, not 15 s, before it fails and shows in `/ready`.
+        let hooks = Hooks {
+            event_retries_within: Some(Duration::from_millis(300)),
+            ..hooks(&seen, &buses)
+        };
+        let s = TestServer::start_with_hooks(backend.clone(), hooks, |c| {
             c.ready_details = true;
         })
         .await;
@@ -223,6 +228,53 @@ async fn a_failing_handler_shows_in_ready_and_its_event_is_handed_on_once_it_rec
         seen.wait_for(&what).await;
         relay_status(&s, "healthy").await;
         s.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
+/// Before, a failed batch let the relay go, and another instance took it at once: the events
+/// before the failing one were handed on again there, and each instance counted the
+/// failures afresh. A failing event is now handed on again within the batch, the relay held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_instances_a_failing_event_is_retried_on_one_of_them() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let (seen_a, seen_b) = (Seen::default(), Seen::default());
+        let (buses_a, buses_b) = (Arc::default(), Arc::default());
+        let a =
+            TestServer::start_with_hooks(backend.shared(), hooks(&seen_a, &buses_a), |_| {}).await;
+        let b =
+            TestServer::start_with_hooks(backend.clone(), hooks(&seen_b, &buses_b), |_| {}).await;
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let whats: Vec<String> = (0..6).map(|i| format!("{tag}-{i}")).collect();
+        // Fails once on each instance: retried where it failed, it passes there on its second
+        // attempt; handed to the other instance, it would fail there too.
+        for seen in [&seen_a, &seen_b] {
+            seen.fail_once.lock().unwrap().insert(whats[2].clone());
+        }
+        for what in &whats {
+            remember(&buses_a, what).await;
+        }
+        cqrs_core::testing::eventually(Duration::from_secs(15), "the last one", || async {
+            let all = [seen_a.handled(), seen_b.handled()].concat();
+            all.contains(&whats[5]).then_some(())
+        })
+        .await;
+        let calls = |what: &str| (seen_a.calls_of(what), seen_b.calls_of(what));
+        for what in whats.iter().filter(|w| **w != whats[2]) {
+            let (on_a, on_b) = calls(what);
+            assert_eq!(on_a + on_b, 1, "{what} handed on once");
+        }
+        let (on_a, on_b) = calls(&whats[2]);
+        assert!(
+            (on_a, on_b) == (2, 0) || (on_a, on_b) == (0, 2),
+            "retried on the instance it failed on: {on_a} on a, {on_b} on b"
+        );
+        a.stop().await;
+        b.stop().await;
         backend.clean_up().await;
     })
     .await;
