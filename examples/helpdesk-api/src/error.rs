@@ -326,6 +326,30 @@ impl From<HandlerError> for ApiError {
     }
 }
 
+impl From<ApiError> for HandlerError {
+    /// The kind its status stands for, with its code and message: for code outside a request
+    /// (an event handler, a worker) that calls what answers `ApiError`s, such as
+    /// [`BusHandle::get`](crate::BusHandle::get), with `?`. A 503 stays retryable.
+    fn from(e: ApiError) -> Self {
+        let kind = match e.status {
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => ErrorKind::Invalid,
+            StatusCode::UNAUTHORIZED => ErrorKind::Unauthorized,
+            StatusCode::FORBIDDEN => ErrorKind::Forbidden,
+            StatusCode::NOT_FOUND => ErrorKind::NotFound,
+            StatusCode::CONFLICT => ErrorKind::Conflict,
+            StatusCode::TOO_MANY_REQUESTS => ErrorKind::RateLimited,
+            StatusCode::SERVICE_UNAVAILABLE => ErrorKind::Unavailable,
+            StatusCode::GATEWAY_TIMEOUT => ErrorKind::Timeout,
+            _ => ErrorKind::Internal,
+        };
+        let mut error = HandlerError::new(kind, e.code, e.message);
+        if let Some(details) = e.details {
+            error = error.with_details(details);
+        }
+        error
+    }
+}
+
 impl From<DispatchError> for ApiError {
     fn from(e: DispatchError) -> Self {
         match e {
@@ -411,6 +435,31 @@ mod tests {
 
     fn body_of(error: ApiError) -> String {
         serde_json::to_string(&error.body()).unwrap()
+    }
+
+    /// An event handler that asks for the buses with `?` gets a retryable refusal while the
+    /// server starts, not an internal error (which the event feed would count toward giving
+    /// the event up).
+    #[test]
+    fn an_api_error_becomes_the_handler_error_of_its_status() {
+        let starting = HandlerError::from(crate::BusHandle::new().get().unwrap_err());
+        assert_eq!(starting.kind(), ErrorKind::Unavailable);
+        assert_eq!(starting.code(), "starting");
+        let refused = ApiError::new(
+            StatusCode::CONFLICT,
+            "ticket_closed",
+            "the ticket is closed",
+        )
+        .with_details(serde_json::json!({ "version": 3 }));
+        let refused = HandlerError::from(refused);
+        assert_eq!(refused.kind(), ErrorKind::Conflict);
+        assert_eq!(refused.message(), "the ticket is closed");
+        assert_eq!(
+            refused.details(),
+            Some(&serde_json::json!({ "version": 3 }))
+        );
+        let teapot = ApiError::new(StatusCode::IM_A_TEAPOT, "teapot", "short and stout");
+        assert_eq!(HandlerError::from(teapot).kind(), ErrorKind::Internal);
     }
 
     /// A route's advice on what to do after a time-out keeps what timed out: a backend (a
