@@ -36,8 +36,9 @@ pub async fn main_with(hooks: Hooks) {
     // Colours only on a terminal: escape codes in a log file or a collector are noise.
     let ansi = std::io::stdout().is_terminal();
     let subscriber = log_subscriber(config.log_format, log_filter(), ansi, std::io::stdout);
-    if let Err(e) = tracing::subscriber::set_global_default(subscriber) {
-        eprintln!("helpdesk: cannot install the logger: {e}");
+    match tracing::subscriber::set_global_default(subscriber) {
+        Ok(()) => crate::log_panics(),
+        Err(e) => eprintln!("helpdesk: cannot install the logger: {e}"),
     }
     let json_logs = config.log_format == LogFormat::Json;
     match run(config, hooks).await {

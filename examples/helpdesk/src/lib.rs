@@ -26,7 +26,7 @@ pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, MakeWorker, Session, b
 pub use binary::main_with;
 pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;
-pub use logging::{DEFAULT_FILTER, error_chain, log_filter, log_subscriber};
+pub use logging::{DEFAULT_FILTER, error_chain, log_filter, log_panics, log_subscriber};
 pub use server::Server;
 
 /// The user guide's Rust examples (`docs/guide.md`), compiled and run as doc tests so they

@@ -91,6 +91,29 @@ where
     }
 }
 
+/// Sends panics to the logs, as one `error` event (`panic.message`, `panic.location`, the
+/// thread, and the backtrace when `RUST_BACKTRACE` asks for one), instead of standard error:
+/// a collector reading the JSON logs on standard output sees them, and a handler's panic the
+/// framework caught is one log line among the others, not loose text beside them. It
+/// replaces the process's panic hook; [`main_with`](crate::main_with) installs it.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = cqrs_core::panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let backtrace = std::backtrace::Backtrace::capture();
+        if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+            tracing::error!(panic.message = %message, panic.location = %location, thread, %backtrace, "panicked");
+        } else {
+            tracing::error!(panic.message = %message, panic.location = %location, thread, "panicked");
+        }
+    }));
+}
+
 /// `error` and its causes, joined with `: `, each cause left out when the text before already
 /// holds it. The framework's errors name their cause in their own message (so that one read
 /// alone says it all), and a plain `{error:#}` then repeats each cause once per level above it.

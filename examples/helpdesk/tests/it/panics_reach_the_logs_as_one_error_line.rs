@@ -1,0 +1,65 @@
+//! A panic reaches the logs as one `error` event with its message, location and thread,
+//! not as loose text on standard error, which a collector reading the JSON logs on standard
+//! output never saw (found by a plugin author's walk: a handler's panic, caught by the
+//! framework, printed its raw message and backtrace outside the logs).
+//!
+//! The hook is the process's: the test runs itself again in a child process that installs it,
+//! so this binary's other tests keep the default hook.
+
+use serde_json::Value;
+
+const CHILD: &str = "HELPDESK_TEST_PANIC_CHILD";
+const NAME: &str =
+    "panics_reach_the_logs_as_one_error_line::a_panic_is_one_error_line_in_the_json_logs";
+
+#[test]
+fn a_panic_is_one_error_line_in_the_json_logs() {
+    if std::env::var_os(CHILD).is_some() {
+        let subscriber = helpdesk::log_subscriber(
+            helpdesk::LogFormat::Json,
+            tracing_subscriber::EnvFilter::new("info"),
+            false,
+            std::io::stdout,
+        );
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        helpdesk::log_panics();
+        let worker = std::thread::Builder::new().name("worker-7".into());
+        let panicked = worker.spawn(|| panic!("told to panic")).unwrap().join();
+        assert!(panicked.is_err());
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the child failed:\n{stdout}\n{stderr}"
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        // The harness prints its `test ... ` before the line, without a line break.
+        .filter_map(|line| serde_json::from_str::<Value>(&line[line.find('{')?..]).ok())
+        .filter(|event| event["fields"]["message"] == "panicked")
+        .collect();
+    assert_eq!(lines.len(), 1, "one line:\n{stdout}");
+    let event = &lines[0];
+    assert_eq!(event["level"], "ERROR", "{event}");
+    assert_eq!(event["fields"]["panic.message"], "told to panic", "{event}");
+    assert_eq!(event["fields"]["thread"], "worker-7", "{event}");
+    let location = event["fields"]["panic.location"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        location.contains("panics_reach_the_logs_as_one_error_line.rs:"),
+        "{event}"
+    );
+    assert!(
+        !stderr.contains("told to panic"),
+        "not on standard error:\n{stderr}"
+    );
+}
