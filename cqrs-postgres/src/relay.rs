@@ -673,6 +673,7 @@ impl PgOutboxRelay {
                 position = skip.position.get(),
                 stream = skip.stream_id.as_deref().unwrap_or_default(),
                 event_id = ?skip.event_id,
+                event_type = skip.event_type.as_deref().unwrap_or_default(),
                 reason = skip.reason,
                 error = %skip.error,
                 "skipped an event the relay cannot ship; it stays in the event store"
@@ -1277,6 +1278,7 @@ struct Skip {
     position: Position,
     stream_id: Option<String>,
     event_id: Option<Uuid>,
+    event_type: Option<String>,
     /// `undecodable`, `refused` or `invalid_topic`: the metric's label.
     reason: &'static str,
     error: BoxError,
@@ -1289,6 +1291,7 @@ impl Skip {
             // Whatever of the row still reads, to find it.
             stream_id: row.try_get("stream_id").ok(),
             event_id: row.try_get("event_id").ok(),
+            event_type: row.try_get("event_type").ok(),
             reason: "undecodable",
             error: Box::new(error),
         }
@@ -1307,6 +1310,7 @@ impl Skip {
             position: event.position.unwrap_or_default(),
             stream_id: event.stream_id.clone(),
             event_id: Some(event.event_id),
+            event_type: Some(event.event_type.clone()),
             reason,
             error: Box::new(error),
         }
