@@ -2272,7 +2272,9 @@ impl Worker for EventBusConsumer {
 /// * **A failure** of any handler is retried in the same call: the event is handed to the
 ///   handlers again after a pause ([`backoff`](Self::backoff), logged at warn level), for up
 ///   to [`retry_within`](Self::retry_within), while the relay holds its lease (on several
-///   instances the attempts stay with one instance). Past that the call fails: the relay
+///   instances the attempts stay with one instance); this transport's
+///   [`HealthCheck`](crate::runtime::HealthCheck) is degraded meanwhile, naming the event and
+///   the failure. Past that the call fails: the relay
 ///   retries from that event with its backoff, possibly on another instance, and its health
 ///   says which handler failed and why. The events before it that this transport handed on
 ///   are not handed on again by this process's retries (it remembers them, in memory, until
@@ -2360,6 +2362,9 @@ struct Retrying {
     attempts: HashMap<Uuid, (Option<Position>, u32)>,
     /// Events given up, with why: refused again when the relay asks for them alone.
     given_up: HashMap<Uuid, (Option<Position>, String)>,
+    /// The event being handed on again, since when, and its last failure: what the health
+    /// check reports.
+    failing: Option<(Uuid, &'static str, tokio::time::Instant, String)>,
 }
 
 impl Retrying {
@@ -2370,6 +2375,7 @@ impl Retrying {
         if self.first.replace(first).is_some_and(|last| first < last) {
             *self = Retrying {
                 first: Some(first),
+                failing: self.failing.take(),
                 ..Retrying::default()
             };
             return;
@@ -2492,9 +2498,20 @@ impl EventBusTransport {
         let mut pause = self.backoff.0;
         loop {
             let error = match self.bus.publish(envelope.clone()).await {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.retrying().failing = None;
+                    return Ok(());
+                }
                 Err(error) => error,
             };
+            {
+                let mut retrying = self.retrying();
+                let since = match &retrying.failing {
+                    Some((id, _, since, _)) if *id == record.event_id => *since,
+                    _ => tokio::time::Instant::now(),
+                };
+                retrying.failing = Some((record.event_id, name, since, error.to_string()));
+            }
             let waits_only = match &error {
                 DispatchError::Publish(e) => {
                     !e.failures.is_empty() && e.failures.iter().all(|f| waits(f.error.kind()))
@@ -2517,6 +2534,7 @@ impl EventBusTransport {
                     entry.1
                 };
                 if attempts >= self.max_attempts {
+                    self.retrying().failing = None;
                     metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name)
                         .increment(1);
                     return Err(NotHanded::GivenUp(format!(
@@ -2574,7 +2592,12 @@ impl EventTransport for EventBusTransport {
                         .handled
                         .insert(record.event_id, record.position);
                 }
-                Err(NotHanded::Fails(error)) => return Err(error),
+                Err(NotHanded::Fails(error)) => {
+                    // The relay reports it now, and may hand the relay to another instance:
+                    // this one's check must not go on reporting it.
+                    self.retrying().failing = None;
+                    return Err(error);
+                }
                 Err(NotHanded::GivenUp(why)) => {
                     let mut retrying = self.retrying();
                     retrying.attempts.remove(&record.event_id);
@@ -2606,6 +2629,26 @@ impl EventTransport for EventBusTransport {
             "cannot consume `{topic}`: an event bus transport only publishes (to its bus's \
              handlers); consume the event store or a durable transport instead"
         )))
+    }
+}
+
+/// Degraded while an event's handlers fail and it is handed to them again (naming the event,
+/// since when, and the last failure), healthy otherwise: the relay reports a failure only
+/// when its call gives up, [`retry_within`](EventBusTransport::retry_within) later. Register
+/// it as a non-critical check of the runtime that runs the relay
+/// ([`RuntimeBuilder::check`](crate::runtime::RuntimeBuilder::check)). It tells this
+/// process's state: on several instances, the one whose relay is active.
+#[async_trait]
+impl crate::runtime::HealthCheck for EventBusTransport {
+    async fn check(&self) -> Health {
+        match &self.retrying().failing {
+            None => Health::Healthy,
+            Some((event_id, event_type, since, error)) => Health::Degraded(format!(
+                "the event handlers have failed on event {event_id} ({event_type}) for {} s, \
+                 and it is handed to them again: {error}",
+                since.elapsed().as_secs()
+            )),
+        }
     }
 }
 

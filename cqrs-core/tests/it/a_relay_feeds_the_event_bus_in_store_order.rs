@@ -348,3 +348,39 @@ fn a_failure_that_lasts_past_retry_within_fails_the_call() {
         assert_eq!(fed.recorder.calls(), vec![1; 6]);
     });
 }
+
+#[test]
+fn its_health_check_is_degraded_while_an_event_is_handed_on_again() {
+    use cqrs_core::runtime::{Health, HealthCheck};
+    run_paused(|| async {
+        let recorder = Recorder::default();
+        let bus = EventBus::builder()
+            .handler(recorder.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(EventBusTransport::new(bus));
+        let store = Arc::new(InMemoryEventStore::new());
+        let relay = StoreRelay::new(
+            "event-bus",
+            store.clone(),
+            Arc::new(InMemoryProjectionStore::new()),
+            transport.clone(),
+            "event-bus",
+        );
+        append(&store, "a", vec![added(1)]).await;
+        recorder.fail(1, ErrorKind::Unavailable, 3);
+        assert_eq!(transport.check().await, Health::Healthy);
+        // Checked during the pause after the first failure.
+        let during = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            transport.check().await
+        };
+        let (shipped, during) = tokio::join!(relay.relay_once(), during);
+        assert!(
+            matches!(&during, Health::Degraded(reason) if reason.contains("refuses 1")),
+            "{during:?}"
+        );
+        assert_eq!(shipped.unwrap(), 1);
+        assert_eq!(transport.check().await, Health::Healthy, "through");
+    });
+}

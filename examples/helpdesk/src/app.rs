@@ -44,8 +44,14 @@ const DISCARD_BATCH: usize = 1_000;
 const REALTIME_RELAY: &str = "realtime";
 
 /// The name of the relay that hands every event to the event bus's handlers (its checkpoint's
-/// name), and the topic it is given.
+/// name), and the topic it is given. It ships one event a batch: each commits on its own, so
+/// the relay moving to another instance (after a failure that outlasts the batch's retries)
+/// never hands on again events before the failing one, and the retries' budget is that
+/// event's alone.
 const EVENT_BUS_RELAY: &str = "event-bus";
+
+/// The other relays' batch: the relays' own default.
+const RELAY_BATCH: usize = 100;
 
 /// How long the relay to the event bus keeps handing a failing event on again within one
 /// batch, holding the relay (on several instances, the attempts then stay with one instance).
@@ -80,12 +86,6 @@ pub struct Hooks {
     /// on the Redis key prefix; every 30 s when `None` (tests shorten it). More than zero and
     /// at most 30 s, or the start fails: a record counts as gone 90 s after its last renewal.
     pub deployment_checks_every: Option<Duration>,
-    /// How long the relay to the plugins' event handlers keeps handing a failing event to them
-    /// again within one batch, holding the relay, before the batch fails (see
-    /// `EventBusTransport::retry_within`); 15 s when `None` (tests shorten it). At most 15 s,
-    /// or the start fails: the relay's batch, one more attempt (up to 10 s) included, must
-    /// end within its 30 s publish timeout.
-    pub event_retries_within: Option<Duration>,
 }
 
 /// Provides resources to the plugins; see [`Hooks::provide`].
@@ -104,7 +104,6 @@ impl std::fmt::Debug for Hooks {
             .field("provide", &self.provide.len())
             .field("expect_plugins", &self.expect_plugins)
             .field("deployment_checks_every", &self.deployment_checks_every)
-            .field("event_retries_within", &self.event_retries_within)
             .finish()
     }
 }
@@ -304,16 +303,9 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
             relay = EVENT_BUS_RELAY,
             "plugins registered event handlers: every committed event is handed to them, in store order, at least once, by one instance at a time"
         );
-        let within = match hooks.event_retries_within {
-            None => EVENT_RETRIES_WITHIN,
-            Some(within) if within <= EVENT_RETRIES_WITHIN => within,
-            Some(within) => anyhow::bail!(
-                "Hooks::event_retries_within is {within:?}: give at most 15 s (a relay's batch \
-                 must end within its 30 s publish timeout)"
-            ),
-        };
-        let transport = EventBusTransport::new(events.clone()).retry_within(within);
-        Some(event_bus_relay(Arc::new(transport)))
+        let transport =
+            Arc::new(EventBusTransport::new(events.clone()).retry_within(EVENT_RETRIES_WITHIN));
+        Some((event_bus_relay(transport.clone()), transport))
     };
     registrar.check_required(&commands, &queries)?;
     let buses = Buses {
@@ -341,8 +333,12 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     if let Some(maintenance) = maintenance {
         runtime = runtime.worker(maintenance);
     }
-    if let Some(relay) = event_bus_relay {
-        runtime = runtime.worker(relay);
+    if let Some((relay, transport)) = event_bus_relay {
+        // Degraded while an event is handed to the handlers again: the relay says so only
+        // once its batch gives up, 15 s later.
+        runtime = runtime
+            .worker(relay)
+            .check("event-handlers", transport, false);
     }
     for make in &hooks.workers {
         runtime = runtime.worker(make());
@@ -620,7 +616,7 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
         EVENTS_TOPIC,
     )
     .intervals(poll / 2, Duration::from_secs(5));
-    let in_memory_relay = |name: &'static str| -> MakeRelay {
+    let in_memory_relay = |name: &'static str, batch: usize| -> MakeRelay {
         let events = backends.events.clone();
         Box::new(move |to| {
             Box::new(
@@ -631,12 +627,13 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
                     to,
                     name,
                 )
+                .batch_size(batch)
                 .intervals(poll / 2, Duration::from_secs(5)),
             )
         })
     };
-    let realtime_relay = in_memory_relay(REALTIME_RELAY);
-    let event_bus_relay = in_memory_relay(EVENT_BUS_RELAY);
+    let realtime_relay = in_memory_relay(REALTIME_RELAY, RELAY_BATCH);
+    let event_bus_relay = in_memory_relay(EVENT_BUS_RELAY, 1);
     Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
@@ -744,7 +741,7 @@ async fn postgres_backends(
         .context("cannot read the outbox relay's checkpoint")?;
     // They LISTEN for appends, so events reach the hubs and the handlers as soon as they
     // commit.
-    let postgres_relay = |name: &'static str| -> MakeRelay {
+    let postgres_relay = |name: &'static str, batch: usize| -> MakeRelay {
         let db = db.clone();
         Box::new(move |to| {
             Box::new(
@@ -755,12 +752,13 @@ async fn postgres_backends(
                 .relay_name(name)
                 .topic(name)
                 .start_from(start_from)
+                .batch_size(batch)
                 .poll_interval(poll.max(Duration::from_millis(50))),
             )
         })
     };
-    let realtime_relay = postgres_relay(REALTIME_RELAY);
-    let event_bus_relay = postgres_relay(EVENT_BUS_RELAY);
+    let realtime_relay = postgres_relay(REALTIME_RELAY, RELAY_BATCH);
+    let event_bus_relay = postgres_relay(EVENT_BUS_RELAY, 1);
     let backends = Backends {
         mode: Mode::Postgres,
         events: Arc::new(db.event_store()),
