@@ -2387,6 +2387,17 @@ impl Retrying {
     }
 }
 
+/// Clears the health check's failure when a call ends, however it ends: a call that fails is
+/// the relay's to report (and it may go to another instance, whose check reports its own),
+/// and one its publish timeout drops mid-retry would leave the failure reported for good.
+struct EndOfCall<'a>(&'a EventBusTransport);
+
+impl Drop for EndOfCall<'_> {
+    fn drop(&mut self) {
+        self.0.retrying().failing = None;
+    }
+}
+
 /// Why one event was not handed on.
 enum NotHanded {
     /// The call fails with this; the relay retries it, or skips the event on a refusal.
@@ -2449,16 +2460,19 @@ impl EventBusTransport {
     /// afresh and pause on its own. An attempt starts only within it, and may then run as long
     /// as the handlers take: keep it below the relay's publish timeout (30 s by default, which
     /// cuts the call short, uncounted) by more than the handlers' own timeout. Past it the
-    /// call fails, and the relay retries after its own backoff.
+    /// call fails, and the relay retries after its own backoff. It counts from the start of
+    /// the call, and the events before the failing one use it up too: give the relay batches
+    /// of one event for each event to have it all.
     pub fn retry_within(mut self, within: Duration) -> Self {
         self.retry_within = within;
         self
     }
 
-    /// The pause between two attempts within one call: from `min`, doubling up to `max`
-    /// (default 100 ms to 2 s: the default 10 attempts take about 11 s of pauses, within
+    /// The pause between two attempts within one call: from `min` (at least 1 ms), doubling up
+    /// to `max` (default 100 ms to 2 s: the default 10 attempts take about 11 s of pauses, within
     /// [`retry_within`](Self::retry_within)'s 15 s when the handlers fail fast).
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
         self.backoff = (min, max.max(min));
         self
     }
@@ -2547,12 +2561,13 @@ impl EventBusTransport {
                     source: Box::new(error),
                 }
             };
-            if deadline.is_some_and(|deadline| tokio::time::Instant::now() + pause > deadline) {
+            let resumes = tokio::time::Instant::now().checked_add(pause);
+            if deadline.is_some_and(|deadline| resumes.is_none_or(|at| at > deadline)) {
                 return Err(NotHanded::Fails(failure));
             }
             tracing::warn!(event_id = %record.event_id, event_type = name, error = %failure, ?pause, "the event bus's handlers failed on an event; handing it to them again after a pause");
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(self.backoff.1);
+            pause = pause.saturating_mul(2).min(self.backoff.1);
         }
     }
 }
@@ -2566,6 +2581,7 @@ impl EventTransport for EventBusTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         crate::ports::validate_topic(topic)?;
+        let _end = EndOfCall(self);
         // `None`, a span too long for the clock: no limit.
         let deadline = tokio::time::Instant::now().checked_add(self.retry_within);
         self.retrying()
@@ -2592,18 +2608,17 @@ impl EventTransport for EventBusTransport {
                         .handled
                         .insert(record.event_id, record.position);
                 }
-                Err(NotHanded::Fails(error)) => {
-                    // The relay reports it now, and may hand the relay to another instance:
-                    // this one's check must not go on reporting it.
-                    self.retrying().failing = None;
-                    return Err(error);
-                }
+                Err(NotHanded::Fails(error)) => return Err(error),
                 Err(NotHanded::GivenUp(why)) => {
                     let mut retrying = self.retrying();
                     retrying.attempts.remove(&record.event_id);
-                    retrying
-                        .given_up
-                        .insert(record.event_id, (record.position, why.clone()));
+                    // Refused again when the relay asks for it alone, to find it; asked for
+                    // alone already, the relay skips it now.
+                    if events.len() > 1 {
+                        retrying
+                            .given_up
+                            .insert(record.event_id, (record.position, why.clone()));
+                    }
                     return Err(TransportError::Refused(why.into()));
                 }
             }

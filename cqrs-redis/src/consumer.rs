@@ -1167,18 +1167,18 @@ fn read_entries(reply: Value) -> Vec<(String, Fields)> {
     out
 }
 
-/// A stream entry id as `(milliseconds, sequence)`, for comparing; `(0, 0)` when malformed.
 /// The first few of `ids` for a log line, with how many more there are: a step may
 /// dead-letter up to four batches' worth.
 fn shown_ids(ids: &[String]) -> String {
     const SHOWN: usize = 10;
-    let mut shown = ids[..ids.len().min(SHOWN)].join(", ");
-    if ids.len() > SHOWN {
-        shown.push_str(&format!(" and {} more", ids.len() - SHOWN));
+    let shown = ids[..ids.len().min(SHOWN)].join(", ");
+    match ids.len().checked_sub(SHOWN) {
+        Some(more) if more > 0 => format!("{shown} and {more} more"),
+        _ => shown,
     }
-    shown
 }
 
+/// A stream entry id as `(milliseconds, sequence)`, for comparing; `(0, 0)` when malformed.
 fn entry_id(id: &str) -> (u64, u64) {
     parse_entry_id(id).unwrap_or((0, 0))
 }

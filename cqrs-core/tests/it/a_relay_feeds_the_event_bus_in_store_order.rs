@@ -382,5 +382,17 @@ fn its_health_check_is_degraded_while_an_event_is_handed_on_again() {
         );
         assert_eq!(shipped.unwrap(), 1);
         assert_eq!(transport.check().await, Health::Healthy, "through");
+
+        // A call dropped while it hands an event on again (a relay's publish timeout) leaves
+        // nothing reported.
+        append(&store, "a", vec![added(2)]).await;
+        recorder.fail(2, ErrorKind::Unavailable, u32::MAX);
+        let cut = tokio::time::timeout(Duration::from_millis(50), relay.relay_once()).await;
+        assert!(cut.is_err(), "cut short while it pauses");
+        assert_eq!(
+            transport.check().await,
+            Health::Healthy,
+            "nothing left reported"
+        );
     });
 }

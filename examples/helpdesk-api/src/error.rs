@@ -338,8 +338,9 @@ impl From<ApiError> for HandlerError {
             StatusCode::NOT_FOUND => ErrorKind::NotFound,
             StatusCode::CONFLICT => ErrorKind::Conflict,
             StatusCode::TOO_MANY_REQUESTS => ErrorKind::RateLimited,
+            // A backend's time-out counts as an attempt, where a refusal for now does not.
+            StatusCode::SERVICE_UNAVAILABLE if e.timed_out.is_some() => ErrorKind::Timeout,
             StatusCode::SERVICE_UNAVAILABLE => ErrorKind::Unavailable,
-            StatusCode::GATEWAY_TIMEOUT => ErrorKind::Timeout,
             _ => ErrorKind::Internal,
         };
         let mut error = HandlerError::new(kind, e.code, e.message);
@@ -458,6 +459,10 @@ mod tests {
             refused.details(),
             Some(&serde_json::json!({ "version": 3 }))
         );
+        // A backend's time-out stays one: it counts as an attempt where "not now" does not.
+        let slow = ApiError::from(HandlerError::new(ErrorKind::Timeout, "timeout", "slow"));
+        assert_eq!(slow.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(HandlerError::from(slow).kind(), ErrorKind::Timeout);
         let teapot = ApiError::new(StatusCode::IM_A_TEAPOT, "teapot", "short and stout");
         assert_eq!(HandlerError::from(teapot).kind(), ErrorKind::Internal);
     }

@@ -67,7 +67,8 @@ const EVENT_HANDLERS_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Hooks {
     /// The clock (token expiry, login throttling, idempotency expiry).
     pub clock: Option<Arc<dyn Clock>>,
-    /// Starts without the relays (to the transport, and to the WebSocket hubs): events this
+    /// Starts without the relays (to the transport, to the WebSocket hubs, and to the plugins'
+    /// event handlers): events this
     /// instance commits are shipped only by another instance's relays (tests prove that
     /// nothing committed is lost that way).
     pub without_relay: bool,
@@ -292,6 +293,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         None
     } else {
         handled.sort_unstable();
+        // The nine of the helpdesk's workers, two for this relay, one for requests.
         if backends.postgres.is_some() && config.database_max_connections < 12 {
             tracing::warn!(
                 database_max_connections = config.database_max_connections,

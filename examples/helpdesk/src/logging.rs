@@ -94,10 +94,16 @@ where
 /// Sends panics to the logs, as one `error` event (`panic.message`, `panic.location`, the
 /// thread, and the backtrace when `RUST_BACKTRACE` asks for one), instead of standard error:
 /// a collector reading the JSON logs on standard output sees them, and a handler's panic the
-/// framework caught is one log line among the others, not loose text beside them. It
-/// replaces the process's panic hook; [`main_with`](crate::main_with) installs it.
+/// framework caught is one log line among the others, not loose text beside them. Logged with
+/// the target `panic`: a filter that leaves that target out (or no logger at all) gets the
+/// default hook's text on standard error instead, so a panic is never lost. It replaces the
+/// process's panic hook; [`main_with`](crate::main_with) installs it.
 pub fn log_panics() {
-    std::panic::set_hook(Box::new(|info| {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !tracing::enabled!(target: "panic", tracing::Level::ERROR) {
+            return default(info);
+        }
         let message = cqrs_core::panic_message(info.payload());
         let location = info
             .location()
@@ -107,9 +113,9 @@ pub fn log_panics() {
         let thread = thread.name().unwrap_or("unnamed");
         let backtrace = std::backtrace::Backtrace::capture();
         if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-            tracing::error!(panic.message = %message, panic.location = %location, thread, %backtrace, "panicked");
+            tracing::event!(target: "panic", tracing::Level::ERROR, panic.message = %message, panic.location = %location, thread, %backtrace, "panicked");
         } else {
-            tracing::error!(panic.message = %message, panic.location = %location, thread, "panicked");
+            tracing::event!(target: "panic", tracing::Level::ERROR, panic.message = %message, panic.location = %location, thread, "panicked");
         }
     }));
 }

@@ -14,10 +14,10 @@ const NAME: &str =
 
 #[test]
 fn a_panic_is_one_error_line_in_the_json_logs() {
-    if std::env::var_os(CHILD).is_some() {
+    if let Some(filter) = std::env::var_os(CHILD) {
         let subscriber = helpdesk::log_subscriber(
             helpdesk::LogFormat::Json,
-            tracing_subscriber::EnvFilter::new("info"),
+            tracing_subscriber::EnvFilter::new(filter.to_str().unwrap()),
             false,
             std::io::stdout,
         );
@@ -28,18 +28,7 @@ fn a_panic_is_one_error_line_in_the_json_logs() {
         assert!(panicked.is_err());
         return;
     }
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the child failed:\n{stdout}\n{stderr}"
-    );
+    let (stdout, stderr) = child("info");
     let lines: Vec<Value> = stdout
         .lines()
         // The harness prints its `test ... ` before the line, without a line break.
@@ -62,4 +51,30 @@ fn a_panic_is_one_error_line_in_the_json_logs() {
         !stderr.contains("told to panic"),
         "not on standard error:\n{stderr}"
     );
+
+    // A filter that leaves the target `panic` out: the default hook's text instead, never
+    // nothing.
+    let (stdout, stderr) = child("helpdesk_tickets=debug");
+    assert!(!stdout.contains("panicked"), "{stdout}");
+    assert!(
+        stderr.contains("told to panic"),
+        "on standard error:\n{stderr}"
+    );
+}
+
+/// Runs this test again in a child process whose logs pass `filter`; its output.
+fn child(filter: &str) -> (String, String) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD, filter)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "the child failed:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
 }

@@ -284,3 +284,48 @@ async fn a_component_that_recovers_is_logged_healthy_again() {
     })
     .await;
 }
+
+/// The relay to the plugins' event handlers holds two pooled connections: a pool that leaves
+/// requests none with it is warned about at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_too_small_for_the_event_handlers_relay_is_warned_about() {
+    use crate::events_a_plugin_records_reach_the_store_on_either_backend::Remembered;
+    use cqrs_core::{EventContext, EventHandler, HandlerError, async_trait};
+
+    struct Noted;
+
+    #[async_trait]
+    impl EventHandler<Remembered> for Noted {
+        async fn handle(&self, _: &Remembered, _: EventContext<'_>) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    let captured = captured();
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let (_, schema) = backend.database().expect("a Postgres backend");
+    within(async {
+        let hooks = helpdesk::Hooks {
+            provide: vec![Arc::new(|registrar| {
+                registrar.events().add::<Remembered, _>(Noted);
+            })],
+            ..helpdesk::Hooks::default()
+        };
+        let s = TestServer::start_with_hooks(backend.clone(), hooks, |c| {
+            c.database_max_connections = 10;
+        })
+        .await;
+        s.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+    let text = captured.text();
+    let warned = text.lines().any(|line| {
+        line.contains("WARN")
+            && line.contains("HELPDESK_DATABASE_MAX_CONNECTIONS below 12")
+            && line.contains("database_max_connections=10")
+    });
+    assert!(warned, "no warning for schema {schema} in:\n{text}");
+}
