@@ -1446,6 +1446,18 @@ fn waits(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::Unavailable | ErrorKind::RateLimited)
 }
 
+/// Whether an event bus's refusal says "not now" rather than anything about the event: every
+/// handler that failed can succeed later (a backend away), or a layer refused before any
+/// handler ran for such a reason (a rate limiter, a layer whose backend is away).
+fn says_not_now(error: &DispatchError) -> bool {
+    match error {
+        DispatchError::Publish(e) => {
+            !e.failures.is_empty() && e.failures.iter().all(|f| waits(f.error.kind()))
+        }
+        other => waits(other.kind()),
+    }
+}
+
 /// Whether a failed batch may pass by itself, so the runner is only degraded: an event's
 /// failure (redelivered, dead-lettered, or waiting for the build that knows it), a backend
 /// away or slow, a conflict that a retry resolves. Not a refusal that comes again unchanged
@@ -2224,19 +2236,8 @@ impl Worker for EventBusConsumer {
                 match types.decode(&delivery.record) {
                     Ok(Some(envelope)) => match bus.publish(envelope).await {
                         Ok(_) => Handled::Done,
-                        // Every handler that failed can succeed later (a backend away):
-                        // waiting for it is no attempt.
-                        Err(DispatchError::Publish(e))
-                            if !e.failures.is_empty()
-                                && e.failures.iter().all(|f| waits(f.error.kind())) =>
-                        {
-                            Handled::Later(e.to_string())
-                        }
-                        // The same refusal from a layer (a rate limiter, a layer whose backend
-                        // is away), before any handler ran.
-                        Err(e) if !matches!(e, DispatchError::Publish(_)) && waits(e.kind()) => {
-                            Handled::Later(e.to_string())
-                        }
+                        // Waiting for it is no attempt.
+                        Err(e) if says_not_now(&e) => Handled::Later(e.to_string()),
                         Err(e) => Handled::Retry(e.to_string()),
                     },
                     Ok(None) => Handled::Done,
@@ -2364,7 +2365,15 @@ struct Retrying {
     given_up: HashMap<Uuid, (Option<Position>, String)>,
     /// The event being handed on again, since when, and its last failure: what the health
     /// check reports.
-    failing: Option<(Uuid, &'static str, tokio::time::Instant, String)>,
+    failing: Option<Failing>,
+}
+
+/// An event being handed to the handlers again.
+struct Failing {
+    event_id: Uuid,
+    event_type: &'static str,
+    since: tokio::time::Instant,
+    error: String,
 }
 
 impl Retrying {
@@ -2521,18 +2530,17 @@ impl EventBusTransport {
             {
                 let mut retrying = self.retrying();
                 let since = match &retrying.failing {
-                    Some((id, _, since, _)) if *id == record.event_id => *since,
+                    Some(failing) if failing.event_id == record.event_id => failing.since,
                     _ => tokio::time::Instant::now(),
                 };
-                retrying.failing = Some((record.event_id, name, since, error.to_string()));
+                retrying.failing = Some(Failing {
+                    event_id: record.event_id,
+                    event_type: name,
+                    since,
+                    error: error.to_string(),
+                });
             }
-            let waits_only = match &error {
-                DispatchError::Publish(e) => {
-                    !e.failures.is_empty() && e.failures.iter().all(|f| waits(f.error.kind()))
-                }
-                other => waits(other.kind()),
-            };
-            let failure = if waits_only {
+            let failure = if says_not_now(&error) {
                 TransportError::Unavailable {
                     backend: "event bus",
                     source: Box::new(error),
@@ -2658,7 +2666,12 @@ impl crate::runtime::HealthCheck for EventBusTransport {
     async fn check(&self) -> Health {
         match &self.retrying().failing {
             None => Health::Healthy,
-            Some((event_id, event_type, since, error)) => Health::Degraded(format!(
+            Some(Failing {
+                event_id,
+                event_type,
+                since,
+                error,
+            }) => Health::Degraded(format!(
                 "the event handlers have failed on event {event_id} ({event_type}) for {} s, \
                  and it is handed to them again: {error}",
                 since.elapsed().as_secs()

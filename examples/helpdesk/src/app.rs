@@ -68,9 +68,8 @@ pub struct Hooks {
     /// The clock (token expiry, login throttling, idempotency expiry).
     pub clock: Option<Arc<dyn Clock>>,
     /// Starts without the relays (to the transport, to the WebSocket hubs, and to the plugins'
-    /// event handlers): events this
-    /// instance commits are shipped only by another instance's relays (tests prove that
-    /// nothing committed is lost that way).
+    /// event handlers): events this instance commits are shipped only by another instance's
+    /// relays (tests prove that nothing committed is lost that way).
     pub without_relay: bool,
     /// More background workers, each made by its function when the app is built and run with
     /// the others (tests add one that ignores shutdown, or see whether anything was built).

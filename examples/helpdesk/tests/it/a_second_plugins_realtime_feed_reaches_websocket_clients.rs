@@ -5,7 +5,7 @@
 //! push another plugin's events under its own rules.
 
 use crate::events_a_plugin_records_reach_the_store_on_either_backend::{
-    Remember, RememberHandler, Remembered,
+    RememberHandler, Remembered, remember,
 };
 use crate::support::*;
 use crate::websocket_clients_get_the_ticket_events_they_may_see::{
@@ -98,15 +98,6 @@ async fn notes_server(
     };
     let s = TestServer::start_with_hooks(backend.clone(), hooks, |_| {}).await;
     (s, buses)
-}
-
-async fn remember(buses: &OnceLock<BusHandle>, what: &str) {
-    let buses = buses.get().expect("the hook ran").get().unwrap();
-    buses
-        .commands
-        .dispatch(Remember(what.to_owned()))
-        .await
-        .unwrap();
 }
 
 /// The next frame, which must be an event on `topic`.

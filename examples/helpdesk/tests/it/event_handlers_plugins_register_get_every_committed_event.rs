@@ -5,7 +5,7 @@
 //! helpdesk's event bus: such handlers never ran (the start only warned).
 
 use crate::events_a_plugin_records_reach_the_store_on_either_backend::{
-    Remember, RememberHandler, Remembered,
+    RememberHandler, Remembered, remember,
 };
 use crate::support::*;
 use cqrs_core::{EventContext, EventHandler, HandlerError, async_trait};
@@ -86,15 +86,6 @@ fn hooks(seen: &Seen, buses: &Arc<OnceLock<BusHandle>>) -> Hooks {
         })],
         ..Hooks::default()
     }
-}
-
-async fn remember(buses: &OnceLock<BusHandle>, what: &str) {
-    let buses = buses.get().expect("the hook ran").get().unwrap();
-    buses
-        .commands
-        .dispatch(Remember(what.to_owned()))
-        .await
-        .unwrap();
 }
 
 /// Runs on the backend the environment asks for, and on Postgres alone.

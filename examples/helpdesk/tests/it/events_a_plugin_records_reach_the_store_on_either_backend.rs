@@ -35,6 +35,16 @@ impl Event for Remembered {}
 
 pub struct RememberHandler;
 
+/// Dispatches `Remember(what)` on the buses a test's hook kept.
+pub async fn remember(buses: &OnceLock<BusHandle>, what: &str) {
+    let buses = buses.get().expect("the hook ran").get().unwrap();
+    buses
+        .commands
+        .dispatch(Remember(what.to_owned()))
+        .await
+        .unwrap();
+}
+
 #[async_trait]
 impl CommandHandler<Remember> for RememberHandler {
     async fn handle(&self, cmd: Remember, ctx: &mut CommandContext) -> Result<(), HandlerError> {
