@@ -24,6 +24,8 @@ pub(crate) struct StalledWrites {
     limit: Duration,
     /// Running while a write waits.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Counted once, however often the stream is polled after giving up.
+    counted: bool,
     _slot: OwnedSemaphorePermit,
     /// The connection's place in its client address's share, if it is counted: held, like
     /// the slot, by the socket, through an upgrade too.
@@ -41,6 +43,7 @@ impl StalledWrites {
             inner,
             limit,
             stalled: None,
+            counted: false,
             _slot: slot,
             _held: held,
         }
@@ -61,10 +64,15 @@ impl StalledWrites {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match stalled.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took nothing of what was written to it",
-            ))),
+            Poll::Ready(()) => {
+                if !std::mem::replace(&mut self.counted, true) {
+                    metrics::counter!("http_connections_stalled_total").increment(1);
+                }
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took nothing of what was written to it",
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
