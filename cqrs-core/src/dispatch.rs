@@ -205,7 +205,9 @@ impl Service<Dispatch> for Dispatcher {
                         .events
                         .get(&envelope.payload_type_id())
                         .map_or(&[][..], Vec::as_slice);
-                    let count = run_event_handlers(handlers, &envelope).await?;
+                    let count =
+                        run_event_handlers(handlers, &envelope, registries.event_handler_timeout)
+                            .await?;
                     Ok(Reply {
                         call: None,
                         events: Vec::new(),

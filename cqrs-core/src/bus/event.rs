@@ -3,6 +3,7 @@
 use super::command::EventSink;
 use super::{Registries, layer_service};
 use crate::dispatch::{Dispatcher, ErasedService, guarded, started};
+use crate::middleware::Budgeted;
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Event, EventContext, EventEnvelope,
     EventHandler, EventTypes, HandlerError, HandlerFailure, MessageKind, MessageType, Metadata,
@@ -13,6 +14,7 @@ use futures_util::future::{BoxFuture, join_all};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
@@ -46,16 +48,17 @@ impl<E: Event> ErasedEventHandler for TypedEventHandler<E> {
     }
 }
 
-/// Runs every handler of one event concurrently, each guarded against panics. Returns how many
-/// ran, or every failure.
+/// Runs every handler of one event concurrently, each guarded against panics and given
+/// `budget` when there is one. Returns how many ran, or every failure.
 pub(crate) async fn run_event_handlers(
     handlers: &[Arc<dyn ErasedEventHandler>],
     envelope: &EventEnvelope,
+    budget: Option<Duration>,
 ) -> Result<usize, DispatchError> {
     let name = envelope.name();
     let failures: Vec<HandlerFailure> = match handlers {
         [] => return Ok(0),
-        [one] => match guarded(MessageKind::Event, name, one.handle(envelope)).await {
+        [one] => match run_event_handler(one.as_ref(), envelope, budget).await {
             Ok(()) => return Ok(1),
             Err(error) => vec![HandlerFailure {
                 handler: one.name().clone(),
@@ -64,7 +67,7 @@ pub(crate) async fn run_event_handlers(
         },
         many => join_all(
             many.iter()
-                .map(|h| guarded(MessageKind::Event, name, h.handle(envelope))),
+                .map(|h| run_event_handler(h.as_ref(), envelope, budget)),
         )
         .await
         .into_iter()
@@ -85,6 +88,28 @@ pub(crate) async fn run_event_handlers(
             handlers: handlers.len(),
             failures,
         }))
+    }
+}
+
+/// Runs one handler of an event, guarded against panics and given `budget` when there is one.
+async fn run_event_handler(
+    handler: &dyn ErasedEventHandler,
+    envelope: &EventEnvelope,
+    budget: Option<Duration>,
+) -> Result<(), DispatchError> {
+    let name = envelope.name();
+    let guarded = guarded(MessageKind::Event, name, handler.handle(envelope));
+    match budget {
+        None => guarded.await,
+        Some(budget) => Budgeted::new(guarded, budget)
+            .await
+            .unwrap_or_else(|after| {
+                Err(DispatchError::Timeout {
+                    kind: MessageKind::Event,
+                    name,
+                    after,
+                })
+            }),
     }
 }
 
@@ -147,6 +172,7 @@ pub struct EventBusBuilder<L = Identity> {
     handlers: EventHandlers,
     layers: ServiceBuilder<L>,
     layered: bool,
+    handler_timeout: Option<Duration>,
 }
 
 impl<L> fmt::Debug for EventBusBuilder<L> {
@@ -154,6 +180,7 @@ impl<L> fmt::Debug for EventBusBuilder<L> {
         f.debug_struct("EventBusBuilder")
             .field("handlers", &self.handlers)
             .field("layered", &self.layered)
+            .field("handler_timeout", &self.handler_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -178,7 +205,57 @@ impl<L> EventBusBuilder<L> {
             handlers: self.handlers,
             layers: self.layers.layer(layer),
             layered: true,
+            handler_timeout: self.handler_timeout,
         }
+    }
+
+    /// Gives each handler of an event `budget`, counted from its first wait (a handler that
+    /// finishes without waiting never reads the clock). Past it, that handler's future is
+    /// dropped at its `.await` and it fails with [`DispatchError::Timeout`], named in the
+    /// [`PublishError`], while the event's other handlers run on: a hanging handler is told
+    /// apart from the others, which a [`TimeoutLayer`](crate::middleware::TimeoutLayer) around
+    /// the whole publish cannot do. Handlers of one event run concurrently, so a publish takes
+    /// about `budget` at most. The runtime needs tokio's time driver. None by default.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::TicketOpened;
+    /// use async_trait::async_trait;
+    /// use cqrs_core::{
+    ///     DispatchError, ErrorKind, EventBus, EventContext, EventHandler, HandlerError, Metadata,
+    /// };
+    /// use std::time::Duration;
+    ///
+    /// struct Hangs;
+    ///
+    /// #[async_trait]
+    /// impl EventHandler<TicketOpened> for Hangs {
+    ///     fn name(&self) -> &str {
+    ///         "hangs"
+    ///     }
+    ///
+    ///     async fn handle(&self, _: &TicketOpened, _: EventContext<'_>) -> Result<(), HandlerError> {
+    ///         std::future::pending().await
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap().block_on(async {
+    /// let bus = EventBus::builder()
+    ///     .handler(Hangs)
+    ///     .handler_timeout(Duration::from_secs(5))
+    ///     .build()?;
+    /// let opened = TicketOpened { ticket_id: "t1".into() };
+    /// let Err(DispatchError::Publish(failed)) = bus.publish_event(opened, Metadata::new()).await
+    /// else {
+    ///     panic!("the handler hangs");
+    /// };
+    /// assert_eq!(&*failed.failures[0].handler, "hangs");
+    /// assert_eq!(failed.kind(), ErrorKind::Timeout);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn handler_timeout(mut self, budget: Duration) -> Self {
+        self.handler_timeout = Some(budget);
+        self
     }
 
     /// Freezes the bus. Fails when two handlers of one event type share a name (their stored
@@ -220,6 +297,7 @@ impl<L> EventBusBuilder<L> {
             list.push(handler);
         }
         super::into_result(problems)?;
+        registries.event_handler_timeout = self.handler_timeout;
         let registries = Arc::new(registries);
         let service = layer_service(self.layers, self.layered, &registries);
         Ok(EventBus {
@@ -288,6 +366,7 @@ impl EventBus {
             handlers: EventHandlers::new(),
             layers: ServiceBuilder::new(),
             layered: false,
+            handler_timeout: None,
         }
     }
 
@@ -326,7 +405,12 @@ impl EventBus {
                     .events
                     .get(&envelope.payload_type_id())
                     .map_or(&[][..], Vec::as_slice);
-                let handlers = run_event_handlers(handlers, &envelope).await?;
+                let handlers = run_event_handlers(
+                    handlers,
+                    &envelope,
+                    self.inner.registries.event_handler_timeout,
+                )
+                .await?;
                 Ok(Published { handlers })
             }
             Some(service) => {

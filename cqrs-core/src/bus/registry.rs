@@ -42,4 +42,8 @@ pub(crate) struct Registries {
     pub(crate) commands: TypeMap<Arc<dyn ErasedCommandHandler>>,
     pub(crate) queries: TypeMap<Arc<dyn ErasedQueryHandler>>,
     pub(crate) events: TypeMap<Vec<Arc<dyn ErasedEventHandler>>>,
+    /// How long each event handler may take ([`EventBusBuilder::handler_timeout`]).
+    ///
+    /// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
+    pub(crate) event_handler_timeout: Option<std::time::Duration>,
 }

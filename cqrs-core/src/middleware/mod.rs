@@ -140,5 +140,6 @@ mod trace;
 
 pub use check::{Check, CheckFuture, CheckLayer};
 pub use metrics::{Metrics, MetricsFuture, MetricsLayer};
+pub(crate) use timeout::Budgeted;
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 pub use trace::{Trace, TracingLayer};

@@ -78,11 +78,9 @@ where
         let kind = dispatch.kind();
         let name = dispatch.name();
         TimeoutFuture {
-            inner: self.inner.call(dispatch),
-            sleep: None,
+            inner: Budgeted::new(self.inner.call(dispatch), self.budget),
             kind,
             name,
-            budget: self.budget,
         }
     }
 }
@@ -92,11 +90,9 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub struct TimeoutFuture<F> {
         #[pin]
-        inner: F,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        inner: Budgeted<F>,
         kind: MessageKind,
         name: &'static str,
-        budget: Duration,
     }
 }
 
@@ -109,8 +105,47 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(result) = this.inner.poll(cx) {
-            return Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())));
+        this.inner.poll(cx).map(|polled| match polled {
+            Ok(result) => result.map_err(|e| DispatchError::from_layer(e.into())),
+            Err(after) => Err(DispatchError::Timeout {
+                kind: *this.kind,
+                name: this.name,
+                after,
+            }),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future given `budget`, counted from its first wait: a future that finishes without
+    /// waiting never reads the clock. Past the budget it ends with `Err(budget)`; the inner
+    /// future is dropped with this one.
+    #[derive(Debug)]
+    pub(crate) struct Budgeted<F> {
+        #[pin]
+        inner: F,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        budget: Duration,
+    }
+}
+
+impl<F> Budgeted<F> {
+    pub(crate) fn new(inner: F, budget: Duration) -> Self {
+        Self {
+            inner,
+            sleep: None,
+            budget,
+        }
+    }
+}
+
+impl<F: Future> Future for Budgeted<F> {
+    type Output = Result<F::Output, Duration>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.inner.poll(cx) {
+            return Poll::Ready(Ok(output));
         }
         let budget = *this.budget;
         let sleep = this
@@ -118,11 +153,7 @@ where
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(budget)));
         match sleep.as_mut().poll(cx) {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => Poll::Ready(Err(DispatchError::Timeout {
-                kind: *this.kind,
-                name: this.name,
-                after: budget,
-            })),
+            Poll::Ready(()) => Poll::Ready(Err(budget)),
         }
     }
 }

@@ -1,6 +1,12 @@
 use crate::fixtures::*;
+use async_trait::async_trait;
 use cqrs_core::middleware::TracingLayer;
-use cqrs_core::{DispatchError, EventBus, Metadata};
+use cqrs_core::{
+    DispatchError, ErrorKind, EventBus, EventContext, EventHandler, HandlerError, Metadata,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 #[test]
 fn every_handler_runs_even_when_one_fails_and_one_panics() {
@@ -101,4 +107,133 @@ fn two_handlers_with_one_name_fail_the_build() {
     // One handler registered twice must not be told to take a second name: it would then
     // handle every event twice.
     assert!(err.to_string().contains("register it once"), "{err}");
+}
+
+/// Hangs on every event until dropped; counts its starts and its drops.
+#[derive(Clone, Default)]
+struct Hangs {
+    started: Arc<AtomicUsize>,
+    dropped: Arc<AtomicUsize>,
+}
+
+/// Counts a drop of the handler's future.
+struct CountDrop(Arc<AtomicUsize>);
+
+impl Drop for CountDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl EventHandler<Added> for Hangs {
+    async fn handle(&self, _: &Added, _: EventContext<'_>) -> Result<(), HandlerError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let _counted = CountDrop(self.dropped.clone());
+        std::future::pending().await
+    }
+
+    fn name(&self) -> &str {
+        "hangs"
+    }
+}
+
+/// Takes `wait` of the clock, then succeeds.
+#[derive(Clone)]
+struct Slow {
+    wait: Duration,
+    done: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl EventHandler<Added> for Slow {
+    async fn handle(&self, _: &Added, _: EventContext<'_>) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.wait).await;
+        self.done.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "slow"
+    }
+}
+
+/// With a handler timeout, a hanging handler is cut off after its budget and named, alone, as
+/// timed out, while the event's other handlers (a prompt one, one that waits within the
+/// budget) run to the end; on a bus with layers as on a bare one.
+#[test]
+fn a_handler_past_its_timeout_is_named_and_the_others_finish() {
+    run_paused(|| async {
+        let budget = Duration::from_secs(5);
+        for layered in [false, true] {
+            let hangs = Hangs::default();
+            let prompt = Counter::named("prompt");
+            let slow = Slow {
+                wait: Duration::from_secs(4),
+                done: Arc::default(),
+            };
+            let builder = EventBus::builder()
+                .handler(hangs.clone())
+                .handler(prompt.clone())
+                .handler(slow.clone());
+            let bus = if layered {
+                builder
+                    .layer(TracingLayer::new())
+                    .handler_timeout(budget)
+                    .build()
+            } else {
+                builder.handler_timeout(budget).build()
+            }
+            .unwrap();
+            let started = tokio::time::Instant::now();
+            let err = bus
+                .publish_event(Added { sum: 1 }, Metadata::new())
+                .await
+                .unwrap_err();
+            assert_eq!(started.elapsed(), budget, "layered: {layered}");
+            let DispatchError::Publish(publish) = &err else {
+                panic!("expected a publish error, got {err}");
+            };
+            assert_eq!(publish.handlers, 3);
+            assert_eq!(publish.failures.len(), 1, "{err}");
+            assert_eq!(&*publish.failures[0].handler, "hangs");
+            assert!(
+                matches!(
+                    publish.failures[0].error,
+                    DispatchError::Timeout { after, .. } if after == budget
+                ),
+                "{err}"
+            );
+            assert_eq!(err.kind(), ErrorKind::Timeout);
+            assert!(err.to_string().contains("hangs: "), "{err}");
+            assert_eq!(prompt.seen(), 1);
+            assert_eq!(slow.done.load(Ordering::SeqCst), 1);
+            assert_eq!(
+                (
+                    hangs.started.load(Ordering::SeqCst),
+                    hangs.dropped.load(Ordering::SeqCst)
+                ),
+                (1, 1),
+                "the hanging handler's future was dropped"
+            );
+        }
+    });
+}
+
+/// Without a handler timeout a publish waits for its handlers however long they take.
+#[test]
+fn without_a_handler_timeout_a_slow_handler_is_waited_for() {
+    run_paused(|| async {
+        let slow = Slow {
+            wait: Duration::from_secs(3600),
+            done: Arc::default(),
+        };
+        let bus = EventBus::builder().handler(slow.clone()).build().unwrap();
+        let published = bus
+            .publish_event(Added { sum: 1 }, Metadata::new())
+            .await
+            .unwrap();
+        assert_eq!(published.handlers, 1);
+        assert_eq!(slow.done.load(Ordering::SeqCst), 1);
+    });
 }

@@ -57,10 +57,10 @@ const RELAY_BATCH: usize = 100;
 /// batch, holding the relay (on several instances, the attempts then stay with one instance).
 const EVENT_RETRIES_WITHIN: Duration = Duration::from_secs(15);
 
-/// How long the event bus's handlers of one event may take, together: past it the event fails
-/// as timed out, an attempt toward being given up. Below the relays' 30 s publish timeout, so
+/// How long each of the event bus's handlers of one event may take (they run together): past
+/// it the handler is named as timed out and the event fails, an attempt toward being given up. Below the relays' 30 s publish timeout, so
 /// a handler that hangs every time is given up on rather than holding the feed for good.
-const EVENT_HANDLERS_TIMEOUT: Duration = Duration::from_secs(10);
+const EVENT_HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What tests, and binaries of your own (see [`main_with`](crate::main_with)), add or replace.
 #[derive(Clone, Default)]
@@ -282,7 +282,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     let events = EventBus::builder()
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
-        .layer(TimeoutLayer::new(EVENT_HANDLERS_TIMEOUT))
+        .handler_timeout(EVENT_HANDLER_TIMEOUT)
         .handlers(registrar.take_events())
         .build()?;
     // The handlers plugins registered (`registrar.events()`) get every committed event from a
