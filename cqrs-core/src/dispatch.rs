@@ -30,7 +30,11 @@ enum Body {
         metadata: Metadata,
         call: Pin<Box<dyn Call>>,
     },
-    Event(EventEnvelope),
+    Event {
+        envelope: EventEnvelope,
+        /// The names of the handlers to run; all of them when `None`.
+        only: Option<Arc<[Arc<str>]>>,
+    },
 }
 
 impl Dispatch {
@@ -48,12 +52,12 @@ impl Dispatch {
         }
     }
 
-    pub(crate) fn for_event(envelope: EventEnvelope) -> Self {
+    pub(crate) fn for_event(envelope: EventEnvelope, only: Option<Arc<[Arc<str>]>>) -> Self {
         Self {
             kind: MessageKind::Event,
             name: envelope.name(),
             extensions: Extensions::new(),
-            body: Body::Event(envelope),
+            body: Body::Event { envelope, only },
         }
     }
 
@@ -71,7 +75,7 @@ impl Dispatch {
     pub fn metadata(&self) -> &Metadata {
         match &self.body {
             Body::Message { metadata, .. } => metadata,
-            Body::Event(envelope) => &envelope.metadata,
+            Body::Event { envelope, .. } => &envelope.metadata,
         }
     }
 
@@ -79,7 +83,7 @@ impl Dispatch {
     pub fn metadata_mut(&mut self) -> &mut Metadata {
         match &mut self.body {
             Body::Message { metadata, .. } => metadata,
-            Body::Event(envelope) => &mut envelope.metadata,
+            Body::Event { envelope, .. } => &mut envelope.metadata,
         }
     }
 
@@ -96,7 +100,7 @@ impl Dispatch {
     /// The event, when this is an event dispatch.
     pub fn event(&self) -> Option<&EventEnvelope> {
         match &self.body {
-            Body::Event(envelope) => Some(envelope),
+            Body::Event { envelope, .. } => Some(envelope),
             Body::Message { .. } => None,
         }
     }
@@ -198,16 +202,20 @@ impl Service<Dispatch> for Dispatcher {
                 call.as_mut().start(&self.registries, metadata, extensions);
                 DispatcherFuture(Running::Message(Some(call)))
             }
-            Body::Event(envelope) => {
+            Body::Event { envelope, only } => {
                 let registries = self.registries.clone();
                 DispatcherFuture(Running::Event(Box::pin(async move {
                     let handlers = registries
                         .events
                         .get(&envelope.payload_type_id())
                         .map_or(&[][..], Vec::as_slice);
-                    let count =
-                        run_event_handlers(handlers, &envelope, registries.event_handler_timeout)
-                            .await?;
+                    let count = run_event_handlers(
+                        handlers,
+                        only.as_deref(),
+                        &envelope,
+                        registries.event_handler_timeout,
+                    )
+                    .await?;
                     Ok(Reply {
                         call: None,
                         events: Vec::new(),

@@ -2270,8 +2270,9 @@ impl Worker for EventBusConsumer {
 /// * **At least once.** The relay moves its checkpoint after `publish` returned, so an event
 ///   whose handlers ran just before a crash is handed to them again. Handlers dedupe by the
 ///   event's id (`ctx.metadata().message_id`) where a repeat matters.
-/// * **A failure** of any handler is retried in the same call: the event is handed to the
-///   handlers again after a pause ([`backoff`](Self::backoff), logged at warn level), for up
+/// * **A failure** of any handler is retried in the same call: the event is handed again, to
+///   the handlers that failed on it ([`EventBus::publish_to`]; those that took it are not asked
+///   twice), after a pause ([`backoff`](Self::backoff), logged at warn level), for up
 ///   to [`retry_within`](Self::retry_within), while the relay holds its lease (on several
 ///   instances the attempts stay with one instance); this transport's
 ///   [`HealthCheck`](crate::runtime::HealthCheck) is degraded meanwhile, naming the event and
@@ -2281,8 +2282,11 @@ impl Worker for EventBusConsumer {
 ///   are not handed on again by this process's retries (it remembers them, in memory, until
 ///   a call that holds them succeeds or a later one starts past them), but another instance
 ///   that takes the relay over hands them on again: with several instances, give the relay
-///   batches of one event where that matters. The handlers of the failed event all run
-///   again, as with an [`EventBusConsumer`].
+///   batches of one event where that matters. Of the failed event, only the handlers that
+///   failed on it get it again from this process, also in the relay's later calls; an
+///   instance that takes the relay over hands it to all of them. (A failure of the whole
+///   publish, a layer's rather than a handler's, names none: the same handlers get it
+///   again.)
 /// * **Given up.** A failure that says "not now" (every failed handler `Unavailable` or
 ///   `RateLimited`: a backend away) is retried for as long as it lasts. Any other failure
 ///   counts as an attempt, and after [`max_attempts`](Self::max_attempts) of them (10 by
@@ -2361,12 +2365,18 @@ struct Retrying {
     handled: HashMap<Uuid, Option<Position>>,
     /// Failed attempts that count, per event.
     attempts: HashMap<Uuid, (Option<Position>, u32)>,
+    /// The handlers that failed on an event, per event: the only ones it is handed to again
+    /// (those that took it are not asked twice).
+    remaining: HashMap<Uuid, (Option<Position>, HandlerNames)>,
     /// Events given up, with why: refused again when the relay asks for them alone.
     given_up: HashMap<Uuid, (Option<Position>, String)>,
     /// The event being handed on again, since when, and its last failure: what the health
     /// check reports.
     failing: Option<Failing>,
 }
+
+/// Names of event handlers ([`EventHandler::name`](crate::EventHandler::name)).
+type HandlerNames = Arc<[Arc<str>]>;
 
 /// An event being handed to the handlers again.
 struct Failing {
@@ -2392,6 +2402,7 @@ impl Retrying {
         let kept = |position: &Option<Position>| position.is_none_or(|p| p >= first);
         self.handled.retain(|_, position| kept(position));
         self.attempts.retain(|_, (position, _)| kept(position));
+        self.remaining.retain(|_, (position, _)| kept(position));
         self.given_up.retain(|_, (position, _)| kept(position));
     }
 }
@@ -2519,16 +2530,38 @@ impl EventBusTransport {
         };
         let name = envelope.name();
         let mut pause = self.backoff.0;
+        // The handlers that failed on it in an earlier call, if one did.
+        let mut only = self
+            .retrying()
+            .remaining
+            .get(&record.event_id)
+            .map(|(_, only)| only.clone());
         loop {
-            let error = match self.bus.publish(envelope.clone()).await {
+            let published = match &only {
+                None => self.bus.publish(envelope.clone()).await,
+                Some(only) => self.bus.publish_to(envelope.clone(), only).await,
+            };
+            let error = match published {
                 Ok(_) => {
-                    self.retrying().failing = None;
+                    let mut retrying = self.retrying();
+                    retrying.failing = None;
+                    retrying.remaining.remove(&record.event_id);
                     return Ok(());
                 }
                 Err(error) => error,
             };
             {
                 let mut retrying = self.retrying();
+                // The others took it: only the failed ones get it again. (A failure of the
+                // whole publish, a layer's, names none: the same handlers get it again.)
+                if let DispatchError::Publish(failed) = &error {
+                    let failed: HandlerNames =
+                        failed.failures.iter().map(|f| f.handler.clone()).collect();
+                    only = Some(failed.clone());
+                    retrying
+                        .remaining
+                        .insert(record.event_id, (record.position, failed));
+                }
                 let since = match &retrying.failing {
                     Some(failing) if failing.event_id == record.event_id => failing.since,
                     _ => tokio::time::Instant::now(),
@@ -2556,7 +2589,10 @@ impl EventBusTransport {
                     entry.1
                 };
                 if attempts >= self.max_attempts {
-                    self.retrying().failing = None;
+                    let mut retrying = self.retrying();
+                    retrying.failing = None;
+                    retrying.remaining.remove(&record.event_id);
+                    drop(retrying);
                     metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name)
                         .increment(1);
                     return Err(NotHanded::GivenUp(format!(
@@ -2637,6 +2673,7 @@ impl EventTransport for EventBusTransport {
         for record in events {
             retrying.handled.remove(&record.event_id);
             retrying.attempts.remove(&record.event_id);
+            retrying.remaining.remove(&record.event_id);
         }
         Ok(())
     }

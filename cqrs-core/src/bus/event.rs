@@ -48,9 +48,30 @@ impl<E: Event> ErasedEventHandler for TypedEventHandler<E> {
     }
 }
 
-/// Runs every handler of one event concurrently, each guarded against panics and given
-/// `budget` when there is one. Returns how many ran, or every failure.
+/// Runs the handlers of one event (those `only` names, when given) concurrently, each guarded
+/// against panics and given `budget` when there is one. Returns how many ran, or every
+/// failure.
 pub(crate) async fn run_event_handlers(
+    handlers: &[Arc<dyn ErasedEventHandler>],
+    only: Option<&[Arc<str>]>,
+    envelope: &EventEnvelope,
+    budget: Option<Duration>,
+) -> Result<usize, DispatchError> {
+    match only {
+        None => run_all(handlers, envelope, budget).await,
+        Some(only) => {
+            let chosen: Vec<_> = handlers
+                .iter()
+                .filter(|h| only.contains(h.name()))
+                .cloned()
+                .collect();
+            run_all(&chosen, envelope, budget).await
+        }
+    }
+}
+
+/// Runs every handler of `handlers` on one event.
+async fn run_all(
     handlers: &[Arc<dyn ErasedEventHandler>],
     envelope: &EventEnvelope,
     budget: Option<Duration>,
@@ -397,6 +418,45 @@ impl EventBus {
     /// handles is fine (`handlers: 0`). Fails with [`DispatchError::Publish`], naming each
     /// failed handler, when any of them failed; the others have run.
     pub async fn publish(&self, envelope: EventEnvelope) -> Result<Published, DispatchError> {
+        self.publish_only(envelope, None).await
+    }
+
+    /// Delivers an event to those of its handlers named in `handlers`
+    /// ([`EventHandler::name`]), through the bus's layers, and waits for them: the event
+    /// handed again to the handlers that failed on it
+    /// ([`HandlerFailure::handler`](crate::HandlerFailure::handler)), not to those that
+    /// already took it. A name no handler of the event has is passed over; none of them:
+    /// `handlers: 0`.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{TicketOpened, CountOpened};
+    /// use cqrs_core::{EventBus, EventEnvelope, Metadata};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let counter = CountOpened::default();
+    /// let bus = EventBus::builder().handler(counter.clone()).build()?;
+    /// let opened = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new());
+    ///
+    /// let published = bus.publish_to(opened.clone(), &["someone_else".into()]).await?;
+    /// assert_eq!((published.handlers, counter.count()), (0, 0));
+    /// let published = bus.publish_to(opened, &["count_opened".into()]).await?;
+    /// assert_eq!((published.handlers, counter.count()), (1, 1));
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn publish_to(
+        &self,
+        envelope: EventEnvelope,
+        handlers: &[Arc<str>],
+    ) -> Result<Published, DispatchError> {
+        self.publish_only(envelope, Some(handlers)).await
+    }
+
+    async fn publish_only(
+        &self,
+        envelope: EventEnvelope,
+        only: Option<&[Arc<str>]>,
+    ) -> Result<Published, DispatchError> {
         match &self.inner.service {
             None => {
                 let handlers = self
@@ -407,6 +467,7 @@ impl EventBus {
                     .map_or(&[][..], Vec::as_slice);
                 let handlers = run_event_handlers(
                     handlers,
+                    only,
                     &envelope,
                     self.inner.registries.event_handler_timeout,
                 )
@@ -414,7 +475,8 @@ impl EventBus {
                 Ok(Published { handlers })
             }
             Some(service) => {
-                let reply = service.call(Dispatch::for_event(envelope)).await?;
+                let only = only.map(Arc::from);
+                let reply = service.call(Dispatch::for_event(envelope, only)).await?;
                 Ok(Published {
                     handlers: reply.handlers,
                 })

@@ -396,3 +396,124 @@ fn its_health_check_is_degraded_while_an_event_is_handed_on_again() {
         );
     });
 }
+
+/// A second [`Recorder`], under another name.
+#[derive(Clone, Default)]
+struct Also(Recorder);
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for Also {
+    async fn handle(&self, event: &Added, ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        self.0.handle(event, ctx).await
+    }
+
+    fn name(&self) -> &str {
+        "also"
+    }
+}
+
+/// A relay to a bus of two handlers, `recorder` and `also` (with a layer when `layered`, so
+/// the retry goes through the bus's service), over `store`, with the transport as configured.
+fn two_handlers(
+    store: &Arc<InMemoryEventStore>,
+    layered: bool,
+    configure: impl FnOnce(EventBusTransport) -> EventBusTransport,
+) -> (
+    StoreRelay<InMemoryProjectionStore>,
+    Recorder,
+    Also,
+    Arc<EventBusTransport>,
+) {
+    let (recorder, also) = (Recorder::default(), Also::default());
+    let builder = EventBus::builder()
+        .handler(recorder.clone())
+        .handler(also.clone());
+    let bus = if layered {
+        builder
+            .layer(cqrs_core::middleware::TracingLayer::new())
+            .build()
+    } else {
+        builder.build()
+    }
+    .unwrap();
+    let transport = Arc::new(configure(EventBusTransport::new(bus)));
+    let relay = StoreRelay::new(
+        "event-bus",
+        store.clone(),
+        Arc::new(InMemoryProjectionStore::new()),
+        transport.clone(),
+        "event-bus",
+    );
+    (relay, recorder, also, transport)
+}
+
+/// An event one handler fails on is handed again to that handler alone, on a bare bus and on a
+/// layered one: within a call's retries and in the relay's later calls alike. The handler that
+/// took it is not asked twice.
+#[test]
+fn only_the_handlers_that_failed_get_the_event_again() {
+    run_paused(|| async {
+        for layered in [false, true] {
+            // Across calls: one attempt each.
+            let store = Arc::new(InMemoryEventStore::new());
+            let (relay, recorder, also, _) =
+                two_handlers(&store, layered, |t| t.retry_within(Duration::ZERO));
+            append(&store, "a", vec![added(1), added(2)]).await;
+            also.0.fail(1, ErrorKind::Internal, 2);
+            let error = relay.relay_once().await.unwrap_err().to_string();
+            assert!(
+                error.contains("also") && !error.contains("recorder"),
+                "{error}"
+            );
+            relay.relay_once().await.unwrap_err();
+            assert_eq!(relay.relay_once().await.unwrap(), 2);
+            assert_eq!(recorder.calls(), vec![1, 2], "layered: {layered}");
+            assert_eq!(also.0.calls(), vec![1, 1, 1, 2], "layered: {layered}");
+
+            // Within one call: its retries after pauses.
+            let store = Arc::new(InMemoryEventStore::new());
+            let (relay, recorder, also, _) = two_handlers(&store, layered, |t| {
+                t.retry_within(Duration::from_secs(15))
+                    .backoff(Duration::from_millis(100), Duration::from_secs(2))
+            });
+            append(&store, "a", vec![added(1), added(2)]).await;
+            also.0.fail(1, ErrorKind::Internal, 2);
+            assert_eq!(relay.relay_once().await.unwrap(), 2);
+            assert_eq!(recorder.calls(), vec![1, 2], "layered: {layered}");
+            assert_eq!(also.0.calls(), vec![1, 1, 1, 2], "layered: {layered}");
+        }
+    });
+}
+
+/// What the handlers that failed are owed is forgotten on a replay (the checkpoint moved
+/// back): every handler gets the replayed events, the one that had taken the failed event
+/// too.
+#[test]
+fn a_replay_hands_the_events_to_every_handler_again() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let (relay, recorder, also, transport) =
+            two_handlers(&store, false, |t| t.retry_within(Duration::ZERO));
+        append(&store, "a", vec![added(1), added(2)]).await;
+        assert_eq!(relay.relay_once().await.unwrap(), 2);
+        append(&store, "a", vec![added(3)]).await;
+        also.0.fail(3, ErrorKind::Internal, 1);
+        relay.relay_once().await.unwrap_err();
+        assert_eq!(
+            (recorder.calls(), also.0.calls()),
+            (vec![1, 2, 3], vec![1, 2, 3])
+        );
+
+        // The operator replays from the start: a relay with no checkpoint, the same transport.
+        let replay = StoreRelay::new(
+            "event-bus",
+            store.clone(),
+            Arc::new(InMemoryProjectionStore::new()),
+            transport,
+            "event-bus",
+        );
+        assert_eq!(until_caught_up(&replay).await, 0);
+        assert_eq!(recorder.calls(), vec![1, 2, 3, 1, 2, 3]);
+        assert_eq!(also.0.calls(), vec![1, 2, 3, 1, 2, 3]);
+    });
+}
