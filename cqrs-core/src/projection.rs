@@ -2297,8 +2297,11 @@ impl Worker for EventBusConsumer {
 ///   the event store, and a replay of it (the relay's checkpoint moved back) hands it on
 ///   again. Attempts are counted in memory, by the process whose relay is active. An attempt
 ///   the relay cuts short (its publish timeout) is not counted: give the bus a
-///   [`TimeoutLayer`](crate::middleware::TimeoutLayer) well below the relay's publish timeout,
-///   so a handler that hangs every time fails as timed out, an attempt like any other.
+///   [`handler_timeout`](crate::EventBusBuilder::handler_timeout) well below the relay's
+///   publish timeout (and below [`retry_within`](Self::retry_within)), so a handler that
+///   hangs every time fails as timed out, an attempt like any other, named, and alone handed
+///   the event again (a [`TimeoutLayer`](crate::middleware::TimeoutLayer) around the whole
+///   publish names no handler, so all of them would get it again).
 /// * **Decoding.** Types no handler takes are passed over without a word, and not counted as
 ///   unknown (unless [`event_types`](Self::event_types) gives the policy
 ///   [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail): the feed then waits at

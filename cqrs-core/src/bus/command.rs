@@ -197,9 +197,9 @@ impl<L> CommandBusBuilder<L> {
     /// command layer does unless told to keep them), and the sink then gets none.
     ///
     /// The sink runs after the layers, outside them: this bus's timeout and metrics layers do
-    /// not cover it. Give an [`EventBus`](crate::EventBus) used as the sink layers of its own
-    /// (a [`TimeoutLayer`](crate::middleware::TimeoutLayer), so a hanging event handler cannot
-    /// hold the command's caller for ever).
+    /// not cover it. Give an [`EventBus`](crate::EventBus) used as the sink layers of its own,
+    /// and a [`handler_timeout`](crate::EventBusBuilder::handler_timeout), so a hanging event
+    /// handler cannot hold the command's caller for ever.
     pub fn event_sink(mut self, sink: Arc<dyn EventSink>) -> Self {
         self.sink = Some(sink);
         self

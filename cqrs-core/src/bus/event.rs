@@ -10,6 +10,7 @@ use crate::{
     PublishError, Reply,
 };
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, join_all};
 use std::collections::HashMap;
 use std::fmt;
@@ -119,18 +120,23 @@ async fn run_event_handler(
     budget: Option<Duration>,
 ) -> Result<(), DispatchError> {
     let name = envelope.name();
-    let guarded = guarded(MessageKind::Event, name, handler.handle(envelope));
-    match budget {
-        None => guarded.await,
-        Some(budget) => Budgeted::new(guarded, budget)
-            .await
-            .unwrap_or_else(|after| {
-                Err(DispatchError::Timeout {
-                    kind: MessageKind::Event,
-                    name,
-                    after,
-                })
-            }),
+    let run = handler.handle(envelope);
+    let Some(budget) = budget else {
+        return guarded(MessageKind::Event, name, run).await;
+    };
+    // The timer inside the guard too: without tokio's time driver it panics, and that is this
+    // handler's failure, not the whole publish's.
+    let budgeted = Budgeted::new(run, budget).map(|outcome| match outcome {
+        Ok(handled) => handled.map(|()| None),
+        Err(after) => Ok(Some(after)),
+    });
+    match guarded(MessageKind::Event, name, budgeted).await? {
+        None => Ok(()),
+        Some(after) => Err(DispatchError::Timeout {
+            kind: MessageKind::Event,
+            name,
+            after,
+        }),
     }
 }
 
@@ -236,7 +242,8 @@ impl<L> EventBusBuilder<L> {
     /// [`PublishError`], while the event's other handlers run on: a hanging handler is told
     /// apart from the others, which a [`TimeoutLayer`](crate::middleware::TimeoutLayer) around
     /// the whole publish cannot do. Handlers of one event run concurrently, so a publish takes
-    /// about `budget` at most. The runtime needs tokio's time driver. None by default.
+    /// about `budget` at most. At least 1 ms; none by default. The runtime needs tokio's time
+    /// driver (`enable_time`): without it, each handler that waits fails as panicked.
     ///
     /// ```
     /// # use cqrs_core::doc::TicketOpened;
@@ -275,7 +282,7 @@ impl<L> EventBusBuilder<L> {
     /// # }).unwrap();
     /// ```
     pub fn handler_timeout(mut self, budget: Duration) -> Self {
-        self.handler_timeout = Some(budget);
+        self.handler_timeout = Some(budget.max(Duration::from_millis(1)));
         self
     }
 
@@ -339,8 +346,8 @@ struct Inner {
     types: Vec<fn(&mut EventTypes)>,
 }
 
-/// Delivers each event to every handler of its type, in process. Frozen once built; cloning is
-/// cheap.
+/// Delivers each event to every handler of its type (or to those named, with
+/// [`publish_to`](EventBus::publish_to)), in process. Frozen once built; cloning is cheap.
 ///
 /// Handlers of one event run concurrently; a failing or panicking handler does not stop the
 /// others, and [`publish`](EventBus::publish) reports every failure.

@@ -237,3 +237,40 @@ fn without_a_handler_timeout_a_slow_handler_is_waited_for() {
         assert_eq!(slow.done.load(Ordering::SeqCst), 1);
     });
 }
+
+/// Without tokio's time driver a handler's budget cannot start: the handler that waits fails
+/// as panicked, named alone, and the others run to the end; the publish itself does not
+/// panic, on a bare bus or a layered one.
+#[test]
+fn without_a_time_driver_only_the_handler_that_waits_fails() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for layered in [false, true] {
+        let hangs = Hangs::default();
+        let prompt = Counter::named("prompt");
+        let builder = EventBus::builder()
+            .handler(hangs.clone())
+            .handler(prompt.clone())
+            .handler_timeout(Duration::from_secs(5));
+        let bus = if layered {
+            builder.layer(TracingLayer::new()).build()
+        } else {
+            builder.build()
+        }
+        .unwrap();
+        let err = runtime
+            .block_on(bus.publish_event(Added { sum: 1 }, Metadata::new()))
+            .unwrap_err();
+        let DispatchError::Publish(publish) = &err else {
+            panic!("expected a publish error, got {err}");
+        };
+        assert_eq!(publish.failures.len(), 1, "{err}");
+        assert_eq!(&*publish.failures[0].handler, "hangs");
+        assert!(
+            matches!(publish.failures[0].error, DispatchError::Panicked { .. }),
+            "{err}"
+        );
+        assert_eq!(prompt.seen(), 1, "layered: {layered}");
+    }
+}

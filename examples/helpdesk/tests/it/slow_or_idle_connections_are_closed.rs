@@ -176,7 +176,11 @@ fn a_client_that_never_reads_its_answers_is_disconnected() {
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();
-        assert_eq!(stalled(&http, addr).await, None, "nothing stalled yet");
+        assert_eq!(
+            stalled(&http, addr).await.unwrap(),
+            None,
+            "nothing stalled yet"
+        );
 
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(2048).unwrap();
@@ -188,16 +192,21 @@ fn a_client_that_never_reads_its_answers_is_disconnected() {
         let count = cqrs_core::testing::eventually(
             Duration::from_secs(30),
             "the stalled connection counted",
-            || stalled(&http, addr),
+            || async { stalled(&http, addr).await.ok().flatten() },
         )
         .await;
-        assert_eq!(count, "1", "one connection stalled, counted once");
+        assert_eq!(count, "1", "one connection stalled");
 
         let sent = closed_within(&mut greedy, Duration::from_secs(10)).await;
         let answers = sent.matches("HTTP/1.1 200 OK").count();
         assert!(
             answers < REQUESTS,
             "every answer was written: the stalled connection was kept"
+        );
+        assert_eq!(
+            stalled(&http, addr).await.unwrap().as_deref(),
+            Some("1"),
+            "counted once, however often the closed connection was polled"
         );
         let health = http
             .get(format!("http://{addr}/health"))
@@ -209,18 +218,21 @@ fn a_client_that_never_reads_its_answers_is_disconnected() {
 }
 
 /// `http_connections_stalled_total` in the `/metrics` of the server at `addr`, if it has one.
-async fn stalled(http: &reqwest::Client, addr: std::net::SocketAddr) -> Option<String> {
+async fn stalled(
+    http: &reqwest::Client,
+    addr: std::net::SocketAddr,
+) -> reqwest::Result<Option<String>> {
     let text = http
         .get(format!("http://{addr}/metrics"))
         .send()
-        .await
-        .ok()?
+        .await?
+        .error_for_status()?
         .text()
-        .await
-        .ok()?;
-    text.lines()
+        .await?;
+    Ok(text
+        .lines()
         .find_map(|line| line.strip_prefix("http_connections_stalled_total "))
-        .map(|count| count.trim().to_owned())
+        .map(|count| count.trim().to_owned()))
 }
 
 /// Past `HELPDESK_MAX_CONNECTIONS` open connections, a new one waits in the backlog (it is
