@@ -30,12 +30,13 @@ enum Body {
         metadata: Metadata,
         call: Pin<Box<dyn Call>>,
     },
-    Event {
-        envelope: EventEnvelope,
-        /// The names of the handlers to run; all of them when `None`.
-        only: Option<Arc<[Arc<str>]>>,
-    },
+    Event(EventEnvelope),
 }
+
+/// The names of the handlers an event dispatch is for
+/// ([`EventBus::publish_to`](crate::EventBus::publish_to)), in its extensions: kept out of
+/// [`Dispatch`] itself, whose size every layered command and query moves.
+pub(crate) struct OnlyHandlers(pub(crate) Arc<[Arc<str>]>);
 
 impl Dispatch {
     pub(crate) fn message(
@@ -52,12 +53,12 @@ impl Dispatch {
         }
     }
 
-    pub(crate) fn for_event(envelope: EventEnvelope, only: Option<Arc<[Arc<str>]>>) -> Self {
+    pub(crate) fn for_event(envelope: EventEnvelope) -> Self {
         Self {
             kind: MessageKind::Event,
             name: envelope.name(),
             extensions: Extensions::new(),
-            body: Body::Event { envelope, only },
+            body: Body::Event(envelope),
         }
     }
 
@@ -75,7 +76,7 @@ impl Dispatch {
     pub fn metadata(&self) -> &Metadata {
         match &self.body {
             Body::Message { metadata, .. } => metadata,
-            Body::Event { envelope, .. } => &envelope.metadata,
+            Body::Event(envelope) => &envelope.metadata,
         }
     }
 
@@ -83,7 +84,7 @@ impl Dispatch {
     pub fn metadata_mut(&mut self) -> &mut Metadata {
         match &mut self.body {
             Body::Message { metadata, .. } => metadata,
-            Body::Event { envelope, .. } => &mut envelope.metadata,
+            Body::Event(envelope) => &mut envelope.metadata,
         }
     }
 
@@ -100,7 +101,7 @@ impl Dispatch {
     /// The event, when this is an event dispatch.
     pub fn event(&self) -> Option<&EventEnvelope> {
         match &self.body {
-            Body::Event { envelope, .. } => Some(envelope),
+            Body::Event(envelope) => Some(envelope),
             Body::Message { .. } => None,
         }
     }
@@ -202,30 +203,32 @@ impl Service<Dispatch> for Dispatcher {
                 call.as_mut().start(&self.registries, metadata, extensions);
                 DispatcherFuture(Running::Message(Some(call)))
             }
-            Body::Event { envelope, only } => {
-                let registries = self.registries.clone();
-                DispatcherFuture(Running::Event(Box::pin(async move {
-                    let handlers = registries
-                        .events
-                        .get(&envelope.payload_type_id())
-                        .map_or(&[][..], Vec::as_slice);
-                    let count = run_event_handlers(
-                        handlers,
-                        only.as_deref(),
-                        &envelope,
-                        registries.event_handler_timeout,
-                    )
-                    .await?;
-                    Ok(Reply {
-                        call: None,
-                        events: Vec::new(),
-                        extensions,
-                        handlers: count,
-                    })
-                })))
-            }
+            Body::Event(envelope) => publish(self.registries.clone(), envelope, extensions),
         }
     }
+}
+
+/// The event branch of [`Dispatcher::call`].
+fn publish(
+    registries: Arc<Registries>,
+    envelope: EventEnvelope,
+    extensions: Extensions,
+) -> DispatcherFuture {
+    DispatcherFuture(Running::Event(Box::pin(async move {
+        let handlers = registries
+            .events
+            .get(&envelope.payload_type_id())
+            .map_or(&[][..], Vec::as_slice);
+        let only = extensions.get::<OnlyHandlers>().map(|o| &*o.0);
+        let count =
+            run_event_handlers(handlers, only, &envelope, registries.event_handler_timeout).await?;
+        Ok(Reply {
+            call: None,
+            events: Vec::new(),
+            extensions,
+            handlers: count,
+        })
+    })))
 }
 
 /// The future of the innermost service, [`Dispatcher`]: the handler's run.

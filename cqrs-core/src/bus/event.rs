@@ -2,7 +2,7 @@
 
 use super::command::EventSink;
 use super::{Registries, layer_service};
-use crate::dispatch::{Dispatcher, ErasedService, guarded, started};
+use crate::dispatch::{Dispatcher, ErasedService, OnlyHandlers, guarded, started};
 use crate::middleware::Budgeted;
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Event, EventContext, EventEnvelope,
@@ -14,6 +14,7 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, join_all};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::layer::util::{Identity, Stack};
@@ -58,49 +59,86 @@ pub(crate) async fn run_event_handlers(
     envelope: &EventEnvelope,
     budget: Option<Duration>,
 ) -> Result<usize, DispatchError> {
-    match only {
-        None => run_all(handlers, envelope, budget).await,
+    match (only, budget) {
+        (None, None) => run_every(handlers, envelope).await,
+        // Boxed: a retry's or a timer's cost dwarfs the box's, and inline it would enlarge
+        // every publish's future.
+        (only, budget) => Box::pin(run_chosen(handlers, only, envelope, budget)).await,
+    }
+}
+
+/// Every handler, guarded: the common path, with no choice of handlers and no budget.
+async fn run_every(
+    handlers: &[Arc<dyn ErasedEventHandler>],
+    envelope: &EventEnvelope,
+) -> Result<usize, DispatchError> {
+    run_all(handlers, envelope, |h, name| {
+        guarded(MessageKind::Event, name, h.handle(envelope))
+    })
+    .await
+}
+
+/// [`run_event_handlers`] with a choice of handlers or a budget.
+async fn run_chosen(
+    handlers: &[Arc<dyn ErasedEventHandler>],
+    only: Option<&[Arc<str>]>,
+    envelope: &EventEnvelope,
+    budget: Option<Duration>,
+) -> Result<usize, DispatchError> {
+    let chosen: Vec<Arc<dyn ErasedEventHandler>>;
+    let handlers = match only {
+        None => handlers,
         Some(only) => {
-            let chosen: Vec<_> = handlers
+            chosen = handlers
                 .iter()
                 .filter(|h| only.contains(h.name()))
                 .cloned()
                 .collect();
-            run_all(&chosen, envelope, budget).await
+            &chosen
+        }
+    };
+    match budget {
+        None => run_every(handlers, envelope).await,
+        Some(budget) => {
+            run_all(handlers, envelope, |h, name| {
+                budgeted(h, name, envelope, budget)
+            })
+            .await
         }
     }
 }
 
-/// Runs every handler of `handlers` on one event.
-async fn run_all(
-    handlers: &[Arc<dyn ErasedEventHandler>],
-    envelope: &EventEnvelope,
-    budget: Option<Duration>,
-) -> Result<usize, DispatchError> {
+/// Runs every handler of `handlers` on one event, each as `run` starts it.
+async fn run_all<'a, F, Fut>(
+    handlers: &'a [Arc<dyn ErasedEventHandler>],
+    envelope: &'a EventEnvelope,
+    run: F,
+) -> Result<usize, DispatchError>
+where
+    F: Fn(&'a dyn ErasedEventHandler, &'static str) -> Fut,
+    Fut: Future<Output = Result<(), DispatchError>> + 'a,
+{
     let name = envelope.name();
     let failures: Vec<HandlerFailure> = match handlers {
         [] => return Ok(0),
-        [one] => match run_event_handler(one.as_ref(), envelope, budget).await {
+        [one] => match run(one.as_ref(), name).await {
             Ok(()) => return Ok(1),
             Err(error) => vec![HandlerFailure {
                 handler: one.name().clone(),
                 error,
             }],
         },
-        many => join_all(
-            many.iter()
-                .map(|h| run_event_handler(h.as_ref(), envelope, budget)),
-        )
-        .await
-        .into_iter()
-        .zip(many)
-        .filter_map(|(result, h)| {
-            result.err().map(|error| HandlerFailure {
-                handler: h.name().clone(),
-                error,
+        many => join_all(many.iter().map(|h| run(h.as_ref(), name)))
+            .await
+            .into_iter()
+            .zip(many)
+            .filter_map(|(result, h)| {
+                result.err().map(|error| HandlerFailure {
+                    handler: h.name().clone(),
+                    error,
+                })
             })
-        })
-        .collect(),
+            .collect(),
     };
     if failures.is_empty() {
         Ok(handlers.len())
@@ -113,24 +151,20 @@ async fn run_all(
     }
 }
 
-/// Runs one handler of an event, guarded against panics and given `budget` when there is one.
-async fn run_event_handler(
+/// Runs one handler of an event, guarded against panics, within `budget`.
+async fn budgeted(
     handler: &dyn ErasedEventHandler,
+    name: &'static str,
     envelope: &EventEnvelope,
-    budget: Option<Duration>,
+    budget: Duration,
 ) -> Result<(), DispatchError> {
-    let name = envelope.name();
-    let run = handler.handle(envelope);
-    let Some(budget) = budget else {
-        return guarded(MessageKind::Event, name, run).await;
-    };
     // The timer inside the guard too: without tokio's time driver it panics, and that is this
     // handler's failure, not the whole publish's.
-    let budgeted = Budgeted::new(run, budget).map(|outcome| match outcome {
+    let run = Budgeted::new(handler.handle(envelope), budget).map(|outcome| match outcome {
         Ok(handled) => handled.map(|()| None),
         Err(after) => Ok(Some(after)),
     });
-    match guarded(MessageKind::Event, name, budgeted).await? {
+    match guarded(MessageKind::Event, name, run).await? {
         None => Ok(()),
         Some(after) => Err(DispatchError::Timeout {
             kind: MessageKind::Event,
@@ -425,7 +459,28 @@ impl EventBus {
     /// handles is fine (`handlers: 0`). Fails with [`DispatchError::Publish`], naming each
     /// failed handler, when any of them failed; the others have run.
     pub async fn publish(&self, envelope: EventEnvelope) -> Result<Published, DispatchError> {
-        self.publish_only(envelope, None).await
+        match &self.inner.service {
+            None => {
+                let handlers = self
+                    .inner
+                    .registries
+                    .events
+                    .get(&envelope.payload_type_id())
+                    .map_or(&[][..], Vec::as_slice);
+                let handlers = match self.inner.registries.event_handler_timeout {
+                    // The common path, its future as small as can be.
+                    None => run_every(handlers, &envelope).await?,
+                    budget => Box::pin(run_chosen(handlers, None, &envelope, budget)).await?,
+                };
+                Ok(Published { handlers })
+            }
+            Some(service) => {
+                let reply = service.call(Dispatch::for_event(envelope)).await?;
+                Ok(Published {
+                    handlers: reply.handlers,
+                })
+            }
+        }
     }
 
     /// Delivers an event to those of its handlers named in `handlers`
@@ -456,34 +511,23 @@ impl EventBus {
         envelope: EventEnvelope,
         handlers: &[Arc<str>],
     ) -> Result<Published, DispatchError> {
-        self.publish_only(envelope, Some(handlers)).await
-    }
-
-    async fn publish_only(
-        &self,
-        envelope: EventEnvelope,
-        only: Option<&[Arc<str>]>,
-    ) -> Result<Published, DispatchError> {
         match &self.inner.service {
             None => {
-                let handlers = self
-                    .inner
-                    .registries
+                let registries = &self.inner.registries;
+                let all = registries
                     .events
                     .get(&envelope.payload_type_id())
                     .map_or(&[][..], Vec::as_slice);
-                let handlers = run_event_handlers(
-                    handlers,
-                    only,
-                    &envelope,
-                    self.inner.registries.event_handler_timeout,
-                )
-                .await?;
+                let budget = registries.event_handler_timeout;
+                let handlers = run_chosen(all, Some(handlers), &envelope, budget).await?;
                 Ok(Published { handlers })
             }
             Some(service) => {
-                let only = only.map(Arc::from);
-                let reply = service.call(Dispatch::for_event(envelope, only)).await?;
+                let mut dispatch = Dispatch::for_event(envelope);
+                dispatch
+                    .extensions_mut()
+                    .insert(OnlyHandlers(Arc::from(handlers)));
+                let reply = service.call(dispatch).await?;
                 Ok(Published {
                     handlers: reply.handlers,
                 })

@@ -78,9 +78,11 @@ where
         let kind = dispatch.kind();
         let name = dispatch.name();
         TimeoutFuture {
-            inner: Budgeted::new(self.inner.call(dispatch), self.budget),
+            inner: self.inner.call(dispatch),
+            sleep: None,
             kind,
             name,
+            budget: self.budget,
         }
     }
 }
@@ -90,9 +92,11 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     pub struct TimeoutFuture<F> {
         #[pin]
-        inner: Budgeted<F>,
+        inner: F,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         kind: MessageKind,
         name: &'static str,
+        budget: Duration,
     }
 }
 
@@ -105,21 +109,31 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        this.inner.poll(cx).map(|polled| match polled {
-            Ok(result) => result.map_err(|e| DispatchError::from_layer(e.into())),
-            Err(after) => Err(DispatchError::Timeout {
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())));
+        }
+        let budget = *this.budget;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(budget)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(DispatchError::Timeout {
                 kind: *this.kind,
                 name: this.name,
-                after,
-            }),
-        })
+                after: budget,
+            })),
+        }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A future given `budget`, counted from its first wait: a future that finishes without
-    /// waiting never reads the clock. Past the budget it ends with `Err(budget)`; the inner
-    /// future is dropped with this one.
+    /// A future given `budget`, counted from its first wait, as [`TimeoutFuture`] does, for
+    /// any output (each event handler's, [`EventBusBuilder::handler_timeout`]): a future that
+    /// finishes without waiting never reads the clock. Past the budget it ends with
+    /// `Err(budget)`; the inner future is dropped with this one.
+    ///
+    /// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
     #[derive(Debug)]
     pub(crate) struct Budgeted<F> {
         #[pin]
