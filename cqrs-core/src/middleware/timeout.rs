@@ -113,17 +113,14 @@ where
             return Poll::Ready(result.map_err(|e| DispatchError::from_layer(e.into())));
         }
         let budget = *this.budget;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(budget)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => Poll::Ready(Err(DispatchError::Timeout {
-                kind: *this.kind,
-                name: this.name,
-                after: budget,
-            })),
+        if !ran_out(this.sleep, budget, cx) {
+            return Poll::Pending;
         }
+        Poll::Ready(Err(DispatchError::Timeout {
+            kind: *this.kind,
+            name: this.name,
+            after: budget,
+        }))
     }
 }
 
@@ -162,12 +159,25 @@ impl<F: Future> Future for Budgeted<F> {
             return Poll::Ready(Ok(output));
         }
         let budget = *this.budget;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(budget)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(()) => Poll::Ready(Err(budget)),
+        if ran_out(this.sleep, budget, cx) {
+            Poll::Ready(Err(budget))
+        } else {
+            Poll::Pending
         }
     }
+}
+
+/// Whether `budget` has run out, its timer started in `sleep` at the first call (the future's
+/// first wait).
+#[inline]
+fn ran_out(
+    sleep: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    budget: Duration,
+    cx: &mut Context<'_>,
+) -> bool {
+    sleep
+        .get_or_insert_with(|| Box::pin(tokio::time::sleep(budget)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
 }

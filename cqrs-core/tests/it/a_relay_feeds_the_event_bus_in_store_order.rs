@@ -360,13 +360,7 @@ fn its_health_check_is_degraded_while_an_event_is_handed_on_again() {
             .unwrap();
         let transport = Arc::new(EventBusTransport::new(bus));
         let store = Arc::new(InMemoryEventStore::new());
-        let relay = StoreRelay::new(
-            "event-bus",
-            store.clone(),
-            Arc::new(InMemoryProjectionStore::new()),
-            transport.clone(),
-            "event-bus",
-        );
+        let relay = relay_to(&store, transport.clone());
         append(&store, "a", vec![added(1)]).await;
         recorder.fail(1, ErrorKind::Unavailable, 3);
         assert_eq!(transport.check().await, Health::Healthy);
@@ -437,14 +431,26 @@ fn two_handlers(
     }
     .unwrap();
     let transport = Arc::new(configure(EventBusTransport::new(bus)));
-    let relay = StoreRelay::new(
+    (
+        relay_to(store, transport.clone()),
+        recorder,
+        also,
+        transport,
+    )
+}
+
+/// A relay `event-bus` from `store` to `transport`, starting with no checkpoint.
+fn relay_to(
+    store: &Arc<InMemoryEventStore>,
+    transport: Arc<EventBusTransport>,
+) -> StoreRelay<InMemoryProjectionStore> {
+    StoreRelay::new(
         "event-bus",
         store.clone(),
         Arc::new(InMemoryProjectionStore::new()),
-        transport.clone(),
+        transport,
         "event-bus",
-    );
-    (relay, recorder, also, transport)
+    )
 }
 
 /// An event one handler fails on is handed again to that handler alone, on a bare bus and on a
@@ -505,14 +511,7 @@ fn a_replay_hands_the_events_to_every_handler_again() {
         );
 
         // The operator replays from the start: a relay with no checkpoint, the same transport.
-        let replay = StoreRelay::new(
-            "event-bus",
-            store.clone(),
-            Arc::new(InMemoryProjectionStore::new()),
-            transport,
-            "event-bus",
-        );
-        assert_eq!(until_caught_up(&replay).await, 0);
+        assert_eq!(until_caught_up(&relay_to(&store, transport)).await, 0);
         assert_eq!(recorder.calls(), vec![1, 2, 3, 1, 2, 3]);
         assert_eq!(also.0.calls(), vec![1, 2, 3, 1, 2, 3]);
     });

@@ -15,31 +15,15 @@ fn kill(pid: u32, signal: &str) {
 
 fn second_signal_exits_with(signal: &str, code: i32) {
     // A grace period far longer than the test's patience: only the second signal ends it.
-    let mut child = Running(
-        helpdesk_command(
-            &[
-                "--bind",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--shutdown-grace-ms",
-                "600000",
-                "--request-timeout-ms",
-                "600000",
-            ],
-            &[],
-        )
-        .spawn()
-        .unwrap(),
+    let (mut child, lines, addr) = serving(
+        &[
+            "--shutdown-grace-ms",
+            "600000",
+            "--request-timeout-ms",
+            "600000",
+        ],
+        &[],
     );
-    let lines = stdout_lines(&mut child);
-    let listening: serde_json::Value =
-        serde_json::from_str(&line_with(&lines, "helpdesk listening")).unwrap();
-    let addr = listening["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
     // A request in flight, so that the first signal's stop waits.
     let held = held_request(addr);
     let pid = child.0.id();

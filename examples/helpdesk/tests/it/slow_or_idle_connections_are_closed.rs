@@ -142,29 +142,7 @@ async fn a_body_that_trickles_in_gets_408() {
 /// buffers, rather than reading after a fixed wait that a slow server may not have used up.
 #[test]
 fn a_client_that_never_reads_its_answers_is_disconnected() {
-    let mut child = Running(
-        helpdesk_command(
-            &[
-                "--bind",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--header-timeout-ms",
-                "300",
-            ],
-            &[],
-        )
-        .spawn()
-        .unwrap(),
-    );
-    let lines = stdout_lines(&mut child);
-    let listening: serde_json::Value =
-        serde_json::from_str(&line_with(&lines, "helpdesk listening")).unwrap();
-    let addr: std::net::SocketAddr = listening["fields"]["addr"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (_child, _lines, addr) = serving(&["--header-timeout-ms", "300"], &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -315,16 +293,21 @@ async fn once_from(local: &str, addr: &str, path: &str, body: &serde_json::Value
     post_on(connect_from(local, addr).await, path, body).await
 }
 
-/// POSTs `body` on `stream`, asking the server to close it after the answer: the whole answer.
+/// POSTs `body` on `stream`, asking the server to close it after the answer: the whole answer,
+/// or what came before the connection ended. A connection the server closed unanswered (past
+/// its address's share) may end in a reset, with the request unread: that is an empty answer,
+/// which callers wait past, not a failure.
 async fn post_on(mut stream: TcpStream, path: &str, body: &serde_json::Value) -> String {
     let body = body.to_string();
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return String::new();
+    }
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
+    let _ = stream.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).into_owned()
 }
 

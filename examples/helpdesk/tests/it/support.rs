@@ -658,6 +658,30 @@ pub fn helpdesk_command(args: &[&str], env: &[(&str, &str)]) -> std::process::Co
     command
 }
 
+/// The `helpdesk` binary on a free port of 127.0.0.1, logging JSON, with `args` after those and
+/// `env` (see [`helpdesk_command`]): the process, its standard output's lines from after its
+/// `helpdesk listening` line, and the address it listens on.
+pub fn serving(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    Running,
+    std::sync::mpsc::Receiver<String>,
+    std::net::SocketAddr,
+) {
+    let mut all = vec!["--bind", "127.0.0.1:0", "--log-format", "json"];
+    all.extend_from_slice(args);
+    let mut child = Running(helpdesk_command(&all, env).spawn().unwrap());
+    let lines = stdout_lines(&mut child);
+    let listening: Value = serde_json::from_str(&line_with(&lines, "helpdesk listening")).unwrap();
+    let addr = listening["fields"]["addr"]
+        .as_str()
+        .expect("the listening line names its address")
+        .parse()
+        .unwrap();
+    (child, lines, addr)
+}
+
 /// The lines `child` writes to standard output, as they come.
 pub fn stdout_lines(child: &mut Running) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
