@@ -215,10 +215,7 @@ fn publish(
     extensions: Extensions,
 ) -> DispatcherFuture {
     DispatcherFuture(Running::Event(Box::pin(async move {
-        let handlers = registries
-            .events
-            .get(&envelope.payload_type_id())
-            .map_or(&[][..], Vec::as_slice);
+        let handlers = registries.event_handlers(&envelope);
         let only = extensions.get::<OnlyHandlers>().map(|o| &*o.0);
         let count =
             run_event_handlers(handlers, only, &envelope, registries.event_handler_timeout).await?;

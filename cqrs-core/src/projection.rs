@@ -2676,7 +2676,6 @@ impl EventTransport for EventBusTransport {
         for record in events {
             retrying.handled.remove(&record.event_id);
             retrying.attempts.remove(&record.event_id);
-            retrying.remaining.remove(&record.event_id);
         }
         Ok(())
     }

@@ -461,12 +461,7 @@ impl EventBus {
     pub async fn publish(&self, envelope: EventEnvelope) -> Result<Published, DispatchError> {
         match &self.inner.service {
             None => {
-                let handlers = self
-                    .inner
-                    .registries
-                    .events
-                    .get(&envelope.payload_type_id())
-                    .map_or(&[][..], Vec::as_slice);
+                let handlers = self.inner.registries.event_handlers(&envelope);
                 let handlers = match self.inner.registries.event_handler_timeout {
                     // The common path, its future as small as can be.
                     None => run_every(handlers, &envelope).await?,
@@ -514,10 +509,7 @@ impl EventBus {
         match &self.inner.service {
             None => {
                 let registries = &self.inner.registries;
-                let all = registries
-                    .events
-                    .get(&envelope.payload_type_id())
-                    .map_or(&[][..], Vec::as_slice);
+                let all = registries.event_handlers(&envelope);
                 let budget = registries.event_handler_timeout;
                 let handlers = run_chosen(all, Some(handlers), &envelope, budget).await?;
                 Ok(Published { handlers })

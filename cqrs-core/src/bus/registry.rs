@@ -3,6 +3,7 @@
 use super::command::ErasedCommandHandler;
 use super::event::ErasedEventHandler;
 use super::query::ErasedQueryHandler;
+use crate::EventEnvelope;
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -46,4 +47,17 @@ pub(crate) struct Registries {
     ///
     /// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
     pub(crate) event_handler_timeout: Option<std::time::Duration>,
+}
+
+impl Registries {
+    /// The handlers of `envelope`'s event type; none when it has none.
+    #[inline]
+    pub(crate) fn event_handlers(
+        &self,
+        envelope: &EventEnvelope,
+    ) -> &[Arc<dyn ErasedEventHandler>] {
+        self.events
+            .get(&envelope.payload_type_id())
+            .map_or(&[][..], Vec::as_slice)
+    }
 }

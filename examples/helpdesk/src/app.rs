@@ -58,8 +58,9 @@ const RELAY_BATCH: usize = 100;
 const EVENT_RETRIES_WITHIN: Duration = Duration::from_secs(15);
 
 /// How long each of the event bus's handlers of one event may take (they run together): past
-/// it the handler is named as timed out and the event fails, an attempt toward being given up. Below the relays' 30 s publish timeout, so
-/// a handler that hangs every time is given up on rather than holding the feed for good.
+/// it the handler is named as timed out and the event fails, an attempt toward being given
+/// up. Below the relays' 30 s publish timeout, so a handler that hangs every time is given up
+/// on rather than holding the feed for good.
 const EVENT_HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What tests, and binaries of your own (see [`main_with`](crate::main_with)), add or replace.
