@@ -2070,6 +2070,11 @@ where
 /// a delivery is acknowledged after every handler succeeded and handed back (nacked) when one
 /// failed, so handlers must tolerate a repeat (dedupe by event id, or use a [`Projection`]).
 ///
+/// When this consumer gets an event back after some of its handlers failed on it, it hands it
+/// only to those ([`EventBus::publish_to`]): the others took it already and are not asked
+/// twice. It remembers that for the last 10,000 events that failed here, in memory; an event
+/// redelivered to another instance, or after a restart, goes to all of its handlers again.
+///
 /// Events of different keys are published to the bus concurrently (see [`ConsumeLoop`]:
 /// 8 at a time by default), events of one key in order.
 ///
@@ -2227,19 +2232,36 @@ impl Worker for EventBusConsumer {
             .transport
             .consumer(&self.topic, &self.group, self.options.clone())
             .await?;
-        let (bus, types) = (&self.bus, &self.types);
+        let remaining = FailedHandlers::new(FAILED_HANDLERS_KEPT);
+        let (bus, types, remaining) = (&self.bus, &self.types, &remaining);
         consume_until_shutdown(
             consumer.as_mut(),
             &ctx,
             self.consume,
             |delivery| async move {
                 match types.decode(&delivery.record) {
-                    Ok(Some(envelope)) => match bus.publish(envelope).await {
-                        Ok(_) => Handled::Done,
-                        // Waiting for it is no attempt.
-                        Err(e) if says_not_now(&e) => Handled::Later(e.to_string()),
-                        Err(e) => Handled::Retry(e.to_string()),
-                    },
+                    Ok(Some(envelope)) => {
+                        let event_id = delivery.record.event_id;
+                        let published = match remaining.of(event_id) {
+                            None => bus.publish(envelope).await,
+                            Some(only) => bus.publish_to(envelope, &only).await,
+                        };
+                        match published {
+                            Ok(_) => {
+                                remaining.handled(event_id);
+                                Handled::Done
+                            }
+                            Err(e) => {
+                                remaining.failed(event_id, &e);
+                                // Waiting for it is no attempt.
+                                if says_not_now(&e) {
+                                    Handled::Later(e.to_string())
+                                } else {
+                                    Handled::Retry(e.to_string())
+                                }
+                            }
+                        }
+                    }
                     Ok(None) => Handled::Done,
                     // Written by a newer build: wait for it. Anything else (a missing
                     // upcaster too) counts, so it ends in the dead letters, not blocking its
@@ -2251,6 +2273,112 @@ impl Worker for EventBusConsumer {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// How many events an [`EventBusConsumer`] remembers the failed handlers of.
+const FAILED_HANDLERS_KEPT: usize = 10_000;
+
+/// The handlers that failed on an event, by event id, for the events that failed last: the
+/// only ones a redelivery is handed to. Sound however stale: a handler left out took the event
+/// once already, and at least once asks no more.
+struct FailedHandlers {
+    kept: usize,
+    /// Whether `by_event` holds anything: a first delivery that succeeds takes no lock.
+    any: std::sync::atomic::AtomicBool,
+    inner: std::sync::Mutex<FailedHandlersInner>,
+}
+
+#[derive(Default)]
+struct FailedHandlersInner {
+    /// Failed handlers and the entry's number in `order`.
+    by_event: HashMap<Uuid, (u64, HandlerNames)>,
+    /// Event ids in the order they failed, with their number: the oldest goes first. An id
+    /// whose entry was removed or renewed since is skipped (its number differs).
+    order: VecDeque<(u64, Uuid)>,
+    next: u64,
+}
+
+impl FailedHandlers {
+    fn new(kept: usize) -> Self {
+        Self {
+            kept,
+            any: std::sync::atomic::AtomicBool::new(false),
+            inner: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FailedHandlersInner> {
+        // Nothing here panics midway; a poisoned lock holds consistent data.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The handlers that failed on `event_id` here, if it failed here.
+    fn of(&self, event_id: Uuid) -> Option<HandlerNames> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        self.lock()
+            .by_event
+            .get(&event_id)
+            .map(|(_, names)| names.clone())
+    }
+
+    /// Every handler it was handed to took it.
+    fn handled(&self, event_id: Uuid) {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.by_event.remove(&event_id);
+        if inner.by_event.is_empty() {
+            inner.order.clear();
+            self.any.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Remembers the handlers `error` names. A failure that names none (a layer's, a timeout
+    /// around the whole publish) leaves what was remembered: the same handlers get it again.
+    fn failed(&self, event_id: Uuid, error: &DispatchError) {
+        let Some(names) = failed_handlers(error) else {
+            return;
+        };
+        let mut inner = self.lock();
+        let number = inner.next;
+        inner.next += 1;
+        inner.by_event.insert(event_id, (number, names));
+        inner.order.push_back((number, event_id));
+        while inner.by_event.len() > self.kept {
+            let Some((number, oldest)) = inner.order.pop_front() else {
+                break;
+            };
+            if inner
+                .by_event
+                .get(&oldest)
+                .is_some_and(|(n, _)| *n == number)
+            {
+                inner.by_event.remove(&oldest);
+            }
+        }
+        // Ids removed or renewed since they were queued: dropped once they are half the queue.
+        if inner.order.len() > 2 * inner.by_event.len() + 64 {
+            let FailedHandlersInner {
+                by_event, order, ..
+            } = &mut *inner;
+            order.retain(|(n, id)| by_event.get(id).is_some_and(|(kept, _)| kept == n));
+        }
+        self.any.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The handlers a failed publish names: those that failed on the event. `None` for a failure
+/// of the whole publish (a layer's), which names none.
+fn failed_handlers(error: &DispatchError) -> Option<HandlerNames> {
+    match error {
+        DispatchError::Publish(failed) => {
+            Some(failed.failures.iter().map(|f| f.handler.clone()).collect())
+        }
+        _ => None,
     }
 }
 
@@ -2557,9 +2685,7 @@ impl EventBusTransport {
                 let mut retrying = self.retrying();
                 // The others took it: only the failed ones get it again. (A failure of the
                 // whole publish, a layer's, names none: the same handlers get it again.)
-                if let DispatchError::Publish(failed) = &error {
-                    let failed: HandlerNames =
-                        failed.failures.iter().map(|f| f.handler.clone()).collect();
+                if let Some(failed) = failed_handlers(&error) {
                     only = Some(failed.clone());
                     retrying
                         .remaining
@@ -2759,5 +2885,75 @@ mod tests {
         let outcomes = handle_batch(deliveries, 8, None, &handle).await;
         assert_eq!(outcomes.len(), 3);
         assert_eq!(most.load(Ordering::SeqCst), 1, "two copies ran at once");
+    }
+
+    /// A publish that failed in the handlers named.
+    fn failed_in(names: &[&str]) -> DispatchError {
+        DispatchError::Publish(crate::PublishError {
+            event: "Added",
+            handlers: names.len() + 1,
+            failures: names
+                .iter()
+                .map(|name| crate::HandlerFailure {
+                    handler: Arc::from(*name),
+                    error: DispatchError::Handler(HandlerError::internal("boom")),
+                })
+                .collect(),
+        })
+    }
+
+    fn names(of: Option<HandlerNames>) -> Option<Vec<String>> {
+        of.map(|names| names.iter().map(|n| n.to_string()).collect())
+    }
+
+    /// What failed is remembered until it is handled, the latest failure counts, a failure that
+    /// names no handler leaves it, and past the bound the oldest are forgotten: never a renewed
+    /// one, and the queue of ids stays bounded too.
+    #[test]
+    fn failed_handlers_are_remembered_within_a_bound() {
+        let kept = FailedHandlers::new(2);
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        assert_eq!(names(kept.of(a)), None);
+        kept.failed(a, &failed_in(&["x", "y"]));
+        assert_eq!(names(kept.of(a)), Some(vec!["x".into(), "y".into()]));
+        kept.failed(a, &failed_in(&["y"]));
+        kept.failed(
+            a,
+            &DispatchError::Timeout {
+                kind: crate::MessageKind::Event,
+                name: "Added",
+                after: Duration::from_secs(1),
+            },
+        );
+        assert_eq!(
+            names(kept.of(a)),
+            Some(vec!["y".into()]),
+            "the latest, kept"
+        );
+        kept.failed(b, &failed_in(&["x"]));
+        // `a` renewed: `b` is now the oldest.
+        kept.failed(a, &failed_in(&["y"]));
+        kept.failed(c, &failed_in(&["x"]));
+        assert_eq!(
+            names(kept.of(b)),
+            None,
+            "the oldest forgotten past the bound"
+        );
+        assert!(kept.of(a).is_some() && kept.of(c).is_some());
+        kept.handled(a);
+        assert_eq!(names(kept.of(a)), None);
+        for _ in 0..1_000 {
+            let id = Uuid::now_v7();
+            kept.failed(id, &failed_in(&["x"]));
+            kept.handled(id);
+        }
+        let inner = kept.lock();
+        assert_eq!(inner.by_event.len(), 1, "c alone");
+        // Compacted past twice the entries (one) and 64.
+        assert!(inner.order.len() <= 2 + 64 + 1, "{}", inner.order.len());
+        drop(inner);
+        kept.handled(c);
+        assert!(!kept.any.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(kept.lock().order.len(), 0);
     }
 }

@@ -93,6 +93,7 @@ macro_rules! transport_conformance {
                 a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back,
                 a_consumer_tells_its_redelivery_delay_and_keep_alive_interval,
                 a_closed_consumer_releases_what_it_never_handed_out,
+                an_event_bus_consumer_hands_a_redelivery_only_to_the_handlers_that_failed,
             ]
         );
     };
@@ -1438,4 +1439,118 @@ pub async fn a_closed_consumer_releases_what_it_held_behind_its_key<H: Transport
     );
     b.ack(std::slice::from_ref(&got.id)).await.unwrap();
     drop(a);
+}
+
+/// The payload of [`event_store::record`](crate::testing::event_store::record), typed, for a
+/// bus's handlers.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Noted {
+    n: u64,
+}
+
+impl crate::Message for Noted {
+    const NAME: &'static str = "Noted";
+}
+
+impl crate::Event for Noted {}
+
+/// Counts what it is handed; fails the first time when `fails_first`.
+#[derive(Clone)]
+struct CountNoted {
+    name: &'static str,
+    fails_first: bool,
+    seen: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountNoted {
+    fn new(name: &'static str, fails_first: bool) -> Self {
+        Self {
+            name,
+            fails_first,
+            seen: Arc::default(),
+        }
+    }
+
+    fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl crate::EventHandler<Noted> for CountNoted {
+    async fn handle(
+        &self,
+        _event: &Noted,
+        _ctx: crate::EventContext<'_>,
+    ) -> Result<(), crate::HandlerError> {
+        let before = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.fails_first && before == 0 {
+            return Err(crate::HandlerError::invalid(
+                "first_time",
+                format!("{} fails the first time", self.name),
+            ));
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+/// An [`EventBusConsumer`](crate::projection::EventBusConsumer) on this transport hands an
+/// event that comes back after one of its handlers failed to that handler only (the other
+/// took it the first time), and acknowledges it once it took it: no consumer of the group
+/// gets it again.
+pub async fn an_event_bus_consumer_hands_a_redelivery_only_to_the_handlers_that_failed<
+    H: TransportHarness,
+>(
+    h: &H,
+) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-bus", h.test_id());
+    let (steady, flaky) = (
+        CountNoted::new("steady", false),
+        CountNoted::new("flaky", true),
+    );
+    let bus = crate::EventBus::builder()
+        .handler(steady.clone())
+        .handler(flaky.clone())
+        .build()
+        .expect("a bus of two handlers");
+    let options = h.options().consumer_name(format!("{}-bus", h.test_id()));
+    let runtime = crate::runtime::Runtime::builder()
+        .worker(crate::projection::EventBusConsumer::new(
+            bus,
+            h.transport(),
+            &topic,
+            "g",
+            options,
+        ))
+        .start();
+    h.transport()
+        .publish(&topic, &[event("k", 1)])
+        .await
+        .unwrap();
+    crate::testing::eventually(
+        Duration::from_secs(10),
+        "the failed handler handed the event again",
+        || async { (flaky.seen() >= 2).then_some(()) },
+    )
+    .await;
+    runtime
+        .shutdown(Duration::from_secs(5))
+        .await
+        .expect("the consumer stops");
+    assert_eq!(flaky.seen(), 2, "failed once, took it the second time");
+    assert_eq!(
+        steady.seen(),
+        1,
+        "the handler that took it was not asked again"
+    );
+    let mut after = consumer(h, &topic, "g", "after").await;
+    nothing_comes_again(h, after.as_mut(), "an event its handlers took came back").await;
 }

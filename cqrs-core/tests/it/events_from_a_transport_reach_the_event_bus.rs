@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// A redelivered event goes only to the handler that failed on it: the other took it the first
+/// time and is not asked again.
 #[test]
 fn a_failing_handler_gets_the_event_again_and_the_others_keep_theirs() {
     run(async {
@@ -42,8 +44,8 @@ fn a_failing_handler_gets_the_event_again_and_the_others_keep_theirs() {
         assert_eq!(flaky.seen(), 1 + 3);
         assert_eq!(
             counter.seen(),
-            1 + 3,
-            "the other handler saw the redeliveries too: handlers must tolerate repeats"
+            2,
+            "the other handler saw each event once, not event 2's redeliveries"
         );
         let dead = transport.dead_letters("adds", "bus");
         assert_eq!(dead.len(), 1);
@@ -192,6 +194,76 @@ fn a_layer_refusing_as_unavailable_waits_without_using_up_deliveries() {
         .await;
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
         assert_eq!(away.seen.load(Ordering::SeqCst), 1);
+        assert!(transport.dead_letters("adds", "bus").is_empty());
+    });
+}
+
+/// Fails the first time it sees an event, then takes it; and on its failure has the bus's
+/// layer refuse what follows, as a layer whose backend went away.
+#[derive(Clone, Default)]
+struct FailsOnce {
+    seen: Arc<AtomicUsize>,
+    then_down: Arc<AtomicBool>,
+}
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for FailsOnce {
+    async fn handle(&self, _event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        if self.seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.then_down.store(true, Ordering::SeqCst);
+            return Err(HandlerError::invalid("first_time", "fails the first time"));
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "fails_once"
+    }
+}
+
+/// A failure that names no handler (a layer's refusal) between the redeliveries does not
+/// make the consumer forget which handler failed: once the layer lets it through, the event
+/// goes to that handler alone, which takes it, and the event is acknowledged.
+#[test]
+fn a_layer_refusing_a_redelivery_keeps_it_for_the_handler_that_failed() {
+    run(async {
+        let counter = Counter::named("counter");
+        let down = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let fails_once = FailsOnce {
+            then_down: down.clone(),
+            ..FailsOnce::default()
+        };
+        let bus = EventBus::builder()
+            .layer(AwayLayer {
+                down: down.clone(),
+                refused: refused.clone(),
+            })
+            .handler(counter.clone())
+            .handler(fails_once.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        transport.publish("adds", &[added(1)]).await.unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(10));
+        eventually(
+            Duration::from_secs(5),
+            "two redeliveries refused",
+            || async { (refused.load(Ordering::SeqCst) >= 2).then_some(()) },
+        )
+        .await;
+        down.store(false, Ordering::SeqCst);
+        eventually(Duration::from_secs(5), "acknowledged", || async {
+            (transport.backlog("adds", "bus") == 0).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(fails_once.seen.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            counter.seen(),
+            1,
+            "the handler that took it is not asked again"
+        );
         assert!(transport.dead_letters("adds", "bus").is_empty());
     });
 }
