@@ -102,6 +102,8 @@ pub struct RedisConsumer {
     /// it), or its `fetch` has not put what it returned in a list (and may have been dropped).
     /// The next step first takes over what it may have left pending to this consumer.
     unsure: bool,
+    /// `close` took its redelivery delay out of the group's records: `Drop` need not.
+    delay_forgotten: bool,
     /// Like `unsure`, for a blocking read on the consumer's own connection: it may still wait
     /// there, or be queued in fred through a reconnect.
     reader_unsure: bool,
@@ -230,6 +232,7 @@ impl RedisConsumer {
             acked: HashMap::new(),
             adopted: HashSet::new(),
             unsure: false,
+            delay_forgotten: false,
             reader_unsure: false,
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at
@@ -1219,6 +1222,20 @@ fn claim_idle(delay: Duration) -> i64 {
     millis(delay.min(MAX_CLAIM_IDLE))
 }
 
+/// Takes a consumer's redelivery delay out of its group's records, as it stops: a consumer
+/// joining next is compared with those still consuming only. Best effort: a record left
+/// behind stops counting once its consumer has been idle for its window.
+async fn forget_delay(shared: &Shared, keys: &TopicKeys, group: &str, name: &str) {
+    let forgotten = shared
+        .client
+        .with_options(&shared.fail_fast())
+        .hdel::<Value, _, _>(keys.delays(group), name)
+        .await;
+    if let Err(error) = forgotten {
+        tracing::debug!(%error, group, consumer = name, "could not take the consumer's redelivery delay out of its group's records");
+    }
+}
+
 /// Releases entries this consumer held but never handed out: idle since the epoch, longer
 /// than any consumer's claim waits for (whatever its redelivery delay, `Duration::MAX`
 /// included: see [`MAX_CLAIM_IDLE`]), so another consumer reclaims them at once.
@@ -1299,22 +1316,27 @@ impl Drop for RedisConsumer {
         );
         quit_later(self.reader.clone());
         let held = self.take_held();
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.delay_forgotten {
+            let (shared, keys) = (self.shared.clone(), self.keys.clone());
+            let (group, name) = (self.group.clone(), self.options.consumer_name.clone());
+            handle.spawn(async move { forget_delay(&shared, &keys, &group, &name).await });
+        }
         if held.read_unhanded.is_empty() && held.counted.is_empty() {
             return;
         }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let shared = self.shared.clone();
-            let stream = self.keys.stream.clone();
-            let errors = self.errors.clone();
-            let group = self.group.clone();
-            let options = self.options.clone();
-            handle.spawn(async move {
-                if let Err(e) = release(&shared, &stream, &errors, &group, &options, held).await
-                {
-                    tracing::debug!(error = %e, "could not release held entries; they come back after the redelivery delay");
-                }
-            });
-        }
+        let shared = self.shared.clone();
+        let stream = self.keys.stream.clone();
+        let errors = self.errors.clone();
+        let group = self.group.clone();
+        let options = self.options.clone();
+        handle.spawn(async move {
+            if let Err(e) = release(&shared, &stream, &errors, &group, &options, held).await {
+                tracing::debug!(error = %e, "could not release held entries; they come back after the redelivery delay");
+            }
+        });
     }
 }
 
@@ -1586,6 +1608,14 @@ impl Consumer for RedisConsumer {
         self.known.clear();
         self.adopted.clear();
         self.unsure = false;
+        forget_delay(
+            &self.shared,
+            &self.keys,
+            &self.group,
+            &self.options.consumer_name,
+        )
+        .await;
+        self.delay_forgotten = true;
         Ok(())
     }
 

@@ -37,6 +37,11 @@ impl TopicKeys {
     pub(crate) fn errors(&self, group: &str) -> String {
         format!("{}:errors:{group}", self.base)
     }
+
+    /// Each consumer's redelivery delay, as it joined: `{prefix}:{topic}:delays:{group}`.
+    pub(crate) fn delays(&self, group: &str) -> String {
+        format!("{}:delays:{group}", self.base)
+    }
 }
 
 #[cfg(test)]
@@ -53,6 +58,7 @@ mod tests {
             keys.dead.clone(),
             keys.ordering.clone(),
             keys.errors("g"),
+            keys.delays("g"),
         ] {
             assert_eq!(fred::util::redis_keyslot(key.as_bytes()), slot, "{key}");
         }

@@ -604,6 +604,37 @@ end
 return out
 "#;
 
+/// KEYS: stream, delays. ARGV: group, consumer, its record (`<delay ms> <window ms>`); an
+/// empty consumer only looks. Joins the consumer to the group (so it is seen before its first
+/// read), records its redelivery delay, and forgets the records of consumers gone from the
+/// group. Returns `name, record` of every other consumer of the group idle for no longer than
+/// its record's window: those still consuming.
+const DELAYS: &str = r#"
+local info = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(info) ~= 'table' or info.err then return {} end
+local idle = {}
+for _, c in ipairs(info) do idle[field(c, 'name')] = tonumber(field(c, 'idle')) end
+if ARGV[2] ~= '' and not idle[ARGV[2]] then
+  redis.pcall('XGROUP', 'CREATECONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+local out = {}
+local recorded = redis.call('HGETALL', KEYS[2])
+for i = 1, #recorded, 2 do
+  local name, record = recorded[i], recorded[i + 1]
+  if not idle[name] then
+    if name ~= ARGV[2] then redis.call('HDEL', KEYS[2], name) end
+  elseif name ~= ARGV[2] then
+    local window = tonumber(string.match(record, ' (%d+)$'))
+    if window and idle[name] <= window then
+      out[#out + 1] = name
+      out[#out + 1] = record
+    end
+  end
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
+return out
+"#;
+
 /// A Lua script, run by `EVALSHA` with a fall back to `EVAL` (after a server restart, on a
 /// cluster node that has not seen it).
 #[derive(Debug)]
@@ -695,6 +726,7 @@ pub(crate) struct Scripts {
     pub(crate) trim: Script,
     pub(crate) replay: Script,
     pub(crate) prune: Script,
+    pub(crate) delays: Script,
 }
 
 impl Scripts {
@@ -711,6 +743,7 @@ impl Scripts {
             trim: Script::new(TRIM),
             replay: Script::new(REPLAY),
             prune: Script::new(PRUNE),
+            delays: Script::new(DELAYS),
         };
         for script in [
             &mut scripts.publish,
@@ -723,6 +756,7 @@ impl Scripts {
             &mut scripts.trim,
             &mut scripts.replay,
             &mut scripts.prune,
+            &mut scripts.delays,
         ] {
             script.load(client).await?;
         }

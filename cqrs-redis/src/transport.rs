@@ -375,6 +375,7 @@ impl RedisStreamTransport {
             })?;
         claim.armed = false;
         drop(claim);
+        self.join_delays(&keys, topic, group, &options).await;
         Ok(RedisConsumer::new(
             self.shared.clone(),
             reader,
@@ -383,6 +384,117 @@ impl RedisStreamTransport {
             group,
             options,
         ))
+    }
+
+    /// The redelivery delay of each consumer of `group` that is still consuming, by consumer
+    /// name, as each recorded it when it joined: the consumers of a group should share one
+    /// (see "Redelivery" in `docs/redis.md`), and a consumer that joins with another one logs
+    /// a warning naming them. A consumer counts as still consuming while it is in the group
+    /// and has been idle (`XINFO CONSUMERS`) for no longer than twice the longer of its
+    /// redelivery delay and its `block`, plus a second; one that closed is left out at once.
+    ///
+    /// ```no_run
+    /// # async fn run(transport: cqrs_redis::RedisStreamTransport) -> Result<(), cqrs_core::ports::TransportError> {
+    /// let delays = transport.redelivery_delays("tickets", "notifications").await?;
+    /// let mut distinct: Vec<_> = delays.iter().map(|(_, delay)| *delay).collect();
+    /// distinct.dedup();
+    /// if distinct.len() > 1 {
+    ///     eprintln!("group `notifications` mixes redelivery delays: {delays:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn redelivery_delays(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> Result<Vec<(String, Duration)>, TransportError> {
+        let keys = self.shared.keys(topic)?;
+        cqrs_core::ports::validate_group(group)?;
+        self.delays(&keys, group, None).await
+    }
+
+    /// Records `joining`'s redelivery delay in the group, when given, and returns the others'
+    /// (see [`redelivery_delays`](Self::redelivery_delays)), sorted by name.
+    async fn delays(
+        &self,
+        keys: &TopicKeys,
+        group: &str,
+        joining: Option<&ConsumerOptions>,
+    ) -> Result<Vec<(String, Duration)>, TransportError> {
+        let (name, record) = match joining {
+            Some(options) => (
+                options.consumer_name.as_str(),
+                delay_record(options.redelivery_delay, options.block),
+            ),
+            None => ("", String::new()),
+        };
+        let reply = self
+            .shared
+            .scripts
+            .delays
+            .run(
+                &self.shared.client,
+                &self.shared.patient(),
+                &[keys.stream.as_str(), keys.delays(group).as_str()],
+                vec![Value::from(group), Value::from(name), Value::from(record)],
+            )
+            .await
+            .map_err(|e| self.shared.error(e))?;
+        let mut fields = crate::entry::array(reply)
+            .into_iter()
+            .map(|v| v.into_string().unwrap_or_default());
+        let mut delays = Vec::new();
+        while let (Some(name), Some(record)) = (fields.next(), fields.next()) {
+            let ms = record
+                .split(' ')
+                .next()
+                .and_then(|ms| ms.parse::<u64>().ok());
+            if let Some(ms) = ms {
+                delays.push((name, Duration::from_millis(ms)));
+            }
+        }
+        delays.sort();
+        Ok(delays)
+    }
+
+    /// Records a joining consumer's redelivery delay, and warns when consumers of the group
+    /// still consuming use another: one with a shorter delay takes over entries one with a
+    /// longer delay still handles. Only said: a deploy that changes the delay runs old and
+    /// new consumers side by side for a while, and refusing the new ones would stall it.
+    async fn join_delays(
+        &self,
+        keys: &TopicKeys,
+        topic: &str,
+        group: &str,
+        options: &ConsumerOptions,
+    ) {
+        let mine = options.redelivery_delay.as_millis();
+        match self.delays(keys, group, Some(options)).await {
+            Ok(others) => {
+                let differ: Vec<String> = others
+                    .iter()
+                    .filter(|(_, delay)| delay.as_millis() != mine)
+                    .map(|(name, delay)| format!("`{name}` {delay:?}"))
+                    .collect();
+                if !differ.is_empty() {
+                    tracing::warn!(
+                        topic,
+                        group,
+                        consumer = %options.consumer_name,
+                        redelivery_delay = ?options.redelivery_delay,
+                        others = %differ.join(", "),
+                        "consumers of this group use another redelivery_delay: one with a shorter delay takes over entries one with a longer delay is still handling (handled twice, a key's order broken); give every consumer of a group the same delay (see \"Redelivery\" in docs/redis.md)"
+                    );
+                }
+            }
+            // A check, not a condition of joining: the consumer works without it.
+            Err(error) => tracing::debug!(
+                topic,
+                group,
+                %error,
+                "could not compare the group's redelivery delays"
+            ),
+        }
     }
 
     /// Claims this transport's key prefix for `owner` (a name or id of the deployment: a
@@ -729,6 +841,19 @@ where
 /// refreshes its entries every third of it: much shorter, and a consumer still handling an
 /// entry can lose it to another (handled twice, out of order).
 pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
+
+/// A consumer's record in its group's delays: `<redelivery delay ms> <window ms>`, the window
+/// being how long it may be idle and still consuming (twice the longer of its delay and its
+/// `block`, plus a second).
+fn delay_record(delay: Duration, block: Duration) -> String {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let window = ms(delay.max(block))
+        .saturating_mul(2)
+        .saturating_add(1_000)
+        // Lua reads numbers as doubles: past 2^53 they would round.
+        .min(1 << 53);
+    format!("{} {window}", ms(delay))
+}
 
 /// Refuses consumer options that would break the transport's guarantees, naming each problem.
 fn consumer_option_problems(options: &ConsumerOptions) -> Result<(), TransportError> {

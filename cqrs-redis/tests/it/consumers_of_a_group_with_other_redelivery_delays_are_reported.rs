@@ -1,0 +1,198 @@
+//! The consumers of a group should share one redelivery delay: each records its own as it
+//! joins, one joining with another delay than a consumer still consuming logs a warning naming
+//! it, and `redelivery_delays` lists those still consuming, without those that closed, were
+//! dropped, left the group or have been idle past their window.
+
+use crate::support::{Env, consumer_options, within};
+use cqrs_core::ports::ConsumerOptions;
+use cqrs_core::testing::eventually;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the warnings logged while it is installed said.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn with_delay(env: &Env, name: &str, delay: Duration) -> ConsumerOptions {
+    consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
+}
+
+fn names(env: &Env, delays: &[(String, Duration)]) -> Vec<(String, u128)> {
+    delays
+        .iter()
+        .map(|(name, delay)| {
+            let short = name.strip_prefix(&format!("{}-", env.id)).unwrap_or(name);
+            (short.to_owned(), delay.as_millis())
+        })
+        .collect()
+}
+
+// On the test's thread (a current-thread runtime), so the subscriber set for it sees the
+// consumers' warnings.
+#[tokio::test]
+async fn consumers_of_a_group_with_other_redelivery_delays_are_reported() {
+    let Some(env) = Env::new("delays").await else {
+        return;
+    };
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _logs = tracing::subscriber::set_default(subscriber);
+    within(30, async {
+        let topic = env.topic("orders");
+        let t = &env.transport;
+        let short = Duration::from_millis(300);
+        let a = t
+            .redis_consumer(&topic, "g", with_delay(&env, "a", short))
+            .await
+            .unwrap();
+        assert_eq!(
+            names(&env, &t.redelivery_delays(&topic, "g").await.unwrap()),
+            [("a".into(), 300)]
+        );
+        assert_eq!(
+            captured.text(),
+            "",
+            "the first consumer has none to differ from"
+        );
+
+        let b = t
+            .redis_consumer(&topic, "g", with_delay(&env, "b", Duration::from_secs(2)))
+            .await
+            .unwrap();
+        let warned = captured.text();
+        assert!(
+            warned.contains("use another redelivery_delay")
+                && warned.contains(&format!("`{}-a` 300ms", env.id)),
+            "b's join names a and its delay: {warned}"
+        );
+        assert!(
+            !warned.contains(&format!("`{}-b`", env.id)),
+            "not itself: {warned}"
+        );
+        captured.clear();
+
+        // Another group of the topic is none of its business.
+        let other = t
+            .redis_consumer(
+                &topic,
+                "other",
+                with_delay(&env, "o", Duration::from_secs(5)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(captured.text(), "", "a consumer of another group");
+        other.close().await.unwrap();
+
+        let c = t
+            .redis_consumer(&topic, "g", with_delay(&env, "c", short))
+            .await
+            .unwrap();
+        let warned = captured.text();
+        assert!(
+            warned.contains(&format!("`{}-b` 2s", env.id))
+                && !warned.contains(&format!("`{}-a`", env.id)),
+            "c differs from b only: {warned}"
+        );
+        captured.clear();
+        assert_eq!(
+            names(&env, &t.redelivery_delays(&topic, "g").await.unwrap()),
+            [("a".into(), 300), ("b".into(), 2000), ("c".into(), 300)]
+        );
+
+        // Closed: out at once. Dropped: out once its drop's clean-up ran.
+        a.close().await.unwrap();
+        assert_eq!(
+            names(&env, &t.redelivery_delays(&topic, "g").await.unwrap()),
+            [("b".into(), 2000), ("c".into(), 300)]
+        );
+        drop(b);
+        eventually(Duration::from_secs(5), "b's record gone", || async {
+            let left = names(&env, &t.redelivery_delays(&topic, "g").await.unwrap());
+            (left == [("c".to_owned(), 300)]).then_some(())
+        })
+        .await;
+        let d = t
+            .redis_consumer(&topic, "g", with_delay(&env, "d", Duration::from_secs(1)))
+            .await
+            .unwrap();
+        assert!(captured.text().contains(&format!("`{}-c` 300ms", env.id)));
+        captured.clear();
+
+        // c never reads: idle past its window (twice 300 ms, plus a second), it no longer
+        // counts as consuming, while d, reading, stays.
+        let mut d = d;
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // A read: d is seen consuming.
+            cqrs_core::ports::Consumer::fetch(&mut d, 1).await.unwrap();
+            let left = names(&env, &t.redelivery_delays(&topic, "g").await.unwrap());
+            if left == [("d".to_owned(), 1000)] {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "c still counted as consuming: {left:?}"
+            );
+        }
+
+        // A record whose consumer left the group (pruned, or one that crashed and was
+        // deleted) is dropped at the next join.
+        drop(c);
+        d.close().await.unwrap();
+        t.prune_consumers(&topic, "g", Duration::ZERO)
+            .await
+            .unwrap();
+        let key = format!("cqrs-test:{}:{{{topic}}}:delays:g", env.id);
+        env.command(
+            "HSET",
+            vec![key.as_str().into(), "ghost".into(), "5000 11000".into()],
+        )
+        .await;
+        let e = t
+            .redis_consumer(&topic, "g", with_delay(&env, "e", short))
+            .await
+            .unwrap();
+        assert_eq!(captured.text(), "", "no consumer left to differ from");
+        let recorded = env.command("HKEYS", vec![key.as_str().into()]).await;
+        let recorded: Vec<String> = recorded
+            .into_array()
+            .into_iter()
+            .filter_map(|v| v.into_string())
+            .collect();
+        assert_eq!(
+            recorded,
+            [format!("{}-e", env.id)],
+            "only e's record is left"
+        );
+        e.close().await.unwrap();
+    })
+    .await;
+    env.cleanup().await;
+}
