@@ -2372,10 +2372,11 @@ impl FailedHandlers {
 }
 
 /// The handlers a failed publish names: those that failed on the event. `None` for a failure
-/// of the whole publish (a layer's), which names none.
+/// of the whole publish (a layer's), which names none; also for a `PublishError` listing no
+/// failure (a layer's own making): handed to no handler, the event would pass unhandled.
 fn failed_handlers(error: &DispatchError) -> Option<HandlerNames> {
     match error {
-        DispatchError::Publish(failed) => {
+        DispatchError::Publish(failed) if !failed.failures.is_empty() => {
             Some(failed.failures.iter().map(|f| f.handler.clone()).collect())
         }
         _ => None,
@@ -2929,6 +2930,12 @@ mod tests {
             names(kept.of(a)),
             Some(vec!["y".into()]),
             "the latest, kept"
+        );
+        kept.failed(a, &failed_in(&[]));
+        assert_eq!(
+            names(kept.of(a)),
+            Some(vec!["y".into()]),
+            "a failure naming no handler leaves it"
         );
         kept.failed(b, &failed_in(&["x"]));
         // `a` renewed: `b` is now the oldest.
