@@ -2241,18 +2241,15 @@ impl Worker for EventBusConsumer {
             |delivery| async move {
                 match types.decode(&delivery.record) {
                     Ok(Some(envelope)) => {
-                        let event_id = delivery.record.event_id;
-                        let published = match remaining.of(event_id) {
-                            None => bus.publish(envelope).await,
-                            Some(only) => bus.publish_to(envelope, &only).await,
-                        };
-                        match published {
+                        let (event_id, name) = (delivery.record.event_id, envelope.name());
+                        let only = remaining.of(event_id, name);
+                        match publish_chosen(bus, envelope, only.as_ref()).await {
                             Ok(_) => {
                                 remaining.handled(event_id);
                                 Handled::Done
                             }
                             Err(e) => {
-                                remaining.failed(event_id, &e);
+                                remaining.failed(event_id, name, &e);
                                 // Waiting for it is no attempt.
                                 if says_not_now(&e) {
                                     Handled::Later(e.to_string())
@@ -2276,12 +2273,30 @@ impl Worker for EventBusConsumer {
     }
 }
 
+/// Publishes `envelope` to the handlers `only` names, or to all of them. A choice that reaches
+/// none (names no handler of this bus: a layer passed on another bus's failure) goes to all:
+/// handed to no handler, the event would pass unhandled.
+async fn publish_chosen(
+    bus: &EventBus,
+    envelope: EventEnvelope,
+    only: Option<&HandlerNames>,
+) -> Result<crate::Published, DispatchError> {
+    let Some(only) = only else {
+        return bus.publish(envelope).await;
+    };
+    match bus.publish_to(envelope.clone(), only).await {
+        Ok(published) if published.handlers == 0 => bus.publish(envelope).await,
+        chosen => chosen,
+    }
+}
+
 /// How many events an [`EventBusConsumer`] remembers the failed handlers of.
 const FAILED_HANDLERS_KEPT: usize = 10_000;
 
-/// The handlers that failed on an event, by event id, for the events that failed last: the
-/// only ones a redelivery is handed to. Sound however stale: a handler left out took the event
-/// once already, and at least once asks no more.
+/// The handlers that failed on an event, by event id (and type: a record that reuses another's
+/// id for another event is not taken for it), for the events that failed last: the only ones
+/// a redelivery is handed to. Sound however stale: a handler left out took the event once
+/// already, and at least once asks no more.
 struct FailedHandlers {
     kept: usize,
     /// Whether `by_event` holds anything: a first delivery that succeeds takes no lock.
@@ -2291,8 +2306,8 @@ struct FailedHandlers {
 
 #[derive(Default)]
 struct FailedHandlersInner {
-    /// Failed handlers and the entry's number in `order`.
-    by_event: HashMap<Uuid, (u64, HandlerNames)>,
+    /// The entry's number in `order`, the event's type and its failed handlers.
+    by_event: HashMap<Uuid, (u64, &'static str, HandlerNames)>,
     /// Event ids in the order they failed, with their number: the oldest goes first. An id
     /// whose entry was removed or renewed since is skipped (its number differs).
     order: VecDeque<(u64, Uuid)>,
@@ -2313,15 +2328,16 @@ impl FailedHandlers {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The handlers that failed on `event_id` here, if it failed here.
-    fn of(&self, event_id: Uuid) -> Option<HandlerNames> {
+    /// The handlers that failed on event `event_id` of type `event_type` here, if it failed
+    /// here.
+    fn of(&self, event_id: Uuid, event_type: &str) -> Option<HandlerNames> {
         if !self.any.load(std::sync::atomic::Ordering::Acquire) {
             return None;
         }
-        self.lock()
-            .by_event
-            .get(&event_id)
-            .map(|(_, names)| names.clone())
+        match self.lock().by_event.get(&event_id) {
+            Some((_, of_type, names)) if *of_type == event_type => Some(names.clone()),
+            _ => None,
+        }
     }
 
     /// Every handler it was handed to took it.
@@ -2339,14 +2355,14 @@ impl FailedHandlers {
 
     /// Remembers the handlers `error` names. A failure that names none (a layer's, a timeout
     /// around the whole publish) leaves what was remembered: the same handlers get it again.
-    fn failed(&self, event_id: Uuid, error: &DispatchError) {
+    fn failed(&self, event_id: Uuid, event_type: &'static str, error: &DispatchError) {
         let Some(names) = failed_handlers(error) else {
             return;
         };
         let mut inner = self.lock();
         let number = inner.next;
         inner.next += 1;
-        inner.by_event.insert(event_id, (number, names));
+        inner.by_event.insert(event_id, (number, event_type, names));
         inner.order.push_back((number, event_id));
         while inner.by_event.len() > self.kept {
             let Some((number, oldest)) = inner.order.pop_front() else {
@@ -2355,7 +2371,7 @@ impl FailedHandlers {
             if inner
                 .by_event
                 .get(&oldest)
-                .is_some_and(|(n, _)| *n == number)
+                .is_some_and(|(n, ..)| *n == number)
             {
                 inner.by_event.remove(&oldest);
             }
@@ -2365,7 +2381,7 @@ impl FailedHandlers {
             let FailedHandlersInner {
                 by_event, order, ..
             } = &mut *inner;
-            order.retain(|(n, id)| by_event.get(id).is_some_and(|(kept, _)| kept == n));
+            order.retain(|(n, id)| by_event.get(id).is_some_and(|(kept, ..)| kept == n));
         }
         self.any.store(true, std::sync::atomic::Ordering::Release);
     }
@@ -2669,10 +2685,7 @@ impl EventBusTransport {
             .get(&record.event_id)
             .map(|(_, only)| only.clone());
         loop {
-            let published = match &only {
-                None => self.bus.publish(envelope.clone()).await,
-                Some(only) => self.bus.publish_to(envelope.clone(), only).await,
-            };
+            let published = publish_chosen(&self.bus, envelope.clone(), only.as_ref()).await;
             let error = match published {
                 Ok(_) => {
                     let mut retrying = self.retrying();
@@ -2914,12 +2927,16 @@ mod tests {
     fn failed_handlers_are_remembered_within_a_bound() {
         let kept = FailedHandlers::new(2);
         let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        assert_eq!(names(kept.of(a)), None);
-        kept.failed(a, &failed_in(&["x", "y"]));
-        assert_eq!(names(kept.of(a)), Some(vec!["x".into(), "y".into()]));
-        kept.failed(a, &failed_in(&["y"]));
+        assert_eq!(names(kept.of(a, "Added")), None);
+        kept.failed(a, "Added", &failed_in(&["x", "y"]));
+        assert_eq!(
+            names(kept.of(a, "Added")),
+            Some(vec!["x".into(), "y".into()])
+        );
+        kept.failed(a, "Added", &failed_in(&["y"]));
         kept.failed(
             a,
+            "Added",
             &DispatchError::Timeout {
                 kind: crate::MessageKind::Event,
                 name: "Added",
@@ -2927,37 +2944,42 @@ mod tests {
             },
         );
         assert_eq!(
-            names(kept.of(a)),
+            names(kept.of(a, "Added")),
             Some(vec!["y".into()]),
             "the latest, kept"
         );
-        kept.failed(a, &failed_in(&[]));
+        kept.failed(a, "Added", &failed_in(&[]));
         assert_eq!(
-            names(kept.of(a)),
+            names(kept.of(a, "Added")),
             Some(vec!["y".into()]),
             "a failure naming no handler leaves it"
         );
-        kept.failed(b, &failed_in(&["x"]));
-        // `a` renewed: `b` is now the oldest.
-        kept.failed(a, &failed_in(&["y"]));
-        kept.failed(c, &failed_in(&["x"]));
         assert_eq!(
-            names(kept.of(b)),
+            names(kept.of(a, "Other")),
+            None,
+            "another event under the same id"
+        );
+        kept.failed(b, "Added", &failed_in(&["x"]));
+        // `a` renewed: `b` is now the oldest.
+        kept.failed(a, "Added", &failed_in(&["y"]));
+        kept.failed(c, "Added", &failed_in(&["x"]));
+        assert_eq!(
+            names(kept.of(b, "Added")),
             None,
             "the oldest forgotten past the bound"
         );
-        assert!(kept.of(a).is_some() && kept.of(c).is_some());
+        assert!(kept.of(a, "Added").is_some() && kept.of(c, "Added").is_some());
         kept.handled(a);
-        assert_eq!(names(kept.of(a)), None);
+        assert_eq!(names(kept.of(a, "Added")), None);
         for _ in 0..1_000 {
             let id = Uuid::now_v7();
-            kept.failed(id, &failed_in(&["x"]));
+            kept.failed(id, "Added", &failed_in(&["x"]));
             kept.handled(id);
         }
         let inner = kept.lock();
         assert_eq!(inner.by_event.len(), 1, "c alone");
-        // Compacted past twice the entries (one) and 64.
-        assert!(inner.order.len() <= 2 + 64 + 1, "{}", inner.order.len());
+        // Compacted past twice the entries and 64, and each failure above had two entries.
+        assert!(inner.order.len() <= 2 * 2 + 64, "{}", inner.order.len());
         drop(inner);
         kept.handled(c);
         assert!(!kept.any.load(std::sync::atomic::Ordering::SeqCst));

@@ -102,8 +102,11 @@ pub struct RedisConsumer {
     /// it), or its `fetch` has not put what it returned in a list (and may have been dropped).
     /// The next step first takes over what it may have left pending to this consumer.
     unsure: bool,
-    /// `close` took its redelivery delay out of the group's records: `Drop` need not.
+    /// `close` took its redelivery delay out of the group's records: `Drop` need not, and a
+    /// `fetch` after it (the consumer used again) records it again.
     delay_forgotten: bool,
+    /// Its record in the group's delays, as written when it joined.
+    delay_record: String,
     /// Like `unsure`, for a blocking read on the consumer's own connection: it may still wait
     /// there, or be queued in fred through a reconnect.
     reader_unsure: bool,
@@ -210,6 +213,7 @@ impl RedisConsumer {
         topic: &str,
         group: &str,
         options: ConsumerOptions,
+        delay_record: String,
     ) -> Self {
         // Look for due redeliveries as often as the port allows them to wait behind new
         // entries (`ConsumerOptions::redelivery_lag`: a quarter of the delay, at most 1 s).
@@ -233,6 +237,7 @@ impl RedisConsumer {
             adopted: HashSet::new(),
             unsure: false,
             delay_forgotten: false,
+            delay_record,
             reader_unsure: false,
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at
@@ -319,9 +324,34 @@ impl RedisConsumer {
     /// other consumers of the group, and the consumer's connection closes. Entries handed out
     /// and not acknowledged, or nacked, come back after the redelivery delay. It also ends a
     /// blocking read a dropped `fetch` left waiting, and releases what that read was served.
-    /// Dropping the consumer releases only the held entries, in the background.
+    /// Dropping the consumer releases only the held entries, in the background. Closing or
+    /// dropping it also takes its redelivery delay out of the group's records
+    /// ([`RedisStreamTransport::redelivery_delays`](crate::RedisStreamTransport::redelivery_delays)).
     pub async fn close(mut self) -> Result<(), TransportError> {
         Consumer::close(&mut self).await
+    }
+
+    /// Records its redelivery delay in the group again, after a `close`, now that it is used
+    /// again. Best effort, tried again at the next fetch.
+    async fn record_delay_again(&mut self) {
+        let recorded = self
+            .shared
+            .client
+            .with_options(&self.shared.fail_fast())
+            .hset::<Value, _, _>(
+                self.keys.delays(&self.group),
+                (
+                    self.options.consumer_name.as_str(),
+                    self.delay_record.as_str(),
+                ),
+            )
+            .await;
+        match recorded {
+            Ok(_) => self.delay_forgotten = false,
+            Err(error) => {
+                tracing::debug!(%error, consumer = %self.options.consumer_name, "could not record the consumer's redelivery delay again")
+            }
+        }
     }
 
     /// Restarts the idle clock of `ids`, pending to this consumer, leaving their delivery
@@ -1222,17 +1252,23 @@ fn claim_idle(delay: Duration) -> i64 {
     millis(delay.min(MAX_CLAIM_IDLE))
 }
 
-/// Takes a consumer's redelivery delay out of its group's records, as it stops: a consumer
-/// joining next is compared with those still consuming only. Best effort: a record left
-/// behind stops counting once its consumer has been idle for its window.
-async fn forget_delay(shared: &Shared, keys: &TopicKeys, group: &str, name: &str) {
+/// Takes a consumer's redelivery delay out of its group's records (`key`), as it stops, if
+/// the record there is still its own: a consumer joining next is compared with those still
+/// consuming only. Best effort: a record left behind stops counting once its consumer has been
+/// idle for its window.
+async fn forget_delay(shared: &Shared, key: &str, name: &str, record: &str) {
     let forgotten = shared
-        .client
-        .with_options(&shared.fail_fast())
-        .hdel::<Value, _, _>(keys.delays(group), name)
+        .scripts
+        .forget_delay
+        .run(
+            &shared.client,
+            &shared.fail_fast(),
+            &[key],
+            vec![Value::from(name), Value::from(record)],
+        )
         .await;
     if let Err(error) = forgotten {
-        tracing::debug!(%error, group, consumer = name, "could not take the consumer's redelivery delay out of its group's records");
+        tracing::debug!(%error, key, consumer = name, "could not take the consumer's redelivery delay out of its group's records");
     }
 }
 
@@ -1320,9 +1356,10 @@ impl Drop for RedisConsumer {
             return;
         };
         if !self.delay_forgotten {
-            let (shared, keys) = (self.shared.clone(), self.keys.clone());
-            let (group, name) = (self.group.clone(), self.options.consumer_name.clone());
-            handle.spawn(async move { forget_delay(&shared, &keys, &group, &name).await });
+            let (shared, key) = (self.shared.clone(), self.keys.delays(&self.group));
+            let name = self.options.consumer_name.clone();
+            let record = std::mem::take(&mut self.delay_record);
+            handle.spawn(async move { forget_delay(&shared, &key, &name, &record).await });
         }
         if held.read_unhanded.is_empty() && held.counted.is_empty() {
             return;
@@ -1343,6 +1380,9 @@ impl Drop for RedisConsumer {
 #[async_trait]
 impl Consumer for RedisConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        if self.delay_forgotten {
+            self.record_delay_again().await;
+        }
         if max == 0 {
             // Asked for nothing: take nothing (`XREADGROUP COUNT 0` would read everything).
             return Ok(Vec::new());
@@ -1610,9 +1650,9 @@ impl Consumer for RedisConsumer {
         self.unsure = false;
         forget_delay(
             &self.shared,
-            &self.keys,
-            &self.group,
+            &self.keys.delays(&self.group),
             &self.options.consumer_name,
+            &self.delay_record,
         )
         .await;
         self.delay_forgotten = true;

@@ -604,7 +604,7 @@ end
 return out
 "#;
 
-/// KEYS: stream, delays. ARGV: group, consumer, its record (`<delay ms> <window ms>`); an
+/// KEYS: stream, delays. ARGV: group, consumer, its record (`<delay ms> <window ms> <token>`); an
 /// empty consumer only looks. Joins the consumer to the group (so it is seen before its first
 /// read), records its redelivery delay, and forgets the records of consumers gone from the
 /// group. Returns `name, record` of every other consumer of the group idle for no longer than
@@ -624,7 +624,7 @@ for i = 1, #recorded, 2 do
   if not idle[name] then
     if name ~= ARGV[2] then redis.call('HDEL', KEYS[2], name) end
   elseif name ~= ARGV[2] then
-    local window = tonumber(string.match(record, ' (%d+)$'))
+    local window = tonumber(string.match(record, '^%d+ (%d+)'))
     if window and idle[name] <= window then
       out[#out + 1] = name
       out[#out + 1] = record
@@ -633,6 +633,15 @@ for i = 1, #recorded, 2 do
 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
 return out
+"#;
+
+/// KEYS: delays. ARGV: consumer, its record. Deletes the consumer's record if it is still that
+/// one, not a later consumer's of the same name.
+const FORGET_DELAY: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
 "#;
 
 /// A Lua script, run by `EVALSHA` with a fall back to `EVAL` (after a server restart, on a
@@ -727,6 +736,7 @@ pub(crate) struct Scripts {
     pub(crate) replay: Script,
     pub(crate) prune: Script,
     pub(crate) delays: Script,
+    pub(crate) forget_delay: Script,
 }
 
 impl Scripts {
@@ -744,6 +754,7 @@ impl Scripts {
             replay: Script::new(REPLAY),
             prune: Script::new(PRUNE),
             delays: Script::new(DELAYS),
+            forget_delay: Script::bare(FORGET_DELAY),
         };
         for script in [
             &mut scripts.publish,
@@ -757,6 +768,7 @@ impl Scripts {
             &mut scripts.replay,
             &mut scripts.prune,
             &mut scripts.delays,
+            &mut scripts.forget_delay,
         ] {
             script.load(client).await?;
         }

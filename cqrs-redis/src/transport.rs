@@ -367,6 +367,10 @@ impl RedisStreamTransport {
             group,
             name: &options.consumer_name,
         };
+        // While the claim holds the name: a join dropped here frees it.
+        let record = delay_record(&options);
+        self.join_delays(&keys, topic, group, &options, &record)
+            .await;
         let reader = connection::client(&self.shared.options.connection)
             .await
             .map_err(|e| match e {
@@ -375,7 +379,6 @@ impl RedisStreamTransport {
             })?;
         claim.armed = false;
         drop(claim);
-        self.join_delays(&keys, topic, group, &options).await;
         Ok(RedisConsumer::new(
             self.shared.clone(),
             reader,
@@ -383,6 +386,7 @@ impl RedisStreamTransport {
             topic,
             group,
             options,
+            record,
         ))
     }
 
@@ -391,13 +395,14 @@ impl RedisStreamTransport {
     /// (see "Redelivery" in `docs/redis.md`), and a consumer that joins with another one logs
     /// a warning naming them. A consumer counts as still consuming while it is in the group
     /// and has been idle (`XINFO CONSUMERS`) for no longer than twice the longer of its
-    /// redelivery delay and its `block`, plus a second; one that closed is left out at once.
+    /// redelivery delay and its `block`, plus a second; one that closed is left out at once
+    /// (and counts again once it fetches again). Consumers of builds before this record had
+    /// none, and are not listed. It also deletes the records of consumers gone from the group.
     ///
     /// ```no_run
     /// # async fn run(transport: cqrs_redis::RedisStreamTransport) -> Result<(), cqrs_core::ports::TransportError> {
     /// let delays = transport.redelivery_delays("tickets", "notifications").await?;
-    /// let mut distinct: Vec<_> = delays.iter().map(|(_, delay)| *delay).collect();
-    /// distinct.dedup();
+    /// let distinct: std::collections::BTreeSet<_> = delays.iter().map(|(_, delay)| *delay).collect();
     /// if distinct.len() > 1 {
     ///     eprintln!("group `notifications` mixes redelivery delays: {delays:?}");
     /// }
@@ -413,28 +418,23 @@ impl RedisStreamTransport {
         self.delays(&keys, group, None).await
     }
 
-    /// Records `joining`'s redelivery delay in the group, when given, and returns the others'
-    /// (see [`redelivery_delays`](Self::redelivery_delays)), sorted by name.
+    /// Records the consumer `joining` names with its record ([`delay_record`]) in the group,
+    /// when given, and returns the others' delays (see
+    /// [`redelivery_delays`](Self::redelivery_delays)), sorted by name.
     async fn delays(
         &self,
         keys: &TopicKeys,
         group: &str,
-        joining: Option<&ConsumerOptions>,
+        joining: Option<(&str, &str)>,
     ) -> Result<Vec<(String, Duration)>, TransportError> {
-        let (name, record) = match joining {
-            Some(options) => (
-                options.consumer_name.as_str(),
-                delay_record(options.redelivery_delay, options.block),
-            ),
-            None => ("", String::new()),
-        };
+        let (name, record) = joining.unwrap_or(("", ""));
         let reply = self
             .shared
             .scripts
             .delays
             .run(
                 &self.shared.client,
-                &self.shared.patient(),
+                &self.shared.fail_fast(),
                 &[keys.stream.as_str(), keys.delays(group).as_str()],
                 vec![Value::from(group), Value::from(name), Value::from(record)],
             )
@@ -467,13 +467,15 @@ impl RedisStreamTransport {
         topic: &str,
         group: &str,
         options: &ConsumerOptions,
+        record: &str,
     ) {
-        let mine = options.redelivery_delay.as_millis();
-        match self.delays(keys, group, Some(options)).await {
+        let mine = millis(options.redelivery_delay);
+        let joining = (options.consumer_name.as_str(), record);
+        match self.delays(keys, group, Some(joining)).await {
             Ok(others) => {
                 let differ: Vec<String> = others
                     .iter()
-                    .filter(|(_, delay)| delay.as_millis() != mine)
+                    .filter(|(_, delay)| millis(*delay) != mine)
                     .map(|(name, delay)| format!("`{name}` {delay:?}"))
                     .collect();
                 if !differ.is_empty() {
@@ -842,17 +844,29 @@ where
 /// entry can lose it to another (handled twice, out of order).
 pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(100);
 
-/// A consumer's record in its group's delays: `<redelivery delay ms> <window ms>`, the window
-/// being how long it may be idle and still consuming (twice the longer of its delay and its
-/// `block`, plus a second).
-fn delay_record(delay: Duration, block: Duration) -> String {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let window = ms(delay.max(block))
+/// A consumer's record in its group's delays: `<redelivery delay ms> <window ms> <token>`, the
+/// window being how long it may be idle and still consuming (twice the longer of its delay and
+/// its `block`, plus a second).
+///
+/// A token unique to this join ends it: the record a consumer takes out as it stops is its own,
+/// not that of a later consumer of the same name.
+pub(crate) fn delay_record(options: &ConsumerOptions) -> String {
+    let (delay, block) = (options.redelivery_delay, options.block);
+    let window = millis(delay.max(block))
         .saturating_mul(2)
         .saturating_add(1_000)
         // Lua reads numbers as doubles: past 2^53 they would round.
         .min(1 << 53);
-    format!("{} {window}", ms(delay))
+    format!(
+        "{} {window} {}",
+        millis(delay),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Whole milliseconds, `u64::MAX` for more (a delay of `Duration::MAX`).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Refuses consumer options that would break the transport's guarantees, naming each problem.

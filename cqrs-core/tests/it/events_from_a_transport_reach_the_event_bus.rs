@@ -268,6 +268,98 @@ fn a_layer_refusing_a_redelivery_keeps_it_for_the_handler_that_failed() {
     });
 }
 
+/// A layer that, the first time, fails the dispatch with what another bus's publish answered:
+/// a failure naming a handler (`ghost`) that this bus does not have.
+#[derive(Clone)]
+struct PassesOnAnotherBus {
+    other: EventBus,
+    passed: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+struct PassesOnService<S> {
+    inner: S,
+    layer: PassesOnAnotherBus,
+}
+
+impl<S> tower::Layer<S> for PassesOnAnotherBus {
+    type Service = PassesOnService<S>;
+    fn layer(&self, inner: S) -> PassesOnService<S> {
+        PassesOnService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+impl<S> tower::Service<cqrs_core::Dispatch> for PassesOnService<S>
+where
+    S: tower::Service<cqrs_core::Dispatch, Response = cqrs_core::Reply>,
+    S::Error: Into<cqrs_core::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = cqrs_core::Reply;
+    type Error = cqrs_core::BoxError;
+    type Future = futures_util::future::BoxFuture<'static, Result<cqrs_core::Reply, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dispatch: cqrs_core::Dispatch) -> Self::Future {
+        if !self.layer.passed.swap(true, Ordering::SeqCst) {
+            let other = self.layer.other.clone();
+            return Box::pin(async move {
+                let added = EventEnvelope::new(Added { sum: 0 }, Metadata::new());
+                let failed = other.publish(added).await.expect_err("ghost fails");
+                Err(failed.into())
+            });
+        }
+        let call = self.inner.call(dispatch);
+        Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+/// A failure that names only handlers this bus does not have (a layer passed on another bus's)
+/// does not narrow the redelivery to none of them: handed to no handler, the event would be
+/// acknowledged unhandled. It goes to every handler instead.
+#[test]
+fn a_failure_naming_no_handler_of_the_bus_leaves_the_redelivery_to_all() {
+    run(async {
+        let ghost = Counter {
+            fail_on: Some(0),
+            ..Counter::named("ghost")
+        };
+        let other = EventBus::builder().handler(ghost).build().unwrap();
+        let counter = Counter::named("counter");
+        let bus = EventBus::builder()
+            .layer(PassesOnAnotherBus {
+                other,
+                passed: Arc::default(),
+            })
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        transport.publish("adds", &[added(1)]).await.unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(10));
+        eventually(Duration::from_secs(5), "acknowledged", || async {
+            (transport.backlog("adds", "bus") == 0).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            counter.seen(),
+            1,
+            "the bus's own handler got the redelivery"
+        );
+        assert!(transport.dead_letters("adds", "bus").is_empty());
+    });
+}
+
 /// An `Added` event as the transport carries it.
 fn added(sum: u64) -> EventRecord {
     EventRecord::from_envelope(&EventEnvelope::new(Added { sum }, Metadata::new())).unwrap()

@@ -35,8 +35,13 @@ impl Write for Captured {
     }
 }
 
+/// A consumer that counts as consuming for 11 s after it last read (twice its 5 s `block`,
+/// plus a second) whatever the machine's load, so the test's consumers that never read stay
+/// in.
 fn with_delay(env: &Env, name: &str, delay: Duration) -> ConsumerOptions {
-    consumer_options(&format!("{}-{name}", env.id)).redelivery_delay(delay)
+    consumer_options(&format!("{}-{name}", env.id))
+        .redelivery_delay(delay)
+        .block(Duration::from_secs(5))
 }
 
 fn names(env: &Env, delays: &[(String, Duration)]) -> Vec<(String, u128)> {
@@ -139,28 +144,53 @@ async fn consumers_of_a_group_with_other_redelivery_delays_are_reported() {
         })
         .await;
         let d = t
-            .redis_consumer(&topic, "g", with_delay(&env, "d", Duration::from_secs(1)))
+            .redis_consumer(
+                &topic,
+                "g",
+                // It reads below: the test's short `block`.
+                consumer_options(&format!("{}-d", env.id)).redelivery_delay(Duration::from_secs(1)),
+            )
             .await
             .unwrap();
         assert!(captured.text().contains(&format!("`{}-c` 300ms", env.id)));
         captured.clear();
 
-        // c never reads: idle past its window (twice 300 ms, plus a second), it no longer
+        // x never reads: idle past its window (twice its 300 ms, plus a second), it no longer
         // counts as consuming, while d, reading, stays.
+        let x = t
+            .redis_consumer(
+                &topic,
+                "g",
+                consumer_options(&format!("{}-x", env.id)).redelivery_delay(short),
+            )
+            .await
+            .unwrap();
+        assert!(captured.text().contains(&format!("`{}-d` 1s", env.id)));
+        captured.clear();
         let mut d = d;
         let until = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            // A read: d is seen consuming.
+            // A read (of 100 ms at most: d's `block`): d is seen consuming.
             cqrs_core::ports::Consumer::fetch(&mut d, 1).await.unwrap();
             let left = names(&env, &t.redelivery_delays(&topic, "g").await.unwrap());
-            if left == [("d".to_owned(), 1000)] {
+            if !left.iter().any(|(name, _)| name == "x") {
+                assert!(left.contains(&("d".to_owned(), 1000)), "{left:?}");
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < until,
-                "c still counted as consuming: {left:?}"
+                "x still counted as consuming: {left:?}"
             );
         }
+        drop(x);
+
+        // Closed through the port (which leaves it usable) and used again: recorded again.
+        cqrs_core::ports::Consumer::close(&mut d).await.unwrap();
+        let left = names(&env, &t.redelivery_delays(&topic, "g").await.unwrap());
+        assert!(!left.iter().any(|(name, _)| name == "d"), "{left:?}");
+        cqrs_core::ports::Consumer::fetch(&mut d, 0).await.unwrap();
+        let left = names(&env, &t.redelivery_delays(&topic, "g").await.unwrap());
+        assert!(left.contains(&("d".to_owned(), 1000)), "{left:?}");
 
         // A record whose consumer left the group (pruned, or one that crashed and was
         // deleted) is dropped at the next join.
@@ -191,6 +221,25 @@ async fn consumers_of_a_group_with_other_redelivery_delays_are_reported() {
             [format!("{}-e", env.id)],
             "only e's record is left"
         );
+
+        // Dropped and at once joined again under its name: the new record stays, whenever
+        // the dropped one's clean-up runs (it takes out its own record only).
+        let f = t
+            .redis_consumer(&topic, "g", with_delay(&env, "f", short))
+            .await
+            .unwrap();
+        drop(f);
+        let f = t
+            .redis_consumer(&topic, "g", with_delay(&env, "f", short))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            // Round trips, while the clean-up task runs.
+            t.redelivery_delays(&topic, "g").await.unwrap();
+        }
+        let left = names(&env, &t.redelivery_delays(&topic, "g").await.unwrap());
+        assert_eq!(left, [("e".to_owned(), 300), ("f".to_owned(), 300)]);
+        f.close().await.unwrap();
         e.close().await.unwrap();
     })
     .await;
