@@ -233,6 +233,16 @@ pub enum AggregateError<E> {
     /// An event could not be serialized.
     #[error("could not serialize an event: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The aggregate's id is empty. Every empty id would name one stream (`{TYPE}-`), shared
+    /// by whatever commands came without an id: refused before anything is read or decided.
+    /// The caller's input is at fault: `invalid` as a handler error (`empty_aggregate_id`).
+    #[error(
+        "the id of the `{aggregate}` aggregate is empty; give the aggregate's id (an empty one would name one stream shared by every command that came without an id)"
+    )]
+    EmptyId {
+        /// The aggregate's type ([`Aggregate::TYPE`]).
+        aggregate: &'static str,
+    },
 }
 
 impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
@@ -270,6 +280,10 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
                 event_type,
             }),
             AggregateError::Encode(e) => HandlerError::internal(e),
+            AggregateError::EmptyId { aggregate } => HandlerError::invalid(
+                "empty_aggregate_id",
+                AggregateError::<std::convert::Infallible>::EmptyId { aggregate }.to_string(),
+            ),
         }
     }
 }
@@ -487,6 +501,14 @@ impl<A: Aggregate> AggregateRepository<A> {
         self
     }
 
+    /// Refuses an empty aggregate id ([`AggregateError::EmptyId`]).
+    fn check_id(id: &str) -> Result<(), AggregateError<A::Error>> {
+        if id.is_empty() {
+            return Err(AggregateError::EmptyId { aggregate: A::TYPE });
+        }
+        Ok(())
+    }
+
     /// The stream id of aggregate `id`: `{TYPE}-{id}`.
     pub fn stream_id(id: &str) -> String {
         format!("{}-{id}", A::TYPE)
@@ -499,6 +521,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// backup older than the snapshots; for a snapshot that names no event, a stream shorter
     /// than its version), is logged and passed over: the whole stream is replayed.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        Self::check_id(id)?;
         let stream = Self::stream_id(id);
         let (mut state, mut version) = (A::default(), 0);
         let mut last_event_id = None;
@@ -575,6 +598,7 @@ impl<A: Aggregate> AggregateRepository<A> {
         id: &str,
         records: Vec<EventRecord>,
     ) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        Self::check_id(id)?;
         self.apply_records(
             Loaded {
                 id: id.to_owned(),
@@ -663,6 +687,8 @@ impl<A: Aggregate> AggregateRepository<A> {
             mut state,
             version,
         } = loaded;
+        // A `Loaded` made by hand (a new aggregate) passed no load.
+        Self::check_id(&id)?;
         let stream = Self::stream_id(&id);
         if let Some(expected) = expected_version
             && expected != version

@@ -77,6 +77,54 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
     });
 }
 
+/// An empty aggregate id is refused, on every way in, before anything is read or stored: it
+/// would name one stream (`total-`) shared by every command that came without an id.
+#[test]
+fn an_empty_aggregate_id_is_refused_before_anything_is_stored() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let metadata = Metadata::new();
+        let empty = |error: AggregateError<HandlerError>| {
+            assert!(
+                matches!(error, AggregateError::EmptyId { aggregate: "total" }),
+                "{error:?}"
+            );
+            let as_handler_error: HandlerError = error.into();
+            assert_eq!(as_handler_error.code(), "empty_aggregate_id");
+            assert_eq!(as_handler_error.kind(), ErrorKind::Invalid);
+            assert!(
+                as_handler_error
+                    .to_string()
+                    .contains("`total` aggregate is empty")
+            );
+        };
+        empty(repo.execute("", None, 1, &metadata).await.unwrap_err());
+        empty(repo.decide("", None, 1, &metadata).await.unwrap_err());
+        empty(repo.load("").await.map(|_| ()).unwrap_err());
+        empty(repo.rebuild("", Vec::new()).map(|_| ()).unwrap_err());
+        let by_hand = cqrs_core::Loaded {
+            id: String::new(),
+            state: Total::default(),
+            version: 0,
+        };
+        empty(
+            AggregateRepository::<Total>::decide_on(by_hand, None, 1, &metadata)
+                .map(|_| ())
+                .unwrap_err(),
+        );
+        assert!(store.load("total-", 0).await.unwrap().is_empty());
+        assert!(
+            store
+                .read_all(Default::default(), 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "nothing stored"
+        );
+    });
+}
+
 /// An event store where another writer appends `Added { sum }` to the stream just before each
 /// of the first `races` appends of this one.
 struct Racing {
