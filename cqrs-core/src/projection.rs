@@ -1714,6 +1714,11 @@ pub enum Handled {
     /// ([`Consumer::defer`]), so waiting does not dead-letter it. It comes back after the
     /// redelivery delay, like a retry, and the rest of its chain waits for it.
     Later(String),
+    /// Failed for good (an event that cannot be decoded, a handler that refuses it as
+    /// invalid): no redelivery would mend it, so it goes to the dead letters at once, with
+    /// the reason ([`Consumer::dead_letter`]), instead of holding its key for
+    /// `max_deliveries` redelivery delays first. The rest of its chain goes on.
+    DeadLetter(String),
 }
 
 /// How [`consume_until_shutdown`] fetches and handles.
@@ -1804,6 +1809,7 @@ enum Outcome {
     Done,
     Retry(String),
     Later(String),
+    DeadLetter(String),
     /// Not handled: an earlier delivery of its chain (this event id) failed.
     Skipped(Uuid),
 }
@@ -1916,6 +1922,7 @@ where
         let outcomes = keep_alive_while(Some(consumer), &ids, &mut kept, Some(stall), batch).await;
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
+        let mut given_up = Vec::new();
         for (index, event_id, attempt, outcome) in outcomes {
             let id = std::mem::replace(&mut ids[index], DeliveryId(String::new()));
             match outcome {
@@ -1929,6 +1936,10 @@ where
                     waiting = Some(reason);
                     skipped.push(id);
                 }
+                Outcome::DeadLetter(reason) => {
+                    tracing::warn!(%event_id, attempt, error = %reason, "handling failed for good; it is dead-lettered");
+                    given_up.push((id, reason));
+                }
                 Outcome::Skipped(first) => {
                     tracing::debug!(%event_id, failed = %first, "not handled: an earlier event of its key failed");
                     skipped.push(id);
@@ -1939,6 +1950,10 @@ where
         // the deferred deliveries from being handed back without an attempt (they would come
         // back by timeout, each counted as one, towards the dead letters).
         let mut answered = Ok(());
+        // Before the acks: those of its key after it were handled after it.
+        for (id, reason) in &given_up {
+            answered = answered.and(consumer.dead_letter(id, reason).await);
+        }
         if !done.is_empty() {
             answered = answered.and(consumer.ack(&done).await);
         }
@@ -2052,6 +2067,8 @@ where
         };
         let outcome = match outcome {
             Handled::Done => Outcome::Done,
+            // Settled: the rest of its chain goes on.
+            Handled::DeadLetter(reason) => Outcome::DeadLetter(reason),
             Handled::Retry(reason) => {
                 failed = Some(event_id);
                 Outcome::Retry(reason)
@@ -2069,6 +2086,13 @@ where
 /// Delivers events from a durable transport to an in-process [`EventBus`], at least once:
 /// a delivery is acknowledged after every handler succeeded and handed back (nacked) when one
 /// failed, so handlers must tolerate a repeat (dedupe by event id, or use a [`Projection`]).
+///
+/// A failure no redelivery mends is dead-lettered at once ([`Consumer::dead_letter`]), with
+/// the error, instead of holding its key for `max_deliveries` redelivery delays: an event
+/// every failed handler refused as [`invalid`](crate::ErrorKind::Invalid), or one that does
+/// not decode (a payload that is not its type's, a missing upcaster). One that waits for a
+/// newer build, or whose handlers' backend is away, is handed back without counting an
+/// attempt; any other failure is redelivered.
 ///
 /// When this consumer gets an event back after some of its handlers failed on it, it hands it
 /// only to those ([`EventBus::publish_to`]): the others took it already and are not asked
@@ -2253,6 +2277,8 @@ impl Worker for EventBusConsumer {
                                 // Waiting for it is no attempt.
                                 if says_not_now(&e) {
                                     Handled::Later(e.to_string())
+                                } else if refused_for_good(&e) {
+                                    Handled::DeadLetter(e.to_string())
                                 } else {
                                     Handled::Retry(e.to_string())
                                 }
@@ -2261,15 +2287,28 @@ impl Worker for EventBusConsumer {
                     }
                     Ok(None) => Handled::Done,
                     // Written by a newer build: wait for it. Anything else (a missing
-                    // upcaster too) counts, so it ends in the dead letters, not blocking its
-                    // key for ever.
+                    // upcaster, a payload that is not the type's) no redelivery mends: to
+                    // the dead letters at once, not blocking its key meanwhile.
                     Err(e) if e.waits_for_another_build() => Handled::Later(e.to_string()),
-                    Err(e) => Handled::Retry(e.to_string()),
+                    Err(e) => Handled::DeadLetter(e.to_string()),
                 }
             },
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Whether every handler that failed refused the event as invalid: no redelivery mends that.
+fn refused_for_good(error: &DispatchError) -> bool {
+    match error {
+        DispatchError::Publish(e) => {
+            !e.failures.is_empty()
+                && e.failures
+                    .iter()
+                    .all(|f| f.error.kind() == ErrorKind::Invalid)
+        }
+        _ => false,
     }
 }
 

@@ -1054,28 +1054,33 @@ impl RedisConsumer {
         Ok(())
     }
 
-    /// Dead-letters entries that cannot be decoded.
-    async fn dead_letter(&self, undecodable: Vec<(String, String)>) -> Result<(), TransportError> {
+    /// Dead-letters entries pending to this consumer, each with why (see the script): those
+    /// it cannot decode, or one its handler gave up on. Returns how many were.
+    async fn dead_letter_entries(
+        &self,
+        entries: Vec<(String, String)>,
+    ) -> Result<u64, TransportError> {
         let mut args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
         ];
-        for (id, reason) in &undecodable {
+        for (id, reason) in &entries {
             tracing::warn!(topic = %self.topic, group = %self.group, entry = %id, "{reason}");
             args.push(Value::from(id.as_str()));
             args.push(Value::from(reason.as_str()));
         }
-        self.run_script(
-            &self.shared.scripts.dead_letter,
-            &[
-                self.keys.stream.as_str(),
-                self.keys.dead.as_str(),
-                self.errors.as_str(),
-            ],
-            args,
-        )
-        .await?;
-        Ok(())
+        let dead = self
+            .run_script(
+                &self.shared.scripts.dead_letter,
+                &[
+                    self.keys.stream.as_str(),
+                    self.keys.dead.as_str(),
+                    self.errors.as_str(),
+                ],
+                args,
+            )
+            .await?;
+        Ok(dead.as_u64().unwrap_or(0))
     }
 
     /// Waits up to `wait` for new entries on this consumer's own connection; the ids read join
@@ -1443,7 +1448,7 @@ impl Consumer for RedisConsumer {
                 // Before the deliveries count as handed out: if this fails (or the fetch is
                 // dropped here), they are pending to this consumer but in no list, and
                 // `close` releases them at once instead of after the redelivery delay.
-                self.dead_letter(undecodable).await?;
+                self.dead_letter_entries(undecodable).await?;
             }
             // Before the deliveries count as handed out, as above: a fetch dropped in this
             // round trip (a shutdown) leaves them in no list, and `close` releases them, where
@@ -1543,6 +1548,26 @@ impl Consumer for RedisConsumer {
 
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
         self.nack_with_error(id, "").await
+    }
+
+    /// Copies the entry to the dead-letter stream with `reason`, acknowledges it and clears
+    /// its recorded error, in one script, as `max_deliveries` does; left alone when another
+    /// consumer took it over.
+    async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        delivery_ids(std::slice::from_ref(id))?;
+        let dead = self
+            .dead_letter_entries(vec![(id.0.clone(), reason.to_owned())])
+            .await?;
+        self.returned.remove(&id.0);
+        // Settled here, as by an ack: its lane's next entry may go (only when it was this
+        // consumer's to settle).
+        if let Some(InFlight { lane, .. }) = self.in_flight.remove(&id.0)
+            && dead == 1
+            && !lane.is_empty()
+        {
+            self.remember_acked(lane, &id.0);
+        }
+        Ok(())
     }
 
     /// Restarts the idle clock of these deliveries while they are pending to this consumer

@@ -423,7 +423,10 @@ return left
 "#;
 
 /// KEYS: stream, dead, errors. ARGV: group, consumer, then pairs `id, reason`.
-/// Dead-letters entries the consumer could not decode. Returns how many.
+/// Dead-letters entries pending to this consumer: those it could not decode, or one its
+/// handler gave up on (`Consumer::dead_letter`). One pending to another consumer (taken over)
+/// is left alone; one no longer pending or in the stream is only cleared. Returns how many
+/// were dead-lettered.
 const DEAD_LETTER: &str = r#"
 local keys = {stream = KEYS[1], dead = KEYS[2], errors = KEYS[3]}
 local n = 0
@@ -431,7 +434,9 @@ for i = 3, #ARGV, 2 do
   local id, reason = ARGV[i], ARGV[i + 1]
   local e = redis.call('XRANGE', keys.stream, id, id)
   local p = redis.call('XPENDING', keys.stream, ARGV[1], id, id, 1)
-  if e[1] and p[1] then
+  if p[1] and p[1][2] ~= ARGV[2] then
+    -- Another consumer took it over: its attempt stands.
+  elseif e[1] and p[1] then
     deadletter(keys, ARGV[1], ARGV[2], id, e[1][2], tonumber(p[1][4]), reason)
     n = n + 1
   else

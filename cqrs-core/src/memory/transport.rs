@@ -104,8 +104,8 @@ impl InMemoryTransport {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Messages of `topic` that group `group` gave up on after `max_deliveries`, with their
-    /// delivery counts: the newest ones kept ([`dead_letters_kept`](Self::dead_letters_kept)),
+    /// Messages of `topic` that group `group` gave up on, after `max_deliveries` or when a
+    /// consumer gave them up ([`Consumer::dead_letter`]), with their delivery counts: the newest ones kept ([`dead_letters_kept`](Self::dead_letters_kept)),
     /// oldest first.
     pub fn dead_letters(&self, topic: &str, group: &str) -> Vec<(EventRecord, u32)> {
         self.dead_letters_with_errors(topic, group)
@@ -584,6 +584,47 @@ impl Consumer for InMemoryConsumer {
             f.due = due;
             f.error = Some(reason.to_owned());
         });
+        Ok(())
+    }
+
+    /// Only a delivery this consumer still owns (as by Redis's script).
+    async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        {
+            let mut state = self.transport.lock();
+            let Some(Topic { log, base, groups }) = state.topics.get_mut(&self.topic) else {
+                return Ok(());
+            };
+            let Some(group) = groups.get_mut(&self.group) else {
+                return Ok(());
+            };
+            let owned = id.0.parse::<usize>().ok().filter(|i| {
+                group
+                    .in_flight
+                    .get(i)
+                    .is_some_and(|f| f.consumer == self.options.consumer_name)
+            });
+            if let Some(i) = owned
+                && let Some(f) = group.in_flight.remove(&i)
+                && let Some(dead) = i.checked_sub(*base).and_then(|at| log.get(at))
+            {
+                tracing::warn!(
+                    topic = %self.topic,
+                    group = %self.group,
+                    event_id = %dead.event_id,
+                    event_type = %dead.event_type,
+                    deliveries = f.attempt,
+                    error = reason,
+                    "dead-lettered an event its consumer gave up on"
+                );
+                while group.dead.len() >= self.transport.dead_letters_kept {
+                    group.dead.pop_front();
+                }
+                group
+                    .dead
+                    .push_back((dead.clone(), f.attempt, Some(reason.to_owned())));
+            }
+        }
+        self.transport.changed.notify_waiters();
         Ok(())
     }
 

@@ -363,6 +363,19 @@ pub trait Consumer: Send + Sync + 'static {
         self.nack(id).await
     }
 
+    /// Gives up on a message at once, with why: it goes where the transport keeps the messages
+    /// `max_deliveries` gave up on (its dead letters), with this delivery's attempt count and
+    /// `reason`, and is not delivered again; its key's later messages go on. For a failure no
+    /// redelivery will mend (an event that cannot be decoded, a handler that refuses it as
+    /// invalid), which would otherwise hold its key for `max_deliveries` redelivery delays. A
+    /// delivery this consumer no longer owns is left alone, as by `nack`. The default hands it
+    /// back with the reason ([`nack_with_reason`](Consumer::nack_with_reason)), to be
+    /// dead-lettered after `max_deliveries`; a transport that keeps dead letters overrides it
+    /// (the conformance suite's `a_message_a_consumer_gives_up_on_is_dead_lettered_at_once`).
+    async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        self.nack_with_reason(id, reason).await
+    }
+
     /// Hands back deliveries that were not handled because an earlier delivery of their chain
     /// failed (see [`fetch`](Consumer::fetch)). Like [`nack`](Consumer::nack), except that
     /// this handing out does not count as an attempt: a poison event does not use up the

@@ -88,6 +88,7 @@ macro_rules! transport_conformance {
                 keep_alive_leaves_alone_a_delivery_another_consumer_took_over,
                 a_deferred_delivery_is_no_attempt,
                 a_message_is_dead_lettered_after_max_deliveries,
+                a_message_a_consumer_gives_up_on_is_dead_lettered_at_once,
                 a_due_redelivery_comes_before_new_messages,
                 a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back,
                 a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back,
@@ -1003,6 +1004,72 @@ pub async fn a_deferred_delivery_is_no_attempt<H: TransportHarness>(h: &H) {
     c.ack(std::slice::from_ref(&d.id)).await.unwrap();
 }
 
+/// A message its consumer gives up on ([`Consumer::dead_letter`]) on its first delivery never comes back, is dead-lettered with that one delivery and the
+/// reason given (where the harness can tell), and the message of its key behind it arrives
+/// at once, without waiting for a redelivery delay; a consumer that lost the delivery to
+/// another cannot give it up.
+pub async fn a_message_a_consumer_gives_up_on_is_dead_lettered_at_once<H: TransportHarness>(h: &H) {
+    if !h.transport().capabilities().redelivery_delay {
+        eprintln!("skipped: no redelivery delay");
+        return;
+    }
+    let topic = format!("{}-t16b", h.test_id());
+    // A redelivery delay no loaded machine reaches: the next message arriving at all says
+    // the poison one was settled at once, not redelivered and dead-lettered later.
+    let mut c = consumer_with(h, &topic, "g", "c", |o| {
+        o.redelivery_delay(Duration::from_secs(3600))
+    })
+    .await;
+    let (poison, next) = (event("k", 1), event("k", 2));
+    h.transport()
+        .publish(&topic, &[poison.clone(), next.clone()])
+        .await
+        .unwrap();
+    let d = fetch_one(c.as_mut(), "the poison message").await;
+    assert_eq!((d.record.event_id, d.attempt), (poison.event_id, 1));
+    c.dead_letter(&d.id, "refused for good").await.unwrap();
+    let d = fetch_one(c.as_mut(), "the message behind the dead-lettered one").await;
+    assert_eq!(
+        d.record.event_id, next.event_id,
+        "the poison message came back"
+    );
+    c.ack(std::slice::from_ref(&d.id)).await.unwrap();
+    if let Some(dead) = h.dead_letters(&topic, "g").await {
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0].0, dead[0].1), (poison.event_id, 1), "{dead:?}");
+        if let Some(reason) = &dead[0].2 {
+            assert!(reason.contains("refused for good"), "{reason}");
+        }
+    }
+    let mut after = consumer(h, &topic, "g", "after").await;
+    nothing_comes_again(h, after.as_mut(), "a dead-lettered message came back").await;
+
+    // Taken over by another consumer after the redelivery delay: the first can no longer
+    // give it up.
+    let topic = format!("{}-t16c", h.test_id());
+    let mut slow = consumer(h, &topic, "g", "slow").await;
+    let mut other = consumer(h, &topic, "g", "other").await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let first = fetch_one(slow.as_mut(), "the first delivery").await;
+    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 2));
+    slow.dead_letter(&first.id, "too late")
+        .await
+        .expect("giving up a delivery no longer owned is no error");
+    other.ack(std::slice::from_ref(&taken.id)).await.unwrap();
+    if let Some(dead) = h.dead_letters(&topic, "g").await {
+        assert!(
+            dead.is_empty(),
+            "a consumer that lost the delivery dead-lettered it: {dead:?}"
+        );
+    }
+    nothing_comes_again(h, other.as_mut(), "an acknowledged message came back").await;
+}
+
 /// A message handed out `max_deliveries` times without an acknowledgement stops coming back
 /// (it is dead-lettered, with that many deliveries, where the harness can tell), and the
 /// messages of its key behind it go on.
@@ -1485,10 +1552,11 @@ impl crate::EventHandler<Noted> for CountNoted {
     ) -> Result<(), crate::HandlerError> {
         let before = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.fails_first && before == 0 {
-            return Err(crate::HandlerError::invalid(
-                "first_time",
-                format!("{} fails the first time", self.name),
-            ));
+            // Retryable: one refused as invalid is dead-lettered at once.
+            return Err(crate::HandlerError::internal(format!(
+                "{} fails the first time",
+                self.name
+            )));
         }
         Ok(())
     }

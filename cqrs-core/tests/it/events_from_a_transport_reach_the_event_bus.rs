@@ -211,7 +211,7 @@ impl EventHandler<Added> for FailsOnce {
     async fn handle(&self, _event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
         if self.seen.fetch_add(1, Ordering::SeqCst) == 0 {
             self.then_down.store(true, Ordering::SeqCst);
-            return Err(HandlerError::invalid("first_time", "fails the first time"));
+            return Err(HandlerError::internal("fails the first time"));
         }
         Ok(())
     }
@@ -357,6 +357,74 @@ fn a_failure_naming_no_handler_of_the_bus_leaves_the_redelivery_to_all() {
             "the bus's own handler got the redelivery"
         );
         assert!(transport.dead_letters("adds", "bus").is_empty());
+    });
+}
+
+/// Refuses `Added { sum: 1 }` as invalid, and fails on `sum: 2` as an internal error, once.
+#[derive(Clone, Default)]
+struct RefusesOne {
+    seen: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for RefusesOne {
+    async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        let times = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(event.sum);
+            seen.iter().filter(|sum| **sum == event.sum).count()
+        };
+        match event.sum {
+            1 => Err(HandlerError::invalid("no_ones", "ones are refused")),
+            2 if times == 1 => Err(HandlerError::internal("twos fail once")),
+            _ => Ok(()),
+        }
+    }
+
+    fn name(&self) -> &str {
+        "refuses_one"
+    }
+}
+
+/// An event a handler refuses as invalid (no redelivery mends that) is dead-lettered at once,
+/// on its first delivery, with the handler's error, instead of waiting out the redelivery
+/// delay `max_deliveries` times; a failure that may pass (an internal error) is redelivered.
+#[test]
+fn an_event_a_handler_refuses_as_invalid_is_dead_lettered_at_once() {
+    run(async {
+        let refuses = RefusesOne::default();
+        let counter = Counter::named("counter");
+        let bus = EventBus::builder()
+            .handler(refuses.clone())
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        transport
+            .publish("adds", &[added(1), added(2)])
+            .await
+            .unwrap();
+        let runtime = consume_adds(bus, &transport, Duration::from_millis(50));
+        eventually(Duration::from_secs(5), "both settled", || async {
+            (transport.backlog("adds", "bus") == 0).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        let dead = transport.dead_letters_with_errors("adds", "bus");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0].0.payload["sum"].as_u64(), dead[0].1), (Some(1), 1));
+        assert!(
+            dead[0]
+                .2
+                .as_deref()
+                .is_some_and(|e| e.contains("ones are refused")),
+            "{:?}",
+            dead[0].2
+        );
+        let mut seen = refuses.seen.lock().unwrap().clone();
+        seen.sort_unstable();
+        assert_eq!(seen, [1, 2, 2], "1 once, 2 again after its internal error");
+        assert_eq!(counter.seen(), 2, "each once");
     });
 }
 

@@ -159,10 +159,11 @@ impl EventHandler<Added> for Counter {
     async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
         self.seen.fetch_add(1, Ordering::SeqCst);
         if self.fail_on == Some(event.sum) {
-            return Err(HandlerError::invalid(
-                "bad_sum",
-                format!("{} refuses {}", self.name, event.sum),
-            ));
+            // Not `invalid`: an event consumer dead-letters that at once, without retrying.
+            return Err(HandlerError::internal(format!(
+                "{} fails on {}",
+                self.name, event.sum
+            )));
         }
         if self.panic_on == Some(event.sum) {
             panic!("{} panics on {}", self.name, event.sum);

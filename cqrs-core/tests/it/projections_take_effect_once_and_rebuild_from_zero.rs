@@ -1352,8 +1352,8 @@ fn an_event_missing_its_upcaster_is_dead_lettered_after_its_deliveries() {
     });
 }
 
-/// The event-bus consumer counts a missing upcaster as an attempt too: dead-lettered after
-/// its deliveries, never handled.
+/// The event-bus consumer dead-letters an event missing its upcaster at once, on its first
+/// delivery (no redelivery brings the upcaster), never handled.
 #[test]
 fn the_event_bus_consumer_dead_letters_an_event_missing_its_upcaster() {
     use cqrs_core::runtime::{HealthReporter, Shutdown, Worker, WorkerContext};
@@ -1393,7 +1393,14 @@ fn the_event_bus_consumer_dead_letters_an_event_missing_its_upcaster() {
         running.await.unwrap().unwrap();
         let dead = transport.dead_letters("adds", "bus");
         assert_eq!(dead.len(), 1);
-        assert_eq!((dead[0].0.event_id, dead[0].1), (id, 3));
+        assert_eq!((dead[0].0.event_id, dead[0].1), (id, 1));
+        let reason = transport.dead_letters_with_errors("adds", "bus")[0]
+            .2
+            .clone();
+        assert!(
+            reason.as_deref().is_some_and(|r| r.contains("upcaster")),
+            "{reason:?}"
+        );
         assert_eq!(transport.backlog("adds", "bus"), 0);
         assert_eq!(seen.seen(), 0);
     });
