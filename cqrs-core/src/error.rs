@@ -84,6 +84,7 @@ struct Inner {
     message: Cow<'static, str>,
     details: Option<serde_json::Value>,
     source: Option<BoxError>,
+    permanent: bool,
 }
 
 impl fmt::Display for HandlerError {
@@ -109,6 +110,7 @@ impl fmt::Debug for HandlerError {
             .field("message", &self.inner.message)
             .field("details", &self.inner.details)
             .field("source", &self.inner.source)
+            .field("permanent", &self.inner.permanent)
             .finish()
     }
 }
@@ -127,6 +129,7 @@ impl HandlerError {
                 message: message.into(),
                 details: None,
                 source: None,
+                permanent: false,
             }),
         }
     }
@@ -191,6 +194,30 @@ impl HandlerError {
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.inner.source = Some(source.into());
         self
+    }
+
+    /// Marks the failure as permanent: handling the same message again would fail the same
+    /// way (an event whose data the handler can never accept). An event consumer
+    /// ([`EventBusConsumer`](crate::projection::EventBusConsumer)) then dead-letters the event
+    /// at once instead of redelivering it `max_deliveries` times, and a relay's
+    /// [`EventBusTransport`](crate::projection::EventBusTransport) gives it up at once. Only
+    /// when every handler that failed on the event says so. Its kind, code and message stay.
+    ///
+    /// ```
+    /// use cqrs_core::HandlerError;
+    ///
+    /// let refused = HandlerError::invalid("unknown_region", "no warehouse serves region 99").permanent();
+    /// assert!(refused.is_permanent());
+    /// assert!(!HandlerError::invalid("bad_input", "try again").is_permanent());
+    /// ```
+    pub fn permanent(mut self) -> Self {
+        self.inner.permanent = true;
+        self
+    }
+
+    /// Whether it was marked [`permanent`](Self::permanent).
+    pub fn is_permanent(&self) -> bool {
+        self.inner.permanent
     }
 
     /// The error this one was made from ([`with_source`](Self::with_source)), or one of its

@@ -1704,7 +1704,7 @@ async fn next_tick(ticks: &mut Option<tokio::time::Interval>) {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Handled {
-    /// Done (or not worth retrying): acknowledge it.
+    /// Done: acknowledge it.
     Done,
     /// Failed for now: hand it back with the reason, to be delivered again. Counts as an
     /// attempt: past `max_deliveries` the delivery is dead-lettered.
@@ -1714,10 +1714,11 @@ pub enum Handled {
     /// ([`Consumer::defer`]), so waiting does not dead-letter it. It comes back after the
     /// redelivery delay, like a retry, and the rest of its chain waits for it.
     Later(String),
-    /// Failed for good (an event that cannot be decoded, a handler that refuses it as
-    /// invalid): no redelivery would mend it, so it goes to the dead letters at once, with
-    /// the reason ([`Consumer::dead_letter`]), instead of holding its key for
-    /// `max_deliveries` redelivery delays first. The rest of its chain goes on.
+    /// Failed for good (an event that cannot be decoded, a handler that refuses it
+    /// [permanently](crate::HandlerError::permanent)): no redelivery would mend it, so it goes
+    /// to the dead letters at once, with the reason ([`Consumer::dead_letter`]), instead of
+    /// holding its key for `max_deliveries` redelivery delays first. The rest of its chain is
+    /// handed back, as after a [`Retry`](Self::Retry), and follows it.
     DeadLetter(String),
 }
 
@@ -1950,12 +1951,14 @@ where
         // the deferred deliveries from being handed back without an attempt (they would come
         // back by timeout, each counted as one, towards the dead letters).
         let mut answered = Ok(());
-        // Before the acks: those of its key after it were handled after it.
-        for (id, reason) in &given_up {
-            answered = answered.and(consumer.dead_letter(id, reason).await);
-        }
         if !done.is_empty() {
             answered = answered.and(consumer.ack(&done).await);
+        }
+        // After the acks (those of its key before it were handled first); nothing of its key
+        // after it is acknowledged in this batch (handed back): a dead letter that fails
+        // leaves it pending, redelivered before them.
+        for (id, reason) in &given_up {
+            answered = answered.and(consumer.dead_letter(id, reason).await);
         }
         for (id, reason) in &failed {
             answered = answered.and(consumer.nack_with_reason(id, reason).await);
@@ -1966,6 +1969,7 @@ where
         answered?;
         match failed
             .first()
+            .or(given_up.first())
             .map(|(_, reason)| reason)
             .or(waiting.as_ref())
         {
@@ -2067,8 +2071,11 @@ where
         };
         let outcome = match outcome {
             Handled::Done => Outcome::Done,
-            // Settled: the rest of its chain goes on.
-            Handled::DeadLetter(reason) => Outcome::DeadLetter(reason),
+            // The rest of its chain waits for the dead letter to be written.
+            Handled::DeadLetter(reason) => {
+                failed = Some(event_id);
+                Outcome::DeadLetter(reason)
+            }
             Handled::Retry(reason) => {
                 failed = Some(event_id);
                 Outcome::Retry(reason)
@@ -2089,10 +2096,11 @@ where
 ///
 /// A failure no redelivery mends is dead-lettered at once ([`Consumer::dead_letter`]), with
 /// the error, instead of holding its key for `max_deliveries` redelivery delays: an event
-/// every failed handler refused as [`invalid`](crate::ErrorKind::Invalid), or one that does
-/// not decode (a payload that is not its type's, a missing upcaster). One that waits for a
-/// newer build, or whose handlers' backend is away, is handed back without counting an
-/// attempt; any other failure is redelivered.
+/// every failed handler refused [permanently](crate::HandlerError::permanent), or one that
+/// does not decode (a payload that is not its type's, a missing upcaster); each is counted in
+/// `cqrs_event_bus_dead_lettered_total` by `event_type`. One that waits for a newer build,
+/// or whose handlers' backend is away, is handed back without counting an attempt; any other
+/// failure is redelivered.
 ///
 /// When this consumer gets an event back after some of its handlers failed on it, it hands it
 /// only to those ([`EventBus::publish_to`]): the others took it already and are not asked
@@ -2278,6 +2286,8 @@ impl Worker for EventBusConsumer {
                                 if says_not_now(&e) {
                                     Handled::Later(e.to_string())
                                 } else if refused_for_good(&e) {
+                                    metrics::counter!("cqrs_event_bus_dead_lettered_total", "event_type" => name)
+                                        .increment(1);
                                     Handled::DeadLetter(e.to_string())
                                 } else {
                                     Handled::Retry(e.to_string())
@@ -2290,7 +2300,14 @@ impl Worker for EventBusConsumer {
                     // upcaster, a payload that is not the type's) no redelivery mends: to
                     // the dead letters at once, not blocking its key meanwhile.
                     Err(e) if e.waits_for_another_build() => Handled::Later(e.to_string()),
-                    Err(e) => Handled::DeadLetter(e.to_string()),
+                    Err(e) => {
+                        metrics::counter!(
+                            "cqrs_event_bus_dead_lettered_total",
+                            "event_type" => delivery.record.event_type.clone()
+                        )
+                        .increment(1);
+                        Handled::DeadLetter(e.to_string())
+                    }
                 }
             },
         )
@@ -2299,14 +2316,17 @@ impl Worker for EventBusConsumer {
     }
 }
 
-/// Whether every handler that failed refused the event as invalid: no redelivery mends that.
+/// Whether every handler that failed refused the event
+/// [permanently](crate::HandlerError::permanent): no redelivery mends that.
 fn refused_for_good(error: &DispatchError) -> bool {
     match error {
         DispatchError::Publish(e) => {
             !e.failures.is_empty()
-                && e.failures
-                    .iter()
-                    .all(|f| f.error.kind() == ErrorKind::Invalid)
+                && e.failures.iter().all(|f| {
+                    f.error
+                        .handler_error()
+                        .is_some_and(HandlerError::is_permanent)
+                })
         }
         _ => false,
     }
@@ -2770,7 +2790,8 @@ impl EventBusTransport {
                     entry.1 += 1;
                     entry.1
                 };
-                if attempts >= self.max_attempts {
+                // A permanent refusal gives it up at once: no attempt would mend it.
+                if attempts >= self.max_attempts || refused_for_good(&error) {
                     let mut retrying = self.retrying();
                     retrying.failing = None;
                     retrying.remaining.remove(&record.event_id);
@@ -2938,6 +2959,22 @@ mod tests {
         let outcomes = handle_batch(deliveries, 8, None, &handle).await;
         assert_eq!(outcomes.len(), 3);
         assert_eq!(most.load(Ordering::SeqCst), 1, "two copies ran at once");
+    }
+
+    /// A delivery given up for good holds the rest of its chain back, as a failed one does:
+    /// nothing after it is acknowledged before its dead letter is written.
+    #[tokio::test]
+    async fn a_dead_lettered_delivery_hands_the_rest_of_its_chain_back() {
+        let record = crate::testing::event_store::record(1).with_partition_key(None);
+        let deliveries = vec![
+            Delivery::new(DeliveryId("1".into()), record.clone(), 1),
+            Delivery::new(DeliveryId("2".into()), record.clone(), 1),
+        ];
+        let handle = |_: Delivery| async { Handled::DeadLetter("for good".into()) };
+        let mut outcomes = handle_batch(deliveries, 8, None, &handle).await;
+        outcomes.sort_by_key(|(index, ..)| *index);
+        assert!(matches!(outcomes[0].3, Outcome::DeadLetter(_)));
+        assert!(matches!(outcomes[1].3, Outcome::Skipped(id) if id == record.event_id));
     }
 
     /// A publish that failed in the handlers named.

@@ -367,11 +367,11 @@ pub trait Consumer: Send + Sync + 'static {
     /// `max_deliveries` gave up on (its dead letters), with this delivery's attempt count and
     /// `reason`, and is not delivered again; its key's later messages go on. For a failure no
     /// redelivery will mend (an event that cannot be decoded, a handler that refuses it as
-    /// invalid), which would otherwise hold its key for `max_deliveries` redelivery delays. A
-    /// delivery this consumer no longer owns is left alone, as by `nack`. The default hands it
-    /// back with the reason ([`nack_with_reason`](Consumer::nack_with_reason)), to be
-    /// dead-lettered after `max_deliveries`; a transport that keeps dead letters overrides it
-    /// (the conformance suite's `a_message_a_consumer_gives_up_on_is_dead_lettered_at_once`).
+    /// permanently), which would otherwise hold its key for `max_deliveries` redelivery
+    /// delays. A delivery this consumer no longer owns is left alone, as by `nack`. The
+    /// default hands it back with the reason ([`nack_with_reason`](Consumer::nack_with_reason)),
+    /// to be dead-lettered after `max_deliveries`: a transport overrides it to pass the
+    /// conformance suite (`a_message_a_consumer_gives_up_on_is_dead_lettered_at_once`).
     async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
         self.nack_with_reason(id, reason).await
     }

@@ -23,6 +23,8 @@ struct Recorder {
     handled: Arc<Mutex<Vec<u64>>>,
     calls: Arc<Mutex<Vec<u64>>>,
     fail: Arc<Mutex<HashMap<u64, (ErrorKind, u32)>>>,
+    /// Sums it refuses for good (`HandlerError::permanent`), every time.
+    refuse: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Recorder {
@@ -41,6 +43,10 @@ impl Recorder {
 impl EventHandler<Added> for Recorder {
     async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
         self.calls.lock().unwrap().push(event.sum);
+        if self.refuse.lock().unwrap().contains(&event.sum) {
+            let message = format!("refuses {} for good", event.sum);
+            return Err(HandlerError::invalid("refused", message).permanent());
+        }
         if let Some((kind, times)) = self.fail.lock().unwrap().get_mut(&event.sum)
             && *times > 0
         {
@@ -151,6 +157,28 @@ fn an_event_failing_every_time_is_given_up_after_max_attempts_and_the_feed_goes_
                 1
             );
             assert_eq!(fed.relay.relay_once().await.unwrap(), 0, "caught up");
+        });
+    });
+}
+
+/// An event its handler refuses permanently is given up at once, in the first call: no
+/// attempt would mend it, so none is made again.
+#[test]
+fn an_event_refused_permanently_is_given_up_at_once() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let fed = fed(|t| t.max_attempts(3));
+            append(&fed.store, "a", vec![added(1), added(2)]).await;
+            fed.recorder.refuse.lock().unwrap().push(1);
+
+            assert_eq!(fed.relay.relay_once().await.unwrap(), 2);
+            assert_eq!(fed.recorder.calls(), vec![1, 2], "1 handed on once");
+            assert_eq!(fed.recorder.handled(), vec![2]);
+            assert_eq!(
+                counts.get("cqrs_event_bus_given_up_total{event_type=test.added}"),
+                1
+            );
         });
     });
 }

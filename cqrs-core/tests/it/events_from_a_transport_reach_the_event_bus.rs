@@ -360,7 +360,8 @@ fn a_failure_naming_no_handler_of_the_bus_leaves_the_redelivery_to_all() {
     });
 }
 
-/// Refuses `Added { sum: 1 }` as invalid, and fails on `sum: 2` as an internal error, once.
+/// Refuses `Added { sum: 1 }` permanently, `sum: 3` as invalid (not marked permanent) once,
+/// and fails on `sum: 2` as an internal error, once.
 #[derive(Clone, Default)]
 struct RefusesOne {
     seen: Arc<std::sync::Mutex<Vec<u64>>>,
@@ -375,8 +376,9 @@ impl EventHandler<Added> for RefusesOne {
             seen.iter().filter(|sum| **sum == event.sum).count()
         };
         match event.sum {
-            1 => Err(HandlerError::invalid("no_ones", "ones are refused")),
+            1 => Err(HandlerError::invalid("no_ones", "ones are refused").permanent()),
             2 if times == 1 => Err(HandlerError::internal("twos fail once")),
+            3 if times == 1 => Err(HandlerError::invalid("threes", "threes fail once")),
             _ => Ok(()),
         }
     }
@@ -386,45 +388,57 @@ impl EventHandler<Added> for RefusesOne {
     }
 }
 
-/// An event a handler refuses as invalid (no redelivery mends that) is dead-lettered at once,
+/// An event a handler refuses permanently (no redelivery mends that) is dead-lettered at once,
 /// on its first delivery, with the handler's error, instead of waiting out the redelivery
-/// delay `max_deliveries` times; a failure that may pass (an internal error) is redelivered.
+/// delay `max_deliveries` times; other failures (internal, invalid not marked permanent) are
+/// redelivered.
 #[test]
-fn an_event_a_handler_refuses_as_invalid_is_dead_lettered_at_once() {
-    run(async {
-        let refuses = RefusesOne::default();
-        let counter = Counter::named("counter");
-        let bus = EventBus::builder()
-            .handler(refuses.clone())
-            .handler(counter.clone())
-            .build()
-            .unwrap();
-        let transport = Arc::new(InMemoryTransport::new());
-        transport
-            .publish("adds", &[added(1), added(2)])
-            .await
-            .unwrap();
-        let runtime = consume_adds(bus, &transport, Duration::from_millis(50));
-        eventually(Duration::from_secs(5), "both settled", || async {
-            (transport.backlog("adds", "bus") == 0).then_some(())
+fn an_event_a_handler_refuses_permanently_is_dead_lettered_at_once() {
+    let counts = cqrs_core::testing::MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let refuses = RefusesOne::default();
+            let counter = Counter::named("counter");
+            let bus = EventBus::builder()
+                .handler(refuses.clone())
+                .handler(counter.clone())
+                .build()
+                .unwrap();
+            let transport = Arc::new(InMemoryTransport::new());
+            transport
+                .publish("adds", &[added(1), added(2), added(3)])
+                .await
+                .unwrap();
+            let runtime = consume_adds(bus, &transport, Duration::from_millis(50));
+            eventually(Duration::from_secs(5), "all settled", || async {
+                (transport.backlog("adds", "bus") == 0).then_some(())
+            })
+            .await;
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+            let dead = transport.dead_letters_with_errors("adds", "bus");
+            assert_eq!(dead.len(), 1, "{dead:?}");
+            assert_eq!((dead[0].0.payload["sum"].as_u64(), dead[0].1), (Some(1), 1));
+            assert!(
+                dead[0]
+                    .2
+                    .as_deref()
+                    .is_some_and(|e| e.contains("ones are refused")),
+                "{:?}",
+                dead[0].2
+            );
+            let mut seen = refuses.seen.lock().unwrap().clone();
+            seen.sort_unstable();
+            assert_eq!(
+                seen,
+                [1, 2, 2, 3, 3],
+                "1 once, 2 and 3 again after their failures"
+            );
+            assert_eq!(counter.seen(), 3, "each once");
+            assert_eq!(
+                counts.get("cqrs_event_bus_dead_lettered_total{event_type=test.added}"),
+                1
+            );
         })
-        .await;
-        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
-        let dead = transport.dead_letters_with_errors("adds", "bus");
-        assert_eq!(dead.len(), 1, "{dead:?}");
-        assert_eq!((dead[0].0.payload["sum"].as_u64(), dead[0].1), (Some(1), 1));
-        assert!(
-            dead[0]
-                .2
-                .as_deref()
-                .is_some_and(|e| e.contains("ones are refused")),
-            "{:?}",
-            dead[0].2
-        );
-        let mut seen = refuses.seen.lock().unwrap().clone();
-        seen.sort_unstable();
-        assert_eq!(seen, [1, 2, 2], "1 once, 2 again after its internal error");
-        assert_eq!(counter.seen(), 2, "each once");
     });
 }
 

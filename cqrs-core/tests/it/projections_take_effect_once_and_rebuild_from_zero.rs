@@ -983,6 +983,10 @@ impl Consumer for CountedConsumer {
         self.inner.nack(id).await
     }
 
+    async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        self.inner.dead_letter(id, reason).await
+    }
+
     async fn nack_with_reason(
         &mut self,
         id: &DeliveryId,
