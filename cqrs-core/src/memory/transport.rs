@@ -342,21 +342,8 @@ impl InMemoryConsumer {
             .collect();
         for i in exhausted {
             if let Some(f) = group.in_flight.remove(&i) {
-                let dead = record(i);
-                // As loud as the Redis transport: the event leaves the group's read models.
-                tracing::warn!(
-                    topic = %self.topic,
-                    group = %self.group,
-                    event_id = %dead.event_id,
-                    event_type = %dead.event_type,
-                    deliveries = f.attempt,
-                    error = f.error.as_deref().unwrap_or("(none reported)"),
-                    "dead-lettered an event after its last delivery"
-                );
-                while group.dead.len() >= self.transport.dead_letters_kept {
-                    group.dead.pop_front();
-                }
-                group.dead.push_back((dead.clone(), f.attempt, f.error));
+                let dead = (record(i).clone(), f.attempt, f.error);
+                self.bury(group, dead, "after its last delivery");
             }
         }
 
@@ -485,6 +472,27 @@ impl Drop for InMemoryConsumer {
 }
 
 impl InMemoryConsumer {
+    /// Keeps `dead` among `group`'s dead letters (the oldest dropped past the transport's
+    /// bound), and says so as loud as the Redis transport: the event leaves the group's read
+    /// models.
+    fn bury(&self, group: &mut Group, dead: DeadLetter, why: &'static str) {
+        let (record, deliveries, error) = &dead;
+        tracing::warn!(
+            topic = %self.topic,
+            group = %self.group,
+            event_id = %record.event_id,
+            event_type = %record.event_type,
+            deliveries,
+            error = error.as_deref().unwrap_or("(none reported)"),
+            why,
+            "dead-lettered an event"
+        );
+        while group.dead.len() >= self.transport.dead_letters_kept {
+            group.dead.pop_front();
+        }
+        group.dead.push_back(dead);
+    }
+
     /// Runs `change` on each of `ids` in flight in this consumer's group and handed out to
     /// this consumer. A delivery another consumer took over (after the redelivery delay) is
     /// left alone, as the Redis transport's scripts leave an entry pending to another consumer.
@@ -607,21 +615,8 @@ impl Consumer for InMemoryConsumer {
                 && let Some(f) = group.in_flight.remove(&i)
                 && let Some(dead) = i.checked_sub(*base).and_then(|at| log.get(at))
             {
-                tracing::warn!(
-                    topic = %self.topic,
-                    group = %self.group,
-                    event_id = %dead.event_id,
-                    event_type = %dead.event_type,
-                    deliveries = f.attempt,
-                    error = reason,
-                    "dead-lettered an event its consumer gave up on"
-                );
-                while group.dead.len() >= self.transport.dead_letters_kept {
-                    group.dead.pop_front();
-                }
-                group
-                    .dead
-                    .push_back((dead.clone(), f.attempt, Some(reason.to_owned())));
+                let dead = (dead.clone(), f.attempt, Some(reason.to_owned()));
+                self.bury(group, dead, "its consumer gave it up");
             }
         }
         self.transport.changed.notify_waiters();
