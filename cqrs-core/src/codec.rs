@@ -76,7 +76,8 @@ pub enum DecodeError {
     /// upcasters, or a record whose schema version is wrong. [`EventTypes::validate`] finds a
     /// gap inside a registered chain at start-up, but not a type whose version went up with
     /// no upcaster registered at all. Consumers count it as an attempt, as any other decode
-    /// failure: after `max_deliveries` the event is dead-lettered, where it can be seen and
+    /// failure (an `EventBusConsumer` dead-letters it at once, no attempt mending it): after
+    /// `max_deliveries` the event is dead-lettered, where it can be seen and
     /// replayed once a build with the upcaster runs; waiting instead would block its key for
     /// ever without a trace.
     #[error(
@@ -318,8 +319,8 @@ impl EventTypes {
     /// version one is registered for up to the type's current version. Call it at start-up:
     /// a gap otherwise shows only when an event of the missing version comes, and that event
     /// then fails ([`DecodeError::MissingUpcaster`], counted as an attempt, dead-lettered after
-    /// `max_deliveries`). Projection runners and the event-bus consumer call it when they start
-    /// as workers.
+    /// `max_deliveries`; by the event-bus consumer, at once). Projection runners and the
+    /// event-bus consumer call it when they start as workers.
     ///
     /// It cannot tell which old versions are stored: a type with no upcaster at all passes,
     /// whatever its version (a type first written at version 2 needs none).

@@ -206,7 +206,8 @@ impl HandlerError {
     /// ```
     /// use cqrs_core::HandlerError;
     ///
-    /// let refused = HandlerError::invalid("unknown_region", "no warehouse serves region 99").permanent();
+    /// let refused = HandlerError::invalid("unknown_region", "no warehouse serves it");
+    /// let refused = refused.permanent();
     /// assert!(refused.is_permanent());
     /// assert!(!HandlerError::invalid("bad_input", "try again").is_permanent());
     /// ```

@@ -1823,15 +1823,18 @@ enum Outcome {
 /// Deliveries of one [`order_key`](Delivery::order_key) form a chain, handled one after
 /// another in batch order; up to `concurrency` chains run at once, so events of different keys
 /// are handled in parallel and events of one key in order. When a delivery fails
-/// ([`Handled::Retry`]), the rest of its chain is handed back unhandled
-/// ([`Consumer::defer`]), to come back after it.
+/// ([`Handled::Retry`]) or is given up ([`Handled::DeadLetter`]), the rest of its chain is
+/// handed back unhandled ([`Consumer::defer`]), to come back after it.
 /// The handled deliveries of a batch are acknowledged together once every chain finished;
 /// meanwhile the loop calls [`Consumer::keep_alive`] every
 /// [`keep_alive_interval`](Consumer::keep_alive_interval), so a batch that takes longer than
 /// the redelivery delay is not handed out again elsewhere.
+/// A delivery given up is dead-lettered ([`Consumer::dead_letter`]) after the batch's
+/// acknowledgement, once that succeeded (handed back instead, with its reason, when it failed:
+/// it must not leave the pending list before an earlier delivery of its key).
 /// Deliveries already fetched are finished and acknowledged even when shutdown comes. A
-/// retried delivery is logged and marks the worker degraded until the next batch that
-/// succeeds, or, for a consumer that reports its
+/// retried or dead-lettered delivery is logged and marks the worker degraded until the next
+/// batch that succeeds, or, for a consumer that reports its
 /// [`redelivery_delay`](Consumer::redelivery_delay), until twice that passed with nothing to
 /// fetch (the delivery was dead-lettered or handled elsewhere: it will not come back).
 ///
@@ -1956,9 +1959,16 @@ where
         }
         // After the acks (those of its key before it were handled first); nothing of its key
         // after it is acknowledged in this batch (handed back): a dead letter that fails
-        // leaves it pending, redelivered before them.
+        // leaves it pending, redelivered before them. With the acks failed, handed back
+        // instead: out of the pending list before an earlier delivery of its key, it would let
+        // the ones after it pass that one.
         for (id, reason) in &given_up {
-            answered = answered.and(consumer.dead_letter(id, reason).await);
+            let given_up = if answered.is_ok() {
+                consumer.dead_letter(id, reason).await
+            } else {
+                consumer.nack_with_reason(id, reason).await
+            };
+            answered = answered.and(given_up);
         }
         for (id, reason) in &failed {
             answered = answered.and(consumer.nack_with_reason(id, reason).await);
@@ -2097,8 +2107,9 @@ where
 /// A failure no redelivery mends is dead-lettered at once ([`Consumer::dead_letter`]), with
 /// the error, instead of holding its key for `max_deliveries` redelivery delays: an event
 /// every failed handler refused [permanently](crate::HandlerError::permanent), or one that
-/// does not decode (a payload that is not its type's, a missing upcaster); each is counted in
-/// `cqrs_event_bus_dead_lettered_total` by `event_type`. One that waits for a newer build,
+/// does not decode (a payload that is not its type's, a missing upcaster); each decision is
+/// counted in `cqrs_event_bus_dead_lettered_total` by `event_type` (one whose dead letter
+/// could not be written comes back and is counted again). One that waits for a newer build,
 /// or whose handlers' backend is away, is handed back without counting an attempt; any other
 /// failure is redelivered.
 ///
@@ -2494,8 +2505,9 @@ fn failed_handlers(error: &DispatchError) -> Option<HandlerNames> {
 /// * **Given up.** A failure that says "not now" (every failed handler `Unavailable` or
 ///   `RateLimited`: a backend away) is retried for as long as it lasts. Any other failure
 ///   counts as an attempt, and after [`max_attempts`](Self::max_attempts) of them (10 by
-///   default) the event is given up: counted in `cqrs_event_bus_given_up_total` (label
-///   `event_type`) and refused with [`TransportError::Refused`], so the relay skips it as it
+///   default), or at once when every failed handler refused it
+///   [permanently](crate::HandlerError::permanent), the event is given up: counted in
+///   `cqrs_event_bus_given_up_total` (label `event_type`) and refused with [`TransportError::Refused`], so the relay skips it as it
 ///   does an event it cannot encode (logged at error level with its position, stream, id and
 ///   the last error, counted in the relay's skipped events) and the feed goes on. It stays in
 ///   the event store, and a replay of it (the relay's checkpoint moved back) hands it on
@@ -2791,16 +2803,21 @@ impl EventBusTransport {
                     entry.1
                 };
                 // A permanent refusal gives it up at once: no attempt would mend it.
-                if attempts >= self.max_attempts || refused_for_good(&error) {
+                let permanent = refused_for_good(&error);
+                if attempts >= self.max_attempts || permanent {
                     let mut retrying = self.retrying();
                     retrying.failing = None;
                     retrying.remaining.remove(&record.event_id);
                     drop(retrying);
                     metrics::counter!("cqrs_event_bus_given_up_total", "event_type" => name)
                         .increment(1);
+                    let why = if permanent {
+                        "its handlers refused it for good".to_owned()
+                    } else {
+                        format!("the event bus's handlers failed on it {attempts} times")
+                    };
                     return Err(NotHanded::GivenUp(format!(
-                        "the event bus's handlers failed on it {attempts} times, and it is \
-                         given up (the feed goes on without it): {error}"
+                        "{why}, and it is given up (the feed goes on without it): {error}"
                     )));
                 }
                 TransportError::Backend {

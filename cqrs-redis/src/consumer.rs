@@ -1065,7 +1065,6 @@ impl RedisConsumer {
             Value::from(self.options.consumer_name.as_str()),
         ];
         for (id, reason) in &entries {
-            tracing::warn!(topic = %self.topic, group = %self.group, entry = %id, "{reason}");
             args.push(Value::from(id.as_str()));
             args.push(Value::from(reason.as_str()));
         }
@@ -1080,7 +1079,16 @@ impl RedisConsumer {
                 args,
             )
             .await?;
-        Ok(dead.as_u64().unwrap_or(0))
+        let dead = dead.as_u64().unwrap_or(0);
+        for (id, reason) in &entries {
+            if dead == entries.len() as u64 {
+                tracing::warn!(topic = %self.topic, group = %self.group, entry = %id, "dead-lettered: {reason}");
+            } else {
+                // Some were left alone: taken over by another consumer, or gone.
+                tracing::info!(topic = %self.topic, group = %self.group, entry = %id, dead, of = entries.len(), "gave up an entry, perhaps left to another consumer: {reason}");
+            }
+        }
+        Ok(dead)
     }
 
     /// Waits up to `wait` for new entries on this consumer's own connection; the ids read join
@@ -1261,7 +1269,7 @@ fn claim_idle(delay: Duration) -> i64 {
 /// the record there is still its own: a consumer joining next is compared with those still
 /// consuming only. Best effort: a record left behind stops counting once its consumer has been
 /// idle for its window.
-async fn forget_delay(shared: &Shared, key: &str, name: &str, record: &str) {
+pub(crate) async fn forget_delay(shared: &Shared, key: &str, name: &str, record: &str) {
     let forgotten = shared
         .scripts
         .forget_delay

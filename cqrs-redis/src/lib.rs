@@ -46,7 +46,8 @@
 //! * **Per-key order** across any number of consumers of a group: entries with one partition
 //!   key are chained in a lane, and a group hands an entry out only after it acknowledged the
 //!   previous one of its lane ([`KeyOrdering`]).
-//! * **Dead-lettering**: past `max_deliveries`, or when undecodable, an entry moves to the
+//! * **Dead-lettering**: past `max_deliveries`, when undecodable, or when its consumer gives
+//!   it up (`Consumer::dead_letter`), an entry moves to the
 //!   topic's dead-letter stream with the error and the count; [`RedisStreamTransport`] lists,
 //!   replays and discards dead letters.
 //! * **Trimming** by `MINID` below the oldest entry some group still needs, never a blind

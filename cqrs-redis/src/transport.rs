@@ -1,7 +1,7 @@
 //! [`RedisStreamTransport`]: the core's event transport on Redis Streams.
 
 use crate::connection::{self, quit_later};
-use crate::consumer::RedisConsumer;
+use crate::consumer::{RedisConsumer, forget_delay};
 use crate::error::{ConnectError, backend, client_error, is_busygroup, transport_error};
 use crate::keys::TopicKeys;
 use crate::options::{KeyOrdering, RedisStreamOptions};
@@ -371,12 +371,18 @@ impl RedisStreamTransport {
         let record = delay_record(&options);
         self.join_delays(&keys, topic, group, &options, &record)
             .await;
-        let reader = connection::client(&self.shared.options.connection)
-            .await
-            .map_err(|e| match e {
-                ConnectError::Redis(e) => e,
-                other => backend(other.to_string()),
-            })?;
+        let reader = match connection::client(&self.shared.options.connection).await {
+            Ok(reader) => reader,
+            Err(e) => {
+                // No consumer after all: its record goes (best effort).
+                let delays = keys.delays(group);
+                forget_delay(&self.shared, &delays, &options.consumer_name, &record).await;
+                return Err(match e {
+                    ConnectError::Redis(e) => e,
+                    other => backend(other.to_string()),
+                });
+            }
+        };
         claim.armed = false;
         drop(claim);
         Ok(RedisConsumer::new(
@@ -396,13 +402,16 @@ impl RedisStreamTransport {
     /// a warning naming them. A consumer counts as still consuming while it is in the group
     /// and has been idle (`XINFO CONSUMERS`) for no longer than twice the longer of its
     /// redelivery delay and its `block`, plus a second; one that closed is left out at once
-    /// (and counts again once it fetches again). Consumers of builds before this record had
-    /// none, and are not listed. It also deletes the records of consumers gone from the group.
+    /// (and counts again once it fetches again, recording its delay without comparing it).
+    /// Consumers of builds before this record had none, and are not listed. It also deletes the
+    /// records of consumers gone from the group.
     ///
     /// ```no_run
     /// # async fn run(transport: cqrs_redis::RedisStreamTransport) -> Result<(), cqrs_core::ports::TransportError> {
     /// let delays = transport.redelivery_delays("tickets", "notifications").await?;
-    /// let distinct: std::collections::BTreeSet<_> = delays.iter().map(|(_, delay)| *delay).collect();
+    /// # use std::time::Duration;
+    /// let distinct: std::collections::BTreeSet<Duration> =
+    ///     delays.iter().map(|(_, delay)| *delay).collect();
     /// if distinct.len() > 1 {
     ///     eprintln!("group `notifications` mixes redelivery delays: {delays:?}");
     /// }

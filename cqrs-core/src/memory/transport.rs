@@ -105,8 +105,8 @@ impl InMemoryTransport {
     }
 
     /// Messages of `topic` that group `group` gave up on, after `max_deliveries` or when a
-    /// consumer gave them up ([`Consumer::dead_letter`]), with their delivery counts: the newest ones kept ([`dead_letters_kept`](Self::dead_letters_kept)),
-    /// oldest first.
+    /// consumer gave them up ([`Consumer::dead_letter`]), with their delivery counts: the newest
+    /// ones kept ([`dead_letters_kept`](Self::dead_letters_kept)), oldest first.
     pub fn dead_letters(&self, topic: &str, group: &str) -> Vec<(EventRecord, u32)> {
         self.dead_letters_with_errors(topic, group)
             .into_iter()
@@ -115,9 +115,9 @@ impl InMemoryTransport {
     }
 
     /// As [`dead_letters`](Self::dead_letters), each with the last reason a consumer handed it
-    /// back with ([`Consumer::nack_with_reason`]), in whichever attempt (as the Redis
-    /// transport's dead letters); `None` when no attempt gave one (plain `nack`s, or no answer
-    /// at all, as after a crash).
+    /// back with ([`Consumer::nack_with_reason`]), in whichever attempt, or gave it up with
+    /// ([`Consumer::dead_letter`]) (as the Redis transport's dead letters); `None` when no
+    /// attempt gave one (plain `nack`s, or no answer at all, as after a crash).
     pub fn dead_letters_with_errors(
         &self,
         topic: &str,

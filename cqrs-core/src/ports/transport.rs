@@ -366,7 +366,7 @@ pub trait Consumer: Send + Sync + 'static {
     /// Gives up on a message at once, with why: it goes where the transport keeps the messages
     /// `max_deliveries` gave up on (its dead letters), with this delivery's attempt count and
     /// `reason`, and is not delivered again; its key's later messages go on. For a failure no
-    /// redelivery will mend (an event that cannot be decoded, a handler that refuses it as
+    /// redelivery will mend (an event that cannot be decoded, a handler that refuses it
     /// permanently), which would otherwise hold its key for `max_deliveries` redelivery
     /// delays. A delivery this consumer no longer owns is left alone, as by `nack`. The
     /// default hands it back with the reason ([`nack_with_reason`](Consumer::nack_with_reason)),

@@ -28,8 +28,9 @@ pub trait TransportHarness: Harness {
     /// The messages group `group` of `topic` dead-lettered, as event ids with how many times
     /// each was handed out and, where the adapter keeps it, the failure it kept (`Some`: the
     /// scenario checks it holds the reason of the last
-    /// [`nack_with_reason`](crate::ports::Consumer::nack_with_reason)), when the adapter keeps
-    /// dead letters (the port does not expose them). `None` (the default) leaves the
+    /// [`nack_with_reason`](crate::ports::Consumer::nack_with_reason), or of the
+    /// [`dead_letter`](crate::ports::Consumer::dead_letter) that gave it up), when the adapter
+    /// keeps dead letters (the port does not expose them). `None` (the default) leaves the
     /// dead-letter check out: the scenario then only checks that the message stops coming
     /// back.
     #[allow(clippy::type_complexity)]
@@ -1004,8 +1005,8 @@ pub async fn a_deferred_delivery_is_no_attempt<H: TransportHarness>(h: &H) {
     c.ack(std::slice::from_ref(&d.id)).await.unwrap();
 }
 
-/// A message its consumer gives up on ([`Consumer::dead_letter`]) on its first delivery never comes back, is dead-lettered with that one delivery and the
-/// reason given (where the harness can tell), and the message of its key behind it arrives
+/// A message its consumer gives up on ([`Consumer::dead_letter`]) on its first delivery never
+/// comes back, is dead-lettered with that one delivery and the reason given (where the harness can tell), and the message of its key behind it arrives
 /// at once, without waiting for a redelivery delay; a consumer that lost the delivery to
 /// another cannot give it up.
 pub async fn a_message_a_consumer_gives_up_on_is_dead_lettered_at_once<H: TransportHarness>(h: &H) {
@@ -1552,7 +1553,7 @@ impl crate::EventHandler<Noted> for CountNoted {
     ) -> Result<(), crate::HandlerError> {
         let before = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.fails_first && before == 0 {
-            // Retryable: one refused as invalid is dead-lettered at once.
+            // Not permanent: retried.
             return Err(crate::HandlerError::internal(format!(
                 "{} fails the first time",
                 self.name

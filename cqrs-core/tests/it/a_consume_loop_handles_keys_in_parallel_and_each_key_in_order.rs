@@ -29,6 +29,8 @@ struct Scripted {
     ack_fails: bool,
     /// How many times `close` was called.
     closed: Arc<AtomicUsize>,
+    /// The deliveries given up (`dead_letter`), with why.
+    dead: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 #[async_trait]
@@ -66,6 +68,12 @@ impl Consumer for Scripted {
     ) -> Result<(), TransportError> {
         let mut nacked = self.nacked.lock().unwrap();
         nacked.push((id.0.clone(), reason.to_owned()));
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        let mut dead = self.dead.lock().unwrap();
+        dead.push((id.0.clone(), reason.to_owned()));
         Ok(())
     }
 
@@ -121,6 +129,7 @@ fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
         keep_waits_for: None,
         ack_fails: false,
         closed: Arc::default(),
+        dead: Arc::default(),
     };
     let ctx = WorkerContext {
         shutdown,
@@ -192,6 +201,56 @@ fn a_failure_hands_back_the_rest_of_its_chain_unhandled_and_other_chains_go_on()
             "a failure degrades the worker"
         );
     });
+}
+
+/// A delivery given up is dead-lettered after the batch's acks, the rest of its chain handed
+/// back, and the worker degraded; when the acks failed, it is handed back with its reason
+/// instead (out of the pending list before its chain's earlier delivery, it would let the
+/// later ones pass that one).
+#[test]
+fn a_delivery_given_up_is_dead_lettered_after_the_acks_and_holds_its_chain_back() {
+    for ack_fails in [false, true] {
+        run(async {
+            let batch = vec![
+                delivery("a1", Some("a")),
+                delivery("a2", Some("a")),
+                delivery("a3", Some("a")),
+            ];
+            let (mut consumer, ctx, (acked, nacked, deferred)) = scripted(vec![batch]);
+            consumer.ack_fails = ack_fails;
+            let dead = consumer.dead.clone();
+            let result = consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |d| {
+                let name = d.id.0.clone();
+                async move {
+                    if name == "a2" {
+                        Handled::DeadLetter("a2 is poison".into())
+                    } else {
+                        Handled::Done
+                    }
+                }
+            })
+            .await;
+            let given_up = [("a2".to_owned(), "a2 is poison".to_owned())];
+            assert_eq!(*deferred.lock().unwrap(), ["a3"], "held back behind a2");
+            if ack_fails {
+                assert!(result.is_err());
+                assert!(dead.lock().unwrap().is_empty(), "a1 is still pending");
+                assert_eq!(*nacked.lock().unwrap(), given_up);
+            } else {
+                result.unwrap();
+                assert_eq!(*acked.lock().unwrap(), ["a1"]);
+                assert_eq!(*dead.lock().unwrap(), given_up);
+                assert!(nacked.lock().unwrap().is_empty());
+                assert!(
+                    ctx.health
+                        .get()
+                        .reason()
+                        .is_some_and(|r| r.contains("a2 is poison")),
+                    "a dead letter degrades the worker"
+                );
+            }
+        });
+    }
 }
 
 #[test]

@@ -159,7 +159,7 @@ impl EventHandler<Added> for Counter {
     async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
         self.seen.fetch_add(1, Ordering::SeqCst);
         if self.fail_on == Some(event.sum) {
-            // Not `invalid`: an event consumer dead-letters that at once, without retrying.
+            // Retryable, as any failure not marked `permanent()`.
             return Err(HandlerError::internal(format!(
                 "{} fails on {}",
                 self.name, event.sum
