@@ -2282,7 +2282,7 @@ impl Worker for EventBusConsumer {
             &ctx,
             self.consume,
             |delivery| async move {
-                match types.decode(&delivery.record) {
+                let handled = match types.decode(&delivery.record) {
                     Ok(Some(envelope)) => {
                         let (event_id, name) = (delivery.record.event_id, envelope.name());
                         let only = remaining.of(event_id, name);
@@ -2297,8 +2297,6 @@ impl Worker for EventBusConsumer {
                                 if says_not_now(&e) {
                                     Handled::Later(e.to_string())
                                 } else if refused_for_good(&e) {
-                                    metrics::counter!("cqrs_event_bus_dead_lettered_total", "event_type" => name)
-                                        .increment(1);
                                     Handled::DeadLetter(e.to_string())
                                 } else {
                                     Handled::Retry(e.to_string())
@@ -2311,15 +2309,16 @@ impl Worker for EventBusConsumer {
                     // upcaster, a payload that is not the type's) no redelivery mends: to
                     // the dead letters at once, not blocking its key meanwhile.
                     Err(e) if e.waits_for_another_build() => Handled::Later(e.to_string()),
-                    Err(e) => {
-                        metrics::counter!(
-                            "cqrs_event_bus_dead_lettered_total",
-                            "event_type" => delivery.record.event_type.clone()
-                        )
-                        .increment(1);
-                        Handled::DeadLetter(e.to_string())
-                    }
+                    Err(e) => Handled::DeadLetter(e.to_string()),
+                };
+                if let Handled::DeadLetter(_) = handled {
+                    metrics::counter!(
+                        "cqrs_event_bus_dead_lettered_total",
+                        "event_type" => delivery.record.event_type.clone()
+                    )
+                    .increment(1);
                 }
+                handled
             },
         )
         .await?;

@@ -105,8 +105,9 @@ pub struct RedisConsumer {
     /// `close` took its redelivery delay out of the group's records: `Drop` need not, and a
     /// `fetch` after it (the consumer used again) records it again.
     delay_forgotten: bool,
-    /// Its record in the group's delays, as written when it joined.
+    /// Its record in the group's delays (key `delays`), as written when it joined.
     delay_record: String,
+    delays: String,
     /// Like `unsure`, for a blocking read on the consumer's own connection: it may still wait
     /// there, or be queued in fred through a reconnect.
     reader_unsure: bool,
@@ -220,6 +221,7 @@ impl RedisConsumer {
         let claim_interval = options.redelivery_lag().max(Duration::from_millis(5));
         Self {
             errors: keys.errors(group),
+            delays: keys.delays(group),
             shared,
             reader,
             keys,
@@ -339,7 +341,7 @@ impl RedisConsumer {
             .client
             .with_options(&self.shared.fail_fast())
             .hset::<Value, _, _>(
-                self.keys.delays(&self.group),
+                self.delays.as_str(),
                 (
                     self.options.consumer_name.as_str(),
                     self.delay_record.as_str(),
@@ -1369,7 +1371,7 @@ impl Drop for RedisConsumer {
             return;
         };
         if !self.delay_forgotten {
-            let (shared, key) = (self.shared.clone(), self.keys.delays(&self.group));
+            let (shared, key) = (self.shared.clone(), self.delays.clone());
             let name = self.options.consumer_name.clone();
             let record = std::mem::take(&mut self.delay_record);
             handle.spawn(async move { forget_delay(&shared, &key, &name, &record).await });
@@ -1683,7 +1685,7 @@ impl Consumer for RedisConsumer {
         self.unsure = false;
         forget_delay(
             &self.shared,
-            &self.keys.delays(&self.group),
+            &self.delays,
             &self.options.consumer_name,
             &self.delay_record,
         )

@@ -107,33 +107,33 @@ fn an_unavailable_handler_waits_without_using_up_deliveries() {
     });
 }
 
-/// A layer that refuses every dispatch with `Unavailable` while `down` is set: a rate limiter,
-/// or a layer whose backend (a transaction's database) is away.
+/// A layer that answers a dispatch itself when `intercept` gives it a reply (an error, here),
+/// and passes it on to the bus otherwise.
 #[derive(Clone)]
-struct AwayLayer {
-    down: Arc<AtomicBool>,
-    refused: Arc<AtomicUsize>,
+struct Intercept {
+    intercept: Arc<dyn Fn() -> Option<Answer> + Send + Sync>,
 }
 
+type Answer =
+    futures_util::future::BoxFuture<'static, Result<cqrs_core::Reply, cqrs_core::BoxError>>;
+
 #[derive(Clone)]
-struct AwayService<S> {
+struct InterceptService<S> {
     inner: S,
-    down: Arc<AtomicBool>,
-    refused: Arc<AtomicUsize>,
+    intercept: Arc<dyn Fn() -> Option<Answer> + Send + Sync>,
 }
 
-impl<S> tower::Layer<S> for AwayLayer {
-    type Service = AwayService<S>;
-    fn layer(&self, inner: S) -> AwayService<S> {
-        AwayService {
+impl<S> tower::Layer<S> for Intercept {
+    type Service = InterceptService<S>;
+    fn layer(&self, inner: S) -> InterceptService<S> {
+        InterceptService {
             inner,
-            down: self.down.clone(),
-            refused: self.refused.clone(),
+            intercept: self.intercept.clone(),
         }
     }
 }
 
-impl<S> tower::Service<cqrs_core::Dispatch> for AwayService<S>
+impl<S> tower::Service<cqrs_core::Dispatch> for InterceptService<S>
 where
     S: tower::Service<cqrs_core::Dispatch, Response = cqrs_core::Reply>,
     S::Error: Into<cqrs_core::BoxError>,
@@ -141,7 +141,7 @@ where
 {
     type Response = cqrs_core::Reply;
     type Error = cqrs_core::BoxError;
-    type Future = futures_util::future::BoxFuture<'static, Result<cqrs_core::Reply, Self::Error>>;
+    type Future = Answer;
 
     fn poll_ready(
         &mut self,
@@ -151,13 +151,27 @@ where
     }
 
     fn call(&mut self, dispatch: cqrs_core::Dispatch) -> Self::Future {
-        if self.down.load(Ordering::SeqCst) {
-            self.refused.fetch_add(1, Ordering::SeqCst);
-            let away = HandlerError::unavailable("backend_away", "the layer's backend is away");
-            return Box::pin(std::future::ready(Err(away.into())));
+        if let Some(answer) = (self.intercept)() {
+            return answer;
         }
         let call = self.inner.call(dispatch);
         Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+/// A layer that refuses every dispatch with `Unavailable` while `down` is set (counting the
+/// refusals in `refused`): a rate limiter, or a layer whose backend (a transaction's
+/// database) is away.
+fn away_layer(down: Arc<AtomicBool>, refused: Arc<AtomicUsize>) -> Intercept {
+    Intercept {
+        intercept: Arc::new(move || {
+            if !down.load(Ordering::SeqCst) {
+                return None;
+            }
+            refused.fetch_add(1, Ordering::SeqCst);
+            let away = HandlerError::unavailable("backend_away", "the layer's backend is away");
+            Some(Box::pin(std::future::ready(Err(away.into()))))
+        }),
     }
 }
 
@@ -170,10 +184,7 @@ fn a_layer_refusing_as_unavailable_waits_without_using_up_deliveries() {
         let down = Arc::new(AtomicBool::new(true));
         let refused = Arc::new(AtomicUsize::new(0));
         let bus = EventBus::builder()
-            .layer(AwayLayer {
-                down: down.clone(),
-                refused: refused.clone(),
-            })
+            .layer(away_layer(down.clone(), refused.clone()))
             .handler(away.clone())
             .build()
             .unwrap();
@@ -235,10 +246,7 @@ fn a_layer_refusing_a_redelivery_keeps_it_for_the_handler_that_failed() {
             ..FailsOnce::default()
         };
         let bus = EventBus::builder()
-            .layer(AwayLayer {
-                down: down.clone(),
-                refused: refused.clone(),
-            })
+            .layer(away_layer(down.clone(), refused.clone()))
             .handler(counter.clone())
             .handler(fails_once.clone())
             .build()
@@ -270,56 +278,20 @@ fn a_layer_refusing_a_redelivery_keeps_it_for_the_handler_that_failed() {
 
 /// A layer that, the first time, fails the dispatch with what another bus's publish answered:
 /// a failure naming a handler (`ghost`) that this bus does not have.
-#[derive(Clone)]
-struct PassesOnAnotherBus {
-    other: EventBus,
-    passed: Arc<AtomicBool>,
-}
-
-#[derive(Clone)]
-struct PassesOnService<S> {
-    inner: S,
-    layer: PassesOnAnotherBus,
-}
-
-impl<S> tower::Layer<S> for PassesOnAnotherBus {
-    type Service = PassesOnService<S>;
-    fn layer(&self, inner: S) -> PassesOnService<S> {
-        PassesOnService {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-impl<S> tower::Service<cqrs_core::Dispatch> for PassesOnService<S>
-where
-    S: tower::Service<cqrs_core::Dispatch, Response = cqrs_core::Reply>,
-    S::Error: Into<cqrs_core::BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = cqrs_core::Reply;
-    type Error = cqrs_core::BoxError;
-    type Future = futures_util::future::BoxFuture<'static, Result<cqrs_core::Reply, Self::Error>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, dispatch: cqrs_core::Dispatch) -> Self::Future {
-        if !self.layer.passed.swap(true, Ordering::SeqCst) {
-            let other = self.layer.other.clone();
-            return Box::pin(async move {
+fn passes_on_another_bus(other: EventBus) -> Intercept {
+    let passed = AtomicBool::new(false);
+    Intercept {
+        intercept: Arc::new(move || {
+            if passed.swap(true, Ordering::SeqCst) {
+                return None;
+            }
+            let other = other.clone();
+            Some(Box::pin(async move {
                 let added = EventEnvelope::new(Added { sum: 0 }, Metadata::new());
                 let failed = other.publish(added).await.expect_err("ghost fails");
                 Err(failed.into())
-            });
-        }
-        let call = self.inner.call(dispatch);
-        Box::pin(async move { call.await.map_err(Into::into) })
+            }))
+        }),
     }
 }
 
@@ -336,10 +308,7 @@ fn a_failure_naming_no_handler_of_the_bus_leaves_the_redelivery_to_all() {
         let other = EventBus::builder().handler(ghost).build().unwrap();
         let counter = Counter::named("counter");
         let bus = EventBus::builder()
-            .layer(PassesOnAnotherBus {
-                other,
-                passed: Arc::default(),
-            })
+            .layer(passes_on_another_bus(other))
             .handler(counter.clone())
             .build()
             .unwrap();
