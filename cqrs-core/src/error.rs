@@ -199,9 +199,12 @@ impl HandlerError {
     /// Marks the failure as permanent: handling the same message again would fail the same
     /// way (an event whose data the handler can never accept). An event consumer
     /// ([`EventBusConsumer`](crate::projection::EventBusConsumer)) then dead-letters the event
-    /// at once instead of redelivering it `max_deliveries` times, and a relay's
-    /// [`EventBusTransport`](crate::projection::EventBusTransport) gives it up at once. Only
-    /// when every handler that failed on the event says so. Its kind, code and message stay.
+    /// at once instead of redelivering it `max_deliveries` times (only when every handler
+    /// that failed on the event says so), a relay's
+    /// [`EventBusTransport`](crate::projection::EventBusTransport) gives it up at once, and a
+    /// [`ProjectionRunner`](crate::projection::ProjectionRunner) fed by a transport
+    /// dead-letters the event a projection refuses so. Its kind, code and message stay; a kind
+    /// that says to wait (`Unavailable`, `RateLimited`) still waits.
     ///
     /// ```
     /// use cqrs_core::HandlerError;

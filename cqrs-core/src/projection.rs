@@ -59,7 +59,8 @@ pub enum ProjectionError {
     /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail) or a schema version above
     /// this build's (these wait for a newer build: a transport-fed runner hands them back
     /// without counting an attempt), an old version with no upcaster, an upcaster that failed,
-    /// or a payload that does not match its type (these count as an attempt on the event).
+    /// or a payload that does not match its type (no redelivery mends these: a transport-fed
+    /// runner dead-letters the event).
     #[error("event {event_id} could not be decoded: {source}")]
     Decode {
         /// The event.
@@ -459,7 +460,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// Fed by a transport, an event the projection refuses, cannot decode, or answers
     /// `Unavailable` or `RateLimited` for (the first such event of the batch) is set aside with
     /// the later events of its chain, and the rest of the batch is applied again at once: the
-    /// error is still returned, although those other events took effect.
+    /// error is still returned, although those other events took effect. One no redelivery
+    /// mends (refused with an error marked [`permanent`](HandlerError::permanent), or that
+    /// does not decode, not for want of a newer build) is dead-lettered at once when no earlier
+    /// event of its key waits in the batch, and otherwise when it comes back.
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
         let stepped = self.step().await?;
         match stepped.set_aside {
@@ -970,7 +974,27 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let mut waiting = Vec::new();
             let mut kept = 0;
             for i in 0..ids.len() {
-                if failed[i] && attempt {
+                if failed[i] && attempt && given_up(&e) && first_of_its_key(&order_keys, i) {
+                    // No redelivery mends it: to the dead letters now, not after
+                    // `max_deliveries` redelivery delays holding up its key. Only when nothing
+                    // of its key before it waits in this batch: out of the pending list, it
+                    // would let its key's later events pass those (it is handed back instead,
+                    // and given up when it comes back first of its key).
+                    match consumer.dead_letter(&ids[i], &reason).await {
+                        Ok(()) => {
+                            tracing::warn!(projection = %name, error = %e, "no redelivery mends this event: dead-lettered at once");
+                            metrics::counter!(
+                                "cqrs_projection_dead_lettered_total",
+                                "projection" => name.clone(),
+                                "event_type" => records[i].event_type.clone()
+                            )
+                            .increment(1);
+                        }
+                        Err(error) => {
+                            tracing::warn!(projection = %name, %error, "could not dead-letter an event no redelivery mends; it comes back after its redelivery delay");
+                        }
+                    }
+                } else if failed[i] && attempt {
                     if let Err(error) = consumer.nack_with_reason(&ids[i], &reason).await {
                         tracing::warn!(projection = %name, %error, "could not hand a failed event back; it comes back after its redelivery delay");
                     }
@@ -1514,6 +1538,24 @@ fn at_fault(error: &ProjectionError) -> Option<Uuid> {
         ProjectionError::Apply { event_id, .. } => Some(*event_id),
         _ => None,
     }
+}
+
+/// Whether no redelivery mends `error`'s event: it does not decode (and not for want of a
+/// newer build), or the projection refused it [permanently](HandlerError::permanent).
+fn given_up(error: &ProjectionError) -> bool {
+    match error {
+        ProjectionError::Decode { source, .. } => !source.waits_for_another_build(),
+        ProjectionError::Apply { source, .. } => source.is_permanent(),
+        _ => false,
+    }
+}
+
+/// Whether the delivery at `i` is the first of its key among `order_keys` (one without a key
+/// is: it waits for nothing).
+fn first_of_its_key(order_keys: &[Option<String>], i: usize) -> bool {
+    order_keys[i]
+        .as_ref()
+        .is_none_or(|key| !order_keys[..i].iter().any(|k| k.as_ref() == Some(key)))
 }
 
 /// `work`'s output, or `None` when it ran past `timeout` (and was dropped).

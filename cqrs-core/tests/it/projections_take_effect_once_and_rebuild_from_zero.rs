@@ -29,6 +29,8 @@ struct Sum {
     poison: Option<u64>,
     /// Whether it panics on the poison instead of returning an error.
     panics: bool,
+    /// A sum it refuses every time, with an error marked permanent.
+    refuses_for_good: Option<u64>,
     /// While set, every event fails with a retryable `Unavailable`.
     unavailable: AtomicBool,
     /// A sum that fails with `Unavailable` every time.
@@ -67,6 +69,11 @@ impl<S: ProjectionStore<Unit = InMemoryUnit>> Projection<S> for Sum {
         if self.poison == Some(added.sum) {
             assert!(!self.panics, "the projection panics on {}", added.sum);
             return Err(HandlerError::invalid("poison", "this event always fails"));
+        }
+        if self.refuses_for_good == Some(added.sum) {
+            return Err(
+                HandlerError::invalid("refused_for_good", "no retry mends this").permanent(),
+            );
         }
         if self.unavailable.load(Ordering::SeqCst) || self.unavailable_on == Some(added.sum) {
             self.unavailable_answers.fetch_add(1, Ordering::SeqCst);
@@ -703,6 +710,127 @@ fn a_poison_event_is_set_aside_and_other_keys_take_effect_at_once() {
     });
 }
 
+/// An event no redelivery mends (refused with an error marked permanent, or whose payload is
+/// not its type's) is dead-lettered on its first delivery, with its error, instead of holding
+/// its key for `max_deliveries` redelivery delays; its key's later events then take effect.
+#[test]
+fn an_event_no_redelivery_mends_is_dead_lettered_at_once() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let transport = Arc::new(InMemoryTransport::new());
+            let sum = Arc::new(Sum {
+                refuses_for_good: Some(13),
+                ..Sum::default()
+            });
+            let mut garbled = keyed("c", 7);
+            garbled.payload = serde_json::json!({ "sum": "seven" });
+            transport
+                .publish(
+                    "sums",
+                    &[
+                        keyed("a", 13),
+                        keyed("b", 2),
+                        garbled,
+                        keyed("a", 4),
+                        keyed("c", 8),
+                    ],
+                )
+                .await
+                .unwrap();
+            let mut runner = sums_runner(
+                Arc::new(InMemoryProjectionStore::new()),
+                &sum,
+                &transport,
+                ConsumerOptions::default()
+                    .block(Duration::from_millis(20))
+                    .redelivery_delay(Duration::from_millis(10))
+                    .max_deliveries(10),
+            );
+            let failed = runner.run_once().await;
+            assert!(
+                matches!(failed, Err(ProjectionError::Apply { .. })),
+                "the refusal is reported: {failed:?}"
+            );
+            assert_eq!(*sum.seen.lock().unwrap(), [2]);
+            let dead = transport.dead_letters_with_errors("sums", "sum");
+            let given_up: Vec<_> = dead
+                .iter()
+                .map(|(record, deliveries, error)| {
+                    (
+                        record.payload["sum"].clone(),
+                        *deliveries,
+                        error.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            assert_eq!(given_up.len(), 2, "{given_up:?}");
+            assert_eq!((given_up[0].0.as_u64(), given_up[0].1), (Some(13), 1));
+            assert!(
+                given_up[0].2.contains("no retry mends this"),
+                "{given_up:?}"
+            );
+            assert_eq!((given_up[1].0.as_str(), given_up[1].1), (Some("seven"), 1));
+            assert!(
+                given_up[1].2.contains("could not be decoded"),
+                "{given_up:?}"
+            );
+            assert_eq!(
+                counts.get(
+                    "cqrs_projection_dead_lettered_total{projection=sum,event_type=test.added}"
+                ),
+                2
+            );
+
+            run_until_drained(&mut runner, &transport).await;
+            assert_eq!(*sum.seen.lock().unwrap(), [2, 4, 8], "their keys went on");
+            assert_eq!(transport.dead_letters("sums", "sum").len(), 2);
+        })
+    });
+}
+
+/// An event no redelivery mends behind events of its key in its batch is handed back, not
+/// dead-lettered there: out of the pending list, it would let its key's later events pass those
+/// earlier ones. It is dead-lettered when it comes back, first of its key.
+#[test]
+fn an_event_no_redelivery_mends_waits_for_its_keys_earlier_events() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum {
+            refuses_for_good: Some(13),
+            ..Sum::default()
+        });
+        transport
+            .publish("sums", &[keyed("a", 1), keyed("a", 13), keyed("a", 4)])
+            .await
+            .unwrap();
+        let mut runner = sums_runner(
+            Arc::new(InMemoryProjectionStore::new()),
+            &sum,
+            &transport,
+            ConsumerOptions::default()
+                .block(Duration::from_millis(20))
+                .redelivery_delay(Duration::from_millis(10))
+                .max_deliveries(10),
+        );
+        assert!(runner.run_once().await.is_err());
+        assert_eq!(*sum.seen.lock().unwrap(), [1]);
+        assert!(
+            transport.dead_letters("sums", "sum").is_empty(),
+            "dead-lettered while 1 was pending"
+        );
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(*sum.seen.lock().unwrap(), [1, 4]);
+        let dead = transport.dead_letters("sums", "sum");
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(
+            (dead[0].0.payload["sum"].as_u64(), dead[0].1),
+            (Some(13), 2),
+            "on its second delivery, the first of its key"
+        );
+    });
+}
+
 /// A batch whose other events took effect while one was set aside is progress: the worker
 /// reports itself degraded and goes on at once, instead of backing off as after a failed
 /// batch (each such batch counted as a failure: the waits grew, and after `stall_after` the
@@ -1311,11 +1439,11 @@ fn a_batch_with_an_event_that_waits_set_aside_still_backs_off() {
 
 /// An event of an old schema version no upcaster takes further (a type whose version went up
 /// with no upcaster registered, which `validate` cannot see, or a record with a wrong schema
-/// version) may wait for a build that never comes: it counts as an attempt and is
-/// dead-lettered after its deliveries, where it can be seen and replayed, instead of blocking
-/// its key for ever. Its batch mate takes effect.
+/// version) would wait for a build that never comes: no redelivery brings the upcaster, so it
+/// is dead-lettered on its first delivery, where it can be seen and replayed, instead of
+/// blocking its key. Its batch mate takes effect.
 #[test]
-fn an_event_missing_its_upcaster_is_dead_lettered_after_its_deliveries() {
+fn an_event_missing_its_upcaster_is_dead_lettered_at_once() {
     run(async {
         let transport = Arc::new(InMemoryTransport::new());
         let sum = Arc::new(Sum::default());
@@ -1349,8 +1477,8 @@ fn an_event_missing_its_upcaster_is_dead_lettered_after_its_deliveries() {
             dead.iter()
                 .map(|(r, n)| (r.event_id, *n))
                 .collect::<Vec<_>>(),
-            [(id, 3)],
-            "dead-lettered after its 3 deliveries"
+            [(id, 1)],
+            "dead-lettered on its first delivery"
         );
         assert_eq!(*sum.seen.lock().unwrap(), [5], "the batch mate took effect");
     });
