@@ -417,8 +417,13 @@ impl Sql {
                  FOR UPDATE SKIP LOCKED)"
             )),
 
+            // Looks first: an `INSERT` that meets the row would wait for a transaction holding
+            // an uncommitted update of it (a batch whose `COMMIT` never arrived, idle until
+            // Postgres ends it), and every standby's batch with it. The snapshot's committed
+            // row answers at once.
             relay_ensure: f(format!(
-                "INSERT INTO {s}.relay_checkpoints (relay, position) VALUES ($1, $2) \
+                "INSERT INTO {s}.relay_checkpoints (relay, position) SELECT $1::text, $2::bigint \
+                 WHERE NOT EXISTS (SELECT 1 FROM {s}.relay_checkpoints WHERE relay = $1::text) \
                  ON CONFLICT (relay) DO NOTHING"
             )),
             // One round trip: lock this relay's checkpoint row (or learn that another relay

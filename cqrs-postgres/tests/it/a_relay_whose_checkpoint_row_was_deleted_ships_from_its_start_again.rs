@@ -1,6 +1,7 @@
 //! A relay whose checkpoint row is deleted while it runs (an operator starting it over) creates
 //! the row again and ships from its start, instead of standing by for ever as if another relay
-//! of its name held the row.
+//! of its name held the row; and that check for a missing row does not wait on another
+//! relay's uncommitted advance of it.
 
 use crate::support::{pg_test, record};
 use crate::transport::receive;
@@ -35,5 +36,34 @@ pg_test! {
             .map(|e| e.payload["n"].as_u64().unwrap())
             .collect();
         assert_eq!(shipped, [1, 1, 2], "event 1 shipped again, as docs/postgres.md says");
+    }
+}
+
+pg_test! {
+    /// A transaction holding an uncommitted update of the checkpoint row (a batch whose
+    /// `COMMIT` never arrived, its session idle until Postgres ends it) leaves another relay of
+    /// the name standing by at once: its check for a missing row does not wait on that
+    /// transaction (which it did, holding a pooled connection until the session ended).
+    async fn a_relay_stands_by_at_once_behind_an_uncommitted_advance(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone());
+        relay.ensure_checkpoint().await.unwrap();
+
+        let mut stuck = db.pool().begin().await.unwrap();
+        let advance = format!(
+            "UPDATE \"{}\".relay_checkpoints SET position = position",
+            db.schema()
+        );
+        sqlx::query(AssertSqlSafe(advance)).execute(&mut *stuck).await.unwrap();
+        let standby = tokio::time::timeout(std::time::Duration::from_secs(5), relay.relay_once())
+            .await
+            .expect("the relay waited on the uncommitted update")
+            .unwrap();
+        assert_eq!(standby, RelayBatch::Standby);
+
+        stuck.rollback().await.unwrap();
+        assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(1));
     }
 }
