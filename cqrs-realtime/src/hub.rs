@@ -392,11 +392,12 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// token (`Authorization` header, else the `token` query parameter) and upgrades.
     ///
     /// Refusals have a JSON body `{"error": {"code", "message"}}`: 503 `shutting_down` once
-    /// the hub is stopping, then 401 `unauthorized` (no, malformed or refused token, or
-    /// credentials already expired, before the request is looked at as a handshake) or 503
-    /// `unavailable` with `Retry-After` (credentials that cannot be checked now), 400/426 from axum's upgrade checks as
+    /// the hub is stopping (`Retry-After: 1`: another instance may take it), then 401
+    /// `unauthorized` (no, malformed or refused token, or credentials already expired, before
+    /// the request is looked at as a handshake) or 503 `unavailable` with `Retry-After: 1`
+    /// (credentials that cannot be checked now), 400/426 from axum's upgrade checks as
     /// `websocket_upgrade_required` (not a WebSocket handshake), 503 `too_many_connections`
-    /// past `max_connections`, and 429 `too_many_connections` past
+    /// past `max_connections` (`Retry-After: 5`), and 429 `too_many_connections` past
     /// `max_connections_per_principal` (or, by [`handle_for_client`](Self::handle_for_client),
     /// `max_connections_per_client`).
     pub async fn handle(
@@ -422,11 +423,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
         inner.start();
         if inner.is_stopping() {
             inner.metrics.refused("shutting_down");
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is shutting down",
-            );
+            return shutting_down();
         }
         let token = match bearer_token(headers, uri) {
             Ok(token) => token,
@@ -451,15 +448,14 @@ impl<P: Send + Sync + 'static> Hub<P> {
             Ok(principal) => principal,
             Err(refusal) if refusal.is_unavailable() => {
                 inner.metrics.refused("unavailable");
-                let mut response = error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    refusal.message(),
+                return retry_after(
+                    error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        refusal.message(),
+                    ),
+                    "1",
                 );
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
             }
             Err(refusal) => {
                 inner.metrics.refused("unauthorized");
@@ -550,10 +546,14 @@ impl<P: Send + Sync + 'static> Hub<P> {
         {
             drop(slot);
             inner.metrics.refused("too_many_connections");
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_connections",
-                "the server holds as many WebSocket connections as it may; try again later",
+            // Not at once: every client refused here would come back together.
+            return retry_after(
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_connections",
+                    "the server holds as many WebSocket connections as it may; try again later",
+                ),
+                "5",
             );
         }
         slot.placed = true;
@@ -566,11 +566,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
         if inner.is_stopping() {
             drop(slot);
             inner.metrics.refused("shutting_down");
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is shutting down",
-            );
+            return shutting_down();
         }
         let hub = inner.clone();
         let o = &inner.options;
@@ -886,6 +882,26 @@ fn unauthorized(message: &str, challenge: Challenge) -> Response {
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, challenge);
+    response
+}
+
+/// 503 `shutting_down`, with `Retry-After: 1`: another instance may take the client.
+fn shutting_down() -> Response {
+    retry_after(
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ),
+        "1",
+    )
+}
+
+/// `response` with `Retry-After: seconds`.
+fn retry_after(mut response: Response, seconds: &'static str) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
     response
 }
 

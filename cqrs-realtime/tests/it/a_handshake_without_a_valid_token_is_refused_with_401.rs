@@ -263,16 +263,25 @@ async fn one_client_holds_at_most_its_share_of_connections() {
     .await;
 }
 
-/// Handshakes beyond `max_connections` get 503 `too_many_connections`.
+/// Handshakes beyond `max_connections` get 503 `too_many_connections`, with a `Retry-After`
+/// that keeps the refused clients from coming back at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_beyond_the_connection_limit_get_503() {
     with_timeout(TEST_LIMIT, async {
         let t = TestHub::start(HubOptions::new().max_connections(2)).await;
         let _a = t.connect("user-u1").await;
         let mut b = t.connect("user-u2").await;
-        let (status, body) = handshake(&t, "?token=user-u3", None).await;
-        assert_eq!(status, 503);
-        assert_eq!(body["error"]["code"], "too_many_connections");
+        match tokio_tungstenite::connect_async(t.url("user-u3")).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                let retry_after = response.headers().get(http::header::RETRY_AFTER);
+                assert_eq!(retry_after.map(|v| v.to_str().unwrap()), Some("5"));
+                let body: serde_json::Value =
+                    serde_json::from_slice(&response.body().clone().unwrap_or_default()).unwrap();
+                assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+            }
+            other => panic!("expected 503, got {other:?}"),
+        }
         // A closed connection frees its place.
         b.ws.close(None).await.unwrap();
         cqrs_core::testing::eventually(

@@ -34,6 +34,10 @@ async fn the_shutdown_signal_closes_connections_with_1001_and_refuses_new_ones()
         match tokio_tungstenite::connect_async(t.url("user-u1")).await {
             Err(tungstenite::Error::Http(response)) => {
                 assert_eq!(response.status().as_u16(), 503);
+                let retry_after = response
+                    .headers()
+                    .get(tungstenite::http::header::RETRY_AFTER);
+                assert_eq!(retry_after.map(|v| v.to_str().unwrap()), Some("1"));
                 let body: serde_json::Value =
                     serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
                 assert_eq!(body["error"]["code"], "shutting_down");

@@ -172,8 +172,9 @@ impl fmt::Debug for BackgroundWorker {
 /// see them. The gateway joins every plugin's feed into the one hub it mounts at `/ws`: a topic
 /// belongs to the one feed whose routing carries it, and that feed's authorizer decides who
 /// may subscribe to it and see its events (a topic two feeds carry is refused to everyone); an
-/// event is pushed as the first feed that routes it says, onto that feed's own topics only
-/// (one it puts on another's topic is not pushed). Give a feed topics of its own.
+/// event is pushed as the one feed that routes it says, onto that feed's own topics only (one
+/// it puts on another's topic is not pushed, nor is an event two feeds route: a warning says
+/// so, once per event type). Give a feed topics of its own, and route only your own events.
 #[derive(Clone)]
 pub struct RealtimeFeed {
     /// Topics, channels and the pushed `event` object of each event.

@@ -207,7 +207,7 @@ fn advise(error: ApiError, after: AfterTimeout) -> ApiError {
 fn reused() -> ApiError {
     ApiError::unprocessable(
         "idempotency_key_reused",
-        "this Idempotency-Key was already used for a different request",
+        "this Idempotency-Key belongs to a different request (another body or route), finished or still running; send this one with a new key",
     )
 }
 

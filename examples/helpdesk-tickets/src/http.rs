@@ -483,6 +483,11 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
     };
     idempotent(op)
         .response(
+            503,
+            "the user store could not be asked (`unavailable`, with `Retry-After`), the request ran past its time budget or the store did not answer in time (`timeout`), or, on Postgres, a request with the same Idempotency-Key and body still ran after 5 s (`idempotency_key_in_use`, with `Retry-After`: retry with the key to get its answer)",
+            None,
+        )
+        .response(
             400,
             &format!("{id}malformed JSON (`malformed_json`), a body that could not be read (`unreadable_body`), or a malformed Idempotency-Key or two of them (`invalid_idempotency_key`)"),
             None,

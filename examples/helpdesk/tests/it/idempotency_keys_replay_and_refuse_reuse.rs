@@ -238,6 +238,21 @@ async fn the_api_describes_the_key_as_visible_ascii() {
                 .find(|p| p["name"] == "Idempotency-Key")
                 .unwrap_or_else(|| panic!("{path} {method}"));
             assert_eq!(key["schema"]["pattern"], "^[!-~]{1,255}$", "{key}");
+            // The key's own answers are among the operation's.
+            let responses = &api.body["paths"][path][method]["responses"];
+            for (status, code) in [
+                ("400", "invalid_idempotency_key"),
+                ("422", "idempotency_key_reused"),
+                ("503", "idempotency_key_in_use"),
+            ] {
+                let description = responses[status]["description"]
+                    .as_str()
+                    .unwrap_or_default();
+                assert!(
+                    description.contains(code),
+                    "{path} {method} {status}: {responses}"
+                );
+            }
         }
         // The pattern is the server's check: a key with a space is refused, one of every
         // other visible character is not.
