@@ -72,3 +72,35 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
         "a non-string panic payload".to_owned()
     }
 }
+
+/// Drops `value` (a future cancelled at its timeout) inside a panic guard: one whose guard
+/// checks, on drop, that its work finished would otherwise panic out of whoever cut it off
+/// (a consume loop, the health report, a periodic job), instead of failing as the timeout it
+/// is. The panic is logged and stops here.
+pub(crate) fn drop_cancelled<T>(value: T) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
+        tracing::error!(
+            panic = %into_message(payload),
+            "work cancelled at its timeout panicked when it was dropped; the panic stops here"
+        );
+    }
+}
+
+/// `work`'s output, or `None` when it ran past `timeout` (and was dropped, by
+/// [`drop_cancelled`]). No limit with `None`.
+pub(crate) async fn within<T>(
+    timeout: Option<std::time::Duration>,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    let Some(limit) = timeout else {
+        return Some(work.await);
+    };
+    let mut work = Box::pin(work);
+    match tokio::time::timeout(limit, &mut work).await {
+        Ok(done) => Some(done),
+        Err(_) => {
+            drop_cancelled(work);
+            None
+        }
+    }
+}

@@ -1387,7 +1387,7 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
             // may panic before it returns its future.
             let applying =
                 crate::panic::CatchUnwind::new(async { projection.apply(unit, &envelope).await });
-            bounded(timeout, applying)
+            crate::panic::within(timeout, applying)
                 .await
                 .unwrap_or_else(|| {
                     // The event's fault as far as the runner can tell: handed back as an
@@ -1556,35 +1556,6 @@ fn first_of_its_key(order_keys: &[Option<String>], i: usize) -> bool {
     order_keys[i]
         .as_ref()
         .is_none_or(|key| !order_keys[..i].iter().any(|k| k.as_ref() == Some(key)))
-}
-
-/// `work`'s output, or `None` when it ran past `timeout` (and was dropped).
-///
-/// The cancelled future is dropped inside a panic guard: a handler's guard that checks, on
-/// drop, that its work finished would otherwise panic out of the consume loop, and the whole
-/// batch would come back, every delivery counted.
-async fn bounded<T>(
-    timeout: Option<Duration>,
-    work: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let Some(limit) = timeout else {
-        return Some(work.await);
-    };
-    let mut work = Box::pin(work);
-    match tokio::time::timeout(limit, &mut work).await {
-        Ok(done) => Some(done),
-        Err(_) => {
-            let dropped =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(work)));
-            if let Err(payload) = dropped {
-                tracing::error!(
-                    panic = %crate::panic::into_message(payload),
-                    "a handler cancelled at its timeout panicked when it was dropped; the panic stops here"
-                );
-            }
-            None
-        }
-    }
 }
 
 /// A duration cut to the millisecond, for messages (`1.5s`, not `1.500000042s`, with `{:?}`).
@@ -2106,7 +2077,7 @@ where
         // A handler that panics fails its own delivery, as an error would: unwinding past
         // the loop would hand nothing back, and the whole batch would come back counted.
         // The call inside the guarded future: a closure may panic before its `async` block.
-        let handled = bounded(
+        let handled = crate::panic::within(
             timeout,
             crate::panic::CatchUnwind::new(async { handle(delivery).await }),
         )

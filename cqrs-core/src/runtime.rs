@@ -264,17 +264,12 @@ where
         let limit = self.timeout;
         let run = async move {
             let run = crate::CatchUnwind::new(run);
-            let outcome = match limit {
-                None => run.await,
-                Some(limit) => match tokio::time::timeout(limit, run).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        return Err(format!(
-                            "the run did not finish within {limit:?} and was cancelled"
-                        )
-                        .into());
-                    }
-                },
+            let Some(outcome) = crate::panic::within(limit, run).await else {
+                return Err(format!(
+                    "the run did not finish within {:?} and was cancelled",
+                    limit.unwrap_or_default()
+                )
+                .into());
             };
             outcome.unwrap_or_else(|message| Err(panicked(message)))
         };
@@ -414,6 +409,7 @@ impl RuntimeBuilder {
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthMap::default();
         let mut tasks = JoinSet::new();
+        let running = Running::default();
         // Health is kept by name: two workers of one name (two consumers of one topic and
         // group, say) would overwrite each other's, so the second is `name#2`, and so on.
         let mut taken: HashSet<String> = HashSet::new();
@@ -435,7 +431,9 @@ impl RuntimeBuilder {
                 health: reporter.clone(),
             };
             let (min, max) = (self.min_backoff, self.max_backoff);
+            let still_running = running.enter(&name);
             tasks.spawn(async move {
+                let _running = still_running;
                 let mut backoff = min;
                 loop {
                     let started = tokio::time::Instant::now();
@@ -516,8 +514,46 @@ impl RuntimeBuilder {
             health,
             checks: Arc::new(checks),
             tasks: tokio::sync::Mutex::new(tasks),
+            running,
             aborted: std::sync::Mutex::default(),
         }
+    }
+}
+
+/// The workers whose task has not ended, by name: what a shutdown past its grace names and
+/// aborts. Not read from their health: a worker that returned an error while stopping has
+/// ended, `Unhealthy` ("failed while stopping"), and stays so.
+#[derive(Clone, Default)]
+struct Running(Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts `name` as running until the returned guard, held by its task, is dropped.
+    fn enter(&self, name: &str) -> RunningGuard {
+        self.lock().insert(name.to_owned());
+        RunningGuard {
+            running: self.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.lock().iter().cloned().collect()
+    }
+}
+
+/// Takes its worker out of [`Running`] when its task ends (returns, or is dropped aborted).
+struct RunningGuard {
+    running: Running,
+    name: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.running.lock().remove(&self.name);
     }
 }
 
@@ -568,6 +604,7 @@ pub struct Runtime {
     health: HealthMap,
     checks: Arc<Vec<Check>>,
     tasks: tokio::sync::Mutex<JoinSet<()>>,
+    running: Running,
     /// The workers a `shutdown` aborted, so that a later call does not report a clean stop.
     aborted: std::sync::Mutex<Vec<String>>,
 }
@@ -655,13 +692,13 @@ impl Runtime {
                 // The call inside the guard: a hand-written `check` may panic before it
                 // returns its future.
                 let checked = crate::panic::CatchUnwind::new(async { check.check().await });
-                let health = match tokio::time::timeout(budget, checked).await {
-                    Ok(Ok(health)) => health,
-                    Ok(Err(panic)) => {
+                let health = match crate::panic::within(Some(budget), checked).await {
+                    Some(Ok(health)) => health,
+                    Some(Err(panic)) => {
                         tracing::error!(check = %name, panic, "a health check panicked");
                         Health::Unhealthy(format!("the check panicked: {panic}"))
                     }
-                    Err(_) => {
+                    None => {
                         Health::Unhealthy(format!("no answer within {} ms", budget.as_millis()))
                     }
                 };
@@ -728,8 +765,9 @@ impl Runtime {
             match tokio::time::timeout_at(stop_by, tasks.join_next()).await {
                 Ok(_) => {}
                 Err(_) => {
-                    tasks.abort_all();
+                    // Named before the abort: an aborted task leaves the set as it is dropped.
                     let workers = self.still_running();
+                    tasks.abort_all();
                     // Aborting only asks: wait until each aborted run is dropped. A run at an
                     // `.await` is dropped at once; one blocking its thread is waited for until
                     // the deadline, no longer.
@@ -773,15 +811,9 @@ impl Runtime {
         })
     }
 
-    /// The workers not reported stopped.
+    /// The workers whose task has not ended.
     fn still_running(&self) -> Vec<String> {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, (h, _))| *h != Health::Stopped)
-            .map(|(n, _)| n.clone())
-            .collect()
+        self.running.names()
     }
 }
 

@@ -8,12 +8,21 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-/// Why an append cannot be stored (as Postgres could not hold it), if it cannot.
-fn unstorable(stream_id: &str, events: &[EventRecord]) -> Option<String> {
-    const NUL: char = '\0';
-    if stream_id.contains(NUL) {
-        return Some("the stream id holds U+0000, which Postgres cannot store".to_owned());
+/// A stream id Postgres could not take (U+0000 in it), refused by every call as the Postgres
+/// stores refuse it.
+fn refused_stream_id(stream_id: &str) -> Result<(), StoreError> {
+    if stream_id.contains('\0') {
+        return Err(StoreError::Rejected {
+            backend: "memory",
+            source: "the stream id holds U+0000, which Postgres cannot store".into(),
+        });
     }
+    Ok(())
+}
+
+/// Why an append cannot be stored (as Postgres could not hold it), if it cannot.
+fn unstorable(events: &[EventRecord]) -> Option<String> {
+    const NUL: char = '\0';
     events.iter().find_map(|event| {
         let id = event.event_id;
         if crate::ports::nests_deeper_than(&event.payload, crate::ports::MAX_PAYLOAD_DEPTH) {
@@ -53,7 +62,8 @@ struct State {
 ///
 /// It refuses what the Postgres store refuses, so that tests meet the refusal before a server
 /// does: a payload nested more than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH)
-/// deep, and U+0000 in a stream id, an event type, a payload (its text or its keys), a
+/// deep, and U+0000 in a stream id (in every call: `load` and `stream_version` too, and the
+/// snapshot store's), an event type, a payload (its text or its keys), a
 /// partition key, an actor or a trace context, each as [`StoreError::Rejected`]; a schema
 /// version past `i32::MAX` as [`StoreError::Codec`].
 ///
@@ -134,7 +144,8 @@ impl EventStore for InMemoryEventStore {
         expected: ExpectedVersion,
         events: Vec<EventRecord>,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        if let Some(why) = unstorable(stream_id, &events) {
+        refused_stream_id(stream_id)?;
+        if let Some(why) = unstorable(&events) {
             return Err(StoreError::Rejected {
                 backend: "memory",
                 source: why.into(),
@@ -206,6 +217,7 @@ impl EventStore for InMemoryEventStore {
         stream_id: &str,
         after_version: u64,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        refused_stream_id(stream_id)?;
         let state = self.lock();
         Ok(state
             .streams
@@ -236,6 +248,7 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        refused_stream_id(stream_id)?;
         Ok(self.lock().streams.get(stream_id).map_or(0, Vec::len) as u64)
     }
 }
@@ -256,11 +269,13 @@ impl InMemorySnapshotStore {
 #[async_trait]
 impl SnapshotStore for InMemorySnapshotStore {
     async fn load(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        refused_stream_id(stream_id)?;
         let snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         Ok(snapshots.get(stream_id).cloned())
     }
 
     async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError> {
+        refused_stream_id(stream_id)?;
         let mut snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         match snapshots.get(stream_id) {
             Some(existing) if existing.version >= snapshot.version => {}

@@ -124,42 +124,45 @@ where
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A future given `budget`, counted from its first wait, as [`TimeoutFuture`] does, for
-    /// any output (each event handler's, [`EventBusBuilder::handler_timeout`]): a future that
-    /// finishes without waiting never reads the clock. Past the budget it ends with
-    /// `Err(budget)`; the inner future is dropped with this one.
-    ///
-    /// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
-    #[derive(Debug)]
-    pub(crate) struct Budgeted<F> {
-        #[pin]
-        inner: F,
-        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-        budget: Duration,
-    }
+/// A future given `budget`, counted from its first wait, as [`TimeoutFuture`] does, for any
+/// output (each event handler's, [`EventBusBuilder::handler_timeout`]): a future that finishes
+/// without waiting never reads the clock. Past the budget it ends with `Err(budget)`, the inner
+/// future dropped there inside a panic guard: one that panics when dropped unfinished (a guard
+/// checking its work finished) still times out, instead of failing the handler as a panic.
+///
+/// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
+#[derive(Debug)]
+pub(crate) struct Budgeted<F> {
+    inner: Option<F>,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    budget: Duration,
 }
 
 impl<F> Budgeted<F> {
     pub(crate) fn new(inner: F, budget: Duration) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             sleep: None,
             budget,
         }
     }
 }
 
-impl<F: Future> Future for Budgeted<F> {
+impl<F: Future + Unpin> Future for Budgeted<F> {
     type Output = Result<F::Output, Duration>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(output) = this.inner.poll(cx) {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let budget = this.budget;
+        // Polled again after it ran out: still out.
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(budget));
+        };
+        if let Poll::Ready(output) = Pin::new(inner).poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        let budget = *this.budget;
-        if ran_out(this.sleep, budget, cx) {
+        if ran_out(&mut this.sleep, budget, cx) {
+            crate::panic::drop_cancelled(this.inner.take());
             Poll::Ready(Err(budget))
         } else {
             Poll::Pending

@@ -89,6 +89,7 @@ macro_rules! event_store_conformance {
                 read_all_returns_every_stream_in_one_global_order,
                 records_keep_their_payload_and_metadata,
                 a_payload_too_deep_to_read_back_is_refused,
+                a_stream_id_holding_nul_is_refused_by_every_call,
             ]
         );
     };
@@ -753,6 +754,27 @@ pub async fn a_payload_too_deep_to_read_back_is_refused<H: EventStoreHarness>(h:
     assert_eq!(loaded.len(), 2);
     assert_eq!(loaded[0].payload, nested(depth), "and loads back whole");
     assert_eq!(loaded[1].payload, nested_mixed(depth));
+}
+
+/// A stream id holding U+0000 (which Postgres cannot hold in text) is refused as
+/// [`StoreError::Rejected`] (a client's data at fault: a path parameter, say) by `append`,
+/// `load` and `stream_version` alike, not read as a stream with no events.
+pub async fn a_stream_id_holding_nul_is_refused_by_every_call<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-nul\0", h.test_id());
+    let rejected = |what: &str, result: Result<(), StoreError>| match result {
+        Err(StoreError::Rejected { .. }) => {}
+        other => panic!("{what}: refused as `Rejected`, not: {other:?}"),
+    };
+    let appended = store
+        .append(&stream, ExpectedVersion::Any, vec![record(1)])
+        .await;
+    rejected("append", appended.map(drop));
+    rejected("load", store.load(&stream, 0).await.map(drop));
+    rejected(
+        "stream_version",
+        store.stream_version(&stream).await.map(drop),
+    );
 }
 
 /// The late-commit trap, made deterministic: writer A begins and stays open, B appends after

@@ -274,3 +274,63 @@ fn without_a_time_driver_only_the_handler_that_waits_fails() {
         assert_eq!(prompt.seen(), 1, "layered: {layered}");
     }
 }
+
+/// Never finishes, and panics when its future is dropped unfinished (a guard checking its
+/// work finished).
+struct HangsThenPanicsOnDrop;
+
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("dropped before its work finished");
+    }
+}
+
+#[async_trait]
+impl EventHandler<Added> for HangsThenPanicsOnDrop {
+    async fn handle(&self, _: &Added, _: EventContext<'_>) -> Result<(), HandlerError> {
+        let _guard = PanicsOnDrop;
+        std::future::pending().await
+    }
+
+    fn name(&self) -> &str {
+        "hangs_then_panics"
+    }
+}
+
+/// A handler cut off at the bus's `handler_timeout` whose future panics as it is dropped still
+/// fails with a `Timeout` (retryable), not as a panic (`Internal`), with layers and without.
+#[test]
+fn a_handler_that_panics_when_cut_off_still_times_out() {
+    run_paused(|| async {
+        let budget = Duration::from_secs(5);
+        for layered in [false, true] {
+            let builder = EventBus::builder().handler(HangsThenPanicsOnDrop);
+            let bus = if layered {
+                builder
+                    .layer(TracingLayer::new())
+                    .handler_timeout(budget)
+                    .build()
+            } else {
+                builder.handler_timeout(budget).build()
+            }
+            .unwrap();
+            let err = bus
+                .publish_event(Added { sum: 1 }, Metadata::new())
+                .await
+                .unwrap_err();
+            let DispatchError::Publish(publish) = &err else {
+                panic!("expected a publish error, got {err}");
+            };
+            assert!(
+                matches!(
+                    publish.failures[0].error,
+                    DispatchError::Timeout { after, .. } if after == budget
+                ),
+                "layered: {layered}: {err}"
+            );
+            assert_eq!(err.kind(), ErrorKind::Timeout, "layered: {layered}");
+        }
+    });
+}

@@ -89,3 +89,28 @@ fn text_holding_nul_is_rejected_wherever_it_is() {
             .unwrap();
     });
 }
+
+/// The snapshot store refuses such a stream id as well, on load and on save, as Postgres does,
+/// instead of reading it as a stream with no snapshot.
+#[test]
+fn the_snapshot_store_refuses_a_stream_id_holding_nul() {
+    use cqrs_core::memory::InMemorySnapshotStore;
+    use cqrs_core::ports::{Snapshot, SnapshotStore};
+    run(async {
+        let snapshots = InMemorySnapshotStore::new();
+        let loaded = snapshots.load("s\0").await;
+        assert!(
+            matches!(loaded, Err(StoreError::Rejected { .. })),
+            "{loaded:?}"
+        );
+        let saved = snapshots.save("s\0", Snapshot::new(1, json!({}))).await;
+        assert!(
+            matches!(saved, Err(StoreError::Rejected { .. })),
+            "{saved:?}"
+        );
+        snapshots
+            .save("s", Snapshot::new(1, json!({})))
+            .await
+            .expect("another stream id is fine");
+    });
+}

@@ -943,3 +943,111 @@ fn a_check_named_like_a_worker_does_not_hide_it() {
         let _ = runtime.shutdown(Duration::from_millis(100)).await;
     });
 }
+
+/// Panics when dropped: a guard checking, on drop, that its work finished.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("dropped before its work finished");
+    }
+}
+
+/// A check that never answers and panics when it is dropped unfinished.
+struct HangsThenPanicsOnDrop;
+
+#[async_trait]
+impl HealthCheck for HangsThenPanicsOnDrop {
+    async fn check(&self) -> Health {
+        let _guard = PanicsOnDrop;
+        std::future::pending().await
+    }
+}
+
+/// A check cut off at the budget whose future panics as it is dropped is reported as not
+/// answering, as any other: the panic does not escape into the readiness endpoint.
+#[tokio::test(start_paused = true)]
+async fn a_check_that_panics_when_cut_off_is_reported_as_not_answering() {
+    let runtime = Runtime::builder()
+        .check("mail", Arc::new(HangsThenPanicsOnDrop), false)
+        .start();
+    let report = runtime.health_within(Duration::from_millis(200)).await;
+    assert_eq!(
+        report.components["mail"].0.reason(),
+        Some("no answer within 200 ms")
+    );
+}
+
+/// A periodic run cancelled at its timeout whose future panics as it is dropped is a run that
+/// timed out (degraded, the next one an interval later), not a panicking worker restarted at
+/// once.
+#[test]
+fn a_periodic_run_that_panics_when_cancelled_still_times_out() {
+    run_paused(|| async {
+        let (runs_tx, mut runs) = tokio::sync::mpsc::unbounded_channel();
+        let mut count = 0;
+        let job = move || {
+            count += 1;
+            let _ = runs_tx.send((count, tokio::time::Instant::now()));
+            async move {
+                let _guard = PanicsOnDrop;
+                std::future::pending::<()>().await;
+                Ok::<(), BoxError>(())
+            }
+        };
+        let runtime = Runtime::builder()
+            .worker(
+                Periodic::new("purge", Duration::from_secs(10), job)
+                    .stall_after(Duration::from_secs(20))
+                    .timeout(Duration::from_secs(1)),
+            )
+            .start();
+        let (_, first) = runs.recv().await.unwrap();
+        health_turns(
+            &runtime,
+            "purge",
+            Health::Degraded("the run did not finish within 1s and was cancelled".into()),
+        )
+        .await;
+        let (second, at) = runs.recv().await.unwrap();
+        assert_eq!(second, 2);
+        assert!(
+            at - first >= Duration::from_secs(10),
+            "the next run came after {:?}, not an interval later",
+            at - first
+        );
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// A shutdown past its grace names and aborts only the workers still running: one that ended
+/// by failing while it stopped is not named, and keeps its "failed while stopping" health.
+#[test]
+fn a_shutdown_past_its_grace_names_only_the_workers_still_running() {
+    run_paused(|| async {
+        let runtime = Runtime::builder()
+            .worker(FailsWhileStopping)
+            .worker(Stuck {
+                dropped: Arc::default(),
+            })
+            .start();
+        eventually(Duration::from_secs(5), "both run", || async {
+            let report = runtime.health().await;
+            (report.components["fails-while-stopping"].0 == Health::Healthy
+                && report.components["stuck"].0 == Health::Healthy)
+                .then_some(())
+        })
+        .await;
+        let err = runtime
+            .shutdown(Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(err.workers, ["stuck"], "{err}");
+        let report = runtime.health().await;
+        assert_eq!(
+            report.components["fails-while-stopping"].0,
+            Health::Unhealthy("failed while stopping: the last acknowledgement failed".into())
+        );
+        assert_eq!(report.components["stuck"].0, Health::Stopped);
+    });
+}
