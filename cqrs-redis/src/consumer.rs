@@ -1238,7 +1238,7 @@ fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
         None => Ok(()),
         Some(id) => Err(TransportError::Invalid(format!(
             "`{}` is no delivery id of this transport (a stream entry id, `<ms>-<seq>`): ack, \
-             nack and keep_alive take the ids `fetch` returned",
+             nack, defer, dead_letter and keep_alive take the ids `fetch` returned",
             id.0.chars().take(64).collect::<String>()
         ))),
     }
@@ -1695,6 +1695,9 @@ impl Consumer for RedisConsumer {
     }
 
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        // All checked first: a bad one would fail its chunk's script after the good ones were
+        // taken out of the bookkeeping, which would then come back as an attempt.
+        delivery_ids(ids)?;
         for chunk in ids.chunks(512) {
             let mut args = Vec::with_capacity(chunk.len() + 2);
             args.push(Value::from(self.group.as_str()));

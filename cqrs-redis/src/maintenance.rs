@@ -20,7 +20,7 @@ pub struct TrimReport {
     pub removed: u64,
     /// The bound: the oldest entry some group still needs, or its last-delivered id (one entry
     /// earlier than the first it was not delivered yet). `None` when the stream has no group
-    /// or no group has read anything (nothing may go).
+    /// or some group has read nothing yet (nothing may go: that group needs every entry).
     pub bound: Option<String>,
 }
 

@@ -25,6 +25,9 @@ async fn a_delivery_id_made_by_hand_is_refused_as_invalid() {
                 consumer.ack(&[good.clone(), garbage.clone()]).await,
                 consumer.nack(&garbage).await,
                 consumer.keep_alive(std::slice::from_ref(&garbage)).await,
+                consumer.defer(&[good.clone(), garbage.clone()]).await,
+                consumer.dead_letter(&garbage, "given up").await,
+                consumer.nack_with_reason(&garbage, "failed").await,
             ];
             for refused in refused {
                 match refused {
