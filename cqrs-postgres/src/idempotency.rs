@@ -288,16 +288,10 @@ impl IdempotencyGuard for PgIdempotencyGuard {
         // The work has run: a body Postgres cannot store (or could not read back) is no
         // reason to release the key, which would let a retry run the work again. Its status
         // is kept, with a note for a body.
-        let response = match crate::row::unstorable_response(&response.body) {
-            None => response,
-            Some(why) => {
-                tracing::warn!(scope = %scope, key = %key, %why, "stored a note in place of a response Postgres cannot store");
-                StoredResponse::new(
-                    response.status,
-                    serde_json::json!({ "response_not_stored": why }),
-                )
-            }
-        };
+        let (response, why) = response.storable();
+        if let Some(why) = why {
+            tracing::warn!(scope = %scope, key = %key, %why, "stored a note in place of a response Postgres cannot store");
+        }
         // In a task of its own, as the command layer's commit: the work the key guards has
         // run, so a caller that gives up mid-`COMMIT` (its time budget spent) must not roll
         // the key back, which would let a retry run the work a second time.

@@ -76,21 +76,6 @@ pub(crate) fn readable_json(
     })
 }
 
-/// Why a response stored for an idempotency key could not be, if so: too deep to read back,
-/// or text holding U+0000, which `jsonb` refuses.
-pub(crate) fn unstorable_response(body: &serde_json::Value) -> Option<String> {
-    if cqrs_core::ports::nests_deeper_than(body, MAX_JSON_DEPTH) {
-        Some(format!(
-            "the response nests arrays and objects more than {MAX_JSON_DEPTH} deep: it could \
-             be stored but never read back"
-        ))
-    } else if cqrs_core::ports::holds_nul(body) {
-        Some("the response holds U+0000, which Postgres cannot store".to_owned())
-    } else {
-        None
-    }
-}
-
 /// An event's schema version as a Postgres integer.
 pub(crate) fn schema_version(record: &EventRecord) -> Result<i32, StoreError> {
     i32::try_from(record.schema_version).map_err(|_| {

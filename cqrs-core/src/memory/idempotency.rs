@@ -87,6 +87,11 @@ struct Guard {
 #[async_trait]
 impl IdempotencyGuard for Guard {
     async fn complete(mut self: Box<Self>, response: StoredResponse) -> Result<(), StoreError> {
+        // What Postgres would keep, so a replay in memory answers as one on Postgres.
+        let (response, why) = response.storable();
+        if let Some(why) = why {
+            tracing::warn!(key = ?self.key, %why, "stored a note in place of a response no store can keep");
+        }
         if let Some(key) = self.key.take() {
             // A ttl too long for the calendar (`Duration::MAX` as "keep forever") saturates.
             let now = self.store.clock.now();

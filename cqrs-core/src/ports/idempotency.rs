@@ -16,10 +16,57 @@ pub struct StoredResponse {
     pub body: serde_json::Value,
 }
 
+/// The deepest nesting of arrays and objects a stored response's body may have: `serde_json`
+/// reads at most 128 levels, so a deeper body could be stored but never read back.
+pub const MAX_RESPONSE_DEPTH: usize = 127;
+
 impl StoredResponse {
     /// A response.
     pub fn new(status: u16, body: serde_json::Value) -> Self {
         Self { status, body }
+    }
+
+    /// Why no idempotency store can keep this response's body, if none can: it nests arrays
+    /// and objects more than [`MAX_RESPONSE_DEPTH`] deep, or holds U+0000 (which Postgres's
+    /// `jsonb` refuses).
+    pub fn unstorable(&self) -> Option<String> {
+        if super::nests_deeper_than(&self.body, MAX_RESPONSE_DEPTH) {
+            Some(format!(
+                "the response nests arrays and objects more than {MAX_RESPONSE_DEPTH} deep: it \
+                 could be stored but never read back"
+            ))
+        } else if super::holds_nul(&self.body) {
+            Some("the response holds U+0000, which Postgres cannot store".to_owned())
+        } else {
+            None
+        }
+    }
+
+    /// What an idempotency store keeps of this response, and why it is not the response
+    /// itself when it is not: the response, or, when its body is
+    /// [`unstorable`](Self::unstorable), its status with `{"response_not_stored": why}` in
+    /// place of the body. The work has run: a body that cannot be kept is no reason to release
+    /// the key, which would let a retry run the work again. Every store keeps the same (and
+    /// logs the reason), so a replay answers alike on each.
+    ///
+    /// ```
+    /// use cqrs_core::ports::StoredResponse;
+    /// use serde_json::json;
+    ///
+    /// let (kept, why) = StoredResponse::new(201, json!({ "title": "a\u{0}b" })).storable();
+    /// assert_eq!(kept.status, 201);
+    /// assert_eq!(kept.body["response_not_stored"].as_str(), why.as_deref());
+    /// let fine = StoredResponse::new(201, json!({ "title": "ab" }));
+    /// assert_eq!(fine.clone().storable(), (fine, None));
+    /// ```
+    pub fn storable(self) -> (Self, Option<String>) {
+        match self.unstorable() {
+            None => (self, None),
+            Some(why) => {
+                let note = serde_json::json!({ "response_not_stored": why });
+                (Self::new(self.status, note), Some(why))
+            }
+        }
     }
 }
 

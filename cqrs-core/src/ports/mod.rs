@@ -16,7 +16,9 @@ pub use event_store::{
     EventStore, ExpectedVersion, MAX_PAYLOAD_DEPTH, Snapshot, SnapshotStore, holds_nul,
     nests_deeper_than,
 };
-pub use idempotency::{Claim, IdempotencyGuard, IdempotencyStore, StoredResponse};
+pub use idempotency::{
+    Claim, IdempotencyGuard, IdempotencyStore, MAX_RESPONSE_DEPTH, StoredResponse,
+};
 pub use projection::ProjectionStore;
 pub use pubsub::{Fanout, PubSub, PubSubMessage, Subscription};
 pub use transport::{

@@ -127,6 +127,7 @@ macro_rules! idempotency_conformance {
             idempotency,
             [
                 a_completed_key_replays_its_response,
+                a_response_no_store_can_keep_replays_as_a_note_with_its_status,
                 a_key_reused_with_another_request_is_rejected,
                 concurrent_claims_of_one_key_run_the_work_once,
                 a_dropped_claim_releases_the_key,
@@ -171,6 +172,33 @@ pub async fn a_completed_key_replays_its_response<H: IdempotencyHarness>(h: &H) 
         replay(store.claim(scope, "k1", "fp", DAY).await.unwrap()),
         response
     );
+}
+
+/// A response whose body no store can keep (holding U+0000, which Postgres's `jsonb` refuses,
+/// or nested too deep to read back) completes all the same, and a replay answers its status
+/// with a note in place of the body ([`StoredResponse::storable`]): the same on every store,
+/// and the key is not released (the work ran).
+pub async fn a_response_no_store_can_keep_replays_as_a_note_with_its_status<
+    H: IdempotencyHarness,
+>(
+    h: &H,
+) {
+    let store = h.store();
+    let scope = h.test_id();
+    let mut deep = json!(1);
+    for _ in 0..=crate::ports::MAX_RESPONSE_DEPTH {
+        deep = json!([deep]);
+    }
+    for (key, body) in [("nul", json!({ "title": "a\u{0}b" })), ("deep", deep)] {
+        let guard = new(store.claim(scope, key, "fp", DAY).await.unwrap());
+        let response = StoredResponse::new(201, body);
+        let (kept, why) = response.clone().storable();
+        assert!(why.is_some(), "{key}: no store can keep it");
+        guard.complete(response).await.unwrap();
+        let replayed = replay(store.claim(scope, key, "fp", DAY).await.unwrap());
+        assert_eq!(replayed, kept, "{key}");
+        assert_eq!(replayed.status, 201, "{key}");
+    }
 }
 
 /// The same key with a different fingerprint is a typed error, before and after completion.

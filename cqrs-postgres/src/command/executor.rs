@@ -192,7 +192,7 @@ impl PgCommandExecutor {
         let response = respond(&executed.output);
         // Made by the server from the handler's output: a body Postgres cannot store is this
         // server's fault, not the client's (the store would refuse it as `Rejected`, a 4xx).
-        if let Some(why) = crate::row::unstorable_response(&response.body) {
+        if let Some(why) = response.unstorable() {
             return Err(DispatchError::Handler(HandlerError::internal(format!(
                 "the response made of the command's output cannot be stored for its \
                  idempotency key ({why}); nothing was committed"
