@@ -306,6 +306,20 @@ impl Plugins {
         )
     }
 
+    /// The plugins linked into this binary ([`collect`](Self::collect)) and `extra`, handed
+    /// over directly (a test's plugin, or a server's own that it does not register through
+    /// inventory), ordered together. A name in both is a [`PluginError::Duplicate`].
+    pub fn collect_with(extra: Vec<Box<dyn Plugin>>) -> Result<Self, PluginError> {
+        Self::order(
+            inventory::iter::<PluginRegistration>
+                .into_iter()
+                .map(|r| (r.make)())
+                .chain(extra)
+                .collect(),
+            false,
+        )
+    }
+
     /// Orders an explicit list of plugins (tests, or servers that do not use inventory).
     pub fn from_plugins(plugins: Vec<Box<dyn Plugin>>) -> Result<Self, PluginError> {
         Self::order(plugins, true)
@@ -578,8 +592,10 @@ impl PluginRegistrar {
         &mut self.queries
     }
 
-    /// The event handlers registered so far; add to them.
+    /// The event handlers registered so far; add to them. Each is attributed to the plugin
+    /// adding it ([`EventHandlers::by_plugin`]).
     pub fn events(&mut self) -> &mut EventHandlers {
+        self.events.plugin = self.current;
         &mut self.events
     }
 
@@ -644,7 +660,10 @@ impl PluginRegistrar {
 
     /// Takes the event handlers out, to build an [`EventBus`](crate::EventBus).
     pub fn take_events(&mut self) -> EventHandlers {
-        std::mem::take(&mut self.events)
+        let mut events = std::mem::take(&mut self.events);
+        // What the server adds from here on is its own, not the last plugin's.
+        events.plugin = "";
+        events
     }
 
     /// Checks that every required command and query has a handler on the built buses.

@@ -175,11 +175,15 @@ async fn budgeted(
 }
 
 /// Event handlers collected before a bus is built (by a plugin, for instance).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct EventHandlers {
     entries: Vec<(MessageType, Arc<dyn ErasedEventHandler>)>,
     /// How to decode each handled type, for [`EventBus::event_types`].
     types: Vec<fn(&mut EventTypes)>,
+    /// The plugin that added each entry (`""`: none, the server itself).
+    plugins: Vec<&'static str>,
+    /// The plugin adding handlers now (set by the plugin registrar).
+    pub(crate) plugin: &'static str,
 }
 
 /// Registers `E` (its current version) in `types`.
@@ -206,7 +210,43 @@ impl EventHandlers {
             Arc::new(TypedEventHandler { handler, name }),
         ));
         self.types.push(register_type::<E>);
+        self.plugins.push(self.plugin);
         self
+    }
+
+    /// Splits the handlers by the plugin that registered them
+    /// ([`PluginRegistrar::events`](crate::PluginRegistrar::events); `""` for those the server
+    /// added itself), in the order each plugin first added one. A server gives each plugin's
+    /// handlers a feed of their own (a bus, a relay and its checkpoint), so that one plugin's
+    /// failing handler does not hold up another's.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::CountOpened;
+    /// use cqrs_core::EventHandlers;
+    ///
+    /// let mut handlers = EventHandlers::new();
+    /// handlers.add(CountOpened::default());
+    /// let groups = handlers.by_plugin();
+    /// assert_eq!(groups.len(), 1);
+    /// assert_eq!((groups[0].0, groups[0].1.len()), ("", 1));
+    /// ```
+    pub fn by_plugin(self) -> Vec<(&'static str, EventHandlers)> {
+        let mut groups: Vec<(&'static str, EventHandlers)> = Vec::new();
+        let entries = self.entries.into_iter().zip(self.types).zip(self.plugins);
+        for ((entry, types), plugin) in entries {
+            let at = match groups.iter().position(|(p, _)| *p == plugin) {
+                Some(at) => at,
+                None => {
+                    groups.push((plugin, EventHandlers::default()));
+                    groups.len() - 1
+                }
+            };
+            let group = &mut groups[at].1;
+            group.entries.push(entry);
+            group.types.push(types);
+            group.plugins.push(plugin);
+        }
+        groups
     }
 
     /// How many handlers are collected.
@@ -257,6 +297,7 @@ impl<L> EventBusBuilder<L> {
     pub fn handlers(mut self, mut handlers: EventHandlers) -> Self {
         self.handlers.entries.append(&mut handlers.entries);
         self.handlers.types.append(&mut handlers.types);
+        self.handlers.plugins.append(&mut handlers.plugins);
         self
     }
 

@@ -23,6 +23,9 @@ impl Plugin for P {
         if self.name == "adder" || self.name == "second-adder" {
             registrar.commands().add(AddHandler);
         }
+        if self.name.starts_with("listener") {
+            registrar.events().add(Counter::named(self.name));
+        }
         if self.name == "needs-db" {
             let _url: std::sync::Arc<str> = registrar.resource()?;
         }
@@ -244,4 +247,41 @@ fn a_handler_added_to_the_taken_handlers_is_not_blamed_on_the_last_plugin() {
         message.contains("OtherAddHandler` (on the bus builder)"),
         "{message}"
     );
+}
+
+/// Event handlers are attributed to the plugin that added them, and one the server adds after
+/// the plugins installed is its own (`""`), not the last plugin's: a server splits them to give
+/// each plugin's handlers a feed of their own.
+#[test]
+fn event_handlers_are_split_by_the_plugin_that_added_them() {
+    let ordered = Plugins::from_plugins(plugins(&[
+        ("listener-b", &[]),
+        ("auth", &[]),
+        ("listener-a", &["listener-b"]),
+    ]))
+    .unwrap();
+    let mut registrar = PluginRegistrar::new();
+    registrar.events().add(Counter::named("before"));
+    ordered.install(&mut registrar).unwrap();
+    let mut handlers = registrar.take_events();
+    handlers.add(Counter::named("after"));
+    assert_eq!(handlers.len(), 4);
+    let groups: Vec<_> = handlers
+        .clone()
+        .by_plugin()
+        .into_iter()
+        .map(|(plugin, handlers)| (plugin, handlers.len()))
+        .collect();
+    assert_eq!(groups, [("", 2), ("listener-b", 1), ("listener-a", 1)]);
+    // Each group builds a bus of its own, with its plugin's handlers only.
+    for (plugin, group) in handlers.by_plugin() {
+        let bus = cqrs_core::EventBus::builder()
+            .handlers(group)
+            .build()
+            .unwrap();
+        assert_eq!(
+            bus.handler_count::<Added>(),
+            if plugin.is_empty() { 2 } else { 1 }
+        );
+    }
 }

@@ -14,7 +14,9 @@ use cqrs_core::ports::{EventTransport, PubSub};
 use cqrs_core::projection::EventBusTransport;
 use cqrs_core::relay::StoreRelay;
 use cqrs_core::runtime::{Health, HealthCheck, Periodic, Runtime, Worker};
-use cqrs_core::{CommandBus, EventBus, EventStoreSink, PluginRegistrar, Plugins, QueryBus};
+use cqrs_core::{
+    CommandBus, EventBus, EventStoreSink, PluginRegistrar, Plugins, Position, QueryBus,
+};
 use cqrs_postgres::{PgDatabase, PgOptions, PgOutboxRelay};
 use cqrs_realtime::{Hub, PushedEvent, Refusal, Topic, Unauthenticated};
 use cqrs_redis::{RedisPubSubOptions, RedisStreamOptions, StreamMaintenance};
@@ -79,6 +81,9 @@ pub struct Hooks {
     /// the server's own (a test's user store that fails on demand, as
     /// `Arc<dyn helpdesk_auth::UserStore>`, say).
     pub provide: Vec<ProvideResources>,
+    /// Plugins handed over directly, installed with those linked in (through inventory), each
+    /// made by its function: a test's, or a binary's own that it does not register.
+    pub plugins: Vec<MakePlugin>,
     /// More plugins that must be linked, besides [`EXPECTED_PLUGINS`]: a binary that links
     /// plugins of its own names them, so one left unlinked (its `use ... as _;` line lost)
     /// fails the start naming it, instead of its routes answering 404.
@@ -96,6 +101,9 @@ pub(crate) type ProvideResources = Arc<dyn Fn(&mut PluginRegistrar) + Send + Syn
 /// Makes a background worker; see [`Hooks::workers`].
 pub type MakeWorker = Arc<dyn Fn() -> Box<dyn Worker> + Send + Sync>;
 
+/// Makes a plugin; see [`Hooks::plugins`].
+pub type MakePlugin = Arc<dyn Fn() -> Box<dyn cqrs_core::Plugin> + Send + Sync>;
+
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hooks")
@@ -103,6 +111,7 @@ impl std::fmt::Debug for Hooks {
             .field("without_relay", &self.without_relay)
             .field("workers", &self.workers.len())
             .field("provide", &self.provide.len())
+            .field("plugins", &self.plugins.len())
             .field("expect_plugins", &self.expect_plugins)
             .field("deployment_checks_every", &self.deployment_checks_every)
             .finish()
@@ -245,7 +254,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for provide in &hooks.provide {
         provide(&mut registrar);
     }
-    let plugins = Plugins::collect()?
+    let plugins = Plugins::collect_with(hooks.plugins.iter().map(|make| make()).collect())?
         .expect(EXPECTED_PLUGINS)?
         .expect(&hooks.expect_plugins)?;
     plugins.install(&mut registrar)?;
@@ -280,35 +289,62 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .layer(TimeoutLayer::new(budget))
         .handlers(registrar.take_queries())
         .build()?;
-    let events = EventBus::builder()
-        .layer(TracingLayer::new())
-        .layer(MetricsLayer::new())
-        .handler_timeout(EVENT_HANDLER_TIMEOUT)
-        .handlers(registrar.take_events())
-        .build()?;
+    let handlers = registrar.take_events();
+    let by_plugin = handlers.clone().by_plugin();
+    let events = event_bus(handlers)?;
     // The handlers plugins registered (`registrar.events()`) get every committed event from a
-    // relay of their own. None registered: no relay, and no connection held for it.
-    let mut handled: Vec<&str> = events.names().collect();
-    let event_bus_relay = if handled.is_empty() || hooks.without_relay {
-        None
-    } else {
-        handled.sort_unstable();
-        // The nine of the helpdesk's workers, two for this relay, one for requests.
-        if backends.postgres.is_some() && config.database_max_connections < 12 {
+    // relay of their own, one per plugin, with its own checkpoint: one plugin's handler that
+    // fails (or waits for its backend) holds up only its own plugin's. None registered: no
+    // relay, and no connection held for it.
+    let mut event_bus_feeds: Vec<EventBusFeed> = Vec::new();
+    if !by_plugin.is_empty() && !hooks.without_relay {
+        let server_own = by_plugin.iter().any(|(plugin, _)| plugin.is_empty());
+        // The relays' two pooled connections each (a batch and its LISTEN), besides the nine
+        // the helpdesk's workers may hold at once and one for requests.
+        let needed = 9 + 2 * by_plugin.len() as u32 + u32::from(!server_own) + 1;
+        if backends.postgres.is_some() && config.database_max_connections < needed {
             tracing::warn!(
                 database_max_connections = config.database_max_connections,
-                "the relay to the plugins' event handlers holds two pooled connections (its batch and its LISTEN) besides the nine the helpdesk's workers may hold at once: with HELPDESK_DATABASE_MAX_CONNECTIONS below 12, requests may find none left; raise it"
+                relays = by_plugin.len(),
+                "the relays to the plugins' event handlers hold two pooled connections each (a batch and a LISTEN) besides the nine the helpdesk's workers may hold at once: with HELPDESK_DATABASE_MAX_CONNECTIONS below {needed}, requests may find none left; raise it"
             );
         }
-        tracing::info!(
-            event_types = ?handled,
-            relay = EVENT_BUS_RELAY,
-            "plugins registered event handlers: every committed event is handed to them, in store order, at least once, by one instance at a time"
-        );
-        let transport =
-            Arc::new(EventBusTransport::new(events.clone()).retry_within(EVENT_RETRIES_WITHIN));
-        Some((event_bus_relay(transport.clone()), transport))
-    };
+        for (plugin, handlers) in by_plugin {
+            let bus = event_bus(handlers)?;
+            let mut handled: Vec<&str> = bus.names().collect();
+            handled.sort_unstable();
+            let (relay, check) = if plugin.is_empty() {
+                (EVENT_BUS_RELAY.to_owned(), EVENT_HANDLERS_CHECK.to_owned())
+            } else {
+                (
+                    format!("{EVENT_BUS_RELAY}.{plugin}"),
+                    format!("{EVENT_HANDLERS_CHECK}.{plugin}"),
+                )
+            };
+            tracing::info!(
+                plugin,
+                event_types = ?handled,
+                %relay,
+                "event handlers registered: every committed event is handed to them, in store order, at least once, by one instance at a time"
+            );
+            let transport =
+                Arc::new(EventBusTransport::new(bus).retry_within(EVENT_RETRIES_WITHIN));
+            if let Some(worker) = event_bus_relay(&relay, Some(transport.clone())) {
+                event_bus_feeds.push(EventBusFeed {
+                    worker,
+                    check: Some((check, transport)),
+                });
+            }
+        }
+        // Without handlers of the server's own, the `event-bus` relay still follows the store
+        // (on Postgres), handing on nothing: a plugin's relay made later starts where it is.
+        if !server_own && let Some(worker) = event_bus_relay(EVENT_BUS_RELAY, None) {
+            event_bus_feeds.push(EventBusFeed {
+                worker,
+                check: None,
+            });
+        }
+    }
     registrar.check_required(&commands, &queries)?;
     let buses = Buses {
         commands,
@@ -335,12 +371,13 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     if let Some(maintenance) = maintenance {
         runtime = runtime.worker(maintenance);
     }
-    if let Some((relay, transport)) = event_bus_relay {
+    for EventBusFeed { worker, check } in event_bus_feeds {
+        runtime = runtime.worker(worker);
         // Degraded while an event is handed to the handlers again: the relay says so only
         // once its batch gives up, 15 s later.
-        runtime = runtime
-            .worker(relay)
-            .check("event-handlers", transport, false);
+        if let Some((name, transport)) = check {
+            runtime = runtime.check(&name, transport, false);
+        }
     }
     for make in &hooks.workers {
         runtime = runtime.worker(make());
@@ -562,6 +599,32 @@ fn merged_api(contributions: Vec<(&'static str, HttpApi)>) -> anyhow::Result<Htt
 /// transport that publishes them.
 type MakeRelay = Box<dyn FnOnce(Arc<dyn EventTransport>) -> Box<dyn Worker> + Send>;
 
+/// Makes a relay to event handlers, given its name and the transport that hands the events to
+/// them; given none, one that only keeps its checkpoint following the store, when the backend
+/// keeps checkpoints (`None` otherwise).
+type MakeEventBusRelay =
+    Box<dyn Fn(&str, Option<Arc<dyn EventTransport>>) -> Option<Box<dyn Worker>> + Send>;
+
+/// A relay to a plugin's event handlers, and the health check of its transport, named.
+struct EventBusFeed {
+    worker: Box<dyn Worker>,
+    check: Option<(String, Arc<EventBusTransport>)>,
+}
+
+/// The name of the health check of the relay to the server's own event handlers; a plugin's
+/// is this, a dot, and the plugin's name.
+const EVENT_HANDLERS_CHECK: &str = "event-handlers";
+
+/// An event bus over `handlers`, with the helpdesk's layers.
+fn event_bus(handlers: cqrs_core::EventHandlers) -> Result<EventBus, cqrs_core::BuildError> {
+    EventBus::builder()
+        .layer(TracingLayer::new())
+        .layer(MetricsLayer::new())
+        .handler_timeout(EVENT_HANDLER_TIMEOUT)
+        .handlers(handlers)
+        .build()
+}
+
 /// What a mode starts with: its backends, its health checks, the worker shipping committed
 /// events to the transport, and the one publishing them to the WebSocket hubs.
 struct Started {
@@ -571,8 +634,9 @@ struct Started {
     /// Like `relay`, with a name (and checkpoint) of its own: one is active at a time, reading
     /// the store in position order.
     realtime_relay: MakeRelay,
-    /// The same again, to the event bus's handlers (run only when plugins registered some).
-    event_bus_relay: MakeRelay,
+    /// Relays to the event handlers, each with a name (and checkpoint) of its own (run only
+    /// when plugins registered some).
+    event_bus_relay: MakeEventBusRelay,
     /// Trims the event transport of what every group acknowledged (a Redis stream, or the
     /// in-process transport, which otherwise keeps every event ever published); none when the
     /// transport keeps nothing.
@@ -635,7 +699,24 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
         })
     };
     let realtime_relay = in_memory_relay(REALTIME_RELAY, RELAY_BATCH);
-    let event_bus_relay = in_memory_relay(EVENT_BUS_RELAY, 1);
+    let event_bus_relay: MakeEventBusRelay = {
+        let events = backends.events.clone();
+        // Checkpoints in memory start with the store: none to keep following it.
+        Box::new(move |name, to| {
+            let to = to?;
+            Some(Box::new(
+                StoreRelay::new(
+                    name,
+                    events.clone(),
+                    Arc::new(InMemoryProjectionStore::new()),
+                    to,
+                    EVENT_BUS_RELAY,
+                )
+                .batch_size(1)
+                .intervals(poll / 2, Duration::from_secs(5)),
+            ) as Box<dyn Worker>)
+        })
+    };
     Started {
         backends,
         checks: vec![("memory", Arc::new(MemoryCheck), true)],
@@ -760,7 +841,47 @@ async fn postgres_backends(
         })
     };
     let realtime_relay = postgres_relay(REALTIME_RELAY, RELAY_BATCH);
-    let event_bus_relay = postgres_relay(EVENT_BUS_RELAY, 1);
+    // A plugin's relay made now (a plugin new to this database, or one whose handlers the
+    // `event-bus` relay fed before each plugin had its own) starts where `event-bus` is.
+    let plugins_start_from =
+        match PgOutboxRelay::new(db.clone(), Arc::new(crate::discard::DiscardTransport))
+            .relay_name(EVENT_BUS_RELAY)
+            .checkpoint()
+            .await
+            .context("cannot read the event-bus relay's checkpoint")?
+        {
+            Position::START => start_from,
+            position => position,
+        };
+    let event_bus_relay: MakeEventBusRelay = {
+        let db = db.clone();
+        Box::new(move |name, to| {
+            let relay = match to {
+                Some(to) => PgOutboxRelay::new(
+                    db.clone(),
+                    Arc::new(crate::metered::MeteredTransport::new(to, name.to_owned())),
+                )
+                .batch_size(1)
+                .poll_interval(poll.max(Duration::from_millis(50))),
+                // Only following the store, as the transport relay without Redis does.
+                None => PgOutboxRelay::new(db.clone(), Arc::new(crate::discard::DiscardTransport))
+                    .listen(false)
+                    .poll_interval(DISCARD_INTERVAL)
+                    .batch_size(DISCARD_BATCH),
+            };
+            let start = if name == EVENT_BUS_RELAY {
+                start_from
+            } else {
+                plugins_start_from
+            };
+            Some(Box::new(
+                relay
+                    .relay_name(name)
+                    .topic(EVENT_BUS_RELAY)
+                    .start_from(start),
+            ) as Box<dyn Worker>)
+        })
+    };
     let backends = Backends {
         mode: Mode::Postgres,
         events: Arc::new(db.event_store()),

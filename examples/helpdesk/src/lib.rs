@@ -22,7 +22,7 @@ mod migrations;
 mod server;
 mod stalled;
 
-pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, MakeWorker, Session, build};
+pub use app::{App, EVENTS_TOPIC, EXPECTED_PLUGINS, Hooks, MakePlugin, MakeWorker, Session, build};
 pub use binary::main_with;
 pub use config::{Config, LogFormat};
 pub use http::BODY_LIMIT;

@@ -13,12 +13,18 @@ use std::sync::Arc;
 /// A transport that counts each event it publishes successfully.
 pub(crate) struct MeteredTransport {
     inner: Arc<dyn EventTransport>,
-    relay: &'static str,
+    relay: metrics::SharedString,
 }
 
 impl MeteredTransport {
-    pub(crate) fn new(inner: Arc<dyn EventTransport>, relay: &'static str) -> Self {
-        Self { inner, relay }
+    pub(crate) fn new(
+        inner: Arc<dyn EventTransport>,
+        relay: impl Into<metrics::SharedString>,
+    ) -> Self {
+        Self {
+            inner,
+            relay: relay.into(),
+        }
     }
 }
 
@@ -46,7 +52,7 @@ impl EventTransport for MeteredTransport {
         for event in events {
             metrics::counter!(
                 "cqrs_events_published_total",
-                "relay" => self.relay,
+                "relay" => self.relay.clone(),
                 "event_type" => bounded_label(&event.event_type)
             )
             .increment(1);

@@ -1,8 +1,9 @@
 //! Event handlers a plugin registers with `registrar.events()` are handed every committed
 //! event, in store order, in memory, on Postgres + Redis and on Postgres alone; a handler that
 //! fails gets the event again (and the events before it are not handed on again); with two
-//! instances on one schema, each event is handed to the handlers once. Before, nothing fed the
-//! helpdesk's event bus: such handlers never ran (the start only warned).
+//! instances on one schema, each event is handed to the handlers once; each plugin's handlers
+//! have a relay of their own, so one plugin's waiting handler holds up no other's. Before,
+//! nothing fed the helpdesk's event bus: such handlers never ran (the start only warned).
 
 use crate::events_a_plugin_records_reach_the_store_on_either_backend::{
     RememberHandler, Remembered, remember,
@@ -260,6 +261,167 @@ async fn with_two_instances_a_failing_event_is_retried_on_one_of_them() {
         );
         a.stop().await;
         b.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
+/// `Seen`, under another handler name: a plugin's.
+#[derive(Clone, Default)]
+struct PluginSeen(Seen);
+
+#[async_trait]
+impl EventHandler<Remembered> for PluginSeen {
+    async fn handle(&self, event: &Remembered, ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        self.0.handle(event, ctx).await
+    }
+
+    fn name(&self) -> &str {
+        "test.plugin_seen"
+    }
+}
+
+/// A plugin of the test's own whose one event handler is `PluginSeen`.
+struct Notifier(PluginSeen);
+
+impl cqrs_core::Plugin for Notifier {
+    fn name(&self) -> &'static str {
+        "notifier"
+    }
+
+    fn version(&self) -> &'static str {
+        "1.0.0"
+    }
+
+    fn register(
+        &self,
+        registrar: &mut cqrs_core::PluginRegistrar,
+    ) -> Result<(), cqrs_core::BoxError> {
+        registrar.events().add::<Remembered, _>(self.0.clone());
+        Ok(())
+    }
+}
+
+/// Each plugin's event handlers have a relay (and a checkpoint) of their own: while a plugin's
+/// handler waits for its mail server (answering `Unavailable`, which no retry budget gives up
+/// on), the server's own handler gets every event at once, and the plugin's gets them all, in
+/// order, once it is back. Before, one relay fed every handler, and the waiting handler held
+/// up all of them.
+async fn a_plugins_waiting_handler_holds_up_only_its_own(backend: Backend, redis: bool) {
+    let (own, plugin) = (Seen::default(), PluginSeen::default());
+    let buses = Arc::default();
+    let mut hooks = hooks(&own, &buses);
+    let notifier = plugin.clone();
+    hooks.plugins = vec![Arc::new(move || Box::new(Notifier(notifier.clone())))];
+    let s = TestServer::start_with_hooks(backend.clone(), hooks, |c| {
+        c.ready_details = true;
+        if !redis {
+            c.redis_url = None;
+        }
+    })
+    .await;
+    plugin.0.down.store(true, Ordering::SeqCst);
+    let tag = uuid::Uuid::now_v7().simple().to_string();
+    let whats: Vec<String> = (0..3).map(|i| format!("{tag}-{i}")).collect();
+    for what in &whats {
+        remember(&buses, what).await;
+    }
+    own.wait_for(&whats[2]).await;
+    assert_eq!(own.handled(), whats, "{backend:?}");
+    assert!(plugin.0.handled().is_empty(), "{backend:?}");
+    // Its relay's check says why it waits; the server's own is healthy.
+    cqrs_core::testing::eventually(Duration::from_secs(15), "degraded", || async {
+        let ready = s.send(reqwest::Method::GET, "/ready", None, None).await;
+        let components = &ready.body["components"];
+        (components["event-handlers.notifier"]["status"] == "degraded"
+            && components["event-handlers"]["status"] == "healthy")
+            .then_some(())
+    })
+    .await;
+
+    plugin.0.down.store(false, Ordering::SeqCst);
+    plugin.0.wait_for(&whats[2]).await;
+    assert_eq!(plugin.0.handled(), whats, "{backend:?}");
+    assert_eq!(
+        own.handled(),
+        whats,
+        "nothing handed to the server's own twice"
+    );
+    let metrics = s.metrics().await;
+    for relay in ["event-bus", "event-bus.notifier"] {
+        let series = format!(
+            r#"cqrs_events_published_total{{relay="{relay}",event_type="test.remembered"}}"#
+        );
+        assert!(metrics.contains(&series), "{series} in:\n{metrics}");
+    }
+    s.stop().await;
+    backend.clean_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_waiting_handler_holds_up_only_its_own_plugins() {
+    within(async {
+        a_plugins_waiting_handler_holds_up_only_its_own(Backend::from_env().await, true).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_waiting_handler_holds_up_only_its_own_plugins_on_postgres_alone() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        a_plugins_waiting_handler_holds_up_only_its_own(backend, false).await;
+    })
+    .await;
+}
+
+/// A plugin's relay made on a database whose `event-bus` relay already handed events on (a
+/// plugin added later, or one a build before fed through that one relay) starts where that
+/// relay is: the plugin's handlers get the events committed from then on, not the history
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let (before, after) = (format!("{tag}-before"), format!("{tag}-after"));
+        let own = Seen::default();
+        let buses = Arc::default();
+        let first = TestServer::start_with_hooks(backend.shared(), hooks(&own, &buses), |c| {
+            c.redis_url = None;
+        })
+        .await;
+        remember(&buses, &before).await;
+        own.wait_for(&before).await;
+        first.stop().await;
+
+        let (own, plugin) = (Seen::default(), PluginSeen::default());
+        let buses = Arc::default();
+        let mut hooks = hooks(&own, &buses);
+        let notifier = plugin.clone();
+        hooks.plugins = vec![Arc::new(move || Box::new(Notifier(notifier.clone())))];
+        let second = TestServer::start_with_hooks(backend.clone(), hooks, |c| {
+            c.redis_url = None;
+        })
+        .await;
+        remember(&buses, &after).await;
+        plugin.0.wait_for(&after).await;
+        own.wait_for(&after).await;
+        assert_eq!(
+            plugin.0.handled(),
+            std::slice::from_ref(&after),
+            "not the history again"
+        );
+        assert_eq!(
+            own.handled(),
+            [after],
+            "the server's own relay went on from its checkpoint"
+        );
+        second.stop().await;
         backend.clean_up().await;
     })
     .await;
