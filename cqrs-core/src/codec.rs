@@ -75,11 +75,11 @@ pub enum DecodeError {
     /// No upcaster takes the record's old version to the next one: a gap in this build's
     /// upcasters, or a record whose schema version is wrong. [`EventTypes::validate`] finds a
     /// gap inside a registered chain at start-up, but not a type whose version went up with
-    /// no upcaster registered at all. Consumers count it as an attempt, as any other decode
-    /// failure (an `EventBusConsumer` dead-letters it at once, no attempt mending it): after
-    /// `max_deliveries` the event is dead-lettered, where it can be seen and
-    /// replayed once a build with the upcaster runs; waiting instead would block its key for
-    /// ever without a trace.
+    /// no upcaster registered at all. Consumers dead-letter it, as any other decode failure
+    /// but `UnknownType` and `FutureVersion` (which wait for a newer build): an
+    /// `EventBusConsumer` and a transport-fed `ProjectionRunner` at once (no attempt mends
+    /// it), others after `max_deliveries`; there it can be seen and replayed once a build
+    /// with the upcaster runs. Waiting instead would block its key for ever without a trace.
     #[error(
         "event `{event_type}` has schema version {found} and no upcaster from it is registered; register one with `EventTypes::upcaster(\"{event_type}\", {found}, ..)` on the types this reader decodes with (`AggregateRepository::with_types`, the projection runner's or the event-bus consumer's) and deploy that build"
     )]

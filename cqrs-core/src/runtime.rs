@@ -433,7 +433,9 @@ impl RuntimeBuilder {
             let (min, max) = (self.min_backoff, self.max_backoff);
             let still_running = running.enter(&name);
             tasks.spawn(async move {
-                let _running = still_running;
+                let mut still_running = still_running;
+                // Every way out of the loop is the worker's own end, not an abort.
+                async move {
                 let mut backoff = min;
                 loop {
                     let started = tokio::time::Instant::now();
@@ -488,6 +490,9 @@ impl RuntimeBuilder {
                     // reports nothing itself would stay unhealthy for good after recovering).
                     reporter.set(Health::Starting);
                 }
+                }
+                .await;
+                still_running.finished = true;
             });
         }
         // A check under a worker's name (or another check's) would hide it in the report.
@@ -520,40 +525,66 @@ impl RuntimeBuilder {
     }
 }
 
-/// The workers whose task has not ended, by name: what a shutdown past its grace names and
-/// aborts. Not read from their health: a worker that returned an error while stopping has
-/// ended, `Unhealthy` ("failed while stopping"), and stays so.
+/// The workers whose task has not ended, by name, and those whose task was dropped before it
+/// ended (aborted): what a shutdown past its grace names. Not read from their health: a worker
+/// that returned an error while stopping has ended, `Unhealthy` ("failed while stopping"), and
+/// stays so.
 #[derive(Clone, Default)]
-struct Running(Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+struct Running(Arc<std::sync::Mutex<RunningNames>>);
+
+#[derive(Default)]
+struct RunningNames {
+    running: std::collections::BTreeSet<String>,
+    cut: Vec<String>,
+}
 
 impl Running {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningNames> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts `name` as running until the returned guard, held by its task, is dropped.
     fn enter(&self, name: &str) -> RunningGuard {
-        self.lock().insert(name.to_owned());
+        self.lock().running.insert(name.to_owned());
         RunningGuard {
             running: self.clone(),
             name: name.to_owned(),
+            finished: false,
         }
     }
 
+    /// The workers whose task has not ended.
     fn names(&self) -> Vec<String> {
-        self.lock().iter().cloned().collect()
+        self.lock().running.iter().cloned().collect()
+    }
+
+    /// The workers whose task was dropped before it ended, and those still running: what an
+    /// abort cut off.
+    fn cut_off(&self) -> Vec<String> {
+        let mut names = self.lock();
+        let mut cut = std::mem::take(&mut names.cut);
+        cut.extend(names.running.iter().cloned());
+        cut.sort_unstable();
+        cut.dedup();
+        cut
     }
 }
 
-/// Takes its worker out of [`Running`] when its task ends (returns, or is dropped aborted).
+/// Takes its worker out of [`Running`] when its task ends: it sets `finished` at its own end;
+/// dropped without it, the task was aborted.
 struct RunningGuard {
     running: Running,
     name: String,
+    finished: bool,
 }
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.running.lock().remove(&self.name);
+        let mut names = self.running.lock();
+        names.running.remove(&self.name);
+        if !self.finished {
+            names.cut.push(self.name.clone());
+        }
     }
 }
 
@@ -765,8 +796,6 @@ impl Runtime {
             match tokio::time::timeout_at(stop_by, tasks.join_next()).await {
                 Ok(_) => {}
                 Err(_) => {
-                    // Named before the abort: an aborted task leaves the set as it is dropped.
-                    let workers = self.still_running();
                     tasks.abort_all();
                     // Aborting only asks: wait until each aborted run is dropped. A run at an
                     // `.await` is dropped at once; one blocking its thread is waited for until
@@ -775,6 +804,9 @@ impl Runtime {
                     if tokio::time::timeout_at(deadline, drained).await.is_err() {
                         tracing::warn!(?grace, "aborted workers were not dropped in time");
                     }
+                    // Those dropped before their end, and those not dropped yet; not one that
+                    // ended by itself meanwhile (its health is its own).
+                    let workers = self.running.cut_off();
                     self.aborted
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

@@ -517,10 +517,17 @@ impl PgOutboxRelay {
         })
     }
 
-    /// The position up to which this relay has shipped. Dropped before it returns (under a
-    /// timeout of the caller's), it closes its connection rather than hand it back to a pool
-    /// that would first ping it with no deadline.
+    /// The position up to which this relay has shipped (the start of the store when it has
+    /// no checkpoint row yet). Dropped before it returns (under a timeout of the caller's),
+    /// it closes its connection rather than hand it back to a pool that would first ping it
+    /// with no deadline.
     pub async fn checkpoint(&self) -> Result<Position, StoreError> {
+        Ok(self.stored_checkpoint().await?.unwrap_or(Position::START))
+    }
+
+    /// This relay's checkpoint row, if it has one: `None` for a relay name that never ran (or
+    /// whose row was deleted), which [`checkpoint`](Self::checkpoint) reads as the start.
+    pub async fn stored_checkpoint(&self) -> Result<Option<Position>, StoreError> {
         let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
             .await
             .map_err(|e| self.db.store_error(e))?;
@@ -531,7 +538,24 @@ impl PgOutboxRelay {
                 .await;
         held.give_back();
         let position = position.map_err(|e| self.db.store_error(e))?;
-        Ok(Position::new(position.map_or(0, to_u64)))
+        Ok(position.map(|p| Position::new(to_u64(p))))
+    }
+
+    /// Deletes this relay's checkpoint row, for a relay name retired for good (its work taken
+    /// over by relays of other names); returns whether there was one. A relay of this name
+    /// that runs on (another instance, an older build) creates the row again at its
+    /// [`start_from`](Self::start_from) at its next batch, with a warning. Waits for a batch
+    /// holding the row to end.
+    pub async fn forget_checkpoint(&self) -> Result<bool, StoreError> {
+        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+            .await
+            .map_err(|e| self.db.store_error(e))?;
+        let done = sqlx::query(AssertSqlSafe(self.db.sql.relay_forget.clone()))
+            .bind(&self.relay)
+            .execute(&mut *held.connection)
+            .await;
+        held.give_back();
+        Ok(done.map_err(|e| self.db.store_error(e))?.rows_affected() > 0)
     }
 
     /// How far this relay is behind: one query, a count over the backlog up to

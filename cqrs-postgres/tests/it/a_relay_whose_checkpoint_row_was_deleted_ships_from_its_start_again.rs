@@ -67,3 +67,25 @@ pg_test! {
         assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(1));
     }
 }
+
+pg_test! {
+    /// `stored_checkpoint` tells a relay that never ran (no row) from one at the start;
+    /// `forget_checkpoint` deletes the row of a retired relay name, and says whether it had one.
+    async fn a_retired_relays_checkpoint_is_read_and_forgotten(db: PgDatabase) {
+        let store = db.event_store();
+        store.append("s", ExpectedVersion::NO_STREAM, vec![record(1)]).await.unwrap();
+        let relay = PgOutboxRelay::new(db.clone(), Arc::new(InMemoryTransport::new()))
+            .relay_name("retired");
+        assert_eq!(relay.stored_checkpoint().await.unwrap(), None);
+        assert_eq!(relay.checkpoint().await.unwrap(), cqrs_core::Position::START);
+        relay.ensure_checkpoint().await.unwrap();
+        assert_eq!(relay.stored_checkpoint().await.unwrap(), Some(cqrs_core::Position::START));
+        assert_eq!(relay.relay_once().await.unwrap(), RelayBatch::Shipped(1));
+        let shipped = relay.stored_checkpoint().await.unwrap();
+        assert!(shipped > Some(cqrs_core::Position::START), "{shipped:?}");
+
+        assert!(relay.forget_checkpoint().await.unwrap());
+        assert_eq!(relay.stored_checkpoint().await.unwrap(), None);
+        assert!(!relay.forget_checkpoint().await.unwrap(), "nothing left to forget");
+    }
+}

@@ -282,6 +282,7 @@ impl EventHandler<Remembered> for PluginSeen {
 }
 
 /// A plugin of the test's own whose one event handler is `PluginSeen`.
+#[derive(Clone)]
 struct Notifier(PluginSeen);
 
 impl cqrs_core::Plugin for Notifier {
@@ -377,10 +378,52 @@ async fn a_plugins_waiting_handler_holds_up_only_its_own_plugins_on_postgres_alo
     .await;
 }
 
-/// A plugin's relay made on a database whose `event-bus` relay already handed events on (a
-/// plugin added later, or one a build before fed through that one relay) starts where that
-/// relay is: the plugin's handlers get the events committed from then on, not the history
-/// again.
+/// The checkpoint of relay `name` in the backend's schema, if it has one.
+async fn relay_checkpoint(backend: &Backend, name: &str) -> Option<cqrs_core::Position> {
+    let Backend::Postgres {
+        database_url,
+        namespace,
+        ..
+    } = backend
+    else {
+        panic!("on Postgres only");
+    };
+    let db = cqrs_postgres::PgOptions::new(database_url.clone())
+        .schema(namespace.clone())
+        .connect()
+        .await
+        .unwrap();
+    let relay = cqrs_postgres::PgOutboxRelay::new(
+        db,
+        Arc::new(cqrs_core::memory::InMemoryTransport::new()),
+    )
+    .relay_name(name);
+    relay.stored_checkpoint().await.unwrap()
+}
+
+/// Hooks that register the command recording `Remembered` and `plugins`, and no event
+/// handler of the server's own.
+fn plugin_hooks(buses: &Arc<OnceLock<BusHandle>>, plugins: Vec<Notifier>) -> Hooks {
+    let buses = buses.clone();
+    Hooks {
+        provide: vec![Arc::new(move |registrar| {
+            registrar.commands().add(RememberHandler);
+            let _ = buses.set(registrar.resource::<BusHandle>().unwrap());
+        })],
+        plugins: plugins
+            .into_iter()
+            .map(|plugin| -> helpdesk::MakePlugin { Arc::new(move || Box::new(plugin.clone())) })
+            .collect(),
+        ..Hooks::default()
+    }
+}
+
+/// A plugin's relay made on a database whose `event-bus` relay handed events on (one a build
+/// before fed every plugin's handlers through) starts where that relay is: the plugin's
+/// handlers get what it had not handed on, not the history again. With no handlers of the
+/// server's own left, `event-bus`'s checkpoint is deleted once the plugins' relays have theirs
+/// (kept, it would place a plugin added later at events long past), and a plugin added later
+/// starts where the outbox relay is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
     within(async {
@@ -388,7 +431,9 @@ async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
             return;
         };
         let tag = uuid::Uuid::now_v7().simple().to_string();
-        let (before, after) = (format!("{tag}-before"), format!("{tag}-after"));
+        let [before, stuck, after] = ["before", "stuck", "after"].map(|w| format!("{tag}-{w}"));
+        // A build whose one relay, `event-bus`, feeds the server's own handler, which takes
+        // `before` and then waits for its backend on `stuck`, while the outbox relay goes on.
         let own = Seen::default();
         let buses = Arc::default();
         let first = TestServer::start_with_hooks(backend.shared(), hooks(&own, &buses), |c| {
@@ -397,29 +442,50 @@ async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
         .await;
         remember(&buses, &before).await;
         own.wait_for(&before).await;
-        first.stop().await;
-
-        let (own, plugin) = (Seen::default(), PluginSeen::default());
-        let buses = Arc::default();
-        let mut hooks = hooks(&own, &buses);
-        let notifier = plugin.clone();
-        hooks.plugins = vec![Arc::new(move || Box::new(Notifier(notifier.clone())))];
-        let second = TestServer::start_with_hooks(backend.clone(), hooks, |c| {
-            c.redis_url = None;
+        own.down.store(true, Ordering::SeqCst);
+        remember(&buses, &stuck).await;
+        // Handed `stuck`: the batch of `before` (one event a batch) has committed.
+        cqrs_core::testing::eventually(Duration::from_secs(15), "stuck handed on", || async {
+            (own.calls_of(&stuck) > 0).then_some(())
         })
         .await;
-        remember(&buses, &after).await;
-        plugin.0.wait_for(&after).await;
-        own.wait_for(&after).await;
+        let event_bus = relay_checkpoint(&backend, "event-bus").await;
+        assert!(event_bus.is_some());
+        cqrs_core::testing::eventually(
+            Duration::from_secs(15),
+            "the outbox relay passes it",
+            || async { (relay_checkpoint(&backend, "default").await > event_bus).then_some(()) },
+        )
+        .await;
+        first.stop().await;
+        assert_eq!(relay_checkpoint(&backend, "event-bus").await, event_bus);
+
+        // A build with the plugin's handler alone.
+        let plugin = PluginSeen::default();
+        let notifier = Notifier(plugin.clone());
+        let buses = Arc::default();
+        let second = TestServer::start_with_hooks(
+            backend.shared(),
+            plugin_hooks(&buses, vec![notifier.clone()]),
+            |c| c.redis_url = None,
+        )
+        .await;
         assert_eq!(
-            plugin.0.handled(),
-            std::slice::from_ref(&after),
-            "not the history again"
+            relay_checkpoint(&backend, "event-bus.notifier").await,
+            event_bus,
+            "the plugin's relay starts where event-bus was"
         );
         assert_eq!(
-            own.handled(),
-            [after],
-            "the server's own relay went on from its checkpoint"
+            relay_checkpoint(&backend, "event-bus").await,
+            None,
+            "event-bus, retired, keeps no checkpoint"
+        );
+        remember(&buses, &after).await;
+        plugin.0.wait_for(&after).await;
+        assert_eq!(
+            plugin.0.handled(),
+            [stuck, after],
+            "what event-bus had not handed on, and not the history again"
         );
         second.stop().await;
         backend.clean_up().await;
