@@ -582,7 +582,8 @@ impl Drop for RunningGuard {
     fn drop(&mut self) {
         let mut names = self.running.lock();
         names.running.remove(&self.name);
-        if !self.finished {
+        // Unwinding, the task panicked: it ended by itself, as any other end.
+        if !self.finished && !std::thread::panicking() {
             names.cut.push(self.name.clone());
         }
     }
@@ -807,6 +808,11 @@ impl Runtime {
                     // Those dropped before their end, and those not dropped yet; not one that
                     // ended by itself meanwhile (its health is its own).
                     let workers = self.running.cut_off();
+                    // All ended by themselves meanwhile (one blocking its thread, say, that
+                    // then returned): nothing was cut off.
+                    if workers.is_empty() {
+                        return self.stopped(grace);
+                    }
                     self.aborted
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

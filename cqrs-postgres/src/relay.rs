@@ -541,23 +541,6 @@ impl PgOutboxRelay {
         Ok(position.map(|p| Position::new(to_u64(p))))
     }
 
-    /// Deletes this relay's checkpoint row, for a relay name retired for good (its work taken
-    /// over by relays of other names); returns whether there was one. A relay of this name
-    /// that runs on (another instance, an older build) creates the row again at its
-    /// [`start_from`](Self::start_from) at its next batch, with a warning. Waits for a batch
-    /// holding the row to end.
-    pub async fn forget_checkpoint(&self) -> Result<bool, StoreError> {
-        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
-            .await
-            .map_err(|e| self.db.store_error(e))?;
-        let done = sqlx::query(AssertSqlSafe(self.db.sql.relay_forget.clone()))
-            .bind(&self.relay)
-            .execute(&mut *held.connection)
-            .await;
-        held.give_back();
-        Ok(done.map_err(|e| self.db.store_error(e))?.rows_affected() > 0)
-    }
-
     /// How far this relay is behind: one query, a count over the backlog up to
     /// [`backlog_count_limit`](Self::backlog_count_limit) events, an estimate past them.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {

@@ -250,7 +250,6 @@ pub(crate) struct Sql {
     pub(crate) relay_advance: Arc<str>,
     pub(crate) relay_backlog: Arc<str>,
     pub(crate) relay_checkpoint: Arc<str>,
-    pub(crate) relay_forget: Arc<str>,
 
     pub(crate) migrated_version: Arc<str>,
 }
@@ -462,9 +461,6 @@ impl Sql {
             )),
             relay_checkpoint: f(format!(
                 "SELECT position FROM {s}.relay_checkpoints WHERE relay = $1"
-            )),
-            relay_forget: f(format!(
-                "DELETE FROM {s}.relay_checkpoints WHERE relay = $1"
             )),
             // The health check's query: the latest migration applied, 0 for none (a failed
             // one leaves a row with `success` false).

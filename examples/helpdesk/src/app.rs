@@ -297,9 +297,11 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // relay, and no connection held for it.
     let mut event_bus_feeds: Vec<EventBusFeed> = Vec::new();
     if !by_plugin.is_empty() && !hooks.without_relay {
-        // The relays' two pooled connections each (a batch and its LISTEN), besides the nine
-        // the helpdesk's workers may hold at once and one for requests.
-        let needed = 9 + 2 * by_plugin.len() as u32 + 1;
+        let server_own = by_plugin.iter().any(|(plugin, _)| plugin.is_empty());
+        // The relays' two pooled connections each (a batch and its LISTEN), and the batch of
+        // the `event-bus` relay following the store, besides the nine the helpdesk's workers
+        // may hold at once and one for requests.
+        let needed = 9 + 2 * by_plugin.len() as u32 + u32::from(!server_own) + 1;
         if backends.postgres.is_some() && config.database_max_connections < needed {
             tracing::warn!(
                 database_max_connections = config.database_max_connections,
@@ -307,7 +309,6 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
                 "the relays to the plugins' event handlers hold two pooled connections each (a batch and a LISTEN) besides the nine the helpdesk's workers may hold at once: with HELPDESK_DATABASE_MAX_CONNECTIONS below {needed}, requests may find none left; raise it"
             );
         }
-        let server_own = by_plugin.iter().any(|(plugin, _)| plugin.is_empty());
         let mut plugin_relays = Vec::new();
         for (plugin, handlers) in by_plugin {
             let bus = event_bus(handlers)?;
@@ -329,17 +330,28 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
             );
             let transport =
                 Arc::new(EventBusTransport::new(bus).retry_within(EVENT_RETRIES_WITHIN));
-            event_bus_feeds.push(EventBusFeed {
-                worker: event_bus_relay(&relay, transport.clone()),
-                check: (check, transport),
-            });
+            if let Some(worker) = event_bus_relay(&relay, Some(transport.clone())) {
+                event_bus_feeds.push(EventBusFeed {
+                    worker,
+                    check: Some((check, transport)),
+                });
+            }
             if !plugin.is_empty() {
                 plugin_relays.push(relay);
             }
         }
-        // Before any relay runs: each plugin's starts where `event-bus` is.
+        // Without handlers of the server's own, the `event-bus` relay still follows the store
+        // (on Postgres), handing on nothing: a plugin's relay made later starts where it is.
+        if !server_own && let Some(worker) = event_bus_relay(EVENT_BUS_RELAY, None) {
+            event_bus_feeds.push(EventBusFeed {
+                worker,
+                check: None,
+            });
+        }
+        // Before any relay runs (the one following the store above included): each plugin's
+        // made now starts where `event-bus` is.
         if let Some(seed) = seed_event_bus_relays {
-            seed(plugin_relays, server_own).await?;
+            seed(plugin_relays).await?;
         }
     }
     registrar.check_required(&commands, &queries)?;
@@ -368,14 +380,13 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     if let Some(maintenance) = maintenance {
         runtime = runtime.worker(maintenance);
     }
-    for EventBusFeed {
-        worker,
-        check: (name, transport),
-    } in event_bus_feeds
-    {
+    for EventBusFeed { worker, check } in event_bus_feeds {
+        runtime = runtime.worker(worker);
         // Degraded while an event is handed to the handlers again: the relay says so only
         // once its batch gives up, 15 s later.
-        runtime = runtime.worker(worker).check(&name, transport, false);
+        if let Some((name, transport)) = check {
+            runtime = runtime.check(&name, transport, false);
+        }
     }
     for make in &hooks.workers {
         runtime = runtime.worker(make());
@@ -598,21 +609,21 @@ fn merged_api(contributions: Vec<(&'static str, HttpApi)>) -> anyhow::Result<Htt
 type MakeRelay = Box<dyn FnOnce(Arc<dyn EventTransport>) -> Box<dyn Worker> + Send>;
 
 /// Makes a relay to event handlers, given its name and the transport that hands the events to
-/// them.
-type MakeEventBusRelay = Box<dyn Fn(&str, Arc<dyn EventTransport>) -> Box<dyn Worker> + Send>;
+/// them; given none, one that only keeps its checkpoint following the store, where the backend
+/// keeps checkpoints (`None` otherwise).
+type MakeEventBusRelay =
+    Box<dyn Fn(&str, Option<Arc<dyn EventTransport>>) -> Option<Box<dyn Worker>> + Send>;
 
 /// Creates the checkpoints of the plugins' relays to their event handlers (given their names)
-/// that have none yet, where the `event-bus` relay is, before any relay runs; and, when the
-/// server has no event handlers of its own (`false`), deletes `event-bus`'s, retired.
+/// that have none yet, where the `event-bus` relay is, before any relay runs.
 type SeedEventBusRelays = Box<
-    dyn FnOnce(Vec<String>, bool) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>>
-        + Send,
+    dyn FnOnce(Vec<String>) -> futures_util::future::BoxFuture<'static, anyhow::Result<()>> + Send,
 >;
 
 /// A relay to a plugin's event handlers, and the health check of its transport, named.
 struct EventBusFeed {
     worker: Box<dyn Worker>,
-    check: (String, Arc<EventBusTransport>),
+    check: Option<(String, Arc<EventBusTransport>)>,
 }
 
 /// The name of the health check of the relay to the server's own event handlers; a plugin's
@@ -707,18 +718,19 @@ fn memory_backends(clock: Arc<dyn Clock>, poll: Duration, purge_interval: Durati
     let realtime_relay = in_memory_relay(REALTIME_RELAY, RELAY_BATCH);
     let event_bus_relay: MakeEventBusRelay = {
         let events = backends.events.clone();
+        // Checkpoints in memory start with the empty store: none to keep following it.
         Box::new(move |name, to| {
-            Box::new(
+            Some(Box::new(
                 StoreRelay::new(
                     name,
                     events.clone(),
                     Arc::new(InMemoryProjectionStore::new()),
-                    to,
+                    to?,
                     EVENT_BUS_RELAY,
                 )
                 .batch_size(1)
                 .intervals(poll / 2, Duration::from_secs(5)),
-            )
+            ))
         })
     };
     Started {
@@ -850,33 +862,43 @@ async fn postgres_backends(
     let event_bus_relay: MakeEventBusRelay = {
         let db = db.clone();
         Box::new(move |name, to| {
-            Box::new(
-                PgOutboxRelay::new(
+            let relay = match to {
+                Some(to) => PgOutboxRelay::new(
                     db.clone(),
                     Arc::new(crate::metered::MeteredTransport::new(to, name.to_owned())),
                 )
-                .relay_name(name)
-                .topic(EVENT_BUS_RELAY)
-                .start_from(start_from)
                 .batch_size(1)
                 .poll_interval(poll.max(Duration::from_millis(50))),
-            )
+                // Only following the store, as the outbox relay without Redis does.
+                None => PgOutboxRelay::new(db.clone(), Arc::new(crate::discard::DiscardTransport))
+                    .listen(false)
+                    .poll_interval(
+                        poll.saturating_mul(50)
+                            .clamp(Duration::from_millis(50), DISCARD_INTERVAL),
+                    )
+                    .batch_size(DISCARD_BATCH),
+            };
+            Some(Box::new(
+                relay
+                    .relay_name(name)
+                    .topic(EVENT_BUS_RELAY)
+                    .start_from(start_from),
+            ))
         })
     };
     let seed_event_bus_relays: SeedEventBusRelays = {
         let db = db.clone();
-        Box::new(move |plugin_relays, server_own| {
+        Box::new(move |plugin_relays| {
             Box::pin(async move {
                 let relay = |name: &str| {
                     PgOutboxRelay::new(db.clone(), Arc::new(crate::discard::DiscardTransport))
                         .relay_name(name)
                 };
                 // Where the one relay that fed every plugin's handlers before each plugin had
-                // its own is (or the server's own handlers' relay, which follows the store):
-                // a plugin's relay made now hands on what it had not, and not the history.
-                // Without one, where the outbox relay is.
-                let event_bus = relay(EVENT_BUS_RELAY);
-                let from = event_bus
+                // its own is, or the one following the store since: a plugin's relay made now
+                // hands on what that one had not, and not the history. Without one, where the
+                // outbox relay is.
+                let from = relay(EVENT_BUS_RELAY)
                     .stored_checkpoint()
                     .await
                     .context("cannot read the event-bus relay's checkpoint")?
@@ -889,20 +911,6 @@ async fn postgres_backends(
                         .with_context(|| {
                             format!("cannot create the checkpoint of relay `{name}`")
                         })?;
-                }
-                // Its place handed on to each plugin's relay, and no handler of its own to feed:
-                // kept, it would lag ever further behind, and place a plugin added later at
-                // events long past.
-                if !server_own
-                    && event_bus
-                        .forget_checkpoint()
-                        .await
-                        .context("cannot delete the retired event-bus relay's checkpoint")?
-                {
-                    tracing::info!(
-                        position = from.get(),
-                        "each plugin's event handlers have a relay of their own, which started where the event-bus relay was; its checkpoint is deleted"
-                    );
                 }
                 Ok(())
             })

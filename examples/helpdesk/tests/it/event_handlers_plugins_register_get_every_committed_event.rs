@@ -266,9 +266,15 @@ async fn with_two_instances_a_failing_event_is_retried_on_one_of_them() {
     .await;
 }
 
-/// `Seen`, under another handler name: a plugin's.
-#[derive(Clone, Default)]
-struct PluginSeen(Seen);
+/// `Seen`, under another handler name (`test.plugin_seen` by default): a plugin's.
+#[derive(Clone)]
+struct PluginSeen(Seen, &'static str);
+
+impl Default for PluginSeen {
+    fn default() -> Self {
+        Self(Seen::default(), "test.plugin_seen")
+    }
+}
 
 #[async_trait]
 impl EventHandler<Remembered> for PluginSeen {
@@ -277,17 +283,31 @@ impl EventHandler<Remembered> for PluginSeen {
     }
 
     fn name(&self) -> &str {
-        "test.plugin_seen"
+        self.1
     }
 }
 
 /// A plugin of the test's own whose one event handler is `PluginSeen`.
 #[derive(Clone)]
-struct Notifier(PluginSeen);
+struct Notifier {
+    name: &'static str,
+    seen: PluginSeen,
+}
+
+impl Notifier {
+    /// Plugin `name`, whose handler is named `handler` (unique across plugins: the server's
+    /// one bus of every handler refuses a name twice).
+    fn new(name: &'static str, handler: &'static str) -> Self {
+        Self {
+            name,
+            seen: PluginSeen(Seen::default(), handler),
+        }
+    }
+}
 
 impl cqrs_core::Plugin for Notifier {
     fn name(&self) -> &'static str {
-        "notifier"
+        self.name
     }
 
     fn version(&self) -> &'static str {
@@ -298,7 +318,7 @@ impl cqrs_core::Plugin for Notifier {
         &self,
         registrar: &mut cqrs_core::PluginRegistrar,
     ) -> Result<(), cqrs_core::BoxError> {
-        registrar.events().add::<Remembered, _>(self.0.clone());
+        registrar.events().add::<Remembered, _>(self.seen.clone());
         Ok(())
     }
 }
@@ -313,7 +333,12 @@ async fn a_plugins_waiting_handler_holds_up_only_its_own(backend: Backend, redis
     let buses = Arc::default();
     let mut hooks = hooks(&own, &buses);
     let notifier = plugin.clone();
-    hooks.plugins = vec![Arc::new(move || Box::new(Notifier(notifier.clone())))];
+    hooks.plugins = vec![Arc::new(move || {
+        Box::new(Notifier {
+            name: "notifier",
+            seen: notifier.clone(),
+        })
+    })];
     let s = TestServer::start_with_hooks(backend.clone(), hooks, |c| {
         c.ready_details = true;
         if !redis {
@@ -421,9 +446,8 @@ fn plugin_hooks(buses: &Arc<OnceLock<BusHandle>>, plugins: Vec<Notifier>) -> Hoo
 /// A plugin's relay made on a database whose `event-bus` relay handed events on (one a build
 /// before fed every plugin's handlers through) starts where that relay is: the plugin's
 /// handlers get what it had not handed on, not the history again. With no handlers of the
-/// server's own left, `event-bus`'s checkpoint is deleted once the plugins' relays have theirs
-/// (kept, it would place a plugin added later at events long past), and a plugin added later
-/// starts where the outbox relay is.
+/// server's own left, `event-bus` follows the store, handing on nothing, so a plugin added
+/// later starts at the present too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
     within(async {
@@ -431,7 +455,8 @@ async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
             return;
         };
         let tag = uuid::Uuid::now_v7().simple().to_string();
-        let [before, stuck, after] = ["before", "stuck", "after"].map(|w| format!("{tag}-{w}"));
+        let [before, stuck, after, last] =
+            ["before", "stuck", "after", "last"].map(|w| format!("{tag}-{w}"));
         // A build whose one relay, `event-bus`, feeds the server's own handler, which takes
         // `before` and then waits for its backend on `stuck`, while the outbox relay goes on.
         let own = Seen::default();
@@ -460,13 +485,14 @@ async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
         first.stop().await;
         assert_eq!(relay_checkpoint(&backend, "event-bus").await, event_bus);
 
-        // A build with the plugin's handler alone.
-        let plugin = PluginSeen::default();
-        let notifier = Notifier(plugin.clone());
+        // A build with the plugin's handler alone, which waits for its backend at first.
+        let notifier = Notifier::new("notifier", "test.notified");
+        let plugin = notifier.seen.0.clone();
+        plugin.down.store(true, Ordering::SeqCst);
         let buses = Arc::default();
         let second = TestServer::start_with_hooks(
             backend.shared(),
-            plugin_hooks(&buses, vec![notifier.clone()]),
+            plugin_hooks(&buses, vec![notifier]),
             |c| c.redis_url = None,
         )
         .await;
@@ -475,19 +501,45 @@ async fn a_plugins_new_relay_starts_where_the_event_bus_relay_is() {
             event_bus,
             "the plugin's relay starts where event-bus was"
         );
-        assert_eq!(
-            relay_checkpoint(&backend, "event-bus").await,
-            None,
-            "event-bus, retired, keeps no checkpoint"
-        );
+        plugin.down.store(false, Ordering::SeqCst);
         remember(&buses, &after).await;
-        plugin.0.wait_for(&after).await;
+        plugin.wait_for(&after).await;
         assert_eq!(
-            plugin.0.handled(),
+            plugin.handled(),
             [stuck, after],
             "what event-bus had not handed on, and not the history again"
         );
+        // With no handler of the server's own, event-bus follows the store, handing on nothing.
+        cqrs_core::testing::eventually(Duration::from_secs(15), "event-bus follows", || async {
+            let at = relay_checkpoint(&backend, "event-bus").await;
+            (at > event_bus && at == relay_checkpoint(&backend, "event-bus.notifier").await)
+                .then_some(())
+        })
+        .await;
         second.stop().await;
+
+        // A plugin added later starts where event-bus is: not at the history.
+        let pager = Notifier::new("pager", "test.paged");
+        let paged = pager.seen.0.clone();
+        let buses = Arc::default();
+        let event_bus = relay_checkpoint(&backend, "event-bus").await;
+        let third = TestServer::start_with_hooks(
+            backend.shared(),
+            plugin_hooks(
+                &buses,
+                vec![Notifier::new("notifier", "test.notified"), pager],
+            ),
+            |c| c.redis_url = None,
+        )
+        .await;
+        assert_eq!(
+            relay_checkpoint(&backend, "event-bus.pager").await,
+            event_bus
+        );
+        remember(&buses, &last).await;
+        paged.wait_for(&last).await;
+        assert_eq!(paged.handled(), [last]);
+        third.stop().await;
         backend.clean_up().await;
     })
     .await;
