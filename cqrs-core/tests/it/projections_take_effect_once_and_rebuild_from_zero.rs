@@ -742,10 +742,7 @@ fn an_event_no_redelivery_mends_is_dead_lettered_at_once() {
                 Arc::new(InMemoryProjectionStore::new()),
                 &sum,
                 &transport,
-                ConsumerOptions::default()
-                    .block(Duration::from_millis(20))
-                    .redelivery_delay(Duration::from_millis(10))
-                    .max_deliveries(10),
+                ten_attempts(),
             );
             let failed = runner.run_once().await;
             assert!(
@@ -808,10 +805,7 @@ fn an_event_no_redelivery_mends_waits_for_its_keys_earlier_events() {
             Arc::new(InMemoryProjectionStore::new()),
             &sum,
             &transport,
-            ConsumerOptions::default()
-                .block(Duration::from_millis(20))
-                .redelivery_delay(Duration::from_millis(10))
-                .max_deliveries(10),
+            ten_attempts(),
         );
         assert!(runner.run_once().await.is_err());
         assert_eq!(*sum.seen.lock().unwrap(), [1]);
@@ -1009,6 +1003,12 @@ impl ProjectionStore for Flaky {
         }
         self.inner.purge_inbox(consumer, older_than).await
     }
+}
+
+/// Options under which ten counted attempts dead-letter an event: one dead-lettered on its
+/// first delivery or its second was given up, not out of attempts.
+fn ten_attempts() -> ConsumerOptions {
+    three_attempts().max_deliveries(10)
 }
 
 /// Options under which three counted attempts dead-letter an event.
