@@ -73,10 +73,10 @@ pub struct Config {
 
     /// The most Postgres connections this instance opens, 10 to 10000 (commands, queries,
     /// /ready and the background workers share them; the helpdesk's workers hold up to 9 at
-    /// once, plus the plugins' workers, and 2 for the relay to the event bus when plugins
-    /// registered event handlers). Mind the server's `max_connections` across instances.
-    /// Unused in memory.
-    #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 12)]
+    /// once, plus the plugins' workers, and 2 for each relay to event handlers when plugins
+    /// registered some, one plugin's each). Mind the server's `max_connections` across
+    /// instances. Unused in memory.
+    #[arg(long, env = "HELPDESK_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
 
     /// How long a request waits for a Postgres connection before it is answered 503

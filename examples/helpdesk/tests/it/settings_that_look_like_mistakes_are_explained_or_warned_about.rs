@@ -107,7 +107,7 @@ fn redis_settings_are_checked_before_anything_connects() {
 fn the_pool_size_is_a_setting_with_room_for_the_workers() {
     let postgres = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
     let secret = ("HELPDESK_JWT_SECRET", SECRET);
-    assert_eq!(config(&[], &[]).database_max_connections, 12);
+    assert_eq!(config(&[], &[]).database_max_connections, 16);
     let c = config(
         &[],
         &[
