@@ -319,7 +319,8 @@ impl EventTypes {
     /// version one is registered for up to the type's current version. Call it at start-up:
     /// a gap otherwise shows only when an event of the missing version comes, and that event
     /// then fails ([`DecodeError::MissingUpcaster`], counted as an attempt, dead-lettered after
-    /// `max_deliveries`; by the event-bus consumer, at once). Projection runners and the
+    /// `max_deliveries`; by the event-bus consumer and a transport-fed projection runner, at
+    /// once). Projection runners and the
     /// event-bus consumer call it when they start as workers.
     ///
     /// It cannot tell which old versions are stored: a type with no upcaster at all passes,

@@ -973,8 +973,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             // for its redeliveries (or for that build). Otherwise they are handed back too.
             let mut waiting = Vec::new();
             let mut kept = 0;
+            let give_up = attempt && given_up(&e);
             for i in 0..ids.len() {
-                if failed[i] && attempt && given_up(&e) && first_of_its_key(&order_keys, i) {
+                if failed[i] && give_up && first_of_its_key(&order_keys, i) {
                     // No redelivery mends it: to the dead letters now, not after
                     // `max_deliveries` redelivery delays holding up its key. Only when nothing
                     // of its key before it waits in this batch: out of the pending list, it

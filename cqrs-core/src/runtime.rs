@@ -413,7 +413,7 @@ impl RuntimeBuilder {
         // Health is kept by name: two workers of one name (two consumers of one topic and
         // group, say) would overwrite each other's, so the second is `name#2`, and so on.
         let mut taken: HashSet<String> = HashSet::new();
-        for mut worker in self.workers {
+        for worker in self.workers {
             let mut name = worker.name().to_owned();
             if taken.contains(&name) {
                 let renamed = free_name(&taken, (2..).map(|n| format!("{name}#{n}")));
@@ -428,70 +428,14 @@ impl RuntimeBuilder {
             reporter.set(Health::Starting);
             let ctx = WorkerContext {
                 shutdown: shutdown.clone(),
-                health: reporter.clone(),
+                health: reporter,
             };
             let (min, max) = (self.min_backoff, self.max_backoff);
             let still_running = running.enter(&name);
             tasks.spawn(async move {
                 let mut still_running = still_running;
-                // Every way out of the loop is the worker's own end, not an abort.
-                async move {
-                let mut backoff = min;
-                loop {
-                    let started = tokio::time::Instant::now();
-                    // The call inside the guard: a hand-written `run` may panic before it
-                    // returns its future. (`Box<dyn Worker>`'s own impl defers the call into
-                    // its future today; the guard should not rest on that.)
-                    let result =
-                        crate::panic::CatchUnwind::new(async { worker.run(ctx.clone()).await })
-                            .await;
-                    let failure = match result {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(panic) => Some(format!("panicked: {panic}")),
-                    };
-                    if ctx.shutdown.is_requested() {
-                        // A run that failed while it stopped (its last acknowledgements, its
-                        // last commit) is not stopped quietly: what it had in flight may come
-                        // back (redelivered) or be missing: the log and its health say so.
-                        match failure {
-                            Some(reason) => {
-                                tracing::error!(worker = %name, %reason, "worker failed while stopping; its in-flight work may not be finished");
-                                reporter.set(Health::Unhealthy(format!(
-                                    "failed while stopping: {reason}"
-                                )));
-                            }
-                            None => reporter.set(Health::Stopped),
-                        }
-                        return;
-                    }
-                    let reason =
-                        failure.unwrap_or_else(|| "returned before shutdown".to_owned());
-                    // A run that lasted longer than the longest backoff was a recovery: the
-                    // next failure is a new incident, not the next of a streak.
-                    if started.elapsed() >= max {
-                        backoff = min;
-                    }
-                    tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
-                    reporter.set(Health::Unhealthy(reason));
-                    // At least 1 ms, whatever the settings (a `max` of zero resets the backoff
-                    // to `min` after every run): a zero one restarts a failing worker in a
-                    // tight loop.
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff.max(Duration::from_millis(1))) => {}
-                        _ = ctx.shutdown.requested() => {
-                            reporter.set(Health::Stopped);
-                            return;
-                        }
-                    }
-                    // At least 1 ms to double from: a zero start would never grow.
-                    backoff = backoff.saturating_mul(2).max(Duration::from_millis(1)).min(max);
-                    // A new run: the last one's failure no longer describes it (a worker that
-                    // reports nothing itself would stay unhealthy for good after recovering).
-                    reporter.set(Health::Starting);
-                }
-                }
-                .await;
+                supervise(worker, ctx, (min, max)).await;
+                // Every way out of it is the worker's own end, not an abort.
                 still_running.finished = true;
             });
         }
@@ -522,6 +466,71 @@ impl RuntimeBuilder {
             running,
             aborted: std::sync::Mutex::default(),
         }
+    }
+}
+
+/// Runs `worker` until shutdown, restarting it after a failure with a backoff from `min`
+/// doubling up to `max`, and reports its health under `ctx`'s name.
+async fn supervise(
+    mut worker: Box<dyn Worker>,
+    ctx: WorkerContext,
+    (min, max): (Duration, Duration),
+) {
+    let reporter = &ctx.health;
+    let name = &reporter.name;
+    let mut backoff = min;
+    loop {
+        let started = tokio::time::Instant::now();
+        // The call inside the guard: a hand-written `run` may panic before it
+        // returns its future. (`Box<dyn Worker>`'s own impl defers the call into
+        // its future today; the guard should not rest on that.)
+        let result = crate::panic::CatchUnwind::new(async { worker.run(ctx.clone()).await }).await;
+        let failure = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => Some(format!("panicked: {panic}")),
+        };
+        if ctx.shutdown.is_requested() {
+            // A run that failed while it stopped (its last acknowledgements, its
+            // last commit) is not stopped quietly: what it had in flight may come
+            // back (redelivered) or be missing: the log and its health say so.
+            match failure {
+                Some(reason) => {
+                    tracing::error!(worker = %name, %reason, "worker failed while stopping; its in-flight work may not be finished");
+                    reporter.set(Health::Unhealthy(format!(
+                        "failed while stopping: {reason}"
+                    )));
+                }
+                None => reporter.set(Health::Stopped),
+            }
+            return;
+        }
+        let reason = failure.unwrap_or_else(|| "returned before shutdown".to_owned());
+        // A run that lasted longer than the longest backoff was a recovery: the
+        // next failure is a new incident, not the next of a streak.
+        if started.elapsed() >= max {
+            backoff = min;
+        }
+        tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
+        reporter.set(Health::Unhealthy(reason));
+        // At least 1 ms, whatever the settings (a `max` of zero resets the backoff
+        // to `min` after every run): a zero one restarts a failing worker in a
+        // tight loop.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.max(Duration::from_millis(1))) => {}
+            _ = ctx.shutdown.requested() => {
+                reporter.set(Health::Stopped);
+                return;
+            }
+        }
+        // At least 1 ms to double from: a zero start would never grow.
+        backoff = backoff
+            .saturating_mul(2)
+            .max(Duration::from_millis(1))
+            .min(max);
+        // A new run: the last one's failure no longer describes it (a worker that
+        // reports nothing itself would stay unhealthy for good after recovering).
+        reporter.set(Health::Starting);
     }
 }
 

@@ -44,8 +44,8 @@ impl<'a> Columns<'a> {
 /// The deepest nesting of arrays and objects a JSON value this crate alone reads back may
 /// have (a snapshot's state, a stored response): what sqlx's decoding (`serde_json`, with its
 /// recursion limit of 128) reads. `jsonb` takes deeper values; stored, they could never be
-/// loaded again.
-pub(crate) const MAX_JSON_DEPTH: usize = 127;
+/// loaded again. The core's bound for a stored response, which every idempotency store keeps.
+pub(crate) const MAX_JSON_DEPTH: usize = cqrs_core::ports::MAX_RESPONSE_DEPTH;
 
 /// The deepest nesting an event payload may have: the core's bound for every store, less
 /// than [`MAX_JSON_DEPTH`] for the envelopes other readers wrap around a payload and decode with

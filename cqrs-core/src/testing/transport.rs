@@ -144,6 +144,40 @@ async fn consumer_with<H: TransportHarness>(
         .expect("join the group")
 }
 
+/// One message of key `k` on `topic`, handed to consumer `slow` of group `g`, then, `slow`
+/// stalling past the redelivery delay, taken over by consumer `other` of the group (both made
+/// with the harness's options changed by `configure`).
+struct TakenOver {
+    slow: Box<dyn Consumer>,
+    other: Box<dyn Consumer>,
+    event: EventRecord,
+    first: Delivery,
+    taken: Delivery,
+}
+
+async fn taken_over<H: TransportHarness>(
+    h: &H,
+    topic: &str,
+    configure: impl Fn(ConsumerOptions) -> ConsumerOptions,
+) -> TakenOver {
+    let mut slow = consumer_with(h, topic, "g", "slow", &configure).await;
+    let mut other = consumer_with(h, topic, "g", "other", &configure).await;
+    let event = event("k", 1);
+    h.transport()
+        .publish(topic, std::slice::from_ref(&event))
+        .await
+        .unwrap();
+    let first = fetch_one(slow.as_mut(), "the first delivery").await;
+    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    TakenOver {
+        slow,
+        other,
+        event,
+        first,
+        taken,
+    }
+}
+
 /// `c.fetch(max)`, checked against the port's bound: a transport that hands out more than
 /// `max` overfills its caller's batch (and `fetch_one` would lose the rest).
 async fn fetch_up_to(c: &mut dyn Consumer, max: usize) -> Vec<Delivery> {
@@ -918,15 +952,14 @@ pub async fn keep_alive_leaves_alone_a_delivery_another_consumer_took_over<H: Tr
         return;
     }
     let topic = format!("{}-t14", h.test_id());
-    let mut slow = consumer(h, &topic, "g", "slow").await;
-    let mut other = consumer(h, &topic, "g", "other").await;
-    h.transport()
-        .publish(&topic, &[event("k", 1)])
-        .await
-        .unwrap();
-    let first = fetch_one(slow.as_mut(), "the first delivery").await;
     // `slow` stalls past the delay; `other` takes the message over.
-    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    let TakenOver {
+        mut slow,
+        mut other,
+        first,
+        taken,
+        ..
+    } = taken_over(h, &topic, |o| o).await;
     assert_eq!(taken.record.event_id, first.record.event_id);
     assert!(
         taken.attempt >= 2,
@@ -1048,15 +1081,13 @@ pub async fn a_message_a_consumer_gives_up_on_is_dead_lettered_at_once<H: Transp
     // Taken over by another consumer after the redelivery delay: the first can no longer
     // give it up.
     let topic = format!("{}-t16c", h.test_id());
-    let mut slow = consumer(h, &topic, "g", "slow").await;
-    let mut other = consumer(h, &topic, "g", "other").await;
-    let e = event("k", 1);
-    h.transport()
-        .publish(&topic, std::slice::from_ref(&e))
-        .await
-        .unwrap();
-    let first = fetch_one(slow.as_mut(), "the first delivery").await;
-    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    let TakenOver {
+        mut slow,
+        mut other,
+        event: e,
+        first,
+        taken,
+    } = taken_over(h, &topic, |o| o).await;
     assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 2));
     slow.dead_letter(&first.id, "too late")
         .await
@@ -1252,18 +1283,15 @@ pub async fn a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back<
         return;
     }
     let topic = format!("{}-t18", h.test_id());
-    let two = |o: ConsumerOptions| o.max_deliveries(2);
-    let mut slow = consumer_with(h, &topic, "g", "slow", two).await;
-    let mut other = consumer_with(h, &topic, "g", "other", two).await;
-    let e = event("k", 1);
-    h.transport()
-        .publish(&topic, std::slice::from_ref(&e))
-        .await
-        .unwrap();
-    let first = fetch_one(slow.as_mut(), "the first delivery").await;
-    assert_eq!((first.record.event_id, first.attempt), (e.event_id, 1));
     // `slow` stalls past the delay; `other` takes the message over: its second delivery.
-    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    let TakenOver {
+        mut slow,
+        mut other,
+        event: e,
+        first,
+        taken,
+    } = taken_over(h, &topic, |o| o.max_deliveries(2)).await;
+    assert_eq!((first.record.event_id, first.attempt), (e.event_id, 1));
     assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 2));
     slow.defer(std::slice::from_ref(&first.id))
         .await
@@ -1315,15 +1343,13 @@ pub async fn a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back<
         return;
     }
     let topic = format!("{}-t19", h.test_id());
-    let mut slow = consumer(h, &topic, "g", "slow").await;
-    let mut other = consumer(h, &topic, "g", "other").await;
-    let e = event("k", 1);
-    h.transport()
-        .publish(&topic, std::slice::from_ref(&e))
-        .await
-        .unwrap();
-    let first = fetch_one(slow.as_mut(), "the first delivery").await;
-    let taken = fetch_one(other.as_mut(), "the takeover").await;
+    let TakenOver {
+        mut slow,
+        mut other,
+        event: e,
+        first,
+        taken,
+    } = taken_over(h, &topic, |o| o).await;
     assert_eq!((taken.record.event_id, taken.attempt), (e.event_id, 2));
     // `other` stalls too, while `slow` nacks "its" delivery before every fetch, more often
     // than the redelivery delay: the message must come back all the same.

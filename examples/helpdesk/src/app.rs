@@ -640,6 +640,19 @@ fn event_bus(handlers: cqrs_core::EventHandlers) -> Result<EventBus, cqrs_core::
         .build()
 }
 
+/// `relay`, discarding what it reads, set to keep its checkpoint near the store's head cheaply:
+/// woken by no append, it moves it every fifty `poll`s (up to [`DISCARD_INTERVAL`]) in one
+/// batch, instead of a transaction (and its commit) for every append.
+fn following_the_store(relay: PgOutboxRelay, poll: Duration) -> PgOutboxRelay {
+    relay
+        .listen(false)
+        .poll_interval(
+            poll.saturating_mul(50)
+                .clamp(Duration::from_millis(50), DISCARD_INTERVAL),
+        )
+        .batch_size(DISCARD_BATCH)
+}
+
 /// What a mode starts with: its backends, its health checks, the worker shipping committed
 /// events to the transport, and the one publishing them to the WebSocket hubs.
 struct Started {
@@ -822,16 +835,9 @@ async fn postgres_backends(
     let relay = if config.redis_url.is_some() {
         relay.poll_interval(poll.max(Duration::from_millis(50)))
     } else {
-        // Discarding, it only keeps its checkpoint near the store's head: woken by no append,
-        // it moves it every few seconds in one batch, instead of a transaction (and its commit)
-        // for every append. Redis added later then re-ships at most those seconds of events.
-        relay
-            .listen(false)
-            .poll_interval(
-                poll.saturating_mul(50)
-                    .clamp(Duration::from_millis(50), DISCARD_INTERVAL),
-            )
-            .batch_size(DISCARD_BATCH)
+        // Discarding, it only keeps its checkpoint near the store's head: Redis added later
+        // then re-ships at most the seconds of events since its last batch.
+        following_the_store(relay, poll)
     };
     // A database that had events before this relay existed: it starts where the transport's
     // relay is, not at the beginning (which would push every old event to the WebSockets as
@@ -870,13 +876,10 @@ async fn postgres_backends(
                 .batch_size(1)
                 .poll_interval(poll.max(Duration::from_millis(50))),
                 // Only following the store, as the outbox relay without Redis does.
-                None => PgOutboxRelay::new(db.clone(), Arc::new(crate::discard::DiscardTransport))
-                    .listen(false)
-                    .poll_interval(
-                        poll.saturating_mul(50)
-                            .clamp(Duration::from_millis(50), DISCARD_INTERVAL),
-                    )
-                    .batch_size(DISCARD_BATCH),
+                None => following_the_store(
+                    PgOutboxRelay::new(db.clone(), Arc::new(crate::discard::DiscardTransport)),
+                    poll,
+                ),
             };
             Some(Box::new(
                 relay
