@@ -15,6 +15,7 @@ use helpdesk_api::{Role, User};
 use serde_json::json;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use uuid::Uuid;
 
 /// Registers a user.
@@ -101,21 +102,27 @@ impl std::fmt::Debug for LoggedIn {
 pub struct GetUser(pub Uuid);
 
 /// Trims, lower-cases and NFC-normalizes an email, or says why it is not one.
+///
+/// Its lengths are mail's own, in bytes of UTF-8 (RFC 5321 and 6531): at most 254 in all and
+/// 64 before the `@`, so a name in a script of two or three bytes a character fits fewer
+/// characters.
 pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
     let email = canonical_email(raw);
     if email.is_empty() {
         return Err("the email is empty");
     }
     if email.len() > 254 {
-        return Err("the email is longer than 254 characters");
+        return Err("the email is longer than 254 bytes of UTF-8 (mail's limit)");
     }
     let Some((local, domain)) = email.split_once('@') else {
         return Err("the email has no @");
     };
+    if local.len() > 64 {
+        return Err("the part before the @ is longer than 64 bytes of UTF-8 (mail's limit)");
+    }
     // Each part drawn as something: a local part of only combining marks, or of the blank
     // Braille pattern (U+2800, not whitespace to Unicode), looks like no part at all.
     let looks_right = has_visible(local)
-        && local.len() <= 64
         && !domain.contains('@')
         && domain.contains('.')
         && domain.split('.').all(has_visible)
@@ -236,12 +243,13 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             ));
         }
         // Dropped from here on (a time-out, a client gone), the guard takes the counts back on
-        // a task, unless the account was stored.
+        // a task, unless the account was stored or the lookup had found the email free.
         let counted = RegistrationCount {
             counts: attempts.into_counts(),
             users: self.users.clone(),
             email: email.clone(),
             settled: false,
+            found_free: AtomicBool::new(false),
         };
         let created = async {
             // Before the check of a taken email: without the code, nobody learns whether an
@@ -249,7 +257,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             let role = self
                 .role(&email, cmd.agent_code.as_deref(), cmd.client)
                 .await?;
-            self.create(email.clone(), role, display_name, password, slot)
+            self.create(email.clone(), role, display_name, password, slot, &counted)
                 .await
         }
         .await;
@@ -273,12 +281,18 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
 }
 
 /// A registration's count on the address's throttle. Kept once the registration went through
-/// or was refused; taken back when the server could not finish it, unless the account was
-/// stored all the same (an answer lost after the insert committed, or a registration dropped
-/// while its insert was on its way): a client must not make uncounted accounts by hanging up
-/// at the right moment. An insert still running on the server when the check reads may go
+/// or was refused; taken back when the server could not finish it (its store away, or the
+/// registration dropped: a time-out, a client gone), unless the account was stored all the
+/// same (an answer lost after the insert committed): a client must not make uncounted
+/// accounts. An insert still running on the server when the check reads may go
 /// uncounted, and so may one when the check cannot read (the store away: then the insert
 /// most likely failed too); the check narrows the window to its own round trip.
+///
+/// Dropped once the lookup found the email free, it stays counted: a taken email's 409
+/// comes right after that lookup, and a free one's answer only after the hash, so a client
+/// that hung up when no 409 came in time would otherwise learn that the email is free (and
+/// not on the agent list) at no cost, or make an account uncounted by hanging up while its
+/// insert was on its way. Only a drop before the lookup answered is taken back.
 #[must_use = "dropping it takes the count back on a task; say what happened instead"]
 struct RegistrationCount {
     /// The client's count, and its site's for IPv6.
@@ -286,6 +300,8 @@ struct RegistrationCount {
     users: Arc<dyn UserStore>,
     email: String,
     settled: bool,
+    /// The lookup found the email free: from here on, hanging up tells the client something.
+    found_free: AtomicBool,
 }
 
 impl RegistrationCount {
@@ -308,7 +324,7 @@ impl RegistrationCount {
 
 impl Drop for RegistrationCount {
     fn drop(&mut self) {
-        if self.settled {
+        if self.settled || *self.found_free.get_mut() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -351,11 +367,13 @@ impl RegisterHandler {
         display_name: Option<String>,
         password: String,
         slot: ClientSlot,
+        counted: &RegistrationCount,
     ) -> Result<UserRecord, HandlerError> {
         // Cheap check first, so a taken email does not cost a hash; the store decides for real.
         if self.users.by_email(&email).await?.is_some() {
             return Err(email_taken());
         }
+        counted.found_free.store(true, Ordering::Relaxed);
         let user = UserRecord {
             id: Uuid::now_v7(),
             email,
@@ -401,7 +419,11 @@ impl RegisterHandler {
                     ));
                 }
                 if self.agents.code_matches(code) {
-                    counted.take_back().await?;
+                    // The right code goes through, as a right password does, whether or not
+                    // its count could be taken back.
+                    if let Err(e) = counted.take_back().await {
+                        tracing::warn!(error = %e, "a right agent code's attempt stays counted");
+                    }
                     Ok(Role::Agent)
                 } else {
                     counted.keep();
@@ -592,6 +614,30 @@ impl QueryHandler<GetUser> for GetUserHandler {
             user.role = self.agents.role_of(&user.email, user.role);
             user
         }))
+    }
+}
+
+#[cfg(test)]
+mod email_tests {
+    use super::normalize_email;
+
+    /// Mail counts an address's length in bytes of UTF-8, and the refusal says so: 95
+    /// characters of three bytes each are too long, 64 two-byte ones before the `@` too,
+    /// and each refusal names the limit it broke.
+    #[test]
+    fn an_emails_length_is_counted_in_bytes_and_the_refusal_says_so() {
+        let long = format!("a@{}.jp", "例".repeat(90));
+        assert_eq!(long.chars().count(), 95);
+        let why = normalize_email(&long).unwrap_err();
+        assert!(why.contains("254 bytes"), "{why}");
+        let long_local = format!("{}@example.com", "é".repeat(33));
+        let why = normalize_email(&long_local).unwrap_err();
+        assert!(
+            why.contains("before the @") && why.contains("64 bytes"),
+            "{why}"
+        );
+        let fits = format!("{}@{}.jp", "é".repeat(32), "例".repeat(60));
+        assert_eq!(normalize_email(&fits).as_deref(), Ok(fits.as_str()));
     }
 }
 
@@ -1037,6 +1083,34 @@ mod tests {
         assert_eq!(later.role, Role::Agent, "the window has passed");
     }
 
+    /// A right agent code registers its agent even when the throttle cannot take its count
+    /// back (the store away for that one step), as a right password logs in.
+    #[tokio::test]
+    async fn a_right_agent_code_registers_when_its_count_cannot_be_taken_back() {
+        const CODE: &str = "the-right-agent-code";
+        let clock = Arc::new(ManualClock::new());
+        let failing_back = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let handler = RegisterHandler {
+            agents: AgentList::new(
+                Arc::new(["agent@example.com".to_owned()].into_iter().collect()),
+                Some(crate::AgentCode::new(CODE)),
+            ),
+            code_limit: by_address(Arc::new(FlakyThrottle {
+                inner: InMemoryLoginThrottle::new(clock.clone(), 3, Duration::from_secs(60)),
+                failing: Arc::default(),
+                failing_back,
+            })),
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 100)
+        };
+        let registered = register_with(
+            &handler,
+            register("agent@example.com", CODE, [192, 0, 2, 1]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(registered.role, Role::Agent);
+    }
+
     /// Customer registrations on `users`, at most `limit` from one address a minute.
     fn registrations(
         users: Arc<dyn UserStore>,
@@ -1308,6 +1382,42 @@ mod tests {
         drop(held);
     }
 
+    /// A registration dropped once the lookup found its email free (the client hung up while
+    /// the password was being hashed) stays counted: a taken email's 409 comes before that,
+    /// so hanging up when no 409 came in time would tell which emails are free at no cost.
+    #[tokio::test]
+    async fn a_registration_dropped_after_finding_its_email_free_is_counted() {
+        let clock = Arc::new(ManualClock::new());
+        let handler = RegisterHandler {
+            hashing: Hashing::new(1, Duration::from_secs(30)),
+            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 1)
+        };
+        // The only turn to hash, held by another client: the registration waits for it.
+        let held = handler
+            .hashing
+            .turn(Some([198, 51, 100, 1].into()))
+            .await
+            .unwrap();
+        let a = [192, 0, 2, 1];
+        let hung_up = tokio::time::timeout(
+            Duration::from_millis(50),
+            register_with(&handler, register("free1@example.com", "", a)),
+        )
+        .await;
+        assert!(hung_up.is_err(), "it waits to hash until it is dropped");
+        drop(held);
+        // A count taken back would be on a task of its own: wait until no task is left.
+        let runtime = tokio::runtime::Handle::current().metrics();
+        cqrs_core::testing::eventually(Duration::from_secs(5), "no task left", || async {
+            (runtime.num_alive_tasks() == 0).then_some(())
+        })
+        .await;
+        let blocked = register_with(&handler, register("free2@example.com", "", a))
+            .await
+            .unwrap_err();
+        assert_eq!(blocked.code(), "too_many_attempts", "{blocked:?}");
+    }
+
     /// Registrations from one address are counted, taken emails and new accounts alike: past
     /// the limit that address gets 429 `too_many_attempts`, even for a new email, so it can
     /// neither make accounts without end nor learn which emails have one at database speed;
@@ -1493,15 +1603,12 @@ mod registration_count_tests {
     use cqrs_core::Metadata;
     use cqrs_core::clock::ManualClock;
     use cqrs_core::ports::StoreError;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// Stores the user, then never answers (an answer lost after the insert committed); counts
-    /// the reads by email.
+    /// Stores the user, then never answers (an answer lost after the insert committed).
     #[derive(Default)]
     struct StoresThenHangs {
         users: InMemoryUserStore,
-        reads: AtomicUsize,
     }
 
     #[async_trait]
@@ -1512,7 +1619,6 @@ mod registration_count_tests {
         }
 
         async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
-            self.reads.fetch_add(1, Ordering::SeqCst);
             self.users.by_email(email).await
         }
 
@@ -1575,10 +1681,10 @@ mod registration_count_tests {
             answer = dropped => panic!("the registration answered: {answer:?}"),
             () = waiting => {}
         }
-        // The guard's task read the account (the create's own check was the first read), on
-        // this one thread, and decided.
-        cqrs_core::testing::eventually(Duration::from_secs(10), "the guard checked", || async {
-            (users.reads.load(Ordering::SeqCst) >= 2).then_some(())
+        // A count taken back would be on a task of its own: wait until no task is left.
+        let runtime = tokio::runtime::Handle::current().metrics();
+        cqrs_core::testing::eventually(Duration::from_secs(10), "no task left", || async {
+            (runtime.num_alive_tasks() == 0).then_some(())
         })
         .await;
         // Counted, it blocks the next one at once; taken back, the next one would reach the

@@ -198,7 +198,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     "type": "object",
                     "required": ["email", "password"],
                     "properties": {
-                        "email": { "type": "string", "minLength": 1, "maxLength": 254, "description": "an address, internationalized ones included (`ünï@例え.jp`); stored lower-cased and in NFC" },
+                        "email": { "type": "string", "minLength": 1, "maxLength": 254, "description": "an address, internationalized ones included (`ünï@例え.jp`); stored lower-cased and in NFC; at most 254 bytes of UTF-8, 64 before the @ (mail's limits, so fewer characters outside ASCII)" },
                         "password": { "type": "string", "minLength": 8, "maxLength": 128 },
                         "display_name": { "type": ["string", "null"], "maxLength": 100 },
                         "agent_code": {
@@ -211,7 +211,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .response(403, "the email is on the agent list and the agent code is missing or wrong (`agent_code_required`)", None)
                 .response(409, "the email is taken (`email_taken`)", None)
                 .response(422, "an invalid email, password or display name, or an agent code for an email not on the agent list (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
-                .response(429, "this client address registered too many accounts within the registration window, has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
+                .response(429, "this client address (or its IPv6 /48) made too many registrations within the login window (every answer counts: accounts made, taken emails, refused agent codes; not those the server could not finish), has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
                 .response(503, UNAVAILABLE, None)],
         )
         .route(
@@ -236,6 +236,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     }
                 })))
                 .response(401, "wrong email or password (`invalid_credentials`)", None)
+                .response(422, "JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
                 .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress (`too_many_attempts`), with Retry-After", None)
                 .response(503, UNAVAILABLE, None)],
         )
