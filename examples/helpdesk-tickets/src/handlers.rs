@@ -82,6 +82,9 @@ pub struct GetTicket {
     pub id: Uuid,
 }
 
+/// The most tickets [`ListTickets`] returns in one page.
+pub const MAX_PAGE_SIZE: usize = 100;
+
 /// Lists tickets.
 #[derive(Debug, Query)]
 #[cqrs(name = "tickets.list", output = Page)]
@@ -90,7 +93,7 @@ pub struct ListTickets {
     pub user: User,
     /// Filters (the reporter filter is forced for customers).
     pub filter: ListFilter,
-    /// 1 to 100.
+    /// 1 to [`MAX_PAGE_SIZE`]; any other is refused as `invalid`.
     pub limit: usize,
     /// Where the last page ended.
     pub cursor: Option<String>,
@@ -490,6 +493,17 @@ pub(crate) fn summary_json(ticket: &Ticket) -> serde_json::Value {
 #[async_trait]
 impl QueryHandler<ListTickets> for Tickets {
     async fn handle(&self, q: ListTickets, _ctx: &QueryContext) -> Result<Page, HandlerError> {
+        // The route checks it too, but a plugin may dispatch the query itself: zero would be
+        // an empty page with no cursor (as if there were no tickets), `usize::MAX` overflow.
+        if !(1..=MAX_PAGE_SIZE).contains(&q.limit) {
+            return Err(invalid(
+                "limit",
+                &format!(
+                    "the page size must be 1 to {MAX_PAGE_SIZE}, not {}",
+                    q.limit
+                ),
+            ));
+        }
         let after = match &q.cursor {
             Some(c) => Some(self.cursors.decode(c).ok_or_else(|| {
                 HandlerError::invalid(
@@ -572,4 +586,69 @@ pub(crate) fn parse_status(s: &str) -> Option<Status> {
 /// Priority values, for validating query strings.
 pub(crate) fn parse_priority(s: &str) -> Option<Priority> {
     serde_json::from_value(json!(s)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::InMemoryStats;
+    use cqrs_core::clock::SystemClock;
+    use cqrs_core::memory::InMemoryEventStore;
+    use cqrs_core::{Metadata, QueryContext};
+
+    /// A directory that knows nobody: listing never asks it.
+    struct NoUsers;
+
+    #[async_trait]
+    impl UserDirectory for NoUsers {
+        async fn role_of(&self, _id: Uuid) -> Result<Option<Role>, StoreError> {
+            Ok(None)
+        }
+    }
+
+    /// The tickets' handlers in memory.
+    fn tickets() -> Tickets {
+        let events: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+        Tickets {
+            repo: Arc::new(AggregateRepository::new(events.clone())),
+            events,
+            index: Arc::new(crate::InMemoryTicketIndex::default()),
+            pg_index: None,
+            pg_events: None,
+            directory: Arc::new(NoUsers),
+            stats: Arc::new(InMemoryStats::default()),
+            cursors: Cursors::new(b"a test secret"),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A page size the route would refuse is refused on the bus too, named, instead of an
+    /// empty page with no cursor (zero) or an overflow (`usize::MAX`); the bounds pass.
+    #[tokio::test]
+    async fn a_page_size_out_of_bounds_is_refused_on_the_bus_too() {
+        let tickets = tickets();
+        let list = |limit| ListTickets {
+            user: User {
+                id: Uuid::now_v7(),
+                role: Role::Agent,
+            },
+            filter: ListFilter::default(),
+            limit,
+            cursor: None,
+        };
+        let ctx = QueryContext::new(Metadata::new());
+        for limit in [0, MAX_PAGE_SIZE + 1, usize::MAX] {
+            let refused = QueryHandler::<ListTickets>::handle(&tickets, list(limit), &ctx)
+                .await
+                .unwrap_err();
+            assert_eq!(refused.kind(), cqrs_core::ErrorKind::Invalid, "{refused:?}");
+            assert!(refused.to_string().contains("page size"), "{refused}");
+        }
+        for limit in [1, MAX_PAGE_SIZE] {
+            let page = QueryHandler::<ListTickets>::handle(&tickets, list(limit), &ctx)
+                .await
+                .unwrap();
+            assert!(page.items.is_empty() && page.next_cursor.is_none());
+        }
+    }
 }

@@ -2,8 +2,8 @@
 
 use crate::domain::{Priority, Ticket};
 use crate::handlers::{
-    Change, ChangeTicket, GetStats, GetTicket, ListTickets, OpenTicket, TicketHistory,
-    conflict_message, parse_priority, parse_status,
+    Change, ChangeTicket, GetStats, GetTicket, ListTickets, MAX_PAGE_SIZE, OpenTicket,
+    TicketHistory, conflict_message, parse_priority, parse_status,
 };
 use crate::index::ListFilter;
 use axum::Json;
@@ -401,7 +401,11 @@ async fn list(
         None => 20,
         // Digits only: `parse` would also take a leading `+`.
         Some(raw) => match raw.parse::<usize>() {
-            Ok(n) if (1..=100).contains(&n) && raw.bytes().all(|b| b.is_ascii_digit()) => n,
+            Ok(n)
+                if (1..=MAX_PAGE_SIZE).contains(&n) && raw.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                n
+            }
             _ => return Err(bad_query("limit", "must be a whole number from 1 to 100")),
         },
     };

@@ -25,8 +25,8 @@ pub use domain::{
     TicketCommented, TicketEvent, TicketOpened, TicketState,
 };
 pub use handlers::{
-    Change, ChangeTicket, GetStats, GetTicket, HistoryItem, ListTickets, OpenTicket, Page,
-    TicketHistory, event_types,
+    Change, ChangeTicket, GetStats, GetTicket, HistoryItem, ListTickets, MAX_PAGE_SIZE, OpenTicket,
+    Page, TicketHistory, event_types,
 };
 pub use index::{Cursors, InMemoryTicketIndex, ListFilter, Listed, SortKey, TicketIndex};
 pub use postgres::{PgStats, PgTicketIndex};

@@ -110,6 +110,30 @@ async fn invalid_tickets_are_refused() {
             StatusCode::CREATED,
             "the limits in escaped astral characters are accepted"
         );
+        // The limits in characters sent decomposed into four code points (`ᾂ`: `α` and
+        // three combining marks), each escaped (`\u0313`, 6 bytes): counted composed, a valid
+        // ticket of about 245 KB, which the 128 KiB body limit refused with 413.
+        let decomposed = |n: usize| "\\u03b1\\u0313\\u0300\\u0345".repeat(n);
+        let escaped = format!(
+            r#"{{"title":"{}","description":"{}"}}"#,
+            decomposed(200),
+            decomposed(10_000)
+        );
+        let r = reqwest::Client::new()
+            .post(s.url("/tickets"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(escaped)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "the limits in escaped decomposed characters are accepted"
+        );
+        let ticket: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(ticket["title"], "\u{1f82}".repeat(200), "stored composed");
         s.stop().await;
     })
     .await;
