@@ -5,7 +5,9 @@ use crate::error::{BACKEND, commit_error, store_error};
 use crate::sql::{IdempotencyLocks, Sql};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cqrs_core::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
+use cqrs_core::ports::{
+    Claim, ClaimWaitElapsed, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse,
+};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::types::Json;
@@ -176,48 +178,9 @@ fn claim_error(error: sqlx::Error, wait: Option<Duration>) -> StoreError {
     match (&error, wait) {
         (sqlx::Error::Database(db), Some(wait)) if busy(db.as_ref()) => StoreError::Unavailable {
             backend: BACKEND,
-            source: Box::new(ClaimWaitElapsed {
-                wait,
-                error: crate::SqlxError(error),
-            }),
+            source: Box::new(ClaimWaitElapsed::new(wait).with_source(crate::SqlxError(error))),
         },
         _ => store_error(error),
-    }
-}
-
-/// Why a claim failed as [`StoreError::Unavailable`] after waiting its whole claim wait
-/// ([`PgDatabase::with_claim_wait`]) for the key's holder: usually another request with the
-/// same key and content, still running. A retry once that one has finished replays its
-/// response.
-///
-/// It is the `Unavailable` error's source, so a server can tell a busy key from an
-/// unreachable database by walking an error's sources:
-///
-/// ```
-/// use cqrs_postgres::ClaimWaitElapsed;
-///
-/// fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
-///     std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<ClaimWaitElapsed>())
-/// }
-/// # let _ = key_in_use;
-/// ```
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "waited up to {wait:?} for a lock, usually another request with this idempotency key and \
-     the same content that is still running: retry once it has finished (the retry then gets \
-     its response)"
-)]
-pub struct ClaimWaitElapsed {
-    wait: Duration,
-    #[source]
-    error: crate::SqlxError,
-}
-
-impl ClaimWaitElapsed {
-    /// The claim wait ([`PgDatabase::with_claim_wait`]); the session's `statement_timeout`,
-    /// when shorter, ended the wait sooner.
-    pub fn wait(&self) -> Duration {
-        self.wait
     }
 }
 

@@ -101,10 +101,12 @@ mod sql;
 mod unit_of_work;
 
 pub use command::{IdempotencyKey, Idempotent, PgCommand, PgCommandExecutor, PgCommandLayer};
+/// The core's, here too: a claim that waited its whole claim wait has it among its sources.
+pub use cqrs_core::ports::ClaimWaitElapsed;
 pub use database::PgDatabase;
 pub use error::{PgError, SqlxError, store_error};
 pub use event_store::PgEventStore;
-pub use idempotency::{ClaimWaitElapsed, PgIdempotencyStore};
+pub use idempotency::PgIdempotencyStore;
 pub use options::{DEFAULT_URL, PgOptions};
 pub use projection::{PgProjectionStore, PgProjectionUnit};
 pub use relay::{Backlog, PgOutboxRelay, RelayBatch, RelayError};

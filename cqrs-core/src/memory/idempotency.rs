@@ -1,7 +1,9 @@
 //! The in-memory idempotency store.
 
 use crate::clock::{Clock, SystemClock};
-use crate::ports::{Claim, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse};
+use crate::ports::{
+    Claim, ClaimWaitElapsed, IdempotencyGuard, IdempotencyStore, StoreError, StoredResponse,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -27,16 +29,21 @@ enum Entry {
 
 type Key = (String, String);
 
+/// The claim wait of [`InMemoryIdempotencyStore`] unless set: Postgres's default.
+const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
+
 /// An idempotency store in process memory, with an injectable clock for expiry.
 #[derive(Clone)]
 pub struct InMemoryIdempotencyStore {
     entries: Arc<Mutex<HashMap<Key, Entry>>>,
     clock: Arc<dyn Clock>,
+    claim_wait: Duration,
 }
 
 impl std::fmt::Debug for InMemoryIdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InMemoryIdempotencyStore")
+            .field("claim_wait", &self.claim_wait)
             .finish_non_exhaustive()
     }
 }
@@ -58,7 +65,26 @@ impl InMemoryIdempotencyStore {
         Self {
             entries: Arc::default(),
             clock,
+            claim_wait: DEFAULT_CLAIM_WAIT,
         }
+    }
+
+    /// How long a claim waits while another claim with the same key and fingerprint holds
+    /// the key (default 5 s, as on Postgres), before it fails as
+    /// [`Unavailable`](StoreError::Unavailable) with a [`ClaimWaitElapsed`] source: "still
+    /// running, retry once it has finished". Measured on tokio's clock (the injected clock
+    /// dates expiry only). Zero counts as a millisecond.
+    ///
+    /// ```
+    /// use cqrs_core::memory::InMemoryIdempotencyStore;
+    /// use std::time::Duration;
+    ///
+    /// let store = InMemoryIdempotencyStore::new().with_claim_wait(Duration::from_secs(2));
+    /// # let _ = store;
+    /// ```
+    pub fn with_claim_wait(mut self, wait: Duration) -> Self {
+        self.claim_wait = wait.max(Duration::from_millis(1));
+        self
     }
 
     /// How many claims of `key` in `scope` wait for the claim that holds it (duplicates, with
@@ -160,6 +186,8 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
             scope: scope.to_owned(),
             key: key.to_owned(),
         };
+        // One bound for the whole wait, however many holders come and go meanwhile.
+        let until = tokio::time::Instant::now() + self.claim_wait;
         loop {
             let (mut wait, waiting) = {
                 let now = self.clock.now();
@@ -205,8 +233,14 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
                 }
             };
             // Wait for the first claim to finish, then look again.
-            let _ = wait.wait_for(|done| *done).await;
+            let finished = tokio::time::timeout_at(until, wait.wait_for(|done| *done)).await;
             drop(waiting);
+            if finished.is_err() {
+                return Err(StoreError::Unavailable {
+                    backend: "memory",
+                    source: Box::new(ClaimWaitElapsed::new(self.claim_wait)),
+                });
+            }
         }
     }
 

@@ -121,7 +121,10 @@ pub trait IdempotencyGuard: Send {
 ///   progress.
 /// * A claim with the same fingerprint while another claim of the key is in progress waits
 ///   for it, then replays its response (or, if the first was dropped, one waiting claim
-///   becomes the new claim). The work runs once.
+///   becomes the new claim). The work runs once. The wait is bounded (the store's claim wait,
+///   5 s by default in the shipped stores): past it the claim fails as
+///   [`StoreError::Unavailable`] with a [`ClaimWaitElapsed`] among its sources, and the
+///   holder keeps the key.
 /// * Scopes are independent (the same key in two scopes is two keys).
 /// * A key expires `ttl` after completion; an expired key is new again. Expired keys are
 ///   purged.
@@ -138,4 +141,50 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Removes expired keys; returns how many.
     async fn purge_expired(&self) -> Result<u64, StoreError>;
+}
+
+/// Why a claim failed as [`StoreError::Unavailable`] after waiting its store's whole claim
+/// wait for the claim that holds its key: usually another request with the same key and
+/// content, still running. A retry once that one has finished replays its response.
+///
+/// It is among the error's sources, so a server can tell a busy key from a store out of reach
+/// by walking them (the helpdesk answers 503 `idempotency_key_in_use`):
+///
+/// ```
+/// use cqrs_core::ports::ClaimWaitElapsed;
+///
+/// fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
+///     std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<ClaimWaitElapsed>())
+/// }
+/// # let _ = key_in_use;
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "waited {wait:?} for the claim that holds this idempotency key, usually another request \
+     with this key and the same content that is still running: retry once it has finished \
+     (the retry then gets its response)"
+)]
+pub struct ClaimWaitElapsed {
+    wait: Duration,
+    #[source]
+    source: Option<crate::BoxError>,
+}
+
+impl ClaimWaitElapsed {
+    /// A claim that waited `wait`.
+    pub fn new(wait: Duration) -> Self {
+        Self { wait, source: None }
+    }
+
+    /// With the backend's own error that ended the wait (a lock timeout, say).
+    pub fn with_source(mut self, source: impl Into<crate::BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The store's claim wait; a backend's own limit, when shorter, may have ended the wait
+    /// sooner.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
 }

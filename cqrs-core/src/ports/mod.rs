@@ -17,7 +17,7 @@ pub use event_store::{
     nests_deeper_than,
 };
 pub use idempotency::{
-    Claim, IdempotencyGuard, IdempotencyStore, MAX_RESPONSE_DEPTH, StoredResponse,
+    Claim, ClaimWaitElapsed, IdempotencyGuard, IdempotencyStore, MAX_RESPONSE_DEPTH, StoredResponse,
 };
 pub use projection::ProjectionStore;
 pub use pubsub::{Fanout, PubSub, PubSubMessage, Subscription};

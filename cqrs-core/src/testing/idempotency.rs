@@ -4,7 +4,7 @@
 
 use super::Harness;
 use crate::clock::ManualClock;
-use crate::ports::{Claim, IdempotencyStore, StoreError, StoredResponse};
+use crate::ports::{Claim, ClaimWaitElapsed, IdempotencyStore, StoreError, StoredResponse};
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +15,12 @@ use std::time::Duration;
 pub trait IdempotencyHarness: Harness {
     /// The store under test.
     fn store(&self) -> Arc<dyn IdempotencyStore>;
+
+    /// The store under test with a claim wait of `wait` (the bound on a claim's wait for the
+    /// claim holding its key), for [`a_claim_waits_no_longer_than_the_claim_wait`]. The
+    /// other scenarios hold keys as long as they need, so give [`store`](Self::store) a long
+    /// one (the shipped harnesses give it a minute), or they may fail on a slow machine.
+    fn store_with_claim_wait(&self, wait: Duration) -> Arc<dyn IdempotencyStore>;
 
     /// The manual clock the store reads, when it takes one. The expiry scenario counts what a
     /// purge removes, so the store must then hold no keys but the scenario's own. `None` (the
@@ -134,6 +140,7 @@ macro_rules! idempotency_conformance {
                 scopes_are_independent,
                 a_ttl_of_duration_max_keeps_the_response,
                 a_completion_finishes_when_its_caller_stops_waiting,
+                a_claim_waits_no_longer_than_the_claim_wait,
             ]
         );
     };
@@ -270,6 +277,43 @@ pub async fn concurrent_claims_of_one_key_run_the_work_once<H: IdempotencyHarnes
         );
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the work ran once");
+}
+
+/// A claim of a held key waits at most its store's claim wait (300 ms here): then it fails
+/// as [`StoreError::Unavailable`] with a [`ClaimWaitElapsed`] among its sources that names the
+/// wait, not sooner than the wait and within 10 s; the holder keeps the key, and once it
+/// completes, a claim replays its response.
+pub async fn a_claim_waits_no_longer_than_the_claim_wait<H: IdempotencyHarness>(h: &H) {
+    const WAIT: Duration = Duration::from_millis(300);
+    let store = h.store_with_claim_wait(WAIT);
+    let scope = h.test_id();
+    let guard = new(store.claim(scope, "busy", "fp", DAY).await.unwrap());
+    let started = tokio::time::Instant::now();
+    let waited_out = tokio::time::timeout(PROMPTLY, store.claim(scope, "busy", "fp", DAY))
+        .await
+        .expect("a claim of a held key gave up within 10 s");
+    let waited = started.elapsed();
+    let Err(error) = waited_out else {
+        panic!("a claim of a held key got an answer while the key was held");
+    };
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    let elapsed = std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .find_map(|e| e.downcast_ref::<ClaimWaitElapsed>())
+    .unwrap_or_else(|| panic!("no ClaimWaitElapsed among the sources of {error:?}"));
+    assert_eq!(elapsed.wait(), WAIT, "{error}");
+    assert!(
+        waited >= WAIT,
+        "it gave up after {waited:?}, before its wait"
+    );
+    let response = StoredResponse::new(201, json!({"made": true}));
+    guard.complete(response.clone()).await.unwrap();
+    assert_eq!(
+        replay(store.claim(scope, "busy", "fp", DAY).await.unwrap()),
+        response,
+        "the holder kept the key"
+    );
 }
 
 /// A claim dropped without completing (the work failed) frees the key for a retry.

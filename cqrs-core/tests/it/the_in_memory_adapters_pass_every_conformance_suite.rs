@@ -14,6 +14,7 @@ use cqrs_core::testing::pubsub::PubSubHarness;
 use cqrs_core::testing::snapshot_store::SnapshotStoreHarness;
 use cqrs_core::testing::transport::TransportHarness;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Memory<T> {
     id: String,
@@ -128,6 +129,10 @@ mod idempotency {
             Arc::new(self.adapter.clone())
         }
 
+        fn store_with_claim_wait(&self, wait: Duration) -> Arc<dyn IdempotencyStore> {
+            Arc::new(self.adapter.clone().with_claim_wait(wait))
+        }
+
         fn clock(&self) -> Option<ManualClock> {
             Some(self.clock.clone())
         }
@@ -141,7 +146,10 @@ mod idempotency {
         let clock = ManualClock::new();
         Some(Memory {
             id,
-            adapter: InMemoryIdempotencyStore::with_clock(Arc::new(clock.clone())),
+            // The scenarios hold a key for as long as they need: no claim gives up waiting on
+            // a slow machine (the bound has a scenario of its own).
+            adapter: InMemoryIdempotencyStore::with_clock(Arc::new(clock.clone()))
+                .with_claim_wait(Duration::from_secs(60)),
             clock,
         })
     }

@@ -131,6 +131,10 @@ impl IdempotencyHarness for PgHarness {
         Arc::new(self.db.idempotency_store())
     }
 
+    fn store_with_claim_wait(&self, wait: std::time::Duration) -> Arc<dyn IdempotencyStore> {
+        Arc::new(self.db.clone().with_claim_wait(wait).idempotency_store())
+    }
+
     fn clock(&self) -> Option<ManualClock> {
         Some(self.clock.clone())
     }

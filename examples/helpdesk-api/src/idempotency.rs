@@ -4,9 +4,10 @@ use crate::{AfterTimeout, ApiError, User};
 use axum::Json;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use cqrs_core::ports::ClaimWaitElapsed;
 use cqrs_core::ports::{Claim, IdempotencyStore, StoredResponse};
 use cqrs_core::{Command, Metadata};
-use cqrs_postgres::{ClaimWaitElapsed, IdempotencyKey, Idempotent, PgCommandExecutor};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor};
 use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
@@ -16,8 +17,8 @@ pub const HEADER: &str = "idempotency-key";
 
 /// Runs `work` at most once per `(user, Idempotency-Key)`: a replay with the same key and the
 /// same request returns the stored status and body; the same key with a different request is
-/// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first (a store that
-/// bounds the wait, as Postgres's does, answers 503 `idempotency_key_in_use` when it runs out).
+/// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first, at most the
+/// store's claim wait, then answers 503 `idempotency_key_in_use`.
 /// Without the header, `work` just runs. Failed work (an `Err`) is not stored, so the client
 /// may retry it; what `Ok` carries is stored, whatever its status, so return an error for
 /// work that did not take effect.
@@ -211,8 +212,8 @@ fn reused() -> ApiError {
     )
 }
 
-/// Whether `error` is a claim that waited its whole claim wait for a duplicate still running
-/// (Postgres), rather than a backend out of reach.
+/// Whether `error` is a claim that waited its whole claim wait for a duplicate still running,
+/// rather than a backend out of reach.
 fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<ClaimWaitElapsed>())
 }
@@ -487,6 +488,48 @@ mod tests {
             .block_on(axum::body::to_bytes(retry.into_body(), 1 << 16))
             .unwrap();
         assert_eq!(replayed, body.as_bytes(), "the replay is the first answer");
+    }
+
+    /// In memory, a duplicate that waits out the claim wait while the first request holds
+    /// the key is told so, 503 `idempotency_key_in_use` with `Retry-After`, as on Postgres
+    /// (below); it waited without end.
+    #[test]
+    fn a_duplicate_that_waits_out_the_claim_wait_in_memory_is_told_the_key_is_in_use() {
+        use cqrs_core::ports::IdempotencyStore;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = InMemoryIdempotencyStore::new().with_claim_wait(Duration::from_millis(100));
+            let user = customer();
+            let (scope, fingerprint) = (format!("user:{}", user.id), hex_digest(b"request"));
+            let day = Duration::from_secs(86_400);
+            let holder = store
+                .claim(&scope, "key-5", &fingerprint, day)
+                .await
+                .unwrap();
+            assert!(
+                matches!(holder, Claim::New(_)),
+                "the first claim takes the key"
+            );
+            let error = cqrs_core::testing::with_timeout(
+                Duration::from_secs(10),
+                once(
+                    &store,
+                    &with_key("key-5"),
+                    &user,
+                    b"request",
+                    day,
+                    || async { Ok((StatusCode::CREATED, ())) },
+                ),
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+            assert_eq!(error.code, "idempotency_key_in_use", "{error}");
+            assert_eq!(error.retry_after, Some(1), "{error}");
+        });
     }
 
     /// On Postgres, a duplicate that waits out the claim wait while the first request holds

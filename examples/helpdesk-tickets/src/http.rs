@@ -488,7 +488,7 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
     idempotent(op)
         .response(
             503,
-            "the user store could not be asked (`unavailable`, with `Retry-After`), the request ran past its time budget or the store did not answer in time (`timeout`), or, on Postgres, a request with the same Idempotency-Key and body still ran after 5 s (`idempotency_key_in_use`, with `Retry-After`: retry with the key to get its answer)",
+            "the user store could not be asked (`unavailable`, with `Retry-After`), the request ran past its time budget or the store did not answer in time (`timeout`), or a request with the same Idempotency-Key and body still ran after 5 s (`idempotency_key_in_use`, with `Retry-After`: retry with the key to get its answer)",
             None,
         )
         .response(
@@ -510,7 +510,7 @@ fn idempotent(op: Operation) -> Operation {
         "header",
         false,
         json!({ "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]{1,255}$" }),
-        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`; a duplicate sent while the first still runs waits for it (on Postgres at most 5 s, then 503 `idempotency_key_in_use`: retry with the key)",
+        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`; a duplicate sent while the first still runs waits for it (at most 5 s, then 503 `idempotency_key_in_use`: retry with the key)",
     )
 }
 
