@@ -100,17 +100,42 @@ impl<A: Aggregate> AggregateTest<A> {
         test
     }
 
-    /// Decides on `command`. The decided events are then applied to a copy of the state (and
-    /// make the same round trip as [`given`](Self::given)'s), so an `apply` that panics on
-    /// them, or an event that would not replay, fails the test.
+    /// Decides on `command`, sent with fresh metadata (no actor): see
+    /// [`when_with`](Self::when_with).
     #[track_caller]
     pub fn when(self, command: A::Command) -> Then<A> {
+        self.when_with(command, &Metadata::new())
+    }
+
+    /// Decides on `command`, sent with `metadata`. The decided events are then applied to a
+    /// copy of the state (and make the same round trip as [`given`](Self::given)'s), so an
+    /// `apply` that panics on them, or an event that would not replay, fails the test. Each
+    /// carries what the repository gives it: the command's actor, correlation id and trace
+    /// context, the command as its cause, no principal (it is not stored), and the command's
+    /// timestamp (set one with [`Metadata::with_timestamp`] for a fixed time; the repository
+    /// stamps its clock's now), so an aggregate whose
+    /// [`apply_with`](Aggregate::apply_with) keeps who acted or when shows it in
+    /// [`Then::state`].
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand, TicketOpened};
+    /// use cqrs_core::Metadata;
+    /// use cqrs_core::testing::AggregateTest;
+    ///
+    /// AggregateTest::<Ticket>::given_no_events()
+    ///     .when_with(TicketCommand::Open, &Metadata::new().with_actor("agent-7"))
+    ///     .then_expect_events([TicketOpened { ticket_id: "t1".into() }]);
+    /// ```
+    #[track_caller]
+    pub fn when_with(self, command: A::Command, metadata: &Metadata) -> Then<A> {
         let mut state = self.state;
         let result = state.decide(command);
         if let Ok(events) = &result {
             for (i, event) in events.iter().enumerate() {
+                let mut caused = metadata.caused_at(metadata.timestamp);
+                caused.principal = None;
                 let (event, envelope) =
-                    replayed::<A>(event.clone(), Metadata::new(), self.version + 1 + i as u64);
+                    replayed::<A>(event.clone(), caused, self.version + 1 + i as u64);
                 state.apply_with(&event, &envelope);
             }
         }
@@ -128,6 +153,9 @@ pub struct Then<A: Aggregate> {
 impl<A: Aggregate> Then<A> {
     /// The aggregate's state after the command: the given history with the decided events
     /// applied, as a load would rebuild it (the history's state when the command was refused).
+    /// Where the repository's answer differs, a load is right: a field of an event that serde
+    /// skips is in the state the repository returns (and snapshots), not here nor in a later
+    /// load, so keep state out of such fields.
     /// Look at it before `then_expect_events` or `then_expect_error`, which take the outcome.
     ///
     /// ```
@@ -452,6 +480,8 @@ mod tests {
     struct Notes {
         versions: Vec<Option<u64>>,
         secrets: Vec<Option<String>>,
+        /// Who acted, when, and whether the event carried a principal.
+        actors: Vec<(Option<String>, chrono::DateTime<chrono::Utc>, bool)>,
     }
 
     enum NoteCommand {
@@ -472,6 +502,9 @@ mod tests {
             assert_ne!(noted.text, "boom", "apply cannot take this event");
             self.versions.push(envelope.stream_version());
             self.secrets.push(noted.secret.clone());
+            let m = &envelope.metadata;
+            self.actors
+                .push((m.actor.clone(), m.timestamp, m.principal.is_some()));
         }
 
         fn decide(&self, command: NoteCommand) -> Result<Vec<NoteEvents>, HandlerError> {
@@ -505,6 +538,22 @@ mod tests {
             .then_expect_error();
         // Versions 1 and 2 of the stream, and what serde keeps: not the skipped field.
         assert_eq!(error.message(), "[Some(1), Some(2)] [None, None]");
+    }
+
+    /// The decided events carry the command's actor and timestamp (and no principal), as the
+    /// repository stamps them; `when` sends none.
+    #[test]
+    fn decided_events_carry_the_commands_actor_and_time() {
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let metadata = Metadata::new()
+            .with_actor("u1")
+            .with_timestamp(at)
+            .with_principal(crate::Principal::new("u1"));
+        let then = AggregateTest::<Notes>::given([noted("a", None)])
+            .when_with(NoteCommand::Note("b"), &metadata);
+        assert_eq!(then.state().actors[1], (Some("u1".to_owned()), at, false));
+        let then = AggregateTest::<Notes>::given([noted("a", None)]).when(NoteCommand::Note("b"));
+        assert_eq!(then.state().actors[1].0, None);
     }
 
     #[test]
