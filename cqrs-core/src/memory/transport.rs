@@ -61,8 +61,10 @@ struct State {
 /// An event transport in process memory, with consumer groups, per-key order and redelivery:
 /// for tests, examples and single-process servers. Nothing survives the process.
 ///
-/// Per-key order is strict: while a message of a key is in flight in a group, later messages
-/// of that key wait, so a nacked message is redelivered before its successors.
+/// Per-key order is strict: a fetch hands out a key's messages only as a chain, in order
+/// (several of one free key may come in one batch, as the port allows), and while a message
+/// of a key is in flight in a group, no later fetch hands out that key's later messages, so a
+/// nacked message is redelivered before its successors.
 #[derive(Clone)]
 pub struct InMemoryTransport {
     state: Arc<Mutex<State>>,
