@@ -55,7 +55,9 @@ pub trait EventSet: Sized + Clone + Send + Sync + 'static {
 macro_rules! event_set {
     ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident($ty:ty)),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Clone, Debug)]
+        // Paths, not names: a `Debug` derive of another crate in scope where the macro is
+        // called must not take the place of the standard one.
+        #[derive(::core::clone::Clone, ::core::fmt::Debug)]
         $vis enum $name {
             $($(#[$vmeta])* $variant($ty),)+
         }

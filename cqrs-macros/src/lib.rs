@@ -207,7 +207,7 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
             })
             .unwrap_or_default();
         return Err(syn::Error::new_spanned(
-            &input.ident,
+            attribute_or_name(input),
             format!(
                 "`#[derive({derive})]` needs the message's wire name: add \
                  `#[cqrs(name = \"...\")]`, a name such as \"tickets.open_ticket\" that stays \
@@ -223,7 +223,7 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
         Kind::Command => Some(args.output.unwrap_or_else(|| syn::parse_quote!(()))),
         Kind::Query => Some(args.output.ok_or_else(|| {
             syn::Error::new_spanned(
-                &input.ident,
+                attribute_or_name(input),
                 "`#[derive(Query)]` needs the type the query's handler returns: add \
                  `output = Type` to `#[cqrs(..)]`",
             )
@@ -294,6 +294,15 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
     })
 }
 
+/// Where an error about a missing key points: the first `#[cqrs(..)]` attribute, which
+/// needs it, or the type's name when it has none.
+fn attribute_or_name(input: &DeriveInput) -> TokenStream2 {
+    match input.attrs.iter().find(|attr| attr.path().is_ident("cqrs")) {
+        Some(attr) => quote::ToTokens::to_token_stream(attr),
+        None => quote::ToTokens::to_token_stream(&input.ident),
+    }
+}
+
 /// Reads every `#[cqrs(..)]` attribute on the type; a key may appear once over all of them.
 /// Other attributes are left alone, `#[command(..)]` included (clap's derives take that one).
 fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
@@ -342,10 +351,12 @@ fn parse_args(kind: Kind, input: &DeriveInput) -> syn::Result<Args> {
                 _ => {
                     let hint = match (kind, key.as_deref()) {
                         (Kind::Event, Some("output")) => {
-                            "; an event has no output (`output` is for commands and queries)"
+                            "; an event has no output (`output` is for commands and queries; \
+                             a type takes one of the `Command`, `Query` and `Event` derives)"
                         }
                         (Kind::Command | Kind::Query, Some("version")) => {
-                            "; only events have a schema version"
+                            "; only events have a schema version (a type takes one of the \
+                             `Command`, `Query` and `Event` derives)"
                         }
                         _ => "",
                     };
@@ -719,6 +730,11 @@ mod tests {
         );
         assert!(
             message.contains("only events have a schema version"),
+            "{message}"
+        );
+        // Two derives on one type meet here: each hint says a type takes one.
+        assert!(
+            message.contains("a type takes one of the `Command`, `Query` and `Event` derives"),
             "{message}"
         );
         let message = error(
