@@ -160,7 +160,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 /// ```
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "waited {wait:?} for the claim that holds this idempotency key, usually another request \
+    "waited up to {wait:?} for the claim that holds this idempotency key, usually another request \
      with this key and the same content that is still running: retry once it has finished \
      (the retry then gets its response)"
 )]
