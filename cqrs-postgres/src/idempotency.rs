@@ -489,12 +489,12 @@ mod tests {
                 panic!("a duplicate of a held key answered before its holder ended");
             };
             assert_eq!(error.kind(), cqrs_core::ErrorKind::Unavailable, "{error}");
-            let elapsed = std::iter::successors(
-                Some(&error as &(dyn std::error::Error + 'static)),
-                |e| e.source(),
-            )
-            .find_map(|e| e.downcast_ref::<ClaimWaitElapsed>())
-            .unwrap_or_else(|| panic!("no ClaimWaitElapsed among the sources of {error}"));
+            let elapsed =
+                std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .find_map(|e| e.downcast_ref::<ClaimWaitElapsed>())
+                .unwrap_or_else(|| panic!("no ClaimWaitElapsed among the sources of {error}"));
             assert_eq!(elapsed.wait(), Duration::from_millis(250), "{error}");
             assert!(error.to_string().contains("waited up to 250ms"), "{error}");
             holder.rollback().await.unwrap();

@@ -295,6 +295,11 @@ impl HubOptions {
         self.send_queue
     }
 
+    /// The most connections the hub holds at once.
+    pub fn get_max_connections(&self) -> usize {
+        self.max_connections
+    }
+
     /// The channel prefix.
     pub fn get_channel_prefix(&self) -> &str {
         &self.channel_prefix

@@ -429,14 +429,18 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         anyhow::bail!("no plugin offers a realtime feed (the tickets plugin does)");
     }
     let feeds = Arc::new(Feeds::new(feeds));
-    // WebSockets are client connections too: with `--max-connections` set, the hub takes the
-    // same limit (the server's own bounds them all anyway); unset, the hub's default, which
-    // keeps their memory bounded where the open-file limit is high.
-    let mut hub_options = cqrs_realtime::HubOptions::new()
+    // WebSockets are client connections too: they hold at most the server's limit less a
+    // tenth, kept for HTTP requests (health probes among them), which held WebSockets would
+    // otherwise leave waiting in the backlog; and, with `--max-connections` unset, at most
+    // the hub's default, which keeps their memory bounded where the open-file limit is high.
+    let share = crate::server::share_of(crate::server::client_connections(config));
+    let hub_options = cqrs_realtime::HubOptions::new()
         .max_connections_per_client(config.ws_connections_per_address);
-    if let Some(limit) = config.max_connections {
-        hub_options = hub_options.max_connections(usize::try_from(limit).unwrap_or(usize::MAX));
-    }
+    let most = match config.max_connections {
+        Some(_) => share,
+        None => share.min(hub_options.get_max_connections()),
+    };
+    let hub_options = hub_options.max_connections(most);
     let hub = Hub::builder(HubAuthenticator(authenticator.clone()))
         .authorizer(HubRules(feeds.clone()))
         .routing_arc(feeds)

@@ -201,7 +201,8 @@ pub struct Config {
     /// an IPv6 /64) holds open at once; past it a new connection is closed as soon as it is
     /// accepted, so one client cannot take every connection the server serves (idle or
     /// half-sent requests, say). Addresses in --trusted-proxies are not limited: every client
-    /// behind a proxy shares its address.
+    /// behind a proxy shares its address. At most all but a tenth of --max-connections,
+    /// whatever this says, so that another client always finds a place.
     #[arg(
         long,
         env = "HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS",

@@ -63,8 +63,19 @@ impl Server {
         let grace = config.shutdown_grace();
         let header_timeout = config.header_timeout();
         let max_connections = connection_limit(&config);
+        let share = share_of(max_connections);
+        if config.http_connections_per_address > share {
+            tracing::info!(
+                http_connections_per_address = config.http_connections_per_address,
+                max_connections,
+                share,
+                "one client address holds at most {share} connections: all but a tenth of \
+                 max_connections, kept for everyone else (HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS \
+                 is more)"
+            );
+        }
         let per_address = PerAddress::new(
-            config.http_connections_per_address,
+            config.http_connections_per_address.min(share),
             config.trusted_proxies.iter().copied(),
         );
         let router = app.router;
@@ -182,27 +193,10 @@ impl Server {
 const RESERVED_FILES: u64 = 256;
 
 /// The most connections served at once: `HELPDESK_MAX_CONNECTIONS`, or the open-file limit
-/// (raised to its hard limit first) less what the server keeps for itself.
+/// (raised to its hard limit first) less what the server keeps for itself; logged.
 fn connection_limit(config: &Config) -> usize {
-    let files = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(files) => files,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read the open-file limit; assuming 1024");
-            1024
-        }
-    };
-    // The pool's connections only on Postgres: in memory the setting is unused (and
-    // unchecked), and must not shrink the clients' share.
-    let pool = config
-        .database_url
-        .as_ref()
-        .map_or(0, |_| u64::from(config.database_max_connections));
-    let kept = RESERVED_FILES + pool;
-    let limit = match config.max_connections {
-        Some(limit) => u64::from(limit),
-        None => files.saturating_sub(kept).max(16),
-    };
-    if config.max_connections.is_some() && limit.saturating_add(kept) > files {
+    let (files, limit) = files_and_limit(config, true);
+    if config.max_connections.is_some() && limit.saturating_add(kept_files(config)) > files {
         tracing::warn!(
             open_files = files,
             max_connections = limit,
@@ -210,7 +204,7 @@ fn connection_limit(config: &Config) -> usize {
              ({} of {files}, the rest kept for the server's own files and its Postgres pool): \
              once the files run out, accepting fails, and so do new Postgres and Redis \
              connections; lower it, or raise the limit (ulimit -n)",
-            files.saturating_sub(kept)
+            files.saturating_sub(kept_files(config))
         );
     }
     tracing::info!(
@@ -219,6 +213,48 @@ fn connection_limit(config: &Config) -> usize {
         "serving at most max_connections client connections at once (HELPDESK_MAX_CONNECTIONS)"
     );
     usize::try_from(limit).unwrap_or(usize::MAX)
+}
+
+/// [`connection_limit`], without a word: for the realtime hub's share of it.
+pub(crate) fn client_connections(config: &Config) -> usize {
+    usize::try_from(files_and_limit(config, false).1).unwrap_or(usize::MAX)
+}
+
+/// The most connections one client address (a trusted proxy's aside) holds, and the most
+/// WebSockets held altogether, under a limit of `limit` connections: all but a tenth of it
+/// (at least one), kept for everyone else, so a health probe or another client finds a place
+/// however many one client, or the WebSockets, hold. At least one.
+pub(crate) fn share_of(limit: usize) -> usize {
+    limit.saturating_sub((limit / 10).max(1)).max(1)
+}
+
+/// The files the server keeps for itself: its own, and the Postgres pool's on Postgres.
+fn kept_files(config: &Config) -> u64 {
+    // The pool's connections only on Postgres: in memory the setting is unused (and
+    // unchecked), and must not shrink the clients' share.
+    let pool = config
+        .database_url
+        .as_ref()
+        .map_or(0, |_| u64::from(config.database_max_connections));
+    RESERVED_FILES + pool
+}
+
+/// The open-file limit (raised to its hard limit) and the connection limit under it.
+fn files_and_limit(config: &Config, warn: bool) -> (u64, u64) {
+    let files = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => files,
+        Err(error) => {
+            if warn {
+                tracing::warn!(%error, "cannot read the open-file limit; assuming 1024");
+            }
+            1024
+        }
+    };
+    let limit = match config.max_connections {
+        Some(limit) => u64::from(limit),
+        None => files.saturating_sub(kept_files(config)).max(16),
+    };
+    (files, limit)
 }
 
 /// Accepts connections until `stopped`, at most `max_connections` open at once (the others
@@ -473,6 +509,18 @@ async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, left: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One address, or the WebSockets together, hold all but a tenth of the limit, at least
+    /// one connection each way.
+    #[test]
+    fn a_tenth_of_the_connections_is_kept_for_everyone_else() {
+        assert_eq!(share_of(1), 1);
+        assert_eq!(share_of(2), 1);
+        assert_eq!(share_of(10), 9);
+        assert_eq!(share_of(20), 18);
+        assert_eq!(share_of(500), 450);
+        assert_eq!(share_of(usize::MAX), usize::MAX - usize::MAX / 10);
+    }
 
     /// In memory the Postgres pool's size is unused: it does not shrink the clients' share of
     /// the open files; on Postgres it does.

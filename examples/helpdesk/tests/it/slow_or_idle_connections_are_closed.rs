@@ -378,6 +378,33 @@ async fn one_address_cannot_take_every_connection() {
     .await;
 }
 
+/// Under a low `--max-connections`, one client address holds at most all but a tenth of it,
+/// whatever its share setting says (1000 by default, more than the limit): another client, a
+/// health probe say, still finds a place, where it waited in the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection_under_a_low_limit() {
+    within(async {
+        let s = TestServer::start_with(|c| c.max_connections = Some(20)).await;
+        let addr = s.url("").trim_start_matches("http://").to_owned();
+        // Eighteen idle connections: all but a tenth of 20.
+        let mut held = Vec::new();
+        for _ in 0..18 {
+            held.push(connect_from("127.0.0.2", &addr).await);
+        }
+        let mut past = connect_from("127.0.0.2", &addr).await;
+        let _ = past
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let sent = closed_within(&mut past, Duration::from_secs(10)).await;
+        assert_eq!(sent, "", "closed at once, unanswered");
+        let mut probe = connect_from("127.0.0.4", &addr).await;
+        assert_eq!(health_on(&mut probe).await, "HTTP/1.1 200 OK");
+        drop(held);
+        s.stop().await;
+    })
+    .await;
+}
+
 /// A WebSocket counts against its client address for as long as it is open, not only until
 /// its upgrade (when the HTTP connection's own work ends): with a share of one, an open
 /// WebSocket leaves its address no room for another connection.
