@@ -428,13 +428,17 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 
 /// Answers a panic of what runs inside it (a handler, an extractor, the authenticator, a
 /// plugin's middleware) with the contract's 500 `internal`, logging the panic's message at
-/// `error`; without it the panic would end the connection's task, and the client would get a
-/// reset connection, with no answer, log line or metric.
+/// `error` unless [`log_panics`](crate::log_panics)'s hook logged it where it happened (in
+/// the request's span), so a panic is one error line; without it the panic would end the
+/// connection's task, and the client would get a reset connection, with no answer, log line
+/// or metric.
 async fn catch_panics(request: Request, next: Next) -> Response {
     match cqrs_core::CatchUnwind::new(next.run(request)).await {
         Ok(response) => response,
         Err(panic) => {
-            tracing::error!(panic, "a request handler panicked");
+            if !crate::logging::panics_logged() {
+                tracing::error!(panic, "a request handler panicked");
+            }
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

@@ -99,6 +99,7 @@ where
 /// default hook's text on standard error instead, so a panic is never lost. It replaces the
 /// process's panic hook; [`main_with`](crate::main_with) installs it.
 pub fn log_panics() {
+    PANICS_LOGGED.store(true, std::sync::atomic::Ordering::Relaxed);
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if !tracing::enabled!(target: "panic", tracing::Level::ERROR) {
@@ -118,6 +119,15 @@ pub fn log_panics() {
             tracing::event!(target: "panic", tracing::Level::ERROR, panic.message = %message, panic.location = %location, thread, "panicked");
         }
     }));
+}
+
+/// Whether [`log_panics`] installed its hook: every panic then has its line where it happens.
+static PANICS_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether every panic is logged where it happens ([`log_panics`]), so that what catches one
+/// need not log it again.
+pub(crate) fn panics_logged() -> bool {
+    PANICS_LOGGED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `error` and its causes, joined with `: `, each cause left out when the text before already

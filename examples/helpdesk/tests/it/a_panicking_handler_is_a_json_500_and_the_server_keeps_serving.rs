@@ -10,10 +10,10 @@ use helpdesk_api::{Authenticated, HttpApi, Operation};
 use reqwest::{Method, StatusCode};
 use std::sync::Arc;
 
-const PANIC_TEXT: &str = "the secret panic text of db-9.internal";
+pub(crate) const PANIC_TEXT: &str = "the secret panic text of db-9.internal";
 
 /// A plugin route that panics, and one that panics after authenticating the caller.
-fn panicking_routes() -> Hooks {
+pub(crate) fn panicking_routes() -> Hooks {
     Hooks {
         provide: vec![Arc::new(|registrar| {
             registrar.contribute::<HttpApi>(
