@@ -649,6 +649,22 @@ impl Config {
                 self.request_timeout_ms,
             ));
         }
+        // While Postgres refuses connections, a request then runs out of its own budget before
+        // the pool gives up: 503 `timeout` (to a POST without a key: "check first, it may have
+        // been applied") for what never reached the database, instead of 503 `unavailable`
+        // with `Retry-After`.
+        if self.database_url.is_some()
+            && self.database_acquire_timeout_ms >= self.request_timeout_ms
+        {
+            warnings.push(format!(
+                "HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS ({} ms) is not below \
+                 HELPDESK_REQUEST_TIMEOUT_MS ({} ms): while Postgres cannot be reached, \
+                 requests run out of their time budget before the pool gives up, and are told \
+                 503 `timeout` (a change may have been made: check first) instead of 503 \
+                 `unavailable` with Retry-After; keep it well below, half of it say",
+                self.database_acquire_timeout_ms, self.request_timeout_ms,
+            ));
+        }
         let grace = self.shutdown_grace();
         // Past the deadline orchestrators give by default, the process is killed mid-stop
         // with nothing said: workers cut off, WebSockets without their 1001.

@@ -279,6 +279,33 @@ fn a_grace_period_shorter_than_a_request_is_warned_about() {
     assert_eq!(c.warnings(), Vec::<String>::new());
 }
 
+/// On Postgres, a pool wait as long as a request's budget is warned about: while Postgres is
+/// away, requests would be told `timeout` (a change may have been made) instead of
+/// `unavailable` with Retry-After. In memory the wait is unused.
+#[test]
+fn a_pool_wait_as_long_as_a_request_is_warned_about() {
+    let postgres = ("DATABASE_URL", "postgres://app@db/helpdesk");
+    let c = config(&[], &[postgres, ("HELPDESK_REQUEST_TIMEOUT_MS", "3000")]);
+    let warnings = c.warnings();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS (5000 ms)")
+            && warnings[0].contains("HELPDESK_REQUEST_TIMEOUT_MS (3000 ms)"),
+        "{warnings:?}"
+    );
+    let c = config(
+        &[],
+        &[
+            postgres,
+            ("HELPDESK_REQUEST_TIMEOUT_MS", "3000"),
+            ("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS", "1500"),
+        ],
+    );
+    assert_eq!(c.warnings(), Vec::<String>::new());
+    let c = config(&[], &[("HELPDESK_REQUEST_TIMEOUT_MS", "3000")]);
+    assert_eq!(c.warnings(), Vec::<String>::new(), "in memory");
+}
+
 /// A shutdown delay that, with the grace period, outlasts Kubernetes' default 30 s is warned
 /// about: the process would be killed mid-stop.
 #[test]
