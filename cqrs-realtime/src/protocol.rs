@@ -259,7 +259,9 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// `since` was given, but the hub has no event store to replay from.
     ResumeUnavailable,
-    /// `since` is not a position this server issued.
+    /// `since` is not a position at all (not a whole number in canonical form). A well-formed
+    /// position is not checked against the log: one past its end gets
+    /// [`ResumeFailed`](Self::ResumeFailed), and one from another log is taken as it is.
     InvalidPosition,
     /// The replay could not close the gap (the store failed, or the gap is longer than the
     /// replay limit). The subscription is live, but events between `since` and now may be

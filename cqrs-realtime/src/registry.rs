@@ -242,8 +242,13 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 continue;
             };
             if &*slots.channel != channel {
+                // Only to those that may see it: to others, the notice would tell that an
+                // event they may not see happened.
                 let frame = missed_frame(topic);
                 for slot in slots.slots.values() {
+                    if !self.may_see(&slot.conn.principal, topic, event) {
+                        continue;
+                    }
                     if slot.tell_missed(&frame) {
                         told += 1;
                     }

@@ -1,7 +1,8 @@
 use crate::support::{TEST_LIMIT, TestHub};
 use cqrs_core::testing::with_timeout;
-use cqrs_realtime::{HubOptions, ServerFrame};
+use cqrs_realtime::{EventRouting, HubOptions, ServerFrame};
 use serde_json::json;
+use std::sync::Arc;
 
 /// A customer may not follow another customer's ticket: `forbidden`, and the connection
 /// stays open. Its own ticket it may follow; an agent may follow any.
@@ -123,6 +124,73 @@ async fn a_long_refusal_is_cut_to_fit_and_the_connection_stays_open() {
             other => panic!("expected forbidden, got {other:?}"),
         }
         client.ping_pong().await;
+    })
+    .await;
+}
+
+/// `tickets` on its channel, each `ticket:<id>` on a channel of its own.
+struct ChannelPerTicket;
+
+impl EventRouting for ChannelPerTicket {
+    fn channel(&self, topic: &cqrs_realtime::Topic) -> Option<String> {
+        match (topic.family(), topic.key()) {
+            ("tickets", None) => Some("tickets".into()),
+            ("ticket", Some(id)) => Some(format!("ticket-{id}")),
+            _ => None,
+        }
+    }
+
+    fn route(&self, record: &cqrs_core::EventRecord) -> Option<cqrs_realtime::Routed> {
+        crate::support::TicketRouting.route(record)
+    }
+}
+
+/// Every topic of ticket `t1`'s events, `tickets` included, on channel `ticket-t1`: a
+/// publisher whose routing differs from the hub's (a rolling deploy).
+struct AllOnTicketT1;
+
+impl EventRouting for AllOnTicketT1 {
+    fn channel(&self, _: &cqrs_realtime::Topic) -> Option<String> {
+        Some("ticket-t1".into())
+    }
+
+    fn route(&self, record: &cqrs_core::EventRecord) -> Option<cqrs_realtime::Routed> {
+        crate::support::TicketRouting.route(record)
+    }
+}
+
+/// A message on another channel than its topic's here (a publisher routing otherwise) tells
+/// the topic's subscribers they missed an event: only those that may see it. A customer is
+/// not told that a ticket it may not see changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_of_a_missed_event_goes_only_to_those_who_may_see_it() {
+    with_timeout(TEST_LIMIT, async {
+        let pubsub: Arc<dyn cqrs_core::ports::PubSub> =
+            Arc::new(cqrs_core::memory::InMemoryPubSub::new());
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| {
+            b.routing(ChannelPerTicket)
+        })
+        .await;
+        let publisher =
+            TestHub::start_on(pubsub, HubOptions::new(), |b| b.routing(AllOnTicketT1)).await;
+        let mut u1 = t.connect("user-u1").await;
+        u1.subscribe("tickets").await;
+        let mut agent = t.connect("agent-a1").await;
+        agent.subscribe("tickets").await;
+        // The hub now holds channel `ticket-t1` too.
+        let mut watcher = t.connect("agent-a2").await;
+        watcher.subscribe("ticket:t1").await;
+
+        // Ticket t1, reported by u2, published on `ticket-t1` naming `tickets` as well.
+        publisher.publish("t1", "u2", 1).await;
+        assert_eq!(watcher.event().await.seq, 1, "its own channel's subscriber");
+        assert_eq!(
+            agent.error_code().await,
+            "events_missed",
+            "an agent may see it"
+        );
+        // Nothing came before the pong: no notice of an event u1 may not see.
+        u1.ping_pong().await;
     })
     .await;
 }
