@@ -1,4 +1,5 @@
-//! The Redis adapters under load, each next to raw fred doing the same work in the same run:
+//! The Redis adapters under load, the stream transport's cases each next to raw fred doing the
+//! same work in the same run (the pub/sub case has none: it measures the local fan-out):
 //!
 //! * `publish_one_event`: `RedisStreamTransport::publish` of one event against one raw `XADD`
 //!   of the same fields (one round trip each);
