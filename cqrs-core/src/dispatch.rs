@@ -545,16 +545,35 @@ where
     }
 }
 
+/// [`guarded`], and the finished future dropped inside the guard too: for an event's handlers,
+/// which run side by side (`join_all`), so a panic in one's drop must not unwind through the
+/// others and cancel them. A command or query dispatch has no such neighbours, and keeps the
+/// faster plain drop.
+pub(crate) fn guarded_to_the_end<T, F>(
+    kind: MessageKind,
+    name: &'static str,
+    fut: F,
+) -> Guarded<F, true>
+where
+    F: Future<Output = Result<T, crate::HandlerError>> + Unpin,
+{
+    Guarded {
+        inner: Some(fut),
+        kind,
+        name,
+    }
+}
+
 /// The handler's future is boxed (`async_trait`), so it is `Unpin` and held in an `Option`:
 /// dropped inside a panic guard when it panicked or when the dispatch is dropped before it
-/// returned, and plainly once it returned.
-pub(crate) struct Guarded<F: Unpin> {
+/// returned, and once it returned plainly, or inside the guard too with `DROP_GUARDED`.
+pub(crate) struct Guarded<F: Unpin, const DROP_GUARDED: bool = false> {
     inner: Option<F>,
     kind: MessageKind,
     name: &'static str,
 }
 
-impl<F: Unpin> Guarded<F> {
+impl<F: Unpin, const DROP_GUARDED: bool> Guarded<F, DROP_GUARDED> {
     /// Drops the handler's future, keeping a panic in its drop here.
     #[inline(always)]
     fn release(&mut self) {
@@ -572,7 +591,7 @@ impl<F: Unpin> Guarded<F> {
     }
 }
 
-impl<F: Unpin> Drop for Guarded<F> {
+impl<F: Unpin, const DROP_GUARDED: bool> Drop for Guarded<F, DROP_GUARDED> {
     // As `poll`: `catch_unwind`'s landing pad keeps a plain `#[inline]` from being taken, and
     // on the fast path (the future already released) this is one check.
     #[inline(always)]
@@ -581,7 +600,7 @@ impl<F: Unpin> Drop for Guarded<F> {
     }
 }
 
-impl<T, F> Future for Guarded<F>
+impl<T, F, const DROP_GUARDED: bool> Future for Guarded<F, DROP_GUARDED>
 where
     F: Future<Output = Result<T, crate::HandlerError>> + Unpin,
 {
@@ -613,8 +632,12 @@ where
         // Returned: an `async` future (every `#[async_trait]` handler's) drops what it holds
         // before it returns, so dropping it now does not panic, and the fast path keeps no
         // guard (`release`), which cost a bare dispatch ~25 ns. A hand-written future that
-        // keeps a guard past returning is not covered here.
-        this.inner = None;
+        // keeps a guard past returning is covered only with `DROP_GUARDED` (event handlers).
+        if DROP_GUARDED {
+            this.release();
+        } else {
+            this.inner = None;
+        }
         Poll::Ready(output)
     }
 }

@@ -155,7 +155,9 @@ pub struct WorkerContext {
 ///
 /// `run` loops until `ctx.shutdown` is requested, then finishes the work it has in flight
 /// (acknowledging it) and returns `Ok`. An `Err` is logged, and the runtime runs the worker
-/// again after a backoff.
+/// again after a backoff; so is a return of `Ok` before shutdown (reported `Unhealthy`,
+/// "returned before shutdown"), since a worker runs as long as the server: do one-shot work
+/// (a cache warm-up) before [`RuntimeBuilder::start`], or as a [`Periodic`] job.
 #[async_trait]
 pub trait Worker: Send + 'static {
     /// A stable name, for logs and health.

@@ -2,7 +2,7 @@
 
 use super::command::EventSink;
 use super::{Registries, layer_service};
-use crate::dispatch::{Dispatcher, ErasedService, OnlyHandlers, guarded, started};
+use crate::dispatch::{Dispatcher, ErasedService, OnlyHandlers, guarded_to_the_end, started};
 use crate::middleware::Budgeted;
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Event, EventContext, EventEnvelope,
@@ -73,7 +73,7 @@ async fn run_every(
     envelope: &EventEnvelope,
 ) -> Result<usize, DispatchError> {
     run_all(handlers, envelope, |h, name| {
-        guarded(MessageKind::Event, name, h.handle(envelope))
+        guarded_to_the_end(MessageKind::Event, name, h.handle(envelope))
     })
     .await
 }
@@ -164,7 +164,7 @@ async fn budgeted(
         Ok(handled) => handled.map(|()| None),
         Err(after) => Ok(Some(after)),
     });
-    match guarded(MessageKind::Event, name, run).await? {
+    match guarded_to_the_end(MessageKind::Event, name, run).await? {
         None => Ok(()),
         Some(after) => Err(DispatchError::Timeout {
             kind: MessageKind::Event,

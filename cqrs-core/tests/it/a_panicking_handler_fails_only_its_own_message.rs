@@ -287,3 +287,57 @@ fn a_panic_whose_payload_panics_when_dropped_is_still_an_error() {
         );
     }
 }
+
+/// Written by hand: its future is ready at once, holding a [`PanicsWhenDropped`], so dropping
+/// the finished future panics.
+struct ReadyThenPanicsWhenDropped;
+
+impl EventHandler<Added> for ReadyThenPanicsWhenDropped {
+    fn handle<'a, 'b, 'c, 'd>(&'a self, _: &'b Added, _: EventContext<'c>) -> Boxed<'d, ()>
+    where
+        'a: 'd,
+        'b: 'd,
+        'c: 'd,
+        Self: 'd,
+    {
+        let guard = PanicsWhenDropped;
+        Box::pin(std::future::poll_fn(move |_| {
+            let _held = &guard;
+            std::task::Poll::Ready(Ok(()))
+        }))
+    }
+
+    fn name(&self) -> &str {
+        "ready-then-panics"
+    }
+}
+
+/// An event handler whose finished future panics when dropped does not take the event's
+/// other handlers down with it (they run beside it, and the panic unwound through them,
+/// out of `publish`): the publish succeeds, and the handler after it ran, with layers or
+/// without.
+#[test]
+fn an_event_handler_whose_finished_future_panics_when_dropped_stops_no_other() {
+    for layered in [false, true] {
+        let counter = Counter::named("counter");
+        let events = EventBus::builder()
+            .handler(ReadyThenPanicsWhenDropped)
+            .handler(counter.clone());
+        let events = if layered {
+            events.layer(TracingLayer::new()).build().unwrap()
+        } else {
+            events.build().unwrap()
+        };
+        run(async {
+            let published = events
+                .publish_event(Added { sum: 1 }, Metadata::new())
+                .await;
+            assert!(published.is_ok(), "layered {layered}: {published:?}");
+        });
+        assert_eq!(
+            counter.seen(),
+            1,
+            "layered {layered}: the other handler ran"
+        );
+    }
+}

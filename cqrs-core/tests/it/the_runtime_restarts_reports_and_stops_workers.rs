@@ -649,6 +649,47 @@ impl Worker for AlwaysFails {
     }
 }
 
+/// Returns `Ok` at once, as a one-shot job would.
+struct ReturnsAtOnce {
+    runs: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Worker for ReturnsAtOnce {
+    fn name(&self) -> &str {
+        "one-shot"
+    }
+
+    async fn run(&mut self, _ctx: WorkerContext) -> Result<(), BoxError> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A worker whose `run` returns `Ok` before shutdown is a worker that stopped: reported
+/// `Unhealthy` ("returned before shutdown") and run again after the backoff, as the `Worker`
+/// rustdoc says.
+#[test]
+fn a_worker_that_returns_before_shutdown_is_restarted() {
+    run(async {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_millis(200), Duration::from_millis(200))
+            .worker(ReturnsAtOnce { runs: runs.clone() })
+            .start();
+        eventually(Duration::from_secs(10), "a second run", || async {
+            (runs.load(Ordering::SeqCst) >= 2).then_some(())
+        })
+        .await;
+        eventually(Duration::from_secs(10), "its health", || async {
+            let health = runtime.health().await.components["one-shot"].0.clone();
+            (health == Health::Unhealthy("returned before shutdown".into())).then_some(())
+        })
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
 /// A restart backoff of zero still waits a millisecond between restarts, instead of
 /// restarting a failing worker in a tight loop.
 #[test]
