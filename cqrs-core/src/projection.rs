@@ -241,6 +241,9 @@ const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a running runner purges its inbox by default.
 const INBOX_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// The shortest inbox retention.
+/// The code of the error an `apply` past the runner's `apply_timeout` fails with.
+const APPLY_TIMEOUT: &str = "apply_timeout";
+
 const MIN_INBOX_RETENTION: Duration = Duration::from_secs(60);
 
 impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P> {
@@ -372,11 +375,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
 
     /// How long the projection's [`apply`](Projection::apply) of one event may take (no limit
     /// by default; at least 1 ms). Past it, the call is dropped (cancelled) and the batch fails
-    /// on that event with a [`Timeout`](ErrorKind::Timeout) error, as if `apply` had refused
-    /// it: the batch is rolled back and, fed by a transport, that event is handed back as an
-    /// attempt, the later events of its chain (its key) are deferred, and the rest of the batch
-    /// is applied again at once, so an event too slow every time is dead-lettered after
-    /// `max_deliveries` and holds up only its own key. Cancelling `apply` midway is
+    /// on that event with a [`Timeout`](ErrorKind::Timeout) error (code `apply_timeout`), as
+    /// if `apply` had refused it: the batch is rolled back and, fed by a transport, that event
+    /// is handed back as an attempt, the later events of its chain (its key) are deferred, and
+    /// the rest of the batch is applied again at once, so an event too slow every time is
+    /// dead-lettered after `max_deliveries` and holds up only its own key. Fed by the store,
+    /// the events before it in its batch are applied on their own and the runner stops at it,
+    /// retrying it, as at an event it refuses. Cancelling `apply` midway is
     /// safe as far as the unit of work goes (it is rolled back), not for effects `apply` has
     /// outside it. It applies to [`rebuild`](Self::rebuild) too.
     ///
@@ -635,8 +640,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     ) -> ProjectionError {
         let failed = match &error {
             // A read model that is away or busy: the events before would most likely fail as
-            // well, and the step backs off anyway.
-            ProjectionError::Apply { source, .. } if source.kind().is_retryable() => {
+            // well, and the step backs off anyway. Not the runner's own `apply_timeout`, the
+            // event's fault as far as it can tell: the events before it go on without it.
+            ProjectionError::Apply { source, .. }
+                if source.kind().is_retryable() && source.code() != APPLY_TIMEOUT =>
+            {
                 return error;
             }
             ProjectionError::Decode { event_id, .. } | ProjectionError::Apply { event_id, .. } => {
@@ -1395,7 +1403,7 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
                     // attempt, so one too slow every time ends in the dead letters.
                     Ok(Err(HandlerError::new(
                         ErrorKind::Timeout,
-                        "apply_timeout",
+                        APPLY_TIMEOUT,
                         format!(
                             "apply did not finish within {:?} (the runner's apply_timeout) and was cancelled",
                             rounded(timeout.unwrap_or_default())

@@ -468,6 +468,29 @@ fn a_store_fed_runner_stops_at_the_event_it_cannot_apply_not_at_its_batch() {
     });
 }
 
+/// Fed from the store, an event whose `apply` runs past the runner's `apply_timeout` every
+/// time stops the runner at that event as a refusal does: the events before it in its batch
+/// take effect, once, however often the step is retried (they were rolled back with it).
+#[test]
+fn a_store_fed_runner_stops_at_the_event_that_times_out_not_at_its_batch() {
+    run(async {
+        let sum = Arc::new(Sum {
+            hangs_on: vec![3],
+            ..Sum::default()
+        });
+        let (runner, _, _) = fed_from_a_store(&sum, &[1, 2, 3, 4]).await;
+        let mut runner = runner.apply_timeout(Duration::from_millis(50));
+        for attempt in 1..=3 {
+            let err = runner.run_once().await.unwrap_err();
+            assert!(
+                matches!(&err, ProjectionError::Apply { source, .. } if source.code() == "apply_timeout"),
+                "attempt {attempt}: {err}"
+            );
+            assert_eq!(*sum.seen.lock().unwrap(), [1, 2], "attempt {attempt}");
+        }
+    });
+}
+
 /// The same with an event the projection refuses after the one whose effect panics: the
 /// events before the refused one are committed on their own, and when that commit panics,
 /// one by one, so no effect runs again at every retry: 1 took effect in the commit that
