@@ -1977,15 +1977,18 @@ where
         // back by timeout, each counted as one, towards the dead letters).
         let mut answered = Ok(());
         if !done.is_empty() {
-            answered = answered.and(consumer.ack(&done).await);
+            answered = consumer.ack(&done).await;
         }
+        // Whether the acks went through: one dead letter that fails does not make the next
+        // (another key's) a nack.
+        let acked = answered.is_ok();
         // After the acks (those of its key before it were handled first); nothing of its key
         // after it is acknowledged in this batch (handed back): a dead letter that fails
         // leaves it pending, redelivered before them. With the acks failed, handed back
         // instead: out of the pending list before an earlier delivery of its key, it would let
         // the ones after it pass that one.
         for (id, reason) in &given_up {
-            let given_up = if answered.is_ok() {
+            let given_up = if acked {
                 consumer.dead_letter(id, reason).await
             } else {
                 consumer.nack_with_reason(id, reason).await

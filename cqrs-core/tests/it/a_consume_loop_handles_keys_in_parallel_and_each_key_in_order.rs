@@ -31,6 +31,8 @@ struct Scripted {
     closed: Arc<AtomicUsize>,
     /// The deliveries given up (`dead_letter`), with why.
     dead: Arc<Mutex<Vec<(String, String)>>>,
+    /// How many `dead_letter` calls fail before they work (the store of dead letters away).
+    dead_letters_failing: usize,
 }
 
 #[async_trait]
@@ -72,6 +74,13 @@ impl Consumer for Scripted {
     }
 
     async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        if self.dead_letters_failing > 0 {
+            self.dead_letters_failing -= 1;
+            return Err(TransportError::Unavailable {
+                backend: "scripted",
+                source: "the dead letters are away".into(),
+            });
+        }
         let mut dead = self.dead.lock().unwrap();
         dead.push((id.0.clone(), reason.to_owned()));
         Ok(())
@@ -130,6 +139,7 @@ fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
         ack_fails: false,
         closed: Arc::default(),
         dead: Arc::default(),
+        dead_letters_failing: 0,
     };
     let ctx = WorkerContext {
         shutdown,
@@ -251,6 +261,32 @@ fn a_delivery_given_up_is_dead_lettered_after_the_acks_and_holds_its_chain_back(
             }
         });
     }
+}
+
+/// A dead letter that fails leaves only its own delivery pending: another key's given-up
+/// delivery in the batch is still dead-lettered, not handed back as an attempt (the acks
+/// went through); the batch reports the failure.
+#[test]
+fn a_failed_dead_letter_does_not_turn_the_next_into_a_nack() {
+    run(async {
+        let batch = vec![delivery("a1", Some("a")), delivery("b1", Some("b"))];
+        let (mut consumer, ctx, (_, nacked, _)) = scripted(vec![batch]);
+        consumer.dead_letters_failing = 1;
+        let dead = consumer.dead.clone();
+        let result = consume_until_shutdown(&mut consumer, &ctx, ConsumeLoop::default(), |d| {
+            let name = d.id.0.clone();
+            async move { Handled::DeadLetter(format!("{name} is poison")) }
+        })
+        .await;
+        assert!(result.is_err(), "the failed dead letter is reported");
+        let dead = dead.lock().unwrap().clone();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert!(
+            nacked.lock().unwrap().is_empty(),
+            "{:?}",
+            nacked.lock().unwrap()
+        );
+    });
 }
 
 #[test]
