@@ -255,8 +255,8 @@ impl ConnectionOptions {
     /// only time out, and the kernel gives up on it only after about 15 minutes. A server
     /// busy for longer (a slow script) also gets its connections replaced: fred sends the
     /// commands in flight that have not timed out again after the reconnect (publishes fail
-    /// fast instead), and the pub/sub loses what is published meanwhile and counts a possible
-    /// loss in `Subscription::missed`. Raise it above the longest stall you expect. Must be
+    /// fast instead), and the pub/sub loses what is published meanwhile and counts possible
+    /// losses in `Subscription::missed` (two per reconnect, see `RedisPubSub`). Raise it above the longest stall you expect. Must be
     /// above zero; a value too long for the clock (up to `Duration::MAX`) means never, and
     /// then a consumer's blocking read that times out does not replace its connection either.
     pub fn unresponsive_timeout(mut self, timeout: Duration) -> Self {
@@ -271,7 +271,7 @@ impl ConnectionOptions {
     /// would wait for messages for good; and fred's own check, timed from the last command
     /// written, is put off again by every new command on a busy connection. A ping not
     /// answered within the [unresponsive timeout](Self::unresponsive_timeout) forces a
-    /// reconnect, after which the pub/sub subscribes again and counts a possible loss. So a
+    /// reconnect, after which the pub/sub subscribes again and counts possible losses. So a
     /// dead connection is replaced within about this interval plus that timeout. Must be at
     /// least 10 ms: a shorter one would ping back to back.
     pub fn ping_interval(mut self, interval: Duration) -> Self {

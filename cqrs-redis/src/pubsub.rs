@@ -35,8 +35,10 @@ const MAX_WARNED_CHANNELS: usize = 1024;
 ///   resubscription or an unsubscribe holding the subscribe lock, after that (about one or two
 ///   command timeouts).
 /// * After a reconnect every channel with local subscribers is subscribed again by itself,
-///   and once it is, every subscription counts one possible loss in
-///   [`Subscription::missed`]: messages published while the connection was down are gone.
+///   and every subscription counts two possible losses in [`Subscription::missed`]: one
+///   before the channels are live again (messages published while the connection was down
+///   are gone), one once they are (a subscriber that resumed in between may have missed
+///   more).
 ///   A connection that died silently (no FIN or RST) is noticed by a `PING` every
 ///   [`ping_interval`](crate::ConnectionOptions::ping_interval) left unanswered for the
 ///   [`unresponsive_timeout`](crate::ConnectionOptions::unresponsive_timeout), and replaced
@@ -52,8 +54,8 @@ const MAX_WARNED_CHANNELS: usize = 1024;
 /// Pub/sub carries realtime pushes (a ticket changed: refresh the view), not facts the system
 /// relies on. A message nobody is subscribed to, or that arrives while the connection is down,
 /// is gone; a subscriber too slow for its buffer misses messages and counts them in
-/// [`Subscription::missed`], and a reconnect of the subscriber connection adds one there (the
-/// realtime hub then tells its clients to resume). Making this durable would mean a buffer per
+/// [`Subscription::missed`], and a reconnect of the subscriber connection adds two there (see
+/// above; the realtime hub then tells its clients to resume). Making this durable would mean a buffer per
 /// client that may never come back. Instead the durable record is elsewhere (the event store and the
 /// [`RedisStreamTransport`](crate::RedisStreamTransport)), and a client closes a gap by
 /// resuming: it reconnects with the last position it saw and the realtime hub replays what it
