@@ -495,41 +495,39 @@ mod tests {
     /// (below); it waited without end.
     #[test]
     fn a_duplicate_that_waits_out_the_claim_wait_in_memory_is_told_the_key_is_in_use() {
-        use cqrs_core::ports::IdempotencyStore;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
             let store = InMemoryIdempotencyStore::new().with_claim_wait(Duration::from_millis(100));
-            let user = customer();
-            let (scope, fingerprint) = (format!("user:{}", user.id), hex_digest(b"request"));
-            let day = Duration::from_secs(86_400);
-            let holder = store
-                .claim(&scope, "key-5", &fingerprint, day)
-                .await
-                .unwrap();
-            assert!(
-                matches!(holder, Claim::New(_)),
-                "the first claim takes the key"
-            );
-            let error = cqrs_core::testing::with_timeout(
-                Duration::from_secs(10),
-                once(
-                    &store,
-                    &with_key("key-5"),
-                    &user,
-                    b"request",
-                    day,
-                    || async { Ok((StatusCode::CREATED, ())) },
-                ),
-            )
-            .await
-            .unwrap_err();
-            assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
-            assert_eq!(error.code, "idempotency_key_in_use", "{error}");
-            assert_eq!(error.retry_after, Some(1), "{error}");
+            told_the_key_is_in_use(&store, "key-5").await;
         });
+    }
+
+    /// While a claim of `key` is held on `store`, a request with that key and the same content
+    /// waits out the store's claim wait and is told 503 `idempotency_key_in_use` with
+    /// `Retry-After` (within 10 s).
+    async fn told_the_key_is_in_use(store: &dyn cqrs_core::ports::IdempotencyStore, key: &str) {
+        let user = customer();
+        let (scope, fingerprint) = (format!("user:{}", user.id), hex_digest(b"request"));
+        let day = Duration::from_secs(86_400);
+        let holder = store.claim(&scope, key, &fingerprint, day).await.unwrap();
+        assert!(
+            matches!(holder, Claim::New(_)),
+            "the first claim takes the key"
+        );
+        let error = cqrs_core::testing::with_timeout(
+            Duration::from_secs(10),
+            once(store, &with_key(key), &user, b"request", day, || async {
+                Ok((StatusCode::CREATED, ()))
+            }),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+        assert_eq!(error.code, "idempotency_key_in_use", "{error}");
+        assert_eq!(error.retry_after, Some(1), "{error}");
     }
 
     /// On Postgres, a duplicate that waits out the claim wait while the first request holds
@@ -537,7 +535,6 @@ mod tests {
     /// is unreachable.
     #[test]
     fn a_duplicate_that_waits_out_the_claim_wait_is_told_the_key_is_in_use() {
-        use cqrs_core::ports::IdempotencyStore;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -558,33 +555,7 @@ mod tests {
             };
             db.migrate().await.expect("migrate the test schema");
             let db = db.with_claim_wait(Duration::from_millis(100));
-            let store = db.idempotency_store();
-            let user = customer();
-            let (scope, fingerprint) = (format!("user:{}", user.id), hex_digest(b"request"));
-            let day = Duration::from_secs(86_400);
-            let holder = store
-                .claim(&scope, "key-4", &fingerprint, day)
-                .await
-                .unwrap();
-            assert!(
-                matches!(holder, Claim::New(_)),
-                "the first claim takes the key"
-            );
-
-            let error = once(
-                &store,
-                &with_key("key-4"),
-                &user,
-                b"request",
-                day,
-                || async { Ok((StatusCode::CREATED, ())) },
-            )
-            .await
-            .unwrap_err();
-            assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
-            assert_eq!(error.code, "idempotency_key_in_use", "{error}");
-            assert_eq!(error.retry_after, Some(1), "{error}");
-            drop(holder);
+            told_the_key_is_in_use(&db.idempotency_store(), "key-4").await;
             db.drop_schema().await.expect("drop the test schema");
         });
     }

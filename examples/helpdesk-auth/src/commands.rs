@@ -1353,21 +1353,32 @@ mod tests {
         }
     }
 
-    /// While every hashing slot is taken, a registration of a free email hears `busy` and
-    /// its count stays, as a taken email's 409 does: a full server must not tell which emails
-    /// are free at no cost.
-    #[tokio::test]
-    async fn a_busy_registration_of_a_free_email_is_counted() {
-        let clock = Arc::new(ManualClock::new());
+    /// Customer registrations ([`registrations`], `limit` a minute) with a single turn to hash,
+    /// waited for at most `wait`, and that turn, held by another client.
+    async fn one_turn_held_elsewhere(
+        clock: &Arc<ManualClock>,
+        limit: u32,
+        wait: Duration,
+    ) -> (RegisterHandler, crate::hashing::Turn) {
         let handler = RegisterHandler {
-            hashing: Hashing::new(1, Duration::from_millis(10)),
-            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 2)
+            hashing: Hashing::new(1, wait),
+            ..registrations(Arc::new(InMemoryUserStore::default()), clock, limit)
         };
         let held = handler
             .hashing
             .turn(Some([198, 51, 100, 1].into()))
             .await
             .unwrap();
+        (handler, held)
+    }
+
+    /// While every hashing slot is taken, a registration of a free email hears `busy` and
+    /// its count stays, as a taken email's 409 does: a full server must not tell which emails
+    /// are free at no cost.
+    #[tokio::test]
+    async fn a_busy_registration_of_a_free_email_is_counted() {
+        let clock = Arc::new(ManualClock::new());
+        let (handler, held) = one_turn_held_elsewhere(&clock, 2, Duration::from_millis(10)).await;
         let a = [192, 0, 2, 1];
         for email in ["free1@example.com", "free2@example.com"] {
             let busy = register_with(&handler, register(email, "", a))
@@ -1388,16 +1399,8 @@ mod tests {
     #[tokio::test]
     async fn a_registration_dropped_after_finding_its_email_free_is_counted() {
         let clock = Arc::new(ManualClock::new());
-        let handler = RegisterHandler {
-            hashing: Hashing::new(1, Duration::from_secs(30)),
-            ..registrations(Arc::new(InMemoryUserStore::default()), &clock, 1)
-        };
-        // The only turn to hash, held by another client: the registration waits for it.
-        let held = handler
-            .hashing
-            .turn(Some([198, 51, 100, 1].into()))
-            .await
-            .unwrap();
+        // The registration waits for the only turn to hash.
+        let (handler, held) = one_turn_held_elsewhere(&clock, 1, Duration::from_secs(30)).await;
         let a = [192, 0, 2, 1];
         let hung_up = tokio::time::timeout(
             Duration::from_millis(50),

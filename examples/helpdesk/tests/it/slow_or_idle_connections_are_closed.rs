@@ -324,6 +324,16 @@ async fn connect_from(local: &str, addr: &str) -> TcpStream {
     socket.connect(addr.parse().unwrap()).await.unwrap()
 }
 
+/// Sends a `GET /health` on `stream` (the server may have closed it, unread) and returns what
+/// came back before the server closed it (within 10 s): nothing, for a connection closed at
+/// once.
+async fn asked_for_health(stream: &mut TcpStream) -> String {
+    let _ = stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    closed_within(stream, Duration::from_secs(10)).await
+}
+
 /// Sends a `GET /health` on `stream` and reads the answer's status line.
 async fn health_on(stream: &mut TcpStream) -> String {
     stream
@@ -354,11 +364,11 @@ async fn one_address_cannot_take_every_connection() {
         // Each is served before the next is accepted, so the order is kept: the third is
         // accepted last and closed without a word.
         let mut third = connect_from("127.0.0.2", &addr).await;
-        let _ = third
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await;
-        let sent = closed_within(&mut third, Duration::from_secs(10)).await;
-        assert_eq!(sent, "", "closed at once, unanswered");
+        assert_eq!(
+            asked_for_health(&mut third).await,
+            "",
+            "closed at once, unanswered"
+        );
         // Another address is served meanwhile, and so is the proxy, past the share.
         let mut other = connect_from("127.0.0.4", &addr).await;
         assert_eq!(health_on(&mut other).await, "HTTP/1.1 200 OK");
@@ -398,11 +408,11 @@ async fn one_address_cannot_take_every_connection_under_a_low_limit() {
             held.push(connect_from("127.0.0.2", &addr).await);
         }
         let mut past = connect_from("127.0.0.2", &addr).await;
-        let _ = past
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await;
-        let sent = closed_within(&mut past, Duration::from_secs(10)).await;
-        assert_eq!(sent, "", "closed at once, unanswered");
+        assert_eq!(
+            asked_for_health(&mut past).await,
+            "",
+            "closed at once, unanswered"
+        );
         let mut probe = connect_from("127.0.0.4", &addr).await;
         assert_eq!(health_on(&mut probe).await, "HTTP/1.1 200 OK");
         drop(held);
@@ -440,11 +450,11 @@ async fn a_websocket_counts_against_its_address_while_open() {
         let ws =
             crate::websocket_clients_get_the_ticket_events_they_may_see::connect(&s, &token).await;
         let mut another = connect_from("127.0.0.1", &addr).await;
-        let _ = another
-            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await;
-        let sent = closed_within(&mut another, Duration::from_secs(10)).await;
-        assert_eq!(sent, "", "closed at once while the WebSocket is open");
+        assert_eq!(
+            asked_for_health(&mut another).await,
+            "",
+            "closed at once while the WebSocket is open"
+        );
         drop(ws);
         cqrs_core::testing::eventually(Duration::from_secs(10), "a place again", || async {
             let mut again = connect_from("127.0.0.1", &addr).await;

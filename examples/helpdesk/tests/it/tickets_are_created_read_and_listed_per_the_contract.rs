@@ -91,20 +91,7 @@ async fn invalid_tickets_are_refused() {
         // The limits in characters outside the BMP, each escaped as a client's JSON encoder
         // may (`\ud83d\ude00`, 12 bytes): a valid ticket of about 123 KB, which the 64 KiB
         // body limit refused with 413.
-        let emoji = |n: usize| "\\ud83d\\ude00".repeat(n);
-        let escaped = format!(
-            r#"{{"title":"{}","description":"{}"}}"#,
-            emoji(200),
-            emoji(10_000)
-        );
-        let r = reqwest::Client::new()
-            .post(s.url("/tickets"))
-            .bearer_auth(&token)
-            .header("content-type", "application/json")
-            .body(escaped)
-            .send()
-            .await
-            .unwrap();
+        let r = post_limits_escaped(&s, &token, "\\ud83d\\ude00").await;
         assert_eq!(
             r.status(),
             StatusCode::CREATED,
@@ -113,20 +100,7 @@ async fn invalid_tickets_are_refused() {
         // The limits in characters sent decomposed into four code points (`ᾂ`: `α` and
         // three combining marks), each escaped (`\u0313`, 6 bytes): counted composed, a valid
         // ticket of about 245 KB, which the 128 KiB body limit refused with 413.
-        let decomposed = |n: usize| "\\u03b1\\u0313\\u0300\\u0345".repeat(n);
-        let escaped = format!(
-            r#"{{"title":"{}","description":"{}"}}"#,
-            decomposed(200),
-            decomposed(10_000)
-        );
-        let r = reqwest::Client::new()
-            .post(s.url("/tickets"))
-            .bearer_auth(&token)
-            .header("content-type", "application/json")
-            .body(escaped)
-            .send()
-            .await
-            .unwrap();
+        let r = post_limits_escaped(&s, &token, "\\u03b1\\u0313\\u0300\\u0345").await;
         assert_eq!(
             r.status(),
             StatusCode::CREATED,
@@ -137,6 +111,24 @@ async fn invalid_tickets_are_refused() {
         s.stop().await;
     })
     .await;
+}
+
+/// POSTs a ticket whose title and description are as long as they may be (200 and 10,000
+/// characters), each character written as `character` (JSON text, escapes and all).
+async fn post_limits_escaped(s: &TestServer, token: &str, character: &str) -> reqwest::Response {
+    let body = format!(
+        r#"{{"title":"{}","description":"{}"}}"#,
+        character.repeat(200),
+        character.repeat(10_000)
+    );
+    reqwest::Client::new()
+        .post(s.url("/tickets"))
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
