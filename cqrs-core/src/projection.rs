@@ -241,10 +241,9 @@ const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a running runner purges its inbox by default.
 const INBOX_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 /// The shortest inbox retention.
+const MIN_INBOX_RETENTION: Duration = Duration::from_secs(60);
 /// The code of the error an `apply` past the runner's `apply_timeout` fails with.
 const APPLY_TIMEOUT: &str = "apply_timeout";
-
-const MIN_INBOX_RETENTION: Duration = Duration::from_secs(60);
 
 impl<S: ProjectionStore, P: Projection<S>> fmt::Debug for ProjectionRunner<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -220,7 +220,8 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// A topic that `channel` does not carry is not pushed: a message naming it comes from a
     /// publisher that maps topics to channels otherwise (during a rolling deploy), outside the
     /// order and the copy check of the topic's own channel, which may never carry the event.
-    /// Its subscriptions are told `events_missed` instead (once each), to resume from the log;
+    /// Those of its subscriptions whose principal may see the event are told `events_missed`
+    /// instead (once each), to resume from the log (the others learn nothing of it);
     /// returns how many `events_missed` frames were queued (a full queue closes the
     /// connection instead). Nothing is pushed once `released` is set. It is read under the lock a subscribe takes
     /// to register: a subscription made after its channel was released is served by the

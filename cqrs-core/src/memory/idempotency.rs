@@ -73,7 +73,9 @@ impl InMemoryIdempotencyStore {
     /// the key (default 5 s, as on Postgres), before it fails as
     /// [`Unavailable`](StoreError::Unavailable) with a [`ClaimWaitElapsed`] source: "still
     /// running, retry once it has finished". Measured on tokio's clock (the injected clock
-    /// dates expiry only). Zero counts as a millisecond.
+    /// dates expiry only), so a duplicate claim needs tokio's time driver; a wait too long
+    /// for the clock (`Duration::MAX`) waits as long as the holder runs. Zero counts as a
+    /// millisecond.
     ///
     /// ```
     /// use cqrs_core::memory::InMemoryIdempotencyStore;
@@ -186,8 +188,9 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
             scope: scope.to_owned(),
             key: key.to_owned(),
         };
-        // One bound for the whole wait, however many holders come and go meanwhile.
-        let until = tokio::time::Instant::now() + self.claim_wait;
+        // One bound for the whole wait, however many holders come and go meanwhile; none for a
+        // wait too long for the clock (`Duration::MAX`: wait as long as the holder runs).
+        let until = tokio::time::Instant::now().checked_add(self.claim_wait);
         loop {
             let (mut wait, waiting) = {
                 let now = self.clock.now();
@@ -233,9 +236,17 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
                 }
             };
             // Wait for the first claim to finish, then look again.
-            let finished = tokio::time::timeout_at(until, wait.wait_for(|done| *done)).await;
+            let finished = match until {
+                Some(until) => tokio::time::timeout_at(until, wait.wait_for(|done| *done))
+                    .await
+                    .is_ok(),
+                None => {
+                    let _ = wait.wait_for(|done| *done).await;
+                    true
+                }
+            };
             drop(waiting);
-            if finished.is_err() {
+            if !finished {
                 return Err(StoreError::Unavailable {
                     backend: "memory",
                     source: Box::new(ClaimWaitElapsed::new(self.claim_wait)),
@@ -250,5 +261,37 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         let before = entries.len();
         entries.retain(|_, e| !matches!(e, Entry::Done { expires_at, .. } if *expires_at <= now));
         Ok((before - entries.len()) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A claim wait too long for the clock means no bound: a claim neither panics nor gives
+    /// up, and a duplicate waits for the holder, then replays its response.
+    #[tokio::test]
+    async fn a_claim_wait_of_duration_max_waits_as_long_as_the_holder_runs() {
+        let store = InMemoryIdempotencyStore::new().with_claim_wait(Duration::MAX);
+        let day = Duration::from_secs(86_400);
+        let Claim::New(guard) = store.claim("s", "k", "fp", day).await.unwrap() else {
+            panic!("the first claim takes the key");
+        };
+        let duplicate = tokio::spawn({
+            let store = store.clone();
+            async move { store.claim("s", "k", "fp", day).await }
+        });
+        crate::testing::eventually(Duration::from_secs(10), "the duplicate waits", || async {
+            (store.waiting_claims("s", "k") == 1).then_some(())
+        })
+        .await;
+        let response = StoredResponse::new(201, json!({"made": true}));
+        guard.complete(response.clone()).await.unwrap();
+        match duplicate.await.unwrap() {
+            Ok(Claim::Replay(replayed)) => assert_eq!(replayed, response),
+            Ok(Claim::New(_)) => panic!("the duplicate took the key"),
+            Err(error) => panic!("the duplicate gave up: {error}"),
+        }
     }
 }

@@ -129,7 +129,7 @@ const JSON_BODY_ERRORS: [(u16, &str); 5] = [
         408,
         "the body did not all arrive in time (`request_timeout`)",
     ),
-    (413, "a body over 256 KiB (`payload_too_large`)"),
+    (413, "a body over 384 KiB (`payload_too_large`)"),
     (415, "not JSON (`unsupported_media_type`)"),
     (
         422,

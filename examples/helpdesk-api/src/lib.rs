@@ -28,14 +28,15 @@ pub use error::{AfterTimeout, ApiError, ErrorBody};
 
 /// The largest request body the gateway takes: room for the longest valid request (a
 /// 10,000-character description or comment beside a 200-character title, counted in
-/// composed characters, NFC) with every character sent at its longest: decomposed, as up to
-/// four code points (`ᾂ` as `α` and three combining marks), each escaped as JSON encoders may
-/// (`\u0313`, 6 bytes; a character outside the BMP is two escapes, `\ud83d\ude00`), 24
-/// bytes a character: about 245 KB.
-pub const BODY_LIMIT: usize = 256 * 1024;
+/// composed characters, NFC) with every character sent at its longest: decomposed and
+/// escaped as JSON encoders may. A character outside the BMP escapes to 12 bytes
+/// (`\ud83d\ude00`), and some compose from three of them (Kirat Rai's U+16D6A: 36 bytes);
+/// one in the BMP from up to four code points of 6 bytes each (`ᾂ`: 24 bytes). So 36 bytes a
+/// character: about 367 KB.
+pub const BODY_LIMIT: usize = 384 * 1024;
 
 /// The message of a `payload_too_large` error.
-pub const BODY_TOO_LARGE: &str = "the body is larger than the 256 KiB limit";
+pub const BODY_TOO_LARGE: &str = "the body is larger than the 384 KiB limit";
 
 /// The message of a 408 `request_timeout`: the client's body stopped or came too slowly.
 pub const BODY_TOO_SLOW: &str =

@@ -202,7 +202,8 @@ pub struct Config {
     /// accepted, so one client cannot take every connection the server serves (idle or
     /// half-sent requests, say). Addresses in --trusted-proxies are not limited: every client
     /// behind a proxy shares its address. At most all but a tenth of --max-connections,
-    /// whatever this says, so that another client always finds a place.
+    /// whatever this says, so that one address alone cannot take every place (several
+    /// addresses together still can: --max-connections bounds them all).
     #[arg(
         long,
         env = "HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS",

@@ -223,7 +223,8 @@ pub(crate) fn client_connections(config: &Config) -> usize {
 /// The most connections one client address (a trusted proxy's aside) holds, and the most
 /// WebSockets held altogether, under a limit of `limit` connections: all but a tenth of it
 /// (at least one), kept for everyone else, so a health probe or another client finds a place
-/// however many one client, or the WebSockets, hold. At least one.
+/// however many one address, or the WebSockets together, hold (several addresses together
+/// may still take them all). At least one.
 pub(crate) fn share_of(limit: usize) -> usize {
     limit.saturating_sub((limit / 10).max(1)).max(1)
 }

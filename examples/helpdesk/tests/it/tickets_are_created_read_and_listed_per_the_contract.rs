@@ -108,6 +108,17 @@ async fn invalid_tickets_are_refused() {
         );
         let ticket: serde_json::Value = r.json().await.unwrap();
         assert_eq!(ticket["title"], "\u{1f82}".repeat(200), "stored composed");
+        // The longest: a character composed of three code points outside the BMP (Kirat
+        // Rai's U+16D6A, U+16D63 and U+16D67 twice), each escaped as two (12 bytes): 36 bytes
+        // a character, a valid ticket of about 367 KB, which 256 KiB refused with 413.
+        let r = post_limits_escaped(&s, &token, "\\ud81b\\udd63\\ud81b\\udd67\\ud81b\\udd67").await;
+        assert_eq!(
+            r.status(),
+            StatusCode::CREATED,
+            "the limits in escaped decomposed astral characters are accepted"
+        );
+        let ticket: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(ticket["title"], "\u{16d6a}".repeat(200), "stored composed");
         s.stop().await;
     })
     .await;
