@@ -241,26 +241,9 @@ async fn a_websocket_holds_its_connection_slot_until_it_closes() {
     within(async {
         let s = TestServer::start_with(|c| c.max_connections = Some(2)).await;
         let addr = s.url("").trim_start_matches("http://").to_owned();
-        // Registered and logged in over connections that close after their answer, so no
-        // pooled connection holds a place, from an address of their own, which may still
-        // count them for a moment (one address holds at most all but a tenth of the limit).
-        let user = serde_json::json!({ "email": email("ws-slot"), "password": PASSWORD });
-        assert!(
-            once_from("127.0.0.6", &addr, "/auth/register", &user)
-                .await
-                .starts_with("HTTP/1.1 201")
-        );
-        let login = cqrs_core::testing::eventually(Duration::from_secs(10), "a login", || {
-            let (addr, user) = (addr.clone(), user.clone());
-            async move {
-                let answer = once_from("127.0.0.6", &addr, "/auth/login", &user).await;
-                answer.starts_with("HTTP/1.1 200").then_some(answer)
-            }
-        })
-        .await;
-        let body = login.split_once("\r\n\r\n").expect("a body").1;
-        let token: serde_json::Value = serde_json::from_str(body).expect("JSON");
-        let token = token["token"].as_str().expect("a token").to_owned();
+        // Over connections that close after their answer, so no pooled connection holds a
+        // place (one address holds at most all but a tenth of the limit).
+        let token = token_from("127.0.0.6", &addr, "ws-slot").await;
 
         let ws =
             crate::websocket_clients_get_the_ticket_events_they_may_see::connect(&s, &token).await;
@@ -291,6 +274,26 @@ async fn served_only_after(addr: &str, free: impl FnOnce(), freed: &str) {
         .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
+
+/// A new customer's token (its email made from `name`), registered and logged in from
+/// `local` over connections closed after their answer; the login is tried again while that
+/// address's closed connections may still be counted.
+async fn token_from(local: &str, addr: &str, name: &str) -> String {
+    let user = serde_json::json!({ "email": email(name), "password": PASSWORD });
+    let registered = once_from(local, addr, "/auth/register", &user).await;
+    assert!(registered.starts_with("HTTP/1.1 201"), "{registered}");
+    let login = cqrs_core::testing::eventually(Duration::from_secs(10), "a login", || {
+        let user = user.clone();
+        async move {
+            let answer = once_from(local, addr, "/auth/login", &user).await;
+            answer.starts_with("HTTP/1.1 200").then_some(answer)
+        }
+    })
+    .await;
+    let body = login.split_once("\r\n\r\n").expect("a body").1;
+    let token: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    token["token"].as_str().expect("a token").to_owned()
 }
 
 /// One POST of `body` on a connection of its own from `local` (a loopback address of its
@@ -429,22 +432,8 @@ async fn a_websocket_counts_against_its_address_while_open() {
     within(async {
         let s = TestServer::start_with(|c| c.http_connections_per_address = 1).await;
         let addr = s.url("").trim_start_matches("http://").to_owned();
-        // Registered and logged in from another address, whose closed connections may still
-        // be counted for a moment.
-        let user = serde_json::json!({ "email": email("ws-share"), "password": PASSWORD });
-        let registered = once_from("127.0.0.6", &addr, "/auth/register", &user).await;
-        assert!(registered.starts_with("HTTP/1.1 201"), "{registered}");
-        let login = cqrs_core::testing::eventually(Duration::from_secs(10), "a login", || {
-            let (addr, user) = (addr.clone(), user.clone());
-            async move {
-                let answer = once_from("127.0.0.6", &addr, "/auth/login", &user).await;
-                answer.starts_with("HTTP/1.1 200").then_some(answer)
-            }
-        })
-        .await;
-        let body = login.split_once("\r\n\r\n").expect("a body").1;
-        let token: serde_json::Value = serde_json::from_str(body).expect("JSON");
-        let token = token["token"].as_str().expect("a token").to_owned();
+        // Registered and logged in from another address.
+        let token = token_from("127.0.0.6", &addr, "ws-share").await;
 
         // From 127.0.0.1, the address the WebSocket client connects from.
         let ws =
