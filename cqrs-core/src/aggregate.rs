@@ -97,9 +97,11 @@ macro_rules! event_set {
 ///
 /// The state a command returns (and the snapshot saved with it) is built from the events as
 /// decided; a later load builds it from the events as stored and decoded. The two agree only
-/// when every event survives its serde round trip: a `#[serde(skip)]` field, or a value JSON
-/// cannot carry (a float NaN), that `apply` reads makes a snapshot and a replay disagree.
-/// Keep what `apply` reads in the serialized form.
+/// when every event survives its serde round trip: a `#[serde(skip)]` field that `apply` reads
+/// makes a snapshot and a replay disagree. Keep what `apply` reads in the serialized form. A
+/// float JSON cannot carry (NaN, an infinity) is refused when the event is recorded
+/// ([`AggregateError::Encode`], nothing stored), since `serde_json` would store it as `null`
+/// and no later load could decode it.
 ///
 /// ```
 /// use cqrs_core::{Aggregate, Event, HandlerError, event_set};
@@ -232,7 +234,8 @@ pub enum AggregateError<E> {
         /// Its wire name.
         event_type: String,
     },
-    /// An event could not be serialized.
+    /// An event could not be serialized: its `Serialize` failed, or it holds a float JSON cannot
+    /// carry (NaN, an infinity), which the error names by field. Nothing was stored.
     #[error("could not serialize an event: {0}")]
     Encode(#[source] serde_json::Error),
     /// The aggregate's id is empty. Every empty id would name one stream (`{TYPE}-`), shared

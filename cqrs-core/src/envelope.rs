@@ -13,7 +13,8 @@ pub trait AnyEvent: Any + Send + Sync {
     fn name(&self) -> &'static str;
     /// The event's schema version.
     fn version(&self) -> u32;
-    /// The payload as JSON, for storage and transport.
+    /// The payload as JSON, for storage and transport. Fails for a NaN or an infinite float,
+    /// which JSON cannot carry (`serde_json` alone would write `null`, which would not decode).
     fn to_json(&self) -> Result<serde_json::Value, serde_json::Error>;
     /// The value as `Any`, to downcast.
     fn as_any(&self) -> &dyn Any;
@@ -27,7 +28,9 @@ impl<E: Event> AnyEvent for E {
         E::VERSION
     }
     fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::to_value(self)
+        // Not `serde_json::to_value`, which writes a NaN as `null`: such an event would be
+        // stored and then fail to decode on every read of its stream.
+        crate::json::to_value(self)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -153,7 +156,8 @@ impl EventEnvelope {
         &self.event
     }
 
-    /// The payload as JSON.
+    /// The payload as JSON. Fails when the event's `Serialize` does, or when it holds a NaN or
+    /// an infinite float, which JSON cannot carry.
     pub fn payload_json(&self) -> Result<serde_json::Value, serde_json::Error> {
         self.event.to_json()
     }

@@ -75,6 +75,7 @@ mod envelope;
 mod error;
 mod extensions;
 mod handler;
+mod json;
 pub mod memory;
 mod message;
 mod metadata;

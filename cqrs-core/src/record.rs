@@ -134,7 +134,8 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
-    /// Serializes an envelope's event and metadata.
+    /// Serializes an envelope's event and metadata. Fails as
+    /// [`EventEnvelope::payload_json`] does (a NaN or an infinite float in the event).
     pub fn from_envelope(envelope: &EventEnvelope) -> Result<Self, serde_json::Error> {
         let m = &envelope.metadata;
         Ok(Self {

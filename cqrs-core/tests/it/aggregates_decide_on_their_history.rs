@@ -649,3 +649,66 @@ fn a_snapshot_store_that_fails_to_load_costs_only_a_replay() {
         assert_eq!(loaded.state.applied, 3, "replayed from the start");
     });
 }
+
+/// A reading whose mean may be NaN (no samples): JSON cannot hold it.
+#[derive(Clone, Debug, Serialize, Deserialize, cqrs_core::Event)]
+#[cqrs(name = "test.measured")]
+pub struct Measured {
+    pub mean: f64,
+}
+
+event_set! {
+    pub enum MeterEvent {
+        Measured(Measured),
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Meter {
+    readings: u64,
+}
+
+impl Aggregate for Meter {
+    const TYPE: &'static str = "meter";
+    type Event = MeterEvent;
+    /// The samples to average.
+    type Command = Vec<f64>;
+    type Error = HandlerError;
+
+    fn apply(&mut self, _: &MeterEvent) {
+        self.readings += 1;
+    }
+
+    fn decide(&self, samples: Vec<f64>) -> Result<Vec<MeterEvent>, HandlerError> {
+        let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+        Ok(vec![Measured { mean }.into()])
+    }
+}
+
+/// An event holding a NaN is refused before it is stored: serde_json alone writes it as
+/// `null`, which no later load could decode, and the stream could not be loaded again.
+#[test]
+fn an_event_json_cannot_hold_is_refused_and_the_stream_stays_loadable() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let repo = AggregateRepository::<Meter>::new(store.clone());
+        let metadata = Metadata::new();
+        repo.execute("m", None, vec![1.0, 2.0], &metadata)
+            .await
+            .unwrap();
+        let refused = repo
+            .execute("m", None, Vec::new(), &metadata)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, AggregateError::Encode(_)), "{refused:?}");
+        assert!(
+            refused.to_string().contains("field `mean` is NaN"),
+            "{refused}"
+        );
+        assert_eq!(store.stream_version("meter-m").await.unwrap(), 1);
+        let loaded = repo.load("m").await.unwrap();
+        assert_eq!((loaded.state.readings, loaded.version), (1, 1));
+        repo.execute("m", None, vec![4.0], &metadata).await.unwrap();
+        assert_eq!(repo.load("m").await.unwrap().version, 2);
+    });
+}
