@@ -193,9 +193,12 @@ pub enum AggregateError<E> {
     /// The aggregate refused the command.
     #[error("the command was refused: {0}")]
     Rejected(E),
-    /// The stream changed since it was loaded, or the caller's expected version is stale.
-    /// Retry (load and decide again) or report a conflict; the repository never retries by
-    /// itself.
+    /// The event store failed. [`StoreError::Conflict`]: the stream changed since it was
+    /// loaded, or the caller's expected version is stale; retry (load and decide again, as
+    /// [`execute_retrying`](AggregateRepository::execute_retrying) does) or report a conflict.
+    /// Any other store error is no conflict: after a `Timeout` the append may have gone
+    /// through, so deciding again could apply the command twice (reload and look first). The
+    /// repository never retries by itself.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored event could not be decoded.
@@ -447,7 +450,23 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// does not apply here: loading fails with [`AggregateError::UnknownEvent`] on an event of
     /// the stream that `types` does not know, and with [`AggregateError::ForeignEvent`] on one
     /// it knows that is not one of the aggregate's events.
+    ///
+    /// The aggregate's own event types are added to `types` (a copy) when it lacks any: left
+    /// out, its events would fail every load as unknown, from a build that knows them.
+    ///
+    /// # Panics
+    ///
+    /// When `types` has another Rust type under the wire name of one of the aggregate's
+    /// events (as [`EventTypes::merge`] does): its records would decode as the other type.
     pub fn with_types(store: Arc<dyn EventStore>, types: Arc<EventTypes>) -> Self {
+        let own = EventTypes::of::<A::Event>();
+        let types = if types.covers(&own) {
+            types
+        } else {
+            let mut merged = EventTypes::clone(&types);
+            merged.merge(&own);
+            Arc::new(merged)
+        };
         Self {
             store,
             types,

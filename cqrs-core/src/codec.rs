@@ -269,6 +269,15 @@ impl EventTypes {
         self
     }
 
+    /// Whether every type of `other` is registered here, as the same Rust type.
+    pub(crate) fn covers(&self, other: &EventTypes) -> bool {
+        other.entries.iter().all(|(name, theirs)| {
+            self.entries
+                .get(name)
+                .is_some_and(|ours| ours.type_id == theirs.type_id)
+        })
+    }
+
     fn insert(&mut self, name: &str, entry: Entry) {
         if let Some(existing) = self.entries.get(name) {
             // Two types under one name: one would silently replace the other, and its records

@@ -341,6 +341,22 @@ pub enum DispatchError {
 }
 
 impl DispatchError {
+    /// Whether a publish failed only because every handler that failed refused the event
+    /// [permanently](HandlerError::permanent): no redelivery mends that.
+    pub(crate) fn refused_for_good(&self) -> bool {
+        match self {
+            DispatchError::Publish(e) => {
+                !e.failures.is_empty()
+                    && e.failures.iter().all(|f| {
+                        f.error
+                            .handler_error()
+                            .is_some_and(HandlerError::is_permanent)
+                    })
+            }
+            _ => false,
+        }
+    }
+
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
@@ -392,7 +408,9 @@ fn middleware_kind(error: &(dyn std::error::Error + Send + Sync + 'static)) -> E
 
 /// A dispatch that failed inside a handler (a query an authorizer or another handler sent),
 /// as that handler's own error, so `?` works there: a handler's error passes through as it
-/// was; any other keeps its kind (a timeout stays retryable), with code `dispatch_failed`.
+/// was; any other keeps its kind (a timeout stays retryable), with code `dispatch_failed`, and
+/// is [permanent](HandlerError::permanent) when it is a publish whose failing handlers all
+/// refused permanently.
 ///
 /// ```
 /// use cqrs_core::{DispatchError, HandlerError};
@@ -417,7 +435,12 @@ impl From<DispatchError> for HandlerError {
             },
             other => other,
         };
-        HandlerError::new(other.kind(), "dispatch_failed", other.to_string()).with_source(other)
+        // A publish every failing handler refused for good stays a refusal for good: the
+        // caller (a projection, an event handler) dead-letters instead of retrying.
+        let permanent = other.refused_for_good();
+        let error = HandlerError::new(other.kind(), "dispatch_failed", other.to_string())
+            .with_source(other);
+        if permanent { error.permanent() } else { error }
     }
 }
 
@@ -531,5 +554,24 @@ mod tests {
         assert_eq!(publish_error([]).kind(), ErrorKind::Internal);
         let retryable = HandlerError::from(publish_error([away()]));
         assert!(retryable.kind().is_retryable(), "{retryable:?}");
+    }
+
+    /// A publish whose failing handlers all refused for good is a refusal for good as a
+    /// handler error too (`?` in a projection's `apply`), so it is dead-lettered at once; one
+    /// that may pass on a retry is not.
+    #[test]
+    fn a_publish_refused_for_good_stays_permanent_as_a_handler_error() {
+        let never = || HandlerError::invalid("no_region", "no warehouse serves it").permanent();
+        let away = || HandlerError::unavailable("down", "the backend is away");
+        assert!(HandlerError::from(publish_error([never(), never()])).is_permanent());
+        assert!(!HandlerError::from(publish_error([never(), away()])).is_permanent());
+        assert!(!HandlerError::from(publish_error([away()])).is_permanent());
+        assert!(!HandlerError::from(publish_error([])).is_permanent());
+        let timed_out = DispatchError::Timeout {
+            kind: MessageKind::Event,
+            name: "ticket_opened",
+            after: Duration::from_secs(1),
+        };
+        assert!(!HandlerError::from(timed_out).is_permanent());
     }
 }

@@ -6,18 +6,14 @@
 //! anything is stored.
 
 use serde::Serialize;
-use serde::ser::{self, Error as _, Serializer};
+use serde::ser::{self, Serializer};
 use std::fmt;
 
 /// `value` as JSON, or an error naming the field that holds a NaN or an infinite float.
 pub(crate) fn to_value<T: Serialize + ?Sized>(
     value: &T,
 ) -> Result<serde_json::Value, serde_json::Error> {
-    Finite {
-        value,
-        field: None,
-    }
-    .serialize(serde_json::value::Serializer)
+    Finite { value, field: None }.serialize(serde_json::value::Serializer)
 }
 
 /// A value serialized through [`Checked`]; `field` is the innermost struct field it sits in.
@@ -354,7 +350,10 @@ mod tests {
         let mut nested = reading(1.5, vec![0.25, -2.0]);
         nested.note = Some(Box::new(reading(0.0, vec![])));
         let mut map = BTreeMap::new();
-        map.insert("k", vec![Shape::Circle { radius: 2.0 }, Shape::Pair(1.0, 2.0)]);
+        map.insert(
+            "k",
+            vec![Shape::Circle { radius: 2.0 }, Shape::Pair(1.0, 2.0)],
+        );
         for value in [
             serde_json::to_value(&nested).unwrap(),
             serde_json::to_value(&map).unwrap(),
@@ -363,10 +362,7 @@ mod tests {
             assert_eq!(to_value(&value).unwrap(), value);
         }
         assert_eq!(to_value(&nested).unwrap()["note"]["sensor"], json!("s1"));
-        assert_eq!(
-            to_value(&map).unwrap(),
-            serde_json::to_value(&map).unwrap()
-        );
+        assert_eq!(to_value(&map).unwrap(), serde_json::to_value(&map).unwrap());
         assert_eq!(
             to_value(&Shape::Wrapped(f64::MIN_POSITIVE)).unwrap(),
             serde_json::to_value(Shape::Wrapped(f64::MIN_POSITIVE)).unwrap()
@@ -380,7 +376,11 @@ mod tests {
             assert!(text.contains(&format!("field `{field}`")), "{text}");
             assert!(text.contains(value), "{text}");
         };
-        refused(to_value(&reading(f64::NAN, vec![])).unwrap_err(), "mean", "NaN");
+        refused(
+            to_value(&reading(f64::NAN, vec![])).unwrap_err(),
+            "mean",
+            "NaN",
+        );
         refused(
             to_value(&reading(1.0, vec![1.0, f32::INFINITY])).unwrap_err(),
             "samples",

@@ -2320,7 +2320,7 @@ impl Worker for EventBusConsumer {
                                 // Waiting for it is no attempt.
                                 if says_not_now(&e) {
                                     Handled::Later(e.to_string())
-                                } else if refused_for_good(&e) {
+                                } else if e.refused_for_good() {
                                     Handled::DeadLetter(e.to_string())
                                 } else {
                                     Handled::Retry(e.to_string())
@@ -2347,22 +2347,6 @@ impl Worker for EventBusConsumer {
         )
         .await?;
         Ok(())
-    }
-}
-
-/// Whether every handler that failed refused the event
-/// [permanently](crate::HandlerError::permanent): no redelivery mends that.
-fn refused_for_good(error: &DispatchError) -> bool {
-    match error {
-        DispatchError::Publish(e) => {
-            !e.failures.is_empty()
-                && e.failures.iter().all(|f| {
-                    f.error
-                        .handler_error()
-                        .is_some_and(HandlerError::is_permanent)
-                })
-        }
-        _ => false,
     }
 }
 
@@ -2826,7 +2810,7 @@ impl EventBusTransport {
                     entry.1
                 };
                 // A permanent refusal gives it up at once: no attempt would mend it.
-                let permanent = refused_for_good(&error);
+                let permanent = error.refused_for_good();
                 if attempts >= self.max_attempts || permanent {
                     let mut retrying = self.retrying();
                     retrying.failing = None;

@@ -278,6 +278,10 @@ impl<S: ProjectionStore> fmt::Debug for StoreRelay<S> {
 
 impl<S: ProjectionStore> StoreRelay<S> {
     /// A relay named `name` (its checkpoint key) from `events` to `topic`.
+    ///
+    /// Projection runners keep their checkpoints under their projections' names in the same
+    /// kind of store: over one store, give a relay a name no projection has (`relay.tickets`,
+    /// say), or the two would move one checkpoint, and each would skip the other's events.
     pub fn new(
         name: &str,
         events: Arc<dyn EventStore>,

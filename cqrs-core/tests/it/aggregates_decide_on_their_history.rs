@@ -586,6 +586,63 @@ fn loading_fails_on_an_event_the_aggregate_does_not_take() {
     });
 }
 
+/// Shared types that leave out one of the aggregate's own events (registered type by type,
+/// for the upcasters) still load its streams: the repository adds the aggregate's events. Left
+/// out, every load failed as `UnknownEvent`, telling the caller to deploy a build it runs.
+#[test]
+fn shared_types_that_leave_out_an_aggregate_event_still_load_it() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        store
+            .append(
+                "total-y",
+                ExpectedVersion::NO_STREAM,
+                vec![record_of(Added { sum: 4 })],
+            )
+            .await
+            .unwrap();
+        let mut shared = EventTypes::new();
+        shared.register::<Subtracted>();
+        let shared = Arc::new(shared);
+        let repo = AggregateRepository::<Total>::with_types(store.clone(), shared.clone());
+        let loaded = repo.load("y").await.unwrap();
+        assert_eq!((loaded.state.total, loaded.version), (4, 1));
+        repo.execute("y", None, 2, &Metadata::new()).await.unwrap();
+        assert_eq!(repo.load("y").await.unwrap().state.total, 6);
+        assert!(
+            !shared.knows("test.added"),
+            "the caller's types are not changed"
+        );
+    });
+}
+
+/// Another struct under the wire name of one of the aggregate's events: records of one would
+/// decode as the other, so the repository refuses it where it is made, naming both.
+#[test]
+fn shared_types_with_another_struct_under_an_aggregate_event_name_are_refused() {
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct ReadSideAdded {
+        sum: u64,
+    }
+    impl cqrs_core::Message for ReadSideAdded {
+        const NAME: &'static str = "test.added";
+    }
+    impl cqrs_core::Event for ReadSideAdded {}
+
+    let mut shared = EventTypes::new();
+    shared.register::<ReadSideAdded>();
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryEventStore::new());
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        AggregateRepository::<Total>::with_types(store, Arc::new(shared))
+    }))
+    .map(|_| ())
+    .unwrap_err();
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("`test.added`"), "{message}");
+    assert!(message.contains("ReadSideAdded"), "{message}");
+    assert!(message.contains("fixtures::Added"), "{message}");
+}
+
 /// A stored event this build cannot decode fails the load. One of a newer schema version waits
 /// for the newer build (`unavailable`: retry); one of an old version no upcaster takes further
 /// waits for no build (`internal`).
