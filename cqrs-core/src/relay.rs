@@ -299,7 +299,9 @@ impl<S: ProjectionStore> StoreRelay<S> {
             idle: Duration::from_millis(50),
             max_backoff: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
-            store_timeout: Duration::from_secs(30),
+            // With the publish's 30 s, the lease waits idle at most 40 s: below the 60 s after
+            // which `PgProjectionStore`'s server ends an idle transaction.
+            store_timeout: Duration::from_secs(10),
             unhealthy_after: 10,
             limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
             read_from: std::sync::Mutex::new(None),
@@ -338,7 +340,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// How long one call to the event store or the checkpoint store (a read, the lease, the
-    /// checkpoint's save and commit) may take (default 30 s, at least 1 ms). Past it the batch
+    /// checkpoint's save and commit) may take (default 10 s, at least 1 ms). Past it the batch
     /// fails as a `Timeout` and is retried, and the relay's health says so: a store that
     /// stopped answering (a network path that drops packets, with no statement timeout)
     /// would otherwise hold the relay for ever while its health still read healthy.
@@ -749,5 +751,29 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryTransport};
+
+    /// The lease waits idle while a batch is read (up to `store_timeout`) and published (up
+    /// to `publish_timeout`): by default, together, less than the 60 s after which
+    /// `PgProjectionStore`'s server ends an idle transaction, as `publish_timeout` tells users
+    /// to keep them. At 30 s + 30 s a slow read and a slow publish ended the lease under a
+    /// batch still being shipped.
+    #[test]
+    fn the_default_budgets_keep_the_lease_inside_postgres_idle_timeout() {
+        let relay = StoreRelay::new(
+            "relay",
+            Arc::new(InMemoryEventStore::new()),
+            Arc::new(InMemoryProjectionStore::new()),
+            Arc::new(InMemoryTransport::new()),
+            "events",
+        );
+        let idle = relay.store_timeout + relay.publish_timeout;
+        assert!(idle <= Duration::from_secs(45), "{idle:?}");
     }
 }

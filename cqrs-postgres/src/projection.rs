@@ -1,7 +1,7 @@
 //! Inbox and checkpoints: the projection store.
 
 use crate::PgDatabase;
-use crate::error::store_error;
+use crate::error::{commit_error, store_error};
 use crate::row::{to_i64, to_u64};
 use async_trait::async_trait;
 use cqrs_core::Position;
@@ -265,7 +265,8 @@ impl ProjectionStore for PgProjectionStore {
              (or run it in a savepoint), not go on",
         )
         .await?;
-        unit.tx.commit().await.map_err(store_error)
+        // A commit whose connection failed may have gone through: `Timeout`, not "retry".
+        unit.tx.commit().await.map_err(commit_error)
     }
 
     /// By the server's clock (`processed_at` is the `clock_timestamp()` of `mark_processed`,

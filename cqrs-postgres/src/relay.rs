@@ -1,7 +1,7 @@
 //! The outbox relay: ships committed events to an event transport.
 
 use crate::PgDatabase;
-use crate::error::store_error;
+use crate::error::{commit_error, store_error};
 use crate::row::{self, RowError, to_i64, to_u64};
 use async_trait::async_trait;
 use cqrs_core::ports::{EventTransport, StoreError, TransportError, validate_topic};
@@ -667,8 +667,9 @@ impl PgOutboxRelay {
                 };
             }
         };
+        // A commit whose connection failed may have gone through: `Timeout`, not "retry".
         if let Err(e) = tx.commit().await {
-            return BatchOutcome::failed(self.store_error(store_error(e)));
+            return BatchOutcome::failed(self.store_error(commit_error(e)));
         }
         let passed = shipped.passed();
         metrics::counter!("cqrs_outbox_published_total", "relay" => self.relay.clone())

@@ -1,15 +1,18 @@
 //! A command whose `COMMIT` reached the server but whose answer never came back (the
 //! connection cut then) may have committed: it fails as `Timeout` ("may or may not have taken
 //! effect"), not as `Unavailable`, which told callers to retry and so ran it twice. Retried
-//! with its idempotency key, it replays.
+//! with its idempotency key, it replays. An outbox relay's batch and a projection's unit of
+//! work say the same.
 
 use crate::proxy::Proxy;
-use crate::support::pg_test;
 use crate::support::tickets::{self, Note, NoteHandler, OpenTicket, OpenTicketHandler, Then};
-use cqrs_core::ports::StoredResponse;
-use cqrs_core::{CommandBus, ErrorKind, Metadata};
-use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase};
+use crate::support::{pg_test, record};
+use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::ports::{EventStore, ExpectedVersion, ProjectionStore, StoredResponse};
+use cqrs_core::{CommandBus, ErrorKind, Metadata, Position};
+use cqrs_postgres::{IdempotencyKey, Idempotent, PgCommandExecutor, PgDatabase, PgOutboxRelay};
 use sqlx::postgres::PgPoolOptions;
+use std::sync::Arc;
 use std::time::Duration;
 
 pg_test! {
@@ -118,6 +121,58 @@ pg_test! {
             "a retry of a stored event is a duplicate, no conflict: {retried}"
         );
         assert_eq!(crate::support::event_count(&db).await, 2);
+        cut.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// The same for an outbox relay's batch: its `COMMIT` went through (the checkpoint moved),
+    /// so the batch's error is `Timeout`, not `Unavailable` ("nothing happened, retry").
+    async fn a_relay_batch_whose_commit_answer_is_lost_is_an_unknown_outcome(db: PgDatabase) {
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1), record(2)])
+            .await
+            .unwrap();
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+        let cut = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let relay = PgOutboxRelay::new(cut.clone(), Arc::new(InMemoryTransport::new()));
+        relay.ensure_checkpoint().await.unwrap();
+
+        proxy.cut_after_next_commit();
+        let lost = relay.relay_once().await.unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        assert!(lost.to_string().contains("unknown"), "{lost}");
+        let behind = PgOutboxRelay::new(db.clone(), Arc::new(InMemoryTransport::new()));
+        assert_eq!(behind.backlog().await.unwrap().unpublished, 0, "it did commit");
+        cut.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// And for a projection's unit of work.
+    async fn a_projection_unit_whose_commit_answer_is_lost_is_an_unknown_outcome(db: PgDatabase) {
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+        let cut = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let store = cut.projection_store();
+        let mut unit = store.begin("p").await.unwrap();
+        store
+            .save_checkpoint(&mut unit, "p", Position::new(7))
+            .await
+            .unwrap();
+
+        proxy.cut_after_next_commit();
+        let lost = store.commit(unit).await.unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        assert!(lost.to_string().contains("unknown"), "{lost}");
+        let check = db.projection_store();
+        let mut unit = check.begin("p").await.unwrap();
+        assert_eq!(
+            check.checkpoint(&mut unit, "p").await.unwrap(),
+            Some(Position::new(7)),
+            "it did commit"
+        );
         cut.pool().close().await;
     }
 }
