@@ -354,8 +354,9 @@ impl PgOutboxRelay {
         self
     }
 
-    /// The backoff between retries of a failed batch: doubles from `min` to `max`. Default
-    /// 100 ms to 10 s; at least 1 ms.
+    /// The backoff between retries of a failed batch: doubles from `min` to `max`, and starts
+    /// again from `min` after a batch that shipped some of its events before it failed.
+    /// Default 100 ms to 10 s; at least 1 ms.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min.max(Duration::from_millis(1));
         self.max_backoff = max.max(self.min_backoff);
@@ -1474,8 +1475,11 @@ impl Worker for PgOutboxRelay {
                     .increment(1);
                     if passed > 0 {
                         // Cut short after shipping some (committed): failing, so degraded and
-                        // backing off, but moving, so no step toward giving up.
+                        // backing off, but moving, so no step toward giving up, and the
+                        // shortest backoff: doubling it a relay that ships a little each
+                        // batch (a flaky broker) would wait up to `max` between batches.
                         failures = 0;
+                        backoff = self.min_backoff;
                     } else {
                         failures += 1;
                         if failures >= self.max_attempts {

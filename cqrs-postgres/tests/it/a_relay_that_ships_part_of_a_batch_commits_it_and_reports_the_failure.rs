@@ -208,6 +208,37 @@ pg_test! {
     }
 }
 
+pg_test! {
+    /// A batch that moved before it failed backs off by the shortest backoff, not one doubled
+    /// from the failure before: a relay that ships one event a batch behind a flaky broker
+    /// keeps shipping. Doubled from 1 ms, the twentieth batch would wait 17 minutes.
+    async fn a_batch_that_moved_backs_off_from_the_start_again(db: PgDatabase) {
+        let positions = append(&db, 40).await;
+        let transport = Arc::new(EveryOtherFails::default());
+        let watch = PgOutboxRelay::new(db.clone(), transport.clone());
+        let mut relay = PgOutboxRelay::new(db.clone(), transport.clone())
+            .topic_for(by_parity)
+            .backoff(Duration::from_millis(1), Duration::from_secs(3600))
+            .max_attempts(1);
+        let (trigger, shutdown) = Shutdown::new();
+        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let worker = tokio::spawn(async move { relay.run(ctx).await });
+
+        let last = *positions.last().unwrap();
+        eventually(Duration::from_secs(30), "every event shipped", || async {
+            (watch.checkpoint().await.unwrap() == last).then_some(())
+        })
+        .await;
+        assert_eq!(
+            *transport.taken.lock().unwrap(),
+            (1..=40).collect::<Vec<u64>>(),
+            "one event a batch, each once, in order"
+        );
+        trigger.trigger();
+        worker.await.unwrap().expect("a clean stop");
+    }
+}
+
 /// Takes every publish, then holds back the relay's next statements for `stall`: the
 /// check of the batch's session before its next run cannot answer before the publish
 /// deadline, as behind a transport that used nearly all of the publish timeout.
