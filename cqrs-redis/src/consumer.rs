@@ -1412,6 +1412,10 @@ impl Consumer for RedisConsumer {
             // Lanes cut at an undecodable entry, and the entries held back from there on.
             let mut cut_lanes = HashSet::new();
             let mut cut = Vec::new();
+            // The ids handed out or dead-lettered so far in this batch, from its first
+            // undecodable entry on (a scan of the batch per undecodable entry was quadratic
+            // in a flood of them).
+            let mut batch_ids: Option<HashSet<String>> = None;
             for ready in ready {
                 // Lossy: a lane that is not UTF-8 still orders its chain (it passed the gate).
                 let lane = entry::raw_field(&ready.fields, "lane")
@@ -1422,6 +1426,9 @@ impl Consumer for RedisConsumer {
                 }
                 match entry::decode(&ready.fields) {
                     Ok(record) => {
+                        if let Some(ids) = &mut batch_ids {
+                            ids.insert(ready.id.clone());
+                        }
                         // The lane orders the chain: keys sharing one wait for each other.
                         deliveries.push(
                             Delivery::new(DeliveryId(ready.id), record, ready.count)
@@ -1429,12 +1436,12 @@ impl Consumer for RedisConsumer {
                         );
                     }
                     Err(reason) => {
-                        // Its predecessor, if in this batch, came before it (undecodable entries
-                        // are rare: a scan does).
-                        let chained = entry::field(&ready.fields, "prev").is_some_and(|prev| {
-                            deliveries.iter().any(|d: &Delivery| d.id.0 == prev)
-                                || undecodable.iter().any(|(id, _)| id == prev)
+                        // Its predecessor, if in this batch, came before it.
+                        let ids = batch_ids.get_or_insert_with(|| {
+                            deliveries.iter().map(|d: &Delivery| d.id.0.clone()).collect()
                         });
+                        let chained = entry::field(&ready.fields, "prev")
+                            .is_some_and(|prev| ids.contains(prev));
                         match lane {
                             // Behind an entry only handed out in this batch: dead-lettered now,
                             // it would leave the pending list before that one, and the entries
@@ -1444,7 +1451,10 @@ impl Consumer for RedisConsumer {
                                 cut_lanes.insert(lane);
                                 cut.push(ready);
                             }
-                            _ => undecodable.push((ready.id, reason)),
+                            _ => {
+                                ids.insert(ready.id.clone());
+                                undecodable.push((ready.id, reason));
+                            }
                         }
                     }
                 }
