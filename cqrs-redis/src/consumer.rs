@@ -521,6 +521,13 @@ impl RedisConsumer {
         self.cursor = "0-0".to_owned();
     }
 
+    /// Whether the held entries' idle times are due for a restart: they were last read or
+    /// refreshed an eighth of the redelivery delay ago (well before anyone may reclaim them).
+    fn held_due(&self, now: Instant) -> bool {
+        !self.held.is_empty()
+            && now.duration_since(self.held_since) >= self.options.redelivery_delay / 8
+    }
+
     /// One script: reclaim, read, gate. Recreates the group if it vanished (a server that
     /// restarted without persistence) and tries once more. After a read or step whose outcome
     /// is unknown, first takes over what it may have left pending here.
@@ -661,6 +668,11 @@ impl RedisConsumer {
                 Err(undecided) => fresh = undecided,
             }
         }
+        // The held entries' idle times restart only once they are an eighth of the delay
+        // old, as the local gate counts them: a consumer polling the gate for entries held
+        // behind another consumer's would otherwise write an `XCLAIM` per held entry at every
+        // poll (thousands a second, each replicated and logged).
+        let refresh_held = self.held_due(now);
         let mut args = vec![
             Value::from(self.group.as_str()),
             Value::from(self.options.consumer_name.as_str()),
@@ -669,6 +681,7 @@ impl RedisConsumer {
             Value::from(self.cursor.as_str()),
             Value::from(i64::from(self.options.max_deliveries)),
             Value::from(max as i64),
+            Value::from(if refresh_held { "1" } else { "0" }),
         ];
         // The gate's fields as stored, bytes and all: a `prev` that is not UTF-8 is malformed
         // (as the script finds it in an entry it reads itself), not empty.
@@ -756,8 +769,11 @@ impl RedisConsumer {
                 "dead-lettered entries whose `prev` field is no stream id"
             );
         }
-        // Every entry still held was read or refreshed by this step.
-        self.held_since = now;
+        // Every entry still held was read, claimed or refreshed by this step, or was when
+        // `held_since` was last set.
+        if refresh_held {
+            self.held_since = now;
+        }
         let mut known = std::mem::take(&mut self.known);
         self.held.clear();
         let mut items = held.into_iter();
@@ -947,10 +963,7 @@ impl RedisConsumer {
         now: Instant,
         floor: Option<(u64, u64)>,
     ) -> Result<Vec<Ready>, Vec<(String, Fields)>> {
-        if self.options.max_deliveries < 1
-            || (!self.held.is_empty()
-                && now.duration_since(self.held_since) >= self.options.redelivery_delay / 8)
-        {
+        if self.options.max_deliveries < 1 || self.held_due(now) {
             return Err(fresh);
         }
         // Per candidate, in order (held entries, then fresh ones): handed out now (true) or
@@ -1438,7 +1451,10 @@ impl Consumer for RedisConsumer {
                     Err(reason) => {
                         // Its predecessor, if in this batch, came before it.
                         let ids = batch_ids.get_or_insert_with(|| {
-                            deliveries.iter().map(|d: &Delivery| d.id.0.clone()).collect()
+                            deliveries
+                                .iter()
+                                .map(|d: &Delivery| d.id.0.clone())
+                                .collect()
                         });
                         let chained = entry::field(&ready.fields, "prev")
                             .is_some_and(|prev| ids.contains(prev));

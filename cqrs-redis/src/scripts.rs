@@ -162,7 +162,10 @@ return id
 "#;
 
 /// One gate step. KEYS: stream, dead, errors. ARGV: group, consumer, min idle (ms),
-/// claim count, claim cursor, max deliveries, ready limit, then per candidate the client read
+/// claim count, claim cursor, max deliveries, ready limit, refresh held (`1` or `0`: restart
+/// the idle time of the held entries that stay held; each is an `XCLAIM`, a write that is
+/// replicated and logged, so the client asks for it only now and then, well inside the
+/// redelivery delay, not at every poll), then per candidate the client read
 /// (held, or just read) `id, kind, lane, prev, target`: kind `f` for an entry read by this
 /// consumer just before the step (pending to it, delivered once), `h` for one it holds (its
 /// owner and delivery count are looked up), `u` for one whose fields the client does not have
@@ -196,6 +199,7 @@ local keys = {stream = KEYS[1], dead = KEYS[2], errors = KEYS[3]}
 local group, me = ARGV[1], ARGV[2]
 local min_idle, claim_count, cursor = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local max_del, limit = tonumber(ARGV[6]), tonumber(ARGV[7])
+local refresh_held = ARGV[8] == '1'
 
 -- Candidates, with their ids parsed once into numbers for sorting; `sorted` stays true while
 -- they arrive in stream order (held entries then newer ones), and the sort is skipped then.
@@ -234,7 +238,7 @@ if claim_count > 0 then
   -- their recorded errors go with them.
   for _, id in ipairs(r[3] or {}) do redis.call('HDEL', keys.errors, id) end
 end
-for i = 8, #ARGV, 5 do
+for i = 9, #ARGV, 5 do
   local id, kind = ARGV[i], ARGV[i + 1]
   if not seen[id] then
     if kind == 'u' then
@@ -368,7 +372,7 @@ for _, c in ipairs(cands) do
           -- delivery it counted (repeated takeovers of a held entry would otherwise use up
           -- its deliveries before it was ever handled).
           redis.call('XCLAIM', keys.stream, group, me, 0, c.id, 'RETRYCOUNT', math.max(count - 1, 0), 'JUSTID')
-        elseif not c.fresh then
+        elseif not c.fresh and refresh_held then
           stale_refresh[#stale_refresh + 1] = c.id
         end
       end

@@ -174,6 +174,85 @@ async fn keep_alive_releases_the_held_entries_that_wait_for_no_entry_here() {
 }
 
 /// The consumer the second entry of the stream is pending to.
+/// A consumer polling the gate for an entry held behind another consumer's keeps it from
+/// being reclaimed by restarting its idle time, but only once it is an eighth of the delay
+/// old: each restart is an `XCLAIM`, a write Redis replicates and logs, and at every poll
+/// (every 10 ms here) a few hundred held entries made thousands of them a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_entries_are_refreshed_now_and_then_not_at_every_poll() {
+    let Some(env) = Env::new("held-refresh").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            // An eighth of it is 3.75 s: the held entry's idle time grows until then.
+            let options = |o: ConsumerOptions| o.redelivery_delay(Duration::from_secs(30));
+            let mut first = env.join(&topic, "first", options).await;
+            let mut holder = env.join(&topic, "holder", options).await;
+            env.one_pending_and_its_successor(&topic, first.as_mut())
+                .await;
+            assert!(holder.fetch(10).await.unwrap().is_empty(), "held back");
+            let name = format!("{}-holder", env.id);
+            assert_eq!(
+                owner_of_second(&env, &stream).await.as_deref(),
+                Some(name.as_str())
+            );
+            // The holder polls the gate all along (it cannot tell alone whether `first`'s
+            // entry is done: the script decides, at every poll).
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            loop {
+                assert!(holder.fetch(10).await.unwrap().is_empty(), "still held");
+                let idle = idle_of_second(&env, &stream).await;
+                if idle >= Duration::from_millis(500) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "refreshed at every poll: idle {idle:?}"
+                );
+            }
+            assert_eq!(
+                owner_of_second(&env, &stream).await.as_deref(),
+                Some(name.as_str()),
+                "still the holder's"
+            );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// How long the second entry has been idle (`XPENDING`).
+async fn idle_of_second(env: &Env, stream: &str) -> Duration {
+    let pending = env
+        .command(
+            "XPENDING",
+            vec![
+                stream.into(),
+                "g".into(),
+                "-".into(),
+                "+".into(),
+                Value::from(10),
+            ],
+        )
+        .await
+        .into_array();
+    let second = pending
+        .into_iter()
+        .nth(1)
+        .expect("two pending")
+        .into_array();
+    let idle = second
+        .into_iter()
+        .nth(2)
+        .and_then(|v| v.as_u64())
+        .expect("an idle time");
+    Duration::from_millis(idle)
+}
+
 async fn owner_of_second(env: &Env, stream: &str) -> Option<String> {
     let pending = env
         .command(
