@@ -241,13 +241,19 @@ impl RedisPubSubOptions {
             loop {
                 if failures == 0 {
                     match reconnects.recv().await {
-                        Ok(_) | Err(RecvError::Lagged(_)) => {}
+                        // Unhealthy from the reconnect on, not from when the lock is free
+                        // (a subscribe may hold it for a command timeout): the new connection
+                        // has no subscriptions until the resubscription below.
+                        Ok(_) | Err(RecvError::Lagged(_)) => pending.store(true, Ordering::Relaxed),
                         Err(RecvError::Closed) => return,
                     }
                 } else {
                     tokio::select! {
                         event = reconnects.recv() => match event {
-                            Ok(_) | Err(RecvError::Lagged(_)) => failures = 0,
+                            Ok(_) | Err(RecvError::Lagged(_)) => {
+                                failures = 0;
+                                pending.store(true, Ordering::Relaxed);
+                            }
                             Err(RecvError::Closed) => return,
                         },
                         () = tokio::time::sleep(retry_delay(min_delay, max_delay, failures)) => {}
