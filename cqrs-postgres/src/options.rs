@@ -302,14 +302,46 @@ impl PgOptions {
         let scheme_ok = ["postgres://", "postgresql://"]
             .iter()
             .any(|scheme| self.url.starts_with(scheme));
-        let connect = match PgConnectOptions::from_str(&self.url) {
-            Ok(_) if !scheme_ok => {
+        // sqlx logs a parameter it does not know, with its value, at `warn` (a misspelt
+        // `password`, libpq's `sslpassword`): such a URL is refused before sqlx parses it.
+        let unknown = unknown_parameters(&self.url);
+        if !unknown.is_empty() {
+            // A name that is no plain name may be part of a password (`postgres://u:p?ss@h`
+            // parses as host `u`, port `p`, parameter `ss@h`): never shown.
+            let plain = |key: &&String| {
+                key.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            };
+            let mut named: Vec<String> = unknown
+                .iter()
+                .filter(plain)
+                .map(|key| format!("`{key}`"))
+                .collect();
+            if named.len() < unknown.len() {
+                named.push(
+                    "one that is no parameter name (not shown: it may be part of a password \
+                     holding `?` unencoded; percent-encode it as `%3F`)"
+                        .to_owned(),
+                );
+            }
+            problems.push(format!(
+                "the database URL has parameters sqlx does not take, which it would ignore: {}; \
+                 remove them (a timeout is set with PgOptions's own methods)",
+                named.join(", ")
+            ));
+        }
+        let parsed = unknown
+            .is_empty()
+            .then(|| PgConnectOptions::from_str(&self.url));
+        let connect = match parsed {
+            None => None,
+            Some(Ok(_)) if !scheme_ok => {
                 problems.push(
                     "the database URL must start with `postgres://` or `postgresql://`".to_owned(),
                 );
                 None
             }
-            Ok(o) => match tls_support_problem(o.get_ssl_mode(), TLS_BUILT) {
+            Some(Ok(o)) => match tls_support_problem(o.get_ssl_mode(), TLS_BUILT) {
                 Some(problem) => {
                     problems.push(problem);
                     None
@@ -320,7 +352,7 @@ impl PgOptions {
                     Some(o)
                 }
             },
-            Err(e) => {
+            Some(Err(e)) => {
                 // sqlx's message does not repeat the URL, which may hold a password.
                 problems.push(format!("the database URL is not a postgres URL: {e}"));
                 None
@@ -518,7 +550,15 @@ impl PgOptions {
     /// Where `connect` goes, for its error: host and port (or socket) and database, and
     /// whether the URL was the default one.
     fn target(&self, connect: &PgConnectOptions) -> String {
-        let mut target = target_of(connect);
+        let mut target = if at_outside_user_info(&self.url) {
+            // The host, port and database parsed from such a URL may be parts of the password.
+            "postgres at a place not shown: the URL has an `@` after its host, which may end a \
+             password holding `/`, `?` or `#`; percent-encode those in a password (`%2F`, \
+             `%3F`, `%23`)"
+                .to_owned()
+        } else {
+            target_of(connect)
+        };
         if self.default_url {
             target.push_str(&format!(
                 " (DATABASE_URL is unset, so the default URL {DEFAULT_URL} was used: set \
@@ -556,16 +596,17 @@ fn tls_file_problems(url: &str, mode: PgSslMode, problems: &mut Vec<String>) {
                 .collect()
         })
         .unwrap_or_default();
-    let setting = |names: &[&str], variable: &str| -> Option<(String, String)> {
+    // With whether the value came from the environment.
+    let setting = |names: &[&str], variable: &str| -> Option<(String, String, bool)> {
         let from_url = in_url
             .iter()
             .rev()
             .find(|(key, _)| names.contains(&key.as_str()))
-            .map(|(key, value)| (key.clone(), value.clone()));
+            .map(|(key, value)| (key.clone(), value.clone(), false));
         from_url.or_else(|| {
             std::env::var(variable)
                 .ok()
-                .map(|value| (variable.to_owned(), value))
+                .map(|value| (variable.to_owned(), value, true))
         })
     };
     let root = setting(&["sslrootcert", "ssl-root-cert", "ssl-ca"], "PGSSLROOTCERT");
@@ -578,9 +619,28 @@ fn tls_file_problems(url: &str, mode: PgSslMode, problems: &mut Vec<String>) {
                 .to_owned(),
         );
     }
-    for (name, value) in [root, cert, key].into_iter().flatten() {
-        // An inline PEM (sqlx takes one in place of a path) needs no file.
-        if value.trim().starts_with("-----BEGIN") {
+    for (name, value, from_env) in [root, cert, key].into_iter().flatten() {
+        let trimmed = value.trim();
+        if trimmed.starts_with("-----BEGIN") {
+            // sqlx takes an inline PEM in place of a path from the environment only, one that
+            // also ends in `-----`; any other it opens as a file, and fails at connect as if
+            // the server were away. Never shown: it may be a private key.
+            if !from_env {
+                problems.push(format!(
+                    "{name} in the database URL holds a PEM, which sqlx would open as a file \
+                     name: give the file's path, or the PEM in {}",
+                    match name.as_str() {
+                        "sslcert" | "ssl-cert" => "PGSSLCERT",
+                        "sslkey" | "ssl-key" => "PGSSLKEY",
+                        _ => "PGSSLROOTCERT",
+                    }
+                ));
+            } else if !trimmed.ends_with("-----") {
+                problems.push(format!(
+                    "{name} holds a PEM that does not end in `-----`, which sqlx would open as \
+                     a file name: give the whole PEM, or a file's path"
+                ));
+            }
             continue;
         }
         if let Err(e) = std::fs::File::open(&value) {
@@ -624,6 +684,55 @@ fn ssl_mode_name(mode: PgSslMode) -> &'static str {
         PgSslMode::VerifyCa => "verify-ca",
         PgSslMode::VerifyFull => "verify-full",
     }
+}
+
+/// The URL's parameter names that sqlx does not take (it ignores them, after logging them
+/// with their values): none when the URL does not parse (sqlx then says why, without it).
+fn unknown_parameters(url: &str) -> Vec<String> {
+    const KNOWN: &[&str] = &[
+        "sslmode",
+        "ssl-mode",
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+        "statement-cache-capacity",
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "application_name",
+        "options",
+    ];
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Vec::new();
+    };
+    let mut unknown: Vec<String> = parsed
+        .query_pairs()
+        .map(|(key, _)| key.into_owned())
+        .filter(|key| {
+            let options_entry = key.starts_with("options[") && key.ends_with(']');
+            !(KNOWN.contains(&key.as_str()) || options_entry)
+        })
+        .collect();
+    unknown.dedup();
+    unknown
+}
+
+/// Whether `url` has no user info but an `@` further on: a password holding `/`, `?` or `#`
+/// unencoded (`postgres://app:20/24@db/app` parses as host `app`, port 20, database
+/// `24@db/app`), whose parts would show as the host, port or database.
+fn at_outside_user_info(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+    parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@')
 }
 
 /// Where a pool connects, for errors: host and port (or socket) and database, never the
@@ -813,6 +922,91 @@ mod tests {
         // without building one (sqlx's URL form panicked on it).
         let ipv6 = "postgres://app@localhost/app?host=::1&sslmode=prefer";
         assert!(PgOptions::new(ipv6).validate().is_ok());
+    }
+
+    /// A PEM in the URL is refused: sqlx opens it as a file name (only the environment's
+    /// `PGSSL*` may hold one), and the connect failed as if the server were away. The PEM is
+    /// never shown.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn a_pem_in_the_url_is_refused_without_showing_it() {
+        let pem = "-----BEGIN%20PRIVATE%20KEY-----s3cretkey-----END%20PRIVATE%20KEY-----";
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/tls/ca.pem");
+        let url =
+            format!("postgres://app@db.internal/app?sslmode=require&sslcert={ca}&sslkey={pem}");
+        let error = PgOptions::new(url).validate().unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("sslkey in the database URL holds a PEM"),
+            "{message}"
+        );
+        assert!(message.contains("PGSSLKEY"), "{message}");
+        assert!(!message.contains("s3cretkey"), "{message}");
+    }
+
+    /// A parameter sqlx does not take is refused, by name, before sqlx sees it: sqlx logs it
+    /// with its value at `warn` (a misspelt `password`, libpq's `sslpassword`), and ignores it.
+    /// A "name" that may be part of a password (a `?` in it, unencoded) is not shown at all.
+    #[test]
+    fn a_parameter_sqlx_does_not_take_is_refused_and_its_value_never_logged() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Logged(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Logged {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logged = Logged::default();
+        let writer = logged.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let (typo, question) = tracing::subscriber::with_default(subscriber, || {
+            let typo = PgOptions::new("postgres://app@db/app?sslpassword=hunter2&pasword=hunter3")
+                .validate()
+                .unwrap_err();
+            let question = PgOptions::new("postgres://app:20?24hunter4@db/app")
+                .validate()
+                .unwrap_err();
+            (typo, question)
+        });
+        let logs = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
+        assert!(!logs.contains("hunter"), "{logs}");
+        let message = typo.to_string();
+        assert!(message.contains("`sslpassword`, `pasword`"), "{message}");
+        assert!(!message.contains("hunter"), "{message}");
+        let message = question.to_string();
+        assert!(
+            message.contains("no parameter name (not shown"),
+            "{message}"
+        );
+        assert!(!message.contains("hunter"), "{message}");
+        // What sqlx takes passes.
+        let known = "postgres://app@db/app?sslmode=disable&application_name=a@b\
+                     &options[search_path]=x&statement-cache-capacity=10";
+        assert!(PgOptions::new(known).validate().is_ok());
+    }
+
+    /// A password holding `/` unencoded makes the URL parse with parts of it as the host, port
+    /// and database, which errors showed: the target is not shown then, and says why.
+    #[test]
+    fn a_password_that_ends_the_host_early_is_not_shown_as_the_target() {
+        let options = PgOptions::new("postgres://app:2024/s3cret@db.internal:5432/app");
+        let target = options.target(&options.checked().unwrap());
+        assert!(!target.contains("s3cret"), "{target}");
+        assert!(target.contains("percent-encode"), "{target}");
+        let plain = PgOptions::new("postgres://app:pw@db.internal:5432/app?application_name=a@b");
+        let target = plain.target(&plain.checked().unwrap());
+        assert!(
+            target.contains("db.internal:5432, database `app`"),
+            "{target}"
+        );
     }
 
     /// A failed connect names the host, port and database it tried, never the password, and

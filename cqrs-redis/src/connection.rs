@@ -256,6 +256,13 @@ fn init_error(options: &ConnectionOptions, error: fred::error::Error) -> Connect
 /// connection goes to (a sentinel's default port is 26379).
 fn server_of(url: &str) -> String {
     match url::Url::parse(url) {
+        // A password holding `/`, `?` or `#` unencoded: the host and port parsed may be parts
+        // of it (`redis://app:2024?s3cret@cache` goes to `app:2024`), so not shown.
+        Ok(parsed) if crate::options::at_outside_user_info(url, &parsed) => {
+            "(the URL's server, not shown: an `@` after its host may end a password holding \
+             `/`, `?` or `#`, which must be percent-encoded: `%2F`, `%3F`, `%23`)"
+                .to_owned()
+        }
         Ok(parsed) => {
             let default_port = if parsed.scheme().ends_with("-sentinel") {
                 26379
@@ -460,6 +467,31 @@ pub(crate) fn quit_later<C: ClientLike + 'static>(client: C) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A password holding `?` or `/` unencoded makes its first part the port, or its rest
+    /// the path: the server is not shown then, and the message says how to write it.
+    #[test]
+    fn a_server_parsed_out_of_a_password_is_not_shown() {
+        for url in [
+            "redis://app:2024?s3cret@cache.internal:6379",
+            "redis://app:2024/s3cret@cache.internal:6379",
+        ] {
+            let shown = server_of(url);
+            assert!(
+                !shown.contains("2024") && !shown.contains("s3cret"),
+                "{shown}"
+            );
+            assert!(shown.contains("percent-encoded"), "{shown}");
+        }
+        assert_eq!(
+            server_of("redis://app:pw@cache.internal"),
+            "cache.internal:6379"
+        );
+        assert_eq!(
+            server_of("redis-sentinel://s1/0?sentinelServiceName=m"),
+            "s1:26379"
+        );
+    }
 
     #[test]
     fn versions_before_7_0_are_refused() {

@@ -82,7 +82,8 @@ fn tls_advice(reason: &str) -> &'static str {
 }
 
 /// Maps a fred error: connection trouble is retryable (`Unavailable`, `Timeout`), a server
-/// that is loading, failing over or out of memory too; anything else is a backend failure.
+/// that is loading, failing over, out of memory or out of client slots too, and sentinels
+/// that name no primary; anything else is a backend failure.
 pub(crate) fn transport_error(error: FredError) -> TransportError {
     let details = error.details();
     let transient_reply = [
@@ -99,13 +100,18 @@ pub(crate) fn transport_error(error: FredError) -> TransportError {
         "MISCONF",
     ]
     // The reply's first word is its code: `BUSY` is transient, `BUSYGROUP` and `BUSYKEY` are not.
-    .contains(&details.split_whitespace().next().unwrap_or_default());
+    .contains(&details.split_whitespace().next().unwrap_or_default())
+        // A full server (`maxclients`) has only the generic code: told by its text.
+        || details.starts_with("ERR max number of clients reached");
     match error.kind() {
         FredKind::Timeout => TransportError::Timeout { backend: BACKEND },
         FredKind::IO
         | FredKind::Canceled
         | FredKind::Routing
         | FredKind::Cluster
+        // No sentinel answered, none named a primary, or the one named is a replica now
+        // (mid-failover): all pass once the sentinels agree on a primary.
+        | FredKind::Sentinel
         | FredKind::Backpressure => TransportError::Unavailable {
             backend: BACKEND,
             source: Box::new(error),
@@ -195,12 +201,21 @@ mod tests {
             "LOADING Redis is loading the dataset in memory",
             "READONLY You can't write against a read only replica.",
             "OOM command not allowed when used memory > 'maxmemory'.",
+            "ERR max number of clients reached",
         ] {
             assert!(
                 matches!(reply(transient), TransportError::Unavailable { .. }),
                 "{transient}"
             );
         }
+        let sentinels = FredError::new(
+            FredKind::Sentinel,
+            "Failed to connect to all sentinel nodes.",
+        );
+        assert!(matches!(
+            transport_error(sentinels),
+            TransportError::Unavailable { .. }
+        ));
         for lasting in [
             "BUSYGROUP Consumer Group name already exists",
             "BUSYKEY Target key name already exists.",

@@ -80,10 +80,7 @@ pub(crate) fn redacted_url(url: &str) -> String {
             .map_or(String::new(), |(scheme, _)| format!("{scheme}://"));
         return format!("{scheme}(not shown: it does not parse, and may hold a password)");
     };
-    // No user info, but an `@` further on: a password holding `/`, `?` or `#` unencoded
-    // (`redis://app:20/24@host` parses as host `app`, port 20, path `/24@host`).
-    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
-    if parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@') {
+    if at_outside_user_info(url, &parsed) {
         return format!(
             "{}://(not shown: an `@` outside its user info may end a password)",
             parsed.scheme()
@@ -109,6 +106,14 @@ pub(crate) fn redacted_url(url: &str) -> String {
     shown
 }
 
+/// Whether `url` (parsed as `parsed`) has no user info but an `@` further on: a password
+/// holding `/`, `?` or `#` unencoded (`redis://app:20/24@host` parses as host `app`, port 20,
+/// path `/24@host`).
+pub(crate) fn at_outside_user_info(url: &str, parsed: &url::Url) -> bool {
+    let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+    parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@')
+}
+
 /// `query` with the value of every parameter whose name holds `password` replaced.
 fn redacted_query(query: &str) -> String {
     query
@@ -121,6 +126,15 @@ fn redacted_query(query: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// The sentinel credential parameter `url` sets (`sentinelUsername`, `sentinelPassword`), if
+/// any.
+fn sentinel_credentials(url: &str) -> Option<&'static str> {
+    let parsed = url::Url::parse(url).ok()?;
+    ["sentinelUsername", "sentinelPassword"]
+        .into_iter()
+        .find(|name| parsed.query_pairs().any(|(key, _)| key == *name))
 }
 
 /// Whether `url` asks for TLS: `rediss://` or `valkeys://`, and their `-cluster` and
@@ -437,6 +451,14 @@ impl ConnectionOptions {
                 "url `{}` is not a redis url: {e}",
                 redacted_url(&self.url)
             ));
+        } else if let Some(name) = sentinel_credentials(&self.url) {
+            // fred is built without `sentinel-auth`: it would ignore them, and authenticate
+            // to the sentinels with the URL's own user and password.
+            problems.push(format!(
+                "url `{}` sets {name}, which this build ignores: the sentinels are asked with \
+                 the URL's own user and password (give the sentinels those), so drop {name}",
+                redacted_url(&self.url)
+            ));
         } else if asks_for_tls(&self.url) && !tls_built {
             problems.push(format!(
                 "url `{}` asks for TLS, but cqrs-redis is built without its `tls` feature: \
@@ -458,15 +480,19 @@ impl ConnectionOptions {
                 }
             }
         }
-        if self.command_timeout.is_zero() {
+        // At least 1 ms, as the Postgres crate's: under it is a wrong unit, and fails every
+        // command (or, for the unresponsive timeout, drops every connection with a command in
+        // flight and sends the commands again: a storm of reconnects and duplicates).
+        const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+        if self.command_timeout < MIN_TIMEOUT {
             problems.push(format!(
-                "command_timeout must be above zero, got {:?}",
+                "command_timeout must be at least 1ms, got {:?}",
                 self.command_timeout
             ));
         }
-        if self.connect_timeout.is_zero() {
+        if self.connect_timeout < MIN_TIMEOUT {
             problems.push(format!(
-                "connect_timeout must be above zero, got {:?}",
+                "connect_timeout must be at least 1ms, got {:?}",
                 self.connect_timeout
             ));
         }
@@ -480,9 +506,9 @@ impl ConnectionOptions {
                 self.reconnect_min_delay, self.reconnect_max_delay
             ));
         }
-        if self.unresponsive_timeout.is_some_and(|t| t.is_zero()) {
+        if self.unresponsive_timeout.is_some_and(|t| t < MIN_TIMEOUT) {
             problems.push(format!(
-                "unresponsive_timeout must be above zero, got {:?}",
+                "unresponsive_timeout must be at least 1ms, got {:?}",
                 self.unresponsive()
             ));
         }
@@ -850,9 +876,9 @@ mod tests {
     fn problems_name_the_setter_and_the_value() {
         let connection = ConnectionOptions::new(DEFAULT_URL)
             .command_timeout(Duration::ZERO)
-            .connect_timeout(Duration::ZERO)
+            .connect_timeout(Duration::from_micros(999))
             .reconnect_delays(Duration::from_secs(2), Duration::from_secs(1))
-            .unresponsive_timeout(Duration::ZERO)
+            .unresponsive_timeout(Duration::from_micros(100))
             .ping_interval(Duration::ZERO)
             .tcp_keepalive(Some(Duration::from_millis(500)));
         let stream = RedisStreamOptions::with_connection(connection)
@@ -867,10 +893,10 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "command_timeout must be above zero, got 0ns",
-                "connect_timeout must be above zero, got 0ns",
+                "command_timeout must be at least 1ms, got 0ns",
+                "connect_timeout must be at least 1ms, got 999µs",
                 "reconnect_delays must satisfy 1ms <= min <= max, got min 2s and max 1s",
-                "unresponsive_timeout must be above zero, got 0ns",
+                "unresponsive_timeout must be at least 1ms, got 100µs",
                 "ping_interval must be at least 10ms, got 0ns",
                 "tcp_keepalive must be from 1s to 32767s (or None), got 500ms",
                 "key_prefix must not be empty, got \"\"",
@@ -1066,6 +1092,37 @@ mod tests {
             );
         }
         assert_eq!(connection.url(), url, "the accessor keeps the URL as given");
+    }
+
+    /// fred is built without `sentinel-auth`: sentinel credentials in the URL would be
+    /// ignored (the sentinels asked with the URL's own), so they are refused, not shown.
+    #[test]
+    fn sentinel_credentials_are_refused_as_this_build_ignores_them() {
+        for (url, name) in [
+            (
+                "redis-sentinel://:pw@s1:26379/0?sentinelServiceName=m&sentinelPassword=spw2",
+                "sentinelPassword",
+            ),
+            (
+                "redis-sentinel://s1:26379/0?sentinelServiceName=m&sentinelUsername=ops",
+                "sentinelUsername",
+            ),
+        ] {
+            let Err(ConnectError::Invalid { problems }) =
+                RedisStreamOptions::with_connection(ConnectionOptions::new(url)).validate()
+            else {
+                panic!("{url} passes");
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(&format!("sets {name}, which this build ignores")));
+            assert!(!problems[0].contains("spw2"), "{problems:?}");
+        }
+        let shared = "redis-sentinel://:pw@s1:26379/0?sentinelServiceName=m";
+        assert!(
+            RedisStreamOptions::with_connection(ConnectionOptions::new(shared))
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]
