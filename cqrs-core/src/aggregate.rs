@@ -101,7 +101,8 @@ macro_rules! event_set {
 /// makes a snapshot and a replay disagree. Keep what `apply` reads in the serialized form. A
 /// float JSON cannot carry (NaN, an infinity) is refused when the event is recorded
 /// ([`AggregateError::Encode`], nothing stored), since `serde_json` would store it as `null`
-/// and no later load could decode it.
+/// and no later load could decode it; a state holding one gets no snapshot (a warning says
+/// why), so its loads replay the stream.
 ///
 /// ```
 /// use cqrs_core::{Aggregate, Event, HandlerError, event_set};
@@ -319,11 +320,13 @@ enum SnapshotMismatch {
     NoEvent,
 }
 
-/// `state` as stored: alone at snapshot version 1, else under its version.
+/// `state` as stored: alone at snapshot version 1, else under its version. A state holding a
+/// NaN or an infinite float is refused (and no snapshot saved): `serde_json` would store it as
+/// `null`, which no load could decode, and every load would replay the whole stream.
 fn encode_snapshot<A: Aggregate + Serialize>(
     state: &A,
 ) -> Result<serde_json::Value, serde_json::Error> {
-    let state = serde_json::to_value(state)?;
+    let state = crate::json::to_value(state)?;
     Ok(match A::SNAPSHOT_VERSION {
         1 => state,
         version => serde_json::json!({ SNAPSHOT_VERSION_KEY: version, "state": state }),

@@ -302,46 +302,24 @@ impl PgOptions {
         let scheme_ok = ["postgres://", "postgresql://"]
             .iter()
             .any(|scheme| self.url.starts_with(scheme));
-        // sqlx logs a parameter it does not know, with its value, at `warn` (a misspelt
-        // `password`, libpq's `sslpassword`): such a URL is refused before sqlx parses it.
+        // sqlx logs a parameter it does not know with its value, at `warn` (a misspelt
+        // `password`, libpq's `sslpassword`), then ignores it: such parameters are taken out
+        // before sqlx sees the URL, and named (never their values) in a warning of ours.
         let unknown = unknown_parameters(&self.url);
-        if !unknown.is_empty() {
-            // A name that is no plain name may be part of a password (`postgres://u:p?ss@h`
-            // parses as host `u`, port `p`, parameter `ss@h`): never shown.
-            let plain = |key: &&String| {
-                key.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-            };
-            let mut named: Vec<String> = unknown
-                .iter()
-                .filter(plain)
-                .map(|key| format!("`{key}`"))
-                .collect();
-            if named.len() < unknown.len() {
-                named.push(
-                    "one that is no parameter name (not shown: it may be part of a password \
-                     holding `?` unencoded; percent-encode it as `%3F`)"
-                        .to_owned(),
-                );
-            }
-            problems.push(format!(
-                "the database URL has parameters sqlx does not take, which it would ignore: {}; \
-                 remove them (a timeout is set with PgOptions's own methods)",
-                named.join(", ")
-            ));
-        }
-        let parsed = unknown
-            .is_empty()
-            .then(|| PgConnectOptions::from_str(&self.url));
+        let parsed = if unknown.is_empty() {
+            PgConnectOptions::from_str(&self.url)
+        } else {
+            warn_ignored(&self.url, &unknown);
+            PgConnectOptions::from_str(&without_parameters(&self.url, &unknown))
+        };
         let connect = match parsed {
-            None => None,
-            Some(Ok(_)) if !scheme_ok => {
+            Ok(_) if !scheme_ok => {
                 problems.push(
                     "the database URL must start with `postgres://` or `postgresql://`".to_owned(),
                 );
                 None
             }
-            Some(Ok(o)) => match tls_support_problem(o.get_ssl_mode(), TLS_BUILT) {
+            Ok(o) => match tls_support_problem(o.get_ssl_mode(), TLS_BUILT) {
                 Some(problem) => {
                     problems.push(problem);
                     None
@@ -352,7 +330,7 @@ impl PgOptions {
                     Some(o)
                 }
             },
-            Some(Err(e)) => {
+            Err(e) => {
                 // sqlx's message does not repeat the URL, which may hold a password.
                 problems.push(format!("the database URL is not a postgres URL: {e}"));
                 None
@@ -720,19 +698,80 @@ fn unknown_parameters(url: &str) -> Vec<String> {
             !(KNOWN.contains(&key.as_str()) || options_entry)
         })
         .collect();
+    unknown.sort();
     unknown.dedup();
     unknown
+}
+
+/// Warns that the URL's `unknown` parameters are ignored, naming them, never their values. A
+/// name that is no plain name, or any in a URL with an `@` after its host, may be part of a
+/// password (`postgres://u:20?pw@h` parses as host `u`, port 20, parameter `pw@h`): not shown.
+fn warn_ignored(url: &str, unknown: &[String]) {
+    let plain = |key: &&String| {
+        key.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    let mut named: Vec<String> = if at_outside_user_info(url) {
+        Vec::new()
+    } else {
+        unknown
+            .iter()
+            .filter(plain)
+            .map(|key| format!("`{key}`"))
+            .collect()
+    };
+    if named.len() < unknown.len() {
+        named.push(format!(
+            "{} not shown (it may be part of a password holding `?` or `/` unencoded: \
+             percent-encode those as `%3F`, `%2F`)",
+            unknown.len() - named.len()
+        ));
+    }
+    tracing::warn!(
+        parameters = %named.join(", "),
+        "the database URL has parameters sqlx does not take: ignored (set timeouts with \
+         PgOptions's own methods)"
+    );
+}
+
+/// `url` without the query parameters named in `unknown`.
+fn without_parameters(url: &str, unknown: &[String]) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter(|(key, _)| !unknown.iter().any(|u| u == key))
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    parsed.set_query(None);
+    if !kept.is_empty() {
+        parsed.query_pairs_mut().extend_pairs(kept);
+    }
+    parsed.into()
 }
 
 /// Whether `url` has no user info but an `@` further on: a password holding `/`, `?` or `#`
 /// unencoded (`postgres://app:20/24@db/app` parses as host `app`, port 20, database
 /// `24@db/app`), whose parts would show as the host, port or database.
+/// An `@` in a parameter's value is none of these (`?user=app@tenant`).
 fn at_outside_user_info(url: &str) -> bool {
     let Ok(parsed) = url::Url::parse(url) else {
         return false;
     };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return false;
+    }
     let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
-    parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@')
+    let (before_fragment, fragment) = after_scheme.split_once('#').unwrap_or((after_scheme, ""));
+    let (before_query, query) = before_fragment
+        .split_once('?')
+        .unwrap_or((before_fragment, ""));
+    before_query.contains('@')
+        || fragment.contains('@')
+        || query
+            .split('&')
+            .any(|pair| pair.split('=').next().unwrap_or_default().contains('@'))
 }
 
 /// Where a pool connects, for errors: host and port (or socket) and database, never the
@@ -944,11 +983,13 @@ mod tests {
         assert!(!message.contains("s3cretkey"), "{message}");
     }
 
-    /// A parameter sqlx does not take is refused, by name, before sqlx sees it: sqlx logs it
-    /// with its value at `warn` (a misspelt `password`, libpq's `sslpassword`), and ignores it.
-    /// A "name" that may be part of a password (a `?` in it, unencoded) is not shown at all.
+    /// A parameter sqlx does not take is taken out before sqlx sees the URL, and named in a
+    /// warning of ours: sqlx logged it with its value at `warn` (a misspelt `password`,
+    /// libpq's `sslpassword`). URLs that carry one (a provider's `channel_binding=require`)
+    /// still connect, as with sqlx alone. A "name" that may be part of a password (a `?` in
+    /// it, unencoded) is not shown.
     #[test]
-    fn a_parameter_sqlx_does_not_take_is_refused_and_its_value_never_logged() {
+    fn a_parameter_sqlx_does_not_take_is_named_without_its_value_and_ignored() {
         use std::sync::{Arc, Mutex};
         #[derive(Clone, Default)]
         struct Logged(Arc<Mutex<Vec<u8>>>);
@@ -966,31 +1007,33 @@ mod tests {
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
             .finish();
-        let (typo, question) = tracing::subscriber::with_default(subscriber, || {
-            let typo = PgOptions::new("postgres://app@db/app?sslpassword=hunter2&pasword=hunter3")
-                .validate()
-                .unwrap_err();
-            let question = PgOptions::new("postgres://app:20?24hunter4@db/app")
-                .validate()
-                .unwrap_err();
-            (typo, question)
+        let typo = "postgres://app@db/app?sslpassword=hunter2&application_name=svc&pasword=hunter3";
+        let (kept, question) = tracing::subscriber::with_default(subscriber, || {
+            let kept = PgOptions::new(typo).checked().unwrap();
+            let question = PgOptions::new("postgres://app:20?24hunter4@db/app").checked();
+            (kept, question)
         });
         let logs = String::from_utf8(logged.0.lock().unwrap().clone()).unwrap();
         assert!(!logs.contains("hunter"), "{logs}");
-        let message = typo.to_string();
-        assert!(message.contains("`sslpassword`, `pasword`"), "{message}");
-        assert!(!message.contains("hunter"), "{message}");
-        let message = question.to_string();
-        assert!(
-            message.contains("no parameter name (not shown"),
-            "{message}"
+        assert!(logs.contains("`pasword`, `sslpassword`"), "{logs}");
+        assert!(logs.contains("1 not shown"), "{logs}");
+        assert_eq!(
+            kept.get_application_name(),
+            Some("svc"),
+            "the others are kept"
         );
-        assert!(!message.contains("hunter"), "{message}");
-        // What sqlx takes passes.
+        assert_eq!(kept.get_database(), Some("app"));
+        assert!(question.is_ok(), "ignored, as sqlx would");
         let known = "postgres://app@db/app?sslmode=disable&application_name=a@b\
                      &options[search_path]=x&statement-cache-capacity=10";
-        assert!(PgOptions::new(known).validate().is_ok());
+        assert!(unknown_parameters(known).is_empty());
+        assert_eq!(
+            unknown_parameters("postgres://db/app?b=1&a=2&b=3"),
+            ["a", "b"],
+            "each once"
+        );
     }
 
     /// A password holding `/` unencoded makes the URL parse with parts of it as the host, port
@@ -1001,12 +1044,25 @@ mod tests {
         let target = options.target(&options.checked().unwrap());
         assert!(!target.contains("s3cret"), "{target}");
         assert!(target.contains("percent-encode"), "{target}");
-        let plain = PgOptions::new("postgres://app:pw@db.internal:5432/app?application_name=a@b");
-        let target = plain.target(&plain.checked().unwrap());
-        assert!(
-            target.contains("db.internal:5432, database `app`"),
-            "{target}"
-        );
+        for shown in [
+            "postgres://app:pw@db.internal:5432/app?application_name=a@b",
+            "postgres://db.internal:5432/app?user=app@tenant",
+        ] {
+            let plain = PgOptions::new(shown);
+            let target = plain.target(&plain.checked().unwrap());
+            assert!(
+                target.contains("db.internal:5432, database `app`"),
+                "{target}"
+            );
+        }
+        for hidden in [
+            "postgres://app:20#s3cret@db.internal/app",
+            "postgres://app:20?s3cret@db.internal/app",
+        ] {
+            let options = PgOptions::new(hidden);
+            let target = options.target(&options.checked().unwrap());
+            assert!(!target.contains("s3cret"), "{target}");
+        }
     }
 
     /// A failed connect names the host, port and database it tried, never the password, and

@@ -601,7 +601,7 @@ impl RedisConsumer {
         let now = Instant::now();
         // Reclaimed entries count against `max_held` too: those of a key whose first entry is
         // still pending wait behind it, and each entry held costs every step an `XPENDING`
-        // and an `XCLAIM` in the script. Without the bound, a scan of a long backlog of one
+        // in the script (and an `XCLAIM` now and then). Without the bound, a scan of a long backlog of one
         // key (released by consumers closing during a deploy) claimed `max` more at each
         // step until it held all of it. A full set claims one entry per claim interval, its
         // scan going on where the last claim stopped: it still walks the whole pending list,

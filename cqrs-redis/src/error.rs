@@ -109,13 +109,22 @@ pub(crate) fn transport_error(error: FredError) -> TransportError {
         | FredKind::Canceled
         | FredKind::Routing
         | FredKind::Cluster
-        // No sentinel answered, none named a primary, or the one named is a replica now
-        // (mid-failover): all pass once the sentinels agree on a primary.
-        | FredKind::Sentinel
         | FredKind::Backpressure => TransportError::Unavailable {
             backend: BACKEND,
             source: Box::new(error),
         },
+        // No sentinel answered, or the primary one named is a replica now (mid-failover):
+        // both pass. fred gives every other failure behind sentinels this kind too (a wrong
+        // password, an unknown service name), which retrying does not mend.
+        FredKind::Sentinel
+            if details.starts_with("Failed to connect to all sentinel nodes")
+                || details.starts_with("Invalid role") =>
+        {
+            TransportError::Unavailable {
+                backend: BACKEND,
+                source: Box::new(error),
+            }
+        }
         _ if transient_reply => TransportError::Unavailable {
             backend: BACKEND,
             source: Box::new(error),
@@ -208,14 +217,26 @@ mod tests {
                 "{transient}"
             );
         }
-        let sentinels = FredError::new(
-            FredKind::Sentinel,
+        let sentinel =
+            |details: &str| transport_error(FredError::new(FredKind::Sentinel, details.to_owned()));
+        for passing in [
             "Failed to connect to all sentinel nodes.",
-        );
-        assert!(matches!(
-            transport_error(sentinels),
-            TransportError::Unavailable { .. }
-        ));
+            "Invalid role: slave",
+        ] {
+            assert!(
+                matches!(sentinel(passing), TransportError::Unavailable { .. }),
+                "{passing}"
+            );
+        }
+        for lasting in [
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "Missing primary address in response from sentinel node.",
+        ] {
+            assert!(
+                matches!(sentinel(lasting), TransportError::Backend { .. }),
+                "{lasting}"
+            );
+        }
         for lasting in [
             "BUSYGROUP Consumer Group name already exists",
             "BUSYKEY Target key name already exists.",

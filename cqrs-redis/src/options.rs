@@ -129,12 +129,23 @@ fn redacted_query(query: &str) -> String {
 }
 
 /// The sentinel credential parameter `url` sets (`sentinelUsername`, `sentinelPassword`), if
-/// any.
+/// any, when the fred this crate is linked with ignores them: built without its
+/// `sentinel-auth` feature (cqrs-redis does not ask for it; another crate of the build may).
 fn sentinel_credentials(url: &str) -> Option<&'static str> {
     let parsed = url::Url::parse(url).ok()?;
-    ["sentinelUsername", "sentinelPassword"]
+    let name = ["sentinelUsername", "sentinelPassword"]
         .into_iter()
-        .find(|name| parsed.query_pairs().any(|(key, _)| key == *name))
+        .find(|name| parsed.query_pairs().any(|(key, _)| key == *name))?;
+    (!fred_takes_sentinel_credentials()).then_some(name)
+}
+
+/// Whether fred reads `sentinelUsername` from a URL (its `sentinel-auth` feature, which any
+/// crate of the build may turn on): told by whether the parsed configuration holds it.
+fn fred_takes_sentinel_credentials() -> bool {
+    const PROBE: &str = "cqrs-redis-sentinel-probe";
+    let url = format!("redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelUsername={PROBE}");
+    fred::types::config::Config::from_url(&url)
+        .is_ok_and(|config| format!("{:?}", config.server).contains(PROBE))
 }
 
 /// Whether `url` asks for TLS: `rediss://` or `valkeys://`, and their `-cluster` and
@@ -670,8 +681,9 @@ impl RedisStreamOptions {
     /// How many read entries a consumer may hold back while they wait for their predecessor in
     /// the lane (they stay pending to it). When that many are held it reads nothing new until
     /// some are handed out. Default 256; from 1 to 10,000: every
-    /// [`gate_poll`](Self::gate_poll) the consumer checks each held entry in one script (two
-    /// Redis calls per entry), which blocks Redis for as long as it runs.
+    /// [`gate_poll`](Self::gate_poll) the consumer checks each held entry in one script (an
+    /// `XPENDING` per entry, and an `XCLAIM` once they are an eighth of the redelivery delay
+    /// old), which blocks Redis for as long as it runs.
     pub fn max_held(mut self, max: usize) -> Self {
         self.max_held = max;
         self
@@ -1094,10 +1106,14 @@ mod tests {
         assert_eq!(connection.url(), url, "the accessor keeps the URL as given");
     }
 
-    /// fred is built without `sentinel-auth`: sentinel credentials in the URL would be
+    /// fred is built without `sentinel-auth` here: sentinel credentials in the URL would be
     /// ignored (the sentinels asked with the URL's own), so they are refused, not shown.
     #[test]
     fn sentinel_credentials_are_refused_as_this_build_ignores_them() {
+        assert!(
+            !fred_takes_sentinel_credentials(),
+            "this build's fred has `sentinel-auth`: the refusal below is off, as it should be"
+        );
         for (url, name) in [
             (
                 "redis-sentinel://:pw@s1:26379/0?sentinelServiceName=m&sentinelPassword=spw2",

@@ -723,6 +723,8 @@ event_set! {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Meter {
     readings: u64,
+    /// One over the readings before the last: infinite after the first.
+    share: f64,
 }
 
 impl Aggregate for Meter {
@@ -733,6 +735,7 @@ impl Aggregate for Meter {
     type Error = HandlerError;
 
     fn apply(&mut self, _: &MeterEvent) {
+        self.share = 1.0 / self.readings as f64;
         self.readings += 1;
     }
 
@@ -767,5 +770,33 @@ fn an_event_json_cannot_hold_is_refused_and_the_stream_stays_loadable() {
         assert_eq!((loaded.state.readings, loaded.version), (1, 1));
         repo.execute("m", None, vec![4.0], &metadata).await.unwrap();
         assert_eq!(repo.load("m").await.unwrap().version, 2);
+    });
+}
+
+/// A state holding an infinite float gets no snapshot: `serde_json` stored it as `null`, which
+/// never decoded, so every load replayed the stream and saved the broken snapshot again.
+#[test]
+fn a_state_json_cannot_hold_gets_no_snapshot() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let repo =
+            AggregateRepository::<Meter>::new(store.clone()).with_snapshots(snapshots.clone(), 1);
+        let metadata = Metadata::new();
+        let first = repo.execute("s", None, vec![1.0], &metadata).await.unwrap();
+        assert!(first.state.share.is_infinite());
+        assert!(
+            snapshots.load("meter-s").await.unwrap().is_none(),
+            "not saved"
+        );
+        assert_eq!(repo.load("s").await.unwrap().version, 1);
+        repo.execute("s", None, vec![2.0], &metadata).await.unwrap();
+        let saved = snapshots
+            .load("meter-s")
+            .await
+            .unwrap()
+            .expect("a finite state's");
+        assert_eq!(saved.version, 2);
+        assert_eq!(saved.state["share"], serde_json::json!(1.0));
     });
 }
