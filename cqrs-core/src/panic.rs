@@ -86,6 +86,18 @@ pub(crate) fn drop_cancelled<T>(value: T) {
     }
 }
 
+/// Drops a handler's future that finished, keeping a panic in its drop here (logged): the
+/// handler's work is done, so the panic is no failure of it.
+pub(crate) fn drop_finished<T>(value: T) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
+        tracing::error!(
+            panic = %into_message(payload),
+            "a handler's future panicked when it was dropped after it finished; the panic \
+             stops here"
+        );
+    }
+}
+
 /// `work`'s output, or `None` when it ran past `timeout` (and was dropped, by
 /// [`drop_cancelled`]). No limit with `None`.
 pub(crate) async fn within<T>(

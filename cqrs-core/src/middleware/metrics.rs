@@ -13,7 +13,9 @@ use tower::{Layer, Service};
 ///
 /// * `cqrs_dispatch_total{kind, message, outcome}`: a counter; `outcome` is `ok`, the error's
 ///   kind (`invalid`, `conflict`, `timeout`, ...), or `cancelled` for a dispatch dropped before
-///   it finished (a timeout layer outside this one fired, or the caller gave up);
+///   it finished (a timeout layer outside this one fired, the caller gave up, or a layer
+///   outside this one panicked while this one's future was pending: the caller then gets
+///   `internal`, which this layer cannot see);
 /// * `cqrs_dispatch_duration_seconds{kind, message}`: a histogram.
 ///
 /// A dispatch is counted from the moment it reaches this layer's `call`: one that fails or is

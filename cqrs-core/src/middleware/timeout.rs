@@ -128,7 +128,8 @@ where
 /// output (each event handler's, [`EventBusBuilder::handler_timeout`]): a future that finishes
 /// without waiting never reads the clock. Past the budget it ends with `Err(budget)`, the inner
 /// future dropped there inside a panic guard: one that panics when dropped unfinished (a guard
-/// checking its work finished) still times out, instead of failing the handler as a panic.
+/// checking its work finished) still times out, instead of failing the handler as a panic. A
+/// finished one is dropped inside a guard too.
 ///
 /// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
 #[derive(Debug)]
@@ -159,6 +160,10 @@ impl<F: Future + Unpin> Future for Budgeted<F> {
             return Poll::Ready(Err(budget));
         };
         if let Poll::Ready(output) = Pin::new(inner).poll(cx) {
+            // Dropped here, inside a panic guard, as an unbudgeted event handler's finished
+            // future is: one that panics when dropped after its work is done does not fail
+            // the handler (kept, it was dropped in the caller's poll, and read as a panic).
+            crate::panic::drop_finished(this.inner.take());
             return Poll::Ready(Ok(output));
         }
         if ran_out(&mut this.sleep, budget, cx) {

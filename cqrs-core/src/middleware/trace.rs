@@ -24,14 +24,36 @@ use tracing::instrument::Instrumented;
 /// ```
 ///
 /// To continue a distributed trace (OpenTelemetry), give the span its parent from the trace
-/// context the message carries with [`on_span`](Self::on_span).
+/// context the message carries with [`on_span`](Self::on_span), and hand the span's own
+/// context on to what the handler records with [`inject`](Self::inject).
 #[derive(Clone, Default)]
 pub struct TracingLayer {
+    /// One reference for both hooks: the layer stack is cloned on every dispatch.
+    hooks: Option<Arc<Hooks>>,
+}
+
+/// What [`TracingLayer::on_span`] and [`TracingLayer::inject`] set.
+#[derive(Clone, Default)]
+struct Hooks {
     on_span: Option<SpanHook>,
+    inject: Option<InjectHook>,
 }
 
 /// What [`TracingLayer::on_span`] calls.
 type SpanHook = Arc<dyn Fn(&tracing::Span, &Metadata) + Send + Sync>;
+
+/// What [`TracingLayer::inject`] calls.
+type InjectHook = Arc<dyn Fn(&tracing::Span, &mut Metadata) + Send + Sync>;
+
+impl TracingLayer {
+    /// Sets a hook, keeping the other.
+    fn with_hooks(mut self, set: impl FnOnce(&mut Hooks)) -> Self {
+        let mut hooks = self.hooks.as_deref().cloned().unwrap_or_default();
+        set(&mut hooks);
+        self.hooks = Some(Arc::new(hooks));
+        self
+    }
+}
 
 impl TracingLayer {
     /// A tracing layer.
@@ -60,19 +82,46 @@ impl TracingLayer {
     /// });
     /// let bus = CommandBus::builder().layer(tracing).build().unwrap();
     /// ```
-    pub fn on_span<F>(mut self, hook: F) -> Self
+    pub fn on_span<F>(self, hook: F) -> Self
     where
         F: Fn(&tracing::Span, &Metadata) + Send + Sync + 'static,
     {
-        self.on_span = Some(Arc::new(hook));
-        self
+        self.with_hooks(|hooks| hooks.on_span = Some(Arc::new(hook)))
+    }
+
+    /// Calls `hook` with each dispatch's span and the message's metadata, to change, after
+    /// [`on_span`](Self::on_span) and before the inner layers and the handler run: the place
+    /// to write the span's own trace context into `metadata.trace_context`. The handler's
+    /// context then carries it, and so do the events it records (and the commands it sends
+    /// with [`Metadata::caused`]): their handlers, on this instance or another, continue this
+    /// dispatch's span, also for a request that came with no trace context at all. With
+    /// `tracing-opentelemetry`, that is `propagator.inject_context(&span.context(), &mut
+    /// carrier)`, where the carrier writes `metadata.trace_context`. Not called for a span no
+    /// subscriber is interested in.
+    ///
+    /// ```
+    /// use cqrs_core::{CommandBus, middleware::TracingLayer};
+    ///
+    /// let tracing = TracingLayer::new().inject(|span, metadata| {
+    ///     // With OpenTelemetry: the span's context as a W3C `traceparent`.
+    ///     if let Some(id) = span.id() {
+    ///         metadata.trace_context.insert("x-span-id".into(), id.into_u64().to_string());
+    ///     }
+    /// });
+    /// let bus = CommandBus::builder().layer(tracing).build().unwrap();
+    /// ```
+    pub fn inject<F>(self, hook: F) -> Self
+    where
+        F: Fn(&tracing::Span, &mut Metadata) + Send + Sync + 'static,
+    {
+        self.with_hooks(|hooks| hooks.inject = Some(Arc::new(hook)))
     }
 }
 
 impl fmt::Debug for TracingLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TracingLayer")
-            .field("on_span", &self.on_span.as_ref().map(|_| ".."))
+            .field("hooks", &self.hooks)
             .finish()
     }
 }
@@ -83,7 +132,7 @@ impl<S> Layer<S> for TracingLayer {
     fn layer(&self, inner: S) -> Trace<S> {
         Trace {
             inner,
-            on_span: self.on_span.clone(),
+            hooks: self.hooks.clone(),
         }
     }
 }
@@ -92,14 +141,23 @@ impl<S> Layer<S> for TracingLayer {
 #[derive(Clone)]
 pub struct Trace<S> {
     inner: S,
-    on_span: Option<SpanHook>,
+    hooks: Option<Arc<Hooks>>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Trace<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Trace")
             .field("inner", &self.inner)
+            .field("hooks", &self.hooks)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
             .field("on_span", &self.on_span.as_ref().map(|_| ".."))
+            .field("inject", &self.inject.as_ref().map(|_| ".."))
             .finish()
     }
 }
@@ -116,7 +174,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+    fn call(&mut self, mut dispatch: Dispatch) -> Self::Future {
         let metadata = dispatch.metadata();
         let span = tracing::info_span!(
             "dispatch",
@@ -132,8 +190,13 @@ where
         if let Some(causation) = metadata.causation_id {
             span.record("causation_id", tracing::field::display(causation));
         }
-        if let Some(hook) = &self.on_span {
-            hook(&span, metadata);
+        if let Some(hooks) = &self.hooks {
+            if let Some(on_span) = &hooks.on_span {
+                on_span(&span, metadata);
+            }
+            if let Some(inject) = &hooks.inject {
+                inject(&span, dispatch.metadata_mut());
+            }
         }
         // The inner layers' synchronous work in `call` belongs to this dispatch too.
         let inner = span.in_scope(|| self.inner.call(dispatch));

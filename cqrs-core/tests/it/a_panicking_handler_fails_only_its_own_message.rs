@@ -315,14 +315,21 @@ impl EventHandler<Added> for ReadyThenPanicsWhenDropped {
 /// An event handler whose finished future panics when dropped does not take the event's
 /// other handlers down with it (they run beside it, and the panic unwound through them,
 /// out of `publish`): the publish succeeds, and the handler after it ran, with layers or
-/// without.
+/// without, with a handler timeout or without (with one, the finished future was dropped in
+/// the guard's poll, and the handler failed as panicked, so a consumer redelivered an event
+/// it had handled until it was dead-lettered).
 #[test]
 fn an_event_handler_whose_finished_future_panics_when_dropped_stops_no_other() {
-    for layered in [false, true] {
+    for (layered, budget) in [(false, false), (true, false), (false, true), (true, true)] {
         let counter = Counter::named("counter");
         let events = EventBus::builder()
             .handler(ReadyThenPanicsWhenDropped)
             .handler(counter.clone());
+        let events = if budget {
+            events.handler_timeout(std::time::Duration::from_secs(5))
+        } else {
+            events
+        };
         let events = if layered {
             events.layer(TracingLayer::new()).build().unwrap()
         } else {
@@ -332,12 +339,15 @@ fn an_event_handler_whose_finished_future_panics_when_dropped_stops_no_other() {
             let published = events
                 .publish_event(Added { sum: 1 }, Metadata::new())
                 .await;
-            assert!(published.is_ok(), "layered {layered}: {published:?}");
+            assert!(
+                published.is_ok(),
+                "layered {layered}, budget {budget}: {published:?}"
+            );
         });
         assert_eq!(
             counter.seen(),
             1,
-            "layered {layered}: the other handler ran"
+            "layered {layered}, budget {budget}: the other handler ran"
         );
     }
 }

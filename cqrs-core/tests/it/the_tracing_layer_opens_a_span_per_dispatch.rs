@@ -194,6 +194,64 @@ fn on_span_gets_each_span_before_it_is_entered_with_the_metadata() {
     );
 }
 
+/// `inject` writes the dispatch span's context into the message's metadata before the
+/// handler runs, after `on_span` read the incoming one: the events the handler records carry
+/// it, so their handlers continue this span (also for a request that came with none), not
+/// the client's.
+#[test]
+fn inject_hands_the_span_on_to_the_events_the_handler_records() {
+    let _spans = recorded();
+    let parents = Arc::new(Mutex::new(Vec::new()));
+    let seen = parents.clone();
+    let bus = CommandBus::builder()
+        .layer(
+            TracingLayer::new()
+                .inject(|span, metadata| {
+                    let id = span.id().expect("a span the subscriber wants").into_u64();
+                    metadata
+                        .trace_context
+                        .insert("traceparent".into(), format!("span-{id}"));
+                })
+                .on_span(move |_, metadata| {
+                    let parent = metadata.trace_context.get("traceparent").cloned();
+                    seen.lock().unwrap().push(parent);
+                }),
+        )
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    for incoming in [
+        None,
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    ] {
+        let mut metadata = Metadata::new();
+        if let Some(traceparent) = incoming {
+            metadata = metadata.with_trace_field("traceparent", traceparent);
+        }
+        let add = Add {
+            a: 1,
+            b: 1,
+            record: true,
+            ..Add::default()
+        };
+        let executed = run(bus.execute(add, metadata)).unwrap();
+        assert_eq!(executed.events.len(), 2);
+        let carried: Vec<_> = executed
+            .events
+            .iter()
+            .map(|e| e.metadata.trace_context.get("traceparent").cloned())
+            .collect();
+        let first = carried[0].clone().expect("a trace context");
+        assert!(first.starts_with("span-"), "{first}");
+        assert!(carried.iter().all(|c| c.as_deref() == Some(first.as_str())));
+        assert_eq!(
+            parents.lock().unwrap().pop().flatten().as_deref(),
+            incoming,
+            "on_span read the incoming context, set before `inject`"
+        );
+    }
+}
+
 /// Logs from its `call` (the synchronous part of a layer's work, as a layer that begins a
 /// transaction there does).
 #[derive(Clone)]
