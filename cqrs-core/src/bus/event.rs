@@ -526,6 +526,10 @@ impl EventBus {
     /// already took it. A name no handler of the event has is passed over; none of them:
     /// `handlers: 0`.
     ///
+    /// The choice travels in the dispatch's [`Extensions`](crate::Extensions): a layer of the
+    /// bus that replaces them (rather than inserting into them) erases it, and the event goes
+    /// to every handler.
+    ///
     /// ```
     /// # use cqrs_core::doc::{TicketOpened, CountOpened};
     /// use cqrs_core::{EventBus, EventEnvelope, Metadata};
