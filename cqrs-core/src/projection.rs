@@ -913,17 +913,33 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
                 Err(e) => e,
             };
+            // The store refusing the unit for good (a constraint an event's effect breaks at
+            // the commit, a statement its `apply` let fail): no retry of the same unit mends
+            // it, and handed back whole the batch came back whole, for ever, holding every key
+            // in it, its event never charged an attempt.
+            let refused = !panicked
+                && matches!(&e, ProjectionError::Store(store_error) if !store_error.kind().is_retryable());
             // A panic outside the projection's `apply` (its own panics are blamed per event),
-            // in a unit of several events: which one's (a commit that runs each event's staged
-            // effect) is found by taking them one by one. Their effects may have run before
-            // the panic: in this step each takes effect once more at most.
-            if panicked && taken > 1 {
-                tracing::warn!(projection = %name, error = %e, deliveries = taken, "a batch's unit panicked outside the projection's apply; taking its events one by one");
+            // or such a refusal, in a unit of several events: which one's (a commit that runs
+            // each event's staged effect) is found by taking them one by one. Their effects
+            // may have run before the failure: in this step each takes effect once more at
+            // most.
+            if (panicked || refused) && taken > 1 {
+                tracing::warn!(projection = %name, error = %e, deliveries = taken, "a batch's unit failed outside the projection's apply; taking its events one by one");
                 one_by_one = true;
                 // Reported (the worker is degraded) once the rest took effect.
                 set_aside.get_or_insert(e);
                 continue;
             }
+            // Refused alone: the event's fault if the store's writes work without it (a
+            // trial unit), else the store's (a table missing, a permission), and no event is
+            // charged for it.
+            let e = match e {
+                ProjectionError::Store(error) if refused => {
+                    refused_alone_in(&**store, name, &records[0], error).await
+                }
+                e => e,
+            };
             // The batch is rolled back. Only an event at fault is handed back as an attempt,
             // so a poison event does not use up (and dead-letter) the deliveries of its batch
             // mates, and a store that is down or busy (a rebuild holding the lock)
@@ -2347,6 +2363,30 @@ impl Worker for EventBusConsumer {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// The error of a unit of `record` alone, fed by a transport, that `store` refused for good:
+/// the event's when a trial unit without it (a write to the inbox, rolled back) works, else
+/// the store's.
+async fn refused_alone_in<S: ProjectionStore>(
+    store: &S,
+    name: &str,
+    record: &EventRecord,
+    error: StoreError,
+) -> ProjectionError {
+    let without_it = async {
+        let mut unit = store.begin(name).await?;
+        store
+            .mark_processed(&mut unit, name, Uuid::now_v7())
+            .await?;
+        drop(unit);
+        Ok::<_, StoreError>(())
+    };
+    match without_it.await {
+        Err(trial) if !trial.kind().is_retryable() => ProjectionError::Store(error),
+        // The store's writes work, or failed only in passing: the event's.
+        _ => event_error(name, record, HandlerError::from(error)),
     }
 }
 

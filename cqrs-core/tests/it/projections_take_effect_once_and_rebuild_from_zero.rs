@@ -961,6 +961,10 @@ struct Flaky {
     purge_panics: bool,
     /// Whether `purge_inbox` alone never finishes (a lock it waits for).
     purge_hangs: bool,
+    /// An event whose unit the store refuses at the commit, for good (a deferred constraint
+    /// its effect breaks), and whether the unit begun last marked it.
+    poison: Option<Uuid>,
+    poisoned: AtomicBool,
 }
 
 #[async_trait]
@@ -978,6 +982,7 @@ impl ProjectionStore for Flaky {
                 source: "the database is away".into(),
             });
         }
+        self.poisoned.store(false, Ordering::SeqCst);
         self.inner.begin(consumer).await
     }
 
@@ -987,6 +992,9 @@ impl ProjectionStore for Flaky {
         consumer: &str,
         id: Uuid,
     ) -> Result<bool, StoreError> {
+        if self.poison == Some(id) {
+            self.poisoned.store(true, Ordering::SeqCst);
+        }
         self.inner.mark_processed(unit, consumer, id).await
     }
 
@@ -1012,6 +1020,12 @@ impl ProjectionStore for Flaky {
     }
 
     async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        if self.poisoned.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Backend {
+                backend: "test",
+                source: "a deferred constraint the unit's writes break".into(),
+            });
+        }
         self.inner.commit(unit).await
     }
 
@@ -1194,6 +1208,129 @@ async fn run_until_handed_out<S: ProjectionStore<Unit = InMemoryUnit>>(
             tokio::time::Instant::now() < deadline,
             "within 10 s, the events were handed out {handed_out} times, not {target}"
         );
+    }
+}
+
+/// An event whose unit the store refuses for good at the commit (a constraint its effect
+/// breaks) holds up only its own key and is dead-lettered after its attempts: its batch is
+/// taken one by one, and a trial unit without it tells the event from a broken store. Handed
+/// back whole, the batch came back whole for ever, no attempt counted, every key in it held.
+#[test]
+fn an_event_whose_unit_the_store_refuses_for_good_holds_up_only_its_key() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let events = [keyed("a", 1), keyed("b", 2)];
+        let store = Arc::new(Flaky {
+            poison: Some(events[0].event_id),
+            ..Flaky::default()
+        });
+        let sum = Arc::new(Sum::default());
+        transport.publish("sums", &events).await.unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            store.clone(),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(
+            *sum.total.lock().unwrap(),
+            2,
+            "the other key's event took effect"
+        );
+        assert_eq!(dead_sums(&transport), [1], "the refused one dead-lettered");
+        assert_eq!(transport.backlog("sums", "sum"), 0);
+    });
+}
+
+/// A store that refuses every unit for good (a table missing) is no event's fault: nothing is
+/// dead-lettered, however long it lasts.
+#[test]
+fn a_store_that_refuses_every_unit_dead_letters_nothing() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let events = [keyed("a", 1), keyed("b", 2)];
+        let store = Arc::new(Flaky::default());
+        let sum = Arc::new(Sum::default());
+        transport.publish("sums", &events).await.unwrap();
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(RefusesAll(store.clone())),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            types(),
+        );
+        for _ in 0..50 {
+            let _ = runner.run_once().await;
+        }
+        assert!(
+            dead_sums(&transport).is_empty(),
+            "{:?}",
+            dead_sums(&transport)
+        );
+        assert_eq!(transport.backlog("sums", "sum"), 2, "both still there");
+    });
+}
+
+/// A projection store whose every write fails for good (its table missing).
+struct RefusesAll(Arc<Flaky>);
+
+fn missing_table() -> StoreError {
+    StoreError::Backend {
+        backend: "test",
+        source: "relation \"inbox\" does not exist".into(),
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for RefusesAll {
+    type Unit = InMemoryUnit;
+
+    async fn begin(&self, consumer: &str) -> Result<InMemoryUnit, StoreError> {
+        self.0.begin(consumer).await
+    }
+
+    async fn mark_processed(
+        &self,
+        _: &mut InMemoryUnit,
+        _: &str,
+        _: Uuid,
+    ) -> Result<bool, StoreError> {
+        Err(missing_table())
+    }
+
+    async fn checkpoint(
+        &self,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        self.0.checkpoint(unit, consumer).await
+    }
+
+    async fn save_checkpoint(
+        &self,
+        _: &mut InMemoryUnit,
+        _: &str,
+        _: Position,
+    ) -> Result<(), StoreError> {
+        Err(missing_table())
+    }
+
+    async fn reset(&self, _: &mut InMemoryUnit, _: &str) -> Result<(), StoreError> {
+        Err(missing_table())
+    }
+
+    async fn commit(&self, _: InMemoryUnit) -> Result<(), StoreError> {
+        Err(missing_table())
+    }
+
+    async fn purge_inbox(&self, _: &str, _: Duration) -> Result<u64, StoreError> {
+        Err(missing_table())
     }
 }
 
