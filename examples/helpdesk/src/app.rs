@@ -441,6 +441,15 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         None => share.min(hub_options.get_max_connections()),
     };
     let hub_options = hub_options.max_connections(most);
+    // A replay reads the event store, a pooled connection per read: on Postgres, at most half
+    // of what the workers leave, so a resume storm (every client told `events_missed` after a
+    // Redis reconnect) cannot take the connections requests need.
+    let hub_options = match backends.postgres {
+        Some(_) => {
+            hub_options.max_concurrent_replays(concurrent_replays(config.database_max_connections))
+        }
+        None => hub_options,
+    };
     let hub = Hub::builder(HubAuthenticator(authenticator.clone()))
         .authorizer(HubRules(feeds.clone()))
         .routing_arc(feeds)
@@ -1235,4 +1244,29 @@ fn openapi_document(
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } }
         }
     })
+}
+
+/// How many WebSocket resumes replay at once on Postgres, with a pool of `pool` connections:
+/// half of what the background workers (9 at most) and one request leave, at least 1, at most
+/// the hub's default (16).
+pub(crate) fn concurrent_replays(pool: u32) -> usize {
+    (pool.saturating_sub(10) / 2).clamp(1, 16) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concurrent_replays;
+
+    /// Replays and the workers together leave requests connections of the pool: the hub's
+    /// default of 16 replays took a default pool of 16 whole while the workers held 9.
+    #[test]
+    fn replays_leave_requests_part_of_the_pool() {
+        assert_eq!(concurrent_replays(16), 3);
+        assert_eq!(concurrent_replays(10), 1, "the smallest pool allowed");
+        assert_eq!(concurrent_replays(100), 16, "the hub's default at most");
+        for pool in 10..=60 {
+            let replays = concurrent_replays(pool) as u32;
+            assert!(9 + replays < pool || pool == 10, "{pool}: {replays}");
+        }
+    }
 }
