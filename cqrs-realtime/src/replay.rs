@@ -386,6 +386,9 @@ fn replay_frame<P: Send + Sync + 'static>(
         .then(|| event_frame(topic, &event, hub.registry.max_event_frame))
 }
 
+/// How long a replay may keep waiting for room, in idle timeouts (see [`ReplaySender`]).
+const REPLAY_DEADLINE_IN_IDLE_TIMEOUTS: u32 = 8;
+
 /// Sends replayed frames with backpressure, taking at most a quarter of the send queue at a
 /// time and only when half of it is free: live events on the connection's other
 /// subscriptions keep room, so a long replay does not get the client closed as slow.
@@ -396,11 +399,18 @@ fn replay_frame<P: Send + Sync + 'static>(
 /// would hold its connection until shutdown. A client that takes frames all along, while live
 /// events on its other subscriptions keep half the queue from ever being free, is not: the
 /// replay then waits for two free slots and takes one, leaving the last to live traffic.
+///
+/// A replay still waiting for room [`REPLAY_DEADLINE_IN_IDLE_TIMEOUTS`] idle timeouts after
+/// it began (ten minutes by default) closes its connection as slow too: a client that takes a
+/// frame now and then, never idle for long, paced it for hours, and held the frames it had
+/// queued (built for it alone, unlike live ones, which are shared) all that time.
 struct ReplaySender<'a, P> {
     conn: &'a Conn<P>,
     /// Frames this replay may still queue before waiting for room again.
     budget: usize,
     stall_limit: Duration,
+    /// Past it, a wait for room closes the connection as slow (`None`: too far for the clock).
+    deadline: Option<tokio::time::Instant>,
     /// The client took frames while half the queue never came free (live traffic holds it):
     /// from then on this replay waits for two free slots, not for half the queue, and takes
     /// one, leaving the last free slot to live traffic (which closes a client whose queue it
@@ -417,6 +427,8 @@ impl<'a, P> ReplaySender<'a, P> {
             conn,
             budget: 0,
             stall_limit,
+            deadline: tokio::time::Instant::now()
+                .checked_add(stall_limit.saturating_mul(REPLAY_DEADLINE_IN_IDLE_TIMEOUTS)),
             starved: false,
             permit,
         }
@@ -452,6 +464,15 @@ impl<'a, P> ReplaySender<'a, P> {
             let mut taken = began;
             let mut still = Duration::ZERO;
             loop {
+                // Looked at whenever the replay looks for room (a quarter of the queue at a
+                // time at most): a client that paces it takes long to get here often.
+                if self
+                    .deadline
+                    .is_some_and(|at| tokio::time::Instant::now() >= at)
+                {
+                    self.conn.close_slow();
+                    return false;
+                }
                 // At least two free (one for the frame, one left for a live event), however
                 // small the queue.
                 let want = if self.starved {
@@ -796,6 +817,42 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::task::yield_now().await;
         }
+    }
+
+    /// A client that takes a frame now and then, never idle as long as the idle timeout,
+    /// paced its replay for as long as it liked, the frames queued for it (built for it
+    /// alone) held all that time: past eight idle timeouts the replay closes it as slow.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_paced_by_a_trickling_client_ends_at_its_deadline() {
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_millis(250))
+            .idle_timeout(Duration::from_secs(1))
+            .replay_batch(10);
+        let f = Fixture::new(options, 4, 64);
+        for n in 1..=200 {
+            f.store(n).await;
+        }
+        let started = Instant::now();
+        let replay = f.replay(0);
+        // A frame every 200 ms: 200 events would take 40 s.
+        let mut taken = 0;
+        while !replay.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if f.conn.queue.try_pop().is_some() {
+                taken += 1;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "still replaying"
+            );
+        }
+        assert_eq!(f.conn.close.get(), Some(crate::signal::Ending::SLOW));
+        assert!(
+            (8..10).contains(&started.elapsed().as_secs()),
+            "at eight idle timeouts: {:?}",
+            started.elapsed()
+        );
+        assert!(taken < 200, "closed part way ({taken} taken)");
     }
 
     /// An `events_missed` that finds the send queue full is not sent (the client is closed as
