@@ -250,6 +250,7 @@ ensure_redis() {
     for _ in 1 2 3; do
         version=$(redis_ask "INFO server" | sed -n 's/^redis_version:\([0-9.]*\).*/\1/p') || true
         [[ -n $version ]] && break
+        sleep 1
     done
     [[ -n $version ]] || die "could not read the version of the Redis on 127.0.0.1:6379 (INFO server gave none)"
     if ((${version%%.*} < 7)); then

@@ -800,8 +800,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // The error of the first event set aside, returned once the rest took effect.
         let mut set_aside: Option<ProjectionError> = None;
         let mut passes = 0;
-        // One event per unit, after a panic no event was blamed for (a commit's effect, say):
-        // the one at fault is then found, and each other event takes effect once more at most.
+        // One event per unit, after a panic no event was blamed for or a refusal of the store
+        // (a commit's effect, say): the one at fault is then found, and each other event takes
+        // effect once more at most.
         let mut one_by_one = false;
         // Applied by the units of this batch that committed (one by one).
         let mut applied_before = 0;
@@ -916,27 +917,40 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             // The store refusing the unit for good (a constraint an event's effect breaks at
             // the commit, a statement its `apply` let fail): no retry of the same unit mends
             // it, and handed back whole the batch came back whole, for ever, holding every key
-            // in it, its event never charged an attempt.
+            // in it, its event never charged an attempt. (A conflict passes on a retry.)
             let refused = !panicked
-                && matches!(&e, ProjectionError::Store(store_error) if !store_error.kind().is_retryable());
+                && matches!(&e, ProjectionError::Store(store_error)
+                    if !store_error.kind().is_retryable() && store_error.kind() != ErrorKind::Conflict);
             // A panic outside the projection's `apply` (its own panics are blamed per event),
             // or such a refusal, in a unit of several events: which one's (a commit that runs
             // each event's staged effect) is found by taking them one by one. Their effects
             // may have run before the failure: in this step each takes effect once more at
             // most.
             if (panicked || refused) && taken > 1 {
-                tracing::warn!(projection = %name, error = %e, deliveries = taken, "a batch's unit failed outside the projection's apply; taking its events one by one");
+                tracing::warn!(projection = %name, error = %e, deliveries = taken, "a batch's unit panicked or was refused outside the projection's apply; taking its events one by one");
                 one_by_one = true;
                 // Reported (the worker is degraded) once the rest took effect.
                 set_aside.get_or_insert(e);
                 continue;
             }
-            // Refused alone: the event's fault if the store's writes work without it (a
-            // trial unit), else the store's (a table missing, a permission), and no event is
-            // charged for it.
+            // Refused alone: the event's fault if the unit's writes work without it (a trial
+            // unit, kept alive and guarded like the real one), else the store's (a table
+            // missing, a permission, or a trial that could not tell), and no event is charged.
             let e = match e {
                 ProjectionError::Store(error) if refused => {
-                    refused_alone_in(&**store, name, &records[0], error).await
+                    let trial = async {
+                        crate::panic::CatchUnwind::new(works_without_it(&**store, name))
+                            .await
+                            .unwrap_or(false)
+                    };
+                    let stall = Stall::of_projection(health.as_ref(), *stall_after, stalled);
+                    let works =
+                        keep_alive_while(Some(&mut *consumer), &ids, &mut kept, stall, trial).await;
+                    if works {
+                        event_error(name, &records[0], HandlerError::from(error))
+                    } else {
+                        ProjectionError::Store(error)
+                    }
                 }
                 e => e,
             };
@@ -2366,28 +2380,24 @@ impl Worker for EventBusConsumer {
     }
 }
 
-/// The error of a unit of `record` alone, fed by a transport, that `store` refused for good:
-/// the event's when a trial unit without it (a write to the inbox, rolled back) works, else
-/// the store's.
-async fn refused_alone_in<S: ProjectionStore>(
-    store: &S,
-    name: &str,
-    record: &EventRecord,
-    error: StoreError,
-) -> ProjectionError {
-    let without_it = async {
+/// Whether a transport-fed unit's writes work without its event: a trial unit writes what a
+/// real one does (an inbox entry, the checkpoint) and is rolled back. Any error, a passing one
+/// too, tells nothing about the event: `false`.
+async fn works_without_it<S: ProjectionStore>(store: &S, name: &str) -> bool {
+    let trial = async {
         let mut unit = store.begin(name).await?;
         store
             .mark_processed(&mut unit, name, Uuid::now_v7())
             .await?;
+        let at = store
+            .checkpoint(&mut unit, name)
+            .await?
+            .unwrap_or(Position::START);
+        store.save_checkpoint(&mut unit, name, at).await?;
         drop(unit);
         Ok::<_, StoreError>(())
     };
-    match without_it.await {
-        Err(trial) if !trial.kind().is_retryable() => ProjectionError::Store(error),
-        // The store's writes work, or failed only in passing: the event's.
-        _ => event_error(name, record, HandlerError::from(error)),
-    }
+    trial.await.is_ok()
 }
 
 /// Publishes `envelope` to the handlers `only` names, or to all of them. A choice that reaches

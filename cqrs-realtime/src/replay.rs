@@ -386,8 +386,8 @@ fn replay_frame<P: Send + Sync + 'static>(
         .then(|| event_frame(topic, &event, hub.registry.max_event_frame))
 }
 
-/// How long a replay may keep waiting for room, in idle timeouts (see [`ReplaySender`]).
-const REPLAY_DEADLINE_IN_IDLE_TIMEOUTS: u32 = 8;
+/// How long a replay may wait for room in all, in idle timeouts (see [`ReplaySender`]).
+const REPLAY_WAIT_IN_IDLE_TIMEOUTS: u32 = 8;
 
 /// Sends replayed frames with backpressure, taking at most a quarter of the send queue at a
 /// time and only when half of it is free: live events on the connection's other
@@ -400,17 +400,20 @@ const REPLAY_DEADLINE_IN_IDLE_TIMEOUTS: u32 = 8;
 /// events on its other subscriptions keep half the queue from ever being free, is not: the
 /// replay then waits for two free slots and takes one, leaving the last to live traffic.
 ///
-/// A replay still waiting for room [`REPLAY_DEADLINE_IN_IDLE_TIMEOUTS`] idle timeouts after
-/// it began (ten minutes by default) closes its connection as slow too: a client that takes a
-/// frame now and then, never idle for long, paced it for hours, and held the frames it had
-/// queued (built for it alone, unlike live ones, which are shared) all that time.
+/// A replay that has waited for room [`REPLAY_WAIT_IN_IDLE_TIMEOUTS`] idle timeouts in all
+/// (ten minutes by default) closes its connection as slow too: a client that takes frames now
+/// and then, never idle for long, paced it for hours, and held the frames queued for it (built
+/// for it alone, unlike live ones, which are shared) all that time. Only the waits count:
+/// reading the store and waiting for a replay permit do not.
 struct ReplaySender<'a, P> {
     conn: &'a Conn<P>,
     /// Frames this replay may still queue before waiting for room again.
     budget: usize,
     stall_limit: Duration,
-    /// Past it, a wait for room closes the connection as slow (`None`: too far for the clock).
-    deadline: Option<tokio::time::Instant>,
+    /// How long this replay waited for room, in all, and how long it may: past that the
+    /// client has paced it too long, and is closed as slow.
+    waited: Duration,
+    wait_limit: Duration,
     /// The client took frames while half the queue never came free (live traffic holds it):
     /// from then on this replay waits for two free slots, not for half the queue, and takes
     /// one, leaving the last free slot to live traffic (which closes a client whose queue it
@@ -427,8 +430,8 @@ impl<'a, P> ReplaySender<'a, P> {
             conn,
             budget: 0,
             stall_limit,
-            deadline: tokio::time::Instant::now()
-                .checked_add(stall_limit.saturating_mul(REPLAY_DEADLINE_IN_IDLE_TIMEOUTS)),
+            waited: Duration::ZERO,
+            wait_limit: stall_limit.saturating_mul(REPLAY_WAIT_IN_IDLE_TIMEOUTS),
             starved: false,
             permit,
         }
@@ -464,15 +467,6 @@ impl<'a, P> ReplaySender<'a, P> {
             let mut taken = began;
             let mut still = Duration::ZERO;
             loop {
-                // Looked at whenever the replay looks for room (a quarter of the queue at a
-                // time at most): a client that paces it takes long to get here often.
-                if self
-                    .deadline
-                    .is_some_and(|at| tokio::time::Instant::now() >= at)
-                {
-                    self.conn.close_slow();
-                    return false;
-                }
                 // At least two free (one for the frame, one left for a live event), however
                 // small the queue.
                 let want = if self.starved {
@@ -487,10 +481,16 @@ impl<'a, P> ReplaySender<'a, P> {
                 }
                 // The client sets how long this wait lasts: another resume may read meanwhile.
                 self.permit = None;
+                let waiting = tokio::time::Instant::now();
                 tokio::select! {
                     biased;
                     _ = self.conn.close.reader_closed() => return false,
                     room = timeout(probe, queue.room_for(want)) => {
+                        self.waited = self.waited.saturating_add(waiting.elapsed());
+                        if self.waited >= self.wait_limit {
+                            self.conn.close_slow();
+                            return false;
+                        }
                         if room.is_ok() {
                             break;
                         }

@@ -155,7 +155,8 @@ impl<F: Future + Unpin> Future for Budgeted<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let budget = this.budget;
-        // Polled again after it ran out: still out.
+        // Polled again after it ended (it ran out; or it finished, after which no caller may
+        // poll it): out.
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(Err(budget));
         };

@@ -1246,39 +1246,52 @@ fn an_event_whose_unit_the_store_refuses_for_good_holds_up_only_its_key() {
     });
 }
 
-/// A store that refuses every unit for good (a table missing) is no event's fault: nothing is
-/// dead-lettered, however long it lasts.
+/// A store that refuses every unit for good (a table missing, or only its checkpoint table)
+/// is no event's fault: nothing is dead-lettered, however long it lasts.
 #[test]
 fn a_store_that_refuses_every_unit_dead_letters_nothing() {
-    run(async {
-        let transport = Arc::new(InMemoryTransport::new());
-        let events = [keyed("a", 1), keyed("b", 2)];
-        let store = Arc::new(Flaky::default());
-        let sum = Arc::new(Sum::default());
-        transport.publish("sums", &events).await.unwrap();
-        let mut runner = ProjectionRunner::from_transport(
-            Arc::new(RefusesAll(store.clone())),
-            sum.clone(),
-            transport.clone(),
-            "sums",
-            "sum",
-            three_attempts(),
-            types(),
-        );
-        for _ in 0..50 {
-            let _ = runner.run_once().await;
-        }
-        assert!(
-            dead_sums(&transport).is_empty(),
-            "{:?}",
-            dead_sums(&transport)
-        );
-        assert_eq!(transport.backlog("sums", "sum"), 2, "both still there");
-    });
+    for only_the_checkpoint in [false, true] {
+        run(async {
+            let transport = Arc::new(InMemoryTransport::new());
+            // With positions, as a relay from a store publishes them: each unit saves the
+            // checkpoint.
+            let mut events = [keyed("a", 1), keyed("b", 2)];
+            for (n, event) in (1..).zip(events.iter_mut()) {
+                event.position = Some(Position::new(n));
+            }
+            let sum = Arc::new(Sum::default());
+            transport.publish("sums", &events).await.unwrap();
+            let mut runner = ProjectionRunner::from_transport(
+                Arc::new(Refuses {
+                    inner: Arc::new(Flaky::default()),
+                    only_the_checkpoint,
+                }),
+                sum.clone(),
+                transport.clone(),
+                "sums",
+                "sum",
+                three_attempts(),
+                types(),
+            );
+            for _ in 0..50 {
+                let _ = runner.run_once().await;
+            }
+            let dead = dead_sums(&transport);
+            assert!(
+                dead.is_empty(),
+                "only the checkpoint {only_the_checkpoint}: {dead:?}"
+            );
+            assert_eq!(transport.backlog("sums", "sum"), 2, "both still there");
+        });
+    }
 }
 
-/// A projection store whose every write fails for good (its table missing).
-struct RefusesAll(Arc<Flaky>);
+/// A projection store whose every write fails for good (its tables missing), or only the
+/// checkpoint's.
+struct Refuses {
+    inner: Arc<Flaky>,
+    only_the_checkpoint: bool,
+}
 
 fn missing_table() -> StoreError {
     StoreError::Backend {
@@ -1288,19 +1301,22 @@ fn missing_table() -> StoreError {
 }
 
 #[async_trait]
-impl ProjectionStore for RefusesAll {
+impl ProjectionStore for Refuses {
     type Unit = InMemoryUnit;
 
     async fn begin(&self, consumer: &str) -> Result<InMemoryUnit, StoreError> {
-        self.0.begin(consumer).await
+        self.inner.begin(consumer).await
     }
 
     async fn mark_processed(
         &self,
-        _: &mut InMemoryUnit,
-        _: &str,
-        _: Uuid,
+        unit: &mut InMemoryUnit,
+        consumer: &str,
+        id: Uuid,
     ) -> Result<bool, StoreError> {
+        if self.only_the_checkpoint {
+            return self.inner.mark_processed(unit, consumer, id).await;
+        }
         Err(missing_table())
     }
 
@@ -1309,7 +1325,7 @@ impl ProjectionStore for RefusesAll {
         unit: &mut InMemoryUnit,
         consumer: &str,
     ) -> Result<Option<Position>, StoreError> {
-        self.0.checkpoint(unit, consumer).await
+        self.inner.checkpoint(unit, consumer).await
     }
 
     async fn save_checkpoint(
@@ -1325,7 +1341,10 @@ impl ProjectionStore for RefusesAll {
         Err(missing_table())
     }
 
-    async fn commit(&self, _: InMemoryUnit) -> Result<(), StoreError> {
+    async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        if self.only_the_checkpoint {
+            return self.inner.commit(unit).await;
+        }
         Err(missing_table())
     }
 

@@ -243,27 +243,11 @@ async fn held_entries_are_refreshed_now_and_then_not_at_every_poll() {
     env.cleanup().await;
 }
 
-/// How long the second entry has been idle (`XPENDING`).
+/// How long the second entry has been idle.
 async fn idle_of_second(env: &Env, stream: &str) -> Duration {
-    let pending = env
-        .command(
-            "XPENDING",
-            vec![
-                stream.into(),
-                "g".into(),
-                "-".into(),
-                "+".into(),
-                Value::from(10),
-            ],
-        )
+    let idle = second_pending(env, stream)
         .await
-        .into_array();
-    let second = pending
-        .into_iter()
-        .nth(1)
         .expect("two pending")
-        .into_array();
-    let idle = second
         .into_iter()
         .nth(2)
         .and_then(|v| v.as_u64())
@@ -273,6 +257,16 @@ async fn idle_of_second(env: &Env, stream: &str) -> Duration {
 
 /// The consumer the second entry of the stream is pending to.
 async fn owner_of_second(env: &Env, stream: &str) -> Option<String> {
+    second_pending(env, stream)
+        .await?
+        .into_iter()
+        .nth(1)?
+        .into_string()
+}
+
+/// The second pending entry of group `g`, as `XPENDING` lists it: `[id, consumer, idle,
+/// deliveries]`.
+async fn second_pending(env: &Env, stream: &str) -> Option<Vec<Value>> {
     let pending = env
         .command(
             "XPENDING",
@@ -286,8 +280,7 @@ async fn owner_of_second(env: &Env, stream: &str) -> Option<String> {
         )
         .await
         .into_array();
-    let second = pending.into_iter().nth(1)?.into_array();
-    second.into_iter().nth(1)?.into_string()
+    Some(pending.into_iter().nth(1)?.into_array())
 }
 
 /// Entries a consumer reclaims count against `max_held`: a backlog of one key left pending by

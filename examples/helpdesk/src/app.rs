@@ -296,12 +296,14 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // fails (or waits for its backend) holds up only its own plugin's. None registered: no
     // relay, and no connection held for it.
     let mut event_bus_feeds: Vec<EventBusFeed> = Vec::new();
+    // The pooled connections the background workers may hold at once, and one for requests.
+    let mut needed = 9 + 1;
     if !by_plugin.is_empty() && !hooks.without_relay {
         let server_own = by_plugin.iter().any(|(plugin, _)| plugin.is_empty());
         // The relays' two pooled connections each (a batch and its LISTEN), and the batch of
         // the `event-bus` relay following the store, besides the nine the helpdesk's workers
         // may hold at once and one for requests.
-        let needed = 9 + 2 * by_plugin.len() as u32 + u32::from(!server_own) + 1;
+        needed += 2 * by_plugin.len() as u32 + u32::from(!server_own);
         if backends.postgres.is_some() && config.database_max_connections < needed {
             tracing::warn!(
                 database_max_connections = config.database_max_connections,
@@ -445,9 +447,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // of what the workers leave, so a resume storm (every client told `events_missed` after a
     // Redis reconnect) cannot take the connections requests need.
     let hub_options = match backends.postgres {
-        Some(_) => {
-            hub_options.max_concurrent_replays(concurrent_replays(config.database_max_connections))
-        }
+        Some(_) => hub_options
+            .max_concurrent_replays(concurrent_replays(config.database_max_connections, needed)),
         None => hub_options,
     };
     let hub = Hub::builder(HubAuthenticator(authenticator.clone()))
@@ -1246,11 +1247,11 @@ fn openapi_document(
     })
 }
 
-/// How many WebSocket resumes replay at once on Postgres, with a pool of `pool` connections:
-/// half of what the background workers (9 at most) and one request leave, at least 1, at most
-/// the hub's default (16).
-pub(crate) fn concurrent_replays(pool: u32) -> usize {
-    (pool.saturating_sub(10) / 2).clamp(1, 16) as usize
+/// How many WebSocket resumes replay at once on Postgres, with a pool of `pool` connections of
+/// which the background workers and one request may hold `needed`: half of what they leave,
+/// at least 1, at most the hub's default (16).
+pub(crate) fn concurrent_replays(pool: u32, needed: u32) -> usize {
+    (pool.saturating_sub(needed) / 2).clamp(1, 16) as usize
 }
 
 #[cfg(test)]
@@ -1261,12 +1262,19 @@ mod tests {
     /// default of 16 replays took a default pool of 16 whole while the workers held 9.
     #[test]
     fn replays_leave_requests_part_of_the_pool() {
-        assert_eq!(concurrent_replays(16), 3);
-        assert_eq!(concurrent_replays(10), 1, "the smallest pool allowed");
-        assert_eq!(concurrent_replays(100), 16, "the hub's default at most");
-        for pool in 10..=60 {
-            let replays = concurrent_replays(pool) as u32;
-            assert!(9 + replays < pool || pool == 10, "{pool}: {replays}");
+        // The helpdesk alone: 9 for its workers, 1 for a request.
+        assert_eq!(concurrent_replays(16, 10), 3);
+        assert_eq!(concurrent_replays(100, 10), 16, "the hub's default at most");
+        // Two plugins' relays to their event handlers take 2 each, and the `event-bus` one 1.
+        assert_eq!(concurrent_replays(16, 15), 1);
+        for needed in [10, 15] {
+            for pool in needed + 2..=60 {
+                let replays = concurrent_replays(pool, needed) as u32;
+                assert!(needed + replays < pool, "{pool}, {needed}: {replays}");
+            }
+            // A pool at what the workers need leaves one replay all the same: a resume waits
+            // for a connection then, as requests do.
+            assert_eq!(concurrent_replays(needed, needed), 1);
         }
     }
 }
