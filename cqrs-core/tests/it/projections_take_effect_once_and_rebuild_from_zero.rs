@@ -965,6 +965,24 @@ struct Flaky {
     /// its effect breaks), and whether the unit begun last marked it.
     poison: Option<Uuid>,
     poisoned: AtomicBool,
+    /// Writes the store refuses for good (its tables missing).
+    refusing: Option<Refusing>,
+}
+
+/// What a [`Flaky`] store refuses for good.
+#[derive(Clone, Copy, PartialEq)]
+enum Refusing {
+    /// Every write: the inbox, the checkpoint, the commit.
+    EveryWrite,
+    /// Only the checkpoint's save.
+    TheCheckpoint,
+}
+
+fn missing_table() -> StoreError {
+    StoreError::Backend {
+        backend: "test",
+        source: "relation \"inbox\" does not exist".into(),
+    }
 }
 
 #[async_trait]
@@ -992,6 +1010,9 @@ impl ProjectionStore for Flaky {
         consumer: &str,
         id: Uuid,
     ) -> Result<bool, StoreError> {
+        if self.refusing == Some(Refusing::EveryWrite) {
+            return Err(missing_table());
+        }
         if self.poison == Some(id) {
             self.poisoned.store(true, Ordering::SeqCst);
         }
@@ -1012,6 +1033,9 @@ impl ProjectionStore for Flaky {
         consumer: &str,
         position: Position,
     ) -> Result<(), StoreError> {
+        if self.refusing.is_some() {
+            return Err(missing_table());
+        }
         self.inner.save_checkpoint(unit, consumer, position).await
     }
 
@@ -1020,6 +1044,9 @@ impl ProjectionStore for Flaky {
     }
 
     async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
+        if self.refusing == Some(Refusing::EveryWrite) {
+            return Err(missing_table());
+        }
         if self.poisoned.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Backend {
                 backend: "test",
@@ -1262,9 +1289,13 @@ fn a_store_that_refuses_every_unit_dead_letters_nothing() {
             let sum = Arc::new(Sum::default());
             transport.publish("sums", &events).await.unwrap();
             let mut runner = ProjectionRunner::from_transport(
-                Arc::new(Refuses {
-                    inner: Arc::new(Flaky::default()),
-                    only_the_checkpoint,
+                Arc::new(Flaky {
+                    refusing: Some(if only_the_checkpoint {
+                        Refusing::TheCheckpoint
+                    } else {
+                        Refusing::EveryWrite
+                    }),
+                    ..Flaky::default()
                 }),
                 sum.clone(),
                 transport.clone(),
@@ -1283,73 +1314,6 @@ fn a_store_that_refuses_every_unit_dead_letters_nothing() {
             );
             assert_eq!(transport.backlog("sums", "sum"), 2, "both still there");
         });
-    }
-}
-
-/// A projection store whose every write fails for good (its tables missing), or only the
-/// checkpoint's.
-struct Refuses {
-    inner: Arc<Flaky>,
-    only_the_checkpoint: bool,
-}
-
-fn missing_table() -> StoreError {
-    StoreError::Backend {
-        backend: "test",
-        source: "relation \"inbox\" does not exist".into(),
-    }
-}
-
-#[async_trait]
-impl ProjectionStore for Refuses {
-    type Unit = InMemoryUnit;
-
-    async fn begin(&self, consumer: &str) -> Result<InMemoryUnit, StoreError> {
-        self.inner.begin(consumer).await
-    }
-
-    async fn mark_processed(
-        &self,
-        unit: &mut InMemoryUnit,
-        consumer: &str,
-        id: Uuid,
-    ) -> Result<bool, StoreError> {
-        if self.only_the_checkpoint {
-            return self.inner.mark_processed(unit, consumer, id).await;
-        }
-        Err(missing_table())
-    }
-
-    async fn checkpoint(
-        &self,
-        unit: &mut InMemoryUnit,
-        consumer: &str,
-    ) -> Result<Option<Position>, StoreError> {
-        self.inner.checkpoint(unit, consumer).await
-    }
-
-    async fn save_checkpoint(
-        &self,
-        _: &mut InMemoryUnit,
-        _: &str,
-        _: Position,
-    ) -> Result<(), StoreError> {
-        Err(missing_table())
-    }
-
-    async fn reset(&self, _: &mut InMemoryUnit, _: &str) -> Result<(), StoreError> {
-        Err(missing_table())
-    }
-
-    async fn commit(&self, unit: InMemoryUnit) -> Result<(), StoreError> {
-        if self.only_the_checkpoint {
-            return self.inner.commit(unit).await;
-        }
-        Err(missing_table())
-    }
-
-    async fn purge_inbox(&self, _: &str, _: Duration) -> Result<u64, StoreError> {
-        Err(missing_table())
     }
 }
 
