@@ -1086,6 +1086,11 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// Returns how many events took effect. It replays up to the end of the store as it finds
     /// it (a page shorter than the batch size); events appended later are the live runner's,
     /// from the checkpoint the rebuild saves.
+    ///
+    /// All or nothing: the first event whose `apply` fails, or that does not decode, fails the
+    /// rebuild and rolls it back, also one a transport-fed runner dead-lettered long ago (it
+    /// is still in the store). Make `apply` take such an event (skip what it cannot use) before
+    /// rebuilding.
     pub async fn rebuild(&self) -> Result<usize, ProjectionError> {
         let events = self
             .events
