@@ -78,23 +78,26 @@ pub fn panic_message(payload: &(dyn Any + Send)) -> String {
 /// (a consume loop, the health report, a periodic job), instead of failing as the timeout it
 /// is. The panic is logged and stops here.
 pub(crate) fn drop_cancelled<T>(value: T) {
-    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
-        tracing::error!(
-            panic = %into_message(payload),
-            "work cancelled at its timeout panicked when it was dropped; the panic stops here"
-        );
-    }
+    drop_caught(
+        value,
+        "work cancelled at its timeout panicked when it was dropped; the panic stops here",
+    );
 }
 
 /// Drops a handler's future that finished, keeping a panic in its drop here (logged): the
 /// handler's work is done, so the panic is no failure of it.
 pub(crate) fn drop_finished<T>(value: T) {
+    drop_caught(
+        value,
+        "a handler's future panicked when it was dropped after it finished; the panic stops \
+         here",
+    );
+}
+
+/// Drops `value` inside a panic guard, logging a panic with `message`.
+fn drop_caught<T>(value: T, message: &str) {
     if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(value))) {
-        tracing::error!(
-            panic = %into_message(payload),
-            "a handler's future panicked when it was dropped after it finished; the panic \
-             stops here"
-        );
+        tracing::error!(panic = %into_message(payload), "{message}");
     }
 }
 
