@@ -394,6 +394,23 @@ impl DispatchError {
 /// The kind of an error a layer failed a dispatch with: a [`HandlerError`]'s own; tower's
 /// `Elapsed` (`tower::timeout`) a timeout and `Overloaded` (`tower::load_shed`) unavailable,
 /// both retryable, as the core's own layers' would be; anything else internal.
+/// `error`'s message followed by those of its causes it does not show already. The usual
+/// style keeps a cause out of `Display` (thiserror's `#[source]`, anyhow's context): a log
+/// line or a health report of the message alone says what failed, not why.
+pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let message = error.to_string();
+        if !message.is_empty() && !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        cause = error.source();
+    }
+    text
+}
+
 fn middleware_kind(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
     if let Some(handler) = error.downcast_ref::<HandlerError>() {
         handler.kind()
@@ -520,6 +537,35 @@ impl std::fmt::Debug for BuildError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error, &'static str);
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.1)
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    /// A cause the message leaves out is added; one it shows already is not repeated.
+    #[test]
+    fn with_causes_adds_what_the_message_leaves_out() {
+        let hidden = Outer(std::io::Error::other("refused"), "could not connect");
+        assert_eq!(with_causes(&hidden), "could not connect: refused");
+        let shown = Outer(
+            std::io::Error::other("refused"),
+            "could not connect: refused",
+        );
+        assert_eq!(with_causes(&shown), "could not connect: refused");
+        let plain = std::io::Error::other("refused");
+        assert_eq!(with_causes(&plain), "refused");
+    }
 
     fn publish_error<const N: usize>(errors: [HandlerError; N]) -> DispatchError {
         DispatchError::Publish(PublishError {

@@ -322,8 +322,9 @@ where
             match self.run_once(&ctx.health).await {
                 Ok(()) => ctx.health.set(Health::Healthy),
                 Err(error) => {
+                    let error = crate::error::with_causes(&*error);
                     tracing::warn!(worker = %self.name, %error, "periodic job failed; trying again at the next interval");
-                    ctx.health.set(Health::Degraded(error.to_string()));
+                    ctx.health.set(Health::Degraded(error));
                 }
             }
             tokio::select! {
@@ -489,7 +490,7 @@ async fn supervise(
         let result = crate::panic::CatchUnwind::new(async { worker.run(ctx.clone()).await }).await;
         let failure = match result {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Err(e)) => Some(crate::error::with_causes(&*e)),
             Err(panic) => Some(format!("panicked: {panic}")),
         };
         if ctx.shutdown.is_requested() {
@@ -639,7 +640,8 @@ fn free_name(taken: &HashSet<String>, candidates: impl Iterator<Item = String>) 
 ///
 /// Keep it for as long as the workers should run, and end it with
 /// [`shutdown`](Self::shutdown): dropping it aborts every worker where it is (mid-batch, no
-/// grace period), with a warning in the log.
+/// grace period), with a warning in the log, and fires its
+/// [`shutdown_signal`](Self::shutdown_signal) for whatever else follows it.
 #[must_use = "dropping the Runtime aborts every worker at once; keep it and call `shutdown`"]
 pub struct Runtime {
     trigger: ShutdownTrigger,
@@ -666,6 +668,9 @@ impl Drop for Runtime {
                 "a Runtime was dropped without `shutdown`: its workers were aborted where they were, with no grace period"
             );
         }
+        // What follows the signal outside the workers (a realtime hub, an HTTP server's
+        // graceful shutdown) stops too: with the only trigger gone, it would wait for ever.
+        self.trigger.trigger();
     }
 }
 
@@ -708,7 +713,8 @@ impl Runtime {
         }
     }
 
-    /// The shutdown signal the workers get (an HTTP server can stop on it too).
+    /// The shutdown signal the workers get (an HTTP server can stop on it too). It fires at
+    /// [`shutdown`](Self::shutdown), and when the runtime is dropped.
     pub fn shutdown_signal(&self) -> Shutdown {
         self.shutdown.clone()
     }

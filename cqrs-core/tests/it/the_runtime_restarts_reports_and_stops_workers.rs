@@ -690,6 +690,81 @@ fn a_worker_that_returns_before_shutdown_is_restarted() {
     });
 }
 
+/// An error that keeps its cause out of its message, as `#[source]` and anyhow's context do.
+#[derive(Debug)]
+struct CouldNotConnect(std::io::Error);
+
+impl std::fmt::Display for CouldNotConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("could not connect to the mail relay")
+    }
+}
+
+impl std::error::Error for CouldNotConnect {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+struct FailsWithACause;
+
+#[async_trait]
+impl Worker for FailsWithACause {
+    fn name(&self) -> &str {
+        "mailer"
+    }
+
+    async fn run(&mut self, _ctx: WorkerContext) -> Result<(), BoxError> {
+        Err(CouldNotConnect(std::io::Error::other("connection refused")).into())
+    }
+}
+
+/// A worker's or a periodic job's error is reported with the causes its message leaves out:
+/// "could not connect" alone says what failed, not why.
+#[test]
+fn a_failure_is_reported_with_its_causes() {
+    run(async {
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .worker(FailsWithACause)
+            .worker(Periodic::new("sender", Duration::from_secs(10), || async {
+                Err(CouldNotConnect(std::io::Error::other("connection refused")).into())
+            }))
+            .start();
+        let expected = "could not connect to the mail relay: connection refused";
+        eventually(
+            Duration::from_secs(10),
+            "both failures reported",
+            || async {
+                let report = runtime.health().await;
+                let worker = &report.components["mailer"].0;
+                let job = &report.components["sender"].0;
+                (*worker == Health::Unhealthy(expected.into())
+                    && *job == Health::Degraded(expected.into()))
+                .then_some(())
+            },
+        )
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    });
+}
+
+/// Dropping the runtime without `shutdown` fires its signal, so what follows it outside the
+/// workers (a realtime hub, an HTTP server) stops instead of waiting for ever.
+#[test]
+fn dropping_the_runtime_fires_its_shutdown_signal() {
+    run(async {
+        let runtime = Runtime::builder().start();
+        let signal = runtime.shutdown_signal();
+        let follower = tokio::spawn(async move { signal.requested().await });
+        drop(runtime);
+        tokio::time::timeout(Duration::from_secs(10), follower)
+            .await
+            .expect("the signal fired when the runtime was dropped")
+            .unwrap();
+    });
+}
+
 /// A restart backoff of zero still waits a millisecond between restarts, instead of
 /// restarting a failing worker in a tight loop.
 #[test]
