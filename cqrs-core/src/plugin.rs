@@ -44,7 +44,8 @@ use std::fmt;
 /// register_plugin!(TicketsPlugin);
 /// ```
 pub trait Plugin: Send + Sync + 'static {
-    /// A unique name, such as `"tickets"`.
+    /// A unique name, such as `"tickets"`: ASCII letters, digits, `.`, `_` and `-`, not
+    /// empty ([`PluginError::InvalidName`] otherwise).
     fn name(&self) -> &'static str;
 
     /// The plugin's version, usually `env!("CARGO_PKG_VERSION")`.
@@ -115,6 +116,21 @@ pub enum PluginError {
         first: String,
         /// The second one's version.
         second: String,
+    },
+    /// A plugin's name is empty or holds a character outside ASCII letters, digits, `.`, `_`
+    /// and `-`. Rename it (its [`name()`](Plugin::name)): the name goes into relay,
+    /// checkpoint and metric names, and an empty one is what the buses call the server's own.
+    #[error(
+        "plugin {} (version {version}) cannot be named so: {problem}; rename it (its `name()`)",
+        if name.is_empty() { "``".to_owned() } else { format!("{name:?}") }
+    )]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// The plugin's version, to tell which one it is.
+        version: String,
+        /// What is wrong with it.
+        problem: String,
     },
     /// A plugin depends on one that is not linked, or names it wrongly. Link the dependency,
     /// or fix the name in the dependent plugin's [`depends_on()`](Plugin::depends_on).
@@ -232,8 +248,9 @@ fn duplicate_message(name: &str, first: &str, second: &str) -> String {
     let (versions, cause) = if first == second {
         (
             format!("both version {first}"),
-            "a crate registers it twice (`register_plugin!`, or twice in the list given to \
-             `Plugins::from_plugins`), or two crates chose the same name",
+            "a crate registers it twice (`register_plugin!` twice, a linked plugin passed to \
+             `Plugins::collect_with` as well, or one listed twice for `Plugins::from_plugins`), \
+             or two crates chose the same name",
         )
     } else {
         (
@@ -246,6 +263,20 @@ fn duplicate_message(name: &str, first: &str, second: &str) -> String {
         "two plugins are named `{name}` ({versions}); plugin names must be unique: rename one \
          (its `name()`), or link only one of them ({cause})"
     )
+}
+
+/// What is wrong with a plugin's name, if anything. The wire names' rule: a name goes into
+/// relay, checkpoint and metric names, and the empty one means "the server's own" (handlers
+/// added on the bus builder, `take_contributions_by_plugin`).
+fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("a plugin name cannot be empty".to_owned());
+    }
+    name.chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .map(|c| {
+            format!("a plugin name takes ASCII letters, digits, `.`, `_` and `-` only, not {c:?}")
+        })
 }
 
 /// A cycle, `a -> b -> a`; a plugin that names itself is said so.
@@ -272,7 +303,8 @@ fn missing_advice(given: bool, verb: &str) -> String {
     } else {
         format!(
             "{verb} not linked into this binary; each needs its crate as a dependency and a \
-             `use <crate> as _;` line in the crate root"
+             `use <crate> as _;` line in the crate root (or, when not registered through \
+             inventory, a place in the list given to `Plugins::collect_with`)"
         )
     }
 }
@@ -328,6 +360,13 @@ impl Plugins {
     fn order(plugins: Vec<Box<dyn Plugin>>, given: bool) -> Result<Self, PluginError> {
         let mut by_name: BTreeMap<&'static str, Box<dyn Plugin>> = BTreeMap::new();
         for plugin in plugins {
+            if let Some(problem) = name_problem(plugin.name()) {
+                return Err(PluginError::InvalidName {
+                    name: plugin.name().to_owned(),
+                    version: plugin.version().to_owned(),
+                    problem,
+                });
+            }
             if let Some(first) = by_name.get(plugin.name()) {
                 return Err(PluginError::Duplicate {
                     name: plugin.name().to_owned(),

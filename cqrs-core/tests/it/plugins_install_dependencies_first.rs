@@ -78,6 +78,26 @@ fn a_duplicate_name_is_an_error() {
     );
 }
 
+/// An empty plugin name (what the buses call the server's own) and one that would need
+/// quoting in relay and checkpoint names are refused, saying what to do.
+#[test]
+fn a_plugin_name_that_is_empty_or_needs_quoting_is_refused() {
+    let err = Plugins::from_plugins(plugins(&[("", &[])])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `` (version 1.0.0) cannot be named so: a plugin name cannot be empty; rename it (its `name()`)"
+    );
+    for name in ["tickets ", "my plugin", "tickets/v2"] {
+        let err = Plugins::from_plugins(plugins(&[(name, &[])])).unwrap_err();
+        assert!(
+            matches!(err, PluginError::InvalidName { name: ref n, .. } if n == name),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ASCII letters, digits"), "{err}");
+    }
+    Plugins::from_plugins(plugins(&[("tickets.v2_beta-1", &[])])).unwrap();
+}
+
 /// A plugin that depends on itself is told so, not as a cycle of one with advice to move
 /// what "both" need.
 #[test]
