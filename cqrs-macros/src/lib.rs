@@ -192,6 +192,13 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
              a `Vec` or an `Arc` instead of a reference, and drop this lifetime parameter",
         ));
     }
+    if let Some(misplaced) = misplaced_attribute(input) {
+        return Err(syn::Error::new_spanned(
+            misplaced,
+            "`#[cqrs(..)]` goes on the type, not on a field or a variant (the wire name and \
+             version are the whole message's)",
+        ));
+    }
     let args = parse_args(kind, input)?;
     let Some(name) = args.name else {
         // `#[command(..)]` is the likely slip: it reads well, and clap takes it.
@@ -244,7 +251,7 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
                     "event versions start at 1 (leave `version` out for 1)",
                 ));
             }
-            quote! { const VERSION: u32 = #value; }
+            quote! { const VERSION: ::core::primitive::u32 = #value; }
         }
         None => TokenStream2::new(),
     };
@@ -288,10 +295,28 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
     Ok(quote! {
         #[automatically_derived]
         impl #impl_generics #krate::Message for #ident #ty_generics #where_clause {
-            const NAME: &'static str = #name;
+            const NAME: &'static ::core::primitive::str = #name;
         }
         #kind_impl
     })
+}
+
+/// A `#[cqrs(..)]` on a field or an enum variant, which the derives would otherwise pass
+/// over without a word (the helper attribute is allowed anywhere in the item).
+fn misplaced_attribute(input: &DeriveInput) -> Option<&syn::Attribute> {
+    fn on_fields(fields: &syn::Fields) -> impl Iterator<Item = &syn::Attribute> {
+        fields.iter().flat_map(|field| &field.attrs)
+    }
+    let attrs: Vec<&syn::Attribute> = match &input.data {
+        syn::Data::Struct(data) => on_fields(&data.fields).collect(),
+        syn::Data::Enum(data) => data
+            .variants
+            .iter()
+            .flat_map(|variant| variant.attrs.iter().chain(on_fields(&variant.fields)))
+            .collect(),
+        syn::Data::Union(data) => data.fields.named.iter().flat_map(|f| &f.attrs).collect(),
+    };
+    attrs.into_iter().find(|attr| attr.path().is_ident("cqrs"))
 }
 
 /// Where an error about a missing key points: the first `#[cqrs(..)]` attribute, which
@@ -452,7 +477,9 @@ mod tests {
             code.contains("impl :: cqrs_core :: Message for Open"),
             "{code}"
         );
-        assert!(code.contains("const NAME : & 'static str = \"tickets.open\""));
+        assert!(
+            code.contains("const NAME : & 'static :: core :: primitive :: str = \"tickets.open\"")
+        );
         assert!(code.contains("impl :: cqrs_core :: Command for Open"));
         assert!(code.contains("type Output = Vec < u8 >"), "{code}");
 
@@ -464,6 +491,44 @@ mod tests {
             },
         );
         assert!(code.contains("type Output = ()"), "{code}");
+    }
+
+    /// `#[cqrs(..)]` on a field or a variant is refused, not passed over.
+    #[test]
+    fn an_attribute_on_a_field_or_variant_is_refused() {
+        let expected = "`#[cqrs(..)]` goes on the type, not on a field or a variant";
+        let on_variant = error(
+            Kind::Command,
+            parse_quote! {
+                #[cqrs(name = "tickets.act")]
+                enum Act { #[cqrs(name = "tickets.open")] Open, Close }
+            },
+        );
+        assert!(on_variant.starts_with(expected), "{on_variant}");
+        let on_field = error(
+            Kind::Event,
+            parse_quote! {
+                #[cqrs(name = "tickets.opened")]
+                struct Opened { #[cqrs(version = 2)] id: u64 }
+            },
+        );
+        assert!(on_field.starts_with(expected), "{on_field}");
+        let on_variant_field = error(
+            Kind::Query,
+            parse_quote! {
+                #[cqrs(name = "tickets.get", output = ())]
+                enum Get { ById(#[cqrs(name = "x")] u64) }
+            },
+        );
+        assert!(on_variant_field.starts_with(expected), "{on_variant_field}");
+        // Other attributes on fields (serde's) are left alone.
+        expanded(
+            Kind::Event,
+            parse_quote! {
+                #[cqrs(name = "tickets.opened")]
+                struct Opened { #[serde(default)] id: u64 }
+            },
+        );
     }
 
     #[test]
@@ -553,7 +618,10 @@ mod tests {
             code.contains("impl :: cqrs_core :: Event for Opened"),
             "{code}"
         );
-        assert!(code.contains("const VERSION : u32 = 3u32"), "{code}");
+        assert!(
+            code.contains("const VERSION : :: core :: primitive :: u32 = 3u32"),
+            "{code}"
+        );
 
         let code = expanded(
             Kind::Event,
