@@ -158,6 +158,11 @@ pub struct WorkerContext {
 /// again after a backoff; so is a return of `Ok` before shutdown (reported `Unhealthy`,
 /// "returned before shutdown"), since a worker runs as long as the server: do one-shot work
 /// (a cache warm-up) before [`RuntimeBuilder::start`], or as a [`Periodic`] job.
+///
+/// A panic in `run` is caught and handled as an `Err`, and `run` is called again on the same
+/// value, left as the panic found it: a worker whose fields hold work in progress (a buffer
+/// half drained) starts its next run by putting them right, or keeps such state in locals of
+/// `run`.
 #[async_trait]
 pub trait Worker: Send + 'static {
     /// A stable name, for logs and health.
