@@ -276,6 +276,27 @@ impl SnapshotStore for InMemorySnapshotStore {
 
     async fn save(&self, stream_id: &str, snapshot: Snapshot) -> Result<(), StoreError> {
         refused_stream_id(stream_id)?;
+        // What Postgres refuses, refused here too: a test on memory would snapshot what a
+        // server on Postgres never can, and miss that its loads replay the whole stream.
+        let depth = crate::ports::MAX_RESPONSE_DEPTH;
+        let why = if crate::ports::nests_deeper_than(&snapshot.state, depth) {
+            Some(format!(
+                "the snapshot of stream `{stream_id}` nests arrays and objects more than {depth} \
+                 deep: it could be stored but never read back"
+            ))
+        } else if crate::ports::holds_nul(&snapshot.state) {
+            Some(format!(
+                "the snapshot of stream `{stream_id}` holds U+0000, which Postgres cannot store"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(StoreError::Rejected {
+                backend: "memory",
+                source: why.into(),
+            });
+        }
         let mut snapshots = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         match snapshots.get(stream_id) {
             Some(existing) if existing.version >= snapshot.version => {}

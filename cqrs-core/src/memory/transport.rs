@@ -64,7 +64,9 @@ struct State {
 /// Per-key order is strict: a fetch hands out a key's messages only as a chain, in order
 /// (several of one free key may come in one batch, as the port allows), and while a message
 /// of a key is in flight in a group, no later fetch hands out that key's later messages, so a
-/// nacked message is redelivered before its successors.
+/// nacked message is redelivered before its successors. It orders by the exact key: keys
+/// never wait for one another here, where Redis's default (`KeyOrdering::Lanes`) has keys
+/// that share a lane wait for each other's failures.
 #[derive(Clone)]
 pub struct InMemoryTransport {
     state: Arc<Mutex<State>>,
@@ -520,6 +522,20 @@ impl InMemoryConsumer {
     }
 }
 
+/// Refuses a delivery id this transport never made (made by hand, or another transport's), as
+/// the Redis transport does, instead of passing over it: a test on memory meets the error a
+/// server on Redis gets.
+fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
+    match ids.iter().find(|id| id.0.parse::<usize>().is_err()) {
+        None => Ok(()),
+        Some(id) => Err(TransportError::Invalid(format!(
+            "`{}` is no delivery id of the in-memory transport: ack, nack, defer, dead_letter \
+             and keep_alive take the ids `fetch` returned",
+            id.0.chars().take(64).collect::<String>()
+        ))),
+    }
+}
+
 #[async_trait]
 impl Consumer for InMemoryConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
@@ -559,6 +575,7 @@ impl Consumer for InMemoryConsumer {
     }
 
     async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        delivery_ids(ids)?;
         {
             let mut state = self.transport.lock();
             if let Some(group) = state
@@ -579,6 +596,7 @@ impl Consumer for InMemoryConsumer {
 
     /// Left alone when another consumer took the delivery over (as by Redis's script).
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
+        delivery_ids(std::slice::from_ref(id))?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(std::slice::from_ref(id), |f| f.due = due);
         Ok(())
@@ -589,6 +607,7 @@ impl Consumer for InMemoryConsumer {
         id: &DeliveryId,
         reason: &str,
     ) -> Result<(), TransportError> {
+        delivery_ids(std::slice::from_ref(id))?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(std::slice::from_ref(id), |f| {
             f.due = due;
@@ -599,6 +618,7 @@ impl Consumer for InMemoryConsumer {
 
     /// Only a delivery this consumer still owns (as by Redis's script).
     async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
+        delivery_ids(std::slice::from_ref(id))?;
         {
             let mut state = self.transport.lock();
             let Some(Topic { log, base, groups }) = state.topics.get_mut(&self.topic) else {
@@ -628,6 +648,7 @@ impl Consumer for InMemoryConsumer {
     /// Only the deliveries this consumer still owns (as by Redis's script): a defer of one
     /// another consumer took over would take back that consumer's attempt.
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        delivery_ids(ids)?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(ids, |f| {
             f.due = due;
@@ -638,6 +659,7 @@ impl Consumer for InMemoryConsumer {
     }
 
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
+        delivery_ids(ids)?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(ids, |f| f.due = due);
         Ok(())

@@ -83,6 +83,28 @@ pub fn require_services(service: &str, url: &str, reachable: bool) -> bool {
     false
 }
 
+/// A conformance scenario whose harness gave it nothing to test: skipped, unless services are
+/// required (`CQRS_REQUIRE_SERVICES=1`), where a harness returns `None` only by mistake (its
+/// own `require_services` fails the test when the service is away).
+#[doc(hidden)]
+pub fn __no_harness(scenario: &str) {
+    no_harness(
+        scenario,
+        std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1"),
+    );
+}
+
+fn no_harness(scenario: &str, services_required: bool) {
+    if services_required {
+        panic!(
+            "the harness gave `{scenario}` nothing to test (it returned `None`) and \
+             CQRS_REQUIRE_SERVICES=1: a harness returns `None` only when its service is \
+             unreachable, through `require_services`"
+        );
+    }
+    eprintln!("skipping `{scenario}`: the harness gave it nothing to test");
+}
+
 /// `url` with what comes between its `://` and its last `@` (the user info: a password,
 /// maybe holding `/` or `?` unencoded) hidden, for messages.
 fn without_user_info(url: &str) -> String {
@@ -107,7 +129,19 @@ pub fn long() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::without_user_info;
+    use super::{no_harness, without_user_info};
+
+    /// With services required, a harness that returns `None` fails the scenario.
+    #[test]
+    #[should_panic(expected = "the harness gave `a_scenario` nothing to test")]
+    fn a_missing_harness_fails_when_services_are_required() {
+        no_harness("a_scenario", true);
+    }
+
+    #[test]
+    fn a_missing_harness_is_a_skip_otherwise() {
+        no_harness("a_scenario", false);
+    }
 
     /// A test that cannot reach a service names its URL, never its password (scripts/test.sh
     /// puts a generated one in `DATABASE_URL`).

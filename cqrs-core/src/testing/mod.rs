@@ -91,6 +91,8 @@ pub use given::{
     AggregateTest, CommandOutcome, CommandTest, TEST_AGGREGATE_ID, Then, ask, ask_with, deliver,
     deliver_with,
 };
+#[doc(hidden)]
+pub use helpers::__no_harness;
 pub use helpers::{eventually, long, require_services, test_id, with_timeout};
 pub use metric_counts::MetricCounts;
 
@@ -117,7 +119,9 @@ macro_rules! __conformance {
                 let ::std::option::Option::Some(harness) =
                     $make($crate::testing::test_id(::std::stringify!($scenario))).await
                 else {
-                    // The harness printed why (its service is unreachable); nothing to test.
+                    // Its service is unreachable (the harness said so), or, when services
+                    // are required, the harness is wrong: a green suite that tested nothing.
+                    $crate::testing::__no_harness(::std::stringify!($scenario));
                     return;
                 };
                 $crate::testing::with_timeout(

@@ -3,7 +3,7 @@
 //! Run it with [`snapshot_store_conformance!`](crate::snapshot_store_conformance).
 
 use super::Harness;
-use crate::ports::{Snapshot, SnapshotStore};
+use crate::ports::{Snapshot, SnapshotStore, StoreError};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -27,6 +27,7 @@ macro_rules! snapshot_store_conformance {
                 streams_keep_their_own_snapshots,
                 concurrent_saves_keep_the_newest,
                 the_last_event_id_is_kept_with_the_snapshot,
+                a_state_the_store_cannot_hold_is_refused,
             ]
         );
     };
@@ -164,4 +165,41 @@ pub async fn the_last_event_id_is_kept_with_the_snapshot<H: SnapshotStoreHarness
         .unwrap();
     let loaded = store.load(&id).await.unwrap().expect("a snapshot");
     assert_eq!((loaded.version, loaded.last_event_id), (8, None));
+}
+
+/// A state nested more than [`MAX_RESPONSE_DEPTH`](crate::ports::MAX_RESPONSE_DEPTH) deep
+/// (which could be stored but never read back) or holding U+0000 (which Postgres cannot
+/// store) is refused as [`StoreError::Rejected`], and the snapshot before it stays; one at
+/// the bound is kept and loads back whole.
+pub async fn a_state_the_store_cannot_hold_is_refused<H: SnapshotStoreHarness>(h: &H) {
+    let store = h.store();
+    let id = stream(h, "unholdable");
+    let nested = |levels: usize| {
+        (0..levels).fold(json!(1), |inner, _| serde_json::Value::Array(vec![inner]))
+    };
+    let depth = crate::ports::MAX_RESPONSE_DEPTH;
+    store
+        .save(&id, Snapshot::new(1, nested(depth)))
+        .await
+        .expect("a state at the bound is kept");
+    let loaded = store
+        .load(&id)
+        .await
+        .unwrap()
+        .expect("the snapshot at the bound");
+    assert_eq!(loaded.state, nested(depth));
+    for (what, state) in [
+        ("too deep", nested(depth + 1)),
+        ("holding U+0000", json!({ "title": "a\u{0}b" })),
+    ] {
+        match store.save(&id, Snapshot::new(2, state)).await {
+            Err(StoreError::Rejected { .. }) => {}
+            other => panic!("a state {what}: refused as `Rejected`, not: {other:?}"),
+        }
+        let kept = store.load(&id).await.unwrap().expect("the snapshot before");
+        assert_eq!(
+            kept.version, 1,
+            "a state {what} replaced the snapshot before"
+        );
+    }
 }

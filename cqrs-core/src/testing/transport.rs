@@ -4,7 +4,9 @@
 
 use super::Harness;
 use crate::EventRecord;
-use crate::ports::{Consumer, ConsumerOptions, Delivery, EventTransport, TransportError};
+use crate::ports::{
+    Consumer, ConsumerOptions, Delivery, DeliveryId, EventTransport, TransportError,
+};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -92,6 +94,7 @@ macro_rules! transport_conformance {
                 a_message_a_consumer_gives_up_on_is_dead_lettered_at_once,
                 a_due_redelivery_comes_before_new_messages,
                 a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back,
+                a_delivery_id_the_transport_never_made_is_refused,
                 a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back,
                 a_consumer_tells_its_redelivery_delay_and_keep_alive_interval,
                 a_closed_consumer_releases_what_it_never_handed_out,
@@ -392,11 +395,16 @@ pub async fn two_consumers_fetching_at_once_never_share_an_event<H: TransportHar
         .map(|n| event(&format!("k{n}"), n))
         .collect();
     h.transport().publish(&topic, &events).await.unwrap();
-    let taken = std::sync::atomic::AtomicUsize::new(0);
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Each consumer on a task of its own, started together: on one task (`join!`) the two
+    // fetches would only interleave at their `.await`s, and a hand-out that reads and
+    // advances its cursor without one in between would never race.
+    let start = Arc::new(tokio::sync::Barrier::new(2));
     let until = tokio::time::Instant::now() + Duration::from_secs(15);
     let run = |mut c: Box<dyn Consumer>| {
-        let taken = &taken;
-        async move {
+        let (taken, start) = (taken.clone(), start.clone());
+        tokio::spawn(async move {
+            start.wait().await;
             let mut got = Vec::new();
             while taken.load(std::sync::atomic::Ordering::SeqCst) < EVENTS
                 && tokio::time::Instant::now() < until
@@ -409,9 +417,10 @@ pub async fn two_consumers_fetching_at_once_never_share_an_event<H: TransportHar
                 got.extend(batch);
             }
             got
-        }
+        })
     };
-    let (got_a, got_b) = tokio::join!(run(a), run(b));
+    let (a, b) = (run(a), run(b));
+    let (got_a, got_b) = (a.await.unwrap(), b.await.unwrap());
     let all: Vec<Delivery> = got_a.into_iter().chain(got_b).collect();
     let (missing, twice) = missing_and_twice(&events, &all);
     assert!(
@@ -638,6 +647,47 @@ pub async fn an_acknowledged_event_is_not_delivered_again<H: TransportHarness>(h
     assert_eq!(got.len(), 1);
     // Wait past the redelivery delay, then look again.
     nothing_comes_again(h, c.as_mut(), "delivered again after ack").await;
+}
+
+/// A delivery id the transport never made (written by hand, another transport's) is refused
+/// as [`TransportError::Invalid`] by every call that takes one, and a batch holding it
+/// settles nothing of the batch: passed over without a word, a typo would leave the message
+/// to come back as if it were never answered.
+pub async fn a_delivery_id_the_transport_never_made_is_refused<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t-badid", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    let e = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    let d = fetch_one(c.as_mut(), "the event").await;
+    let made_up = DeliveryId("not a delivery id".to_owned());
+    let both = [d.id.clone(), made_up.clone()];
+    let refused = |what: &str, result: Result<(), TransportError>| match result {
+        Err(TransportError::Invalid(_)) => {}
+        other => panic!("{what} of a made-up id: refused as `Invalid`, not: {other:?}"),
+    };
+    refused("ack", c.ack(&both).await);
+    refused("nack", c.nack(&made_up).await);
+    refused(
+        "nack_with_reason",
+        c.nack_with_reason(&made_up, "a reason").await,
+    );
+    refused("defer", c.defer(&both).await);
+    refused("dead_letter", c.dead_letter(&made_up, "a reason").await);
+    refused("keep_alive", c.keep_alive(&both).await);
+    // The refused ack settled nothing: the real delivery is still this consumer's, so its
+    // nack hands it back (an acknowledged one would not come again), as a second attempt.
+    c.nack(&d.id).await.unwrap();
+    let again = fetch_one(c.as_mut(), "the event nacked after the refused calls").await;
+    assert_eq!(
+        (again.record.event_id, again.attempt),
+        (e.event_id, 2),
+        "the refused ack or defer took effect"
+    );
+    c.ack(std::slice::from_ref(&again.id)).await.unwrap();
+    nothing_comes_again(h, c.as_mut(), "an acknowledged message came back").await;
 }
 
 /// Events without a partition key (ordered by nothing, in no lane) are delivered like keyed
@@ -1042,7 +1092,8 @@ pub async fn a_deferred_delivery_is_no_attempt<H: TransportHarness>(h: &H) {
 /// comes back (also past the harness's redelivery delay), is dead-lettered with that one
 /// delivery and the reason given (where the harness can tell), and the message of its key
 /// behind it arrives at once, without waiting for a redelivery delay; a consumer that lost
-/// the delivery to another cannot give it up.
+/// the delivery to another cannot give it up, and the one that took it over can, on its
+/// second delivery, as at once.
 pub async fn a_message_a_consumer_gives_up_on_is_dead_lettered_at_once<H: TransportHarness>(h: &H) {
     if !h.transport().capabilities().redelivery_delay {
         eprintln!("skipped: no redelivery delay");
@@ -1114,14 +1165,26 @@ pub async fn a_message_a_consumer_gives_up_on_is_dead_lettered_at_once<H: Transp
     slow.dead_letter(&first.id, "too late")
         .await
         .expect("giving up a delivery no longer owned is no error");
-    other.ack(std::slice::from_ref(&taken.id)).await.unwrap();
     if let Some(dead) = h.dead_letters(&topic, "g").await {
         assert!(
             dead.is_empty(),
             "a consumer that lost the delivery dead-lettered it: {dead:?}"
         );
     }
-    nothing_comes_again(h, other.as_mut(), "an acknowledged message came back").await;
+    // The consumer that took it over gives it up on its second delivery: dead-lettered with
+    // both, as at once as on the first.
+    other
+        .dead_letter(&taken.id, "refused on the second delivery")
+        .await
+        .unwrap();
+    if let Some(dead) = h.dead_letters(&topic, "g").await {
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!((dead[0].0, dead[0].1), (e.event_id, 2), "{dead:?}");
+        if let Some(reason) = &dead[0].2 {
+            assert!(reason.contains("on the second delivery"), "{reason}");
+        }
+    }
+    nothing_comes_again(h, other.as_mut(), "a dead-lettered message came back").await;
 }
 
 /// A message handed out `max_deliveries` times without an acknowledgement stops coming back
