@@ -250,6 +250,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
             email: email.clone(),
             settled: false,
             found_free: AtomicBool::new(false),
+            inserting: AtomicBool::new(false),
         };
         let created = async {
             // Before the check of a taken email: without the code, nobody learns whether an
@@ -283,8 +284,10 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
 /// A registration's count on the address's throttle. Kept once the registration went through
 /// or was refused; taken back when the server could not finish it (its store away, or the
 /// registration dropped before the lookup of its email answered: a time-out, a client
-/// gone), unless the account was stored all the same (an answer lost after the insert
-/// committed): a client must not make uncounted accounts. An insert still running on the
+/// gone), unless, for one whose insert began, the account was stored all the same (an answer
+/// lost after the insert committed): a client must not make uncounted accounts. Before its
+/// insert a registration stored nothing, and its count goes back without a lookup, which
+/// would find another's account and tell, by the count kept, that the email has one. An insert still running on the
 /// server when the check reads may go uncounted, and so may one when the check cannot read
 /// (the store away: then the insert most likely failed too); the check narrows the window to
 /// its own round trip.
@@ -304,6 +307,8 @@ struct RegistrationCount {
     settled: bool,
     /// The lookup found the email free: from here on, hanging up tells the client something.
     found_free: AtomicBool,
+    /// The insert began: only from here on may this registration have stored an account.
+    inserting: AtomicBool,
 }
 
 impl RegistrationCount {
@@ -315,12 +320,11 @@ impl RegistrationCount {
     /// The server could not finish the registration.
     async fn take_back_unless_created(mut self) {
         self.settled = true;
-        undo_registration(
-            std::mem::take(&mut self.counts),
-            self.users.clone(),
-            std::mem::take(&mut self.email),
-        )
-        .await;
+        // Before its insert, it stored nothing: no lookup, whose answer (an account of
+        // another's) would keep the count, and so tell whether the email has one.
+        let stored_maybe = (*self.inserting.get_mut())
+            .then(|| (self.users.clone(), std::mem::take(&mut self.email)));
+        undo_registration(std::mem::take(&mut self.counts), stored_maybe).await;
     }
 }
 
@@ -333,24 +337,26 @@ impl Drop for RegistrationCount {
             tracing::warn!("a cancelled registration stays counted: no runtime to undo it");
             return;
         };
-        runtime.spawn(undo_registration(
-            std::mem::take(&mut self.counts),
-            self.users.clone(),
-            std::mem::take(&mut self.email),
-        ));
+        // Dropped before the lookup found the email free, so before any insert: it stored
+        // nothing, and its count goes back without a lookup. One would tell whether the
+        // email has an account (another's): kept, the count would say so.
+        runtime.spawn(undo_registration(std::mem::take(&mut self.counts), None));
     }
 }
 
-/// Takes a registration's counts back unless its account exists.
-async fn undo_registration(counts: Vec<Count>, users: Arc<dyn UserStore>, email: String) {
-    match users.by_email(&email).await {
-        // Stored after all: it counts.
-        Ok(Some(_)) => return,
-        Ok(None) => {}
-        // The user store is away, so the insert most likely never went through: an outage
-        // must not lock clients out.
-        Err(error) => {
-            tracing::debug!(%error, "could not tell whether a registration's account was stored; taking its count back");
+/// Takes a registration's counts back, unless `stored_maybe` (the user store and the email of
+/// a registration whose insert began) finds its account.
+async fn undo_registration(counts: Vec<Count>, stored_maybe: Option<(Arc<dyn UserStore>, String)>) {
+    if let Some((users, email)) = stored_maybe {
+        match users.by_email(&email).await {
+            // Stored after all: it counts.
+            Ok(Some(_)) => return,
+            Ok(None) => {}
+            // The user store is away, so the insert most likely never went through: an
+            // outage must not lock clients out.
+            Err(error) => {
+                tracing::debug!(%error, "could not tell whether a registration's account was stored; taking its count back");
+            }
         }
     }
     for (throttle, key, counted) in counts {
@@ -384,6 +390,7 @@ impl RegisterHandler {
             password_hash: self.hashing.hash_password(password, slot).await?,
             created_at: self.clock.now(),
         };
+        counted.inserting.store(true, Ordering::Relaxed);
         match self.users.create(user.clone()).await {
             Ok(()) => Ok(user),
             Err(CreateUserError::EmailTaken) => Err(email_taken()),
@@ -1597,6 +1604,57 @@ mod tests {
             }
         })
         .await;
+    }
+
+    /// A registration dropped before its lookup answered stored nothing, and its count goes
+    /// back whether the email has an account or not: a lookup then, keeping the count for a
+    /// taken email, would tell a client that hangs up which emails have one.
+    #[tokio::test]
+    async fn a_registration_dropped_before_its_lookup_is_taken_back_for_a_taken_email_too() {
+        let clock = Arc::new(ManualClock::new());
+        let hanging = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let users = Arc::new(FlakyUsers {
+            users: InMemoryUserStore::default(),
+            failing: Arc::default(),
+            hanging: hanging.clone(),
+            calls: calls.clone(),
+        });
+        let handler = registrations(users, &clock, 2);
+        // Registered from another address, so this one's counts start at none.
+        register_with(&handler, register("taken@example.com", "", [192, 0, 2, 9]))
+            .await
+            .unwrap();
+        let a = [192, 0, 2, 1];
+        hanging.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            let began = calls.load(Ordering::SeqCst);
+            let dropped = tokio::time::timeout(
+                Duration::from_millis(20),
+                register_with(&handler, register("taken@example.com", "", a)),
+            )
+            .await;
+            assert!(dropped.is_err(), "the registration hangs in its lookup");
+            assert!(
+                calls.load(Ordering::SeqCst) > began,
+                "it reached its lookup"
+            );
+        }
+        hanging.store(false, Ordering::SeqCst);
+        // The counts go back on tasks of their own: wait until none is left.
+        let runtime = tokio::runtime::Handle::current().metrics();
+        cqrs_core::testing::eventually(Duration::from_secs(5), "no task left", || async {
+            (runtime.num_alive_tasks() == 0).then_some(())
+        })
+        .await;
+        let taken = register_with(&handler, register("taken@example.com", "", a))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            taken.code(),
+            "email_taken",
+            "the dropped registrations of a taken email stayed counted: {taken:?}"
+        );
     }
 }
 
