@@ -209,7 +209,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 }))
                 .response(201, "registered", Some(schema_user()))
                 .response(403, "the email is on the agent list and the agent code is missing or wrong (`agent_code_required`)", None)
-                .response(409, "the email is taken (`email_taken`)", None)
+                .response(409, "the email is taken (`email_taken`); after a registration of it that timed out (503 `timeout`), maybe by that one: log in to check", None)
                 .response(422, "an invalid email, password or display name, or an agent code for an email not on the agent list (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
                 .response(429, "this client address (or its IPv6 /48) made too many registrations within the login window (every answer counts: accounts made, taken emails, refused agent codes; not those the server could not finish), has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
                 .response(503, UNAVAILABLE, None)],

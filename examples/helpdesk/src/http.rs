@@ -3,7 +3,7 @@
 use crate::body_deadline::BodyDeadlineLayer;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, Method, StatusCode, Uri, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -204,8 +204,21 @@ pub(crate) fn router(state: State) -> Router {
                 .layer(Extension(state.trusted_proxies.clone()))
                 .layer(Extension(state.clone())),
         )
+        // Outside the layers above, so the timeout's 503 and the body limit's 413 get it too.
+        .layer(middleware::map_response(no_store_unless_set))
         // Outermost: it sees every answer, the timeout's 503 and the body limit's 413 too.
         .layer(middleware::from_fn(record_metrics))
+}
+
+/// `Cache-Control: no-store` on every answer whose route set no policy of its own: a bearer
+/// token (`/auth/login`), a user's own tickets and profile, a readiness state: none is for
+/// a browser's cache or a proxy's to keep and serve again.
+async fn no_store_unless_set(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The longest `X-Request-Id` a client's request keeps (a UUID takes 36).

@@ -91,3 +91,50 @@ async fn a_wrong_password_and_an_unknown_email_get_the_same_answer() {
     })
     .await;
 }
+
+/// No answer is for a cache to keep: a token, a profile, a ticket, an error, and the
+/// body limit's 413 from outside every handler all say `Cache-Control: no-store`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_is_for_a_cache_to_keep() {
+    within(async {
+        let s = TestServer::start().await;
+        let no_store = |what: &str, r: &Response| {
+            assert_eq!(
+                r.headers.get("cache-control").and_then(|v| v.to_str().ok()),
+                Some("no-store"),
+                "{what}: {r:?}"
+            );
+        };
+        let address = email("cache");
+        no_store("a registration", &s.register(&address).await);
+        let login = s.login(&address).await;
+        assert_eq!(login.status, StatusCode::OK, "{login:?}");
+        no_store("a login's token", &login);
+        let token = login.body["token"].as_str().unwrap().to_owned();
+        no_store("the profile", &s.get("/auth/me", &token).await);
+        let ticket = s.ticket(&token, "cached?").await;
+        let id = ticket["id"].as_str().unwrap();
+        no_store("a ticket", &s.get(&format!("/tickets/{id}"), &token).await);
+        no_store("an error", &s.get("/no/such/route", &token).await);
+        let oversize = s
+            .http
+            .post(s.url("/auth/register"))
+            .header("content-type", "application/json")
+            .header("connection", "close")
+            .body(vec![b' '; helpdesk::BODY_LIMIT + 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(oversize.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            oversize
+                .headers()
+                .get("cache-control")
+                .map(|v| v.to_str().unwrap()),
+            Some("no-store"),
+            "the body limit's 413"
+        );
+        s.stop().await;
+    })
+    .await;
+}
