@@ -79,7 +79,7 @@ pub struct TicketOpened {
     pub reporter_id: Uuid,
     /// The title, trimmed.
     pub title: String,
-    /// The description, as sent.
+    /// The description, as sent in its NFC form.
     pub description: String,
     /// The priority.
     pub priority: Priority,
@@ -109,7 +109,7 @@ pub struct TicketCommented {
     pub comment_id: Uuid,
     /// Who wrote it.
     pub author_id: Uuid,
-    /// The text, as sent.
+    /// The text, as sent in its NFC form.
     pub body: String,
 }
 
@@ -121,7 +121,7 @@ pub struct TicketClosed {
     pub ticket_id: Uuid,
     /// Its reporter.
     pub reporter_id: Uuid,
-    /// Why, if given.
+    /// Why, if given, in its NFC form.
     pub resolution: Option<String>,
 }
 

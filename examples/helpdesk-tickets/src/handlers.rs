@@ -133,7 +133,8 @@ pub struct HistoryItem {
     /// Who.
     pub actor_id: Option<String>,
     /// The correlation id of the request that caused it: its `X-Request-Id` when that was a
-    /// UUID (the gateway gives every request one and returns it in the response).
+    /// hyphenated UUID other than the nil one (the gateway gives every request one and
+    /// returns it in the response).
     pub correlation_id: Uuid,
     /// The payload.
     pub data: serde_json::Value,

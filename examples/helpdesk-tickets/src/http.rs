@@ -583,7 +583,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                         "required": ["title"],
                         "properties": {
                             "title": { "type": "string", "minLength": 1, "maxLength": 200, "description": "counted in characters of its NFC form, trimmed: a character NFC decomposes counts as two" },
-                            "description": { "type": ["string", "null"], "maxLength": 10000 },
+                            "description": { "type": ["string", "null"], "maxLength": 10000, "description": "counted in characters of its NFC form: a character NFC decomposes counts as two; stored in NFC" },
                             "priority": { "type": ["string", "null"], "enum": ["low", "normal", "high", "urgent", null], "description": "null or left out: normal" }
                         }
                     }),
@@ -670,7 +670,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 json!({
                     "type": "object",
                     "required": ["body"],
-                    "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000 }, "expected_version": expected_version() }
+                    "properties": { "body": { "type": "string", "minLength": 1, "maxLength": 10000, "description": "counted in characters of its NFC form: a character NFC decomposes counts as two; stored in NFC" }, "expected_version": expected_version() }
                 }),
                 "an empty, invisible or too long body, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))
@@ -684,7 +684,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 true,
                 json!({
                     "type": "object",
-                    "properties": { "resolution": { "type": ["string", "null"], "maxLength": 10000 }, "expected_version": expected_version() }
+                    "properties": { "resolution": { "type": ["string", "null"], "maxLength": 10000, "description": "counted in characters of its NFC form: a character NFC decomposes counts as two; stored in NFC" }, "expected_version": expected_version() }
                 }),
                 "a resolution over 10000 characters, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))

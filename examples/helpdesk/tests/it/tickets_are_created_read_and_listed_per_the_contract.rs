@@ -200,6 +200,85 @@ async fn customers_see_only_their_own_tickets_and_agents_see_all() {
     .await;
 }
 
+/// Opens an urgent ticket as `token` and has `agent` assign it to themself; its id.
+async fn urgent_and_assigned(
+    s: &TestServer,
+    token: &str,
+    title: &str,
+    (agent, agent_id): (&str, &str),
+) -> String {
+    let r = s
+        .post(
+            "/tickets",
+            token,
+            json!({ "title": title, "priority": "urgent" }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let assigned = s
+        .post(
+            &format!("/tickets/{id}/assign"),
+            agent,
+            json!({ "assignee_id": agent_id }),
+        )
+        .await;
+    assert_eq!(assigned.status, StatusCode::OK, "{assigned:?}");
+    id
+}
+
+/// A customer's list is theirs whatever it is filtered by and however it is paged: with
+/// another customer's tickets assigned to the agent the filter names, of the status and the
+/// priority it names, and newer than the cursor's place, none of them shows (in memory a page
+/// may walk the assignee's or the priority's list, where both customers' tickets are).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_filtered_and_paged_lists_never_meet_anothers_tickets() {
+    within(async {
+        let s = TestServer::start().await;
+        let (alice, _) = s.customer().await;
+        let (bob, _) = s.customer().await;
+        let (agent, agent_id) = s.agent().await;
+        let mut bobs = Vec::new();
+        for i in 0..3 {
+            bobs.push(
+                urgent_and_assigned(&s, &bob, &format!("bob's {i}"), (&agent, &agent_id)).await,
+            );
+        }
+        // Alice's, many and newest: on every list Bob's filters name, and above his cursors.
+        for i in 0..8 {
+            urgent_and_assigned(&s, &alice, &format!("alice's {i}"), (&agent, &agent_id)).await;
+        }
+        bobs.reverse();
+        for filter in [
+            String::new(),
+            "status=assigned".to_owned(),
+            "priority=urgent".to_owned(),
+            format!("assignee_id={agent_id}"),
+            format!("status=assigned&priority=urgent&assignee_id={agent_id}"),
+        ] {
+            let mut seen = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/tickets?{filter}&limit=1&cursor={c}"),
+                    None => format!("/tickets?{filter}&limit=1"),
+                };
+                let page = s.get(&path, &bob).await;
+                assert_eq!(page.status, StatusCode::OK, "{path}: {page:?}");
+                seen.extend(ids(&page.body));
+                match page.body["next_cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_owned()),
+                    None => break,
+                }
+                assert!(seen.len() <= bobs.len(), "{path}: {seen:?}");
+            }
+            assert_eq!(seen, bobs, "Bob's list `{filter}`");
+        }
+        s.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_are_newest_first_filtered_and_paged_with_opaque_cursors() {
     within(async {
@@ -543,6 +622,49 @@ async fn a_commands_events_carry_its_request_id() {
             .map(|i| i["correlation_id"].as_str().unwrap())
             .collect();
         assert_eq!(correlation, [request_id.as_str(), generated.as_str()]);
+        s.stop().await;
+    })
+    .await;
+}
+
+/// On Postgres a page filtered by priority, alone or with a status, walks an index of it
+/// (`tickets.list_by_priority`), not the whole list or a status's checking each ticket's
+/// priority: a page of a rare priority read every ticket there. Postgres only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_by_priority_walks_an_index_of_it_on_postgres() {
+    use cqrs_postgres::sqlx::{self, AssertSqlSafe, Connection, PgConnection};
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let (database_url, schema) = backend.database().unwrap();
+        let s = TestServer::start_on(backend, |_| {}).await;
+        let (token, _) = s.customer().await;
+        s.ticket(&token, "one").await;
+        let mut conn = PgConnection::connect(&database_url).await.unwrap();
+        // The plan of the query the list runs, with a scan of the whole table ruled out: an
+        // index is walked either way, and the question is which.
+        sqlx::raw_sql("SET enable_seqscan = off; SET enable_bitmapscan = off")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        for (filter, index) in [
+            ("priority = 'urgent'", "ticket_index_priority_listed"),
+            (
+                "status = 'closed' AND priority = 'urgent'",
+                "ticket_index_status_priority_listed",
+            ),
+        ] {
+            let plan: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "EXPLAIN SELECT listed, summary FROM {schema}.ticket_index \
+                 WHERE listed IS NOT NULL AND {filter} ORDER BY listed DESC LIMIT 51"
+            )))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            let plan = plan.join("\n");
+            assert!(plan.contains(index), "{filter}: {plan}");
+        }
         s.stop().await;
     })
     .await;
