@@ -4,7 +4,7 @@ use crate::agents::AgentList;
 use crate::hashing::{ClientSlot, Hashing};
 use crate::throttle::{AddressLimit, Count, CountedAttempts};
 use crate::tokens::JwtTokens;
-use crate::users::{CreateUserError, UserRecord, UserStore};
+use crate::users::{CreateUserError, UserProfile, UserRecord, UserStore};
 use async_trait::async_trait;
 use cqrs_core::clock::Clock;
 use cqrs_core::{
@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 /// Registers a user.
 #[derive(Command)]
-#[cqrs(name = "auth.register_user", output = UserRecord)]
+#[cqrs(name = "auth.register_user", output = UserProfile)]
 pub struct RegisterUser {
     /// As sent; trimmed and lower-cased by the handler.
     pub email: String,
@@ -98,7 +98,7 @@ impl std::fmt::Debug for LoggedIn {
 /// Reads a user by id, with the role they have now (an agent whose email left the agent
 /// list is a customer).
 #[derive(Debug, Query)]
-#[cqrs(name = "auth.get_user", output = Option<UserRecord>)]
+#[cqrs(name = "auth.get_user", output = Option<UserProfile>)]
 pub struct GetUser(pub Uuid);
 
 /// Trims, lower-cases and NFC-normalizes an email, or says why it is not one.
@@ -182,7 +182,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         &self,
         cmd: RegisterUser,
         _ctx: &mut CommandContext,
-    ) -> Result<UserRecord, HandlerError> {
+    ) -> Result<UserProfile, HandlerError> {
         let email = normalize_email(&cmd.email).map_err(|p| invalid("email", p))?;
         // Composed (NFC), as logins check it: `café` typed with a precomposed `é` on one
         // keyboard and with `e` and a combining accent on another is one password.
@@ -277,7 +277,7 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
         } else {
             counted.keep();
         }
-        created
+        created.map(UserProfile::from)
     }
 }
 
@@ -618,10 +618,10 @@ impl QueryHandler<GetUser> for GetUserHandler {
         &self,
         q: GetUser,
         _ctx: &QueryContext,
-    ) -> Result<Option<UserRecord>, HandlerError> {
+    ) -> Result<Option<UserProfile>, HandlerError> {
         Ok(self.users.by_id(q.0).await?.map(|mut user| {
             user.role = self.agents.role_of(&user.email, user.role);
-            user
+            UserProfile::from(user)
         }))
     }
 }
@@ -1020,7 +1020,7 @@ mod tests {
     async fn register_with(
         handler: &RegisterHandler,
         cmd: RegisterUser,
-    ) -> Result<UserRecord, HandlerError> {
+    ) -> Result<UserProfile, HandlerError> {
         handler
             .handle(cmd, &mut CommandContext::new(Metadata::new()))
             .await

@@ -1,7 +1,7 @@
 //! The auth plugin's routes.
 
 use crate::commands::{GetUser, LogIn, RegisterUser};
-use crate::users::UserRecord;
+use crate::users::UserProfile;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -76,8 +76,8 @@ struct UserView {
     display_name: Option<String>,
 }
 
-impl From<UserRecord> for UserView {
-    fn from(record: UserRecord) -> Self {
+impl From<UserProfile> for UserView {
+    fn from(record: UserProfile) -> Self {
         Self {
             user_id: record.id,
             email: record.email,

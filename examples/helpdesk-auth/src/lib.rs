@@ -28,7 +28,7 @@ pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, canonical_email, norm
 pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{Attempt, Counted, InMemoryLoginThrottle, LoginThrottle};
 pub use tokens::{JwtTokens, UserAuthenticator};
-pub use users::{CreateUserError, InMemoryUserStore, UserRecord, UserStore};
+pub use users::{CreateUserError, InMemoryUserStore, UserProfile, UserRecord, UserStore};
 
 use async_trait::async_trait;
 use cqrs_core::ports::StoreError;

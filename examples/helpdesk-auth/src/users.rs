@@ -38,6 +38,35 @@ impl std::fmt::Debug for UserRecord {
     }
 }
 
+/// A user as other plugins and the routes see one: a [`UserRecord`] without its password
+/// hash, which stays behind the [`UserStore`] (a plugin that dispatched
+/// [`GetUser`](crate::GetUser) could otherwise copy it into an event, a response or a log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserProfile {
+    /// The id.
+    pub id: Uuid,
+    /// Trimmed, lower-case.
+    pub email: String,
+    /// The role.
+    pub role: Role,
+    /// The display name, as sent (trimmed).
+    pub display_name: Option<String>,
+    /// When the user registered.
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<UserRecord> for UserProfile {
+    fn from(record: UserRecord) -> Self {
+        Self {
+            id: record.id,
+            email: record.email,
+            role: record.role,
+            display_name: record.display_name,
+            created_at: record.created_at,
+        }
+    }
+}
+
 /// Why a user could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateUserError {
