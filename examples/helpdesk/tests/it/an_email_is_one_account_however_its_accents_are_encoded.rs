@@ -66,3 +66,46 @@ async fn an_agent_listed_in_one_encoding_registers_in_the_other() {
     })
     .await;
 }
+
+/// Registrations of one email sent at once, in both encodings and from different addresses
+/// (each its own budget and hashing share), make one account: one 201, every other a 409
+/// `email_taken`, whether it met the account at the cheap check or at the store's own
+/// after passing the check. On Postgres (test.sh's second pass) most runs have some pass the
+/// check together, settled by the unique index: with its violation not mapped to
+/// `email_taken`, two runs in three failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_of_one_email_at_once_make_one_account() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+            c.max_concurrent_hashes = Some(8);
+        })
+        .await;
+        let base = email("race");
+        let (local, domain) = base.split_once('@').unwrap();
+        let requests = (0..6u8).map(|i| {
+            let email = format!("{}@{domain}", accented(local, i % 2 == 0));
+            let request = s
+                .http
+                .post(s.url("/auth/register"))
+                .header("x-forwarded-for", format!("192.0.2.{}", 100 + i))
+                .json(&serde_json::json!({ "email": email, "password": PASSWORD }));
+            async move { Response::from(request.send().await.unwrap()).await }
+        });
+        let answers = futures_util::future::join_all(requests).await;
+        let created = answers
+            .iter()
+            .filter(|r| r.status == StatusCode::CREATED)
+            .count();
+        assert_eq!(created, 1, "{answers:#?}");
+        for r in answers.iter().filter(|r| r.status != StatusCode::CREATED) {
+            r.assert_error(StatusCode::CONFLICT, "email_taken");
+        }
+        let login = s
+            .login(&format!("{}@{domain}", accented(local, true)))
+            .await;
+        assert_eq!(login.status, StatusCode::OK, "{login:?}");
+        s.stop().await;
+    })
+    .await;
+}
