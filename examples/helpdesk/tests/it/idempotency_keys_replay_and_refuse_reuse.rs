@@ -216,6 +216,68 @@ async fn more_concurrent_idempotent_changes_than_pool_connections_all_complete()
 }
 
 /// The API description says what the server checks: 1 to 255 visible ASCII characters.
+/// Writers racing on one ticket, each with a key of its own and no `expected_version`: a
+/// command that meets another's commit is retried with its claim, so each lands once (all
+/// 201, the ticket one version per comment, each comment once), and each key sent again
+/// replays its own answer, not another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_writers_racing_on_one_ticket_each_land_once() {
+    within(async {
+        const WRITERS: usize = 12;
+        let s = Arc::new(TestServer::start().await);
+        let (token, _) = s.customer().await;
+        let ticket = s.ticket(&token, "raced").await;
+        let id = ticket["id"].as_str().unwrap().to_owned();
+        let path = format!("/tickets/{id}/comments");
+        let comment = |i: usize| json!({ "body": format!("comment {i}") });
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let (s, token, path) = (s.clone(), token.clone(), path.clone());
+                tokio::spawn(async move {
+                    post_with_key(&s, &path, &token, &format!("race-{i}"), comment(i)).await
+                })
+            })
+            .collect();
+        let mut first = Vec::new();
+        for t in tasks {
+            let r = t.await.unwrap();
+            assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
+            first.push(r);
+        }
+        let read = s.get(&format!("/tickets/{id}"), &token).await;
+        assert_eq!(read.body["version"], json!(1 + WRITERS), "{read:?}");
+        let mut bodies: Vec<String> = read.body["comments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["body"].as_str().unwrap().to_owned())
+            .collect();
+        bodies.sort();
+        let mut expected: Vec<String> = (0..WRITERS).map(|i| format!("comment {i}")).collect();
+        expected.sort();
+        assert_eq!(bodies, expected, "each comment once");
+        for (i, answer) in first.iter().enumerate() {
+            let again = post_with_key(&s, &path, &token, &format!("race-{i}"), comment(i)).await;
+            assert_eq!(
+                (again.status, &again.body),
+                (StatusCode::CREATED, &answer.body),
+                "key race-{i} replays its own answer"
+            );
+        }
+        let read = s.get(&format!("/tickets/{id}"), &token).await;
+        assert_eq!(
+            read.body["version"],
+            json!(1 + WRITERS),
+            "replays changed nothing"
+        );
+        Arc::into_inner(s)
+            .expect("no task holds the server any more")
+            .stop()
+            .await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_describes_the_key_as_visible_ascii() {
     within(async {
