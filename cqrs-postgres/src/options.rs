@@ -292,6 +292,58 @@ impl PgOptions {
         &self.schema
     }
 
+    /// The URL as a log line may show it: the password, and the value of every parameter
+    /// whose name holds `password` once decoded (`sslpassword`, `pass%77ord`), as `***`. A
+    /// URL that does not parse, or that has no user info but an `@` further on (a password
+    /// holding `/`, `?` or `#` unencoded, whose parts would show as the host, port or
+    /// database), is not shown past its scheme.
+    ///
+    /// ```
+    /// use cqrs_postgres::PgOptions;
+    ///
+    /// let shown = PgOptions::new("postgres://app:hunter2@db:5432/helpdesk?sslpassword=x&sslmode=require");
+    /// assert_eq!(shown.redacted_url(), "postgres://app:***@db:5432/helpdesk?sslpassword=***&sslmode=require");
+    /// let slashed = PgOptions::new("postgres://app:20/24@db/helpdesk");
+    /// assert!(!slashed.redacted_url().contains("24"));
+    /// ```
+    pub fn redacted_url(&self) -> String {
+        let url = self.url.as_str();
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        let Ok(parsed) = url::Url::parse(url) else {
+            return format!("{scheme}://(not shown: it does not parse, and may hold a password)");
+        };
+        if at_outside_user_info(url) {
+            return format!(
+                "{scheme}://(not shown: an `@` outside its user info may end a password)"
+            );
+        }
+        let mut shown = format!("{}://", parsed.scheme());
+        match (parsed.username(), parsed.password()) {
+            ("", None) => {}
+            (user, Some(_)) => shown.push_str(&format!("{user}:***@")),
+            (user, None) => shown.push_str(&format!("{user}@")),
+        }
+        if let Some(host) = parsed.host_str() {
+            shown.push_str(host);
+        }
+        if let Some(port) = parsed.port() {
+            shown.push_str(&format!(":{port}"));
+        }
+        shown.push_str(parsed.path());
+        if let Some(query) = parsed.query() {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if names_a_password(key) => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            shown.push('?');
+            shown.push_str(&pairs.join("&"));
+        }
+        shown
+    }
+
     /// Checks the options, listing every problem.
     pub fn validate(&self) -> Result<(), PgError> {
         self.checked().map(|_| ())
@@ -749,6 +801,13 @@ fn without_parameters(url: &str, unknown: &[String]) -> String {
         parsed.query_pairs_mut().extend_pairs(kept);
     }
     parsed.into()
+}
+
+/// Whether a URL parameter's name, decoded as sqlx decodes it (`form_urlencoded`), names a
+/// password (`password`, `sslpassword`, `pass%77ord`).
+fn names_a_password(key: &str) -> bool {
+    url::form_urlencoded::parse(key.as_bytes())
+        .any(|(name, _)| name.to_ascii_lowercase().contains("password"))
 }
 
 /// Whether `url` has no user info but an `@` further on: a password holding `/`, `?` or `#`

@@ -348,50 +348,12 @@ pub(crate) fn redacted_redis_url(url: &str) -> String {
     cqrs_redis::ConnectionOptions::new(url).redacted_url()
 }
 
-/// A URL with its password, if any (in the user info, or a `password=` query parameter as
-/// Postgres URLs may carry), replaced by `***`. A query key is compared once decoded, as the
-/// client decodes it (`pass%77ord=` is a password too), and any key naming a password is
-/// redacted (`sslpassword=`).
+/// A database URL as cqrs-postgres shows it: its password and any parameter naming one
+/// (`sslpassword=`, `pass%77ord=`) as `***`, and nothing past its scheme when it does not
+/// parse or holds an `@` outside its user info (a password with `/`, `?` or `#` unencoded,
+/// which the host, port or database would show).
 pub(crate) fn redacted_url(url: &str) -> String {
-    let (url, query) = url
-        .split_once('?')
-        .map_or((url, None), |(u, q)| (u, Some(q)));
-    let query = query.map(|q| {
-        q.split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((key, _)) if names_a_password(key) => format!("{key}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join("&")
-    });
-    let redacted = redacted_authority(url);
-    match query {
-        Some(query) => format!("{redacted}?{query}"),
-        None => redacted,
-    }
-}
-
-/// Whether a URL query key, decoded as the clients decode it (`form_urlencoded`, as sqlx's
-/// `query_pairs`), names a password.
-fn names_a_password(key: &str) -> bool {
-    url::form_urlencoded::parse(key.as_bytes())
-        .any(|(name, _)| name.to_ascii_lowercase().contains("password"))
-}
-
-fn redacted_authority(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let password = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{password}@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
+    cqrs_postgres::PgOptions::new(url).redacted_url()
 }
 
 // Written out: a derived `Debug` would print the JWT secret, the agent code and the database
@@ -956,6 +918,39 @@ mod tests {
         }
         for secret in ["redis://:hunter2@cache:6379", "redis://hunter2@cache:6379"] {
             assert!(!redacted_redis_url(secret).contains("hunter2"), "{secret}");
+        }
+    }
+
+    /// A database URL holds a secret only with a password (in its user info or a parameter
+    /// naming one), and its shown form never holds it: also when a password with `/` or `?`
+    /// unencoded makes it parse with no user info (`app:2024/pa?ss@db`), which showed it
+    /// whole, as no password, and so raised no warning either.
+    #[test]
+    fn a_database_url_is_shown_without_its_password_however_it_is_written() {
+        for plain in [
+            "postgres://postgres@127.0.0.1:5432/test",
+            "postgres://localhost/helpdesk",
+            "postgres:///helpdesk?host=/var/run/postgresql",
+            "postgres://app@db/helpdesk?sslmode=require&user=app@tenant",
+        ] {
+            assert_eq!(redacted_url(plain), plain);
+            assert!(!holds_password(Some(plain)), "{plain}");
+        }
+        for secret in [
+            "postgres://app:hunter2@db/helpdesk",
+            "postgres://app@db/helpdesk?password=hunter2",
+            "postgres://app@db/helpdesk?pass%77ord=hunter2",
+            "postgres://app:2024/hunter2@db/helpdesk",
+            "postgres://app:2024/pa?hunter2@db/helpdesk",
+            "postgres://app:20#hunter2@db/helpdesk",
+            "postgres://app:hun ter2@db:not-a-port/helpdesk",
+        ] {
+            let shown = redacted_url(secret);
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("ter2"),
+                "{secret}: {shown}"
+            );
+            assert!(holds_password(Some(secret)), "{secret}");
         }
     }
 }
