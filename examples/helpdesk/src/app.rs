@@ -436,13 +436,29 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // otherwise leave waiting in the backlog; and, with `--max-connections` unset, at most
     // the hub's default, which keeps their memory bounded where the open-file limit is high.
     let share = crate::server::share_of(crate::server::client_connections(config));
-    let hub_options = cqrs_realtime::HubOptions::new()
-        .max_connections_per_client(config.ws_connections_per_address);
+    let hub_options = cqrs_realtime::HubOptions::new();
     let most = match config.max_connections {
         Some(_) => share,
         None => share.min(hub_options.get_max_connections()),
     };
-    let hub_options = hub_options.max_connections(most);
+    // One address holds at most all but a tenth of the hub's places, whatever the setting
+    // says, as for HTTP connections: anyone may register the accounts to fill them all.
+    let per_address = config
+        .ws_connections_per_address
+        .min(crate::server::share_of(most));
+    if per_address < config.ws_connections_per_address {
+        tracing::info!(
+            ws_connections_per_address = config.ws_connections_per_address,
+            websockets = most,
+            per_address,
+            "one client address holds at most {per_address} WebSockets: all but a tenth of \
+             the {most} the hub holds, kept for everyone else \
+             (HELPDESK_WS_CONNECTIONS_PER_ADDRESS is more)"
+        );
+    }
+    let hub_options = hub_options
+        .max_connections(most)
+        .max_connections_per_client(per_address);
     // A replay reads the event store, a pooled connection per read: on Postgres, at most half
     // of what the workers leave, so a resume storm (every client told `events_missed` after a
     // Redis reconnect) cannot take the connections requests need.

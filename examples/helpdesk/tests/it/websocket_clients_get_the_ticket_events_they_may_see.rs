@@ -492,6 +492,44 @@ async fn one_address_holds_at_most_its_websocket_connections() {
     .await;
 }
 
+/// However high `--ws-connections-per-address` is, one address holds at most all but a tenth
+/// of the WebSockets the hub holds: with 60 connections (54 for WebSockets), its 50th
+/// handshake gets 429, where it took every place the hub had before (its accounts are
+/// anyone's to register), and everyone else met 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_never_takes_every_websocket_place() {
+    within(async {
+        let s = TestServer::start_with(|c| c.max_connections = Some(60)).await;
+        let mut tokens = Vec::new();
+        for _ in 0..4 {
+            tokens.push(s.customer().await.0);
+        }
+        let mut held = Vec::new();
+        for i in 0..49 {
+            held.push(connect(&s, &tokens[i / 16]).await);
+        }
+        let mut request = format!("{}/ws", s.base.replace("http://", "ws://"))
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", tokens[3]).parse().unwrap(),
+        );
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
+            }
+            other => panic!("a 50th WebSocket from one address: {other:?}"),
+        }
+        drop(held);
+        s.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutting_the_server_down_closes_websockets_with_1001() {
     within(async {
