@@ -391,9 +391,6 @@ impl DispatchError {
     }
 }
 
-/// The kind of an error a layer failed a dispatch with: a [`HandlerError`]'s own; tower's
-/// `Elapsed` (`tower::timeout`) a timeout and `Overloaded` (`tower::load_shed`) unavailable,
-/// both retryable, as the core's own layers' would be; anything else internal.
 /// `error`'s message followed by those of its causes it does not show already. The usual
 /// style keeps a cause out of `Display` (thiserror's `#[source]`, anyhow's context): a log
 /// line or a health report of the message alone says what failed, not why.
@@ -411,6 +408,9 @@ pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The kind of an error a layer failed a dispatch with: a [`HandlerError`]'s own; tower's
+/// `Elapsed` (`tower::timeout`) a timeout and `Overloaded` (`tower::load_shed`) unavailable,
+/// both retryable, as the core's own layers' would be; anything else internal.
 fn middleware_kind(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
     if let Some(handler) = error.downcast_ref::<HandlerError>() {
         handler.kind()

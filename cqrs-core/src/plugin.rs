@@ -44,8 +44,8 @@ use std::fmt;
 /// register_plugin!(TicketsPlugin);
 /// ```
 pub trait Plugin: Send + Sync + 'static {
-    /// A unique name, such as `"tickets"`: ASCII letters, digits, `.`, `_` and `-`, not
-    /// empty ([`PluginError::InvalidName`] otherwise).
+    /// A unique name, such as `"tickets"`: 1 to 64 ASCII letters, digits, `.`, `_` and `-`
+    /// ([`PluginError::InvalidName`] otherwise).
     fn name(&self) -> &'static str;
 
     /// The plugin's version, usually `env!("CARGO_PKG_VERSION")`.
@@ -117,8 +117,8 @@ pub enum PluginError {
         /// The second one's version.
         second: String,
     },
-    /// A plugin's name is empty or holds a character outside ASCII letters, digits, `.`, `_`
-    /// and `-`. Rename it (its [`name()`](Plugin::name)): the name goes into relay,
+    /// A plugin's name is empty, longer than 64 bytes, or holds a character outside ASCII
+    /// letters, digits, `.`, `_` and `-`. Rename it (its [`name()`](Plugin::name)): the name goes into relay,
     /// checkpoint and metric names, and an empty one is what the buses call the server's own.
     #[error(
         "plugin {} (version {version}) cannot be named so: {problem}; rename it (its `name()`)",
@@ -269,14 +269,19 @@ fn duplicate_message(name: &str, first: &str, second: &str) -> String {
 /// relay, checkpoint and metric names, and the empty one means "the server's own" (handlers
 /// added on the bus builder, `take_contributions_by_plugin`).
 fn name_problem(name: &str) -> Option<String> {
+    use crate::record::{MAX_WIRE_NAME_LEN, is_wire_name_char};
     if name.is_empty() {
         return Some("a plugin name cannot be empty".to_owned());
     }
-    name.chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        .map(|c| {
-            format!("a plugin name takes ASCII letters, digits, `.`, `_` and `-` only, not {c:?}")
-        })
+    if name.len() > MAX_WIRE_NAME_LEN {
+        return Some(format!(
+            "a plugin name is at most {MAX_WIRE_NAME_LEN} bytes; this one has {}",
+            name.len()
+        ));
+    }
+    name.chars().find(|c| !is_wire_name_char(*c)).map(|c| {
+        format!("a plugin name takes ASCII letters, digits, `.`, `_` and `-` only, not {c:?}")
+    })
 }
 
 /// A cycle, `a -> b -> a`; a plugin that names itself is said so.

@@ -2175,9 +2175,10 @@ where
 /// When this consumer gets an event back after some of its handlers failed on it, it hands it
 /// only to those ([`EventBus::publish_to`]): the others took it already and are not asked
 /// twice. It remembers that for the last 10,000 events that failed here, in memory; an event
-/// redelivered to another instance, or after a restart, goes to all of its handlers again. So
-/// does one whose publish [`ConsumeLoop::handler_timeout`] cut off: cancelled whole, it leaves
-/// no word of which handlers had finished. Give each handler its budget on the bus
+/// redelivered to another instance, or after a restart, goes to all of its handlers again. One
+/// whose publish [`ConsumeLoop::handler_timeout`] cut off goes again to every handler it was
+/// handed (all of them, unless an earlier failure here named some): cancelled whole, the
+/// publish leaves no word of which had finished. Give each handler its budget on the bus
 /// ([`EventBusBuilder::handler_timeout`](crate::EventBusBuilder::handler_timeout)), which
 /// records the one that ran past it, and keep the consume loop's as a backstop above it.
 ///

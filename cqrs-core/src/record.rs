@@ -237,6 +237,15 @@ pub(crate) struct TypeLabels<const CAP: usize> {
     kept: std::sync::RwLock<std::collections::BTreeSet<Box<str>>>,
 }
 
+/// The longest wire name (the derives refuse longer ones when they compile).
+pub(crate) const MAX_WIRE_NAME_LEN: usize = 64;
+
+/// Whether `c` may be in a wire name: ASCII letters, digits, `.`, `_` and `-`, what needs no
+/// quoting or escaping in a metrics label, a log field, a URL or a key of another tool.
+pub(crate) fn is_wire_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
 /// The label of the event type names past a [`TypeLabels`]' cap.
 pub(crate) const OTHER_TYPE_LABEL: &str = "other";
 
@@ -255,10 +264,8 @@ impl<const CAP: usize> TypeLabels<CAP> {
     /// The label for `name`: itself, `invalid`, or [`OTHER_TYPE_LABEL`].
     pub(crate) fn label(&self, name: &str) -> String {
         let wire_like = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            && name.len() <= MAX_WIRE_NAME_LEN
+            && name.chars().all(is_wire_name_char);
         if !wire_like {
             return "invalid".to_owned();
         }

@@ -675,6 +675,9 @@ impl Drop for Runtime {
         }
         // What follows the signal outside the workers (a realtime hub, an HTTP server's
         // graceful shutdown) stops too: with the only trigger gone, it would wait for ever.
+        // The workers are aborted first: signalled, those on other threads would begin a
+        // graceful stop (a consumer releasing what it holds) only to be cut off halfway.
+        self.tasks.get_mut().abort_all();
         self.trigger.trigger();
     }
 }

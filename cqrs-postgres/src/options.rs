@@ -294,9 +294,10 @@ impl PgOptions {
 
     /// The URL as a log line may show it: the password, and the value of every parameter
     /// whose name holds `password` once decoded (`sslpassword`, `pass%77ord`), as `***`. A
-    /// URL that does not parse, or that has no user info but an `@` further on (a password
-    /// holding `/`, `?` or `#` unencoded, whose parts would show as the host, port or
-    /// database), is not shown past its scheme.
+    /// URL that does not parse, or that has no user info but an `@` anywhere after its
+    /// scheme (a password holding `/`, `?` or `#` unencoded, whose parts would show as the
+    /// host, port, database or a parameter; so `postgres://db/app?user=app@tenant` too, where
+    /// the two cannot be told apart), is not shown past its scheme.
     ///
     /// ```
     /// use cqrs_postgres::PgOptions;
@@ -312,7 +313,12 @@ impl PgOptions {
         let Ok(parsed) = url::Url::parse(url) else {
             return format!("{scheme}://(not shown: it does not parse, and may hold a password)");
         };
-        if at_outside_user_info(url) {
+        let no_user_info = parsed.username().is_empty() && parsed.password().is_none();
+        if no_user_info
+            && url
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.contains('@'))
+        {
             return format!(
                 "{scheme}://(not shown: an `@` outside its user info may end a password)"
             );

@@ -278,20 +278,10 @@ impl SnapshotStore for InMemorySnapshotStore {
         refused_stream_id(stream_id)?;
         // What Postgres refuses, refused here too: a test on memory would snapshot what a
         // server on Postgres never can, and miss that its loads replay the whole stream.
-        let depth = crate::ports::MAX_RESPONSE_DEPTH;
-        let why = if crate::ports::nests_deeper_than(&snapshot.state, depth) {
-            Some(format!(
-                "the snapshot of stream `{stream_id}` nests arrays and objects more than {depth} \
-                 deep: it could be stored but never read back"
-            ))
-        } else if crate::ports::holds_nul(&snapshot.state) {
-            Some(format!(
-                "the snapshot of stream `{stream_id}` holds U+0000, which Postgres cannot store"
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = why {
+        let what = format!("the snapshot of stream `{stream_id}`");
+        let unholdable =
+            crate::ports::unholdable(&snapshot.state, crate::ports::MAX_RESPONSE_DEPTH, &what);
+        if let Some(why) = unholdable {
             return Err(StoreError::Rejected {
                 backend: "memory",
                 source: why.into(),

@@ -522,9 +522,9 @@ impl InMemoryConsumer {
     }
 }
 
-/// Refuses a delivery id this transport never made (made by hand, or another transport's), as
-/// the Redis transport does, instead of passing over it: a test on memory meets the error a
-/// server on Redis gets.
+/// Refuses a delivery id not of this transport's form (made by hand, or another transport's),
+/// as the Redis transport does, instead of passing over it: a test on memory meets the error
+/// a server on Redis gets.
 fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
     match ids.iter().find(|id| id.0.parse::<usize>().is_err()) {
         None => Ok(()),

@@ -104,6 +104,26 @@ pub fn holds_nul(value: &serde_json::Value) -> bool {
     false
 }
 
+/// Why `value`, which `what` names ("the response"), cannot be held alike by every store: it
+/// nests more than `max_depth` arrays and objects deep (it could be stored but never read
+/// back), or holds U+0000 (which Postgres cannot store). `None` when it can.
+pub(crate) fn unholdable(
+    value: &serde_json::Value,
+    max_depth: usize,
+    what: &str,
+) -> Option<String> {
+    if nests_deeper_than(value, max_depth) {
+        Some(format!(
+            "{what} nests arrays and objects more than {max_depth} deep: it could be stored but \
+             never read back"
+        ))
+    } else if holds_nul(value) {
+        Some(format!("{what} holds U+0000, which Postgres cannot store"))
+    } else {
+        None
+    }
+}
+
 impl fmt::Display for ExpectedVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -213,6 +233,13 @@ impl Snapshot {
 /// `cqrs_postgres::PgSnapshotStore`. Such an adapter can, in a race with the append that backs
 /// a newer snapshot, take that snapshot for unbacked and store an older one: loads stay
 /// correct (they replay a longer tail) until the next save.
+///
+/// A state nested more than [`MAX_RESPONSE_DEPTH`](crate::ports::MAX_RESPONSE_DEPTH) (127)
+/// arrays and objects deep, or holding U+0000, is refused as [`StoreError::Rejected`] and the
+/// stored snapshot stays, whatever the store could hold: Postgres cannot keep either, so a
+/// test on another store would snapshot what a server on Postgres never can. (The repository
+/// then loads by replaying, with a warning.) A state at the bound is kept and loads back
+/// whole.
 #[async_trait]
 pub trait SnapshotStore: Send + Sync + 'static {
     /// The latest snapshot of a stream.

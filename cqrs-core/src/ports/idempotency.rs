@@ -30,16 +30,7 @@ impl StoredResponse {
     /// and objects more than [`MAX_RESPONSE_DEPTH`] deep, or holds U+0000 (which Postgres's
     /// `jsonb` refuses).
     pub fn unstorable(&self) -> Option<String> {
-        if super::nests_deeper_than(&self.body, MAX_RESPONSE_DEPTH) {
-            Some(format!(
-                "the response nests arrays and objects more than {MAX_RESPONSE_DEPTH} deep: it \
-                 could be stored but never read back"
-            ))
-        } else if super::holds_nul(&self.body) {
-            Some("the response holds U+0000, which Postgres cannot store".to_owned())
-        } else {
-            None
-        }
+        super::unholdable(&self.body, MAX_RESPONSE_DEPTH, "the response")
     }
 
     /// What an idempotency store keeps of this response, and why it is not the response

@@ -12,6 +12,7 @@ mod pubsub;
 mod transport;
 
 pub use error::{StoreError, TransportError};
+pub(crate) use event_store::unholdable;
 pub use event_store::{
     EventStore, ExpectedVersion, MAX_PAYLOAD_DEPTH, Snapshot, SnapshotStore, holds_nul,
     nests_deeper_than,

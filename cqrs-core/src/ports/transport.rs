@@ -322,6 +322,12 @@ pub fn validate_group(group: &str) -> Result<(), TransportError> {
 }
 
 /// One member of a consumer group.
+///
+/// Every call that takes delivery ids refuses one that is not of this transport's form (made
+/// by hand, or another transport's) as [`TransportError::Invalid`], and settles nothing of a
+/// batch that holds one: passed over, a typo would leave a message to come back as if never
+/// answered. An id of the right form that is no longer this consumer's (acknowledged, or
+/// taken over) is left alone, as each call says.
 #[async_trait]
 pub trait Consumer: Send + Sync + 'static {
     /// Up to `max` messages: redeliveries that are due first, then new ones. Waits up to the

@@ -313,8 +313,13 @@ fn weak_secret(name: &str, secret: &str, min_len: usize) -> Option<String> {
     })
 }
 
+/// Whether the shown form hides anything: a URL without a password may still be reshaped by
+/// parsing (an empty password dropped, a space encoded), which is no secret.
 fn holds_password(url: Option<&str>) -> bool {
-    url.is_some_and(|url| redacted_url(url) != url)
+    url.is_some_and(|url| {
+        let shown = redacted_url(url);
+        shown.contains("***") || shown.contains("(not shown")
+    })
 }
 
 /// Empty or only whitespace (`REDIS_URL=" "`): as good as unset.
@@ -937,6 +942,13 @@ mod tests {
             assert_eq!(redacted_url(plain), plain);
             assert!(!holds_password(Some(plain)), "{plain}");
         }
+        // Reshaped by parsing, and still no secret.
+        for plain in [
+            "postgres://app:@db/helpdesk",
+            "postgres://app@db/helpdesk?application_name=a b",
+        ] {
+            assert!(!holds_password(Some(plain)), "{plain}");
+        }
         for secret in [
             "postgres://app:hunter2@db/helpdesk",
             "postgres://app@db/helpdesk?password=hunter2",
@@ -944,6 +956,7 @@ mod tests {
             "postgres://app:2024/hunter2@db/helpdesk",
             "postgres://app:2024/pa?hunter2@db/helpdesk",
             "postgres://app:20#hunter2@db/helpdesk",
+            "postgres://app:2024?x=hunter2@db/helpdesk",
             "postgres://app:hun ter2@db:not-a-port/helpdesk",
         ] {
             let shown = redacted_url(secret);

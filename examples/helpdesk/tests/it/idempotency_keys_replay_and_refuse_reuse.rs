@@ -215,7 +215,6 @@ async fn more_concurrent_idempotent_changes_than_pool_connections_all_complete()
     .await;
 }
 
-/// The API description says what the server checks: 1 to 255 visible ASCII characters.
 /// Writers racing on one ticket, each with a key of its own and no `expected_version`: a
 /// command that meets another's commit is retried with its claim, so each lands once (all
 /// 201, the ticket one version per comment, each comment once), and each key sent again
@@ -278,6 +277,7 @@ async fn keyed_writers_racing_on_one_ticket_each_land_once() {
     .await;
 }
 
+/// The API description says what the server checks: 1 to 255 visible ASCII characters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_describes_the_key_as_visible_ascii() {
     within(async {

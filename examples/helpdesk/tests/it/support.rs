@@ -292,6 +292,24 @@ impl TestServer {
         path: &str,
         token: Option<&str>,
     ) -> (u16, String) {
+        let answer = self.oversize_answer(method, path, token).await;
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        (status, body)
+    }
+
+    /// The whole answer, status line and headers included, to a request announcing a body
+    /// over the limit and waiting (`Expect: 100-continue`) before sending it.
+    pub async fn oversize_answer(
+        &self,
+        method: &Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let addr = self.base.trim_start_matches("http://");
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -305,14 +323,7 @@ impl TestServer {
         stream.write_all(head.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         stream.read_to_end(&mut answer).await.unwrap();
-        let answer = String::from_utf8_lossy(&answer).into_owned();
-        let status = answer
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-        (status, body)
+        String::from_utf8_lossy(&answer).into_owned()
     }
 
     pub async fn start() -> Self {
