@@ -15,8 +15,37 @@ use std::time::Duration;
 /// The header.
 pub const HEADER: &str = "idempotency-key";
 
+/// What a request is, for its `Idempotency-Key`: its route and its body. A key sent again
+/// with another of either is 422 `idempotency_key_reused`, never answered with the first
+/// request's response (a key sent to `.../archive` and then `.../delete` must not have the
+/// delete answered as done).
+///
+/// ```
+/// use helpdesk_api::idempotency::Fingerprint;
+/// use serde_json::json;
+///
+/// let body = json!({ "body": "hi" });
+/// assert_ne!(
+///     Fingerprint::of("POST /tickets/1/comments", &body),
+///     Fingerprint::of("POST /tickets/2/comments", &body),
+/// );
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprint(String);
+
+impl Fingerprint {
+    /// The fingerprint of a request to `route`, the method and the concrete path
+    /// (`"POST /tickets/{id}/comments"` with the id filled in), with `body` as parsed.
+    pub fn of(route: &str, body: &impl Serialize) -> Self {
+        let mut bytes = route.as_bytes().to_vec();
+        bytes.push(0);
+        bytes.extend(serde_json::to_vec(body).unwrap_or_default());
+        Self(hex_digest(&bytes))
+    }
+}
+
 /// Runs `work` at most once per `(user, Idempotency-Key)`: a replay with the same key and the
-/// same request returns the stored status and body; the same key with a different request is
+/// same request ([`Fingerprint`]: route and body) returns the stored status and body; the same key with a different request is
 /// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first, at most the
 /// store's claim wait, then answers 503 `idempotency_key_in_use`.
 /// Without the header, `work` just runs. Failed work (an `Err`) is not stored, so the client
@@ -31,7 +60,7 @@ pub async fn once<T, F, Fut>(
     store: &dyn IdempotencyStore,
     headers: &HeaderMap,
     user: &User,
-    fingerprint: impl AsRef<[u8]>,
+    fingerprint: &Fingerprint,
     ttl: Duration,
     work: F,
 ) -> Result<Response, ApiError>
@@ -47,8 +76,7 @@ where
         return Ok((status, Json(body)).into_response());
     };
     let scope = format!("user:{}", user.id);
-    let fingerprint = hex_digest(fingerprint.as_ref());
-    match store.claim(&scope, key, &fingerprint, ttl).await {
+    match store.claim(&scope, key, &fingerprint.0, ttl).await {
         Ok(Claim::Replay(stored)) => Ok(replay(stored)),
         Ok(Claim::New(guard)) => {
             let work = work();
@@ -112,7 +140,7 @@ pub async fn once_in_command<C>(
     executor: &PgCommandExecutor,
     headers: &HeaderMap,
     user: &User,
-    fingerprint: impl AsRef<[u8]>,
+    fingerprint: &Fingerprint,
     ttl: Duration,
     status: StatusCode,
     command: C,
@@ -130,12 +158,7 @@ where
             .map_err(|e| advise(e.into(), AfterTimeout::CheckFirst))?;
         return Ok((status, Json(body(&output))).into_response());
     };
-    let key = IdempotencyKey::new(
-        format!("user:{}", user.id),
-        key,
-        hex_digest(fingerprint.as_ref()),
-        ttl,
-    );
+    let key = IdempotencyKey::new(format!("user:{}", user.id), key, fingerprint.0.clone(), ttl);
     let done = executor
         .execute_idempotent(&key, command, metadata, |output| {
             StoredResponse::new(status.as_u16(), body(output))
@@ -255,6 +278,11 @@ fn hex_digest(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The fingerprint of the tests' one request.
+    fn request() -> super::Fingerprint {
+        super::Fingerprint::of("POST /things", &"request")
+    }
+
     use super::*;
     use cqrs_core::memory::InMemoryIdempotencyStore;
     use uuid::Uuid;
@@ -311,7 +339,7 @@ mod tests {
                     &store,
                     &headers,
                     &user,
-                    b"request",
+                    &request(),
                     Duration::from_secs(60),
                     move || async move { Err::<(StatusCode, ()), _>(timed_out()) },
                 ))
@@ -373,7 +401,7 @@ mod tests {
                 &Store,
                 &with_key("key-1"),
                 &customer(),
-                b"request",
+                &request(),
                 Duration::from_secs(60),
                 || async { Ok((StatusCode::CREATED, serde_json::json!({ "id": "t1" }))) },
             ))
@@ -406,11 +434,12 @@ mod tests {
             }
         };
         runtime.block_on(async {
+            let print = request();
             let first = once(
                 &store,
                 &headers,
                 &user,
-                b"request",
+                &print,
                 Duration::from_secs(60),
                 work(runs.clone(), tail.clone()),
             );
@@ -430,7 +459,7 @@ mod tests {
                     &store,
                     &headers,
                     &user,
-                    b"request",
+                    &request(),
                     Duration::from_secs(60),
                     work(runs.clone(), tail.clone()),
                 ),
@@ -459,7 +488,7 @@ mod tests {
                 &store,
                 &headers,
                 &user,
-                b"request",
+                &request(),
                 Duration::from_secs(60),
                 || async { Ok((StatusCode::CREATED, Unserializable)) },
             ))
@@ -476,7 +505,7 @@ mod tests {
                 &store,
                 &headers,
                 &user,
-                b"request",
+                &request(),
                 Duration::from_secs(60),
                 // Were it run again, the answer would be this 200.
                 || async { Ok((StatusCode::OK, ())) },
@@ -488,6 +517,40 @@ mod tests {
             .block_on(axum::body::to_bytes(retry.into_body(), 1 << 16))
             .unwrap();
         assert_eq!(replayed, body.as_bytes(), "the replay is the first answer");
+    }
+
+    /// One key sent with the same body to another route is refused, never answered with the
+    /// first route's response: the fingerprint holds the route.
+    #[test]
+    fn a_key_sent_again_to_another_route_is_refused() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (headers, user) = (with_key("key-1"), customer());
+        let store = InMemoryIdempotencyStore::new();
+        let body = serde_json::json!({});
+        let archived = runtime
+            .block_on(once(
+                &store,
+                &headers,
+                &user,
+                &Fingerprint::of("POST /notes/1/archive", &body),
+                Duration::from_secs(60),
+                || async { Ok((StatusCode::OK, "archived")) },
+            ))
+            .unwrap();
+        assert_eq!(archived.status(), StatusCode::OK);
+        let deleted = runtime
+            .block_on(once(
+                &store,
+                &headers,
+                &user,
+                &Fingerprint::of("POST /notes/1/delete", &body),
+                Duration::from_secs(60),
+                || async { Ok((StatusCode::OK, "deleted")) },
+            ))
+            .unwrap_err();
+        assert_eq!(deleted.code, "idempotency_key_reused");
     }
 
     /// In memory, a duplicate that waits out the claim wait while the first request holds
@@ -510,7 +573,7 @@ mod tests {
     /// `Retry-After` (within 10 s).
     async fn told_the_key_is_in_use(store: &dyn cqrs_core::ports::IdempotencyStore, key: &str) {
         let user = customer();
-        let (scope, fingerprint) = (format!("user:{}", user.id), hex_digest(b"request"));
+        let (scope, fingerprint) = (format!("user:{}", user.id), request().0);
         let day = Duration::from_secs(86_400);
         let holder = store.claim(&scope, key, &fingerprint, day).await.unwrap();
         assert!(
@@ -519,7 +582,7 @@ mod tests {
         );
         let error = cqrs_core::testing::with_timeout(
             Duration::from_secs(10),
-            once(store, &with_key(key), &user, b"request", day, || async {
+            once(store, &with_key(key), &user, &request(), day, || async {
                 Ok((StatusCode::CREATED, ()))
             }),
         )

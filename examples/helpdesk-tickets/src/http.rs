@@ -19,6 +19,7 @@ use helpdesk_api::{
     ApiError, ApiJson, ApiPath, ApiQuery, Authenticated, BusHandle, HttpApi, Operation,
     RequestMetadata, User, idempotency,
 };
+use idempotency::Fingerprint;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -51,7 +52,7 @@ async fn run<C, F>(
     http: &Http,
     headers: &HeaderMap,
     user: &User,
-    fingerprint: Vec<u8>,
+    fingerprint: Fingerprint,
     status: StatusCode,
     retry: bool,
     expected_version: Option<u64>,
@@ -69,7 +70,7 @@ where
             http.idempotency.as_ref(),
             headers,
             user,
-            fingerprint,
+            &fingerprint,
             http.ttl,
             move || async move {
                 let ticket = commands.dispatch_with(command, metadata).await?;
@@ -155,13 +156,6 @@ fn actor(headers: &HeaderMap, user: &User) -> Metadata {
     RequestMetadata::from_headers(headers).with_actor(user.id.to_string())
 }
 
-fn fingerprint(path: &str, body: &impl Serialize) -> Vec<u8> {
-    let mut bytes = path.as_bytes().to_vec();
-    bytes.push(0);
-    bytes.extend(serde_json::to_vec(body).unwrap_or_default());
-    bytes
-}
-
 async fn open(
     State(http): State<Http>,
     Authenticated(user): Authenticated,
@@ -169,7 +163,7 @@ async fn open(
     _: idempotency::CheckedKey,
     ApiJson(body): ApiJson<OpenBody>,
 ) -> Result<Response, ApiError> {
-    let print = fingerprint("POST /tickets", &body);
+    let print = Fingerprint::of("POST /tickets", &body);
     let created = run(
         &http,
         &headers,
@@ -281,7 +275,7 @@ async fn change<B: ChangeBody>(
     _: idempotency::CheckedKey,
     ApiJson(body): ApiJson<B>,
 ) -> Result<Response, ApiError> {
-    let print = fingerprint(&format!("POST /tickets/{id}/{}", B::ACTION), &body);
+    let print = Fingerprint::of(&format!("POST /tickets/{id}/{}", B::ACTION), &body);
     let (expected_version, change) = body.into_change();
     run(
         &http,
