@@ -85,7 +85,8 @@ impl<O> Idempotent<O> {
 /// Round trips on a warm connection: `n + 4` for a handler running `n` statements (`BEGIN`,
 /// the claim, the handler's `n`, one statement appending the events and storing the
 /// response, `COMMIT`); 3 for a replay or a fingerprint mismatch (`BEGIN`, the claim,
-/// `ROLLBACK`).
+/// `ROLLBACK`), 4 for a mismatch found while another request still holds the key (a read of
+/// the stored fingerprint besides).
 ///
 /// ```no_run
 /// use cqrs_core::{CommandBus, Metadata};
