@@ -523,7 +523,9 @@ pub async fn keys_expire_after_their_ttl<H: IdempotencyHarness>(h: &H) {
 }
 
 /// A claim still in progress long past its TTL (slow work) is never purged: its completion
-/// is kept and replays. A purge that took it would let a retry run the work again.
+/// is kept and replays. Nor is an expired key claimed again, whose expired record the purge
+/// still finds while the new claim runs. A purge that took either would let a retry run the
+/// work again.
 pub async fn a_claim_in_progress_is_never_purged<H: IdempotencyHarness>(h: &H) {
     let clock = manual_clock(h);
     let store = h.store();
@@ -543,6 +545,53 @@ pub async fn a_claim_in_progress_is_never_purged<H: IdempotencyHarness>(h: &H) {
         replay(store.claim(scope, "slow", "fp", DAY).await.unwrap()).body,
         json!("done"),
         "the completion of the claim the purge left is kept"
+    );
+
+    // Expired in turn, it goes, so the purge below has only the next key to find.
+    clock.advance(DAY * 2);
+    assert_eq!(
+        store.purge_expired().await.unwrap(),
+        1,
+        "the completed key expired"
+    );
+
+    // An expired key claimed again: the purge still finds its expired record, and must not
+    // delete the claim that is about to complete it again (a retry would run the work a
+    // third time).
+    let first = new(store.claim(scope, "again", "fp", DAY).await.unwrap());
+    first
+        .complete(StoredResponse::new(201, json!({ "run": 1 })))
+        .await
+        .unwrap();
+    clock.advance(DAY * 2);
+    let second = new(store.claim(scope, "again", "fp", DAY).await.unwrap());
+    let mut purging = tokio::spawn({
+        let store = store.clone();
+        async move { store.purge_expired().await }
+    });
+    // The purge passes the held claim by, or waits for it: give it the time to read the
+    // expired record before the claim completes (the verdict below is the same either way).
+    let ended = tokio::select! {
+        ended = &mut purging => Some(ended),
+        () = tokio::time::sleep(Duration::from_secs(1)) => None,
+    };
+    second
+        .complete(StoredResponse::new(201, json!({ "run": 2 })))
+        .await
+        .unwrap();
+    let purged = match ended {
+        Some(ended) => ended,
+        None => purging.await,
+    };
+    assert_eq!(
+        purged.unwrap().unwrap(),
+        0,
+        "a purge deleted a key claimed again"
+    );
+    assert_eq!(
+        replay(store.claim(scope, "again", "fp", DAY).await.unwrap()).body,
+        json!({ "run": 2 }),
+        "the key claimed again and completed is kept"
     );
 }
 
