@@ -312,13 +312,51 @@ where
     E: crate::Event,
     H: crate::EventHandler<E>,
 {
-    let envelope = EventEnvelope::new(event, metadata);
-    let event = envelope
-        .downcast_ref::<E>()
-        .expect("an envelope holds the event it was made of");
-    handler
-        .handle(event, crate::EventContext::new(&envelope))
-        .await
+    deliver_envelope::<E, H>(handler, &EventEnvelope::new(event, metadata)).await
+}
+
+/// Runs `handler` on the event `envelope` holds, as a transport delivers a stored one: for a
+/// handler that reads where it is stored (its stream, version, position, partition key),
+/// which an envelope made here says with
+/// [`with_stored`](EventEnvelope::with_stored) and
+/// [`with_partition_key`](EventEnvelope::with_partition_key).
+///
+/// ```
+/// # use cqrs_core::doc::{CountOpened, TicketOpened};
+/// use cqrs_core::testing::deliver_envelope;
+/// use cqrs_core::{EventEnvelope, Metadata};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let counter = CountOpened::default();
+/// let stored = EventEnvelope::new(TicketOpened { ticket_id: "t1".into() }, Metadata::new())
+///     .with_partition_key("t1")
+///     .with_stored("ticket-t1", 1, None);
+/// deliver_envelope::<TicketOpened, _>(&counter, &stored).await.unwrap();
+/// assert_eq!(counter.count(), 1);
+/// # });
+/// ```
+///
+/// # Panics
+///
+/// When `envelope` holds another event type than `E`: a test's mistake.
+#[track_caller]
+pub fn deliver_envelope<'a, E, H>(
+    handler: &'a H,
+    envelope: &'a EventEnvelope,
+) -> impl std::future::Future<Output = Result<(), crate::HandlerError>> + 'a
+where
+    E: crate::Event,
+    H: crate::EventHandler<E>,
+{
+    let event = match envelope.downcast_ref::<E>() {
+        Some(event) => event,
+        None => panic!(
+            "the envelope holds a `{}`, not the `{}` the handler is run for",
+            envelope.name(),
+            E::NAME
+        ),
+    };
+    handler.handle(event, crate::EventContext::new(envelope))
 }
 
 /// Runs `handler` on `query` with fresh metadata, as the query bus would: a unit test of a

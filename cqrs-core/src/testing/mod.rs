@@ -89,7 +89,7 @@ mod metric_counts;
 
 pub use given::{
     AggregateTest, CommandOutcome, CommandTest, TEST_AGGREGATE_ID, Then, ask, ask_with, deliver,
-    deliver_with,
+    deliver_envelope, deliver_with,
 };
 #[doc(hidden)]
 pub use helpers::__no_harness;
