@@ -238,6 +238,22 @@ pub enum AggregateError<E> {
         /// Its wire name.
         event_type: String,
     },
+    /// The records skip a version: a tail given to [`rebuild`](AggregateRepository::rebuild)
+    /// (which takes the whole stream), records out of order, or a stream that lost events (a
+    /// partial restore). Deciding on them would decide on incomplete state, and the append at
+    /// the last version would succeed. `internal` as a handler error: repair the stream, or
+    /// pass it whole.
+    #[error(
+        "the records of stream `{stream}` go from version {after} to {found}; a decision needs every event: pass the whole stream in order (`rebuild` starts at version 1), or repair the stream"
+    )]
+    VersionGap {
+        /// The stream.
+        stream: String,
+        /// The last version applied (0 before the first).
+        after: u64,
+        /// The version the next record holds.
+        found: u64,
+    },
     /// An event could not be serialized: its `Serialize` failed, or it holds a float JSON cannot
     /// carry (NaN, an infinity), which the error names by field. Nothing was stored.
     #[error("could not serialize an event: {0}")]
@@ -287,6 +303,15 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
                 stream,
                 version,
                 event_type,
+            }),
+            AggregateError::VersionGap {
+                stream,
+                after,
+                found,
+            } => HandlerError::internal(AggregateError::<std::convert::Infallible>::VersionGap {
+                stream,
+                after,
+                found,
             }),
             AggregateError::Encode(e) => HandlerError::internal(e),
             AggregateError::EmptyId { aggregate } => HandlerError::invalid(
@@ -619,7 +644,8 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Rebuilds aggregate `id` from its stream's records, read elsewhere: by a caller that
     /// reads them inside its own unit of work (a database transaction), so a command holds one
-    /// connection, not two. `records` must be the whole stream, in version order.
+    /// connection, not two. `records` must be the whole stream, in version order: records
+    /// that skip a version are refused ([`AggregateError::VersionGap`]).
     pub fn rebuild(
         &self,
         id: &str,
@@ -642,7 +668,17 @@ impl<A: Aggregate> AggregateRepository<A> {
         records: Vec<EventRecord>,
     ) -> Result<Loaded<A>, AggregateError<A::Error>> {
         for record in records {
-            loaded.version = record.stream_version.unwrap_or(loaded.version + 1);
+            let next = loaded.version.saturating_add(1);
+            if let Some(found) = record.stream_version
+                && found != next
+            {
+                return Err(AggregateError::VersionGap {
+                    stream: Self::stream_id(&loaded.id),
+                    after: loaded.version,
+                    found,
+                });
+            }
+            loaded.version = next;
             // Whatever the unknown-event policy: skipping an event would let the aggregate
             // decide on incomplete state, and the append at this version would succeed.
             let unknown = || AggregateError::UnknownEvent {

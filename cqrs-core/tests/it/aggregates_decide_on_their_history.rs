@@ -586,6 +586,47 @@ fn loading_fails_on_an_event_the_aggregate_does_not_take() {
     });
 }
 
+/// Records that skip a version (a tail passed to `rebuild`, which takes the whole stream, or
+/// a stream that lost an event) are refused, naming the gap, not applied as if whole: the
+/// decision would rest on incomplete state, and its append at the last version would succeed.
+#[test]
+fn records_that_skip_a_version_are_refused() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        store
+            .append(
+                "total-g",
+                ExpectedVersion::NO_STREAM,
+                vec![
+                    record_of(Added { sum: 1 }),
+                    record_of(Added { sum: 2 }),
+                    record_of(Added { sum: 3 }),
+                ],
+            )
+            .await
+            .unwrap();
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let whole = store.load("total-g", 0).await.unwrap();
+        assert_eq!(repo.rebuild("g", whole.clone()).unwrap().version, 3);
+        let tail = store.load("total-g", 1).await.unwrap();
+        let mut holed = whole.clone();
+        holed.remove(1);
+        for (what, records, after, found) in [("a tail", tail, 0, 2), ("a hole", holed, 1, 3)] {
+            let err = repo.rebuild("g", records).unwrap_err();
+            assert!(
+                matches!(
+                    &err,
+                    AggregateError::VersionGap { stream, after: a, found: f }
+                        if stream == "total-g" && *a == after && *f == found
+                ),
+                "{what}: {err:?}"
+            );
+            let as_handler_error: HandlerError = err.into();
+            assert_eq!(as_handler_error.kind(), ErrorKind::Internal, "{what}");
+        }
+    });
+}
+
 /// Shared types that leave out one of the aggregate's own events (registered type by type,
 /// for the upcasters) still load its streams: the repository adds the aggregate's events. Left
 /// out, every load failed as `UnknownEvent`, telling the caller to deploy a build it runs.
