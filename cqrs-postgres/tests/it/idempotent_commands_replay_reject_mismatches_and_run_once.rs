@@ -119,6 +119,71 @@ pg_test! {
     }
 }
 
+/// Appends `events` records to stream `s-conflict` at `expected`, through the command's unit
+/// of work.
+#[derive(cqrs_core::Command)]
+#[cqrs(name = "test.append_at", output = String)]
+struct AppendAt {
+    expected: cqrs_core::ports::ExpectedVersion,
+    events: u64,
+}
+
+struct AppendAtHandler;
+
+#[async_trait::async_trait]
+impl cqrs_core::CommandHandler<AppendAt> for AppendAtHandler {
+    async fn handle(
+        &self,
+        cmd: AppendAt,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<String, cqrs_core::HandlerError> {
+        let uow = cqrs_postgres::PgUnitOfWork::from_context(ctx)?;
+        let records = (1..=cmd.events)
+            .map(cqrs_core::testing::event_store::record)
+            .collect();
+        uow.append("s-conflict", cmd.expected, records);
+        Ok("appended".to_owned())
+    }
+}
+
+pg_test! {
+    /// A command whose append meets a conflict (a stale expected version) at the commit stores
+    /// nothing, its key included: the statement that appends also completes the key, and only
+    /// the rollback keeps that completion out. The retry with the key runs again (it would
+    /// replay a success whose events were never stored).
+    async fn a_command_whose_append_conflicts_frees_its_key_and_stores_nothing(db: PgDatabase) {
+        use cqrs_core::ports::ExpectedVersion;
+        let bus = CommandBus::builder()
+            .layer(db.command_layer())
+            .handler(AppendAtHandler)
+            .build()
+            .unwrap();
+        let executor = PgCommandExecutor::new(bus, db.clone());
+        let answer = |_: &String| StoredResponse::new(201, serde_json::json!("appended"));
+        for events in [1, 3] {
+            let key = IdempotencyKey::new("s", format!("k{events}"), "fp", DAY);
+            let stale = AppendAt { expected: ExpectedVersion::Exactly(5), events };
+            let err = executor
+                .execute_idempotent(&key, stale, Metadata::new(), answer)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+            assert_eq!(crate::support::event_count(&db).await, if events == 1 { 0 } else { 1 });
+            let at = db.event_store().stream_version("s-conflict").await.unwrap();
+            let fresh = AppendAt { expected: ExpectedVersion::Exactly(at), events };
+            let retried = executor
+                .execute_idempotent(&key, fresh, Metadata::new(), answer)
+                .await
+                .unwrap();
+            assert!(
+                matches!(retried, Idempotent::Executed { .. }),
+                "the key was kept by the conflicting attempt: {retried:?}"
+            );
+        }
+        assert_eq!(crate::support::event_count(&db).await, 4);
+    }
+}
+
 pg_test! {
     async fn an_executor_over_a_bus_without_the_layer_says_so(db: PgDatabase) {
         let bus = CommandBus::builder().handler(OpenTicketHandler::default()).build().unwrap();
