@@ -131,6 +131,8 @@ struct Racing {
     inner: InMemoryEventStore,
     races: std::sync::atomic::AtomicU32,
     sum: u64,
+    /// The event ids of every append of this writer's, in order.
+    attempts: std::sync::Mutex<Vec<Vec<uuid::Uuid>>>,
 }
 
 #[async_trait]
@@ -142,6 +144,10 @@ impl EventStore for Racing {
         events: Vec<EventRecord>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         use std::sync::atomic::Ordering;
+        self.attempts
+            .lock()
+            .unwrap()
+            .push(events.iter().map(|e| e.event_id).collect());
         let raced = self
             .races
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
@@ -175,6 +181,7 @@ fn racing(races: u32, sum: u64) -> Arc<Racing> {
         inner: InMemoryEventStore::new(),
         races: races.into(),
         sum,
+        attempts: Default::default(),
     })
 }
 
@@ -184,7 +191,10 @@ fn racing(races: u32, sum: u64) -> Arc<Racing> {
 #[test]
 fn execute_retrying_decides_again_on_what_the_winner_did() {
     run(async {
-        let metadata = Metadata::new();
+        let metadata = Metadata::new().with_actor("user-1").with_trace_field(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
         // Lost once, then added on top of the winner's 10.
         let store = racing(1, 10);
         let repo = AggregateRepository::<Total>::new(store.clone());
@@ -193,6 +203,22 @@ fn execute_retrying_decides_again_on_what_the_winner_did() {
             .await
             .unwrap();
         assert_eq!((committed.state.total, committed.version), (40, 2));
+        // The attempt that went through carries the command's ids, actor and trace context
+        // (metadata made once outside the loop would still pass; one dropped on a retry would
+        // not), under event ids of its own: its events were decided again, on another state.
+        let stored = store.load("total-a", 1).await.unwrap();
+        let ours = &stored[0].metadata;
+        assert_eq!(ours.correlation_id, metadata.correlation_id);
+        assert_eq!(ours.causation_id, Some(metadata.message_id));
+        assert_eq!(ours.actor.as_deref(), Some("user-1"));
+        assert_eq!(
+            ours.trace_context.get("traceparent").map(String::as_str),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        let attempts = store.attempts.lock().unwrap().clone();
+        assert_eq!(attempts.len(), 2, "{attempts:?}");
+        assert_eq!(attempts[1], vec![stored[0].event_id]);
+        assert_ne!(attempts[0], attempts[1], "the retry drew fresh event ids");
 
         // The winner took 95 of the 100: deciding again, the loser is refused as the aggregate
         // refuses, not with a version conflict.
