@@ -455,6 +455,24 @@ async fn a_customer_resuming_gets_none_of_the_other_customers_events() {
     .await;
 }
 
+/// Fails unless `handshake` was refused with 429 `too_many_connections`.
+fn too_many_connections<T: std::fmt::Debug>(
+    what: &str,
+    handshake: Result<T, tokio_tungstenite::tungstenite::Error>,
+) {
+    match handshake {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{what}");
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(
+                body["error"]["code"], "too_many_connections",
+                "{what}: {body}"
+            );
+        }
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
 /// One client address holds at most `--ws-connections-per-address` WebSockets, whatever
 /// accounts they belong to (anyone may register more): past it, 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,15 +484,10 @@ async fn one_address_holds_at_most_its_websocket_connections() {
         let _a = connect(&s, &first).await;
         let mut b = connect(&s, &second).await;
         let url = format!("{}/ws?token={first}", s.base.replace("http://", "ws://"));
-        match tokio_tungstenite::connect_async(url.as_str()).await {
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-                let body: Value =
-                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
-                assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
-            }
-            other => panic!("a third WebSocket from one address: {other:?}"),
-        }
+        too_many_connections(
+            "a third WebSocket from one address",
+            tokio_tungstenite::connect_async(url.as_str()).await,
+        );
         b.close(None).await.unwrap();
         cqrs_core::testing::eventually(
             Duration::from_secs(10),
@@ -515,15 +528,10 @@ async fn one_address_never_takes_every_websocket_place() {
             "authorization",
             format!("Bearer {}", tokens[3]).parse().unwrap(),
         );
-        match tokio_tungstenite::connect_async(request).await {
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-                let body: Value =
-                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
-                assert_eq!(body["error"]["code"], "too_many_connections", "{body}");
-            }
-            other => panic!("a 50th WebSocket from one address: {other:?}"),
-        }
+        too_many_connections(
+            "a 50th WebSocket from one address",
+            tokio_tungstenite::connect_async(request).await,
+        );
         drop(held);
         s.stop().await;
     })
