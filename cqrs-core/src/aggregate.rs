@@ -568,7 +568,8 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Rebuilds the aggregate from its snapshot (if any) and events. Fails with
     /// [`AggregateError::UnknownEvent`] or [`AggregateError::ForeignEvent`] on an event it
-    /// cannot apply. A snapshot that cannot be loaded or decoded, one at version 0, or one
+    /// cannot apply, and with [`AggregateError::VersionGap`] when the stream skips a version
+    /// (it lost an event: a partial restore). A snapshot that cannot be loaded or decoded, one at version 0, or one
     /// whose last event the stream no longer has at its version (events restored from a
     /// backup older than the snapshots; for a snapshot that names no event, a stream shorter
     /// than its version), is logged and passed over: the whole stream is replayed.
@@ -645,7 +646,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// Rebuilds aggregate `id` from its stream's records, read elsewhere: by a caller that
     /// reads them inside its own unit of work (a database transaction), so a command holds one
     /// connection, not two. `records` must be the whole stream, in version order: records
-    /// that skip a version are refused ([`AggregateError::VersionGap`]).
+    /// that skip a version are refused ([`AggregateError::VersionGap`]; only records that
+    /// carry their `stream_version`, as every store's do, are checked).
     pub fn rebuild(
         &self,
         id: &str,

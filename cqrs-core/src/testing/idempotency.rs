@@ -22,7 +22,7 @@ pub trait IdempotencyHarness: Harness {
     /// one (the shipped harnesses give it a minute), or they may fail on a slow machine.
     fn store_with_claim_wait(&self, wait: Duration) -> Arc<dyn IdempotencyStore>;
 
-    /// The manual clock the store reads, when it takes one. The expiry scenario counts what a
+    /// The manual clock the store reads, when it takes one. The expiry scenarios count what a
     /// purge removes, so the store must then hold no keys but the scenario's own. `None` (the
     /// default) when the store reads a clock of its own: run the suite with
     /// `idempotency_conformance!(harness, without_clock)`, which leaves out the two scenarios
@@ -579,15 +579,13 @@ pub async fn a_claim_in_progress_is_never_purged<H: IdempotencyHarness>(h: &H) {
         .complete(StoredResponse::new(201, json!({ "run": 2 })))
         .await
         .unwrap();
+    // Whatever the purge removed (a store that keeps the claim apart from the expired
+    // record may remove that record), the completion it must not take is kept.
     let purged = match ended {
         Some(ended) => ended,
         None => purging.await,
     };
-    assert_eq!(
-        purged.unwrap().unwrap(),
-        0,
-        "a purge deleted a key claimed again"
-    );
+    purged.unwrap().unwrap();
     assert_eq!(
         replay(store.claim(scope, "again", "fp", DAY).await.unwrap()).body,
         json!({ "run": 2 }),

@@ -35,11 +35,18 @@ pub struct Fingerprint(String);
 
 impl Fingerprint {
     /// The fingerprint of a request to `route`, the method and the concrete path
-    /// (`"POST /tickets/{id}/comments"` with the id filled in), with `body` as parsed.
+    /// (`"POST /tickets/{id}/comments"` with the id filled in, not the template), with `body`
+    /// as parsed. The body must serialize alike every time: a `HashMap` in it would give one
+    /// request several fingerprints, and its retry a 422 (use a `BTreeMap`). A body that
+    /// fails to serialize gets a fingerprint of its own, matching nothing: its retry is 422,
+    /// never another request's response.
     pub fn of(route: &str, body: &impl Serialize) -> Self {
         let mut bytes = route.as_bytes().to_vec();
         bytes.push(0);
-        bytes.extend(serde_json::to_vec(body).unwrap_or_default());
+        match serde_json::to_vec(body) {
+            Ok(body) => bytes.extend(body),
+            Err(_) => bytes.extend(uuid::Uuid::new_v4().as_bytes()),
+        }
         Self(hex_digest(&bytes))
     }
 }
@@ -517,6 +524,33 @@ mod tests {
             .block_on(axum::body::to_bytes(retry.into_body(), 1 << 16))
             .unwrap();
         assert_eq!(replayed, body.as_bytes(), "the replay is the first answer");
+    }
+
+    /// The fingerprint's bytes are those the tickets plugin stored keys under before it moved
+    /// here (route, a zero byte, the body's JSON): changed, every key stored before an
+    /// upgrade would be refused after it, as `idempotency_key_reused`.
+    #[test]
+    fn the_fingerprint_format_is_the_one_keys_were_stored_under() {
+        #[derive(Serialize)]
+        struct Body {
+            title: &'static str,
+            priority: &'static str,
+        }
+        let body = Body {
+            title: "printer",
+            priority: "high",
+        };
+        let mut bytes = b"POST /tickets\0".to_vec();
+        bytes.extend(serde_json::to_vec(&body).unwrap());
+        assert_eq!(
+            Fingerprint::of("POST /tickets", &body).0,
+            hex_digest(&bytes)
+        );
+        assert_eq!(
+            Fingerprint::of("POST /tickets", &body).0,
+            "fe3548681d046ea3fba5a568c7540b2c:51",
+            "the digest itself"
+        );
     }
 
     /// One key sent with the same body to another route is refused, never answered with the
