@@ -101,6 +101,87 @@ impl std::fmt::Debug for LoggedIn {
 #[cqrs(name = "auth.get_user", output = Option<UserProfile>)]
 pub struct GetUser(pub Uuid);
 
+/// Passwords of 8 characters or more that lead the lists of leaked ones: a guesser tries these
+/// first, from as many addresses as it has, and the throttles count per address.
+const COMMON_PASSWORDS: &[&str] = &[
+    "password",
+    "password1",
+    "password12",
+    "password123",
+    "passw0rd",
+    "p@ssw0rd",
+    "p@ssword",
+    "12345678",
+    "123456789",
+    "1234567890",
+    "0123456789",
+    "87654321",
+    "987654321",
+    "11111111",
+    "00000000",
+    "88888888",
+    "12341234",
+    "11223344",
+    "qwertyui",
+    "qwertyuiop",
+    "qwerty12",
+    "qwerty123",
+    "1q2w3e4r",
+    "1qaz2wsx",
+    "zaq12wsx",
+    "asdfghjk",
+    "asdfghjkl",
+    "zxcvbnm1",
+    "abcd1234",
+    "abc12345",
+    "abcdefgh",
+    "iloveyou",
+    "sunshine",
+    "princess",
+    "football",
+    "baseball",
+    "superman",
+    "starwars",
+    "trustno1",
+    "welcome1",
+    "welcome123",
+    "letmein1",
+    "changeme",
+    "admin123",
+    "administrator",
+    "whatever",
+    "computer",
+    "michelle",
+    "jennifer",
+    "1234qwer",
+    "q1w2e3r4",
+    "monkey12",
+    "dragon12",
+    "master12",
+    "shadow12",
+];
+
+/// Why `password` (NFC) is one a guesser tries first, if it is: a common one, one made of
+/// three characters or fewer (`aaaaaaaa`, `abababab`), or the account's own email or the
+/// part before its `@`.
+fn guessable(password: &str, email: &str) -> Option<&'static str> {
+    let lowered = password.to_lowercase();
+    if COMMON_PASSWORDS.contains(&lowered.as_str()) {
+        return Some("the password is one of the most common; choose another");
+    }
+    let mut distinct: Vec<char> = lowered.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() <= 3 {
+        return Some("the password repeats too few characters; choose another");
+    }
+    let local = email.split_once('@').map_or(email, |(local, _)| local);
+    if lowered == email || lowered == local {
+        return Some("the password must not be the email; choose another");
+    }
+    None
+}
+
 /// Trims, lower-cases and NFC-normalizes an email, or says why it is not one.
 ///
 /// Its lengths are mail's own, in bytes of UTF-8 (RFC 5321 and 6531): at most 254 in all and
@@ -193,6 +274,9 @@ impl CommandHandler<RegisterUser> for RegisterHandler {
                 "password",
                 "the password must be 8 to 128 characters",
             ));
+        }
+        if let Some(why) = guessable(&password, &email) {
+            return Err(invalid("password", why));
         }
         let display_name = cmd
             .display_name

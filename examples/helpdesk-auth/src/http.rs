@@ -199,7 +199,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                     "required": ["email", "password"],
                     "properties": {
                         "email": { "type": "string", "minLength": 1, "maxLength": 254, "description": "an address, internationalized ones included (`ünï@例え.jp`); stored lower-cased and in NFC; at most 254 bytes of UTF-8, 64 before the @ (mail's limits, so fewer characters outside ASCII)" },
-                        "password": { "type": "string", "minLength": 8, "maxLength": 128 },
+                        "password": { "type": "string", "minLength": 8, "maxLength": 128, "description": "8 to 128 characters of its NFC form; not one of the most common passwords, not made of three characters or fewer, and not the email or the part before its @" },
                         "display_name": { "type": ["string", "null"], "maxLength": 100 },
                         "agent_code": {
                             "type": ["string", "null"],
