@@ -150,8 +150,10 @@ async fn a_password_is_one_however_its_accents_are_encoded() {
             s.send(Method::POST, path, None, Some(body))
         };
         let (precomposed, decomposed) = ("caf\u{00E9} au lait", "cafe\u{0301} au lait");
-        // 128 characters as drawn, 256 code points as sent: within the limit.
-        let (long_decomposed, long_precomposed) = ("e\u{0301}".repeat(128), "\u{00E9}".repeat(128));
+        // 128 characters as drawn, 256 code points as sent: within the limit (four letters
+        // over and over: one repeated alone is refused as too easy to guess).
+        let long_decomposed = "e\u{0301}u\u{0308}n\u{0303}a\u{030A}".repeat(32);
+        let long_precomposed = "\u{00E9}\u{00FC}\u{00F1}\u{00E5}".repeat(32);
         for (registered, typed) in [
             (precomposed, decomposed),
             (decomposed, precomposed),
