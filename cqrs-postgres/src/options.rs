@@ -309,16 +309,12 @@ impl PgOptions {
     /// ```
     pub fn redacted_url(&self) -> String {
         let url = self.url.as_str();
-        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        let (scheme, after_scheme) = url.split_once("://").unwrap_or(("", ""));
         let Ok(parsed) = url::Url::parse(url) else {
             return format!("{scheme}://(not shown: it does not parse, and may hold a password)");
         };
         let no_user_info = parsed.username().is_empty() && parsed.password().is_none();
-        if no_user_info
-            && url
-                .split_once("://")
-                .is_some_and(|(_, rest)| rest.contains('@'))
-        {
+        if no_user_info && after_scheme.contains('@') {
             return format!(
                 "{scheme}://(not shown: an `@` outside its user info may end a password)"
             );

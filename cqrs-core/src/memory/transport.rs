@@ -497,43 +497,54 @@ impl InMemoryConsumer {
         group.dead.push_back(dead);
     }
 
-    /// Runs `change` on each of `ids` in flight in this consumer's group and handed out to
-    /// this consumer. A delivery another consumer took over (after the redelivery delay) is
-    /// left alone, as the Redis transport's scripts leave an entry pending to another consumer.
-    fn in_flight(&self, ids: &[DeliveryId], mut change: impl FnMut(&mut InFlight)) {
+    /// Runs `change` on each delivery of `ids` ([`positions`]) in flight
+    /// in this consumer's group and handed out to this consumer. A delivery another consumer
+    /// took over (after the redelivery delay) is left alone, as the Redis transport's scripts
+    /// leave an entry pending to another consumer.
+    fn in_flight(
+        &self,
+        ids: &[DeliveryId],
+        mut change: impl FnMut(&mut InFlight),
+    ) -> Result<(), TransportError> {
+        let positions = positions(ids)?;
         let mut state = self.transport.lock();
         let Some(group) = state
             .topics
             .get_mut(&self.topic)
             .and_then(|t| t.groups.get_mut(&self.group))
         else {
-            return;
+            return Ok(());
         };
-        for id in ids {
-            if let Some(f) =
-                id.0.parse::<usize>()
-                    .ok()
-                    .and_then(|i| group.in_flight.get_mut(&i))
-                    .filter(|f| f.consumer == self.options.consumer_name)
+        for i in positions {
+            if let Some(f) = group
+                .in_flight
+                .get_mut(&i)
+                .filter(|f| f.consumer == self.options.consumer_name)
             {
                 change(f);
             }
         }
+        Ok(())
     }
 }
 
-/// Refuses a delivery id not of this transport's form (made by hand, or another transport's),
-/// as the Redis transport does, instead of passing over it: a test on memory meets the error
-/// a server on Redis gets.
-fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
-    match ids.iter().find(|id| id.0.parse::<usize>().is_err()) {
-        None => Ok(()),
-        Some(id) => Err(TransportError::Invalid(format!(
+/// The log position `id` names (an id is its delivery's position), refusing one not of this
+/// transport's form (made by hand, or another transport's), as the Redis transport does,
+/// instead of passing over it: a test on memory meets the error a server on Redis gets.
+fn position(id: &DeliveryId) -> Result<usize, TransportError> {
+    id.0.parse().map_err(|_| {
+        TransportError::Invalid(format!(
             "`{}` is no delivery id of the in-memory transport: ack, nack, defer, dead_letter \
              and keep_alive take the ids `fetch` returned",
             id.0.chars().take(64).collect::<String>()
-        ))),
-    }
+        ))
+    })
+}
+
+/// The positions of `ids` ([`position`]), or the first refusal: a batch holding a refused id
+/// settles nothing.
+fn positions(ids: &[DeliveryId]) -> Result<Vec<usize>, TransportError> {
+    ids.iter().map(position).collect()
 }
 
 #[async_trait]
@@ -575,7 +586,7 @@ impl Consumer for InMemoryConsumer {
     }
 
     async fn ack(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        delivery_ids(ids)?;
+        let positions = positions(ids)?;
         {
             let mut state = self.transport.lock();
             if let Some(group) = state
@@ -583,10 +594,8 @@ impl Consumer for InMemoryConsumer {
                 .get_mut(&self.topic)
                 .and_then(|t| t.groups.get_mut(&self.group))
             {
-                for id in ids {
-                    if let Ok(i) = id.0.parse::<usize>() {
-                        group.in_flight.remove(&i);
-                    }
+                for i in positions {
+                    group.in_flight.remove(&i);
                 }
             }
         }
@@ -596,10 +605,8 @@ impl Consumer for InMemoryConsumer {
 
     /// Left alone when another consumer took the delivery over (as by Redis's script).
     async fn nack(&mut self, id: &DeliveryId) -> Result<(), TransportError> {
-        delivery_ids(std::slice::from_ref(id))?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
-        self.in_flight(std::slice::from_ref(id), |f| f.due = due);
-        Ok(())
+        self.in_flight(std::slice::from_ref(id), |f| f.due = due)
     }
 
     async fn nack_with_reason(
@@ -607,18 +614,16 @@ impl Consumer for InMemoryConsumer {
         id: &DeliveryId,
         reason: &str,
     ) -> Result<(), TransportError> {
-        delivery_ids(std::slice::from_ref(id))?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(std::slice::from_ref(id), |f| {
             f.due = due;
             f.error = Some(reason.to_owned());
-        });
-        Ok(())
+        })
     }
 
     /// Only a delivery this consumer still owns (as by Redis's script).
     async fn dead_letter(&mut self, id: &DeliveryId, reason: &str) -> Result<(), TransportError> {
-        delivery_ids(std::slice::from_ref(id))?;
+        let i = position(id)?;
         {
             let mut state = self.transport.lock();
             let Some(Topic { log, base, groups }) = state.topics.get_mut(&self.topic) else {
@@ -627,13 +632,11 @@ impl Consumer for InMemoryConsumer {
             let Some(group) = groups.get_mut(&self.group) else {
                 return Ok(());
             };
-            let owned = id.0.parse::<usize>().ok().filter(|i| {
-                group
-                    .in_flight
-                    .get(i)
-                    .is_some_and(|f| f.consumer == self.options.consumer_name)
-            });
-            if let Some(i) = owned
+            let owned = group
+                .in_flight
+                .get(&i)
+                .is_some_and(|f| f.consumer == self.options.consumer_name);
+            if owned
                 && let Some(f) = group.in_flight.remove(&i)
                 && let Some(dead) = i.checked_sub(*base).and_then(|at| log.get(at))
             {
@@ -648,21 +651,17 @@ impl Consumer for InMemoryConsumer {
     /// Only the deliveries this consumer still owns (as by Redis's script): a defer of one
     /// another consumer took over would take back that consumer's attempt.
     async fn defer(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        delivery_ids(ids)?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
         self.in_flight(ids, |f| {
             f.due = due;
             // Not handled: this handing out was no attempt.
             f.attempt = f.attempt.saturating_sub(1);
-        });
-        Ok(())
+        })
     }
 
     async fn keep_alive(&mut self, ids: &[DeliveryId]) -> Result<(), TransportError> {
-        delivery_ids(ids)?;
         let due = due_after(Instant::now(), self.options.redelivery_delay);
-        self.in_flight(ids, |f| f.due = due);
-        Ok(())
+        self.in_flight(ids, |f| f.due = due)
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
