@@ -449,7 +449,21 @@ impl EventTypes {
             version += 1;
         }
         let payload = upcast.as_ref().unwrap_or(&record.payload);
-        let event = (entry.decode)(payload).map_err(|source| DecodeError::Payload {
+        // A `Deserialize` that panics (a `deserialize_with` or `TryFrom` that unwraps) fails
+        // this event like a payload that does not match: every reader (a relay feeding the
+        // event bus, a projection, a consumer, an aggregate's loader) skips or reports it
+        // rather than unwinding and stopping at it again after each restart.
+        let decoded =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (entry.decode)(payload)))
+                .unwrap_or_else(|panic| {
+                    Err(<serde_json::Error as serde::de::Error>::custom(
+                        format_args!(
+                            "its Deserialize panicked: {}",
+                            crate::panic::into_message(panic)
+                        ),
+                    ))
+                });
+        let event = decoded.map_err(|source| DecodeError::Payload {
             event_type: record.event_type.clone(),
             source,
         })?;

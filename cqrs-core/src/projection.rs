@@ -1418,13 +1418,13 @@ async fn apply_records<S: ProjectionStore, P: Projection<S>>(
         if !store.mark_processed(unit, name, record.event_id).await? {
             continue;
         }
-        let envelope =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| types.decode(record)))
-                .map_err(|payload| panicked(record, crate::panic::into_message(payload)))?
-                .map_err(|source| ProjectionError::Decode {
-                    event_id: record.event_id,
-                    source,
-                })?;
+        // A `Deserialize` that panics is a decode error already (`EventTypes::decode`).
+        let envelope = types
+            .decode(record)
+            .map_err(|source| ProjectionError::Decode {
+                event_id: record.event_id,
+                source,
+            })?;
         if let Some(envelope) = envelope {
             // The call inside the guarded future: a hand-written (not `#[async_trait]`) `apply`
             // may panic before it returns its future.

@@ -305,6 +305,47 @@ fn a_panicking_upcaster_is_a_decode_error() {
     assert_eq!(ok.downcast_ref::<Added>(), Some(&Added { sum: 2 }));
 }
 
+/// An event whose `Deserialize` panics on a stored payload (a `deserialize_with` that unwraps)
+/// is a decode error naming the panic, like one that does not match its type: no reader
+/// unwinds, so a relay feeding the event bus skips it instead of stopping at it for good.
+#[test]
+fn a_panicking_deserialize_is_a_decode_error() {
+    fn strict<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let n = <u64 as serde::Deserialize>::deserialize(d)?;
+        assert!(n != 0, "zero is not a count");
+        Ok(n)
+    }
+    #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Counted {
+        #[serde(deserialize_with = "strict")]
+        count: u64,
+    }
+    impl cqrs_core::Message for Counted {
+        const NAME: &'static str = "test.counted";
+    }
+    impl cqrs_core::Event for Counted {}
+
+    let mut types = EventTypes::new();
+    types.register::<Counted>();
+    let err = types
+        .decode(&stored("test.counted", 1, json!({"count": 0})))
+        .unwrap_err();
+    assert!(
+        matches!(&err, DecodeError::Payload { event_type, .. } if event_type == "test.counted"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("its Deserialize panicked: zero is not a count"),
+        "{err}"
+    );
+    let ok = types
+        .decode(&stored("test.counted", 1, json!({"count": 2})))
+        .unwrap()
+        .unwrap();
+    assert_eq!(ok.downcast_ref::<Counted>(), Some(&Counted { count: 2 }));
+}
+
 /// A projection's types come from the event sets it reads, not from a hand list.
 #[test]
 fn the_types_of_an_event_set_are_registered_together() {
