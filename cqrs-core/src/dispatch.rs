@@ -403,10 +403,13 @@ where
         let failed = |payload: Box<dyn Any + Send>| -> BoxFuture<'static, _> {
             Box::pin(std::future::ready(Err(layer_panicked(kind, name, payload))))
         };
-        let mut service = self.0.clone();
         // A layer is code like a handler: one that panics fails this dispatch, not the caller
-        // (a server's connection task). Its synchronous `poll_ready` and `call` are guarded
-        // here, its future by `LayerGuard`.
+        // (a server's connection task). Its synchronous clone, `poll_ready`, `call` and the
+        // clone's drop are guarded here, its future by `LayerGuard`.
+        let mut service = match catch_unwind(AssertUnwindSafe(|| self.0.clone())) {
+            Ok(service) => service,
+            Err(payload) => return failed(payload),
+        };
         //
         // Most stacks are ready at once: then only the stack's future is boxed, not the
         // service and the dispatch beside it. A stack that is not ready (a concurrency limit)
@@ -414,11 +417,20 @@ where
         let mut noop = Context::from_waker(std::task::Waker::noop());
         let ready = match catch_unwind(AssertUnwindSafe(|| service.poll_ready(&mut noop))) {
             Ok(ready) => ready,
-            Err(payload) => return failed(payload),
+            Err(payload) => {
+                // Dropped inside a guard too: a second panic must not reach the caller.
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(service)));
+                return failed(payload);
+            }
         };
         match ready {
             Poll::Ready(Ok(())) => {
-                match catch_unwind(AssertUnwindSafe(|| service.call(dispatch))) {
+                // The clone moves in, so it is dropped inside the guard.
+                let called = catch_unwind(AssertUnwindSafe(move || {
+                    let mut service = service;
+                    service.call(dispatch)
+                }));
+                match called {
                     Ok(future) => Box::pin(LayerGuard {
                         inner: Some(future),
                         kind,
@@ -429,6 +441,9 @@ where
             }
             Poll::Ready(Err(e)) => {
                 let error = DispatchError::from_layer(e.into());
+                if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(service))) {
+                    return failed(payload);
+                }
                 Box::pin(std::future::ready(Err(error)))
             }
             Poll::Pending => Box::pin(LayerGuard {

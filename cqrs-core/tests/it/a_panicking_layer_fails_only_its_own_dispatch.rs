@@ -211,3 +211,96 @@ fn a_metrics_layer_outside_counts_the_panic_as_internal() {
         0
     );
 }
+
+/// Passes every dispatch on; panics once when cloned or once when dropped, as it is told.
+struct Brittle<S> {
+    inner: S,
+    clone_panics: Arc<AtomicBool>,
+    drop_panics: Arc<AtomicBool>,
+}
+
+impl<S: Clone> Clone for Brittle<S> {
+    fn clone(&self) -> Self {
+        if self.clone_panics.swap(false, Ordering::SeqCst) {
+            panic!("the layer panics when cloned");
+        }
+        Brittle {
+            inner: self.inner.clone(),
+            clone_panics: self.clone_panics.clone(),
+            drop_panics: self.drop_panics.clone(),
+        }
+    }
+}
+
+impl<S> Drop for Brittle<S> {
+    fn drop(&mut self) {
+        if self.drop_panics.swap(false, Ordering::SeqCst) {
+            panic!("the layer panics when dropped");
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct BrittleLayer {
+    clone_panics: Arc<AtomicBool>,
+    drop_panics: Arc<AtomicBool>,
+}
+
+impl<S> Layer<S> for BrittleLayer {
+    type Service = Brittle<S>;
+    fn layer(&self, inner: S) -> Brittle<S> {
+        Brittle {
+            inner,
+            clone_panics: self.clone_panics.clone(),
+            drop_panics: self.drop_panics.clone(),
+        }
+    }
+}
+
+impl<S: Service<Dispatch>> Service<Dispatch> for Brittle<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> S::Future {
+        self.inner.call(dispatch)
+    }
+}
+
+/// The bus clones its layer stack for each dispatch and drops the clone after the call: a
+/// layer whose clone or drop panics fails that dispatch, not the caller, and the bus keeps
+/// working.
+#[test]
+fn a_layer_that_panics_when_cloned_or_dropped_fails_that_dispatch() {
+    use futures_util::FutureExt;
+    let brittle = BrittleLayer::default();
+    let bus = CommandBus::builder()
+        .layer(brittle.clone())
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let add = || Add {
+        a: 2,
+        b: 3,
+        ..Add::default()
+    };
+    run(async {
+        for (flag, what) in [
+            (&brittle.clone_panics, "the layer panics when cloned"),
+            (&brittle.drop_panics, "the layer panics when dropped"),
+        ] {
+            flag.store(true, Ordering::SeqCst);
+            let dispatched = std::panic::AssertUnwindSafe(async { bus.dispatch(add()).await })
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| panic!("{what}: the panic reached the caller"));
+            assert_layer_panicked(&dispatched.unwrap_err(), what);
+            assert!(!flag.load(Ordering::SeqCst), "{what}: it did panic");
+            assert_eq!(bus.dispatch(add()).await.unwrap(), 5);
+        }
+    });
+}
