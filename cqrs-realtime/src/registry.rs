@@ -8,7 +8,7 @@ use axum::extract::ws::Utf8Bytes;
 use cqrs_core::Position;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -162,9 +162,18 @@ struct Slots<P> {
     slots: HashMap<u64, Arc<Slot<P>>>,
 }
 
+/// The subscriptions by topic, and the topics by channel.
+struct Subscriptions<P> {
+    topics: HashMap<Topic, Slots<P>>,
+    /// The topics each channel carries (those with a subscription): a channel that missed
+    /// messages warns its own topics without walking every topic of the hub, which with a
+    /// channel per topic made a reconnect cost channels × topics under the lock.
+    by_channel: HashMap<Box<str>, HashSet<Topic>>,
+}
+
 /// Every subscription of a hub, by topic.
 pub(crate) struct Registry<P> {
-    topics: RwLock<HashMap<Topic, Slots<P>>>,
+    topics: RwLock<Subscriptions<P>>,
     pub(crate) authorizer: Arc<dyn Authorizer<P>>,
     /// The largest event frame a connection's write buffer takes (see [`event_frame`]).
     pub(crate) max_event_frame: usize,
@@ -173,7 +182,10 @@ pub(crate) struct Registry<P> {
 impl<P: Send + Sync + 'static> Registry<P> {
     pub(crate) fn new(authorizer: Arc<dyn Authorizer<P>>, max_event_frame: usize) -> Self {
         Self {
-            topics: RwLock::new(HashMap::new()),
+            topics: RwLock::new(Subscriptions {
+                topics: HashMap::new(),
+                by_channel: HashMap::new(),
+            }),
             authorizer,
             max_event_frame,
         }
@@ -189,12 +201,19 @@ impl<P: Send + Sync + 'static> Registry<P> {
         slot: Arc<Slot<P>>,
         then: impl FnOnce(),
     ) {
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let Subscriptions { topics, by_channel } = &mut *guard;
         topics
             .entry(topic.clone())
-            .or_insert_with(|| Slots {
-                channel: channel.into(),
-                slots: HashMap::new(),
+            .or_insert_with(|| {
+                by_channel
+                    .entry(channel.into())
+                    .or_default()
+                    .insert(topic.clone());
+                Slots {
+                    channel: channel.into(),
+                    slots: HashMap::new(),
+                }
             })
             .slots
             .insert(slot.conn.id, slot);
@@ -203,11 +222,18 @@ impl<P: Send + Sync + 'static> Registry<P> {
 
     /// Removes a subscription, and runs `then` before any later event is dispatched.
     pub(crate) fn remove(&self, topic: &Topic, connection: u64, then: impl FnOnce()) {
-        let mut topics = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.topics.write().unwrap_or_else(|p| p.into_inner());
+        let Subscriptions { topics, by_channel } = &mut *guard;
         if let Some(slots) = topics.get_mut(topic) {
             slots.slots.remove(&connection);
-            if slots.slots.is_empty() {
-                topics.remove(topic);
+            if slots.slots.is_empty()
+                && let Some(slots) = topics.remove(topic)
+                && let Some(carried) = by_channel.get_mut(&slots.channel)
+            {
+                carried.remove(topic);
+                if carried.is_empty() {
+                    by_channel.remove(&slots.channel);
+                }
             }
         }
         then();
@@ -233,7 +259,8 @@ impl<P: Send + Sync + 'static> Registry<P> {
         released: &AtomicBool,
         event: &PushedEvent,
     ) -> u64 {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let topics = &guard.topics;
         if released.load(Ordering::SeqCst) {
             return 0;
         }
@@ -277,12 +304,18 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// once `released` is set (see [`dispatch`](Self::dispatch)): the subscriptions made since
     /// belong to the channel's next task, which missed nothing.
     pub(crate) fn missed(&self, channel: &str, released: &AtomicBool) -> u64 {
-        let topics = self.topics.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.topics.read().unwrap_or_else(|p| p.into_inner());
         if released.load(Ordering::SeqCst) {
             return 0;
         }
+        let Some(carried) = guard.by_channel.get(channel) else {
+            return 0;
+        };
         let mut told = 0;
-        for (topic, slots) in topics.iter().filter(|(_, s)| &*s.channel == channel) {
+        for topic in carried {
+            let Some(slots) = guard.topics.get(topic) else {
+                continue;
+            };
             let frame = missed_frame(topic);
             for slot in slots.slots.values() {
                 if slot.tell_missed(&frame) {
@@ -390,6 +423,48 @@ mod tests {
         assert!(matches!(conn.queue.try_pop(), Some(Outgoing::Frame(f)) if f.as_str() == "1"));
         assert!(!conn.push("3".into()), "closed as slow");
         assert!(conn.queue.try_pop().is_none());
+    }
+
+    /// A channel that missed messages warns the topics it carries and no other, and the
+    /// index of topics by channel keeps no topic once its last subscription is gone.
+    #[test]
+    fn a_channel_warns_only_its_own_topics_and_the_index_keeps_no_left_topic() {
+        use super::{Registry, Slot};
+        use crate::{AllowAll, Topic};
+        use std::sync::atomic::AtomicBool;
+
+        let registry = Registry::<()>::new(Arc::new(AllowAll), 1 << 16);
+        let conn = Arc::new(conn(64));
+        let topic = |name: &str| Topic::parse(name).unwrap();
+        let carried = [("t.a1", "a"), ("t.a2", "a"), ("t.b1", "b")];
+        for (name, channel) in carried {
+            let slot = Arc::new(Slot::new(conn.clone(), false, 8));
+            registry.insert(&topic(name), channel, slot, || {});
+        }
+        let live = AtomicBool::new(false);
+        assert_eq!(registry.missed("a", &live), 2, "t.a1 and t.a2");
+        assert_eq!(registry.missed("c", &live), 0, "a channel nothing is on");
+        let mut told = Vec::new();
+        while let Some(Outgoing::Frame(frame)) = conn.queue.try_pop() {
+            told.push(frame.as_str().to_owned());
+        }
+        assert_eq!(told.len(), 2);
+        assert!(
+            told.iter()
+                .all(|f| f.contains("events_missed") && !f.contains("t.b1")),
+            "{told:?}"
+        );
+
+        for (name, _) in carried {
+            registry.remove(&topic(name), conn.id, || {});
+        }
+        let guard = registry.topics.read().unwrap();
+        assert!(guard.topics.is_empty());
+        assert!(
+            guard.by_channel.is_empty(),
+            "{:?}",
+            guard.by_channel.keys().collect::<Vec<_>>()
+        );
     }
 
     /// A connection closing for any other reason takes nothing more either.
