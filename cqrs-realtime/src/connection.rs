@@ -328,12 +328,14 @@ impl<P: Send + Sync + 'static> Session<P> {
                 // ping and a replay do): taking the last one, a burst of answers would keep
                 // the queue full, and the next event would close the client as slow.
                 // A client that takes nothing for the idle timeout meanwhile is slow after all
-                // (as during a replay): closed, not waited for without end.
+                // (as during a replay): closed, not waited for without end. One that kept
+                // reading while live events kept the queue one short is not: its answer may
+                // take the last slot then.
                 tokio::select! {
                     biased;
                     ending = self.conn.close.reader_closed() => return (ending, true),
-                    room = timeout(idle, self.conn.queue.room_for(2)) => {
-                        if room.is_err() {
+                    room = self.conn.queue.room_for_an_answer(idle) => {
+                        if !room {
                             self.conn.close_slow();
                             return (Ending::SLOW, true);
                         }

@@ -147,6 +147,18 @@ impl SendQueue {
         self.popped.load(Ordering::Relaxed)
     }
 
+    /// Waits for room for the answer to a client's frame: two free slots, so the answer leaves
+    /// one for the next event. A client that took nothing for `idle` is slow: `false`. One
+    /// that kept reading while live events kept the queue one short of two free slots is not:
+    /// its answer may then take the last slot (waiting up to `idle` again for it).
+    pub(crate) async fn room_for_an_answer(&self, idle: std::time::Duration) -> bool {
+        let taken = self.popped();
+        if tokio::time::timeout(idle, self.room_for(2)).await.is_ok() {
+            return true;
+        }
+        self.popped() != taken && tokio::time::timeout(idle, self.room_for(1)).await.is_ok()
+    }
+
     /// Completes once at least `free` slots are free (at most the capacity).
     pub(crate) async fn room_for(&self, free: usize) {
         let free = free.min(self.capacity);
@@ -178,6 +190,43 @@ mod tests {
         assert!(!queue.try_push_ping(), "a ping would take the last slot");
         assert!(queue.try_push(Outgoing::Frame("b".into())).is_ok());
         assert!(queue.try_push(Outgoing::Frame("c".into())).is_err());
+    }
+
+    /// A client that keeps reading while live events keep its queue one short of two free
+    /// slots gets room for its answer (the last slot) after `idle`; one that reads nothing is
+    /// slow.
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_client_gets_room_for_an_answer_and_one_reading_nothing_does_not() {
+        use std::sync::Arc;
+        use std::time::Duration;
+        let idle = Duration::from_millis(100);
+
+        let queue = Arc::new(SendQueue::new(2));
+        queue.try_push(Outgoing::Frame("e0".into())).ok().unwrap();
+        // The writer takes a frame every 10 ms and the next event takes its place at once.
+        let busy = tokio::spawn({
+            let queue = queue.clone();
+            async move {
+                for n in 1.. {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // No await between the two: the wait never sees the queue empty.
+                    assert!(queue.try_pop().is_some());
+                    queue
+                        .try_push(Outgoing::Frame(format!("e{n}").into()))
+                        .ok()
+                        .unwrap();
+                }
+            }
+        });
+        assert!(queue.room_for_an_answer(idle).await, "it kept reading");
+        busy.abort();
+
+        let stuck = SendQueue::new(2);
+        stuck.try_push(Outgoing::Frame("e0".into())).ok().unwrap();
+        assert!(
+            !stuck.room_for_an_answer(idle).await,
+            "it took nothing for the idle timeout"
+        );
     }
 
     /// An idle connection is pinged whatever its capacity, one of a single slot too (else it
