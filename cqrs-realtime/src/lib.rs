@@ -83,8 +83,10 @@
 //! * live push is at-most-once (the pub/sub is), but a loss the hub sees (its subscription
 //!   fell behind, or the pub/sub reconnected) is told to every subscription of the channel's
 //!   topics with an `error` frame `events_missed`, so the client resumes with `since`;
-//!   events arrive in the order they were published, and a position among the last 1,024 a
-//!   channel delivered, delivered again (a relay re-shipping a batch), is not pushed twice;
+//!   each topic's events arrive in the order they were published (a topic being resumed
+//!   may fall behind the connection's other topics on its channel), and a position among
+//!   the last 1,024 a channel delivered, delivered again (a relay re-shipping a batch), is
+//!   not pushed twice;
 //! * a client that resumes with `since` gets, from the event store, every event after that
 //!   position it may see, then the live ones, with no gap and no duplicate at the seam.
 //!

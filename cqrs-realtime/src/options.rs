@@ -168,7 +168,8 @@ impl HubOptions {
     /// [`idle_timeout`](Self::idle_timeout); an interval too long for the clock (near
     /// `Duration::MAX`) never comes round: no pings, expiry checked only at `subscribe`. A
     /// connection whose send queue has at most one free slot is not pinged on a tick (the
-    /// slot is kept for an event).
+    /// slot is kept for an event), unless the queue is empty: an idle connection is pinged
+    /// whatever its queue's size.
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.ping_interval = interval;
         self
