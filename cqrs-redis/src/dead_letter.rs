@@ -76,7 +76,8 @@ pub struct Replayed {
 
 impl RedisStreamTransport {
     /// Up to `count` dead letters of `topic`, oldest first, after dead letter `after` (from the
-    /// start when `None`): page with the last id of the previous page.
+    /// start when `None`): page with the last id of the previous page. An `after` that is no
+    /// stream id (`<ms>-<seq>`) is [`TransportError::Invalid`].
     pub async fn dead_letters(
         &self,
         topic: &str,
@@ -84,7 +85,23 @@ impl RedisStreamTransport {
         count: usize,
     ) -> Result<Vec<DeadLetter>, TransportError> {
         let keys = self.shared.keys(topic)?;
-        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let start = match after {
+            None => "-".to_owned(),
+            Some(id) => match stream_id(id) {
+                // Nothing comes after the largest id (Redis refuses an interval past it).
+                Some((u64::MAX, u64::MAX)) => return Ok(Vec::new()),
+                Some(_) => format!("({id}"),
+                None => {
+                    return Err(TransportError::Invalid(format!(
+                        "`{id}` is no dead letter id: page with the `id` of the last dead \
+                         letter of the previous page (`<milliseconds>-<sequence>`)"
+                    )));
+                }
+            },
+        };
+        if count == 0 {
+            return Ok(Vec::new());
+        }
         let reply: Value = self
             .shared
             .client
@@ -257,13 +274,19 @@ impl RedisStreamTransport {
 fn stream_ids(ids: &[String]) -> Vec<&str> {
     ids.iter()
         .map(String::as_str)
-        .filter(|id| {
-            id.split_once('-').is_some_and(|(ms, seq)| {
-                // Digits only: `parse` would also take a sign, which Redis does not.
-                [ms, seq].iter().all(|part| {
-                    part.bytes().all(|b| b.is_ascii_digit()) && part.parse::<u64>().is_ok()
-                })
-            })
-        })
+        .filter(|id| stream_id(id).is_some())
         .collect()
+}
+
+/// The milliseconds and sequence of a whole stream id (`<ms>-<seq>`), as Redis writes them.
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    // Digits only: `parse` would also take a sign, which Redis does not.
+    let part = |part: &str| {
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse::<u64>().ok())
+            .flatten()
+    };
+    Some((part(ms)?, part(seq)?))
 }

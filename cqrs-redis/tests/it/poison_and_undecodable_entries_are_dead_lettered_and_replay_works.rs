@@ -4,7 +4,7 @@
 //! handler is fixed delivers it again to its group only.
 
 use crate::support::{Env, consumer_options, event, n_of, within};
-use cqrs_core::ports::{Consumer, EventTransport};
+use cqrs_core::ports::{Consumer, EventTransport, TransportError};
 use cqrs_redis::RedisConsumer;
 use fred::types::Value;
 use std::time::Duration;
@@ -107,6 +107,43 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
             assert_eq!(poison.group, "billing");
             let stats = env.transport.topic_stats(&topic).await.unwrap();
             assert_eq!(stats.dead_letters, 2);
+
+            // Paged one at a time; past the last, and past the largest id, nothing.
+            let first = env.transport.dead_letters(&topic, None, 1).await.unwrap();
+            assert_eq!(first.len(), 1);
+            assert_eq!(first[0].id, dead[0].id);
+            let second = env
+                .transport
+                .dead_letters(&topic, Some(&first[0].id), 1)
+                .await
+                .unwrap();
+            assert_eq!(second.len(), 1);
+            assert_eq!(second[0].id, dead[1].id);
+            let past = Some(dead[1].id.as_str());
+            let largest = format!("{}-{}", u64::MAX, u64::MAX);
+            for after in [past, Some(largest.as_str())] {
+                let page = env.transport.dead_letters(&topic, after, 10).await.unwrap();
+                assert!(page.is_empty(), "after {after:?}: {page:?}");
+            }
+            assert!(
+                env.transport
+                    .dead_letters(&topic, None, 0)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            // An `after` that is no id is the caller's mistake, not a backend failure.
+            for after in ["abc", "", "1-2-3", "+1-0", "12", "18446744073709551616-0"] {
+                let error = env
+                    .transport
+                    .dead_letters(&topic, Some(after), 10)
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(&error, TransportError::Invalid(m) if m.contains("no dead letter id")),
+                    "after {after:?}: {error}"
+                );
+            }
 
             // The audit group handles everything decodable; the broken entry is dead-lettered for
             // it too.
@@ -368,6 +405,68 @@ async fn a_dead_letter_of_a_group_that_is_gone_stays_until_the_group_is_back() {
                 [7],
                 "the replay reaches the group"
             );
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
+
+/// A burst of undecodable entries is dead-lettered over several fetches, each within its
+/// `block`, not in one fetch that runs until the burst is worked off (the consume loop checks
+/// its health and the shutdown between fetches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_undecodable_entries_is_worked_off_over_several_fetches() {
+    let Some(env) = Env::new("burst").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("payments");
+            let stream = env.transport.stream_key(&topic).unwrap();
+            let mut consumer = env
+                .transport
+                .redis_consumer(
+                    &topic,
+                    "billing",
+                    consumer_options(&format!("{}-billing", env.id)).block(Duration::ZERO),
+                )
+                .await
+                .unwrap();
+            const BURST: u64 = 6;
+            const MAX: usize = 2;
+            for _ in 0..BURST {
+                env.command(
+                    "XADD",
+                    vec![
+                        stream.as_str().into(),
+                        "*".into(),
+                        "record".into(),
+                        "{broken".into(),
+                    ],
+                )
+                .await;
+            }
+            let mut dead = 0;
+            for _ in 0..50 {
+                assert!(consumer.fetch(MAX).await.unwrap().is_empty());
+                let now = env
+                    .transport
+                    .topic_stats(&topic)
+                    .await
+                    .unwrap()
+                    .dead_letters;
+                assert!(
+                    now - dead <= MAX as u64,
+                    "one fetch dead-lettered {} entries, more than one step of {MAX}",
+                    now - dead
+                );
+                dead = now;
+                if dead == BURST {
+                    break;
+                }
+            }
+            assert_eq!(dead, BURST, "the burst is worked off");
         }),
     )
     .await;
