@@ -1512,12 +1512,18 @@ impl Consumer for RedisConsumer {
             if !deliveries.is_empty() {
                 return Ok(deliveries);
             }
+            let now = Instant::now();
             if dead_lettered {
                 // Their successors may be ready now. (Entries are held back above only behind
                 // one handed out or dead-lettered here: never the only outcome of a step.)
-                continue;
+                // Within the fetch's `block`: a burst of undecodable entries is worked off
+                // over several fetches, so the consume loop's health and shutdown checks run
+                // between them.
+                if deadline.is_none_or(|deadline| now < deadline) {
+                    continue;
+                }
+                return Ok(Vec::new());
             }
-            let now = Instant::now();
             let mut wait = match deadline {
                 Some(deadline) if now >= deadline => return Ok(Vec::new()),
                 Some(deadline) => deadline - now,

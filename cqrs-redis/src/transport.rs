@@ -369,20 +369,38 @@ impl RedisStreamTransport {
         };
         // While the claim holds the name: a join dropped here frees it.
         let record = delay_record(&options);
+        // Armed before the record is written (taking out one never written does nothing): a
+        // join dropped from here on (a caller's timeout while the reader connects) takes it
+        // out, or the group would list a consumer that never was for the record's window.
+        let mut delay_claim = DelayClaim {
+            armed: true,
+            shared: &self.shared,
+            key: keys.delays(group),
+            name: &options.consumer_name,
+            record: &record,
+        };
         self.join_delays(&keys, topic, group, &options, &record)
             .await;
         let reader = match connection::client(&self.shared.options.connection).await {
             Ok(reader) => reader,
             Err(e) => {
                 // No consumer after all: its record goes (best effort).
-                let delays = keys.delays(group);
-                forget_delay(&self.shared, &delays, &options.consumer_name, &record).await;
+                delay_claim.armed = false;
+                forget_delay(
+                    &self.shared,
+                    &delay_claim.key,
+                    &options.consumer_name,
+                    &record,
+                )
+                .await;
                 return Err(match e {
                     ConnectError::Redis(e) => e,
                     other => backend(other.to_string()),
                 });
             }
         };
+        delay_claim.armed = false;
+        drop(delay_claim);
         claim.armed = false;
         drop(claim);
         Ok(RedisConsumer::new(
@@ -615,6 +633,31 @@ impl Drop for NameClaim<'_> {
     fn drop(&mut self) {
         if self.armed {
             forget_name(self.shared, self.stream, self.group, self.name);
+        }
+    }
+}
+
+/// A joining consumer's delay record, taken out of its group's records (on a task of its own)
+/// if the join is dropped before the consumer exists.
+struct DelayClaim<'a> {
+    armed: bool,
+    shared: &'a Arc<Shared>,
+    key: String,
+    name: &'a str,
+    record: &'a str,
+}
+
+impl Drop for DelayClaim<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Without a runtime (one shutting down), the record ages out of its window.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            let key = std::mem::take(&mut self.key);
+            let (name, record) = (self.name.to_owned(), self.record.to_owned());
+            handle.spawn(async move { forget_delay(&shared, &key, &name, &record).await });
         }
     }
 }

@@ -3,9 +3,11 @@
 //! it, and `redelivery_delays` lists those still consuming, without those that closed, were
 //! dropped, left the group or have been idle past their window.
 
-use crate::support::{Env, consumer_options, within};
+use crate::proxy::Proxy;
+use crate::support::{Env, consumer_options, plain_redis_host, within};
 use cqrs_core::ports::ConsumerOptions;
 use cqrs_core::testing::eventually;
+use cqrs_redis::ConnectionOptions;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -244,4 +246,77 @@ async fn consumers_of_a_group_with_other_redelivery_delays_are_reported() {
     })
     .await;
     env.cleanup().await;
+}
+
+/// A join dropped while its reader connects (a caller's timeout) takes its delay record out of
+/// the group's records: the group listed a consumer that never was for the record's window (a
+/// minute here), and a joiner with another delay was warned about it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_dropped_while_connecting_leaves_no_delay_record() {
+    let Some(upstream) = plain_redis_host() else {
+        return;
+    };
+    let proxy = Proxy::start(&upstream).await;
+    let Some(env) = Env::with("dropped-join", |options| {
+        options.connection(connection_through(&proxy))
+    })
+    .await
+    else {
+        return;
+    };
+    within(30, async {
+        let topic = env.topic("orders");
+        // New connections (the joining consumer's reader) reach a server that never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        proxy.redirect(&silent.local_addr().unwrap().to_string());
+        let holding = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = silent.accept().await {
+                held.push(connection);
+            }
+        });
+
+        let name = format!("{}-late", env.id);
+        // Counted as consuming for a minute after it joined (twice its `block`, plus a second).
+        let options = consumer_options(&name).block(Duration::from_secs(30));
+        let joining = tokio::spawn({
+            let (transport, topic) = (env.transport.clone(), topic.clone());
+            async move {
+                transport
+                    .redis_consumer(&topic, "g", options)
+                    .await
+                    .map(drop)
+            }
+        });
+        let listed = || async {
+            let delays = env.transport.redelivery_delays(&topic, "g").await.unwrap();
+            delays.iter().any(|(listed, _)| *listed == name)
+        };
+        eventually(
+            Duration::from_secs(10),
+            "the join recorded its delay",
+            || async { listed().await.then_some(()) },
+        )
+        .await;
+        assert!(!joining.is_finished(), "still connecting its reader");
+
+        joining.abort();
+        eventually(
+            Duration::from_secs(10),
+            "the dropped join's record taken out",
+            || async { (!listed().await).then_some(()) },
+        )
+        .await;
+        holding.abort();
+    })
+    .await;
+    env.cleanup().await;
+}
+
+/// The test's connection options, through `proxy`.
+fn connection_through(proxy: &Proxy) -> ConnectionOptions {
+    ConnectionOptions::new(proxy.url())
+        .command_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(20))
+        .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
 }
