@@ -2,14 +2,14 @@
 
 use crate::PgDatabase;
 use crate::error::{BACKEND, is_unique_violation, store_error};
-use crate::row::{self, Columns, to_i64, to_u64};
+use crate::row::{self, Columns, RowError, to_i64, to_u64};
 use crate::sql::Sql;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{EventRecord, Position};
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool, Postgres};
+use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
@@ -101,7 +101,7 @@ impl PgEventStore {
             .fetch_all(conn)
             .await
             .map_err(store_error)?;
-        rows.iter().map(row::event).collect()
+        page(&rows)
     }
 
     /// Appends inside a transaction you hold (`&mut *tx`, of a sqlx
@@ -463,6 +463,43 @@ impl EventStore for PgEventStore {
         let mut conn = self.db.acquire().await?;
         read_version(&mut conn, &self.db.sql, stream_id).await
     }
+}
+
+/// A page of the global order: the events before the first row whose content does not decode
+/// (one written around the append functions, say without `correlation_id` in its metadata),
+/// a page shorter than asked; or, when that row comes first, an error naming its position.
+/// So a reader stops at the row itself: failing the whole page held back the events before
+/// it too, and a projection applied none of them.
+fn page(rows: &[PgRow]) -> Result<Vec<EventRecord>, StoreError> {
+    let mut events = Vec::with_capacity(rows.len());
+    for r in rows {
+        match row::checked_event(r) {
+            Ok(event) => events.push(event),
+            // The next read starts at the row, and fails naming it.
+            Err(RowError::Content(_)) if !events.is_empty() => break,
+            Err(RowError::Content(error)) => {
+                let position = r.try_get::<i64, _>("position").ok();
+                let event_id = r.try_get::<uuid::Uuid, _>("event_id").ok();
+                // Its cause alone: the error below says "could not decode" already.
+                let error = match error {
+                    StoreError::Codec(cause) => cause,
+                    other => other.into(),
+                };
+                return Err(StoreError::Codec(
+                    format!(
+                        "the event at position {} (id {}) cannot be read: {error}; readers of \
+                         the global order stop at it until the row is mended (it was written \
+                         around this crate's append functions) or deleted",
+                        position.map_or_else(|| "?".to_owned(), |p| p.to_string()),
+                        event_id.map_or_else(|| "?".to_owned(), |id| id.to_string()),
+                    )
+                    .into(),
+                ));
+            }
+            Err(RowError::Columns(error)) => return Err(error),
+        }
+    }
+    Ok(events)
 }
 
 #[cfg(test)]

@@ -181,8 +181,9 @@ pub trait EventStore: Send + Sync + 'static {
     /// Events of every stream with a position greater than `after`, in global order, at most
     /// `limit` of them; fewer only at the end of what it may show now: no more were committed
     /// at the time of the read, or those committed wait behind an earlier position whose append
-    /// is still open (see "Global order" above). Readers take a page shorter than `limit` for
-    /// the end of the store, and stop there.
+    /// is still open (see "Global order" above); or before an event the store cannot read
+    /// back (a row written around its append), which the next call fails on, naming it.
+    /// Readers take a page shorter than `limit` for the end of the store, and stop there.
     async fn read_all(&self, after: Position, limit: usize)
     -> Result<Vec<EventRecord>, StoreError>;
 

@@ -395,6 +395,50 @@ pg_test! {
 }
 
 pg_test! {
+    /// A row the event store cannot read back (written around its append functions, without
+    /// the metadata an event needs) stops a runner at itself: the events before it in the
+    /// page take effect, and the error names its position. It failed the whole page, and the
+    /// runner applied none of them.
+    async fn an_unreadable_row_holds_back_only_itself_and_what_follows(db: PgDatabase) {
+        create_read_model(&db).await;
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        let projection = Arc::new(GoesOnAfterAFailure { schema: db.schema().to_owned(), swallowing: std::sync::Mutex::new(Vec::new()) });
+        let mut runner = ProjectionRunner::from_store(Arc::new(db.projection_store()), projection, Arc::new(db.event_store()), Arc::new(types));
+        open(&db, "t1", "a title").await;
+        open(&db, "t2", "a title").await;
+        let insert = format!(
+            "INSERT INTO \"{}\".events (stream_id, stream_version, event_id, event_type, \
+             schema_version, payload, metadata) \
+             VALUES ('manual', 1, gen_random_uuid(), 'TicketOpened', 1, '{{}}', '{{}}') \
+             RETURNING position",
+            db.schema()
+        );
+        let bad: i64 = sqlx::query_scalar(AssertSqlSafe(insert)).fetch_one(db.pool()).await.unwrap();
+        open(&db, "t4", "a title").await;
+
+        // However the runner pages, the events before the row take effect, once.
+        let mut applied = 0;
+        let mut stopped = None;
+        for _ in 0..10 {
+            match runner.run_once().await {
+                Ok(n) => applied += n,
+                Err(error) => {
+                    stopped = Some(error);
+                    break;
+                }
+            }
+        }
+        let error = stopped.expect("stopped at the unreadable row");
+        assert_eq!(applied, 2, "{error}");
+        assert_eq!(count(&db).await, 2);
+        assert!(error.to_string().contains(&format!("the event at position {bad} ")), "{error}");
+        runner.run_once().await.expect_err("still stopped at the row");
+        assert_eq!(count(&db).await, 2);
+    }
+}
+
+pg_test! {
     /// A store that refuses the runner's own writes whatever the event (here its inbox table
     /// is gone) fails the step as the store's error, not as the first event's.
     async fn a_store_that_refuses_every_unit_is_not_blamed_on_an_event(db: PgDatabase) {
