@@ -24,7 +24,10 @@ use uuid::Uuid;
 /// effect once.
 #[async_trait]
 pub trait Projection<S: ProjectionStore>: Send + Sync + 'static {
-    /// A stable name: the key of its checkpoint and inbox.
+    /// A stable name: the key of its checkpoint and inbox. Renamed, the projection has no
+    /// checkpoint and replays from the first event onto its read model as it is (counts
+    /// doubled, or a unique violation): [`rebuild`](ProjectionRunner::rebuild) under the new
+    /// name, which resets the read model first.
     fn name(&self) -> &str;
 
     /// Applies one event. Events the projection does not care about are simply ignored.
@@ -458,8 +461,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         .await
     }
 
-    /// Applies one batch. Returns how many events took effect (0 when caught up, or when
-    /// every event was a duplicate).
+    /// Applies one batch. Returns how many events took effect: 0 when caught up, but also
+    /// when every event of the batch was a duplicate or of a type the projection does not
+    /// register (skipped): to run until the end of the source, call
+    /// [`catch_up`](Self::catch_up), not `run_once` until it returns 0.
     ///
     /// Fed by a transport, an event the projection refuses, cannot decode, or answers
     /// `Unavailable` or `RateLimited` for (the first such event of the batch) is set aside with
@@ -473,6 +478,50 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         match stepped.set_aside {
             None => Ok(stepped.applied),
             Some(e) => Err(e),
+        }
+    }
+
+    /// Applies batches until the source has no more to give, and returns how many events took
+    /// effect. A batch of duplicates or skipped types (which applies none) does not stop it,
+    /// where a loop on [`run_once`](Self::run_once) until it returns 0 would stop there.
+    /// Stops at the first error, as `run_once` does. Fed by a transport, "no more" is a fetch
+    /// that brought nothing within the consumer's `block` (with `Duration::MAX`, never).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
+    /// # use cqrs_core::projection::{Projection, ProjectionRunner};
+    /// # use cqrs_core::{EventEnvelope, EventTypes, HandlerError, async_trait};
+    /// # struct Noop;
+    /// # #[async_trait]
+    /// # impl Projection<InMemoryProjectionStore> for Noop {
+    /// #     fn name(&self) -> &str { "noop" }
+    /// #     async fn apply(&self, _: &mut InMemoryUnit, _: &EventEnvelope) -> Result<(), HandlerError> { Ok(()) }
+    /// #     async fn reset(&self, _: &mut InMemoryUnit) -> Result<(), HandlerError> { Ok(()) }
+    /// # }
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut runner = ProjectionRunner::from_store(
+    ///     Arc::new(InMemoryProjectionStore::new()),
+    ///     Arc::new(Noop),
+    ///     Arc::new(InMemoryEventStore::new()),
+    ///     Arc::new(EventTypes::new()),
+    /// );
+    /// let applied = runner.catch_up().await?;
+    /// assert_eq!(applied, 0, "an empty store");
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run()).unwrap();
+    /// ```
+    pub async fn catch_up(&mut self) -> Result<usize, ProjectionError> {
+        let mut applied = 0usize;
+        loop {
+            let stepped = self.step().await?;
+            if let Some(e) = stepped.set_aside {
+                return Err(e);
+            }
+            applied = applied.saturating_add(stepped.applied);
+            if stepped.caught_up {
+                return Ok(applied);
+            }
         }
     }
 

@@ -222,6 +222,40 @@ fn a_store_fed_projection_catches_up_keeps_its_checkpoint_and_rebuilds() {
     });
 }
 
+/// A batch of types the projection does not register applies nothing: `run_once` returns 0
+/// for it although the store has more, and `catch_up` goes on to the end.
+#[test]
+fn catch_up_passes_batches_of_skipped_types_that_run_once_counts_as_zero() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let sum = Arc::new(Sum::default());
+        let mut others: Vec<EventRecord> = (0..3).map(record).collect();
+        for other in &mut others {
+            other.event_type = "test.nobody_registers_this".into();
+        }
+        others.push(record(5));
+        events
+            .append("s-1", ExpectedVersion::NO_STREAM, others)
+            .await
+            .unwrap();
+        let runner = || {
+            ProjectionRunner::from_store(
+                Arc::new(InMemoryProjectionStore::new()),
+                sum.clone(),
+                events.clone(),
+                types(),
+            )
+            .batch_size(3)
+        };
+        assert_eq!(runner().run_once().await.unwrap(), 0, "three skipped");
+        assert_eq!(*sum.total.lock().unwrap(), 0);
+        let mut runner = runner();
+        assert_eq!(runner.catch_up().await.unwrap(), 1);
+        assert_eq!(*sum.total.lock().unwrap(), 5);
+        assert_eq!(runner.catch_up().await.unwrap(), 0, "caught up");
+    });
+}
+
 /// A rebuild whose `reset` fails says so, and that nothing changed (it named the nil event
 /// `(reset)`, as if an event had failed); the read model and the checkpoint stay.
 #[test]
