@@ -135,9 +135,35 @@ fn reachable(rt: &Runtime) -> bool {
     })
 }
 
+/// A group's schema, dropped with it: also when the group panics (an assertion, a failed
+/// append), which left a `bench_*` schema in the shared database.
+struct BenchSchema<'a> {
+    rt: &'a Runtime,
+    db: PgDatabase,
+}
+
+impl std::ops::Deref for BenchSchema<'_> {
+    type Target = PgDatabase;
+    fn deref(&self) -> &PgDatabase {
+        &self.db
+    }
+}
+
+impl Drop for BenchSchema<'_> {
+    fn drop(&mut self) {
+        // Bounded: a server gone away must not hang the bench's exit.
+        let dropped = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), self.db.drop_schema()).await
+        });
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop the bench schema {}", self.db.schema());
+        }
+    }
+}
+
 /// A fresh, migrated schema for one group, or `None` when Postgres is unreachable. The pool has
 /// `PgOptions`' defaults (10 connections); both sides of every comparison use it.
-fn schema(rt: &Runtime, group: &str) -> Option<PgDatabase> {
+fn schema<'a>(rt: &'a Runtime, group: &str) -> Option<BenchSchema<'a>> {
     if !reachable(rt) {
         return None;
     }
@@ -145,23 +171,19 @@ fn schema(rt: &Runtime, group: &str) -> Option<PgDatabase> {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let name = format!("bench_{group}_{}_{nanos:x}", std::process::id());
-    let db = rt.block_on(async {
-        let db = PgOptions::new(database_url())
+    let db = rt.block_on(
+        PgOptions::new(database_url())
             .schema(&name)
             .application_name(format!("cqrs-bench {name}"))
-            .connect()
-            .await
-            .expect("connect to postgres");
-        db.migrate().await.expect("migrate the bench schema");
-        db
-    });
+            .connect(),
+    );
+    // Guarded before the migration, which may fail halfway.
+    let db = BenchSchema {
+        rt,
+        db: db.expect("connect to postgres"),
+    };
+    rt.block_on(db.migrate()).expect("migrate the bench schema");
     Some(db)
-}
-
-/// Drops the group's schema.
-fn drop_schema(rt: &Runtime, db: &PgDatabase) {
-    rt.block_on(db.drop_schema())
-        .expect("drop the bench schema");
 }
 
 /// The `n`-th event: an `Incremented` with fresh metadata, serialized as a command's would be.
@@ -384,7 +406,6 @@ fn append_one_event(c: &mut Criterion) {
         }),
     );
     assert_rows(&rt, &db, &raw, store_n.get(), raw_n.get());
-    drop_schema(&rt, &db);
 }
 
 /// Runs `iters` appends spread over [`WRITERS`] tasks. The side's k-th append (`counter`
@@ -454,7 +475,6 @@ fn append_one_event_8_writers(c: &mut Criterion) {
         }),
     );
     assert_rows(&rt, &db, &raw, store_n.get(), raw_n.get());
-    drop_schema(&rt, &db);
 }
 
 /// A function timing `n` appends of [`BATCH`] events of one side: the n-th batch goes to
@@ -509,7 +529,6 @@ fn append_100_events(c: &mut Criterion) {
         }),
     );
     assert_rows(&rt, &db, &raw, store_n.get() * BATCH, raw_n.get() * BATCH);
-    drop_schema(&rt, &db);
 }
 
 fn outbox_relay(c: &mut Criterion) {
@@ -533,7 +552,7 @@ fn outbox_relay(c: &mut Criterion) {
     for batch_size in [100, 1000] {
         let id = BenchmarkId::new("in_memory_transport/batch_size", batch_size);
         group.bench_function(id, |b| {
-            let (db, relays) = (&db, &relays);
+            let (db, relays): (&PgDatabase, _) = (&db, &relays);
             b.to_async(&rt).iter_custom(|iters| async move {
                 let mut measured = Duration::ZERO;
                 for _ in 0..iters {
@@ -569,7 +588,6 @@ fn outbox_relay(c: &mut Criterion) {
         });
     }
     group.finish();
-    drop_schema(&rt, &db);
 }
 
 criterion_group!(

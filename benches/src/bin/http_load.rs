@@ -127,10 +127,29 @@ fn main() -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     let schema = format!("http_load_{}", std::process::id());
+    let measured = measure(&args, &servers, &clients, &schema);
+    // Also after a failure (a server that did not start, a request that failed): the schemas
+    // stayed in the shared database.
+    if args.backend == Backend::Postgres {
+        servers.block_on(async {
+            drop_schema(&schema).await;
+            drop_schema(&format!("{schema}_baseline")).await;
+        });
+    }
+    measured
+}
+
+/// Starts both servers, runs the rounds and prints the figures.
+fn measure(
+    args: &Args,
+    servers: &tokio::runtime::Runtime,
+    clients: &tokio::runtime::Runtime,
+    schema: &str,
+) -> Result<(), BoxError> {
     let (framework, framework_tokens, baseline, stop) = servers.block_on(async {
-        let (framework, stop) = start_framework(args.backend, &schema).await?;
+        let (framework, stop) = start_framework(args.backend, schema).await?;
         let tokens = framework_tokens(framework).await?;
-        let baseline = start_baseline(args.backend, &schema).await?;
+        let baseline = start_baseline(args.backend, schema).await?;
         Ok::<_, BoxError>((framework, tokens, baseline, stop))
     })?;
     let baseline_token = baseline_token()?;
@@ -187,13 +206,7 @@ fn main() -> Result<(), BoxError> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    servers.block_on(async {
-        stop.await;
-        if args.backend == Backend::Postgres {
-            drop_schema(&schema).await;
-            drop_schema(&format!("{schema}_baseline")).await;
-        }
-    });
+    servers.block_on(stop);
     Ok(())
 }
 
