@@ -105,6 +105,21 @@ pub enum ProjectionError {
         "projection `{0}` has no event store to rebuild from; build the runner with `from_store` or `with_event_store`"
     )]
     NoEventStore(String),
+    /// The event store holds no event at or past the projection's checkpoint, which is the
+    /// position of an event the projection applied: the store was restored from an older
+    /// backup or recreated without the projections' checkpoints, or the checkpoints are
+    /// another store's. Read from there, every new event at or below the checkpoint would be
+    /// skipped. [`rebuild`](ProjectionRunner::rebuild) the projection (or point it at its own
+    /// store).
+    #[error(
+        "projection `{projection}`'s checkpoint is at position {checkpoint}, past the end of the event store: the store was restored or recreated without the projection's checkpoints, or they belong to another store; rebuild the projection"
+    )]
+    CheckpointAhead {
+        /// The projection.
+        projection: String,
+        /// Its checkpoint.
+        checkpoint: Position,
+    },
 }
 
 enum Source {
@@ -218,6 +233,8 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     suspects: VecDeque<Uuid>,
     /// The store's checkpoint as this runner last saw it: where its next batch is read.
     read_from: std::sync::Mutex<Option<Position>>,
+    /// Whether the event store was seen to reach the checkpoint (see `check_end`).
+    end_checked: std::sync::atomic::AtomicBool,
 }
 
 /// What one batch did: how many events took effect, whether the source had no more to give,
@@ -286,6 +303,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stalled: std::sync::atomic::AtomicBool::new(false),
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
+            end_checked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -332,6 +350,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stalled: std::sync::atomic::AtomicBool::new(false),
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
+            end_checked: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -565,7 +584,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         for _ in 0..READ_AHEAD_ATTEMPTS {
             let seen = *self.lock_read_from();
             let records = match seen {
-                Some(after) => Some(events.read_all(after, self.batch).await?),
+                Some(after) => {
+                    let records = events.read_all(after, self.batch).await?;
+                    if records.is_empty() {
+                        self.check_end(events.as_ref(), after).await?;
+                    }
+                    Some(records)
+                }
                 None => None,
             };
             let (unit, after) = self.begin_at_checkpoint().await?;
@@ -582,6 +607,32 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let (unit, after) = self.begin_at_checkpoint().await?;
         let records = events.read_all(after, self.batch).await?;
         self.apply_batch(unit, after, &records).await
+    }
+
+    /// Once per runner, the first time it finds nothing after its checkpoint: an event store
+    /// whose events end below the checkpoint (restored from an older backup or recreated
+    /// without the projections' checkpoints) would be read past its end for ever, the runner
+    /// reporting itself caught up and every new event at or below the checkpoint skipped. A
+    /// checkpoint is the position of an event the projection applied, so the store holds one
+    /// at it or past it.
+    async fn check_end(
+        &self,
+        events: &dyn EventStore,
+        after: Position,
+    ) -> Result<(), ProjectionError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if after == Position::START || self.end_checked.load(Relaxed) {
+            return Ok(());
+        }
+        let at_or_past = events.read_all(Position::new(after.get() - 1), 1).await?;
+        if at_or_past.is_empty() {
+            return Err(ProjectionError::CheckpointAhead {
+                projection: self.name.clone(),
+                checkpoint: after,
+            });
+        }
+        self.end_checked.store(true, Relaxed);
+        Ok(())
     }
 
     /// A unit of work (holding the projection's lock) and the checkpoint it reads.
@@ -1588,7 +1639,7 @@ fn passes(error: &ProjectionError) -> bool {
         ProjectionError::Decode { .. } | ProjectionError::Apply { .. } => true,
         // A rebuild's, never a batch's; as the batch's own would be, a retryable one passes.
         ProjectionError::Rebuild { source, .. } => passes(source.kind()),
-        ProjectionError::NoEventStore(_) => false,
+        ProjectionError::NoEventStore(_) | ProjectionError::CheckpointAhead { .. } => false,
     }
 }
 

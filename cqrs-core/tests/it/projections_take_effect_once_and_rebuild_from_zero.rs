@@ -256,6 +256,58 @@ fn catch_up_passes_batches_of_skipped_types_that_run_once_counts_as_zero() {
     });
 }
 
+/// A checkpoint past the end of the event store (the store restored from an older backup
+/// without the checkpoints) is an error that says to rebuild, not a runner caught up for ever
+/// that skips every new event at or below it; the rebuild mends it.
+#[test]
+fn a_checkpoint_past_the_end_of_the_store_is_an_error_a_rebuild_mends() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        events
+            .append(
+                "s-1",
+                ExpectedVersion::NO_STREAM,
+                vec![record(1), record(2)],
+            )
+            .await
+            .unwrap();
+        let mut unit = store.begin("sum").await.unwrap();
+        store
+            .save_checkpoint(&mut unit, "sum", Position::new(10))
+            .await
+            .unwrap();
+        store.commit(unit).await.unwrap();
+        let mut runner =
+            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
+        for _ in 0..2 {
+            let error = runner.run_once().await.unwrap_err();
+            assert!(
+                matches!(&error, ProjectionError::CheckpointAhead { checkpoint, .. } if *checkpoint == Position::new(10)),
+                "{error}"
+            );
+            assert!(
+                error.to_string().contains("rebuild the projection"),
+                "{error}"
+            );
+        }
+        assert_eq!(runner.rebuild().await.unwrap(), 2);
+        assert_eq!(*sum.total.lock().unwrap(), 3);
+        assert_eq!(
+            runner.run_once().await.unwrap(),
+            0,
+            "caught up, at the store's end"
+        );
+        events
+            .append("s-1", ExpectedVersion::Exactly(2), vec![record(4)])
+            .await
+            .unwrap();
+        assert_eq!(runner.run_once().await.unwrap(), 1);
+        assert_eq!(*sum.total.lock().unwrap(), 7);
+    });
+}
+
 /// A rebuild whose `reset` fails says so, and that nothing changed (it named the nil event
 /// `(reset)`, as if an event had failed); the read model and the checkpoint stay.
 #[test]
