@@ -343,6 +343,8 @@ enum SnapshotMismatch {
     Decode(#[from] serde_json::Error),
     #[error("it is at stream version 0, so it includes no event")]
     NoEvent,
+    #[error("the state's Deserialize panicked on it: {0}")]
+    Panicked(String),
 }
 
 /// `state` as stored: alone at snapshot version 1, else under its version. A state holding a
@@ -351,7 +353,19 @@ enum SnapshotMismatch {
 fn encode_snapshot<A: Aggregate + Serialize>(
     state: &A,
 ) -> Result<serde_json::Value, serde_json::Error> {
-    let state = crate::json::to_value(state)?;
+    // A `Serialize` that panics saves no snapshot, like one that fails: the events are
+    // stored by now, and the command must not fail (or unwind) after it took effect.
+    let state = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::json::to_value(state)
+    }))
+    .unwrap_or_else(|panic| {
+        Err(<serde_json::Error as serde::ser::Error>::custom(
+            format_args!(
+                "the state's Serialize panicked: {}",
+                crate::panic::into_message(panic)
+            ),
+        ))
+    })?;
     Ok(match A::SNAPSHOT_VERSION {
         1 => state,
         version => serde_json::json!({ SNAPSHOT_VERSION_KEY: version, "state": state }),
@@ -382,7 +396,14 @@ fn decode_snapshot<A: Aggregate + DeserializeOwned>(
             wanted: A::SNAPSHOT_VERSION,
         });
     }
-    Ok(serde_json::from_value(state)?)
+    // A `Deserialize` that panics on a stored state (a `deserialize_with` that unwraps, on a
+    // state another build saved) passes the snapshot over like one that does not decode: else
+    // every load of the aggregate panicked, and no command could save a newer one.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serde_json::from_value(state)
+    }))
+    .map_err(|panic| SnapshotMismatch::Panicked(crate::panic::into_message(panic)))?
+    .map_err(SnapshotMismatch::Decode)
 }
 
 /// Loads aggregates from an [`EventStore`], runs commands on them, and appends the events with
@@ -815,7 +836,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// appended first (a version conflict at the append), loads the aggregate again and lets
     /// it decide `command()` anew on what the other writer did, up to `attempts` times in all
     /// (at least once), each after a short jittered pause (a few milliseconds, longer for each
-    /// attempt), so writers that collided do not collide again at once. Of writers racing on
+    /// attempt; a tokio timer, so the runtime needs its time driver: `enable_time` or
+    /// `enable_all`), so writers that collided do not collide again at once. Of writers racing on
     /// one aggregate, each then decides on the others' effects: the loser of a race to spend
     /// the last of a balance gets the aggregate's refusal, not a version conflict. After
     /// `attempts` conflicts the last one is returned.
@@ -829,7 +851,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// use cqrs_core::{AggregateRepository, Metadata};
     /// use std::sync::Arc;
     ///
-    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
     /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
     /// let open = || TicketCommand::Open;
     /// let committed = repo.execute_retrying("t-1", open, &Metadata::new(), 10).await?;

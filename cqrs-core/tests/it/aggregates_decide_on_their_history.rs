@@ -867,3 +867,75 @@ fn a_state_json_cannot_hold_gets_no_snapshot() {
         assert_eq!(saved.state["share"], serde_json::json!(1.0));
     });
 }
+
+/// Counts its events; its state's `Serialize` panics at 7 and its `Deserialize` at 13 (a
+/// `serialize_with` / `deserialize_with` that unwraps).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Fragile {
+    #[serde(serialize_with = "not_seven", deserialize_with = "not_thirteen")]
+    count: u64,
+}
+
+fn not_seven<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    assert!(*n != 7, "seven does not serialize");
+    s.serialize_u64(*n)
+}
+
+fn not_thirteen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let n = u64::deserialize(d)?;
+    assert!(n != 13, "thirteen does not deserialize");
+    Ok(n)
+}
+
+impl Aggregate for Fragile {
+    const TYPE: &'static str = "fragile";
+    type Event = MeterEvent;
+    type Command = ();
+    type Error = HandlerError;
+
+    fn apply(&mut self, _: &MeterEvent) {
+        self.count += 1;
+    }
+
+    fn decide(&self, (): ()) -> Result<Vec<MeterEvent>, HandlerError> {
+        Ok(vec![Measured { mean: 0.0 }.into()])
+    }
+}
+
+/// A state whose `Serialize` panics gets no snapshot and the command that stored its events
+/// succeeds; a stored snapshot whose `Deserialize` panics is passed over and the stream
+/// replayed. Both unwound: the first out of a command that had taken effect, the second out of
+/// every load, for good.
+#[test]
+fn a_snapshot_whose_serde_panics_is_passed_over() {
+    run(async {
+        let store = Arc::new(InMemoryEventStore::new());
+        let snapshots = Arc::new(InMemorySnapshotStore::new());
+        let repo =
+            AggregateRepository::<Fragile>::new(store.clone()).with_snapshots(snapshots.clone(), 1);
+        let metadata = Metadata::new();
+        for _ in 0..7 {
+            repo.execute("f", None, (), &metadata).await.unwrap();
+        }
+        let saved = snapshots.load("fragile-f").await.unwrap().unwrap();
+        assert_eq!(saved.version, 6, "none saved at 7");
+        assert_eq!(store.stream_version("fragile-f").await.unwrap(), 7);
+
+        // Another build's snapshot at 7, which this one's `Deserialize` panics on.
+        let seventh = store.load("fragile-f", 6).await.unwrap()[0].event_id;
+        snapshots
+            .save(
+                "fragile-f",
+                Snapshot::new(7, serde_json::json!({ "count": 13 })).with_last_event(seventh),
+            )
+            .await
+            .unwrap();
+        let loaded = repo.load("f").await.unwrap();
+        assert_eq!((loaded.state.count, loaded.version), (7, 7), "replayed");
+        repo.execute("f", None, (), &metadata).await.unwrap();
+        assert_eq!(
+            snapshots.load("fragile-f").await.unwrap().unwrap().version,
+            8
+        );
+    });
+}
