@@ -486,8 +486,17 @@ impl HealthCheck for PgDatabase {
         let half = wait / 2;
         let halfway = now.checked_add(half).unwrap_or(far);
         let acquired = match tokio::time::timeout_at(halfway, self.pool.acquire()).await {
-            Ok(acquired) => acquired,
-            Err(_) => {
+            Ok(acquired) if !matches!(acquired, Err(sqlx::Error::PoolTimedOut)) => acquired,
+            // Waiting at halfway; or given up by a pool whose acquire_timeout is shorter than
+            // that, as busy.
+            _ => {
+                // Said in the report (in whole milliseconds when the pool gave up).
+                let waited = now.elapsed();
+                let busy_for = if waited >= half {
+                    half
+                } else {
+                    Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
+                };
                 // What the check's own connection found when it got no answer (refused,
                 // unreachable): the pool may still hand out a connection meanwhile.
                 let mut unanswered: Option<sqlx::Error> = None;
@@ -497,7 +506,12 @@ impl HealthCheck for PgDatabase {
                     tokio::pin!(acquire, answers);
                     loop {
                         tokio::select! {
-                            acquired = &mut acquire => return Outside::Pooled(acquired),
+                            acquired = &mut acquire => match acquired {
+                                // The pool's own acquire_timeout, shorter than the wait:
+                                // asked again until the server answers or the wait ends.
+                                Err(sqlx::Error::PoolTimedOut) => acquire.set(self.pool.acquire()),
+                                acquired => return Outside::Pooled(acquired),
+                            },
                             answered = &mut answers, if unanswered.is_none() => match answered {
                                 Ok(()) => return Outside::Answers(None),
                                 // An answer all the same (too many clients, a role's
@@ -523,7 +537,7 @@ impl HealthCheck for PgDatabase {
                             .map(|e| format!(", and the server refused one more: {e}"))
                             .unwrap_or_default();
                         return Health::Degraded(format!(
-                            "{}: all {max} pooled connections stayed busy for {half:?}{refused}",
+                            "{}: all {max} pooled connections stayed busy for {busy_for:?}{refused}",
                             self.target
                         ));
                     }
@@ -544,23 +558,35 @@ impl HealthCheck for PgDatabase {
                 }
             }
         };
-        let mut conn = match acquired {
-            Ok(conn) => conn,
+        // Closed unless its query returns: cut off by the wait or by a caller that dropped the
+        // check (a probe's own timeout), it would go back through sqlx's ping, which has no
+        // deadline, and a server that stopped answering would keep its place in the pool.
+        let mut held = match acquired {
+            Ok(conn) => ClosedUnlessReturned::new(conn),
             // The error names the server ("postgres is unavailable: no connection to ...").
             Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
         let ping = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.sql.migrated_version.clone()))
-            .fetch_one(&mut *conn);
-        match tokio::time::timeout_at(deadline, ping).await {
-            Ok(Ok(version)) if version >= LATEST_MIGRATION => Health::Healthy,
+            .fetch_one(&mut *held.connection);
+        let Ok(pinged) = tokio::time::timeout_at(deadline, ping).await else {
+            drop(held);
+            return Health::Unhealthy(format!("postgres did not answer within {wait:?}"));
+        };
+        // A pooled connection whose session is gone is closed, and the pool replaces it.
+        if matches!(&pinged, Err(e) if session_lost(e)) {
+            held.connection.close_on_drop();
+        }
+        held.give_back();
+        match pinged {
+            Ok(version) if version >= LATEST_MIGRATION => Health::Healthy,
             // Every statement of this build would fail on tables it has not made or changed.
-            Ok(Ok(version)) => Health::Unhealthy(format!(
+            Ok(version) => Health::Unhealthy(format!(
                 "{}: migrated up to version {version}, and this build needs version \
                  {LATEST_MIGRATION}: run `PgDatabase::migrate()` at start-up",
                 self.place()
             )),
             // Never migrated (no schema, or no history in it).
-            Ok(Err(e)) if matches!(sqlstate(&e).as_deref(), Some("42P01" | "3F000")) => {
+            Err(e) if matches!(sqlstate(&e).as_deref(), Some("42P01" | "3F000")) => {
                 Health::Unhealthy(format!(
                     "{}: not migrated: run `PgDatabase::migrate()` at start-up",
                     self.place()
@@ -569,9 +595,7 @@ impl HealthCheck for PgDatabase {
             // A pooled connection whose session is gone (its backend was terminated, or a
             // proxy dropped it while it sat idle) says nothing of the server: ask it on a
             // connection of the check's own, and leave the pool to replace the lost one.
-            Ok(Err(e)) if session_lost(&e) => {
-                conn.close_on_drop();
-                drop(conn);
+            Err(e) if session_lost(&e) => {
                 match tokio::time::timeout_at(deadline, self.answers_outside_the_pool()).await {
                     Ok(Ok(())) => Health::Degraded(format!(
                         "{}: a pooled connection was lost ({}); the server answers a new one, \
@@ -603,8 +627,44 @@ impl HealthCheck for PgDatabase {
                     )),
                 }
             }
-            Ok(Err(e)) => Health::Unhealthy(store_error(e).to_string()),
-            Err(_) => Health::Unhealthy(format!("postgres did not answer within {wait:?}")),
+            Err(e) => Health::Unhealthy(store_error(e).to_string()),
+        }
+    }
+}
+
+/// A pooled connection for work that may be given up mid-statement (a relay's batch, see
+/// `PgOutboxRelay::watched_batch`; a backlog measurement; a health check's query). Given back
+/// ([`give_back`](Self::give_back)) once the work returned, it goes back to the pool as
+/// usual; dropped before, it is closed instead, within sqlx's 5 s: handed back, the pool
+/// would first ping it, with no deadline, on a server that does not answer, and keep one of
+/// its connections for as long.
+pub(crate) struct ClosedUnlessReturned {
+    pub(crate) connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    returned: bool,
+}
+
+impl ClosedUnlessReturned {
+    pub(crate) async fn acquire(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self::new(pool.acquire().await?))
+    }
+
+    pub(crate) fn new(connection: sqlx::pool::PoolConnection<sqlx::Postgres>) -> Self {
+        Self {
+            connection,
+            returned: false,
+        }
+    }
+
+    /// The work returned: the connection goes back to the pool.
+    pub(crate) fn give_back(mut self) {
+        self.returned = true;
+    }
+}
+
+impl Drop for ClosedUnlessReturned {
+    fn drop(&mut self) {
+        if !self.returned {
+            self.connection.close_on_drop();
         }
     }
 }

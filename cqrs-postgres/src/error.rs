@@ -370,8 +370,26 @@ struct CommitUnknown(#[source] SqlxError);
 /// A failed connect, classified like [`store_error`], whose message says where it tried to
 /// connect (`target`: host, port and database, never the password).
 pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
-    let class = classify(&error);
+    let mut class = classify(&error);
+    // A pooler that refuses the startup `options` parameter (PgBouncer, unless told to ignore
+    // it) says so as a protocol violation, a connection exception: no retry changes it.
+    let refused_startup_parameter = match &error {
+        sqlx::Error::Database(e) => {
+            e.code().as_deref() == Some("08P01") && e.message().contains("startup parameter")
+        }
+        _ => false,
+    };
+    if refused_startup_parameter {
+        class = Class::Backend;
+    }
     let advice = match error {
+        _ if refused_startup_parameter => {
+            "a connection pooler in front of the server refuses the startup parameters this \
+             client sends (the server settings of `PgOptions::session_settings`, and a \
+             `statement_timeout`): turn them off with `PgOptions::session_settings(false)` \
+             and set them on the role or database instead, or tell the pooler to ignore them \
+             (PgBouncer: `ignore_startup_parameters = options`); retrying does not help"
+        }
         // The server answered, and refused: no role, a wrong password, no such database.
         sqlx::Error::Database(_)
             if matches!(

@@ -1,6 +1,7 @@
 //! The outbox relay: ships committed events to an event transport.
 
 use crate::PgDatabase;
+use crate::database::ClosedUnlessReturned;
 use crate::error::{commit_error, store_error};
 use crate::row::{self, RowError, to_i64, to_u64};
 use async_trait::async_trait;
@@ -1500,39 +1501,6 @@ impl Worker for PgOutboxRelay {
             self.idle(&mut wakeups, &ctx).await;
         }
         Ok(())
-    }
-}
-
-/// A pooled connection for work the relay may give up mid-statement (a batch, see
-/// [`PgOutboxRelay::watched_batch`]; a backlog measurement). Given back
-/// ([`give_back`](Self::give_back)) once the work returned, it goes back to the pool as
-/// usual; dropped before, it is closed instead, within sqlx's 5 s: handed back, the pool
-/// would first ping it, with no deadline, on a server that does not answer, and keep one of
-/// its connections for as long.
-struct ClosedUnlessReturned {
-    connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    returned: bool,
-}
-
-impl ClosedUnlessReturned {
-    async fn acquire(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
-        Ok(Self {
-            connection: pool.acquire().await?,
-            returned: false,
-        })
-    }
-
-    /// The work returned: the connection goes back to the pool.
-    fn give_back(mut self) {
-        self.returned = true;
-    }
-}
-
-impl Drop for ClosedUnlessReturned {
-    fn drop(&mut self) {
-        if !self.returned {
-            self.connection.close_on_drop();
-        }
     }
 }
 

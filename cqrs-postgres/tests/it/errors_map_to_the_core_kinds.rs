@@ -8,6 +8,63 @@ use cqrs_core::{ErrorKind, Position};
 use cqrs_postgres::{PgError, PgOptions};
 use std::time::Duration;
 
+/// A connection pooler that refuses the startup `options` parameter (PgBouncer, unless told
+/// to ignore it) is a configuration error that says what to change, not "unavailable" with
+/// "check that the server runs there": a retry never mends it.
+#[tokio::test]
+async fn a_pooler_refusing_the_startup_parameters_says_to_turn_them_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
+        let pooler = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = pooler.local_addr().unwrap().port();
+        // Answers every startup message as PgBouncer does one carrying `options`.
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = pooler.accept().await {
+                tokio::spawn(async move {
+                    let length = client.read_u32().await.unwrap_or(0) as usize;
+                    let mut startup = vec![0; length.saturating_sub(4)];
+                    if client.read_exact(&mut startup).await.is_err() {
+                        return;
+                    }
+                    let mut fields = Vec::new();
+                    for (tag, text) in [
+                        (b'S', "FATAL"),
+                        (b'V', "FATAL"),
+                        (b'C', "08P01"),
+                        (b'M', "unsupported startup parameter: options"),
+                    ] {
+                        fields.push(tag);
+                        fields.extend_from_slice(text.as_bytes());
+                        fields.push(0);
+                    }
+                    fields.push(0);
+                    let mut reply = vec![b'E'];
+                    reply.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+                    reply.extend_from_slice(&fields);
+                    let _ = client.write_all(&reply).await;
+                });
+            }
+        });
+        let error = PgOptions::new(format!(
+            "postgres://app@127.0.0.1:{port}/db?sslmode=disable"
+        ))
+        .acquire_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .err()
+        .expect("refused");
+        assert!(!error.kind().is_retryable(), "{:?}: {error}", error.kind());
+        let message = error.to_string();
+        assert!(
+            message.contains("PgOptions::session_settings(false)")
+                && message.contains("ignore_startup_parameters")
+                && message.contains("unsupported startup parameter: options"),
+            "{message}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_with_its_cause() {
     cqrs_core::testing::with_timeout(Duration::from_secs(30), async {
@@ -300,6 +357,46 @@ pg_test! {
 }
 
 pg_test! {
+    /// A health check whose query the server never answers (cut off by the check's wait, or
+    /// by a probe that drops the check) closes its connection instead of handing it back: the
+    /// pool's ping of it would never end on a silent server, and the pool kept one of its
+    /// connections for good.
+    async fn a_health_check_cut_off_mid_query_holds_no_connection(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        use cqrs_postgres::PgDatabase;
+        let options = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(false);
+        let (proxy, pool) = Proxy::in_front_of_the_database(options).await;
+        let through_proxy = PgDatabase::from_pool(pool, db.schema())
+            .unwrap()
+            .with_health_wait(Duration::from_millis(400));
+        for cut_off_by_the_caller in [false, true] {
+            // One connection, idle in the pool (given back on a task of its own): the one the
+            // check takes, and the one the silence holds.
+            drop(through_proxy.pool().acquire().await.unwrap());
+            cqrs_core::testing::eventually(Duration::from_secs(10), "the connection is back in the pool", || async {
+                (through_proxy.pool().num_idle() == 1).then_some(())
+            })
+            .await;
+            proxy.silence_open_connections();
+            if cut_off_by_the_caller {
+                let checked = tokio::time::timeout(Duration::from_millis(100), through_proxy.check()).await;
+                assert!(checked.is_err(), "the silent server answered: {checked:?}");
+            } else {
+                let health = through_proxy.check().await;
+                assert!(matches!(health, Health::Unhealthy(ref why) if why.contains("did not answer")), "{health:?}");
+            }
+            tokio::time::timeout(Duration::from_secs(8), through_proxy.pool().acquire())
+                .await
+                .expect("the pool's one connection is free again")
+                .expect("a new connection through the proxy");
+        }
+    }
+}
+
+pg_test! {
     /// A pool whose every connection is busy (a load peak) is degraded, not unhealthy: the
     /// server answers, and a load balancer must not take every busy instance out at once.
     async fn a_busy_pool_is_degraded_not_unhealthy(db: PgDatabase) {
@@ -332,6 +429,10 @@ pg_test! {
                 && message.contains("raise the pool's max_connections"),
             "{message}"
         );
+        // The check waits past that acquire_timeout, still busy (it was unhealthy, the pool
+        // having given up before half the check's wait).
+        let health = impatient.check().await;
+        assert!(matches!(health, Health::Degraded(ref why) if why.contains("stayed busy")), "{health:?}");
         drop(held_too);
         drop(held);
         assert_eq!(busy.check().await, Health::Healthy);
