@@ -8,7 +8,7 @@ use cqrs_core::clock::{Clock, SystemClock};
 use cqrs_core::ports::StoreError;
 use cqrs_core::runtime::{Health, HealthCheck};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -295,6 +295,10 @@ impl PgDatabase {
     /// a rolling upgrade (or a rollback) an instance of the previous build still starts on a
     /// schema the new one migrated: every migration keeps what earlier builds use working
     /// (new columns have defaults, nothing they read is dropped).
+    ///
+    /// On a schema that is current it creates and changes nothing: a role without the right
+    /// to create schemas or tables (migrations run by another, a DBA) calls it at start-up
+    /// too. It needs `USAGE` on the schema and `SELECT` on its `_sqlx_migrations`.
     pub async fn migrate(&self) -> Result<(), PgError> {
         self.migrate_with(&MIGRATIONS).await
     }
@@ -377,7 +381,47 @@ impl PgDatabase {
         .execute(&mut *conn)
         .await
         .map_err(store_error)?;
+        // Nothing left to do: sqlx's run would still create the schema and its history table
+        // (`IF NOT EXISTS`), for which Postgres checks the CREATE privilege before it looks
+        // whether they exist, and a role without it (migrations run by another, a DBA) could
+        // not start on a schema that is current.
+        if self.applied_already(&mut conn, &migrator).await {
+            return Ok(());
+        }
         migrator.run(&mut *conn).await.map_err(failed)
+    }
+
+    /// Whether every migration of `migrator` is recorded in the schema's history, whole and
+    /// with its checksum. Anything else (no history, a dirty or changed migration, an error
+    /// reading it) is `false`: the migrator runs, and says what is wrong.
+    async fn applied_already(&self, conn: &mut PgConnection, migrator: &Migrator) -> bool {
+        let table = format!("\"{}\"._sqlx_migrations", self.sql.schema);
+        let exists: Result<bool, _> = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&table)
+            .fetch_one(&mut *conn)
+            .await;
+        if !matches!(exists, Ok(true)) {
+            return false;
+        }
+        let applied: Result<Vec<(i64, Vec<u8>, bool)>, _> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT version, checksum, success FROM {table}"
+        )))
+        .fetch_all(&mut *conn)
+        .await;
+        let Ok(applied) = applied else {
+            return false;
+        };
+        let applied: std::collections::HashMap<i64, (Vec<u8>, bool)> = applied
+            .into_iter()
+            .map(|(version, checksum, success)| (version, (checksum, success)))
+            .collect();
+        // A dirty row of any version, one of a newer build's too, is the migrator's to report.
+        applied.values().all(|(_, success)| *success)
+            && migrator.iter().all(|migration| {
+                applied
+                    .get(&migration.version)
+                    .is_some_and(|(checksum, _)| checksum.as_slice() == migration.checksum.as_ref())
+            })
     }
 
     /// Drops the schema and everything in it. For tests and tear-down scripts only: the

@@ -344,3 +344,46 @@ async fn health_is_unhealthy_until_the_schema_is_migrated_for_this_build() {
     })
     .await;
 }
+
+crate::support::pg_test! {
+    /// A role that may not create schemas or tables (migrations run by another, a DBA) starts
+    /// on a schema that is current: `migrate` has nothing to do and creates nothing. It failed
+    /// with "permission denied", Postgres checking the right to create the schema and its
+    /// history table before whether they exist. On a schema that is not current it still
+    /// fails, saying why.
+    async fn a_role_without_create_rights_migrates_a_current_schema(db: PgDatabase) {
+        use std::str::FromStr;
+        let role = format!("cqrs_dml_{}", uuid::Uuid::new_v4().simple());
+        let schema = db.schema().to_owned();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA \"{schema}\" TO {role}; \
+             GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO {role}"
+        )))
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let as_role = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+            .expect("DATABASE_URL parses")
+            .username(&role);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(as_role)
+            .await
+            .expect("connect as the role");
+        let current = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &schema).unwrap();
+        let migrated = current.migrate().await;
+        let fresh = cqrs_core::testing::test_id("dml_role_fresh");
+        let refused = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &fresh)
+            .unwrap()
+            .migrate()
+            .await;
+        pool.close().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {role}; DROP ROLE {role}")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        migrated.expect("a current schema, nothing to do");
+        let error = refused.expect_err("no right to create the schema");
+        assert!(error.to_string().contains("permission denied"), "{error}");
+    }
+}
