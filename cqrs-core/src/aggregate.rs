@@ -820,7 +820,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// a handler running in a unit of work (`cqrs-postgres`'s command layer), the events then
     /// commit even if the handler fails afterwards, apart from the handler's other writes.
     /// There, load and decide with the repository, and stage the events on the unit of work
-    /// instead (as the helpdesk's tickets plugin does).
+    /// instead (as the helpdesk's tickets plugin does), then, once it committed, call
+    /// [`snapshot_decided`](Self::snapshot_decided) when the repository keeps snapshots.
     pub async fn execute(
         &self,
         id: &str,
@@ -903,31 +904,86 @@ impl<A: Aggregate> AggregateRepository<A> {
             .store
             .append(&stream, ExpectedVersion::Exactly(version), records)
             .await?;
-        if let Some(snapshots) = &self.snapshots {
-            let new_version = version + stored.len() as u64;
-            if new_version / snapshots.every > version / snapshots.every {
-                match (snapshots.encode)(&state) {
-                    Ok(json) => {
-                        let mut snapshot = Snapshot::new(new_version, json);
-                        if let Some(last) = stored.last() {
-                            snapshot = snapshot.with_last_event(last.event_id);
-                        }
-                        if let Err(e) = snapshots.store.save(&stream, snapshot).await {
-                            // The events are stored; a missing snapshot only costs a longer load.
-                            tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(stream = %stream, error = %e, "could not encode a snapshot")
-                    }
-                }
-            }
-        }
+        self.save_snapshot_if_due(&stream, version, &stored, &state)
+            .await;
         Ok(Committed {
             state,
             version: version + stored.len() as u64,
             records: stored,
         })
+    }
+}
+
+impl<A: Aggregate> AggregateRepository<A> {
+    /// Saves a snapshot of `decided`'s state when one is due, after its records were stored
+    /// by the caller (staged on a unit of work of its own, and committed): the repository
+    /// saves snapshots on its own appends only, so with the events appended elsewhere its
+    /// snapshots went stale and every load replayed a longer tail. Call it once the events
+    /// are committed, never before (a snapshot of events that are not stored is passed over,
+    /// but costs a save). Does nothing without snapshots or when nothing was decided; a
+    /// failure is logged, as for [`append_decided`](Self::append_decided): a snapshot is only
+    /// a shortcut.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand};
+    /// # use cqrs_core::memory::{InMemoryEventStore, InMemorySnapshotStore};
+    /// # use cqrs_core::ports::{EventStore, ExpectedVersion, SnapshotStore};
+    /// use cqrs_core::{AggregateRepository, Metadata};
+    /// use std::sync::Arc;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let (events, snapshots) = (Arc::new(InMemoryEventStore::new()), Arc::new(InMemorySnapshotStore::new()));
+    /// let repo = AggregateRepository::<Ticket>::new(events.clone()).with_snapshots(snapshots.clone(), 1);
+    /// let decided = repo.decide("t-1", None, TicketCommand::Open, &Metadata::new()).await?;
+    /// // A unit of work of the caller's own stores the events (here, the store itself).
+    /// let stream = decided.stream_id.clone();
+    /// events.append(&stream, ExpectedVersion::Exactly(decided.version), decided.records.clone()).await?;
+    /// repo.snapshot_decided(&decided).await;
+    /// assert_eq!(snapshots.load(&stream).await?.map(|s| s.version), Some(1));
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn snapshot_decided(&self, decided: &Decided<A>) {
+        self.save_snapshot_if_due(
+            &decided.stream_id,
+            decided.version,
+            &decided.records,
+            &decided.state,
+        )
+        .await;
+    }
+
+    /// Saves `state`, the stream's after `stored` (appended at `version`), when the stream
+    /// crossed a multiple of the snapshot interval.
+    async fn save_snapshot_if_due(
+        &self,
+        stream: &str,
+        version: u64,
+        stored: &[EventRecord],
+        state: &A,
+    ) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let new_version = version + stored.len() as u64;
+        if new_version / snapshots.every <= version / snapshots.every {
+            return;
+        }
+        match (snapshots.encode)(state) {
+            Ok(json) => {
+                let mut snapshot = Snapshot::new(new_version, json);
+                if let Some(last) = stored.last() {
+                    snapshot = snapshot.with_last_event(last.event_id);
+                }
+                if let Err(e) = snapshots.store.save(stream, snapshot).await {
+                    // The events are stored; a missing snapshot only costs a longer load.
+                    tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream = %stream, error = %e, "could not encode a snapshot")
+            }
+        }
     }
 }
 

@@ -102,7 +102,7 @@ crate::event_set! {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Ticket {
     pub open: bool,
 }
