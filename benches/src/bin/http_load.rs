@@ -162,7 +162,7 @@ fn measure(
     let mut opened = 0;
     let mut framework_turn = |seconds: Duration| -> Result<Outcome, BoxError> {
         let outcome =
-            clients.block_on(load(framework, &framework_tokens.customer, &args, seconds))?;
+            clients.block_on(load(framework, &framework_tokens.customer, args, seconds))?;
         let mut outcome = outcome;
         opened += outcome.created;
         // The work the round left queued (relays, the stats projection) is the framework's
@@ -175,7 +175,7 @@ fn measure(
     };
     let warm_up = Duration::from_secs(1);
     framework_turn(warm_up)?;
-    clients.block_on(load(baseline, &baseline_token, &args, warm_up))?;
+    clients.block_on(load(baseline, &baseline_token, args, warm_up))?;
     let round_time = Duration::from_secs(args.seconds);
     let mut ratios = Vec::new();
     for round in 1..=args.rounds {
@@ -183,10 +183,10 @@ fn measure(
             let ours = framework_turn(round_time)?;
             (
                 ours,
-                clients.block_on(load(baseline, &baseline_token, &args, round_time))?,
+                clients.block_on(load(baseline, &baseline_token, args, round_time))?,
             )
         } else {
-            let theirs = clients.block_on(load(baseline, &baseline_token, &args, round_time))?;
+            let theirs = clients.block_on(load(baseline, &baseline_token, args, round_time))?;
             (framework_turn(round_time)?, theirs)
         };
         println!("round {round} framework: {ours}");

@@ -51,8 +51,7 @@ async fn a_pooler_refusing_the_startup_parameters_says_to_turn_them_off() {
         .acquire_timeout(Duration::from_millis(500))
         .connect()
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert!(!error.kind().is_retryable(), "{:?}: {error}", error.kind());
         let message = error.to_string();
         assert!(
