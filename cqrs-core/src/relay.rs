@@ -551,12 +551,13 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// Halves the limit (`limit` when the batch was read, `len` events long) when the batch
-    /// got nothing through before the publish timeout ran out; doubles it, up to the batch
-    /// size, after a full batch that went through in under a quarter of the timeout.
+    /// got nothing through before a timeout ran out (the relay's publish timeout, or the
+    /// transport's own, a command timeout shorter than it); doubles it, up to the batch size,
+    /// after a full batch that went through in under a quarter of the timeout.
     fn adapt_limit(&self, limit: usize, len: usize, pass: &Pass, started: Instant) {
         use std::sync::atomic::Ordering::Relaxed;
         match &pass.failure {
-            Some(RelayError::PublishTimeout { .. }) if pass.handled == 0 && len > 1 => {
+            Some(e) if e.kind() == ErrorKind::Timeout && pass.handled == 0 && len > 1 => {
                 let halved = len / 2;
                 self.limit.store(halved, Relaxed);
                 tracing::warn!(

@@ -818,8 +818,9 @@ impl PgOutboxRelay {
 
     /// Halves the run limit (`limit` when the run started) when a run of `len` events that
     /// had the whole timeout to itself (`first`: the batch's first) got nothing through before
-    /// it ran out; doubles it, up to the batch size, after a run of the limit's length that
-    /// went through in under a quarter of the timeout.
+    /// a timeout ran out (the relay's publish timeout, or the transport's own, a command
+    /// timeout shorter than it); doubles it, up to the batch size, after a run of the limit's
+    /// length that went through in under a quarter of the timeout.
     fn adapt_run_limit(
         &self,
         limit: usize,
@@ -830,7 +831,7 @@ impl PgOutboxRelay {
         started: tokio::time::Instant,
     ) {
         match stopped {
-            Some(RelayError::PublishTimeout { .. }) if first && done == 0 && len > 1 => {
+            Some(e) if e.kind() == ErrorKind::Timeout && first && done == 0 && len > 1 => {
                 let halved = len / 2;
                 self.run_limit.store(halved, Ordering::Relaxed);
                 tracing::warn!(

@@ -347,10 +347,13 @@ fn a_batch_too_slow_to_publish_one_at_a_time_still_makes_progress() {
 }
 
 /// A transport that never answers a publish of more than `most` events (too slow for them),
-/// and takes smaller ones at once. Records every event it took, duplicates included.
+/// or, with `own_timeout`, fails it at once as timed out (a transport with a command timeout
+/// of its own, shorter than the relay's), and takes smaller ones at once. Records every event
+/// it took, duplicates included.
 struct SlowForMany {
     inner: InMemoryTransport,
     most: usize,
+    own_timeout: bool,
     taken: Mutex<Vec<u64>>,
 }
 
@@ -361,6 +364,9 @@ impl EventTransport for SlowForMany {
     }
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         if events.len() > self.most {
+            if self.own_timeout {
+                return Err(TransportError::Timeout { backend: "slow" });
+            }
             std::future::pending::<()>().await;
         }
         self.inner.publish(topic, events).await?;
@@ -381,14 +387,22 @@ impl EventTransport for SlowForMany {
 /// A transport too slow for a whole batch within the publish timeout gets smaller batches:
 /// after a batch that got nothing through, the relay reads and publishes at most half of it,
 /// down to what the transport takes, so it gets through the backlog, each event once and in
-/// order. (It sent the same whole batch again on every retry, and never got past it.)
+/// order. (It sent the same whole batch again on every retry, and never got past it.) So does
+/// one whose own timeout fails the batch first (it was retried whole for ever).
 #[test]
 fn a_transport_too_slow_for_a_whole_batch_gets_smaller_ones() {
-    run_paused(|| async {
+    for own_timeout in [false, true] {
+        a_transport_too_slow_for_a_whole_batch_gets_smaller_ones_with(own_timeout);
+    }
+}
+
+fn a_transport_too_slow_for_a_whole_batch_gets_smaller_ones_with(own_timeout: bool) {
+    run_paused(move || async move {
         let events = Arc::new(InMemoryEventStore::new());
         let transport = Arc::new(SlowForMany {
             inner: InMemoryTransport::new(),
             most: 3,
+            own_timeout,
             taken: Mutex::new(Vec::new()),
         });
         let relay = StoreRelay::new(

@@ -45,3 +45,31 @@ pg_test! {
         assert!(runs.iter().all(|&run| run < 8), "{runs:?}");
     }
 }
+
+pg_test! {
+    /// The same when the broker's client times the publish out first (its command timeout,
+    /// shorter than the relay's): the run was retried whole for ever.
+    async fn a_relay_whose_broker_times_out_a_whole_batch_still_ships_it(db: PgDatabase) {
+        let store = db.event_store();
+        store
+            .append("s", ExpectedVersion::NO_STREAM, (1..=8).map(record).collect())
+            .await
+            .unwrap();
+        let last = store.read_all(Position::START, 100).await.unwrap().last().unwrap().position.unwrap();
+        let transport = ControlledTransport::timing_out_above(2);
+        let relay = PgOutboxRelay::new(db.clone(), transport.clone()).batch_size(8);
+        relay.ensure_checkpoint().await.unwrap();
+        let mut batches = 0;
+        while relay.checkpoint().await.unwrap() != last {
+            batches += 1;
+            assert!(batches <= 20, "20 batches shipped only {:?}", transport.published());
+            let _ = relay.relay_once().await;
+        }
+        let taken: Vec<u64> = transport
+            .published()
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(taken, (1..=8).collect::<Vec<_>>(), "every event once, in order");
+    }
+}

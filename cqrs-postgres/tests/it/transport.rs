@@ -28,6 +28,9 @@ pub(crate) struct ControlledTransport {
     pub(crate) delay_per_event: Mutex<Duration>,
     /// How many events each publish that went through carried, in order.
     pub(crate) runs: Mutex<Vec<usize>>,
+    /// A publish of more events than this fails at once as timed out (a broker whose client
+    /// has a command timeout of its own); 0 for none.
+    pub(crate) times_out_above: AtomicUsize,
 }
 
 impl ControlledTransport {
@@ -59,6 +62,13 @@ impl ControlledTransport {
         Arc::new(t)
     }
 
+    /// A broker whose client times out (at once, here) a publish of more than `most` events.
+    pub(crate) fn timing_out_above(most: usize) -> Arc<Self> {
+        let t = Self::default();
+        t.times_out_above.store(most, Ordering::SeqCst);
+        Arc::new(t)
+    }
+
     pub(crate) fn hanging_on_call(n: usize) -> Arc<Self> {
         let t = Self::default();
         t.hang_on_call.store(n, Ordering::SeqCst);
@@ -82,6 +92,10 @@ impl EventTransport for ControlledTransport {
             + per_event * u32::try_from(events.len()).unwrap_or(u32::MAX);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        let most = self.times_out_above.load(Ordering::SeqCst);
+        if most > 0 && events.len() > most {
+            return Err(TransportError::Timeout { backend: "test" });
         }
         if self
             .fail_first
