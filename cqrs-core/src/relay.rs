@@ -148,10 +148,11 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 ///   would end the session and free the lease for another instance mid-batch; the publish
 ///   timeout stops that.
 ///
-/// An event the store cannot decode fails `read_all` for its whole page, and the port does
-/// not say which position it is at, so this relay stops there, retrying (degraded, then
-/// unhealthy after [`unhealthy_after`](Self::unhealthy_after) failed batches);
-/// `PgOutboxRelay` reads rows itself and skips it.
+/// An event the store cannot decode (a row written around its append) fails `read_all` for
+/// its whole page: this relay then reads the page again one event at a time and ships the
+/// events before it, and stops at it, retrying (degraded, then unhealthy after
+/// [`unhealthy_after`](Self::unhealthy_after) failed batches); `PgOutboxRelay` reads rows
+/// itself and skips it.
 ///
 /// Metrics (`metrics` facade, labels `relay` and `event_type`): `cqrs_events_published_total`,
 /// and `cqrs_events_skipped_total` (with `reason` = `refused`). `event_type` is the type's
@@ -422,7 +423,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
             Some(after) => match self
                 .bounded(
                     "reading the event store",
-                    self.events.read_all(after, limit),
+                    crate::ports::read_up_to_undecodable(self.events.as_ref(), after, limit),
                 )
                 .await
             {
@@ -454,7 +455,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
             _ => match self
                 .bounded(
                     "reading the event store",
-                    self.events.read_all(after, limit),
+                    crate::ports::read_up_to_undecodable(self.events.as_ref(), after, limit),
                 )
                 .await
             {

@@ -465,18 +465,15 @@ impl EventStore for PgEventStore {
     }
 }
 
-/// A page of the global order: the events before the first row whose content does not decode
-/// (one written around the append functions, say without `correlation_id` in its metadata),
-/// a page shorter than asked; or, when that row comes first, an error naming its position.
-/// So a reader stops at the row itself: failing the whole page held back the events before
-/// it too, and a projection applied none of them.
+/// A page of the global order, or an error naming the position and id of its first row whose
+/// content does not decode (one written around the append functions, say without
+/// `correlation_id` in its metadata): readers that page again with smaller pages (a store-fed
+/// projection runner, the `StoreRelay`) take the events before it, and stop at it.
 fn page(rows: &[PgRow]) -> Result<Vec<EventRecord>, StoreError> {
     let mut events = Vec::with_capacity(rows.len());
     for r in rows {
         match row::checked_event(r) {
             Ok(event) => events.push(event),
-            // The next read starts at the row, and fails naming it.
-            Err(RowError::Content(_)) if !events.is_empty() => break,
             Err(RowError::Content(error)) => {
                 let position = r.try_get::<i64, _>("position").ok();
                 let event_id = r.try_get::<uuid::Uuid, _>("event_id").ok();

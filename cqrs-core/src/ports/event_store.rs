@@ -181,14 +181,53 @@ pub trait EventStore: Send + Sync + 'static {
     /// Events of every stream with a position greater than `after`, in global order, at most
     /// `limit` of them; fewer only at the end of what it may show now: no more were committed
     /// at the time of the read, or those committed wait behind an earlier position whose append
-    /// is still open (see "Global order" above); or before an event the store cannot read
-    /// back (a row written around its append), which the next call fails on, naming it.
-    /// Readers take a page shorter than `limit` for the end of the store, and stop there.
+    /// is still open (see "Global order" above). Readers take a page shorter than `limit` for
+    /// the end of the store, and stop there.
     async fn read_all(&self, after: Position, limit: usize)
     -> Result<Vec<EventRecord>, StoreError>;
 
     /// The stream's current version (0 when it does not exist).
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError>;
+}
+
+/// [`EventStore::read_all`]; or, when the page fails on an event the store cannot decode
+/// ([`StoreError::Codec`]: a row written around its append), the events before that one, read
+/// one at a time, the next read failing on the event itself. For readers that go event by
+/// event (a store-fed projection runner, the `StoreRelay`): they take and move past the events
+/// before it, and stop at it, where a failed page held back the whole page. Not for a reader
+/// that needs a whole range (a rebuild, a resume), which fails as before.
+pub(crate) async fn read_up_to_undecodable(
+    store: &dyn EventStore,
+    after: Position,
+    limit: usize,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let error = match store.read_all(after, limit).await {
+        Err(error @ StoreError::Codec(_)) if limit > 1 => error,
+        page => return page,
+    };
+    let mut records: Vec<EventRecord> = Vec::new();
+    let mut from = after;
+    while records.len() < limit {
+        match store.read_all(from, 1).await {
+            Ok(one) => match one.into_iter().next() {
+                Some(record) => {
+                    let Some(position) = record.position else {
+                        break;
+                    };
+                    from = position;
+                    records.push(record);
+                }
+                None => break,
+            },
+            // The event at fault, or the store failing meanwhile: the next read tells.
+            Err(_) if !records.is_empty() => break,
+            Err(error) => return Err(error),
+        }
+    }
+    if records.is_empty() {
+        return Err(error);
+    }
+    Ok(records)
 }
 
 /// A snapshot of an aggregate's state at a stream version.

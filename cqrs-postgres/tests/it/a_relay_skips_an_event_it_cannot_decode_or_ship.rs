@@ -71,12 +71,9 @@ pg_test! {
         );
         sqlx::query(AssertSqlSafe(insert)).execute(db.pool()).await.unwrap();
         store.append("s", ExpectedVersion::Exactly(1), vec![record(3)]).await.unwrap();
-        // The event store's readers stop at the row: the event before it comes alone, and a
-        // read from there fails naming its position.
-        let before = store.read_all(Position::START, 10).await.unwrap();
-        assert_eq!(before.len(), 1, "only the event before the row");
-        let error = store.read_all(before[0].position.unwrap(), 10).await.unwrap_err();
-        let bad = before[0].position.unwrap().get() + 1;
+        // A page holding the row fails, naming it.
+        let error = store.read_all(Position::START, 10).await.unwrap_err();
+        let bad = store.read_all(Position::START, 1).await.unwrap()[0].position.unwrap().get() + 1;
         assert!(error.to_string().contains(&format!("the event at position {bad} ")), "{error}");
         let last = last_position(&db).await;
 
@@ -100,6 +97,25 @@ pg_test! {
         assert_eq!(shipped, [1, 3]);
         assert_eq!(counts.get("cqrs_outbox_skipped_total{relay=default,reason=undecodable}"), 1);
         assert_eq!(counts.get("cqrs_outbox_published_total{relay=default}"), 2);
+
+        // The core's `StoreRelay`, which reads through the port, ships the event before the
+        // row and stops at it, naming it (it shipped none of the page).
+        let store_relay = cqrs_core::relay::StoreRelay::new(
+            "store-relay",
+            Arc::new(db.event_store()),
+            Arc::new(db.projection_store()),
+            transport.clone(),
+            "store-relay-out",
+        );
+        assert_eq!(store_relay.relay_once().await.unwrap(), 1, "the event before the row");
+        let stopped = store_relay.relay_once().await.unwrap_err();
+        assert!(stopped.to_string().contains(&format!("the event at position {bad} ")), "{stopped}");
+        let shipped: Vec<u64> = receive(transport.as_ref(), "store-relay-out", "readers", 1)
+            .await
+            .iter()
+            .map(|e| e.payload["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shipped, [1]);
     }
 }
 
