@@ -504,7 +504,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// effect. A batch of duplicates or skipped types (which applies none) does not stop it,
     /// where a loop on [`run_once`](Self::run_once) until it returns 0 would stop there.
     /// Stops at the first error, as `run_once` does. Fed by a transport, "no more" is a fetch
-    /// that brought nothing within the consumer's `block` (with `Duration::MAX`, never).
+    /// that brought nothing within the consumer's `block` (with `Duration::MAX`, never); a
+    /// long run of entries the transport dead-letters by itself (undecodable ones, on Redis)
+    /// can end one so too.
     ///
     /// ```
     /// # use std::sync::Arc;
@@ -585,7 +587,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             let seen = *self.lock_read_from();
             let records = match seen {
                 Some(after) => {
-                    let records = events.read_all(after, self.batch).await?;
+                    let records =
+                        crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch)
+                            .await?;
                     if records.is_empty() {
                         self.check_end(events.as_ref(), after).await?;
                     }
@@ -605,7 +609,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // The checkpoint kept moving under this runner (other instances are faster): read
         // inside the unit this once, so the step makes progress.
         let (unit, after) = self.begin_at_checkpoint().await?;
-        let records = events.read_all(after, self.batch).await?;
+        let records =
+            crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch).await?;
         self.apply_batch(unit, after, &records).await
     }
 
@@ -626,6 +631,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         let at_or_past = events.read_all(Position::new(after.get() - 1), 1).await?;
         if at_or_past.is_empty() {
+            // `after` is where this runner last saw the checkpoint: read it again next time,
+            // as a rebuild elsewhere (what the error says to do) may have moved it.
+            *self.lock_read_from() = None;
             return Err(ProjectionError::CheckpointAhead {
                 projection: self.name.clone(),
                 checkpoint: after,
