@@ -370,18 +370,8 @@ struct CommitUnknown(#[source] SqlxError);
 /// A failed connect, classified like [`store_error`], whose message says where it tried to
 /// connect (`target`: host, port and database, never the password).
 pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
-    let mut class = classify(&error);
-    // A pooler that refuses the startup `options` parameter (PgBouncer, unless told to ignore
-    // it) says so as a protocol violation, a connection exception: no retry changes it.
-    let refused_startup_parameter = match &error {
-        sqlx::Error::Database(e) => {
-            e.code().as_deref() == Some("08P01") && e.message().contains("startup parameter")
-        }
-        _ => false,
-    };
-    if refused_startup_parameter {
-        class = Class::Backend;
-    }
+    let class = classify(&error);
+    let refused_startup_parameter = refuses_startup_parameter(&error);
     let advice = match error {
         _ if refused_startup_parameter => {
             "a connection pooler in front of the server refuses the startup parameters this \
@@ -467,8 +457,23 @@ fn store_error_from_class(class: Class, source: cqrs_core::BoxError) -> StoreErr
     }
 }
 
+/// Whether a connection pooler refused the startup `options` parameter (PgBouncer, unless told
+/// to ignore it): a protocol violation, of the connection-exception class, that no retry
+/// changes, whether on the first connect or on one a pool opens later.
+fn refuses_startup_parameter(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) => {
+            e.code().as_deref() == Some("08P01") && e.message().contains("startup parameter")
+        }
+        _ => false,
+    }
+}
+
 fn classify(error: &sqlx::Error) -> Class {
     use sqlx::Error as E;
+    if refuses_startup_parameter(error) {
+        return Class::Backend;
+    }
     match error {
         E::PoolTimedOut
         | E::PoolClosed

@@ -60,6 +60,15 @@ async fn a_pooler_refusing_the_startup_parameters_says_to_turn_them_off() {
                 && message.contains("unsupported startup parameter: options"),
             "{message}"
         );
+        // A connection a pool opens later (a lazy pool, a pooler reconfigured) alike.
+        let lazy = PgOptions::new(format!(
+            "postgres://app@127.0.0.1:{port}/db?sslmode=disable"
+        ))
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy()
+        .unwrap();
+        let error = lazy.event_store().stream_version("s").await.unwrap_err();
+        assert!(!error.kind().is_retryable(), "{:?}: {error}", error.kind());
     })
     .await;
 }
@@ -314,15 +323,19 @@ async fn role_of_one_connection(
 ) -> (String, sqlx::postgres::PgConnectOptions) {
     use std::str::FromStr;
     let role = format!("cqrs_limited_{}", uuid::Uuid::new_v4().simple());
+    // A password of its own: a server that asks for one over TCP (Debian's default, which
+    // scripts/test.sh keeps) refuses a role without.
+    let password = uuid::Uuid::new_v4().simple().to_string();
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 1"
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT 1 PASSWORD '{password}'"
     )))
     .execute(db.pool())
     .await
     .unwrap();
     let options = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
         .unwrap()
-        .username(&role);
+        .username(&role)
+        .password(&password);
     (role, options)
 }
 

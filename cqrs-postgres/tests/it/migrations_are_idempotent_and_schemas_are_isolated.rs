@@ -354,9 +354,13 @@ crate::support::pg_test! {
     async fn a_role_without_create_rights_migrates_a_current_schema(db: PgDatabase) {
         use std::str::FromStr;
         let role = format!("cqrs_dml_{}", uuid::Uuid::new_v4().simple());
+        // A password of its own: a server that asks for one over TCP (Debian's default, which
+        // scripts/test.sh keeps) refuses a role without.
+        let password = uuid::Uuid::new_v4().simple().to_string();
         let schema = db.schema().to_owned();
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA \"{schema}\" TO {role}; \
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
+             GRANT USAGE ON SCHEMA \"{schema}\" TO {role}; \
              GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO {role}"
         )))
         .execute(db.pool())
@@ -364,24 +368,31 @@ crate::support::pg_test! {
         .unwrap();
         let as_role = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
             .expect("DATABASE_URL parses")
-            .username(&role);
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_with(as_role)
-            .await
-            .expect("connect as the role");
-        let current = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &schema).unwrap();
-        let migrated = current.migrate().await;
-        let fresh = cqrs_core::testing::test_id("dml_role_fresh");
-        let refused = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &fresh)
-            .unwrap()
-            .migrate()
-            .await;
-        pool.close().await;
+            .username(&role)
+            .password(&password);
+        // Everything as the role first, the role dropped whatever came of it: roles outlive
+        // the test's schema.
+        let outcome = async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(as_role)
+                .await?;
+            let current = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &schema).unwrap();
+            let migrated = current.migrate().await;
+            let fresh = cqrs_core::testing::test_id("dml_role_fresh");
+            let refused = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &fresh)
+                .unwrap()
+                .migrate()
+                .await;
+            pool.close().await;
+            Ok::<_, sqlx::Error>((migrated, refused))
+        }
+        .await;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {role}; DROP ROLE {role}")))
             .execute(db.pool())
             .await
             .unwrap();
+        let (migrated, refused) = outcome.expect("connect as the role");
         migrated.expect("a current schema, nothing to do");
         let error = refused.expect_err("no right to create the schema");
         assert!(error.to_string().contains("permission denied"), "{error}");
