@@ -1418,6 +1418,7 @@ impl Consumer for RedisConsumer {
         let max = max.min(MAX_FETCH);
         // `checked_add`: a `block` of `Duration::MAX` means "as long as it takes".
         let deadline = Instant::now().checked_add(self.options.block);
+        let mut stepped_past_block = false;
         loop {
             let ready = self.step(max).await?;
             let mut deliveries = Vec::with_capacity(ready.len());
@@ -1516,10 +1517,12 @@ impl Consumer for RedisConsumer {
             if dead_lettered {
                 // Their successors may be ready now. (Entries are held back above only behind
                 // one handed out or dead-lettered here: never the only outcome of a step.)
-                // Within the fetch's `block`: a burst of undecodable entries is worked off
-                // over several fetches, so the consume loop's health and shutdown checks run
-                // between them.
-                if deadline.is_none_or(|deadline| now < deadline) {
+                // Within the fetch's `block`, and one step past it (so a fetch with a short
+                // `block` still hands out what was ready behind the dead letters): a burst of
+                // undecodable entries is worked off over several fetches, and the consume
+                // loop's health and shutdown checks run between them.
+                let within = deadline.is_none_or(|deadline| now < deadline);
+                if within || !std::mem::replace(&mut stepped_past_block, true) {
                     continue;
                 }
                 return Ok(Vec::new());

@@ -139,18 +139,32 @@ fn main() -> Result<(), BoxError> {
     measured
 }
 
-/// Starts both servers, runs the rounds and prints the figures.
+/// Starts the framework's server, runs the rounds, and stops it, also after a failure: its
+/// background work must not hold the schema while it is dropped.
 fn measure(
     args: &Args,
     servers: &tokio::runtime::Runtime,
     clients: &tokio::runtime::Runtime,
     schema: &str,
 ) -> Result<(), BoxError> {
-    let (framework, framework_tokens, baseline, stop) = servers.block_on(async {
-        let (framework, stop) = start_framework(args.backend, schema).await?;
+    let (framework, stop) = servers.block_on(start_framework(args.backend, schema))?;
+    let measured = rounds(args, servers, clients, schema, framework);
+    servers.block_on(stop);
+    measured
+}
+
+/// Starts the baseline, runs the rounds against both servers and prints the figures.
+fn rounds(
+    args: &Args,
+    servers: &tokio::runtime::Runtime,
+    clients: &tokio::runtime::Runtime,
+    schema: &str,
+    framework: SocketAddr,
+) -> Result<(), BoxError> {
+    let (framework_tokens, baseline) = servers.block_on(async {
         let tokens = framework_tokens(framework).await?;
         let baseline = start_baseline(args.backend, schema).await?;
-        Ok::<_, BoxError>((framework, tokens, baseline, stop))
+        Ok::<_, BoxError>((tokens, baseline))
     })?;
     let baseline_token = baseline_token()?;
     eprintln!(
@@ -206,7 +220,6 @@ fn measure(
             .collect::<Vec<_>>()
             .join(", ")
     );
-    servers.block_on(stop);
     Ok(())
 }
 
