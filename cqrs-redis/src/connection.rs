@@ -299,7 +299,8 @@ pub(crate) async fn subscriber(
     Ok(client)
 }
 
-/// Fails unless the server is Redis 7.0 or later.
+/// Fails unless the server is Redis 7.0 or later, and unless it is a cluster node reached
+/// through a URL that is not a cluster one.
 pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
     let info: Result<String, _> = client
         .custom(
@@ -308,11 +309,29 @@ pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
         )
         .await;
     let found = match info {
-        Ok(info) => info
-            .lines()
-            .find_map(|line| line.strip_prefix("redis_version:"))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_else(|| "unknown".to_owned()),
+        Ok(info) => {
+            // A cluster node behind a URL that is not a cluster one: fred follows no redirect
+            // then, and every command for a key of another node's slots gets `MOVED`, for
+            // good, which reads like a server away.
+            let mode = info
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_mode:"))
+                .map(str::trim);
+            if mode == Some("cluster") && !client.is_clustered() {
+                return Err(ConnectError::Invalid {
+                    problems: vec![
+                        "the server is a Redis Cluster node, and the URL is not a cluster one: \
+                         use `redis-cluster://` (`rediss-cluster://` with TLS), so commands \
+                         follow the cluster's slots"
+                            .to_owned(),
+                    ],
+                });
+            }
+            info.lines()
+                .find_map(|line| line.strip_prefix("redis_version:"))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| "unknown".to_owned())
+        }
         // `INFO` is `@dangerous`: a least-privilege user (`+@all -@dangerous`) may not run
         // it. `HELLO` without arguments (which keeps the protocol) tells the version too.
         Err(e) if e.details().starts_with("NOPERM") => match hello_version(client).await {

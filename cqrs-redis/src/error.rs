@@ -125,6 +125,17 @@ pub(crate) fn transport_error(error: FredError) -> TransportError {
                 source: Box::new(error),
             }
         }
+        // A cluster whose slots are not all served (mid-failover): fred's check of each seed
+        // node at connect says so in its own words, not with `CLUSTERDOWN`. It passes.
+        FredKind::Protocol
+            if details.starts_with("Invalid or missing cluster state")
+                || details.starts_with("Invalid or missing CLUSTER SLOTS") =>
+        {
+            TransportError::Unavailable {
+                backend: BACKEND,
+                source: Box::new(error),
+            }
+        }
         _ if transient_reply => TransportError::Unavailable {
             backend: BACKEND,
             source: Box::new(error),
@@ -215,6 +226,19 @@ mod tests {
             assert!(
                 matches!(reply(transient), TransportError::Unavailable { .. }),
                 "{transient}"
+            );
+        }
+        // What fred says at connect of a cluster whose slots are not all served.
+        for down in [
+            "Invalid or missing cluster state.",
+            "Invalid or missing CLUSTER SLOTS response.",
+        ] {
+            assert!(
+                matches!(
+                    transport_error(FredError::new(FredKind::Protocol, down.to_owned())),
+                    TransportError::Unavailable { .. }
+                ),
+                "{down}"
             );
         }
         let sentinel =

@@ -67,18 +67,31 @@ impl fmt::Debug for ConnectionOptions {
     }
 }
 
+/// The longest delay between reconnection attempts: clients resume at most this long after
+/// Redis is back.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(300);
+
 /// `url` as it may be shown: the password in the user info replaced (`user:***@`; a user
 /// name without a password is hidden whole, as it may be a password put in the wrong place)
 /// and in query parameters whose name holds `password` (`sentinelPassword=***`). A URL that
 /// does not parse is not shown past its scheme: where its user info ends cannot be told (a
 /// password may hold `/`, `@` or `:`), so no part of it is safe to show. Nor is one without
-/// user info that holds an `@` further on.
+/// user info that holds an `@` further on, or one with an `@` in its path or (outside the
+/// password parameters) its query. Nor one without `://` (`admin:s3cret@cache:6379` parses
+/// with `admin` as its scheme and the rest as an opaque path).
 pub(crate) fn redacted_url(url: &str) -> String {
-    let Ok(parsed) = url::Url::parse(url) else {
-        let scheme = url
-            .split_once("://")
-            .map_or(String::new(), |(scheme, _)| format!("{scheme}://"));
-        return format!("{scheme}(not shown: it does not parse, and may hold a password)");
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) if url.contains("://") => parsed,
+        Ok(_) => {
+            return "(not shown: not a URL of the form scheme://host, and may hold a password)"
+                .to_owned();
+        }
+        Err(_) => {
+            let scheme = url
+                .split_once("://")
+                .map_or(String::new(), |(scheme, _)| format!("{scheme}://"));
+            return format!("{scheme}(not shown: it does not parse, and may hold a password)");
+        }
     };
     if at_outside_user_info(url, &parsed) {
         return format!(
@@ -106,12 +119,18 @@ pub(crate) fn redacted_url(url: &str) -> String {
     shown
 }
 
-/// Whether `url` (parsed as `parsed`) has no user info but an `@` further on: a password
-/// holding `/`, `?` or `#` unencoded (`redis://app:20/24@host` parses as host `app`, port 20,
-/// path `/24@host`).
+/// Whether `url` (parsed as `parsed`) has an `@` where a password holding `/`, `?` or `#`
+/// unencoded puts one: no user info but an `@` further on (`redis://app:20/24@host` parses as
+/// host `app`, port 20, path `/24@host`), or an `@` in the path or, outside the password
+/// parameters, the query (`redis://default:Xy@Z/9k@cache` parses as user info `default:Xy`,
+/// host `Z`, path `/9k@cache`). Then neither the host nor the rest is safe to show.
 pub(crate) fn at_outside_user_info(url: &str, parsed: &url::Url) -> bool {
     let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
-    parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@')
+    (parsed.username().is_empty() && parsed.password().is_none() && after_scheme.contains('@'))
+        || parsed.path().contains('@')
+        || parsed
+            .query()
+            .is_some_and(|query| redacted_query(query).contains('@'))
 }
 
 /// `query` with the value of every parameter whose name holds `password` replaced.
@@ -159,6 +178,14 @@ pub(crate) fn asks_for_tls(url: &str) -> bool {
 /// Why `url`'s scheme is not one fred connects with, if it is not: fred takes any scheme for
 /// plain Redis, so `https://` (TLS expected) or `localhost:6379` (no scheme: parsed as scheme
 /// `localhost`) would connect in plain text, or to a server other than the one meant.
+/// Whether `url` is a cluster URL (`redis-cluster://`, ...) with a path naming a database.
+fn cluster_url_with_database(url: &str) -> bool {
+    let cluster = url
+        .split_once("://")
+        .is_some_and(|(scheme, _)| scheme.to_ascii_lowercase().ends_with("-cluster"));
+    cluster && url::Url::parse(url).is_ok_and(|parsed| !matches!(parsed.path(), "" | "/"))
+}
+
 fn scheme_problem(url: &str) -> Option<String> {
     let Some((scheme, _)) = url.split_once("://") else {
         // Not shown: without `scheme://`, where a password would end cannot be told.
@@ -173,6 +200,14 @@ fn scheme_problem(url: &str) -> Option<String> {
         .unwrap_or(&lower);
     if matches!(base, "redis" | "rediss" | "valkey" | "valkeys") {
         return None;
+    }
+    if matches!(base, "redis+unix" | "valkey+unix" | "unix") {
+        return Some(
+            "a Unix socket URL is not supported (this build of the Redis client has no Unix \
+             socket support): connect over TCP with `redis://host:port` (a Redis on the same \
+             machine listens on 127.0.0.1:6379 unless told otherwise)"
+                .to_owned(),
+        );
     }
     // Shown only when it is a scheme, not a pasted credential before a `://`.
     let named = if !scheme.is_empty()
@@ -263,7 +298,8 @@ impl ConnectionOptions {
 
     /// The delays between reconnection attempts: exponential from `min` to `max`, without a
     /// limit on attempts, so consumers and subscriptions resume by themselves whenever Redis
-    /// is back. Default 100 ms to 5 s; `min` at least 1 ms (fred counts whole milliseconds).
+    /// is back. Default 100 ms to 5 s; `min` at least 1 ms (fred counts whole milliseconds),
+    /// `max` at most 5 minutes.
     pub fn reconnect_delays(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min_delay = min;
         self.reconnect_max_delay = max;
@@ -462,6 +498,14 @@ impl ConnectionOptions {
                 "url `{}` is not a redis url: {e}",
                 redacted_url(&self.url)
             ));
+        } else if cluster_url_with_database(&self.url) {
+            // fred reads no database from a cluster URL: it would use 0, and two deployments
+            // told apart by their database numbers would share their keys.
+            problems.push(format!(
+                "url `{}` names a database, which a cluster URL cannot (Redis Cluster has one, \
+                 0): drop the path, and tell deployments apart by `key_prefix`",
+                redacted_url(&self.url)
+            ));
         } else if let Some(name) = sentinel_credentials(&self.url) {
             // fred is built without `sentinel-auth`: it would ignore them, and authenticate
             // to the sentinels with the URL's own user and password.
@@ -515,6 +559,15 @@ impl ConnectionOptions {
             problems.push(format!(
                 "reconnect_delays must satisfy 1ms <= min <= max, got min {:?} and max {:?}",
                 self.reconnect_min_delay, self.reconnect_max_delay
+            ));
+        }
+        // The delays double up to the maximum: one of hours (or `Duration::MAX`, which fred
+        // reads as 49 days) comes back hours after Redis did, which is giving up in all but name.
+        if self.reconnect_max_delay > MAX_RECONNECT_DELAY {
+            problems.push(format!(
+                "reconnect_delays' max must be at most {MAX_RECONNECT_DELAY:?} (clients resume \
+                 within it once Redis is back), got {:?}",
+                self.reconnect_max_delay
             ));
         }
         if self.unresponsive_timeout.is_some_and(|t| t < MIN_TIMEOUT) {
@@ -798,7 +851,8 @@ impl RedisPubSubOptions {
 
     /// The first part of every channel name: `{prefix}:{channel}`. Default `cqrs`. Pub/sub
     /// ignores the database number, so this prefix is what separates applications (and tests)
-    /// sharing one server.
+    /// sharing one server, as long as no application's prefix is another's followed by `:`
+    /// (`app` with channel `realtime:x` and `app:realtime` with channel `x` are one channel).
     pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.channel_prefix = prefix.into();
         self
@@ -929,6 +983,28 @@ mod tests {
         assert_eq!(
             problems,
             ["reconnect_delays must satisfy 1ms <= min <= max, got min 500µs and max 5s"]
+        );
+        // A maximum of hours comes back hours after Redis did.
+        for max in [Duration::from_secs(301), Duration::MAX] {
+            let slow = ConnectionOptions::new(DEFAULT_URL)
+                .reconnect_delays(Duration::from_millis(100), max);
+            let Err(ConnectError::Invalid { problems }) =
+                RedisStreamOptions::with_connection(slow).validate()
+            else {
+                panic!("a reconnect delay of {max:?} passes");
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].starts_with("reconnect_delays' max must be at most 300s"),
+                "{problems:?}"
+            );
+        }
+        let five_minutes = ConnectionOptions::new(DEFAULT_URL)
+            .reconnect_delays(Duration::from_millis(100), Duration::from_secs(300));
+        assert!(
+            RedisStreamOptions::with_connection(five_minutes)
+                .validate()
+                .is_ok()
         );
         let pubsub = RedisPubSubOptions::new(DEFAULT_URL)
             .channel_prefix("a}b")
@@ -1171,8 +1247,64 @@ mod tests {
                 "redis://app:2024?xyz@host",
                 "redis://(not shown: an `@` outside its user info may end a password)",
             ),
+            // A password holding `@` and `/` unencoded after a user name: the host and path
+            // parsed are parts of it.
+            (
+                "redis://default:Xy@Z/9k@cache:6379",
+                "redis://(not shown: an `@` outside its user info may end a password)",
+            ),
+            (
+                "redis://default:Xy@Z?9k@cache:6379",
+                "redis://(not shown: an `@` outside its user info may end a password)",
+            ),
+            // No `://`: parsed with the user name as its scheme.
+            (
+                "admin:s3cret@cache:6379",
+                "(not shown: not a URL of the form scheme://host, and may hold a password)",
+            ),
         ] {
             assert_eq!(redacted_url(url), shown);
+        }
+    }
+
+    /// A database in a cluster URL (fred reads none, and used 0) and a Unix socket URL (this
+    /// build has no socket support; it was "not a redis scheme") are refused saying why.
+    #[test]
+    fn a_cluster_database_and_a_unix_socket_are_refused_saying_why() {
+        for (url, says) in [
+            (
+                "redis-cluster://h:30001/2",
+                "names a database, which a cluster URL cannot",
+            ),
+            (
+                "rediss-cluster://u:pw@h:30001/0",
+                "names a database, which a cluster URL cannot",
+            ),
+            (
+                "redis+unix:///run/redis.sock",
+                "a Unix socket URL is not supported",
+            ),
+            (
+                "unix:///run/redis.sock",
+                "a Unix socket URL is not supported",
+            ),
+        ] {
+            let mut problems = Vec::new();
+            ConnectionOptions::new(url).problems_in_build(true, &mut problems);
+            assert!(
+                problems.iter().any(|p| p.contains(says)),
+                "{url}: {problems:?}"
+            );
+            assert!(problems.iter().all(|p| !p.contains("pw")), "{problems:?}");
+        }
+        for fine in [
+            "redis-cluster://h:30001",
+            "redis-cluster://h:30001/",
+            "redis://h:6379/2",
+        ] {
+            let mut problems = Vec::new();
+            ConnectionOptions::new(fine).problems_in_build(true, &mut problems);
+            assert!(problems.is_empty(), "{fine}: {problems:?}");
         }
     }
 

@@ -6,7 +6,7 @@
 
 use crate::{ConnectError, ConnectionOptions};
 use fred::error::{Error as FredError, ErrorKind as FredKind};
-use fred::types::config::{Config, TlsConfig, TlsConnector};
+use fred::types::config::{Config, Server, ServerConfig, TlsConfig, TlsConnector};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
@@ -41,7 +41,32 @@ pub(crate) fn applied(
         }
     };
     config.tls = Some(tls);
+    // `rediss://[::1]:6380`: the URL's host keeps its brackets, which no TLS server name
+    // takes, and the handshake failed as if the certificate were wrong. The address without
+    // them is what the certificate must name.
+    match &mut config.server {
+        ServerConfig::Centralized { server } => name_without_brackets(server),
+        ServerConfig::Clustered { hosts, .. } | ServerConfig::Sentinel { hosts, .. } => {
+            hosts.iter_mut().for_each(name_without_brackets)
+        }
+        #[allow(unreachable_patterns)]
+        _ => {}
+    }
     Ok(config)
+}
+
+/// Sets the TLS server name of a server whose host is a bracketed IPv6 address to the address.
+fn name_without_brackets(server: &mut Server) {
+    if server.tls_server_name.is_some() {
+        return;
+    }
+    if let Some(address) = server
+        .host
+        .strip_prefix('[')
+        .and_then(|host| host.strip_suffix(']'))
+    {
+        server.tls_server_name = Some(address.into());
+    }
 }
 
 /// A client configuration with ring as its crypto provider, named here rather than taken
@@ -157,6 +182,32 @@ pub(crate) fn failure(error: &FredError) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bracketed IPv6 host is checked against the certificate by its address: with the
+    /// brackets, no TLS server name took it and every handshake failed.
+    #[test]
+    fn an_ipv6_host_is_named_by_its_address() {
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/tls/ca.pem");
+        for url in ["rediss://[::1]:6380", "rediss-cluster://[fd00::5]:30001"] {
+            let options = ConnectionOptions::new(url).tls_ca_file(ca);
+            let config = applied(Config::from_url(url).unwrap(), &options).unwrap();
+            let servers = match &config.server {
+                ServerConfig::Centralized { server } => vec![server.clone()],
+                ServerConfig::Clustered { hosts, .. } => hosts.clone(),
+                other => panic!("{other:?}"),
+            };
+            for server in servers {
+                let name = server
+                    .tls_server_name
+                    .clone()
+                    .unwrap_or(server.host.clone());
+                assert!(
+                    rustls::pki_types::ServerName::try_from(&*name).is_ok(),
+                    "{url}: `{name}` is no server name"
+                );
+            }
+        }
+    }
 
     /// The configuration is built once per options and their clones: a CA file gone after the
     /// first connect is not read again; setting a CA file anew builds anew.

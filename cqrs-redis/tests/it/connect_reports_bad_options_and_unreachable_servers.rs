@@ -188,3 +188,37 @@ async fn a_server_that_never_answers_fails_the_connect_within_its_timeout() {
     .await;
     silent.abort();
 }
+
+/// A Redis Cluster node behind a URL that is not a cluster one is a configuration error that
+/// says which scheme to use: fred follows no redirect then, and every command for a key on
+/// another node would get `MOVED`, retried for ever as if Redis were away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_behind_a_plain_url_says_to_use_a_cluster_one() {
+    use crate::own_server::{Logs, Server};
+    let id = cqrs_core::testing::test_id("cluster-node");
+    let mut logs = Logs::new();
+    let Some(node) = Server::start_free_with(&id, &mut logs, &["--cluster-enabled", "yes"]).await
+    else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let error = RedisStreamOptions::new(node.url())
+                .connect()
+                .await
+                .expect_err("a cluster node");
+            assert!(
+                matches!(&error, ConnectError::Invalid { problems } if problems.iter().any(|p| p.contains("`redis-cluster://`"))),
+                "{error}"
+            );
+            let error = cqrs_redis::RedisPubSubOptions::new(node.url())
+                .connect()
+                .await
+                .expect_err("a cluster node");
+            assert!(error.to_string().contains("`redis-cluster://`"), "{error}");
+        }),
+    )
+    .await;
+    drop(logs);
+}

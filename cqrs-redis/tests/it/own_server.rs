@@ -53,6 +53,11 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(port: u16, log: File) -> std::io::Result<Server> {
+        Self::start_with(port, log, &[])
+    }
+
+    /// [`start`](Self::start) with `extra` arguments for `redis-server`.
+    pub(crate) fn start_with(port: u16, log: File, extra: &[&str]) -> std::io::Result<Server> {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -69,7 +74,14 @@ impl Server {
                 &std::env::temp_dir().to_string_lossy(),
                 "--dbfilename",
                 &format!("cqrs-test-redis-{port}.rdb"),
+                // Read only with `--cluster-enabled yes`: one per server, in the temporary
+                // directory too.
+                "--cluster-config-file",
+                &std::env::temp_dir()
+                    .join(format!("cqrs-test-redis-{port}-nodes.conf"))
+                    .to_string_lossy(),
             ])
+            .args(extra)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
@@ -83,9 +95,12 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
-            let _ = std::fs::remove_file(
-                std::env::temp_dir().join(format!("cqrs-test-redis-{}.rdb", self.port)),
-            );
+            for file in [
+                format!("cqrs-test-redis-{}.rdb", self.port),
+                format!("cqrs-test-redis-{}-nodes.conf", self.port),
+            ] {
+                let _ = std::fs::remove_file(std::env::temp_dir().join(file));
+            }
         }
     }
 
@@ -175,6 +190,15 @@ impl Server {
     /// A server of the test's own on a free port, up and answering. `None` (after saying why)
     /// when `redis-server` cannot run here and `CQRS_REQUIRE_SERVICES` is not `1`.
     pub(crate) async fn start_free(id: &str, logs: &mut Logs) -> Option<Server> {
+        Self::start_free_with(id, logs, &[]).await
+    }
+
+    /// [`start_free`](Self::start_free) with `extra` arguments for `redis-server`.
+    pub(crate) async fn start_free_with(
+        id: &str,
+        logs: &mut Logs,
+        extra: &[&str],
+    ) -> Option<Server> {
         // A port free when picked may be taken before redis-server binds it: then the server
         // exits, and another port is tried.
         let mut attempts = 0;
@@ -182,7 +206,7 @@ impl Server {
             attempts += 1;
             let port = free_port();
             let log = logs.create(id, port).expect("create the server's log file");
-            let mut server = match Server::start(port, log) {
+            let mut server = match Server::start_with(port, log, extra) {
                 Ok(server) => server,
                 Err(e) => {
                     let required = std::env::var("CQRS_REQUIRE_SERVICES").as_deref() == Ok("1");
