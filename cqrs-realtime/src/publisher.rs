@@ -191,7 +191,8 @@ impl Publisher {
 #[async_trait]
 impl EventSink for Publisher {
     async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
-        for envelope in events {
+        let count = events.len();
+        for (done, envelope) in events.into_iter().enumerate() {
             let record = match EventRecord::from_envelope(&envelope) {
                 Ok(record) => record,
                 Err(error) => {
@@ -200,8 +201,20 @@ impl EventSink for Publisher {
                 }
             };
             // Live push is at-most-once: a failure must not fail a command that succeeded.
-            if let Err(error) = self.publish(&record).await {
-                tracing::warn!(event_id = %record.event_id, %error, "realtime push failed");
+            match self.publish(&record).await {
+                Ok(_) => {}
+                // The pub/sub failed (away, or not answering within its command timeout):
+                // the command waits for this sink, so the rest are dropped rather than each
+                // waiting out the same timeout (20 events behind a hung Redis held a command
+                // for 40 s). Clients close the gap with a resume.
+                Err(error @ PublishError::PubSub { .. }) => {
+                    let dropped = count - done - 1;
+                    tracing::warn!(event_id = %record.event_id, %error, dropped, "realtime push failed; the command's other events are not pushed");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(event_id = %record.event_id, %error, "realtime push failed");
+                }
             }
         }
         Ok(())

@@ -130,3 +130,60 @@ fn publish_worker(
         ))
         .start()
 }
+
+/// A pub/sub that fails every publish, counting them.
+#[derive(Default)]
+struct Away {
+    publishes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl PubSub for Away {
+    async fn publish(&self, _channel: &str, _payload: Arc<str>) -> Result<(), TransportError> {
+        self.publishes.fetch_add(1, Ordering::SeqCst);
+        Err(TransportError::Timeout { backend: "test" })
+    }
+
+    async fn subscribe(&self, _channel: &str) -> Result<Subscription, TransportError> {
+        Err(TransportError::Timeout { backend: "test" })
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct TicketChanged {
+    ticket_id: String,
+    reporter_id: String,
+    seq: u64,
+}
+
+impl cqrs_core::Message for TicketChanged {
+    const NAME: &'static str = "TicketChanged";
+}
+
+impl cqrs_core::Event for TicketChanged {}
+
+/// A `Publisher` as a command's event sink gives up the command's other pushes after the
+/// pub/sub failed one: the command waits for the sink, and each push waited out the same
+/// command timeout (20 events behind a hung Redis held a command for 40 s). The command
+/// still succeeds: live push is at-most-once.
+#[tokio::test]
+async fn a_publisher_sink_gives_up_a_commands_pushes_once_the_pubsub_fails() {
+    use cqrs_core::{EventEnvelope, EventSink, Metadata};
+    let away = Arc::new(Away::default());
+    let publisher = cqrs_realtime::Publisher::new(away.clone(), Arc::new(TicketRouting));
+    let events = (1..=10)
+        .map(|seq| {
+            let changed = TicketChanged {
+                ticket_id: "t1".into(),
+                reporter_id: "u1".into(),
+                seq,
+            };
+            EventEnvelope::new(changed, Metadata::new())
+        })
+        .collect();
+    publisher
+        .accept(events)
+        .await
+        .expect("the command succeeds");
+    assert_eq!(away.publishes.load(Ordering::SeqCst), 1, "one push tried");
+}
