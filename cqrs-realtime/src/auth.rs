@@ -270,13 +270,29 @@ impl Refusal {
 /// ```
 /// use axum::{Router, extract::Request, middleware::Next};
 /// use cqrs_realtime::{AllowAll, ClientKey, Hub};
+/// use std::net::IpAddr;
+///
+/// /// An IPv4 address (also one a dual-stack listener shows as `::ffff:a.b.c.d`), or an
+/// /// IPv6 address's /64: one client rotating addresses within its /64 is one client.
+/// fn key_of(ip: IpAddr) -> String {
+///     match ip.to_canonical() {
+///         IpAddr::V4(v4) => v4.to_string(),
+///         IpAddr::V6(v6) => {
+///             let s = v6.segments();
+///             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+///         }
+///     }
+/// }
+///
 /// # fn demo(hub: Hub<String>) -> Router {
 /// async fn client_key(mut request: Request, next: Next) -> axum::response::Response {
-///     // Here the peer address; behind a proxy, the address it forwarded.
+///     // The peer's address. Behind a reverse proxy that is the proxy's, and every client
+///     // would share one key: take the address the proxy forwarded instead (from a header
+///     // only that proxy can set).
 ///     let peer = request
 ///         .extensions()
 ///         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-///         .map(|info| info.0.ip().to_string());
+///         .map(|info| key_of(info.0.ip()));
 ///     if let Some(peer) = peer {
 ///         request.extensions_mut().insert(ClientKey(peer));
 ///     }
@@ -285,6 +301,11 @@ impl Refusal {
 /// Router::new().route("/ws", hub.route().layer(axum::middleware::from_fn(client_key)))
 /// # }
 /// # let _ = AllowAll;
+/// assert_eq!(key_of("::ffff:192.0.2.7".parse().unwrap()), key_of("192.0.2.7".parse().unwrap()));
+/// assert_eq!(
+///     key_of("2001:db8:1:2::a".parse().unwrap()),
+///     key_of("2001:db8:1:2:ffff::b".parse().unwrap())
+/// );
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ClientKey(pub String);

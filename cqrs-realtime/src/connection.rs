@@ -579,6 +579,12 @@ impl<P: Send + Sync + 'static> Session<P> {
             }
             .to_json(),
         );
+        // The waits above (the authorizer, the upstream, a replay permit) may have outlasted
+        // the credentials: nothing reaches a subscription made with expired ones. (`held`, the
+        // ticket and the permit give back what they hold.)
+        if self.expired() {
+            return self.close_expired();
+        }
         // Counted first, so a client that read `subscribed` sees it in the stats; marked
         // counted before the recorder is called, so a recorder that panics there leaves a count
         // that the guard takes back.

@@ -301,3 +301,66 @@ async fn a_recorder_that_panics_counting_expiry_leaves_the_keepalive_running() {
     })
     .await;
 }
+
+/// Allows every subscribe, taking its time: the clock moves past the `temp…` principals'
+/// expiry while it decides on a `ticket:` topic.
+struct SlowAuthorizer {
+    clock: ManualClock,
+}
+
+#[async_trait]
+impl cqrs_realtime::Authorizer<User> for SlowAuthorizer {
+    async fn authorize_subscribe(
+        &self,
+        _: &User,
+        topic: &cqrs_realtime::Topic,
+    ) -> Result<(), cqrs_realtime::Refusal> {
+        if topic.family() == "ticket" {
+            self.clock.advance(Duration::from_secs(61));
+        }
+        Ok(())
+    }
+
+    fn may_see(&self, _: &User, _: &cqrs_realtime::Topic, _: &cqrs_realtime::PushedEvent) -> bool {
+        true
+    }
+}
+
+/// A subscribe whose authorization outlasts the credentials closes the connection instead of
+/// answering `subscribed` (and replaying or pushing to the expired principal until the next
+/// keepalive tick).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_that_outlasts_the_credentials_closes_the_connection() {
+    with_timeout(TEST_LIMIT, async {
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_secs(600))
+            .idle_timeout(Duration::from_secs(1200));
+        let clock = ManualClock::new();
+        let authenticator = Expiring {
+            at: clock.now() + chrono::Duration::seconds(60),
+        };
+        let (for_hub, for_rules) = (clock.clone(), clock.clone());
+        let t = TestHub::start_with_authenticator(authenticator, options, move |b| {
+            b.clock(Arc::new(for_hub))
+                .authorizer(SlowAuthorizer { clock: for_rules })
+        })
+        .await;
+        let mut temp = t.connect("agent-temp1").await;
+        temp.subscribe("tickets").await;
+        temp.send(json!({"type": "subscribe", "topic": "ticket:t1"}))
+            .await;
+        closed_as_expired(&mut temp).await;
+        let _ = tokio::time::timeout(FRAME_DEADLINE, temp.ws.next()).await;
+        eventually(
+            Duration::from_secs(10),
+            "the expired connection is counted and released",
+            || async {
+                let stats = t.hub.stats();
+                (stats.expired_closes == 1 && stats.connections == 0 && stats.subscriptions == 0)
+                    .then_some(())
+            },
+        )
+        .await;
+    })
+    .await;
+}
