@@ -585,33 +585,32 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // it is not.
         for _ in 0..READ_AHEAD_ATTEMPTS {
             let seen = *self.lock_read_from();
-            let records = match seen {
+            let page = match seen {
                 Some(after) => {
-                    let records =
+                    let page =
                         crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch)
                             .await?;
-                    if records.is_empty() {
+                    if page.records.is_empty() {
                         self.check_end(events.as_ref(), after).await?;
                     }
-                    Some(records)
+                    Some(page)
                 }
                 None => None,
             };
             let (unit, after) = self.begin_at_checkpoint().await?;
             *self.lock_read_from() = Some(after);
-            if let Some(records) = records
+            if let Some(page) = page
                 && seen == Some(after)
             {
-                return self.apply_batch(unit, after, &records).await;
+                return self.apply_batch(unit, after, &page.records, page.cut).await;
             }
             self.store.commit(unit).await?;
         }
         // The checkpoint kept moving under this runner (other instances are faster): read
         // inside the unit this once, so the step makes progress.
         let (unit, after) = self.begin_at_checkpoint().await?;
-        let records =
-            crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch).await?;
-        self.apply_batch(unit, after, &records).await
+        let page = crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch).await?;
+        self.apply_batch(unit, after, &page.records, page.cut).await
     }
 
     /// Once per runner, the first time it finds nothing after its checkpoint: an event store
@@ -668,8 +667,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         unit: S::Unit,
         after: Position,
         records: &[EventRecord],
+        cut: bool,
     ) -> Result<(usize, bool), ProjectionError> {
-        let caught_up = records.len() < self.batch;
+        // A page cut before an event the store cannot read is short, and not the end.
+        let caught_up = records.len() < self.batch && !cut;
         let panic = match self.apply_and_commit(unit, records).await {
             Ok(Committed::Applied(applied)) => return Ok((applied, caught_up)),
             Ok(Committed::Panicked(panic)) if records.len() > 1 => panic,
@@ -775,7 +776,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         // As a batch of their own: a commit that panics goes one by one, so no effect runs
         // again at every retry. (Boxed: `apply_batch` calls back here.)
-        match Box::pin(self.apply_batch(unit, after, before)).await {
+        match Box::pin(self.apply_batch(unit, after, before, false)).await {
             Ok(_) => error,
             // Alone, an event before fails for good (a projection that went on after a failed
             // statement broke the unit, and the next event's statement met it): the step is

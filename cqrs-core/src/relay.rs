@@ -450,8 +450,8 @@ impl<S: ProjectionStore> StoreRelay<S> {
             Err(e) => return Batch::failed(e),
         };
         *self.lock_read_from() = Some(after);
-        let mut records = match ahead {
-            Some(records) if seen == Some(after) => records,
+        let crate::ports::Page { mut records, cut } = match ahead {
+            Some(page) if seen == Some(after) => page,
             _ => match self
                 .bounded(
                     "reading the event store",
@@ -459,7 +459,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
                 )
                 .await
             {
-                Ok(records) => records,
+                Ok(page) => page,
                 Err(e) => return Batch::failed(e),
             },
         };
@@ -470,7 +470,9 @@ impl<S: ProjectionStore> StoreRelay<S> {
                 failure: None,
             };
         }
-        let full = records.len() >= limit;
+        // A page cut before an event the store cannot read is not the end: the next batch
+        // comes at once, and fails on it.
+        let full = records.len() >= limit || cut;
         for record in &mut records {
             // An aggregate's events keep their order on an ordered transport, and consumers
             // handle them one after another, even when the handler recorded no key.
@@ -564,8 +566,8 @@ impl<S: ProjectionStore> StoreRelay<S> {
                 tracing::warn!(
                     relay = %self.name,
                     events = len,
-                    after = ?self.publish_timeout,
-                    "a batch did not go out within the publish timeout; publishing at most {halved} at a time"
+                    error = %e,
+                    "a batch timed out before any of it went out; publishing at most {halved} at a time"
                 );
             }
             // A full batch: a short one (a trickle) says nothing about a backlog's.

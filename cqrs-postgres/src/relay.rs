@@ -837,8 +837,8 @@ impl PgOutboxRelay {
                 tracing::warn!(
                     relay = %self.relay,
                     events = len,
-                    after = ?self.publish_timeout,
-                    "a run of events did not go out within the publish timeout; publishing at most {halved} at a time"
+                    error = %e,
+                    "a run of events timed out before any of it went out; publishing at most {halved} at a time"
                 );
             }
             // A full run: a short one (a trickle) says nothing about a backlog's.

@@ -203,11 +203,13 @@ impl EventSink for Publisher {
             // Live push is at-most-once: a failure must not fail a command that succeeded.
             match self.publish(&record).await {
                 Ok(_) => {}
-                // The pub/sub failed (away, or not answering within its command timeout):
-                // the command waits for this sink, so the rest are dropped rather than each
+                // The pub/sub is away, or does not answer within its command timeout: the
+                // command waits for this sink, so the rest are dropped rather than each
                 // waiting out the same timeout (20 events behind a hung Redis held a command
-                // for 40 s). Clients close the gap with a resume.
-                Err(error @ PublishError::PubSub { .. }) => {
+                // for 40 s). These pushes carry no position: clients that need every event
+                // reload it (or take pushes from stored records, which they resume from).
+                Err(error) if matches!(&error, PublishError::PubSub { source, .. } if source.kind().is_retryable()) =>
+                {
                     let dropped = count - done - 1;
                     tracing::warn!(event_id = %record.event_id, %error, dropped, "realtime push failed; the command's other events are not pushed");
                     break;

@@ -299,43 +299,42 @@ pub(crate) async fn subscriber(
     Ok(client)
 }
 
-/// Fails unless the server is Redis 7.0 or later, and unless it is a cluster node reached
-/// through a URL that is not a cluster one.
-pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
+/// What the server says it is: from `INFO server`, or `HELLO` for a user who may not run
+/// `INFO`.
+struct ServerInfo {
+    version: String,
+    /// `standalone`, `cluster` or `sentinel`, if told.
+    mode: Option<String>,
+}
+
+/// Fails unless the server is Redis 7.0 or later; with `keyed`, also when it is a cluster node
+/// reached through a URL that is not a cluster one: fred follows no redirect then, and every
+/// command for a key of another node's slots would get `MOVED`, for good, which reads like a
+/// server away. (Pub/sub is not keyed: a cluster carries a channel's messages to every node.)
+pub(crate) async fn check_version(client: &Client, keyed: bool) -> Result<(), ConnectError> {
     let info: Result<String, _> = client
         .custom(
             CustomCommand::new("INFO", ClusterHash::Random, false),
             vec!["server"],
         )
         .await;
-    let found = match info {
+    let server = match info {
         Ok(info) => {
-            // A cluster node behind a URL that is not a cluster one: fred follows no redirect
-            // then, and every command for a key of another node's slots gets `MOVED`, for
-            // good, which reads like a server away.
-            let mode = info
-                .lines()
-                .find_map(|line| line.strip_prefix("redis_mode:"))
-                .map(str::trim);
-            if mode == Some("cluster") && !client.is_clustered() {
-                return Err(ConnectError::Invalid {
-                    problems: vec![
-                        "the server is a Redis Cluster node, and the URL is not a cluster one: \
-                         use `redis-cluster://` (`rediss-cluster://` with TLS), so commands \
-                         follow the cluster's slots"
-                            .to_owned(),
-                    ],
-                });
+            let field = |name: &str| {
+                info.lines()
+                    .find_map(|line| line.strip_prefix(name))
+                    .map(|value| value.trim().to_owned())
+            };
+            ServerInfo {
+                version: field("redis_version:").unwrap_or_else(|| "unknown".to_owned()),
+                mode: field("redis_mode:"),
             }
-            info.lines()
-                .find_map(|line| line.strip_prefix("redis_version:"))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_else(|| "unknown".to_owned())
         }
         // `INFO` is `@dangerous`: a least-privilege user (`+@all -@dangerous`) may not run
-        // it. `HELLO` without arguments (which keeps the protocol) tells the version too.
-        Err(e) if e.details().starts_with("NOPERM") => match hello_version(client).await {
-            Some(version) => version,
+        // it. `HELLO` without arguments (which keeps the protocol) tells the version and the
+        // mode too.
+        Err(e) if e.details().starts_with("NOPERM") => match hello_info(client).await {
+            Some(server) => server,
             None => {
                 tracing::warn!(
                     "cannot check the Redis server's version: the user may run neither INFO \
@@ -347,19 +346,29 @@ pub(crate) async fn check_version(client: &Client) -> Result<(), ConnectError> {
         },
         Err(e) => return Err(transport_error(e).into()),
     };
-    if version_at_least(&found, REQUIRED_VERSION) {
+    if keyed && server.mode.as_deref() == Some("cluster") && !client.is_clustered() {
+        return Err(ConnectError::Invalid {
+            problems: vec![
+                "the server is a Redis Cluster node, and the URL is not a cluster one: use \
+                 `redis-cluster://` (`rediss-cluster://` with TLS), so commands follow the \
+                 cluster's slots"
+                    .to_owned(),
+            ],
+        });
+    }
+    if version_at_least(&server.version, REQUIRED_VERSION) {
         Ok(())
     } else {
         Err(ConnectError::UnsupportedServer {
-            found,
+            found: server.version,
             required: "7.0",
         })
     }
 }
 
-/// The server's version from `HELLO` (no arguments: the connection's protocol stays as it is),
-/// if the user may run it and it names one.
-async fn hello_version(client: &Client) -> Option<String> {
+/// The server's version and mode from `HELLO` (no arguments: the connection's protocol stays
+/// as it is), if the user may run it and it names a version.
+async fn hello_info(client: &Client) -> Option<ServerInfo> {
     let reply: Value = client
         .custom(
             CustomCommand::new("HELLO", ClusterHash::Random, false),
@@ -368,7 +377,10 @@ async fn hello_version(client: &Client) -> Option<String> {
         .await
         .ok()?;
     let items = entry::array(reply);
-    entry::info_field(&items, "version").and_then(Value::as_string)
+    Some(ServerInfo {
+        version: entry::info_field(&items, "version").and_then(Value::as_string)?,
+        mode: entry::info_field(&items, "mode").and_then(Value::as_string),
+    })
 }
 
 /// Warns when the server may evict any key to free memory (`maxmemory-policy` `allkeys-*`):

@@ -175,17 +175,18 @@ pub(crate) fn asks_for_tls(url: &str) -> bool {
     scheme.starts_with("rediss") || scheme.starts_with("valkeys")
 }
 
-/// Why `url`'s scheme is not one fred connects with, if it is not: fred takes any scheme for
-/// plain Redis, so `https://` (TLS expected) or `localhost:6379` (no scheme: parsed as scheme
-/// `localhost`) would connect in plain text, or to a server other than the one meant.
-/// Whether `url` is a cluster URL (`redis-cluster://`, ...) with a path naming a database.
+/// Whether `url` is a cluster URL (`redis-cluster://`, ...) with a path naming a database
+/// other than 0, the one a cluster has.
 fn cluster_url_with_database(url: &str) -> bool {
     let cluster = url
         .split_once("://")
         .is_some_and(|(scheme, _)| scheme.to_ascii_lowercase().ends_with("-cluster"));
-    cluster && url::Url::parse(url).is_ok_and(|parsed| !matches!(parsed.path(), "" | "/"))
+    cluster && url::Url::parse(url).is_ok_and(|parsed| !matches!(parsed.path(), "" | "/" | "/0"))
 }
 
+/// Why `url`'s scheme is not one fred connects with, if it is not: fred takes any scheme for
+/// plain Redis, so `https://` (TLS expected) or `localhost:6379` (no scheme: parsed as scheme
+/// `localhost`) would connect in plain text, or to a server other than the one meant.
 fn scheme_problem(url: &str) -> Option<String> {
     let Some((scheme, _)) = url.split_once("://") else {
         // Not shown: without `scheme://`, where a password would end cannot be told.
@@ -503,7 +504,7 @@ impl ConnectionOptions {
             // told apart by their database numbers would share their keys.
             problems.push(format!(
                 "url `{}` names a database, which a cluster URL cannot (Redis Cluster has one, \
-                 0): drop the path, and tell deployments apart by `key_prefix`",
+                 0): drop the path (or write `/0`), and tell deployments apart by `key_prefix`",
                 redacted_url(&self.url)
             ));
         } else if let Some(name) = sentinel_credentials(&self.url) {
@@ -1277,7 +1278,7 @@ mod tests {
                 "names a database, which a cluster URL cannot",
             ),
             (
-                "rediss-cluster://u:pw@h:30001/0",
+                "rediss-cluster://u:pw@h:30001/1",
                 "names a database, which a cluster URL cannot",
             ),
             (
@@ -1300,6 +1301,7 @@ mod tests {
         for fine in [
             "redis-cluster://h:30001",
             "redis-cluster://h:30001/",
+            "redis-cluster://h:30001/0",
             "redis://h:6379/2",
         ] {
             let mut problems = Vec::new();

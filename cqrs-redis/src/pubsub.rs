@@ -113,7 +113,7 @@ impl RedisPubSubOptions {
     pub async fn connect(self) -> Result<RedisPubSub, ConnectError> {
         self.validate()?;
         let publisher = connection::client(&self.connection).await?;
-        if let Err(e) = connection::check_version(&publisher).await {
+        if let Err(e) = connection::check_version(&publisher, false).await {
             quit_later(publisher);
             return Err(e);
         }

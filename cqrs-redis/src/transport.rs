@@ -278,7 +278,7 @@ impl RedisStreamOptions {
         self.validate()?;
         let client = connection::client(&self.connection).await?;
         let ready = async {
-            connection::check_version(&client).await?;
+            connection::check_version(&client, true).await?;
             connection::check_eviction(&client).await;
             Scripts::load(&client)
                 .await

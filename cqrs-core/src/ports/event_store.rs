@@ -190,36 +190,58 @@ pub trait EventStore: Send + Sync + 'static {
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError>;
 }
 
+/// A page of the global order, as [`read_up_to_undecodable`] reads it.
+pub(crate) struct Page {
+    pub(crate) records: Vec<EventRecord>,
+    /// The page ends before an event the store cannot decode, not at the end of the store:
+    /// short, it still does not mean caught up.
+    pub(crate) cut: bool,
+}
+
 /// [`EventStore::read_all`]; or, when the page fails on an event the store cannot decode
-/// ([`StoreError::Codec`]: a row written around its append), the events before that one, read
-/// one at a time, the next read failing on the event itself. For readers that go event by
-/// event (a store-fed projection runner, the `StoreRelay`): they take and move past the events
-/// before it, and stop at it, where a failed page held back the whole page. Not for a reader
-/// that needs a whole range (a rebuild, a resume), which fails as before.
+/// ([`StoreError::Codec`]: a row written around its append), the events before that one,
+/// found with pages half as long each time one fails (a few reads, not one per event), the
+/// next read failing on the event itself. For readers that go event by event (a store-fed
+/// projection runner, the `StoreRelay`): they take and move past the events before it, and
+/// stop at it, where a failed page held back the whole page. Not for a reader that needs a
+/// whole range (a rebuild, a resume), which fails as before.
 pub(crate) async fn read_up_to_undecodable(
     store: &dyn EventStore,
     after: Position,
     limit: usize,
-) -> Result<Vec<EventRecord>, StoreError> {
+) -> Result<Page, StoreError> {
     let error = match store.read_all(after, limit).await {
         Err(error @ StoreError::Codec(_)) if limit > 1 => error,
-        page => return page,
+        page => {
+            return page.map(|records| Page {
+                records,
+                cut: false,
+            });
+        }
     };
+    tracing::warn!(
+        %error,
+        after = after.get(),
+        "a page of the event store cannot be read whole; reading the events before the one at fault in smaller pages"
+    );
     let mut records: Vec<EventRecord> = Vec::new();
     let mut from = after;
-    while records.len() < limit {
-        match store.read_all(from, 1).await {
-            Ok(one) => match one.into_iter().next() {
-                Some(record) => {
-                    let Some(position) = record.position else {
-                        break;
-                    };
-                    from = position;
-                    records.push(record);
+    let mut ask = limit / 2;
+    while ask > 0 && records.len() < limit {
+        match store.read_all(from, ask).await {
+            Ok(page) => {
+                let short = page.len() < ask;
+                if let Some(last) = page.last().and_then(|r| r.position) {
+                    from = last;
                 }
-                None => break,
-            },
-            // The event at fault, or the store failing meanwhile: the next read tells.
+                records.extend(page);
+                if short {
+                    break;
+                }
+                ask = ask.min(limit - records.len());
+            }
+            Err(StoreError::Codec(_)) => ask /= 2,
+            // The store failing meanwhile: the next read tells.
             Err(_) if !records.is_empty() => break,
             Err(error) => return Err(error),
         }
@@ -227,7 +249,7 @@ pub(crate) async fn read_up_to_undecodable(
     if records.is_empty() {
         return Err(error);
     }
-    Ok(records)
+    Ok(Page { records, cut: true })
 }
 
 /// A snapshot of an aggregate's state at a stream version.

@@ -16,7 +16,7 @@ pub use event_store::{
     EventStore, ExpectedVersion, MAX_PAYLOAD_DEPTH, Snapshot, SnapshotStore, holds_nul,
     nests_deeper_than,
 };
-pub(crate) use event_store::{read_up_to_undecodable, unholdable};
+pub(crate) use event_store::{Page, read_up_to_undecodable, unholdable};
 pub use idempotency::{
     Claim, ClaimWaitElapsed, IdempotencyGuard, IdempotencyStore, MAX_RESPONSE_DEPTH, StoredResponse,
 };

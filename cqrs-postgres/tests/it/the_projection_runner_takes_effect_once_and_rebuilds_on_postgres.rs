@@ -417,20 +417,9 @@ pg_test! {
         let bad: i64 = sqlx::query_scalar(AssertSqlSafe(insert)).fetch_one(db.pool()).await.unwrap();
         open(&db, "t4", "a title").await;
 
-        // However the runner pages, the events before the row take effect, once.
-        let mut applied = 0;
-        let mut stopped = None;
-        for _ in 0..10 {
-            match runner.run_once().await {
-                Ok(n) => applied += n,
-                Err(error) => {
-                    stopped = Some(error);
-                    break;
-                }
-            }
-        }
-        let error = stopped.expect("stopped at the unreadable row");
-        assert_eq!(applied, 2, "{error}");
+        // The events before the row take effect, once, and catching up stops at the row: the
+        // page cut before it is short, and not taken for the end of the store.
+        let error = runner.catch_up().await.expect_err("stopped at the unreadable row");
         assert_eq!(count(&db).await, 2);
         assert!(error.to_string().contains(&format!("the event at position {bad} ")), "{error}");
         runner.run_once().await.expect_err("still stopped at the row");

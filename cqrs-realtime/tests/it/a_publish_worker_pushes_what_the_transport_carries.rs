@@ -131,16 +131,24 @@ fn publish_worker(
         .start()
 }
 
-/// A pub/sub that fails every publish, counting them.
+/// A pub/sub that fails every publish, counting them: as timed out, or with `refusing`, as
+/// refused for good (a channel an ACL forbids, say).
 #[derive(Default)]
 struct Away {
     publishes: std::sync::atomic::AtomicUsize,
+    refusing: bool,
 }
 
 #[async_trait]
 impl PubSub for Away {
     async fn publish(&self, _channel: &str, _payload: Arc<str>) -> Result<(), TransportError> {
         self.publishes.fetch_add(1, Ordering::SeqCst);
+        if self.refusing {
+            return Err(TransportError::Backend {
+                backend: "test",
+                source: "NOPERM this channel".into(),
+            });
+        }
         Err(TransportError::Timeout { backend: "test" })
     }
 
@@ -163,13 +171,23 @@ impl cqrs_core::Message for TicketChanged {
 impl cqrs_core::Event for TicketChanged {}
 
 /// A `Publisher` as a command's event sink gives up the command's other pushes after the
-/// pub/sub failed one: the command waits for the sink, and each push waited out the same
-/// command timeout (20 events behind a hung Redis held a command for 40 s). The command
-/// still succeeds: live push is at-most-once.
+/// pub/sub failed one as away or timed out: the command waits for the sink, and each push
+/// waited out the same command timeout (20 events behind a hung Redis held a command for
+/// 40 s). A refusal of one channel stops nothing. The command succeeds either way: live push
+/// is at-most-once.
 #[tokio::test]
 async fn a_publisher_sink_gives_up_a_commands_pushes_once_the_pubsub_fails() {
+    for (refusing, tried) in [(false, 1), (true, 10)] {
+        publish_ten_through_the_sink(refusing, tried).await;
+    }
+}
+
+async fn publish_ten_through_the_sink(refusing: bool, tried: usize) {
     use cqrs_core::{EventEnvelope, EventSink, Metadata};
-    let away = Arc::new(Away::default());
+    let away = Arc::new(Away {
+        refusing,
+        ..Away::default()
+    });
     let publisher = cqrs_realtime::Publisher::new(away.clone(), Arc::new(TicketRouting));
     let events = (1..=10)
         .map(|seq| {
@@ -185,5 +203,9 @@ async fn a_publisher_sink_gives_up_a_commands_pushes_once_the_pubsub_fails() {
         .accept(events)
         .await
         .expect("the command succeeds");
-    assert_eq!(away.publishes.load(Ordering::SeqCst), 1, "one push tried");
+    assert_eq!(
+        away.publishes.load(Ordering::SeqCst),
+        tried,
+        "refusing: {refusing}"
+    );
 }
