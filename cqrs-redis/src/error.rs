@@ -113,37 +113,36 @@ pub(crate) fn transport_error(error: FredError) -> TransportError {
             backend: BACKEND,
             source: Box::new(error),
         },
-        // No sentinel answered, or the primary one named is a replica now (mid-failover):
-        // both pass. fred gives every other failure behind sentinels this kind too (a wrong
-        // password, an unknown service name), which retrying does not mend.
-        FredKind::Sentinel
-            if details.starts_with("Failed to connect to all sentinel nodes")
-                || details.starts_with("Invalid role") =>
-        {
+        kind if transient_reply || passes_in_fred_words(kind, details) => {
             TransportError::Unavailable {
                 backend: BACKEND,
                 source: Box::new(error),
             }
         }
-        // A cluster whose slots are not all served (mid-failover): fred's check of each seed
-        // node at connect says so in its own words, not with `CLUSTERDOWN`. It passes.
-        FredKind::Protocol
-            if details.starts_with("Invalid or missing cluster state")
-                || details.starts_with("Invalid or missing CLUSTER SLOTS") =>
-        {
-            TransportError::Unavailable {
-                backend: BACKEND,
-                source: Box::new(error),
-            }
-        }
-        _ if transient_reply => TransportError::Unavailable {
-            backend: BACKEND,
-            source: Box::new(error),
-        },
         _ => TransportError::Backend {
             backend: BACKEND,
             source: Box::new(error),
         },
+    }
+}
+
+/// A failure fred reports in its own words, not with a Redis reply code, that passes.
+fn passes_in_fred_words(kind: &FredKind, details: &str) -> bool {
+    match kind {
+        // No sentinel answered, or the primary one named is a replica now (mid-failover).
+        // fred gives every other failure behind sentinels this kind too (a wrong password, an
+        // unknown service name), which retrying does not mend.
+        FredKind::Sentinel => {
+            details.starts_with("Failed to connect to all sentinel nodes")
+                || details.starts_with("Invalid role")
+        }
+        // A cluster whose slots are not all served (mid-failover): fred's check of each seed
+        // node at connect, not `CLUSTERDOWN`.
+        FredKind::Protocol => {
+            details.starts_with("Invalid or missing cluster state")
+                || details.starts_with("Invalid or missing CLUSTER SLOTS")
+        }
+        _ => false,
     }
 }
 
