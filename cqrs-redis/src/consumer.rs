@@ -1214,7 +1214,7 @@ fn pending_floor(reply: Value) -> Option<(u64, u64)> {
     let Value::Array(fields) = oldest else {
         return None;
     };
-    parse_entry_id(&fields.into_iter().next()?.into_string()?)
+    entry::parse_id(&fields.into_iter().next()?.into_string()?)
 }
 
 /// The entries of an `XREADGROUP` reply on one stream.
@@ -1241,13 +1241,13 @@ fn shown_ids(ids: &[String]) -> String {
 
 /// A stream entry id as `(milliseconds, sequence)`, for comparing; `(0, 0)` when malformed.
 fn entry_id(id: &str) -> (u64, u64) {
-    parse_entry_id(id).unwrap_or((0, 0))
+    entry::parse_id(id).unwrap_or((0, 0))
 }
 
 /// Refuses a delivery id that is no stream entry id (made by hand, or another transport's):
 /// Redis would refuse the whole command with its own words, reported as a backend failure.
 fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
-    match ids.iter().find(|id| parse_entry_id(&id.0).is_none()) {
+    match ids.iter().find(|id| entry::parse_id(&id.0).is_none()) {
         None => Ok(()),
         Some(id) => Err(TransportError::Invalid(format!(
             "`{}` is no delivery id of this transport (a stream entry id, `<ms>-<seq>`): ack, \
@@ -1255,12 +1255,6 @@ fn delivery_ids(ids: &[DeliveryId]) -> Result<(), TransportError> {
             id.0.chars().take(64).collect::<String>()
         ))),
     }
-}
-
-/// A stream entry id's `(milliseconds, sequence)`, if it is one.
-fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 fn millis(d: Duration) -> i64 {

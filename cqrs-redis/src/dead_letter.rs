@@ -87,7 +87,7 @@ impl RedisStreamTransport {
         let keys = self.shared.keys(topic)?;
         let start = match after {
             None => "-".to_owned(),
-            Some(id) => match stream_id(id) {
+            Some(id) => match entry::parse_id(id) {
                 // Nothing comes after the largest id (Redis refuses an interval past it).
                 Some((u64::MAX, u64::MAX)) => return Ok(Vec::new()),
                 Some(_) => format!("({id}"),
@@ -274,19 +274,6 @@ impl RedisStreamTransport {
 fn stream_ids(ids: &[String]) -> Vec<&str> {
     ids.iter()
         .map(String::as_str)
-        .filter(|id| stream_id(id).is_some())
+        .filter(|id| entry::parse_id(id).is_some())
         .collect()
-}
-
-/// The milliseconds and sequence of a whole stream id (`<ms>-<seq>`), as Redis writes them.
-fn stream_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    // Digits only: `parse` would also take a sign, which Redis does not.
-    let part = |part: &str| {
-        part.bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| part.parse::<u64>().ok())
-            .flatten()
-    };
-    Some((part(ms)?, part(seq)?))
 }

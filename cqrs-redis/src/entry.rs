@@ -90,6 +90,19 @@ pub(crate) fn info_field<'a>(items: &'a [Value], name: &str) -> Option<&'a Value
         .and_then(|pair| pair.get(1))
 }
 
+/// A whole stream entry id's `(milliseconds, sequence)` (`<ms>-<seq>`, digits only, as Redis
+/// writes them: `parse` alone would also take a sign), if it is one.
+pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    let part = |part: &str| {
+        part.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| part.parse::<u64>().ok())
+            .flatten()
+    };
+    Some((part(ms)?, part(seq)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -262,25 +262,14 @@ fn catch_up_passes_batches_of_skipped_types_that_run_once_counts_as_zero() {
 #[test]
 fn a_checkpoint_past_the_end_of_the_store_is_an_error_a_rebuild_mends() {
     run(async {
-        let events = Arc::new(InMemoryEventStore::new());
-        let store = Arc::new(InMemoryProjectionStore::new());
         let sum = Arc::new(Sum::default());
-        events
-            .append(
-                "s-1",
-                ExpectedVersion::NO_STREAM,
-                vec![record(1), record(2)],
-            )
-            .await
-            .unwrap();
+        let (mut runner, events, store) = fed_from_a_store(&sum, &[1, 2]).await;
         let mut unit = store.begin("sum").await.unwrap();
         store
             .save_checkpoint(&mut unit, "sum", Position::new(10))
             .await
             .unwrap();
         store.commit(unit).await.unwrap();
-        let mut runner =
-            ProjectionRunner::from_store(store.clone(), sum.clone(), events.clone(), types());
         for _ in 0..2 {
             let error = runner.run_once().await.unwrap_err();
             assert!(

@@ -3,7 +3,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::clock::{Clock, ManualClock};
 use cqrs_core::testing::{eventually, with_timeout};
-use cqrs_realtime::{Authenticator, HubOptions, ServerFrame, Unauthenticated, close_code};
+use cqrs_realtime::{
+    Authenticator, HubBuilder, HubOptions, ServerFrame, Unauthenticated, close_code,
+};
 use futures_util::StreamExt;
 use serde_json::json;
 use std::sync::Arc;
@@ -36,12 +38,23 @@ impl Authenticator for Expiring {
 
 /// A hub on `clock` whose `temp…` principals expire 60 s after the clock's start.
 async fn hub(clock: &ManualClock, options: HubOptions) -> TestHub {
+    hub_with(clock, options, |b| b).await
+}
+
+/// [`hub`], its builder changed by `configure`.
+async fn hub_with(
+    clock: &ManualClock,
+    options: HubOptions,
+    configure: impl FnOnce(HubBuilder<User>) -> HubBuilder<User>,
+) -> TestHub {
     let authenticator = Expiring {
         at: clock.now() + chrono::Duration::seconds(60),
     };
     let clock = clock.clone();
-    TestHub::start_with_authenticator(authenticator, options, move |b| b.clock(Arc::new(clock)))
-        .await
+    TestHub::start_with_authenticator(authenticator, options, move |b| {
+        configure(b.clock(Arc::new(clock)))
+    })
+    .await
 }
 
 fn ticking() -> HubOptions {
@@ -336,13 +349,9 @@ async fn a_subscribe_that_outlasts_the_credentials_closes_the_connection() {
             .ping_interval(Duration::from_secs(600))
             .idle_timeout(Duration::from_secs(1200));
         let clock = ManualClock::new();
-        let authenticator = Expiring {
-            at: clock.now() + chrono::Duration::seconds(60),
-        };
-        let (for_hub, for_rules) = (clock.clone(), clock.clone());
-        let t = TestHub::start_with_authenticator(authenticator, options, move |b| {
-            b.clock(Arc::new(for_hub))
-                .authorizer(SlowAuthorizer { clock: for_rules })
+        let rules = clock.clone();
+        let t = hub_with(&clock, options, move |b| {
+            b.authorizer(SlowAuthorizer { clock: rules })
         })
         .await;
         let mut temp = t.connect("agent-temp1").await;
