@@ -520,14 +520,18 @@ async fn supervise(
             backoff = min;
         }
         tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
-        reporter.set(Health::Unhealthy(reason));
+        reporter.set(Health::Unhealthy(reason.clone()));
         // At least 1 ms, whatever the settings (a `max` of zero resets the backoff
         // to `min` after every run): a zero one restarts a failing worker in a
         // tight loop.
         tokio::select! {
             _ = tokio::time::sleep(backoff.max(Duration::from_millis(1))) => {}
             _ = ctx.shutdown.requested() => {
-                reporter.set(Health::Stopped);
+                // Its last run failed and none came after: what it had in flight may not
+                // be finished, as for one failing while it stops.
+                reporter.set(Health::Unhealthy(format!(
+                    "failed, and stopped before its restart: {reason}"
+                )));
                 return;
             }
         }
@@ -791,7 +795,8 @@ impl Runtime {
     /// `error` ("worker failed while stopping; its in-flight work may not be finished") and
     /// left `Unhealthy` ("failed while stopping: ...") in [`health`](Self::health), not
     /// `Stopped`, and its unfinished deliveries come back after their redelivery delay, as
-    /// after a crash.
+    /// after a crash. So is one stopped while it waits to restart after a failed run
+    /// ("failed, and stopped before its restart: ...").
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         // The deadline before the wait for the workers: a call already stopping them (with a
@@ -801,9 +806,15 @@ impl Runtime {
             Some(deadline) => match tokio::time::timeout_at(deadline, self.tasks.lock()).await {
                 Ok(tasks) => tasks,
                 Err(_) => {
+                    let workers = self.still_running();
+                    // All ended while the other call held them, before it noticed: no worker
+                    // is left to name.
+                    if workers.is_empty() {
+                        return self.stopped(grace);
+                    }
                     return Err(ShutdownError {
                         grace,
-                        workers: self.still_running(),
+                        workers,
                         aborted: false,
                     });
                 }

@@ -1167,3 +1167,76 @@ fn a_shutdown_past_its_grace_names_only_the_workers_still_running() {
         assert_eq!(report.components["stuck"].0, Health::Stopped);
     });
 }
+
+/// Finishes its in-flight work 500 ms after shutdown is requested, then returns.
+struct Lingering;
+
+#[async_trait]
+impl Worker for Lingering {
+    fn name(&self) -> &str {
+        "lingering"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        ctx.health.set(Health::Healthy);
+        ctx.shutdown.requested().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+}
+
+/// A second `shutdown` whose grace ends while a first call holds the workers, all of which
+/// have returned by then (the first call not yet polled again to notice), is a clean stop: not
+/// an error naming no worker.
+#[test]
+fn a_second_shutdown_after_every_worker_returned_is_a_clean_stop() {
+    run_paused(|| async {
+        let runtime = Runtime::builder().worker(Lingering).start();
+        health_becomes(&runtime, "lingering", Health::Healthy).await;
+        let first = runtime.shutdown(Duration::from_secs(10));
+        tokio::pin!(first);
+        // Polled until it holds the workers, then left alone.
+        tokio::select! {
+            biased;
+            first = &mut first => panic!("the first shutdown returned: {first:?}"),
+            _ = tokio::task::yield_now() => {}
+        }
+        let started = tokio::time::Instant::now();
+        let second = runtime.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(1),
+            "waited its grace"
+        );
+        assert!(second.is_ok(), "{second:?}");
+        first.await.unwrap();
+    });
+}
+
+/// A worker stopped while it waits out its restart backoff keeps its last run's failure in its
+/// health: it did not stop cleanly.
+#[test]
+fn a_worker_stopped_while_waiting_to_restart_reports_its_failure() {
+    run_paused(|| async {
+        let starts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let runtime = Runtime::builder()
+            .restart_backoff(Duration::from_secs(60), Duration::from_secs(60))
+            .worker(AlwaysFails {
+                name: "failing",
+                starts: starts.clone(),
+            })
+            .start();
+        health_becomes(
+            &runtime,
+            "failing",
+            Health::Unhealthy("always fails".into()),
+        )
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(starts.lock().unwrap().len(), 1, "not restarted");
+        assert_eq!(
+            runtime.health().await.components["failing"].0,
+            Health::Unhealthy("failed, and stopped before its restart: always fails".into())
+        );
+    });
+}
