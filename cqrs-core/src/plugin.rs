@@ -132,17 +132,21 @@ pub enum PluginError {
         /// What is wrong with it.
         problem: String,
     },
-    /// A plugin depends on one that is not linked, or names it wrongly. Link the dependency,
-    /// or fix the name in the dependent plugin's [`depends_on()`](Plugin::depends_on).
+    /// A plugin depends on plugins that are not linked, or names them wrongly. Link them, or
+    /// fix the names in the dependent plugin's [`depends_on()`](Plugin::depends_on). When
+    /// several plugins miss dependencies, this names the first of them by name.
     #[error(
-        "plugin `{plugin}` depends on `{dependency}`, which {}, or fix the name in `depends_on()` of `{plugin}` (found: {})",
-        missing_advice(*given, "is"), found_list(found)
+        "plugin `{plugin}` depends on {}, which {}, or fix {} in `depends_on()` of `{plugin}` (found: {})",
+        quoted_list(dependencies),
+        missing_advice(*given, dependencies.len()),
+        if dependencies.len() == 1 { "the name" } else { "the names" },
+        found_list(found)
     )]
     MissingDependency {
         /// The dependent plugin.
         plugin: String,
-        /// The missing plugin.
-        dependency: String,
+        /// Every plugin it depends on that is missing, in its `depends_on()` order.
+        dependencies: Vec<String>,
         /// The plugins that were found, by name.
         found: Vec<String>,
         /// Whether the plugins were given ([`Plugins::from_plugins`]) rather than collected
@@ -158,7 +162,7 @@ pub enum PluginError {
         plugins: Vec<String>,
     },
     /// A plugin the server expects is not linked (or not in the list given).
-    #[error("expected plugin(s) {} {} (found: {})", missing.join(", "), missing_advice(*given, "are"), found_list(found))]
+    #[error("expected plugin(s) {} {} (found: {})", missing.join(", "), missing_advice(*given, missing.len()), found_list(found))]
     NotLinked {
         /// The expected plugins that are missing.
         missing: Vec<String>,
@@ -242,6 +246,15 @@ fn found_list(found: &[String]) -> String {
     }
 }
 
+/// `` `a` ``, `` `a` and `b` ``, `` `a`, `b` and `c` ``.
+fn quoted_list(names: &[String]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
+}
+
 /// Two plugins of one name: two versions of one crate linked (`cargo tree -d` shows them),
 /// or, of one version, a crate registered twice or two crates that chose one name.
 fn duplicate_message(name: &str, first: &str, second: &str) -> String {
@@ -302,9 +315,14 @@ fn cycle_message(plugins: &[String]) -> String {
 
 /// What to do about a plugin that was not found: link its crate, or, when the plugins were
 /// given in a list, add it there. `verb` agrees with the subject ("is", "are").
-fn missing_advice(given: bool, verb: &str) -> String {
+fn missing_advice(given: bool, count: usize) -> String {
+    let (verb, them) = if count == 1 {
+        ("is", "it")
+    } else {
+        ("are", "them")
+    };
     if given {
-        format!("{verb} not in the list given to `Plugins::from_plugins`; add it there")
+        format!("{verb} not in the list given to `Plugins::from_plugins`; add {them} there")
     } else {
         format!(
             "{verb} not linked into this binary; each needs its crate as a dependency and a \
@@ -362,7 +380,10 @@ impl Plugins {
         Self::order(plugins, true)
     }
 
-    fn order(plugins: Vec<Box<dyn Plugin>>, given: bool) -> Result<Self, PluginError> {
+    fn order(mut plugins: Vec<Box<dyn Plugin>>, given: bool) -> Result<Self, PluginError> {
+        // Inventory hands plugins over in link order: sorted first, the same plugins give the
+        // same error, whatever the order of the crates on the linker's command line.
+        plugins.sort_by(|a, b| (a.name(), a.version()).cmp(&(b.name(), b.version())));
         let mut by_name: BTreeMap<&'static str, Box<dyn Plugin>> = BTreeMap::new();
         for plugin in plugins {
             if let Some(problem) = name_problem(plugin.name()) {
@@ -382,14 +403,16 @@ impl Plugins {
             by_name.insert(plugin.name(), plugin);
         }
         for plugin in by_name.values() {
-            if let Some(missing) = plugin
-                .depends_on()
-                .iter()
-                .find(|d| !by_name.contains_key(*d))
-            {
+            let mut missing: Vec<String> = Vec::new();
+            for dependency in plugin.depends_on() {
+                if !by_name.contains_key(dependency) && !missing.iter().any(|m| m == dependency) {
+                    missing.push((*dependency).to_owned());
+                }
+            }
+            if !missing.is_empty() {
                 return Err(PluginError::MissingDependency {
                     plugin: plugin.name().to_owned(),
-                    dependency: (*missing).to_owned(),
+                    dependencies: missing,
                     found: by_name.keys().map(|name| (*name).to_owned()).collect(),
                     given,
                 });
@@ -535,7 +558,8 @@ pub struct PluginRegistrar {
     events: EventHandlers,
     contributions: HashMap<TypeId, Box<dyn Any + Send>>,
     resources: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
-    required: Vec<MessageType>,
+    /// Each with the plugin that declared it ("" for the server's own).
+    required: Vec<(&'static str, MessageType)>,
     current: &'static str,
 }
 
@@ -647,13 +671,14 @@ impl PluginRegistrar {
     /// checked by [`check_required`](Self::check_required) against the built buses. An event
     /// may have any number of handlers, none included, so a required event is not checked.
     pub fn require(&mut self, message: MessageType) -> &mut Self {
-        self.required.push(message);
+        self.required.push((self.current, message));
         self
     }
 
-    /// Every message some plugin declared it sends.
-    pub fn required(&self) -> &[MessageType] {
-        &self.required
+    /// Every message some plugin declared it sends, with the plugin's name (empty for one the
+    /// server declared itself, outside any plugin's `register`).
+    pub fn required(&self) -> impl Iterator<Item = (&'static str, MessageType)> + '_ {
+        self.required.iter().copied()
     }
 
     /// Adds a value of a type the server defines (HTTP routes, OpenAPI fragments, migrations).
@@ -716,23 +741,24 @@ impl PluginRegistrar {
         commands: &crate::CommandBus,
         queries: &crate::QueryBus,
     ) -> Result<(), crate::BuildError> {
-        let mut problems = Vec::new();
-        for bus_check in [
-            commands.check(
-                self.required
-                    .iter()
-                    .copied()
-                    .filter(|m| m.kind() == crate::MessageKind::Command),
-            ),
-            queries.check(
-                self.required
-                    .iter()
-                    .copied()
-                    .filter(|m| m.kind() == crate::MessageKind::Query),
-            ),
-        ] {
-            if let Err(e) = bus_check {
-                problems.extend(e.problems);
+        let mut problems: Vec<String> = Vec::new();
+        for &(plugin, message) in &self.required {
+            let checked = match message.kind() {
+                crate::MessageKind::Command => commands.check([message]),
+                crate::MessageKind::Query => queries.check([message]),
+                crate::MessageKind::Event => Ok(()),
+            };
+            let Err(e) = checked else { continue };
+            let by = if plugin.is_empty() {
+                "the server".to_owned()
+            } else {
+                format!("plugin `{plugin}`")
+            };
+            for problem in e.problems {
+                let problem = format!("{problem} (required by {by})");
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
             }
         }
         if problems.is_empty() {

@@ -412,6 +412,11 @@ impl RuntimeBuilder {
 
     /// Starts every worker on the current tokio runtime. Keep the [`Runtime`] and call
     /// [`shutdown`](Runtime::shutdown): dropping it aborts every worker where it is.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, when there is a worker to start (as `tokio::spawn` does):
+    /// call it from `#[tokio::main]`, or inside `Runtime::block_on`.
     #[must_use = "dropping the Runtime aborts every worker at once; keep it and call `shutdown`"]
     pub fn start(self) -> Runtime {
         let (trigger, shutdown) = Shutdown::new();

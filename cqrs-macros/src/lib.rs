@@ -195,8 +195,8 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
     if let Some(misplaced) = misplaced_attribute(input) {
         return Err(syn::Error::new_spanned(
             misplaced,
-            "`#[cqrs(..)]` goes on the type, not on a field or a variant (the wire name and \
-             version are the whole message's)",
+            "`#[cqrs(..)]` goes on the type, not on a field, a variant or a generic parameter \
+             (the wire name and version are the whole message's)",
         ));
     }
     let args = parse_args(kind, input)?;
@@ -301,8 +301,9 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
     })
 }
 
-/// A `#[cqrs(..)]` on a field or an enum variant, which the derives would otherwise pass
-/// over without a word (the helper attribute is allowed anywhere in the item).
+/// A `#[cqrs(..)]` on a field, an enum variant or a generic parameter, which the derives
+/// would otherwise pass over without a word (the helper attribute is allowed anywhere in the
+/// item).
 fn misplaced_attribute(input: &DeriveInput) -> Option<&syn::Attribute> {
     fn on_fields(fields: &syn::Fields) -> impl Iterator<Item = &syn::Attribute> {
         fields.iter().flat_map(|field| &field.attrs)
@@ -316,7 +317,15 @@ fn misplaced_attribute(input: &DeriveInput) -> Option<&syn::Attribute> {
             .collect(),
         syn::Data::Union(data) => data.fields.named.iter().flat_map(|f| &f.attrs).collect(),
     };
-    attrs.into_iter().find(|attr| attr.path().is_ident("cqrs"))
+    let on_generics = input.generics.params.iter().flat_map(|param| match param {
+        syn::GenericParam::Type(param) => &param.attrs,
+        syn::GenericParam::Lifetime(param) => &param.attrs,
+        syn::GenericParam::Const(param) => &param.attrs,
+    });
+    attrs
+        .into_iter()
+        .chain(on_generics)
+        .find(|attr| attr.path().is_ident("cqrs"))
 }
 
 /// Where an error about a missing key points: the first `#[cqrs(..)]` attribute, which
@@ -496,7 +505,8 @@ mod tests {
     /// `#[cqrs(..)]` on a field or a variant is refused, not passed over.
     #[test]
     fn an_attribute_on_a_field_or_variant_is_refused() {
-        let expected = "`#[cqrs(..)]` goes on the type, not on a field or a variant";
+        let expected =
+            "`#[cqrs(..)]` goes on the type, not on a field, a variant or a generic parameter";
         let on_variant = error(
             Kind::Command,
             parse_quote! {
@@ -521,6 +531,14 @@ mod tests {
             },
         );
         assert!(on_variant_field.starts_with(expected), "{on_variant_field}");
+        let on_generic = error(
+            Kind::Event,
+            parse_quote! {
+                #[cqrs(name = "tickets.opened")]
+                struct Opened<#[cqrs(version = 2)] T> { id: T }
+            },
+        );
+        assert!(on_generic.starts_with(expected), "{on_generic}");
         // Other attributes on fields (serde's) are left alone.
         expanded(
             Kind::Event,

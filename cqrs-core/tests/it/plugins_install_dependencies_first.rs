@@ -26,6 +26,10 @@ impl Plugin for P {
         if self.name.starts_with("listener") {
             registrar.events().add(Counter::named(self.name));
         }
+        if self.name == "needs-orphan" {
+            registrar.require(MessageType::command::<Orphan>());
+            registrar.require(MessageType::command::<Orphan>());
+        }
         if self.name == "needs-db" {
             let _url: std::sync::Arc<str> = registrar.resource()?;
         }
@@ -137,6 +141,41 @@ fn a_missing_dependency_is_an_error_naming_both() {
     );
 }
 
+/// Every missing dependency of the plugin is named at once, not one per start.
+#[test]
+fn every_missing_dependency_is_named_at_once() {
+    let err = Plugins::from_plugins(plugins(&[(
+        "tickets",
+        &["auth", "audit", "auth", "mailer"],
+    )]))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "plugin `tickets` depends on `auth`, `audit` and `mailer`, which are not in the list given to `Plugins::from_plugins`; add them there, or fix the names in `depends_on()` of `tickets` (found: tickets)"
+    );
+}
+
+/// The same plugins give the same error in any order (inventory's order is the linker's).
+#[test]
+fn the_same_plugins_give_the_same_error_in_any_order() {
+    let cases: [&[(&'static str, &'static [&'static str])]; 3] = [
+        &[("x y", &[]), ("a", &[]), ("a", &[])],
+        &[("b", &["missing-b"]), ("a", &["missing-a"])],
+        &[("a", &[]), ("a", &["c"]), ("c", &[])],
+    ];
+    for case in cases {
+        let forward = Plugins::from_plugins(plugins(case))
+            .unwrap_err()
+            .to_string();
+        let mut reversed = case.to_vec();
+        reversed.reverse();
+        let backward = Plugins::from_plugins(plugins(&reversed))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(forward, backward, "{case:?}");
+    }
+}
+
 #[test]
 fn a_cycle_is_an_error_naming_it() {
     let err = Plugins::from_plugins(plugins(&[
@@ -188,6 +227,33 @@ fn installing_collects_handlers_and_contributions_in_order() {
     registrar.require(MessageType::command::<Orphan>());
     let err = registrar.check_required(&commands, &queries).unwrap_err();
     assert!(err.to_string().contains("`test.orphan`"), "{err}");
+    assert!(
+        err.to_string().contains("(required by the server)"),
+        "{err}"
+    );
+}
+
+/// A required message without a handler names the plugin that requires it, once.
+#[test]
+fn a_missing_required_handler_names_the_plugin_requiring_it() {
+    let ordered = Plugins::from_plugins(plugins(&[("needs-orphan", &[])])).unwrap();
+    let mut registrar = PluginRegistrar::new();
+    ordered.install(&mut registrar).unwrap();
+    let commands = CommandBus::builder()
+        .handlers(registrar.take_commands())
+        .build()
+        .unwrap();
+    let queries = QueryBus::builder()
+        .handlers(registrar.take_queries())
+        .build()
+        .unwrap();
+    let err = registrar.check_required(&commands, &queries).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(
+        err.problems[0].contains("`test.orphan`")
+            && err.problems[0].ends_with("(required by plugin `needs-orphan`)"),
+        "{err}"
+    );
 }
 
 #[test]
