@@ -603,10 +603,8 @@ impl CommandHandler<LogIn> for LogInHandler {
         // No account has a password over registration's 128 characters: refused before any
         // hashing (argon2 would first digest the whole of it) and without counting an attempt
         // (it reveals nothing of the account, and guesses nothing).
-        // The shorter of the two forms a password may be stored in: composed (NFC, from now
-        // on) or as typed (accounts registered before), since a few characters grow in NFC.
-        let chars = cmd.password.chars().count();
-        if chars.min(composed(&cmd.password).chars().count()) > MAX_PASSWORD_CHARS {
+        // Counted composed (NFC), as registration counts it: a few characters grow in NFC.
+        if composed(&cmd.password).chars().count() > MAX_PASSWORD_CHARS {
             return Err(invalid_credentials());
         }
         // The client's own bound comes first (a refusal there is no attempt); the shared
