@@ -442,18 +442,29 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         None => share.min(hub_options.get_max_connections()),
     };
     // One address holds at most all but a tenth of the hub's places, whatever the setting
-    // says, as for HTTP connections: anyone may register the accounts to fill them all.
+    // says, as for HTTP connections: anyone may register the accounts to fill them all. And
+    // all but a tenth of the connections it may hold: a WebSocket holds its connection's
+    // place, and an address whose WebSockets took them all would have its next handshake,
+    // and every request, closed unanswered instead of a 429.
+    let connections_per_address = config
+        .http_connections_per_address
+        .min(crate::server::share_of(crate::server::client_connections(
+            config,
+        )));
     let per_address = config
         .ws_connections_per_address
-        .min(crate::server::share_of(most));
+        .min(crate::server::share_of(most))
+        .min(crate::server::share_of(connections_per_address));
     if per_address < config.ws_connections_per_address {
         tracing::info!(
             ws_connections_per_address = config.ws_connections_per_address,
             websockets = most,
+            connections_per_address,
             per_address,
             "one client address holds at most {per_address} WebSockets: all but a tenth of \
-             the {most} the hub holds, kept for everyone else \
-             (HELPDESK_WS_CONNECTIONS_PER_ADDRESS is more)"
+             the {most} the hub holds, kept for everyone else, and of the \
+             {connections_per_address} connections one address holds, kept for its HTTP \
+             requests (HELPDESK_WS_CONNECTIONS_PER_ADDRESS is more)"
         );
     }
     let hub_options = hub_options

@@ -190,7 +190,9 @@ pub struct Config {
     /// The most WebSocket connections one client address (an IPv4 address or an IPv6 /64)
     /// holds at once, whatever accounts they belong to; past it a handshake gets 429. Anyone
     /// may register accounts, so the limit per user alone would let one client fill the hub.
-    /// At most all but a tenth of the WebSockets the hub holds, whatever this says.
+    /// At most all but a tenth of the WebSockets the hub holds, and of
+    /// --http-connections-per-address (a WebSocket holds its connection's place), whatever
+    /// this says.
     #[arg(
         long,
         env = "HELPDESK_WS_CONNECTIONS_PER_ADDRESS",

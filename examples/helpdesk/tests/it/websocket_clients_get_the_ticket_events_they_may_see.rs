@@ -505,6 +505,36 @@ async fn one_address_holds_at_most_its_websocket_connections() {
     .await;
 }
 
+/// With both per-address limits alike (their defaults are), an address holds at most all but
+/// a tenth of its connections as WebSockets: its next handshake gets 429, and its requests are
+/// served, instead of both being closed unanswered once WebSockets took every place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_leave_an_address_room_for_its_requests() {
+    within(async {
+        let s = TestServer::start_with(|c| {
+            c.ws_connections_per_address = 30;
+            c.http_connections_per_address = 30;
+        })
+        .await;
+        let (first, _) = s.customer().await;
+        let (second, _) = s.customer().await;
+        let mut held = Vec::new();
+        for i in 0..27 {
+            held.push(connect(&s, if i < 16 { &first } else { &second }).await);
+        }
+        let url = format!("{}/ws?token={second}", s.base.replace("http://", "ws://"));
+        too_many_connections(
+            "a 28th WebSocket from one address",
+            tokio_tungstenite::connect_async(url.as_str()).await,
+        );
+        let r = s.send(reqwest::Method::GET, "/health", None, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{r:?}");
+        drop(held);
+        s.stop().await;
+    })
+    .await;
+}
+
 /// However high `--ws-connections-per-address` is, one address holds at most all but a tenth
 /// of the WebSockets the hub holds: with 60 connections (54 for WebSockets), its 50th
 /// handshake gets 429, where it took every place the hub had before (its accounts are
