@@ -92,7 +92,21 @@ async fn locked(
     lock_key: &str,
     told: &mut bool,
 ) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
-    let mut tx = db.begin().await.context("cannot begin a migration")?;
+    // Waiting behind another instance's migration, or running a long one, is no statement to
+    // cut short: the session's timeouts from the role, the database or the URL
+    // (`statement_timeout`, `lock_timeout`, Postgres 17's `transaction_timeout`) would fail the
+    // start instead. Lifted for this transaction only; a migration that must run then sets
+    // its own lock timeout.
+    let mut tx = db
+        .begin_held_open()
+        .await
+        .context("cannot begin a migration")?;
+    sqlx::query(
+        "SELECT set_config('statement_timeout', '0', true), set_config('lock_timeout', '0', true)",
+    )
+    .execute(&mut *tx)
+    .await
+    .context("cannot lift the session's timeouts for a migration")?;
     // Tried first, so that an instance waiting behind another's migration (a backfill of a
     // large table may take minutes) says why it does not start yet.
     let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtext($1))")

@@ -152,7 +152,9 @@ async fn requests_are_logged_once_each_without_their_tokens() {
 
 /// An instance that starts while another migrates the schema (a backfill may take minutes)
 /// says it waits for the migration lock, instead of hanging without a word; it starts once
-/// the lock is free. Postgres only.
+/// the lock is free, also when its sessions have a `statement_timeout` and a `lock_timeout`
+/// (from the role, the database or the URL: here the URL's, 300 ms) shorter than the wait.
+/// Postgres only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_waiting_for_the_migration_lock_says_so() {
     let captured = captured();
@@ -173,7 +175,12 @@ async fn a_start_waiting_for_the_migration_lock_says_so() {
             .execute(&mut *holding)
             .await
             .unwrap();
-        let config = test_config(&backend);
+        let mut config = test_config(&backend);
+        let url = config.database_url.take().expect("a database URL");
+        let separator = if url.contains('?') { '&' } else { '?' };
+        config.database_url = Some(format!(
+            "{url}{separator}options=-c%20statement_timeout%3D300%20-c%20lock_timeout%3D300"
+        ));
         let starting = helpdesk::Server::start(config, helpdesk::Hooks::default());
         tokio::pin!(starting);
         let logged = cqrs_core::testing::eventually(
@@ -191,6 +198,15 @@ async fn a_start_waiting_for_the_migration_lock_says_so() {
                 panic!("started while the lock was held: {:?}", started.map(|_| ()))
             }
             () = logged => {}
+        }
+        // Past both timeouts, still waiting.
+        if let Ok(started) =
+            tokio::time::timeout(std::time::Duration::from_millis(1_500), &mut starting).await
+        {
+            panic!(
+                "returned while the lock was held: {:?}",
+                started.map(|_| ())
+            );
         }
         holding.rollback().await.unwrap();
         let server = starting.await.expect("starts once the lock is free");
