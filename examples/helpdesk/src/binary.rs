@@ -6,7 +6,8 @@ use std::io::IsTerminal;
 use tokio::sync::mpsc;
 
 /// Runs the server as the `helpdesk` binary does, with `hooks`: the settings from the command
-/// line and the environment (`--help` lists them; bad ones print why and exit with 2), logs
+/// line and the environment (`--help` lists them; bad ones, and ones that do not go together,
+/// print every problem and exit with 2), logs
 /// on standard output, a graceful stop on SIGINT or SIGTERM, and a second signal exits at
 /// once. Returns once the server stopped; exits the process with 1 when it failed to start or
 /// to serve, and with 130 or 143 when a signal cut the start or the stop short.
@@ -41,6 +42,16 @@ pub async fn main_with(hooks: Hooks) {
         Err(e) => eprintln!("helpdesk: cannot install the logger: {e}"),
     }
     let json_logs = config.log_format == LogFormat::Json;
+    // Settings that parse but do not go together (`REDIS_URL` without `DATABASE_URL`, a short
+    // secret) exit with 2 as those that do not parse: a supervisor that reads 2 as "fix the
+    // settings" must not restart the process for ever.
+    if let Err(e) = crate::app::validated(&config) {
+        if json_logs {
+            tracing::error!(error = error_chain(&e), "bad settings; exiting with 2");
+        }
+        eprintln!("helpdesk: {}", error_chain(&e));
+        std::process::exit(2);
+    }
     match run(config, hooks).await {
         // Said, so that a log shows the stop finished rather than the process vanishing.
         Ok(None) => tracing::info!("stopped"),

@@ -103,6 +103,29 @@ fn redis_settings_are_checked_before_anything_connects() {
     );
 }
 
+/// Settings that parse but do not go together exit with 2, as those that do not parse do
+/// (clap's code): a supervisor reads 2 as "fix the settings", not "restart".
+#[test]
+fn the_binary_exits_with_2_on_settings_that_do_not_go_together() {
+    for (env, expected) in [
+        (
+            &[("REDIS_URL", "redis://127.0.0.1:6379")][..],
+            "REDIS_URL is set without DATABASE_URL",
+        ),
+        (&[("HELPDESK_POLL_MS", "x")][..], "invalid value 'x'"),
+    ] {
+        let mut child = Running(
+            helpdesk_command(&["--bind", "127.0.0.1:0"], env)
+                .spawn()
+                .unwrap(),
+        );
+        let (status, stderr) =
+            crate::support::exit_of(&mut child, std::time::Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{env:?}: {stderr}");
+        assert!(stderr.contains(expected), "{env:?}: {stderr}");
+    }
+}
+
 #[test]
 fn the_pool_size_is_a_setting_with_room_for_the_workers() {
     let postgres = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
