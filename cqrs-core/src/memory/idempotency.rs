@@ -191,9 +191,13 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         // One bound for the whole wait, however many holders come and go meanwhile; none for a
         // wait too long for the clock (`Duration::MAX`: wait as long as the holder runs).
         let until = tokio::time::Instant::now().checked_add(self.claim_wait);
+        // Read once, when the claim is made: a claim that waited for the key's holder replays
+        // that holder's response, however short its TTL (Postgres compares with the claim's
+        // time as well). Read after the wait, a TTL that ran out meanwhile would run the work
+        // a second time.
+        let now = self.clock.now();
         loop {
             let (mut wait, waiting) = {
-                let now = self.clock.now();
                 let mut entries = self.lock();
                 match entries.get(&id) {
                     Some(Entry::Done {

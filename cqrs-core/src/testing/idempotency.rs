@@ -82,12 +82,19 @@ fn manual_clock<H: IdempotencyHarness>(h: &H) -> ManualClock {
 /// `without_waiting_claims` (no
 /// [`IdempotencyHarness::waiting_claims`]) leaves out
 /// [`claims_with_another_fingerprint_fail_at_once_while_the_key_is_held`] and
-/// [`a_dropped_claim_hands_the_key_to_one_waiting_duplicate`]. Both, in that order:
+/// [`a_dropped_claim_hands_the_key_to_one_waiting_duplicate`]. Either leaves out
+/// [`a_waiting_duplicate_replays_its_holder_whatever_the_ttl`], which needs both. Both, in
+/// that order:
 /// `idempotency_conformance!(harness, without_clock, without_waiting_claims)`.
 #[macro_export]
 macro_rules! idempotency_conformance {
     ($make:path) => {
         $crate::idempotency_conformance!($make, without_clock, without_waiting_claims);
+        $crate::__conformance!(
+            $make,
+            idempotency,
+            [a_waiting_duplicate_replays_its_holder_whatever_the_ttl]
+        );
         $crate::__conformance!(
             $make,
             idempotency,
@@ -427,6 +434,32 @@ pub async fn a_dropped_claim_hands_the_key_to_one_waiting_duplicate<H: Idempoten
         }
     }
     assert_eq!(took, 1, "exactly one duplicate took the dropped key");
+}
+
+/// A duplicate that waited for the key's holder replays its response, also when the holder's
+/// TTL (zero here) ran out by the time the duplicate looks: the work runs once.
+pub async fn a_waiting_duplicate_replays_its_holder_whatever_the_ttl<H: IdempotencyHarness>(h: &H) {
+    let clock = manual_clock(h);
+    let store = h.store();
+    let scope = h.test_id().to_owned();
+    let guard = new(store
+        .claim(&scope, "k", "fp", Duration::ZERO)
+        .await
+        .unwrap());
+    let duplicate = {
+        let (store, scope) = (store.clone(), scope.clone());
+        tokio::spawn(async move { store.claim(&scope, "k", "fp", Duration::ZERO).await })
+    };
+    until_waiting(h, &scope, "k", 1).await;
+    clock.advance(Duration::from_secs(1));
+    let response = StoredResponse::new(201, json!({"by": "the holder"}));
+    guard.complete(response.clone()).await.unwrap();
+    let claim = tokio::time::timeout(PROMPTLY, duplicate)
+        .await
+        .expect("the duplicate answers once the holder completed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(replay(claim), response);
 }
 
 /// One key in two scopes is two keys.

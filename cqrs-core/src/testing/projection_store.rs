@@ -61,6 +61,7 @@ macro_rules! projection_store_conformance {
                 a_dropped_unit_lets_the_next_one_begin,
                 a_reset_forgets_the_inbox_and_the_checkpoint,
                 a_reset_in_a_dropped_unit_changes_nothing,
+                a_rebuild_commits_its_reset_and_what_follows_it,
                 a_purge_forgets_old_inbox_entries_of_one_consumer,
             ]
         );
@@ -363,6 +364,48 @@ pub async fn a_reset_in_a_dropped_unit_changes_nothing<H: ProjectionStoreHarness
     assert!(
         !store.mark_processed(&mut unit, c, id).await.unwrap(),
         "the dropped reset left the inbox: {id} is still processed"
+    );
+}
+
+/// A rebuild's unit, committed: the reset first, then the events it marks again and the
+/// checkpoint it saves, all kept. A store that applied the reset after the unit's other
+/// writes would commit an empty inbox and no checkpoint, and the next start would replay the
+/// whole log, every effect twice.
+pub async fn a_rebuild_commits_its_reset_and_what_follows_it<H: ProjectionStoreHarness>(h: &H) {
+    let store = h.store();
+    let c = h.test_id();
+    let (replayed, forgotten) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut unit = store.begin(c).await.unwrap();
+    store.mark_processed(&mut unit, c, replayed).await.unwrap();
+    store.mark_processed(&mut unit, c, forgotten).await.unwrap();
+    store
+        .save_checkpoint(&mut unit, c, Position::new(3))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+
+    let mut unit = store.begin(c).await.unwrap();
+    store.reset(&mut unit, c).await.unwrap();
+    assert!(store.mark_processed(&mut unit, c, replayed).await.unwrap());
+    store
+        .save_checkpoint(&mut unit, c, Position::new(7))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+
+    let mut unit = store.begin(c).await.unwrap();
+    assert_eq!(
+        store.checkpoint(&mut unit, c).await.unwrap(),
+        Some(Position::new(7)),
+        "the checkpoint the rebuild saved after its reset"
+    );
+    assert!(
+        !store.mark_processed(&mut unit, c, replayed).await.unwrap(),
+        "{replayed}, marked after the reset, is processed"
+    );
+    assert!(
+        store.mark_processed(&mut unit, c, forgotten).await.unwrap(),
+        "{forgotten}, not marked again after the reset, is forgotten"
     );
 }
 
