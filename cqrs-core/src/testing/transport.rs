@@ -727,20 +727,26 @@ pub async fn events_without_a_partition_key_are_delivered_once_each<H: Transport
     nothing_comes_again(h, c.as_mut(), "delivered again after ack").await;
 }
 
-/// `fetch(0)` asks for nothing and takes nothing: it returns an empty batch without counting a
-/// delivery, and the next fetch gets the event on its first attempt. (A Redis `XREADGROUP`
-/// with `COUNT 0` reads every entry.)
+/// `fetch(0)` asks for nothing and takes nothing: it returns an empty batch at once (not after
+/// its `block`, here 10 s, whether events wait or not) without counting a delivery, and the
+/// next fetch gets the event on its first attempt. (A Redis `XREADGROUP` with `COUNT 0` reads
+/// every entry.)
 pub async fn a_fetch_of_zero_takes_nothing<H: TransportHarness>(h: &H) {
     let topic = format!("{}-t12", h.test_id());
-    let mut c = consumer(h, &topic, "g", "c").await;
+    let mut c = consumer_with(h, &topic, "g", "c", |o| o.block(Duration::from_secs(10))).await;
+    let at_once = Duration::from_secs(2);
+    let fetched = tokio::time::timeout(at_once, c.fetch(0))
+        .await
+        .expect("fetch(0) on an empty topic waited for its block");
+    assert!(fetched.unwrap().is_empty());
     h.transport()
         .publish(&topic, &[event("k", 1), event("k", 2)])
         .await
         .unwrap();
-    assert!(
-        c.fetch(0).await.unwrap().is_empty(),
-        "fetch(0) handed out events"
-    );
+    let fetched = tokio::time::timeout(at_once, c.fetch(0))
+        .await
+        .expect("fetch(0) waited for its block");
+    assert!(fetched.unwrap().is_empty(), "fetch(0) handed out events");
     let got = drain(c.as_mut(), 2, Duration::from_secs(10)).await;
     let mut attempts: Vec<(u64, u32)> = got.iter().map(|d| (n_of(d), d.attempt)).collect();
     // In publish order where the transport orders per key; either way each on its first try.
@@ -1418,11 +1424,11 @@ pub async fn a_defer_by_a_consumer_that_lost_the_delivery_takes_no_attempt_back<
     }
 }
 
-/// A [`nack`](Consumer::nack) by a consumer that no longer owns the delivery (another consumer
-/// took it over) leaves it alone, as a [`keep_alive`](Consumer::keep_alive) does: it does not
-/// restart the redelivery delay, so while the taker stalls too, the message comes back all
-/// the same, however often the first consumer nacks it. Once acknowledged, a nack of it is
-/// no error.
+/// A [`nack`](Consumer::nack) or a [`nack_with_reason`](Consumer::nack_with_reason) by a
+/// consumer that no longer owns the delivery (another consumer took it over) leaves it alone,
+/// as a [`keep_alive`](Consumer::keep_alive) does: it does not restart the redelivery delay,
+/// so while the taker stalls too, the message comes back all the same, however often the
+/// first consumer nacks it, either way. Once acknowledged, a nack of it is no error.
 pub async fn a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back<
     H: TransportHarness,
 >(
@@ -1446,10 +1452,18 @@ pub async fn a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back<
     let delay = h.options().redelivery_delay;
     let within = delay * 4 + Duration::from_secs(2);
     let until = tokio::time::Instant::now() + within;
+    let mut with_reason = false;
     let back = loop {
-        slow.nack(&first.id)
-            .await
-            .expect("a nack of a delivery no longer owned is no error");
+        if with_reason {
+            slow.nack_with_reason(&first.id, "stale")
+                .await
+                .expect("a nack_with_reason of a delivery no longer owned is no error");
+        } else {
+            slow.nack(&first.id)
+                .await
+                .expect("a nack of a delivery no longer owned is no error");
+        }
+        with_reason = !with_reason;
         if let Some(d) = fetch_up_to(other.as_mut(), 10)
             .await
             .into_iter()
