@@ -11,4 +11,4 @@ pub use event_store::{InMemoryEventStore, InMemorySnapshotStore};
 pub use idempotency::InMemoryIdempotencyStore;
 pub use projection::{InMemoryProjectionStore, InMemoryUnit};
 pub use pubsub::InMemoryPubSub;
-pub use transport::{DEAD_LETTERS_KEPT, InMemoryTransport};
+pub use transport::{DEAD_LETTERS_KEPT, InMemoryTransport, MIN_REDELIVERY_DELAY};

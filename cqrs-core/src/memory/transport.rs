@@ -7,6 +7,7 @@ use crate::ports::{
 };
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -15,6 +16,11 @@ use tokio::time::Instant;
 /// Dead letters a group keeps by default, the newest: nothing else removes them, and a stream
 /// of poison events must not grow a long-running process without end.
 pub const DEAD_LETTERS_KEPT: usize = 10_000;
+
+/// The shortest redelivery delay a consumer of the in-memory transport takes: a zero one hands
+/// a delivery to the next fetch while its handler still runs, and its keep-alive interval
+/// (a third of the delay, at least 1 ms) would not be below it.
+pub const MIN_REDELIVERY_DELAY: Duration = Duration::from_millis(2);
 
 struct InFlight {
     consumer: String,
@@ -71,7 +77,8 @@ struct State {
 pub struct InMemoryTransport {
     state: Arc<Mutex<State>>,
     changed: Arc<Notify>,
-    dead_letters_kept: usize,
+    /// Shared by the clones, as the state is: a limit set on one holds for every handle.
+    dead_letters_kept: Arc<AtomicUsize>,
 }
 
 impl Default for InMemoryTransport {
@@ -79,7 +86,7 @@ impl Default for InMemoryTransport {
         Self {
             state: Arc::default(),
             changed: Arc::default(),
-            dead_letters_kept: DEAD_LETTERS_KEPT,
+            dead_letters_kept: Arc::new(AtomicUsize::new(DEAD_LETTERS_KEPT)),
         }
     }
 }
@@ -97,9 +104,10 @@ impl InMemoryTransport {
     }
 
     /// How many dead letters each group keeps, the newest (default [`DEAD_LETTERS_KEPT`]; at
-    /// least 1).
-    pub fn dead_letters_kept(mut self, kept: usize) -> Self {
-        self.dead_letters_kept = kept.max(1);
+    /// least 1). It is the transport's: every clone of it, earlier ones included, keeps as
+    /// many.
+    pub fn dead_letters_kept(self, kept: usize) -> Self {
+        self.dead_letters_kept.store(kept.max(1), Ordering::Relaxed);
         self
     }
 
@@ -282,7 +290,17 @@ impl EventTransport for InMemoryTransport {
     ) -> Result<Box<dyn Consumer>, TransportError> {
         crate::ports::validate_topic(topic)?;
         crate::ports::validate_group(group)?;
-        options.validate()?;
+        let mut problems = Vec::new();
+        if options.redelivery_delay < MIN_REDELIVERY_DELAY {
+            problems.push(format!(
+                "redelivery_delay is {:?}, below the {MIN_REDELIVERY_DELAY:?} the in-memory \
+                 transport needs: a delivery due again before its handler could answer for it \
+                 is handed to another consumer at once, and dead-lettered mid-run on its last \
+                 attempt (a Redis consumer needs 100 ms)",
+                options.redelivery_delay
+            ));
+        }
+        options.validate_with(problems)?;
         {
             let mut state = self.lock();
             let t = state.topics.entry(topic.to_owned()).or_default();
@@ -491,7 +509,7 @@ impl InMemoryConsumer {
             why,
             "dead-lettered an event"
         );
-        while group.dead.len() >= self.transport.dead_letters_kept {
+        while group.dead.len() >= self.transport.dead_letters_kept.load(Ordering::Relaxed) {
             group.dead.pop_front();
         }
         group.dead.push_back(dead);
@@ -665,7 +683,8 @@ impl Consumer for InMemoryConsumer {
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
-        // Above zero, as the port promises, even for a zero redelivery delay.
+        // A third of the delay, at least 1 ms (the timer's resolution): below the delay, which
+        // is at least `MIN_REDELIVERY_DELAY`, and above zero, as the port promises.
         Some((self.options.redelivery_delay / 3).max(Duration::from_millis(1)))
     }
 

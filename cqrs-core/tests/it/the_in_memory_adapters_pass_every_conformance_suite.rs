@@ -278,10 +278,12 @@ async fn the_in_memory_transport_trims_what_every_group_acknowledged() {
 #[tokio::test]
 async fn the_in_memory_transport_keeps_the_newest_dead_letters() {
     use cqrs_core::ports::ConsumerOptions;
-    let transport = InMemoryTransport::new().dead_letters_kept(2);
+    // Set on a clone: the limit is the transport's, every handle's.
+    let transport = InMemoryTransport::new();
+    let _ = transport.clone().dead_letters_kept(2);
     let options = ConsumerOptions::default()
-        .block(std::time::Duration::ZERO)
-        .redelivery_delay(std::time::Duration::ZERO)
+        .block(std::time::Duration::from_millis(100))
+        .redelivery_delay(cqrs_core::memory::MIN_REDELIVERY_DELAY)
         .max_deliveries(1);
     let mut consumer = transport.consumer("t", "g", options).await.unwrap();
     let records: Vec<_> = (1..=3)

@@ -4,7 +4,7 @@
 
 use crate::fixtures::run_paused;
 use cqrs_core::EventRecord;
-use cqrs_core::memory::InMemoryTransport;
+use cqrs_core::memory::{InMemoryTransport, MIN_REDELIVERY_DELAY};
 use cqrs_core::ports::{ConsumerOptions, EventTransport};
 use cqrs_core::testing::event_store::record;
 use std::time::Duration;
@@ -46,15 +46,32 @@ fn a_deferred_delivery_behind_its_key_does_not_make_fetch_spin() {
     });
 }
 
-/// With no redelivery delay, the keep-alive interval is still above zero, as the port
-/// promises: a caller's `tokio::time::interval` of it would panic on zero.
+/// A redelivery delay under `MIN_REDELIVERY_DELAY` is refused, saying why: a zero one handed a
+/// delivery to the next fetch while its handler ran. At the minimum, the keep-alive interval is
+/// above zero and below the delay, as the port promises.
 #[test]
-fn a_zero_redelivery_delay_still_gives_a_keep_alive_interval_above_zero() {
+fn a_redelivery_delay_under_the_minimum_is_refused() {
     crate::fixtures::run(async {
         let transport = InMemoryTransport::new();
-        let options = ConsumerOptions::default().redelivery_delay(Duration::ZERO);
+        for delay in [Duration::ZERO, Duration::from_micros(1_999)] {
+            let options = ConsumerOptions::default().redelivery_delay(delay);
+            let Err(err) = transport.consumer("t", "g", options).await else {
+                panic!("a redelivery delay of {delay:?} was taken");
+            };
+            assert!(
+                matches!(err, cqrs_core::ports::TransportError::Invalid(_))
+                    && err
+                        .to_string()
+                        .contains("below the 2ms the in-memory transport needs"),
+                "{err}"
+            );
+        }
+        let options = ConsumerOptions::default().redelivery_delay(MIN_REDELIVERY_DELAY);
         let consumer = transport.consumer("t", "g", options).await.unwrap();
         let interval = consumer.keep_alive_interval().unwrap();
-        assert!(!interval.is_zero(), "{interval:?}");
+        assert!(
+            !interval.is_zero() && interval < MIN_REDELIVERY_DELAY,
+            "{interval:?}"
+        );
     });
 }
