@@ -29,8 +29,18 @@ impl<E: Event> AnyEvent for E {
     }
     fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
         // Not `serde_json::to_value`, which writes a NaN as `null`: such an event would be
-        // stored and then fail to decode on every read of its stream.
-        crate::json::to_value(self)
+        // stored and then fail to decode on every read of its stream. A `Serialize` that
+        // panics (a `serialize_with` that unwraps) is an error like one that fails, for every
+        // writer (a bus's sink, an outbox, a relay), not an unwind into its caller.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| crate::json::to_value(self)))
+            .unwrap_or_else(|panic| {
+                Err(<serde_json::Error as serde::ser::Error>::custom(
+                    format_args!(
+                        "its Serialize panicked: {}",
+                        crate::panic::into_message(panic)
+                    ),
+                ))
+            })
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -156,8 +166,8 @@ impl EventEnvelope {
         &self.event
     }
 
-    /// The payload as JSON. Fails when the event's `Serialize` does, or when it holds a NaN or
-    /// an infinite float, which JSON cannot carry.
+    /// The payload as JSON. Fails when the event's `Serialize` does or panics, or when it holds
+    /// a NaN or an infinite float, which JSON cannot carry.
     pub fn payload_json(&self) -> Result<serde_json::Value, serde_json::Error> {
         self.event.to_json()
     }

@@ -314,7 +314,7 @@ fn cycle_message(plugins: &[String]) -> String {
 }
 
 /// What to do about a plugin that was not found: link its crate, or, when the plugins were
-/// given in a list, add it there. `verb` agrees with the subject ("is", "are").
+/// given in a list, add it there; in the singular for a `count` of 1, else in the plural.
 fn missing_advice(given: bool, count: usize) -> String {
     let (verb, them) = if count == 1 {
         ("is", "it")

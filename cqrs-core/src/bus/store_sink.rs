@@ -96,7 +96,15 @@ impl EventSink for EventStoreSink {
         for envelope in &events {
             let record = EventRecord::from_envelope(envelope)
                 .map_err(|e| DispatchError::Handler(HandlerError::internal(e)))?;
-            let stream = self.stream_of(&record);
+            // A `stream_for` that panics fails this dispatch, not its caller's task.
+            let stream =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stream_of(&record)))
+                    .map_err(|panic| {
+                        DispatchError::Handler(HandlerError::internal(format!(
+                            "the sink's `stream_for` panicked: {}",
+                            crate::panic::into_message(panic)
+                        )))
+                    })?;
             match streams.last_mut() {
                 Some((last, records)) if *last == stream => records.push(record),
                 _ => streams.push((stream, vec![record])),

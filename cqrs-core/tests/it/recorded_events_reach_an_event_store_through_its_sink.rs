@@ -179,3 +179,88 @@ fn dispatch_without_a_sink_warns_once_per_bus_that_it_dropped_events() {
         assert_eq!(warnings(), 2, "another bus says it too");
     });
 }
+
+/// An event whose `Serialize` panics on a zero `count`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Counted {
+    #[serde(serialize_with = "nonzero")]
+    count: u64,
+}
+
+fn nonzero<S: serde::Serializer>(count: &u64, s: S) -> Result<S::Ok, S::Error> {
+    assert!(*count != 0, "zero is not a count");
+    s.serialize_u64(*count)
+}
+
+impl Message for Counted {
+    const NAME: &'static str = "test.counted";
+}
+
+impl cqrs_core::Event for Counted {}
+
+struct Count(u64);
+
+impl Message for Count {
+    const NAME: &'static str = "test.count";
+}
+
+impl Command for Count {
+    type Output = ();
+}
+
+struct CountHandler;
+
+#[async_trait]
+impl CommandHandler<Count> for CountHandler {
+    async fn handle(&self, cmd: Count, ctx: &mut CommandContext) -> Result<(), HandlerError> {
+        ctx.record(Counted { count: cmd.0 });
+        Ok(())
+    }
+}
+
+/// A `Serialize` that panics, or a sink's `stream_for` that does, fails that dispatch as
+/// `internal`, naming the panic, instead of unwinding into the caller's task (a server's
+/// connection) after the handler's work was done; the next dispatch goes on as usual.
+#[test]
+fn a_panicking_serialize_or_stream_for_fails_only_that_dispatch() {
+    use futures_util::FutureExt;
+    let store = Arc::new(InMemoryEventStore::new());
+    let bus = CommandBus::builder()
+        .handler(CountHandler)
+        .event_sink(Arc::new(EventStoreSink::new(store.clone())))
+        .build()
+        .unwrap();
+    let picky = CommandBus::builder()
+        .handler(CountHandler)
+        .event_sink(Arc::new(EventStoreSink::new(store.clone()).stream_for(
+            |record| {
+                assert!(record.payload["count"] != 1, "no stream for one");
+                "counted".to_owned()
+            },
+        )))
+        .build()
+        .unwrap();
+    run(async {
+        for (bus, count, said) in [
+            (&bus, 0, "its Serialize panicked: zero is not a count"),
+            (
+                &picky,
+                1,
+                "the sink's `stream_for` panicked: no stream for one",
+            ),
+        ] {
+            let outcome = std::panic::AssertUnwindSafe(bus.dispatch(Count(count)))
+                .catch_unwind()
+                .await;
+            let Ok(Err(error)) = outcome else {
+                panic!("not an error of its own: {outcome:?}");
+            };
+            assert_eq!(error.kind(), ErrorKind::Internal, "{error}");
+            assert!(error.to_string().contains(said), "{error}");
+        }
+        bus.dispatch(Count(2)).await.unwrap();
+        picky.dispatch(Count(3)).await.unwrap();
+        assert_eq!(store.load("counted", 0).await.unwrap().len(), 1);
+        assert_eq!(store.load("test.counted", 0).await.unwrap().len(), 1);
+    });
+}

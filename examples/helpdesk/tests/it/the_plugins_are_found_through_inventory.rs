@@ -30,7 +30,7 @@ async fn a_plugin_that_is_not_linked_is_named_at_start_up() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "expected plugin(s) billing are not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (or, when not registered through inventory, a place in the list given to `Plugins::collect_with`) (found: auth, tickets)"
+        "expected plugin(s) billing is not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (or, when not registered through inventory, a place in the list given to `Plugins::collect_with`) (found: auth, tickets)"
     );
 }
 
@@ -49,7 +49,7 @@ async fn a_binarys_own_expected_plugins_are_checked_at_start() {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("expected plugin(s) tags are not linked into this binary"),
+            err.starts_with("expected plugin(s) tags is not linked into this binary"),
             "{err}"
         );
         let app = helpdesk::build(&config, hooks(vec!["tickets"]))
