@@ -411,7 +411,9 @@ pub(crate) fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
 /// The kind of an error a layer failed a dispatch with: a [`HandlerError`]'s own; tower's
 /// `Elapsed` (`tower::timeout`) a timeout and `Overloaded` (`tower::load_shed`) unavailable,
 /// both retryable, as the core's own layers' would be; anything else internal.
-fn middleware_kind(error: &(dyn std::error::Error + Send + Sync + 'static)) -> ErrorKind {
+pub(crate) fn middleware_kind(
+    error: &(dyn std::error::Error + Send + Sync + 'static),
+) -> ErrorKind {
     if let Some(handler) = error.downcast_ref::<HandlerError>() {
         handler.kind()
     } else if error.is::<tower::timeout::error::Elapsed>() {

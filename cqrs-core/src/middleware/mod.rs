@@ -142,4 +142,4 @@ pub use check::{Check, CheckFuture, CheckLayer};
 pub use metrics::{Metrics, MetricsFuture, MetricsLayer};
 pub(crate) use timeout::Budgeted;
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
-pub use trace::{Trace, TracingLayer};
+pub use trace::{Trace, Traced, TracingLayer};

@@ -1,19 +1,24 @@
 //! A span per dispatch.
 
-use crate::{Dispatch, Metadata, Reply};
+use crate::{BoxError, Dispatch, DispatchError, Metadata, Reply};
 use futures_util::future::Either;
+use std::any::Any;
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::instrument::Instrumented;
 
 /// Wraps each dispatch in an `INFO` span named `dispatch` with the fields `kind`, `message_name`
-/// (the wire name), `message_id`, `correlation_id` and `causation_id`. It logs no events of its
-/// own: whatever the handler and the inner layers log falls inside the span, and a failure is
-/// the caller's to log (its `DispatchError` says what failed). The ids are formatted only if a
-/// subscriber records the span, and a span
+/// (the wire name), `message_id`, `correlation_id` and `causation_id`, and, once the dispatch
+/// ended, `outcome` (`ok`, or the error's [`ErrorKind`](crate::ErrorKind): `forbidden`,
+/// `timeout`, ...) and, for a failure, `error` (its message). A dispatch dropped before it ended
+/// has no `outcome`. It logs no events of its own: whatever the handler and the inner layers log
+/// falls inside the span, and a failure is the caller's to log (its `DispatchError` says what
+/// failed). The ids are formatted only if a subscriber records the span, and a span
 /// no subscriber is interested in is not entered at all (with `tracing`'s `log` feature, which
 /// axum turns on, entering and leaving even a disabled span costs a `log` check each time).
 ///
@@ -165,10 +170,11 @@ impl fmt::Debug for Hooks {
 impl<S> Service<Dispatch> for Trace<S>
 where
     S: Service<Dispatch, Response = Reply>,
+    S::Error: fmt::Display + 'static,
 {
     type Response = Reply;
     type Error = S::Error;
-    type Future = Either<S::Future, Instrumented<S::Future>>;
+    type Future = Either<S::Future, Traced<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -183,6 +189,8 @@ where
             message_id = %metadata.message_id,
             correlation_id = %metadata.correlation_id,
             causation_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            error = tracing::field::Empty,
         );
         if span.is_disabled() {
             return Either::Left(self.inner.call(dispatch));
@@ -200,6 +208,57 @@ where
         }
         // The inner layers' synchronous work in `call` belongs to this dispatch too.
         let inner = span.in_scope(|| self.inner.call(dispatch));
-        Either::Right(inner.instrument(span))
+        Either::Right(Traced {
+            inner: inner.instrument(span),
+        })
     }
+}
+
+pin_project_lite::pin_project! {
+    /// A dispatch in its span, which it tells how the dispatch ended.
+    pub struct Traced<F> {
+        #[pin]
+        inner: Instrumented<F>,
+    }
+}
+
+impl<F, E> Future for Traced<F>
+where
+    F: Future<Output = Result<Reply, E>>,
+    E: fmt::Display + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut inner = self.project().inner;
+        let result = ready!(inner.as_mut().poll(cx));
+        let span = inner.span();
+        match &result {
+            Ok(_) => {
+                span.record("outcome", "ok");
+            }
+            Err(error) => {
+                span.record("outcome", kind_of(error));
+                span.record("error", tracing::field::display(error));
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// The kind of a layer's error, as [`DispatchError::kind`] would say it once the bus has it:
+/// the core's own and a boxed one (tower's layers') are told apart; any other is `internal`.
+fn kind_of<E: 'static>(error: &E) -> &'static str {
+    let error: &dyn Any = error;
+    let kind = if let Some(own) = error.downcast_ref::<DispatchError>() {
+        own.kind()
+    } else if let Some(boxed) = error.downcast_ref::<BoxError>() {
+        match boxed.downcast_ref::<DispatchError>() {
+            Some(own) => own.kind(),
+            None => crate::error::middleware_kind(boxed.as_ref()),
+        }
+    } else {
+        crate::ErrorKind::Internal
+    };
+    kind.as_str()
 }

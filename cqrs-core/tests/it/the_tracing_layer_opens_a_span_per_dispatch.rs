@@ -142,6 +142,67 @@ fn each_dispatch_gets_a_span_with_the_message_name_and_ids() {
     assert_eq!(fields["causation_id"], parent.message_id.to_string());
 }
 
+/// Each span says how its dispatch ended: `outcome` `ok`, or the error's kind with the error's
+/// message in `error`, for a handler's failure and for a layer's refusal (a `CheckLayer`
+/// inside the tracing layer) alike.
+#[test]
+fn each_span_says_how_its_dispatch_ended() {
+    use cqrs_core::middleware::CheckLayer;
+    let spans = recorded();
+    let bus = CommandBus::builder()
+        .layer(TracingLayer::new())
+        .layer(CheckLayer::new(
+            |dispatch: &cqrs_core::Dispatch| match dispatch.metadata().principal_as::<&str>() {
+                Some(&"intruder") => Err(cqrs_core::HandlerError::forbidden("not for intruders")),
+                _ => Ok(()),
+            },
+        ))
+        .handler(AddHandler)
+        .build()
+        .unwrap();
+    let (ok, failed, refused) = (Metadata::new(), Metadata::new(), Metadata::new());
+    let refused = refused.with_principal(cqrs_core::Principal::new("intruder"));
+    let add = |fail| Add {
+        a: 1,
+        b: 1,
+        fail,
+        ..Add::default()
+    };
+    run(async {
+        bus.dispatch_with(add(false), ok.clone()).await.unwrap();
+        bus.dispatch_with(add(true), failed.clone())
+            .await
+            .unwrap_err();
+        bus.dispatch_with(add(false), refused.clone())
+            .await
+            .unwrap_err();
+    });
+    let spans = spans.lock().unwrap();
+    let fields_of = |metadata: &Metadata| {
+        let id = metadata.message_id.to_string();
+        spans
+            .iter()
+            .find(|(name, fields)| name == "dispatch" && fields.get("message_id") == Some(&id))
+            .map(|(_, fields)| fields.clone())
+            .expect("a span for the dispatch")
+    };
+    let ok = fields_of(&ok);
+    assert_eq!(ok.get("outcome").map(String::as_str), Some("ok"), "{ok:?}");
+    assert_eq!(ok.get("error"), None, "{ok:?}");
+    let failed = fields_of(&failed);
+    assert_eq!(failed["outcome"], "invalid", "{failed:?}");
+    assert!(
+        failed["error"].contains("the add handler was told to fail"),
+        "{failed:?}"
+    );
+    let refused = fields_of(&refused);
+    assert_eq!(refused["outcome"], "forbidden", "{refused:?}");
+    assert!(
+        refused["error"].contains("not for intruders"),
+        "{refused:?}"
+    );
+}
+
 /// Dispatches `1 + 1` on `bus` with `metadata`.
 fn add_one_and_one(bus: &CommandBus, metadata: Metadata) {
     run(bus.dispatch_with(
