@@ -212,9 +212,9 @@ install_without_service() {
     fi
 }
 
-# The redis-server binary (three Redis tests and one helpdesk test run servers of their own).
+# The redis-server binary (four Redis tests and one helpdesk test run servers of their own).
 install_redis_server() {
-    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and three Redis tests and one helpdesk test run servers of their own: install it (apt-get install redis-server), or run as root so this script can"
+    [[ $(id -u) == 0 ]] || die "redis-server is not on PATH, and four Redis tests and one helpdesk test run servers of their own: install it (apt-get install redis-server), or run as root so this script can"
     install_without_service redis-server
 }
 
@@ -226,12 +226,12 @@ check_redis_server_binary() {
     version=$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9.]*\).*/\1/p') || true
     [[ -n $version ]] || die "could not read the version of $(command -v redis-server) (redis-server --version gave none)"
     if ((${version%%.*} < 7)); then
-        die "$(command -v redis-server) is $version; three Redis tests and one helpdesk test run servers of their own, and cqrs-redis needs 7.0 or later: install Redis 7 (Debian 12's package, or packages.redis.io) and put it first on PATH"
+        die "$(command -v redis-server) is $version; four Redis tests and one helpdesk test run servers of their own, and cqrs-redis needs 7.0 or later: install Redis 7 (Debian 12's package, or packages.redis.io) and put it first on PATH"
     fi
 }
 
 ensure_redis() {
-    # Every Redis test needs the server; three also run redis-servers of their own (to stop
+    # Every Redis test needs the server; four also run redis-servers of their own (to stop
     # and restart one, to fill one, to demote one), and so does one helpdesk test (to take
     # Redis away), so the binary must be on PATH even with REDIS_URL.
     if [[ -n ${REDIS_URL:-} ]]; then
