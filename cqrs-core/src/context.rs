@@ -1,15 +1,32 @@
 //! What a handler receives beside its message.
 
+use crate::clock::Clock;
 use crate::{Event, EventEnvelope, Extensions, Metadata};
+use std::fmt;
 use std::sync::Arc;
 
 /// The context of one command: its metadata, the events the handler records, and extensions
 /// that middleware put there (a database transaction, for instance).
-#[derive(Debug)]
 pub struct CommandContext {
     metadata: Metadata,
     events: Vec<EventEnvelope>,
     extensions: Extensions,
+    /// What stamps recorded events; `None`: the system clock.
+    pub(crate) clock: Option<Arc<dyn Clock>>,
+}
+
+impl fmt::Debug for CommandContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommandContext")
+            .field("metadata", &self.metadata)
+            .field("events", &self.events)
+            .field("extensions", &self.extensions)
+            .field(
+                "clock",
+                &self.clock.as_ref().map_or("system", |_| "injected"),
+            )
+            .finish()
+    }
 }
 
 impl CommandContext {
@@ -24,7 +41,31 @@ impl CommandContext {
             metadata,
             events: Vec::new(),
             extensions,
+            clock: None,
         }
+    }
+
+    /// Stamps the events recorded from now on with `clock`'s time instead of the system
+    /// clock's: what a bus given a clock ([`CommandBusBuilder::clock`]) does, for a test whose
+    /// handler is called directly.
+    ///
+    /// [`CommandBusBuilder::clock`]: crate::CommandBusBuilder::clock
+    ///
+    /// ```
+    /// # use cqrs_core::doc::TicketOpened;
+    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::clock::ManualClock;
+    /// use cqrs_core::{CommandContext, Metadata};
+    /// use std::sync::Arc;
+    ///
+    /// let at = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+    /// let mut ctx = CommandContext::new(Metadata::new()).with_clock(Arc::new(ManualClock::at(at)));
+    /// ctx.record(TicketOpened { ticket_id: "t1".into() });
+    /// assert_eq!(ctx.recorded()[0].metadata.timestamp, at);
+    /// ```
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// The command's metadata.
@@ -32,9 +73,18 @@ impl CommandContext {
         &self.metadata
     }
 
+    /// Metadata for an event this command causes, stamped by the context's clock.
+    fn caused(&self) -> Metadata {
+        match &self.clock {
+            Some(clock) => self.metadata.caused_at(clock.now()),
+            None => self.metadata.caused(),
+        }
+    }
+
     /// Records an event caused by this command. It inherits the command's correlation id and
-    /// principal and takes the command's id as causation id. Recorded events are handed on only
-    /// if the handler succeeds.
+    /// principal and takes the command's id as causation id; its timestamp is now, by the
+    /// context's clock ([`with_clock`](Self::with_clock); the system clock unless the bus was
+    /// given one). Recorded events are handed on only if the handler succeeds.
     ///
     /// ```
     /// # use cqrs_core::doc::TicketOpened;
@@ -48,7 +98,7 @@ impl CommandContext {
     /// assert_eq!(recorded.metadata.causation_id, Some(command.message_id));
     /// ```
     pub fn record<E: Event>(&mut self, event: E) -> &EventEnvelope {
-        let envelope = EventEnvelope::new(event, self.metadata.caused());
+        let envelope = EventEnvelope::new(event, self.caused());
         self.push(envelope)
     }
 
@@ -59,7 +109,7 @@ impl CommandContext {
     /// So key with an id of your own, not with another aggregate's stream id: an event of a
     /// type that aggregate does not know, in its stream, stops it from loading.
     pub fn record_keyed<E: Event>(&mut self, key: impl Into<Arc<str>>, event: E) -> &EventEnvelope {
-        let envelope = EventEnvelope::new(event, self.metadata.caused()).with_partition_key(key);
+        let envelope = EventEnvelope::new(event, self.caused()).with_partition_key(key);
         self.push(envelope)
     }
 

@@ -50,12 +50,18 @@ impl Metadata {
     /// Fresh metadata for a message that starts a new flow: a new id, which is also the
     /// correlation id, no causation, the current time.
     pub fn new() -> Self {
+        Self::new_at(Utc::now())
+    }
+
+    /// [`new`](Self::new), created at `at` rather than the system clock's now: for a caller
+    /// with an injected clock ([`Clock`](crate::clock::Clock)).
+    pub fn new_at(at: DateTime<Utc>) -> Self {
         let id = Uuid::now_v7();
         Self {
             message_id: id,
             correlation_id: id,
             causation_id: None,
-            timestamp: Utc::now(),
+            timestamp: at,
             principal: None,
             actor: None,
             trace_context: BTreeMap::new(),

@@ -1,6 +1,7 @@
 //! The command bus.
 
 use super::{Origin, Registries, check_registered, layer_service, register_single};
+use crate::clock::Clock;
 use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, started, typed_call};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
@@ -53,6 +54,7 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
             // The same steps as `execute_direct`, written out: an `async fn` shared by both
             // adds a future level that costs the layered path ~100 instructions a dispatch.
             let mut ctx = CommandContext::with_extensions(metadata, extensions);
+            ctx.clock.clone_from(&registries.clock);
             Ok(async move {
                 let output = guarded(
                     MessageKind::Command,
@@ -154,6 +156,7 @@ pub struct CommandBusBuilder<L = Identity> {
     layers: ServiceBuilder<L>,
     layered: bool,
     sink: Option<Arc<dyn EventSink>>,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl<L> fmt::Debug for CommandBusBuilder<L> {
@@ -186,7 +189,36 @@ impl<L> CommandBusBuilder<L> {
             layers: self.layers.layer(layer),
             layered: true,
             sink: self.sink,
+            clock: self.clock,
         }
+    }
+
+    /// The clock that stamps the metadata [`dispatch`](CommandBus::dispatch) makes and the
+    /// events handlers record ([`CommandContext::record`]). Default: the system clock; a
+    /// test's [`ManualClock`](crate::clock::ManualClock) makes both deterministic. Metadata a
+    /// caller hands [`dispatch_with`](CommandBus::dispatch_with) keeps its own timestamp.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
+    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::clock::ManualClock;
+    /// use cqrs_core::{CommandBus, Metadata};
+    /// use std::sync::Arc;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let at = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+    /// let bus = CommandBus::builder()
+    ///     .handler(OpenTicketHandler)
+    ///     .clock(Arc::new(ManualClock::at(at)))
+    ///     .build()?;
+    /// let executed = bus.execute(OpenTicket { title: "Printer on fire".into() }, Metadata::new()).await?;
+    /// assert_eq!(executed.events[0].metadata.timestamp, at);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Where recorded events go after a handler succeeds. Without a sink, recorded events are
@@ -217,6 +249,7 @@ impl<L> CommandBusBuilder<L> {
         let (handlers, names) = register_single(self.handlers.entries)?;
         let registries = Registries {
             commands: handlers,
+            clock: self.clock,
             ..Registries::default()
         };
         let registries = Arc::new(registries);
@@ -357,12 +390,14 @@ impl CommandBus {
             layers: ServiceBuilder::new(),
             layered: false,
             sink: None,
+            clock: None,
         }
     }
 
-    /// Dispatches a command with fresh metadata (a new correlation id).
+    /// Dispatches a command with fresh metadata (a new correlation id, the bus's clock's now).
     pub async fn dispatch<C: Command>(&self, command: C) -> Result<C::Output, DispatchError> {
-        self.dispatch_with(command, Metadata::new()).await
+        self.dispatch_with(command, self.inner.registries.fresh_metadata())
+            .await
     }
 
     /// Dispatches a command with the given metadata. Recorded events go to the event sink.
@@ -387,6 +422,7 @@ impl CommandBus {
         // The context first: the metadata then moves once, from the arguments into it, not
         // through the stack (about 20 instructions a dispatch, callgrind).
         let mut ctx = CommandContext::new(metadata);
+        ctx.clock.clone_from(&self.inner.registries.clock);
         let handler = handler_of::<C>(&self.inner.registries)?;
         let output = guarded(
             MessageKind::Command,
@@ -455,6 +491,7 @@ impl CommandBus {
         extensions: Extensions,
     ) -> Result<Executed<C::Output>, DispatchError> {
         let mut ctx = CommandContext::with_extensions(metadata, extensions);
+        ctx.clock.clone_from(&self.inner.registries.clock);
         let handler = handler_of::<C>(&self.inner.registries)?;
         let output = guarded(
             MessageKind::Command,

@@ -1,6 +1,7 @@
 //! The query bus.
 
 use super::{Origin, Registries, check_registered, layer_service, register_single};
+use crate::clock::Clock;
 use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, started, typed_call};
 use crate::{
     BoxError, BuildError, Dispatch, DispatchError, Extensions, MessageKind, MessageType, Metadata,
@@ -128,6 +129,7 @@ pub struct QueryBusBuilder<L = Identity> {
     handlers: QueryHandlers,
     layers: ServiceBuilder<L>,
     layered: bool,
+    clock: Option<Arc<dyn Clock>>,
 }
 
 impl<L> fmt::Debug for QueryBusBuilder<L> {
@@ -158,7 +160,16 @@ impl<L> QueryBusBuilder<L> {
             handlers: self.handlers,
             layers: self.layers.layer(layer),
             layered: true,
+            clock: self.clock,
         }
+    }
+
+    /// The clock that stamps the metadata [`dispatch`](QueryBus::dispatch) makes. Default: the
+    /// system clock. Metadata a caller hands [`dispatch_with`](QueryBus::dispatch_with) keeps
+    /// its own timestamp.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Freezes the bus. Fails, listing every problem, when a query type has two handlers or two
@@ -173,6 +184,7 @@ impl<L> QueryBusBuilder<L> {
         let (handlers, names) = register_single(self.handlers.entries)?;
         let registries = Registries {
             queries: handlers,
+            clock: self.clock,
             ..Registries::default()
         };
         let registries = Arc::new(registries);
@@ -227,12 +239,14 @@ impl QueryBus {
             handlers: QueryHandlers::new(),
             layers: ServiceBuilder::new(),
             layered: false,
+            clock: None,
         }
     }
 
-    /// Dispatches a query with fresh metadata.
+    /// Dispatches a query with fresh metadata (stamped by the bus's clock).
     pub async fn dispatch<Q: Query>(&self, query: Q) -> Result<Q::Output, DispatchError> {
-        self.dispatch_with(query, Metadata::new()).await
+        self.dispatch_with(query, self.inner.registries.fresh_metadata())
+            .await
     }
 
     /// Dispatches a query with the given metadata.

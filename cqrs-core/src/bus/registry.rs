@@ -3,7 +3,7 @@
 use super::command::ErasedCommandHandler;
 use super::event::ErasedEventHandler;
 use super::query::ErasedQueryHandler;
-use crate::EventEnvelope;
+use crate::{EventEnvelope, Metadata};
 use std::any::TypeId;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -47,9 +47,20 @@ pub(crate) struct Registries {
     ///
     /// [`EventBusBuilder::handler_timeout`]: crate::EventBusBuilder::handler_timeout
     pub(crate) event_handler_timeout: Option<std::time::Duration>,
+    /// What stamps the metadata a bus makes and the events its command handlers record;
+    /// `None`: the system clock.
+    pub(crate) clock: Option<Arc<dyn crate::clock::Clock>>,
 }
 
 impl Registries {
+    /// Fresh metadata, stamped by the bus's clock.
+    pub(crate) fn fresh_metadata(&self) -> Metadata {
+        match &self.clock {
+            Some(clock) => Metadata::new_at(clock.now()),
+            None => Metadata::new(),
+        }
+    }
+
     /// The handlers of `envelope`'s event type; none when it has none.
     #[inline]
     pub(crate) fn event_handlers(

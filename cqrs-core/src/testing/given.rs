@@ -243,10 +243,23 @@ where
 /// assert_eq!(output, "t1");
 /// # });
 /// ```
-#[derive(Debug)]
 pub struct CommandTest<H> {
     handler: H,
     metadata: Metadata,
+    clock: Option<std::sync::Arc<dyn crate::clock::Clock>>,
+}
+
+impl<H: std::fmt::Debug> std::fmt::Debug for CommandTest<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandTest")
+            .field("handler", &self.handler)
+            .field("metadata", &self.metadata)
+            .field(
+                "clock",
+                &self.clock.as_ref().map_or("system", |_| "injected"),
+            )
+            .finish()
+    }
 }
 
 impl<H> CommandTest<H> {
@@ -255,12 +268,20 @@ impl<H> CommandTest<H> {
         Self {
             handler,
             metadata: Metadata::new(),
+            clock: None,
         }
     }
 
     /// Runs the command with this metadata (a principal, an actor).
     pub fn with_metadata(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
+        self
+    }
+
+    /// Stamps the events the handler records with `clock`'s time, as a bus given that clock
+    /// would ([`CommandBusBuilder::clock`](crate::CommandBusBuilder::clock)).
+    pub fn with_clock(mut self, clock: std::sync::Arc<dyn crate::clock::Clock>) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -271,6 +292,7 @@ impl<H> CommandTest<H> {
         H: crate::CommandHandler<C>,
     {
         let mut ctx = crate::CommandContext::new(self.metadata);
+        ctx.clock = self.clock;
         let result = self.handler.handle(command, &mut ctx).await;
         CommandOutcome {
             result,
