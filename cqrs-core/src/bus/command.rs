@@ -299,7 +299,12 @@ fn command_dispatch<C: Command>(command: C, metadata: Metadata) -> Dispatch {
 fn output_of<C: Command>(reply: &mut Reply) -> Result<C::Output, DispatchError> {
     reply.take_output::<C::Output>().ok_or_else(|| {
         DispatchError::Middleware(
-            format!("a layer replaced the reply of command `{}`", C::NAME).into(),
+            format!(
+                "a layer replaced the reply of command `{}` with one of its own, which holds no \
+                 output: a layer must return the `Reply` its inner service gave it (or an error)",
+                C::NAME
+            )
+            .into(),
         )
     })
 }
