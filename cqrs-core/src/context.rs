@@ -73,6 +73,16 @@ impl CommandContext {
         &self.metadata
     }
 
+    /// Now, by the context's clock ([`with_clock`](Self::with_clock); the bus's, or the
+    /// system clock): for a handler's own time-dependent decisions (a due date), so a test
+    /// that gives the bus a clock controls them too.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        match &self.clock {
+            Some(clock) => clock.now(),
+            None => chrono::Utc::now(),
+        }
+    }
+
     /// Metadata for an event this command causes, stamped by the context's clock.
     fn caused(&self) -> Metadata {
         match &self.clock {
@@ -201,7 +211,8 @@ impl<'a> EventContext<'a> {
         self.envelope
     }
 
-    /// Metadata for a message this event causes (a command an event handler sends).
+    /// Metadata for a message this event causes (a command an event handler sends), stamped by
+    /// the system clock: with an injected one, `ctx.metadata().caused_at(clock.now())`.
     pub fn caused(&self) -> Metadata {
         self.envelope.metadata.caused()
     }

@@ -518,6 +518,7 @@ async fn supervise(
             }
             return;
         }
+        let failed = failure.is_some();
         let reason = failure.unwrap_or_else(|| "returned before shutdown".to_owned());
         // A run that lasted longer than the longest backoff was a recovery: the
         // next failure is a new incident, not the next of a streak.
@@ -533,10 +534,13 @@ async fn supervise(
             _ = tokio::time::sleep(backoff.max(Duration::from_millis(1))) => {}
             _ = ctx.shutdown.requested() => {
                 // Its last run failed and none came after: what it had in flight may not
-                // be finished, as for one failing while it stops.
-                reporter.set(Health::Unhealthy(format!(
-                    "failed, and stopped before its restart: {reason}"
-                )));
+                // be finished, as for one failing while it stops. One that returned `Ok`
+                // (a one-shot job) stopped cleanly.
+                reporter.set(if failed {
+                    Health::Unhealthy(format!("failed, and stopped before its restart: {reason}"))
+                } else {
+                    Health::Stopped
+                });
                 return;
             }
         }
@@ -579,20 +583,28 @@ impl Running {
         }
     }
 
-    /// The workers whose task has not ended.
-    fn names(&self) -> Vec<String> {
-        self.lock().running.iter().cloned().collect()
-    }
-
     /// The workers whose task was dropped before it ended, and those still running: what an
-    /// abort cut off.
+    /// abort cut off. Kept (see [`forget_cut`](Self::forget_cut)) until the caller recorded
+    /// them, so another `shutdown` looking meanwhile does not find nothing to name.
     fn cut_off(&self) -> Vec<String> {
-        let mut names = self.lock();
-        let mut cut = std::mem::take(&mut names.cut);
+        let names = self.lock();
+        let mut cut = names.cut.clone();
         cut.extend(names.running.iter().cloned());
         cut.sort_unstable();
         cut.dedup();
         cut
+    }
+
+    /// Forgets the workers [`cut_off`](Self::cut_off) named, once they are recorded.
+    fn forget_cut(&self) {
+        self.lock().cut.clear();
+    }
+
+    /// The workers still running, and those whose task was dropped before it ended that no
+    /// `shutdown` has recorded yet.
+    fn running_and_cut(&self) -> (Vec<String>, Vec<String>) {
+        let names = self.lock();
+        (names.running.iter().cloned().collect(), names.cut.clone())
     }
 }
 
@@ -792,16 +804,19 @@ impl Runtime {
     /// stopping the workers (one with a longer grace, say), this one waits for it until its
     /// own deadline and no longer. If that call is still running then, this one returns a
     /// [`ShutdownError`] naming the workers not yet stopped, without aborting them: they are
-    /// left to the other call, which aborts them at its own deadline. A call after one that
-    /// aborted workers returns that call's error (with its own `grace`), not a clean stop.
+    /// left to the other call, which aborts them at its own deadline; when none is left running
+    /// (they all returned, or the other call aborted them), it returns as that call will. A
+    /// call after one that aborted workers returns that call's error (with its own `grace`),
+    /// not a clean stop.
     ///
     /// `Ok` means every worker returned within the grace, not that each stopped cleanly: a
     /// worker whose run returned an error while stopping (its backend away, say) is logged at
     /// `error` ("worker failed while stopping; its in-flight work may not be finished") and
     /// left `Unhealthy` ("failed while stopping: ...") in [`health`](Self::health), not
     /// `Stopped`, and its unfinished deliveries come back after their redelivery delay, as
-    /// after a crash. So is one stopped while it waits to restart after a failed run
-    /// ("failed, and stopped before its restart: ...").
+    /// after a crash. One stopped while it waits to restart after a failed run (its failure
+    /// logged at `error` when it happened) is left `Unhealthy` too ("failed, and stopped before
+    /// its restart: ...").
     pub async fn shutdown(&self, grace: Duration) -> Result<(), ShutdownError> {
         self.trigger.trigger();
         // The deadline before the wait for the workers: a call already stopping them (with a
@@ -811,17 +826,24 @@ impl Runtime {
             Some(deadline) => match tokio::time::timeout_at(deadline, self.tasks.lock()).await {
                 Ok(tasks) => tasks,
                 Err(_) => {
-                    let workers = self.still_running();
-                    // All ended while the other call held them, before it noticed: no worker
-                    // is left to name.
-                    if workers.is_empty() {
-                        return self.stopped(grace);
+                    let (running, cut) = self.running.running_and_cut();
+                    if !running.is_empty() {
+                        return Err(ShutdownError {
+                            grace,
+                            workers: running,
+                            aborted: false,
+                        });
                     }
-                    return Err(ShutdownError {
-                        grace,
-                        workers,
-                        aborted: false,
-                    });
+                    // None left running: all ended while the other call held them, before it
+                    // noticed. Some may have been aborted by it, not recorded yet.
+                    if !cut.is_empty() {
+                        return Err(ShutdownError {
+                            grace,
+                            workers: cut,
+                            aborted: true,
+                        });
+                    }
+                    return self.stopped(grace);
                 }
             },
             None => self.tasks.lock().await,
@@ -854,10 +876,13 @@ impl Runtime {
                     if workers.is_empty() {
                         return self.stopped(grace);
                     }
+                    // Recorded before they are forgotten: a call looking in between finds them
+                    // in one place or the other.
                     self.aborted
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone_from(&workers);
+                    self.running.forget_cut();
                     // Aborted, they report nothing more themselves.
                     let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
                     for name in &workers {
@@ -888,11 +913,6 @@ impl Runtime {
             workers: aborted.clone(),
             aborted: true,
         })
-    }
-
-    /// The workers whose task has not ended.
-    fn still_running(&self) -> Vec<String> {
-        self.running.names()
     }
 }
 

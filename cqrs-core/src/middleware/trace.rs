@@ -18,7 +18,8 @@ use tracing::instrument::Instrumented;
 /// `timeout`, ...) and, for a failure, `error` (its message). A dispatch dropped before it ended
 /// has no `outcome`. It logs no events of its own: whatever the handler and the inner layers log
 /// falls inside the span, and a failure is the caller's to log (its `DispatchError` says what
-/// failed). The ids are formatted only if a subscriber records the span, and a span
+/// failed); the span's `error` is the message as the caller gets it, causes that it keeps out of
+/// its text included only as far as it shows them, so mind what your errors say. The ids are formatted only if a subscriber records the span, and a span
 /// no subscriber is interested in is not entered at all (with `tracing`'s `log` feature, which
 /// axum turns on, entering and leaving even a disabled span costs a `log` check each time).
 ///

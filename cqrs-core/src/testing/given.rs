@@ -245,7 +245,8 @@ where
 /// ```
 pub struct CommandTest<H> {
     handler: H,
-    metadata: Metadata,
+    /// `None`: fresh metadata when the command runs, stamped by the clock.
+    metadata: Option<Metadata>,
     clock: Option<std::sync::Arc<dyn crate::clock::Clock>>,
 }
 
@@ -267,18 +268,19 @@ impl<H> CommandTest<H> {
     pub fn new(handler: H) -> Self {
         Self {
             handler,
-            metadata: Metadata::new(),
+            metadata: None,
             clock: None,
         }
     }
 
-    /// Runs the command with this metadata (a principal, an actor).
+    /// Runs the command with this metadata (a principal, an actor), timestamp included.
     pub fn with_metadata(mut self, metadata: Metadata) -> Self {
-        self.metadata = metadata;
+        self.metadata = Some(metadata);
         self
     }
 
-    /// Stamps the events the handler records with `clock`'s time, as a bus given that clock
+    /// Stamps the command's fresh metadata (unless [`with_metadata`](Self::with_metadata) gave
+    /// it) and the events the handler records with `clock`'s time, as a bus given that clock
     /// would ([`CommandBusBuilder::clock`](crate::CommandBusBuilder::clock)).
     pub fn with_clock(mut self, clock: std::sync::Arc<dyn crate::clock::Clock>) -> Self {
         self.clock = Some(clock);
@@ -291,7 +293,11 @@ impl<H> CommandTest<H> {
         C: crate::Command,
         H: crate::CommandHandler<C>,
     {
-        let mut ctx = crate::CommandContext::new(self.metadata);
+        let metadata = self.metadata.unwrap_or_else(|| match &self.clock {
+            Some(clock) => Metadata::new_at(clock.now()),
+            None => Metadata::new(),
+        });
+        let mut ctx = crate::CommandContext::new(metadata);
         ctx.clock = self.clock;
         let result = self.handler.handle(command, &mut ctx).await;
         CommandOutcome {

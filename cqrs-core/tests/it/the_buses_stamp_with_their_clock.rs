@@ -123,13 +123,28 @@ fn the_buses_stamp_metadata_and_recorded_events_with_their_clock() {
     assert!((Utc::now() - stamped).num_seconds().abs() < 60, "{stamped}");
 }
 
+/// A `CommandTest` with a clock stamps the command's fresh metadata and the recorded events
+/// with it, as a bus given the clock does; metadata given keeps its own timestamp.
 #[test]
-fn a_command_test_stamps_recorded_events_with_its_clock() {
+fn a_command_test_stamps_its_metadata_and_recorded_events_with_its_clock() {
     let at = Utc.with_ymd_and_hms(2021, 6, 1, 12, 0, 0).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::at(at));
-    let outcome = run(CommandTest::new(StampHandler).with_clock(clock).when(Stamp));
+    let outcome = run(CommandTest::new(StampHandler)
+        .with_clock(clock.clone())
+        .when(Stamp));
+    assert_eq!(outcome.events().len(), 2);
     for event in outcome.events() {
         assert_eq!(event.metadata.timestamp, at);
     }
-    assert_eq!(outcome.events().len(), 2);
+    let stamped = outcome.then_expect_events([Added { sum: 1 }, Added { sum: 2 }]);
+    assert_eq!(stamped, at, "the command's own metadata");
+    let given = Metadata::new();
+    let outcome = run(CommandTest::new(StampHandler)
+        .with_clock(clock)
+        .with_metadata(given.clone())
+        .when(Stamp));
+    assert_eq!(
+        outcome.then_expect_events([Added { sum: 1 }, Added { sum: 2 }]),
+        given.timestamp
+    );
 }

@@ -687,6 +687,11 @@ fn a_worker_that_returns_before_shutdown_is_restarted() {
         })
         .await;
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        // It returned `Ok` each time: stopped, whether during a run or its backoff.
+        assert_eq!(
+            runtime.health().await.components["one-shot"].0,
+            Health::Stopped
+        );
     });
 }
 
@@ -1238,5 +1243,65 @@ fn a_worker_stopped_while_waiting_to_restart_reports_its_failure() {
             runtime.health().await.components["failing"].0,
             Health::Unhealthy("failed, and stopped before its restart: always fails".into())
         );
+    });
+}
+
+/// Ignores shutdown; notifies `dropped` when its run is dropped (aborted).
+struct StuckTillAborted {
+    dropped: Arc<tokio::sync::Notify>,
+}
+
+struct NotifyOnDrop(Arc<tokio::sync::Notify>);
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+#[async_trait]
+impl Worker for StuckTillAborted {
+    fn name(&self) -> &str {
+        "stuck"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        let _guard = NotifyOnDrop(self.dropped.clone());
+        ctx.health.set(Health::Healthy);
+        std::future::pending::<()>().await;
+        Ok(())
+    }
+}
+
+/// A second `shutdown` whose grace ends after the first call aborted a worker, but before that
+/// call recorded it, names the worker as aborted: not a clean stop because none is left
+/// running.
+#[test]
+fn a_second_shutdown_while_the_first_records_its_aborts_names_them() {
+    run_paused(|| async {
+        let dropped = Arc::new(tokio::sync::Notify::new());
+        let runtime = Runtime::builder()
+            .worker(StuckTillAborted {
+                dropped: dropped.clone(),
+            })
+            .start();
+        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        let first = runtime.shutdown(Duration::from_millis(100));
+        tokio::pin!(first);
+        // Polled until it aborted the worker and the run was dropped, then left alone: it has
+        // not recorded the abort yet.
+        tokio::select! {
+            biased;
+            () = dropped.notified() => {}
+            first = &mut first => panic!("the first shutdown returned: {first:?}"),
+        }
+        let err = runtime
+            .shutdown(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.workers, ["stuck"], "{err}");
+        assert!(err.aborted, "{err}");
+        let err = first.await.unwrap_err();
+        assert_eq!((err.workers, err.aborted), (vec!["stuck".to_owned()], true));
     });
 }

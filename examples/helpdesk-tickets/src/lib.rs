@@ -117,10 +117,10 @@ impl Plugin for TicketsPlugin {
             };
 
         let tickets = handlers::Tickets {
-            repo: Arc::new(AggregateRepository::with_types(
-                backends.events.clone(),
-                types,
-            )),
+            repo: Arc::new(
+                AggregateRepository::with_types(backends.events.clone(), types)
+                    .with_clock(backends.clock.clone()),
+            ),
             events: backends.events.clone(),
             index,
             pg_events: backends.postgres.as_ref().map(|db| db.event_store()),

@@ -270,7 +270,10 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // handler's writes and its events (the outbox) commit together. In memory, the events a
     // handler records go to the in-memory store the relay ships from, so a plugin's
     // `ctx.record` reaches the consumers and the WebSocket clients on either backend.
+    // The server's clock (a test's `ManualClock`) stamps what handlers record, as it does
+    // tokens, throttles and expiries.
     let mut commands = CommandBus::builder()
+        .clock(clock.clone())
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
         .layer(TimeoutLayer::new(budget))
@@ -283,6 +286,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     }
     let commands = commands.build()?;
     let queries = QueryBus::builder()
+        .clock(clock.clone())
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
         .layer(TimeoutLayer::new(budget))
