@@ -153,7 +153,7 @@ async fn requests_are_logged_once_each_without_their_tokens() {
 /// An instance that starts while another migrates the schema (a backfill may take minutes)
 /// says it waits for the migration lock, instead of hanging without a word; it starts once
 /// the lock is free, also when its sessions have a `statement_timeout` and a `lock_timeout`
-/// (from the role, the database or the URL: here the URL's, 300 ms) shorter than the wait.
+/// (from the role, the database or the URL: here the URL's, 1 s) shorter than the wait.
 /// Postgres only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_waiting_for_the_migration_lock_says_so() {
@@ -179,7 +179,7 @@ async fn a_start_waiting_for_the_migration_lock_says_so() {
         let url = config.database_url.take().expect("a database URL");
         let separator = if url.contains('?') { '&' } else { '?' };
         config.database_url = Some(format!(
-            "{url}{separator}options=-c%20statement_timeout%3D300%20-c%20lock_timeout%3D300"
+            "{url}{separator}options=-c%20statement_timeout%3D1000%20-c%20lock_timeout%3D1000"
         ));
         let starting = helpdesk::Server::start(config, helpdesk::Hooks::default());
         tokio::pin!(starting);
@@ -201,7 +201,7 @@ async fn a_start_waiting_for_the_migration_lock_says_so() {
         }
         // Past both timeouts, still waiting.
         if let Ok(started) =
-            tokio::time::timeout(std::time::Duration::from_millis(1_500), &mut starting).await
+            tokio::time::timeout(std::time::Duration::from_millis(2_500), &mut starting).await
         {
             panic!(
                 "returned while the lock was held: {:?}",
