@@ -314,7 +314,14 @@ impl From<&HandlerError> for ApiError {
             .cloned()
             .filter(|_| status != StatusCode::INTERNAL_SERVER_ERROR);
         if e.kind().is_retryable() {
-            error.retry_after = Some(1);
+            // The wait the handler named (a throttle's `details.retry_after`, in seconds), so
+            // the header and the body agree; else a second.
+            let named = e
+                .details()
+                .and_then(|d| d.get("retry_after"))
+                .and_then(serde_json::Value::as_u64)
+                .filter(|seconds| *seconds > 0);
+            error.retry_after = Some(named.unwrap_or(1));
         }
         error
     }
@@ -436,6 +443,27 @@ mod tests {
 
     fn body_of(error: ApiError) -> String {
         serde_json::to_string(&error.body()).unwrap()
+    }
+
+    /// A retryable refusal's `Retry-After` is the wait its handler named in
+    /// `details.retry_after` (a throttle's), so header and body agree; else a second.
+    #[test]
+    fn retry_after_is_the_wait_the_handler_named() {
+        let throttled = HandlerError::new(ErrorKind::RateLimited, "too_many_attempts", "slow down")
+            .with_details(serde_json::json!({ "retry_after": 37 }));
+        let error = ApiError::from(cqrs_core::DispatchError::Handler(throttled));
+        assert_eq!(error.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(error.retry_after, Some(37));
+        for details in [
+            serde_json::json!({}),
+            serde_json::json!({ "retry_after": 0 }),
+        ] {
+            let busy = HandlerError::unavailable("busy", "too busy").with_details(details);
+            assert_eq!(ApiError::from(busy).retry_after, Some(1));
+        }
+        let refused = HandlerError::conflict("stale", "stale")
+            .with_details(serde_json::json!({ "retry_after": 37 }));
+        assert_eq!(ApiError::from(refused).retry_after, None, "not retryable");
     }
 
     /// An event handler that asks for the buses with `?` gets a retryable refusal while the

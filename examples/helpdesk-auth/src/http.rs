@@ -107,7 +107,7 @@ async fn register(
             metadata,
         )
         .await
-        .map_err(with_retry_after)?;
+        .map_err(ApiError::from)?;
     Ok((StatusCode::CREATED, Json(UserView::from(user))))
 }
 
@@ -129,7 +129,7 @@ async fn login(
             metadata,
         )
         .await;
-    let logged_in = result.map_err(with_retry_after)?;
+    let logged_in = result.map_err(ApiError::from)?;
     Ok(Json(Token {
         token: logged_in.token,
         token_type: "Bearer",
@@ -137,19 +137,6 @@ async fn login(
         user_id: logged_in.user.id,
         role: logged_in.user.role.as_str(),
     }))
-}
-
-/// The error, with `Retry-After` from its `details.retry_after` when it has one (429).
-fn with_retry_after(e: cqrs_core::DispatchError) -> ApiError {
-    let retry_after = e
-        .handler_error()
-        .and_then(|h| h.details())
-        .and_then(|d| d["retry_after"].as_u64());
-    let error = ApiError::from(e);
-    match retry_after {
-        Some(seconds) => error.with_retry_after(seconds),
-        None => error,
-    }
 }
 
 async fn me(
