@@ -313,8 +313,7 @@ impl PgOptions {
         let Ok(parsed) = url::Url::parse(url) else {
             return format!("{scheme}://(not shown: it does not parse, and may hold a password)");
         };
-        let no_user_info = parsed.username().is_empty() && parsed.password().is_none();
-        if no_user_info && after_scheme.contains('@') {
+        if at_outside_user_info(url) {
             return format!(
                 "{scheme}://(not shown: an `@` outside its user info may end a password)"
             );
@@ -585,8 +584,8 @@ impl PgOptions {
         let mut target = if at_outside_user_info(&self.url) {
             // The host, port and database parsed from such a URL may be parts of the password.
             "postgres at a place not shown: the URL has an `@` after its host, which may end a \
-             password holding `/`, `?` or `#`; percent-encode those in a password (`%2F`, \
-             `%3F`, `%23`)"
+             password holding `@`, `/`, `?` or `#`; percent-encode those in a password \
+             (`%40`, `%2F`, `%3F`, `%23`)"
                 .to_owned()
         } else {
             target_of(connect)
@@ -812,23 +811,29 @@ fn names_a_password(key: &str) -> bool {
         .any(|(name, _)| name.to_ascii_lowercase().contains("password"))
 }
 
-/// Whether `url` has no user info but an `@` further on: a password holding `/`, `?` or `#`
-/// unencoded (`postgres://app:20/24@db/app` parses as host `app`, port 20, database
-/// `24@db/app`), whose parts would show as the host, port or database.
+/// Whether `url` has an `@` past its user info: a password holding `/`, `?` or `#`
+/// unencoded, before which the URL's user info ends (`postgres://app:20/24@db/app` parses
+/// as host `app`, port 20, database `24@db/app`), or holding `@` and one of them
+/// (`postgres://app:p@ss/word@db/app` parses as password `p`, host `ss`, database
+/// `word@db/app`), whose parts would show as the host, port, database or a parameter's name.
 /// An `@` in a parameter's value is none of these (`?user=app@tenant`).
 fn at_outside_user_info(url: &str) -> bool {
     let Ok(parsed) = url::Url::parse(url) else {
         return false;
     };
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return false;
-    }
     let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
     let (before_fragment, fragment) = after_scheme.split_once('#').unwrap_or((after_scheme, ""));
     let (before_query, query) = before_fragment
         .split_once('?')
         .unwrap_or((before_fragment, ""));
-    before_query.contains('@')
+    let no_user_info = parsed.username().is_empty() && parsed.password().is_none();
+    // With user info, its own `@` is the first: one in the path comes after it.
+    let in_place = if no_user_info {
+        before_query.contains('@')
+    } else {
+        parsed.path().contains('@')
+    };
+    in_place
         || fragment.contains('@')
         || query
             .split('&')
@@ -1119,10 +1124,15 @@ mod tests {
         for hidden in [
             "postgres://app:20#s3cret@db.internal/app",
             "postgres://app:20?s3cret@db.internal/app",
+            // A password holding `@` and `/`: the user info ends at its first `@`.
+            "postgres://app:Xy@Z/s3cret@db.internal/app",
+            "postgres://app:Xy@Z/9?s3cret@db.internal/app",
         ] {
             let options = PgOptions::new(hidden);
             let target = options.target(&options.checked().unwrap());
             assert!(!target.contains("s3cret"), "{target}");
+            let redacted = options.redacted_url();
+            assert!(!redacted.contains("s3cret"), "{redacted}");
         }
     }
 
