@@ -348,13 +348,16 @@ impl PgDatabase {
         .await
         .map_err(store_error)?;
         if read_only == "on" {
-            return Err(PgError::InvalidOptions(vec![
-                "the server takes no writes (`transaction_read_only` is on: a standby, or \
-                 `default_transaction_read_only` set for the role, the database or in the URL): \
-                 point the URL at the primary, or turn the setting off (during a failover, start \
-                 again once a primary is promoted)"
-                    .to_owned(),
-            ]));
+            // Retryable, as a write refused for it is (SQLSTATE 25006): during a failover the
+            // next start finds a primary. The text says what to do when it is the setting.
+            return Err(PgError::Store(StoreError::Unavailable {
+                backend: "postgres",
+                source: "the server takes no writes (`transaction_read_only` is on: a standby, \
+                         or `default_transaction_read_only` set for the role, the database or \
+                         in the URL): point the URL at the primary, or turn the setting off \
+                         (during a failover, start again once a primary is promoted)"
+                    .into(),
+            }));
         }
         if isolation != "read committed" {
             return Err(PgError::InvalidOptions(vec![format!(
