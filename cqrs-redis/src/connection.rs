@@ -302,7 +302,8 @@ pub(crate) async fn subscriber(
 /// What the server says it is: from `INFO server`, or `HELLO` for a user who may not run
 /// `INFO`.
 struct ServerInfo {
-    version: String,
+    /// `None` when the server does not say (an `INFO` without `redis_version`).
+    version: Option<String>,
     /// `standalone`, `cluster` or `sentinel`, if told.
     mode: Option<String>,
 }
@@ -326,7 +327,7 @@ pub(crate) async fn check_version(client: &Client, keyed: bool) -> Result<(), Co
                     .map(|value| value.trim().to_owned())
             };
             ServerInfo {
-                version: field("redis_version:").unwrap_or_else(|| "unknown".to_owned()),
+                version: field("redis_version:"),
                 mode: field("redis_mode:"),
             }
         }
@@ -356,11 +357,19 @@ pub(crate) async fn check_version(client: &Client, keyed: bool) -> Result<(), Co
             ],
         });
     }
-    if version_at_least(&server.version, REQUIRED_VERSION) {
+    let Some(version) = server.version else {
+        // Not learnt, so not refused: as for a user who may not ask.
+        tracing::warn!(
+            "cannot check the Redis server's version: its INFO names no `redis_version`; Redis \
+             7.0 or later is required (older servers fail later, at the first command they lack)"
+        );
+        return Ok(());
+    };
+    if version_at_least(&version, REQUIRED_VERSION) {
         Ok(())
     } else {
         Err(ConnectError::UnsupportedServer {
-            found: server.version,
+            found: version,
             required: "7.0",
         })
     }
@@ -378,7 +387,7 @@ async fn hello_info(client: &Client) -> Option<ServerInfo> {
         .ok()?;
     let items = entry::array(reply);
     Some(ServerInfo {
-        version: entry::info_field(&items, "version").and_then(Value::as_string)?,
+        version: Some(entry::info_field(&items, "version").and_then(Value::as_string)?),
         mode: entry::info_field(&items, "mode").and_then(Value::as_string),
     })
 }

@@ -19,7 +19,10 @@ pub enum ConnectError {
     },
     /// The server is older than Redis 7.0, whose stream commands the transport needs. Upgrade
     /// the server.
-    #[error("redis {found} is too old: the transport needs redis {required} or later")]
+    #[error(
+        "redis {found} is too old: the transport needs redis {required} or later; upgrade the \
+         server"
+    )]
     UnsupportedServer {
         /// The version the server reported.
         found: String,

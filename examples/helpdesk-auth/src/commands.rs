@@ -173,11 +173,13 @@ fn guessable(password: &str, email: &str) -> Option<&'static str> {
     distinct.sort_unstable();
     distinct.dedup();
     if distinct.len() <= 3 {
-        return Some("the password repeats too few characters; choose another");
+        return Some(
+            "the password is made of three different characters or fewer; use at least four",
+        );
     }
     let local = email.split_once('@').map_or(email, |(local, _)| local);
     if lowered == email || lowered == local {
-        return Some("the password must not be the email; choose another");
+        return Some("the password must not be the email or the part before its @; choose another");
     }
     None
 }

@@ -466,10 +466,16 @@ fn version_conflict(expected: Option<u64>, actual: u64) -> HandlerError {
 pub(crate) fn conflict_message(expected: Option<u64>, actual: Option<u64>) -> String {
     match (expected, actual) {
         (Some(expected), Some(actual)) => {
-            format!("the ticket is at version {actual}, not the expected {expected}")
+            format!(
+                "the ticket is at version {actual}, not the expected {expected}: reload it, and \
+                 send the change again with `expected_version` {actual} if it still applies"
+            )
         }
         (Some(expected), None) => {
-            format!("the ticket is no longer at the expected version {expected}")
+            format!(
+                "the ticket is no longer at the expected version {expected}: reload it, and \
+                 send the change again with its version if it still applies"
+            )
         }
         (None, _) => "the ticket is changing too fast to apply this change: try again".to_owned(),
     }

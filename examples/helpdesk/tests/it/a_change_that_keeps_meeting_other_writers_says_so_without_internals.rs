@@ -131,7 +131,8 @@ async fn a_change_without_a_version_that_always_loses_says_to_try_again() {
         pinned.assert_error(StatusCode::CONFLICT, "version_conflict");
         assert_eq!(
             pinned.body["error"]["message"],
-            "the ticket is at version 2, not the expected 1"
+            "the ticket is at version 2, not the expected 1: reload it, and send the change \
+             again with `expected_version` 2 if it still applies"
         );
         armed.store(false, Ordering::SeqCst);
         let t = s.get(&format!("/tickets/{id}"), &customer).await;
@@ -180,7 +181,10 @@ async fn the_conflicts_of_racing_writers_do_not_quote_the_store() {
                 .unwrap();
             assert_eq!(
                 r.body["error"]["message"],
-                format!("the ticket is at version {current}, not the expected 1"),
+                format!(
+                    "the ticket is at version {current}, not the expected 1: reload it, and send \
+                     the change again with `expected_version` {current} if it still applies"
+                ),
                 "{r:?}"
             );
         }
