@@ -309,7 +309,7 @@ impl PgOptions {
     /// ```
     pub fn redacted_url(&self) -> String {
         let url = self.url.as_str();
-        let (scheme, after_scheme) = url.split_once("://").unwrap_or(("", ""));
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
         let Ok(parsed) = url::Url::parse(url) else {
             return format!("{scheme}://(not shown: it does not parse, and may hold a password)");
         };
