@@ -835,8 +835,15 @@ impl Runtime {
                         });
                     }
                     // None left running: all ended while the other call held them, before it
-                    // noticed. Some may have been aborted by it, not recorded yet.
-                    if !cut.is_empty() {
+                    // noticed. Some may have been aborted by it: recorded already (the record
+                    // then says it all; a run dropped after it may be listed as cut again), or
+                    // not yet.
+                    let recorded = !self
+                        .aborted
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .is_empty();
+                    if !recorded && !cut.is_empty() {
                         return Err(ShutdownError {
                             grace,
                             workers: cut,

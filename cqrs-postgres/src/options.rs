@@ -313,7 +313,11 @@ impl PgOptions {
         let Ok(parsed) = url::Url::parse(url) else {
             return format!("{scheme}://(not shown: it does not parse, and may hold a password)");
         };
-        if at_outside_user_info(url) {
+        let no_user_info = parsed.username().is_empty() && parsed.password().is_none();
+        let after_scheme = url.split_once("://").map_or("", |(_, rest)| rest);
+        // Without user info, any `@` (in a parameter's value too: `app:2024?x=pw@db` parses
+        // as host `app`, port 2024), whose surroundings would be printed whole here.
+        if (no_user_info && after_scheme.contains('@')) || at_outside_user_info(url) {
             return format!(
                 "{scheme}://(not shown: an `@` outside its user info may end a password)"
             );
@@ -827,17 +831,19 @@ fn at_outside_user_info(url: &str) -> bool {
         .split_once('?')
         .unwrap_or((before_fragment, ""));
     let no_user_info = parsed.username().is_empty() && parsed.password().is_none();
-    // With user info, its own `@` is the first: one in the path comes after it.
-    let in_place = if no_user_info {
-        before_query.contains('@')
+    let in_a_key = query
+        .split('&')
+        .any(|pair| pair.split('=').next().unwrap_or_default().contains('@'));
+    if no_user_info {
+        before_query.contains('@') || fragment.contains('@') || in_a_key
+    } else if parsed.password().is_some() {
+        // Its user info ends at the password's first `@`: any `@` after it, a parameter's
+        // value included (`app:p@ss?k=v@db`), may be the rest of the password.
+        parsed.path().contains('@') || query.contains('@') || fragment.contains('@')
     } else {
-        parsed.path().contains('@')
-    };
-    in_place
-        || fragment.contains('@')
-        || query
-            .split('&')
-            .any(|pair| pair.split('=').next().unwrap_or_default().contains('@'))
+        // A user without a password: nothing after it can be one.
+        parsed.path().contains('@') || fragment.contains('@') || in_a_key
+    }
 }
 
 /// Where a pool connects, for errors: host and port (or socket) and database, never the
@@ -1111,7 +1117,7 @@ mod tests {
         assert!(!target.contains("s3cret"), "{target}");
         assert!(target.contains("percent-encode"), "{target}");
         for shown in [
-            "postgres://app:pw@db.internal:5432/app?application_name=a@b",
+            "postgres://app@db.internal:5432/app?application_name=a@b",
             "postgres://db.internal:5432/app?user=app@tenant",
         ] {
             let plain = PgOptions::new(shown);
@@ -1127,6 +1133,8 @@ mod tests {
             // A password holding `@` and `/`: the user info ends at its first `@`.
             "postgres://app:Xy@Z/s3cret@db.internal/app",
             "postgres://app:Xy@Z/9?s3cret@db.internal/app",
+            "postgres://app:Xy@Z?k=s3cret@db.internal/app",
+            "postgres://app:Xy@Z?s3cret=v@db.internal/app",
         ] {
             let options = PgOptions::new(hidden);
             let target = options.target(&options.checked().unwrap());

@@ -38,6 +38,10 @@ pub enum AfterTimeout {
     /// Retry with the same `Idempotency-Key`: the server answers a retry with the first
     /// request's outcome, never applying it twice.
     RetrySameKey,
+    /// Check before sending it again, although the request carried an `Idempotency-Key`: its
+    /// work failed, which freed the key (nothing was stored), so a retry with it would run the
+    /// work again ([`idempotency::once`](crate::idempotency::once), in memory).
+    CheckFirstKeyFreed,
 }
 
 /// An HTTP error with the JSON body of the contract.
@@ -134,6 +138,10 @@ impl ApiError {
                 "the request ran past its time budget; a change may have been applied: check \
                  before sending it again (with an Idempotency-Key, a retry is safe)"
             }
+            (TimedOut::Budget, AfterTimeout::CheckFirstKeyFreed) => {
+                "the request ran past its time budget; a change may have been applied: check \
+                 before sending it again"
+            }
             (TimedOut::Budget, AfterTimeout::RetrySameKey) => {
                 "the request ran past its time budget; a change may have been applied: retry \
                  with the same Idempotency-Key to be safe"
@@ -146,6 +154,10 @@ impl ApiError {
                  been applied: check before sending it again (with an Idempotency-Key, a retry \
                  is safe)"
             }
+            (TimedOut::Backend, AfterTimeout::CheckFirstKeyFreed) => {
+                "a backend did not answer in time, or its answer was lost; a change may have \
+                 been applied: check before sending it again"
+            }
             (TimedOut::Backend, AfterTimeout::RetrySameKey) => {
                 "a backend did not answer in time, or its answer was lost; a change may have \
                  been applied: retry with the same Idempotency-Key to be safe"
@@ -154,7 +166,7 @@ impl ApiError {
         let mut error = Self::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message);
         error.timed_out = Some(what);
         match after {
-            AfterTimeout::CheckFirst => error,
+            AfterTimeout::CheckFirst | AfterTimeout::CheckFirstKeyFreed => error,
             AfterTimeout::TryAgain | AfterTimeout::RetrySameKey => error.with_retry_after(1),
         }
     }

@@ -95,7 +95,7 @@ where
                     // advice is to check first, not to retry with the key.
                     let (status, body) = work
                         .await
-                        .map_err(|e| advise(e, AfterTimeout::CheckFirst))?;
+                        .map_err(|e| advise(e, AfterTimeout::CheckFirstKeyFreed))?;
                     // The work has run, so its key must not be freed: a body that cannot be
                     // serialized is stored as a 500 that says only that the server failed (the
                     // serializer's text, which may quote the body, is logged, never sent), and
@@ -326,7 +326,7 @@ mod tests {
     /// Postgres's `once_in_command`, whose record commits with the change, advises the key);
     /// elsewhere it names no key.
     #[test]
-    fn a_time_out_advises_the_key_sent_or_a_check_without_one() {
+    fn a_time_out_of_failed_work_advises_a_check_with_or_without_a_key() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -367,6 +367,13 @@ mod tests {
                 "{error}"
             );
             assert!(error.message.contains("check before"), "{error}");
+            assert_eq!(
+                error
+                    .message
+                    .contains("with an Idempotency-Key, a retry is safe"),
+                !headers.contains_key(HEADER),
+                "a key sent was freed: {error}"
+            );
         }
     }
 

@@ -174,7 +174,8 @@ fn guessable(password: &str, email: &str) -> Option<&'static str> {
     distinct.dedup();
     if distinct.len() <= 3 {
         return Some(
-            "the password is made of three different characters or fewer; use at least four",
+            "the password is made of three different characters or fewer (upper and lower case \
+             counted as one); use at least four",
         );
     }
     let local = email.split_once('@').map_or(email, |(local, _)| local);

@@ -959,6 +959,8 @@ mod tests {
             "postgres://app:2024/pa?hunter2@db/helpdesk",
             "postgres://app:20#hunter2@db/helpdesk",
             "postgres://app:2024?x=hunter2@db/helpdesk",
+            "postgres://app:Xy@Z/hunter2@db/helpdesk",
+            "postgres://app:Xy@Z?k=hunter2@db/helpdesk",
             "postgres://app:hun ter2@db:not-a-port/helpdesk",
         ] {
             let shown = redacted_url(secret);
