@@ -288,8 +288,9 @@ impl QueryBus {
         reply.take_output::<Q::Output>().ok_or_else(|| {
             DispatchError::Middleware(
                 format!(
-                    "a layer replaced the reply of query `{}` with one of its own, which holds no \
-                 output: a layer must return the `Reply` its inner service gave it (or an error)",
+                    "a layer replaced the reply of query `{}` with one of its own, which holds \
+                     no output: a layer must return the `Reply` its inner service gave it (or \
+                     an error)",
                     Q::NAME
                 )
                 .into(),

@@ -130,6 +130,19 @@ async fn another_consumer<S: ProjectionStore>(store: &S, c: &str) -> (String, Uu
     (other, id)
 }
 
+/// Commits, in one unit of consumer `c`, `ids` marked processed and the checkpoint `at`.
+async fn commit_processed<S: ProjectionStore>(store: &S, c: &str, ids: &[Uuid], at: u64) {
+    let mut unit = store.begin(c).await.unwrap();
+    for id in ids {
+        store.mark_processed(&mut unit, c, *id).await.unwrap();
+    }
+    store
+        .save_checkpoint(&mut unit, c, Position::new(at))
+        .await
+        .unwrap();
+    store.commit(unit).await.unwrap();
+}
+
 /// Whether the consumer [`another_consumer`] made still has its checkpoint and inbox entry.
 async fn other_consumer_untouched<S: ProjectionStore>(store: &S, (other, id): &(String, Uuid)) {
     let mut unit = store.begin(other).await.unwrap();
@@ -309,13 +322,7 @@ pub async fn a_reset_forgets_the_inbox_and_the_checkpoint<H: ProjectionStoreHarn
     let c = h.test_id();
     let other = another_consumer(&*store, c).await;
     let id = Uuid::now_v7();
-    let mut unit = store.begin(c).await.unwrap();
-    store.mark_processed(&mut unit, c, id).await.unwrap();
-    store
-        .save_checkpoint(&mut unit, c, Position::new(3))
-        .await
-        .unwrap();
-    store.commit(unit).await.unwrap();
+    commit_processed(&*store, c, &[id], 3).await;
     let mut unit = store.begin(c).await.unwrap();
     store.reset(&mut unit, c).await.unwrap();
     store.commit(unit).await.unwrap();
@@ -333,13 +340,7 @@ pub async fn a_reset_in_a_dropped_unit_changes_nothing<H: ProjectionStoreHarness
     let store = h.store();
     let c = h.test_id();
     let id = Uuid::now_v7();
-    let mut unit = store.begin(c).await.unwrap();
-    store.mark_processed(&mut unit, c, id).await.unwrap();
-    store
-        .save_checkpoint(&mut unit, c, Position::new(3))
-        .await
-        .unwrap();
-    store.commit(unit).await.unwrap();
+    commit_processed(&*store, c, &[id], 3).await;
 
     let mut unit = store.begin(c).await.unwrap();
     store.reset(&mut unit, c).await.unwrap();
@@ -375,14 +376,7 @@ pub async fn a_rebuild_commits_its_reset_and_what_follows_it<H: ProjectionStoreH
     let store = h.store();
     let c = h.test_id();
     let (replayed, forgotten) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut unit = store.begin(c).await.unwrap();
-    store.mark_processed(&mut unit, c, replayed).await.unwrap();
-    store.mark_processed(&mut unit, c, forgotten).await.unwrap();
-    store
-        .save_checkpoint(&mut unit, c, Position::new(3))
-        .await
-        .unwrap();
-    store.commit(unit).await.unwrap();
+    commit_processed(&*store, c, &[replayed, forgotten], 3).await;
 
     let mut unit = store.begin(c).await.unwrap();
     store.reset(&mut unit, c).await.unwrap();

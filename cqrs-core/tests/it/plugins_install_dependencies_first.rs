@@ -191,6 +191,19 @@ fn a_cycle_is_an_error_naming_it() {
     );
 }
 
+/// The command and query buses of what the plugins registered.
+fn buses_of(registrar: &mut PluginRegistrar) -> (CommandBus, QueryBus) {
+    let commands = CommandBus::builder()
+        .handlers(registrar.take_commands())
+        .build()
+        .unwrap();
+    let queries = QueryBus::builder()
+        .handlers(registrar.take_queries())
+        .build()
+        .unwrap();
+    (commands, queries)
+}
+
 #[test]
 fn installing_collects_handlers_and_contributions_in_order() {
     let ordered = Plugins::from_plugins(plugins(&[("adder", &["base"]), ("base", &[])])).unwrap();
@@ -205,14 +218,7 @@ fn installing_collects_handlers_and_contributions_in_order() {
             ("adder", "route of adder".to_owned())
         ]
     );
-    let commands = CommandBus::builder()
-        .handlers(registrar.take_commands())
-        .build()
-        .unwrap();
-    let queries = QueryBus::builder()
-        .handlers(registrar.take_queries())
-        .build()
-        .unwrap();
+    let (commands, queries) = buses_of(&mut registrar);
     registrar.check_required(&commands, &queries).unwrap();
     assert_eq!(
         run(commands.dispatch(Add {
@@ -239,14 +245,7 @@ fn a_missing_required_handler_names_the_plugin_requiring_it() {
     let ordered = Plugins::from_plugins(plugins(&[("needs-orphan", &[])])).unwrap();
     let mut registrar = PluginRegistrar::new();
     ordered.install(&mut registrar).unwrap();
-    let commands = CommandBus::builder()
-        .handlers(registrar.take_commands())
-        .build()
-        .unwrap();
-    let queries = QueryBus::builder()
-        .handlers(registrar.take_queries())
-        .build()
-        .unwrap();
+    let (commands, queries) = buses_of(&mut registrar);
     let err = registrar.check_required(&commands, &queries).unwrap_err();
     assert_eq!(err.problems.len(), 1, "{err}");
     assert!(
