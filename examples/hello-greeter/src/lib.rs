@@ -65,12 +65,11 @@ impl CommandHandler<Greet> for GreetHandler {
                 "say who to greet: the name is empty",
             ));
         }
-        ctx.record_keyed(
-            name,
-            Greeted {
-                name: name.to_owned(),
-            },
-        );
+        // Not keyed by the name: a key names the stream an event is stored in, so it is an id
+        // of your own, never text a client chose. Greetings need no order among themselves.
+        ctx.record(Greeted {
+            name: name.to_owned(),
+        });
         Ok(format!("Hello, {name}!"))
     }
 }

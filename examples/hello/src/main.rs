@@ -29,12 +29,20 @@ async fn main() -> anyhow::Result<()> {
     if names.is_empty() {
         names.push("world".into());
     }
+    let mut failed = 0;
     for name in names {
         match app.commands.dispatch(Greet { name }).await {
             Ok(greeting) => println!("{greeting}"),
-            Err(e) => println!("error ({}): {e}", e.kind().as_str()),
+            Err(e) => {
+                // To standard error, and the exit code says so: a script running this sees it.
+                eprintln!("error ({}): {e}", e.kind().as_str());
+                failed += 1;
+            }
         }
     }
     println!("greetings counted by the event handler: {}", count.get());
+    if failed > 0 {
+        anyhow::bail!("{failed} greeting(s) failed");
+    }
     Ok(())
 }

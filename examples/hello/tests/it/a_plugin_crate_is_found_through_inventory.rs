@@ -71,3 +71,27 @@ fn a_plugin_that_is_not_linked_is_named_at_start_up() {
         "expected plugin(s) farewell is not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (or, when not registered through inventory, a place in the list given to `Plugins::collect_with`) (found: greeter)"
     );
 }
+
+/// The binary greets each name, says on standard error which it could not, and exits with a
+/// failure then, so a script running it sees it.
+#[test]
+fn the_binary_exits_with_a_failure_when_a_greeting_fails() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hello"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("the hello binary runs")
+    };
+    let greeted = run(&["Ada"]);
+    assert!(greeted.status.success(), "{greeted:?}");
+    assert!(String::from_utf8_lossy(&greeted.stdout).contains("Hello, Ada!"));
+    let refused = run(&["Ada", " "]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("error (invalid): say who to greet"),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("Hello, Ada!"));
+}
