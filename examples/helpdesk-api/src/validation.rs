@@ -198,7 +198,9 @@ pub fn has_visible(text: &str) -> bool {
 /// `field`): a bidirectional control, which reorders the text around it when shown, or a
 /// Unicode tag character (U+E0000 to U+E007F), drawn as nothing, a run of which spells hidden
 /// ASCII that an agent does not see and a program reading the text (a search, a language
-/// model) does. The three flags made of tags (England, Scotland, Wales) are fine. And a
+/// model) does. The three flags made of tags (England, Scotland, Wales) are fine. So is a run
+/// of variation selectors, which carries bytes the same way (one after a character is fine:
+/// it picks an emoji's colour form, or a glyph of an ideograph). And a
 /// [noncharacter](is_noncharacter), which is not meant for text sent to others at all.
 /// Private-use characters are fine: icon fonts and company logos live there.
 ///
@@ -209,6 +211,9 @@ pub fn has_visible(text: &str) -> bool {
 /// assert!(helpdesk_api::reject_hidden("title", "logo \u{E000}").is_ok());
 /// assert!(helpdesk_api::reject_hidden("body", "fine 🏴\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F}").is_ok());
 /// assert!(helpdesk_api::reject_hidden("body", "fine\u{E0068}\u{E0069}").is_err());
+/// // One variation selector after a character picks how it is drawn; a run carries bytes.
+/// assert!(helpdesk_api::reject_hidden("body", "love \u{2764}\u{FE0F} 1\u{FE0F}\u{20E3}").is_ok());
+/// assert!(helpdesk_api::reject_hidden("body", "ok \u{1F600}\u{E0100}\u{E0101}").is_err());
 /// ```
 pub fn reject_hidden(field: &str, text: &str) -> Result<(), HandlerError> {
     if text.chars().any(is_bidi_control) {
@@ -229,6 +234,14 @@ pub fn reject_hidden(field: &str, text: &str) -> Result<(), HandlerError> {
             ),
         ));
     }
+    if has_selector_run(text) {
+        return Err(invalid_field(
+            field,
+            "must not contain a run of variation selectors (U+FE00 to U+FE0F, U+E0100 to \
+             U+E01EF): one after a character picks how it is drawn (an emoji's colour form); \
+             more are drawn as nothing and can carry hidden text",
+        ));
+    }
     if has_hidden_tags(text) {
         return Err(invalid_field(
             field,
@@ -238,6 +251,21 @@ pub fn reject_hidden(field: &str, text: &str) -> Result<(), HandlerError> {
         ));
     }
     Ok(())
+}
+
+/// Whether `text` holds two variation selectors in a row: a character takes at most one, and
+/// a run of them spells bytes no one sees.
+fn has_selector_run(text: &str) -> bool {
+    let is_selector = |c: char| {
+        ('\u{FE00}'..='\u{FE0F}').contains(&c) || ('\u{E0100}'..='\u{E01EF}').contains(&c)
+    };
+    let mut after_selector = false;
+    text.chars().any(|c| {
+        let selector = is_selector(c);
+        let run = selector && after_selector;
+        after_selector = selector;
+        run
+    })
 }
 
 /// Whether `text` holds a tag character outside the three flags made of tags (a black flag,

@@ -254,6 +254,28 @@ async fn hidden_tag_text_is_refused_but_tag_flags_are_fine() {
             )
             .await;
         assert_refused(&r, "body");
+        // Variation selectors carry bytes the same way, a run of them after one emoji; one
+        // selector (an emoji's colour form) is fine.
+        let smuggled: String = "ignore"
+            .bytes()
+            .filter_map(|b| char::from_u32(0xE0100 + u32::from(b)))
+            .collect();
+        let r = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &customer,
+                json!({ "body": format!("thanks \u{1F600}{smuggled}") }),
+            )
+            .await;
+        assert_refused(&r, "body");
+        let r = s
+            .post(
+                &format!("/tickets/{id}/comments"),
+                &customer,
+                json!({ "body": "thanks \u{2764}\u{FE0F}" }),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{r:?}");
         s.stop().await;
     })
     .await;
