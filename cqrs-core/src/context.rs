@@ -85,10 +85,7 @@ impl CommandContext {
 
     /// Metadata for an event this command causes, stamped by the context's clock.
     fn caused(&self) -> Metadata {
-        match &self.clock {
-            Some(clock) => self.metadata.caused_at(clock.now()),
-            None => self.metadata.caused(),
-        }
+        self.metadata.caused_at(self.now())
     }
 
     /// Records an event caused by this command. It inherits the command's correlation id and

@@ -54,9 +54,7 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
             // The same steps as `execute_direct`, written out: an `async fn` shared by both
             // adds a future level that costs the layered path ~100 instructions a dispatch.
             let mut ctx = CommandContext::with_extensions(metadata, extensions);
-            if let Some(clock) = &registries.clock {
-                ctx.clock = Some(clock.clone());
-            }
+            registries.lend_clock(&mut ctx);
             Ok(async move {
                 let output = guarded(
                     MessageKind::Command,
@@ -429,10 +427,7 @@ impl CommandBus {
         // The context first: the metadata then moves once, from the arguments into it, not
         // through the stack (about 20 instructions a dispatch, callgrind).
         let mut ctx = CommandContext::new(metadata);
-        // Only when the bus has one: the context starts without, at no cost.
-        if let Some(clock) = &self.inner.registries.clock {
-            ctx.clock = Some(clock.clone());
-        }
+        self.inner.registries.lend_clock(&mut ctx);
         let handler = handler_of::<C>(&self.inner.registries)?;
         let output = guarded(
             MessageKind::Command,
@@ -501,10 +496,7 @@ impl CommandBus {
         extensions: Extensions,
     ) -> Result<Executed<C::Output>, DispatchError> {
         let mut ctx = CommandContext::with_extensions(metadata, extensions);
-        // Only when the bus has one: the context starts without, at no cost.
-        if let Some(clock) = &self.inner.registries.clock {
-            ctx.clock = Some(clock.clone());
-        }
+        self.inner.registries.lend_clock(&mut ctx);
         let handler = handler_of::<C>(&self.inner.registries)?;
         let output = guarded(
             MessageKind::Command,

@@ -53,6 +53,15 @@ pub(crate) struct Registries {
 }
 
 impl Registries {
+    /// Gives `ctx` the bus's clock, for the events its handler records; only when the bus has
+    /// one: a context starts without, at no cost.
+    #[inline]
+    pub(crate) fn lend_clock(&self, ctx: &mut crate::CommandContext) {
+        if let Some(clock) = &self.clock {
+            ctx.clock = Some(clock.clone());
+        }
+    }
+
     /// Fresh metadata, stamped by the bus's clock.
     pub(crate) fn fresh_metadata(&self) -> Metadata {
         match &self.clock {

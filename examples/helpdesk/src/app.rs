@@ -450,11 +450,8 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // all but a tenth of the connections it may hold: a WebSocket holds its connection's
     // place, and an address whose WebSockets took them all would have its next handshake,
     // and every request, closed unanswered instead of a 429.
-    let connections_per_address = config
-        .http_connections_per_address
-        .min(crate::server::share_of(crate::server::client_connections(
-            config,
-        )));
+    let connections_per_address =
+        crate::server::connections_per_address(config, crate::server::client_connections(config));
     let per_address = config
         .ws_connections_per_address
         .min(crate::server::share_of(most))

@@ -75,7 +75,7 @@ impl Server {
             );
         }
         let per_address = PerAddress::new(
-            config.http_connections_per_address.min(share),
+            connections_per_address(&config, max_connections),
             config.trusted_proxies.iter().copied(),
         );
         let router = app.router;
@@ -227,6 +227,12 @@ pub(crate) fn client_connections(config: &Config) -> usize {
 /// may still take them all). At least one.
 pub(crate) fn share_of(limit: usize) -> usize {
     limit.saturating_sub((limit / 10).max(1)).max(1)
+}
+
+/// The most connections one client address (a trusted proxy's aside) holds under a limit of
+/// `limit` connections: `--http-connections-per-address`, at most [`share_of`] the limit.
+pub(crate) fn connections_per_address(config: &Config, limit: usize) -> usize {
+    config.http_connections_per_address.min(share_of(limit))
 }
 
 /// The files the server keeps for itself: its own, and the Postgres pool's on Postgres.
