@@ -64,6 +64,10 @@ impl std::fmt::Debug for PgProjectionUnit {
 
 impl PgProjectionUnit {
     /// The transaction's connection, for the projection's own reads and writes.
+    ///
+    /// A savepoint whose `begin()` fails or is given up ends the whole transaction (sqlx 0.9
+    /// sends a plain `ROLLBACK`): return its error. The store's calls on this unit fail from
+    /// then on, and it commits nothing.
     pub fn connection(&mut self) -> &mut PgConnection {
         &mut self.tx
     }
@@ -71,6 +75,20 @@ impl PgProjectionUnit {
     /// The transaction itself.
     pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
         &mut self.tx
+    }
+
+    /// Fails once the unit's transaction has ended under it (see
+    /// [`still_in_transaction`](crate::unit_of_work::still_in_transaction)): the consumer's
+    /// lock went with it, and an inbox entry or checkpoint written now would commit on its
+    /// own, beside another instance's unit of the same consumer.
+    fn ensure_open(&self) -> Result<(), StoreError> {
+        crate::unit_of_work::still_in_transaction(
+            &self.tx,
+            "the projection's transaction was ended under its unit of work, so nothing of it \
+             is committed: a savepoint whose `begin()` failed or was given up rolls back the \
+             whole transaction (sqlx 0.9); a projection must return the error of a \
+             savepoint's `begin()`, not go on",
+        )
     }
 }
 
@@ -193,6 +211,7 @@ impl ProjectionStore for PgProjectionStore {
         consumer: &str,
         id: Uuid,
     ) -> Result<bool, StoreError> {
+        unit.ensure_open()?;
         let done = sqlx::query(AssertSqlSafe(self.db.sql.inbox_insert.clone()))
             .bind(consumer)
             .bind(id)
@@ -207,6 +226,7 @@ impl ProjectionStore for PgProjectionStore {
         unit: &mut PgProjectionUnit,
         consumer: &str,
     ) -> Result<Option<Position>, StoreError> {
+        unit.ensure_open()?;
         let position: Option<i64> =
             sqlx::query_scalar(AssertSqlSafe(self.db.sql.checkpoint_load.clone()))
                 .bind(consumer)
@@ -222,6 +242,7 @@ impl ProjectionStore for PgProjectionStore {
         consumer: &str,
         position: Position,
     ) -> Result<(), StoreError> {
+        unit.ensure_open()?;
         sqlx::query(AssertSqlSafe(self.db.sql.checkpoint_save.clone()))
             .bind(consumer)
             .bind(to_i64(position.get()))
@@ -238,6 +259,7 @@ impl ProjectionStore for PgProjectionStore {
     async fn reset(&self, unit: &mut PgProjectionUnit, consumer: &str) -> Result<(), StoreError> {
         // From the smallest id on (the nil UUID sorts first), then from where each batch
         // ended.
+        unit.ensure_open()?;
         let mut from = uuid::Uuid::nil();
         loop {
             let (selected, last): (i64, Option<uuid::Uuid>) =
@@ -256,6 +278,7 @@ impl ProjectionStore for PgProjectionStore {
     }
 
     async fn commit(&self, mut unit: PgProjectionUnit) -> Result<(), StoreError> {
+        unit.ensure_open()?;
         // Postgres answers `COMMIT` in an aborted transaction with a rollback, which sqlx
         // reports as a commit: the runner would acknowledge a batch that left nothing.
         crate::unit_of_work::ensure_not_aborted(

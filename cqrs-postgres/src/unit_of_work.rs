@@ -155,6 +155,10 @@ impl PgUnitOfWork {
 
     /// The transaction's connection, for the handler's own SQL. Begins the transaction on
     /// first use (one round trip).
+    ///
+    /// Fails once the transaction has ended under the unit of work: a savepoint whose
+    /// `begin()` failed or was given up ends it (sqlx 0.9 sends a plain `ROLLBACK`), so
+    /// return such a `begin()`'s error rather than go on; the commit fails too.
     pub async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
         let db = &self.db;
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -166,7 +170,10 @@ impl PgUnitOfWork {
             );
         }
         match state.tx.as_mut() {
-            Some(tx) => Ok(&mut **tx),
+            Some(tx) => {
+                still_in_transaction(tx, UNIT_OF_WORK_ENDED)?;
+                Ok(&mut **tx)
+            }
             None => Err(StoreError::Backend {
                 backend: crate::error::BACKEND,
                 source: "the unit of work lost its transaction".into(),
@@ -301,7 +308,12 @@ impl PgUnitOfWork {
             (None, _) => None,
         };
         let mut tx = match tx {
-            Some(tx) => tx,
+            // Before any append: on a connection out of its transaction, each would commit
+            // on its own.
+            Some(tx) => {
+                still_in_transaction(&tx, UNIT_OF_WORK_ENDED)?;
+                tx
+            }
             None if pending.is_empty() => return Ok(()),
             None if pending.len() == 1 && completion.is_none() => {
                 // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
@@ -370,6 +382,31 @@ pub(crate) async fn ensure_not_aborted(
             })
         }
         Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Why a unit of work whose transaction ended under it fails.
+const UNIT_OF_WORK_ENDED: &str = "the command's transaction was ended under its unit of work, so \
+     nothing of it is committed: a savepoint whose `begin()` failed or was given up rolls back \
+     the whole transaction (sqlx 0.9); a handler must return the error of a savepoint's \
+     `begin()`, not go on";
+
+/// Fails when `conn`'s transaction has ended, though its owner still holds it: sqlx (0.9)
+/// answers a savepoint's `begin()` that failed (in an aborted transaction) or was dropped in
+/// flight with a plain `ROLLBACK`, which ends the enclosing transaction too. Statements on
+/// the connection then commit one by one, and a `commit()` of the transaction does nothing
+/// and succeeds. Costs no round trip: sqlx counts the depth it began.
+pub(crate) fn still_in_transaction(
+    conn: &PgConnection,
+    why: &'static str,
+) -> Result<(), StoreError> {
+    if sqlx::Connection::is_in_transaction(conn) {
+        Ok(())
+    } else {
+        Err(StoreError::Backend {
+            backend: crate::error::BACKEND,
+            source: why.into(),
+        })
     }
 }
 
