@@ -391,7 +391,22 @@ impl PgDatabase {
         if self.applied_already(&mut conn, &migrator).await {
             return Ok(());
         }
-        migrator.run(&mut *conn).await.map_err(failed)
+        // Not current: another instance may be migrating it right now. Look again once
+        // sqlx's lock is ours, since a run after that other instance's would still issue
+        // the `CREATE .. IF NOT EXISTS` a role without the right fails.
+        use sqlx::migrate::Migrate;
+        conn.lock().await.map_err(failed)?;
+        if !self.applied_already(&mut conn, &migrator).await {
+            migrator.set_locking(false);
+            // What `run` calls after its `acquire`, without the `Acquire` bound that made
+            // this future fail to be `Send` (a `tokio::spawn(db.migrate())` did not compile).
+            migrator
+                .run_direct(None, &mut *conn, false)
+                .await
+                .map_err(failed)?;
+        }
+        // The closed connection would release it too, a moment later.
+        conn.unlock().await.map_err(failed)
     }
 
     /// Whether every migration of `migrator` is recorded in the schema's history, whole and

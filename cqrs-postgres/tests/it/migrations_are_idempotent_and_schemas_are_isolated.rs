@@ -353,24 +353,8 @@ crate::support::pg_test! {
     /// history table before whether they exist. On a schema that is not current it still
     /// fails, saying why.
     async fn a_role_without_create_rights_migrates_a_current_schema(db: PgDatabase) {
-        use std::str::FromStr;
-        let role = format!("cqrs_dml_{}", uuid::Uuid::new_v4().simple());
-        // A password of its own: a server that asks for one over TCP (Debian's default, which
-        // scripts/test.sh keeps) refuses a role without.
-        let password = uuid::Uuid::new_v4().simple().to_string();
         let schema = db.schema().to_owned();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
-             GRANT USAGE ON SCHEMA \"{schema}\" TO {role}; \
-             GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO {role}"
-        )))
-        .execute(db.pool())
-        .await
-        .unwrap();
-        let as_role = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
-            .expect("DATABASE_URL parses")
-            .username(&role)
-            .password(&password);
+        let (role, as_role) = role_that_may_only_read(&db).await;
         // Everything as the role first, the role dropped whatever came of it: roles outlive
         // the test's schema.
         let outcome = async {
@@ -389,13 +373,113 @@ crate::support::pg_test! {
             Ok::<_, sqlx::Error>((migrated, refused))
         }
         .await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP OWNED BY {role}; DROP ROLE {role}")))
-            .execute(db.pool())
-            .await
-            .unwrap();
+        drop_role(&db, &role).await;
         let (migrated, refused) = outcome.expect("connect as the role");
         migrated.expect("a current schema, nothing to do");
         let error = refused.expect_err("no right to create the schema");
         assert!(error.to_string().contains("permission denied"), "{error}");
+    }
+}
+
+/// A login role that may read `db`'s schema and create nothing (migrations run by another, a
+/// DBA), and how to connect as it. Roles outlive the test's schema: drop it with [`drop_role`].
+async fn role_that_may_only_read(
+    db: &cqrs_postgres::PgDatabase,
+) -> (String, sqlx::postgres::PgConnectOptions) {
+    use std::str::FromStr;
+    let role = format!("cqrs_dml_{}", uuid::Uuid::new_v4().simple());
+    // A password of its own: a server that asks for one over TCP (Debian's default, which
+    // scripts/test.sh keeps) refuses a role without.
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let schema = db.schema();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
+         GRANT USAGE ON SCHEMA \"{schema}\" TO {role}; \
+         GRANT SELECT ON ALL TABLES IN SCHEMA \"{schema}\" TO {role}"
+    )))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let as_role = sqlx::postgres::PgConnectOptions::from_str(&crate::support::database_url())
+        .expect("DATABASE_URL parses")
+        .username(&role)
+        .password(&password);
+    (role, as_role)
+}
+
+async fn drop_role(db: &cqrs_postgres::PgDatabase, role: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP OWNED BY {role}; DROP ROLE {role}"
+    )))
+    .execute(db.pool())
+    .await
+    .unwrap();
+}
+
+crate::support::pg_test! {
+    /// Such a role starting while another session migrates the schema waits for it, and then
+    /// finds it current: `migrate` looks again once sqlx's migration lock is its own. It
+    /// looked only before the wait, and failed with "permission denied" after it.
+    async fn a_role_without_create_rights_waits_for_a_migration_in_progress(db: PgDatabase) {
+        use sqlx::migrate::Migrate;
+        let schema = db.schema().to_owned();
+        let (role, as_role) = role_that_may_only_read(&db).await;
+        let mut migrating = db.pool().acquire().await.unwrap().detach();
+        // Another session migrating: it holds the lock, and the history lacks the latest
+        // migration until it is done (its row set aside under a negative version).
+        migrating.lock().await.unwrap();
+        let history = format!("\"{schema}\"._sqlx_migrations");
+        let set_aside = format!(
+            "UPDATE {history} SET version = -version \
+             WHERE version = (SELECT max(version) FROM {history})"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(set_aside))
+            .execute(&mut migrating)
+            .await
+            .unwrap();
+
+        let outcome = async {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(as_role)
+                .await?;
+            let current = cqrs_postgres::PgDatabase::from_pool(pool.clone(), &schema).unwrap();
+            let starting = tokio::spawn(async move { current.migrate().await });
+            // Until the role's session waits for the lock, then the migration ends.
+            let waiting = format!(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE a.usename = '{role}' AND l.locktype = 'advisory' AND NOT l.granted"
+            );
+            cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "the role's session waits for the migration lock",
+                || {
+                    let db = db.clone();
+                    let waiting = waiting.clone();
+                    async move {
+                        let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(waiting))
+                            .fetch_one(db.pool())
+                            .await
+                            .unwrap();
+                        (count == 1).then_some(())
+                    }
+                },
+            )
+            .await;
+            let restore = format!("UPDATE {history} SET version = -version WHERE version < 0");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(restore))
+                .execute(&mut migrating)
+                .await
+                .unwrap();
+            migrating.unlock().await.unwrap();
+            let migrated = starting.await.expect("migrate does not panic");
+            pool.close().await;
+            Ok::<_, sqlx::Error>(migrated)
+        }
+        .await;
+        drop_role(&db, &role).await;
+        outcome
+            .expect("connect as the role")
+            .expect("the schema is current once the other session is done");
     }
 }
