@@ -133,6 +133,8 @@ impl RedisPubSubOptions {
         // Upstream messages to local subscribers.
         let mut messages = subscriber.message_rx();
         let (deliver_to, strip) = (fanout.clone(), prefix.clone());
+        let gaps = Arc::new(Gaps::default());
+        let gap_before = gaps.clone();
         tasks.push(tokio::spawn(async move {
             // Channels a message that is not UTF-8 was dropped on, warned about once each.
             let mut warned: HashSet<String> = HashSet::new();
@@ -142,6 +144,7 @@ impl RedisPubSubOptions {
                         let Some(channel) = message.channel.strip_prefix(strip.as_str()) else {
                             continue;
                         };
+                        gap_before.close(channel, &deliver_to);
                         if let Some(payload) = message.value.as_str() {
                             deliver_to.deliver(channel, Arc::from(&*payload));
                         } else if deliver_to.lost_on(channel, 1) {
@@ -265,6 +268,7 @@ impl RedisPubSubOptions {
                     failures = 0;
                     refused.store(0, Ordering::Relaxed);
                     pending.store(false, Ordering::Relaxed);
+                    gaps.close_all(&watch);
                     continue;
                 }
                 pending.store(true, Ordering::Relaxed);
@@ -273,6 +277,10 @@ impl RedisPubSubOptions {
                     // arrives. Recorded before the channels are live again, so the hub's
                     // notice goes out before any message from after the gap.
                     watch.lost(1);
+                    // And again once each channel is live, before its first message: a
+                    // subscriber that resumed meanwhile, before the channel was live, may
+                    // have missed more. Open until then, through retries.
+                    gaps.open(&channels);
                 }
                 // Every channel, also on a retry: subscribing again to a live one is harmless.
                 let outcome = resubscribe(&client, &checker, &full, &channels).await;
@@ -293,10 +301,9 @@ impl RedisPubSubOptions {
                 match outcome {
                     Ok(()) => {
                         failures = 0;
-                        // And again once they are live: a subscriber that resumed meanwhile,
-                        // before the channels were live, may have missed more. (A subscription
-                        // already told and not resumed since is not told twice.)
-                        watch.lost(1);
+                        // Live channels no message has reached yet. (A subscription already
+                        // told and not resumed since is not told twice.)
+                        gaps.close_all(&watch);
                         tracing::debug!(channels = channels.len(), "redis pub/sub resubscribed");
                     }
                     Err(error) => {
@@ -445,6 +452,52 @@ impl PubSub for RedisPubSub {
 /// (`NOPERM`), which has no command of its own to answer in fred, comes back as the PING's reply.
 /// Callers hold the upstream lock, which the subscriber's watchdog takes for each of its pings:
 /// no other command may come between the two.
+/// Channels resubscribed after a reconnect whose second loss is still to be recorded: once
+/// a channel is live again, before its first message. Recorded only after the whole
+/// resubscription (a `CLIENT LIST` round trip after Redis confirmed it), a message published
+/// meanwhile reached a subscriber that had resumed during the outage first, and the notice
+/// after it sent it to resume from that message, past one published during the outage.
+#[derive(Default)]
+struct Gaps {
+    /// Whether any channel is in `channels`: the message path's only cost otherwise.
+    any: std::sync::atomic::AtomicBool,
+    channels: Mutex<HashSet<Arc<str>>>,
+}
+
+impl Gaps {
+    /// Before resubscribing `channels`.
+    fn open(&self, channels: &[Arc<str>]) {
+        let mut open = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        open.extend(channels.iter().cloned());
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Before a message of `channel` is delivered: records the loss if its gap is open. Under
+    /// the lock, so a [`close_all`](Self::close_all) that found the gap records it before
+    /// this message is delivered.
+    fn close(&self, channel: &str, fanout: &Fanout) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut open = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if open.remove(channel) {
+            fanout.lost_on(channel, 1);
+        }
+        if open.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
+    }
+
+    /// Once the resubscription is done: records the loss on every channel still open.
+    fn close_all(&self, fanout: &Fanout) {
+        let mut open = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        for channel in open.drain() {
+            fanout.lost_on(&channel, 1);
+        }
+        self.any.store(false, Ordering::Release);
+    }
+}
+
 async fn confirmed_subscribe(
     client: &SubscriberClient,
     names: Vec<String>,
