@@ -533,7 +533,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     ///
     /// ```
     /// # use cqrs_core::doc::{Ticket, TicketCommand};
-    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::reexports::chrono::{TimeZone, Utc};
     /// use cqrs_core::clock::{Clock, ManualClock};
     /// use cqrs_core::{AggregateRepository, Metadata, memory::InMemoryEventStore};
     /// use std::sync::Arc;

@@ -176,7 +176,7 @@ struct Entry {
 /// ```
 /// use cqrs_core::{Event, EventRecord, EventTypes, RecordMetadata, Metadata};
 /// use serde::{Deserialize, Serialize};
-/// use serde_json::json;
+/// use cqrs_core::reexports::serde_json::json;
 ///
 /// // Version 2 renamed `text` to `body`.
 /// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
@@ -191,7 +191,7 @@ struct Entry {
 /// });
 /// types.validate()?;
 ///
-/// let old = EventRecord::new(uuid::Uuid::now_v7(), "Commented", 1, json!({"text": "hi"}),
+/// let old = EventRecord::new(cqrs_core::reexports::uuid::Uuid::now_v7(), "Commented", 1, json!({"text": "hi"}),
 ///     RecordMetadata::from_metadata(&Metadata::new()));
 /// let envelope = types.decode(&old).unwrap().expect("a known type");
 /// assert_eq!(envelope.downcast_ref::<Commented>().unwrap().body, "hi");

@@ -53,7 +53,7 @@ impl CommandContext {
     ///
     /// ```
     /// # use cqrs_core::doc::TicketOpened;
-    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::reexports::chrono::{TimeZone, Utc};
     /// use cqrs_core::clock::ManualClock;
     /// use cqrs_core::{CommandContext, Metadata};
     /// use std::sync::Arc;

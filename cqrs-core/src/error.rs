@@ -439,9 +439,9 @@ pub(crate) fn middleware_kind(
 ///
 /// // A layer's refusal keeps its details.
 /// let layer = HandlerError::conflict("stale", "the ticket changed")
-///     .with_details(serde_json::json!({"current_version": 3}));
+///     .with_details(cqrs_core::reexports::serde_json::json!({"current_version": 3}));
 /// let back = HandlerError::from(DispatchError::Middleware(Box::new(layer)));
-/// assert_eq!(back.details(), Some(&serde_json::json!({"current_version": 3})));
+/// assert_eq!(back.details(), Some(&cqrs_core::reexports::serde_json::json!({"current_version": 3})));
 /// ```
 impl From<DispatchError> for HandlerError {
     fn from(error: DispatchError) -> Self {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 ///
 /// ```
 /// # use cqrs_core::doc::{OpenTicket, TicketOpened};
-/// use async_trait::async_trait;
+/// use cqrs_core::async_trait;
 /// use cqrs_core::{CommandContext, CommandHandler, HandlerError};
 ///
 /// struct OpenTicketHandler;
@@ -51,7 +51,7 @@ pub trait QueryHandler<Q: Query>: Send + Sync + 'static {
 ///
 /// ```
 /// # use cqrs_core::doc::TicketOpened;
-/// use async_trait::async_trait;
+/// use cqrs_core::async_trait;
 /// use cqrs_core::{EventContext, EventHandler, HandlerError};
 ///
 /// struct NotifyAgents;

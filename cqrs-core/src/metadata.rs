@@ -78,7 +78,7 @@ impl Metadata {
     /// caller with an injected clock ([`Clock`](crate::clock::Clock)).
     ///
     /// ```
-    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::reexports::chrono::{TimeZone, Utc};
     /// use cqrs_core::Metadata;
     ///
     /// let at = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();

@@ -159,7 +159,7 @@ enum Source {
 ///
 /// ```
 /// # use cqrs_core::doc::{TicketOpened};
-/// use async_trait::async_trait;
+/// use cqrs_core::async_trait;
 /// use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
 /// use cqrs_core::projection::{Projection, ProjectionRunner};
 /// use cqrs_core::{EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata, event_set};
@@ -407,7 +407,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// outside it. It applies to [`rebuild`](Self::rebuild) too.
     ///
     /// ```
-    /// # use async_trait::async_trait;
+    /// # use cqrs_core::async_trait;
     /// # use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
     /// # use cqrs_core::projection::{Projection, ProjectionRunner};
     /// # use cqrs_core::{EventEnvelope, EventTypes, HandlerError};

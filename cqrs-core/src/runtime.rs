@@ -639,7 +639,7 @@ fn free_name(taken: &HashSet<String>, candidates: impl Iterator<Item = String>) 
 /// Running workers and checks. See [`RuntimeBuilder`].
 ///
 /// ```
-/// use async_trait::async_trait;
+/// use cqrs_core::async_trait;
 /// use cqrs_core::BoxError;
 /// use cqrs_core::runtime::{Health, Runtime, Worker, WorkerContext};
 /// use std::time::Duration;

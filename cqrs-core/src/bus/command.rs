@@ -200,7 +200,7 @@ impl<L> CommandBusBuilder<L> {
     ///
     /// ```
     /// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
-    /// use chrono::{TimeZone, Utc};
+    /// use cqrs_core::reexports::chrono::{TimeZone, Utc};
     /// use cqrs_core::clock::ManualClock;
     /// use cqrs_core::{CommandBus, Metadata};
     /// use std::sync::Arc;

@@ -322,7 +322,7 @@ impl<L> EventBusBuilder<L> {
     ///
     /// ```
     /// # use cqrs_core::doc::TicketOpened;
-    /// use async_trait::async_trait;
+    /// use cqrs_core::async_trait;
     /// use cqrs_core::{
     ///     DispatchError, ErrorKind, EventBus, EventContext, EventHandler, HandlerError, Metadata,
     /// };

@@ -71,7 +71,7 @@ struct State {
 /// use cqrs_core::{ExpectedVersion, Position, memory::InMemoryEventStore, ports::EventStore};
 /// # use cqrs_core::{EventRecord, RecordMetadata, Metadata};
 /// # fn record() -> EventRecord {
-/// #     EventRecord::new(uuid::Uuid::now_v7(), "Noted", 1, serde_json::json!({}), RecordMetadata::from_metadata(&Metadata::new()))
+/// #     EventRecord::new(cqrs_core::reexports::uuid::Uuid::now_v7(), "Noted", 1, cqrs_core::reexports::serde_json::json!({}), RecordMetadata::from_metadata(&Metadata::new()))
 /// # }
 ///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {

@@ -28,7 +28,7 @@
 //! use std::future::Future;
 //! use std::pin::Pin;
 //! use std::task::{Context, Poll};
-//! use tower::{Layer, Service};
+//! use cqrs_core::reexports::tower::{Layer, Service};
 //!
 //! /// Who may send what: a database or a policy service in a real server.
 //! #[derive(Clone)]

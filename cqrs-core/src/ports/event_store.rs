@@ -32,7 +32,7 @@ pub const MAX_PAYLOAD_DEPTH: usize = 100;
 ///
 /// ```
 /// use cqrs_core::ports::{MAX_PAYLOAD_DEPTH, nests_deeper_than};
-/// use serde_json::json;
+/// use cqrs_core::reexports::serde_json::json;
 ///
 /// assert!(!nests_deeper_than(&json!({ "a": [1, 2] }), 2));
 /// assert!(nests_deeper_than(&json!({ "a": [[1]] }), 2));
@@ -76,7 +76,7 @@ pub fn nests_deeper_than(value: &serde_json::Value, max_depth: usize) -> bool {
 ///
 /// ```
 /// use cqrs_core::ports::holds_nul;
-/// use serde_json::json;
+/// use cqrs_core::reexports::serde_json::json;
 ///
 /// assert!(holds_nul(&json!({ "a": ["x\u{0}y"] })));
 /// assert!(holds_nul(&json!({ "a\u{0}": 1 })));

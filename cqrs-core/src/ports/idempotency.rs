@@ -42,7 +42,7 @@ impl StoredResponse {
     ///
     /// ```
     /// use cqrs_core::ports::StoredResponse;
-    /// use serde_json::json;
+    /// use cqrs_core::reexports::serde_json::json;
     ///
     /// let (kept, why) = StoredResponse::new(201, json!({ "title": "a\u{0}b" })).storable();
     /// assert_eq!(kept.status, 201);
