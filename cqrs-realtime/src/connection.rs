@@ -440,7 +440,9 @@ impl<P: Send + Sync + 'static> Session<P> {
         if self.subscriptions.len() >= max {
             return self.send_error(
                 ErrorCode::TooManySubscriptions,
-                &format!("a connection may hold at most {max} subscriptions"),
+                &format!(
+                    "a connection may hold at most {max} subscriptions: unsubscribe from one first"
+                ),
                 Some(&name),
             );
         }
@@ -510,7 +512,7 @@ impl<P: Send + Sync + 'static> Session<P> {
             Err(_) => {
                 return self.send_error(
                     ErrorCode::Unavailable,
-                    "authorization did not answer in time",
+                    "authorization did not answer in time; try again",
                     Some(&name),
                 );
             }

@@ -252,10 +252,15 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             Ok(Ok(batch)) => Ok(batch),
             Ok(Err(error)) => {
                 tracing::warn!(topic = %self.topic, %error, "replay read failed");
-                Err(End::Failed("the event log is unavailable".to_owned()))
+                Err(End::Failed(
+                    "the event log is unavailable: reload the state over HTTP; live events follow"
+                        .to_owned(),
+                ))
             }
             Err(_) => Err(End::Failed(
-                "the event log did not answer in time".to_owned(),
+                "the event log did not answer in time: reload the state over HTTP; live events \
+                 follow"
+                    .to_owned(),
             )),
         }
     }
@@ -889,6 +894,11 @@ mod tests {
         };
         let frame: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
         assert_eq!(frame["code"], "resume_failed", "{frame}");
+        let message = frame["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("unavailable") && message.contains("reload the state over HTTP"),
+            "says what failed and what to do: {frame}"
+        );
         assert!(f.conn.queue.try_pop().is_none());
         let fourth = f.store(4).await;
         f.publish(&fourth);
