@@ -1679,11 +1679,13 @@ impl Consumer for RedisConsumer {
             self.settle_reader().await;
         }
         let stranded = self.stranded().await?;
-        // Still held until released: a close dropped in its release (a shutdown's abort)
-        // leaves them to `Drop`, which releases them, instead of to another consumer's
-        // reclaim after the redelivery delay, a delivery counted twice.
-        let mut release = self.held_released();
-        release.read_unhanded.extend(stranded);
+        // Held, as taken over (`adopt_stranded`), until released: a close that fails or is
+        // dropped in its release (a shutdown's abort) leaves them to `Drop`, which releases
+        // them, their read taken back, instead of to another consumer's reclaim after the
+        // redelivery delay, a delivery counted that no handler got.
+        self.held.extend(stranded.iter().cloned());
+        self.adopted.extend(stranded);
+        let release = self.held_released();
         // A chunk at a time, each no longer held once released: a close that fails part-way
         // leaves `Drop` only the rest, instead of taking back the released ones' counts twice.
         for (take_back, ids) in [(false, release.counted), (true, release.read_unhanded)] {

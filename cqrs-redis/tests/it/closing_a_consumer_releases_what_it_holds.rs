@@ -339,3 +339,71 @@ async fn closing_releases_held_entries_with_a_redelivery_delay_of_duration_max()
     .await;
     env.cleanup().await;
 }
+
+/// A close whose release never reaches Redis (its connection died, so the close fails) leaves
+/// what was stranded at the consumer (read for it, in none of its lists: a read whose reply
+/// was lost) to its `Drop`, which releases it. It was only in the close's own list, so
+/// nothing released it: it waited out the redelivery delay, and came back with a delivery
+/// counted that no handler got (with `max_deliveries(1)`, dead-lettered unhandled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_fails_leaves_what_was_stranded_to_drop() {
+    let Some((proxy, env)) = crate::proxy::env_behind_a_proxy("close-failed").await else {
+        return;
+    };
+    within(
+        60,
+        Box::pin(async {
+            let topic = env.topic("tickets");
+            let delay = Duration::from_secs(30);
+            let options = consumer_options(&format!("{}-a", env.id)).redelivery_delay(delay);
+            let mut a: RedisConsumer = env
+                .transport
+                .redis_consumer(&topic, "g", options)
+                .await
+                .unwrap();
+            env.publish_one(&topic, "k", 1).await;
+            let stream = env.transport.stream_key(&topic).unwrap();
+            env.read_as(&stream, &format!("{}-a", env.id), 1).await;
+            assert_eq!(
+                pending_to(&env, &topic, "a").await.len(),
+                1,
+                "stranded at a"
+            );
+
+            let connections = proxy.accepted();
+            proxy.swallow("released");
+            let failed = Consumer::close(&mut a).await;
+            assert!(proxy.swallowed(), "the release was sent");
+            assert!(
+                failed.is_err(),
+                "the release never reached Redis: {failed:?}"
+            );
+            // The consumer is dropped once its dead connection is replaced (the unresponsive
+            // timeout), as at a shutdown whose close was cut off on a live one.
+            eventually(
+                Duration::from_secs(20),
+                "the dead connection replaced",
+                || async { (proxy.accepted() > connections).then_some(()) },
+            )
+            .await;
+            drop(a);
+
+            eventually(
+                Duration::from_secs(20),
+                "the stranded entry released by the consumer's drop",
+                || async {
+                    let pending = pending_to(&env, &topic, "a").await;
+                    let released = pending.len() == 1
+                        && pending[0][2]
+                            .as_u64()
+                            .is_some_and(|idle| idle >= delay.as_millis() as u64)
+                        && pending[0][3].as_u64() == Some(0);
+                    released.then_some(())
+                },
+            )
+            .await;
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}

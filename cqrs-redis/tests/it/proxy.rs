@@ -4,8 +4,8 @@
 //! hole are accepted and forward nothing either; once it forwards again, new connections pass
 //! through, and the black-holed ones stay dead. It can also lose the reply to one command:
 //! the connection that sends it forwards it to Redis, which runs it, and then goes dead. And
-//! it can hold Redis's replies back for a while (commands still go through), and tell what
-//! the clients sent.
+//! it can hold Redis's replies back for a while (commands still go through), keep one command
+//! from Redis (its connection goes dead before it), and tell what the clients sent.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,9 @@ struct State {
     black_hole: AtomicBool,
     /// An argument (as sent: `\r\nWORD\r\n`) of the command whose reply is to be lost, once.
     trap: Mutex<Option<Vec<u8>>>,
+    /// An argument of the command that is never to reach Redis, once: its connection goes
+    /// dead before it.
+    swallow: Mutex<Option<Vec<u8>>>,
     /// An argument of the command whose connection is to be closed once Redis answers it,
     /// the answer not passed on, once.
     cut: Mutex<Option<Vec<u8>>>,
@@ -120,6 +123,18 @@ impl Proxy {
         *self.state.trap.lock().unwrap() = Some(format!("\r\n{word}\r\n").into_bytes());
     }
 
+    /// The next command with the argument `word` sent through the proxy never reaches Redis:
+    /// its connection goes dead before it (nothing in either direction, nothing closes), as
+    /// when a NAT drops it. Other connections go on.
+    pub(crate) fn swallow(&self, word: &str) {
+        *self.state.swallow.lock().unwrap() = Some(format!("\r\n{word}\r\n").into_bytes());
+    }
+
+    /// Whether the command [`swallow`](Self::swallow) waits for was sent.
+    pub(crate) fn swallowed(&self) -> bool {
+        self.state.swallow.lock().unwrap().is_none()
+    }
+
     /// The next command with the argument `word` sent through the proxy reaches Redis, which
     /// runs it; once Redis answers, the proxy closes that connection (the client reads its
     /// end) instead of passing the answer on: the command ran, and its client, which sees the
@@ -207,6 +222,16 @@ async fn pump(
                 cut.store(true, Ordering::SeqCst);
             }
             drop(cut_armed);
+            let mut swallow = state.swallow.lock().unwrap();
+            if swallow
+                .as_ref()
+                .is_some_and(|needle| buffer[..n].windows(needle.len()).any(|w| w == &needle[..]))
+            {
+                *swallow = None;
+                dead.store(true, Ordering::SeqCst);
+                continue;
+            }
+            drop(swallow);
             let mut armed = state.trap.lock().unwrap();
             let sprung = armed
                 .as_ref()
