@@ -193,11 +193,55 @@ where
     })
 }
 
-/// A connected client.
-pub(crate) async fn client(options: &ConnectionOptions) -> Result<Client, ConnectError> {
-    let client = builder(options, 32)?.build().map_err(transport_error)?;
+/// A connected client, which quits when dropped until kept: a connect given up (a caller's
+/// timeout, an error in a later step) leaves no connection behind.
+pub(crate) async fn client(
+    options: &ConnectionOptions,
+) -> Result<QuitUnlessKept<Client>, ConnectError> {
+    let client = QuitUnlessKept::new(builder(options, 32)?.build().map_err(transport_error)?);
     client.init().await.map_err(|e| init_error(options, e))?;
     Ok(client)
+}
+
+/// A client that quits when dropped, unless [`keep`](Self::keep) took it out first. fred's
+/// `init` starts a task that connects, and reconnects for as long as the client runs, and a
+/// dropped handle does not end it: a connect whose future was dropped (a caller's timeout)
+/// used to leave a connection open, replaced whenever the server closed it, for the life of
+/// the process.
+pub(crate) struct QuitUnlessKept<C: ClientLike + 'static>(Option<C>);
+
+impl<C: ClientLike + 'static> QuitUnlessKept<C> {
+    pub(crate) fn new(client: C) -> Self {
+        Self(Some(client))
+    }
+
+    /// The client, no longer quit on drop.
+    pub(crate) fn keep(mut self) -> C {
+        match self.0.take() {
+            Some(client) => client,
+            // `keep` takes `self`: the option is only emptied here or in `Drop`.
+            None => unreachable!("a client kept twice"),
+        }
+    }
+}
+
+impl<C: ClientLike + 'static> std::ops::Deref for QuitUnlessKept<C> {
+    type Target = C;
+
+    fn deref(&self) -> &C {
+        match &self.0 {
+            Some(client) => client,
+            None => unreachable!("a kept client used through its guard"),
+        }
+    }
+}
+
+impl<C: ClientLike + 'static> Drop for QuitUnlessKept<C> {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            quit_later(client);
+        }
+    }
 }
 
 /// Why the first connection failed: a refused TLS handshake says so and what to check (fred
@@ -291,10 +335,12 @@ const MAX_SUBSCRIBER_BUFFER: usize = 65_536;
 pub(crate) async fn subscriber(
     options: &ConnectionOptions,
     capacity: usize,
-) -> Result<SubscriberClient, ConnectError> {
-    let client = builder(options, capacity.clamp(32, MAX_SUBSCRIBER_BUFFER))?
-        .build_subscriber_client()
-        .map_err(transport_error)?;
+) -> Result<QuitUnlessKept<SubscriberClient>, ConnectError> {
+    let client = QuitUnlessKept::new(
+        builder(options, capacity.clamp(32, MAX_SUBSCRIBER_BUFFER))?
+            .build_subscriber_client()
+            .map_err(transport_error)?,
+    );
     client.init().await.map_err(|e| init_error(options, e))?;
     Ok(client)
 }

@@ -112,18 +112,11 @@ impl RedisPubSubOptions {
     /// subscribing client, and checks that the server is Redis 7.0 or later.
     pub async fn connect(self) -> Result<RedisPubSub, ConnectError> {
         self.validate()?;
+        // Each quits if the connect fails or is given up before both are kept.
         let publisher = connection::client(&self.connection).await?;
-        if let Err(e) = connection::check_version(&publisher, false).await {
-            quit_later(publisher);
-            return Err(e);
-        }
-        let subscriber = match connection::subscriber(&self.connection, self.capacity).await {
-            Ok(subscriber) => subscriber,
-            Err(e) => {
-                quit_later(publisher);
-                return Err(e);
-            }
-        };
+        connection::check_version(&publisher, false).await?;
+        let subscriber = connection::subscriber(&self.connection, self.capacity).await?;
+        let (publisher, subscriber) = (publisher.keep(), subscriber.keep());
         let (fanout, mut idle) = Fanout::new(self.capacity);
         let prefix = format!("{}:", self.channel_prefix);
         let upstream = Arc::new(tokio::sync::Mutex::new(()));

@@ -276,22 +276,14 @@ impl RedisStreamOptions {
     /// transport's keys (`allkeys-*`; see the crate's guide), and loads the scripts.
     pub async fn connect(self) -> Result<RedisStreamTransport, ConnectError> {
         self.validate()?;
+        // Quits if a later step fails or the connect is given up.
         let client = connection::client(&self.connection).await?;
-        let ready = async {
-            connection::check_version(&client, true).await?;
-            connection::check_eviction(&client).await;
-            Scripts::load(&client)
-                .await
-                .map_err(|e| ConnectError::Redis(transport_error(e)))
-        }
-        .await;
-        let scripts = match ready {
-            Ok(scripts) => scripts,
-            Err(e) => {
-                quit_later(client);
-                return Err(e);
-            }
-        };
+        connection::check_version(&client, true).await?;
+        connection::check_eviction(&client).await;
+        let scripts = Scripts::load(&client)
+            .await
+            .map_err(|e| ConnectError::Redis(transport_error(e)))?;
+        let client = client.keep();
         Ok(RedisStreamTransport {
             shared: Arc::new(Shared {
                 watchdog: connection::watchdog(client.clone(), &self.connection, None),
@@ -405,7 +397,7 @@ impl RedisStreamTransport {
         drop(claim);
         Ok(RedisConsumer::new(
             self.shared.clone(),
-            reader,
+            reader.keep(),
             keys,
             topic,
             group,

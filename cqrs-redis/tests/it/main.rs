@@ -12,6 +12,7 @@ mod support;
 mod tls_proxy;
 
 mod a_batch_over_one_script_stores_each_keys_events_in_order;
+mod a_connect_given_up_leaves_no_connection_behind;
 mod a_consume_loop_recovers_when_its_connections_are_killed;
 mod a_consumer_replaces_connections_that_died_silently;
 mod a_crashed_consumers_entries_are_reclaimed_by_another;

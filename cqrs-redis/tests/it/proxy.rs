@@ -8,7 +8,7 @@
 //! from Redis (its connection goes dead before it), and tell what the clients sent.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -40,6 +40,8 @@ struct State {
     released: tokio::sync::Notify,
     /// Everything the clients sent through the proxy.
     sent: Mutex<Vec<u8>>,
+    /// Connections through to Redis that neither side has closed.
+    open: AtomicUsize,
     /// Per connection accepted: whether it is dead (forwards nothing, for good).
     connections: Mutex<Vec<Arc<AtomicBool>>>,
     pumps: Mutex<Vec<JoinHandle<()>>>,
@@ -79,6 +81,7 @@ impl Proxy {
                         };
                         let (server_read, server_write) = server.into_split();
                         let cut = AtomicBool::new(false);
+                        shared.open.fetch_add(1, Ordering::SeqCst);
                         tokio::join!(
                             pump(
                                 client_read,
@@ -88,6 +91,7 @@ impl Proxy {
                             ),
                             pump_replies(server_read, client_write, dead, &shared, &cut),
                         );
+                        shared.open.fetch_sub(1, Ordering::SeqCst);
                     });
                     state.pumps.lock().unwrap().push(pump);
                 }
@@ -99,6 +103,11 @@ impl Proxy {
             state,
             accept,
         }
+    }
+
+    /// The proxy's `host:port`, for another proxy's [`redirect`](Self::redirect).
+    pub(crate) fn host(&self) -> String {
+        self.addr.to_string()
     }
 
     /// `redis://` URL of the proxy, with the credentials of `REDIS_URL`.
@@ -152,6 +161,12 @@ impl Proxy {
     /// Whether the command [`lose_reply_to`](Self::lose_reply_to) waits for went through.
     pub(crate) fn reply_lost(&self) -> bool {
         self.state.trap.lock().unwrap().is_none()
+    }
+
+    /// How many connections through to Redis are open: neither the client nor Redis closed
+    /// them.
+    pub(crate) fn open(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
     }
 
     /// How many connections the proxy accepted.
