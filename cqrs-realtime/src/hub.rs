@@ -166,7 +166,7 @@ pub(crate) struct HubInner<P> {
     /// Resume budgets per principal key: reconnecting does not refill one.
     resume_budgets: std::sync::Mutex<ResumeBudgets>,
     /// One permit per replay that may run at once (`max_concurrent_replays`).
-    replays: Arc<tokio::sync::Semaphore>,
+    pub(crate) replays: Arc<tokio::sync::Semaphore>,
     all_closed: Notify,
 }
 

@@ -160,6 +160,8 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             // for an empty one would never end on a busy log, whose every read returns
             // what was appended during the last).
             let caught_up = batch.len() < want;
+            // The frame of the event whose wait for room ended this batch early.
+            let mut waiting = None;
             for record in &batch {
                 self.read += 1;
                 if self.read > options.replay_limit {
@@ -172,13 +174,36 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     }
                 }
                 if let Some(frame) = replay_frame(self.hub, self.conn, self.topic, record) {
-                    if !self.sender.send(frame).await {
-                        return Err(End::Closed);
+                    match self.sender.try_send(Outgoing::Frame(frame)) {
+                        Ok(true) => {}
+                        Ok(false) => return Err(End::Closed),
+                        // The client must take frames first, for as long as it likes, with
+                        // the permit let go: not with the rest of the batch held meanwhile
+                        // (every such replay held one, and `max_concurrent_replays` bounded
+                        // the reads, not what they kept). Its frame waits; the rest is read
+                        // again after it (the cursor is at it).
+                        Err(item) if record.position.is_some() => {
+                            waiting = Some(item);
+                            break;
+                        }
+                        Err(item) => {
+                            if !self.sender.send_item(item).await {
+                                return Err(End::Closed);
+                            }
+                        }
                     }
                     // Counted as it is queued: a replay cut short (the connection closed
                     // from outside, which drops it at its next wait) counts what it sent.
                     self.hub.metrics.replayed(1);
                 }
+            }
+            if let Some(item) = waiting {
+                drop(batch);
+                if !self.sender.send_item(item).await {
+                    return Err(End::Closed);
+                }
+                self.hub.metrics.replayed(1);
+                continue;
             }
             if caught_up {
                 // Live events dropped from a full buffer were stored before they were
@@ -442,90 +467,134 @@ impl<'a, P> ReplaySender<'a, P> {
         }
     }
 
-    /// Queues a frame; `false` when the connection is closing.
+    /// Queues a frame, waiting for room as long as the client needs; `false` when the
+    /// connection is closing.
     async fn send(&mut self, frame: Utf8Bytes) -> bool {
-        let queue = &self.conn.queue;
-        let mut item = Outgoing::Frame(frame);
+        self.send_item(Outgoing::Frame(frame)).await
+    }
+
+    /// [`send`](Self::send) of a frame [`try_send`](Self::try_send) gave back.
+    async fn send_item(&mut self, mut item: Outgoing) -> bool {
         loop {
-            // A closing connection takes nothing more (see `Conn::push`).
-            if self.conn.close.get().is_some() {
+            match self.try_send(item) {
+                Ok(queued) => return queued,
+                Err(back) => item = back,
+            }
+            if !self.wait_for_room().await {
                 return false;
             }
-            if self.budget > 0 {
-                match queue.try_push_keeping_a_slot(item) {
-                    Ok(()) => {
-                        self.budget -= 1;
-                        return true;
-                    }
-                    // Live traffic took the room: wait for it again.
-                    Err(back) => {
-                        item = back;
-                        self.budget = 0;
-                    }
-                }
+        }
+    }
+
+    /// Queues a frame if it can without waiting: `Ok(false)` when the connection is closing,
+    /// the frame back when the client must take frames first ([`wait_for_room`]).
+    ///
+    /// [`wait_for_room`]: Self::wait_for_room
+    fn try_send(&mut self, mut item: Outgoing) -> Result<bool, Outgoing> {
+        let queue = &self.conn.queue;
+        // Twice at most: a push refused for want of room is tried again only if room came.
+        for _ in 0..2 {
+            // A closing connection takes nothing more (see `Conn::push`).
+            if self.conn.close.get().is_some() {
+                return Ok(false);
             }
-            // How often a wait looks whether the client takes frames: a client that does, but
-            // never frees half the queue, is found starved within a probe, not an idle timeout.
-            let probe = (self.stall_limit / 4).min(STARVATION_PROBE);
-            // Taken by the client since the wait began, and at the last look.
-            let began = queue.popped();
-            let mut taken = began;
-            let mut still = Duration::ZERO;
-            loop {
-                // At least two free (one for the frame, one left for a live event), however
-                // small the queue.
-                let want = if self.starved {
-                    2
-                } else {
-                    (queue.capacity() / 2).max(2)
-                };
+            if self.budget == 0 {
                 // Room already: no wait, and the permit stays (let go at every read's first
                 // send, the replay would queue behind newer resumes for each of its reads).
-                if queue.room_for(want).now_or_never().is_some() {
-                    break;
+                if queue.room_for(self.wanted()).now_or_never().is_none() {
+                    return Err(item);
                 }
-                // The client sets how long this wait lasts: another resume may read meanwhile.
-                self.permit = None;
-                let waiting = tokio::time::Instant::now();
-                tokio::select! {
-                    biased;
-                    _ = self.conn.close.reader_closed() => return false,
-                    room = timeout(probe, queue.room_for(want)) => {
-                        self.waited = self.waited.saturating_add(waiting.elapsed());
-                        if self.waited >= self.wait_limit {
+                self.refill();
+            }
+            match queue.try_push_keeping_a_slot(item) {
+                Ok(()) => {
+                    self.budget -= 1;
+                    return Ok(true);
+                }
+                // Live traffic took the room: wait for it again.
+                Err(back) => {
+                    item = back;
+                    self.budget = 0;
+                }
+            }
+        }
+        Err(item)
+    }
+
+    /// Free slots a wait for room wants: half the queue, or two once starved; at least two
+    /// (one for the frame, one left for a live event), however small the queue.
+    fn wanted(&self) -> usize {
+        if self.starved {
+            2
+        } else {
+            (self.conn.queue.capacity() / 2).max(2)
+        }
+    }
+
+    /// Frames to queue once there is room, before looking again.
+    fn refill(&mut self) {
+        self.budget = if self.starved {
+            1
+        } else {
+            (self.conn.queue.capacity() / 4).max(1)
+        };
+    }
+
+    /// Waits until the client has taken frames enough for [`try_send`](Self::try_send) to
+    /// queue again, letting the permit go meanwhile; `false` when the connection is closing
+    /// or the client was closed as slow.
+    async fn wait_for_room(&mut self) -> bool {
+        let queue = &self.conn.queue;
+        // How often a wait looks whether the client takes frames: a client that does, but
+        // never frees half the queue, is found starved within a probe, not an idle timeout.
+        let probe = (self.stall_limit / 4).min(STARVATION_PROBE);
+        // Taken by the client since the wait began, and at the last look.
+        let began = queue.popped();
+        let mut taken = began;
+        let mut still = Duration::ZERO;
+        loop {
+            let want = self.wanted();
+            if queue.room_for(want).now_or_never().is_some() {
+                break;
+            }
+            // The client sets how long this wait lasts: another resume may read meanwhile.
+            self.permit = None;
+            let waiting = tokio::time::Instant::now();
+            tokio::select! {
+                biased;
+                _ = self.conn.close.reader_closed() => return false,
+                room = timeout(probe, queue.room_for(want)) => {
+                    self.waited = self.waited.saturating_add(waiting.elapsed());
+                    if self.waited >= self.wait_limit {
+                        self.conn.close_slow();
+                        return false;
+                    }
+                    if room.is_ok() {
+                        break;
+                    }
+                    let now = queue.popped();
+                    if now == taken {
+                        still = still.saturating_add(probe);
+                        if still >= self.stall_limit {
                             self.conn.close_slow();
                             return false;
                         }
-                        if room.is_ok() {
-                            break;
-                        }
-                        let now = queue.popped();
-                        if now == taken {
-                            still = still.saturating_add(probe);
-                            if still >= self.stall_limit {
-                                self.conn.close_slow();
-                                return false;
-                            }
-                            continue;
-                        }
-                        taken = now;
-                        still = Duration::ZERO;
-                        // The client took as many frames as the wait wants free, and still
-                        // they are not: live traffic refills the queue. Two free slots will do
-                        // for the rest of this replay. (A client that takes fewer only reads
-                        // slowly: waiting for half the queue keeps room for live events.)
-                        if now.wrapping_sub(began) as usize >= want {
-                            self.starved = true;
-                        }
+                        continue;
+                    }
+                    taken = now;
+                    still = Duration::ZERO;
+                    // The client took as many frames as the wait wants free, and still
+                    // they are not: live traffic refills the queue. Two free slots will do
+                    // for the rest of this replay. (A client that takes fewer only reads
+                    // slowly: waiting for half the queue keeps room for live events.)
+                    if now.wrapping_sub(began) as usize >= want {
+                        self.starved = true;
                     }
                 }
             }
-            self.budget = if self.starved {
-                1
-            } else {
-                (queue.capacity() / 4).max(1)
-            };
         }
+        self.refill();
+        true
     }
 
     /// Forgets the frames this replay may still queue without looking: before a read of the
@@ -595,6 +664,8 @@ mod tests {
         gated: AtomicBool,
         gate: tokio::sync::Semaphore,
         waiting: AtomicUsize,
+        /// Where each read began (its `after`).
+        reads: std::sync::Mutex<Vec<Position>>,
     }
 
     #[async_trait::async_trait]
@@ -617,6 +688,7 @@ mod tests {
             after: Position,
             limit: usize,
         ) -> Result<Vec<EventRecord>, StoreError> {
+            self.reads.lock().unwrap().push(after);
             if self.gated.load(Ordering::SeqCst) {
                 self.waiting.fetch_add(1, Ordering::SeqCst);
                 self.gate.acquire().await.unwrap().forget();
@@ -671,6 +743,7 @@ mod tests {
                 gated: AtomicBool::new(false),
                 gate: tokio::sync::Semaphore::new(0),
                 waiting: AtomicUsize::new(0),
+                reads: Default::default(),
             });
             let hub = Hub::builder(AuthenticateFn::new(|_: String| async {
                 Err::<(), _>(Unauthenticated::new("not used"))
@@ -905,6 +978,38 @@ mod tests {
         assert!(
             matches!(f.conn.queue.try_pop(), Some(Outgoing::Frame(_))),
             "the live event at position 4 was dropped as covered by `since` 5000"
+        );
+    }
+
+    /// A replay waiting for its client to take frames keeps no more of the batch it read
+    /// than the frame that waits: it reads the rest again after it. It held the whole batch
+    /// (with the permit let go, for as long as the client took), so every stalled replay
+    /// kept one, and `max_concurrent_replays` bounded the store's reads, not the memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replay_waiting_for_its_client_keeps_only_the_frame_that_waits() {
+        // A queue of 8: the replay queues 6 (two at a time while half is free), then waits.
+        let f = Fixture::new(HubOptions::new().replay_batch(100), 8, 64);
+        for n in 1..=30 {
+            f.store(n).await;
+        }
+        let replay = f.replay(0);
+        // Waiting: its permit let go (nothing drains the queue, so it stays so).
+        let permits = f.inner.options.max_concurrent_replays;
+        until("the replay to wait for room", || {
+            f.conn.queue.len() == 6 && f.inner.replays.available_permits() == permits
+        })
+        .await;
+        assert_eq!(
+            *f.store.reads.lock().unwrap(),
+            [Position::START],
+            "one read so far"
+        );
+        assert_eq!(f.drain(replay).await, (1..=30).collect::<Vec<_>>());
+        let reads = f.store.reads.lock().unwrap().clone();
+        assert_eq!(
+            reads.get(1),
+            Some(&Position::new(7)),
+            "read again after the frame that waited (7): {reads:?}"
         );
     }
 
