@@ -743,22 +743,20 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Lets an already loaded aggregate decide on `command` (a caller that loaded it to check
     /// something first does not load it twice). No I/O: returns what [`decide`](Self::decide)
-    /// returns. A new aggregate is `Loaded { id, state: A::default(), version: 0 }`.
-    ///
-    /// The events are stamped with the system clock's now, whatever the repository's clock:
-    /// with an injected clock, call [`decide_on_at`](Self::decide_on_at) with
-    /// [`repo.now()`](Self::now).
+    /// returns. A new aggregate is `Loaded { id, state: A::default(), version: 0 }`. The
+    /// events are stamped with the repository's clock ([`now`](Self::now)).
     pub fn decide_on(
+        &self,
         loaded: Loaded<A>,
         expected_version: Option<u64>,
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Decided<A>, AggregateError<A::Error>> {
-        Self::decide_on_at(loaded, expected_version, command, metadata, Utc::now())
+        Self::decide_on_at(loaded, expected_version, command, metadata, self.now())
     }
 
     /// [`decide_on`](Self::decide_on), with the new events stamped at `at` instead of the
-    /// system clock's now: a server with an injected clock (a test's
+    /// repository's now, and without a repository: code that holds only a clock (a test's
     /// [`ManualClock`](crate::clock::ManualClock)) passes its `now()`, so the times its
     /// aggregates derive from their events follow that clock.
     pub fn decide_on_at(

@@ -44,6 +44,28 @@ impl ErrorKind {
         )
     }
 
+    /// The HTTP status this kind usually maps to, as each variant says: 422, 401, 403, 404,
+    /// 409, 429, 503 (`Timeout` and `Unavailable`) and 500. For a gateway's error responses.
+    ///
+    /// ```
+    /// use cqrs_core::ErrorKind;
+    ///
+    /// assert_eq!(ErrorKind::Conflict.http_status(), 409);
+    /// assert_eq!(ErrorKind::Timeout.http_status(), 503);
+    /// ```
+    pub const fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Invalid => 422,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Timeout | ErrorKind::Unavailable => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+
     /// A snake_case name for logs and metrics.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -62,6 +84,21 @@ impl ErrorKind {
 
 /// The error a handler returns: a kind, a stable snake_case `code` for clients, a message for
 /// humans, optional structured details and an optional source.
+///
+/// One constructor per kind. Those whose code says more than the kind take it first; the
+/// others use the kind's name as the code ([`with_code`](Self::with_code) changes it):
+///
+/// | kind | constructor | code |
+/// |---|---|---|
+/// | `Invalid` | [`invalid(code, message)`](Self::invalid) | yours |
+/// | `Conflict` | [`conflict(code, message)`](Self::conflict) | yours |
+/// | `RateLimited` | [`rate_limited(code, message)`](Self::rate_limited) | yours |
+/// | `NotFound` | [`not_found(message)`](Self::not_found) | `not_found` |
+/// | `Forbidden` | [`forbidden(message)`](Self::forbidden) | `forbidden` |
+/// | `Unauthorized` | [`unauthorized(message)`](Self::unauthorized) | `unauthorized` |
+/// | `Timeout` | [`timeout(message)`](Self::timeout) | `timeout` |
+/// | `Unavailable` | [`unavailable(message, source)`](Self::unavailable) | `unavailable` |
+/// | `Internal` | [`internal(source)`](Self::internal) | `internal` |
 ///
 /// ```
 /// use cqrs_core::{ErrorKind, HandlerError};
@@ -163,6 +200,21 @@ impl HandlerError {
         message: impl Into<Cow<'static, str>>,
     ) -> Self {
         Self::new(ErrorKind::Conflict, code, message)
+    }
+
+    /// Too many requests ([`ErrorKind::RateLimited`]): retry later. A gateway's
+    /// `Retry-After` may come from [`details`](Self::with_details).
+    pub fn rate_limited(
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self::new(ErrorKind::RateLimited, code, message)
+    }
+
+    /// The work ran past its time budget ([`ErrorKind::Timeout`]); it may or may not have
+    /// taken effect.
+    pub fn timeout(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::Timeout, "timeout", message)
     }
 
     /// A backend is down ([`ErrorKind::Unavailable`]); keeps the backend's error as source.
@@ -539,6 +591,73 @@ impl std::fmt::Debug for BuildError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each constructor makes its kind, with the code the table in `HandlerError`'s docs
+    /// gives, and each kind's status is the one its docs name.
+    #[test]
+    fn each_constructor_makes_its_kind_and_each_kind_has_its_status() {
+        let io = || std::io::Error::other("down");
+        let made = [
+            (
+                HandlerError::invalid("bad", "m"),
+                ErrorKind::Invalid,
+                "bad",
+                422,
+            ),
+            (
+                HandlerError::conflict("taken", "m"),
+                ErrorKind::Conflict,
+                "taken",
+                409,
+            ),
+            (
+                HandlerError::rate_limited("slow_down", "m"),
+                ErrorKind::RateLimited,
+                "slow_down",
+                429,
+            ),
+            (
+                HandlerError::not_found("m"),
+                ErrorKind::NotFound,
+                "not_found",
+                404,
+            ),
+            (
+                HandlerError::forbidden("m"),
+                ErrorKind::Forbidden,
+                "forbidden",
+                403,
+            ),
+            (
+                HandlerError::unauthorized("m"),
+                ErrorKind::Unauthorized,
+                "unauthorized",
+                401,
+            ),
+            (
+                HandlerError::timeout("m"),
+                ErrorKind::Timeout,
+                "timeout",
+                503,
+            ),
+            (
+                HandlerError::unavailable("m", io()),
+                ErrorKind::Unavailable,
+                "unavailable",
+                503,
+            ),
+            (
+                HandlerError::internal(io()),
+                ErrorKind::Internal,
+                "internal",
+                500,
+            ),
+        ];
+        for (error, kind, code, status) in made {
+            assert_eq!((error.kind(), error.code()), (kind, code), "{error:?}");
+            assert_eq!(kind.http_status(), status, "{kind:?}");
+        }
+    }
 
     #[derive(Debug)]
     struct Outer(std::io::Error, &'static str);

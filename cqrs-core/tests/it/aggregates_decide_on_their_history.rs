@@ -109,7 +109,7 @@ fn an_empty_aggregate_id_is_refused_before_anything_is_stored() {
             version: 0,
         };
         empty(
-            AggregateRepository::<Total>::decide_on(by_hand, None, 1, &metadata)
+            repo.decide_on(by_hand, None, 1, &metadata)
                 .map(|_| ())
                 .unwrap_err(),
         );

@@ -1,4 +1,5 @@
-//! The repository's clock, not the system's, stamps the events `execute` and `decide` make.
+//! The repository's clock, not the system's, stamps the events `execute`, `decide` and
+//! `decide_on` make.
 
 use crate::aggregates_decide_on_their_history::Total;
 use crate::fixtures::*;
@@ -34,5 +35,11 @@ fn execute_and_decide_stamp_events_with_the_injected_clock() {
         let decided = repo.decide("c", None, 2, &request).await.unwrap();
         assert_eq!(decided.records[0].metadata.occurred_at, clock.now());
         assert_eq!(repo.now(), clock.now());
+
+        // On an aggregate loaded first, too.
+        clock.advance(Duration::from_secs(60));
+        let loaded = repo.load("c").await.unwrap();
+        let decided = repo.decide_on(loaded, None, 3, &request).unwrap();
+        assert_eq!(decided.records[0].metadata.occurred_at, clock.now());
     });
 }

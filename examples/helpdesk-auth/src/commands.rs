@@ -573,7 +573,7 @@ pub(crate) struct LogInHandler {
 const FAILED_LOGINS: &str = "too many failed logins; try again later";
 
 fn too_many_attempts(seconds: u64, message: &'static str) -> HandlerError {
-    HandlerError::new(ErrorKind::RateLimited, "too_many_attempts", message)
+    HandlerError::rate_limited("too_many_attempts", message)
         .with_details(json!({ "retry_after": seconds }))
 }
 

@@ -150,10 +150,8 @@ impl Hashing {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let held = |k: &String| clients.get(k).copied().unwrap_or(0);
         let refused = |message| {
-            Err(
-                HandlerError::new(ErrorKind::RateLimited, "too_many_attempts", message)
-                    .with_details(json!({ "retry_after": 1 })),
-            )
+            Err(HandlerError::rate_limited("too_many_attempts", message)
+                .with_details(json!({ "retry_after": 1 })))
         };
         if held(&key) >= self.per_client {
             return refused(
