@@ -527,9 +527,8 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Stamps the events [`decide`](Self::decide) and [`execute`](Self::execute) make with
     /// `clock`'s now (the system clock by default), so a server with an injected clock (a
-    /// test's [`ManualClock`](crate::clock::ManualClock)) records its events at its time. A
-    /// caller of [`decide_on`](Self::decide_on) passes the time itself, with
-    /// [`decide_on_at`](Self::decide_on_at) and [`now`](Self::now).
+    /// test's [`ManualClock`](crate::clock::ManualClock)) records its events at its time;
+    /// [`decide_on`](Self::decide_on) too.
     ///
     /// ```
     /// # use cqrs_core::doc::{Ticket, TicketCommand};

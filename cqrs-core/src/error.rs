@@ -283,9 +283,16 @@ impl HandlerError {
     /// ```
     /// use cqrs_core::HandlerError;
     ///
-    /// #[derive(Debug, thiserror::Error)]
-    /// #[error("insufficient funds: {missing} cents short")]
+    /// #[derive(Debug)]
     /// struct InsufficientFunds { missing: u64 }
+    ///
+    /// impl std::fmt::Display for InsufficientFunds {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "insufficient funds: {} cents short", self.missing)
+    ///     }
+    /// }
+    ///
+    /// impl std::error::Error for InsufficientFunds {}
     ///
     /// impl From<InsufficientFunds> for HandlerError {
     ///     fn from(e: InsufficientFunds) -> Self {

@@ -123,12 +123,16 @@ pub use async_trait::async_trait;
 /// The crates whose types appear in this crate's public API, re-exported so a user's versions
 /// cannot differ from the ones the core was built with: `chrono` (`Clock`, timestamps),
 /// `uuid` (message and event ids), `tower` (bus middleware), `serde` (what an event must
-/// implement) and `serde_json` (stored payloads, [`EventRecord::payload`]).
+/// implement), `serde_json` (stored payloads, [`EventRecord::payload`]), `tracing` (the
+/// span [`TracingLayer`](middleware::TracingLayer)'s hooks get) and `metrics` (what
+/// [`MetricsLayer`](middleware::MetricsLayer) records, and the test kit's recorder).
 pub mod reexports {
     pub use chrono;
+    pub use metrics;
     pub use serde;
     pub use serde_json;
     pub use tower;
+    pub use tracing;
     pub use uuid;
 }
 

@@ -113,7 +113,9 @@ impl PgEventStore {
     /// constraint (an event inserted around the functions took the version) and any other
     /// failed statement abort it, as in Postgres any failed statement does: roll back then
     /// (a `COMMIT` would roll back too, without an error), or append in a savepoint
-    /// (`tx.begin()`) to go on after a failure.
+    /// (`tx.begin()`) to go on after a failure. Return a savepoint's `begin()` error: sqlx
+    /// (0.9) answers one that fails or is given up with a plain `ROLLBACK`, which ends your
+    /// whole transaction, and what you run after it commits statement by statement.
     ///
     /// An empty append at [`ExpectedVersion::Exactly`] is a guard ("commit my writes only if
     /// the stream is still at v"): it takes the append lock too (one more round trip), so an

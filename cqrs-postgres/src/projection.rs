@@ -84,10 +84,11 @@ impl PgProjectionUnit {
     fn ensure_open(&self) -> Result<(), StoreError> {
         crate::unit_of_work::still_in_transaction(
             &self.tx,
-            "the projection's transaction was ended under its unit of work, so nothing of it \
-             is committed: a savepoint whose `begin()` failed or was given up rolls back the \
-             whole transaction (sqlx 0.9); a projection must return the error of a \
-             savepoint's `begin()`, not go on",
+            "the projection's transaction was ended under its unit of work: its writes until \
+             then were rolled back and its inbox entries and checkpoint are not stored, but \
+             statements run on the connection since then committed one by one; a savepoint \
+             whose `begin()` failed or was given up rolls back the whole transaction (sqlx \
+             0.9), so a projection must return the error of a savepoint's `begin()`, not go on",
         )
     }
 }

@@ -386,10 +386,11 @@ pub(crate) async fn ensure_not_aborted(
 }
 
 /// Why a unit of work whose transaction ended under it fails.
-const UNIT_OF_WORK_ENDED: &str = "the command's transaction was ended under its unit of work, so \
-     nothing of it is committed: a savepoint whose `begin()` failed or was given up rolls back \
-     the whole transaction (sqlx 0.9); a handler must return the error of a savepoint's \
-     `begin()`, not go on";
+const UNIT_OF_WORK_ENDED: &str = "the command's transaction was ended under its unit of work: \
+     its writes until then were rolled back and its events are not stored, but statements run \
+     on the connection since then committed one by one; a savepoint whose `begin()` failed or \
+     was given up rolls back the whole transaction (sqlx 0.9), so a handler must return the \
+     error of a savepoint's `begin()`, not go on";
 
 /// Fails when `conn`'s transaction has ended, though its owner still holds it: sqlx (0.9)
 /// answers a savepoint's `begin()` that failed (in an aborted transaction) or was dropped in

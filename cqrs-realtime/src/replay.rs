@@ -162,7 +162,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             let caught_up = batch.len() < want;
             // The frame of the event whose wait for room ended this batch early.
             let mut waiting = None;
-            for record in &batch {
+            'records: for record in &batch {
                 self.read += 1;
                 if self.read > options.replay_limit {
                     return Err(too_many(options.replay_limit));
@@ -178,14 +178,27 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                         Ok(true) => {}
                         Ok(false) => return Err(End::Closed),
                         // The client must take frames first, for as long as it likes, with
-                        // the permit let go: not with the rest of the batch held meanwhile
-                        // (every such replay held one, and `max_concurrent_replays` bounded
-                        // the reads, not what they kept). Its frame waits; the rest is read
-                        // again after it (the cursor is at it).
-                        Err(item) if record.position.is_some() => {
-                            waiting = Some(item);
-                            break;
-                        }
+                        // the permit let go. One that takes them within a probe (slower than
+                        // the log, not stalled) keeps the batch: reading it again would cost
+                        // a read per wait. One that takes longer waits without it (each such
+                        // replay held one, and `max_concurrent_replays` bounded the reads,
+                        // not what they kept): its frame waits, the rest is read again after
+                        // it (the cursor is at it).
+                        Err(mut item) if record.position.is_some() => loop {
+                            match self.sender.wait_for_room_a_probe().await {
+                                Some(false) => return Err(End::Closed),
+                                Some(true) => match self.sender.try_send(item) {
+                                    Ok(true) => break,
+                                    Ok(false) => return Err(End::Closed),
+                                    // Live traffic took the room again.
+                                    Err(back) => item = back,
+                                },
+                                None => {
+                                    waiting = Some(item);
+                                    break 'records;
+                                }
+                            }
+                        },
                         Err(item) => {
                             if !self.sender.send_item(item).await {
                                 return Err(End::Closed);
@@ -544,6 +557,16 @@ impl<'a, P> ReplaySender<'a, P> {
     /// queue again, letting the permit go meanwhile; `false` when the connection is closing
     /// or the client was closed as slow.
     async fn wait_for_room(&mut self) -> bool {
+        self.wait(false).await == Some(true)
+    }
+
+    /// [`wait_for_room`](Self::wait_for_room) for one probe at most (a second, or a quarter
+    /// of the idle timeout if shorter): `None` when the client took too little meanwhile.
+    async fn wait_for_room_a_probe(&mut self) -> Option<bool> {
+        self.wait(true).await
+    }
+
+    async fn wait(&mut self, one_probe: bool) -> Option<bool> {
         let queue = &self.conn.queue;
         // How often a wait looks whether the client takes frames: a client that does, but
         // never frees half the queue, is found starved within a probe, not an idle timeout.
@@ -562,22 +585,25 @@ impl<'a, P> ReplaySender<'a, P> {
             let waiting = tokio::time::Instant::now();
             tokio::select! {
                 biased;
-                _ = self.conn.close.reader_closed() => return false,
+                _ = self.conn.close.reader_closed() => return Some(false),
                 room = timeout(probe, queue.room_for(want)) => {
                     self.waited = self.waited.saturating_add(waiting.elapsed());
                     if self.waited >= self.wait_limit {
                         self.conn.close_slow();
-                        return false;
+                        return Some(false);
                     }
                     if room.is_ok() {
                         break;
+                    }
+                    if one_probe {
+                        return None;
                     }
                     let now = queue.popped();
                     if now == taken {
                         still = still.saturating_add(probe);
                         if still >= self.stall_limit {
                             self.conn.close_slow();
-                            return false;
+                            return Some(false);
                         }
                         continue;
                     }
@@ -594,7 +620,7 @@ impl<'a, P> ReplaySender<'a, P> {
             }
         }
         self.refill();
-        true
+        Some(true)
     }
 
     /// Forgets the frames this replay may still queue without looking: before a read of the
@@ -981,29 +1007,34 @@ mod tests {
         );
     }
 
-    /// A replay waiting for its client to take frames keeps no more of the batch it read
-    /// than the frame that waits: it reads the rest again after it. It held the whole batch
-    /// (with the permit let go, for as long as the client took), so every stalled replay
-    /// kept one, and `max_concurrent_replays` bounded the store's reads, not the memory.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_replay_waiting_for_its_client_keeps_only_the_frame_that_waits() {
-        // A queue of 8: the replay queues 6 (two at a time while half is free), then waits.
+    /// A replay of 30 events (one read) to a queue of 8, waiting for room once it queued 6
+    /// (two at a time while half the queue is free): the fixture, the replay, and the reads
+    /// the store served until then.
+    async fn replay_waiting_for_room() -> (Fixture, JoinHandle<()>) {
         let f = Fixture::new(HubOptions::new().replay_batch(100), 8, 64);
         for n in 1..=30 {
             f.store(n).await;
         }
         let replay = f.replay(0);
-        // Waiting: its permit let go (nothing drains the queue, so it stays so).
+        // Waiting: its permit let go.
         let permits = f.inner.options.max_concurrent_replays;
         until("the replay to wait for room", || {
             f.conn.queue.len() == 6 && f.inner.replays.available_permits() == permits
         })
         .await;
-        assert_eq!(
-            *f.store.reads.lock().unwrap(),
-            [Position::START],
-            "one read so far"
-        );
+        assert_eq!(*f.store.reads.lock().unwrap(), [Position::START]);
+        (f, replay)
+    }
+
+    /// A replay whose client takes no frames for a probe (a second) keeps no more of the
+    /// batch it read than the frame that waits: it reads the rest again after it. It held
+    /// the whole batch (with the permit let go, for as long as the client took), so every
+    /// stalled replay kept one, and `max_concurrent_replays` bounded the store's reads, not
+    /// the memory.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_whose_client_stalls_keeps_only_the_frame_that_waits() {
+        let (f, replay) = replay_waiting_for_room().await;
+        tokio::time::sleep(STARVATION_PROBE * 2).await;
         assert_eq!(f.drain(replay).await, (1..=30).collect::<Vec<_>>());
         let reads = f.store.reads.lock().unwrap().clone();
         assert_eq!(
@@ -1011,6 +1042,16 @@ mod tests {
             Some(&Position::new(7)),
             "read again after the frame that waited (7): {reads:?}"
         );
+    }
+
+    /// A client that takes frames as they come keeps its replay's batch: one read, not one
+    /// per wait for room.
+    #[tokio::test(start_paused = true)]
+    async fn a_replay_whose_client_reads_on_keeps_its_batch() {
+        let (f, replay) = replay_waiting_for_room().await;
+        assert_eq!(f.drain(replay).await, (1..=30).collect::<Vec<_>>());
+        let reads = f.store.reads.lock().unwrap().clone();
+        assert_eq!(reads, [Position::START], "one read");
     }
 
     /// A replay at its seam with a live event dropped from the full hold buffer: 1-3 read, 4

@@ -1683,8 +1683,13 @@ impl Consumer for RedisConsumer {
         // dropped in its release (a shutdown's abort) leaves them to `Drop`, which releases
         // them, their read taken back, instead of to another consumer's reclaim after the
         // redelivery delay, a delivery counted that no handler got.
+        if self.held.is_empty() {
+            self.held_since = Instant::now();
+        }
         self.held.extend(stranded.iter().cloned());
         self.adopted.extend(stranded);
+        // In stream order, as the gate takes them, should the consumer go on after a failure.
+        self.held.sort_by_key(|id| entry_id(id));
         let release = self.held_released();
         // A chunk at a time, each no longer held once released: a close that fails part-way
         // leaves `Drop` only the rest, instead of taking back the released ones' counts twice.

@@ -440,11 +440,6 @@ impl PubSub for RedisPubSub {
     }
 }
 
-/// Subscribes and waits for Redis to confirm. fred answers SUBSCRIBE once it is written; Redis
-/// runs a connection's commands in order, so the PING's reply is the confirmation, and a refusal
-/// (`NOPERM`), which has no command of its own to answer in fred, comes back as the PING's reply.
-/// Callers hold the upstream lock, which the subscriber's watchdog takes for each of its pings:
-/// no other command may come between the two.
 /// Channels resubscribed after a reconnect whose second loss is still to be recorded: once
 /// a channel is live again, before its first message. Recorded only after the whole
 /// resubscription (a `CLIENT LIST` round trip after Redis confirmed it), a message published
@@ -452,16 +447,30 @@ impl PubSub for RedisPubSub {
 /// after it sent it to resume from that message, past one published during the outage.
 #[derive(Default)]
 struct Gaps {
-    /// Whether any channel is in `channels`: the message path's only cost otherwise.
+    /// Whether any channel is in `open`: the message path's only cost otherwise.
     any: std::sync::atomic::AtomicBool,
-    channels: Mutex<HashSet<Arc<str>>>,
+    state: Mutex<GapState>,
+}
+
+#[derive(Default)]
+struct GapState {
+    /// Channels whose loss is still to be recorded.
+    open: HashSet<Arc<str>>,
+    /// Channels whose loss a message recorded before the resubscription was done: that
+    /// message may have been one from the old connection, which the message task took late,
+    /// before the channel was live. Recorded again when the resubscription is done (at worst
+    /// a second notice to a subscriber that resumed in between).
+    early: HashSet<Arc<str>>,
 }
 
 impl Gaps {
+    fn state(&self) -> std::sync::MutexGuard<'_, GapState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Before resubscribing `channels`.
     fn open(&self, channels: &[Arc<str>]) {
-        let mut open = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        open.extend(channels.iter().cloned());
+        self.state().open.extend(channels.iter().cloned());
         self.any.store(true, Ordering::Release);
     }
 
@@ -472,25 +481,33 @@ impl Gaps {
         if !self.any.load(Ordering::Acquire) {
             return;
         }
-        let mut open = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if open.remove(channel) {
-            fanout.lost_on(channel, 1);
+        let mut state = self.state();
+        if let Some(channel) = state.open.take(channel) {
+            fanout.lost_on(&channel, 1);
+            state.early.insert(channel);
         }
-        if open.is_empty() {
+        if state.open.is_empty() {
             self.any.store(false, Ordering::Release);
         }
     }
 
-    /// Once the resubscription is done: records the loss on every channel still open.
+    /// Once the resubscription is done: records the loss on every channel still open, and
+    /// again on those a message closed meanwhile.
     fn close_all(&self, fanout: &Fanout) {
-        let mut open = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        for channel in open.drain() {
+        let mut state = self.state();
+        let GapState { open, early } = &mut *state;
+        for channel in open.drain().chain(early.drain()) {
             fanout.lost_on(&channel, 1);
         }
         self.any.store(false, Ordering::Release);
     }
 }
 
+/// Subscribes and waits for Redis to confirm. fred answers SUBSCRIBE once it is written; Redis
+/// runs a connection's commands in order, so the PING's reply is the confirmation, and a refusal
+/// (`NOPERM`), which has no command of its own to answer in fred, comes back as the PING's reply.
+/// Callers hold the upstream lock, which the subscriber's watchdog takes for each of its pings:
+/// no other command may come between the two.
 async fn confirmed_subscribe(
     client: &SubscriberClient,
     names: Vec<String>,

@@ -83,7 +83,7 @@ impl TracingLayer {
     /// let tracing = TracingLayer::new().on_span(|span, metadata| {
     ///     if let Some(parent) = metadata.trace_context.get("traceparent") {
     ///         // With OpenTelemetry: `span.set_parent(...)` from it.
-    ///         tracing::trace!(parent: span, %parent, "continues a distributed trace");
+    ///         cqrs_core::reexports::tracing::trace!(parent: span, %parent, "continues a distributed trace");
     ///     }
     /// });
     /// let bus = CommandBus::builder().layer(tracing).build().unwrap();

@@ -17,12 +17,13 @@ use std::sync::{Arc, Mutex};
 /// inside it).
 ///
 /// ```
+/// use cqrs_core::reexports::metrics::{counter, histogram, with_local_recorder};
 /// use cqrs_core::testing::MetricCounts;
 ///
 /// let counts = MetricCounts::default();
-/// metrics::with_local_recorder(&counts, || {
-///     metrics::counter!("orders_total", "outcome" => "ok").increment(2);
-///     metrics::histogram!("order_seconds").record(0.5);
+/// with_local_recorder(&counts, || {
+///     counter!("orders_total", "outcome" => "ok").increment(2);
+///     histogram!("order_seconds").record(0.5);
 /// });
 /// assert_eq!(counts.get("orders_total{outcome=ok}"), 2);
 /// assert_eq!(counts.get("order_seconds{}"), 1);
@@ -63,12 +64,13 @@ impl MetricCounts {
     /// Every series recorded so far, as `name{k=v,...}`, sorted (not in the order recorded).
     ///
     /// ```
+    /// use cqrs_core::reexports::metrics::{counter, with_local_recorder};
     /// use cqrs_core::testing::MetricCounts;
     ///
     /// let counts = MetricCounts::default();
-    /// metrics::with_local_recorder(&counts, || {
-    ///     metrics::counter!("orders_total", "outcome" => "ok").increment(1);
-    ///     metrics::counter!("orders_total", "outcome" => "failed").increment(1);
+    /// with_local_recorder(&counts, || {
+    ///     counter!("orders_total", "outcome" => "ok").increment(1);
+    ///     counter!("orders_total", "outcome" => "failed").increment(1);
     /// });
     /// assert_eq!(
     ///     counts.series(),

@@ -1,13 +1,23 @@
 //! The core's rustdoc examples are compiled in this crate, which depends on `async-trait`,
-//! `chrono`, `tower`, `serde_json` and `uuid`; a user's crate set up as the guide says has
-//! none of them. An example that names one directly compiles here and fails with E0432 once
+//! `chrono`, `tower`, `serde_json`, `uuid`, `thiserror`, `tracing` and `metrics`; a user's
+//! crate set up as the guide says has none of them. An example that names one directly compiles here and fails with E0432 once
 //! copied, so the examples reach them through `cqrs_core::async_trait` and
 //! `cqrs_core::reexports`.
 
 use std::path::{Path, PathBuf};
 
-/// Crates the core depends on that a user's crate does not (`serde` it has: the derives).
-const NOT_A_USERS: [&str; 5] = ["async_trait", "chrono", "tower", "serde_json", "uuid"];
+/// Crates the core depends on that a user's crate does not (`serde` and `tokio` it has: the
+/// derives, and the runtime).
+const NOT_A_USERS: [&str; 8] = [
+    "async_trait",
+    "chrono",
+    "tower",
+    "serde_json",
+    "uuid",
+    "thiserror",
+    "tracing",
+    "metrics",
+];
 
 #[test]
 fn doc_examples_import_only_what_a_users_crate_has() {

@@ -43,10 +43,11 @@ where
     .await;
 }
 
-/// The tests' connection options, through `proxy`.
+/// The tests' connection options, through `proxy`; a command timeout long enough that a
+/// handshake the proxy holds does not time out by itself on a loaded machine.
 fn through(proxy: &Proxy) -> cqrs_redis::ConnectionOptions {
     cqrs_redis::ConnectionOptions::new(proxy.url())
-        .command_timeout(Duration::from_secs(2))
+        .command_timeout(Duration::from_secs(10))
         .connect_timeout(Duration::from_secs(5))
         .reconnect_delays(Duration::from_millis(20), Duration::from_millis(200))
 }
