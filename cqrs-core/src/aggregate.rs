@@ -816,8 +816,9 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// It appends through the repository's own event store, in a transaction of its own: inside
     /// a handler running in a unit of work (`cqrs-postgres`'s command layer), the events then
     /// commit even if the handler fails afterwards, apart from the handler's other writes.
-    /// There, load and decide with the repository, and stage the events on the unit of work
-    /// instead (as the helpdesk's tickets plugin does), then, once it committed, call
+    /// There, use the unit of work's own `execute` (`cqrs-postgres`'s `PgUnitOfWork::execute`),
+    /// or load and decide with the repository and stage the events on the unit of work (as the
+    /// helpdesk's tickets plugin does), then, once it committed, call
     /// [`snapshot_decided`](Self::snapshot_decided) when the repository keeps snapshots.
     pub async fn execute(
         &self,

@@ -5,7 +5,10 @@ use crate::error::{commit_error, commit_store_error, store_error};
 use crate::event_store::{Completion, append_on};
 use crate::idempotency::{self, Outcome, complete_on};
 use cqrs_core::ports::{ExpectedVersion, StoreError, StoredResponse};
-use cqrs_core::{CommandContext, ErrorKind, EventRecord, HandlerError};
+use cqrs_core::{
+    Aggregate, AggregateError, AggregateRepository, CommandContext, Decided, ErrorKind,
+    EventRecord, HandlerError, Metadata,
+};
 use sqlx::Transaction;
 use sqlx::postgres::{PgConnection, Postgres};
 use std::collections::HashSet;
@@ -192,6 +195,61 @@ impl PgUnitOfWork {
             expected,
             events,
         });
+    }
+
+    /// [`AggregateRepository::execute`] in this unit of work: loads aggregate `id` in the
+    /// command's transaction, lets it decide on `command` (stamped with `repo`'s clock, read
+    /// with its event types), and [appends](Self::append) the new events at the version it
+    /// loaded, so they commit with the handler's other writes, or not at all. Returns what
+    /// was decided: the new state, and the records as they will be appended.
+    ///
+    /// With `expected_version`, a stream at another version is a conflict before anything is
+    /// decided; a writer that appends to the stream after the load makes the commit fail
+    /// with a conflict (the command fails, and nothing of it is stored: run it again). The
+    /// load replays the whole stream in the transaction, without the repository's snapshots,
+    /// and no snapshot is saved (the events are not stored yet).
+    ///
+    /// ```no_run
+    /// # use cqrs_core::doc::{Ticket, TicketCommand};
+    /// # async fn run(
+    /// #     ctx: &mut cqrs_core::CommandContext,
+    /// #     repo: &cqrs_core::AggregateRepository<Ticket>,
+    /// # ) -> Result<(), cqrs_core::HandlerError> {
+    /// use cqrs_postgres::PgUnitOfWork;
+    ///
+    /// let metadata = ctx.metadata().clone();
+    /// let uow = PgUnitOfWork::from_context(ctx)?;
+    /// let decided = uow.execute(repo, "t-1", None, TicketCommand::Open, &metadata).await?;
+    /// // Rows of your own, in the same transaction.
+    /// sqlx::query("UPDATE counters SET open = open + 1")
+    ///     .execute(uow.connection().await?)
+    ///     .await
+    ///     .map_err(cqrs_core::HandlerError::internal)?;
+    /// assert!(decided.state.open);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn execute<A: Aggregate>(
+        &mut self,
+        repo: &AggregateRepository<A>,
+        id: &str,
+        expected_version: Option<u64>,
+        command: A::Command,
+        metadata: &Metadata,
+    ) -> Result<Decided<A>, AggregateError<A::Error>> {
+        let store = self.db.event_store();
+        let stream = AggregateRepository::<A>::stream_id(id);
+        let records = store.load_in(self.connection().await?, &stream, 0).await?;
+        let loaded = repo.rebuild(id, records)?;
+        let decided = repo.decide_on(loaded, expected_version, command, metadata)?;
+        if !decided.records.is_empty() {
+            self.append(
+                &decided.stream_id,
+                ExpectedVersion::Exactly(decided.version),
+                decided.records.clone(),
+            );
+        }
+        Ok(decided)
     }
 
     /// Claims an idempotency key in this transaction (begins it), waiting at most the
