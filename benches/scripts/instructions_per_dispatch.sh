@@ -44,8 +44,18 @@ else
   [[ "${2:-}" == local ]] && trait='cqrs_benches::baseline::LocalCommandHandler'
 fi
 handler="^<cqrs_benches::fixtures::${fixture} as ${trait}>::handle\$"
-cargo bench -p cqrs-benches --bench dispatch --no-run 2>/dev/null
-bin=$(ls -t target/release/deps/dispatch-* | grep -v '\.d$' | head -1)
+# The binary cargo names for this build (not the newest file in the target directory: a
+# build with other settings may have left a newer one, and `CARGO_TARGET_DIR` may move it).
+bin=$(cargo bench -p cqrs-benches --bench dispatch --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message["target"]["name"] == "dispatch" \
+            and message.get("executable"):
+        print(message["executable"])
+')
+[[ -n "$bin" ]] || { echo "cargo named no dispatch bench binary" >&2; exit 1; }
 out=$(mktemp -d)
 for seconds in 1 3; do
   valgrind --tool=callgrind --callgrind-out-file="$out/$seconds.out" \
