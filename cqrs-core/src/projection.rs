@@ -493,6 +493,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// does not decode, not for want of a newer build) is dead-lettered at once when no earlier
     /// event of its key waits in the batch, and otherwise when it comes back.
     pub async fn run_once(&mut self) -> Result<usize, ProjectionError> {
+        self.outside_a_run();
         let stepped = self.step().await?;
         match stepped.set_aside {
             None => Ok(stepped.applied),
@@ -533,6 +534,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run()).unwrap();
     /// ```
     pub async fn catch_up(&mut self) -> Result<usize, ProjectionError> {
+        self.outside_a_run();
         let mut applied = 0usize;
         loop {
             let stepped = self.step().await?;
@@ -544,6 +546,15 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 return Ok(applied);
             }
         }
+    }
+
+    /// Forgets the shutdown signal and health reporter of a [`run`](Worker::run) whose future
+    /// was dropped (a caller's timeout) before it cleared them: a call of its own (`&mut`, so
+    /// no run is going on) must not stop its fetch on that run's shutdown, nor report to its
+    /// health.
+    fn outside_a_run(&mut self) {
+        self.stop = None;
+        self.health = None;
     }
 
     /// One batch: how many events took effect, and whether the source had no more to give

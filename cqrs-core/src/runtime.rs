@@ -324,6 +324,11 @@ where
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         loop {
+            // A shutdown asked for before a run (before the first: the runtime stopped as it
+            // started, or a restart's) starts none: it could hold the grace, or be cut off.
+            if ctx.shutdown.is_requested() {
+                return Ok(());
+            }
             match self.run_once(&ctx.health).await {
                 Ok(()) => ctx.health.set(Health::Healthy),
                 Err(error) => {
@@ -911,13 +916,35 @@ impl Runtime {
     /// The outcome of a `shutdown` that found every worker stopped: a clean stop, unless an
     /// earlier call (one with a shorter grace, say) aborted some.
     fn stopped(&self, grace: Duration) -> Result<(), ShutdownError> {
-        let aborted = self.aborted.lock().unwrap_or_else(|p| p.into_inner());
-        if aborted.is_empty() {
-            return Ok(());
+        let mut workers = self
+            .aborted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if workers.is_empty() {
+            // Aborted by a call that was itself dropped while it waited for their runs to be
+            // dropped (a caller's timeout): it recorded nothing. Recorded here, as it would
+            // have: the workers stopped by being cut off, not cleanly.
+            let (_, cut) = self.running.running_and_cut();
+            if cut.is_empty() {
+                return Ok(());
+            }
+            self.aborted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone_from(&cut);
+            self.running.forget_cut();
+            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            for name in &cut {
+                if let Some((state, _)) = health.get_mut(name) {
+                    *state = Health::Stopped;
+                }
+            }
+            workers = cut;
         }
         Err(ShutdownError {
             grace,
-            workers: aborted.clone(),
+            workers,
             aborted: true,
         })
     }

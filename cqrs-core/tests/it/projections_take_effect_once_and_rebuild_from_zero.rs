@@ -2793,3 +2793,44 @@ fn a_batch_of_many_short_passes_is_kept_alive_for_the_whole_step() {
         );
     });
 }
+
+/// A runner whose `run` future was dropped (a caller's timeout) before it ended, its shutdown
+/// later asked for, still fetches when called directly: `catch_up` took the dropped run's
+/// shutdown signal for its own and, about every other call, returned 0 without fetching.
+#[test]
+fn a_runner_whose_run_was_dropped_catches_up_when_called() {
+    use cqrs_core::runtime::{HealthReporter, Shutdown, Worker, WorkerContext};
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            ConsumerOptions::default().block(Duration::from_millis(10)),
+            types(),
+        );
+        let (stop, shutdown) = Shutdown::new();
+        {
+            let run = runner.run(WorkerContext {
+                shutdown,
+                health: HealthReporter::detached("test"),
+            });
+            tokio::pin!(run);
+            // Polled once (it waits in its fetch), then dropped.
+            tokio::select! {
+                biased;
+                ended = &mut run => panic!("the run ended: {ended:?}"),
+                () = tokio::task::yield_now() => {}
+            }
+        }
+        stop.trigger();
+        for n in 1..=20 {
+            transport.publish("sums", &[record(n)]).await.unwrap();
+            assert_eq!(runner.catch_up().await.unwrap(), 1, "event {n} applied");
+        }
+        assert_eq!(sum.seen.lock().unwrap().len(), 20);
+    });
+}

@@ -1305,3 +1305,67 @@ fn a_second_shutdown_while_the_first_records_its_aborts_names_them() {
         assert_eq!((err.workers, err.aborted), (vec!["stuck".to_owned()], true));
     });
 }
+
+/// A `shutdown` dropped while it waits for the runs it aborted to be dropped (a caller's
+/// timeout around it) recorded nothing: a later call found every worker stopped and returned
+/// a clean stop, the aborted worker still `Healthy`. It now names the worker as aborted.
+#[test]
+fn a_shutdown_after_one_dropped_while_it_aborted_names_the_aborted() {
+    run_paused(|| async {
+        let dropped = Arc::new(tokio::sync::Notify::new());
+        let runtime = Runtime::builder()
+            .worker(StuckTillAborted {
+                dropped: dropped.clone(),
+            })
+            .start();
+        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        {
+            let first = runtime.shutdown(Duration::from_millis(100));
+            tokio::pin!(first);
+            // Polled until it aborted the worker and the run was dropped, then dropped itself
+            // before it recorded the abort.
+            tokio::select! {
+                biased;
+                () = dropped.notified() => {}
+                first = &mut first => panic!("the first shutdown returned: {first:?}"),
+            }
+        }
+        let err = runtime
+            .shutdown(Duration::from_secs(1))
+            .await
+            .expect_err("not a clean stop");
+        assert_eq!(
+            (err.workers.clone(), err.aborted),
+            (vec!["stuck".to_owned()], true),
+            "{err}"
+        );
+        assert_eq!(
+            runtime.health().await.components["stuck"].0,
+            Health::Stopped
+        );
+        let again = runtime.shutdown(Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(again.workers, ["stuck"], "{again}");
+    });
+}
+
+/// A periodic job whose worker starts with its shutdown already asked for (a runtime stopped
+/// as soon as it started) does not run: it ran once, holding the grace for a whole job.
+#[test]
+fn a_periodic_job_asked_to_stop_before_its_first_run_does_not_run() {
+    run_paused(|| async {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let job = {
+            let runs = runs.clone();
+            move || {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok::<(), BoxError>(()) }
+            }
+        };
+        let runtime = Runtime::builder()
+            .worker(Periodic::new("purge", Duration::from_secs(3600), job))
+            .start();
+        // On this current-thread runtime the worker's task has not run yet.
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+    });
+}
