@@ -13,7 +13,8 @@
 # refuses it: `bus_bare$` would profile both groups' cases and `command_dispatch/bus_bare` also
 # `bus_bare_yielding`, while the dispatches counted are one case's. The second argument `local`
 # counts calls to the baseline's handler (`LocalCommandHandler`, `LocalQueryHandler` for the
-# `query_dispatch` cases) instead of the bus's. Needs valgrind; builds the bench first.
+# `query_dispatch` cases) instead of the bus's. Needs valgrind and python3; builds the bench
+# first.
 set -euo pipefail
 case_regex=${1:-}
 case_name=${case_regex#*/}
@@ -46,7 +47,7 @@ fi
 handler="^<cqrs_benches::fixtures::${fixture} as ${trait}>::handle\$"
 # The binary cargo names for this build (not the newest file in the target directory: a
 # build with other settings may have left a newer one, and `CARGO_TARGET_DIR` may move it).
-bin=$(cargo bench -p cqrs-benches --bench dispatch --no-run --message-format=json 2>/dev/null |
+bin=$(cargo bench -p cqrs-benches --bench dispatch --no-run --message-format=json-render-diagnostics |
   python3 -c '
 import json, sys
 for line in sys.stdin:

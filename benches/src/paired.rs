@@ -29,6 +29,29 @@ fn measuring_with(args: &[String]) -> bool {
     bench && !other_mode
 }
 
+/// Whether this is a test run (`cargo test --benches`: no `--bench`; or `--test`), where each
+/// case runs once: the paired comparisons then run once too, unreported, so a fault in them
+/// shows in CI rather than in a published figure. Not under `--list` or `--profile-time`.
+pub fn testing() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    testing_with(&args)
+}
+
+fn testing_with(args: &[String]) -> bool {
+    let options = args.iter().take_while(|a| *a != "--");
+    let (mut bench, mut test, mut other_mode) = (false, false, false);
+    for arg in options {
+        match arg.as_str() {
+            "--bench" => bench = true,
+            "--test" => test = true,
+            "--list" | "--profile-time" => other_mode = true,
+            a if a.starts_with("--profile-time=") => other_mode = true,
+            _ => {}
+        }
+    }
+    (test || !bench) && !other_mode
+}
+
 /// The quartiles of the rounds' ratios, and each side's median time per operation.
 pub type Paired = ([f64; 3], Duration, Duration);
 
@@ -87,7 +110,7 @@ fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{measuring_with, quantile};
+    use super::{measuring_with, quantile, testing_with};
 
     #[test]
     fn quantiles_interpolate_between_neighbours_for_odd_and_even_counts() {
@@ -137,5 +160,22 @@ mod tests {
         assert!(!measuring_of("--bench --profile-time=5 bus_bare"));
         // After `--` an argument is a filter, even one spelled like a flag.
         assert!(measuring_of("--bench -- --test"));
+    }
+
+    fn testing_of(args: &str) -> bool {
+        let args: Vec<String> = args.split_whitespace().map(str::to_owned).collect();
+        testing_with(&args)
+    }
+
+    #[test]
+    fn only_a_test_run_runs_the_paired_path_once() {
+        assert!(testing_of(""), "cargo test --benches");
+        assert!(testing_of("consume"));
+        assert!(testing_of("--bench --test"));
+        assert!(!testing_of("--bench"), "a measuring run");
+        assert!(!testing_of("--bench --profile-time 5"));
+        assert!(!testing_of("--profile-time=5"));
+        assert!(!testing_of("--bench --list"));
+        assert!(!testing_of("--bench -- --test"), "a filter, not the flag");
     }
 }

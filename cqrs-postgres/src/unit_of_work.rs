@@ -205,9 +205,13 @@ impl PgUnitOfWork {
     ///
     /// With `expected_version`, a stream at another version is a conflict before anything is
     /// decided; a writer that appends to the stream after the load makes the commit fail
-    /// with a conflict (the command fails, and nothing of it is stored: run it again). The
-    /// load replays the whole stream in the transaction, without the repository's snapshots,
-    /// and no snapshot is saved (the events are not stored yet).
+    /// with a conflict (the command fails, and nothing of it is stored: run it again). A
+    /// decision with no events stages nothing, so nothing is checked at commit then: for a
+    /// guard, [`append`](Self::append) no events at `ExpectedVersion::Exactly(decided.version)`.
+    /// The load reads the database's event store (`repo`'s is not used), replays the whole
+    /// stream in the transaction, without the repository's snapshots, and no snapshot is
+    /// saved (the events are not stored yet). An aggregate that already has events staged in
+    /// this unit of work is refused: the load would not see them (see the type's docs).
     ///
     /// ```no_run
     /// # use cqrs_core::doc::{Ticket, TicketCommand};
@@ -237,8 +241,22 @@ impl PgUnitOfWork {
         command: A::Command,
         metadata: &Metadata,
     ) -> Result<Decided<A>, AggregateError<A::Error>> {
-        let store = self.db.event_store();
         let stream = AggregateRepository::<A>::stream_id(id);
+        // Its events staged here are not stored yet, so a load would not see them: deciding
+        // again on the state before them would stage a second batch at the same version,
+        // which conflicts at every commit.
+        if self.state().pending.iter().any(|p| p.stream == stream) {
+            return Err(AggregateError::Store(StoreError::Backend {
+                backend: crate::error::BACKEND,
+                source: format!(
+                    "`{stream}` already has events staged in this unit of work, which a load \
+                     does not see: decide the second change on the state the first one \
+                     returned (`Decided::state`), and stage it with `append`"
+                )
+                .into(),
+            }));
+        }
+        let store = self.db.event_store();
         let records = store.load_in(self.connection().await?, &stream, 0).await?;
         let loaded = repo.rebuild(id, records)?;
         let decided = repo.decide_on(loaded, expected_version, command, metadata)?;

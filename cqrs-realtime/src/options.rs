@@ -234,9 +234,10 @@ impl HubOptions {
     /// about the same moment, which `resumes_per_minute` (a principal's budget) does not
     /// spread out. A replay holds its permit while it reads, not while it waits for its
     /// client to take frames, so slow clients do not keep other resumes out; nor, once its
-    /// client has taken no room for a second, does it keep what it read, beyond the frame
-    /// that waits (it reads the rest again), so this also bounds the events replays hold in
-    /// memory for long: `replay_batch` each. A resume that
+    /// client has freed no room for a second, does it keep what it read, beyond the frame
+    /// that waits (it reads the rest again): a client that stops reading holds no batch for
+    /// long. (One that frees room within each second keeps its batch, `replay_batch` events,
+    /// while it reads: reading it again would cost a read per wait.) A resume that
     /// finds every permit busy waits up to [`operation_timeout`](Self::operation_timeout),
     /// then gets `unavailable` ("try again"), which does not use up its principal's budget;
     /// a replay that cannot get one back for its next read in that time ends with

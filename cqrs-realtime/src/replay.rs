@@ -465,6 +465,9 @@ struct ReplaySender<'a, P> {
     /// The hub's replay permit, held while the replay reads the store and let go while it
     /// waits for room (see [`replay`]).
     permit: Option<OwnedSemaphorePermit>,
+    /// Where a one-probe wait that ran out left its count of the client's frames taken and
+    /// of how long it took none, for the wait after it.
+    stalled: Option<(u32, Duration)>,
 }
 
 impl<'a, P> ReplaySender<'a, P> {
@@ -477,6 +480,7 @@ impl<'a, P> ReplaySender<'a, P> {
             wait_limit: stall_limit.saturating_mul(REPLAY_WAIT_IN_IDLE_TIMEOUTS),
             starved: false,
             permit,
+            stalled: None,
         }
     }
 
@@ -571,10 +575,13 @@ impl<'a, P> ReplaySender<'a, P> {
         // How often a wait looks whether the client takes frames: a client that does, but
         // never frees half the queue, is found starved within a probe, not an idle timeout.
         let probe = (self.stall_limit / 4).min(STARVATION_PROBE);
-        // Taken by the client since the wait began, and at the last look.
+        // Taken by the client since the wait began, and at the last look; and for how long
+        // it took nothing, counted on from a one-probe wait just before if it still has not.
         let began = queue.popped();
-        let mut taken = began;
-        let mut still = Duration::ZERO;
+        let (mut taken, mut still) = match self.stalled.take() {
+            Some((taken, still)) if taken == began => (taken, still),
+            _ => (began, Duration::ZERO),
+        };
         loop {
             let want = self.wanted();
             if queue.room_for(want).now_or_never().is_some() {
@@ -593,10 +600,8 @@ impl<'a, P> ReplaySender<'a, P> {
                         return Some(false);
                     }
                     if room.is_ok() {
+                        self.stalled = None;
                         break;
-                    }
-                    if one_probe {
-                        return None;
                     }
                     let now = queue.popped();
                     if now == taken {
@@ -605,16 +610,22 @@ impl<'a, P> ReplaySender<'a, P> {
                             self.conn.close_slow();
                             return Some(false);
                         }
-                        continue;
+                    } else {
+                        taken = now;
+                        still = Duration::ZERO;
+                        // The client took as many frames as the wait wants free, and still
+                        // they are not: live traffic refills the queue. Two free slots will
+                        // do for the rest of this replay. (A client that takes fewer only
+                        // reads slowly: waiting for half the queue keeps room for live
+                        // events.)
+                        if now.wrapping_sub(began) as usize >= want {
+                            self.starved = true;
+                        }
                     }
-                    taken = now;
-                    still = Duration::ZERO;
-                    // The client took as many frames as the wait wants free, and still
-                    // they are not: live traffic refills the queue. Two free slots will do
-                    // for the rest of this replay. (A client that takes fewer only reads
-                    // slowly: waiting for half the queue keeps room for live events.)
-                    if now.wrapping_sub(began) as usize >= want {
-                        self.starved = true;
+                    if one_probe {
+                        // The next wait goes on counting the stall from here.
+                        self.stalled = Some((taken, still));
+                        return None;
                     }
                 }
             }
@@ -1302,6 +1313,29 @@ mod tests {
             .unwrap();
         assert_eq!(f.conn.close.get(), Some(Ending::SLOW));
         assert!(f.slot.lock().frames.is_empty());
+    }
+
+    /// And after the idle timeout itself, though its replay first waits one probe keeping its
+    /// batch: that probe counts toward the stall (the wait after it counted from zero, and the
+    /// client was closed one probe late).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stopped_reading_is_closed_after_the_idle_timeout() {
+        let idle = Duration::from_secs(1);
+        let options = HubOptions::new()
+            .ping_interval(Duration::from_millis(250))
+            .idle_timeout(idle);
+        let f = Fixture::new(options, 4, 2);
+        for n in 1..=10 {
+            f.store(n).await;
+        }
+        let started = tokio::time::Instant::now();
+        f.replay(0).await.unwrap();
+        assert_eq!(f.conn.close.get(), Some(Ending::SLOW));
+        let took = started.elapsed();
+        assert!(
+            took >= idle && took < idle + idle / 4,
+            "closed after {took:?}"
+        );
     }
 
     /// A replay that fails (one event may be replayed, three are stored) with events 1 to 8

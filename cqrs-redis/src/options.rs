@@ -318,7 +318,7 @@ impl ConnectionOptions {
     /// busy for longer (a slow script) also gets its connections replaced: fred sends the
     /// commands in flight that have not timed out again after the reconnect (publishes fail
     /// fast instead), and the pub/sub loses what is published meanwhile and counts possible
-    /// losses in `Subscription::missed` (two per reconnect, see `RedisPubSub`). Raise it above the longest stall you expect. Must be
+    /// losses in `Subscription::missed` (two per reconnect, three when messages arrive during the resubscription; see `RedisPubSub`). Raise it above the longest stall you expect. Must be
     /// above zero; a value too long for the clock (up to `Duration::MAX`) means never, and
     /// then a consumer's blocking read that times out does not replace its connection either.
     pub fn unresponsive_timeout(mut self, timeout: Duration) -> Self {

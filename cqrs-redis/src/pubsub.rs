@@ -37,8 +37,9 @@ const MAX_WARNED_CHANNELS: usize = 1024;
 /// * After a reconnect every channel with local subscribers is subscribed again by itself,
 ///   and every subscription counts two possible losses in [`Subscription::missed`]: one
 ///   before the channels are live again (messages published while the connection was down
-///   are gone), one once they are (a subscriber that resumed in between may have missed
-///   more).
+///   are gone), one once its channel is, before the channel's first message (a subscriber
+///   that resumed in between may have missed more); three when a message arrives before
+///   the resubscription is done (the second is then counted again).
 ///   A connection that died silently (no FIN or RST) is noticed by a `PING` every
 ///   [`ping_interval`](crate::ConnectionOptions::ping_interval) left unanswered for the
 ///   [`unresponsive_timeout`](crate::ConnectionOptions::unresponsive_timeout), and replaced
@@ -496,7 +497,10 @@ impl Gaps {
     fn close_all(&self, fanout: &Fanout) {
         let mut state = self.state();
         let GapState { open, early } = &mut *state;
-        for channel in open.drain().chain(early.drain()) {
+        // Once each, though a channel closed early may have been opened again since (a new
+        // reconnect during a failing resubscription).
+        let channels: HashSet<Arc<str>> = open.drain().chain(early.drain()).collect();
+        for channel in channels {
             fanout.lost_on(&channel, 1);
         }
         self.any.store(false, Ordering::Release);

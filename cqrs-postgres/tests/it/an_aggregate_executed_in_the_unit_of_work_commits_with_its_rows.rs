@@ -27,6 +27,10 @@ enum Then {
     Succeed,
     Fail,
     AnotherWriterAppends,
+    /// Appends the ticket's opening in the transaction before `execute`: its load sees it.
+    OpenedInTheTransactionFirst,
+    /// Executes a second time on the same ticket.
+    ExecuteTwice,
 }
 
 impl Message for OpenAndList {
@@ -51,6 +55,23 @@ impl CommandHandler<OpenAndList> for Handler {
     ) -> Result<u64, HandlerError> {
         let metadata = ctx.metadata().clone();
         let uow = PgUnitOfWork::from_context(ctx)?;
+        if cmd.then == Then::OpenedInTheTransactionFirst {
+            let opened = self
+                .repo
+                .decide(cmd.id, None, TicketCommand::Open, &metadata)
+                .await
+                .map_err(HandlerError::from)?;
+            let stream = AggregateRepository::<Ticket>::stream_id(cmd.id);
+            self.db
+                .event_store()
+                .append_in(
+                    uow.connection().await?,
+                    &stream,
+                    ExpectedVersion::Exactly(0),
+                    opened.records,
+                )
+                .await?;
+        }
         let decided = uow
             .execute(&self.repo, cmd.id, None, TicketCommand::Open, &metadata)
             .await?;
@@ -65,7 +86,11 @@ impl CommandHandler<OpenAndList> for Handler {
             .await
             .map_err(HandlerError::internal)?;
         match cmd.then {
-            Then::Succeed => {}
+            Then::Succeed | Then::OpenedInTheTransactionFirst => {}
+            Then::ExecuteTwice => {
+                uow.execute(&self.repo, cmd.id, None, TicketCommand::Open, &metadata)
+                    .await?;
+            }
             Then::Fail => return Err(HandlerError::invalid("refused", "after the writes")),
             Then::AnotherWriterAppends => {
                 // On a connection of its own, committed at once: the stream moves past the
@@ -121,5 +146,18 @@ pg_test! {
         assert_eq!(raced.expect_err("conflicts").kind(), ErrorKind::Conflict);
         assert_eq!(tickets::count(&db).await, 1, "no row of the raced command");
         assert_eq!(event_count(&db).await, 2, "the other writer's event alone");
+
+        // The load runs in the transaction: it sees what the handler stored there before.
+        let seen = bus.dispatch(OpenAndList { id: "t4", then: Then::OpenedInTheTransactionFirst }).await;
+        let seen = seen.expect_err("already open in the transaction");
+        assert_eq!(seen.kind(), ErrorKind::Conflict, "{seen}");
+        assert!(seen.to_string().contains("already open"), "{seen}");
+
+        // A second execute on an aggregate with events staged is refused, saying why.
+        let twice = bus.dispatch(OpenAndList { id: "t5", then: Then::ExecuteTwice }).await;
+        let twice = twice.expect_err("refused");
+        assert_eq!(twice.kind(), ErrorKind::Internal, "{twice}");
+        assert!(twice.to_string().contains("already has events staged"), "{twice}");
+        assert_eq!((tickets::count(&db).await, event_count(&db).await), (1, 2), "nothing more");
     }
 }
