@@ -888,20 +888,7 @@ impl Runtime {
                     if workers.is_empty() {
                         return self.stopped(grace);
                     }
-                    // Recorded before they are forgotten: a call looking in between finds them
-                    // in one place or the other.
-                    self.aborted
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone_from(&workers);
-                    self.running.forget_cut();
-                    // Aborted, they report nothing more themselves.
-                    let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-                    for name in &workers {
-                        if let Some((state, _)) = health.get_mut(name) {
-                            *state = Health::Stopped;
-                        }
-                    }
+                    self.record_aborted(&workers);
                     return Err(ShutdownError {
                         grace,
                         workers,
@@ -911,6 +898,20 @@ impl Runtime {
             }
         }
         self.stopped(grace)
+    }
+
+    /// Records `workers` as aborted, for every later call, and marks them `Stopped`: aborted,
+    /// they report nothing more themselves. Recorded before they are forgotten as cut off, so
+    /// a call looking in between finds them in one place or the other.
+    fn record_aborted(&self, workers: &[String]) {
+        *self.aborted.lock().unwrap_or_else(|p| p.into_inner()) = workers.to_vec();
+        self.running.forget_cut();
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        for name in workers {
+            if let Some((state, _)) = health.get_mut(name) {
+                *state = Health::Stopped;
+            }
+        }
     }
 
     /// The outcome of a `shutdown` that found every worker stopped: a clean stop, unless an
@@ -929,17 +930,7 @@ impl Runtime {
             if cut.is_empty() {
                 return Ok(());
             }
-            self.aborted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone_from(&cut);
-            self.running.forget_cut();
-            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-            for name in &cut {
-                if let Some((state, _)) = health.get_mut(name) {
-                    *state = Health::Stopped;
-                }
-            }
+            self.record_aborted(&cut);
             workers = cut;
         }
         Err(ShutdownError {
