@@ -26,7 +26,9 @@ pub trait EventSet: Sized + Clone + Send + Sync + 'static {
 }
 
 /// Declares an enum of event types that implements [`EventSet`], `From` each member, and
-/// `Clone` / `Debug`.
+/// `Clone` / `Debug`: so every member must be `Clone` and `Debug` too (derive them beside
+/// `Event`, which does not ask for them; without, the error points into this macro's
+/// expansion).
 ///
 /// ```
 /// use cqrs_core::{event_set, Event};
