@@ -211,7 +211,10 @@ impl PgUnitOfWork {
     /// The load reads the database's event store (`repo`'s is not used), replays the whole
     /// stream in the transaction, without the repository's snapshots, and no snapshot is
     /// saved (the events are not stored yet). An aggregate that already has events staged in
-    /// this unit of work is refused: the load would not see them (see the type's docs).
+    /// this unit of work ([`append`](Self::append) or `execute`) is refused: the load would
+    /// not see them (see the type's docs). Events recorded on the context (`ctx.record`) are
+    /// staged only after the handler returns: one recorded for the aggregate's stream is
+    /// neither seen nor refused here, so record an aggregate's events through `execute` alone.
     ///
     /// ```no_run
     /// # use cqrs_core::doc::{Ticket, TicketCommand};
@@ -245,13 +248,17 @@ impl PgUnitOfWork {
         // Its events staged here are not stored yet, so a load would not see them: deciding
         // again on the state before them would stage a second batch at the same version,
         // which conflicts at every commit.
-        if self.state().pending.iter().any(|p| p.stream == stream) {
+        // (An empty batch, a guard, hides nothing.)
+        let staged = |p: &Pending| p.stream == stream && !p.events.is_empty();
+        if self.state().pending.iter().any(staged) {
             return Err(AggregateError::Store(StoreError::Backend {
-                backend: crate::error::BACKEND,
+                backend: "PgUnitOfWork::execute",
                 source: format!(
                     "`{stream}` already has events staged in this unit of work, which a load \
-                     does not see: decide the second change on the state the first one \
-                     returned (`Decided::state`), and stage it with `append`"
+                     does not see: decide the second change with `repo.decide_on` on a \
+                     `Loaded` made of the first one's `Decided::state` at version \
+                     `decided.version` plus its records' count, then `append` its records at \
+                     `ExpectedVersion::Exactly` that version"
                 )
                 .into(),
             }));

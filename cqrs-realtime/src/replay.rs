@@ -600,7 +600,6 @@ impl<'a, P> ReplaySender<'a, P> {
                         return Some(false);
                     }
                     if room.is_ok() {
-                        self.stalled = None;
                         break;
                     }
                     let now = queue.popped();

@@ -31,6 +31,8 @@ enum Then {
     OpenedInTheTransactionFirst,
     /// Executes a second time on the same ticket.
     ExecuteTwice,
+    /// Stages a guard (no events at version 0) on the ticket's stream first.
+    GuardedFirst,
 }
 
 impl Message for OpenAndList {
@@ -72,6 +74,10 @@ impl CommandHandler<OpenAndList> for Handler {
                 )
                 .await?;
         }
+        if cmd.then == Then::GuardedFirst {
+            let stream = AggregateRepository::<Ticket>::stream_id(cmd.id);
+            uow.append(&stream, ExpectedVersion::Exactly(0), Vec::new());
+        }
         let decided = uow
             .execute(&self.repo, cmd.id, None, TicketCommand::Open, &metadata)
             .await?;
@@ -86,7 +92,7 @@ impl CommandHandler<OpenAndList> for Handler {
             .await
             .map_err(HandlerError::internal)?;
         match cmd.then {
-            Then::Succeed | Then::OpenedInTheTransactionFirst => {}
+            Then::Succeed | Then::OpenedInTheTransactionFirst | Then::GuardedFirst => {}
             Then::ExecuteTwice => {
                 uow.execute(&self.repo, cmd.id, None, TicketCommand::Open, &metadata)
                     .await?;
@@ -159,5 +165,10 @@ pg_test! {
         assert_eq!(twice.kind(), ErrorKind::Internal, "{twice}");
         assert!(twice.to_string().contains("already has events staged"), "{twice}");
         assert_eq!((tickets::count(&db).await, event_count(&db).await), (1, 2), "nothing more");
+
+        // A guard staged first (no events) hides nothing from the load: not refused.
+        let guarded = bus.dispatch(OpenAndList { id: "t6", then: Then::GuardedFirst }).await;
+        assert_eq!(guarded.unwrap(), 1);
+        assert_eq!((tickets::count(&db).await, event_count(&db).await), (2, 3));
     }
 }
