@@ -162,7 +162,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             let caught_up = batch.len() < want;
             // The frame of the event whose wait for room ended this batch early.
             let mut waiting = None;
-            'records: for record in &batch {
+            for record in &batch {
                 self.read += 1;
                 if self.read > options.replay_limit {
                     return Err(too_many(options.replay_limit));
@@ -174,36 +174,27 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
                     }
                 }
                 if let Some(frame) = replay_frame(self.hub, self.conn, self.topic, record) {
-                    match self.sender.try_send(Outgoing::Frame(frame)) {
-                        Ok(true) => {}
-                        Ok(false) => return Err(End::Closed),
-                        // The client must take frames first, for as long as it likes, with
-                        // the permit let go. One that takes them within a probe (slower than
-                        // the log, not stalled) keeps the batch: reading it again would cost
-                        // a read per wait. One that takes longer waits without it (each such
-                        // replay held one, and `max_concurrent_replays` bounded the reads,
-                        // not what they kept): its frame waits, the rest is read again after
-                        // it (the cursor is at it).
-                        Err(mut item) if record.position.is_some() => loop {
-                            match self.sender.wait_for_room_a_probe().await {
-                                Some(false) => return Err(End::Closed),
-                                Some(true) => match self.sender.try_send(item) {
-                                    Ok(true) => break,
-                                    Ok(false) => return Err(End::Closed),
-                                    // Live traffic took the room again.
-                                    Err(back) => item = back,
-                                },
-                                None => {
-                                    waiting = Some(item);
-                                    break 'records;
-                                }
-                            }
-                        },
-                        Err(item) => {
-                            if !self.sender.send_item(item).await {
-                                return Err(End::Closed);
+                    let item = Outgoing::Frame(frame);
+                    // The client may make the replay wait for room for as long as it likes,
+                    // with the permit let go. One that frees room within a probe (slower than
+                    // the log, not stalled) keeps the batch: reading it again would cost a
+                    // read per wait. One that takes longer waits without it (each such replay
+                    // held one, and `max_concurrent_replays` bounded the reads, not what they
+                    // kept): its frame waits, the rest is read again after it (the cursor is
+                    // at it).
+                    let queued = if record.position.is_some() {
+                        match self.sender.send_within_a_probe(item).await {
+                            Ok(queued) => queued,
+                            Err(item) => {
+                                waiting = Some(item);
+                                break;
                             }
                         }
+                    } else {
+                        self.sender.send_item(item).await
+                    };
+                    if !queued {
+                        return Err(End::Closed);
                     }
                     // Counted as it is queued: a replay cut short (the connection closed
                     // from outside, which drops it at its next wait) counts what it sent.
@@ -564,10 +555,21 @@ impl<'a, P> ReplaySender<'a, P> {
         self.wait(false).await == Some(true)
     }
 
-    /// [`wait_for_room`](Self::wait_for_room) for one probe at most (a second, or a quarter
-    /// of the idle timeout if shorter): `None` when the client took too little meanwhile.
-    async fn wait_for_room_a_probe(&mut self) -> Option<bool> {
-        self.wait(true).await
+    /// [`send_item`](Self::send_item), waiting for room one probe at most (a second, or a
+    /// quarter of the idle timeout if shorter): the frame back when the client freed too
+    /// little by then.
+    async fn send_within_a_probe(&mut self, mut item: Outgoing) -> Result<bool, Outgoing> {
+        loop {
+            match self.try_send(item) {
+                Ok(queued) => return Ok(queued),
+                Err(back) => item = back,
+            }
+            match self.wait(true).await {
+                Some(true) => {}
+                Some(false) => return Ok(false),
+                None => return Err(item),
+            }
+        }
     }
 
     async fn wait(&mut self, one_probe: bool) -> Option<bool> {

@@ -585,16 +585,21 @@ impl RedisConsumer {
             );
             let now = Instant::now();
             self.refresh(stranded.clone()).await?;
-            if self.held.is_empty() {
-                self.held_since = now;
-            }
-            self.held.extend(stranded.iter().cloned());
-            self.adopted.extend(stranded);
-            // In stream order, as the gate takes them.
-            self.held.sort_by_key(|id| entry_id(id));
+            self.hold_stranded(stranded, now);
         }
         self.unsure = false;
         Ok(())
+    }
+
+    /// Holds `stranded` as taken over (their read counted here, so a release takes it back),
+    /// in stream order, as the gate takes them; `now` starts the hold if nothing was held.
+    fn hold_stranded(&mut self, stranded: Vec<String>, now: Instant) {
+        if self.held.is_empty() {
+            self.held_since = now;
+        }
+        self.held.extend(stranded.iter().cloned());
+        self.adopted.extend(stranded);
+        self.held.sort_by_key(|id| entry_id(id));
     }
 
     async fn try_step(&mut self, max: usize) -> Result<Vec<Ready>, fred::error::Error> {
@@ -1679,17 +1684,11 @@ impl Consumer for RedisConsumer {
             self.settle_reader().await;
         }
         let stranded = self.stranded().await?;
-        // Held, as taken over (`adopt_stranded`), until released: a close that fails or is
-        // dropped in its release (a shutdown's abort) leaves them to `Drop`, which releases
-        // them, their read taken back, instead of to another consumer's reclaim after the
-        // redelivery delay, a delivery counted that no handler got.
-        if self.held.is_empty() {
-            self.held_since = Instant::now();
-        }
-        self.held.extend(stranded.iter().cloned());
-        self.adopted.extend(stranded);
-        // In stream order, as the gate takes them, should the consumer go on after a failure.
-        self.held.sort_by_key(|id| entry_id(id));
+        // Held, as taken over, until released: a close that fails or is dropped in its release
+        // (a shutdown's abort) leaves them to `Drop`, which releases them, their read taken
+        // back, instead of to another consumer's reclaim after the redelivery delay, a
+        // delivery counted that no handler got. In stream order, should the consumer go on.
+        self.hold_stranded(stranded, Instant::now());
         let release = self.held_released();
         // A chunk at a time, each no longer held once released: a close that fails part-way
         // leaves `Drop` only the rest, instead of taking back the released ones' counts twice.
