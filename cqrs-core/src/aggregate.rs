@@ -1001,6 +1001,29 @@ pub struct Decided<A> {
     pub records: Vec<EventRecord>,
 }
 
+impl<A> Decided<A> {
+    /// The stream's version once the records are appended: [`version`](Self::version) plus
+    /// their count, what [`Committed::version`] says after an
+    /// [`execute`](AggregateRepository::execute).
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand};
+    /// # use cqrs_core::memory::InMemoryEventStore;
+    /// use cqrs_core::{AggregateRepository, Metadata};
+    /// use std::sync::Arc;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
+    /// let decided = repo.decide("t-1", None, TicketCommand::Open, &Metadata::new()).await?;
+    /// assert_eq!((decided.version, decided.version_after()), (0, 1));
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn version_after(&self) -> u64 {
+        self.version + self.records.len() as u64
+    }
+}
+
 /// The outcome of [`AggregateRepository::execute`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]

@@ -201,7 +201,8 @@ impl PgUnitOfWork {
     /// command's transaction, lets it decide on `command` (stamped with `repo`'s clock, read
     /// with its event types), and [appends](Self::append) the new events at the version it
     /// loaded, so they commit with the handler's other writes, or not at all. Returns what
-    /// was decided: the new state, and the records as they will be appended.
+    /// was decided: the new state, and the records as they will be appended; its `version` is
+    /// the one loaded, [`Decided::version_after`] the one after the new events.
     ///
     /// With `expected_version`, a stream at another version is a conflict before anything is
     /// decided; a writer that appends to the stream after the load makes the commit fail
@@ -256,8 +257,8 @@ impl PgUnitOfWork {
                 source: format!(
                     "`{stream}` already has events staged in this unit of work, which a load \
                      does not see: decide the second change with `repo.decide_on` on a \
-                     `Loaded` made of the first one's `Decided::state` at version \
-                     `decided.version` plus its records' count, then `append` its records at \
+                     `Loaded` made of the first one's `Decided::state` at \
+                     `decided.version_after()`, then `append` its records at \
                      `ExpectedVersion::Exactly` that version"
                 )
                 .into(),
