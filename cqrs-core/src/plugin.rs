@@ -21,6 +21,7 @@ use crate::{BoxError, CommandHandlers, EventHandlers, MessageType, QueryHandlers
 use std::any::{Any, TypeId, type_name};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// A unit of functionality that registers handlers and contributions with a server.
 ///
@@ -181,6 +182,16 @@ pub enum PluginError {
         #[source]
         source: BoxError,
     },
+    /// Plugins contributed values of types the server never took
+    /// ([`PluginRegistrar::check_contributions_taken`]): the server asks for another type
+    /// than the one contributed (a `Box<T>` or `&T` instead of `T`; a `T` of another version
+    /// of the crate that defines it), or does not ask at all.
+    #[error("{}", untaken_message(untaken))]
+    UntakenContributions {
+        /// Each type never taken (as `std::any::type_name` writes it), with the plugins that
+        /// contributed it (an empty name for the server's own).
+        untaken: Vec<(String, Vec<String>)>,
+    },
     /// A plugin asked for a resource the server did not provide.
     #[error(
         "plugin `{plugin}` needs a `{}`, which the server did not provide: call `PluginRegistrar::provide::<{}>(..)` before installing plugins (resources are found by their exact type: an `Arc<InMemoryEventStore>` provided is no `Arc<dyn EventStore>`, so name the type)",
@@ -255,6 +266,38 @@ fn quoted_list(names: &[String]) -> String {
     }
 }
 
+/// Which contributed types nobody took, from whom, and what to check.
+fn untaken_message(untaken: &[(String, Vec<String>)]) -> String {
+    let listed: Vec<String> = untaken
+        .iter()
+        .map(|(type_name, plugins)| {
+            let from: Vec<String> = plugins
+                .iter()
+                .map(|plugin| {
+                    if plugin.is_empty() {
+                        "the server".to_owned()
+                    } else {
+                        format!("plugin `{plugin}`")
+                    }
+                })
+                .collect();
+            format!("`{}` (from {})", as_written(type_name), from.join(", "))
+        })
+        .collect();
+    format!(
+        "contributions of {} the server never took: {}; the server takes each type it asks \
+         plugins for with `take_contributions::<T>()`, and only values of exactly that type: \
+         check that the plugin contributes the server's type (not a `Box` or a reference of \
+         it, nor the type of another version of the crate that defines it: `cargo tree -d`)",
+        if untaken.len() == 1 {
+            "a type"
+        } else {
+            "types"
+        },
+        listed.join(", ")
+    )
+}
+
 /// Two plugins of one name: two versions of one crate linked (`cargo tree -d` shows them),
 /// or, of one version, a crate registered twice or two crates that chose one name.
 fn duplicate_message(name: &str, first: &str, second: &str) -> String {
@@ -327,7 +370,9 @@ fn missing_advice(given: bool, count: usize) -> String {
         format!(
             "{verb} not linked into this binary; each needs its crate as a dependency and a \
              `use <crate> as _;` line in the crate root (or, when not registered through \
-             inventory, a place in the list given to `Plugins::collect_with`)"
+             inventory, a place in the list given to `Plugins::collect_with`); a plugin crate \
+             built against another version of cqrs-core registers with that version and is \
+             not found either (`cargo tree -d -i cqrs-core` lists them)"
         )
     }
 }
@@ -493,14 +538,20 @@ impl Plugins {
         self.ordered.is_empty()
     }
 
-    /// Calls every plugin's `register`, in order, and stops at the first that fails. What the
-    /// plugins before it, and the failing one up to its failure, contributed stays in
-    /// `registrar`: a failed install is a start-up error, so discard the registrar (and do not
-    /// build buses from it).
+    /// Calls every plugin's `register`, in order, and stops at the first that fails. A
+    /// `register` that panics fails too ([`PluginError::Register`], naming the plugin and the
+    /// panic's message). What the plugins before it, and the failing one up to its failure,
+    /// contributed stays in `registrar`: a failed install is a start-up error, so discard the
+    /// registrar (and do not build buses from it).
     pub fn install(&self, registrar: &mut PluginRegistrar) -> Result<(), PluginError> {
         for plugin in &self.ordered {
             registrar.current = plugin.name();
-            let result = plugin.register(registrar);
+            // Caught so that the error names the plugin, and so that what the server adds
+            // after a caught panic is not credited to it.
+            let result = catch_unwind(AssertUnwindSafe(|| plugin.register(registrar)))
+                .unwrap_or_else(|payload| {
+                    Err(format!("it panicked: {}", crate::panic::into_message(payload)).into())
+                });
             registrar.current = "";
             result.map_err(|source| match source.downcast::<MissingResource>() {
                 Ok(missing) => PluginError::MissingResource {
@@ -556,7 +607,7 @@ pub struct PluginRegistrar {
     commands: CommandHandlers,
     queries: QueryHandlers,
     events: EventHandlers,
-    contributions: HashMap<TypeId, Box<dyn Any + Send>>,
+    contributions: HashMap<TypeId, Contributions>,
     resources: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     /// Each with the plugin that declared it ("" for the server's own).
     required: Vec<(&'static str, MessageType)>,
@@ -592,10 +643,14 @@ impl fmt::Debug for PluginRegistrar {
     }
 }
 
-/// A contribution and the plugin that made it.
-#[derive(Debug)]
-struct Contributed<T> {
-    items: Vec<(&'static str, T)>,
+/// The contributions of one type, not taken yet.
+struct Contributions {
+    /// The type's name, for an error when nobody takes them.
+    type_name: &'static str,
+    /// The plugins that made them, each once, in order.
+    plugins: Vec<&'static str>,
+    /// A `Vec<(&'static str, T)>`: each value with the plugin that made it.
+    items: Box<dyn Any + Send>,
 }
 
 impl PluginRegistrar {
@@ -682,17 +737,58 @@ impl PluginRegistrar {
     }
 
     /// Adds a value of a type the server defines (HTTP routes, OpenAPI fragments, migrations).
+    /// The server takes them by that exact type; one nobody takes is an error at
+    /// [`check_contributions_taken`](Self::check_contributions_taken).
     pub fn contribute<T: Send + 'static>(&mut self, value: T) -> &mut Self {
         let current = self.current;
-        if let Some(contributed) = self
+        let contributions = self
             .contributions
             .entry(TypeId::of::<T>())
-            .or_insert_with(|| Box::new(Contributed::<T> { items: Vec::new() }))
-            .downcast_mut::<Contributed<T>>()
-        {
-            contributed.items.push((current, value));
+            .or_insert_with(|| Contributions {
+                type_name: type_name::<T>(),
+                plugins: Vec::new(),
+                items: Box::new(Vec::<(&'static str, T)>::new()),
+            });
+        if !contributions.plugins.contains(&current) {
+            contributions.plugins.push(current);
+        }
+        if let Some(items) = contributions.items.downcast_mut::<Vec<(&'static str, T)>>() {
+            items.push((current, value));
         }
         self
+    }
+
+    /// Fails, naming each type and the plugins that contributed it, when a contribution was
+    /// never taken: call it once the server took every type it asks plugins for, so that a
+    /// plugin contributing a type the server does not take (a `Box<Route>` where it takes
+    /// `Route`) is a start-up error, not a route that silently is not there.
+    ///
+    /// ```
+    /// use cqrs_core::PluginRegistrar;
+    ///
+    /// struct Route(&'static str);
+    ///
+    /// let mut registrar = PluginRegistrar::new();
+    /// registrar.contribute(Box::new(Route("/tickets")));
+    /// let routes: Vec<Route> = registrar.take_contributions();
+    /// assert!(routes.is_empty());
+    /// let err = registrar.check_contributions_taken().unwrap_err();
+    /// assert!(err.to_string().contains("Box<"), "{err}");
+    /// ```
+    pub fn check_contributions_taken(&self) -> Result<(), PluginError> {
+        let mut untaken: Vec<(String, Vec<String>)> = self
+            .contributions
+            .values()
+            .map(|c| {
+                let plugins = c.plugins.iter().map(|p| (*p).to_owned()).collect();
+                (c.type_name.to_owned(), plugins)
+            })
+            .collect();
+        if untaken.is_empty() {
+            return Ok(());
+        }
+        untaken.sort();
+        Err(PluginError::UntakenContributions { untaken })
     }
 
     /// Takes every contribution of type `T`, in plugin order.
@@ -707,8 +803,8 @@ impl PluginRegistrar {
     pub fn take_contributions_by_plugin<T: Send + 'static>(&mut self) -> Vec<(&'static str, T)> {
         self.contributions
             .remove(&TypeId::of::<T>())
-            .and_then(|b| b.downcast::<Contributed<T>>().ok())
-            .map(|c| c.items)
+            .and_then(|c| c.items.downcast::<Vec<(&'static str, T)>>().ok())
+            .map(|items| *items)
             .unwrap_or_default()
     }
 

@@ -36,6 +36,12 @@ impl Plugin for P {
         if self.name == "broken" {
             return Err("the broken plugin cannot register".into());
         }
+        if self.name == "panicking" {
+            panic!("no configuration for the panicking plugin");
+        }
+        if self.name == "boxed-route" {
+            registrar.contribute(Box::new("a boxed route".to_owned()));
+        }
         Ok(())
     }
 }
@@ -290,6 +296,58 @@ fn a_missing_resource_and_a_failing_plugin_are_named() {
         err.to_string(),
         "plugin `broken` failed to register: the broken plugin cannot register"
     );
+}
+
+/// A `register` that panics is an install error naming the plugin, and what the server adds
+/// afterwards (a test that caught the panic, say) is not credited to it.
+#[test]
+fn a_plugin_whose_register_panics_is_named() {
+    let ordered = Plugins::from_plugins(plugins(&[("panicking", &[])])).unwrap();
+    let mut registrar = PluginRegistrar::new();
+    let err = ordered.install(&mut registrar).unwrap_err();
+    assert!(
+        matches!(err, PluginError::Register { ref plugin, .. } if plugin == "panicking"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "plugin `panicking` failed to register: it panicked: no configuration for the \
+         panicking plugin"
+    );
+    registrar.contribute(7_u32);
+    assert_eq!(registrar.take_contributions_by_plugin::<u32>(), [("", 7)]);
+}
+
+/// A contribution of a type the server does not take (a `Box<String>` where it takes
+/// `String`) is an error naming the type and the plugin, once the server took what it asks
+/// for; what was taken is not named.
+#[test]
+fn a_contribution_nobody_takes_is_named_with_its_plugin() {
+    let ordered =
+        Plugins::from_plugins(plugins(&[("base", &[]), ("boxed-route", &["base"])])).unwrap();
+    let mut registrar = PluginRegistrar::new();
+    ordered.install(&mut registrar).unwrap();
+    registrar.contribute(1_u8);
+    let err = registrar.check_contributions_taken().unwrap_err();
+    let PluginError::UntakenContributions { ref untaken } = err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(untaken.len(), 3, "{err}");
+
+    let routes = registrar.take_contributions::<String>();
+    assert_eq!(routes.len(), 2);
+    let err = registrar.check_contributions_taken().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "contributions of types the server never took: `std::boxed::Box<std::string::String>` \
+         (from plugin `boxed-route`), `u8` (from the server); the server takes each type it asks \
+         plugins for with `take_contributions::<T>()`, and only values of exactly that type: \
+         check that the plugin contributes the server's type (not a `Box` or a reference of it, \
+         nor the type of another version of the crate that defines it: `cargo tree -d`)"
+    );
+    registrar.take_contributions::<Box<String>>();
+    registrar.take_contributions::<u8>();
+    registrar.check_contributions_taken().unwrap();
 }
 
 /// Two plugins registering a handler for one command fail the build with both named, and

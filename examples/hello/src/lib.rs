@@ -38,10 +38,12 @@ pub fn start(registrar: PluginRegistrar) -> anyhow::Result<App> {
         .event_sink(Arc::new(events.clone()))
         .build()?;
     commands.check([cqrs_core::MessageType::command::<hello_api::Greet>()])?;
+    let routes = registrar.take_contributions_by_plugin::<Route>();
+    registrar.check_contributions_taken()?;
     Ok(App {
         commands,
         events,
-        routes: registrar.take_contributions_by_plugin::<Route>(),
+        routes,
         plugins: plugins.names().collect(),
     })
 }

@@ -260,6 +260,10 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // Before anything connects or starts: colliding routes are a build error, not a panic.
     let api = merged_api(registrar.take_contributions_by_plugin::<HttpApi>())?;
     let mut migrations = registrar.take_contributions_by_plugin::<Migration>();
+    let workers = registrar.take_contributions::<BackgroundWorker>();
+    let feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();
+    // A plugin's contribution of a type the server does not take fails the start here.
+    registrar.check_contributions_taken()?;
     if let Some(db) = &backends.postgres {
         migrations.insert(0, ("helpdesk", crate::deployment::migration(db.schema())));
         crate::migrations::run(db, &migrations).await?;
@@ -380,7 +384,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     for (name, check, critical) in checks {
         runtime = runtime.check(name, check, critical);
     }
-    for BackgroundWorker(worker) in registrar.take_contributions::<BackgroundWorker>() {
+    for BackgroundWorker(worker) in workers {
         runtime = runtime.worker(worker);
     }
     if let Some(maintenance) = maintenance {
@@ -430,7 +434,6 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
 
     // Realtime: the feeds the plugins offer, as one, pushed by a hub that reads the durable log
     // for resume.
-    let feeds = registrar.take_contributions_by_plugin::<RealtimeFeed>();
     if feeds.is_empty() {
         anyhow::bail!("no plugin offers a realtime feed (the tickets plugin does)");
     }

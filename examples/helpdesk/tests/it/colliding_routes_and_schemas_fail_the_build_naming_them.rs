@@ -1,7 +1,9 @@
 //! Routes or OpenAPI schemas that collide fail the build with an error naming the route (or
 //! schema) and who contributed it, instead of a panic: a plugin route on one of the gateway's
 //! paths (`/health`, `/ws`, ...), a method and path two contributors both serve, a schema
-//! name two contributors define differently. The same schema defined twice alike is fine.
+//! name two contributors define differently. The same schema defined twice alike is fine. So
+//! does an API contributed as a type the server does not take (a `Box<HttpApi>`), which would
+//! otherwise serve nothing without a word.
 
 use crate::support::*;
 use axum::routing::{get, post};
@@ -208,4 +210,31 @@ async fn openapi_of(router: axum::Router) -> Value {
         .await
         .unwrap();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_contributed_as_another_type_is_an_error_naming_it() {
+    within(async {
+        let hooks = Hooks {
+            provide: vec![Arc::new(|registrar| {
+                registrar.contribute(Box::new(HttpApi::new()));
+            })],
+            ..Hooks::default()
+        };
+        let err = match build(&test_config(&Backend::Memory), hooks).await {
+            Ok(app) => {
+                app.runtime
+                    .shutdown(std::time::Duration::from_secs(2))
+                    .await
+                    .unwrap();
+                panic!("the build ignored a contribution nobody takes");
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains("`std::boxed::Box<helpdesk_api::api::HttpApi>` (from the server)"),
+            "{err}"
+        );
+    })
+    .await;
 }

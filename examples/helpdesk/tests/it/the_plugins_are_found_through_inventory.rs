@@ -30,7 +30,7 @@ async fn a_plugin_that_is_not_linked_is_named_at_start_up() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "expected plugin(s) billing is not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (or, when not registered through inventory, a place in the list given to `Plugins::collect_with`) (found: auth, tickets)"
+        "expected plugin(s) billing is not linked into this binary; each needs its crate as a dependency and a `use <crate> as _;` line in the crate root (or, when not registered through inventory, a place in the list given to `Plugins::collect_with`); a plugin crate built against another version of cqrs-core registers with that version and is not found either (`cargo tree -d -i cqrs-core` lists them) (found: auth, tickets)"
     );
 }
 
