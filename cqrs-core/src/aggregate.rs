@@ -28,7 +28,10 @@ pub trait EventSet: Sized + Clone + Send + Sync + 'static {
 /// Declares an enum of event types that implements [`EventSet`], `From` each member, and
 /// `Clone` / `Debug`: so every member must be `Clone` and `Debug` too (derive them beside
 /// `Event`, which does not ask for them; without, the error points into this macro's
-/// expansion).
+/// expansion). Do not derive `Clone` or `Debug` on the enum yourself (E0119: two impls).
+/// A variant's attributes (doc comments) go on the enum's variant only: a `#[cfg]` on a
+/// variant is not supported, since the impls still name it; write one `event_set!` per
+/// configuration instead, each under its `#[cfg]`.
 ///
 /// ```
 /// use cqrs_core::{event_set, Event};

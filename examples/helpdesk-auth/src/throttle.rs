@@ -175,30 +175,44 @@ impl CountedAttempts {
 
     /// Takes back the counts made after the first `len`, logging a failure to.
     async fn take_back_since(&mut self, len: usize) {
-        // Popped before it is awaited, as in `take_back`.
-        while self.counted.len() > len {
-            let Some((throttle, key, counted)) = self.counted.pop() else {
-                break;
-            };
-            if let Err(e) = throttle.take_back(&key, counted).await {
-                tracing::warn!(error = %e, "a refused attempt stays counted");
-            }
+        let since = self.counted.split_off(len.min(self.counted.len()));
+        if let Err(e) = take_back_all(since).await {
+            tracing::warn!(error = %e, "a refused attempt stays counted");
         }
     }
 
     /// Takes every count back (the login succeeded, or the server could not finish it). Tries
     /// each, and returns the first error.
     pub(crate) async fn take_back(mut self) -> Result<(), StoreError> {
+        take_back_all(std::mem::take(&mut self.counted)).await
+    }
+}
+
+/// Takes `counts` back, newest first, on a task of its own, and waits for it: a login
+/// cancelled while a take-back waits (for a pooled connection) leaves the task to finish.
+/// Awaited in the login's future, the counts it had not reached stayed counted, and the one
+/// under way could not be done again by the guard's drop: taking an attempt back twice
+/// undoes another one counted at the same instant (alike attempts are one). Returns the
+/// first error; tries each.
+async fn take_back_all(mut counts: Vec<Count>) -> Result<(), StoreError> {
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let task = tokio::spawn(async move {
         let mut first_error = None;
-        // Popped before it is awaited: a take-back cancelled part-way is not repeated by the
-        // drop, which would take back a failure of another login.
-        while let Some((throttle, key, counted)) = self.counted.pop() {
+        while let Some((throttle, key, counted)) = counts.pop() {
             if let Err(e) = throttle.take_back(&key, counted).await {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
+    });
+    task.await.unwrap_or_else(|e| {
+        Err(StoreError::Backend {
+            backend: "login throttle",
+            source: format!("the take-back of login attempts failed: {e}").into(),
+        })
+    })
 }
 
 impl Drop for CountedAttempts {
@@ -347,6 +361,64 @@ pub(crate) async fn a_take_back_keeps_a_later_failure(
 mod tests {
     use super::*;
     use cqrs_core::clock::ManualClock;
+
+    /// Counts every attempt; each take-back waits for the test's permit, then is counted.
+    struct Gated {
+        clock: ManualClock,
+        started: tokio::sync::Semaphore,
+        permits: tokio::sync::Semaphore,
+        taken_back: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl LoginThrottle for Gated {
+        async fn attempt(&self, _key: &str) -> Result<Attempt, StoreError> {
+            Ok(Attempt::Counted(Counted::at(self.clock.now())))
+        }
+
+        async fn take_back(&self, key: &str, _counted: Counted) -> Result<(), StoreError> {
+            self.started.add_permits(1);
+            self.permits.acquire().await.expect("open").forget();
+            self.taken_back.lock().unwrap().push(key.to_owned());
+            Ok(())
+        }
+    }
+
+    /// A login whose take-back is cancelled while one waits (for a pooled connection, say)
+    /// still takes every count back: the one under way too, which the guard's drop cannot
+    /// do again (it would undo an alike attempt of another login).
+    #[tokio::test]
+    async fn a_take_back_cancelled_part_way_still_takes_every_count_back() {
+        let gated = Arc::new(Gated {
+            clock: ManualClock::new(),
+            started: tokio::sync::Semaphore::new(0),
+            permits: tokio::sync::Semaphore::new(0),
+            taken_back: Default::default(),
+        });
+        let throttle: Arc<dyn LoginThrottle> = gated.clone();
+        let mut counted = CountedAttempts::new();
+        for key in ["pair", "address"] {
+            assert_eq!(counted.attempt(&throttle, key).await.unwrap(), None);
+        }
+        let mut take_back = Box::pin(counted.take_back());
+        // Polled until the first take-back waits, then dropped: the login was cancelled.
+        tokio::select! {
+            _ = &mut take_back => panic!("the take-back finished without its permit"),
+            started = gated.started.acquire() => started.expect("open").forget(),
+        }
+        drop(take_back);
+        gated.permits.add_permits(2);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while gated.taken_back.lock().unwrap().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both counts taken back within 10 s");
+        let mut taken_back = gated.taken_back.lock().unwrap().clone();
+        taken_back.sort();
+        assert_eq!(taken_back, ["address", "pair"]);
+    }
 
     #[tokio::test]
     async fn the_limit_counts_attempts_and_successes_are_taken_back() {
