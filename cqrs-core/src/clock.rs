@@ -1,4 +1,10 @@
-//! Time, injectable: expiry, throttling and backoff are tested without sleeping.
+//! Wall-clock time, injectable: what is stamped or compared with a date (message and event
+//! timestamps, expiries, throttle windows, purge ages) is tested without sleeping.
+//!
+//! Waiting is another matter: timers (a worker's restart backoff, a relay's poll interval, a
+//! timeout layer, a redelivery delay) run on tokio's time, which a [`ManualClock`] does not
+//! move. Test those with short configured intervals, or with tokio's paused time
+//! (`tokio::time::pause` and `advance`, feature `test-util`).
 
 use chrono::{DateTime, Utc};
 use std::sync::{Arc, Mutex};
@@ -19,7 +25,8 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to. Clones share the time.
+/// A clock that moves only when told to. Clones share the time. It moves what reads a
+/// [`Clock`], not tokio's timers (see the [module](self) docs).
 ///
 /// ```
 /// use cqrs_core::clock::{Clock, ManualClock};

@@ -90,6 +90,7 @@ macro_rules! event_store_conformance {
                 records_keep_their_payload_and_metadata,
                 a_payload_too_deep_to_read_back_is_refused,
                 a_stream_id_holding_nul_is_refused_by_every_call,
+                text_a_store_cannot_hold_is_refused_whole_or_kept,
             ]
         );
     };
@@ -105,6 +106,42 @@ pub fn record(n: u64) -> EventRecord {
         json!({ "n": n }),
         RecordMetadata::from_metadata(&metadata),
     )
+}
+
+/// A record of type `Detailed` (schema version 3) with partition key `key-1`, an actor, a
+/// trace context, and a payload of what JSON stores can get wrong: escapes, unicode, numbers
+/// past doubles, exact fractions, empty containers.
+pub fn detailed_record() -> EventRecord {
+    let metadata = Metadata::new()
+        .caused()
+        .with_actor("user-7")
+        .with_trace_field("traceparent", "00-abc-def-01");
+    EventRecord::new(
+        metadata.message_id,
+        "Detailed",
+        3,
+        json!({
+            "text": "ünïcødé \"quoted\" <b> 🎫 日本語 \\ line\nbreak\ttab \u{1} \u{FFFF}",
+            "list": [1, 2, "three", true, null],
+            "nested": {"a": null, "b": {"c": [[]]}},
+            "empty_object": {},
+            "empty_array": [],
+            "empty_text": "",
+            "largest": u64::MAX,
+            "smallest": i64::MIN,
+            // Above 2^53: a store keeping numbers as doubles changes it.
+            "above_doubles": 9_007_199_254_740_993_u64,
+            "fraction": 0.1,
+            // Both read back one unit in the last place off by a parser that rounds twice
+            // (serde_json without `float_roundtrip`).
+            "exact_fraction": 51.248178375505404_f64,
+            "tiny": 2.2250738585072014e-308_f64,
+            "negative": -1.5,
+            "ünïcødé key": 1,
+        }),
+        RecordMetadata::from_metadata(&metadata),
+    )
+    .with_partition_key(Some("key-1".into()))
 }
 
 fn numbers(records: &[EventRecord]) -> Vec<u64> {
@@ -613,36 +650,7 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
     let stream = format!("{}-h", h.test_id());
     // Other tests share the store: `read_all` from the current end.
     let start = last_position(store.as_ref()).await;
-    let metadata = Metadata::new()
-        .caused()
-        .with_actor("user-7")
-        .with_trace_field("traceparent", "00-abc-def-01");
-    let original = EventRecord::new(
-        metadata.message_id,
-        "Detailed",
-        3,
-        json!({
-            "text": "ünïcødé \"quoted\" <b> 🎫 日本語 \\ line\nbreak\ttab \u{1} \u{FFFF}",
-            "list": [1, 2, "three", true, null],
-            "nested": {"a": null, "b": {"c": [[]]}},
-            "empty_object": {},
-            "empty_array": [],
-            "empty_text": "",
-            "largest": u64::MAX,
-            "smallest": i64::MIN,
-            // Above 2^53: a store keeping numbers as doubles changes it.
-            "above_doubles": 9_007_199_254_740_993_u64,
-            "fraction": 0.1,
-            // Both read back one unit in the last place off by a parser that rounds twice
-            // (serde_json without `float_roundtrip`).
-            "exact_fraction": 51.248178375505404_f64,
-            "tiny": 2.2250738585072014e-308_f64,
-            "negative": -1.5,
-            "ünïcødé key": 1,
-        }),
-        RecordMetadata::from_metadata(&metadata),
-    )
-    .with_partition_key(Some("key-1".into()));
+    let original = detailed_record();
     store
         .append(&stream, ExpectedVersion::NO_STREAM, vec![original.clone()])
         .await
@@ -779,6 +787,76 @@ pub async fn a_stream_id_holding_nul_is_refused_by_every_call<H: EventStoreHarne
         "stream_version",
         store.stream_version(&stream).await.map(drop),
     );
+}
+
+/// U+0000 in any text of an event (its type, partition key, actor, trace context, a payload
+/// string or key): a store that cannot hold it (Postgres) refuses the whole batch as
+/// [`StoreError::Rejected`] (the caller's fault, not an outage or a bug) and stores nothing of
+/// it; one that can keeps it as it was. Either way nothing of the batch is half stored.
+pub async fn text_a_store_cannot_hold_is_refused_whole_or_kept<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let with = |metadata: Metadata| {
+        let mut r = record(2);
+        r.metadata = RecordMetadata::from_metadata(&metadata);
+        r
+    };
+    let mut cases: Vec<(&str, EventRecord)> = vec![
+        ("event type", {
+            let mut r = record(2);
+            r.event_type = "No\0ted".to_owned();
+            r
+        }),
+        (
+            "partition key",
+            record(2).with_partition_key(Some("key\0".into())),
+        ),
+        ("actor", with(Metadata::new().with_actor("user\0"))),
+        (
+            "trace context key",
+            with(Metadata::new().with_trace_field("trace\0", "v")),
+        ),
+        (
+            "trace context value",
+            with(Metadata::new().with_trace_field("traceparent", "00\0")),
+        ),
+    ];
+    for (what, payload) in [
+        ("payload string", json!({ "n": 2, "text": "a\0b" })),
+        ("payload key", json!({ "n": 2, "ke\0y": 1 })),
+    ] {
+        let mut r = record(2);
+        r.payload = payload;
+        cases.push((what, r));
+    }
+    for (i, (what, bad)) in cases.into_iter().enumerate() {
+        let stream = format!("{}-text-{i}", h.test_id());
+        let good = record(1);
+        match store
+            .append(&stream, ExpectedVersion::NO_STREAM, vec![good, bad.clone()])
+            .await
+        {
+            Err(StoreError::Rejected { .. }) => {
+                let version = store.stream_version(&stream).await.unwrap();
+                assert_eq!(version, 0, "{what}: a refused batch stored nothing");
+            }
+            Ok(stored) => {
+                assert_eq!(stored.len(), 2, "{what}: the whole batch stored");
+                let loaded = store.load(&stream, 1).await.unwrap().remove(0);
+                assert_eq!(loaded.event_type, bad.event_type, "{what}: kept as it was");
+                assert_eq!(loaded.partition_key, bad.partition_key, "{what}: kept");
+                assert_eq!(loaded.payload, bad.payload, "{what}: kept as it was");
+                assert_eq!(loaded.metadata.actor, bad.metadata.actor, "{what}: kept");
+                assert_eq!(
+                    loaded.metadata.trace_context, bad.metadata.trace_context,
+                    "{what}: kept as it was"
+                );
+            }
+            Err(other) => panic!(
+                "{what} holding U+0000: refused as `Rejected` (the caller's to fix) or kept, \
+                 not: {other:?}"
+            ),
+        }
+    }
 }
 
 /// The late-commit trap, made deterministic: writer A begins and stays open, B appends after

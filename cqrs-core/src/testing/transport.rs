@@ -72,6 +72,7 @@ macro_rules! transport_conformance {
             [
                 a_transport_declares_the_capabilities_the_contract_requires,
                 published_events_reach_a_consumer_in_order,
+                a_stored_record_arrives_whole,
                 a_group_created_later_sees_earlier_events,
                 every_group_sees_every_event,
                 two_consumers_in_one_group_split_the_events,
@@ -298,6 +299,38 @@ pub async fn published_events_reach_a_consumer_in_order<H: TransportHarness>(h: 
         assert_eq!(Some(&d.record), sent, "the record arrives unchanged");
         assert_eq!(d.attempt, 1);
     }
+}
+
+/// A record as a relay publishes it, read from a store (stream id, version, position) with an
+/// actor, a trace context and a payload JSON can get wrong, arrives field for field: a
+/// transport-fed projection saves its checkpoint from the position, a realtime resume starts
+/// from it, and handlers read the rest.
+pub async fn a_stored_record_arrives_whole<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t-whole", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    let sent = crate::testing::event_store::detailed_record()
+        .with_stream("ticket-7", 12)
+        .with_position(crate::Position::new(4_242));
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&sent))
+        .await
+        .expect("publish");
+    let got = fetch_one(c.as_mut(), "the stored record").await;
+    let record = &got.record;
+    assert_eq!(record.event_id, sent.event_id, "event id");
+    assert_eq!(record.stream_id.as_deref(), Some("ticket-7"), "stream id");
+    assert_eq!(record.stream_version, Some(12), "stream version");
+    assert_eq!(
+        record.position,
+        Some(crate::Position::new(4_242)),
+        "position"
+    );
+    assert_eq!(record.event_type, sent.event_type, "event type");
+    assert_eq!(record.schema_version, 3, "schema version");
+    assert_eq!(record.partition_key, sent.partition_key, "partition key");
+    assert_eq!(record.payload, sent.payload, "payload");
+    assert_eq!(record.metadata, sent.metadata, "metadata");
+    assert_eq!(record, &sent, "the record arrives unchanged");
 }
 
 /// A group that joins after events were published still gets them.
