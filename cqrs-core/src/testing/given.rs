@@ -100,6 +100,64 @@ impl<A: Aggregate> AggregateTest<A> {
         test
     }
 
+    /// An aggregate that has seen these records, as they are stored (payloads of older schema
+    /// versions included), rebuilt as the repository rebuilds its stream: each decoded through
+    /// `types`, with its upcasters, as versions 1, 2, ... of the stream of aggregate
+    /// [`TEST_AGGREGATE_ID`]. Pass the [`EventTypes`] the repository gets
+    /// ([`AggregateRepository::with_types`]) to check that old events still rebuild the
+    /// state. A record that does not decode or apply fails the test, with the repository's
+    /// error.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand, TicketEvents, TicketOpened};
+    /// use cqrs_core::testing::AggregateTest;
+    /// use cqrs_core::{EventRecord, EventSet, EventTypes, Metadata, RecordMetadata};
+    /// use std::sync::Arc;
+    ///
+    /// let mut types = EventTypes::new();
+    /// TicketEvents::register(&mut types);
+    /// // As a store holds it: the wire name, a schema version, the JSON payload.
+    /// let metadata = Metadata::new();
+    /// let stored = EventRecord::new(
+    ///     metadata.message_id,
+    ///     "TicketOpened",
+    ///     1,
+    ///     cqrs_core::reexports::serde_json::json!({ "ticket_id": "t1" }),
+    ///     RecordMetadata::from_metadata(&metadata),
+    /// );
+    /// let err = AggregateTest::<Ticket>::given_records(Arc::new(types), [stored])
+    ///     .when(TicketCommand::Open)
+    ///     .then_expect_error();
+    /// assert_eq!(err.code(), "already_open");
+    /// ```
+    #[track_caller]
+    pub fn given_records(
+        types: std::sync::Arc<EventTypes>,
+        records: impl IntoIterator<Item = EventRecord>,
+    ) -> Self
+    where
+        A::Error: Debug,
+    {
+        let stream = AggregateRepository::<A>::stream_id(TEST_AGGREGATE_ID);
+        let records: Vec<EventRecord> = records
+            .into_iter()
+            .enumerate()
+            .map(|(i, record)| record.with_stream(stream.as_str(), i as u64 + 1))
+            .collect();
+        // A repository only to rebuild: its store is never read.
+        let repo = AggregateRepository::<A>::with_types(
+            std::sync::Arc::new(crate::memory::InMemoryEventStore::new()),
+            types,
+        );
+        match repo.rebuild(TEST_AGGREGATE_ID, records) {
+            Ok(loaded) => Self {
+                state: loaded.state,
+                version: loaded.version,
+            },
+            Err(e) => panic!("the records do not rebuild the aggregate: {e:?}"),
+        }
+    }
+
     /// Decides on `command`, sent with fresh metadata (no actor): see
     /// [`when_with`](Self::when_with).
     #[track_caller]
@@ -188,6 +246,54 @@ fn comparable<S: EventSet>(events: Vec<S>) -> Vec<(String, serde_json::Value)> {
         .collect()
 }
 
+/// Fails, showing both lists as pretty JSON and the first place they differ, unless the events
+/// `got` are the ones `expected` (by type and payload, in order).
+#[track_caller]
+fn assert_same_events(
+    what: &str,
+    got: &[(String, serde_json::Value)],
+    expected: &[(String, serde_json::Value)],
+) {
+    if got == expected {
+        return;
+    }
+    let show = |events: &[(String, serde_json::Value)]| -> String {
+        if events.is_empty() {
+            return "  (none)".to_owned();
+        }
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, (name, payload))| {
+                let payload = serde_json::to_string_pretty(payload)
+                    .unwrap_or_else(|_| payload.to_string())
+                    .replace('\n', "\n    ");
+                format!("  [{i}] {name} {payload}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let first = got
+        .iter()
+        .zip(expected)
+        .position(|(g, e)| g != e)
+        .unwrap_or(got.len().min(expected.len()));
+    let why = match (got.get(first), expected.get(first)) {
+        (Some((g, _)), Some((e, _))) if g != e => format!("[{first}] is a {g}, expected a {e}"),
+        (Some(_), Some(_)) => format!("[{first}] has another payload"),
+        (Some(_), None) => format!("{} more than expected, from [{first}]", got.len() - first),
+        (None, _) => format!(
+            "{} fewer than expected, from [{first}]",
+            expected.len() - first
+        ),
+    };
+    panic!(
+        "{what} differ: {why}\n{what}:\n{}\nexpected:\n{}",
+        show(got),
+        show(expected)
+    );
+}
+
 impl<A: Aggregate> Then<A>
 where
     A::Error: Debug,
@@ -205,7 +311,7 @@ where
         };
         let expected: Vec<A::Event> = expected.into_iter().map(Into::into).collect();
         let got = comparable(events.clone());
-        assert_eq!(got, comparable(expected), "the events differ");
+        assert_same_events("the decided events", &got, &comparable(expected));
         events
     }
 
@@ -430,7 +536,9 @@ pub struct CommandOutcome<O> {
 
 impl<O: Debug> CommandOutcome<O> {
     /// Asserts the handler succeeded and recorded exactly these events (compared by type and
-    /// serialized payload); returns its output.
+    /// serialized payload, in order); returns its output. The partition key is not compared:
+    /// check it on [`events`](Self::events) (`events()[0].partition_key()`) for a handler that
+    /// records with `record_keyed`.
     #[track_caller]
     pub fn then_expect_events<E: crate::Event>(self, expected: impl IntoIterator<Item = E>) -> O {
         let output = match self.result {
@@ -456,7 +564,7 @@ impl<O: Debug> CommandOutcome<O> {
                 )
             })
             .collect();
-        assert_eq!(got, expected, "the recorded events differ");
+        assert_same_events("the recorded events", &got, &expected);
         output
     }
 
@@ -495,7 +603,7 @@ impl<O: Debug> CommandOutcome<O> {
             })
             .collect();
         let expected = comparable(expected.into_iter().map(Into::into).collect::<Vec<S>>());
-        assert_eq!(got, expected, "the recorded events differ");
+        assert_same_events("the recorded events", &got, &expected);
         output
     }
 
@@ -633,6 +741,123 @@ mod tests {
         AggregateTest::<Notes>::given([noted("a", None)])
             .when(NoteCommand::Note("b"))
             .then_expect_events([noted("b", None)]);
+    }
+
+    /// Version 2 added the currency; version 1 payloads are upcast with "EUR".
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    struct Priced {
+        cents: u64,
+        currency: String,
+    }
+    impl Message for Priced {
+        const NAME: &'static str = "test.priced";
+    }
+    impl Event for Priced {
+        const VERSION: u32 = 2;
+    }
+
+    crate::event_set! {
+        enum PriceEvents {
+            Priced(Priced),
+        }
+    }
+
+    /// The currencies it was priced in; `Tell` refuses with them.
+    #[derive(Debug, Default)]
+    struct Prices(Vec<String>);
+
+    struct Tell;
+
+    impl Aggregate for Prices {
+        const TYPE: &'static str = "prices";
+        type Event = PriceEvents;
+        type Command = Tell;
+        type Error = HandlerError;
+
+        fn apply(&mut self, event: &PriceEvents) {
+            let PriceEvents::Priced(priced) = event;
+            self.0.push(priced.currency.clone());
+        }
+
+        fn decide(&self, _: Tell) -> Result<Vec<PriceEvents>, HandlerError> {
+            Err(HandlerError::invalid("told", self.0.join(",")))
+        }
+    }
+
+    fn stored(version: u32, payload: serde_json::Value) -> EventRecord {
+        let metadata = Metadata::new();
+        EventRecord::new(
+            metadata.message_id,
+            "test.priced",
+            version,
+            payload,
+            crate::RecordMetadata::from_metadata(&metadata),
+        )
+    }
+
+    /// Stored records of an older schema version rebuild the state through the types'
+    /// upcasters; without one, the test fails saying the records do not rebuild.
+    #[test]
+    fn stored_records_rebuild_through_the_upcasters() {
+        let mut types = EventTypes::new();
+        types.upcaster("test.priced", 1, |mut payload| {
+            payload["currency"] = serde_json::json!("EUR");
+            Ok(payload)
+        });
+        let records = [
+            stored(1, serde_json::json!({ "cents": 100 })),
+            stored(2, serde_json::json!({ "cents": 200, "currency": "USD" })),
+        ];
+        let told = AggregateTest::<Prices>::given_records(std::sync::Arc::new(types), records)
+            .when(Tell)
+            .then_expect_error();
+        assert_eq!(told.message(), "EUR,USD");
+
+        let failed = std::panic::catch_unwind(|| {
+            let old = stored(1, serde_json::json!({ "cents": 100 }));
+            AggregateTest::<Prices>::given_records(std::sync::Arc::new(EventTypes::new()), [old]);
+        })
+        .expect_err("a version-1 record without its upcaster fails");
+        let message = crate::panic::panic_message(failed.as_ref());
+        assert!(
+            message.starts_with("the records do not rebuild the aggregate: "),
+            "{message}"
+        );
+    }
+
+    /// A mismatch says where the lists part and shows both, each event's payload as JSON.
+    #[test]
+    fn a_mismatch_names_the_first_difference_and_shows_both_lists() {
+        let failed = std::panic::catch_unwind(|| {
+            AggregateTest::<Notes>::given_no_events()
+                .when(NoteCommand::Note("b"))
+                .then_expect_events([noted("c", None)]);
+        })
+        .expect_err("events that differ fail");
+        let message = crate::panic::panic_message(failed.as_ref());
+        assert!(
+            message.starts_with("the decided events differ: [0] has another payload\n"),
+            "{message}"
+        );
+        assert!(message.contains("\"text\": \"b\""), "{message}");
+        assert!(
+            message.contains("expected:\n  [0] test.noted {"),
+            "{message}"
+        );
+        assert!(message.contains("\"text\": \"c\""), "{message}");
+
+        let failed = std::panic::catch_unwind(|| {
+            AggregateTest::<Notes>::given_no_events()
+                .when(NoteCommand::Note("b"))
+                .then_expect_events(Vec::<Noted>::new());
+        })
+        .expect_err("an event more fails");
+        let message = crate::panic::panic_message(failed.as_ref());
+        assert!(
+            message.starts_with("the decided events differ: 1 more than expected, from [0]"),
+            "{message}"
+        );
+        assert!(message.ends_with("expected:\n  (none)"), "{message}");
     }
 
     #[derive(Clone, Debug, Serialize, Deserialize)]
