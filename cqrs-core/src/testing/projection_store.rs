@@ -233,6 +233,15 @@ async fn second_unit_waits_for_the_first<H: ProjectionStoreHarness>(h: &H, end: 
         Some(false),
         "no unit waits before the second begins"
     );
+    // The lock is the consumer's: one of another consumer begins while `first` is open.
+    let other = tokio::time::timeout(Duration::from_secs(30), store.begin(&format!("{c}-other")))
+        .await
+        .expect(
+            "a unit of another consumer did not begin within 30 s while one of this consumer \
+             was open: the lock must be per consumer, not the store's",
+        )
+        .unwrap();
+    store.commit(other).await.unwrap();
     let second_started = Arc::new(AtomicBool::new(false));
     let waiter = {
         let (store, c, flag) = (store.clone(), c.clone(), second_started.clone());
@@ -423,6 +432,8 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
         );
         store.commit(unit).await.unwrap();
     }
+    // Both commits are done: `old` is at least this old from here on, on any clock.
+    let old_committed = tokio::time::Instant::now();
     assert_eq!(
         store.purge_inbox(&c, hour).await.unwrap(),
         0,
@@ -430,7 +441,7 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
     );
     assert_eq!(store.purge_inbox(&c, Duration::MAX).await.unwrap(), 0);
 
-    let cutoff = match h.clock() {
+    match h.clock() {
         Some(clock) => {
             clock.advance(2 * hour);
             let mut unit = store.begin(&c).await.unwrap();
@@ -441,25 +452,33 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
                 1,
                 "only the old entry"
             );
-            Some(young)
         }
-        // The store's own clock: everything committed before is older than zero.
+        // The store's own clock: wait until `old` is older than `age` and commit `young`, then
+        // purge what is older than `age`: `old` alone (a store that took the age in another
+        // unit, or measured it from elsewhere, purges both or neither). Real seconds, on a
+        // store whose clock no test moves.
         None => {
-            assert_eq!(store.purge_inbox(&c, Duration::ZERO).await.unwrap(), 1);
-            None
+            let age = Duration::from_secs(2);
+            tokio::time::sleep_until(old_committed + age + Duration::from_millis(500)).await;
+            let mut unit = store.begin(&c).await.unwrap();
+            assert!(store.mark_processed(&mut unit, &c, young).await.unwrap());
+            store.commit(unit).await.unwrap();
+            assert_eq!(
+                store.purge_inbox(&c, age).await.unwrap(),
+                1,
+                "only the entry older than {age:?}"
+            );
         }
-    };
+    }
     let mut unit = store.begin(&c).await.unwrap();
     assert!(
         store.mark_processed(&mut unit, &c, old).await.unwrap(),
         "a purged entry is forgotten"
     );
-    if let Some(young) = cutoff {
-        assert!(
-            !store.mark_processed(&mut unit, &c, young).await.unwrap(),
-            "a younger entry stays"
-        );
-    }
+    assert!(
+        !store.mark_processed(&mut unit, &c, young).await.unwrap(),
+        "a younger entry stays"
+    );
     drop(unit);
     let mut unit = store.begin(&other).await.unwrap();
     assert!(
