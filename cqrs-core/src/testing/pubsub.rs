@@ -54,6 +54,7 @@ macro_rules! pubsub_conformance {
                 every_subscriber_of_a_channel_gets_each_message_and_no_other,
                 messages_arrive_in_publish_order,
                 a_dropped_subscription_stops_and_a_new_one_works,
+                a_subscription_made_again_at_once_is_live,
                 messages_cross_instances,
                 many_local_subscribers_share_one_upstream_subscription,
             ]
@@ -219,6 +220,27 @@ pub async fn a_dropped_subscription_stops_and_a_new_one_works<H: PubSubHarness>(
     }
     ps.publish(&channel, "second life".into()).await.unwrap();
     assert_eq!(next(&mut again).await, "second life");
+}
+
+/// A channel's last subscriber dropped and a new one made at once, over and over: each new one
+/// is live when `subscribe` returns. The drop's upstream unsubscribe is still on its way when
+/// the new subscribe asks: an adapter that lets it land after the new subscription (and so end
+/// it) leaves the new subscriber deaf, without a word.
+pub async fn a_subscription_made_again_at_once_is_live<H: PubSubHarness>(h: &H) {
+    let ps = h.pubsub();
+    let channel = format!("{}-at-once", h.test_id());
+    for round in 0..20 {
+        let mut sub = ps.subscribe(&channel).await.unwrap();
+        ps.publish(&channel, format!("round {round}").into())
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut sub).await,
+            format!("round {round}"),
+            "round {round}"
+        );
+        drop(sub);
+    }
 }
 
 /// A message published on one instance reaches subscribers on another (on the same instance
