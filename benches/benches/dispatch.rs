@@ -118,6 +118,7 @@ fn command_dispatch(c: &mut Criterion) {
     let metadata = Metadata::new();
     let bare = command_bus(&Stack::Bare).expect("the bare bus builds");
     let layered = command_bus(&Stack::three_layers()).expect("the layered bus builds");
+    let shipped = command_bus(&Stack::Shipped).expect("the bus with the shipped layers builds");
     // Through `black_box`, so the compiler cannot see the concrete type behind the box and
     // devirtualise the call: a handler in a real registry is reached through its vtable.
     let boxed = black_box(Box::new(IncrementHandler) as Box<dyn LocalCommandHandler>);
@@ -137,6 +138,7 @@ fn command_dispatch(c: &mut Criterion) {
         let md = || metadata.clone();
         assert_eq!(bare.dispatch_with(cmd, md()).await.ok(), Some(42));
         assert_eq!(layered.dispatch_with(cmd, md()).await.ok(), Some(42));
+        assert_eq!(shipped.dispatch_with(cmd, md()).await.ok(), Some(42));
         let mut ctx = CommandContext::new(md());
         assert_eq!(boxed.handle(cmd, &mut ctx).await.ok(), Some(42));
         let answer = call_when_ready(&mut command_service(), (cmd, md())).await;
@@ -211,6 +213,15 @@ fn command_dispatch(c: &mut Criterion) {
                 value: black_box(7),
             };
             layered.dispatch_with(cmd, metadata.clone()).await
+        });
+    });
+    // cqrs-core's own tracing, metrics and timeout layers, as a server stacks them.
+    group.bench_function("bus_shipped_layers", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            shipped.dispatch_with(cmd, metadata.clone()).await
         });
     });
     bench_traced(&mut group, "bus_three_layers_traced", |b| {

@@ -26,6 +26,12 @@ pub enum Stack {
     /// off. The dispatch bench's `bus_three_layers_traced` cases add one that enables the span
     /// and records nothing.
     ThreeLayers(Arc<DispatchCounters>),
+    /// The layers cqrs-core ships, as a server stacks them (the helpdesk's order):
+    /// [`TracingLayer`], cqrs-core's own [`MetricsLayer`](cqrs_core::middleware::MetricsLayer),
+    /// [`TimeoutLayer`] with [`TIMEOUT`]. No `metrics` recorder is installed in the benches, so
+    /// its records go to the facade's no-op one: the layers' own cost, without a recorder's
+    /// (a Prometheus exporter's, say, which adds its lookups).
+    Shipped,
 }
 
 impl Stack {
@@ -58,6 +64,11 @@ fn stacked(builder: CommandBusBuilder, stack: &Stack) -> Result<CommandBus, Buil
             .layer(MetricsLayer::new(counters.clone()))
             .layer(TimeoutLayer::new(TIMEOUT))
             .build(),
+        Stack::Shipped => builder
+            .layer(TracingLayer::new())
+            .layer(cqrs_core::middleware::MetricsLayer::new())
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .build(),
     }
 }
 
@@ -69,6 +80,11 @@ pub fn query_bus(stack: &Stack) -> Result<QueryBus, BuildError> {
         Stack::ThreeLayers(counters) => builder
             .layer(TracingLayer::new())
             .layer(MetricsLayer::new(counters.clone()))
+            .layer(TimeoutLayer::new(TIMEOUT))
+            .build(),
+        Stack::Shipped => builder
+            .layer(TracingLayer::new())
+            .layer(cqrs_core::middleware::MetricsLayer::new())
             .layer(TimeoutLayer::new(TIMEOUT))
             .build(),
     }

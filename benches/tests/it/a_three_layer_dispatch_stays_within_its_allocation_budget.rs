@@ -38,6 +38,33 @@ fn for_a_command() {
     );
 }
 
+/// cqrs-core's own layers (its `MetricsLayer`, whose keys are built at a message's first
+/// dispatch, in the warm-up, and kept) allocate what the bench's three do, with no `metrics`
+/// recorder installed.
+#[test]
+fn for_a_command_through_the_shipped_layers() {
+    let rt = runtime();
+    let bus = command_bus(&Stack::Shipped).expect("the bus builds");
+    let metadata = Metadata::new();
+    let mut counted = Vec::new();
+    for value in 0..WARM_UP + RUNS {
+        let (output, allocations) = allocations_of(
+            &rt,
+            bus.dispatch_with(Increment { value }, metadata.clone()),
+        );
+        assert_eq!(output.expect("the dispatch succeeds"), value + 1);
+        if value >= WARM_UP {
+            counted.push(allocations);
+        }
+    }
+    println!("shipped-layer command dispatch: allocations per dispatch {counted:?}");
+    assert!(
+        counted.iter().all(|&n| n == BUDGET),
+        "a command dispatch through the shipped layers allocated other than {BUDGET} times: \
+         {counted:?}"
+    );
+}
+
 #[test]
 fn for_a_query() {
     let rt = runtime();
