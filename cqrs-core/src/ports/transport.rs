@@ -237,6 +237,9 @@ impl Delivery {
 ///   refuses a group without a name ([`validate_group`]), options that break [`ConsumerOptions::validate`], and a consumer name already in
 ///   use in its group (see [`ConsumerOptions::consumer_name`]).
 /// * `publish` sends a batch to a topic; when it returns `Ok`, every message is stored.
+/// * A record arrives as it was published, every field ([`EventRecord`]'s `==`): its stream
+///   id, version and position (a transport-fed projection checkpoints by the position), its
+///   metadata to the timestamp's last digit, and its payload as JSON that compares equal.
 /// * Each consumer group sees every message published to its topic, including messages
 ///   published before the group existed. Consumers in one group split the messages.
 /// * A message is delivered again, after the redelivery delay, until it is acknowledged: when

@@ -25,7 +25,8 @@ pub trait ProjectionStoreHarness: Harness {
     fn store(&self) -> Arc<Self::Store>;
 
     /// The manual clock the store dates inbox entries by, when it takes one; without one, the
-    /// purge scenario relies on the store's clock moving on between two statements.
+    /// purge scenario waits about four seconds of real time for an entry to grow older than
+    /// two (a store that dates entries to the whole second passes too).
     fn clock(&self) -> Option<ManualClock> {
         None
     }
@@ -441,6 +442,7 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
     );
     assert_eq!(store.purge_inbox(&c, Duration::MAX).await.unwrap(), 0);
 
+    let mut young_checked = true;
     match h.clock() {
         Some(clock) => {
             clock.advance(2 * hour);
@@ -453,21 +455,27 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
                 "only the old entry"
             );
         }
-        // The store's own clock: wait until `old` is older than `age` and commit `young`, then
-        // purge what is older than `age`: `old` alone (a store that took the age in another
-        // unit, or measured it from elsewhere, purges both or neither). Real seconds, on a
-        // store whose clock no test moves.
+        // The store's own clock: wait until `old` is older than `age` (by more than a second,
+        // for a store that dates to the whole second) and commit `young`, then purge what is
+        // older than `age`: `old` alone (a store that took the age in another unit, or
+        // measured it from elsewhere, purges both or neither). Real seconds, on a store whose
+        // clock no test moves.
         None => {
             let age = Duration::from_secs(2);
-            tokio::time::sleep_until(old_committed + age + Duration::from_millis(500)).await;
+            tokio::time::sleep_until(old_committed + age + Duration::from_millis(1_500)).await;
+            let young_marked = tokio::time::Instant::now();
             let mut unit = store.begin(&c).await.unwrap();
             assert!(store.mark_processed(&mut unit, &c, young).await.unwrap());
             store.commit(unit).await.unwrap();
-            assert_eq!(
-                store.purge_inbox(&c, age).await.unwrap(),
-                1,
-                "only the entry older than {age:?}"
-            );
+            let purged = store.purge_inbox(&c, age).await.unwrap();
+            if young_marked.elapsed() < age {
+                assert_eq!(purged, 1, "only the entry older than {age:?}");
+            } else {
+                // A machine so slow that `young` may be `age` old by now: only `old` is sure.
+                eprintln!("marking and purging took {age:?}: not checking that `young` stays");
+                assert!(matches!(purged, 1 | 2), "purged {purged}, expected 1 or 2");
+                young_checked = false;
+            }
         }
     }
     let mut unit = store.begin(&c).await.unwrap();
@@ -475,10 +483,12 @@ pub async fn a_purge_forgets_old_inbox_entries_of_one_consumer<H: ProjectionStor
         store.mark_processed(&mut unit, &c, old).await.unwrap(),
         "a purged entry is forgotten"
     );
-    assert!(
-        !store.mark_processed(&mut unit, &c, young).await.unwrap(),
-        "a younger entry stays"
-    );
+    if young_checked {
+        assert!(
+            !store.mark_processed(&mut unit, &c, young).await.unwrap(),
+            "a younger entry stays"
+        );
+    }
     drop(unit);
     let mut unit = store.begin(&other).await.unwrap();
     assert!(

@@ -158,3 +158,32 @@ pg_test! {
         assert_eq!(count(&db, big).await, 0);
     }
 }
+
+pg_test! {
+    /// A purge of more old entries than one statement deletes goes on batch after batch
+    /// until every old one is gone (not only the first batch), and keeps the young ones.
+    async fn a_purge_of_a_large_inbox_deletes_every_old_entry(db: PgDatabase) {
+        fill(&db).await;
+        let s = db.schema().to_owned();
+        sqlx::query(AssertSqlSafe(format!(
+            r#"UPDATE "{s}".inbox SET processed_at = now() - interval '2 hours'"#
+        )))
+        .execute(db.pool())
+        .await
+        .expect("age the entries");
+        sqlx::query(AssertSqlSafe(format!(
+            r#"INSERT INTO "{s}".inbox (consumer, message_id) VALUES ('big', gen_random_uuid())"#
+        )))
+        .execute(db.pool())
+        .await
+        .expect("add a young entry");
+        let purged = db
+            .projection_store()
+            .purge_inbox("big", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(purged, ENTRIES as u64, "every old entry, over three batches");
+        let big = r#"SELECT count(*) FROM "{s}".inbox WHERE consumer = 'big'"#;
+        assert_eq!(count(&db, big).await, 1, "the young entry stays");
+    }
+}
