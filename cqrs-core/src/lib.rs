@@ -113,7 +113,9 @@ pub use message::{Command, Event, Message, MessageKind, MessageType, Query};
 pub use cqrs_macros::{Command, Event, Query};
 pub use metadata::{Metadata, Principal};
 pub use panic::{CatchUnwind, panic_message};
-pub use plugin::{MissingResource, Plugin, PluginError, PluginRegistrar, Plugins};
+pub use plugin::{
+    MissingResource, Plugin, PluginError, PluginRegistrar, Plugins, UntakenContribution,
+};
 pub use ports::ExpectedVersion;
 pub use record::{EventRecord, InvalidPosition, Position, RecordMetadata};
 

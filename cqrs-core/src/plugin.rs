@@ -188,9 +188,8 @@ pub enum PluginError {
     /// of the crate that defines it), or does not ask at all.
     #[error("{}", untaken_message(untaken))]
     UntakenContributions {
-        /// Each type never taken (as `std::any::type_name` writes it), with the plugins that
-        /// contributed it (an empty name for the server's own).
-        untaken: Vec<(String, Vec<String>)>,
+        /// Each type never taken, by type name.
+        untaken: Vec<UntakenContribution>,
     },
     /// A plugin asked for a resource the server did not provide.
     #[error(
@@ -266,11 +265,22 @@ fn quoted_list(names: &[String]) -> String {
     }
 }
 
+/// A contributed type the server never took ([`PluginError::UntakenContributions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UntakenContribution {
+    /// The type, as `std::any::type_name` writes it.
+    pub type_name: String,
+    /// The plugins that contributed it, in installation order (an empty name for the
+    /// server's own).
+    pub plugins: Vec<String>,
+}
+
 /// Which contributed types nobody took, from whom, and what to check.
-fn untaken_message(untaken: &[(String, Vec<String>)]) -> String {
+fn untaken_message(untaken: &[UntakenContribution]) -> String {
     let listed: Vec<String> = untaken
         .iter()
-        .map(|(type_name, plugins)| {
+        .map(|UntakenContribution { type_name, plugins }| {
             let from: Vec<String> = plugins
                 .iter()
                 .map(|plugin| {
@@ -540,7 +550,8 @@ impl Plugins {
 
     /// Calls every plugin's `register`, in order, and stops at the first that fails. A
     /// `register` that panics fails too ([`PluginError::Register`], naming the plugin and the
-    /// panic's message). What the plugins before it, and the failing one up to its failure,
+    /// panic's message; the panic hook has printed it already), unless the build aborts on
+    /// panic (`panic = "abort"`). What the plugins before it, and the failing one up to its failure,
     /// contributed stays in `registrar`: a failed install is a start-up error, so discard the
     /// registrar (and do not build buses from it).
     pub fn install(&self, registrar: &mut PluginRegistrar) -> Result<(), PluginError> {
@@ -776,18 +787,18 @@ impl PluginRegistrar {
     /// assert!(err.to_string().contains("Box<"), "{err}");
     /// ```
     pub fn check_contributions_taken(&self) -> Result<(), PluginError> {
-        let mut untaken: Vec<(String, Vec<String>)> = self
+        let mut untaken: Vec<UntakenContribution> = self
             .contributions
             .values()
-            .map(|c| {
-                let plugins = c.plugins.iter().map(|p| (*p).to_owned()).collect();
-                (c.type_name.to_owned(), plugins)
+            .map(|c| UntakenContribution {
+                type_name: c.type_name.to_owned(),
+                plugins: c.plugins.iter().map(|p| (*p).to_owned()).collect(),
             })
             .collect();
         if untaken.is_empty() {
             return Ok(());
         }
-        untaken.sort();
+        untaken.sort_by(|a, b| a.type_name.cmp(&b.type_name));
         Err(PluginError::UntakenContributions { untaken })
     }
 

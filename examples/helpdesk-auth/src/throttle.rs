@@ -9,6 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Counts failed logins in a sliding window.
 ///
@@ -193,24 +194,47 @@ impl CountedAttempts {
 /// Awaited in the login's future, the counts it had not reached stayed counted, and the one
 /// under way could not be done again by the guard's drop: taking an attempt back twice
 /// undoes another one counted at the same instant (alike attempts are one). Returns the
-/// first error; tries each.
+/// first error; tries each (a throttle that panics on one is an error for that one). The
+/// task logs the error itself when the login is gone and cannot.
 async fn take_back_all(mut counts: Vec<Count>) -> Result<(), StoreError> {
     if counts.is_empty() {
         return Ok(());
     }
-    let task = tokio::spawn(async move {
+    let take_back = async move {
         let mut first_error = None;
         while let Some((throttle, key, counted)) = counts.pop() {
-            if let Err(e) = throttle.take_back(&key, counted).await {
+            let undone =
+                cqrs_core::CatchUnwind::new(async { throttle.take_back(&key, counted).await })
+                    .await
+                    .unwrap_or_else(|panic| {
+                        Err(StoreError::Backend {
+                            backend: "login throttle",
+                            source: format!("its take-back panicked: {panic}").into(),
+                        })
+                    });
+            if let Err(e) = undone {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
-    });
-    task.await.unwrap_or_else(|e| {
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return take_back.await;
+    };
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    runtime.spawn(
+        async move {
+            if let Err(Err(e)) = answer.send(take_back.await) {
+                tracing::warn!(error = %e, "a cancelled login's attempt stays counted");
+            }
+        }
+        .in_current_span(),
+    );
+    answered.await.unwrap_or_else(|_| {
         Err(StoreError::Backend {
             backend: "login throttle",
-            source: format!("the take-back of login attempts failed: {e}").into(),
+            source: "the take-back of login attempts stopped (the runtime is shutting down?)"
+                .into(),
         })
     })
 }
