@@ -253,6 +253,14 @@ impl Tickets {
             return self.load_visible(user, id).await;
         };
         let uow = PgUnitOfWork::from_context(ctx)?;
+        if let Some(index) = &self.pg_index
+            && !user.is_agent()
+        {
+            let reporter = index.reporter_in(uow.connection().await?, id).await?;
+            if reporter.is_some_and(|reporter| reporter != user.id) {
+                return Err(not_found());
+            }
+        }
         let id = id.to_string();
         let stream = AggregateRepository::<TicketState>::stream_id(&id);
         let records = store.load_in(uow.connection().await?, &stream, 0).await?;
@@ -268,6 +276,19 @@ impl Tickets {
         user: &User,
         id: Uuid,
     ) -> Result<Loaded<TicketState>, HandlerError> {
+        // Another customer's ticket is refused on the index's word, for one lookup: reading
+        // its events first (up to a megabyte of comments) let a customer make the server read
+        // them again and again for a few bytes a request. An index without the ticket, or
+        // that cannot answer, leaves the decision to the ticket itself.
+        if !user.is_agent() {
+            match self.index.reporter_of(id).await {
+                Ok(Some(reporter)) if reporter != user.id => return Err(not_found()),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, ticket = %id, "the index could not tell the reporter")
+                }
+            }
+        }
         let loaded = self
             .repo
             .load(&id.to_string())
@@ -627,6 +648,126 @@ mod tests {
             cursors: Cursors::new(b"a test secret"),
             clock: Arc::new(SystemClock),
         }
+    }
+
+    /// An event store that counts the streams loaded from it.
+    #[derive(Default)]
+    struct CountedLoads {
+        store: InMemoryEventStore,
+        loads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl EventStore for CountedLoads {
+        async fn append(
+            &self,
+            stream_id: &str,
+            expected: cqrs_core::ExpectedVersion,
+            events: Vec<cqrs_core::EventRecord>,
+        ) -> Result<Vec<cqrs_core::EventRecord>, StoreError> {
+            self.store.append(stream_id, expected, events).await
+        }
+
+        async fn load(
+            &self,
+            stream_id: &str,
+            after_version: u64,
+        ) -> Result<Vec<cqrs_core::EventRecord>, StoreError> {
+            self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.store.load(stream_id, after_version).await
+        }
+
+        async fn read_all(
+            &self,
+            after: cqrs_core::Position,
+            limit: usize,
+        ) -> Result<Vec<cqrs_core::EventRecord>, StoreError> {
+            self.store.read_all(after, limit).await
+        }
+
+        async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+            self.store.stream_version(stream_id).await
+        }
+    }
+
+    /// Another customer's ticket is refused on the index's word, without its events read (a
+    /// ticket holds up to a megabyte of comments, which a refusal read each time); its own
+    /// reporter and an agent still read it, and a ticket the index has not taken is decided by
+    /// the ticket itself.
+    #[tokio::test]
+    async fn another_customers_ticket_is_refused_without_reading_it() {
+        let counted = Arc::new(CountedLoads::default());
+        let events: Arc<dyn EventStore> = counted.clone();
+        let tickets = Tickets {
+            repo: Arc::new(AggregateRepository::new(events.clone())),
+            events,
+            ..self::tickets()
+        };
+        let customer = |role| User {
+            id: Uuid::now_v7(),
+            role,
+        };
+        let (reporter, other, agent) = (
+            customer(Role::Customer),
+            customer(Role::Customer),
+            customer(Role::Agent),
+        );
+        let open = OpenTicket {
+            user: reporter.clone(),
+            title: "Printer on fire".into(),
+            description: None,
+            priority: None,
+        };
+        let mut ctx = CommandContext::new(Metadata::new());
+        let ticket = CommandHandler::<OpenTicket>::handle(&tickets, open, &mut ctx)
+            .await
+            .unwrap();
+        let loads = || counted.loads.load(std::sync::atomic::Ordering::SeqCst);
+        let get = |user: &User| GetTicket {
+            user: user.clone(),
+            id: ticket.id,
+        };
+        let ctx = QueryContext::new(Metadata::new());
+
+        let before = loads();
+        let refused = QueryHandler::<GetTicket>::handle(&tickets, get(&other), &ctx)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            cqrs_core::ErrorKind::NotFound,
+            "{refused:?}"
+        );
+        assert_eq!(loads(), before, "the refusal read the ticket's events");
+
+        for user in [&reporter, &agent] {
+            let got = QueryHandler::<GetTicket>::handle(&tickets, get(user), &ctx)
+                .await
+                .unwrap();
+            assert_eq!(got.id, ticket.id);
+        }
+        assert_eq!(
+            loads(),
+            before + 2,
+            "the reporter and the agent read the ticket"
+        );
+
+        // A ticket the index has not taken: the ticket itself refuses, after reading it.
+        let unindexed = Tickets {
+            index: Arc::new(crate::InMemoryTicketIndex::default()),
+            repo: tickets.repo.clone(),
+            events: tickets.events.clone(),
+            ..self::tickets()
+        };
+        let refused = QueryHandler::<GetTicket>::handle(&unindexed, get(&other), &ctx)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            cqrs_core::ErrorKind::NotFound,
+            "{refused:?}"
+        );
+        assert_eq!(loads(), before + 3);
     }
 
     /// A page size the route would refuse is refused on the bus too, named, instead of an

@@ -63,6 +63,13 @@ pub trait TicketIndex: Send + Sync + 'static {
         after: Option<SortKey>,
         limit: usize,
     ) -> Result<Vec<Listed>, StoreError>;
+    /// The reporter of ticket `id`, when the index holds it (it never changes): lets a
+    /// customer be refused another's ticket without reading its events. `None` (the
+    /// default, and for a ticket the index has not taken) makes the caller read the ticket.
+    async fn reporter_of(&self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
+        let _ = id;
+        Ok(None)
+    }
 }
 
 /// The index in process memory: the tickets in list order, and for each reporter, assignee,
@@ -161,6 +168,15 @@ impl TicketIndex for InMemoryTicketIndex {
         summary.comments.clear();
         tickets.insert(key, summary);
         Ok(())
+    }
+
+    async fn reporter_of(&self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
+        let lists = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(lists
+            .keys
+            .get(&id)
+            .and_then(|key| lists.tickets.get(key))
+            .map(|ticket| ticket.reporter_id))
     }
 
     async fn list(

@@ -14,6 +14,7 @@ use cqrs_postgres::{PgDatabase, PgProjectionStore, PgProjectionUnit};
 use helpdesk_api::Migration;
 use helpdesk_api::postgres::store_error;
 use std::sync::Arc;
+use uuid::Uuid;
 
 /// The tickets plugin's migrations in `schema`, in order: the tables, the list's filter
 /// indexes, the counts per status, the record of what feeds the stats, the list's order by
@@ -384,6 +385,23 @@ impl PgTicketIndex {
             .map_err(store_error)?;
         Ok(())
     }
+
+    /// The reporter of ticket `id` as the index row on `conn` has it (a command's
+    /// transaction, which wrote the row with the ticket's events), if there is a row.
+    pub async fn reporter_in(
+        &self,
+        conn: &mut PgConnection,
+        id: Uuid,
+    ) -> Result<Option<Uuid>, StoreError> {
+        sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT reporter_id FROM {}.ticket_index WHERE id = $1",
+            self.db.schema()
+        )))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .map_err(store_error)
+    }
 }
 
 #[async_trait]
@@ -396,6 +414,16 @@ impl TicketIndex for PgTicketIndex {
             .await
             .map_err(|e| self.db.store_error(e))?;
         self.upsert_in(&mut conn, ticket).await
+    }
+
+    async fn reporter_of(&self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
+        let mut conn = self
+            .db
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| self.db.store_error(e))?;
+        self.reporter_in(&mut conn, id).await
     }
 
     async fn list(
