@@ -11,7 +11,10 @@ use uuid::Uuid;
 /// `Uuid::now_v7` draws from one context for the process, behind a mutex every id takes (every
 /// dispatch with fresh metadata, every recorded event): threads minting ids at once queue on
 /// it. Ids of two threads in one millisecond are then unordered, as they are between
-/// processes anyway.
+/// processes anyway (and after the system clock steps back, a thread's ids may sort before
+/// those another thread made earlier). Each context reseeds its 42-bit counter with random
+/// bits every millisecond, and each id has 32 random bits more: two threads' ids collide no
+/// more often than two random v7 ids do.
 pub(crate) fn new_message_id() -> Uuid {
     thread_local! {
         static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
@@ -22,7 +25,9 @@ pub(crate) fn new_message_id() -> Uuid {
 /// The metadata of one message.
 ///
 /// * `message_id`: a UUID v7 (time-ordered to the millisecond; in the order made on one
-///   thread), unique per message.
+///   thread, not one task: a task that moves threads between two ids may get them out of
+///   order within a millisecond), unique per message. Order events by their version or
+///   position, never by id.
 /// * `correlation_id`: shared by everything that one original request caused.
 /// * `causation_id`: the id of the message that directly caused this one, if any.
 /// * `timestamp`: when the message was created.

@@ -30,7 +30,10 @@ async fn a_resubscribe_that_fails_on_a_live_connection_is_unhealthy() {
             let connection = ConnectionOptions::new(proxy.url())
                 .command_timeout(Duration::from_secs(2))
                 .ping_interval(Duration::from_secs(3600))
-                .unresponsive_timeout(Duration::MAX);
+                .unresponsive_timeout(Duration::MAX)
+                // A second between attempts: long enough to be seen, had health turned green
+                // between a failed resubscription and the next.
+                .reconnect_delays(Duration::from_secs(1), Duration::from_secs(1));
             let pubsub = RedisPubSubOptions::with_connection(connection)
                 .channel_prefix(format!("cqrs-test:{id}"))
                 .connect()
@@ -79,6 +82,18 @@ async fn a_resubscribe_that_fails_on_a_live_connection_is_unhealthy() {
                 },
             )
             .await;
+            // And it stays so through the SUBSCRIBE's time-out (2 s), the failed attempt, and
+            // the pause before the next: nothing can end it, every reply on the connection
+            // being lost.
+            let until = tokio::time::Instant::now() + Duration::from_secs(4);
+            while tokio::time::Instant::now() < until {
+                match pubsub.check().await {
+                    Health::Unhealthy(why) if why.contains("not subscribed its channels again") => {
+                    }
+                    other => panic!("with the resubscription lost, health went {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }),
     )
     .await;

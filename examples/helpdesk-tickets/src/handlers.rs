@@ -278,15 +278,13 @@ impl Tickets {
     ) -> Result<Loaded<TicketState>, HandlerError> {
         // Another customer's ticket is refused on the index's word, for one lookup: reading
         // its events first (up to a megabyte of comments) let a customer make the server read
-        // them again and again for a few bytes a request. An index without the ticket, or
-        // that cannot answer, leaves the decision to the ticket itself.
+        // them again and again for a few bytes a request. An index without the ticket leaves
+        // the decision to the ticket itself; one that fails fails the read (its store is the
+        // tickets' own, which a load would wait for as long).
         if !user.is_agent() {
-            match self.index.reporter_of(id).await {
-                Ok(Some(reporter)) if reporter != user.id => return Err(not_found()),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e, ticket = %id, "the index could not tell the reporter")
-                }
+            let reporter = self.index.reporter_of(id).await?;
+            if reporter.is_some_and(|reporter| reporter != user.id) {
+                return Err(not_found());
             }
         }
         let loaded = self
@@ -738,7 +736,40 @@ mod tests {
             cqrs_core::ErrorKind::NotFound,
             "{refused:?}"
         );
-        assert_eq!(loads(), before, "the refusal read the ticket's events");
+        let comment = ChangeTicket {
+            user: other.clone(),
+            id: ticket.id,
+            expected_version: None,
+            change: Change::Comment {
+                body: "mine now".into(),
+            },
+        };
+        let mut change_ctx = CommandContext::new(Metadata::new());
+        let refused = CommandHandler::<ChangeTicket>::handle(&tickets, comment, &mut change_ctx)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            cqrs_core::ErrorKind::NotFound,
+            "{refused:?}"
+        );
+        let history = TicketHistory {
+            user: other.clone(),
+            id: ticket.id,
+        };
+        let refused = QueryHandler::<TicketHistory>::handle(&tickets, history, &ctx)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            cqrs_core::ErrorKind::NotFound,
+            "{refused:?}"
+        );
+        assert_eq!(
+            loads(),
+            before,
+            "a refusal (read, change, history) read the ticket's events"
+        );
 
         for user in [&reporter, &agent] {
             let got = QueryHandler::<GetTicket>::handle(&tickets, get(user), &ctx)
