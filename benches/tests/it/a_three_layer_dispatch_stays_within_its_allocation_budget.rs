@@ -3,9 +3,9 @@
 //! is a regression, fewer a change docs/benchmarks.md must say (then lower the budget). The
 //! count is printed (`--nocapture`).
 
-use crate::counting_allocator::{RUNS, WARM_UP, allocations_of, runtime};
+use crate::counting_allocator::{RUNS, WARM_UP, allocations_of, command_allocations, runtime};
 use cqrs_benches::buses::{Stack, command_bus, query_bus};
-use cqrs_benches::fixtures::{Increment, Lookup};
+use cqrs_benches::fixtures::Lookup;
 use cqrs_core::Metadata;
 
 /// Measured allocations of one layered dispatch: the layered service's boxed future, the boxed
@@ -17,20 +17,8 @@ const BUDGET: u64 = 3;
 
 #[test]
 fn for_a_command() {
-    let rt = runtime();
     let bus = command_bus(&Stack::three_layers()).expect("the bus builds");
-    let metadata = Metadata::new();
-    let mut counted = Vec::new();
-    for value in 0..WARM_UP + RUNS {
-        let (output, allocations) = allocations_of(
-            &rt,
-            bus.dispatch_with(Increment { value }, metadata.clone()),
-        );
-        assert_eq!(output.expect("the dispatch succeeds"), value + 1);
-        if value >= WARM_UP {
-            counted.push(allocations);
-        }
-    }
+    let counted = command_allocations(&bus);
     println!("three-layer command dispatch: allocations per dispatch {counted:?}");
     assert!(
         counted.iter().all(|&n| n == BUDGET),
@@ -43,20 +31,8 @@ fn for_a_command() {
 /// recorder installed.
 #[test]
 fn for_a_command_through_the_shipped_layers() {
-    let rt = runtime();
     let bus = command_bus(&Stack::Shipped).expect("the bus builds");
-    let metadata = Metadata::new();
-    let mut counted = Vec::new();
-    for value in 0..WARM_UP + RUNS {
-        let (output, allocations) = allocations_of(
-            &rt,
-            bus.dispatch_with(Increment { value }, metadata.clone()),
-        );
-        assert_eq!(output.expect("the dispatch succeeds"), value + 1);
-        if value >= WARM_UP {
-            counted.push(allocations);
-        }
-    }
+    let counted = command_allocations(&bus);
     println!("shipped-layer command dispatch: allocations per dispatch {counted:?}");
     assert!(
         counted.iter().all(|&n| n == BUDGET),

@@ -1,6 +1,8 @@
 //! A global allocator that counts the allocations of the current thread, and helpers that count
 //! those of one dispatch.
 
+use cqrs_benches::fixtures::Increment;
+use cqrs_core::{CommandBus, Metadata};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::future::Future;
@@ -106,6 +108,25 @@ pub fn allocations_until_done<F: Future>(rt: &Runtime, dispatch: F) -> (F::Outpu
         .await;
         (output, counted, polls)
     })
+}
+
+/// The allocations of each of [`RUNS`] dispatches of [`Increment`] on `bus` (each checked to
+/// answer), after [`WARM_UP`] uncounted ones, on a runtime of its own.
+pub fn command_allocations(bus: &CommandBus) -> Vec<u64> {
+    let rt = runtime();
+    let metadata = Metadata::new();
+    let mut counted = Vec::new();
+    for value in 0..WARM_UP + RUNS {
+        let (output, allocations) = allocations_of(
+            &rt,
+            bus.dispatch_with(Increment { value }, metadata.clone()),
+        );
+        assert_eq!(output.expect("the dispatch succeeds"), value + 1);
+        if value >= WARM_UP {
+            counted.push(allocations);
+        }
+    }
+    counted
 }
 
 /// How many dispatches each check makes before it counts: the first ones initialise lazy

@@ -386,6 +386,15 @@ impl PgTicketIndex {
         Ok(())
     }
 
+    /// A pooled connection, for a call outside a command's transaction.
+    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
+        self.db
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| self.db.store_error(e))
+    }
+
     /// The reporter of ticket `id` as the index row on `conn` has it (a command's
     /// transaction, which wrote the row with the ticket's events), if there is a row.
     pub async fn reporter_in(
@@ -407,23 +416,11 @@ impl PgTicketIndex {
 #[async_trait]
 impl TicketIndex for PgTicketIndex {
     async fn upsert(&self, ticket: &Ticket) -> Result<(), StoreError> {
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))?;
-        self.upsert_in(&mut conn, ticket).await
+        self.upsert_in(&mut *self.connection().await?, ticket).await
     }
 
     async fn reporter_of(&self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
-        let mut conn = self
-            .db
-            .pool()
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))?;
-        self.reporter_in(&mut conn, id).await
+        self.reporter_in(&mut *self.connection().await?, id).await
     }
 
     async fn list(
