@@ -82,6 +82,18 @@ pub struct GetTicket {
     pub id: Uuid,
 }
 
+/// Whether a user may see one ticket (follow it on the WebSocket): `false` for a ticket that
+/// does not exist or is another customer's. Answered from the ticket list where it can tell,
+/// without reading the ticket.
+#[derive(Debug, Query)]
+#[cqrs(name = "tickets.may_see", output = bool)]
+pub struct MaySeeTicket {
+    /// Who asks.
+    pub user: User,
+    /// Which.
+    pub id: Uuid,
+}
+
 /// The most tickets [`ListTickets`] returns in one page.
 pub const MAX_PAGE_SIZE: usize = 100;
 
@@ -507,6 +519,22 @@ impl QueryHandler<GetTicket> for Tickets {
     }
 }
 
+#[async_trait]
+impl QueryHandler<MaySeeTicket> for Tickets {
+    async fn handle(&self, q: MaySeeTicket, _ctx: &QueryContext) -> Result<bool, HandlerError> {
+        // A row in the list is a ticket that exists, with its reporter for good: a subscribe
+        // to a ticket, however large, costs one lookup, not a replay of its comments.
+        if let Some(reporter) = self.index.reporter_of(q.id).await? {
+            return Ok(q.user.is_agent() || reporter == q.user.id);
+        }
+        match self.load_visible(&q.user, q.id).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == cqrs_core::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// A ticket without comments, as lists show it.
 pub(crate) fn summary_json(ticket: &Ticket) -> serde_json::Value {
     let mut value = serde_json::to_value(ticket).unwrap_or_default();
@@ -771,6 +799,24 @@ mod tests {
             "a refusal (read, change, history) read the ticket's events"
         );
 
+        // Following it on the WebSocket: decided on the list's word for everyone, reporter
+        // and agent included.
+        for (user, expected) in [(&other, false), (&reporter, true), (&agent, true)] {
+            let may_see = MaySeeTicket {
+                user: user.clone(),
+                id: ticket.id,
+            };
+            let answer = QueryHandler::<MaySeeTicket>::handle(&tickets, may_see, &ctx)
+                .await
+                .unwrap();
+            assert_eq!(answer, expected, "{:?} may see it", user.role);
+        }
+        assert_eq!(
+            loads(),
+            before,
+            "a subscription's check read the ticket's events"
+        );
+
         for user in [&reporter, &agent] {
             let got = QueryHandler::<GetTicket>::handle(&tickets, get(user), &ctx)
                 .await
@@ -799,6 +845,15 @@ mod tests {
             "{refused:?}"
         );
         assert_eq!(loads(), before + 3);
+        let may_see = MaySeeTicket {
+            user: other.clone(),
+            id: ticket.id,
+        };
+        let answer = QueryHandler::<MaySeeTicket>::handle(&unindexed, may_see, &ctx)
+            .await
+            .unwrap();
+        assert!(!answer, "unindexed, the ticket itself refuses");
+        assert_eq!(loads(), before + 4);
     }
 
     /// A page size the route would refuse is refused on the bus too, named, instead of an

@@ -25,8 +25,8 @@ pub use domain::{
     TicketCommented, TicketEvent, TicketOpened, TicketState,
 };
 pub use handlers::{
-    Change, ChangeTicket, GetStats, GetTicket, HistoryItem, ListTickets, MAX_PAGE_SIZE, OpenTicket,
-    Page, TicketHistory, event_types,
+    Change, ChangeTicket, GetStats, GetTicket, HistoryItem, ListTickets, MAX_PAGE_SIZE,
+    MaySeeTicket, OpenTicket, Page, TicketHistory, event_types,
 };
 pub use index::{Cursors, InMemoryTicketIndex, ListFilter, Listed, SortKey, TicketIndex};
 pub use postgres::{PgStats, PgTicketIndex};
@@ -133,6 +133,7 @@ impl Plugin for TicketsPlugin {
         registrar.commands().add::<OpenTicket, _>(tickets.clone());
         registrar.commands().add::<ChangeTicket, _>(tickets.clone());
         registrar.queries().add::<GetTicket, _>(tickets.clone());
+        registrar.queries().add::<MaySeeTicket, _>(tickets.clone());
         registrar.queries().add::<ListTickets, _>(tickets.clone());
         registrar.queries().add::<TicketHistory, _>(tickets.clone());
         registrar.queries().add::<GetStats, _>(tickets);

@@ -2,7 +2,7 @@
 //! and `ticket:<id>` (one ticket), both carried on one coarse pub/sub channel, `tickets`.
 
 use crate::domain::TicketEvent;
-use crate::handlers::GetTicket;
+use crate::handlers::MaySeeTicket;
 use async_trait::async_trait;
 use cqrs_core::{EventRecord, EventTypes, Metadata};
 use cqrs_realtime::{Authorizer, EventRouting, PushedEvent, Refusal, Routed, Topic};
@@ -131,7 +131,7 @@ impl Authorizer<User> for TicketRules {
             .buses
             .get()
             .map_err(|e| Refusal::unavailable(e.message))?;
-        let query = GetTicket {
+        let query = MaySeeTicket {
             user: user.clone(),
             id,
         };
@@ -140,10 +140,8 @@ impl Authorizer<User> for TicketRules {
             .dispatch_with(query, Metadata::new().with_actor(user.id.to_string()))
             .await
         {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == cqrs_core::ErrorKind::NotFound => {
-                Err(Refusal::forbidden("you may not follow this ticket"))
-            }
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Refusal::forbidden("you may not follow this ticket")),
             Err(e) => {
                 tracing::error!(error = %e, ticket = %id, "could not read a ticket to authorize a subscription");
                 Err(Refusal::unavailable(
