@@ -755,15 +755,18 @@ mod tests {
         };
         let ctx = QueryContext::new(Metadata::new());
 
+        #[track_caller]
+        fn not_found<T: std::fmt::Debug>(answer: Result<T, HandlerError>) {
+            let refused = answer.unwrap_err();
+            assert_eq!(
+                refused.kind(),
+                cqrs_core::ErrorKind::NotFound,
+                "{refused:?}"
+            );
+        }
+
         let before = loads();
-        let refused = QueryHandler::<GetTicket>::handle(&tickets, get(&other), &ctx)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            cqrs_core::ErrorKind::NotFound,
-            "{refused:?}"
-        );
+        not_found(QueryHandler::<GetTicket>::handle(&tickets, get(&other), &ctx).await);
         let comment = ChangeTicket {
             user: other.clone(),
             id: ticket.id,
@@ -773,26 +776,12 @@ mod tests {
             },
         };
         let mut change_ctx = CommandContext::new(Metadata::new());
-        let refused = CommandHandler::<ChangeTicket>::handle(&tickets, comment, &mut change_ctx)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            cqrs_core::ErrorKind::NotFound,
-            "{refused:?}"
-        );
+        not_found(CommandHandler::<ChangeTicket>::handle(&tickets, comment, &mut change_ctx).await);
         let history = TicketHistory {
             user: other.clone(),
             id: ticket.id,
         };
-        let refused = QueryHandler::<TicketHistory>::handle(&tickets, history, &ctx)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            cqrs_core::ErrorKind::NotFound,
-            "{refused:?}"
-        );
+        not_found(QueryHandler::<TicketHistory>::handle(&tickets, history, &ctx).await);
         assert_eq!(
             loads(),
             before,
@@ -836,14 +825,7 @@ mod tests {
             events: tickets.events.clone(),
             ..self::tickets()
         };
-        let refused = QueryHandler::<GetTicket>::handle(&unindexed, get(&other), &ctx)
-            .await
-            .unwrap_err();
-        assert_eq!(
-            refused.kind(),
-            cqrs_core::ErrorKind::NotFound,
-            "{refused:?}"
-        );
+        not_found(QueryHandler::<GetTicket>::handle(&unindexed, get(&other), &ctx).await);
         assert_eq!(loads(), before + 3);
         let may_see = MaySeeTicket {
             user: other.clone(),
