@@ -1276,25 +1276,40 @@ impl Worker for StuckTillAborted {
 /// A second `shutdown` whose grace ends after the first call aborted a worker, but before that
 /// call recorded it, names the worker as aborted: not a clean stop because none is left
 /// running.
+/// A runtime running [`StuckTillAborted`], healthy, and what it notifies when aborted.
+async fn runtime_with_a_stuck_worker() -> (Runtime, Arc<tokio::sync::Notify>) {
+    let dropped = Arc::new(tokio::sync::Notify::new());
+    let runtime = Runtime::builder()
+        .worker(StuckTillAborted {
+            dropped: dropped.clone(),
+        })
+        .start();
+    health_becomes(&runtime, "stuck", Health::Healthy).await;
+    (runtime, dropped)
+}
+
+/// Polls `shutdown` until it aborted the stuck worker and its run was dropped (`dropped`
+/// notified), before the shutdown recorded the abort.
+async fn poll_until_aborted<F>(mut shutdown: std::pin::Pin<&mut F>, dropped: &tokio::sync::Notify)
+where
+    F: std::future::Future,
+    F::Output: std::fmt::Debug,
+{
+    tokio::select! {
+        biased;
+        () = dropped.notified() => {}
+        first = shutdown.as_mut() => panic!("the first shutdown returned: {first:?}"),
+    }
+}
+
 #[test]
 fn a_second_shutdown_while_the_first_records_its_aborts_names_them() {
     run_paused(|| async {
-        let dropped = Arc::new(tokio::sync::Notify::new());
-        let runtime = Runtime::builder()
-            .worker(StuckTillAborted {
-                dropped: dropped.clone(),
-            })
-            .start();
-        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        let (runtime, dropped) = runtime_with_a_stuck_worker().await;
         let first = runtime.shutdown(Duration::from_millis(100));
         tokio::pin!(first);
-        // Polled until it aborted the worker and the run was dropped, then left alone: it has
-        // not recorded the abort yet.
-        tokio::select! {
-            biased;
-            () = dropped.notified() => {}
-            first = &mut first => panic!("the first shutdown returned: {first:?}"),
-        }
+        // Then left alone: it has not recorded the abort yet.
+        poll_until_aborted(first.as_mut(), &dropped).await;
         let err = runtime
             .shutdown(Duration::from_millis(50))
             .await
@@ -1312,23 +1327,12 @@ fn a_second_shutdown_while_the_first_records_its_aborts_names_them() {
 #[test]
 fn a_shutdown_after_one_dropped_while_it_aborted_names_the_aborted() {
     run_paused(|| async {
-        let dropped = Arc::new(tokio::sync::Notify::new());
-        let runtime = Runtime::builder()
-            .worker(StuckTillAborted {
-                dropped: dropped.clone(),
-            })
-            .start();
-        health_becomes(&runtime, "stuck", Health::Healthy).await;
+        let (runtime, dropped) = runtime_with_a_stuck_worker().await;
         {
             let first = runtime.shutdown(Duration::from_millis(100));
             tokio::pin!(first);
-            // Polled until it aborted the worker and the run was dropped, then dropped itself
-            // before it recorded the abort.
-            tokio::select! {
-                biased;
-                () = dropped.notified() => {}
-                first = &mut first => panic!("the first shutdown returned: {first:?}"),
-            }
+            // Then dropped itself, before it recorded the abort.
+            poll_until_aborted(first.as_mut(), &dropped).await;
         }
         let err = runtime
             .shutdown(Duration::from_secs(1))

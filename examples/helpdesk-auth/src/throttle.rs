@@ -196,28 +196,11 @@ impl CountedAttempts {
 /// undoes another one counted at the same instant (alike attempts are one). Returns the
 /// first error; tries each (a throttle that panics on one is an error for that one). The
 /// task logs the error itself when the login is gone and cannot.
-async fn take_back_all(mut counts: Vec<Count>) -> Result<(), StoreError> {
+async fn take_back_all(counts: Vec<Count>) -> Result<(), StoreError> {
     if counts.is_empty() {
         return Ok(());
     }
-    let take_back = async move {
-        let mut first_error = None;
-        while let Some((throttle, key, counted)) = counts.pop() {
-            let undone =
-                cqrs_core::CatchUnwind::new(async { throttle.take_back(&key, counted).await })
-                    .await
-                    .unwrap_or_else(|panic| {
-                        Err(StoreError::Backend {
-                            backend: "login throttle",
-                            source: format!("its take-back panicked: {panic}").into(),
-                        })
-                    });
-            if let Err(e) = undone {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    };
+    let take_back = undo(counts);
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return take_back.await;
     };
@@ -239,6 +222,26 @@ async fn take_back_all(mut counts: Vec<Count>) -> Result<(), StoreError> {
     })
 }
 
+/// Takes each of `counts` back, newest first, where it runs (the caller's task): tries each
+/// (a throttle that panics on one is an error for that one) and returns the first error.
+async fn undo(mut counts: Vec<Count>) -> Result<(), StoreError> {
+    let mut first_error = None;
+    while let Some((throttle, key, counted)) = counts.pop() {
+        let undone = cqrs_core::CatchUnwind::new(async { throttle.take_back(&key, counted).await })
+            .await
+            .unwrap_or_else(|panic| {
+                Err(StoreError::Backend {
+                    backend: "login throttle",
+                    source: format!("its take-back panicked: {panic}").into(),
+                })
+            });
+        if let Err(e) = undone {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
 impl Drop for CountedAttempts {
     fn drop(&mut self) {
         if self.counted.is_empty() {
@@ -251,10 +254,8 @@ impl Drop for CountedAttempts {
             return;
         };
         runtime.spawn(async move {
-            for (throttle, key, counted) in counted {
-                if let Err(e) = throttle.take_back(&key, counted).await {
-                    tracing::warn!(error = %e, "a cancelled login's attempt stays counted");
-                }
+            if let Err(e) = undo(counted).await {
+                tracing::warn!(error = %e, "a cancelled login's attempt stays counted");
             }
         });
     }

@@ -753,6 +753,10 @@ mod tests {
             user: user.clone(),
             id: ticket.id,
         };
+        let may_see = |user: &User| MaySeeTicket {
+            user: user.clone(),
+            id: ticket.id,
+        };
         let ctx = QueryContext::new(Metadata::new());
 
         #[track_caller]
@@ -791,11 +795,7 @@ mod tests {
         // Following it on the WebSocket: decided on the list's word for everyone, reporter
         // and agent included.
         for (user, expected) in [(&other, false), (&reporter, true), (&agent, true)] {
-            let may_see = MaySeeTicket {
-                user: user.clone(),
-                id: ticket.id,
-            };
-            let answer = QueryHandler::<MaySeeTicket>::handle(&tickets, may_see, &ctx)
+            let answer = QueryHandler::<MaySeeTicket>::handle(&tickets, may_see(user), &ctx)
                 .await
                 .unwrap();
             assert_eq!(answer, expected, "{:?} may see it", user.role);
@@ -827,11 +827,7 @@ mod tests {
         };
         not_found(QueryHandler::<GetTicket>::handle(&unindexed, get(&other), &ctx).await);
         assert_eq!(loads(), before + 3);
-        let may_see = MaySeeTicket {
-            user: other.clone(),
-            id: ticket.id,
-        };
-        let answer = QueryHandler::<MaySeeTicket>::handle(&unindexed, may_see, &ctx)
+        let answer = QueryHandler::<MaySeeTicket>::handle(&unindexed, may_see(&other), &ctx)
             .await
             .unwrap();
         assert!(!answer, "unindexed, the ticket itself refuses");
