@@ -147,12 +147,17 @@ static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLa
 ///   (`PgProjectionStore`), a publish longer than the server's idle-in-transaction timeout
 ///   would end the session and free the lease for another instance mid-batch; the publish
 ///   timeout stops that.
+/// * **Shutdown** is looked at between batches and once more after a batch is read, before it
+///   is published: a relay asked to stop while it reads publishes nothing (its lease is rolled
+///   back) and returns, instead of starting a publish that may outlast the runtime's grace and
+///   be aborted part-way. A publish already under way runs to its end or its timeout: give
+///   the runtime a grace above [`publish_timeout`](Self::publish_timeout) to let it.
 ///
 /// An event the store cannot decode (a row written around its append) fails `read_all` for
-/// its whole page: this relay then reads the page again one event at a time and ships the
-/// events before it, and stops at it, retrying (degraded, then unhealthy after
-/// [`unhealthy_after`](Self::unhealthy_after) failed batches); `PgOutboxRelay` reads rows
-/// itself and skips it.
+/// its whole page: this relay then reads the events before it in pages half as long each time
+/// one fails (a few reads, not one per event), ships them, and stops at it, retrying
+/// (degraded, then unhealthy after [`unhealthy_after`](Self::unhealthy_after) failed
+/// batches); `PgOutboxRelay` reads rows itself and skips it.
 ///
 /// Metrics (`metrics` facade, labels `relay` and `event_type`): `cqrs_events_published_total`,
 /// and `cqrs_events_skipped_total` (with `reason` = `refused`). `event_type` is the type's
@@ -391,7 +396,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
     /// batch starts after them, so a transport too slow for a whole batch one event at a time
     /// still gets through it.
     pub async fn relay_once(&self) -> Result<usize, RelayError> {
-        match self.ship().await {
+        match self.ship(None).await {
             Batch {
                 passed,
                 failure: None,
@@ -408,7 +413,10 @@ impl<S: ProjectionStore> StoreRelay<S> {
         self.read_from.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn ship(&self) -> Batch {
+    /// One batch. With `shutdown` requested by the time the batch is read, it stops before
+    /// publishing: the publish, with its timeout, may outlast the runtime's grace (which would
+    /// abort it part-way); the events are shipped by the next relay to run instead.
+    async fn ship(&self, shutdown: Option<&crate::runtime::Shutdown>) -> Batch {
         let limit = self
             .limit
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -479,6 +487,14 @@ impl<S: ProjectionStore> StoreRelay<S> {
             if record.partition_key.is_none() {
                 record.partition_key.clone_from(&record.stream_id);
             }
+        }
+        if shutdown.is_some_and(crate::runtime::Shutdown::is_requested) {
+            // Dropping the lease's unit rolls it back: nothing moves.
+            return Batch {
+                passed: 0,
+                full: false,
+                failure: None,
+            };
         }
         // One deadline for the whole batch, the one-at-a-time pass included: the lease waits
         // idle meanwhile.
@@ -710,7 +726,7 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
         let mut backoff = self.idle;
         let mut failures = 0u32;
         while !ctx.shutdown.is_requested() {
-            let batch = self.ship().await;
+            let batch = self.ship(Some(&ctx.shutdown)).await;
             let wait = match batch.failure {
                 None => {
                     ctx.health.set(Health::Healthy);

@@ -339,3 +339,91 @@ fn the_backlog_is_counted_to_the_end_it_finds_while_events_keep_arriving() {
         );
     });
 }
+
+/// An event store whose reads, once armed, wait for the test to let them go.
+struct HeldReads {
+    inner: InMemoryEventStore,
+    armed: AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl EventStore for HeldReads {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.load(stream_id, after_version).await
+    }
+    async fn read_all(
+        &self,
+        after: cqrs_core::Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, cqrs_core::ports::StoreError> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            let released = self.release.notified();
+            self.entered.notify_one();
+            released.await;
+        }
+        self.inner.read_all(after, limit).await
+    }
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, cqrs_core::ports::StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// Shutdown asked for while the relay reads its batch: the relay publishes nothing and
+/// returns (a publish, with its timeout, could outlast the runtime's grace and be aborted
+/// part-way), and the next relay ships the batch.
+#[test]
+fn a_relay_asked_to_stop_during_its_read_publishes_nothing() {
+    run(async {
+        let events = Arc::new(HeldReads {
+            inner: InMemoryEventStore::new(),
+            armed: AtomicBool::new(true),
+            entered: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
+        });
+        let checkpoints = Arc::new(InMemoryProjectionStore::new());
+        let transport = Arc::new(Switchable::default());
+        let relay = || {
+            StoreRelay::new(
+                "relay",
+                events.clone(),
+                checkpoints.clone(),
+                transport.clone(),
+                "out",
+            )
+        };
+        events
+            .append("a", ExpectedVersion::NO_STREAM, vec![record(1), record(2)])
+            .await
+            .unwrap();
+        let (trigger, shutdown) = cqrs_core::runtime::Shutdown::new();
+        let ctx = cqrs_core::runtime::WorkerContext {
+            shutdown,
+            health: cqrs_core::runtime::HealthReporter::detached("relay"),
+        };
+        let mut worker = relay();
+        let entered = events.entered.notified();
+        let running =
+            tokio::spawn(async move { cqrs_core::runtime::Worker::run(&mut worker, ctx).await });
+        entered.await;
+        trigger.trigger();
+        events.release.notify_one();
+        running.await.unwrap().unwrap();
+        assert_eq!(transport.publishes.load(Ordering::SeqCst), 0);
+        assert_eq!(relay().relay_once().await.unwrap(), 2, "nothing moved");
+        assert_eq!(shipped_sums(&transport.inner).await, [1, 2]);
+    });
+}
