@@ -825,6 +825,12 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// or load and decide with the repository and stage the events on the unit of work (as the
     /// helpdesk's tickets plugin does), then, once it committed, call
     /// [`snapshot_decided`](Self::snapshot_decided) when the repository keeps snapshots.
+    ///
+    /// The events do not go through the command bus's
+    /// [`event_sink`](crate::CommandBusBuilder::event_sink): they are stored already, and reach
+    /// consumers through the store's relay. Do not record them on the handler's context as
+    /// well, or a sink that stores them (an [`EventStoreSink`](crate::EventStoreSink)) keeps a
+    /// second copy, with other ids.
     pub async fn execute(
         &self,
         id: &str,

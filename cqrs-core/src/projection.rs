@@ -2661,7 +2661,11 @@ fn failed_handlers(error: &DispatchError) -> Option<HandlerNames> {
 /// store's order, on any backend, without a consumer group.
 ///
 /// Give it to a relay of its own (a [`StoreRelay`](crate::relay::StoreRelay), or an adapter's
-/// outbox relay, under a name of its own, so with a checkpoint of its own). The relay brings
+/// outbox relay, under a name of its own, so with a checkpoint of its own). One relay per
+/// transport: its clones (one is the relay's [`HealthCheck`](crate::runtime::HealthCheck))
+/// share what it remembers of the failures it retries, kept by position in the one feed it
+/// follows, so a second relay given a clone would have each wipe the other's retries; make
+/// a second feed with [`new`](Self::new). The relay brings
 /// what a consumer group would not: one relay of a name ships at a time, even across
 /// instances, in the event store's global order, from a checkpoint kept in the store's
 /// database, so the feed is the same with or without a broker and survives adding or removing

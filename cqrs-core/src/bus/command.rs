@@ -224,9 +224,12 @@ impl<L> CommandBusBuilder<L> {
     /// Where recorded events go after a handler succeeds. Without a sink, recorded events are
     /// only returned by [`CommandBus::execute`] and dropped by [`CommandBus::dispatch`] (which
     /// warns the first time). [`EventStoreSink`](crate::EventStoreSink) appends them to an
-    /// event store. A
-    /// layer may take the events out of the [`Reply`] first (an outbox: `cqrs-postgres`'s
-    /// command layer does unless told to keep them), and the sink then gets none.
+    /// event store. A layer may take the events out of the [`Reply`] first (an outbox:
+    /// `cqrs-postgres`'s command layer does unless told to keep them), and the sink then gets
+    /// none. Only events recorded on the handler's context (`ctx.record`) reach it: the events
+    /// an [`AggregateRepository`](crate::AggregateRepository) appends (its `execute`) are in
+    /// its event store already, and reach consumers through the relay from there; recording
+    /// them on the context too would store each a second time, with another id.
     ///
     /// The sink runs after the layers, outside them: this bus's timeout and metrics layers do
     /// not cover it. Give an [`EventBus`](crate::EventBus) used as the sink layers of its own,

@@ -317,8 +317,12 @@ impl<L> EventBusBuilder<L> {
     /// [`PublishError`], while the event's other handlers run on: a hanging handler is told
     /// apart from the others, which a [`TimeoutLayer`](crate::middleware::TimeoutLayer) around
     /// the whole publish cannot do. Handlers of one event run concurrently, so a publish takes
-    /// about `budget` at most. At least 1 ms; none by default. The runtime needs tokio's time
-    /// driver (`enable_time`): without it, each handler that waits fails as panicked.
+    /// about `budget` at most, as long as each handler waits rather than blocks: they share
+    /// the publishing task, so the budget is checked only when a handler yields (a handler
+    /// that blocks its thread, or computes for long between two `.await`s, is not cut off, and
+    /// holds up the others meanwhile; move such work to `spawn_blocking`). At least 1 ms; none
+    /// by default. The runtime needs tokio's time driver (`enable_time`): without it, each
+    /// handler that waits fails as panicked.
     ///
     /// ```
     /// # use cqrs_core::doc::TicketOpened;
@@ -424,8 +428,9 @@ struct Inner {
 /// Delivers each event to every handler of its type (or to those named, with
 /// [`publish_to`](EventBus::publish_to)), in process. Frozen once built; cloning is cheap.
 ///
-/// Handlers of one event run concurrently; a failing or panicking handler does not stop the
-/// others, and [`publish`](EventBus::publish) reports every failure.
+/// Handlers of one event run concurrently on the publishing task (polled together, not
+/// spawned: a handler that blocks its thread holds up the others); a failing or panicking
+/// handler does not stop the others, and [`publish`](EventBus::publish) reports every failure.
 ///
 /// ```
 /// # use cqrs_core::doc::{TicketOpened, CountOpened};

@@ -21,8 +21,12 @@ type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// so the store's global order is the recording order. Unlike the Postgres layer, nothing is
 /// atomic: the appends run after the handler succeeded, one after the other, so a store that
 /// fails fails the dispatch with the store's error (its kind kept, `Unavailable` is
-/// retryable) once the handler's own effects and the events before are in. As for every sink, a caller that drops the dispatch meanwhile drops the events not
-/// appended yet.
+/// retryable) once the handler's own effects and the events before are in. A caller that
+/// retries then runs the command again, and its events are recorded anew, with new ids
+/// (consumers cannot tell them for duplicates): retry only commands that are safe to run
+/// twice (an idempotency key, a check of the state they change), or use the Postgres layer,
+/// whose events commit with the handler's writes or not at all. As for every sink, a caller
+/// that drops the dispatch meanwhile drops the events not appended yet.
 ///
 /// ```
 /// use cqrs_core::memory::InMemoryEventStore;
