@@ -508,6 +508,25 @@ impl RedisConsumer {
         }
     }
 
+    /// Creates the group again after Redis said it is gone, and forgets what this consumer
+    /// knew of the old one. Warns when it was this consumer that created it: the entries
+    /// still in the stream are all delivered again, which an operator who deleted the group on
+    /// purpose (a retired group, whose consumers still run) wants to know.
+    async fn recreate_group(&mut self) -> Result<(), TransportError> {
+        if self.shared.create_group(&self.keys, &self.group).await? {
+            tracing::warn!(
+                topic = %self.topic,
+                group = %self.group,
+                stream = %self.keys.stream,
+                "the consumer group was gone (deleted with `XGROUP DESTROY` or with its stream, or \
+                 lost with a Redis restarted without persistence); created it again at the start \
+                 of the stream, so every entry still in it is delivered again"
+            );
+        }
+        self.forget_the_old_group();
+        Ok(())
+    }
+
     /// Forgets what this consumer knew of a group that is gone (deleted, or lost with a
     /// restarted server): the group made again at `0` delivers everything again, so what was
     /// held, known, adopted or acknowledged here is not, and its reclaim cursor means nothing.
@@ -539,8 +558,7 @@ impl RedisConsumer {
         self.unsure = true;
         match self.try_step(max).await {
             Err(e) if is_nogroup(&e) => {
-                self.shared.create_group(&self.keys, &self.group).await?;
-                self.forget_the_old_group();
+                self.recreate_group().await?;
                 self.try_step(max).await.map_err(transport_error)
             }
             other => other.map_err(transport_error),
@@ -1152,8 +1170,7 @@ impl RedisConsumer {
             Err(e) if is_nogroup(&e) => {
                 // Refused: it read nothing.
                 self.reader_unsure = false;
-                self.shared.create_group(&self.keys, &self.group).await?;
-                self.forget_the_old_group();
+                self.recreate_group().await?;
                 // Should the group be there after all (created again by another consumer
                 // meanwhile, or a reply taken for gone that was not), what is still pending to
                 // this consumer is taken over again by the next step instead of waiting out

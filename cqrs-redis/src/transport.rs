@@ -215,19 +215,20 @@ impl Shared {
 
     /// Creates `group` at the start of the stream (`0`, so entries published before the group
     /// existed are delivered too), and the stream with it; an existing group is left alone.
+    /// Whether it created the group.
     pub(crate) async fn create_group(
         &self,
         keys: &TopicKeys,
         group: &str,
-    ) -> Result<(), TransportError> {
+    ) -> Result<bool, TransportError> {
         match self
             .client
             .with_options(&self.patient())
             .xgroup_create::<Value, _, _, _>(keys.stream.as_str(), group, "0", true)
             .await
         {
-            Ok(_) => Ok(()),
-            Err(e) if is_busygroup(&e) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if is_busygroup(&e) => Ok(false),
             Err(e) => Err(transport_error(e)),
         }
     }

@@ -4,38 +4,11 @@
 //! dropped, left the group or have been idle past their window.
 
 use crate::proxy::Proxy;
-use crate::support::{Env, consumer_options, plain_redis_host, within};
+use crate::support::{Captured, Env, consumer_options, plain_redis_host, within};
 use cqrs_core::ports::ConsumerOptions;
 use cqrs_core::testing::eventually;
 use cqrs_redis::ConnectionOptions;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// What the warnings logged while it is installed said.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn clear(&self) {
-        self.0.lock().unwrap().clear();
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A consumer that counts as consuming for 11 s after it last read (twice its 5 s `block`,
 /// plus a second) whatever the machine's load, so the test's consumers that never read stay
@@ -63,14 +36,7 @@ async fn consumers_of_a_group_with_other_redelivery_delays_are_reported() {
     let Some(env) = Env::new("delays").await else {
         return;
     };
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _logs = tracing::subscriber::set_default(subscriber);
+    let (captured, _logs) = Captured::warnings();
     within(30, async {
         let topic = env.topic("orders");
         let t = &env.transport;
