@@ -300,6 +300,16 @@ impl Refusal {
 /// }
 /// Router::new().route("/ws", hub.route().layer(axum::middleware::from_fn(client_key)))
 /// # }
+///
+/// // `ConnectInfo` is in the request only when the server is made with it; without it the
+/// // middleware finds no address, puts in no key, and the per-client limit never applies.
+/// # async fn serve(app: Router, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+/// axum::serve(
+///     listener,
+///     app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+/// )
+/// .await
+/// # }
 /// # let _ = AllowAll;
 /// assert_eq!(key_of("::ffff:192.0.2.7".parse().unwrap()), key_of("192.0.2.7".parse().unwrap()));
 /// assert_eq!(

@@ -42,8 +42,13 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
         close: Default::default(),
         metrics: hub.metrics.clone(),
     });
-    hub.connections
-        .insert(conn.id, conn.close.clone(), conn.queue.clone(), expires_at);
+    hub.connections.insert(
+        conn.id,
+        conn.close.clone(),
+        conn.queue.clone(),
+        expires_at,
+        slot.key.clone(),
+    );
     // Checked after registering: a shutdown either saw this connection, or is seen here.
     if hub.is_stopping() {
         conn.close.close(Ending::SHUTDOWN);

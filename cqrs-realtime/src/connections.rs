@@ -16,6 +16,8 @@ struct Handle {
     queue: Arc<SendQueue>,
     /// When the principal's credentials expire (`Authenticator::expires_at`).
     expires_at: Option<DateTime<Utc>>,
+    /// The principal's key (`Authenticator::connection_key`), for closing its connections.
+    key: Option<String>,
 }
 
 /// The open connections, by id. Touched when a connection opens or closes, at shutdown, and
@@ -37,6 +39,7 @@ impl Connections {
         close: Arc<CloseSignal>,
         queue: Arc<SendQueue>,
         expires_at: Option<DateTime<Utc>>,
+        key: Option<String>,
     ) {
         self.lock().insert(
             id,
@@ -44,6 +47,7 @@ impl Connections {
                 close,
                 queue,
                 expires_at,
+                key,
             },
         );
     }
@@ -57,6 +61,15 @@ impl Connections {
         for handle in self.lock().values() {
             handle.close.close(ending);
         }
+    }
+
+    /// Closes with `ending` every connection of the principal whose key is `key`; returns how
+    /// many this call closed (not those already closing).
+    pub(crate) fn close_keyed(&self, key: &str, ending: Ending) -> usize {
+        self.lock()
+            .values()
+            .filter(|handle| handle.key.as_deref() == Some(key) && handle.close.close(ending))
+            .count()
     }
 
     /// Closes with 1008 every connection whose credentials expired at or before `now`, and

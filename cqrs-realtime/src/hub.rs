@@ -597,6 +597,39 @@ impl<P: Send + Sync + 'static> Hub<P> {
         self.inner.upstreams.len().await
     }
 
+    /// Closes with code 1008 and reason `credentials revoked` every open connection of the
+    /// principal whose [`connection_key`](Authenticator::connection_key) is `key`, and returns
+    /// how many it closed: for a user who logged out, was locked out, or lost a role the
+    /// [`Authorizer`] grants topics by (a principal is fixed at the handshake, so its
+    /// connections would otherwise keep what it was granted until its credentials expire, or
+    /// for ever without [`expires_at`](Authenticator::expires_at)). Principals without a key
+    /// are never matched.
+    ///
+    /// It closes the connections open now: make the [`Authenticator`] refuse the revoked
+    /// credentials first, then call this, so a handshake authenticated just before is not
+    /// left open. One pass over the open connections, under the lock their opening and
+    /// closing take; nothing on the path of an event.
+    ///
+    /// ```
+    /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};
+    /// # use cqrs_core::memory::InMemoryPubSub;
+    /// # use std::sync::Arc;
+    /// use cqrs_realtime::Hub;
+    ///
+    /// # let hub = Hub::builder(tokens()).authorizer(TicketRules).routing(TicketRouting)
+    /// #     .pubsub(Arc::new(InMemoryPubSub::new())).build().unwrap();
+    /// // Once user-7's sessions are revoked in the user store:
+    /// let closed = hub.close_connections_of("user-7");
+    /// assert_eq!(closed, 0, "none open in this example");
+    /// ```
+    pub fn close_connections_of(&self, key: &str) -> usize {
+        let closed = self.inner.connections.close_keyed(key, Ending::REVOKED);
+        if closed > 0 {
+            tracing::debug!(connections = closed, "closed a principal's connections");
+        }
+        closed
+    }
+
     /// Closes every connection with code 1001 and refuses new handshakes with 503. The
     /// [`Shutdown`] given to [`HubBuilder::shutdown_on`] does the same.
     pub fn shutdown(&self) {

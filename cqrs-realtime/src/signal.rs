@@ -23,6 +23,10 @@ impl Ending {
         code: close_code::POLICY_VIOLATION,
         reason: "credentials expired",
     };
+    pub(crate) const REVOKED: Ending = Ending::Close {
+        code: close_code::POLICY_VIOLATION,
+        reason: "credentials revoked",
+    };
     pub(crate) const SHUTDOWN: Ending = Ending::Close {
         code: close_code::GOING_AWAY,
         reason: "server shutting down",
