@@ -462,6 +462,79 @@ impl<P: Send + Sync + 'static> Hub<P> {
                 return unauthorized(refusal.message(), Challenge::InvalidToken);
             }
         };
+        self.admit(upgrade, principal, client)
+    }
+
+    /// The handshake of a principal the server authenticated itself (a session cookie, an
+    /// auth middleware whose extension holds the user): no token is read, and the
+    /// [`Authenticator`]'s `authenticate` is not asked; its
+    /// [`connection_key`](Authenticator::connection_key) and
+    /// [`expires_at`](Authenticator::expires_at) are, and every limit applies as for
+    /// [`handle_for_client`](Self::handle_for_client), with its refusals (401 for credentials
+    /// already expired, 429 and 503 past the limits, 503 once stopping).
+    ///
+    /// Browsers send cookies with a WebSocket handshake from any site, and the hub checks no
+    /// `Origin` (a bearer token cannot be sent by another site's page): a server that
+    /// authenticates by cookie must refuse handshakes whose `Origin` is not its own before it
+    /// calls this, or another site's page can open a connection as its visitor
+    /// (cross-site WebSocket hijacking).
+    ///
+    /// ```
+    /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting, User};
+    /// use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+    /// use axum::http::{HeaderMap, StatusCode};
+    /// use axum::response::{IntoResponse, Response};
+    /// use axum::{Extension, Router, routing::get};
+    /// use cqrs_realtime::Hub;
+    ///
+    /// /// What the server's own session middleware put in the request.
+    /// #[derive(Clone)]
+    /// struct Session(User);
+    ///
+    /// async fn ws(
+    ///     Extension(hub): Extension<Hub<User>>,
+    ///     session: Option<Extension<Session>>,
+    ///     headers: HeaderMap,
+    ///     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    /// ) -> Response {
+    ///     // Cookies ride along from any site's page: only our own may open a connection.
+    ///     if headers.get("origin").and_then(|o| o.to_str().ok()) != Some("https://helpdesk.example") {
+    ///         return StatusCode::FORBIDDEN.into_response();
+    ///     }
+    ///     let Some(Extension(Session(user))) = session else {
+    ///         return StatusCode::UNAUTHORIZED.into_response();
+    ///     };
+    ///     hub.handle_authenticated(upgrade, user, None).await
+    /// }
+    ///
+    /// # fn app(hub: Hub<User>) -> Router {
+    /// Router::new().route("/ws", get(ws)).layer(Extension(hub))
+    /// # }
+    /// ```
+    pub async fn handle_authenticated(
+        &self,
+        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+        principal: P,
+        client: Option<ClientKey>,
+    ) -> Response {
+        let inner = &self.inner;
+        inner.start();
+        if inner.is_stopping() {
+            inner.metrics.refused("shutting_down");
+            return shutting_down();
+        }
+        self.admit(upgrade, principal, client)
+    }
+
+    /// The handshake from an authenticated principal on: its expiry, the upgrade's checks,
+    /// the limits, the upgrade.
+    fn admit(
+        &self,
+        upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+        principal: P,
+        client: Option<ClientKey>,
+    ) -> Response {
+        let inner = &self.inner;
         // Asked once; the connection is closed then. Credentials already expired would be
         // closed at the first tick: refuse them here.
         let expires_at = inner.authenticator.expires_at(&principal);

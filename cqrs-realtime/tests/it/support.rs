@@ -161,6 +161,38 @@ async fn client_key_from_header(
     next.run(request).await
 }
 
+/// A server's own handshake for principals it authenticated itself: the user named in
+/// `x-session-user` (`agent-<id>` or `user-<id>`, as a session cookie would stand for), handed
+/// to `Hub::handle_authenticated`; 401 without one.
+async fn session_handshake(
+    axum::Extension(hub): axum::Extension<Hub<User>>,
+    headers: axum::http::HeaderMap,
+    upgrade: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let user = headers
+        .get("x-session-user")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|name| {
+            let (agent, id) = match name.split_once('-')? {
+                ("agent", id) => (true, id),
+                ("user", id) => (false, id),
+                _ => return None,
+            };
+            Some(User {
+                id: id.to_owned(),
+                agent,
+            })
+        });
+    match user {
+        Some(user) => hub.handle_authenticated(upgrade, user, None).await,
+        None => axum::http::StatusCode::UNAUTHORIZED.into_response(),
+    }
+}
+
 impl TestHub {
     /// A hub on an in-memory pub/sub and event store.
     pub(crate) async fn start(options: HubOptions) -> Self {
@@ -245,11 +277,14 @@ impl TestHub {
         let hub = configure(builder).build().expect("valid hub");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().route(
-            "/ws",
-            hub.route()
-                .layer(axum::middleware::from_fn(client_key_from_header)),
-        );
+        let app = Router::new()
+            .route(
+                "/ws",
+                hub.route()
+                    .layer(axum::middleware::from_fn(client_key_from_header)),
+            )
+            .route("/ws-session", axum::routing::get(session_handshake))
+            .layer(axum::Extension(hub.clone()));
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
@@ -272,6 +307,26 @@ impl TestHub {
             .await
             .expect("handshake accepted");
         Client { ws }
+    }
+
+    /// The handshake of `/ws-session`, the server's own, as `user` (`agent-<id>` or
+    /// `user-<id>`), with no token: the response when refused.
+    pub(crate) async fn connect_session(
+        &self,
+        user: &str,
+    ) -> Result<Client, tungstenite::http::Response<Option<Vec<u8>>>> {
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/ws-session", self.addr)
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("x-session-user", user.parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(Client { ws }),
+            Err(tungstenite::Error::Http(response)) => Err(*response),
+            Err(other) => panic!("handshake failed: {other}"),
+        }
     }
 
     /// Connects with a 4 KiB socket receive buffer, so a client that stops reading backs up
