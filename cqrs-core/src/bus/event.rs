@@ -601,19 +601,25 @@ impl EventBus {
     }
 }
 
-/// Publishing a command's recorded events in process. A failed handler is logged, not returned:
-/// the command has already taken effect, and failing its dispatch would invite a retry that
-/// repeats it.
+/// Publishing a command's recorded events in process. A failed handler is logged at error
+/// level and counted (`cqrs_event_sink_failures_total`, label `event_type`), not returned: the
+/// command has already taken effect, and failing its dispatch would invite a retry that
+/// repeats it. Nothing retries the handler: a handler that must see every event is fed by a
+/// relay instead ([`EventBusTransport`](crate::projection::EventBusTransport)).
 #[async_trait]
 impl EventSink for EventBus {
     async fn accept(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
         for envelope in events {
             // Named by ids, so the failed event can be traced back to its command.
-            let (message_id, correlation_id) = (
+            let (message_id, correlation_id, name) = (
                 envelope.metadata.message_id,
                 envelope.metadata.correlation_id,
+                envelope.name(),
             );
             if let Err(error) = self.publish(envelope).await {
+                // A type's wire name: as many series as event types the program has.
+                metrics::counter!("cqrs_event_sink_failures_total", "event_type" => name)
+                    .increment(1);
                 tracing::error!(
                     %error,
                     %message_id,

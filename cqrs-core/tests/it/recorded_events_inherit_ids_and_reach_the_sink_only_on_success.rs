@@ -70,3 +70,47 @@ fn the_event_sink_gets_events_of_successful_commands_only() {
         assert_eq!(counter.seen(), 2);
     });
 }
+
+/// An event bus as the sink: a handler that fails on one of the command's events does not
+/// fail the command (it has taken effect), the events after it are still published, and the
+/// failure is counted by event type, so it does not pass unseen.
+#[test]
+fn a_failing_handler_behind_the_sink_is_counted_and_the_command_succeeds() {
+    let counts = cqrs_core::testing::MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        let counter = Counter {
+            fail_on: Some(2),
+            ..Counter::named("counter")
+        };
+        let events = EventBus::builder()
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let bus = CommandBus::builder()
+            .handler(AddHandler)
+            .event_sink(Arc::new(events))
+            .build()
+            .unwrap();
+        run(async {
+            let sum = bus
+                .dispatch(Add {
+                    a: 1,
+                    b: 1,
+                    record: true,
+                    ..Add::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(sum, 2);
+        });
+        assert_eq!(
+            counter.seen(),
+            2,
+            "the event after the failed one is published"
+        );
+        assert_eq!(
+            counts.get("cqrs_event_sink_failures_total{event_type=test.added}"),
+            1
+        );
+    });
+}
