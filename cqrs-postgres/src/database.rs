@@ -340,9 +340,10 @@ impl PgDatabase {
         // made by `PgOptions` does. Checked here, the one call every server makes at start.
         // And a server that takes no writes (a standby, `default_transaction_read_only`) is
         // told as such here, not by the migration failing as if the server were away.
-        let (isolation, read_only): (String, String) = sqlx::query_as(
+        let (isolation, read_only, encoding): (String, String, String) = sqlx::query_as(
             "SELECT current_setting('default_transaction_isolation'), \
-                    current_setting('transaction_read_only')",
+                    current_setting('transaction_read_only'), \
+                    current_setting('server_encoding')",
         )
         .fetch_one(&mut *conn)
         .await
@@ -358,6 +359,17 @@ impl PgDatabase {
                          (during a failover, start again once a primary is promoted)"
                     .into(),
             }));
+        }
+        // Event payloads, stream ids and keys are text from anyone: a database in another
+        // encoding refuses what it cannot hold (22P05) as if the input were invalid (a 422 for
+        // an emoji in a title), or, as SQL_ASCII, stores bytes unchecked.
+        if encoding != "UTF8" {
+            return Err(PgError::InvalidOptions(vec![format!(
+                "the database's encoding is `{encoding}`, but this crate needs `UTF8` (events and \
+                 keys may hold any Unicode character, which a `{encoding}` database refuses or \
+                 stores unchecked): use a database created with `ENCODING 'UTF8'` (`CREATE \
+                 DATABASE ... ENCODING 'UTF8' TEMPLATE template0`)"
+            )]));
         }
         if isolation != "read committed" {
             return Err(PgError::InvalidOptions(vec![format!(

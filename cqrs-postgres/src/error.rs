@@ -314,9 +314,11 @@ struct NoConnection {
 }
 
 /// A failed `COMMIT`, or a failed statement that was its own transaction. When the
-/// connection failed (reset, closed, a broken stream) or the session was ended under it (an
-/// administrator's or a crash shutdown, 57P01 / 57P02: a backend ended while waiting for a
-/// synchronous standby has already committed locally), the server may have committed: the
+/// connection failed (reset, closed, a broken stream, or a connection exception a pooler
+/// answers with, class 08: PgBouncer's `server conn crashed?` is 08P01) or the session was
+/// ended under it (an administrator's or a crash shutdown, 57P01 / 57P02: a backend ended
+/// while waiting for a synchronous standby has already committed locally), the server may
+/// have committed: the
 /// outcome is unknown, so it is `Timeout` ("may or may not have taken effect"), never
 /// `Unavailable` ("retry"), which would invite a retry that runs the command twice. Other
 /// errors the server answered with (a serialization failure, a deadlock, a full disk) mean
@@ -325,7 +327,8 @@ pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     use sqlx::Error as E;
     let unknown = match &error {
         E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
-        E::Database(_) => matches!(sqlstate(&error).as_deref(), Some("57P01" | "57P02")),
+        E::Database(_) => sqlstate(&error)
+            .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02")),
         _ => false,
     };
     if unknown {
@@ -377,8 +380,9 @@ pub(crate) fn connect_error(error: sqlx::Error, target: String) -> StoreError {
             "a connection pooler in front of the server refuses the startup parameters this \
              client sends (the server settings of `PgOptions::session_settings`, and a \
              `statement_timeout`): turn them off with `PgOptions::session_settings(false)` \
-             and set them on the role or database instead, or tell the pooler to ignore them \
-             (PgBouncer: `ignore_startup_parameters = options`); retrying does not help"
+             and set them on the role or database instead (not by listing `options` in \
+             PgBouncer's `ignore_startup_parameters`, which drops them unannounced, timeouts \
+             included); retrying does not help"
         }
         // The server answered, and refused: no role, a wrong password, no such database.
         sqlx::Error::Database(_)
@@ -546,6 +550,60 @@ mod tests {
         }
         for code in ["23505", "42P01", "25P02", "22012"] {
             assert!(!retryable_sqlstate(code), "{code}");
+        }
+    }
+
+    /// A database error with this SQLSTATE, as the server (or a pooler) answers.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            "answered with an error"
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// A `COMMIT` answered with a connection exception (class 08, as a pooler whose server
+    /// connection died answers) or a shutdown may have committed: an unknown outcome
+    /// (`Timeout`), never "retry"; a serialization failure or a deadlock committed nothing.
+    #[test]
+    fn a_commit_lost_with_its_connection_has_an_unknown_outcome() {
+        let commit = |code| commit_error(sqlx::Error::Database(Box::new(Coded(code))));
+        for code in ["08P01", "08006", "08003", "57P01", "57P02"] {
+            let error = commit(code);
+            assert_eq!(error.kind(), ErrorKind::Timeout, "{code}: {error}");
+            assert!(
+                error
+                    .to_string()
+                    .contains("whether it committed is unknown"),
+                "{code}: {error}"
+            );
+        }
+        for code in ["40001", "40P01"] {
+            assert_eq!(commit(code).kind(), ErrorKind::Unavailable, "{code}");
         }
     }
 

@@ -279,7 +279,7 @@ pub(crate) async fn append_on(
         Err(e) if is_unique_violation(&e, "events_event_id_key") => {
             return Err(StoreError::Backend {
                 backend: BACKEND,
-                source: format!("an event of this batch for stream {stream_id} is already stored (same event id): {}", crate::error::Described(&e)).into(),
+                source: format!("an event of this batch for stream {stream_id} is already stored (same event id; {RETRY_FOUND_IT}): {}", crate::error::Described(&e)).into(),
             });
         }
         // Outside a transaction the statement was its own: a connection lost with it leaves
@@ -381,11 +381,17 @@ async fn already_stored(
         backend: BACKEND,
         source: format!(
             "an event of this batch for stream {stream_id} is already stored, or twice in the \
-             batch (same event id): an event id is stored once"
+             batch (same event id): an event id is stored once ({RETRY_FOUND_IT})"
         )
         .into(),
     }))
 }
+
+/// What an append finding its events stored most likely is: the retry of one whose outcome was
+/// unknown.
+const RETRY_FOUND_IT: &str = "when this is the retry of an append whose outcome was unknown \
+    (a `Timeout`), its first attempt was stored: it took effect, so do not decide it again; \
+    load the stream to go on";
 
 async fn read_version(
     conn: &mut PgConnection,

@@ -228,11 +228,12 @@ impl PgUnitOfWork {
     /// let metadata = ctx.metadata().clone();
     /// let uow = PgUnitOfWork::from_context(ctx)?;
     /// let decided = uow.execute(repo, "t-1", None, TicketCommand::Open, &metadata).await?;
-    /// // Rows of your own, in the same transaction.
+    /// // Rows of your own, in the same transaction. `store_error` keeps the failure's kind:
+    /// // a deadlock or serialization failure stays retryable, not a 500.
     /// sqlx::query("UPDATE counters SET open = open + 1")
     ///     .execute(uow.connection().await?)
     ///     .await
-    ///     .map_err(cqrs_core::HandlerError::internal)?;
+    ///     .map_err(|e| cqrs_core::HandlerError::from(cqrs_postgres::store_error(e)))?;
     /// assert!(decided.state.open);
     /// # Ok(())
     /// # }

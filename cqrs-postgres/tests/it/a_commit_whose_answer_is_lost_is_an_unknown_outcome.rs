@@ -117,7 +117,8 @@ pg_test! {
             .unwrap_err();
         assert!(
             !matches!(retried, StoreError::Conflict { .. })
-                && retried.to_string().contains("already stored"),
+                && retried.to_string().contains("already stored")
+                && retried.to_string().contains("its first attempt was stored: it took effect"),
             "a retry of a stored event is a duplicate, no conflict: {retried}"
         );
         assert_eq!(crate::support::event_count(&db).await, 2);

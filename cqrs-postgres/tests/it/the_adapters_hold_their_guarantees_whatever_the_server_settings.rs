@@ -110,3 +110,45 @@ pg_test! {
         assert!(db.event_store().load("a", 0).await.unwrap().is_empty());
     }
 }
+
+pg_test! {
+    /// A database in another encoding than UTF8 is refused at start-up, naming the encoding
+    /// and how to make one: it would refuse ordinary text (an emoji in a title) as invalid
+    /// input, a 422 for a server problem.
+    async fn a_database_that_is_not_utf8_is_refused_by_migrate(db: PgDatabase) {
+        // A database of its own, named after the test's schema, made and dropped here.
+        let name = format!("{}_latin1", db.schema());
+        let create = format!(
+            "CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0"
+        );
+        cqrs_postgres::sqlx::raw_sql(cqrs_postgres::sqlx::AssertSqlSafe(create))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let url = database_url();
+        let (base, query) = url.split_once('?').map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
+        let (server, _) = base.rsplit_once('/').expect("a URL with a database");
+        let latin1_url = match query {
+            Some(query) => format!("{server}/{name}?{query}"),
+            None => format!("{server}/{name}"),
+        };
+        let latin1 = PgOptions::new(latin1_url)
+            .schema("app")
+            .max_connections(1)
+            .connect()
+            .await
+            .unwrap();
+        let error = latin1.migrate().await.expect_err("refused");
+        latin1.pool().close().await;
+        let drop = format!("DROP DATABASE \"{name}\" WITH (FORCE)");
+        cqrs_postgres::sqlx::raw_sql(cqrs_postgres::sqlx::AssertSqlSafe(drop))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        assert!(matches!(error, PgError::InvalidOptions(_)), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("encoding is `LATIN1`"), "{message}");
+        assert!(message.contains("ENCODING 'UTF8'"), "{message}");
+    }
+}
