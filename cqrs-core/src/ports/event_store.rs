@@ -142,7 +142,9 @@ impl fmt::Display for ExpectedVersion {
 /// * **Optimistic concurrency.** With `ExpectedVersion::Exactly(v)`, the append fails with
 ///   [`StoreError::Conflict`] unless the stream is at `v`; of many concurrent appends at one
 ///   version exactly one wins. This is enforced by the store (a unique constraint, a lock),
-///   never by reading first and writing after.
+///   never by reading first and writing after. An empty append at `Exactly(v)` is a guard:
+///   a conflict unless the stream is at `v`, and nothing stored either way (at `Any` it
+///   checks nothing).
 /// * **Load.** `load(stream, after)` returns the stream's events with a version greater than
 ///   `after`, in version order.
 /// * **Global order.** `read_all(after, limit)` returns events with a position greater than

@@ -66,8 +66,9 @@ pub struct ConsumerOptions {
     /// How long a nacked message, or one delivered but not acknowledged (its consumer crashed),
     /// waits before it is delivered again. Default 30 s. A transport may refuse short ones:
     /// the Redis transport refuses less than 100 ms (`cqrs_redis::MIN_REDELIVERY_DELAY`), the
-    /// in-memory one takes any, so keep test options at 100 ms or more if they must also run
-    /// against Redis.
+    /// in-memory one less than 2 ms
+    /// ([`memory::MIN_REDELIVERY_DELAY`](crate::memory::MIN_REDELIVERY_DELAY)), so keep test
+    /// options at 100 ms or more if they must also run against Redis.
     pub redelivery_delay: Duration,
     /// Deliveries after which a message is dead-lettered instead of retried. Default 10; at
     /// least 1. Every transport must honour it (the conformance suite's

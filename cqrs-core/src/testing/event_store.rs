@@ -80,6 +80,7 @@ macro_rules! event_store_conformance {
             [
                 append_then_load_returns_events_in_order_with_versions,
                 a_stale_expected_version_is_a_conflict,
+                an_empty_append_checks_the_version_and_stores_nothing,
                 a_conflicting_batch_writes_nothing,
                 an_event_id_is_stored_once,
                 concurrent_appends_at_one_version_exactly_one_wins,
@@ -317,6 +318,48 @@ pub async fn a_stale_expected_version_is_a_conflict<H: EventStoreHarness>(h: &H)
         "an append expecting version 1 of a missing stream is a conflict at 0, not: {result:?}"
     );
     assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
+}
+
+/// An empty append at a version is a guard: a conflict unless the stream is at that version,
+/// and nothing stored either way; at `Any` it checks nothing. (A unit of work appends an
+/// empty batch to commit its writes only if a stream did not move.)
+pub async fn an_empty_append_checks_the_version_and_stores_nothing<H: EventStoreHarness>(h: &H) {
+    let store = h.store();
+    let stream = format!("{}-g", h.test_id());
+    let missing = format!("{stream}-missing");
+    let guard = |stream: String, expected| {
+        let store = store.clone();
+        async move { store.append(&stream, expected, Vec::new()).await }
+    };
+    let stored = guard(missing.clone(), ExpectedVersion::NO_STREAM).await;
+    assert!(
+        matches!(&stored, Ok(records) if records.is_empty()),
+        "an empty append expecting no stream, on none: {stored:?}"
+    );
+    store
+        .append(&stream, ExpectedVersion::NO_STREAM, vec![record(1)])
+        .await
+        .unwrap();
+    for expected in [ExpectedVersion::NO_STREAM, ExpectedVersion::Exactly(2)] {
+        match guard(stream.clone(), expected).await {
+            Err(StoreError::Conflict {
+                expected: e,
+                actual,
+                ..
+            }) => assert_eq!((e, actual), (expected, 1)),
+            other => panic!("an empty append at {expected} on a stream at 1: {other:?}"),
+        }
+    }
+    for expected in [ExpectedVersion::Exactly(1), ExpectedVersion::Any] {
+        let stored = guard(stream.clone(), expected).await;
+        assert!(
+            matches!(&stored, Ok(records) if records.is_empty()),
+            "an empty append at {expected} on a stream at 1: {stored:?}"
+        );
+    }
+    assert_eq!(numbers(&store.load(&stream, 0).await.unwrap()), [1]);
+    assert_eq!(store.stream_version(&stream).await.unwrap(), 1);
+    assert_eq!(store.stream_version(&missing).await.unwrap(), 0);
 }
 
 /// A batch rejected for its version leaves no trace: not one of its events is stored.
