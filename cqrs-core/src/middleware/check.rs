@@ -141,14 +141,8 @@ where
         // Refused without a call to the inner service: the handler never runs, and nothing
         // is allocated for the refusal beyond the error itself.
         match (self.check)(&dispatch) {
-            Ok(()) => CheckFuture {
-                inner: Some(self.inner.call(dispatch)),
-                refused: None,
-            },
-            Err(refused) => CheckFuture {
-                inner: None,
-                refused: Some(refused),
-            },
+            Ok(()) => CheckFuture::passed(self.inner.call(dispatch)),
+            Err(refused) => CheckFuture::refused(refused),
         }
     }
 }
@@ -162,6 +156,24 @@ pin_project_lite::pin_project! {
         inner: Option<F>,
         // The check's refusal, until polled.
         refused: Option<HandlerError>,
+    }
+}
+
+impl<F> CheckFuture<F> {
+    /// The inner dispatch's future: the check passed.
+    pub(crate) fn passed(inner: F) -> Self {
+        Self {
+            inner: Some(inner),
+            refused: None,
+        }
+    }
+
+    /// A refusal, answered when polled; the inner service was not called.
+    pub(crate) fn refused(refused: HandlerError) -> Self {
+        Self {
+            inner: None,
+            refused: Some(refused),
+        }
     }
 }
 

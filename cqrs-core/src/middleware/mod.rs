@@ -8,6 +8,7 @@
 //! * [`MetricsLayer`]: dispatch counts by outcome and latency histograms, through `metrics`.
 //! * [`CheckLayer`]: a synchronous check of every dispatch (an authorization rule), written
 //!   as one closure.
+//! * [`RateLimitLayer`]: a token bucket per actor for commands and queries.
 //!
 //! # Writing your own: an authorization check that awaits a lookup
 //!
@@ -135,11 +136,13 @@
 
 mod check;
 mod metrics;
+mod rate_limit;
 mod timeout;
 mod trace;
 
 pub use check::{Check, CheckFuture, CheckLayer};
 pub use metrics::{Metrics, MetricsFuture, MetricsLayer};
+pub use rate_limit::{RateLimit, RateLimitLayer};
 pub(crate) use timeout::Budgeted;
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 pub use trace::{Trace, Traced, TracingLayer};

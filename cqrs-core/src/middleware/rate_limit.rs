@@ -1,0 +1,284 @@
+//! A limit on how often each actor may dispatch: a token bucket per actor.
+
+use super::check::CheckFuture;
+use crate::clock::{Clock, SystemClock};
+use crate::{BoxError, Dispatch, DispatchError, HandlerError, MessageKind, Reply};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{Layer, Service};
+
+/// Limits how often each actor may send commands and queries: a token bucket per
+/// [`Metadata::actor`](crate::Metadata::actor) (the stable user id a gateway sets), refilled
+/// at `per_second` up to `burst`. A dispatch past the limit is refused before the handler
+/// runs, as [`ErrorKind::RateLimited`](crate::ErrorKind::RateLimited) (a 429), code
+/// `rate_limited`, with `details.retry_after`: the whole seconds until the actor's next
+/// dispatch is let through.
+///
+/// For the work a signed-in user can make a server do at will (read a large aggregate again
+/// and again): a limit per address (the gateway's) lets one user with many addresses through,
+/// and one per account lets one address with many accounts through, so a server wants both.
+///
+/// * Dispatches without an actor (system work, a worker's commands, requests before sign-in)
+///   and events (an event bus handles what has happened; refusing it would dead-letter it)
+///   are not limited.
+/// * Memory is bounded: at most [`max_actors`](Self::max_actors) buckets (100,000 by default,
+///   about 100 bytes each). When they are all taken, the buckets that have refilled (idle
+///   actors) are dropped, at most once per refill time (`burst / per_second`); when none has,
+///   a new actor is let through untracked until one is, logged at warn level once per refill
+///   time: an attacker with that many busy accounts is past what a per-actor limit is for.
+/// * The limit is per process: with several instances behind a load balancer, an actor gets
+///   up to the limit from each.
+/// * Time is read from a [`Clock`] ([`clock`](Self::clock); the system's by default), once per
+///   dispatch of an actor; the buckets sit behind one mutex, held for a map lookup.
+///
+/// Put it outside the layers that do work (a timeout, a unit of work), so a refused dispatch
+/// costs nothing else; and inside the tracing and metrics layers, so refusals are traced and
+/// counted.
+///
+/// ```
+/// # use cqrs_core::doc::{OpenTicket, OpenTicketHandler};
+/// use cqrs_core::middleware::RateLimitLayer;
+/// use cqrs_core::{CommandBus, ErrorKind, Metadata};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let bus = CommandBus::builder()
+///     .layer(RateLimitLayer::per_actor(5.0, 2))
+///     .handler(OpenTicketHandler)
+///     .build()?;
+///
+/// let alice = || Metadata::new().with_actor("alice");
+/// let open = || OpenTicket { title: "Printer on fire".into() };
+/// bus.dispatch_with(open(), alice()).await?;
+/// bus.dispatch_with(open(), alice()).await?;
+/// // A burst of two, refilled at five a second.
+/// let refused = bus.dispatch_with(open(), alice()).await.unwrap_err();
+/// assert_eq!(refused.kind(), ErrorKind::RateLimited);
+/// // Another actor has a bucket of its own; no actor, no limit.
+/// bus.dispatch_with(open(), Metadata::new().with_actor("bob")).await?;
+/// bus.dispatch_with(open(), Metadata::new()).await?;
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limiter: Arc<Limiter>,
+}
+
+impl fmt::Debug for RateLimitLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("per_second", &self.limiter.per_second)
+            .field("burst", &self.limiter.burst)
+            .field("max_actors", &self.limiter.max_actors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayer {
+    /// Each actor may dispatch `per_second` times a second on average, and `burst` times at
+    /// once (a bucket starts full).
+    ///
+    /// # Panics
+    ///
+    /// When `per_second` is not a positive, finite number, or `burst` is 0: such a limit would
+    /// refuse everything, or never refill.
+    pub fn per_actor(per_second: f64, burst: u32) -> Self {
+        assert!(
+            per_second.is_finite() && per_second > 0.0,
+            "RateLimitLayer::per_actor: per_second must be a positive, finite number of \
+             dispatches, got {per_second}"
+        );
+        assert!(
+            burst > 0,
+            "RateLimitLayer::per_actor: a burst of 0 would refuse every dispatch; use at least 1"
+        );
+        Self {
+            limiter: Arc::new(Limiter {
+                per_second,
+                burst: f64::from(burst),
+                max_actors: 100_000,
+                clock: Arc::new(SystemClock),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Reads time from `clock` (tests pass a [`ManualClock`](crate::clock::ManualClock)).
+    pub fn clock(self, clock: Arc<dyn Clock>) -> Self {
+        self.with(|limiter| limiter.clock = clock)
+    }
+
+    /// The most actors tracked at once (at least 1; 100,000 by default); see the type's docs.
+    pub fn max_actors(self, max: usize) -> Self {
+        self.with(|limiter| limiter.max_actors = max.max(1))
+    }
+
+    /// Changes the limiter's settings: a layer whose limiter is shared already (cloned,
+    /// layered) gets a fresh one with them, with no bucket.
+    fn with(self, change: impl FnOnce(&mut Limiter)) -> Self {
+        let mut limiter = Arc::try_unwrap(self.limiter).unwrap_or_else(|shared| Limiter {
+            per_second: shared.per_second,
+            burst: shared.burst,
+            max_actors: shared.max_actors,
+            clock: shared.clock.clone(),
+            state: Mutex::new(State::default()),
+        });
+        change(&mut limiter);
+        Self {
+            limiter: Arc::new(limiter),
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limiter: self.limiter.clone(),
+        }
+    }
+}
+
+/// The service made by [`RateLimitLayer`].
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: Arc<Limiter>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for RateLimit<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<Dispatch> for RateLimit<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Reply;
+    type Error = DispatchError;
+    type Future = CheckFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| DispatchError::from_layer(e.into()))
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let actor = match dispatch.kind() {
+            MessageKind::Event => None,
+            MessageKind::Command | MessageKind::Query => dispatch.metadata().actor.as_deref(),
+        };
+        match actor.map(|actor| self.limiter.take(actor)) {
+            Some(Err(wait)) => CheckFuture::refused(self.limiter.refusal(wait)),
+            Some(Ok(())) | None => CheckFuture::passed(self.inner.call(dispatch)),
+        }
+    }
+}
+
+/// The buckets, and what they are filled with.
+struct Limiter {
+    per_second: f64,
+    burst: f64,
+    max_actors: usize,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    buckets: HashMap<String, Bucket>,
+    /// When the buckets were last swept for refilled ones, with all of them taken: not again
+    /// before a refill time has passed.
+    swept: Option<DateTime<Utc>>,
+}
+
+/// An actor's tokens as of `at`.
+struct Bucket {
+    tokens: f64,
+    at: DateTime<Utc>,
+}
+
+impl Limiter {
+    /// Takes a token of `actor`'s, or says how long until one is there.
+    fn take(&self, actor: &str) -> Result<(), Duration> {
+        let now = self.clock.now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(bucket) = state.buckets.get_mut(actor) {
+            // A clock that went back refills nothing.
+            let elapsed = (now - bucket.at).to_std().unwrap_or_default();
+            bucket.tokens =
+                (bucket.tokens + elapsed.as_secs_f64() * self.per_second).min(self.burst);
+            bucket.at = now;
+            if bucket.tokens >= 1.0 {
+                bucket.tokens -= 1.0;
+                return Ok(());
+            }
+            return Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / self.per_second,
+            ));
+        }
+        if state.buckets.len() >= self.max_actors && !self.sweep(&mut state, now) {
+            return Ok(());
+        }
+        state.buckets.insert(
+            actor.to_owned(),
+            Bucket {
+                tokens: self.burst - 1.0,
+                at: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops the buckets that have refilled (their actors idle for a refill time), at most
+    /// once per refill time; whether there is room for a new one after it.
+    fn sweep(&self, state: &mut State, now: DateTime<Utc>) -> bool {
+        let refill = Duration::from_secs_f64(self.burst / self.per_second);
+        let due = state
+            .swept
+            .is_none_or(|at| (now - at).to_std().is_ok_and(|since| since >= refill));
+        if due {
+            state.swept = Some(now);
+            let (per_second, burst) = (self.per_second, self.burst);
+            state.buckets.retain(|_, bucket| {
+                let idle = (now - bucket.at).to_std().unwrap_or_default();
+                bucket.tokens + idle.as_secs_f64() * per_second < burst
+            });
+            if state.buckets.len() < self.max_actors {
+                return true;
+            }
+            tracing::warn!(
+                max_actors = self.max_actors,
+                "every rate-limit bucket is in use and none has refilled: new actors are let \
+                 through untracked until one has (raise `max_actors`, or lower the limit's \
+                 refill time)"
+            );
+        }
+        false
+    }
+
+    /// The refusal of a dispatch that must wait `wait`.
+    fn refusal(&self, wait: Duration) -> HandlerError {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        HandlerError::rate_limited(
+            "rate_limited",
+            format!(
+                "too many requests: at most {} at once and {} a second; try again in {seconds} s",
+                self.burst, self.per_second
+            ),
+        )
+        .with_details(serde_json::json!({ "retry_after": seconds }))
+    }
+}
