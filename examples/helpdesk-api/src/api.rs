@@ -29,13 +29,19 @@ impl Operation {
         self
     }
 
-    /// Requires a bearer token. Adds its answers: 401, and 503 (the user store, which every
-    /// authenticated request asks, could not be asked), unless the operation describes a 503
-    /// itself (before or after).
+    /// Requires a bearer token. Adds its answers: 401, 429 (the user's requests past the
+    /// server's limit per user) and 503 (the user store, which every authenticated request
+    /// asks, could not be asked), each of the last two unless the operation describes it itself
+    /// (before or after).
     pub fn bearer(mut self) -> Self {
         self.doc
             .insert("security".into(), json!([{ "bearer": [] }]));
         self.response(401, "missing or invalid token (`unauthorized`)", None)
+            .default_response(
+                429,
+                "this user made more requests than the server allows one user (`rate_limited`, \
+                 with `Retry-After` and `details.retry_after`, in seconds)",
+            )
             .default_response(
                 503,
                 "the user store could not be asked (`unavailable`, with `Retry-After`), or the \

@@ -276,10 +276,15 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
     // `ctx.record` reaches the consumers and the WebSocket clients on either backend.
     // The server's clock (a test's `ManualClock`) stamps what handlers record, as it does
     // tokens, throttles and expiries.
+    // One limit for both buses: a user's commands and queries share one budget.
+    let user_limit = config
+        .user_rate_limit()
+        .map(|limit| limit.clock(clock.clone()));
     let mut commands = CommandBus::builder()
         .clock(clock.clone())
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
+        .layer(tower::util::option_layer(user_limit.clone()))
         .layer(TimeoutLayer::new(budget))
         .layer(tower::util::option_layer(
             backends.postgres.as_ref().map(PgDatabase::command_layer),
@@ -293,6 +298,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         .clock(clock.clone())
         .layer(TracingLayer::new())
         .layer(MetricsLayer::new())
+        .layer(tower::util::option_layer(user_limit))
         .layer(TimeoutLayer::new(budget))
         .handlers(registrar.take_queries())
         .build()?;

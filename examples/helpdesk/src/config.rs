@@ -154,6 +154,18 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_LOGIN_WINDOW", default_value_t = 900)]
     pub login_window_seconds: u64,
 
+    /// Requests a signed-in user may make per second, on average (commands and queries: every
+    /// route past sign-in, WebSocket subscribes included), each instance counting its own;
+    /// past it a request gets 429 with `Retry-After`. Any one user can otherwise keep the
+    /// server reading a large ticket again and again. 0 turns the limit off.
+    #[arg(long, env = "HELPDESK_USER_REQUESTS_PER_SECOND", default_value_t = 50)]
+    pub user_requests_per_second: u32,
+
+    /// Requests a signed-in user may make at once, above the rate (a page that loads several
+    /// things, a client reconnecting); at least 1.
+    #[arg(long, env = "HELPDESK_USER_REQUEST_BURST", default_value_t = 100)]
+    pub user_request_burst: u32,
+
     /// Comma-separated addresses of reverse proxies in front of the server (for example
     /// 127.0.0.1 for an nginx on the same host). For requests from them, the client address
     /// (login throttling) is taken from X-Forwarded-For; from anyone else that header is
@@ -399,6 +411,8 @@ impl std::fmt::Debug for Config {
             .field("shutdown_delay_ms", &self.shutdown_delay_ms)
             .field("login_attempts", &self.login_attempts)
             .field("login_window_seconds", &self.login_window_seconds)
+            .field("user_requests_per_second", &self.user_requests_per_second)
+            .field("user_request_burst", &self.user_request_burst)
             .field("trusted_proxies", &self.trusted_proxies)
             .field("poll_ms", &self.poll_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
@@ -428,6 +442,16 @@ impl std::fmt::Debug for Config {
 const MAX_SHUTDOWN_DELAY_MS: u64 = 600_000;
 
 impl Config {
+    /// The limit on each signed-in user's commands and queries, unless it is off.
+    pub(crate) fn user_rate_limit(&self) -> Option<cqrs_core::middleware::RateLimitLayer> {
+        (self.user_requests_per_second > 0).then(|| {
+            cqrs_core::middleware::RateLimitLayer::per_actor(
+                f64::from(self.user_requests_per_second),
+                self.user_request_burst.max(1),
+            )
+        })
+    }
+
     /// Reads the flags in `args` (the first is the program's name) and, for each flag not
     /// given, its variable in `env`; a variable set to the empty string, or to only
     /// whitespace, counts as unset (as `DATABASE_URL=` in a compose file or a shell means). The binary passes
@@ -814,6 +838,13 @@ impl Config {
                  it is {}",
                 self.max_concurrent_hashes.unwrap_or_default()
             ));
+        }
+        if self.user_request_burst == 0 {
+            problems.push(
+                "HELPDESK_USER_REQUEST_BURST must be at least 1 (to turn the limit off, set \
+                 HELPDESK_USER_REQUESTS_PER_SECOND to 0)"
+                    .into(),
+            );
         }
         if self.ws_connections_per_address == 0 {
             problems.push("HELPDESK_WS_CONNECTIONS_PER_ADDRESS must be at least 1".into());

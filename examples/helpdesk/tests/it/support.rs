@@ -263,6 +263,9 @@ pub fn test_config(backend: &Backend) -> Config {
         agent_code: Some(AGENT_CODE.into()),
         poll_ms: 10,
         shutdown_grace_ms: 2_000,
+        // Tests send hundreds of requests as one user within a second; the limit has a test
+        // of its own (`each_user_is_held_to_its_request_rate`).
+        user_requests_per_second: 0,
         ..Config::default()
     };
     backend.configure(&mut config);

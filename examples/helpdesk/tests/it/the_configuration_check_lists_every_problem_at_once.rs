@@ -201,3 +201,19 @@ fn urls_are_taken_without_surrounding_spaces() {
     );
     assert_eq!(set.redis_url.as_deref(), Some("redis://cache:6379"));
 }
+
+#[test]
+fn a_request_burst_of_zero_is_refused_saying_how_to_turn_the_limit_off() {
+    let problems = config(&[("HELPDESK_USER_REQUEST_BURST", "0")])
+        .validate()
+        .expect_err("a burst of 0");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("HELPDESK_USER_REQUEST_BURST must be at least 1")
+            && problems[0].contains("HELPDESK_USER_REQUESTS_PER_SECOND to 0"),
+        "{problems:?}"
+    );
+    config(&[("HELPDESK_USER_REQUESTS_PER_SECOND", "0")])
+        .validate()
+        .expect("the limit turned off");
+}
