@@ -142,6 +142,10 @@ impl Authorizer<User> for TicketRules {
         {
             Ok(true) => Ok(()),
             Ok(false) => Err(Refusal::forbidden("you may not follow this ticket")),
+            // The user's request limit: theirs to wait out, no fault of the server's.
+            Err(e) if e.kind() == cqrs_core::ErrorKind::RateLimited => Err(Refusal::unavailable(
+                "too many requests from this user; try again in a few seconds",
+            )),
             Err(e) => {
                 tracing::error!(error = %e, ticket = %id, "could not read a ticket to authorize a subscription");
                 Err(Refusal::unavailable(
