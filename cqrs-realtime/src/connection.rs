@@ -3,7 +3,7 @@
 //! never stalls the delivery of events on other subscriptions).
 
 use crate::hub::{ConnectionSlot, HubInner};
-use crate::queue::{Outgoing, SendQueue};
+use crate::queue::Outgoing;
 use crate::registry::{Conn, Slot};
 use crate::signal::Ending;
 use crate::{ClientFrame, ErrorCode, ServerFrame, Topic};
@@ -35,21 +35,20 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
     expires_at: Option<DateTime<Utc>>,
 ) {
     let (sink, mut stream) = socket.split();
+    let Some(listed) = slot.listed.as_ref() else {
+        // Every accepted handshake is listed before its upgrade (`Hub::admit`).
+        tracing::error!("a realtime connection started without its entry in the hub's list");
+        return;
+    };
     let conn = Arc::new(Conn {
-        id: hub.next_id(),
+        id: listed.id,
         principal,
-        queue: Arc::new(SendQueue::new(hub.options.send_queue)),
-        close: Default::default(),
+        queue: listed.queue.clone(),
+        close: listed.close.clone(),
         metrics: hub.metrics.clone(),
     });
-    hub.connections.insert(
-        conn.id,
-        conn.close.clone(),
-        conn.queue.clone(),
-        expires_at,
-        slot.key.clone(),
-    );
-    // Checked after registering: a shutdown either saw this connection, or is seen here.
+    // Listed since its handshake was accepted: a shutdown either saw this connection, or is
+    // seen here.
     if hub.is_stopping() {
         conn.close.close(Ending::SHUTDOWN);
     }

@@ -259,6 +259,17 @@ pub(crate) struct ConnectionSlot<P> {
     client: Option<String>,
     /// Whether the connection holds a place in the hub (`open`).
     placed: bool,
+    /// The connection as listed in `connections` from its accepted handshake on, before its
+    /// upgrade completes: a shutdown, an expiry tick or a revocation
+    /// ([`Hub::close_connections_of`]) in between closes it too, through its signal.
+    pub(crate) listed: Option<Listed>,
+}
+
+/// A connection's entry in the hub's list, made when its handshake is accepted.
+pub(crate) struct Listed {
+    pub(crate) id: u64,
+    pub(crate) close: Arc<crate::signal::CloseSignal>,
+    pub(crate) queue: Arc<crate::queue::SendQueue>,
 }
 
 /// Counts one more connection under `key` unless it holds `limit` already.
@@ -289,6 +300,9 @@ fn count_out(counts: &std::sync::Mutex<HashMap<String, usize>>, key: &str) {
 
 impl<P> Drop for ConnectionSlot<P> {
     fn drop(&mut self) {
+        if let Some(listed) = self.listed.take() {
+            self.hub.connections.remove(listed.id);
+        }
         if let Some(key) = self.key.take() {
             count_out(&self.hub.per_principal, &key);
         }
@@ -577,6 +591,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             key: None,
             client: None,
             placed: false,
+            listed: None,
         };
         if let Some(key) = inner.authenticator.connection_key(&principal) {
             let per_principal = inner.options.max_connections_per_principal;
@@ -641,6 +656,22 @@ impl<P: Send + Sync + 'static> Hub<P> {
             inner.metrics.refused("shutting_down");
             return shutting_down();
         }
+        // Listed now, not once the upgrade completes: a revocation between the two would
+        // find nothing to close. (A shutdown in between is seen by the connection's own check
+        // after it starts, too.)
+        let listed = Listed {
+            id: inner.next_id(),
+            close: Default::default(),
+            queue: Arc::new(crate::queue::SendQueue::new(inner.options.send_queue)),
+        };
+        inner.connections.insert(
+            listed.id,
+            listed.close.clone(),
+            listed.queue.clone(),
+            expires_at,
+            slot.key.clone(),
+        );
+        slot.listed = Some(listed);
         let hub = inner.clone();
         let o = &inner.options;
         upgrade
@@ -678,10 +709,13 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// for ever without [`expires_at`](Authenticator::expires_at)). Principals without a key
     /// are never matched.
     ///
-    /// It closes the connections open now: make the [`Authenticator`] refuse the revoked
-    /// credentials first, then call this, so a handshake authenticated just before is not
-    /// left open. One pass over the open connections, under the lock their opening and
-    /// closing take; nothing on the path of an event.
+    /// It closes the connections listed now: every handshake past its authentication is,
+    /// before its client gets the answer, so also one whose upgrade has not completed. Make
+    /// the [`Authenticator`] refuse the revoked credentials first, then call this: a handshake
+    /// is then either listed, and closed, or refused, but for one whose authentication ends
+    /// at the very moment of the call, on another thread. One pass over the open
+    /// connections, under the lock their opening and closing take; nothing on the path of
+    /// an event.
     ///
     /// ```
     /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};
