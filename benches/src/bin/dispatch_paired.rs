@@ -199,8 +199,8 @@ async fn time_boxed_queries(
 mod tests {
     use super::measure;
 
-    /// A short run reaches every bus and baseline (each dispatch's answer is checked) and
-    /// reports a finite, positive ratio for each of the six comparisons.
+    /// A short run reaches every bus and baseline (one answer of each is checked before it is
+    /// timed) and reports a finite, positive ratio for each of the six comparisons.
     #[test]
     fn a_short_run_reports_every_comparison() {
         let results = measure(2, 10);

@@ -22,18 +22,27 @@ use tower::{Layer, Service};
 /// and again): a limit per address (the gateway's) lets one user with many addresses through,
 /// and one per account lets one address with many accounts through, so a server wants both.
 ///
-/// * Dispatches without an actor (system work, a worker's commands, requests before sign-in)
-///   and events (an event bus handles what has happened; refusing it would dead-letter it)
-///   are not limited.
+/// * Only what a caller starts is limited: a dispatch with an actor and no causation id (a
+///   gateway's `Metadata::new().with_actor(..)`). Dispatches without an actor (requests before
+///   sign-in, system work), dispatches caused by another message (a policy's commands, made
+///   with `EventContext::caused`, which keeps the actor: the user's request was counted
+///   once, and nothing retries a refused one behind an in-process event sink) and events (an
+///   event bus handles what has happened; refusing it would dead-letter it) pass.
 /// * Memory is bounded: at most [`max_actors`](Self::max_actors) buckets (100,000 by default,
 ///   about 100 bytes each). When they are all taken, the buckets that have refilled (idle
-///   actors) are dropped, at most once per refill time (`burst / per_second`); when none has,
-///   a new actor is let through untracked until one is, logged at warn level once per refill
-///   time: an attacker with that many busy accounts is past what a per-actor limit is for.
+///   actors) are dropped, in one pass over them under the mutex, at most once per refill time
+///   (`burst / per_second`) and once a second; when none has, a new actor is let through
+///   untracked until one has, logged at warn level at most once per pass: an attacker with
+///   that many busy accounts is past what a per-actor limit is for.
 /// * The limit is per process: with several instances behind a load balancer, an actor gets
 ///   up to the limit from each.
 /// * Time is read from a [`Clock`] ([`clock`](Self::clock); the system's by default), once per
-///   dispatch of an actor; the buckets sit behind one mutex, held for a map lookup.
+///   dispatch of an actor; the buckets sit behind one mutex, held for a map lookup (and, when
+///   they are all taken, for the pass above). A clock set back refills nothing.
+/// * Clones of the layer share its buckets: one layer cloned onto a command bus and a query
+///   bus gives each actor one budget for both. Set [`clock`](Self::clock) and
+///   [`max_actors`](Self::max_actors) before cloning: on a layer already cloned they make a
+///   limiter of its own, with no bucket.
 ///
 /// Put it outside the layers that do work (a timeout, a unit of work), so a refused dispatch
 /// costs nothing else; and inside the tracing and metrics layers, so refusals are traced and
@@ -46,7 +55,7 @@ use tower::{Layer, Service};
 ///
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let bus = CommandBus::builder()
-///     .layer(RateLimitLayer::per_actor(5.0, 2))
+///     .layer(RateLimitLayer::per_actor(0.01, 2))
 ///     .handler(OpenTicketHandler)
 ///     .build()?;
 ///
@@ -54,7 +63,7 @@ use tower::{Layer, Service};
 /// let open = || OpenTicket { title: "Printer on fire".into() };
 /// bus.dispatch_with(open(), alice()).await?;
 /// bus.dispatch_with(open(), alice()).await?;
-/// // A burst of two, refilled at five a second.
+/// // A burst of two, refilled at one every 100 s.
 /// let refused = bus.dispatch_with(open(), alice()).await.unwrap_err();
 /// assert_eq!(refused.kind(), ErrorKind::RateLimited);
 /// // Another actor has a bucket of its own; no actor, no limit.
@@ -176,9 +185,12 @@ where
     }
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let metadata = dispatch.metadata();
         let actor = match dispatch.kind() {
-            MessageKind::Event => None,
-            MessageKind::Command | MessageKind::Query => dispatch.metadata().actor.as_deref(),
+            MessageKind::Command | MessageKind::Query if metadata.causation_id.is_none() => {
+                metadata.actor.as_deref()
+            }
+            _ => None,
         };
         match actor.map(|actor| self.limiter.take(actor)) {
             Some(Err(wait)) => CheckFuture::refused(self.limiter.refusal(wait)),
@@ -225,9 +237,11 @@ impl Limiter {
                 bucket.tokens -= 1.0;
                 return Ok(());
             }
-            return Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.per_second,
-            ));
+            // A rate so low that the wait overflows a `Duration`: as good as never.
+            return Err(
+                Duration::try_from_secs_f64((1.0 - bucket.tokens) / self.per_second)
+                    .unwrap_or(Duration::MAX),
+            );
         }
         if state.buckets.len() >= self.max_actors && !self.sweep(&mut state, now) {
             return Ok(());
@@ -243,12 +257,17 @@ impl Limiter {
     }
 
     /// Drops the buckets that have refilled (their actors idle for a refill time), at most
-    /// once per refill time; whether there is room for a new one after it.
+    /// once per refill time and once a second (a pass is over every bucket); whether there is
+    /// room for a new one after it.
     fn sweep(&self, state: &mut State, now: DateTime<Utc>) -> bool {
-        let refill = Duration::from_secs_f64(self.burst / self.per_second);
+        let every = Duration::try_from_secs_f64(self.burst / self.per_second)
+            .unwrap_or(Duration::MAX)
+            .max(Duration::from_secs(1));
+        // A clock set back since the last pass makes one due, rather than none until the clock
+        // catches up (meanwhile every new actor would pass untracked).
         let due = state
             .swept
-            .is_none_or(|at| (now - at).to_std().is_ok_and(|since| since >= refill));
+            .is_none_or(|at| (now - at).to_std().map_or(true, |since| since >= every));
         if due {
             state.swept = Some(now);
             let (per_second, burst) = (self.per_second, self.burst);

@@ -1,7 +1,7 @@
 //! `RateLimitLayer`: a token bucket per actor for commands and queries, refilled by the
 //! layer's clock; a refusal is `RateLimited` with `details.retry_after` and never reaches the
-//! handler; events, dispatches without an actor and other actors are not held back; the
-//! buckets are bounded by `max_actors`.
+//! handler; events, dispatches without an actor, dispatches caused by another message and
+//! other actors are not held back; the buckets are bounded by `max_actors`.
 
 use crate::fixtures::*;
 use cqrs_core::clock::ManualClock;
@@ -69,10 +69,14 @@ fn an_actor_gets_its_burst_then_waits_for_the_refill() {
             "a refusal never reaches the handler"
         );
 
-        // Others are not held back by alice: another actor, and work without one.
+        // Others are not held back by alice: another actor, work without one, and what
+        // alice's requests caused (a policy's commands, which keep her as the actor).
         bus.dispatch_with(Add::default(), by("bob")).await.unwrap();
         for _ in 0..10 {
             bus.dispatch_with(Add::default(), Metadata::new())
+                .await
+                .unwrap();
+            bus.dispatch_with(Add::default(), by("alice").caused())
                 .await
                 .unwrap();
         }
@@ -181,6 +185,27 @@ fn buckets_are_bounded_and_idle_ones_make_room() {
         bus.dispatch_with(Add::default(), by("c"))
             .await
             .unwrap_err();
+    });
+}
+
+/// A rate so low that the wait overflows a `Duration` is refused with the longest wait, not
+/// a panic.
+#[test]
+fn a_vanishing_rate_refuses_without_panicking() {
+    let bus = CommandBus::builder()
+        .layer(RateLimitLayer::per_actor(1e-30, 1))
+        .handler(Reached::default())
+        .build()
+        .unwrap();
+    run(async {
+        bus.dispatch_with(Add::default(), by("alice"))
+            .await
+            .unwrap();
+        let refused = bus
+            .dispatch_with(Add::default(), by("alice"))
+            .await
+            .unwrap_err();
+        assert_eq!(retry_after(&refused), u64::MAX);
     });
 }
 

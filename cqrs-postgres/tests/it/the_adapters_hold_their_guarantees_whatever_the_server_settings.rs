@@ -133,19 +133,26 @@ pg_test! {
             Some(query) => format!("{server}/{name}?{query}"),
             None => format!("{server}/{name}"),
         };
-        let latin1 = PgOptions::new(latin1_url)
+        // Nothing unwrapped before the database is dropped again: a failure leaves none behind.
+        let migrated = match PgOptions::new(latin1_url)
             .schema("app")
             .max_connections(1)
             .connect()
             .await
-            .unwrap();
-        let error = latin1.migrate().await.expect_err("refused");
-        latin1.pool().close().await;
+        {
+            Ok(latin1) => {
+                let migrated = latin1.migrate().await;
+                latin1.pool().close().await;
+                Ok(migrated)
+            }
+            Err(e) => Err(e),
+        };
         let drop = format!("DROP DATABASE \"{name}\" WITH (FORCE)");
         cqrs_postgres::sqlx::raw_sql(cqrs_postgres::sqlx::AssertSqlSafe(drop))
             .execute(db.pool())
             .await
             .unwrap();
+        let error = migrated.expect("connects").expect_err("refused");
         assert!(matches!(error, PgError::InvalidOptions(_)), "{error:?}");
         let message = error.to_string();
         assert!(message.contains("encoding is `LATIN1`"), "{message}");

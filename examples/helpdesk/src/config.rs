@@ -154,10 +154,11 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_LOGIN_WINDOW", default_value_t = 900)]
     pub login_window_seconds: u64,
 
-    /// Requests a signed-in user may make per second, on average (commands and queries: every
-    /// route past sign-in, WebSocket subscribes included), each instance counting its own;
-    /// past it a request gets 429 with `Retry-After`. Any one user can otherwise keep the
-    /// server reading a large ticket again and again. 0 turns the limit off.
+    /// Requests a signed-in user may make per second, on average, counted in the commands and
+    /// queries they dispatch (a route is one, each further attempt of a change that met
+    /// another writer one more, a WebSocket subscribe to a ticket one), each instance counting
+    /// its own; past it a request gets 429 with `Retry-After`. Any one user can otherwise keep
+    /// the server reading a large ticket again and again. 0 turns the limit off.
     #[arg(long, env = "HELPDESK_USER_REQUESTS_PER_SECOND", default_value_t = 50)]
     pub user_requests_per_second: u32,
 
@@ -839,7 +840,7 @@ impl Config {
                 self.max_concurrent_hashes.unwrap_or_default()
             ));
         }
-        if self.user_request_burst == 0 {
+        if self.user_requests_per_second > 0 && self.user_request_burst == 0 {
             problems.push(
                 "HELPDESK_USER_REQUEST_BURST must be at least 1 (to turn the limit off, set \
                  HELPDESK_USER_REQUESTS_PER_SECOND to 0)"

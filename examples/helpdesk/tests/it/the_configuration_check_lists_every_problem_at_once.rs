@@ -216,4 +216,10 @@ fn a_request_burst_of_zero_is_refused_saying_how_to_turn_the_limit_off() {
     config(&[("HELPDESK_USER_REQUESTS_PER_SECOND", "0")])
         .validate()
         .expect("the limit turned off");
+    config(&[
+        ("HELPDESK_USER_REQUESTS_PER_SECOND", "0"),
+        ("HELPDESK_USER_REQUEST_BURST", "0"),
+    ])
+    .validate()
+    .expect("the limit turned off, as the refusal says, whatever the burst");
 }
