@@ -433,12 +433,10 @@ impl<P: Send + Sync + 'static> Hub<P> {
         uri: &Uri,
         client: Option<ClientKey>,
     ) -> Response {
-        let inner = &self.inner;
-        inner.start();
-        if inner.is_stopping() {
-            inner.metrics.refused("shutting_down");
-            return shutting_down();
+        if let Some(refused) = self.open_for_handshakes() {
+            return refused;
         }
+        let inner = &self.inner;
         let token = match bearer_token(headers, uri) {
             Ok(token) => token,
             Err((challenge, message)) => {
@@ -531,13 +529,21 @@ impl<P: Send + Sync + 'static> Hub<P> {
         principal: P,
         client: Option<ClientKey>,
     ) -> Response {
-        let inner = &self.inner;
-        inner.start();
-        if inner.is_stopping() {
-            inner.metrics.refused("shutting_down");
-            return shutting_down();
+        if let Some(refused) = self.open_for_handshakes() {
+            return refused;
         }
         self.admit(upgrade, principal, client)
+    }
+
+    /// Starts the hub's background tasks on its first handshake; the refusal of a handshake
+    /// once it is stopping (503 `shutting_down`).
+    fn open_for_handshakes(&self) -> Option<Response> {
+        self.inner.start();
+        if self.inner.is_stopping() {
+            self.inner.metrics.refused("shutting_down");
+            return Some(shutting_down());
+        }
+        None
     }
 
     /// The handshake from an authenticated principal on: its expiry, the upgrade's checks,

@@ -33,18 +33,23 @@ fn recorded_events_carry_the_command_correlation_and_causation() {
     assert!(executed.events[0].metadata.message_id < executed.events[1].metadata.message_id);
 }
 
-#[test]
-fn the_event_sink_gets_events_of_successful_commands_only() {
-    let counter = Counter::named("counter");
+/// A command bus whose recorded events go to an event bus with `counter` as its handler.
+fn with_event_bus_sink(counter: &Counter) -> CommandBus {
     let events = EventBus::builder()
         .handler(counter.clone())
         .build()
         .unwrap();
-    let bus = CommandBus::builder()
+    CommandBus::builder()
         .handler(AddHandler)
         .event_sink(Arc::new(events))
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn the_event_sink_gets_events_of_successful_commands_only() {
+    let counter = Counter::named("counter");
+    let bus = with_event_bus_sink(&counter);
     run(async {
         bus.dispatch(Add {
             record: true,
@@ -82,15 +87,7 @@ fn a_failing_handler_behind_the_sink_is_counted_and_the_command_succeeds() {
             fail_on: Some(2),
             ..Counter::named("counter")
         };
-        let events = EventBus::builder()
-            .handler(counter.clone())
-            .build()
-            .unwrap();
-        let bus = CommandBus::builder()
-            .handler(AddHandler)
-            .event_sink(Arc::new(events))
-            .build()
-            .unwrap();
+        let bus = with_event_bus_sink(&counter);
         run(async {
             let sum = bus
                 .dispatch(Add {

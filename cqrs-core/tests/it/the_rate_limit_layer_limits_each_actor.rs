@@ -26,6 +26,17 @@ impl CommandHandler<Add> for Reached {
     }
 }
 
+/// A command bus with `limit`, and what counts the commands that reach its handler.
+fn limited(limit: RateLimitLayer) -> (CommandBus, Reached) {
+    let reached = Reached::default();
+    let bus = CommandBus::builder()
+        .layer(limit)
+        .handler(reached.clone())
+        .build()
+        .unwrap();
+    (bus, reached)
+}
+
 fn by(actor: &str) -> Metadata {
     Metadata::new().with_actor(actor)
 }
@@ -46,12 +57,7 @@ fn retry_after(error: &DispatchError) -> u64 {
 #[test]
 fn an_actor_gets_its_burst_then_waits_for_the_refill() {
     let clock = ManualClock::new();
-    let reached = Reached::default();
-    let bus = CommandBus::builder()
-        .layer(RateLimitLayer::per_actor(0.5, 3).clock(Arc::new(clock.clone())))
-        .handler(reached.clone())
-        .build()
-        .unwrap();
+    let (bus, reached) = limited(RateLimitLayer::per_actor(0.5, 3).clock(Arc::new(clock.clone())));
     run(async {
         for _ in 0..3 {
             bus.dispatch_with(Add::default(), by("alice"))
@@ -158,16 +164,11 @@ fn queries_are_limited_and_events_are_not() {
 #[test]
 fn buckets_are_bounded_and_idle_ones_make_room() {
     let clock = ManualClock::new();
-    let reached = Reached::default();
-    let bus = CommandBus::builder()
-        .layer(
-            RateLimitLayer::per_actor(1.0, 1)
-                .clock(Arc::new(clock.clone()))
-                .max_actors(2),
-        )
-        .handler(reached.clone())
-        .build()
-        .unwrap();
+    let (bus, _) = limited(
+        RateLimitLayer::per_actor(1.0, 1)
+            .clock(Arc::new(clock.clone()))
+            .max_actors(2),
+    );
     run(async {
         bus.dispatch_with(Add::default(), by("a")).await.unwrap();
         bus.dispatch_with(Add::default(), by("b")).await.unwrap();
@@ -192,11 +193,7 @@ fn buckets_are_bounded_and_idle_ones_make_room() {
 /// a panic.
 #[test]
 fn a_vanishing_rate_refuses_without_panicking() {
-    let bus = CommandBus::builder()
-        .layer(RateLimitLayer::per_actor(1e-30, 1))
-        .handler(Reached::default())
-        .build()
-        .unwrap();
+    let (bus, _) = limited(RateLimitLayer::per_actor(1e-30, 1));
     run(async {
         bus.dispatch_with(Add::default(), by("alice"))
             .await
