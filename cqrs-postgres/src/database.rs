@@ -644,21 +644,34 @@ impl HealthCheck for PgDatabase {
             // The error names the server ("postgres is unavailable: no connection to ...").
             Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
-        let ping = sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.sql.migrated_version.clone()))
-            .fetch_one(&mut *held.connection);
+        // With whether the server takes writes: after a failover that keeps connections (a
+        // managed Redis or Postgres moving its name to the new primary), a pool can go on
+        // reaching the old one, now a replica, where every write fails (25006).
+        let ping = sqlx::query_as::<_, (i64, bool)>(AssertSqlSafe(
+            self.sql.migrated_version_and_writable.clone(),
+        ))
+        .fetch_one(&mut *held.connection);
         let Ok(pinged) = tokio::time::timeout_at(deadline, ping).await else {
             drop(held);
             return Health::Unhealthy(format!("postgres did not answer within {wait:?}"));
         };
-        // A pooled connection whose session is gone is closed, and the pool replaces it.
-        if matches!(&pinged, Err(e) if session_lost(e)) {
+        // A pooled connection whose session is gone is closed, and the pool replaces it; so is
+        // one on a server that takes no writes, so that a new one may reach the primary.
+        if matches!(&pinged, Err(e) if session_lost(e)) || matches!(pinged, Ok((_, false))) {
             held.connection.close_on_drop();
         }
         held.give_back();
         match pinged {
-            Ok(version) if version >= LATEST_MIGRATION => Health::Healthy,
+            Ok((_, false)) => Health::Unhealthy(format!(
+                "{}: the server takes no writes (`transaction_read_only` is on: a standby, a \
+                 primary demoted by a failover, or `default_transaction_read_only` set): every \
+                 command fails until the URL reaches the primary again; the pool replaces its \
+                 connections as they fail or reach their `max_lifetime`",
+                self.target
+            )),
+            Ok((version, true)) if version >= LATEST_MIGRATION => Health::Healthy,
             // Every statement of this build would fail on tables it has not made or changed.
-            Ok(version) => Health::Unhealthy(format!(
+            Ok((version, true)) => Health::Unhealthy(format!(
                 "{}: migrated up to version {version}, and this build needs version \
                  {LATEST_MIGRATION}: run `PgDatabase::migrate()` at start-up",
                 self.place()

@@ -251,7 +251,7 @@ pub(crate) struct Sql {
     pub(crate) relay_backlog: Arc<str>,
     pub(crate) relay_checkpoint: Arc<str>,
 
-    pub(crate) migrated_version: Arc<str>,
+    pub(crate) migrated_version_and_writable: Arc<str>,
 }
 
 impl Sql {
@@ -463,9 +463,11 @@ impl Sql {
                 "SELECT position FROM {s}.relay_checkpoints WHERE relay = $1"
             )),
             // The health check's query: the latest migration applied, 0 for none (a failed
-            // one leaves a row with `success` false).
-            migrated_version: f(format!(
-                "SELECT coalesce(max(version), 0) FROM {s}._sqlx_migrations WHERE success"
+            // one leaves a row with `success` false), and whether the server takes writes.
+            migrated_version_and_writable: f(format!(
+                "SELECT coalesce(max(version), 0), \
+                        current_setting('transaction_read_only') = 'off' \
+                 FROM {s}._sqlx_migrations WHERE success"
             )),
         }
     }

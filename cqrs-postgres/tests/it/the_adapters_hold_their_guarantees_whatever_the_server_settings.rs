@@ -159,3 +159,29 @@ pg_test! {
         assert!(message.contains("ENCODING 'UTF8'"), "{message}");
     }
 }
+
+pg_test! {
+    /// A pool whose server takes no writes (a failover that left the connections on the old
+    /// primary, now a replica; here `default_transaction_read_only`) is reported unhealthy,
+    /// saying so, instead of healthy while every command fails with 25006.
+    async fn a_server_that_takes_no_writes_is_unhealthy(db: PgDatabase) {
+        use cqrs_core::runtime::{Health, HealthCheck};
+        assert_eq!(db.check().await, Health::Healthy);
+        let url = database_url();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let read_only = PgOptions::new(format!(
+            "{url}{separator}options=-c%20default_transaction_read_only%3Don"
+        ))
+        .schema(db.schema())
+        .max_connections(1)
+        .connect()
+        .await
+        .unwrap();
+        let health = read_only.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains("the server takes no writes")),
+            "{health:?}"
+        );
+        read_only.pool().close().await;
+    }
+}
