@@ -15,7 +15,8 @@ pub const MAX_TOPIC_LEN: usize = 200;
 /// topics exist, and which pub/sub channel carries each, is the server's choice
 /// ([`EventRouting`](crate::EventRouting)); this type only checks that the name is
 /// well-formed: 1 to [`MAX_TOPIC_LEN`] bytes of ASCII letters, digits and `_ - . : @ /`, with
-/// a non-empty family.
+/// a non-empty family and, after a `:`, a non-empty key (`ticket:` would hand an authorizer
+/// that matches `Some(key)` an empty one).
 ///
 /// Cloning is cheap (the name is shared).
 ///
@@ -29,6 +30,7 @@ pub const MAX_TOPIC_LEN: usize = 200;
 /// assert_eq!(Topic::parse("tickets")?.key(), None);
 /// assert!(Topic::parse("").is_err());
 /// assert!(Topic::parse("ticket 42").is_err());
+/// assert!(Topic::parse("ticket:").is_err());
 /// # Ok::<_, cqrs_realtime::InvalidTopic>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -94,6 +96,9 @@ impl Topic {
         }
         if name.starts_with(':') {
             return Err(InvalidTopic::new(name, "its family (before `:`) is empty"));
+        }
+        if name.ends_with(':') && name.matches(':').count() == 1 {
+            return Err(InvalidTopic::new(name, "its key (after `:`) is empty"));
         }
         Ok(Self(Arc::from(name)))
     }
