@@ -183,6 +183,17 @@ impl IdempotencyStore for InMemoryIdempotencyStore {
         fingerprint: &str,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
+        // Refused as Postgres refuses it, so that tests on this store meet the refusal.
+        let nul = [("scope", scope), ("key", key), ("fingerprint", fingerprint)]
+            .into_iter()
+            .find(|(_, text)| text.contains('\0'));
+        if let Some((what, _)) = nul {
+            return Err(StoreError::Rejected {
+                backend: "memory",
+                source: format!("the idempotency {what} holds U+0000, which Postgres cannot store")
+                    .into(),
+            });
+        }
         let id: Key = (scope.to_owned(), key.to_owned());
         let mismatch = || StoreError::FingerprintMismatch {
             scope: scope.to_owned(),

@@ -141,6 +141,7 @@ macro_rules! idempotency_conformance {
             [
                 a_completed_key_replays_its_response,
                 a_response_no_store_can_keep_replays_as_a_note_with_its_status,
+                a_key_a_store_cannot_hold_is_refused_or_kept_whole,
                 a_key_reused_with_another_request_is_rejected,
                 concurrent_claims_of_one_key_run_the_work_once,
                 a_dropped_claim_releases_the_key,
@@ -213,6 +214,41 @@ pub async fn a_response_no_store_can_keep_replays_as_a_note_with_its_status<
         assert_eq!(replayed, kept, "{key}");
         assert_eq!(replayed.status, 201, "{key}");
     }
+}
+
+/// A scope, key or fingerprint holding U+0000 (text Postgres cannot store) is refused with
+/// [`StoreError::Rejected`], or kept whole: claimed, completed and replayed as any other,
+/// never stored cut short (where another key would meet it) nor failed as a retryable error
+/// (a client would retry it for ever).
+pub async fn a_key_a_store_cannot_hold_is_refused_or_kept_whole<H: IdempotencyHarness>(h: &H) {
+    let store = h.store();
+    let scope = format!("{}-nul", h.test_id());
+    let with_nul = format!("{scope}\u{0}");
+    for (what, scope, key, fingerprint) in [
+        ("scope", with_nul.as_str(), "k", "fp"),
+        ("key", scope.as_str(), "k\u{0}", "fp"),
+        ("fingerprint", scope.as_str(), "k2", "fp\u{0}"),
+    ] {
+        match store.claim(scope, key, fingerprint, DAY).await {
+            Err(StoreError::Rejected { .. }) => {}
+            Ok(Claim::New(guard)) => {
+                let response = StoredResponse::new(201, json!({ "ok": true }));
+                guard.complete(response.clone()).await.unwrap();
+                let again = store.claim(scope, key, fingerprint, DAY).await;
+                assert!(
+                    matches!(&again, Ok(Claim::Replay(r)) if *r == response),
+                    "{what} with U+0000, kept: replays whole, got {again:?}"
+                );
+            }
+            other => panic!("{what} with U+0000: refused as `Rejected` or kept, got {other:?}"),
+        }
+    }
+    // Nothing of them stands for the same text without U+0000.
+    let clean = store.claim(&scope, "k", "fp", DAY).await.unwrap();
+    assert!(
+        matches!(clean, Claim::New(_)),
+        "`k` without U+0000 is a new key"
+    );
 }
 
 /// The same key with a different fingerprint is a typed error, before and after completion.
