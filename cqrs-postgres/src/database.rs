@@ -665,8 +665,9 @@ impl HealthCheck for PgDatabase {
             Ok((_, false)) => Health::Unhealthy(format!(
                 "{}: the server takes no writes (`transaction_read_only` is on: a standby, a \
                  primary demoted by a failover, or `default_transaction_read_only` set): every \
-                 command fails until the URL reaches the primary again; the pool replaces its \
-                 connections as they fail or reach their `max_lifetime`",
+                 command fails until the URL reaches the primary again; each check replaces \
+                 the connection it used, the others are replaced at their `max_lifetime` (or \
+                 restart the instance)",
                 self.target
             )),
             Ok((version, true)) if version >= LATEST_MIGRATION => Health::Healthy,

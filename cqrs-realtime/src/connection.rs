@@ -131,7 +131,7 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
     if before(deadline, &mut writer).await.is_none() {
         writer.abort();
     }
-    session.hub.connections.remove(session.conn.id);
+    // Its entry in the hub's list goes with the slot.
     drop(slot);
 }
 

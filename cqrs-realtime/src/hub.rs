@@ -717,11 +717,12 @@ impl<P: Send + Sync + 'static> Hub<P> {
     ///
     /// It closes the connections listed now: every handshake past its authentication is,
     /// before its client gets the answer, so also one whose upgrade has not completed. Make
-    /// the [`Authenticator`] refuse the revoked credentials first, then call this: a handshake
-    /// is then either listed, and closed, or refused, but for one whose authentication ends
-    /// at the very moment of the call, on another thread. One pass over the open
-    /// connections, under the lock their opening and closing take; nothing on the path of
-    /// an event.
+    /// the [`Authenticator`] refuse the revoked credentials first, then call this. A handshake
+    /// whose authentication was still running then (it may take up to
+    /// [`operation_timeout`](HubOptions::operation_timeout)), having read the credentials
+    /// before they were refused, is admitted after the call and stays open: to close those
+    /// too, call this again once that time has passed. One pass over the open connections,
+    /// under the lock their opening and closing take; nothing on the path of an event.
     ///
     /// ```
     /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};

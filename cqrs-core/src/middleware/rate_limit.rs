@@ -27,7 +27,9 @@ use tower::{Layer, Service};
 ///   sign-in, system work), dispatches caused by another message (a policy's commands, made
 ///   with `EventContext::caused`, which keeps the actor: the user's request was counted
 ///   once, and nothing retries a refused one behind an in-process event sink) and events (an
-///   event bus handles what has happened; refusing it would dead-letter it) pass.
+///   event bus handles what has happened; refusing it would dead-letter it) pass. So a gateway
+///   must never take a causation id from its client's input: a client could pass the limit
+///   by sending one.
 /// * Memory is bounded: at most [`max_actors`](Self::max_actors) buckets (100,000 by default,
 ///   about 100 bytes each). When they are all taken, the buckets that have refilled (idle
 ///   actors) are dropped, in one pass over them under the mutex, at most once per refill time

@@ -243,12 +243,20 @@ pub async fn a_key_a_store_cannot_hold_is_refused_or_kept_whole<H: IdempotencyHa
             other => panic!("{what} with U+0000: refused as `Rejected` or kept, got {other:?}"),
         }
     }
-    // Nothing of them stands for the same text without U+0000.
+    // Nothing of them stands for the same text without U+0000: `k` is a new key, and `k2`,
+    // if kept, was kept with its whole fingerprint, so `fp` alone is another request.
     let clean = store.claim(&scope, "k", "fp", DAY).await.unwrap();
     assert!(
         matches!(clean, Claim::New(_)),
         "`k` without U+0000 is a new key"
     );
+    match store.claim(&scope, "k2", "fp", DAY).await {
+        Err(StoreError::FingerprintMismatch { .. }) | Ok(Claim::New(_)) => {}
+        Ok(Claim::Replay(r)) => {
+            panic!("`fp` replayed the request whose fingerprint holds U+0000: {r:?}")
+        }
+        Err(e) => panic!("`k2` with `fp`: {e:?}"),
+    }
 }
 
 /// The same key with a different fingerprint is a typed error, before and after completion.

@@ -47,3 +47,43 @@ async fn a_principals_connections_are_closed_when_its_credentials_are_revoked() 
     })
     .await;
 }
+
+/// A client that sends its handshake and goes away without reading the answer leaves nothing
+/// listed: its connection ends, its entry and its place go with it, and the hub closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_its_client_abandons_leaves_nothing_listed() {
+    use tokio::io::AsyncWriteExt;
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        for _ in 0..5 {
+            let mut tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+            let request = format!(
+                "GET /ws?token=agent-a HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\n\
+                 Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+                t.addr
+            );
+            tcp.write_all(request.as_bytes()).await.unwrap();
+            drop(tcp);
+        }
+        eventually(
+            Duration::from_secs(10),
+            "every abandoned handshake ends",
+            || async { (t.hub.stats().connections == 0).then_some(()) },
+        )
+        .await;
+        assert_eq!(t.hub.close_connections_of("a"), 0, "none left listed");
+        // A connection of the same principal opens and is listed as usual.
+        let mut client = t.connect("agent-a").await;
+        assert_eq!(t.hub.close_connections_of("a"), 1);
+        assert_eq!(
+            client.close_frame(100).await.0,
+            close_code::POLICY_VIOLATION
+        );
+        t.hub.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("the hub closes: no connection is left behind");
+    })
+    .await;
+}
