@@ -87,6 +87,13 @@ struct Batch {
 }
 
 impl Batch {
+    /// A batch that moved nothing and found nothing wrong: nothing to ship, or stopped.
+    const NOTHING: Batch = Batch {
+        passed: 0,
+        full: false,
+        failure: None,
+    };
+
     fn failed(failure: RelayError) -> Self {
         Self {
             passed: 0,
@@ -472,11 +479,11 @@ impl<S: ProjectionStore> StoreRelay<S> {
             },
         };
         if records.last().and_then(|r| r.position).is_none() {
-            return Batch {
-                passed: 0,
-                full: false,
-                failure: None,
-            };
+            return Batch::NOTHING;
+        }
+        if shutdown.is_some_and(crate::runtime::Shutdown::is_requested) {
+            // Dropping the lease's unit rolls it back: nothing moves.
+            return Batch::NOTHING;
         }
         // A page cut before an event the store cannot read is not the end: the next batch
         // comes at once, and fails on it.
@@ -487,14 +494,6 @@ impl<S: ProjectionStore> StoreRelay<S> {
             if record.partition_key.is_none() {
                 record.partition_key.clone_from(&record.stream_id);
             }
-        }
-        if shutdown.is_some_and(crate::runtime::Shutdown::is_requested) {
-            // Dropping the lease's unit rolls it back: nothing moves.
-            return Batch {
-                passed: 0,
-                full: false,
-                failure: None,
-            };
         }
         // One deadline for the whole batch, the one-at-a-time pass included: the lease waits
         // idle meanwhile.

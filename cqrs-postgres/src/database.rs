@@ -645,7 +645,7 @@ impl HealthCheck for PgDatabase {
             Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
         // With whether the server takes writes: after a failover that keeps connections (a
-        // managed Redis or Postgres moving its name to the new primary), a pool can go on
+        // managed Postgres moving its name to the new primary), a pool can go on
         // reaching the old one, now a replica, where every write fails (25006).
         let ping = sqlx::query_as::<_, (i64, bool)>(AssertSqlSafe(
             self.sql.migrated_version_and_writable.clone(),

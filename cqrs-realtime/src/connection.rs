@@ -29,25 +29,13 @@ const WRITE_BATCH: u64 = 64;
 
 pub(crate) async fn run<P: Send + Sync + 'static>(
     hub: Arc<HubInner<P>>,
-    principal: P,
+    conn: Arc<Conn<P>>,
     socket: WebSocket,
     slot: ConnectionSlot<P>,
     expires_at: Option<DateTime<Utc>>,
 ) {
     let (sink, mut stream) = socket.split();
-    let Some(listed) = slot.listed.as_ref() else {
-        // Every accepted handshake is listed before its upgrade (`Hub::admit`).
-        tracing::error!("a realtime connection started without its entry in the hub's list");
-        return;
-    };
-    let conn = Arc::new(Conn {
-        id: listed.id,
-        principal,
-        queue: listed.queue.clone(),
-        close: listed.close.clone(),
-        metrics: hub.metrics.clone(),
-    });
-    // Listed since its handshake was accepted: a shutdown either saw this connection, or is
+    // Listed since its handshake was accepted (`Hub::admit`): a shutdown either saw this connection, or is
     // seen here.
     if hub.is_stopping() {
         conn.close.close(Ending::SHUTDOWN);

@@ -259,17 +259,10 @@ pub(crate) struct ConnectionSlot<P> {
     client: Option<String>,
     /// Whether the connection holds a place in the hub (`open`).
     placed: bool,
-    /// The connection as listed in `connections` from its accepted handshake on, before its
-    /// upgrade completes: a shutdown, an expiry tick or a revocation
+    /// The connection's id in `connections`, where it is listed from its accepted handshake
+    /// on, before its upgrade completes: a shutdown, an expiry tick or a revocation
     /// ([`Hub::close_connections_of`]) in between closes it too, through its signal.
-    pub(crate) listed: Option<Listed>,
-}
-
-/// A connection's entry in the hub's list, made when its handshake is accepted.
-pub(crate) struct Listed {
-    pub(crate) id: u64,
-    pub(crate) close: Arc<crate::signal::CloseSignal>,
-    pub(crate) queue: Arc<crate::queue::SendQueue>,
+    listed: Option<u64>,
 }
 
 /// Counts one more connection under `key` unless it holds `limit` already.
@@ -300,8 +293,8 @@ fn count_out(counts: &std::sync::Mutex<HashMap<String, usize>>, key: &str) {
 
 impl<P> Drop for ConnectionSlot<P> {
     fn drop(&mut self) {
-        if let Some(listed) = self.listed.take() {
-            self.hub.connections.remove(listed.id);
+        if let Some(id) = self.listed.take() {
+            self.hub.connections.remove(id);
         }
         if let Some(key) = self.key.take() {
             count_out(&self.hub.per_principal, &key);
@@ -665,19 +658,21 @@ impl<P: Send + Sync + 'static> Hub<P> {
         // Listed now, not once the upgrade completes: a revocation between the two would
         // find nothing to close. (A shutdown in between is seen by the connection's own check
         // after it starts, too.)
-        let listed = Listed {
+        let conn = Arc::new(crate::registry::Conn {
             id: inner.next_id(),
-            close: Default::default(),
+            principal,
             queue: Arc::new(crate::queue::SendQueue::new(inner.options.send_queue)),
-        };
+            close: Default::default(),
+            metrics: inner.metrics.clone(),
+        });
         inner.connections.insert(
-            listed.id,
-            listed.close.clone(),
-            listed.queue.clone(),
+            conn.id,
+            conn.close.clone(),
+            conn.queue.clone(),
             expires_at,
             slot.key.clone(),
         );
-        slot.listed = Some(listed);
+        slot.listed = Some(conn.id);
         let hub = inner.clone();
         let o = &inner.options;
         upgrade
@@ -687,7 +682,7 @@ impl<P: Send + Sync + 'static> Hub<P> {
             .max_message_size(o.max_message_size)
             .max_frame_size(o.max_frame_size)
             .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
-            .on_upgrade(move |socket| connection::run(hub, principal, socket, slot, expires_at))
+            .on_upgrade(move |socket| connection::run(hub, conn, socket, slot, expires_at))
     }
 
     /// A publisher on this hub's pub/sub, routing and channel prefix.

@@ -81,10 +81,11 @@ pub struct RateLimitLayer {
 
 impl fmt::Debug for RateLimitLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings = &self.limiter.settings;
         f.debug_struct("RateLimitLayer")
-            .field("per_second", &self.limiter.per_second)
-            .field("burst", &self.limiter.burst)
-            .field("max_actors", &self.limiter.max_actors)
+            .field("per_second", &settings.per_second)
+            .field("burst", &settings.burst)
+            .field("max_actors", &settings.max_actors)
             .finish_non_exhaustive()
     }
 }
@@ -107,12 +108,18 @@ impl RateLimitLayer {
             burst > 0,
             "RateLimitLayer::per_actor: a burst of 0 would refuse every dispatch; use at least 1"
         );
+        Self::new(Settings {
+            per_second,
+            burst: f64::from(burst),
+            max_actors: 100_000,
+            clock: Arc::new(SystemClock),
+        })
+    }
+
+    fn new(settings: Settings) -> Self {
         Self {
             limiter: Arc::new(Limiter {
-                per_second,
-                burst: f64::from(burst),
-                max_actors: 100_000,
-                clock: Arc::new(SystemClock),
+                settings,
                 state: Mutex::new(State::default()),
             }),
         }
@@ -128,20 +135,12 @@ impl RateLimitLayer {
         self.with(|limiter| limiter.max_actors = max.max(1))
     }
 
-    /// Changes the limiter's settings: a layer whose limiter is shared already (cloned,
-    /// layered) gets a fresh one with them, with no bucket.
-    fn with(self, change: impl FnOnce(&mut Limiter)) -> Self {
-        let mut limiter = Arc::try_unwrap(self.limiter).unwrap_or_else(|shared| Limiter {
-            per_second: shared.per_second,
-            burst: shared.burst,
-            max_actors: shared.max_actors,
-            clock: shared.clock.clone(),
-            state: Mutex::new(State::default()),
-        });
-        change(&mut limiter);
-        Self {
-            limiter: Arc::new(limiter),
-        }
+    /// A layer of its own with the settings changed, and no bucket (the only difference from
+    /// this one before it was used or cloned).
+    fn with(self, change: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.limiter.settings.clone();
+        change(&mut settings);
+        Self::new(settings)
     }
 }
 
@@ -203,11 +202,16 @@ where
 
 /// The buckets, and what they are filled with.
 struct Limiter {
+    settings: Settings,
+    state: Mutex<State>,
+}
+
+#[derive(Clone)]
+struct Settings {
     per_second: f64,
     burst: f64,
     max_actors: usize,
     clock: Arc<dyn Clock>,
-    state: Mutex<State>,
 }
 
 #[derive(Default)]
@@ -224,16 +228,28 @@ struct Bucket {
     at: DateTime<Utc>,
 }
 
+impl Bucket {
+    /// Its tokens at `now`, refilled at `per_second` up to `burst`. A clock that went back
+    /// refills nothing.
+    fn refilled(&self, now: DateTime<Utc>, per_second: f64, burst: f64) -> f64 {
+        let elapsed = (now - self.at).to_std().unwrap_or_default();
+        (self.tokens + elapsed.as_secs_f64() * per_second).min(burst)
+    }
+}
+
 impl Limiter {
     /// Takes a token of `actor`'s, or says how long until one is there.
     fn take(&self, actor: &str) -> Result<(), Duration> {
-        let now = self.clock.now();
+        let Settings {
+            per_second,
+            burst,
+            max_actors,
+            ref clock,
+        } = self.settings;
+        let now = clock.now();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(bucket) = state.buckets.get_mut(actor) {
-            // A clock that went back refills nothing.
-            let elapsed = (now - bucket.at).to_std().unwrap_or_default();
-            bucket.tokens =
-                (bucket.tokens + elapsed.as_secs_f64() * self.per_second).min(self.burst);
+            bucket.tokens = bucket.refilled(now, per_second, burst);
             bucket.at = now;
             if bucket.tokens >= 1.0 {
                 bucket.tokens -= 1.0;
@@ -241,17 +257,17 @@ impl Limiter {
             }
             // A rate so low that the wait overflows a `Duration`: as good as never.
             return Err(
-                Duration::try_from_secs_f64((1.0 - bucket.tokens) / self.per_second)
+                Duration::try_from_secs_f64((1.0 - bucket.tokens) / per_second)
                     .unwrap_or(Duration::MAX),
             );
         }
-        if state.buckets.len() >= self.max_actors && !self.sweep(&mut state, now) {
+        if state.buckets.len() >= max_actors && !self.sweep(&mut state, now) {
             return Ok(());
         }
         state.buckets.insert(
             actor.to_owned(),
             Bucket {
-                tokens: self.burst - 1.0,
+                tokens: burst - 1.0,
                 at: now,
             },
         );
@@ -262,7 +278,13 @@ impl Limiter {
     /// once per refill time and once a second (a pass is over every bucket); whether there is
     /// room for a new one after it.
     fn sweep(&self, state: &mut State, now: DateTime<Utc>) -> bool {
-        let every = Duration::try_from_secs_f64(self.burst / self.per_second)
+        let Settings {
+            per_second,
+            burst,
+            max_actors,
+            ..
+        } = self.settings;
+        let every = Duration::try_from_secs_f64(burst / per_second)
             .unwrap_or(Duration::MAX)
             .max(Duration::from_secs(1));
         // A clock set back since the last pass makes one due, rather than none until the clock
@@ -272,16 +294,14 @@ impl Limiter {
             .is_none_or(|at| (now - at).to_std().map_or(true, |since| since >= every));
         if due {
             state.swept = Some(now);
-            let (per_second, burst) = (self.per_second, self.burst);
-            state.buckets.retain(|_, bucket| {
-                let idle = (now - bucket.at).to_std().unwrap_or_default();
-                bucket.tokens + idle.as_secs_f64() * per_second < burst
-            });
-            if state.buckets.len() < self.max_actors {
+            state
+                .buckets
+                .retain(|_, bucket| bucket.refilled(now, per_second, burst) < burst);
+            if state.buckets.len() < max_actors {
                 return true;
             }
             tracing::warn!(
-                max_actors = self.max_actors,
+                max_actors,
                 "every rate-limit bucket is in use and none has refilled: new actors are let \
                  through untracked until one has (raise `max_actors`, or lower the limit's \
                  refill time)"
@@ -297,7 +317,7 @@ impl Limiter {
             "rate_limited",
             format!(
                 "too many requests: at most {} at once and {} a second; try again in {seconds} s",
-                self.burst, self.per_second
+                self.settings.burst, self.settings.per_second
             ),
         )
         .with_details(serde_json::json!({ "retry_after": seconds }))

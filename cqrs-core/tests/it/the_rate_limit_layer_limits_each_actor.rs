@@ -37,6 +37,11 @@ fn limited(limit: RateLimitLayer) -> (CommandBus, Reached) {
     (bus, reached)
 }
 
+/// Sends an `Add` with `metadata`.
+async fn send(bus: &CommandBus, metadata: Metadata) -> Result<u64, DispatchError> {
+    bus.dispatch_with(Add::default(), metadata).await
+}
+
 fn by(actor: &str) -> Metadata {
     Metadata::new().with_actor(actor)
 }
@@ -60,9 +65,7 @@ fn an_actor_gets_its_burst_then_waits_for_the_refill() {
     let (bus, reached) = limited(RateLimitLayer::per_actor(0.5, 3).clock(Arc::new(clock.clone())));
     run(async {
         for _ in 0..3 {
-            bus.dispatch_with(Add::default(), by("alice"))
-                .await
-                .unwrap();
+            send(&bus, by("alice")).await.unwrap();
         }
         let refused = bus
             .dispatch_with(Add::default(), by("alice"))
@@ -77,14 +80,10 @@ fn an_actor_gets_its_burst_then_waits_for_the_refill() {
 
         // Others are not held back by alice: another actor, work without one, and what
         // alice's requests caused (a policy's commands, which keep her as the actor).
-        bus.dispatch_with(Add::default(), by("bob")).await.unwrap();
+        send(&bus, by("bob")).await.unwrap();
         for _ in 0..10 {
-            bus.dispatch_with(Add::default(), Metadata::new())
-                .await
-                .unwrap();
-            bus.dispatch_with(Add::default(), by("alice").caused())
-                .await
-                .unwrap();
+            send(&bus, Metadata::new()).await.unwrap();
+            send(&bus, by("alice").caused()).await.unwrap();
         }
 
         clock.advance(Duration::from_millis(1500));
@@ -98,28 +97,18 @@ fn an_actor_gets_its_burst_then_waits_for_the_refill() {
             "0.5 s left, rounded up to a second"
         );
         clock.advance(Duration::from_millis(500));
-        bus.dispatch_with(Add::default(), by("alice"))
-            .await
-            .unwrap();
-        bus.dispatch_with(Add::default(), by("alice"))
-            .await
-            .unwrap_err();
+        send(&bus, by("alice")).await.unwrap();
+        send(&bus, by("alice")).await.unwrap_err();
 
         // A long pause refills the bucket to its burst, no more.
         clock.advance(Duration::from_secs(3600));
         for _ in 0..3 {
-            bus.dispatch_with(Add::default(), by("alice"))
-                .await
-                .unwrap();
+            send(&bus, by("alice")).await.unwrap();
         }
-        bus.dispatch_with(Add::default(), by("alice"))
-            .await
-            .unwrap_err();
+        send(&bus, by("alice")).await.unwrap_err();
         // A clock set back refills nothing, and fails nothing.
         clock.set(clock_at(&clock) - chrono::Duration::hours(2));
-        bus.dispatch_with(Add::default(), by("alice"))
-            .await
-            .unwrap_err();
+        send(&bus, by("alice")).await.unwrap_err();
     });
 }
 
@@ -170,22 +159,18 @@ fn buckets_are_bounded_and_idle_ones_make_room() {
             .max_actors(2),
     );
     run(async {
-        bus.dispatch_with(Add::default(), by("a")).await.unwrap();
-        bus.dispatch_with(Add::default(), by("b")).await.unwrap();
+        send(&bus, by("a")).await.unwrap();
+        send(&bus, by("b")).await.unwrap();
         // Both buckets busy: a third actor is let through, untracked, every time.
         for _ in 0..3 {
-            bus.dispatch_with(Add::default(), by("c")).await.unwrap();
+            send(&bus, by("c")).await.unwrap();
         }
-        bus.dispatch_with(Add::default(), by("a"))
-            .await
-            .unwrap_err();
+        send(&bus, by("a")).await.unwrap_err();
 
         // Once a and b have refilled (a second), they make room, and c is tracked.
         clock.advance(Duration::from_secs(1));
-        bus.dispatch_with(Add::default(), by("c")).await.unwrap();
-        bus.dispatch_with(Add::default(), by("c"))
-            .await
-            .unwrap_err();
+        send(&bus, by("c")).await.unwrap();
+        send(&bus, by("c")).await.unwrap_err();
     });
 }
 
@@ -195,9 +180,7 @@ fn buckets_are_bounded_and_idle_ones_make_room() {
 fn a_vanishing_rate_refuses_without_panicking() {
     let (bus, _) = limited(RateLimitLayer::per_actor(1e-30, 1));
     run(async {
-        bus.dispatch_with(Add::default(), by("alice"))
-            .await
-            .unwrap();
+        send(&bus, by("alice")).await.unwrap();
         let refused = bus
             .dispatch_with(Add::default(), by("alice"))
             .await

@@ -12,12 +12,17 @@ use cqrs_postgres::sqlx::postgres::PgPoolOptions;
 use cqrs_postgres::{PgDatabase, PgError, PgOptions, PgUnitOfWork};
 use std::time::Duration;
 
-/// `database_url()` with `default_transaction_isolation` set to `serializable` for every
-/// session, as `ALTER DATABASE ... SET` would.
-fn serializable_url() -> String {
+/// `database_url()` with `setting` (`name%3Dvalue`, URL-encoded) for every session, as
+/// `ALTER DATABASE ... SET` would.
+fn url_setting(setting: &str) -> String {
     let url = database_url();
     let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}options=-c%20default_transaction_isolation%3Dserializable")
+    format!("{url}{separator}options=-c%20{setting}")
+}
+
+/// `database_url()` with `default_transaction_isolation` set to `serializable`.
+fn serializable_url() -> String {
+    url_setting("default_transaction_isolation%3Dserializable")
 }
 
 pg_test! {
@@ -167,11 +172,7 @@ pg_test! {
     async fn a_server_that_takes_no_writes_is_unhealthy(db: PgDatabase) {
         use cqrs_core::runtime::{Health, HealthCheck};
         assert_eq!(db.check().await, Health::Healthy);
-        let url = database_url();
-        let separator = if url.contains('?') { '&' } else { '?' };
-        let read_only = PgOptions::new(format!(
-            "{url}{separator}options=-c%20default_transaction_read_only%3Don"
-        ))
+        let read_only = PgOptions::new(url_setting("default_transaction_read_only%3Don"))
         .schema(db.schema())
         .max_connections(1)
         .connect()

@@ -40,24 +40,26 @@ pub(crate) fn authenticator() -> impl Authenticator<Principal = User> {
 
 pub(crate) struct TestTokens;
 
+/// The user `agent-<id>` or `user-<id>` names (a token, or a session's user); `None` for
+/// anything else.
+fn user_named(name: &str) -> Option<User> {
+    let (agent, id) = if let Some(id) = name.strip_prefix("agent-") {
+        (true, id)
+    } else {
+        (false, name.strip_prefix("user-")?)
+    };
+    Some(User {
+        id: id.to_owned(),
+        agent,
+    })
+}
+
 #[async_trait]
 impl Authenticator for TestTokens {
     type Principal = User;
 
     async fn authenticate(&self, token: &str) -> Result<User, Unauthenticated> {
-        if let Some(id) = token.strip_prefix("agent-") {
-            Ok(User {
-                id: id.to_owned(),
-                agent: true,
-            })
-        } else if let Some(id) = token.strip_prefix("user-") {
-            Ok(User {
-                id: id.to_owned(),
-                agent: false,
-            })
-        } else {
-            Err(Unauthenticated::new("invalid token"))
-        }
+        user_named(token).ok_or_else(|| Unauthenticated::new("invalid token"))
     }
 
     fn connection_key(&self, user: &User) -> Option<String> {
@@ -176,17 +178,7 @@ async fn session_handshake(
     let user = headers
         .get("x-session-user")
         .and_then(|v| v.to_str().ok())
-        .and_then(|name| {
-            let (agent, id) = match name.split_once('-')? {
-                ("agent", id) => (true, id),
-                ("user", id) => (false, id),
-                _ => return None,
-            };
-            Some(User {
-                id: id.to_owned(),
-                agent,
-            })
-        });
+        .and_then(user_named);
     match user {
         Some(user) => hub.handle_authenticated(upgrade, user, None).await,
         None => axum::http::StatusCode::UNAUTHORIZED.into_response(),

@@ -173,6 +173,15 @@ fn visible(user: &User, ticket: &Ticket) -> bool {
     user.is_agent() || ticket.reporter_id == user.id
 }
 
+/// Refuses, as not found, a ticket the index says another customer reported (`None`: the
+/// index does not know it, and the ticket decides).
+fn refuse_if_others(user: &User, reporter: Option<Uuid>) -> Result<(), HandlerError> {
+    match reporter {
+        Some(reporter) if reporter != user.id => Err(not_found()),
+        _ => Ok(()),
+    }
+}
+
 /// The metadata the events of a command are caused by: the command's own (so they inherit its
 /// correlation id and take its id as causation id), acted by `user`.
 fn metadata(ctx: &CommandContext, user: &User) -> Metadata {
@@ -268,10 +277,7 @@ impl Tickets {
         if let Some(index) = &self.pg_index
             && !user.is_agent()
         {
-            let reporter = index.reporter_in(uow.connection().await?, id).await?;
-            if reporter.is_some_and(|reporter| reporter != user.id) {
-                return Err(not_found());
-            }
+            refuse_if_others(user, index.reporter_in(uow.connection().await?, id).await?)?;
         }
         let id = id.to_string();
         let stream = AggregateRepository::<TicketState>::stream_id(&id);
@@ -294,10 +300,7 @@ impl Tickets {
         // the decision to the ticket itself; one that fails fails the read (its store is the
         // tickets' own, which a load would wait for as long).
         if !user.is_agent() {
-            let reporter = self.index.reporter_of(id).await?;
-            if reporter.is_some_and(|reporter| reporter != user.id) {
-                return Err(not_found());
-            }
+            refuse_if_others(user, self.index.reporter_of(id).await?)?;
         }
         let loaded = self
             .repo
