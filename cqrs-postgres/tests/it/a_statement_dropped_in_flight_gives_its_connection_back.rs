@@ -15,18 +15,18 @@ pg_test! {
         let url = database_url();
         let separator = if url.contains('?') { '&' } else { '?' };
         let plain = format!("{url}{separator}sslmode=disable");
-        let tls: Option<bool> = sqlx::query_scalar(AssertSqlSafe(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()".to_owned(),
-        ))
-        .fetch_optional(db.pool())
-        .await
-        .unwrap();
-        if tls != Some(true) {
-            // Built without the `tls` feature, or a server that offers none: the TLS half of
-            // this test runs in plain text.
-            eprintln!("a_statement_dropped_in_flight: DATABASE_URL connects in plain text here");
-        }
-        for url in [url, plain] {
+        // The TLS half through a TLS proxy in front of the server (`verify-full` with the test
+        // CA: over TLS or not at all), whatever DATABASE_URL's server offers.
+        #[cfg(feature = "tls")]
+        let (_proxy, tls) = crate::tls_connections_verify_the_server::tls_server("ca.pem")
+            .await
+            .expect("Postgres is available");
+        #[cfg(not(feature = "tls"))]
+        let tls = {
+            eprintln!("a_statement_dropped_in_flight: built without `tls`: both halves in plain text");
+            url
+        };
+        for url in [tls, plain] {
             let one = PgOptions::new(url.clone())
                 .schema(db.schema())
                 .max_connections(1)

@@ -146,6 +146,7 @@ async fn a_lock_timeout_does_not_bound_the_wait_for_another_migration() {
     let db =
         cqrs_postgres::PgOptions::new(format!("{url}{separator}options=-c%20lock_timeout%3D300"))
             .schema(&id)
+            .application_name(format!("cqrs-test {id}"))
             .connect()
             .await
             .unwrap();
@@ -157,9 +158,10 @@ async fn a_lock_timeout_does_not_bound_the_wait_for_another_migration() {
     migrates_once_another_instance_is_done(db).await;
 }
 
-/// `db` migrates once another instance's migration, holding sqlx's lock for a second, is done.
-/// Its schema is then dropped on that other session, which has no statement or lock timeout:
-/// `db`'s short ones would bound the drop on a loaded server.
+/// `db` migrates once another instance's migration, holding sqlx's lock, is done: its
+/// `migrate` is seen waiting for that lock, and still waiting twice its 300 ms timeout later,
+/// before the lock is let go. Its schema is then dropped on that other session, which has no
+/// statement or lock timeout: `db`'s short ones would bound the drop on a loaded server.
 async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
     cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
         // Another instance's migration, as far as the lock goes: held for a second.
@@ -178,7 +180,32 @@ async fn migrates_once_another_instance_is_done(db: cqrs_postgres::PgDatabase) {
             .unwrap();
         let lock = migration_lock_id(&database);
         let (migrated, ()) = tokio::join!(db.migrate(), async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Waiting for the lock, past the timeouts that must not bound the wait. Only
+            // `db`'s sessions count: other tests' migrations wait for this lock too.
+            let application = format!("cqrs-test {}", db.schema());
+            let waits_for_the_lock = async |other: &mut sqlx::PgConnection| -> bool {
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = $1 \
+                     AND pg_backend_pid() = ANY(pg_blocking_pids(pid)))",
+                )
+                .bind(&application)
+                .fetch_one(other)
+                .await
+                .expect("ask whether a session waits for the lock")
+            };
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !waits_for_the_lock(&mut other).await {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "migrate never waited for the migration lock another instance held"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            assert!(
+                waits_for_the_lock(&mut other).await,
+                "migrate stopped waiting for the lock before it was let go"
+            );
             sqlx::query("SELECT pg_advisory_unlock($1)")
                 .bind(lock)
                 .execute(&mut other)

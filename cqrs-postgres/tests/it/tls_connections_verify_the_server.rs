@@ -42,7 +42,7 @@ fn upstream() -> String {
 
 /// A TLS proxy in front of `DATABASE_URL`'s server, and that URL pointed at it with
 /// `sslmode=verify-full` and `sslrootcert={ca}`; `None` to skip.
-async fn tls_server(ca: &str) -> Option<(TlsProxy, String)> {
+pub(crate) async fn tls_server(ca: &str) -> Option<(TlsProxy, String)> {
     tls_server_on("127.0.0.1", "verify-full", ca).await
 }
 
