@@ -93,7 +93,11 @@ pg_test! {
             let store = store.clone();
             async move { store.begin("c").await }
         });
-        // Past the first slice (a second), then the holder lets go.
+        // Waiting for the lock, then past the first slice (a second); then the holder lets go.
+        cqrs_core::testing::eventually(Duration::from_secs(10), "the waiter waits", || async {
+            crate::support::someone_waits(&db).await.then_some(())
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(1300)).await;
         assert!(!waiter.is_finished(), "the waiter waits while the lock is held");
         store.commit(holder).await.expect("commit the holder");

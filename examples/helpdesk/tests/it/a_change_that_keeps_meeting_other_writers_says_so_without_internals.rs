@@ -189,13 +189,19 @@ async fn the_conflicts_of_racing_writers_do_not_quote_the_store() {
             );
         }
         assert_eq!(conflicts, 19);
-        // Without a version every writer lands, or is told to try again.
+        // Without a version every writer lands, or is told to try again; each that landed,
+        // and only those, made a version.
+        let mut landed = 0;
         for t in writers(false) {
             let r = t.await.unwrap();
-            if r.status != StatusCode::CREATED {
+            if r.status == StatusCode::CREATED {
+                landed += 1;
+            } else {
                 assert_says_retry(&r);
             }
         }
+        let t = s.get(&format!("/tickets/{id}"), &customer).await;
+        assert_eq!(t.body["version"], 2 + landed, "{t:?}");
         Arc::into_inner(s).unwrap().stop().await;
     })
     .await;

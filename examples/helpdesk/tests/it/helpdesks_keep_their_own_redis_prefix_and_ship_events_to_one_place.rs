@@ -218,10 +218,10 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
             config.ready_details = true;
         })
         .await;
-        // The same secret: nothing to report, by either, after rounds enough (at 50 ms each)
-        // to have seen the other.
+        // The same secret: nothing to report, by either, after a round of each that began
+        // with both recorded.
         let same = TestServer::start_with_hooks(backend.shared(), hooks(), |_| {}).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        rounds_with_both_recorded(&backend).await;
         for s in [&a, &same] {
             let ready = s.send(Method::GET, "/ready", None, None).await;
             assert_eq!(
@@ -282,4 +282,40 @@ async fn a_deployment_check_interval_out_of_bounds_fails_the_start() {
         backend.clean_up().await;
     })
     .await;
+}
+
+/// Returns once every instance recorded in `backend`'s schema (two) has renewed its record
+/// twice since this was called: a round's check of the other instances runs before its
+/// renewal, so the second renewal ends a round that began after the first, with both
+/// recorded.
+async fn rounds_with_both_recorded(backend: &Backend) {
+    use cqrs_postgres::sqlx::{self, Connection};
+    let (database_url, schema) = backend.database().expect("a Postgres backend");
+    let mut conn = sqlx::PgConnection::connect(&database_url)
+        .await
+        .expect("connect");
+    for renewal in ["first", "second"] {
+        let since: String = sqlx::query_scalar("SELECT clock_timestamp()::text")
+            .fetch_one(&mut conn)
+            .await
+            .expect("the server's time");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let renewed: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM {schema}.helpdesk_instances WHERE seen_at > $1::timestamptz"
+            )))
+            .bind(&since)
+            .fetch_one(&mut conn)
+            .await
+            .expect("count renewed records");
+            if renewed == 2 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the {renewal} renewal of both instances' records: {renewed} of 2 renewed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -8,25 +8,40 @@ use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
 
-/// The rows of the server's idempotency table, counted from outside the server.
-async fn stored(backend: &Backend) -> i64 {
-    let Backend::Postgres {
-        database_url,
-        namespace,
-        ..
-    } = backend
-    else {
-        unreachable!("a Postgres backend")
-    };
-    let pool = sqlx::PgPool::connect(database_url).await.unwrap();
+/// The rows of the server's idempotency table with a key `matching` (a `LIKE` pattern),
+/// counted from outside the server.
+async fn stored_matching(backend: &Backend, matching: &str) -> i64 {
+    let (database_url, namespace) = backend.database().expect("a Postgres backend");
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
     let count: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {namespace}.idempotency"
+        "SELECT count(*) FROM {namespace}.idempotency WHERE key LIKE $1"
     )))
+    .bind(matching)
     .fetch_one(&pool)
     .await
     .unwrap();
     pool.close().await;
     count
+}
+
+/// The rows of the server's idempotency table, counted from outside the server.
+async fn stored(backend: &Backend) -> i64 {
+    stored_matching(backend, "%").await
+}
+
+/// Stores, from outside the server, a completed record that expired in 1970: gone once a
+/// purge ran.
+async fn store_expired_sentinel(backend: &Backend) {
+    let (database_url, namespace) = backend.database().expect("a Postgres backend");
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {namespace}.idempotency (scope, key, fingerprint, status, body, expires_at) \
+         VALUES ('test', 'sentinel', 'none', 201, '{{}}', '1970-01-02Z')"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,6 +83,16 @@ async fn expired_idempotency_records_are_purged() {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the expired record still stored after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A later purge (it takes the expired sentinel) still keeps them.
+        store_expired_sentinel(&backend).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while stored_matching(&backend, "sentinel").await != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the expired sentinel still stored after 10 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
