@@ -1,7 +1,7 @@
 //! The core's event transport conformance suite, against Redis: each scenario under its own key
 //! prefix, with short intervals.
 
-use crate::support::{connect_admin, delete_prefix, key_prefix, reachable, stream_options};
+use crate::support::{connect_admin, delete_prefix, key_prefix, raw, reachable, stream_options};
 use cqrs_core::ports::EventTransport;
 use cqrs_core::testing::Harness;
 use cqrs_core::testing::transport::TransportHarness;
@@ -51,6 +51,29 @@ impl TransportHarness for RedisTransportHarness {
                 })
                 .collect(),
         )
+    }
+
+    /// The consumer's rows in the group's `XPENDING`.
+    async fn pending_to(&self, topic: &str, group: &str, consumer: &str) -> Option<usize> {
+        let admin = connect_admin().await.expect("connect to read XPENDING");
+        let stream = self
+            .transport
+            .stream_key(topic)
+            .expect("the topic's stream");
+        let rows = raw(
+            &admin,
+            "XPENDING",
+            vec![
+                stream.as_str().into(),
+                group.into(),
+                "-".into(),
+                "+".into(),
+                1000.into(),
+                consumer.into(),
+            ],
+        )
+        .await;
+        Some(rows.into_array().len())
     }
 }
 
