@@ -77,6 +77,54 @@ pub struct PgDatabase {
     health_wait: Duration,
     /// How long an idempotency claim waits for a duplicate's holder.
     pub(crate) claim_wait: Duration,
+    /// The connections to retire once the server is found to take no writes.
+    pub(crate) retirement: Arc<Retirement>,
+}
+
+/// The pool's connections opened before the last sign that the server takes no writes (a
+/// failover, or a cutover made with `default_transaction_read_only`, that left them on a
+/// server no longer the primary): the pool made by [`PgOptions`](crate::PgOptions) closes
+/// each at its next acquire (its `before_acquire`), and opens a new one, which reaches the
+/// primary once the URL does. Without it every command failed on them until their
+/// `max_lifetime` (30 minutes by default), the health check replacing one a time.
+#[derive(Debug)]
+pub(crate) struct Retirement {
+    start: std::time::Instant,
+    /// Connections opened before this many nanoseconds after `start` are retired; 0: none.
+    before: std::sync::atomic::AtomicU64,
+}
+
+impl Retirement {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: std::time::Instant::now(),
+            before: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Retires every connection opened until now. Whether none was retired in the second
+    /// before (so that a burst of failing commands is logged once).
+    pub(crate) fn retire_all(&self) -> bool {
+        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = self
+            .before
+            .fetch_max(now.max(1), std::sync::atomic::Ordering::Relaxed);
+        last == 0 || now.saturating_sub(last) >= 1_000_000_000
+    }
+
+    /// Whether a connection `age` old was opened before the last [`retire_all`](Self::retire_all).
+    /// One atomic load while nothing was ever retired.
+    pub(crate) fn retired(&self, age: Duration) -> bool {
+        let before = self.before.load(std::sync::atomic::Ordering::Relaxed);
+        if before == 0 {
+            return false;
+        }
+        // `None`: opened before `start`, so before any retirement too.
+        self.start
+            .elapsed()
+            .checked_sub(age)
+            .is_none_or(|opened| u64::try_from(opened.as_nanos()).unwrap_or(u64::MAX) < before)
+    }
 }
 
 impl std::fmt::Debug for PgDatabase {
@@ -89,8 +137,14 @@ impl std::fmt::Debug for PgDatabase {
 }
 
 impl PgDatabase {
-    pub(crate) fn new(pool: PgPool, schema: &str, target: String) -> Self {
+    pub(crate) fn new(
+        pool: PgPool,
+        schema: &str,
+        target: String,
+        retirement: Arc<Retirement>,
+    ) -> Self {
         Self {
+            retirement,
             pool,
             sql: Arc::new(Sql::new(schema)),
             clock: Arc::new(SystemClock),
@@ -108,7 +162,8 @@ impl PgDatabase {
     pub fn from_pool(pool: PgPool, schema: &str) -> Result<Self, PgError> {
         crate::sql::valid_schema(schema).map_err(|p| PgError::InvalidOptions(vec![p]))?;
         let target = crate::options::target_of(&pool.connect_options());
-        Ok(Self::new(pool, schema, target))
+        // Its pool has no hook of this crate's: nothing is retired.
+        Ok(Self::new(pool, schema, target, Retirement::new()))
     }
 
     /// Uses `clock` for idempotency expiry (tests pass a
@@ -170,7 +225,10 @@ impl PgDatabase {
     /// [`store_error`](crate::store_error) does, except that a pool that gave no connection
     /// within its `acquire_timeout` (sqlx's bare "pool timed out") says where it connects,
     /// what the pool looked like, and what to do: whether the server was unreachable or every
-    /// connection was in use.
+    /// connection was in use. A write refused because the server takes none (SQLSTATE 25006:
+    /// a failover or cutover left the pool on a server that is no longer the primary) also
+    /// retires every connection the pool opened until then: a pool made by
+    /// [`PgOptions`](crate::PgOptions) closes each at its next acquire and opens a new one.
     ///
     /// ```no_run
     /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), cqrs_core::ports::StoreError> {
@@ -181,7 +239,23 @@ impl PgDatabase {
     /// # Ok(()) }
     /// ```
     pub fn store_error(&self, error: sqlx::Error) -> StoreError {
+        if sqlstate(&error).as_deref() == Some(READ_ONLY_TRANSACTION) {
+            self.retire_connections();
+        }
         crate::error::pool_error(error, &self.pool, &self.target)
+    }
+
+    /// The server takes no writes: the pool's connections opened until now are closed at their
+    /// next acquire, so that new ones may reach the primary.
+    fn retire_connections(&self) {
+        if self.retirement.retire_all() {
+            tracing::warn!(
+                server = %self.target,
+                "the server takes no writes: retiring the pool's connections opened until \
+                 now, to connect again (a failover or cutover may have left them on a server \
+                 that is no longer the primary)"
+            );
+        }
     }
 
     /// A connection from the pool, its failure mapped by [`store_error`](Self::store_error).
@@ -525,6 +599,9 @@ impl PgDatabase {
 const LATEST_MIGRATION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
+/// SQLSTATE `read_only_sql_transaction`: a write on a server that takes none.
+const READ_ONLY_TRANSACTION: &str = "25006";
+
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
 
 /// [`PgDatabase::with_claim_wait`]'s default.
@@ -660,14 +737,16 @@ impl HealthCheck for PgDatabase {
         if matches!(&pinged, Err(e) if session_lost(e)) || matches!(pinged, Ok((_, false))) {
             held.connection.close_on_drop();
         }
+        if matches!(pinged, Ok((_, false))) {
+            self.retire_connections();
+        }
         held.give_back();
         match pinged {
             Ok((_, false)) => Health::Unhealthy(format!(
                 "{}: the server takes no writes (`transaction_read_only` is on: a standby, a \
                  primary demoted by a failover, or `default_transaction_read_only` set): every \
-                 command fails until the URL reaches the primary again; each check replaces \
-                 the connection it used, the others are replaced at their `max_lifetime` (or \
-                 restart the instance)",
+                 command fails until the URL reaches the primary again; the pool's connections \
+                 opened until this check are replaced at their next use",
                 self.target
             )),
             Ok((version, true)) if version >= LATEST_MIGRATION => Health::Healthy,

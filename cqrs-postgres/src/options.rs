@@ -1,9 +1,11 @@
 //! Connection options: a URL, a schema, and pool bounds.
 
+use crate::database::Retirement;
 use crate::error::PgError;
 use crate::{PgDatabase, sql};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The URL used when none is given: a local server with trust authentication.
@@ -506,7 +508,11 @@ impl PgOptions {
         }
     }
 
-    fn pool_options(&self, connect: &PgConnectOptions) -> PgPoolOptions {
+    fn pool_options(
+        &self,
+        connect: &PgConnectOptions,
+        retirement: &Arc<Retirement>,
+    ) -> PgPoolOptions {
         let mut pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .min_connections(self.min_connections)
@@ -519,19 +525,31 @@ impl PgOptions {
         if TLS_BUILT && !matches!(connect.get_ssl_mode(), PgSslMode::Disable) {
             pool = pool.after_release(|conn, _| Box::pin(read_unread_errors(conn)));
         }
-        match self.ping_after_idle {
+        let ping = match self.ping_after_idle {
             // sqlx already pings every connection.
-            _ if self.test_before_acquire => pool,
-            None => pool,
-            Some(after) => {
-                // A connection that died silently (a network that drops packets) would spend
-                // the whole acquire on its ping: past a quarter of it, the ping failed.
-                let patience = (self.acquire_timeout / 4).max(Duration::from_millis(1));
-                pool.before_acquire(move |conn, meta| {
-                    Box::pin(ping_if_idle(conn, meta, after, patience))
-                })
-            }
-        }
+            _ if self.test_before_acquire => None,
+            None => None,
+            // A connection that died silently (a network that drops packets) would spend the
+            // whole acquire on its ping: past a quarter of it, the ping failed.
+            Some(after) => Some((
+                after,
+                (self.acquire_timeout / 4).max(Duration::from_millis(1)),
+            )),
+        };
+        let retirement = retirement.clone();
+        pool.before_acquire(move |conn, meta| {
+            let retired = retirement.retired(meta.age);
+            Box::pin(async move {
+                if retired {
+                    // Opened before the server was found to take no writes.
+                    return Ok(false);
+                }
+                match ping {
+                    Some((after, patience)) => ping_if_idle(conn, meta, after, patience).await,
+                    None => Ok(true),
+                }
+            })
+        })
     }
 
     /// Opens the pool and checks that the server answers. Does not migrate: call
@@ -550,8 +568,9 @@ impl PgOptions {
     pub async fn connect(self) -> Result<PgDatabase, PgError> {
         let connect = self.checked()?;
         let target = self.target(&connect);
+        let retirement = Retirement::new();
         let pool = match self
-            .pool_options(&connect)
+            .pool_options(&connect, &retirement)
             .connect_with(connect.clone())
             .await
         {
@@ -569,7 +588,8 @@ impl PgOptions {
                     }
                     Ok(Ok(probe)) => {
                         let _ = probe.close().await;
-                        self.pool_options(&connect).connect_lazy_with(connect)
+                        self.pool_options(&connect, &retirement)
+                            .connect_lazy_with(connect)
                     }
                     Err(_) => {
                         let timed_out = sqlx::Error::PoolTimedOut;
@@ -579,7 +599,7 @@ impl PgOptions {
             }
             Err(e) => return Err(crate::error::connect_error(e, target).into()),
         };
-        Ok(PgDatabase::new(pool, &self.schema, target))
+        Ok(PgDatabase::new(pool, &self.schema, target, retirement))
     }
 
     /// Where `connect` goes, for its error: host and port (or socket) and database, and
@@ -607,8 +627,11 @@ impl PgOptions {
     pub fn connect_lazy(self) -> Result<PgDatabase, PgError> {
         let connect = self.checked()?;
         let target = self.target(&connect);
-        let pool = self.pool_options(&connect).connect_lazy_with(connect);
-        Ok(PgDatabase::new(pool, &self.schema, target))
+        let retirement = Retirement::new();
+        let pool = self
+            .pool_options(&connect, &retirement)
+            .connect_lazy_with(connect);
+        Ok(PgDatabase::new(pool, &self.schema, target, retirement))
     }
 }
 

@@ -186,3 +186,84 @@ pg_test! {
         read_only.pool().close().await;
     }
 }
+
+/// A pool of three on `db`'s schema whose three connections, idle in it, are sessions that
+/// take no writes (`default_transaction_read_only` set in each), on a server that takes them
+/// from new sessions: a failover or cutover that left the pool on the old primary, the URL
+/// already reaching the new one.
+async fn pool_left_on_a_server_that_takes_no_writes(db: &PgDatabase) -> PgDatabase {
+    let small = crate::support::options(db.schema())
+        .max_connections(3)
+        .connect()
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = small.pool().acquire().await.unwrap();
+        sqlx::query("SET default_transaction_read_only = on")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        held.push(conn);
+    }
+    drop(held);
+    // Given back on tasks of sqlx's own: idle in the pool before the scenario goes on.
+    cqrs_core::testing::eventually(Duration::from_secs(10), "three idle", || async {
+        (small.pool().num_idle() == 3).then_some(())
+    })
+    .await;
+    small
+}
+
+/// Whether each of three connections held at once takes writes.
+async fn three_at_once_take_writes(small: &PgDatabase) -> Vec<bool> {
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(small.pool().acquire().await.unwrap());
+    }
+    let mut writable = Vec::new();
+    for conn in &mut conns {
+        let read_only: String = sqlx::query_scalar("SHOW transaction_read_only")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        writable.push(read_only == "off");
+    }
+    writable
+}
+
+pg_test! {
+    /// Once the health check finds the server takes no writes, every connection the pool
+    /// opened before it is replaced at its next use, not only the one the check used (the
+    /// others failed every command until their `max_lifetime`, 30 minutes by default).
+    async fn a_health_check_that_finds_no_writes_retires_every_older_connection(db: PgDatabase) {
+        use cqrs_core::runtime::{Health, HealthCheck};
+        let small = pool_left_on_a_server_that_takes_no_writes(&db).await;
+        let health = small.check().await;
+        assert!(
+            matches!(&health, Health::Unhealthy(why) if why.contains("the server takes no writes")),
+            "{health:?}"
+        );
+        assert_eq!(three_at_once_take_writes(&small).await, [true, true, true]);
+        assert_eq!(small.check().await, Health::Healthy);
+        small.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// So does a write refused for it (SQLSTATE 25006) that `PgDatabase::store_error` maps,
+    /// as a retryable `Unavailable`.
+    async fn a_write_refused_for_no_writes_retires_every_older_connection(db: PgDatabase) {
+        let small = pool_left_on_a_server_that_takes_no_writes(&db).await;
+        let mut conn = small.pool().acquire().await.unwrap();
+        let refused = sqlx::query("CREATE TABLE refused_here (id int)")
+            .execute(&mut *conn)
+            .await
+            .expect_err("a write on a session that takes none");
+        drop(conn);
+        let error = small.store_error(refused);
+        assert_eq!(error.kind(), cqrs_core::ErrorKind::Unavailable, "{error}");
+        assert_eq!(three_at_once_take_writes(&small).await, [true, true, true]);
+        small.pool().close().await;
+    }
+}
