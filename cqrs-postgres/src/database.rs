@@ -1,6 +1,6 @@
 //! The handle every adapter shares: a pool and a schema.
 
-use crate::error::{PgError, sqlstate, store_error};
+use crate::error::{PgError, READ_ONLY_TRANSACTION, sqlstate, store_error};
 use crate::sql::Sql;
 use crate::{PgCommandLayer, PgEventStore, PgIdempotencyStore, PgProjectionStore, PgSnapshotStore};
 use async_trait::async_trait;
@@ -243,6 +243,15 @@ impl PgDatabase {
             self.retire_connections();
         }
         crate::error::pool_error(error, &self.pool, &self.target)
+    }
+
+    /// Retires the pool's connections (see [`retire_connections`](Self::retire_connections))
+    /// when `error` is, or was caused by, a write the server refused because it takes none: a
+    /// command's, whatever wrapped it.
+    pub(crate) fn retire_if_refused_as_read_only(&self, error: &(dyn std::error::Error + 'static)) {
+        if crate::error::refused_as_read_only(error) {
+            self.retire_connections();
+        }
     }
 
     /// The server takes no writes: the pool's connections opened until now are closed at their
@@ -599,9 +608,6 @@ impl PgDatabase {
 const LATEST_MIGRATION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
-/// SQLSTATE `read_only_sql_transaction`: a write on a server that takes none.
-const READ_ONLY_TRANSACTION: &str = "25006";
-
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
 
 /// [`PgDatabase::with_claim_wait`]'s default.

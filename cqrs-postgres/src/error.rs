@@ -182,6 +182,27 @@ impl SqlxError {
     }
 }
 
+/// SQLSTATE `read_only_sql_transaction`: a write on a server that takes none.
+pub(crate) const READ_ONLY_TRANSACTION: &str = "25006";
+
+/// Whether `error`, or one of its sources, is a write the server refused because it takes
+/// none (SQLSTATE 25006), however it was wrapped: by [`store_error`], or by a handler
+/// (`HandlerError::internal(sqlx_error)`).
+pub(crate) fn refused_as_read_only(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let sqlx_error = error
+            .downcast_ref::<SqlxError>()
+            .map(SqlxError::get_ref)
+            .or_else(|| error.downcast_ref::<sqlx::Error>());
+        if sqlx_error.is_some_and(|e| sqlstate(e).as_deref() == Some(READ_ONLY_TRANSACTION)) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
 impl From<sqlx::Error> for SqlxError {
     fn from(error: sqlx::Error) -> Self {
         Self(error)

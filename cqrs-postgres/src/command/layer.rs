@@ -242,7 +242,12 @@ where
         let future = self.inner.call(dispatch);
         let config = self.config.clone();
         Box::pin(async move {
-            let mut reply = future.await.map_err(|e| dispatch_error(e.into()))?;
+            let mut reply = future.await.map_err(|e| {
+                let error = dispatch_error(e.into());
+                // A failover may have left the pool on a server that takes no writes.
+                config.db.retire_if_refused_as_read_only(&error);
+                error
+            })?;
             let mut uow = reply
                 .extensions_mut()
                 .remove::<PgUnitOfWork>()
@@ -274,7 +279,10 @@ where
                 // outcome would depend on whether COMMIT had reached the server; now a
                 // command whose handler succeeded commits, and its events ship.
                 None => match tokio::spawn(uow.commit().in_current_span()).await {
-                    Ok(committed) => committed.map_err(store_failure)?,
+                    Ok(committed) => committed.map_err(|e| {
+                        config.db.retire_if_refused_as_read_only(&e);
+                        store_failure(e)
+                    })?,
                     Err(e) if e.is_panic() => {
                         return Err(DispatchError::Handler(HandlerError::internal(e)));
                     }

@@ -267,3 +267,74 @@ pg_test! {
         small.pool().close().await;
     }
 }
+
+/// Records one event (appended at the commit) and, with `write`, inserts a row of its own
+/// first, its error mapped as handlers commonly do (`HandlerError::internal`).
+struct Jot {
+    write: bool,
+}
+
+impl cqrs_core::Message for Jot {
+    const NAME: &'static str = "test.jot";
+}
+
+impl cqrs_core::Command for Jot {
+    type Output = ();
+}
+
+struct JotHandler;
+
+#[cqrs_core::async_trait]
+impl cqrs_core::CommandHandler<Jot> for JotHandler {
+    async fn handle(
+        &self,
+        cmd: Jot,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<(), cqrs_core::HandlerError> {
+        if cmd.write {
+            let uow = PgUnitOfWork::from_context(ctx)?;
+            let insert = format!(
+                "INSERT INTO \"{}\".tickets (id, title) VALUES ('t', 'noted')",
+                uow.database().schema()
+            );
+            sqlx::query(sqlx::AssertSqlSafe(insert))
+                .execute(uow.connection().await?)
+                .await
+                .map_err(cqrs_core::HandlerError::internal)?;
+        }
+        ctx.record(crate::support::tickets::TicketOpened {
+            id: "t".into(),
+            title: "noted".into(),
+        });
+        Ok(())
+    }
+}
+
+pg_test! {
+    /// So does a command refused for it, through the `PgCommandLayer`: its events' append at
+    /// the commit, or a write of the handler's own, whatever error the handler made of it.
+    async fn a_command_refused_for_no_writes_retires_every_older_connection(db: PgDatabase) {
+        crate::support::tickets::create_table(&db).await;
+        for write in [false, true] {
+            let small = pool_left_on_a_server_that_takes_no_writes(&db).await;
+            let bus = cqrs_core::CommandBus::builder()
+                .handler(JotHandler)
+                .layer(small.command_layer())
+                .build()
+                .unwrap();
+            let refused = bus.dispatch(Jot { write }).await.expect_err("no writes");
+            if !write {
+                // The handler's own write failed as the handler mapped it (internal).
+                assert_eq!(refused.kind(), cqrs_core::ErrorKind::Unavailable, "{refused}");
+            }
+            assert_eq!(
+                three_at_once_take_writes(&small).await,
+                [true, true, true],
+                "after a refused {}",
+                if write { "write of the handler" } else { "append" }
+            );
+            bus.dispatch(Jot { write }).await.expect("on new connections");
+            small.pool().close().await;
+        }
+    }
+}
