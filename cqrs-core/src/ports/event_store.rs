@@ -240,7 +240,8 @@ pub(crate) async fn read_up_to_undecodable(
                 if short {
                     break;
                 }
-                ask = ask.min(limit - records.len());
+                // Saturating: a store may return more than it was asked for.
+                ask = ask.min(limit.saturating_sub(records.len()));
             }
             Err(StoreError::Codec(_)) => ask /= 2,
             // The store failing meanwhile: the next read tells.

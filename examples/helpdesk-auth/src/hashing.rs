@@ -104,7 +104,8 @@ impl Drop for ClientSlot {
 
 impl Hashing {
     pub(crate) fn new(permits: usize, wait: Duration) -> Self {
-        let permits = permits.max(1);
+        // Tokio's semaphore panics past its maximum: more is as good as unlimited anyway.
+        let permits = permits.clamp(1, Semaphore::MAX_PERMITS);
         let per_client = (permits / 2).clamp(1, PER_CLIENT);
         Self {
             permits: Arc::new(Semaphore::new(permits)),

@@ -112,8 +112,12 @@ impl PgUserStore {
         let schema = db.schema().to_owned();
         Self {
             db,
+            // Clamped to the years chrono holds: a row set to 'infinity' (by hand, a restore)
+            // would panic in sqlx's decoding, on every request of that user.
             select: format!(
-                "SELECT id, email, role, display_name, password_hash, created_at FROM {schema}.users"
+                "SELECT id, email, role, display_name, password_hash, \
+                 {} AS created_at FROM {schema}.users",
+                decodable("created_at")
             )
             .into(),
             insert: format!(
@@ -162,6 +166,12 @@ impl PgUserStore {
         })
         .transpose()
     }
+}
+
+/// `timestamptz` expression `column`, clamped to years 1 to 9999: Postgres also holds
+/// `infinity` and years past chrono's, whose decoding panics.
+fn decodable(column: &str) -> String {
+    format!("LEAST(GREATEST({column}, '0001-01-01Z'), '9999-12-31Z')")
 }
 
 #[async_trait]
@@ -241,8 +251,9 @@ impl std::fmt::Debug for PgLoginThrottle {
 }
 
 impl PgLoginThrottle {
-    /// Blocks a key after `limit` failures within `window`, on `clock`.
+    /// Blocks a key after `limit` failures within `window` (at most a century), on `clock`.
     pub fn new(db: PgDatabase, clock: Arc<dyn Clock>, limit: u32, window: Duration) -> Self {
+        let window = window.min(crate::throttle::LONGEST_WINDOW);
         let schema = db.schema().into();
         Self {
             db,
@@ -282,7 +293,12 @@ impl PgLoginThrottle {
     }
 
     fn since(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        now - chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX / 2)
+        // The window is at most a century (`new`): neither step can fail for a clock in years
+        // chrono holds; if one did, nothing is forgotten.
+        chrono::Duration::from_std(self.window)
+            .ok()
+            .and_then(|window| now.checked_sub_signed(window))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
     }
 }
 
@@ -313,7 +329,8 @@ impl LoginThrottle for PgLoginThrottle {
             .await
             .map_err(store_error)?;
         let sql = format!(
-            "SELECT count(*), min(at) FROM {}.login_failures WHERE key = $1",
+            "SELECT count(*), {} FROM {}.login_failures WHERE key = $1",
+            decodable("min(at)"),
             self.schema
         );
         let row = sqlx::query(AssertSqlSafe(sql))
@@ -326,7 +343,10 @@ impl LoginThrottle for PgLoginThrottle {
         if count >= i64::from(self.limit) {
             tx.commit().await.map_err(store_error)?;
             // Blocked until the oldest attempt in the window leaves it.
-            let until = oldest.map_or(now, |t| t + (now - since));
+            let until = oldest.map_or(now, |t| {
+                t.checked_add_signed(now - since)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            });
             return Ok(Attempt::Blocked {
                 retry_after: crate::throttle::retry_after(until - now),
             });

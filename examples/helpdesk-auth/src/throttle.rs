@@ -288,19 +288,25 @@ impl std::fmt::Debug for InMemoryLoginThrottle {
     }
 }
 
+/// The longest window a throttle keeps attempts for: a century. A longer one (`Duration::MAX`
+/// for "never forget") counts as a century, so that an attempt's time plus the window stays a
+/// time chrono holds.
+pub(crate) const LONGEST_WINDOW: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 impl InMemoryLoginThrottle {
-    /// Blocks a key after `limit` failures within `window`.
+    /// Blocks a key after `limit` failures within `window` (at most a century).
     pub fn new(clock: Arc<dyn Clock>, limit: u32, window: Duration) -> Self {
         Self {
             attempts: Arc::default(),
             clock,
             limit,
-            window,
+            window: window.min(LONGEST_WINDOW),
         }
     }
 
     fn window(&self) -> chrono::Duration {
-        chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::MAX)
+        // A century at most (`new`): always a chrono duration.
+        chrono::Duration::from_std(self.window).unwrap_or(chrono::Duration::days(36_500))
     }
 }
 
@@ -443,6 +449,20 @@ mod tests {
         let mut taken_back = gated.taken_back.lock().unwrap().clone();
         taken_back.sort();
         assert_eq!(taken_back, ["address", "pair"]);
+    }
+
+    /// A window of `Duration::MAX` ("never forget") counts as a century: the attempts' times
+    /// plus the window overflowed chrono and panicked at the second attempt.
+    #[tokio::test]
+    async fn a_window_of_duration_max_counts_as_a_century() {
+        let clock = ManualClock::new();
+        let throttle = InMemoryLoginThrottle::new(Arc::new(clock.clone()), 1, Duration::MAX);
+        assert!(matches!(
+            throttle.attempt("k").await.unwrap(),
+            Attempt::Counted(_)
+        ));
+        let blocked = throttle.attempt("k").await.unwrap().retry_after();
+        assert_eq!(blocked, Some(100 * 365 * 24 * 3600));
     }
 
     #[tokio::test]

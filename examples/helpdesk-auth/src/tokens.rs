@@ -47,7 +47,8 @@ impl std::fmt::Debug for JwtTokens {
 }
 
 impl JwtTokens {
-    /// Tokens signed with `secret`, living `ttl`.
+    /// Tokens signed with `secret`, living `ttl` (at most a century: a longer one counts as a
+    /// century, where its seconds past `i64::MAX` made tokens born expired).
     pub fn new(
         secret: &[u8],
         ttl: Duration,
@@ -56,7 +57,7 @@ impl JwtTokens {
         Ok(Self {
             encoding: EncodingKey::from_secret(secret)?,
             decoding: DecodingKey::from_secret(secret)?,
-            ttl,
+            ttl: ttl.min(crate::throttle::LONGEST_WINDOW),
             clock,
         })
     }
@@ -73,7 +74,8 @@ impl JwtTokens {
             sub: user.id,
             role: user.role,
             iat: now,
-            exp: now + self.ttl.as_secs() as i64,
+            // A century at most (`new`): fits, and stays a time a JWT library reads.
+            exp: now.saturating_add(i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX)),
             nbf: None,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -221,5 +223,22 @@ mod tests {
         };
         let (decoded, _) = tokens.decode(&tokens.issue(&user).unwrap()).unwrap();
         assert_eq!((decoded.id, decoded.role), (user.id, user.role));
+    }
+
+    /// A lifetime past a century counts as a century: its seconds cast to `i64` made every
+    /// token born expired (or overflowed), so a login "worked" and the next request was 401.
+    #[test]
+    fn a_ttl_past_a_century_counts_as_a_century() {
+        let clock = Arc::new(ManualClock::default());
+        let user = User {
+            id: uuid::Uuid::now_v7(),
+            role: Role::Customer,
+        };
+        for ttl in [Duration::MAX, Duration::from_secs(u64::MAX / 2)] {
+            let tokens = JwtTokens::new(&[7; 32], ttl, clock.clone()).unwrap();
+            assert_eq!(tokens.ttl_seconds(), 100 * 365 * 24 * 3600, "{ttl:?}");
+            let token = tokens.issue(&user).unwrap();
+            assert!(tokens.decode(&token).is_ok(), "{ttl:?}: taken");
+        }
     }
 }

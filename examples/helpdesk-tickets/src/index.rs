@@ -136,11 +136,14 @@ impl TicketIndex for InMemoryTicketIndex {
             facets,
             entered,
         } = &mut *lists;
-        let key = match keys.get(&ticket.id) {
-            Some(&key) => {
+        // `keys` and `tickets` change together, under this lock: a key always has its ticket.
+        let known = keys
+            .get(&ticket.id)
+            .and_then(|&key| tickets.get(&key).map(|old| (key, old)));
+        let key = match known {
+            Some((key, old)) => {
                 // Two changes of one ticket may reach the index in either order: keep the
                 // newer, as the Postgres index does (`WHERE version < EXCLUDED.version`).
-                let old = &tickets[&key];
                 if old.version >= ticket.version {
                     return Ok(());
                 }

@@ -277,9 +277,10 @@ impl<T> Default for SharedRun<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
-    /// The result of a run that began after this call: one under way, or `run`'s. Must be
-    /// called in a tokio runtime (the run is spawned).
-    pub(crate) async fn get<F>(&self, run: impl FnOnce() -> F) -> T
+    /// The result of a run that began after this call: one under way, or `run`'s; `None` when
+    /// that run's task ended without one (it panicked, or the runtime is shutting down). Must
+    /// be called in a tokio runtime (the run is spawned).
+    pub(crate) async fn get<F>(&self, run: impl FnOnce() -> F) -> Option<T>
     where
         F: std::future::Future<Output = T> + Send + 'static,
     {
@@ -287,7 +288,7 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
     }
 
     /// The result of a run that began at `arrived` or later.
-    async fn get_since<F>(&self, arrived: Instant, run: impl FnOnce() -> F) -> T
+    async fn get_since<F>(&self, arrived: Instant, run: impl FnOnce() -> F) -> Option<T>
     where
         F: std::future::Future<Output = T> + Send + 'static,
     {
@@ -298,7 +299,7 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
                 if let Some((began, result)) = &runs.last
                     && *began >= arrived
                 {
-                    return result.clone();
+                    return Some(result.clone());
                 }
                 match &runs.running {
                     Some((began, running)) => (*began, running.clone()),
@@ -325,9 +326,9 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
                 }
             }
             match result {
-                Some(result) if began >= arrived => return result,
+                Some(result) if began >= arrived => return Some(result),
                 Some(_) => {}
-                None => panic!("the health checks panicked"),
+                None => return None,
             }
         }
     }
@@ -340,10 +341,15 @@ async fn ready(Extension(state): Extension<State>) -> Response {
     }
     let budget = check_budget(state.request_timeout);
     let runtime = state.runtime.clone();
-    let report = state
+    let Some(report) = state
         .ready_checks
         .get(move || async move { runtime.health_within(budget).await })
-        .await;
+        .await
+    else {
+        // Each check is guarded: only a runtime shutting down ends the run without a report.
+        let body = json!({ "status": "unavailable", "components": {} });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    };
     log_ready_reasons(&state, &report.components);
     let components: serde_json::Map<String, Value> = report
         .components
@@ -732,13 +738,26 @@ mod tests {
         let began = tokio::time::timeout(Duration::from_secs(10), waiter)
             .await
             .expect("the waiter is answered")
-            .unwrap();
+            .unwrap()
+            .expect("a result");
         assert!(began >= waiter_arrived);
         assert_eq!(
             runs.load(Ordering::SeqCst),
             1,
             "the run went on; no second one"
         );
+    }
+
+    /// A run whose task panics answers `None` (`/ready` then says unavailable, where it
+    /// panicked into a 500), and the next caller starts a run of its own.
+    #[tokio::test]
+    async fn a_run_that_panics_answers_none_and_the_next_caller_runs_again() {
+        let shared = SharedRun::<u32>::default();
+        let panicked = shared
+            .get(|| async { std::panic::panic_any("a check's bug") as u32 })
+            .await;
+        assert_eq!(panicked, None);
+        assert_eq!(shared.get(|| async { 7 }).await, Some(7));
     }
 
     /// Twenty callers at once share the runs: two, one after the other (the one under way
@@ -761,6 +780,7 @@ mod tests {
                         began
                     })
                     .await
+                    .expect("a result")
             })
         };
         while runs.load(Ordering::SeqCst) == 0 {
@@ -777,7 +797,8 @@ mod tests {
                             runs.fetch_add(1, Ordering::SeqCst);
                             Instant::now()
                         })
-                        .await;
+                        .await
+                        .expect("a result");
                     (at, began)
                 })
             })

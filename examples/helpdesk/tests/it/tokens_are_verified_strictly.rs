@@ -189,3 +189,36 @@ async fn a_demoted_agent_loses_the_role_with_the_token_it_holds() {
     })
     .await;
 }
+
+/// A user row whose `created_at` was set outside the server to a time chrono cannot hold
+/// (`infinity`, by hand or a restore) still serves that user: decoding it panicked inside
+/// sqlx, a 500 on every request of theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_created_at_infinity_is_still_served() {
+    let Some(backend) = Backend::postgres().await else {
+        return;
+    };
+    let (database_url, namespace) = backend.database().expect("a Postgres backend");
+    within(async {
+        let s = TestServer::start_on(backend.clone(), |_| {}).await;
+        let (customer, customer_id) = s.customer().await;
+        let pool = cqrs_postgres::sqlx::PgPool::connect(&database_url)
+            .await
+            .unwrap();
+        for at in ["infinity", "-infinity", "294276-12-31Z"] {
+            cqrs_postgres::sqlx::query(cqrs_postgres::sqlx::AssertSqlSafe(format!(
+                "UPDATE {namespace}.users SET created_at = $2::timestamptz WHERE id = $1"
+            )))
+            .bind(uuid::Uuid::parse_str(&customer_id).unwrap())
+            .bind(at)
+            .execute(&pool)
+            .await
+            .unwrap();
+            let me = s.get("/auth/me", &customer).await;
+            assert_eq!(me.status, StatusCode::OK, "created at {at}: {me:?}");
+        }
+        pool.close().await;
+        s.stop().await;
+    })
+    .await;
+}
