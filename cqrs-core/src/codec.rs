@@ -390,8 +390,10 @@ impl EventTypes {
                         schema_version: record.schema_version,
                     });
                 }
+                // The type is read from a peer's entry or a stored row: escaped, so a line
+                // break in it cannot start a forged line of a plain-text log.
                 UnknownEventPolicy::Skip => tracing::warn!(
-                    event_type = %record.event_type,
+                    event_type = %record.event_type.escape_debug(),
                     event_id = %record.event_id,
                     "skipping an event of a type these event types do not register: the \
                      consumer or projection reading it takes no such type (give its bus a \
@@ -402,7 +404,7 @@ impl EventTypes {
                      events)"
                 ),
                 UnknownEventPolicy::Ignore => tracing::debug!(
-                    event_type = %record.event_type,
+                    event_type = %record.event_type.escape_debug(),
                     event_id = %record.event_id,
                     "ignoring an event of a type not registered here"
                 ),

@@ -536,9 +536,9 @@ impl<S: ProjectionStore> StoreRelay<S> {
                     relay = %self.name,
                     topic = %self.topic,
                     position = ?record.position.map(Position::get),
-                    stream = record.stream_id.as_deref().unwrap_or_default(),
+                    stream = %record.stream_id.as_deref().unwrap_or_default().escape_debug(),
                     event_id = %record.event_id,
-                    event_type = %record.event_type,
+                    event_type = %record.event_type.escape_debug(),
                     error = %error,
                     "the transport refused an event for good (it cannot encode it, or its consumers gave up on it); skipped it (it stays in the event store)"
                 );

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// How a worker or a backend is doing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -450,12 +451,18 @@ impl RuntimeBuilder {
             };
             let (min, max) = (self.min_backoff, self.max_backoff);
             let still_running = running.enter(&name);
-            tasks.spawn(async move {
-                let mut still_running = still_running;
-                supervise(worker, ctx, (min, max)).await;
-                // Every way out of it is the worker's own end, not an abort.
-                still_running.finished = true;
-            });
+            // Every line a worker logs names it (a consume loop's, a stalled batch's), and
+            // carries no span of whoever started the runtime.
+            let span = tracing::info_span!(parent: None, "worker", worker = %name);
+            tasks.spawn(
+                async move {
+                    let mut still_running = still_running;
+                    supervise(worker, ctx, (min, max)).await;
+                    // Every way out of it is the worker's own end, not an abort.
+                    still_running.finished = true;
+                }
+                .instrument(span),
+            );
         }
         // A check under a worker's name (or another check's) would hide it in the report.
         let checks = self
@@ -531,6 +538,7 @@ async fn supervise(
             backoff = min;
         }
         tracing::error!(worker = %name, %reason, ?backoff, "worker stopped; restarting");
+        metrics::counter!("cqrs_worker_restarts_total", "worker" => name.clone()).increment(1);
         reporter.set(Health::Unhealthy(reason.clone()));
         // At least 1 ms, whatever the settings (a `max` of zero resets the backoff
         // to `min` after every run): a zero one restarts a failing worker in a

@@ -76,7 +76,7 @@ type TopicFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// broker or on the check of its own session), `cqrs_outbox_skipped_total` (with `reason` =
 /// `undecodable`, `refused` or `invalid_topic`), and every `metrics_interval` the gauges
 /// `cqrs_outbox_unpublished` and `cqrs_outbox_oldest_unpublished_seconds`
-/// (see [`backlog`](Self::backlog)).
+/// (see [`backlog`](Self::backlog); NaN while the backlog cannot be measured).
 ///
 /// ```no_run
 /// use cqrs_core::memory::InMemoryTransport;
@@ -584,10 +584,18 @@ impl PgOutboxRelay {
                 metrics::gauge!("cqrs_outbox_oldest_unpublished_seconds", "relay" => self.relay.clone())
                     .set(backlog.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
             }
-            // At `warn`: the gauges keep their last values meanwhile, which may be small while
-            // the backlog grows (a `statement_timeout` too short for the count, say).
+            // NaN, not the last values: those may be small while the backlog grows (a
+            // `statement_timeout` too short for the count, say), and an alert on the backlog
+            // would stay quiet exactly while it cannot be measured. (As cqrs-redis's stream
+            // gauges do.)
             Err(e) => {
-                tracing::warn!(relay = %self.relay, error = %e, "could not measure the outbox backlog; its gauges keep their last values")
+                for gauge in [
+                    "cqrs_outbox_unpublished",
+                    "cqrs_outbox_oldest_unpublished_seconds",
+                ] {
+                    metrics::gauge!(gauge, "relay" => self.relay.clone()).set(f64::NAN);
+                }
+                tracing::warn!(relay = %self.relay, error = %e, "could not measure the outbox backlog; its gauges are NaN until it can")
             }
         }
     }

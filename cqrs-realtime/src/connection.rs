@@ -18,6 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite;
+use tracing::Instrument;
 
 /// The longest error message sent, as JSON writes it: with the longest topic and the frame's
 /// own fields, an error frame stays within the write room the options keep free
@@ -60,6 +61,8 @@ pub(crate) async fn run<P: Send + Sync + 'static>(
                 });
             finish(&hub, &mut sink, ending).await;
         }
+        // In the connection's span, as the reader.
+        .in_current_span()
     });
     let resumes = hub.resume_budget(slot.key.as_deref());
     let changes = {

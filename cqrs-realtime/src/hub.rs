@@ -674,6 +674,10 @@ impl<P: Send + Sync + 'static> Hub<P> {
         );
         slot.listed = Some(conn.id);
         let hub = inner.clone();
+        // The connection's lines carry its id, inside the span of the request that opened it
+        // (its request id, in a server that logs one), which the task axum spawns for the
+        // upgrade would otherwise lose.
+        let span = tracing::info_span!("ws_connection", connection = conn.id);
         let o = &inner.options;
         upgrade
             .read_buffer_size(o.read_buffer_size)
@@ -682,7 +686,12 @@ impl<P: Send + Sync + 'static> Hub<P> {
             .max_message_size(o.max_message_size)
             .max_frame_size(o.max_frame_size)
             .on_failed_upgrade(|error| tracing::debug!(%error, "WebSocket upgrade failed"))
-            .on_upgrade(move |socket| connection::run(hub, conn, socket, slot, expires_at))
+            .on_upgrade(move |socket| {
+                tracing::Instrument::instrument(
+                    connection::run(hub, conn, socket, slot, expires_at),
+                    span,
+                )
+            })
     }
 
     /// A publisher on this hub's pub/sub, routing and channel prefix.

@@ -273,25 +273,29 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 // Only to those that may see it: to others, the notice would tell that an
                 // event they may not see happened.
                 let frame = missed_frame(topic);
+                let mut panicked = 0;
                 for slot in slots.slots.values() {
-                    if !self.may_see(&slot.conn.principal, topic, event) {
+                    if !self.may_see_counting(&slot.conn.principal, topic, event, &mut panicked) {
                         continue;
                     }
                     if slot.tell_missed(&frame) {
                         told += 1;
                     }
                 }
+                log_panicked(topic, event, panicked);
                 continue;
             }
             let mut frame: Option<Utf8Bytes> = None;
+            let mut panicked = 0;
             for slot in slots.slots.values() {
-                if !self.may_see(&slot.conn.principal, topic, event) {
+                if !self.may_see_counting(&slot.conn.principal, topic, event, &mut panicked) {
                     continue;
                 }
                 let frame =
                     frame.get_or_insert_with(|| event_frame(topic, event, self.max_event_frame));
                 slot.deliver(event.position(), frame);
             }
+            log_panicked(topic, event, panicked);
         }
         told
     }
@@ -329,13 +333,42 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// The authorizer's answer; a panicking authorizer hides the event instead of taking the
     /// channel's dispatcher down.
     pub(crate) fn may_see(&self, principal: &P, topic: &Topic, event: &PushedEvent) -> bool {
+        let mut panicked = 0;
+        let may = self.may_see_counting(principal, topic, event, &mut panicked);
+        log_panicked(topic, event, panicked);
+        may
+    }
+
+    /// [`may_see`](Self::may_see), counting a panic in `panicked` instead of logging it: an
+    /// event its authorizer panics on, fanned out to thousands of subscribers, is logged once
+    /// (by [`log_panicked`]), not once per subscriber under the registry's lock.
+    fn may_see_counting(
+        &self,
+        principal: &P,
+        topic: &Topic,
+        event: &PushedEvent,
+        panicked: &mut u64,
+    ) -> bool {
         catch_unwind(AssertUnwindSafe(|| {
             self.authorizer.may_see(principal, topic, event)
         }))
         .unwrap_or_else(|_| {
-            tracing::error!(%topic, "the realtime authorizer panicked in may_see; event hidden");
+            *panicked += 1;
             false
         })
+    }
+}
+
+/// Logs that the authorizer panicked `panicked` times on `event` for subscribers of `topic`,
+/// once, when it did.
+fn log_panicked(topic: &Topic, event: &PushedEvent, panicked: u64) {
+    if panicked > 0 {
+        tracing::error!(
+            %topic,
+            position = ?event.position(),
+            subscribers = panicked,
+            "the realtime authorizer panicked in may_see; the event was hidden from those subscribers"
+        );
     }
 }
 

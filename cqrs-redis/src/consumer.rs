@@ -1118,12 +1118,14 @@ impl RedisConsumer {
             )
             .await?;
         let dead = dead.as_u64().unwrap_or(0);
+        // The reason is a handler's error text, or a stored entry's: escaped, so a line break
+        // in it cannot start a forged log line.
         for (id, reason) in &entries {
             if dead == entries.len() as u64 {
-                tracing::warn!(topic = %self.topic, group = %self.group, entry = %id, "dead-lettered: {reason}");
+                tracing::warn!(topic = %self.topic, group = %self.group, entry = %id, reason = %reason.escape_debug(), "dead-lettered an entry");
             } else {
                 // Some were left alone: taken over by another consumer, or gone.
-                tracing::info!(topic = %self.topic, group = %self.group, entry = %id, dead, of = entries.len(), "gave up an entry, perhaps left to another consumer: {reason}");
+                tracing::info!(topic = %self.topic, group = %self.group, entry = %id, dead, of = entries.len(), reason = %reason.escape_debug(), "gave up an entry, perhaps left to another consumer");
             }
         }
         Ok(dead)

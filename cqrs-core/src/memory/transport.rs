@@ -503,7 +503,7 @@ impl InMemoryConsumer {
             topic = %self.topic,
             group = %self.group,
             event_id = %record.event_id,
-            event_type = %record.event_type,
+            event_type = %record.event_type.escape_debug(),
             deliveries,
             error = error.as_deref().unwrap_or("(none reported)"),
             why,

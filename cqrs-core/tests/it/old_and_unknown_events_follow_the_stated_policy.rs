@@ -420,3 +420,22 @@ fn an_event_bus_tells_a_shared_wire_name_once() {
         "{err}"
     );
 }
+
+/// An unknown type, read from a peer's entry or a stored row, is logged escaped: a line break
+/// in it cannot start a forged line of a plain-text log.
+#[test]
+fn an_unknown_event_type_is_logged_escaped() {
+    let (_, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    let forged = stored("test.forged\nERROR a line of its own", 1, json!({}));
+    assert!(types.decode(&forged).unwrap().is_none());
+    let logged: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(fields, _)| fields.get("event_type").cloned())
+        .filter(|t| t.starts_with("test.forged"))
+        .collect();
+    assert_eq!(logged, [r"test.forged\nERROR a line of its own"]);
+}

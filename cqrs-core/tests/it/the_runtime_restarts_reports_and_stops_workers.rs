@@ -1373,3 +1373,69 @@ fn a_periodic_job_asked_to_stop_before_its_first_run_does_not_run() {
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
     });
 }
+
+/// Logs `marker` at each run; the first run fails.
+struct Logs {
+    marker: String,
+    runs: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Worker for Logs {
+    fn name(&self) -> &str {
+        "logs"
+    }
+
+    async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
+        tracing::info!(marker = %self.marker, "a line of the worker's");
+        if self.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err("the first run fails".into());
+        }
+        ctx.health.set(Health::Healthy);
+        ctx.shutdown.requested().await;
+        Ok(())
+    }
+}
+
+/// Every line a worker logs is inside a `worker` span that names it (a consume loop's
+/// warnings do not name their worker themselves), and each restart is counted in
+/// `cqrs_worker_restarts_total{worker}`.
+#[test]
+fn a_workers_lines_carry_its_name_and_its_restarts_are_counted() {
+    use cqrs_core::reexports::metrics::with_local_recorder;
+    let (spans, events) = crate::the_tracing_layer_opens_a_span_per_dispatch::recorder();
+    let counts = cqrs_core::testing::MetricCounts::default();
+    let marker = cqrs_core::testing::test_id("worker_span");
+    with_local_recorder(&counts, || {
+        run(async {
+            let runs = Arc::new(AtomicUsize::new(0));
+            let runtime = Runtime::builder()
+                .restart_backoff(Duration::from_millis(1), Duration::from_millis(5))
+                .worker(Logs {
+                    marker: marker.clone(),
+                    runs: runs.clone(),
+                })
+                .start();
+            eventually(Duration::from_secs(5), "a second run", || async {
+                (runtime.health().await.components["logs"].0 == Health::Healthy).then_some(())
+            })
+            .await;
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        })
+    });
+    let in_spans: Vec<usize> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(fields, _)| fields.get("marker") == Some(&marker))
+        .map(|(_, span)| span.expect("logged inside a span"))
+        .collect();
+    assert_eq!(in_spans.len(), 2, "one line per run");
+    let spans = spans.lock().unwrap();
+    for span in in_spans {
+        let (name, fields) = &spans[span];
+        assert_eq!(name, "worker");
+        assert_eq!(fields.get("worker").map(String::as_str), Some("logs"));
+    }
+    assert_eq!(counts.get("cqrs_worker_restarts_total{worker=logs}"), 1);
+}

@@ -171,3 +171,82 @@ async fn a_writer_that_panics_closes_its_connection() {
     })
     .await;
 }
+
+/// The test rules, except that `may_see` panics on the events reporter `boom` reported.
+struct HidesBoom(TicketRules);
+
+#[async_trait]
+impl Authorizer<User> for HidesBoom {
+    async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
+        self.0.authorize_subscribe(user, topic).await
+    }
+
+    fn may_see(&self, user: &User, topic: &Topic, event: &PushedEvent) -> bool {
+        assert_ne!(
+            event.routing_str("reporter_id"),
+            Some("boom"),
+            "authorizer bug"
+        );
+        self.0.may_see(user, topic, event)
+    }
+}
+
+/// The error lines logged on this thread while the guard lives.
+#[derive(Clone, Default)]
+struct Errors(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Errors {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An event the authorizer's `may_see` panics on is hidden from every subscriber, and said
+/// in one error line naming how many, not one per subscriber (thousands of lines, written
+/// under the registry's lock); the next event reaches them all.
+#[test]
+fn an_authorizer_that_panics_on_an_event_is_logged_once_for_its_subscribers() {
+    let errors = Errors::default();
+    let writer = errors.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::ERROR)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // One thread: the hub's tasks log where the guard is.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(with_timeout(TEST_LIMIT, async {
+            let options = HubOptions::new();
+            let t = TestHub::start_on(Arc::new(InMemoryPubSub::new()), options, |b| {
+                b.authorizer(HidesBoom(TicketRules::default()))
+            })
+            .await;
+            let mut clients = Vec::new();
+            for agent in ["agent-a1", "agent-a2", "agent-a3"] {
+                let mut client = t.connect(agent).await;
+                client.subscribe("tickets").await;
+                clients.push(client);
+            }
+            t.publish("t1", "boom", 1).await;
+            t.publish("t1", "u1", 2).await;
+            for client in &mut clients {
+                assert_eq!(client.event().await.seq, 2, "the hidden event skipped");
+            }
+        }));
+    let text = String::from_utf8_lossy(&errors.0.lock().unwrap()).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("the realtime authorizer panicked"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("subscribers=3"), "{text}");
+}

@@ -284,9 +284,16 @@ impl PgLoginThrottle {
             .await;
         match swept {
             Ok(done) => done.rows_affected() >= SWEEP as u64,
-            // Only housekeeping: the next attempt sweeps again.
+            // Only housekeeping: the next attempt sweeps again. A failure that will not pass
+            // by itself (a role without DELETE, a statement timeout too short) is a warning:
+            // the table would grow without a word.
             Err(error) => {
-                tracing::debug!(%error, "could not sweep expired login failures");
+                let error = self.db.store_error(error);
+                if error.kind().is_retryable() {
+                    tracing::debug!(%error, "could not sweep expired login failures");
+                } else {
+                    tracing::warn!(%error, "could not sweep expired login failures; the table grows until this is fixed");
+                }
                 false
             }
         }
