@@ -560,6 +560,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         ready_logged: Arc::default(),
         ready_checks: Arc::default(),
         stopping: stopping.clone(),
+        cors_origins: config.cors_origins.clone(),
     });
     Ok(App {
         router,

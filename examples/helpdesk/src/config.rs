@@ -174,6 +174,12 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_TRUSTED_PROXIES", value_delimiter = ',', value_parser = proxy_address)]
     pub trusted_proxies: Vec<std::net::IpAddr>,
 
+    /// Comma-separated origins of web pages allowed to call the API from a browser (CORS),
+    /// like https://app.example.com, or `*` for any page. None by default: a browser then
+    /// lets only pages served from the API's own origin read its answers.
+    #[arg(long, env = "HELPDESK_CORS_ORIGINS", value_delimiter = ',', value_parser = cors_origin)]
+    pub cors_origins: Vec<String>,
+
     /// How often background consumers poll, in milliseconds.
     #[arg(long, env = "HELPDESK_POLL_MS", default_value_t = 100)]
     pub poll_ms: u64,
@@ -265,6 +271,41 @@ fn bind_address(value: &str) -> Result<SocketAddr, String> {
          (host names such as localhost are not resolved)"
             .to_owned()
     })
+}
+
+/// One origin of `HELPDESK_CORS_ORIGINS`, spaces around it allowed: `*`, or
+/// `scheme://host[:port]` as a browser sends it in `Origin` (no path, no trailing slash),
+/// which a browser compares byte for byte.
+fn cors_origin(value: &str) -> Result<String, String> {
+    let origin = value.trim();
+    let explain = |why: &str| {
+        format!(
+            "`{}` is not an origin ({why}): expected origins separated by commas, each \
+             scheme://host[:port] as a browser sends it (https://app.example.com, \
+             http://localhost:3000), or `*` for any",
+            origin.chars().take(80).collect::<String>()
+        )
+    };
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Err(explain("no scheme"));
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err(explain("only http and https pages send requests"));
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.ends_with(':') {
+        return Err(explain(
+            "an origin has a host and perhaps a port, nothing after them",
+        ));
+    }
+    if !origin.bytes().all(|b| b.is_ascii_graphic())
+        || origin.bytes().any(|b| b.is_ascii_uppercase())
+    {
+        return Err(explain("browsers send origins in lower-case ASCII"));
+    }
+    Ok(origin.to_owned())
 }
 
 /// One address of `HELPDESK_TRUSTED_PROXIES`, spaces around it allowed (`127.0.0.1, ::1`).
@@ -415,6 +456,7 @@ impl std::fmt::Debug for Config {
             .field("user_requests_per_second", &self.user_requests_per_second)
             .field("user_request_burst", &self.user_request_burst)
             .field("trusted_proxies", &self.trusted_proxies)
+            .field("cors_origins", &self.cors_origins)
             .field("poll_ms", &self.poll_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("max_connections", &self.max_connections)
@@ -700,6 +742,13 @@ impl Config {
         }
         if let Some(code) = &self.agent_code {
             problems.extend(weak_secret("HELPDESK_AGENT_CODE", code, 16));
+        }
+        if self.cors_origins.len() > 1 && self.cors_origins.iter().any(|o| o == "*") {
+            problems.push(
+                "HELPDESK_CORS_ORIGINS lists `*` with other origins: `*` already allows every \
+                 page; give either `*` alone or the origins alone"
+                    .into(),
+            );
         }
         let mut agents: Vec<String> = self.agent_email_set().into_iter().collect();
         agents.sort();

@@ -49,6 +49,50 @@ pub(crate) struct State {
     /// Set when a stop begins: `/ready` then answers 503 `stopping`, so that load balancers
     /// send new requests elsewhere while this instance still serves them.
     pub(crate) stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// The pages allowed to call the API from a browser (`--cors-origins`); none: no CORS.
+    pub(crate) cors_origins: Vec<String>,
+}
+
+/// The CORS answers for `origins` (`*`, or origins as browsers send them); `None` for none.
+/// Bearer tokens, not cookies: no credentials are allowed, so `*` is safe to give.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow_origin = match origins {
+        [] => return None,
+        [any] if any == "*" => AllowOrigin::any(),
+        // Checked by the configuration: each is a valid header value.
+        listed => AllowOrigin::list(
+            listed
+                .iter()
+                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
+        ),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static(idempotency::HEADER),
+                X_REQUEST_ID,
+            ])
+            // What a page's script may read of an answer, besides the simple headers.
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                header::WWW_AUTHENTICATE,
+                X_REQUEST_ID,
+                HeaderName::from_static("idempotency-replayed"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// The routes that take an `Idempotency-Key`, as (method, route template): those whose
@@ -142,13 +186,14 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub(crate) fn router(state: State) -> Router {
     let _ = prometheus();
+    let cors_origins = state.cors_origins.clone();
     let ops = Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
         .route("/metrics", get(|| async { prometheus().render() }))
         .route("/openapi.json", get(openapi))
         .route("/", get(index));
-    state
+    let router = state
         .plugin_router
         .clone()
         .merge(ops)
@@ -205,9 +250,15 @@ pub(crate) fn router(state: State) -> Router {
                 .layer(Extension(state.clone())),
         )
         // Outside the layers above, so the timeout's 503 and the body limit's 413 get it too.
-        .layer(middleware::map_response(no_store_unless_set))
-        // Outermost: it sees every answer, the timeout's 503 and the body limit's 413 too.
-        .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::map_response(no_store_unless_set));
+    // Outside the others too: a preflight is answered here, before any route or limit, and
+    // every answer (an error's too) carries the headers a page needs to read it.
+    let router = match cors(&cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    // Outermost: it sees every answer, the timeout's 503 and the body limit's 413 too.
+    router.layer(middleware::from_fn(record_metrics))
 }
 
 /// `Cache-Control: no-store` on every answer whose route set no policy of its own: a bearer

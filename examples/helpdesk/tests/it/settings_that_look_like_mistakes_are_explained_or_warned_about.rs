@@ -432,3 +432,40 @@ fn a_connection_limit_above_the_open_files_is_warned_about() {
         "{warning}"
     );
 }
+
+#[test]
+fn cors_origins_are_origins_as_browsers_send_them() {
+    let c = config(
+        &[],
+        &[(
+            "HELPDESK_CORS_ORIGINS",
+            "https://app.example.com, http://localhost:3000",
+        )],
+    );
+    assert_eq!(
+        c.cors_origins,
+        ["https://app.example.com", "http://localhost:3000"]
+    );
+    for (wrong, why) in [
+        ("app.example.com", "no scheme"),
+        ("https://app.example.com/", "nothing after them"),
+        ("https://app.example.com/path", "nothing after them"),
+        ("ftp://app.example.com", "only http and https"),
+        ("https://App.example.com", "lower-case"),
+    ] {
+        let error = parsed(&[], &[("HELPDESK_CORS_ORIGINS", wrong)]).unwrap_err();
+        assert!(
+            error.contains(why) && error.contains("HELPDESK_CORS_ORIGINS"),
+            "{wrong}: {error}"
+        );
+    }
+    let problems = config(&[], &[("HELPDESK_CORS_ORIGINS", "*,https://a.example")])
+        .validate()
+        .unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("`*` with other origins")),
+        "{problems:?}"
+    );
+}
