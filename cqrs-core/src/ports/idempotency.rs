@@ -139,7 +139,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 /// content, still running. A retry once that one has finished replays its response.
 ///
 /// It is among the error's sources, so a server can tell a busy key from a store out of reach
-/// by walking them (the helpdesk answers 503 `idempotency_key_in_use`):
+/// by walking them (the helpdesk answers 409 `idempotency_key_in_use`):
 ///
 /// ```
 /// use cqrs_core::ports::ClaimWaitElapsed;

@@ -54,7 +54,7 @@ impl Fingerprint {
 /// Runs `work` at most once per `(user, Idempotency-Key)`: a replay with the same key and the
 /// same request ([`Fingerprint`]: route and body) returns the stored status and body; the same key with a different request is
 /// 422 `idempotency_key_reused`; a concurrent duplicate waits for the first, at most the
-/// store's claim wait, then answers 503 `idempotency_key_in_use`.
+/// store's claim wait, then answers 409 `idempotency_key_in_use`.
 /// Without the header, `work` just runs. Failed work (an `Err`) is not stored, so the client
 /// may retry it; what `Ok` carries is stored, whatever its status, so return an error for
 /// work that did not take effect.
@@ -144,7 +144,7 @@ fn completed(stored: Result<(), cqrs_core::ports::StoreError>) {
 /// is sent. The HTTP behaviour is [`once`]'s: a replay returns the stored status and body, the
 /// same key with another request is 422 `idempotency_key_reused`, a concurrent duplicate waits
 /// for the first and replays its response (at most the database's claim wait, 5 s by default,
-/// then 503 `idempotency_key_in_use`), failed work is not stored.
+/// then 409 `idempotency_key_in_use`), failed work is not stored.
 #[allow(clippy::too_many_arguments)]
 pub async fn once_in_command<C>(
     executor: &PgCommandExecutor,
@@ -251,11 +251,15 @@ fn key_in_use(error: &(dyn std::error::Error + 'static)) -> bool {
     std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<ClaimWaitElapsed>())
 }
 
-/// 503 `idempotency_key_in_use`: the retry it advises, with the same key, replays the answer
+/// 409 `idempotency_key_in_use`: the retry it advises, with the same key, replays the answer
 /// of the request that holds the key once that one has finished.
+///
+/// 409, as the IETF `Idempotency-Key` draft says for a retry sent while the first request
+/// still runs: a conflict of the client's requests, not a failing server (a 503 counted
+/// against the server's error rate and tripped clients' circuit breakers).
 fn in_use() -> ApiError {
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::CONFLICT,
         "idempotency_key_in_use",
         "a request with this Idempotency-Key and the same content is still running; retry \
          with the same key once it has finished, to get its answer",
@@ -598,7 +602,7 @@ mod tests {
     }
 
     /// In memory, a duplicate that waits out the claim wait while the first request holds
-    /// the key is told so, 503 `idempotency_key_in_use` with `Retry-After`, as on Postgres
+    /// the key is told so, 409 `idempotency_key_in_use` with `Retry-After`, as on Postgres
     /// (below); it waited without end.
     #[test]
     fn a_duplicate_that_waits_out_the_claim_wait_in_memory_is_told_the_key_is_in_use() {
@@ -613,7 +617,7 @@ mod tests {
     }
 
     /// While a claim of `key` is held on `store`, a request with that key and the same content
-    /// waits out the store's claim wait and is told 503 `idempotency_key_in_use` with
+    /// waits out the store's claim wait and is told 409 `idempotency_key_in_use` with
     /// `Retry-After` (within 10 s).
     async fn told_the_key_is_in_use(store: &dyn cqrs_core::ports::IdempotencyStore, key: &str) {
         let user = customer();
@@ -632,13 +636,13 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(error.status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+        assert_eq!(error.status, StatusCode::CONFLICT, "{error}");
         assert_eq!(error.code, "idempotency_key_in_use", "{error}");
         assert_eq!(error.retry_after, Some(1), "{error}");
     }
 
     /// On Postgres, a duplicate that waits out the claim wait while the first request holds
-    /// the key is told so, 503 `idempotency_key_in_use` with `Retry-After`, not that a backend
+    /// the key is told so, 409 `idempotency_key_in_use` with `Retry-After`, not that a backend
     /// is unreachable.
     #[test]
     fn a_duplicate_that_waits_out_the_claim_wait_is_told_the_key_is_in_use() {

@@ -482,9 +482,10 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
     idempotent(op)
         .response(
             503,
-            "the user store could not be asked (`unavailable`, with `Retry-After`), the request ran past its time budget or the store did not answer in time (`timeout`), or a request with the same Idempotency-Key and body still ran after 5 s (`idempotency_key_in_use`, with `Retry-After`: retry with the key to get its answer)",
+            "the user store could not be asked (`unavailable`, with `Retry-After`), or the request ran past its time budget or the store did not answer in time (`timeout`)",
             None,
         )
+        .response(409, IN_USE, None)
         .response(
             400,
             &format!("{id}malformed JSON (`malformed_json`), a body that could not be read (`unreadable_body`), or a malformed Idempotency-Key or two of them (`invalid_idempotency_key`)"),
@@ -498,13 +499,16 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
         .body(body)
 }
 
+/// The 409 of a duplicate whose first request still runs.
+const IN_USE: &str = "a request with the same Idempotency-Key and body still ran after 5 s (`idempotency_key_in_use`, with `Retry-After`: retry with the key to get its answer)";
+
 fn idempotent(op: Operation) -> Operation {
     op.param(
         "Idempotency-Key",
         "header",
         false,
         json!({ "type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]{1,255}$" }),
-        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`; a duplicate sent while the first still runs waits for it (at most 5 s, then 503 `idempotency_key_in_use`: retry with the key)",
+        "1 to 255 visible ASCII characters (else 400 `invalid_idempotency_key`); replays return the first response; the same key with another body is 422 `idempotency_key_reused`; a duplicate sent while the first still runs waits for it (at most 5 s, then 409 `idempotency_key_in_use`: retry with the key)",
     )
 }
 
@@ -557,7 +561,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
     let conflict = |op: Operation| {
         op.response(
             409,
-            "`ticket_closed`, `ticket_full` (a comment past 500 comments or 1 MiB of them, an assignment past 100), or `version_conflict` (a stale expected_version, or, without one, a ticket that changed under each of 20 attempts: try again)",
+            &format!("`ticket_closed`, `ticket_full` (a comment past 500 comments or 1 MiB of them, an assignment past 100), or `version_conflict` (a stale expected_version, or, without one, a ticket that changed under each of 20 attempts: try again); or {IN_USE}"),
             None,
         )
     };

@@ -1238,7 +1238,7 @@ fn openapi_document(
         (
             "/ready",
             "Readiness, with each backend's status",
-            json!({ "200": { "description": "ready" }, "503": { "description": "not ready: a critical backend is down (`unavailable`), or the server is stopping (`stopping`)" } }),
+            json!({ "200": { "description": "ready" }, "503": { "description": "not ready: the report's `status` is `unavailable` (a critical backend is down) or `stopping` (the server is stopping); not the error shape" } }),
         ),
         (
             "/metrics",

@@ -197,7 +197,8 @@ pub(crate) fn router(state: State) -> Router {
         .plugin_router
         .clone()
         .merge(ops)
-        .fallback(|| async { ApiError::not_found("no such route") })
+        // Its own code: a typo in a path must not read as "that ticket is gone".
+        .fallback(|| async { unknown_route() })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -563,7 +564,7 @@ async fn json_errors(
         // The client's body too slow (as `ApiJson` answers it): its 408 stays, with no line
         // and no retry advice.
         StatusCode::REQUEST_TIMEOUT => ("request_timeout", helpdesk_api::BODY_TOO_SLOW),
-        StatusCode::NOT_FOUND => ("not_found", "no such route"),
+        StatusCode::NOT_FOUND => return with_parts(response, unknown_route()),
         StatusCode::METHOD_NOT_ALLOWED => {
             ("method_not_allowed", "this route does not take that method")
         }
@@ -576,6 +577,15 @@ async fn json_errors(
         _ => ("internal", "the server failed; the error is logged"),
     };
     with_parts(response, ApiError::new(status, code, message))
+}
+
+/// 404 `unknown_route`: no route has this path.
+fn unknown_route() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_route",
+        "no route has this path: /openapi.json lists them",
+    )
 }
 
 /// `error`'s answer, with the headers of `response` it does not set itself.

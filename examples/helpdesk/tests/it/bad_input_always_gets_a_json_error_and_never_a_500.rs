@@ -28,7 +28,7 @@ async fn routing_and_body_errors_use_the_json_contract() {
         let t = Some(token.as_str());
         raw(&s, Method::GET, "/no/such/route", t, None, vec![])
             .await
-            .assert_error(StatusCode::NOT_FOUND, "not_found");
+            .assert_error(StatusCode::NOT_FOUND, "unknown_route");
         // A long path or query value is not quoted back whole.
         let long = "x".repeat(10_000);
         for (uri, code) in [

@@ -305,7 +305,7 @@ async fn the_api_describes_the_key_as_visible_ascii() {
             for (status, code) in [
                 ("400", "invalid_idempotency_key"),
                 ("422", "idempotency_key_reused"),
-                ("503", "idempotency_key_in_use"),
+                ("409", "idempotency_key_in_use"),
             ] {
                 let description = responses[status]["description"]
                     .as_str()
