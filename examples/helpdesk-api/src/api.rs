@@ -37,17 +37,24 @@ impl Operation {
         self.doc
             .insert("security".into(), json!([{ "bearer": [] }]));
         self.response(401, "missing or invalid token (`unauthorized`)", None)
+            .response_header(
+                401,
+                "WWW-Authenticate",
+                "`Bearer`, with `error=\"invalid_token\"` or `error=\"invalid_request\"`",
+            )
             .default_response(
                 429,
                 "this user made more requests than the server allows one user (`rate_limited`, \
                  with `Retry-After` and `details.retry_after`, in seconds)",
             )
+            .response_header(429, "Retry-After", RETRY_AFTER)
             .default_response(
                 503,
                 "the user store could not be asked (`unavailable`, with `Retry-After`), or the \
                  request ran past its time budget or the store did not answer in time \
                  (`timeout`)",
             )
+            .response_header(503, "Retry-After", RETRY_AFTER)
     }
 
     /// The JSON request body's schema. An object schema gets `"additionalProperties": false`:
@@ -110,7 +117,8 @@ impl Operation {
         }
     }
 
-    /// A response; `schema` is for a JSON body (errors use the shared `Error` schema).
+    /// A response; `schema` is for a JSON body (errors use the shared `Error` schema). Headers
+    /// documented for `status` already ([`response_header`](Self::response_header)) stay.
     pub fn response(mut self, status: u16, description: &str, schema: Option<Value>) -> Self {
         let schema = schema
             .or_else(|| (status >= 400).then(|| json!({ "$ref": "#/components/schemas/Error" })));
@@ -119,11 +127,33 @@ impl Operation {
             response["content"] = json!({ "application/json": { "schema": schema } });
         }
         if let Some(responses) = self.doc.get_mut("responses").and_then(Value::as_object_mut) {
+            if let Some(headers) = responses
+                .get(&status.to_string())
+                .and_then(|r| r.get("headers"))
+            {
+                response["headers"] = headers.clone();
+            }
             responses.insert(status.to_string(), response);
         }
         self
     }
+
+    /// A header of the answer `status` (a string), so that generated clients expose it:
+    /// `Location`, `Retry-After`. Before or after that answer's [`response`](Self::response).
+    pub fn response_header(mut self, status: u16, name: &str, description: &str) -> Self {
+        if let Some(responses) = self.doc.get_mut("responses").and_then(Value::as_object_mut) {
+            let response = responses
+                .entry(status.to_string())
+                .or_insert_with(|| json!({ "description": "" }));
+            response["headers"][name] =
+                json!({ "description": description, "schema": { "type": "string" } });
+        }
+        self
+    }
 }
+
+/// The `Retry-After` header's description in the OpenAPI document.
+pub const RETRY_AFTER: &str = "seconds to wait before trying again, where the answer advises it";
 
 /// What [`ApiJson`](crate::ApiJson) answers for a body it cannot take, whatever the route.
 const JSON_BODY_ERRORS: [(u16, &str); 5] = [
@@ -391,6 +421,29 @@ mod tests {
     use super::{HttpApi, Operation};
     use axum::routing::get;
     use serde_json::json;
+
+    /// A header is documented on its answer whether it is given before or after the answer
+    /// itself, which keeps it when it is described again.
+    #[test]
+    fn a_response_header_stays_with_its_answer() {
+        let op = Operation::new("post", "Open")
+            .response_header(201, "Location", "where")
+            .response(201, "created", None)
+            .response(409, "conflict", None)
+            .response_header(409, "Retry-After", "wait")
+            .response(409, "conflict, described again", None);
+        let responses = &op.doc["responses"];
+        assert_eq!(responses["201"]["description"], "created");
+        assert_eq!(
+            responses["201"]["headers"]["Location"]["description"],
+            "where"
+        );
+        assert_eq!(responses["409"]["description"], "conflict, described again");
+        assert_eq!(
+            responses["409"]["headers"]["Retry-After"]["schema"]["type"],
+            "string"
+        );
+    }
 
     fn tags_api(documented: &str) -> HttpApi {
         HttpApi::new().route(

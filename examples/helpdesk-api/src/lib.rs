@@ -17,7 +17,7 @@ pub mod idempotency;
 pub mod postgres;
 mod validation;
 
-pub use api::{HttpApi, Operation};
+pub use api::{HttpApi, Operation, RETRY_AFTER};
 pub use auth::{AuthError, Authenticator, Role, User, UserDirectory};
 pub use backends::{
     Backends, BackgroundWorker, BusHandle, Buses, MIN_REDELIVERY_DELAY, Migration, Mode,

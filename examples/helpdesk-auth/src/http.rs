@@ -199,7 +199,9 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .response(409, "the email is taken (`email_taken`); after a registration of it that timed out (503 `timeout`), maybe by that one: log in to check", None)
                 .response(422, "an invalid email, password or display name, or an agent code for an email not on the agent list (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
                 .response(429, "this client address (or its IPv6 /48) made too many registrations within the login window (every answer counts: accounts made, taken emails, refused agent codes; not those the server could not finish), has two logins or registrations in progress, or sent too many wrong agent codes within the login window (`too_many_attempts`), with Retry-After", None)
-                .response(503, UNAVAILABLE, None)],
+                .response(503, UNAVAILABLE, None)
+                .response_header(429, "Retry-After", helpdesk_api::RETRY_AFTER)
+                .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
         )
         .route(
             "/auth/login",
@@ -225,7 +227,9 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .response(401, "wrong email or password (`invalid_credentials`)", None)
                 .response(422, "JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
                 .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress (`too_many_attempts`), with Retry-After", None)
-                .response(503, UNAVAILABLE, None)],
+                .response(503, UNAVAILABLE, None)
+                .response_header(429, "Retry-After", helpdesk_api::RETRY_AFTER)
+                .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
         )
         .route(
             "/auth/me",

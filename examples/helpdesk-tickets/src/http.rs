@@ -486,6 +486,7 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
             None,
         )
         .response(409, IN_USE, None)
+        .response_header(409, "Retry-After", helpdesk_api::RETRY_AFTER)
         .response(
             400,
             &format!("{id}malformed JSON (`malformed_json`), a body that could not be read (`unreadable_body`), or a malformed Idempotency-Key or two of them (`invalid_idempotency_key`)"),
@@ -497,6 +498,15 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
             None,
         )
         .body(body)
+}
+
+/// `op`'s answer `status`, which a request with an Idempotency-Key may get again as a replay.
+fn replayable(op: Operation, status: u16) -> Operation {
+    op.response_header(
+        status,
+        "Idempotency-Replayed",
+        "`true` when this is the stored answer of an earlier request with the same Idempotency-Key",
+    )
 }
 
 /// The 409 of a duplicate whose first request still runs.
@@ -587,7 +597,9 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     }),
                     "an invalid title or description (a title is one line with a visible character and no control character; a description takes line ends and tabs but no other control; NUL and bidirectional controls are refused in both)",
                 )
-                    .response(201, "the new ticket; `Location` names it (`/tickets/{id}`)", Some(ticket_schema())),
+                    .response(201, "the new ticket; `Location` names it (`/tickets/{id}`)", Some(ticket_schema()))
+                    .response_header(201, "Location", "the new ticket's path, `/tickets/{id}`")
+                    .response_header(201, "Idempotency-Replayed", "`true` when this is the stored answer of an earlier request with the same Idempotency-Key"),
                 Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
                     .param("status", "query", false, json!({ "type": "string", "enum": ["open", "assigned", "closed"] }), "filter")
                     .param("priority", "query", false, json!({ "type": "string", "enum": ["low", "normal", "high", "urgent"] }), "filter")
@@ -628,6 +640,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
             [id_param(Operation::new("get", "A ticket's events, oldest first").tag("tickets").bearer())
                 .response(200, "the events", Some(json!({
                     "type": "object",
+                    "required": ["items"],
                     "properties": { "items": { "type": "array", "items": {
                         "type": "object",
                         "required": ["event_id", "type", "version", "occurred_at", "actor_id", "correlation_id", "data"],
@@ -636,7 +649,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                             "type": { "type": "string", "enum": ["TicketOpened", "TicketAssigned", "TicketCommented", "TicketClosed"] },
                             "version": { "type": "integer" },
                             "occurred_at": { "type": "string", "format": "date-time" },
-                            "actor_id": { "type": ["string", "null"] },
+                            "actor_id": { "type": ["string", "null"], "format": "uuid" },
                             "correlation_id": { "type": "string", "format": "uuid" },
                             "data": { "type": "object" }
                         }
@@ -646,7 +659,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
         .route(
             "/tickets/{id}/assign",
             post(change::<AssignBody>).with_state(http.clone()),
-            [conflict(posted(
+            [replayable(conflict(posted(
                 id_param(Operation::new("post", "Assign a ticket to an agent (agents only)").tag("tickets").bearer()),
                 true,
                 json!({
@@ -657,12 +670,12 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 "the assignee is not an agent (checked for a ticket there is: a missing one is 404)",
             ))
                 .response(200, "the ticket (as it was, with no new version, when it is already the assignee's)", Some(ticket_schema()))
-                .response(403, "not an agent", None)],
+                .response(403, "not an agent", None), 200)],
         )
         .route(
             "/tickets/{id}/comments",
             post(change::<CommentBody>).with_state(http.clone()),
-            [conflict(posted(
+            [replayable(conflict(posted(
                 id_param(Operation::new("post", "Comment on a ticket").tag("tickets").bearer()),
                 true,
                 json!({
@@ -672,12 +685,12 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 }),
                 "an empty, invisible or too long body, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))
-                .response(201, "the new comment, and the ticket's version after it", Some(json!({ "$ref": "#/components/schemas/CommentAdded" })))],
+                .response(201, "the new comment, and the ticket's version after it", Some(json!({ "$ref": "#/components/schemas/CommentAdded" }))), 201)],
         )
         .route(
             "/tickets/{id}/close",
             post(change::<CloseBody>).with_state(http),
-            [conflict(posted(
+            [replayable(conflict(posted(
                 id_param(Operation::new("post", "Close a ticket").tag("tickets").bearer()),
                 true,
                 json!({
@@ -686,6 +699,6 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 }),
                 "a resolution over 10000 characters, or one with NUL, bidirectional controls or a control character other than line ends and tabs",
             ))
-                .response(200, "the ticket", Some(ticket_schema()))],
+                .response(200, "the ticket", Some(ticket_schema())), 200)],
         )
 }

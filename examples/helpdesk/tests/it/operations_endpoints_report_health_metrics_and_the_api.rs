@@ -124,7 +124,46 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
                     "{method} {path} documents its 503"
                 );
             }
+            // The headers a client needs are declared (generated clients expose only those):
+            // `Retry-After` wherever the answer advises a wait.
+            for status in ["429", "503"] {
+                let response = &operation["responses"][status];
+                if response.is_object() && path != "/ws" && path != "/ready" {
+                    assert_eq!(
+                        response["headers"]["Retry-After"]["schema"]["type"], "string",
+                        "{method} {path} {status}: {response}"
+                    );
+                }
+            }
         }
+        let responses = |path: &str| &api.body["paths"][path]["post"]["responses"];
+        for header in ["Location", "Idempotency-Replayed"] {
+            assert!(
+                responses("/tickets")["201"]["headers"][header].is_object(),
+                "{header}: {}",
+                responses("/tickets")
+            );
+        }
+        for (path, status) in [
+            ("/tickets/{id}/assign", "200"),
+            ("/tickets/{id}/comments", "201"),
+            ("/tickets/{id}/close", "200"),
+        ] {
+            assert!(
+                responses(path)[status]["headers"]["Idempotency-Replayed"].is_object(),
+                "{path}: {}",
+                responses(path)
+            );
+            assert!(
+                responses(path)["409"]["headers"]["Retry-After"].is_object(),
+                "{path}: {}",
+                responses(path)
+            );
+        }
+        assert!(
+            api.body["paths"]["/auth/me"]["get"]["responses"]["401"]["headers"]["WWW-Authenticate"]
+                .is_object()
+        );
         // The handshake's refusals, each a status of its own, and its token.
         let ws = &api.body["paths"]["/ws"]["get"];
         for status in ["101", "400", "401", "426", "429", "503"] {
