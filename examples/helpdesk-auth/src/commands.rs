@@ -101,6 +101,30 @@ impl std::fmt::Debug for LoggedIn {
 #[cqrs(name = "auth.get_user", output = Option<UserProfile>)]
 pub struct GetUser(pub Uuid);
 
+/// Another user as `viewer` may see them: their id, display name and role, never their email.
+/// An agent sees anyone (a ticket's reporter, a colleague to assign to); a customer sees the
+/// agents (who answers their tickets) and themselves, and no other customer: `None`, as for
+/// an id of no one, so that ids of customers cannot be probed.
+#[derive(Debug, Query)]
+#[cqrs(name = "auth.view_user", output = Option<UserCard>)]
+pub struct ViewUser {
+    /// Who asks.
+    pub viewer: helpdesk_api::User,
+    /// Whom.
+    pub id: Uuid,
+}
+
+/// What others see of a user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UserCard {
+    /// The id.
+    pub user_id: Uuid,
+    /// The display name, if they gave one.
+    pub display_name: Option<String>,
+    /// `agent` or `customer`, as it is now.
+    pub role: &'static str,
+}
+
 /// Passwords of 8 characters or more that lead the lists of leaked ones: a guesser tries these
 /// first, from as many addresses as it has, and the throttles count per address.
 const COMMON_PASSWORDS: &[&str] = &[
@@ -707,6 +731,32 @@ impl QueryHandler<GetUser> for GetUserHandler {
         Ok(self.users.by_id(q.0).await?.map(|mut user| {
             user.role = self.agents.role_of(&user.email, user.role);
             UserProfile::from(user)
+        }))
+    }
+}
+
+/// Handles [`ViewUser`].
+pub(crate) struct ViewUserHandler {
+    pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) agents: AgentList,
+}
+
+#[async_trait]
+impl QueryHandler<ViewUser> for ViewUserHandler {
+    async fn handle(
+        &self,
+        q: ViewUser,
+        _ctx: &QueryContext,
+    ) -> Result<Option<UserCard>, HandlerError> {
+        let Some(user) = self.users.by_id(q.id).await? else {
+            return Ok(None);
+        };
+        let role = self.agents.role_of(&user.email, user.role);
+        let visible = q.viewer.role == Role::Agent || q.viewer.id == user.id || role == Role::Agent;
+        Ok(visible.then(|| UserCard {
+            user_id: user.id,
+            display_name: user.display_name,
+            role: role.as_str(),
         }))
     }
 }

@@ -1,13 +1,14 @@
 //! The auth plugin's routes.
 
-use crate::commands::{GetUser, LogIn, RegisterUser};
+use crate::commands::{GetUser, LogIn, RegisterUser, UserCard, ViewUser};
 use crate::users::UserProfile;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use helpdesk_api::{
-    ApiError, ApiJson, Authenticated, BusHandle, ClientAddr, HttpApi, Operation, RequestMetadata,
+    ApiError, ApiJson, ApiPath, Authenticated, BusHandle, ClientAddr, HttpApi, Operation,
+    RequestMetadata,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -157,6 +158,24 @@ async fn me(
     Ok(Json(UserView::from(record)))
 }
 
+/// Another user, as the caller may see them (see [`ViewUser`]): a 404 for an id of no one and
+/// for a customer another customer asks about alike.
+async fn user(
+    State(buses): State<BusHandle>,
+    Authenticated(viewer): Authenticated,
+    request: RequestMetadata,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<UserCard>, ApiError> {
+    let metadata = request.by(&viewer);
+    buses
+        .get()?
+        .queries
+        .dispatch_with(ViewUser { viewer, id }, metadata)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("no such user"))
+}
+
 fn schema_user() -> Value {
     json!({
         "type": "object",
@@ -230,6 +249,25 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 .response(503, UNAVAILABLE, None)
                 .response_header(429, "Retry-After", helpdesk_api::RETRY_AFTER)
                 .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
+        )
+        .route(
+            "/users/{id}",
+            get(user).with_state(buses.clone()),
+            [Operation::new("get", "Another user's display name and role (an agent sees anyone; a customer sees the agents and themselves), never their email")
+                .tag("auth")
+                .bearer()
+                .param("id", "path", true, json!({ "type": "string", "format": "uuid" }), "the user's id (a ticket's `reporter_id`, `assignee_id`, a comment's `author_id`)")
+                .response(200, "the user", Some(json!({
+                    "type": "object",
+                    "required": ["user_id", "display_name", "role"],
+                    "properties": {
+                        "user_id": { "type": "string", "format": "uuid" },
+                        "display_name": { "type": ["string", "null"] },
+                        "role": { "type": "string", "enum": ["agent", "customer"] }
+                    }
+                })))
+                .response(400, "a malformed id (`invalid_path`)", None)
+                .response(404, "no such user, or one the caller may not see (`not_found`)", None)],
         )
         .route(
             "/auth/me",

@@ -24,7 +24,9 @@ mod tokens;
 mod users;
 
 pub use agents::{AgentCode, AgentList};
-pub use commands::{GetUser, LogIn, LoggedIn, RegisterUser, canonical_email, normalize_email};
+pub use commands::{
+    GetUser, LogIn, LoggedIn, RegisterUser, UserCard, ViewUser, canonical_email, normalize_email,
+};
 pub use postgres::{PgLoginThrottle, PgUserStore};
 pub use throttle::{Attempt, Counted, InMemoryLoginThrottle, LoginThrottle};
 pub use tokens::{JwtTokens, UserAuthenticator};
@@ -137,6 +139,10 @@ impl Plugin for AuthPlugin {
             agents: agents.clone(),
         });
         registrar.queries().add(commands::GetUserHandler {
+            users: users.clone(),
+            agents: agents.clone(),
+        });
+        registrar.queries().add(commands::ViewUserHandler {
             users: users.clone(),
             agents: agents.clone(),
         });

@@ -97,6 +97,7 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             ("/auth/register", "post"),
             ("/auth/login", "post"),
             ("/auth/me", "get"),
+            ("/users/{id}", "get"),
             ("/tickets", "post"),
             ("/tickets", "get"),
             ("/tickets/{id}", "get"),
