@@ -8,7 +8,7 @@ use crate::handlers::{
 use crate::index::ListFilter;
 use axum::Json;
 use axum::extract::State;
-use axum::http::header::LOCATION;
+use axum::http::header::{ETAG, IF_MATCH, LOCATION};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -181,14 +181,16 @@ async fn open(
         |ticket| json!(ticket),
     )
     .await?;
-    Ok(with_location(created).await)
+    Ok(with_headers_of_body(created, true).await)
 }
 
-/// A `201 Created` names the ticket it created in `Location`, also when it is replayed for an
-/// `Idempotency-Key` (whose record keeps the status and the body only, so the id is read
-/// from the body: a few hundred bytes, once per ticket).
-async fn with_location(response: Response) -> Response {
-    if response.status() != StatusCode::CREATED {
+/// A success names the ticket's version in `ETag` (`"3"`: what `If-Match` takes), and a
+/// `201 Created` of a ticket (`location`) names it in `Location`; also when the answer is
+/// replayed for an `Idempotency-Key`, whose record keeps the status and the body only, so
+/// both are read from the body (a few hundred bytes: a ticket, or a comment with the
+/// ticket's version).
+async fn with_headers_of_body(response: Response, location: bool) -> Response {
+    if !response.status().is_success() {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -196,15 +198,56 @@ async fn with_location(response: Response) -> Response {
         // The body is in memory: reading it cannot fail.
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let id = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|ticket| ticket["id"].as_str().and_then(|id| id.parse::<Uuid>().ok()));
-    if let Some(id) = id
+    let answer = serde_json::from_slice::<Value>(&bytes).unwrap_or_default();
+    if let Some(version) = answer["version"].as_u64() {
+        parts.headers.insert(ETAG, etag(version));
+    }
+    let id = answer["id"].as_str().and_then(|id| id.parse::<Uuid>().ok());
+    if location
+        && parts.status == StatusCode::CREATED
+        && let Some(id) = id
         && let Ok(location) = HeaderValue::from_str(&format!("/tickets/{id}"))
     {
         parts.headers.insert(LOCATION, location);
     }
     Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// The entity tag of a ticket's `version`: strong, quoted.
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+/// The version an `If-Match` header pins, when there is one: `"3"` (the `ETag` of version 3).
+/// `*` pins none (any version of a ticket that exists). A list, a weak tag (`W/"3"`, which
+/// `If-Match` never matches) or anything else is 400 `invalid_if_match`, as are two headers.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let mut values = headers.get_all(IF_MATCH).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let invalid = |why: &str| {
+        ApiError::bad_request(
+            "invalid_if_match",
+            format!(
+                "If-Match {why}: send one entity tag as the ticket's ETag gave it (`\"3\"`), or \
+                 `*`"
+            ),
+        )
+    };
+    if values.next().is_some() {
+        return Err(invalid("came twice"));
+    }
+    let text = value.to_str().map_err(|_| invalid("is not ASCII"))?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    text.strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse().ok())
+        .map(Some)
+        .ok_or_else(|| invalid("is not one of this server's entity tags"))
 }
 
 /// The body of a route that changes one ticket: which action it is, the status a success
@@ -275,9 +318,27 @@ async fn change<B: ChangeBody>(
     _: idempotency::CheckedKey,
     ApiJson(body): ApiJson<B>,
 ) -> Result<Response, ApiError> {
-    let print = Fingerprint::of(&format!("POST /tickets/{id}/{}", B::ACTION), &body);
-    let (expected_version, change) = body.into_change();
-    run(
+    let pinned = if_match(&headers)?;
+    // The header is part of the request an Idempotency-Key stands for.
+    let route = match pinned {
+        Some(version) => format!("POST /tickets/{id}/{} if-match {version}", B::ACTION),
+        None => format!("POST /tickets/{id}/{}", B::ACTION),
+    };
+    let print = Fingerprint::of(&route, &body);
+    let (in_body, change) = body.into_change();
+    let expected_version = match (pinned, in_body) {
+        (Some(header), Some(body)) if header != body => {
+            return Err(ApiError::bad_request(
+                "invalid_if_match",
+                format!(
+                    "If-Match pins version {header} and `expected_version` {body}: send one of \
+                     them, or both alike"
+                ),
+            ));
+        }
+        (pinned, in_body) => pinned.or(in_body),
+    };
+    let changed = run(
         &http,
         &headers,
         &user,
@@ -293,7 +354,30 @@ async fn change<B: ChangeBody>(
         },
         B::respond,
     )
-    .await
+    .await;
+    match changed {
+        Ok(response) => Ok(with_headers_of_body(response, false).await),
+        // Pinned by `If-Match`: HTTP's answer to a stale one is 412, in its words.
+        Err(mut e) if pinned.is_some() && e.code == "version_conflict" => {
+            let current = e
+                .details
+                .as_ref()
+                .and_then(|d| d["current_version"].as_u64());
+            e.status = StatusCode::PRECONDITION_FAILED;
+            e.code = "precondition_failed".to_owned();
+            e.message = match current {
+                Some(current) => format!(
+                    "the ticket is at version {current}, not the one If-Match names: reload it, \
+                     and send the change again with If-Match \"{current}\" if it still applies"
+                ),
+                None => "the ticket is no longer at the version If-Match names: reload it, and \
+                         send the change again with its ETag if it still applies"
+                    .to_owned(),
+            };
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 async fn get_one(
@@ -301,15 +385,15 @@ async fn get_one(
     Authenticated(user): Authenticated,
     request: RequestMetadata,
     ApiPath(id): ApiPath<Uuid>,
-) -> Result<Json<Ticket>, ApiError> {
+) -> Result<Response, ApiError> {
     let metadata = request.by(&user);
-    Ok(Json(
-        http.buses
-            .get()?
-            .queries
-            .dispatch_with(GetTicket { user, id }, metadata)
-            .await?,
-    ))
+    let ticket = http
+        .buses
+        .get()?
+        .queries
+        .dispatch_with(GetTicket { user, id }, metadata)
+        .await?;
+    Ok(([(ETAG, etag(ticket.version))], Json(ticket)).into_response())
 }
 
 async fn history(
@@ -500,14 +584,18 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
         .body(body)
 }
 
-/// `op`'s answer `status`, which a request with an Idempotency-Key may get again as a replay.
+/// `op`'s answer `status`, which a request with an Idempotency-Key may get again as a replay,
+/// and which names the ticket's version after the change in `ETag`.
 fn replayable(op: Operation, status: u16) -> Operation {
-    op.response_header(
+    op.response_header(status, "ETag", ETAG_DOC).response_header(
         status,
         "Idempotency-Replayed",
         "`true` when this is the stored answer of an earlier request with the same Idempotency-Key",
     )
 }
+
+/// The `ETag` header's description.
+const ETAG_DOC: &str = "the ticket's version, `\"3\"`: what `If-Match` takes";
 
 /// The 409 of a duplicate whose first request still runs.
 const IN_USE: &str = "a request with the same Idempotency-Key and body still ran after 5 s (`idempotency_key_in_use`, with `Retry-After`: retry with the key to get its answer)";
@@ -569,7 +657,19 @@ pub(crate) fn api(http: Http) -> HttpApi {
         }
     });
     let conflict = |op: Operation| {
-        op.response(
+        op.param(
+            "If-Match",
+            "header",
+            false,
+            json!({ "type": "string" }),
+            "the ticket's `ETag` as a client last saw it (`\"3\"`), instead of `expected_version` (or alike with it); `*`: no check. A stale one is 412 `precondition_failed` with `details.current_version`; a list, a weak tag, two headers or one that disagrees with `expected_version` is 400 `invalid_if_match`",
+        )
+        .response(
+            412,
+            "the ticket is no longer at the version `If-Match` names (`precondition_failed`, with `details.current_version`)",
+            None,
+        )
+        .response(
             409,
             &format!("`ticket_closed`, `ticket_full` (a comment past 500 comments or 1 MiB of them, an assignment past 100), or `version_conflict` (a stale expected_version, or, without one, a ticket that changed under each of 20 attempts: try again); or {IN_USE}"),
             None,
@@ -599,6 +699,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 )
                     .response(201, "the new ticket; `Location` names it (`/tickets/{id}`)", Some(ticket_schema()))
                     .response_header(201, "Location", "the new ticket's path, `/tickets/{id}`")
+                    .response_header(201, "ETag", ETAG_DOC)
                     .response_header(201, "Idempotency-Replayed", "`true` when this is the stored answer of an earlier request with the same Idempotency-Key"),
                 Operation::new("get", "List tickets, newest first").tag("tickets").bearer()
                     .param("status", "query", false, json!({ "type": "string", "enum": ["open", "assigned", "closed"] }), "filter")
@@ -632,7 +733,8 @@ pub(crate) fn api(http: Http) -> HttpApi {
             "/tickets/{id}",
             get(get_one).with_state(http.clone()),
             [id_param(Operation::new("get", "A ticket with its comments").tag("tickets").bearer())
-                .response(200, "the ticket", Some(ticket_schema()))],
+                .response(200, "the ticket", Some(ticket_schema()))
+                .response_header(200, "ETag", ETAG_DOC)],
         )
         .route(
             "/tickets/{id}/history",

@@ -80,11 +80,13 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .allow_headers([
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
+                header::IF_MATCH,
                 HeaderName::from_static(idempotency::HEADER),
                 X_REQUEST_ID,
             ])
             // What a page's script may read of an answer, besides the simple headers.
             .expose_headers([
+                header::ETAG,
                 header::LOCATION,
                 header::RETRY_AFTER,
                 header::WWW_AUTHENTICATE,
