@@ -305,6 +305,13 @@ fn cors_origin(value: &str) -> Result<String, String> {
     {
         return Err(explain("browsers send origins in lower-case ASCII"));
     }
+    // As a browser serializes it: no default port, an IDN host in punycode. One written
+    // otherwise would never match the `Origin` a browser sends.
+    let parsed = url::Url::parse(origin).map_err(|e| explain(&e.to_string()))?;
+    let serialized = parsed.origin().ascii_serialization();
+    if serialized != origin {
+        return Err(explain(&format!("a browser sends it as `{serialized}`")));
+    }
     Ok(origin.to_owned())
 }
 

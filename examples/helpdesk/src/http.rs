@@ -53,6 +53,30 @@ pub(crate) struct State {
     pub(crate) cors_origins: Vec<String>,
 }
 
+/// The paths the gateway serves for operators (no token asked): no page of another origin
+/// may read them, whatever `--cors-origins` allows.
+const OPERATIONS_PATHS: &[&str] = &["/", "/health", "/ready", "/metrics", "/openapi.json"];
+
+/// Takes the CORS headers off the answers of [`OPERATIONS_PATHS`] (a preflight's too), so a
+/// browser lets no page of another origin read them.
+async fn no_cors_for_operations(request: Request, next: Next) -> Response {
+    let operations = OPERATIONS_PATHS.contains(&request.uri().path());
+    let mut response = next.run(request).await;
+    if operations {
+        for name in [
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            header::ACCESS_CONTROL_MAX_AGE,
+        ] {
+            response.headers_mut().remove(name);
+        }
+    }
+    response
+}
+
 /// The CORS answers for `origins` (`*`, or origins as browsers send them); `None` for none.
 /// Bearer tokens, not cookies: no credentials are allowed, so `*` is safe to give.
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
@@ -255,9 +279,13 @@ pub(crate) fn router(state: State) -> Router {
         // Outside the layers above, so the timeout's 503 and the body limit's 413 get it too.
         .layer(middleware::map_response(no_store_unless_set));
     // Outside the others too: a preflight is answered here, before any route or limit, and
-    // every answer (an error's too) carries the headers a page needs to read it.
+    // every answer (an error's too) carries the headers a page needs to read it. Not the
+    // operations routes': they take no token, only the network guards them, and a page
+    // another site serves to someone inside it must not read `/metrics` or `/ready`.
     let router = match cors(&cors_origins) {
-        Some(cors) => router.layer(cors),
+        Some(cors) => router
+            .layer(cors)
+            .layer(middleware::from_fn(no_cors_for_operations)),
         None => router,
     };
     // Outermost: it sees every answer, the timeout's 503 and the body limit's 413 too.

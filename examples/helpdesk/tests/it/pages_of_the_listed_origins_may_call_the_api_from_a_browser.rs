@@ -37,7 +37,12 @@ async fn a_listed_origins_preflight_is_answered_and_its_answers_readable() {
         assert!(allowed.status().is_success(), "{allowed:?}");
         assert_eq!(header(&allowed, "access-control-allow-origin"), Some(PAGE));
         let headers = header(&allowed, "access-control-allow-headers").unwrap_or_default();
-        for needed in ["authorization", "content-type", "idempotency-key"] {
+        for needed in [
+            "authorization",
+            "content-type",
+            "idempotency-key",
+            "if-match",
+        ] {
             assert!(headers.contains(needed), "{needed} in {headers}");
         }
         let methods = header(&allowed, "access-control-allow-methods").unwrap_or_default();
@@ -59,6 +64,8 @@ async fn a_listed_origins_preflight_is_answered_and_its_answers_readable() {
         let exposed = header(&created, "access-control-expose-headers").unwrap_or_default();
         for readable in [
             "location",
+            "etag",
+            "www-authenticate",
             "x-request-id",
             "retry-after",
             "idempotency-replayed",
@@ -83,6 +90,17 @@ async fn a_listed_origins_preflight_is_answered_and_its_answers_readable() {
             None,
             "{other:?}"
         );
+        // Nor does a listed page on the operations routes, which only the network guards.
+        for path in ["/metrics", "/ready", "/health", "/openapi.json", "/"] {
+            let read = s
+                .http
+                .get(s.url(path))
+                .header("origin", PAGE)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(header(&read, "access-control-allow-origin"), None, "{path}");
+        }
         s.stop().await;
     })
     .await;
@@ -95,6 +113,14 @@ async fn any_origin_with_a_star_and_none_without_the_setting() {
         let allowed = preflight(&any, "https://anywhere.example").await;
         assert!(allowed.status().is_success(), "{allowed:?}");
         assert_eq!(header(&allowed, "access-control-allow-origin"), Some("*"));
+        let metrics = any
+            .http
+            .get(any.url("/metrics"))
+            .header("origin", "https://anywhere.example")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&metrics, "access-control-allow-origin"), None);
         any.stop().await;
 
         let none = TestServer::start().await;

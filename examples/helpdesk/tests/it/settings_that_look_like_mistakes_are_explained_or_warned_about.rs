@@ -452,6 +452,11 @@ fn cors_origins_are_origins_as_browsers_send_them() {
         ("https://app.example.com/path", "nothing after them"),
         ("ftp://app.example.com", "only http and https"),
         ("https://App.example.com", "lower-case"),
+        (
+            "https://app.example.com:443",
+            "sends it as `https://app.example.com`",
+        ),
+        ("https://app.example.com:port", "is not an origin"),
     ] {
         let error = parsed(&[], &[("HELPDESK_CORS_ORIGINS", wrong)]).unwrap_err();
         assert!(
