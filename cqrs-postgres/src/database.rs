@@ -77,8 +77,9 @@ pub struct PgDatabase {
     health_wait: Duration,
     /// How long an idempotency claim waits for a duplicate's holder.
     pub(crate) claim_wait: Duration,
-    /// The connections to retire once the server is found to take no writes.
-    pub(crate) retirement: Arc<Retirement>,
+    /// The connections to retire once the server is found to take no writes; `None` for a
+    /// pool made elsewhere ([`from_pool`](Self::from_pool)), which has no hook to retire them.
+    pub(crate) retirement: Option<Arc<Retirement>>,
 }
 
 /// The pool's connections opened before the last sign that the server takes no writes (a
@@ -89,6 +90,7 @@ pub struct PgDatabase {
 /// `max_lifetime` (30 minutes by default), the health check replacing one a time.
 #[derive(Debug)]
 pub(crate) struct Retirement {
+    // (Retired at most every `RETIRE_AT_MOST_EVERY`.)
     start: std::time::Instant,
     /// Connections opened before this many nanoseconds after `start` are retired; 0: none.
     before: std::sync::atomic::AtomicU64,
@@ -102,14 +104,23 @@ impl Retirement {
         })
     }
 
-    /// Retires every connection opened until now. Whether none was retired in the second
-    /// before (so that a burst of failing commands is logged once).
+    /// Retires every connection opened until now, unless the last retirement is less than
+    /// [`RETIRE_AT_MOST_EVERY`] old; whether it did. While the server stays read-only (the URL
+    /// still on a standby, DNS not flipped yet), each failing command and each health check
+    /// would otherwise throw the whole pool away again, a reconnection storm against a
+    /// database in trouble that cannot help: the new connections reach the same server.
     pub(crate) fn retire_all(&self) -> bool {
-        let now = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let last = self
-            .before
-            .fetch_max(now.max(1), std::sync::atomic::Ordering::Relaxed);
-        last == 0 || now.saturating_sub(last) >= 1_000_000_000
+        let now = u64::try_from(self.start.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let gap = u64::try_from(RETIRE_AT_MOST_EVERY.as_nanos()).unwrap_or(u64::MAX);
+        self.before
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |last| (last == 0 || now.saturating_sub(last) >= gap).then_some(now),
+            )
+            .is_ok()
     }
 
     /// Whether a connection `age` old was opened before the last [`retire_all`](Self::retire_all).
@@ -141,7 +152,7 @@ impl PgDatabase {
         pool: PgPool,
         schema: &str,
         target: String,
-        retirement: Arc<Retirement>,
+        retirement: Option<Arc<Retirement>>,
     ) -> Self {
         Self {
             retirement,
@@ -163,7 +174,7 @@ impl PgDatabase {
         crate::sql::valid_schema(schema).map_err(|p| PgError::InvalidOptions(vec![p]))?;
         let target = crate::options::target_of(&pool.connect_options());
         // Its pool has no hook of this crate's: nothing is retired.
-        Ok(Self::new(pool, schema, target, Retirement::new()))
+        Ok(Self::new(pool, schema, target, None))
     }
 
     /// Uses `clock` for idempotency expiry (tests pass a
@@ -257,12 +268,16 @@ impl PgDatabase {
     /// The server takes no writes: the pool's connections opened until now are closed at their
     /// next acquire, so that new ones may reach the primary.
     fn retire_connections(&self) {
-        if self.retirement.retire_all() {
+        // Without a retirement (a pool made elsewhere), the health check says what to do.
+        if let Some(retirement) = &self.retirement
+            && retirement.retire_all()
+        {
             tracing::warn!(
                 server = %self.target,
-                "the server takes no writes: retiring the pool's connections opened until \
-                 now, to connect again (a failover or cutover may have left them on a server \
-                 that is no longer the primary)"
+                "the server takes no writes: retiring the pool's connections opened until now, \
+                 to connect again (a failover or cutover may have left them on a server that is \
+                 no longer the primary; at most every {:?})",
+                RETIRE_AT_MOST_EVERY
             );
         }
     }
@@ -610,6 +625,9 @@ const LATEST_MIGRATION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
 
+/// The shortest time between two retirements of the pool's connections (see [`Retirement`]).
+const RETIRE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
+
 /// [`PgDatabase::with_claim_wait`]'s default.
 const DEFAULT_CLAIM_WAIT: Duration = Duration::from_secs(5);
 
@@ -751,9 +769,16 @@ impl HealthCheck for PgDatabase {
             Ok((_, false)) => Health::Unhealthy(format!(
                 "{}: the server takes no writes (`transaction_read_only` is on: a standby, a \
                  primary demoted by a failover, or `default_transaction_read_only` set): every \
-                 command fails until the URL reaches the primary again; the pool's connections \
-                 opened until this check are replaced at their next use",
-                self.target
+                 command fails until the URL reaches the primary again; {}",
+                self.target,
+                if self.retirement.is_some() {
+                    "the pool's connections opened until this check are replaced at their next \
+                     use"
+                } else {
+                    "this pool was made elsewhere (`PgDatabase::from_pool`), so its connections \
+                     are replaced only at their `max_lifetime`: restart the instance once the URL \
+                     reaches the primary"
+                }
             )),
             Ok((version, true)) if version >= LATEST_MIGRATION => Health::Healthy,
             // Every statement of this build would fail on tables it has not made or changed.

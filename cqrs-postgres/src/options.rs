@@ -599,7 +599,12 @@ impl PgOptions {
             }
             Err(e) => return Err(crate::error::connect_error(e, target).into()),
         };
-        Ok(PgDatabase::new(pool, &self.schema, target, retirement))
+        Ok(PgDatabase::new(
+            pool,
+            &self.schema,
+            target,
+            Some(retirement),
+        ))
     }
 
     /// Where `connect` goes, for its error: host and port (or socket) and database, and
@@ -631,7 +636,12 @@ impl PgOptions {
         let pool = self
             .pool_options(&connect, &retirement)
             .connect_lazy_with(connect);
-        Ok(PgDatabase::new(pool, &self.schema, target, retirement))
+        Ok(PgDatabase::new(
+            pool,
+            &self.schema,
+            target,
+            Some(retirement),
+        ))
     }
 }
 

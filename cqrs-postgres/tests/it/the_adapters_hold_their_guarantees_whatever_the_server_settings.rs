@@ -232,6 +232,30 @@ async fn three_at_once_take_writes(small: &PgDatabase) -> Vec<bool> {
     writable
 }
 
+/// The backend pids of three connections held at once, sorted, once they are idle in the
+/// pool again.
+async fn three_at_once_pids(small: &PgDatabase) -> Vec<i32> {
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(small.pool().acquire().await.unwrap());
+    }
+    let mut pids = Vec::new();
+    for conn in &mut conns {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        pids.push(pid);
+    }
+    drop(conns);
+    cqrs_core::testing::eventually(Duration::from_secs(10), "three idle", || async {
+        (small.pool().num_idle() == 3).then_some(())
+    })
+    .await;
+    pids.sort_unstable();
+    pids
+}
+
 pg_test! {
     /// Once the health check finds the server takes no writes, every connection the pool
     /// opened before it is replaced at its next use, not only the one the check used (the
@@ -246,6 +270,9 @@ pg_test! {
         );
         assert_eq!(three_at_once_take_writes(&small).await, [true, true, true]);
         assert_eq!(small.check().await, Health::Healthy);
+        // The connections opened since are kept: the pool is not thrown away at every use.
+        let pids = three_at_once_pids(&small).await;
+        assert_eq!(three_at_once_pids(&small).await, pids, "the same sessions again");
         small.pool().close().await;
     }
 }
@@ -323,10 +350,14 @@ pg_test! {
                 .build()
                 .unwrap();
             let refused = bus.dispatch(Jot { write }).await.expect_err("no writes");
-            if !write {
-                // The handler's own write failed as the handler mapped it (internal).
-                assert_eq!(refused.kind(), cqrs_core::ErrorKind::Unavailable, "{refused}");
-            }
+            // The append's refusal is retryable; the handler's own write fails as the handler
+            // mapped it (`HandlerError::internal`).
+            let expected = if write {
+                cqrs_core::ErrorKind::Internal
+            } else {
+                cqrs_core::ErrorKind::Unavailable
+            };
+            assert_eq!(refused.kind(), expected, "{refused}");
             assert_eq!(
                 three_at_once_take_writes(&small).await,
                 [true, true, true],
