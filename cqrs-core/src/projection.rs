@@ -2108,16 +2108,16 @@ where
             match outcome {
                 Outcome::Done => done.push(id),
                 Outcome::Retry(reason) => {
-                    tracing::warn!(%event_id, attempt, error = %reason, "handling failed; it will be redelivered");
+                    tracing::warn!(%event_id, attempt, error = %reason.escape_debug(), "handling failed; it will be redelivered");
                     failed.push((id, reason));
                 }
                 Outcome::Later(reason) => {
-                    tracing::warn!(%event_id, error = %reason, "not handled for now; it will be redelivered without counting an attempt");
+                    tracing::warn!(%event_id, error = %reason.escape_debug(), "not handled for now; it will be redelivered without counting an attempt");
                     waiting = Some(reason);
                     skipped.push(id);
                 }
                 Outcome::DeadLetter(reason) => {
-                    tracing::warn!(%event_id, attempt, error = %reason, "handling failed for good; it is dead-lettered");
+                    tracing::warn!(%event_id, attempt, error = %reason.escape_debug(), "handling failed for good; it is dead-lettered");
                     given_up.push((id, reason));
                 }
                 Outcome::Skipped(first) => {

@@ -452,8 +452,9 @@ impl RuntimeBuilder {
             let (min, max) = (self.min_backoff, self.max_backoff);
             let still_running = running.enter(&name);
             // Every line a worker logs names it (a consume loop's, a stalled batch's), and
-            // carries no span of whoever started the runtime.
-            let span = tracing::info_span!(parent: None, "worker", worker = %name);
+            // carries no span of whoever started the runtime. At `error` level, so that a
+            // filter of `warn` (common in production) keeps it for the warnings it names.
+            let span = tracing::error_span!(parent: None, "worker", worker = %name);
             tasks.spawn(
                 async move {
                     let mut still_running = still_running;

@@ -674,10 +674,14 @@ impl<P: Send + Sync + 'static> Hub<P> {
         );
         slot.listed = Some(conn.id);
         let hub = inner.clone();
-        // The connection's lines carry its id, inside the span of the request that opened it
-        // (its request id, in a server that logs one), which the task axum spawns for the
-        // upgrade would otherwise lose.
-        let span = tracing::info_span!("ws_connection", connection = conn.id);
+        // The connection's lines carry its id (the task axum spawns for the upgrade has no
+        // span), at `error` level so a `warn` filter keeps it. Not inside the request's span,
+        // which would then stay open as long as the connection (hours-long request spans in
+        // a trace): linked to it, and the line below, in the request's span, says which
+        // connection it opened.
+        let span = tracing::error_span!(parent: None, "ws_connection", connection = conn.id);
+        span.follows_from(tracing::Span::current());
+        tracing::debug!(connection = conn.id, "WebSocket handshake accepted");
         let o = &inner.options;
         upgrade
             .read_buffer_size(o.read_buffer_size)

@@ -341,7 +341,9 @@ impl<P: Send + Sync + 'static> Registry<P> {
 
     /// [`may_see`](Self::may_see), counting a panic in `panicked` instead of logging it: an
     /// event its authorizer panics on, fanned out to thousands of subscribers, is logged once
-    /// (by [`log_panicked`]), not once per subscriber under the registry's lock.
+    /// (by [`log_panicked`]), not once per subscriber under the registry's lock. Once it
+    /// panicked for one subscriber, the event is hidden from the topic's others without asking
+    /// again: each panic also runs the process's panic hook (a log line, a backtrace).
     fn may_see_counting(
         &self,
         principal: &P,
@@ -349,6 +351,10 @@ impl<P: Send + Sync + 'static> Registry<P> {
         event: &PushedEvent,
         panicked: &mut u64,
     ) -> bool {
+        if *panicked > 0 {
+            *panicked += 1;
+            return false;
+        }
         catch_unwind(AssertUnwindSafe(|| {
             self.authorizer.may_see(principal, topic, event)
         }))

@@ -171,7 +171,11 @@ impl PgUserStore {
 /// `timestamptz` expression `column`, clamped to years 1 to 9999: Postgres also holds
 /// `infinity` and years past chrono's, whose decoding panics.
 fn decodable(column: &str) -> String {
-    format!("LEAST(GREATEST({column}, '0001-01-01Z'), '9999-12-31Z')")
+    // GREATEST and LEAST skip NULLs: a NULL (`min` of no rows) would come out as year 1.
+    format!(
+        "CASE WHEN {column} IS NULL THEN NULL \
+         ELSE LEAST(GREATEST({column}, '0001-01-01Z'), '9999-12-31Z') END"
+    )
 }
 
 #[async_trait]
@@ -285,11 +289,12 @@ impl PgLoginThrottle {
         match swept {
             Ok(done) => done.rows_affected() >= SWEEP as u64,
             // Only housekeeping: the next attempt sweeps again. A failure that will not pass
-            // by itself (a role without DELETE, a statement timeout too short) is a warning:
-            // the table would grow without a word.
+            // by itself (a role without DELETE, a statement timeout too short for the sweep)
+            // is a warning: the table would grow without a word. Postgres out of reach is
+            // not: the login itself reports that.
             Err(error) => {
                 let error = self.db.store_error(error);
-                if error.kind().is_retryable() {
+                if error.kind() == cqrs_core::ErrorKind::Unavailable {
                     tracing::debug!(%error, "could not sweep expired login failures");
                 } else {
                     tracing::warn!(%error, "could not sweep expired login failures; the table grows until this is fixed");

@@ -198,11 +198,18 @@ async fn with_headers_of_body(response: Response, location: bool) -> Response {
         // The body is in memory: reading it cannot fail.
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let answer = serde_json::from_slice::<Value>(&bytes).unwrap_or_default();
-    if let Some(version) = answer["version"].as_u64() {
+    // Only the two fields: serde skips the rest (a ticket's comments, up to a megabyte)
+    // without building it.
+    #[derive(Deserialize, Default)]
+    struct Named {
+        id: Option<Uuid>,
+        version: Option<u64>,
+    }
+    let answer = serde_json::from_slice::<Named>(&bytes).unwrap_or_default();
+    if let Some(version) = answer.version {
         parts.headers.insert(ETAG, etag(version));
     }
-    let id = answer["id"].as_str().and_then(|id| id.parse::<Uuid>().ok());
+    let id = answer.id;
     if location
         && parts.status == StatusCode::CREATED
         && let Some(id) = id

@@ -1114,7 +1114,7 @@ impl cqrs_realtime::EventRouting for Feeds {
                 self.warn_once(format!("both {plugins:?} {}", record.event_type), || {
                     tracing::warn!(
                         ?plugins,
-                        event_type = %record.event_type,
+                        event_type = %record.event_type.escape_debug(),
                         "not pushed: two plugins' realtime feeds route events of this type; a feed must route its own plugin's events alone (logged once per type and plugins)"
                     )
                 });
@@ -1129,7 +1129,7 @@ impl cqrs_realtime::EventRouting for Feeds {
                 self.warn_once(format!("foreign {plugin} {}", record.event_type), || {
                     tracing::warn!(
                         plugin,
-                        event_type = %record.event_type,
+                        event_type = %record.event_type.escape_debug(),
                         %topic,
                         "not pushed: the plugin's realtime feed put the event on a topic that is not its own alone (logged once per type and plugin)"
                     )

@@ -409,8 +409,10 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
             }
             match result {
                 Some(result) if began >= arrived => return Some(result),
-                Some(_) => {}
-                None => return None,
+                // A run that began after this caller and ended without a result.
+                None if began >= arrived => return None,
+                // A run from before it, whatever its end: the next one is this caller's.
+                Some(_) | None => {}
             }
         }
     }

@@ -28,7 +28,7 @@ async fn post_if_match(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_pinned_by_if_match_lands_once_and_a_stale_one_is_412() {
+async fn a_change_pinned_by_if_match_lands_and_a_stale_one_is_412() {
     within(async {
         let s = TestServer::start_on(Backend::from_env().await, |_| {}).await;
         let (customer, _) = s.customer().await;
@@ -100,9 +100,48 @@ async fn a_change_pinned_by_if_match_lands_once_and_a_stale_one_is_412() {
         .await;
         assert_eq!(assigned.status, StatusCode::OK, "{assigned:?}");
         assert_eq!(etag.as_deref(), Some("\"3\""));
+        // With an Idempotency-Key: the replay names the same version; the key with another
+        // If-Match stands for another request.
+        let keyed = |tag: &'static str| {
+            let (s, agent, comments) = (&s, agent.clone(), comments.clone());
+            async move {
+                let answer = s
+                    .http
+                    .post(s.url(&comments))
+                    .bearer_auth(&agent)
+                    .header("if-match", tag)
+                    .header("idempotency-key", "etag-k1")
+                    .json(&json!({ "body": "once" }))
+                    .send()
+                    .await
+                    .unwrap();
+                let header = |name: &str| {
+                    answer
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                let (etag, replayed) = (header("etag"), header("idempotency-replayed"));
+                (Response::from(answer).await, etag, replayed)
+            }
+        };
+        let (first, etag, _) = keyed("\"3\"").await;
+        assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+        assert_eq!(etag.as_deref(), Some("\"4\""));
+        let (again, etag, replayed) = keyed("\"3\"").await;
+        assert_eq!(again.status, StatusCode::CREATED, "{again:?}");
+        assert_eq!(
+            etag.as_deref(),
+            Some("\"4\""),
+            "the replay names the same version"
+        );
+        assert_eq!(replayed.as_deref(), Some("true"));
+        let (other, _, _) = keyed("\"4\"").await;
+        other.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
         let (closed, etag) = post_if_match(&s, &agent, &close, Some("*"), json!({})).await;
         assert_eq!(closed.status, StatusCode::OK, "{closed:?}");
-        assert_eq!(etag.as_deref(), Some("\"4\""));
+        assert_eq!(etag.as_deref(), Some("\"5\""));
         s.stop().await;
     })
     .await;
