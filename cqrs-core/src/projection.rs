@@ -17,6 +17,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
+/// The `event_type` labels of the dead-letter counters: the type is read from a record, so a
+/// name that is not wire-like is `invalid`, and past 256 distinct names they share `other`
+/// (bounded series, whatever a stream or a table holds).
+static DEAD_LETTER_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLabels::new();
+
 /// A read model kept up to date from events.
 ///
 /// `apply` writes through the unit of work of the [`ProjectionStore`], so the projection's
@@ -1144,7 +1149,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                             metrics::counter!(
                                 "cqrs_projection_dead_lettered_total",
                                 "projection" => name.clone(),
-                                "event_type" => records[i].event_type.clone()
+                                "event_type" => DEAD_LETTER_TYPE_LABELS.label(&records[i].event_type)
                             )
                             .increment(1);
                         }
@@ -2498,7 +2503,7 @@ impl Worker for EventBusConsumer {
                 if let Handled::DeadLetter(_) = handled {
                     metrics::counter!(
                         "cqrs_event_bus_dead_lettered_total",
-                        "event_type" => delivery.record.event_type.clone()
+                        "event_type" => DEAD_LETTER_TYPE_LABELS.label(&delivery.record.event_type)
                     )
                     .increment(1);
                 }
