@@ -19,7 +19,8 @@ fn decode_as<E: Event>(
 
 /// The `event_type` labels of `cqrs_events_unknown_total`: 64 distinct unknown names at most,
 /// then `other`.
-static UNKNOWN_TYPE_LABELS: crate::record::TypeLabels<64> = crate::record::TypeLabels::new();
+static UNKNOWN_TYPE_LABELS: crate::record::EventTypeLabels<64> =
+    crate::record::EventTypeLabels::new();
 
 /// What to do with an event whose type this build does not know, such as one written by a
 /// newer instance during a rolling deploy.

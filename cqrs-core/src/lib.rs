@@ -117,7 +117,7 @@ pub use plugin::{
     MissingResource, Plugin, PluginError, PluginRegistrar, Plugins, UntakenContribution,
 };
 pub use ports::ExpectedVersion;
-pub use record::{EventRecord, InvalidPosition, Position, RecordMetadata};
+pub use record::{EventRecord, EventTypeLabels, InvalidPosition, Position, RecordMetadata};
 
 /// Re-exported for handler implementations: `#[cqrs_core::async_trait]`.
 pub use async_trait::async_trait;

@@ -20,7 +20,8 @@ use uuid::Uuid;
 /// The `event_type` labels of the dead-letter counters: the type is read from a record, so a
 /// name that is not wire-like is `invalid`, and past 256 distinct names they share `other`
 /// (bounded series, whatever a stream or a table holds).
-static DEAD_LETTER_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLabels::new();
+static DEAD_LETTER_TYPE_LABELS: crate::record::EventTypeLabels<256> =
+    crate::record::EventTypeLabels::new();
 
 /// A read model kept up to date from events.
 ///

@@ -232,8 +232,20 @@ impl RecordMetadata {
 /// the first `CAP` distinct such names do; later ones share the label `other`. So neither a
 /// bad record nor a producer writing ever new names (`E1`, `E2`, ...) makes unbounded metric
 /// series. Names are never forgotten, so a name keeps its label; a name already kept is found
-/// under the read lock, shared by every caller.
-pub(crate) struct TypeLabels<const CAP: usize> {
+/// under the read lock, shared by every caller. The framework labels its own metrics so; use
+/// one for yours (a transport decorator counting what it ships, say).
+///
+/// ```
+/// use cqrs_core::EventTypeLabels;
+///
+/// static LABELS: EventTypeLabels<2> = EventTypeLabels::new();
+/// assert_eq!(LABELS.label("tickets.opened"), "tickets.opened");
+/// assert_eq!(LABELS.label("tickets.closed"), "tickets.closed");
+/// assert_eq!(LABELS.label("tickets.assigned"), "other"); // past the cap of 2
+/// assert_eq!(LABELS.label("tickets.opened"), "tickets.opened"); // kept
+/// assert_eq!(LABELS.label("not a\nname"), "invalid");
+/// ```
+pub struct EventTypeLabels<const CAP: usize> {
     kept: std::sync::RwLock<std::collections::BTreeSet<Box<str>>>,
 }
 
@@ -246,23 +258,40 @@ pub(crate) fn is_wire_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
 }
 
-/// The label of the event type names past a [`TypeLabels`]' cap.
+/// The label of the event type names past an [`EventTypeLabels`]' cap.
 pub(crate) const OTHER_TYPE_LABEL: &str = "other";
 
-impl<const CAP: usize> TypeLabels<CAP> {
+impl<const CAP: usize> std::fmt::Debug for EventTypeLabels<CAP> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventTypeLabels")
+            .field("cap", &CAP)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<const CAP: usize> Default for EventTypeLabels<CAP> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const CAP: usize> EventTypeLabels<CAP> {
     /// How many distinct names keep a label of their own (for the tests: the code uses
     /// `CAP` itself).
     #[cfg(test)]
     pub(crate) const CAP: usize = CAP;
 
-    pub(crate) const fn new() -> Self {
+    /// Labels keeping none yet (a `static` can hold one).
+    pub const fn new() -> Self {
         Self {
             kept: std::sync::RwLock::new(std::collections::BTreeSet::new()),
         }
     }
 
-    /// The label for `name`: itself, `invalid`, or [`OTHER_TYPE_LABEL`].
-    pub(crate) fn label(&self, name: &str) -> String {
+    /// The label for `name`: itself, `invalid` (not a wire name: empty, longer than 64 bytes,
+    /// or with a character other than ASCII letters, digits, `.`, `_` and `-`), or `other`
+    /// (past the first `CAP` names).
+    pub fn label(&self, name: &str) -> String {
         let wire_like = !name.is_empty()
             && name.len() <= MAX_WIRE_NAME_LEN
             && name.chars().all(is_wire_name_char);
@@ -289,19 +318,19 @@ impl<const CAP: usize> TypeLabels<CAP> {
 
 #[cfg(test)]
 mod tests {
-    use super::{OTHER_TYPE_LABEL, TypeLabels};
+    use super::{EventTypeLabels, OTHER_TYPE_LABEL};
     use std::collections::HashSet;
 
     #[test]
     fn the_first_distinct_names_keep_their_labels_and_the_rest_share_one() {
-        let labels = TypeLabels::<128>::new();
+        let labels = EventTypeLabels::<128>::new();
         let seen: HashSet<String> = (0..10_000)
             .map(|n| labels.label(&format!("E{n}")))
             .collect();
-        assert_eq!(seen.len(), TypeLabels::<128>::CAP + 1, "{seen:?}");
+        assert_eq!(seen.len(), EventTypeLabels::<128>::CAP + 1, "{seen:?}");
         assert!(seen.contains(OTHER_TYPE_LABEL));
         // The first names keep theirs, also when they come again; later ones stay `other`.
-        for n in 0..TypeLabels::<128>::CAP {
+        for n in 0..EventTypeLabels::<128>::CAP {
             assert_eq!(labels.label(&format!("E{n}")), format!("E{n}"));
         }
         assert_eq!(labels.label("E9999"), OTHER_TYPE_LABEL);
@@ -345,7 +374,7 @@ mod tests {
 
     #[test]
     fn threads_racing_with_new_names_keep_at_most_the_cap() {
-        let labels = TypeLabels::<16>::new();
+        let labels = EventTypeLabels::<16>::new();
         let seen: Vec<HashSet<String>> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..8)
                 .map(|t| {
@@ -361,7 +390,7 @@ mod tests {
             workers.into_iter().map(|w| w.join().unwrap()).collect()
         });
         let all: HashSet<&String> = seen.iter().flatten().collect();
-        assert!(all.len() <= TypeLabels::<16>::CAP + 1, "{all:?}");
+        assert!(all.len() <= EventTypeLabels::<16>::CAP + 1, "{all:?}");
         // Each kept name is kept once: labelled again, it keeps its label.
         let kept: Vec<&&String> = all
             .iter()

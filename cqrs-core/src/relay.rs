@@ -112,7 +112,8 @@ enum PublishFailure {
 }
 
 /// The `event_type` labels of the relays' metrics: 256 distinct names at most, then `other`.
-static EVENT_TYPE_LABELS: crate::record::TypeLabels<256> = crate::record::TypeLabels::new();
+static EVENT_TYPE_LABELS: crate::record::EventTypeLabels<256> =
+    crate::record::EventTypeLabels::new();
 
 /// Ships every event of an [`EventStore`], in global order, to a topic of an
 /// [`EventTransport`], recording how far it got as a checkpoint in a [`ProjectionStore`].

@@ -515,7 +515,12 @@ impl<P: Send + Sync + 'static> Session<P> {
         match timeout(budget, self.hub.upstreams.acquire(&channel)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(%channel, %error, "realtime upstream subscribe failed");
+                // Every client subscribing meets a feed that is down: said once a minute.
+                static SAID: crate::throttled::Throttled =
+                    crate::throttled::Throttled::every(crate::throttled::A_MINUTE_MS);
+                if let Some(unsaid) = SAID.may_say() {
+                    tracing::warn!(%channel, %error, unsaid, "realtime upstream subscribe failed (`unsaid`: as many since the last such line)");
+                }
                 return self.send_error(
                     ErrorCode::Unavailable,
                     "the event feed is unavailable; try again",

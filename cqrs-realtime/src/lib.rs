@@ -120,6 +120,7 @@ mod registry;
 mod replay;
 mod routing;
 mod signal;
+mod throttled;
 mod topic;
 mod transport;
 mod upstream;

@@ -417,7 +417,12 @@ pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent, max: usize) -> Utf
     if json.len() <= max {
         return Utf8Bytes::from(json);
     }
-    tracing::warn!(%topic, bytes = json.len(), max, "an event is too large to push; sent event_too_large instead");
+    // Met again by every client resuming from before it: said once a minute.
+    static SAID: crate::throttled::Throttled =
+        crate::throttled::Throttled::every(crate::throttled::A_MINUTE_MS);
+    if let Some(unsaid) = SAID.may_say() {
+        tracing::warn!(%topic, bytes = json.len(), max, unsaid, "an event is too large to push; sent event_too_large instead (`unsaid`: as many since the last such line)");
+    }
     let position = frame.position.as_deref().unwrap_or("none");
     Utf8Bytes::from(
         ServerFrame::error(

@@ -10,6 +10,7 @@
 use crate::hub::HubInner;
 use crate::queue::Outgoing;
 use crate::registry::{Conn, ReplayBuffer, Slot, event_frame, missed_frame};
+use crate::throttled::{A_MINUTE_MS, Throttled};
 use crate::{ErrorCode, PushedEvent, ServerFrame, Topic};
 use axum::extract::ws::Utf8Bytes;
 use cqrs_core::ports::EventStore;
@@ -280,7 +281,11 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
         {
             Ok(Ok(batch)) => Ok(batch),
             Ok(Err(error)) => {
-                tracing::warn!(topic = %self.topic, %error, "replay read failed");
+                // Every resuming client meets an outage of the store: said once a minute.
+                static SAID: Throttled = Throttled::every(A_MINUTE_MS);
+                if let Some(unsaid) = SAID.may_say() {
+                    tracing::warn!(topic = %self.topic, %error, unsaid, "replay read failed (`unsaid`: as many since the last such line)");
+                }
                 Err(End::Failed(
                     "the event log is unavailable: reload the state over HTTP; live events follow"
                         .to_owned(),
@@ -411,7 +416,11 @@ fn replay_frame<P: Send + Sync + 'static>(
     let event = match PushedEvent::new(routed, record.position) {
         Ok(event) => event,
         Err(error) => {
-            tracing::warn!(event_id = %record.event_id, %error, "stored event cannot be pushed");
+            // Met again by every client resuming from before it: said once a minute.
+            static SAID: Throttled = Throttled::every(A_MINUTE_MS);
+            if let Some(unsaid) = SAID.may_say() {
+                tracing::warn!(event_id = %record.event_id, %error, unsaid, "stored event cannot be pushed (`unsaid`: as many since the last such line)");
+            }
             return None;
         }
     };

@@ -175,7 +175,7 @@ pub struct Config {
     pub trusted_proxies: Vec<std::net::IpAddr>,
 
     /// Comma-separated origins of web pages allowed to call the API from a browser (CORS),
-    /// like https://app.example.com, or `*` for any page. None by default: a browser then
+    /// like `https://app.example.com`, or `*` for any page. None by default: a browser then
     /// lets only pages served from the API's own origin read its answers.
     #[arg(long, env = "HELPDESK_CORS_ORIGINS", value_delimiter = ',', value_parser = cors_origin)]
     pub cors_origins: Vec<String>,

@@ -853,6 +853,54 @@ mod tests {
         assert_eq!(shared.get(|| async { 7 }).await, Some(7));
     }
 
+    /// A caller that came while an earlier run was under way, a run that then panics, is
+    /// answered by a run of its own, not by that run's `None` (which is for the caller that
+    /// started it, or came before it began).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_after_an_earlier_run_that_panics_gets_a_run_of_its_own() {
+        let shared = Arc::new(SharedRun::<u32>::default());
+        let (go, started) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let first = {
+            let (shared, go, started) = (shared.clone(), go.clone(), started.clone());
+            tokio::spawn(async move {
+                shared
+                    .get(move || async move {
+                        started.fetch_add(1, Ordering::SeqCst);
+                        go.notified().await;
+                        std::panic::panic_any("a check's bug") as u32
+                    })
+                    .await
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while started.load(Ordering::SeqCst) == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the first run starts");
+        let second = {
+            let shared = shared.clone();
+            tokio::spawn(async move { shared.get(|| async { 7 }).await })
+        };
+        // Time for the second caller to wait on the first run (nothing shows it waits; were
+        // it late, it would start its own run, as asked, and the test would pass untested).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        go.notify_one();
+        let within = Duration::from_secs(10);
+        assert_eq!(
+            tokio::time::timeout(within, first).await.unwrap().unwrap(),
+            None
+        );
+        assert_eq!(
+            tokio::time::timeout(within, second).await.unwrap().unwrap(),
+            Some(7)
+        );
+    }
+
     /// Twenty callers at once share the runs: two, one after the other (the one under way
     /// when they came, and the next), and each caller's result began after it arrived.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,17 +28,12 @@ impl MeteredTransport {
     }
 }
 
-/// Event types come from storage: only short wire-like names become label values.
+/// Event types come from storage: only short wire-like names become label values, and only the
+/// first 256 of them (a writer of ever new names, `E1`, `E2`, ..., makes no more series).
+static EVENT_TYPE_LABELS: cqrs_core::EventTypeLabels<256> = cqrs_core::EventTypeLabels::new();
+
 fn bounded_label(name: &str) -> String {
-    if name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        name.to_owned()
-    } else {
-        "invalid".to_owned()
-    }
+    EVENT_TYPE_LABELS.label(name)
 }
 
 #[async_trait::async_trait]
