@@ -349,3 +349,145 @@ async fn run_until_first_publish(
     .await;
     (trigger, running)
 }
+
+/// The last value each gauge was set to, by name (labels aside).
+#[derive(Default)]
+struct Gauges(std::sync::Mutex<std::collections::HashMap<String, Arc<GaugeCell>>>);
+
+#[derive(Default)]
+struct GaugeCell(std::sync::atomic::AtomicU64);
+
+impl cqrs_core::reexports::metrics::GaugeFn for GaugeCell {
+    fn increment(&self, value: f64) {
+        self.set(self.get() + value);
+    }
+    fn decrement(&self, value: f64) {
+        self.set(self.get() - value);
+    }
+    fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::SeqCst);
+    }
+}
+
+impl GaugeCell {
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::SeqCst))
+    }
+}
+
+impl Gauges {
+    fn get(&self, name: &str) -> Option<f64> {
+        self.0.lock().unwrap().get(name).map(|cell| cell.get())
+    }
+}
+
+impl cqrs_core::reexports::metrics::Recorder for Gauges {
+    fn describe_counter(
+        &self,
+        _: cqrs_core::reexports::metrics::KeyName,
+        _: Option<cqrs_core::reexports::metrics::Unit>,
+        _: cqrs_core::reexports::metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: cqrs_core::reexports::metrics::KeyName,
+        _: Option<cqrs_core::reexports::metrics::Unit>,
+        _: cqrs_core::reexports::metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: cqrs_core::reexports::metrics::KeyName,
+        _: Option<cqrs_core::reexports::metrics::Unit>,
+        _: cqrs_core::reexports::metrics::SharedString,
+    ) {
+    }
+    fn register_counter(
+        &self,
+        _: &cqrs_core::reexports::metrics::Key,
+        _: &cqrs_core::reexports::metrics::Metadata<'_>,
+    ) -> cqrs_core::reexports::metrics::Counter {
+        cqrs_core::reexports::metrics::Counter::noop()
+    }
+    fn register_gauge(
+        &self,
+        key: &cqrs_core::reexports::metrics::Key,
+        _: &cqrs_core::reexports::metrics::Metadata<'_>,
+    ) -> cqrs_core::reexports::metrics::Gauge {
+        let cell = self
+            .0
+            .lock()
+            .unwrap()
+            .entry(key.name().to_owned())
+            .or_default()
+            .clone();
+        cqrs_core::reexports::metrics::Gauge::from_arc(cell)
+    }
+    fn register_histogram(
+        &self,
+        _: &cqrs_core::reexports::metrics::Key,
+        _: &cqrs_core::reexports::metrics::Metadata<'_>,
+    ) -> cqrs_core::reexports::metrics::Histogram {
+        cqrs_core::reexports::metrics::Histogram::noop()
+    }
+}
+
+/// While the backlog cannot be measured (here its table renamed away), the relay's gauges are
+/// NaN, not the last value, which may be small while the backlog grows; measured again, they
+/// are numbers again. On one thread: the recorder is this thread's.
+#[tokio::test]
+async fn the_backlog_gauges_are_nan_while_the_backlog_cannot_be_measured() {
+    const UNPUBLISHED: &str = "cqrs_outbox_unpublished";
+    const OLDEST: &str = "cqrs_outbox_oldest_unpublished_seconds";
+    let id = cqrs_core::testing::test_id("backlog_nan");
+    let Some(db) = crate::support::schema(&id).await else {
+        return;
+    };
+    let gauges = Gauges::default();
+    let _recorder = cqrs_core::reexports::metrics::set_default_local_recorder(&gauges);
+    cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+        let mut worker = PgOutboxRelay::new(db.clone(), Arc::new(InMemoryTransport::new()))
+            .poll_interval(Duration::from_millis(20))
+            .metrics_interval(Duration::from_millis(20));
+        let (trigger, shutdown) = Shutdown::new();
+        let ctx = WorkerContext {
+            shutdown,
+            health: HealthReporter::detached("relay"),
+        };
+        let running = tokio::spawn(async move { worker.run(ctx).await });
+        let gauges = &gauges;
+        eventually(Duration::from_secs(10), "measured", || async {
+            (gauges.get(UNPUBLISHED) == Some(0.0)).then_some(())
+        })
+        .await;
+        let rename =
+            |from: &str, to: &str| format!("ALTER TABLE \"{}\".{from} RENAME TO {to}", db.schema());
+        sqlx::query(sqlx::AssertSqlSafe(rename("events", "events_away")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "NaN while unmeasurable",
+            || async {
+                (gauges.get(UNPUBLISHED).is_some_and(f64::is_nan)
+                    && gauges.get(OLDEST).is_some_and(f64::is_nan))
+                .then_some(())
+            },
+        )
+        .await;
+        sqlx::query(sqlx::AssertSqlSafe(rename("events_away", "events")))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(10), "measured again", || async {
+            (gauges.get(UNPUBLISHED) == Some(0.0)).then_some(())
+        })
+        .await;
+        trigger.trigger();
+        let _ = running.await.unwrap();
+    })
+    .await;
+    db.drop_schema().await.expect("drop the test schema");
+}
