@@ -1,6 +1,6 @@
 //! The handle every adapter shares: a pool and a schema.
 
-use crate::error::{PgError, READ_ONLY_TRANSACTION, sqlstate, store_error};
+use crate::error::{PgError, sqlstate, store_error};
 use crate::sql::Sql;
 use crate::{PgCommandLayer, PgEventStore, PgIdempotencyStore, PgProjectionStore, PgSnapshotStore};
 use async_trait::async_trait;
@@ -250,9 +250,7 @@ impl PgDatabase {
     /// # Ok(()) }
     /// ```
     pub fn store_error(&self, error: sqlx::Error) -> StoreError {
-        if sqlstate(&error).as_deref() == Some(READ_ONLY_TRANSACTION) {
-            self.retire_connections();
-        }
+        self.retire_if_refused_as_read_only(&error);
         crate::error::pool_error(error, &self.pool, &self.target)
     }
 

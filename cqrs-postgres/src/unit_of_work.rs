@@ -303,7 +303,8 @@ impl PgUnitOfWork {
         };
         let (tx, outcome) =
             idempotency::claim_detached(&self.db, start, false, (scope, key, fingerprint), ttl)
-                .await?;
+                .await
+                .inspect_err(|e| self.db.retire_if_refused_as_read_only(e))?;
         self.state().tx = Some(tx);
         if let Outcome::New = outcome {
             self.state().claim = Some(ClaimedKey {
@@ -361,92 +362,100 @@ impl PgUnitOfWork {
     /// rolls the whole transaction back), even if the handler went on: a handler must return
     /// such an error, or run the statement in a savepoint of its own.
     pub async fn commit(mut self) -> Result<(), StoreError> {
-        let State {
-            tx,
-            claim,
-            response,
-            pending,
-            ..
-        } = std::mem::take(self.state());
-        let db = &self.db;
-        let (pool, sql, clock) = (&db.pool, &db.sql, &db.clock);
-        let mut completion = match (&claim, &response) {
-            (Some(c), Some(r)) => Some(Completion {
-                scope: &c.scope,
-                key: &c.key,
-                status: i32::from(r.status),
-                body: &r.body,
-                expires_at: idempotency::expiry(clock.now(), c.ttl),
-            }),
-            // Committing a claim without its response would commit an "in progress" row
-            // (status NULL), which nothing ever completes: roll back instead (`tx` drops).
-            (Some(c), None) => {
-                return Err(StoreError::Backend {
-                    backend: crate::error::BACKEND,
-                    source: format!(
-                        "refusing to commit idempotency key {}/{} without its response",
-                        c.scope, c.key
-                    )
-                    .into(),
-                });
-            }
-            (None, _) => None,
-        };
-        let mut tx = match tx {
-            // Before any append: on a connection out of its transaction, each would commit
-            // on its own.
-            Some(tx) => {
-                still_in_transaction(&tx, UNIT_OF_WORK_ENDED)?;
-                tx
-            }
-            None if pending.is_empty() => return Ok(()),
-            None if pending.len() == 1 && completion.is_none() => {
-                // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
-                // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
-                let mut conn = db.acquire().await?;
-                for p in pending {
-                    append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
-                        .await
-                        .map_err(commit_store_error)?;
-                }
-                return Ok(());
-            }
-            None => crate::sql::begin(pool)
-                .await
-                .map_err(|e| db.store_error(e))?,
-        };
-        // Whether a statement of ours runs in the transaction before `COMMIT`: it fails if a
-        // statement of the handler's failed (SQLSTATE 25P02), where `COMMIT` would not.
-        let checked = !pending.is_empty() || completion.is_some();
-        for p in pending {
-            // A conflict returns early: the transaction is dropped and rolls back.
-            append_on(
-                &mut tx,
-                pool,
-                sql,
-                &p.stream,
-                p.expected,
-                p.events,
-                completion.take().as_ref(),
-            )
-            .await?;
-        }
-        if let Some(c) = completion {
-            let response =
-                StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
-            complete_on(&mut tx, sql, c.scope, c.key, &response, c.expires_at).await?;
-        }
-        if !checked {
-            ensure_not_aborted(
-                &mut tx,
-                "the command's transaction was aborted by a statement that failed earlier, so \
-                 nothing was committed: a handler must return the error of a failed statement \
-                 (or run it in a savepoint), not go on",
-            )
-            .await?;
-        }
-        tx.commit().await.map_err(commit_error)
+        let state = std::mem::take(self.state());
+        // Refused because the server takes no writes: a failover or cutover may have left the
+        // pool on the old primary (see `PgDatabase::store_error`).
+        commit_state(&self.db, state)
+            .await
+            .inspect_err(|e| self.db.retire_if_refused_as_read_only(e))
     }
+}
+
+/// [`PgUnitOfWork::commit`]'s work, on the unit's state taken out of it.
+async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
+    let State {
+        tx,
+        claim,
+        response,
+        pending,
+        ..
+    } = state;
+    let (pool, sql, clock) = (&db.pool, &db.sql, &db.clock);
+    let mut completion = match (&claim, &response) {
+        (Some(c), Some(r)) => Some(Completion {
+            scope: &c.scope,
+            key: &c.key,
+            status: i32::from(r.status),
+            body: &r.body,
+            expires_at: idempotency::expiry(clock.now(), c.ttl),
+        }),
+        // Committing a claim without its response would commit an "in progress" row
+        // (status NULL), which nothing ever completes: roll back instead (`tx` drops).
+        (Some(c), None) => {
+            return Err(StoreError::Backend {
+                backend: crate::error::BACKEND,
+                source: format!(
+                    "refusing to commit idempotency key {}/{} without its response",
+                    c.scope, c.key
+                )
+                .into(),
+            });
+        }
+        (None, _) => None,
+    };
+    let mut tx = match tx {
+        // Before any append: on a connection out of its transaction, each would commit
+        // on its own.
+        Some(tx) => {
+            still_in_transaction(&tx, UNIT_OF_WORK_ENDED)?;
+            tx
+        }
+        None if pending.is_empty() => return Ok(()),
+        None if pending.len() == 1 && completion.is_none() => {
+            // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
+            // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
+            let mut conn = db.acquire().await?;
+            for p in pending {
+                append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
+                    .await
+                    .map_err(commit_store_error)?;
+            }
+            return Ok(());
+        }
+        None => crate::sql::begin(pool)
+            .await
+            .map_err(|e| db.store_error(e))?,
+    };
+    // Whether a statement of ours runs in the transaction before `COMMIT`: it fails if a
+    // statement of the handler's failed (SQLSTATE 25P02), where `COMMIT` would not.
+    let checked = !pending.is_empty() || completion.is_some();
+    for p in pending {
+        // A conflict returns early: the transaction is dropped and rolls back.
+        append_on(
+            &mut tx,
+            pool,
+            sql,
+            &p.stream,
+            p.expected,
+            p.events,
+            completion.take().as_ref(),
+        )
+        .await?;
+    }
+    if let Some(c) = completion {
+        let response = StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
+        complete_on(&mut tx, sql, c.scope, c.key, &response, c.expires_at).await?;
+    }
+    if !checked {
+        ensure_not_aborted(
+            &mut tx,
+            "the command's transaction was aborted by a statement that failed earlier, so \
+             nothing was committed: a handler must return the error of a failed statement \
+             (or run it in a savepoint), not go on",
+        )
+        .await?;
+    }
+    tx.commit().await.map_err(commit_error)
 }
 
 /// Fails when a statement in `tx` failed. Postgres answers `COMMIT` in such a transaction

@@ -159,10 +159,8 @@ impl PgCommandExecutor {
         match uow
             .claim(&key.scope, &key.key, &key.fingerprint, key.ttl)
             .await
-            .map_err(|e| {
-                self.db.retire_if_refused_as_read_only(&e);
-                store_failure(e)
-            })? {
+            .map_err(store_failure)?
+        {
             Outcome::New => {}
             Outcome::Replay(response) => {
                 uow.rollback().await;
@@ -206,13 +204,10 @@ impl PgCommandExecutor {
         // finishes, and the events the layer kept reach the bus's sink (as `dispatch` hands
         // them on), even if the caller stops waiting (a timeout, a client gone). They are
         // also returned.
-        let (bus, events, db) = (self.bus.clone(), executed.events.clone(), self.db.clone());
+        let (bus, events) = (self.bus.clone(), executed.events.clone());
         let committed = tokio::spawn(
             async move {
-                uow.commit().await.map_err(|e| {
-                    db.retire_if_refused_as_read_only(&e);
-                    store_failure(e)
-                })?;
+                uow.commit().await.map_err(store_failure)?;
                 bus.sink_events(events).await
             }
             .in_current_span(),

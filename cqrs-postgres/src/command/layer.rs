@@ -279,10 +279,7 @@ where
                 // outcome would depend on whether COMMIT had reached the server; now a
                 // command whose handler succeeded commits, and its events ship.
                 None => match tokio::spawn(uow.commit().in_current_span()).await {
-                    Ok(committed) => committed.map_err(|e| {
-                        config.db.retire_if_refused_as_read_only(&e);
-                        store_failure(e)
-                    })?,
+                    Ok(committed) => committed.map_err(store_failure)?,
                     Err(e) if e.is_panic() => {
                         return Err(DispatchError::Handler(HandlerError::internal(e)));
                     }

@@ -207,51 +207,48 @@ async fn pool_left_on_a_server_that_takes_no_writes(db: &PgDatabase) -> PgDataba
         held.push(conn);
     }
     drop(held);
-    // Given back on tasks of sqlx's own: idle in the pool before the scenario goes on.
+    // Idle in the pool before the scenario goes on.
+    until_three_idle(&small).await;
+    small
+}
+
+/// `query`'s text answer on each of three connections held at once, given back after.
+async fn on_three_at_once(small: &PgDatabase, query: &'static str) -> Vec<String> {
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(small.pool().acquire().await.unwrap());
+    }
+    let mut answers = Vec::new();
+    for conn in &mut conns {
+        let answer: String = sqlx::query_scalar(query)
+            .fetch_one(&mut **conn)
+            .await
+            .unwrap();
+        answers.push(answer);
+    }
+    answers
+}
+
+/// Returns once the pool's three connections are idle in it (given back on tasks of sqlx's
+/// own).
+async fn until_three_idle(small: &PgDatabase) {
     cqrs_core::testing::eventually(Duration::from_secs(10), "three idle", || async {
         (small.pool().num_idle() == 3).then_some(())
     })
     .await;
-    small
 }
 
 /// Whether each of three connections held at once takes writes.
 async fn three_at_once_take_writes(small: &PgDatabase) -> Vec<bool> {
-    let mut conns = Vec::new();
-    for _ in 0..3 {
-        conns.push(small.pool().acquire().await.unwrap());
-    }
-    let mut writable = Vec::new();
-    for conn in &mut conns {
-        let read_only: String = sqlx::query_scalar("SHOW transaction_read_only")
-            .fetch_one(&mut **conn)
-            .await
-            .unwrap();
-        writable.push(read_only == "off");
-    }
-    writable
+    let read_only = on_three_at_once(small, "SHOW transaction_read_only").await;
+    read_only.iter().map(|r| r == "off").collect()
 }
 
 /// The backend pids of three connections held at once, sorted, once they are idle in the
 /// pool again.
-async fn three_at_once_pids(small: &PgDatabase) -> Vec<i32> {
-    let mut conns = Vec::new();
-    for _ in 0..3 {
-        conns.push(small.pool().acquire().await.unwrap());
-    }
-    let mut pids = Vec::new();
-    for conn in &mut conns {
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut **conn)
-            .await
-            .unwrap();
-        pids.push(pid);
-    }
-    drop(conns);
-    cqrs_core::testing::eventually(Duration::from_secs(10), "three idle", || async {
-        (small.pool().num_idle() == 3).then_some(())
-    })
-    .await;
+async fn three_at_once_pids(small: &PgDatabase) -> Vec<String> {
+    let mut pids = on_three_at_once(small, "SELECT pg_backend_pid()::text").await;
+    until_three_idle(small).await;
     pids.sort_unstable();
     pids
 }

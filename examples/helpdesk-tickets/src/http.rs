@@ -181,15 +181,16 @@ async fn open(
         |ticket| json!(ticket),
     )
     .await?;
-    Ok(with_headers_of_body(created, true).await)
+    Ok(with_headers_of_body(created).await)
 }
 
 /// A success names the ticket's version in `ETag` (`"3"`: what `If-Match` takes), and a
-/// `201 Created` of a ticket (`location`) names it in `Location`; also when the answer is
+/// `201 Created` of a ticket (a body with its `id`; a comment's has none) names it in
+/// `Location`; also when the answer is
 /// replayed for an `Idempotency-Key`, whose record keeps the status and the body only, so
 /// both are read from the body (a few hundred bytes: a ticket, or a comment with the
 /// ticket's version).
-async fn with_headers_of_body(response: Response, location: bool) -> Response {
+async fn with_headers_of_body(response: Response) -> Response {
     if !response.status().is_success() {
         return response;
     }
@@ -210,8 +211,7 @@ async fn with_headers_of_body(response: Response, location: bool) -> Response {
         parts.headers.insert(ETAG, etag(version));
     }
     let id = answer.id;
-    if location
-        && parts.status == StatusCode::CREATED
+    if parts.status == StatusCode::CREATED
         && let Some(id) = id
         && let Ok(location) = HeaderValue::from_str(&format!("/tickets/{id}"))
     {
@@ -363,7 +363,7 @@ async fn change<B: ChangeBody>(
     )
     .await;
     match changed {
-        Ok(response) => Ok(with_headers_of_body(response, false).await),
+        Ok(response) => Ok(with_headers_of_body(response).await),
         // Pinned by `If-Match`: HTTP's answer to a stale one is 412, in its words.
         Err(mut e) if pinned.is_some() && e.code == "version_conflict" => {
             let current = e

@@ -53,14 +53,12 @@ pub(crate) struct State {
     pub(crate) cors_origins: Vec<String>,
 }
 
-/// The paths the gateway serves for operators (no token asked): no page of another origin
-/// may read them, whatever `--cors-origins` allows.
-const OPERATIONS_PATHS: &[&str] = &["/", "/health", "/ready", "/metrics", "/openapi.json"];
-
-/// Takes the CORS headers off the answers of [`OPERATIONS_PATHS`] (a preflight's too), so a
-/// browser lets no page of another origin read them.
+/// Takes the CORS headers off the answers of the gateway's own routes ([`GATEWAY_PATHS`]) but
+/// `/ws` (a preflight's too): served to operators with no token asked, no page of another
+/// origin may read them, whatever `--cors-origins` allows.
 async fn no_cors_for_operations(request: Request, next: Next) -> Response {
-    let operations = OPERATIONS_PATHS.contains(&request.uri().path());
+    let path = request.uri().path();
+    let operations = path != "/ws" && GATEWAY_PATHS.contains(&path);
     let mut response = next.run(request).await;
     if operations {
         for name in [
