@@ -619,6 +619,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             if let Some(page) = page
                 && seen == Some(after)
             {
+                report_lag(&self.name, &page.records);
                 return self.apply_batch(unit, after, &page.records, page.cut).await;
             }
             self.store.commit(unit).await?;
@@ -627,6 +628,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         // inside the unit this once, so the step makes progress.
         let (unit, after) = self.begin_at_checkpoint().await?;
         let page = crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch).await?;
+        report_lag(&self.name, &page.records);
         self.apply_batch(unit, after, &page.records, page.cut).await
     }
 
@@ -911,6 +913,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             None => consumer.fetch(*batch).await?,
         };
         if deliveries.is_empty() {
+            report_lag(name, &[]);
             return Ok(Stepped::CAUGHT_UP);
         }
         // When the deliveries were fetched, then last kept alive: across every pass below.
@@ -923,6 +926,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             order_keys.push(d.order_key);
             records.push(d.record);
         }
+        report_lag(name, &records);
         // The error of the first event set aside, returned once the rest took effect.
         let mut set_aside: Option<ProjectionError> = None;
         let mut passes = 0;
@@ -1504,6 +1508,24 @@ impl<S: ProjectionStore> InboxPurge<S> {
             }
         }));
     }
+}
+
+/// Sets `cqrs_projection_lag_seconds{projection}` as a read of `records` (events the projection
+/// has not applied yet) finds it: how long ago the oldest of them occurred, 0 for none. A
+/// projection stuck on an event reads it again at each retry, so its lag keeps growing; one
+/// caught up reads nothing, 0.
+fn report_lag(projection: &str, records: &[EventRecord]) {
+    let lag = records
+        .iter()
+        .map(|r| r.metadata.occurred_at)
+        .min()
+        .map_or(0.0, |oldest| {
+            // An event stamped ahead of this clock (another host's) is not behind: 0.
+            (chrono::Utc::now() - oldest)
+                .to_std()
+                .map_or(0.0, |behind| behind.as_secs_f64())
+        });
+    metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
 }
 
 /// Projection `name` failed on `record`, for `source`.

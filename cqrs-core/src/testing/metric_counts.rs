@@ -1,7 +1,7 @@
 //! A [`metrics::Recorder`] for tests that assert what was counted.
 
 use metrics::{
-    Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
     SharedString, Unit,
 };
 use std::collections::BTreeMap;
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 /// Counts what is recorded through the `metrics` facade, by metric name and labels in the
 /// order they were given (`name{k=v,...}`): a counter's total, and a histogram's number of
-/// samples. Gauges are not kept.
+/// samples; and a gauge's last value, apart ([`gauge`](Self::gauge)).
 ///
 /// Install it for a test with [`metrics::with_local_recorder`] (the current thread only, so
 /// tests running in parallel do not see each other's metrics; use a current-thread runtime
@@ -30,7 +30,10 @@ use std::sync::{Arc, Mutex};
 /// assert_eq!(counts.get("never_recorded{}"), 0);
 /// ```
 #[derive(Debug, Default)]
-pub struct MetricCounts(Mutex<BTreeMap<String, Arc<Count>>>);
+pub struct MetricCounts {
+    counts: Mutex<BTreeMap<String, Arc<Count>>>,
+    gauges: Mutex<BTreeMap<String, Arc<Level>>>,
+}
 
 #[derive(Debug, Default)]
 struct Count(AtomicU64);
@@ -50,11 +53,38 @@ impl HistogramFn for Count {
     }
 }
 
+/// A gauge's value, as the bits of an `f64`.
+#[derive(Debug, Default)]
+struct Level(AtomicU64);
+
+impl Level {
+    fn update(&self, change: impl Fn(f64) -> f64) {
+        // A compare-and-swap loop: gauges of one series may move from several threads.
+        let _ = self
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |bits| {
+                Some(change(f64::from_bits(bits)).to_bits())
+            });
+    }
+}
+
+impl GaugeFn for Level {
+    fn increment(&self, value: f64) {
+        self.update(|level| level + value);
+    }
+    fn decrement(&self, value: f64) {
+        self.update(|level| level - value);
+    }
+    fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::SeqCst);
+    }
+}
+
 impl MetricCounts {
     /// What was counted under `name{k=v,...}` (labels in the order they were recorded with;
     /// `name{}` for none), 0 when nothing was.
     pub fn get(&self, name: &str) -> u64 {
-        self.0
+        self.counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
@@ -78,7 +108,7 @@ impl MetricCounts {
     /// );
     /// ```
     pub fn series(&self) -> Vec<String> {
-        self.0
+        self.counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keys()
@@ -86,14 +116,36 @@ impl MetricCounts {
             .collect()
     }
 
-    fn slot(&self, key: &Key) -> Arc<Count> {
+    /// A gauge's last value under `name{k=v,...}` (as [`get`](Self::get) names it), `None`
+    /// when it was never registered.
+    ///
+    /// ```
+    /// use cqrs_core::reexports::metrics::{gauge, with_local_recorder};
+    /// use cqrs_core::testing::MetricCounts;
+    ///
+    /// let counts = MetricCounts::default();
+    /// with_local_recorder(&counts, || {
+    ///     gauge!("queue_depth", "queue" => "mail").set(3.0);
+    ///     gauge!("queue_depth", "queue" => "mail").decrement(1.0);
+    /// });
+    /// assert_eq!(counts.gauge("queue_depth{queue=mail}"), Some(2.0));
+    /// assert_eq!(counts.gauge("queue_depth{queue=sms}"), None);
+    /// ```
+    pub fn gauge(&self, name: &str) -> Option<f64> {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|level| f64::from_bits(level.0.load(Ordering::SeqCst)))
+    }
+
+    fn slot<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, key: &Key) -> Arc<T> {
         let labels: Vec<String> = key
             .labels()
             .map(|l| format!("{}={}", l.key(), l.value()))
             .collect();
         let name = format!("{}{{{}}}", key.name(), labels.join(","));
-        self.0
-            .lock()
+        map.lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(name)
             .or_default()
@@ -106,12 +158,12 @@ impl Recorder for MetricCounts {
     fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
     fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-        Counter::from_arc(self.slot(key))
+        Counter::from_arc(Self::slot(&self.counts, key))
     }
-    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
-        Gauge::noop()
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::from_arc(Self::slot(&self.gauges, key))
     }
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        Histogram::from_arc(self.slot(key))
+        Histogram::from_arc(Self::slot(&self.counts, key))
     }
 }

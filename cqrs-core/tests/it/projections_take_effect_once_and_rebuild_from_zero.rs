@@ -2847,3 +2847,105 @@ fn a_runner_whose_run_was_dropped_catches_up_when_called() {
         assert_eq!(sum.seen.lock().unwrap().len(), 20);
     });
 }
+
+/// `cqrs_projection_lag_seconds` of `sum`.
+const LAG: &str = "cqrs_projection_lag_seconds{projection=sum}";
+
+/// `record(sum)`, occurred `ago`.
+fn occurred_ago(sum: u64, ago: Duration) -> EventRecord {
+    let mut record = record(sum);
+    record.metadata.occurred_at = chrono::Utc::now() - ago;
+    record
+}
+
+#[test]
+fn a_store_fed_runner_reports_how_long_its_oldest_waiting_event_has_waited() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let events = Arc::new(InMemoryEventStore::new());
+            let store = Arc::new(InMemoryProjectionStore::new());
+            let sum = Arc::new(Sum {
+                poison: Some(7),
+                ..Sum::default()
+            });
+            let minutes = |n: u64| Duration::from_secs(60 * n);
+            events
+                .append(
+                    "s-1",
+                    ExpectedVersion::NO_STREAM,
+                    vec![occurred_ago(1, minutes(10)), occurred_ago(2, minutes(5))],
+                )
+                .await
+                .unwrap();
+            let mut runner =
+                ProjectionRunner::from_store(store, sum.clone(), events.clone(), types());
+            assert_eq!(counts.gauge(LAG), None, "nothing read yet");
+            assert_eq!(runner.run_once().await.unwrap(), 2);
+            let lag = counts.gauge(LAG).unwrap();
+            assert!(
+                (600.0..660.0).contains(&lag),
+                "the oldest event read was 10 minutes old: {lag}"
+            );
+            assert_eq!(runner.run_once().await.unwrap(), 0);
+            assert_eq!(counts.gauge(LAG), Some(0.0), "caught up");
+
+            // Stuck on an event: each retry reads it again, older.
+            events
+                .append(
+                    "s-1",
+                    ExpectedVersion::Exactly(2),
+                    vec![occurred_ago(7, minutes(3))],
+                )
+                .await
+                .unwrap();
+            assert!(runner.run_once().await.is_err(), "7 always fails");
+            let stuck = counts.gauge(LAG).unwrap();
+            assert!((180.0..240.0).contains(&stuck), "{stuck}");
+            assert!(runner.run_once().await.is_err());
+            assert!(
+                counts.gauge(LAG).unwrap() >= stuck,
+                "not reset by a failure"
+            );
+        })
+    });
+}
+
+#[test]
+fn a_transport_fed_runner_reports_how_long_its_oldest_fetched_event_has_waited() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let transport = Arc::new(InMemoryTransport::new());
+            let store = Arc::new(InMemoryProjectionStore::new());
+            let sum = Arc::new(Sum::default());
+            transport
+                .publish(
+                    "sums",
+                    &[
+                        occurred_ago(4, Duration::ZERO),
+                        occurred_ago(5, Duration::from_secs(30)),
+                    ],
+                )
+                .await
+                .unwrap();
+            let options = ConsumerOptions::default().block(Duration::from_millis(20));
+            let mut runner = sums_runner(store, &sum, &transport, options);
+            assert_eq!(runner.run_once().await.unwrap(), 2);
+            let lag = counts.gauge(LAG).unwrap();
+            assert!((30.0..90.0).contains(&lag), "{lag}");
+            assert_eq!(runner.run_once().await.unwrap(), 0, "nothing to fetch");
+            assert_eq!(counts.gauge(LAG), Some(0.0), "caught up");
+
+            let mut ahead = record(6);
+            ahead.metadata.occurred_at = chrono::Utc::now() + Duration::from_secs(3600);
+            transport.publish("sums", &[ahead]).await.unwrap();
+            assert_eq!(runner.run_once().await.unwrap(), 1);
+            assert_eq!(
+                counts.gauge(LAG),
+                Some(0.0),
+                "an event stamped ahead of this clock (another host's) is not behind"
+            );
+        })
+    });
+}

@@ -68,7 +68,8 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
                 "{name}: {metrics}"
             );
         }
-        // Events published (by the relay) and handled (by the stats projection), by type.
+        // Events published (by the relay) and handled (by the stats projection), by type, and
+        // how far behind the projection is.
         cqrs_core::testing::eventually(
             std::time::Duration::from_secs(30),
             "event metrics",
@@ -84,7 +85,8 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
                     .unwrap();
                 (text.contains("cqrs_events_published_total")
                     && text.contains("event_type=\"TicketOpened\"")
-                    && text.contains("cqrs_events_handled_total"))
+                    && text.contains("cqrs_events_handled_total")
+                    && text.contains("cqrs_projection_lag_seconds{projection=\"tickets.stats\"}"))
                 .then_some(())
             },
         )
