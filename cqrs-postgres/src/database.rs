@@ -77,6 +77,9 @@ pub struct PgDatabase {
     health_wait: Duration,
     /// How long an idempotency claim waits for a duplicate's holder.
     pub(crate) claim_wait: Duration,
+    /// How long work that goes on without its caller (a commit) waits for the server's
+    /// answer: [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout).
+    pub(crate) answer_timeout: Duration,
     /// The connections to retire once the server is found to take no writes; `None` for a
     /// pool made elsewhere ([`from_pool`](Self::from_pool)), which has no hook to retire them.
     pub(crate) retirement: Option<Arc<Retirement>>,
@@ -162,6 +165,7 @@ impl PgDatabase {
             target: target.into(),
             health_wait: DEFAULT_HEALTH_WAIT,
             claim_wait: DEFAULT_CLAIM_WAIT,
+            answer_timeout: crate::options::DEFAULT_ANSWER_TIMEOUT,
         }
     }
 
@@ -203,6 +207,18 @@ impl PgDatabase {
     /// ```
     pub fn with_health_wait(mut self, wait: Duration) -> Self {
         self.health_wait = wait.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long work that goes on whether or not its caller still waits (a command's commit,
+    /// an idempotency key's claim and completion, a `BEGIN`) waits for the server's answer
+    /// before its connection is closed: [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout),
+    /// which sets it for a database it connects. Default 30 s; zero counts as a millisecond.
+    /// For a database made [`from_pool`](Self::from_pool), whose pool has no hook of this
+    /// crate's, the connections given back with statements unanswered stay unbounded: give
+    /// that pool an `after_release` of your own, or connect with [`PgOptions`](crate::PgOptions).
+    pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -305,7 +321,7 @@ impl PgDatabase {
     /// # Ok(()) }
     /// ```
     pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-        crate::sql::begin(&self.pool).await
+        crate::sql::begin(self).await
     }
 
     /// Begins a transaction as [`begin`](Self::begin) does, for one that stays open, idle,

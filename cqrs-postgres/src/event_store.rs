@@ -538,7 +538,7 @@ mod tests {
                 ("ser", "BEGIN ISOLATION LEVEL SERIALIZABLE"),
             ] {
                 // A key claimed and left in progress (status NULL).
-                let mut claim = crate::sql::begin(&db.pool).await.unwrap();
+                let mut claim = crate::sql::begin(&db).await.unwrap();
                 let outcome = claim_on(&mut claim, sql, None, "s", key, "fp", db.clock.now(), day)
                     .await
                     .unwrap();

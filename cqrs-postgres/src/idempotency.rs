@@ -260,9 +260,20 @@ impl IdempotencyGuard for PgIdempotencyGuard {
         // the key back, which would let a retry run the work a second time.
         let completed = tokio::spawn(
             async move {
-                let expires_at = expiry(db.clock.now(), ttl);
-                complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
-                tx.commit().await.map_err(commit_error)
+                let limit = db.answer_timeout;
+                let complete = async {
+                    let expires_at = expiry(db.clock.now(), ttl);
+                    complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
+                    tx.commit().await.map_err(commit_error)
+                };
+                // Bounded as a unit of work's commit is (`PgOptions::answer_timeout`).
+                match tokio::time::timeout(limit, complete).await {
+                    Ok(completed) => completed,
+                    Err(_) => Err(commit_error(sqlx::Error::Io(crate::sql::no_answer(
+                        limit,
+                        "the key's completion",
+                    )))),
+                }
             }
             .in_current_span(),
         );
@@ -356,9 +367,22 @@ pub(crate) async fn claim_detached(
     ttl: Duration,
 ) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
     let identity = (scope.to_owned(), key.to_owned(), fingerprint.to_owned());
-    let claimed = tokio::spawn(
-        claim_in_a_transaction(db.clone(), start, hold_open, identity, ttl).in_current_span(),
-    );
+    // Bounded as a commit is (`PgOptions::answer_timeout`), beyond the wait for a duplicate's
+    // holder. Given up, the claim's transaction is dropped in the task (nothing was claimed),
+    // and its connection closed on release.
+    let limit = db.answer_timeout.saturating_add(db.claim_wait);
+    let claim = claim_in_a_transaction(db.clone(), start, hold_open, identity, ttl);
+    let bounded = async move {
+        tokio::time::timeout(limit, claim)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable {
+                    backend: BACKEND,
+                    source: Box::new(crate::sql::no_answer(limit, "the claim")),
+                })
+            })
+    };
+    let claimed = tokio::spawn(bounded.in_current_span());
     match claimed.await {
         Ok(claimed) => claimed,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -379,7 +403,7 @@ async fn claim_in_a_transaction(
 ) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
     let tx = match start {
         Ok(tx) => Ok(tx),
-        Err(connection) => match crate::sql::begin_on(connection).await {
+        Err(connection) => match crate::sql::begin_on(connection, db.answer_timeout).await {
             // A store claim's transaction stays open, idle, while the caller does the work
             // outside it: ended by the server's idle timeouts mid-work, it would let a waiting
             // duplicate take the key and run the work a second time. It holds no append lock,
@@ -419,7 +443,7 @@ mod tests {
                 sql.append_lock,
                 crate::lock::key(&[&sql.schema, "idempotency claimer"]),
             );
-            let mut claim = crate::sql::begin(&db.pool).await.unwrap();
+            let mut claim = crate::sql::begin(&db).await.unwrap();
             let now = db.clock.now();
             let day = Duration::from_secs(24 * 3600);
             let outcome = claim_with(&mut claim, sql, None, &aimed, "s", "k", "fp", now, day)
@@ -466,7 +490,7 @@ mod tests {
                 Duration::from_secs(24 * 3600),
             );
             // Taking the key (the function's path).
-            let mut holder = crate::sql::begin(&db.pool).await.unwrap();
+            let mut holder = crate::sql::begin(&db).await.unwrap();
             sqlx::query("SET LOCAL lock_timeout = '7s'")
                 .execute(&mut *holder)
                 .await
@@ -476,14 +500,14 @@ mod tests {
             assert_eq!(lock_timeout(&mut holder).await, "7s");
 
             // Another fingerprint while the key is held (the `differs` path).
-            let mut other = crate::sql::begin(&db.pool).await.unwrap();
+            let mut other = crate::sql::begin(&db).await.unwrap();
             let outcome = claim_on(&mut other, sql, wait, "s", "k", "fp-2", now, day).await;
             assert!(matches!(outcome, Ok(Outcome::Mismatch)));
             assert_eq!(lock_timeout(&mut other).await, "0", "the server's default");
             other.rollback().await.unwrap();
 
             // The same fingerprint waits for the holder, at most `wait`.
-            let mut duplicate = crate::sql::begin(&db.pool).await.unwrap();
+            let mut duplicate = crate::sql::begin(&db).await.unwrap();
             let outcome = claim_on(&mut duplicate, sql, wait, "s", "k", "fp-1", now, day).await;
             let Err(error) = outcome else {
                 panic!("a duplicate of a held key answered before its holder ended");

@@ -45,23 +45,55 @@ async fn ping_if_idle(
 /// hold before it is closed instead (each dropped statement leaves one at most).
 const MAX_UNREAD_ERRORS: usize = 4;
 
-/// Reads, before sqlx checks a connection given back to the pool, the errors of statements
-/// dropped in flight (a request its client left, a timeout) that the server then failed: sqlx's
-/// check reads such an error, takes the connection for broken and closes it hard, and over TLS
-/// that close can hang for good, holding one of the pool's connections (seen with sqlx 0.9 and
-/// rustls: `a_statement_dropped_in_flight_that_fails_gives_its_connection_back`). Read here,
-/// the error is dropped like its statement's caller, and the connection goes back to the pool.
-/// A connection that fails otherwise is closed gracefully (`Ok(false)`), which does not hang.
-async fn read_unread_errors(conn: &mut sqlx::PgConnection) -> Result<bool, sqlx::Error> {
-    for _ in 0..MAX_UNREAD_ERRORS {
-        match sqlx::Connection::ping(conn).await {
-            Ok(()) => return Ok(true),
-            Err(sqlx::Error::Database(_)) => continue,
-            Err(_) => return Ok(false),
+/// The pool's `after_release`: waits, at most `patience`, for the answers still owed to a
+/// connection given back to the pool (statements dropped in flight: a request its client left,
+/// a timeout; the `ROLLBACK` sqlx queues for a dropped transaction). A connection with nothing
+/// owed costs nothing here (no round trip: sqlx's own check, a ping, follows).
+///
+/// Without the bound, sqlx's check waited for those answers for as long as TCP kept the
+/// connection: on a network that drops packets silently (a failover, a NAT that forgot the
+/// connection), about 15 minutes, each such connection out of the pool all that time, and a
+/// pool under load full within seconds. Past `patience`, the connection is closed instead
+/// (`Ok(false)`: a graceful close, which writes and does not wait).
+///
+/// The errors of statements dropped in flight that the server then failed are read here too:
+/// sqlx's check would read such an error, take the connection for broken and close it hard,
+/// and over TLS that close can hang for good (seen with sqlx 0.9 and rustls:
+/// `a_statement_dropped_in_flight_that_fails_gives_its_connection_back`). Read here, the error
+/// is dropped like its statement's caller, and the connection goes back to the pool.
+async fn settle_released(
+    conn: &mut sqlx::PgConnection,
+    patience: Duration,
+) -> Result<bool, sqlx::Error> {
+    let owed = async {
+        for _ in 0..MAX_UNREAD_ERRORS {
+            // sqlx's `flush` (hidden from its docs) sends what is buffered and reads up to
+            // the last answer owed, without a round trip of its own (a compile error here
+            // after an upgrade means: find its successor).
+            match sqlx::Connection::flush(conn).await {
+                Ok(()) => return true,
+                Err(sqlx::Error::Database(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    match tokio::time::timeout(patience, owed).await {
+        Ok(kept) => Ok(kept),
+        Err(_) => {
+            tracing::warn!(
+                waited = ?patience,
+                "a connection given back to the pool got no answer to what it had sent (a \
+                 statement its caller stopped waiting for) within answer_timeout; it is \
+                 closed: the server or the network between may be down"
+            );
+            Ok(false)
         }
     }
-    Ok(false)
 }
+
+/// [`PgOptions::answer_timeout`]'s default.
+pub(crate) const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// [`PgOptions::ping_after_idle`]'s default.
 const DEFAULT_PING_AFTER_IDLE: Duration = Duration::from_secs(1);
@@ -102,6 +134,7 @@ pub struct PgOptions {
     application_name: Option<String>,
     test_before_acquire: bool,
     ping_after_idle: Option<Duration>,
+    answer_timeout: Duration,
     /// Whether [`from_env`](PgOptions::from_env) fell back to [`DEFAULT_URL`] because
     /// `DATABASE_URL` was unset: a failed connect says so.
     default_url: bool,
@@ -120,6 +153,7 @@ impl std::fmt::Debug for PgOptions {
                 "idle_in_transaction_timeout",
                 &self.idle_in_transaction_timeout,
             )
+            .field("answer_timeout", &self.answer_timeout)
             .field("default_url", &self.default_url)
             .finish_non_exhaustive()
     }
@@ -146,6 +180,7 @@ impl PgOptions {
             application_name: None,
             test_before_acquire: false,
             ping_after_idle: Some(DEFAULT_PING_AFTER_IDLE),
+            answer_timeout: DEFAULT_ANSWER_TIMEOUT,
             default_url: false,
         }
     }
@@ -289,6 +324,31 @@ impl PgOptions {
         self
     }
 
+    /// How long this crate waits for the server's answer to work that goes on whether or not
+    /// its caller still waits: a command's commit (after its handler succeeded, the commit
+    /// finishes even when the request's time budget runs out), an idempotency key's claim
+    /// and completion, a `BEGIN`; and the answers still owed to a connection given back to
+    /// the pool with a statement unanswered (its caller gone). Past it, the connection is
+    /// closed. Default 30 s; at least 1 ms.
+    ///
+    /// Why: on a network that drops packets silently (a failover, a NAT or firewall that
+    /// forgot the connection), nothing but TCP's retransmissions, about 15 minutes on Linux,
+    /// ends a wait for an answer, and sqlx sets no keepalive or timeout on its sockets.
+    /// Without this bound, each connection caught so stayed out of the pool that long, and a
+    /// pool under load was full within seconds, failing every command after the network or
+    /// the new primary was back. A commit cut off so fails as
+    /// [`Timeout`](cqrs_core::ports::StoreError::Timeout) (it may have taken effect), a
+    /// claim or a `BEGIN` as [`Unavailable`](cqrs_core::ports::StoreError::Unavailable)
+    /// (nothing was done). Make it longer than your slowest commit (a synchronous replica
+    /// that lags). Over TLS, a connection closed so still leaves the pool only once an answer
+    /// comes or TCP gives up: sqlx (0.9) cannot close a TLS connection whose server sends
+    /// nothing (docs/postgres.md, "A network that drops packets"). A pool made elsewhere ([`PgDatabase::from_pool`]) bounds that work with
+    /// [`PgDatabase::with_answer_timeout`] but has no hook for the connections given back.
+    pub fn answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout;
+        self
+    }
+
     /// The schema these options name.
     pub fn schema_name(&self) -> &str {
         &self.schema
@@ -417,11 +477,13 @@ impl PgOptions {
             ));
         }
         // A few microseconds (a wrong unit) would fail nearly every acquire and connect.
-        if self.acquire_timeout < Duration::from_millis(1) {
-            problems.push(format!(
-                "acquire_timeout must be at least 1 ms, got {:?}",
-                self.acquire_timeout
-            ));
+        for (name, timeout) in [
+            ("acquire_timeout", self.acquire_timeout),
+            ("answer_timeout", self.answer_timeout),
+        ] {
+            if timeout < Duration::from_millis(1) {
+                problems.push(format!("{name} must be at least 1 ms, got {timeout:?}"));
+            }
         }
         let mut at_most = |name: &str, timeout: Option<Duration>| {
             if let Some(timeout) = timeout.filter(|t| *t > MAX_TIMEOUT) {
@@ -434,6 +496,7 @@ impl PgOptions {
         // sqlx adds these to `Instant`s (`Duration::MAX` overflows), and the server refuses
         // settings above `i32::MAX` ms at connect.
         at_most("acquire_timeout", Some(self.acquire_timeout));
+        at_most("answer_timeout", Some(self.answer_timeout));
         at_most("idle_timeout", self.idle_timeout);
         at_most("ping_after_idle", self.ping_after_idle);
         at_most("max_lifetime", self.max_lifetime);
@@ -508,11 +571,7 @@ impl PgOptions {
         }
     }
 
-    fn pool_options(
-        &self,
-        connect: &PgConnectOptions,
-        retirement: &Arc<Retirement>,
-    ) -> PgPoolOptions {
+    fn pool_options(&self, retirement: &Arc<Retirement>) -> PgPoolOptions {
         let mut pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .min_connections(self.min_connections)
@@ -520,11 +579,8 @@ impl PgOptions {
             .idle_timeout(self.idle_timeout)
             .max_lifetime(self.max_lifetime)
             .test_before_acquire(self.test_before_acquire);
-        // Over TLS only: the extra round trip on every release is what it costs, and a plain
-        // connection's hard close does not hang.
-        if TLS_BUILT && !matches!(connect.get_ssl_mode(), PgSslMode::Disable) {
-            pool = pool.after_release(|conn, _| Box::pin(read_unread_errors(conn)));
-        }
+        let patience = self.answer_timeout;
+        pool = pool.after_release(move |conn, _| Box::pin(settle_released(conn, patience)));
         let ping = match self.ping_after_idle {
             // sqlx already pings every connection.
             _ if self.test_before_acquire => None,
@@ -570,7 +626,7 @@ impl PgOptions {
         let target = self.target(&connect);
         let retirement = Retirement::new();
         let pool = match self
-            .pool_options(&connect, &retirement)
+            .pool_options(&retirement)
             .connect_with(connect.clone())
             .await
         {
@@ -588,8 +644,7 @@ impl PgOptions {
                     }
                     Ok(Ok(probe)) => {
                         let _ = probe.close().await;
-                        self.pool_options(&connect, &retirement)
-                            .connect_lazy_with(connect)
+                        self.pool_options(&retirement).connect_lazy_with(connect)
                     }
                     Err(_) => {
                         let timed_out = sqlx::Error::PoolTimedOut;
@@ -599,12 +654,10 @@ impl PgOptions {
             }
             Err(e) => return Err(crate::error::connect_error(e, target).into()),
         };
-        Ok(PgDatabase::new(
-            pool,
-            &self.schema,
-            target,
-            Some(retirement),
-        ))
+        Ok(
+            PgDatabase::new(pool, &self.schema, target, Some(retirement))
+                .with_answer_timeout(self.answer_timeout),
+        )
     }
 
     /// Where `connect` goes, for its error: host and port (or socket) and database, and
@@ -633,15 +686,11 @@ impl PgOptions {
         let connect = self.checked()?;
         let target = self.target(&connect);
         let retirement = Retirement::new();
-        let pool = self
-            .pool_options(&connect, &retirement)
-            .connect_lazy_with(connect);
-        Ok(PgDatabase::new(
-            pool,
-            &self.schema,
-            target,
-            Some(retirement),
-        ))
+        let pool = self.pool_options(&retirement).connect_lazy_with(connect);
+        Ok(
+            PgDatabase::new(pool, &self.schema, target, Some(retirement))
+                .with_answer_timeout(self.answer_timeout),
+        )
     }
 }
 

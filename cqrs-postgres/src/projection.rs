@@ -175,7 +175,7 @@ impl ProjectionStore for PgProjectionStore {
     /// end, and the connection then goes back to the pool, instead of staying out of it until
     /// the holder commits.
     async fn begin(&self, consumer: &str) -> Result<PgProjectionUnit, StoreError> {
-        let mut tx = crate::sql::begin(&self.db.pool)
+        let mut tx = crate::sql::begin(&self.db)
             .await
             .map_err(|e| self.db.store_error(e))?;
         // The key is a number computed here, not text from the caller: safe to inline.

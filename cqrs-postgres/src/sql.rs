@@ -24,7 +24,8 @@ pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMIT
 /// fresh snapshot after the append lock).
 ///
 /// The wait for a connection runs on the caller's task (a caller that gives up leaves the
-/// pool's queue), and the `BEGIN` in a task of its own, so it always completes: sqlx (0.9)
+/// pool's queue), and the `BEGIN` in a task of its own, so it completes (or fails, past
+/// `db`'s `answer_timeout`, its connection closed) whoever waits: sqlx (0.9)
 /// counts a transaction only once the server confirmed its `BEGIN`, and a caller that gave up
 /// while the `BEGIN` was on the wire (a client gone, a timeout) left the connection inside a
 /// transaction nothing would end. The pool then handed it out as clean, and the next user's
@@ -32,15 +33,16 @@ pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMIT
 /// transaction no one waits for any more is dropped in that task, which rolls it back before
 /// the connection goes back to the pool.
 pub(crate) async fn begin(
-    pool: &sqlx::PgPool,
+    db: &crate::PgDatabase,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    begin_on(pool.acquire().await?).await
+    begin_on(db.pool.acquire().await?, db.answer_timeout).await
 }
 
 /// [`begin`] on a connection the caller already has (acquired on its own task, so that a
 /// caller that gives up leaves the pool's queue).
 pub(crate) async fn begin_on(
     connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    answer_timeout: std::time::Duration,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
     use sqlx::SqlSafeStr;
     use tracing::Instrument;
@@ -48,12 +50,31 @@ pub(crate) async fn begin_on(
     // after its acquire; sqlx hides it from its docs, and offers no other way to begin on an
     // owned connection (a compile error here after an upgrade means: find its successor).
     let begin = sqlx::Transaction::begin(connection, Some(BEGIN_READ_COMMITTED.into_sql_str()));
-    match tokio::spawn(begin.in_current_span()).await {
+    // Bounded: on a network that drops packets, nothing else would end the wait for ~15 min.
+    // Given up, the `BEGIN` is dropped in the task, and the connection closed on release.
+    let bounded = async move {
+        tokio::time::timeout(answer_timeout, begin)
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::Io(no_answer(answer_timeout, "BEGIN"))))
+    };
+    match tokio::spawn(bounded.in_current_span()).await {
         Ok(began) => began,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The runtime is shutting down.
         Err(_) => Err(sqlx::Error::WorkerCrashed),
     }
+}
+
+/// The error of work whose answer did not come within `answer_timeout`: a timed-out I/O
+/// error, which this crate maps to an unavailable database.
+pub(crate) fn no_answer(answer_timeout: std::time::Duration, what: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the server did not answer {what} within {answer_timeout:?} (answer_timeout); its \
+             connection is closed"
+        ),
+    )
 }
 
 /// Runs a purge statement that deletes at most [`PURGE_BATCH`] rows until one deletes fewer,

@@ -166,11 +166,7 @@ impl PgUnitOfWork {
         let db = &self.db;
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         if state.tx.is_none() {
-            state.tx = Some(
-                crate::sql::begin(&db.pool)
-                    .await
-                    .map_err(|e| db.store_error(e))?,
-            );
+            state.tx = Some(crate::sql::begin(db).await.map_err(|e| db.store_error(e))?);
         }
         match state.tx.as_mut() {
             Some(tx) => {
@@ -372,7 +368,14 @@ impl PgUnitOfWork {
 }
 
 /// [`PgUnitOfWork::commit`]'s work, on the unit's state taken out of it.
+///
+/// Its statements, once it has a connection, are bounded by `answer_timeout`: on a network
+/// that drops packets nothing else would end the wait for ~15 minutes. Given up, the
+/// transaction is dropped here (its connection closed on release), and the outcome is
+/// unknown, as for any commit whose answer was lost.
 async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
+    let limit = db.answer_timeout;
+    let unanswered = || commit_error(sqlx::Error::Io(crate::sql::no_answer(limit, "the commit")));
     let State {
         tx,
         claim,
@@ -415,47 +418,56 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
             // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
             // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
             let mut conn = db.acquire().await?;
-            for p in pending {
-                append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
-                    .await
-                    .map_err(commit_store_error)?;
-            }
-            return Ok(());
+            let append = async {
+                for p in pending {
+                    append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
+                        .await
+                        .map_err(commit_store_error)?;
+                }
+                Ok(())
+            };
+            return tokio::time::timeout(limit, append)
+                .await
+                .unwrap_or_else(|_| Err(unanswered()));
         }
-        None => crate::sql::begin(pool)
-            .await
-            .map_err(|e| db.store_error(e))?,
+        None => crate::sql::begin(db).await.map_err(|e| db.store_error(e))?,
     };
     // Whether a statement of ours runs in the transaction before `COMMIT`: it fails if a
     // statement of the handler's failed (SQLSTATE 25P02), where `COMMIT` would not.
     let checked = !pending.is_empty() || completion.is_some();
-    for p in pending {
-        // A conflict returns early: the transaction is dropped and rolls back.
-        append_on(
-            &mut tx,
-            pool,
-            sql,
-            &p.stream,
-            p.expected,
-            p.events,
-            completion.take().as_ref(),
-        )
-        .await?;
-    }
-    if let Some(c) = completion {
-        let response = StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
-        complete_on(&mut tx, sql, c.scope, c.key, &response, c.expires_at).await?;
-    }
-    if !checked {
-        ensure_not_aborted(
-            &mut tx,
-            "the command's transaction was aborted by a statement that failed earlier, so \
+    let finish = async move {
+        for p in pending {
+            // A conflict returns early: the transaction is dropped and rolls back.
+            append_on(
+                &mut tx,
+                pool,
+                sql,
+                &p.stream,
+                p.expected,
+                p.events,
+                completion.take().as_ref(),
+            )
+            .await?;
+        }
+        if let Some(c) = completion {
+            let response =
+                StoredResponse::new(u16::try_from(c.status).unwrap_or(500), c.body.clone());
+            complete_on(&mut tx, sql, c.scope, c.key, &response, c.expires_at).await?;
+        }
+        if !checked {
+            ensure_not_aborted(
+                &mut tx,
+                "the command's transaction was aborted by a statement that failed earlier, so \
              nothing was committed: a handler must return the error of a failed statement \
              (or run it in a savepoint), not go on",
-        )
-        .await?;
-    }
-    tx.commit().await.map_err(commit_error)
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(commit_error)
+    };
+    tokio::time::timeout(limit, finish)
+        .await
+        .unwrap_or_else(|_| Err(unanswered()))
 }
 
 /// Fails when a statement in `tx` failed. Postgres answers `COMMIT` in such a transaction

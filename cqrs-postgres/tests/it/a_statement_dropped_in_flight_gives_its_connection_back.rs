@@ -53,3 +53,175 @@ pg_test! {
         }
     }
 }
+
+/// The backend process id of the connection the pool hands out next.
+async fn backend_pid(db: &cqrs_postgres::PgDatabase) -> i32 {
+    sqlx::query_scalar::<_, i32>(AssertSqlSafe("SELECT pg_backend_pid()".to_owned()))
+        .fetch_one(db.pool())
+        .await
+        .expect("the pool's connection answers")
+}
+
+pg_test! {
+    /// A connection given back with a statement unanswered is kept when the answer comes
+    /// within `answer_timeout`, and closed (replaced by a new one) when it does not: the pool
+    /// does not wait out a statement no one waits for.
+    async fn a_statement_dropped_in_flight_keeps_its_connection_only_if_answered_in_time(db: PgDatabase) {
+        let url = database_url();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        // In plain text: over TLS, sqlx (0.9) cannot close a connection whose server sends
+        // nothing (its rustls socket waits to read when it flushes nothing), so the connection
+        // is only replaced once the statement's answer comes (postgres.md).
+        let one = PgOptions::new(format!("{url}{separator}sslmode=disable"))
+            .schema(db.schema())
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .answer_timeout(Duration::from_millis(1500))
+            .connect()
+            .await
+            .expect("connect");
+        let sleep = |seconds: f64| {
+            sqlx::query(AssertSqlSafe(format!("SELECT pg_sleep({seconds})")))
+                .execute(one.pool())
+        };
+        let first = backend_pid(&one).await;
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), sleep(0.3)).await;
+        assert!(gave_up.is_err(), "the statement was still running");
+        assert_eq!(backend_pid(&one).await, first, "answered in time: the connection is kept");
+
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), sleep(30.0)).await;
+        assert!(gave_up.is_err(), "the statement was still running");
+        let replaced = tokio::time::timeout(Duration::from_secs(10), backend_pid(&one))
+            .await
+            .expect("the pool's one connection is free long before the statement's 30 s");
+        assert_ne!(replaced, first, "not answered in time: the connection was closed");
+        one.pool().close().await;
+    }
+}
+
+/// Options connecting through `proxy` to the test database, in `schema`, with one connection.
+fn through(proxy: &crate::proxy::Proxy, schema: &str) -> PgOptions {
+    let direct: sqlx::postgres::PgConnectOptions =
+        database_url().parse().expect("DATABASE_URL parses");
+    let user = direct.get_username();
+    let database = direct.get_database().unwrap_or(user);
+    let port = proxy.addr.port();
+    PgOptions::new(format!(
+        "postgres://{user}@127.0.0.1:{port}/{database}?sslmode=disable"
+    ))
+    .schema(schema)
+    .max_connections(1)
+    .acquire_timeout(Duration::from_secs(5))
+    .ping_after_idle(None)
+    .answer_timeout(Duration::from_millis(300))
+}
+
+pg_test! {
+    /// On a network that drops packets (the proxy passes nothing on any more and closes
+    /// nothing), a statement its caller gave up on holds its connection for `answer_timeout`,
+    /// not until TCP gives up (about 15 minutes): the pool opens a new one, which works.
+    async fn a_statement_dropped_on_a_silent_network_frees_its_connection(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        let store = silent.event_store();
+        use cqrs_core::ports::EventStore;
+        assert_eq!(store.stream_version("s").await.unwrap(), 0);
+        proxy.settle_with(silent.pool(), 0).await;
+
+        proxy.silence_open_connections();
+        let gave_up = tokio::time::timeout(Duration::from_millis(200), store.stream_version("s")).await;
+        assert!(gave_up.is_err(), "the silent network answered: {gave_up:?}");
+        let version = tokio::time::timeout(Duration::from_secs(4), store.stream_version("s"))
+            .await
+            .expect("the pool's one connection was closed, a new one opened")
+            .expect("the new connection works");
+        assert_eq!(version, 0);
+        silent.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A command whose `COMMIT` goes out on a network that has gone silent fails within
+    /// `answer_timeout` as an unknown outcome (`Timeout`), instead of its detached commit
+    /// waiting for ~15 minutes with a connection; the next command runs on a new connection.
+    async fn a_commit_on_a_silent_network_is_an_unknown_outcome_within_the_answer_timeout(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        use crate::support::tickets::{Note, NoteHandler};
+        use cqrs_core::{CommandBus, ErrorKind};
+        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+        let proxy = std::sync::Arc::new(
+            Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await,
+        );
+        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        let bus = CommandBus::builder()
+            .layer(silent.command_layer())
+            .handler(SilencesTheNetwork { proxy: proxy.clone(), inner: NoteHandler })
+            .build()
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let lost = tokio::time::timeout(Duration::from_secs(20), bus.dispatch(Note("n1")))
+            .await
+            .expect("the commit gave up")
+            .unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        let message = lost.to_string();
+        assert!(message.contains("unknown") && message.contains("answer_timeout"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+        let plain = CommandBus::builder()
+            .layer(silent.command_layer())
+            .handler(NoteHandler)
+            .build()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(4), plain.dispatch(Note("n2")))
+            .await
+            .expect("the pool's one connection was closed, a new one opened")
+            .expect("the next command commits");
+        silent.pool().close().await;
+    }
+}
+
+/// Records what `inner` records and silences every connection the proxy holds open: the
+/// command's commit (its only statement, the append) then goes out into the void.
+struct SilencesTheNetwork {
+    proxy: std::sync::Arc<crate::proxy::Proxy>,
+    inner: crate::support::tickets::NoteHandler,
+}
+
+#[cqrs_core::async_trait]
+impl cqrs_core::CommandHandler<crate::support::tickets::Note> for SilencesTheNetwork {
+    async fn handle(
+        &self,
+        cmd: crate::support::tickets::Note,
+        ctx: &mut cqrs_core::CommandContext,
+    ) -> Result<(), cqrs_core::HandlerError> {
+        self.inner.handle(cmd, ctx).await?;
+        self.proxy.silence_open_connections();
+        Ok(())
+    }
+}
+
+pg_test! {
+    /// A `BEGIN` (on its task of its own, so it completes whoever waits) that goes out on a
+    /// network gone silent fails within `answer_timeout`, as unavailable: nothing was done.
+    async fn a_begin_on_a_silent_network_fails_within_the_answer_timeout(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        proxy.silence_open_connections();
+        let began = tokio::time::timeout(Duration::from_secs(10), silent.begin())
+            .await
+            .expect("the BEGIN gave up");
+        let error = began.expect_err("the silent network answered");
+        assert!(error.to_string().contains("answer_timeout"), "{error}");
+        assert_eq!(
+            silent.store_error(error).kind(),
+            cqrs_core::ErrorKind::Unavailable,
+            "nothing was done: retry"
+        );
+        silent.pool().close().await;
+    }
+}
