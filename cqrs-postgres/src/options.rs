@@ -326,7 +326,8 @@ impl PgOptions {
 
     /// How long this crate waits for the server's answer to work that goes on whether or not
     /// its caller still waits: a command's commit (after its handler succeeded, the commit
-    /// finishes even when the request's time budget runs out), an idempotency key's claim
+    /// finishes even when the request's time budget runs out), a projection unit's commit,
+    /// an idempotency key's claim
     /// and completion, a `BEGIN`; and the answers still owed to a connection given back to
     /// the pool with a statement unanswered (its caller gone). Past it, the connection is
     /// closed. Default 30 s; at least 1 ms.

@@ -280,17 +280,30 @@ impl ProjectionStore for PgProjectionStore {
 
     async fn commit(&self, mut unit: PgProjectionUnit) -> Result<(), StoreError> {
         unit.ensure_open()?;
-        // Postgres answers `COMMIT` in an aborted transaction with a rollback, which sqlx
-        // reports as a commit: the runner would acknowledge a batch that left nothing.
-        crate::unit_of_work::ensure_not_aborted(
-            &mut unit.tx,
-            "the projection's unit of work was aborted by a statement that failed earlier, so \
-             nothing was committed: a projection must return the error of a failed statement \
-             (or run it in a savepoint), not go on",
-        )
-        .await?;
-        // A commit whose connection failed may have gone through: `Timeout`, not "retry".
-        unit.tx.commit().await.map_err(commit_error)
+        let commit = async move {
+            // Postgres answers `COMMIT` in an aborted transaction with a rollback, which sqlx
+            // reports as a commit: the runner would acknowledge a batch that left nothing.
+            crate::unit_of_work::ensure_not_aborted(
+                &mut unit.tx,
+                "the projection's unit of work was aborted by a statement that failed earlier, \
+                 so nothing was committed: a projection must return the error of a failed \
+                 statement (or run it in a savepoint), not go on",
+            )
+            .await?;
+            // A commit whose connection failed may have gone through: `Timeout`, not "retry".
+            unit.tx.commit().await.map_err(commit_error)
+        };
+        // Bounded as a command's commit is (`PgOptions::answer_timeout`): a silent network
+        // would otherwise hold the runner, its batch kept alive, for ~15 minutes.
+        let limit = self.db.answer_timeout;
+        tokio::time::timeout(limit, commit)
+            .await
+            .unwrap_or_else(|_| {
+                Err(commit_error(sqlx::Error::Io(crate::sql::no_answer(
+                    limit,
+                    "the projection's commit",
+                ))))
+            })
     }
 
     /// By the server's clock (`processed_at` is the `clock_timestamp()` of `mark_processed`,

@@ -225,3 +225,25 @@ pg_test! {
         silent.pool().close().await;
     }
 }
+
+pg_test! {
+    /// A projection unit's commit on a network gone silent fails within `answer_timeout`, as
+    /// an unknown outcome: the runner retries instead of waiting for ~15 minutes.
+    async fn a_projection_commit_on_a_silent_network_fails_within_the_answer_timeout(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        use cqrs_core::ports::ProjectionStore;
+        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        let store = silent.projection_store();
+        let unit = store.begin("counts").await.expect("a unit");
+        proxy.silence_open_connections();
+        let committed = tokio::time::timeout(Duration::from_secs(10), store.commit(unit))
+            .await
+            .expect("the commit gave up");
+        let error = committed.expect_err("the silent network answered");
+        assert_eq!(error.kind(), cqrs_core::ErrorKind::Timeout, "{error}");
+        assert!(error.to_string().contains("answer_timeout"), "{error}");
+        silent.pool().close().await;
+    }
+}
