@@ -435,7 +435,12 @@ impl RegistrationCount {
         // another's) would keep the count, and so tell whether the email has one.
         let stored_maybe = (*self.inserting.get_mut())
             .then(|| (self.users.clone(), std::mem::take(&mut self.email)));
-        undo_registration(std::mem::take(&mut self.counts), stored_maybe).await;
+        // On a task of its own, as a login's take-back: a registration dropped here (its
+        // lookup or take-back waiting on a store as slow as the one that failed it, until the
+        // request's time budget ran out) kept its count, and an outage locked the address
+        // out of registering for the window.
+        let undo = undo_registration(std::mem::take(&mut self.counts), stored_maybe);
+        let _ = tokio::spawn(tracing::Instrument::in_current_span(undo)).await;
     }
 }
 
@@ -1739,6 +1744,77 @@ mod tests {
             }
         })
         .await;
+    }
+
+    /// Users whose `create` fails as unavailable, and whose `by_email` after that waits until
+    /// `released`, saying when it began (`waiting`): a store as slow as it is away.
+    #[derive(Default)]
+    struct FailsThenWaits {
+        users: InMemoryUserStore,
+        failed: AtomicBool,
+        waiting: tokio::sync::Notify,
+        released: tokio::sync::Notify,
+        /// Registrations go through once set.
+        working: AtomicBool,
+    }
+
+    #[async_trait]
+    impl UserStore for FailsThenWaits {
+        async fn create(&self, user: UserRecord) -> Result<(), CreateUserError> {
+            if self.working.load(Ordering::SeqCst) {
+                return self.users.create(user).await;
+            }
+            self.failed.store(true, Ordering::SeqCst);
+            Err(StoreError::Unavailable {
+                backend: "postgres",
+                source: "connection refused".into(),
+            }
+            .into())
+        }
+
+        async fn by_email(&self, email: &str) -> Result<Option<UserRecord>, StoreError> {
+            if self.failed.swap(false, Ordering::SeqCst) {
+                let released = self.released.notified();
+                self.waiting.notify_one();
+                released.await;
+            }
+            self.users.by_email(email).await
+        }
+
+        async fn by_id(&self, id: Uuid) -> Result<Option<UserRecord>, StoreError> {
+            self.users.by_id(id).await
+        }
+    }
+
+    /// A registration whose insert failed (the store away) and which is dropped while it
+    /// takes its count back (its lookup as slow as the store that failed it, until the
+    /// request's time budget ran out) still takes it back: an outage does not lock the
+    /// address out of registering.
+    #[tokio::test]
+    async fn a_registration_dropped_while_it_takes_its_count_back_still_takes_it_back() {
+        let clock = Arc::new(ManualClock::new());
+        let users = Arc::new(FailsThenWaits::default());
+        let handler = registrations(users.clone(), &clock, 2);
+        let a = [192, 0, 2, 1];
+        for _ in 0..2 {
+            tokio::select! {
+                registered = register_with(&handler, register("one@example.com", "", a)) => {
+                    panic!("the registration finished: {registered:?}")
+                }
+                // Dropped here, its take-back's lookup waiting.
+                () = users.waiting.notified() => {}
+            }
+            users.released.notify_one();
+        }
+        let runtime = tokio::runtime::Handle::current().metrics();
+        cqrs_core::testing::eventually(Duration::from_secs(5), "no task left", || async {
+            (runtime.num_alive_tasks() == 0).then_some(())
+        })
+        .await;
+        users.working.store(true, Ordering::SeqCst);
+        register_with(&handler, register("one@example.com", "", a))
+            .await
+            .expect("the dropped registrations' counts were taken back");
     }
 
     /// A registration dropped before its lookup answered stored nothing, and its count goes

@@ -149,18 +149,42 @@ impl CountedAttempts {
 
     /// Counts an attempt for `key` on `throttle`, unless the key is blocked: then returns the
     /// seconds until it may try again, as [`LoginThrottle::attempt`] does.
+    ///
+    /// The attempt runs on a task of its own, which hands the count over in a guard of this
+    /// kind: a login dropped while its attempt was under way (a `COMMIT` whose answer was late,
+    /// past the request's time budget) never learned of a count the store kept, and nothing
+    /// took it back. Now the guard, unreceived, takes it back as any dropped login's does.
     pub(crate) async fn attempt(
         &mut self,
         throttle: &Arc<dyn LoginThrottle>,
         key: &str,
     ) -> Result<Option<u64>, StoreError> {
-        match throttle.attempt(key).await? {
-            Attempt::Counted(counted) => {
-                self.counted
-                    .push((throttle.clone(), key.to_owned(), counted));
+        let (throttle, key) = (throttle.clone(), key.to_owned());
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let attempt = async move {
+            let outcome = throttle.attempt(&key).await.map(|attempt| match attempt {
+                Attempt::Counted(counted) => Ok(CountedAttempts {
+                    counted: vec![(throttle, key, counted)],
+                }),
+                Attempt::Blocked { retry_after } => Err(retry_after),
+            });
+            // Unreceived, the guard in it is dropped here, and takes the count back.
+            let _ = answer.send(outcome);
+        };
+        tokio::spawn(attempt.in_current_span());
+        match answered.await {
+            Ok(Ok(Ok(mut counted))) => {
+                self.counted.append(&mut counted.counted);
                 Ok(None)
             }
-            Attempt::Blocked { retry_after } => Ok(Some(retry_after)),
+            Ok(Ok(Err(retry_after))) => Ok(Some(retry_after)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Backend {
+                backend: "login throttle",
+                source: "the login attempt's count ended without an answer (it panicked, or \
+                         the runtime is shutting down)"
+                    .into(),
+            }),
         }
     }
 
@@ -413,6 +437,62 @@ mod tests {
             self.taken_back.lock().unwrap().push(key.to_owned());
             Ok(())
         }
+    }
+
+    /// Counts every attempt once the test lets it answer (`answers`), saying when it counted
+    /// (`counted`): a `COMMIT` whose answer comes late. Takes back as the store it wraps does.
+    struct LateAnswers {
+        inner: InMemoryLoginThrottle,
+        counted: tokio::sync::Notify,
+        answers: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl LoginThrottle for LateAnswers {
+        async fn attempt(&self, key: &str) -> Result<Attempt, StoreError> {
+            let attempt = self.inner.attempt(key).await;
+            let answers = self.answers.notified();
+            self.counted.notify_one();
+            answers.await;
+            attempt
+        }
+
+        async fn take_back(&self, key: &str, counted: Counted) -> Result<(), StoreError> {
+            self.inner.take_back(key, counted).await
+        }
+    }
+
+    /// A login dropped while its attempt was being counted (the store kept the count, its
+    /// answer late) does not keep a count it never learned of.
+    #[tokio::test]
+    async fn a_login_dropped_while_its_attempt_is_counted_keeps_no_count() {
+        let clock = Arc::new(ManualClock::new());
+        let late = Arc::new(LateAnswers {
+            inner: InMemoryLoginThrottle::new(clock.clone(), 1, Duration::from_secs(60)),
+            counted: tokio::sync::Notify::new(),
+            answers: tokio::sync::Notify::new(),
+        });
+        let throttle: Arc<dyn LoginThrottle> = late.clone();
+        let mut login = CountedAttempts::new();
+        tokio::select! {
+            attempted = login.attempt(&throttle, "k") => panic!("answered early: {attempted:?}"),
+            // Dropped here, the count kept and its answer not come yet.
+            () = late.counted.notified() => {}
+        }
+        drop(login);
+        late.answers.notify_one();
+        let runtime = tokio::runtime::Handle::current().metrics();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while runtime.num_alive_tasks() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the attempt's task and its take-back end");
+        assert!(
+            matches!(late.inner.attempt("k").await.unwrap(), Attempt::Counted(_)),
+            "the dropped login's count was taken back (the limit is 1)"
+        );
     }
 
     /// A login whose take-back is cancelled while one waits (for a pooled connection, say)

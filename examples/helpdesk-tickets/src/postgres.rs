@@ -154,9 +154,12 @@ impl StatsWorker {
     /// one's rebuild, then find the record matching and go on without one of their own.
     ///
     /// A stop during the check or the rebuild abandons the switch (the next start does it);
-    /// once the rebuild is done (its transaction committed), the record is written whatever
-    /// comes: abandoned then, the record would name the old source over rebuilt stats, and
-    /// the next start would rebuild again for nothing. Returns `false` when stopped.
+    /// once the rebuild's future has returned, the record is written whatever comes:
+    /// abandoned then, the record would name the old source over rebuilt stats, and the next
+    /// start would rebuild again for nothing. A stop that comes while the rebuild's `COMMIT`
+    /// is on the wire still does that (the future is dropped after the server committed, in a
+    /// poll the stop wins): a second rebuild, wasted work on a rare start, the stats right all
+    /// the same. Returns `false` when stopped.
     async fn switch_feed(&self, shutdown: &Shutdown) -> Result<bool, BoxError> {
         let schema = self.db.schema();
         // Idle while the rebuild runs on other connections: not ended by the server meanwhile.
