@@ -606,7 +606,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 Some(after) => {
                     let page =
                         crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch)
-                            .await?;
+                            .await
+                            .inspect_err(|_| report_unmeasured_lag(&self.name))?;
                     if page.records.is_empty() {
                         self.check_end(events.as_ref(), after).await?;
                     }
@@ -614,7 +615,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
                 None => None,
             };
-            let (unit, after) = self.begin_at_checkpoint().await?;
+            let (unit, after) = self
+                .begin_at_checkpoint()
+                .await
+                .inspect_err(|_| report_unmeasured_lag(&self.name))?;
             *self.lock_read_from() = Some(after);
             if let Some(page) = page
                 && seen == Some(after)
@@ -626,8 +630,13 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
         // The checkpoint kept moving under this runner (other instances are faster): read
         // inside the unit this once, so the step makes progress.
-        let (unit, after) = self.begin_at_checkpoint().await?;
-        let page = crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch).await?;
+        let (unit, after) = self
+            .begin_at_checkpoint()
+            .await
+            .inspect_err(|_| report_unmeasured_lag(&self.name))?;
+        let page = crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch)
+            .await
+            .inspect_err(|_| report_unmeasured_lag(&self.name))?;
         report_lag(&self.name, &page.records);
         self.apply_batch(unit, after, &page.records, page.cut).await
     }
@@ -905,13 +914,14 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             return Ok(Stepped::CAUGHT_UP);
         };
         // A fetch may wait long (its `block`, up to forever): shutdown does not wait for it.
-        let deliveries = match stop {
+        let fetched = match stop {
             Some(stop) => tokio::select! {
-                deliveries = consumer.fetch(*batch) => deliveries?,
+                deliveries = consumer.fetch(*batch) => deliveries,
                 _ = stop.requested() => return Ok(Stepped::CAUGHT_UP),
             },
-            None => consumer.fetch(*batch).await?,
+            None => consumer.fetch(*batch).await,
         };
+        let deliveries = fetched.inspect_err(|_| report_unmeasured_lag(name))?;
         if deliveries.is_empty() {
             report_lag(name, &[]);
             return Ok(Stepped::CAUGHT_UP);
@@ -1513,7 +1523,8 @@ impl<S: ProjectionStore> InboxPurge<S> {
 /// Sets `cqrs_projection_lag_seconds{projection}` as a read of `records` (events the projection
 /// has not applied yet) finds it: how long ago the oldest of them occurred, 0 for none. A
 /// projection stuck on an event reads it again at each retry, so its lag keeps growing; one
-/// caught up reads nothing, 0.
+/// caught up reads nothing, 0. A delivery already applied (redelivered) counts until it is
+/// read, and a projection catching up from the first event shows that event's age.
 fn report_lag(projection: &str, records: &[EventRecord]) {
     let lag = records
         .iter()
@@ -1526,6 +1537,15 @@ fn report_lag(projection: &str, records: &[EventRecord]) {
                 .map_or(0.0, |behind| behind.as_secs_f64())
         });
     metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
+}
+
+/// Sets `cqrs_projection_lag_seconds{projection}` to NaN: the events waiting could not be read
+/// (the store or the transport away). A value kept from before (0, say) would say the
+/// projection is up to date while it falls behind (alert on `x != x`, as for the outbox's
+/// backlog gauges).
+fn report_unmeasured_lag(projection: &str) {
+    metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned())
+        .set(f64::NAN);
 }
 
 /// Projection `name` failed on `record`, for `source`.

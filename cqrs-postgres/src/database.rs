@@ -210,9 +210,10 @@ impl PgDatabase {
         self
     }
 
-    /// How long work that goes on whether or not its caller still waits (a command's commit,
-    /// an idempotency key's claim and completion, a `BEGIN`) waits for the server's answer
-    /// before its connection is closed: [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout),
+    /// How long work that goes on whether or not its caller still waits (a command's or a
+    /// projection unit's commit, an idempotency key's claim and completion) waits for the
+    /// server's answer before it is given up, and how long a `BEGIN`'s caller waits for it:
+    /// [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout),
     /// which sets it for a database it connects. Default 30 s; zero counts as a millisecond.
     /// For a database made [`from_pool`](Self::from_pool), whose pool has no hook of this
     /// crate's, the connections given back with statements unanswered stay unbounded: give

@@ -272,6 +272,7 @@ impl IdempotencyGuard for PgIdempotencyGuard {
                     Err(_) => Err(commit_error(sqlx::Error::Io(crate::sql::no_answer(
                         limit,
                         "the key's completion",
+                        crate::sql::CLOSED_ON_RELEASE,
                     )))),
                 }
             }
@@ -378,7 +379,11 @@ pub(crate) async fn claim_detached(
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable {
                     backend: BACKEND,
-                    source: Box::new(crate::sql::no_answer(limit, "the claim")),
+                    source: Box::new(crate::sql::no_answer(
+                        limit,
+                        "the claim",
+                        crate::sql::CLOSED_ON_RELEASE,
+                    )),
                 })
             })
     };

@@ -92,6 +92,23 @@ async fn settle_released(
     }
 }
 
+/// How often a server backend running a statement checks that its client is still there.
+const CLIENT_CHECK_INTERVAL: &str = "SET client_connection_check_interval = '5s'";
+
+/// The pool's `after_connect` under [`PgOptions::session_settings`]: has the server check,
+/// while a statement runs, that this client is still connected (PostgreSQL 14 and later; an
+/// older server does not know the setting, which as a startup parameter would refuse the
+/// connection). A connection the pool closes with a statement unanswered
+/// ([`settle_released`]) is replaced by a new one; without the check, the server would run
+/// the old statement on (or wait on for its lock: an append queued behind a stalled commit),
+/// one more server process each time, until it ended.
+async fn check_for_a_closed_client(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    if conn.server_version_num().is_some_and(|v| v >= 140_000) {
+        sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(CLIENT_CHECK_INTERVAL)).await?;
+    }
+    Ok(())
+}
+
 /// [`PgOptions::answer_timeout`]'s default.
 pub(crate) const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -275,8 +292,11 @@ impl PgOptions {
 
     /// Whether each connection sets, through the startup `options` parameter, the server
     /// settings this crate relies on: `default_transaction_isolation = 'read committed'`, the
-    /// TCP keepalives and [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout).
-    /// Default `true`.
+    /// TCP keepalives and [`idle_in_transaction_timeout`](Self::idle_in_transaction_timeout);
+    /// and, on PostgreSQL 14 or later, `client_connection_check_interval = 5s` (once
+    /// connected, one statement): a statement whose connection this client closed (given
+    /// up past [`answer_timeout`](Self::answer_timeout)) is cancelled within 5 s instead of
+    /// running on, or waiting for a lock, while a new connection replaces it. Default `true`.
     ///
     /// Turn it off behind a connection pooler that refuses startup parameters (PgBouncer
     /// does unless told to ignore them), and set the same on the database or role instead
@@ -326,11 +346,11 @@ impl PgOptions {
 
     /// How long this crate waits for the server's answer to work that goes on whether or not
     /// its caller still waits: a command's commit (after its handler succeeded, the commit
-    /// finishes even when the request's time budget runs out), a projection unit's commit,
-    /// an idempotency key's claim
-    /// and completion, a `BEGIN`; and the answers still owed to a connection given back to
-    /// the pool with a statement unanswered (its caller gone). Past it, the connection is
-    /// closed. Default 30 s; at least 1 ms.
+    /// finishes even when the request's time budget runs out), a projection unit's commit, an
+    /// idempotency key's claim and completion; how long the caller of a `BEGIN` waits for
+    /// it; and how long a connection given back to the pool with a statement unanswered (its
+    /// caller gone) may take to get the answer. Past it, the work is given up and its
+    /// connection closed. Default 30 s; at least 1 ms.
     ///
     /// Why: on a network that drops packets silently (a failover, a NAT or firewall that
     /// forgot the connection), nothing but TCP's retransmissions, about 15 minutes on Linux,
@@ -340,10 +360,13 @@ impl PgOptions {
     /// the new primary was back. A commit cut off so fails as
     /// [`Timeout`](cqrs_core::ports::StoreError::Timeout) (it may have taken effect), a
     /// claim or a `BEGIN` as [`Unavailable`](cqrs_core::ports::StoreError::Unavailable)
-    /// (nothing was done). Make it longer than your slowest commit (a synchronous replica
-    /// that lags). Over TLS, a connection closed so still leaves the pool only once an answer
-    /// comes or TCP gives up: sqlx (0.9) cannot close a TLS connection whose server sends
-    /// nothing (docs/postgres.md, "A network that drops packets"). A pool made elsewhere ([`PgDatabase::from_pool`]) bounds that work with
+    /// (nothing was done). The `BEGIN` itself is not cut off (sqlx cannot abandon one safely):
+    /// its connection waits for the answer on its own. The bound includes a commit's wait for
+    /// the schema's append lock: make it longer than the slowest commit you tolerate (one
+    /// queued behind a synchronous standby that lags). Over TLS, a connection closed so still
+    /// leaves the pool only once an answer comes or TCP gives up: sqlx (0.9) cannot close a
+    /// TLS connection whose server sends nothing (docs/postgres.md, "A network that drops
+    /// packets"). A pool made elsewhere ([`PgDatabase::from_pool`]) bounds that work with
     /// [`PgDatabase::with_answer_timeout`] but has no hook for the connections given back.
     pub fn answer_timeout(mut self, timeout: Duration) -> Self {
         self.answer_timeout = timeout;
@@ -582,6 +605,9 @@ impl PgOptions {
             .test_before_acquire(self.test_before_acquire);
         let patience = self.answer_timeout;
         pool = pool.after_release(move |conn, _| Box::pin(settle_released(conn, patience)));
+        if self.session_settings {
+            pool = pool.after_connect(|conn, _| Box::pin(check_for_a_closed_client(conn)));
+        }
         let ping = match self.ping_after_idle {
             // sqlx already pings every connection.
             _ if self.test_before_acquire => None,

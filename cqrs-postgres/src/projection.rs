@@ -302,6 +302,7 @@ impl ProjectionStore for PgProjectionStore {
                 Err(commit_error(sqlx::Error::Io(crate::sql::no_answer(
                     limit,
                     "the projection's commit",
+                    crate::sql::CLOSED_ON_RELEASE,
                 ))))
             })
     }

@@ -24,8 +24,8 @@ pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMIT
 /// fresh snapshot after the append lock).
 ///
 /// The wait for a connection runs on the caller's task (a caller that gives up leaves the
-/// pool's queue), and the `BEGIN` in a task of its own, so it completes (or fails, past
-/// `db`'s `answer_timeout`, its connection closed) whoever waits: sqlx (0.9)
+/// pool's queue), and the `BEGIN` in a task of its own, so it completes whoever waits
+/// (the caller waits at most `db`'s `answer_timeout` for it): sqlx (0.9)
 /// counts a transaction only once the server confirmed its `BEGIN`, and a caller that gave up
 /// while the `BEGIN` was on the wire (a client gone, a timeout) left the connection inside a
 /// transaction nothing would end. The pool then handed it out as clean, and the next user's
@@ -50,29 +50,42 @@ pub(crate) async fn begin_on(
     // after its acquire; sqlx hides it from its docs, and offers no other way to begin on an
     // owned connection (a compile error here after an upgrade means: find its successor).
     let begin = sqlx::Transaction::begin(connection, Some(BEGIN_READ_COMMITTED.into_sql_str()));
-    // Bounded: on a network that drops packets, nothing else would end the wait for ~15 min.
-    // Given up, the `BEGIN` is dropped in the task, and the connection closed on release.
-    let bounded = async move {
-        tokio::time::timeout(answer_timeout, begin)
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::Io(no_answer(answer_timeout, "BEGIN"))))
-    };
-    match tokio::spawn(bounded.in_current_span()).await {
-        Ok(began) => began,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+    let began = tokio::spawn(begin.in_current_span());
+    // The caller's wait is bounded (on a network that drops packets nothing else would end
+    // it for ~15 minutes), the `BEGIN` itself is not: cut off before the server answered,
+    // sqlx (0.9) queues no `ROLLBACK` (it counts the transaction only once answered), and a
+    // late answer would leave the connection given back inside a transaction. Given up here,
+    // the task goes on; a transaction it gets then, nobody's, is dropped there and rolled
+    // back. The connection stays out of the pool until the answer comes or TCP gives up.
+    match tokio::time::timeout(answer_timeout, began).await {
+        Ok(Ok(began)) => began,
+        Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The runtime is shutting down.
-        Err(_) => Err(sqlx::Error::WorkerCrashed),
+        Ok(Err(_)) => Err(sqlx::Error::WorkerCrashed),
+        Err(_) => Err(sqlx::Error::Io(no_answer(
+            answer_timeout,
+            "BEGIN",
+            "the connection waits for the answer on its own",
+        ))),
     }
 }
 
+/// What [`no_answer`] says of work given up inside a transaction (sqlx queues its `ROLLBACK`):
+/// the pool's release hook closes its connection unless the answers come in time.
+pub(crate) const CLOSED_ON_RELEASE: &str =
+    "it is given up, and its connection closed unless the server answers in time";
+
 /// The error of work whose answer did not come within `answer_timeout`: a timed-out I/O
 /// error, which this crate maps to an unavailable database.
-pub(crate) fn no_answer(answer_timeout: std::time::Duration, what: &str) -> std::io::Error {
+pub(crate) fn no_answer(
+    answer_timeout: std::time::Duration,
+    what: &str,
+    then: &str,
+) -> std::io::Error {
     std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         format!(
-            "the server did not answer {what} within {answer_timeout:?} (answer_timeout); its \
-             connection is closed"
+            "the server did not answer {what} within {answer_timeout:?} (answer_timeout); {then}"
         ),
     )
 }

@@ -375,7 +375,13 @@ impl PgUnitOfWork {
 /// unknown, as for any commit whose answer was lost.
 async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
     let limit = db.answer_timeout;
-    let unanswered = || commit_error(sqlx::Error::Io(crate::sql::no_answer(limit, "the commit")));
+    let unanswered = || {
+        commit_error(sqlx::Error::Io(crate::sql::no_answer(
+            limit,
+            "the commit",
+            crate::sql::CLOSED_ON_RELEASE,
+        )))
+    };
     let State {
         tx,
         claim,

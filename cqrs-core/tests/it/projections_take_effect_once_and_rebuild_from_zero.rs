@@ -2949,3 +2949,70 @@ fn a_transport_fed_runner_reports_how_long_its_oldest_fetched_event_has_waited()
         })
     });
 }
+
+/// An event store whose reads of the global order fail while `failing` is set.
+#[derive(Default)]
+struct Unreadable {
+    inner: InMemoryEventStore,
+    failing: AtomicBool,
+}
+
+#[async_trait]
+impl EventStore for Unreadable {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<EventRecord>,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.append(stream_id, expected, events).await
+    }
+
+    async fn load(&self, stream_id: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
+        self.inner.load(stream_id, after).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                backend: "test",
+                source: "told to fail its reads".into(),
+            });
+        }
+        self.inner.read_all(after, limit).await
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+#[test]
+fn a_runner_that_cannot_read_reports_its_lag_as_not_a_number() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let events = Arc::new(Unreadable::default());
+            let store = Arc::new(InMemoryProjectionStore::new());
+            let sum = Arc::new(Sum::default());
+            let mut runner = ProjectionRunner::from_store(store, sum, events.clone(), types());
+            assert_eq!(runner.run_once().await.unwrap(), 0);
+            assert_eq!(runner.run_once().await.unwrap(), 0);
+            assert_eq!(counts.gauge(LAG), Some(0.0), "caught up");
+            events.failing.store(true, Ordering::SeqCst);
+            assert!(runner.run_once().await.is_err());
+            assert!(
+                counts.gauge(LAG).unwrap().is_nan(),
+                "not 0 (up to date) while the events cannot be read: {:?}",
+                counts.gauge(LAG)
+            );
+            events.failing.store(false, Ordering::SeqCst);
+            assert_eq!(runner.run_once().await.unwrap(), 0);
+            assert_eq!(counts.gauge(LAG), Some(0.0), "measured again");
+        })
+    });
+}

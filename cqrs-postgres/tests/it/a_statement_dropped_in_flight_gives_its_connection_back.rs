@@ -113,7 +113,8 @@ fn through(proxy: &crate::proxy::Proxy, schema: &str) -> PgOptions {
     .max_connections(1)
     .acquire_timeout(Duration::from_secs(5))
     .ping_after_idle(None)
-    .answer_timeout(Duration::from_millis(300))
+    // Short for the test, with room for a loaded machine's healthy steps through the proxy.
+    .answer_timeout(Duration::from_secs(1))
 }
 
 pg_test! {
@@ -222,7 +223,42 @@ pg_test! {
             cqrs_core::ErrorKind::Unavailable,
             "nothing was done: retry"
         );
-        silent.pool().close().await;
+        // Not closed: the `BEGIN` still waits for its answer on its own, holding the
+        // connection (a pool's close would wait for it).
+    }
+}
+
+pg_test! {
+    /// A `BEGIN` answered after its caller gave up (past `answer_timeout`) leaves no
+    /// transaction open on the connection the pool gets back: cut off before the answer,
+    /// sqlx queued no `ROLLBACK`, and the next user's statements ran inside that transaction,
+    /// reported as stored while uncommitted.
+    async fn a_begin_answered_after_its_caller_gave_up_leaves_no_transaction_open(db: PgDatabase) {
+        use crate::proxy::Proxy;
+        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
+        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let late = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        proxy.settle_with(late.pool(), 0).await;
+        // Answered between one and two `answer_timeout`s: within the release hook's own wait, had
+        // the `BEGIN` been cut off at the first.
+        proxy.stall_for(Duration::from_millis(1500));
+        let began = tokio::time::timeout(Duration::from_secs(10), late.begin())
+            .await
+            .expect("the caller stops waiting at answer_timeout");
+        assert!(began.is_err(), "answered before the stall ended: {began:?}");
+        // The pool's one connection, once the late `BEGIN`'s transaction was rolled back. A
+        // simple query (one message) outside a transaction starts its own: `now()`, the
+        // transaction's start, is the statement's.
+        let row = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(late.pool()),
+        )
+        .await
+        .expect("the connection is back")
+        .expect("the statement runs");
+        let outside: bool = sqlx::Row::get(&row, 0);
+        assert!(outside, "the statement ran inside the abandoned BEGIN's transaction");
+        late.pool().close().await;
     }
 }
 
@@ -245,5 +281,47 @@ pg_test! {
         assert_eq!(error.kind(), cqrs_core::ErrorKind::Timeout, "{error}");
         assert!(error.to_string().contains("answer_timeout"), "{error}");
         silent.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A connection closed with its statement unanswered does not leave the statement running
+    /// on the server (one more server process for each connection replaced so): the server
+    /// checks for a closed client every 5 s (PostgreSQL 14 and later) and cancels it.
+    async fn a_statement_closed_unanswered_is_cancelled_on_the_server(db: PgDatabase) {
+        let version: i32 = sqlx::query_scalar(AssertSqlSafe("SHOW server_version_num".to_owned()))
+            .fetch_one(db.pool())
+            .await
+            .map(|v: String| v.parse().unwrap())
+            .unwrap();
+        if version < 140_000 {
+            eprintln!("a_statement_closed_unanswered: PostgreSQL {version} has no client check; skipped");
+            return;
+        }
+        let url = database_url();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        // In plain text, which the pool can close (see above).
+        let one = PgOptions::new(format!("{url}{separator}sslmode=disable"))
+            .schema(db.schema())
+            .max_connections(1)
+            .answer_timeout(Duration::from_millis(300))
+            .connect()
+            .await
+            .expect("connect");
+        let pid = backend_pid(&one).await;
+        let sleep = sqlx::query(AssertSqlSafe("SELECT pg_sleep(60)".to_owned())).execute(one.pool());
+        assert!(tokio::time::timeout(Duration::from_millis(100), sleep).await.is_err());
+        cqrs_core::testing::eventually(Duration::from_secs(20), "the server ends the statement", || async {
+            let running: i64 = sqlx::query_scalar(AssertSqlSafe(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1".to_owned(),
+            ))
+            .bind(pid)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+            (running == 0).then_some(())
+        })
+        .await;
+        one.pool().close().await;
     }
 }

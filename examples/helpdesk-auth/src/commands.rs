@@ -440,7 +440,11 @@ impl RegistrationCount {
         // request's time budget ran out) kept its count, and an outage locked the address
         // out of registering for the window.
         let undo = undo_registration(std::mem::take(&mut self.counts), stored_maybe);
-        let _ = tokio::spawn(tracing::Instrument::in_current_span(undo)).await;
+        if let Err(e) = tokio::spawn(tracing::Instrument::in_current_span(undo)).await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
     }
 }
 
