@@ -1526,8 +1526,13 @@ impl<S: ProjectionStore> InboxPurge<S> {
 /// caught up reads nothing, 0. A delivery already applied (redelivered) counts until it is
 /// read, and a projection catching up from the first event shows that event's age.
 fn report_lag(projection: &str, records: &[EventRecord]) {
-    let lag = records
-        .iter()
+    let lag = lag_of_records(records.iter());
+    metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
+}
+
+/// How long ago the oldest of `records` occurred, in seconds; 0 for none.
+fn lag_of_records<'a>(records: impl Iterator<Item = &'a EventRecord>) -> f64 {
+    records
         .map(|r| r.metadata.occurred_at)
         .min()
         .map_or(0.0, |oldest| {
@@ -1535,8 +1540,7 @@ fn report_lag(projection: &str, records: &[EventRecord]) {
             (chrono::Utc::now() - oldest)
                 .to_std()
                 .map_or(0.0, |behind| behind.as_secs_f64())
-        });
-    metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
+        })
 }
 
 /// Sets `cqrs_projection_lag_seconds{projection}` to NaN: the events waiting could not be read
@@ -2076,8 +2080,24 @@ where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
 {
+    consume_and_close(consumer, ctx, options, &handle, None).await
+}
+
+/// [`consume_until_shutdown`], reporting `cqrs_consumer_lag_seconds{topic, group}` for
+/// `lag_of` (`(topic, group)`) when given.
+async fn consume_and_close<F, Fut>(
+    consumer: &mut dyn Consumer,
+    ctx: &WorkerContext,
+    options: ConsumeLoop,
+    handle: &F,
+    lag_of: Option<(&str, &str)>,
+) -> Result<(), TransportError>
+where
+    F: Fn(Delivery) -> Fut + Sync,
+    Fut: std::future::Future<Output = Handled> + Send,
+{
     ctx.health.set(Health::Healthy);
-    let consumed = consume(consumer, ctx, options, &handle).await;
+    let consumed = consume(consumer, ctx, options, handle, lag_of).await;
     // Closed on an error too (best effort): what the consumer holds is released at once,
     // instead of waiting out the redelivery delay, its lane behind it, to be reclaimed with a
     // delivery counted that no handler got.
@@ -2099,18 +2119,33 @@ async fn consume<F, Fut>(
     ctx: &WorkerContext,
     options: ConsumeLoop,
     handle: &F,
+    lag_of: Option<(&str, &str)>,
 ) -> Result<(), TransportError>
 where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
 {
+    let report_lag = |lag: f64| {
+        if let Some((topic, group)) = lag_of {
+            metrics::gauge!(
+                "cqrs_consumer_lag_seconds",
+                "topic" => topic.to_owned(),
+                "group" => group.to_owned()
+            )
+            .set(lag);
+        }
+    };
     // When a batch last left the worker degraded.
     let mut degraded_at: Option<tokio::time::Instant> = None;
     while !ctx.shutdown.is_requested() {
-        let deliveries = tokio::select! {
-            d = consumer.fetch(options.batch.max(1)) => d?,
+        let fetched = tokio::select! {
+            d = consumer.fetch(options.batch.max(1)) => d,
             _ = ctx.shutdown.requested() => break,
         };
+        // NaN while the transport cannot be read: a value kept from before would say the
+        // handlers are up to date while they fall behind.
+        let deliveries = fetched.inspect_err(|_| report_lag(f64::NAN))?;
+        report_lag(lag_of_records(deliveries.iter().map(|d| &d.record)));
         if deliveries.is_empty() {
             // A failed delivery comes back within the redelivery delay; one that has not in
             // twice that was dead-lettered or handled elsewhere: the failure is over. (On an
@@ -2509,11 +2544,11 @@ impl Worker for EventBusConsumer {
             .await?;
         let remaining = FailedHandlers::new(FAILED_HANDLERS_KEPT);
         let (bus, types, remaining) = (&self.bus, &self.types, &remaining);
-        consume_until_shutdown(
+        consume_and_close(
             consumer.as_mut(),
             &ctx,
             self.consume,
-            |delivery| async move {
+            &|delivery| async move {
                 let handled = match types.decode(&delivery.record) {
                     Ok(Some(envelope)) => {
                         let (event_id, name) = (delivery.record.event_id, envelope.name());
@@ -2552,6 +2587,7 @@ impl Worker for EventBusConsumer {
                 }
                 handled
             },
+            Some((&self.topic, &self.group)),
         )
         .await?;
         Ok(())

@@ -517,3 +517,62 @@ fn the_bus_knows_the_types_of_the_handlers_it_was_given() {
         "a bus without handlers knows no type (unknown types are skipped by default)"
     );
 }
+
+/// Holds every event until the test lets it through, saying when one arrived.
+#[derive(Clone)]
+struct Held {
+    arrived: Arc<tokio::sync::Notify>,
+    released: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Self {
+            arrived: Arc::default(),
+            released: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for Held {
+    async fn handle(&self, _event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        self.arrived.notify_one();
+        self.released.acquire().await.expect("open").forget();
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "held"
+    }
+}
+
+/// `cqrs_consumer_lag_seconds` of topic `adds`, group `bus`.
+const CONSUMER_LAG: &str = "cqrs_consumer_lag_seconds{topic=adds,group=bus}";
+
+/// An event-bus consumer reports how long ago the oldest event of the batch it handles
+/// occurred, and 0 once a fetch finds nothing.
+#[test]
+fn an_event_bus_consumer_reports_how_far_behind_its_handlers_are() {
+    let counts = cqrs_core::testing::MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let held = Held::default();
+            let bus = EventBus::builder().handler(held.clone()).build().unwrap();
+            let transport = Arc::new(InMemoryTransport::new());
+            let mut old = added(1);
+            old.metadata.occurred_at = chrono::Utc::now() - Duration::from_secs(45);
+            transport.publish("adds", &[old]).await.unwrap();
+            let runtime = consume_adds(bus, &transport, Duration::from_secs(10));
+            held.arrived.notified().await;
+            let lag = counts.gauge(CONSUMER_LAG).expect("set at the fetch");
+            assert!((45.0..100.0).contains(&lag), "{lag}");
+            held.released.add_permits(1);
+            eventually(Duration::from_secs(5), "caught up", || async {
+                (counts.gauge(CONSUMER_LAG) == Some(0.0)).then_some(())
+            })
+            .await;
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        })
+    });
+}
