@@ -252,9 +252,11 @@ pub async fn shipped_sums(transport: &cqrs_core::memory::InMemoryTransport) -> V
 
 /// An event store that gets one more event (an `Added { sum: 1 }`) after each of the first
 /// `arrivals` reads of the global order: events keep arriving while a reader pages through it.
+/// Its reads of the global order fail while `failing` is set (the store away).
 pub struct ArrivesWhileRead {
     pub inner: Arc<InMemoryEventStore>,
     pub arrivals: AtomicUsize,
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -281,6 +283,12 @@ impl EventStore for ArrivesWhileRead {
         after: Position,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                backend: "test",
+                source: "told to fail its reads".into(),
+            });
+        }
         let page = self.inner.read_all(after, limit).await?;
         let arrived = self
             .arrivals

@@ -405,6 +405,7 @@ fn a_rebuild_ends_at_the_end_of_the_store_while_events_keep_arriving() {
         let events = Arc::new(ArrivesWhileRead {
             inner: inner.clone(),
             arrivals: AtomicUsize::new(1_000),
+            failing: AtomicBool::new(false),
         });
         let store = Arc::new(InMemoryProjectionStore::new());
         let sum = Arc::new(Sum::default());
@@ -2950,53 +2951,16 @@ fn a_transport_fed_runner_reports_how_long_its_oldest_fetched_event_has_waited()
     });
 }
 
-/// An event store whose reads of the global order fail while `failing` is set.
-#[derive(Default)]
-struct Unreadable {
-    inner: InMemoryEventStore,
-    failing: AtomicBool,
-}
-
-#[async_trait]
-impl EventStore for Unreadable {
-    async fn append(
-        &self,
-        stream_id: &str,
-        expected: ExpectedVersion,
-        events: Vec<EventRecord>,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.append(stream_id, expected, events).await
-    }
-
-    async fn load(&self, stream_id: &str, after: u64) -> Result<Vec<EventRecord>, StoreError> {
-        self.inner.load(stream_id, after).await
-    }
-
-    async fn read_all(
-        &self,
-        after: Position,
-        limit: usize,
-    ) -> Result<Vec<EventRecord>, StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable {
-                backend: "test",
-                source: "told to fail its reads".into(),
-            });
-        }
-        self.inner.read_all(after, limit).await
-    }
-
-    async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
-        self.inner.stream_version(stream_id).await
-    }
-}
-
 #[test]
 fn a_runner_that_cannot_read_reports_its_lag_as_not_a_number() {
     let counts = MetricCounts::default();
     metrics::with_local_recorder(&counts, || {
         run(async {
-            let events = Arc::new(Unreadable::default());
+            let events = Arc::new(ArrivesWhileRead {
+                inner: Arc::new(InMemoryEventStore::new()),
+                arrivals: AtomicUsize::new(0),
+                failing: AtomicBool::new(false),
+            });
             let store = Arc::new(InMemoryProjectionStore::new());
             let sum = Arc::new(Sum::default());
             let mut runner = ProjectionRunner::from_store(store, sum, events.clone(), types());

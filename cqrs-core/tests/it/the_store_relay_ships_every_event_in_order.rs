@@ -324,6 +324,7 @@ fn the_backlog_is_counted_to_the_end_it_finds_while_events_keep_arriving() {
         let events = Arc::new(ArrivesWhileRead {
             inner,
             arrivals: AtomicUsize::new(5_000),
+            failing: Default::default(),
         });
         let relay = StoreRelay::new(
             "relay",

@@ -99,6 +99,13 @@ pg_test! {
     }
 }
 
+/// A proxy in front of the test database, which can go silent.
+async fn proxy() -> crate::proxy::Proxy {
+    let direct: sqlx::postgres::PgConnectOptions =
+        database_url().parse().expect("DATABASE_URL parses");
+    crate::proxy::Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await
+}
+
 /// Options connecting through `proxy` to the test database, in `schema`, with one connection.
 fn through(proxy: &crate::proxy::Proxy, schema: &str) -> PgOptions {
     let direct: sqlx::postgres::PgConnectOptions =
@@ -122,9 +129,7 @@ pg_test! {
     /// nothing), a statement its caller gave up on holds its connection for `answer_timeout`,
     /// not until TCP gives up (about 15 minutes): the pool opens a new one, which works.
     async fn a_statement_dropped_on_a_silent_network_frees_its_connection(db: PgDatabase) {
-        use crate::proxy::Proxy;
-        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
-        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let proxy = proxy().await;
         let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
         let store = silent.event_store();
         use cqrs_core::ports::EventStore;
@@ -148,13 +153,9 @@ pg_test! {
     /// `answer_timeout` as an unknown outcome (`Timeout`), instead of its detached commit
     /// waiting for ~15 minutes with a connection; the next command runs on a new connection.
     async fn a_commit_on_a_silent_network_is_an_unknown_outcome_within_the_answer_timeout(db: PgDatabase) {
-        use crate::proxy::Proxy;
         use crate::support::tickets::{Note, NoteHandler};
         use cqrs_core::{CommandBus, ErrorKind};
-        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
-        let proxy = std::sync::Arc::new(
-            Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await,
-        );
+        let proxy = std::sync::Arc::new(proxy().await);
         let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
         let bus = CommandBus::builder()
             .layer(silent.command_layer())
@@ -208,9 +209,7 @@ pg_test! {
     /// A `BEGIN` (on its task of its own, so it completes whoever waits) that goes out on a
     /// network gone silent fails within `answer_timeout`, as unavailable: nothing was done.
     async fn a_begin_on_a_silent_network_fails_within_the_answer_timeout(db: PgDatabase) {
-        use crate::proxy::Proxy;
-        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
-        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let proxy = proxy().await;
         let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
         proxy.silence_open_connections();
         let began = tokio::time::timeout(Duration::from_secs(10), silent.begin())
@@ -234,9 +233,7 @@ pg_test! {
     /// sqlx queued no `ROLLBACK`, and the next user's statements ran inside that transaction,
     /// reported as stored while uncommitted.
     async fn a_begin_answered_after_its_caller_gave_up_leaves_no_transaction_open(db: PgDatabase) {
-        use crate::proxy::Proxy;
-        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
-        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let proxy = proxy().await;
         let late = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
         proxy.settle_with(late.pool(), 0).await;
         // Answered between one and two `answer_timeout`s: within the release hook's own wait, had
@@ -266,10 +263,8 @@ pg_test! {
     /// A projection unit's commit on a network gone silent fails within `answer_timeout`, as
     /// an unknown outcome: the runner retries instead of waiting for ~15 minutes.
     async fn a_projection_commit_on_a_silent_network_fails_within_the_answer_timeout(db: PgDatabase) {
-        use crate::proxy::Proxy;
         use cqrs_core::ports::ProjectionStore;
-        let direct: sqlx::postgres::PgConnectOptions = database_url().parse().unwrap();
-        let proxy = Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+        let proxy = proxy().await;
         let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
         let store = silent.projection_store();
         let unit = store.begin("counts").await.expect("a unit");
