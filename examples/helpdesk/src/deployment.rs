@@ -195,6 +195,10 @@ pub(crate) async fn join(
     if let Some(target) = &redis {
         // Named by its id and where it lives: a copy of the database restored elsewhere (a
         // staging copy of production's) is another helpdesk, which must not share the prefix.
+        // Compared whole by the prefix's claim, and kept in Redis: changing this text (as
+        // `events_to` above, compared with what running instances recorded) makes every
+        // instance of the new build refuse to start beside the old ones during a rolling
+        // upgrade. Change it only with a migration that accepts the old form.
         let owner = format!("helpdesk {schema_id} (schema `{schema}` of database `{database}`)");
         match target.transport.claim_prefix(&owner).await {
             Ok(()) => {
