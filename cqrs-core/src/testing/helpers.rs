@@ -40,6 +40,7 @@ pub async fn with_timeout<F: Future>(limit: Duration, future: F) -> F::Output {
 
 /// Polls `condition` every 10 ms until it returns `Some`, or panics after `deadline` with
 /// `what` in the message. For conditions that become true eventually; never sleep and hope.
+/// [`eventually_ok`] says what the last check found.
 ///
 /// The deadline bounds the checks too: a check that hangs (a query against a server that
 /// stopped answering) fails with `what` at the deadline instead of stalling the test.
@@ -48,17 +49,76 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    poll_until(deadline, what, || {
+        let check = condition();
+        async move { check.await.ok_or(None) }
+    })
+    .await
+}
+
+/// Like [`eventually`], for a check that says why it is not there yet: `Err` with what it
+/// found, which the panic at the deadline shows (the last one), where `eventually` can only
+/// say that it timed out.
+///
+/// ```
+/// use cqrs_core::testing::eventually_ok;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use std::time::Duration;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let polls = AtomicU32::new(0);
+/// let seen = eventually_ok(Duration::from_secs(5), "three polls", || async {
+///     match polls.fetch_add(1, Ordering::SeqCst) + 1 {
+///         n if n >= 3 => Ok(n),
+///         n => Err(format!("{n} so far")),
+///     }
+/// })
+/// .await;
+/// assert_eq!(seen, 3);
+/// # });
+/// ```
+pub async fn eventually_ok<T, E, F, Fut>(deadline: Duration, what: &str, mut condition: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    poll_until(deadline, what, || {
+        let check = condition();
+        async move { check.await.map_err(|e| Some(format!("{e:?}"))) }
+    })
+    .await
+}
+
+/// [`eventually`] and [`eventually_ok`]: `Err(Some(found))` is "not yet", with what was found.
+async fn poll_until<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Option<String>>>,
+{
     let until = tokio::time::Instant::now() + deadline;
+    let mut found: Option<String> = None;
+    let said = |found: &Option<String>| {
+        found
+            .as_ref()
+            .map(|f| format!("; its last check found: {f}"))
+            .unwrap_or_default()
+    };
     loop {
-        match tokio::time::timeout_at(until, condition()).await {
-            Ok(Some(value)) => return value,
-            Ok(None) => {}
+        match tokio::time::timeout_at(until, check()).await {
+            Ok(Ok(value)) => return value,
+            Ok(Err(now)) => found = now,
             Err(_) => panic!(
-                "timed out after {deadline:?} waiting for: {what} (its last check did not finish)"
+                "timed out after {deadline:?} waiting for: {what} (its last check did not \
+                 finish){}",
+                said(&found)
             ),
         }
         if tokio::time::Instant::now() >= until {
-            panic!("timed out after {deadline:?} waiting for: {what}");
+            panic!(
+                "timed out after {deadline:?} waiting for: {what}{}",
+                said(&found)
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -129,7 +189,28 @@ pub fn long() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{no_harness, without_user_info};
+    use super::{eventually, eventually_ok, no_harness, without_user_info};
+    use std::time::Duration;
+
+    /// At the deadline, `eventually_ok` says what its last check found.
+    #[tokio::test]
+    #[should_panic(expected = "waiting for: a green light; its last check found: \"red\"")]
+    async fn eventually_ok_says_what_its_last_check_found() {
+        eventually_ok(Duration::from_millis(50), "a green light", || async {
+            Err::<(), _>("red")
+        })
+        .await;
+    }
+
+    /// `eventually` has nothing to say but that it timed out.
+    #[tokio::test]
+    #[should_panic(expected = "timed out after 50ms waiting for: a green light")]
+    async fn eventually_says_what_it_waited_for() {
+        eventually(Duration::from_millis(50), "a green light", || async {
+            None::<()>
+        })
+        .await;
+    }
 
     /// With services required, a harness that returns `None` fails the scenario.
     #[test]

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 ///
 /// Install it for a test with [`metrics::with_local_recorder`] (the current thread only, so
 /// tests running in parallel do not see each other's metrics; use a current-thread runtime
-/// inside it).
+/// inside it), or, in an async test, around a future with [`scope`](Self::scope).
+/// `with_local_recorder(&counts, || async { .. }).await` records nothing: the closure only
+/// makes the future, which runs after the recorder was taken away, and every count reads 0.
 ///
 /// ```
 /// use cqrs_core::reexports::metrics::{counter, histogram, with_local_recorder};
@@ -116,6 +118,34 @@ impl MetricCounts {
             .collect()
     }
 
+    /// Runs `future` with this recorder installed on the current thread whenever it is
+    /// polled: for an async test (`#[tokio::test]`), where `with_local_recorder` around an
+    /// `async` block would record nothing. Tasks the future spawns are polled by the runtime,
+    /// not inside it, and record elsewhere: await their work in the future (or run them in a
+    /// `with_local_recorder` around `block_on`).
+    ///
+    /// ```
+    /// use cqrs_core::reexports::metrics::counter;
+    /// use cqrs_core::testing::MetricCounts;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let counts = MetricCounts::default();
+    /// counts
+    ///     .scope(async {
+    ///         tokio::task::yield_now().await;
+    ///         counter!("orders_total").increment(1);
+    ///     })
+    ///     .await;
+    /// assert_eq!(counts.get("orders_total{}"), 1);
+    /// # });
+    /// ```
+    pub fn scope<F: std::future::Future>(&self, future: F) -> Scoped<'_, F> {
+        Scoped {
+            counts: self,
+            future: Box::pin(future),
+        }
+    }
+
     /// A gauge's last value under `name{k=v,...}` (as [`get`](Self::get) names it), `None`
     /// when it was never registered.
     ///
@@ -150,6 +180,32 @@ impl MetricCounts {
             .entry(name)
             .or_default()
             .clone()
+    }
+}
+
+/// A future run with a [`MetricCounts`] installed at each poll: [`MetricCounts::scope`].
+#[must_use = "a future does nothing until awaited"]
+pub struct Scoped<'a, F> {
+    counts: &'a MetricCounts,
+    future: std::pin::Pin<Box<F>>,
+}
+
+impl<F> std::fmt::Debug for Scoped<'_, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scoped").finish_non_exhaustive()
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Scoped<'_, F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let counts = self.counts;
+        let _installed = metrics::set_default_local_recorder(counts);
+        self.future.as_mut().poll(cx)
     }
 }
 

@@ -93,8 +93,8 @@ pub use given::{
 };
 #[doc(hidden)]
 pub use helpers::__no_harness;
-pub use helpers::{eventually, long, require_services, test_id, with_timeout};
-pub use metric_counts::MetricCounts;
+pub use helpers::{eventually, eventually_ok, long, require_services, test_id, with_timeout};
+pub use metric_counts::{MetricCounts, Scoped};
 
 use async_trait::async_trait;
 

@@ -312,8 +312,13 @@ async fn a_start_fed_from_another_source_rebuilds_the_stats() {
 
 /// Waits (30 s at most) until `s`'s stats, as `agent` reads them, are `expected`.
 async fn stats_become(s: &TestServer, agent: &str, expected: &serde_json::Value, what: &str) {
-    cqrs_core::testing::eventually(Duration::from_secs(30), what, || async {
-        (s.get("/tickets/stats", agent).await.body == *expected).then_some(())
+    cqrs_core::testing::eventually_ok(Duration::from_secs(30), what, || async {
+        let stats = s.get("/tickets/stats", agent).await.body;
+        if stats == *expected {
+            Ok(())
+        } else {
+            Err(stats)
+        }
     })
     .await;
 }
