@@ -609,7 +609,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                             .await
                             .inspect_err(|_| report_unmeasured_lag(&self.name))?;
                     if page.records.is_empty() {
-                        self.check_end(events.as_ref(), after).await?;
+                        self.check_end(events.as_ref(), after)
+                            .await
+                            .inspect_err(|_| report_unmeasured_lag(&self.name))?;
                     }
                     Some(page)
                 }
@@ -908,7 +910,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             return Ok(Stepped::CAUGHT_UP);
         };
         if consumer.is_none() {
-            *consumer = Some(transport.consumer(topic, group, options.clone()).await?);
+            let made = transport.consumer(topic, group, options.clone()).await;
+            *consumer = Some(made.inspect_err(|_| report_unmeasured_lag(name))?);
         }
         let Some(consumer) = consumer.as_mut() else {
             return Ok(Stepped::CAUGHT_UP);

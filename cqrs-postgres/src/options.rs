@@ -102,9 +102,23 @@ const CLIENT_CHECK_INTERVAL: &str = "SET client_connection_check_interval = '5s'
 /// ([`settle_released`]) is replaced by a new one; without the check, the server would run
 /// the old statement on (or wait on for its lock: an append queued behind a stalled commit),
 /// one more server process each time, until it ended.
+///
+/// A server that refuses the setting (one that cannot tell a closed client: PostgreSQL on
+/// Windows, 14 on macOS) keeps the connection without it, with a warning: failing here would
+/// fail every connection the pool opens, and so every operation.
 async fn check_for_a_closed_client(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
     if conn.server_version_num().is_some_and(|v| v >= 140_000) {
-        sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(CLIENT_CHECK_INTERVAL)).await?;
+        match sqlx::Executor::execute(&mut *conn, sqlx::raw_sql(CLIENT_CHECK_INTERVAL)).await {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(refused)) => {
+                tracing::warn!(
+                    error = %refused,
+                    "the server refuses client_connection_check_interval: a statement whose \
+                     connection this client closes runs on until it ends"
+                );
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
