@@ -576,3 +576,47 @@ fn an_event_bus_consumer_reports_how_far_behind_its_handlers_are() {
         })
     });
 }
+
+/// While its fetches fail, an event-bus consumer's lag is NaN, not the 0 of its last fetch
+/// (which would say its handlers are up to date while they fall behind).
+#[test]
+fn an_event_bus_consumer_that_cannot_fetch_reports_its_lag_as_not_a_number() {
+    use crate::projections_take_effect_once_and_rebuild_from_zero::Counted;
+    let counts = cqrs_core::testing::MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let bus = EventBus::builder()
+                .handler(Held::default())
+                .build()
+                .unwrap();
+            let transport = Counted::new(&Arc::new(InMemoryTransport::new()));
+            let options = ConsumerOptions::default().block(Duration::from_millis(20));
+            let runtime = Runtime::builder()
+                .worker(EventBusConsumer::new(
+                    bus,
+                    transport.clone(),
+                    "adds",
+                    "bus",
+                    options,
+                ))
+                .start();
+            eventually(
+                Duration::from_secs(5),
+                "a fetch that found nothing",
+                || async { (counts.gauge(CONSUMER_LAG) == Some(0.0)).then_some(()) },
+            )
+            .await;
+            transport.fetch_fails.store(true, Ordering::SeqCst);
+            eventually(Duration::from_secs(5), "not a number", || async {
+                counts.gauge(CONSUMER_LAG).filter(|lag| lag.is_nan())
+            })
+            .await;
+            transport.fetch_fails.store(false, Ordering::SeqCst);
+            eventually(Duration::from_secs(10), "measured again", || async {
+                (counts.gauge(CONSUMER_LAG) == Some(0.0)).then_some(())
+            })
+            .await;
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        })
+    });
+}

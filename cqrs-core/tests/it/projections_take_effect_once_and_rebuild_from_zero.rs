@@ -1182,19 +1182,22 @@ async fn run_until_drained<S: ProjectionStore<Unit = InMemoryUnit>>(
 
 /// A transport that counts how often each event was handed out, so a test can tell that an
 /// event came back more often than `max_deliveries`.
-struct Counted {
+pub(crate) struct Counted {
     inner: Arc<InMemoryTransport>,
     handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
     /// Its consumers' `close` fails.
     close_fails: std::sync::atomic::AtomicBool,
+    /// Its consumers' `fetch` fails while set (the transport away).
+    pub(crate) fetch_fails: Arc<AtomicBool>,
 }
 
 impl Counted {
-    fn new(inner: &Arc<InMemoryTransport>) -> Arc<Self> {
+    pub(crate) fn new(inner: &Arc<InMemoryTransport>) -> Arc<Self> {
         Arc::new(Self {
             inner: inner.clone(),
             handed_out: Arc::default(),
             close_fails: Default::default(),
+            fetch_fails: Arc::default(),
         })
     }
 
@@ -1229,6 +1232,7 @@ impl EventTransport for Counted {
             inner: self.inner.consumer(topic, group, options).await?,
             handed_out: self.handed_out.clone(),
             close_fails: self.close_fails.load(std::sync::atomic::Ordering::Relaxed),
+            fetch_fails: self.fetch_fails.clone(),
         }))
     }
 }
@@ -1237,11 +1241,18 @@ struct CountedConsumer {
     inner: Box<dyn Consumer>,
     handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
     close_fails: bool,
+    fetch_fails: Arc<AtomicBool>,
 }
 
 #[async_trait]
 impl Consumer for CountedConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        if self.fetch_fails.load(Ordering::SeqCst) {
+            return Err(TransportError::Unavailable {
+                backend: "test",
+                source: "told to fail its fetches".into(),
+            });
+        }
         let batch = self.inner.fetch(max).await?;
         let mut counts = self.handed_out.lock().unwrap();
         for delivery in &batch {
