@@ -260,21 +260,13 @@ impl IdempotencyGuard for PgIdempotencyGuard {
         // the key back, which would let a retry run the work a second time.
         let completed = tokio::spawn(
             async move {
-                let limit = db.answer_timeout;
                 let complete = async {
                     let expires_at = expiry(db.clock.now(), ttl);
                     complete_on(&mut tx, &db.sql, &scope, &key, &response, expires_at).await?;
                     tx.commit().await.map_err(commit_error)
                 };
                 // Bounded as a unit of work's commit is (`PgOptions::answer_timeout`).
-                match tokio::time::timeout(limit, complete).await {
-                    Ok(completed) => completed,
-                    Err(_) => Err(commit_error(sqlx::Error::Io(crate::sql::no_answer(
-                        limit,
-                        "the key's completion",
-                        crate::sql::CLOSED_ON_RELEASE,
-                    )))),
-                }
+                crate::sql::commit_within(db.answer_timeout, "the key's completion", complete).await
             }
             .in_current_span(),
         );

@@ -295,16 +295,7 @@ impl ProjectionStore for PgProjectionStore {
         };
         // Bounded as a command's commit is (`PgOptions::answer_timeout`): a silent network
         // would otherwise hold the runner, its batch kept alive, for ~15 minutes.
-        let limit = self.db.answer_timeout;
-        tokio::time::timeout(limit, commit)
-            .await
-            .unwrap_or_else(|_| {
-                Err(commit_error(sqlx::Error::Io(crate::sql::no_answer(
-                    limit,
-                    "the projection's commit",
-                    crate::sql::CLOSED_ON_RELEASE,
-                ))))
-            })
+        crate::sql::commit_within(self.db.answer_timeout, "the projection's commit", commit).await
     }
 
     /// By the server's clock (`processed_at` is the `clock_timestamp()` of `mark_processed`,

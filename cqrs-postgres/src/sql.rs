@@ -70,6 +70,27 @@ pub(crate) async fn begin_on(
     }
 }
 
+/// Runs `commit` (a `COMMIT`, with the statements of the commit before it), failing past
+/// `limit` (`answer_timeout`) as an unknown outcome, like any commit whose answer was lost:
+/// on a network that drops packets nothing else would end the wait for ~15 minutes. Given up,
+/// its transaction is dropped (sqlx queues the `ROLLBACK`), and the pool's release hook
+/// closes the connection unless the answers come in time. `what` names it in the error.
+pub(crate) async fn commit_within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    commit: impl std::future::Future<Output = Result<T, cqrs_core::ports::StoreError>>,
+) -> Result<T, cqrs_core::ports::StoreError> {
+    tokio::time::timeout(limit, commit)
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::error::commit_error(sqlx::Error::Io(no_answer(
+                limit,
+                what,
+                CLOSED_ON_RELEASE,
+            ))))
+        })
+}
+
 /// What [`no_answer`] says of work given up inside a transaction (sqlx queues its `ROLLBACK`):
 /// the pool's release hook closes its connection unless the answers come in time.
 pub(crate) const CLOSED_ON_RELEASE: &str =

@@ -369,19 +369,10 @@ impl PgUnitOfWork {
 
 /// [`PgUnitOfWork::commit`]'s work, on the unit's state taken out of it.
 ///
-/// Its statements, once it has a connection, are bounded by `answer_timeout`: on a network
-/// that drops packets nothing else would end the wait for ~15 minutes. Given up, the
-/// transaction is dropped here (its connection closed on release), and the outcome is
-/// unknown, as for any commit whose answer was lost.
+/// Its statements, once it has a connection, are bounded by `answer_timeout`
+/// ([`commit_within`](crate::sql::commit_within)).
 async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
     let limit = db.answer_timeout;
-    let unanswered = || {
-        commit_error(sqlx::Error::Io(crate::sql::no_answer(
-            limit,
-            "the commit",
-            crate::sql::CLOSED_ON_RELEASE,
-        )))
-    };
     let State {
         tx,
         claim,
@@ -432,9 +423,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
                 }
                 Ok(())
             };
-            return tokio::time::timeout(limit, append)
-                .await
-                .unwrap_or_else(|_| Err(unanswered()));
+            return crate::sql::commit_within(limit, "the commit", append).await;
         }
         None => crate::sql::begin(db).await.map_err(|e| db.store_error(e))?,
     };
@@ -471,9 +460,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
         }
         tx.commit().await.map_err(commit_error)
     };
-    tokio::time::timeout(limit, finish)
-        .await
-        .unwrap_or_else(|_| Err(unanswered()))
+    crate::sql::commit_within(limit, "the commit", finish).await
 }
 
 /// Fails when a statement in `tx` failed. Postgres answers `COMMIT` in such a transaction

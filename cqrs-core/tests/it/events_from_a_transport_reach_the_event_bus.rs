@@ -431,9 +431,9 @@ fn consume_adds(
 }
 
 /// A runtime with an event-bus consumer of `adds` (group `bus`) feeding `bus`.
-pub(crate) fn consume_adds_with(
+pub(crate) fn consume_adds_with<T: EventTransport>(
     bus: EventBus,
-    transport: &Arc<InMemoryTransport>,
+    transport: &Arc<T>,
     options: ConsumerOptions,
 ) -> Runtime {
     // The consumer decodes what the bus handles.
@@ -591,15 +591,7 @@ fn an_event_bus_consumer_that_cannot_fetch_reports_its_lag_as_not_a_number() {
                 .unwrap();
             let transport = Counted::new(&Arc::new(InMemoryTransport::new()));
             let options = ConsumerOptions::default().block(Duration::from_millis(20));
-            let runtime = Runtime::builder()
-                .worker(EventBusConsumer::new(
-                    bus,
-                    transport.clone(),
-                    "adds",
-                    "bus",
-                    options,
-                ))
-                .start();
+            let runtime = consume_adds_with(bus, &transport, options);
             eventually(
                 Duration::from_secs(5),
                 "a fetch that found nothing",
