@@ -215,9 +215,11 @@ impl PgDatabase {
     /// server's answer before it is given up, and how long a `BEGIN`'s caller waits for it:
     /// [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout),
     /// which sets it for a database it connects. Default 30 s; zero counts as a millisecond.
-    /// For a database made [`from_pool`](Self::from_pool), whose pool has no hook of this
-    /// crate's, the connections given back with statements unanswered stay unbounded: give
-    /// that pool an `after_release` of your own, or connect with [`PgOptions`](crate::PgOptions).
+    /// It also bounds how long a connection this crate holds (a transaction, a read) may
+    /// take, given back with an answer still owed, to get it before it is closed. For a
+    /// database made [`from_pool`](Self::from_pool), whose pool has no hook of this crate's,
+    /// statements run straight on the pool and given up in flight stay unbounded: give that
+    /// pool an `after_release` of your own, or connect with [`PgOptions`](crate::PgOptions).
     pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
         self.answer_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -297,11 +299,14 @@ impl PgDatabase {
         }
     }
 
-    /// A connection from the pool, its failure mapped by [`store_error`](Self::store_error).
-    pub(crate) async fn acquire(
-        &self,
-    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
-        self.pool.acquire().await.map_err(|e| self.store_error(e))
+    /// A connection from the pool, its failure mapped by [`store_error`](Self::store_error),
+    /// given back within `answer_timeout` or closed (see `HeldConnection`).
+    pub(crate) async fn acquire(&self) -> Result<crate::transaction::HeldConnection, StoreError> {
+        let conn = self.pool.acquire().await.map_err(|e| self.store_error(e))?;
+        Ok(crate::transaction::HeldConnection::new(
+            conn,
+            self.answer_timeout,
+        ))
     }
 
     /// Begins a transaction of your own on the pool, at READ COMMITTED (what
@@ -311,8 +316,11 @@ impl PgDatabase {
     /// A caller that gives up while sqlx's `pool.begin()` waits for the server to confirm the
     /// `BEGIN` (a timeout, a client gone) leaves the connection inside a transaction that sqlx
     /// does not know of (sqlx 0.9 counts it only once confirmed): the pool hands it out again,
-    /// and the next user's writes stay uncommitted while reported as stored. This one sends
-    /// the `BEGIN` from a task of its own, which rolls an abandoned transaction back.
+    /// and the next user's writes stay uncommitted while reported as stored. This one rolls
+    /// such a transaction back once answered, waits at most
+    /// [`answer_timeout`](crate::PgOptions::answer_timeout) for the `BEGIN`, and gives its
+    /// connection back to the pool within that bound or closes it
+    /// ([`PgTransaction`](crate::PgTransaction)).
     ///
     /// ```no_run
     /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), sqlx::Error> {
@@ -321,7 +329,7 @@ impl PgDatabase {
     /// tx.commit().await?;
     /// # Ok(()) }
     /// ```
-    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pub async fn begin(&self) -> Result<crate::PgTransaction, sqlx::Error> {
         crate::sql::begin(self).await
     }
 
@@ -340,16 +348,14 @@ impl PgDatabase {
     /// tx.commit().await?;
     /// # Ok(()) }
     /// ```
-    pub async fn begin_held_open(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pub async fn begin_held_open(&self) -> Result<crate::PgTransaction, sqlx::Error> {
         Self::held_open(self.begin().await?).await
     }
 
     /// Lifts `tx`'s idle timeouts, as [`begin_held_open`](Self::begin_held_open) does.
     pub(crate) async fn held_open(
-        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        mut tx: crate::PgTransaction,
+    ) -> Result<crate::PgTransaction, sqlx::Error> {
         // Older servers refuse the name `transaction_timeout`.
         let lift = if tx.server_version_num().is_some_and(|v| v >= 170_000) {
             "SELECT set_config('idle_in_transaction_session_timeout', '0', true), \
@@ -447,7 +453,7 @@ impl PgDatabase {
         // leave every other instance's `migrate` waiting. A connection that is closed after
         // the run takes the lock with it.
         let mut conn = self.acquire().await?;
-        conn.close_on_drop();
+        conn.pooled().close_on_drop();
         // Statements outside an explicit transaction (a single append, a read) take the
         // session's default level; a pool made elsewhere must make it READ COMMITTED, as one
         // made by `PgOptions` does. Checked here, the one call every server makes at start.

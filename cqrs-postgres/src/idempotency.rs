@@ -1,6 +1,7 @@
 //! The idempotency store.
 
 use crate::PgDatabase;
+use crate::PgTransaction;
 use crate::error::{BACKEND, commit_error, store_error};
 use crate::sql::{IdempotencyLocks, Sql};
 use async_trait::async_trait;
@@ -11,7 +12,7 @@ use cqrs_core::ports::{
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, Postgres};
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Row, Transaction};
+use sqlx::{AssertSqlSafe, Row};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -224,14 +225,14 @@ pub(crate) async fn complete_on(
 
 /// Ends a transaction that only read: a failed rollback means the connection is gone, and
 /// the server rolls back by itself, so the error is only logged.
-pub(crate) async fn end_read_only(tx: Transaction<'static, Postgres>) {
+pub(crate) async fn end_read_only(tx: PgTransaction) {
     if let Err(e) = tx.rollback().await {
         tracing::debug!(error = %e, "rollback after an idempotency replay failed");
     }
 }
 
 struct PgIdempotencyGuard {
-    tx: Transaction<'static, Postgres>,
+    tx: PgTransaction,
     db: PgDatabase,
     scope: String,
     key: String,
@@ -354,11 +355,11 @@ impl IdempotencyStore for PgIdempotencyStore {
 /// transaction, whose work runs outside it (see [`PgDatabase::held_open`]).
 pub(crate) async fn claim_detached(
     db: &PgDatabase,
-    start: Result<Transaction<'static, Postgres>, PoolConnection<Postgres>>,
+    start: Result<PgTransaction, PoolConnection<Postgres>>,
     hold_open: bool,
     (scope, key, fingerprint): (&str, &str, &str),
     ttl: Duration,
-) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
+) -> Result<(PgTransaction, Outcome), StoreError> {
     let identity = (scope.to_owned(), key.to_owned(), fingerprint.to_owned());
     // Bounded as a commit is (`PgOptions::answer_timeout`), beyond the wait for a duplicate's
     // holder. Given up, the claim's transaction is dropped in the task (nothing was claimed),
@@ -393,11 +394,11 @@ pub(crate) async fn claim_detached(
 /// [`claim_detached`]'s transaction and claim, owned, for its task.
 async fn claim_in_a_transaction(
     db: PgDatabase,
-    start: Result<Transaction<'static, Postgres>, PoolConnection<Postgres>>,
+    start: Result<PgTransaction, PoolConnection<Postgres>>,
     hold_open: bool,
     (scope, key, fingerprint): (String, String, String),
     ttl: Duration,
-) -> Result<(Transaction<'static, Postgres>, Outcome), StoreError> {
+) -> Result<(PgTransaction, Outcome), StoreError> {
     let tx = match start {
         Ok(tx) => Ok(tx),
         Err(connection) => match crate::sql::begin_on(connection, db.answer_timeout).await {
@@ -466,7 +467,7 @@ mod tests {
         db.drop_schema().await.expect("drop the test schema");
     }
 
-    async fn lock_timeout(tx: &mut Transaction<'static, Postgres>) -> String {
+    async fn lock_timeout(tx: &mut PgTransaction) -> String {
         sqlx::query_scalar("SHOW lock_timeout")
             .fetch_one(&mut **tx)
             .await

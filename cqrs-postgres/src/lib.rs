@@ -98,6 +98,7 @@ mod relay;
 mod row;
 mod snapshot;
 mod sql;
+mod transaction;
 mod unit_of_work;
 
 pub use command::{IdempotencyKey, Idempotent, PgCommand, PgCommandExecutor, PgCommandLayer};
@@ -111,6 +112,7 @@ pub use options::{DEFAULT_URL, PgOptions};
 pub use projection::{PgProjectionStore, PgProjectionUnit};
 pub use relay::{Backlog, PgOutboxRelay, RelayBatch, RelayError};
 pub use snapshot::PgSnapshotStore;
+pub use transaction::PgTransaction;
 pub use unit_of_work::PgUnitOfWork;
 
 /// sqlx, re-exported so applications write their own queries against the same version.

@@ -41,10 +41,6 @@ async fn ping_if_idle(
     Ok(false)
 }
 
-/// How many errors of statements dropped in flight a connection given back to the pool may
-/// hold before it is closed instead (each dropped statement leaves one at most).
-const MAX_UNREAD_ERRORS: usize = 4;
-
 /// The pool's `after_release`: waits, at most `patience`, for the answers still owed to a
 /// connection given back to the pool (statements dropped in flight: a request its client left,
 /// a timeout; the `ROLLBACK` sqlx queues for a dropped transaction). A connection with nothing
@@ -54,7 +50,12 @@ const MAX_UNREAD_ERRORS: usize = 4;
 /// connection: on a network that drops packets silently (a failover, a NAT that forgot the
 /// connection), about 15 minutes, each such connection out of the pool all that time, and a
 /// pool under load full within seconds. Past `patience`, the connection is closed instead
-/// (`Ok(false)`: a graceful close, which writes and does not wait).
+/// (`Ok(false)`: a graceful close, which writes and, in plain text, does not wait; over TLS
+/// sqlx's close waits to read, so the pool keeps the connection's place until TCP gives up).
+/// The connections this crate holds itself (its transactions, its reads) are settled before
+/// they reach this hook, and closed without a close handshake when they do not answer
+/// (`transaction.rs`): what reaches it owing answers is a statement run straight on
+/// [`PgDatabase::pool`](crate::PgDatabase::pool).
 ///
 /// The errors of statements dropped in flight that the server then failed are read here too:
 /// sqlx's check would read such an error, take the connection for broken and close it hard,
@@ -65,20 +66,7 @@ async fn settle_released(
     conn: &mut sqlx::PgConnection,
     patience: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let owed = async {
-        for _ in 0..MAX_UNREAD_ERRORS {
-            // sqlx's `flush` (hidden from its docs) sends what is buffered and reads up to
-            // the last answer owed, without a round trip of its own (a compile error here
-            // after an upgrade means: find its successor).
-            match sqlx::Connection::flush(conn).await {
-                Ok(()) => return true,
-                Err(sqlx::Error::Database(_)) => continue,
-                Err(_) => return false,
-            }
-        }
-        false
-    };
-    match tokio::time::timeout(patience, owed).await {
+    match tokio::time::timeout(patience, crate::transaction::read_owed_answers(conn)).await {
         Ok(kept) => Ok(kept),
         Err(_) => {
             tracing::warn!(
@@ -361,10 +349,11 @@ impl PgOptions {
     /// How long this crate waits for the server's answer to work that goes on whether or not
     /// its caller still waits: a command's commit (after its handler succeeded, the commit
     /// finishes even when the request's time budget runs out), a projection unit's commit, an
-    /// idempotency key's claim and completion; how long the caller of a `BEGIN` waits for
-    /// it; and how long a connection given back to the pool with a statement unanswered (its
-    /// caller gone) may take to get the answer. Past it, the work is given up and its
-    /// connection closed. Default 30 s; at least 1 ms.
+    /// idempotency key's claim and completion, a [`PgTransaction`](crate::PgTransaction)'s
+    /// commit and rollback; how long the caller of a `BEGIN` waits for it; and how long a
+    /// connection given back with an answer still owed (a statement whose caller is gone, a
+    /// dropped transaction's `ROLLBACK`, a `BEGIN` given up) may take to get it. Past it, the
+    /// work is given up and its connection closed. Default 30 s; at least 1 ms.
     ///
     /// Why: on a network that drops packets silently (a failover, a NAT or firewall that
     /// forgot the connection), nothing but TCP's retransmissions, about 15 minutes on Linux,
@@ -374,14 +363,15 @@ impl PgOptions {
     /// the new primary was back. A commit cut off so fails as
     /// [`Timeout`](cqrs_core::ports::StoreError::Timeout) (it may have taken effect), a
     /// claim or a `BEGIN` as [`Unavailable`](cqrs_core::ports::StoreError::Unavailable)
-    /// (nothing was done). The `BEGIN` itself is not cut off (sqlx cannot abandon one safely):
-    /// its connection waits for the answer on its own. The bound includes a commit's wait for
-    /// the schema's append lock: make it longer than the slowest commit you tolerate (one
-    /// queued behind a synchronous standby that lags). Over TLS, a connection closed so still
-    /// leaves the pool only once an answer comes or TCP gives up: sqlx (0.9) cannot close a
-    /// TLS connection whose server sends nothing (docs/postgres.md, "A network that drops
-    /// packets"). A pool made elsewhere ([`PgDatabase::from_pool`]) bounds that work with
-    /// [`PgDatabase::with_answer_timeout`] but has no hook for the connections given back.
+    /// (nothing was done; a `BEGIN` answered later is rolled back before its connection goes
+    /// back). The bound includes a commit's wait for the schema's append lock: make it longer
+    /// than the slowest commit you tolerate (one queued behind a synchronous standby that
+    /// lags). The connections this crate holds are closed without a close handshake, over TLS
+    /// too; a statement run straight on [`PgDatabase::pool`] goes through the pool's release
+    /// hook, whose close over TLS does not end on a silent network (sqlx 0.9; docs/postgres.md,
+    /// "A network that drops packets"). A pool made elsewhere ([`PgDatabase::from_pool`])
+    /// bounds this crate's work with [`PgDatabase::with_answer_timeout`] but has no hook for
+    /// statements run straight on it.
     pub fn answer_timeout(mut self, timeout: Duration) -> Self {
         self.answer_timeout = timeout;
         self

@@ -1,13 +1,14 @@
 //! Inbox and checkpoints: the projection store.
 
 use crate::PgDatabase;
+use crate::PgTransaction;
 use crate::error::{commit_error, store_error};
 use crate::row::{to_i64, to_u64};
 use async_trait::async_trait;
 use cqrs_core::Position;
 use cqrs_core::ports::{ProjectionStore, StoreError};
-use sqlx::postgres::{PgConnection, Postgres};
-use sqlx::{AssertSqlSafe, Transaction};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::PgConnection;
 use uuid::Uuid;
 
 /// Inbox entries and checkpoints in Postgres, in the consumer's own transaction.
@@ -53,7 +54,7 @@ impl PgProjectionStore {
 /// A unit of work of the [`PgProjectionStore`]: a transaction holding the consumer's lock.
 /// Dropping it rolls back and releases the lock.
 pub struct PgProjectionUnit {
-    tx: Transaction<'static, Postgres>,
+    tx: PgTransaction,
 }
 
 impl std::fmt::Debug for PgProjectionUnit {
@@ -73,7 +74,7 @@ impl PgProjectionUnit {
     }
 
     /// The transaction itself.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
+    pub fn transaction(&mut self) -> &mut PgTransaction {
         &mut self.tx
     }
 
@@ -106,7 +107,7 @@ const LOCK_WAIT_SLICE_MS: u64 = 1000;
 /// flight. A `lock_timeout` of the session's own (not `0`) bounds one plain wait, as it did
 /// before; a `statement_timeout` shorter than a slice ends the wait with its error.
 async fn wait_for_lock<T>(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgTransaction,
     key: i64,
     locked: &tokio::sync::oneshot::Sender<T>,
 ) -> Result<(), sqlx::Error> {

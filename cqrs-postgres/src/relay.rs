@@ -650,8 +650,9 @@ impl PgOutboxRelay {
 
     /// [`batch_once`](Self::batch_once) on `connection`, in a transaction of its own.
     async fn batch_on(&self, connection: &mut PgConnection) -> BatchOutcome {
-        // Not `sql::begin_on`, which takes the connection to a task of its own: dropped with
-        // a batch given up, this one must be closed (see `ClosedUnlessReturned`).
+        // Not `sql::begin_on`, whose transaction owns its connection and gives it back once
+        // settled: dropped with a batch given up, this one must be closed (see
+        // `ClosedUnlessReturned`).
         let begin = sqlx::Transaction::<'_, sqlx::Postgres>::begin(
             connection,
             Some(sqlx::SqlSafeStr::into_sql_str(

@@ -24,17 +24,13 @@ pub(crate) const BEGIN_READ_COMMITTED: &str = "BEGIN ISOLATION LEVEL READ COMMIT
 /// fresh snapshot after the append lock).
 ///
 /// The wait for a connection runs on the caller's task (a caller that gives up leaves the
-/// pool's queue), and the `BEGIN` in a task of its own, so it completes whoever waits
-/// (the caller waits at most `db`'s `answer_timeout` for it): sqlx (0.9)
-/// counts a transaction only once the server confirmed its `BEGIN`, and a caller that gave up
-/// while the `BEGIN` was on the wire (a client gone, a timeout) left the connection inside a
-/// transaction nothing would end. The pool then handed it out as clean, and the next user's
-/// writes were reported as stored while they stayed uncommitted, holding their locks. Now a
-/// transaction no one waits for any more is dropped in that task, which rolls it back before
-/// the connection goes back to the pool.
-pub(crate) async fn begin(
-    db: &crate::PgDatabase,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+/// pool's queue); the wait for the `BEGIN`'s answer is bounded by `db`'s `answer_timeout`.
+/// A caller that gives up before the answer leaves nothing open: sqlx (0.9) counts a
+/// transaction only once the server confirmed its `BEGIN`, and such a connection went back to
+/// the pool inside a transaction nothing would end (the next user's writes reported as stored
+/// while uncommitted, holding their locks); [`PgTransaction`](crate::PgTransaction) rolls it
+/// back once answered, or closes the connection.
+pub(crate) async fn begin(db: &crate::PgDatabase) -> Result<crate::PgTransaction, sqlx::Error> {
     begin_on(db.pool.acquire().await?, db.answer_timeout).await
 }
 
@@ -43,38 +39,16 @@ pub(crate) async fn begin(
 pub(crate) async fn begin_on(
     connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
     answer_timeout: std::time::Duration,
-) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    use sqlx::SqlSafeStr;
-    use tracing::Instrument;
-    // `Transaction::begin` on a connection the caller owns is what `Pool::begin_with` runs
-    // after its acquire; sqlx hides it from its docs, and offers no other way to begin on an
-    // owned connection (a compile error here after an upgrade means: find its successor).
-    let begin = sqlx::Transaction::begin(connection, Some(BEGIN_READ_COMMITTED.into_sql_str()));
-    let began = tokio::spawn(begin.in_current_span());
-    // The caller's wait is bounded (on a network that drops packets nothing else would end
-    // it for ~15 minutes), the `BEGIN` itself is not: cut off before the server answered,
-    // sqlx (0.9) queues no `ROLLBACK` (it counts the transaction only once answered), and a
-    // late answer would leave the connection given back inside a transaction. Given up here,
-    // the task goes on; a transaction it gets then, nobody's, is dropped there and rolled
-    // back. The connection stays out of the pool until the answer comes or TCP gives up.
-    match tokio::time::timeout(answer_timeout, began).await {
-        Ok(Ok(began)) => began,
-        Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // The runtime is shutting down.
-        Ok(Err(_)) => Err(sqlx::Error::WorkerCrashed),
-        Err(_) => Err(sqlx::Error::Io(no_answer(
-            answer_timeout,
-            "BEGIN",
-            "the connection waits for the answer on its own",
-        ))),
-    }
+) -> Result<crate::PgTransaction, sqlx::Error> {
+    crate::PgTransaction::begin(connection, BEGIN_READ_COMMITTED, answer_timeout).await
 }
 
 /// Runs `commit` (a `COMMIT`, with the statements of the commit before it), failing past
 /// `limit` (`answer_timeout`) as an unknown outcome, like any commit whose answer was lost:
 /// on a network that drops packets nothing else would end the wait for ~15 minutes. Given up,
-/// its transaction is dropped (sqlx queues the `ROLLBACK`), and the pool's release hook
-/// closes the connection unless the answers come in time. `what` names it in the error.
+/// its transaction is dropped (its `ROLLBACK` queued), and the connection closed unless the
+/// answers come in time ([`PgTransaction`](crate::PgTransaction)). `what` names it in the
+/// error.
 pub(crate) async fn commit_within<T>(
     limit: std::time::Duration,
     what: &str,
@@ -91,8 +65,8 @@ pub(crate) async fn commit_within<T>(
         })
 }
 
-/// What [`no_answer`] says of work given up inside a transaction (sqlx queues its `ROLLBACK`):
-/// the pool's release hook closes its connection unless the answers come in time.
+/// What [`no_answer`] says of work given up inside a transaction (its `ROLLBACK` queued): its
+/// connection is closed unless the answers come in time.
 pub(crate) const CLOSED_ON_RELEASE: &str =
     "it is given up, and its connection closed unless the server answers in time";
 

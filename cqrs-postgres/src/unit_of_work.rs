@@ -1,6 +1,7 @@
 //! The transaction of one command, as its handler sees it.
 
 use crate::PgDatabase;
+use crate::PgTransaction;
 use crate::error::{commit_error, commit_store_error, store_error};
 use crate::event_store::{Completion, append_on};
 use crate::idempotency::{self, Outcome, complete_on};
@@ -9,8 +10,7 @@ use cqrs_core::{
     Aggregate, AggregateError, AggregateRepository, CommandContext, Decided, ErrorKind,
     EventRecord, HandlerError, Metadata,
 };
-use sqlx::Transaction;
-use sqlx::postgres::{PgConnection, Postgres};
+use sqlx::postgres::PgConnection;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,7 +79,7 @@ pub struct PgUnitOfWork {
 
 #[derive(Default)]
 struct State {
-    tx: Option<Transaction<'static, Postgres>>,
+    tx: Option<PgTransaction>,
     /// Ids of the events in `pending`: an event appended and also recorded is stored once.
     staged: HashSet<Uuid>,
     claim: Option<ClaimedKey>,

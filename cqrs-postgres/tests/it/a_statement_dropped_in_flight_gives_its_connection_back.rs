@@ -106,15 +106,21 @@ async fn proxy() -> crate::proxy::Proxy {
     crate::proxy::Proxy::start(format!("{}:{}", direct.get_host(), direct.get_port())).await
 }
 
-/// Options connecting through `proxy` to the test database, in `schema`, with one connection.
-fn through(proxy: &crate::proxy::Proxy, schema: &str) -> PgOptions {
+/// Options connecting through `proxy` to the test database, in `schema`, with one connection,
+/// in plain text or over TLS (`Tls::Yes`: `sslmode=require`, the proxy passing the encrypted
+/// bytes on as they are).
+fn through_with(proxy: &crate::proxy::Proxy, schema: &str, tls: Tls) -> PgOptions {
     let direct: sqlx::postgres::PgConnectOptions =
         database_url().parse().expect("DATABASE_URL parses");
     let user = direct.get_username();
     let database = direct.get_database().unwrap_or(user);
     let port = proxy.addr.port();
+    let sslmode = match tls {
+        Tls::No => "disable",
+        Tls::Yes => "require",
+    };
     PgOptions::new(format!(
-        "postgres://{user}@127.0.0.1:{port}/{database}?sslmode=disable"
+        "postgres://{user}@127.0.0.1:{port}/{database}?sslmode={sslmode}"
     ))
     .schema(schema)
     .max_connections(1)
@@ -124,65 +130,110 @@ fn through(proxy: &crate::proxy::Proxy, schema: &str) -> PgOptions {
     .answer_timeout(Duration::from_secs(1))
 }
 
+/// [`through_with`] in plain text.
+fn through(proxy: &crate::proxy::Proxy, schema: &str) -> PgOptions {
+    through_with(proxy, schema, Tls::No)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Tls {
+    No,
+    Yes,
+}
+
+/// Both, or plain text alone when built without TLS (`tls`), which the second needs.
+fn plain_and_tls() -> Vec<Tls> {
+    if cfg!(feature = "tls") {
+        vec![Tls::No, Tls::Yes]
+    } else {
+        eprintln!("built without `tls`: the silent-network tests run in plain text only");
+        vec![Tls::No]
+    }
+}
+
 pg_test! {
     /// On a network that drops packets (the proxy passes nothing on any more and closes
     /// nothing), a statement its caller gave up on holds its connection for `answer_timeout`,
-    /// not until TCP gives up (about 15 minutes): the pool opens a new one, which works.
+    /// not until TCP gives up (about 15 minutes): the pool opens a new one, which works. Over
+    /// TLS too, where sqlx's close of such a connection never ends: the crate's own reads
+    /// close it without one.
     async fn a_statement_dropped_on_a_silent_network_frees_its_connection(db: PgDatabase) {
-        let proxy = proxy().await;
-        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
-        let store = silent.event_store();
-        use cqrs_core::ports::EventStore;
-        assert_eq!(store.stream_version("s").await.unwrap(), 0);
-        proxy.settle_with(silent.pool(), 0).await;
+        for tls in plain_and_tls() {
+            let proxy = proxy().await;
+            let silent = through_with(&proxy, db.schema(), tls).connect().await.expect("connect through the proxy");
+            let store = silent.event_store();
+            use cqrs_core::ports::EventStore;
+            assert_eq!(store.stream_version("s").await.unwrap(), 0);
+            proxy.settle_with(silent.pool(), 0).await;
 
-        proxy.silence_open_connections();
-        let gave_up = tokio::time::timeout(Duration::from_millis(200), store.stream_version("s")).await;
-        assert!(gave_up.is_err(), "the silent network answered: {gave_up:?}");
-        let version = tokio::time::timeout(Duration::from_secs(4), store.stream_version("s"))
-            .await
-            .expect("the pool's one connection was closed, a new one opened")
-            .expect("the new connection works");
-        assert_eq!(version, 0);
-        silent.pool().close().await;
+            proxy.silence_open_connections();
+            let gave_up = tokio::time::timeout(Duration::from_millis(200), store.stream_version("s")).await;
+            assert!(gave_up.is_err(), "{tls:?}: the silent network answered: {gave_up:?}");
+            let version = tokio::time::timeout(Duration::from_secs(4), store.stream_version("s"))
+                .await
+                .unwrap_or_else(|_| panic!("{tls:?}: the pool's one connection was not freed"))
+                .expect("the new connection works");
+            assert_eq!(version, 0);
+            silent.pool().close().await;
+        }
     }
 }
 
 pg_test! {
     /// A command whose `COMMIT` goes out on a network that has gone silent fails within
     /// `answer_timeout` as an unknown outcome (`Timeout`), instead of its detached commit
-    /// waiting for ~15 minutes with a connection; the next command runs on a new connection.
+    /// waiting for ~15 minutes with a connection; the next command runs on a new connection,
+    /// over TLS too (where sqlx's close of the old one never ends).
     async fn a_commit_on_a_silent_network_is_an_unknown_outcome_within_the_answer_timeout(db: PgDatabase) {
-        use crate::support::tickets::{Note, NoteHandler};
-        use cqrs_core::{CommandBus, ErrorKind};
-        let proxy = std::sync::Arc::new(proxy().await);
-        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
-        let bus = CommandBus::builder()
-            .layer(silent.command_layer())
-            .handler(SilencesTheNetwork { proxy: proxy.clone(), inner: NoteHandler })
-            .build()
-            .unwrap();
-        let started = tokio::time::Instant::now();
-        let lost = tokio::time::timeout(Duration::from_secs(20), bus.dispatch(Note("n1")))
-            .await
-            .expect("the commit gave up")
-            .unwrap_err();
-        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
-        let message = lost.to_string();
-        assert!(message.contains("unknown") && message.contains("answer_timeout"), "{message}");
-        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-
-        let plain = CommandBus::builder()
-            .layer(silent.command_layer())
-            .handler(NoteHandler)
-            .build()
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(4), plain.dispatch(Note("n2")))
-            .await
-            .expect("the pool's one connection was closed, a new one opened")
-            .expect("the next command commits");
-        silent.pool().close().await;
+        for tls in plain_and_tls() {
+            commit_on_a_silent_network(&db, tls).await;
+        }
     }
+}
+
+async fn commit_on_a_silent_network(db: &cqrs_postgres::PgDatabase, tls: Tls) {
+    use crate::support::tickets::{Note, NoteHandler};
+    use cqrs_core::{CommandBus, ErrorKind};
+    let proxy = std::sync::Arc::new(proxy().await);
+    let silent = through_with(&proxy, db.schema(), tls)
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let bus = CommandBus::builder()
+        .layer(silent.command_layer())
+        .handler(SilencesTheNetwork {
+            proxy: proxy.clone(),
+            inner: NoteHandler,
+        })
+        .build()
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let lost = tokio::time::timeout(Duration::from_secs(20), bus.dispatch(Note("n1")))
+        .await
+        .expect("the commit gave up")
+        .unwrap_err();
+    assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+    let message = lost.to_string();
+    assert!(
+        message.contains("unknown") && message.contains("answer_timeout"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let plain = CommandBus::builder()
+        .layer(silent.command_layer())
+        .handler(NoteHandler)
+        .build()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(4), plain.dispatch(Note("n2")))
+        .await
+        .unwrap_or_else(|_| panic!("{tls:?}: the pool's one connection was not freed"))
+        .expect("the next command commits");
+    silent.pool().close().await;
 }
 
 /// Records what `inner` records and silences every connection the proxy holds open: the
@@ -206,24 +257,32 @@ impl cqrs_core::CommandHandler<crate::support::tickets::Note> for SilencesTheNet
 }
 
 pg_test! {
-    /// A `BEGIN` (on its task of its own, so it completes whoever waits) that goes out on a
-    /// network gone silent fails within `answer_timeout`, as unavailable: nothing was done.
+    /// A `BEGIN` that goes out on a network gone silent fails within `answer_timeout`, as
+    /// unavailable: nothing was done. Its connection is closed once the answer has not come
+    /// within a second `answer_timeout` (it might still have opened a transaction), and the
+    /// pool opens a new one, over TLS too.
     async fn a_begin_on_a_silent_network_fails_within_the_answer_timeout(db: PgDatabase) {
-        let proxy = proxy().await;
-        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
-        proxy.silence_open_connections();
-        let began = tokio::time::timeout(Duration::from_secs(10), silent.begin())
-            .await
-            .expect("the BEGIN gave up");
-        let error = began.expect_err("the silent network answered");
-        assert!(error.to_string().contains("answer_timeout"), "{error}");
-        assert_eq!(
-            silent.store_error(error).kind(),
-            cqrs_core::ErrorKind::Unavailable,
-            "nothing was done: retry"
-        );
-        // Not closed: the `BEGIN` still waits for its answer on its own, holding the
-        // connection (a pool's close would wait for it).
+        for tls in plain_and_tls() {
+            let proxy = proxy().await;
+            let silent = through_with(&proxy, db.schema(), tls).connect().await.expect("connect through the proxy");
+            proxy.settle_with(silent.pool(), 0).await;
+            proxy.silence_open_connections();
+            let began = tokio::time::timeout(Duration::from_secs(10), silent.begin())
+                .await
+                .expect("the BEGIN gave up");
+            let error = began.expect_err("the silent network answered");
+            assert!(error.to_string().contains("answer_timeout"), "{error}");
+            assert_eq!(
+                silent.store_error(error).kind(),
+                cqrs_core::ErrorKind::Unavailable,
+                "nothing was done: retry"
+            );
+            let again = tokio::time::timeout(Duration::from_secs(4), silent.begin())
+                .await
+                .unwrap_or_else(|_| panic!("{tls:?}: the pool's one connection was not freed"));
+            again.expect("a new connection begins").rollback().await.unwrap();
+            silent.pool().close().await;
+        }
     }
 }
 
@@ -318,5 +377,35 @@ pg_test! {
         })
         .await;
         one.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A transaction of one's own (`PgDatabase::begin`) whose `COMMIT` or `ROLLBACK` goes out
+    /// on a network gone silent fails within `answer_timeout` (sqlx's waited for as long as
+    /// TCP did), and its connection is freed for the next, over TLS too.
+    async fn a_transaction_of_your_own_ends_within_the_answer_timeout_on_a_silent_network(db: PgDatabase) {
+        for tls in plain_and_tls() {
+            let proxy = proxy().await;
+            let silent = through_with(&proxy, db.schema(), tls).connect().await.expect("connect through the proxy");
+            for end in ["COMMIT", "ROLLBACK"] {
+                let mut tx = silent.begin().await.expect("begin");
+                sqlx::query(AssertSqlSafe("SELECT 1".to_owned())).execute(&mut *tx).await.unwrap();
+                proxy.silence_open_connections();
+                let ended = tokio::time::timeout(Duration::from_secs(4), async {
+                    if end == "COMMIT" { tx.commit().await } else { tx.rollback().await }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("{tls:?}: the {end} still waits"));
+                let error = ended.expect_err("the silent network answered");
+                assert!(error.to_string().contains(end), "{error}");
+                assert!(error.to_string().contains("answer_timeout"), "{error}");
+                let again = tokio::time::timeout(Duration::from_secs(4), silent.begin())
+                    .await
+                    .unwrap_or_else(|_| panic!("{tls:?}, {end}: the pool's one connection was not freed"));
+                again.expect("a new connection begins").rollback().await.unwrap();
+            }
+            silent.pool().close().await;
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! once the server answered a `COMMIT` (or an extended-protocol statement), before the
 //! client hears it; and leave the connections open now silent for good, as a server that froze
 //! or a network that drops packets would, while new connections work; or only the connection
-//! that next sends a `LISTEN`.
+//! that next sends a `LISTEN`. A connection over TLS is passed on unread: stalled and
+//! silenced, but neither counted nor cut.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -225,6 +226,9 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
         // Untyped messages (an SSL request, the startup message) until the startup is sent,
         // then `type byte, i32 length including itself, body`.
         let mut started = false;
+        // Over TLS (a handshake record where the startup message would be), what the client
+        // sends is passed on as it comes, unread: stalled and silenced, not counted or cut.
+        let mut encrypted = false;
         let mut buffer = Vec::new();
         let mut chunk = [0u8; 8192];
         loop {
@@ -235,6 +239,18 @@ async fn pipe(mut client: TcpStream, mut server: TcpStream, cues: Cues) {
             }
             buffer.extend_from_slice(&chunk[..n]);
             loop {
+                // 0x16: a TLS handshake record, after the server accepted the SSL request.
+                encrypted |= !started && buffer.first() == Some(&0x16);
+                if encrypted {
+                    let bytes: Vec<u8> = std::mem::take(&mut buffer);
+                    let until = *stall.lock().unwrap();
+                    if let Some(until) = until {
+                        tokio::time::sleep_until(until).await;
+                    }
+                    silenced.hold().await;
+                    server_tx.write_all(&bytes).await?;
+                    break;
+                }
                 let header = if started { 5 } else { 4 };
                 if buffer.len() < header {
                     break;

@@ -91,7 +91,7 @@ async fn locked(
     db: &PgDatabase,
     lock_key: &str,
     told: &mut bool,
-) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+) -> anyhow::Result<cqrs_postgres::PgTransaction> {
     // Waiting behind another instance's migration, or running a long one, is no statement to
     // cut short: the session's timeouts from the role, the database or the URL
     // (`statement_timeout`, `lock_timeout`, Postgres 17's `transaction_timeout`) would fail the
