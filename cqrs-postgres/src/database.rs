@@ -453,7 +453,7 @@ impl PgDatabase {
         // leave every other instance's `migrate` waiting. A connection that is closed after
         // the run takes the lock with it.
         let mut conn = self.acquire().await?;
-        conn.pooled().close_on_drop();
+        conn.close_on_drop();
         // Statements outside an explicit transaction (a single append, a read) take the
         // session's default level; a pool made elsewhere must make it READ COMMITTED, as one
         // made by `PgOptions` does. Checked here, the one call every server makes at start.

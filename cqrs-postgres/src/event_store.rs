@@ -4,12 +4,12 @@ use crate::PgDatabase;
 use crate::error::{BACKEND, is_unique_violation, store_error};
 use crate::row::{self, Columns, RowError, to_i64, to_u64};
 use crate::sql::Sql;
+use crate::transaction::HeldConnection;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
 use cqrs_core::{EventRecord, Position};
-use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgPool, PgRow, Postgres};
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Connection, Row};
 
@@ -104,8 +104,9 @@ impl PgEventStore {
         page(&rows)
     }
 
-    /// Appends inside a transaction you hold (`&mut *tx`, of a sqlx
-    /// [`Transaction`](sqlx::Transaction): sqlx keeps track of it, and a `BEGIN` sent as plain
+    /// Appends inside a transaction you hold (`&mut *tx`, of a
+    /// [`PgTransaction`](crate::PgTransaction) from [`PgDatabase::begin`] or of a sqlx
+    /// [`Transaction`](sqlx::Transaction): both keep track of it, and a `BEGIN` sent as plain
     /// SQL is not seen as one, so the guard below would not take its lock and errors would be
     /// read as those of a statement of its own). The append lock is then held until
     /// that transaction ends, so append last and commit soon. A version conflict found by the
@@ -138,7 +139,7 @@ impl PgEventStore {
     ) -> Result<Vec<EventRecord>, StoreError> {
         append_on(
             conn,
-            &self.db.pool,
+            &self.db,
             &self.db.sql,
             stream_id,
             expected,
@@ -159,13 +160,13 @@ pub(crate) struct Completion<'a> {
 }
 
 /// Appends on `conn` (a transaction, or a plain connection: then the statement is its own
-/// transaction). `pool` is only used to read the actual version after a lost race that the
-/// unique constraint caught inside a transaction, which is aborted by then, and only if a
+/// transaction). `db`'s pool is only used to read the actual version after a lost race that
+/// the unique constraint caught inside a transaction, which is aborted by then, and only if a
 /// connection is idle or the pool has room for a new one: waiting for another holder's while
 /// holding `conn` could starve the pool.
 pub(crate) async fn append_on(
     conn: &mut PgConnection,
-    pool: &PgPool,
+    db: &PgDatabase,
     sql: &Sql,
     stream_id: &str,
     expected: ExpectedVersion,
@@ -250,7 +251,7 @@ pub(crate) async fn append_on(
             // functions (and their lock): an event took the version under our feet.
             let actual = if conn.is_in_transaction() {
                 // The transaction is aborted: read elsewhere.
-                let mut other = match other_connection(pool).await {
+                let mut other = match other_connection(db).await {
                     Ok(other) => other,
                     Err(why) => {
                         return Err(StoreError::Unavailable {
@@ -346,9 +347,11 @@ pub(crate) async fn append_on(
 /// At its maximum it fails at once rather than wait, holding a connection, for another
 /// holder to give one back: enough callers doing that would starve the pool. The error says
 /// why no connection was had.
-async fn other_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, String> {
+async fn other_connection(db: &PgDatabase) -> Result<HeldConnection, String> {
+    let pool = &db.pool;
+    let held = |conn| HeldConnection::new(conn, db.answer_timeout);
     if let Some(idle) = pool.try_acquire() {
-        return Ok(idle);
+        return Ok(held(idle));
     }
     if pool.size() >= pool.options().get_max_connections() {
         return Err("no idle connection is left".to_owned());
@@ -356,6 +359,7 @@ async fn other_connection(pool: &PgPool) -> Result<PoolConnection<Postgres>, Str
     // Opens one; bounded by the pool's `acquire_timeout` should others take the room first.
     pool.acquire()
         .await
+        .map(held)
         .map_err(|e| format!("no connection could be opened ({e})"))
 }
 
@@ -436,7 +440,7 @@ impl EventStore for PgEventStore {
         let mut conn = self.db.acquire().await?;
         append_on(
             &mut conn,
-            &self.db.pool,
+            &self.db,
             &self.db.sql,
             stream_id,
             expected,
@@ -560,7 +564,7 @@ mod tests {
                 ] {
                     let error = append_on(
                         &mut tx,
-                        &db.pool,
+                        &db,
                         sql,
                         key,
                         ExpectedVersion::Any,

@@ -6,19 +6,19 @@
 //! deadline. The pool's release hook bounds that wait, but a connection it then refuses is
 //! closed gracefully, and over TLS that close never ends on a network that drops packets (the
 //! rustls socket waits to read when it flushes): the pool keeps the connection's place until
-//! TCP gives up, about 15 minutes. A connection this crate holds is settled here instead, on a
-//! task of its own, and one that does not answer in time is detached from the pool and
-//! dropped, which closes its socket without a word to the server.
+//! TCP gives up, about 15 minutes; and once it owes nothing, sqlx pings it before pooling it
+//! again, with no deadline either. A connection this crate holds is settled here instead, on a
+//! task of its own, and given back through sqlx's release within `answer_timeout`; one that
+//! does not answer in time is detached from the pool and dropped, which closes its socket
+//! without a word to the server.
 
+use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgTransactionManager};
 use sqlx::{Postgres, SqlSafeStr};
 use sqlx_core::transaction::TransactionManager;
 use std::fmt;
-use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -56,6 +56,8 @@ pub(crate) struct HeldConnection {
     /// A `BEGIN` was given up before its answer: once answered, its transaction (which sqlx
     /// does not count) is rolled back before the connection goes back.
     end_begin: bool,
+    /// Closed when dropped, not given back (see [`close_on_drop`](Self::close_on_drop)).
+    close: bool,
 }
 
 impl HeldConnection {
@@ -64,14 +66,15 @@ impl HeldConnection {
             conn: Some(conn),
             answer_timeout,
             end_begin: false,
+            close: false,
         }
     }
 
-    /// The pooled connection itself, for what only it offers (`close_on_drop`).
-    pub(crate) fn pooled(&mut self) -> &mut PoolConnection<Postgres> {
-        self.conn
-            .as_mut()
-            .expect("a held connection is taken out only when dropped")
+    /// Closes the connection when it is dropped instead of giving it back (what it holds for
+    /// its session, a session-level advisory lock, goes with it): sqlx's close, which gives
+    /// up after 5 s.
+    pub(crate) fn close_on_drop(&mut self) {
+        self.close = true;
     }
 }
 
@@ -87,7 +90,9 @@ impl Deref for HeldConnection {
 
 impl DerefMut for HeldConnection {
     fn deref_mut(&mut self) -> &mut PgConnection {
-        self.pooled()
+        self.conn
+            .as_mut()
+            .expect("a held connection is taken out only when dropped")
     }
 }
 
@@ -99,45 +104,34 @@ impl fmt::Debug for HeldConnection {
     }
 }
 
-/// Whether a look, without waiting, finds `conn` owing nothing: `None` when it is broken.
-fn owes_nothing(conn: &mut PgConnection) -> Option<bool> {
-    let mut cx = Context::from_waker(Waker::noop());
-    let flush = pin!(sqlx::Connection::flush(conn));
-    match flush.poll(&mut cx) {
-        Poll::Ready(Ok(())) => Some(true),
-        // An answer not here yet, or a dropped statement's error: read on the settling task.
-        Poll::Pending | Poll::Ready(Err(sqlx::Error::Database(_))) => Some(false),
-        Poll::Ready(Err(_)) => None,
-    }
-}
-
 impl Drop for HeldConnection {
     fn drop(&mut self) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        match owes_nothing(&mut conn) {
-            // The usual case: back to the pool as it is (sqlx's release follows).
-            Some(true) if !self.end_begin => {}
-            Some(_) => match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    let settling = settle(conn, self.answer_timeout, self.end_begin);
-                    drop(runtime.spawn(settling.in_current_span()));
-                }
-                // No runtime to wait on (a runtime shutting down): sqlx's own release.
-                Err(_) => drop(conn),
-            },
-            // Broken: closed now, not handed to a release that would try to close it
-            // gracefully.
-            None => drop(conn.detach()),
+        if self.close {
+            conn.close_on_drop();
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            // One task per connection given back, as sqlx's own release spawns.
+            Ok(runtime) => {
+                let settling = settle(conn, self.answer_timeout, self.end_begin);
+                drop(runtime.spawn(settling.in_current_span()));
+            }
+            // Outside a runtime (dropped by a thread of its own), where sqlx's release could
+            // not run either: closed now.
+            Err(_) => drop(conn.detach()),
         }
     }
 }
 
 /// Gives `conn` back to the pool once it owes nothing (and, with `end_begin`, a `BEGIN`'s
-/// transaction is rolled back), or closes it when that takes longer than `patience`.
+/// transaction is rolled back), through sqlx's release (the pool's release hook, then a
+/// ping), all within `patience`; or closes it, past that or when it is broken.
 async fn settle(mut conn: PoolConnection<Postgres>, patience: Duration, end_begin: bool) {
-    let settled = tokio::time::timeout(patience, async {
+    let deadline = tokio::time::Instant::now() + patience;
+    let settled = tokio::time::timeout_at(deadline, async {
         if !read_owed_answers(&mut conn).await {
             return false;
         }
@@ -148,20 +142,34 @@ async fn settle(mut conn: PoolConnection<Postgres>, patience: Duration, end_begi
     })
     .await;
     match settled {
-        Ok(true) => drop(conn),
+        Ok(true) => {
+            // sqlx's release, hidden from its docs (a compile error here after an upgrade
+            // means: find its successor), takes the connection out of `conn` before it runs:
+            // given up at the deadline, the connection is dropped with it (its socket closed,
+            // no close handshake) and its place in the pool freed.
+            let release = conn.return_to_pool();
+            if tokio::time::timeout_at(deadline, release).await.is_err() {
+                no_answer_in_time(patience, "to its ping");
+            }
+        }
         Ok(false) => drop(conn.detach()),
         Err(_) => {
-            tracing::warn!(
-                waited = ?patience,
-                "a connection given back got no answer to what it had sent (a statement or \
-                 transaction its caller stopped waiting for) within answer_timeout; it is \
-                 closed: the server or the network between may be down"
-            );
+            no_answer_in_time(patience, "to what it had sent");
             // Detached, the pool opens a replacement, and the connection's socket closes as
             // it drops: no close handshake to wait on.
             drop(conn.detach());
         }
     }
+}
+
+/// Logs a connection closed because it did not answer within `patience` (`what`: to what).
+fn no_answer_in_time(patience: Duration, what: &str) {
+    tracing::warn!(
+        waited = ?patience,
+        "a connection given back got no answer {what} within answer_timeout (a statement or \
+         transaction its caller stopped waiting for, or the pool's check); it is closed: the \
+         server or the network between may be down"
+    );
 }
 
 /// A transaction this crate began on a connection of the pool ([`PgDatabase::begin`]).
@@ -176,7 +184,10 @@ async fn settle(mut conn: PoolConnection<Postgres>, patience: Duration, end_begi
 /// the `BEGIN` waits for its answer leaves nothing open: once answered, its transaction is
 /// rolled back before the connection goes back.
 ///
-/// A savepoint is sqlx's: `sqlx::Connection::begin(&mut *tx)`.
+/// A savepoint is sqlx's: `sqlx::Acquire::begin(&mut tx)` (or `sqlx::Connection::begin(&mut
+/// *tx)`). Return the error of a savepoint's `begin()`: sqlx (0.9) answers one that fails or is
+/// given up in flight with a plain `ROLLBACK`, which ends this whole transaction;
+/// [`commit`](Self::commit) then fails instead of reporting what ran after it as committed.
 ///
 /// [`PgDatabase::begin`]: crate::PgDatabase::begin
 ///
@@ -227,7 +238,20 @@ impl PgTransaction {
     /// around this call), the outcome is unknown: the commit may have taken effect. The
     /// transaction is then dropped, and its connection closed unless the answer comes within
     /// a second `answer_timeout`.
+    ///
+    /// Fails, committing nothing, when the transaction was ended under it (a savepoint's
+    /// `begin()` that failed or was given up rolled it all back; statements run on the
+    /// connection since then were committed one by one).
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if PgTransactionManager::get_transaction_depth(&self.held) == 0 {
+            return Err(sqlx::Error::InvalidArgument(
+                "this transaction was rolled back under it, by a savepoint's begin() that \
+                 failed or was given up (sqlx 0.9 answers those with a plain ROLLBACK): nothing \
+                 of it is committed, and the statements run on its connection since then \
+                 committed one by one; return a savepoint's begin() error instead of going on"
+                    .into(),
+            ));
+        }
         let limit = self.held.answer_timeout;
         let committed =
             tokio::time::timeout(limit, PgTransactionManager::commit(&mut *self.held)).await;
@@ -268,6 +292,32 @@ impl Deref for PgTransaction {
 impl DerefMut for PgTransaction {
     fn deref_mut(&mut self) -> &mut PgConnection {
         &mut self.held
+    }
+}
+
+impl AsRef<PgConnection> for PgTransaction {
+    fn as_ref(&self) -> &PgConnection {
+        self
+    }
+}
+
+impl AsMut<PgConnection> for PgTransaction {
+    fn as_mut(&mut self) -> &mut PgConnection {
+        self
+    }
+}
+
+/// As for sqlx's `Transaction`: `acquire` lends the connection, `begin` opens a savepoint.
+impl<'t> sqlx::Acquire<'t> for &'t mut PgTransaction {
+    type Database = Postgres;
+    type Connection = &'t mut PgConnection;
+
+    fn acquire(self) -> BoxFuture<'t, Result<Self::Connection, sqlx::Error>> {
+        Box::pin(std::future::ready(Ok(&mut **self)))
+    }
+
+    fn begin(self) -> BoxFuture<'t, Result<sqlx::Transaction<'t, Postgres>, sqlx::Error>> {
+        Box::pin(sqlx::Connection::begin(&mut **self))
     }
 }
 

@@ -380,7 +380,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
         pending,
         ..
     } = state;
-    let (pool, sql, clock) = (&db.pool, &db.sql, &db.clock);
+    let (sql, clock) = (&db.sql, &db.clock);
     let mut completion = match (&claim, &response) {
         (Some(c), Some(r)) => Some(Completion {
             scope: &c.scope,
@@ -417,7 +417,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
             let mut conn = db.acquire().await?;
             let append = async {
                 for p in pending {
-                    append_on(&mut conn, pool, sql, &p.stream, p.expected, p.events, None)
+                    append_on(&mut conn, db, sql, &p.stream, p.expected, p.events, None)
                         .await
                         .map_err(commit_store_error)?;
                 }
@@ -435,7 +435,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
             // A conflict returns early: the transaction is dropped and rolls back.
             append_on(
                 &mut tx,
-                pool,
+                db,
                 sql,
                 &p.stream,
                 p.expected,

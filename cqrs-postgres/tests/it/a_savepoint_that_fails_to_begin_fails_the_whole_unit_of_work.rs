@@ -143,3 +143,28 @@ pg_test! {
             .expect("a new unit works");
     }
 }
+
+pg_test! {
+    /// `PgDatabase::begin`'s transaction refuses to commit once a savepoint's failed `begin()`
+    /// ended it: sqlx's own `commit` sends nothing at depth 0 and reports success, although
+    /// what ran before is rolled back and what ran after committed statement by statement.
+    async fn a_transaction_of_your_own_refuses_to_commit_once_a_savepoint_ended_it(db: PgDatabase) {
+        let mut tx = db.begin().await.expect("begin");
+        sqlx::raw_sql("SELECT 1/0")
+            .execute(&mut *tx)
+            .await
+            .expect_err("a division by zero fails");
+        sqlx::Acquire::begin(&mut tx)
+            .await
+            .expect_err("a savepoint in an aborted transaction fails to begin");
+        let error = tx.commit().await.expect_err("nothing of the transaction is committed");
+        let message = error.to_string();
+        assert!(message.contains("rolled back under it"), "{message}");
+
+        // A savepoint that begins and commits leaves the transaction to commit as usual.
+        let mut tx = db.begin().await.expect("begin");
+        let savepoint = sqlx::Acquire::begin(&mut tx).await.expect("a savepoint");
+        savepoint.commit().await.expect("the savepoint is released");
+        tx.commit().await.expect("the transaction commits");
+    }
+}
