@@ -3,9 +3,9 @@
 
 use crate::{AnyEvent, BoxError, Event, EventEnvelope, EventRecord, EventSet};
 use std::any::TypeId;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 type Decoder = fn(&serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error>;
 type Upcaster = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync>;
@@ -45,13 +45,119 @@ pub enum UnknownEventPolicy {
     /// Fail with [`DecodeError::UnknownType`]; the consumer stops at this event (and retries it)
     /// until a build that knows it is deployed.
     Fail,
+    /// Skip an event whose type another part of this build knows (another plugin's event on
+    /// a shared topic or store), quietly and uncounted, as not meant for this reader; and
+    /// wait on one whose type no part of this build knows, as [`Fail`](Self::Fail) does: a
+    /// newer build wrote it during a rolling deploy, and an instance of that build takes it
+    /// (a group's pending entry it claims, a shared checkpoint it moves on from). So adding
+    /// an event type and its reader takes one release, where `Skip` and `Ignore` would have an
+    /// old instance skip the new type for every instance.
+    ///
+    /// "This build" is every type `#[derive(Event)]` implements, every type named with
+    /// [`register_event_type!`](crate::register_event_type), and every type registered in
+    /// an [`EventTypes`] of this process so far (see [`EventTypes::in_this_build`]): a
+    /// hand-written `impl Event` that no reader of this process registers needs
+    /// `register_event_type!`, or readers under this policy wait on its events for ever.
+    ///
+    /// ```
+    /// use cqrs_core::{Event, EventRecord, EventTypes, Metadata, RecordMetadata, UnknownEventPolicy};
+    /// use cqrs_core::reexports::serde_json::json;
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+    /// #[cqrs(name = "billing.invoice_sent")]
+    /// struct InvoiceSent { invoice_id: String }
+    ///
+    /// // The tickets plugin's reader: the billing plugin's events are not for it.
+    /// let mut types = EventTypes::new();
+    /// types.unknown_events(UnknownEventPolicy::AwaitNewerBuild);
+    /// let record = |name: &str| EventRecord::new(
+    ///     cqrs_core::reexports::uuid::Uuid::now_v7(), name, 1, json!({"invoice_id": "i1"}),
+    ///     RecordMetadata::from_metadata(&Metadata::new()));
+    /// assert!(types.decode(&record("billing.invoice_sent"))?.is_none(), "skipped");
+    /// let newer = types.decode(&record("billing.invoice_paid")).unwrap_err();
+    /// assert!(newer.to_string().contains("unknown event type"), "waits: {newer}");
+    /// # Ok::<_, cqrs_core::DecodeError>(())
+    /// ```
+    AwaitNewerBuild,
+}
+
+/// An event type compiled into this build: what `#[derive(Event)]` and
+/// [`register_event_type!`](crate::register_event_type) hand to `inventory`. Not for direct
+/// use.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct EventTypeOfTheBuild(pub &'static str);
+
+inventory::collect!(EventTypeOfTheBuild);
+
+/// Names hand-written event types as part of this build, for
+/// [`UnknownEventPolicy::AwaitNewerBuild`] (see [`EventTypes::in_this_build`]).
+/// `#[derive(Event)]` does this by itself; a type with a hand-written `impl Event` that no
+/// [`EventTypes`] of the process registers needs it, or readers under that policy take its
+/// events for a newer build's and wait on them.
+///
+/// ```
+/// use cqrs_core::{Event, EventTypes, Message};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Debug, Serialize, Deserialize)]
+/// struct AuditNoted { note: String }
+/// impl Message for AuditNoted { const NAME: &'static str = "audit.noted"; }
+/// impl Event for AuditNoted {}
+///
+/// cqrs_core::register_event_type!(AuditNoted);
+/// assert!(EventTypes::in_this_build("audit.noted"));
+/// ```
+#[macro_export]
+macro_rules! register_event_type {
+    ($($event:ty),+ $(,)?) => {
+        $(
+            $crate::__private::inventory::submit! {
+                $crate::__private::EventTypeOfTheBuild(<$event as $crate::Message>::NAME)
+            }
+        )+
+    };
+}
+
+/// The names handed to `inventory`, collected at the first look.
+fn submitted() -> &'static HashSet<&'static str> {
+    static SUBMITTED: OnceLock<HashSet<&'static str>> = OnceLock::new();
+    SUBMITTED.get_or_init(|| {
+        inventory::iter::<EventTypeOfTheBuild>
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    })
+}
+
+/// The names registered in an [`EventTypes`] of this process that were not handed to
+/// `inventory` (hand-written `impl Event`s).
+static REGISTERED_ONLY: RwLock<BTreeSet<&'static str>> = RwLock::new(BTreeSet::new());
+
+/// Notes a name registered in an [`EventTypes`], as part of this build.
+fn note_registered(name: &'static str) {
+    if submitted().contains(name) {
+        return;
+    }
+    let known = REGISTERED_ONLY
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(name);
+    if !known {
+        REGISTERED_ONLY
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name);
+    }
 }
 
 /// Why a record could not be turned into a typed event.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    /// No type with this wire name is registered (and the policy is `Fail`).
+    /// No type with this wire name is registered, and the policy is `Fail`, or
+    /// `AwaitNewerBuild` and no part of this build knows it.
     #[error(
         "unknown event type `{event_type}` (schema version {schema_version}); register it with EventTypes::register, or deploy the build that knows it"
     )]
@@ -146,7 +252,8 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Whether a newer build must decode this record, not this one: a type it does not know
-    /// (under [`UnknownEventPolicy::Fail`]) or a schema version above its own, written by a
+    /// (under [`UnknownEventPolicy::Fail`] or [`UnknownEventPolicy::AwaitNewerBuild`]) or a
+    /// schema version above its own, written by a
     /// newer build during a rolling deploy, which is on its way. Neither is the record's fault:
     /// it waits without counting an attempt. A missing upcaster is not among them: no build
     /// may ever come (see [`DecodeError::MissingUpcaster`]).
@@ -235,6 +342,7 @@ impl EventTypes {
     /// When another Rust type is registered under the same wire name: records of one would
     /// decode as the other. Give each event type a unique `NAME`.
     pub fn register<E: Event>(&mut self) -> &mut Self {
+        note_registered(E::NAME);
         self.insert(
             E::NAME,
             Entry {
@@ -325,6 +433,50 @@ impl EventTypes {
         self.entries.contains_key(event_type)
     }
 
+    /// Whether this build knows an event type of this wire name, registered here or not: one
+    /// `#[derive(Event)]` implements, one named with
+    /// [`register_event_type!`](crate::register_event_type), or one registered in any
+    /// `EventTypes` of this process so far. What
+    /// [`UnknownEventPolicy::AwaitNewerBuild`] tells a newer build's events by.
+    ///
+    /// ```
+    /// use cqrs_core::{Event, EventTypes, Message};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Clone, Debug, Serialize, Deserialize, Event)]
+    /// #[cqrs(name = "tickets.ticket_closed")]
+    /// struct TicketClosed { ticket_id: String }
+    ///
+    /// // Written by hand: named for the build with `register_event_type!`.
+    /// #[derive(Clone, Debug, Serialize, Deserialize)]
+    /// struct TicketReopened { ticket_id: String }
+    /// impl Message for TicketReopened { const NAME: &'static str = "tickets.ticket_reopened"; }
+    /// impl Event for TicketReopened {}
+    /// cqrs_core::register_event_type!(TicketReopened);
+    ///
+    /// assert!(EventTypes::in_this_build("tickets.ticket_closed"));
+    /// assert!(EventTypes::in_this_build("tickets.ticket_reopened"));
+    /// assert!(!EventTypes::in_this_build("tickets.ticket_merged"));
+    /// ```
+    pub fn in_this_build(event_type: &str) -> bool {
+        submitted().contains(event_type)
+            || REGISTERED_ONLY
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(event_type)
+    }
+
+    /// Whether a reader with these types waits on an event of this unregistered type (its
+    /// policy is `Fail`, or `AwaitNewerBuild` and no part of this build knows it), rather
+    /// than skipping it.
+    pub(crate) fn holds_unregistered(&self, event_type: &str) -> bool {
+        match self.policy {
+            UnknownEventPolicy::Fail => true,
+            UnknownEventPolicy::AwaitNewerBuild => !Self::in_this_build(event_type),
+            UnknownEventPolicy::Skip | UnknownEventPolicy::Ignore => false,
+        }
+    }
+
     /// Checks that every registered type's upcasters form a complete chain, from the lowest
     /// version one is registered for up to the type's current version. Call it at start-up:
     /// a gap otherwise shows only when an event of the missing version comes, and that event
@@ -390,6 +542,21 @@ impl EventTypes {
                         event_type: record.event_type.clone(),
                         schema_version: record.schema_version,
                     });
+                }
+                UnknownEventPolicy::AwaitNewerBuild => {
+                    if !Self::in_this_build(&record.event_type) {
+                        return Err(DecodeError::UnknownType {
+                            event_type: record.event_type.clone(),
+                            schema_version: record.schema_version,
+                        });
+                    }
+                    // Another part of this build's: not new, so not counted as unknown.
+                    tracing::trace!(
+                        event_type = %record.event_type.escape_debug(),
+                        event_id = %record.event_id,
+                        "skipping an event of a type another part of this build reads"
+                    );
+                    return Ok(None);
                 }
                 // The type is read from a peer's entry or a stored row: escaped, so a line
                 // break in it cannot start a forged line of a plain-text log.

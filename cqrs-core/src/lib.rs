@@ -140,6 +140,7 @@ pub mod reexports {
 
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::codec::EventTypeOfTheBuild;
     pub use crate::plugin::PluginRegistration;
     pub use inventory;
     // For the derives' bounds on generic events.

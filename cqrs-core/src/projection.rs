@@ -3010,7 +3010,7 @@ impl EventBusTransport {
         // Most types of a store are handled elsewhere: not worth a warning or the unknown
         // events' metric, which says a newer build wrote one.
         if !self.types.knows(&record.event_type)
-            && self.types.policy() != crate::UnknownEventPolicy::Fail
+            && !self.types.holds_unregistered(&record.event_type)
         {
             return Ok(());
         }

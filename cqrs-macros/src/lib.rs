@@ -105,7 +105,9 @@ pub fn derive_query(input: TokenStream) -> TokenStream {
 /// `name` is the event's stable wire name (`Message::NAME`): it is stored with every event, so
 /// it must never change. `version` is the payload's schema version (`Event::VERSION`), 1 when
 /// left out; raise it when the shape changes and register an upcaster for the older versions.
-/// An event is serialized, so derive serde's traits as well.
+/// An event is serialized, so derive serde's traits as well. The name also joins the build's
+/// list of event types (`EventTypes::in_this_build`), which
+/// `UnknownEventPolicy::AwaitNewerBuild` tells a newer build's events by.
 ///
 /// ```
 /// use cqrs_core::{Event, Message};
@@ -285,10 +287,16 @@ fn expand(kind: Kind, input: &DeriveInput) -> syn::Result<TokenStream2> {
                 }
             }
         }
+        // And the name, for the build's list of event types (what
+        // `UnknownEventPolicy::AwaitNewerBuild` tells a newer build's events by): the literal,
+        // so a generic type is listed once.
         None => quote! {
             #[automatically_derived]
             impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
                 #version
+            }
+            #krate::__private::inventory::submit! {
+                #krate::__private::EventTypeOfTheBuild(#name)
             }
         },
     };

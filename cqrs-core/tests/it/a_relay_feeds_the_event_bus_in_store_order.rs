@@ -269,6 +269,46 @@ fn a_newer_builds_event_waits_and_an_undecodable_one_is_skipped() {
     });
 }
 
+/// Under `UnknownEventPolicy::AwaitNewerBuild`, the feed passes over an event of a type
+/// another part of this build reads and waits at one no part of it knows.
+#[test]
+fn under_await_newer_build_the_feed_waits_only_at_a_newer_builds_type() {
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, cqrs_core::Event)]
+    #[cqrs(name = "test.read_elsewhere_in_the_build")]
+    struct ReadElsewhere {}
+
+    run(async {
+        let awaiting = |t: EventBusTransport| {
+            let mut types = cqrs_core::EventTypes::new();
+            types.unknown_events(cqrs_core::UnknownEventPolicy::AwaitNewerBuild);
+            t.event_types(types)
+        };
+        let fed = fed(awaiting);
+        let elsewhere = EventRecord::from_envelope(&cqrs_core::EventEnvelope::new(
+            ReadElsewhere {},
+            cqrs_core::Metadata::new(),
+        ))
+        .unwrap();
+        let mut newer = added(2);
+        newer.event_type = "test.from_a_newer_build".into();
+        append(&fed.store, "a", vec![elsewhere, added(1), newer, added(3)]).await;
+        let error = fed.relay.relay_once().await.unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+        assert_eq!(
+            fed.recorder.handled(),
+            vec![1],
+            "up to the newer build's event"
+        );
+        let error = fed.relay.relay_once().await.unwrap_err();
+        assert_eq!(
+            error.kind(),
+            ErrorKind::Unavailable,
+            "still waiting: {error}"
+        );
+        assert_eq!(fed.recorder.handled(), vec![1]);
+    });
+}
+
 #[test]
 fn types_no_handler_takes_are_passed_over_uncounted_and_nothing_consumes_it() {
     let counts = MetricCounts::default();

@@ -477,6 +477,72 @@ fn a_type_the_bus_handles_is_decoded_without_being_listed() {
     });
 }
 
+/// Under `UnknownEventPolicy::AwaitNewerBuild`, an event-bus consumer acknowledges an event
+/// of a type another part of the build reads (no handler here takes it), and keeps one no
+/// part of the build knows waiting for a newer build: handed out again and again, never
+/// dead-lettered nor acknowledged.
+#[test]
+fn await_newer_build_holds_a_newer_builds_event_and_passes_over_the_rest() {
+    #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, cqrs_core::Event)]
+    #[cqrs(name = "test.read_by_another_plugin")]
+    struct ReadByAnotherPlugin {}
+
+    run(async {
+        let counter = Counter::named("counter");
+        let bus = EventBus::builder()
+            .handler(counter.clone())
+            .build()
+            .unwrap();
+        let transport = Arc::new(InMemoryTransport::new());
+        let counted =
+            crate::projections_take_effect_once_and_rebuild_from_zero::Counted::new(&transport);
+        let others = EventRecord::from_envelope(&EventEnvelope::new(
+            ReadByAnotherPlugin {},
+            Metadata::new(),
+        ))
+        .unwrap();
+        let mut newer = added(5);
+        newer.event_type = "test.from_a_newer_build".into();
+        let newer_id = newer.event_id;
+        transport
+            .publish("adds", &[others, newer, added(1)])
+            .await
+            .unwrap();
+        let mut types = EventTypes::new();
+        types.unknown_events(cqrs_core::UnknownEventPolicy::AwaitNewerBuild);
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(20))
+            .redelivery_delay(Duration::from_millis(20))
+            .max_deliveries(3);
+        let runtime = Runtime::builder()
+            .worker(
+                EventBusConsumer::new(bus, counted.clone(), "adds", "bus", options)
+                    .event_types(types),
+            )
+            .start();
+        eventually(
+            Duration::from_secs(10),
+            "handed out past max_deliveries",
+            || async { (counted.handed_out(&[newer_id]) > 4).then_some(()) },
+        )
+        .await;
+        eventually(
+            Duration::from_secs(5),
+            "the other two acknowledged",
+            || async { (transport.backlog("adds", "bus") == 1).then_some(()) },
+        )
+        .await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(counter.seen(), 1, "the handler saw its own type's event");
+        assert!(transport.dead_letters("adds", "bus").is_empty());
+        assert_eq!(
+            transport.backlog("adds", "bus"),
+            1,
+            "the newer build's event waits"
+        );
+    });
+}
+
 /// A consumer that never blocks (`block` of zero) still handles events and lets the shutdown
 /// through on a single-threaded runtime.
 #[test]

@@ -85,6 +85,72 @@ fn an_unknown_event_type_is_skipped_or_fails_by_policy() {
     );
 }
 
+/// Written by hand, and registered by no `EventTypes`: named for the build by the macro.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct NamedByTheMacro {}
+impl cqrs_core::Message for NamedByTheMacro {
+    const NAME: &'static str = "test.named_by_the_macro";
+}
+impl cqrs_core::Event for NamedByTheMacro {}
+cqrs_core::register_event_type!(NamedByTheMacro);
+
+/// Written by hand and named nowhere: known to the build once an `EventTypes` registers it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct RegisteredElsewhere {}
+impl cqrs_core::Message for RegisteredElsewhere {
+    const NAME: &'static str = "test.registered_elsewhere";
+}
+impl cqrs_core::Event for RegisteredElsewhere {}
+
+/// Derived: in the build's list by the derive.
+#[expect(dead_code, reason = "only the name its derive lists is used")]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, cqrs_core::Event)]
+#[cqrs(name = "test.derived_elsewhere")]
+struct DerivedElsewhere {}
+
+/// `AwaitNewerBuild` skips an event whose type another part of the build knows (derived,
+/// named by `register_event_type!`, or registered in another `EventTypes`), and fails on one
+/// no part of it knows, as `Fail` does.
+#[test]
+fn await_newer_build_skips_what_the_build_knows_and_waits_on_the_rest() {
+    let mut types = EventTypes::new();
+    types.register::<Added>();
+    types.unknown_events(UnknownEventPolicy::AwaitNewerBuild);
+    for known in ["test.derived_elsewhere", "test.named_by_the_macro"] {
+        assert!(EventTypes::in_this_build(known), "{known}");
+        assert!(
+            types
+                .decode(&stored(known, 1, json!({})))
+                .unwrap()
+                .is_none(),
+            "{known} is skipped"
+        );
+    }
+    let hand_written = stored("test.registered_elsewhere", 1, json!({}));
+    assert!(!EventTypes::in_this_build("test.registered_elsewhere"));
+    assert!(matches!(
+        types.decode(&hand_written),
+        Err(DecodeError::UnknownType { .. })
+    ));
+    EventTypes::new().register::<RegisteredElsewhere>();
+    assert!(EventTypes::in_this_build("test.registered_elsewhere"));
+    assert!(types.decode(&hand_written).unwrap().is_none());
+
+    let newer = stored("test.from_a_newer_build", 1, json!({}));
+    let err = types.decode(&newer).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("unknown event type `test.from_a_newer_build`"),
+        "{err}"
+    );
+    assert!(
+        types
+            .decode(&stored("test.added", 1, json!({"sum": 1})))
+            .unwrap()
+            .is_some()
+    );
+}
+
 /// `Skip` warns once per event; `Ignore` skips the same, saying so at `debug` only (a topic
 /// carrying other plugins' events would otherwise warn on each of theirs).
 #[test]

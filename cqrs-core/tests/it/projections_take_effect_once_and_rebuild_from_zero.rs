@@ -1202,7 +1202,7 @@ impl Counted {
     }
 
     /// How often each of `events` was handed out: the least of their counts.
-    fn handed_out(&self, events: &[Uuid]) -> usize {
+    pub(crate) fn handed_out(&self, events: &[Uuid]) -> usize {
         let counts = self.handed_out.lock().unwrap();
         events
             .iter()
@@ -1462,6 +1462,57 @@ fn an_unknown_event_under_fail_waits_for_a_build_that_knows_it() {
     let mut unknown = record(1);
     unknown.event_type = "future.event".into();
     waits_for_a_newer_build(unknown, UnknownEventPolicy::Fail);
+}
+
+/// Under `UnknownEventPolicy::AwaitNewerBuild`, an event of a type no part of this build
+/// knows waits for a newer build, as under `Fail`: it is not dead-lettered nor skipped.
+#[test]
+fn an_event_no_part_of_the_build_knows_waits_under_await_newer_build() {
+    let mut unknown = record(1);
+    unknown.event_type = "future.event".into();
+    waits_for_a_newer_build(unknown, UnknownEventPolicy::AwaitNewerBuild);
+}
+
+/// Another plugin's event on the topic: known to this build, not to the runner's types.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, cqrs_core::Event)]
+#[cqrs(name = "test.another_plugins_event")]
+struct AnotherPluginsEvent {
+    sum: u64,
+}
+
+/// Under `UnknownEventPolicy::AwaitNewerBuild`, an event of a type another part of this build
+/// reads is passed over (acknowledged, not applied), and the runner goes on.
+#[test]
+fn an_event_another_part_of_the_build_reads_is_passed_over_under_await_newer_build() {
+    run(async {
+        let transport = Arc::new(InMemoryTransport::new());
+        let sum = Arc::new(Sum::default());
+        let others = EventRecord::from_envelope(&EventEnvelope::new(
+            AnotherPluginsEvent { sum: 100 },
+            Metadata::new(),
+        ))
+        .unwrap();
+        transport
+            .publish("sums", &[others, record(2)])
+            .await
+            .unwrap();
+        let mut types = EventTypes::new();
+        types.register::<Added>();
+        types.unknown_events(UnknownEventPolicy::AwaitNewerBuild);
+        let mut runner = ProjectionRunner::from_transport(
+            Arc::new(InMemoryProjectionStore::new()),
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            three_attempts(),
+            Arc::new(types),
+        );
+        run_until_drained(&mut runner, &transport).await;
+        assert_eq!(transport.backlog("sums", "sum"), 0, "both acknowledged");
+        assert!(transport.dead_letters("sums", "sum").is_empty());
+        assert_eq!(*sum.total.lock().unwrap(), 2, "only its own type applied");
+    });
 }
 
 /// An event of a known type with a schema version above this build's (a newer instance wrote

@@ -627,11 +627,15 @@ impl QueryHandler<GetStats> for Tickets {
 }
 
 /// The event types the plugin's consumers decode. The helpdesk ships every plugin's events to
-/// one topic, so the others' events are ignored here without a warning each.
+/// one topic, so the others' events (types this build knows) are passed over without a word;
+/// an event of a type no part of this build knows, which a newer build wrote during a rolling
+/// upgrade, waits for an instance of that build instead of being skipped for every instance
+/// (`AwaitNewerBuild`). A plugin's event type written by hand (`impl Event`) is named for the
+/// build with `cqrs_core::register_event_type!`.
 pub fn event_types() -> EventTypes {
     let mut types = EventTypes::new();
     <crate::domain::TicketEvent as cqrs_core::EventSet>::register(&mut types);
-    types.unknown_events(cqrs_core::UnknownEventPolicy::Ignore);
+    types.unknown_events(cqrs_core::UnknownEventPolicy::AwaitNewerBuild);
     types
 }
 

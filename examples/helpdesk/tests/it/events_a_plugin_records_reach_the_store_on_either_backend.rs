@@ -33,6 +33,10 @@ impl Message for Remembered {
 
 impl Event for Remembered {}
 
+// Written by hand: named for the build, or the tickets plugin's readers (under
+// `UnknownEventPolicy::AwaitNewerBuild`) would take it for a newer build's and wait on it.
+cqrs_core::register_event_type!(Remembered);
+
 pub struct RememberHandler;
 
 /// Dispatches `Remember(what)` on the buses a test's hook kept.
