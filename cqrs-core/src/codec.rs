@@ -3,9 +3,9 @@
 
 use crate::{AnyEvent, BoxError, Event, EventEnvelope, EventRecord, EventSet};
 use std::any::TypeId;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock};
 
 type Decoder = fn(&serde_json::Value) -> Result<Arc<dyn AnyEvent>, serde_json::Error>;
 type Upcaster = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, BoxError> + Send + Sync>;
@@ -46,18 +46,23 @@ pub enum UnknownEventPolicy {
     /// until a build that knows it is deployed.
     Fail,
     /// Skip an event whose type another part of this build knows (another plugin's event on
-    /// a shared topic or store), quietly and uncounted, as not meant for this reader; and
-    /// wait on one whose type no part of this build knows, as [`Fail`](Self::Fail) does: a
-    /// newer build wrote it during a rolling deploy, and an instance of that build takes it
-    /// (a group's pending entry it claims, a shared checkpoint it moves on from). So adding
-    /// an event type and its reader takes one release, where `Skip` and `Ignore` would have an
-    /// old instance skip the new type for every instance.
+    /// a shared topic or store), at `debug` and uncounted, as not meant for this reader; and
+    /// wait on one whose type no part of this build knows, with
+    /// [`DecodeError::NotInThisBuild`], as [`Fail`](Self::Fail) waits: during a rolling deploy
+    /// that is a newer build's event, and an instance of that build takes it (a group's
+    /// pending entry it claims, a shared checkpoint it moves on from). So adding an event type
+    /// together with its readers takes one release, where `Skip` and `Ignore` would have an
+    /// old instance skip the new type for every instance. (A new reader of a type the old build
+    /// already has still takes two: the old instances pass such events over as known.)
     ///
-    /// "This build" is every type `#[derive(Event)]` implements, every type named with
-    /// [`register_event_type!`](crate::register_event_type), and every type registered in
-    /// an [`EventTypes`] of this process so far (see [`EventTypes::in_this_build`]): a
-    /// hand-written `impl Event` that no reader of this process registers needs
-    /// `register_event_type!`, or readers under this policy wait on its events for ever.
+    /// "This build" is every type `#[derive(Event)]` implements and every name
+    /// [`register_event_type!`](crate::register_event_type) lists
+    /// ([`EventTypes::in_this_build`]), decided at link time, whatever this process has built
+    /// so far. Name with the macro what a reader under this policy meets and must pass over
+    /// but this build has no derived type for: a hand-written `impl Event`, a retired type
+    /// whose events stay stored (`register_event_type!(name = "...")`), another binary's
+    /// type on a shared topic. Otherwise the reader waits on those events for ever (a rebuild
+    /// that replays the store, too), saying which name to list.
     ///
     /// ```
     /// use cqrs_core::{Event, EventRecord, EventTypes, Metadata, RecordMetadata, UnknownEventPolicy};
@@ -76,7 +81,7 @@ pub enum UnknownEventPolicy {
     ///     RecordMetadata::from_metadata(&Metadata::new()));
     /// assert!(types.decode(&record("billing.invoice_sent"))?.is_none(), "skipped");
     /// let newer = types.decode(&record("billing.invoice_paid")).unwrap_err();
-    /// assert!(newer.to_string().contains("unknown event type"), "waits: {newer}");
+    /// assert!(newer.to_string().contains("in no part of this build"), "waits: {newer}");
     /// # Ok::<_, cqrs_core::DecodeError>(())
     /// ```
     AwaitNewerBuild,
@@ -91,11 +96,11 @@ pub struct EventTypeOfTheBuild(pub &'static str);
 
 inventory::collect!(EventTypeOfTheBuild);
 
-/// Names hand-written event types as part of this build, for
-/// [`UnknownEventPolicy::AwaitNewerBuild`] (see [`EventTypes::in_this_build`]).
-/// `#[derive(Event)]` does this by itself; a type with a hand-written `impl Event` that no
-/// [`EventTypes`] of the process registers needs it, or readers under that policy take its
-/// events for a newer build's and wait on them.
+/// Names event types as part of this build, for [`UnknownEventPolicy::AwaitNewerBuild`] (see
+/// [`EventTypes::in_this_build`]): by type, for a hand-written `impl Event`
+/// (`#[derive(Event)]` lists its type by itself); by name, for a type this build no longer
+/// has whose events stay stored, or another binary's on a shared topic. Readers under that
+/// policy then pass such events over instead of waiting on them as a newer build's.
 ///
 /// ```
 /// use cqrs_core::{Event, EventTypes, Message};
@@ -107,10 +112,18 @@ inventory::collect!(EventTypeOfTheBuild);
 /// impl Event for AuditNoted {}
 ///
 /// cqrs_core::register_event_type!(AuditNoted);
+/// // Retired in an earlier release; its events stay in the store.
+/// cqrs_core::register_event_type!(name = "audit.flagged");
 /// assert!(EventTypes::in_this_build("audit.noted"));
+/// assert!(EventTypes::in_this_build("audit.flagged"));
 /// ```
 #[macro_export]
 macro_rules! register_event_type {
+    (name = $name:expr $(,)?) => {
+        $crate::__private::inventory::submit! {
+            $crate::__private::EventTypeOfTheBuild($name)
+        }
+    };
     ($($event:ty),+ $(,)?) => {
         $(
             $crate::__private::inventory::submit! {
@@ -131,37 +144,28 @@ fn submitted() -> &'static HashSet<&'static str> {
     })
 }
 
-/// The names registered in an [`EventTypes`] of this process that were not handed to
-/// `inventory` (hand-written `impl Event`s).
-static REGISTERED_ONLY: RwLock<BTreeSet<&'static str>> = RwLock::new(BTreeSet::new());
-
-/// Notes a name registered in an [`EventTypes`], as part of this build.
-fn note_registered(name: &'static str) {
-    if submitted().contains(name) {
-        return;
-    }
-    let known = REGISTERED_ONLY
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .contains(name);
-    if !known {
-        REGISTERED_ONLY
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name);
-    }
-}
-
 /// Why a record could not be turned into a typed event.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    /// No type with this wire name is registered, and the policy is `Fail`, or
-    /// `AwaitNewerBuild` and no part of this build knows it.
+    /// No type with this wire name is registered, and the policy is `Fail`.
     #[error(
         "unknown event type `{event_type}` (schema version {schema_version}); register it with EventTypes::register, or deploy the build that knows it"
     )]
     UnknownType {
+        /// The wire name.
+        event_type: String,
+        /// Its schema version.
+        schema_version: u32,
+    },
+    /// No type with this wire name is registered, the policy is
+    /// [`AwaitNewerBuild`](UnknownEventPolicy::AwaitNewerBuild), and no part of this build
+    /// knows the name ([`EventTypes::in_this_build`]): a newer build's event, which waits for
+    /// an instance of that build; or a name this build should list and does not.
+    #[error(
+        "event type `{event_type}` (schema version {schema_version}) is in no part of this build: if a newer build wrote it, it waits for an instance of that build; if it is a type this build no longer has (its events still stored), another binary's, or a hand-written `impl Event`, list it with `cqrs_core::register_event_type!(name = \"{event_type}\")` so that readers pass it over"
+    )]
+    NotInThisBuild {
         /// The wire name.
         event_type: String,
         /// Its schema version.
@@ -252,15 +256,17 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Whether a newer build must decode this record, not this one: a type it does not know
-    /// (under [`UnknownEventPolicy::Fail`] or [`UnknownEventPolicy::AwaitNewerBuild`]) or a
-    /// schema version above its own, written by a
+    /// (under [`UnknownEventPolicy::Fail`], or no part of it knows under
+    /// [`UnknownEventPolicy::AwaitNewerBuild`]) or a schema version above its own, written by a
     /// newer build during a rolling deploy, which is on its way. Neither is the record's fault:
     /// it waits without counting an attempt. A missing upcaster is not among them: no build
     /// may ever come (see [`DecodeError::MissingUpcaster`]).
     pub(crate) fn waits_for_another_build(&self) -> bool {
         matches!(
             self,
-            DecodeError::UnknownType { .. } | DecodeError::FutureVersion { .. }
+            DecodeError::UnknownType { .. }
+                | DecodeError::NotInThisBuild { .. }
+                | DecodeError::FutureVersion { .. }
         )
     }
 }
@@ -342,7 +348,6 @@ impl EventTypes {
     /// When another Rust type is registered under the same wire name: records of one would
     /// decode as the other. Give each event type a unique `NAME`.
     pub fn register<E: Event>(&mut self) -> &mut Self {
-        note_registered(E::NAME);
         self.insert(
             E::NAME,
             Entry {
@@ -434,10 +439,10 @@ impl EventTypes {
     }
 
     /// Whether this build knows an event type of this wire name, registered here or not: one
-    /// `#[derive(Event)]` implements, one named with
-    /// [`register_event_type!`](crate::register_event_type), or one registered in any
-    /// `EventTypes` of this process so far. What
-    /// [`UnknownEventPolicy::AwaitNewerBuild`] tells a newer build's events by.
+    /// `#[derive(Event)]` implements, or one [`register_event_type!`](crate::register_event_type)
+    /// lists. Decided at link time (`inventory`): registering a type in an `EventTypes` does
+    /// not add it. What [`UnknownEventPolicy::AwaitNewerBuild`] tells a newer build's events
+    /// by.
     ///
     /// ```
     /// use cqrs_core::{Event, EventTypes, Message};
@@ -460,10 +465,6 @@ impl EventTypes {
     /// ```
     pub fn in_this_build(event_type: &str) -> bool {
         submitted().contains(event_type)
-            || REGISTERED_ONLY
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains(event_type)
     }
 
     /// Whether a reader with these types waits on an event of this unregistered type (its
@@ -533,7 +534,8 @@ impl EventTypes {
     }
 
     /// Decodes a record into an envelope, upcasting old versions. `Ok(None)` is an unknown type
-    /// skipped under [`UnknownEventPolicy::Skip`] or [`UnknownEventPolicy::Ignore`].
+    /// skipped under [`UnknownEventPolicy::Skip`] or [`UnknownEventPolicy::Ignore`], or, under
+    /// [`UnknownEventPolicy::AwaitNewerBuild`], one another part of this build knows.
     pub fn decode(&self, record: &EventRecord) -> Result<Option<EventEnvelope>, DecodeError> {
         let Some(entry) = self.entries.get(&record.event_type) else {
             match self.policy {
@@ -545,13 +547,13 @@ impl EventTypes {
                 }
                 UnknownEventPolicy::AwaitNewerBuild => {
                     if !Self::in_this_build(&record.event_type) {
-                        return Err(DecodeError::UnknownType {
+                        return Err(DecodeError::NotInThisBuild {
                             event_type: record.event_type.clone(),
                             schema_version: record.schema_version,
                         });
                     }
                     // Another part of this build's: not new, so not counted as unknown.
-                    tracing::trace!(
+                    tracing::debug!(
                         event_type = %record.event_type.escape_debug(),
                         event_id = %record.event_id,
                         "skipping an event of a type another part of this build reads"

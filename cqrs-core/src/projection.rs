@@ -2799,7 +2799,8 @@ fn failed_handlers(error: &DispatchError) -> Option<HandlerNames> {
 /// * **Decoding.** Types no handler takes are passed over without a word, and not counted as
 ///   unknown (unless [`event_types`](Self::event_types) gives the policy
 ///   [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail): the feed then waits at
-///   them). An event written by a newer build (a schema version above this build's) fails
+///   them; or [`AwaitNewerBuild`](crate::UnknownEventPolicy::AwaitNewerBuild): it waits at
+///   those of types no part of this build knows). An event written by a newer build (a schema version above this build's) fails
 ///   the call as unavailable, so the feed waits for the newer build to take it; one that cannot be decoded at all (a payload that does not
 ///   match its type, a missing upcaster) fails it with [`TransportError::Codec`], which the
 ///   relays skip and log.
@@ -2950,7 +2951,9 @@ impl EventBusTransport {
     /// Decodes with `types` (its upcasters, its unknown-event policy) as well as the bus's own
     /// types, which are added to it, as [`EventBusConsumer::event_types`] does. Under
     /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail), the feed waits at an
-    /// event of a type `types` lacks until a build that knows it takes over.
+    /// event of a type `types` lacks until a build that knows it takes over; under
+    /// [`AwaitNewerBuild`](crate::UnknownEventPolicy::AwaitNewerBuild), at one of a type no
+    /// part of this build knows.
     ///
     /// # Panics
     ///

@@ -253,15 +253,8 @@ impl PgTransaction {
             ));
         }
         let limit = self.held.answer_timeout;
-        let committed =
-            tokio::time::timeout(limit, PgTransactionManager::commit(&mut *self.held)).await;
-        committed.unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(crate::sql::no_answer(
-                limit,
-                "COMMIT",
-                "the commit may have taken effect",
-            )))
-        })
+        let commit = PgTransactionManager::commit(&mut *self.held);
+        answered_within(limit, "COMMIT", "the commit may have taken effect", commit).await
     }
 
     /// Rolls the transaction back, waiting at most the `answer_timeout` for the server's
@@ -269,16 +262,23 @@ impl PgTransaction {
     /// settles, and the connection is closed unless it is answered in time).
     pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
         let limit = self.held.answer_timeout;
-        let rolled_back =
-            tokio::time::timeout(limit, PgTransactionManager::rollback(&mut *self.held)).await;
-        rolled_back.unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(crate::sql::no_answer(
-                limit,
-                "ROLLBACK",
-                "the server rolls the transaction back by itself once the connection closes",
-            )))
-        })
+        let rollback = PgTransactionManager::rollback(&mut *self.held);
+        let then = "the server rolls the transaction back by itself once the connection closes";
+        answered_within(limit, "ROLLBACK", then, rollback).await
     }
+}
+
+/// `end` (a `COMMIT` or `ROLLBACK`), or past `limit` the timed-out I/O error saying `what` got
+/// no answer, and `then`.
+async fn answered_within(
+    limit: Duration,
+    what: &str,
+    then: &str,
+    end: impl std::future::Future<Output = Result<(), sqlx::Error>>,
+) -> Result<(), sqlx::Error> {
+    tokio::time::timeout(limit, end)
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::Io(crate::sql::no_answer(limit, what, then))))
 }
 
 impl Deref for PgTransaction {

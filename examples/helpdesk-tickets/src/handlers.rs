@@ -630,8 +630,8 @@ impl QueryHandler<GetStats> for Tickets {
 /// one topic, so the others' events (types this build knows) are passed over without a word;
 /// an event of a type no part of this build knows, which a newer build wrote during a rolling
 /// upgrade, waits for an instance of that build instead of being skipped for every instance
-/// (`AwaitNewerBuild`). A plugin's event type written by hand (`impl Event`) is named for the
-/// build with `cqrs_core::register_event_type!`.
+/// (`AwaitNewerBuild`). A plugin's event type written by hand (`impl Event`), or a retired one
+/// whose events stay stored, is listed for the build with `cqrs_core::register_event_type!`.
 pub fn event_types() -> EventTypes {
     let mut types = EventTypes::new();
     <crate::domain::TicketEvent as cqrs_core::EventSet>::register(&mut types);
