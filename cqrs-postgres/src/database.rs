@@ -762,7 +762,7 @@ impl HealthCheck for PgDatabase {
         // check (a probe's own timeout), it would go back through sqlx's ping, which has no
         // deadline, and a server that stopped answering would keep its place in the pool.
         let mut held = match acquired {
-            Ok(conn) => ClosedUnlessReturned::new(conn),
+            Ok(conn) => ClosedUnlessReturned::new(conn, self.answer_timeout),
             // The error names the server ("postgres is unavailable: no connection to ...").
             Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
@@ -857,23 +857,26 @@ impl HealthCheck for PgDatabase {
 
 /// A pooled connection for work that may be given up mid-statement (a relay's batch, see
 /// `PgOutboxRelay::watched_batch`; a backlog measurement; a health check's query). Given back
-/// ([`give_back`](Self::give_back)) once the work returned, it goes back to the pool as
-/// usual; dropped before, it is closed instead, within sqlx's 5 s: handed back, the pool
-/// would first ping it, with no deadline, on a server that does not answer, and keep one of
-/// its connections for as long.
+/// ([`give_back`](Self::give_back)) once the work returned, it goes back to the pool within
+/// `answer_timeout`, as every connection this crate holds (`HeldConnection`); dropped before,
+/// it is closed instead, within sqlx's 5 s: handed back, it would wait for the answer to the
+/// statement given up, on a server that may have stopped answering.
 pub(crate) struct ClosedUnlessReturned {
-    pub(crate) connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    pub(crate) connection: crate::transaction::HeldConnection,
     returned: bool,
 }
 
 impl ClosedUnlessReturned {
-    pub(crate) async fn acquire(pool: &sqlx::PgPool) -> Result<Self, sqlx::Error> {
-        Ok(Self::new(pool.acquire().await?))
+    pub(crate) async fn acquire(db: &PgDatabase) -> Result<Self, sqlx::Error> {
+        Ok(Self::new(db.pool.acquire().await?, db.answer_timeout))
     }
 
-    pub(crate) fn new(connection: sqlx::pool::PoolConnection<sqlx::Postgres>) -> Self {
+    pub(crate) fn new(
+        connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        answer_timeout: Duration,
+    ) -> Self {
         Self {
-            connection,
+            connection: crate::transaction::HeldConnection::new(connection, answer_timeout),
             returned: false,
         }
     }

@@ -442,7 +442,7 @@ impl PgOutboxRelay {
     async fn create_checkpoint(&self) -> Result<bool, RelayError> {
         let fail = |e| self.store_error(self.db.store_error(e));
         // Part of a batch, which may be given up mid-statement.
-        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+        let mut held = ClosedUnlessReturned::acquire(&self.db)
             .await
             .map_err(fail)?;
         let done = sqlx::query(AssertSqlSafe(self.db.sql.relay_ensure.clone()))
@@ -477,7 +477,7 @@ impl PgOutboxRelay {
     pub async fn check_session_settings(&self) -> Result<(), RelayError> {
         let fail = |e| self.store_error(self.db.store_error(e));
         // `run` may give it up mid-statement.
-        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+        let mut held = ClosedUnlessReturned::acquire(&self.db)
             .await
             .map_err(fail)?;
         let settings: Result<Vec<(String, i64)>, _> = sqlx::query_as(
@@ -530,7 +530,7 @@ impl PgOutboxRelay {
     /// This relay's checkpoint row, if it has one: `None` for a relay name that never ran (or
     /// whose row was deleted), which [`checkpoint`](Self::checkpoint) reads as the start.
     pub async fn stored_checkpoint(&self) -> Result<Option<Position>, StoreError> {
-        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+        let mut held = ClosedUnlessReturned::acquire(&self.db)
             .await
             .map_err(|e| self.db.store_error(e))?;
         let position: Result<Option<i64>, _> =
@@ -547,7 +547,7 @@ impl PgOutboxRelay {
     /// [`backlog_count_limit`](Self::backlog_count_limit) events, an estimate past them.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         // A measurement the relay gives up on (see `run`) leaves its connection closed.
-        let mut held = ClosedUnlessReturned::acquire(&self.db.pool)
+        let mut held = ClosedUnlessReturned::acquire(&self.db)
             .await
             .map_err(|e| self.db.store_error(e))?;
         let row = sqlx::query(AssertSqlSafe(self.db.sql.relay_backlog.clone()))
@@ -639,7 +639,7 @@ impl PgOutboxRelay {
         if let Err(e) = self.check_fixed_topic() {
             return BatchOutcome::failed(e);
         }
-        let mut held = match ClosedUnlessReturned::acquire(&self.db.pool).await {
+        let mut held = match ClosedUnlessReturned::acquire(&self.db).await {
             Ok(held) => held,
             Err(e) => return BatchOutcome::failed(self.store_error(self.db.store_error(e))),
         };
