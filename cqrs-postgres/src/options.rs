@@ -69,12 +69,7 @@ async fn settle_released(
     match tokio::time::timeout(patience, crate::transaction::read_owed_answers(conn)).await {
         Ok(kept) => Ok(kept),
         Err(_) => {
-            tracing::warn!(
-                waited = ?patience,
-                "a connection given back to the pool got no answer to what it had sent (a \
-                 statement its caller stopped waiting for) within answer_timeout; it is \
-                 closed: the server or the network between may be down"
-            );
+            crate::transaction::no_answer_in_time(patience, "to what it had sent");
             Ok(false)
         }
     }

@@ -163,7 +163,7 @@ async fn settle(mut conn: PoolConnection<Postgres>, patience: Duration, end_begi
 }
 
 /// Logs a connection closed because it did not answer within `patience` (`what`: to what).
-fn no_answer_in_time(patience: Duration, what: &str) {
+pub(crate) fn no_answer_in_time(patience: Duration, what: &str) {
     tracing::warn!(
         waited = ?patience,
         "a connection given back got no answer {what} within answer_timeout (a statement or \
