@@ -65,8 +65,10 @@ pub enum ProjectionError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// An event could not be decoded: an unknown type under
-    /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail) or a schema version above
-    /// this build's (these wait for a newer build: a transport-fed runner hands them back
+    /// [`UnknownEventPolicy::Fail`](crate::UnknownEventPolicy::Fail), a type no part of this
+    /// build knows under
+    /// [`UnknownEventPolicy::AwaitNewerBuild`](crate::UnknownEventPolicy::AwaitNewerBuild), or a
+    /// schema version above this build's (these wait for a newer build: a transport-fed runner hands them back
     /// without counting an attempt), an old version with no upcaster, an upcaster that failed,
     /// or a payload that does not match its type (no redelivery mends these: a transport-fed
     /// runner dead-letters the event).

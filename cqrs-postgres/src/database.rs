@@ -211,7 +211,8 @@ impl PgDatabase {
     }
 
     /// How long work that goes on whether or not its caller still waits (a command's or a
-    /// projection unit's commit, an idempotency key's claim and completion) waits for the
+    /// projection unit's commit, an idempotency key's claim and completion,
+    /// [`PgTransaction`](crate::PgTransaction)'s commit and rollback) waits for the
     /// server's answer before it is given up, and how long a `BEGIN`'s caller waits for it:
     /// [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout),
     /// which sets it for a database it connects. Default 30 s; zero counts as a millisecond.
