@@ -118,7 +118,9 @@ impl RedisStreamTransport {
     /// Publishes dead letters again, each to the group that gave up on it only (the other
     /// groups skip the entry), and removes them from the dead-letter stream, in one script.
     /// Ids not found, and strings that are no stream ids (`<ms>-<seq>`), are left out of the
-    /// answer, which lists the others in the order they were published again. So are, left in the dead-letter stream with a warning, dead
+    /// answer, which lists the others in the order they were published again, each under its
+    /// id as Redis writes it and once, however often `ids` names it (`1000-05` and `1000-5`
+    /// are one entry). So are, left in the dead-letter stream with a warning, dead
     /// letters whose group no longer exists on the topic (deleted, or renamed): published
     /// for it, every other group would acknowledge the entry unhandled and the event would
     /// be gone. Create the group again (or consume under its name) to replay them.
@@ -160,7 +162,7 @@ impl RedisStreamTransport {
                 &self.shared.client,
                 &self.shared.fail_fast(),
                 &[keys.stream.as_str(), keys.dead.as_str()],
-                ids.iter().map(|id| Value::from(*id)).collect(),
+                ids.into_iter().map(Value::from).collect(),
             )
             .await
             .map_err(|e| self.shared.error(e))?;
@@ -268,12 +270,16 @@ impl RedisStreamTransport {
     }
 }
 
-/// The ids among `ids` that are stream entry ids (`<ms>-<seq>`, both decimal). Any other (a
-/// typo, a blank line of an operator's list) names no dead letter, and Redis would fail the
-/// whole call on it, so it is left out, as an id not found is.
-fn stream_ids(ids: &[String]) -> Vec<&str> {
+/// The ids among `ids` that are stream entry ids (`<ms>-<seq>`, both decimal), each once and
+/// written as Redis writes it. Any other (a typo, a blank line of an operator's list) names no
+/// dead letter, and Redis would fail the whole call on it, so it is left out, as an id not
+/// found is. Redis reads `1000-05` as `1000-5`: taken as written, a list naming one entry both
+/// ways would replay it twice.
+fn stream_ids(ids: &[String]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
     ids.iter()
-        .map(String::as_str)
-        .filter(|id| entry::parse_id(id).is_some())
+        .filter_map(|id| entry::parse_id(id))
+        .filter(|id| seen.insert(*id))
+        .map(|(ms, seq)| format!("{ms}-{seq}"))
         .collect()
 }

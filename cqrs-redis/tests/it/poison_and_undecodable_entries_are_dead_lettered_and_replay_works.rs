@@ -151,11 +151,19 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
             assert_eq!(audited.len(), 3);
 
             // The handler is fixed: replay the poison. Ids that are no stream ids (a typo, a
-            // blank line of an operator's list) are not found, and fail nothing.
+            // blank line of an operator's list) are not found, and fail nothing. The poison
+            // named again with zeros in front of its parts (which Redis reads as the same
+            // entry) is replayed once.
             let not_ids = ["not an id", "", "1-2-3", "+1-0", "12"].map(String::from);
-            let asked: Vec<String> = std::iter::once(poison.id.clone())
-                .chain(not_ids.iter().cloned())
-                .collect();
+            let (ms, seq) = poison.id.split_once('-').unwrap();
+            let asked: Vec<String> = [
+                poison.id.clone(),
+                format!("00{ms}-0{seq}"),
+                format!("{ms}-00{seq}"),
+            ]
+            .into_iter()
+            .chain(not_ids.iter().cloned())
+            .collect();
             let replayed = env
                 .transport
                 .replay_dead_letters(&topic, &asked)
