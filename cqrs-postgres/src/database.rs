@@ -300,14 +300,26 @@ impl PgDatabase {
         }
     }
 
-    /// A connection from the pool, its failure mapped by [`store_error`](Self::store_error),
-    /// given back within `answer_timeout` or closed (see `HeldConnection`).
-    pub(crate) async fn acquire(&self) -> Result<crate::transaction::HeldConnection, StoreError> {
-        let conn = self.pool.acquire().await.map_err(|e| self.store_error(e))?;
-        Ok(crate::transaction::HeldConnection::new(
-            conn,
-            self.answer_timeout,
-        ))
+    /// A connection of the pool for statements of your own, given back within
+    /// [`answer_timeout`](crate::PgOptions::answer_timeout) when dropped, or closed: use it
+    /// instead of `pool()` (or `pool().acquire()`) where the network may drop packets
+    /// ([`PgPooledConnection`](crate::PgPooledConnection) says why). Waits at most the pool's
+    /// [`acquire_timeout`](crate::PgOptions::acquire_timeout) for a free connection.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), sqlx::Error> {
+    /// let mut conn = db.acquire().await?;
+    /// sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn acquire(&self) -> Result<crate::PgPooledConnection, sqlx::Error> {
+        let conn = self.pool.acquire().await?;
+        Ok(crate::PgPooledConnection::new(conn, self.answer_timeout))
+    }
+
+    /// [`acquire`](Self::acquire), its failure mapped by [`store_error`](Self::store_error).
+    pub(crate) async fn acquire_for_store(&self) -> Result<crate::PgPooledConnection, StoreError> {
+        self.acquire().await.map_err(|e| self.store_error(e))
     }
 
     /// Begins a transaction of your own on the pool, at READ COMMITTED (what
@@ -453,7 +465,7 @@ impl PgDatabase {
         // error (or is cancelled) without releasing it; a pooled connection would keep it and
         // leave every other instance's `migrate` waiting. A connection that is closed after
         // the run takes the lock with it.
-        let mut conn = self.acquire().await?;
+        let mut conn = self.acquire_for_store().await?;
         conn.close_on_drop();
         // Statements outside an explicit transaction (a single append, a read) take the
         // session's default level; a pool made elsewhere must make it READ COMMITTED, as one
@@ -859,11 +871,11 @@ impl HealthCheck for PgDatabase {
 /// A pooled connection for work that may be given up mid-statement (a relay's batch, see
 /// `PgOutboxRelay::watched_batch`; a backlog measurement; a health check's query). Given back
 /// ([`give_back`](Self::give_back)) once the work returned, it goes back to the pool within
-/// `answer_timeout`, as every connection this crate holds (`HeldConnection`); dropped before,
+/// `answer_timeout`, as every connection this crate holds (`PgPooledConnection`); dropped before,
 /// it is closed instead, within sqlx's 5 s: handed back, it would wait for the answer to the
 /// statement given up, on a server that may have stopped answering.
 pub(crate) struct ClosedUnlessReturned {
-    pub(crate) connection: crate::transaction::HeldConnection,
+    pub(crate) connection: crate::PgPooledConnection,
     returned: bool,
 }
 
@@ -877,7 +889,7 @@ impl ClosedUnlessReturned {
         answer_timeout: Duration,
     ) -> Self {
         Self {
-            connection: crate::transaction::HeldConnection::new(connection, answer_timeout),
+            connection: crate::PgPooledConnection::new(connection, answer_timeout),
             returned: false,
         }
     }

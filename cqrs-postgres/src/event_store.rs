@@ -1,10 +1,10 @@
 //! The event store.
 
 use crate::PgDatabase;
+use crate::PgPooledConnection;
 use crate::error::{BACKEND, is_unique_violation, store_error};
 use crate::row::{self, Columns, RowError, to_i64, to_u64};
 use crate::sql::Sql;
-use crate::transaction::HeldConnection;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use cqrs_core::ports::{EventStore, ExpectedVersion, StoreError};
@@ -347,9 +347,9 @@ pub(crate) async fn append_on(
 /// At its maximum it fails at once rather than wait, holding a connection, for another
 /// holder to give one back: enough callers doing that would starve the pool. The error says
 /// why no connection was had.
-async fn other_connection(db: &PgDatabase) -> Result<HeldConnection, String> {
+async fn other_connection(db: &PgDatabase) -> Result<PgPooledConnection, String> {
     let pool = &db.pool;
-    let held = |conn| HeldConnection::new(conn, db.answer_timeout);
+    let held = |conn| PgPooledConnection::new(conn, db.answer_timeout);
     if let Some(idle) = pool.try_acquire() {
         return Ok(held(idle));
     }
@@ -437,7 +437,7 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<EventRecord>,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut conn = self.db.acquire().await?;
+        let mut conn = self.db.acquire_for_store().await?;
         append_on(
             &mut conn,
             &self.db,
@@ -455,7 +455,7 @@ impl EventStore for PgEventStore {
         stream_id: &str,
         after_version: u64,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut conn = self.db.acquire().await?;
+        let mut conn = self.db.acquire_for_store().await?;
         self.load_in(&mut conn, stream_id, after_version).await
     }
 
@@ -467,12 +467,12 @@ impl EventStore for PgEventStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut conn = self.db.acquire().await?;
+        let mut conn = self.db.acquire_for_store().await?;
         self.read_all_in(&mut conn, after, limit).await
     }
 
     async fn stream_version(&self, stream_id: &str) -> Result<u64, StoreError> {
-        let mut conn = self.db.acquire().await?;
+        let mut conn = self.db.acquire_for_store().await?;
         read_version(&mut conn, &self.db.sql, stream_id).await
     }
 }

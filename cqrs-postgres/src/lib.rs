@@ -112,7 +112,7 @@ pub use options::{DEFAULT_URL, PgOptions};
 pub use projection::{PgProjectionStore, PgProjectionUnit};
 pub use relay::{Backlog, PgOutboxRelay, RelayBatch, RelayError};
 pub use snapshot::PgSnapshotStore;
-pub use transaction::PgTransaction;
+pub use transaction::{PgPooledConnection, PgTransaction};
 pub use unit_of_work::PgUnitOfWork;
 
 /// sqlx, re-exported so applications write their own queries against the same version.

@@ -47,9 +47,31 @@ pub(crate) async fn read_owed_answers(conn: &mut PgConnection) -> bool {
     false
 }
 
-/// A connection of the pool that this crate holds: given back settled, within
-/// `answer_timeout`, or closed (see the module's docs). Derefs to the connection.
-pub(crate) struct HeldConnection {
+/// A connection of the database's pool ([`PgDatabase::acquire`]), given back settled when
+/// dropped: within [`answer_timeout`](crate::PgOptions::answer_timeout), or closed. Derefs
+/// to the connection, so `&mut *conn` runs statements on it.
+///
+/// Statements run straight on [`PgDatabase::pool`](crate::PgDatabase::pool) go back through
+/// sqlx's release instead: on a network that drops packets, one whose caller gave up (a
+/// request that ran out of time, a client gone) keeps its connection out of the pool until
+/// TCP gives up, about 15 minutes, over TLS even once the pool's release hook gave up on it
+/// (sqlx 0.9's rustls socket waits to read as it closes). Given back from here, such a
+/// connection is detached from the pool and dropped at `answer_timeout`, which closes its
+/// socket without a close handshake; the pool opens a replacement. A connection that owes
+/// nothing costs no extra round trip. The crate's own reads and transactions
+/// ([`PgTransaction`]) hold their connections the same way.
+///
+/// [`PgDatabase::acquire`]: crate::PgDatabase::acquire
+///
+/// ```no_run
+/// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), sqlx::Error> {
+/// let mut conn = db.acquire().await?;
+/// let open: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity")
+///     .fetch_one(&mut *conn)
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct PgPooledConnection {
     /// `None` only once dropped.
     conn: Option<PoolConnection<Postgres>>,
     answer_timeout: Duration,
@@ -60,7 +82,7 @@ pub(crate) struct HeldConnection {
     close: bool,
 }
 
-impl HeldConnection {
+impl PgPooledConnection {
     pub(crate) fn new(conn: PoolConnection<Postgres>, answer_timeout: Duration) -> Self {
         Self {
             conn: Some(conn),
@@ -78,7 +100,7 @@ impl HeldConnection {
     }
 }
 
-impl Deref for HeldConnection {
+impl Deref for PgPooledConnection {
     type Target = PgConnection;
 
     fn deref(&self) -> &PgConnection {
@@ -88,7 +110,7 @@ impl Deref for HeldConnection {
     }
 }
 
-impl DerefMut for HeldConnection {
+impl DerefMut for PgPooledConnection {
     fn deref_mut(&mut self) -> &mut PgConnection {
         self.conn
             .as_mut()
@@ -96,15 +118,66 @@ impl DerefMut for HeldConnection {
     }
 }
 
-impl fmt::Debug for HeldConnection {
+impl AsRef<PgConnection> for PgPooledConnection {
+    fn as_ref(&self) -> &PgConnection {
+        self
+    }
+}
+
+impl AsMut<PgConnection> for PgPooledConnection {
+    fn as_mut(&mut self) -> &mut PgConnection {
+        self
+    }
+}
+
+/// As for sqlx's `PoolConnection`: `acquire` lends the connection, `begin` opens a
+/// transaction on it (sqlx's, rolled back when dropped uncommitted).
+///
+/// A `begin` given up before the server answered it (a timeout around it, a caller gone)
+/// leaves a transaction sqlx (0.9) does not count, nor ends: the connection, given back, then
+/// rolls it back first, as [`PgTransaction`]'s does. Statements run on the connection after
+/// such a `begin` run in that transaction, and are rolled back with it: give a connection
+/// whose `begin` was given up back to the pool. `sqlx::Connection::begin(&mut *conn)` goes
+/// around this: use `sqlx::Acquire::begin(&mut conn)` (or [`PgDatabase::begin`]).
+///
+/// [`PgDatabase::begin`]: crate::PgDatabase::begin
+impl<'c> sqlx::Acquire<'c> for &'c mut PgPooledConnection {
+    type Database = Postgres;
+    type Connection = &'c mut PgConnection;
+
+    fn acquire(self) -> BoxFuture<'c, Result<Self::Connection, sqlx::Error>> {
+        Box::pin(std::future::ready(Ok(&mut **self)))
+    }
+
+    fn begin(self) -> BoxFuture<'c, Result<sqlx::Transaction<'c, Postgres>, sqlx::Error>> {
+        // Two fields borrowed apart: the transaction holds the connection while the flag is
+        // cleared.
+        let PgPooledConnection {
+            conn, end_begin, ..
+        } = self;
+        Box::pin(async move {
+            let conn: &'c mut PgConnection = conn
+                .as_mut()
+                .expect("a held connection is taken out only when dropped");
+            // Until answered: a caller that gives up drops this future with it set.
+            *end_begin = true;
+            let began = sqlx::Connection::begin(conn).await;
+            // Answered: a transaction sqlx counts (rolled back on drop), or none.
+            *end_begin = false;
+            began
+        })
+    }
+}
+
+impl fmt::Debug for PgPooledConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HeldConnection")
+        f.debug_struct("PgPooledConnection")
             .field("answer_timeout", &self.answer_timeout)
             .finish_non_exhaustive()
     }
 }
 
-impl Drop for HeldConnection {
+impl Drop for PgPooledConnection {
     fn drop(&mut self) {
         let Some(mut conn) = self.conn.take() else {
             return;
@@ -199,7 +272,7 @@ pub(crate) fn no_answer_in_time(patience: Duration, what: &str) {
 /// # Ok(()) }
 /// ```
 pub struct PgTransaction {
-    held: HeldConnection,
+    held: PgPooledConnection,
 }
 
 impl PgTransaction {
@@ -211,7 +284,7 @@ impl PgTransaction {
         answer_timeout: Duration,
     ) -> Result<Self, sqlx::Error> {
         let mut tx = Self {
-            held: HeldConnection::new(conn, answer_timeout),
+            held: PgPooledConnection::new(conn, answer_timeout),
         };
         // Until answered: a caller that gives up (or the bound below) drops `tx` with it set.
         tx.held.end_begin = true;

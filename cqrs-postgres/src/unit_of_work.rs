@@ -414,7 +414,7 @@ async fn commit_state(db: &PgDatabase, state: State) -> Result<(), StoreError> {
         None if pending.len() == 1 && completion.is_none() => {
             // One statement is its own transaction: no BEGIN, no COMMIT. So it is the
             // commit, and a lost answer is an unknown outcome, as for a `COMMIT`.
-            let mut conn = db.acquire().await?;
+            let mut conn = db.acquire_for_store().await?;
             let append = async {
                 for p in pending {
                     append_on(&mut conn, db, sql, &p.stream, p.expected, p.events, None)

@@ -190,6 +190,37 @@ pg_test! {
 }
 
 pg_test! {
+    /// A statement of the application's own, on a connection from `PgDatabase::acquire`,
+    /// whose caller gave up on a network that drops packets frees its connection within
+    /// `answer_timeout`, over TLS too: run on `pool()` instead, sqlx's close of it never
+    /// ends over TLS (postgres.md), and the pool's one connection stays taken.
+    async fn a_statement_on_an_acquired_connection_dropped_on_a_silent_network_frees_it(db: PgDatabase) {
+        for tls in plain_and_tls(&db).await {
+            let proxy = proxy().await;
+            let silent = through_with(&proxy, db.schema(), tls).connect().await.expect("connect through the proxy");
+            let select_one = || async {
+                let mut conn = silent.acquire().await?;
+                sqlx::query_scalar::<_, i32>(AssertSqlSafe("SELECT 1".to_owned()))
+                    .fetch_one(&mut *conn)
+                    .await
+            };
+            assert_eq!(select_one().await.expect("the proxy passes it on"), 1);
+            proxy.settle_with(silent.pool(), 0).await;
+
+            proxy.silence_open_connections();
+            let gave_up = tokio::time::timeout(Duration::from_millis(200), select_one()).await;
+            assert!(gave_up.is_err(), "{tls:?}: the silent network answered: {gave_up:?}");
+            let answer = tokio::time::timeout(Duration::from_secs(4), select_one())
+                .await
+                .unwrap_or_else(|_| panic!("{tls:?}: the pool's one connection was not freed"))
+                .expect("the new connection works");
+            assert_eq!(answer, 1);
+            silent.pool().close().await;
+        }
+    }
+}
+
+pg_test! {
     /// A command whose `COMMIT` goes out on a network that has gone silent fails within
     /// `answer_timeout` as an unknown outcome (`Timeout`), instead of its detached commit
     /// waiting for ~15 minutes with a connection; the next command runs on a new connection,
@@ -331,6 +362,44 @@ pg_test! {
         assert!(outside, "the statement ran inside the abandoned BEGIN's transaction");
         // The connection that ran the `BEGIN`, not a replacement (which would pass the check
         // above whatever became of the transaction).
+        assert_eq!(backend_pid(&late).await, pid, "the connection was kept");
+        late.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// The same on a connection from `PgDatabase::acquire`: a `begin` (`sqlx::Acquire`) whose
+    /// caller gave up before the server answered leaves no transaction open once the
+    /// connection is back in the pool. sqlx (0.9) does not count such a transaction, and the
+    /// next statement on the connection ran inside it, uncommitted.
+    async fn a_begin_on_an_acquired_connection_given_up_leaves_no_transaction_open(db: PgDatabase) {
+        use sqlx::Acquire;
+        let proxy = proxy().await;
+        let late = through(&proxy, db.schema())
+            .answer_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .expect("connect through the proxy");
+        let pid = backend_pid(&late).await;
+        proxy.settle_with(late.pool(), 0).await;
+        // Given up after a second, answered after three: within the wait of the connection
+        // given back (`answer_timeout`, to four), with a second's margin either side.
+        proxy.stall_for(Duration::from_secs(3));
+        let mut conn = late.acquire().await.expect("the pool's one connection");
+        let gave_up = tokio::time::timeout(Duration::from_secs(1), (&mut conn).begin())
+            .await
+            .is_err();
+        assert!(gave_up, "answered before the stall ended");
+        drop(conn);
+        let row = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(late.pool()),
+        )
+        .await
+        .expect("the connection is back")
+        .expect("the statement runs");
+        let outside: bool = sqlx::Row::get(&row, 0);
+        assert!(outside, "the statement ran inside the abandoned BEGIN's transaction");
         assert_eq!(backend_pid(&late).await, pid, "the connection was kept");
         late.pool().close().await;
     }

@@ -129,7 +129,15 @@ impl PgUserStore {
     }
 
     async fn one(&self, key: Key) -> Result<Option<UserRecord>, StoreError> {
-        self.one_on(self.db.pool(), key).await
+        let mut conn = self.connection().await?;
+        self.one_on(&mut *conn, key).await
+    }
+
+    /// A connection of the pool, given back within the database's `answer_timeout` when a
+    /// request gives up on its statement (`PgDatabase::acquire`): run on `pool()`, such a
+    /// statement on a network that drops packets kept its connection for minutes.
+    async fn connection(&self) -> Result<cqrs_postgres::PgPooledConnection, StoreError> {
+        self.db.acquire().await.map_err(|e| self.db.store_error(e))
     }
 
     async fn one_on<'e>(
@@ -192,7 +200,7 @@ impl UserStore for PgUserStore {
             .bind(&user.display_name)
             .bind(&user.password_hash)
             .bind(user.created_at)
-            .execute(self.db.pool())
+            .execute(&mut *self.connection().await?)
             .await;
         match done {
             Ok(_) => Ok(()),
@@ -413,7 +421,13 @@ impl LoginThrottle for PgLoginThrottle {
         sqlx::query(AssertSqlSafe(sql))
             .bind(key)
             .bind(counted.instant())
-            .execute(self.db.pool())
+            .execute(
+                &mut *self
+                    .db
+                    .acquire()
+                    .await
+                    .map_err(|e| self.db.store_error(e))?,
+            )
             .await
             .map_err(|e| self.db.store_error(e))?;
         Ok(())

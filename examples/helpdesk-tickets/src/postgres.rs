@@ -389,13 +389,12 @@ impl PgTicketIndex {
         Ok(())
     }
 
-    /// A pooled connection, for a call outside a command's transaction.
-    async fn connection(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
-        self.db
-            .pool()
-            .acquire()
-            .await
-            .map_err(|e| self.db.store_error(e))
+    /// A pooled connection, for a call outside a command's transaction: given back within
+    /// the database's `answer_timeout` when a request gives up on its statement
+    /// (`PgDatabase::acquire`; on `pool()`, on a network that drops packets, it was kept for
+    /// minutes).
+    async fn connection(&self) -> Result<cqrs_postgres::PgPooledConnection, StoreError> {
+        self.db.acquire().await.map_err(|e| self.db.store_error(e))
     }
 
     /// The reporter of ticket `id` as the index row on `conn` has it (a command's
@@ -458,7 +457,7 @@ impl TicketIndex for PgTicketIndex {
             .push_bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let rows = q
             .build()
-            .fetch_all(self.db.pool())
+            .fetch_all(&mut *self.connection().await?)
             .await
             .map_err(|e| self.db.store_error(e))?;
         rows.into_iter()
@@ -568,11 +567,16 @@ impl Projection<PgProjectionStore> for PgStats {
 #[async_trait]
 impl StatsReader for PgStats {
     async fn stats(&self) -> Result<Stats, HandlerError> {
+        let mut conn = self
+            .db
+            .acquire()
+            .await
+            .map_err(|e| self.db.store_error(e))?;
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT status, tickets FROM {}.ticket_status_counts",
             self.db.schema()
         )))
-        .fetch_all(self.db.pool())
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| HandlerError::from(self.db.store_error(e)))?;
         let mut stats = Stats::default();

@@ -287,6 +287,8 @@ impl Instance {
     /// that sign tokens with another secret, or `None` when there are none. Instances of a
     /// release before this one record no key, and are not counted.
     async fn other_token_keys(&self) -> Result<Option<String>, sqlx::Error> {
+        // Cut off by the round's timeout, it gives its connection back within `answer_timeout`.
+        let mut conn = self.db.acquire().await?;
         let (count, seen_as): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT count(*), string_agg(seen_as, '; ' ORDER BY seen_as)
              FROM {}.helpdesk_instances
@@ -295,7 +297,7 @@ impl Instance {
         )))
         .bind(&self.token_key)
         .bind(STALE_AFTER.as_secs() as f64)
-        .fetch_one(self.db.pool())
+        .fetch_one(&mut *conn)
         .await?;
         Ok((count > 0).then(|| {
             format!(
@@ -384,7 +386,12 @@ impl Worker for Instance {
             // leave the record to go stale instead).
             tokio::select! {
                 _ = ctx.shutdown.requested() => break,
-                renewed = tokio::time::timeout(self.every, self.renew(self.db.pool())) => {
+                renewed = tokio::time::timeout(self.every, async {
+                    // Given back within `answer_timeout` when the timeout cuts it off (on
+                    // `pool()`, on a network that drops packets, it was kept for minutes).
+                    let mut conn = self.db.acquire().await?;
+                    self.renew(&mut *conn).await
+                }) => {
                     match renewed {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => {
