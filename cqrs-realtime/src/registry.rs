@@ -273,7 +273,7 @@ impl<P: Send + Sync + 'static> Registry<P> {
                 // Only to those that may see it: to others, the notice would tell that an
                 // event they may not see happened.
                 let frame = missed_frame(topic);
-                let mut panicked = 0;
+                let mut panicked = Panics::default();
                 for slot in slots.slots.values() {
                     if !self.may_see_counting(&slot.conn.principal, topic, event, &mut panicked) {
                         continue;
@@ -282,11 +282,11 @@ impl<P: Send + Sync + 'static> Registry<P> {
                         told += 1;
                     }
                 }
-                log_panicked(topic, event, panicked);
+                log_panicked(topic, event, &panicked);
                 continue;
             }
             let mut frame: Option<Utf8Bytes> = None;
-            let mut panicked = 0;
+            let mut panicked = Panics::default();
             for slot in slots.slots.values() {
                 if !self.may_see_counting(&slot.conn.principal, topic, event, &mut panicked) {
                     continue;
@@ -295,7 +295,7 @@ impl<P: Send + Sync + 'static> Registry<P> {
                     frame.get_or_insert_with(|| event_frame(topic, event, self.max_event_frame));
                 slot.deliver(event.position(), frame);
             }
-            log_panicked(topic, event, panicked);
+            log_panicked(topic, event, &panicked);
         }
         told
     }
@@ -333,47 +333,67 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// The authorizer's answer; a panicking authorizer hides the event instead of taking the
     /// channel's dispatcher down.
     pub(crate) fn may_see(&self, principal: &P, topic: &Topic, event: &PushedEvent) -> bool {
-        let mut panicked = 0;
+        let mut panicked = Panics::default();
         let may = self.may_see_counting(principal, topic, event, &mut panicked);
-        log_panicked(topic, event, panicked);
+        log_panicked(topic, event, &panicked);
         may
     }
 
     /// [`may_see`](Self::may_see), counting a panic in `panicked` instead of logging it: an
     /// event its authorizer panics on, fanned out to thousands of subscribers, is logged once
-    /// (by [`log_panicked`]), not once per subscriber under the registry's lock. Once it
-    /// panicked for one subscriber, the event is hidden from the topic's others without asking
-    /// again: each panic also runs the process's panic hook (a log line, a backtrace).
+    /// (by [`log_panicked`]), not once per subscriber under the registry's lock. A panic hides
+    /// the event from its subscription alone, so one principal the authorizer fails on (one
+    /// user's odd data) costs the others nothing; after [`PANICS_BEFORE_HIDING`] panics on
+    /// one event, the event is hidden from the topic's remaining subscriptions without asking
+    /// again, since each panic also runs the process's panic hook (a log line, a backtrace).
     fn may_see_counting(
         &self,
         principal: &P,
         topic: &Topic,
         event: &PushedEvent,
-        panicked: &mut u64,
+        panicked: &mut Panics,
     ) -> bool {
-        if *panicked > 0 {
-            *panicked += 1;
+        if panicked.asked >= PANICS_BEFORE_HIDING {
+            panicked.unasked += 1;
             return false;
         }
         catch_unwind(AssertUnwindSafe(|| {
             self.authorizer.may_see(principal, topic, event)
         }))
         .unwrap_or_else(|_| {
-            *panicked += 1;
+            panicked.asked += 1;
             false
         })
     }
 }
 
-/// Logs that the authorizer panicked `panicked` times on `event` for subscribers of `topic`,
-/// once, when it did.
-fn log_panicked(topic: &Topic, event: &PushedEvent, panicked: u64) {
-    if panicked > 0 {
+/// How many panics of the authorizer's `may_see` one event's fan-out to a topic sits through
+/// before the event is hidden from the topic's remaining subscriptions without asking: a panic
+/// that depends on the principal hides the event from that subscription only, one that depends
+/// on the event stops after this many runs of the panic hook.
+const PANICS_BEFORE_HIDING: u64 = 3;
+
+/// The authorizer's panics on one event for the subscriptions of one topic.
+#[derive(Default)]
+struct Panics {
+    /// Subscriptions for which `may_see` panicked.
+    asked: u64,
+    /// Subscriptions the event was hidden from without asking, once `asked` reached
+    /// [`PANICS_BEFORE_HIDING`].
+    unasked: u64,
+}
+
+/// Logs that the authorizer panicked on `event` for subscribers of `topic`, once, when it did.
+fn log_panicked(topic: &Topic, event: &PushedEvent, panicked: &Panics) {
+    if panicked.asked > 0 {
         tracing::error!(
             %topic,
             position = ?event.position(),
-            subscribers = panicked,
-            "the realtime authorizer panicked in may_see; the event was hidden from those subscribers"
+            subscribers = panicked.asked + panicked.unasked,
+            panicked = panicked.asked,
+            "the realtime authorizer panicked in may_see; the event was hidden from those \
+             subscribers (after {PANICS_BEFORE_HIDING} panics on one event, from the topic's \
+             remaining subscribers without asking)"
         );
     }
 }
