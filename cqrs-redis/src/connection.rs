@@ -62,6 +62,18 @@ pub(crate) fn builder(
             // look connected until the kernel gives up on it (~15 min).
             config.tcp.keepalive = options.tcp_keepalive.map(keepalive);
             config.unresponsive = unresponsive(options.unresponsive());
+            // Data written and never acknowledged (the peer vanished while this side had
+            // commands to send, a busy publisher's): fred's router waits in the write once
+            // the socket's send buffer is full, where neither its unresponsive check (run as
+            // it reads) nor the watchdog's forced reconnect (a command queued behind the
+            // write) can act. The kernel closes such a connection after the unresponsive
+            // timeout instead of its ~15 minutes of retransmissions.
+            #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+            {
+                config.tcp.user_timeout = options
+                    .replaces_unresponsive()
+                    .then(|| options.unresponsive());
+            }
             // Replies that say this connection's server cannot serve it any more, though the
             // connection is up: a primary demoted to replica under its clients by a failover
             // (`READONLY`: the DNS name now leads to the new primary, which a new connection
@@ -625,6 +637,12 @@ mod tests {
             "twice the command timeout by default"
         );
         assert_eq!(config.unresponsive.interval, Duration::from_millis(150));
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            config.tcp.user_timeout,
+            Some(Duration::from_millis(600)),
+            "unacknowledged writes close the connection after the unresponsive timeout"
+        );
 
         let options = options
             .tcp_keepalive(None)
@@ -636,5 +654,7 @@ mod tests {
             config.unresponsive.max_timeout, None,
             "Duration::MAX: never"
         );
+        #[cfg(target_os = "linux")]
+        assert_eq!(config.tcp.user_timeout, None, "Duration::MAX: never");
     }
 }
