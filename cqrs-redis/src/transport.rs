@@ -738,6 +738,7 @@ impl RedisStreamTransport {
         if events.is_empty() {
             return Ok(());
         }
+        cqrs_core::ports::validate_payloads(events)?;
         self.shared.check_ordering(topic, &keys).await?;
         if let [event] = events
             && self

@@ -267,6 +267,7 @@ impl EventTransport for InMemoryTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         crate::ports::validate_topic(topic)?;
+        crate::ports::validate_payloads(events)?;
         {
             let mut state = self.lock();
             let topic = state.topics.entry(topic.to_owned()).or_default();

@@ -24,5 +24,5 @@ pub use projection::ProjectionStore;
 pub use pubsub::{Fanout, PubSub, PubSubMessage, Subscription};
 pub use transport::{
     Consumer, ConsumerOptions, Delivery, DeliveryId, EventTransport, TransportCapabilities,
-    validate_group, validate_topic,
+    validate_group, validate_payloads, validate_topic,
 };

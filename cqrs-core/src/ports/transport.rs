@@ -237,7 +237,10 @@ impl Delivery {
 ///   `publish` and `consumer` refuse others with [`TransportError::Invalid`]. `consumer`
 ///   refuses a group without a name ([`validate_group`]), options that break [`ConsumerOptions::validate`], and a consumer name already in
 ///   use in its group (see [`ConsumerOptions::consumer_name`]).
-/// * `publish` sends a batch to a topic; when it returns `Ok`, every message is stored.
+/// * `publish` sends a batch to a topic; when it returns `Ok`, every message is stored. It
+///   refuses a batch holding a payload nested deeper than
+///   [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH) whole, with
+///   [`TransportError::Codec`] ([`validate_payloads`]), the bound of every event store.
 /// * A record arrives as it was published, every field ([`EventRecord`]'s `==`): its stream
 ///   id, version and position (a transport-fed projection checkpoints by the position), its
 ///   metadata to the timestamp's last digit, and its payload as JSON that compares equal.
@@ -299,6 +302,49 @@ pub fn validate_topic(topic: &str) -> Result<(), TransportError> {
         )));
     }
     Ok(())
+}
+
+/// The rule every transport holds published payloads to: none nests arrays and objects more
+/// than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH) deep, the bound every event
+/// store holds them to. `serde_json` reads at most 128 levels, and transports and the
+/// realtime hub wrap levels of their own around a payload: past the bound, a payload could
+/// be published and then fail to decode on the way (its consumers dead-lettering it), or
+/// pass one transport and not another. `publish` refuses a batch holding one with
+/// [`TransportError::Codec`], before publishing any of it, so it fails where it is made, on
+/// every transport alike (the relays skip such an event, as an event store would have
+/// refused it). Records that come from an event store always pass.
+///
+/// ```
+/// use cqrs_core::ports::{MAX_PAYLOAD_DEPTH, validate_payloads};
+/// use cqrs_core::reexports::serde_json::json;
+/// use cqrs_core::reexports::uuid::Uuid;
+/// use cqrs_core::{EventRecord, Metadata, RecordMetadata};
+///
+/// let metadata = RecordMetadata::from_metadata(&Metadata::new());
+/// let payload = json!({ "id": "o-1" });
+/// let mut record = EventRecord::new(Uuid::now_v7(), "orders.placed", 1, payload, metadata);
+/// assert!(validate_payloads(std::slice::from_ref(&record)).is_ok());
+/// for _ in 0..=MAX_PAYLOAD_DEPTH {
+///     record.payload = json!([record.payload]);
+/// }
+/// assert!(validate_payloads(&[record]).is_err());
+/// ```
+pub fn validate_payloads(events: &[EventRecord]) -> Result<(), TransportError> {
+    let max = super::MAX_PAYLOAD_DEPTH;
+    match events
+        .iter()
+        .find(|event| super::nests_deeper_than(&event.payload, max))
+    {
+        None => Ok(()),
+        Some(event) => Err(TransportError::Codec(
+            format!(
+                "event {} ({})'s payload nests arrays and objects more than {max} deep: its \
+                 consumers could not read it back; flatten it or check the depth of client data",
+                event.event_id, event.event_type
+            )
+            .into(),
+        )),
+    }
 }
 
 /// The rule every transport holds consumer group names to: a group has a name (not empty).

@@ -98,6 +98,7 @@ macro_rules! transport_conformance {
                 a_redelivery_delay_of_duration_max_never_redelivers,
                 consumer_options_that_break_the_port_rules_are_refused,
                 topics_that_break_the_port_rules_are_refused,
+                a_payload_too_deep_to_read_back_is_refused_whole,
                 a_group_without_a_name_is_refused,
                 a_consumer_name_in_use_in_its_group_is_refused,
                 keep_alive_leaves_alone_a_delivery_another_consumer_took_over,
@@ -989,6 +990,46 @@ pub async fn topics_that_break_the_port_rules_are_refused<H: TransportHarness>(h
         .publish(&fine, &[event("k", 1)])
         .await
         .expect("a topic within the rules");
+}
+
+/// A batch holding a payload nested more than
+/// [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH) deep is refused whole with `Codec`
+/// ([`validate_payloads`](crate::ports::validate_payloads)), the bound every event store
+/// holds payloads to, below what a decoder reads. One exactly that deep arrives whole.
+pub async fn a_payload_too_deep_to_read_back_is_refused_whole<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t-deep", h.test_id());
+    let mut c = consumer(h, &topic, "g", "c").await;
+    // `{"n": n, "deep": [[..]]}`, nested `depth` deep in all.
+    let nested = |n: u64, depth: usize| {
+        let mut deep = serde_json::json!(1);
+        for _ in 1..depth {
+            deep = serde_json::json!([deep]);
+        }
+        let mut record = event("k", n);
+        record.payload = serde_json::json!({ "n": n, "deep": deep });
+        record
+    };
+    let max = crate::ports::MAX_PAYLOAD_DEPTH;
+    let too_deep = nested(1, max + 1);
+    for batch in [vec![too_deep.clone()], vec![event("k", 1), too_deep]] {
+        match h.transport().publish(&topic, &batch).await {
+            Err(TransportError::Codec(why)) => assert!(
+                why.to_string().contains(&format!("more than {max} deep")),
+                "the error says why: {why}"
+            ),
+            other => panic!("a payload {} deep: expected Codec, got {other:?}", max + 1),
+        }
+    }
+    let at_the_limit = nested(2, max);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&at_the_limit))
+        .await
+        .expect("a payload as deep as the limit");
+    let got = fetch_one(c.as_mut(), "the payload as deep as the limit").await;
+    assert_eq!(
+        got.record, at_the_limit,
+        "it arrives whole, and nothing of the refused batches was published"
+    );
 }
 
 /// A group without a name ([`validate_group`](crate::ports::validate_group)) is refused with
