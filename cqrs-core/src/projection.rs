@@ -236,6 +236,10 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     stall_after: Duration,
     /// Set when a batch ran past `stall_after` (and was reported), until the next outcome.
     stalled: std::sync::atomic::AtomicBool,
+    /// Whether the last step from a transport fetched a batch: a failure after that hands
+    /// the batch back, to come again after the redelivery delay; one before it (making the
+    /// consumer, fetching) leaves nothing to wait for.
+    fetched_a_batch: bool,
     /// Events whose unit of their own panicked (outside `apply`): the next such panic of one
     /// is its fault, counted as an attempt. The newest [`MAX_SUSPECTS`].
     suspects: VecDeque<Uuid>,
@@ -309,6 +313,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout: None,
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
+            fetched_a_batch: false,
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
@@ -356,6 +361,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             apply_timeout: None,
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
+            fetched_a_batch: false,
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
@@ -899,8 +905,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after,
             stalled,
             suspects,
+            fetched_a_batch,
             ..
         } = self;
+        *fetched_a_batch = false;
         let Source::Transport {
             transport,
             topic,
@@ -931,6 +939,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             report_lag(name, &[]);
             return Ok(Stepped::CAUGHT_UP);
         }
+        *fetched_a_batch = true;
         // When the deliveries were fetched, then last kept alive: across every pass below.
         let mut kept = tokio::time::Instant::now();
         let mut ids: Vec<DeliveryId> = Vec::with_capacity(deliveries.len());
@@ -1413,7 +1422,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                 }
                 Err(e) => {
                     failures += 1;
-                    last_failure = Some(tokio::time::Instant::now());
+                    // Only a batch handed back comes again after the redelivery delay: a
+                    // consumer that could not be made or a fetch that failed leaves nothing to
+                    // wait for, and the next empty fetch proves the transport is back.
+                    if self.fetched_a_batch {
+                        last_failure = Some(tokio::time::Instant::now());
+                    }
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     // Retried either way (a consumer name in use frees up when its holder
                     // stops), but only what can pass by itself is merely degraded, and only

@@ -2741,6 +2741,57 @@ fn a_batch_of_duplicates_after_a_failure_clears_the_runners_health() {
     });
 }
 
+/// A transport-fed runner whose fetch failed, with nothing to fetch once the transport is
+/// back, is healthy at the next empty fetch: no batch was handed back, so there is no
+/// redelivery to wait for. Before, it stayed degraded for twice the redelivery delay, and
+/// failed fetches spaced closer than that on an idle topic added up to "unhealthy".
+#[test]
+fn a_failed_fetch_on_an_idle_topic_does_not_hold_the_runners_health() {
+    run_paused(|| async {
+        let store = Arc::new(InMemoryProjectionStore::new());
+        let sum = Arc::new(Sum::default());
+        let transport = Counted::new(&Arc::new(InMemoryTransport::new()));
+        let redelivery_delay = Duration::from_secs(10);
+        let options = ConsumerOptions::default()
+            .block(Duration::from_millis(100))
+            .redelivery_delay(redelivery_delay);
+        let runner = ProjectionRunner::from_transport(
+            store,
+            sum.clone(),
+            transport.clone(),
+            "sums",
+            "sum",
+            options,
+            types(),
+        );
+        let runtime = cqrs_core::runtime::Runtime::builder()
+            .worker(runner)
+            .start();
+        let health = || async { runtime.health().await.components["sum"].0.clone() };
+        cqrs_core::testing::eventually(Duration::from_secs(30), "healthy", || async {
+            (health().await == cqrs_core::runtime::Health::Healthy).then_some(())
+        })
+        .await;
+        transport.fetch_fails.store(true, Ordering::SeqCst);
+        cqrs_core::testing::eventually(Duration::from_secs(30), "the failed fetch", || async {
+            matches!(health().await, cqrs_core::runtime::Health::Degraded(_)).then_some(())
+        })
+        .await;
+        let failed_at = tokio::time::Instant::now();
+        transport.fetch_fails.store(false, Ordering::SeqCst);
+        cqrs_core::testing::eventually(Duration::from_secs(60), "healthy again", || async {
+            (health().await == cqrs_core::runtime::Health::Healthy).then_some(())
+        })
+        .await;
+        assert!(
+            failed_at.elapsed() < redelivery_delay,
+            "healthy only {:?} after the fetch failed, with no batch to wait for",
+            failed_at.elapsed()
+        );
+        let _ = runtime.shutdown(Duration::from_secs(1)).await;
+    });
+}
+
 /// A transport-fed runner whose store stays down: its batch fails and waits out the
 /// redelivery delay (the fetches meanwhile come back empty), then fails again. Health is never
 /// Healthy in between (an empty fetch proves the transport, not the store) and turns Unhealthy
