@@ -3142,6 +3142,7 @@ impl EventTransport for EventBusTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         crate::ports::validate_topic(topic)?;
+        crate::ports::validate_payloads(events)?;
         let _end = EndOfCall(self);
         // `None`, a span too long for the clock: no limit.
         let deadline = tokio::time::Instant::now().checked_add(self.retry_within);

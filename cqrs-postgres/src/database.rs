@@ -247,7 +247,9 @@ impl PgDatabase {
         self
     }
 
-    /// The pool, for the application's own queries.
+    /// The pool. For the application's own statements, prefer [`acquire`](Self::acquire) or
+    /// [`begin`](Self::begin): on a network that drops packets, a statement run straight on
+    /// the pool whose caller gave up can keep its connection from the pool for minutes.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -138,7 +138,9 @@ impl AsMut<PgConnection> for PgPooledConnection {
 /// rolls it back first, as [`PgTransaction`]'s does. Statements run on the connection after
 /// such a `begin` run in that transaction, and are rolled back with it: give a connection
 /// whose `begin` was given up back to the pool. `sqlx::Connection::begin(&mut *conn)` goes
-/// around this: use `sqlx::Acquire::begin(&mut conn)` (or [`PgDatabase::begin`]).
+/// around this: use `sqlx::Acquire::begin(&mut conn)` (or [`PgDatabase::begin`]). Unlike
+/// `PgDatabase::begin`, this `begin` waits for its answer without the `answer_timeout`
+/// bound: put a timeout around it where the network may drop packets.
 ///
 /// [`PgDatabase::begin`]: crate::PgDatabase::begin
 impl<'c> sqlx::Acquire<'c> for &'c mut PgPooledConnection {
@@ -162,8 +164,12 @@ impl<'c> sqlx::Acquire<'c> for &'c mut PgPooledConnection {
             // Until answered: a caller that gives up drops this future with it set.
             *end_begin = true;
             let began = sqlx::Connection::begin(conn).await;
-            // Answered: a transaction sqlx counts (rolled back on drop), or none.
-            *end_begin = false;
+            // Begun: a transaction sqlx counts (rolled back on drop). Kept on an error: the
+            // error may be an earlier statement's, read before the `BEGIN`'s answer, and the
+            // server then ran the `BEGIN` (a `ROLLBACK` with none open only draws a warning).
+            if began.is_ok() {
+                *end_begin = false;
+            }
             began
         })
     }
@@ -292,8 +298,12 @@ impl PgTransaction {
         let began = tokio::time::timeout(answer_timeout, begin).await;
         match began {
             Ok(began) => {
-                // Answered: a transaction sqlx counts (rolled back on drop), or none.
-                tx.held.end_begin = false;
+                // Begun: a transaction sqlx counts (rolled back on drop). Kept on an error,
+                // which may come after the server ran the `BEGIN` (a `ROLLBACK` with none open
+                // only draws a warning).
+                if began.is_ok() {
+                    tx.held.end_begin = false;
+                }
                 began.map(|()| tx)
             }
             Err(_) => Err(sqlx::Error::Io(crate::sql::no_answer(

@@ -342,10 +342,11 @@ impl<P: Send + Sync + 'static> Registry<P> {
     /// [`may_see`](Self::may_see), counting a panic in `panicked` instead of logging it: an
     /// event its authorizer panics on, fanned out to thousands of subscribers, is logged once
     /// (by [`log_panicked`]), not once per subscriber under the registry's lock. A panic hides
-    /// the event from its subscription alone, so one principal the authorizer fails on (one
-    /// user's odd data) costs the others nothing; after [`PANICS_BEFORE_HIDING`] panics on
-    /// one event, the event is hidden from the topic's remaining subscriptions without asking
-    /// again, since each panic also runs the process's panic hook (a log line, a backtrace).
+    /// the event from its subscription alone, so a principal the authorizer fails on (one
+    /// user's odd data, on however many connections) costs the others nothing. Each panic
+    /// also runs the process's panic hook (a log line, a backtrace), so the event is hidden
+    /// from the topic's remaining subscriptions without asking once
+    /// [`Panics::gave_up`] says so.
     fn may_see_counting(
         &self,
         principal: &P,
@@ -353,47 +354,65 @@ impl<P: Send + Sync + 'static> Registry<P> {
         event: &PushedEvent,
         panicked: &mut Panics,
     ) -> bool {
-        if panicked.asked >= PANICS_BEFORE_HIDING {
+        if panicked.gave_up() {
             panicked.unasked += 1;
             return false;
         }
-        catch_unwind(AssertUnwindSafe(|| {
+        match catch_unwind(AssertUnwindSafe(|| {
             self.authorizer.may_see(principal, topic, event)
-        }))
-        .unwrap_or_else(|_| {
-            panicked.asked += 1;
-            false
-        })
+        })) {
+            Ok(may) => {
+                panicked.answered = true;
+                may
+            }
+            Err(_) => {
+                panicked.count += 1;
+                false
+            }
+        }
     }
 }
 
-/// How many panics of the authorizer's `may_see` one event's fan-out to a topic sits through
-/// before the event is hidden from the topic's remaining subscriptions without asking: a panic
-/// that depends on the principal hides the event from that subscription only, one that depends
-/// on the event stops after this many runs of the panic hook.
+/// Panics of the authorizer's `may_see` at the start of one event's fan-out to a topic, with
+/// no answer between them, after which the event is hidden from the topic's remaining
+/// subscriptions without asking: a bug the event reaches fails for every principal.
 const PANICS_BEFORE_HIDING: u64 = 3;
+
+/// Panics on one event's fan-out to a topic after which its remaining subscriptions are
+/// hidden from without asking, answers between them or not: the panic hook's cost under the
+/// registry's lock stays bounded when a bug reaches most principals but not all.
+const MOST_PANICS: u64 = 64;
 
 /// The authorizer's panics on one event for the subscriptions of one topic.
 #[derive(Default)]
 struct Panics {
     /// Subscriptions for which `may_see` panicked.
-    asked: u64,
-    /// Subscriptions the event was hidden from without asking, once `asked` reached
-    /// [`PANICS_BEFORE_HIDING`].
+    count: u64,
+    /// Whether `may_see` answered for one of them.
+    answered: bool,
+    /// Subscriptions the event was hidden from without asking (see [`gave_up`](Self::gave_up)).
     unasked: u64,
+}
+
+impl Panics {
+    /// Whether to stop asking: the first [`PANICS_BEFORE_HIDING`] calls all panicked, or
+    /// [`MOST_PANICS`] did in all.
+    fn gave_up(&self) -> bool {
+        (self.count >= PANICS_BEFORE_HIDING && !self.answered) || self.count >= MOST_PANICS
+    }
 }
 
 /// Logs that the authorizer panicked on `event` for subscribers of `topic`, once, when it did.
 fn log_panicked(topic: &Topic, event: &PushedEvent, panicked: &Panics) {
-    if panicked.asked > 0 {
+    if panicked.count > 0 {
         tracing::error!(
             %topic,
             position = ?event.position(),
-            subscribers = panicked.asked + panicked.unasked,
-            panicked = panicked.asked,
+            subscribers = panicked.count + panicked.unasked,
+            panicked = panicked.count,
             "the realtime authorizer panicked in may_see; the event was hidden from those \
-             subscribers (after {PANICS_BEFORE_HIDING} panics on one event, from the topic's \
-             remaining subscribers without asking)"
+             subscribers (from the topic's remaining subscribers without asking after \
+             {PANICS_BEFORE_HIDING} panics with no answer between, or after {MOST_PANICS})"
         );
     }
 }

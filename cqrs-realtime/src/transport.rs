@@ -22,7 +22,9 @@ use std::fmt;
 /// checkpoint.
 ///
 /// * `publish(topic, records)` publishes the records one after the other, each awaited; the
-///   topic is only checked ([`validate_topic`]), the routing chooses the channels.
+///   topic is only checked ([`validate_topic`]), the routing chooses the channels. A batch
+///   holding a payload nested too deep is refused whole, as by every transport
+///   ([`validate_payloads`](cqrs_core::ports::validate_payloads)).
 /// * A pub/sub failure fails the batch with a retryable [`TransportError::Unavailable`]: the
 ///   relay publishes it again, and the hubs drop the events they already pushed (see
 ///   [`Hub`](crate::Hub): a position a channel delivered recently is not pushed twice).
@@ -91,6 +93,7 @@ impl EventTransport for PublisherTransport {
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
         validate_topic(topic)?;
+        cqrs_core::ports::validate_payloads(events)?;
         for record in events {
             match self.publisher.publish(record).await {
                 Ok(_) => {}

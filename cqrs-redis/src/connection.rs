@@ -67,12 +67,13 @@ pub(crate) fn builder(
             // the socket's send buffer is full, where neither its unresponsive check (run as
             // it reads) nor the watchdog's forced reconnect (a command queued behind the
             // write) can act. The kernel closes such a connection after the unresponsive
-            // timeout instead of its ~15 minutes of retransmissions.
+            // timeout instead of its ~15 minutes of retransmissions; after a second at least,
+            // so one lost packet (retransmitted after 200 ms at the soonest) never does.
             #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
             {
                 config.tcp.user_timeout = options
                     .replaces_unresponsive()
-                    .then(|| options.unresponsive());
+                    .then(|| options.unresponsive().max(MIN_TCP_USER_TIMEOUT));
             }
             // Replies that say this connection's server cannot serve it any more, though the
             // connection is up: a primary demoted to replica under its clients by a failover
@@ -98,6 +99,10 @@ pub(crate) fn builder(
         ));
     Ok(builder)
 }
+
+/// The shortest `TCP_USER_TIMEOUT` a connection gets, whatever its unresponsive timeout.
+#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+const MIN_TCP_USER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The kernel's keepalive: probes after `idle` without traffic, then every third of it.
 fn keepalive(idle: Duration) -> TcpKeepalive {
@@ -640,9 +645,19 @@ mod tests {
         #[cfg(target_os = "linux")]
         assert_eq!(
             config.tcp.user_timeout,
-            Some(Duration::from_millis(600)),
-            "unacknowledged writes close the connection after the unresponsive timeout"
+            Some(Duration::from_secs(1)),
+            "unacknowledged writes close the connection after the unresponsive timeout, a \
+             second at least"
         );
+        #[cfg(target_os = "linux")]
+        {
+            let longer = options.clone().unresponsive_timeout(Duration::from_secs(7));
+            let built = builder(&longer, 32).unwrap();
+            assert_eq!(
+                built.get_connection_config().tcp.user_timeout,
+                Some(Duration::from_secs(7))
+            );
+        }
 
         let options = options
             .tcp_keepalive(None)

@@ -310,6 +310,10 @@ impl ConnectionOptions {
     /// How long a connection may leave a command unanswered before it is taken for dead and
     /// replaced: fred closes it and reconnects (its unresponsive-connection check), and the
     /// watchdog [`PING`](Self::ping_interval) forces a reconnect when its reply takes longer.
+    /// On Linux it is also the connection's `TCP_USER_TIMEOUT` (a second at least): the
+    /// kernel closes a connection whose written data stays unacknowledged that long, which
+    /// covers a connection waiting in a write to a vanished host, where neither check runs;
+    /// with TCP keepalive on, it also decides when unanswered probes end the connection.
     /// Default: twice the command timeout.
     ///
     /// This is what notices a connection that died silently, without a FIN or RST (a NAT or

@@ -34,8 +34,9 @@ use tower::{Layer, Service};
 ///   about 100 bytes each). When they are all taken, the buckets that have refilled (idle
 ///   actors) are dropped, in one pass over them under the mutex, at most once per refill time
 ///   (`burst / per_second`) and once a second; when none has, a new actor is let through
-///   untracked until a later pass finds one that has (up to a refill time after it
-///   refilled), logged at warn level at most once per pass: an attacker with
+///   untracked until a later pass finds one that has (a pass is due at most once per refill
+///   time and once a second, and runs when a new actor comes), logged at warn level at most
+///   once per pass: an attacker with
 ///   that many busy accounts is past what a per-actor limit is for.
 /// * The limit is per process: with several instances behind a load balancer, an actor gets
 ///   up to the limit from each.
@@ -304,8 +305,8 @@ impl Limiter {
             tracing::warn!(
                 max_actors,
                 "every rate-limit bucket is in use and none has refilled: new actors are let \
-                 through untracked until a later pass (at most once per refill time) finds one \
-                 that has (raise `max_actors`, or lower the limit's refill time)"
+                 through untracked until a later pass (due at most once per refill time and once \
+                 a second, run as a new actor comes) finds one that has (raise `max_actors`, or lower the limit's refill time)"
             );
         }
         false

@@ -376,15 +376,15 @@ pg_test! {
         use sqlx::Acquire;
         let proxy = proxy().await;
         let late = through(&proxy, db.schema())
-            .answer_timeout(Duration::from_secs(3))
+            .answer_timeout(Duration::from_secs(5))
             .connect()
             .await
             .expect("connect through the proxy");
         let pid = backend_pid(&late).await;
         proxy.settle_with(late.pool(), 0).await;
-        // Given up after a second, answered after three: within the wait of the connection
-        // given back (`answer_timeout`, to four), with a second's margin either side.
-        proxy.stall_for(Duration::from_secs(3));
+        // Given up after a second, answered after four: within the wait of the connection
+        // given back (`answer_timeout`, to six), with margins of three seconds and two.
+        proxy.stall_for(Duration::from_secs(4));
         let mut conn = late.acquire().await.expect("the pool's one connection");
         let gave_up = tokio::time::timeout(Duration::from_secs(1), (&mut conn).begin())
             .await
@@ -402,6 +402,47 @@ pg_test! {
         assert!(outside, "the statement ran inside the abandoned BEGIN's transaction");
         assert_eq!(backend_pid(&late).await, pid, "the connection was kept");
         late.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A `begin` on an acquired connection that fails with the error of an earlier statement
+    /// dropped in flight (read before the `BEGIN`'s answer, which the server then ran) leaves
+    /// no transaction open once the connection is back in the pool.
+    async fn a_begin_failing_with_an_earlier_statements_error_leaves_no_transaction_open(db: PgDatabase) {
+        use sqlx::Acquire;
+        let url = database_url();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let one = PgOptions::new(format!("{url}{separator}sslmode=disable"))
+            .schema(db.schema())
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect");
+        let pid = backend_pid(&one).await;
+        let mut conn = one.acquire().await.expect("the pool's one connection");
+        // Fails with a division by zero once its sleep is over, long after the give-up.
+        let failing = sqlx::query_scalar::<_, i32>(AssertSqlSafe(
+            "SELECT 1 / (0 * (SELECT count(*) FROM pg_sleep(0.5)))::int".to_owned(),
+        ))
+        .fetch_one(&mut *conn);
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), failing).await;
+        assert!(gave_up.is_err(), "the statement was still running");
+        let began = (&mut conn).begin().await.map(drop);
+        assert!(began.is_err(), "the begin read the dropped statement's error");
+        drop(conn);
+        let row = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(one.pool()),
+        )
+        .await
+        .expect("the connection is back")
+        .expect("the statement runs");
+        let outside: bool = sqlx::Row::get(&row, 0);
+        assert!(outside, "the statement ran inside the failed begin's transaction");
+        assert_eq!(backend_pid(&one).await, pid, "the connection was kept");
+        one.pool().close().await;
     }
 }
 

@@ -337,12 +337,15 @@ impl Instance {
     }
 
     async fn remove(&self) -> Result<(), sqlx::Error> {
+        // Cut off when the shutdown's grace ends, it gives its connection back within
+        // `answer_timeout`.
+        let mut conn = self.db.acquire().await?;
         sqlx::query(AssertSqlSafe(format!(
             "DELETE FROM {}.helpdesk_instances WHERE instance = $1",
             self.db.schema()
         )))
         .bind(self.id)
-        .execute(self.db.pool())
+        .execute(&mut *conn)
         .await
         .map(drop)
     }

@@ -13,7 +13,7 @@ use cqrs_core::ports::{
 /// committed from then on, not the whole history again (which the stats, deduping through an
 /// inbox that keeps a week, would count again).
 ///
-/// `publish` accepts (any valid topic) and drops; `consumer` refuses; not persistent, so the
+/// `publish` accepts (any valid topic and payload) and drops; `consumer` refuses; not persistent, so the
 /// stats read the event store.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct DiscardTransport;
@@ -24,8 +24,10 @@ impl EventTransport for DiscardTransport {
         TransportCapabilities::new(false, false, false, false, false)
     }
 
-    async fn publish(&self, topic: &str, _events: &[EventRecord]) -> Result<(), TransportError> {
-        validate_topic(topic)
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        validate_topic(topic)?;
+        // As every transport: what another would refuse fails here too.
+        cqrs_core::ports::validate_payloads(events)
     }
 
     async fn consumer(
