@@ -99,6 +99,23 @@ pg_test! {
     }
 }
 
+/// Checks that the pool's one connection is the one of backend `pid` (not a replacement,
+/// which would pass whatever became of a transaction) and is outside any transaction: a
+/// simple query (one message) outside a transaction starts its own, so `now()`, the
+/// transaction's start, is the statement's.
+async fn back_outside_a_transaction(db: &cqrs_postgres::PgDatabase, pid: i32) {
+    let row = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(db.pool()),
+    )
+    .await
+    .expect("the connection is back")
+    .expect("the statement runs");
+    let outside: bool = sqlx::Row::get(&row, 0);
+    assert!(outside, "the statement ran inside a transaction left open");
+    assert_eq!(backend_pid(db).await, pid, "the connection was kept");
+}
+
 /// A proxy in front of the test database, which can go silent.
 async fn proxy() -> crate::proxy::Proxy {
     let direct: sqlx::postgres::PgConnectOptions =
@@ -348,21 +365,8 @@ pg_test! {
             .await
             .expect("the caller stops waiting at answer_timeout");
         assert!(began.is_err(), "answered before the stall ended: {began:?}");
-        // The pool's one connection, once the late `BEGIN`'s transaction was rolled back. A
-        // simple query (one message) outside a transaction starts its own: `now()`, the
-        // transaction's start, is the statement's.
-        let row = tokio::time::timeout(
-            Duration::from_secs(10),
-            sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(late.pool()),
-        )
-        .await
-        .expect("the connection is back")
-        .expect("the statement runs");
-        let outside: bool = sqlx::Row::get(&row, 0);
-        assert!(outside, "the statement ran inside the abandoned BEGIN's transaction");
-        // The connection that ran the `BEGIN`, not a replacement (which would pass the check
-        // above whatever became of the transaction).
-        assert_eq!(backend_pid(&late).await, pid, "the connection was kept");
+        // The pool's one connection, once the late `BEGIN`'s transaction was rolled back.
+        back_outside_a_transaction(&late, pid).await;
         late.pool().close().await;
     }
 }
@@ -391,16 +395,7 @@ pg_test! {
             .is_err();
         assert!(gave_up, "answered before the stall ended");
         drop(conn);
-        let row = tokio::time::timeout(
-            Duration::from_secs(10),
-            sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(late.pool()),
-        )
-        .await
-        .expect("the connection is back")
-        .expect("the statement runs");
-        let outside: bool = sqlx::Row::get(&row, 0);
-        assert!(outside, "the statement ran inside the abandoned BEGIN's transaction");
-        assert_eq!(backend_pid(&late).await, pid, "the connection was kept");
+        back_outside_a_transaction(&late, pid).await;
         late.pool().close().await;
     }
 }
@@ -432,16 +427,7 @@ pg_test! {
         let began = (&mut conn).begin().await.map(drop);
         assert!(began.is_err(), "the begin read the dropped statement's error");
         drop(conn);
-        let row = tokio::time::timeout(
-            Duration::from_secs(10),
-            sqlx::raw_sql("SELECT now() = statement_timestamp()").fetch_one(one.pool()),
-        )
-        .await
-        .expect("the connection is back")
-        .expect("the statement runs");
-        let outside: bool = sqlx::Row::get(&row, 0);
-        assert!(outside, "the statement ran inside the failed begin's transaction");
-        assert_eq!(backend_pid(&one).await, pid, "the connection was kept");
+        back_outside_a_transaction(&one, pid).await;
         one.pool().close().await;
     }
 }
