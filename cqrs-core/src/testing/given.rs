@@ -203,6 +203,8 @@ impl<A: Aggregate> AggregateTest<A> {
 
 /// The outcome of [`AggregateTest::when`].
 #[derive(Debug)]
+#[must_use = "a test asserts nothing until it calls `then_expect_events`, \
+              `then_expect_no_events` or `then_expect_error`"]
 pub struct Then<A: Aggregate> {
     result: Result<Vec<A::Event>, A::Error>,
     state: A,
@@ -313,6 +315,14 @@ where
         let got = comparable(events.clone());
         assert_same_events("the decided events", &got, &comparable(expected));
         events
+    }
+
+    /// Asserts that the command was accepted and decided no event (a command that changes
+    /// nothing, say): `then_expect_events([])` cannot infer the events' type.
+    #[track_caller]
+    pub fn then_expect_no_events(self) {
+        let events: Vec<A::Event> = Vec::new();
+        self.then_expect_events(events);
     }
 
     /// Asserts that the command was refused, and returns the error.
@@ -533,6 +543,8 @@ where
 
 /// The outcome of [`CommandTest::when`].
 #[derive(Debug)]
+#[must_use = "a test asserts nothing until it calls `then_expect_events`, \
+              `then_expect_no_events` or `then_expect_error`"]
 pub struct CommandOutcome<O> {
     result: Result<O, crate::HandlerError>,
     events: Vec<crate::EventEnvelope>,
@@ -608,6 +620,28 @@ impl<O: Debug> CommandOutcome<O> {
             .collect();
         let expected = comparable(expected.into_iter().map(Into::into).collect::<Vec<S>>());
         assert_same_events("the recorded events", &got, &expected);
+        output
+    }
+
+    /// Asserts the handler succeeded and recorded no event; returns its output
+    /// (`then_expect_events([])` cannot infer the events' type).
+    #[track_caller]
+    pub fn then_expect_no_events(self) -> O {
+        let output = match self.result {
+            Ok(o) => o,
+            Err(e) => panic!("expected success, the handler failed: {e:?}"),
+        };
+        let got: Vec<(String, serde_json::Value)> = self
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.name().to_owned(),
+                    e.payload_json().expect("events serialize"),
+                )
+            })
+            .collect();
+        assert_same_events("the recorded events", &got, &[]);
         output
     }
 
@@ -687,6 +721,8 @@ mod tests {
     enum NoteCommand {
         Note(&'static str),
         Report,
+        /// Decides nothing.
+        Pass,
     }
 
     impl Aggregate for Notes {
@@ -720,6 +756,7 @@ mod tests {
                     "report",
                     format!("{:?} {:?}", self.versions, self.secrets),
                 )),
+                NoteCommand::Pass => Ok(Vec::new()),
             }
         }
     }
@@ -729,6 +766,71 @@ mod tests {
             text: text.into(),
             secret: secret.map(Into::into),
         }
+    }
+
+    /// `then_expect_no_events` passes a command that decided nothing, and fails one that
+    /// decided an event or was refused.
+    #[test]
+    fn then_expect_no_events_holds_only_for_an_accepted_command_that_decided_nothing() {
+        AggregateTest::<Notes>::given_no_events()
+            .when(NoteCommand::Pass)
+            .then_expect_no_events();
+        let decided = std::panic::catch_unwind(|| {
+            AggregateTest::<Notes>::given_no_events()
+                .when(NoteCommand::Note("a"))
+                .then_expect_no_events();
+        })
+        .expect_err("an event decided");
+        let message = crate::panic::panic_message(decided.as_ref());
+        assert!(message.contains("test.noted"), "{message}");
+        std::panic::catch_unwind(|| {
+            AggregateTest::<Notes>::given_no_events()
+                .when(NoteCommand::Report)
+                .then_expect_no_events();
+        })
+        .expect_err("a refusal");
+    }
+
+    /// Records a note when asked to; answers 7.
+    struct Touch {
+        record: bool,
+    }
+    impl Message for Touch {
+        const NAME: &'static str = "test.touch";
+    }
+    impl crate::Command for Touch {
+        type Output = u8;
+    }
+    struct Toucher;
+    #[async_trait::async_trait]
+    impl crate::CommandHandler<Touch> for Toucher {
+        async fn handle(
+            &self,
+            command: Touch,
+            ctx: &mut crate::CommandContext,
+        ) -> Result<u8, HandlerError> {
+            if command.record {
+                ctx.record(noted("t", None));
+            }
+            Ok(7)
+        }
+    }
+
+    /// `CommandOutcome::then_expect_no_events` returns the output of a handler that recorded
+    /// nothing, and fails one that recorded an event.
+    #[test]
+    fn a_command_outcome_expects_no_events_only_when_none_was_recorded() {
+        let run = |record| {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(CommandTest::new(Toucher).when(Touch { record }))
+        };
+        assert_eq!(run(false).then_expect_no_events(), 7);
+        let recorded = std::panic::catch_unwind(|| run(true).then_expect_no_events())
+            .expect_err("an event recorded");
+        let message = crate::panic::panic_message(recorded.as_ref());
+        assert!(message.contains("test.noted"), "{message}");
     }
 
     #[test]
@@ -759,7 +861,8 @@ mod tests {
     #[test]
     #[should_panic(expected = "apply cannot take this event")]
     fn a_decided_event_that_apply_cannot_take_fails_the_test() {
-        AggregateTest::<Notes>::given_no_events().when(NoteCommand::Note("boom"));
+        // `when` itself panics, applying the decided event.
+        let _ = AggregateTest::<Notes>::given_no_events().when(NoteCommand::Note("boom"));
     }
 
     #[test]

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Counts what is recorded through the `metrics` facade, by metric name and labels in the
-/// order they were given (`name{k=v,...}`): a counter's total, and a histogram's number of
-/// samples; and a gauge's last value, apart ([`gauge`](Self::gauge)).
+/// Counts what is recorded through the `metrics` facade, by metric name and labels
+/// (`name{k=v,...}`, looked up with the labels in any order): a counter's total, and a
+/// histogram's number of samples; and a gauge's last value, apart ([`gauge`](Self::gauge)).
 ///
 /// Install it for a test with [`metrics::with_local_recorder`] (the current thread only, so
 /// tests running in parallel do not see each other's metrics; use a current-thread runtime
@@ -83,14 +83,30 @@ impl GaugeFn for Level {
 }
 
 impl MetricCounts {
-    /// What was counted under `name{k=v,...}` (labels in the order they were recorded with;
-    /// `name{}` for none), 0 when nothing was.
+    /// What was counted under `name{k=v,...}` (`name{}` for none; the labels in any order),
+    /// 0 when nothing was. A misspelt name or label reads 0 too: to assert that nothing was
+    /// counted in a series that exists, see [`recorded`](Self::recorded).
     pub fn get(&self, name: &str) -> u64 {
-        self.counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .map_or(0, |c| c.0.load(Ordering::SeqCst))
+        self.recorded(name).unwrap_or(0)
+    }
+
+    /// What was counted under `name{k=v,...}` (as [`get`](Self::get) names it), `None` when
+    /// the series was never registered: unlike `get`, a misspelt name or label, or a label
+    /// value never seen, tells itself apart from a count of 0.
+    ///
+    /// ```
+    /// use cqrs_core::reexports::metrics::{counter, with_local_recorder};
+    /// use cqrs_core::testing::MetricCounts;
+    ///
+    /// let counts = MetricCounts::default();
+    /// with_local_recorder(&counts, || {
+    ///     counter!("orders_total", "outcome" => "ok", "kind" => "web").increment(0);
+    /// });
+    /// assert_eq!(counts.recorded("orders_total{kind=web,outcome=ok}"), Some(0));
+    /// assert_eq!(counts.recorded("orders_totl{outcome=ok,kind=web}"), None);
+    /// ```
+    pub fn recorded(&self, name: &str) -> Option<u64> {
+        Self::find(&self.counts, name).map(|c| c.0.load(Ordering::SeqCst))
     }
 
     /// Every series recorded so far, as `name{k=v,...}`, sorted (not in the order recorded).
@@ -162,11 +178,19 @@ impl MetricCounts {
     /// assert_eq!(counts.gauge("queue_depth{queue=sms}"), None);
     /// ```
     pub fn gauge(&self, name: &str) -> Option<f64> {
-        self.gauges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .map(|level| f64::from_bits(level.0.load(Ordering::SeqCst)))
+        Self::find(&self.gauges, name).map(|level| f64::from_bits(level.0.load(Ordering::SeqCst)))
+    }
+
+    /// The series `name{k=v,...}` of `map`, its labels in the order recorded or in any other.
+    fn find<T>(map: &Mutex<BTreeMap<String, Arc<T>>>, name: &str) -> Option<Arc<T>> {
+        let map = map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = map.get(name) {
+            return Some(found.clone());
+        }
+        let wanted = canonical(name);
+        map.iter()
+            .find(|(key, _)| canonical(key) == wanted)
+            .map(|(_, found)| found.clone())
     }
 
     fn slot<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, key: &Key) -> Arc<T> {
@@ -180,6 +204,23 @@ impl MetricCounts {
             .entry(name)
             .or_default()
             .clone()
+    }
+}
+
+/// `name{k=v,...}` with its labels sorted: one form for every order they may be given in.
+fn canonical(series: &str) -> (String, Vec<String>) {
+    match series.split_once('{') {
+        Some((name, labels)) => {
+            let labels = labels.strip_suffix('}').unwrap_or(labels);
+            let mut labels: Vec<String> = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            labels.sort_unstable();
+            (name.to_owned(), labels)
+        }
+        None => (series.to_owned(), Vec::new()),
     }
 }
 
