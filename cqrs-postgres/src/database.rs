@@ -541,7 +541,25 @@ impl PgDatabase {
         // sqlx's lock is ours, since a run after that other instance's would still issue
         // the `CREATE .. IF NOT EXISTS` a role without the right fails.
         use sqlx::migrate::Migrate;
-        conn.lock().await.map_err(failed)?;
+        // sqlx's lock is one per database, and its wait has no bound: say why a start waits
+        // (another schema's instance, another application migrating, or a session a failed
+        // run left holding it), or it would look hung.
+        {
+            let mut lock = conn.lock();
+            match tokio::time::timeout(MIGRATION_LOCK_PATIENCE, &mut lock).await {
+                Ok(taken) => taken.map_err(failed)?,
+                Err(_) => {
+                    tracing::info!(
+                        schema = %self.sql.schema,
+                        "waiting for the migration lock: another migration in this database holds \
+                         it (sqlx's lock is one per database: an instance of this or another schema, \
+                         another application, or a session a failed run left holding it); the \
+                         migration goes on once it is released"
+                    );
+                    lock.await.map_err(failed)?;
+                }
+            }
+        }
         if !self.applied_already(&mut conn, &migrator).await {
             migrator.set_locking(false);
             // What `run` calls after its `acquire`, without the `Acquire` bound that made
@@ -660,6 +678,8 @@ const LATEST_MIGRATION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The health check's wait when none is set with [`PgDatabase::with_health_wait`].
 const DEFAULT_HEALTH_WAIT: Duration = Duration::from_secs(2);
+/// How long `migrate` waits for sqlx's migration lock before it says it is waiting.
+const MIGRATION_LOCK_PATIENCE: Duration = Duration::from_millis(500);
 
 /// The shortest time between two retirements of the pool's connections (see [`Retirement`]).
 const RETIRE_AT_MOST_EVERY: Duration = Duration::from_secs(5);
