@@ -193,8 +193,9 @@ pub(crate) async fn join(
     }
     let mut claim = None;
     if let Some(target) = &redis {
-        // Named by its id and where it lives: a copy of the database restored elsewhere (a
-        // staging copy of production's) is another helpdesk, which must not share the prefix.
+        // Named by its id and where it lives: a copy of the database restored under another
+        // name is another helpdesk, which must not share the prefix. (One restored under the
+        // same names has the same id, and passes: helpdesk.md says to give it a prefix.)
         // Compared whole by the prefix's claim, and kept in Redis: changing this text (as
         // `events_to` above, compared with what running instances recorded) makes every
         // instance of the new build refuse to start beside the old ones during a rolling
