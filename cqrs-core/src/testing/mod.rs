@@ -116,9 +116,15 @@ macro_rules! __conformance {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $scenario() {
-                let ::std::option::Option::Some(harness) =
-                    $make($crate::testing::test_id(::std::stringify!($scenario))).await
-                else {
+                // The harness's set-up and teardown are bounded as the scenario is: a connect
+                // that hangs fails the test instead of stalling CI.
+                let made = ::tokio::time::timeout(
+                    ::std::time::Duration::from_secs(60),
+                    $make($crate::testing::test_id(::std::stringify!($scenario))),
+                )
+                .await
+                .expect("the harness was not made within 60 s");
+                let ::std::option::Option::Some(harness) = made else {
                     // Its service is unreachable (the harness said so), or, when services
                     // are required, the harness is wrong: a green suite that tested nothing.
                     $crate::testing::__no_harness(::std::stringify!($scenario));
@@ -129,7 +135,12 @@ macro_rules! __conformance {
                     $crate::testing::$port::$scenario(&harness),
                 )
                 .await;
-                $crate::testing::Harness::teardown(harness).await;
+                ::tokio::time::timeout(
+                    ::std::time::Duration::from_secs(60),
+                    $crate::testing::Harness::teardown(harness),
+                )
+                .await
+                .expect("the harness's teardown did not finish within 60 s");
             }
         )+
     };
