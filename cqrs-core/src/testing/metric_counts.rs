@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Counts what is recorded through the `metrics` facade, by metric name and labels
-/// (`name{k=v,...}`, looked up with the labels in any order): a counter's total, and a
-/// histogram's number of samples; and a gauge's last value, apart ([`gauge`](Self::gauge)).
+/// (`name{k=v,...}`: one series whatever order its labels were recorded in, looked up with
+/// them in any order, but for a label value holding `,`, which must be written in the sorted
+/// order [`series`](Self::series) shows): a counter's total, and a histogram's number of
+/// samples; and a gauge's last value, apart ([`gauge`](Self::gauge)).
 ///
 /// Install it for a test with [`metrics::with_local_recorder`] (the current thread only, so
 /// tests running in parallel do not see each other's metrics; use a current-thread runtime
@@ -100,16 +102,22 @@ impl MetricCounts {
     ///
     /// let counts = MetricCounts::default();
     /// with_local_recorder(&counts, || {
-    ///     counter!("orders_total", "outcome" => "ok", "kind" => "web").increment(0);
+    ///     counter!("orders_total", "outcome" => "ok", "kind" => "web").increment(1);
+    ///     counter!("orders_total", "kind" => "web", "outcome" => "ok").increment(1);
+    ///     counter!("refunds_total", "kind" => "web").increment(0);
     /// });
-    /// assert_eq!(counts.recorded("orders_total{kind=web,outcome=ok}"), Some(0));
-    /// assert_eq!(counts.recorded("orders_totl{outcome=ok,kind=web}"), None);
+    /// // One series, whatever order its labels were recorded or are asked in.
+    /// assert_eq!(counts.recorded("orders_total{kind=web,outcome=ok}"), Some(2));
+    /// assert_eq!(counts.recorded("orders_total{outcome=ok,kind=web}"), Some(2));
+    /// assert_eq!(counts.recorded("refunds_total{kind=web}"), Some(0));
+    /// assert_eq!(counts.recorded("refunds_totl{kind=web}"), None);
     /// ```
     pub fn recorded(&self, name: &str) -> Option<u64> {
         Self::find(&self.counts, name).map(|c| c.0.load(Ordering::SeqCst))
     }
 
-    /// Every series recorded so far, as `name{k=v,...}`, sorted (not in the order recorded).
+    /// Every series recorded so far, as `name{k=v,...}` with its labels sorted, sorted (not in
+    /// the order recorded).
     ///
     /// ```
     /// use cqrs_core::reexports::metrics::{counter, with_local_recorder};
@@ -193,11 +201,14 @@ impl MetricCounts {
             .map(|(_, found)| found.clone())
     }
 
+    /// The series of `key` in `map`, its labels sorted: `metrics` takes labels in any order
+    /// for one series, and so does this count (one entry, not one per order recorded in).
     fn slot<T: Default>(map: &Mutex<BTreeMap<String, Arc<T>>>, key: &Key) -> Arc<T> {
-        let labels: Vec<String> = key
+        let mut labels: Vec<String> = key
             .labels()
             .map(|l| format!("{}={}", l.key(), l.value()))
             .collect();
+        labels.sort_unstable();
         let name = format!("{}{{{}}}", key.name(), labels.join(","));
         map.lock()
             .unwrap_or_else(|p| p.into_inner())
