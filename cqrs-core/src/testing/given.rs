@@ -551,17 +551,15 @@ pub struct CommandOutcome<O> {
 }
 
 impl<O: Debug> CommandOutcome<O> {
-    /// Asserts the handler succeeded and recorded exactly these events (compared by type and
-    /// serialized payload, in order); returns its output. The partition key is not compared:
-    /// check it on [`events`](Self::events) (`events()[0].partition_key()`) for a handler that
-    /// records with `record_keyed`.
+    /// The output of a handler that succeeded, and its events as (name, payload); panics,
+    /// saying so, when it failed.
     #[track_caller]
-    pub fn then_expect_events<E: crate::Event>(self, expected: impl IntoIterator<Item = E>) -> O {
+    fn succeeded(self) -> (O, Vec<(String, serde_json::Value)>) {
         let output = match self.result {
             Ok(o) => o,
             Err(e) => panic!("expected success, the handler failed: {e:?}"),
         };
-        let got: Vec<(String, serde_json::Value)> = self
+        let got = self
             .events
             .iter()
             .map(|e| {
@@ -571,6 +569,16 @@ impl<O: Debug> CommandOutcome<O> {
                 )
             })
             .collect();
+        (output, got)
+    }
+
+    /// Asserts the handler succeeded and recorded exactly these events (compared by type and
+    /// serialized payload, in order); returns its output. The partition key is not compared:
+    /// check it on [`events`](Self::events) (`events()[0].partition_key()`) for a handler that
+    /// records with `record_keyed`.
+    #[track_caller]
+    pub fn then_expect_events<E: crate::Event>(self, expected: impl IntoIterator<Item = E>) -> O {
+        let (output, got) = self.succeeded();
         let expected: Vec<(String, serde_json::Value)> = expected
             .into_iter()
             .map(|e| {
@@ -604,20 +612,7 @@ impl<O: Debug> CommandOutcome<O> {
         self,
         expected: impl IntoIterator<Item = impl Into<S>>,
     ) -> O {
-        let output = match self.result {
-            Ok(o) => o,
-            Err(e) => panic!("expected success, the handler failed: {e:?}"),
-        };
-        let got: Vec<(String, serde_json::Value)> = self
-            .events
-            .iter()
-            .map(|e| {
-                (
-                    e.name().to_owned(),
-                    e.payload_json().expect("events serialize"),
-                )
-            })
-            .collect();
+        let (output, got) = self.succeeded();
         let expected = comparable(expected.into_iter().map(Into::into).collect::<Vec<S>>());
         assert_same_events("the recorded events", &got, &expected);
         output
@@ -627,20 +622,7 @@ impl<O: Debug> CommandOutcome<O> {
     /// (`then_expect_events([])` cannot infer the events' type).
     #[track_caller]
     pub fn then_expect_no_events(self) -> O {
-        let output = match self.result {
-            Ok(o) => o,
-            Err(e) => panic!("expected success, the handler failed: {e:?}"),
-        };
-        let got: Vec<(String, serde_json::Value)> = self
-            .events
-            .iter()
-            .map(|e| {
-                (
-                    e.name().to_owned(),
-                    e.payload_json().expect("events serialize"),
-                )
-            })
-            .collect();
+        let (output, got) = self.succeeded();
         assert_same_events("the recorded events", &got, &[]);
         output
     }
