@@ -358,47 +358,39 @@ impl<P: Send + Sync + 'static> Registry<P> {
             panicked.unasked += 1;
             return false;
         }
-        match catch_unwind(AssertUnwindSafe(|| {
+        catch_unwind(AssertUnwindSafe(|| {
             self.authorizer.may_see(principal, topic, event)
-        })) {
-            Ok(may) => {
-                panicked.answered = true;
-                may
-            }
-            Err(_) => {
-                panicked.count += 1;
-                false
-            }
-        }
+        }))
+        .unwrap_or_else(|_| {
+            panicked.count += 1;
+            false
+        })
     }
 }
 
-/// Panics of the authorizer's `may_see` at the start of one event's fan-out to a topic, with
-/// no answer between them, after which the event is hidden from the topic's remaining
-/// subscriptions without asking: a bug the event reaches fails for every principal.
-const PANICS_BEFORE_HIDING: u64 = 3;
-
 /// Panics on one event's fan-out to a topic after which its remaining subscriptions are
-/// hidden from without asking, answers between them or not: the panic hook's cost under the
-/// registry's lock stays bounded when a bug reaches most principals but not all.
-const MOST_PANICS: u64 = 64;
+/// hidden from without asking: the panic hook's cost under the registry's lock stays bounded
+/// when a bug the event reaches fails for every principal. Twice the connections a principal
+/// holds by default ([`HubOptions::max_connections_per_principal`]), so one principal the
+/// authorizer fails on never reaches it alone. (Stopping after the first few panics with no
+/// answer between could not tell that principal's connections, met first, from such a bug.)
+///
+/// [`HubOptions::max_connections_per_principal`]: crate::HubOptions::max_connections_per_principal
+const MOST_PANICS: u64 = 32;
 
 /// The authorizer's panics on one event for the subscriptions of one topic.
 #[derive(Default)]
 struct Panics {
     /// Subscriptions for which `may_see` panicked.
     count: u64,
-    /// Whether `may_see` answered for one of them.
-    answered: bool,
     /// Subscriptions the event was hidden from without asking (see [`gave_up`](Self::gave_up)).
     unasked: u64,
 }
 
 impl Panics {
-    /// Whether to stop asking: the first [`PANICS_BEFORE_HIDING`] calls all panicked, or
-    /// [`MOST_PANICS`] did in all.
+    /// Whether to stop asking: [`MOST_PANICS`] calls panicked.
     fn gave_up(&self) -> bool {
-        (self.count >= PANICS_BEFORE_HIDING && !self.answered) || self.count >= MOST_PANICS
+        self.count >= MOST_PANICS
     }
 }
 
@@ -411,8 +403,8 @@ fn log_panicked(topic: &Topic, event: &PushedEvent, panicked: &Panics) {
             subscribers = panicked.count + panicked.unasked,
             panicked = panicked.count,
             "the realtime authorizer panicked in may_see; the event was hidden from those \
-             subscribers (from the topic's remaining subscribers without asking after \
-             {PANICS_BEFORE_HIDING} panics with no answer between, or after {MOST_PANICS})"
+             subscribers (after {MOST_PANICS} panics on one event, from the topic's remaining \
+             subscribers without asking)"
         );
     }
 }
