@@ -797,7 +797,9 @@ impl HealthCheck for PgDatabase {
         // check (a probe's own timeout), it would go back through sqlx's ping, which has no
         // deadline, and a server that stopped answering would keep its place in the pool.
         let mut held = match acquired {
-            Ok(conn) => ClosedUnlessReturned::new(conn, self.answer_timeout),
+            Ok(conn) => {
+                ClosedUnlessReturned::new(crate::PgPooledConnection::new(conn, self.answer_timeout))
+            }
             // The error names the server ("postgres is unavailable: no connection to ...").
             Err(e) => return Health::Unhealthy(self.store_error(e).to_string()),
         };
@@ -903,15 +905,12 @@ pub(crate) struct ClosedUnlessReturned {
 
 impl ClosedUnlessReturned {
     pub(crate) async fn acquire(db: &PgDatabase) -> Result<Self, sqlx::Error> {
-        Ok(Self::new(db.pool.acquire().await?, db.answer_timeout))
+        Ok(Self::new(db.acquire().await?))
     }
 
-    pub(crate) fn new(
-        connection: sqlx::pool::PoolConnection<sqlx::Postgres>,
-        answer_timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(connection: crate::PgPooledConnection) -> Self {
         Self {
-            connection: crate::PgPooledConnection::new(connection, answer_timeout),
+            connection,
             returned: false,
         }
     }

@@ -92,6 +92,35 @@ impl PgPooledConnection {
         }
     }
 
+    /// Runs `begin`, which sends a `BEGIN` on this connection, with the connection marked
+    /// until it succeeded: given up before its answer (the future dropped), or failed (the
+    /// error may be an earlier statement's, read before the `BEGIN`'s answer, and the server
+    /// then ran the `BEGIN`), the connection rolls back, as it settles, the transaction sqlx
+    /// does not count (a `ROLLBACK` with none open only draws a warning). Begun, sqlx counts
+    /// it and rolls it back on drop.
+    async fn begin_marked<'c, T, F>(
+        &'c mut self,
+        begin: impl FnOnce(&'c mut PgConnection) -> F,
+    ) -> Result<T, sqlx::Error>
+    where
+        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        // Two fields borrowed apart: what `begin` returns may hold the connection while the
+        // mark is cleared.
+        let Self {
+            conn, end_begin, ..
+        } = self;
+        let conn = conn
+            .as_mut()
+            .expect("a held connection is taken out only when dropped");
+        *end_begin = true;
+        let began = begin(conn).await;
+        if began.is_ok() {
+            *end_begin = false;
+        }
+        began
+    }
+
     /// Closes the connection when it is dropped instead of giving it back (what it holds for
     /// its session, a session-level advisory lock, goes with it): sqlx's close, which gives
     /// up after 5 s.
@@ -152,26 +181,7 @@ impl<'c> sqlx::Acquire<'c> for &'c mut PgPooledConnection {
     }
 
     fn begin(self) -> BoxFuture<'c, Result<sqlx::Transaction<'c, Postgres>, sqlx::Error>> {
-        // Two fields borrowed apart: the transaction holds the connection while the flag is
-        // cleared.
-        let PgPooledConnection {
-            conn, end_begin, ..
-        } = self;
-        Box::pin(async move {
-            let conn: &'c mut PgConnection = conn
-                .as_mut()
-                .expect("a held connection is taken out only when dropped");
-            // Until answered: a caller that gives up drops this future with it set.
-            *end_begin = true;
-            let began = sqlx::Connection::begin(conn).await;
-            // Begun: a transaction sqlx counts (rolled back on drop). Kept on an error: the
-            // error may be an earlier statement's, read before the `BEGIN`'s answer, and the
-            // server then ran the `BEGIN` (a `ROLLBACK` with none open only draws a warning).
-            if began.is_ok() {
-                *end_begin = false;
-            }
-            began
-        })
+        Box::pin(self.begin_marked(sqlx::Connection::begin))
     }
 }
 
@@ -292,20 +302,13 @@ impl PgTransaction {
         let mut tx = Self {
             held: PgPooledConnection::new(conn, answer_timeout),
         };
-        // Until answered: a caller that gives up (or the bound below) drops `tx` with it set.
-        tx.held.end_begin = true;
-        let begin = PgTransactionManager::begin(&mut *tx.held, Some(statement.into_sql_str()));
+        // Given up at the bound below, or by a caller, `tx` is dropped still marked.
+        let begin = tx
+            .held
+            .begin_marked(|conn| PgTransactionManager::begin(conn, Some(statement.into_sql_str())));
         let began = tokio::time::timeout(answer_timeout, begin).await;
         match began {
-            Ok(began) => {
-                // Begun: a transaction sqlx counts (rolled back on drop). Kept on an error,
-                // which may come after the server ran the `BEGIN` (a `ROLLBACK` with none open
-                // only draws a warning).
-                if began.is_ok() {
-                    tx.held.end_begin = false;
-                }
-                began.map(|()| tx)
-            }
+            Ok(began) => began.map(|()| tx),
             Err(_) => Err(sqlx::Error::Io(crate::sql::no_answer(
                 answer_timeout,
                 "BEGIN",

@@ -191,14 +191,9 @@ impl MetricCounts {
 
     /// The series `name{k=v,...}` of `map`, its labels in the order recorded or in any other.
     fn find<T>(map: &Mutex<BTreeMap<String, Arc<T>>>, name: &str) -> Option<Arc<T>> {
+        // Stored with its labels sorted (`slot`): as written, or sorted the same way.
         let map = map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = map.get(name) {
-            return Some(found.clone());
-        }
-        let wanted = canonical(name);
-        map.iter()
-            .find(|(key, _)| canonical(key) == wanted)
-            .map(|(_, found)| found.clone())
+        map.get(name).or_else(|| map.get(&sorted(name))).cloned()
     }
 
     /// The series of `key` in `map`, its labels sorted: `metrics` takes labels in any order
@@ -218,21 +213,13 @@ impl MetricCounts {
     }
 }
 
-/// `name{k=v,...}` with its labels sorted: one form for every order they may be given in.
-fn canonical(series: &str) -> (String, Vec<String>) {
-    match series.split_once('{') {
-        Some((name, labels)) => {
-            let labels = labels.strip_suffix('}').unwrap_or(labels);
-            let mut labels: Vec<String> = labels
-                .split(',')
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned)
-                .collect();
-            labels.sort_unstable();
-            (name.to_owned(), labels)
-        }
-        None => (series.to_owned(), Vec::new()),
-    }
+/// `name{k=v,...}` with its labels sorted, as [`MetricCounts::slot`] stores a series.
+fn sorted(series: &str) -> String {
+    let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+    let labels = labels.strip_suffix('}').unwrap_or(labels);
+    let mut labels: Vec<&str> = labels.split(',').filter(|l| !l.is_empty()).collect();
+    labels.sort_unstable();
+    format!("{name}{{{}}}", labels.join(","))
 }
 
 /// A future run with a [`MetricCounts`] installed at each poll: [`MetricCounts::scope`].

@@ -99,6 +99,23 @@ pg_test! {
     }
 }
 
+/// A database through `proxy` in `schema` with `answer_timeout`, and its one connection's
+/// backend id, once the proxy is quiet.
+async fn settled_through(
+    proxy: &crate::proxy::Proxy,
+    schema: &str,
+    answer_timeout: Duration,
+) -> (cqrs_postgres::PgDatabase, i32) {
+    let db = through(proxy, schema)
+        .answer_timeout(answer_timeout)
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let pid = backend_pid(&db).await;
+    proxy.settle_with(db.pool(), 0).await;
+    (db, pid)
+}
+
 /// Checks that the pool's one connection is the one of backend `pid` (not a replacement,
 /// which would pass whatever became of a transaction) and is outside any transaction: a
 /// simple query (one message) outside a transaction starts its own, so `now()`, the
@@ -351,13 +368,7 @@ pg_test! {
     /// reported as stored while uncommitted.
     async fn a_begin_answered_after_its_caller_gave_up_leaves_no_transaction_open(db: PgDatabase) {
         let proxy = proxy().await;
-        let late = through(&proxy, db.schema())
-            .answer_timeout(Duration::from_secs(2))
-            .connect()
-            .await
-            .expect("connect through the proxy");
-        let pid = backend_pid(&late).await;
-        proxy.settle_with(late.pool(), 0).await;
+        let (late, pid) = settled_through(&proxy, db.schema(), Duration::from_secs(2)).await;
         // Answered between one and two `answer_timeout`s: within the wait of the connection
         // given back (a second `answer_timeout`), with a second's margin either side.
         proxy.stall_for(Duration::from_secs(3));
@@ -379,13 +390,7 @@ pg_test! {
     async fn a_begin_on_an_acquired_connection_given_up_leaves_no_transaction_open(db: PgDatabase) {
         use sqlx::Acquire;
         let proxy = proxy().await;
-        let late = through(&proxy, db.schema())
-            .answer_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect through the proxy");
-        let pid = backend_pid(&late).await;
-        proxy.settle_with(late.pool(), 0).await;
+        let (late, pid) = settled_through(&proxy, db.schema(), Duration::from_secs(5)).await;
         // Given up after a second, answered after four: within the wait of the connection
         // given back (`answer_timeout`, to six), with margins of three seconds and two.
         proxy.stall_for(Duration::from_secs(4));
