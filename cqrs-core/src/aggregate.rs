@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The events of one aggregate: an enum with one variant per event type, each wrapping an
 /// [`Event`](crate::Event) struct. Declare it with [`event_set!`](crate::event_set).
@@ -261,8 +262,18 @@ pub enum AggregateError<E> {
     },
     /// An event could not be serialized: its `Serialize` failed, or it holds a float JSON cannot
     /// carry (NaN, an infinity), which the error names by field. Nothing was stored.
-    #[error("could not serialize an event: {0}")]
-    Encode(#[source] serde_json::Error),
+    #[error(
+        "could not serialize event `{event_type}` for stream `{stream}`: {source}; nothing was stored (fix the event's `Serialize`, or keep floats finite)"
+    )]
+    Encode {
+        /// The event's wire name.
+        event_type: &'static str,
+        /// The stream it was for.
+        stream: String,
+        /// Why serde_json refused it.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The aggregate's id is empty. Every empty id would name one stream (`{TYPE}-`), shared
     /// by whatever commands came without an id: refused before anything is read or decided.
     /// The caller's input is at fault: `invalid` as a handler error (`empty_aggregate_id`).
@@ -318,7 +329,15 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
                 after,
                 found,
             }),
-            AggregateError::Encode(e) => HandlerError::internal(e),
+            AggregateError::Encode {
+                event_type,
+                stream,
+                source,
+            } => HandlerError::internal(AggregateError::<std::convert::Infallible>::Encode {
+                event_type,
+                stream,
+                source,
+            }),
             AggregateError::EmptyId { aggregate } => HandlerError::invalid(
                 "empty_aggregate_id",
                 AggregateError::<std::convert::Infallible>::EmptyId { aggregate }.to_string(),
@@ -330,9 +349,15 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
 struct SnapshotConfig<A> {
     store: Arc<dyn SnapshotStore>,
     every: u64,
+    /// How long a command waits for its snapshot's save ([`SNAPSHOT_WAIT`] by default).
+    wait: std::time::Duration,
     encode: fn(&A) -> Result<serde_json::Value, serde_json::Error>,
     decode: fn(serde_json::Value) -> Result<A, SnapshotMismatch>,
 }
+
+/// How long a command waits for the save of the snapshot it made due, by default (see
+/// [`AggregateRepository::with_snapshot_wait`]).
+pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The key under which a snapshot of [`Aggregate::SNAPSHOT_VERSION`] 2 or more records its
 /// version: `{"cqrs_snapshot_version": 2, "state": ..}`. A snapshot of version 1 is the state
@@ -572,9 +597,42 @@ impl<A: Aggregate> AggregateRepository<A> {
         self.snapshots = Some(SnapshotConfig {
             store,
             every: every.max(1),
+            wait: SNAPSHOT_WAIT,
             encode: encode_snapshot::<A>,
             decode: decode_snapshot::<A>,
         });
+        self
+    }
+
+    /// How long a command whose events made a snapshot due waits for its save
+    /// ([`SNAPSHOT_WAIT`], 1 s, by default; no effect without
+    /// [`with_snapshots`](Self::with_snapshots), so call it after that).
+    ///
+    /// The save runs after the events are stored, in a task of its own: a command returns
+    /// once it is saved, or once `wait` has passed, the save going on without it. So a slow
+    /// or stuck snapshot store delays a command that has taken effect by `wait` at most,
+    /// rather than holding it until a time-out layer reports it failed (and its client, told to
+    /// retry, runs it twice); and a command given up during the save does not cut it off.
+    /// Keep `wait` well under the command's time budget. The wait needs tokio's time driver
+    /// (`enable_time`); without it, or outside a tokio runtime, see
+    /// [`append_decided`](Self::append_decided).
+    ///
+    /// ```
+    /// # use cqrs_core::doc::Ticket;
+    /// # use cqrs_core::memory::{InMemoryEventStore, InMemorySnapshotStore};
+    /// use cqrs_core::AggregateRepository;
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()))
+    ///     .with_snapshots(Arc::new(InMemorySnapshotStore::new()), 100)
+    ///     .with_snapshot_wait(Duration::from_millis(200));
+    /// # let _ = repo;
+    /// ```
+    pub fn with_snapshot_wait(mut self, wait: std::time::Duration) -> Self {
+        if let Some(snapshots) = &mut self.snapshots {
+            snapshots.wait = wait;
+        }
         self
     }
 
@@ -801,7 +859,13 @@ impl<A: Aggregate> AggregateRepository<A> {
                 .with_partition_key(id.as_str())
                 .with_stored(stream.as_str(), version + 1 + i as u64, None);
             state.apply_with(&event, &envelope);
-            records.push(EventRecord::from_envelope(&envelope).map_err(AggregateError::Encode)?);
+            let record =
+                EventRecord::from_envelope(&envelope).map_err(|source| AggregateError::Encode {
+                    event_type: envelope.name(),
+                    stream: stream.clone(),
+                    source,
+                })?;
+            records.push(record);
         }
         Ok(Decided {
             state,
@@ -892,6 +956,12 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// Appends what [`decide`](Self::decide) or [`decide_on`](Self::decide_on) returned, at the
     /// version it was decided at, and saves a snapshot when one is due.
+    ///
+    /// The snapshot is saved in a task of its own, waited for up to
+    /// [`with_snapshot_wait`](Self::with_snapshot_wait); its failure or panic is logged, never
+    /// returned: the events are stored, and a snapshot is only a shortcut. Outside a tokio
+    /// runtime it is saved in place, without a bound; on a runtime without the time driver,
+    /// it is not waited for.
     pub async fn append_decided(
         &self,
         decided: Decided<A>,
@@ -984,15 +1054,58 @@ impl<A: Aggregate> AggregateRepository<A> {
                 if let Some(last) = stored.last() {
                     snapshot = snapshot.with_last_event(last.event_id);
                 }
-                if let Err(e) = snapshots.store.save(stream, snapshot).await {
-                    // The events are stored; a missing snapshot only costs a longer load.
-                    tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
-                }
+                save_snapshot(
+                    snapshots.store.clone(),
+                    stream.to_owned(),
+                    snapshot,
+                    snapshots.wait,
+                )
+                .await;
             }
             Err(e) => {
                 tracing::warn!(stream = %stream, error = %e, "could not encode a snapshot")
             }
         }
+    }
+}
+
+/// Saves `snapshot` in a task of its own, waiting `wait` at most: its command has taken effect
+/// (the events are stored), so neither a slow store nor the command being given up may hold
+/// or undo that. A failure only costs longer loads: it is logged.
+async fn save_snapshot(
+    store: Arc<dyn SnapshotStore>,
+    stream: String,
+    snapshot: Snapshot,
+    wait: std::time::Duration,
+) {
+    let save = {
+        let stream = stream.clone();
+        async move {
+            if let Err(e) = store.save(&stream, snapshot).await {
+                tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
+            }
+        }
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return save.await;
+    };
+    let task = runtime.spawn(save.in_current_span());
+    // The timer inside the guard: without tokio's time driver it panics; the save then goes
+    // on, not waited for.
+    match crate::CatchUnwind::new(tokio::time::timeout(wait, task)).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) if e.is_panic() => {
+            let panic = crate::panic::into_message(e.into_panic());
+            tracing::warn!(stream = %stream, panic = %panic, "the snapshot store panicked saving a snapshot");
+        }
+        // The runtime is shutting down: the save was cut off, which only costs longer loads.
+        Ok(Ok(Err(_))) => {}
+        Ok(Err(_)) => tracing::warn!(
+            stream = %stream,
+            wait = ?wait,
+            "saving a snapshot takes longer than the command waits for it: it goes on without the command"
+        ),
+        Err(_) => {}
     }
 }
 

@@ -374,7 +374,9 @@ pub enum DispatchError {
     },
     /// The dispatch ran past its time budget (see [`TimeoutLayer`](crate::middleware::TimeoutLayer)).
     /// The handler was dropped at an `.await`; it may have taken effect.
-    #[error("{kind} `{name}` timed out after {after:?}")]
+    #[error(
+        "{kind} `{name}` ran past its time budget of {after:?} and was dropped (it may have taken effect); if it needs longer, raise the budget (a `TimeoutLayer`'s, or the event bus's `handler_timeout`)"
+    )]
     Timeout {
         /// Which bus.
         kind: MessageKind,

@@ -92,6 +92,7 @@ pub mod testing;
 
 pub use aggregate::{
     Aggregate, AggregateError, AggregateRepository, Committed, Decided, EventSet, Loaded,
+    SNAPSHOT_WAIT,
 };
 pub use bus::command::Executed;
 pub use bus::{

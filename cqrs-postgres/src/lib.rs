@@ -51,6 +51,9 @@
 //!     .start();
 //!
 //! bus.dispatch(OpenTicket { title: "Printer on fire".into() }).await?;
+//!
+//! // Keep `runtime` while the server runs (dropped, it stops its workers at once); at the end:
+//! runtime.shutdown(std::time::Duration::from_secs(10)).await?;
 //! # Ok(())
 //! # }
 //! ```

@@ -107,22 +107,48 @@ impl Unauthenticated {
 
 /// An [`Authenticator`] from an async function of the token.
 ///
+/// On its own it leaves the principal's connections uncounted and never expires them (the
+/// trait's defaults). For a credential that names a user and runs out (a JWT's `sub` and
+/// `exp`), add [`connection_key`](Self::connection_key) and [`expires_at`](Self::expires_at),
+/// or the hub holds its connections past the token's life and lets one user take every
+/// connection.
+///
 /// ```
+/// use chrono::{DateTime, Utc};
 /// use cqrs_realtime::{AuthenticateFn, Unauthenticated};
 ///
+/// /// What a verified token says (decode and verify a real one here, a JWT).
+/// struct Claims {
+///     user_id: String,
+///     expires: DateTime<Utc>,
+/// }
+///
 /// let authenticator = AuthenticateFn::new(|token: String| async move {
-///     token.strip_prefix("user-").map(str::to_owned).ok_or_else(|| Unauthenticated::new("invalid token"))
-/// });
+///     match token.strip_prefix("user-") {
+///         Some(id) => Ok(Claims { user_id: id.to_owned(), expires: Utc::now() + chrono::Duration::minutes(15) }),
+///         None => Err(Unauthenticated::new("invalid token")),
+///     }
+/// })
+/// .connection_key(|claims: &Claims| Some(claims.user_id.clone()))
+/// .expires_at(|claims: &Claims| Some(claims.expires));
 /// # let _ = authenticator;
 /// ```
 pub struct AuthenticateFn<F, P> {
     f: F,
+    connection_key: Option<PrincipalFn<P, String>>,
+    expires_at: Option<PrincipalFn<P, DateTime<Utc>>>,
     _principal: PhantomData<fn() -> P>,
 }
 
+/// A question about a principal, asked once per connection.
+type PrincipalFn<P, T> = Box<dyn Fn(&P) -> Option<T> + Send + Sync>;
+
 impl<F, P> fmt::Debug for AuthenticateFn<F, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthenticateFn").finish_non_exhaustive()
+        f.debug_struct("AuthenticateFn")
+            .field("connection_key", &self.connection_key.is_some())
+            .field("expires_at", &self.expires_at.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,8 +162,30 @@ where
     pub fn new(f: F) -> Self {
         Self {
             f,
+            connection_key: None,
+            expires_at: None,
             _principal: PhantomData,
         }
+    }
+
+    /// Answers [`Authenticator::connection_key`] with `key`: the principal's stable key (a
+    /// user id), under which the hub counts its connections.
+    pub fn connection_key(
+        mut self,
+        key: impl Fn(&P) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.connection_key = Some(Box::new(key));
+        self
+    }
+
+    /// Answers [`Authenticator::expires_at`] with `expires`: when the principal's credentials
+    /// stop being valid (a token's `exp`), at which the hub closes the connection.
+    pub fn expires_at(
+        mut self,
+        expires: impl Fn(&P) -> Option<DateTime<Utc>> + Send + Sync + 'static,
+    ) -> Self {
+        self.expires_at = Some(Box::new(expires));
+        self
     }
 }
 
@@ -152,6 +200,14 @@ where
 
     async fn authenticate(&self, token: &str) -> Result<P, Unauthenticated> {
         (self.f)(token.to_owned()).await
+    }
+
+    fn connection_key(&self, principal: &P) -> Option<String> {
+        self.connection_key.as_ref().and_then(|key| key(principal))
+    }
+
+    fn expires_at(&self, principal: &P) -> Option<DateTime<Utc>> {
+        self.expires_at.as_ref().and_then(|at| at(principal))
     }
 }
 

@@ -48,10 +48,15 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let store = Arc::new(InMemoryEventStore::new());
-//! let hub = Hub::builder(AuthenticateFn::new(|token: String| async move {
-//!         // Check a JWT here; the principal can be any type.
-//!         token.strip_prefix("user-").map(str::to_owned).ok_or(Unauthenticated::new("invalid token"))
-//!     }))
+//! let hub = Hub::builder(
+//!         AuthenticateFn::new(|token: String| async move {
+//!             // Check a JWT here; the principal can be any type.
+//!             token.strip_prefix("user-").map(str::to_owned).ok_or(Unauthenticated::new("invalid token"))
+//!         })
+//!         // The user, under whom the hub counts connections; with a JWT, also
+//!         // `.expires_at(|claims| Some(claims.exp))`, or a connection outlives its token.
+//!         .connection_key(|user: &String| Some(user.clone())),
+//!     )
 //!     .authorizer(AllowAll)
 //!     .routing(Tickets)
 //!     .pubsub(Arc::new(InMemoryPubSub::new()))

@@ -20,7 +20,9 @@ pub enum StoreError {
         actual: u64,
     },
     /// An idempotency key was reused with a different request. Tell the client (422).
-    #[error("idempotency key `{key}` in scope `{scope}` was already used for a different request")]
+    #[error(
+        "idempotency key `{key}` in scope `{scope}` was already used for a different request; a new request needs a new key (a retry sends the same request with the same key)"
+    )]
     FingerprintMismatch {
         /// The key's scope.
         scope: String,
@@ -157,7 +159,9 @@ pub enum TransportError {
     #[error("the transport refuses this event for good: {0}")]
     Refused(#[source] BoxError),
     /// The consumer or subscription was closed (shutdown).
-    #[error("the transport is closed")]
+    #[error(
+        "the transport is closed: it, or this consumer or subscription, was shut down; open a new one to go on"
+    )]
     Closed,
     /// The caller asked for something the transport refuses (a topic name it cannot use,
     /// consumer options that would break its guarantees). Not retryable: fix the caller.

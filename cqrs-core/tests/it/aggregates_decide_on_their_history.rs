@@ -827,7 +827,10 @@ fn an_event_json_cannot_hold_is_refused_and_the_stream_stays_loadable() {
             .execute("m", None, Vec::new(), &metadata)
             .await
             .unwrap_err();
-        assert!(matches!(refused, AggregateError::Encode(_)), "{refused:?}");
+        assert!(
+            matches!(&refused, AggregateError::Encode { event_type, stream, .. } if *event_type == "test.measured" && stream == "meter-m"),
+            "{refused:?}"
+        );
         assert!(
             refused.to_string().contains("field `mean` is NaN"),
             "{refused}"

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use cqrs_core::clock::{Clock, ManualClock};
 use cqrs_core::testing::{eventually, with_timeout};
 use cqrs_realtime::{
-    Authenticator, HubBuilder, HubOptions, ServerFrame, Unauthenticated, close_code,
+    AuthenticateFn, Authenticator, HubBuilder, HubOptions, ServerFrame, Unauthenticated, close_code,
 };
 use futures_util::StreamExt;
 use serde_json::json;
@@ -257,6 +257,59 @@ async fn a_handshake_with_expired_credentials_is_refused_with_401() {
             Err(other) => panic!("handshake failed: {other}"),
         }
         assert_eq!(t.hub.stats().handshakes_refused, 1);
+    })
+    .await;
+}
+
+/// The status and body of a handshake the hub refuses.
+async fn refused(t: &TestHub, token: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(t.url(token)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            (
+                response.status().as_u16(),
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+        Ok(_) => panic!("{token} was upgraded"),
+        Err(other) => panic!("handshake failed: {other}"),
+    }
+}
+
+/// An [`AuthenticateFn`] answers the hub's two other questions with the functions it is
+/// given: its key caps one user's connections (429 past the limit), and its expiry refuses
+/// an expired principal's handshake with 401. (Without them, the trait's defaults: no cap,
+/// no expiry.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_authenticator_gives_the_connection_key_and_expiry_it_is_told() {
+    with_timeout(TEST_LIMIT, async {
+        let clock = ManualClock::new();
+        let at = clock.now() + chrono::Duration::seconds(60);
+        let authenticator =
+            AuthenticateFn::new(
+                |token: String| async move { TestTokens.authenticate(&token).await },
+            )
+            .connection_key(|user: &User| Some(user.id.clone()))
+            .expires_at(move |user: &User| user.id.starts_with("temp").then_some(at));
+        let hub_clock = clock.clone();
+        let t = TestHub::start_with_authenticator(
+            authenticator,
+            ticking().max_connections_per_principal(1),
+            move |b| b.clock(Arc::new(hub_clock)),
+        )
+        .await;
+        let _held = t.connect("agent-temp1").await;
+        // `user-temp1` is the same user (`temp1`) under another token.
+        let (status, body) = refused(&t, "user-temp1").await;
+        assert_eq!(status, 429, "{body}");
+        assert!(body.contains("too_many_connections"), "{body}");
+
+        clock.advance(Duration::from_secs(60));
+        let (status, body) = refused(&t, "agent-temp2").await;
+        assert_eq!(status, 401, "{body}");
+        assert!(body.contains("expired"), "{body}");
+        // A principal without expiry still connects.
+        drop(t.connect("agent-u9").await);
     })
     .await;
 }
