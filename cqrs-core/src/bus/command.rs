@@ -5,7 +5,7 @@ use crate::clock::Clock;
 use crate::dispatch::{Call, Dispatcher, ErasedService, guarded, started, typed_call};
 use crate::{
     BoxError, BuildError, Command, CommandContext, CommandHandler, Dispatch, DispatchError,
-    EventEnvelope, Extensions, MessageKind, MessageType, Metadata, Reply,
+    EventEnvelope, Extensions, HandlerError, MessageKind, MessageType, Metadata, Reply,
 };
 use async_trait::async_trait;
 use futures_util::future::Either;
@@ -69,6 +69,35 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
     )
 }
 
+/// Hands a successful command's `events` to `sink` in a task of its own, and waits for it: the
+/// command has taken effect, so a caller that gives the dispatch up meanwhile (a timeout, a
+/// client gone) must not cut the sink off half-way, leaving some of the events handed on and
+/// the rest lost without a word. Outside a tokio runtime, the sink runs in place. A panic in
+/// the sink goes on unwinding in the caller, as it did when the sink ran there. Boxed, as the
+/// sink's own future is, so a dispatch's future does not grow by it.
+fn hand_to_sink(
+    sink: &Arc<dyn EventSink>,
+    events: Vec<EventEnvelope>,
+) -> Pin<Box<dyn Future<Output = Result<(), DispatchError>> + Send + '_>> {
+    use tracing::Instrument;
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return sink.accept(events);
+    };
+    let sink = sink.clone();
+    let accepted = runtime.spawn(async move { sink.accept(events).await }.in_current_span());
+    Box::pin(async move {
+        match accepted.await {
+            Ok(accepted) => accepted,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down and cancelled the task.
+            Err(_) => Err(DispatchError::Handler(HandlerError::internal(
+                "the runtime shut down while the event sink took the command's events: some \
+                 may not have been handed on",
+            ))),
+        }
+    })
+}
+
 /// Where a command's recorded events go after its handler succeeds.
 ///
 /// The [`EventBus`](crate::EventBus) is one (in-process delivery); an outbox that writes events
@@ -79,10 +108,13 @@ fn command_call<C: Command>(command: C) -> Pin<Box<dyn Call>> {
 /// infrastructure, and one that cannot hand events on should return an error (the dispatch
 /// then fails with it).
 ///
-/// Delivery through a sink is best effort: the sink runs in the dispatch's future, after the
-/// handler succeeded, so a caller that drops the dispatch then (a timeout, a client gone)
-/// drops the events the sink has not taken yet. Events that must not be lost are stored with
-/// the command's own writes instead (an outbox, as `cqrs-postgres`'s command layer does).
+/// The bus hands the events on in a task of its own, after the handler succeeded, and waits
+/// for it: a caller that drops the dispatch then (a timeout, a client gone) does not cut the
+/// sink off, so every event reaches it (outside a tokio runtime the sink runs in the
+/// dispatch's future, and a dropped dispatch drops the events it has not taken yet). Delivery
+/// is still best effort: a process that stops, or a runtime shut down, meanwhile loses them.
+/// Events that must not be lost are stored with the command's own writes instead (an outbox,
+/// as `cqrs-postgres`'s command layer does).
 #[async_trait]
 pub trait EventSink: Send + Sync + 'static {
     /// Accepts the events one successful command recorded, in order. An error fails the
@@ -440,7 +472,7 @@ impl CommandBus {
         .await?;
         if !ctx.recorded().is_empty() {
             match &self.inner.sink {
-                Some(sink) => sink.accept(ctx.take_recorded()).await?,
+                Some(sink) => hand_to_sink(sink, ctx.take_recorded()).await?,
                 None => self.inner.dropped(C::NAME),
             }
         }
@@ -459,7 +491,7 @@ impl CommandBus {
         let output = output_of::<C>(&mut reply)?;
         if !reply.events.is_empty() {
             match &self.inner.sink {
-                Some(sink) => sink.accept(std::mem::take(&mut reply.events)).await?,
+                Some(sink) => hand_to_sink(sink, std::mem::take(&mut reply.events)).await?,
                 None => self.inner.dropped(C::NAME),
             }
         }
@@ -534,7 +566,7 @@ impl CommandBus {
     /// ```
     pub async fn sink_events(&self, events: Vec<EventEnvelope>) -> Result<(), DispatchError> {
         match &self.inner.sink {
-            Some(sink) if !events.is_empty() => sink.accept(events).await,
+            Some(sink) if !events.is_empty() => hand_to_sink(sink, events).await,
             _ => Ok(()),
         }
     }

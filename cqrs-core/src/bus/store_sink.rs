@@ -26,7 +26,8 @@ type StreamFor = dyn Fn(&EventRecord) -> String + Send + Sync;
 /// (consumers cannot tell them for duplicates): retry only commands that are safe to run
 /// twice (an idempotency key, a check of the state they change), or use the Postgres layer,
 /// whose events commit with the handler's writes or not at all. As for every sink, a caller
-/// that drops the dispatch meanwhile drops the events not appended yet.
+/// that drops the dispatch meanwhile does not cut the appends off: the bus runs the sink in a
+/// task of its own ([`EventSink`](crate::EventSink)).
 ///
 /// ```
 /// use cqrs_core::memory::InMemoryEventStore;

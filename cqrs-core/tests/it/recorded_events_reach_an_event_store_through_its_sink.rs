@@ -264,3 +264,82 @@ fn a_panicking_serialize_or_stream_for_fails_only_that_dispatch() {
         assert_eq!(store.load("test.counted", 0).await.unwrap().len(), 1);
     });
 }
+
+/// Appends to `inner`, those to stream `b` once `gate` lets them through.
+struct GatedAtB {
+    inner: Arc<InMemoryEventStore>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl EventStore for GatedAtB {
+    async fn append(
+        &self,
+        stream_id: &str,
+        expected: cqrs_core::ports::ExpectedVersion,
+        events: Vec<cqrs_core::EventRecord>,
+    ) -> Result<Vec<cqrs_core::EventRecord>, cqrs_core::ports::StoreError> {
+        if stream_id == "b" {
+            let _pass = self.gate.acquire().await.expect("the gate is never closed");
+        }
+        self.inner.append(stream_id, expected, events).await
+    }
+
+    async fn load(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<cqrs_core::EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.load(stream_id, after_version).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<cqrs_core::EventRecord>, cqrs_core::ports::StoreError> {
+        self.inner.read_all(after, limit).await
+    }
+
+    async fn stream_version(&self, stream_id: &str) -> Result<u64, cqrs_core::ports::StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+}
+
+/// A caller that gives a dispatch up while the sink appends its events (a time-out, a client
+/// gone) does not cut the sink off: the command has taken effect, and every event it recorded
+/// still lands. It used to leave stream `a`'s event stored and `b`'s lost, without a word.
+#[test]
+fn a_dispatch_given_up_during_its_sink_still_hands_every_event_on() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let bus = bus_into(EventStoreSink::new(Arc::new(GatedAtB {
+        inner: store.clone(),
+        gate: gate.clone(),
+    })));
+    run(async {
+        let mut dispatch = Box::pin(bus.dispatch(Spread(vec![Some("a"), Some("b"), Some("c")])));
+        // Polled until stream `a` is stored and the sink waits at `b`, then dropped.
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(5),
+            "the sink stored `a` and waits at `b`",
+            || {
+                let polled = futures_util::FutureExt::now_or_never(dispatch.as_mut());
+                assert!(polled.is_none(), "the dispatch finished: {polled:?}");
+                let store = store.clone();
+                async move { (sums(&store, "a").await == [1]).then_some(()) }
+            },
+        )
+        .await;
+        drop(dispatch);
+        gate.add_permits(1);
+        cqrs_core::testing::eventually(
+            std::time::Duration::from_secs(5),
+            "the events after `a` land too",
+            || async {
+                (sums(&store, "b").await == [2] && sums(&store, "c").await == [3]).then_some(())
+            },
+        )
+        .await;
+    });
+}
