@@ -4,10 +4,9 @@
 //! use hello_greeter as _;
 //! ```
 
-use async_trait::async_trait;
 use cqrs_core::{
     BoxError, CommandContext, CommandHandler, EventContext, EventHandler, HandlerError, Plugin,
-    PluginRegistrar, register_plugin,
+    PluginRegistrar, async_trait, register_plugin,
 };
 use hello_api::{Greet, Greeted, Route};
 use std::sync::Arc;

@@ -41,3 +41,12 @@ pub struct GuideDoctests;
 #[doc = include_str!("../../../docs/architecture.md")]
 #[doc = include_str!("../../../docs/ports.md")]
 pub struct ArchitectureAndPortsDoctests;
+
+/// The Rust examples of the adapters' pages (`docs/postgres.md`, `docs/redis.md`,
+/// `docs/realtime.md`), compiled as doc tests for the same reason. Those that need a server
+/// are `no_run`.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/postgres.md")]
+#[doc = include_str!("../../../docs/redis.md")]
+#[doc = include_str!("../../../docs/realtime.md")]
+pub struct AdapterPagesDoctests;
