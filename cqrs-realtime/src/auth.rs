@@ -114,7 +114,7 @@ impl Unauthenticated {
 /// connection.
 ///
 /// ```
-/// use chrono::{DateTime, Utc};
+/// use cqrs_realtime::reexports::chrono::{DateTime, Duration, Utc};
 /// use cqrs_realtime::{AuthenticateFn, Unauthenticated};
 ///
 /// /// What a verified token says (decode and verify a real one here, a JWT).
@@ -125,7 +125,7 @@ impl Unauthenticated {
 ///
 /// let authenticator = AuthenticateFn::new(|token: String| async move {
 ///     match token.strip_prefix("user-") {
-///         Some(id) => Ok(Claims { user_id: id.to_owned(), expires: Utc::now() + chrono::Duration::minutes(15) }),
+///         Some(id) => Ok(Claims { user_id: id.to_owned(), expires: Utc::now() + Duration::minutes(15) }),
 ///         None => Err(Unauthenticated::new("invalid token")),
 ///     }
 /// })
