@@ -345,14 +345,8 @@ struct NoConnection {
 /// errors the server answered with (a serialization failure, a deadlock, a full disk) mean
 /// nothing committed, and are classified like [`store_error`].
 pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
-    use sqlx::Error as E;
-    let unknown = match &error {
-        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
-        E::Database(_) => sqlstate(&error)
-            .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02")),
-        _ => false,
-    };
-    if unknown {
+    let error = unmarked(error);
+    if outcome_unknown(&error) {
         StoreError::Timeout {
             backend: BACKEND,
             source: Box::new(CommitUnknown(SqlxError(error))),
@@ -360,6 +354,66 @@ pub(crate) fn commit_error(error: sqlx::Error) -> StoreError {
     } else {
         store_error(error)
     }
+}
+
+/// Whether a failed `COMMIT` (or a statement that was its own transaction) may have
+/// committed: see [`commit_error`].
+fn outcome_unknown(error: &sqlx::Error) -> bool {
+    use sqlx::Error as E;
+    match error {
+        E::Io(_) | E::Tls(_) | E::Protocol(_) | E::WorkerCrashed => true,
+        E::Database(_) => sqlstate(error)
+            .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02")),
+        _ => false,
+    }
+}
+
+/// A [`PgTransaction::commit`](crate::PgTransaction::commit) error: one whose outcome is unknown
+/// is handed on as an I/O error carrying [`CommitOutcomeUnknown`], which [`store_error`] (and
+/// so [`PgDatabase::store_error`](crate::PgDatabase::store_error)) tells apart as `Timeout`;
+/// others as they are.
+pub(crate) fn marked_commit_error(error: sqlx::Error) -> sqlx::Error {
+    if !outcome_unknown(&error) {
+        return error;
+    }
+    let kind = match &error {
+        sqlx::Error::Io(io) => io.kind(),
+        _ => std::io::ErrorKind::Other,
+    };
+    sqlx::Error::Io(std::io::Error::new(
+        kind,
+        CommitOutcomeUnknown(SqlxError(error)),
+    ))
+}
+
+/// A `COMMIT` the server may or may not have carried out: its answer was lost or never came.
+#[derive(Debug, thiserror::Error)]
+#[error("the commit's outcome is unknown (it may have taken effect): {0}")]
+struct CommitOutcomeUnknown(#[source] SqlxError);
+
+/// `error` without the mark of [`marked_commit_error`]: the commit's own error.
+fn unmarked(error: sqlx::Error) -> sqlx::Error {
+    match error {
+        sqlx::Error::Io(io) if is_marked_commit(&io) => {
+            let kind = io.kind();
+            match io
+                .into_inner()
+                .map(|inner| inner.downcast::<CommitOutcomeUnknown>())
+            {
+                Some(Ok(marked)) => marked.0.0,
+                Some(Err(other)) => sqlx::Error::Io(std::io::Error::new(kind, other)),
+                None => sqlx::Error::Io(kind.into()),
+            }
+        }
+        other => other,
+    }
+}
+
+/// Whether `error` is a commit's unknown outcome marked by [`marked_commit_error`].
+fn is_marked_commit(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.is::<CommitOutcomeUnknown>())
 }
 
 /// The error of a commit whose task the runtime's shutdown cancelled: it may have
@@ -500,6 +554,8 @@ fn classify(error: &sqlx::Error) -> Class {
         return Class::Backend;
     }
     match error {
+        // A commit that may have taken effect: never "retry".
+        E::Io(e) if is_marked_commit(e) => Class::Timeout,
         E::PoolTimedOut
         | E::PoolClosed
         | E::Io(_)
@@ -626,6 +682,48 @@ mod tests {
         for code in ["40001", "40P01"] {
             assert_eq!(commit(code).kind(), ErrorKind::Unavailable, "{code}");
         }
+    }
+
+    /// `PgTransaction::commit` marks an unknown outcome so `store_error` says `Timeout`, not
+    /// `Unavailable`; a commit that certainly failed keeps its kind, and `commit_error` reads
+    /// the marked error as the commit's own (its message said once).
+    #[test]
+    fn a_marked_commit_error_maps_to_an_unknown_outcome() {
+        let lost = || {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset by peer",
+            ))
+        };
+        assert_eq!(store_error(lost()).kind(), ErrorKind::Unavailable);
+        let marked = store_error(marked_commit_error(lost()));
+        assert_eq!(marked.kind(), ErrorKind::Timeout, "{marked}");
+        assert!(
+            marked.to_string().contains("outcome is unknown"),
+            "{marked}"
+        );
+        for code in ["08006", "57P01"] {
+            let error = sqlx::Error::Database(Box::new(Coded(code)));
+            assert_eq!(
+                store_error(marked_commit_error(error)).kind(),
+                ErrorKind::Timeout
+            );
+        }
+        for code in ["40001", "23505"] {
+            let error = marked_commit_error(sqlx::Error::Database(Box::new(Coded(code))));
+            assert!(
+                matches!(error, sqlx::Error::Database(_)),
+                "{code}: left as it was"
+            );
+        }
+        let again = commit_error(marked_commit_error(lost()));
+        assert_eq!(again.kind(), ErrorKind::Timeout);
+        let said = again.to_string();
+        assert!(
+            !said.contains("outcome is unknown"),
+            "unmarked first: {said}"
+        );
+        assert!(said.contains("connection reset by peer"), "{said}");
     }
 
     /// A failed migration says what to do, by its cause (it only quoted sqlx's error).

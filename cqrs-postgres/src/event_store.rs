@@ -438,7 +438,7 @@ impl EventStore for PgEventStore {
         events: Vec<EventRecord>,
     ) -> Result<Vec<EventRecord>, StoreError> {
         let mut conn = self.db.acquire_for_store().await?;
-        append_on(
+        let append = append_on(
             &mut conn,
             &self.db,
             &self.db.sql,
@@ -446,8 +446,10 @@ impl EventStore for PgEventStore {
             expected,
             events,
             None,
-        )
-        .await
+        );
+        // Its own commit, bounded as a unit of work's is (`PgOptions::answer_timeout`): on a
+        // silent network a caller without a timeout of its own waited until TCP gave up.
+        crate::sql::commit_within(self.db.answer_timeout, "the append", append).await
     }
 
     async fn load(

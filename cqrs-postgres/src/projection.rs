@@ -9,6 +9,7 @@ use cqrs_core::Position;
 use cqrs_core::ports::{ProjectionStore, StoreError};
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgConnection;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Inbox entries and checkpoints in Postgres, in the consumer's own transaction.
@@ -106,41 +107,67 @@ const LOCK_WAIT_SLICE_MS: u64 = 1000;
 /// it cannot take back while the server still runs it. Between two slices nothing is in
 /// flight. A `lock_timeout` of the session's own (not `0`) bounds one plain wait, as it did
 /// before; a `statement_timeout` shorter than a slice ends the wait with its error.
+///
+/// Every statement is bounded by `answer_timeout` beyond the wait it asks for: on a network
+/// that has gone silent, the task (which nobody cuts off) gives the transaction up, and its
+/// connection is closed, instead of waiting until TCP gives up (about 15 minutes).
 async fn wait_for_lock<T>(
     tx: &mut PgTransaction,
     key: i64,
     locked: &tokio::sync::oneshot::Sender<T>,
+    answer_timeout: Duration,
 ) -> Result<(), sqlx::Error> {
-    let own: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
-        .fetch_one(&mut **tx)
-        .await?;
+    let slice = Duration::from_millis(LOCK_WAIT_SLICE_MS);
+    let (own, own_secs): (String, f64) = answered(
+        answer_timeout,
+        sqlx::query_as(
+            "SELECT current_setting('lock_timeout'), \
+             extract(epoch FROM current_setting('lock_timeout')::interval)::float8",
+        )
+        .fetch_one(&mut **tx),
+    )
+    .await?;
     let lock = format!("SELECT pg_advisory_xact_lock({key})");
     if own != "0" {
-        sqlx::query(AssertSqlSafe(lock)).execute(&mut **tx).await?;
+        let own = Duration::try_from_secs_f64(own_secs).unwrap_or(slice);
+        answered(
+            own.saturating_add(answer_timeout),
+            sqlx::query(AssertSqlSafe(lock)).execute(&mut **tx),
+        )
+        .await?;
         return Ok(());
     }
-    sqlx::query(AssertSqlSafe(format!(
-        "SELECT set_config('lock_timeout', '{LOCK_WAIT_SLICE_MS}ms', true)"
-    )))
-    .execute(&mut **tx)
+    answered(
+        answer_timeout,
+        sqlx::query(AssertSqlSafe(format!(
+            "SELECT set_config('lock_timeout', '{LOCK_WAIT_SLICE_MS}ms', true)"
+        )))
+        .execute(&mut **tx),
+    )
     .await?;
     // One savepoint for every slice: `ROLLBACK TO` keeps it, and a second `SAVEPOINT` of the
     // name would nest a new one inside it, each slice one level deeper (past 64, every
     // session's snapshots slow down while the unit is open).
-    sqlx::query("SAVEPOINT cqrs_consumer_lock")
-        .execute(&mut **tx)
-        .await?;
+    answered(
+        answer_timeout,
+        sqlx::query("SAVEPOINT cqrs_consumer_lock").execute(&mut **tx),
+    )
+    .await?;
     loop {
-        match sqlx::query(AssertSqlSafe(lock.clone()))
-            .execute(&mut **tx)
-            .await
+        match answered(
+            slice.saturating_add(answer_timeout),
+            sqlx::query(AssertSqlSafe(lock.clone())).execute(&mut **tx),
+        )
+        .await
         {
             Ok(_) => break,
             // `lock_not_available`: the slice ran out; the holder still holds it.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
-                sqlx::query("ROLLBACK TO SAVEPOINT cqrs_consumer_lock")
-                    .execute(&mut **tx)
-                    .await?;
+                answered(
+                    answer_timeout,
+                    sqlx::query("ROLLBACK TO SAVEPOINT cqrs_consumer_lock").execute(&mut **tx),
+                )
+                .await?;
                 if locked.is_closed() {
                     return Err(sqlx::Error::Protocol(
                         "the caller stopped waiting for the consumer's lock".into(),
@@ -152,12 +179,32 @@ async fn wait_for_lock<T>(
     }
     // The lock taken in the savepoint stays with the transaction once the savepoint is
     // released; the projection's own statements get the session's `lock_timeout` back.
-    sqlx::raw_sql(
-        "RELEASE SAVEPOINT cqrs_consumer_lock; SELECT set_config('lock_timeout', '0', true)",
+    answered(
+        answer_timeout,
+        sqlx::raw_sql(
+            "RELEASE SAVEPOINT cqrs_consumer_lock; SELECT set_config('lock_timeout', '0', true)",
+        )
+        .execute(&mut **tx),
     )
-    .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// `statement`'s outcome, or past `limit` the timed-out I/O error of a server that did not
+/// answer the consumer lock's wait.
+async fn answered<T>(
+    limit: Duration,
+    statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(limit, statement)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(crate::sql::no_answer(
+                limit,
+                "the wait for a consumer's lock",
+                crate::sql::CLOSED_ON_RELEASE,
+            )))
+        })
 }
 
 #[async_trait]
@@ -190,9 +237,10 @@ impl ProjectionStore for PgProjectionStore {
         .map_err(store_error)?;
         if !taken {
             use tracing::Instrument;
+            let answer_timeout = self.db.answer_timeout;
             let (locked, caller) = tokio::sync::oneshot::channel();
             let wait = async move {
-                let waited = wait_for_lock(&mut tx, key, &locked).await;
+                let waited = wait_for_lock(&mut tx, key, &locked, answer_timeout).await;
                 // A caller gone meanwhile drops the unit here: rolled back, lock released.
                 let _ = locked.send(waited.map(|()| tx));
             };

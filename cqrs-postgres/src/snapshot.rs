@@ -49,9 +49,12 @@ impl PgSnapshotStore {
 #[async_trait]
 impl SnapshotStore for PgSnapshotStore {
     async fn load(&self, stream_id: &str) -> Result<Option<Snapshot>, StoreError> {
+        // A connection of the crate's own: given up (a caller's timeout) on a silent network,
+        // it settles within the answer timeout or is closed, instead of staying out of the pool.
+        let mut conn = self.db.acquire_for_store().await?;
         let row = sqlx::query(AssertSqlSafe(self.db.sql.snapshot_load.clone()))
             .bind(stream_id)
-            .fetch_optional(&self.db.pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(|e| self.db.store_error(e))?;
         row.map(|row| {
@@ -71,14 +74,27 @@ impl SnapshotStore for PgSnapshotStore {
         crate::row::readable_json(&snapshot.state, crate::row::MAX_JSON_DEPTH, || {
             format!("the snapshot of stream `{stream_id}`")
         })?;
-        sqlx::query(AssertSqlSafe(self.db.sql.snapshot_save.clone()))
+        let mut conn = self.db.acquire_for_store().await?;
+        let save = sqlx::query(AssertSqlSafe(self.db.sql.snapshot_save.clone()))
             .bind(stream_id)
             .bind(to_i64(snapshot.version))
             .bind(&snapshot.state)
             .bind(snapshot.last_event_id)
-            .execute(&self.db.pool)
-            .await
-            .map_err(|e| self.db.store_error(e))?;
-        Ok(())
+            .execute(&mut *conn);
+        // Bounded: an aggregate repository saves in a task that nobody cuts off, and on a
+        // silent network the statement would wait (and hold its connection) until TCP gives
+        // up, about 15 minutes. A save past the bound may still land; a newer one replaces it.
+        match tokio::time::timeout(self.db.answer_timeout, save).await {
+            Ok(saved) => saved.map(|_| ()).map_err(|e| self.db.store_error(e)),
+            Err(_) => Err(StoreError::Timeout {
+                backend: crate::error::BACKEND,
+                source: crate::sql::no_answer(
+                    self.db.answer_timeout,
+                    "a snapshot's save",
+                    "its connection is closed unless the answer comes in time",
+                )
+                .into(),
+            }),
+        }
     }
 }

@@ -320,10 +320,14 @@ impl PgTransaction {
 
     /// Commits the transaction, waiting at most the `answer_timeout` for the server's answer.
     ///
-    /// Without an answer in time (a timed-out I/O error), or given up before it (a timeout
-    /// around this call), the outcome is unknown: the commit may have taken effect. The
-    /// transaction is then dropped, and its connection closed unless the answer comes within
-    /// a second `answer_timeout`.
+    /// Without an answer in time (a timed-out I/O error), with the connection lost before it,
+    /// or given up before it (a timeout around this call), the outcome is unknown: the commit
+    /// may have taken effect. The transaction is then dropped, and its connection closed
+    /// unless the answer comes within a second `answer_timeout`. Such an error is an I/O
+    /// error that [`store_error`](crate::store_error) and
+    /// [`PgDatabase::store_error`](crate::PgDatabase::store_error) make a `Timeout` ("may or
+    /// may not have taken effect"), never `Unavailable` ("retry"), which would invite a retry
+    /// that runs the work twice.
     ///
     /// Fails, committing nothing, when the transaction was ended under it (a savepoint's
     /// `begin()` that failed or was given up rolled it all back; statements run on the
@@ -340,7 +344,9 @@ impl PgTransaction {
         }
         let limit = self.held.answer_timeout;
         let commit = PgTransactionManager::commit(&mut *self.held);
-        answered_within(limit, "COMMIT", "the commit may have taken effect", commit).await
+        answered_within(limit, "COMMIT", "the commit may have taken effect", commit)
+            .await
+            .map_err(crate::error::marked_commit_error)
     }
 
     /// Rolls the transaction back, waiting at most the `answer_timeout` for the server's

@@ -177,3 +177,37 @@ pg_test! {
         cut.pool().close().await;
     }
 }
+
+pg_test! {
+    /// The same for an application's own transaction (`PgDatabase::begin`): a `COMMIT` whose
+    /// answer was lost maps, through either `store_error`, to `Timeout`. It was an I/O error
+    /// like any other, which both made `Unavailable`, so a caller that mapped it as the docs
+    /// show told its client to retry what had committed.
+    async fn an_applications_own_commit_that_lost_its_answer_maps_to_an_unknown_outcome(db: PgDatabase) {
+        tickets::create_table(&db).await;
+        let (proxy, pool) =
+            Proxy::in_front_of_the_database(PgPoolOptions::new().max_connections(2)).await;
+        let cut = PgDatabase::from_pool(pool, db.schema()).unwrap();
+        let by_database = |e| cut.store_error(e);
+        let mappers: [(&str, &dyn Fn(sqlx::Error) -> cqrs_core::ports::StoreError); 2] =
+            [("PgDatabase::store_error", &by_database), ("store_error", &cqrs_postgres::store_error)];
+        for (n, (mapper, map)) in (1..).zip(mappers) {
+            let insert = format!(
+                "INSERT INTO \"{}\".tickets (id, title) VALUES ('t{n}', 'mine')",
+                db.schema()
+            );
+            let mut tx = cut.begin().await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(insert))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            proxy.cut_after_next_commit();
+            let lost = tx.commit().await.unwrap_err();
+            assert!(lost.to_string().contains("unknown"), "{lost}");
+            assert_eq!(tickets::count(&db).await, n, "it did commit");
+            let mapped = map(lost);
+            assert_eq!(mapped.kind(), ErrorKind::Timeout, "{mapper}: {mapped}");
+        }
+        cut.pool().close().await;
+    }
+}

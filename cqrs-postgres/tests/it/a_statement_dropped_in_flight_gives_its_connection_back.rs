@@ -528,3 +528,96 @@ pg_test! {
         }
     }
 }
+
+pg_test! {
+    /// A snapshot's save on a network that has gone silent fails within `answer_timeout` as
+    /// `Timeout`, and its connection is freed, over TLS too. An aggregate repository saves
+    /// snapshots in a task nobody cuts off, so the save ran on the pool until TCP gave up
+    /// (about 15 minutes), holding its connection, and each command due a snapshot in that
+    /// time took one more.
+    async fn a_snapshot_save_on_a_silent_network_gives_up_and_frees_its_connection(db: PgDatabase) {
+        use cqrs_core::ErrorKind;
+        use cqrs_core::ports::{Snapshot, SnapshotStore};
+        for tls in plain_and_tls(&db).await {
+            let proxy = proxy().await;
+            let silent = through_with(&proxy, db.schema(), tls).connect().await.expect("connect through the proxy");
+            let snapshots = silent.snapshot_store();
+            let save = |version| snapshots.save("ticket-t1", Snapshot::new(version, serde_json::json!({ "open": true })));
+            save(1).await.expect("the proxy passes it on");
+            proxy.settle_with(silent.pool(), 0).await;
+
+            proxy.silence_open_connections();
+            let lost = tokio::time::timeout(Duration::from_secs(4), save(2))
+                .await
+                .unwrap_or_else(|_| panic!("{tls:?}: the save waited past its bound"))
+                .unwrap_err();
+            assert_eq!(lost.kind(), ErrorKind::Timeout, "{tls:?}: {lost}");
+            let loaded = tokio::time::timeout(Duration::from_secs(4), snapshots.load("ticket-t1"))
+                .await
+                .unwrap_or_else(|_| panic!("{tls:?}: the pool's one connection was not freed"))
+                .expect("a new connection works");
+            assert!(loaded.is_some_and(|s| s.version >= 1), "{tls:?}");
+            silent.pool().close().await;
+        }
+    }
+}
+
+pg_test! {
+    /// An append straight on the event store (`AggregateRepository::execute` makes one) on a
+    /// network that has gone silent fails within `answer_timeout` as an unknown outcome
+    /// (`Timeout`), and its connection is freed. It waited until TCP gave up (about 15
+    /// minutes) for a caller without a timeout of its own.
+    async fn an_append_on_a_silent_network_is_an_unknown_outcome_within_the_answer_timeout(db: PgDatabase) {
+        use cqrs_core::ErrorKind;
+        use cqrs_core::ports::{EventStore, ExpectedVersion};
+        let proxy = proxy().await;
+        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        let store = silent.event_store();
+        let append = |n| store.append("s", ExpectedVersion::Any, vec![crate::support::record(n)]);
+        append(1).await.expect("the proxy passes it on");
+        proxy.settle_with(silent.pool(), 0).await;
+
+        proxy.silence_open_connections();
+        let lost = tokio::time::timeout(Duration::from_secs(4), append(2))
+            .await
+            .expect("the append waited past its bound")
+            .unwrap_err();
+        assert_eq!(lost.kind(), ErrorKind::Timeout, "{lost}");
+        let version = tokio::time::timeout(Duration::from_secs(4), store.stream_version("s"))
+            .await
+            .expect("the pool's one connection was not freed")
+            .expect("a new connection works");
+        assert!(version >= 1);
+        silent.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// A wait for a consumer's lock that its caller gave up, on a network that then went
+    /// silent, frees its connection within a slice and `answer_timeout`: the wait's task,
+    /// which nobody cuts off, waited for the slice's answer until TCP gave up (about 15
+    /// minutes), holding the connection.
+    async fn a_lock_wait_given_up_on_a_silent_network_frees_its_connection(db: PgDatabase) {
+        use cqrs_core::ports::ProjectionStore;
+        let proxy = proxy().await;
+        let silent = through(&proxy, db.schema()).connect().await.expect("connect through the proxy");
+        let holder_store = db.projection_store();
+        let holder = holder_store.begin("c").await.expect("begin");
+        let waiting = silent.projection_store();
+        let gave_up = tokio::time::timeout(Duration::from_millis(300), waiting.begin("c")).await;
+        assert!(gave_up.is_err(), "still waiting for the lock");
+
+        proxy.silence_open_connections();
+        holder_store.commit(holder).await.expect("commit the holder");
+        let one = tokio::time::timeout(Duration::from_secs(8), async {
+            sqlx::query_scalar::<_, i32>(AssertSqlSafe("SELECT 1".to_owned()))
+                .fetch_one(silent.pool())
+                .await
+        })
+        .await
+        .expect("the pool's one connection was not freed")
+        .expect("a new connection works");
+        assert_eq!(one, 1);
+        silent.pool().close().await;
+    }
+}
