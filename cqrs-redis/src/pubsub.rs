@@ -301,6 +301,14 @@ impl RedisPubSubOptions {
                         tracing::debug!(channels = channels.len(), "redis pub/sub resubscribed");
                     }
                     Err(error) => {
+                        if failures > 0 && matches!(error, Resubscribe::Refused { .. }) {
+                            // Still refused: a refused channel gets no message, so its gap
+                            // never closes, and whoever subscribed (or resumed) since the
+                            // notice above would wait on a channel that delivers nothing,
+                            // untold. Told again at each retry; which channels Redis refuses
+                            // it does not always say, so every subscription is.
+                            watch.lost(1);
+                        }
                         failures = failures.saturating_add(1);
                         tracing::warn!(%error, attempt = failures, "redis pub/sub could not resubscribe; trying again");
                     }

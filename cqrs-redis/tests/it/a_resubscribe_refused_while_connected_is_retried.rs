@@ -4,7 +4,8 @@
 //! resubscription is refused (`NOPERM`, seen in `ACL LOG`) for that channel, while the other
 //! is subscribed again and keeps delivering (Redis refuses a whole `SUBSCRIBE` for one
 //! channel it refuses: one channel took every other down with it), and the health check says
-//! so; the right comes back, and the channel is subscribed again without another reconnect.
+//! so, and a subscription made meanwhile is told of the loss; the right comes back, and the
+//! channel is subscribed again without another reconnect.
 //! (The refusal is seen in Redis's count of the connection's subscriptions: fred may drop the
 //! `NOPERM` reply.)
 
@@ -89,6 +90,19 @@ async fn a_resubscribe_refused_while_connected_is_retried() {
             )
             .await;
             assert_eq!(numsub(&admin, &full).await, Some(0));
+            // Whoever subscribes to the refused channel after the reconnect's notice (a client
+            // that resumed) is told too, at a retry: its channel delivers nothing.
+            let late = pubsub.subscribe(channel).await.unwrap();
+            eventually(
+                Duration::from_secs(10),
+                "a subscription made while refused counts a loss",
+                || {
+                    let missed = late.missed();
+                    async move { (missed > 0).then_some(()) }
+                },
+            )
+            .await;
+            drop(late);
             // The other channel is live again, and delivers, while this one is refused.
             eventually(
                 Duration::from_secs(10),
