@@ -215,14 +215,16 @@ impl PgDatabase {
     /// [`PgTransaction`](crate::PgTransaction)'s commit and rollback) waits for the
     /// server's answer before it is given up, and how long a `BEGIN`'s caller waits for it:
     /// [`PgOptions::answer_timeout`](crate::PgOptions::answer_timeout),
-    /// which sets it for a database it connects. Default 30 s; zero counts as a millisecond.
+    /// which sets it for a database it connects. Default 30 s; zero counts as a millisecond,
+    /// and more than `i32::MAX` milliseconds (about 24.8 days, the most `PgOptions` takes) as
+    /// that.
     /// It also bounds how long a connection this crate holds (a transaction, a read) may
     /// take, given back with an answer still owed, to get it before it is closed. For a
     /// database made [`from_pool`](Self::from_pool), whose pool has no hook of this crate's,
     /// statements run straight on the pool and given up in flight stay unbounded: give that
     /// pool an `after_release` of your own, or connect with [`PgOptions`](crate::PgOptions).
     pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
-        self.answer_timeout = timeout.max(Duration::from_millis(1));
+        self.answer_timeout = timeout.clamp(Duration::from_millis(1), crate::options::MAX_TIMEOUT);
         self
     }
 

@@ -13,7 +13,7 @@ pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// The longest timeout the options take: `i32::MAX` milliseconds, the most Postgres takes for
 /// its timeout settings.
-const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// The pool's `before_acquire` under [`PgOptions::ping_after_idle`]: pings a connection idle
 /// for `after` or longer, waiting at most `patience`; `Ok(false)` replaces one that fails.

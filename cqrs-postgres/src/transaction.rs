@@ -215,11 +215,19 @@ impl Drop for PgPooledConnection {
     }
 }
 
+/// `patience` from now; one too long to add (a `Duration::MAX`) as the longest timeout the
+/// options take, which is as good as none (it panicked on every connection given back).
+fn deadline_after(patience: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(patience)
+        .unwrap_or_else(|| now + crate::options::MAX_TIMEOUT)
+}
+
 /// Gives `conn` back to the pool once it owes nothing (and, with `end_begin`, a `BEGIN`'s
 /// transaction is rolled back), through sqlx's release (the pool's release hook, then a
 /// ping), all within `patience`; or closes it, past that or when it is broken.
 async fn settle(mut conn: PoolConnection<Postgres>, patience: Duration, end_begin: bool) {
-    let deadline = tokio::time::Instant::now() + patience;
+    let deadline = deadline_after(patience);
     let settled = tokio::time::timeout_at(deadline, async {
         if !read_owed_answers(&mut conn).await {
             return false;
@@ -427,5 +435,22 @@ impl Drop for PgTransaction {
 impl fmt::Debug for PgTransaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgTransaction").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deadline_after;
+    use std::time::Duration;
+
+    /// A patience too long to add to now is the longest the options take, not a panic in
+    /// every connection's settling (`PgDatabase::with_answer_timeout(Duration::MAX)`).
+    #[tokio::test]
+    async fn a_patience_too_long_to_add_is_the_longest_timeout() {
+        let now = tokio::time::Instant::now();
+        let far = deadline_after(Duration::MAX);
+        assert!(far >= now + crate::options::MAX_TIMEOUT);
+        let near = deadline_after(Duration::from_secs(1));
+        assert!(near <= tokio::time::Instant::now() + Duration::from_secs(1));
     }
 }

@@ -96,7 +96,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Option<String>>>,
 {
-    let until = tokio::time::Instant::now() + deadline;
+    let now = tokio::time::Instant::now();
+    // A deadline too far to add (`Duration::MAX`): a century is as good.
+    let until = now
+        .checked_add(deadline)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut found: Option<String> = None;
     let said = |found: &Option<String>| {
         found
