@@ -120,6 +120,12 @@ impl RedisStreamTransport {
 /// `idle_timeout`, then stops exporting them). A step that fails (trimming, reading the
 /// stats, pruning a group) is logged and does not skip the others.
 ///
+/// A group left without a consumer (its last one pruned) that has entries it has not read
+/// holds every entry from its last read on: the stream is never trimmed past it. Each round
+/// names such groups ([`groups_without_consumers`](Self::groups_without_consumers)), warns of
+/// each once, and the worker reports itself [`Degraded`](Health::Degraded) while there is one:
+/// start its consumers, or delete a retired group (`XGROUP DESTROY`).
+///
 /// ```no_run
 /// use cqrs_redis::{RedisStreamOptions, StreamMaintenance};
 /// use std::time::Duration;
@@ -141,6 +147,9 @@ pub struct StreamMaintenance {
     /// Per topic, the groups whose gauges the last round set: one gone since has its gauges
     /// set to [`UNKNOWN`] once.
     reported: Mutex<HashMap<String, HashSet<String>>>,
+    /// Per topic, the groups the last round that read its stats found without a consumer
+    /// and with entries they have not read, and how many.
+    unread: Mutex<HashMap<String, Vec<(String, u64)>>>,
 }
 
 /// The value of a gauge whose value is unknown: NaN, which Prometheus exports as such and which
@@ -178,6 +187,7 @@ impl StreamMaintenance {
             consumer_idle: Duration::from_secs(24 * 3600),
             dead_letter_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             reported: Mutex::new(HashMap::new()),
+            unread: Mutex::new(HashMap::new()),
         }
     }
 
@@ -239,30 +249,91 @@ impl StreamMaintenance {
             tracing::warn!(%topic, %error, "could not trim the stream");
             first_failure.get_or_insert(error);
         }
-        let groups = match self.transport.topic_stats(topic).await {
+        let (groups, stats) = match self.transport.topic_stats(topic).await {
             Ok(stats) => {
                 self.record(topic, Some(&stats));
-                stats.groups.into_iter().map(|g| g.name).collect()
+                (
+                    stats.groups.iter().map(|g| g.name.clone()).collect(),
+                    Some(stats),
+                )
             }
             Err(error) => {
                 tracing::warn!(%topic, %error, "could not read the stream's stats");
                 first_failure.get_or_insert(error);
                 // Unknown now: no gauge keeps a stale value. The groups of the last round
                 // are still pruned.
-                self.record(topic, None)
+                (self.record(topic, None), None)
             }
         };
+        let mut pruned: HashMap<String, u64> = HashMap::new();
         for group in groups {
-            if let Err(error) = self
+            match self
                 .transport
                 .prune_consumers(topic, &group, self.consumer_idle)
                 .await
             {
-                tracing::warn!(%topic, %group, %error, "could not prune idle consumers");
-                first_failure.get_or_insert(error);
+                Ok(names) => {
+                    pruned.insert(group, names.len() as u64);
+                }
+                Err(error) => {
+                    tracing::warn!(%topic, %group, %error, "could not prune idle consumers");
+                    first_failure.get_or_insert(error);
+                }
             }
         }
+        if let Some(stats) = stats {
+            self.note_unread(topic, &stats, &pruned);
+        }
         first_failure.map_or(Ok(()), Err)
+    }
+
+    /// Keeps, for `topic`, the groups left without a consumer (after this round's pruning)
+    /// that have entries they have not read: such a group holds every entry from its last
+    /// read on, so the stream is never trimmed past it. Warns of each one the first round it
+    /// is found.
+    fn note_unread(&self, topic: &str, stats: &TopicStats, pruned: &HashMap<String, u64>) {
+        let unread: Vec<(String, u64)> = stats
+            .groups
+            .iter()
+            .filter(|g| g.consumers <= pruned.get(&g.name).copied().unwrap_or(0))
+            .filter_map(|g| Some((g.name.clone(), g.lag.filter(|&lag| lag > 0)?)))
+            .collect();
+        let mut by_topic = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+        let before = by_topic.remove(topic).unwrap_or_default();
+        for (group, lag) in &unread {
+            if !before.iter().any(|(known, _)| known == group) {
+                tracing::warn!(
+                    %topic,
+                    %group,
+                    unread = lag,
+                    "a consumer group has no consumer and entries it has not read: the stream \
+                     is not trimmed past them; start its consumers, or delete the group if it \
+                     is retired (XGROUP DESTROY)"
+                );
+            }
+        }
+        if !unread.is_empty() {
+            by_topic.insert(topic.to_owned(), unread);
+        }
+    }
+
+    /// The groups the last round found without a consumer and with entries they have not read,
+    /// as `(topic, group, unread entries)`. Each holds back the trimming of its topic's stream
+    /// (see [`trim`](RedisStreamTransport::trim)): a retired or renamed consumer's group, to
+    /// delete (`XGROUP DESTROY`), or one whose consumers are all down. The worker reports
+    /// itself [`Degraded`](Health::Degraded) while there is one.
+    pub fn groups_without_consumers(&self) -> Vec<(String, String, u64)> {
+        let by_topic = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(String, String, u64)> = by_topic
+            .iter()
+            .flat_map(|(topic, groups)| {
+                groups
+                    .iter()
+                    .map(|(group, lag)| (topic.clone(), group.clone(), *lag))
+            })
+            .collect();
+        all.sort();
+        all
     }
 
     /// Trims `topic`, again while a call removes entries (one approximate call removes at most
@@ -352,7 +423,22 @@ impl Worker for StreamMaintenance {
             match round {
                 Ok(()) => {
                     failures = 0;
-                    ctx.health.set(Health::Healthy);
+                    let unread = self.groups_without_consumers();
+                    ctx.health.set(if unread.is_empty() {
+                        Health::Healthy
+                    } else {
+                        let groups: Vec<String> = unread
+                            .iter()
+                            .map(|(topic, group, lag)| {
+                                format!("`{group}` of `{topic}` ({lag} unread)")
+                            })
+                            .collect();
+                        Health::Degraded(format!(
+                            "consumer groups without a consumer hold back trimming: {}; start \
+                             their consumers, or delete retired groups (XGROUP DESTROY)",
+                            groups.join(", ")
+                        ))
+                    });
                 }
                 // Redis away: say so and try again soon; the runtime need not restart us.
                 Err(e) => {

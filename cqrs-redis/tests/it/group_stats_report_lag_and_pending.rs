@@ -111,3 +111,101 @@ async fn stats_and_maintenance_carry_on_past_a_broken_topic() {
     .await;
     env.cleanup().await;
 }
+
+/// A group left without a consumer (its last one pruned) that has entries it has not read
+/// holds back trimming for good: maintenance names it, and its worker reports itself
+/// degraded, until the group is deleted. A group without a consumer that has read
+/// everything is no such group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_without_consumers_holding_back_trimming_is_reported() {
+    use cqrs_core::runtime::{Health, HealthReporter, Shutdown, Worker, WorkerContext};
+    use cqrs_redis::StreamMaintenance;
+    let Some(env) = Env::new("stats-unread").await else {
+        return;
+    };
+    within(
+        30,
+        Box::pin(async {
+            let topic = env.topic("metrics");
+            let join = |group: &'static str| {
+                env.transport.consumer(
+                    &topic,
+                    group,
+                    consumer_options(&format!("{}-{group}", env.id)),
+                )
+            };
+            let mut live = join("live").await.unwrap();
+            drop(join("gone").await.unwrap());
+            let events: Vec<_> = (1..=3).map(|n| event(None, n)).collect();
+            env.transport.publish(&topic, &events).await.unwrap();
+            let mut got = Vec::new();
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            while got.len() < 3 && tokio::time::Instant::now() < until {
+                got.extend(live.fetch(3 - got.len()).await.unwrap());
+            }
+            let ids: Vec<_> = got.iter().map(|d| d.id.clone()).collect();
+            live.ack(&ids).await.unwrap();
+
+            // Consumers idle for no time at all are pruned: both groups are left without one.
+            let maintenance = StreamMaintenance::new(env.transport.clone(), [topic.clone()])
+                .consumer_idle(Duration::ZERO);
+            maintenance.run_once().await.unwrap();
+            assert_eq!(
+                maintenance.groups_without_consumers(),
+                [(topic.clone(), "gone".to_owned(), 3)],
+                "`live` read everything: it holds nothing back"
+            );
+
+            let (stop, shutdown) = Shutdown::new();
+            let health = HealthReporter::detached("maintenance");
+            let ctx = WorkerContext {
+                shutdown,
+                health: health.clone(),
+            };
+            let mut worker = StreamMaintenance::new(env.transport.clone(), [topic.clone()])
+                .consumer_idle(Duration::ZERO)
+                .interval(Duration::from_millis(20));
+            let running = tokio::spawn(async move { worker.run(ctx).await });
+            let reason = cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "the worker reports the group",
+                || {
+                    let health = health.clone();
+                    async move {
+                        match health.get() {
+                            Health::Degraded(reason) => Some(reason),
+                            _ => None,
+                        }
+                    }
+                },
+            )
+            .await;
+            assert!(
+                reason.contains("`gone`") && reason.contains("XGROUP DESTROY"),
+                "{reason}"
+            );
+
+            let stream = env.transport.stream_key(&topic).unwrap();
+            env.command(
+                "XGROUP",
+                vec!["DESTROY".into(), stream.as_str().into(), "gone".into()],
+            )
+            .await;
+            cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "healthy once the group is deleted",
+                || {
+                    let health = health.clone();
+                    async move { (health.get() == Health::Healthy).then_some(()) }
+                },
+            )
+            .await;
+            stop.trigger();
+            running.await.unwrap().unwrap();
+            maintenance.run_once().await.unwrap();
+            assert!(maintenance.groups_without_consumers().is_empty());
+        }),
+    )
+    .await;
+    env.cleanup().await;
+}
