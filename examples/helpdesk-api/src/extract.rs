@@ -552,21 +552,148 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestMetadata {
     }
 }
 
-/// The reverse proxies whose `X-Forwarded-For` the gateway believes, by exact address. The
-/// gateway puts it in the request extensions (`HELPDESK_TRUSTED_PROXIES`); without it, every
-/// request's [`ClientAddr`] is its peer address, and the header, which any client can send,
-/// is ignored.
+/// One address, or a range of them in CIDR form: what `HELPDESK_TRUSTED_PROXIES` lists. A
+/// cloud load balancer's or an ingress's nodes change addresses within a subnet, so they are
+/// trusted as a range.
+///
+/// ```
+/// use helpdesk_api::AddressRange;
+///
+/// let subnet: AddressRange = "10.0.0.0/8".parse().unwrap();
+/// assert!(subnet.contains("10.20.30.40".parse().unwrap()));
+/// assert!(!subnet.contains("11.0.0.1".parse().unwrap()));
+/// let one: AddressRange = "::1".parse().unwrap();
+/// assert_eq!(one.to_string(), "::1/128");
+/// // Bits set past the prefix are most likely a typo, and said so.
+/// let typo = "10.0.0.1/8".parse::<AddressRange>().unwrap_err();
+/// assert!(typo.contains("10.0.0.0/8"), "{typo}");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressRange {
+    first: IpAddr,
+    prefix: u8,
+}
+
+impl AddressRange {
+    /// Whether `ip` (IPv4-mapped IPv6 as its IPv4 form) is in the range.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.first, ip.to_canonical()) {
+            (IpAddr::V4(first), IpAddr::V4(ip)) => {
+                masked_v4(u32::from(ip), self.prefix) == u32::from(first)
+            }
+            (IpAddr::V6(first), IpAddr::V6(ip)) => {
+                masked_v6(u128::from(ip), self.prefix) == u128::from(first)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn masked_v4(bits: u32, prefix: u8) -> u32 {
+    bits.checked_shr(32 - u32::from(prefix))
+        .map_or(0, |b| b << (32 - u32::from(prefix)))
+}
+
+fn masked_v6(bits: u128, prefix: u8) -> u128 {
+    bits.checked_shr(128 - u32::from(prefix))
+        .map_or(0, |b| b << (128 - u32::from(prefix)))
+}
+
+impl From<IpAddr> for AddressRange {
+    /// The one address (IPv4-mapped IPv6 as its IPv4 form).
+    fn from(ip: IpAddr) -> Self {
+        let first = ip.to_canonical();
+        let prefix = if first.is_ipv4() { 32 } else { 128 };
+        Self { first, prefix }
+    }
+}
+
+impl std::str::FromStr for AddressRange {
+    type Err = String;
+
+    /// An address (`127.0.0.1`, `::1`) or a range (`10.0.0.0/8`, `2001:db8::/32`).
+    fn from_str(value: &str) -> Result<Self, String> {
+        let shape = || {
+            format!(
+                "`{value}` is no IP address or range: expected one like 127.0.0.1, ::1, \
+                 10.0.0.0/8 or 2001:db8::/32"
+            )
+        };
+        let Some((address, prefix)) = value.split_once('/') else {
+            return value.parse::<IpAddr>().map(Self::from).map_err(|_| shape());
+        };
+        let address: IpAddr = address.parse().map_err(|_| shape())?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= if address.is_ipv4() { 32 } else { 128 })
+            .ok_or_else(|| {
+                format!(
+                    "`{value}`: a prefix length is at most {} for an IPv{} address",
+                    if address.is_ipv4() { 32 } else { 128 },
+                    if address.is_ipv4() { 4 } else { 6 }
+                )
+            })?;
+        let first = match address {
+            IpAddr::V4(v4) => IpAddr::V4(masked_v4(u32::from(v4), prefix).into()),
+            IpAddr::V6(v6) => IpAddr::V6(masked_v6(u128::from(v6), prefix).into()),
+        };
+        if first != address {
+            return Err(format!(
+                "`{value}` has bits set past its prefix: did you mean {first}/{prefix}?"
+            ));
+        }
+        Ok(Self { first, prefix })
+    }
+}
+
+impl std::fmt::Display for AddressRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.first, self.prefix)
+    }
+}
+
+/// The reverse proxies whose `X-Forwarded-For` the gateway believes, by address or range.
+/// The gateway puts it in the request extensions (`HELPDESK_TRUSTED_PROXIES`); without it,
+/// every request's [`ClientAddr`] is its peer address, and the header, which any client can
+/// send, is ignored.
+///
+/// A request that carries `X-Forwarded-For` from a peer it does not trust is logged once (at
+/// `warn`, for the first such request): a proxy left off the list makes every client behind it
+/// one address, which the login throttles and connection limits then count as one client.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedProxies(Arc<[IpAddr]>);
+pub struct TrustedProxies {
+    ranges: Arc<[AddressRange]>,
+    told_untrusted: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl TrustedProxies {
-    /// Trusts these addresses (IPv4-mapped IPv6 ones as their IPv4 form).
-    pub fn new(addresses: impl IntoIterator<Item = IpAddr>) -> Self {
-        Self(addresses.into_iter().map(|ip| ip.to_canonical()).collect())
+    /// Trusts these addresses and ranges.
+    pub fn new(ranges: impl IntoIterator<Item = AddressRange>) -> Self {
+        Self {
+            ranges: ranges.into_iter().collect(),
+            told_untrusted: Arc::default(),
+        }
     }
 
-    fn trusts(&self, ip: IpAddr) -> bool {
-        self.0.contains(&ip)
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.ranges.iter().any(|range| range.contains(ip))
+    }
+
+    /// Logs, the first time only, that `peer`, which is not trusted, sent `X-Forwarded-For`.
+    fn untrusted_forwarder(&self, peer: IpAddr) {
+        use std::sync::atomic::Ordering;
+        if !self.told_untrusted.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                %peer,
+                "a request from {peer} carries X-Forwarded-For, which is ignored: \
+                 HELPDESK_TRUSTED_PROXIES does not list {peer}. If it is your load balancer or \
+                 proxy, every client behind it counts as this one address (login throttles, \
+                 connection limits): list it, or its subnet (a range such as 10.0.0.0/8). Said \
+                 once."
+            );
+        }
     }
 }
 
@@ -618,6 +745,11 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
             return Ok(ClientAddr(peer));
         };
         let Some(peer) = peer.filter(|ip| proxies.trusts(*ip)) else {
+            if let Some(peer) = peer
+                && parts.headers.contains_key("x-forwarded-for")
+            {
+                proxies.untrusted_forwarder(peer);
+            }
             return Ok(ClientAddr(peer));
         };
         // Entry by entry, not header by header: a proxy appends the real address to the

@@ -42,8 +42,8 @@ pub const BODY_TOO_LARGE: &str = "the body is larger than the 384 KiB limit";
 pub const BODY_TOO_SLOW: &str =
     "the body did not arrive in time (it stopped, or came too slowly): send it whole";
 pub use extract::{
-    ApiJson, ApiPath, ApiQuery, Authenticated, BodyDeadlineElapsed, ClientAddr, RequestMetadata,
-    TrustedProxies, bearer_token,
+    AddressRange, ApiJson, ApiPath, ApiQuery, Authenticated, BodyDeadlineElapsed, ClientAddr,
+    RequestMetadata, TrustedProxies, bearer_token,
 };
 pub use validation::{
     Lines, composed, has_visible, invalid_field, is_bidi_control, is_invisible, is_noncharacter,

@@ -167,12 +167,13 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_USER_REQUEST_BURST", default_value_t = 100)]
     pub user_request_burst: u32,
 
-    /// Comma-separated addresses of reverse proxies in front of the server (for example
-    /// 127.0.0.1 for an nginx on the same host). For requests from them, the client address
-    /// (login throttling) is taken from X-Forwarded-For; from anyone else that header is
-    /// ignored.
+    /// Comma-separated addresses or ranges of reverse proxies in front of the server (for
+    /// example 127.0.0.1 for an nginx on the same host, 10.0.0.0/8 for a load balancer whose
+    /// nodes change addresses within a subnet). For requests from them, the client address
+    /// (login throttling, connection limits) is taken from X-Forwarded-For; from anyone else
+    /// that header is ignored, and the first such request is logged.
     #[arg(long, env = "HELPDESK_TRUSTED_PROXIES", value_delimiter = ',', value_parser = proxy_address)]
-    pub trusted_proxies: Vec<std::net::IpAddr>,
+    pub trusted_proxies: Vec<helpdesk_api::AddressRange>,
 
     /// Comma-separated origins of web pages allowed to call the API from a browser (CORS),
     /// like `https://app.example.com`, or `*` for any page. None by default: a browser then
@@ -315,12 +316,11 @@ fn cors_origin(value: &str) -> Result<String, String> {
     Ok(origin.to_owned())
 }
 
-/// One address of `HELPDESK_TRUSTED_PROXIES`, spaces around it allowed (`127.0.0.1, ::1`).
-fn proxy_address(value: &str) -> Result<std::net::IpAddr, String> {
-    value.trim().parse().map_err(|_| {
-        "expected IP addresses separated by commas, like 127.0.0.1,::1 (ranges such as \
-         10.0.0.0/8 are not supported: list each proxy)"
-            .to_owned()
+/// One address or range of `HELPDESK_TRUSTED_PROXIES`, spaces around it allowed
+/// (`127.0.0.1, 10.0.0.0/8`).
+fn proxy_address(value: &str) -> Result<helpdesk_api::AddressRange, String> {
+    value.trim().parse().map_err(|why: String| {
+        format!("{why} (list addresses and ranges separated by commas, like 127.0.0.1,10.0.0.0/8)")
     })
 }
 

@@ -413,7 +413,7 @@ async fn serve(
 #[derive(Clone)]
 struct PerAddress {
     limit: usize,
-    unlimited: Arc<std::collections::HashSet<std::net::IpAddr>>,
+    unlimited: helpdesk_api::TrustedProxies,
     open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
@@ -424,12 +424,12 @@ pub(crate) struct AddressHeld {
 }
 
 impl PerAddress {
-    fn new(limit: usize, unlimited: impl IntoIterator<Item = std::net::IpAddr>) -> Self {
+    fn new(limit: usize, unlimited: impl IntoIterator<Item = helpdesk_api::AddressRange>) -> Self {
         Self {
             limit,
-            // Compared as the XFF check compares them: an IPv4 proxy reaching a dual-stack
-            // listener shows as `::ffff:a.b.c.d`.
-            unlimited: Arc::new(unlimited.into_iter().map(|ip| ip.to_canonical()).collect()),
+            // Compared as the XFF check compares them (an IPv4 proxy reaching a dual-stack
+            // listener shows as `::ffff:a.b.c.d`, and matches as its IPv4 form).
+            unlimited: helpdesk_api::TrustedProxies::new(unlimited),
             open: Arc::default(),
         }
     }
@@ -437,7 +437,7 @@ impl PerAddress {
     /// A place for a connection from `ip`, or `None` when its address holds its share.
     /// `Some(None)`: an unlimited address, not counted.
     fn take(&self, ip: std::net::IpAddr) -> Option<Option<AddressHeld>> {
-        if self.unlimited.contains(&ip.to_canonical()) {
+        if self.unlimited.trusts(ip) {
             return Some(None);
         }
         let key = helpdesk_api::client_key(Some(ip));

@@ -6,6 +6,7 @@ mod support;
 
 mod a_change_that_keeps_meeting_other_writers_says_so_without_internals;
 mod a_change_the_ticket_list_fails_to_take_is_stored_once;
+mod a_forwarded_header_from_an_untrusted_peer_is_logged;
 mod a_panicking_handler_is_a_json_500_and_the_server_keeps_serving;
 mod a_second_plugins_realtime_feed_reaches_websocket_clients;
 mod a_second_signal_exits_at_once;

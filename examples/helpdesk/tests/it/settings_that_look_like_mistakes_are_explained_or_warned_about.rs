@@ -50,20 +50,31 @@ fn an_address_without_an_ip_says_what_is_expected() {
 }
 
 #[test]
-fn trusted_proxies_may_be_listed_with_spaces_and_ranges_are_explained() {
-    let c = config(&[], &[("HELPDESK_TRUSTED_PROXIES", "127.0.0.1, ::1")]);
+fn trusted_proxies_may_be_listed_with_spaces_and_as_ranges() {
+    let c = config(
+        &[],
+        &[(
+            "HELPDESK_TRUSTED_PROXIES",
+            "127.0.0.1, ::1, 10.0.0.0/8, 2001:db8::/32",
+        )],
+    );
+    let listed: Vec<String> = c.trusted_proxies.iter().map(|r| r.to_string()).collect();
     assert_eq!(
-        c.trusted_proxies,
-        [
-            "127.0.0.1".parse::<std::net::IpAddr>().unwrap(),
-            "::1".parse().unwrap()
-        ]
+        listed,
+        ["127.0.0.1/32", "::1/128", "10.0.0.0/8", "2001:db8::/32"]
     );
-    let error = parsed(&[], &[("HELPDESK_TRUSTED_PROXIES", "10.0.0.0/8")]).unwrap_err();
-    assert!(
-        error.contains("ranges such as 10.0.0.0/8 are not supported"),
-        "{error}"
-    );
+    for (value, said) in [
+        ("10.0.0.1/8", "did you mean 10.0.0.0/8?"),
+        ("10.0.0.0/33", "at most 32 for an IPv4 address"),
+        ("proxy.internal", "is no IP address or range"),
+    ] {
+        let error = parsed(&[], &[("HELPDESK_TRUSTED_PROXIES", value)]).unwrap_err();
+        assert!(error.contains(said), "{value}: {error}");
+        assert!(
+            error.contains("HELPDESK_TRUSTED_PROXIES"),
+            "{value}: {error}"
+        );
+    }
 }
 
 #[test]
