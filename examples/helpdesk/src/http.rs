@@ -211,10 +211,16 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) fn router(state: State) -> Router {
     let _ = prometheus();
     let cors_origins = state.cors_origins.clone();
-    let ops = Router::new()
+    // Asked every few seconds by load balancers and Prometheus: their access lines at `debug`.
+    let probes = Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
         .route("/metrics", get(|| async { prometheus().render() }))
+        .route_layer(middleware::map_response(|mut response: Response| async {
+            response.extensions_mut().insert(QuietAccessLine);
+            response
+        }));
+    let ops = probes
         .route("/openapi.json", get(openapi))
         .route("/", get(index));
     let router = state
@@ -241,7 +247,7 @@ pub(crate) fn router(state: State) -> Router {
                 .layer(
                     TraceLayer::new_for_http()
                         .make_span_with(request_span)
-                        .on_response(DefaultOnResponse::new().level(Level::INFO))
+                        .on_response(AccessLine)
                         // The access line above has every status; a 5xx is logged where it is
                         // made, with its cause (an error, a refusal as a warning, a panic, a
                         // time-out), not once more here as an error without one: a failed
@@ -630,6 +636,29 @@ fn with_parts(response: Response, error: ApiError) -> Response {
     parts.status = fresh.status();
     let body = std::mem::replace(fresh.body_mut(), Body::empty());
     Response::from_parts(parts, body)
+}
+
+/// Marks an answer whose access line is logged at `debug`: a probe's (`/health`, `/ready`) or
+/// a scrape's (`/metrics`), which come every few seconds from every load balancer and would
+/// drown the log. Readiness changes are logged on their own, once each.
+#[derive(Clone, Copy)]
+struct QuietAccessLine;
+
+/// The access line of an answered request: tower-http's, at `info`, or at `debug` for an
+/// answer marked [`QuietAccessLine`].
+#[derive(Clone, Copy)]
+struct AccessLine;
+
+impl<B> tower_http::trace::OnResponse<B> for AccessLine {
+    fn on_response(self, response: &Response<B>, latency: Duration, span: &tracing::Span) {
+        let level = match response.extensions().get::<QuietAccessLine>() {
+            Some(QuietAccessLine) => Level::DEBUG,
+            None => Level::INFO,
+        };
+        DefaultOnResponse::new()
+            .level(level)
+            .on_response(response, latency, span);
+    }
 }
 
 /// The span of a request: tower-http's default fields, with the `token` query parameter (the

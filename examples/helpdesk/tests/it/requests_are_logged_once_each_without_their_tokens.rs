@@ -1,5 +1,6 @@
 //! With the server's own log set-up and default filter, each answered request is one `info`
-//! line naming its method, path and status, and a `?token=` never reaches the log.
+//! line naming its method, path and status, and a `?token=` never reaches the log. Probes and
+//! scrapes (`/health`, `/ready`, `/metrics`) are logged at `debug`, below the default filter.
 
 use crate::support::*;
 use helpdesk::{DEFAULT_FILTER, LogFormat, log_subscriber};
@@ -94,6 +95,13 @@ async fn requests_are_logged_once_each_without_their_tokens() {
             .await
             .unwrap();
         assert_eq!(traced.status(), StatusCode::NOT_FOUND);
+        // Probes and scrapes, which come every few seconds: their lines are at `debug`.
+        for quiet in ["/health", "/ready", "/metrics"] {
+            let probed = s
+                .send(Method::GET, &format!("{quiet}?probe={probe}"), None, None)
+                .await;
+            assert!(probed.status.is_success(), "{quiet}: {}", probed.status);
+        }
         s.stop().await;
     })
     .await;
@@ -112,7 +120,11 @@ async fn requests_are_logged_once_each_without_their_tokens() {
         .lines()
         .filter(|l| l.contains("finished processing request") && l.contains(&probe))
         .collect();
-    assert_eq!(answered.len(), 5, "one line per request:\n{log}");
+    assert_eq!(
+        answered.len(),
+        5,
+        "one line per request, none for a probe at the default level:\n{log}"
+    );
     assert!(
         answered[4].contains(&format!("request_id=trace-{probe}")),
         "{}",
