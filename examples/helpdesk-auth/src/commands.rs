@@ -587,6 +587,13 @@ fn email_taken() -> HandlerError {
 /// many times the limit for one email and address (`--login-attempts`).
 pub(crate) const ADDRESS_BUDGET_FACTOR: u32 = 5;
 
+/// Correct-password logins to one account per login window (`--login-window-seconds`) before
+/// its logins get 429. Each checks a password (tens of milliseconds of a core, ~19 MiB), and a
+/// right password's failure counts are taken back: without this budget, whoever holds one
+/// account's password could keep the password hashing busy for ever, and every other login
+/// waiting for it. Far above what a person signing in needs.
+pub(crate) const SIGN_INS_PER_WINDOW: u32 = 100;
+
 /// Handles [`LogIn`].
 pub(crate) struct LogInHandler {
     pub(crate) users: Arc<dyn UserStore>,
@@ -597,6 +604,9 @@ pub(crate) struct LogInHandler {
     /// Counts failed logins by client address and IPv6 site alone, whatever the email, with a
     /// larger limit: one address trying a few passwords on each of many emails.
     pub(crate) address_limit: AddressLimit,
+    /// Counts successful logins by account (`signed-in|{email}`), [`SIGN_INS_PER_WINDOW`] a
+    /// window by default.
+    pub(crate) sign_ins: Arc<dyn crate::LoginThrottle>,
     pub(crate) tokens: JwtTokens,
     /// Verified against when the email is unknown, so both failures take as long.
     pub(crate) dummy_hash: Arc<String>,
@@ -604,6 +614,8 @@ pub(crate) struct LogInHandler {
 }
 
 const FAILED_LOGINS: &str = "too many failed logins; try again later";
+const TOO_MANY_SIGN_INS: &str =
+    "too many logins to this account in a short time; use the token you have, or try again later";
 
 fn too_many_attempts(seconds: u64, message: &'static str) -> HandlerError {
     HandlerError::rate_limited("too_many_attempts", message)
@@ -614,6 +626,8 @@ fn too_many_attempts(seconds: u64, message: &'static str) -> HandlerError {
 enum Checked {
     /// The pair or the address is blocked for this many seconds: no password was checked.
     Blocked(u64),
+    /// The account had its sign-ins for the window: no password was checked.
+    SignedInEnough(u64),
     /// The email is unknown or the password wrong.
     Wrong,
     /// The password is right.
@@ -651,6 +665,8 @@ impl CommandHandler<LogIn> for LogInHandler {
         // cannot all pass it; kept only once the password is checked and found wrong (a
         // login refused as `busy` is taken back, as any the server could not finish).
         let mut counted = CountedAttempts::new();
+        // Counted too, and kept only when the password is right: the budget of sign-ins.
+        let mut signed_in = CountedAttempts::new();
         let checked = async {
             if let Some(seconds) = self
                 .address_limit
@@ -669,6 +685,12 @@ impl CommandHandler<LogIn> for LogInHandler {
             {
                 return Ok(Checked::Blocked(seconds));
             }
+            if let Some(seconds) = signed_in
+                .attempt(&self.sign_ins, &format!("signed-in|{email}"))
+                .await?
+            {
+                return Ok(Checked::SignedInEnough(seconds));
+            }
             let user = self.users.by_email(&email).await?;
             let hash = user
                 .as_ref()
@@ -681,6 +703,12 @@ impl CommandHandler<LogIn> for LogInHandler {
             })
         }
         .await;
+        // A sign-in only when the password was right.
+        if matches!(checked, Ok(Checked::Right(_))) {
+            signed_in.keep();
+        } else if let Err(e) = signed_in.take_back().await {
+            tracing::warn!(error = %e, "a login that did not sign in stays counted as a sign-in");
+        }
         let user = match checked {
             // Checked and wrong: a failure, for the pair and for the address.
             Ok(Checked::Wrong) => {
@@ -699,6 +727,13 @@ impl CommandHandler<LogIn> for LogInHandler {
                     tracing::warn!(error = %e, "a blocked login's attempt stays counted");
                 }
                 return Err(too_many_attempts(seconds, FAILED_LOGINS));
+            }
+            // Not a failure: the attempts counted before it are taken back.
+            Ok(Checked::SignedInEnough(seconds)) => {
+                if let Err(e) = counted.take_back().await {
+                    tracing::warn!(error = %e, "a refused login's attempt stays counted");
+                }
+                return Err(too_many_attempts(seconds, TOO_MANY_SIGN_INS));
             }
             // The server could not tell: no failure of the client's.
             Err(e) => {
@@ -846,6 +881,7 @@ mod tests {
             hashing: Hashing::new(2, Duration::from_millis(200)),
             email_limit: by_address(throttle()),
             address_limit: by_address(throttle()),
+            sign_ins: throttle(),
             tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
             dummy_hash: Arc::new(dummy_hash().unwrap()),
             agents: AgentList::new(Arc::default(), None),
@@ -979,6 +1015,11 @@ mod tests {
                 100,
                 Duration::from_secs(60),
             ))),
+            sign_ins: Arc::new(InMemoryLoginThrottle::new(
+                clock.clone(),
+                SIGN_INS_PER_WINDOW,
+                Duration::from_secs(60),
+            )),
             tokens: JwtTokens::new(&[7; 32], Duration::from_secs(60), clock.clone()).unwrap(),
             dummy_hash: Arc::new(dummy_hash().unwrap()),
             agents: AgentList::new(Arc::default(), None),
@@ -1008,6 +1049,65 @@ mod tests {
             password: password.into(),
             client: Some(client.into()),
         }
+    }
+
+    /// A login of `c@example.com` with `password`, from 192.0.2.1.
+    async fn try_log_in(handler: &LogInHandler, password: &str) -> Result<LoggedIn, HandlerError> {
+        handler
+            .handle(
+                log_in(password, [192, 0, 2, 1]),
+                &mut CommandContext::new(Metadata::new()),
+            )
+            .await
+    }
+
+    /// Whoever holds an account's password cannot keep the password hashing busy for ever:
+    /// past the account's sign-ins for the window, its logins get 429 before any lookup or
+    /// hashing. A wrong password uses none of them (it is a failure, counted as such), and
+    /// the window passing gives them back. Right passwords were never counted.
+    #[tokio::test]
+    async fn an_account_gets_a_bounded_number_of_sign_ins_a_window() {
+        cqrs_core::testing::with_timeout(Duration::from_secs(60), async {
+            let clock = Arc::new(ManualClock::new());
+            let users = with_user_c(&clock).await;
+            let window = Duration::from_secs(60);
+            let handler = LogInHandler {
+                sign_ins: Arc::new(InMemoryLoginThrottle::new(clock.clone(), 3, window)),
+                ..login_handler(
+                    &users,
+                    Arc::new(InMemoryLoginThrottle::new(clock.clone(), 100, window)),
+                    Hashing::new(2, Duration::from_secs(5)),
+                    &clock,
+                )
+            };
+            let wrong = try_log_in(&handler, "not the password").await.unwrap_err();
+            assert_eq!(wrong.code(), "invalid_credentials");
+            for n in 0..3 {
+                try_log_in(&handler, PASSWORD)
+                    .await
+                    .unwrap_or_else(|e| panic!("sign-in {n}: {e}"));
+            }
+            let looked_up = users.calls.load(Ordering::SeqCst);
+            let refused = try_log_in(&handler, PASSWORD).await.unwrap_err();
+            assert_eq!(refused.kind(), ErrorKind::RateLimited, "{refused}");
+            assert_eq!(refused.code(), "too_many_attempts");
+            assert!(refused.message().contains("this account"), "{refused}");
+            assert!(
+                refused
+                    .details()
+                    .is_some_and(|d| d["retry_after"].as_u64().is_some())
+            );
+            assert_eq!(
+                users.calls.load(Ordering::SeqCst),
+                looked_up,
+                "refused before the lookup (and the hashing)"
+            );
+            clock.advance(window + Duration::from_secs(1));
+            try_log_in(&handler, PASSWORD)
+                .await
+                .expect("the window passed: sign-ins again");
+        })
+        .await;
     }
 
     /// A login waiting on a slow store holds no permit to hash: with a single permit, another

@@ -103,6 +103,8 @@ impl Plugin for AuthPlugin {
         let code_limit = address_limit(settings.login_attempts);
         // By email and client, and for IPv6 by email and site: `{email}|...` keys.
         let email_limit = address_limit(settings.login_attempts);
+        // By account: `signed-in|{email}` keys, which never meet the others in the one table.
+        let sign_ins = throttle_of(commands::SIGN_INS_PER_WINDOW);
         let code = registrar.try_resource::<AgentCode>();
         if !settings.agent_emails.is_empty() && code.is_none() {
             return Err("agent emails are configured without an agent code: set \
@@ -134,6 +136,7 @@ impl Plugin for AuthPlugin {
             hashing,
             email_limit,
             address_limit: address,
+            sign_ins,
             tokens: tokens.clone(),
             dummy_hash,
             agents: agents.clone(),
