@@ -417,11 +417,16 @@ struct PerAddress {
     open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
-/// One connection counted against its address, until dropped.
+/// One connection counted against its address (and, for IPv6, its /48), until dropped.
 pub(crate) struct AddressHeld {
-    key: String,
+    keys: Vec<String>,
     open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
+
+/// How many times an address's share of connections one IPv6 site (a /48) may hold across
+/// all its /64s, as the login throttles count a site: a party given a /48 (a provider's
+/// customer, a tunnel broker's user, for free) would otherwise hold 65,536 addresses' shares.
+const SITE_SHARE_FACTOR: usize = 4;
 
 impl PerAddress {
     fn new(limit: usize, unlimited: impl IntoIterator<Item = helpdesk_api::AddressRange>) -> Self {
@@ -440,15 +445,22 @@ impl PerAddress {
         if self.unlimited.trusts(ip) {
             return Some(None);
         }
-        let key = helpdesk_api::client_key(Some(ip));
+        let mut keys = vec![(helpdesk_api::client_key(Some(ip)), self.limit)];
+        if let Some(site) = helpdesk_api::site_key(Some(ip)) {
+            keys.push((site, self.limit.saturating_mul(SITE_SHARE_FACTOR)));
+        }
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(key.clone()).or_insert(0);
-        if *count >= self.limit {
+        if keys
+            .iter()
+            .any(|(key, limit)| open.get(key).is_some_and(|count| count >= limit))
+        {
             return None;
         }
-        *count += 1;
+        for (key, _) in &keys {
+            *open.entry(key.clone()).or_insert(0) += 1;
+        }
         Some(Some(AddressHeld {
-            key,
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
             open: self.open.clone(),
         }))
     }
@@ -457,10 +469,12 @@ impl PerAddress {
 impl Drop for AddressHeld {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = open.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.key);
+        for key in &self.keys {
+            if let Some(count) = open.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    open.remove(key);
+                }
             }
         }
     }
@@ -516,6 +530,49 @@ async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, left: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv6 /64 holds the address's share; the /64s of one /48 hold four shares together,
+    /// and a closed connection gives its place back to both. IPv4 addresses have no site.
+    #[test]
+    fn the_64s_of_one_48_hold_four_shares_together() {
+        let per_address = PerAddress::new(2, []);
+        let in_site =
+            |n: u16| std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, n, 0, 0, 0, 1));
+        let mut held = Vec::new();
+        for n in 0..4 {
+            for _ in 0..2 {
+                held.push(
+                    per_address
+                        .take(in_site(n))
+                        .expect("within the shares")
+                        .expect("counted"),
+                );
+            }
+            assert!(
+                per_address.take(in_site(n)).is_none(),
+                "the /64's share is 2"
+            );
+        }
+        assert!(
+            per_address.take(in_site(4)).is_none(),
+            "the /48's four shares are taken"
+        );
+        let elsewhere =
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1));
+        assert!(per_address.take(elsewhere).is_some(), "another /48");
+        held.pop();
+        assert!(
+            per_address.take(in_site(4)).is_some(),
+            "a place given back to the /48"
+        );
+        for n in 0..20u8 {
+            let v4 = std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, n));
+            assert!(
+                per_address.take(v4).is_some(),
+                "IPv4 addresses have no site"
+            );
+        }
+    }
 
     /// One address, or the WebSockets together, hold all but a tenth of the limit, at least
     /// one connection each way.
