@@ -33,7 +33,20 @@ use tokio::sync::mpsc;
 #[allow(clippy::exit)]
 pub async fn main_with(hooks: Hooks) {
     let config = Config::try_parse_with_env(std::env::args_os(), std::env::vars_os())
-        .unwrap_or_else(|e| e.exit());
+        .unwrap_or_else(|e| {
+            // JSON logs go to a collector that reads standard output only: a setting that does
+            // not parse is said there too, or it sees a restart loop with exit code 2 and no
+            // reason. (`--help` and `--version` are no errors.)
+            if e.use_stderr() && json_logs_asked() {
+                let subscriber =
+                    log_subscriber(LogFormat::Json, log_filter(), false, std::io::stdout);
+                let said = e.render().to_string();
+                tracing::subscriber::with_default(subscriber, || {
+                    tracing::error!(error = said.trim(), "bad settings; exiting with 2");
+                });
+            }
+            e.exit()
+        });
     // Colours only on a terminal: escape codes in a log file or a collector are noise.
     let ansi = std::io::stdout().is_terminal();
     let subscriber = log_subscriber(config.log_format, log_filter(), ansi, std::io::stdout);
@@ -66,6 +79,24 @@ pub async fn main_with(hooks: Hooks) {
             std::process::exit(1);
         }
     }
+}
+
+/// Whether the command line or the environment asks for JSON logs, read without the rest of
+/// the settings (for a setting that does not parse): `--log-format json` (or `=json`) or
+/// `HELPDESK_LOG_FORMAT=json`, the flag first, as clap reads them.
+fn json_logs_asked() -> bool {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let flag = args.iter().enumerate().rev().find_map(|(i, arg)| {
+        if arg == "--log-format" {
+            args.get(i + 1).cloned()
+        } else {
+            arg.strip_prefix("--log-format=").map(str::to_owned)
+        }
+    });
+    let format = flag.or_else(|| std::env::var("HELPDESK_LOG_FORMAT").ok());
+    format.is_some_and(|f| f.trim().eq_ignore_ascii_case("json"))
 }
 
 /// Serves until stopped; `Some` when a signal ended the process before the stop was done.

@@ -137,6 +137,37 @@ fn the_binary_exits_with_2_on_settings_that_do_not_go_together() {
     }
 }
 
+/// With JSON logs asked for, a setting that does not parse is said on standard output too, as
+/// one JSON error line: a log collector reads standard output only, and saw a restart loop
+/// with exit code 2 and no reason.
+#[test]
+fn a_setting_that_does_not_parse_is_a_json_line_when_json_logs_are_asked() {
+    for (args, env) in [
+        (
+            &["--bind", "127.0.0.1:0"][..],
+            &[("HELPDESK_LOG_FORMAT", "json"), ("HELPDESK_POLL_MS", "x")][..],
+        ),
+        (
+            &["--bind", "127.0.0.1:0", "--log-format", "json"][..],
+            &[("HELPDESK_POLL_MS", "x")][..],
+        ),
+    ] {
+        let mut child = Running(helpdesk_command(args, env).spawn().unwrap());
+        let lines = stdout_lines(&mut child);
+        let (status, stderr) =
+            crate::support::exit_of(&mut child, std::time::Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{env:?}: {stderr}");
+        let said: serde_json::Value =
+            serde_json::from_str(&line_with(&lines, "bad settings")).unwrap();
+        assert_eq!(said["level"], "ERROR", "{said}");
+        let error = said["fields"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("invalid value 'x'") && error.contains("poll-ms"),
+            "{said}"
+        );
+    }
+}
+
 #[test]
 fn the_pool_size_is_a_setting_with_room_for_the_workers() {
     let postgres = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
