@@ -351,6 +351,9 @@ struct SnapshotConfig<A> {
     every: u64,
     /// How long a command waits for its snapshot's save ([`SNAPSHOT_WAIT`] by default).
     wait: std::time::Duration,
+    /// Saves begun and not finished, which a stuck store would pile up: past
+    /// [`MOST_SAVES_IN_FLIGHT`], a due snapshot is skipped.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     encode: fn(&A) -> Result<serde_json::Value, serde_json::Error>,
     decode: fn(serde_json::Value) -> Result<A, SnapshotMismatch>,
 }
@@ -358,6 +361,11 @@ struct SnapshotConfig<A> {
 /// How long a command waits for the save of the snapshot it made due, by default (see
 /// [`AggregateRepository::with_snapshot_wait`]).
 pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most snapshot saves of one repository (and its clones) under way at once: a stuck store
+/// leaves each save's task waiting, and a snapshot due past this many is skipped (a later one
+/// replaces it) rather than left to pile up.
+const MOST_SAVES_IN_FLIGHT: usize = 16;
 
 /// The key under which a snapshot of [`Aggregate::SNAPSHOT_VERSION`] 2 or more records its
 /// version: `{"cqrs_snapshot_version": 2, "state": ..}`. A snapshot of version 1 is the state
@@ -598,6 +606,7 @@ impl<A: Aggregate> AggregateRepository<A> {
             store,
             every: every.max(1),
             wait: SNAPSHOT_WAIT,
+            in_flight: Arc::default(),
             encode: encode_snapshot::<A>,
             decode: decode_snapshot::<A>,
         });
@@ -1054,13 +1063,7 @@ impl<A: Aggregate> AggregateRepository<A> {
                 if let Some(last) = stored.last() {
                     snapshot = snapshot.with_last_event(last.event_id);
                 }
-                save_snapshot(
-                    snapshots.store.clone(),
-                    stream.to_owned(),
-                    snapshot,
-                    snapshots.wait,
-                )
-                .await;
+                save_snapshot(snapshots, stream.to_owned(), snapshot).await;
             }
             Err(e) => {
                 tracing::warn!(stream = %stream, error = %e, "could not encode a snapshot")
@@ -1069,18 +1072,22 @@ impl<A: Aggregate> AggregateRepository<A> {
     }
 }
 
-/// Saves `snapshot` in a task of its own, waiting `wait` at most: its command has taken effect
-/// (the events are stored), so neither a slow store nor the command being given up may hold
-/// or undo that. A failure only costs longer loads: it is logged.
-async fn save_snapshot(
-    store: Arc<dyn SnapshotStore>,
-    stream: String,
-    snapshot: Snapshot,
-    wait: std::time::Duration,
-) {
+/// Saves `snapshot` in a task of its own, waiting the config's `wait` at most: its command
+/// has taken effect (the events are stored), so neither a slow store nor the command being
+/// given up may hold or undo that. A failure only costs longer loads: it is logged.
+async fn save_snapshot<A>(snapshots: &SnapshotConfig<A>, stream: String, snapshot: Snapshot) {
+    use std::sync::atomic::Ordering;
+    let in_flight = snapshots.in_flight.clone();
+    if in_flight.fetch_add(1, Ordering::Relaxed) >= MOST_SAVES_IN_FLIGHT {
+        in_flight.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(stream = %stream, "a snapshot is skipped: too many saves are still under way");
+        return;
+    }
     let save = {
-        let stream = stream.clone();
+        let (store, stream) = (snapshots.store.clone(), stream.clone());
         async move {
+            // Counted down however the save ends, a panic or a runtime shut down included.
+            let _done = InFlight(in_flight);
             if let Err(e) = store.save(&stream, snapshot).await {
                 tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
             }
@@ -1090,9 +1097,11 @@ async fn save_snapshot(
         return save.await;
     };
     let task = runtime.spawn(save.in_current_span());
-    // The timer inside the guard: without tokio's time driver it panics; the save then goes
-    // on, not waited for.
-    match crate::CatchUnwind::new(tokio::time::timeout(wait, task)).await {
+    let wait = snapshots.wait;
+    // The timer made inside the guard: without tokio's time driver it panics as it is made;
+    // the save then goes on, not waited for.
+    let waited = crate::CatchUnwind::new(async move { tokio::time::timeout(wait, task).await });
+    match waited.await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) if e.is_panic() => {
             let panic = crate::panic::into_message(e.into_panic());
@@ -1100,12 +1109,23 @@ async fn save_snapshot(
         }
         // The runtime is shutting down: the save was cut off, which only costs longer loads.
         Ok(Ok(Err(_))) => {}
+        // Not waited for on purpose.
+        Ok(Err(_)) if wait.is_zero() => {}
         Ok(Err(_)) => tracing::warn!(
             stream = %stream,
             wait = ?wait,
             "saving a snapshot takes longer than the command waits for it: it goes on without the command"
         ),
         Err(_) => {}
+    }
+}
+
+/// A save under way, counted down when dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

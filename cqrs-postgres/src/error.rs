@@ -388,7 +388,7 @@ pub(crate) fn marked_commit_error(error: sqlx::Error) -> sqlx::Error {
 
 /// A `COMMIT` the server may or may not have carried out: its answer was lost or never came.
 #[derive(Debug, thiserror::Error)]
-#[error("the commit's outcome is unknown (it may have taken effect): {0}")]
+#[error("the commit's outcome is unknown: {0}")]
 struct CommitOutcomeUnknown(#[source] SqlxError);
 
 /// `error` without the mark of [`marked_commit_error`]: the commit's own error.

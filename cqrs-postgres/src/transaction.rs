@@ -352,7 +352,7 @@ impl PgTransaction {
         }
         let limit = self.held.answer_timeout;
         let commit = PgTransactionManager::commit(&mut *self.held);
-        answered_within(limit, "COMMIT", "the commit may have taken effect", commit)
+        answered_within(limit, "COMMIT", "it may have taken effect", commit)
             .await
             .map_err(crate::error::marked_commit_error)
     }

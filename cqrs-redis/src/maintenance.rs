@@ -427,11 +427,11 @@ impl Worker for StreamMaintenance {
                     ctx.health.set(if unread.is_empty() {
                         Health::Healthy
                     } else {
+                        // Without the counts, which grow each round: a reason that changes is
+                        // logged again by a server that logs its readiness reasons.
                         let groups: Vec<String> = unread
                             .iter()
-                            .map(|(topic, group, lag)| {
-                                format!("`{group}` of `{topic}` ({lag} unread)")
-                            })
+                            .map(|(topic, group, _)| format!("`{group}` of `{topic}`"))
                             .collect();
                         Health::Degraded(format!(
                             "consumer groups without a consumer hold back trimming: {}; start \

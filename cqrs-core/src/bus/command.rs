@@ -115,6 +115,12 @@ fn hand_to_sink(
 /// is still best effort: a process that stops, or a runtime shut down, meanwhile loses them.
 /// Events that must not be lost are stored with the command's own writes instead (an outbox,
 /// as `cqrs-postgres`'s command layer does).
+///
+/// Since a dispatch given up no longer cuts its sink off, bound a sink's own waits (a store
+/// with a timeout): one that hangs keeps a task per dispatch that handed it events. And the
+/// sink's task needs the runtime driven: a dispatch blocked on with `Handle::block_on` on a
+/// current-thread runtime that no `Runtime::block_on` drives waits for ever, as any spawned
+/// task there would.
 #[async_trait]
 pub trait EventSink: Send + Sync + 'static {
     /// Accepts the events one successful command recorded, in order. An error fails the

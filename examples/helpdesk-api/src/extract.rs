@@ -634,6 +634,18 @@ impl std::str::FromStr for AddressRange {
                     if address.is_ipv4() { 4 } else { 6 }
                 )
             })?;
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`) as the IPv4 range it holds: peers are
+        // compared in their IPv4 form.
+        let (address, prefix) = match address {
+            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => (
+                IpAddr::V4(
+                    v6.to_ipv4_mapped()
+                        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+                ),
+                prefix - 96,
+            ),
+            other => (other, prefix),
+        };
         let first = match address {
             IpAddr::V4(v4) => IpAddr::V4(masked_v4(u32::from(v4), prefix).into()),
             IpAddr::V6(v6) => IpAddr::V6(masked_v6(u128::from(v6), prefix).into()),
@@ -658,14 +670,19 @@ impl std::fmt::Display for AddressRange {
 /// every request's [`ClientAddr`] is its peer address, and the header, which any client can
 /// send, is ignored.
 ///
-/// A request that carries `X-Forwarded-For` from a peer it does not trust is logged once (at
-/// `warn`, for the first such request): a proxy left off the list makes every client behind it
-/// one address, which the login throttles and connection limits then count as one client.
+/// A request that carries `X-Forwarded-For` from a peer it does not trust is logged at
+/// `warn`, once per peer (for the first 16 peers): a proxy left off the list makes every
+/// client behind it one address, which the login throttles and connection limits then count
+/// as one client. Once per peer, not once in all, so that a client sending the header itself
+/// (a scanner) does not use up the line meant for a proxy.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
     ranges: Arc<[AddressRange]>,
-    told_untrusted: Arc<std::sync::atomic::AtomicBool>,
+    told_untrusted: Arc<std::sync::Mutex<std::collections::HashSet<IpAddr>>>,
 }
+
+/// The most peers [`TrustedProxies`] warns of.
+const MOST_UNTRUSTED_TOLD: usize = 16;
 
 impl TrustedProxies {
     /// Trusts these addresses and ranges.
@@ -681,17 +698,24 @@ impl TrustedProxies {
         self.ranges.iter().any(|range| range.contains(ip))
     }
 
-    /// Logs, the first time only, that `peer`, which is not trusted, sent `X-Forwarded-For`.
+    /// Logs, the first time for each peer (of the first [`MOST_UNTRUSTED_TOLD`]), that
+    /// `peer`, which is not trusted, sent `X-Forwarded-For`.
     fn untrusted_forwarder(&self, peer: IpAddr) {
-        use std::sync::atomic::Ordering;
-        if !self.told_untrusted.swap(true, Ordering::Relaxed) {
+        let first = {
+            let mut told = self
+                .told_untrusted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            told.len() < MOST_UNTRUSTED_TOLD && told.insert(peer)
+        };
+        if first {
             tracing::warn!(
                 %peer,
                 "a request from {peer} carries X-Forwarded-For, which is ignored: \
                  HELPDESK_TRUSTED_PROXIES does not list {peer}. If it is your load balancer or \
                  proxy, every client behind it counts as this one address (login throttles, \
                  connection limits): list it, or its subnet (a range such as 10.0.0.0/8). Said \
-                 once."
+                 once for this peer."
             );
         }
     }
@@ -798,6 +822,33 @@ fn forwarded_address(hop: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ranges at the edges of their prefixes, and IPv4-mapped ones, hold what they should.
+    #[test]
+    fn address_ranges_hold_their_addresses() {
+        let range = |r: &str| r.parse::<AddressRange>().unwrap();
+        let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+        assert!(range("0.0.0.0/0").contains(ip("203.0.113.9")));
+        assert!(!range("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(range("192.0.2.7/32").contains(ip("192.0.2.7")));
+        assert!(!range("192.0.2.7/32").contains(ip("192.0.2.8")));
+        assert!(range("192.0.2.0/31").contains(ip("192.0.2.1")));
+        assert!(!range("192.0.2.0/31").contains(ip("192.0.2.2")));
+        assert!(range("::/0").contains(ip("2001:db8::1")));
+        assert!(range("2001:db8::1/128").contains(ip("2001:db8::1")));
+        assert!(!range("2001:db8::1/128").contains(ip("2001:db8::2")));
+        assert!(range("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
+        assert!(!range("2001:db8::/32").contains(ip("2001:db9::1")));
+        // A peer on a dual-stack listener shows IPv4-mapped: compared as IPv4.
+        assert!(range("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")));
+        // A range written IPv4-mapped is the IPv4 range it holds.
+        assert_eq!(range("::ffff:10.0.0.0/104"), range("10.0.0.0/8"));
+        assert!(range("::ffff:127.0.0.1/128").contains(ip("127.0.0.1")));
+        assert_eq!(range("::ffff:127.0.0.1"), range("127.0.0.1"));
+        for bad in ["10.0.0.0/", "10.0.0.0/-1", "2001:db8::/129", "10.0.0.0/8/8"] {
+            assert!(bad.parse::<AddressRange>().is_err(), "{bad}");
+        }
+    }
 
     #[derive(Debug, serde::Deserialize)]
     #[allow(dead_code)]
