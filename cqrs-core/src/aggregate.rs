@@ -1083,11 +1083,14 @@ async fn save_snapshot<A>(snapshots: &SnapshotConfig<A>, stream: String, snapsho
         tracing::debug!(stream = %stream, "a snapshot is skipped: too many saves are still under way");
         return;
     }
+    // Made now, and moved into the save: counted down however the save ends, a panic, or a
+    // runtime shut down before the task was first polled (a captured value is dropped with
+    // a future that never ran) included.
+    let done = InFlight(in_flight);
     let save = {
         let (store, stream) = (snapshots.store.clone(), stream.clone());
         async move {
-            // Counted down however the save ends, a panic or a runtime shut down included.
-            let _done = InFlight(in_flight);
+            let _done = done;
             if let Err(e) = store.save(&stream, snapshot).await {
                 tracing::warn!(stream = %stream, error = %e, "could not save a snapshot");
             }
@@ -1098,6 +1101,10 @@ async fn save_snapshot<A>(snapshots: &SnapshotConfig<A>, stream: String, snapsho
     };
     let task = runtime.spawn(save.in_current_span());
     let wait = snapshots.wait;
+    if wait.is_zero() {
+        // Not waited for: no timer to make.
+        return;
+    }
     // The timer made inside the guard: without tokio's time driver it panics as it is made;
     // the save then goes on, not waited for.
     let waited = crate::CatchUnwind::new(async move { tokio::time::timeout(wait, task).await });
@@ -1109,8 +1116,6 @@ async fn save_snapshot<A>(snapshots: &SnapshotConfig<A>, stream: String, snapsho
         }
         // The runtime is shutting down: the save was cut off, which only costs longer loads.
         Ok(Ok(Err(_))) => {}
-        // Not waited for on purpose.
-        Ok(Err(_)) if wait.is_zero() => {}
         Ok(Err(_)) => tracing::warn!(
             stream = %stream,
             wait = ?wait,

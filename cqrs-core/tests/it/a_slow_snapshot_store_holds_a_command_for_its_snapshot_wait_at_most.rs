@@ -244,3 +244,44 @@ fn without_a_time_driver_the_command_succeeds_and_the_save_goes_on() {
         panic!("the snapshot was never saved");
     });
 }
+
+/// A save whose task a runtime dropped before it ever ran (a runtime made for one call, shut
+/// down as the call returned) is no longer under way: sixteen such used to leave the count of
+/// saves up for good, and every later snapshot of the repository was skipped.
+#[test]
+fn saves_dropped_with_their_runtime_are_not_left_under_way() {
+    let events = Arc::new(InMemoryEventStore::new());
+    let saved = InMemorySnapshotStore::new();
+    let repo = AggregateRepository::<Ticket>::new(events)
+        .with_snapshots(Arc::new(saved.clone()), 1)
+        .with_snapshot_wait(Duration::ZERO);
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    };
+    for n in 0..20 {
+        // Not waited for: the call returns before the save's task is first polled, and the
+        // runtime, dropped, drops the task.
+        runtime()
+            .block_on(repo.execute(
+                &format!("t-{n}"),
+                None,
+                TicketCommand::Open,
+                &Metadata::new(),
+            ))
+            .expect("the command succeeds");
+    }
+    runtime().block_on(async {
+        repo.execute("t-last", None, TicketCommand::Open, &Metadata::new())
+            .await
+            .expect("the command succeeds");
+        eventually(
+            Duration::from_secs(10),
+            "the last snapshot is saved",
+            || async { saved.load("ticket-t-last").await.unwrap().map(|_| ()) },
+        )
+        .await;
+    });
+}

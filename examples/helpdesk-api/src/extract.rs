@@ -671,14 +671,14 @@ impl std::fmt::Display for AddressRange {
 /// send, is ignored.
 ///
 /// A request that carries `X-Forwarded-For` from a peer it does not trust is logged at
-/// `warn`, once per peer (for the first 16 peers): a proxy left off the list makes every
+/// `warn`, once per peer (an IPv4 address, an IPv6 /64; for the first 16): a proxy left off the list makes every
 /// client behind it one address, which the login throttles and connection limits then count
 /// as one client. Once per peer, not once in all, so that a client sending the header itself
 /// (a scanner) does not use up the line meant for a proxy.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
     ranges: Arc<[AddressRange]>,
-    told_untrusted: Arc<std::sync::Mutex<std::collections::HashSet<IpAddr>>>,
+    told_untrusted: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// The most peers [`TrustedProxies`] warns of.
@@ -706,7 +706,8 @@ impl TrustedProxies {
                 .told_untrusted
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            told.len() < MOST_UNTRUSTED_TOLD && told.insert(peer)
+            // By client (an IPv6 /64), so one host's many addresses use up one place.
+            told.len() < MOST_UNTRUSTED_TOLD && told.insert(crate::client_key(Some(peer)))
         };
         if first {
             tracing::warn!(

@@ -617,6 +617,13 @@ const FAILED_LOGINS: &str = "too many failed logins; try again later";
 const TOO_MANY_SIGN_INS: &str =
     "too many logins to this account in a short time; use the token you have, or try again later";
 
+/// Takes back a login's sign-in count: it signed in not.
+async fn not_signed_in(signed_in: CountedAttempts) {
+    if let Err(e) = signed_in.take_back().await {
+        tracing::warn!(error = %e, "a login that did not sign in stays counted as a sign-in");
+    }
+}
+
 fn too_many_attempts(seconds: u64, message: &'static str) -> HandlerError {
     HandlerError::rate_limited("too_many_attempts", message)
         .with_details(json!({ "retry_after": seconds }))
@@ -686,7 +693,7 @@ impl CommandHandler<LogIn> for LogInHandler {
                 return Ok(Checked::Blocked(seconds));
             }
             if let Some(seconds) = signed_in
-                .attempt(&self.sign_ins, &format!("signed-in|{email}"))
+                .attempt(&self.sign_ins, &format!("signed-in {email}"))
                 .await?
             {
                 return Ok(Checked::SignedInEnough(seconds));
@@ -704,18 +711,16 @@ impl CommandHandler<LogIn> for LogInHandler {
         }
         .await;
         // A sign-in only when the password was right.
-        if matches!(checked, Ok(Checked::Right(_))) {
-            signed_in.keep();
-        } else if let Err(e) = signed_in.take_back().await {
-            tracing::warn!(error = %e, "a login that did not sign in stays counted as a sign-in");
-        }
         let user = match checked {
-            // Checked and wrong: a failure, for the pair and for the address.
+            // Checked and wrong: a failure, for the pair and for the address. Kept before any
+            // await: a login dropped at the take-back must not take a checked guess back.
             Ok(Checked::Wrong) => {
                 counted.keep();
+                not_signed_in(signed_in).await;
                 return Err(invalid_credentials());
             }
             Ok(Checked::Right(user)) => {
+                signed_in.keep();
                 // The right password is let in, whether or not its count could be taken back.
                 if let Err(e) = counted.take_back().await {
                     tracing::warn!(error = %e, "a successful login's attempt stays counted");
@@ -723,6 +728,7 @@ impl CommandHandler<LogIn> for LogInHandler {
                 user
             }
             Ok(Checked::Blocked(seconds)) => {
+                not_signed_in(signed_in).await;
                 if let Err(e) = counted.take_back().await {
                     tracing::warn!(error = %e, "a blocked login's attempt stays counted");
                 }
@@ -730,6 +736,7 @@ impl CommandHandler<LogIn> for LogInHandler {
             }
             // Not a failure: the attempts counted before it are taken back.
             Ok(Checked::SignedInEnough(seconds)) => {
+                not_signed_in(signed_in).await;
                 if let Err(e) = counted.take_back().await {
                     tracing::warn!(error = %e, "a refused login's attempt stays counted");
                 }
@@ -737,6 +744,7 @@ impl CommandHandler<LogIn> for LogInHandler {
             }
             // The server could not tell: no failure of the client's.
             Err(e) => {
+                not_signed_in(signed_in).await;
                 if let Err(undo) = counted.take_back().await {
                     tracing::warn!(error = %undo, "a failed login's attempt stays counted");
                 }

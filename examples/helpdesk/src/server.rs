@@ -76,6 +76,7 @@ impl Server {
         }
         let per_address = PerAddress::new(
             connections_per_address(&config, max_connections),
+            share,
             config.trusted_proxies.iter().copied(),
         );
         let router = app.router;
@@ -413,6 +414,9 @@ async fn serve(
 #[derive(Clone)]
 struct PerAddress {
     limit: usize,
+    /// What the /64s of one IPv6 /48 hold together: [`SITE_SHARE_FACTOR`] times `limit`, at
+    /// most the share one party may hold of the whole.
+    site_limit: usize,
     unlimited: helpdesk_api::TrustedProxies,
     open: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
@@ -429,9 +433,17 @@ pub(crate) struct AddressHeld {
 const SITE_SHARE_FACTOR: usize = 4;
 
 impl PerAddress {
-    fn new(limit: usize, unlimited: impl IntoIterator<Item = helpdesk_api::AddressRange>) -> Self {
+    fn new(
+        limit: usize,
+        share: usize,
+        unlimited: impl IntoIterator<Item = helpdesk_api::AddressRange>,
+    ) -> Self {
         Self {
             limit,
+            site_limit: limit
+                .saturating_mul(SITE_SHARE_FACTOR)
+                .min(share)
+                .max(limit),
             // Compared as the XFF check compares them (an IPv4 proxy reaching a dual-stack
             // listener shows as `::ffff:a.b.c.d`, and matches as its IPv4 form).
             unlimited: helpdesk_api::TrustedProxies::new(unlimited),
@@ -447,7 +459,7 @@ impl PerAddress {
         }
         let mut keys = vec![(helpdesk_api::client_key(Some(ip)), self.limit)];
         if let Some(site) = helpdesk_api::site_key(Some(ip)) {
-            keys.push((site, self.limit.saturating_mul(SITE_SHARE_FACTOR)));
+            keys.push((site, self.site_limit));
         }
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if keys
@@ -535,7 +547,7 @@ mod tests {
     /// and a closed connection gives its place back to both. IPv4 addresses have no site.
     #[test]
     fn the_64s_of_one_48_hold_four_shares_together() {
-        let per_address = PerAddress::new(2, []);
+        let per_address = PerAddress::new(2, 1000, []);
         let in_site =
             |n: u16| std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, n, 0, 0, 0, 1));
         let mut held = Vec::new();
@@ -567,11 +579,28 @@ mod tests {
         );
         for n in 0..20u8 {
             let v4 = std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, n));
-            assert!(
-                per_address.take(v4).is_some(),
-                "IPv4 addresses have no site"
+            held.push(
+                per_address
+                    .take(v4)
+                    .expect("IPv4 addresses have no site")
+                    .expect("counted"),
             );
         }
+        // The /48's shares are at most the share one party may hold of the whole.
+        let capped = PerAddress::new(2, 5, []);
+        let mut kept = Vec::new();
+        for n in 0..5 {
+            kept.push(
+                capped
+                    .take(in_site(n))
+                    .expect("within the share")
+                    .expect("counted"),
+            );
+        }
+        assert!(
+            capped.take(in_site(5)).is_none(),
+            "the share of the whole is 5"
+        );
     }
 
     /// One address, or the WebSockets together, hold all but a tenth of the limit, at least
