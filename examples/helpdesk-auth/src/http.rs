@@ -245,7 +245,7 @@ pub(crate) fn api(buses: BusHandle) -> HttpApi {
                 })))
                 .response(401, "wrong email or password (`invalid_credentials`)", None)
                 .response(422, "JSON of the wrong shape, or with a field the route does not know (`invalid_body`)", None)
-                .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress (`too_many_attempts`), with Retry-After", None)
+                .response(429, "too many failed attempts for this email and client address, or from this address across emails, or two logins or registrations of this address in progress, or too many logins to this account within the login window (`too_many_attempts`), with Retry-After", None)
                 .response(503, UNAVAILABLE, None)
                 .response_header(429, "Retry-After", helpdesk_api::RETRY_AFTER)
                 .response_header(503, "Retry-After", helpdesk_api::RETRY_AFTER)],
