@@ -247,6 +247,8 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     read_from: std::sync::Mutex<Option<Position>>,
     /// Whether the event store was seen to reach the checkpoint (see `check_end`).
     end_checked: std::sync::atomic::AtomicBool,
+    /// What the lag gauge is read against ([`clock`](Self::clock)).
+    clock: Arc<dyn crate::clock::Clock>,
 }
 
 /// What one batch did: how many events took effect, whether the source had no more to give,
@@ -317,6 +319,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
+            clock: Arc::new(crate::clock::SystemClock),
         }
     }
 
@@ -365,6 +368,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
+            clock: Arc::new(crate::clock::SystemClock),
         }
     }
 
@@ -463,6 +467,14 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     }
 
     /// Where a stalled batch is reported: only while running as a worker.
+    /// The clock `cqrs_projection_lag_seconds` is read against: how long before its `now`
+    /// the oldest event waiting occurred. The system's by default; a
+    /// [`ManualClock`](crate::clock::ManualClock) makes the gauge exact in a test.
+    pub fn clock(mut self, clock: Arc<dyn crate::clock::Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     fn stall(&self) -> Option<Stall<'_>> {
         Stall::of_projection(self.health.as_ref(), self.stall_after, &self.stalled)
     }
@@ -633,7 +645,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             if let Some(page) = page
                 && seen == Some(after)
             {
-                report_lag(&self.name, &page.records);
+                report_lag(&self.name, &page.records, self.clock.now());
                 return self.apply_batch(unit, after, &page.records, page.cut).await;
             }
             self.store.commit(unit).await?;
@@ -647,7 +659,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let page = crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch)
             .await
             .inspect_err(|_| report_unmeasured_lag(&self.name))?;
-        report_lag(&self.name, &page.records);
+        report_lag(&self.name, &page.records, self.clock.now());
         self.apply_batch(unit, after, &page.records, page.cut).await
     }
 
@@ -906,6 +918,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stalled,
             suspects,
             fetched_a_batch,
+            clock,
             ..
         } = self;
         *fetched_a_batch = false;
@@ -936,7 +949,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         };
         let deliveries = fetched.inspect_err(|_| report_unmeasured_lag(name))?;
         if deliveries.is_empty() {
-            report_lag(name, &[]);
+            report_lag(name, &[], clock.now());
             return Ok(Stepped::CAUGHT_UP);
         }
         *fetched_a_batch = true;
@@ -950,7 +963,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             order_keys.push(d.order_key);
             records.push(d.record);
         }
-        report_lag(name, &records);
+        report_lag(name, &records, clock.now());
         // The error of the first event set aside, returned once the rest took effect.
         let mut set_aside: Option<ProjectionError> = None;
         let mut passes = 0;
@@ -1544,19 +1557,22 @@ impl<S: ProjectionStore> InboxPurge<S> {
 /// projection stuck on an event reads it again at each retry, so its lag keeps growing; one
 /// caught up reads nothing, 0. A delivery already applied (redelivered) counts until it is
 /// read, and a projection catching up from the first event shows that event's age.
-fn report_lag(projection: &str, records: &[EventRecord]) {
-    let lag = lag_of_records(records.iter());
+fn report_lag(projection: &str, records: &[EventRecord], now: chrono::DateTime<chrono::Utc>) {
+    let lag = lag_of_records(now, records.iter());
     metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
 }
 
-/// How long ago the oldest of `records` occurred, in seconds; 0 for none.
-fn lag_of_records<'a>(records: impl Iterator<Item = &'a EventRecord>) -> f64 {
+/// How long before `now` the oldest of `records` occurred, in seconds; 0 for none.
+fn lag_of_records<'a>(
+    now: chrono::DateTime<chrono::Utc>,
+    records: impl Iterator<Item = &'a EventRecord>,
+) -> f64 {
     records
         .map(|r| r.metadata.occurred_at)
         .min()
         .map_or(0.0, |oldest| {
             // An event stamped ahead of this clock (another host's) is not behind: 0.
-            (chrono::Utc::now() - oldest)
+            (now - oldest)
                 .to_std()
                 .map_or(0.0, |behind| behind.as_secs_f64())
         })
@@ -2164,7 +2180,10 @@ where
         // NaN while the transport cannot be read: a value kept from before would say the
         // handlers are up to date while they fall behind.
         let deliveries = fetched.inspect_err(|_| report_lag(f64::NAN))?;
-        report_lag(lag_of_records(deliveries.iter().map(|d| &d.record)));
+        report_lag(lag_of_records(
+            chrono::Utc::now(),
+            deliveries.iter().map(|d| &d.record),
+        ));
         if deliveries.is_empty() {
             // A failed delivery comes back within the redelivery delay; one that has not in
             // twice that was dead-lettered or handled elsewhere: the failure is over. (On an

@@ -2972,11 +2972,21 @@ fn occurred_ago(sum: u64, ago: Duration) -> EventRecord {
     record
 }
 
+/// `record(sum)`, occurred `ago` before `clock`'s now.
+fn occurred_before(clock: &cqrs_core::clock::ManualClock, sum: u64, ago: Duration) -> EventRecord {
+    use cqrs_core::clock::Clock;
+    let mut record = record(sum);
+    record.metadata.occurred_at = clock.now() - ago;
+    record
+}
+
+/// On the runner's clock (`ProjectionRunner::clock`), to the second.
 #[test]
 fn a_store_fed_runner_reports_how_long_its_oldest_waiting_event_has_waited() {
     let counts = MetricCounts::default();
     metrics::with_local_recorder(&counts, || {
         run(async {
+            let clock = cqrs_core::clock::ManualClock::new();
             let events = Arc::new(InMemoryEventStore::new());
             let store = Arc::new(InMemoryProjectionStore::new());
             let sum = Arc::new(Sum {
@@ -2988,18 +2998,22 @@ fn a_store_fed_runner_reports_how_long_its_oldest_waiting_event_has_waited() {
                 .append(
                     "s-1",
                     ExpectedVersion::NO_STREAM,
-                    vec![occurred_ago(1, minutes(10)), occurred_ago(2, minutes(5))],
+                    vec![
+                        occurred_before(&clock, 1, minutes(10)),
+                        occurred_before(&clock, 2, minutes(5)),
+                    ],
                 )
                 .await
                 .unwrap();
             let mut runner =
-                ProjectionRunner::from_store(store, sum.clone(), events.clone(), types());
+                ProjectionRunner::from_store(store, sum.clone(), events.clone(), types())
+                    .clock(Arc::new(clock.clone()));
             assert_eq!(counts.gauge(LAG), None, "nothing read yet");
             assert_eq!(runner.run_once().await.unwrap(), 2);
-            let lag = counts.gauge(LAG).unwrap();
-            assert!(
-                (600.0..660.0).contains(&lag),
-                "the oldest event read was 10 minutes old: {lag}"
+            assert_eq!(
+                counts.gauge(LAG),
+                Some(600.0),
+                "the oldest event read was 10 minutes old"
             );
             assert_eq!(runner.run_once().await.unwrap(), 0);
             assert_eq!(counts.gauge(LAG), Some(0.0), "caught up");
@@ -3009,18 +3023,15 @@ fn a_store_fed_runner_reports_how_long_its_oldest_waiting_event_has_waited() {
                 .append(
                     "s-1",
                     ExpectedVersion::Exactly(2),
-                    vec![occurred_ago(7, minutes(3))],
+                    vec![occurred_before(&clock, 7, minutes(3))],
                 )
                 .await
                 .unwrap();
             assert!(runner.run_once().await.is_err(), "7 always fails");
-            let stuck = counts.gauge(LAG).unwrap();
-            assert!((180.0..240.0).contains(&stuck), "{stuck}");
+            assert_eq!(counts.gauge(LAG), Some(180.0));
+            clock.advance(minutes(1));
             assert!(runner.run_once().await.is_err());
-            assert!(
-                counts.gauge(LAG).unwrap() >= stuck,
-                "not reset by a failure"
-            );
+            assert_eq!(counts.gauge(LAG), Some(240.0), "a minute older");
         })
     });
 }
