@@ -311,9 +311,57 @@ impl Instance {
         }))
     }
 
-    /// Reports [`other_token_keys`](Self::other_token_keys) as degraded, logging a change.
+    /// Why realtime pushes miss clients: other running instances of the schema that, as this
+    /// one, run on Postgres without Redis, or `None` when this one has Redis or runs alone. A
+    /// second instance is not refused (a restart after a crash must not wait for the first
+    /// one's record to go stale), so it is reported.
+    async fn other_instances_without_redis(&self) -> Result<Option<String>, sqlx::Error> {
+        if self.events_to != NO_TRANSPORT {
+            return Ok(None);
+        }
+        // Cut off by the round's timeout, it gives its connection back within `answer_timeout`.
+        let mut conn = self.db.acquire().await?;
+        let (count, seen_as): (i64, Option<String>) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(*), string_agg(seen_as, '; ' ORDER BY seen_as)
+             FROM {}.helpdesk_instances
+             WHERE instance <> $1 AND events_to = $2
+               AND seen_at > now() - make_interval(secs => $3)",
+            self.db.schema()
+        )))
+        .bind(self.id)
+        .bind(NO_TRANSPORT)
+        .bind(STALE_AFTER.as_secs() as f64)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok((count > 0).then(|| {
+            format!(
+                "{count} other instance(s) of this schema run on Postgres without Redis, as this \
+                 one does ({}): each pushes the realtime events of the batches its own relay \
+                 ships to its own WebSocket clients only, so clients miss events without being \
+                 told; give every instance the same REDIS_URL (a record left by a crash counts \
+                 for {} s after its last renewal)",
+                seen_as.unwrap_or_default(),
+                STALE_AFTER.as_secs()
+            )
+        }))
+    }
+
+    /// What the deployment checks find, joined: [`other_token_keys`](Self::other_token_keys)
+    /// and [`other_instances_without_redis`](Self::other_instances_without_redis).
+    async fn deployment_findings(&self) -> Result<Option<String>, sqlx::Error> {
+        let found: Vec<String> = [
+            self.other_token_keys().await?,
+            self.other_instances_without_redis().await?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Ok((!found.is_empty()).then(|| found.join("; ")))
+    }
+
+    /// Reports [`deployment_findings`](Self::deployment_findings) as degraded, logging a change.
     async fn check_token_keys(&self, ctx: &WorkerContext, last: &mut Option<String>) {
-        let found = match self.other_token_keys().await {
+        let found = match self.deployment_findings().await {
             Ok(found) => found,
             // The `postgres` check reports the outage; the next round looks again.
             Err(error) => {
@@ -325,9 +373,12 @@ impl Instance {
         if found != *last {
             match &found {
                 Some(reason) => {
-                    tracing::warn!(%reason, "instances sign tokens with different secrets")
+                    tracing::warn!(%reason, "the running instances of this schema do not go together")
                 }
-                None => tracing::info!("every running instance signs tokens with this secret"),
+                None if last.is_some() => {
+                    tracing::info!("the running instances of this schema go together again")
+                }
+                None => {}
             }
         }
         ctx.health.set(match &found {

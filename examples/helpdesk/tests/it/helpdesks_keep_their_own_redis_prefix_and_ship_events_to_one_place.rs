@@ -256,6 +256,54 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
     .await;
 }
 
+/// Instances of one schema on Postgres without Redis each push only the events of their own
+/// relay's batches to their WebSocket clients: nothing refuses the second (a restart after a
+/// crash must not wait for the first one's record to go stale), and they ran side by side
+/// without a word. Each now reports the others in `/ready` (degraded, naming them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_without_redis_on_one_schema_are_reported() {
+    within(async {
+        let Some(backend) = Backend::postgres().await else {
+            return;
+        };
+        let hooks = || Hooks {
+            deployment_checks_every: Some(Duration::from_millis(50)),
+            ..Hooks::default()
+        };
+        let without_redis = |config: &mut helpdesk::Config| {
+            config.redis_url = None;
+            config.ready_details = true;
+        };
+        let a = TestServer::start_with_hooks(backend.shared(), hooks(), without_redis).await;
+        component_status(&a, "instance-record", "healthy").await;
+        let b = TestServer::start_with_hooks(backend.shared(), hooks(), without_redis).await;
+        let address = |s: &TestServer| {
+            s.url("")
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned()
+        };
+        let (a_address, b_address) = (address(&a), address(&b));
+        for (s, other) in [(&a, &b_address), (&b, &a_address)] {
+            let degraded = component_status(s, "instance-record", "degraded").await;
+            let reason = degraded["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.starts_with(
+                    "1 other instance(s) of this schema run on Postgres without Redis"
+                ) && reason.contains(&format!("listening on {other}"))
+                    && reason.contains("give every instance the same REDIS_URL"),
+                "{degraded}"
+            );
+        }
+        // The other one gone, the report goes with it.
+        b.stop().await;
+        component_status(&a, "instance-record", "healthy").await;
+        a.stop().await;
+        backend.clean_up().await;
+    })
+    .await;
+}
+
 /// How often the deployment checks run is bounded: zero would spin, and more than 30 s would
 /// let a running instance's record go stale between renewals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
