@@ -16,6 +16,15 @@ use tokio::sync::Semaphore;
 
 const STREAM: &str = "ticket-t-1";
 
+/// Opens ticket `id` through `repo`.
+async fn open(
+    repo: &AggregateRepository<Ticket>,
+    id: &str,
+) -> Result<cqrs_core::Committed<Ticket>, cqrs_core::AggregateError<cqrs_core::HandlerError>> {
+    repo.execute(id, None, TicketCommand::Open, &Metadata::new())
+        .await
+}
+
 /// Saves into `inner` once `gate` lets it through; panics instead with `panics`. Counts the
 /// saves begun.
 struct Gated {
@@ -151,13 +160,7 @@ async fn a_stuck_store_holds_at_most_sixteen_saves_under_way() {
     use std::sync::atomic::Ordering;
     let t = setup(Duration::ZERO, false);
     for n in 0..24 {
-        t.repo
-            .execute(
-                &format!("t-{n}"),
-                None,
-                TicketCommand::Open,
-                &Metadata::new(),
-            )
+        open(&t.repo, &format!("t-{n}"))
             .await
             .expect("the command succeeds");
     }
@@ -193,13 +196,7 @@ async fn a_stuck_store_holds_at_most_sixteen_saves_under_way() {
         "a snapshot saved again",
         || async {
             let n = tries.fetch_add(1, Ordering::SeqCst);
-            t.repo
-                .execute(
-                    &format!("t-{n}"),
-                    None,
-                    TicketCommand::Open,
-                    &Metadata::new(),
-                )
+            open(&t.repo, &format!("t-{n}"))
                 .await
                 .expect("the command succeeds");
             for _ in 0..10 {

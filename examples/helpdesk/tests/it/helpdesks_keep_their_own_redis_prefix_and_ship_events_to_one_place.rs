@@ -235,18 +235,13 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
             config.ready_details = true;
         })
         .await;
-        let b_address = b.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
-        let a_address = a.url("").trim_start_matches("http://").trim_end_matches('/').to_owned();
-        for (s, other) in [(&a, &b_address), (&b, &a_address)] {
-            let degraded = component_status(s, "instance-record", "degraded").await;
-            let reason = degraded["reason"].as_str().unwrap_or_default();
-            assert!(
-                reason.starts_with("1 other instance(s) of this schema sign tokens with another HELPDESK_JWT_SECRET")
-                    && reason.contains(&format!("listening on {other}"))
-                    && reason.contains("give every instance the same secret"),
-                "{degraded}"
-            );
-        }
+        each_reports_the_other(
+            &a,
+            &b,
+            "1 other instance(s) of this schema sign tokens with another HELPDESK_JWT_SECRET",
+            "give every instance the same secret",
+        )
+        .await;
         // The other one gone, the report goes with it.
         b.stop().await;
         component_status(&a, "instance-record", "healthy").await;
@@ -254,6 +249,27 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
         backend.clean_up().await;
     })
     .await;
+}
+
+/// Waits until `a` and `b` each report the other in `/ready` (`instance-record` degraded, a
+/// reason that starts with `starts`, names the other's address, and says `advice`).
+async fn each_reports_the_other(a: &TestServer, b: &TestServer, starts: &str, advice: &str) {
+    let address = |s: &TestServer| {
+        s.url("")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned()
+    };
+    for (s, other) in [(a, address(b)), (b, address(a))] {
+        let degraded = component_status(s, "instance-record", "degraded").await;
+        let reason = degraded["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with(starts)
+                && reason.contains(&format!("listening on {other}"))
+                && reason.contains(advice),
+            "{degraded}"
+        );
+    }
 }
 
 /// Instances of one schema on Postgres without Redis each push only the events of their own
@@ -277,24 +293,13 @@ async fn instances_without_redis_on_one_schema_are_reported() {
         let a = TestServer::start_with_hooks(backend.shared(), hooks(), without_redis).await;
         component_status(&a, "instance-record", "healthy").await;
         let b = TestServer::start_with_hooks(backend.shared(), hooks(), without_redis).await;
-        let address = |s: &TestServer| {
-            s.url("")
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_owned()
-        };
-        let (a_address, b_address) = (address(&a), address(&b));
-        for (s, other) in [(&a, &b_address), (&b, &a_address)] {
-            let degraded = component_status(s, "instance-record", "degraded").await;
-            let reason = degraded["reason"].as_str().unwrap_or_default();
-            assert!(
-                reason.starts_with(
-                    "1 other instance(s) of this schema run on Postgres without Redis"
-                ) && reason.contains(&format!("listening on {other}"))
-                    && reason.contains("give every instance the same REDIS_URL"),
-                "{degraded}"
-            );
-        }
+        each_reports_the_other(
+            &a,
+            &b,
+            "1 other instance(s) of this schema run on Postgres without Redis",
+            "give every instance the same REDIS_URL",
+        )
+        .await;
         // The other one gone, the report goes with it.
         b.stop().await;
         component_status(&a, "instance-record", "healthy").await;
