@@ -196,15 +196,8 @@ async fn answered<T>(
     limit: Duration,
     statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, sqlx::Error> {
-    tokio::time::timeout(limit, statement)
-        .await
-        .unwrap_or_else(|_| {
-            Err(sqlx::Error::Io(crate::sql::no_answer(
-                limit,
-                "the wait for a consumer's lock",
-                crate::sql::CLOSED_ON_RELEASE,
-            )))
-        })
+    let what = "the wait for a consumer's lock";
+    crate::sql::answered_within(limit, what, crate::sql::CLOSED_ON_RELEASE, statement).await
 }
 
 #[async_trait]

@@ -65,6 +65,19 @@ pub(crate) async fn commit_within<T>(
         })
 }
 
+/// `work`'s outcome, or past `limit` the timed-out I/O error ([`no_answer`]) saying `what` got
+/// no answer, and `then`.
+pub(crate) async fn answered_within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    then: &str,
+    work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::Io(no_answer(limit, what, then))))
+}
+
 /// What [`no_answer`] says of work given up inside a transaction (its `ROLLBACK` queued): its
 /// connection is closed unless the answers come in time.
 pub(crate) const CLOSED_ON_RELEASE: &str =

@@ -352,7 +352,7 @@ impl PgTransaction {
         }
         let limit = self.held.answer_timeout;
         let commit = PgTransactionManager::commit(&mut *self.held);
-        answered_within(limit, "COMMIT", "it may have taken effect", commit)
+        crate::sql::answered_within(limit, "COMMIT", "it may have taken effect", commit)
             .await
             .map_err(crate::error::marked_commit_error)
     }
@@ -364,21 +364,8 @@ impl PgTransaction {
         let limit = self.held.answer_timeout;
         let rollback = PgTransactionManager::rollback(&mut *self.held);
         let then = "the server rolls the transaction back by itself once the connection closes";
-        answered_within(limit, "ROLLBACK", then, rollback).await
+        crate::sql::answered_within(limit, "ROLLBACK", then, rollback).await
     }
-}
-
-/// `end` (a `COMMIT` or `ROLLBACK`), or past `limit` the timed-out I/O error saying `what` got
-/// no answer, and `then`.
-async fn answered_within(
-    limit: Duration,
-    what: &str,
-    then: &str,
-    end: impl std::future::Future<Output = Result<(), sqlx::Error>>,
-) -> Result<(), sqlx::Error> {
-    tokio::time::timeout(limit, end)
-        .await
-        .unwrap_or_else(|_| Err(sqlx::Error::Io(crate::sql::no_answer(limit, what, then))))
 }
 
 impl Deref for PgTransaction {

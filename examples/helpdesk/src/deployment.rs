@@ -360,7 +360,7 @@ impl Instance {
     }
 
     /// Reports [`deployment_findings`](Self::deployment_findings) as degraded, logging a change.
-    async fn check_token_keys(&self, ctx: &WorkerContext, last: &mut Option<String>) {
+    async fn check_deployment(&self, ctx: &WorkerContext, last: &mut Option<String>) {
         let found = match self.deployment_findings().await {
             Ok(found) => found,
             // The `postgres` check reports the outage; the next round looks again.
@@ -413,17 +413,17 @@ impl Worker for Instance {
     /// logged (the next one is well inside [`STALE_AFTER`]), not reported as its health: the
     /// `postgres` check reports the outage that fails it, and a stale reason here would
     /// outlive that outage until the next renewal. Meanwhile, reports running instances that
-    /// sign tokens with another secret as degraded (a rolling change of the secret shows so
-    /// until it is done); a check that fails keeps the last finding, which is about the other
+    /// sign tokens with another secret, or that run without Redis beside this one, as degraded
+    /// (a rolling change of the secret shows so until it is done); a check that fails keeps the last finding, which is about the other
     /// instances, not this one's connection. Removes the record when asked to stop.
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         ctx.health.set(Health::Healthy);
-        let mut keys_differ = None;
+        let mut findings = None;
         loop {
             // The check runs while the wait for the renewal does, and is bounded by it: it
             // never delays a renewal (records must stay well inside `STALE_AFTER`).
             let wait = async {
-                let check = self.check_token_keys(&ctx, &mut keys_differ);
+                let check = self.check_deployment(&ctx, &mut findings);
                 let (_, checked) = tokio::join!(
                     tokio::time::sleep(self.every),
                     tokio::time::timeout(self.every, check)

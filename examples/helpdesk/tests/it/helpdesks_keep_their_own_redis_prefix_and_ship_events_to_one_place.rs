@@ -114,6 +114,14 @@ async fn instances_of_a_schema_ship_events_to_one_place() {
     .await;
 }
 
+/// Deployment checks every 50 ms, so a test sees their findings at once.
+fn fast_checks() -> Hooks {
+    Hooks {
+        deployment_checks_every: Some(Duration::from_millis(50)),
+        ..Hooks::default()
+    }
+}
+
 /// The claim's component in `/ready`, once it says `status`; panics after 10 s.
 async fn claim_status(s: &TestServer, status: &str) -> Value {
     component_status(s, "redis-prefix-claim", status).await
@@ -148,10 +156,7 @@ async fn running_instances_hold_their_claim_on_the_redis_prefix() {
         else {
             return;
         };
-        let hooks = Hooks {
-            deployment_checks_every: Some(Duration::from_millis(50)),
-            ..Hooks::default()
-        };
+        let hooks = fast_checks();
         let a = TestServer::start_with_hooks(backend.clone(), hooks, |config| {
             config.ready_details = true;
         })
@@ -210,10 +215,7 @@ async fn instances_signing_tokens_with_another_secret_are_reported() {
         let Some(backend) = Backend::postgres().await else {
             return;
         };
-        let hooks = || Hooks {
-            deployment_checks_every: Some(Duration::from_millis(50)),
-            ..Hooks::default()
-        };
+        let hooks = fast_checks;
         let a = TestServer::start_with_hooks(backend.shared(), hooks(), |config| {
             config.ready_details = true;
         })
@@ -282,10 +284,7 @@ async fn instances_without_redis_on_one_schema_are_reported() {
         let Some(backend) = Backend::postgres().await else {
             return;
         };
-        let hooks = || Hooks {
-            deployment_checks_every: Some(Duration::from_millis(50)),
-            ..Hooks::default()
-        };
+        let hooks = fast_checks;
         let without_redis = |config: &mut helpdesk::Config| {
             config.redis_url = None;
             config.ready_details = true;
