@@ -349,8 +349,6 @@ impl<E: Into<HandlerError>> From<AggregateError<E>> for HandlerError {
 struct SnapshotConfig<A> {
     store: Arc<dyn SnapshotStore>,
     every: u64,
-    /// How long a command waits for its snapshot's save ([`SNAPSHOT_WAIT`] by default).
-    wait: std::time::Duration,
     /// Saves begun and not finished, which a stuck store would pile up: past
     /// [`MOST_SAVES_IN_FLIGHT`], a due snapshot is skipped.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
@@ -504,9 +502,33 @@ pub struct AggregateRepository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     types: Arc<EventTypes>,
     snapshots: Option<SnapshotConfig<A>>,
+    /// How long a command waits for its snapshot's save ([`SNAPSHOT_WAIT`] by default); kept
+    /// apart from `snapshots` so it holds whichever of the two setters is called first.
+    snapshot_wait: std::time::Duration,
     /// Stamps the events `decide` and `execute` make.
     clock: Arc<dyn Clock>,
     _aggregate: PhantomData<fn() -> A>,
+}
+
+/// A clone shares the store, the types, the clock and the bound on snapshot saves under way:
+/// one per axum handler or task, with no `Arc` around it.
+impl<A: Aggregate> Clone for AggregateRepository<A> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            types: self.types.clone(),
+            snapshots: self.snapshots.as_ref().map(|s| SnapshotConfig {
+                store: s.store.clone(),
+                every: s.every,
+                in_flight: s.in_flight.clone(),
+                encode: s.encode,
+                decode: s.decode,
+            }),
+            snapshot_wait: self.snapshot_wait,
+            clock: self.clock.clone(),
+            _aggregate: PhantomData,
+        }
+    }
 }
 
 impl<A: Aggregate> fmt::Debug for AggregateRepository<A> {
@@ -558,6 +580,7 @@ impl<A: Aggregate> AggregateRepository<A> {
             store,
             types,
             snapshots: None,
+            snapshot_wait: SNAPSHOT_WAIT,
             clock: Arc::new(SystemClock),
             _aggregate: PhantomData,
         }
@@ -605,7 +628,6 @@ impl<A: Aggregate> AggregateRepository<A> {
         self.snapshots = Some(SnapshotConfig {
             store,
             every: every.max(1),
-            wait: SNAPSHOT_WAIT,
             in_flight: Arc::default(),
             encode: encode_snapshot::<A>,
             decode: decode_snapshot::<A>,
@@ -615,7 +637,7 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// How long a command whose events made a snapshot due waits for its save
     /// ([`SNAPSHOT_WAIT`], 1 s, by default; no effect without
-    /// [`with_snapshots`](Self::with_snapshots), so call it after that).
+    /// [`with_snapshots`](Self::with_snapshots), called before or after it).
     ///
     /// The save runs after the events are stored, in a task of its own: a command returns
     /// once it is saved, or once `wait` has passed, the save going on without it. So a slow
@@ -639,9 +661,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// # let _ = repo;
     /// ```
     pub fn with_snapshot_wait(mut self, wait: std::time::Duration) -> Self {
-        if let Some(snapshots) = &mut self.snapshots {
-            snapshots.wait = wait;
-        }
+        self.snapshot_wait = wait;
         self
     }
 
@@ -1063,7 +1083,7 @@ impl<A: Aggregate> AggregateRepository<A> {
                 if let Some(last) = stored.last() {
                     snapshot = snapshot.with_last_event(last.event_id);
                 }
-                save_snapshot(snapshots, stream.to_owned(), snapshot).await;
+                save_snapshot(snapshots, self.snapshot_wait, stream.to_owned(), snapshot).await;
             }
             Err(e) => {
                 tracing::warn!(stream = %stream, error = %e, "could not encode a snapshot")
@@ -1072,10 +1092,15 @@ impl<A: Aggregate> AggregateRepository<A> {
     }
 }
 
-/// Saves `snapshot` in a task of its own, waiting the config's `wait` at most: its command
-/// has taken effect (the events are stored), so neither a slow store nor the command being
-/// given up may hold or undo that. A failure only costs longer loads: it is logged.
-async fn save_snapshot<A>(snapshots: &SnapshotConfig<A>, stream: String, snapshot: Snapshot) {
+/// Saves `snapshot` in a task of its own, waiting `wait` at most: its command has taken
+/// effect (the events are stored), so neither a slow store nor the command being given up may
+/// hold or undo that. A failure only costs longer loads: it is logged.
+async fn save_snapshot<A>(
+    snapshots: &SnapshotConfig<A>,
+    wait: std::time::Duration,
+    stream: String,
+    snapshot: Snapshot,
+) {
     use std::sync::atomic::Ordering;
     let in_flight = snapshots.in_flight.clone();
     if in_flight.fetch_add(1, Ordering::Relaxed) >= MOST_SAVES_IN_FLIGHT {
@@ -1100,7 +1125,6 @@ async fn save_snapshot<A>(snapshots: &SnapshotConfig<A>, stream: String, snapsho
         return save.await;
     };
     let task = runtime.spawn(save.in_current_span());
-    let wait = snapshots.wait;
     if wait.is_zero() {
         // Not waited for: no timer to make.
         return;

@@ -284,7 +284,75 @@ impl QueryBus {
         metadata: Metadata,
     ) -> Result<Q::Output, DispatchError> {
         let dispatch = Dispatch::message(MessageKind::Query, Q::NAME, metadata, query_call(query));
-        let mut reply = service.call(dispatch).await?;
+        Self::answer_of::<Q>(service.call(dispatch).await?)
+    }
+
+    /// Like [`dispatch_with`](Self::dispatch_with), with extensions already in the dispatch
+    /// and in the handler's context: a caller hands layers and the handler a value (a
+    /// per-request tenant, a read-only connection) without a task-local or a layer of its own,
+    /// as [`CommandBus::execute_with_extensions`](crate::CommandBus::execute_with_extensions)
+    /// does for commands.
+    ///
+    /// ```
+    /// use cqrs_core::{async_trait, Extensions, HandlerError, Metadata, Query, QueryBus};
+    /// use cqrs_core::{QueryContext, QueryHandler};
+    ///
+    /// #[derive(Clone)]
+    /// struct Tenant(&'static str);
+    ///
+    /// #[derive(Query)]
+    /// #[cqrs(name = "doc.whose", output = String)]
+    /// struct Whose;
+    ///
+    /// struct WhoseHandler;
+    ///
+    /// #[async_trait]
+    /// impl QueryHandler<Whose> for WhoseHandler {
+    ///     async fn handle(&self, _: Whose, ctx: &QueryContext) -> Result<String, HandlerError> {
+    ///         let tenant = ctx.extensions().get::<Tenant>().ok_or("no tenant")?;
+    ///         Ok(tenant.0.to_owned())
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let bus = QueryBus::builder().handler(WhoseHandler).build()?;
+    /// let mut extensions = Extensions::new();
+    /// extensions.insert(Tenant("acme"));
+    /// let answer = bus
+    ///     .dispatch_with_extensions(Whose, Metadata::new(), extensions)
+    ///     .await?;
+    /// assert_eq!(answer, "acme");
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn dispatch_with_extensions<Q: Query>(
+        &self,
+        query: Q,
+        metadata: Metadata,
+        extensions: Extensions,
+    ) -> Result<Q::Output, DispatchError> {
+        match &self.inner.service {
+            None => {
+                let ctx = QueryContext::with_extensions(metadata, extensions);
+                let handler = handler_of::<Q>(&self.inner.registries)?;
+                guarded(
+                    MessageKind::Query,
+                    Q::NAME,
+                    started(|| handler.handle(query, &ctx)),
+                )
+                .await
+            }
+            Some(service) => {
+                let mut dispatch =
+                    Dispatch::message(MessageKind::Query, Q::NAME, metadata, query_call(query));
+                *dispatch.extensions_mut() = extensions;
+                Self::answer_of::<Q>(service.call(dispatch).await?)
+            }
+        }
+    }
+
+    /// The output of a layered dispatch's `reply`, or the error of a layer that replaced it.
+    fn answer_of<Q: Query>(mut reply: Reply) -> Result<Q::Output, DispatchError> {
         reply.take_output::<Q::Output>().ok_or_else(|| {
             DispatchError::Middleware(
                 format!(

@@ -60,6 +60,11 @@ struct Setup {
 
 /// A repository snapshotting every version into a store whose saves wait for the gate.
 fn setup(wait: Duration, panics: bool) -> Setup {
+    setup_in_order(wait, panics, false)
+}
+
+/// As [`setup`], the wait set before the snapshots with `wait_first`.
+fn setup_in_order(wait: Duration, panics: bool, wait_first: bool) -> Setup {
     let gate = Arc::new(Semaphore::new(0));
     let saved = InMemorySnapshotStore::new();
     let events = Arc::new(InMemoryEventStore::new());
@@ -70,9 +75,14 @@ fn setup(wait: Duration, panics: bool) -> Setup {
         panics,
         begun: begun.clone(),
     };
-    let repo = AggregateRepository::<Ticket>::new(events.clone())
-        .with_snapshots(Arc::new(store), 1)
-        .with_snapshot_wait(wait);
+    let repo = AggregateRepository::<Ticket>::new(events.clone());
+    let repo = if wait_first {
+        repo.with_snapshot_wait(wait)
+            .with_snapshots(Arc::new(store), 1)
+    } else {
+        repo.with_snapshots(Arc::new(store), 1)
+            .with_snapshot_wait(wait)
+    };
     Setup {
         repo,
         events,
@@ -108,6 +118,19 @@ async fn a_stuck_save_holds_its_command_for_the_wait_and_lands_after_it() {
     assert_eq!(t.events.stream_version(STREAM).await.unwrap(), 1);
     assert!(t.saved.load(STREAM).await.unwrap().is_none());
 
+    t.gate.add_permits(1);
+    snapshot_lands(&t.saved).await;
+}
+
+/// The wait set before the snapshots holds (it was dropped, and the command waited the
+/// default), and a clone of the repository keeps it.
+#[tokio::test(start_paused = true)]
+async fn the_wait_holds_set_before_the_snapshots_and_in_a_clone() {
+    let t = setup_in_order(Duration::from_millis(200), false, true);
+    let repo = t.repo.clone();
+    let started = tokio::time::Instant::now();
+    open(&repo, "t-1").await.expect("the command succeeds");
+    assert_eq!(started.elapsed(), Duration::from_millis(200));
     t.gate.add_permits(1);
     snapshot_lands(&t.saved).await;
 }

@@ -352,3 +352,93 @@ fn execute_hands_the_extensions_back_with_what_the_handler_did_to_them() {
         }
     });
 }
+
+/// A value a caller hands to a query handler, and to the layers around it.
+#[derive(Clone)]
+struct Tenant(&'static str);
+
+struct Whose;
+
+impl cqrs_core::Message for Whose {
+    const NAME: &'static str = "test.whose";
+}
+
+impl cqrs_core::Query for Whose {
+    type Output = &'static str;
+}
+
+struct WhoseHandler;
+
+#[cqrs_core::async_trait]
+impl cqrs_core::QueryHandler<Whose> for WhoseHandler {
+    async fn handle(
+        &self,
+        _query: Whose,
+        ctx: &cqrs_core::QueryContext,
+    ) -> Result<&'static str, HandlerError> {
+        let tenant = ctx
+            .extensions()
+            .get::<Tenant>()
+            .ok_or_else(|| HandlerError::invalid("no_tenant", "no tenant handed in"))?;
+        Ok(tenant.0)
+    }
+}
+
+/// Refuses a dispatch that carries no [`Tenant`]: what a layer reads of the extensions.
+#[derive(Clone)]
+struct NeedsTenant<S>(S);
+
+impl<S> Service<Dispatch> for NeedsTenant<S>
+where
+    S: Service<Dispatch, Response = Reply>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        if dispatch.extensions().get::<Tenant>().is_none() {
+            return Box::pin(std::future::ready(Err(HandlerError::forbidden(
+                "no tenant",
+            )
+            .into())));
+        }
+        let answer = self.0.call(dispatch);
+        Box::pin(async move { answer.await.map_err(Into::into) })
+    }
+}
+
+#[test]
+fn a_query_dispatched_with_extensions_hands_them_to_layers_and_handler() {
+    let bare = cqrs_core::QueryBus::builder()
+        .handler(WhoseHandler)
+        .build()
+        .unwrap();
+    let layered = cqrs_core::QueryBus::builder()
+        .layer(tower::layer::layer_fn(NeedsTenant))
+        .handler(WhoseHandler)
+        .build()
+        .unwrap();
+    run(async {
+        // Without a tenant, the layer refuses (forbidden) before the handler (invalid) would.
+        for (bus, path, refused) in [
+            (&bare, "bare", ErrorKind::Invalid),
+            (&layered, "layered", ErrorKind::Forbidden),
+        ] {
+            let mut extensions = cqrs_core::Extensions::new();
+            extensions.insert(Tenant("acme"));
+            let answer = bus
+                .dispatch_with_extensions(Whose, cqrs_core::Metadata::new(), extensions)
+                .await;
+            assert_eq!(answer.unwrap(), "acme", "{path}");
+            let without = bus.dispatch(Whose).await.unwrap_err();
+            assert_eq!(without.kind(), refused, "{path}: {without}");
+        }
+    });
+}
