@@ -117,20 +117,36 @@ impl metrics::Recorder for PanicsOnce {
 }
 
 /// A hub whose metric `name` panics the first time `op` is done on it, on `pubsub`, with
-/// channels released at once.
-async fn hub_panicking_on(name: &'static str, op: Op, pubsub: Arc<InMemoryPubSub>) -> TestHub {
-    hub_with_recorder(
+/// channels released at once; and the count of times `op` was done on it, for a test to
+/// check its panic was reached (the hub's state alone would look the same without it).
+async fn hub_panicking_on(
+    name: &'static str,
+    op: Op,
+    pubsub: Arc<InMemoryPubSub>,
+) -> (TestHub, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let hub = hub_with_recorder(
         PanicsOnce {
             names: vec![name],
             op,
             armed: Arc::new(AtomicBool::new(true)),
             always: false,
-            calls: Arc::default(),
+            calls: calls.clone(),
         },
         pubsub,
         HubOptions::new(),
     )
-    .await
+    .await;
+    (hub, calls)
+}
+
+/// Fails unless the recorder's panicking operation was done at least `least` times.
+fn reached(calls: &AtomicUsize, least: usize) {
+    let n = calls.load(Ordering::SeqCst);
+    assert!(
+        n >= least,
+        "the recorder's panicking operation was done {n} times, not the {least} this test is about"
+    );
 }
 
 /// A hub built with `recorder`, on `pubsub`, with `options`, channels released at once, a
@@ -184,7 +200,8 @@ async fn still_serves(t: &TestHub) {
 async fn a_panic_counting_a_subscription_releases_its_channel() {
     with_timeout(TEST_LIMIT, async {
         let pubsub = Arc::new(InMemoryPubSub::new());
-        let t = hub_panicking_on(names::SUBSCRIPTIONS, Op::GaugeIncrement, pubsub.clone()).await;
+        let (t, calls) =
+            hub_panicking_on(names::SUBSCRIPTIONS, Op::GaugeIncrement, pubsub.clone()).await;
         let mut client = t.connect("agent-a1").await;
         client
             .send(serde_json::json!({"type": "subscribe", "topic": "tickets"}))
@@ -192,6 +209,7 @@ async fn a_panic_counting_a_subscription_releases_its_channel() {
         assert_eq!(client.closed_with(4).await, close_code::INTERNAL_ERROR);
         released(&t, &pubsub).await;
         still_serves(&t).await;
+        reached(&calls, 1);
     })
     .await;
 }
@@ -202,12 +220,15 @@ async fn a_panic_counting_a_subscription_releases_its_channel() {
 async fn a_panic_while_cleaning_up_still_releases_every_channel() {
     with_timeout(TEST_LIMIT, async {
         let pubsub = Arc::new(InMemoryPubSub::new());
-        let t = hub_panicking_on(names::SUBSCRIPTIONS, Op::GaugeDecrement, pubsub.clone()).await;
+        let (t, calls) =
+            hub_panicking_on(names::SUBSCRIPTIONS, Op::GaugeDecrement, pubsub.clone()).await;
         let mut client = t.connect("agent-a1").await;
         client.subscribe("tickets").await;
         client.subscribe("ticket:t1").await;
         client.ws.close(None).await.unwrap();
         released(&t, &pubsub).await;
+        // Both subscriptions were counted out: the first panicked, the second went on.
+        reached(&calls, 2);
         // The hub's own count is exact, though the recorder panicked counting one out.
         assert_eq!(t.hub.stats().subscriptions, 0);
         still_serves(&t).await;
@@ -242,7 +263,8 @@ async fn event_or_missed(client: &mut Client, seq: u64) -> bool {
 async fn a_panic_counting_a_closed_connection_still_lets_the_hub_close() {
     with_timeout(TEST_LIMIT, async {
         let pubsub = Arc::new(InMemoryPubSub::new());
-        let t = hub_panicking_on(names::CONNECTIONS, Op::GaugeDecrement, pubsub.clone()).await;
+        let (t, calls) =
+            hub_panicking_on(names::CONNECTIONS, Op::GaugeDecrement, pubsub.clone()).await;
         let mut client = t.connect("agent-a1").await;
         client.subscribe("tickets").await;
         t.hub.shutdown();
@@ -251,6 +273,7 @@ async fn a_panic_counting_a_closed_connection_still_lets_the_hub_close() {
             .await
             .expect("closed() completes though the recorder panicked");
         assert_eq!(t.hub.stats().connections, 0);
+        reached(&calls, 1);
     })
     .await;
 }
@@ -373,13 +396,14 @@ async fn a_recorder_that_always_panics_counting_a_loss_does_not_stop_the_channel
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorder_panicking_on_slow_client_closes_does_not_stop_the_fan_out() {
     with_timeout(TEST_LIMIT, async {
+        let calls = Arc::new(AtomicUsize::new(0));
         let t = hub_with_recorder(
             PanicsOnce {
                 names: vec![names::SLOW_CLIENT_CLOSES],
                 op: Op::CounterIncrement,
                 armed: Arc::new(AtomicBool::new(true)),
                 always: true,
-                calls: Arc::default(),
+                calls: calls.clone(),
             },
             Arc::new(InMemoryPubSub::new()),
             HubOptions::new(),
@@ -405,6 +429,8 @@ async fn a_recorder_panicking_on_slow_client_closes_does_not_stop_the_fan_out() 
             assert_eq!(fast.event().await.seq, seq);
         }
         fast.ping_pong().await;
+        // Each close was counted, and each count panicked.
+        reached(&calls, 2);
     })
     .await;
 }

@@ -8,10 +8,11 @@ use tokio_tungstenite::tungstenite::Message;
 /// Long enough that a client on a loaded machine, stalled for seconds between two reads,
 /// still answers in time; many pings fit in it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_INTERVAL: Duration = Duration::from_millis(250);
 
 fn options() -> HubOptions {
     HubOptions::new()
-        .ping_interval(Duration::from_millis(250))
+        .ping_interval(PING_INTERVAL)
         .idle_timeout(IDLE_TIMEOUT)
 }
 
@@ -48,12 +49,20 @@ async fn a_silent_client_is_closed_after_the_idle_timeout() {
         // still finds the socket open.
         let t = TestHub::start(options().close_timeout(Duration::from_secs(10))).await;
         let mut client = t.connect("user-u1").await;
+        let connected = tokio::time::Instant::now();
         eventually(
             IDLE_TIMEOUT + Duration::from_secs(10),
             "the hub gives up on the idle connection",
             || async { (t.hub.stats().idle_closes == 1).then_some(()) },
         )
         .await;
+        // Not at the first unanswered ping: after the idle timeout (less one ping interval, as
+        // the hub checks on its ticks).
+        let waited = connected.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT - PING_INTERVAL,
+            "closed after {waited:?}, idle timeout {IDLE_TIMEOUT:?}"
+        );
         assert_eq!(client.closed_with(100).await, close_code::NORMAL);
         eventually(
             Duration::from_secs(10),

@@ -4,7 +4,7 @@
 //! caught it and nobody saw it: these tests count such panics with a panic hook.
 
 use crate::support::{TEST_LIMIT, TestHub};
-use cqrs_core::testing::with_timeout;
+use cqrs_core::testing::{eventually, with_timeout};
 use cqrs_realtime::{HubOptions, close_code};
 use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,10 +62,20 @@ async fn a_ping_interval_near_duration_max_starts_no_keepalive_and_does_not_pani
         // The first handshake starts the keepalive.
         let mut client = t.connect("user-u1").await;
         client.subscribe("tickets").await;
-        // Time for the keepalive task to run its first poll.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         t.publish("t1", "u1", 1).await;
         assert_eq!(client.event().await.seq, 1);
+        // Every task this test's runtime ran has ended, the keepalive's included: it ran its
+        // first poll, where an overflow would have panicked.
+        t.hub.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), t.hub.closed())
+            .await
+            .expect("the connection closed");
+        drop((client, t));
+        let runtime = tokio::runtime::Handle::current().metrics();
+        eventually(Duration::from_secs(10), "every task has ended", || async {
+            (runtime.num_alive_tasks() == 0).then_some(())
+        })
+        .await;
     })
     .await;
     assert_eq!(instant_overflows(), before, "no Instant overflowed");
