@@ -2506,6 +2506,12 @@ pub struct EventBusConsumer {
     group: String,
     options: ConsumerOptions,
     consume: ConsumeLoop,
+    /// Made at the first run and kept across restarts, as a [`ProjectionRunner`]'s is: a run
+    /// ended by an error (Redis away) whose close failed too leaves in it what it read and
+    /// never handed out; the next run's consumer takes that over, where a new one would leave
+    /// it to a reclaim after the redelivery delay, a delivery counted that no handler got
+    /// (dead-lettered unseen with `max_deliveries(1)`).
+    consumer: Option<Box<dyn Consumer>>,
 }
 
 impl fmt::Debug for EventBusConsumer {
@@ -2542,6 +2548,7 @@ impl EventBusConsumer {
             group: group.to_owned(),
             options,
             consume: ConsumeLoop::default(),
+            consumer: None,
         }
     }
 
@@ -2576,10 +2583,16 @@ impl Worker for EventBusConsumer {
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
         // A gap in the upcasters is this build's bug: say so at start.
         self.types.validate()?;
-        let mut consumer = self
-            .transport
-            .consumer(&self.topic, &self.group, self.options.clone())
-            .await?;
+        let consumer = match &mut self.consumer {
+            Some(consumer) => consumer,
+            None => {
+                let made = self
+                    .transport
+                    .consumer(&self.topic, &self.group, self.options.clone())
+                    .await?;
+                self.consumer.insert(made)
+            }
+        };
         let remaining = FailedHandlers::new(FAILED_HANDLERS_KEPT);
         let (bus, types, remaining) = (&self.bus, &self.types, &remaining);
         consume_and_close(

@@ -3,7 +3,7 @@
 use crate::Publisher;
 use async_trait::async_trait;
 use cqrs_core::BoxError;
-use cqrs_core::ports::{ConsumerOptions, EventTransport};
+use cqrs_core::ports::{Consumer, ConsumerOptions, EventTransport};
 use cqrs_core::projection::{ConsumeLoop, Handled, consume_until_shutdown};
 use cqrs_core::runtime::{Worker, WorkerContext};
 use std::collections::HashMap;
@@ -57,6 +57,12 @@ pub struct PublishWorker {
     group: String,
     options: ConsumerOptions,
     consume: ConsumeLoop,
+    /// Made at the first run and kept across restarts (as an `EventBusConsumer`'s is): what a
+    /// run ended by an error could not release is taken over by the next run, not reclaimed
+    /// after the redelivery delay with a delivery counted that nothing published.
+    consumer: Option<Box<dyn Consumer>>,
+    /// Kept across restarts too: a retry after one still skips the channels reached.
+    partly: PartlyPublished,
 }
 
 impl fmt::Debug for PublishWorker {
@@ -86,6 +92,8 @@ impl PublishWorker {
             group: group.to_owned(),
             options,
             consume: ConsumeLoop::default(),
+            consumer: None,
+            partly: PartlyPublished::default(),
         }
     }
 
@@ -101,6 +109,35 @@ impl PublishWorker {
         self.consume = self.consume.concurrency(concurrency);
         self
     }
+
+    /// Every setting of the consume loop at once, its handler timeout and the bound past
+    /// which a running batch is reported as stalled included (see [`ConsumeLoop`]); replaces
+    /// what [`batch`](Self::batch) and [`concurrency`](Self::concurrency) set before it.
+    ///
+    /// ```
+    /// # use cqrs_realtime::doc::TicketRouting;
+    /// use cqrs_core::memory::{InMemoryPubSub, InMemoryTransport};
+    /// use cqrs_core::ports::ConsumerOptions;
+    /// use cqrs_core::projection::ConsumeLoop;
+    /// use cqrs_realtime::{PublishWorker, Publisher};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// let publisher = Publisher::new(Arc::new(InMemoryPubSub::new()), Arc::new(TicketRouting));
+    /// let worker = PublishWorker::new(
+    ///     publisher,
+    ///     Arc::new(InMemoryTransport::new()),
+    ///     "events",
+    ///     "realtime",
+    ///     ConsumerOptions::default(),
+    /// )
+    /// .consume_loop(ConsumeLoop::default().handler_timeout(Duration::from_secs(5)));
+    /// # let _ = worker;
+    /// ```
+    pub fn consume_loop(mut self, consume: ConsumeLoop) -> Self {
+        self.consume = consume;
+        self
+    }
 }
 
 #[async_trait]
@@ -110,14 +147,20 @@ impl Worker for PublishWorker {
     }
 
     async fn run(&mut self, ctx: WorkerContext) -> Result<(), BoxError> {
-        let mut consumer = self
-            .transport
-            .consumer(&self.topic, &self.group, self.options.clone())
-            .await?;
+        let consumer = match &mut self.consumer {
+            Some(consumer) => consumer,
+            None => {
+                let made = self
+                    .transport
+                    .consumer(&self.topic, &self.group, self.options.clone())
+                    .await?;
+                self.consumer.insert(made)
+            }
+        };
         let publisher = &self.publisher;
         // The channels each partly published event already reached: its retry here skips
         // them, so their clients do not get it twice.
-        let partly = &PartlyPublished::default();
+        let partly = &self.partly;
         consume_until_shutdown(
             consumer.as_mut(),
             &ctx,

@@ -1189,6 +1189,8 @@ pub(crate) struct Counted {
     close_fails: std::sync::atomic::AtomicBool,
     /// Its consumers' `fetch` fails while set (the transport away).
     pub(crate) fetch_fails: Arc<AtomicBool>,
+    /// How many consumers it made.
+    pub(crate) consumers_made: AtomicUsize,
 }
 
 impl Counted {
@@ -1198,6 +1200,7 @@ impl Counted {
             handed_out: Arc::default(),
             close_fails: Default::default(),
             fetch_fails: Arc::default(),
+            consumers_made: AtomicUsize::new(0),
         })
     }
 
@@ -1228,6 +1231,7 @@ impl EventTransport for Counted {
         group: &str,
         options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.consumers_made.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(CountedConsumer {
             inner: self.inner.consumer(topic, group, options).await?,
             handed_out: self.handed_out.clone(),

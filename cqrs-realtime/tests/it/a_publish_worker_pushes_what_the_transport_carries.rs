@@ -209,3 +209,126 @@ async fn publish_ten_through_the_sink(refusing: bool, tried: usize) {
         "refusing: {refusing}"
     );
 }
+
+/// A transport over `inner` whose consumers' first fetch fails (Redis away for a moment),
+/// counting the consumers it makes.
+struct FirstFetchFails {
+    inner: Arc<InMemoryTransport>,
+    made: std::sync::atomic::AtomicUsize,
+    failed: Arc<AtomicBool>,
+}
+
+struct FailingOnce {
+    inner: Box<dyn cqrs_core::ports::Consumer>,
+    failed: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl EventTransport for FirstFetchFails {
+    fn capabilities(&self) -> cqrs_core::ports::TransportCapabilities {
+        self.inner.capabilities()
+    }
+
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        self.inner.publish(topic, events).await
+    }
+
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn cqrs_core::ports::Consumer>, TransportError> {
+        self.made.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(FailingOnce {
+            inner: self.inner.consumer(topic, group, options).await?,
+            failed: self.failed.clone(),
+        }))
+    }
+}
+
+#[async_trait]
+impl cqrs_core::ports::Consumer for FailingOnce {
+    async fn fetch(
+        &mut self,
+        max: usize,
+    ) -> Result<Vec<cqrs_core::ports::Delivery>, TransportError> {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(TransportError::Unavailable {
+                backend: "test",
+                source: "the first fetch fails".into(),
+            });
+        }
+        self.inner.fetch(max).await
+    }
+
+    async fn ack(&mut self, ids: &[cqrs_core::ports::DeliveryId]) -> Result<(), TransportError> {
+        self.inner.ack(ids).await
+    }
+
+    async fn nack(&mut self, id: &cqrs_core::ports::DeliveryId) -> Result<(), TransportError> {
+        self.inner.nack(id).await
+    }
+
+    async fn nack_with_reason(
+        &mut self,
+        id: &cqrs_core::ports::DeliveryId,
+        reason: &str,
+    ) -> Result<(), TransportError> {
+        self.inner.nack_with_reason(id, reason).await
+    }
+
+    async fn keep_alive(
+        &mut self,
+        ids: &[cqrs_core::ports::DeliveryId],
+    ) -> Result<(), TransportError> {
+        self.inner.keep_alive(ids).await
+    }
+
+    fn keep_alive_interval(&self) -> Option<Duration> {
+        self.inner.keep_alive_interval()
+    }
+
+    fn redelivery_delay(&self) -> Option<Duration> {
+        self.inner.redelivery_delay()
+    }
+
+    async fn close(&mut self) -> Result<(), TransportError> {
+        self.inner.close().await
+    }
+}
+
+/// A run ended by a failed fetch is restarted with the consumer it had (what that consumer
+/// could not release is taken over, not reclaimed later with a delivery counted that nothing
+/// published), and the events go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_publish_worker_keeps_its_consumer() {
+    with_timeout(TEST_LIMIT, async {
+        let t = TestHub::start(HubOptions::new()).await;
+        let transport = Arc::new(FirstFetchFails {
+            inner: Arc::new(InMemoryTransport::new()),
+            made: Default::default(),
+            failed: Arc::default(),
+        });
+        let runtime = Runtime::builder()
+            .worker(PublishWorker::new(
+                t.hub.publisher(),
+                transport.clone(),
+                "events",
+                "realtime",
+                ConsumerOptions::default().block(Duration::from_millis(50)),
+            ))
+            .start();
+        let mut client = t.connect("agent-a1").await;
+        client.subscribe("ticket:t1").await;
+        transport
+            .publish("events", &[record("t1", "u1", 1)])
+            .await
+            .unwrap();
+        assert_eq!(client.event().await.seq, 1);
+        assert!(transport.failed.load(Ordering::SeqCst), "a fetch failed");
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(transport.made.load(Ordering::SeqCst), 1, "one consumer");
+    })
+    .await;
+}
