@@ -269,6 +269,29 @@ fn files_and_limit(config: &Config, warn: bool) -> (u64, u64) {
 /// wait in the backlog), serving each with HTTP/1.1 (upgrades included, for WebSockets) and a
 /// header-read timeout; then asks every open connection to finish its in-flight request and
 /// close, and returns once they all have.
+/// Counts a recurring failure and says when to log it: the first time, then at most once a
+/// minute, with how many there were since the last line.
+#[derive(Default)]
+struct EveryMinute {
+    since_logged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl EveryMinute {
+    /// Counts one at `now`; the count to log when a line is due.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        self.since_logged += 1;
+        if self
+            .logged_at
+            .is_some_and(|at| now.saturating_duration_since(at) < Duration::from_secs(60))
+        {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.since_logged))
+    }
+}
+
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
@@ -279,8 +302,8 @@ async fn serve(
     per_address: PerAddress,
 ) -> anyhow::Result<()> {
     let mut connections = tokio::task::JoinSet::new();
-    let mut refused_since_warning: u64 = 0;
-    let mut warned_at: Option<Instant> = None;
+    let mut refused = EveryMinute::default();
+    let mut accept_failures = EveryMinute::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(
         max_connections.min(tokio::sync::Semaphore::MAX_PERMITS),
     ));
@@ -315,8 +338,17 @@ async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // Out of file descriptors, say: wait a moment rather than spin.
-                    tracing::warn!(%error, "accept failed");
+                    // Out of file descriptors, say: wait a moment rather than spin, and log
+                    // once a minute rather than 20 lines a second while it lasts.
+                    metrics::counter!("http_accept_errors_total").increment(1);
+                    if let Some(failed) = accept_failures.due(Instant::now()) {
+                        tracing::warn!(
+                            %error,
+                            failed,
+                            "could not accept connections (out of file descriptors?); \
+                             counted in http_accept_errors_total, logged at most once a minute"
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -327,17 +359,14 @@ async fn serve(
         let Some(held) = per_address.take(remote.ip()) else {
             metrics::counter!("http_connections_refused_total", "reason" => "per_address")
                 .increment(1);
-            refused_since_warning += 1;
-            if warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            if let Some(refused) = refused.due(Instant::now()) {
                 tracing::warn!(
                     client = %helpdesk_api::client_key(Some(remote.ip())),
-                    refused = refused_since_warning,
+                    refused,
                     limit = per_address.limit,
                     "closed connections of a client address past its share \
                      (HELPDESK_HTTP_CONNECTIONS_PER_ADDRESS); logged at most once a minute"
                 );
-                refused_since_warning = 0;
-                warned_at = Some(Instant::now());
             }
             continue;
         };
@@ -542,6 +571,20 @@ async fn stop_runtime(runtime: Arc<cqrs_core::runtime::Runtime>, left: Duration)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure that recurs is logged the first time, then once a minute with the count since
+    /// the last line (accept failing out of file descriptors came 20 times a second).
+    #[test]
+    fn a_recurring_failure_is_logged_once_a_minute_with_its_count() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut failures = EveryMinute::default();
+        assert_eq!(failures.due(at(0)), Some(1), "the first is logged");
+        let quiet: Vec<_> = (1..1200).filter_map(|n| failures.due(at(n * 50))).collect();
+        assert!(quiet.is_empty(), "then nothing for a minute: {quiet:?}");
+        assert_eq!(failures.due(at(60_000)), Some(1200), "then the count since");
+        assert_eq!(failures.due(at(60_050)), None);
+    }
 
     /// An IPv6 /64 holds the address's share; the /64s of one /48 hold four shares together,
     /// and a closed connection gives its place back to both. IPv4 addresses have no site.
