@@ -773,6 +773,7 @@ impl RedisConsumer {
             }
         }
         if !dead.is_empty() {
+            self.count_dead_letters("max_deliveries", dead.len() as u64);
             tracing::warn!(
                 topic = %self.topic,
                 group = %self.group,
@@ -784,6 +785,7 @@ impl RedisConsumer {
             );
         }
         if !malformed.is_empty() {
+            self.count_dead_letters("malformed", malformed.len() as u64);
             tracing::warn!(
                 topic = %self.topic,
                 group = %self.group,
@@ -1092,6 +1094,25 @@ impl RedisConsumer {
         Ok(())
     }
 
+    /// Counts `n` entries this consumer moved to the dead letters, in
+    /// `cqrs_transport_dead_lettered_total{topic, group, transport, reason}`: the one series
+    /// that counts them all, those dead-lettered after `max_deliveries` (no consume loop sees
+    /// them) included. `reason`: `max_deliveries`, `malformed` (a `prev` that is no stream
+    /// id), or `given_up` (undecodable, or a handler gave up on it).
+    fn count_dead_letters(&self, reason: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        metrics::counter!(
+            "cqrs_transport_dead_lettered_total",
+            "topic" => self.topic.clone(),
+            "group" => self.group.clone(),
+            "transport" => "redis",
+            "reason" => reason
+        )
+        .increment(n);
+    }
+
     /// Dead-letters entries pending to this consumer, each with why (see the script): those
     /// it cannot decode, or one its handler gave up on. Returns how many were.
     async fn dead_letter_entries(
@@ -1118,6 +1139,7 @@ impl RedisConsumer {
             )
             .await?;
         let dead = dead.as_u64().unwrap_or(0);
+        self.count_dead_letters("given_up", dead);
         // The reason is a handler's error text, or a stored entry's: escaped, so a line break
         // in it cannot start a forged log line.
         for (id, reason) in &entries {

@@ -1,5 +1,6 @@
 //! An entry handed out `max_deliveries` times and never answered (its consumers crashed, or
-//! let it go) is dead-lettered with that count, and its error says the same count.
+//! let it go) is dead-lettered with that count, and its error says the same count; it is
+//! counted in `cqrs_transport_dead_lettered_total` (no consume loop saw it go).
 
 use crate::support::{Env, consumer_options, event, within};
 use cqrs_core::ports::{Consumer, EventTransport};
@@ -10,10 +11,11 @@ async fn an_unanswered_entry_is_dead_lettered_with_how_often_it_was_handed_out()
     let Some(env) = Env::new("dead-unanswered").await else {
         return;
     };
+    let counts = cqrs_core::testing::MetricCounts::default();
+    let topic = env.topic("orders");
     within(
         30,
-        Box::pin(async {
-            let topic = env.topic("orders");
+        Box::pin(counts.scope(async {
             let mut consumer = env
                 .transport
                 .redis_consumer(
@@ -53,8 +55,16 @@ async fn an_unanswered_entry_is_dead_lettered_with_how_often_it_was_handed_out()
                 dead[0].error, "delivered 2 times without an acknowledgement",
                 "the error counts what `deliveries` counts"
             );
-        }),
+        })),
     )
     .await;
+    assert_eq!(
+        counts.get(&format!(
+            "cqrs_transport_dead_lettered_total{{topic={topic},group=billing,transport=redis,reason=max_deliveries}}"
+        )),
+        1,
+        "{:?}",
+        counts.series()
+    );
     env.cleanup().await;
 }

@@ -14,9 +14,10 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
     let Some(env) = Env::new("dead").await else {
         return;
     };
+    let counts = cqrs_core::testing::MetricCounts::default();
     within(
         60,
-        Box::pin(async {
+        Box::pin(counts.scope(async {
             let topic = env.topic("payments");
             let stream = env.transport.stream_key(&topic).unwrap();
             let options = |name: &str| {
@@ -107,6 +108,18 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
             assert_eq!(poison.group, "billing");
             let stats = env.transport.topic_stats(&topic).await.unwrap();
             assert_eq!(stats.dead_letters, 2);
+            // Each counted once, by why.
+            let dead_lettered = |reason: &str| {
+                counts.get(&format!(
+                    "cqrs_transport_dead_lettered_total{{topic={topic},group=billing,transport=redis,reason={reason}}}"
+                ))
+            };
+            assert_eq!(
+                (dead_lettered("max_deliveries"), dead_lettered("given_up")),
+                (1, 1),
+                "{:?}",
+                counts.series()
+            );
 
             // Paged one at a time; past the last, and past the largest id, nothing.
             let first = env.transport.dead_letters(&topic, None, 1).await.unwrap();
@@ -208,7 +221,7 @@ async fn poison_and_undecodable_entries_are_dead_lettered_and_replay_works() {
             assert_eq!(discarded, ids.len() as u64);
             let left = env.transport.dead_letters(&topic, None, 10).await.unwrap();
             assert!(left.is_empty(), "{left:?}");
-        }),
+        })),
     )
     .await;
     env.cleanup().await;
