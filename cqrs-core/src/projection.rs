@@ -240,6 +240,12 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     /// the batch back, to come again after the redelivery delay; one before it (making the
     /// consumer, fetching) leaves nothing to wait for.
     fetched_a_batch: bool,
+    /// When the oldest event of the last batch fetched from a transport occurred.
+    batch_oldest: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the oldest event of a batch that failed (or set an event aside) occurred, while
+    /// it waits for its redelivery: the lag holds it, not the 0 of the empty fetches until
+    /// then (30 s by default), which would say the projection is up to date.
+    handed_back: Option<chrono::DateTime<chrono::Utc>>,
     /// Events whose unit of their own panicked (outside `apply`): the next such panic of one
     /// is its fault, counted as an attempt. The newest [`MAX_SUSPECTS`].
     suspects: VecDeque<Uuid>,
@@ -316,6 +322,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             fetched_a_batch: false,
+            batch_oldest: None,
+            handed_back: None,
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
@@ -365,6 +373,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             fetched_a_batch: false,
+            batch_oldest: None,
+            handed_back: None,
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
@@ -645,7 +655,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             if let Some(page) = page
                 && seen == Some(after)
             {
-                report_lag(&self.name, &page.records, self.clock.now());
+                report_lag(&self.name, &page.records, None, self.clock.now());
                 return self.apply_batch(unit, after, &page.records, page.cut).await;
             }
             self.store.commit(unit).await?;
@@ -659,7 +669,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         let page = crate::ports::read_up_to_undecodable(events.as_ref(), after, self.batch)
             .await
             .inspect_err(|_| report_unmeasured_lag(&self.name))?;
-        report_lag(&self.name, &page.records, self.clock.now());
+        report_lag(&self.name, &page.records, None, self.clock.now());
         self.apply_batch(unit, after, &page.records, page.cut).await
     }
 
@@ -890,6 +900,15 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
     }
 
+    /// Keeps the last batch's oldest event as handed back: it comes again after the
+    /// redelivery delay, and the lag holds it until then.
+    fn hand_back(&mut self) {
+        self.handed_back = match (self.handed_back, self.batch_oldest) {
+            (Some(held), Some(oldest)) => Some(held.min(oldest)),
+            (held, oldest) => held.or(oldest),
+        };
+    }
+
     /// The error of a unit of `record` alone whose commit panicked.
     fn commit_panicked(&self, record: &EventRecord, panic: &str) -> ProjectionError {
         let source = HandlerError::internal(format!("the commit panicked: {panic}"));
@@ -918,6 +937,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stalled,
             suspects,
             fetched_a_batch,
+            batch_oldest,
+            handed_back,
             clock,
             ..
         } = self;
@@ -949,7 +970,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         };
         let deliveries = fetched.inspect_err(|_| report_unmeasured_lag(name))?;
         if deliveries.is_empty() {
-            report_lag(name, &[], clock.now());
+            report_lag(name, &[], *handed_back, clock.now());
             return Ok(Stepped::CAUGHT_UP);
         }
         *fetched_a_batch = true;
@@ -963,7 +984,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             order_keys.push(d.order_key);
             records.push(d.record);
         }
-        report_lag(name, &records, clock.now());
+        *batch_oldest = records.iter().map(|r| r.metadata.occurred_at).min();
+        report_lag(name, &records, *handed_back, clock.now());
         // The error of the first event set aside, returned once the rest took effect.
         let mut set_aside: Option<ProjectionError> = None;
         let mut passes = 0;
@@ -1382,6 +1404,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // until a batch passes whole (or, with nothing to fetch, twice the
                     // redelivery delay later, as after a failed batch).
                     tracing::warn!(projection = %self.name, error = %e, "projection set an event aside; the rest of its batch took effect");
+                    self.hand_back();
                     failures = 0;
                     failing_since = None;
                     last_failure = Some(tokio::time::Instant::now());
@@ -1407,6 +1430,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                         _ => false,
                     };
                     if !awaiting_redelivery {
+                        self.handed_back = None;
                         failures = 0;
                         failing_since = None;
                         last_failure = None;
@@ -1440,6 +1464,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // wait for, and the next empty fetch proves the transport is back.
                     if self.fetched_a_batch {
                         last_failure = Some(tokio::time::Instant::now());
+                        self.hand_back();
                     }
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     // Retried either way (a consumer name in use frees up when its holder
@@ -1556,9 +1581,21 @@ impl<S: ProjectionStore> InboxPurge<S> {
 /// has not applied yet) finds it: how long ago the oldest of them occurred, 0 for none. A
 /// projection stuck on an event reads it again at each retry, so its lag keeps growing; one
 /// caught up reads nothing, 0. A delivery already applied (redelivered) counts until it is
-/// read, and a projection catching up from the first event shows that event's age.
-fn report_lag(projection: &str, records: &[EventRecord], now: chrono::DateTime<chrono::Utc>) {
-    let lag = lag_of_records(now, records.iter());
+/// read, and a projection catching up from the first event shows that event's age. An event
+/// `handed_back` (a transport's batch that failed, waiting for its redelivery) counts too.
+fn report_lag(
+    projection: &str,
+    records: &[EventRecord],
+    handed_back: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    let lag = lag_of_times(
+        now,
+        records
+            .iter()
+            .map(|r| r.metadata.occurred_at)
+            .chain(handed_back),
+    );
     metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
 }
 
@@ -1567,15 +1604,20 @@ fn lag_of_records<'a>(
     now: chrono::DateTime<chrono::Utc>,
     records: impl Iterator<Item = &'a EventRecord>,
 ) -> f64 {
-    records
-        .map(|r| r.metadata.occurred_at)
-        .min()
-        .map_or(0.0, |oldest| {
-            // An event stamped ahead of this clock (another host's) is not behind: 0.
-            (now - oldest)
-                .to_std()
-                .map_or(0.0, |behind| behind.as_secs_f64())
-        })
+    lag_of_times(now, records.map(|r| r.metadata.occurred_at))
+}
+
+/// How far `now` is behind the oldest of `times`, in seconds; 0 without any.
+fn lag_of_times(
+    now: chrono::DateTime<chrono::Utc>,
+    times: impl IntoIterator<Item = chrono::DateTime<chrono::Utc>>,
+) -> f64 {
+    times.into_iter().min().map_or(0.0, |oldest| {
+        // An event stamped ahead of this clock (another host's) is not behind: 0.
+        (now - oldest)
+            .to_std()
+            .map_or(0.0, |behind| behind.as_secs_f64())
+    })
 }
 
 /// Sets `cqrs_projection_lag_seconds{projection}` to NaN: the events waiting could not be read
@@ -2172,6 +2214,10 @@ where
     };
     // When a batch last left the worker degraded.
     let mut degraded_at: Option<tokio::time::Instant> = None;
+    // The oldest event that batch handed back (failed, or behind one of its key that did),
+    // while it is degraded: it is still to handle, and the empty fetches until its
+    // redelivery (30 s by default) must not report the handlers up to date.
+    let mut handed_back: Option<chrono::DateTime<chrono::Utc>> = None;
     while !ctx.shutdown.is_requested() {
         let fetched = tokio::select! {
             d = consumer.fetch(options.batch.max(1)) => d,
@@ -2180,10 +2226,9 @@ where
         // NaN while the transport cannot be read: a value kept from before would say the
         // handlers are up to date while they fall behind.
         let deliveries = fetched.inspect_err(|_| report_lag(f64::NAN))?;
-        report_lag(lag_of_records(
-            chrono::Utc::now(),
-            deliveries.iter().map(|d| &d.record),
-        ));
+        let now = chrono::Utc::now();
+        let waiting = handed_back.map_or(0.0, |oldest| lag_of_times(now, [oldest]));
+        report_lag(lag_of_records(now, deliveries.iter().map(|d| &d.record)).max(waiting));
         if deliveries.is_empty() {
             // A failed delivery comes back within the redelivery delay; one that has not in
             // twice that was dead-lettered or handled elsewhere: the failure is over. (On an
@@ -2195,6 +2240,7 @@ where
             };
             if degraded_at.is_some_and(over) {
                 degraded_at = None;
+                handed_back = None;
                 ctx.health.set(Health::Healthy);
             }
             // A fetch that returns at once when there is nothing (`block` of zero) must not
@@ -2203,8 +2249,12 @@ where
             continue;
         }
         // Each delivery's id, cloned once: for keeping the batch alive, then for the answers
-        // (outcomes name their delivery by index).
+        // (outcomes name their delivery by index); and when each occurred.
         let mut ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
+        let occurred: Vec<chrono::DateTime<chrono::Utc>> = deliveries
+            .iter()
+            .map(|d| d.record.metadata.occurred_at)
+            .collect();
         let batch = handle_batch(
             deliveries,
             options.concurrency,
@@ -2224,8 +2274,16 @@ where
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
         let mut given_up = Vec::new();
+        let mut oldest_handed_back: Option<chrono::DateTime<chrono::Utc>> = None;
         for (index, event_id, attempt, outcome) in outcomes {
             let id = std::mem::replace(&mut ids[index], DeliveryId(String::new()));
+            if matches!(
+                outcome,
+                Outcome::Retry(_) | Outcome::Later(_) | Outcome::Skipped(_)
+            ) {
+                let at = occurred[index];
+                oldest_handed_back = Some(oldest_handed_back.map_or(at, |oldest| at.min(oldest)));
+            }
             match outcome {
                 Outcome::Done => done.push(id),
                 Outcome::Retry(reason) => {
@@ -2285,10 +2343,12 @@ where
         {
             Some(reason) => {
                 degraded_at = Some(tokio::time::Instant::now());
+                handed_back = oldest_handed_back;
                 ctx.health.set(Health::Degraded(reason.clone()));
             }
             None => {
                 degraded_at = None;
+                handed_back = None;
                 ctx.health.set(Health::Healthy);
             }
         }

@@ -686,3 +686,76 @@ fn an_event_bus_consumer_that_cannot_fetch_reports_its_lag_as_not_a_number() {
         })
     });
 }
+
+/// Fails every event with an internal error (retried, an attempt counted) while `failing`.
+#[derive(Clone, Default)]
+struct FailsWhile {
+    failing: Arc<AtomicBool>,
+    failed: Arc<AtomicUsize>,
+}
+
+#[cqrs_core::async_trait]
+impl EventHandler<Added> for FailsWhile {
+    async fn handle(&self, _event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        if self.failing.load(Ordering::SeqCst) {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(HandlerError::internal("the handler's backend failed"));
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &str {
+        "fails-while"
+    }
+}
+
+/// An event whose handler failed is still to handle while it waits for its redelivery: the
+/// lag holds (it went to 0 at the next empty fetch, and a failing consumer looked up to date
+/// but for a second every redelivery delay), then goes to 0 once it is handled.
+#[test]
+fn a_failed_event_waiting_for_its_redelivery_keeps_the_lag() {
+    use crate::projections_take_effect_once_and_rebuild_from_zero::Counted;
+    let counts = cqrs_core::testing::MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let handler = FailsWhile::default();
+            handler.failing.store(true, Ordering::SeqCst);
+            let bus = EventBus::builder()
+                .handler(handler.clone())
+                .build()
+                .unwrap();
+            let transport = Counted::new(&Arc::new(InMemoryTransport::new()));
+            let mut old = added(1);
+            old.metadata.occurred_at = chrono::Utc::now() - Duration::from_secs(45);
+            transport.publish("adds", &[old]).await.unwrap();
+            let options = ConsumerOptions::default()
+                .block(Duration::from_millis(10))
+                .redelivery_delay(Duration::from_secs(2));
+            let runtime = consume_adds_with(bus, &transport, options);
+            eventually(Duration::from_secs(5), "the handler failed", || async {
+                (handler.failed.load(Ordering::SeqCst) == 1).then_some(())
+            })
+            .await;
+            // Several empty fetches since, before the redelivery.
+            let fetched = transport.fetches.load(Ordering::SeqCst);
+            eventually(Duration::from_secs(5), "five more fetches", || async {
+                (transport.fetches.load(Ordering::SeqCst) >= fetched + 5).then_some(())
+            })
+            .await;
+            assert_eq!(
+                handler.failed.load(Ordering::SeqCst),
+                1,
+                "not redelivered yet"
+            );
+            let lag = counts.gauge(CONSUMER_LAG).expect("set at each fetch");
+            assert!((45.0..100.0).contains(&lag), "the lag held: {lag}");
+
+            handler.failing.store(false, Ordering::SeqCst);
+            eventually(Duration::from_secs(10), "handled, caught up", || async {
+                (counts.gauge(CONSUMER_LAG) == Some(0.0)).then_some(())
+            })
+            .await;
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+        })
+    });
+}

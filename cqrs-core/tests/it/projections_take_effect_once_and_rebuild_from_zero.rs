@@ -8,7 +8,7 @@ use cqrs_core::ports::{
     StoreError, TransportCapabilities, TransportError,
 };
 use cqrs_core::projection::{Projection, ProjectionError, ProjectionRunner};
-use cqrs_core::testing::MetricCounts;
+use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_core::{
     DecodeError, EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata,
 };
@@ -1191,6 +1191,8 @@ pub(crate) struct Counted {
     pub(crate) fetch_fails: Arc<AtomicBool>,
     /// How many consumers it made.
     pub(crate) consumers_made: AtomicUsize,
+    /// How many fetches its consumers made.
+    pub(crate) fetches: Arc<AtomicUsize>,
 }
 
 impl Counted {
@@ -1201,6 +1203,7 @@ impl Counted {
             close_fails: Default::default(),
             fetch_fails: Arc::default(),
             consumers_made: AtomicUsize::new(0),
+            fetches: Arc::default(),
         })
     }
 
@@ -1237,6 +1240,7 @@ impl EventTransport for Counted {
             handed_out: self.handed_out.clone(),
             close_fails: self.close_fails.load(std::sync::atomic::Ordering::Relaxed),
             fetch_fails: self.fetch_fails.clone(),
+            fetches: self.fetches.clone(),
         }))
     }
 }
@@ -1246,11 +1250,13 @@ struct CountedConsumer {
     handed_out: Arc<Mutex<HashMap<Uuid, usize>>>,
     close_fails: bool,
     fetch_fails: Arc<AtomicBool>,
+    fetches: Arc<AtomicUsize>,
 }
 
 #[async_trait]
 impl Consumer for CountedConsumer {
     async fn fetch(&mut self, max: usize) -> Result<Vec<Delivery>, TransportError> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
         if self.fetch_fails.load(Ordering::SeqCst) {
             return Err(TransportError::Unavailable {
                 backend: "test",
@@ -3105,6 +3111,60 @@ fn a_runner_that_cannot_read_reports_its_lag_as_not_a_number() {
             events.failing.store(false, Ordering::SeqCst);
             assert_eq!(runner.run_once().await.unwrap(), 0);
             assert_eq!(counts.gauge(LAG), Some(0.0), "measured again");
+        })
+    });
+}
+
+/// A batch handed back (its read model away) is still to apply while it waits for its
+/// redelivery: the lag holds its oldest event (it went to 0 at the next empty fetch, so a
+/// projection that could not apply anything looked up to date), and goes to 0 once applied.
+#[test]
+fn a_batch_waiting_for_its_redelivery_keeps_the_lag() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let transport = Arc::new(InMemoryTransport::new());
+            let counted = Counted::new(&transport);
+            let sum = Arc::new(Sum::default());
+            sum.unavailable.store(true, Ordering::SeqCst);
+            let old = occurred_ago(4, Duration::from_secs(45));
+            let id = old.event_id;
+            transport.publish("sums", &[old]).await.unwrap();
+            let runner = ProjectionRunner::from_transport(
+                Arc::new(InMemoryProjectionStore::new()),
+                sum.clone(),
+                counted.clone(),
+                "sums",
+                "sum",
+                ConsumerOptions::default()
+                    .block(Duration::from_millis(10))
+                    .redelivery_delay(Duration::from_secs(2)),
+                types(),
+            );
+            let runtime = cqrs_core::runtime::Runtime::builder()
+                .worker(runner)
+                .start();
+            eventually(Duration::from_secs(5), "handed out", || async {
+                (counted.handed_out(&[id]) == 1).then_some(())
+            })
+            .await;
+            // The batch failed and was handed back; several empty fetches since.
+            let fetched = counted.fetches.load(Ordering::SeqCst);
+            eventually(Duration::from_secs(5), "five more fetches", || async {
+                (counted.fetches.load(Ordering::SeqCst) >= fetched + 5).then_some(())
+            })
+            .await;
+            assert_eq!(counted.handed_out(&[id]), 1, "not redelivered yet");
+            let lag = counts.gauge(LAG).expect("set at each fetch");
+            assert!((45.0..100.0).contains(&lag), "the lag held: {lag}");
+
+            sum.unavailable.store(false, Ordering::SeqCst);
+            eventually(Duration::from_secs(10), "applied, caught up", || async {
+                (counts.gauge(LAG) == Some(0.0)).then_some(())
+            })
+            .await;
+            assert_eq!(*sum.total.lock().unwrap(), 4);
+            runtime.shutdown(Duration::from_secs(5)).await.unwrap();
         })
     });
 }
