@@ -357,9 +357,11 @@ impl StreamMaintenance {
     }
 
     /// Sets `topic`'s gauges from `stats`, and to NaN ([`UNKNOWN`]) those whose value is
-    /// unknown: all of them without `stats`, a group's lag that Redis cannot tell, and the
-    /// gauges of groups reported before that are gone (not set again after that). Returns the
-    /// groups reported before this call.
+    /// unknown: all of them without `stats`, and a group's lag that Redis cannot tell. The
+    /// gauges of groups reported before that are gone are set to 0 (not set again after
+    /// that): a deleted group holds nothing back, and a NaN kept until the process restarts
+    /// would set off every "unknown" alert (`x != x`) for good. Returns the groups reported
+    /// before this call.
     fn record(&self, topic: &str, stats: Option<&TopicStats>) -> Vec<String> {
         let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
         let before = reported.remove(topic).unwrap_or_default();
@@ -388,7 +390,7 @@ impl StreamMaintenance {
             now.insert(group.name.clone());
         }
         for gone in before.difference(&now) {
-            group_gauges(gone, UNKNOWN, UNKNOWN);
+            group_gauges(gone, 0.0, 0.0);
         }
         let groups = before.into_iter().collect();
         reported.insert(topic.to_owned(), now);
