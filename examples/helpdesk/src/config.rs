@@ -488,6 +488,9 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// The longest of the millisecond settings but `HELPDESK_SHUTDOWN_DELAY_MS`: a day.
+const DAY_MS: u64 = 86_400_000;
+
 /// The longest `HELPDESK_SHUTDOWN_DELAY_MS` taken.
 const MAX_SHUTDOWN_DELAY_MS: u64 = 600_000;
 
@@ -852,6 +855,21 @@ impl Config {
         }
         if self.request_timeout_ms == 0 {
             problems.push("HELPDESK_REQUEST_TIMEOUT_MS must be at least 1".into());
+        }
+        // More than a day is a slip (seconds or minutes taken for milliseconds, extra zeros),
+        // and near u64::MAX a deadline past what the clock holds.
+        for (name, value) in [
+            ("HELPDESK_REQUEST_TIMEOUT_MS", self.request_timeout_ms),
+            ("HELPDESK_HEADER_TIMEOUT_MS", self.header_timeout_ms),
+            ("HELPDESK_PURGE_INTERVAL_MS", self.purge_interval_ms),
+            ("HELPDESK_POLL_MS", self.poll_ms),
+            ("HELPDESK_SHUTDOWN_GRACE_MS", self.shutdown_grace_ms),
+        ] {
+            if value > DAY_MS {
+                problems.push(format!(
+                    "{name} must be at most {DAY_MS} (a day, in milliseconds); it is {value}"
+                ));
+            }
         }
         // Only Postgres uses the pool: in memory the setting is unused.
         if self.database_url.is_some()

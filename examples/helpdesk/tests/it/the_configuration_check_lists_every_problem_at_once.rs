@@ -223,3 +223,36 @@ fn a_request_burst_of_zero_is_refused_saying_how_to_turn_the_limit_off() {
     .validate()
     .expect("the limit turned off, as the refusal says, whatever the burst");
 }
+
+/// A millisecond setting over a day is a slip (seconds or minutes taken for milliseconds), and
+/// near `u64::MAX` a deadline past what the clock holds: each is refused by name.
+#[test]
+fn millisecond_settings_over_a_day_are_refused() {
+    let names = [
+        "HELPDESK_REQUEST_TIMEOUT_MS",
+        "HELPDESK_HEADER_TIMEOUT_MS",
+        "HELPDESK_PURGE_INTERVAL_MS",
+        "HELPDESK_POLL_MS",
+        "HELPDESK_SHUTDOWN_GRACE_MS",
+    ];
+    let huge = u64::MAX.to_string();
+    let settings: Vec<(&str, &str)> = names.iter().map(|name| (*name, huge.as_str())).collect();
+    let problems = config(&settings).validate().expect_err("over a day");
+    for name in names {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(&format!("{name} must be at most 86400000"))),
+            "{name}: {problems:?}"
+        );
+    }
+    let day: Vec<(&str, &str)> = names.iter().map(|name| (*name, "86400000")).collect();
+    let within = config(&day).validate();
+    assert!(
+        within
+            .as_ref()
+            .err()
+            .is_none_or(|p| p.iter().all(|p| !p.contains("must be at most"))),
+        "a day is taken: {within:?}"
+    );
+}
