@@ -137,7 +137,7 @@ pub use auth::{
 pub use hub::{BuildError, Hub, HubBuilder};
 pub use metrics::HubStats;
 pub use options::{DEFAULT_CHANNEL_PREFIX, HubOptions};
-pub use protocol::{ClientFrame, ErrorCode, FrameError, ServerFrame, close_code};
+pub use protocol::{ClientFrame, ErrorCode, FrameError, ServerFrame, UnknownErrorCode, close_code};
 pub use publisher::{PublishError, Publisher};
 pub use routing::{EventRouting, PushedEvent, Routed};
 pub use topic::{InvalidTopic, MAX_TOPIC_LEN, Topic};

@@ -179,9 +179,17 @@ impl<'de> Deserialize<'de> for UniqueKeys {
 /// let ServerFrame::Event { topic, position, .. } = frame else { panic!() };
 /// assert_eq!((topic.as_str(), position.as_deref()), ("tickets", Some("7")));
 /// assert_eq!(serde_json::to_string(&ServerFrame::Pong).unwrap(), r#"{"type":"pong"}"#);
+///
+/// // A frame a newer server sends, of a type this version does not know, still parses.
+/// let newer: ServerFrame = serde_json::from_str(r#"{"type": "hello", "server": "v9"}"#).unwrap();
+/// assert_eq!(newer, ServerFrame::Unknown);
 /// ```
+///
+/// Non-exhaustive: later versions may add frame types (a client matches them with a wildcard
+/// arm, and reads them as [`Unknown`](Self::Unknown) until it is built with that version).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ServerFrame {
     /// The subscription is live: every event published on the topic from now on is delivered.
     Subscribed {
@@ -216,6 +224,10 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         topic: Option<String>,
     },
+    /// A frame of a type this version does not know (sent by a newer server): a client
+    /// should pass over it. The hub never sends it.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ServerFrame {
@@ -321,6 +333,58 @@ impl fmt::Display for ErrorCode {
         f.write_str(self.as_str())
     }
 }
+
+/// Every code, for [`FromStr`](std::str::FromStr): a code added to [`ErrorCode`] goes here
+/// too (a unit test checks each reads back as itself).
+const ERROR_CODES: [ErrorCode; 17] = [
+    ErrorCode::MalformedFrame,
+    ErrorCode::UnknownType,
+    ErrorCode::BinaryFrame,
+    ErrorCode::InvalidTopic,
+    ErrorCode::UnknownTopic,
+    ErrorCode::Forbidden,
+    ErrorCode::AlreadySubscribed,
+    ErrorCode::NotSubscribed,
+    ErrorCode::TooManySubscriptions,
+    ErrorCode::ResumeUnavailable,
+    ErrorCode::InvalidPosition,
+    ErrorCode::ResumeFailed,
+    ErrorCode::TooManyResumes,
+    ErrorCode::TooManySubscriptionChanges,
+    ErrorCode::Unavailable,
+    ErrorCode::EventTooLarge,
+    ErrorCode::EventsMissed,
+];
+
+/// Reads the `code` of an `error` frame back into an [`ErrorCode`], for a Rust client to
+/// match on; a code this version does not know (a newer server's) is an [`UnknownErrorCode`],
+/// which a client should treat as an error it cannot act on.
+///
+/// ```
+/// use cqrs_realtime::{ErrorCode, ServerFrame};
+///
+/// let frame: ServerFrame = serde_json::from_str(
+///     r#"{"type": "error", "code": "events_missed", "message": "...", "topic": "tickets"}"#,
+/// ).unwrap();
+/// let ServerFrame::Error { code, .. } = frame else { panic!() };
+/// assert_eq!(code.parse::<ErrorCode>(), Ok(ErrorCode::EventsMissed));
+/// assert!("a_newer_code".parse::<ErrorCode>().is_err());
+/// ```
+impl std::str::FromStr for ErrorCode {
+    type Err = UnknownErrorCode;
+
+    fn from_str(code: &str) -> Result<Self, UnknownErrorCode> {
+        ERROR_CODES
+            .into_iter()
+            .find(|known| known.as_str() == code)
+            .ok_or_else(|| UnknownErrorCode(code.to_owned()))
+    }
+}
+
+/// An `error` frame's code this version does not know.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown realtime error code `{0}`")]
+pub struct UnknownErrorCode(pub String);
 
 /// The WebSocket close codes the hub sends.
 pub mod close_code {
@@ -435,5 +499,46 @@ mod tests {
             not_an_object.to_string().contains("not a JSON object"),
             "{not_an_object}"
         );
+    }
+}
+
+#[cfg(test)]
+mod error_code_tests {
+    use super::{ERROR_CODES, ErrorCode};
+
+    /// Fails to compile when a variant is added: add it to `ERROR_CODES` too, then here.
+    #[allow(dead_code)]
+    fn every_variant_is_in_error_codes(code: ErrorCode) {
+        match code {
+            ErrorCode::MalformedFrame
+            | ErrorCode::UnknownType
+            | ErrorCode::BinaryFrame
+            | ErrorCode::InvalidTopic
+            | ErrorCode::UnknownTopic
+            | ErrorCode::Forbidden
+            | ErrorCode::AlreadySubscribed
+            | ErrorCode::NotSubscribed
+            | ErrorCode::TooManySubscriptions
+            | ErrorCode::ResumeUnavailable
+            | ErrorCode::InvalidPosition
+            | ErrorCode::ResumeFailed
+            | ErrorCode::TooManyResumes
+            | ErrorCode::TooManySubscriptionChanges
+            | ErrorCode::Unavailable
+            | ErrorCode::EventTooLarge
+            | ErrorCode::EventsMissed => {}
+        }
+    }
+
+    /// Each code reads back as itself, and no two share a name.
+    #[test]
+    fn every_code_reads_back_as_itself() {
+        for code in ERROR_CODES {
+            assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
+        }
+        let mut names: Vec<&str> = ERROR_CODES.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ERROR_CODES.len());
     }
 }
