@@ -310,8 +310,19 @@ impl HubOptions {
         &self.channel_prefix
     }
 
-    /// Every problem with these options.
-    pub(crate) fn problems(&self) -> Vec<String> {
+    /// Every problem [`HubBuilder::build`](crate::HubBuilder::build) would refuse these
+    /// options for (empty when there is none): for a server to check its configuration at
+    /// start, before it builds the hub.
+    ///
+    /// ```
+    /// use cqrs_realtime::HubOptions;
+    /// use std::time::Duration;
+    ///
+    /// assert!(HubOptions::new().problems().is_empty());
+    /// let problems = HubOptions::new().ping_interval(Duration::from_millis(1)).problems();
+    /// assert!(problems[0].contains("ping_interval"), "{problems:?}");
+    /// ```
+    pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut at_least = |name: &str, value: usize, min: usize| {
             if value < min {

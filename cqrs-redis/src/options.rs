@@ -776,7 +776,19 @@ impl RedisStreamOptions {
         self
     }
 
-    pub(crate) fn validate(&self) -> Result<(), ConnectError> {
+    /// Every problem [`RedisStreamTransport::connect`](crate::RedisStreamTransport::connect)
+    /// would refuse these options for, before connecting: for a server to check its
+    /// configuration at start. The TLS files are read by
+    /// [`ConnectionOptions::validate`](crate::ConnectionOptions::validate), not here.
+    ///
+    /// ```
+    /// use cqrs_redis::{ConnectError, RedisStreamOptions};
+    ///
+    /// let options = RedisStreamOptions::new("redis://127.0.0.1:6379").trim_limit(1);
+    /// let Err(ConnectError::Invalid { problems }) = options.validate() else { panic!() };
+    /// assert!(problems[0].contains("trim_limit"), "{problems:?}");
+    /// ```
+    pub fn validate(&self) -> Result<(), ConnectError> {
         let mut problems = Vec::new();
         self.connection.problems(&mut problems);
         prefix_problems("key_prefix", &self.key_prefix, &mut problems);
@@ -875,7 +887,18 @@ impl RedisPubSubOptions {
         self
     }
 
-    pub(crate) fn validate(&self) -> Result<(), ConnectError> {
+    /// Every problem [`RedisPubSub::connect`](crate::RedisPubSub::connect) would refuse these
+    /// options for, before connecting: for a server to check its configuration at start. The
+    /// TLS files are read by [`ConnectionOptions::validate`](crate::ConnectionOptions::validate),
+    /// not here.
+    ///
+    /// ```
+    /// use cqrs_redis::RedisPubSubOptions;
+    ///
+    /// assert!(RedisPubSubOptions::new("redis://127.0.0.1:6379").validate().is_ok());
+    /// assert!(RedisPubSubOptions::new("redis://127.0.0.1:6379").capacity(0).validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<(), ConnectError> {
         let mut problems = Vec::new();
         self.connection.problems(&mut problems);
         prefix_problems("channel_prefix", &self.channel_prefix, &mut problems);

@@ -142,7 +142,7 @@ mod trace;
 
 pub use check::{Check, CheckFuture, CheckLayer};
 pub use metrics::{Metrics, MetricsFuture, MetricsLayer};
-pub use rate_limit::{RateLimit, RateLimitLayer};
+pub use rate_limit::{InvalidRateLimit, RateLimit, RateLimitLayer};
 pub(crate) use timeout::Budgeted;
 pub use timeout::{Timeout, TimeoutFuture, TimeoutLayer};
 pub use trace::{Trace, Traced, TracingLayer};

@@ -92,6 +92,11 @@ impl fmt::Debug for RateLimitLayer {
     }
 }
 
+/// A rate limit [`RateLimitLayer::try_per_actor`] refuses, saying why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRateLimit(String);
+
 impl RateLimitLayer {
     /// Each actor may dispatch `per_second` times a second on average, and `burst` times at
     /// once (a bucket starts full).
@@ -99,23 +104,41 @@ impl RateLimitLayer {
     /// # Panics
     ///
     /// When `per_second` is not a positive, finite number, or `burst` is 0: such a limit would
-    /// refuse everything, or never refill.
+    /// refuse everything, or never refill. [`try_per_actor`](Self::try_per_actor) says so
+    /// instead, for limits read from configuration.
     pub fn per_actor(per_second: f64, burst: u32) -> Self {
-        assert!(
-            per_second.is_finite() && per_second > 0.0,
-            "RateLimitLayer::per_actor: per_second must be a positive, finite number of \
-             dispatches, got {per_second}"
-        );
-        assert!(
-            burst > 0,
-            "RateLimitLayer::per_actor: a burst of 0 would refuse every dispatch; use at least 1"
-        );
-        Self::new(Settings {
+        Self::try_per_actor(per_second, burst).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`per_actor`](Self::per_actor), or why the limit is refused.
+    ///
+    /// ```
+    /// use cqrs_core::middleware::RateLimitLayer;
+    ///
+    /// assert!(RateLimitLayer::try_per_actor(10.0, 20).is_ok());
+    /// let refused = RateLimitLayer::try_per_actor(0.0, 20).unwrap_err();
+    /// assert!(refused.to_string().contains("per_second"), "{refused}");
+    /// ```
+    pub fn try_per_actor(per_second: f64, burst: u32) -> Result<Self, InvalidRateLimit> {
+        if !(per_second.is_finite() && per_second > 0.0) {
+            return Err(InvalidRateLimit(format!(
+                "RateLimitLayer::per_actor: per_second must be a positive, finite number of \
+                 dispatches, got {per_second}"
+            )));
+        }
+        if burst == 0 {
+            return Err(InvalidRateLimit(
+                "RateLimitLayer::per_actor: a burst of 0 would refuse every dispatch; use at \
+                 least 1"
+                    .to_owned(),
+            ));
+        }
+        Ok(Self::new(Settings {
             per_second,
             burst: f64::from(burst),
             max_actors: 100_000,
             clock: Arc::new(SystemClock),
-        })
+        }))
     }
 
     fn new(settings: Settings) -> Self {
