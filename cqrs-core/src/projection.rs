@@ -1746,7 +1746,7 @@ impl Applied {
         for (event_type, n) in self.by_type {
             metrics::counter!(
                 "cqrs_events_handled_total",
-                "consumer" => projection.to_owned(),
+                "projection" => projection.to_owned(),
                 "event_type" => event_type
             )
             .increment(n);

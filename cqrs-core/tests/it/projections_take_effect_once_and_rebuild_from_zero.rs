@@ -434,7 +434,7 @@ fn a_rebuild_ends_at_the_end_of_the_store_while_events_keep_arriving() {
 }
 
 /// The name `cqrs_events_handled_total` of `sum` for `Added` events goes by.
-const HANDLED: &str = "cqrs_events_handled_total{consumer=sum,event_type=test.added}";
+const HANDLED: &str = "cqrs_events_handled_total{projection=sum,event_type=test.added}";
 
 #[test]
 fn a_failed_batch_takes_effect_up_to_the_failed_event_which_is_retried() {
