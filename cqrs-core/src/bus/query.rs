@@ -309,7 +309,8 @@ impl QueryBus {
     /// #[async_trait]
     /// impl QueryHandler<Whose> for WhoseHandler {
     ///     async fn handle(&self, _: Whose, ctx: &QueryContext) -> Result<String, HandlerError> {
-    ///         let tenant = ctx.extensions().get::<Tenant>().ok_or("no tenant")?;
+    ///         let tenant = ctx.extensions().get::<Tenant>();
+    ///         let tenant = tenant.ok_or_else(|| HandlerError::invalid("no_tenant", "no tenant"))?;
     ///         Ok(tenant.0.to_owned())
     ///     }
     /// }
