@@ -720,7 +720,9 @@ impl PgOutboxRelay {
             .bind(i64::try_from(self.batch_size).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
-            .map_err(|e| self.store_error(store_error(e)))?;
+            // The database's mapping: a server that takes no writes (`FOR UPDATE` refused,
+            // 25006) has the pool's connections replaced, as the docs promise.
+            .map_err(|e| self.store_error(self.db.store_error(e)))?;
         if rows.is_empty() {
             // Another relay holds the row (or it does not exist yet).
             return Ok(None);
@@ -961,7 +963,7 @@ impl PgOutboxRelay {
             .bind(to_i64(position.get()))
             .execute(&mut *tx)
             .await
-            .map_err(|e| self.store_error(store_error(e)))?;
+            .map_err(|e| self.store_error(self.db.store_error(e)))?;
         Ok(())
     }
 

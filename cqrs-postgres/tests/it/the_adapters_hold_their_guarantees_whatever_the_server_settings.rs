@@ -292,6 +292,53 @@ pg_test! {
     }
 }
 
+pg_test! {
+    /// So does an outbox relay's batch refused for it (its `SELECT .. FOR UPDATE` of the
+    /// checkpoint row): the relay retried on the same connections until it gave up, a stop of
+    /// shipping for its ten attempts and the runtime's restart.
+    async fn a_relay_batch_refused_for_no_writes_retires_every_older_connection(db: PgDatabase) {
+        use cqrs_postgres::PgOutboxRelay;
+        db.event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .unwrap();
+        let transport = std::sync::Arc::new(cqrs_core::memory::InMemoryTransport::new());
+        // Its checkpoint row made while the server took writes.
+        PgOutboxRelay::new(db.clone(), transport.clone())
+            .ensure_checkpoint()
+            .await
+            .unwrap();
+        let small = pool_left_on_a_server_that_takes_no_writes(&db).await;
+        let relay = PgOutboxRelay::new(small.clone(), transport);
+        let refused = relay.relay_once().await.expect_err("no writes");
+        assert_eq!(refused.kind(), cqrs_core::ErrorKind::Unavailable, "{refused}");
+        assert_eq!(three_at_once_take_writes(&small).await, [true, true, true]);
+        relay.relay_once().await.expect("on new connections");
+        small.pool().close().await;
+    }
+}
+
+pg_test! {
+    /// So does an append of the event store's own (as `AggregateRepository::execute` makes
+    /// outside a command's transaction), refused for it.
+    async fn an_append_refused_for_no_writes_retires_every_older_connection(db: PgDatabase) {
+        let small = pool_left_on_a_server_that_takes_no_writes(&db).await;
+        let refused = small
+            .event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .expect_err("no writes");
+        assert_eq!(refused.kind(), cqrs_core::ErrorKind::Unavailable, "{refused}");
+        assert_eq!(three_at_once_take_writes(&small).await, [true, true, true]);
+        small
+            .event_store()
+            .append("s", ExpectedVersion::NO_STREAM, vec![record(1)])
+            .await
+            .expect("on new connections");
+        small.pool().close().await;
+    }
+}
+
 /// Records one event (appended at the commit) and, with `write`, inserts a row of its own
 /// first, its error mapped as handlers commonly do (`HandlerError::internal`).
 struct Jot {
