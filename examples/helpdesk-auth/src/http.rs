@@ -179,7 +179,8 @@ async fn user(
 fn schema_user() -> Value {
     json!({
         "type": "object",
-        "required": ["user_id", "email", "role"],
+        // Every field is always sent (`display_name` as null when there is none).
+        "required": ["user_id", "email", "role", "display_name"],
         "properties": {
             "user_id": { "type": "string", "format": "uuid" },
             "email": { "type": "string", "format": "idn-email" },

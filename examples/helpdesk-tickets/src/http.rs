@@ -558,18 +558,17 @@ fn id_param(op: Operation) -> Operation {
         "the ticket's id",
     )
     .response(400, "a malformed id (`invalid_path`)", None)
-    .response(404, "no such ticket, or not visible to the caller", None)
+    .response(
+        404,
+        "no such ticket, or not visible to the caller (`not_found`)",
+        None,
+    )
 }
 
 /// A POST under `/tickets`: a JSON body (whose schema is given here, so the answers of a body
 /// that cannot be read are documented, see [`Operation::body`]) and an `Idempotency-Key`.
 /// `invalid` says what its 422 `validation_failed` refuses.
 fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation {
-    let id = if path_id {
-        "a malformed id (`invalid_path`), "
-    } else {
-        ""
-    };
     idempotent(op)
         .response(
             503,
@@ -578,17 +577,31 @@ fn posted(op: Operation, path_id: bool, body: Value, invalid: &str) -> Operation
         )
         .response(409, IN_USE, None)
         .response_header(409, "Retry-After", helpdesk_api::RETRY_AFTER)
-        .response(
-            400,
-            &format!("{id}malformed JSON (`malformed_json`), a body that could not be read (`unreadable_body`), or a malformed Idempotency-Key or two of them (`invalid_idempotency_key`)"),
-            None,
-        )
+        .response(400, &bad_request(path_id, false), None)
         .response(
             422,
             &format!("{invalid} (`validation_failed`); JSON of the wrong shape, or with a field the route does not know (`invalid_body`); or an Idempotency-Key already used with another body (`idempotency_key_reused`)"),
             None,
         )
         .body(body)
+}
+
+/// What a POST under `/tickets` answers 400 for: with `path_id` a malformed id too, with
+/// `if_match` a malformed `If-Match` too.
+fn bad_request(path_id: bool, if_match: bool) -> String {
+    let id = if path_id {
+        "a malformed id (`invalid_path`), "
+    } else {
+        ""
+    };
+    let if_match = if if_match {
+        ", or a malformed If-Match, two of them, or one that disagrees with `expected_version` (`invalid_if_match`)"
+    } else {
+        ""
+    };
+    format!(
+        "{id}malformed JSON (`malformed_json`), a body that could not be read (`unreadable_body`), or a malformed Idempotency-Key or two of them (`invalid_idempotency_key`){if_match}"
+    )
 }
 
 /// `op`'s answer `status`, which a request with an Idempotency-Key may get again as a replay,
@@ -671,6 +684,8 @@ pub(crate) fn api(http: Http) -> HttpApi {
             json!({ "type": "string" }),
             "the ticket's `ETag` as a client last saw it (`\"3\"`), instead of `expected_version` (or alike with it); `*`: no check. A stale one is 412 `precondition_failed` with `details.current_version`; a list, a weak tag, two headers or one that disagrees with `expected_version` is 400 `invalid_if_match`",
         )
+        // Each of these changes a ticket at its path's id.
+        .response(400, &bad_request(true, true), None)
         .response(
             412,
             "the ticket is no longer at the version `If-Match` names (`precondition_failed`, with `details.current_version`)",
@@ -722,7 +737,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                             "next_cursor": { "type": ["string", "null"] }
                         }
                     })))
-                    .response(400, "an invalid query parameter", None),
+                    .response(400, "an invalid query parameter or cursor (`invalid_query`)", None),
             ],
         )
         .route(
@@ -734,7 +749,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                     "required": ["open", "assigned", "closed"],
                     "properties": { "open": { "type": "integer" }, "assigned": { "type": "integer" }, "closed": { "type": "integer" } }
                 })))
-                .response(403, "not an agent", None)],
+                .response(403, "not an agent (`forbidden`)", None)],
         )
         .route(
             "/tickets/{id}",
@@ -779,7 +794,7 @@ pub(crate) fn api(http: Http) -> HttpApi {
                 "the assignee is not an agent (checked for a ticket there is: a missing one is 404)",
             ))
                 .response(200, "the ticket (as it was, with no new version, when it is already the assignee's)", Some(ticket_schema()))
-                .response(403, "not an agent", None), 200)],
+                .response(403, "not an agent (`forbidden`)", None), 200)],
         )
         .route(
             "/tickets/{id}/comments",

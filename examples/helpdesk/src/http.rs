@@ -105,6 +105,9 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 header::IF_MATCH,
                 HeaderName::from_static(idempotency::HEADER),
                 X_REQUEST_ID,
+                // Trace context a page's tracing propagates (the API reads both).
+                HeaderName::from_static("traceparent"),
+                HeaderName::from_static("tracestate"),
             ])
             // What a page's script may read of an answer, besides the simple headers.
             .expose_headers([

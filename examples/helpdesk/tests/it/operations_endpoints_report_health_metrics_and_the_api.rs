@@ -538,7 +538,15 @@ async fn the_api_document_requires_every_field_the_answers_carry() {
         assert_eq!(ticket.status, StatusCode::OK, "{ticket:?}");
         let list = s.get("/tickets", &customer).await;
         assert_eq!(list.status, StatusCode::OK, "{list:?}");
+        let me = s.get("/auth/me", &customer).await;
+        assert_eq!(me.status, StatusCode::OK, "{me:?}");
         for (name, schema, answer) in [
+            (
+                "GET /auth/me's user",
+                &api.body["paths"]["/auth/me"]["get"]["responses"]["200"]["content"]
+                    ["application/json"]["schema"],
+                &me.body,
+            ),
             ("Ticket", &schemas["Ticket"], &ticket.body),
             (
                 "a ticket's comment",

@@ -42,6 +42,9 @@ async fn a_listed_origins_preflight_is_answered_and_its_answers_readable() {
             "content-type",
             "idempotency-key",
             "if-match",
+            // A page's tracing propagates trace context, which the API reads.
+            "traceparent",
+            "tracestate",
         ] {
             assert!(headers.contains(needed), "{needed} in {headers}");
         }
