@@ -207,6 +207,17 @@ fn command_dispatch(c: &mut Criterion) {
             bare.dispatch_with(cmd, metadata.clone()).await
         });
     });
+    // `bus.dispatch(cmd)` as an application calls it: fresh metadata per dispatch (a UUID v7
+    // message id and correlation id, the bus clock's now), which the cases above, like their
+    // baselines, take ready-made.
+    group.bench_function("bus_bare_fresh_metadata", |b| {
+        b.to_async(&rt).iter(|| async {
+            let cmd = Increment {
+                value: black_box(7),
+            };
+            bare.dispatch(cmd).await
+        });
+    });
     group.bench_function("bus_three_layers", |b| {
         b.to_async(&rt).iter(|| async {
             let cmd = Increment {
@@ -393,5 +404,22 @@ fn event_publish(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, command_dispatch, query_dispatch, event_publish);
+/// What `dispatch` adds to `dispatch_with`: fresh metadata (a UUID v7 and the clock's now),
+/// beside the clock read alone.
+fn metadata(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metadata");
+    group.bench_function("metadata_new", |b| b.iter(cqrs_core::Metadata::new));
+    group.bench_function("utc_now", |b| {
+        b.iter(cqrs_core::reexports::chrono::Utc::now)
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    command_dispatch,
+    query_dispatch,
+    event_publish,
+    metadata
+);
 criterion_main!(benches);

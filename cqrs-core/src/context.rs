@@ -85,7 +85,11 @@ impl CommandContext {
 
     /// Metadata for an event this command causes, stamped by the context's clock.
     fn caused(&self) -> Metadata {
-        self.metadata.caused_at(self.now())
+        match &self.clock {
+            Some(clock) => self.metadata.caused_at(clock.now()),
+            // One read of the system clock, for the id and the timestamp.
+            None => self.metadata.caused(),
+        }
     }
 
     /// Records an event caused by this command. It inherits the command's correlation id and
