@@ -26,7 +26,7 @@ fn message_id_at(now: std::time::SystemTime) -> Uuid {
     thread_local! {
         static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
     }
-    // Before 1970 (a clock set far back): the epoch, as `Timestamp::now` does.
+    // Before 1970 (a clock set far back): the epoch (uuid's own `Timestamp::now` panics).
     let since = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

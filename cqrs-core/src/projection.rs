@@ -240,12 +240,9 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     /// the batch back, to come again after the redelivery delay; one before it (making the
     /// consumer, fetching) leaves nothing to wait for.
     fetched_a_batch: bool,
-    /// When the oldest event of the last batch fetched from a transport occurred.
-    batch_oldest: Option<chrono::DateTime<chrono::Utc>>,
-    /// When the oldest event of a batch that failed (or set an event aside) occurred, while
-    /// it waits for its redelivery: the lag holds it, not the 0 of the empty fetches until
-    /// then (30 s by default), which would say the projection is up to date.
-    handed_back: Option<chrono::DateTime<chrono::Utc>>,
+    /// The events it handed back (nacked or deferred) that have not come again: the lag holds
+    /// them (see [`HandedBack`]).
+    handed_back: HandedBack,
     /// Events whose unit of their own panicked (outside `apply`): the next such panic of one
     /// is its fault, counted as an attempt. The newest [`MAX_SUSPECTS`].
     suspects: VecDeque<Uuid>,
@@ -322,8 +319,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             fetched_a_batch: false,
-            batch_oldest: None,
-            handed_back: None,
+            handed_back: HandedBack::default(),
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
@@ -373,8 +369,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stall_after: STALL_AFTER,
             stalled: std::sync::atomic::AtomicBool::new(false),
             fetched_a_batch: false,
-            batch_oldest: None,
-            handed_back: None,
+            handed_back: HandedBack::default(),
             suspects: VecDeque::new(),
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
@@ -900,15 +895,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         }
     }
 
-    /// Keeps the last batch's oldest event as handed back: it comes again after the
-    /// redelivery delay, and the lag holds it until then.
-    fn hand_back(&mut self) {
-        self.handed_back = match (self.handed_back, self.batch_oldest) {
-            (Some(held), Some(oldest)) => Some(held.min(oldest)),
-            (held, oldest) => held.or(oldest),
-        };
-    }
-
     /// The error of a unit of `record` alone whose commit panicked.
     fn commit_panicked(&self, record: &EventRecord, panic: &str) -> ProjectionError {
         let source = HandlerError::internal(format!("the commit panicked: {panic}"));
@@ -937,7 +923,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             stalled,
             suspects,
             fetched_a_batch,
-            batch_oldest,
             handed_back,
             clock,
             ..
@@ -969,8 +954,9 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             None => consumer.fetch(*batch).await,
         };
         let deliveries = fetched.inspect_err(|_| report_unmeasured_lag(name))?;
+        handed_back.fetched(&deliveries, Some(options.redelivery_delay));
         if deliveries.is_empty() {
-            report_lag(name, &[], *handed_back, clock.now());
+            report_lag(name, &[], handed_back.oldest(), clock.now());
             return Ok(Stepped::CAUGHT_UP);
         }
         *fetched_a_batch = true;
@@ -984,8 +970,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             order_keys.push(d.order_key);
             records.push(d.record);
         }
-        *batch_oldest = records.iter().map(|r| r.metadata.occurred_at).min();
-        report_lag(name, &records, *handed_back, clock.now());
+        report_lag(name, &records, handed_back.oldest(), clock.now());
         // The error of the first event set aside, returned once the rest took effect.
         let mut set_aside: Option<ProjectionError> = None;
         let mut passes = 0;
@@ -1062,6 +1047,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     stalled.store(false, std::sync::atomic::Ordering::Relaxed);
                     if let Err(error) = consumer.ack(&ids[..taken]).await {
                         // The rest goes back without an attempt; the panic is still told.
+                        handed_back.note(&records[taken..]);
                         if let Err(error) = consumer.defer(&ids[taken..]).await {
                             tracing::warn!(projection = %name, %error, "could not hand back the rest of a batch taken one by one; it comes back after its redelivery delay");
                         }
@@ -1222,10 +1208,12 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                         }
                     }
                 } else if failed[i] && attempt {
+                    handed_back.note(std::slice::from_ref(&records[i]));
                     if let Err(error) = consumer.nack_with_reason(&ids[i], &reason).await {
                         tracing::warn!(projection = %name, %error, "could not hand a failed event back; it comes back after its redelivery delay");
                     }
                 } else if failed[i] || held[i] || !isolate {
+                    handed_back.note(std::slice::from_ref(&records[i]));
                     waiting.push(ids[i].clone());
                 } else {
                     ids.swap(kept, i);
@@ -1404,7 +1392,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // until a batch passes whole (or, with nothing to fetch, twice the
                     // redelivery delay later, as after a failed batch).
                     tracing::warn!(projection = %self.name, error = %e, "projection set an event aside; the rest of its batch took effect");
-                    self.hand_back();
                     failures = 0;
                     failing_since = None;
                     last_failure = Some(tokio::time::Instant::now());
@@ -1430,7 +1417,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                         _ => false,
                     };
                     if !awaiting_redelivery {
-                        self.handed_back = None;
                         failures = 0;
                         failing_since = None;
                         last_failure = None;
@@ -1464,7 +1450,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     // wait for, and the next empty fetch proves the transport is back.
                     if self.fetched_a_batch {
                         last_failure = Some(tokio::time::Instant::now());
-                        self.hand_back();
                     }
                     tracing::warn!(projection = %self.name, error = %e, failures, "projection batch failed; retrying");
                     // Retried either way (a consumer name in use frees up when its holder
@@ -1577,12 +1562,66 @@ impl<S: ProjectionStore> InboxPurge<S> {
     }
 }
 
+/// The events a consumer handed back (nacked, or deferred behind one of their key) that have
+/// not been fetched again: still to handle, though the fetches until their redelivery (30 s
+/// by default) come back empty or with other keys' events. The lag gauges hold the oldest,
+/// which would otherwise read near 0 while an event fails every time. One is dropped when it
+/// is fetched again (its batch's lag covers it, and a new failure notes it again), or twice
+/// the redelivery delay after it was handed back (dead-lettered, or taken by another
+/// instance: it will not come here again).
+#[derive(Debug, Default)]
+struct HandedBack {
+    waiting: HashMap<Uuid, (chrono::DateTime<chrono::Utc>, tokio::time::Instant)>,
+}
+
+/// The most events [`HandedBack`] keeps: past it, newer ones are not held (the lag shows the
+/// oldest anyway).
+const MOST_HANDED_BACK: usize = 4096;
+
+impl HandedBack {
+    /// `records` were handed back just now.
+    fn note(&mut self, records: &[EventRecord]) {
+        for record in records {
+            self.note_one(record.event_id, record.metadata.occurred_at);
+        }
+    }
+
+    /// Event `id`, which occurred at `occurred`, was handed back just now.
+    fn note_one(&mut self, id: Uuid, occurred: chrono::DateTime<chrono::Utc>) {
+        if self.waiting.len() >= MOST_HANDED_BACK && !self.waiting.contains_key(&id) {
+            return;
+        }
+        self.waiting
+            .insert(id, (occurred, tokio::time::Instant::now()));
+    }
+
+    /// `deliveries` were fetched: those among them come again. Drops, with `redelivery` (the
+    /// consumer's delay), the events handed back twice that long ago.
+    fn fetched(&mut self, deliveries: &[Delivery], redelivery: Option<Duration>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        for delivery in deliveries {
+            self.waiting.remove(&delivery.record.event_id);
+        }
+        if let Some(delay) = redelivery {
+            let limit = delay.saturating_mul(2);
+            self.waiting.retain(|_, (_, at)| at.elapsed() < limit);
+        }
+    }
+
+    /// When the oldest event still handed back occurred.
+    fn oldest(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.waiting.values().map(|(occurred, _)| *occurred).min()
+    }
+}
+
 /// Sets `cqrs_projection_lag_seconds{projection}` as a read of `records` (events the projection
 /// has not applied yet) finds it: how long ago the oldest of them occurred, 0 for none. A
 /// projection stuck on an event reads it again at each retry, so its lag keeps growing; one
 /// caught up reads nothing, 0. A delivery already applied (redelivered) counts until it is
 /// read, and a projection catching up from the first event shows that event's age. An event
-/// `handed_back` (a transport's batch that failed, waiting for its redelivery) counts too.
+/// handed back (`handed_back`: [`HandedBack::oldest`]) counts too.
 fn report_lag(
     projection: &str,
     records: &[EventRecord],
@@ -1597,14 +1636,6 @@ fn report_lag(
             .chain(handed_back),
     );
     metrics::gauge!("cqrs_projection_lag_seconds", "projection" => projection.to_owned()).set(lag);
-}
-
-/// How long before `now` the oldest of `records` occurred, in seconds; 0 for none.
-fn lag_of_records<'a>(
-    now: chrono::DateTime<chrono::Utc>,
-    records: impl Iterator<Item = &'a EventRecord>,
-) -> f64 {
-    lag_of_times(now, records.map(|r| r.metadata.occurred_at))
 }
 
 /// How far `now` is behind the oldest of `times`, in seconds; 0 without any.
@@ -2214,10 +2245,9 @@ where
     };
     // When a batch last left the worker degraded.
     let mut degraded_at: Option<tokio::time::Instant> = None;
-    // The oldest event that batch handed back (failed, or behind one of its key that did),
-    // while it is degraded: it is still to handle, and the empty fetches until its
-    // redelivery (30 s by default) must not report the handlers up to date.
-    let mut handed_back: Option<chrono::DateTime<chrono::Utc>> = None;
+    // The events handed back (failed, or behind one of their key that did) that have not come
+    // again: still to handle, the lag holds them (see `HandedBack`).
+    let mut handed_back = HandedBack::default();
     while !ctx.shutdown.is_requested() {
         let fetched = tokio::select! {
             d = consumer.fetch(options.batch.max(1)) => d,
@@ -2226,9 +2256,12 @@ where
         // NaN while the transport cannot be read: a value kept from before would say the
         // handlers are up to date while they fall behind.
         let deliveries = fetched.inspect_err(|_| report_lag(f64::NAN))?;
-        let now = chrono::Utc::now();
-        let waiting = handed_back.map_or(0.0, |oldest| lag_of_times(now, [oldest]));
-        report_lag(lag_of_records(now, deliveries.iter().map(|d| &d.record)).max(waiting));
+        handed_back.fetched(&deliveries, consumer.redelivery_delay());
+        let records = deliveries.iter().map(|d| d.record.metadata.occurred_at);
+        report_lag(lag_of_times(
+            chrono::Utc::now(),
+            records.chain(handed_back.oldest()),
+        ));
         if deliveries.is_empty() {
             // A failed delivery comes back within the redelivery delay; one that has not in
             // twice that was dead-lettered or handled elsewhere: the failure is over. (On an
@@ -2240,7 +2273,6 @@ where
             };
             if degraded_at.is_some_and(over) {
                 degraded_at = None;
-                handed_back = None;
                 ctx.health.set(Health::Healthy);
             }
             // A fetch that returns at once when there is nothing (`block` of zero) must not
@@ -2274,15 +2306,13 @@ where
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
         let mut given_up = Vec::new();
-        let mut oldest_handed_back: Option<chrono::DateTime<chrono::Utc>> = None;
         for (index, event_id, attempt, outcome) in outcomes {
             let id = std::mem::replace(&mut ids[index], DeliveryId(String::new()));
             if matches!(
                 outcome,
                 Outcome::Retry(_) | Outcome::Later(_) | Outcome::Skipped(_)
             ) {
-                let at = occurred[index];
-                oldest_handed_back = Some(oldest_handed_back.map_or(at, |oldest| at.min(oldest)));
+                handed_back.note_one(event_id, occurred[index]);
             }
             match outcome {
                 Outcome::Done => done.push(id),
@@ -2343,12 +2373,10 @@ where
         {
             Some(reason) => {
                 degraded_at = Some(tokio::time::Instant::now());
-                handed_back = oldest_handed_back;
                 ctx.health.set(Health::Degraded(reason.clone()));
             }
             None => {
                 degraded_at = None;
-                handed_back = None;
                 ctx.health.set(Health::Healthy);
             }
         }
@@ -2572,6 +2600,9 @@ pub struct EventBusConsumer {
     /// it to a reclaim after the redelivery delay, a delivery counted that no handler got
     /// (dead-lettered unseen with `max_deliveries(1)`).
     consumer: Option<Box<dyn Consumer>>,
+    /// The handlers that failed on recent events, kept across restarts too: a redelivery after
+    /// one still goes only to them.
+    failed_handlers: FailedHandlers,
 }
 
 impl fmt::Debug for EventBusConsumer {
@@ -2609,6 +2640,7 @@ impl EventBusConsumer {
             options,
             consume: ConsumeLoop::default(),
             consumer: None,
+            failed_handlers: FailedHandlers::new(FAILED_HANDLERS_KEPT),
         }
     }
 
@@ -2653,8 +2685,7 @@ impl Worker for EventBusConsumer {
                 self.consumer.insert(made)
             }
         };
-        let remaining = FailedHandlers::new(FAILED_HANDLERS_KEPT);
-        let (bus, types, remaining) = (&self.bus, &self.types, &remaining);
+        let (bus, types, remaining) = (&self.bus, &self.types, &self.failed_handlers);
         consume_and_close(
             consumer.as_mut(),
             &ctx,

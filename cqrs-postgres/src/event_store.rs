@@ -198,10 +198,7 @@ pub(crate) async fn append_on(
         sqlx::query(AssertSqlSafe(sql.append_guard_lock.clone()))
             .execute(&mut *conn)
             .await
-            .map_err(|e| {
-                db.retire_if_refused_as_read_only(&e);
-                store_error(e)
-            })?;
+            .map_err(store_error)?;
     }
     // One event (what a command records more often than not) goes through `append_event`,
     // which takes scalars: unnesting one-element arrays and aggregating the positions back
@@ -289,15 +286,14 @@ pub(crate) async fn append_on(
         // Outside a transaction the statement was its own: a connection lost with it leaves
         // its outcome unknown (`Timeout`), not "retry" (`Unavailable`).
         Err(e) if !conn.is_in_transaction() => {
-            // A server that takes no writes (a failover left the pool on the old primary):
-            // the pool's connections are replaced, as a command's refused append does.
+            // The store's own connection, of `db`'s pool: a server that takes no writes (a
+            // failover left the pool on the old primary) has the pool's connections replaced,
+            // as a command's refused append does. (Not in a caller's transaction, which may be
+            // of another pool, or begun `READ ONLY` on a primary.)
             db.retire_if_refused_as_read_only(&e);
             return Err(crate::error::commit_error(e));
         }
-        Err(e) => {
-            db.retire_if_refused_as_read_only(&e);
-            return Err(store_error(e));
-        }
+        Err(e) => return Err(store_error(e)),
     };
     let actual: i64 = row.try_get(0).map_err(store_error)?;
     let positions: Option<Vec<i64>> = if single {

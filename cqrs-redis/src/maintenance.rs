@@ -115,9 +115,8 @@ impl RedisStreamTransport {
 /// A gauge whose value is unknown is set to NaN rather than left at a stale value (NaN matches
 /// no alert threshold): a group's lag while Redis cannot tell it (Redis 7.0 after an entry
 /// was deleted in the middle of the stream), every gauge of a topic whose stats could not be
-/// read that round, and the gauges of a group that was deleted (set to NaN once, then no
-/// longer updated: an exporter's idle timeout, such as `metrics-exporter-prometheus`'s
-/// `idle_timeout`, then stops exporting them). A step that fails (trimming, reading the
+/// read that round. The gauges of a group that was deleted are set to 0 once (it holds nothing
+/// back), then no longer updated. A step that fails (trimming, reading the
 /// stats, pruning a group) is logged and does not skip the others.
 ///
 /// A group left without a consumer (its last one pruned) that has entries it has not read

@@ -776,8 +776,7 @@ impl RedisStreamOptions {
         self
     }
 
-    /// Every problem [`RedisStreamTransport::connect`](crate::RedisStreamTransport::connect)
-    /// would refuse these options for, before connecting: for a server to check its
+    /// Every problem [`connect`](Self::connect) would refuse these options for, before connecting: for a server to check its
     /// configuration at start. The TLS files are read by
     /// [`ConnectionOptions::validate`](crate::ConnectionOptions::validate), not here.
     ///
@@ -887,8 +886,7 @@ impl RedisPubSubOptions {
         self
     }
 
-    /// Every problem [`RedisPubSub::connect`](crate::RedisPubSub::connect) would refuse these
-    /// options for, before connecting: for a server to check its configuration at start. The
+    /// Every problem [`connect`](Self::connect) would refuse these options for, before connecting: for a server to check its configuration at start. The
     /// TLS files are read by [`ConnectionOptions::validate`](crate::ConnectionOptions::validate),
     /// not here.
     ///

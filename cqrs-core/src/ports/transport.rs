@@ -485,6 +485,14 @@ pub trait Consumer: Send + Sync + 'static {
     /// acknowledged are not released: they come back to the group after the redelivery delay,
     /// as after a crash (acknowledge or [`nack`](Consumer::nack) them first). Defaults to doing
     /// nothing, for adapters that hold nothing back.
+    ///
+    /// The consumer stays usable after `close`, and after any error: a later
+    /// [`fetch`](Consumer::fetch) goes on. The workers that consume (a
+    /// [`ProjectionRunner`](crate::projection::ProjectionRunner), an
+    /// [`EventBusConsumer`](crate::projection::EventBusConsumer)) keep their consumer across
+    /// restarts and close it at each stop, so that what a run ended by an error could not
+    /// release is taken over by the next (the conformance suite's
+    /// `a_closed_consumer_goes_on_fetching`).
     async fn close(&mut self) -> Result<(), TransportError> {
         Ok(())
     }

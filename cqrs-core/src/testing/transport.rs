@@ -111,6 +111,7 @@ macro_rules! transport_conformance {
                 a_nack_by_a_consumer_that_lost_the_delivery_does_not_hold_it_back,
                 a_consumer_tells_its_redelivery_delay_and_keep_alive_interval,
                 a_closed_consumer_releases_what_it_never_handed_out,
+                a_closed_consumer_goes_on_fetching,
                 an_event_bus_consumer_hands_a_redelivery_only_to_the_handlers_that_failed,
             ]
         );
@@ -1689,6 +1690,35 @@ pub async fn a_closed_consumer_releases_what_it_never_handed_out<H: TransportHar
             batch.iter().map(n_of).collect::<Vec<_>>()
         );
     }
+}
+
+/// A consumer stays usable after [`Consumer::close`]: a later fetch gets what was published
+/// since, and acknowledges it (workers keep their consumer across restarts and close it at
+/// each stop).
+pub async fn a_closed_consumer_goes_on_fetching<H: TransportHarness>(h: &H) {
+    let topic = format!("{}-t42", h.test_id());
+    let mut a = consumer_with(h, &topic, "g", "a", |o| o).await;
+    let first = event("k", 1);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&first))
+        .await
+        .unwrap();
+    let got = fetch_one(a.as_mut(), "the first event").await;
+    assert_eq!(got.record.event_id, first.event_id);
+    a.ack(std::slice::from_ref(&got.id)).await.expect("ack");
+    a.close().await.expect("close");
+
+    let second = event("k", 2);
+    h.transport()
+        .publish(&topic, std::slice::from_ref(&second))
+        .await
+        .unwrap();
+    let got = fetch_one(a.as_mut(), "the event published after the close").await;
+    assert_eq!(got.record.event_id, second.event_id);
+    a.ack(std::slice::from_ref(&got.id))
+        .await
+        .expect("ack after the close");
+    a.close().await.expect("close again");
 }
 
 /// [`Consumer::close`] releases the messages the consumer held back behind an earlier delivery

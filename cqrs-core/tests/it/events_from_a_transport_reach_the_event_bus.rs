@@ -687,20 +687,23 @@ fn an_event_bus_consumer_that_cannot_fetch_reports_its_lag_as_not_a_number() {
     });
 }
 
-/// Fails every event with an internal error (retried, an attempt counted) while `failing`.
+/// Fails the event of sum 1 with an internal error (retried, an attempt counted) while
+/// `failing`; counts the events it handled.
 #[derive(Clone, Default)]
 struct FailsWhile {
     failing: Arc<AtomicBool>,
     failed: Arc<AtomicUsize>,
+    handled: Arc<AtomicUsize>,
 }
 
 #[cqrs_core::async_trait]
 impl EventHandler<Added> for FailsWhile {
-    async fn handle(&self, _event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
-        if self.failing.load(Ordering::SeqCst) {
+    async fn handle(&self, event: &Added, _ctx: EventContext<'_>) -> Result<(), HandlerError> {
+        if event.sum == 1 && self.failing.load(Ordering::SeqCst) {
             self.failed.fetch_add(1, Ordering::SeqCst);
             return Err(HandlerError::internal("the handler's backend failed"));
         }
+        self.handled.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -710,8 +713,9 @@ impl EventHandler<Added> for FailsWhile {
 }
 
 /// An event whose handler failed is still to handle while it waits for its redelivery: the
-/// lag holds (it went to 0 at the next empty fetch, and a failing consumer looked up to date
-/// but for a second every redelivery delay), then goes to 0 once it is handled.
+/// lag holds, through empty fetches and through another event handled meanwhile (it went to
+/// 0 at the next empty fetch or the next batch that succeeded, so a failing consumer looked up
+/// to date but for a second every redelivery delay), then goes to 0 once it is handled.
 #[test]
 fn a_failed_event_waiting_for_its_redelivery_keeps_the_lag() {
     use crate::projections_take_effect_once_and_rebuild_from_zero::Counted;
@@ -749,6 +753,27 @@ fn a_failed_event_waiting_for_its_redelivery_keeps_the_lag() {
             );
             let lag = counts.gauge(CONSUMER_LAG).expect("set at each fetch");
             assert!((45.0..100.0).contains(&lag), "the lag held: {lag}");
+            // A new event, handled while the failed one waits: the lag still holds it.
+            transport.publish("adds", &[added(2)]).await.unwrap();
+            eventually(Duration::from_secs(5), "the new event handled", || async {
+                (handler.handled.load(Ordering::SeqCst) == 1).then_some(())
+            })
+            .await;
+            let fetched = transport.fetches.load(Ordering::SeqCst);
+            eventually(Duration::from_secs(5), "a fetch after it", || async {
+                (transport.fetches.load(Ordering::SeqCst) > fetched).then_some(())
+            })
+            .await;
+            assert_eq!(
+                handler.failed.load(Ordering::SeqCst),
+                1,
+                "not redelivered yet"
+            );
+            let lag = counts.gauge(CONSUMER_LAG).expect("set at each fetch");
+            assert!(
+                (45.0..100.0).contains(&lag),
+                "held past a batch that succeeded: {lag}"
+            );
 
             handler.failing.store(false, Ordering::SeqCst);
             eventually(Duration::from_secs(10), "handled, caught up", || async {

@@ -431,6 +431,8 @@ impl Client {
                 Some(Ok(Message::Text(text))) => {
                     let frame = serde_json::from_str(text.as_str())
                         .unwrap_or_else(|e| panic!("not a server frame: {text}: {e}"));
+                    // The hub never sends a frame its own version does not know.
+                    assert_ne!(frame, ServerFrame::Unknown, "not a server frame: {text}");
                     return Read::Frame(frame);
                 }
                 Some(Ok(Message::Close(frame))) => return Read::Closed(frame),

@@ -265,10 +265,6 @@ fn files_and_limit(config: &Config, warn: bool) -> (u64, u64) {
     (files, limit)
 }
 
-/// Accepts connections until `stopped`, at most `max_connections` open at once (the others
-/// wait in the backlog), serving each with HTTP/1.1 (upgrades included, for WebSockets) and a
-/// header-read timeout; then asks every open connection to finish its in-flight request and
-/// close, and returns once they all have.
 /// Counts a recurring failure and says when to log it: the first time, then at most once a
 /// minute, with how many there were since the last line.
 #[derive(Default)]
@@ -292,6 +288,10 @@ impl EveryMinute {
     }
 }
 
+/// Accepts connections until `stopped`, at most `max_connections` open at once (the others
+/// wait in the backlog), serving each with HTTP/1.1 (upgrades included, for WebSockets) and a
+/// header-read timeout; then asks every open connection to finish its in-flight request and
+/// close, and returns once they all have.
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
