@@ -471,7 +471,6 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         self
     }
 
-    /// Where a stalled batch is reported: only while running as a worker.
     /// The clock `cqrs_projection_lag_seconds` is read against: how long before its `now`
     /// the oldest event waiting occurred. The system's by default; a
     /// [`ManualClock`](crate::clock::ManualClock) makes the gauge exact in a test.
@@ -480,6 +479,7 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         self
     }
 
+    /// Where a stalled batch is reported: only while running as a worker.
     fn stall(&self) -> Option<Stall<'_>> {
         Stall::of_projection(self.health.as_ref(), self.stall_after, &self.stalled)
     }
@@ -2281,12 +2281,8 @@ where
             continue;
         }
         // Each delivery's id, cloned once: for keeping the batch alive, then for the answers
-        // (outcomes name their delivery by index); and when each occurred.
+        // (outcomes name their delivery by index).
         let mut ids: Vec<DeliveryId> = deliveries.iter().map(|d| d.id.clone()).collect();
-        let occurred: Vec<chrono::DateTime<chrono::Utc>> = deliveries
-            .iter()
-            .map(|d| d.record.metadata.occurred_at)
-            .collect();
         let batch = handle_batch(
             deliveries,
             options.concurrency,
@@ -2306,13 +2302,20 @@ where
         let mut done = Vec::with_capacity(outcomes.len());
         let (mut failed, mut skipped, mut waiting) = (Vec::new(), Vec::new(), None);
         let mut given_up = Vec::new();
-        for (index, event_id, attempt, outcome) in outcomes {
+        for Answer {
+            index,
+            event_id,
+            attempt,
+            occurred_at,
+            outcome,
+        } in outcomes
+        {
             let id = std::mem::replace(&mut ids[index], DeliveryId(String::new()));
             if matches!(
                 outcome,
                 Outcome::Retry(_) | Outcome::Later(_) | Outcome::Skipped(_)
             ) {
-                handed_back.note_one(event_id, occurred[index]);
+                handed_back.note_one(event_id, occurred_at);
             }
             match outcome {
                 Outcome::Done => done.push(id),
@@ -2384,6 +2387,17 @@ where
     Ok(())
 }
 
+/// A delivery's outcome, with what the consume loop needs of the delivery, which went to its
+/// handler.
+struct Answer {
+    /// The delivery's index in its batch.
+    index: usize,
+    event_id: Uuid,
+    attempt: u32,
+    occurred_at: chrono::DateTime<chrono::Utc>,
+    outcome: Outcome,
+}
+
 /// Handles one batch: its chains concurrently, each chain in order. Returns every delivery's
 /// outcome, by its index in `deliveries`.
 async fn handle_batch<F, Fut>(
@@ -2391,7 +2405,7 @@ async fn handle_batch<F, Fut>(
     concurrency: usize,
     timeout: Option<Duration>,
     handle: &F,
-) -> Vec<(usize, Uuid, u32, Outcome)>
+) -> Vec<Answer>
 where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
@@ -2436,7 +2450,7 @@ async fn run_chain<F, Fut>(
     chain: Vec<(usize, Delivery)>,
     timeout: Option<Duration>,
     handle: &F,
-) -> Vec<(usize, Uuid, u32, Outcome)>
+) -> Vec<Answer>
 where
     F: Fn(Delivery) -> Fut + Sync,
     Fut: std::future::Future<Output = Handled> + Send,
@@ -2445,8 +2459,16 @@ where
     let mut failed = None;
     for (index, delivery) in chain {
         let (event_id, attempt) = (delivery.record.event_id, delivery.attempt);
+        let occurred_at = delivery.record.metadata.occurred_at;
+        let answer = |outcome| Answer {
+            index,
+            event_id,
+            attempt,
+            occurred_at,
+            outcome,
+        };
         if let Some(first) = failed {
-            out.push((index, event_id, attempt, Outcome::Skipped(first)));
+            out.push(answer(Outcome::Skipped(first)));
             continue;
         }
         // A handler that panics fails its own delivery, as an error would: unwinding past
@@ -2483,7 +2505,7 @@ where
                 Outcome::Later(reason)
             }
         };
-        out.push((index, event_id, attempt, outcome));
+        out.push(answer(outcome));
     }
     out
 }
@@ -3410,9 +3432,9 @@ mod tests {
         ];
         let handle = |_: Delivery| async { Handled::DeadLetter("for good".into()) };
         let mut outcomes = handle_batch(deliveries, 8, None, &handle).await;
-        outcomes.sort_by_key(|(index, ..)| *index);
-        assert!(matches!(outcomes[0].3, Outcome::DeadLetter(_)));
-        assert!(matches!(outcomes[1].3, Outcome::Skipped(id) if id == record.event_id));
+        outcomes.sort_by_key(|answer| answer.index);
+        assert!(matches!(outcomes[0].outcome, Outcome::DeadLetter(_)));
+        assert!(matches!(outcomes[1].outcome, Outcome::Skipped(id) if id == record.event_id));
     }
 
     /// A publish that failed in the handlers named.

@@ -853,24 +853,6 @@ impl Config {
                 self.login_window_seconds
             ));
         }
-        if self.request_timeout_ms == 0 {
-            problems.push("HELPDESK_REQUEST_TIMEOUT_MS must be at least 1".into());
-        }
-        // More than a day is a slip (seconds or minutes taken for milliseconds, extra zeros),
-        // and near u64::MAX a deadline past what the clock holds.
-        for (name, value) in [
-            ("HELPDESK_REQUEST_TIMEOUT_MS", self.request_timeout_ms),
-            ("HELPDESK_HEADER_TIMEOUT_MS", self.header_timeout_ms),
-            ("HELPDESK_PURGE_INTERVAL_MS", self.purge_interval_ms),
-            ("HELPDESK_POLL_MS", self.poll_ms),
-            ("HELPDESK_SHUTDOWN_GRACE_MS", self.shutdown_grace_ms),
-        ] {
-            if value > DAY_MS {
-                problems.push(format!(
-                    "{name} must be at most {DAY_MS} (a day, in milliseconds); it is {value}"
-                ));
-            }
-        }
         // Only Postgres uses the pool: in memory the setting is unused.
         if self.database_url.is_some()
             && !(MIN_DATABASE_CONNECTIONS..=10_000).contains(&self.database_max_connections)
@@ -936,7 +918,10 @@ impl Config {
         }
         // Zero is no "off" for these: each would become a millisecond, closing every
         // connection at once, or running housekeeping and polls a thousand times a second.
+        // More than a day is a slip (seconds or minutes taken for milliseconds, extra zeros),
+        // and near u64::MAX a deadline past what the clock holds.
         for (name, value, least) in [
+            ("HELPDESK_REQUEST_TIMEOUT_MS", self.request_timeout_ms, 1),
             ("HELPDESK_HEADER_TIMEOUT_MS", self.header_timeout_ms, 100),
             ("HELPDESK_PURGE_INTERVAL_MS", self.purge_interval_ms, 10),
             ("HELPDESK_POLL_MS", self.poll_ms, 1),
@@ -944,6 +929,10 @@ impl Config {
         ] {
             if value < least {
                 problems.push(format!("{name} must be at least {least}; it is {value}"));
+            } else if value > DAY_MS {
+                problems.push(format!(
+                    "{name} must be at most {DAY_MS} (a day, in milliseconds); it is {value}"
+                ));
             }
         }
         // Ten minutes is far past any load balancer's update: more is a slip (seconds meant
