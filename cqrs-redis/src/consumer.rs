@@ -111,6 +111,9 @@ pub struct RedisConsumer {
     /// Like `unsure`, for a blocking read on the consumer's own connection: it may still wait
     /// there, or be queued in fred through a reconnect.
     reader_unsure: bool,
+    /// Entries let go of (released, never handed out) whose release failed: released again
+    /// at the next `fetch`, `keep_alive` or `close`, or by `Drop`.
+    unreleased: Released,
     /// Where the next `XAUTOCLAIM` continues.
     cursor: String,
     next_claim: Instant,
@@ -241,6 +244,7 @@ impl RedisConsumer {
             delay_forgotten: false,
             delay_record,
             reader_unsure: false,
+            unreleased: Released::default(),
             cursor: "0-0".to_owned(),
             // Entries idle for the redelivery delay are not found any sooner by claiming at
             // once; the first fetch of a new consumer stays one round trip.
@@ -367,21 +371,31 @@ impl RedisConsumer {
             &self.options,
             Some(Duration::ZERO),
             false,
-            ids,
+            &ids,
         )
         .await
     }
 
-    async fn release(&self, entries: Released) -> Result<(), TransportError> {
+    /// Releases the entries let go of, those of earlier releases that failed (Redis away, or
+    /// the reply lost) included: kept in `unreleased` until a release of them goes through,
+    /// instead of left pending here to be reclaimed after the redelivery delay with a delivery
+    /// counted that no handler got. Sending one again is safe: `SET_IDLE` leaves an entry
+    /// released already as it is, its count taken back once.
+    async fn release_unreleased(&mut self) -> Result<(), TransportError> {
+        if self.unreleased.is_empty() {
+            return Ok(());
+        }
         release(
             &self.shared,
             &self.keys.stream,
             &self.errors,
             &self.group,
             &self.options,
-            entries,
+            &self.unreleased,
         )
-        .await
+        .await?;
+        self.unreleased = Released::default();
+        Ok(())
     }
 
     /// Takes the held entries, split by whether their delivery count still counts the read
@@ -1349,10 +1363,19 @@ async fn release(
     errors: &str,
     group: &str,
     options: &ConsumerOptions,
-    entries: Released,
+    entries: &Released,
 ) -> Result<(), TransportError> {
-    let (counted, read_unhanded) = (entries.counted, entries.read_unhanded);
-    set_idle(shared, stream, errors, group, options, None, false, counted).await?;
+    set_idle(
+        shared,
+        stream,
+        errors,
+        group,
+        options,
+        None,
+        false,
+        &entries.counted,
+    )
+    .await?;
     set_idle(
         shared,
         stream,
@@ -1361,7 +1384,7 @@ async fn release(
         options,
         None,
         true,
-        read_unhanded,
+        &entries.read_unhanded,
     )
     .await
 }
@@ -1378,6 +1401,17 @@ struct Released {
     counted: Vec<String>,
 }
 
+impl Released {
+    fn is_empty(&self) -> bool {
+        self.read_unhanded.is_empty() && self.counted.is_empty()
+    }
+
+    fn extend(&mut self, other: Released) {
+        self.read_unhanded.extend(other.read_unhanded);
+        self.counted.extend(other.counted);
+    }
+}
+
 /// Sets the idle time of the entries among `ids` still pending to this consumer: `idle`, or
 /// with `None` released (idle since the epoch).
 #[allow(clippy::too_many_arguments)]
@@ -1389,7 +1423,7 @@ async fn set_idle(
     options: &ConsumerOptions,
     idle: Option<Duration>,
     take_back: bool,
-    ids: Vec<String>,
+    ids: &[String],
 ) -> Result<(), TransportError> {
     for chunk in ids.chunks(RELEASE_CHUNK) {
         let mut args = Vec::with_capacity(chunk.len() + 4);
@@ -1419,7 +1453,8 @@ impl Drop for RedisConsumer {
             &self.options.consumer_name,
         );
         quit_later(self.reader.clone());
-        let held = self.take_held();
+        let mut held = self.take_held();
+        held.extend(std::mem::take(&mut self.unreleased));
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -1429,7 +1464,7 @@ impl Drop for RedisConsumer {
             let record = std::mem::take(&mut self.delay_record);
             handle.spawn(async move { forget_delay(&shared, &key, &name, &record).await });
         }
-        if held.read_unhanded.is_empty() && held.counted.is_empty() {
+        if held.is_empty() {
             return;
         }
         let shared = self.shared.clone();
@@ -1438,7 +1473,7 @@ impl Drop for RedisConsumer {
         let group = self.group.clone();
         let options = self.options.clone();
         handle.spawn(async move {
-            if let Err(e) = release(&shared, &stream, &errors, &group, &options, held).await {
+            if let Err(e) = release(&shared, &stream, &errors, &group, &options, &held).await {
                 tracing::debug!(error = %e, "could not release held entries; they come back after the redelivery delay");
             }
         });
@@ -1455,6 +1490,8 @@ impl Consumer for RedisConsumer {
             // Asked for nothing: take nothing (`XREADGROUP COUNT 0` would read everything).
             return Ok(Vec::new());
         }
+        // Released before the step reads on: another consumer may take them at once.
+        self.release_unreleased().await?;
         let max = max.min(MAX_FETCH);
         // `checked_add`: a `block` of `Duration::MAX` means "as long as it takes".
         let deadline = Instant::now().checked_add(self.options.block);
@@ -1694,13 +1731,13 @@ impl Consumer for RedisConsumer {
             }
             // Pending here until another consumer takes them, whether the release goes
             // through or not (its reply lost, say): not stranded, as after `close` (a `close`
-            // or a recovery that took them for stranded would release them again and take a
-            // delivery back twice, or hold them again).
+            // or a recovery that took them for stranded would hold them again). A release
+            // that fails is sent again (`unreleased`), not left to the redelivery delay.
             self.remember_returned(free.into_iter().map(|id| (id, UNKNOWN_COUNT)))
                 .await;
-            self.release(released).await?;
+            self.unreleased.extend(released);
         }
-        Ok(())
+        self.release_unreleased().await
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
@@ -1724,6 +1761,9 @@ impl Consumer for RedisConsumer {
             // it is served would wait out the redelivery delay.
             self.settle_reader().await;
         }
+        // What an earlier release failed to let go of, first: a close that fails here leaves
+        // it to `Drop`, with the held entries.
+        self.release_unreleased().await?;
         let stranded = self.stranded().await?;
         // Held, as taken over, until released: a close that fails or is dropped in its release
         // (a shutdown's abort) leaves them to `Drop`, which releases them, their read taken
@@ -1743,7 +1783,7 @@ impl Consumer for RedisConsumer {
                     &self.options,
                     None,
                     take_back,
-                    chunk.to_vec(),
+                    chunk,
                 )
                 .await?;
                 let released: HashSet<&String> = chunk.iter().collect();

@@ -460,14 +460,24 @@ return n
 /// `IDLE` of the delay would not do for a delay longer than Redis's clock, which Redis takes
 /// for bogus and turns into 0. With take back `1`, the delivery count also goes back by one:
 /// for entries whose last read counted a delivery that never reached a handler (the next
-/// consumer's claim counts it again); otherwise the count is unchanged.
+/// consumer's claim counts it again); otherwise the count is unchanged. A release is
+/// idempotent: an entry released already (idle since the epoch: more than half the time since
+/// then) is left as it is, so a release sent again after its reply was lost does not take its
+/// count back twice.
 const SET_IDLE: &str = r#"
 local when, at = 'IDLE', ARGV[3]
-if at == 'released' then when, at = 'TIME', '0' end
+local released_before = -1
+if at == 'released' then
+  when, at = 'TIME', '0'
+  released_before = tonumber(redis.call('TIME')[1]) * 500
+end
 local n = 0
 for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
+  if p[1] and p[1][2] == ARGV[2] and released_before >= 0 and tonumber(p[1][3]) > released_before then
+    -- Released already: its count was taken back then.
+    n = n + 1
+  elseif p[1] and p[1][2] == ARGV[2] then
     local claimed
     if ARGV[4] == '1' then
       local count = math.max(tonumber(p[1][4]) - 1, 0)
