@@ -255,7 +255,8 @@ impl HttpApi {
     /// the OpenAPI document would describe a route that does not exist. On an error both are
     /// dropped.
     pub fn try_merge(mut self, other: HttpApi) -> Result<Self, String> {
-        let mut problems = other.path_parameter_problems();
+        let mut problems = other.route_path_problems();
+        problems.extend(other.path_parameter_problems());
         for theirs in other.routes.keys() {
             if let Some(mine) = self
                 .routes
@@ -318,6 +319,28 @@ impl HttpApi {
             }
         }
         problems
+    }
+
+    /// The paths axum would refuse (and panic on, when the server builds its router), each
+    /// said in a sentence with axum's reason: one that does not start with `/`, a `:name` or
+    /// `*name` segment (axum 0.7's syntax; 0.8 takes `{name}` and `{*name}`), a brace left
+    /// open. Empty when axum takes every one.
+    pub fn route_path_problems(&self) -> Vec<String> {
+        self.routes
+            .keys()
+            .filter_map(|path| {
+                std::panic::catch_unwind(|| {
+                    Router::<()>::new().route(path, axum::routing::get(|| async {}))
+                })
+                .err()
+                .map(|panic| {
+                    format!(
+                        "axum refuses the route path `{path}`: {}",
+                        cqrs_core::panic_message(panic.as_ref())
+                    )
+                })
+            })
+            .collect()
     }
 
     /// The paths it has routes at.

@@ -613,7 +613,11 @@ fn merged_api(contributions: Vec<(&'static str, HttpApi)>) -> anyhow::Result<Htt
                 ));
             }
         }
-        for problem in api.path_parameter_problems() {
+        for problem in api
+            .route_path_problems()
+            .into_iter()
+            .chain(api.path_parameter_problems())
+        {
             problems.push(format!("{who}: {problem}"));
         }
         for (method, path) in api.operations() {

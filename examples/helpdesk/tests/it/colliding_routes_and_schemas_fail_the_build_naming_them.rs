@@ -195,6 +195,36 @@ async fn a_path_differing_only_in_a_parameters_name_is_an_error_naming_both() {
     .await;
 }
 
+/// A route path axum refuses (no leading `/`, axum 0.7's `:name` syntax) fails the start with
+/// an error naming the contributor, the path and axum's reason: axum panicked when the
+/// server built its router, naming neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_path_axum_refuses_is_an_error_naming_it() {
+    within(async {
+        for (path, reason) in [
+            ("notes", "must start with a `/`"),
+            ("/notes/:all", "must not start with `:`"),
+        ] {
+            let err = build_with(move || {
+                HttpApi::new().route(
+                    path,
+                    get(|| async { "[]" }),
+                    [Operation::new("get", "Notes")],
+                )
+            })
+            .await
+            .expect_err(path);
+            assert!(
+                err.contains(&format!("axum refuses the route path `{path}`"))
+                    && err.contains(reason)
+                    && err.contains("outside any plugin"),
+                "{path}: {err}"
+            );
+        }
+    })
+    .await;
+}
+
 /// The router's `/openapi.json`.
 async fn openapi_of(router: axum::Router) -> Value {
     use tower::ServiceExt;
