@@ -1269,8 +1269,32 @@ fn openapi_document(
     ] {
         let mut get = json!({ "summary": summary, "tags": ["operations"], "responses": extra });
         if path == "/ws" {
-            // Or the token as `?token=`, which OpenAPI's bearer scheme cannot say.
+            // Or the token as `?token=`, which OpenAPI's bearer scheme cannot say: the
+            // parameter says it.
             get["security"] = json!([{ "bearer": [] }]);
+            get["parameters"] = json!([{
+                "name": "token",
+                "in": "query",
+                "required": false,
+                "schema": { "type": "string" },
+                "description": "the bearer token, for clients that cannot set a header on the handshake (browsers); one `token`, percent-encoded, or the Authorization header, not both (`unauthorized`)"
+            }]);
+            // The hub's refusals have the gateway's error shape, and say when to come back.
+            if let Some(responses) = get["responses"].as_object_mut() {
+                for (status, response) in responses.iter_mut() {
+                    if status.as_str() >= "400" {
+                        response["content"] = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } });
+                    }
+                }
+            }
+            get["responses"]["401"]["headers"]["WWW-Authenticate"] = json!({
+                "description": "`Bearer`, with `error=\"invalid_token\"` or `error=\"invalid_request\"`",
+                "schema": { "type": "string" }
+            });
+            get["responses"]["503"]["headers"]["Retry-After"] = json!({
+                "description": helpdesk_api::RETRY_AFTER,
+                "schema": { "type": "string" }
+            });
         }
         paths.insert(path.into(), json!({ "get": get }));
     }

@@ -176,6 +176,17 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
             );
         }
         assert_eq!(ws["security"], json!([{ "bearer": [] }]));
+        assert_eq!(ws["parameters"][0]["name"], "token");
+        assert_eq!(ws["parameters"][0]["in"], "query");
+        for status in ["400", "401", "426", "429", "503"] {
+            assert_eq!(
+                ws["responses"][status]["content"]["application/json"]["schema"]["$ref"],
+                "#/components/schemas/Error",
+                "/ws {status}"
+            );
+        }
+        assert!(ws["responses"]["401"]["headers"]["WWW-Authenticate"].is_object());
+        assert!(ws["responses"]["503"]["headers"]["Retry-After"].is_object());
         let home = s.http.get(s.url("/")).send().await.unwrap();
         assert!(
             home.headers()["content-type"]
