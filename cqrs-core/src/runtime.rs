@@ -809,8 +809,12 @@ impl Runtime {
     /// Asks every worker to stop and returns within `grace`, all told: the workers get most
     /// of it to finish their in-flight work and return; those still running then are aborted,
     /// and the rest of it (a quarter, at most 1 s) goes to waiting until their runs are
-    /// dropped, so what their `Drop`s do (a consumer releasing what it holds, a transaction
-    /// rolling back) has happened when this returns. A run that blocks its thread cannot be
+    /// dropped, so what their `Drop`s do in place has happened when this returns. Clean-up a
+    /// `Drop` hands to a task of its own (a Redis consumer releasing what it holds, a pooled
+    /// connection settling) is started, not finished: ending `main` right after this returns
+    /// drops the tokio runtime, and the task with it. Workers that stop within the grace
+    /// close in their own time (a consumer's `close`) and leave nothing to such tasks. A run
+    /// that blocks its thread cannot be
     /// dropped until it gives the thread back: this returns without waiting for it past
     /// `grace`. A `grace` of [`Duration::MAX`] waits as long as the workers take.
     ///

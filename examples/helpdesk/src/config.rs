@@ -189,7 +189,7 @@ pub struct Config {
     /// connection that takes longer (a slowloris trickling a byte a minute, or a keep-alive
     /// connection left idle) is closed, so such clients cannot hold sockets without end. Also
     /// how long a connection's writes may make no progress (a client that sends requests and
-    /// never reads the answers) before it is closed.
+    /// never reads the answers) before it is closed. At least 100, at most 86400000 (a day).
     #[arg(long, env = "HELPDESK_HEADER_TIMEOUT_MS", default_value_t = 30_000)]
     pub header_timeout_ms: u64,
 
