@@ -28,7 +28,7 @@ pub use commands::{
     GetUser, LogIn, LoggedIn, RegisterUser, UserCard, ViewUser, canonical_email, normalize_email,
 };
 pub use postgres::{PgLoginThrottle, PgUserStore};
-pub use throttle::{Attempt, Counted, InMemoryLoginThrottle, LoginThrottle};
+pub use throttle::{Attempt, Counted, DEFAULT_MAX_KEYS, InMemoryLoginThrottle, LoginThrottle};
 pub use tokens::{JwtTokens, UserAuthenticator};
 pub use users::{CreateUserError, InMemoryUserStore, UserProfile, UserRecord, UserStore};
 

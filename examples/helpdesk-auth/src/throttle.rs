@@ -288,19 +288,35 @@ impl Drop for CountedAttempts {
 /// How many attempts between two sweeps of keys whose attempts all left the window.
 const SWEEP_EVERY: u64 = 1024;
 
+/// The most keys an [`InMemoryLoginThrottle`] tracks at once by default.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
 #[derive(Default)]
 struct Attempts {
     by_key: HashMap<String, VecDeque<DateTime<Utc>>>,
     since_sweep: u64,
+    /// Found full of keys with attempts in the window by a sweep: until this instant (when
+    /// the first of them leaves it) new keys are refused without another sweep.
+    full_until: Option<DateTime<Utc>>,
 }
 
 /// A throttle in process memory, on an injectable clock.
+///
+/// It tracks at most [`max_keys`](Self::max_keys) keys (100,000 by default, a few hundred
+/// bytes each): each email and client address tried adds some, and an attacker trying from
+/// many addresses could otherwise grow it without bound within a window. When it holds that
+/// many, keys whose attempts all left the window are dropped (at most once until the first
+/// of the others does); when none has, an attempt of a key it does not track is blocked,
+/// until the first tracked key leaves the window, logged at warn level once per such time:
+/// failing closed, since a key let through untracked could be guessed at without limit.
+/// Keys it tracks go on as before.
 #[derive(Clone)]
 pub struct InMemoryLoginThrottle {
     attempts: Arc<Mutex<Attempts>>,
     clock: Arc<dyn Clock>,
     limit: u32,
     window: Duration,
+    max_keys: usize,
 }
 
 impl std::fmt::Debug for InMemoryLoginThrottle {
@@ -325,7 +341,15 @@ impl InMemoryLoginThrottle {
             clock,
             limit,
             window: window.min(LONGEST_WINDOW),
+            max_keys: DEFAULT_MAX_KEYS,
         }
+    }
+
+    /// The most keys tracked at once (at least 1; [`DEFAULT_MAX_KEYS`] by default); see the
+    /// type's docs.
+    pub fn max_keys(mut self, max: usize) -> Self {
+        self.max_keys = max.max(1);
+        self
     }
 
     fn window(&self) -> chrono::Duration {
@@ -341,12 +365,34 @@ impl LoginThrottle for InMemoryLoginThrottle {
         let window = self.window();
         let mut attempts = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         attempts.since_sweep += 1;
-        if attempts.since_sweep >= SWEEP_EVERY {
+        let new_key_when_full =
+            attempts.by_key.len() >= self.max_keys && !attempts.by_key.contains_key(key);
+        if new_key_when_full && attempts.full_until.is_some_and(|until| now < until) {
+            return Ok(blocked_when_full(attempts.full_until, now));
+        }
+        if attempts.since_sweep >= SWEEP_EVERY || new_key_when_full {
             // Keys of many different emails would otherwise stay forever.
             attempts.since_sweep = 0;
             attempts
                 .by_key
                 .retain(|_, list| list.back().is_some_and(|t| *t + window > now));
+            attempts.full_until = None;
+            if attempts.by_key.len() >= self.max_keys && !attempts.by_key.contains_key(key) {
+                let until = attempts
+                    .by_key
+                    .values()
+                    .filter_map(|list| list.back().map(|t| *t + window))
+                    .min();
+                attempts.full_until = until;
+                tracing::warn!(
+                    keys = attempts.by_key.len(),
+                    "the login throttle tracks as many keys as it may, each with a failure in its \
+                     window: sign-ins from emails and addresses it does not track are refused \
+                     until the first of them leaves the window (many addresses trying many \
+                     emails: an attack?)"
+                );
+                return Ok(blocked_when_full(until, now));
+            }
         }
         let list = attempts.by_key.entry(key.to_owned()).or_default();
         while list.front().is_some_and(|t| *t + window <= now) {
@@ -389,6 +435,14 @@ pub(crate) fn retry_after(left: chrono::Duration) -> u64 {
     .max(1)
 }
 
+/// A new key's attempt while the throttle is full: blocked until `until`, when the first key
+/// it tracks leaves the window.
+fn blocked_when_full(until: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Attempt {
+    Attempt::Blocked {
+        retry_after: retry_after(until.map_or(chrono::Duration::zero(), |until| until - now)),
+    }
+}
+
 /// With `throttle` allowing 2 attempts a minute on `clock`: an attempt taken back after a
 /// later failure was counted leaves that failure in the window. Run on every throttle.
 #[cfg(test)]
@@ -416,6 +470,37 @@ pub(crate) async fn a_take_back_keeps_a_later_failure(
 mod tests {
     use super::*;
     use cqrs_core::clock::ManualClock;
+
+    /// Full of keys with failures in their window, the throttle blocks keys it does not track
+    /// until the first tracked one leaves the window, and goes on counting those it tracks;
+    /// then it takes new keys again, in place of those whose attempts all left the window.
+    #[tokio::test]
+    async fn a_full_throttle_refuses_new_keys_until_a_tracked_one_leaves_its_window() {
+        let clock = ManualClock::at(Utc::now());
+        let throttle =
+            InMemoryLoginThrottle::new(Arc::new(clock.clone()), 3, Duration::from_secs(60))
+                .max_keys(2);
+        let counted = |a: Attempt| a.retry_after().is_none();
+        assert!(counted(throttle.attempt("a").await.unwrap()));
+        clock.advance(Duration::from_secs(10));
+        assert!(counted(throttle.attempt("b").await.unwrap()));
+        clock.advance(Duration::from_secs(10));
+        // `a` leaves the window at 60 s, 40 s from now.
+        assert_eq!(throttle.attempt("c").await.unwrap().retry_after(), Some(40));
+        assert_eq!(throttle.attempt("d").await.unwrap().retry_after(), Some(40));
+        assert!(
+            counted(throttle.attempt("a").await.unwrap()),
+            "a tracked key goes on"
+        );
+        assert_eq!(throttle.attempts.lock().unwrap().by_key.len(), 2);
+        // `a` failed again at 20 s: the first to leave is `b`, at 70 s.
+        clock.advance(Duration::from_secs(41));
+        assert_eq!(throttle.attempt("c").await.unwrap().retry_after(), Some(9));
+        clock.advance(Duration::from_secs(9));
+        assert!(counted(throttle.attempt("c").await.unwrap()), "b's place");
+        let keys = throttle.attempts.lock().unwrap().by_key.len();
+        assert_eq!(keys, 2);
+    }
 
     /// Counts every attempt; each take-back waits for the test's permit, then is counted.
     struct Gated {
