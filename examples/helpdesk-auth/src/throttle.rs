@@ -306,7 +306,7 @@ struct Attempts {
 /// bytes each): each email and client address tried adds some, and an attacker trying from
 /// many addresses could otherwise grow it without bound within a window. When it holds that
 /// many, keys whose attempts all left the window are dropped (at most once until the first
-/// of the others does); when none has, an attempt of a key it does not track is blocked,
+/// of the others does, and once a second); when none has, an attempt of a key it does not track is blocked,
 /// until the first tracked key leaves the window, logged at warn level once per such time:
 /// failing closed, since a key let through untracked could be guessed at without limit.
 /// Keys it tracks go on as before.
@@ -378,11 +378,14 @@ impl LoginThrottle for InMemoryLoginThrottle {
                 .retain(|_, list| list.back().is_some_and(|t| *t + window > now));
             attempts.full_until = None;
             if attempts.by_key.len() >= self.max_keys && !attempts.by_key.contains_key(key) {
+                // Swept at most once a second meanwhile: with keys leaving the window one at a
+                // time, each new key would otherwise sweep them all.
                 let until = attempts
                     .by_key
                     .values()
                     .filter_map(|list| list.back().map(|t| *t + window))
-                    .min();
+                    .min()
+                    .map(|until| until.max(now + chrono::Duration::seconds(1)));
                 attempts.full_until = until;
                 tracing::warn!(
                     keys = attempts.by_key.len(),
