@@ -295,21 +295,20 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 struct Attempts {
     by_key: HashMap<String, VecDeque<DateTime<Utc>>>,
     since_sweep: u64,
-    /// Found full of keys with attempts in the window by a sweep: until this instant (when
-    /// the first of them leaves it) new keys are refused without another sweep.
-    full_until: Option<DateTime<Utc>>,
 }
 
 /// A throttle in process memory, on an injectable clock.
 ///
 /// It tracks at most [`max_keys`](Self::max_keys) keys (100,000 by default, a few hundred
 /// bytes each): each email and client address tried adds some, and an attacker trying from
-/// many addresses could otherwise grow it without bound within a window. When it holds that
-/// many, keys whose attempts all left the window are dropped (at most once until the first
-/// of the others does, and once a second); when none has, an attempt of a key it does not track is blocked,
-/// until the first tracked key leaves the window, logged at warn level once per such time:
-/// failing closed, since a key let through untracked could be guessed at without limit.
-/// Keys it tracks go on as before.
+/// many addresses could otherwise grow it without bound within a window. When a new key
+/// finds it holding that many, the keys whose attempts all left the window are dropped; if
+/// that frees no place, a tenth of the keys are, those with the fewest failures in the window
+/// (the oldest first among equals), logged at warn level. Those are what a spray of many
+/// emails from many addresses leaves, one or two failures each; the counts that block
+/// someone (an address's budget, an account guessed at) are the last to go. Refusing new
+/// keys instead would let such a spray lock every other sign-in out.
+
 #[derive(Clone)]
 pub struct InMemoryLoginThrottle {
     attempts: Arc<Mutex<Attempts>>,
@@ -367,34 +366,25 @@ impl LoginThrottle for InMemoryLoginThrottle {
         attempts.since_sweep += 1;
         let new_key_when_full =
             attempts.by_key.len() >= self.max_keys && !attempts.by_key.contains_key(key);
-        if new_key_when_full && attempts.full_until.is_some_and(|until| now < until) {
-            return Ok(blocked_when_full(attempts.full_until, now));
-        }
         if attempts.since_sweep >= SWEEP_EVERY || new_key_when_full {
             // Keys of many different emails would otherwise stay forever.
             attempts.since_sweep = 0;
-            attempts
-                .by_key
-                .retain(|_, list| list.back().is_some_and(|t| *t + window > now));
-            attempts.full_until = None;
-            if attempts.by_key.len() >= self.max_keys && !attempts.by_key.contains_key(key) {
-                // Swept at most once a second meanwhile: with keys leaving the window one at a
-                // time, each new key would otherwise sweep them all.
-                let until = attempts
-                    .by_key
-                    .values()
-                    .filter_map(|list| list.back().map(|t| *t + window))
-                    .min()
-                    .map(|until| until.max(now + chrono::Duration::seconds(1)));
-                attempts.full_until = until;
+            attempts.by_key.retain(|_, list| {
+                while list.front().is_some_and(|t| *t + window <= now) {
+                    list.pop_front();
+                }
+                !list.is_empty()
+            });
+            if new_key_when_full && attempts.by_key.len() >= self.max_keys {
+                // A tenth at once: the next sweep of a full map comes that many new keys later.
+                let evicted = evict_fewest(&mut attempts.by_key, self.max_keys);
                 tracing::warn!(
                     keys = attempts.by_key.len(),
+                    evicted,
                     "the login throttle tracks as many keys as it may, each with a failure in its \
-                     window: sign-ins from emails and addresses it does not track are refused \
-                     until the first of them leaves the window (many addresses trying many \
-                     emails: an attack?)"
+                     window: it forgot those with the fewest (many addresses trying many emails: \
+                     an attack?)"
                 );
-                return Ok(blocked_when_full(until, now));
             }
         }
         let list = attempts.by_key.entry(key.to_owned()).or_default();
@@ -438,12 +428,36 @@ pub(crate) fn retry_after(left: chrono::Duration) -> u64 {
     .max(1)
 }
 
-/// A new key's attempt while the throttle is full: blocked until `until`, when the first key
-/// it tracks leaves the window.
-fn blocked_when_full(until: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Attempt {
-    Attempt::Blocked {
-        retry_after: retry_after(until.map_or(chrono::Duration::zero(), |until| until - now)),
+/// Drops the keys with the fewest attempts (their lists hold only attempts in the window; the
+/// oldest latest attempt first among equals) until a tenth of `max` is free. Returns how many.
+fn evict_fewest(by_key: &mut HashMap<String, VecDeque<DateTime<Utc>>>, max: usize) -> usize {
+    let rank = |list: &VecDeque<DateTime<Utc>>| (list.len(), list.back().copied());
+    let len = by_key.len();
+    // A tenth of `max` free, and a place for the new key whatever `max` (1, say).
+    let goal = len
+        .saturating_sub(max - max / 10)
+        .max((len + 1).saturating_sub(max))
+        .min(len);
+    if goal == 0 {
+        return 0;
     }
+    let mut ranks: Vec<_> = by_key.values().map(rank).collect();
+    let (below, last, _) = ranks.select_nth_unstable(goal - 1);
+    let last = *last;
+    // Every key ranked below the `goal`-th goes, and as many ranked like it as make `goal`.
+    let mut alike = goal - below.iter().filter(|r| **r < last).count();
+    by_key.retain(|_, list| {
+        let r = rank(list);
+        if r < last {
+            false
+        } else if r == last && alike > 0 {
+            alike -= 1;
+            false
+        } else {
+            true
+        }
+    });
+    goal
 }
 
 /// With `throttle` allowing 2 attempts a minute on `clock`: an attempt taken back after a
@@ -474,35 +488,69 @@ mod tests {
     use super::*;
     use cqrs_core::clock::ManualClock;
 
-    /// Full of keys with failures in their window, the throttle blocks keys it does not track
-    /// until the first tracked one leaves the window, and goes on counting those it tracks;
-    /// then it takes new keys again, in place of those whose attempts all left the window.
+    /// Full of keys with failures in their window, the throttle takes a new key in place of
+    /// a tenth of them, those with the fewest failures (the oldest first among equals); a key
+    /// with more keeps its count, and blocks at its limit as before. Keys whose failures all
+    /// left the window go first.
     #[tokio::test]
-    async fn a_full_throttle_refuses_new_keys_until_a_tracked_one_leaves_its_window() {
+    async fn a_full_throttle_forgets_the_keys_with_the_fewest_failures() {
         let clock = ManualClock::at(Utc::now());
         let throttle =
             InMemoryLoginThrottle::new(Arc::new(clock.clone()), 3, Duration::from_secs(60))
-                .max_keys(2);
+                .max_keys(20);
         let counted = |a: Attempt| a.retry_after().is_none();
-        assert!(counted(throttle.attempt("a").await.unwrap()));
-        clock.advance(Duration::from_secs(10));
-        assert!(counted(throttle.attempt("b").await.unwrap()));
-        clock.advance(Duration::from_secs(10));
-        // `a` leaves the window at 60 s, 40 s from now.
-        assert_eq!(throttle.attempt("c").await.unwrap().retry_after(), Some(40));
-        assert_eq!(throttle.attempt("d").await.unwrap().retry_after(), Some(40));
+        let keys = || {
+            let mut keys: Vec<String> = throttle
+                .attempts
+                .lock()
+                .unwrap()
+                .by_key
+                .keys()
+                .cloned()
+                .collect();
+            keys.sort();
+            keys
+        };
+        for _ in 0..2 {
+            assert!(counted(throttle.attempt("hot").await.unwrap()));
+        }
+        for n in 0..19 {
+            assert!(counted(
+                throttle.attempt(&format!("spray{n:02}")).await.unwrap()
+            ));
+            clock.advance(Duration::from_secs(1));
+        }
+        assert_eq!(keys().len(), 20);
+        // Two places made (a tenth of 20): the two oldest of the sprayed keys, one failure each.
+        assert!(counted(throttle.attempt("new").await.unwrap()));
+        let kept = keys();
+        assert_eq!(kept.len(), 19);
+        assert!(!kept.contains(&"spray00".to_owned()) && !kept.contains(&"spray01".to_owned()));
+        assert!(kept.contains(&"hot".to_owned()) && kept.contains(&"spray02".to_owned()));
+        assert!(counted(throttle.attempt("hot").await.unwrap()), "its third");
         assert!(
-            counted(throttle.attempt("a").await.unwrap()),
-            "a tracked key goes on"
+            throttle
+                .attempt("hot")
+                .await
+                .unwrap()
+                .retry_after()
+                .is_some(),
+            "hot kept its count"
         );
-        assert_eq!(throttle.attempts.lock().unwrap().by_key.len(), 2);
-        // `a` failed again at 20 s: the first to leave is `b`, at 70 s.
-        clock.advance(Duration::from_secs(41));
-        assert_eq!(throttle.attempt("c").await.unwrap().retry_after(), Some(9));
-        clock.advance(Duration::from_secs(9));
-        assert!(counted(throttle.attempt("c").await.unwrap()), "b's place");
-        let keys = throttle.attempts.lock().unwrap().by_key.len();
-        assert_eq!(keys, 2);
+        // At 69 s the keys sprayed up to 9 s left the window: the next new key to find the
+        // throttle full takes their places, and no key with a failure in the window goes.
+        clock.advance(Duration::from_secs(50));
+        for n in 0..3 {
+            assert!(counted(
+                throttle.attempt(&format!("late{n}")).await.unwrap()
+            ));
+        }
+        let kept = keys();
+        assert_eq!(kept.len(), 14, "{kept:?}");
+        assert!(!kept.contains(&"spray09".to_owned()), "left the window");
+        for key in ["hot", "spray10", "spray18", "new", "late0", "late2"] {
+            assert!(kept.contains(&key.to_owned()), "{key}: {kept:?}");
+        }
     }
 
     /// Counts every attempt; each take-back waits for the test's permit, then is counted.
