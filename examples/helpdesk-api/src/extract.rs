@@ -575,6 +575,16 @@ pub struct AddressRange {
 }
 
 impl AddressRange {
+    /// Whether the range is broad enough to hold more than one network's hosts: shorter than
+    /// an IPv4 /8 or an IPv6 /32 (`0.0.0.0/0`, `::/0`). Trusting one as proxies lets every
+    /// client in it that reaches the server directly choose its own address.
+    pub fn is_broad(&self) -> bool {
+        match self.first {
+            IpAddr::V4(_) => self.prefix < 8,
+            IpAddr::V6(_) => self.prefix < 32,
+        }
+    }
+
     /// Whether `ip` (IPv4-mapped IPv6 as its IPv4 form) is in the range.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.first, ip.to_canonical()) {

@@ -673,6 +673,24 @@ impl Config {
                 }
             }
         }
+        // `0.0.0.0/0` (a Kubernetes habit) believes every peer's `X-Forwarded-For`: fine only
+        // where nothing but the proxies can reach the server.
+        let broad: Vec<String> = self
+            .trusted_proxies
+            .iter()
+            .filter(|range| range.is_broad())
+            .map(ToString::to_string)
+            .collect();
+        if !broad.is_empty() {
+            warnings.push(format!(
+                "HELPDESK_TRUSTED_PROXIES trusts {}: a client in that range that can reach the \
+                 server directly (not through the proxies) picks its own address with \
+                 X-Forwarded-For, and so gets past the login throttles and the per-address \
+                 connection limits; list the proxies' own addresses or subnets, unless the \
+                 network lets nothing else reach the server",
+                broad.join(", ")
+            ));
+        }
         // A value meant as seconds (15) leaves `/ready`'s Postgres check milliseconds, within
         // which a remote server never answers: unready for good, and most requests 503. In
         // memory too, every login and registration hashes a password for tens of milliseconds

@@ -284,6 +284,41 @@ fn deployment_settings_without_a_database_warn_that_it_runs_in_memory() {
     );
 }
 
+/// Trusting every address as a proxy (`0.0.0.0/0`, `::/0`, or anything broader than an IPv4
+/// /8 or an IPv6 /32) is warned about, naming the ranges; a load balancer's subnet is not.
+#[test]
+fn trusting_every_address_as_a_proxy_is_warned_about() {
+    let database = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+    let broad = config(
+        &[],
+        &[
+            database,
+            (
+                "HELPDESK_TRUSTED_PROXIES",
+                "10.0.0.0/8,0.0.0.0/0,::/0,2001:db8::/48",
+            ),
+        ],
+    );
+    let warnings = broad.warnings();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("HELPDESK_TRUSTED_PROXIES trusts 0.0.0.0/0, ::/0:")
+            && warnings[0].contains("X-Forwarded-For"),
+        "{warnings:?}"
+    );
+    let narrow = config(
+        &[],
+        &[
+            database,
+            (
+                "HELPDESK_TRUSTED_PROXIES",
+                "10.0.0.0/8,127.0.0.1,2001:db8::/32",
+            ),
+        ],
+    );
+    assert_eq!(narrow.warnings(), Vec::<String>::new());
+}
+
 /// The docs' walk-through chooses the agent code in memory mode, with agent emails: no
 /// warning that a DATABASE_URL may be missing. Without agent emails the code has no use in
 /// memory, and is warned about as before.
