@@ -684,7 +684,9 @@ async fn write_loop<P: Send + Sync + 'static>(
                     }
                     Outgoing::Ping => sink.feed(Message::Ping(Bytes::new())).await?,
                 }
-                if frames < WRITE_BATCH {
+                // Not past a close decided meanwhile (by another thread: a full queue, a
+                // revocation): the frames still queued then are dropped, not written.
+                if frames < WRITE_BATCH && conn.close.get().is_none() {
                     next = conn.queue.try_pop();
                 }
             }

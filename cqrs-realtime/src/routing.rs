@@ -200,8 +200,16 @@ impl PushedEvent {
         if wire.v != WIRE_VERSION {
             return Err(DecodeError::Version(wire.v));
         }
+        // `0` is `Position::START`, before the first event: no stored event has it, and every
+        // subscription would drop it as one already sent, without a word. Refused, the
+        // subscriptions of its channel are told they may have missed an event.
         let position = match wire.position {
-            Some(p) => Some(p.parse().map_err(|_| DecodeError::Position(p.clone()))?),
+            Some(p) => Some(
+                p.parse()
+                    .ok()
+                    .filter(|p| *p != Position::START)
+                    .ok_or_else(|| DecodeError::Position(p.clone()))?,
+            ),
             None => None,
         };
         let mut topics: Vec<Topic> = Vec::with_capacity(wire.topics.len());
@@ -261,6 +269,24 @@ pub(crate) enum DecodeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Position 0 is the start of the log, before any event: a message with it is refused,
+    /// as a position no store issued, not taken and then dropped by every subscription as
+    /// one they had already.
+    #[test]
+    fn a_channel_message_at_position_zero_is_refused() {
+        let error =
+            PushedEvent::decode(r#"{"v":1,"topics":[],"position":"0","routing":{},"event":{}}"#)
+                .expect_err("position 0");
+        assert!(
+            matches!(error, DecodeError::Position(ref p) if p == "0"),
+            "{error}"
+        );
+        assert!(
+            PushedEvent::decode(r#"{"v":1,"topics":[],"position":"1","routing":{},"event":{}}"#)
+                .is_ok()
+        );
+    }
 
     #[test]
     fn an_undecodable_channel_message_says_what_was_wrong() {
