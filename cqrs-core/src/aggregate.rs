@@ -882,10 +882,13 @@ impl<A: Aggregate> AggregateRepository<A> {
             // state (and its snapshot) that kept it would differ from the replayed one.
             let mut caused = metadata.caused_at(at);
             caused.principal = None;
+            // Keyed by the stream (`order-42`), not the bare id: aggregates of two types that
+            // share an id (`order-42`, `invoice-42`) are two chains to a transport, and one's
+            // failing event holds up only its own.
             let envelope = event
                 .clone()
                 .into_envelope(caused)
-                .with_partition_key(id.as_str())
+                .with_partition_key(stream.as_str())
                 .with_stored(stream.as_str(), version + 1 + i as u64, None);
             state.apply_with(&event, &envelope);
             let record =
@@ -909,7 +912,9 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// [`StoreError::Conflict`] before anything is decided. Returns the new state and the
     /// stored records.
     ///
-    /// The events' metadata is caused by `metadata`; their partition key is the aggregate id.
+    /// The events' metadata is caused by `metadata`; their partition key is the stream's id
+    /// (`{TYPE}-{id}`), so each aggregate's events are one chain to a transport, whatever
+    /// other aggregate types share its id.
     ///
     /// It appends through the repository's own event store, in a transaction of its own: inside
     /// a handler running in a unit of work (`cqrs-postgres`'s command layer), the events then

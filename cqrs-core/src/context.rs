@@ -113,7 +113,8 @@ impl CommandContext {
         self.push(envelope)
     }
 
-    /// Records an event with a partition key (normally the aggregate id).
+    /// Records an event with a partition key (normally the id of what it is about: its
+    /// aggregate's, its stream's).
     ///
     /// The key orders the event among those of its key on a transport, and names the stream it
     /// is stored in by default (`cqrs-postgres`'s command layer, [`EventStoreSink`](crate::EventStoreSink)).

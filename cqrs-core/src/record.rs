@@ -119,7 +119,8 @@ pub struct EventRecord {
     pub payload: serde_json::Value,
     /// Stored metadata.
     pub metadata: RecordMetadata,
-    /// Events with one key keep their order in transports; normally the aggregate id.
+    /// Events with one key keep their order in transports; normally the aggregate's stream id
+    /// (an [`AggregateRepository`](crate::AggregateRepository)'s events have it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<String>,
     /// The stream the event belongs to, once stored.

@@ -73,7 +73,8 @@ fn the_repository_loads_decides_and_appends_at_the_loaded_version() {
         assert_eq!(stored.len(), 3);
         assert_eq!(stored[0].metadata.actor.as_deref(), Some("u1"));
         assert_eq!(stored[0].metadata.causation_id, Some(metadata.message_id));
-        assert_eq!(stored[0].partition_key.as_deref(), Some("a"));
+        // The stream, not the bare id: another aggregate type's `a` is another chain.
+        assert_eq!(stored[0].partition_key.as_deref(), Some("total-a"));
     });
 }
 
