@@ -357,6 +357,10 @@ impl PgDatabase {
     /// on Postgres 17 and later, `transaction_timeout`. A vanished client still ends it (TCP
     /// keepalives); bounding it otherwise is the caller's.
     ///
+    /// Append no events in it ([`PgEventStore::append_in`](crate::PgEventStore::append_in)):
+    /// an append takes the schema's append lock until its transaction ends, so every other
+    /// append of the schema would wait for as long as this one is held open.
+    ///
     /// ```no_run
     /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), sqlx::Error> {
     /// let mut tx = db.begin_held_open().await?;

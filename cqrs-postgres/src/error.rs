@@ -567,6 +567,10 @@ fn classify(error: &sqlx::Error) -> Class {
             // statement_timeout, lock_timeout, an administrator's cancel.
             Some("57014") | Some("55P03") => Class::Timeout,
             Some(code) if retryable_sqlstate(code) => Class::Unavailable,
+            // The server's queue of notifications is full (a listener somewhere stopped
+            // reading; every append notifies): program_limit_exceeded too, but no fault of the
+            // value, and nothing committed; it clears once that listener reads or goes.
+            Some("54000") if is_notify_queue_full(error) => Class::Unavailable,
             // Text the server cannot hold: U+0000 in `text` (22021) or `jsonb` (22P05); a
             // value too large for an index (54000, program_limit_exceeded: a key of 20 KB).
             Some("22021") | Some("22P05") | Some("54000") => Class::Rejected,
@@ -575,6 +579,13 @@ fn classify(error: &sqlx::Error) -> Class {
         E::ColumnDecode { .. } | E::Decode(_) | E::Encode(_) => Class::Codec,
         _ => Class::Backend,
     }
+}
+
+/// Postgres's "too many notifications in the NOTIFY queue", at a commit that notifies.
+fn is_notify_queue_full(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|db| db.message().contains("NOTIFY queue"))
 }
 
 enum Class {
@@ -661,6 +672,55 @@ mod tests {
         fn kind(&self) -> sqlx::error::ErrorKind {
             sqlx::error::ErrorKind::Other
         }
+    }
+
+    /// A database error with this SQLSTATE and message.
+    #[derive(Debug)]
+    struct Said(&'static str, &'static str);
+
+    impl std::fmt::Display for Said {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.1)
+        }
+    }
+
+    impl std::error::Error for Said {}
+
+    impl sqlx::error::DatabaseError for Said {
+        fn message(&self) -> &str {
+            self.1
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// A full NOTIFY queue (54000, program_limit_exceeded, at the commit of an append, which
+    /// notifies) is retryable: nothing committed, and it clears once the listener that
+    /// stopped reading reads or goes. A value too large for an index (54000 too) is refused.
+    #[test]
+    fn a_full_notify_queue_is_retryable_and_an_oversize_key_is_refused() {
+        let error =
+            |code, message| store_error(sqlx::Error::Database(Box::new(Said(code, message))));
+        let full = error("54000", "too many notifications in the NOTIFY queue");
+        assert_eq!(full.kind(), ErrorKind::Unavailable, "{full}");
+        let oversize = error(
+            "54000",
+            "index row size 2712 exceeds btree version 4 maximum 2704 for index \"events_pkey\"",
+        );
+        assert_eq!(oversize.kind(), ErrorKind::Invalid, "{oversize}");
     }
 
     /// A `COMMIT` answered with a connection exception (class 08, as a pooler whose server
