@@ -33,13 +33,7 @@ impl AgentCode {
     /// Whether `given` is the code. Every byte of the code is compared whatever `given` holds
     /// and however long it is, so the time taken tells nothing about how much of it was right.
     pub fn matches(&self, given: &str) -> bool {
-        let given = given.as_bytes();
-        let mut differ = u8::from(given.len() != self.0.len());
-        for (i, byte) in self.0.iter().enumerate() {
-            differ |= byte ^ given.get(i).copied().unwrap_or(0);
-        }
-        // Kept from folding the loop into an early exit.
-        std::hint::black_box(differ) == 0
+        helpdesk_api::same_secret(&self.0, given.as_bytes())
     }
 }
 

@@ -561,6 +561,7 @@ pub async fn build(config: &Config, hooks: Hooks) -> anyhow::Result<App> {
         ready_checks: Arc::default(),
         stopping: stopping.clone(),
         cors_origins: config.cors_origins.clone(),
+        metrics_token: config.metrics_token.as_deref().map(Arc::from),
     });
     Ok(App {
         router,
@@ -1247,7 +1248,10 @@ fn openapi_document(
         (
             "/metrics",
             "Prometheus metrics",
-            json!({ "200": { "description": "Prometheus text format" } }),
+            json!({
+                "200": { "description": "Prometheus text format" },
+                "401": { "description": "with `--metrics-token` set, a request without that bearer token (`unauthorized`), with WWW-Authenticate", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }
+            }),
         ),
         (
             "/openapi.json",

@@ -100,6 +100,13 @@ pub struct Config {
     #[arg(long, env = "HELPDESK_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
+    /// A bearer token `GET /metrics` asks for (`Authorization: Bearer <token>`, as a
+    /// Prometheus scrape's `authorization` setting sends it): at least 16 bytes. Without it
+    /// `/metrics` answers whoever reaches the server, which is warned about at start when the
+    /// server listens beyond this host.
+    #[arg(long, env = "HELPDESK_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
     /// Comma-separated emails that register as agents, each with the agent code; everyone else
     /// is a customer. An agent whose email is taken off the list is a customer from their next
     /// request on.
@@ -335,7 +342,7 @@ type SecretFlag = (&'static str, &'static str, fn(&Config) -> bool);
 
 /// The flags whose values are secrets, or URLs that may hold one (a secret only with a
 /// password).
-const SECRET_FLAGS: [SecretFlag; 4] = [
+const SECRET_FLAGS: [SecretFlag; 5] = [
     ("database_url", "DATABASE_URL", |c| {
         holds_password(c.database_url.as_deref())
     }),
@@ -349,6 +356,9 @@ const SECRET_FLAGS: [SecretFlag; 4] = [
     }),
     ("agent_code", "HELPDESK_AGENT_CODE", |c| {
         c.agent_code.is_some()
+    }),
+    ("metrics_token", "HELPDESK_METRICS_TOKEN", |c| {
+        c.metrics_token.is_some()
     }),
 ];
 
@@ -447,6 +457,10 @@ impl std::fmt::Debug for Config {
             .field(
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "metrics_token",
+                &self.metrics_token.as_ref().map(|_| "<redacted>"),
             )
             .field("agent_emails", &self.agent_emails)
             .field(
@@ -615,6 +629,7 @@ impl Config {
             &mut config.redis_tls_key_file,
             &mut config.jwt_secret,
             &mut config.agent_code,
+            &mut config.metrics_token,
         ] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 *value = None;
@@ -672,6 +687,16 @@ impl Config {
                     ));
                 }
             }
+        }
+        // Its series tell who signs in and fails, and the business's volume, as they happen.
+        if self.metrics_token.is_none() && !self.bind.ip().is_loopback() {
+            warnings.push(format!(
+                "the server listens on {} and GET /metrics answers anyone who reaches it (its \
+                 series count sign-ins and their failures, requests by route and status): set \
+                 HELPDESK_METRICS_TOKEN for Prometheus to send as a bearer token, or keep \
+                 /metrics from the network (a proxy that refuses it)",
+                self.bind
+            ));
         }
         // `0.0.0.0/0` (a Kubernetes habit) believes every peer's `X-Forwarded-For`: fine only
         // where nothing but the proxies can reach the server.
@@ -770,6 +795,9 @@ impl Config {
         }
         if let Some(code) = &self.agent_code {
             problems.extend(weak_secret("HELPDESK_AGENT_CODE", code, 16));
+        }
+        if let Some(token) = &self.metrics_token {
+            problems.extend(weak_secret("HELPDESK_METRICS_TOKEN", token, 16));
         }
         if self.cors_origins.len() > 1 && self.cors_origins.iter().any(|o| o == "*") {
             problems.push(

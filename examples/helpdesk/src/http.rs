@@ -51,6 +51,8 @@ pub(crate) struct State {
     pub(crate) stopping: Arc<std::sync::atomic::AtomicBool>,
     /// The pages allowed to call the API from a browser (`--cors-origins`); none: no CORS.
     pub(crate) cors_origins: Vec<String>,
+    /// The bearer token `/metrics` asks for (`--metrics-token`); none: it answers anyone.
+    pub(crate) metrics_token: Option<Arc<str>>,
 }
 
 /// Takes the CORS headers off the answers of the gateway's own routes ([`GATEWAY_PATHS`]) but
@@ -218,7 +220,7 @@ pub(crate) fn router(state: State) -> Router {
     let probes = Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
-        .route("/metrics", get(|| async { prometheus().render() }))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::map_response(|mut response: Response| async {
             response.extensions_mut().insert(QuietAccessLine);
             response
@@ -423,6 +425,32 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
             }
         }
     }
+}
+
+/// `GET /metrics`: the Prometheus text, to the bearer of `--metrics-token` when one is set.
+async fn metrics(Extension(state): Extension<State>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(token) = &state.metrics_token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
+        if !helpdesk_api::same_secret(token.as_bytes(), given.as_bytes()) {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "GET /metrics takes the server's metrics token: send `Authorization: Bearer \
+                 <HELPDESK_METRICS_TOKEN>` (a Prometheus scrape's `authorization` setting)",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    prometheus().render().into_response()
 }
 
 async fn ready(Extension(state): Extension<State>) -> Response {

@@ -2,6 +2,44 @@ use crate::support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+/// With `--metrics-token`, `/metrics` answers only a request bearing that token: without one,
+/// or with another, 401 `unauthorized` with `WWW-Authenticate: Bearer`, the series not shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_with_a_token_set_answer_only_its_bearer() {
+    within(async {
+        let token = "0123456789abcdef0123";
+        let s = TestServer::start_with(|c| c.metrics_token = Some(token.to_owned())).await;
+        for given in [
+            None,
+            Some("Bearer wrong-token-0123456"),
+            Some("Bearer 0123456789abcdef012"),
+            Some("Basic 0123456789abcdef0123"),
+        ] {
+            let mut request = s.http.get(s.url("/metrics"));
+            if let Some(value) = given {
+                request = request.header("authorization", value);
+            }
+            let answer = request.send().await.unwrap();
+            assert_eq!(answer.status(), StatusCode::UNAUTHORIZED, "{given:?}");
+            assert_eq!(answer.headers()["www-authenticate"], "Bearer", "{given:?}");
+            let body: Value = answer.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{given:?}");
+        }
+        for scheme in ["Bearer", "bearer"] {
+            let answer = s
+                .http
+                .get(s.url("/metrics"))
+                .header("authorization", format!("{scheme} {token}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), StatusCode::OK, "{scheme}");
+            assert!(answer.text().await.unwrap().contains("http_requests_total"));
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_ready_metrics_openapi_and_the_home_page_answer() {
     within(async {

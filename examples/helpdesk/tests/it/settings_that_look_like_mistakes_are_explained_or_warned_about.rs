@@ -284,6 +284,50 @@ fn deployment_settings_without_a_database_warn_that_it_runs_in_memory() {
     );
 }
 
+/// A server listening beyond this host with no metrics token is warned that `/metrics`
+/// answers anyone; with a token, or on loopback, it is not. A weak token is refused, and one
+/// given as a flag is warned about like the other secrets.
+#[test]
+fn an_open_metrics_endpoint_beyond_this_host_is_warned_about() {
+    let database = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+    let open = config(&["--bind", "0.0.0.0:8080"], &[database]);
+    let warnings = open.warnings();
+    assert!(
+        warnings.len() == 1
+            && warnings[0].contains("0.0.0.0:8080")
+            && warnings[0].contains("GET /metrics answers anyone")
+            && warnings[0].contains("HELPDESK_METRICS_TOKEN"),
+        "{warnings:?}"
+    );
+    let token = ("HELPDESK_METRICS_TOKEN", "0123456789abcdef");
+    let guarded = config(&["--bind", "0.0.0.0:8080"], &[database, token]);
+    assert_eq!(guarded.warnings(), Vec::<String>::new());
+    assert_eq!(config(&[], &[database]).warnings(), Vec::<String>::new());
+    let weak = config(
+        &[],
+        &[
+            database,
+            ("HELPDESK_JWT_SECRET", SECRET),
+            ("HELPDESK_METRICS_TOKEN", "aaaaaaaaaaaaaaaa"),
+        ],
+    );
+    let problems = weak.validate().unwrap_err();
+    assert!(
+        problems.len() == 1 && problems[0].contains("HELPDESK_METRICS_TOKEN"),
+        "{problems:?}"
+    );
+    let flagged = config(&["--metrics-token", "0123456789abcdef"], &[database]);
+    assert!(
+        flagged
+            .warnings()
+            .iter()
+            .any(|w| w.contains("--metrics-token was given on the command line")),
+        "{:?}",
+        flagged.warnings()
+    );
+    assert!(!format!("{flagged:?}").contains("0123456789abcdef"));
+}
+
 /// Trusting every address as a proxy (`0.0.0.0/0`, `::/0`, or anything broader than an IPv4
 /// /8 or an IPv6 /32) is warned about, naming the ranges; a load balancer's subnet is not.
 #[test]
