@@ -330,7 +330,8 @@ impl RedisConsumer {
     /// other consumers of the group, and the consumer's connection closes. Entries handed out
     /// and not acknowledged, or nacked, come back after the redelivery delay. It also ends a
     /// blocking read a dropped `fetch` left waiting, and releases what that read was served.
-    /// Dropping the consumer releases only the held entries, in the background. Closing or
+    /// Dropping the consumer releases only the held entries (and those of a release that
+    /// failed), in the background. Closing or
     /// dropping it also takes its redelivery delay out of the group's records
     /// ([`RedisStreamTransport::redelivery_delays`](crate::RedisStreamTransport::redelivery_delays)).
     pub async fn close(mut self) -> Result<(), TransportError> {
@@ -547,6 +548,7 @@ impl RedisConsumer {
     /// Deliveries in flight, and entries handed back, stay remembered until they are answered
     /// or pruned: their handlers may still answer them.
     fn forget_the_old_group(&mut self) {
+        self.unreleased = Released::default();
         self.held.clear();
         self.known.clear();
         self.adopted.clear();
@@ -1434,12 +1436,19 @@ async fn set_idle(
             Value::from(if take_back { "1" } else { "0" }),
         ]);
         args.extend(chunk.iter().map(|id| Value::from(id.as_str())));
-        shared
+        let ran = shared
             .scripts
             .set_idle
             .run(&shared.client, &shared.patient(), &[stream, errors], args)
-            .await
-            .map_err(transport_error)?;
+            .await;
+        match ran {
+            Ok(_) => {}
+            // A release of a group (or stream) that is gone has nothing left to release: its
+            // pending entries went with it. Failed, it would be sent again at every step, and
+            // the step that makes the group again would never run.
+            Err(e) if idle.is_none() && is_nogroup(&e) => return Ok(()),
+            Err(e) => return Err(transport_error(e)),
+        }
     }
     Ok(())
 }
@@ -1721,8 +1730,8 @@ impl Consumer for RedisConsumer {
             .await?;
         if !free.is_empty() {
             let released = self.released(&free);
-            // Out of the lists first: a release that fails leaves them pending here, idle
-            // since their last refresh, so another consumer reclaims them after the delay.
+            // Out of the lists first: a release that fails leaves them pending here, in
+            // `unreleased`, released again before the next step (or by `close`, or `Drop`).
             let gone: HashSet<&String> = free.iter().collect();
             self.held.retain(|id| !gone.contains(id));
             for id in &free {
@@ -1737,7 +1746,12 @@ impl Consumer for RedisConsumer {
                 .await;
             self.unreleased.extend(released);
         }
-        self.release_unreleased().await
+        // The batch is kept alive: that is what the caller asked. A release that fails
+        // (Redis away) is sent again before the next step, and said there if it fails again.
+        if let Err(error) = self.release_unreleased().await {
+            tracing::debug!(%error, "could not release held entries; sent again before the next read");
+        }
+        Ok(())
     }
 
     fn keep_alive_interval(&self) -> Option<Duration> {
