@@ -302,13 +302,12 @@ struct Attempts {
 /// It tracks at most [`max_keys`](Self::max_keys) keys (100,000 by default, a few hundred
 /// bytes each): each email and client address tried adds some, and an attacker trying from
 /// many addresses could otherwise grow it without bound within a window. When a new key
-/// finds it holding that many, the keys whose attempts all left the window are dropped; if
-/// that frees no place, a tenth of the keys are, those with the fewest failures in the window
-/// (the oldest first among equals), logged at warn level. Those are what a spray of many
+/// finds it holding that many, the keys whose attempts all left the window are dropped, and
+/// if that leaves less than a tenth of the places free, those with the fewest failures in the
+/// window (the oldest first among equals) until a tenth is, logged at warn level. Those are what a spray of many
 /// emails from many addresses leaves, one or two failures each; the counts that block
 /// someone (an address's budget, an account guessed at) are the last to go. Refusing new
 /// keys instead would let such a spray lock every other sign-in out.
-
 #[derive(Clone)]
 pub struct InMemoryLoginThrottle {
     attempts: Arc<Mutex<Attempts>>,
@@ -375,9 +374,15 @@ impl LoginThrottle for InMemoryLoginThrottle {
                 }
                 !list.is_empty()
             });
-            if new_key_when_full && attempts.by_key.len() >= self.max_keys {
-                // A tenth at once: the next sweep of a full map comes that many new keys later.
-                let evicted = evict_fewest(&mut attempts.by_key, self.max_keys);
+            // Down to nine tenths whatever the sweep freed: the next sweep of a full map comes
+            // a tenth of it in new keys later, not at the next new key (with keys leaving the
+            // window about as fast as new ones come, each would sweep them all).
+            let evicted = if new_key_when_full {
+                evict_fewest(&mut attempts.by_key, self.max_keys)
+            } else {
+                0
+            };
+            if evicted > 0 {
                 tracing::warn!(
                     keys = attempts.by_key.len(),
                     evicted,
@@ -551,6 +556,23 @@ mod tests {
         for key in ["hot", "spray10", "spray18", "new", "late0", "late2"] {
             assert!(kept.contains(&key.to_owned()), "{key}: {kept:?}");
         }
+        // Full again; at 70 s one key leaves the window (`spray10`): the next new key's sweep
+        // frees its place, and the throttle still goes down to nine tenths, so the key after
+        // it does not sweep the whole map again.
+        for n in 0..6 {
+            assert!(counted(
+                throttle.attempt(&format!("fill{n}")).await.unwrap()
+            ));
+        }
+        assert_eq!(keys().len(), 20);
+        clock.advance(Duration::from_secs(1));
+        assert!(counted(throttle.attempt("one_more").await.unwrap()));
+        let kept = keys();
+        assert_eq!(kept.len(), 19, "{kept:?}");
+        assert!(
+            !kept.contains(&"spray11".to_owned()),
+            "the next fewest: {kept:?}"
+        );
     }
 
     /// Counts every attempt; each take-back waits for the test's permit, then is counted.
