@@ -203,7 +203,9 @@ async fn a_route_path_axum_refuses_is_an_error_naming_it() {
     within(async {
         for (path, reason) in [
             ("notes", "must start with a `/`"),
-            ("/notes/:all", "must not start with `:`"),
+            ("/notes/:all", "starts with `:`"),
+            ("/notes/*rest", "starts with `*`"),
+            ("/notes/{all", "{"),
         ] {
             let err = build_with(move || {
                 HttpApi::new().route(
@@ -221,6 +223,49 @@ async fn a_route_path_axum_refuses_is_an_error_naming_it() {
                 "{path}: {err}"
             );
         }
+    })
+    .await;
+}
+
+/// Two paths of one contribution that are one route to the router, their parameters named
+/// differently, fail the start naming the contributor: the router panicked on them when the
+/// server built it (the check between contributions did not look within one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_paths_of_one_contribution_that_are_one_route_are_an_error() {
+    within(async {
+        let err = build_with(|| {
+            HttpApi::new()
+                .route(
+                    "/notes/{id}",
+                    get(|| async { "a note" }),
+                    [Operation::new("get", "A note").param(
+                        "id",
+                        "path",
+                        true,
+                        json!({ "type": "string" }),
+                        "the note",
+                    )],
+                )
+                .route(
+                    "/notes/{note_id}",
+                    post(|| async { "changed" }),
+                    [Operation::new("post", "Change a note").param(
+                        "note_id",
+                        "path",
+                        true,
+                        json!({ "type": "string" }),
+                        "the note",
+                    )],
+                )
+        })
+        .await
+        .expect_err("one route, two parameter names");
+        assert!(
+            err.contains("axum refuses the route path `/notes/{note_id}`")
+                && err.contains("/notes/{id}")
+                && err.contains("outside any plugin"),
+            "{err}"
+        );
     })
     .await;
 }
