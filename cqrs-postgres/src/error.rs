@@ -581,11 +581,17 @@ fn classify(error: &sqlx::Error) -> Class {
     }
 }
 
-/// Postgres's "too many notifications in the NOTIFY queue", at a commit that notifies.
+/// Postgres's "too many notifications in the NOTIFY queue", at a commit that notifies: raised
+/// in `async.c` (its only 54000), which a server whose messages are in another language still
+/// names; the English message stands in when the error does not say where it was raised.
 fn is_notify_queue_full(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .is_some_and(|db| db.message().contains("NOTIFY queue"))
+    let Some(db) = error.as_database_error() else {
+        return false;
+    };
+    match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        Some(pg) if pg.file().is_some() => pg.file() == Some("async.c"),
+        _ => db.message().contains("NOTIFY queue"),
+    }
 }
 
 enum Class {

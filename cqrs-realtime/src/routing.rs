@@ -147,7 +147,8 @@ impl PushedEvent {
     pub fn new(routed: Routed, position: Option<Position>) -> Result<Self, serde_json::Error> {
         Ok(Self {
             topics: routed.topics,
-            position,
+            // `Position::START` is no event's (hubs refuse it): pushed without a position.
+            position: position.filter(|p| *p != Position::START),
             routing: routed.routing,
             event: serde_json::value::to_raw_value(&routed.event)?,
         })
@@ -286,6 +287,12 @@ mod tests {
             PushedEvent::decode(r#"{"v":1,"topics":[],"position":"1","routing":{},"event":{}}"#)
                 .is_ok()
         );
+        // Nor does a publisher send it: an event at `START` goes without a position.
+        let at_start =
+            PushedEvent::new(Routed::new(serde_json::json!({})), Some(Position::START)).unwrap();
+        assert_eq!(at_start.position(), None);
+        let sent = PushedEvent::decode(&at_start.encode(&[]).unwrap()).unwrap();
+        assert_eq!(sent.position(), None);
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn replayed<A: Aggregate>(
     let stream = AggregateRepository::<A>::stream_id(TEST_AGGREGATE_ID);
     let envelope = event
         .into_envelope(metadata)
-        .with_partition_key(TEST_AGGREGATE_ID)
+        .with_partition_key(stream.as_str())
         .with_stored(stream.as_str(), version, None);
     let record = EventRecord::from_envelope(&envelope).expect("the event serializes");
     let mut types = EventTypes::new();

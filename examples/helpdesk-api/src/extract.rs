@@ -575,13 +575,14 @@ pub struct AddressRange {
 }
 
 impl AddressRange {
-    /// Whether the range is broad enough to hold more than one network's hosts: shorter than
-    /// an IPv4 /8 or an IPv6 /32 (`0.0.0.0/0`, `::/0`). Trusting one as proxies lets every
-    /// client in it that reaches the server directly choose its own address.
+    /// Whether the range is broader than any one private network: shorter than an IPv4 /8
+    /// (`10.0.0.0/8`) or an IPv6 /7 (`fc00::/7`, every unique local address), like
+    /// `0.0.0.0/0` and `::/0`. Trusting one as proxies lets every client in it that reaches
+    /// the server directly choose its own address.
     pub fn is_broad(&self) -> bool {
         match self.first {
             IpAddr::V4(_) => self.prefix < 8,
-            IpAddr::V6(_) => self.prefix < 32,
+            IpAddr::V6(_) => self.prefix < 7,
         }
     }
 

@@ -1286,7 +1286,7 @@ fn openapi_document(
             // The hub's refusals have the gateway's error shape, and say when to come back.
             if let Some(responses) = get["responses"].as_object_mut() {
                 for (status, response) in responses.iter_mut() {
-                    if status.as_str() >= "400" {
+                    if status.parse::<u16>().is_ok_and(|status| status >= 400) {
                         response["content"] = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } });
                     }
                 }
