@@ -647,42 +647,14 @@ mod tests {
         }
     }
 
-    /// A database error with this SQLSTATE, as the server (or a pooler) answers.
-    #[derive(Debug)]
-    struct Coded(&'static str);
-
-    impl std::fmt::Display for Coded {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "error {}", self.0)
-        }
-    }
-
-    impl std::error::Error for Coded {}
-
-    impl sqlx::error::DatabaseError for Coded {
-        fn message(&self) -> &str {
-            "answered with an error"
-        }
-        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
-            Some(self.0.into())
-        }
-        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
-            self
-        }
-        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
-            self
-        }
-        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
-            self
-        }
-        fn kind(&self) -> sqlx::error::ErrorKind {
-            sqlx::error::ErrorKind::Other
-        }
-    }
-
-    /// A database error with this SQLSTATE and message.
+    /// A database error with this SQLSTATE and message, as the server (or a pooler) answers.
     #[derive(Debug)]
     struct Said(&'static str, &'static str);
+
+    /// A database error with this SQLSTATE.
+    fn coded(code: &'static str) -> Said {
+        Said(code, "answered with an error")
+    }
 
     impl std::fmt::Display for Said {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -734,7 +706,7 @@ mod tests {
     /// (`Timeout`), never "retry"; a serialization failure or a deadlock committed nothing.
     #[test]
     fn a_commit_lost_with_its_connection_has_an_unknown_outcome() {
-        let commit = |code| commit_error(sqlx::Error::Database(Box::new(Coded(code))));
+        let commit = |code| commit_error(sqlx::Error::Database(Box::new(coded(code))));
         for code in ["08P01", "08006", "08003", "57P01", "57P02"] {
             let error = commit(code);
             assert_eq!(error.kind(), ErrorKind::Timeout, "{code}: {error}");
@@ -769,14 +741,14 @@ mod tests {
             "{marked}"
         );
         for code in ["08006", "57P01"] {
-            let error = sqlx::Error::Database(Box::new(Coded(code)));
+            let error = sqlx::Error::Database(Box::new(coded(code)));
             assert_eq!(
                 store_error(marked_commit_error(error)).kind(),
                 ErrorKind::Timeout
             );
         }
         for code in ["40001", "23505"] {
-            let error = marked_commit_error(sqlx::Error::Database(Box::new(Coded(code))));
+            let error = marked_commit_error(sqlx::Error::Database(Box::new(coded(code))));
             assert!(
                 matches!(error, sqlx::Error::Database(_)),
                 "{code}: left as it was"

@@ -16,7 +16,6 @@
 use crate::support::{Env, consumer_options, event, fetch_some, n_of, within};
 use cqrs_core::ports::{Consumer, EventTransport};
 use cqrs_redis::RedisConsumer;
-use fred::types::Value;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,19 +64,19 @@ async fn a_kept_alive_release_is_not_released_again() {
             loop {
                 b.keep_alive(std::slice::from_ref(&p)).await.unwrap();
                 assert!(a.fetch(10).await.unwrap().is_empty(), "X held back");
-                if pending(&env, &stream, &x.0).await.0 == a_name {
+                if env.pending_entry(&stream, &x.0).await.0 == a_name {
                     break;
                 }
                 assert!(tokio::time::Instant::now() < until, "a never reclaimed X");
             }
             assert_eq!(a.held(), 1);
-            let (_, _, count) = pending(&env, &stream, &x.0).await;
+            let (_, _, count) = env.pending_entry(&stream, &x.0).await;
             assert_eq!(count, 1, "c's delivery");
 
             // `a`'s batch runs on (nothing of X's lane): its keep-alive releases X as it is.
             a.keep_alive(&[]).await.unwrap();
             assert_eq!(a.held(), 0, "X released");
-            let (owner, idle, count) = pending(&env, &stream, &x.0).await;
+            let (owner, idle, count) = env.pending_entry(&stream, &x.0).await;
             assert_eq!(owner, a_name, "nobody took X yet");
             assert!(
                 idle > 365 * 24 * 3600 * 1000,
@@ -86,7 +85,7 @@ async fn a_kept_alive_release_is_not_released_again() {
             assert_eq!(count, 1, "released as counted");
 
             a.close().await.unwrap();
-            let (owner, _, count) = pending(&env, &stream, &x.0).await;
+            let (owner, _, count) = env.pending_entry(&stream, &x.0).await;
             assert_eq!(owner, a_name);
             assert_eq!(
                 count, 1,
@@ -103,31 +102,4 @@ async fn a_kept_alive_release_is_not_released_again() {
     )
     .await;
     env.cleanup().await;
-}
-
-/// The consumer entry `id` is pending to, its idle time (ms) and its delivery count.
-async fn pending(env: &Env, stream: &str, id: &str) -> (String, u64, u64) {
-    let rows = env
-        .command(
-            "XPENDING",
-            vec![
-                stream.into(),
-                "g".into(),
-                id.into(),
-                id.into(),
-                Value::from(1),
-            ],
-        )
-        .await
-        .into_array();
-    let row = rows
-        .into_iter()
-        .next()
-        .unwrap_or_else(|| panic!("{id} is not pending"))
-        .into_array();
-    (
-        row[1].clone().into_string().unwrap(),
-        row[2].as_u64().unwrap(),
-        row[3].as_u64().unwrap(),
-    )
 }

@@ -13,7 +13,6 @@ use crate::support::{Env, n_of, within};
 use cqrs_core::ports::Consumer;
 use cqrs_core::testing::eventually;
 use cqrs_redis::RedisConsumer;
-use fred::types::Value;
 use std::time::Duration;
 
 /// How the consumer whose release failed sends it again.
@@ -184,7 +183,7 @@ async fn a_release_sent_again_takes_a_delivery_back_once() {
             env.publish_one(&topic, "k", 1).await;
             let stream = env.transport.stream_key(&topic).unwrap();
             env.read_as(&stream, &name, 1).await;
-            let (id, _, _, _) = pending(&env, &stream, "-", "+").await;
+            let id = env.entry_ids(&stream).await.remove(0);
             env.command(
                 "XCLAIM",
                 vec![
@@ -205,13 +204,13 @@ async fn a_release_sent_again_takes_a_delivery_back_once() {
             let failed = Consumer::close(&mut a).await;
             assert!(proxy.reply_lost(), "Redis ran the release");
             assert!(failed.is_err(), "its reply was lost: {failed:?}");
-            let (_, _, idle, count) = pending(&env, &stream, "-", "+").await;
+            let (_, idle, count) = env.pending_entry(&stream, &id).await;
             assert!(idle > 365 * 24 * 3600 * 1000, "released, idle {idle} ms");
             assert_eq!(count, 1, "the read here taken back");
             reconnected(&proxy, connections).await;
 
             Consumer::close(&mut a).await.unwrap();
-            let (_, owner, idle, count) = pending(&env, &stream, "-", "+").await;
+            let (owner, idle, count) = env.pending_entry(&stream, &id).await;
             assert_eq!(owner, name);
             assert!(
                 idle > 365 * 24 * 3600 * 1000,
@@ -241,43 +240,6 @@ async fn reconnected(proxy: &Proxy, before: usize) {
 /// delivery count.
 async fn third(env: &Env, topic: &str) -> (String, u64, u64) {
     let stream = env.transport.stream_key(topic).unwrap();
-    let entries = env
-        .command(
-            "XRANGE",
-            vec![stream.as_str().into(), "-".into(), "+".into()],
-        )
-        .await
-        .into_array();
-    let id = entries[2].clone().into_array()[0]
-        .clone()
-        .into_string()
-        .unwrap();
-    let (_, owner, idle, count) = pending(env, &stream, &id, &id).await;
-    (owner, idle, count)
-}
-
-/// The one entry pending in group `g` between `from` and `to`: its id, its consumer, its idle
-/// time (ms) and its delivery count.
-async fn pending(env: &Env, stream: &str, from: &str, to: &str) -> (String, String, u64, u64) {
-    let rows = env
-        .command(
-            "XPENDING",
-            vec![
-                stream.into(),
-                "g".into(),
-                from.into(),
-                to.into(),
-                Value::from(10),
-            ],
-        )
-        .await
-        .into_array();
-    assert_eq!(rows.len(), 1, "one pending entry: {rows:?}");
-    let row = rows.into_iter().next().unwrap().into_array();
-    (
-        row[0].clone().into_string().unwrap(),
-        row[1].clone().into_string().unwrap(),
-        row[2].as_u64().unwrap(),
-        row[3].as_u64().unwrap(),
-    )
+    let id = env.entry_ids(&stream).await.remove(2);
+    env.pending_entry(&stream, &id).await
 }

@@ -165,6 +165,44 @@ impl Env {
         .await
     }
 
+    /// The ids of `stream`'s entries, in order.
+    pub(crate) async fn entry_ids(&self, stream: &str) -> Vec<String> {
+        self.command("XRANGE", vec![stream.into(), "-".into(), "+".into()])
+            .await
+            .into_array()
+            .into_iter()
+            .filter_map(|entry| entry.into_array().into_iter().next()?.into_string())
+            .collect()
+    }
+
+    /// The consumer entry `id` of `stream` is pending to in group `g`, its idle time (ms) and
+    /// its delivery count.
+    pub(crate) async fn pending_entry(&self, stream: &str, id: &str) -> (String, u64, u64) {
+        let rows = self
+            .command(
+                "XPENDING",
+                vec![
+                    stream.into(),
+                    "g".into(),
+                    id.into(),
+                    id.into(),
+                    Value::from(1),
+                ],
+            )
+            .await
+            .into_array();
+        let row = rows
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{id} is not pending"))
+            .into_array();
+        (
+            row[1].clone().into_string().unwrap(),
+            row[2].as_u64().unwrap(),
+            row[3].as_u64().unwrap(),
+        )
+    }
+
     /// Deletes every key under this test's prefix.
     pub(crate) async fn cleanup(self) {
         delete_prefix(&self.admin, &key_prefix(&self.id)).await;
