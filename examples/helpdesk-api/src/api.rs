@@ -158,6 +158,10 @@ fn refused_before_routing(path: &str) -> Option<&'static str> {
     if !path.starts_with('/') {
         return Some("paths must start with a `/` (`/` for the root)");
     }
+    // The router renames parameters `a` to `y` inside, and panics past them.
+    if path.matches('{').count() - 2 * path.matches("{{").count() > 25 {
+        return Some("more than 25 parameters");
+    }
     path.split('/').find_map(|segment| {
         if segment.starts_with(':') {
             Some("a segment starts with `:`, axum 0.7's capture syntax: write `{name}`")
@@ -274,16 +278,26 @@ impl HttpApi {
     pub fn try_merge(mut self, other: HttpApi) -> Result<Self, String> {
         let mut problems = other.route_path_problems();
         problems.extend(other.path_parameter_problems());
-        for theirs in other.routes.keys() {
-            if let Some(mine) = self
+        if problems.is_empty() {
+            // Both sides' paths in one router, as the server's will be: what it refuses
+            // (`/tickets/{id}` beside `/tickets/{ticket_id}`, `/files/{id}` beside
+            // `/files/{*path}`) is said here, not panicked on when the server builds it. A path
+            // both have is one route (their methods merge).
+            let mut router = matchit::Router::new();
+            for mine in self.routes.keys() {
+                // Took every path of `self` when it was merged in.
+                let _ = router.insert(mine.as_str(), ());
+            }
+            for theirs in other
                 .routes
                 .keys()
-                .find(|mine| *mine != theirs && route_shape(mine) == route_shape(theirs))
+                .filter(|p| !self.routes.contains_key(*p))
             {
-                problems.push(format!(
-                    "{mine} and {theirs} are one route with its parameters named differently: \
-                     name them alike"
-                ));
+                if let Err(e) = router.insert(theirs.as_str(), ()) {
+                    problems.push(format!(
+                        "the router refuses {theirs} beside these routes: {e}"
+                    ));
+                }
             }
         }
         for (path, ops) in &other.paths {
@@ -445,19 +459,6 @@ fn path_params(path: &str) -> Vec<&str> {
     names
 }
 
-/// A route's path with its parameters' names left out (`/tickets/{}`, `/files/{*}`): two paths
-/// of one shape are one route to axum's router.
-fn route_shape(path: &str) -> String {
-    path.split('/')
-        .map(|segment| match segment.strip_prefix('{') {
-            Some(rest) if rest.starts_with('*') => "{*}",
-            Some(_) => "{}",
-            None => segment,
-        })
-        .collect::<Vec<_>>()
-        .join("/")
-}
-
 #[cfg(test)]
 mod tests {
     use super::{HttpApi, Operation};
@@ -485,6 +486,55 @@ mod tests {
             responses["409"]["headers"]["Retry-After"]["schema"]["type"],
             "string"
         );
+    }
+
+    /// An API with one undocumented `GET` at `path`.
+    fn at(path: &str) -> HttpApi {
+        HttpApi::new().route(path, get(|| async { "" }), [])
+    }
+
+    /// Paths of two APIs that the router refuses side by side are refused by the merge, which
+    /// names them, not found by the router's panic when the server builds it: a parameter
+    /// beside a catch-all at one place, one route with its parameter named differently. The
+    /// same path on both sides is one route; so are paths the router tells apart.
+    #[test]
+    fn paths_the_router_refuses_side_by_side_are_refused_by_the_merge() {
+        for (mine, theirs) in [
+            ("/files/{id}", "/files/{*path}"),
+            ("/v{version}/x", "/v{ver}/x"),
+            ("/tickets/{id}", "/tickets/{ticket_id}"),
+        ] {
+            let error = at(mine).try_merge(at(theirs)).unwrap_err();
+            assert!(
+                error.contains(&format!("the router refuses {theirs}")) && error.contains(mine),
+                "{mine} / {theirs}: {error}"
+            );
+        }
+        for (mine, theirs) in [
+            ("/tickets/{id}", "/tickets/stats"),
+            ("/t/{id}", "/t/{{raw}}"),
+        ] {
+            assert!(at(mine).try_merge(at(theirs)).is_ok(), "{mine} / {theirs}");
+        }
+        let posted =
+            HttpApi::new().route("/tickets/{id}", axum::routing::post(|| async { "" }), []);
+        assert!(
+            at("/tickets/{id}").try_merge(posted).is_ok(),
+            "one route, two methods"
+        );
+    }
+
+    /// A path with more parameters than the router can name is refused, not a panic.
+    #[test]
+    fn a_path_with_more_than_25_parameters_is_refused() {
+        let path: String = (0..26).map(|n| format!("/{{p{n}}}")).collect();
+        let problems = at(&path).route_path_problems();
+        assert!(
+            problems.len() == 1 && problems[0].contains("more than 25 parameters"),
+            "{problems:?}"
+        );
+        let path: String = (0..25).map(|n| format!("/{{p{n}}}")).collect();
+        assert_eq!(at(&path).route_path_problems(), Vec::<String>::new());
     }
 
     fn tags_api(documented: &str) -> HttpApi {

@@ -575,14 +575,20 @@ pub struct AddressRange {
 }
 
 impl AddressRange {
-    /// Whether the range is broader than any one private network: shorter than an IPv4 /8
-    /// (`10.0.0.0/8`) or an IPv6 /7 (`fc00::/7`, every unique local address), like
-    /// `0.0.0.0/0` and `::/0`. Trusting one as proxies lets every client in it that reaches
-    /// the server directly choose its own address.
+    /// Whether the range is broader than one organisation's network: shorter than an IPv4 /8
+    /// (`10.0.0.0/8` is not), or than an IPv6 /32 (a provider's allocation) unless it lies
+    /// within the private `fc00::/7` or the link-local `fe80::/10`; like `0.0.0.0/0` and
+    /// `::/0`. Trusting one as proxies lets every client in it that reaches the server
+    /// directly choose its own address.
     pub fn is_broad(&self) -> bool {
         match self.first {
             IpAddr::V4(_) => self.prefix < 8,
-            IpAddr::V6(_) => self.prefix < 7,
+            IpAddr::V6(first) => {
+                let top = first.segments()[0];
+                let private = self.prefix >= 7 && top & 0xfe00 == 0xfc00;
+                let link_local = self.prefix >= 10 && top & 0xffc0 == 0xfe80;
+                self.prefix < 32 && !private && !link_local
+            }
         }
     }
 

@@ -798,6 +798,16 @@ impl Config {
         }
         if let Some(token) = &self.metrics_token {
             problems.extend(weak_secret("HELPDESK_METRICS_TOKEN", token, 16));
+            // What a scrape sends in a header it can: a space at either end (a secret file's
+            // newline) or a character past ASCII would never match, and every scrape fail.
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                problems.push(
+                    "HELPDESK_METRICS_TOKEN holds a space, a line break or a character past ASCII, \
+                     which a bearer token cannot carry (a secret file's trailing newline?): use \
+                     visible ASCII only (try `openssl rand -hex 16`)"
+                        .into(),
+                );
+            }
         }
         if self.cors_origins.len() > 1 && self.cors_origins.iter().any(|o| o == "*") {
             problems.push(

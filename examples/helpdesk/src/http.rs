@@ -222,7 +222,10 @@ pub(crate) fn router(state: State) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route_layer(middleware::map_response(|mut response: Response| async {
-            response.extensions_mut().insert(QuietAccessLine);
+            // Not a refused metrics token: someone guessing at it is for the log to tell.
+            if response.status() != StatusCode::UNAUTHORIZED {
+                response.extensions_mut().insert(QuietAccessLine);
+            }
             response
         }));
     let ops = probes
@@ -289,7 +292,8 @@ pub(crate) fn router(state: State) -> Router {
         .layer(middleware::map_response(no_store_unless_set));
     // Outside the others too: a preflight is answered here, before any route or limit, and
     // every answer (an error's too) carries the headers a page needs to read it. Not the
-    // operations routes': they take no token, only the network guards them, and a page
+    // operations routes': they take no user's token (`/metrics` may take the metrics token),
+    // the network guards them, and a page
     // another site serves to someone inside it must not read `/metrics` or `/ready`.
     let router = match cors(&cors_origins) {
         Some(cors) => router
@@ -437,17 +441,19 @@ async fn metrics(Extension(state): Extension<State>, headers: axum::http::Header
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map_or("", |(_, token)| token.trim());
         if !helpdesk_api::same_secret(token.as_bytes(), given.as_bytes()) {
-            let mut response = ApiError::new(
+            let refused = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "GET /metrics takes the server's metrics token: send `Authorization: Bearer \
                  <HELPDESK_METRICS_TOKEN>` (a Prometheus scrape's `authorization` setting)",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return response;
+            );
+            // RFC 6750: a token sent and refused says so; none sent, the bare challenge.
+            let refused = if given.is_empty() {
+                refused
+            } else {
+                refused.with_bearer_error("invalid_token")
+            };
+            return refused.into_response();
         }
     }
     prometheus().render().into_response()

@@ -205,7 +205,7 @@ async fn a_route_path_axum_refuses_is_an_error_naming_it() {
             ("notes", "must start with a `/`"),
             ("/notes/:all", "starts with `:`"),
             ("/notes/*rest", "starts with `*`"),
-            ("/notes/{all", "{"),
+            ("/notes/{all", "valid name"),
         ] {
             let err = build_with(move || {
                 HttpApi::new().route(

@@ -316,6 +316,26 @@ fn an_open_metrics_endpoint_beyond_this_host_is_warned_about() {
         problems.len() == 1 && problems[0].contains("HELPDESK_METRICS_TOKEN"),
         "{problems:?}"
     );
+    for spaced in [
+        "0123456789abcdef\n",
+        " 0123456789abcdef",
+        "0123456789abcdéf",
+    ] {
+        let problems = config(
+            &[],
+            &[
+                database,
+                ("HELPDESK_JWT_SECRET", SECRET),
+                ("HELPDESK_METRICS_TOKEN", spaced),
+            ],
+        )
+        .validate()
+        .unwrap_err();
+        assert!(
+            problems.len() == 1 && problems[0].contains("visible ASCII only"),
+            "{spaced:?}: {problems:?}"
+        );
+    }
     let flagged = config(&["--metrics-token", "0123456789abcdef"], &[database]);
     assert!(
         flagged
@@ -329,7 +349,8 @@ fn an_open_metrics_endpoint_beyond_this_host_is_warned_about() {
 }
 
 /// Trusting every address as a proxy (`0.0.0.0/0`, `::/0`, or anything broader than an IPv4
-/// /8 or an IPv6 /7) is warned about, naming the ranges; a private network's range is not.
+/// /8 or a public IPv6 /32) is warned about, naming the ranges; a private network's range is
+/// not.
 #[test]
 fn trusting_every_address_as_a_proxy_is_warned_about() {
     let database = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
@@ -339,14 +360,15 @@ fn trusting_every_address_as_a_proxy_is_warned_about() {
             database,
             (
                 "HELPDESK_TRUSTED_PROXIES",
-                "10.0.0.0/8,0.0.0.0/0,::/0,2000::/3,2001:db8::/48",
+                "10.0.0.0/8,0.0.0.0/0,::/0,2000::/3,2600::/12,2001:db8::/48",
             ),
         ],
     );
     let warnings = broad.warnings();
     assert!(
         warnings.len() == 1
-            && warnings[0].contains("HELPDESK_TRUSTED_PROXIES trusts 0.0.0.0/0, ::/0, 2000::/3:")
+            && warnings[0]
+                .contains("HELPDESK_TRUSTED_PROXIES trusts 0.0.0.0/0, ::/0, 2000::/3, 2600::/12:")
             && warnings[0].contains("X-Forwarded-For"),
         "{warnings:?}"
     );
@@ -356,7 +378,7 @@ fn trusting_every_address_as_a_proxy_is_warned_about() {
             database,
             (
                 "HELPDESK_TRUSTED_PROXIES",
-                "10.0.0.0/8,127.0.0.1,fc00::/7,2001:db8::/32",
+                "10.0.0.0/8,127.0.0.1,fc00::/7,fd00::/8,fe80::/10,2001:db8::/32",
             ),
         ],
     );
