@@ -345,7 +345,8 @@ impl<S: ProjectionStore> StoreRelay<S> {
     /// ahead (its first batch, or after another instance moved the checkpoint), for up to
     /// [`store_timeout`](Self::store_timeout): keep the two together below that timeout.
     /// The one-at-a-time pass that looks for an event the transport refuses shares the
-    /// batch's deadline.
+    /// batch's deadline, and reads the checkpoint in the lease's unit before each publish
+    /// after its first: a lease found lost (its session ended) stops it.
     /// A publish that runs out fails the batch, which is retried, after committing what that
     /// pass already published or skipped. At least 1 ms (zero would never ship anything).
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
@@ -500,7 +501,7 @@ impl<S: ProjectionStore> StoreRelay<S> {
         // idle meanwhile.
         let started = Instant::now();
         let deadline = started.checked_add(self.publish_timeout);
-        let pass = self.publish(&records, deadline).await;
+        let pass = self.publish(&records, deadline, &mut unit, after).await;
         self.adapt_limit(limit, records.len(), &pass, started);
         // What was handled stays handled, in order: the checkpoint moves past the last of it.
         let handled = &records[..pass.handled];
@@ -599,9 +600,16 @@ impl<S: ProjectionStore> StoreRelay<S> {
     }
 
     /// Publishes `records` in order by `deadline`. When the transport cannot encode them or
-    /// refuses them, publishes them one at a time, in order, to find those it refuses. Returns how far
-    /// it got (see [`Pass`]).
-    async fn publish(&self, records: &[EventRecord], deadline: Option<Instant>) -> Pass {
+    /// refuses them, publishes them one at a time, in order, to find those it refuses, checking
+    /// before each that the lease (`unit`, which read the checkpoint at `after`) still holds.
+    /// Returns how far it got (see [`Pass`]).
+    async fn publish(
+        &self,
+        records: &[EventRecord],
+        deadline: Option<Instant>,
+        unit: &mut S::Unit,
+        after: Position,
+    ) -> Pass {
         let error = match self.publish_by(records, deadline).await {
             Ok(()) => {
                 return Pass {
@@ -625,6 +633,19 @@ impl<S: ProjectionStore> StoreRelay<S> {
         tracing::warn!(relay = %self.name, topic = %self.topic, error = %error, "the transport refused a batch as one it cannot encode or refuses for good (or too large for it); publishing its events one at a time to find which");
         let mut refused = Vec::new();
         for (i, record) in records.iter().enumerate() {
+            // A pass of many publishes may outlast the lease (its session ended by the server,
+            // and another instance's relay shipping the same events meanwhile): it stops at the
+            // first check that finds it gone, as the outbox relay does, instead of publishing
+            // the rest behind that relay's copies.
+            if i > 0
+                && let Err(e) = self.lease_held(unit, after).await
+            {
+                return Pass {
+                    handled: i,
+                    refused,
+                    failure: Some(e),
+                };
+            }
             match self
                 .publish_by(std::slice::from_ref(record), deadline)
                 .await
@@ -645,6 +666,30 @@ impl<S: ProjectionStore> StoreRelay<S> {
             refused,
             failure: None,
         }
+    }
+
+    /// Whether the lease still holds: its unit reads the checkpoint it read at the start of
+    /// the batch. An error when the read fails (the lease's session is gone) or finds another
+    /// checkpoint (another relay holds the lease and moved it).
+    async fn lease_held(&self, unit: &mut S::Unit, after: Position) -> Result<(), RelayError> {
+        let now = self
+            .bounded(
+                "checking the lease",
+                self.checkpoints.checkpoint(unit, &self.name),
+            )
+            .await?
+            .unwrap_or(Position::START);
+        if now == after {
+            return Ok(());
+        }
+        Err(self.store_error(StoreError::Unavailable {
+            backend: "store",
+            source: format!(
+                "the relay's lease was lost while it published one event at a time: its \
+                 checkpoint moved from {after} to {now} (another instance's relay holds it)"
+            )
+            .into(),
+        }))
     }
 
     async fn publish_by(

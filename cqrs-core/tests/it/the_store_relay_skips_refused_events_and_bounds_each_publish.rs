@@ -526,3 +526,137 @@ fn a_store_that_never_answers_times_out_after_the_store_timeout() {
         assert_eq!(shipped_sums(&transport).await, [1]);
     });
 }
+
+/// A checkpoint store whose lease is lost (its session ended by the server) once `lost` is
+/// set: reading the checkpoint in the lease's unit then fails.
+struct LosesItsLease {
+    inner: cqrs_core::memory::InMemoryProjectionStore,
+    lost: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl cqrs_core::ports::ProjectionStore for LosesItsLease {
+    type Unit = cqrs_core::memory::InMemoryUnit;
+
+    async fn begin(&self, consumer: &str) -> Result<Self::Unit, cqrs_core::ports::StoreError> {
+        self.inner.begin(consumer).await
+    }
+    async fn mark_processed(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+        id: uuid::Uuid,
+    ) -> Result<bool, cqrs_core::ports::StoreError> {
+        self.inner.mark_processed(unit, consumer, id).await
+    }
+    async fn checkpoint(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+    ) -> Result<Option<cqrs_core::Position>, cqrs_core::ports::StoreError> {
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(cqrs_core::ports::StoreError::Unavailable {
+                backend: "test",
+                source: "terminating connection due to administrator command".into(),
+            });
+        }
+        self.inner.checkpoint(unit, consumer).await
+    }
+    async fn save_checkpoint(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+        position: cqrs_core::Position,
+    ) -> Result<(), cqrs_core::ports::StoreError> {
+        self.inner.save_checkpoint(unit, consumer, position).await
+    }
+    async fn reset(
+        &self,
+        unit: &mut Self::Unit,
+        consumer: &str,
+    ) -> Result<(), cqrs_core::ports::StoreError> {
+        self.inner.reset(unit, consumer).await
+    }
+    async fn commit(&self, unit: Self::Unit) -> Result<(), cqrs_core::ports::StoreError> {
+        self.inner.commit(unit).await
+    }
+    async fn purge_inbox(
+        &self,
+        consumer: &str,
+        older_than: Duration,
+    ) -> Result<u64, cqrs_core::ports::StoreError> {
+        self.inner.purge_inbox(consumer, older_than).await
+    }
+}
+
+/// A transport that refuses every batch holding the event of sum 3 (so the relay publishes
+/// one at a time), and whose first single publish ends the relay's lease (`lost`).
+struct EndsTheLease {
+    inner: Picky,
+    lost: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl EventTransport for EndsTheLease {
+    fn capabilities(&self) -> TransportCapabilities {
+        self.inner.capabilities()
+    }
+    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
+        let published = self.inner.publish(topic, events).await;
+        if events.len() == 1 {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        published
+    }
+    async fn consumer(
+        &self,
+        topic: &str,
+        group: &str,
+        options: ConsumerOptions,
+    ) -> Result<Box<dyn Consumer>, TransportError> {
+        self.inner.consumer(topic, group, options).await
+    }
+}
+
+/// The one-at-a-time pass checks its lease before each publish: once the lease is lost (its
+/// session ended; another instance's relay may be shipping the same events), it stops, instead
+/// of publishing the rest of the batch behind that relay's copies, out of their order.
+#[test]
+fn a_one_at_a_time_pass_stops_when_its_lease_is_lost() {
+    run(async {
+        let events = Arc::new(InMemoryEventStore::new());
+        let lost = Arc::new(AtomicBool::new(false));
+        let transport = Arc::new(EndsTheLease {
+            inner: Picky {
+                refuse: Some(3),
+                ..Picky::default()
+            },
+            lost: lost.clone(),
+        });
+        let store = Arc::new(LosesItsLease {
+            inner: InMemoryProjectionStore::new(),
+            lost: lost.clone(),
+        });
+        let relay = StoreRelay::new("relay", events.clone(), store, transport.clone(), "out")
+            .batch_size(10);
+        events
+            .append(
+                "a",
+                ExpectedVersion::NO_STREAM,
+                (1..=5).map(record).collect(),
+            )
+            .await
+            .unwrap();
+
+        let failed = relay.relay_once().await.expect_err("the lease was lost");
+        assert!(
+            failed.to_string().contains("administrator command"),
+            "{failed}"
+        );
+        assert_eq!(
+            shipped_sums(&transport.inner.inner).await,
+            [1],
+            "nothing published after the lease was found lost"
+        );
+    });
+}
