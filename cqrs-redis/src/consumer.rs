@@ -1367,28 +1367,10 @@ async fn release(
     options: &ConsumerOptions,
     entries: &Released,
 ) -> Result<(), TransportError> {
-    set_idle(
-        shared,
-        stream,
-        errors,
-        group,
-        options,
-        None,
-        false,
-        &entries.counted,
-    )
-    .await?;
-    set_idle(
-        shared,
-        stream,
-        errors,
-        group,
-        options,
-        None,
-        true,
-        &entries.read_unhanded,
-    )
-    .await
+    for (take_back, ids) in [(false, &entries.counted), (true, &entries.read_unhanded)] {
+        set_idle(shared, stream, errors, group, options, None, take_back, ids).await?;
+    }
+    Ok(())
 }
 
 /// Entries a consumer lets go of without handing them out.

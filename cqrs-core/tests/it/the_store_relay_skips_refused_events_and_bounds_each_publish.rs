@@ -21,7 +21,8 @@ fn record(sum: u64) -> EventRecord {
 
 /// A transport that cannot encode the event of sum `refuse` (so refuses every batch holding
 /// it), fails retryably while `down`, refuses everything (a missing permission) while
-/// `forbidden`, and never answers while `hang`.
+/// `forbidden`, and never answers while `hang`; its first publish of one event sets
+/// `ends_lease` (the relay's lease lost meanwhile).
 #[derive(Default)]
 struct Picky {
     inner: InMemoryTransport,
@@ -29,6 +30,7 @@ struct Picky {
     down: AtomicBool,
     forbidden: AtomicBool,
     hang: AtomicBool,
+    ends_lease: Option<Arc<AtomicBool>>,
 }
 
 #[async_trait]
@@ -58,7 +60,11 @@ impl EventTransport for Picky {
         {
             return Err(TransportError::Codec("this event cannot be encoded".into()));
         }
-        self.inner.publish(topic, events).await
+        let published = self.inner.publish(topic, events).await;
+        if let (Some(lost), [_]) = (&self.ends_lease, events) {
+            lost.store(true, Ordering::SeqCst);
+        }
+        published
     }
     async fn consumer(
         &self,
@@ -589,35 +595,6 @@ impl cqrs_core::ports::ProjectionStore for LosesItsLease {
     }
 }
 
-/// A transport that refuses every batch holding the event of sum 3 (so the relay publishes
-/// one at a time), and whose first single publish ends the relay's lease (`lost`).
-struct EndsTheLease {
-    inner: Picky,
-    lost: Arc<AtomicBool>,
-}
-
-#[async_trait]
-impl EventTransport for EndsTheLease {
-    fn capabilities(&self) -> TransportCapabilities {
-        self.inner.capabilities()
-    }
-    async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
-        let published = self.inner.publish(topic, events).await;
-        if events.len() == 1 {
-            self.lost.store(true, Ordering::SeqCst);
-        }
-        published
-    }
-    async fn consumer(
-        &self,
-        topic: &str,
-        group: &str,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>, TransportError> {
-        self.inner.consumer(topic, group, options).await
-    }
-}
-
 /// The one-at-a-time pass checks its lease before each publish: once the lease is lost (its
 /// session ended; another instance's relay may be shipping the same events), it stops, instead
 /// of publishing the rest of the batch behind that relay's copies, out of their order.
@@ -626,12 +603,12 @@ fn a_one_at_a_time_pass_stops_when_its_lease_is_lost() {
     run(async {
         let events = Arc::new(InMemoryEventStore::new());
         let lost = Arc::new(AtomicBool::new(false));
-        let transport = Arc::new(EndsTheLease {
-            inner: Picky {
-                refuse: Some(3),
-                ..Picky::default()
-            },
-            lost: lost.clone(),
+        // Refuses the batch (it holds 3), so the relay publishes one at a time; its first
+        // single publish ends the relay's lease.
+        let transport = Arc::new(Picky {
+            refuse: Some(3),
+            ends_lease: Some(lost.clone()),
+            ..Picky::default()
         });
         let store = Arc::new(LosesItsLease {
             inner: InMemoryProjectionStore::new(),
@@ -654,7 +631,7 @@ fn a_one_at_a_time_pass_stops_when_its_lease_is_lost() {
             "{failed}"
         );
         assert_eq!(
-            shipped_sums(&transport.inner.inner).await,
+            shipped_sums(&transport.inner).await,
             [1],
             "nothing published after the lease was found lost"
         );

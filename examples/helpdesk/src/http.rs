@@ -434,12 +434,8 @@ impl<T: Clone + Send + Sync + 'static> SharedRun<T> {
 /// `GET /metrics`: the Prometheus text, to the bearer of `--metrics-token` when one is set.
 async fn metrics(Extension(state): Extension<State>, headers: axum::http::HeaderMap) -> Response {
     if let Some(token) = &state.metrics_token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map_or("", |(_, token)| token.trim());
+        // No bearer token (none, another scheme, a malformed header): compared as empty.
+        let given = helpdesk_api::bearer_token(&headers).unwrap_or("");
         if !helpdesk_api::same_secret(token.as_bytes(), given.as_bytes()) {
             let refused = ApiError::new(
                 StatusCode::UNAUTHORIZED,
