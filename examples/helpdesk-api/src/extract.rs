@@ -188,7 +188,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// would also take a struct's fields from an array, in order (`["<id>"]` for
 /// `{"assignee_id": "<id>"}`, `[]` for a body of optional fields), so an array is refused.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_none() {
+        // serde would say "EOF while parsing a value at line 1 column 0".
+        return Err(ApiError::bad_request(
+            "malformed_json",
+            "the body is empty: send a JSON object",
+        ));
+    }
+    if first == Some(&b'[') {
         check_json(bytes)?;
         return Err(ApiError::unprocessable(
             "invalid_body",
@@ -202,10 +210,21 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         // (this runs on the error path only), the body tells broken JSON, with where it
         // breaks, from JSON of the wrong shape.
         match check_json(bytes) {
-            Ok(()) => json_error(e, true),
+            Ok(()) => wrong_shape(&e, wrong_shape_at::<T>(bytes)),
             Err(broken) => broken,
         }
     })
+}
+
+/// Where in valid JSON `bytes` the typed parse refused a value (`email`, `tags[2]`, a field
+/// the route does not know), unless at the top (a missing field is the object's problem). Parsed again with
+/// the path tracked, on the error path only: the parse that succeeds pays nothing for it.
+fn wrong_shape_at<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
+    let mut parser = serde_json::Deserializer::from_slice(bytes);
+    let error = serde_path_to_error::deserialize::<_, T>(&mut parser).err()?;
+    let path = error.path().to_string();
+    // A map's keys are the client's text: quoted no longer than the rest of its text.
+    (path != ".").then(|| clipped(&path, MAX_QUOTED))
 }
 
 /// 400 `malformed_json` unless `bytes` is JSON: UTF-8 text (RFC 8259 8.1; serde's
@@ -223,46 +242,55 @@ fn check_json(bytes: &[u8]) -> Result<(), ApiError> {
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
         .map(drop)
-        .map_err(|e| json_error(e, false))
+        .map_err(|e| malformed(&e))
 }
 
-/// A parser's error with the contract's codes: 422 for a body that is valid JSON (`valid`)
-/// of the wrong shape, else 400.
-fn json_error(e: serde_json::Error, valid: bool) -> ApiError {
-    // serde quotes what it refused (an unknown field's name, a variant, a string): a
-    // client's 100 KB name must not come back whole.
-    let why = clipped(
+/// serde's message in the API's words, clipped: serde quotes what it refused (an unknown
+/// field's name, a variant, a string), and a client's 100 KB name must not come back whole.
+fn parser_says(e: &serde_json::Error) -> String {
+    clipped(
         &in_json_words(&without_rust_types(&e.to_string())),
         MAX_QUOTED,
-    );
-    if valid {
-        // JSON's grammar takes a `\u` escape of half a surrogate pair alone, but it is no
-        // text: serde_json says so in words about its parser ("unexpected end of hex escape").
-        if [
-            "unexpected end of hex escape",
-            "lone leading surrogate in hex escape",
-        ]
-        .iter()
-        .any(|says| why.starts_with(says))
-        {
-            let at = why.find(" at line").map_or("", |i| &why[i..]);
-            return ApiError::unprocessable(
-                "invalid_body",
-                format!(
-                    "a string holds half a surrogate pair (a `\\u` escape from D800 to DFFF \
-                     without its other half), which is no text{at}"
-                ),
-            );
-        }
-        ApiError::unprocessable(
-            "invalid_body",
-            format!("the body does not match the expected shape: {why}"),
+    )
+}
+
+/// 400 `malformed_json`: the parser's error for a body that is not JSON.
+fn malformed(e: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(
+        "malformed_json",
+        format!("the body is not valid JSON: {}", parser_says(e)),
+    )
+}
+
+/// 422 `invalid_body`: the typed parse's error for a body that is valid JSON of the wrong
+/// shape, with the value it refused in `details.field` (as `validation_failed` names a
+/// field) unless that is the body itself.
+fn wrong_shape(e: &serde_json::Error, field: Option<String>) -> ApiError {
+    let why = parser_says(e);
+    let at = field
+        .as_ref()
+        .map_or(String::new(), |field| format!(" at `{field}`"));
+    // JSON's grammar takes a `\u` escape of half a surrogate pair alone, but it is no text:
+    // serde_json says so in words about its parser ("unexpected end of hex escape").
+    let message = if [
+        "unexpected end of hex escape",
+        "lone leading surrogate in hex escape",
+    ]
+    .iter()
+    .any(|says| why.starts_with(says))
+    {
+        let position = why.find(" at line").map_or("", |i| &why[i..]);
+        format!(
+            "a string{at} holds half a surrogate pair (a `\\u` escape from D800 to DFFF without \
+             its other half), which is no text{position}"
         )
     } else {
-        ApiError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {why}"),
-        )
+        format!("the body does not match the expected shape{at}: {why}")
+    };
+    let error = ApiError::unprocessable("invalid_body", message);
+    match field {
+        Some(field) => error.with_details(serde_json::json!({ "field": field })),
+        None => error,
     }
 }
 
@@ -964,6 +992,63 @@ mod tests {
             let message = error.body().error.message;
             assert!(message.contains("half a surrogate pair"), "{message}");
             assert!(message.contains("at line 1 column"), "{message}");
+        }
+    }
+
+    /// A value of the wrong shape is named where it is, in the message and in
+    /// `details.field` (as `validation_failed` names its field), down into arrays and
+    /// objects, and a field the body must not have; a field it lacks names none; an empty body
+    /// is told as such.
+    #[test]
+    fn a_value_of_the_wrong_shape_is_named_where_it_is() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Tagged {
+            tags: Vec<String>,
+            owner: Option<LoginBody>,
+        }
+        let named = |error: ApiError, field: &str| {
+            let body = error.body().error;
+            assert_eq!(body.code, "invalid_body");
+            assert_eq!(body.details, Some(serde_json::json!({ "field": field })));
+            let says = format!("the body does not match the expected shape at `{field}`: ");
+            assert!(body.message.starts_with(&says), "{}", body.message);
+        };
+        for (body, field) in [
+            (&br#"{"email": null}"#[..], "email"),
+            (br#"{"email": "a@b.c", "version": "7"}"#, "version"),
+        ] {
+            named(parse_json::<LoginBody>(body).unwrap_err(), field);
+        }
+        for (body, field) in [
+            (&br#"{"tags": ["a", 3]}"#[..], "tags[1]"),
+            (br#"{"tags": [], "owner": {"email": 1}}"#, "owner.email"),
+        ] {
+            named(parse_json::<Tagged>(body).unwrap_err(), field);
+        }
+        // A field the body must not have is named too; one it lacks is the body's problem.
+        named(
+            parse_json::<LoginBody>(br#"{"email": "a@b.c", "bogus": 1}"#).unwrap_err(),
+            "bogus",
+        );
+        let missing = parse_json::<LoginBody>(br#"{"version": 1}"#).unwrap_err();
+        let missing = missing.body().error;
+        assert_eq!(missing.details, None, "{}", missing.message);
+        assert!(
+            missing
+                .message
+                .starts_with("the body does not match the expected shape: missing field `email`"),
+            "{}",
+            missing.message
+        );
+        for empty in [&b""[..], b" \r\n"] {
+            let error = parse_json::<LoginBody>(empty).unwrap_err();
+            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
+            let body = error.body().error;
+            assert_eq!(
+                (body.code.as_str(), body.message.as_str()),
+                ("malformed_json", "the body is empty: send a JSON object")
+            );
         }
     }
 
