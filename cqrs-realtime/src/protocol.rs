@@ -123,6 +123,30 @@ impl ClientFrame {
                     .into(),
             ));
         }
+        // serde's own message names neither the field nor a position ("invalid type: integer
+        // `41`, expected a string"), and a position sent as a number is a likely slip.
+        for (field, what) in [
+            ("topic", "a topic name"),
+            (
+                "since",
+                "the position string of the last event frame, as sent (`\"41\"`)",
+            ),
+        ] {
+            let kind_of = |value: &serde_json::Value| match value {
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+                serde_json::Value::Null => "null",
+                serde_json::Value::String(_) => "a string",
+            };
+            if let Some(sent) = value.get(field).filter(|v| !v.is_string()) {
+                return Err(malformed(format!(
+                    "`{field}` must be {what}, not {}",
+                    kind_of(sent)
+                )));
+            }
+        }
         serde_json::from_value(value).map_err(|e| malformed(format!("invalid `{kind}` frame: {e}")))
     }
 }
@@ -436,6 +460,30 @@ mod tests {
                 since: Some("1".into())
             }
         );
+    }
+
+    /// A field of the wrong kind is named, with what it must be: serde's message named
+    /// neither ("invalid type: integer `41`, expected a string").
+    #[test]
+    fn a_field_of_the_wrong_kind_is_named() {
+        for (frame, says) in [
+            (
+                r#"{"type":"subscribe","topic":"tickets","since":41}"#,
+                "`since` must be the position string of the last event frame, as sent (`\"41\"`), not a number",
+            ),
+            (
+                r#"{"type":"subscribe","topic":["tickets"]}"#,
+                "`topic` must be a topic name, not an array",
+            ),
+            (
+                r#"{"type":"unsubscribe","topic":null}"#,
+                "`topic` must be a topic name, not null",
+            ),
+        ] {
+            let refused = ClientFrame::parse(frame).unwrap_err();
+            assert_eq!(refused.code(), ErrorCode::MalformedFrame);
+            assert_eq!(refused.to_string(), says, "{frame}");
+        }
     }
 
     /// A field sent twice was taken from its last copy (serde_json's choice; other readers

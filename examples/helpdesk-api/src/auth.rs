@@ -55,9 +55,18 @@ pub enum AuthError {
     /// (a proxy in front may read another one than it would).
     #[error("send one `Authorization` header, not several")]
     Repeated,
-    /// The token is invalid: bad signature, wrong algorithm, or expired.
-    #[error("invalid or expired token")]
+    /// The token is invalid: not a token, a bad signature, another algorithm, or made for a
+    /// later time.
+    #[error(
+        "the token is not valid here (not signed by this server, or with a secret it no longer \
+         has); log in again"
+    )]
     Invalid,
+    /// The token is well signed, but has expired. Told apart from [`Invalid`](Self::Invalid)
+    /// only once the signature holds, so it says nothing about tokens the server did not
+    /// make.
+    #[error("the token has expired; log in again")]
+    Expired,
     /// The token is well signed, but its user does not exist here (deleted, or a token of
     /// another server sharing the secret).
     #[error("the token's user does not exist; log in again")]

@@ -92,11 +92,15 @@ impl JwtTokens {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.validate_exp = false;
         validation.required_spec_claims = ["exp", "sub"].into_iter().map(String::from).collect();
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .map_err(|_| AuthError::Invalid)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).map_err(|e| {
+                // Why, for whoever debugs a client; the client is told only that it is invalid.
+                tracing::debug!(reason = ?e.kind(), "a token was refused");
+                AuthError::Invalid
+            })?;
         let now = self.clock.now().timestamp();
         if data.claims.exp <= now {
-            return Err(AuthError::Invalid);
+            return Err(AuthError::Expired);
         }
         let too_early = |at: i64| at > now.saturating_add(CLOCK_SKEW_SECONDS);
         if too_early(data.claims.iat) || data.claims.nbf.is_some_and(too_early) {
@@ -221,8 +225,12 @@ mod tests {
             id: uuid::Uuid::now_v7(),
             role: Role::Agent,
         };
-        let (decoded, _) = tokens.decode(&tokens.issue(&user).unwrap()).unwrap();
+        let issued = tokens.issue(&user).unwrap();
+        let (decoded, _) = tokens.decode(&issued).unwrap();
         assert_eq!((decoded.id, decoded.role), (user.id, user.role));
+        // Expired to the second, and told so.
+        clock.advance(Duration::from_secs(60));
+        assert!(matches!(tokens.decode(&issued), Err(AuthError::Expired)));
     }
 
     /// A lifetime past a century counts as a century: its seconds cast to `i64` made every

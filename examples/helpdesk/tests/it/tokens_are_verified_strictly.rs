@@ -35,6 +35,9 @@ async fn missing_malformed_forged_and_expired_tokens_are_401() {
         );
         let parts: Vec<&str> = token.split('.').collect();
         let elevated = format!("{}.{payload}.{}", parts[0], parts[2]);
+        // Expired long ago, and forged: not told as expired.
+        let old_payload = b64(format!(r#"{{"sub":"{id}","role":"agent","exp":1}}"#).as_bytes());
+        let forged_expired = format!("{}.{old_payload}.{}", parts[0], parts[2]);
         let bad_signature = format!("{}.{}.{}", parts[0], parts[1], b64(&[0; 32]));
 
         let cases: Vec<(&str, Option<String>)> = vec![
@@ -46,6 +49,10 @@ async fn missing_malformed_forged_and_expired_tokens_are_401() {
             ("alg none", Some(format!("Bearer {none_alg}"))),
             ("another algorithm", Some(format!("Bearer {hs512}"))),
             ("a forged payload", Some(format!("Bearer {elevated}"))),
+            (
+                "a forged expired payload",
+                Some(format!("Bearer {forged_expired}")),
+            ),
             ("a bad signature", Some(format!("Bearer {bad_signature}"))),
             ("non-ascii", Some("Bearer tøken".into())),
         ];
@@ -57,15 +64,20 @@ async fn missing_malformed_forged_and_expired_tokens_are_401() {
             let r = Response::from(request.send().await.unwrap()).await;
             assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {r:?}");
             r.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+            // Only a token this server signed is told as expired, whatever its `exp` says.
+            let message = r.body["error"]["message"].as_str().unwrap();
+            assert!(!message.contains("expired"), "{what}: {message}");
         }
 
         s.clock.advance(Duration::from_secs(3601));
-        s.get("/auth/me", &token)
-            .await
-            .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
-        s.get("/tickets", &token)
-            .await
-            .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+        for path in ["/auth/me", "/tickets"] {
+            let r = s.get(path, &token).await;
+            r.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+            assert_eq!(
+                r.body["error"]["message"], "the token has expired; log in again",
+                "{path}"
+            );
+        }
         s.stop().await;
     })
     .await;
