@@ -202,14 +202,39 @@ impl TransportError {
 }
 
 impl From<TransportError> for HandlerError {
+    /// The handler error of the same kind, but for [`Invalid`](TransportError::Invalid),
+    /// which is `Internal`: what a transport refuses as invalid (a topic, consumer options, a
+    /// key prefix) is the server's own making, so a handler's client must not be told its
+    /// request was at fault (422) and not to retry. [`TransportError::kind`] stays `Invalid`
+    /// for the relays and operators.
     fn from(error: TransportError) -> Self {
-        HandlerError::new(error.kind(), error.kind().as_str(), error.to_string()).with_source(error)
+        let kind = match error.kind() {
+            ErrorKind::Invalid => ErrorKind::Internal,
+            kind => kind,
+        };
+        HandlerError::new(kind, kind.as_str(), error.to_string()).with_source(error)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A transport's `Invalid` is the server's own making: a handler that meets it fails as
+    /// `Internal` (500), not as a client's bad request (422).
+    #[test]
+    fn a_transport_refusing_the_servers_own_call_is_internal_to_a_handler() {
+        let error = HandlerError::from(TransportError::Invalid("topic `a b` ...".into()));
+        assert_eq!(
+            (error.kind(), error.code()),
+            (ErrorKind::Internal, "internal")
+        );
+        let error = HandlerError::from(TransportError::Timeout { backend: "redis" });
+        assert_eq!(
+            (error.kind(), error.code()),
+            (ErrorKind::Timeout, "timeout")
+        );
+    }
 
     #[test]
     fn a_conflict_tells_the_current_version() {
