@@ -21,7 +21,6 @@ use tower::ServiceBuilder;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
@@ -270,9 +269,9 @@ pub(crate) fn router(state: State) -> Router {
                 // Inside the layers above, so that the request id, the access log line and the
                 // metrics see the 500 it makes of a panic, as of any answer.
                 .layer(middleware::from_fn(catch_panics))
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                .layer(middleware::from_fn_with_state(
                     state.request_timeout,
+                    within_budget,
                 ))
                 // A body not all arrived within half the budget from its first read (it
                 // stopped, or trickles in), and in any case by nine tenths of the budget, is
@@ -624,12 +623,12 @@ async fn json_errors(
     if is_json {
         return response;
     }
+    if response.extensions().get::<BudgetSpent>().is_some() {
+        tracing::warn!("the request ran past its time budget");
+        return with_parts(response, ApiError::timeout(after_timeout));
+    }
     let (code, message) = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", helpdesk_api::BODY_TOO_LARGE),
-        StatusCode::SERVICE_UNAVAILABLE => {
-            tracing::warn!("the request ran past its time budget");
-            return with_parts(response, ApiError::timeout(after_timeout));
-        }
         // The client's body too slow (as `ApiJson` answers it): its 408 stays, with no line
         // and no retry advice.
         StatusCode::REQUEST_TIMEOUT => ("request_timeout", helpdesk_api::BODY_TOO_SLOW),
@@ -641,10 +640,87 @@ async fn json_errors(
             "unsupported_media_type",
             "send JSON with `Content-Type: application/json`",
         ),
-        StatusCode::BAD_REQUEST => ("bad_request", "the request is malformed"),
-        s if s.is_client_error() => ("bad_request", "the request was refused"),
-        _ => ("internal", "the server failed; the error is logged"),
+        _ => return plain_error(response).await,
     };
+    with_parts(response, ApiError::new(status, code, message))
+}
+
+/// Marks the 503 of a request that ran past its time budget ([`within_budget`]), so that
+/// [`json_errors`] tells it from a 503 something else answered without a JSON body.
+#[derive(Clone, Copy)]
+struct BudgetSpent;
+
+/// Answers 503, marked [`BudgetSpent`], a request not answered within `budget`.
+async fn within_budget(
+    axum::extract::State(budget): axum::extract::State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(budget, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+            response.extensions_mut().insert(BudgetSpent);
+            response
+        }
+    }
+}
+
+/// The longest plain-text body of an error [`plain_error`] reads.
+const MAX_PLAIN_ERROR: usize = 4096;
+
+/// The contract's JSON for an error answered in plain text (or bodiless) by something the
+/// gateway does not know: axum's rejections in a plugin's own extractors (`axum::Json`), a
+/// plugin's bare status. A client error keeps its text, which axum writes for clients, and
+/// gets a code of its status; a server error's text is logged, not sent.
+async fn plain_error(response: Response) -> Response {
+    let status = response.status();
+    let (parts, body) = response.into_parts();
+    // Only a body whole in memory, as error texts are: a stream could hold the answer open.
+    let text = match axum::body::HttpBody::size_hint(&body).upper() {
+        Some(len) if len <= MAX_PLAIN_ERROR as u64 => axum::body::to_bytes(body, MAX_PLAIN_ERROR)
+            .await
+            .ok()
+            .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_owned())
+            .filter(|text| !text.is_empty()),
+        _ => None,
+    };
+    let response = Response::from_parts(parts, Body::empty());
+    if status.is_server_error() {
+        tracing::error!(
+            status = status.as_u16(),
+            body = text.as_deref().unwrap_or("(none read)"),
+            "a route answered a server error without the JSON body of the contract"
+        );
+        let error = if status == StatusCode::SERVICE_UNAVAILABLE {
+            ApiError::new(
+                status,
+                "unavailable",
+                "the service is unavailable for now; try again shortly",
+            )
+        } else {
+            ApiError::new(status, "internal", "the server failed; the error is logged")
+        };
+        return with_parts(response, error);
+    }
+    let code = match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::CONFLICT => "conflict",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        _ => "bad_request",
+    };
+    // A plugin's text may quote the client's input: sent back no longer than a line or two.
+    let message: String = text
+        .map(|text| text.chars().take(300).collect())
+        .unwrap_or_else(|| {
+            if status == StatusCode::BAD_REQUEST {
+                "the request is malformed".into()
+            } else {
+                "the request was refused".into()
+            }
+        });
     with_parts(response, ApiError::new(status, code, message))
 }
 
@@ -1110,6 +1186,65 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "request_timeout", "{body}");
         assert_eq!(body["error"]["message"], helpdesk_api::BODY_TOO_SLOW);
+    }
+
+    /// An error a plugin's route answers in plain text gets the contract's JSON: a client
+    /// error keeps its text (axum's rejections are written for clients) and a code of its
+    /// status; a server error's text is not sent, and a bare 503 is no time-out (it was
+    /// told as the request's budget spent, with that advice).
+    #[tokio::test]
+    async fn plain_errors_get_the_contracts_json_by_their_status() {
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode};
+        use tower::ServiceExt;
+
+        let app = axum::Router::new()
+            .route(
+                "/{status}",
+                axum::routing::post(
+                    |axum::extract::Path(status): axum::extract::Path<u16>| async move {
+                        let status = StatusCode::from_u16(status).unwrap();
+                        (
+                            status,
+                            format!("plain text of {status} from /srv/secret.rs"),
+                        )
+                    },
+                ),
+            )
+            .route(
+                "/spent",
+                axum::routing::post(|| async {
+                    let mut response = axum::response::IntoResponse::into_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                    );
+                    response.extensions_mut().insert(super::BudgetSpent);
+                    response
+                }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                super::IdempotentRoutes::default(),
+                super::json_errors,
+            ));
+        for (path, status, code, sent) in [
+            ("/422", 422, "unprocessable", true),
+            ("/403", 403, "forbidden", true),
+            ("/400", 400, "bad_request", true),
+            ("/418", 418, "bad_request", true),
+            ("/500", 500, "internal", false),
+            ("/503", 503, "unavailable", false),
+            ("/spent", 503, "timeout", false),
+        ] {
+            let request = Request::post(path).body(Body::empty()).unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{path}");
+            let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["error"]["code"], code, "{path}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert_eq!(message.contains("plain text of"), sent, "{path}: {body}");
+        }
     }
 
     /// The gateway's consumers never get a redelivery delay the Redis transport refuses.
