@@ -223,8 +223,9 @@ fn wrong_shape_at<T: DeserializeOwned>(bytes: &[u8]) -> Option<String> {
     let mut parser = serde_json::Deserializer::from_slice(bytes);
     let error = serde_path_to_error::deserialize::<_, T>(&mut parser).err()?;
     let path = error.path().to_string();
-    // A map's keys are the client's text: quoted no longer than the rest of its text.
-    (path != ".").then(|| clipped(&path, MAX_QUOTED))
+    // A field's name or a map's key is the client's text: quoted briefly, as the message
+    // after it may quote it again.
+    (path != ".").then(|| clipped(&path, MAX_QUOTED_FIELD))
 }
 
 /// 400 `malformed_json` unless `bytes` is JSON: UTF-8 text (RFC 8259 8.1; serde's
@@ -356,6 +357,9 @@ fn in_json_words(message: &str) -> String {
 
 /// How much of a parser's message an error quotes.
 const MAX_QUOTED: usize = 300;
+
+/// How much of the path to a value of the wrong shape an error quotes.
+const MAX_QUOTED_FIELD: usize = 64;
 
 /// `text` cut to about `max` bytes, on character boundaries: its start and its end (serde
 /// puts what was expected and where last), with what was cut out marked.

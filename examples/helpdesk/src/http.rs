@@ -236,13 +236,8 @@ pub(crate) fn router(state: State) -> Router {
         .merge(ops)
         // Its own code: a typo in a path must not read as "that ticket is gone".
         .fallback(|| async { unknown_route() })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this route does not take that method",
-            )
-        })
+        // Bare: `json_errors` words it, naming the method.
+        .method_not_allowed_fallback(|| async { StatusCode::METHOD_NOT_ALLOWED })
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([
@@ -610,6 +605,8 @@ async fn json_errors(
     } else {
         AfterTimeout::CheckFirst
     };
+    // Cheap: a standard method is no allocation.
+    let method = request.method().clone();
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
@@ -634,7 +631,7 @@ async fn json_errors(
         StatusCode::REQUEST_TIMEOUT => ("request_timeout", helpdesk_api::BODY_TOO_SLOW),
         StatusCode::NOT_FOUND => return with_parts(response, unknown_route()),
         StatusCode::METHOD_NOT_ALLOWED => {
-            ("method_not_allowed", "this route does not take that method")
+            return with_parts(response, method_not_allowed(&method));
         }
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (
             "unsupported_media_type",
@@ -643,6 +640,18 @@ async fn json_errors(
         _ => return plain_error(response).await,
     };
     with_parts(response, ApiError::new(status, code, message))
+}
+
+/// 405 `method_not_allowed`, naming the method refused. (axum sets `Allow` on the answer
+/// after the layers of a route have run, so it is not here to quote.)
+fn method_not_allowed(method: &axum::http::Method) -> ApiError {
+    // An extension method is the client's text: quoted no longer than a real one.
+    let method: String = method.as_str().chars().take(32).collect();
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this route does not take {method}: `Allow` lists the methods it takes"),
+    )
 }
 
 /// Marks the 503 of a request that ran past its time budget ([`within_budget`]), so that

@@ -51,7 +51,11 @@ async fn routing_and_body_errors_use_the_json_contract() {
         );
         let wrong_method = raw(&s, Method::DELETE, "/tickets", t, None, vec![]).await;
         wrong_method.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
-        assert!(wrong_method.headers.get("allow").is_some());
+        assert_eq!(wrong_method.headers["allow"], "POST,GET,HEAD");
+        assert_eq!(
+            wrong_method.body["error"]["message"],
+            "this route does not take DELETE: `Allow` lists the methods it takes"
+        );
         raw(
             &s,
             Method::POST,
