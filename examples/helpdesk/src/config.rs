@@ -502,6 +502,23 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// `problem` with the flag of the setting it opens with beside its variable
+/// (`HELPDESK_TOKEN_TTL (--token-ttl-seconds) must be ...`): the problems name settings by
+/// their variables, and whoever passed the flag may not know its variable.
+fn with_flag(problem: String) -> String {
+    let command = Config::command();
+    let setting = command.get_arguments().find_map(|arg| {
+        let variable = arg.get_env()?.to_str()?;
+        let long = arg.get_long()?;
+        let rest = problem.strip_prefix(variable)?;
+        rest.starts_with(' ').then_some((variable.len(), long))
+    });
+    match setting {
+        Some((len, long)) => format!("{} (--{long}){}", &problem[..len], &problem[len..]),
+        None => problem,
+    }
+}
+
 /// The longest of the millisecond settings but `HELPDESK_SHUTDOWN_DELAY_MS`: a day.
 const DAY_MS: u64 = 86_400_000;
 
@@ -1003,7 +1020,7 @@ impl Config {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems)
+            Err(problems.into_iter().map(with_flag).collect())
         }
     }
 

@@ -141,7 +141,7 @@ fn an_agent_email_that_is_no_address_is_refused() {
         .expect_err("two entries are no addresses");
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(
-        problems[0].contains("HELPDESK_AGENT_EMAILS lists `not-an-email`")
+        problems[0].contains("HELPDESK_AGENT_EMAILS (--agent-emails) lists `not-an-email`")
             && problems[0].contains("the email has no @"),
         "{problems:?}"
     );
@@ -166,7 +166,7 @@ fn the_database_acquire_timeout_is_bounded() {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS must be 1 to 600000")),
+                .any(|p| p.contains("HELPDESK_DATABASE_ACQUIRE_TIMEOUT_MS (--database-acquire-timeout-ms) must be 1 to 600000")),
             "{bad}: {problems:?}"
         );
     }
@@ -209,7 +209,8 @@ fn a_request_burst_of_zero_is_refused_saying_how_to_turn_the_limit_off() {
         .expect_err("a burst of 0");
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
-        problems[0].contains("HELPDESK_USER_REQUEST_BURST must be at least 1")
+        problems[0]
+            .contains("HELPDESK_USER_REQUEST_BURST (--user-request-burst) must be at least 1")
             && problems[0].contains("HELPDESK_USER_REQUESTS_PER_SECOND to 0"),
         "{problems:?}"
     );
@@ -242,7 +243,8 @@ fn millisecond_settings_over_a_day_are_refused() {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains(&format!("{name} must be at most 86400000"))),
+                .any(|p| p.starts_with(&format!("{name} (--"))
+                    && p.contains(") must be at most 86400000")),
             "{name}: {problems:?}"
         );
     }

@@ -83,20 +83,20 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("HELPDESK_JWT_SECRET is 5 bytes; it must be at least 32"),
+        err.contains("HELPDESK_JWT_SECRET (--jwt-secret) is 5 bytes; it must be at least 32"),
         "{err}"
     );
     assert!(
-        err.contains("REDIS_URL is set without DATABASE_URL"),
+        err.contains("REDIS_URL (--redis-url) is set without DATABASE_URL"),
         "{err}"
     );
     // Past these, token expiry and the throttle's window overflow the calendar.
     assert!(
-        err.contains("HELPDESK_TOKEN_TTL must be 1 second to 10 years"),
+        err.contains("HELPDESK_TOKEN_TTL (--token-ttl-seconds) must be 1 second to 10 years"),
         "{err}"
     );
     assert!(
-        err.contains("HELPDESK_LOGIN_WINDOW must be 1 second to a year"),
+        err.contains("HELPDESK_LOGIN_WINDOW (--login-window-seconds) must be 1 second to a year"),
         "{err}"
     );
     // Zero is no "off": each would become a millisecond.
@@ -107,12 +107,14 @@ async fn bad_configuration_is_refused_with_every_problem_named() {
         "HELPDESK_SHUTDOWN_GRACE_MS",
     ] {
         assert!(
-            err.contains(&format!("{name} must be at least")),
+            err.lines()
+                .any(|line| line.contains(&format!("{name} (--"))
+                    && line.contains(") must be at least")),
             "{name}: {err}"
         );
     }
     assert!(
-        err.contains("HELPDESK_SHUTDOWN_DELAY_MS must be at most 600000"),
+        err.contains("HELPDESK_SHUTDOWN_DELAY_MS (--shutdown-delay-ms) must be at most 600000"),
         "{err}"
     );
 }
