@@ -130,6 +130,29 @@ pub enum ProjectionError {
     },
 }
 
+impl ProjectionError {
+    /// The class of this error, to decide whether to retry: a store's or a transport's own,
+    /// the projection's (`Apply`, `Rebuild`), `Unavailable` for an event only a newer build
+    /// can read, `Internal` for what no retry mends (another decode failure, a checkpoint
+    /// past the store), `Invalid` for a runner built without the event store it needs.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ProjectionError::Store(e) => e.kind(),
+            ProjectionError::Transport(e) => e.kind(),
+            ProjectionError::Decode { source, .. } if source.waits_for_another_build() => {
+                ErrorKind::Unavailable
+            }
+            ProjectionError::Decode { .. } | ProjectionError::CheckpointAhead { .. } => {
+                ErrorKind::Internal
+            }
+            ProjectionError::Apply { source, .. } | ProjectionError::Rebuild { source, .. } => {
+                source.kind()
+            }
+            ProjectionError::NoEventStore(_) => ErrorKind::Invalid,
+        }
+    }
+}
+
 enum Source {
     Store,
     Transport {
@@ -3384,6 +3407,40 @@ mod tests {
     use super::*;
     use crate::ports::DeliveryId;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A projection's error tells its class, as the store's and the transport's do: an
+    /// event a newer build must read is worth waiting for, a missing upcaster is not.
+    #[test]
+    fn a_projection_error_tells_whether_a_retry_may_help() {
+        let decode = |source| ProjectionError::Decode {
+            event_id: Uuid::nil(),
+            source,
+        };
+        let future = decode(DecodeError::FutureVersion {
+            event_type: "Opened".into(),
+            found: 3,
+            current: 2,
+        });
+        assert_eq!(future.kind(), ErrorKind::Unavailable);
+        let gap = decode(DecodeError::MissingUpcaster {
+            event_type: "Opened".into(),
+            found: 1,
+        });
+        assert_eq!(gap.kind(), ErrorKind::Internal);
+        let refused = ProjectionError::Apply {
+            projection: "stats".into(),
+            event_id: Uuid::nil(),
+            event_type: "Opened".into(),
+            source: HandlerError::conflict("version_conflict", "try again"),
+        };
+        assert_eq!(refused.kind(), ErrorKind::Conflict);
+        let timeout = ProjectionError::from(TransportError::Timeout { backend: "redis" });
+        assert_eq!(timeout.kind(), ErrorKind::Timeout);
+        assert_eq!(
+            ProjectionError::NoEventStore("stats".into()).kind(),
+            ErrorKind::Invalid
+        );
+    }
 
     /// Two copies of one event without an order key (a relay shipped it twice, both in one
     /// batch) used to run at once, each in a chain of its own: both passed a handler's "seen

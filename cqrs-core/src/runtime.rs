@@ -144,12 +144,34 @@ impl HealthReporter {
 }
 
 /// What a worker gets when it runs.
+///
+/// The runtime makes one for each run; a test that runs a worker by hand makes its own:
+///
+/// ```
+/// use cqrs_core::runtime::{HealthReporter, Shutdown, WorkerContext};
+///
+/// let (trigger, shutdown) = Shutdown::new();
+/// let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
+/// trigger.trigger();
+/// assert!(ctx.shutdown.is_requested());
+/// ```
+///
+/// Non-exhaustive: later versions may give a worker more (made with [`new`](Self::new)).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct WorkerContext {
     /// Requested when the runtime stops.
     pub shutdown: Shutdown,
     /// Where to report health.
     pub health: HealthReporter,
+}
+
+impl WorkerContext {
+    /// The context of a worker that stops when `shutdown` is requested and reports its
+    /// health to `health`.
+    pub fn new(shutdown: Shutdown, health: HealthReporter) -> Self {
+        Self { shutdown, health }
+    }
 }
 
 /// A background task of a server.
@@ -445,10 +467,7 @@ impl RuntimeBuilder {
                 map: health.clone(),
             };
             reporter.set(Health::Starting);
-            let ctx = WorkerContext {
-                shutdown: shutdown.clone(),
-                health: reporter,
-            };
+            let ctx = WorkerContext::new(shutdown.clone(), reporter);
             let (min, max) = (self.min_backoff, self.max_backoff);
             let still_running = running.enter(&name);
             // Every line a worker logs names it (a consume loop's, a stalled batch's), and

@@ -93,6 +93,29 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// The class of this error: the pub/sub's own (an unavailable broker is worth a retry),
+    /// `Internal` for an event the routing cannot encode (a bug: no retry mends it).
+    ///
+    /// ```
+    /// use cqrs_core::ErrorKind;
+    /// use cqrs_core::ports::TransportError;
+    /// use cqrs_realtime::PublishError;
+    ///
+    /// let error = PublishError::PubSub {
+    ///     channel: "realtime:tickets".into(),
+    ///     source: TransportError::Timeout { backend: "redis" },
+    /// };
+    /// assert!(error.kind().is_retryable());
+    /// ```
+    pub fn kind(&self) -> cqrs_core::ErrorKind {
+        match self {
+            PublishError::Encode { .. } => cqrs_core::ErrorKind::Internal,
+            PublishError::PubSub { source, .. } => source.kind(),
+        }
+    }
+}
+
 impl Publisher {
     /// A publisher on `pubsub`, routing with `routing`, on channels prefixed with
     /// [`DEFAULT_CHANNEL_PREFIX`].

@@ -141,10 +141,7 @@ fn scripted(batches: Vec<Vec<Delivery>>) -> (Scripted, WorkerContext, Log) {
         dead: Arc::default(),
         dead_letters_failing: 0,
     };
-    let ctx = WorkerContext {
-        shutdown,
-        health: HealthReporter::detached("scripted"),
-    };
+    let ctx = WorkerContext::new(shutdown, HealthReporter::detached("scripted"));
     (consumer, ctx, log)
 }
 

@@ -1808,10 +1808,10 @@ fn the_event_bus_consumer_dead_letters_an_event_missing_its_upcaster() {
         let (stop, shutdown) = Shutdown::new();
         let running = tokio::spawn(async move {
             consumer
-                .run(WorkerContext {
+                .run(WorkerContext::new(
                     shutdown,
-                    health: HealthReporter::detached("test"),
-                })
+                    HealthReporter::detached("test"),
+                ))
                 .await
                 .map_err(|e| e.to_string())
         });
@@ -1861,10 +1861,10 @@ fn a_runner_whose_consumer_fails_to_close_returns_the_error() {
         let (stop, shutdown) = Shutdown::new();
         let running = tokio::spawn(async move {
             runner
-                .run(WorkerContext {
+                .run(WorkerContext::new(
                     shutdown,
-                    health: HealthReporter::detached("test"),
-                })
+                    HealthReporter::detached("test"),
+                ))
                 .await
                 .map_err(|e| e.to_string())
         });
@@ -2387,10 +2387,7 @@ fn a_worker_with_a_gap_in_its_upcasters_fails_at_start() {
         types.register::<Added>().register::<Noted>();
         types.upcaster("test.noted3", 1, Ok);
         let types = Arc::new(types);
-        let context = || WorkerContext {
-            shutdown: Shutdown::new().1,
-            health: HealthReporter::detached("test"),
-        };
+        let context = || WorkerContext::new(Shutdown::new().1, HealthReporter::detached("test"));
         let mut runner = ProjectionRunner::from_store(
             Arc::new(InMemoryProjectionStore::new()),
             Arc::new(Sum::default()),
@@ -2951,10 +2948,10 @@ fn a_runner_whose_run_was_dropped_catches_up_when_called() {
         );
         let (stop, shutdown) = Shutdown::new();
         {
-            let run = runner.run(WorkerContext {
+            let run = runner.run(WorkerContext::new(
                 shutdown,
-                health: HealthReporter::detached("test"),
-            });
+                HealthReporter::detached("test"),
+            ));
             tokio::pin!(run);
             // Polled once (it waits in its fetch), then dropped.
             tokio::select! {

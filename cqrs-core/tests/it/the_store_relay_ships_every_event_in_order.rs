@@ -411,10 +411,10 @@ fn a_relay_asked_to_stop_during_its_read_publishes_nothing() {
             .await
             .unwrap();
         let (trigger, shutdown) = cqrs_core::runtime::Shutdown::new();
-        let ctx = cqrs_core::runtime::WorkerContext {
+        let ctx = cqrs_core::runtime::WorkerContext::new(
             shutdown,
-            health: cqrs_core::runtime::HealthReporter::detached("relay"),
-        };
+            cqrs_core::runtime::HealthReporter::detached("relay"),
+        );
         let mut worker = relay();
         let entered = events.entered.notified();
         let running =

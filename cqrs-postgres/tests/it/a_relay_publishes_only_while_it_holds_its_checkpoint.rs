@@ -129,7 +129,7 @@ pg_test! {
             let mut relay = PgOutboxRelay::new(short.clone(), transport.clone())
                 .publish_timeout(publish_timeout);
             let (_trigger, shutdown) = Shutdown::new();
-            let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+            let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
             let error = tokio::time::timeout(DEADLINE, relay.run(ctx))
                 .await
                 .expect("run returned")

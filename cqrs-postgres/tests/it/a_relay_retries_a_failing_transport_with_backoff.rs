@@ -24,7 +24,7 @@ pg_test! {
             .poll_interval(Duration::from_millis(50));
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let ctx = WorkerContext::new(shutdown, health.clone());
         let worker = tokio::spawn(async move { relay.run(ctx).await });
 
         let delivered = receive(&transport.inner, "events", "readers", 5).await;
@@ -52,7 +52,7 @@ pg_test! {
             .max_attempts(3);
         let (_trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let ctx = WorkerContext::new(shutdown, health.clone());
         let counts = MetricCounts::default();
         let err = {
             // The body runs on the test's own thread: the local recorder sees the relay's counts.
@@ -86,7 +86,7 @@ pg_test! {
             .metrics_interval(Duration::MAX)
             .poll_interval(Duration::from_millis(50));
         let (trigger, shutdown) = Shutdown::new();
-        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
         let worker = tokio::spawn(async move { relay.run(ctx).await });
         let delivered = receive(&transport.inner, "events", "readers", 3).await;
         assert_eq!(delivered.len(), 3);

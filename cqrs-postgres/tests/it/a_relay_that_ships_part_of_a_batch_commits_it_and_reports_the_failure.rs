@@ -185,7 +185,7 @@ pg_test! {
             .max_attempts(1);
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let ctx = WorkerContext::new(shutdown, health.clone());
         let worker = tokio::spawn(async move { relay.run(ctx).await });
 
         eventually(Duration::from_secs(10), "the first event shipped", || async {
@@ -221,7 +221,7 @@ pg_test! {
             .backoff(Duration::from_millis(1), Duration::from_secs(3600))
             .max_attempts(1);
         let (trigger, shutdown) = Shutdown::new();
-        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
         let worker = tokio::spawn(async move { relay.run(ctx).await });
 
         let last = *positions.last().unwrap();

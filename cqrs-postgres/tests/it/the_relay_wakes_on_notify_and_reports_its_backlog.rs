@@ -29,7 +29,7 @@ pg_test! {
         let mut worker = relay();
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let ctx = WorkerContext::new(shutdown, health.clone());
         let running = tokio::spawn(async move { worker.run(ctx).await });
 
         // The first batch ships the backlog; then the relay idles for an hour unless woken.
@@ -74,7 +74,7 @@ pg_test! {
         let slow = cqrs_postgres::PgDatabase::from_pool(pool, db.schema()).unwrap();
         let mut worker = PgOutboxRelay::new(slow, Arc::new(InMemoryTransport::new()));
         let (trigger, shutdown) = Shutdown::new();
-        let ctx = WorkerContext { shutdown, health: HealthReporter::detached("relay") };
+        let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
         let running = tokio::spawn(async move { worker.run(ctx).await });
         eventually(Duration::from_secs(10), "the relay waits for a connection", || async {
             (opening.load(Ordering::SeqCst) > 0).then_some(())
@@ -164,7 +164,7 @@ pg_test! {
             .metrics_interval(Duration::from_secs(3600));
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext { shutdown, health: health.clone() };
+        let ctx = WorkerContext::new(shutdown, health.clone());
         let running = tokio::spawn(async move { standby.run(ctx).await });
         eventually(Duration::from_secs(10), "the relay stands by", || async {
             (health.get() == Health::Healthy).then_some(())
@@ -336,10 +336,7 @@ async fn run_until_first_publish(
         .poll_interval(Duration::from_secs(3600))
         .metrics_interval(Duration::from_secs(3600));
     let (trigger, shutdown) = Shutdown::new();
-    let ctx = WorkerContext {
-        shutdown,
-        health: HealthReporter::detached("relay"),
-    };
+    let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
     let running = tokio::spawn(async move { worker.run(ctx).await });
     eventually(
         Duration::from_secs(10),
@@ -451,10 +448,7 @@ async fn the_backlog_gauges_are_nan_while_the_backlog_cannot_be_measured() {
             .poll_interval(Duration::from_millis(20))
             .metrics_interval(Duration::from_millis(20));
         let (trigger, shutdown) = Shutdown::new();
-        let ctx = WorkerContext {
-            shutdown,
-            health: HealthReporter::detached("relay"),
-        };
+        let ctx = WorkerContext::new(shutdown, HealthReporter::detached("relay"));
         let running = tokio::spawn(async move { worker.run(ctx).await });
         let gauges = &gauges;
         eventually(Duration::from_secs(10), "measured", || async {

@@ -238,10 +238,7 @@ impl RunningRelay {
         let mut relay = relay(transport.clone());
         let (trigger, shutdown) = Shutdown::new();
         let health = HealthReporter::detached("relay");
-        let ctx = WorkerContext {
-            shutdown,
-            health: health.clone(),
-        };
+        let ctx = WorkerContext::new(shutdown, health.clone());
         let worker = tokio::spawn(async move { relay.run(ctx).await });
         Self {
             transport,

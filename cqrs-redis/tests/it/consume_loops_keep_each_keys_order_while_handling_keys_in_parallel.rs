@@ -66,10 +66,7 @@ async fn consume_loops_keep_each_keys_order_while_handling_keys_in_parallel() {
                     // worker, so not a short one.
                     .join(&topic, name, |o| o.redelivery_delay(Duration::from_secs(2)))
                     .await;
-                let ctx = WorkerContext {
-                    shutdown: shutdown.clone(),
-                    health: HealthReporter::detached(name),
-                };
+                let ctx = WorkerContext::new(shutdown.clone(), HealthReporter::detached(name));
                 let (seen, in_parallel, most) =
                     (seen.clone(), in_parallel.clone(), most_in_parallel.clone());
                 workers.push(tokio::spawn(async move {

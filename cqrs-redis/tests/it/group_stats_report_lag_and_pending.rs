@@ -158,10 +158,7 @@ async fn a_group_without_consumers_holding_back_trimming_is_reported() {
 
             let (stop, shutdown) = Shutdown::new();
             let health = HealthReporter::detached("maintenance");
-            let ctx = WorkerContext {
-                shutdown,
-                health: health.clone(),
-            };
+            let ctx = WorkerContext::new(shutdown, health.clone());
             let mut worker = StreamMaintenance::new(env.transport.clone(), [topic.clone()])
                 .consumer_idle(Duration::ZERO)
                 .interval(Duration::from_millis(20));

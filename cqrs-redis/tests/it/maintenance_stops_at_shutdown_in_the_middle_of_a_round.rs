@@ -36,10 +36,8 @@ async fn maintenance_stops_at_shutdown_in_the_middle_of_a_round() {
             let sent_before = proxy.sent().len();
 
             let (stop, shutdown) = Shutdown::new();
-            let ctx = WorkerContext {
-                shutdown,
-                health: HealthReporter::detached("maintenance-shutdown"),
-            };
+            let ctx =
+                WorkerContext::new(shutdown, HealthReporter::detached("maintenance-shutdown"));
             let mut maintenance = StreamMaintenance::new(proxied, [topic]);
             let worker = tokio::spawn(async move { maintenance.run(ctx).await });
 

@@ -60,10 +60,7 @@ async fn a_consume_loop_with_a_redelivery_delay_of_duration_max_handles_its_even
             }
             let seen = Arc::new(Mutex::new(Vec::new()));
             let (stop, shutdown) = Shutdown::new();
-            let ctx = WorkerContext {
-                shutdown,
-                health: HealthReporter::detached("delay-max"),
-            };
+            let ctx = WorkerContext::new(shutdown, HealthReporter::detached("delay-max"));
             let worker = {
                 let seen = seen.clone();
                 tokio::spawn(async move {
