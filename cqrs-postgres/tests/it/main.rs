@@ -48,6 +48,7 @@ mod proxy;
 mod the_adapters_hold_their_guarantees_whatever_the_server_settings;
 mod the_postgres_adapters_pass_every_conformance_suite;
 mod the_projection_runner_takes_effect_once_and_rebuilds_on_postgres;
+mod the_public_futures_are_send;
 mod the_relay_wakes_on_notify_and_reports_its_backlog;
 #[cfg(feature = "tls")]
 mod tls_connections_verify_the_server;

@@ -27,4 +27,5 @@ mod settings_at_their_extremes_neither_stall_nor_panic;
 mod shutdown_closes_every_connection_with_1001;
 mod subscribe_unsubscribe_churn_keeps_one_upstream_subscription;
 mod subscriptions_and_events_are_authorized;
+mod the_public_futures_are_send;
 mod two_hubs_joined_by_redis_deliver_across_instances;

@@ -62,6 +62,7 @@ mod pubsub_counts_what_it_drops;
 mod pubsub_resubscribes_after_its_connection_is_killed;
 mod replayed_dead_letters_of_one_key_are_handed_out_in_their_order;
 mod settings_at_their_extremes_neither_stall_nor_panic;
+mod the_public_futures_are_send;
 mod the_pubsub_passes_the_conformance_suite;
 mod the_stream_transport_passes_the_conformance_suite;
 #[cfg(feature = "tls")]
