@@ -26,6 +26,12 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<F> std::fmt::Debug for CatchUnwind<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CatchUnwind").finish_non_exhaustive()
+    }
+}
+
 impl<F> CatchUnwind<F> {
     /// Guards `inner`. A future that panics when it is created (before it is polled) is not
     /// covered: wrap the call in an `async` block.

@@ -267,8 +267,9 @@ impl PgDatabase {
     ///
     /// ```no_run
     /// # async fn demo(db: cqrs_postgres::PgDatabase) -> Result<(), cqrs_core::ports::StoreError> {
+    /// let mut conn = db.acquire().await.map_err(|e| db.store_error(e))?;
     /// let open: i64 = cqrs_postgres::sqlx::query_scalar("SELECT count(*) FROM app.tickets")
-    ///     .fetch_one(db.pool())
+    ///     .fetch_one(&mut *conn)
     ///     .await
     ///     .map_err(|e| db.store_error(e))?;
     /// # Ok(()) }

@@ -18,7 +18,7 @@ use std::marker::PhantomData;
 ///
 /// struct StaticTokens;
 ///
-/// #[async_trait::async_trait]
+/// #[cqrs_realtime::async_trait]
 /// impl Authenticator for StaticTokens {
 ///     type Principal = String;
 ///
@@ -229,7 +229,7 @@ where
 ///
 /// struct TicketRules;
 ///
-/// #[async_trait::async_trait]
+/// #[cqrs_realtime::async_trait]
 /// impl Authorizer<User> for TicketRules {
 ///     async fn authorize_subscribe(&self, user: &User, topic: &Topic) -> Result<(), Refusal> {
 ///         match topic.family() {

@@ -149,11 +149,14 @@ pub use worker::PublishWorker;
 pub use async_trait::async_trait;
 
 /// The crates whose types appear in this crate's public API, re-exported so a user's versions
-/// cannot differ: `axum` (`Hub::route` is an axum `MethodRouter`) and `chrono`
-/// (`Authenticator::expires_at`).
+/// cannot differ: `axum` (`Hub::route` is an axum `MethodRouter`), `chrono`
+/// (`Authenticator::expires_at`), `serde_json` (`Routed::new`, `PushedEvent::routing`,
+/// `PublishError::Encode`) and `uuid` (the event ids of `PublishError::Encode`).
 pub mod reexports {
     pub use axum;
     pub use chrono;
+    pub use serde_json;
+    pub use uuid;
 }
 
 #[doc(hidden)]

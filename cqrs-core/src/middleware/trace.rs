@@ -223,6 +223,12 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<F> fmt::Debug for Traced<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Traced").finish_non_exhaustive()
+    }
+}
+
 impl<F, E> Future for Traced<F>
 where
     F: Future<Output = Result<Reply, E>>,
