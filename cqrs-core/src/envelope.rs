@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 /// An event value of some [`Event`] type, behind a trait object.
 ///
-/// Implemented for every `E: Event`; you never implement it yourself.
-pub trait AnyEvent: Any + Send + Sync {
+/// Implemented for every `E: Event`, and sealed: a hand-written implementation could report a
+/// name its value's type does not have, which decoding and routing go by.
+pub trait AnyEvent: Any + Send + Sync + sealed::Sealed {
     /// The event's wire name.
     fn name(&self) -> &'static str;
     /// The event's schema version.
@@ -18,6 +19,13 @@ pub trait AnyEvent: Any + Send + Sync {
     fn to_json(&self) -> Result<serde_json::Value, serde_json::Error>;
     /// The value as `Any`, to downcast.
     fn as_any(&self) -> &dyn Any;
+}
+
+mod sealed {
+    /// Only the blanket implementation of [`AnyEvent`](super::AnyEvent), for every event.
+    pub trait Sealed {}
+
+    impl<E: crate::Event> Sealed for E {}
 }
 
 impl<E: Event> AnyEvent for E {
