@@ -10,18 +10,27 @@ use std::fmt;
 /// use cqrs_realtime::ClientFrame;
 ///
 /// let frame = ClientFrame::parse(r#"{"type": "subscribe", "topic": "tickets", "since": "41"}"#)?;
-/// assert_eq!(frame, ClientFrame::Subscribe { topic: "tickets".into(), since: Some("41".into()) });
+/// assert_eq!(frame, ClientFrame::subscribe("tickets", Some("41")));
 /// assert_eq!(ClientFrame::parse(r#"{"type": "ping"}"#)?, ClientFrame::Ping);
 /// assert_eq!(
-///     serde_json::to_string(&ClientFrame::Unsubscribe { topic: "tickets".into() }).unwrap(),
+///     serde_json::to_string(&ClientFrame::unsubscribe("tickets")).unwrap(),
 ///     r#"{"type":"unsubscribe","topic":"tickets"}"#,
 /// );
+/// // Read, a frame is matched with `..`: later versions may add fields.
+/// let ClientFrame::Subscribe { topic, since, .. } = frame else { unreachable!() };
+/// assert_eq!((topic.as_str(), since.as_deref()), ("tickets", Some("41")));
 /// # Ok::<_, cqrs_realtime::FrameError>(())
 /// ```
+///
+/// Non-exhaustive, as are its frames' fields: the protocol may gain frames and fields (a
+/// client of an older version leaves out what it does not know); a Rust client builds frames
+/// with [`subscribe`](Self::subscribe) and [`unsubscribe`](Self::unsubscribe).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ClientFrame {
     /// Subscribe to a topic; with `since`, first replay the events after that position.
+    #[non_exhaustive]
     Subscribe {
         /// The topic.
         topic: String,
@@ -30,6 +39,7 @@ pub enum ClientFrame {
         since: Option<String>,
     },
     /// Stop receiving a topic.
+    #[non_exhaustive]
     Unsubscribe {
         /// The topic.
         topic: String,
@@ -55,6 +65,22 @@ impl FrameError {
 }
 
 impl ClientFrame {
+    /// A `subscribe` frame for `topic`, replaying the events after `since` (the `position` of
+    /// the last event the client has) first, when given.
+    pub fn subscribe(topic: impl Into<String>, since: Option<&str>) -> Self {
+        ClientFrame::Subscribe {
+            topic: topic.into(),
+            since: since.map(str::to_owned),
+        }
+    }
+
+    /// An `unsubscribe` frame for `topic`.
+    pub fn unsubscribe(topic: impl Into<String>) -> Self {
+        ClientFrame::Unsubscribe {
+            topic: topic.into(),
+        }
+    }
+
     /// The client frame in a text message.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
         let malformed = |message: String| FrameError {
