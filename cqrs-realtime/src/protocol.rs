@@ -236,17 +236,20 @@ impl<'de> Deserialize<'de> for UniqueKeys {
 /// ```
 ///
 /// Non-exhaustive: later versions may add frame types (a client matches them with a wildcard
-/// arm, and reads them as [`Unknown`](Self::Unknown) until it is built with that version).
+/// arm, and reads them as [`Unknown`](Self::Unknown) until it is built with that version), and
+/// fields to its frames (a client matches them with `..`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ServerFrame {
     /// The subscription is live: every event published on the topic from now on is delivered.
+    #[non_exhaustive]
     Subscribed {
         /// The topic.
         topic: String,
     },
     /// The subscription is gone.
+    #[non_exhaustive]
     Unsubscribed {
         /// The topic.
         topic: String,
@@ -254,6 +257,7 @@ pub enum ServerFrame {
     /// The answer to a `ping`.
     Pong,
     /// An event on a subscribed topic; one frame per matching subscription.
+    #[non_exhaustive]
     Event {
         /// The subscription it is for.
         topic: String,
@@ -265,6 +269,7 @@ pub enum ServerFrame {
         position: Option<String>,
     },
     /// A client frame was refused or could not be handled. The connection stays open.
+    #[non_exhaustive]
     Error {
         /// One of [`ErrorCode`]'s names (a client should tolerate codes it does not know).
         code: String,

@@ -27,11 +27,10 @@ async fn subscribe_receive_ping_unsubscribe() {
         client
             .send(json!({"type": "unsubscribe", "topic": "tickets"}))
             .await;
-        assert_eq!(
-            client.frame().await,
-            ServerFrame::Unsubscribed {
-                topic: "tickets".into()
-            }
+        let frame = client.frame().await;
+        assert!(
+            matches!(&frame, ServerFrame::Unsubscribed { topic, .. } if topic == "tickets"),
+            "{frame:?}"
         );
         // An event after `unsubscribed` is delivered on the subscription that stayed, and not
         // on the one that went: the next frame is its event on `ticket:t1`, then the pong.

@@ -35,6 +35,7 @@ async fn expect_missed(client: &mut crate::support::Client, topic: &str) {
             code,
             message,
             topic: Some(t),
+            ..
         } if code == ErrorCode::EventsMissed.as_str() && t == topic => {
             assert!(message.contains("since"), "{message}");
         }

@@ -10,6 +10,7 @@ fn too_large(frame: ServerFrame) -> (String, String) {
             code,
             message,
             topic,
+            ..
         } => {
             assert_eq!(code, "event_too_large", "{message}");
             (topic.expect("the error names its topic"), message)

@@ -134,7 +134,7 @@ async fn closed_as_expired(client: &mut Client) {
                 (close_code::POLICY_VIOLATION, REASON)
             );
         }
-        Read::Frame(ServerFrame::Subscribed { topic }) => {
+        Read::Frame(ServerFrame::Subscribed { topic, .. }) => {
             panic!("an expired principal got `subscribed` to {topic}")
         }
         other => panic!("expected the 1008 close, got {other:?}"),

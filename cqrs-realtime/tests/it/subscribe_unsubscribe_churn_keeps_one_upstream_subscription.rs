@@ -13,7 +13,7 @@ async fn unsubscribe(client: &mut Client, topic: &str) {
         .send(json!({"type": "unsubscribe", "topic": topic}))
         .await;
     match client.frame().await {
-        ServerFrame::Unsubscribed { topic: t } if t == topic => {}
+        ServerFrame::Unsubscribed { topic: t, .. } if t == topic => {}
         other => panic!("expected unsubscribed from {topic}, got {other:?}"),
     }
 }
@@ -235,7 +235,7 @@ async fn subscription_changes_past_the_rate_are_refused_and_ignored() {
                     .send(json!({"type": "unsubscribe", "topic": "tickets"}))
                     .await;
                 match client.frame().await {
-                    ServerFrame::Unsubscribed { topic } if topic == "tickets" => break,
+                    ServerFrame::Unsubscribed { topic, .. } if topic == "tickets" => break,
                     ServerFrame::Error { code, .. } if code == "too_many_subscription_changes" => {
                         assert!(
                             tokio::time::Instant::now() < until,

@@ -21,6 +21,7 @@ async fn a_forbidden_subscription_gets_an_error_and_the_connection_stays_open() 
                 code,
                 message,
                 topic,
+                ..
             } => {
                 assert_eq!(code, "forbidden");
                 assert!(!message.is_empty());

@@ -483,7 +483,7 @@ impl Client {
 
     pub(crate) async fn expect_subscribed(&mut self, topic: &str) {
         match self.frame().await {
-            ServerFrame::Subscribed { topic: t } if t == topic => {}
+            ServerFrame::Subscribed { topic: t, .. } if t == topic => {}
             other => panic!("expected subscribed to {topic}, got {other:?}"),
         }
     }
@@ -503,6 +503,7 @@ impl Client {
                 topic,
                 event,
                 position,
+                ..
             } => Event {
                 topic,
                 seq: event["data"]["seq"].as_u64().expect("seq"),
