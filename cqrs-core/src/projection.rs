@@ -3305,7 +3305,7 @@ impl EventBusTransport {
 impl EventTransport for EventBusTransport {
     /// Not persistent, no consumer groups; delivers in the order given.
     fn capabilities(&self) -> crate::ports::TransportCapabilities {
-        crate::ports::TransportCapabilities::new(false, false, true, false, false)
+        crate::ports::TransportCapabilities::NONE.ordered_per_key(true)
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {

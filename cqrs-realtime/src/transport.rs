@@ -88,7 +88,7 @@ impl Publisher {
 impl EventTransport for PublisherTransport {
     /// Not persistent, no consumer groups; a channel delivers in publish order.
     fn capabilities(&self) -> TransportCapabilities {
-        TransportCapabilities::new(false, false, true, false, false)
+        TransportCapabilities::NONE.ordered_per_key(true)
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {

@@ -685,7 +685,9 @@ pub(crate) fn forget_name(shared: &Shared, stream: &str, group: &str, name: &str
 impl EventTransport for RedisStreamTransport {
     fn capabilities(&self) -> TransportCapabilities {
         let ordered = self.shared.options.key_ordering != KeyOrdering::Unordered;
-        TransportCapabilities::new(true, true, ordered, false, true)
+        TransportCapabilities::ALL
+            .ordered_per_key(ordered)
+            .exactly_once(false)
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {

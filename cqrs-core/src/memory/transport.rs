@@ -262,7 +262,9 @@ impl InMemoryTransport {
 #[async_trait]
 impl EventTransport for InMemoryTransport {
     fn capabilities(&self) -> TransportCapabilities {
-        TransportCapabilities::new(false, true, true, false, true)
+        TransportCapabilities::ALL
+            .persistent(false)
+            .exactly_once(false)
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {

@@ -32,7 +32,62 @@ impl TransportCapabilities {
         redelivery_delay: true,
     };
 
+    /// No capability: start here, or from [`ALL`](Self::ALL), and name what differs.
+    ///
+    /// ```
+    /// use cqrs_core::ports::TransportCapabilities;
+    ///
+    /// // An at-least-once broker with groups, per-key order and redelivery, that keeps
+    /// // messages across restarts:
+    /// let redis_like = TransportCapabilities::ALL.exactly_once(false);
+    /// // A fire-and-forget fan-out that keeps each key's order:
+    /// let fan_out = TransportCapabilities::NONE.ordered_per_key(true);
+    /// assert!(redis_like.persistent && !redis_like.exactly_once);
+    /// assert!(fan_out.ordered_per_key && !fan_out.consumer_groups);
+    /// ```
+    pub const NONE: TransportCapabilities = TransportCapabilities {
+        persistent: false,
+        consumer_groups: false,
+        ordered_per_key: false,
+        exactly_once: false,
+        redelivery_delay: false,
+    };
+
+    /// These capabilities, with [`persistent`](Self#structfield.persistent) as given.
+    pub const fn persistent(mut self, persistent: bool) -> Self {
+        self.persistent = persistent;
+        self
+    }
+
+    /// These capabilities, with [`consumer_groups`](Self#structfield.consumer_groups) as given.
+    pub const fn consumer_groups(mut self, consumer_groups: bool) -> Self {
+        self.consumer_groups = consumer_groups;
+        self
+    }
+
+    /// These capabilities, with [`ordered_per_key`](Self#structfield.ordered_per_key) as given.
+    pub const fn ordered_per_key(mut self, ordered_per_key: bool) -> Self {
+        self.ordered_per_key = ordered_per_key;
+        self
+    }
+
+    /// These capabilities, with [`exactly_once`](Self#structfield.exactly_once) as given.
+    pub const fn exactly_once(mut self, exactly_once: bool) -> Self {
+        self.exactly_once = exactly_once;
+        self
+    }
+
+    /// These capabilities, with [`redelivery_delay`](Self#structfield.redelivery_delay) as
+    /// given.
+    pub const fn redelivery_delay(mut self, redelivery_delay: bool) -> Self {
+        self.redelivery_delay = redelivery_delay;
+        self
+    }
+
     /// The capabilities named one by one, in the order of the fields.
+    #[deprecated(
+        note = "five `bool`s in a row are easily swapped, and a capability added later would change the arity: start from `TransportCapabilities::NONE` or `ALL` and name what differs"
+    )]
     pub const fn new(
         persistent: bool,
         consumer_groups: bool,

@@ -21,7 +21,7 @@ pub(crate) struct DiscardTransport;
 #[async_trait::async_trait]
 impl EventTransport for DiscardTransport {
     fn capabilities(&self) -> TransportCapabilities {
-        TransportCapabilities::new(false, false, false, false, false)
+        TransportCapabilities::NONE
     }
 
     async fn publish(&self, topic: &str, events: &[EventRecord]) -> Result<(), TransportError> {
