@@ -44,18 +44,28 @@ pub async fn next(ws: &mut Ws) -> Value {
     }
 }
 
-/// Nothing but pings and pongs arrives for a little while, and the socket stays open (used
-/// after the events that should arrive did). A text or binary frame, a close, an error or the
-/// end of the stream fails.
-async fn quiet(ws: &mut Ws) {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return,
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(other) => panic!("expected a quiet open socket, got {other:?}"),
-        }
-    }
+/// Nothing arrives before an event published after the ones that should have arrived: `token`
+/// opens a ticket, and the next frame must be its `TicketOpened` on `tickets` (which `ws` is
+/// subscribed to). Events travel in the store's order, so one that should not have come, or a
+/// copy, would come before it: a marker, where a quiet spell would pass on a slow machine.
+async fn nothing_before_a_later_event(s: &TestServer, token: &str, ws: &mut Ws) {
+    let marker = s.ticket(token, "marker").await;
+    let frame = next(ws).await;
+    assert_eq!(
+        (
+            frame["type"].as_str(),
+            frame["topic"].as_str(),
+            frame["event"]["type"].as_str(),
+            frame["event"]["ticket_id"].as_str()
+        ),
+        (
+            Some("event"),
+            Some("tickets"),
+            Some("TicketOpened"),
+            marker["id"].as_str()
+        ),
+        "the next frame is the later ticket's: {frame}"
+    );
 }
 
 pub async fn subscribe(ws: &mut Ws, topic: &str) {
@@ -148,7 +158,8 @@ async fn customers_receive_their_own_ticket_events_and_agents_receive_all() {
             ),
             (Some("TicketAssigned"), Some(2))
         );
-        quiet(&mut alice_ws).await; // bob's ticket is not alice's business
+        // Bob's ticket is not alice's business.
+        nothing_before_a_later_event(&s, &alice, &mut alice_ws).await;
 
         let mut seen = Vec::new();
         for _ in 0..3 {
@@ -241,7 +252,7 @@ async fn a_single_ticket_topic_is_authorized_and_events_arrive_in_version_order(
             (only["topic"].as_str(), only["event"]["type"].as_str()),
             (Some("tickets"), Some("TicketClosed"))
         );
-        quiet(&mut ws).await;
+        nothing_before_a_later_event(&s, &alice, &mut ws).await;
         s.stop().await;
     })
     .await;
@@ -371,7 +382,7 @@ async fn a_client_that_resumes_from_its_last_position_misses_nothing_and_gets_no
         }
         assert!(subscribed);
         assert_eq!(versions, [3, 4, 5], "no gap, no duplicate at the seam");
-        quiet(&mut ws).await;
+        nothing_before_a_later_event(&s, &alice, &mut ws).await;
 
         send(
             &mut ws,
