@@ -39,8 +39,14 @@ async fn a_dead_subscriber_connection_never_holds_subscribes_up_for_long() {
                 .expect("connect through the proxy");
             let _first = pubsub.subscribe("first").await.unwrap();
             proxy.black_hole();
-            // Let the watchdog's next ping go into the black hole, holding the lock.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The watchdogs' next pings go into the black hole, the subscriber's holding the
+            // lock (each then waits for its reply for good: one ping each).
+            cqrs_core::testing::eventually(
+                Duration::from_secs(10),
+                "both watchdogs pinged into the dead connections",
+                || async { (proxy.lost("PING") >= 2).then_some(()) },
+            )
+            .await;
             let subscribed =
                 tokio::time::timeout(Duration::from_secs(5), pubsub.subscribe("x")).await;
             assert!(

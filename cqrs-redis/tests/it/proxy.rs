@@ -40,6 +40,8 @@ struct State {
     released: tokio::sync::Notify,
     /// Everything the clients sent through the proxy.
     sent: Mutex<Vec<u8>>,
+    /// Everything the clients sent into dead connections (lost on the way).
+    lost: Mutex<Vec<u8>>,
     /// Connections through to Redis that neither side has closed.
     open: AtomicUsize,
     /// Per connection accepted: whether it is dead (forwards nothing, for good).
@@ -190,6 +192,15 @@ impl Proxy {
         self.state.sent.lock().unwrap().clone()
     }
 
+    /// How many commands with the argument `word` the clients sent into dead connections.
+    pub(crate) fn lost(&self, word: &str) -> usize {
+        let needle = format!("\r\n{word}\r\n").into_bytes();
+        let lost = self.state.lost.lock().unwrap();
+        lost.windows(needle.len())
+            .filter(|w| *w == &needle[..])
+            .count()
+    }
+
     /// New connections go to `upstream` (`host:port`) from now on; those held stay where they
     /// are, as when a failover moves a DNS name to another server.
     pub(crate) fn redirect(&self, upstream: &str) {
@@ -224,6 +235,9 @@ async fn pump(
     let mut buffer = vec![0u8; 16 * 1024];
     'copy: while let Some(n) = read_some(&from, &mut buffer).await {
         if dead.load(Ordering::SeqCst) {
+            if let Some((state, _)) = trap {
+                state.lost.lock().unwrap().extend_from_slice(&buffer[..n]);
+            }
             continue;
         }
         if let Some((state, cut)) = trap {
