@@ -91,7 +91,7 @@ mod transport;
 pub use consumer::RedisConsumer;
 pub use dead_letter::{DeadLetter, Replayed};
 pub use error::ConnectError;
-pub use maintenance::{StreamMaintenance, TrimReport};
+pub use maintenance::{GroupWithoutConsumers, StreamMaintenance, TrimReport};
 pub use options::{
     ConnectionOptions, DEFAULT_URL, KeyOrdering, RedisPubSubOptions, RedisStreamOptions,
 };

@@ -24,6 +24,19 @@ pub struct TrimReport {
     pub bound: Option<String>,
 }
 
+/// A consumer group the last maintenance round found without a consumer, with entries it
+/// has not read ([`StreamMaintenance::groups_without_consumers`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub struct GroupWithoutConsumers {
+    /// The topic whose stream the group reads.
+    pub topic: String,
+    /// The group.
+    pub group: String,
+    /// The entries it has not read: those its consumers, once back, would catch up on.
+    pub unread: u64,
+}
+
 impl RedisStreamTransport {
     /// Trims `topic`'s stream by `MINID` below the oldest entry that some group still needs:
     /// the oldest pending one, or its last-delivered id (one entry more than it needs: the
@@ -317,18 +330,20 @@ impl StreamMaintenance {
     }
 
     /// The groups the last round found without a consumer and with entries they have not read,
-    /// as `(topic, group, unread entries)`. Each holds back the trimming of its topic's stream
+    /// by topic and group. Each holds back the trimming of its topic's stream
     /// (see [`trim`](RedisStreamTransport::trim)): a retired or renamed consumer's group, to
     /// delete (`XGROUP DESTROY`), or one whose consumers are all down. The worker reports
     /// itself [`Degraded`](Health::Degraded) while there is one.
-    pub fn groups_without_consumers(&self) -> Vec<(String, String, u64)> {
+    pub fn groups_without_consumers(&self) -> Vec<GroupWithoutConsumers> {
         let by_topic = self.unread.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<(String, String, u64)> = by_topic
+        let mut all: Vec<GroupWithoutConsumers> = by_topic
             .iter()
             .flat_map(|(topic, groups)| {
-                groups
-                    .iter()
-                    .map(|(group, lag)| (topic.clone(), group.clone(), *lag))
+                groups.iter().map(|(group, unread)| GroupWithoutConsumers {
+                    topic: topic.clone(),
+                    group: group.clone(),
+                    unread: *unread,
+                })
             })
             .collect();
         all.sort();
@@ -432,7 +447,7 @@ impl Worker for StreamMaintenance {
                         // logged again by a server that logs its readiness reasons.
                         let groups: Vec<String> = unread
                             .iter()
-                            .map(|(topic, group, _)| format!("`{group}` of `{topic}`"))
+                            .map(|idle| format!("`{}` of `{}`", idle.group, idle.topic))
                             .collect();
                         Health::Degraded(format!(
                             "consumer groups without a consumer hold back trimming: {}; start \
