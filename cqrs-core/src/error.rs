@@ -8,6 +8,53 @@ use std::time::Duration;
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// An error and its causes on one line, joined with `: `, each cause left out when the text
+/// before already holds it.
+///
+/// The errors of this crate and its adapters name their cause in their own message, so that
+/// the message alone (`%error` in a log line) says it all, and give it as their
+/// [`source`](std::error::Error::source) too, so that code can inspect it. A report that
+/// walks the chain (anyhow's `{:#}`, eyre's) then says each cause once per level above it;
+/// this one says it once.
+///
+/// ```
+/// use cqrs_core::ErrorChain;
+/// use cqrs_core::ports::StoreError;
+///
+/// let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+/// let error = StoreError::Unavailable { backend: "postgres", source: Box::new(refused) };
+/// assert_eq!(error.to_string(), "postgres is unavailable: connection refused");
+/// // Walked level by level, the cause comes twice; the chain says it once.
+/// assert_eq!(ErrorChain(&error).to_string(), "postgres is unavailable: connection refused");
+/// // In a log line: tracing::error!(error = %ErrorChain(&error), "could not load the ticket");
+/// ```
+#[derive(Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut said = String::new();
+        let mut cause = Some(self.0);
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !text.is_empty() && !said.contains(&text) {
+                if !said.is_empty() {
+                    said.push_str(": ");
+                }
+                said.push_str(&text);
+            }
+            cause = error.source();
+        }
+        f.write_str(&said)
+    }
+}
+
+impl fmt::Debug for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// The class of an error, so a gateway maps errors to responses in one place.
 ///
 /// The comment on each variant says how a caller should usually handle it.

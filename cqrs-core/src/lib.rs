@@ -104,7 +104,8 @@ pub use context::{CommandContext, EventContext, QueryContext};
 pub use dispatch::{Dispatch, Dispatcher, DispatcherFuture, Reply};
 pub use envelope::{AnyEvent, EventEnvelope};
 pub use error::{
-    BoxError, BuildError, DispatchError, ErrorKind, HandlerError, HandlerFailure, PublishError,
+    BoxError, BuildError, DispatchError, ErrorChain, ErrorKind, HandlerError, HandlerFailure,
+    PublishError,
 };
 pub use extensions::Extensions;
 pub use handler::{CommandHandler, EventHandler, QueryHandler};

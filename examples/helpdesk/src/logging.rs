@@ -131,8 +131,9 @@ pub(crate) fn panics_logged() -> bool {
 }
 
 /// `error` and its causes, joined with `: `, each cause left out when the text before already
-/// holds it. The framework's errors name their cause in their own message (so that one read
-/// alone says it all), and a plain `{error:#}` then repeats each cause once per level above it.
+/// holds it ([`cqrs_core::ErrorChain`]). The framework's errors name their cause in their own
+/// message (so that one read alone says it all), and a plain `{error:#}` then repeats each
+/// cause once per level above it.
 ///
 /// ```
 /// let error = anyhow::anyhow!("connection refused")
@@ -145,18 +146,7 @@ pub(crate) fn panics_logged() -> bool {
 /// );
 /// ```
 pub fn error_chain(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let part = cause.to_string();
-        if part.is_empty() || text.contains(&part) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&part);
-    }
-    text
+    cqrs_core::ErrorChain(error.as_ref()).to_string()
 }
 
 #[cfg(test)]
