@@ -26,7 +26,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// assert_eq!(error.to_string(), "postgres is unavailable: connection refused");
 /// // Walked level by level, the cause comes twice; the chain says it once.
 /// assert_eq!(ErrorChain(&error).to_string(), "postgres is unavailable: connection refused");
-/// // In a log line: tracing::error!(error = %ErrorChain(&error), "could not load the ticket");
+/// // In a log line:
+/// cqrs_core::reexports::tracing::error!(error = %ErrorChain(&error), "could not load the ticket");
 /// ```
 #[derive(Clone, Copy)]
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));

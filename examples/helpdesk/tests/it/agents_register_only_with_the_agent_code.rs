@@ -190,8 +190,9 @@ async fn on_postgres_agent_emails_without_a_code_refuse_to_start() {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("HELPDESK_AGENT_EMAILS is set without HELPDESK_AGENT_CODE")
-                && err.contains("set HELPDESK_AGENT_CODE"),
+            err.contains(
+                "HELPDESK_AGENT_EMAILS (--agent-emails) is set without HELPDESK_AGENT_CODE"
+            ) && err.contains("set HELPDESK_AGENT_CODE"),
             "{err}"
         );
         let short = Config {
@@ -202,7 +203,7 @@ async fn on_postgres_agent_emails_without_a_code_refuse_to_start() {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains("HELPDESK_AGENT_CODE is 15 bytes")),
+                .any(|p| p.contains("HELPDESK_AGENT_CODE (--agent-code) is 15 bytes")),
             "{problems:?}"
         );
     })

@@ -227,7 +227,7 @@ fn a_redis_ca_file_needs_a_redis_url() {
     assert!(
         problems
             .iter()
-            .any(|p| p.contains("REDIS_TLS_CA_FILE is set without REDIS_URL")),
+            .any(|p| p.contains("REDIS_TLS_CA_FILE (--redis-tls-ca-file) is set without REDIS_URL")),
         "{problems:?}"
     );
     let plain = Config::try_parse_with_env(
@@ -243,7 +243,7 @@ fn a_redis_ca_file_needs_a_redis_url() {
     let problems = plain.validate().unwrap_err();
     assert!(
         problems.iter().any(|p| p.contains(
-            "REDIS_TLS_CA_FILE is set, but REDIS_URL does not ask for TLS: use a rediss:// URL"
+            "REDIS_TLS_CA_FILE (--redis-tls-ca-file) is set, but REDIS_URL does not ask for TLS: use a rediss:// URL"
         )),
         "{problems:?}"
     );
@@ -282,9 +282,9 @@ fn a_redis_ca_file_needs_a_redis_url() {
     .unwrap();
     let problems = half.validate().unwrap_err();
     assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("REDIS_TLS_CERT_FILE and REDIS_TLS_KEY_FILE go together")),
+        problems.iter().any(|p| p.contains(
+            "REDIS_TLS_CERT_FILE (--redis-tls-cert-file) and REDIS_TLS_KEY_FILE go together"
+        )),
         "{problems:?}"
     );
 }

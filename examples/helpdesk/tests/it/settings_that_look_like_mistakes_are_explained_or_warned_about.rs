@@ -121,7 +121,7 @@ fn the_binary_exits_with_2_on_settings_that_do_not_go_together() {
     for (env, expected) in [
         (
             &[("REDIS_URL", "redis://127.0.0.1:6379")][..],
-            "REDIS_URL is set without DATABASE_URL",
+            "REDIS_URL (--redis-url) is set without DATABASE_URL",
         ),
         (&[("HELPDESK_POLL_MS", "x")][..], "invalid value 'x'"),
     ] {
@@ -198,7 +198,7 @@ fn the_pool_size_is_a_setting_with_room_for_the_workers() {
         .unwrap_err();
         assert!(
             problems.len() == 1
-                && problems[0].contains("HELPDESK_DATABASE_MAX_CONNECTIONS must be 10 to 10000")
+                && problems[0].contains("HELPDESK_DATABASE_MAX_CONNECTIONS (--database-max-connections) must be 10 to 10000")
                 && problems[0].contains("LISTEN"),
             "{size}: {problems:?}"
         );
@@ -223,7 +223,9 @@ fn the_hashes_at_once_are_a_bounded_setting() {
             .unwrap_err();
         assert!(
             problems.len() == 1
-                && problems[0].contains("HELPDESK_MAX_CONCURRENT_HASHES must be 1 to 1024"),
+                && problems[0].contains(
+                    "HELPDESK_MAX_CONCURRENT_HASHES (--max-concurrent-hashes) must be 1 to 1024"
+                ),
             "{n}: {problems:?}"
         );
     }
