@@ -1491,8 +1491,10 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
                     ctx.health.set(if passes(&e) && !stuck {
                         Health::Degraded(e.to_string())
                     } else if stuck {
+                        // No count: the reason stays the same from one readiness check to
+                        // the next, as a server logs each new one.
                         Health::Unhealthy(format!(
-                            "batches keep failing ({failures} since the last success): {e}",
+                            "batches keep failing since the last success: {e}",
                         ))
                     } else {
                         Health::Unhealthy(e.to_string())
@@ -3064,7 +3066,9 @@ type HandlerNames = Arc<[Arc<str>]>;
 struct Failing {
     event_id: Uuid,
     event_type: &'static str,
-    since: tokio::time::Instant,
+    /// When it first failed, in the health reason: a time, not a duration, so the reason
+    /// stays the same from one readiness check to the next (a server logs each new one).
+    since: chrono::DateTime<chrono::Utc>,
     error: String,
 }
 
@@ -3243,7 +3247,7 @@ impl EventBusTransport {
                 }
                 let since = match &retrying.failing {
                     Some(failing) if failing.event_id == record.event_id => failing.since,
-                    _ => tokio::time::Instant::now(),
+                    _ => chrono::Utc::now(),
                 };
                 retrying.failing = Some(Failing {
                     event_id: record.event_id,
@@ -3394,9 +3398,9 @@ impl crate::runtime::HealthCheck for EventBusTransport {
                 since,
                 error,
             }) => Health::Degraded(format!(
-                "the event handlers have failed on event {event_id} ({event_type}) for {} s, \
+                "the event handlers have failed on event {event_id} ({event_type}) since {}, \
                  and it is handed to them again: {error}",
-                since.elapsed().as_secs()
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             )),
         }
     }

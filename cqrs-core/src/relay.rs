@@ -795,8 +795,12 @@ impl<S: ProjectionStore> Worker for StoreRelay<S> {
                     // A relay stuck for good (a permission gone, a store away) is not merely
                     // degraded: the events it should ship wait until someone acts.
                     ctx.health.set(if failures >= self.unhealthy_after {
+                        // No count: the reason stays the same from one readiness check to
+                        // the next, as a server logs each new one.
                         Health::Unhealthy(format!(
-                            "{failures} batches in a row failed with nothing shipped; the last: {e}"
+                            "{} or more batches in a row failed with nothing shipped; the last: \
+                             {e}",
+                            self.unhealthy_after
                         ))
                     } else {
                         Health::Degraded(e.to_string())

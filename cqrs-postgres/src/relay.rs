@@ -703,7 +703,8 @@ impl PgOutboxRelay {
         let result = match shipped.failure {
             None => Ok(RelayBatch::Shipped(passed)),
             Some(failure) => {
-                tracing::warn!(relay = %self.relay, shipped = passed, error = %failure, "shipped part of a batch, then it failed; the rest is retried");
+                // The run loop warns of the failure, with what shipped: once, not twice.
+                tracing::debug!(relay = %self.relay, shipped = passed, error = %failure, "shipped part of a batch, then it failed; the rest is retried");
                 Err(failure)
             }
         };

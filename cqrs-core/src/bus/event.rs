@@ -622,6 +622,7 @@ impl EventSink for EventBus {
                     .increment(1);
                 tracing::error!(
                     %error,
+                    event_type = name,
                     %message_id,
                     %correlation_id,
                     "an event handler failed after the command succeeded"

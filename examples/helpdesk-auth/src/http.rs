@@ -59,13 +59,25 @@ impl std::fmt::Debug for LoginBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 struct Token {
     token: String,
     token_type: &'static str,
     expires_in: u64,
     user_id: Uuid,
     role: &'static str,
+}
+
+impl std::fmt::Debug for Token {
+    /// Without the bearer token, as the request bodies leave out their secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("token", &"<redacted>")
+            .field("expires_in", &self.expires_in)
+            .field("user_id", &self.user_id)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A user as `/auth/register` and `/auth/me` answer it (`schema_user`).

@@ -1,7 +1,7 @@
 //! Counting what the Postgres outbox relay ships, by event type.
 //!
-//! `PgOutboxRelay` counts batches (`cqrs_outbox_published_total`, label `relay`) but not event
-//! types, while the in-memory relay counts `cqrs_events_published_total` by `event_type`. The
+//! `PgOutboxRelay` counts the events it ships (`cqrs_outbox_published_total`, label `relay`)
+//! but not their types, while the in-memory relay counts `cqrs_events_published_total` by `event_type`. The
 //! relay's transport is wrapped so that both modes export the same series.
 
 use cqrs_core::EventRecord;
