@@ -561,18 +561,28 @@ impl EventTypes {
                     return Ok(None);
                 }
                 // The type is read from a peer's entry or a stored row: escaped, so a line
-                // break in it cannot start a forged line of a plain-text log.
-                UnknownEventPolicy::Skip => tracing::warn!(
-                    event_type = %record.event_type.escape_debug(),
-                    event_id = %record.event_id,
-                    "skipping an event of a type these event types do not register: the \
-                     consumer or projection reading it takes no such type (give its bus a \
-                     handler, or its types the type, to handle it), or a newer build wrote it \
-                     (`UnknownEventPolicy::Ignore` skips without a warning, for a reader of a \
-                     log or topic that carries other types by design: a projection of one \
-                     aggregate over a store shared with others, a topic of other plugins' \
-                     events)"
-                ),
+                // break in it cannot start a forged line of a plain-text log. Once a minute
+                // at most: during a rolling deploy every event of a type the new build added
+                // comes here, and `cqrs_events_unknown_total` counts them all.
+                UnknownEventPolicy::Skip => {
+                    static SAID: crate::throttled::Throttled =
+                        crate::throttled::Throttled::every(crate::throttled::A_MINUTE);
+                    if let Some(unsaid) = SAID.may_say() {
+                        tracing::warn!(
+                            event_type = %record.event_type.escape_debug(),
+                            event_id = %record.event_id,
+                            unsaid,
+                            "skipping an event of a type these event types do not register: \
+                             the consumer or projection reading it takes no such type (give \
+                             its bus a handler, or its types the type, to handle it), or a \
+                             newer build wrote it (`UnknownEventPolicy::Ignore` skips without \
+                             a warning, for a reader of a log or topic that carries other \
+                             types by design: a projection of one aggregate over a store \
+                             shared with others, a topic of other plugins' events; `unsaid`: \
+                             as many skipped since the last such line)"
+                        );
+                    }
+                }
                 UnknownEventPolicy::Ignore => tracing::debug!(
                     event_type = %record.event_type.escape_debug(),
                     event_id = %record.event_id,

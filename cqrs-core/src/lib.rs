@@ -89,6 +89,7 @@ pub mod relay;
 pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod throttled;
 
 pub use aggregate::{
     Aggregate, AggregateError, AggregateRepository, Committed, Decided, EventSet, Loaded,

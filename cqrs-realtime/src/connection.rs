@@ -516,8 +516,8 @@ impl<P: Send + Sync + 'static> Session<P> {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 // Every client subscribing meets a feed that is down: said once a minute.
-                static SAID: crate::throttled::Throttled =
-                    crate::throttled::Throttled::every(crate::throttled::A_MINUTE_MS);
+                static SAID: cqrs_core::throttled::Throttled =
+                    cqrs_core::throttled::Throttled::every(cqrs_core::throttled::A_MINUTE);
                 if let Some(unsaid) = SAID.may_say() {
                     tracing::warn!(%channel, %error, unsaid, "realtime upstream subscribe failed (`unsaid`: as many since the last such line)");
                 }

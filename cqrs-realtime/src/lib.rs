@@ -125,7 +125,6 @@ mod registry;
 mod replay;
 mod routing;
 mod signal;
-mod throttled;
 mod topic;
 mod transport;
 mod upstream;

@@ -4,6 +4,7 @@ use crate::options::DEFAULT_CHANNEL_PREFIX;
 use crate::{EventRouting, PushedEvent, Topic};
 use async_trait::async_trait;
 use cqrs_core::ports::{PubSub, TransportError};
+use cqrs_core::throttled::{A_MINUTE, Throttled};
 use cqrs_core::{DispatchError, EventEnvelope, EventRecord, EventSink};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -231,14 +232,25 @@ impl EventSink for Publisher {
                 // waiting out the same timeout (20 events behind a hung Redis held a command
                 // for 40 s). These pushes carry no position: clients that need every event
                 // reload it (or take pushes from stored records, which they resume from).
+                // Warned once a minute at most: every command fails so while the pub/sub is
+                // away (`realtime_push_failures_total` counts each).
                 Err(error) if matches!(&error, PublishError::PubSub { source, .. } if source.kind().is_retryable()) =>
                 {
+                    static SAID: Throttled = Throttled::every(A_MINUTE);
                     let dropped = count - done - 1;
-                    tracing::warn!(event_id = %record.event_id, %error, dropped, "realtime push failed; the command's other events are not pushed");
+                    metrics::counter!(crate::metrics::names::PUSH_FAILURES)
+                        .increment(1 + dropped as u64);
+                    if let Some(unsaid) = SAID.may_say() {
+                        tracing::warn!(event_id = %record.event_id, %error, dropped, unsaid, "realtime push failed; the command's other events are not pushed (`unsaid`: as many such failures since the last such line)");
+                    }
                     break;
                 }
                 Err(error) => {
-                    tracing::warn!(event_id = %record.event_id, %error, "realtime push failed");
+                    static SAID: Throttled = Throttled::every(A_MINUTE);
+                    metrics::counter!(crate::metrics::names::PUSH_FAILURES).increment(1);
+                    if let Some(unsaid) = SAID.may_say() {
+                        tracing::warn!(event_id = %record.event_id, %error, unsaid, "realtime push failed (`unsaid`: as many since the last such line)");
+                    }
                 }
             }
         }

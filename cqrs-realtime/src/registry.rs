@@ -449,8 +449,8 @@ pub(crate) fn event_frame(topic: &Topic, event: &PushedEvent, max: usize) -> Utf
         return Utf8Bytes::from(json);
     }
     // Met again by every client resuming from before it: said once a minute.
-    static SAID: crate::throttled::Throttled =
-        crate::throttled::Throttled::every(crate::throttled::A_MINUTE_MS);
+    static SAID: cqrs_core::throttled::Throttled =
+        cqrs_core::throttled::Throttled::every(cqrs_core::throttled::A_MINUTE);
     if let Some(unsaid) = SAID.may_say() {
         tracing::warn!(%topic, bytes = json.len(), max, unsaid, "an event is too large to push; sent event_too_large instead (`unsaid`: as many since the last such line)");
     }

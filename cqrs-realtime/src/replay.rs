@@ -10,10 +10,10 @@
 use crate::hub::HubInner;
 use crate::queue::Outgoing;
 use crate::registry::{Conn, ReplayBuffer, Slot, event_frame, missed_frame};
-use crate::throttled::{A_MINUTE_MS, Throttled};
 use crate::{ErrorCode, PushedEvent, ServerFrame, Topic};
 use axum::extract::ws::Utf8Bytes;
 use cqrs_core::ports::EventStore;
+use cqrs_core::throttled::{A_MINUTE, Throttled};
 use cqrs_core::{EventRecord, Position};
 use futures_util::FutureExt;
 use std::collections::BTreeSet;
@@ -282,7 +282,7 @@ impl<P: Send + Sync + 'static> Replay<'_, P> {
             Ok(Ok(batch)) => Ok(batch),
             Ok(Err(error)) => {
                 // Every resuming client meets an outage of the store: said once a minute.
-                static SAID: Throttled = Throttled::every(A_MINUTE_MS);
+                static SAID: Throttled = Throttled::every(A_MINUTE);
                 if let Some(unsaid) = SAID.may_say() {
                     tracing::warn!(topic = %self.topic, %error, unsaid, "replay read failed (`unsaid`: as many since the last such line)");
                 }
@@ -417,7 +417,7 @@ fn replay_frame<P: Send + Sync + 'static>(
         Ok(event) => event,
         Err(error) => {
             // Met again by every client resuming from before it: said once a minute.
-            static SAID: Throttled = Throttled::every(A_MINUTE_MS);
+            static SAID: Throttled = Throttled::every(A_MINUTE);
             if let Some(unsaid) = SAID.may_say() {
                 tracing::warn!(event_id = %record.event_id, %error, unsaid, "stored event cannot be pushed (`unsaid`: as many since the last such line)");
             }

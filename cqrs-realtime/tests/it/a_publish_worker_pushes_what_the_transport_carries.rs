@@ -199,13 +199,21 @@ async fn publish_ten_through_the_sink(refusing: bool, tried: usize) {
             EventEnvelope::new(changed, Metadata::new())
         })
         .collect();
-    publisher
-        .accept(events)
+    let counts = cqrs_core::testing::MetricCounts::default();
+    counts
+        .scope(publisher.accept(events))
         .await
         .expect("the command succeeds");
     assert_eq!(
         away.publishes.load(Ordering::SeqCst),
         tried,
+        "refusing: {refusing}"
+    );
+    // Warned once a minute at most, but every event not pushed is counted: the one that
+    // failed and the nine given up, or the ten refused.
+    assert_eq!(
+        counts.get("realtime_push_failures_total"),
+        10,
         "refusing: {refusing}"
     );
 }

@@ -1,13 +1,27 @@
-//! Warnings a crowd of clients could each repeat (every resume during an outage, every
-//! subscribe to a feed that is down): said at most once an interval, with how many were left
-//! unsaid since.
+//! Warnings that could repeat once per message or per client (every event of a type a newer
+//! build added, every push while the pub/sub is down, every resume during an outage): said at
+//! most once an interval, with how many were left unsaid since.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// One warning's allowance. A `static` per call site.
-pub(crate) struct Throttled {
+/// One warning's allowance: a `static` per call site, where a counter carries the volume and
+/// the log needs only to say that it happens.
+///
+/// ```
+/// use cqrs_core::throttled::{Throttled, A_MINUTE};
+///
+/// static SAID: Throttled = Throttled::every(A_MINUTE);
+/// for event in 0..1000 {
+///     if let Some(unsaid) = SAID.may_say() {
+///         // tracing::warn!(event, unsaid, "could not push (`unsaid`: as many since the last such line)");
+///         assert_eq!((event, unsaid), (0, 0));
+///     }
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Throttled {
     interval_ms: u64,
     /// When it may be said again, in milliseconds since the first use of any.
     next_ms: AtomicU64,
@@ -16,17 +30,21 @@ pub(crate) struct Throttled {
 }
 
 impl Throttled {
-    /// At most once every `interval_ms` milliseconds.
-    pub(crate) const fn every(interval_ms: u64) -> Self {
+    /// At most once every `interval`.
+    pub const fn every(interval: Duration) -> Self {
         Self {
-            interval_ms,
+            // `as_millis` is a u128; a span past u64's milliseconds is for ever all the same.
+            interval_ms: interval
+                .as_secs()
+                .saturating_mul(1000)
+                .saturating_add(interval.subsec_millis() as u64),
             next_ms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
         }
     }
 
     /// Whether this one may be said, with how many were not since the last that was.
-    pub(crate) fn may_say(&self) -> Option<u64> {
+    pub fn may_say(&self) -> Option<u64> {
         static START: OnceLock<Instant> = OnceLock::new();
         let now = u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis())
             .unwrap_or(u64::MAX);
@@ -50,8 +68,8 @@ impl Throttled {
     }
 }
 
-/// A minute: the allowance of the warnings a crowd repeats.
-pub(crate) const A_MINUTE_MS: u64 = 60_000;
+/// A minute: the interval of the warnings the framework throttles.
+pub const A_MINUTE: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
@@ -62,7 +80,7 @@ mod tests {
     /// one said once the interval passed.
     #[test]
     fn a_warning_is_said_once_an_interval_with_the_count_of_those_left_unsaid() {
-        let warning = Throttled::every(100);
+        let warning = Throttled::every(Duration::from_millis(100));
         assert_eq!(warning.may_say(), Some(0));
         assert_eq!(warning.may_say(), None);
         assert_eq!(warning.may_say(), None);
