@@ -448,7 +448,38 @@ async fn metrics(Extension(state): Extension<State>, headers: axum::http::Header
             return refused.into_response();
         }
     }
+    // Health as series too, so an alert needs no JSON of `/ready`; and its reasons logged
+    // with no prober around. The run of the checks is `/ready`'s, shared.
+    if !state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        let budget = check_budget(state.request_timeout);
+        let runtime = state.runtime.clone();
+        if let Some(report) = state
+            .ready_checks
+            .get(move || async move { runtime.health_within(budget).await })
+            .await
+        {
+            log_ready_reasons(&state, &report.components);
+            record_health(&report.components);
+        }
+    }
     prometheus().render().into_response()
+}
+
+/// `cqrs_component_status{component, status, critical}`: per component, 1 for its status and 0
+/// for the others, so that `cqrs_component_status{status="unhealthy"} == 1` alerts.
+fn record_health(components: &std::collections::BTreeMap<String, (Health, bool)>) {
+    const STATUSES: [&str; 5] = ["starting", "healthy", "degraded", "unhealthy", "stopped"];
+    for (name, (health, critical)) in components {
+        for status in STATUSES {
+            metrics::gauge!(
+                "cqrs_component_status",
+                "component" => name.clone(),
+                "status" => status,
+                "critical" => if *critical { "true" } else { "false" },
+            )
+            .set(if health.as_str() == status { 1.0 } else { 0.0 });
+        }
+    }
 }
 
 async fn ready(Extension(state): Extension<State>) -> Response {
