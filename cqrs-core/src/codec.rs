@@ -31,7 +31,8 @@ static UNKNOWN_TYPE_LABELS: crate::record::EventTypeLabels<64> =
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum UnknownEventPolicy {
-    /// Skip it, log a warning and count it in the `cqrs_events_unknown_total` metric
+    /// Skip it, log a warning (at most once a minute per type, with how many were left
+    /// unsaid) and count it in the `cqrs_events_unknown_total` metric
     /// (label `event_type`: the type's name for the first 64 distinct unknown names this
     /// process sees, `other` for later ones, `invalid` for a name that does not look like a
     /// wire name). The consumer moves on.
@@ -39,7 +40,8 @@ pub enum UnknownEventPolicy {
     Skip,
     /// Skip it like [`Skip`](Self::Skip), counted the same, but logged at `debug` only: for
     /// a consumer of a topic that carries other plugins' events too, where an unknown type is
-    /// most often meant for someone else, and a warning per event would bury the real ones.
+    /// most often meant for someone else, and a warning per type each minute would bury the
+    /// real ones.
     /// An event of a newer build is then skipped without a warning too.
     Ignore,
     /// Fail with [`DecodeError::UnknownType`]; the consumer stops at this event (and retries it)
@@ -562,12 +564,12 @@ impl EventTypes {
                 }
                 // The type is read from a peer's entry or a stored row: escaped, so a line
                 // break in it cannot start a forged line of a plain-text log. Once a minute
-                // at most: during a rolling deploy every event of a type the new build added
-                // comes here, and `cqrs_events_unknown_total` counts them all.
+                // per type at most: during a rolling deploy every event of a type the new
+                // build added comes here, and `cqrs_events_unknown_total` counts them all.
                 UnknownEventPolicy::Skip => {
-                    static SAID: crate::throttled::Throttled =
-                        crate::throttled::Throttled::every(crate::throttled::A_MINUTE);
-                    if let Some(unsaid) = SAID.may_say() {
+                    static SAID: crate::throttled::ThrottledPerKey =
+                        crate::throttled::ThrottledPerKey::every(crate::throttled::A_MINUTE, 64);
+                    if let Some(unsaid) = SAID.may_say(&record.event_type) {
                         tracing::warn!(
                             event_type = %record.event_type.escape_debug(),
                             event_id = %record.event_id,

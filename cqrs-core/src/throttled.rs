@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 /// static SAID: Throttled = Throttled::every(A_MINUTE);
 /// for event in 0..1000 {
 ///     if let Some(unsaid) = SAID.may_say() {
-///         // tracing::warn!(event, unsaid, "could not push (`unsaid`: as many since the last such line)");
+///         // cqrs_core::reexports::tracing::warn!(event, unsaid, "could not push (...)");
 ///         assert_eq!((event, unsaid), (0, 0));
 ///     }
 /// }
@@ -65,6 +65,54 @@ impl Throttled {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             None
         }
+    }
+}
+
+/// A [`Throttled`] allowance per key (an event type, a topic): one key's flood does not hide
+/// another's first line. The first `max_keys` keys get one each; the keys past them share one
+/// more, so the memory stays bounded whatever the keys are.
+///
+/// ```
+/// use cqrs_core::throttled::{ThrottledPerKey, A_MINUTE};
+///
+/// static SAID: ThrottledPerKey = ThrottledPerKey::every(A_MINUTE, 64);
+/// assert_eq!(SAID.may_say("orders.placed"), Some(0));
+/// assert_eq!(SAID.may_say("orders.placed"), None);
+/// assert_eq!(SAID.may_say("orders.cancelled"), Some(0), "a key of its own");
+/// ```
+#[derive(Debug)]
+pub struct ThrottledPerKey {
+    interval: Duration,
+    max_keys: usize,
+    keys: std::sync::Mutex<std::collections::BTreeMap<String, Throttled>>,
+    others: Throttled,
+}
+
+impl ThrottledPerKey {
+    /// At most once every `interval` per key, for `max_keys` keys.
+    pub const fn every(interval: Duration, max_keys: usize) -> Self {
+        Self {
+            interval,
+            max_keys,
+            keys: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            others: Throttled::every(interval),
+        }
+    }
+
+    /// Whether a line about `key` may be said, with how many about it were not since.
+    pub fn may_say(&self, key: &str) -> Option<u64> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(said) = keys.get(key) {
+            return said.may_say();
+        }
+        if keys.len() < self.max_keys {
+            let said = Throttled::every(self.interval);
+            let may = said.may_say();
+            keys.insert(key.to_owned(), said);
+            return may;
+        }
+        drop(keys);
+        self.others.may_say()
     }
 }
 

@@ -161,7 +161,8 @@ fn await_newer_build_skips_what_the_build_knows_and_waits_on_the_rest() {
     );
 }
 
-/// `Skip` warns once per event; `Ignore` skips the same, saying so at `debug` only (a topic
+/// `Skip` warns (once a minute per type at most); `Ignore` skips the same, saying so at
+/// `debug` only (a topic
 /// carrying other plugins' events would otherwise warn on each of theirs).
 #[test]
 fn ignore_skips_an_unknown_event_without_a_warning() {

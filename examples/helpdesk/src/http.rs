@@ -449,18 +449,24 @@ async fn metrics(Extension(state): Extension<State>, headers: axum::http::Header
         }
     }
     // Health as series too, so an alert needs no JSON of `/ready`; and its reasons logged
-    // with no prober around. The run of the checks is `/ready`'s, shared.
+    // with no prober around. The run of the checks (`/ready`'s, shared) is not waited for: a
+    // hung backend holds it for its budget, and a scrape must not outlast Prometheus's
+    // timeout just when it matters. So a scrape shows the last run that ended (a probe's, or
+    // the one the scrape before started).
     if !state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-        let budget = check_budget(state.request_timeout);
-        let runtime = state.runtime.clone();
-        if let Some(report) = state
-            .ready_checks
-            .get(move || async move { runtime.health_within(budget).await })
-            .await
-        {
-            log_ready_reasons(&state, &report.components);
-            record_health(&report.components);
-        }
+        let state = state.clone();
+        tokio::spawn(async move {
+            let budget = check_budget(state.request_timeout);
+            let runtime = state.runtime.clone();
+            if let Some(report) = state
+                .ready_checks
+                .get(move || async move { runtime.health_within(budget).await })
+                .await
+            {
+                log_ready_reasons(&state, &report.components);
+                record_health(&report.components);
+            }
+        });
     }
     prometheus().render().into_response()
 }
@@ -499,6 +505,7 @@ async fn ready(Extension(state): Extension<State>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     };
     log_ready_reasons(&state, &report.components);
+    record_health(&report.components);
     let components: serde_json::Map<String, Value> = report
         .components
         .iter()

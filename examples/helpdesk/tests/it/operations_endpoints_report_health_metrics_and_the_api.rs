@@ -99,17 +99,19 @@ async fn health_ready_metrics_openapi_and_the_home_page_answer() {
         );
         assert!(metrics.contains("message=\"tickets.open\""));
         assert!(metrics.contains("cqrs_dispatch_duration_seconds"));
-        // Health as series: one per component and status.
+        // Health as series, as of `/ready`'s run above: one per component and status, 1 for
+        // the component's status.
         let critical = s.backend.critical_component();
-        for status in ["healthy", "unhealthy"] {
+        for (status, value) in [("healthy", "1"), ("unhealthy", "0")] {
             assert!(
                 metrics
                     .lines()
                     .any(|l| l.starts_with("cqrs_component_status{")
                         && l.contains(&format!("component=\"{critical}\""))
                         && l.contains(&format!("status=\"{status}\""))
-                        && l.contains("critical=\"true\"")),
-                "{critical} {status}: {metrics}"
+                        && l.contains("critical=\"true\"")
+                        && l.ends_with(&format!(" {value}"))),
+                "{critical} {status} {value}: {metrics}"
             );
         }
         // Histograms with buckets, which add up across instances (not summaries).
