@@ -1959,6 +1959,10 @@ async fn keep_alive_while<T>(
     work: impl std::future::Future<Output = T>,
 ) -> T {
     let started = tokio::time::Instant::now();
+    // For the stall's reason: a time, not a duration, so the reason stays the same from one
+    // readiness check to the next (a server logs each new one).
+    let started_at = chrono::Utc::now();
+    let mut stall_warned = false;
     // A period too long for the clock (a redelivery delay or a stall bound of `Duration::MAX`,
     // "never") asks for ticks that never come due; `Instant + every` would overflow.
     let ticker = |since: tokio::time::Instant, every: Duration, first: Duration| {
@@ -2011,11 +2015,15 @@ async fn keep_alive_while<T>(
                         n => format!("{} of {n} deliveries", stall.what),
                     };
                     let reason = format!(
-                        "{what} has been running for {:?}, past the stall bound of {:?}: a handler may be hung, or waiting (for a lock, a backend)",
-                        rounded(started.elapsed()),
+                        "{what} has been running since {}, past the stall bound of {:?}: a handler may be hung, or waiting (for a lock, a backend)",
+                        started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         rounded(stall.after),
                     );
-                    tracing::warn!(%reason, "a batch is stalled");
+                    // Once a batch: the report is refreshed every tick, the line need not be.
+                    if !stall_warned {
+                        stall_warned = true;
+                        tracing::warn!(%reason, running_for = ?rounded(started.elapsed()), "a batch is stalled");
+                    }
                     stall.health.set(Health::Unhealthy(reason));
                     if let Some(reported) = stall.reported {
                         reported.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -732,12 +732,13 @@ impl HealthCheck for PgDatabase {
             // Waiting at halfway; or given up by a pool whose acquire_timeout is shorter than
             // that, as busy.
             _ => {
-                // Said in the report (in whole milliseconds when the pool gave up).
-                let waited = now.elapsed();
-                let busy_for = if waited >= half {
+                // Said in the report: the wait set, not the one measured, so the reason stays
+                // the same from one readiness check to the next (a server logs each new one).
+                let busy_for = if now.elapsed() >= half {
                     half
                 } else {
-                    Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
+                    // Given up by the pool: its own acquire_timeout, shorter.
+                    self.pool.options().get_acquire_timeout().min(half)
                 };
                 // What the check's own connection found when it got no answer (refused,
                 // unreachable): the pool may still hand out a connection meanwhile.

@@ -162,7 +162,7 @@ async fn reports_a_stall(runtime: &Runtime, worker: &str) -> String {
         "the worker reports the stalled batch",
         || async {
             match &runtime.health().await.components[worker].0 {
-                Health::Unhealthy(reason) if reason.contains("has been running for") => {
+                Health::Unhealthy(reason) if reason.contains("has been running since") => {
                     Some(reason.clone())
                 }
                 _ => None,
@@ -173,7 +173,7 @@ async fn reports_a_stall(runtime: &Runtime, worker: &str) -> String {
 }
 
 /// A hung event-bus handler, kept alive for ever, turns the consumer unhealthy once its
-/// batch runs past `stall_after`, with a message saying how long it has been running.
+/// batch runs past `stall_after`, with a message saying since when it has been running.
 #[test]
 fn a_hung_bus_handler_makes_the_consumer_unhealthy() {
     run_paused(|| async {
@@ -265,7 +265,7 @@ fn a_store_fed_runner_reported_stalled_stays_unhealthy_when_its_batch_times_out(
                     // The stall report's own wording (the runner's), not any other
                     // unhealthy report.
                     Health::Unhealthy(reason)
-                        if reason.contains("has been running for")
+                        if reason.contains("has been running since")
                             && reason.contains("past the stall bound of 2s") =>
                     {
                         stalled.store(true, Ordering::SeqCst);
