@@ -624,7 +624,8 @@ async fn catch_panics(request: Request, next: Next) -> Response {
 }
 
 /// Gives every error response of the router the JSON body of the contract, whoever made it
-/// (axum's rejections, tower-http's 413, the handlers), and turns a time-out into 503. Not
+/// (axum's rejections, tower-http's 413, the handlers), and words the 503 of a request past
+/// its time budget ([`within_budget`]'s) as the contract's `timeout`. Not
 /// hyper's own refusals (431 for too many or too large headers, 414, 400 for an unparsable
 /// request): hyper writes those before any request reaches the router, bodiless.
 async fn json_errors(
@@ -647,6 +648,8 @@ async fn json_errors(
     };
     // Cheap: a standard method is no allocation.
     let method = request.method().clone();
+    // A 404 of a route that matched is the route's own ("no such widget"), not an unknown path.
+    let routed = request.extensions().get::<MatchedPath>().is_some();
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
@@ -669,7 +672,7 @@ async fn json_errors(
         // The client's body too slow (as `ApiJson` answers it): its 408 stays, with no line
         // and no retry advice.
         StatusCode::REQUEST_TIMEOUT => ("request_timeout", helpdesk_api::BODY_TOO_SLOW),
-        StatusCode::NOT_FOUND => return with_parts(response, unknown_route()),
+        StatusCode::NOT_FOUND if !routed => return with_parts(response, unknown_route()),
         StatusCode::METHOD_NOT_ALLOWED => {
             return with_parts(response, method_not_allowed(&method));
         }
@@ -735,24 +738,36 @@ async fn plain_error(response: Response) -> Response {
         _ => None,
     };
     let response = Response::from_parts(parts, Body::empty());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // A refusal (a plugin's load shedding, say), as the gateway's own 503s: a warning,
+        // and `Retry-After` as the contract promises, unless the route set one.
+        tracing::warn!(
+            body = text.as_deref().unwrap_or("(none read)"),
+            "a route answered 503 without the JSON body of the contract"
+        );
+        let error = ApiError::new(
+            status,
+            "unavailable",
+            "the service is unavailable for now; try again shortly",
+        );
+        let error = if response.headers().contains_key(header::RETRY_AFTER) {
+            error
+        } else {
+            error.with_retry_after(1)
+        };
+        return with_parts(response, error);
+    }
     if status.is_server_error() {
         tracing::error!(
             status = status.as_u16(),
             body = text.as_deref().unwrap_or("(none read)"),
             "a route answered a server error without the JSON body of the contract"
         );
-        let error = if status == StatusCode::SERVICE_UNAVAILABLE {
-            ApiError::new(
-                status,
-                "unavailable",
-                "the service is unavailable for now; try again shortly",
-            )
-        } else {
-            ApiError::new(status, "internal", "the server failed; the error is logged")
-        };
+        let error = ApiError::new(status, "internal", "the server failed; the error is logged");
         return with_parts(response, error);
     }
     let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
         StatusCode::UNAUTHORIZED => "unauthorized",
         StatusCode::FORBIDDEN => "forbidden",
         StatusCode::CONFLICT => "conflict",
@@ -1239,8 +1254,9 @@ mod tests {
 
     /// An error a plugin's route answers in plain text gets the contract's JSON: a client
     /// error keeps its text (axum's rejections are written for clients) and a code of its
-    /// status; a server error's text is not sent, and a bare 503 is no time-out (it was
-    /// told as the request's budget spent, with that advice).
+    /// status (a route's own 404 too); a server error's text is not sent, and a bare 503 is
+    /// no time-out (it was told as the request's budget spent, with that advice) but
+    /// `unavailable` with `Retry-After`.
     #[tokio::test]
     async fn plain_errors_get_the_contracts_json_by_their_status() {
         use axum::body::Body;
@@ -1279,6 +1295,8 @@ mod tests {
             ("/403", 403, "forbidden", true),
             ("/400", 400, "bad_request", true),
             ("/418", 418, "bad_request", true),
+            // A route's own 404 ("no such widget"), not an unknown path.
+            ("/404", 404, "not_found", true),
             ("/500", 500, "internal", false),
             ("/503", 503, "unavailable", false),
             ("/spent", 503, "timeout", false),
@@ -1286,6 +1304,13 @@ mod tests {
             let request = Request::post(path).body(Body::empty()).unwrap();
             let response = app.clone().oneshot(request).await.unwrap();
             assert_eq!(response.status().as_u16(), status, "{path}");
+            if path == "/503" {
+                assert_eq!(
+                    response.headers()["retry-after"],
+                    "1",
+                    "as the contract says"
+                );
+            }
             let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
                 .await
                 .unwrap();
