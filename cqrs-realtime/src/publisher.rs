@@ -121,6 +121,8 @@ impl Publisher {
     /// A publisher on `pubsub`, routing with `routing`, on channels prefixed with
     /// [`DEFAULT_CHANNEL_PREFIX`].
     pub fn new(pubsub: Arc<dyn PubSub>, routing: Arc<dyn EventRouting>) -> Self {
+        // Exported at 0 from the start, so that an alert on its increase sees the first one.
+        metrics::counter!(crate::metrics::names::PUSH_FAILURES).increment(0);
         Self {
             pubsub,
             routing,
@@ -188,10 +190,19 @@ impl Publisher {
                     published.push(channel);
                 }
                 Err(source) if failure.is_none() => {
+                    let away = source.kind().is_retryable();
                     failure = Some(PublishError::PubSub { channel, source });
+                    // Away, or not answering: each other channel would wait out the same
+                    // timeout. A retry publishes them (it passes over those published).
+                    if away {
+                        break;
+                    }
                 }
                 Err(source) => {
-                    tracing::warn!(%channel, error = %source, "realtime publish failed");
+                    static SAID: Throttled = Throttled::every(A_MINUTE);
+                    if let Some(unsaid) = SAID.may_say() {
+                        tracing::warn!(%channel, error = %source, unsaid, "realtime publish failed (`unsaid`: as many since the last such line)");
+                    }
                 }
             }
         }
@@ -220,7 +231,13 @@ impl EventSink for Publisher {
             let record = match EventRecord::from_envelope(&envelope) {
                 Ok(record) => record,
                 Err(error) => {
-                    tracing::error!(event = envelope.name(), %error, "could not serialize an event for realtime push");
+                    // A bug in the event's `Serialize`, the same for every such event: said
+                    // once a minute, counted each time.
+                    static SAID: Throttled = Throttled::every(A_MINUTE);
+                    metrics::counter!(crate::metrics::names::PUSH_FAILURES).increment(1);
+                    if let Some(unsaid) = SAID.may_say() {
+                        tracing::error!(event = envelope.name(), %error, unsaid, "could not serialize an event for realtime push (`unsaid`: as many since the last such line)");
+                    }
                     continue;
                 }
             };

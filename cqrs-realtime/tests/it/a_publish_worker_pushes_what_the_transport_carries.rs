@@ -46,16 +46,30 @@ impl EventRouting for TwoChannels {
     }
 }
 
-/// An in-memory pub/sub whose first publish to `fail_on` fails.
+/// An in-memory pub/sub whose first publish to `fail_on` fails, keeping the channels it was
+/// asked to publish to, in order.
 struct FailsOnce {
     inner: InMemoryPubSub,
     fail_on: &'static str,
     failed: AtomicBool,
+    asked: std::sync::Mutex<Vec<String>>,
+}
+
+impl FailsOnce {
+    fn on(channel: &'static str) -> Self {
+        Self {
+            inner: InMemoryPubSub::new(),
+            fail_on: channel,
+            failed: AtomicBool::new(false),
+            asked: Default::default(),
+        }
+    }
 }
 
 #[async_trait]
 impl PubSub for FailsOnce {
     async fn publish(&self, channel: &str, payload: Arc<str>) -> Result<(), TransportError> {
+        self.asked.lock().unwrap().push(channel.to_owned());
         if channel == self.fail_on && !self.failed.swap(true, Ordering::SeqCst) {
             return Err(TransportError::Timeout { backend: "test" });
         }
@@ -74,11 +88,7 @@ impl PubSub for FailsOnce {
 async fn a_partly_failed_publish_is_retried_only_where_it_failed() {
     with_timeout(TEST_LIMIT, async {
         // Channels go out in name order: `realtime:one-ticket` first, then the failing one.
-        let pubsub = Arc::new(FailsOnce {
-            inner: InMemoryPubSub::new(),
-            fail_on: "realtime:tickets",
-            failed: AtomicBool::new(false),
-        });
+        let pubsub = Arc::new(FailsOnce::on("realtime:tickets"));
         let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| {
             b.routing(TwoChannels)
         })
@@ -107,6 +117,40 @@ async fn a_partly_failed_publish_is_retried_only_where_it_failed() {
         assert_eq!(on_ticket.event().await.seq, 1);
         assert_eq!(on_ticket.event().await.seq, 2);
         on_ticket.ping_pong().await;
+        runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// A publish whose first channel times out (the pub/sub away, or not answering) tries no
+/// other: each would wait out the same timeout. The retry publishes them all, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_times_out_tries_no_other_channel() {
+    with_timeout(TEST_LIMIT, async {
+        // Channels go out in name order: the failing `realtime:one-ticket` first.
+        let pubsub = Arc::new(FailsOnce::on("realtime:one-ticket"));
+        let t = TestHub::start_on(pubsub.clone(), HubOptions::new(), |b| {
+            b.routing(TwoChannels)
+        })
+        .await;
+        let transport = Arc::new(InMemoryTransport::new());
+        let runtime = publish_worker(&t, &transport, Duration::from_millis(10));
+        let mut on_all = t.connect("agent-a2").await;
+        on_all.subscribe("tickets").await;
+        transport
+            .publish("events", &[record("t1", "u1", 1)])
+            .await
+            .unwrap();
+        assert_eq!(on_all.event().await.seq, 1, "delivered after the retry");
+        assert_eq!(
+            *pubsub.asked.lock().unwrap(),
+            [
+                "realtime:one-ticket",
+                "realtime:one-ticket",
+                "realtime:tickets"
+            ],
+            "nothing more after the time-out; the retry publishes both"
+        );
         runtime.shutdown(Duration::from_secs(5)).await.unwrap();
     })
     .await;
