@@ -29,7 +29,9 @@ pub mod names {
     /// queue full, which closes the client instead).
     pub const MISSED_NOTICES: &str = "realtime_missed_notices_total";
     /// Counter: events a [`Publisher`](crate::Publisher), as a command's event sink, could
-    /// not push, and those of the command it dropped after a failure of the pub/sub.
+    /// not push, and those of the command it dropped after a failure of the pub/sub; and
+    /// events a [`PublishWorker`](crate::PublishWorker) skipped, its routing unable to encode
+    /// them.
     pub const PUSH_FAILURES: &str = "realtime_push_failures_total";
     /// Counter: events sent by replays (resumed subscriptions).
     pub const REPLAYED_EVENTS: &str = "realtime_replayed_events_total";

@@ -286,6 +286,44 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// A `subscribed` frame for `topic` (for a fake server in a client's tests, say: the
+    /// frames are non-exhaustive, so built here).
+    pub fn subscribed(topic: impl Into<String>) -> Self {
+        ServerFrame::Subscribed {
+            topic: topic.into(),
+        }
+    }
+
+    /// An `unsubscribed` frame for `topic`.
+    pub fn unsubscribed(topic: impl Into<String>) -> Self {
+        ServerFrame::Unsubscribed {
+            topic: topic.into(),
+        }
+    }
+
+    /// An `event` frame: `event` on `topic`, at `position` in the durable log when it has one.
+    ///
+    /// ```
+    /// use cqrs_realtime::ServerFrame;
+    ///
+    /// let frame = ServerFrame::event("tickets", serde_json::json!({"type": "TicketOpened"}), Some("7"));
+    /// assert_eq!(
+    ///     serde_json::to_value(&frame).unwrap(),
+    ///     serde_json::json!({"type": "event", "topic": "tickets", "event": {"type": "TicketOpened"}, "position": "7"}),
+    /// );
+    /// ```
+    pub fn event(
+        topic: impl Into<String>,
+        event: serde_json::Value,
+        position: Option<&str>,
+    ) -> Self {
+        ServerFrame::Event {
+            topic: topic.into(),
+            event,
+            position: position.map(str::to_owned),
+        }
+    }
+
     /// An `error` frame.
     pub fn error(code: ErrorCode, message: impl Into<String>, topic: Option<&str>) -> Self {
         ServerFrame::Error {

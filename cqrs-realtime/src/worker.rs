@@ -174,8 +174,14 @@ impl Worker for PublishWorker {
                 {
                     Ok(_) => Handled::Done,
                     Err(error @ crate::PublishError::Encode { .. }) => {
-                        // Retrying cannot help an event the routing cannot encode.
-                        tracing::error!(%error, "event cannot be pushed; skipped");
+                        // Retrying cannot help an event the routing cannot encode. A bug of
+                        // the routing, the same for each such event: said once a minute.
+                        static SAID: cqrs_core::throttled::Throttled =
+                            cqrs_core::throttled::Throttled::every(cqrs_core::throttled::A_MINUTE);
+                        metrics::counter!(crate::metrics::names::PUSH_FAILURES).increment(1);
+                        if let Some(unsaid) = SAID.may_say() {
+                            tracing::error!(%error, unsaid, "event cannot be pushed; skipped (`unsaid`: as many since the last such line)");
+                        }
                         Handled::Done
                     }
                     Err(error) => {

@@ -58,8 +58,8 @@ pub enum AuthError {
     /// The token is invalid: not a token, a bad signature, another algorithm, or made for a
     /// later time.
     #[error(
-        "the token is not valid here (not signed by this server, or with a secret it no longer \
-         has); log in again"
+        "the token is not valid here (malformed, not signed by this server or with a secret it \
+         no longer has, or not valid yet); log in again"
     )]
     Invalid,
     /// The token is well signed, but has expired. Told apart from [`Invalid`](Self::Invalid)

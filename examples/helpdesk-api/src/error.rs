@@ -293,14 +293,13 @@ impl From<&HandlerError> for ApiError {
         let message = if !status.is_server_error() {
             e.message()
         } else {
-            // The source's chain in its messages, never its `Debug`: a driver's error, printed
-            // so, holds what its message leaves out on purpose (Postgres's DETAIL quotes the
-            // row a constraint refused: an email, a password hash).
-            let source = std::error::Error::source(e)
-                .map(|source| cqrs_core::ErrorChain(source).to_string())
-                .unwrap_or_default();
+            // The error and its causes, each once, in their messages, never a `Debug`: a
+            // driver's error, printed so, holds what its message leaves out on purpose
+            // (Postgres's DETAIL quotes the row a constraint refused: an email, a password
+            // hash).
+            let error = cqrs_core::ErrorChain(e);
             if status != StatusCode::SERVICE_UNAVAILABLE {
-                tracing::error!(error = %e, code = e.code(), %source, "request failed");
+                tracing::error!(%error, code = e.code(), "request failed");
                 INTERNAL
             } else if written_for_clients(e) {
                 // A refusal the server chose (too busy, shutting down): load shed as designed,
@@ -308,7 +307,7 @@ impl From<&HandlerError> for ApiError {
                 tracing::warn!(error = %e, code = e.code(), "request refused");
                 e.message()
             } else {
-                tracing::error!(error = %e, code = e.code(), %source, "request failed");
+                tracing::error!(%error, code = e.code(), "request failed");
                 unavailable_message(e.kind())
             }
         };

@@ -159,8 +159,13 @@ impl Authenticator for UserAuthenticator {
     ) -> Result<(User, Option<DateTime<Utc>>), AuthError> {
         let (claimed, expires_at) = self.tokens.decode(token)?;
         let stored = self.users.by_id(claimed.id).await.map_err(|e| {
-            // A failed backend, as the docs class it: the request gets a 503.
-            tracing::error!(error = %e, "could not look up a token's user");
+            // A failed backend, as the docs class it: the request gets a 503 (its access line
+            // says so). Said once a minute: every signed-in request comes here while it is down.
+            static SAID: cqrs_core::throttled::Throttled =
+                cqrs_core::throttled::Throttled::every(cqrs_core::throttled::A_MINUTE);
+            if let Some(unsaid) = SAID.may_say() {
+                tracing::error!(error = %e, unsaid, "could not look up a token's user (`unsaid`: as many since the last such line)");
+            }
             AuthError::Unavailable
         })?;
         let stored = stored.ok_or(AuthError::UnknownUser)?;
