@@ -318,6 +318,9 @@ pub struct EventTypes {
     entries: HashMap<String, Entry>,
     upcasters: HashMap<(String, u32), Upcaster>,
     policy: UnknownEventPolicy,
+    /// The allowance of the warnings about unknown types under `Skip`, shared by the clones:
+    /// once a minute per type for each reader's types, not for the whole process.
+    unknown_said: Arc<crate::throttled::ThrottledPerKey>,
 }
 
 impl fmt::Debug for EventTypes {
@@ -564,12 +567,11 @@ impl EventTypes {
                 }
                 // The type is read from a peer's entry or a stored row: escaped, so a line
                 // break in it cannot start a forged line of a plain-text log. Once a minute
-                // per type at most: during a rolling deploy every event of a type the new
-                // build added comes here, and `cqrs_events_unknown_total` counts them all.
+                // per type and reader at most: during a rolling deploy every event of a type
+                // the new build added comes here, and `cqrs_events_unknown_total` counts them
+                // all.
                 UnknownEventPolicy::Skip => {
-                    static SAID: crate::throttled::ThrottledPerKey =
-                        crate::throttled::ThrottledPerKey::every(crate::throttled::A_MINUTE, 64);
-                    if let Some(unsaid) = SAID.may_say(&record.event_type) {
+                    if let Some(unsaid) = self.unknown_said.may_say(&record.event_type) {
                         tracing::warn!(
                             event_type = %record.event_type.escape_debug(),
                             event_id = %record.event_id,

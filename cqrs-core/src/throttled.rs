@@ -88,6 +88,13 @@ pub struct ThrottledPerKey {
     others: Throttled,
 }
 
+impl Default for ThrottledPerKey {
+    /// Once a [minute](A_MINUTE) for each of 64 keys, as the framework's own warnings.
+    fn default() -> Self {
+        Self::every(A_MINUTE, 64)
+    }
+}
+
 impl ThrottledPerKey {
     /// At most once every `interval` per key, for `max_keys` keys.
     pub const fn every(interval: Duration, max_keys: usize) -> Self {
