@@ -280,7 +280,8 @@ export CQRS_REQUIRE_SERVICES=1
 log "DATABASE_URL=$(redact "$DATABASE_URL") REDIS_URL=$(redact "$REDIS_URL") CQRS_REQUIRE_SERVICES=1"
 
 # A package named among the arguments (`-p cqrs-redis`): its tests alone, once, against the
-# services above (with `--workspace`, cargo would ignore the `-p`).
+# services above (with `--workspace`, cargo would ignore the `-p`), with the package's own
+# features: the adapters' TLS tests need `--features tls`, which the workspace run has on.
 for argument in "$@"; do
     [[ $argument == -- ]] && break
     if [[ $argument == -p || $argument == -p?* || $argument == --package || $argument == --package=* ]]; then
