@@ -505,8 +505,7 @@ impl std::fmt::Debug for Config {
 /// `problem` with the flag of the setting it opens with beside its variable
 /// (`HELPDESK_TOKEN_TTL (--token-ttl-seconds) must be ...`): the problems name settings by
 /// their variables, and whoever passed the flag may not know its variable.
-fn with_flag(problem: String) -> String {
-    let command = Config::command();
+fn with_flag(command: &clap::Command, problem: String) -> String {
     let setting = command.get_arguments().find_map(|arg| {
         let variable = arg.get_env()?.to_str()?;
         let long = arg.get_long()?;
@@ -1020,7 +1019,11 @@ impl Config {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.into_iter().map(with_flag).collect())
+            let command = Config::command();
+            Err(problems
+                .into_iter()
+                .map(|problem| with_flag(&command, problem))
+                .collect())
         }
     }
 

@@ -238,8 +238,10 @@ pub(crate) fn router(state: State) -> Router {
         .merge(ops)
         // Its own code: a typo in a path must not read as "that ticket is gone".
         .fallback(|| async { unknown_route() })
-        // Bare: `json_errors` words it, naming the method.
-        .method_not_allowed_fallback(|| async { StatusCode::METHOD_NOT_ALLOWED })
+        // Naming the method refused, which only the fallback has at hand.
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            method_not_allowed(&method)
+        })
         .layer(
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new([
@@ -633,23 +635,19 @@ async fn json_errors(
     request: Request,
     next: Next,
 ) -> Response {
-    let after_timeout = if !idempotent.take_a_key(
-        request.method(),
-        request
-            .extensions()
-            .get::<MatchedPath>()
-            .map(MatchedPath::as_str),
-    ) {
+    let matched = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    // A 404 of a route that matched is the route's own ("no such widget"), not an unknown path.
+    let routed = matched.is_some();
+    let after_timeout = if !idempotent.take_a_key(request.method(), matched) {
         AfterTimeout::TryAgain
     } else if request.headers().contains_key(idempotency::HEADER) {
         AfterTimeout::RetrySameKey
     } else {
         AfterTimeout::CheckFirst
     };
-    // Cheap: a standard method is no allocation.
-    let method = request.method().clone();
-    // A 404 of a route that matched is the route's own ("no such widget"), not an unknown path.
-    let routed = request.extensions().get::<MatchedPath>().is_some();
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
@@ -673,8 +671,9 @@ async fn json_errors(
         // and no retry advice.
         StatusCode::REQUEST_TIMEOUT => ("request_timeout", helpdesk_api::BODY_TOO_SLOW),
         StatusCode::NOT_FOUND if !routed => return with_parts(response, unknown_route()),
+        // A plugin's own bare 405 (the router's fallback names the method itself).
         StatusCode::METHOD_NOT_ALLOWED => {
-            return with_parts(response, method_not_allowed(&method));
+            ("method_not_allowed", "this route does not take that method")
         }
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (
             "unsupported_media_type",
@@ -686,7 +685,7 @@ async fn json_errors(
 }
 
 /// 405 `method_not_allowed`, naming the method refused. (axum sets `Allow` on the answer
-/// after the layers of a route have run, so it is not here to quote.)
+/// after the fallback has run, so it is not here to quote.)
 fn method_not_allowed(method: &axum::http::Method) -> ApiError {
     // An extension method is the client's text: quoted no longer than a real one.
     let method: String = method.as_str().chars().take(32).collect();
