@@ -158,22 +158,26 @@ impl ClientFrame {
                 "the position string of the last event frame, as sent (`\"41\"`)",
             ),
         ] {
-            let kind_of = |value: &serde_json::Value| match value {
-                serde_json::Value::Number(_) => "a number",
-                serde_json::Value::Bool(_) => "a boolean",
-                serde_json::Value::Array(_) => "an array",
-                serde_json::Value::Object(_) => "an object",
-                serde_json::Value::Null => "null",
-                serde_json::Value::String(_) => "a string",
-            };
             if let Some(sent) = value.get(field).filter(|v| !v.is_string()) {
                 return Err(malformed(format!(
                     "`{field}` must be {what}, not {}",
-                    kind_of(sent)
+                    json_kind(sent)
                 )));
             }
         }
         serde_json::from_value(value).map_err(|e| malformed(format!("invalid `{kind}` frame: {e}")))
+    }
+}
+
+/// The kind of a JSON value, as a message names it.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+        serde_json::Value::Null => "null",
+        serde_json::Value::String(_) => "a string",
     }
 }
 
