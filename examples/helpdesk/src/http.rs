@@ -14,7 +14,7 @@ use futures_util::future::{BoxFuture, Shared};
 use helpdesk_api::{AfterTimeout, ApiError, Authenticator, TrustedProxies, idempotency};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tower::ServiceBuilder;
@@ -127,7 +127,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// OpenAPI operation documents the header. A request that runs past its budget is told to
 /// retry with the same key only on these; another route has no key to send.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct IdempotentRoutes(Arc<HashSet<(String, String)>>);
+pub(crate) struct IdempotentRoutes(Arc<HashMap<String, Vec<Method>>>);
 
 impl IdempotentRoutes {
     /// The operations of the OpenAPI `paths` object that take the header.
@@ -142,22 +142,32 @@ impl IdempotentRoutes {
                 })
             })
         };
-        let routes = paths
+        // Keyed by the route's template, so a request looks its route up by `&str` without
+        // building an owned key.
+        let mut routes: HashMap<String, Vec<Method>> = HashMap::new();
+        for (path, operations) in paths
             .iter()
             .filter_map(|(path, operations)| Some((path, operations.as_object()?)))
-            .flat_map(|(path, operations)| {
-                operations
-                    .iter()
-                    .filter(|(_, operation)| takes_the_key(operation))
-                    .map(|(method, _)| (method.to_ascii_uppercase(), path.clone()))
-            })
-            .collect();
+        {
+            let methods: Vec<Method> = operations
+                .iter()
+                .filter(|(_, operation)| takes_the_key(operation))
+                .filter_map(|(method, _)| {
+                    Method::from_bytes(method.to_ascii_uppercase().as_bytes()).ok()
+                })
+                .collect();
+            if !methods.is_empty() {
+                routes.insert(path.clone(), methods);
+            }
+        }
         Self(Arc::new(routes))
     }
 
     /// Whether `method` on the route `template` takes the key.
     fn take_a_key(&self, method: &Method, template: Option<&str>) -> bool {
-        template.is_some_and(|t| self.0.contains(&(method.as_str().to_owned(), t.to_owned())))
+        template
+            .and_then(|t| self.0.get(t))
+            .is_some_and(|methods| methods.contains(method))
     }
 }
 
