@@ -1720,13 +1720,16 @@ impl Consumer for RedisConsumer {
                 self.known.remove(id);
                 self.adopted.remove(id);
             }
+            // Into `unreleased` before the await below: were this future dropped there (its
+            // `XPENDING` round trip, once many were handed back), entries out of the lists
+            // and not yet in `unreleased` would be released by nothing, not even `Drop`.
+            self.unreleased.extend(released);
             // Pending here until another consumer takes them, whether the release goes
             // through or not (its reply lost, say): not stranded, as after `close` (a `close`
             // or a recovery that took them for stranded would hold them again). A release
             // that fails is sent again (`unreleased`), not left to the redelivery delay.
             self.remember_returned(free.into_iter().map(|id| (id, UNKNOWN_COUNT)))
                 .await;
-            self.unreleased.extend(released);
         }
         // The batch is kept alive: that is what the caller asked. A release that fails
         // (Redis away) is sent again before the next step, and said there if it fails again.
