@@ -357,6 +357,14 @@ impl PgUnitOfWork {
     /// Fails, and commits nothing, when a statement in the transaction failed (Postgres then
     /// rolls the whole transaction back), even if the handler went on: a handler must return
     /// such an error, or run the statement in a savepoint of its own.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropped before it returns (a `tokio::time::timeout` around it, a
+    /// `select!`), the outcome is unknown, since `COMMIT` may have reached the server. Retrying
+    /// with new event ids could then apply the change twice. To have the commit finish however
+    /// long the caller waits, run it in a task of its own, as the crate's command layer does:
+    /// `tokio::spawn(uow.commit()).await`.
     pub async fn commit(mut self) -> Result<(), StoreError> {
         let state = std::mem::take(self.state());
         // Refused because the server takes no writes: a failover or cutover may have left the

@@ -441,6 +441,16 @@ impl CommandBus {
     }
 
     /// Dispatches a command with fresh metadata (a new correlation id, the bus's clock's now).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it returns (a timeout, a `select!`, an HTTP request whose client left),
+    /// the dispatch stops the handler at the await it had reached: what the handler wrote
+    /// before it stays written unless its store undoes it (cqrs-postgres's command layer rolls
+    /// its transaction back). Once the handler has returned, its recorded events are handed to
+    /// the event sink in a task of their own, which finishes however long the caller waits.
+    /// A caller that gave up cannot know whether the command took effect; an idempotency key
+    /// makes its retry safe ([`IdempotencyStore`](crate::ports::IdempotencyStore)).
     pub async fn dispatch<C: Command>(&self, command: C) -> Result<C::Output, DispatchError> {
         self.dispatch_with(command, self.inner.registries.fresh_metadata())
             .await

@@ -504,6 +504,14 @@ impl EventBus {
     /// Delivers an event to every handler of its type and waits for them. An event nobody
     /// handles is fine (`handlers: 0`). Fails with [`DispatchError::Publish`], naming each
     /// failed handler, when any of them failed; the others have run.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe. The handlers run concurrently on the caller's task: dropped before it
+    /// returns (a timeout, a `select!`), the handlers that finished stay done and the others
+    /// stop at the await they had reached, and nothing reports which. A handler that must see
+    /// every event is fed through a durable path (an outbox relay, a transport's consumer),
+    /// whose deliveries are retried, not through a call its caller may give up on.
     pub async fn publish(&self, envelope: EventEnvelope) -> Result<Published, DispatchError> {
         match &self.inner.service {
             None => {

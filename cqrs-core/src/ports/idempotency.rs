@@ -89,9 +89,12 @@ impl fmt::Debug for Claim {
 pub trait IdempotencyGuard: Send {
     /// Stores the response; later requests with the key replay it.
     ///
-    /// Once called, the completion finishes even if the caller stops waiting for it (its time
+    /// Once polled, the completion finishes even if the caller stops waiting for it (its time
     /// budget ran out): the work the key guards has run, and a key released then would let a
     /// retry run it again. An adapter that needs a round trip runs it in a task of its own.
+    /// The returned future does nothing until it is polled (`async_trait` defers the body):
+    /// dropped unpolled (a `select!` whose other branch was ready first), it drops the guard,
+    /// which releases the key. Await it, or spawn it, rather than racing it.
     ///
     /// When it fails (the store was lost meanwhile), the work has run and its response is not
     /// stored: a retry with the key may run the work again. Answer the caller with the work's
