@@ -322,6 +322,12 @@ impl PgLoginThrottle {
     }
 }
 
+/// The first key of the advisory lock a login attempt in `schema` takes (the second is the
+/// attempt's key).
+fn login_lock_space(schema: &str) -> String {
+    format!("{schema}.login")
+}
+
 #[async_trait]
 impl LoginThrottle for PgLoginThrottle {
     async fn attempt(&self, key: &str) -> Result<Attempt, StoreError> {
@@ -331,8 +337,10 @@ impl LoginThrottle for PgLoginThrottle {
         let since = self.since(now);
         let mut tx = self.db.begin().await.map_err(|e| self.db.store_error(e))?;
         // One key's attempts are counted one at a time, across instances. The two-key lock
-        // space does not overlap the `bigint` one cqrs-postgres uses.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('helpdesk.login'), hashtext($1))")
+        // space does not overlap the `bigint` one cqrs-postgres uses; the schema in the first
+        // key keeps two helpdesks sharing a database from waiting on each other's logins.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+            .bind(login_lock_space(&self.schema))
             .bind(key)
             .execute(&mut *tx)
             .await
@@ -587,5 +595,70 @@ mod tests {
             assert_eq!(left, 0, "attempts left after round {round}'s take-backs");
         }
         db.drop_schema().await.unwrap();
+    }
+
+    /// Two helpdesks in one database (a schema each) count their logins apart: one's attempt
+    /// for a key does not wait on the other's lock for the same key, while an attempt in the
+    /// schema whose lock is held does.
+    #[tokio::test]
+    async fn logins_in_another_schema_do_not_wait_on_this_ones_lock() {
+        let (Some(held_db), Some(other_db)) = (
+            database("auth_lock_held", 4).await,
+            database("auth_lock_other", 4).await,
+        ) else {
+            return;
+        };
+        const KEY: &str = "someone@x|ip";
+        let throttle = |db: &PgDatabase| {
+            PgLoginThrottle::new(
+                db.clone(),
+                Arc::new(ManualClock::new()),
+                10,
+                Duration::from_secs(60),
+            )
+        };
+        let mut holder = held_db.pool().begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+            .bind(login_lock_space(held_db.schema()))
+            .bind(KEY)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+
+        let other = tokio::time::timeout(Duration::from_secs(10), throttle(&other_db).attempt(KEY))
+            .await
+            .expect("an attempt in another schema waited on this schema's lock");
+        assert!(matches!(other.unwrap(), Attempt::Counted(_)));
+
+        let held = throttle(&held_db);
+        let waiting = tokio::spawn(async move { held.attempt(KEY).await });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waits: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND classid::int = hashtext($1) AND objid::int = hashtext($2)",
+            )
+            .bind(login_lock_space(held_db.schema()))
+            .bind(KEY)
+            .fetch_one(other_db.pool())
+            .await
+            .unwrap();
+            if waits > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an attempt in the schema whose lock is held never waited for it"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        holder.rollback().await.unwrap();
+        let held = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the attempt still waits after the lock was released")
+            .unwrap();
+        assert!(matches!(held.unwrap(), Attempt::Counted(_)));
+        held_db.drop_schema().await.unwrap();
+        other_db.drop_schema().await.unwrap();
     }
 }
