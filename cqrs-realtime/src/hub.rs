@@ -732,6 +732,10 @@ impl<P: Send + Sync + 'static> Hub<P> {
     /// too, call this again once that time has passed. One pass over the open connections,
     /// under the lock their opening and closing take; nothing on the path of an event.
     ///
+    /// Only this hub's connections: a principal connected to the hub of another instance
+    /// keeps its connections there. Call it on every instance (realtime.md, "Across
+    /// instances").
+    ///
     /// ```
     /// # use cqrs_realtime::doc::{tokens, TicketRules, TicketRouting};
     /// # use cqrs_core::memory::InMemoryPubSub;
