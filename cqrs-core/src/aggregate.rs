@@ -978,9 +978,82 @@ impl<A: Aggregate> AggregateRepository<A> {
         loop {
             match self.execute(id, None, command(), metadata).await {
                 Err(AggregateError::Store(StoreError::Conflict { .. })) if attempt < attempts => {
-                    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 8);
-                    let pause = std::time::Duration::from_millis(u64::from(attempt) + jitter);
-                    tokio::time::sleep(pause).await;
+                    retry_pause(attempt).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// [`execute_retrying`](Self::execute_retrying) for a command that needs I/O before the
+    /// aggregate decides (a fraud check, a price from another service): on each attempt it
+    /// loads the aggregate, awaits `prepare` on what it loaded for the command, lets the
+    /// aggregate decide on it, and appends. A conflict at the append loads again and prepares
+    /// again (the service is asked again, on the state the other writer left), up to
+    /// `attempts` times in all. `decide` itself stays free of I/O, so the testing kit's
+    /// `AggregateTest` tests it as before.
+    ///
+    /// `prepare`'s error (the service refused, or failed) ends the call as
+    /// [`AggregateError::Rejected`], nothing appended and no retry: it is the aggregate's
+    /// error type, into which a service's error converts with `?`. The future `prepare`
+    /// returns owns what it needs: take what it reads of the loaded state before its `async`
+    /// block.
+    ///
+    /// ```
+    /// # use cqrs_core::doc::{Ticket, TicketCommand};
+    /// # use cqrs_core::memory::InMemoryEventStore;
+    /// use cqrs_core::{AggregateRepository, HandlerError, Metadata};
+    /// use std::sync::Arc;
+    ///
+    /// /// A service with I/O of its own: may this principal open tickets?
+    /// async fn may_open(actor: Option<String>) -> Result<(), HandlerError> {
+    ///     match actor {
+    ///         Some(_) => Ok(()),
+    ///         None => Err(HandlerError::forbidden("sign in to open a ticket")),
+    ///     }
+    /// }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let repo = AggregateRepository::<Ticket>::new(Arc::new(InMemoryEventStore::new()));
+    /// let metadata = Metadata::new().with_actor("user-1");
+    /// let committed = repo
+    ///     .execute_retrying_with(
+    ///         "t-1",
+    ///         |_loaded| {
+    ///             let actor = metadata.actor.clone();
+    ///             async move {
+    ///                 may_open(actor).await?;
+    ///                 Ok(TicketCommand::Open)
+    ///             }
+    ///         },
+    ///         &metadata,
+    ///         10,
+    ///     )
+    ///     .await?;
+    /// assert_eq!(committed.version, 1);
+    /// # Ok::<_, Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn execute_retrying_with<F, Fut>(
+        &self,
+        id: &str,
+        prepare: F,
+        metadata: &Metadata,
+        attempts: u32,
+    ) -> Result<Committed<A>, AggregateError<A::Error>>
+    where
+        F: Fn(&Loaded<A>) -> Fut,
+        Fut: std::future::Future<Output = Result<A::Command, A::Error>>,
+    {
+        let mut attempt = 1;
+        loop {
+            let loaded = self.load(id).await?;
+            let command = prepare(&loaded).await.map_err(AggregateError::Rejected)?;
+            let decided = self.decide_on(loaded, None, command, metadata)?;
+            match self.append_decided(decided).await {
+                Err(AggregateError::Store(StoreError::Conflict { .. })) if attempt < attempts => {
+                    retry_pause(attempt).await;
                     attempt += 1;
                 }
                 other => return other,
@@ -1025,6 +1098,16 @@ impl<A: Aggregate> AggregateRepository<A> {
             records: stored,
         })
     }
+}
+
+/// The pause before attempt `attempt + 1` after a version conflict: a few milliseconds, longer
+/// for each attempt, jittered so writers that collided do not collide again at once.
+async fn retry_pause(attempt: u32) {
+    let jitter = u64::from(uuid::Uuid::new_v4().as_bytes()[0] % 8);
+    tokio::time::sleep(std::time::Duration::from_millis(
+        u64::from(attempt) + jitter,
+    ))
+    .await;
 }
 
 impl<A: Aggregate> AggregateRepository<A> {

@@ -259,6 +259,94 @@ fn execute_retrying_decides_again_on_what_the_winner_did() {
     });
 }
 
+/// A command prepared by I/O (a service asked) is prepared again on each attempt, on the state
+/// the winner of a race left, and the events carry the command's metadata; a preparation that
+/// fails ends the call with the aggregate's refusal, nothing appended and nothing retried.
+#[test]
+fn execute_retrying_with_prepares_again_on_what_the_winner_did() {
+    run(async {
+        let metadata = Metadata::new().with_actor("user-1");
+        // Lost once: the winner added 10 before the second attempt loaded.
+        let store = racing(1, 10);
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let seen = std::sync::Mutex::new(Vec::new());
+        let committed = repo
+            .execute_retrying_with(
+                "a",
+                |loaded| {
+                    seen.lock()
+                        .unwrap()
+                        .push((loaded.version, loaded.state.total));
+                    // The service's answer depends on what it was shown: add what is left
+                    // to 50.
+                    let add = 50 - loaded.state.total;
+                    async move {
+                        tokio::task::yield_now().await;
+                        Ok::<_, HandlerError>(add)
+                    }
+                },
+                &metadata,
+                3,
+            )
+            .await
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![(0, 0), (1, 10)]);
+        assert_eq!((committed.state.total, committed.version), (50, 2));
+        let stored = store.load("total-a", 1).await.unwrap();
+        assert_eq!(stored.len(), 1, "{stored:?}");
+        assert_eq!(stored[0].metadata.causation_id, Some(metadata.message_id));
+        assert_eq!(stored[0].metadata.actor.as_deref(), Some("user-1"));
+
+        // The service refuses: the refusal, nothing appended, asked once.
+        let store = racing(0, 0);
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let refused = repo
+            .execute_retrying_with(
+                "b",
+                |_| {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { Err(HandlerError::forbidden("the service said no")) }
+                },
+                &metadata,
+                3,
+            )
+            .await
+            .unwrap_err();
+        let AggregateError::Rejected(e) = refused else {
+            panic!("the service's refusal, not {refused:?}")
+        };
+        assert_eq!(e.kind(), ErrorKind::Forbidden);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(store.stream_version("total-b").await.unwrap(), 0);
+
+        // Every attempt lost: the last conflict, the service asked on each.
+        let store = racing(3, 1);
+        let repo = AggregateRepository::<Total>::new(store.clone());
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let lost = repo
+            .execute_retrying_with(
+                "c",
+                |_| {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { Ok(1) }
+                },
+                &metadata,
+                3,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                lost,
+                AggregateError::Store(StoreError::Conflict { actual: 3, .. })
+            ),
+            "{lost:?}"
+        );
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 3);
+    });
+}
+
 /// Events restored from a backup older than the snapshots: each snapshot names the stream's
 /// event at its version, and a load that does not find that event there passes the snapshot
 /// over, both while the stream is behind it and once new events have taken the stream past its

@@ -44,6 +44,15 @@ fn the_futures_of_the_public_api_are_send<C, Q, A, S, P>(
         repository
             .execute("42", None, aggregate_command, &metadata)
             .await
+            .map(drop)?;
+        repository
+            .execute_retrying_with(
+                "42",
+                |_| std::future::pending::<Result<A::Command, A::Error>>(),
+                &metadata,
+                3,
+            )
+            .await
             .map(drop)
     });
     spawnable(async move {
