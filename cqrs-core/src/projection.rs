@@ -275,6 +275,11 @@ pub struct ProjectionRunner<S: ProjectionStore, P: Projection<S>> {
     end_checked: std::sync::atomic::AtomicBool,
     /// What the lag gauge is read against ([`clock`](Self::clock)).
     clock: Arc<dyn crate::clock::Clock>,
+    /// Fed by the store: after this many steps in a row failed on one event, by its fault, the
+    /// event is skipped ([`skip_after`](Self::skip_after)); `None`, never.
+    skip_after: Option<u32>,
+    /// The event the store-fed steps keep failing on by its fault, and how many times in a row.
+    failing_on: Option<(Uuid, u32)>,
 }
 
 /// What one batch did: how many events took effect, whether the source had no more to give,
@@ -347,6 +352,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
             clock: Arc::new(crate::clock::SystemClock),
+            skip_after: None,
+            failing_on: None,
         }
     }
 
@@ -397,6 +404,8 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
             read_from: std::sync::Mutex::new(None),
             end_checked: std::sync::atomic::AtomicBool::new(false),
             clock: Arc::new(crate::clock::SystemClock),
+            skip_after: None,
+            failing_on: None,
         }
     }
 
@@ -488,9 +497,56 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
     /// `apply` would stop the projection for good while it looked healthy. The batch's outcome
     /// replaces the report when it ends. Batches that keep failing, none succeeding for this
     /// long, are reported unhealthy too (a store-fed runner retries an event whose `apply`
-    /// fails or times out every time for ever: it has no dead letters).
+    /// fails or times out every time for ever, unless [`skip_after`](Self::skip_after)
+    /// says otherwise: it has no dead letters).
     pub fn stall_after(mut self, after: Duration) -> Self {
         self.stall_after = after.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Fed by the store, skips an event that the projection failed on `failures` steps in a row
+    /// (at least 1), instead of retrying it for ever while every later event waits. Off by
+    /// default: a read model then misses what the event would have done, which only a
+    /// [`rebuild`](Self::rebuild) after a fix mends, and some read models would rather stop.
+    ///
+    /// Only failures that are the event's fault count: an event that does not decode (not one
+    /// that waits for a newer build), and a refusal of [`apply`](Projection::apply) (or a
+    /// panic in it, or in its effects at commit) whose kind is not retryable. A read model
+    /// that is away, busy or slow (`Unavailable`, `RateLimited`, `Timeout`, the runner's own
+    /// `apply_timeout` among them) is waited for, whatever this says. A step that succeeds, or
+    /// fails on another event, starts the count again.
+    ///
+    /// A skipped event is marked processed and the checkpoint moved past it, in a unit of its
+    /// own (unless the checkpoint moved meanwhile: another instance or a rebuild went on). It
+    /// is logged at `error` with its id, type, position and the last failure, and counted in
+    /// `cqrs_projection_skipped_total{projection, event_type}`: alert on it. The event stays in
+    /// the event store. Fed by a transport this changes nothing: the consumer dead-letters an
+    /// event after its `max_deliveries` instead. A rebuild skips nothing: it fails on the
+    /// event.
+    ///
+    /// ```
+    /// # use cqrs_core::async_trait;
+    /// # use cqrs_core::memory::{InMemoryEventStore, InMemoryProjectionStore, InMemoryUnit};
+    /// # use cqrs_core::projection::{Projection, ProjectionRunner};
+    /// # use cqrs_core::{EventEnvelope, EventTypes, HandlerError};
+    /// # use std::sync::Arc;
+    /// # struct Noop;
+    /// # #[async_trait]
+    /// # impl Projection<InMemoryProjectionStore> for Noop {
+    /// #     fn name(&self) -> &str { "noop" }
+    /// #     async fn apply(&self, _: &mut InMemoryUnit, _: &EventEnvelope) -> Result<(), HandlerError> { Ok(()) }
+    /// #     async fn reset(&self, _: &mut InMemoryUnit) -> Result<(), HandlerError> { Ok(()) }
+    /// # }
+    /// let runner = ProjectionRunner::from_store(
+    ///     Arc::new(InMemoryProjectionStore::new()),
+    ///     Arc::new(Noop),
+    ///     Arc::new(InMemoryEventStore::new()),
+    ///     Arc::new(EventTypes::new()),
+    /// )
+    /// .skip_after(10);
+    /// ```
+    pub fn skip_after(mut self, failures: u32) -> Self {
+        self.skip_after = Some(failures.max(1));
         self
     }
 
@@ -617,24 +673,127 @@ impl<S: ProjectionStore, P: Projection<S>> ProjectionRunner<S, P> {
         match &self.source {
             Source::Store => {
                 let mut kept = tokio::time::Instant::now();
-                keep_alive_while(
+                let stepped = keep_alive_while(
                     None,
                     &[],
                     &mut kept,
                     self.stall(),
                     self.run_once_from_store(),
                 )
-                .await
-                .map(|(applied, caught_up)| Stepped {
-                    applied,
-                    caught_up,
-                    set_aside: None,
-                })
+                .await;
+                match stepped {
+                    Ok((applied, caught_up)) => {
+                        self.failing_on = None;
+                        Ok(Stepped {
+                            applied,
+                            caught_up,
+                            set_aside: None,
+                        })
+                    }
+                    Err(error) => self.after_a_failed_step(error).await,
+                }
             }
             // A batch that brought events, all duplicates or skipped, is not "caught up": it
             // proves the store works (its unit committed), so it clears a failure's health.
             Source::Transport { .. } => self.run_once_from_transport().await,
         }
+    }
+
+    /// Counts a store-fed step's failure against the event at fault, and skips the event once
+    /// it failed [`skip_after`](Self::skip_after) steps in a row. Returns `error` unless the
+    /// event was skipped: then the step moved on without applying anything.
+    async fn after_a_failed_step(
+        &mut self,
+        error: ProjectionError,
+    ) -> Result<Stepped, ProjectionError> {
+        let Some(limit) = self.skip_after else {
+            return Err(error);
+        };
+        let event_id = match &error {
+            ProjectionError::Decode { event_id, source } if !source.waits_for_another_build() => {
+                *event_id
+            }
+            ProjectionError::Apply {
+                event_id, source, ..
+            } if !source.kind().is_retryable() => *event_id,
+            // Not the event's fault (a store away, a read model busy): it neither counts nor
+            // starts the count again.
+            _ => return Err(error),
+        };
+        let failures = match self.failing_on {
+            Some((id, failures)) if id == event_id => failures.saturating_add(1),
+            _ => 1,
+        };
+        self.failing_on = Some((event_id, failures));
+        if failures < limit {
+            return Err(error);
+        }
+        match self.skip(event_id, failures, &error).await {
+            Ok(true) => {
+                self.failing_on = None;
+                Ok(Stepped {
+                    applied: 0,
+                    caught_up: false,
+                    set_aside: None,
+                })
+            }
+            // Not the next event (the events before it did not commit, or the checkpoint
+            // moved past it): tried again after its next failure, if there is one.
+            Ok(false) => Err(error),
+            // Tried again after the next failure on it.
+            Err(skip_error) => {
+                tracing::warn!(projection = %self.name, %event_id, error = %skip_error, "could not skip an event the projection keeps failing on; trying again after its next failure");
+                Err(error)
+            }
+        }
+    }
+
+    /// Marks `event_id` processed and moves the checkpoint past it, when it is the next event
+    /// after the checkpoint; does nothing, and returns `false`, when it is not.
+    async fn skip(
+        &self,
+        event_id: Uuid,
+        failures: u32,
+        last: &ProjectionError,
+    ) -> Result<bool, ProjectionError> {
+        let events = self
+            .events
+            .as_ref()
+            .ok_or_else(|| ProjectionError::NoEventStore(self.name.clone()))?;
+        let (mut unit, after) = self.begin_at_checkpoint().await?;
+        let next = events.read_all(after, 1).await?;
+        let Some((record, position)) = next
+            .first()
+            .filter(|r| r.event_id == event_id)
+            .and_then(|r| Some((r, r.position?)))
+        else {
+            drop(unit);
+            return Ok(false);
+        };
+        self.store
+            .mark_processed(&mut unit, &self.name, event_id)
+            .await?;
+        self.store
+            .save_checkpoint(&mut unit, &self.name, position)
+            .await?;
+        self.store.commit(unit).await?;
+        *self.lock_read_from() = Some(position);
+        tracing::error!(
+            projection = %self.name,
+            %event_id,
+            event_type = %record.event_type,
+            position = %position,
+            failures,
+            error = %last,
+            "skipped an event the projection failed on this many steps in a row (skip_after); the read model misses it until a rebuild (the event stays in the store)"
+        );
+        metrics::counter!(
+            "cqrs_projection_skipped_total",
+            "projection" => self.name.clone(),
+            "event_type" => DEAD_LETTER_TYPE_LABELS.label(&record.event_type)
+        )
+        .increment(1);
+        Ok(true)
     }
 
     async fn run_once_from_store(&self) -> Result<(usize, bool), ProjectionError> {

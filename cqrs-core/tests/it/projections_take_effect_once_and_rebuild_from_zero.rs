@@ -12,7 +12,7 @@ use cqrs_core::testing::{MetricCounts, eventually};
 use cqrs_core::{
     DecodeError, EventEnvelope, EventRecord, EventTypes, ExpectedVersion, HandlerError, Metadata,
 };
-use cqrs_core::{Position, UnknownEventPolicy};
+use cqrs_core::{ErrorKind, Position, UnknownEventPolicy};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -547,6 +547,79 @@ fn a_store_fed_runner_stops_at_the_event_it_cannot_apply_not_at_its_batch() {
         assert_eq!(at, second, "the checkpoint is the last event applied");
     });
 }
+
+/// Fed from the store with `skip_after(3)`, an event the projection refuses every time is
+/// skipped at the third step that fails on it: the checkpoint moves past it, the events after
+/// it take effect, and the skip is counted by type.
+#[test]
+fn a_store_fed_runner_with_skip_after_skips_an_event_refused_that_many_times() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let sum = Arc::new(Sum {
+                poison: Some(3),
+                ..Sum::default()
+            });
+            let (runner, events, store) = fed_from_a_store(&sum, &[1, 2, 3, 4]).await;
+            let mut runner = runner.skip_after(3);
+            for attempt in 1..=2 {
+                let err = runner.run_once().await.unwrap_err();
+                assert!(
+                    matches!(&err, ProjectionError::Apply { source, .. } if source.code() == "poison"),
+                    "attempt {attempt}: {err}"
+                );
+            }
+            assert_eq!(counts.get(SKIPPED), 0, "not yet");
+            assert_eq!(
+                runner.run_once().await.unwrap(),
+                0,
+                "the third failure skips the event: the step moves on, applying nothing"
+            );
+            assert_eq!(counts.get(SKIPPED), 1);
+            let stored = events.load("s-1", 0).await.unwrap();
+            let mut unit = store.begin("sum").await.unwrap();
+            let at = store.checkpoint(&mut unit, "sum").await.unwrap();
+            drop(unit);
+            assert_eq!(
+                at, stored[2].position,
+                "the checkpoint is past the skipped event"
+            );
+            assert_eq!(runner.catch_up().await.unwrap(), 1);
+            assert_eq!(*sum.seen.lock().unwrap(), [1, 2, 4]);
+            assert_eq!(counts.get(SKIPPED), 1);
+        })
+    });
+}
+
+/// `skip_after` skips only what is the event's fault: a read model that answers `Unavailable`
+/// every time is waited for, however many steps fail, and once it is back every event takes
+/// effect.
+#[test]
+fn skip_after_never_skips_an_event_the_read_model_is_unavailable_for() {
+    let counts = MetricCounts::default();
+    metrics::with_local_recorder(&counts, || {
+        run(async {
+            let sum = Arc::new(Sum::default());
+            sum.unavailable.store(true, Ordering::SeqCst);
+            let (runner, _, _) = fed_from_a_store(&sum, &[1, 2, 3, 4]).await;
+            let mut runner = runner.skip_after(1);
+            for attempt in 1..=5 {
+                let err = runner.run_once().await.unwrap_err();
+                assert_eq!(
+                    err.kind(),
+                    ErrorKind::Unavailable,
+                    "attempt {attempt}: {err}"
+                );
+            }
+            sum.unavailable.store(false, Ordering::SeqCst);
+            assert_eq!(runner.catch_up().await.unwrap(), 4);
+            assert_eq!(*sum.seen.lock().unwrap(), [1, 2, 3, 4]);
+            assert_eq!(counts.get(SKIPPED), 0);
+        })
+    });
+}
+
+const SKIPPED: &str = "cqrs_projection_skipped_total{projection=sum,event_type=test.added}";
 
 /// Fed from the store, an event whose `apply` runs past the runner's `apply_timeout` every
 /// time stops the runner at that event as a refusal does: the events before it in its batch

@@ -449,3 +449,33 @@ pg_test! {
         assert_eq!(count(&db).await, 0);
     }
 }
+
+pg_test! {
+    /// `skip_after` on Postgres: the event refused at the second step in a row is skipped
+    /// in a unit of its own (its failed units left no count), and the runner goes on past it.
+    async fn a_projection_skips_an_event_it_keeps_failing_on_when_told_to(db: PgDatabase) {
+        create_read_model(&db).await;
+        let mut types = EventTypes::new();
+        types.register::<TicketOpened>();
+        let projection = Arc::new(OpenedCount { schema: db.schema().to_owned(), poisoned: AtomicBool::new(true), resetting: AtomicBool::new(false), reset_gate: tokio::sync::Mutex::new(()) });
+        let store = Arc::new(db.projection_store());
+        let mut runner = ProjectionRunner::from_store(store.clone(), projection, Arc::new(db.event_store()), Arc::new(types))
+            .skip_after(2);
+        open(&db, "t1", "fine").await;
+        open(&db, "t2", "poison").await;
+        open(&db, "t3", "fine").await;
+
+        let err = runner.run_once().await.unwrap_err();
+        assert!(err.to_string().contains("poisoned"), "{err}");
+        assert_eq!(count(&db).await, 1, "the event before the poison took effect");
+        assert_eq!(runner.run_once().await.unwrap(), 0, "the second failure skips it");
+        assert_eq!(runner.catch_up().await.unwrap(), 1);
+        assert_eq!(count(&db).await, 2, "t1 and t3; the poison's units were rolled back");
+        let skipped = db.event_store().load("t2", 0).await.unwrap()[0].event_id;
+        let third = db.event_store().load("t3", 0).await.unwrap()[0].position;
+        let mut unit = store.begin("opened-count").await.unwrap();
+        assert_eq!(store.checkpoint(&mut unit, "opened-count").await.unwrap(), third);
+        assert!(!store.mark_processed(&mut unit, "opened-count", skipped).await.unwrap(), "the skipped event is in the inbox");
+        drop(unit);
+    }
+}
