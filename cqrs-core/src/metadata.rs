@@ -51,6 +51,9 @@ fn message_id_at(now: std::time::SystemTime) -> Uuid {
 /// * `principal`: who is acting; opaque to the core (see [`Principal`]); in process only.
 /// * `actor`: the acting principal's stable id, stored and sent with the message.
 /// * `trace_context`: propagation headers such as `traceparent`, carried across processes.
+/// * `headers`: the application's own fields (a tenant, the client's address, the source
+///   system), stored and sent with the message and passed on to the messages it causes, so
+///   an audit field needs no change to every event type.
 ///
 /// ```
 /// use cqrs_core::Metadata;
@@ -79,6 +82,9 @@ pub struct Metadata {
     pub actor: Option<String>,
     /// Trace propagation fields (for example `traceparent`).
     pub trace_context: BTreeMap<String, String>,
+    /// The application's own fields ([`with_header`](Self::with_header)), stored and sent
+    /// with the message like `actor`, and passed on to the messages it causes.
+    pub headers: BTreeMap<String, String>,
 }
 
 impl Metadata {
@@ -106,11 +112,12 @@ impl Metadata {
             principal: None,
             actor: None,
             trace_context: BTreeMap::new(),
+            headers: BTreeMap::new(),
         }
     }
 
-    /// Metadata for a message caused by this one: a new id, the same correlation id, principal
-    /// and trace context, and this message's id as causation id.
+    /// Metadata for a message caused by this one: a new id, the same correlation id, principal,
+    /// actor, trace context and headers, and this message's id as causation id.
     pub fn caused(&self) -> Self {
         let now = std::time::SystemTime::now();
         self.caused_with_id_at(message_id_at(now), DateTime::<Utc>::from(now))
@@ -141,6 +148,7 @@ impl Metadata {
             principal: self.principal.clone(),
             actor: self.actor.clone(),
             trace_context: self.trace_context.clone(),
+            headers: self.headers.clone(),
         }
     }
 
@@ -183,6 +191,23 @@ impl Metadata {
     /// Adds one trace-context field.
     pub fn with_trace_field(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.trace_context.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets one of the application's own fields, stored and sent with the message (in the
+    /// event store's `metadata` and the transport's entries) and passed on to the messages it
+    /// causes: a tenant, the client's address, the system a request came from. Like every
+    /// text of an event, a key or value must not hold U+0000, which Postgres cannot store.
+    ///
+    /// ```
+    /// use cqrs_core::Metadata;
+    ///
+    /// let request = Metadata::new().with_header("tenant", "acme");
+    /// let caused = request.caused();
+    /// assert_eq!(caused.headers.get("tenant").map(String::as_str), Some("acme"));
+    /// ```
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
         self
     }
 

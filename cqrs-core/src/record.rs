@@ -86,6 +86,11 @@ pub struct RecordMetadata {
     /// Trace propagation fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trace_context: BTreeMap<String, String>,
+    /// The application's own fields ([`Metadata::with_header`]). Absent from records written
+    /// before they existed, and from those without any; a build that does not know them
+    /// reads such records and passes them over.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
 }
 
 /// One event in serialized form.
@@ -150,6 +155,7 @@ impl EventRecord {
                 occurred_at: m.timestamp,
                 actor: m.actor.clone(),
                 trace_context: m.trace_context.clone(),
+                headers: m.headers.clone(),
             },
             partition_key: envelope.partition_key().map(str::to_owned),
             stream_id: envelope.stream_id().map(str::to_owned),
@@ -211,6 +217,7 @@ impl EventRecord {
             principal: None,
             actor: self.metadata.actor.clone(),
             trace_context: self.metadata.trace_context.clone(),
+            headers: self.metadata.headers.clone(),
         }
     }
 }
@@ -224,6 +231,7 @@ impl RecordMetadata {
             occurred_at: metadata.timestamp,
             actor: metadata.actor.clone(),
             trace_context: metadata.trace_context.clone(),
+            headers: metadata.headers.clone(),
         }
     }
 }

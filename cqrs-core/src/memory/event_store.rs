@@ -41,6 +41,7 @@ fn unstorable(events: &[EventRecord]) -> Option<String> {
             || m.actor.as_deref().is_some_and(|a| a.contains(NUL))
             || m.trace_context
                 .iter()
+                .chain(&m.headers)
                 .any(|(k, v)| k.contains(NUL) || v.contains(NUL))
             || crate::ports::holds_nul(&event.payload);
         text_with_nul.then(|| format!("event {id} holds U+0000, which Postgres cannot store"))
@@ -64,7 +65,7 @@ struct State {
 /// does: a payload nested more than [`MAX_PAYLOAD_DEPTH`](crate::ports::MAX_PAYLOAD_DEPTH)
 /// deep, and U+0000 in a stream id (in every call: `load` and `stream_version` too, and the
 /// snapshot store's), an event type, a payload (its text or its keys), a
-/// partition key, an actor or a trace context, each as [`StoreError::Rejected`]; a schema
+/// partition key, an actor, a trace context or a header, each as [`StoreError::Rejected`]; a schema
 /// version past `i32::MAX` as [`StoreError::Codec`].
 ///
 /// ```

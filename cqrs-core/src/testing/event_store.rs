@@ -116,7 +116,9 @@ pub fn detailed_record() -> EventRecord {
     let metadata = Metadata::new()
         .caused()
         .with_actor("user-7")
-        .with_trace_field("traceparent", "00-abc-def-01");
+        .with_trace_field("traceparent", "00-abc-def-01")
+        .with_header("tenant", "acme")
+        .with_header("client-ip", "203.0.113.7 ü 🎫");
     EventRecord::new(
         metadata.message_id,
         "Detailed",
@@ -737,6 +739,10 @@ pub async fn records_keep_their_payload_and_metadata<H: EventStoreHarness>(h: &H
             got.metadata.trace_context, original.metadata.trace_context,
             "{how}: trace context"
         );
+        assert_eq!(
+            got.metadata.headers, original.metadata.headers,
+            "{how}: headers"
+        );
         let drift = (got.metadata.occurred_at - original.metadata.occurred_at).num_microseconds();
         assert!(
             drift.is_some_and(|d| d.abs() < 1_000),
@@ -832,8 +838,8 @@ pub async fn a_stream_id_holding_nul_is_refused_by_every_call<H: EventStoreHarne
     );
 }
 
-/// U+0000 in any text of an event (its type, partition key, actor, trace context, a payload
-/// string or key): a store that cannot hold it (Postgres) refuses the whole batch as
+/// U+0000 in any text of an event (its type, partition key, actor, trace context, headers, a
+/// payload string or key): a store that cannot hold it (Postgres) refuses the whole batch as
 /// [`StoreError::Rejected`] (the caller's fault, not an outage or a bug) and stores nothing of
 /// it; one that can keeps it as it was. Either way nothing of the batch is half stored.
 pub async fn text_a_store_cannot_hold_is_refused_whole_or_kept<H: EventStoreHarness>(h: &H) {
@@ -861,6 +867,14 @@ pub async fn text_a_store_cannot_hold_is_refused_whole_or_kept<H: EventStoreHarn
         (
             "trace context value",
             with(Metadata::new().with_trace_field("traceparent", "00\0")),
+        ),
+        (
+            "header key",
+            with(Metadata::new().with_header("ten\0ant", "v")),
+        ),
+        (
+            "header value",
+            with(Metadata::new().with_header("tenant", "ac\0me")),
         ),
     ];
     for (what, payload) in [
@@ -891,6 +905,10 @@ pub async fn text_a_store_cannot_hold_is_refused_whole_or_kept<H: EventStoreHarn
                 assert_eq!(loaded.metadata.actor, bad.metadata.actor, "{what}: kept");
                 assert_eq!(
                     loaded.metadata.trace_context, bad.metadata.trace_context,
+                    "{what}: kept as it was"
+                );
+                assert_eq!(
+                    loaded.metadata.headers, bad.metadata.headers,
                     "{what}: kept as it was"
                 );
             }

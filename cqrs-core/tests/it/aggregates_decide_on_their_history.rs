@@ -192,10 +192,13 @@ fn racing(races: u32, sum: u64) -> Arc<Racing> {
 #[test]
 fn execute_retrying_decides_again_on_what_the_winner_did() {
     run(async {
-        let metadata = Metadata::new().with_actor("user-1").with_trace_field(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        );
+        let metadata = Metadata::new()
+            .with_actor("user-1")
+            .with_trace_field(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .with_header("tenant", "acme");
         // Lost once, then added on top of the winner's 10.
         let store = racing(1, 10);
         let repo = AggregateRepository::<Total>::new(store.clone());
@@ -215,6 +218,11 @@ fn execute_retrying_decides_again_on_what_the_winner_did() {
         assert_eq!(
             ours.trace_context.get("traceparent").map(String::as_str),
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
+        assert_eq!(
+            ours.headers.get("tenant").map(String::as_str),
+            Some("acme"),
+            "the command's headers pass on to its events"
         );
         let attempts = store.attempts.lock().unwrap().clone();
         assert_eq!(attempts.len(), 2, "{attempts:?}");
